@@ -1,0 +1,32 @@
+.PHONY: demo test lint typecheck bench serve clean
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+WHEELS := $(wildcard /opt/wheels)
+PIP_FLAGS := -c constraints.txt $(if $(WHEELS),--find-links $(WHEELS),)
+
+$(BIN)/.installed: pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(PIP_FLAGS) -e '.[dev]'
+	touch $@
+
+demo: $(BIN)/.installed
+	$(BIN)/orchestrator demo
+
+test: $(BIN)/.installed
+	$(BIN)/python -m pytest -q
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check orchestrator tiers policies migrations tests bench
+	$(BIN)/mypy
+
+bench: $(BIN)/.installed
+	$(BIN)/python bench/drafts.py
+
+serve: $(BIN)/.installed
+	$(BIN)/orchestrator serve
+
+clean:
+	rm -rf $(VENV) .orchestrator .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,138 @@
+"""The one exception tree. Every error a client can see is an `OrchestratorError`; the API maps
+it to `{"error": {"code", "message", "details"}}` with `status` in exactly one place (`api/errors.py`).
+
+    OrchestratorError
+    ├── InvalidRequest          422 invalid_request   (bad input the schema could not catch)
+    ├── Unauthorized            401 unauthorized
+    ├── Forbidden               403 forbidden
+    ├── NotFound                404 not_found
+    ├── Conflict                409 conflict
+    │   ├── IdempotencyConflict 409 idempotency_conflict
+    │   └── JobFinished         409 job_finished
+    ├── PayloadTooLarge         413 payload_too_large
+    ├── BudgetExceeded          402 budget_exceeded
+    ├── NoRoute                 422 no_route
+    │   └── NoPrice             422 no_route (a priced engine without a price entry is not routable)
+    └── EngineError             job errors raised by engines; 503 when surfaced synchronously
+        ├── EngineUnavailable   engine_unavailable (missing/invalid key or URL: not retryable)
+        ├── RateLimited         rate_limited      (retries exhausted)
+        ├── ContentFiltered     content_filtered  (HTTP 200 without an image, moderation)
+        ├── EngineTimeout       timeout           (sent, no answer: outcome unknown)
+        ├── BadEngineInput      invalid_request   (the provider refused our input: never retried)
+        └── Canceled            canceled
+
+`EngineError.retryable` says whether routing may fall back to the next engine;
+`EngineError.charged` says whether the provider may have billed the call ("no", "unknown", "yes"),
+which decides between release and an unreconciled capture in the ledger.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+Charged = Literal["no", "unknown", "yes"]
+
+
+class OrchestratorError(Exception):
+    code = "internal_error"
+    status = 500
+
+    def __init__(self, message: str, *, details: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details or {}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message, "details": self.details}
+
+
+class InvalidRequest(OrchestratorError):
+    code, status = "invalid_request", 422
+
+
+class Unauthorized(OrchestratorError):
+    code, status = "unauthorized", 401
+
+
+class Forbidden(OrchestratorError):
+    code, status = "forbidden", 403
+
+
+class NotFound(OrchestratorError):
+    code, status = "not_found", 404
+
+
+class Conflict(OrchestratorError):
+    code, status = "conflict", 409
+
+
+class IdempotencyConflict(Conflict):
+    code = "idempotency_conflict"
+
+
+class JobFinished(Conflict):
+    code = "job_finished"
+
+
+class PayloadTooLarge(OrchestratorError):
+    code, status = "payload_too_large", 413
+
+
+class BudgetExceeded(OrchestratorError):
+    code, status = "budget_exceeded", 402
+
+
+class NoRoute(OrchestratorError):
+    code, status = "no_route", 422
+
+
+class NoPrice(NoRoute):
+    """The engine charges money but has no price for this request: never treated as free."""
+
+
+class EngineError(OrchestratorError):
+    code, status = "engine_error", 503
+    retryable: bool = True
+    charged: Charged = "no"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        details: dict[str, Any] | None = None,
+        retryable: bool | None = None,
+        charged: Charged | None = None,
+    ) -> None:
+        super().__init__(message, details=details)
+        if retryable is not None:
+            self.retryable = retryable
+        if charged is not None:
+            self.charged = charged
+
+
+class EngineUnavailable(EngineError):
+    code = "engine_unavailable"
+
+
+class RateLimited(EngineError):
+    code, status = "rate_limited", 429
+
+
+class ContentFiltered(EngineError):
+    code, status = "content_filtered", 422
+    retryable = False
+
+
+class EngineTimeout(EngineError):
+    code, status = "timeout", 504
+    charged: Charged = "unknown"
+
+
+class BadEngineInput(EngineError):
+    code, status = "invalid_request", 422
+    retryable = False
+
+
+class Canceled(EngineError):
+    code, status = "canceled", 409
+    retryable = False

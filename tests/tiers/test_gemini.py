@@ -1,0 +1,153 @@
+from __future__ import annotations
+
+import base64
+import io
+import json
+from typing import Any
+
+import httpx
+import pytest
+import respx
+from PIL import Image
+
+from orchestrator.errors import (
+    BadEngineInput,
+    Canceled,
+    ContentFiltered,
+    EngineError,
+    EngineTimeout,
+    EngineUnavailable,
+    NoPrice,
+)
+from tests.tiers.conftest import draft_image, png_bytes
+from tiers.base import CancelToken, NullProgress, RenderRequest
+from tiers.gemini import GeminiEngine
+
+BASE = "https://gemini.test"
+URL = f"{BASE}/v1beta/models/gemini-3.1-flash-image:generateContent"
+
+
+def ok_body(data: bytes | None = None, urlsafe: bool = False) -> dict[str, Any]:
+    raw = data or png_bytes()
+    encoded = (base64.urlsafe_b64encode if urlsafe else base64.b64encode)(raw).decode()
+    return {
+        "candidates": [{"content": {"role": "model", "parts": [
+            {"inlineData": {"mimeType": "image/png", "data": "AAAA"}, "thought": True},
+            {"inlineData": {"mimeType": "image/png", "data": encoded}}]},
+            "finishReason": "STOP", "index": 0}],
+        "usageMetadata": {"promptTokenCount": 1300, "candidatesTokenCount": 1290, "totalTokenCount": 2590},
+        "modelVersion": "gemini-3.1-flash-image", "responseId": "resp-1",
+    }
+
+
+@pytest.fixture
+def engine(make_ctx: Any, sleep: Any) -> GeminiEngine:
+    eng = GeminiEngine(make_ctx(gemini_api_key="g-secret", gemini_base_url=BASE))
+    eng.http.sleep = sleep
+    return eng
+
+
+def bridge(**kw: Any) -> RenderRequest:
+    values: dict[str, Any] = {"stage": "bridge", "prompt": "a lighthouse", "width": 1024, "height": 1024,
+                              "init_image": draft_image()}
+    values.update(kw)
+    return RenderRequest(**values)
+
+
+@respx.mock
+async def test_success_sends_draft_inline_and_costs_from_usage(engine: GeminiEngine) -> None:
+    route = respx.post(URL).mock(return_value=httpx.Response(200, json=ok_body(urlsafe=True)))
+    result = await engine.run(bridge(), NullProgress(), CancelToken())
+
+    sent = json.loads(route.calls.last.request.content)
+    assert route.calls.last.request.headers["x-goog-api-key"] == "g-secret"
+    parts = sent["contents"][0]["parts"]
+    pixels = Image.open(io.BytesIO(base64.b64decode(parts[1]["inline_data"]["data"])))
+    assert pixels.getpixel((0, 0)) == (255, 0, 0)
+    assert sent["generationConfig"]["imageConfig"] == {"aspectRatio": "1:1", "imageSize": "1K"}
+    assert len(result.images) == 1 and result.images[0].image.size == (64, 64)
+    # 1290 x 6 mc + 1300 x 0.05 mc = 7740 + 65
+    assert result.cost_millicredits == 7805
+    assert result.provider_request_id == "resp-1"
+
+
+@respx.mock
+async def test_429_with_retry_info_then_success(engine: GeminiEngine, sleep: Any) -> None:
+    throttled = httpx.Response(429, json={"error": {"code": 429, "status": "RESOURCE_EXHAUSTED", "details": [
+        {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "37s"}]}})
+    route = respx.post(URL).mock(side_effect=[throttled, httpx.Response(200, json=ok_body())])
+    result = await engine.run(bridge(), NullProgress(), CancelToken())
+    assert route.call_count == 2 and sleep.waits == [37.0]
+    assert len(result.images) == 1
+
+
+@respx.mock
+async def test_5xx_then_success(engine: GeminiEngine) -> None:
+    route = respx.post(URL).mock(side_effect=[httpx.Response(503), httpx.Response(200, json=ok_body())])
+    await engine.run(bridge(), NullProgress(), CancelToken())
+    assert route.call_count == 2
+
+
+@respx.mock
+async def test_read_timeout_is_not_resent(engine: GeminiEngine) -> None:
+    route = respx.post(URL).mock(side_effect=httpx.ReadTimeout("slow"))
+    with pytest.raises(EngineTimeout) as info:
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    assert route.call_count == 1 and info.value.charged == "unknown"
+
+
+@respx.mock
+async def test_malformed_body(engine: GeminiEngine) -> None:
+    respx.post(URL).mock(return_value=httpx.Response(200, text="<html>"))
+    with pytest.raises(EngineError):
+        await engine.run(bridge(), NullProgress(), CancelToken())
+
+
+@respx.mock
+@pytest.mark.parametrize("body", [
+    {"candidates": [{"content": {"parts": [{"text": "no"}]}, "finishReason": "IMAGE_SAFETY"}]},
+    {"promptFeedback": {"blockReason": "PROHIBITED_CONTENT"}},
+])
+async def test_content_filtered(engine: GeminiEngine, body: dict[str, Any]) -> None:
+    respx.post(URL).mock(return_value=httpx.Response(200, json=body))
+    with pytest.raises(ContentFiltered):
+        await engine.run(bridge(), NullProgress(), CancelToken())
+
+
+@respx.mock
+async def test_401_fails_at_once_naming_the_setting(engine: GeminiEngine, caplog: Any) -> None:
+    route = respx.post(URL).mock(return_value=httpx.Response(403, json={"error": {"message": "denied"}}))
+    with pytest.raises(EngineUnavailable) as info:
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    assert route.call_count == 1
+    assert "GEMINI_API_KEY" in info.value.message and "g-secret" not in info.value.message
+    assert "g-secret" not in caplog.text
+
+
+@respx.mock
+async def test_bad_request_is_not_retried(engine: GeminiEngine) -> None:
+    route = respx.post(URL).mock(return_value=httpx.Response(400, json={"error": {"message": "bad size"}}))
+    with pytest.raises(BadEngineInput, match="bad size"):
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    assert route.call_count == 1
+
+
+async def test_cancel_before_send(engine: GeminiEngine) -> None:
+    token = CancelToken()
+    token.cancel()
+    with pytest.raises(Canceled):
+        await engine.run(bridge(), NullProgress(), token)
+
+
+def test_estimate_by_size_and_unknown_model(make_ctx: Any) -> None:
+    eng = GeminiEngine(make_ctx(gemini_api_key="k"))
+    assert eng.estimate(bridge(width=1024, height=1024)) < eng.estimate(bridge(width=2048, height=1536))
+    unknown = GeminiEngine(make_ctx(gemini_api_key="k", gemini_model="gemini-9-image"))
+    with pytest.raises(NoPrice):
+        unknown.estimate(bridge())
+
+
+def test_unavailable_without_key(make_ctx: Any, monkeypatch: Any) -> None:
+    monkeypatch.delenv("GEMINI_API_KEY", raising=False)
+    available, reason = GeminiEngine(make_ctx()).availability()
+    assert not available and reason and "GEMINI_API_KEY" in reason

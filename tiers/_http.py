@@ -1,0 +1,243 @@
+"""The one retry layer for remote engines.
+
+Each remote engine owns a `RemoteClient`: an `httpx.AsyncClient` with timeouts plus one tenacity
+policy. The policy retries only when the provider made nothing: a connect error (the request
+never left), or an answer of 408, 429 or 5xx. It honours `Retry-After` (seconds or HTTP date),
+`retry-after-ms` and Google's `RetryInfo.retryDelay`, and stops at a deadline.
+
+A request that was sent and got no answer (read timeout, dropped connection) is not re-sent
+unless the caller marks it `idempotent` (a GET poll): the provider may already have made, and
+billed, the image. That surfaces as `EngineTimeout` with `charged="unknown"`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import random
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import httpx
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
+from tenacity.stop import stop_base
+
+from orchestrator.errors import BadEngineInput, EngineError, EngineTimeout, EngineUnavailable, RateLimited
+
+RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504}) | frozenset(range(505, 600))
+MAX_SINGLE_WAIT = 120.0
+
+Sleep = Callable[[float], Awaitable[None]]
+
+
+class _RetryableAnswer(Exception):
+    """The provider answered that nothing was made (408/429/5xx): safe to send again."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        super().__init__(f"HTTP {response.status_code}")
+        self.response = response
+
+
+class _NotSent(Exception):
+    def __init__(self, cause: httpx.TransportError) -> None:
+        super().__init__(str(cause) or type(cause).__name__)
+        self.cause = cause
+
+
+def _parse_duration(text: str) -> float | None:
+    text = text.strip()
+    if text.endswith("s"):
+        text = text[:-1]
+    try:
+        return max(0.0, float(text))
+    except ValueError:
+        return None
+
+
+def retry_after(response: httpx.Response) -> float | None:
+    """Seconds the provider asked us to wait, from any of the hints providers use."""
+    ms = response.headers.get("retry-after-ms")
+    if ms is not None:
+        value = _parse_duration(ms)
+        if value is not None:
+            return value / 1000
+    header = response.headers.get("retry-after")
+    if header:
+        value = _parse_duration(header)
+        if value is not None:
+            return value
+        try:
+            when = email.utils.parsedate_to_datetime(header)
+        except (TypeError, ValueError):
+            when = None
+        if when is not None:
+            return max(0.0, when.timestamp() - time.time())
+    try:
+        body = response.json()
+    except (ValueError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    if isinstance(body, list) and body:
+        body = body[0]
+    details = body.get("error", {}).get("details", []) if isinstance(body, dict) else []
+    for detail in details if isinstance(details, list) else []:
+        if isinstance(detail, dict) and str(detail.get("@type", "")).endswith("google.rpc.RetryInfo"):
+            value = _parse_duration(str(detail.get("retryDelay", "")))
+            if value is not None:
+                return value
+    return None
+
+
+class _StopAtDeadline(stop_base):
+    def __init__(self, deadline: float, clock: Callable[[], float]) -> None:
+        self.deadline = deadline
+        self.clock = clock
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        # tenacity computes the wait before asking whether to stop.
+        return self.clock() + retry_state.upcoming_sleep > self.deadline
+
+
+def _next_wait(retry_state: RetryCallState) -> float:
+    exc = retry_state.outcome.exception() if retry_state.outcome else None
+    if isinstance(exc, _RetryableAnswer):
+        hinted = retry_after(exc.response)
+        if hinted is not None:
+            return min(hinted, MAX_SINGLE_WAIT)
+    backoff = min(0.5 * 2 ** (retry_state.attempt_number - 1), 30.0)
+    return backoff * (0.5 + random.random() / 2)
+
+
+class RemoteClient:
+    """An engine's HTTP client. `key_setting` names the setting to fix when the provider refuses
+    the credentials; it appears in error messages, never the key itself."""
+
+    def __init__(
+        self,
+        engine: str,
+        *,
+        base_url: str,
+        headers: dict[str, str] | None = None,
+        auth: httpx.Auth | tuple[str, str] | None = None,
+        key_setting: str,
+        deadline: float = 300.0,
+        connect_timeout: float = 10.0,
+        read_timeout: float = 120.0,
+        sleep: Sleep = asyncio.sleep,
+        clock: Callable[[], float] = time.monotonic,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.engine = engine
+        self.key_setting = key_setting
+        self.deadline_seconds = deadline
+        self.sleep = sleep
+        self.clock = clock
+        self.client = httpx.AsyncClient(
+            base_url=base_url,
+            headers=headers,
+            auth=auth,
+            timeout=httpx.Timeout(read_timeout, connect=connect_timeout),
+            transport=transport,
+            follow_redirects=True,
+        )
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+    def new_deadline(self) -> float:
+        return self.clock() + self.deadline_seconds
+
+    async def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        idempotent: bool = False,
+        deadline: float | None = None,
+        **kwargs: Any,
+    ) -> httpx.Response:
+        """Send with retries; return the first answer that is not 408/429/5xx.
+
+        401/403 raise `EngineUnavailable` at once. Other 4xx are returned: the engine knows its
+        provider's error body (moderation, validation) and calls `fail()` or maps it itself.
+        """
+        stop_at = deadline if deadline is not None else self.new_deadline()
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type((_RetryableAnswer, _NotSent)),
+            wait=_next_wait,
+            stop=_StopAtDeadline(stop_at, self.clock),
+            sleep=self.sleep,
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    response = await self._send_once(method, url, idempotent=idempotent, **kwargs)
+        except _RetryableAnswer as exc:
+            raise self._give_up(exc.response) from None
+        except _NotSent as exc:
+            raise EngineError(
+                f"{self.engine}: could not reach the provider ({exc}); nothing was sent",
+                details={"engine": self.engine},
+            ) from None
+        if response.status_code in (401, 403):
+            raise EngineUnavailable(
+                f"{self.engine} refused the credentials (HTTP {response.status_code}): check {self.key_setting}",
+                details={"engine": self.engine, "status": response.status_code, "setting": self.key_setting},
+            )
+        return response
+
+    async def _send_once(self, method: str, url: str, *, idempotent: bool, **kwargs: Any) -> httpx.Response:
+        try:
+            response = await self.client.request(method, url, **kwargs)
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+            raise _NotSent(exc) from exc
+        except (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError) as exc:
+            if idempotent:
+                raise _NotSent(exc) from exc
+            raise EngineTimeout(
+                f"{self.engine}: the request was sent but no answer came ({type(exc).__name__}); "
+                "it is not re-sent because the provider may have made and billed the image",
+                details={"engine": self.engine},
+            ) from exc
+        if response.status_code in RETRY_STATUSES:
+            raise _RetryableAnswer(response)
+        return response
+
+    def _give_up(self, response: httpx.Response) -> EngineError:
+        details = {"engine": self.engine, "status": response.status_code}
+        if response.status_code == 429:
+            return RateLimited(f"{self.engine}: rate limited by the provider until the deadline", details=details)
+        if response.status_code == 408:
+            return EngineTimeout(f"{self.engine}: the provider timed out (HTTP 408)", details=details, charged="no")
+        return EngineError(
+            f"{self.engine}: provider error HTTP {response.status_code}: {error_text(response)}", details=details
+        )
+
+    def fail(self, response: httpx.Response, message: str | None = None) -> EngineError:
+        """The error for a final 4xx answer: the provider refused our input; never retried."""
+        return BadEngineInput(
+            f"{self.engine}: the provider refused the request (HTTP {response.status_code}): "
+            f"{message or error_text(response)}",
+            details={"engine": self.engine, "status": response.status_code},
+        )
+
+
+def error_text(response: httpx.Response, limit: int = 300) -> str:
+    """A short, human description of a provider's error body, whatever its shape."""
+    try:
+        body: Any = response.json()
+    except (ValueError, UnicodeDecodeError):
+        return response.text[:limit]
+    if isinstance(body, list) and body:
+        body = body[0]
+    if isinstance(body, dict):
+        err = body.get("error")
+        if isinstance(err, dict) and err.get("message"):
+            return str(err["message"])[:limit]
+        for key in ("detail", "message", "title", "errors", "error"):
+            if body.get(key):
+                value = body[key]
+                return (value if isinstance(value, str) else json.dumps(value))[:limit]
+    return json.dumps(body)[:limit]

@@ -1,0 +1,67 @@
+"""Image helpers shared by engines: encoding inputs the way a provider accepts them, decoding
+what it returns, and mapping pixel sizes onto the provider's size vocabulary."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+from collections.abc import Sequence
+
+from PIL import Image
+
+from orchestrator.errors import EngineError
+
+
+def encode_image(image: Image.Image, *, fmt: str = "PNG", max_bytes: int | None = None,
+                 max_side: int | None = None) -> bytes:
+    """Encode `image` as `fmt`, shrinking it until it fits `max_side` and `max_bytes`."""
+    img = image.convert("RGB") if fmt.upper() in ("JPEG", "WEBP") or image.mode not in ("RGB", "RGBA") else image
+    if max_side and max(img.size) > max_side:
+        img = _scaled(img, max_side / max(img.size))
+    while True:
+        buf = io.BytesIO()
+        img.save(buf, format=fmt, **({"quality": 92} if fmt.upper() == "JPEG" else {}))
+        data = buf.getvalue()
+        if max_bytes is None or len(data) <= max_bytes or min(img.size) <= 64:
+            return data
+        img = _scaled(img, 0.8)
+
+
+def _scaled(img: Image.Image, factor: float) -> Image.Image:
+    size = (max(1, round(img.width * factor)), max(1, round(img.height * factor)))
+    return img.resize(size, Image.Resampling.LANCZOS)
+
+
+def b64encode(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def b64decode_tolerant(data: str) -> bytes:
+    """Decode standard or URL-safe base64, with or without padding (Google's SDK sends URL-safe)."""
+    cleaned = "".join(data.split()).replace("-", "+").replace("_", "/")
+    cleaned += "=" * (-len(cleaned) % 4)
+    try:
+        return base64.b64decode(cleaned, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise EngineError("the provider returned image data that is not valid base64") from exc
+
+
+def decode_image(data: bytes, engine: str) -> Image.Image:
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except Exception as exc:
+        raise EngineError(f"{engine}: the provider returned bytes that are not an image") from exc
+    return img
+
+
+def nearest_aspect(width: int, height: int, choices: Sequence[str]) -> str:
+    """The provider's aspect ratio ("16:9") closest to width/height."""
+    target = width / height
+
+    def distance(choice: str) -> float:
+        w, h = (int(x) for x in choice.split(":"))
+        return abs(w / h - target)
+
+    return min(choices, key=distance)

@@ -1,0 +1,245 @@
+"""The seam between the orchestrator and every engine.
+
+An engine is anything with a name, a kind, the stages it serves, an `estimate()` in millicredits
+and an async `run()` that reports progress, honours a cancel token and returns images. The
+orchestrator never imports an engine module directly; it asks the registry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar, runtime_checkable
+
+from orchestrator.errors import Canceled, Charged, NoPrice
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+    from orchestrator.settings import Settings
+
+Stage = Literal["ideation", "bridge", "polish"]
+Kind = Literal["local", "remote"]
+STAGES: tuple[Stage, ...] = ("ideation", "bridge", "polish")
+T = TypeVar("T")
+
+MILLI = 1000
+
+
+def to_millicredits(credits: float) -> int:
+    return round(credits * MILLI)
+
+
+def to_credits(millicredits: int) -> float:
+    return round(millicredits / MILLI, 3)
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    img2img: bool = False
+    upscale: bool = False
+    seeds: bool = False
+    negative_prompt: bool = False
+    # True when the request's prompt and pixels leave this machine.
+    leaves_machine: bool = False
+    max_width: int = 2048
+    max_height: int = 2048
+    size_multiple: int = 8
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class RenderRequest:
+    """What an engine is asked to make. The service resolves defaults before it gets here, except
+    `steps`/`guidance_scale`, which stay `None` when the engine's own defaults should apply."""
+
+    stage: Stage
+    prompt: str
+    negative_prompt: str = ""
+    n: int = 1
+    seed: int | None = None
+    width: int = 512
+    height: int = 512
+    steps: int | None = None
+    guidance_scale: float | None = None
+    # bridge
+    init_image: Image | None = None
+    strength: float = 0.55
+    quality: str = "high"
+    # polish
+    scale: float | None = None
+    creativity: float = 0.3
+    tags: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class RenderedImage:
+    image: Image
+    seed: int | None = None
+
+
+@dataclass
+class RenderResult:
+    images: list[RenderedImage]
+    model: str
+    # What the provider says it charged, when it says so; `None` means "use the estimate".
+    cost_millicredits: int | None = None
+    provider_request_id: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+class Progress(Protocol):
+    """Where an engine reports what it is doing. Implementations must be thread-safe: local
+    engines call `step` from their inference thread."""
+
+    def step(self, step: int, total: int, preview: Image | None = None) -> None: ...
+
+    def state(self, state: str, **details: Any) -> None: ...
+
+    def provider_request(self, request_id: str) -> None:
+        """Called as soon as a provider has accepted work, so a crash can find it again."""
+        ...
+
+
+class NullProgress:
+    def step(self, step: int, total: int, preview: Image | None = None) -> None:
+        pass
+
+    def state(self, state: str, **details: Any) -> None:
+        pass
+
+    def provider_request(self, request_id: str) -> None:
+        pass
+
+
+class CancelToken:
+    """Set from the event loop (the API's cancel); read from any thread (the inference thread
+    checks it between denoising steps) and awaitable (remote engines race it against polling)."""
+
+    def __init__(self) -> None:
+        self._flag = threading.Event()
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+        self._lock = threading.Lock()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._flag.is_set()
+
+    def cancel(self) -> None:
+        with self._lock:
+            self._flag.set()
+            waiters = list(self._waiters)
+        for loop, event in waiters:
+            loop.call_soon_threadsafe(event.set)
+
+    def raise_if_cancelled(self) -> None:
+        if self._flag.is_set():
+            raise Canceled("the job was canceled")
+
+    async def sleep(self, seconds: float) -> None:
+        """Sleep, but wake and raise `Canceled` as soon as the token is cancelled."""
+        event = asyncio.Event()
+        entry = (asyncio.get_running_loop(), event)
+        with self._lock:
+            if self._flag.is_set():
+                raise Canceled("the job was canceled")
+            self._waiters.append(entry)
+        try:
+            await asyncio.wait_for(event.wait(), timeout=max(0.0, seconds))
+        except TimeoutError:
+            return
+        finally:
+            with self._lock:
+                self._waiters.remove(entry)
+        raise Canceled("the job was canceled")
+
+    async def race(self, awaitable: Awaitable[T], *, charged: Charged = "unknown") -> T:
+        """Await `awaitable` unless the token is cancelled first; then abandon it and raise
+        `Canceled`, saying whether the provider may already have billed (`charged`)."""
+        task = asyncio.ensure_future(awaitable)
+        waiter = asyncio.ensure_future(self._wait())
+        try:
+            await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+            if waiter.done() and not waiter.cancelled():
+                waiter.exception()  # retrieved: the Canceled it holds is re-raised below
+        if task.done():
+            return task.result()
+        task.cancel()
+        raise Canceled("the job was canceled while the provider was working", charged=charged)
+
+    async def _wait(self) -> None:
+        while True:
+            await self.sleep(3600)
+
+
+@runtime_checkable
+class Engine(Protocol):
+    name: str
+    kind: Kind
+    stages: frozenset[Stage]
+    capabilities: Capabilities
+
+    @property
+    def model(self) -> str: ...
+
+    def availability(self) -> tuple[bool, str | None]:
+        """`(True, None)` when usable; otherwise `(False, "why, and which setting fixes it")`."""
+        ...
+
+    def prices(self) -> dict[str, Any]:
+        """The price table in use, in credits, for `/v1/engines`."""
+        ...
+
+    def estimate(self, req: RenderRequest) -> int:
+        """Millicredits this request will cost; raises `NoPrice` when it cannot say."""
+        ...
+
+    async def run(self, req: RenderRequest, progress: Progress, cancel: CancelToken) -> RenderResult: ...
+
+    async def aclose(self) -> None: ...
+
+
+@dataclass
+class EngineContext:
+    """What a factory gets to build its engine: settings, price overrides from the prices file,
+    and shared local resources (the per-device inference runtime)."""
+
+    settings: Settings
+    price_overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    shared: dict[str, Any] = field(default_factory=dict)
+
+
+EngineFactory = Callable[[EngineContext], Engine]
+
+
+class PriceTable:
+    """Credits per output image, by model then by variant (size, quality...). Dated defaults come
+    from each engine file; the prices file overrides them per engine."""
+
+    def __init__(self, engine: str, defaults: Mapping[str, Mapping[str, float]], as_of: str,
+                 overrides: Mapping[str, Any] | None = None) -> None:
+        self.engine = engine
+        self.as_of = as_of
+        table: dict[str, dict[str, float]] = {m: dict(v) for m, v in defaults.items()}
+        for model, variants in (overrides or {}).items():
+            if isinstance(variants, Mapping):
+                table.setdefault(model, {}).update({k: float(v) for k, v in variants.items()})
+        self.table = table
+
+    def millicredits(self, model: str, variant: str) -> int:
+        try:
+            return to_millicredits(self.table[model][variant])
+        except KeyError:
+            raise NoPrice(
+                f"engine '{self.engine}' has no price for model '{model}' ({variant}); add it to the prices file",
+                details={"engine": self.engine, "model": model, "variant": variant},
+            ) from None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"as_of": self.as_of, "credits_per_image": self.table}

@@ -1,0 +1,197 @@
+"""Google Gemini image models ("Nano Banana" family) through `generateContent`.
+
+Bridge sends the draft as an inline image beside the prompt; polish asks for a larger
+`imageSize`. Synchronous: a call that was sent but got no answer is never re-sent (it may have
+been billed). Cost comes from `usageMetadata` tokens x the configured token prices.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+from orchestrator.errors import ContentFiltered, EngineError, EngineUnavailable, NoPrice
+from tiers._http import RemoteClient
+from tiers._images import b64decode_tolerant, b64encode, decode_image, encode_image, nearest_aspect
+from tiers.base import (
+    Capabilities,
+    CancelToken,
+    EngineContext,
+    PriceTable,
+    Progress,
+    RenderedImage,
+    RenderRequest,
+    RenderResult,
+    Stage,
+)
+
+ASPECTS = ("1:1", "2:3", "3:2", "3:4", "4:3", "9:16", "16:9", "21:9")
+FILTER_REASONS = frozenset(
+    {"IMAGE_SAFETY", "IMAGE_PROHIBITED_CONTENT", "IMAGE_RECITATION", "IMAGE_OTHER", "SAFETY",
+     "PROHIBITED_CONTENT", "BLOCKLIST", "SPII", "RECITATION"}
+)
+# Credits (1 credit = $0.01) per output image by imageSize, and per 1M tokens (providers.md, Nov 2026).
+PRICES_AS_OF = "2026-11"
+DEFAULT_PRICES: dict[str, dict[str, float]] = {
+    "gemini-3.1-flash-image": {"1K": 6.7, "2K": 10.1, "4K": 15.1,
+                               "output_tokens_per_million": 6000, "input_tokens_per_million": 50},
+    "gemini-3-pro-image": {"1K": 13.4, "2K": 13.4, "4K": 24.0,
+                           "output_tokens_per_million": 12000, "input_tokens_per_million": 200},
+    "gemini-2.5-flash-image": {"1K": 3.9, "2K": 3.9, "4K": 3.9,
+                               "output_tokens_per_million": 3000, "input_tokens_per_million": 30},
+}
+INPUT_IMAGE_TOKENS = 1120
+MAX_INLINE_BYTES = 7 * 1024 * 1024
+
+
+def image_size(width: int, height: int) -> str:
+    side = max(width, height)
+    return "1K" if side <= 1024 else "2K" if side <= 2048 else "4K"
+
+
+class GeminiEngine:
+    name = "gemini"
+    kind: Literal["remote"] = "remote"
+    stages: frozenset[Stage] = frozenset({"bridge", "polish"})
+    capabilities = Capabilities(img2img=True, upscale=True, seeds=False, negative_prompt=False,
+                                leaves_machine=True, max_width=4096, max_height=4096, size_multiple=1)
+
+    def __init__(self, ctx: EngineContext, client: RemoteClient | None = None) -> None:
+        s = ctx.settings
+        self._model = s.gemini_model
+        self._key = s.gemini_api_key.get_secret_value() if s.gemini_api_key else None
+        self._prices = PriceTable(self.name, DEFAULT_PRICES, PRICES_AS_OF, ctx.price_overrides.get(self.name))
+        self.http = client or RemoteClient(
+            self.name,
+            base_url=s.gemini_base_url,
+            headers={"x-goog-api-key": self._key or ""},
+            key_setting="ORCH_GEMINI_API_KEY (or GEMINI_API_KEY)",
+            deadline=s.remote_deadline,
+            connect_timeout=s.remote_connect_timeout,
+            read_timeout=s.remote_read_timeout,
+        )
+
+    @property
+    def model(self) -> str:
+        return self._model
+
+    def availability(self) -> tuple[bool, str | None]:
+        if not self._key:
+            return False, "no API key: set ORCH_GEMINI_API_KEY or GEMINI_API_KEY"
+        return True, None
+
+    def prices(self) -> dict[str, Any]:
+        return self._prices.as_dict()
+
+    def estimate(self, req: RenderRequest) -> int:
+        size = image_size(req.width, req.height)
+        per_image = self._prices.millicredits(self._model, size)
+        input_tokens = INPUT_IMAGE_TOKENS + len(req.prompt) // 4 + 64
+        per_input = math.ceil(input_tokens * self._prices.millicredits(self._model, "input_tokens_per_million") / 1e6)
+        return req.n * (per_image + per_input)
+
+    def _actual_cost(self, usage: dict[str, Any]) -> int | None:
+        try:
+            out_rate = self._prices.millicredits(self._model, "output_tokens_per_million")
+            in_rate = self._prices.millicredits(self._model, "input_tokens_per_million")
+            out_tokens = int(usage["candidatesTokenCount"])
+            in_tokens = int(usage.get("promptTokenCount", 0))
+        except (KeyError, TypeError, ValueError, NoPrice):
+            return None
+        return math.ceil((out_tokens * out_rate + in_tokens * in_rate) / 1e6)
+
+    def _body(self, req: RenderRequest) -> dict[str, Any]:
+        width, height = req.width, req.height
+        parts: list[dict[str, Any]] = [{"text": self._prompt(req)}]
+        if req.init_image is not None:
+            data = encode_image(req.init_image, fmt="PNG", max_bytes=MAX_INLINE_BYTES, max_side=2048)
+            parts.append({"inline_data": {"mime_type": "image/png", "data": b64encode(data)}})
+        image_config: dict[str, Any] = {"aspectRatio": nearest_aspect(width, height, ASPECTS)}
+        if not self._model.startswith("gemini-2.5"):
+            image_config["imageSize"] = image_size(width, height)
+        return {
+            "contents": [{"parts": parts}],
+            "generationConfig": {"responseModalities": ["IMAGE"], "imageConfig": image_config},
+        }
+
+    @staticmethod
+    def _prompt(req: RenderRequest) -> str:
+        if req.stage == "polish":
+            return f"Refine and upscale this image, keep the composition and content exactly: {req.prompt}"
+        if req.init_image is not None:
+            return f"Render this draft in high fidelity, keep its composition: {req.prompt}"
+        return req.prompt
+
+    async def run(self, req: RenderRequest, progress: Progress, cancel: CancelToken) -> RenderResult:
+        images: list[RenderedImage] = []
+        total_cost: int | None = 0
+        request_ids: list[str] = []
+        for _ in range(req.n):
+            cancel.raise_if_cancelled()
+            progress.state("submitted")
+            response = await cancel.race(
+                self.http.request("POST", f"/v1beta/models/{self._model}:generateContent", json=self._body(req))
+            )
+            if response.status_code != 200:
+                text = response.text
+                if response.status_code == 400 and "API key" in text:
+                    raise EngineUnavailable(
+                        "gemini refused the API key: check ORCH_GEMINI_API_KEY (or GEMINI_API_KEY)",
+                        details={"engine": self.name, "status": 400},
+                    )
+                raise self.http.fail(response)
+            body = self._json(response)
+            if body.get("responseId"):
+                request_ids.append(str(body["responseId"]))
+                progress.provider_request(str(body["responseId"]))
+            images.append(RenderedImage(self._image(body)))
+            cost = self._actual_cost(body.get("usageMetadata") or {})
+            total_cost = None if cost is None or total_cost is None else total_cost + cost
+            progress.step(len(images), req.n)
+        return RenderResult(
+            images=images,
+            model=self._model,
+            cost_millicredits=total_cost,
+            provider_request_id=",".join(request_ids) or None,
+            metadata={"image_size": image_size(req.width, req.height)},
+        )
+
+    def _json(self, response: Any) -> dict[str, Any]:
+        try:
+            body = response.json()
+        except ValueError:
+            raise EngineError("gemini: the provider answered 200 with a body that is not JSON") from None
+        if isinstance(body, list) and body:
+            body = body[0]
+        if not isinstance(body, dict):
+            raise EngineError("gemini: unexpected response shape")
+        return body
+
+    def _image(self, body: dict[str, Any]) -> Any:
+        feedback = body.get("promptFeedback") or {}
+        if feedback.get("blockReason"):
+            raise ContentFiltered(f"gemini blocked the prompt ({feedback['blockReason']})",
+                                  details={"engine": self.name, "reason": feedback["blockReason"]})
+        candidates = body.get("candidates") or []
+        if not candidates:
+            raise EngineError("gemini: the response has no candidates", details={"engine": self.name})
+        candidate = candidates[0]
+        parts = (candidate.get("content") or {}).get("parts") or []
+        images = [p for p in parts if isinstance(p, dict) and (p.get("inlineData") or p.get("inline_data"))
+                  and not p.get("thought")]
+        if images:
+            inline = images[-1].get("inlineData") or images[-1].get("inline_data")
+            return decode_image(b64decode_tolerant(str(inline.get("data", ""))), self.name)
+        reason = candidate.get("finishReason", "")
+        if reason in FILTER_REASONS:
+            raise ContentFiltered(f"gemini returned no image ({reason})",
+                                  details={"engine": self.name, "reason": reason})
+        raise EngineError(f"gemini returned no image (finishReason {reason or 'missing'})",
+                          details={"engine": self.name, "reason": reason or None})
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+
+def factory(ctx: EngineContext) -> GeminiEngine:
+    return GeminiEngine(ctx)
