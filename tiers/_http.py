@@ -80,7 +80,8 @@ def retry_after(response: httpx.Response) -> float | None:
         return None
     if isinstance(body, list) and body:
         body = body[0]
-    details = body.get("error", {}).get("details", []) if isinstance(body, dict) else []
+    err = body.get("error") if isinstance(body, dict) else None
+    details = err.get("details", []) if isinstance(err, dict) else []
     for detail in details if isinstance(details, list) else []:
         if isinstance(detail, dict) and str(detail.get("@type", "")).endswith("google.rpc.RetryInfo"):
             value = _parse_duration(str(detail.get("retryDelay", "")))
@@ -106,7 +107,7 @@ def _next_wait(retry_state: RetryCallState) -> float:
         if hinted is not None:
             return min(hinted, MAX_SINGLE_WAIT)
     backoff = min(0.5 * 2 ** (retry_state.attempt_number - 1), 30.0)
-    return backoff * (0.5 + random.random() / 2)
+    return float(backoff * (0.5 + random.random() / 2))
 
 
 class RemoteClient:

@@ -14,8 +14,8 @@ from orchestrator.errors import ContentFiltered, EngineError, EngineUnavailable,
 from tiers._http import RemoteClient
 from tiers._images import b64decode_tolerant, b64encode, decode_image, encode_image, nearest_aspect
 from tiers.base import (
-    Capabilities,
     CancelToken,
+    Capabilities,
     EngineContext,
     PriceTable,
     Progress,
@@ -180,7 +180,7 @@ class GeminiEngine:
         images = [p for p in parts if isinstance(p, dict) and (p.get("inlineData") or p.get("inline_data"))
                   and not p.get("thought")]
         if images:
-            inline = images[-1].get("inlineData") or images[-1].get("inline_data")
+            inline = images[-1].get("inlineData") or images[-1].get("inline_data") or {}
             return decode_image(b64decode_tolerant(str(inline.get("data", ""))), self.name)
         reason = candidate.get("finishReason", "")
         if reason in FILTER_REASONS:

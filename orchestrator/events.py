@@ -1,0 +1,113 @@
+"""Job events for the SSE stream.
+
+The bus lives on the event loop. Each job keeps an in-memory history: its lifecycle events
+(`queued`, `started`, `asset`, the terminal one) and only its latest `progress`, so a client that
+connects late gets the current state first and then live events, without the stream replaying
+every step. A job this process has not seen (it ran before a restart) is described from the
+database instead (see `api/jobs.py`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+TERMINAL = frozenset({"succeeded", "failed", "canceled"})
+# Finished jobs keep their history this long, for clients that connect just after the end.
+HISTORY_TTL = 600.0
+
+
+@dataclass(frozen=True)
+class Event:
+    id: int
+    type: str
+    data: dict[str, Any]
+
+    def sse(self) -> str:
+        return f"id: {self.id}\nevent: {self.type}\ndata: {json.dumps(self.data, separators=(',', ':'))}\n\n"
+
+
+@dataclass
+class _JobStream:
+    seq: int = 0
+    history: list[Event] = field(default_factory=list)
+    latest_progress: Event | None = None
+    subscribers: set[asyncio.Queue[Event]] = field(default_factory=set)
+    finished_at: float | None = None
+
+    def snapshot(self) -> list[Event]:
+        events = list(self.history)
+        if self.latest_progress is not None and self.finished_at is None:
+            events.append(self.latest_progress)
+        return sorted(events, key=lambda e: e.id)
+
+
+class EventBus:
+    def __init__(self) -> None:
+        self._jobs: dict[str, _JobStream] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+
+    def publish(self, job_id: str, type_: str, data: dict[str, Any]) -> None:
+        """Publish from the event loop thread."""
+        stream = self._jobs.setdefault(job_id, _JobStream())
+        if stream.finished_at is not None:
+            return  # exactly one terminal event, nothing after it
+        stream.seq += 1
+        event = Event(stream.seq, type_, data)
+        if type_ == "progress":
+            stream.latest_progress = event
+        else:
+            stream.history.append(event)
+        if type_ in TERMINAL:
+            stream.finished_at = time.monotonic()
+        for queue in stream.subscribers:
+            queue.put_nowait(event)
+        self._evict()
+
+    def publish_threadsafe(self, job_id: str, type_: str, data: dict[str, Any]) -> None:
+        """Publish from another thread (the inference thread's step callback)."""
+        if self._loop is None:
+            raise RuntimeError("EventBus.bind() was not called")
+        self._loop.call_soon_threadsafe(self.publish, job_id, type_, data)
+
+    def knows(self, job_id: str) -> bool:
+        return job_id in self._jobs
+
+    async def subscribe(self, job_id: str) -> AsyncIterator[Event]:
+        """The job's current state, then live events, ending after the terminal event."""
+        stream = self._jobs.setdefault(job_id, _JobStream())
+        queue: asyncio.Queue[Event] = asyncio.Queue()
+        # No await between the snapshot and the subscription: nothing can slip between them.
+        backlog = stream.snapshot()
+        stream.subscribers.add(queue)
+        try:
+            last = 0
+            for event in backlog:
+                last = event.id
+                yield event
+                if event.type in TERMINAL:
+                    return
+            while True:
+                event = await queue.get()
+                if event.id <= last:
+                    continue
+                last = event.id
+                yield event
+                if event.type in TERMINAL:
+                    return
+        finally:
+            stream.subscribers.discard(queue)
+
+    def _evict(self) -> None:
+        now = time.monotonic()
+        stale = [job_id for job_id, s in self._jobs.items()
+                 if s.finished_at is not None and now - s.finished_at > HISTORY_TTL and not s.subscribers]
+        for job_id in stale:
+            del self._jobs[job_id]

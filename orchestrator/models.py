@@ -1,0 +1,121 @@
+"""Tables. The schema itself exists only through the Alembic revisions in `migrations/`;
+`tests/test_migrations.py` proves these models and the migrations agree.
+
+Jobs are shaped for more than one worker from the start: `attempt` is bumped on every claim and
+every write a worker makes carries it; `lease_owner`/`lease_expires_at` replace a bare running
+flag so a dead worker's job is found.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.types import TypeDecorator
+from sqlmodel import Field, SQLModel
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Always timezone-aware UTC in Python, whatever the database keeps (SQLite keeps naive)."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _ts(nullable: bool = True) -> Any:
+    return Field(default=None, sa_type=UTCDateTime, nullable=nullable)
+
+
+def _json() -> Any:
+    return Field(default=None, sa_type=sa.JSON, nullable=True)
+
+
+class Project(SQLModel, table=True):
+    __tablename__ = "projects"
+
+    id: str = Field(primary_key=True, max_length=40)
+    name: str = Field(max_length=200)
+    policy: str = Field(max_length=100)
+    budget_limit: int | None = Field(default=None, sa_type=sa.BigInteger)  # millicredits
+    budget_period: str = Field(default="none", max_length=10)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime, nullable=False)
+
+
+class Job(SQLModel, table=True):
+    __tablename__ = "jobs"
+    __table_args__ = (sa.Index("ix_jobs_status_created", "status", "created_at"),)
+
+    id: str = Field(primary_key=True, max_length=40)
+    project_id: str = Field(foreign_key="projects.id", index=True, max_length=40)
+    stage: str = Field(max_length=20)
+    engine: str = Field(max_length=100)
+    model: str | None = Field(default=None, max_length=300)
+    status: str = Field(default="queued", max_length=20)
+    params: dict[str, Any] = Field(default_factory=dict, sa_type=sa.JSON, nullable=False)
+    # No foreign key: assets already point at jobs, and a cycle would complicate every migration.
+    source_asset_id: str | None = Field(default=None, index=True, max_length=40)
+    error: dict[str, Any] | None = _json()
+    progress_step: int = 0
+    progress_total: int = 0
+    routing: dict[str, Any] | None = _json()
+    attempts: list[dict[str, Any]] | None = _json()
+    estimated: int = Field(default=0, sa_type=sa.BigInteger)  # millicredits
+    cache_hit: bool = False
+    # Queue bookkeeping: claim counter and lease.
+    attempt: int = 0
+    lease_owner: str | None = Field(default=None, max_length=100)
+    lease_expires_at: datetime | None = _ts()
+    provider_request_id: str | None = Field(default=None, max_length=500)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime, nullable=False)
+    started_at: datetime | None = _ts()
+    finished_at: datetime | None = _ts()
+
+
+class Asset(SQLModel, table=True):
+    __tablename__ = "assets"
+
+    id: str = Field(primary_key=True, max_length=40)
+    project_id: str = Field(foreign_key="projects.id", index=True, max_length=40)
+    job_id: str = Field(foreign_key="jobs.id", index=True, max_length=40)
+    index: int = 0
+    stage: str = Field(max_length=20)
+    parent_id: str | None = Field(default=None, foreign_key="assets.id", index=True, max_length=40)
+    engine: str = Field(max_length=100)
+    model: str = Field(max_length=300)
+    prompt: str
+    negative_prompt: str = ""
+    seed: int | None = Field(default=None, sa_type=sa.BigInteger)
+    width: int
+    height: int
+    sha256: str = Field(max_length=64, index=True)
+    record: dict[str, Any] = Field(default_factory=dict, sa_type=sa.JSON, nullable=False)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime, nullable=False)
+
+
+class IdempotencyKey(SQLModel, table=True):
+    """A creating POST's key: the body it came with and the job it made (kept at least 24 h)."""
+
+    __tablename__ = "idempotency_keys"
+
+    key: str = Field(primary_key=True, max_length=300)
+    scope: str = Field(primary_key=True, max_length=200)
+    request_hash: str = Field(max_length=64)
+    job_id: str = Field(foreign_key="jobs.id", max_length=40)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime, nullable=False, index=True)

@@ -1,0 +1,180 @@
+"""Request and response bodies of the REST API (the contract in API.md)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+
+Stage = Literal["ideation", "bridge", "polish"]
+Period = Literal["day", "week", "month", "none"]
+JobStatus = Literal["queued", "running", "succeeded", "failed", "canceled"]
+T = TypeVar("T")
+
+Prompt = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=10000)]
+Tags = dict[Annotated[str, StringConstraints(min_length=1, max_length=100)],
+            Annotated[str, StringConstraints(max_length=500)]]
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
+Side = Annotated[int, Field(ge=8, le=8192, multiple_of=8)]
+Credits = Annotated[float, Field(ge=0)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Budget(Strict):
+    limit: Credits | None = None
+    period: Period = "none"
+
+
+class ProjectCreate(Strict):
+    name: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+    policy: str | None = None
+    budget: Budget | None = None
+
+
+class ProjectUpdate(Strict):
+    name: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)] | None = None
+    policy: str | None = None
+    budget: Budget | None = None
+
+
+class ProjectPublic(BaseModel):
+    id: str
+    name: str
+    policy: str
+    budget: Budget
+    created_at: datetime
+
+
+class DraftCreate(Strict):
+    prompt: Prompt
+    negative_prompt: Annotated[str, StringConstraints(max_length=10000)] = ""
+    n: Annotated[int, Field(ge=1, le=16)] = 4
+    seed: Seed | None = None
+    width: Side = 512
+    height: Side = 512
+    steps: Annotated[int, Field(ge=1, le=150)] | None = None
+    guidance_scale: Annotated[float, Field(ge=0, le=30)] | None = None
+    engine: str | None = None
+    tags: Tags = Field(default_factory=dict)
+    cache: bool = True
+
+
+class PromoteCreate(Strict):
+    prompt: Prompt | None = None
+    negative_prompt: Annotated[str, StringConstraints(max_length=10000)] | None = None
+    strength: Annotated[float, Field(gt=0, le=1)] = 0.55
+    width: Side | None = None
+    height: Side | None = None
+    quality: Literal["low", "medium", "high"] = "high"
+    seed: Seed | None = None
+    steps: Annotated[int, Field(ge=1, le=150)] | None = None
+    engine: str | None = None
+    max_credits: Credits | None = None
+    tags: Tags = Field(default_factory=dict)
+    cache: bool = True
+
+
+class PolishCreate(Strict):
+    scale: Annotated[float, Field(gt=0, le=8)] | None = 2
+    width: Side | None = None
+    height: Side | None = None
+    prompt: Prompt | None = None
+    creativity: Annotated[float, Field(gt=0, le=1)] = 0.3
+    seed: Seed | None = None
+    engine: str | None = None
+    max_credits: Credits | None = None
+    tags: Tags = Field(default_factory=dict)
+    cache: bool = True
+
+
+class Progress(BaseModel):
+    step: int
+    total: int
+    fraction: float
+
+
+class Cost(BaseModel):
+    estimated: float
+    held: float
+    charged: float
+    cache_hit: bool
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+class JobPublic(BaseModel):
+    id: str
+    project_id: str
+    stage: Stage
+    engine: str
+    model: str | None
+    status: JobStatus
+    params: dict[str, Any]
+    progress: Progress
+    assets: list[str]
+    source_asset_id: str | None
+    error: ErrorBody | None
+    cost: Cost
+    routing: dict[str, Any] | None
+    attempts: list[dict[str, Any]]
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class AssetPublic(BaseModel):
+    id: str
+    project_id: str
+    job_id: str
+    stage: Stage
+    parent_id: str | None
+    engine: str
+    model: str
+    prompt: str
+    negative_prompt: str
+    seed: int | None
+    width: int
+    height: int
+    sha256: str
+    created_at: datetime
+    content_url: str
+
+
+class Lineage(BaseModel):
+    ancestors: list[AssetPublic]
+    descendants: list[AssetPublic]
+
+
+class Page(BaseModel, Generic[T]):
+    items: list[T]
+    next_cursor: str | None
+
+
+class EnginePublic(BaseModel):
+    name: str
+    kind: Literal["local", "remote"]
+    stages: list[Stage]
+    available: bool
+    health: Literal["ok", "degraded", "open"]
+    model: str | None
+    note: str | None
+    prices: dict[str, Any]
+    capabilities: dict[str, Any]
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    version: str
+
+    @field_validator("status")
+    @classmethod
+    def _ok(cls, v: str) -> str:
+        return v

@@ -1,0 +1,113 @@
+"""The artifact store: PNG files named by their sha256 under `<data_dir>/assets/ab/<sha>.png`.
+
+A file is written to a temporary name in the same folder, flushed to disk and renamed into place,
+so a reader never sees half an image; the asset row is inserted only after the rename, in the
+same transaction that finishes the job. Identical images share one file.
+
+Each PNG carries a `parameters` text chunk in AUTOMATIC1111's infotext format (so other tools
+read the prompt and seed) and an `orchestrator` chunk with the whole generation record as JSON.
+The record holds only what made the image, never job ids or times, so the same request with the
+same seed gives byte-identical files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, PngImagePlugin
+
+from orchestrator.errors import NotFound
+
+SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+RECORD_CHUNK = "orchestrator"
+
+
+def infotext(record: dict[str, Any]) -> str:
+    """AUTOMATIC1111's `parameters` format: prompt, negative prompt, then `Key: value` pairs."""
+    lines = [str(record.get("prompt", ""))]
+    if record.get("negative_prompt"):
+        lines.append(f"Negative prompt: {record['negative_prompt']}")
+    pairs = [
+        ("Steps", record.get("steps")),
+        ("Sampler", record.get("sampler")),
+        ("CFG scale", record.get("guidance_scale")),
+        ("Seed", record.get("seed")),
+        ("Size", f"{record.get('width')}x{record.get('height')}"),
+        ("Model", record.get("model")),
+        ("Denoising strength", record.get("strength")),
+        ("Engine", record.get("engine")),
+        ("Stage", record.get("stage")),
+    ]
+    lines.append(", ".join(f"{k}: {v}" for k, v in pairs if v is not None))
+    return "\n".join(lines)
+
+
+def encode_png(image: Image.Image, record: dict[str, Any]) -> bytes:
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", infotext(record))
+    info.add_itxt(RECORD_CHUNK, json.dumps(record, sort_keys=True, separators=(",", ":")))
+    buf = io.BytesIO()
+    rgb = image if image.mode in ("RGB", "RGBA") else image.convert("RGB")
+    rgb.save(buf, format="PNG", pnginfo=info, optimize=False, compress_level=6)
+    return buf.getvalue()
+
+
+def read_record(data: bytes) -> dict[str, Any]:
+    with Image.open(io.BytesIO(data)) as img:
+        text = img.info.get(RECORD_CHUNK)
+    return dict(json.loads(text)) if text else {}
+
+
+class ArtifactStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root.resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path_for(self, sha256: str) -> Path:
+        if not SHA_RE.match(sha256):
+            raise NotFound("no such asset content")
+        path = (self.root / sha256[:2] / f"{sha256}.png").resolve()
+        if not path.is_relative_to(self.root):  # belt and braces: ids never name a path
+            raise NotFound("no such asset content")
+        return path
+
+    def put(self, data: bytes) -> str:
+        """Store bytes atomically; return their sha256. Writing the same bytes twice is a no-op."""
+        sha = hashlib.sha256(data).hexdigest()
+        path = self.path_for(sha)
+        if path.exists():
+            return sha
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".png")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return sha
+
+    def get(self, sha256: str) -> bytes:
+        path = self.path_for(sha256)
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            raise NotFound("the asset's content is missing from the store") from None
+
+    def sweep_temp(self) -> int:
+        """Remove temp files left by a crash between write and rename."""
+        removed = 0
+        for tmp in self.root.glob("*/.tmp-*"):
+            tmp.unlink(missing_ok=True)
+            removed += 1
+        return removed

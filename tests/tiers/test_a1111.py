@@ -1,0 +1,251 @@
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+from typing import Any
+
+import httpx
+import pytest
+import respx
+from PIL import Image
+
+from orchestrator.errors import BadEngineInput, Canceled, EngineError, EngineTimeout, EngineUnavailable
+from tests.tiers.conftest import draft_image, png_bytes
+from tiers.a1111 import A1111Engine
+from tiers.base import CancelToken, NullProgress, RenderRequest
+
+BASE = "http://a1111.test:7860"
+URL = f"{BASE}/sdapi/v1/img2img"
+PROGRESS = f"{BASE}/sdapi/v1/progress"
+INTERRUPT = f"{BASE}/sdapi/v1/interrupt"
+
+
+def ok_body(count: int = 1, seeds: list[int] | None = None) -> dict[str, Any]:
+    images = [base64.b64encode(png_bytes((i, 2, 3))).decode() for i in range(count)]
+    info = {"seed": (seeds or [1234])[0], "all_seeds": seeds or [1234], "sd_model_name": "sdxl_base",
+            "sampler_name": "Euler a"}
+    return {"images": images, "parameters": {}, "info": json.dumps(info)}
+
+
+class RecordingProgress(NullProgress):
+    def __init__(self) -> None:
+        self.steps: list[tuple[int, int]] = []
+
+    def step(self, step: int, total: int, preview: Any = None) -> None:
+        self.steps.append((step, total))
+
+
+@pytest.fixture
+def engine(make_ctx: Any, sleep: Any) -> A1111Engine:
+    eng = A1111Engine(make_ctx(a1111_url=BASE))
+    eng.http.sleep = sleep
+    eng.poll_interval = 0
+    return eng
+
+
+def bridge(**kw: Any) -> RenderRequest:
+    values: dict[str, Any] = {"stage": "bridge", "prompt": "a lighthouse", "negative_prompt": "blurry",
+                              "width": 768, "height": 512, "init_image": draft_image()}
+    values.update(kw)
+    return RenderRequest(**values)
+
+
+@respx.mock
+async def test_success_sends_draft_and_takes_first_n_images(engine: A1111Engine) -> None:
+    # Three images for n=1: the extras stand for ControlNet maps appended by the extension.
+    route = respx.post(URL).mock(return_value=httpx.Response(200, json=ok_body(count=3)))
+    result = await engine.run(bridge(), NullProgress(), CancelToken())
+
+    sent = json.loads(route.calls.last.request.content)
+    pixels = Image.open(io.BytesIO(base64.b64decode(sent["init_images"][0])))
+    assert pixels.getpixel((0, 0)) == (255, 0, 0)
+    assert {k: v for k, v in sent.items() if k != "init_images"} == {
+        "prompt": "a lighthouse", "negative_prompt": "blurry", "denoising_strength": 0.55, "steps": 30,
+        "cfg_scale": 7.0, "width": 768, "height": 512, "seed": -1, "sampler_name": "Euler a",
+        "n_iter": 1, "batch_size": 1, "save_images": False}
+    assert "authorization" not in route.calls.last.request.headers
+    assert len(result.images) == 1 and result.images[0].image.getpixel((0, 0)) == (0, 2, 3)
+    assert result.images[0].seed == 1234
+    assert result.cost_millicredits == 0 and result.metadata["checkpoint"] == "sdxl_base"
+
+
+@respx.mock
+async def test_polish_uses_creativity_and_request_values(engine: A1111Engine) -> None:
+    route = respx.post(URL).mock(return_value=httpx.Response(200, json=ok_body(count=2, seeds=[5, 6])))
+    result = await engine.run(bridge(stage="polish", creativity=0.2, seed=5, steps=12, guidance_scale=4.5, n=2),
+                              NullProgress(), CancelToken())
+    sent = json.loads(route.calls.last.request.content)
+    assert sent["denoising_strength"] == 0.2 and sent["seed"] == 5 and sent["steps"] == 12
+    assert sent["cfg_scale"] == 4.5 and sent["n_iter"] == 2
+    assert [img.seed for img in result.images] == [5, 6]
+
+
+@respx.mock
+async def test_5xx_then_success(engine: A1111Engine) -> None:
+    route = respx.post(URL).mock(side_effect=[httpx.Response(503), httpx.Response(200, json=ok_body())])
+    await engine.run(bridge(), NullProgress(), CancelToken())
+    assert route.call_count == 2
+
+
+@respx.mock
+async def test_5xx_with_a1111_error_body_then_success(engine: A1111Engine) -> None:
+    oom = httpx.Response(500, json={"error": "OutOfMemoryError", "detail": "", "body": "", "errors": "CUDA"})
+    route = respx.post(URL).mock(side_effect=[oom, httpx.Response(200, json=ok_body())])
+    await engine.run(bridge(), NullProgress(), CancelToken())
+    assert route.call_count == 2
+
+
+@respx.mock
+async def test_429_with_retry_after_then_success(engine: A1111Engine, sleep: Any) -> None:
+    route = respx.post(URL).mock(side_effect=[httpx.Response(429, headers={"Retry-After": "3"}),
+                                              httpx.Response(200, json=ok_body())])
+    await engine.run(bridge(), NullProgress(), CancelToken())
+    assert route.call_count == 2 and sleep.waits == [3.0]
+
+
+@respx.mock
+async def test_read_timeout_is_not_resent(engine: A1111Engine) -> None:
+    route = respx.post(URL).mock(side_effect=httpx.ReadTimeout("slow"))
+    with pytest.raises(EngineTimeout, match="ORCH_REMOTE_READ_TIMEOUT") as info:
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    assert route.call_count == 1 and info.value.charged == "no"
+
+
+@respx.mock
+@pytest.mark.parametrize("response", [
+    httpx.Response(200, text="<html>"),
+    httpx.Response(200, json={"images": [], "info": "{}"}),
+    httpx.Response(200, json={"images": ["not base64!"], "info": "{}"}),
+    httpx.Response(200, json={"images": [base64.b64encode(b"not a png").decode()], "info": "not json"}),
+])
+async def test_malformed_body(engine: A1111Engine, response: httpx.Response) -> None:
+    respx.post(URL).mock(return_value=response)
+    with pytest.raises(EngineError):
+        await engine.run(bridge(), NullProgress(), CancelToken())
+
+
+@respx.mock
+@pytest.mark.parametrize(("status", "body", "expected"), [
+    (422, {"error": "RequestValidationError", "detail": "", "body": "SECRET-ECHO",
+           "errors": "steps: value is not a valid integer"}, "steps: value is not a valid integer"),
+    (400, {"error": "HTTPException", "detail": "Invalid encoded image", "body": "", "errors": ""},
+     "HTTPException: Invalid encoded image"),
+    (422, {"detail": [{"loc": ["body", "steps"], "msg": "bad", "type": "type_error"}]}, '"msg": "bad"'),
+])
+async def test_4xx_is_bad_input_with_detail(engine: A1111Engine, status: int, body: dict[str, Any],
+                                            expected: str) -> None:
+    route = respx.post(URL).mock(return_value=httpx.Response(status, json=body))
+    with pytest.raises(BadEngineInput) as info:
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    assert expected in info.value.message and "SECRET-ECHO" not in info.value.message
+    assert route.call_count == 1
+
+
+@respx.mock
+async def test_401_with_basic_auth_names_the_setting(make_ctx: Any) -> None:
+    eng = A1111Engine(make_ctx(a1111_url=BASE, a1111_auth="artist:hunter2"))
+    route = respx.post(URL).mock(return_value=httpx.Response(401, json={"detail": "Incorrect username or password"}))
+    with pytest.raises(EngineUnavailable) as info:
+        await eng.run(bridge(), NullProgress(), CancelToken())
+    expected = "Basic " + base64.b64encode(b"artist:hunter2").decode()
+    assert route.calls.last.request.headers["authorization"] == expected
+    assert route.call_count == 1
+    assert "ORCH_A1111_AUTH" in info.value.message and "hunter2" not in info.value.message
+
+
+@respx.mock
+async def test_404_means_api_not_enabled(engine: A1111Engine) -> None:
+    respx.post(URL).mock(return_value=httpx.Response(404, json={"detail": "Not Found"}))
+    with pytest.raises(EngineUnavailable, match="--api"):
+        await engine.run(bridge(), NullProgress(), CancelToken())
+
+
+@respx.mock
+async def test_progress_is_polled_while_the_post_runs(engine: A1111Engine) -> None:
+    done = asyncio.Event()
+
+    async def slow(request: httpx.Request) -> httpx.Response:
+        await done.wait()
+        return httpx.Response(200, json=ok_body(count=2, seeds=[1, 2]))
+
+    def state(request: httpx.Request) -> httpx.Response:
+        done.set()
+        return httpx.Response(200, json={"progress": 0.6, "state": {
+            "sampling_step": 4, "sampling_steps": 10, "job_no": 1, "job_count": 2}})
+
+    respx.post(URL).mock(side_effect=slow)
+    poll = respx.get(PROGRESS).mock(side_effect=state)
+    progress = RecordingProgress()
+    result = await engine.run(bridge(n=2), progress, CancelToken())
+    assert poll.calls.last.request.url.params["skip_current_image"] == "true"
+    assert progress.steps[0] == (14, 20)
+    assert len(result.images) == 2
+
+
+@respx.mock
+async def test_progress_failures_do_not_fail_the_job(engine: A1111Engine) -> None:
+    done = asyncio.Event()
+
+    async def slow(request: httpx.Request) -> httpx.Response:
+        await done.wait()
+        return httpx.Response(200, json=ok_body())
+
+    def broken(request: httpx.Request) -> httpx.Response:
+        done.set()
+        return httpx.Response(200, text="garbage")
+
+    respx.post(URL).mock(side_effect=slow)
+    respx.get(PROGRESS).mock(side_effect=broken)
+    result = await engine.run(bridge(), NullProgress(), CancelToken())
+    assert len(result.images) == 1
+
+
+@respx.mock
+async def test_cancel_during_post_interrupts(engine: A1111Engine) -> None:
+    token = CancelToken()
+
+    async def forever(request: httpx.Request) -> httpx.Response:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    def state(request: httpx.Request) -> httpx.Response:
+        token.cancel()
+        return httpx.Response(200, json={"state": {"sampling_step": 1, "sampling_steps": 30}})
+
+    respx.post(URL).mock(side_effect=forever)
+    respx.get(PROGRESS).mock(side_effect=state)
+    interrupt = respx.post(INTERRUPT).mock(return_value=httpx.Response(200, json={}))
+    with pytest.raises(Canceled) as info:
+        await engine.run(bridge(), NullProgress(), token)
+    assert interrupt.call_count == 1 and info.value.charged == "no"
+
+
+async def test_cancel_before_send(engine: A1111Engine) -> None:
+    token = CancelToken()
+    token.cancel()
+    with pytest.raises(Canceled):
+        await engine.run(bridge(), NullProgress(), token)
+
+
+async def test_bridge_without_draft_is_bad_input(engine: A1111Engine) -> None:
+    with pytest.raises(BadEngineInput):
+        await engine.run(bridge(init_image=None), NullProgress(), CancelToken())
+
+
+def test_free_and_available(engine: A1111Engine) -> None:
+    assert engine.availability() == (True, None)
+    assert engine.estimate(bridge(n=4)) == 0
+    assert engine.prices() == {"credits_per_image": 0}
+    assert engine.kind == "remote" and engine.capabilities.leaves_machine
+
+
+def test_unavailable_without_url(make_ctx: Any) -> None:
+    available, reason = A1111Engine(make_ctx()).availability()
+    assert not available and reason and "ORCH_A1111_URL" in reason
+
+
+def test_unavailable_with_malformed_auth(make_ctx: Any) -> None:
+    available, reason = A1111Engine(make_ctx(a1111_url=BASE, a1111_auth="no-colon")).availability()
+    assert not available and reason and "ORCH_A1111_AUTH" in reason and "no-colon" not in reason

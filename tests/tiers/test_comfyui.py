@@ -1,0 +1,329 @@
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import respx
+from PIL import Image
+
+from orchestrator.errors import BadEngineInput, Canceled, EngineError, EngineTimeout, EngineUnavailable
+from tests.tiers.conftest import draft_image, png_bytes
+from tiers.base import CancelToken, NullProgress, RenderRequest
+from tiers.comfyui import ComfyUIEngine, substitute
+
+BASE = "http://comfy.test:8188"
+
+WORKFLOW: dict[str, Any] = {
+    "3": {"class_type": "KSampler", "inputs": {
+        "seed": "{{seed}}", "steps": "{{steps}}", "cfg": 7, "sampler_name": "euler", "scheduler": "normal",
+        "denoise": "{{strength}}", "model": ["4", 0], "positive": ["6", 0], "negative": ["7", 0],
+        "latent_image": ["12", 0]}},
+    "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sdxl.safetensors"}},
+    "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "masterpiece, {{prompt}}", "clip": ["4", 1]}},
+    "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "{{negative_prompt}}", "clip": ["4", 1]}},
+    "10": {"class_type": "LoadImage", "inputs": {"image": "{{image}}"}},
+    "11": {"class_type": "ImageScale", "inputs": {"image": ["10", 0], "width": "{{width}}",
+                                                  "height": "{{height}}", "upscale_method": "lanczos",
+                                                  "crop": "disabled"}},
+    "12": {"class_type": "VAEEncode", "inputs": {"pixels": ["11", 0], "vae": ["4", 2]}},
+    "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "orch", "images": ["8", 0]}},
+}
+
+
+class RecordingProgress(NullProgress):
+    def __init__(self) -> None:
+        self.request_ids: list[str] = []
+        self.steps: list[tuple[int, int]] = []
+
+    def provider_request(self, request_id: str) -> None:
+        self.request_ids.append(request_id)
+
+    def step(self, step: int, total: int, preview: Any = None) -> None:
+        self.steps.append((step, total))
+
+
+def write_workflow(tmp_path: Path, graph: Any = WORKFLOW, name: str = "img2img.json") -> Path:
+    path = tmp_path / name
+    path.write_text(graph if isinstance(graph, str) else json.dumps(graph))
+    return path
+
+
+@pytest.fixture
+def engine(make_ctx: Any, sleep: Any, tmp_path: Path) -> ComfyUIEngine:
+    eng = ComfyUIEngine(make_ctx(comfyui_url=BASE, comfyui_workflow=write_workflow(tmp_path)))
+    eng.http.sleep = sleep
+    eng.poll_interval = 0
+    return eng
+
+
+def bridge(**kw: Any) -> RenderRequest:
+    values: dict[str, Any] = {"stage": "bridge", "prompt": "a lighthouse", "negative_prompt": "blurry",
+                              "width": 1024, "height": 768, "seed": 42, "init_image": draft_image()}
+    values.update(kw)
+    return RenderRequest(**values)
+
+
+def history(prompt_id: str, images: list[dict[str, str]] | None = None, status: str = "success",
+            messages: list[Any] | None = None) -> dict[str, Any]:
+    images = images if images is not None else [
+        {"filename": "orch_00001_.png", "subfolder": "", "type": "output"}]
+    return {prompt_id: {
+        "prompt": [1, prompt_id, {}, {}, ["9"]],
+        "outputs": {"9": {"images": images},
+                    "20": {"images": [{"filename": "preview.png", "subfolder": "", "type": "temp"}]}},
+        "status": {"status_str": status, "completed": status == "success", "messages": messages or []},
+    }}
+
+
+def mock_server(upload: Any = None, prompt: Any = None) -> dict[str, respx.Route]:
+    """A ComfyUI that answers /history with nothing once, then with the queued prompt's outputs."""
+    queued: dict[str, str] = {}
+
+    def on_prompt(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        queued["id"] = body["prompt_id"]
+        return httpx.Response(200, json={"prompt_id": body["prompt_id"], "number": 1, "node_errors": {}})
+
+    polls = {"n": 0}
+
+    def on_history(request: httpx.Request) -> httpx.Response:
+        polls["n"] += 1
+        prompt_id = request.url.path.rsplit("/", 1)[1]
+        return httpx.Response(200, json={} if polls["n"] == 1 else history(prompt_id))
+
+    return {
+        "upload": respx.post(f"{BASE}/upload/image").mock(side_effect=upload or [
+            httpx.Response(200, json={"name": "orch-draft.png", "subfolder": "", "type": "input"})]),
+        "prompt": respx.post(f"{BASE}/prompt").mock(side_effect=prompt or on_prompt),
+        "history": respx.get(url__regex=rf"{BASE}/history/.+").mock(side_effect=on_history),
+        "view": respx.get(f"{BASE}/view").mock(return_value=httpx.Response(200, content=png_bytes((1, 2, 3)))),
+        "queue": respx.post(f"{BASE}/queue").mock(return_value=httpx.Response(200, json={})),
+        "interrupt": respx.post(f"{BASE}/interrupt").mock(return_value=httpx.Response(200)),
+    }
+
+
+def multipart_file(request: httpx.Request, field: str) -> bytes:
+    boundary = request.headers["content-type"].split("boundary=")[1].encode()
+    for part in request.content.split(b"--" + boundary):
+        head, _, body = part.partition(b"\r\n\r\n")
+        if f'name="{field}"'.encode() in head:
+            return body.removesuffix(b"\r\n")
+    raise AssertionError(f"no multipart field {field}")
+
+
+@respx.mock
+async def test_success_uploads_draft_and_queues_typed_graph(engine: ComfyUIEngine) -> None:
+    routes = mock_server()
+    progress = RecordingProgress()
+    result = await engine.run(bridge(), progress, CancelToken())
+
+    upload = routes["upload"].calls.last.request
+    pixels = Image.open(io.BytesIO(multipart_file(upload, "image")))
+    assert pixels.getpixel((0, 0)) == (255, 0, 0)
+    assert multipart_file(upload, "type") == b"input" and multipart_file(upload, "overwrite") == b"true"
+
+    sent = json.loads(routes["prompt"].calls.last.request.content)
+    graph = sent["prompt"]
+    assert graph["3"]["inputs"]["seed"] == 42 and graph["3"]["inputs"]["steps"] == 20
+    assert graph["3"]["inputs"]["denoise"] == 0.55 and isinstance(graph["3"]["inputs"]["denoise"], float)
+    assert graph["11"]["inputs"]["width"] == 1024 and graph["11"]["inputs"]["height"] == 768
+    assert graph["6"]["inputs"]["text"] == "masterpiece, a lighthouse"
+    assert graph["7"]["inputs"]["text"] == "blurry"
+    assert graph["10"]["inputs"]["image"] == "orch-draft.png"
+    assert graph["3"]["inputs"]["model"] == ["4", 0]
+    assert sent["client_id"] and sent["prompt_id"] == progress.request_ids[0]
+
+    assert routes["history"].call_count == 2
+    view = routes["view"].calls.last.request.url.params
+    assert dict(view) == {"filename": "orch_00001_.png", "subfolder": "", "type": "output"}
+    assert len(result.images) == 1 and result.images[0].image.getpixel((0, 0)) == (1, 2, 3)
+    assert result.images[0].seed == 42
+    assert result.cost_millicredits == 0 and result.provider_request_id == sent["prompt_id"]
+    assert progress.steps == [(1, 1)]
+
+
+@respx.mock
+async def test_polish_uses_creativity_and_n_queues_one_prompt_per_image(engine: ComfyUIEngine) -> None:
+    routes = mock_server()
+    result = await engine.run(bridge(stage="polish", creativity=0.25, n=2, seed=7), NullProgress(), CancelToken())
+    graphs = [json.loads(c.request.content)["prompt"] for c in routes["prompt"].calls]
+    assert [g["3"]["inputs"]["seed"] for g in graphs] == [7, 8]
+    assert all(g["3"]["inputs"]["denoise"] == 0.25 for g in graphs)
+    assert [img.seed for img in result.images] == [7, 8]
+    assert routes["upload"].call_count == 1
+
+
+def test_substitute_keeps_unknown_text_and_does_not_rescan() -> None:
+    graph = {"a": {"inputs": {"text": "{{prompt}} / {{ seed }}", "n": "{{seed}}", "keep": "{{other}}"}}}
+    out = substitute(graph, {"prompt": "say {{seed}}", "seed": 5})
+    assert out == {"a": {"inputs": {"text": "say {{seed}} / 5", "n": 5, "keep": "{{other}}"}}}
+
+
+@respx.mock
+async def test_5xx_then_success(engine: ComfyUIEngine) -> None:
+    ok = httpx.Response(200, json={"prompt_id": "x", "number": 1, "node_errors": {}})
+    routes = mock_server(prompt=[httpx.Response(502), ok])
+    routes["history"].side_effect = lambda request: httpx.Response(
+        200, json=history(request.url.path.rsplit("/", 1)[1]))
+    await engine.run(bridge(), NullProgress(), CancelToken())
+    assert routes["prompt"].call_count == 2
+
+
+@respx.mock
+async def test_429_with_retry_after_then_success(engine: ComfyUIEngine, sleep: Any) -> None:
+    routes = mock_server(upload=[
+        httpx.Response(429, headers={"Retry-After": "7"}),
+        httpx.Response(200, json={"name": "orch-draft.png", "subfolder": "", "type": "input"})])
+    await engine.run(bridge(), NullProgress(), CancelToken())
+    assert routes["upload"].call_count == 2 and sleep.waits == [7.0]
+
+
+@respx.mock
+async def test_read_timeout_on_prompt_is_not_resent_and_the_prompt_is_dropped(engine: ComfyUIEngine) -> None:
+    routes = mock_server(prompt=httpx.ReadTimeout("slow"))
+    progress = RecordingProgress()
+    with pytest.raises(EngineTimeout) as info:
+        await engine.run(bridge(), progress, CancelToken())
+    assert routes["prompt"].call_count == 1 and routes["history"].call_count == 0
+    assert info.value.charged == "no"
+    assert json.loads(routes["queue"].calls.last.request.content) == {"delete": [progress.request_ids[0]]}
+
+
+@respx.mock
+async def test_malformed_prompt_answer(engine: ComfyUIEngine) -> None:
+    mock_server(prompt=[httpx.Response(200, text="<html>")])
+    with pytest.raises(EngineError, match="not JSON"):
+        await engine.run(bridge(), NullProgress(), CancelToken())
+
+
+@respx.mock
+async def test_node_errors_are_bad_input_naming_the_nodes(engine: ComfyUIEngine) -> None:
+    refused = httpx.Response(400, json={
+        "error": {"type": "prompt_outputs_failed_validation", "message": "Prompt outputs failed validation",
+                  "details": "", "extra_info": {}},
+        "node_errors": {"4": {"class_type": "CheckpointLoaderSimple", "dependent_outputs": ["9"], "errors": [
+            {"type": "value_not_in_list", "message": "Value not in list",
+             "details": "ckpt_name: 'sdxl.safetensors' not in []", "extra_info": {}}]}}})
+    routes = mock_server(prompt=[refused])
+    with pytest.raises(BadEngineInput) as info:
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    assert "node 4 (CheckpointLoaderSimple)" in info.value.message and "ckpt_name" in info.value.message
+    assert info.value.details["nodes"] == ["4"] and routes["prompt"].call_count == 1
+
+
+@respx.mock
+async def test_execution_error_in_history(engine: ComfyUIEngine) -> None:
+    routes = mock_server()
+    routes["history"].side_effect = lambda request: httpx.Response(200, json=history(
+        request.url.path.rsplit("/", 1)[1], images=[], status="error", messages=[
+            ["execution_start", {"prompt_id": "x"}],
+            ["execution_error", {"node_id": "3", "node_type": "KSampler", "exception_type": "torch.OutOfMemoryError",
+                                 "exception_message": "CUDA out of memory"}]]))
+    with pytest.raises(EngineError, match=r"node 3 \(KSampler\).*CUDA out of memory"):
+        await engine.run(bridge(), NullProgress(), CancelToken())
+
+
+@respx.mock
+async def test_no_output_images_is_a_failure(engine: ComfyUIEngine) -> None:
+    routes = mock_server()
+    routes["history"].side_effect = lambda request: httpx.Response(
+        200, json=history(request.url.path.rsplit("/", 1)[1], images=[]))
+    with pytest.raises(EngineError, match="SaveImage"):
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    assert routes["view"].call_count == 0
+
+
+@respx.mock
+async def test_cancel_during_polling_drops_and_interrupts(engine: ComfyUIEngine) -> None:
+    routes = mock_server()
+    token = CancelToken()
+
+    def pending(request: httpx.Request) -> httpx.Response:
+        token.cancel()
+        return httpx.Response(200, json={})
+
+    routes["history"].side_effect = pending
+    with pytest.raises(Canceled) as info:
+        await engine.run(bridge(), NullProgress(), token)
+    prompt_id = json.loads(routes["prompt"].calls.last.request.content)["prompt_id"]
+    assert info.value.charged == "no"
+    assert json.loads(routes["interrupt"].calls.last.request.content) == {"prompt_id": prompt_id}
+    assert json.loads(routes["queue"].calls.last.request.content) == {"delete": [prompt_id]}
+    assert routes["view"].call_count == 0
+
+
+@respx.mock
+async def test_cleanup_failure_still_cancels(engine: ComfyUIEngine) -> None:
+    routes = mock_server()
+    routes["interrupt"].side_effect = httpx.ConnectError("down")
+    routes["queue"].mock(return_value=httpx.Response(404))
+    token = CancelToken()
+
+    def pending(request: httpx.Request) -> httpx.Response:
+        token.cancel()
+        return httpx.Response(200, json={})
+
+    routes["history"].side_effect = pending
+    with pytest.raises(Canceled):
+        await engine.run(bridge(), NullProgress(), token)
+
+
+@respx.mock
+async def test_404_means_wrong_url(engine: ComfyUIEngine) -> None:
+    mock_server(upload=[httpx.Response(404, text="Not Found")])
+    with pytest.raises(EngineUnavailable, match="ORCH_COMFYUI_URL"):
+        await engine.run(bridge(), NullProgress(), CancelToken())
+
+
+async def test_bridge_without_draft_is_bad_input(engine: ComfyUIEngine) -> None:
+    with pytest.raises(BadEngineInput):
+        await engine.run(bridge(init_image=None), NullProgress(), CancelToken())
+
+
+def test_free_and_available(engine: ComfyUIEngine) -> None:
+    assert engine.availability() == (True, None)
+    assert engine.estimate(bridge(n=4)) == 0
+    assert engine.prices() == {"credits_per_image": 0}
+    assert engine.model == "comfyui:img2img"
+    assert engine.kind == "remote" and engine.capabilities.leaves_machine
+
+
+def test_unavailable_without_url(make_ctx: Any, tmp_path: Path) -> None:
+    available, reason = ComfyUIEngine(make_ctx(comfyui_workflow=write_workflow(tmp_path))).availability()
+    assert not available and reason and "ORCH_COMFYUI_URL" in reason
+
+
+def test_unavailable_without_workflow(make_ctx: Any) -> None:
+    available, reason = ComfyUIEngine(make_ctx(comfyui_url=BASE)).availability()
+    assert not available and reason and "ORCH_COMFYUI_WORKFLOW" in reason
+
+
+@pytest.mark.parametrize(("content", "why"), [
+    ("{not json", "not valid JSON"),
+    ({"nodes": [], "links": []}, "UI format"),
+    ([1, 2], "JSON object"),
+    ({"1": {"inputs": {}}}, "class_type"),
+    ({**WORKFLOW, "99": {"class_type": "X", "inputs": {"v": "{{promt}}"}}}, "{{promt}}"),
+    ({k: v for k, v in WORKFLOW.items() if k != "10"}, "{{image}}"),
+])
+def test_unavailable_with_bad_workflow(make_ctx: Any, tmp_path: Path, content: Any, why: str) -> None:
+    path = write_workflow(tmp_path, content, name="broken.json")
+    available, reason = ComfyUIEngine(make_ctx(comfyui_url=BASE, comfyui_workflow=path)).availability()
+    assert not available and reason and str(path) in reason and why in reason
+
+
+def test_unavailable_with_missing_workflow_file(make_ctx: Any, tmp_path: Path) -> None:
+    path = tmp_path / "missing.json"
+    available, reason = ComfyUIEngine(make_ctx(comfyui_url=BASE, comfyui_workflow=path)).availability()
+    assert not available and reason and str(path) in reason
+
+
+async def test_run_with_bad_workflow_is_unavailable(make_ctx: Any, tmp_path: Path) -> None:
+    path = write_workflow(tmp_path, "{", name="broken.json")
+    eng = ComfyUIEngine(make_ctx(comfyui_url=BASE, comfyui_workflow=path))
+    with pytest.raises(EngineUnavailable, match=r"broken\.json"):
+        await eng.run(bridge(), NullProgress(), CancelToken())

@@ -1,0 +1,308 @@
+from __future__ import annotations
+
+import base64
+import io
+import json
+from typing import Any
+
+import httpx
+import pytest
+import respx
+from PIL import Image
+
+from orchestrator.errors import (
+    BadEngineInput,
+    Canceled,
+    ContentFiltered,
+    EngineError,
+    EngineTimeout,
+    EngineUnavailable,
+    NoPrice,
+)
+from tests.tiers.conftest import draft_image, png_bytes
+from tiers.base import CancelToken, NullProgress, RenderRequest
+from tiers.fal import FalEngine
+
+BASE = "https://fal.test"
+SUBMIT = f"{BASE}/fal-ai/nano-banana-2/edit"
+# fal answers with URLs on its own layout (no /edit): the engine must use them as given.
+QUEUE = "https://queue.fal.test/fal-ai/nano-banana-2/requests/r-1"
+STATUS = f"{QUEUE}/status"
+RESPONSE = QUEUE
+CANCEL = f"{QUEUE}/cancel"
+OUTPUT = "https://v3.fal.media/files/out.png"
+
+
+def queued() -> dict[str, Any]:
+    return {"request_id": "r-1", "response_url": RESPONSE, "status_url": STATUS, "cancel_url": CANCEL,
+            "queue_position": 0}
+
+
+def status(state: str, **extra: Any) -> httpx.Response:
+    return httpx.Response(200 if state == "COMPLETED" else 202,
+                          json={"status": state, "request_id": "r-1", "response_url": RESPONSE, **extra})
+
+
+def done(urls: list[str] | None = None) -> httpx.Response:
+    images = [{"url": u, "content_type": "image/png"} for u in (urls or [OUTPUT])]
+    return httpx.Response(200, json={"images": images, "description": ""})
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.ids: list[str] = []
+        self.states: list[str] = []
+
+    def step(self, step: int, total: int, preview: Any = None) -> None:
+        pass
+
+    def state(self, state: str, **details: Any) -> None:
+        self.states.append(state)
+
+    def provider_request(self, request_id: str) -> None:
+        self.ids.append(request_id)
+
+
+@pytest.fixture
+def engine(make_ctx: Any, sleep: Any) -> FalEngine:
+    eng = FalEngine(make_ctx(fal_api_key="f-secret", fal_base_url=BASE))
+    eng.http.sleep = sleep
+    eng.poll_interval = 0
+    return eng
+
+
+@pytest.fixture
+def output() -> respx.Route:
+    return respx.get(OUTPUT).mock(return_value=httpx.Response(200, content=png_bytes()))
+
+
+def bridge(**kw: Any) -> RenderRequest:
+    values: dict[str, Any] = {"stage": "bridge", "prompt": "a lighthouse", "width": 1536, "height": 1024,
+                              "init_image": draft_image()}
+    values.update(kw)
+    return RenderRequest(**values)
+
+
+def happy_queue() -> tuple[respx.Route, respx.Route, respx.Route]:
+    submit = respx.post(SUBMIT).mock(return_value=httpx.Response(200, json=queued()))
+    poll = respx.get(STATUS).mock(return_value=status("COMPLETED"))
+    result = respx.get(RESPONSE).mock(return_value=done())
+    return submit, poll, result
+
+
+@respx.mock
+async def test_success_sends_draft_as_data_uri(engine: FalEngine, output: respx.Route) -> None:
+    submit, poll, result_route = happy_queue()
+    progress = Recorder()
+    result = await engine.run(bridge(), progress, CancelToken())
+
+    request = submit.calls.last.request
+    assert request.headers["authorization"] == "Key f-secret"
+    sent = json.loads(request.content)
+    assert sent["prompt"].endswith("a lighthouse")
+    assert sent["num_images"] == 1 and sent["output_format"] == "png" and sent["resolution"] == "2K"
+    prefix, _, data = sent["image_urls"][0].partition(",")
+    assert prefix == "data:image/png;base64"
+    assert Image.open(io.BytesIO(base64.b64decode(data))).getpixel((0, 0)) == (255, 0, 0)
+    assert poll.calls.last.request.url.params["logs"] == "1"
+    assert poll.calls.last.request.headers["authorization"] == "Key f-secret"
+    assert result_route.calls.last.request.headers["authorization"] == "Key f-secret"
+    # The key must not travel to the CDN that serves outputs.
+    assert "authorization" not in output.calls.last.request.headers
+    assert progress.ids == ["r-1"]
+    assert len(result.images) == 1 and result.images[0].image.size == (64, 64)
+    assert result.cost_millicredits is None and result.provider_request_id == "r-1"
+
+
+@respx.mock
+async def test_several_images_and_data_uri_output(engine: FalEngine, output: respx.Route) -> None:
+    respx.post(SUBMIT).mock(return_value=httpx.Response(200, json=queued()))
+    respx.get(STATUS).mock(return_value=status("COMPLETED"))
+    uri = "data:image/png;base64," + base64.b64encode(png_bytes()).decode()
+    respx.get(RESPONSE).mock(return_value=done([OUTPUT, uri]))
+    result = await engine.run(bridge(n=2), NullProgress(), CancelToken())
+    assert len(result.images) == 2
+
+
+@respx.mock
+async def test_429_with_retry_after_then_success(engine: FalEngine, sleep: Any, output: respx.Route) -> None:
+    submit, _, _ = happy_queue()
+    submit.mock(side_effect=[httpx.Response(429, headers={"Retry-After": "12"}),
+                             httpx.Response(200, json=queued())])
+    result = await engine.run(bridge(), NullProgress(), CancelToken())
+    assert submit.call_count == 2 and sleep.waits == [12.0]
+    assert len(result.images) == 1
+
+
+@respx.mock
+async def test_5xx_then_success(engine: FalEngine, output: respx.Route) -> None:
+    submit, _, _ = happy_queue()
+    submit.mock(side_effect=[httpx.Response(503), httpx.Response(200, json=queued())])
+    await engine.run(bridge(), NullProgress(), CancelToken())
+    assert submit.call_count == 2
+
+
+@respx.mock
+async def test_read_timeout_on_submit_is_not_resent(engine: FalEngine) -> None:
+    route = respx.post(SUBMIT).mock(side_effect=httpx.ReadTimeout("slow"))
+    with pytest.raises(EngineTimeout) as info:
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    assert route.call_count == 1 and info.value.charged == "unknown"
+
+
+@respx.mock
+async def test_read_timeout_on_poll_is_retried(engine: FalEngine, sleep: Any, output: respx.Route) -> None:
+    _, poll, _ = happy_queue()
+    poll.mock(side_effect=[httpx.ReadTimeout("slow"), status("COMPLETED")])
+    result = await engine.run(bridge(), NullProgress(), CancelToken())
+    assert poll.call_count == 2 and len(sleep.waits) == 1
+    assert len(result.images) == 1
+
+
+@respx.mock
+async def test_polls_through_several_states(engine: FalEngine, output: respx.Route) -> None:
+    _, poll, _ = happy_queue()
+    poll.mock(side_effect=[status("IN_QUEUE", queue_position=2), status("IN_QUEUE", queue_position=0),
+                           status("IN_PROGRESS", logs=[]), status("COMPLETED")])
+    progress = Recorder()
+    result = await engine.run(bridge(), progress, CancelToken())
+    assert poll.call_count == 4 and len(result.images) == 1
+    assert progress.states == ["submitted", "queued", "queued", "running"]
+
+
+@respx.mock
+@pytest.mark.parametrize("body", [{"request_id": "r-1"}, ["nope"]])
+async def test_malformed_submit_answer(engine: FalEngine, body: Any) -> None:
+    respx.post(SUBMIT).mock(return_value=httpx.Response(200, json=body))
+    with pytest.raises(EngineError) as info:
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    assert info.value.charged == "unknown"
+
+
+@respx.mock
+async def test_malformed_result(engine: FalEngine) -> None:
+    _, _, result = happy_queue()
+    result.mock(return_value=httpx.Response(200, text="<html>"))
+    with pytest.raises(EngineError) as info:
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    assert info.value.charged == "unknown"
+
+
+@respx.mock
+async def test_completed_without_images(engine: FalEngine) -> None:
+    _, _, result = happy_queue()
+    result.mock(return_value=httpx.Response(200, json={"images": []}))
+    with pytest.raises(EngineError, match="without an image"):
+        await engine.run(bridge(), NullProgress(), CancelToken())
+
+
+@respx.mock
+async def test_completed_with_content_policy_error(engine: FalEngine) -> None:
+    _, poll, result = happy_queue()
+    poll.mock(return_value=status("COMPLETED", error="Output was flagged",
+                                  error_type="content_policy_violation"))
+    with pytest.raises(ContentFiltered):
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    assert result.call_count == 0
+
+
+@respx.mock
+async def test_completed_with_other_error(engine: FalEngine) -> None:
+    _, poll, _ = happy_queue()
+    poll.mock(return_value=status("COMPLETED", error="worker crashed", error_type="internal_error"))
+    with pytest.raises(EngineError, match="worker crashed") as info:
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    assert not isinstance(info.value, ContentFiltered) and info.value.charged == "unknown"
+
+
+@respx.mock
+async def test_content_policy_on_result(engine: FalEngine) -> None:
+    _, _, result = happy_queue()
+    result.mock(return_value=httpx.Response(422, json={"detail": [
+        {"loc": ["body", "prompt"], "msg": "The content could not be processed",
+         "type": "content_policy_violation"}]}))
+    with pytest.raises(ContentFiltered):
+        await engine.run(bridge(), NullProgress(), CancelToken())
+
+
+@respx.mock
+async def test_401_fails_at_once_naming_the_setting(engine: FalEngine, caplog: Any) -> None:
+    route = respx.post(SUBMIT).mock(return_value=httpx.Response(401, json={"detail": "Invalid key"}))
+    with pytest.raises(EngineUnavailable) as info:
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    assert route.call_count == 1
+    assert "FAL_KEY" in info.value.message and "f-secret" not in info.value.message
+    assert "f-secret" not in caplog.text
+
+
+@respx.mock
+@pytest.mark.parametrize("status_code", [400, 422])
+async def test_validation_error_is_not_retried(engine: FalEngine, status_code: int) -> None:
+    route = respx.post(SUBMIT).mock(return_value=httpx.Response(status_code, json={"detail": [
+        {"loc": ["body", "resolution"], "msg": "unexpected value; permitted: '1K', '2K', '4K'",
+         "type": "value_error.const"}]}))
+    with pytest.raises(BadEngineInput, match="permitted") as info:
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    assert route.call_count == 1 and info.value.charged == "no"
+
+
+@respx.mock
+async def test_cancel_during_polling_cancels_the_request(engine: FalEngine) -> None:
+    token = CancelToken()
+    _, poll, result = happy_queue()
+
+    def in_progress(request: httpx.Request) -> httpx.Response:
+        token.cancel()
+        return status("IN_PROGRESS")
+
+    poll.mock(side_effect=in_progress)
+    cancel = respx.put(CANCEL).mock(
+        return_value=httpx.Response(202, json={"status": "CANCELLATION_REQUESTED"}))
+    with pytest.raises(Canceled) as info:
+        await engine.run(bridge(), NullProgress(), token)
+    assert cancel.call_count == 1 and info.value.charged == "unknown"
+    assert cancel.calls.last.request.headers["authorization"] == "Key f-secret"
+    assert result.call_count == 0
+
+
+@respx.mock
+async def test_deadline_during_polling_cancels_the_request(engine: FalEngine) -> None:
+    now = [0.0]
+    engine.http.clock = lambda: now[0]
+    _, poll, _ = happy_queue()
+
+    def in_queue(request: httpx.Request) -> httpx.Response:
+        now[0] += 100.0
+        return status("IN_QUEUE")
+
+    poll.mock(side_effect=in_queue)
+    cancel = respx.put(CANCEL).mock(return_value=httpx.Response(202))
+    with pytest.raises(EngineTimeout) as info:
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    assert cancel.call_count == 1 and info.value.charged == "unknown"
+
+
+async def test_cancel_before_send(engine: FalEngine) -> None:
+    token = CancelToken()
+    token.cancel()
+    with pytest.raises(Canceled):
+        await engine.run(bridge(), NullProgress(), token)
+
+
+def test_estimate_by_resolution_and_unknown_model(make_ctx: Any) -> None:
+    eng = FalEngine(make_ctx(fal_api_key="k"))
+    assert eng.estimate(bridge(width=1024, height=1024)) == 8000
+    assert eng.estimate(bridge(width=2048, height=1536)) == 12000
+    assert eng.estimate(bridge(width=4096, height=2048, n=2)) == 32000
+    assert FalEngine(make_ctx(fal_api_key="k", fal_model="fal-ai/nano-banana-2")).estimate(bridge()) == 12000
+    assert eng.prices()["credits_per_image"]["fal-ai/nano-banana-2/edit"]["0.5K"] == 6.0
+    unknown = FalEngine(make_ctx(fal_api_key="k", fal_model="fal-ai/other"))
+    with pytest.raises(NoPrice):
+        unknown.estimate(bridge())
+
+
+def test_unavailable_without_key(make_ctx: Any, monkeypatch: Any) -> None:
+    monkeypatch.delenv("FAL_KEY", raising=False)
+    monkeypatch.delenv("ORCH_FAL_API_KEY", raising=False)
+    available, reason = FalEngine(make_ctx()).availability()
+    assert not available and reason and "FAL_KEY" in reason

@@ -1,0 +1,250 @@
+from __future__ import annotations
+
+import base64
+import email
+import email.policy
+import io
+from typing import Any
+
+import httpx
+import pytest
+import respx
+from PIL import Image
+
+from orchestrator.errors import (
+    BadEngineInput,
+    Canceled,
+    ContentFiltered,
+    EngineError,
+    EngineTimeout,
+    EngineUnavailable,
+    NoPrice,
+)
+from tests.tiers.conftest import draft_image, png_bytes
+from tiers.base import CancelToken, NullProgress, RenderRequest
+from tiers.openai_images import OpenAIImagesEngine, factory
+
+BASE = "https://openai.test"
+URL = f"{BASE}/v1/images/edits"
+
+
+def multipart(request: httpx.Request) -> tuple[dict[str, str], dict[str, bytes]]:
+    """The text fields and the files of a multipart request, parsed independently of httpx."""
+    raw = f"Content-Type: {request.headers['content-type']}\r\n\r\n".encode() + request.read()
+    message = email.message_from_bytes(raw, policy=email.policy.HTTP)
+    fields: dict[str, str] = {}
+    files: dict[str, bytes] = {}
+    for part in message.iter_parts():
+        name = str(part.get_param("name", header="content-disposition"))
+        payload = part.get_payload(decode=True)
+        assert isinstance(payload, bytes)
+        if part.get_filename():
+            files[name] = payload
+        else:
+            fields[name] = payload.decode()
+    return fields, files
+
+
+def ok_body(count: int = 1, usage: bool = True) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "created": 1713833628,
+        "data": [{"b64_json": base64.b64encode(png_bytes()).decode()} for _ in range(count)],
+        "output_format": "png", "quality": "high", "size": "1024x1024",
+    }
+    if usage:
+        body["usage"] = {"input_tokens": 50, "input_tokens_details": {"image_tokens": 40, "text_tokens": 10},
+                         "output_tokens": 4160, "total_tokens": 4210}
+    return body
+
+
+def ok(count: int = 1, usage: bool = True) -> httpx.Response:
+    return httpx.Response(200, json=ok_body(count, usage), headers={"x-request-id": "req_123"})
+
+
+class RecordingProgress:
+    def __init__(self) -> None:
+        self.states: list[str] = []
+        self.request_ids: list[str] = []
+
+    def step(self, step: int, total: int, preview: Any = None) -> None:
+        pass
+
+    def state(self, state: str, **details: Any) -> None:
+        self.states.append(state)
+
+    def provider_request(self, request_id: str) -> None:
+        self.request_ids.append(request_id)
+
+
+@pytest.fixture
+def engine(make_ctx: Any, sleep: Any) -> OpenAIImagesEngine:
+    eng = OpenAIImagesEngine(make_ctx(openai_api_key="sk-secret", openai_base_url=BASE))
+    eng.http.sleep = sleep
+    return eng
+
+
+def bridge(**kw: Any) -> RenderRequest:
+    values: dict[str, Any] = {"stage": "bridge", "prompt": "a lighthouse", "width": 1024, "height": 1024,
+                              "init_image": draft_image()}
+    values.update(kw)
+    return RenderRequest(**values)
+
+
+def assert_carries_draft(request: httpx.Request) -> dict[str, str]:
+    fields, files = multipart(request)
+    pixels = Image.open(io.BytesIO(files["image"]))
+    assert pixels.format == "PNG" and pixels.size == (64, 64)
+    assert pixels.convert("RGB").getpixel((0, 0)) == (255, 0, 0)
+    assert pixels.convert("RGB").getpixel((1, 1)) == (10, 120, 200)
+    return fields
+
+
+@respx.mock
+async def test_success_sends_draft_as_multipart_and_costs_from_usage(engine: OpenAIImagesEngine) -> None:
+    route = respx.post(URL).mock(return_value=ok())
+    progress = RecordingProgress()
+    result = await engine.run(bridge(width=1600, height=1000, quality="medium"), progress, CancelToken())
+
+    request = route.calls.last.request
+    assert request.headers["authorization"] == "Bearer sk-secret"
+    fields = assert_carries_draft(request)
+    assert fields["model"] == "gpt-image-1.5"
+    assert fields["size"] == "1536x1024"
+    assert fields["quality"] == "medium"
+    assert fields["n"] == "1"
+    assert fields["output_format"] == "png" and fields["input_fidelity"] == "high"
+    assert "a lighthouse" in fields["prompt"]
+    assert len(result.images) == 1 and result.images[0].image.size == (64, 64)
+    # 4160 x 4 mc + 40 x 1 mc + 10 x 0.5 mc
+    assert result.cost_millicredits == 16685
+    assert result.provider_request_id == "req_123" and progress.request_ids == ["req_123"]
+    assert result.metadata == {"size": "1536x1024", "quality": "medium"}
+
+
+@respx.mock
+async def test_several_images_in_one_call_and_unknown_quality_means_high(engine: OpenAIImagesEngine) -> None:
+    route = respx.post(URL).mock(return_value=ok(count=3, usage=False))
+    result = await engine.run(bridge(n=3, width=600, height=1000, quality="auto"), NullProgress(),
+                              CancelToken())
+    fields, _ = multipart(route.calls.last.request)
+    assert route.call_count == 1
+    assert fields["n"] == "3" and fields["quality"] == "high" and fields["size"] == "1024x1536"
+    assert len(result.images) == 3
+    assert result.cost_millicredits is None
+
+
+@respx.mock
+async def test_429_with_retry_after_then_success(engine: OpenAIImagesEngine, sleep: Any) -> None:
+    throttled = httpx.Response(429, json={"error": {"message": "slow down", "code": "rate_limit_exceeded"}},
+                               headers={"retry-after": "7"})
+    route = respx.post(URL).mock(side_effect=[throttled, ok()])
+    result = await engine.run(bridge(), NullProgress(), CancelToken())
+    assert route.call_count == 2 and sleep.waits == [7.0]
+    # The retry uploads the whole draft again.
+    assert_carries_draft(route.calls.last.request)
+    assert len(result.images) == 1
+
+
+@respx.mock
+async def test_5xx_then_success(engine: OpenAIImagesEngine) -> None:
+    route = respx.post(URL).mock(side_effect=[httpx.Response(502), ok()])
+    await engine.run(bridge(), NullProgress(), CancelToken())
+    assert route.call_count == 2
+
+
+@respx.mock
+async def test_read_timeout_is_not_resent(engine: OpenAIImagesEngine) -> None:
+    route = respx.post(URL).mock(side_effect=httpx.ReadTimeout("slow"))
+    with pytest.raises(EngineTimeout) as info:
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    assert route.call_count == 1 and info.value.charged == "unknown"
+
+
+@respx.mock
+@pytest.mark.parametrize("response", [
+    httpx.Response(200, text="<html>"),
+    httpx.Response(200, json={"data": []}),
+    httpx.Response(200, json={"data": [{"url": "https://x"}]}),
+    httpx.Response(200, json={"data": [{"b64_json": base64.b64encode(b"not a png").decode()}]}),
+])
+async def test_malformed_body(engine: OpenAIImagesEngine, response: httpx.Response) -> None:
+    respx.post(URL).mock(return_value=response)
+    with pytest.raises(EngineError):
+        await engine.run(bridge(), NullProgress(), CancelToken())
+
+
+@respx.mock
+async def test_moderation_blocked_is_content_filtered(engine: OpenAIImagesEngine) -> None:
+    route = respx.post(URL).mock(return_value=httpx.Response(400, json={"error": {
+        "message": "Your request was rejected by the safety system.", "type": "image_generation_user_error",
+        "param": None, "code": "moderation_blocked"}}, headers={"x-request-id": "req_mod"}))
+    with pytest.raises(ContentFiltered) as info:
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    assert route.call_count == 1
+    assert info.value.details["request_id"] == "req_mod"
+
+
+@respx.mock
+async def test_401_fails_at_once_naming_the_setting(engine: OpenAIImagesEngine, caplog: Any) -> None:
+    route = respx.post(URL).mock(return_value=httpx.Response(
+        401, json={"error": {"message": "Incorrect API key provided: sk-secret", "code": "invalid_api_key"}}))
+    with pytest.raises(EngineUnavailable) as info:
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    assert route.call_count == 1
+    assert "OPENAI_API_KEY" in info.value.message and "sk-secret" not in info.value.message
+    assert "sk-secret" not in caplog.text
+
+
+@respx.mock
+async def test_bad_request_is_not_retried(engine: OpenAIImagesEngine) -> None:
+    route = respx.post(URL).mock(return_value=httpx.Response(
+        400, json={"error": {"message": "Invalid size", "code": "invalid_value"}}))
+    with pytest.raises(BadEngineInput, match="Invalid size"):
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    assert route.call_count == 1
+
+
+@respx.mock
+async def test_cancel_before_send(engine: OpenAIImagesEngine) -> None:
+    route = respx.post(URL).mock(return_value=ok())
+    token = CancelToken()
+    token.cancel()
+    with pytest.raises(Canceled):
+        await engine.run(bridge(), NullProgress(), token)
+    assert route.call_count == 0
+
+
+async def test_without_draft_is_refused(engine: OpenAIImagesEngine) -> None:
+    with pytest.raises(BadEngineInput):
+        await engine.run(bridge(init_image=None), NullProgress(), CancelToken())
+
+
+def test_estimate_by_quality_and_size_and_unknown_model(make_ctx: Any) -> None:
+    eng = OpenAIImagesEngine(make_ctx(openai_api_key="k"))
+    # 16.7 credits per image + (4500 image tokens x 1 mc + (3 + 64) text tokens x 0.5 mc) per call
+    assert eng.estimate(bridge()) == 16700 + 4534
+    low, medium, high = (eng.estimate(bridge(quality=q)) for q in ("low", "medium", "high"))
+    assert low < medium < high
+    assert eng.estimate(bridge(width=1536, height=1024)) > eng.estimate(bridge())
+    assert eng.estimate(bridge(n=2)) == 2 * 16700 + 4534
+    mini = OpenAIImagesEngine(make_ctx(openai_api_key="k", openai_model="gpt-image-1-mini"))
+    assert mini.estimate(bridge()) == 3600
+    with pytest.raises(NoPrice):
+        mini.estimate(bridge(width=1536, height=1024))
+    unknown = OpenAIImagesEngine(make_ctx(openai_api_key="k", openai_model="gpt-image-9"))
+    with pytest.raises(NoPrice):
+        unknown.estimate(bridge())
+
+
+def test_price_overrides_apply(make_ctx: Any) -> None:
+    ctx = make_ctx(openai_api_key="k", openai_model="gpt-image-9")
+    ctx.price_overrides = {"openai": {"gpt-image-9": {"high-1024x1024": 10}}}
+    assert factory(ctx).estimate(bridge()) == 10000
+    assert factory(ctx).prices()["credits_per_image"]["gpt-image-9"] == {"high-1024x1024": 10.0}
+
+
+def test_unavailable_without_key(make_ctx: Any, monkeypatch: Any) -> None:
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("ORCH_OPENAI_API_KEY", raising=False)
+    available, reason = OpenAIImagesEngine(make_ctx()).availability()
+    assert not available and reason and "OPENAI_API_KEY" in reason

@@ -1,0 +1,292 @@
+from __future__ import annotations
+
+import base64
+import io
+import json
+from typing import Any
+
+import httpx
+import pytest
+import respx
+from PIL import Image
+
+from orchestrator.errors import (
+    BadEngineInput,
+    Canceled,
+    ContentFiltered,
+    EngineError,
+    EngineTimeout,
+    EngineUnavailable,
+    NoPrice,
+)
+from tests.tiers.conftest import draft_image, png_bytes
+from tiers.base import CancelToken, NullProgress, RenderRequest
+from tiers.replicate import ReplicateEngine
+
+BASE = "https://replicate.test"
+CREATE = f"{BASE}/v1/models/google/nano-banana-2/predictions"
+POLL = f"{BASE}/v1/predictions/p-1"
+CANCEL = f"{BASE}/v1/predictions/p-1/cancel"
+OUTPUT = "https://cdn.replicate.test/p-1/out.png"
+
+
+def prediction(status: str = "succeeded", output: Any = OUTPUT, error: str | None = None) -> dict[str, Any]:
+    return {"id": "p-1", "status": status, "output": output if status == "succeeded" else None,
+            "error": error, "urls": {"get": POLL, "cancel": CANCEL}, "metrics": {"predict_time": 2.5}}
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.ids: list[str] = []
+        self.states: list[str] = []
+
+    def step(self, step: int, total: int, preview: Any = None) -> None:
+        pass
+
+    def state(self, state: str, **details: Any) -> None:
+        self.states.append(state)
+
+    def provider_request(self, request_id: str) -> None:
+        self.ids.append(request_id)
+
+
+@pytest.fixture
+def engine(make_ctx: Any, sleep: Any) -> ReplicateEngine:
+    eng = ReplicateEngine(make_ctx(replicate_api_key="r-secret", replicate_base_url=BASE))
+    eng.http.sleep = sleep
+    eng.poll_interval = 0
+    return eng
+
+
+@pytest.fixture
+def output() -> respx.Route:
+    return respx.get(OUTPUT).mock(return_value=httpx.Response(200, content=png_bytes()))
+
+
+def bridge(**kw: Any) -> RenderRequest:
+    values: dict[str, Any] = {"stage": "bridge", "prompt": "a lighthouse", "width": 1024, "height": 1024,
+                              "init_image": draft_image()}
+    values.update(kw)
+    return RenderRequest(**values)
+
+
+@respx.mock
+async def test_success_sends_draft_as_data_uri(engine: ReplicateEngine, output: respx.Route) -> None:
+    route = respx.post(CREATE).mock(return_value=httpx.Response(201, json=prediction()))
+    progress = Recorder()
+    result = await engine.run(bridge(), progress, CancelToken())
+
+    request = route.calls.last.request
+    assert request.headers["authorization"] == "Bearer r-secret"
+    assert request.headers["prefer"] == "wait=60"
+    sent = json.loads(request.content)["input"]
+    assert sent["prompt"].endswith("a lighthouse")
+    assert sent["aspect_ratio"] == "match_input_image" and sent["output_format"] == "png"
+    prefix, _, data = sent["image_input"][0].partition(",")
+    assert prefix == "data:image/png;base64"
+    assert Image.open(io.BytesIO(base64.b64decode(data))).getpixel((0, 0)) == (255, 0, 0)
+    # The key must not travel to the CDN that serves outputs.
+    assert "authorization" not in output.calls.last.request.headers
+    assert progress.ids == ["p-1"]
+    assert len(result.images) == 1 and result.images[0].image.size == (64, 64)
+    assert result.cost_millicredits is None and result.provider_request_id == "p-1"
+    assert result.metadata["predict_time"] == 2.5
+
+
+@respx.mock
+async def test_output_list_and_data_uri(engine: ReplicateEngine) -> None:
+    uri = "data:image/png;base64," + base64.b64encode(png_bytes()).decode()
+    respx.post(CREATE).mock(return_value=httpx.Response(201, json=prediction(output=[uri])))
+    result = await engine.run(bridge(), NullProgress(), CancelToken())
+    assert len(result.images) == 1
+
+
+@respx.mock
+async def test_429_with_retry_after_then_success(
+    engine: ReplicateEngine, sleep: Any, output: respx.Route
+) -> None:
+    throttled = httpx.Response(429, headers={"Retry-After": "30"},
+                               json={"detail": "Request was throttled. Your rate limit resets in ~30s."})
+    route = respx.post(CREATE).mock(side_effect=[throttled, httpx.Response(201, json=prediction())])
+    result = await engine.run(bridge(), NullProgress(), CancelToken())
+    assert route.call_count == 2 and sleep.waits == [30.0]
+    assert len(result.images) == 1
+
+
+@respx.mock
+async def test_5xx_then_success(engine: ReplicateEngine, output: respx.Route) -> None:
+    route = respx.post(CREATE).mock(side_effect=[httpx.Response(502), httpx.Response(201, json=prediction())])
+    await engine.run(bridge(), NullProgress(), CancelToken())
+    assert route.call_count == 2
+
+
+@respx.mock
+async def test_read_timeout_on_create_is_not_resent(engine: ReplicateEngine) -> None:
+    route = respx.post(CREATE).mock(side_effect=httpx.ReadTimeout("slow"))
+    with pytest.raises(EngineTimeout) as info:
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    assert route.call_count == 1 and info.value.charged == "unknown"
+
+
+@respx.mock
+async def test_read_timeout_on_poll_is_retried(
+    engine: ReplicateEngine, sleep: Any, output: respx.Route
+) -> None:
+    respx.post(CREATE).mock(return_value=httpx.Response(201, json=prediction("starting")))
+    poll = respx.get(POLL).mock(side_effect=[httpx.ReadTimeout("slow"),
+                                             httpx.Response(200, json=prediction())])
+    result = await engine.run(bridge(), NullProgress(), CancelToken())
+    assert poll.call_count == 2 and len(sleep.waits) == 1
+    assert len(result.images) == 1
+
+
+@respx.mock
+async def test_polls_through_several_states(engine: ReplicateEngine, output: respx.Route) -> None:
+    respx.post(CREATE).mock(return_value=httpx.Response(201, json=prediction("starting")))
+    poll = respx.get(POLL).mock(side_effect=[
+        httpx.Response(200, json=prediction("starting")),
+        httpx.Response(200, json=prediction("processing")),
+        httpx.Response(200, json=prediction("processing")),
+        httpx.Response(200, json=prediction()),
+    ])
+    progress = Recorder()
+    result = await engine.run(bridge(), progress, CancelToken())
+    assert poll.call_count == 4 and len(result.images) == 1
+    assert poll.calls.last.request.headers["authorization"] == "Bearer r-secret"
+    assert progress.ids == ["p-1"]
+    assert "processing" in progress.states
+
+
+@respx.mock
+@pytest.mark.parametrize("body", [
+    {"id": "p-1"},
+    ["not", "a", "prediction"],
+])
+async def test_malformed_body(engine: ReplicateEngine, body: Any) -> None:
+    respx.post(CREATE).mock(return_value=httpx.Response(201, json=body))
+    with pytest.raises(EngineError) as info:
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    assert info.value.charged == "unknown"
+
+
+@respx.mock
+async def test_not_json(engine: ReplicateEngine) -> None:
+    respx.post(CREATE).mock(return_value=httpx.Response(201, text="<html>"))
+    with pytest.raises(EngineError):
+        await engine.run(bridge(), NullProgress(), CancelToken())
+
+
+@respx.mock
+async def test_succeeded_without_output(engine: ReplicateEngine) -> None:
+    respx.post(CREATE).mock(return_value=httpx.Response(201, json=prediction(output=None)))
+    with pytest.raises(EngineError, match="without an image") as info:
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    assert info.value.charged == "yes"
+
+
+@respx.mock
+async def test_content_filtered(engine: ReplicateEngine) -> None:
+    respx.post(CREATE).mock(return_value=httpx.Response(201, json=prediction("processing")))
+    respx.get(POLL).mock(return_value=httpx.Response(200, json=prediction(
+        "failed", error="The input or output was flagged as sensitive. Please try again. (E005)")))
+    with pytest.raises(ContentFiltered):
+        await engine.run(bridge(), NullProgress(), CancelToken())
+
+
+@respx.mock
+async def test_failed_prediction(engine: ReplicateEngine) -> None:
+    failed = prediction("failed", error="CUDA out of memory")
+    respx.post(CREATE).mock(return_value=httpx.Response(201, json=failed))
+    with pytest.raises(EngineError, match="CUDA out of memory") as info:
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    assert not isinstance(info.value, ContentFiltered)
+    assert info.value.charged == "unknown"
+
+
+@respx.mock
+async def test_aborted_is_not_charged(engine: ReplicateEngine) -> None:
+    respx.post(CREATE).mock(return_value=httpx.Response(201, json=prediction("aborted")))
+    with pytest.raises(Canceled) as info:
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    assert info.value.charged == "no"
+
+
+@respx.mock
+async def test_401_fails_at_once_naming_the_setting(engine: ReplicateEngine, caplog: Any) -> None:
+    route = respx.post(CREATE).mock(return_value=httpx.Response(
+        401, json={"title": "Unauthenticated", "detail": "You did not pass a valid authentication token",
+                   "status": 401}))
+    with pytest.raises(EngineUnavailable) as info:
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    assert route.call_count == 1
+    assert "REPLICATE_API_TOKEN" in info.value.message and "r-secret" not in info.value.message
+    assert "r-secret" not in caplog.text
+
+
+@respx.mock
+@pytest.mark.parametrize("status", [400, 422])
+async def test_bad_request_is_not_retried(engine: ReplicateEngine, status: int) -> None:
+    route = respx.post(CREATE).mock(return_value=httpx.Response(
+        status, json={"title": "Input validation failed", "detail": "- input.prompt: Invalid type",
+                      "status": status}))
+    with pytest.raises(BadEngineInput, match="Invalid type"):
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    assert route.call_count == 1
+
+
+@respx.mock
+async def test_cancel_during_polling_cancels_the_prediction(engine: ReplicateEngine) -> None:
+    token = CancelToken()
+    respx.post(CREATE).mock(return_value=httpx.Response(201, json=prediction("starting")))
+
+    def poll(request: httpx.Request) -> httpx.Response:
+        token.cancel()
+        return httpx.Response(200, json=prediction("processing"))
+
+    respx.get(POLL).mock(side_effect=poll)
+    cancel = respx.post(CANCEL).mock(return_value=httpx.Response(200, json=prediction("canceled")))
+    with pytest.raises(Canceled) as info:
+        await engine.run(bridge(), NullProgress(), token)
+    assert cancel.call_count == 1 and info.value.charged == "unknown"
+    assert cancel.calls.last.request.headers["authorization"] == "Bearer r-secret"
+
+
+@respx.mock
+async def test_deadline_during_polling_cancels_the_prediction(engine: ReplicateEngine) -> None:
+    now = [0.0]
+    engine.http.clock = lambda: now[0]
+    respx.post(CREATE).mock(return_value=httpx.Response(201, json=prediction("starting")))
+
+    def poll(request: httpx.Request) -> httpx.Response:
+        now[0] += 100.0
+        return httpx.Response(200, json=prediction("processing"))
+
+    respx.get(POLL).mock(side_effect=poll)
+    cancel = respx.post(CANCEL).mock(return_value=httpx.Response(200, json=prediction("canceled")))
+    with pytest.raises(EngineTimeout) as info:
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    assert cancel.call_count == 1 and info.value.charged == "unknown"
+
+
+async def test_cancel_before_send(engine: ReplicateEngine) -> None:
+    token = CancelToken()
+    token.cancel()
+    with pytest.raises(Canceled):
+        await engine.run(bridge(), NullProgress(), token)
+
+
+def test_estimate_per_image_and_unknown_model(make_ctx: Any) -> None:
+    eng = ReplicateEngine(make_ctx(replicate_api_key="k"))
+    assert eng.estimate(bridge()) == 8000 and eng.estimate(bridge(n=2)) == 16000
+    flux = ReplicateEngine(make_ctx(replicate_api_key="k", replicate_model="black-forest-labs/flux-1.1-pro"))
+    assert flux.estimate(bridge()) == 4000
+    unknown = ReplicateEngine(make_ctx(replicate_api_key="k", replicate_model="someone/else"))
+    with pytest.raises(NoPrice):
+        unknown.estimate(bridge())
+
+
+def test_unavailable_without_key(make_ctx: Any, monkeypatch: Any) -> None:
+    monkeypatch.delenv("REPLICATE_API_TOKEN", raising=False)
+    monkeypatch.delenv("ORCH_REPLICATE_API_KEY", raising=False)
+    available, reason = ReplicateEngine(make_ctx()).availability()
+    assert not available and reason and "REPLICATE_API_TOKEN" in reason

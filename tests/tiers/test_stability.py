@@ -1,0 +1,369 @@
+from __future__ import annotations
+
+import asyncio
+import base64
+import email
+import email.policy
+import io
+from typing import Any
+
+import httpx
+import pytest
+import respx
+from PIL import Image
+
+from orchestrator.errors import (
+    BadEngineInput,
+    Canceled,
+    ContentFiltered,
+    EngineError,
+    EngineTimeout,
+    EngineUnavailable,
+    NoPrice,
+)
+from tests.tiers.conftest import draft_image, png_bytes
+from tiers.base import CancelToken, NullProgress, RenderRequest
+from tiers.stability import StabilityEngine, operation
+
+BASE = "https://stability.test"
+SD3 = f"{BASE}/v2beta/stable-image/generate/sd3"
+ULTRA = f"{BASE}/v2beta/stable-image/generate/ultra"
+CONSERVATIVE = f"{BASE}/v2beta/stable-image/upscale/conservative"
+CREATIVE = f"{BASE}/v2beta/stable-image/upscale/creative"
+RESULT = f"{BASE}/v2beta/results/job-42"
+
+
+def multipart(request: httpx.Request) -> tuple[dict[str, str], dict[str, bytes]]:
+    """The text fields and the files of a multipart request, parsed independently of httpx."""
+    raw = f"Content-Type: {request.headers['content-type']}\r\n\r\n".encode() + request.read()
+    message = email.message_from_bytes(raw, policy=email.policy.HTTP)
+    fields: dict[str, str] = {}
+    files: dict[str, bytes] = {}
+    for part in message.iter_parts():
+        name = str(part.get_param("name", header="content-disposition"))
+        payload = part.get_payload(decode=True)
+        assert isinstance(payload, bytes)
+        if part.get_filename():
+            files[name] = payload
+        else:
+            fields[name] = payload.decode()
+    return fields, files
+
+
+def ok(seed: int = 343940597, reason: str = "SUCCESS",
+       headers: dict[str, str] | None = None) -> httpx.Response:
+    body = {"image": base64.b64encode(png_bytes()).decode(), "finish_reason": reason, "seed": seed}
+    return httpx.Response(200, json=body, headers={"x-request-id": "stab-req-1", **(headers or {})})
+
+
+class RecordingProgress:
+    def __init__(self) -> None:
+        self.states: list[str] = []
+        self.request_ids: list[str] = []
+
+    def step(self, step: int, total: int, preview: Any = None) -> None:
+        pass
+
+    def state(self, state: str, **details: Any) -> None:
+        self.states.append(state)
+
+    def provider_request(self, request_id: str) -> None:
+        self.request_ids.append(request_id)
+
+
+@pytest.fixture
+def make_engine(make_ctx: Any, sleep: Any) -> Any:
+    def make(**settings: Any) -> StabilityEngine:
+        ctx = make_ctx(stability_api_key="sk-stab-secret", stability_base_url=BASE, **settings)
+        eng = StabilityEngine(ctx)
+        eng.http.sleep = sleep
+        eng.poll_interval = 0
+        return eng
+
+    return make
+
+
+@pytest.fixture
+def engine(make_engine: Any) -> StabilityEngine:
+    engine: StabilityEngine = make_engine()
+    return engine
+
+
+def bridge(**kw: Any) -> RenderRequest:
+    values: dict[str, Any] = {"stage": "bridge", "prompt": "a lighthouse", "width": 1024, "height": 1024,
+                              "init_image": draft_image(), "strength": 0.6}
+    values.update(kw)
+    return RenderRequest(**values)
+
+
+def polish(**kw: Any) -> RenderRequest:
+    values: dict[str, Any] = {"stage": "polish", "scale": 2.0, "creativity": 0.3}
+    values.update(kw)
+    return bridge(**values)
+
+
+def assert_carries_draft(request: httpx.Request) -> dict[str, str]:
+    assert request.headers["authorization"] == "Bearer sk-stab-secret"
+    assert request.headers["accept"] == "application/json"
+    fields, files = multipart(request)
+    pixels = Image.open(io.BytesIO(files["image"]))
+    assert pixels.format == "PNG" and pixels.size == (64, 64)
+    assert pixels.convert("RGB").getpixel((0, 0)) == (255, 0, 0)
+    assert pixels.convert("RGB").getpixel((1, 1)) == (10, 120, 200)
+    return fields
+
+
+# --- bridge -------------------------------------------------------------------------------------
+
+
+@respx.mock
+async def test_bridge_sends_draft_to_sd3(engine: StabilityEngine) -> None:
+    route = respx.post(SD3).mock(return_value=ok())
+    progress = RecordingProgress()
+    req = bridge(negative_prompt="fog", seed=7, guidance_scale=4.5)
+    result = await engine.run(req, progress, CancelToken())
+
+    fields = assert_carries_draft(route.calls.last.request)
+    assert fields == {"prompt": "a lighthouse", "output_format": "png", "negative_prompt": "fog", "seed": "7",
+                      "strength": "0.6", "mode": "image-to-image", "model": "sd3.5-large", "cfg_scale": "4.5"}
+    assert len(result.images) == 1 and result.images[0].image.size == (64, 64)
+    assert result.images[0].seed == 343940597
+    assert result.model == "sd3.5-large" and result.cost_millicredits is None
+    assert result.provider_request_id == "stab-req-1" and progress.request_ids == ["stab-req-1"]
+
+
+@respx.mock
+async def test_ultra_uses_its_endpoint_with_strength(make_engine: Any) -> None:
+    route = respx.post(ULTRA).mock(return_value=ok())
+    eng: StabilityEngine = make_engine(stability_model="ultra")
+    result = await eng.run(bridge(n=2, seed=10), NullProgress(), CancelToken())
+    assert route.call_count == 2
+    first = assert_carries_draft(route.calls[0].request)
+    second, _ = multipart(route.calls[1].request)
+    assert first == {"prompt": "a lighthouse", "output_format": "png", "seed": "10", "strength": "0.6"}
+    assert second["seed"] == "11"
+    assert len(result.images) == 2 and result.model == "ultra"
+
+
+@respx.mock
+async def test_polish_without_scale_is_a_same_size_refine(engine: StabilityEngine) -> None:
+    route = respx.post(SD3).mock(return_value=ok())
+    await engine.run(polish(scale=None, creativity=0.9), NullProgress(), CancelToken())
+    assert route.call_count == 1
+
+
+@respx.mock
+async def test_429_with_retry_after_then_success(engine: StabilityEngine, sleep: Any) -> None:
+    throttled = httpx.Response(429, json={"id": "x", "name": "rate_limit_exceeded", "errors": ["slow down"]},
+                               headers={"retry-after": "12"})
+    route = respx.post(SD3).mock(side_effect=[throttled, ok()])
+    result = await engine.run(bridge(), NullProgress(), CancelToken())
+    assert route.call_count == 2 and sleep.waits == [12.0]
+    assert_carries_draft(route.calls.last.request)
+    assert len(result.images) == 1
+
+
+@respx.mock
+async def test_5xx_then_success(engine: StabilityEngine) -> None:
+    route = respx.post(SD3).mock(side_effect=[httpx.Response(500, json={"name": "internal_error"}), ok()])
+    await engine.run(bridge(), NullProgress(), CancelToken())
+    assert route.call_count == 2
+
+
+@respx.mock
+async def test_read_timeout_is_not_resent(engine: StabilityEngine) -> None:
+    route = respx.post(SD3).mock(side_effect=httpx.ReadTimeout("slow"))
+    with pytest.raises(EngineTimeout) as info:
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    assert route.call_count == 1 and info.value.charged == "unknown"
+
+
+@respx.mock
+@pytest.mark.parametrize("response", [
+    httpx.Response(200, text="<html>"),
+    httpx.Response(200, json={"finish_reason": "SUCCESS"}),
+    httpx.Response(200, json=["image"]),
+    httpx.Response(200, json={"image": base64.b64encode(b"not a png").decode(), "finish_reason": "SUCCESS"}),
+])
+async def test_malformed_body(engine: StabilityEngine, response: httpx.Response) -> None:
+    respx.post(SD3).mock(return_value=response)
+    with pytest.raises(EngineError):
+        await engine.run(bridge(), NullProgress(), CancelToken())
+
+
+@respx.mock
+@pytest.mark.parametrize("response", [
+    ok(reason="CONTENT_FILTERED"),
+    ok(headers={"finish-reason": "CONTENT_FILTERED"}),
+    httpx.Response(400, json={"id": "x", "name": "content_moderation", "errors": ["flagged"]}),
+    httpx.Response(403, json={"id": "x", "name": "content_moderation", "errors": ["flagged"]}),
+])
+async def test_content_filtered(engine: StabilityEngine, response: httpx.Response) -> None:
+    route = respx.post(SD3).mock(return_value=response)
+    with pytest.raises(ContentFiltered):
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    assert route.call_count == 1
+
+
+@respx.mock
+async def test_401_fails_at_once_naming_the_setting(engine: StabilityEngine, caplog: Any) -> None:
+    route = respx.post(SD3).mock(return_value=httpx.Response(
+        401, json={"id": "x", "name": "unauthorized", "errors": ["bad key sk-stab-secret"]}))
+    with pytest.raises(EngineUnavailable) as info:
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    assert route.call_count == 1
+    assert "STABILITY_API_KEY" in info.value.message and "sk-stab-secret" not in info.value.message
+    assert "sk-stab-secret" not in caplog.text
+
+
+@respx.mock
+async def test_bad_request_is_not_retried(engine: StabilityEngine) -> None:
+    route = respx.post(SD3).mock(return_value=httpx.Response(
+        400, json={"id": "x", "name": "bad_request", "errors": ["strength: must be between 0 and 1"]}))
+    with pytest.raises(BadEngineInput, match="strength"):
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    assert route.call_count == 1
+
+
+@respx.mock
+async def test_cancel_before_send(engine: StabilityEngine) -> None:
+    route = respx.post(SD3).mock(return_value=ok())
+    token = CancelToken()
+    token.cancel()
+    with pytest.raises(Canceled):
+        await engine.run(bridge(), NullProgress(), token)
+    assert route.call_count == 0
+
+
+# --- polish: upscales ---------------------------------------------------------------------------
+
+
+def test_operation_rule() -> None:
+    assert operation(bridge(creativity=0.9, scale=2)) == "generate"
+    assert operation(polish(scale=None)) == "generate"
+    assert operation(polish(creativity=0.35)) == "upscale-conservative"
+    assert operation(polish(creativity=0.36)) == "upscale-creative"
+
+
+@respx.mock
+@pytest.mark.parametrize(("creativity", "sent"), [(0.05, "0.2"), (0.3, "0.3")])
+async def test_conservative_upscale_clamps_creativity(engine: StabilityEngine, creativity: float,
+                                                      sent: str) -> None:
+    route = respx.post(CONSERVATIVE).mock(return_value=ok())
+    result = await engine.run(polish(creativity=creativity), NullProgress(), CancelToken())
+    fields = assert_carries_draft(route.calls.last.request)
+    assert fields == {"prompt": "a lighthouse", "output_format": "png", "creativity": sent}
+    assert result.model == "upscale-conservative"
+
+
+async def test_scale_above_four_is_refused_before_sending(engine: StabilityEngine) -> None:
+    with pytest.raises(BadEngineInput) as info:
+        await engine.run(polish(scale=8), NullProgress(), CancelToken())
+    assert info.value.retryable
+
+
+@respx.mock
+async def test_creative_upscale_polls_until_done(engine: StabilityEngine) -> None:
+    create = respx.post(CREATIVE).mock(return_value=httpx.Response(200, json={"id": "job-42"}))
+    poll = respx.get(RESULT).mock(side_effect=[
+        httpx.Response(202, json={"id": "job-42", "status": "in-progress"}),
+        httpx.ReadTimeout("slow"),  # a GET makes nothing: it is sent again
+        httpx.Response(202, json={"id": "job-42", "status": "in-progress"}),
+        ok(seed=5),
+    ])
+    progress = RecordingProgress()
+    result = await engine.run(polish(creativity=0.45), progress, CancelToken())
+
+    fields = assert_carries_draft(create.calls.last.request)
+    assert fields == {"prompt": "a lighthouse", "output_format": "png", "creativity": "0.45"}
+    assert create.call_count == 1 and poll.call_count == 4
+    assert poll.calls.last.request.headers["accept"] == "application/json"
+    assert progress.request_ids == ["job-42"] and "polling" in progress.states
+    assert result.provider_request_id == "job-42" and result.images[0].seed == 5
+    assert result.model == "upscale-creative"
+
+
+@respx.mock
+async def test_creative_create_timeout_is_not_resent(engine: StabilityEngine) -> None:
+    create = respx.post(CREATIVE).mock(side_effect=httpx.ReadTimeout("slow"))
+    with pytest.raises(EngineTimeout) as info:
+        await engine.run(polish(creativity=0.45), NullProgress(), CancelToken())
+    assert create.call_count == 1 and info.value.charged == "unknown"
+
+
+@respx.mock
+async def test_creative_result_expired(engine: StabilityEngine) -> None:
+    respx.post(CREATIVE).mock(return_value=httpx.Response(200, json={"id": "job-42"}))
+    respx.get(RESULT).mock(return_value=httpx.Response(404, json={"name": "not_found", "errors": ["gone"]}))
+    with pytest.raises(EngineError, match="unknown or expired") as info:
+        await engine.run(polish(creativity=0.45), NullProgress(), CancelToken())
+    assert info.value.charged == "unknown"
+
+
+@respx.mock
+async def test_creative_result_filtered(engine: StabilityEngine) -> None:
+    respx.post(CREATIVE).mock(return_value=httpx.Response(200, json={"id": "job-42"}))
+    respx.get(RESULT).mock(return_value=ok(reason="CONTENT_FILTERED"))
+    with pytest.raises(ContentFiltered):
+        await engine.run(polish(creativity=0.45), NullProgress(), CancelToken())
+
+
+@respx.mock
+async def test_cancel_during_polling_stops_polling(engine: StabilityEngine) -> None:
+    token = CancelToken()
+    polls: list[httpx.Request] = []
+    respx.post(CREATIVE).mock(return_value=httpx.Response(200, json={"id": "job-42"}))
+
+    def in_progress(request: httpx.Request) -> httpx.Response:
+        polls.append(request)
+        if len(polls) == 2:
+            token.cancel()
+        return httpx.Response(202, json={"id": "job-42", "status": "in-progress"})
+
+    poll = respx.get(RESULT).mock(side_effect=in_progress)
+    with pytest.raises(Canceled) as info:
+        await engine.run(polish(creativity=0.45), NullProgress(), token)
+    assert poll.call_count == 2
+    assert info.value.charged == "unknown" and info.value.details["provider_id"] == "job-42"
+
+
+@respx.mock
+async def test_cancel_wakes_the_poll_sleep(engine: StabilityEngine) -> None:
+    engine.poll_interval = 30
+    token = CancelToken()
+    respx.post(CREATIVE).mock(return_value=httpx.Response(200, json={"id": "job-42"}))
+    poll = respx.get(RESULT).mock(return_value=httpx.Response(202))
+
+    class CancelWhenPolling(RecordingProgress):
+        def state(self, state: str, **details: Any) -> None:
+            if state == "polling":
+                asyncio.get_running_loop().call_later(0.01, token.cancel)
+
+    with pytest.raises(Canceled) as info:
+        await asyncio.wait_for(engine.run(polish(creativity=0.45), CancelWhenPolling(), token), timeout=2)
+    assert poll.call_count == 0 and info.value.charged == "unknown"
+
+
+# --- prices and availability --------------------------------------------------------------------
+
+
+def test_estimate_by_operation_and_unknown_model(make_engine: Any) -> None:
+    eng: StabilityEngine = make_engine()
+    assert eng.estimate(bridge()) == 6500
+    assert eng.estimate(bridge(n=2)) == 13000
+    assert eng.estimate(polish()) == 40000
+    assert eng.estimate(polish(creativity=0.5)) == 60000
+    assert make_engine(stability_model="ultra").estimate(bridge()) == 8000
+    assert make_engine(stability_model="sd3.5-large-turbo").estimate(bridge()) == 4000
+    unknown: StabilityEngine = make_engine(stability_model="sd4-huge")
+    with pytest.raises(NoPrice):
+        unknown.estimate(bridge())
+    # The upscalers are priced on their own, whatever the generation model.
+    assert unknown.estimate(polish()) == 40000
+
+
+def test_unavailable_without_key(make_ctx: Any, monkeypatch: Any) -> None:
+    monkeypatch.delenv("STABILITY_API_KEY", raising=False)
+    monkeypatch.delenv("ORCH_STABILITY_API_KEY", raising=False)
+    available, reason = StabilityEngine(make_ctx()).availability()
+    assert not available and reason and "STABILITY_API_KEY" in reason

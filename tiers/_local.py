@@ -1,0 +1,261 @@
+"""The local inference runtime shared by `lite` and `local-hifi`.
+
+One runtime per device: a single dedicated inference thread (torch runs there with an explicit
+thread count, so the web server's threads never oversubscribe the cores), and a cache of loaded
+pipelines so each model is loaded once and kept warm. Image-to-image pipelines are built with
+`from_pipe`, sharing the text-to-image pipeline's components instead of loading them again.
+
+torch and diffusers are imported lazily, inside the inference thread, so the API starts fast.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from orchestrator.errors import EngineUnavailable
+from tiers import tiny
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+    from orchestrator.settings import Settings
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+AUTO_MODEL = "stabilityai/sd-turbo"
+
+# Linear map from SD 1.x/2.x latents to RGB: a free preview without running the VAE.
+_LATENT_RGB = ((0.298, 0.207, 0.208), (0.187, 0.286, 0.173), (-0.158, 0.189, 0.264), (-0.184, -0.271, -0.473))
+
+
+@dataclass(frozen=True)
+class ModelDefaults:
+    steps: int
+    guidance_scale: float
+    native_size: int
+    max_steps: int = 150
+
+
+def model_defaults(model: str) -> ModelDefaults:
+    """Steps and guidance a model family is meant to run with."""
+    name = model.lower()
+    if model == tiny.NAME:
+        return ModelDefaults(steps=4, guidance_scale=0.0, native_size=512)
+    if any(k in name for k in ("turbo", "lightning", "lcm", "hyper")):
+        # Distilled few-step models: 1-4 steps, no classifier-free guidance.
+        native = 1024 if "xl" in name else 512
+        return ModelDefaults(steps=2, guidance_scale=0.0, native_size=native, max_steps=8)
+    if "xl" in name:
+        return ModelDefaults(steps=30, guidance_scale=5.0, native_size=1024)
+    if "stable-diffusion-2" in name or "sd2" in name:
+        return ModelDefaults(steps=25, guidance_scale=7.5, native_size=768)
+    return ModelDefaults(steps=25, guidance_scale=7.5, native_size=512)
+
+
+def hf_hub_cached(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - huggingface_hub ships with diffusers
+        return False
+    found = try_to_load_from_cache(repo_id, "model_index.json")
+    return isinstance(found, str)
+
+
+def hf_hub_reachable(timeout: float = 1.5) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    import httpx
+
+    try:
+        httpx.head(os.environ.get("HF_ENDPOINT", "https://huggingface.co"), timeout=timeout)
+    except httpx.HTTPError:
+        return False
+    return True
+
+
+def resolve_model(spec: str) -> str:
+    """`auto` becomes SD-Turbo when it is cached or the Hub answers, else the offline tiny model."""
+    if spec != "auto":
+        return spec
+    if hf_hub_cached(AUTO_MODEL) or hf_hub_reachable():
+        return AUTO_MODEL
+    log.warning("ORCH_LITE_MODEL=auto: %s is neither cached nor reachable; using %s (its images are noise)",
+                AUTO_MODEL, tiny.NAME)
+    return tiny.NAME
+
+
+def latents_to_preview(latents: Any) -> Image:
+    """An RGB preview of the first latent in the batch: a 4x3 matrix product, no VAE."""
+    import torch
+    from PIL import Image as PILImage
+
+    lat = latents[0].float()
+    if lat.shape[0] != 4:  # not an SD-style latent space: show the first three channels
+        rgb = lat[:3]
+    else:
+        weights = torch.tensor(_LATENT_RGB, dtype=lat.dtype, device=lat.device)
+        rgb = torch.einsum("chw,cr->rhw", lat, weights)
+    rgb = ((rgb + 1.0) * 127.5).clamp(0, 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    return PILImage.fromarray(rgb, mode="RGB")
+
+
+class LocalRuntime:
+    """One per device. Everything torch does for this device happens on `self._thread`."""
+
+    def __init__(self, settings: Settings, device: str | None = None) -> None:
+        self.settings = settings
+        self._requested_device = device or settings.lite_device
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference",
+                                            initializer=self._init_thread)
+        self._pipes: dict[tuple[str, str], Any] = {}
+        self._load_lock = threading.Lock()
+        self._device: str | None = None
+        self._previewer: Callable[[Any], Image] | None = None
+
+    def _init_thread(self) -> None:
+        import torch
+
+        threads = self.settings.torch_threads or max(1, (os.cpu_count() or 2))
+        torch.set_num_threads(threads)
+        for name in ("transformers", "diffusers"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+        from diffusers.utils import logging as dlogging
+
+        dlogging.disable_progress_bar()
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn` on the inference thread; the event loop stays free."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, fn, *args)
+
+    @property
+    def device(self) -> str:
+        if self._device is None:
+            self._device = self._pick_device()
+        return self._device
+
+    def _pick_device(self) -> str:
+        import torch
+
+        wanted = self._requested_device
+        if wanted == "auto":
+            if torch.cuda.is_available():
+                return "cuda"
+            if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+                return "mps"
+            return "cpu"
+        if wanted == "cuda" and not torch.cuda.is_available():
+            raise EngineUnavailable("ORCH_LITE_DEVICE=cuda but torch sees no CUDA device")
+        return wanted
+
+    def dtype(self) -> Any:
+        import torch
+
+        if self.device == "cuda":
+            return torch.bfloat16 if os.environ.get("ORCH_LITE_DTYPE") == "bf16" else torch.float16
+        if self.device == "mps":
+            return torch.float16
+        return torch.float32
+
+    def describe_device(self) -> str:
+        return "auto" if self._device is None else self._device
+
+    # -- loading (inference thread only) -------------------------------------------------------
+
+    def text2img(self, model: str) -> Any:
+        with self._load_lock:
+            key = (model, "text2img")
+            if key not in self._pipes:
+                self._pipes[key] = self._load(model)
+            return self._pipes[key]
+
+    def img2img(self, model: str) -> Any:
+        base = self.text2img(model)
+        with self._load_lock:
+            key = (model, "img2img")
+            if key not in self._pipes:
+                from diffusers import AutoPipelineForImage2Image
+
+                pipe = AutoPipelineForImage2Image.from_pipe(base)
+                pipe.set_progress_bar_config(disable=True)
+                self._pipes[key] = pipe
+            return self._pipes[key]
+
+    def _load(self, model: str) -> Any:
+        from diffusers import AutoPipelineForText2Image
+
+        source = self._source(model)
+        log.info("loading %s on %s", model, self.device)
+        try:
+            if source.is_file():
+                pipe = self._load_single_file(source)
+            else:
+                pipe = AutoPipelineForText2Image.from_pretrained(
+                    str(source) if source.exists() else model, torch_dtype=self.dtype()
+                )
+        except (OSError, ValueError) as exc:
+            raise EngineUnavailable(
+                f"could not load model '{model}': {exc}".splitlines()[0][:400],
+                details={"model": model},
+            ) from exc
+        if getattr(pipe, "safety_checker", None) is not None:
+            pipe.safety_checker = None  # drafts are private sketches; the checker would black them out
+        pipe = pipe.to(self.device)
+        pipe.set_progress_bar_config(disable=True)
+        self._warm_up(pipe, model)
+        return pipe
+
+    def _source(self, model: str) -> Path:
+        if model == tiny.NAME:
+            return tiny.save_tiny_pipeline(self.settings.data_dir / "models" / "tiny-sd")
+        return Path(model).expanduser()
+
+    def _load_single_file(self, path: Path) -> Any:
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            is_xl = any(k.startswith("conditioner.embedders.1") for k in f.keys())  # noqa: SIM118
+        cls = StableDiffusionXLPipeline if is_xl else StableDiffusionPipeline
+        return cls.from_single_file(str(path), torch_dtype=self.dtype())
+
+    def _warm_up(self, pipe: Any, model: str) -> None:
+        # One tiny step compiles kernels and allocates buffers before the first user waits on it.
+        size = 64 if model == tiny.NAME else 256
+        pipe(prompt="warm-up", num_inference_steps=1, guidance_scale=0.0, width=size, height=size,
+             output_type="latent")
+
+    def preview(self, latents: Any) -> Image:
+        if self._previewer is None:
+            self._previewer = self._make_previewer()
+        return self._previewer(latents)
+
+    def _make_previewer(self) -> Callable[[Any], Image]:
+        taesd = self.settings.lite_preview_vae
+        if not taesd:
+            return latents_to_preview
+        from diffusers import AutoencoderTiny
+
+        vae = AutoencoderTiny.from_pretrained(taesd, torch_dtype=self.dtype()).to(self.device)
+
+        def decode(latents: Any) -> Image:
+            import torch
+            from PIL import Image as PILImage
+
+            with torch.no_grad():
+                img = vae.decode(latents[:1].to(vae.dtype)).sample[0]
+            arr = ((img.float().clamp(-1, 1) + 1) * 127.5).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+            return PILImage.fromarray(arr, mode="RGB")
+
+        return decode
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)

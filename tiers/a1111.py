@@ -1,0 +1,261 @@
+"""A self-hosted AUTOMATIC1111 / Forge server through its `/sdapi/v1/img2img` API.
+
+The call is synchronous: the POST answers only when every image is made. While it runs, the
+engine polls `/sdapi/v1/progress` for step counts and watches the cancel token; on cancel it asks
+the server to `/interrupt`. That endpoint is global: it stops whatever the server is running,
+which is our job unless another client's job holds the server's queue lock.
+
+Self-hosted, so it costs no credits; `leaves_machine` is still True: `ORCH_A1111_URL` may point at
+any host, and the prompt and pixels go there. Optional HTTP Basic auth (`--api-auth`) comes from
+`ORCH_A1111_AUTH` as "user:password".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any, Literal
+
+import httpx
+
+from orchestrator.errors import BadEngineInput, Canceled, EngineError, EngineTimeout, EngineUnavailable
+from tiers._http import RemoteClient, error_text
+from tiers._images import b64decode_tolerant, b64encode, decode_image, encode_image
+from tiers.base import (
+    CancelToken,
+    Capabilities,
+    EngineContext,
+    Progress,
+    RenderedImage,
+    RenderRequest,
+    RenderResult,
+    Stage,
+)
+
+IMG2IMG = "/sdapi/v1/img2img"
+DEFAULT_STEPS = 30
+DEFAULT_CFG = 7.0
+SAMPLER = "Euler a"
+URL_SETTING = "ORCH_A1111_URL"
+AUTH_SETTING = "ORCH_A1111_AUTH"
+# Progress polls and the interrupt are side calls: they must never hold the job up for long.
+SIDE_CALL_TIMEOUT = 5.0
+
+
+def parse_auth(value: str | None) -> tuple[str, str] | None:
+    if not value:
+        return None
+    user, sep, password = value.partition(":")
+    if not sep or not user:
+        raise ValueError(f"{AUTH_SETTING} must be 'user:password'")
+    return user, password
+
+
+class A1111Engine:
+    name = "a1111"
+    kind: Literal["remote"] = "remote"
+    stages: frozenset[Stage] = frozenset({"bridge", "polish"})
+    # img2img resizes the draft to width x height, so polish can ask for a larger size.
+    capabilities = Capabilities(img2img=True, upscale=True, seeds=True, negative_prompt=True,
+                                leaves_machine=True, max_width=2048, max_height=2048, size_multiple=8)
+
+    def __init__(self, ctx: EngineContext, client: RemoteClient | None = None) -> None:
+        s = ctx.settings
+        self._url = s.a1111_url
+        self._auth_error: str | None = None
+        auth: tuple[str, str] | None = None
+        try:
+            auth = parse_auth(s.a1111_auth.get_secret_value() if s.a1111_auth else None)
+        except ValueError as exc:
+            self._auth_error = str(exc)
+        # Seconds between progress polls while the POST runs; tests set it to 0.
+        self.poll_interval = 1.0
+        self.http = client or RemoteClient(
+            self.name,
+            base_url=self._url or "http://a1111.invalid",
+            auth=auth,
+            key_setting=f"{AUTH_SETTING} ('user:password' of the server's --api-auth)",
+            deadline=s.remote_deadline,
+            connect_timeout=s.remote_connect_timeout,
+            read_timeout=s.remote_read_timeout,
+        )
+
+    @property
+    def model(self) -> str:
+        return "a1111"
+
+    def availability(self) -> tuple[bool, str | None]:
+        if not self._url:
+            return False, f"no server: set {URL_SETTING}"
+        if self._auth_error:
+            return False, self._auth_error
+        return True, None
+
+    def prices(self) -> dict[str, Any]:
+        return {"credits_per_image": 0}
+
+    def estimate(self, req: RenderRequest) -> int:
+        return 0
+
+    def _body(self, req: RenderRequest) -> dict[str, Any]:
+        assert req.init_image is not None
+        return {
+            "init_images": [b64encode(encode_image(req.init_image, fmt="PNG"))],
+            "prompt": req.prompt,
+            "negative_prompt": req.negative_prompt,
+            "denoising_strength": req.creativity if req.stage == "polish" else req.strength,
+            "steps": req.steps or DEFAULT_STEPS,
+            "cfg_scale": req.guidance_scale or DEFAULT_CFG,
+            "width": req.width,
+            "height": req.height,
+            "seed": req.seed if req.seed is not None else -1,
+            "sampler_name": SAMPLER,
+            # One image per iteration keeps VRAM at a single image's worth.
+            "n_iter": req.n,
+            "batch_size": 1,
+            # Saving would also make the server prepend a grid image to the answer.
+            "save_images": False,
+        }
+
+    async def run(self, req: RenderRequest, progress: Progress, cancel: CancelToken) -> RenderResult:
+        ok, reason = self.availability()
+        if not ok:
+            raise EngineUnavailable(f"a1111: {reason}", details={"engine": self.name})
+        if req.init_image is None:
+            raise BadEngineInput(f"a1111: the {req.stage} stage needs a draft image",
+                                 details={"engine": self.name})
+        cancel.raise_if_cancelled()
+        deadline = self.http.new_deadline()
+        progress.state("submitted")
+        post: asyncio.Future[httpx.Response] = asyncio.ensure_future(
+            self.http.request("POST", IMG2IMG, json=self._body(req), deadline=deadline)
+        )
+        try:
+            await self._watch(post, progress, cancel)
+        except Canceled:
+            await self._side_call("POST", "/sdapi/v1/interrupt")
+            raise Canceled("a1111: the job was canceled", details={"engine": self.name},
+                           charged="no") from None
+        finally:
+            if not post.done():
+                post.cancel()
+            # Retrieve the outcome so an abandoned request leaves no "never retrieved" warning.
+            await asyncio.gather(post, return_exceptions=True)
+        try:
+            response = post.result()
+        except EngineTimeout as exc:
+            raise EngineTimeout(
+                f"a1111: the server did not answer within the read timeout (ORCH_REMOTE_READ_TIMEOUT); "
+                f"not re-sent: {exc.message}", details=exc.details, charged="no",
+            ) from None
+        return self._result(req, response)
+
+    async def _watch(self, post: asyncio.Future[httpx.Response], progress: Progress,
+                     cancel: CancelToken) -> None:
+        """Report progress until `post` is done; raise `Canceled` as soon as the token is set."""
+        while not post.done():
+            nap: asyncio.Future[Any] = asyncio.ensure_future(cancel.sleep(self.poll_interval))
+            try:
+                await asyncio.wait([post, nap], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if not nap.done():
+                    nap.cancel()
+                await asyncio.gather(nap, return_exceptions=True)
+            if not nap.cancelled() and nap.exception() is not None:
+                raise Canceled("a1111: the job was canceled", charged="no")
+            if not post.done():
+                await self._report(progress)
+
+    async def _report(self, progress: Progress) -> None:
+        response = await self._side_call("GET", "/sdapi/v1/progress", params={"skip_current_image": "true"})
+        if response is None or response.status_code != 200:
+            return
+        try:
+            state = response.json().get("state") or {}
+            step, steps = int(state.get("sampling_step", 0)), int(state.get("sampling_steps", 0))
+            job_no, job_count = int(state.get("job_no", 0)), int(state.get("job_count", 0))
+        except (ValueError, TypeError, AttributeError):
+            return
+        if steps <= 0:
+            return
+        # With n_iter > 1 the server counts steps per image; report them over the whole job.
+        jobs = max(job_count, 1)
+        total = steps * jobs
+        progress.step(min(min(max(job_no, 0), jobs - 1) * steps + step, total), total)
+
+    async def _side_call(self, method: str, url: str, **kwargs: Any) -> httpx.Response | None:
+        """A best-effort call: its failure must not change the job's outcome."""
+        try:
+            return await self.http.request(method, url, idempotent=method == "GET", timeout=SIDE_CALL_TIMEOUT,
+                                           deadline=self.http.clock() + SIDE_CALL_TIMEOUT, **kwargs)
+        except (EngineError, httpx.HTTPError):
+            return None
+
+    def _result(self, req: RenderRequest, response: httpx.Response) -> RenderResult:
+        if response.status_code == 404:
+            raise EngineUnavailable(
+                f"a1111: the server has no {IMG2IMG} (HTTP 404): start it with --api and check {URL_SETTING}",
+                details={"engine": self.name, "status": 404},
+            )
+        if response.status_code != 200:
+            raise self.http.fail(response, self._error_detail(response))
+        try:
+            body = response.json()
+        except ValueError:
+            raise EngineError("a1111: the server answered 200 with a body that is not JSON",
+                              details={"engine": self.name}) from None
+        encoded = body.get("images") if isinstance(body, dict) else None
+        if not isinstance(encoded, list) or not encoded:
+            raise EngineError("a1111: the server returned no image", details={"engine": self.name})
+        info = self._info(body.get("info"))
+        seeds: list[Any] = info["all_seeds"] if isinstance(info.get("all_seeds"), list) else []
+        images: list[RenderedImage] = []
+        # Extensions (ControlNet) append their maps after the results: keep only the first n.
+        for i, data in enumerate(encoded[: req.n]):
+            if not isinstance(data, str):
+                raise EngineError("a1111: the server returned an image that is not base64 text",
+                                  details={"engine": self.name})
+            # Some forks answer with a data URI rather than bare base64.
+            raw = b64decode_tolerant(data.split(",", 1)[1] if data.startswith("data:") else data)
+            seed = seeds[i] if i < len(seeds) and isinstance(seeds[i], int) else None
+            images.append(RenderedImage(decode_image(raw, self.name), seed=seed))
+        return RenderResult(
+            images=images,
+            model=self.model,
+            cost_millicredits=0,
+            metadata={"checkpoint": info.get("sd_model_name"), "sampler": info.get("sampler_name", SAMPLER)},
+        )
+
+    @staticmethod
+    def _info(raw: Any) -> dict[str, Any]:
+        if isinstance(raw, dict):
+            return raw
+        try:
+            info = json.loads(raw) if isinstance(raw, str) else None
+        except ValueError:
+            return {}
+        return info if isinstance(info, dict) else {}
+
+    @staticmethod
+    def _error_detail(response: httpx.Response) -> str:
+        """`{"error","detail","body","errors"}`: never quote `body`, which echoes our request and
+        with it the base64 draft."""
+        try:
+            body = response.json()
+        except ValueError:
+            return error_text(response)
+        if not isinstance(body, dict):
+            return error_text(response)
+        detail = body.get("detail") or body.get("errors")
+        if detail and not isinstance(detail, str):
+            detail = json.dumps(detail)
+        error = body.get("error")
+        text = ": ".join(str(x) for x in (error if isinstance(error, str) else None, detail) if x)
+        return text[:500] or f"HTTP {response.status_code}"
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+
+def factory(ctx: EngineContext) -> A1111Engine:
+    return A1111Engine(ctx)

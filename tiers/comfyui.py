@@ -1,0 +1,400 @@
+"""A self-hosted ComfyUI server, driven by the user's API-format workflow template.
+
+The template (`ORCH_COMFYUI_WORKFLOW`) is a graph exported with "Export (API)" whose string inputs
+may hold placeholders: `{{prompt}}`, `{{negative_prompt}}`, `{{seed}}`, `{{strength}}` (denoise),
+`{{image}}` (the uploaded draft), `{{width}}`, `{{height}}`, `{{steps}}`. A value that is exactly a
+placeholder becomes the typed value (ComfyUI rejects `"42"` where it wants `42`); one inside a
+longer string is replaced as text. The graph is walked as parsed JSON, so prompt text never needs
+escaping.
+
+Flow: upload the draft, queue the graph under a prompt id we choose (so a crash can find the work
+again before the server answers), poll `/history/{id}` until it appears, then download the images
+its `SaveImage` nodes wrote. Self-hosted, so it costs no credits; `leaves_machine` is still True:
+`ORCH_COMFYUI_URL` may point at any host, and the prompt and pixels go there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import re
+import secrets
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import httpx
+
+from orchestrator.errors import BadEngineInput, Canceled, EngineError, EngineTimeout, EngineUnavailable
+from tiers._http import RemoteClient, error_text
+from tiers._images import decode_image, encode_image
+from tiers.base import (
+    CancelToken,
+    Capabilities,
+    EngineContext,
+    Progress,
+    RenderedImage,
+    RenderRequest,
+    RenderResult,
+    Stage,
+)
+
+PLACEHOLDER = re.compile(r"\{\{\s*(\w+)\s*\}\}")
+PLACEHOLDERS = frozenset(
+    {"prompt", "negative_prompt", "seed", "strength", "image", "width", "height", "steps"}
+)
+# Bridge and polish are image-to-image: a template without these would silently ignore the request.
+REQUIRED_PLACEHOLDERS = ("prompt", "image")
+# ComfyUI's own KSampler default, used when the request leaves steps to the engine.
+DEFAULT_STEPS = 20
+SEED_RANGE = 2**32
+URL_SETTING = "ORCH_COMFYUI_URL"
+WORKFLOW_SETTING = "ORCH_COMFYUI_WORKFLOW"
+# Cleanup after a cancel must not hold the job up for a full read timeout.
+CLEANUP_TIMEOUT = 5.0
+
+
+class WorkflowError(Exception):
+    """The template file cannot be used; the message names the file and what is wrong."""
+
+
+def load_workflow(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise WorkflowError(f"cannot read the workflow file {path}: {exc.strerror or exc}") from None
+    try:
+        graph = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise WorkflowError(
+            f"the workflow file {path} is not valid JSON (line {exc.lineno}: {exc.msg})"
+        ) from None
+    if isinstance(graph, dict) and isinstance(graph.get("nodes"), list):
+        # The most common mistake: "Save" writes the UI format, which /prompt cannot run.
+        raise WorkflowError(
+            f"the workflow file {path} is in ComfyUI's UI format; export it with 'Export (API)'"
+        )
+    if not isinstance(graph, dict) or not graph:
+        raise WorkflowError(f"the workflow file {path} must be a JSON object of nodes (API format)")
+    for node_id, node in graph.items():
+        if not isinstance(node, dict) or "class_type" not in node or not isinstance(node.get("inputs"), dict):
+            raise WorkflowError(
+                f"the workflow file {path}: node {node_id!r} has no class_type/inputs; "
+                "export it with 'Export (API)'"
+            )
+    found = placeholders(graph)
+    unknown = sorted(found - PLACEHOLDERS)
+    if unknown:
+        names = ", ".join("{{" + name + "}}" for name in unknown)
+        raise WorkflowError(f"the workflow file {path} uses unknown placeholders {names}; "
+                            f"known: {', '.join(sorted(PLACEHOLDERS))}")
+    missing = [name for name in REQUIRED_PLACEHOLDERS if name not in found]
+    if missing:
+        names = ", ".join("{{" + name + "}}" for name in missing)
+        raise WorkflowError(f"the workflow file {path} has no {names} placeholder")
+    return graph
+
+
+def placeholders(node: Any) -> set[str]:
+    if isinstance(node, dict):
+        return set().union(*(placeholders(v) for v in node.values()))
+    if isinstance(node, list):
+        return set().union(*(placeholders(v) for v in node))
+    if isinstance(node, str):
+        return {m.group(1) for m in PLACEHOLDER.finditer(node)}
+    return set()
+
+
+def substitute(node: Any, values: Mapping[str, Any]) -> Any:
+    """A copy of `node` with placeholders replaced; keys are never substituted."""
+    if isinstance(node, dict):
+        return {key: substitute(value, values) for key, value in node.items()}
+    if isinstance(node, list):
+        return [substitute(value, values) for value in node]
+    if isinstance(node, str):
+        whole = PLACEHOLDER.fullmatch(node)
+        if whole and whole.group(1) in values:
+            return values[whole.group(1)]
+        return PLACEHOLDER.sub(
+            lambda m: str(values[m.group(1)]) if m.group(1) in values else m.group(0), node
+        )
+    return node
+
+
+class ComfyUIEngine:
+    name = "comfyui"
+    kind: Literal["remote"] = "remote"
+    stages: frozenset[Stage] = frozenset({"bridge", "polish"})
+    # The output size is whatever the workflow makes of {{width}}/{{height}}: upscaling workflows are common.
+    capabilities = Capabilities(img2img=True, upscale=True, seeds=True, negative_prompt=True,
+                                leaves_machine=True, max_width=4096, max_height=4096, size_multiple=8)
+
+    def __init__(self, ctx: EngineContext, client: RemoteClient | None = None) -> None:
+        s = ctx.settings
+        self._url = s.comfyui_url
+        self._workflow = s.comfyui_workflow
+        self._client_id = uuid.uuid4().hex
+        # Seconds between /history polls; tests set it to 0.
+        self.poll_interval = 1.0
+        self.http = client or RemoteClient(
+            self.name,
+            base_url=self._url or "http://comfyui.invalid",
+            # No auth of its own: a 401/403 comes from a proxy in front of it.
+            key_setting=f"{URL_SETTING} (the proxy in front of ComfyUI refused the request)",
+            deadline=s.remote_deadline,
+            connect_timeout=s.remote_connect_timeout,
+            read_timeout=s.remote_read_timeout,
+        )
+
+    @property
+    def model(self) -> str:
+        return f"comfyui:{self._workflow.stem}" if self._workflow else "comfyui"
+
+    def availability(self) -> tuple[bool, str | None]:
+        if not self._url:
+            return False, f"no server: set {URL_SETTING}"
+        if self._workflow is None:
+            return False, f"no workflow template: set {WORKFLOW_SETTING} to an API-format JSON file"
+        try:
+            load_workflow(self._workflow)
+        except WorkflowError as exc:
+            return False, f"{exc} ({WORKFLOW_SETTING})"
+        return True, None
+
+    def prices(self) -> dict[str, Any]:
+        return {"credits_per_image": 0}
+
+    def estimate(self, req: RenderRequest) -> int:
+        return 0
+
+    def _template(self) -> dict[str, Any]:
+        if not self._url or self._workflow is None:
+            raise EngineUnavailable(f"comfyui: {self.availability()[1]}", details={"engine": self.name})
+        try:
+            return load_workflow(self._workflow)
+        except WorkflowError as exc:
+            raise EngineUnavailable(
+                f"comfyui: {exc} ({WORKFLOW_SETTING})", details={"engine": self.name}
+            ) from None
+
+    async def run(self, req: RenderRequest, progress: Progress, cancel: CancelToken) -> RenderResult:
+        template = self._template()
+        cancel.raise_if_cancelled()
+        deadline = self.http.new_deadline()
+        image_name = await self._upload(req, deadline, cancel)
+        uses_seed = "seed" in placeholders(template)
+        base_seed = req.seed if req.seed is not None else secrets.randbelow(SEED_RANGE)
+        images: list[RenderedImage] = []
+        prompt_ids: list[str] = []
+        # One queued prompt per image: the template's own batch size is the user's business, and
+        # any extra images it makes are dropped below.
+        while len(images) < req.n:
+            seed = (base_seed + len(prompt_ids)) % SEED_RANGE
+            graph = substitute(template, self._values(req, image_name, seed))
+            prompt_id = str(uuid.uuid4())
+            prompt_ids.append(prompt_id)
+            outputs = await self._execute(graph, prompt_id, progress, deadline, cancel)
+            for ref in outputs[: req.n - len(images)]:
+                images.append(RenderedImage(await self._download(ref, deadline, cancel),
+                                            seed=seed if uses_seed else None))
+            progress.step(len(images), req.n)
+        return RenderResult(
+            images=images,
+            model=self.model,
+            cost_millicredits=0,
+            provider_request_id=",".join(prompt_ids),
+            metadata={"workflow": self._workflow.name if self._workflow else None},
+        )
+
+    @staticmethod
+    def _values(req: RenderRequest, image_name: str, seed: int) -> dict[str, Any]:
+        return {
+            "prompt": req.prompt,
+            "negative_prompt": req.negative_prompt,
+            "seed": seed,
+            "strength": float(req.creativity if req.stage == "polish" else req.strength),
+            "image": image_name,
+            "width": int(req.width),
+            "height": int(req.height),
+            "steps": int(req.steps or DEFAULT_STEPS),
+        }
+
+    async def _upload(self, req: RenderRequest, deadline: float, cancel: CancelToken) -> str:
+        if req.init_image is None:
+            raise BadEngineInput(f"comfyui: the {req.stage} stage needs a draft image",
+                                 details={"engine": self.name})
+        data = encode_image(req.init_image, fmt="PNG")
+        # Named by content with overwrite=true: a repeat upload is a no-op, so it is safe to re-send
+        # after a timeout, and the same draft does not pile up copies in ComfyUI's input folder.
+        filename = f"orch-{hashlib.sha256(data).hexdigest()[:24]}.png"
+        response = await cancel.race(
+            self.http.request(
+                "POST", "/upload/image", idempotent=True, deadline=deadline,
+                files={"image": (filename, data, "image/png")},
+                data={"type": "input", "overwrite": "true"},
+            ),
+            charged="no",
+        )
+        if response.status_code != 200:
+            raise self._refused(response, "/upload/image")
+        body = self._json(response, "/upload/image")
+        name = body.get("name")
+        if not isinstance(name, str) or not name:
+            raise EngineError("comfyui: /upload/image answered without a file name",
+                              details={"engine": self.name})
+        subfolder = body.get("subfolder")
+        return f"{subfolder}/{name}" if isinstance(subfolder, str) and subfolder else name
+
+    async def _execute(self, graph: dict[str, Any], prompt_id: str, progress: Progress, deadline: float,
+                       cancel: CancelToken) -> list[dict[str, str]]:
+        """Queue one prompt and wait for it; on cancel or timeout, take it off the server's GPU."""
+        # Before sending: if the process dies mid-request, the id still leads to the work.
+        progress.provider_request(prompt_id)
+        progress.state("submitted", prompt_id=prompt_id)
+        try:
+            body = {"prompt": graph, "client_id": self._client_id, "prompt_id": prompt_id}
+            response = await cancel.race(
+                self.http.request("POST", "/prompt", deadline=deadline, json=body), charged="no"
+            )
+            if response.status_code != 200:
+                raise self._prompt_refused(response)
+            self._json(response, "/prompt")
+            progress.state("queued", prompt_id=prompt_id)
+            entry = await self._wait(prompt_id, deadline, cancel)
+        except Canceled:
+            await self._drop(prompt_id)
+            raise Canceled("comfyui: the job was canceled",
+                           details={"engine": self.name, "prompt_id": prompt_id}, charged="no") from None
+        except EngineTimeout as exc:
+            # The prompt may be queued or running with nobody left to collect it.
+            await self._drop(prompt_id)
+            raise EngineTimeout(f"{exc.message} (asked the server to drop prompt {prompt_id})",
+                                details={**exc.details, "prompt_id": prompt_id}, charged="no") from None
+        return self._outputs(entry, prompt_id)
+
+    async def _wait(self, prompt_id: str, deadline: float, cancel: CancelToken) -> dict[str, Any]:
+        while True:
+            response = await cancel.race(
+                self.http.request("GET", f"/history/{prompt_id}", idempotent=True, deadline=deadline),
+                charged="no",
+            )
+            if response.status_code != 200:
+                raise self.http.fail(response)
+            entry = self._json(response, "/history").get(prompt_id)
+            if isinstance(entry, dict) and entry:
+                return entry
+            if self.http.clock() >= deadline:
+                raise EngineTimeout(f"comfyui: prompt {prompt_id} did not finish before the deadline "
+                                    "(ORCH_REMOTE_DEADLINE)", details={"engine": self.name})
+            await cancel.sleep(self.poll_interval)
+
+    def _outputs(self, entry: dict[str, Any], prompt_id: str) -> list[dict[str, str]]:
+        status: dict[str, Any] = entry["status"] if isinstance(entry.get("status"), dict) else {}
+        if status.get("status_str") == "error":
+            raise EngineError(f"comfyui: the workflow failed: {self._execution_error(status)}",
+                              details={"engine": self.name, "prompt_id": prompt_id})
+        refs: list[dict[str, str]] = []
+        outputs = entry.get("outputs")
+        for node in (outputs.values() if isinstance(outputs, dict) else []):
+            for image in (node.get("images") or []) if isinstance(node, dict) else []:
+                # "temp" images come from PreviewImage nodes: intermediate, not results.
+                if isinstance(image, dict) and image.get("type") == "output" and image.get("filename"):
+                    refs.append({"filename": str(image["filename"]),
+                                 "subfolder": str(image.get("subfolder") or ""), "type": "output"})
+        if not refs:
+            raise EngineError(
+                "comfyui: the workflow finished without output images (does it end in a SaveImage node?)",
+                details={"engine": self.name, "prompt_id": prompt_id},
+            )
+        return refs
+
+    @staticmethod
+    def _execution_error(status: Mapping[str, Any]) -> str:
+        for message in status.get("messages") or []:
+            if not (isinstance(message, list) and len(message) == 2 and isinstance(message[1], dict)):
+                continue
+            kind, data = message
+            if kind == "execution_error":
+                node = f"node {data.get('node_id')} ({data.get('node_type')})"
+                exc_type = str(data.get("exception_type") or "error")
+                return f"{node}: {exc_type}: {data.get('exception_message', '')}".strip()
+            if kind == "execution_interrupted":
+                return "interrupted on the server"
+        return "status error without details"
+
+    async def _download(self, ref: Mapping[str, str], deadline: float, cancel: CancelToken) -> Any:
+        response = await cancel.race(
+            self.http.request("GET", "/view", idempotent=True, deadline=deadline, params=dict(ref)),
+            charged="no",
+        )
+        if response.status_code != 200:
+            raise EngineError(f"comfyui: could not fetch {ref['filename']} (HTTP {response.status_code})",
+                              details={"engine": self.name, "status": response.status_code})
+        return decode_image(response.content, self.name)
+
+    async def _drop(self, prompt_id: str) -> None:
+        """Best effort: remove the prompt if pending, interrupt it if running.
+
+        Delete first: a pending prompt could start between an interrupt and the delete. Servers
+        that predate targeted interrupts ignore `prompt_id` and stop whatever is running.
+        """
+        for url, body in (("/queue", {"delete": [prompt_id]}), ("/interrupt", {"prompt_id": prompt_id})):
+            with contextlib.suppress(EngineError, httpx.HTTPError):
+                await self.http.request("POST", url, json=body, timeout=CLEANUP_TIMEOUT,
+                                        deadline=self.http.clock() + CLEANUP_TIMEOUT)
+
+    def _prompt_refused(self, response: httpx.Response) -> EngineError:
+        if response.status_code == 404:
+            return self._refused(response, "/prompt")
+        try:
+            body = response.json()
+        except ValueError:
+            return self.http.fail(response)
+        if not isinstance(body, dict):
+            return self.http.fail(response)
+        parts: list[str] = []
+        error = body.get("error")
+        if isinstance(error, dict):
+            parts.append(": ".join(str(x) for x in (error.get("message"), error.get("details")) if x))
+        elif error:
+            parts.append(str(error))
+        node_errors = body.get("node_errors")
+        nodes: list[str] = []
+        if isinstance(node_errors, dict):
+            for node_id, info in node_errors.items():
+                info = info if isinstance(info, dict) else {}
+                reasons = "; ".join(
+                    ": ".join(str(x) for x in (e.get("message"), e.get("details")) if x)
+                    for e in info.get("errors") or [] if isinstance(e, dict)
+                )
+                nodes.append(str(node_id))
+                parts.append(f"node {node_id} ({info.get('class_type', '?')}): {reasons or 'invalid'}")
+        exc = self.http.fail(response, " | ".join(p for p in parts if p)[:1000] or None)
+        exc.details["nodes"] = nodes
+        return exc
+
+    def _refused(self, response: httpx.Response, path: str) -> EngineError:
+        if response.status_code == 404:
+            return EngineUnavailable(f"comfyui: the server has no {path} (HTTP 404): check {URL_SETTING}",
+                                     details={"engine": self.name, "status": 404})
+        return self.http.fail(response, error_text(response))
+
+    def _json(self, response: httpx.Response, path: str) -> dict[str, Any]:
+        try:
+            body = response.json()
+        except ValueError:
+            raise EngineError(f"comfyui: {path} answered with a body that is not JSON",
+                              details={"engine": self.name}) from None
+        if not isinstance(body, dict):
+            raise EngineError(f"comfyui: {path} answered with an unexpected shape",
+                              details={"engine": self.name})
+        return body
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+
+def factory(ctx: EngineContext) -> ComfyUIEngine:
+    return ComfyUIEngine(ctx)

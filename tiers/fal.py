@@ -1,0 +1,267 @@
+"""fal.ai queue (`fal-ai/nano-banana-2/edit` by default).
+
+The submit POST returns `status_url`, `response_url` and `cancel_url`; those absolute URLs are the
+only ones used afterwards, since fal's path layout for apps with sub-paths is its own business.
+The submit is never re-sent when it got no answer (the request may be queued and billed); status
+polls, the result fetch and output downloads are idempotent.
+
+Once fal has accepted a request, a failure leaves the bill `unknown` (the ledger keeps the
+estimate unreconciled) and a result that was fetched is billed. fal reports no money amount, so
+the actual cost is always `None`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Literal
+
+import httpx
+
+from orchestrator.errors import BadEngineInput, Canceled, ContentFiltered, EngineError, EngineTimeout
+from tiers._http import RemoteClient, error_text
+from tiers._images import b64decode_tolerant, b64encode, decode_image, encode_image
+from tiers.base import (
+    CancelToken,
+    Capabilities,
+    EngineContext,
+    PriceTable,
+    Progress,
+    RenderedImage,
+    RenderRequest,
+    RenderResult,
+    Stage,
+)
+
+# Credits (1 credit = $0.01) per output image by resolution. Config defaults (providers.md, Nov 2026).
+PRICES_AS_OF = "2026-11"
+_NANO_BANANA_2 = {"0.5K": 6.0, "1K": 8.0, "2K": 12.0, "4K": 16.0}
+DEFAULT_PRICES: dict[str, dict[str, float]] = {
+    "fal-ai/nano-banana-2": dict(_NANO_BANANA_2),
+    "fal-ai/nano-banana-2/edit": dict(_NANO_BANANA_2),
+}
+PENDING = frozenset({"IN_QUEUE", "IN_PROGRESS"})
+# fal's error types are not all documented (*unverified*): match the policy-ish words.
+FILTER_WORDS = ("content_policy", "nsfw", "safety", "moderation")
+MAX_INLINE_BYTES = 7 * 1024 * 1024
+KEY_SETTING = "ORCH_FAL_API_KEY (or FAL_KEY)"
+
+
+def resolution(width: int, height: int) -> str:
+    side = max(width, height)
+    return "1K" if side <= 1024 else "2K" if side <= 2048 else "4K"
+
+
+def _filtered(*texts: object) -> bool:
+    lowered = " ".join(str(t) for t in texts if t).lower()
+    return any(word in lowered for word in FILTER_WORDS)
+
+
+class FalEngine:
+    name = "fal"
+    kind: Literal["remote"] = "remote"
+    stages: frozenset[Stage] = frozenset({"bridge", "polish"})
+    capabilities = Capabilities(img2img=True, upscale=True, seeds=False, negative_prompt=False,
+                                leaves_machine=True, max_width=4096, max_height=4096, size_multiple=1)
+    # Seconds between status polls; tests set it to 0.
+    poll_interval: float = 1.0
+
+    def __init__(self, ctx: EngineContext, client: RemoteClient | None = None) -> None:
+        s = ctx.settings
+        self._model = s.fal_model.strip("/")
+        self._key = s.fal_api_key.get_secret_value() if s.fal_api_key else None
+        self._prices = PriceTable(self.name, DEFAULT_PRICES, PRICES_AS_OF, ctx.price_overrides.get(self.name))
+        # The key goes on each queue call, not on the client: outputs are downloaded with the same
+        # client from CDN hosts that must never see it.
+        self._auth = {"Authorization": f"Key {self._key or ''}"}
+        self.http = client or RemoteClient(
+            self.name,
+            base_url=s.fal_base_url,
+            key_setting=KEY_SETTING,
+            deadline=s.remote_deadline,
+            connect_timeout=s.remote_connect_timeout,
+            read_timeout=s.remote_read_timeout,
+        )
+
+    @property
+    def model(self) -> str:
+        return self._model
+
+    def availability(self) -> tuple[bool, str | None]:
+        if not self._key:
+            return False, "no API key: set ORCH_FAL_API_KEY or FAL_KEY"
+        return True, None
+
+    def prices(self) -> dict[str, Any]:
+        return self._prices.as_dict()
+
+    def estimate(self, req: RenderRequest) -> int:
+        return req.n * self._prices.millicredits(self._model, resolution(req.width, req.height))
+
+    @staticmethod
+    def _prompt(req: RenderRequest) -> str:
+        if req.stage == "polish":
+            return f"Refine and upscale this image, keep the composition and content exactly: {req.prompt}"
+        if req.init_image is not None:
+            return f"Render this draft in high fidelity, keep its composition: {req.prompt}"
+        return req.prompt
+
+    def _body(self, req: RenderRequest) -> dict[str, Any]:
+        body: dict[str, Any] = {"prompt": self._prompt(req), "num_images": req.n, "output_format": "png",
+                                "resolution": resolution(req.width, req.height)}
+        if req.init_image is not None:
+            data = encode_image(req.init_image, fmt="PNG", max_bytes=MAX_INLINE_BYTES, max_side=2048)
+            body["image_urls"] = [f"data:image/png;base64,{b64encode(data)}"]
+        return body
+
+    async def run(self, req: RenderRequest, progress: Progress, cancel: CancelToken) -> RenderResult:
+        cancel.raise_if_cancelled()
+        deadline = self.http.new_deadline()
+        progress.state("submitted")
+        response = await cancel.race(self.http.request(
+            "POST", f"/{self._model}", json=self._body(req), deadline=deadline, headers=self._auth,
+        ))
+        if response.status_code not in (200, 201, 202):
+            raise self._refused(response)
+        queued = self._json(response)
+        request_id = queued.get("request_id")
+        urls = {k: queued.get(k) for k in ("status_url", "response_url", "cancel_url")}
+        if not request_id or not all(isinstance(u, str) and u.startswith("http") for u in urls.values()):
+            raise EngineError("fal: the submit answer lacks request_id or its absolute queue URLs",
+                              details={"engine": self.name}, charged="unknown")
+        request_id = str(request_id)
+        progress.provider_request(request_id)
+        try:
+            completed = await self._wait(request_id, str(urls["status_url"]), deadline, progress, cancel)
+        except Canceled:
+            await self._cancel_remote(str(urls["cancel_url"]))
+            raise Canceled("the job was canceled while fal was working", charged="unknown") from None
+        except EngineError as exc:
+            # We stop following a request that may still run and bill: stop it too.
+            await self._cancel_remote(str(urls["cancel_url"]))
+            exc.charged = "unknown"
+            raise
+        self._check_completed(request_id, completed)
+        output = await self._result(str(urls["response_url"]), deadline, cancel)
+        images = await self._images(output, cancel)
+        progress.step(len(images), req.n)
+        return RenderResult(
+            images=images,
+            model=self._model,
+            cost_millicredits=None,
+            provider_request_id=request_id,
+            metadata={"resolution": resolution(req.width, req.height)},
+        )
+
+    async def _wait(self, request_id: str, status_url: str, deadline: float, progress: Progress,
+                    cancel: CancelToken) -> dict[str, Any]:
+        """Poll until COMPLETED and return that status."""
+        while True:
+            response = await cancel.race(self.http.request(
+                "GET", status_url, params={"logs": "1"}, idempotent=True, deadline=deadline,
+                headers=self._auth,
+            ))
+            if response.status_code not in (200, 202):
+                raise EngineError(f"fal: polling {request_id} failed (HTTP {response.status_code}): "
+                                  f"{error_text(response)}", details={"engine": self.name})
+            status = self._json(response)
+            state = status.get("status")
+            if state == "COMPLETED":
+                return status
+            if state not in PENDING:
+                raise EngineError(f"fal: unexpected queue status {state!r}",
+                                  details={"engine": self.name, "request": request_id})
+            if state == "IN_QUEUE":
+                progress.state("queued", position=status.get("queue_position"))
+            else:
+                progress.state("running")
+            remaining = deadline - self.http.clock()
+            if remaining <= 0:
+                raise EngineTimeout(f"fal: request {request_id} did not finish before the deadline",
+                                    details={"engine": self.name, "request": request_id})
+            await cancel.sleep(min(self.poll_interval, remaining))
+
+    def _check_completed(self, request_id: str, status: dict[str, Any]) -> None:
+        error, error_type = status.get("error"), status.get("error_type")
+        if not error and not error_type:
+            return
+        details = {"engine": self.name, "request": request_id, "error_type": error_type}
+        message = f"fal: the request failed ({error_type or 'error'}): {str(error or '')[:300]}"
+        if _filtered(error_type, error):
+            raise ContentFiltered(message, details=details, charged="unknown")
+        raise EngineError(message, details=details, charged="unknown")
+
+    async def _result(self, response_url: str, deadline: float, cancel: CancelToken) -> dict[str, Any]:
+        response = await cancel.race(self.http.request(
+            "GET", response_url, idempotent=True, deadline=deadline, headers=self._auth,
+        ))
+        if response.status_code != 200:
+            # fal reports model-side refusals (validation, content policy) on the result.
+            error = self._refused(response)
+            error.charged = "unknown"
+            raise error
+        return self._json(response)
+
+    async def _images(self, output: dict[str, Any], cancel: CancelToken) -> list[RenderedImage]:
+        entries = output.get("images")
+        found = [e.get("url") for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
+        urls = [u for u in found if isinstance(u, str) and u]
+        try:
+            if not urls:
+                raise EngineError("fal: the request completed without an image",
+                                  details={"engine": self.name})
+            return [RenderedImage(decode_image(await self._download(url, cancel), self.name)) for url in urls]
+        except EngineError as exc:
+            exc.charged = "yes"
+            raise
+
+    async def _download(self, url: str, cancel: CancelToken) -> bytes:
+        if url.startswith("data:"):
+            return b64decode_tolerant(url.partition(",")[2])
+        response = await cancel.race(self.http.request("GET", url, idempotent=True), charged="yes")
+        if response.status_code != 200:
+            raise EngineError(f"fal: downloading the output failed (HTTP {response.status_code})",
+                              details={"engine": self.name, "status": response.status_code})
+        return response.content
+
+    async def _cancel_remote(self, cancel_url: str) -> None:
+        """Best effort: the job is over for us either way, so no failure here is surfaced."""
+        with contextlib.suppress(EngineError, httpx.HTTPError):
+            await self.http.request("PUT", cancel_url, idempotent=True, deadline=self.http.clock() + 10,
+                                    headers=self._auth)
+
+    def _refused(self, response: httpx.Response) -> EngineError:
+        """fal's validation body is `{"detail": [{"loc", "msg", "type"}]}`; a `type` of
+        `content_policy_violation` is moderation, not bad input."""
+        try:
+            detail = response.json().get("detail")
+        except (ValueError, AttributeError):
+            detail = None
+        if not isinstance(detail, list) or not detail:
+            return self.http.fail(response)
+        items = [d for d in detail if isinstance(d, dict)]
+        message = "; ".join(str(d.get("msg", "")) for d in items if d.get("msg")) or error_text(response)
+        details = {"engine": self.name, "status": response.status_code,
+                   "types": [d.get("type") for d in items]}
+        if any(_filtered(d.get("type")) for d in items):
+            return ContentFiltered(f"fal filtered the request: {message[:300]}", details=details)
+        return BadEngineInput(f"fal: the provider refused the request (HTTP {response.status_code}): "
+                              f"{message[:300]}", details=details)
+
+    def _json(self, response: httpx.Response) -> dict[str, Any]:
+        # Every call that parses JSON follows an accepted submit, so the bill is unknown.
+        try:
+            body = response.json()
+        except ValueError:
+            raise EngineError("fal: the provider answered with a body that is not JSON",
+                              details={"engine": self.name}, charged="unknown") from None
+        if not isinstance(body, dict):
+            raise EngineError("fal: unexpected response shape", details={"engine": self.name},
+                              charged="unknown")
+        return body
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+
+def factory(ctx: EngineContext) -> FalEngine:
+    return FalEngine(ctx)

@@ -1,0 +1,189 @@
+"""`local-hifi`: bridge and polish with diffusers img2img on the local device.
+
+Bridge: the draft, resized to the target size, is the img2img seed; more steps than a draft.
+Polish: resize by `scale` (Lanczos), then img2img at low strength (`creativity`). When the target
+is larger than the model's native size, the refine pass runs tile by tile with feathered overlaps,
+so memory stays bounded and the model works at the scale it was trained for.
+This is the embedded default for bridge and polish: the whole workflow runs offline.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any, Literal
+
+from orchestrator.errors import BadEngineInput, Canceled
+from tiers import tiny
+from tiers._local import model_defaults, resolve_model
+from tiers.base import (
+    CancelToken,
+    Capabilities,
+    EngineContext,
+    Progress,
+    RenderedImage,
+    RenderRequest,
+    RenderResult,
+    Stage,
+)
+from tiers.lite import check_size, runtime_for
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+TILE_OVERLAP = 64
+
+
+def tile_boxes(width: int, height: int, tile: int, overlap: int = TILE_OVERLAP) -> list[tuple[int, int, int, int]]:
+    """Boxes (left, top, right, bottom) of `tile`-sized tiles covering the image with overlap."""
+
+    def starts(length: int) -> list[int]:
+        if length <= tile:
+            return [0]
+        count = math.ceil((length - overlap) / (tile - overlap))
+        step = (length - tile) / (count - 1)
+        return [round(i * step) for i in range(count)]
+
+    return [(x, y, min(x + tile, width), min(y + tile, height)) for y in starts(height) for x in starts(width)]
+
+
+class LocalHifiEngine:
+    name = "local-hifi"
+    kind: Literal["local"] = "local"
+    stages: frozenset[Stage] = frozenset({"bridge", "polish"})
+
+    def __init__(self, ctx: EngineContext) -> None:
+        self.settings = ctx.settings
+        self.runtime = runtime_for(ctx)
+        self._model = resolve_model(ctx.settings.effective_hifi_model)
+        self.defaults = model_defaults(self._model)
+        self.capabilities = Capabilities(img2img=True, upscale=True, seeds=True, negative_prompt=True,
+                                         max_width=ctx.settings.local_max_size,
+                                         max_height=ctx.settings.local_max_size)
+
+    @property
+    def model(self) -> str:
+        return self._model
+
+    @property
+    def note(self) -> str | None:
+        return tiny.NOTE if self._model == tiny.NAME else None
+
+    def availability(self) -> tuple[bool, str | None]:
+        return True, None
+
+    def prices(self) -> dict[str, Any]:
+        return {"credits_per_gpu_second": self.settings.local_gpu_second_credits}
+
+    def estimate(self, req: RenderRequest) -> int:
+        check_size(req, self.settings, self.name)
+        return 0
+
+    async def run(self, req: RenderRequest, progress: Progress, cancel: CancelToken) -> RenderResult:
+        check_size(req, self.settings, self.name)
+        if req.init_image is None:
+            raise BadEngineInput(f"{self.name} needs a source image for {req.stage}")
+        cancel.raise_if_cancelled()
+        return await self.runtime.call(self._render, req, progress, cancel)
+
+    def _steps(self, req: RenderRequest, strength: float) -> int:
+        base = req.steps or (self.defaults.steps * 2 if req.stage == "bridge" else self.defaults.steps)
+        # img2img runs int(steps * strength) steps: make sure at least one happens.
+        return max(base, math.ceil(1 / max(strength, 1e-3)))
+
+    def _render(self, req: RenderRequest, progress: Progress, cancel: CancelToken) -> RenderResult:
+        from PIL import Image as PILImage
+
+        assert req.init_image is not None
+        pipe = self.runtime.img2img(self._model)
+        strength = req.strength if req.stage == "bridge" else req.creativity
+        steps = self._steps(req, strength)
+        guidance = self.defaults.guidance_scale if req.guidance_scale is None else req.guidance_scale
+        source = req.init_image.convert("RGB").resize((req.width, req.height), PILImage.Resampling.LANCZOS)
+        tile = max(self.defaults.native_size, 64)
+        boxes = [(0, 0, req.width, req.height)]
+        if req.stage == "polish" and max(req.width, req.height) > tile * 1.25:
+            boxes = tile_boxes(req.width, req.height, tile)
+        per_pass = max(1, int(steps * strength))
+        seed = req.seed if req.seed is not None else 0
+        images: list[RenderedImage] = []
+        total = per_pass * len(boxes) * req.n
+        for index in range(req.n):
+            canvas = self._refine(pipe, req, source, boxes, steps, strength, guidance, seed + index,
+                                  progress, cancel, done=index * per_pass * len(boxes), total=total)
+            images.append(RenderedImage(canvas, seed + index))
+        return RenderResult(
+            images=images,
+            model=self._model,
+            metadata={"steps": steps, "strength": strength, "guidance_scale": guidance, "tiles": len(boxes),
+                      "sampler": type(pipe.scheduler).__name__, "device": self.runtime.device},
+        )
+
+    def _refine(self, pipe: Any, req: RenderRequest, source: Image, boxes: list[tuple[int, int, int, int]],
+                steps: int, strength: float, guidance: float, seed: int, progress: Progress,
+                cancel: CancelToken, *, done: int, total: int) -> Image:
+        import numpy as np
+        import torch
+        from PIL import Image as PILImage
+
+        acc = np.zeros((req.height, req.width, 3), dtype=np.float64)
+        weight = np.zeros((req.height, req.width, 1), dtype=np.float64)
+        counter = done
+        for box in boxes:
+            tile_img = source.crop(box)
+
+            def on_step(pipeline: Any, i: int, t: Any, kwargs: dict[str, Any]) -> Any:
+                nonlocal counter
+                if cancel.cancelled:
+                    pipeline._interrupt = True
+                    raise Canceled("the job was canceled")
+                counter += 1
+                progress.step(min(counter, total), total, self.runtime.preview(kwargs["latents"]))
+                return kwargs
+
+            with torch.inference_mode():
+                out = pipe(
+                    prompt=req.prompt,
+                    negative_prompt=req.negative_prompt or None,
+                    image=tile_img,
+                    strength=strength,
+                    num_inference_steps=steps,
+                    guidance_scale=guidance,
+                    generator=torch.Generator("cpu").manual_seed(seed),
+                    callback_on_step_end=on_step,
+                    callback_on_step_end_tensor_inputs=["latents"],
+                )
+            rendered = np.asarray(out.images[0].convert("RGB").resize(tile_img.size), dtype=np.float64)
+            mask = _feather(tile_img.size, box, (req.width, req.height))
+            left, top, right, bottom = box
+            acc[top:bottom, left:right] += rendered * mask
+            weight[top:bottom, left:right] += mask
+        blended = (acc / np.maximum(weight, 1e-8)).clip(0, 255).astype(np.uint8)
+        return PILImage.fromarray(blended, mode="RGB")
+
+    async def aclose(self) -> None:
+        return None
+
+
+def _feather(size: tuple[int, int], box: tuple[int, int, int, int], full: tuple[int, int]) -> Any:
+    """Blend weights for a tile: a linear ramp over the overlap on every edge that borders another tile."""
+    import numpy as np
+
+    width, height = size
+    left, top, right, bottom = box
+
+    def ramp(length: int, ramp_start: bool, ramp_end: bool) -> Any:
+        w = np.ones(length)
+        n = min(TILE_OVERLAP, length // 2)
+        if ramp_start and n:
+            w[:n] = np.linspace(1.0 / (n + 1), 1.0, n)
+        if ramp_end and n:
+            w[-n:] = np.linspace(1.0, 1.0 / (n + 1), n)
+        return w
+
+    wx = ramp(width, left > 0, right < full[0])
+    wy = ramp(height, top > 0, bottom < full[1])
+    return (wy[:, None] * wx[None, :])[:, :, None]
+
+
+def factory(ctx: EngineContext) -> LocalHifiEngine:
+    return LocalHifiEngine(ctx)

@@ -1,0 +1,219 @@
+"""OpenAI GPT image models through `POST /v1/images/edits` (multipart).
+
+Bridge and polish both send the draft as the `image` file with `input_fidelity=high`, so the
+composition survives; polish only changes the wording of the prompt (the API tops out at
+1536 pixels, it cannot upscale further). The requested size maps onto the nearest of the three
+sizes the API knows. Synchronous: a call that was sent but got no answer is never re-sent (it may
+have been billed). Cost comes from the `usage` tokens x the configured token prices when the
+answer has them; otherwise `None`, and the ledger keeps the estimate.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import httpx
+
+from orchestrator.errors import BadEngineInput, ContentFiltered, EngineError, NoPrice
+from tiers._http import RemoteClient
+from tiers._images import b64decode_tolerant, decode_image, encode_image, nearest_aspect
+from tiers.base import (
+    CancelToken,
+    Capabilities,
+    EngineContext,
+    PriceTable,
+    Progress,
+    RenderedImage,
+    RenderRequest,
+    RenderResult,
+    Stage,
+)
+
+SIZES = {"1:1": "1024x1024", "3:2": "1536x1024", "2:3": "1024x1536"}
+QUALITIES = frozenset({"low", "medium", "high"})
+MAX_N = 10  # the most images one edits call may return
+MAX_UPLOAD_BYTES = 50 * 1024 * 1024
+# Credits (1 credit = $0.01) per output image by "quality-size", and per 1M tokens (providers.md, Nov 2026).
+PRICES_AS_OF = "2026-11"
+_GPT_IMAGE_1: dict[str, float] = {
+    "low-1024x1024": 1.1, "low-1536x1024": 1.6, "low-1024x1536": 1.6,
+    "medium-1024x1024": 4.2, "medium-1536x1024": 6.3, "medium-1024x1536": 6.3,
+    "high-1024x1024": 16.7, "high-1536x1024": 25.0, "high-1024x1536": 25.0,
+    "output_image_tokens_per_million": 4000, "input_image_tokens_per_million": 1000,
+    "input_text_tokens_per_million": 500,
+}
+DEFAULT_PRICES: dict[str, dict[str, float]] = {
+    "gpt-image-1.5": dict(_GPT_IMAGE_1),
+    "gpt-image-1": dict(_GPT_IMAGE_1),
+    # providers.md gives mini prices at 1024x1024 only and no token prices: other sizes raise
+    # NoPrice (never priced as free) until the prices file adds them.
+    "gpt-image-1-mini": {"low-1024x1024": 0.5, "medium-1024x1024": 1.1, "high-1024x1024": 3.6},
+}
+# Input image tokens billed for the draft at input_fidelity=high, by output size. Unverified and
+# deliberately on the high side: the estimate is a hold, the `usage` of the answer reconciles it.
+INPUT_IMAGE_TOKENS = {"1024x1024": 4500, "1536x1024": 6600, "1024x1536": 6600}
+
+
+def image_size(width: int, height: int) -> str:
+    return SIZES[nearest_aspect(width, height, tuple(SIZES))]
+
+
+def quality(req: RenderRequest) -> str:
+    return req.quality if req.quality in QUALITIES else "high"
+
+
+class OpenAIImagesEngine:
+    name = "openai"
+    kind: Literal["remote"] = "remote"
+    stages: frozenset[Stage] = frozenset({"bridge", "polish"})
+    capabilities = Capabilities(img2img=True, upscale=False, seeds=False, negative_prompt=False,
+                                leaves_machine=True, max_width=1536, max_height=1536, size_multiple=1)
+
+    def __init__(self, ctx: EngineContext, client: RemoteClient | None = None) -> None:
+        s = ctx.settings
+        self._model = s.openai_model
+        self._key = s.openai_api_key.get_secret_value() if s.openai_api_key else None
+        self._prices = PriceTable(self.name, DEFAULT_PRICES, PRICES_AS_OF, ctx.price_overrides.get(self.name))
+        self.http = client or RemoteClient(
+            self.name,
+            base_url=s.openai_base_url,
+            headers={"Authorization": f"Bearer {self._key or ''}"},
+            key_setting="ORCH_OPENAI_API_KEY (or OPENAI_API_KEY)",
+            deadline=s.remote_deadline,
+            connect_timeout=s.remote_connect_timeout,
+            read_timeout=s.remote_read_timeout,
+        )
+
+    @property
+    def model(self) -> str:
+        return self._model
+
+    def availability(self) -> tuple[bool, str | None]:
+        if not self._key:
+            return False, "no API key: set ORCH_OPENAI_API_KEY or OPENAI_API_KEY"
+        return True, None
+
+    def prices(self) -> dict[str, Any]:
+        return self._prices.as_dict()
+
+    def estimate(self, req: RenderRequest) -> int:
+        size = image_size(req.width, req.height)
+        per_image = self._prices.millicredits(self._model, f"{quality(req)}-{size}")
+        try:
+            image_rate = self._prices.millicredits(self._model, "input_image_tokens_per_million")
+            text_rate = self._prices.millicredits(self._model, "input_text_tokens_per_million")
+        except NoPrice:
+            # The per-image price is known; only the small input surcharge is not.
+            image_rate = text_rate = 0
+        text_tokens = len(req.prompt) // 4 + 64
+        per_call = math.ceil((INPUT_IMAGE_TOKENS[size] * image_rate + text_tokens * text_rate) / 1e6)
+        return req.n * per_image + math.ceil(req.n / MAX_N) * per_call
+
+    def _actual_cost(self, usage: Any) -> int | None:
+        if not isinstance(usage, dict):
+            return None
+        try:
+            out_rate = self._prices.millicredits(self._model, "output_image_tokens_per_million")
+            image_rate = self._prices.millicredits(self._model, "input_image_tokens_per_million")
+            text_rate = self._prices.millicredits(self._model, "input_text_tokens_per_million")
+            out_tokens = int(usage["output_tokens"])
+            details = usage.get("input_tokens_details")
+            if isinstance(details, dict):
+                image_tokens = int(details.get("image_tokens", 0))
+                text_tokens = int(details.get("text_tokens", 0))
+            else:
+                # Without the split, bill every input token at the dearer image rate.
+                image_tokens, text_tokens = int(usage.get("input_tokens", 0)), 0
+        except (KeyError, TypeError, ValueError, NoPrice):
+            return None
+        return math.ceil((out_tokens * out_rate + image_tokens * image_rate + text_tokens * text_rate) / 1e6)
+
+    @staticmethod
+    def _prompt(req: RenderRequest) -> str:
+        if req.stage == "polish":
+            return f"Refine this image in high fidelity, keep composition and content exactly: {req.prompt}"
+        return f"Render this draft in high fidelity, keep its composition: {req.prompt}"
+
+    async def run(self, req: RenderRequest, progress: Progress, cancel: CancelToken) -> RenderResult:
+        if req.init_image is None:
+            raise BadEngineInput(f"{self.name}: {req.stage} needs a draft image to edit",
+                                 details={"engine": self.name})
+        size = image_size(req.width, req.height)
+        # Bytes, not a file object: a retried send must upload the whole image again.
+        draft = encode_image(req.init_image, fmt="PNG", max_bytes=MAX_UPLOAD_BYTES)
+        images: list[RenderedImage] = []
+        total_cost: int | None = 0
+        request_ids: list[str] = []
+        while len(images) < req.n:
+            count = min(MAX_N, req.n - len(images))
+            cancel.raise_if_cancelled()
+            progress.state("submitted")
+            fields = {
+                "prompt": self._prompt(req),
+                "model": self._model,
+                "size": size,
+                "quality": quality(req),
+                "n": str(count),
+                "output_format": "png",
+                "input_fidelity": "high",
+            }
+            response = await cancel.race(self.http.request(
+                "POST", "/v1/images/edits", data=fields, files={"image": ("draft.png", draft, "image/png")}
+            ))
+            request_id = response.headers.get("x-request-id")
+            if request_id:
+                request_ids.append(request_id)
+                progress.provider_request(request_id)
+            if response.status_code != 200:
+                raise self._error(response, request_id)
+            body = self._json(response)
+            batch = self._images(body)
+            images.extend(RenderedImage(img) for img in batch)
+            cost = self._actual_cost(body.get("usage"))
+            total_cost = None if cost is None or total_cost is None else total_cost + cost
+            progress.step(len(images), req.n)
+        return RenderResult(
+            images=images,
+            model=self._model,
+            cost_millicredits=total_cost,
+            provider_request_id=",".join(request_ids) or None,
+            metadata={"size": size, "quality": quality(req)},
+        )
+
+    def _error(self, response: httpx.Response, request_id: str | None) -> EngineError:
+        try:
+            err = response.json().get("error") or {}
+        except (ValueError, AttributeError):
+            err = {}
+        if response.status_code == 400 and isinstance(err, dict) and err.get("code") == "moderation_blocked":
+            return ContentFiltered(
+                f"openai blocked the request (moderation): {str(err.get('message', ''))[:300]}",
+                details={"engine": self.name, "reason": "moderation_blocked", "request_id": request_id},
+            )
+        return self.http.fail(response)
+
+    def _json(self, response: httpx.Response) -> dict[str, Any]:
+        try:
+            body = response.json()
+        except ValueError:
+            raise EngineError("openai: the provider answered 200 with a body that is not JSON",
+                              details={"engine": self.name}) from None
+        if not isinstance(body, dict):
+            raise EngineError("openai: unexpected response shape", details={"engine": self.name})
+        return body
+
+    def _images(self, body: dict[str, Any]) -> list[Any]:
+        data = body.get("data")
+        encoded = [d["b64_json"] for d in data if isinstance(d, dict) and d.get("b64_json")] \
+            if isinstance(data, list) else []
+        if not encoded:
+            raise EngineError("openai returned no image", details={"engine": self.name})
+        return [decode_image(b64decode_tolerant(str(item)), self.name) for item in encoded]
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+
+def factory(ctx: EngineContext) -> OpenAIImagesEngine:
+    return OpenAIImagesEngine(ctx)

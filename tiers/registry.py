@@ -1,0 +1,106 @@
+"""Which engines exist. Built-ins are listed here; third-party engines register a factory
+`(EngineContext) -> Engine` in the entry-point group `orchestrator.engines`:
+
+    [project.entry-points."orchestrator.engines"]
+    my-engine = "my_package.engine:factory"
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from importlib.metadata import EntryPoint, entry_points
+from typing import Any
+
+from orchestrator.errors import NotFound
+from tiers.base import Engine, EngineContext, EngineFactory
+
+log = logging.getLogger(__name__)
+GROUP = "orchestrator.engines"
+
+BUILTIN: dict[str, str] = {
+    "lite": "tiers.lite:factory",
+    "local-hifi": "tiers.local_hifi:factory",
+    "gemini": "tiers.gemini:factory",
+    "openai": "tiers.openai_images:factory",
+    "stability": "tiers.stability:factory",
+    "replicate": "tiers.replicate:factory",
+    "fal": "tiers.fal:factory",
+    "comfyui": "tiers.comfyui:factory",
+    "a1111": "tiers.a1111:factory",
+}
+
+
+def _import(target: str) -> EngineFactory:
+    module, _, attr = target.partition(":")
+    factory: EngineFactory = getattr(importlib.import_module(module), attr)
+    return factory
+
+
+@dataclass
+class BrokenEngine:
+    """An engine whose factory failed: listed, never routable, with the reason."""
+
+    name: str
+    reason: str
+
+
+class EngineRegistry:
+    def __init__(self, engines: dict[str, Engine], broken: dict[str, BrokenEngine] | None = None) -> None:
+        self._engines = engines
+        self.broken = broken or {}
+
+    @classmethod
+    def load(cls, ctx: EngineContext, extra: Iterable[EntryPoint] | None = None) -> EngineRegistry:
+        factories: dict[str, EngineFactory | str] = dict(BUILTIN)
+        for ep in extra if extra is not None else entry_points(group=GROUP):
+            if ep.name in factories:
+                log.warning("engine entry point %r ignored: the name is taken by a built-in engine", ep.name)
+                continue
+            factories[ep.name] = ep.value
+        engines: dict[str, Engine] = {}
+        broken: dict[str, BrokenEngine] = {}
+        for name, target in factories.items():
+            try:
+                factory = _import(target) if isinstance(target, str) else target
+                engine = factory(ctx)
+                if not isinstance(engine, Engine):
+                    raise TypeError(f"{target} did not return an Engine")
+                if engine.name != name:
+                    raise ValueError(f"factory {target} built engine {engine.name!r}, registered as {name!r}")
+            except Exception as exc:
+                log.exception("engine %s could not be created", name)
+                broken[name] = BrokenEngine(name, f"could not be created: {exc}")
+                continue
+            engines[name] = engine
+        return cls(engines, broken)
+
+    def __iter__(self) -> Iterator[Engine]:
+        return iter(self._engines.values())
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._engines
+
+    def names(self) -> list[str]:
+        return [*self._engines, *self.broken]
+
+    def get(self, name: str) -> Engine:
+        try:
+            return self._engines[name]
+        except KeyError:
+            reason = self.broken[name].reason if name in self.broken else "no such engine"
+            raise NotFound(f"engine '{name}': {reason}", details={"engine": name}) from None
+
+    def describe(self, name: str) -> dict[str, Any]:
+        if name in self.broken:
+            return {"name": name, "available": False, "note": self.broken[name].reason}
+        return {"name": name}
+
+    async def aclose(self) -> None:
+        for engine in self._engines.values():
+            try:
+                await engine.aclose()
+            except Exception:  # closing must not stop the others from closing
+                log.exception("closing engine %s failed", engine.name)

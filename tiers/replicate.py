@@ -1,0 +1,272 @@
+"""Replicate predictions (`google/nano-banana-2` by default).
+
+Each output image is one prediction: a create POST held open with `Prefer: wait`, then, if the
+wait ran out, polling `GET /v1/predictions/{id}`. The create is never re-sent when it got no
+answer (the prediction may exist and be billed); polls and output downloads are idempotent.
+
+Once Replicate has accepted a prediction, a failure leaves the bill `unknown` unless the status
+says otherwise (`aborted` is free, `succeeded` is billed): the ledger keeps the estimate as
+unreconciled rather than releasing money that may have been spent. Replicate reports no money
+amount, so the actual cost is always `None`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Literal
+
+import httpx
+
+from orchestrator.errors import Canceled, ContentFiltered, EngineError, EngineTimeout, EngineUnavailable
+from tiers._http import RemoteClient, error_text
+from tiers._images import b64decode_tolerant, b64encode, decode_image, encode_image, nearest_aspect
+from tiers.base import (
+    CancelToken,
+    Capabilities,
+    EngineContext,
+    PriceTable,
+    Progress,
+    RenderedImage,
+    RenderRequest,
+    RenderResult,
+    Stage,
+)
+
+# Credits (1 credit = $0.01) per output image. Config defaults (providers.md, Nov 2026): Replicate
+# does not publish nano-banana-2's per-image price in our sources, so it borrows fal's $0.08 at 1K.
+PRICES_AS_OF = "2026-11"
+DEFAULT_PRICES: dict[str, dict[str, float]] = {
+    "google/nano-banana-2": {"image": 8.0},
+    "black-forest-labs/flux-1.1-pro": {"image": 4.0},
+}
+PENDING = frozenset({"starting", "processing"})
+FILTER_WORDS = ("nsfw", "safety", "sensitive")
+FLUX_ASPECTS = ("1:1", "16:9", "3:2", "2:3", "4:5", "5:4", "9:16", "3:4", "4:3")
+PREFER_WAIT = 60
+MAX_INLINE_BYTES = 7 * 1024 * 1024
+KEY_SETTING = "ORCH_REPLICATE_API_KEY (or REPLICATE_API_TOKEN)"
+
+
+def model_input(model: str, req: RenderRequest, prompt: str, image_uri: str | None) -> dict[str, Any]:
+    """The prediction's `input` object. Every Replicate model names its inputs its own way:
+    google/nano-banana-2 takes `prompt`, `image_input` (a list of URLs or data URIs),
+    `aspect_ratio` (`match_input_image` keeps the draft's framing) and `output_format`. FLUX 1.1 pro
+    takes one `image_prompt` and a fixed list of aspect ratios (*unverified*). A model added to the
+    price table needs its mapping here."""
+    if model.startswith("black-forest-labs/flux"):
+        flux: dict[str, Any] = {"prompt": prompt, "output_format": "png",
+                                "aspect_ratio": nearest_aspect(req.width, req.height, FLUX_ASPECTS)}
+        if image_uri:
+            flux["image_prompt"] = image_uri
+        if req.seed is not None:
+            flux["seed"] = req.seed
+        return flux
+    body: dict[str, Any] = {"prompt": prompt, "output_format": "png"}
+    if image_uri:
+        body["image_input"] = [image_uri]
+        body["aspect_ratio"] = "match_input_image"
+    return body
+
+
+def _filtered(text: str) -> bool:
+    lowered = text.lower()
+    return any(word in lowered for word in FILTER_WORDS)
+
+
+class ReplicateEngine:
+    name = "replicate"
+    kind: Literal["remote"] = "remote"
+    stages: frozenset[Stage] = frozenset({"bridge", "polish"})
+    capabilities = Capabilities(img2img=True, upscale=True, seeds=False, negative_prompt=False,
+                                leaves_machine=True, max_width=4096, max_height=4096, size_multiple=1)
+    # Seconds between polls once the `Prefer: wait` window has run out; tests set it to 0.
+    poll_interval: float = 1.0
+
+    def __init__(self, ctx: EngineContext, client: RemoteClient | None = None) -> None:
+        s = ctx.settings
+        self._model = s.replicate_model
+        self._key = s.replicate_api_key.get_secret_value() if s.replicate_api_key else None
+        self._prices = PriceTable(self.name, DEFAULT_PRICES, PRICES_AS_OF, ctx.price_overrides.get(self.name))
+        # The key goes on each API call, not on the client: outputs are downloaded with the same
+        # client from CDN hosts that must never see it.
+        self._auth = {"Authorization": f"Bearer {self._key or ''}"}
+        # A hold longer than the read timeout would turn every slow render into a timeout.
+        self._wait = max(1, min(PREFER_WAIT, int(s.remote_read_timeout) - 5))
+        self.http = client or RemoteClient(
+            self.name,
+            base_url=s.replicate_base_url,
+            key_setting=KEY_SETTING,
+            deadline=s.remote_deadline,
+            connect_timeout=s.remote_connect_timeout,
+            read_timeout=s.remote_read_timeout,
+        )
+
+    @property
+    def model(self) -> str:
+        return self._model
+
+    def availability(self) -> tuple[bool, str | None]:
+        if not self._key:
+            return False, "no API token: set ORCH_REPLICATE_API_KEY or REPLICATE_API_TOKEN"
+        return True, None
+
+    def prices(self) -> dict[str, Any]:
+        return self._prices.as_dict()
+
+    def estimate(self, req: RenderRequest) -> int:
+        return req.n * self._prices.millicredits(self._model, "image")
+
+    @staticmethod
+    def _prompt(req: RenderRequest) -> str:
+        if req.stage == "polish":
+            return f"Refine and upscale this image, keep the composition and content exactly: {req.prompt}"
+        if req.init_image is not None:
+            return f"Render this draft in high fidelity, keep its composition: {req.prompt}"
+        return req.prompt
+
+    def _input(self, req: RenderRequest) -> dict[str, Any]:
+        image_uri = None
+        if req.init_image is not None:
+            data = encode_image(req.init_image, fmt="PNG", max_bytes=MAX_INLINE_BYTES, max_side=2048)
+            image_uri = f"data:image/png;base64,{b64encode(data)}"
+        return model_input(self._model, req, self._prompt(req), image_uri)
+
+    async def run(self, req: RenderRequest, progress: Progress, cancel: CancelToken) -> RenderResult:
+        images: list[RenderedImage] = []
+        prediction_ids: list[str] = []
+        predict_time = 0.0
+        body = {"input": self._input(req)}
+        try:
+            for _ in range(req.n):
+                cancel.raise_if_cancelled()
+                prediction = await self._predict(body, progress, cancel)
+                prediction_ids.append(str(prediction["id"]))
+                images.extend(await self._outputs(prediction, cancel))
+                metrics = prediction.get("metrics")
+                if isinstance(metrics, dict) and isinstance(metrics.get("predict_time"), int | float):
+                    predict_time += float(metrics["predict_time"])
+                progress.step(len(images), req.n)
+        except EngineError as exc:
+            # Earlier predictions of this job succeeded and were billed, whatever failed later.
+            if images and exc.charged == "no":
+                exc.charged = "yes"
+            raise
+        return RenderResult(
+            images=images,
+            model=self._model,
+            cost_millicredits=None,
+            provider_request_id=",".join(prediction_ids) or None,
+            metadata={"predict_time": round(predict_time, 3)},
+        )
+
+    async def _predict(self, body: dict[str, Any], progress: Progress, cancel: CancelToken) -> dict[str, Any]:
+        deadline = self.http.new_deadline()
+        progress.state("submitted")
+        response = await cancel.race(self.http.request(
+            "POST", f"/v1/models/{self._model}/predictions", json=body, deadline=deadline,
+            headers={**self._auth, "Prefer": f"wait={self._wait}"},
+        ))
+        if response.status_code not in (200, 201, 202):
+            raise self._refused(response)
+        prediction = self._json(response)
+        prediction_id = str(prediction["id"])
+        progress.provider_request(prediction_id)
+        try:
+            while prediction.get("status") in PENDING:
+                progress.state(str(prediction["status"]))
+                remaining = deadline - self.http.clock()
+                if remaining <= 0:
+                    raise EngineTimeout(
+                        f"replicate: prediction {prediction_id} did not finish before the deadline",
+                        details={"engine": self.name, "prediction": prediction_id},
+                    )
+                await cancel.sleep(min(self.poll_interval, remaining))
+                poll = await cancel.race(self.http.request(
+                    "GET", f"/v1/predictions/{prediction_id}", idempotent=True, deadline=deadline,
+                    headers=self._auth,
+                ))
+                if poll.status_code != 200:
+                    raise EngineError(f"replicate: polling {prediction_id} failed (HTTP {poll.status_code}): "
+                                      f"{error_text(poll)}", details={"engine": self.name})
+                prediction = self._json(poll)
+        except Canceled:
+            await self._cancel_remote(prediction_id)
+            raise Canceled("the job was canceled while Replicate was working", charged="unknown") from None
+        except EngineError as exc:
+            # We stop following a prediction that may still run and bill: stop it too.
+            await self._cancel_remote(prediction_id)
+            exc.charged = "unknown"
+            raise
+        self._check_status(prediction)
+        return prediction
+
+    def _check_status(self, prediction: dict[str, Any]) -> None:
+        status = prediction.get("status")
+        details = {"engine": self.name, "prediction": prediction.get("id"), "status": status}
+        if status == "succeeded":
+            return
+        if status == "failed":
+            text = str(prediction.get("error") or "no reason given")
+            if _filtered(text):
+                raise ContentFiltered(f"replicate filtered the request: {text[:300]}", details=details,
+                                      charged="unknown")
+            raise EngineError(f"replicate: the prediction failed: {text[:300]}", details=details,
+                              charged="unknown")
+        if status in ("canceled", "aborted"):
+            raise Canceled(f"replicate: the prediction was {status} by the provider", details=details,
+                           charged="no" if status == "aborted" else "unknown")
+        raise EngineError(f"replicate: unexpected prediction status {status!r}", details=details,
+                          charged="unknown")
+
+    async def _outputs(self, prediction: dict[str, Any], cancel: CancelToken) -> list[RenderedImage]:
+        output = prediction.get("output")
+        urls = [output] if isinstance(output, str) else output if isinstance(output, list) else []
+        urls = [u for u in urls if isinstance(u, str) and u]
+        try:
+            if not urls:
+                raise EngineError("replicate: the prediction succeeded without an image",
+                                  details={"engine": self.name, "prediction": prediction.get("id")})
+            return [RenderedImage(decode_image(await self._download(url, cancel), self.name)) for url in urls]
+        except EngineError as exc:
+            exc.charged = "yes"
+            raise
+
+    async def _download(self, url: str, cancel: CancelToken) -> bytes:
+        if url.startswith("data:"):
+            return b64decode_tolerant(url.partition(",")[2])
+        response = await cancel.race(self.http.request("GET", url, idempotent=True), charged="yes")
+        if response.status_code != 200:
+            raise EngineError(f"replicate: downloading the output failed (HTTP {response.status_code})",
+                              details={"engine": self.name, "status": response.status_code})
+        return response.content
+
+    async def _cancel_remote(self, prediction_id: str) -> None:
+        """Best effort: the job is over for us either way, so no failure here is surfaced."""
+        with contextlib.suppress(EngineError, httpx.HTTPError):
+            await self.http.request("POST", f"/v1/predictions/{prediction_id}/cancel", idempotent=True,
+                                    deadline=self.http.clock() + 10, headers=self._auth)
+
+    def _refused(self, response: httpx.Response) -> EngineError:
+        if response.status_code == 402:
+            return EngineUnavailable("replicate refused to bill the account (HTTP 402): check its billing",
+                                     details={"engine": self.name, "status": 402})
+        return self.http.fail(response)
+
+    def _json(self, response: httpx.Response) -> dict[str, Any]:
+        # A 2xx means Replicate accepted the prediction, so even an unreadable one may be billed.
+        try:
+            body = response.json()
+        except ValueError:
+            raise EngineError("replicate: the provider answered with a body that is not JSON",
+                              details={"engine": self.name}, charged="unknown") from None
+        if not isinstance(body, dict) or not body.get("id") or not isinstance(body.get("status"), str):
+            raise EngineError("replicate: the answer is not a prediction (no id or status)",
+                              details={"engine": self.name}, charged="unknown")
+        return body
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+
+def factory(ctx: EngineContext) -> ReplicateEngine:
+    return ReplicateEngine(ctx)

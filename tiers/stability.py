@@ -1,0 +1,296 @@
+"""Stability AI REST v2beta: SD3.5 / Ultra image-to-image and the two upscalers.
+
+Which endpoint a request goes to:
+
+- bridge: `generate/sd3` (`mode=image-to-image`, `model=<stability_model>`), or `generate/ultra`
+  when `stability_model` is "ultra"; the draft is the `image`, `req.strength` its strength.
+- polish with `req.scale` unset: no upscale was asked for, so it is a same-size refine through
+  the bridge endpoint above.
+- polish with `req.scale` set: an upscale. The upscalers choose their output size themselves
+  (about 4 megapixels), so a scale above 4 is refused before anything is sent, leaving it to an
+  engine that can honour it. Then:
+  - `req.creativity > 0.35`: creative upscale (asynchronous: a create that returns an id, then
+    `GET /v2beta/results/{id}` polls, 202 while working).
+  - otherwise: conservative upscale (synchronous), `creativity` clamped to its 0.2-0.5 range.
+
+Every call asks for `Accept: application/json` and decodes `{"image", "finish_reason", "seed"}`.
+A create is never re-sent when it got no answer (it may have been billed); result polls are, since
+a GET makes nothing. Stability has no cancel endpoint: a job canceled after the provider took it
+may still be billed. Stability does not report what it charged, so `cost_millicredits` is `None`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import httpx
+
+from orchestrator.errors import (
+    BadEngineInput,
+    Canceled,
+    ContentFiltered,
+    EngineError,
+    EngineTimeout,
+    EngineUnavailable,
+)
+from tiers._http import RemoteClient
+from tiers._images import b64decode_tolerant, decode_image, encode_image
+from tiers.base import (
+    CancelToken,
+    Capabilities,
+    EngineContext,
+    PriceTable,
+    Progress,
+    RenderedImage,
+    RenderRequest,
+    RenderResult,
+    Stage,
+)
+
+MAX_UPLOAD_BYTES = 10 * 1024 * 1024
+# The creative upscaler takes inputs up to about 1 megapixel (unverified): shrink the long side.
+CREATIVE_MAX_SIDE = 1024
+MAX_SCALE = 4.0
+CREATIVE_THRESHOLD = 0.35
+CONSERVATIVE_CREATIVITY = (0.2, 0.5)
+CREATIVE_CREATIVITY = (0.1, 0.5)
+MAX_SEED = 4294967294
+POLL_INTERVAL = 5.0
+FILTERED = "CONTENT_FILTERED"
+# Credits per output image (1 credit = $0.01; providers.md, Nov 2026). The upscalers are priced as
+# models of their own so the prices file can override them like any other model.
+PRICES_AS_OF = "2026-11"
+DEFAULT_PRICES: dict[str, dict[str, float]] = {
+    "ultra": {"image": 8.0},
+    "core": {"image": 3.0},
+    "sd3.5-large": {"image": 6.5},
+    "sd3.5-large-turbo": {"image": 4.0},
+    "sd3.5-medium": {"image": 3.5},
+    "upscale-conservative": {"image": 40.0},
+    "upscale-creative": {"image": 60.0},
+    "upscale-fast": {"image": 2.0},
+}
+
+Operation = Literal["generate", "upscale-conservative", "upscale-creative"]
+
+
+def operation(req: RenderRequest) -> Operation:
+    if req.stage != "polish" or req.scale is None:
+        return "generate"
+    return "upscale-creative" if req.creativity > CREATIVE_THRESHOLD else "upscale-conservative"
+
+
+def _clamp(value: float, bounds: tuple[float, float]) -> float:
+    return min(max(value, bounds[0]), bounds[1])
+
+
+class StabilityEngine:
+    name = "stability"
+    kind: Literal["remote"] = "remote"
+    stages: frozenset[Stage] = frozenset({"bridge", "polish"})
+    capabilities = Capabilities(img2img=True, upscale=True, seeds=True, negative_prompt=True,
+                                leaves_machine=True, max_width=4096, max_height=4096, size_multiple=1)
+
+    def __init__(self, ctx: EngineContext, client: RemoteClient | None = None) -> None:
+        s = ctx.settings
+        self._model = s.stability_model
+        self._key = s.stability_api_key.get_secret_value() if s.stability_api_key else None
+        self._prices = PriceTable(self.name, DEFAULT_PRICES, PRICES_AS_OF, ctx.price_overrides.get(self.name))
+        # Seconds between result polls; an attribute so tests can make it zero.
+        self.poll_interval = POLL_INTERVAL
+        self.http = client or RemoteClient(
+            self.name,
+            base_url=s.stability_base_url,
+            headers={"authorization": f"Bearer {self._key or ''}", "accept": "application/json"},
+            key_setting="ORCH_STABILITY_API_KEY (or STABILITY_API_KEY)",
+            deadline=s.remote_deadline,
+            connect_timeout=s.remote_connect_timeout,
+            read_timeout=s.remote_read_timeout,
+        )
+
+    @property
+    def model(self) -> str:
+        return self._model
+
+    def availability(self) -> tuple[bool, str | None]:
+        if not self._key:
+            return False, "no API key: set ORCH_STABILITY_API_KEY or STABILITY_API_KEY"
+        return True, None
+
+    def prices(self) -> dict[str, Any]:
+        return self._prices.as_dict()
+
+    def _priced_model(self, req: RenderRequest) -> str:
+        op = operation(req)
+        return self._model if op == "generate" else op
+
+    def estimate(self, req: RenderRequest) -> int:
+        return req.n * self._prices.millicredits(self._priced_model(req), "image")
+
+    async def run(self, req: RenderRequest, progress: Progress, cancel: CancelToken) -> RenderResult:
+        if req.init_image is None:
+            raise BadEngineInput(f"{self.name}: {req.stage} needs a draft image",
+                                 details={"engine": self.name})
+        op = operation(req)
+        if op != "generate" and req.scale is not None and req.scale > MAX_SCALE:
+            # Nothing was sent: let routing fall back to an engine that can upscale that far.
+            raise BadEngineInput(
+                f"{self.name}: the upscalers stop at about 4 megapixels; "
+                f"scale {req.scale:g} is above {MAX_SCALE:g}",
+                details={"engine": self.name, "scale": req.scale}, retryable=True,
+            )
+        max_side = CREATIVE_MAX_SIDE if op == "upscale-creative" else None
+        draft = encode_image(req.init_image, fmt="PNG", max_bytes=MAX_UPLOAD_BYTES, max_side=max_side)
+        images: list[RenderedImage] = []
+        request_ids: list[str] = []
+        finish_reasons: list[str] = []
+        for i in range(req.n):
+            cancel.raise_if_cancelled()
+            progress.state("submitted")
+            fields = self._fields(req, op, None if req.seed is None else (req.seed + i) % (MAX_SEED + 1))
+            files = {"image": ("draft.png", draft, "image/png")}
+            if op == "upscale-creative":
+                response, request_id = await self._creative(fields, files, progress, cancel)
+            else:
+                response = await cancel.race(self._send("POST", self._path(op), data=fields, files=files))
+                request_id = response.headers.get("x-request-id")
+                if request_id:
+                    progress.provider_request(request_id)
+            if request_id:
+                request_ids.append(request_id)
+            image, seed, reason = self._result(response)
+            images.append(RenderedImage(image, seed=seed))
+            finish_reasons.append(reason)
+            progress.step(len(images), req.n)
+        return RenderResult(
+            images=images,
+            model=self._priced_model(req),
+            cost_millicredits=None,
+            provider_request_id=",".join(request_ids) or None,
+            metadata={"endpoint": self._path(op), "finish_reasons": finish_reasons},
+        )
+
+    def _path(self, op: Operation) -> str:
+        if op == "upscale-conservative":
+            return "/v2beta/stable-image/upscale/conservative"
+        if op == "upscale-creative":
+            return "/v2beta/stable-image/upscale/creative"
+        return "/v2beta/stable-image/generate/" + ("ultra" if self._model == "ultra" else "sd3")
+
+    def _fields(self, req: RenderRequest, op: Operation, seed: int | None) -> dict[str, str]:
+        fields = {"prompt": req.prompt, "output_format": "png"}
+        if req.negative_prompt:
+            fields["negative_prompt"] = req.negative_prompt
+        if seed is not None:
+            fields["seed"] = str(seed)
+        if op == "upscale-conservative":
+            fields["creativity"] = f"{_clamp(req.creativity, CONSERVATIVE_CREATIVITY):g}"
+        elif op == "upscale-creative":
+            fields["creativity"] = f"{_clamp(req.creativity, CREATIVE_CREATIVITY):g}"
+        else:
+            fields["strength"] = f"{_clamp(req.strength, (0.0, 1.0)):g}"
+            if self._model != "ultra":
+                fields["mode"] = "image-to-image"
+                fields["model"] = self._model
+                if req.guidance_scale is not None:
+                    fields["cfg_scale"] = f"{req.guidance_scale:g}"
+        return fields
+
+    async def _creative(self, fields: dict[str, str], files: dict[str, Any], progress: Progress,
+                        cancel: CancelToken) -> tuple[httpx.Response, str]:
+        deadline = self.http.new_deadline()
+        created = await cancel.race(self._send(
+            "POST", self._path("upscale-creative"), data=fields, files=files, deadline=deadline
+        ))
+        if created.status_code != 200:
+            raise self._error(created)
+        body = self._json(created)
+        job_id = body.get("id")
+        if not isinstance(job_id, str) or not job_id:
+            # Accepted but unnamed: the job may run and bill, and cannot be found again.
+            raise EngineError("stability: the creative upscale answered without an id",
+                              details={"engine": self.name}, charged="unknown")
+        progress.provider_request(job_id)
+        progress.state("polling", provider_id=job_id)
+        try:
+            while True:
+                if self.http.clock() >= deadline:
+                    raise EngineTimeout(
+                        f"{self.name}: creative upscale {job_id} did not finish before the deadline",
+                        details={"engine": self.name, "provider_id": job_id},
+                    )
+                await cancel.sleep(self.poll_interval)
+                response = await cancel.race(self._send(
+                    "GET", f"/v2beta/results/{job_id}", idempotent=True, deadline=deadline
+                ))
+                if response.status_code == 202:
+                    continue
+                if response.status_code == 404:
+                    raise EngineError(f"{self.name}: creative upscale {job_id} is unknown or expired",
+                                      details={"engine": self.name, "provider_id": job_id}, charged="unknown")
+                return response, job_id
+        except Canceled as exc:
+            # The provider has the job and no way to stop it: it may finish and bill.
+            raise Canceled(exc.message, details={"engine": self.name, "provider_id": job_id},
+                           charged="unknown") from None
+
+    async def _send(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        try:
+            return await self.http.request(method, url, **kwargs)
+        except EngineUnavailable as exc:
+            # Stability answers a bad key with 401 and reserves 403 for content moderation, which
+            # the shared client reports as a credentials problem.
+            if exc.details.get("status") != 403:
+                raise
+            raise ContentFiltered(f"{self.name} refused the request (content moderation, HTTP 403)",
+                                  details={"engine": self.name, "reason": "content_moderation",
+                                           "status": 403}) from None
+
+    def _result(self, response: httpx.Response) -> tuple[Any, int | None, str]:
+        if response.status_code != 200:
+            raise self._error(response)
+        body = self._json(response)
+        reason = str(body.get("finish_reason") or response.headers.get("finish-reason") or "SUCCESS")
+        if FILTERED in (reason, response.headers.get("finish-reason")):
+            # The provider made (and may bill) a blurred image.
+            raise ContentFiltered(f"{self.name}: the output was content filtered",
+                                  details={"engine": self.name, "reason": FILTERED}, charged="unknown")
+        encoded = body.get("image")
+        if not isinstance(encoded, str) or not encoded:
+            raise EngineError(f"{self.name} returned no image (finish_reason {reason})",
+                              details={"engine": self.name, "reason": reason})
+        image = decode_image(b64decode_tolerant(encoded), self.name)
+        seed = body.get("seed", response.headers.get("seed"))
+        try:
+            parsed_seed = int(seed) if seed is not None else None
+        except (TypeError, ValueError):
+            parsed_seed = None
+        return image, parsed_seed, reason
+
+    def _error(self, response: httpx.Response) -> EngineError:
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if isinstance(body, dict) and body.get("name") == "content_moderation":
+            return ContentFiltered(f"{self.name} refused the request (content moderation)",
+                                   details={"engine": self.name, "reason": "content_moderation",
+                                            "status": response.status_code})
+        return self.http.fail(response)
+
+    def _json(self, response: httpx.Response) -> dict[str, Any]:
+        try:
+            body = response.json()
+        except ValueError:
+            raise EngineError(f"{self.name}: the provider answered {response.status_code} with a body "
+                              "that is not JSON", details={"engine": self.name}) from None
+        if not isinstance(body, dict):
+            raise EngineError(f"{self.name}: unexpected response shape", details={"engine": self.name})
+        return body
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+
+def factory(ctx: EngineContext) -> StabilityEngine:
+    return StabilityEngine(ctx)

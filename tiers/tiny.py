@@ -1,0 +1,91 @@
+"""`builtin:tiny-sd`: a random-weight Stable Diffusion pipeline built offline from small configs.
+
+It exists so tests, CI and `make demo` exercise the real diffusers code path (UNet, VAE, text
+encoder, tokenizer, scheduler) on any machine without the network. Its images are noise.
+The VAE has four blocks so its scale factor is 8 like real Stable Diffusion: a 512x512 image
+denoises a 64x64 latent.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+NAME = "builtin:tiny-sd"
+NOTE = "builtin:tiny-sd has random weights: its images are noise (set ORCH_LITE_MODEL to a real model)"
+_VERSION = "2"
+
+
+def _vocab() -> tuple[dict[str, int], list[str]]:
+    # A byte-level BPE vocabulary small enough to build in memory: every printable byte, with
+    # and without CLIP's end-of-word marker, plus the special tokens.
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    # GPT-2's byte-to-unicode map: printable bytes map to themselves, the rest to code points >= 256.
+    extra = iter(range(256, 512))
+    symbols = [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
+    tokens = ["<|startoftext|>", "<|endoftext|>", *symbols, *(s + "</w>" for s in symbols)]
+    return {t: i for i, t in enumerate(tokens)}, ["#version: 0.2"]
+
+
+def save_tiny_pipeline(folder: Path, seed: int = 0) -> Path:
+    """Build the tiny pipeline and save it as a normal diffusers folder (idempotent)."""
+    marker = folder / ".tiny-sd-version"
+    if marker.exists() and marker.read_text() == _VERSION:
+        return folder
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=64,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=4,
+        norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16, 32, 32),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=64,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=32, intermediate_size=37,
+            layer_norm_eps=1e-5, num_attention_heads=4, num_hidden_layers=2, vocab_size=600,
+            max_position_embeddings=77,
+        )
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab, merges = _vocab()
+    tok_dir = folder / "_tokenizer_src"
+    tok_dir.mkdir(exist_ok=True)
+    (tok_dir / "vocab.json").write_text(json.dumps(vocab))
+    (tok_dir / "merges.txt").write_text("\n".join(merges) + "\n")
+    tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=77)
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", timestep_spacing="trailing",
+        steps_offset=1,
+    )
+    pipe: Any = StableDiffusionPipeline(
+        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+    marker.write_text(_VERSION)
+    log.info("built %s in %s", NAME, folder)
+    return folder
