@@ -30,6 +30,9 @@ class Settings(BaseSettings):
     )
 
     data_dir: Path = Path("./.orchestrator")
+    # Shared across data dirs: the offline tiny model is built here once per machine.
+    cache_dir: Path = Field(default_factory=lambda: Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache")
+                            .expanduser() / "orchestrator")
     database_url: str | None = None
     admin_key: SecretStr | None = None
 

@@ -18,4 +18,5 @@ def test_models_and_migrations_agree(tmp_path: Path) -> None:
     with engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), SQLModel.metadata)
     assert diff == []
-    assert {"projects", "jobs", "assets", "idempotency_keys", "alembic_version"} <= set(inspect(engine).get_table_names())
+    tables = set(inspect(engine).get_table_names())
+    assert {"projects", "jobs", "assets", "idempotency_keys", "alembic_version"} <= tables

@@ -14,6 +14,7 @@ import asyncio
 import logging
 import os
 import threading
+import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -195,12 +196,11 @@ class LocalRuntime:
         source = self._source(model)
         log.info("loading %s on %s", model, self.device)
         try:
-            if source.is_file():
-                pipe = self._load_single_file(source)
-            else:
-                pipe = AutoPipelineForText2Image.from_pretrained(
-                    str(source) if source.exists() else model, torch_dtype=self.dtype()
-                )
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # diffusers' torch_dtype -> dtype rename
+                pipe = (self._load_single_file(source) if source.is_file() else
+                        AutoPipelineForText2Image.from_pretrained(str(source) if source.exists() else model,
+                                                                  torch_dtype=self.dtype()))
         except (OSError, ValueError) as exc:
             raise EngineUnavailable(
                 f"could not load model '{model}': {exc}".splitlines()[0][:400],
@@ -215,7 +215,7 @@ class LocalRuntime:
 
     def _source(self, model: str) -> Path:
         if model == tiny.NAME:
-            return tiny.save_tiny_pipeline(self.settings.data_dir / "models" / "tiny-sd")
+            return tiny.save_tiny_pipeline(self.settings.cache_dir / "tiny-sd")
         return Path(model).expanduser()
 
     def _load_single_file(self, path: Path) -> Any:

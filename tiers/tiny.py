@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +35,31 @@ def _vocab() -> tuple[dict[str, int], list[str]]:
 
 
 def save_tiny_pipeline(folder: Path, seed: int = 0) -> Path:
-    """Build the tiny pipeline and save it as a normal diffusers folder (idempotent)."""
+    """Build the tiny pipeline and save it as a normal diffusers folder (idempotent).
+
+    It is built in a temporary folder and renamed into place, so two processes starting at once
+    never load a half-written model."""
     marker = folder / ".tiny-sd-version"
     if marker.exists() and marker.read_text() == _VERSION:
         return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".tiny-sd-", dir=folder.parent))
+    try:
+        _build(staging, seed)
+        if folder.exists():
+            shutil.rmtree(folder, ignore_errors=True)  # an older version
+        try:
+            os.replace(staging, folder)
+        except OSError:
+            if not (marker.exists() and marker.read_text() == _VERSION):
+                raise  # someone else won the race only if their copy is complete
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("built %s in %s", NAME, folder)
+    return folder
+
+
+def _build(folder: Path, seed: int) -> None:
     import torch
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -70,7 +94,6 @@ def save_tiny_pipeline(folder: Path, seed: int = 0) -> Path:
             max_position_embeddings=77,
         )
     )
-    folder.mkdir(parents=True, exist_ok=True)
     vocab, merges = _vocab()
     tok_dir = folder / "_tokenizer_src"
     tok_dir.mkdir(exist_ok=True)
@@ -86,6 +109,4 @@ def save_tiny_pipeline(folder: Path, seed: int = 0) -> Path:
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     pipe.save_pretrained(folder, safe_serialization=True)
-    marker.write_text(_VERSION)
-    log.info("built %s in %s", NAME, folder)
-    return folder
+    (folder / ".tiny-sd-version").write_text(_VERSION)

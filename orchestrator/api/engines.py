@@ -1,0 +1,27 @@
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+
+from orchestrator.api.deps import ServicesDep
+from orchestrator.schemas import EnginePublic
+
+router = APIRouter(tags=["engines"])
+
+
+@router.get("/engines", response_model=list[EnginePublic])
+def list_engines(services: ServicesDep) -> list[EnginePublic]:
+    out = []
+    for engine in services.registry:
+        available, why = engine.availability()
+        note: Any = getattr(engine, "note", None)
+        out.append(EnginePublic(
+            name=engine.name, kind=engine.kind, stages=sorted(engine.stages), available=available,
+            health=services.health(engine.name), model=engine.model, note=why or note,
+            prices=engine.prices(), capabilities=engine.capabilities.as_dict(),
+        ))
+    for broken in services.registry.broken.values():
+        out.append(EnginePublic(name=broken.name, kind="remote", stages=[], available=False, health="open",
+                                model=None, note=broken.reason, prices={}, capabilities={}))
+    return out

@@ -1,0 +1,117 @@
+from __future__ import annotations
+
+import io
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.responses import StreamingResponse
+from sqlmodel import col, select
+
+from orchestrator.api.deps import ServicesDep
+from orchestrator.api.serialize import job_public
+from orchestrator.errors import NotFound
+from orchestrator.events import TERMINAL
+from orchestrator.jobs import validate_cursor
+from orchestrator.models import Job
+from orchestrator.schemas import JobPublic, JobStatus, Page, Stage
+from orchestrator.services import Services
+
+router = APIRouter(tags=["jobs"])
+KEEPALIVE_SECONDS = 15.0
+
+
+def public(services: Services, job: Job) -> JobPublic:
+    return publics(services, [job])[0]
+
+
+def publics(services: Services, jobs: list[Job]) -> list[JobPublic]:
+    assets = services.jobs.asset_ids([j.id for j in jobs])
+    money = services.jobs.money([j.id for j in jobs])
+    return [job_public(j, assets[j.id], *money.get(j.id, (0, 0))) for j in jobs]
+
+
+@router.get("/jobs/{job_id}", response_model=JobPublic)
+def get_job(job_id: str, services: ServicesDep) -> JobPublic:
+    return public(services, services.jobs.get(job_id))
+
+
+@router.get("/jobs", response_model=Page[JobPublic])
+def list_jobs(services: ServicesDep, project_id: str | None = None, stage: Stage | None = None,
+              status: JobStatus | None = None, limit: Annotated[int, Query(ge=1, le=500)] = 50,
+              cursor: str | None = None) -> Page[JobPublic]:
+    with services.db.session() as s:
+        stmt = select(Job).order_by(col(Job.id)).limit(limit + 1)
+        if project_id:
+            stmt = stmt.where(col(Job.project_id) == project_id)
+        if stage:
+            stmt = stmt.where(col(Job.stage) == stage)
+        if status:
+            stmt = stmt.where(col(Job.status) == status)
+        if validate_cursor(cursor):
+            stmt = stmt.where(col(Job.id) > cursor)
+        rows = list(s.exec(stmt).all())
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return Page(items=publics(services, rows), next_cursor=rows[-1].id if more else None)
+
+
+@router.post("/jobs/{job_id}/cancel", status_code=202, response_model=JobPublic)
+def cancel_job(job_id: str, services: ServicesDep) -> JobPublic:
+    if not services.jobs.cancel_queued(job_id) and not services.scheduler.cancel(job_id):
+        # Running, but not in this process: its worker is gone or elsewhere. Cancel the row;
+        # a worker's late write carries an older state and changes nothing.
+        services.jobs.cancel_orphan(job_id)
+    return public(services, services.jobs.get(job_id))
+
+
+@router.get("/jobs/{job_id}/preview", responses={200: {"content": {"image/png": {}}}})
+def job_preview(job_id: str, services: ServicesDep) -> Response:
+    services.jobs.get(job_id)
+    preview = services.runner.previews.get(job_id)
+    if preview is None:
+        raise NotFound("no preview: the job is not denoising right now", details={"job_id": job_id})
+    buf = io.BytesIO()
+    preview.save(buf, format="PNG")
+    return Response(buf.getvalue(), media_type="image/png", headers={"Cache-Control": "no-store"})
+
+
+@router.get("/jobs/{job_id}/events", response_class=StreamingResponse,
+            responses={200: {"content": {"text/event-stream": {}}}})
+async def job_events(job_id: str, services: ServicesDep, request: Request) -> StreamingResponse:
+    job = services.jobs.get(job_id)
+    if not services.bus.knows(job_id):
+        _seed_from_database(services, job)
+
+    async def stream() -> AsyncIterator[str]:
+        events = services.bus.subscribe(job_id)
+        try:
+            async for event in events:
+                yield event.sse()
+        finally:
+            await events.aclose()  # type: ignore[attr-defined]
+
+    return StreamingResponse(stream(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _seed_from_database(services: Services, job: Job) -> None:
+    """A job this process has not seen (it ran before a restart): describe its state from the rows."""
+    bus = services.bus
+    bus.publish(job.id, "queued", {"job_id": job.id, "status": "queued"})
+    if job.status == "queued":
+        return
+    bus.publish(job.id, "started", {"job_id": job.id, "status": "running", "engine": job.engine})
+    if job.status == "running":
+        if job.progress_total:
+            bus.publish(job.id, "progress", {"step": job.progress_step, "total": job.progress_total,
+                                             "fraction": round(job.progress_step / job.progress_total, 4)})
+        return
+    asset_ids = services.jobs.asset_ids([job.id])[job.id]
+    for index, asset_id in enumerate(asset_ids):
+        bus.publish(job.id, "asset", {"asset_id": asset_id, "index": index})
+    if job.status in TERMINAL:
+        data: dict[str, Any] = {"job_id": job.id, "status": job.status}
+        if job.status == "failed" and job.error:
+            data["error"] = job.error
+        bus.publish(job.id, job.status, data)

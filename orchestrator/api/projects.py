@@ -1,0 +1,89 @@
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+from sqlmodel import col, select
+
+from orchestrator.api.deps import ServicesDep
+from orchestrator.api.serialize import asset_public, project_public
+from orchestrator.errors import NotFound
+from orchestrator.ids import new_id
+from orchestrator.jobs import validate_cursor
+from orchestrator.models import Asset, Project
+from orchestrator.schemas import AssetPublic, Page, ProjectCreate, ProjectPublic, ProjectUpdate, Stage
+from tiers.base import to_millicredits
+
+router = APIRouter(tags=["projects"])
+Limit = Annotated[int, Query(ge=1, le=500)]
+
+
+@router.post("/projects", status_code=201, response_model=ProjectPublic)
+def create_project(body: ProjectCreate, services: ServicesDep) -> ProjectPublic:
+    budget = body.budget
+    project = Project(
+        id=new_id("prj"), name=body.name, policy=body.policy or services.settings.policy,
+        budget_limit=None if budget is None or budget.limit is None else to_millicredits(budget.limit),
+        budget_period=budget.period if budget else "none",
+    )
+    with services.db.transaction() as s:
+        s.add(project)
+    return project_public(project)
+
+
+@router.get("/projects", response_model=Page[ProjectPublic])
+def list_projects(services: ServicesDep, limit: Limit = 50, cursor: str | None = None) -> Page[ProjectPublic]:
+    with services.db.session() as s:
+        stmt = select(Project).order_by(col(Project.id)).limit(limit + 1)
+        if validate_cursor(cursor):
+            stmt = stmt.where(col(Project.id) > cursor)
+        rows = list(s.exec(stmt).all())
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return Page(items=[project_public(p) for p in rows], next_cursor=rows[-1].id if more else None)
+
+
+def _get(services: ServicesDep, project_id: str) -> Project:
+    with services.db.session() as s:
+        project = s.get(Project, project_id)
+    if project is None:
+        raise NotFound(f"project '{project_id}' not found", details={"project_id": project_id})
+    return project
+
+
+@router.get("/projects/{project_id}", response_model=ProjectPublic)
+def get_project(project_id: str, services: ServicesDep) -> ProjectPublic:
+    return project_public(_get(services, project_id))
+
+
+@router.patch("/projects/{project_id}", response_model=ProjectPublic)
+def update_project(project_id: str, body: ProjectUpdate, services: ServicesDep) -> ProjectPublic:
+    with services.db.transaction() as s:
+        project = s.get(Project, project_id)
+        if project is None:
+            raise NotFound(f"project '{project_id}' not found", details={"project_id": project_id})
+        if body.name is not None:
+            project.name = body.name
+        if body.policy is not None:
+            project.policy = body.policy
+        if body.budget is not None:
+            project.budget_limit = None if body.budget.limit is None else to_millicredits(body.budget.limit)
+            project.budget_period = body.budget.period
+        s.add(project)
+    return project_public(project)
+
+
+@router.get("/projects/{project_id}/assets", response_model=Page[AssetPublic])
+def list_project_assets(project_id: str, services: ServicesDep, stage: Stage | None = None, limit: Limit = 50,
+                        cursor: str | None = None) -> Page[AssetPublic]:
+    _get(services, project_id)
+    with services.db.session() as s:
+        stmt = select(Asset).where(col(Asset.project_id) == project_id).order_by(col(Asset.id)).limit(limit + 1)
+        if stage:
+            stmt = stmt.where(col(Asset.stage) == stage)
+        if validate_cursor(cursor):
+            stmt = stmt.where(col(Asset.id) > cursor)
+        rows = list(s.exec(stmt).all())
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return Page(items=[asset_public(a) for a in rows], next_cursor=rows[-1].id if more else None)

@@ -1,0 +1,46 @@
+"""The three stages: drafts (ideation), promote (bridge) and polish. Each answers 202 with the job."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+
+from orchestrator.api.deps import IdempotencyKey, ServicesDep
+from orchestrator.api.jobs import public
+from orchestrator.models import Job
+from orchestrator.schemas import DraftCreate, JobPublic, PolishCreate, PromoteCreate
+
+router = APIRouter(tags=["stages"])
+
+
+@router.post("/projects/{project_id}/drafts", status_code=202, response_model=JobPublic)
+def create_drafts(project_id: str, body: DraftCreate, services: ServicesDep, request: Request,
+                  response: Response, idempotency_key: IdempotencyKey = None) -> JobPublic:
+    prepared = services.jobs.prepare_draft(project_id, body)
+    job, created = services.jobs.submit(prepared, body, engine=body.engine, max_credits=None,
+                                        idempotency_key=idempotency_key, scope=request.url.path)
+    return _answer(services, job, created, response)
+
+
+@router.post("/assets/{asset_id}/promote", status_code=202, response_model=JobPublic)
+def promote(asset_id: str, body: PromoteCreate, services: ServicesDep, request: Request, response: Response,
+            idempotency_key: IdempotencyKey = None) -> JobPublic:
+    prepared = services.jobs.prepare_promote(asset_id, body)
+    job, created = services.jobs.submit(prepared, body, engine=body.engine, max_credits=body.max_credits,
+                                        idempotency_key=idempotency_key, scope=request.url.path)
+    return _answer(services, job, created, response)
+
+
+@router.post("/assets/{asset_id}/polish", status_code=202, response_model=JobPublic)
+def polish(asset_id: str, body: PolishCreate, services: ServicesDep, request: Request, response: Response,
+           idempotency_key: IdempotencyKey = None) -> JobPublic:
+    prepared = services.jobs.prepare_polish(asset_id, body)
+    job, created = services.jobs.submit(prepared, body, engine=body.engine, max_credits=body.max_credits,
+                                        idempotency_key=idempotency_key, scope=request.url.path)
+    return _answer(services, job, created, response)
+
+
+def _answer(services: ServicesDep, job: Job, created: bool, response: Response) -> JobPublic:
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    if not created:
+        response.headers["Idempotent-Replayed"] = "true"
+    return public(services, services.jobs.get(job.id))

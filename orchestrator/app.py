@@ -1,0 +1,62 @@
+"""The FastAPI application factory."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import Depends, FastAPI
+from fastapi.responses import PlainTextResponse
+
+from orchestrator import __version__
+from orchestrator.api import assets, engines, jobs, projects, stages
+from orchestrator.api.deps import ServicesDep, require_auth
+from orchestrator.api.errors import install as install_errors
+from orchestrator.schemas import Health
+from orchestrator.services import Services
+from orchestrator.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        services = await asyncio.to_thread(Services.build, settings)
+        services.bus.bind(asyncio.get_running_loop())
+        app.state.services = services
+        await services.scheduler.start()
+        for engine in services.registry:
+            note = getattr(engine, "note", None)
+            if note:
+                log.warning("%s: %s", engine.name, note)
+        try:
+            yield
+        finally:
+            await services.aclose()
+
+    app = FastAPI(
+        title="Tiered image-rendering orchestrator",
+        version=__version__,
+        description="Ideation on a local Lite model, bridge and polish on high-fidelity engines, "
+        "every paid call held against a budget and charged exactly once.",
+        lifespan=lifespan,
+    )
+    install_errors(app)
+    v1 = [Depends(require_auth)]
+    for module in (projects, stages, jobs, assets, engines):
+        app.include_router(module.router, prefix="/v1", dependencies=v1)
+
+    @app.get("/healthz", response_model=Health, tags=["operations"])
+    def healthz() -> Health:
+        return Health(status="ok", version=__version__)
+
+    @app.get("/metrics", response_class=PlainTextResponse, tags=["operations"])
+    def metrics(services: ServicesDep) -> str:
+        return services.metrics()
+
+    return app

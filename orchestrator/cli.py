@@ -1,0 +1,54 @@
+"""`orchestrator serve | migrate | demo`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from orchestrator import __version__
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="orchestrator", description="Tiered image-rendering orchestrator")
+    parser.add_argument("--version", action="version", version=__version__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the HTTP service")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--log-level", default="info")
+
+    sub.add_parser("migrate", help="apply database migrations and exit")
+
+    demo = sub.add_parser("demo", help="draft -> promote -> polish on the embedded default, end to end")
+    demo.add_argument("--url", help="use a running service instead of starting one")
+    demo.add_argument("--prompt", default="a lighthouse on a cliff at dusk, volumetric light")
+    demo.add_argument("--out", default="demo-output", help="folder for the images")
+    demo.add_argument("--size", type=int, default=512)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    if args.command == "serve":
+        import uvicorn
+
+        from orchestrator.app import create_app
+
+        uvicorn.run(create_app(), host=args.host, port=args.port, log_level=args.log_level)
+        return 0
+    if args.command == "migrate":
+        from orchestrator.db import upgrade
+        from orchestrator.settings import Settings
+
+        settings = Settings()
+        upgrade(settings.resolved_database_url)
+        print(f"database at {settings.resolved_database_url} is up to date")
+        return 0
+    from orchestrator.demo import run_demo
+
+    return run_demo(url=args.url, prompt=args.prompt, out=args.out, size=args.size)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

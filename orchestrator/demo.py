@@ -1,0 +1,120 @@
+"""`orchestrator demo`: the whole workflow on the embedded default, as a new user would run it.
+
+Creates a project, asks for 4 drafts with a progress bar from the event stream, saves them and a
+contact sheet, promotes the first draft (bridge), polishes the result, and prints the lineage.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import sys
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import httpx
+from PIL import Image, ImageDraw
+
+from orchestrator.settings import Settings
+
+
+def _bar(fraction: float, width: int = 30) -> str:
+    filled = round(fraction * width)
+    return "[" + "#" * filled + "-" * (width - filled) + f"] {fraction * 100:5.1f}%"
+
+
+def watch(client: httpx.Client, job_id: str, label: str) -> dict[str, Any]:
+    """Follow a job's event stream, drawing a progress bar; returns the finished job."""
+    with client.stream("GET", f"/v1/jobs/{job_id}/events", timeout=None) as response:
+        event = ""
+        for line in response.iter_lines():
+            if line.startswith("event: "):
+                event = line[7:]
+            elif line.startswith("data: "):
+                data = json.loads(line[6:])
+                if event == "progress":
+                    print(f"\r  {label:<8} {_bar(data['fraction'])} step {data['step']}/{data['total']}",
+                          end="", flush=True)
+                elif event == "state":
+                    print(f"\r  {label:<8} {data.get('state')}", end="", flush=True)
+                elif event in ("succeeded", "failed", "canceled"):
+                    print(f"\r  {label:<8} {_bar(1.0 if event == 'succeeded' else 0.0)} {event}" + " " * 12)
+    job: dict[str, Any] = client.get(f"/v1/jobs/{job_id}").raise_for_status().json()
+    if job["status"] != "succeeded":
+        raise SystemExit(f"{label} job {job_id} {job['status']}: {job.get('error')}")
+    return job
+
+
+def contact_sheet(images: list[Image.Image], columns: int = 2, pad: int = 8) -> Image.Image:
+    w = max(i.width for i in images)
+    h = max(i.height for i in images)
+    rows = (len(images) + columns - 1) // columns
+    sheet = Image.new("RGB", (columns * (w + pad) + pad, rows * (h + pad) + pad), (24, 24, 24))
+    draw = ImageDraw.Draw(sheet)
+    for index, img in enumerate(images):
+        x = pad + (index % columns) * (w + pad)
+        y = pad + (index // columns) * (h + pad)
+        sheet.paste(img, (x, y))
+        draw.text((x + 4, y + 4), str(index), fill=(255, 255, 255))
+    return sheet
+
+
+def run_demo(*, url: str | None, prompt: str, out: str, size: int) -> int:
+    out_dir = Path(out).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    server: AbstractContextManager[str]
+    if url:
+        server = nullcontext(url)
+    else:
+        from orchestrator.server import serve_in_thread
+
+        server = serve_in_thread(Settings())
+    headers = {"Authorization": f"Bearer {os.environ['ORCH_ADMIN_KEY']}"} if os.environ.get("ORCH_ADMIN_KEY") else {}
+    with server as base, httpx.Client(base_url=base, headers=headers, timeout=600) as client:
+        print(f"orchestrator at {base}")
+        engines = {e["name"]: e for e in client.get("/v1/engines").raise_for_status().json()}
+        lite = engines["lite"]
+        print(f"lite model: {lite['model']}" + (f"\n  NOTE: {lite['note']}" if lite.get("note") else ""))
+
+        project = client.post("/v1/projects", json={"name": "demo"}).raise_for_status().json()
+        print(f"project {project['id']} (policy {project['policy']})")
+
+        print(f"1/3 ideation: 4 drafts of {prompt!r}")
+        job = client.post(f"/v1/projects/{project['id']}/drafts",
+                          json={"prompt": prompt, "n": 4, "seed": 42, "width": size, "height": size},
+                          headers={"Idempotency-Key": os.urandom(8).hex()}).raise_for_status().json()
+        job = watch(client, job["id"], "drafts")
+        drafts = []
+        for index, asset_id in enumerate(job["assets"]):
+            data = client.get(f"/v1/assets/{asset_id}/content").raise_for_status().content
+            (out_dir / f"draft-{index}.png").write_bytes(data)
+            drafts.append(Image.open(io.BytesIO(data)).convert("RGB"))
+        contact_sheet(drafts).save(out_dir / "contact-sheet.png")
+
+        first = job["assets"][0]
+        print(f"2/3 bridge: promoting draft 0 ({first})")
+        bridge = client.post(f"/v1/assets/{first}/promote", json={"strength": 0.55}).raise_for_status().json()
+        print(f"  routed to {bridge['engine']} (estimate {bridge['cost']['estimated']} credits)")
+        bridge = watch(client, bridge["id"], "bridge")
+        bridged = bridge["assets"][0]
+        (out_dir / "bridge.png").write_bytes(client.get(f"/v1/assets/{bridged}/content").content)
+
+        print("3/3 polish: 2x with a light refine")
+        final = client.post(f"/v1/assets/{bridged}/polish", json={"scale": 2}).raise_for_status().json()
+        print(f"  routed to {final['engine']} (estimate {final['cost']['estimated']} credits)")
+        final = watch(client, final["id"], "polish")
+        final_id = final["assets"][0]
+        (out_dir / "final.png").write_bytes(client.get(f"/v1/assets/{final_id}/content").content)
+
+        lineage = client.get(f"/v1/assets/{final_id}/lineage").raise_for_status().json()
+        chain = [*lineage["ancestors"], client.get(f"/v1/assets/{final_id}").json()]
+        print("lineage:")
+        for asset in chain:
+            print(f"  {asset['stage']:<8} {asset['id']}  {asset['engine']:<10} {asset['width']}x{asset['height']}")
+        print(f"saved drafts, contact-sheet.png, bridge.png and final.png in {out_dir}")
+        if lite.get("note"):
+            print("(the built-in tiny model has random weights: the images are noise, the workflow is real)")
+    sys.stdout.flush()
+    return 0

@@ -1,0 +1,261 @@
+"""Creating, reading and cancelling jobs.
+
+`submit()` is the flow of DESIGN.md up to the 202: validate, idempotency check, routing decision,
+then one write transaction that persists the job (and, once priced, its ledger hold). The
+scheduler is told only after that transaction commits, so a job a client has heard of always
+exists.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from pydantic import BaseModel
+from sqlalchemy import delete, update
+from sqlmodel import Session, col, select
+
+from orchestrator.db import Database
+from orchestrator.errors import (
+    BudgetExceeded,
+    IdempotencyConflict,
+    InvalidRequest,
+    JobFinished,
+    NotFound,
+)
+from orchestrator.events import EventBus
+from orchestrator.ids import new_id
+from orchestrator.models import Asset, IdempotencyKey, Job, Project, utcnow
+from orchestrator.routing import Decision, Router
+from orchestrator.schemas import DraftCreate, PolishCreate, PromoteCreate, Stage
+from tiers.base import RenderRequest, to_credits, to_millicredits
+
+IDEMPOTENCY_TTL = timedelta(hours=48)
+Body = DraftCreate | PromoteCreate | PolishCreate
+
+
+def request_hash(body: BaseModel) -> str:
+    canonical = json.dumps(body.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _round8(value: float) -> int:
+    return max(8, round(value / 8) * 8)
+
+
+@dataclass
+class Prepared:
+    """A validated request, ready to be routed and persisted."""
+
+    project_id: str
+    stage: Stage
+    params: dict[str, Any]
+    request: RenderRequest
+    source: Asset | None
+
+
+def render_request(params: dict[str, Any], init_image: Any = None) -> RenderRequest:
+    """The engine's view of a job, rebuilt from the job's stored params."""
+    fields = {k: params[k] for k in ("stage", "prompt", "negative_prompt", "n", "seed", "width", "height", "steps",
+                                      "guidance_scale", "strength", "quality", "scale", "creativity")
+              if params.get(k) is not None}
+    return RenderRequest(**fields, tags=dict(params.get("tags") or {}), init_image=init_image)
+
+
+class JobService:
+    def __init__(self, db: Database, router: Router, bus: EventBus, notify: Callable[[], None],
+                 default_policy: str) -> None:
+        self.db = db
+        self.router = router
+        self.bus = bus
+        self.notify = notify
+        self.default_policy = default_policy
+
+    # -- preparing ---------------------------------------------------------------------------
+
+    def prepare_draft(self, project_id: str, body: DraftCreate) -> Prepared:
+        with self.db.session() as s:
+            self._project(s, project_id)
+        params: dict[str, Any] = {
+            "stage": "ideation", "prompt": body.prompt, "negative_prompt": body.negative_prompt, "n": body.n,
+            "seed": body.seed if body.seed is not None else secrets.randbelow(2**32),
+            "width": body.width, "height": body.height, "steps": body.steps,
+            "guidance_scale": body.guidance_scale, "tags": dict(body.tags),
+        }
+        return Prepared(project_id, "ideation", params, render_request(params), None)
+
+    def prepare_promote(self, asset_id: str, body: PromoteCreate) -> Prepared:
+        source = self._source(asset_id)
+        width, height = self._size(source, body.width, body.height, 1.0)
+        params: dict[str, Any] = {
+            "stage": "bridge", "prompt": body.prompt or source.prompt,
+            "negative_prompt": source.negative_prompt if body.negative_prompt is None else body.negative_prompt,
+            "n": 1, "seed": body.seed if body.seed is not None else (source.seed or secrets.randbelow(2**32)),
+            "width": width, "height": height, "strength": body.strength, "quality": body.quality,
+            "steps": body.steps, "tags": dict(body.tags), "source_sha256": source.sha256,
+        }
+        return Prepared(source.project_id, "bridge", params, render_request(params), source)
+
+    def prepare_polish(self, asset_id: str, body: PolishCreate) -> Prepared:
+        source = self._source(asset_id)
+        scale = body.scale if body.width is None and body.height is None else None
+        width, height = self._size(source, body.width, body.height, scale or 1.0)
+        params: dict[str, Any] = {
+            "stage": "polish", "prompt": body.prompt or source.prompt, "negative_prompt": source.negative_prompt,
+            "n": 1, "seed": body.seed if body.seed is not None else (source.seed or secrets.randbelow(2**32)),
+            "width": width, "height": height, "scale": scale, "creativity": body.creativity,
+            "tags": dict(body.tags), "source_sha256": source.sha256,
+        }
+        return Prepared(source.project_id, "polish", params, render_request(params), source)
+
+    @staticmethod
+    def _size(source: Asset, width: int | None, height: int | None, scale: float) -> tuple[int, int]:
+        """An explicit width/height wins; one side alone keeps the source's aspect ratio."""
+        if width and height:
+            return width, height
+        if width:
+            return width, _round8(width * source.height / source.width)
+        if height:
+            return _round8(height * source.width / source.height), height
+        return _round8(source.width * scale), _round8(source.height * scale)
+
+    def _source(self, asset_id: str) -> Asset:
+        with self.db.session() as s:
+            asset = s.get(Asset, asset_id)
+        if asset is None:
+            raise NotFound(f"asset '{asset_id}' not found", details={"asset_id": asset_id})
+        return asset
+
+    @staticmethod
+    def _project(s: Session, project_id: str) -> Project:
+        project = s.get(Project, project_id)
+        if project is None:
+            raise NotFound(f"project '{project_id}' not found", details={"project_id": project_id})
+        return project
+
+    # -- submitting --------------------------------------------------------------------------
+
+    def submit(self, prepared: Prepared, body: Body, *, engine: str | None, max_credits: float | None,
+               idempotency_key: str | None, scope: str) -> tuple[Job, bool]:
+        """Persist a new job; returns `(job, created)`. `created` is False for an idempotent replay."""
+        digest = request_hash(body)
+        if idempotency_key:
+            replay = self._replay(idempotency_key, scope, digest)
+            if replay is not None:
+                return replay, False
+        decision = self.router.decide(prepared.stage, prepared.request, engine)
+        if max_credits is not None and decision.estimate > to_millicredits(max_credits):
+            raise BudgetExceeded(
+                f"the estimate ({to_credits(decision.estimate)} credits) is above max_credits ({max_credits})",
+                details={"estimate": to_credits(decision.estimate), "max_credits": max_credits},
+            )
+        job = self._new_job(prepared, decision)
+        with self.db.transaction() as s:
+            if idempotency_key:
+                # Checked again under the write lock: of concurrent requests with one key, one creates.
+                existing = self._replay_in(s, idempotency_key, scope, digest)
+                if existing is not None:
+                    return existing, False
+            self._project(s, prepared.project_id)
+            s.add(job)
+            s.flush()
+            if idempotency_key:
+                s.add(IdempotencyKey(key=idempotency_key, scope=scope, request_hash=digest, job_id=job.id))
+        self.bus.publish(job.id, "queued", {"job_id": job.id, "status": "queued"})
+        self.notify()
+        return job, True
+
+    def _new_job(self, prepared: Prepared, decision: Decision) -> Job:
+        engine = self.router.registry.get(decision.chosen)
+        return Job(
+            id=new_id("job"), project_id=prepared.project_id, stage=prepared.stage, engine=decision.chosen,
+            model=engine.model, status="queued", params=prepared.params,
+            source_asset_id=prepared.source.id if prepared.source else None,
+            estimated=decision.estimate, routing=decision.as_dict(), attempts=[],
+        )
+
+    def _replay(self, key: str, scope: str, digest: str) -> Job | None:
+        with self.db.session() as s:
+            return self._replay_in(s, key, scope, digest)
+
+    @staticmethod
+    def _replay_in(s: Session, key: str, scope: str, digest: str) -> Job | None:
+        row = s.get(IdempotencyKey, (key, scope))
+        if row is None:
+            return None
+        if row.request_hash != digest:
+            raise IdempotencyConflict(
+                "this Idempotency-Key was used with a different request body",
+                details={"idempotency_key": key},
+            )
+        return s.get(Job, row.job_id)
+
+    def forget_idempotency_keys(self, now: datetime | None = None) -> int:
+        cutoff = (now or utcnow()) - IDEMPOTENCY_TTL
+        with self.db.transaction() as s:
+            result = s.execute(delete(IdempotencyKey).where(col(IdempotencyKey.created_at) < cutoff))
+        return int(getattr(result, "rowcount", 0) or 0)
+
+    # -- reading and cancelling ----------------------------------------------------------------
+
+    def get(self, job_id: str) -> Job:
+        with self.db.session() as s:
+            job = s.get(Job, job_id)
+        if job is None:
+            raise NotFound(f"job '{job_id}' not found", details={"job_id": job_id})
+        return job
+
+    def asset_ids(self, job_ids: list[str]) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {j: [] for j in job_ids}
+        if not job_ids:
+            return out
+        with self.db.session() as s:
+            rows = s.exec(select(Asset.job_id, Asset.id).where(col(Asset.job_id).in_(job_ids))
+                          .order_by(col(Asset.job_id), col(Asset.index))).all()
+        for job_id, asset_id in rows:
+            out[job_id].append(asset_id)
+        return out
+
+    def cancel_queued(self, job_id: str) -> bool:
+        """Cancel a job no worker holds; False when it is not queued any more."""
+        now = utcnow()
+        with self.db.transaction() as s:
+            job = s.get(Job, job_id)
+            if job is None:
+                raise NotFound(f"job '{job_id}' not found", details={"job_id": job_id})
+            if job.status in ("succeeded", "failed", "canceled"):
+                raise JobFinished(f"job '{job_id}' already {job.status}", details={"status": job.status})
+            if job.status != "queued":
+                return False
+            s.execute(update(Job).where(col(Job.id) == job_id, col(Job.status) == "queued").values(
+                status="canceled", finished_at=now,
+                error={"code": "canceled", "message": "canceled before it started", "details": {}}))
+        self.bus.publish(job_id, "canceled", {"job_id": job_id, "status": "canceled"})
+        return True
+
+    def cancel_orphan(self, job_id: str) -> None:
+        """Cancel a running job that no task in this process holds."""
+        with self.db.transaction() as s:
+            result = s.execute(update(Job).where(col(Job.id) == job_id, col(Job.status) == "running").values(
+                status="canceled", finished_at=utcnow(), lease_owner=None, lease_expires_at=None,
+                error={"code": "canceled", "message": "canceled; its worker was gone", "details": {}}))
+        if getattr(result, "rowcount", 0) == 1:
+            self.bus.publish(job_id, "canceled", {"job_id": job_id, "status": "canceled"})
+            return
+        job = self.get(job_id)
+        raise JobFinished(f"job '{job_id}' already {job.status}", details={"status": job.status})
+
+    def money(self, job_ids: list[str]) -> dict[str, tuple[int, int]]:
+        """(held, charged) millicredits per job."""
+        return {}
+
+
+def validate_cursor(cursor: str | None) -> str | None:
+    if cursor is not None and not (0 < len(cursor) <= 64 and cursor.replace("_", "").isalnum()):
+        raise InvalidRequest("malformed cursor", details={"cursor": cursor})
+    return cursor

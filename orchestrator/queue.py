@@ -1,0 +1,243 @@
+"""The durable job queue and its in-process scheduler.
+
+Jobs wait in the `jobs` table; the scheduler claims them oldest first, with a concurrency limit
+per lane: one lane per local device (limit 1: a GPU runs one pipeline at a time) and one per
+remote engine. A claim bumps `attempt` and takes a lease that a heartbeat renews.
+
+Recovery (at start-up, and by the periodic sweeper for leases that expired): a job left `running`
+by a dead process is re-queued when its engine is local (nothing was spent and the work is
+reproducible), and failed with `interrupted` when it is remote (the provider may have made and
+billed the image; it is not sent twice). No job stays `running` forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import update
+from sqlmodel import col, select
+
+from orchestrator.db import Database
+from orchestrator.errors import OrchestratorError
+from orchestrator.events import EventBus
+from orchestrator.models import Job, utcnow
+from orchestrator.runner import Claim, JobRunner
+from tiers.base import CancelToken
+from tiers.registry import EngineRegistry
+
+log = logging.getLogger(__name__)
+REMOTE_LANE_LIMIT = 4
+
+
+class Interrupted(OrchestratorError):
+    code = "interrupted"
+
+
+class Scheduler:
+    def __init__(self, db: Database, registry: EngineRegistry, runner: JobRunner, bus: EventBus, *,
+                 lease_seconds: float, sweep_interval: float,
+                 on_recovered: Callable[[Job, str], Awaitable[None]] | None = None) -> None:
+        self.db = db
+        self.registry = registry
+        self.runner = runner
+        self.bus = bus
+        self.lease = timedelta(seconds=lease_seconds)
+        self.sweep_interval = sweep_interval
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
+        self.on_recovered = on_recovered
+        self._wake = asyncio.Event()
+        self._running: dict[str, tuple[asyncio.Task[None], Claim]] = {}
+        self._lane_use: dict[str, int] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.recover(all_foreign=True)
+        self._tasks = [asyncio.create_task(self._dispatch_loop(), name="scheduler"),
+                       asyncio.create_task(self._sweep_loop(), name="sweeper"),
+                       asyncio.create_task(self._heartbeat_loop(), name="heartbeat")]
+        self.notify()
+
+    async def stop(self) -> None:
+        """Stop claiming; cancel running work. Local jobs go back to the queue on the next start."""
+        self._stopping = True
+        for task in self._tasks:
+            task.cancel()
+        for _task, claim in list(self._running.values()):
+            claim.cancel.cancel()
+        running = [task for task, _ in self._running.values()]
+        if running:
+            await asyncio.wait(running, timeout=10)
+        for task in self._tasks:
+            with contextlib.suppress(BaseException):
+                await task
+
+    def notify(self) -> None:
+        self._wake.set()
+
+    # -- claiming ----------------------------------------------------------------------------
+
+    def lane(self, engine_name: str) -> tuple[str, int]:
+        engine = self.registry.get(engine_name)
+        if engine.kind == "local":
+            return "local", 1
+        return f"remote:{engine_name}", REMOTE_LANE_LIMIT
+
+    async def _dispatch_loop(self) -> None:
+        while not self._stopping:
+            await self._wake.wait()
+            self._wake.clear()
+            try:
+                await self.dispatch()
+            except Exception:  # the loop must survive a database hiccup; the next wake retries
+                log.exception("dispatch failed")
+
+    async def dispatch(self) -> None:
+        queued = await asyncio.to_thread(self._queued)
+        for job in queued:
+            try:
+                lane, limit = self.lane(job.engine)
+            except OrchestratorError:
+                await asyncio.to_thread(self._fail_unknown_engine, job)
+                continue
+            if self._lane_use.get(lane, 0) >= limit:
+                continue
+            claim = await asyncio.to_thread(self._claim, job)
+            if claim is None:
+                continue
+            self._lane_use[lane] = self._lane_use.get(lane, 0) + 1
+            task = asyncio.create_task(self._run(claim, lane), name=f"job {job.id}")
+            self._running[job.id] = (task, claim)
+
+    def _queued(self) -> list[Job]:
+        with self.db.session() as s:
+            return list(s.exec(select(Job).where(col(Job.status) == "queued")
+                               .order_by(col(Job.created_at), col(Job.id)).limit(500)).all())
+
+    def _claim(self, job: Job) -> Claim | None:
+        now = utcnow()
+        with self.db.transaction() as s:
+            result = s.execute(update(Job).where(col(Job.id) == job.id, col(Job.status) == "queued").values(
+                status="running", attempt=Job.attempt + 1, lease_owner=self.owner,
+                lease_expires_at=now + self.lease, started_at=now, error=None))
+            if _rowcount(result) != 1:
+                return None
+            claimed = s.get(Job, job.id)
+        assert claimed is not None
+        return Claim(claimed, claimed.attempt, CancelToken())
+
+    def _fail_unknown_engine(self, job: Job) -> None:
+        with self.db.transaction() as s:
+            s.execute(update(Job).where(col(Job.id) == job.id, col(Job.status) == "queued").values(
+                status="failed", finished_at=utcnow(),
+                error={"code": "engine_unavailable", "message": f"engine '{job.engine}' is not installed",
+                       "details": {"engine": job.engine}}))
+        self.bus.publish(job.id, "failed", {"job_id": job.id, "status": "failed"})
+
+    async def _run(self, claim: Claim, lane: str) -> None:
+        try:
+            await self.runner.run(claim)
+        finally:
+            self._running.pop(claim.job.id, None)
+            self._lane_use[lane] -= 1
+            self.notify()
+
+    def cancel(self, job_id: str) -> bool:
+        """Cancel a job this process is running; False when it is not running here."""
+        entry = self._running.get(job_id)
+        if entry is None:
+            return False
+        entry[1].cancel.cancel()
+        return True
+
+    def is_running_here(self, job_id: str) -> bool:
+        return job_id in self._running
+
+    # -- leases and recovery -----------------------------------------------------------------
+
+    async def _heartbeat_loop(self) -> None:
+        while not self._stopping:
+            await asyncio.sleep(self.lease.total_seconds() / 3)
+            claims = [claim for _, claim in self._running.values()]
+            if claims:
+                await asyncio.to_thread(self._renew, claims)
+
+    def _renew(self, claims: list[Claim]) -> None:
+        expires = utcnow() + self.lease
+        with self.db.transaction() as s:
+            for claim in claims:
+                s.execute(update(Job).where(col(Job.id) == claim.job.id, col(Job.attempt) == claim.attempt,
+                                            col(Job.status) == "running").values(lease_expires_at=expires))
+
+    async def _sweep_loop(self) -> None:
+        while not self._stopping:
+            await asyncio.sleep(self.sweep_interval)
+            try:
+                await self.recover(all_foreign=False)
+            except Exception:
+                log.exception("sweep failed")
+
+    async def recover(self, *, all_foreign: bool) -> list[str]:
+        """Finish or re-queue jobs whose worker is gone. At start-up every `running` job belongs
+        to a dead process (one server per data dir); later, only jobs whose lease expired."""
+        orphans = await asyncio.to_thread(self._orphans, all_foreign)
+        recovered = []
+        for job in orphans:
+            outcome = await asyncio.to_thread(self._recover_one, job)
+            if outcome is None:
+                continue
+            recovered.append(job.id)
+            if self.on_recovered is not None:
+                await self.on_recovered(job, outcome)
+            if outcome == "failed":
+                self.bus.publish(job.id, "failed", {"job_id": job.id, "status": "failed"})
+        if recovered:
+            self.notify()
+        return recovered
+
+    def _orphans(self, all_foreign: bool) -> list[Job]:
+        with self.db.session() as s:
+            stmt = select(Job).where(col(Job.status) == "running")
+            if not all_foreign:
+                stmt = stmt.where(col(Job.lease_expires_at) < utcnow())
+            jobs = list(s.exec(stmt).all())
+        return [j for j in jobs if j.id not in self._running]
+
+    def _recover_one(self, job: Job) -> str | None:
+        local = job.engine in self.registry and self.registry.get(job.engine).kind == "local"
+        values: dict[str, Any]
+        if local:
+            values = {"status": "queued", "lease_owner": None, "lease_expires_at": None,
+                      "progress_step": 0}
+            outcome = "requeued"
+        else:
+            error = Interrupted(
+                f"the server stopped while engine '{job.engine}' was working on this job; it is not sent "
+                "again because the provider may already have made and billed the image",
+                details={"engine": job.engine, "provider_request_id": job.provider_request_id},
+            )
+            values = {"status": "failed", "finished_at": utcnow(), "error": error.to_dict(),
+                      "lease_owner": None, "lease_expires_at": None,
+                      "attempts": [*(job.attempts or []),
+                                   {"engine": job.engine, "status": "failed", "error": error.to_dict()}]}
+            outcome = "failed"
+        with self.db.transaction() as s:
+            result = s.execute(update(Job).where(col(Job.id) == job.id, col(Job.attempt) == job.attempt,
+                                                 col(Job.status) == "running").values(**values))
+            if _rowcount(result) != 1:
+                return None
+        log.warning("recovered job %s (%s): %s", job.id, job.engine, outcome)
+        return outcome
+
+
+def _rowcount(result: Any) -> int:
+    return int(getattr(result, "rowcount", 0) or 0)

@@ -1,0 +1,200 @@
+"""Running one claimed job: engine call, assets, and the final state.
+
+Every write carries the claim's `attempt`: when a newer claim exists (the job was recovered and
+re-queued), the old attempt's writes change nothing. Asset files are stored before the
+transaction that inserts their rows and finishes the job, so a row never points at a missing file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image
+from sqlalchemy import update
+from sqlmodel import col
+
+from orchestrator.db import Database
+from orchestrator.errors import Canceled, EngineError, OrchestratorError
+from orchestrator.events import EventBus
+from orchestrator.ids import new_id
+from orchestrator.jobs import render_request
+from orchestrator.models import Asset, Job, utcnow
+from orchestrator.store import ArtifactStore, encode_png
+from tiers.base import CancelToken, RenderResult
+from tiers.registry import EngineRegistry
+
+log = logging.getLogger(__name__)
+PROGRESS_WRITE_INTERVAL = 1.0
+
+
+class StaleAttempt(Exception):
+    """A newer claim owns the job: this attempt's results are discarded."""
+
+
+@dataclass
+class Claim:
+    job: Job
+    attempt: int
+    cancel: CancelToken
+
+
+class JobProgress:
+    """Engine progress -> events (every step) and the job row (throttled). Thread-safe."""
+
+    def __init__(self, runner: JobRunner, claim: Claim) -> None:
+        self.runner = runner
+        self.claim = claim
+        self._last_write = 0.0
+        self._lock = threading.Lock()
+
+    def step(self, step: int, total: int, preview: Image.Image | None = None) -> None:
+        job_id = self.claim.job.id
+        data: dict[str, Any] = {"step": step, "total": total, "fraction": round(step / total, 4) if total else 0}
+        if preview is not None:
+            self.runner.previews[job_id] = preview
+            data["preview_url"] = f"/v1/jobs/{job_id}/preview?step={step}"
+        self.runner.bus.publish_threadsafe(job_id, "progress", data)
+        with self._lock:
+            now = time.monotonic()
+            if now - self._last_write < PROGRESS_WRITE_INTERVAL and step < total:
+                return
+            self._last_write = now
+        self.runner.write_progress(self.claim, step, total)
+
+    def state(self, state: str, **details: Any) -> None:
+        self.runner.bus.publish_threadsafe(self.claim.job.id, "state", {"state": state, **details})
+
+    def provider_request(self, request_id: str) -> None:
+        self.runner.save_provider_request(self.claim, request_id)
+
+
+class JobRunner:
+    def __init__(self, db: Database, registry: EngineRegistry, store: ArtifactStore, bus: EventBus) -> None:
+        self.db = db
+        self.registry = registry
+        self.store = store
+        self.bus = bus
+        self.previews: dict[str, Image.Image] = {}
+
+    async def run(self, claim: Claim) -> None:
+        job = claim.job
+        self.bus.publish(job.id, "started", {"job_id": job.id, "status": "running", "engine": job.engine,
+                                             "attempt": claim.attempt})
+        try:
+            result = await self._render(claim)
+            asset_ids = await asyncio.to_thread(self._succeed, claim, result)
+        except StaleAttempt:
+            log.info("job %s attempt %s was superseded; its result is discarded", job.id, claim.attempt)
+            return
+        except Canceled as exc:
+            await self._end(claim, "canceled", exc)
+        except OrchestratorError as exc:
+            await self._end(claim, "failed", exc)
+        except Exception as exc:  # an engine bug must fail the job, not leave it running
+            log.exception("job %s crashed in engine %s", job.id, job.engine)
+            error = EngineError(f"engine '{job.engine}' failed unexpectedly: {type(exc).__name__}: {exc}"[:500])
+            await self._end(claim, "failed", error)
+        else:
+            for index, asset_id in enumerate(asset_ids):
+                self.bus.publish(job.id, "asset", {"asset_id": asset_id, "index": index})
+            self.bus.publish(job.id, "succeeded", {"job_id": job.id, "status": "succeeded", "assets": asset_ids})
+        finally:
+            self.previews.pop(job.id, None)
+
+    async def _end(self, claim: Claim, status: str, error: OrchestratorError) -> None:
+        try:
+            await asyncio.to_thread(self._finish, claim, status, error)
+        except StaleAttempt:
+            log.info("job %s attempt %s was superseded; its %s is discarded", claim.job.id, claim.attempt, status)
+            return
+        data: dict[str, Any] = {"job_id": claim.job.id, "status": status}
+        if status == "failed":
+            data["error"] = error.to_dict()
+        self.bus.publish(claim.job.id, status, data)
+
+    async def _render(self, claim: Claim) -> RenderResult:
+        job = claim.job
+        engine = self.registry.get(job.engine)
+        init_image = None
+        if job.params.get("source_sha256"):
+            data = await asyncio.to_thread(self.store.get, job.params["source_sha256"])
+            init_image = Image.open(io.BytesIO(data))
+            init_image.load()
+        request = render_request(job.params, init_image)
+        result = await engine.run(request, JobProgress(self, claim), claim.cancel)
+        if len(result.images) < request.n:
+            raise EngineError(f"engine '{job.engine}' returned {len(result.images)} of {request.n} images")
+        return result
+
+    def _record(self, job: Job, result: RenderResult, seed: int | None) -> dict[str, Any]:
+        p = job.params
+        record: dict[str, Any] = {
+            "stage": job.stage, "engine": job.engine, "model": result.model, "prompt": p.get("prompt"),
+            "negative_prompt": p.get("negative_prompt") or "", "seed": seed, "width": None, "height": None,
+            "parent_id": job.source_asset_id, "steps": result.metadata.get("steps", p.get("steps")),
+            "guidance_scale": result.metadata.get("guidance_scale", p.get("guidance_scale")),
+            "sampler": result.metadata.get("sampler"),
+        }
+        for key in ("strength", "quality", "scale", "creativity"):
+            if p.get(key) is not None:
+                record[key] = p[key]
+        if result.provider_request_id:
+            record["provider_request_id"] = result.provider_request_id
+        return record
+
+    def _succeed(self, claim: Claim, result: RenderResult) -> list[str]:
+        job = claim.job
+        rows: list[Asset] = []
+        for index, rendered in enumerate(result.images):
+            seed = rendered.seed if rendered.seed is not None else None
+            record = self._record(job, result, seed)
+            record["width"], record["height"] = rendered.image.size
+            sha = self.store.put(encode_png(rendered.image, record))
+            rows.append(Asset(
+                id=new_id("ast"), project_id=job.project_id, job_id=job.id, index=index, stage=job.stage,
+                parent_id=job.source_asset_id, engine=job.engine, model=result.model,
+                prompt=str(record["prompt"]), negative_prompt=str(record["negative_prompt"]), seed=seed,
+                width=rendered.image.width, height=rendered.image.height, sha256=sha, record=record,
+            ))
+        now = utcnow()
+        with self.db.transaction() as s:
+            self._guarded_update(s, claim, status="succeeded", finished_at=now, lease_owner=None,
+                                 lease_expires_at=None, progress_step=job.progress_total or 1,
+                                 progress_total=job.progress_total or 1, model=result.model,
+                                 provider_request_id=result.provider_request_id,
+                                 attempts=[*(job.attempts or []), {"engine": job.engine, "status": "succeeded",
+                                                                   "error": None}])
+            s.add_all(rows)
+        return [r.id for r in rows]
+
+    def _finish(self, claim: Claim, status: str, error: OrchestratorError) -> None:
+        job = claim.job
+        with self.db.transaction() as s:
+            self._guarded_update(s, claim, status=status, finished_at=utcnow(), error=error.to_dict(),
+                                 lease_owner=None, lease_expires_at=None,
+                                 attempts=[*(job.attempts or []),
+                                           {"engine": job.engine, "status": status, "error": error.to_dict()}])
+
+    @staticmethod
+    def _guarded_update(s: Any, claim: Claim, **values: Any) -> None:
+        result = s.execute(update(Job).where(col(Job.id) == claim.job.id, col(Job.attempt) == claim.attempt,
+                                             col(Job.status) == "running").values(**values))
+        if result.rowcount != 1:
+            raise StaleAttempt(claim.job.id)
+
+    def write_progress(self, claim: Claim, step: int, total: int) -> None:
+        claim.job.progress_step, claim.job.progress_total = step, total
+        with self.db.transaction() as s:
+            s.execute(update(Job).where(col(Job.id) == claim.job.id, col(Job.attempt) == claim.attempt)
+                      .values(progress_step=step, progress_total=total))
+
+    def save_provider_request(self, claim: Claim, request_id: str) -> None:
+        with self.db.transaction() as s:
+            s.execute(update(Job).where(col(Job.id) == claim.job.id, col(Job.attempt) == claim.attempt)
+                      .values(provider_request_id=request_id[:500]))

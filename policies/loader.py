@@ -1,0 +1,178 @@
+"""Reading policy files: one file, or the whole set (built-ins plus `ORCH_POLICY_DIR`).
+
+A policy file is named after its policy (`balanced.toml` holds `name = "balanced"`), so a name
+always points at one file. A file that fails to load is reported and refused; the store keeps
+serving the last good version of that policy, so a typo saved mid-edit never takes routing down.
+"""
+
+from __future__ import annotations
+
+import builtins
+import hashlib
+import os
+import threading
+import tomllib
+from collections.abc import Callable, Iterator
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from orchestrator.errors import InvalidRequest, NotFound
+from policies.schema import Policy
+
+BUILTIN = "builtin"
+
+
+class PolicyError(InvalidRequest):
+    """A policy file that cannot be used. The message names the file, the rule and the field."""
+
+    def __init__(self, message: str, *, file: str) -> None:
+        super().__init__(message, details={"file": file})
+        self.file = file
+
+
+def content_hash(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def parse_policy(data: bytes, *, label: str, source: str, expect_name: str | None = None) -> Policy:
+    """Validate the bytes of one policy file. `label` names the file in error messages; `source` is
+    what `Policy.source` reports; `expect_name` is the file stem the policy's name must equal."""
+    try:
+        raw = tomllib.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise PolicyError(f"{label}: not UTF-8 text (byte {exc.start})", file=label) from None
+    except tomllib.TOMLDecodeError as exc:
+        # The 3.11 exception has no line attribute; its message ends "(at line N, column M)".
+        raise PolicyError(f"{label}: TOML syntax error: {exc}", file=label) from None
+    try:
+        policy = Policy.model_validate(raw)
+    except ValidationError as exc:
+        raise PolicyError(f"{label}: {_describe(raw, exc)}", file=label) from None
+    if expect_name is not None and policy.name != expect_name:
+        raise PolicyError(f"{label}: name: '{policy.name}' does not match the file name; "
+                          f"a policy lives in a file named after it ({policy.name}.toml)", file=label)
+    return policy.bind_source(source, content_hash(data))
+
+
+def load_policy_file(path: str | os.PathLike[str]) -> Policy:
+    """Load one policy file; raises `PolicyError` when it cannot be used."""
+    file = Path(path)
+    try:
+        data = file.read_bytes()
+    except OSError as exc:
+        raise PolicyError(f"{file}: cannot read: {exc.strerror or exc}", file=str(file)) from None
+    return parse_policy(data, label=str(file), source=str(file), expect_name=file.stem)
+
+
+class PolicyStore:
+    """The policies a service can route with: the built-ins shipped in this package, overridden or
+    extended by the `*.toml` files of `extra_dir`. Loads on construction; `errors` holds what the
+    last load refused."""
+
+    def __init__(self, extra_dir: str | os.PathLike[str] | None = None, *, include_builtins: bool = True) -> None:
+        self.extra_dir = None if extra_dir is None else Path(extra_dir)
+        self.include_builtins = include_builtins
+        self._policies: dict[str, Policy] = {}
+        self._errors: builtins.list[PolicyError] = []
+        self._reloading = threading.Lock()
+        self.reload()
+
+    @property
+    def errors(self) -> builtins.list[PolicyError]:
+        return builtins.list(self._errors)
+
+    def reload(self) -> builtins.list[PolicyError]:
+        """Read every file again. Returns the files refused; each refused policy keeps its last
+        good version (a policy that never loaded stays absent, or built-in when one exists)."""
+        with self._reloading:
+            previous = self._policies
+            fresh: dict[str, Policy] = {}
+            errors: builtins.list[PolicyError] = []
+            for name, load in self._files(errors):
+                try:
+                    fresh[name] = load()
+                except PolicyError as exc:
+                    errors.append(exc)
+                    if name in previous:
+                        fresh[name] = previous[name]
+            if self.extra_dir is not None and not self.extra_dir.is_dir():
+                # A directory that vanished for a moment (remount, deploy) should not drop policies.
+                for name, policy in previous.items():
+                    if policy.source != BUILTIN:
+                        fresh[name] = policy
+            # One assignment: readers on other threads see the old set or the new one, never a mix.
+            self._policies = fresh
+            self._errors = errors
+            return builtins.list(errors)
+
+    def _files(self, errors: builtins.list[PolicyError]) -> Iterator[tuple[str, Callable[[], Policy]]]:
+        """(policy name, loader) in precedence order: built-ins first, so the extra directory wins."""
+        if self.include_builtins:
+            for entry in sorted(resources.files("policies").iterdir(), key=lambda e: e.name):
+                if entry.name.endswith(".toml") and entry.is_file():
+                    stem = entry.name.removesuffix(".toml")
+                    yield stem, _builtin_loader(entry.read_bytes, entry.name, stem)
+        if self.extra_dir is None:
+            return
+        if not self.extra_dir.is_dir():
+            label = str(self.extra_dir)
+            errors.append(PolicyError(f"{label}: policy directory not found", file=label))
+            return
+        for path in sorted(self.extra_dir.glob("*.toml")):
+            if not path.name.startswith("."):  # editors' swap and backup files
+                yield path.stem, _file_loader(path)
+
+    def get(self, name: str) -> Policy:
+        try:
+            return self._policies[name]
+        except KeyError:
+            raise NotFound(f"unknown policy '{name}'", details={"policy": name, "known": self.names()}) from None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._policies
+
+    def names(self) -> builtins.list[str]:
+        return sorted(self._policies)
+
+    def list(self) -> builtins.list[Policy]:
+        policies = self._policies
+        return [policies[name] for name in sorted(policies)]
+
+
+def _builtin_loader(read: Callable[[], bytes], filename: str, stem: str) -> Callable[[], Policy]:
+    return lambda: parse_policy(read(), label=f"policies/{filename}", source=BUILTIN, expect_name=stem)
+
+
+def _file_loader(path: Path) -> Callable[[], Policy]:
+    return lambda: load_policy_file(path)
+
+
+def _describe(raw: dict[str, Any], exc: ValidationError) -> str:
+    """Pydantic's errors as "rule 2 ('bridge-cheap'): match.stage[0]: ..." joined by "; "."""
+    parts: builtins.list[str] = []
+    for error in exc.errors():
+        loc = error["loc"]
+        where: builtins.list[str] = []
+        if len(loc) >= 2 and loc[0] == "rules" and isinstance(loc[1], int):
+            where.append(_rule_label(raw, loc[1]))
+            loc = loc[2:]
+        if loc:
+            where.append("".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if i else str(p))
+                                 for i, p in enumerate(loc)))
+        message = "unknown key" if error["type"] == "extra_forbidden" else error["msg"]
+        message = message.removeprefix("Value error, ")
+        value = error.get("input")
+        if error["type"] not in ("missing", "extra_forbidden") and isinstance(value, str | int | float | bool):
+            message += f" (got {value!r})"
+        parts.append(": ".join([*where, message]))
+    return "; ".join(parts)
+
+
+def _rule_label(raw: dict[str, Any], index: int) -> str:
+    rules = raw.get("rules")
+    rule = rules[index] if isinstance(rules, builtins.list) and index < len(rules) else None
+    name = rule.get("name") if isinstance(rule, dict) else None
+    return f"rule {index + 1} ('{name}')" if isinstance(name, str) and name else f"rule {index + 1}"

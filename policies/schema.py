@@ -1,0 +1,220 @@
+"""What a routing policy file says, and how it is evaluated.
+
+A policy is an ordered list of rules; the first rule whose `match` fits the request decides. A
+rule either names candidate engines (and how to order them) or refuses the request. Everything
+here is pure: no engine registry, no database. The router supplies the facts (`RequestFacts`)
+and the numbers (`order_candidates`) and keeps the final say on availability and price.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+
+from tiers.base import RenderRequest, Stage, to_millicredits
+
+Strategy = Literal["ordered", "cheapest", "fastest"]
+
+PRIVACY_TAG = "privacy"
+PRIVACY_LOCAL = "local"
+
+
+def is_private(tags: Mapping[str, str]) -> bool:
+    """A request tagged `privacy=local` must not leave this machine, whatever the policy says."""
+    return tags.get(PRIVACY_TAG) == PRIVACY_LOCAL
+
+
+@dataclass(frozen=True)
+class RequestFacts:
+    """What rules can match on. `budget_used` is the fraction of the project's current budget
+    window already held or charged; `None` when the project has no limit."""
+
+    stage: Stage
+    tags: Mapping[str, str] = field(default_factory=dict)
+    engine: str | None = None  # what the client asked for; None = the policy decides
+    width: int = 512
+    height: int = 512
+    budget_used: float | None = None
+
+    @classmethod
+    def from_request(cls, req: RenderRequest, *, engine: str | None, budget_used: float | None) -> RequestFacts:
+        return cls(stage=req.stage, tags=dict(req.tags), engine=engine, width=req.width, height=req.height,
+                   budget_used=budget_used)
+
+
+def _as_list(value: Any) -> Any:
+    """`stage = "bridge"` and `stage = ["bridge"]` mean the same; storing one shape keeps matching
+    simple and keeps pydantic's error locations free of union-member noise."""
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list):
+        raise ValueError("give a string or a list of strings")
+    return value
+
+
+T = TypeVar("T")
+OneOrMany = Annotated[list[T], BeforeValidator(_as_list)]
+
+
+class _Model(BaseModel):
+    # Strict: a policy file that says `width_over = "512"` is a mistake worth reporting, not coercing.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class Match(_Model):
+    """Every key given must hold; an empty match fits every request."""
+
+    stage: OneOrMany[Stage] | None = Field(default=None, min_length=1)
+    tags: dict[str, OneOrMany[str]] = Field(default_factory=dict)
+    engine: OneOrMany[str] | None = Field(default=None, min_length=1)
+    width_over: int | None = Field(default=None, ge=0)
+    height_over: int | None = Field(default=None, ge=0)
+    budget_used_over: float | None = Field(default=None, ge=0.0, le=1.0)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.tags and all(getattr(self, key) is None for key in type(self).model_fields if key != "tags")
+
+    def matches(self, facts: RequestFacts) -> bool:
+        if self.stage is not None and facts.stage not in self.stage:
+            return False
+        for key, allowed in self.tags.items():
+            if facts.tags.get(key) not in allowed:
+                return False
+        # A rule about a requested engine never fits a request that let the policy choose.
+        if self.engine is not None and facts.engine not in self.engine:
+            return False
+        if self.width_over is not None and not facts.width > self.width_over:
+            return False
+        if self.height_over is not None and not facts.height > self.height_over:
+            return False
+        # A project without a budget limit has no fraction to be over.
+        return self.budget_used_over is None or (
+            facts.budget_used is not None and facts.budget_used > self.budget_used_over)
+
+
+class Rule(_Model):
+    """One `[[rules]]` table: a match and exactly one action, `engines` or `deny`."""
+
+    # Empty until the policy names it: "rule N" (1-based) when the file gives no name.
+    name: str = Field(default="", min_length=1)
+    match: Match
+    engines: list[str] | None = Field(default=None, min_length=1)
+    strategy: Strategy = "ordered"
+    max_credits: float | None = Field(default=None, ge=0.0)
+    # The request this rule routes must stay on this machine even without a privacy tag; the
+    # router drops every engine whose data leaves the machine.
+    private: bool = False
+    deny: str | None = Field(default=None, min_length=1)
+    reason: str | None = None
+
+    @field_validator("engines")
+    @classmethod
+    def _distinct_engines(cls, engines: list[str] | None) -> list[str] | None:
+        if engines is None:
+            return None
+        if any(not name for name in engines):
+            raise ValueError("engine names must not be empty")
+        repeated = sorted({name for name in engines if engines.count(name) > 1})
+        if repeated:
+            raise ValueError(f"engine listed more than once: {', '.join(repeated)}")
+        return engines
+
+    @model_validator(mode="after")
+    def _one_action(self) -> Rule:
+        if self.engines is not None and self.deny is not None:
+            raise ValueError("engines, deny: give either `engines` (route) or `deny` (refuse), not both")
+        if self.engines is None and self.deny is None:
+            raise ValueError("engines, deny: a rule needs `engines` (route) or `deny` (refuse)")
+        if self.deny is not None:
+            routing_only = sorted(self.model_fields_set & {"strategy", "max_credits", "private"})
+            if routing_only:
+                raise ValueError(f"{', '.join(routing_only)}: only meaningful with `engines`, not with `deny`")
+        return self
+
+    @property
+    def max_millicredits(self) -> int | None:
+        """`max_credits` in the ledger's unit, to compare with engine estimates."""
+        return None if self.max_credits is None else to_millicredits(self.max_credits)
+
+    def keeps_local(self, tags: Mapping[str, str]) -> bool:
+        """Whether the request this rule routes must stay on this machine."""
+        return self.private or is_private(tags)
+
+
+class Policy(_Model):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$", max_length=64)
+    description: str = ""
+    rules: list[Rule] = Field(min_length=1)
+
+    # Set by the loader, not by the file: which bytes this policy came from, for the routing record.
+    _source: str = PrivateAttr(default="inline")
+    _content_hash: str = PrivateAttr(default="")
+
+    @field_validator("rules")
+    @classmethod
+    def _name_rules(cls, rules: list[Rule]) -> list[Rule]:
+        named = [rule if rule.name else rule.model_copy(update={"name": f"rule {i}"})
+                 for i, rule in enumerate(rules, start=1)]
+        seen: dict[str, int] = {}
+        for i, rule in enumerate(named, start=1):
+            if rule.name in seen:
+                raise ValueError(f"rule {i}: name '{rule.name}' already used by rule {seen[rule.name]}")
+            seen[rule.name] = i
+        # A rule after a catch-all can never fire; that is a mistake in the file, not a no-op.
+        for i, rule in enumerate(named[:-1], start=1):
+            if rule.match.is_empty:
+                raise ValueError(f"rule {i} ('{rule.name}') matches every request, so the rules after it never apply")
+        return named
+
+    @property
+    def source(self) -> str:
+        """The file path, or "builtin" for a policy shipped in the package."""
+        return self._source
+
+    @property
+    def content_hash(self) -> str:
+        """First 16 hex digits of the file's sha256: which version of the policy decided."""
+        return self._content_hash
+
+    def bind_source(self, source: str, content_hash: str) -> Policy:
+        self._source = source
+        self._content_hash = content_hash
+        return self
+
+    def match(self, facts: RequestFacts) -> tuple[int, Rule] | None:
+        """The first rule that fits, with its 1-based position; `None` when none does (the caller
+        decides what that means, normally a refusal)."""
+        for i, rule in enumerate(self.rules, start=1):
+            if rule.match.matches(facts):
+                return i, rule
+        return None
+
+    def as_dict(self) -> dict[str, Any]:
+        """For `GET /v1/policies/{name}`."""
+        return {**self.model_dump(exclude_none=True), "source": self.source, "content_hash": self.content_hash}
+
+
+def order_candidates(rule: Rule, estimates: Mapping[str, int | None],
+                     latencies: Mapping[str, float | None]) -> list[str]:
+    """The rule's engines in the order its strategy wants them tried.
+
+    `estimates` are millicredits, `latencies` observed median seconds; a missing or `None` value
+    means unknown and sorts last. Ties keep the order the rule lists (sorting is stable), so the
+    file's order stays the tie-breaker.
+    """
+    if rule.engines is None:
+        raise ValueError(f"rule '{rule.name}' denies; it has no engines to order")
+    engines = list(rule.engines)
+    if rule.strategy == "cheapest":
+        return sorted(engines, key=lambda name: _unknown_last(estimates.get(name)))
+    if rule.strategy == "fastest":
+        return sorted(engines, key=lambda name: _unknown_last(latencies.get(name)))
+    return engines
+
+
+def _unknown_last(value: float | None) -> tuple[bool, float]:
+    return (value is None, 0.0 if value is None else value)

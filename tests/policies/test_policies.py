@@ -1,0 +1,362 @@
+"""Policy files: the schema, matching, strategies, the built-ins and the reloading store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from orchestrator.errors import InvalidRequest, NotFound
+from policies import (
+    Policy,
+    PolicyError,
+    PolicyStore,
+    RequestFacts,
+    Rule,
+    is_private,
+    load_policy_file,
+    order_candidates,
+)
+from tiers.base import STAGES, RenderRequest, Stage
+
+REMOTE = frozenset({"gemini", "openai", "stability", "replicate", "fal", "comfyui", "a1111"})
+BUILTINS = ("balanced", "local-only", "cloud-first", "budget-saver")
+
+
+def policy(*rules: dict[str, Any]) -> Policy:
+    return Policy.model_validate({"name": "t", "rules": list(rules)})
+
+
+def facts(stage: Stage = "bridge", **kw: Any) -> RequestFacts:
+    return RequestFacts(stage=stage, **kw)
+
+
+def write(directory: Path, name: str, text: str) -> Path:
+    path = directory / f"{name}.toml"
+    path.write_text(text)
+    return path
+
+
+GOOD = """
+name = "{name}"
+description = "{description}"
+[[rules]]
+match = {{}}
+engines = ["lite"]
+"""
+
+
+# --- matching -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("match", "request_facts", "expected"), [
+    ({"stage": "bridge"}, facts("bridge"), True),
+    ({"stage": "bridge"}, facts("polish"), False),
+    ({"stage": ["bridge", "polish"]}, facts("polish"), True),
+    ({"stage": ["bridge", "polish"]}, facts("ideation"), False),
+    ({"tags": {"privacy": "local"}}, facts(tags={"privacy": "local"}), True),
+    ({"tags": {"privacy": "local"}}, facts(tags={"privacy": "cloud"}), False),
+    ({"tags": {"privacy": "local"}}, facts(tags={}), False),
+    ({"tags": {"client": ["acme", "globex"]}}, facts(tags={"client": "globex"}), True),
+    ({"tags": {"client": ["acme", "globex"], "privacy": "local"}}, facts(tags={"client": "acme"}), False),
+    ({"engine": "gemini"}, facts(engine="gemini"), True),
+    ({"engine": ["gemini", "openai"]}, facts(engine="openai"), True),
+    ({"engine": "gemini"}, facts(engine="stability"), False),
+    ({"engine": "gemini"}, facts(engine=None), False),
+    ({"width_over": 1024}, facts(width=1025), True),
+    ({"width_over": 1024}, facts(width=1024), False),
+    ({"height_over": 1024}, facts(height=2048), True),
+    ({"height_over": 1024}, facts(height=512), False),
+    ({"budget_used_over": 0.8}, facts(budget_used=0.81), True),
+    ({"budget_used_over": 0.8}, facts(budget_used=0.8), False),
+    ({"budget_used_over": 0.0}, facts(budget_used=None), False),  # no limit: never "over"
+    ({"stage": "bridge", "budget_used_over": 0.5}, facts("bridge", budget_used=0.9), True),
+    ({"stage": "bridge", "budget_used_over": 0.5}, facts("polish", budget_used=0.9), False),
+    ({}, facts("ideation", tags={"x": "y"}, engine="lite"), True),
+])
+def test_match_keys(match: dict[str, Any], request_facts: RequestFacts, expected: bool) -> None:
+    p = policy({"match": match, "engines": ["lite"]})
+    assert (p.match(request_facts) is not None) is expected
+
+
+def test_first_matching_rule_wins_and_rules_get_names() -> None:
+    p = policy(
+        {"match": {"stage": "ideation"}, "engines": ["lite"]},
+        {"name": "big", "match": {"width_over": 1000}, "engines": ["local-hifi"]},
+        {"match": {"stage": ["bridge", "polish"]}, "engines": ["gemini"]},
+        {"match": {}, "deny": "nothing else"},
+    )
+    assert [r.name for r in p.rules] == ["rule 1", "big", "rule 3", "rule 4"]
+    found = p.match(facts("bridge", width=2048))
+    assert found is not None and found[0] == 2 and found[1].name == "big"
+    found = p.match(facts("ideation", width=2048))
+    assert found is not None and found[0] == 1
+
+
+def test_no_matching_rule_returns_none() -> None:
+    assert policy({"match": {"stage": "ideation"}, "engines": ["lite"]}).match(facts("polish")) is None
+
+
+def test_privacy_helpers() -> None:
+    assert is_private({"privacy": "local"})
+    assert not is_private({"privacy": "cloud"})
+    assert not is_private({})
+    plain = Rule.model_validate({"match": {}, "engines": ["lite"]})
+    forced = Rule.model_validate({"match": {}, "engines": ["lite"], "private": True})
+    assert plain.keeps_local({"privacy": "local"}) and not plain.keeps_local({})
+    assert forced.keeps_local({})
+
+
+def test_facts_from_request() -> None:
+    req = RenderRequest(stage="polish", prompt="p", width=1024, height=768, tags={"privacy": "local"})
+    f = RequestFacts.from_request(req, engine="gemini", budget_used=0.25)
+    assert (f.stage, f.width, f.height, f.engine, f.budget_used) == ("polish", 1024, 768, "gemini", 0.25)
+    assert is_private(f.tags)
+
+
+# --- strategies -----------------------------------------------------------------------------------
+
+ENGINES = ["gemini", "stability", "openai", "local-hifi"]
+
+
+@pytest.mark.parametrize(("strategy", "estimates", "latencies", "expected"), [
+    ("ordered", {"gemini": 40, "stability": 10}, {}, ENGINES),
+    ("cheapest", {"gemini": 40, "stability": 30, "openai": 20, "local-hifi": 0},
+     {}, ["local-hifi", "openai", "stability", "gemini"]),
+    # ties keep the listed order
+    ("cheapest", {"gemini": 30, "stability": 30, "openai": 10, "local-hifi": 30},
+     {}, ["openai", "gemini", "stability", "local-hifi"]),
+    # unknown (None or missing) estimates go last, in listed order
+    ("cheapest", {"gemini": None, "stability": 50, "local-hifi": 0},
+     {}, ["local-hifi", "stability", "gemini", "openai"]),
+    ("fastest", {}, {"gemini": 9.0, "stability": 3.5, "openai": 3.5, "local-hifi": 20.0},
+     ["stability", "openai", "gemini", "local-hifi"]),
+    ("fastest", {}, {"openai": 4.0, "gemini": None}, ["openai", "gemini", "stability", "local-hifi"]),
+    ("fastest", {}, {}, ENGINES),
+])
+def test_order_candidates(strategy: str, estimates: dict[str, int | None],
+                          latencies: dict[str, float | None], expected: list[str]) -> None:
+    rule = Rule.model_validate({"match": {}, "engines": ENGINES, "strategy": strategy})
+    assert order_candidates(rule, estimates, latencies) == expected
+
+
+def test_order_candidates_refuses_a_deny_rule() -> None:
+    with pytest.raises(ValueError, match="denies"):
+        order_candidates(Rule.model_validate({"match": {}, "deny": "no"}), {}, {})
+
+
+def test_max_credits_in_millicredits() -> None:
+    rule = Rule.model_validate({"match": {}, "engines": ["gemini"], "max_credits": 2.5})
+    assert rule.max_millicredits == 2500
+
+
+# --- built-in policies ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def builtins() -> PolicyStore:
+    store = PolicyStore()
+    assert store.errors == []
+    return store
+
+
+def test_builtins_are_all_there(builtins: PolicyStore) -> None:
+    assert set(BUILTINS) <= set(builtins.names())
+    for p in builtins.list():
+        assert p.source == "builtin" and len(p.content_hash) == 16 and p.description
+
+
+PROBES = [
+    facts(stage, tags=tags, engine=engine, width=w, height=w, budget_used=used)
+    for stage in STAGES
+    for tags in ({}, {"privacy": "local"}, {"privacy": "local", "client": "acme"})
+    for engine in (None, "gemini", "lite")
+    for w in (512, 4096)
+    for used in (None, 0.0, 0.6, 0.95)
+]
+
+
+@pytest.mark.parametrize("name", BUILTINS)
+def test_builtin_routes_ideation_to_lite(builtins: PolicyStore, name: str) -> None:
+    for probe in (p for p in PROBES if p.stage == "ideation"):
+        found = builtins.get(name).match(probe)
+        assert found is not None, probe
+        assert found[1].engines is not None and found[1].engines[0] == "lite", probe
+
+
+@pytest.mark.parametrize("name", BUILTINS)
+def test_builtin_keeps_private_requests_local(builtins: PolicyStore, name: str) -> None:
+    for probe in (p for p in PROBES if is_private(p.tags)):
+        found = builtins.get(name).match(probe)
+        assert found is not None, probe
+        rule = found[1]
+        assert rule.deny is not None or not (set(rule.engines or []) & REMOTE), (name, rule.name, probe)
+
+
+@pytest.mark.parametrize("name", BUILTINS)
+def test_builtin_routes_every_stage(builtins: PolicyStore, name: str) -> None:
+    for probe in PROBES:
+        found = builtins.get(name).match(probe)
+        assert found is not None and found[1].engines, (name, probe)
+
+
+def test_local_only_never_names_a_remote_engine(builtins: PolicyStore) -> None:
+    for rule in builtins.get("local-only").rules:
+        assert not set(rule.engines or []) & REMOTE
+
+
+@pytest.mark.parametrize(("name", "used", "expected_rule", "first"), [
+    ("balanced", 0.81, "soft-budget", "local-hifi"),
+    ("balanced", 0.5, "cheapest", "gemini"),
+    ("balanced", None, "cheapest", "gemini"),
+    ("budget-saver", 0.51, "half-budget", "local-hifi"),
+    ("budget-saver", 0.2, "cheapest-capped", "gemini"),
+    ("cloud-first", 0.99, "cloud", "gemini"),
+])
+def test_builtin_budget_rules(builtins: PolicyStore, name: str, used: float | None,
+                              expected_rule: str, first: str) -> None:
+    found = builtins.get(name).match(facts("polish", budget_used=used))
+    assert found is not None
+    assert found[1].name == expected_rule and found[1].engines is not None and found[1].engines[0] == first
+
+
+def test_builtin_soft_budget_reason_and_cap(builtins: PolicyStore) -> None:
+    soft = builtins.get("balanced").match(facts("bridge", budget_used=0.9))
+    assert soft is not None and soft[1].reason == "soft budget limit"
+    capped = builtins.get("budget-saver").match(facts("bridge"))
+    assert capped is not None and capped[1].max_credits == 10 and capped[1].strategy == "cheapest"
+
+
+# --- bad files ------------------------------------------------------------------------------------
+
+RULES_OK = '[[rules]]\nname = "drafts"\nmatch = { stage = "ideation" }\nengines = ["lite"]\n'
+
+
+@pytest.mark.parametrize(("body", "must_name"), [
+    ('name = "bad"\n[[rules]\nmatch = {}\n', ["TOML syntax error", "line 2"]),
+    ('name = "bad"\ncolour = "red"\n' + RULES_OK, ["colour", "unknown key"]),
+    ('name = "bad"\n' + RULES_OK + '[[rules]]\nname = "odd"\nmatch = { colour = "red" }\nengines = ["lite"]\n',
+     ["rule 2 ('odd')", "match.colour", "unknown key"]),
+    ('name = "bad"\n' + RULES_OK + '[[rules]]\nname = "both"\nmatch = {}\nengines = ["lite"]\ndeny = "no"\n',
+     ["rule 2 ('both')", "engines", "deny", "not both"]),
+    ('name = "bad"\n[[rules]]\nmatch = {}\n', ["rule 1", "engines", "deny"]),
+    ('name = "bad"\n' + RULES_OK + '[[rules]]\nname = "bridge-x"\nmatch = {}\nengines = ["gemini"]\n'
+     'strategy = "quickest"\n', ["rule 2 ('bridge-x')", "strategy", "'quickest'"]),
+    ('name = "bad"\n' + RULES_OK + '[[rules]]\nname = "wide"\nmatch = { width_over = "1024" }\nengines = ["x"]\n',
+     ["rule 2 ('wide')", "match.width_over", "integer"]),
+    ('name = "bad"\n' + RULES_OK + '[[rules]]\nmatch = {}\nengines = "gemini"\n',
+     ["rule 2:", "engines", "list"]),
+    ('name = "bad"\n' + RULES_OK + '[[rules]]\nname = "st"\nmatch = { stage = ["bridge", "final"] }\nengines = ["x"]\n',
+     ["rule 2 ('st')", "match.stage[1]", "'final'"]),
+    ('name = "bad"\n' + RULES_OK + '[[rules]]\nname = "t"\nmatch = { tags = { privacy = 3 } }\nengines = ["x"]\n',
+     ["rule 2 ('t')", "match.tags.privacy", "string or a list of strings"]),
+    ('name = "bad"\n' + RULES_OK + '[[rules]]\nname = "b"\nmatch = { budget_used_over = 1.5 }\nengines = ["x"]\n',
+     ["rule 2 ('b')", "match.budget_used_over"]),
+    ('name = "bad"\n' + RULES_OK + '[[rules]]\nname = "cap"\nmatch = {}\ndeny = "no"\nmax_credits = 5\n',
+     ["rule 2 ('cap')", "max_credits", "deny"]),
+    ('name = "bad"\n' + RULES_OK + '[[rules]]\nname = "dup"\nmatch = {}\nengines = ["lite", "lite"]\n',
+     ["rule 2 ('dup')", "engines", "more than once"]),
+    ('name = "bad"\n[[rules]]\nmatch = {}\nengines = ["lite"]\n' + RULES_OK, ["rule 1", "never apply"]),
+    ('name = "bad"\n' + RULES_OK + RULES_OK, ["rules", "drafts", "already used"]),
+    ('name = "bad"\nrules = []\n', ["rules", "at least 1"]),
+    ('name = "other"\n' + RULES_OK, ["name", "'other'", "file name"]),
+    ('description = "no name"\n' + RULES_OK, ["name", "Field required"]),
+])
+def test_bad_file_errors_name_file_rule_and_field(tmp_path: Path, body: str, must_name: list[str]) -> None:
+    path = write(tmp_path, "bad", body)
+    with pytest.raises(PolicyError) as caught:
+        load_policy_file(path)
+    message = caught.value.message
+    assert message.startswith(f"{path}: "), message
+    for fragment in must_name:
+        assert fragment in message, (fragment, message)
+    assert isinstance(caught.value, InvalidRequest)
+    assert caught.value.details == {"file": str(path)}
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(PolicyError, match="cannot read"):
+        load_policy_file(tmp_path / "nope.toml")
+
+
+def test_loaded_file_records_source_and_hash(tmp_path: Path) -> None:
+    path = write(tmp_path, "mine", GOOD.format(name="mine", description="v1"))
+    first = load_policy_file(path)
+    assert first.source == str(path) and len(first.content_hash) == 16
+    path.write_text(GOOD.format(name="mine", description="v2"))
+    assert load_policy_file(path).content_hash != first.content_hash
+    assert first.as_dict()["content_hash"] == first.content_hash
+
+
+# --- the store ------------------------------------------------------------------------------------
+
+def test_store_get_unknown_raises_not_found() -> None:
+    with pytest.raises(NotFound):
+        PolicyStore().get("nope")
+
+
+def test_extra_dir_adds_and_overrides(tmp_path: Path) -> None:
+    write(tmp_path, "studio", GOOD.format(name="studio", description="added"))
+    write(tmp_path, "balanced", GOOD.format(name="balanced", description="overridden"))
+    (tmp_path / "notes.txt").write_text("ignored")
+    store = PolicyStore(tmp_path)
+    assert store.errors == []
+    assert set(store.names()) == {*BUILTINS, "studio"}
+    assert store.get("balanced").description == "overridden"
+    assert store.get("balanced").source == str(tmp_path / "balanced.toml")
+    assert store.get("local-only").source == "builtin"
+    assert [p.name for p in store.list()] == store.names()
+
+
+def test_reload_keeps_last_good_version(tmp_path: Path) -> None:
+    path = write(tmp_path, "studio", GOOD.format(name="studio", description="v1"))
+    store = PolicyStore(tmp_path, include_builtins=False)
+    assert store.names() == ["studio"]
+    good = store.get("studio")
+
+    path.write_text('name = "studio"\n[[rules]]\nmatch = {}\nengines = ["lite"]\ndeny = "no"\n')
+    errors = store.reload()
+    assert len(errors) == 1 and str(path) in errors[0].message and "rule 1" in errors[0].message
+    assert store.errors == errors
+    assert store.get("studio") is good  # still served
+
+    path.write_text(GOOD.format(name="studio", description="v2"))
+    assert store.reload() == []
+    assert store.get("studio").description == "v2"
+
+
+def test_bad_override_falls_back_to_builtin_then_keeps_last_good(tmp_path: Path) -> None:
+    path = write(tmp_path, "balanced", "name = [oops\n")
+    store = PolicyStore(tmp_path)
+    assert len(store.errors) == 1 and "line 1" in store.errors[0].message
+    assert store.get("balanced").source == "builtin"
+
+    path.write_text(GOOD.format(name="balanced", description="mine"))
+    assert store.reload() == []
+    path.write_text("name = [oops\n")
+    assert len(store.reload()) == 1
+    assert store.get("balanced").description == "mine"
+
+
+def test_new_bad_file_is_refused_and_deleted_file_is_dropped(tmp_path: Path) -> None:
+    store = PolicyStore(tmp_path, include_builtins=False)
+    assert store.names() == []
+    write(tmp_path, "broken", 'name = "broken"\n')
+    assert len(store.reload()) == 1 and "broken" not in store
+    keep = write(tmp_path, "keep", GOOD.format(name="keep", description="k"))
+    (tmp_path / "broken.toml").unlink()
+    assert store.reload() == [] and store.names() == ["keep"]
+    keep.unlink()
+    assert store.reload() == [] and store.names() == []
+
+
+def test_missing_extra_dir_is_reported_and_keeps_its_policies(tmp_path: Path) -> None:
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    write(extra, "studio", GOOD.format(name="studio", description="s"))
+    store = PolicyStore(extra)
+    for child in extra.iterdir():
+        child.unlink()
+    extra.rmdir()
+    errors = store.reload()
+    assert len(errors) == 1 and "not found" in errors[0].message
+    assert "studio" in store and "balanced" in store
