@@ -11,7 +11,7 @@ from fastapi import Depends, FastAPI
 from fastapi.responses import PlainTextResponse
 
 from orchestrator import __version__
-from orchestrator.api import assets, engines, jobs, projects, stages
+from orchestrator.api import assets, credits, engines, jobs, projects, stages
 from orchestrator.api.deps import ServicesDep, require_auth
 from orchestrator.api.errors import install as install_errors
 from orchestrator.schemas import Health
@@ -48,7 +48,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     install_errors(app)
     v1 = [Depends(require_auth)]
-    for module in (projects, stages, jobs, assets, engines):
+    for module in (projects, stages, jobs, assets, engines, credits):
         app.include_router(module.router, prefix="/v1", dependencies=v1)
 
     @app.get("/healthz", response_model=Health, tags=["operations"])

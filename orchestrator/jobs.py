@@ -30,6 +30,7 @@ from orchestrator.errors import (
 )
 from orchestrator.events import EventBus
 from orchestrator.ids import new_id
+from orchestrator.ledger import Ledger
 from orchestrator.models import Asset, IdempotencyKey, Job, Project, utcnow
 from orchestrator.routing import Decision, Router
 from orchestrator.schemas import DraftCreate, PolishCreate, PromoteCreate, Stage
@@ -68,10 +69,11 @@ def render_request(params: dict[str, Any], init_image: Any = None) -> RenderRequ
 
 
 class JobService:
-    def __init__(self, db: Database, router: Router, bus: EventBus, notify: Callable[[], None],
+    def __init__(self, db: Database, router: Router, ledger: Ledger, bus: EventBus, notify: Callable[[], None],
                  default_policy: str) -> None:
         self.db = db
         self.router = router
+        self.ledger = ledger
         self.bus = bus
         self.notify = notify
         self.default_policy = default_policy
@@ -154,25 +156,55 @@ class JobService:
                 f"the estimate ({to_credits(decision.estimate)} credits) is above max_credits ({max_credits})",
                 details={"estimate": to_credits(decision.estimate), "max_credits": max_credits},
             )
-        job = self._new_job(prepared, decision)
+        job = self._new_job(prepared, decision, cache=getattr(body, "cache", True))
         with self.db.transaction() as s:
             if idempotency_key:
                 # Checked again under the write lock: of concurrent requests with one key, one creates.
                 existing = self._replay_in(s, idempotency_key, scope, digest)
                 if existing is not None:
                     return existing, False
-            self._project(s, prepared.project_id)
+            project = self.ledger.lock_project(s, prepared.project_id)
+            cached = self._cached(s, job) if job.cache_key else None
+            if cached:
+                job.status, job.cache_hit, job.started_at, job.finished_at = "succeeded", True, utcnow(), utcnow()
             s.add(job)
             s.flush()
+            if cached:
+                s.add_all(cached_copies(cached, job))
+            else:
+                self.ledger.hold(s, project, job, decision.estimate)
             if idempotency_key:
                 s.add(IdempotencyKey(key=idempotency_key, scope=scope, request_hash=digest, job_id=job.id))
-        self.bus.publish(job.id, "queued", {"job_id": job.id, "status": "queued"})
-        self.notify()
+        if job.cache_hit:
+            self._publish_cached(job)
+        else:
+            self.bus.publish(job.id, "queued", {"job_id": job.id, "status": "queued"})
+            self.notify()
         return job, True
 
-    def _new_job(self, prepared: Prepared, decision: Decision) -> Job:
+    def _cached(self, s: Session, job: Job) -> list[Asset]:
+        """The assets of an earlier identical paid job that succeeded, if any."""
+        earlier = s.exec(select(Job).where(col(Job.cache_key) == job.cache_key, col(Job.status) == "succeeded",
+                                           col(Job.cache_hit).is_(False)).order_by(col(Job.id))).first()
+        if earlier is None:
+            return []
+        return list(s.exec(select(Asset).where(col(Asset.job_id) == earlier.id).order_by(col(Asset.index))).all())
+
+    def _publish_cached(self, job: Job) -> None:
+        self.bus.publish(job.id, "queued", {"job_id": job.id, "status": "queued"})
+        for index, asset_id in enumerate(self.asset_ids([job.id])[job.id]):
+            self.bus.publish(job.id, "asset", {"asset_id": asset_id, "index": index})
+        self.bus.publish(job.id, "succeeded", {"job_id": job.id, "status": "succeeded", "cache_hit": True})
+
+    def _new_job(self, prepared: Prepared, decision: Decision, *, cache: bool) -> Job:
         engine = self.router.registry.get(decision.chosen)
+        cache_key = None
+        if cache and decision.estimate > 0:
+            identity = {"engine": decision.chosen, "model": engine.model,
+                        "params": {k: v for k, v in prepared.params.items() if k != "tags"}}
+            cache_key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
         return Job(
+            cache_key=cache_key,
             id=new_id("job"), project_id=prepared.project_id, stage=prepared.stage, engine=decision.chosen,
             model=engine.model, status="queued", params=prepared.params,
             source_asset_id=prepared.source.id if prepared.source else None,
@@ -235,6 +267,7 @@ class JobService:
             s.execute(update(Job).where(col(Job.id) == job_id, col(Job.status) == "queued").values(
                 status="canceled", finished_at=now,
                 error={"code": "canceled", "message": "canceled before it started", "details": {}}))
+            self.ledger.release(s, job, note="canceled before it started")
         self.bus.publish(job_id, "canceled", {"job_id": job_id, "status": "canceled"})
         return True
 
@@ -244,6 +277,10 @@ class JobService:
             result = s.execute(update(Job).where(col(Job.id) == job_id, col(Job.status) == "running").values(
                 status="canceled", finished_at=utcnow(), lease_owner=None, lease_expires_at=None,
                 error={"code": "canceled", "message": "canceled; its worker was gone", "details": {}}))
+            job = s.get(Job, job_id)
+            if getattr(result, "rowcount", 0) == 1 and job is not None:
+                # The worker may have reached the provider before it vanished.
+                self.ledger.capture(s, job, None, unreconciled=True, note="canceled while a worker held it")
         if getattr(result, "rowcount", 0) == 1:
             self.bus.publish(job_id, "canceled", {"job_id": job_id, "status": "canceled"})
             return
@@ -252,7 +289,14 @@ class JobService:
 
     def money(self, job_ids: list[str]) -> dict[str, tuple[int, int]]:
         """(held, charged) millicredits per job."""
-        return {}
+        with self.db.session() as s:
+            return self.ledger.job_totals(s, job_ids)
+
+
+def cached_copies(assets: list[Asset], job: Job) -> list[Asset]:
+    """New asset rows for a cache hit: same content (same file), new ids, owned by the new job."""
+    return [Asset(**{**a.model_dump(), "id": new_id("ast"), "job_id": job.id, "project_id": job.project_id,
+                     "parent_id": job.source_asset_id, "created_at": utcnow()}) for a in assets]
 
 
 def validate_cursor(cursor: str | None) -> str | None:

@@ -78,6 +78,8 @@ class Job(SQLModel, table=True):
     attempts: list[dict[str, Any]] | None = _json()
     estimated: int = Field(default=0, sa_type=sa.BigInteger)  # millicredits
     cache_hit: bool = False
+    # Identifies an identical paid request (engine, model, parameters, source, seed) for the result cache.
+    cache_key: str | None = Field(default=None, index=True, max_length=64)
     # Queue bookkeeping: claim counter and lease.
     attempt: int = 0
     lease_owner: str | None = Field(default=None, max_length=100)
@@ -118,4 +120,30 @@ class IdempotencyKey(SQLModel, table=True):
     scope: str = Field(primary_key=True, max_length=200)
     request_hash: str = Field(max_length=64)
     job_id: str = Field(foreign_key="jobs.id", max_length=40)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime, nullable=False, index=True)
+
+
+class LedgerEntry(SQLModel, table=True):
+    """Append-only. Amounts are positive millicredits; `kind` says which way they move.
+
+    A capture or release names the hold it settles (`hold_id`); the unique constraint on
+    `(hold_id, kind)` makes a second capture or a second release of one hold impossible, whatever
+    a retry, a crash or a duplicate worker tries.
+    """
+
+    __tablename__ = "ledger_entries"
+    __table_args__ = (sa.UniqueConstraint("hold_id", "kind", name="uq_ledger_settlement"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    project_id: str = Field(foreign_key="projects.id", index=True, max_length=40)
+    job_id: str | None = Field(default=None, foreign_key="jobs.id", index=True, max_length=40)
+    kind: str = Field(max_length=12)  # grant | hold | capture | release | adjustment
+    amount: int = Field(sa_type=sa.BigInteger)
+    hold_id: int | None = Field(default=None, foreign_key="ledger_entries.id", index=True)
+    engine: str | None = Field(default=None, max_length=100)
+    stage: str | None = Field(default=None, max_length=20)
+    unreconciled: bool = False
+    # True when a capture exceeded its hold (the provider charged more than estimated).
+    over_hold: bool = False
+    note: str | None = Field(default=None, max_length=500)
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime, nullable=False, index=True)

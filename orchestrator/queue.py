@@ -27,6 +27,7 @@ from sqlmodel import col, select
 from orchestrator.db import Database
 from orchestrator.errors import OrchestratorError
 from orchestrator.events import EventBus
+from orchestrator.ledger import Ledger
 from orchestrator.models import Job, utcnow
 from orchestrator.runner import Claim, JobRunner
 from tiers.base import CancelToken
@@ -41,10 +42,11 @@ class Interrupted(OrchestratorError):
 
 
 class Scheduler:
-    def __init__(self, db: Database, registry: EngineRegistry, runner: JobRunner, bus: EventBus, *,
+    def __init__(self, db: Database, registry: EngineRegistry, runner: JobRunner, bus: EventBus, ledger: Ledger, *,
                  lease_seconds: float, sweep_interval: float,
                  on_recovered: Callable[[Job, str], Awaitable[None]] | None = None) -> None:
         self.db = db
+        self.ledger = ledger
         self.registry = registry
         self.runner = runner
         self.bus = bus
@@ -57,11 +59,14 @@ class Scheduler:
         self._lane_use: dict[str, int] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
+        # More housekeeping for the sweeper (e.g. forgetting old idempotency keys).
+        self.sweepers: list[Callable[[], object]] = []
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
         await self.recover(all_foreign=True)
+        await asyncio.to_thread(self._sweep_ledger)
         self._tasks = [asyncio.create_task(self._dispatch_loop(), name="scheduler"),
                        asyncio.create_task(self._sweep_loop(), name="sweeper"),
                        asyncio.create_task(self._heartbeat_loop(), name="heartbeat")]
@@ -183,8 +188,17 @@ class Scheduler:
             await asyncio.sleep(self.sweep_interval)
             try:
                 await self.recover(all_foreign=False)
+                await asyncio.to_thread(self._sweep_ledger)
+                for sweep in self.sweepers:
+                    await asyncio.to_thread(sweep)
             except Exception:
                 log.exception("sweep failed")
+
+    def _sweep_ledger(self) -> None:
+        with self.db.transaction() as s:
+            settled = self.ledger.sweep(s)
+        if settled:
+            log.warning("sweeper settled %d holds of finished jobs", settled)
 
     async def recover(self, *, all_foreign: bool) -> list[str]:
         """Finish or re-queue jobs whose worker is gone. At start-up every `running` job belongs
@@ -235,6 +249,9 @@ class Scheduler:
                                                  col(Job.status) == "running").values(**values))
             if _rowcount(result) != 1:
                 return None
+            if outcome == "failed":
+                # Sent to a provider that may have made and billed it: charge the estimate, flagged.
+                self.ledger.capture(s, job, None, unreconciled=True, note="interrupted: outcome unknown")
         log.warning("recovered job %s (%s): %s", job.id, job.engine, outcome)
         return outcome
 

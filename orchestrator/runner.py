@@ -24,6 +24,7 @@ from orchestrator.errors import Canceled, EngineError, OrchestratorError
 from orchestrator.events import EventBus
 from orchestrator.ids import new_id
 from orchestrator.jobs import render_request
+from orchestrator.ledger import Ledger
 from orchestrator.models import Asset, Job, utcnow
 from orchestrator.store import ArtifactStore, encode_png
 from tiers.base import CancelToken, RenderResult
@@ -75,8 +76,10 @@ class JobProgress:
 
 
 class JobRunner:
-    def __init__(self, db: Database, registry: EngineRegistry, store: ArtifactStore, bus: EventBus) -> None:
+    def __init__(self, db: Database, registry: EngineRegistry, store: ArtifactStore, bus: EventBus,
+                 ledger: Ledger) -> None:
         self.db = db
+        self.ledger = ledger
         self.registry = registry
         self.store = store
         self.bus = bus
@@ -171,6 +174,7 @@ class JobRunner:
                                  attempts=[*(job.attempts or []), {"engine": job.engine, "status": "succeeded",
                                                                    "error": None}])
             s.add_all(rows)
+            self.ledger.capture(s, job, result.cost_millicredits)
         return [r.id for r in rows]
 
     def _finish(self, claim: Claim, status: str, error: OrchestratorError) -> None:
@@ -180,6 +184,7 @@ class JobRunner:
                                  lease_owner=None, lease_expires_at=None,
                                  attempts=[*(job.attempts or []),
                                            {"engine": job.engine, "status": status, "error": error.to_dict()}])
+            self.ledger.settle_failure(s, job, error)
 
     @staticmethod
     def _guarded_update(s: Any, claim: Claim, **values: Any) -> None:

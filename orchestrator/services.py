@@ -11,6 +11,7 @@ from orchestrator.db import Database
 from orchestrator.errors import InvalidRequest
 from orchestrator.events import EventBus
 from orchestrator.jobs import JobService
+from orchestrator.ledger import Ledger
 from orchestrator.queue import Scheduler
 from orchestrator.routing import Router
 from orchestrator.runner import JobRunner
@@ -39,6 +40,7 @@ class Services:
     bus: EventBus
     registry: EngineRegistry
     router: Router
+    ledger: Ledger
     runner: JobRunner
     scheduler: Scheduler
     jobs: JobService
@@ -54,11 +56,13 @@ class Services:
         ctx = EngineContext(settings=settings, price_overrides=load_price_overrides(settings))
         registry = EngineRegistry.load(ctx)
         router = Router(registry)
-        runner = JobRunner(db, registry, store, bus)
-        scheduler = Scheduler(db, registry, runner, bus, lease_seconds=settings.lease_seconds,
+        ledger = Ledger()
+        runner = JobRunner(db, registry, store, bus, ledger)
+        scheduler = Scheduler(db, registry, runner, bus, ledger, lease_seconds=settings.lease_seconds,
                               sweep_interval=settings.sweep_interval)
-        jobs = JobService(db, router, bus, scheduler.notify, settings.policy)
-        return cls(settings, db, store, bus, registry, router, runner, scheduler, jobs)
+        jobs = JobService(db, router, ledger, bus, scheduler.notify, settings.policy)
+        scheduler.sweepers.append(jobs.forget_idempotency_keys)
+        return cls(settings, db, store, bus, registry, router, ledger, runner, scheduler, jobs)
 
     def health(self, engine: str) -> str:
         """`ok`, `degraded` or `open` (the circuit breaker's view of the engine)."""

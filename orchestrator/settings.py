@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     # Largest width/height a local engine accepts; guards memory on small machines.
     local_max_size: int = Field(2048, ge=64)
 
+    # Extra engines without packaging: "name=module:factory,other=module:factory".
+    engines: str = ""
+
     policy: str = "balanced"
     policy_dir: Path | None = None
     prices_file: Path | None = None
@@ -112,6 +115,11 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.data_dir / 'orchestrator.db').resolve()}"
+
+    @property
+    def extra_engines(self) -> dict[str, str]:
+        pairs = (item.split("=", 1) for item in self.engines.split(",") if item.strip())
+        return {name.strip(): target.strip() for name, target in pairs}
 
     @property
     def assets_dir(self) -> Path:

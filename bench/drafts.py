@@ -1,0 +1,483 @@
+"""Benchmark: what a draft job costs through the REST API, over the bare diffusers call it wraps.
+
+This is a benchmark, not a test: it prints ONE JSON object to stdout (logs go to stderr).
+
+What is compared
+----------------
+Both sides load the SAME model folder (by default the offline random-weight tiny SD pipeline,
+written once with `tiers.tiny.save_tiny_pipeline(folder)`; the service gets
+`Settings(lite_model=<that folder>)`), on the same device and dtype (`LocalRuntime`'s choice),
+with the same torch intra-op thread count set on a dedicated inference thread.
+
+* `direct`: on its own single-thread executor whose initializer calls `torch.set_num_threads(T)`
+  (exactly like `LocalRuntime._init_thread`), the call `tiers/lite.py` makes: the pipeline loaded
+  with `AutoPipelineForText2Image.from_pretrained`, safety checker off, progress bar off, then
+  `pipe(prompt, negative_prompt=None, num_inference_steps=S, guidance_scale=0, width=W, height=W,
+  num_images_per_prompt=n, generator=[torch.Generator("cpu").manual_seed(seed + i) ...])` under
+  `torch.inference_mode()`, chunked by `lite_max_batch` like the service. The time is measured in
+  that thread around generator creation + the pipeline call (PIL images out). No step callback,
+  no PNG, no disk, no HTTP.
+* `api`: the service started in this process with `orchestrator.server.serve_in_thread` (uvicorn,
+  SQLite in a fresh temporary data dir), driven by a keep-alive `httpx.Client` from the main thread.
+  One job = from just before `POST /v1/projects/{id}/drafts` until the body of
+  `GET /v1/assets/{id}/content` of every asset has been read; completion is awaited by following
+  `GET /v1/jobs/{id}/events` (SSE) to the terminal event, not by polling. Everything the service
+  does is inside: validation, routing, job row, scheduler dispatch and claim, the inference-thread
+  hop, per-step progress callbacks with previews, PNG encoding, the fsync'd artifact store, the
+  finishing transaction, events, and the content reads.
+
+Both sides are warmed up first (the service loads its model on its first job). Repeats are
+interleaved (direct and api alternate order each repeat) so drift hits both equally. Every
+repeat uses new seeds, so the content-addressed store never skips a write because it already
+holds the file.
+
+`overhead_ratio = median(api) / median(direct)`; the issue's target is <= 1.05 on the tiny model
+at 64x64, 4 steps, n=4.
+
+Batching: the same n-image API job as above (`batched`) versus n API jobs with n=1 run one after
+the other (`sequential`, each timed the same way, seeds seed+i so they render the same
+variations; their prompt differs by one word so the store cannot dedupe them against the batched
+job's files). `batch_speedup = median(sequential) / median(batched)`.
+
+`--profile` adds `breakdown`: per-job medians (ms) of the service's internal phases, measured by
+wrapping service functions in this process at run time (no file is changed).
+
+Run: `.venv/bin/python bench/drafts.py [--size 64] [--steps 4] [--n 4] [--repeats 20] [--profile]`
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+TARGET = 1.05
+TERMINAL = {"succeeded", "failed", "canceled"}
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+# -- statistics ------------------------------------------------------------------------------------
+
+
+def p90(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(0.9 * len(ordered)) - 1)]
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    return {"median_s": round(statistics.median(values), 5), "p90_s": round(p90(values), 5),
+            "min_s": round(min(values), 5)}
+
+
+# -- the direct baseline -----------------------------------------------------------------------------
+
+
+def _init_inference_thread(threads: int) -> None:
+    """What `LocalRuntime._init_thread` does, with the same thread count."""
+    import logging
+
+    import torch
+    from diffusers.utils import logging as dlogging
+
+    torch.set_num_threads(threads)
+    for name in ("transformers", "diffusers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    dlogging.disable_progress_bar()
+
+
+class Direct:
+    """The diffusers pipeline called in-process, on its own dedicated inference thread."""
+
+    def __init__(self, folder: Path, device: str, dtype: Any, threads: int, max_batch: int) -> None:
+        self.max_batch = max_batch
+        self.device = device
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="direct-inference",
+                                            initializer=_init_inference_thread, initargs=(threads,))
+        self.pipe = self._executor.submit(self._load, folder, device, dtype).result()
+
+    @staticmethod
+    def _load(folder: Path, device: str, dtype: Any) -> Any:
+        import warnings
+
+        from diffusers import AutoPipelineForText2Image
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            pipe = AutoPipelineForText2Image.from_pretrained(str(folder), torch_dtype=dtype)
+        if getattr(pipe, "safety_checker", None) is not None:
+            pipe.safety_checker = None
+        pipe = pipe.to(device)
+        pipe.set_progress_bar_config(disable=True)
+        # The service's own warm-up step (LocalRuntime._warm_up), so both start from the same state.
+        pipe(prompt="warm-up", num_inference_steps=1, guidance_scale=0.0, width=64, height=64,
+             output_type="latent")
+        return pipe
+
+    def run(self, prompt: str, size: int, steps: int, n: int, seed: int) -> float:
+        seconds: float = self._executor.submit(self._generate, prompt, size, steps, n, seed).result()
+        return seconds
+
+    def _generate(self, prompt: str, size: int, steps: int, n: int, seed: int) -> float:
+        import torch
+
+        start = time.perf_counter()
+        images = []
+        for first in range(0, n, self.max_batch):
+            chunk = list(range(first, min(first + self.max_batch, n)))
+            generators = [torch.Generator("cpu").manual_seed(seed + i) for i in chunk]
+            with torch.inference_mode():
+                out = self.pipe(prompt=prompt, negative_prompt=None, num_inference_steps=steps, guidance_scale=0.0,
+                                width=size, height=size, num_images_per_prompt=len(chunk), generator=generators)
+            images.extend(out.images)
+        elapsed = time.perf_counter() - start
+        assert len(images) == n
+        return elapsed
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+
+
+# -- the API client ----------------------------------------------------------------------------------
+
+
+def follow_events(client: httpx.Client, job_id: str) -> list[str]:
+    """Read the job's SSE stream until its terminal event; the asset ids, in order."""
+    event = ""
+    assets: list[str] = []
+    with client.stream("GET", f"/v1/jobs/{job_id}/events") as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if line.startswith("event:"):
+                event = line[6:].strip()
+            elif line.startswith("data:"):
+                data = json.loads(line[5:])
+                if event == "asset":
+                    assets.append(data["asset_id"])
+                elif event in TERMINAL:
+                    if event != "succeeded":
+                        raise RuntimeError(f"job {job_id} ended {event}: {data}")
+                    return list(data.get("assets") or assets)
+    raise RuntimeError(f"the event stream of job {job_id} ended without a terminal event")
+
+
+def api_job(client: httpx.Client, project_id: str, body: dict[str, Any]) -> dict[str, float]:
+    """One draft job end to end; seconds per client-side phase and in total."""
+    start = time.perf_counter()
+    response = client.post(f"/v1/projects/{project_id}/drafts", json=body)
+    response.raise_for_status()
+    job_id = response.json()["id"]
+    posted = time.perf_counter()
+    assets = follow_events(client, job_id)
+    finished = time.perf_counter()
+    for asset_id in assets:
+        content = client.get(f"/v1/assets/{asset_id}/content")
+        content.raise_for_status()
+        if not content.content.startswith(PNG_MAGIC):
+            raise RuntimeError(f"asset {asset_id} is not a PNG")
+    end = time.perf_counter()
+    if len(assets) != body["n"]:
+        raise RuntimeError(f"job {job_id} made {len(assets)} assets, expected {body['n']}")
+    if PROFILER.enabled:
+        PROFILER.client_marks(job_id, start, posted, finished, end)
+    return {"total": end - start, "post": posted - start, "events": finished - posted, "content": end - finished}
+
+
+def draft_body(prompt: str, size: int, steps: int, n: int, seed: int) -> dict[str, Any]:
+    return {"prompt": prompt, "n": n, "seed": seed, "width": size, "height": size, "steps": steps,
+            "guidance_scale": 0.0, "engine": "lite", "cache": False}
+
+
+# -- optional profile: the service's phases, timed by wrapping its functions ---------------------------
+
+
+class Profiler:
+    """Per-job timestamps and summed durations of service functions (enabled by `--profile`)."""
+
+    def __init__(self) -> None:
+        self.enabled = False
+        self.marks: dict[str, dict[str, float]] = defaultdict(dict)
+        self.durations: dict[str, float] = defaultdict(float)
+        self.calls: dict[str, int] = defaultdict(int)
+        self.jobs: list[dict[str, float]] = []
+
+    def reset(self) -> None:
+        self.marks.clear()
+        self.durations.clear()
+        self.calls.clear()
+
+    def add(self, name: str, seconds: float) -> None:
+        self.durations[name] += seconds
+        self.calls[name] += 1
+
+    def timed(self, owner: Any, attr: str, name: str, job: Callable[..., str | None] | None = None) -> None:
+        """Wrap `owner.attr` (sync or async) to sum its time under `name` and, when `job` gives
+        the job id from the call's arguments, mark its start and end on that job's timeline."""
+        import inspect
+
+        original = getattr(owner, attr)
+        profiler = self
+
+        if inspect.iscoroutinefunction(original):
+            @functools.wraps(original)
+            async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
+                job_id = job(*args) if job else None
+                start = time.perf_counter()
+                try:
+                    return await original(*args, **kwargs)
+                finally:
+                    end = time.perf_counter()
+                    profiler.add(name, end - start)
+                    if job_id:
+                        profiler.marks[job_id][name + ":start"] = start
+                        profiler.marks[job_id][name + ":end"] = end
+
+            setattr(owner, attr, async_wrapper)
+            return
+
+        @functools.wraps(original)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            job_id = job(*args) if job else None
+            start = time.perf_counter()
+            result = original(*args, **kwargs)
+            end = time.perf_counter()
+            profiler.add(name, end - start)
+            if name == "JobService.submit":
+                job_id = result[0].id
+            if job_id:
+                profiler.marks[job_id][name + ":start"] = start
+                profiler.marks[job_id][name + ":end"] = end
+            return result
+
+        setattr(owner, attr, wrapper)
+
+    def install(self) -> None:
+        from diffusers import StableDiffusionPipeline
+
+        import orchestrator.runner as runner
+        from orchestrator.jobs import JobService
+        from orchestrator.queue import Scheduler
+        from orchestrator.store import ArtifactStore
+        from tiers._local import LocalRuntime
+        from tiers.lite import LiteEngine
+
+        self.enabled = True
+        self.timed(JobService, "prepare_draft", "JobService.prepare_draft")
+        self.timed(JobService, "submit", "JobService.submit")
+        self.timed(Scheduler, "_queued", "Scheduler._queued")
+        self.timed(Scheduler, "_claim", "Scheduler._claim", job=lambda _self, job: job.id)
+        self.timed(runner.JobRunner, "run", "JobRunner.run", job=lambda _self, claim: claim.job.id)
+        self.timed(LiteEngine, "_generate", "LiteEngine._generate",
+                   job=lambda _self, _req, progress, _cancel: progress.claim.job.id)
+        self.timed(LocalRuntime, "preview", "LocalRuntime.preview (latents_to_preview)")
+        self.timed(runner.JobProgress, "step", "JobProgress.step")
+        self.timed(runner.JobRunner, "write_progress", "JobRunner.write_progress")
+        self.timed(runner.JobRunner, "_succeed", "JobRunner._succeed", job=lambda _self, claim, _result: claim.job.id)
+        self.timed(runner, "encode_png", "store.encode_png")
+        self.timed(ArtifactStore, "put", "ArtifactStore.put (fsync)")
+        self.timed(ArtifactStore, "get", "ArtifactStore.get")
+
+        original_call = StableDiffusionPipeline.__call__
+
+        @functools.wraps(original_call)
+        def pipe_call(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return original_call(*args, **kwargs)
+            finally:
+                where = "direct" if threading.current_thread().name.startswith("direct") else "service"
+                self.add(f"StableDiffusionPipeline.__call__ [{where}]", time.perf_counter() - start)
+
+        StableDiffusionPipeline.__call__ = pipe_call  # type: ignore[method-assign]
+
+    def client_marks(self, job_id: str, start: float, posted: float, finished: float, end: float) -> None:
+        m = self.marks[job_id]
+        m.update({"client:start": start, "client:posted": posted, "client:terminal": finished, "client:end": end})
+        ms = {name: 1000 * seconds for name, seconds in self.durations.items()}
+        ms.update({f"calls {name}": float(count) for name, count in self.calls.items()})
+
+        def span(a: str, b: str) -> float | None:
+            return 1000 * (m[b] - m[a]) if a in m and b in m else None
+
+        timeline = {
+            "1 POST round trip (client)": span("client:start", "client:posted"),
+            "1a   of which JobService.submit": span("JobService.submit:start", "JobService.submit:end"),
+            "2 submit end -> claim start (dispatch wake + queued query)": span("JobService.submit:end",
+                                                                                "Scheduler._claim:start"),
+            "3 Scheduler._claim": span("Scheduler._claim:start", "Scheduler._claim:end"),
+            "4 claim end -> LiteEngine._generate start (task + inference-thread hop)":
+                span("Scheduler._claim:end", "LiteEngine._generate:start"),
+            "5 LiteEngine._generate": span("LiteEngine._generate:start", "LiteEngine._generate:end"),
+            "6 _generate end -> _succeed start (loop hop + to_thread)": span("LiteEngine._generate:end",
+                                                                             "JobRunner._succeed:start"),
+            "7 JobRunner._succeed (PNG + store + transaction)": span("JobRunner._succeed:start",
+                                                                     "JobRunner._succeed:end"),
+            "8 _succeed end -> client reads terminal event": span("JobRunner._succeed:end", "client:terminal"),
+            "9 GET /content of every asset (client)": span("client:terminal", "client:end"),
+        }
+        ms.update({k: v for k, v in timeline.items() if v is not None})
+        self.jobs.append(ms)
+
+    def report(self) -> dict[str, float]:
+        keys = sorted({k for job in self.jobs for k in job})
+        return {k: round(statistics.median(job.get(k, 0.0) for job in self.jobs), 3) for k in keys}
+
+
+PROFILER = Profiler()
+
+
+# -- the benchmark -----------------------------------------------------------------------------------
+
+
+def default_model_folder() -> Path:
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "orchestrator"
+    return cache / "bench-tiny-sd"
+
+
+@contextlib.contextmanager
+def service(settings: Any) -> Iterator[httpx.Client]:
+    from orchestrator.server import serve_in_thread
+
+    with serve_in_thread(settings) as base_url, httpx.Client(base_url=base_url, timeout=120.0) as client:
+        yield client
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import diffusers
+    import torch
+
+    from orchestrator.settings import Settings
+    from tiers._local import LocalRuntime
+    from tiers.tiny import save_tiny_pipeline
+
+    if args.model:
+        folder = Path(args.model).expanduser().resolve()
+        model_label = str(folder)
+    else:
+        folder = save_tiny_pipeline(default_model_folder())
+        model_label = f"tiny-sd (random weights) at {folder}"
+    threads = args.threads or max(1, os.cpu_count() or 2)
+    max_batch = min(16, max(4, args.n))
+    size, steps, n = args.size, args.steps, args.n
+
+    if args.profile:
+        PROFILER.install()
+
+    with tempfile.TemporaryDirectory(prefix="bench-drafts-", dir=args.data_dir) as data_dir:
+        settings = Settings(data_dir=Path(data_dir), database_url=None, admin_key=None, lite_model=str(folder),
+                            lite_device=args.device, torch_threads=threads, lite_max_batch=max_batch,
+                            local_max_size=max(2048, size))
+        probe = LocalRuntime(settings)
+        device, dtype = probe.device, probe.dtype()
+        probe.shutdown()
+
+        direct = Direct(folder, device, dtype, threads, max_batch)
+        api: list[dict[str, float]] = []
+        direct_s: list[float] = []
+        sequential_s: list[float] = []
+        try:
+            with service(settings) as client:
+                project = client.post("/v1/projects", json={"name": "bench drafts"})
+                project.raise_for_status()
+                project_id = project.json()["id"]
+
+                # Warm-up: the service loads the model on its first job; both sides run each shape twice.
+                for w in range(2):
+                    seed = 10_000_000 + 100 * w
+                    direct.run("warm up batch", size, steps, n, seed)
+                    direct.run("warm up seqnt", size, steps, 1, seed)
+                    api_job(client, project_id, draft_body("warm up batch", size, steps, n, seed))
+                    api_job(client, project_id, draft_body("warm up seqnt", size, steps, 1, seed))
+
+                for r in range(args.repeats):
+                    seed = 1000 * (r + 1)
+                    PROFILER.reset()
+                    if r % 2 == 0:
+                        direct_s.append(direct.run("a bench draft batch", size, steps, n, seed))
+                        api.append(api_job(client, project_id, draft_body("a bench draft batch", size, steps, n, seed)))
+                    else:
+                        api.append(api_job(client, project_id, draft_body("a bench draft batch", size, steps, n, seed)))
+                        direct_s.append(direct.run("a bench draft batch", size, steps, n, seed))
+                    start = time.perf_counter()
+                    for i in range(n):
+                        api_job(client, project_id, draft_body("a bench draft seqnt", size, steps, 1, seed + i))
+                    sequential_s.append(time.perf_counter() - start)
+        finally:
+            direct.close()
+
+    api_total = [job["total"] for job in api]
+    api_stats, direct_stats = summary(api_total), summary(direct_s)
+    ratio = api_stats["median_s"] / direct_stats["median_s"]
+    batched_stats, sequential_stats = summary(api_total), summary(sequential_s)
+    result: dict[str, Any] = {
+        "config": {
+            "size": size, "steps": steps, "n": n, "repeats": args.repeats, "torch_threads": threads,
+            "lite_max_batch": max_batch, "device": device, "dtype": str(dtype).removeprefix("torch."),
+            "model": model_label, "cpu_count": os.cpu_count(), "python": platform.python_version(),
+            "torch": torch.__version__, "diffusers": diffusers.__version__, "profile": args.profile,
+        },
+        "overhead": {
+            "api": api_stats,
+            "direct": direct_stats,
+            "api_phases_median_ms": {k: round(1000 * statistics.median(job[k] for job in api), 3)
+                                     for k in ("post", "events", "content")},
+            "overhead_median_ms": round(1000 * (api_stats["median_s"] - direct_stats["median_s"]), 3),
+            "overhead_ratio": round(ratio, 4),
+            "target": TARGET,
+            "meets_target": ratio <= TARGET,
+        },
+        "batching": {
+            "n": n,
+            "batched": batched_stats,
+            "sequential": sequential_stats,
+            "batch_speedup": round(sequential_stats["median_s"] / batched_stats["median_s"], 4),
+        },
+    }
+    if args.profile:
+        result["breakdown_median_ms_per_job"] = PROFILER.report()
+    return result
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0] if __doc__ else None)
+    parser.add_argument("--size", type=int, default=64, help="width and height (multiple of 8, >= 64)")
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--n", type=int, default=4, help="images per draft job")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads; 0 = os.cpu_count()")
+    parser.add_argument("--model", default=None, help="diffusers model folder; default: the tiny model, built once")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    parser.add_argument("--data-dir", default=None, help="parent of the service's temporary data dir")
+    parser.add_argument("--profile", action="store_true", help="add the service's per-phase breakdown")
+    args = parser.parse_args(argv)
+    if args.size % 8 or args.size < 64:
+        parser.error("--size must be a multiple of 8, at least 64")
+    if args.repeats < 1 or args.n < 1 or args.steps < 1 or args.n > 16:
+        parser.error("--repeats, --n and --steps must be >= 1, and --n <= 16")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    with contextlib.redirect_stdout(sys.stderr):  # stdout carries the JSON object only
+        result = run(args)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""Budgets, the ledger, grants and spend reports."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Query
+from fastapi.encoders import jsonable_encoder
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
+from sqlmodel import col, select
+
+from orchestrator.api.deps import ServicesDep
+from orchestrator.errors import InvalidRequest, NotFound
+from orchestrator.models import LedgerEntry, Project
+from orchestrator.schemas import Page
+from orchestrator.spend import GroupBy, savings, spend, to_csv
+from tiers.base import to_credits, to_millicredits
+
+router = APIRouter(tags=["credits"])
+
+
+class BudgetPublic(BaseModel):
+    limit: float | None
+    period: str
+    window_start: datetime | None
+    window_end: datetime | None
+    charged: float
+    held: float
+    granted: float
+    available: float | None
+
+
+class LedgerEntryPublic(BaseModel):
+    id: int
+    project_id: str
+    job_id: str | None
+    kind: Literal["grant", "hold", "capture", "release", "adjustment"]
+    amount: float
+    engine: str | None
+    stage: str | None
+    hold_id: int | None
+    unreconciled: bool
+    over_hold: bool
+    created_at: datetime
+    note: str | None
+
+
+class GrantCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    amount: Annotated[float, Field(gt=0, le=10**9)]
+    note: Annotated[str, Field(max_length=500)] | None = None
+
+
+def _entry(e: LedgerEntry) -> LedgerEntryPublic:
+    assert e.id is not None
+    return LedgerEntryPublic(id=e.id, project_id=e.project_id, job_id=e.job_id, kind=e.kind,
+                             amount=to_credits(e.amount), engine=e.engine, stage=e.stage, hold_id=e.hold_id,
+                             unreconciled=e.unreconciled, over_hold=e.over_hold, created_at=e.created_at,
+                             note=e.note)
+
+
+def _project(services: ServicesDep, project_id: str) -> Project:
+    with services.db.session() as s:
+        project = s.get(Project, project_id)
+    if project is None:
+        raise NotFound(f"project '{project_id}' not found", details={"project_id": project_id})
+    return project
+
+
+@router.get("/projects/{project_id}/budget", response_model=BudgetPublic)
+def get_budget(project_id: str, services: ServicesDep) -> dict[str, Any]:
+    project = _project(services, project_id)
+    with services.db.session() as s:
+        return services.ledger.balance(s, project).public()
+
+
+@router.get("/projects/{project_id}/ledger", response_model=Page[LedgerEntryPublic])
+def get_ledger(project_id: str, services: ServicesDep, limit: Annotated[int, Query(ge=1, le=500)] = 50,
+               cursor: str | None = None) -> Page[LedgerEntryPublic]:
+    _project(services, project_id)
+    if cursor is not None and not cursor.isdigit():
+        raise InvalidRequest("malformed cursor", details={"cursor": cursor})
+    with services.db.session() as s:
+        stmt = (select(LedgerEntry).where(col(LedgerEntry.project_id) == project_id)
+                .order_by(col(LedgerEntry.id)).limit(limit + 1))
+        if cursor is not None:
+            stmt = stmt.where(col(LedgerEntry.id) > int(cursor))
+        rows = list(s.exec(stmt).all())
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return Page(items=[_entry(e) for e in rows], next_cursor=str(rows[-1].id) if more else None)
+
+
+@router.post("/projects/{project_id}/grants", status_code=201, response_model=LedgerEntryPublic)
+def grant(project_id: str, body: GrantCreate, services: ServicesDep) -> LedgerEntryPublic:
+    """Top up the project's budget for the current window (an append-only `grant` entry)."""
+    with services.db.transaction() as s:
+        services.ledger.lock_project(s, project_id)
+        entry = services.ledger.grant(s, project_id, to_millicredits(body.amount), body.note)
+        s.flush()
+        return _entry(entry)
+
+
+@router.get("/spend", responses={200: {"content": {"text/csv": {}}}})
+def get_spend(services: ServicesDep, group_by: GroupBy = "day",
+              from_: Annotated[datetime | None, Query(alias="from")] = None,
+              to: datetime | None = None, project_id: str | None = None,
+              format: Literal["json", "csv"] = "json") -> Response:
+    for name, value in (("from", from_), ("to", to)):
+        if value is not None and value.tzinfo is None:
+            raise InvalidRequest(f"'{name}' needs a timezone (RFC 3339, e.g. 2026-11-01T00:00:00Z)")
+    if from_ and to and from_ >= to:
+        raise InvalidRequest("'from' must be before 'to'")
+    with services.db.session() as s:
+        report = spend(s, group_by, from_, to, project_id)
+        report["savings"] = savings(s, services.registry, from_, to, project_id)
+    if format == "csv":
+        return PlainTextResponse(to_csv(report), media_type="text/csv",
+                                 headers={"Content-Disposition": 'attachment; filename="spend.csv"'})
+    return JSONResponse(jsonable_encoder(report))

@@ -1,0 +1,227 @@
+"""The credit ledger: the one place that moves money.
+
+Entries are append-only, in integer millicredits: `grant` (top-up), `hold` (an estimate reserved
+before a paid job runs), `capture` (what was charged), `release` (what was not), `adjustment`
+(a manual correction, signed). A capture or release names its hold; a unique constraint makes a
+second capture or release of one hold impossible.
+
+Balances are derived from entries, never kept in a counter: a budget window is computed from
+calendar boundaries in UTC, and spend in the window is the sum of its captures. Nothing resets.
+
+    available = limit + grants(window) - charged(window) - held(open holds)
+
+Every function here runs inside the caller's write transaction, so a hold commits with its job
+and a capture commits with the job's final state. Concurrency: on SQLite the transaction holds
+the write lock from `BEGIN IMMEDIATE`; on Postgres the project's row is locked `FOR UPDATE`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, exists, func
+from sqlalchemy.orm import aliased
+from sqlmodel import Session, col, select
+
+from orchestrator.errors import BudgetExceeded, NotFound, OrchestratorError
+from orchestrator.models import Job, LedgerEntry, Project, utcnow
+from tiers.base import to_credits
+
+SETTLEMENTS = ("capture", "release")
+
+
+def window(period: str, now: datetime) -> tuple[datetime | None, datetime | None]:
+    """The budget window containing `now`: [start, end) on UTC calendar boundaries."""
+    day = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    if period == "day":
+        return day, day + timedelta(days=1)
+    if period == "week":
+        start = day - timedelta(days=day.weekday())  # ISO weeks start on Monday
+        return start, start + timedelta(days=7)
+    if period == "month":
+        start = day.replace(day=1)
+        end = start.replace(year=start.year + 1, month=1) if start.month == 12 else start.replace(month=start.month + 1)
+        return start, end
+    return None, None
+
+
+@dataclass(frozen=True)
+class Balance:
+    limit: int | None
+    period: str
+    window_start: datetime | None
+    window_end: datetime | None
+    charged: int
+    held: int
+    granted: int
+
+    @property
+    def available(self) -> int | None:
+        if self.limit is None:
+            return None
+        return self.limit + self.granted - self.charged - self.held
+
+    @property
+    def used_fraction(self) -> float | None:
+        """Share of the window's budget spent or held (for routing rules like `budget_used_over`)."""
+        total = None if self.limit is None else self.limit + self.granted
+        if not total:
+            return None
+        return (self.charged + self.held) / total
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "limit": None if self.limit is None else to_credits(self.limit),
+            "period": self.period,
+            "window_start": self.window_start,
+            "window_end": self.window_end,
+            "charged": to_credits(self.charged),
+            "held": to_credits(self.held),
+            "granted": to_credits(self.granted),
+            "available": None if self.available is None else to_credits(self.available),
+        }
+
+
+def _open_holds() -> Any:
+    settlement = aliased(LedgerEntry)
+    return and_(col(LedgerEntry.kind) == "hold",
+                ~exists().where(col(settlement.hold_id) == col(LedgerEntry.id)))
+
+
+class Ledger:
+    def __init__(self, clock: Callable[[], datetime] = utcnow) -> None:
+        self.clock = clock
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def balance(self, s: Session, project: Project) -> Balance:
+        start, end = window(project.budget_period, self.clock())
+
+        def total(*where: Any) -> int:
+            stmt = select(func.coalesce(func.sum(LedgerEntry.amount), 0)).where(
+                col(LedgerEntry.project_id) == project.id, *where)
+            return int(s.exec(stmt).one())
+
+        in_window = [] if start is None else [col(LedgerEntry.created_at) >= start, col(LedgerEntry.created_at) < end]
+        return Balance(
+            limit=project.budget_limit, period=project.budget_period, window_start=start, window_end=end,
+            charged=total(col(LedgerEntry.kind).in_(("capture", "adjustment")), *in_window),
+            held=total(_open_holds()),
+            granted=total(col(LedgerEntry.kind) == "grant", *in_window),
+        )
+
+    def job_totals(self, s: Session, job_ids: list[str]) -> dict[str, tuple[int, int]]:
+        """(held, charged) per job."""
+        if not job_ids:
+            return {}
+        out: dict[str, tuple[int, int]] = {}
+        held = s.exec(select(LedgerEntry.job_id, func.sum(LedgerEntry.amount))
+                      .where(col(LedgerEntry.job_id).in_(job_ids), _open_holds())
+                      .group_by(col(LedgerEntry.job_id))).all()
+        charged = s.exec(select(LedgerEntry.job_id, func.sum(LedgerEntry.amount))
+                         .where(col(LedgerEntry.job_id).in_(job_ids),
+                                col(LedgerEntry.kind).in_(("capture", "adjustment")))
+                         .group_by(col(LedgerEntry.job_id))).all()
+        for job_id, amount in held:
+            if job_id:
+                out[job_id] = (int(amount), 0)
+        for job_id, amount in charged:
+            if job_id:
+                out[job_id] = (out.get(job_id, (0, 0))[0], int(amount))
+        return out
+
+    # -- moving money ------------------------------------------------------------------------
+
+    def lock_project(self, s: Session, project_id: str) -> Project:
+        """The project row, locked for the rest of the transaction on Postgres (SQLite's
+        `BEGIN IMMEDIATE` already serialises writers)."""
+        stmt = select(Project).where(col(Project.id) == project_id)
+        bind = s.get_bind()
+        if bind.dialect.name != "sqlite":
+            stmt = stmt.with_for_update()
+        project = s.exec(stmt).first()
+        if project is None:
+            raise NotFound(f"project '{project_id}' not found", details={"project_id": project_id})
+        return project
+
+    def hold(self, s: Session, project: Project, job: Job, amount: int) -> LedgerEntry | None:
+        """Reserve `amount` for `job`, or raise `BudgetExceeded` (the transaction then writes nothing)."""
+        if amount <= 0:
+            return None
+        balance = self.balance(s, project)
+        available = balance.available
+        if available is not None and amount > available:
+            raise BudgetExceeded(
+                f"the estimate ({to_credits(amount)} credits) does not fit the budget "
+                f"({to_credits(max(available, 0))} credits available this {balance.period})",
+                details={"estimate": to_credits(amount), "available": to_credits(available),
+                         "window": {"period": balance.period, "start": _iso(balance.window_start),
+                                    "end": _iso(balance.window_end)}},
+            )
+        entry = LedgerEntry(project_id=project.id, job_id=job.id, kind="hold", amount=amount, engine=job.engine,
+                            stage=job.stage, created_at=self.clock())
+        s.add(entry)
+        return entry
+
+    def open_hold(self, s: Session, job_id: str) -> LedgerEntry | None:
+        return s.exec(select(LedgerEntry).where(col(LedgerEntry.job_id) == job_id, _open_holds())).first()
+
+    def capture(self, s: Session, job: Job, actual: int | None, *, unreconciled: bool = False,
+                note: str | None = None) -> int:
+        """Charge the job: `actual` when the provider reported it, else the hold's estimate; the
+        rest of the hold is released. Returns the amount captured (0 when nothing was held)."""
+        hold = self.open_hold(s, job.id)
+        if hold is None:
+            return 0
+        amount = hold.amount if actual is None else actual
+        now = self.clock()
+        s.add(LedgerEntry(project_id=hold.project_id, job_id=job.id, kind="capture", amount=amount,
+                          hold_id=hold.id, engine=job.engine, stage=job.stage, unreconciled=unreconciled,
+                          over_hold=amount > hold.amount, note=note, created_at=now))
+        if amount < hold.amount:
+            s.add(LedgerEntry(project_id=hold.project_id, job_id=job.id, kind="release",
+                              amount=hold.amount - amount, hold_id=hold.id, engine=job.engine, stage=job.stage,
+                              note="rest of the hold", created_at=now))
+        return amount
+
+    def release(self, s: Session, job: Job, note: str | None = None) -> int:
+        hold = self.open_hold(s, job.id)
+        if hold is None:
+            return 0
+        s.add(LedgerEntry(project_id=hold.project_id, job_id=job.id, kind="release", amount=hold.amount,
+                          hold_id=hold.id, engine=job.engine, stage=job.stage, note=note, created_at=self.clock()))
+        return hold.amount
+
+    def settle_failure(self, s: Session, job: Job, error: OrchestratorError) -> None:
+        """Release when the provider surely charged nothing; otherwise capture the estimate, marked
+        unreconciled when nobody knows whether it charged."""
+        charged = getattr(error, "charged", "no")
+        if charged == "no":
+            self.release(s, job, note=f"{error.code}")
+        else:
+            self.capture(s, job, None, unreconciled=charged == "unknown",
+                         note=f"{error.code}: outcome unknown" if charged == "unknown" else error.code)
+
+    def grant(self, s: Session, project_id: str, amount: int, note: str | None = None) -> LedgerEntry:
+        entry = LedgerEntry(project_id=project_id, kind="grant", amount=amount, note=note, created_at=self.clock())
+        s.add(entry)
+        return entry
+
+    def sweep(self, s: Session) -> int:
+        """Settle holds whose job has finished (a safety net: finishing normally settles in the
+        same transaction). Returns how many holds were settled."""
+        rows = s.exec(select(LedgerEntry, Job).join(Job, col(Job.id) == col(LedgerEntry.job_id))
+                      .where(_open_holds(), col(Job.status).in_(("succeeded", "failed", "canceled")))).all()
+        for _hold, job in rows:
+            if job.status == "succeeded":
+                self.capture(s, job, None, unreconciled=True, note="sweeper: job finished with an open hold")
+            else:
+                self.release(s, job, note="sweeper: job finished with an open hold")
+        return len(rows)
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat()

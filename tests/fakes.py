@@ -1,0 +1,90 @@
+"""A priced fake engine for tests: register it with ORCH_ENGINES="fake-paid=tests.fakes:factory".
+
+It costs `FAKE_PRICE` credits per image, renders a flat image from the source's mean colour, and
+can be told to fail, to wait for a release event, or to report its own cost, through tags.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Literal
+
+from PIL import Image, ImageStat
+
+from orchestrator.errors import ContentFiltered, EngineError, EngineTimeout
+from tiers.base import (
+    Capabilities,
+    CancelToken,
+    EngineContext,
+    PriceTable,
+    Progress,
+    RenderedImage,
+    RenderRequest,
+    RenderResult,
+    Stage,
+)
+
+FAKE_PRICE = 10.0  # credits per image
+
+
+class FakePaidEngine:
+    kind: Literal["remote"] = "remote"
+    stages: frozenset[Stage] = frozenset({"bridge", "polish"})
+    capabilities = Capabilities(img2img=True, upscale=True, leaves_machine=True)
+
+    def __init__(self, ctx: EngineContext, name: str = "fake-paid") -> None:
+        self.name = name
+        self._prices = PriceTable(name, {"fake-1": {"image": FAKE_PRICE}}, "2026-11",
+                                  ctx.price_overrides.get(name))
+        self.calls = 0
+
+    @property
+    def model(self) -> str:
+        return "fake-1"
+
+    def availability(self) -> tuple[bool, str | None]:
+        return True, None
+
+    def prices(self) -> dict[str, Any]:
+        return self._prices.as_dict()
+
+    def estimate(self, req: RenderRequest) -> int:
+        return req.n * self._prices.millicredits(self.model, "image")
+
+    async def run(self, req: RenderRequest, progress: Progress, cancel: CancelToken) -> RenderResult:
+        self.calls += 1
+        behaviour = req.tags.get("fake", "")
+        progress.state("submitted")
+        progress.provider_request(f"fake-{self.calls}")
+        if behaviour == "hang":
+            await cancel.race(asyncio.sleep(3600))
+        if behaviour == "slow":
+            await cancel.sleep(float(req.tags.get("seconds", "1")))
+        if behaviour == "fail":
+            raise EngineError("fake engine failed", retryable=True)
+        if behaviour == "timeout":
+            raise EngineTimeout("fake engine: sent, no answer")
+        if behaviour == "filtered":
+            raise ContentFiltered("fake engine filtered the image")
+        colour = (128, 128, 128)
+        if req.init_image is not None:
+            colour = tuple(int(c) for c in ImageStat.Stat(req.init_image.convert("RGB")).mean)  # type: ignore[assignment]
+        images = [RenderedImage(Image.new("RGB", (req.width, req.height), colour), req.seed) for _ in range(req.n)]
+        progress.step(1, 1)
+        cost = req.tags.get("cost")
+        return RenderResult(images=images, model=self.model,
+                            cost_millicredits=None if cost is None else int(float(cost) * 1000),
+                            provider_request_id=f"fake-{self.calls}")
+
+    async def aclose(self) -> None:
+        return None
+
+
+def factory(ctx: EngineContext) -> FakePaidEngine:
+    return FakePaidEngine(ctx)
+
+
+def unpriced_factory(ctx: EngineContext) -> FakePaidEngine:
+    engine = FakePaidEngine(ctx, name="fake-unpriced")
+    engine._prices = PriceTable("fake-unpriced", {}, "2026-11")
+    return engine
