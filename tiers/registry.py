@@ -60,11 +60,11 @@ class EngineRegistry:
                 log.warning("engine entry point %r ignored: the name is taken by a built-in engine", ep.name)
                 continue
             factories[ep.name] = ep.value
-        for name, target in ctx.settings.extra_engines.items():
+        for name, spec in ctx.settings.extra_engines.items():
             if name in BUILTIN:
                 log.warning("ORCH_ENGINES entry %r ignored: the name is taken by a built-in engine", name)
                 continue
-            factories[name] = target
+            factories[name] = spec
         engines: dict[str, Engine] = {}
         broken: dict[str, BrokenEngine] = {}
         for name, target in factories.items():
