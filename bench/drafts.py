@@ -176,8 +176,11 @@ def follow_events(client: httpx.Client, job_id: str) -> list[str]:
     raise RuntimeError(f"the event stream of job {job_id} ended without a terminal event")
 
 
-def api_job(client: httpx.Client, project_id: str, body: dict[str, Any]) -> dict[str, float]:
-    """One draft job end to end; seconds per client-side phase and in total."""
+def api_job(client: httpx.Client, project_id: str, body: dict[str, Any], *, profile: bool = False) -> dict[str, float]:
+    """One draft job end to end; seconds per client-side phase and in total. With `profile` (and
+    `--profile`), the service's phases of this job are recorded."""
+    if profile and PROFILER.enabled:
+        PROFILER.reset()
     start = time.perf_counter()
     response = client.post(f"/v1/projects/{project_id}/drafts", json=body)
     response.raise_for_status()
@@ -193,7 +196,7 @@ def api_job(client: httpx.Client, project_id: str, body: dict[str, Any]) -> dict
     end = time.perf_counter()
     if len(assets) != body["n"]:
         raise RuntimeError(f"job {job_id} made {len(assets)} assets, expected {body['n']}")
-    if PROFILER.enabled:
+    if profile and PROFILER.enabled:
         PROFILER.client_marks(job_id, start, posted, finished, end)
     return {"total": end - start, "post": posted - start, "events": finished - posted, "content": end - finished}
 
@@ -230,7 +233,9 @@ class Profiler:
         the job id from the call's arguments, mark its start and end on that job's timeline."""
         import inspect
 
-        original = getattr(owner, attr)
+        original = getattr(owner, attr, None)
+        if original is None:  # the service changed: nothing to wrap
+            return
         profiler = self
 
         if inspect.iscoroutinefunction(original):
@@ -291,6 +296,11 @@ class Profiler:
         self.timed(runner, "encode_png", "store.encode_png")
         self.timed(ArtifactStore, "put", "ArtifactStore.put (fsync)")
         self.timed(ArtifactStore, "get", "ArtifactStore.get")
+        self.timed(os, "fsync", "os.fsync")
+        with contextlib.suppress(ImportError):
+            from orchestrator.ledger import Ledger
+
+            self.timed(Ledger, "capture", "Ledger.capture")
 
         original_call = StableDiffusionPipeline.__call__
 
@@ -315,8 +325,11 @@ class Profiler:
             return 1000 * (m[b] - m[a]) if a in m and b in m else None
 
         timeline = {
+            "0 client start -> JobService.submit start (HTTP in, validation, prepare_draft)":
+                span("client:start", "JobService.submit:start"),
             "1 POST round trip (client)": span("client:start", "client:posted"),
             "1a   of which JobService.submit": span("JobService.submit:start", "JobService.submit:end"),
+            "1b   of which submit end -> client has the 202": span("JobService.submit:end", "client:posted"),
             "2 submit end -> claim start (dispatch wake + queued query)": span("JobService.submit:end",
                                                                                 "Scheduler._claim:start"),
             "3 Scheduler._claim": span("Scheduler._claim:start", "Scheduler._claim:end"),
@@ -406,13 +419,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
                 for r in range(args.repeats):
                     seed = 1000 * (r + 1)
-                    PROFILER.reset()
+                    body = draft_body("a bench draft batch", size, steps, n, seed)
                     if r % 2 == 0:
-                        direct_s.append(direct.run("a bench draft batch", size, steps, n, seed))
-                        api.append(api_job(client, project_id, draft_body("a bench draft batch", size, steps, n, seed)))
+                        direct_s.append(direct.run(body["prompt"], size, steps, n, seed))
+                        api.append(api_job(client, project_id, body, profile=True))
                     else:
-                        api.append(api_job(client, project_id, draft_body("a bench draft batch", size, steps, n, seed)))
-                        direct_s.append(direct.run("a bench draft batch", size, steps, n, seed))
+                        api.append(api_job(client, project_id, body, profile=True))
+                        direct_s.append(direct.run(body["prompt"], size, steps, n, seed))
                     start = time.perf_counter()
                     for i in range(n):
                         api_job(client, project_id, draft_body("a bench draft seqnt", size, steps, 1, seed + i))

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -11,7 +13,7 @@ from fastapi import Depends, FastAPI
 from fastapi.responses import PlainTextResponse
 
 from orchestrator import __version__
-from orchestrator.api import assets, credits, engines, jobs, projects, stages
+from orchestrator.api import assets, credits, engines, jobs, policies, projects, stages
 from orchestrator.api.deps import ServicesDep, require_auth
 from orchestrator.api.errors import install as install_errors
 from orchestrator.schemas import Health
@@ -30,6 +32,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         services.bus.bind(asyncio.get_running_loop())
         app.state.services = services
         await services.scheduler.start()
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            # SIGHUP reloads the policy files (only possible when serving from the main thread).
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, services.policies.reload)
         for engine in services.registry:
             note = getattr(engine, "note", None)
             if note:
@@ -48,7 +53,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     install_errors(app)
     v1 = [Depends(require_auth)]
-    for module in (projects, stages, jobs, assets, engines, credits):
+    for module in (projects, stages, jobs, assets, engines, credits, policies):
         app.include_router(module.router, prefix="/v1", dependencies=v1)
 
     @app.get("/healthz", response_model=Health, tags=["operations"])

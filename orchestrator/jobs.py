@@ -150,12 +150,7 @@ class JobService:
             replay = self._replay(idempotency_key, scope, digest)
             if replay is not None:
                 return replay, False
-        decision = self.router.decide(prepared.stage, prepared.request, engine)
-        if max_credits is not None and decision.estimate > to_millicredits(max_credits):
-            raise BudgetExceeded(
-                f"the estimate ({to_credits(decision.estimate)} credits) is above max_credits ({max_credits})",
-                details={"estimate": to_credits(decision.estimate), "max_credits": max_credits},
-            )
+        decision = self.decide(prepared, engine, max_credits)
         job = self._new_job(prepared, decision, cache=getattr(body, "cache", True))
         with self.db.transaction() as s:
             if idempotency_key:
@@ -195,6 +190,19 @@ class JobService:
         for index, asset_id in enumerate(self.asset_ids([job.id])[job.id]):
             self.bus.publish(job.id, "asset", {"asset_id": asset_id, "index": index})
         self.bus.publish(job.id, "succeeded", {"job_id": job.id, "status": "succeeded", "cache_hit": True})
+
+    def decide(self, prepared: Prepared, engine: str | None, max_credits: float | None) -> Decision:
+        """The routing decision for a prepared request under its project's policy and budget."""
+        with self.db.session() as s:
+            project = self._project(s, prepared.project_id)
+            budget_used = self.ledger.balance(s, project).used_fraction
+        decision = self.router.decide(project.policy, prepared.request, engine, budget_used)
+        if max_credits is not None and decision.estimate > to_millicredits(max_credits):
+            raise BudgetExceeded(
+                f"the estimate ({to_credits(decision.estimate)} credits) is above max_credits ({max_credits})",
+                details={"estimate": to_credits(decision.estimate), "max_credits": max_credits},
+            )
+        return decision
 
     def _new_job(self, prepared: Prepared, decision: Decision, *, cache: bool) -> Job:
         engine = self.router.registry.get(decision.chosen)

@@ -49,6 +49,7 @@ class Scheduler:
         self.ledger = ledger
         self.registry = registry
         self.runner = runner
+        runner.notify = self.notify
         self.bus = bus
         self.lease = timedelta(seconds=lease_seconds)
         self.sweep_interval = sweep_interval

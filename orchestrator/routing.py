@@ -1,8 +1,10 @@
 """Which engine serves a request, and why.
 
-Every decision is recorded on the job (`routing`) and can be asked for without running anything
-(`POST /v1/route/explain`). Candidates that cannot serve the request are kept in the decision with
-the reason they were skipped.
+The project's policy (a TOML file, see `policies/`) is matched against the request: the first
+matching rule either denies it or lists candidate engines and a strategy. Candidates that do not
+serve the stage, are unavailable, unpriced, over the rule's `max_credits`, behind an open circuit,
+or would send a private request off this machine are skipped with the reason. Every decision is
+recorded on the job and can be asked for without running anything (`POST /v1/route/explain`).
 """
 
 from __future__ import annotations
@@ -11,15 +13,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from orchestrator.errors import BadEngineInput, NoPrice, NoRoute
+from orchestrator.health import EngineHealth
+from policies import Policy, PolicyStore, RequestFacts, Rule, order_candidates
 from tiers.base import Engine, RenderRequest, Stage, to_credits
 from tiers.registry import EngineRegistry
 
-# Without a policy: remote engines first when configured, else the local ones.
-DEFAULT_ORDER: dict[Stage, tuple[str, ...]] = {
-    "ideation": ("lite",),
-    "bridge": ("gemini", "stability", "openai", "fal", "replicate", "comfyui", "a1111", "local-hifi"),
-    "polish": ("stability", "gemini", "openai", "fal", "replicate", "comfyui", "a1111", "local-hifi"),
-}
+
+class NoUsableEngine(NoRoute):
+    """A rule matched but none of its engines can take the request right now."""
+
+    status = 503
 
 
 @dataclass
@@ -27,6 +30,7 @@ class Candidate:
     engine: str
     estimate: int | None = None  # millicredits
     skipped: str | None = None
+    bad_input: BadEngineInput | None = field(default=None, repr=False)
 
     def as_dict(self) -> dict[str, Any]:
         return {"engine": self.engine,
@@ -39,7 +43,7 @@ class Decision:
     stage: Stage
     chosen: str
     estimate: int
-    candidates: list[Candidate]
+    candidates: list[Candidate]  # usable ones first, in the order they are to be tried
     policy: str | None = None
     policy_hash: str | None = None
     rule: str | None = None
@@ -51,56 +55,99 @@ class Decision:
                 "reason": self.reason, "chosen": self.chosen, "estimate": to_credits(self.estimate),
                 "candidates": [c.as_dict() for c in self.candidates], **self.extra}
 
-    def fallbacks(self) -> list[str]:
-        """Usable candidates after the chosen one, in order."""
-        usable = [c.engine for c in self.candidates if c.skipped is None]
-        return usable[usable.index(self.chosen) + 1:] if self.chosen in usable else []
 
-
-def assess(engine: Engine, stage: Stage, req: RenderRequest) -> Candidate:
-    """Whether `engine` can take `req`, with its estimate or the reason it cannot."""
-    candidate = Candidate(engine.name)
-    if stage not in engine.stages:
-        candidate.skipped = f"does not serve the {stage} stage"
-        return candidate
-    available, why = engine.availability()
-    if not available:
-        candidate.skipped = f"unavailable: {why}"
-        return candidate
-    try:
-        candidate.estimate = engine.estimate(req)
-    except NoPrice as exc:
-        candidate.skipped = f"unpriced: {exc.message}"
-    except BadEngineInput as exc:
-        candidate.skipped = f"cannot take this request: {exc.message}"
-    return candidate
+def fallbacks(routing: dict[str, Any] | None, tried: set[str]) -> list[str]:
+    """Usable candidates of a recorded decision that have not been tried yet, in order."""
+    if not routing:
+        return []
+    return [c["engine"] for c in routing.get("candidates", [])
+            if c.get("skipped") is None and c["engine"] not in tried]
 
 
 class Router:
-    def __init__(self, registry: EngineRegistry) -> None:
+    def __init__(self, registry: EngineRegistry, policies: PolicyStore, health: EngineHealth) -> None:
         self.registry = registry
+        self.policies = policies
+        self.health = health
 
-    def decide(self, stage: Stage, req: RenderRequest, requested: str | None) -> Decision:
-        if requested is not None:
-            return self._requested(stage, req, requested)
-        candidates = [assess(self.registry.get(name), stage, req)
-                      for name in DEFAULT_ORDER[stage] if name in self.registry]
-        usable = [c for c in candidates if c.skipped is None]
+    def decide(self, policy_name: str, req: RenderRequest, requested: str | None,
+               budget_used: float | None) -> Decision:
+        policy = self.policies.get(policy_name)
+        facts = RequestFacts.from_request(req, engine=requested, budget_used=budget_used)
+        matched = policy.match(facts)
+        if matched is None:
+            raise NoRoute(f"policy '{policy.name}' has no rule for this request",
+                          details={"policy": policy.name})
+        index, rule = matched
+        base = {"policy": policy.name, "policy_hash": policy.content_hash, "rule": rule.name}
+        if rule.deny is not None:
+            raise NoRoute(f"policy '{policy.name}', rule '{rule.name}': {rule.deny}", details=base)
+        assert rule.engines is not None
+        if requested is not None and requested not in rule.engines:
+            raise NoRoute(
+                f"engine '{requested}' is not allowed here: policy '{policy.name}', rule '{rule.name}' "
+                f"allows {', '.join(rule.engines)}",
+                details={**base, "engine": requested, "allowed": rule.engines},
+            )
+        names = [requested] if requested is not None else list(rule.engines)
+        assessed = {name: self.assess(name, req, rule) for name in names}
+        ordered = self._order(policy, rule, req.stage, assessed)
+        usable = [c for c in ordered if c.skipped is None]
         if not usable:
-            raise NoRoute(f"no engine can serve this {stage} request",
-                          details={"candidates": [c.as_dict() for c in candidates]})
+            refusals = [c.bad_input for c in ordered if c.bad_input is not None]
+            if refusals:
+                raise refusals[0]  # the request itself is out of bounds: a 422, not a 503
+            raise NoUsableEngine(
+                f"no engine can take this request now (policy '{policy.name}', rule '{rule.name}')",
+                details={**base, "candidates": [c.as_dict() for c in ordered]},
+            )
         first = usable[0]
         assert first.estimate is not None
-        return Decision(stage, first.engine, first.estimate, candidates, reason="default order")
+        reason = rule.reason or f"first usable engine by the '{rule.strategy}' strategy"
+        return Decision(req.stage, first.engine, first.estimate, ordered, policy=policy.name,
+                        policy_hash=policy.content_hash, rule=rule.name,
+                        reason="requested by the client" if requested else reason,
+                        extra={"rule_index": index, "strategy": rule.strategy})
 
-    def _requested(self, stage: Stage, req: RenderRequest, name: str) -> Decision:
+    def _order(self, policy: Policy, rule: Rule, stage: Stage, assessed: dict[str, Candidate]) -> list[Candidate]:
+        if len(assessed) == 1:
+            return list(assessed.values())
+        remote = {n for n in assessed if n in self.registry and self.registry.get(n).kind == "remote"}
+        # "cheapest" compares what cloud engines charge; free local engines stay the fallbacks,
+        # tried after the cloud ones in the order the rule lists them.
+        estimates = {n: c.estimate if n in remote else None for n, c in assessed.items()}
+        latencies = {n: self.health.median_latency(n, stage) for n in assessed}
+        order = order_candidates(rule.model_copy(update={"engines": list(assessed)}), estimates, latencies)
+        candidates = [assessed[n] for n in order]
+        return [c for c in candidates if c.skipped is None] + [c for c in candidates if c.skipped is not None]
+
+    def assess(self, name: str, req: RenderRequest, rule: Rule | None = None) -> Candidate:
+        """Whether engine `name` can take `req` under `rule`, with its estimate or why not."""
+        candidate = Candidate(name)
         if name not in self.registry:
-            raise NoRoute(f"unknown engine '{name}'", details={"engine": name, "known": self.registry.names()})
-        engine = self.registry.get(name)
-        if stage not in engine.stages:
-            raise NoRoute(f"engine '{name}' does not serve the {stage} stage", details={"engine": name})
-        available, why = engine.availability()
-        if not available:
-            raise NoRoute(f"engine '{name}' is unavailable: {why}", details={"engine": name})
-        estimate = engine.estimate(req)  # NoPrice and BadEngineInput reach the client as they are
-        return Decision(stage, name, estimate, [Candidate(name, estimate)], reason="requested by the client")
+            reason = self.registry.broken[name].reason if name in self.registry.broken else "no such engine"
+            candidate.skipped = f"unknown engine: {reason}"
+            return candidate
+        engine: Engine = self.registry.get(name)
+        if rule is not None and rule.keeps_local(req.tags) and (
+                engine.kind == "remote" or engine.capabilities.leaves_machine):
+            candidate.skipped = "private request: this engine sends data off the machine"
+        elif req.stage not in engine.stages:
+            candidate.skipped = f"does not serve the {req.stage} stage"
+        elif not (available := engine.availability())[0]:
+            candidate.skipped = f"unavailable: {available[1]}"
+        elif not self.health.allow(name):
+            candidate.skipped = "circuit open after repeated failures"
+        if candidate.skipped:
+            return candidate
+        try:
+            candidate.estimate = engine.estimate(req)
+        except NoPrice as exc:
+            candidate.skipped = f"unpriced: {exc.message}"
+        except BadEngineInput as exc:
+            candidate.skipped = f"cannot take this request: {exc.message}"
+            candidate.bad_input = exc
+        limit = rule.max_millicredits if rule is not None else None
+        if candidate.estimate is not None and limit is not None and candidate.estimate > limit:
+            candidate.skipped = f"estimate {to_credits(candidate.estimate)} is over the rule's max_credits"
+        return candidate

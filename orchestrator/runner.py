@@ -12,6 +12,7 @@ import io
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,12 +21,14 @@ from sqlalchemy import update
 from sqlmodel import col
 
 from orchestrator.db import Database
-from orchestrator.errors import Canceled, EngineError, OrchestratorError
+from orchestrator.errors import BudgetExceeded, Canceled, EngineError, OrchestratorError
 from orchestrator.events import EventBus
+from orchestrator.health import EngineHealth
 from orchestrator.ids import new_id
 from orchestrator.jobs import render_request
 from orchestrator.ledger import Ledger
 from orchestrator.models import Asset, Job, utcnow
+from orchestrator.routing import fallbacks
 from orchestrator.store import ArtifactStore, encode_png
 from tiers.base import CancelToken, RenderResult
 from tiers.registry import EngineRegistry
@@ -77,9 +80,12 @@ class JobProgress:
 
 class JobRunner:
     def __init__(self, db: Database, registry: EngineRegistry, store: ArtifactStore, bus: EventBus,
-                 ledger: Ledger) -> None:
+                 ledger: Ledger, health: EngineHealth) -> None:
         self.db = db
         self.ledger = ledger
+        self.health = health
+        # Set by the scheduler: wakes it when a job goes back to the queue on another engine.
+        self.notify: Callable[[], None] = lambda: None
         self.registry = registry
         self.store = store
         self.bus = bus
@@ -89,14 +95,25 @@ class JobRunner:
         job = claim.job
         self.bus.publish(job.id, "started", {"job_id": job.id, "status": "running", "engine": job.engine,
                                              "attempt": claim.attempt})
+        started = time.monotonic()
         try:
-            result = await self._render(claim)
+            self.health.started(job.engine)
+            try:
+                result = await self._render(claim)
+            except EngineError as exc:
+                if exc.retryable:
+                    self.health.failed(job.engine)
+                raise
+            self.health.succeeded(job.engine, job.stage, time.monotonic() - started)
             asset_ids = await asyncio.to_thread(self._succeed, claim, result)
         except StaleAttempt:
             log.info("job %s attempt %s was superseded; its result is discarded", job.id, claim.attempt)
             return
         except Canceled as exc:
             await self._end(claim, "canceled", exc)
+        except EngineError as exc:
+            if not (exc.retryable and await self._fall_back(claim, exc)):
+                await self._end(claim, "failed", exc)
         except OrchestratorError as exc:
             await self._end(claim, "failed", exc)
         except Exception as exc:  # an engine bug must fail the job, not leave it running
@@ -120,6 +137,48 @@ class JobRunner:
         if status == "failed":
             data["error"] = error.to_dict()
         self.bus.publish(claim.job.id, status, data)
+
+    async def _fall_back(self, claim: Claim, error: EngineError) -> bool:
+        """Move the job to the next usable candidate of its routing decision: settle the old hold,
+        take a new one, record the attempt, and queue it again. False when no candidate is left."""
+        job = claim.job
+        tried = {a["engine"] for a in job.attempts or []} | {job.engine}
+        request = render_request(job.params)
+        for name in fallbacks(job.routing, tried):
+            if name not in self.registry or not self.health.allow(name):
+                continue
+            engine = self.registry.get(name)
+            if not engine.availability()[0]:
+                continue
+            try:
+                estimate = engine.estimate(request)
+            except OrchestratorError:
+                continue
+            try:
+                await asyncio.to_thread(self._requeue_on, claim, error, name, engine.model, estimate)
+            except StaleAttempt:
+                return True
+            except BudgetExceeded as exc:
+                await self._end(claim, "failed", exc)
+                return True
+            self.bus.publish(job.id, "state", {"state": "fallback", "from": job.engine, "to": name,
+                                               "error": error.to_dict()})
+            self.notify()
+            return True
+        return False
+
+    def _requeue_on(self, claim: Claim, error: EngineError, engine: str, model: str, estimate: int) -> None:
+        job = claim.job
+        with self.db.transaction() as s:
+            self.ledger.settle_failure(s, job, error)
+            self._guarded_update(s, claim, status="queued", engine=engine, model=model, estimated=estimate,
+                                 lease_owner=None, lease_expires_at=None, progress_step=0, progress_total=0,
+                                 attempts=[*(job.attempts or []),
+                                           {"engine": job.engine, "status": "failed", "error": error.to_dict()}])
+            project = self.ledger.lock_project(s, job.project_id)
+            moved = s.get(Job, job.id)
+            assert moved is not None
+            self.ledger.hold(s, project, moved, estimate)
 
     async def _render(self, claim: Claim) -> RenderResult:
         job = claim.job

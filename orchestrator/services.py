@@ -10,6 +10,7 @@ from typing import Any
 from orchestrator.db import Database
 from orchestrator.errors import InvalidRequest
 from orchestrator.events import EventBus
+from orchestrator.health import EngineHealth
 from orchestrator.jobs import JobService
 from orchestrator.ledger import Ledger
 from orchestrator.queue import Scheduler
@@ -17,6 +18,7 @@ from orchestrator.routing import Router
 from orchestrator.runner import JobRunner
 from orchestrator.settings import Settings
 from orchestrator.store import ArtifactStore
+from policies import PolicyStore
 from tiers.base import EngineContext
 from tiers.registry import EngineRegistry
 
@@ -39,6 +41,8 @@ class Services:
     store: ArtifactStore
     bus: EventBus
     registry: EngineRegistry
+    policies: PolicyStore
+    engine_health: EngineHealth
     router: Router
     ledger: Ledger
     runner: JobRunner
@@ -55,18 +59,22 @@ class Services:
         bus = EventBus()
         ctx = EngineContext(settings=settings, price_overrides=load_price_overrides(settings))
         registry = EngineRegistry.load(ctx)
-        router = Router(registry)
+        policies = PolicyStore(settings.policy_dir)
+        for error in policies.errors:
+            log.error("policy refused: %s", error.message)
+        health = EngineHealth()
+        router = Router(registry, policies, health)
         ledger = Ledger()
-        runner = JobRunner(db, registry, store, bus, ledger)
+        runner = JobRunner(db, registry, store, bus, ledger, health)
         scheduler = Scheduler(db, registry, runner, bus, ledger, lease_seconds=settings.lease_seconds,
                               sweep_interval=settings.sweep_interval)
         jobs = JobService(db, router, ledger, bus, scheduler.notify, settings.policy)
         scheduler.sweepers.append(jobs.forget_idempotency_keys)
-        return cls(settings, db, store, bus, registry, router, ledger, runner, scheduler, jobs)
+        return cls(settings, db, store, bus, registry, policies, health, router, ledger, runner, scheduler, jobs)
 
     def health(self, engine: str) -> str:
         """`ok`, `degraded` or `open` (the circuit breaker's view of the engine)."""
-        return "ok"
+        return self.engine_health.state(engine)
 
     def metrics(self) -> str:
         """Prometheus text: jobs by stage, engine and status; assets by stage."""

@@ -131,6 +131,9 @@ class LocalRuntime:
         from diffusers.utils import logging as dlogging
 
         dlogging.disable_progress_bar()
+        from transformers.utils import logging as tlogging
+
+        tlogging.disable_progress_bar()
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         """Run `fn` on the inference thread; the event loop stays free."""

@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from orchestrator.errors import OrchestratorError
@@ -39,6 +40,14 @@ def install(app: FastAPI) -> None:
     async def _orchestrator(_: Request, exc: OrchestratorError) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
         return error_response(exc.status, exc.code, exc.message, exc.details, headers)
+
+    @app.exception_handler(ValidationError)
+    async def _inner_validation(_: Request, exc: ValidationError) -> JSONResponse:
+        errors = _clean(list(exc.errors()))
+        first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
+        where = ".".join(first["loc"])
+        return error_response(422, "invalid_request", f"{where}: {first['msg']}" if where else str(first["msg"]),
+                              {"errors": errors})
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -7,7 +7,7 @@ from sqlmodel import col, select
 
 from orchestrator.api.deps import ServicesDep
 from orchestrator.api.serialize import asset_public, project_public
-from orchestrator.errors import NotFound
+from orchestrator.errors import InvalidRequest, NotFound
 from orchestrator.ids import new_id
 from orchestrator.jobs import validate_cursor
 from orchestrator.models import Asset, Project
@@ -20,6 +20,7 @@ Limit = Annotated[int, Query(ge=1, le=500)]
 
 @router.post("/projects", status_code=201, response_model=ProjectPublic)
 def create_project(body: ProjectCreate, services: ServicesDep) -> ProjectPublic:
+    _check_policy(services, body.policy)
     budget = body.budget
     project = Project(
         id=new_id("prj"), name=body.name, policy=body.policy or services.settings.policy,
@@ -43,6 +44,12 @@ def list_projects(services: ServicesDep, limit: Limit = 50, cursor: str | None =
     return Page(items=[project_public(p) for p in rows], next_cursor=rows[-1].id if more else None)
 
 
+def _check_policy(services: ServicesDep, policy: str | None) -> None:
+    if policy is not None and policy not in services.policies:
+        raise InvalidRequest(f"unknown policy '{policy}'", details={"policy": policy,
+                                                                    "known": services.policies.names()})
+
+
 def _get(services: ServicesDep, project_id: str) -> Project:
     with services.db.session() as s:
         project = s.get(Project, project_id)
@@ -58,6 +65,7 @@ def get_project(project_id: str, services: ServicesDep) -> ProjectPublic:
 
 @router.patch("/projects/{project_id}", response_model=ProjectPublic)
 def update_project(project_id: str, body: ProjectUpdate, services: ServicesDep) -> ProjectPublic:
+    _check_policy(services, body.policy)
     with services.db.transaction() as s:
         project = s.get(Project, project_id)
         if project is None:

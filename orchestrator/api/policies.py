@@ -1,0 +1,71 @@
+"""Routing policies and `POST /v1/route/explain`."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter
+from pydantic import BaseModel, ConfigDict, Field
+
+from orchestrator.api.deps import ServicesDep
+from orchestrator.errors import InvalidRequest, NotFound
+from orchestrator.schemas import DraftCreate, PolishCreate, PromoteCreate
+from tiers.base import to_credits
+
+router = APIRouter(tags=["routing"])
+
+
+@router.get("/policies")
+def list_policies(services: ServicesDep) -> dict[str, Any]:
+    return {"items": [{"name": p.name, "description": p.description, "source": p.source,
+                       "content_hash": p.content_hash} for p in services.policies.list()],
+            "errors": [e.message for e in services.policies.errors]}
+
+
+@router.get("/policies/{name}")
+def get_policy(name: str, services: ServicesDep) -> dict[str, Any]:
+    return services.policies.get(name).as_dict()
+
+
+@router.post("/policies/reload")
+def reload_policies(services: ServicesDep) -> dict[str, Any]:
+    """Re-read the policy files. A bad file is refused with its message; the last good version of
+    that policy stays in service. Projects pick up the new rules on their next job."""
+    errors = services.policies.reload()
+    return {"loaded": services.policies.names(), "errors": [e.message for e in errors]}
+
+
+class ExplainRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    project_id: Annotated[str, Field(min_length=1)] | None = None
+    stage: Literal["ideation", "bridge", "polish"]
+    source_asset_id: str | None = None
+
+
+@router.post("/route/explain")
+def explain(body: ExplainRequest, services: ServicesDep) -> dict[str, Any]:
+    """The routing decision and estimate for a request, without running or charging anything."""
+    extra = dict(body.model_extra or {})
+    jobs = services.jobs
+    if body.stage == "ideation":
+        if not body.project_id:
+            raise InvalidRequest("project_id is required for the ideation stage")
+        draft = DraftCreate.model_validate(extra)
+        prepared, engine, max_credits = jobs.prepare_draft(body.project_id, draft), draft.engine, None
+    else:
+        if not body.source_asset_id:
+            raise InvalidRequest(f"source_asset_id is required for the {body.stage} stage")
+        if body.stage == "bridge":
+            promote = PromoteCreate.model_validate(extra)
+            prepared = jobs.prepare_promote(body.source_asset_id, promote)
+            engine, max_credits = promote.engine, promote.max_credits
+        else:
+            polish = PolishCreate.model_validate(extra)
+            prepared = jobs.prepare_polish(body.source_asset_id, polish)
+            engine, max_credits = polish.engine, polish.max_credits
+        if body.project_id and body.project_id != prepared.project_id:
+            raise NotFound("the source asset belongs to another project", details={"project_id": body.project_id})
+    decision = jobs.decide(prepared, engine, max_credits)
+    return {"project_id": prepared.project_id, "stage": body.stage, "engine": decision.chosen,
+            "estimate": to_credits(decision.estimate), "routing": decision.as_dict(),
+            "params": {k: v for k, v in prepared.params.items() if k != "source_sha256"}}

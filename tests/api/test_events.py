@@ -1,0 +1,75 @@
+"""The job event stream (SSE): order, ids, one terminal event, late clients."""
+
+from __future__ import annotations
+
+import httpx
+
+from tests.api import SLOW, SSE, create_project, iter_sse, read_events, run_draft, submit_draft, wait_for_job
+
+
+def assert_ids_increase(events: list[SSE]) -> None:
+    assert all(e.id is not None for e in events), "every event carries an id"
+    ids = [int(e.id) for e in events if e.id is not None]
+    assert ids == sorted(set(ids)), f"ids must strictly increase: {ids}"
+
+
+def test_live_stream_order(server: httpx.Client) -> None:
+    project = create_project(server)["id"]
+    # A slow job holds the local lane (limit 1), so the watched job is still queued when the
+    # stream opens and every one of its events is seen live.
+    blocker = submit_draft(server, project, **SLOW)
+    wait_for_job(server, blocker["id"], ("running",))
+    job = submit_draft(server, project, n=3, steps=3, seed=7)
+    assert server.get(f"/v1/jobs/{job['id']}").json()["status"] == "queued"
+
+    events: list[SSE] = []
+    with server.stream("GET", f"/v1/jobs/{job['id']}/events", timeout=60) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        stream = iter_sse(response)
+        events.append(next(stream))
+        assert events[0].event == "queued"
+        assert server.post(f"/v1/jobs/{blocker['id']}/cancel").status_code == 202
+        events.extend(stream)  # ends only when the server closes the stream
+
+    assert_ids_increase(events)
+    kinds = [e.event for e in events]
+    assert kinds[:2] == ["queued", "started"]
+    assert events[1].data["engine"] == "lite"
+    progress = [e.data for e in events if e.event == "progress"]
+    first_asset = kinds.index("asset")
+    assert kinds[2:first_asset] == ["progress"] * len(progress)
+    assert [p["step"] for p in progress] == [1, 2, 3]
+    assert all(p["total"] == 3 for p in progress)
+    assert [p["fraction"] for p in progress] == [round(1 / 3, 4), round(2 / 3, 4), 1.0]
+    for p in progress:
+        assert p["preview_url"].startswith(f"/v1/jobs/{job['id']}/preview")
+    assert kinds[first_asset:] == ["asset", "asset", "asset", "succeeded"]
+    assets = [e.data for e in events if e.event == "asset"]
+    assert [a["index"] for a in assets] == [0, 1, 2]
+
+    done = wait_for_job(server, job["id"], ("succeeded",))
+    assert [a["asset_id"] for a in assets] == done["assets"]
+    assert events[-1].data["status"] == "succeeded"
+    assert events[-1].data["assets"] == done["assets"]
+
+
+def test_late_client_gets_the_state_and_the_stream_closes(server: httpx.Client) -> None:
+    project = create_project(server)["id"]
+    job = run_draft(server, project, n=2, steps=2)
+
+    events = read_events(server, job["id"], timeout=10)
+    assert_ids_increase(events)
+    assert [e.event for e in events] == ["queued", "started", "asset", "asset", "succeeded"]
+    assert [e.data["asset_id"] for e in events if e.event == "asset"] == job["assets"]
+    assert [e.data["index"] for e in events if e.event == "asset"] == [0, 1]
+
+    # A second late client gets the same story with the same ids.
+    again = read_events(server, job["id"], timeout=10)
+    assert [(e.id, e.event) for e in again] == [(e.id, e.event) for e in events]
+
+
+def test_events_of_unknown_job(server: httpx.Client) -> None:
+    response = server.get("/v1/jobs/job_00000000000000000000000000/events")
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "not_found"

@@ -1,0 +1,229 @@
+"""The ideation flow end to end: projects, drafts, jobs, assets, PNG metadata, lists, operations."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+
+import httpx
+from PIL import Image
+
+from tests.api import create_project, run_draft, submit_draft, wait_for_job
+
+PROJECT_KEYS = {"id", "name", "policy", "budget", "created_at"}
+JOB_KEYS = {"id", "project_id", "stage", "engine", "status", "params", "progress", "assets", "source_asset_id",
+            "error", "cost", "routing", "attempts", "created_at", "started_at", "finished_at"}
+ASSET_KEYS = {"id", "project_id", "job_id", "stage", "parent_id", "engine", "model", "prompt", "negative_prompt",
+              "seed", "width", "height", "sha256", "created_at", "content_url"}
+REMOTE = ("gemini", "openai", "stability", "replicate", "fal")
+
+
+def test_create_project_shape(server: httpx.Client) -> None:
+    response = server.post("/v1/projects", json={"name": "  Lighthouse  ", "budget": {"limit": 50, "period": "month"}})
+    assert response.status_code == 201
+    project = response.json()
+    assert PROJECT_KEYS <= set(project)
+    assert project["name"] == "Lighthouse"
+    assert project["policy"] == "balanced"
+    assert project["budget"] == {"limit": 50, "period": "month"}
+    assert re.match(r"^\d{4}-\d\d-\d\dT", project["created_at"])
+    assert server.get(f"/v1/projects/{project['id']}").json() == project
+
+    no_budget = create_project(server, "free")
+    assert no_budget["budget"] == {"limit": None, "period": "none"}
+
+
+def test_drafts_flow_assets_and_png_metadata(server: httpx.Client) -> None:
+    project = create_project(server)
+    response = server.post(f"/v1/projects/{project['id']}/drafts",
+                           json={"prompt": "a lighthouse at dusk", "negative_prompt": "fog", "n": 3, "seed": 1234,
+                                 "width": 64, "height": 64, "steps": 2, "tags": {"shot": "12"}})
+    assert response.status_code == 202, response.text
+    job = response.json()
+    assert JOB_KEYS <= set(job)
+    assert response.headers["location"] == f"/v1/jobs/{job['id']}"
+    assert job["stage"] == "ideation"
+    assert job["engine"] == "lite"
+    assert job["project_id"] == project["id"]
+    assert job["status"] in ("queued", "running")
+    assert job["params"]["seed"] == 1234
+    assert job["params"]["tags"] == {"shot": "12"}
+    assert job["cost"]["estimated"] == 0
+
+    done = wait_for_job(server, job["id"], ("succeeded",))
+    assert done["error"] is None
+    assert len(done["assets"]) == 3
+    assert len(set(done["assets"])) == 3
+    assert done["progress"]["fraction"] == 1.0
+    assert done["started_at"] is not None and done["finished_at"] is not None
+    assert done["attempts"] == [{"engine": "lite", "status": "succeeded", "error": None}]
+
+    for index, asset_id in enumerate(done["assets"]):
+        asset = server.get(f"/v1/assets/{asset_id}").json()
+        assert set(asset) == ASSET_KEYS
+        assert asset["id"] == asset_id
+        assert asset["job_id"] == job["id"]
+        assert asset["project_id"] == project["id"]
+        assert asset["stage"] == "ideation"
+        assert asset["parent_id"] is None
+        assert asset["engine"] == "lite"
+        assert asset["model"] == "builtin:tiny-sd"
+        assert asset["prompt"] == "a lighthouse at dusk"
+        assert asset["negative_prompt"] == "fog"
+        assert asset["seed"] == 1234 + index
+        assert (asset["width"], asset["height"]) == (64, 64)
+        assert re.fullmatch(r"[0-9a-f]{64}", asset["sha256"])
+        assert asset["content_url"] == f"/v1/assets/{asset_id}/content"
+
+        content = server.get(asset["content_url"])
+        assert content.status_code == 200
+        assert content.headers["content-type"] == "image/png"
+        assert hashlib.sha256(content.content).hexdigest() == asset["sha256"]
+        with Image.open(io.BytesIO(content.content)) as img:
+            assert img.format == "PNG"
+            assert img.size == (64, 64)
+            parameters = img.info["parameters"]
+            record = json.loads(img.info["orchestrator"])
+        prompt_line, negative_line, pairs = parameters.split("\n")
+        assert prompt_line == "a lighthouse at dusk"
+        assert negative_line == "Negative prompt: fog"
+        assert "Steps: 2" in pairs
+        assert f"Seed: {1234 + index}" in pairs
+        assert "Size: 64x64" in pairs
+        assert record["seed"] == 1234 + index
+        assert record["prompt"] == "a lighthouse at dusk"
+        assert record["negative_prompt"] == "fog"
+        assert "parent_id" in record and record["parent_id"] is None
+        assert record["stage"] == "ideation"
+        assert record["engine"] == "lite"
+        assert (record["width"], record["height"]) == (64, 64)
+        assert record["steps"] == 2
+
+
+def test_list_pagination(server: httpx.Client) -> None:
+    created = [create_project(server, f"p{i}")["id"] for i in range(5)]
+
+    seen: list[str] = []
+    cursor = None
+    pages = 0
+    while True:
+        params: dict[str, str | int] = {"limit": 2}
+        if cursor:
+            params["cursor"] = cursor
+        page = server.get("/v1/projects", params=params).json()
+        assert set(page) == {"items", "next_cursor"}
+        assert len(page["items"]) <= 2
+        seen += [p["id"] for p in page["items"]]
+        pages += 1
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+        assert pages < 10
+    assert seen == created  # ids are time-ordered: creation order, no gaps, no repeats
+    assert pages == 3
+
+    exact = server.get("/v1/projects", params={"limit": 5}).json()
+    assert len(exact["items"]) == 5 and exact["next_cursor"] is None
+
+    project = created[0]
+    jobs = [submit_draft(server, project, seed=i)["id"] for i in range(3)]
+    first = server.get("/v1/jobs", params={"project_id": project, "limit": 2}).json()
+    assert [j["id"] for j in first["items"]] == jobs[:2]
+    assert first["next_cursor"] == jobs[1]
+    rest = server.get("/v1/jobs", params={"project_id": project, "limit": 2, "cursor": first["next_cursor"]}).json()
+    assert [j["id"] for j in rest["items"]] == jobs[2:]
+    assert rest["next_cursor"] is None
+    assert server.get("/v1/jobs", params={"project_id": created[1]}).json()["items"] == []
+    for job_id in jobs:
+        wait_for_job(server, job_id, ("succeeded",))
+    assert [j["id"] for j in server.get("/v1/jobs", params={"status": "succeeded"}).json()["items"]] == jobs
+    assert server.get("/v1/jobs", params={"status": "running"}).json()["items"] == []
+    assert len(server.get("/v1/jobs", params={"stage": "ideation"}).json()["items"]) == 3
+    assert server.get("/v1/jobs", params={"stage": "bridge"}).json()["items"] == []
+
+
+def test_project_assets_by_stage(server: httpx.Client) -> None:
+    project = create_project(server)
+    other = create_project(server, "other")
+    job = run_draft(server, project["id"], n=3)
+    run_draft(server, other["id"], n=1)
+
+    ideation = server.get(f"/v1/projects/{project['id']}/assets", params={"stage": "ideation"}).json()
+    assert [a["id"] for a in ideation["items"]] == job["assets"]
+    assert all(a["stage"] == "ideation" and a["project_id"] == project["id"] for a in ideation["items"])
+    assert ideation["next_cursor"] is None
+    assert server.get(f"/v1/projects/{project['id']}/assets", params={"stage": "bridge"}).json()["items"] == []
+
+    first = server.get(f"/v1/projects/{project['id']}/assets", params={"limit": 2}).json()
+    assert [a["id"] for a in first["items"]] == job["assets"][:2]
+    rest = server.get(f"/v1/projects/{project['id']}/assets",
+                      params={"limit": 2, "cursor": first["next_cursor"]}).json()
+    assert [a["id"] for a in rest["items"]] == job["assets"][2:]
+    assert rest["next_cursor"] is None
+
+
+def test_patch_project(server: httpx.Client) -> None:
+    project = create_project(server, "before", budget={"limit": 10, "period": "day"})
+    response = server.patch(f"/v1/projects/{project['id']}", json={"name": "after"})
+    assert response.status_code == 200
+    assert response.json()["name"] == "after"
+    assert response.json()["budget"] == {"limit": 10, "period": "day"}  # untouched fields stay
+
+    response = server.patch(f"/v1/projects/{project['id']}",
+                            json={"policy": "local-only", "budget": {"limit": 12.5, "period": "week"}})
+    assert response.status_code == 200
+    fetched = server.get(f"/v1/projects/{project['id']}").json()
+    assert fetched["name"] == "after"
+    assert fetched["policy"] == "local-only"
+    assert fetched["budget"] == {"limit": 12.5, "period": "week"}
+    assert fetched["created_at"] == project["created_at"]
+
+
+def test_healthz_metrics_openapi(make_settings, start_server) -> None:
+    client = start_server(make_settings(admin_key="k"))
+    health = client.get("/healthz")
+    assert health.status_code == 200
+    assert health.json()["status"] == "ok"
+    assert isinstance(health.json()["version"], str)
+
+    authed = httpx.Client(base_url=str(client.base_url), headers={"Authorization": "Bearer k"})
+    with authed:
+        project = create_project(authed)
+        run_draft(authed, project["id"], n=2)
+    metrics = client.get("/metrics")
+    assert metrics.status_code == 200
+    assert metrics.headers["content-type"].startswith("text/plain")
+    assert "# TYPE orchestrator_jobs gauge" in metrics.text
+    assert 'orchestrator_jobs{stage="ideation",engine="lite",status="succeeded"} 1' in metrics.text
+    assert 'orchestrator_assets{stage="ideation"} 2' in metrics.text
+
+    spec = client.get("/openapi.json")
+    assert spec.status_code == 200
+    paths = spec.json()["paths"]
+    for path in ("/v1/projects", "/v1/projects/{project_id}/drafts", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/events",
+                 "/v1/jobs/{job_id}/cancel", "/v1/assets/{asset_id}/content", "/v1/engines", "/healthz"):
+        assert path in paths
+
+
+def test_engines(server: httpx.Client) -> None:
+    response = server.get("/v1/engines")
+    assert response.status_code == 200
+    engines = {e["name"]: e for e in response.json()}
+    lite = engines["lite"]
+    assert lite["kind"] == "local"
+    assert lite["stages"] == ["ideation"]
+    assert lite["available"] is True
+    assert lite["model"] == "builtin:tiny-sd"
+    assert "noise" in lite["note"]
+    hifi = engines["local-hifi"]
+    assert hifi["kind"] == "local"
+    assert set(hifi["stages"]) == {"bridge", "polish"}
+    assert hifi["available"] is True
+    for name in REMOTE:
+        engine = engines[name]
+        assert engine["kind"] == "remote"
+        assert engine["available"] is False, name
+        assert engine["note"], f"{name} is unavailable without saying why"
+    assert "API key" in engines["gemini"]["note"] or "GEMINI" in engines["gemini"]["note"]
