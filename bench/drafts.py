@@ -119,7 +119,7 @@ class Direct:
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
-            pipe = AutoPipelineForText2Image.from_pretrained(str(folder), torch_dtype=dtype)
+            pipe = AutoPipelineForText2Image.from_pretrained(str(folder), torch_dtype=dtype)  # type: ignore[no-untyped-call]
         if getattr(pipe, "safety_checker", None) is not None:
             pipe.safety_checker = None
         pipe = pipe.to(device)
@@ -332,6 +332,7 @@ class Profiler:
             "1b   of which submit end -> client has the 202": span("JobService.submit:end", "client:posted"),
             "2 submit end -> claim start (dispatch wake + queued query)": span("JobService.submit:end",
                                                                                 "Scheduler._claim:start"),
+            "2a   client has the 202 -> claim start": span("client:posted", "Scheduler._claim:start"),
             "3 Scheduler._claim": span("Scheduler._claim:start", "Scheduler._claim:end"),
             "4 claim end -> LiteEngine._generate start (task + inference-thread hop)":
                 span("Scheduler._claim:end", "LiteEngine._generate:start"),

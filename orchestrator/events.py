@@ -21,6 +21,13 @@ TERMINAL = frozenset({"succeeded", "failed", "canceled"})
 HISTORY_TTL = 600.0
 
 
+def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
+
+
 @dataclass(frozen=True)
 class Event:
     id: int
@@ -55,7 +62,14 @@ class EventBus:
         self._loop = loop
 
     def publish(self, job_id: str, type_: str, data: dict[str, Any]) -> None:
-        """Publish from the event loop thread."""
+        """Publish an event; safe from any thread (sync API handlers run in a thread pool)."""
+        loop = self._loop
+        if loop is not None and not _on_loop(loop):
+            loop.call_soon_threadsafe(self._publish, job_id, type_, data)
+            return
+        self._publish(job_id, type_, data)
+
+    def _publish(self, job_id: str, type_: str, data: dict[str, Any]) -> None:
         stream = self._jobs.setdefault(job_id, _JobStream())
         if stream.finished_at is not None:
             return  # exactly one terminal event, nothing after it
@@ -70,12 +84,6 @@ class EventBus:
         for queue in stream.subscribers:
             queue.put_nowait(event)
         self._evict()
-
-    def publish_threadsafe(self, job_id: str, type_: str, data: dict[str, Any]) -> None:
-        """Publish from another thread (the inference thread's step callback)."""
-        if self._loop is None:
-            raise RuntimeError("EventBus.bind() was not called")
-        self._loop.call_soon_threadsafe(self.publish, job_id, type_, data)
 
     def knows(self, job_id: str) -> bool:
         return job_id in self._jobs

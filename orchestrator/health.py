@@ -53,15 +53,19 @@ class EngineHealth:
             c = self._get(engine)
             if c.opened_at is None:
                 return True
-            if self.clock() - c.opened_at < self.cooldown or c.probing:
-                return False
-            return True
+            cooling = self.clock() - c.opened_at < self.cooldown
+            return not (cooling or c.probing)
 
     def started(self, engine: str) -> None:
         with self._lock:
             c = self._get(engine)
             if c.opened_at is not None:
                 c.probing = True
+
+    def finished(self, engine: str) -> None:
+        """A call ended, whatever its verdict: a half-open circuit may let the next probe through."""
+        with self._lock:
+            self._get(engine).probing = False
 
     def succeeded(self, engine: str, stage: str, seconds: float) -> None:
         with self._lock:

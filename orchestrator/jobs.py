@@ -153,12 +153,13 @@ class JobService:
         decision = self.decide(prepared, engine, max_credits)
         job = self._new_job(prepared, decision, cache=getattr(body, "cache", True))
         with self.db.transaction() as s:
+            # The project lock (Postgres) or write lock (SQLite) comes first: of concurrent
+            # requests with one key, exactly one gets past the second look-up and creates.
+            project = self.ledger.lock_project(s, prepared.project_id)
             if idempotency_key:
-                # Checked again under the write lock: of concurrent requests with one key, one creates.
                 existing = self._replay_in(s, idempotency_key, scope, digest)
                 if existing is not None:
                     return existing, False
-            project = self.ledger.lock_project(s, prepared.project_id)
             cached = self._cached(s, job) if job.cache_key else None
             if cached:
                 job.status, job.cache_hit, job.started_at, job.finished_at = "succeeded", True, utcnow(), utcnow()
@@ -206,13 +207,9 @@ class JobService:
 
     def _new_job(self, prepared: Prepared, decision: Decision, *, cache: bool) -> Job:
         engine = self.router.registry.get(decision.chosen)
-        cache_key = None
-        if cache and decision.estimate > 0:
-            identity = {"engine": decision.chosen, "model": engine.model,
-                        "params": {k: v for k, v in prepared.params.items() if k != "tags"}}
-            cache_key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+        paid = cache and decision.estimate > 0
         return Job(
-            cache_key=cache_key,
+            cache_key=cache_key(decision.chosen, engine.model, prepared.params) if paid else None,
             id=new_id("job"), project_id=prepared.project_id, stage=prepared.stage, engine=decision.chosen,
             model=engine.model, status="queued", params=prepared.params,
             source_asset_id=prepared.source.id if prepared.source else None,
@@ -299,6 +296,13 @@ class JobService:
         """(held, charged) millicredits per job."""
         with self.db.session() as s:
             return self.ledger.job_totals(s, job_ids)
+
+
+def cache_key(engine: str, model: str, params: dict[str, Any]) -> str:
+    """Identifies an identical paid request: engine, model, parameters (source hash and seed
+    included); tags do not change the image, so they are left out."""
+    identity = {"engine": engine, "model": model, "params": {k: v for k, v in params.items() if k != "tags"}}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
 def cached_copies(assets: list[Asset], job: Job) -> list[Asset]:

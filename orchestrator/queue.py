@@ -56,6 +56,7 @@ class Scheduler:
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
         self.on_recovered = on_recovered
         self._wake = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._running: dict[str, tuple[asyncio.Task[None], Claim]] = {}
         self._lane_use: dict[str, int] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -66,6 +67,7 @@ class Scheduler:
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
         await self.recover(all_foreign=True)
         await asyncio.to_thread(self._sweep_ledger)
         self._tasks = [asyncio.create_task(self._dispatch_loop(), name="scheduler"),
@@ -88,7 +90,19 @@ class Scheduler:
                 await task
 
     def notify(self) -> None:
-        self._wake.set()
+        """Wake the dispatcher; safe from any thread (API handlers run in a thread pool)."""
+        loop = self._loop
+        if loop is None:
+            self._wake.set()
+            return
+        try:
+            on_loop = asyncio.get_running_loop() is loop
+        except RuntimeError:
+            on_loop = False
+        if on_loop:
+            self._wake.set()
+        else:
+            loop.call_soon_threadsafe(self._wake.set)
 
     # -- claiming ----------------------------------------------------------------------------
 

@@ -30,7 +30,8 @@ class Candidate:
     engine: str
     estimate: int | None = None  # millicredits
     skipped: str | None = None
-    bad_input: BadEngineInput | None = field(default=None, repr=False)
+    # Why the request itself cannot go here (bad size, no price): raised when nothing is usable.
+    refusal: BadEngineInput | NoPrice | None = field(default=None, repr=False)
 
     def as_dict(self) -> dict[str, Any]:
         return {"engine": self.engine,
@@ -94,9 +95,10 @@ class Router:
         ordered = self._order(policy, rule, req.stage, assessed)
         usable = [c for c in ordered if c.skipped is None]
         if not usable:
-            refusals = [c.bad_input for c in ordered if c.bad_input is not None]
-            if refusals:
-                raise refusals[0]  # the request itself is out of bounds: a 422, not a 503
+            refusals = [c.refusal for c in ordered if c.refusal is not None]
+            if refusals and len(refusals) == len(ordered):
+                # Every candidate refused the request itself (size, price): a 422, not "try later".
+                raise refusals[0]
             raise NoUsableEngine(
                 f"no engine can take this request now (policy '{policy.name}', rule '{rule.name}')",
                 details={**base, "candidates": [c.as_dict() for c in ordered]},
@@ -144,9 +146,10 @@ class Router:
             candidate.estimate = engine.estimate(req)
         except NoPrice as exc:
             candidate.skipped = f"unpriced: {exc.message}"
+            candidate.refusal = exc
         except BadEngineInput as exc:
             candidate.skipped = f"cannot take this request: {exc.message}"
-            candidate.bad_input = exc
+            candidate.refusal = exc
         limit = rule.max_millicredits if rule is not None else None
         if candidate.estimate is not None and limit is not None and candidate.estimate > limit:
             candidate.skipped = f"estimate {to_credits(candidate.estimate)} is over the rule's max_credits"

@@ -25,7 +25,7 @@ from orchestrator.errors import BudgetExceeded, Canceled, EngineError, Orchestra
 from orchestrator.events import EventBus
 from orchestrator.health import EngineHealth
 from orchestrator.ids import new_id
-from orchestrator.jobs import render_request
+from orchestrator.jobs import cache_key, render_request
 from orchestrator.ledger import Ledger
 from orchestrator.models import Asset, Job, utcnow
 from orchestrator.routing import fallbacks
@@ -54,7 +54,8 @@ class JobProgress:
     def __init__(self, runner: JobRunner, claim: Claim) -> None:
         self.runner = runner
         self.claim = claim
-        self._last_write = 0.0
+        # The row's progress is for pollers: at most one write a second, never on the hot first step.
+        self._last_write = time.monotonic()
         self._lock = threading.Lock()
 
     def step(self, step: int, total: int, preview: Image.Image | None = None) -> None:
@@ -63,16 +64,17 @@ class JobProgress:
         if preview is not None:
             self.runner.previews[job_id] = preview
             data["preview_url"] = f"/v1/jobs/{job_id}/preview?step={step}"
-        self.runner.bus.publish_threadsafe(job_id, "progress", data)
+        self.runner.bus.publish(job_id, "progress", data)
+        self.claim.job.progress_step, self.claim.job.progress_total = step, total
         with self._lock:
             now = time.monotonic()
-            if now - self._last_write < PROGRESS_WRITE_INTERVAL and step < total:
-                return
+            if now - self._last_write < PROGRESS_WRITE_INTERVAL or step >= total:
+                return  # the final state is written with the job's result
             self._last_write = now
         self.runner.write_progress(self.claim, step, total)
 
     def state(self, state: str, **details: Any) -> None:
-        self.runner.bus.publish_threadsafe(self.claim.job.id, "state", {"state": state, **details})
+        self.runner.bus.publish(self.claim.job.id, "state", {"state": state, **details})
 
     def provider_request(self, request_id: str) -> None:
         self.runner.save_provider_request(self.claim, request_id)
@@ -104,6 +106,8 @@ class JobRunner:
                 if exc.retryable:
                     self.health.failed(job.engine)
                 raise
+            finally:
+                self.health.finished(job.engine)  # whatever the verdict, this probe is over
             self.health.succeeded(job.engine, job.stage, time.monotonic() - started)
             asset_ids = await asyncio.to_thread(self._succeed, claim, result)
         except StaleAttempt:
@@ -112,7 +116,9 @@ class JobRunner:
         except Canceled as exc:
             await self._end(claim, "canceled", exc)
         except EngineError as exc:
-            if not (exc.retryable and await self._fall_back(claim, exc)):
+            # Only when the provider surely made (and billed) nothing: a request sent without an
+            # answer is never repeated elsewhere, or the studio could pay twice.
+            if not (exc.retryable and exc.charged == "no" and await self._fall_back(claim, exc)):
                 await self._end(claim, "failed", exc)
         except OrchestratorError as exc:
             await self._end(claim, "failed", exc)
@@ -158,9 +164,8 @@ class JobRunner:
                 await asyncio.to_thread(self._requeue_on, claim, error, name, engine.model, estimate)
             except StaleAttempt:
                 return True
-            except BudgetExceeded as exc:
-                await self._end(claim, "failed", exc)
-                return True
+            except BudgetExceeded:
+                continue  # nothing was written; a cheaper (or free) candidate may still fit
             self.bus.publish(job.id, "state", {"state": "fallback", "from": job.engine, "to": name,
                                                "error": error.to_dict()})
             self.notify()
@@ -172,6 +177,7 @@ class JobRunner:
         with self.db.transaction() as s:
             self.ledger.settle_failure(s, job, error)
             self._guarded_update(s, claim, status="queued", engine=engine, model=model, estimated=estimate,
+                                 cache_key=cache_key(engine, model, job.params) if job.cache_key else None,
                                  lease_owner=None, lease_expires_at=None, progress_step=0, progress_total=0,
                                  attempts=[*(job.attempts or []),
                                            {"engine": job.engine, "status": "failed", "error": error.to_dict()}])
@@ -233,7 +239,8 @@ class JobRunner:
                                  attempts=[*(job.attempts or []), {"engine": job.engine, "status": "succeeded",
                                                                    "error": None}])
             s.add_all(rows)
-            self.ledger.capture(s, job, result.cost_millicredits)
+            if job.estimated > 0:  # free jobs hold nothing; skip the lookup on the hot path
+                self.ledger.capture(s, job, result.cost_millicredits)
         return [r.id for r in rows]
 
     def _finish(self, claim: Claim, status: str, error: OrchestratorError) -> None:
@@ -253,7 +260,6 @@ class JobRunner:
             raise StaleAttempt(claim.job.id)
 
     def write_progress(self, claim: Claim, step: int, total: int) -> None:
-        claim.job.progress_step, claim.job.progress_total = step, total
         with self.db.transaction() as s:
             s.execute(update(Job).where(col(Job.id) == claim.job.id, col(Job.attempt) == claim.attempt)
                       .values(progress_step=step, progress_total=total))

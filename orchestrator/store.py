@@ -25,7 +25,7 @@ from PIL import Image, PngImagePlugin
 
 from orchestrator.errors import NotFound
 
-SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+SHA_RE = re.compile(r"[0-9a-f]{64}")
 RECORD_CHUNK = "orchestrator"
 
 
@@ -71,7 +71,7 @@ class ArtifactStore:
         self.root.mkdir(parents=True, exist_ok=True)
 
     def path_for(self, sha256: str) -> Path:
-        if not SHA_RE.match(sha256):
+        if not SHA_RE.fullmatch(sha256):  # the whole string: with match(), "$" lets a final newline in
             raise NotFound("no such asset content")
         path = (self.root / sha256[:2] / f"{sha256}.png").resolve()
         if not path.is_relative_to(self.root):  # belt and braces: ids never name a path

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,12 +21,6 @@ VENDOR_KEYS = ("GEMINI_API_KEY", "OPENAI_API_KEY", "STABILITY_API_KEY", "REPLICA
 SettingsFactory = Callable[..., Settings]
 
 
-def clean_environ(env: dict[str, str] | None = None) -> dict[str, str]:
-    """A copy of the environment without anything that configures the orchestrator."""
-    source = dict(os.environ if env is None else env)
-    return {k: v for k, v in source.items() if not k.startswith("ORCH_") and k not in VENDOR_KEYS}
-
-
 @pytest.fixture(scope="session")
 def tiny_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A cache dir holding `builtin:tiny-sd`, built once for the whole session."""
@@ -34,20 +29,29 @@ def tiny_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return cache
 
 
+def isolate(mp: pytest.MonkeyPatch, folder: Path) -> None:
+    """Keep the developer's environment (ORCH_* variables, vendor keys, an orchestrator.toml) out."""
+    for name in list(os.environ):
+        if name.startswith("ORCH_") or name in VENDOR_KEYS:
+            mp.delenv(name)
+    mp.setitem(Settings.model_config, "toml_file", folder / "absent.toml")
+
+
+def settings_for(data_dir: Path, cache_dir: Path, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {"data_dir": data_dir, "lite_model": tiny.NAME, "hifi_model": None,
+                              "cache_dir": cache_dir}
+    values.update(overrides)
+    return Settings(**values)
+
+
 @pytest.fixture
 def make_settings(tmp_path: Path, tiny_cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> SettingsFactory:
     """`make_settings(**overrides)`: settings on a fresh data dir that the developer's environment
-    (ORCH_* variables, vendor keys, an orchestrator.toml) cannot reach."""
-    for name in list(os.environ):
-        if name.startswith("ORCH_") or name in VENDOR_KEYS:
-            monkeypatch.delenv(name)
-    monkeypatch.setitem(Settings.model_config, "toml_file", tmp_path / "absent.toml")
+    cannot reach; the Lite (and local-hifi) model is the offline tiny one."""
+    isolate(monkeypatch, tmp_path)
 
     def make(**overrides: Any) -> Settings:
-        values: dict[str, Any] = {"data_dir": tmp_path / "data", "lite_model": tiny.NAME, "hifi_model": None,
-                                  "cache_dir": tiny_cache_dir}
-        values.update(overrides)
-        return Settings(**values)
+        return settings_for(tmp_path / "data", tiny_cache_dir, **overrides)
 
     return make
 
@@ -55,20 +59,24 @@ def make_settings(tmp_path: Path, tiny_cache_dir: Path, monkeypatch: pytest.Monk
 @pytest.fixture
 def start_server() -> Iterator[Callable[[Settings], httpx.Client]]:
     """`start_server(settings)` -> an httpx.Client on a running service; everything stops at teardown."""
-    stack: list[tuple[Any, httpx.Client]] = []
+    with contextlib.ExitStack() as stack:
 
-    def start(settings: Settings) -> httpx.Client:
-        server = serve_in_thread(settings)
-        base = server.__enter__()
-        client = httpx.Client(base_url=base, timeout=httpx.Timeout(30.0))
-        stack.append((server, client))
-        return client
+        def start(settings: Settings) -> httpx.Client:
+            base = stack.enter_context(serve_in_thread(settings))
+            return stack.enter_context(httpx.Client(base_url=base, timeout=30.0))
 
-    yield start
-    while stack:
-        server, client = stack.pop()
-        client.close()
-        server.__exit__(None, None, None)
+        yield start
+
+
+@pytest.fixture(scope="module")
+def shared_server(tmp_path_factory: pytest.TempPathFactory, tiny_cache_dir: Path) -> Iterator[httpx.Client]:
+    """One service for a whole module, for tests that only need it to answer (not a clean slate)."""
+    folder = tmp_path_factory.mktemp("shared")
+    with pytest.MonkeyPatch.context() as mp:
+        isolate(mp, folder)
+        settings = settings_for(folder / "data", tiny_cache_dir)
+        with serve_in_thread(settings) as base, httpx.Client(base_url=base, timeout=30.0) as client:
+            yield client
 
 
 @pytest.fixture

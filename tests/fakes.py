@@ -13,8 +13,8 @@ from PIL import Image, ImageStat
 
 from orchestrator.errors import ContentFiltered, EngineError, EngineTimeout
 from tiers.base import (
-    Capabilities,
     CancelToken,
+    Capabilities,
     EngineContext,
     PriceTable,
     Progress,

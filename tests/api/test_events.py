@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
+
 import httpx
 
+from orchestrator.events import EventBus
 from tests.api import SLOW, SSE, create_project, iter_sse, read_events, run_draft, submit_draft, wait_for_job
 
 
@@ -73,3 +77,39 @@ def test_events_of_unknown_job(server: httpx.Client) -> None:
     response = server.get("/v1/jobs/job_00000000000000000000000000/events")
     assert response.status_code == 404
     assert response.json()["error"]["code"] == "not_found"
+
+
+async def test_publish_from_another_thread_reaches_a_waiting_subscriber() -> None:
+    """The sync API handlers (submit, cancel) publish from the thread pool. asyncio objects are not
+    thread-safe: a publish that touched the subscriber's queue directly would not wake the loop
+    (in debug mode asyncio refuses the call outright, which makes the mistake visible here)."""
+    loop = asyncio.get_running_loop()
+    loop.set_debug(True)
+    bus = EventBus()
+    bus.bind(loop)
+    bus.publish("job_x", "queued", {})
+    received: list[str] = []
+
+    async def consume() -> None:
+        async for event in bus.subscribe("job_x"):
+            received.append(event.type)
+
+    task = asyncio.create_task(consume())
+    while not received:  # until the subscriber holds the backlog and waits for live events
+        await asyncio.sleep(0)
+    errors: list[BaseException] = []
+
+    def publish_from_thread() -> None:
+        try:
+            bus.publish("job_x", "canceled", {"status": "canceled"})
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=publish_from_thread)
+    thread.start()
+    try:
+        await asyncio.wait_for(task, timeout=10)
+    finally:
+        thread.join()
+    assert errors == []
+    assert received == ["queued", "canceled"]

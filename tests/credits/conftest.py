@@ -6,8 +6,9 @@ Every test makes its own project (budgets and ledgers are per project), so they 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -56,10 +57,22 @@ def policy_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="package")
-def paid_settings(isolated_env: None, tmp_path_factory: pytest.TempPathFactory, tiny_cache_dir: Path,
-                  policy_dir: Path) -> Settings:
-    return Settings(data_dir=tmp_path_factory.mktemp("credits-data"), lite_model=tiny.NAME, hifi_model=None,
-                    cache_dir=tiny_cache_dir, engines=ENGINES, policy=POLICY, policy_dir=policy_dir)
+def paid_settings_for(isolated_env: None, tiny_cache_dir: Path, policy_dir: Path) -> Callable[..., Settings]:
+    """`paid_settings_for(data_dir, **overrides)`: fresh settings with the fake engines and the test
+    policy. (Not `model_copy(update=...)`: it would keep a cached `resolved_database_url`.)"""
+
+    def make(data_dir: Path, **overrides: Any) -> Settings:
+        values: dict[str, Any] = {"data_dir": data_dir, "lite_model": tiny.NAME, "hifi_model": None,
+                                  "cache_dir": tiny_cache_dir, "engines": ENGINES, "policy": POLICY,
+                                  "policy_dir": policy_dir}
+        return Settings(**{**values, **overrides})
+
+    return make
+
+
+@pytest.fixture(scope="package")
+def paid_settings(paid_settings_for: Callable[..., Settings], tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    return paid_settings_for(tmp_path_factory.mktemp("credits-data"))
 
 
 @pytest.fixture(scope="package")

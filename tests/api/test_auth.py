@@ -1,0 +1,73 @@
+"""`ORCH_ADMIN_KEY`: every /v1 request needs `Authorization: Bearer <key>`; operations do not."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import httpx
+import pytest
+
+from orchestrator.settings import Settings
+from tests.api import assert_error
+
+KEY = "s3cret-key"
+
+
+@pytest.fixture
+def anon(make_settings: Callable[..., Settings], start_server: Callable[[Settings], httpx.Client]) -> httpx.Client:
+    """A client without credentials on a service that requires the admin key."""
+    return start_server(make_settings(admin_key=KEY))
+
+
+def authed(client: httpx.Client) -> httpx.Client:
+    return httpx.Client(base_url=client.base_url, headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
+
+
+WRONG = [None, "", "Bearer", "Bearer wrong", f"Bearer {KEY[:-1]}", f"Bearer {KEY}x", f"Basic {KEY}", KEY,
+         f"Token {KEY}", f"Bearer {KEY.upper()}"]
+
+
+def test_missing_or_wrong_key_is_401(anon: httpx.Client) -> None:
+    for header in WRONG:
+        headers = {} if header is None else {"Authorization": header}
+        for path in ("/v1/projects", "/v1/engines", "/v1/jobs"):
+            response = anon.get(path, headers=headers)
+            error = assert_error(response, 401, "unauthorized")
+            assert "Bearer" in error["message"]
+            assert response.headers["www-authenticate"] == "Bearer", header
+
+
+def test_right_key_is_accepted(anon: httpx.Client) -> None:
+    with authed(anon) as client:
+        assert client.get("/v1/projects").status_code == 200
+        created = client.post("/v1/projects", json={"name": "with key"})
+        assert created.status_code == 201
+        assert client.get(f"/v1/projects/{created.json()['id']}").status_code == 200
+    # The scheme is case-insensitive (RFC 7235).
+    assert anon.get("/v1/projects", headers={"Authorization": f"bearer {KEY}"}).status_code == 200
+
+
+def test_auth_comes_before_validation_and_writes_nothing(anon: httpx.Client) -> None:
+    """Without the key nothing about the request is judged (no 422 that leaks the schema) or stored."""
+    with authed(anon) as client:
+        project = client.post("/v1/projects", json={"name": "p"}).json()["id"]
+        assert_error(anon.post(f"/v1/projects/{project}/drafts", json={"prompt": ""}), 401, "unauthorized")
+        assert_error(anon.post(f"/v1/projects/{project}/drafts", json={"prompt": "x", "n": 1, "width": 64,
+                                                                       "height": 64}), 401, "unauthorized")
+        assert_error(anon.post("/v1/projects", json={"name": "sneaky"}), 401, "unauthorized")
+        assert_error(anon.get("/v1/jobs/job_0000000000zzzzzzzzzzzzzz/events"), 401, "unauthorized")
+        assert client.get("/v1/jobs").json()["items"] == []
+        assert [p["name"] for p in client.get("/v1/projects").json()["items"]] == ["p"]
+
+
+def test_operations_need_no_key(anon: httpx.Client) -> None:
+    health = anon.get("/healthz")
+    assert health.status_code == 200
+    assert health.json()["status"] == "ok"
+    assert anon.get("/metrics").status_code == 200
+    assert anon.get("/openapi.json").status_code == 200
+
+
+def test_no_admin_key_means_open(server: httpx.Client) -> None:
+    assert server.get("/v1/projects").status_code == 200
+    assert server.get("/v1/projects", headers={"Authorization": "Bearer anything"}).status_code == 200

@@ -1,0 +1,173 @@
+"""Bad input: every refusal is a 4xx in the documented error shape, and writes nothing."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.api import assert_error, create_project, job_count, run_draft
+
+MISSING = {"prj": "prj_0000000000zzzzzzzzzzzzzz", "job": "job_0000000000zzzzzzzzzzzzzz",
+           "ast": "ast_0000000000zzzzzzzzzzzzzz"}
+VALID = {"prompt": "a lighthouse", "n": 1, "width": 64, "height": 64, "steps": 2}
+
+
+@pytest.fixture(scope="module")
+def project(shared_server: httpx.Client) -> str:
+    project_id: str = create_project(shared_server, "errors")["id"]
+    return project_id
+
+
+@pytest.fixture(scope="module")
+def finished_job(shared_server: httpx.Client, project: str) -> dict[str, Any]:
+    return run_draft(shared_server, project)
+
+
+def post_drafts(client: httpx.Client, project: str, body: Any) -> httpx.Response:
+    return client.post(f"/v1/projects/{project}/drafts", json=body)
+
+
+@pytest.mark.parametrize(("body", "field"), [
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": "   \n\t "}, "prompt"),
+    ({"negative_prompt": "no prompt at all"}, "prompt"),
+    ({"prompt": "x", "n": 0}, "n"),
+    ({"prompt": "x", "n": 17}, "n"),
+    ({"prompt": "x", "n": "four"}, "n"),
+    ({"prompt": "x", "n": 1.5}, "n"),
+    ({"prompt": "x", "width": 100}, "width"),
+    ({"prompt": "x", "height": 0}, "height"),
+    ({"prompt": "x", "width": "wide"}, "width"),
+    ({"prompt": "x", "seed": -1}, "seed"),
+    ({"prompt": "x", "seed": 2**32}, "seed"),
+    ({"prompt": "x", "steps": 0}, "steps"),
+    ({"prompt": "x", "guidance_scale": -1}, "guidance_scale"),
+    ({"prompt": 42}, "prompt"),
+    ({"prompt": "x", "tags": {"k": 1}}, "tags"),
+    ({"prompt": "x", "colour": "red"}, "colour"),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_invalid_draft_body(shared_server: httpx.Client, project: str, body: dict[str, Any], field: str) -> None:
+    before = job_count(shared_server)
+    error = assert_error(post_drafts(shared_server, project, body), 422, "invalid_request")
+    locations = [e["loc"] for e in error["details"]["errors"]]
+    assert any(field in loc for loc in locations), locations
+    assert field in error["message"]
+    assert job_count(shared_server) == before
+
+
+@pytest.mark.parametrize("body", [[{"prompt": "x"}], "prompt", None, 3])
+def test_body_not_an_object(shared_server: httpx.Client, project: str, body: Any) -> None:
+    before = job_count(shared_server)
+    assert_error(post_drafts(shared_server, project, body), 422, "invalid_request")
+    assert job_count(shared_server) == before
+
+
+@pytest.mark.parametrize("raw", [b'{"prompt": ', b'{"prompt": "x",}', b"{'prompt': 'x'}", b"\xff\xfe"])
+def test_malformed_json(shared_server: httpx.Client, project: str, raw: bytes) -> None:
+    before = job_count(shared_server)
+    response = shared_server.post(f"/v1/projects/{project}/drafts", content=raw,
+                                  headers={"Content-Type": "application/json"})
+    assert_error(response, 400, "invalid_request")
+    assert job_count(shared_server) == before
+
+
+def test_size_beyond_the_lite_engine(shared_server: httpx.Client, project: str) -> None:
+    """Within the schema (<= 8192) but beyond ORCH_LOCAL_MAX_SIZE (2048)."""
+    before = job_count(shared_server)
+    for body in ({**VALID, "width": 4096}, {**VALID, "height": 2056, "engine": "lite"}):
+        error = assert_error(post_drafts(shared_server, project, body), 422, "invalid_request")
+        assert "2048" in error["message"]
+    assert job_count(shared_server) == before
+
+
+@pytest.mark.parametrize("engine", ["no-such-engine", "local-hifi", "gemini"])
+def test_engine_that_cannot_serve_drafts(shared_server: httpx.Client, project: str, engine: str) -> None:
+    """Unknown, wrong stage (local-hifi does bridge/polish) and unconfigured (no API key)."""
+    before = job_count(shared_server)
+    error = assert_error(post_drafts(shared_server, project, {**VALID, "engine": engine}), 422, "no_route")
+    assert engine in error["message"]
+    assert job_count(shared_server) == before
+
+
+def test_unknown_project(shared_server: httpx.Client) -> None:
+    before = job_count(shared_server)
+    error = assert_error(post_drafts(shared_server, MISSING["prj"], VALID), 404, "not_found")
+    assert error["details"] == {"project_id": MISSING["prj"]}
+    assert_error(shared_server.get(f"/v1/projects/{MISSING['prj']}"), 404, "not_found")
+    assert_error(shared_server.patch(f"/v1/projects/{MISSING['prj']}", json={"name": "x"}), 404, "not_found")
+    assert_error(shared_server.get(f"/v1/projects/{MISSING['prj']}/assets"), 404, "not_found")
+    assert job_count(shared_server) == before
+
+
+@pytest.mark.parametrize(("method", "path"), [
+    ("GET", "/v1/jobs/{job}"),
+    ("POST", "/v1/jobs/{job}/cancel"),
+    ("GET", "/v1/jobs/{job}/events"),
+    ("GET", "/v1/jobs/{job}/preview"),
+    ("GET", "/v1/assets/{ast}"),
+    ("GET", "/v1/assets/{ast}/content"),
+    ("GET", "/v1/assets/{ast}/lineage"),
+    ("GET", "/v1/assets/..%2F..%2Fetc%2Fpasswd/content"),
+    ("GET", "/v1/no-such-resource"),
+])
+def test_unknown_ids(shared_server: httpx.Client, method: str, path: str) -> None:
+    assert_error(shared_server.request(method, path.format(**MISSING)), 404, "not_found")
+
+
+@pytest.mark.parametrize("path", ["/v1/assets/{ast}/promote", "/v1/assets/{ast}/polish"])
+def test_unknown_source_asset(shared_server: httpx.Client, path: str) -> None:
+    before = job_count(shared_server)
+    assert_error(shared_server.post(path.format(**MISSING), json={}), 404, "not_found")
+    assert job_count(shared_server) == before
+
+
+@pytest.mark.parametrize("params", [
+    {"cursor": "bad cursor!"}, {"cursor": "../../etc"}, {"cursor": "x" * 65},
+    {"limit": 0}, {"limit": 501}, {"limit": -1}, {"limit": "ten"},
+])
+@pytest.mark.parametrize("path", ["/v1/projects", "/v1/jobs", "/v1/projects/{project}/assets"])
+def test_bad_list_parameters(shared_server: httpx.Client, project: str, path: str, params: dict[str, Any]) -> None:
+    assert_error(shared_server.get(path.format(project=project), params=params), 422, "invalid_request")
+
+
+@pytest.mark.parametrize("params", [{"status": "done"}, {"stage": "sketch"}])
+def test_bad_job_filters(shared_server: httpx.Client, params: dict[str, str]) -> None:
+    assert_error(shared_server.get("/v1/jobs", params=params), 422, "invalid_request")
+
+
+def test_list_limits_at_the_edges(shared_server: httpx.Client, project: str) -> None:
+    for limit in (1, 500):
+        response = shared_server.get("/v1/projects", params={"limit": limit})
+        assert response.status_code == 200
+        assert len(response.json()["items"]) <= limit
+
+
+@pytest.mark.parametrize("body", [
+    {}, {"name": ""}, {"name": "   "}, {"name": "x", "budget": {"limit": -1}},
+    {"name": "x", "budget": {"limit": 5, "period": "year"}}, {"name": "x", "policy": "no-such-policy"},
+    {"name": "x", "owner": "me"},
+])
+def test_invalid_project(shared_server: httpx.Client, body: dict[str, Any]) -> None:
+    before = len(shared_server.get("/v1/projects", params={"limit": 500}).json()["items"])
+    assert_error(shared_server.post("/v1/projects", json=body), 422, "invalid_request")
+    assert len(shared_server.get("/v1/projects", params={"limit": 500}).json()["items"]) == before
+
+
+@pytest.mark.parametrize("body", [{"name": ""}, {"policy": "no-such-policy"}, {"budget": {"period": "year"}},
+                                  {"id": "prj_other"}])
+def test_invalid_project_update(shared_server: httpx.Client, project: str, body: dict[str, Any]) -> None:
+    before = shared_server.get(f"/v1/projects/{project}").json()
+    assert_error(shared_server.patch(f"/v1/projects/{project}", json=body), 422, "invalid_request")
+    assert shared_server.get(f"/v1/projects/{project}").json() == before
+
+
+def test_cancel_finished_job(shared_server: httpx.Client, finished_job: dict[str, Any]) -> None:
+    error = assert_error(shared_server.post(f"/v1/jobs/{finished_job['id']}/cancel"), 409, "job_finished")
+    assert error["details"]["status"] == "succeeded"
+    assert shared_server.get(f"/v1/jobs/{finished_job['id']}").json()["status"] == "succeeded"
+
+
+def test_method_not_allowed(shared_server: httpx.Client, project: str) -> None:
+    assert_error(shared_server.delete(f"/v1/projects/{project}"), 405, "method_not_allowed")

@@ -1,0 +1,139 @@
+"""Crash recovery: after a hard kill, local work is re-queued and finishes; remote work is failed
+with `interrupted` (never sent twice); no job stays `running`."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+from pathlib import Path
+
+import httpx
+
+from orchestrator.db import Database
+from orchestrator.ids import new_id
+from orchestrator.models import Job, Project, utcnow
+from orchestrator.server import free_port
+from orchestrator.settings import Settings
+from tests.api import TERMINAL, create_project, iter_sse, read_events, submit_draft, wait_for_job
+from tiers import tiny
+
+SettingsFactory = Callable[..., Settings]
+
+
+@contextmanager
+def serve_process(settings: Settings, workdir: Path, log_name: str) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """`orchestrator serve` as its own process, configured through the environment only."""
+    port = free_port()
+    # make_settings already removed the developer's ORCH_* and vendor variables from os.environ.
+    env = {**os.environ, "ORCH_DATA_DIR": str(settings.data_dir), "ORCH_LITE_MODEL": tiny.NAME,
+           "ORCH_CACHE_DIR": str(settings.cache_dir), "HF_HUB_OFFLINE": "1"}
+    log = (workdir / log_name).open("wb")
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "serve", "--port", str(port),
+                             "--log-level", "warning"], cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, f"the server exited with {proc.returncode}; see {log.name}"
+            try:
+                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.05)  # poll interval while the process starts
+        yield proc, base
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        log.close()
+
+
+def db_status(settings: Settings, job_id: str) -> str:
+    with sqlite3.connect(settings.data_dir / "orchestrator.db") as conn:
+        row = conn.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    return str(row[0])
+
+
+def test_killed_server_requeues_local_job_and_finishes_it(make_settings: SettingsFactory, tmp_path: Path) -> None:
+    settings = make_settings()
+    with serve_process(settings, tmp_path, "first.log") as (proc, base), httpx.Client(base_url=base,
+                                                                                      timeout=30) as client:
+        project = create_project(client)["id"]
+        job = submit_draft(client, project, n=2, width=256, height=256, steps=60, seed=99)
+        with client.stream("GET", f"/v1/jobs/{job['id']}/events", timeout=60) as response:
+            for event in iter_sse(response):
+                assert event.event not in TERMINAL, "the job ended before the server could be killed"
+                if event.event == "progress":
+                    proc.kill()  # SIGKILL: no shutdown, no clean-up of any kind
+                    break
+        proc.wait(timeout=10)
+    assert proc.returncode == -signal.SIGKILL
+    assert db_status(settings, job["id"]) == "running"  # the crash left it mid-flight
+
+    with serve_process(settings, tmp_path, "second.log") as (_, base), httpx.Client(base_url=base,
+                                                                                  timeout=30) as client:
+        done = wait_for_job(client, job["id"], ("succeeded",), timeout=120)
+        assert len(done["assets"]) == 2
+        assert done["error"] is None
+        for asset_id in done["assets"]:
+            asset = client.get(f"/v1/assets/{asset_id}").json()
+            assert (asset["width"], asset["height"]) == (256, 256)
+            assert client.get(asset["content_url"]).status_code == 200
+        assert client.get("/v1/jobs", params={"status": "running"}).json()["items"] == []
+        assert client.get("/v1/jobs", params={"status": "queued"}).json()["items"] == []
+        events = read_events(client, job["id"], timeout=10)
+        assert [e.event for e in events if e.event in TERMINAL] == ["succeeded"]
+        assert [e.data["index"] for e in events if e.event == "asset"] == [0, 1]
+
+
+def test_startup_recovery_fails_remote_and_requeues_local(make_settings: SettingsFactory,
+                                                          start_server: Callable[[Settings], httpx.Client]) -> None:
+    """Rows as a dead process left them: one job running on a remote engine, one on Lite (its lease
+    not even expired: at start-up every running job belongs to a dead process)."""
+    settings = make_settings()
+    settings.data_dir.mkdir(parents=True)
+    db = Database(settings.resolved_database_url)
+    db.migrate()
+    now = utcnow()
+    project_id, remote_id, local_id = new_id("prj"), new_id("job"), new_id("job")
+    lease = {"status": "running", "attempt": 1, "lease_owner": "dead-host:1:0", "started_at": now,
+             "lease_expires_at": now + timedelta(minutes=10)}
+    with db.transaction() as s:
+        s.add(Project(id=project_id, name="before the crash", policy="balanced"))
+        s.flush()
+        s.add(Job(id=remote_id, project_id=project_id, stage="ideation", engine="gemini", model="gemini-test",
+                  params={"stage": "ideation", "prompt": "a lighthouse", "n": 1, "seed": 1, "width": 64,
+                          "height": 64}, provider_request_id="req-123", **lease))
+        s.add(Job(id=local_id, project_id=project_id, stage="ideation", engine="lite", model=tiny.NAME,
+                  params={"stage": "ideation", "prompt": "a lighthouse", "negative_prompt": "", "n": 2, "seed": 5,
+                          "width": 64, "height": 64, "steps": 2, "tags": {}}, progress_step=1, progress_total=2,
+                  **lease))
+    db.dispose()
+
+    client = start_server(settings)
+    remote = client.get(f"/v1/jobs/{remote_id}").json()
+    assert remote["status"] == "failed"
+    assert remote["error"]["code"] == "interrupted"
+    assert remote["error"]["details"]["engine"] == "gemini"
+    assert remote["error"]["details"]["provider_request_id"] == "req-123"
+    assert remote["finished_at"] is not None
+    assert remote["assets"] == []
+    events = read_events(client, remote_id, timeout=10)
+    assert [e.event for e in events if e.event in TERMINAL] == ["failed"]
+
+    local = wait_for_job(client, local_id, ("succeeded",))
+    assert len(local["assets"]) == 2
+    assert client.get("/v1/jobs", params={"status": "running"}).json()["items"] == []

@@ -1,0 +1,87 @@
+"""The artifact store never names a path outside its root; writes are atomic and content-addressed."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from orchestrator.errors import NotFound
+from orchestrator.store import ArtifactStore, encode_png, infotext, read_record
+
+GOOD = "ab" * 32
+
+
+@pytest.mark.parametrize("name", [
+    "../" + "a" * 61,
+    "../../etc/passwd",
+    "/etc/passwd",
+    "ab/../../" + "0" * 55,
+    "A" * 64,  # hex, but not the lower case the store writes
+    "g" * 64,
+    "a" * 63,
+    "a" * 65,
+    "a" * 64 + "\n",
+    "a" * 64 + "/",
+    "a" * 32 + "\x00" + "a" * 31,
+    "",
+    ".",
+    "..",
+])
+def test_path_for_refuses_anything_but_a_sha256(tmp_path: Path, name: str) -> None:
+    store = ArtifactStore(tmp_path / "assets")
+    with pytest.raises(NotFound):
+        store.path_for(name)
+    with pytest.raises(NotFound):
+        store.get(name)
+
+
+def test_path_for_stays_under_the_root(tmp_path: Path) -> None:
+    store = ArtifactStore(tmp_path / "assets")
+    path = store.path_for(GOOD)
+    assert path == (tmp_path / "assets" / "ab" / f"{GOOD}.png").resolve()
+    assert path.is_relative_to(store.root)
+
+
+def test_put_get_is_content_addressed_and_atomic(tmp_path: Path) -> None:
+    store = ArtifactStore(tmp_path / "assets")
+    data = b"\x89PNG not really"
+    sha = store.put(data)
+    assert sha == hashlib.sha256(data).hexdigest()
+    assert store.get(sha) == data
+    assert store.put(data) == sha  # the same bytes twice: one file
+    assert [p.name for p in store.root.rglob("*") if p.is_file()] == [f"{sha}.png"]
+    with pytest.raises(NotFound):
+        store.get("0" * 64)  # well-formed, but never stored
+
+
+def test_sweep_temp_removes_leftovers_of_a_crash(tmp_path: Path) -> None:
+    store = ArtifactStore(tmp_path / "assets")
+    sha = store.put(b"kept")
+    (store.root / sha[:2] / ".tmp-abc.png").write_bytes(b"half")
+    assert store.sweep_temp() == 1
+    assert store.get(sha) == b"kept"
+    assert [p.name for p in store.root.rglob("*") if p.is_file()] == [f"{sha}.png"]
+
+
+def test_png_carries_infotext_and_record() -> None:
+    record = {"prompt": "a fox", "negative_prompt": "blur", "seed": 7, "steps": 4, "guidance_scale": 0.0,
+              "sampler": "EulerDiscreteScheduler", "width": 8, "height": 8, "model": "m", "engine": "lite",
+              "stage": "ideation", "parent_id": None}
+    data = encode_png(Image.new("RGB", (8, 8), (1, 2, 3)), record)
+    assert read_record(data) == record
+    with Image.open(io.BytesIO(data)) as img:
+        assert img.info["parameters"] == infotext(record)
+        assert json.loads(img.info["orchestrator"]) == record
+    assert infotext(record).splitlines() == [
+        "a fox",
+        "Negative prompt: blur",
+        "Steps: 4, Sampler: EulerDiscreteScheduler, CFG scale: 0.0, Seed: 7, Size: 8x8, Model: m, Engine: lite, "
+        "Stage: ideation",
+    ]
+    # Deterministic: the same image and record encode to the same bytes.
+    assert encode_png(Image.new("RGB", (8, 8), (1, 2, 3)), dict(record)) == data

@@ -1,0 +1,131 @@
+"""A paid call in flight when the server process dies: start-up recovery settles it exactly once."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO
+
+import httpx
+import pytest
+
+from orchestrator.server import free_port, serve_in_thread
+from orchestrator.settings import Settings
+from tests.credits import (
+    PRICE,
+    assert_settled_once,
+    budget,
+    iter_sse,
+    kinds,
+    ledger,
+    project_with_draft,
+    promote_ok,
+)
+from tests.credits.conftest import ENGINES, POLICY, VENDOR_KEYS
+from tiers import tiny
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class Service:
+    """`orchestrator serve` in a child process on one data dir."""
+
+    def __init__(self, env: dict[str, str], cwd: Path, log: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log: IO[bytes] = open(log, "wb")  # noqa: SIM115 (closed by stop/kill)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "orchestrator.cli", "serve", "--port", str(self.port), "--log-level", "warning"],
+            env=env, cwd=cwd, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while True:
+            if self.process.poll() is not None:
+                self.log.close()
+                raise AssertionError(f"the server exited with {self.process.returncode}: {log.read_text()[-2000:]}")
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1.0).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the server did not answer /healthz within 60 s"
+            time.sleep(0.05)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(timeout=30)
+        self.log.close()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout=30)
+        self.kill()
+
+
+@pytest.fixture
+def service_env(tmp_path: Path, tiny_cache_dir: Path, policy_dir: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ORCH_") and k not in VENDOR_KEYS}
+    env.update({
+        "ORCH_DATA_DIR": str(tmp_path / "data"), "ORCH_CACHE_DIR": str(tiny_cache_dir),
+        "ORCH_LITE_MODEL": tiny.NAME, "ORCH_ENGINES": ENGINES, "ORCH_POLICY": POLICY,
+        "ORCH_POLICY_DIR": str(policy_dir), "ORCH_CONFIG_FILE": str(tmp_path / "absent.toml"),
+        "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p),
+    })
+    return env
+
+
+@pytest.fixture
+def services() -> Iterator[list[Service]]:
+    """Services a test starts; each is stopped at teardown."""
+    started: list[Service] = []
+    try:
+        yield started
+    finally:
+        for service in started:
+            service.stop()
+
+
+def test_kill_with_a_paid_call_in_flight(service_env: dict[str, str], tmp_path: Path,
+                                         paid_settings_for: Callable[..., Settings],
+                                         services: list[Service]) -> None:
+    # The draft is made in this process, where torch is already imported: a child process would
+    # spend most of this test importing it. Same data dir, so the child finds the asset.
+    settings = paid_settings_for(Path(service_env["ORCH_DATA_DIR"]))
+    with serve_in_thread(settings) as base, httpx.Client(base_url=base, timeout=30.0) as client:
+        project_id, asset_id = project_with_draft(client, {"limit": 100, "period": "month"})
+
+    services.append(Service(service_env, tmp_path, tmp_path / "first.log"))
+    with httpx.Client(base_url=services[0].url, timeout=30.0) as client:
+        job_id = promote_ok(client, asset_id, tags={"fake": "hang"})["id"]
+        with client.stream("GET", f"/v1/jobs/{job_id}/events") as stream:
+            for event in iter_sse(stream):  # until the provider call is in flight
+                if event.event == "state" and event.data.get("state") == "submitted":
+                    break
+        running = client.get(f"/v1/jobs/{job_id}").json()
+        assert running["status"] == "running"
+        assert running["cost"]["held"] == PRICE
+    services[0].kill()
+
+    services.append(Service(service_env, tmp_path, tmp_path / "second.log"))
+    with httpx.Client(base_url=services[1].url, timeout=30.0) as client:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        assert job["status"] == "failed", job
+        assert job["error"]["code"] == "interrupted"
+        assert job["error"]["details"]["engine"] == "fake-paid"
+        assert job["cost"]["held"] == 0 and job["cost"]["charged"] == PRICE
+
+        entries = ledger(client, project_id)
+        assert kinds(entries) == {"hold": 1, "capture": 1}
+        capture = next(e for e in entries if e["kind"] == "capture")
+        assert capture["unreconciled"] and capture["amount"] == PRICE
+        assert_settled_once(entries)
+        balance = budget(client, project_id)
+        assert (balance["held"], balance["charged"], balance["available"]) == (0, PRICE, 100 - PRICE)

@@ -1,0 +1,87 @@
+"""Idempotency-Key on promote, and the result cache of identical paid requests."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+
+from tests.credits import (
+    PRICE,
+    get_json,
+    jobs_of,
+    kinds,
+    ledger,
+    project_with_draft,
+    promote,
+    promote_ok,
+    wait_for_job,
+)
+
+
+def test_same_key_same_body_replays_the_job(api: httpx.Client) -> None:
+    project_id, asset_id = project_with_draft(api, {"limit": 100, "period": "month"})
+    first = promote(api, asset_id, key="promote-once", seed=1)
+    assert first.status_code == 202, first.text
+    second = promote(api, asset_id, key="promote-once", seed=1)
+    assert second.status_code == 202, second.text
+    assert second.json()["id"] == first.json()["id"]
+    assert second.headers.get("idempotent-replayed") == "true"
+    wait_for_job(api, first.json()["id"])
+    third = promote(api, asset_id, key="promote-once", seed=1)  # after it finished, still the same job
+    assert third.json()["id"] == first.json()["id"]
+
+    assert len(jobs_of(api, project_id, "bridge")) == 1
+    assert kinds(ledger(api, project_id)) == {"hold": 1, "capture": 1}
+
+
+def test_concurrent_requests_with_one_key_make_one_job(api: httpx.Client) -> None:
+    project_id, asset_id = project_with_draft(api, {"limit": 100, "period": "month"})
+    barrier = threading.Barrier(10)
+
+    def one(_: int) -> httpx.Response:
+        with httpx.Client(base_url=api.base_url, timeout=60.0) as own:
+            barrier.wait(timeout=30)
+            return promote(own, asset_id, key="one-key-ten-callers", seed=2)
+
+    with ThreadPoolExecutor(10) as pool:
+        responses = list(pool.map(one, range(10)))
+    assert [r.status_code for r in responses] == [202] * 10, [r.text for r in responses]
+    assert len({r.json()["id"] for r in responses}) == 1
+    wait_for_job(api, responses[0].json()["id"])
+    assert len(jobs_of(api, project_id, "bridge")) == 1
+    assert kinds(ledger(api, project_id)) == {"hold": 1, "capture": 1}
+
+
+def test_same_key_different_body_conflicts(api: httpx.Client) -> None:
+    project_id, asset_id = project_with_draft(api, {"limit": 100, "period": "month"})
+    assert promote(api, asset_id, key="k-conflict", seed=3).status_code == 202
+    response = promote(api, asset_id, key="k-conflict", seed=4)
+    assert response.status_code == 409, response.text
+    assert response.json()["error"]["code"] == "idempotency_conflict"
+    assert len(jobs_of(api, project_id, "bridge")) == 1
+    assert kinds(ledger(api, project_id))["hold"] == 1
+
+
+def test_identical_paid_request_is_served_from_the_cache(api: httpx.Client) -> None:
+    project_id, asset_id = project_with_draft(api, {"limit": 100, "period": "month"})
+    first = wait_for_job(api, promote_ok(api, asset_id, cache=True, seed=5)["id"])
+    assert first["status"] == "succeeded" and first["cost"]["charged"] == PRICE
+
+    second = promote_ok(api, asset_id, cache=True, seed=5)
+    assert second["id"] != first["id"]
+    assert second["status"] == "succeeded"  # at once, in the 202
+    assert second["cost"] == {"estimated": PRICE, "held": 0, "charged": 0, "cache_hit": True}
+    assert len(second["assets"]) == len(first["assets"]) == 1
+    shas = {get_json(api, f"/v1/assets/{a}")["sha256"] for a in first["assets"] + second["assets"]}
+    assert len(shas) == 1
+    assert second["assets"] != first["assets"]  # new rows, same content
+    assert kinds(ledger(api, project_id)) == {"hold": 1, "capture": 1}
+
+    third = promote_ok(api, asset_id, cache=False, seed=5)
+    assert not third["cost"]["cache_hit"]
+    done = wait_for_job(api, third["id"])
+    assert done["status"] == "succeeded" and done["cost"]["charged"] == PRICE
+    assert kinds(ledger(api, project_id)) == {"hold": 2, "capture": 2}
+    assert get_json(api, f"/v1/projects/{project_id}/budget")["charged"] == 2 * PRICE

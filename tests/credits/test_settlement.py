@@ -1,0 +1,124 @@
+"""How a paid job's hold is settled: provider-reported cost, failures, timeouts, cancellation."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from tests.credits import (
+    PRICE,
+    TERMINAL,
+    assert_settled_once,
+    budget,
+    get_json,
+    iter_sse,
+    kinds,
+    ledger,
+    project_with_draft,
+    promote_ok,
+    wait_for_job,
+)
+
+
+def test_provider_cost_below_the_hold_releases_the_rest(api: httpx.Client) -> None:
+    project_id, asset_id = project_with_draft(api, {"limit": 100, "period": "month"})
+    job = wait_for_job(api, promote_ok(api, asset_id, tags={"cost": "7.5"})["id"])
+    assert job["status"] == "succeeded", job
+    assert job["cost"] == {"estimated": PRICE, "held": 0, "charged": 7.5, "cache_hit": False}
+
+    entries = ledger(api, project_id)
+    assert kinds(entries) == {"hold": 1, "capture": 1, "release": 1}
+    by_kind = {e["kind"]: e for e in entries}
+    assert by_kind["hold"]["amount"] == PRICE
+    assert by_kind["capture"]["amount"] == 7.5 and not by_kind["capture"]["over_hold"]
+    assert by_kind["release"]["amount"] == 2.5
+    assert not by_kind["capture"]["unreconciled"]
+    assert_settled_once(entries)
+    assert budget(api, project_id) | {"window_start": None, "window_end": None} == {
+        "limit": 100, "period": "month", "window_start": None, "window_end": None,
+        "charged": 7.5, "held": 0, "granted": 0, "available": 92.5}
+
+
+def test_provider_cost_above_the_hold_is_captured_and_flagged(api: httpx.Client) -> None:
+    project_id, asset_id = project_with_draft(api, {"limit": 100, "period": "month"})
+    job = wait_for_job(api, promote_ok(api, asset_id, tags={"cost": "12"})["id"])
+    assert job["status"] == "succeeded", job
+    assert job["cost"]["charged"] == 12
+
+    entries = ledger(api, project_id)
+    assert kinds(entries) == {"hold": 1, "capture": 1}
+    capture = next(e for e in entries if e["kind"] == "capture")
+    assert capture["amount"] == 12 and capture["over_hold"]
+    assert_settled_once(entries)
+    balance = budget(api, project_id)
+    assert (balance["charged"], balance["held"], balance["available"]) == (12, 0, 88)
+
+
+@pytest.mark.parametrize(("behaviour", "code"), [("fail", "engine_error"), ("filtered", "content_filtered")])
+def test_failure_releases_the_hold(api: httpx.Client, behaviour: str, code: str) -> None:
+    project_id, asset_id = project_with_draft(api, {"limit": 100, "period": "month"})
+    job = wait_for_job(api, promote_ok(api, asset_id, tags={"fake": behaviour})["id"])
+    assert job["status"] == "failed", job
+    assert job["error"]["code"] == code
+    assert job["assets"] == []
+    assert job["cost"] == {"estimated": PRICE, "held": 0, "charged": 0, "cache_hit": False}
+
+    entries = ledger(api, project_id)
+    assert kinds(entries) == {"hold": 1, "release": 1}
+    assert next(e for e in entries if e["kind"] == "release")["amount"] == PRICE
+    assert_settled_once(entries)
+    balance = budget(api, project_id)
+    assert (balance["charged"], balance["held"], balance["available"]) == (0, 0, 100)
+
+
+def test_timeout_captures_the_estimate_unreconciled(api: httpx.Client) -> None:
+    project_id, asset_id = project_with_draft(api, {"limit": 100, "period": "month"})
+    job = wait_for_job(api, promote_ok(api, asset_id, tags={"fake": "timeout"})["id"])
+    assert job["status"] == "failed", job
+    assert job["error"]["code"] == "timeout"
+    assert job["cost"]["held"] == 0 and job["cost"]["charged"] == PRICE
+
+    entries = ledger(api, project_id)
+    assert kinds(entries) == {"hold": 1, "capture": 1}
+    capture = next(e for e in entries if e["kind"] == "capture")
+    assert capture["amount"] == PRICE and capture["unreconciled"] and not capture["over_hold"]
+    assert_settled_once(entries)
+    balance = budget(api, project_id)
+    assert (balance["charged"], balance["held"], balance["available"]) == (PRICE, 0, 100 - PRICE)
+
+    report = get_json(api, "/v1/spend", group_by="engine", project_id=project_id)
+    assert report["groups"] == [{"key": "fake-paid", "charged": PRICE, "unreconciled": PRICE, "jobs": 1,
+                                 "images": 0}]
+    assert report["total"] == PRICE
+
+
+def test_cancel_a_running_paid_job_settles_its_hold(api: httpx.Client) -> None:
+    """Canceling while the provider works (`CancelToken.race`, charged "unknown"): the estimate is
+    captured and flagged unreconciled (`Ledger.settle_failure`); nothing stays held."""
+    project_id, asset_id = project_with_draft(api, {"limit": 100, "period": "month"})
+    job_id = promote_ok(api, asset_id, tags={"fake": "hang"})["id"]
+
+    seen: list[str] = []
+    with api.stream("GET", f"/v1/jobs/{job_id}/events", timeout=30.0) as stream:
+        assert stream.status_code == 200
+        for event in iter_sse(stream):
+            seen.append(event.event)
+            if event.event == "state" and event.data.get("state") == "submitted":
+                response = api.post(f"/v1/jobs/{job_id}/cancel")  # the provider call is in flight
+                assert response.status_code == 202, response.text
+            if event.event in TERMINAL:
+                break
+    assert seen[-1] == "canceled", seen
+
+    job = wait_for_job(api, job_id)
+    assert job["status"] == "canceled"
+    assert job["error"]["code"] == "canceled"
+    assert job["cost"]["held"] == 0 and job["cost"]["charged"] == PRICE
+
+    entries = ledger(api, project_id)
+    assert kinds(entries) == {"hold": 1, "capture": 1}
+    capture = next(e for e in entries if e["kind"] == "capture")
+    assert capture["unreconciled"] and capture["amount"] == PRICE
+    assert_settled_once(entries)
+    assert budget(api, project_id)["held"] == 0
+    assert api.post(f"/v1/jobs/{job_id}/cancel").json()["error"]["code"] == "job_finished"

@@ -1,0 +1,167 @@
+"""Budget windows on UTC calendar boundaries, and balances under an injected clock."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from orchestrator.db import Database
+from orchestrator.errors import BudgetExceeded
+from orchestrator.ledger import Ledger, window
+from orchestrator.models import Job, Project
+
+
+def utc(*args: int) -> datetime:
+    return datetime(*args, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(("period", "now", "start", "end"), [
+    ("day", utc(2026, 3, 15, 13, 45, 7, 12), utc(2026, 3, 15), utc(2026, 3, 16)),
+    ("day", utc(2026, 12, 31, 23, 59, 59, 999999), utc(2026, 12, 31), utc(2027, 1, 1)),
+    ("day", utc(2028, 2, 28, 12), utc(2028, 2, 28), utc(2028, 2, 29)),  # leap year
+    # 2026-11-29 is a Sunday: it still belongs to the ISO week that began on Monday the 23rd.
+    ("week", utc(2026, 11, 29, 23, 59, 59, 999999), utc(2026, 11, 23), utc(2026, 11, 30)),
+    ("week", utc(2026, 11, 30), utc(2026, 11, 30), utc(2026, 12, 7)),
+    ("week", utc(2026, 12, 31, 8), utc(2026, 12, 28), utc(2027, 1, 4)),  # a week across the new year
+    ("month", utc(2026, 12, 31, 23, 59, 59, 999999), utc(2026, 12, 1), utc(2027, 1, 1)),
+    ("month", utc(2027, 1, 1), utc(2027, 1, 1), utc(2027, 2, 1)),
+    ("month", utc(2026, 2, 14, 9), utc(2026, 2, 1), utc(2026, 3, 1)),
+    ("none", utc(2026, 5, 5), None, None),
+])
+def test_window(period: str, now: datetime, start: datetime | None, end: datetime | None) -> None:
+    assert window(period, now) == (start, end)
+    if start is not None and end is not None:
+        assert start <= now < end
+        assert start.tzinfo is not None and end.tzinfo is not None
+
+
+def test_consecutive_windows_meet() -> None:
+    for period in ("day", "week", "month"):
+        now = utc(2026, 1, 1)
+        for _ in range(60):
+            start, end = window(period, now)
+            assert start is not None and end is not None
+            assert window(period, end)[0] == end
+            assert window(period, end - timedelta(microseconds=1)) == (start, end)
+            now = end
+
+
+class Clock:
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Iterator[Database]:
+    database = Database(f"sqlite:///{tmp_path / 'ledger.db'}")
+    database.migrate()
+    yield database
+    database.dispose()
+
+
+def add_project(db: Database, limit: int | None, period: str) -> Project:
+    project = Project(id="prj_window", name="window", policy="balanced", budget_limit=limit, budget_period=period)
+    with db.transaction() as s:
+        s.add(project)
+    return project
+
+
+def add_job(db: Database, project: Project, job_id: str, clock: Clock) -> Job:
+    job = Job(id=job_id, project_id=project.id, stage="bridge", engine="fake-paid", params={},
+              created_at=clock.now)
+    with db.transaction() as s:
+        s.add(job)
+    return job
+
+
+def test_a_capture_counts_only_in_its_own_month(db: Database) -> None:
+    clock = Clock(utc(2026, 12, 31, 23, 0))
+    ledger = Ledger(clock=clock)
+    project = add_project(db, 100_000, "month")  # 100 credits a month
+    december = add_job(db, project, "job_december", clock)
+    with db.transaction() as s:
+        ledger.hold(s, ledger.lock_project(s, project.id), december, 60_000)
+    with db.transaction() as s:
+        assert ledger.capture(s, december, None) == 60_000
+    with db.session() as s:
+        balance = ledger.balance(s, project)
+    assert (balance.charged, balance.held, balance.available) == (60_000, 0, 40_000)
+    assert (balance.window_start, balance.window_end) == (utc(2026, 12, 1), utc(2027, 1, 1))
+
+    late = add_job(db, project, "job_late_december", clock)
+    with db.transaction() as s, pytest.raises(BudgetExceeded) as refused:
+        ledger.hold(s, ledger.lock_project(s, project.id), late, 50_000)
+    assert refused.value.details["available"] == 40
+    assert refused.value.details["window"]["start"] == "2026-12-01T00:00:00+00:00"
+
+    clock.now = utc(2027, 1, 1)  # the new month starts with the whole budget
+    with db.session() as s:
+        balance = ledger.balance(s, project)
+    assert (balance.charged, balance.held, balance.available) == (0, 0, 100_000)
+    assert (balance.window_start, balance.window_end) == (utc(2027, 1, 1), utc(2027, 2, 1))
+    january = add_job(db, project, "job_january", clock)
+    with db.transaction() as s:
+        assert ledger.hold(s, ledger.lock_project(s, project.id), january, 100_000) is not None
+    with db.session() as s:
+        assert ledger.balance(s, project).available == 0
+
+
+def test_an_open_hold_counts_in_every_window(db: Database) -> None:
+    """Holds are not windowed: a December hold still open in January is still reserved money, and
+    its capture counts in the month it is made."""
+    clock = Clock(utc(2026, 12, 31, 23, 59))
+    ledger = Ledger(clock=clock)
+    project = add_project(db, 100_000, "month")
+    job = add_job(db, project, "job_straddles", clock)
+    with db.transaction() as s:
+        ledger.hold(s, ledger.lock_project(s, project.id), job, 30_000)
+    clock.now = utc(2027, 1, 1, 0, 1)
+    with db.session() as s:
+        balance = ledger.balance(s, project)
+    assert (balance.charged, balance.held, balance.available) == (0, 30_000, 70_000)
+    with db.transaction() as s:
+        ledger.capture(s, job, 25_000)
+    with db.session() as s:
+        balance = ledger.balance(s, project)
+    assert (balance.charged, balance.held, balance.available) == (25_000, 0, 75_000)
+    clock.now = utc(2026, 12, 31, 23, 59, 30)  # looking back at December: nothing captured there
+    with db.session() as s:
+        assert ledger.balance(s, project).charged == 0
+
+
+def test_grants_count_in_their_own_week(db: Database) -> None:
+    clock = Clock(utc(2026, 11, 29, 22))  # a Sunday
+    ledger = Ledger(clock=clock)
+    project = add_project(db, 10_000, "week")
+    with db.transaction() as s:
+        ledger.grant(s, project.id, 5_000, note="sunday top-up")
+    with db.session() as s:
+        assert ledger.balance(s, project).available == 15_000
+    clock.now = utc(2026, 11, 30, 0, 0)  # Monday: a new week
+    with db.session() as s:
+        balance = ledger.balance(s, project)
+    assert (balance.granted, balance.available) == (0, 10_000)
+
+
+def test_settlement_is_once_per_hold(db: Database) -> None:
+    clock = Clock(utc(2026, 6, 1, 12))
+    ledger = Ledger(clock=clock)
+    project = add_project(db, None, "none")
+    job = add_job(db, project, "job_once", clock)
+    with db.transaction() as s:
+        ledger.hold(s, ledger.lock_project(s, project.id), job, 10_000)
+    with db.transaction() as s:
+        assert ledger.capture(s, job, 4_000) == 4_000
+    with db.transaction() as s:  # a second settlement finds no open hold and writes nothing
+        assert ledger.capture(s, job, None) == 0
+        assert ledger.release(s, job) == 0
+        assert ledger.sweep(s) == 0
+    with db.session() as s:
+        balance = ledger.balance(s, project)
+    assert (balance.limit, balance.available, balance.charged, balance.held) == (None, None, 4_000, 0)

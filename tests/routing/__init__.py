@@ -1,0 +1,121 @@
+"""Routing, fallback, policies, the engine registry and the tiered workflow end to end.
+
+Helpers shared by the modules live here, and so do the engine factories the services under test
+import by name (`ORCH_ENGINES="fake-b=tests.routing:fake_b_factory"`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from typing import Any
+
+import httpx
+
+from tests.fakes import FakePaidEngine
+from tiers.base import CancelToken, EngineContext, PriceTable, Progress, RenderRequest, RenderResult
+
+TERMINAL = ("succeeded", "failed", "canceled")
+SMALL: dict[str, Any] = {"width": 64, "height": 64, "steps": 1}
+FAKE_B_PRICE = 20.0  # credits per image
+
+
+class NamedFakeEngine(FakePaidEngine):
+    """A second priced fake. `tests.fakes.FakePaidEngine` reads its behaviour from the `fake` tag,
+    so every instance would fail together; this one reads the tag named after itself (`fake-b`),
+    which lets one request fail on `fake-paid` and succeed on the next candidate."""
+
+    def __init__(self, ctx: EngineContext, name: str, price: float) -> None:
+        super().__init__(ctx, name=name)
+        self._prices = PriceTable(name, {"fake-1": {"image": price}}, "2026-11", ctx.price_overrides.get(name))
+
+    async def run(self, req: RenderRequest, progress: Progress, cancel: CancelToken) -> RenderResult:
+        tags = {k: v for k, v in req.tags.items() if k != "fake"}
+        if self.name in req.tags:
+            tags["fake"] = req.tags[self.name]
+        return await super().run(replace(req, tags=tags), progress, cancel)
+
+
+def fake_b_factory(ctx: EngineContext) -> NamedFakeEngine:
+    return NamedFakeEngine(ctx, "fake-b", FAKE_B_PRICE)
+
+
+def wait_for_job(client: httpx.Client, job_id: str, statuses: tuple[str, ...] = TERMINAL,
+                 timeout: float = 60.0) -> dict[str, Any]:
+    """Poll `GET /v1/jobs/{id}` until the job reaches one of `statuses` (a deadline, not a sleep)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        response = client.get(f"/v1/jobs/{job_id}")
+        assert response.status_code == 200, response.text
+        job: dict[str, Any] = response.json()
+        if job["status"] in statuses:
+            return job
+        if job["status"] in TERMINAL:
+            raise AssertionError(f"job {job_id} ended {job['status']} ({job['error']}), wanted {statuses}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"job {job_id} still {job['status']} after {timeout}s, wanted {statuses}")
+        time.sleep(0.02)  # poll interval, not a wait for a state
+
+
+def poll(check: Any, timeout: float = 30.0, what: str = "condition") -> Any:
+    """Call `check()` until it returns something truthy; fail at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not hold within {timeout}s")
+        time.sleep(0.02)
+
+
+def create_project(client: httpx.Client, name: str = "routing test", **extra: Any) -> dict[str, Any]:
+    response = client.post("/v1/projects", json={"name": name, **extra})
+    assert response.status_code == 201, response.text
+    project: dict[str, Any] = response.json()
+    return project
+
+
+def submit(client: httpx.Client, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    response = client.post(path, json=body)
+    assert response.status_code == 202, response.text
+    job: dict[str, Any] = response.json()
+    return job
+
+
+def run_draft(client: httpx.Client, project_id: str, **body: Any) -> dict[str, Any]:
+    """A one-image 64x64 draft on the tiny model, waited for."""
+    job = submit(client, f"/v1/projects/{project_id}/drafts",
+                 {"prompt": "a lighthouse at dusk", "n": 1, "seed": 7, **SMALL, **body})
+    return wait_for_job(client, job["id"], ("succeeded",))
+
+
+def promote(client: httpx.Client, asset_id: str, **body: Any) -> dict[str, Any]:
+    """Submit a bridge job. The result cache is off unless asked for: identical drafts (same seed)
+    in tests sharing a service would otherwise turn later promotes into cache hits."""
+    return submit(client, f"/v1/assets/{asset_id}/promote", {"steps": 2, "cache": False, **body})
+
+
+def ledger(client: httpx.Client, project_id: str, job_id: str | None = None) -> list[dict[str, Any]]:
+    response = client.get(f"/v1/projects/{project_id}/ledger", params={"limit": 500})
+    assert response.status_code == 200, response.text
+    entries: list[dict[str, Any]] = response.json()["items"]
+    return [e for e in entries if job_id is None or e["job_id"] == job_id]
+
+
+def engines(client: httpx.Client) -> dict[str, dict[str, Any]]:
+    response = client.get("/v1/engines")
+    assert response.status_code == 200, response.text
+    return {e["name"]: e for e in response.json()}
+
+
+def assert_error(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
+    """The documented error body with a matching status code."""
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"}, body
+    error: dict[str, Any] = body["error"]
+    assert error["code"] == code, error
+    assert isinstance(error["message"], str) and error["message"]
+    assert isinstance(error["details"], dict)
+    return error

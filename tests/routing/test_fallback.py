@@ -1,0 +1,210 @@
+"""Falling back to the next candidate when an engine fails, through the REST API."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from orchestrator.health import EngineHealth
+from tests.routing import ledger, promote, run_draft, wait_for_job
+from tests.routing.conftest import FAKE_ENGINES, FALLBACK_POLICY, SettingsFactory, running, write_policies
+
+
+@pytest.fixture(scope="module")
+def paid_server(new_settings: SettingsFactory, tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
+    """A service that knows fake-paid (10 credits) and fake-b (20 credits); new projects use the
+    `fallback-test` policy. Its tests share it, so its circuit breaker never opens (threshold
+    1000): one test's failures must not change another's routing."""
+    folder = write_policies(tmp_path_factory.mktemp("policies"), {"fallback-test": FALLBACK_POLICY})
+    settings = new_settings(engines=FAKE_ENGINES, policy="fallback-test", policy_dir=folder)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("orchestrator.services.EngineHealth", functools.partial(EngineHealth, threshold=1000))
+        with running(settings) as client:
+            yield client
+
+
+def draft_asset(client: httpx.Client, **project: Any) -> tuple[str, str]:
+    """(project id, asset id) of a fresh project's one draft."""
+    response = client.post("/v1/projects", json={"name": "fallback", **project})
+    assert response.status_code == 201, response.text
+    project_id = response.json()["id"]
+    return project_id, run_draft(client, project_id)["assets"][0]
+
+
+def kinds(entries: list[dict[str, Any]]) -> list[tuple[str, float, str | None]]:
+    return [(e["kind"], e["amount"], e["engine"]) for e in entries]
+
+
+def test_retryable_failure_falls_back_to_the_next_candidate(paid_server: httpx.Client) -> None:
+    project_id, asset_id = draft_asset(paid_server, budget={"limit": 100, "period": "month"})
+    job = promote(paid_server, asset_id, tags={"fake": "fail"})
+    assert job["engine"] == "fake-paid"
+    assert [c["engine"] for c in job["routing"]["candidates"]] == ["fake-paid", "fake-b", "local-hifi"]
+
+    done = wait_for_job(paid_server, job["id"])
+    assert done["status"] == "succeeded", done["error"]
+    assert done["engine"] == "fake-b"
+    assert done["error"] is None
+    assert len(done["attempts"]) == 2
+    failed, succeeded = done["attempts"]
+    assert failed["engine"] == "fake-paid" and failed["status"] == "failed"
+    assert failed["error"]["code"] == "engine_error" and "fake engine failed" in failed["error"]["message"]
+    assert succeeded == {"engine": "fake-b", "status": "succeeded", "error": None}
+    assert done["cost"]["estimated"] == 20.0
+    assert done["cost"]["charged"] == 20.0 and done["cost"]["held"] == 0
+    # The routing decision recorded at submission stays as it was.
+    assert done["routing"] == job["routing"]
+
+    asset = paid_server.get(f"/v1/assets/{done['assets'][0]}").json()
+    assert asset["engine"] == "fake-b" and asset["parent_id"] == asset_id
+
+    entries = ledger(paid_server, project_id, job["id"])
+    assert kinds(entries) == [("hold", 10.0, "fake-paid"), ("release", 10.0, "fake-paid"),
+                              ("hold", 20.0, "fake-b"), ("capture", 20.0, "fake-b")]
+    first_hold, release, second_hold, capture = entries
+    assert release["hold_id"] == first_hold["id"]
+    assert capture["hold_id"] == second_hold["id"]
+    assert not capture["unreconciled"]
+    budget = paid_server.get(f"/v1/projects/{project_id}/budget").json()
+    assert (budget["charged"], budget["held"], budget["available"]) == (20.0, 0, 80.0)
+
+
+def test_fallback_runs_down_the_whole_list(paid_server: httpx.Client) -> None:
+    project_id, asset_id = draft_asset(paid_server)
+    job = promote(paid_server, asset_id, tags={"fake": "fail", "fake-b": "fail"})
+    done = wait_for_job(paid_server, job["id"])
+    assert done["status"] == "succeeded", done["error"]
+    assert done["engine"] == "local-hifi"
+    assert [(a["engine"], a["status"]) for a in done["attempts"]] == [
+        ("fake-paid", "failed"), ("fake-b", "failed"), ("local-hifi", "succeeded")]
+    assert done["cost"]["charged"] == 0
+    entries = ledger(paid_server, project_id, job["id"])
+    assert kinds(entries) == [("hold", 10.0, "fake-paid"), ("release", 10.0, "fake-paid"),
+                              ("hold", 20.0, "fake-b"), ("release", 20.0, "fake-b")]
+
+
+def test_content_filtered_does_not_fall_back(paid_server: httpx.Client) -> None:
+    project_id, asset_id = draft_asset(paid_server)
+    job = promote(paid_server, asset_id, tags={"fake": "filtered"})
+    done = wait_for_job(paid_server, job["id"])
+    assert done["status"] == "failed"
+    assert done["engine"] == "fake-paid"
+    assert done["error"]["code"] == "content_filtered"
+    assert [(a["engine"], a["status"]) for a in done["attempts"]] == [("fake-paid", "failed")]
+    assert done["attempts"][0]["error"]["code"] == "content_filtered"
+    assert done["assets"] == []
+    assert kinds(ledger(paid_server, project_id, job["id"])) == [("hold", 10.0, "fake-paid"),
+                                                                  ("release", 10.0, "fake-paid")]
+
+
+def test_requested_engine_has_no_fallback(paid_server: httpx.Client) -> None:
+    _, asset_id = draft_asset(paid_server)
+    job = promote(paid_server, asset_id, engine="fake-paid", tags={"fake": "fail"})
+    assert [c["engine"] for c in job["routing"]["candidates"]] == ["fake-paid"]
+    done = wait_for_job(paid_server, job["id"])
+    assert done["status"] == "failed"
+    assert done["error"]["code"] == "engine_error"
+    assert [a["engine"] for a in done["attempts"]] == ["fake-paid"]
+
+
+@pytest.fixture
+def breaker_server(new_settings: SettingsFactory, fallback_policies: Path,
+                   monkeypatch: pytest.MonkeyPatch) -> Iterator[httpx.Client]:
+    """The same service with a circuit that opens after two consecutive failures."""
+    monkeypatch.setattr("orchestrator.services.EngineHealth", functools.partial(EngineHealth, threshold=2))
+    with running(new_settings(engines=FAKE_ENGINES, policy="fallback-test", policy_dir=fallback_policies)) as client:
+        yield client
+
+
+def health(client: httpx.Client) -> dict[str, str]:
+    response = client.get("/v1/engines")
+    assert response.status_code == 200
+    return {e["name"]: e["health"] for e in response.json()}
+
+
+def test_circuit_breaker_shows_in_engines_and_routing(breaker_server: httpx.Client) -> None:
+    client = breaker_server
+    _, asset_id = draft_asset(client)
+    assert health(client)["fake-paid"] == "ok"
+
+    first = wait_for_job(client, promote(client, asset_id, tags={"fake": "fail"})["id"])
+    assert first["status"] == "succeeded" and first["engine"] == "fake-b"
+    assert health(client)["fake-paid"] == "degraded"
+    assert health(client)["fake-b"] == "ok"
+
+    second = wait_for_job(client, promote(client, asset_id, tags={"fake": "fail"})["id"])
+    assert second["status"] == "succeeded" and second["engine"] == "fake-b"
+    assert health(client)["fake-paid"] == "open"
+
+    # While the circuit is open, routing skips the engine and says why.
+    third = promote(client, asset_id)
+    assert third["engine"] == "fake-b"
+    reasons = {c["engine"]: c["skipped"] for c in third["routing"]["candidates"]}
+    assert reasons == {"fake-b": None, "local-hifi": None, "fake-paid": "circuit open after repeated failures"}
+    done = wait_for_job(client, third["id"])
+    assert done["status"] == "succeeded"
+    assert [a["engine"] for a in done["attempts"]] == ["fake-b"]
+    # Content filtering is the request's fault, not the engine's: it does not count as a failure.
+    filtered = wait_for_job(client, promote(client, asset_id, engine="fake-b", tags={"fake-b": "filtered"})["id"])
+    assert filtered["status"] == "failed"
+    assert health(client)["fake-b"] == "ok"
+
+
+def test_fallback_result_is_not_a_cache_entry_for_the_first_engine(paid_server: httpx.Client) -> None:
+    """The result cache is keyed by engine and model. A job that fell back from fake-paid to fake-b
+    made its image on fake-b, so an identical request routed to fake-paid must not get it."""
+    _, asset_id = draft_asset(paid_server)
+    body = {"tags": {"fake": "fail"}, "cache": True, "strength": 0.42}
+    first = wait_for_job(paid_server, promote(paid_server, asset_id, **body)["id"])
+    assert first["status"] == "succeeded" and first["engine"] == "fake-b"
+    second = wait_for_job(paid_server, promote(paid_server, asset_id, **body)["id"])
+    assets = [paid_server.get(f"/v1/assets/{a}").json() for a in second["assets"]]
+    assert all(a["engine"] == second["engine"] for a in assets), (second["engine"], second["cost"])
+
+
+def test_timeout_captures_the_unknown_charge_before_falling_back(paid_server: httpx.Client) -> None:
+    """A request sent without an answer may have been billed: its hold is captured, unreconciled."""
+    project_id, asset_id = draft_asset(paid_server)
+    done = wait_for_job(paid_server, promote(paid_server, asset_id, tags={"fake": "timeout"})["id"])
+    assert done["attempts"][0]["engine"] == "fake-paid"
+    assert done["attempts"][0]["error"]["code"] == "timeout"
+    first_hold, settled = ledger(paid_server, project_id, done["id"])[:2]
+    assert (first_hold["kind"], first_hold["engine"]) == ("hold", "fake-paid")
+    assert (settled["kind"], settled["amount"], settled["unreconciled"]) == ("capture", 10.0, True)
+    assert settled["hold_id"] == first_hold["id"]
+
+
+def test_fallback_over_budget_settles_the_failed_attempt_by_its_own_error(paid_server: httpx.Client) -> None:
+    project_id, asset_id = draft_asset(paid_server, budget={"limit": 15, "period": "month"})
+    done = wait_for_job(paid_server, promote(paid_server, asset_id, tags={"fake": "timeout"})["id"])
+    assert done["attempts"][0]["error"]["code"] == "timeout"
+    settled = ledger(paid_server, project_id, done["id"])[1]
+    assert (settled["kind"], settled["engine"], settled["unreconciled"]) == ("capture", "fake-paid", True)
+
+
+def test_fallback_skips_a_candidate_the_budget_cannot_hold(paid_server: httpx.Client) -> None:
+    _, asset_id = draft_asset(paid_server, budget={"limit": 15, "period": "month"})
+    done = wait_for_job(paid_server, promote(paid_server, asset_id, tags={"fake": "fail"})["id"])
+    assert done["attempts"][0]["error"]["code"] == "engine_error"
+    assert (done["status"], done["engine"]) == ("succeeded", "local-hifi")
+
+
+def test_probe_that_ends_without_a_verdict_frees_the_circuit(new_settings: SettingsFactory, fallback_policies: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    # No cooldown: the circuit is half-open as soon as it opens, so the next request is the probe.
+    monkeypatch.setattr("orchestrator.services.EngineHealth",
+                        functools.partial(EngineHealth, threshold=2, cooldown=0.0))
+    with running(new_settings(engines=FAKE_ENGINES, policy="fallback-test", policy_dir=fallback_policies)) as client:
+        _, asset_id = draft_asset(client)
+        for _ in range(2):
+            assert wait_for_job(client, promote(client, asset_id, tags={"fake": "fail"})["id"])["engine"] == "fake-b"
+        probe = promote(client, asset_id, engine="fake-paid", tags={"fake": "filtered"})
+        assert wait_for_job(client, probe["id"])["error"]["code"] == "content_filtered"
+        # The provider answered: the probe is over. The engine must be routable again.
+        after = promote(client, asset_id)
+        assert after["engine"] == "fake-paid", after["routing"]["candidates"]

@@ -1,0 +1,300 @@
+"""Policies over REST: listing, reading, reloading, per-project policies and `POST /v1/route/explain`."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.routing import assert_error, create_project, ledger, promote, run_draft, submit, wait_for_job
+from tests.routing.conftest import FAKE_ENGINES, SettingsFactory, running, write_policies
+
+BUILTINS = {"balanced", "budget-saver", "cloud-first", "local-only"}
+PAID_FIRST = """
+name = "paid-first"
+description = "Bridge and polish on fake-paid, local-hifi after it."
+
+[[rules]]
+name = "drafts"
+match = { stage = "ideation" }
+engines = ["lite"]
+
+[[rules]]
+name = "paid"
+match = { stage = ["bridge", "polish"] }
+engines = ["fake-paid", "local-hifi"]
+reason = "the paid fake first"
+"""
+ALT = """
+name = "alt"
+description = "Everything after drafts on local-hifi."
+
+[[rules]]
+name = "drafts"
+match = { stage = "ideation" }
+engines = ["lite"]
+
+[[rules]]
+name = "alt-local"
+match = { stage = ["bridge", "polish"] }
+engines = ["local-hifi"]
+reason = "the alternative policy"
+"""
+
+
+@pytest.fixture(scope="module")
+def api(new_settings: SettingsFactory, tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
+    folder = write_policies(tmp_path_factory.mktemp("policies"), {"paid-first": PAID_FIRST, "alt": ALT})
+    with running(new_settings(engines=FAKE_ENGINES, policy="paid-first", policy_dir=folder)) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def draft(api: httpx.Client) -> dict[str, Any]:
+    """A project (budget 100 credits, policy paid-first) and its one draft asset."""
+    project = create_project(api, "explain", budget={"limit": 100, "period": "month"})
+    asset_id = run_draft(api, project["id"])["assets"][0]
+    return {"project_id": project["id"], "asset_id": asset_id}
+
+
+def jobs_of(client: httpx.Client, project_id: str) -> list[dict[str, Any]]:
+    response = client.get("/v1/jobs", params={"project_id": project_id, "limit": 500})
+    assert response.status_code == 200
+    items: list[dict[str, Any]] = response.json()["items"]
+    return items
+
+
+# -- reading --------------------------------------------------------------------------------------
+
+
+def test_list_policies(api: httpx.Client) -> None:
+    response = api.get("/v1/policies")
+    assert response.status_code == 200
+    body = response.json()
+    assert body["errors"] == []
+    items = {p["name"]: p for p in body["items"]}
+    assert set(items) == BUILTINS | {"paid-first", "alt"}
+    for name in BUILTINS:
+        assert items[name]["source"] == "builtin"
+        assert items[name]["description"]
+    assert items["paid-first"]["source"].endswith("paid-first.toml")
+    for item in items.values():
+        assert re.fullmatch(r"[0-9a-f]{16}", item["content_hash"])
+    assert [p["name"] for p in body["items"]] == sorted(items)
+
+
+def test_get_builtin_policy(api: httpx.Client) -> None:
+    response = api.get("/v1/policies/balanced")
+    assert response.status_code == 200
+    policy = response.json()
+    assert policy["name"] == "balanced" and policy["source"] == "builtin"
+    listed = {p["name"]: p for p in api.get("/v1/policies").json()["items"]}
+    assert policy["content_hash"] == listed["balanced"]["content_hash"]
+    rules = {r["name"]: r for r in policy["rules"]}
+    assert list(rules) == ["drafts", "private", "soft-budget", "cheapest", "fallback"]
+    assert rules["drafts"]["engines"] == ["lite"] and rules["drafts"]["match"]["stage"] == ["ideation"]
+    assert rules["private"]["private"] is True
+    assert rules["soft-budget"]["match"]["budget_used_over"] == 0.8
+    assert rules["cheapest"]["strategy"] == "cheapest" and "local-hifi" in rules["cheapest"]["engines"]
+    assert "deny" in rules["fallback"] and "engines" not in rules["fallback"]
+
+
+def test_get_unknown_policy_is_404(api: httpx.Client) -> None:
+    error = assert_error(api.get("/v1/policies/nope"), 404, "not_found")
+    assert "nope" in error["message"]
+
+
+# -- projects and their policy --------------------------------------------------------------------
+
+
+def test_unknown_policy_on_a_project_is_422(api: httpx.Client) -> None:
+    error = assert_error(api.post("/v1/projects", json={"name": "x", "policy": "no-such-policy"}),
+                         422, "invalid_request")
+    assert "no-such-policy" in error["message"]
+    assert "balanced" in error["details"]["known"]
+    project = create_project(api, "patch me")
+    assert project["policy"] == "paid-first"  # the service's default (ORCH_POLICY)
+    assert_error(api.patch(f"/v1/projects/{project['id']}", json={"policy": "no-such-policy"}), 422, "invalid_request")
+    assert api.get(f"/v1/projects/{project['id']}").json()["policy"] == "paid-first"
+
+
+def test_changing_the_policy_affects_new_jobs_only(api: httpx.Client) -> None:
+    project = create_project(api, "switch", policy="paid-first")
+    asset_id = run_draft(api, project["id"])["assets"][0]
+    # Job A holds fake-paid until it is cancelled, so it is still running when the policy changes.
+    before = promote(api, asset_id, tags={"fake": "hang"})
+    assert before["engine"] == "fake-paid" and before["routing"]["policy"] == "paid-first"
+    wait_for_job(api, before["id"], ("running",))
+
+    response = api.patch(f"/v1/projects/{project['id']}", json={"policy": "alt"})
+    assert response.status_code == 200 and response.json()["policy"] == "alt"
+
+    after = promote(api, asset_id)
+    assert after["engine"] == "local-hifi"
+    assert (after["routing"]["policy"], after["routing"]["rule"]) == ("alt", "alt-local")
+    assert wait_for_job(api, after["id"])["status"] == "succeeded"
+
+    still = api.get(f"/v1/jobs/{before['id']}").json()
+    assert still["status"] == "running" and still["engine"] == "fake-paid"
+    assert still["routing"] == before["routing"]
+    assert api.post(f"/v1/jobs/{before['id']}/cancel").status_code == 202
+    assert wait_for_job(api, before["id"])["status"] == "canceled"
+
+
+# -- explain --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("body", [
+    {"strength": 0.5},
+    {"strength": 0.6, "tags": {"privacy": "local"}},
+    {"strength": 0.7, "engine": "local-hifi"},
+    {"strength": 0.8, "width": 128, "height": 64, "quality": "low"},
+], ids=["policy-decides", "private", "requested", "sized"])
+def test_explain_bridge_matches_the_job(api: httpx.Client, draft: dict[str, Any], body: dict[str, Any]) -> None:
+    project_id, asset_id = draft["project_id"], draft["asset_id"]
+    jobs_before, ledger_before = jobs_of(api, project_id), ledger(api, project_id)
+    response = api.post("/v1/route/explain", json={"project_id": project_id, "stage": "bridge",
+                                                   "source_asset_id": asset_id, "steps": 2, **body})
+    assert response.status_code == 200, response.text
+    explained = response.json()
+    assert jobs_of(api, project_id) == jobs_before
+    assert ledger(api, project_id) == ledger_before
+    assert explained["project_id"] == project_id and explained["stage"] == "bridge"
+    assert "source_sha256" not in explained["params"]
+
+    job = promote(api, asset_id, **body)
+    assert job["routing"] == explained["routing"]
+    assert job["engine"] == explained["engine"] == explained["routing"]["chosen"]
+    assert job["cost"]["estimated"] == explained["estimate"]
+    assert wait_for_job(api, job["id"])["status"] == "succeeded"
+
+
+def test_explain_draft_and_polish_match_the_jobs(api: httpx.Client, draft: dict[str, Any]) -> None:
+    project_id, asset_id = draft["project_id"], draft["asset_id"]
+    draft_body = {"prompt": "a harbour", "n": 2, "width": 64, "height": 64, "steps": 1}
+    explained = api.post("/v1/route/explain", json={"project_id": project_id, "stage": "ideation", **draft_body})
+    assert explained.status_code == 200, explained.text
+    job = submit(api, f"/v1/projects/{project_id}/drafts", draft_body)
+    assert job["routing"] == explained.json()["routing"]
+    assert explained.json()["engine"] == "lite" and explained.json()["estimate"] == 0
+
+    polish_body = {"scale": 2, "creativity": 0.4, "cache": False}
+    explained = api.post("/v1/route/explain", json={"stage": "polish", "source_asset_id": asset_id, **polish_body})
+    assert explained.status_code == 200, explained.text
+    assert explained.json()["params"]["width"] == 128
+    job = submit(api, f"/v1/assets/{asset_id}/polish", polish_body)
+    assert job["routing"] == explained.json()["routing"]
+    assert job["engine"] == "fake-paid" and explained.json()["estimate"] == 10.0
+    for job in jobs_of(api, project_id):
+        wait_for_job(api, job["id"])
+
+
+@pytest.mark.parametrize(("body", "status", "code"), [
+    ({}, 422, "invalid_request"),
+    ({"stage": "sideways", "project_id": "{project}"}, 422, "invalid_request"),
+    ({"stage": "ideation", "prompt": "x"}, 422, "invalid_request"),  # no project
+    ({"stage": "ideation", "project_id": "", "prompt": "x"}, 422, "invalid_request"),
+    ({"stage": "ideation", "project_id": "{project}"}, 422, "invalid_request"),  # no prompt
+    ({"stage": "ideation", "project_id": "{project}", "prompt": "x", "width": 65}, 422, "invalid_request"),
+    ({"stage": "ideation", "project_id": "{project}", "prompt": "x", "bogus": 1}, 422, "invalid_request"),
+    ({"stage": "bridge", "project_id": "{project}"}, 422, "invalid_request"),  # no source asset
+    ({"stage": "bridge", "source_asset_id": "{asset}", "strength": 2}, 422, "invalid_request"),
+    ({"stage": "polish", "source_asset_id": "{asset}", "scale": 0}, 422, "invalid_request"),
+    ({"stage": "ideation", "project_id": "prj_missing", "prompt": "x"}, 404, "not_found"),
+    ({"stage": "bridge", "source_asset_id": "ast_missing"}, 404, "not_found"),
+    ({"stage": "bridge", "source_asset_id": "{asset}", "engine": "lite"}, 422, "no_route"),
+    ({"stage": "bridge", "source_asset_id": "{asset}", "max_credits": 1}, 402, "budget_exceeded"),
+])
+def test_explain_refusals(api: httpx.Client, draft: dict[str, Any], body: dict[str, Any], status: int,
+                          code: str) -> None:
+    values = {k: v.format(project=draft["project_id"], asset=draft["asset_id"]) if isinstance(v, str) else v
+              for k, v in body.items()}
+    ledger_before = ledger(api, draft["project_id"])
+    assert_error(api.post("/v1/route/explain", json=values), status, code)
+    assert ledger(api, draft["project_id"]) == ledger_before
+
+
+def test_explain_not_json_is_400(api: httpx.Client) -> None:
+    response = api.post("/v1/route/explain", content=b"{", headers={"content-type": "application/json"})
+    assert_error(response, 400, "invalid_request")
+
+
+# -- reloading ------------------------------------------------------------------------------------
+
+CUSTOM_V1 = """
+name = "custom"
+
+[[rules]]
+name = "drafts"
+match = { stage = "ideation" }
+engines = ["lite"]
+reason = "version one"
+
+[[rules]]
+name = "polish"
+match = { stage = ["bridge", "polish"] }
+engines = ["local-hifi"]
+"""
+CUSTOM_BAD = CUSTOM_V1.replace('engines = ["local-hifi"]', 'engines = ["local-hifi"]\nstrategy = "quickest"')
+CUSTOM_V2 = CUSTOM_V1.replace("version one", "version two")
+TYPO = 'name = "typo"\n\n[[rules]]\nname = "wide"\nmatch = { width_over = "512" }\nengines = ["lite"]\n'
+
+
+@pytest.fixture
+def reload_api(new_settings: SettingsFactory, tmp_path: Path) -> Iterator[tuple[httpx.Client, Path]]:
+    folder = write_policies(tmp_path / "policies", {"custom": CUSTOM_V1})
+    with running(new_settings(policy_dir=folder)) as client:
+        yield client, folder
+
+
+def explain_draft(client: httpx.Client, project_id: str) -> dict[str, Any]:
+    response = client.post("/v1/route/explain", json={"project_id": project_id, "stage": "ideation",
+                                                      "prompt": "x", "n": 1, "width": 64, "height": 64})
+    assert response.status_code == 200, response.text
+    routing: dict[str, Any] = response.json()["routing"]
+    return routing
+
+
+def test_bad_file_is_refused_and_the_last_good_version_stays(reload_api: tuple[httpx.Client, Path]) -> None:
+    client, folder = reload_api
+    good = client.get("/v1/policies/custom").json()
+    assert good["rules"][0]["reason"] == "version one"
+    project = create_project(client, "custom", policy="custom")
+    assert explain_draft(client, project["id"])["policy_hash"] == good["content_hash"]
+
+    (folder / "custom.toml").write_text(CUSTOM_BAD)
+    response = client.post("/v1/policies/reload")
+    assert response.status_code == 200
+    body = response.json()
+    assert "custom" in body["loaded"]
+    assert len(body["errors"]) == 1
+    message = body["errors"][0]
+    assert "custom.toml" in message and "rule 2 ('polish')" in message and "strategy" in message
+    assert "quickest" in message
+    assert client.get("/v1/policies").json()["errors"] == body["errors"]
+    # The last good version stays in service, for reading and for routing.
+    assert client.get("/v1/policies/custom").json() == good
+    routing = explain_draft(client, project["id"])
+    assert routing["policy_hash"] == good["content_hash"] and routing["reason"] == "version one"
+
+    # A file that never loaded is refused and stays absent.
+    (folder / "typo.toml").write_text(TYPO)
+    body = client.post("/v1/policies/reload").json()
+    assert "typo" not in body["loaded"]
+    typo = [m for m in body["errors"] if "typo.toml" in m]
+    assert len(typo) == 1 and "rule 1 ('wide')" in typo[0] and "width_over" in typo[0]
+    assert_error(client.post("/v1/projects", json={"name": "t", "policy": "typo"}), 422, "invalid_request")
+
+    # Fixed files load on the next reload, and the next decision uses the new version.
+    (folder / "custom.toml").write_text(CUSTOM_V2)
+    (folder / "typo.toml").unlink()
+    body = client.post("/v1/policies/reload").json()
+    assert body["errors"] == []
+    fixed = client.get("/v1/policies/custom").json()
+    assert fixed["content_hash"] != good["content_hash"]
+    routing = explain_draft(client, project["id"])
+    assert routing["policy_hash"] == fixed["content_hash"] and routing["reason"] == "version two"

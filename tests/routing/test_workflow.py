@@ -1,0 +1,285 @@
+"""The three tiers end to end over real HTTP: draft on Lite, bridge on Gemini (a fake provider on
+loopback speaking the generateContent wire format), polish on local-hifi; and the same workflow
+offline, on local engines only."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+import re
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import httpx
+import pytest
+from PIL import Image
+
+from tests.routing import create_project, ledger, promote, run_draft, submit, wait_for_job
+from tests.routing.conftest import SettingsFactory, running
+
+API_KEY = "test-key"
+MODEL = "gemini-3.1-flash-image"
+USAGE = {"promptTokenCount": 1300, "candidatesTokenCount": 1000, "totalTokenCount": 2300,
+         "candidatesTokensDetails": [{"modality": "IMAGE", "tokenCount": 1000}]}
+# tiers/gemini.py defaults for gemini-3.1-flash-image, in credits per 1M tokens.
+OUTPUT_PER_MILLION, INPUT_PER_MILLION = 6000, 50
+PROMPT = "a lighthouse at dusk"
+
+
+def usage_cost() -> float:
+    """Credits for USAGE at the configured token prices, rounded up to a millicredit."""
+    millicredits = math.ceil((USAGE["candidatesTokenCount"] * OUTPUT_PER_MILLION * 1000
+                              + USAGE["promptTokenCount"] * INPUT_PER_MILLION * 1000) / 1e6)
+    return millicredits / 1000
+
+
+def provider_image() -> Image.Image:
+    img = Image.new("RGB", (64, 64))
+    img.putdata([(x * 4, y * 4, 200) for y in range(64) for x in range(64)])
+    return img
+
+
+def png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def pixels(data: bytes) -> tuple[tuple[int, int], bytes]:
+    with Image.open(io.BytesIO(data)) as img:
+        rgb = img.convert("RGB")
+        return rgb.size, rgb.tobytes()
+
+
+class FakeGemini:
+    """`POST /v1beta/models/{model}:generateContent` on 127.0.0.1, recording what it receives."""
+
+    PATH = re.compile(r"^/v1beta/models/(?P<model>[^/:]+):generateContent$")
+
+    def __init__(self) -> None:
+        self.received: list[dict[str, Any]] = []
+        self.image = png(provider_image())
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = int(self.headers.get("content-length", "0"))
+                body = json.loads(self.rfile.read(length) or b"null")
+                fake.received.append({"path": self.path, "headers": dict(self.headers.items()), "body": body})
+                match = fake.PATH.match(self.path)
+                if match is None:
+                    self._send(404, {"error": {"code": 404, "message": "not found", "status": "NOT_FOUND"}})
+                    return
+                self._send(200, {
+                    "candidates": [{"content": {"role": "model", "parts": [
+                        {"text": "Here is the render."},
+                        {"inlineData": {"mimeType": "image/png", "data": base64.b64encode(fake.image).decode()}},
+                    ]}, "finishReason": "STOP", "index": 0}],
+                    "usageMetadata": USAGE, "modelVersion": match["model"], "responseId": f"resp-{len(fake.received)}",
+                })
+
+            def _send(self, status: int, payload: dict[str, Any]) -> None:
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                return None
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, name="fake-gemini", daemon=True)
+
+    @property
+    def url(self) -> str:
+        host, port = self.server.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    def __enter__(self) -> FakeGemini:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def gemini() -> Iterator[FakeGemini]:
+    with FakeGemini() as fake:
+        yield fake
+
+
+@pytest.fixture(scope="module")
+def online(new_settings: SettingsFactory, gemini: FakeGemini) -> Iterator[httpx.Client]:
+    with running(new_settings(gemini_api_key=API_KEY, gemini_base_url=gemini.url)) as client:
+        yield client
+
+
+def content(client: httpx.Client, asset_id: str) -> bytes:
+    response = client.get(f"/v1/assets/{asset_id}/content")
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "image/png"
+    return response.content
+
+
+def chunks(data: bytes) -> tuple[str, dict[str, Any]]:
+    """The PNG's `parameters` infotext and its `orchestrator` JSON record."""
+    with Image.open(io.BytesIO(data)) as img:
+        return str(img.info["parameters"]), json.loads(img.info["orchestrator"])
+
+
+def polish(client: httpx.Client, asset_id: str, **body: Any) -> dict[str, Any]:
+    return submit(client, f"/v1/assets/{asset_id}/polish", {"scale": 2, "cache": False, **body})
+
+
+def test_draft_bridge_on_gemini_polish_on_local_hifi(online: httpx.Client, gemini: FakeGemini) -> None:
+    client = online
+    listed = {e["name"]: e for e in client.get("/v1/engines").json()}
+    assert listed["gemini"]["available"] is True and listed["gemini"]["kind"] == "remote"
+    project = create_project(client, "tiers")
+    draft_job = run_draft(client, project["id"], prompt=PROMPT)
+    draft_id = draft_job["assets"][0]
+    draft_png = content(client, draft_id)
+
+    bridge_job = promote(client, draft_id, engine="gemini")
+    assert bridge_job["engine"] == "gemini"
+    assert bridge_job["routing"]["reason"] == "requested by the client"
+    bridge_job = wait_for_job(client, bridge_job["id"])
+    assert bridge_job["status"] == "succeeded", bridge_job["error"]
+    assert bridge_job["attempts"] == [{"engine": "gemini", "status": "succeeded", "error": None}]
+    bridge_id = bridge_job["assets"][0]
+
+    # What the provider received: the key header, the prompt, and the draft's exact pixels.
+    assert len(gemini.received) == 1
+    sent = gemini.received[0]
+    assert sent["path"] == f"/v1beta/models/{MODEL}:generateContent"
+    headers = {k.lower(): v for k, v in sent["headers"].items()}
+    assert headers["x-goog-api-key"] == API_KEY
+    parts = sent["body"]["contents"][0]["parts"]
+    assert PROMPT in parts[0]["text"]
+    inline = parts[1].get("inline_data") or parts[1]["inlineData"]
+    assert (inline.get("mime_type") or inline["mimeType"]) == "image/png"
+    assert pixels(base64.b64decode(inline["data"])) == pixels(draft_png)
+    assert sent["body"]["generationConfig"]["responseModalities"] == ["IMAGE"]
+    assert sent["body"]["generationConfig"]["imageConfig"] == {"aspectRatio": "1:1", "imageSize": "1K"}
+
+    # What it made is the bridge asset; the charge is the usage-based cost, captured from the hold.
+    bridge_png = content(client, bridge_id)
+    assert pixels(bridge_png) == pixels(gemini.image)
+    expected = usage_cost()
+    assert bridge_job["cost"]["charged"] == expected
+    assert bridge_job["cost"]["held"] == 0
+    estimated = bridge_job["cost"]["estimated"]
+    assert estimated > expected
+    entries = ledger(client, project["id"], bridge_job["id"])
+    assert [(e["kind"], e["amount"], e["engine"]) for e in entries] == [
+        ("hold", estimated, "gemini"), ("capture", expected, "gemini"),
+        ("release", round(estimated - expected, 3), "gemini")]
+    assert not entries[1]["unreconciled"] and entries[1]["hold_id"] == entries[0]["id"]
+
+    final_job = wait_for_job(client, polish(client, bridge_id, engine="local-hifi")["id"])
+    assert final_job["status"] == "succeeded", final_job["error"]
+    assert final_job["engine"] == "local-hifi" and final_job["cost"]["charged"] == 0
+    final_id = final_job["assets"][0]
+
+    assets = {stage: client.get(f"/v1/assets/{a}").json()
+              for stage, a in (("ideation", draft_id), ("bridge", bridge_id), ("polish", final_id))}
+    assert [assets[s]["parent_id"] for s in assets] == [None, draft_id, bridge_id]
+    assert [assets[s]["engine"] for s in assets] == ["lite", "gemini", "local-hifi"]
+    assert assets["bridge"]["model"] == MODEL
+    assert (assets["polish"]["width"], assets["polish"]["height"]) == (128, 128)
+
+    lineage = client.get(f"/v1/assets/{final_id}/lineage").json()
+    assert [a["id"] for a in lineage["ancestors"]] == [draft_id, bridge_id]
+    assert [a["stage"] for a in lineage["ancestors"]] == ["ideation", "bridge"]
+    assert lineage["descendants"] == []
+    from_root = client.get(f"/v1/assets/{draft_id}/lineage").json()
+    assert from_root["ancestors"] == []
+    assert [a["id"] for a in from_root["descendants"]] == [bridge_id, final_id]
+
+    # Each PNG carries A1111 infotext and the generation record with its parent.
+    for stage, asset_id, data, engine in (("ideation", draft_id, draft_png, "lite"),
+                                          ("bridge", bridge_id, bridge_png, "gemini"),
+                                          ("polish", final_id, content(client, final_id), "local-hifi")):
+        parameters, record = chunks(data)
+        asset = assets[stage]
+        assert asset["id"] == asset_id
+        assert parameters.splitlines()[0] == PROMPT
+        assert f"Engine: {engine}" in parameters and f"Stage: {stage}" in parameters
+        assert f"Size: {asset['width']}x{asset['height']}" in parameters
+        assert record["parent_id"] == asset["parent_id"]
+        assert (record["stage"], record["engine"], record["model"]) == (stage, engine, asset["model"])
+        assert (record["width"], record["height"]) == (asset["width"], asset["height"])
+        assert record["prompt"] == PROMPT
+    _, bridge_record = chunks(bridge_png)
+    assert bridge_record["strength"] == 0.55 and bridge_record["quality"] == "high"
+    assert bridge_record["provider_request_id"] == "resp-1"
+    _, polish_record = chunks(content(client, final_id))
+    assert polish_record["scale"] == 2 and polish_record["creativity"] == 0.3
+
+    # The key never comes back in a response.
+    explain = client.post("/v1/route/explain", json={"stage": "bridge", "source_asset_id": draft_id,
+                                                     "engine": "gemini"})
+    assert explain.status_code == 200
+    bodies = [client.get(f"/v1/jobs/{j['id']}").text for j in (draft_job, bridge_job, final_job)]
+    bodies += [client.get(f"/v1/assets/{a}").text for a in (draft_id, bridge_id, final_id)]
+    bodies += [client.get(f"/v1/assets/{final_id}/lineage").text, client.get("/v1/engines").text,
+               client.get("/v1/jobs", params={"limit": 500}).text, client.get(f"/v1/projects/{project['id']}").text,
+               client.get(f"/v1/projects/{project['id']}/ledger").text, explain.text, client.get("/metrics").text]
+    for body in bodies:
+        assert API_KEY not in body
+    for data in (draft_png, bridge_png):
+        assert API_KEY.encode() not in data
+
+
+@pytest.fixture(scope="module")
+def offline(new_settings: SettingsFactory) -> Iterator[httpx.Client]:
+    with running(new_settings()) as client:
+        yield client
+
+
+def test_offline_workflow_on_local_engines(offline: httpx.Client) -> None:
+    client = offline
+    project = create_project(client, "offline")
+    assert project["policy"] == "balanced"
+    draft_id = run_draft(client, project["id"], prompt=PROMPT)["assets"][0]
+
+    bridge_job = promote(client, draft_id)
+    assert bridge_job["engine"] == "local-hifi"
+    routing = bridge_job["routing"]
+    assert (routing["policy"], routing["rule"], routing["chosen"]) == ("balanced", "cheapest", "local-hifi")
+    reasons = {c["engine"]: c["skipped"] for c in routing["candidates"]}
+    assert reasons["local-hifi"] is None
+    for name in ("gemini", "openai", "stability", "replicate", "fal"):
+        assert reasons[name].startswith("unavailable: no API "), reasons[name]
+    bridge_job = wait_for_job(client, bridge_job["id"])
+    assert bridge_job["status"] == "succeeded", bridge_job["error"]
+    bridge_id = bridge_job["assets"][0]
+
+    final_job = polish(client, bridge_id)
+    assert final_job["engine"] == "local-hifi"
+    final_job = wait_for_job(client, final_job["id"])
+    assert final_job["status"] == "succeeded", final_job["error"]
+    final_id = final_job["assets"][0]
+
+    lineage = client.get(f"/v1/assets/{final_id}/lineage").json()
+    chain = [*lineage["ancestors"], client.get(f"/v1/assets/{final_id}").json()]
+    assert [a["id"] for a in chain] == [draft_id, bridge_id, final_id]
+    assert [a["stage"] for a in chain] == ["ideation", "bridge", "polish"]
+    assert [a["engine"] for a in chain] == ["lite", "local-hifi", "local-hifi"]
+    assert [a["parent_id"] for a in chain] == [None, draft_id, bridge_id]
+    assert [(a["width"], a["height"]) for a in chain] == [(64, 64), (64, 64), (128, 128)]
+    for asset in chain:
+        _, record = chunks(content(client, asset["id"]))
+        assert record["parent_id"] == asset["parent_id"]
+
+    assert bridge_job["cost"]["charged"] == final_job["cost"]["charged"] == 0
+    assert all(e["amount"] == 0 for e in ledger(client, project["id"]))
