@@ -95,6 +95,8 @@ class JobRunner:
 
     async def run(self, claim: Claim) -> None:
         job = claim.job
+        if not self.bus.knows(job.id):  # queued before this process started (recovered after a restart)
+            self.bus.publish(job.id, "queued", {"job_id": job.id, "status": "queued"})
         self.bus.publish(job.id, "started", {"job_id": job.id, "status": "running", "engine": job.engine,
                                              "attempt": claim.attempt})
         started = time.monotonic()

@@ -2,8 +2,11 @@
 
 `n` variations run in batched forward passes (`num_images_per_prompt`, chunked by
 `ORCH_LITE_MAX_BATCH`); variation i uses its own generator seeded `seed + i`, so any single
-draft is reproduced by asking for n=1 with that seed. Each denoising step reports progress with
-a preview; a cancelled token stops the pipeline at the next step boundary.
+draft is reproduced by asking for n=1 with that seed: the same noise and parameters, and the same
+pixels up to float rounding (batched kernels sum in another order; a colour value may differ by
+one level). The same request with the same seed is byte-identical on the same machine.
+Each denoising step reports progress with a preview; a cancelled token stops the pipeline at the
+next step boundary.
 """
 
 from __future__ import annotations

@@ -79,37 +79,30 @@ def test_events_of_unknown_job(server: httpx.Client) -> None:
     assert response.json()["error"]["code"] == "not_found"
 
 
-async def test_publish_from_another_thread_reaches_a_waiting_subscriber() -> None:
+def test_publish_from_another_thread_reaches_a_waiting_subscriber() -> None:
     """The sync API handlers (submit, cancel) publish from the thread pool. asyncio objects are not
-    thread-safe: a publish that touched the subscriber's queue directly would not wake the loop
-    (in debug mode asyncio refuses the call outright, which makes the mistake visible here)."""
-    loop = asyncio.get_running_loop()
+    thread-safe: a publish that touched the subscriber's queue directly would never wake the loop
+    (in debug mode asyncio refuses such a call outright). The loop runs in its own thread, so a
+    lost wake-up fails this test instead of hanging it."""
+    loop = asyncio.new_event_loop()
     loop.set_debug(True)
     bus = EventBus()
-    bus.bind(loop)
-    bus.publish("job_x", "queued", {})
     received: list[str] = []
+    waiting, finished = threading.Event(), threading.Event()
 
     async def consume() -> None:
+        bus.bind(asyncio.get_running_loop())
+        bus.publish("job_x", "queued", {})
         async for event in bus.subscribe("job_x"):
             received.append(event.type)
+            waiting.set()
+        finished.set()
 
-    task = asyncio.create_task(consume())
-    while not received:  # until the subscriber holds the backlog and waits for live events
-        await asyncio.sleep(0)
-    errors: list[BaseException] = []
-
-    def publish_from_thread() -> None:
-        try:
-            bus.publish("job_x", "canceled", {"status": "canceled"})
-        except BaseException as exc:
-            errors.append(exc)
-
-    thread = threading.Thread(target=publish_from_thread)
+    thread = threading.Thread(target=loop.run_until_complete, args=(consume(),), daemon=True)
     thread.start()
-    try:
-        await asyncio.wait_for(task, timeout=10)
-    finally:
-        thread.join()
-    assert errors == []
+    assert waiting.wait(10)
+    bus.publish("job_x", "canceled", {"status": "canceled"})  # from this thread, not the loop's
+    assert finished.wait(10), f"the subscriber never received the event (got {received})"
     assert received == ["queued", "canceled"]
+    thread.join(10)
+    loop.close()

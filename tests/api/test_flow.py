@@ -6,10 +6,12 @@ import hashlib
 import io
 import json
 import re
+from collections.abc import Callable
 
 import httpx
 from PIL import Image
 
+from orchestrator.settings import Settings
 from tests.api import create_project, run_draft, submit_draft, wait_for_job
 
 PROJECT_KEYS = {"id", "name", "policy", "budget", "created_at"}
@@ -181,7 +183,8 @@ def test_patch_project(server: httpx.Client) -> None:
     assert fetched["created_at"] == project["created_at"]
 
 
-def test_healthz_metrics_openapi(make_settings, start_server) -> None:
+def test_healthz_metrics_openapi(make_settings: Callable[..., Settings],
+                                 start_server: Callable[[Settings], httpx.Client]) -> None:
     client = start_server(make_settings(admin_key="k"))
     health = client.get("/healthz")
     assert health.status_code == 200

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -109,7 +110,7 @@ def test_startup_recovery_fails_remote_and_requeues_local(make_settings: Setting
     db.migrate()
     now = utcnow()
     project_id, remote_id, local_id = new_id("prj"), new_id("job"), new_id("job")
-    lease = {"status": "running", "attempt": 1, "lease_owner": "dead-host:1:0", "started_at": now,
+    lease: dict[str, Any] = {"status": "running", "attempt": 1, "lease_owner": "dead-host:1:0", "started_at": now,
              "lease_expires_at": now + timedelta(minutes=10)}
     with db.transaction() as s:
         s.add(Project(id=project_id, name="before the crash", policy="balanced"))
