@@ -18,13 +18,16 @@ import json
 import random
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 from tenacity.stop import stop_base
 
 from orchestrator.errors import BadEngineInput, EngineError, EngineTimeout, EngineUnavailable, RateLimited
+
+if TYPE_CHECKING:
+    from orchestrator.settings import Settings
 
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504}) | frozenset(range(505, 600))
 MAX_SINGLE_WAIT = 120.0
@@ -142,6 +145,15 @@ class RemoteClient:
             transport=transport,
             follow_redirects=True,
         )
+
+    @classmethod
+    def for_settings(cls, engine: str, settings: Settings, *, base_url: str, key_setting: str,
+                     headers: dict[str, str] | None = None,
+                     auth: httpx.Auth | tuple[str, str] | None = None) -> RemoteClient:
+        """A client with the deadline and timeouts of `ORCH_REMOTE_*`."""
+        return cls(engine, base_url=base_url, headers=headers, auth=auth, key_setting=key_setting,
+                   deadline=settings.remote_deadline, connect_timeout=settings.remote_connect_timeout,
+                   read_timeout=settings.remote_read_timeout)
 
     async def aclose(self) -> None:
         await self.client.aclose()

@@ -70,14 +70,12 @@ class A1111Engine:
             self._auth_error = str(exc)
         # Seconds between progress polls while the POST runs; tests set it to 0.
         self.poll_interval = 1.0
-        self.http = client or RemoteClient(
+        self.http = client or RemoteClient.for_settings(
             self.name,
+            s,
             base_url=self._url or "http://a1111.invalid",
             auth=auth,
             key_setting=f"{AUTH_SETTING} ('user:password' of the server's --api-auth)",
-            deadline=s.remote_deadline,
-            connect_timeout=s.remote_connect_timeout,
-            read_timeout=s.remote_read_timeout,
         )
 
     @property

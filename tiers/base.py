@@ -76,6 +76,16 @@ class RenderRequest:
     tags: Mapping[str, str] = field(default_factory=dict)
 
 
+def instruction_prompt(req: RenderRequest) -> str:
+    """The prompt for engines that follow instructions (Gemini and the models behind Replicate
+    and fal): say what to do with the image, then what the artist asked for."""
+    if req.stage == "polish":
+        return f"Refine and upscale this image, keep the composition and content exactly: {req.prompt}"
+    if req.init_image is not None:
+        return f"Render this draft in high fidelity, keep its composition: {req.prompt}"
+    return req.prompt
+
+
 @dataclass
 class RenderedImage:
     image: Image

@@ -138,14 +138,12 @@ class ComfyUIEngine:
         self._client_id = uuid.uuid4().hex
         # Seconds between /history polls; tests set it to 0.
         self.poll_interval = 1.0
-        self.http = client or RemoteClient(
+        self.http = client or RemoteClient.for_settings(
             self.name,
+            s,
             base_url=self._url or "http://comfyui.invalid",
             # No auth of its own: a 401/403 comes from a proxy in front of it.
             key_setting=f"{URL_SETTING} (the proxy in front of ComfyUI refused the request)",
-            deadline=s.remote_deadline,
-            connect_timeout=s.remote_connect_timeout,
-            read_timeout=s.remote_read_timeout,
         )
 
     @property

@@ -30,6 +30,7 @@ from tiers.base import (
     RenderRequest,
     RenderResult,
     Stage,
+    instruction_prompt,
 )
 
 # Credits (1 credit = $0.01) per output image by resolution. Config defaults (providers.md, Nov 2026).
@@ -73,13 +74,11 @@ class FalEngine:
         # The key goes on each queue call, not on the client: outputs are downloaded with the same
         # client from CDN hosts that must never see it.
         self._auth = {"Authorization": f"Key {self._key or ''}"}
-        self.http = client or RemoteClient(
+        self.http = client or RemoteClient.for_settings(
             self.name,
+            s,
             base_url=s.fal_base_url,
             key_setting=KEY_SETTING,
-            deadline=s.remote_deadline,
-            connect_timeout=s.remote_connect_timeout,
-            read_timeout=s.remote_read_timeout,
         )
 
     @property
@@ -97,16 +96,8 @@ class FalEngine:
     def estimate(self, req: RenderRequest) -> int:
         return req.n * self._prices.millicredits(self._model, resolution(req.width, req.height))
 
-    @staticmethod
-    def _prompt(req: RenderRequest) -> str:
-        if req.stage == "polish":
-            return f"Refine and upscale this image, keep the composition and content exactly: {req.prompt}"
-        if req.init_image is not None:
-            return f"Render this draft in high fidelity, keep its composition: {req.prompt}"
-        return req.prompt
-
     def _body(self, req: RenderRequest) -> dict[str, Any]:
-        body: dict[str, Any] = {"prompt": self._prompt(req), "num_images": req.n, "output_format": "png",
+        body: dict[str, Any] = {"prompt": instruction_prompt(req), "num_images": req.n, "output_format": "png",
                                 "resolution": resolution(req.width, req.height)}
         if req.init_image is not None:
             data = encode_image(req.init_image, fmt="PNG", max_bytes=MAX_INLINE_BYTES, max_side=2048)

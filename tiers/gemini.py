@@ -23,6 +23,7 @@ from tiers.base import (
     RenderRequest,
     RenderResult,
     Stage,
+    instruction_prompt,
 )
 
 ASPECTS = ("1:1", "2:3", "3:2", "3:4", "4:3", "9:16", "16:9", "21:9")
@@ -61,14 +62,12 @@ class GeminiEngine:
         self._model = s.gemini_model
         self._key = s.gemini_api_key.get_secret_value() if s.gemini_api_key else None
         self._prices = PriceTable(self.name, DEFAULT_PRICES, PRICES_AS_OF, ctx.price_overrides.get(self.name))
-        self.http = client or RemoteClient(
+        self.http = client or RemoteClient.for_settings(
             self.name,
+            s,
             base_url=s.gemini_base_url,
             headers={"x-goog-api-key": self._key or ""},
             key_setting="ORCH_GEMINI_API_KEY (or GEMINI_API_KEY)",
-            deadline=s.remote_deadline,
-            connect_timeout=s.remote_connect_timeout,
-            read_timeout=s.remote_read_timeout,
         )
 
     @property
@@ -102,7 +101,7 @@ class GeminiEngine:
 
     def _body(self, req: RenderRequest) -> dict[str, Any]:
         width, height = req.width, req.height
-        parts: list[dict[str, Any]] = [{"text": self._prompt(req)}]
+        parts: list[dict[str, Any]] = [{"text": instruction_prompt(req)}]
         if req.init_image is not None:
             data = encode_image(req.init_image, fmt="PNG", max_bytes=MAX_INLINE_BYTES, max_side=2048)
             parts.append({"inline_data": {"mime_type": "image/png", "data": b64encode(data)}})
@@ -113,14 +112,6 @@ class GeminiEngine:
             "contents": [{"parts": parts}],
             "generationConfig": {"responseModalities": ["IMAGE"], "imageConfig": image_config},
         }
-
-    @staticmethod
-    def _prompt(req: RenderRequest) -> str:
-        if req.stage == "polish":
-            return f"Refine and upscale this image, keep the composition and content exactly: {req.prompt}"
-        if req.init_image is not None:
-            return f"Render this draft in high fidelity, keep its composition: {req.prompt}"
-        return req.prompt
 
     async def run(self, req: RenderRequest, progress: Progress, cancel: CancelToken) -> RenderResult:
         images: list[RenderedImage] = []

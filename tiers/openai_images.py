@@ -75,14 +75,12 @@ class OpenAIImagesEngine:
         self._model = s.openai_model
         self._key = s.openai_api_key.get_secret_value() if s.openai_api_key else None
         self._prices = PriceTable(self.name, DEFAULT_PRICES, PRICES_AS_OF, ctx.price_overrides.get(self.name))
-        self.http = client or RemoteClient(
+        self.http = client or RemoteClient.for_settings(
             self.name,
+            s,
             base_url=s.openai_base_url,
             headers={"Authorization": f"Bearer {self._key or ''}"},
             key_setting="ORCH_OPENAI_API_KEY (or OPENAI_API_KEY)",
-            deadline=s.remote_deadline,
-            connect_timeout=s.remote_connect_timeout,
-            read_timeout=s.remote_read_timeout,
         )
 
     @property

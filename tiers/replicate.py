@@ -30,6 +30,7 @@ from tiers.base import (
     RenderRequest,
     RenderResult,
     Stage,
+    instruction_prompt,
 )
 
 # Credits (1 credit = $0.01) per output image. Config defaults (providers.md, Nov 2026): Replicate
@@ -92,13 +93,11 @@ class ReplicateEngine:
         self._auth = {"Authorization": f"Bearer {self._key or ''}"}
         # A hold longer than the read timeout would turn every slow render into a timeout.
         self._wait = max(1, min(PREFER_WAIT, int(s.remote_read_timeout) - 5))
-        self.http = client or RemoteClient(
+        self.http = client or RemoteClient.for_settings(
             self.name,
+            s,
             base_url=s.replicate_base_url,
             key_setting=KEY_SETTING,
-            deadline=s.remote_deadline,
-            connect_timeout=s.remote_connect_timeout,
-            read_timeout=s.remote_read_timeout,
         )
 
     @property
@@ -116,20 +115,12 @@ class ReplicateEngine:
     def estimate(self, req: RenderRequest) -> int:
         return req.n * self._prices.millicredits(self._model, "image")
 
-    @staticmethod
-    def _prompt(req: RenderRequest) -> str:
-        if req.stage == "polish":
-            return f"Refine and upscale this image, keep the composition and content exactly: {req.prompt}"
-        if req.init_image is not None:
-            return f"Render this draft in high fidelity, keep its composition: {req.prompt}"
-        return req.prompt
-
     def _input(self, req: RenderRequest) -> dict[str, Any]:
         image_uri = None
         if req.init_image is not None:
             data = encode_image(req.init_image, fmt="PNG", max_bytes=MAX_INLINE_BYTES, max_side=2048)
             image_uri = f"data:image/png;base64,{b64encode(data)}"
-        return model_input(self._model, req, self._prompt(req), image_uri)
+        return model_input(self._model, req, instruction_prompt(req), image_uri)
 
     async def run(self, req: RenderRequest, progress: Progress, cancel: CancelToken) -> RenderResult:
         images: list[RenderedImage] = []

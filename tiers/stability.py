@@ -98,14 +98,12 @@ class StabilityEngine:
         self._prices = PriceTable(self.name, DEFAULT_PRICES, PRICES_AS_OF, ctx.price_overrides.get(self.name))
         # Seconds between result polls; an attribute so tests can make it zero.
         self.poll_interval = POLL_INTERVAL
-        self.http = client or RemoteClient(
+        self.http = client or RemoteClient.for_settings(
             self.name,
+            s,
             base_url=s.stability_base_url,
             headers={"authorization": f"Bearer {self._key or ''}", "accept": "application/json"},
             key_setting="ORCH_STABILITY_API_KEY (or STABILITY_API_KEY)",
-            deadline=s.remote_deadline,
-            connect_timeout=s.remote_connect_timeout,
-            read_timeout=s.remote_read_timeout,
         )
 
     @property
