@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 Stage = Literal["ideation", "bridge", "polish"]
 Period = Literal["day", "week", "month", "none"]
@@ -173,8 +173,3 @@ class EnginePublic(BaseModel):
 class Health(BaseModel):
     status: Literal["ok"]
     version: str
-
-    @field_validator("status")
-    @classmethod
-    def _ok(cls, v: str) -> str:
-        return v

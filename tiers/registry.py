@@ -12,7 +12,6 @@ import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
-from typing import Any
 
 from orchestrator.errors import NotFound
 from tiers.base import Engine, EngineContext, EngineFactory
@@ -97,11 +96,6 @@ class EngineRegistry:
         except KeyError:
             reason = self.broken[name].reason if name in self.broken else "no such engine"
             raise NotFound(f"engine '{name}': {reason}", details={"engine": name}) from None
-
-    def describe(self, name: str) -> dict[str, Any]:
-        if name in self.broken:
-            return {"name": name, "available": False, "note": self.broken[name].reason}
-        return {"name": name}
 
     async def aclose(self) -> None:
         for engine in self._engines.values():

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import io
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
@@ -11,7 +12,7 @@ from sqlmodel import col, select
 from orchestrator.api.deps import ServicesDep
 from orchestrator.api.serialize import job_public
 from orchestrator.errors import NotFound
-from orchestrator.events import TERMINAL
+from orchestrator.events import TERMINAL, Event
 from orchestrator.jobs import validate_cursor
 from orchestrator.models import Job
 from orchestrator.schemas import JobPublic, JobStatus, Page, Stage
@@ -84,11 +85,25 @@ async def job_events(job_id: str, services: ServicesDep, request: Request) -> St
         _seed_from_database(services, job)
 
     async def stream() -> AsyncIterator[str]:
-        events = services.bus.subscribe(job_id)
+        events = aiter(services.bus.subscribe(job_id))
+        pending: asyncio.Future[Event] | None = None
         try:
-            async for event in events:
+            while True:
+                pending = pending or asyncio.ensure_future(anext(events))
+                done, _ = await asyncio.wait({pending}, timeout=KEEPALIVE_SECONDS)
+                if not done:
+                    # A comment line keeps proxies from closing a quiet stream (a remote engine polling).
+                    yield ": keep-alive\n\n"
+                    continue
+                try:
+                    event = pending.result()
+                except StopAsyncIteration:
+                    return
+                pending = None
                 yield event.sse()
         finally:
+            if pending is not None:
+                pending.cancel()
             await events.aclose()  # type: ignore[attr-defined]
 
     return StreamingResponse(stream(), media_type="text/event-stream",

@@ -6,6 +6,7 @@ import asyncio
 import threading
 
 import httpx
+import pytest
 
 from orchestrator.events import EventBus
 from tests.api import SLOW, SSE, create_project, iter_sse, read_events, run_draft, submit_draft, wait_for_job
@@ -106,3 +107,20 @@ def test_publish_from_another_thread_reaches_a_waiting_subscriber() -> None:
     assert received == ["queued", "canceled"]
     thread.join(10)
     loop.close()
+
+
+def test_quiet_stream_gets_keepalive_comments_and_still_ends(server: httpx.Client,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("orchestrator.api.jobs.KEEPALIVE_SECONDS", 0.02)
+    project = create_project(server)["id"]
+    blocker = submit_draft(server, project, **SLOW)
+    wait_for_job(server, blocker["id"], ("running",))
+    job = submit_draft(server, project, n=1, steps=2, seed=3)
+    lines: list[str] = []
+    with server.stream("GET", f"/v1/jobs/{job['id']}/events", timeout=60) as response:
+        for line in response.iter_lines():
+            lines.append(line)
+            if line == ": keep-alive" and server.get(f"/v1/jobs/{blocker['id']}").json()["status"] == "running":
+                server.post(f"/v1/jobs/{blocker['id']}/cancel")
+    assert ": keep-alive" in lines  # the job waited quietly behind the blocker
+    assert "event: succeeded" in lines  # keep-alives do not break the stream
