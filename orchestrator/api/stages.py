@@ -6,6 +6,7 @@ from fastapi import APIRouter, Request, Response
 
 from orchestrator.api.deps import IdempotencyKey, ServicesDep
 from orchestrator.api.jobs import public
+from orchestrator.api.serialize import job_public
 from orchestrator.models import Job
 from orchestrator.schemas import DraftCreate, JobPublic, PolishCreate, PromoteCreate
 
@@ -41,6 +42,9 @@ def polish(asset_id: str, body: PolishCreate, services: ServicesDep, request: Re
 
 def _answer(services: ServicesDep, job: Job, created: bool, response: Response) -> JobPublic:
     response.headers["Location"] = f"/v1/jobs/{job.id}"
+    if created and not job.cache_hit:
+        # Just written, nothing has happened to it yet: answer from the row in hand, no re-reads.
+        return job_public(job, [], held=job.estimated, charged=0)
     if not created:
         response.headers["Idempotent-Replayed"] = "true"
     return public(services, services.jobs.get(job.id))
