@@ -187,6 +187,13 @@ class Ledger:
                               note="rest of the hold", created_at=now))
         return amount
 
+    def charge_usage(self, s: Session, job: Job, amount: int, note: str | None = None) -> None:
+        """A capture without a hold: metered local work. It is never refused for budget (local
+        engines keep working when a budget is exhausted) but it counts as spend."""
+        if amount > 0:
+            s.add(LedgerEntry(project_id=job.project_id, job_id=job.id, kind="capture", amount=amount,
+                              engine=job.engine, stage=job.stage, note=note, created_at=self.clock()))
+
     def release(self, s: Session, job: Job, note: str | None = None) -> int:
         hold = self.open_hold(s, job.id)
         if hold is None:

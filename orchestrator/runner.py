@@ -82,8 +82,10 @@ class JobProgress:
 
 class JobRunner:
     def __init__(self, db: Database, registry: EngineRegistry, store: ArtifactStore, bus: EventBus,
-                 ledger: Ledger, health: EngineHealth) -> None:
+                 ledger: Ledger, health: EngineHealth, local_rate: float = 0.0) -> None:
         self.db = db
+        # Credits per device-second for local engines; 0 keeps local work free.
+        self.local_rate = local_rate
         self.ledger = ledger
         self.health = health
         # Set by the scheduler: wakes it when a job goes back to the queue on another engine.
@@ -110,8 +112,9 @@ class JobRunner:
                 raise
             finally:
                 self.health.finished(job.engine)  # whatever the verdict, this probe is over
-            self.health.succeeded(job.engine, job.stage, time.monotonic() - started)
-            asset_ids = await asyncio.to_thread(self._succeed, claim, result)
+            elapsed = time.monotonic() - started
+            self.health.succeeded(job.engine, job.stage, elapsed)
+            asset_ids = await asyncio.to_thread(self._succeed, claim, result, elapsed)
         except StaleAttempt:
             log.info("job %s attempt %s was superseded; its result is discarded", job.id, claim.attempt)
             return
@@ -218,7 +221,7 @@ class JobRunner:
             record["provider_request_id"] = result.provider_request_id
         return record
 
-    def _succeed(self, claim: Claim, result: RenderResult) -> list[str]:
+    def _succeed(self, claim: Claim, result: RenderResult, seconds: float) -> list[str]:
         job = claim.job
         rows: list[Asset] = []
         for index, rendered in enumerate(result.images):
@@ -243,6 +246,9 @@ class JobRunner:
             s.add_all(rows)
             if job.estimated > 0:  # free jobs hold nothing; skip the lookup on the hot path
                 self.ledger.capture(s, job, result.cost_millicredits)
+            elif self.local_rate and self.registry.get(job.engine).kind == "local":
+                self.ledger.charge_usage(s, job, round(seconds * self.local_rate * 1000),
+                                         note=f"{seconds:.2f} device-seconds")
         return [r.id for r in rows]
 
     def _finish(self, claim: Claim, status: str, error: OrchestratorError) -> None:

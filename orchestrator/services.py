@@ -65,7 +65,7 @@ class Services:
         health = EngineHealth()
         router = Router(registry, policies, health)
         ledger = Ledger()
-        runner = JobRunner(db, registry, store, bus, ledger, health)
+        runner = JobRunner(db, registry, store, bus, ledger, health, settings.local_gpu_second_credits)
         scheduler = Scheduler(db, registry, runner, bus, ledger, lease_seconds=settings.lease_seconds,
                               sweep_interval=settings.sweep_interval)
         jobs = JobService(db, router, ledger, bus, scheduler.notify, settings.policy)

@@ -41,7 +41,7 @@ def infotext(record: dict[str, Any]) -> str:
         ("Seed", record.get("seed")),
         ("Size", f"{record.get('width')}x{record.get('height')}"),
         ("Model", record.get("model")),
-        ("Denoising strength", record.get("strength")),
+        ("Denoising strength", record.get("strength", record.get("creativity"))),
         ("Engine", record.get("engine")),
         ("Stage", record.get("stage")),
     ]

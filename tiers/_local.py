@@ -30,6 +30,8 @@ if TYPE_CHECKING:
     from orchestrator.settings import Settings
 
 log = logging.getLogger(__name__)
+# transformers warns at import time about optional image processors a diffusion pipeline never uses.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 T = TypeVar("T")
 AUTO_MODEL = "stabilityai/sd-turbo"
 
