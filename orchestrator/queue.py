@@ -76,11 +76,13 @@ class Scheduler:
         self.notify()
 
     async def stop(self) -> None:
-        """Stop claiming; cancel running work. Local jobs go back to the queue on the next start."""
+        """Stop claiming and interrupt running work without finishing it: the jobs stay `running`
+        so the next start recovers them (local work re-queued, remote work failed as interrupted)."""
         self._stopping = True
         for task in self._tasks:
             task.cancel()
         for _task, claim in list(self._running.values()):
+            claim.shutdown = True
             claim.cancel.cancel()
         running = [task for task, _ in self._running.values()]
         if running:

@@ -46,6 +46,9 @@ class Claim:
     job: Job
     attempt: int
     cancel: CancelToken
+    # Set when the service is stopping: the interrupted job is left for start-up recovery,
+    # not recorded as canceled by a user.
+    shutdown: bool = False
 
 
 class JobProgress:
@@ -119,6 +122,9 @@ class JobRunner:
             log.info("job %s attempt %s was superseded; its result is discarded", job.id, claim.attempt)
             return
         except Canceled as exc:
+            if claim.shutdown:
+                log.info("job %s interrupted by shutdown; the next start recovers it", job.id)
+                return
             await self._end(claim, "canceled", exc)
         except EngineError as exc:
             # Only when the provider surely made (and billed) nothing: a request sent without an

@@ -138,3 +138,20 @@ def test_startup_recovery_fails_remote_and_requeues_local(make_settings: Setting
     local = wait_for_job(client, local_id, ("succeeded",))
     assert len(local["assets"]) == 2
     assert client.get("/v1/jobs", params={"status": "running"}).json()["items"] == []
+
+
+def test_graceful_stop_leaves_the_job_for_recovery_not_canceled(make_settings: SettingsFactory) -> None:
+    """Stopping the service interrupts a running draft; it is not a user's cancel, so the next
+    start re-queues it and it finishes."""
+    from orchestrator.server import serve_in_thread
+    from tests.api import SLOW
+
+    settings = make_settings()
+    with serve_in_thread(settings) as base, httpx.Client(base_url=base, timeout=30) as client:
+        project = create_project(client)["id"]
+        job = submit_draft(client, project, **{**SLOW, "steps": 60})
+        wait_for_job(client, job["id"], ("running",))
+    with serve_in_thread(settings) as base, httpx.Client(base_url=base, timeout=30) as client:
+        done = wait_for_job(client, job["id"], TERMINAL, timeout=120)
+        assert done["status"] == "succeeded", done["error"]
+        assert len(done["assets"]) == 1
