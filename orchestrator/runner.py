@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,6 +91,7 @@ class JobRunner:
         self.db = db
         # Credits per device-second for local engines; 0 keeps local work free.
         self.local_rate = local_rate
+        self._encoder = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="png")
         self.ledger = ledger
         self.health = health
         # Set by the scheduler: wakes it when a job goes back to the queue on another engine.
@@ -143,6 +146,9 @@ class JobRunner:
             self.bus.publish(job.id, "succeeded", {"job_id": job.id, "status": "succeeded", "assets": asset_ids})
         finally:
             self.previews.pop(job.id, None)
+
+    def close(self) -> None:
+        self._encoder.shutdown(wait=True)
 
     async def _end(self, claim: Claim, status: str, error: OrchestratorError) -> None:
         try:
@@ -229,18 +235,22 @@ class JobRunner:
 
     def _succeed(self, claim: Claim, result: RenderResult, seconds: float) -> list[str]:
         job = claim.job
-        rows: list[Asset] = []
-        for index, rendered in enumerate(result.images):
-            seed = rendered.seed if rendered.seed is not None else None
-            record = self._record(job, result, seed)
+        records = []
+        for rendered in result.images:
+            record = self._record(job, result, rendered.seed)
             record["width"], record["height"] = rendered.image.size
-            sha = self.store.put(encode_png(rendered.image, record))
-            rows.append(Asset(
-                id=new_id("ast"), project_id=job.project_id, job_id=job.id, index=index, stage=job.stage,
-                parent_id=job.source_asset_id, engine=job.engine, model=result.model,
-                prompt=str(record["prompt"]), negative_prompt=str(record["negative_prompt"]), seed=seed,
-                width=rendered.image.width, height=rendered.image.height, sha256=sha, record=record,
-            ))
+            records.append(record)
+        # PNG encoding (zlib) releases the GIL: n images encode and fsync in parallel.
+        shas = list(self._encoder.map(lambda pair: self.store.put(encode_png(*pair)),
+                                      zip((r.image for r in result.images), records, strict=True)))
+        rows = [
+            Asset(id=new_id("ast"), project_id=job.project_id, job_id=job.id, index=index, stage=job.stage,
+                  parent_id=job.source_asset_id, engine=job.engine, model=result.model,
+                  prompt=str(record["prompt"]), negative_prompt=str(record["negative_prompt"]),
+                  seed=rendered.seed, width=rendered.image.width, height=rendered.image.height, sha256=sha,
+                  record=record)
+            for index, (rendered, record, sha) in enumerate(zip(result.images, records, shas, strict=True))
+        ]
         now = utcnow()
         with self.db.transaction() as s:
             self._guarded_update(s, claim, status="succeeded", finished_at=now, lease_owner=None,

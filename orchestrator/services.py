@@ -95,6 +95,7 @@ class Services:
 
     async def aclose(self) -> None:
         await self.scheduler.stop()
+        self.runner.close()
         await self.registry.aclose()
         runtime = None
         for engine in self.registry:
