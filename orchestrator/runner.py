@@ -120,7 +120,14 @@ class JobRunner:
                 self.health.finished(job.engine)  # whatever the verdict, this probe is over
             elapsed = time.monotonic() - started
             self.health.succeeded(job.engine, job.stage, elapsed)
-            asset_ids = await asyncio.to_thread(self._succeed, claim, result, elapsed)
+            try:
+                asset_ids = await asyncio.to_thread(self._succeed, claim, result, elapsed)
+            except (StaleAttempt, OrchestratorError):
+                raise
+            except Exception as exc:  # disk full, permissions: the engine did its (billed) work
+                log.exception("job %s: storing its images failed", job.id)
+                raise EngineError(f"the images were made but could not be stored: {type(exc).__name__}: {exc}"[:500],
+                                  retryable=False, charged="yes") from exc
         except StaleAttempt:
             log.info("job %s attempt %s was superseded; its result is discarded", job.id, claim.attempt)
             return
@@ -138,7 +145,10 @@ class JobRunner:
             await self._end(claim, "failed", exc)
         except Exception as exc:  # an engine bug must fail the job, not leave it running
             log.exception("job %s crashed in engine %s", job.id, job.engine)
-            error = EngineError(f"engine '{job.engine}' failed unexpectedly: {type(exc).__name__}: {exc}"[:500])
+            # A remote engine may have sent the request before it broke: the charge is unknown.
+            remote = job.engine in self.registry and self.registry.get(job.engine).kind == "remote"
+            error = EngineError(f"engine '{job.engine}' failed unexpectedly: {type(exc).__name__}: {exc}"[:500],
+                                retryable=False, charged="unknown" if remote else "no")
             await self._end(claim, "failed", error)
         else:
             for index, asset_id in enumerate(asset_ids):

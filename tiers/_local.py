@@ -11,6 +11,7 @@ torch and diffusers are imported lazily, inside the inference thread, so the API
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import threading
@@ -84,6 +85,7 @@ def hf_hub_reachable(timeout: float = 1.5) -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=8)
 def resolve_model(spec: str) -> str:
     """`auto` becomes SD-Turbo when it is cached or the Hub answers, else the offline tiny model."""
     if spec != "auto":

@@ -122,3 +122,20 @@ def test_cancel_a_running_paid_job_settles_its_hold(api: httpx.Client) -> None:
     assert_settled_once(entries)
     assert budget(api, project_id)["held"] == 0
     assert api.post(f"/v1/jobs/{job_id}/cancel").json()["error"]["code"] == "job_finished"
+
+
+def test_images_made_but_not_stored_are_charged(api: httpx.Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The provider made (and billed) the image; a full disk must not turn that into a free job."""
+    project_id, asset_id = project_with_draft(api)
+
+    def disk_full(self: object, data: bytes) -> str:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("orchestrator.store.ArtifactStore.put", disk_full)
+    job = promote_ok(api, asset_id, engine="fake-paid")
+    done = wait_for_job(api, job["id"])
+    assert done["status"] == "failed" and "could not be stored" in done["error"]["message"]
+    entries = [e for e in ledger(api, project_id) if e["job_id"] == job["id"]]
+    assert [(e["kind"], e["amount"], e["unreconciled"]) for e in entries] == [
+        ("hold", 10.0, False), ("capture", 10.0, False)]
+    assert budget(api, project_id)["held"] == 0
