@@ -158,12 +158,15 @@ class Scheduler:
         return Claim(claimed, claimed.attempt, CancelToken())
 
     def _fail_unknown_engine(self, job: Job) -> None:
+        error = {"code": "engine_unavailable", "message": f"engine '{job.engine}' is not installed",
+                 "details": {"engine": job.engine}}
         with self.db.transaction() as s:
-            s.execute(update(Job).where(col(Job.id) == job.id, col(Job.status) == "queued").values(
-                status="failed", finished_at=utcnow(),
-                error={"code": "engine_unavailable", "message": f"engine '{job.engine}' is not installed",
-                       "details": {"engine": job.engine}}))
-        self.bus.publish(job.id, "failed", {"job_id": job.id, "status": "failed"})
+            result = s.execute(update(Job).where(col(Job.id) == job.id, col(Job.status) == "queued").values(
+                status="failed", finished_at=utcnow(), error=error))
+            if _rowcount(result) != 1:
+                return
+            self.ledger.release(s, job, note="engine not installed; nothing was sent")
+        self.bus.publish(job.id, "failed", {"job_id": job.id, "status": "failed", "error": error})
 
     async def _run(self, claim: Claim, lane: str) -> None:
         try:
