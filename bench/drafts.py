@@ -55,6 +55,7 @@ import math
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -364,11 +365,36 @@ def default_model_folder() -> Path:
 
 
 @contextlib.contextmanager
-def service(settings: Any) -> Iterator[httpx.Client]:
-    from orchestrator.server import serve_in_thread
+def service(settings: Any, *, separate_process: bool = False) -> Iterator[httpx.Client]:
+    """The service in this process (a thread), or as `orchestrator serve` in its own process: the
+    way it is deployed, where the benchmark's own client does not compete for this process's GIL."""
+    from orchestrator.server import free_port, serve_in_thread
 
-    with serve_in_thread(settings) as base_url, httpx.Client(base_url=base_url, timeout=120.0) as client:
-        yield client
+    if not separate_process:
+        with serve_in_thread(settings) as base_url, httpx.Client(base_url=base_url, timeout=120.0) as client:
+            yield client
+        return
+    port = free_port()
+    env = {**os.environ, "ORCH_DATA_DIR": str(settings.data_dir), "ORCH_LITE_MODEL": settings.lite_model,
+           "ORCH_LITE_DEVICE": settings.lite_device, "ORCH_TORCH_THREADS": str(settings.torch_threads),
+           "ORCH_LITE_MAX_BATCH": str(settings.lite_max_batch), "ORCH_LOCAL_MAX_SIZE": str(settings.local_max_size)}
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "serve", "--port", str(port),
+                             "--log-level", "warning"], env=env, stderr=subprocess.DEVNULL)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120.0) as client:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    client.get("/healthz").raise_for_status()
+                    break
+                except httpx.HTTPError:
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError("the orchestrator service did not start") from None
+                    time.sleep(0.1)
+            yield client
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -405,7 +431,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         direct_s: list[float] = []
         sequential_s: list[float] = []
         try:
-            with service(settings) as client:
+            with service(settings, separate_process=args.server_process) as client:
                 project = client.post("/v1/projects", json={"name": "bench drafts"})
                 project.raise_for_status()
                 project_id = project.json()["id"]
@@ -444,6 +470,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "lite_max_batch": max_batch, "device": device, "dtype": str(dtype).removeprefix("torch."),
             "model": model_label, "cpu_count": os.cpu_count(), "python": platform.python_version(),
             "torch": torch.__version__, "diffusers": diffusers.__version__, "profile": args.profile,
+            "server": "separate process" if args.server_process else "thread in this process",
         },
         "overhead": {
             "api": api_stats,
@@ -478,6 +505,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     parser.add_argument("--data-dir", default=None, help="parent of the service's temporary data dir")
     parser.add_argument("--profile", action="store_true", help="add the service's per-phase breakdown")
+    parser.add_argument("--server-process", action="store_true",
+                        help="run the service as `orchestrator serve` in its own process (no --profile)")
     args = parser.parse_args(argv)
     if args.size % 8 or args.size < 64:
         parser.error("--size must be a multiple of 8, at least 64")
