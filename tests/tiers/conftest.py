@@ -1,17 +1,21 @@
-"""Fixtures for engine tests: settings with fake keys, a recording sleep so retries cost no time."""
+"""Fixtures and helpers for engine tests: settings with fake keys, a recording sleep so retries cost
+no time, test images, a multipart parser, a recording Progress and a RenderRequest builder."""
 
 from __future__ import annotations
 
+import email
+import email.policy
 import io
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from PIL import Image
 
 from orchestrator.settings import Settings
-from tiers.base import EngineContext
+from tiers.base import EngineContext, NullProgress, RenderRequest
 
 
 class RecordingSleep:
@@ -49,3 +53,46 @@ def draft_image(size: tuple[int, int] = (64, 64)) -> Image.Image:
     img = Image.new("RGB", size, (10, 120, 200))
     img.putpixel((0, 0), (255, 0, 0))
     return img
+
+
+def multipart(request: httpx.Request) -> tuple[dict[str, str], dict[str, bytes]]:
+    """The text fields and the files of a multipart request, parsed independently of httpx."""
+    raw = f"Content-Type: {request.headers['content-type']}\r\n\r\n".encode() + request.read()
+    message = email.message_from_bytes(raw, policy=email.policy.HTTP)
+    fields: dict[str, str] = {}
+    files: dict[str, bytes] = {}
+    for part in message.iter_parts():
+        name = str(part.get_param("name", header="content-disposition"))
+        payload = part.get_payload(decode=True)
+        assert isinstance(payload, bytes)
+        if part.get_filename():
+            files[name] = payload
+        else:
+            fields[name] = payload.decode()
+    return fields, files
+
+
+class RecordingProgress(NullProgress):
+    """A Progress that records the steps, states and provider request ids an engine reports."""
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[int, int]] = []
+        self.states: list[str] = []
+        self.request_ids: list[str] = []
+
+    def step(self, step: int, total: int, preview: Any = None) -> None:
+        self.steps.append((step, total))
+
+    def state(self, state: str, **details: Any) -> None:
+        self.states.append(state)
+
+    def provider_request(self, request_id: str) -> None:
+        self.request_ids.append(request_id)
+
+
+def bridge(**kw: Any) -> RenderRequest:
+    """A bridge-stage request carrying a fresh draft; keyword arguments override the defaults."""
+    values: dict[str, Any] = {"stage": "bridge", "prompt": "a lighthouse", "width": 1024, "height": 1024,
+                              "init_image": draft_image()}
+    values.update(kw)
+    return RenderRequest(**values)

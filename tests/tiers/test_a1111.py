@@ -12,7 +12,8 @@ import respx
 from PIL import Image
 
 from orchestrator.errors import BadEngineInput, Canceled, EngineError, EngineTimeout, EngineUnavailable
-from tests.tiers.conftest import draft_image, png_bytes
+from tests.tiers.conftest import RecordingProgress, png_bytes
+from tests.tiers.conftest import bridge as base_bridge
 from tiers.a1111 import A1111Engine
 from tiers.base import CancelToken, NullProgress, RenderRequest
 
@@ -29,14 +30,6 @@ def ok_body(count: int = 1, seeds: list[int] | None = None) -> dict[str, Any]:
     return {"images": images, "parameters": {}, "info": json.dumps(info)}
 
 
-class RecordingProgress(NullProgress):
-    def __init__(self) -> None:
-        self.steps: list[tuple[int, int]] = []
-
-    def step(self, step: int, total: int, preview: Any = None) -> None:
-        self.steps.append((step, total))
-
-
 @pytest.fixture
 def engine(make_ctx: Any, sleep: Any) -> A1111Engine:
     eng = A1111Engine(make_ctx(a1111_url=BASE))
@@ -46,10 +39,7 @@ def engine(make_ctx: Any, sleep: Any) -> A1111Engine:
 
 
 def bridge(**kw: Any) -> RenderRequest:
-    values: dict[str, Any] = {"stage": "bridge", "prompt": "a lighthouse", "negative_prompt": "blurry",
-                              "width": 768, "height": 512, "init_image": draft_image()}
-    values.update(kw)
-    return RenderRequest(**values)
+    return base_bridge(**{"negative_prompt": "blurry", "width": 768, "height": 512, **kw})
 
 
 @respx.mock

@@ -11,7 +11,8 @@ import respx
 from PIL import Image
 
 from orchestrator.errors import BadEngineInput, Canceled, EngineError, EngineTimeout, EngineUnavailable
-from tests.tiers.conftest import draft_image, png_bytes
+from tests.tiers.conftest import RecordingProgress, multipart, png_bytes
+from tests.tiers.conftest import bridge as base_bridge
 from tiers.base import CancelToken, NullProgress, RenderRequest
 from tiers.comfyui import ComfyUIEngine, substitute
 
@@ -34,18 +35,6 @@ WORKFLOW: dict[str, Any] = {
 }
 
 
-class RecordingProgress(NullProgress):
-    def __init__(self) -> None:
-        self.request_ids: list[str] = []
-        self.steps: list[tuple[int, int]] = []
-
-    def provider_request(self, request_id: str) -> None:
-        self.request_ids.append(request_id)
-
-    def step(self, step: int, total: int, preview: Any = None) -> None:
-        self.steps.append((step, total))
-
-
 def write_workflow(tmp_path: Path, graph: Any = WORKFLOW, name: str = "img2img.json") -> Path:
     path = tmp_path / name
     path.write_text(graph if isinstance(graph, str) else json.dumps(graph))
@@ -61,10 +50,7 @@ def engine(make_ctx: Any, sleep: Any, tmp_path: Path) -> ComfyUIEngine:
 
 
 def bridge(**kw: Any) -> RenderRequest:
-    values: dict[str, Any] = {"stage": "bridge", "prompt": "a lighthouse", "negative_prompt": "blurry",
-                              "width": 1024, "height": 768, "seed": 42, "init_image": draft_image()}
-    values.update(kw)
-    return RenderRequest(**values)
+    return base_bridge(**{"negative_prompt": "blurry", "width": 1024, "height": 768, "seed": 42, **kw})
 
 
 def history(prompt_id: str, images: list[dict[str, str]] | None = None, status: str = "success",
@@ -106,25 +92,16 @@ def mock_server(upload: Any = None, prompt: Any = None) -> dict[str, respx.Route
     }
 
 
-def multipart_file(request: httpx.Request, field: str) -> bytes:
-    boundary = request.headers["content-type"].split("boundary=")[1].encode()
-    for part in request.content.split(b"--" + boundary):
-        head, _, body = part.partition(b"\r\n\r\n")
-        if f'name="{field}"'.encode() in head:
-            return body.removesuffix(b"\r\n")
-    raise AssertionError(f"no multipart field {field}")
-
-
 @respx.mock
 async def test_success_uploads_draft_and_queues_typed_graph(engine: ComfyUIEngine) -> None:
     routes = mock_server()
     progress = RecordingProgress()
     result = await engine.run(bridge(), progress, CancelToken())
 
-    upload = routes["upload"].calls.last.request
-    pixels = Image.open(io.BytesIO(multipart_file(upload, "image")))
+    fields, files = multipart(routes["upload"].calls.last.request)
+    pixels = Image.open(io.BytesIO(files["image"]))
     assert pixels.getpixel((0, 0)) == (255, 0, 0)
-    assert multipart_file(upload, "type") == b"input" and multipart_file(upload, "overwrite") == b"true"
+    assert fields["type"] == "input" and fields["overwrite"] == "true"
 
     sent = json.loads(routes["prompt"].calls.last.request.content)
     graph = sent["prompt"]

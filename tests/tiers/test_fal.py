@@ -19,7 +19,8 @@ from orchestrator.errors import (
     EngineUnavailable,
     NoPrice,
 )
-from tests.tiers.conftest import draft_image, png_bytes
+from tests.tiers.conftest import RecordingProgress, png_bytes
+from tests.tiers.conftest import bridge as base_bridge
 from tiers.base import CancelToken, NullProgress, RenderRequest
 from tiers.fal import FalEngine
 
@@ -48,21 +49,6 @@ def done(urls: list[str] | None = None) -> httpx.Response:
     return httpx.Response(200, json={"images": images, "description": ""})
 
 
-class Recorder:
-    def __init__(self) -> None:
-        self.ids: list[str] = []
-        self.states: list[str] = []
-
-    def step(self, step: int, total: int, preview: Any = None) -> None:
-        pass
-
-    def state(self, state: str, **details: Any) -> None:
-        self.states.append(state)
-
-    def provider_request(self, request_id: str) -> None:
-        self.ids.append(request_id)
-
-
 @pytest.fixture
 def engine(make_ctx: Any, sleep: Any) -> FalEngine:
     eng = FalEngine(make_ctx(fal_api_key="f-secret", fal_base_url=BASE))
@@ -77,10 +63,7 @@ def output() -> respx.Route:
 
 
 def bridge(**kw: Any) -> RenderRequest:
-    values: dict[str, Any] = {"stage": "bridge", "prompt": "a lighthouse", "width": 1536, "height": 1024,
-                              "init_image": draft_image()}
-    values.update(kw)
-    return RenderRequest(**values)
+    return base_bridge(**{"width": 1536, "height": 1024, **kw})
 
 
 def happy_queue() -> tuple[respx.Route, respx.Route, respx.Route]:
@@ -93,7 +76,7 @@ def happy_queue() -> tuple[respx.Route, respx.Route, respx.Route]:
 @respx.mock
 async def test_success_sends_draft_as_data_uri(engine: FalEngine, output: respx.Route) -> None:
     submit, poll, result_route = happy_queue()
-    progress = Recorder()
+    progress = RecordingProgress()
     result = await engine.run(bridge(), progress, CancelToken())
 
     request = submit.calls.last.request
@@ -109,7 +92,7 @@ async def test_success_sends_draft_as_data_uri(engine: FalEngine, output: respx.
     assert result_route.calls.last.request.headers["authorization"] == "Key f-secret"
     # The key must not travel to the CDN that serves outputs.
     assert "authorization" not in output.calls.last.request.headers
-    assert progress.ids == ["r-1"]
+    assert progress.request_ids == ["r-1"]
     assert len(result.images) == 1 and result.images[0].image.size == (64, 64)
     assert result.cost_millicredits is None and result.provider_request_id == "r-1"
 
@@ -164,7 +147,7 @@ async def test_polls_through_several_states(engine: FalEngine, output: respx.Rou
     _, poll, _ = happy_queue()
     poll.mock(side_effect=[status("IN_QUEUE", queue_position=2), status("IN_QUEUE", queue_position=0),
                            status("IN_PROGRESS", logs=[]), status("COMPLETED")])
-    progress = Recorder()
+    progress = RecordingProgress()
     result = await engine.run(bridge(), progress, CancelToken())
     assert poll.call_count == 4 and len(result.images) == 1
     assert progress.states == ["submitted", "queued", "queued", "running"]

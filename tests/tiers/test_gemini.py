@@ -19,8 +19,8 @@ from orchestrator.errors import (
     EngineUnavailable,
     NoPrice,
 )
-from tests.tiers.conftest import draft_image, png_bytes
-from tiers.base import CancelToken, NullProgress, RenderRequest
+from tests.tiers.conftest import bridge, png_bytes
+from tiers.base import CancelToken, NullProgress
 from tiers.gemini import GeminiEngine
 
 BASE = "https://gemini.test"
@@ -45,13 +45,6 @@ def engine(make_ctx: Any, sleep: Any) -> GeminiEngine:
     eng = GeminiEngine(make_ctx(gemini_api_key="g-secret", gemini_base_url=BASE))
     eng.http.sleep = sleep
     return eng
-
-
-def bridge(**kw: Any) -> RenderRequest:
-    values: dict[str, Any] = {"stage": "bridge", "prompt": "a lighthouse", "width": 1024, "height": 1024,
-                              "init_image": draft_image()}
-    values.update(kw)
-    return RenderRequest(**values)
 
 
 @respx.mock

@@ -1,8 +1,6 @@
 from __future__ import annotations
 
 import base64
-import email
-import email.policy
 import io
 from typing import Any
 
@@ -20,29 +18,12 @@ from orchestrator.errors import (
     EngineUnavailable,
     NoPrice,
 )
-from tests.tiers.conftest import draft_image, png_bytes
-from tiers.base import CancelToken, NullProgress, RenderRequest
+from tests.tiers.conftest import RecordingProgress, bridge, multipart, png_bytes
+from tiers.base import CancelToken, NullProgress
 from tiers.openai_images import OpenAIImagesEngine, factory
 
 BASE = "https://openai.test"
 URL = f"{BASE}/v1/images/edits"
-
-
-def multipart(request: httpx.Request) -> tuple[dict[str, str], dict[str, bytes]]:
-    """The text fields and the files of a multipart request, parsed independently of httpx."""
-    raw = f"Content-Type: {request.headers['content-type']}\r\n\r\n".encode() + request.read()
-    message = email.message_from_bytes(raw, policy=email.policy.HTTP)
-    fields: dict[str, str] = {}
-    files: dict[str, bytes] = {}
-    for part in message.iter_parts():
-        name = str(part.get_param("name", header="content-disposition"))
-        payload = part.get_payload(decode=True)
-        assert isinstance(payload, bytes)
-        if part.get_filename():
-            files[name] = payload
-        else:
-            fields[name] = payload.decode()
-    return fields, files
 
 
 def ok_body(count: int = 1, usage: bool = True) -> dict[str, Any]:
@@ -61,33 +42,11 @@ def ok(count: int = 1, usage: bool = True) -> httpx.Response:
     return httpx.Response(200, json=ok_body(count, usage), headers={"x-request-id": "req_123"})
 
 
-class RecordingProgress:
-    def __init__(self) -> None:
-        self.states: list[str] = []
-        self.request_ids: list[str] = []
-
-    def step(self, step: int, total: int, preview: Any = None) -> None:
-        pass
-
-    def state(self, state: str, **details: Any) -> None:
-        self.states.append(state)
-
-    def provider_request(self, request_id: str) -> None:
-        self.request_ids.append(request_id)
-
-
 @pytest.fixture
 def engine(make_ctx: Any, sleep: Any) -> OpenAIImagesEngine:
     eng = OpenAIImagesEngine(make_ctx(openai_api_key="sk-secret", openai_base_url=BASE))
     eng.http.sleep = sleep
     return eng
-
-
-def bridge(**kw: Any) -> RenderRequest:
-    values: dict[str, Any] = {"stage": "bridge", "prompt": "a lighthouse", "width": 1024, "height": 1024,
-                              "init_image": draft_image()}
-    values.update(kw)
-    return RenderRequest(**values)
 
 
 def assert_carries_draft(request: httpx.Request) -> dict[str, str]:

@@ -19,8 +19,8 @@ from orchestrator.errors import (
     EngineUnavailable,
     NoPrice,
 )
-from tests.tiers.conftest import draft_image, png_bytes
-from tiers.base import CancelToken, NullProgress, RenderRequest
+from tests.tiers.conftest import RecordingProgress, bridge, png_bytes
+from tiers.base import CancelToken, NullProgress
 from tiers.replicate import ReplicateEngine
 
 BASE = "https://replicate.test"
@@ -33,21 +33,6 @@ OUTPUT = "https://cdn.replicate.test/p-1/out.png"
 def prediction(status: str = "succeeded", output: Any = OUTPUT, error: str | None = None) -> dict[str, Any]:
     return {"id": "p-1", "status": status, "output": output if status == "succeeded" else None,
             "error": error, "urls": {"get": POLL, "cancel": CANCEL}, "metrics": {"predict_time": 2.5}}
-
-
-class Recorder:
-    def __init__(self) -> None:
-        self.ids: list[str] = []
-        self.states: list[str] = []
-
-    def step(self, step: int, total: int, preview: Any = None) -> None:
-        pass
-
-    def state(self, state: str, **details: Any) -> None:
-        self.states.append(state)
-
-    def provider_request(self, request_id: str) -> None:
-        self.ids.append(request_id)
 
 
 @pytest.fixture
@@ -63,17 +48,10 @@ def output() -> respx.Route:
     return respx.get(OUTPUT).mock(return_value=httpx.Response(200, content=png_bytes()))
 
 
-def bridge(**kw: Any) -> RenderRequest:
-    values: dict[str, Any] = {"stage": "bridge", "prompt": "a lighthouse", "width": 1024, "height": 1024,
-                              "init_image": draft_image()}
-    values.update(kw)
-    return RenderRequest(**values)
-
-
 @respx.mock
 async def test_success_sends_draft_as_data_uri(engine: ReplicateEngine, output: respx.Route) -> None:
     route = respx.post(CREATE).mock(return_value=httpx.Response(201, json=prediction()))
-    progress = Recorder()
+    progress = RecordingProgress()
     result = await engine.run(bridge(), progress, CancelToken())
 
     request = route.calls.last.request
@@ -87,7 +65,7 @@ async def test_success_sends_draft_as_data_uri(engine: ReplicateEngine, output: 
     assert Image.open(io.BytesIO(base64.b64decode(data))).getpixel((0, 0)) == (255, 0, 0)
     # The key must not travel to the CDN that serves outputs.
     assert "authorization" not in output.calls.last.request.headers
-    assert progress.ids == ["p-1"]
+    assert progress.request_ids == ["p-1"]
     assert len(result.images) == 1 and result.images[0].image.size == (64, 64)
     assert result.cost_millicredits is None and result.provider_request_id == "p-1"
     assert result.metadata["predict_time"] == 2.5
@@ -149,11 +127,11 @@ async def test_polls_through_several_states(engine: ReplicateEngine, output: res
         httpx.Response(200, json=prediction("processing")),
         httpx.Response(200, json=prediction()),
     ])
-    progress = Recorder()
+    progress = RecordingProgress()
     result = await engine.run(bridge(), progress, CancelToken())
     assert poll.call_count == 4 and len(result.images) == 1
     assert poll.calls.last.request.headers["authorization"] == "Bearer r-secret"
-    assert progress.ids == ["p-1"]
+    assert progress.request_ids == ["p-1"]
     assert "processing" in progress.states
 
 

@@ -2,8 +2,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import email
-import email.policy
 import io
 from typing import Any
 
@@ -21,7 +19,8 @@ from orchestrator.errors import (
     EngineUnavailable,
     NoPrice,
 )
-from tests.tiers.conftest import draft_image, png_bytes
+from tests.tiers.conftest import RecordingProgress, multipart, png_bytes
+from tests.tiers.conftest import bridge as base_bridge
 from tiers.base import CancelToken, NullProgress, RenderRequest
 from tiers.stability import StabilityEngine, operation
 
@@ -33,42 +32,10 @@ CREATIVE = f"{BASE}/v2beta/stable-image/upscale/creative"
 RESULT = f"{BASE}/v2beta/results/job-42"
 
 
-def multipart(request: httpx.Request) -> tuple[dict[str, str], dict[str, bytes]]:
-    """The text fields and the files of a multipart request, parsed independently of httpx."""
-    raw = f"Content-Type: {request.headers['content-type']}\r\n\r\n".encode() + request.read()
-    message = email.message_from_bytes(raw, policy=email.policy.HTTP)
-    fields: dict[str, str] = {}
-    files: dict[str, bytes] = {}
-    for part in message.iter_parts():
-        name = str(part.get_param("name", header="content-disposition"))
-        payload = part.get_payload(decode=True)
-        assert isinstance(payload, bytes)
-        if part.get_filename():
-            files[name] = payload
-        else:
-            fields[name] = payload.decode()
-    return fields, files
-
-
 def ok(seed: int = 343940597, reason: str = "SUCCESS",
        headers: dict[str, str] | None = None) -> httpx.Response:
     body = {"image": base64.b64encode(png_bytes()).decode(), "finish_reason": reason, "seed": seed}
     return httpx.Response(200, json=body, headers={"x-request-id": "stab-req-1", **(headers or {})})
-
-
-class RecordingProgress:
-    def __init__(self) -> None:
-        self.states: list[str] = []
-        self.request_ids: list[str] = []
-
-    def step(self, step: int, total: int, preview: Any = None) -> None:
-        pass
-
-    def state(self, state: str, **details: Any) -> None:
-        self.states.append(state)
-
-    def provider_request(self, request_id: str) -> None:
-        self.request_ids.append(request_id)
 
 
 @pytest.fixture
@@ -90,10 +57,7 @@ def engine(make_engine: Any) -> StabilityEngine:
 
 
 def bridge(**kw: Any) -> RenderRequest:
-    values: dict[str, Any] = {"stage": "bridge", "prompt": "a lighthouse", "width": 1024, "height": 1024,
-                              "init_image": draft_image(), "strength": 0.6}
-    values.update(kw)
-    return RenderRequest(**values)
+    return base_bridge(**{"strength": 0.6, **kw})
 
 
 def polish(**kw: Any) -> RenderRequest:
