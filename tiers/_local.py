@@ -11,6 +11,7 @@ torch and diffusers are imported lazily, inside the inference thread, so the API
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import os
@@ -20,10 +21,11 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-from orchestrator.errors import EngineUnavailable
+from orchestrator.errors import BadEngineInput, EngineUnavailable
 from tiers import tiny
+from tiers.base import Capabilities, EngineContext, RenderRequest
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -266,3 +268,57 @@ class LocalRuntime:
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def runtime_for(ctx: EngineContext) -> LocalRuntime:
+    """The context's one runtime per device, created on first use (shared by lite and local-hifi)."""
+    runtime = ctx.shared.get("local_runtime")
+    if runtime is None:
+        runtime = ctx.shared["local_runtime"] = LocalRuntime(ctx.settings)
+    assert isinstance(runtime, LocalRuntime)
+    return runtime
+
+
+class LocalEngine:
+    """What `lite` and `local-hifi` share: the device runtime, a resolved model with its defaults,
+    no price (unless metered per device-second) and the size limits of local inference."""
+
+    name: str
+    kind: Literal["local"] = "local"
+    capabilities: Capabilities
+
+    def __init__(self, ctx: EngineContext, model_spec: str, capabilities: Capabilities) -> None:
+        self.settings = ctx.settings
+        self.runtime = runtime_for(ctx)
+        self._model = resolve_model(model_spec)
+        self.defaults = model_defaults(self._model)
+        limit = ctx.settings.local_max_size
+        self.capabilities = dataclasses.replace(capabilities, max_width=limit, max_height=limit)
+
+    @property
+    def model(self) -> str:
+        return self._model
+
+    @property
+    def note(self) -> str | None:
+        return tiny.NOTE if self._model == tiny.NAME else None
+
+    def availability(self) -> tuple[bool, str | None]:
+        return True, None
+
+    def prices(self) -> dict[str, Any]:
+        return {"credits_per_gpu_second": self.settings.local_gpu_second_credits}
+
+    def estimate(self, req: RenderRequest) -> int:
+        """0 credits; raises `BadEngineInput` for a size local inference cannot take."""
+        limit = self.settings.local_max_size
+        for label, value in (("width", req.width), ("height", req.height)):
+            if value % 8 or not 64 <= value <= limit:
+                raise BadEngineInput(
+                    f"{label} must be a multiple of 8 between 64 and {limit} for engine '{self.name}' (got {value})",
+                    details={"field": label, "value": value, "max": limit},
+                )
+        return 0
+
+    async def aclose(self) -> None:
+        return None

@@ -11,11 +11,10 @@ next step boundary.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any
 
-from orchestrator.errors import BadEngineInput, Canceled
-from tiers import tiny
-from tiers._local import LocalRuntime, model_defaults, resolve_model
+from orchestrator.errors import Canceled
+from tiers._local import LocalEngine
 from tiers.base import (
     CancelToken,
     Capabilities,
@@ -27,66 +26,16 @@ from tiers.base import (
     Stage,
 )
 
-if TYPE_CHECKING:
-    from orchestrator.settings import Settings
 
-
-def runtime_for(ctx: EngineContext) -> LocalRuntime:
-    """The context's one runtime per device, created on first use (shared by lite and local-hifi)."""
-    runtime = ctx.shared.get("local_runtime")
-    if runtime is None:
-        runtime = ctx.shared["local_runtime"] = LocalRuntime(ctx.settings)
-    assert isinstance(runtime, LocalRuntime)
-    return runtime
-
-
-def check_size(req: RenderRequest, settings: Settings, engine: str) -> None:
-    limit = settings.local_max_size
-    for label, value in (("width", req.width), ("height", req.height)):
-        if value % 8 or not 64 <= value <= limit:
-            raise BadEngineInput(
-                f"{label} must be a multiple of 8 between 64 and {limit} for engine '{engine}' (got {value})",
-                details={"field": label, "value": value, "max": limit},
-            )
-
-
-class LiteEngine:
+class LiteEngine(LocalEngine):
     name = "lite"
-    kind: Literal["local"] = "local"
     stages: frozenset[Stage] = frozenset({"ideation"})
 
     def __init__(self, ctx: EngineContext) -> None:
-        self.settings = ctx.settings
-        self.runtime = runtime_for(ctx)
-        self._model = resolve_model(ctx.settings.lite_model)
-        self.defaults = model_defaults(self._model)
-        self.capabilities = Capabilities(seeds=True, negative_prompt=True, max_width=ctx.settings.local_max_size,
-                                         max_height=ctx.settings.local_max_size)
-
-    @property
-    def model(self) -> str:
-        return self._model
-
-    @property
-    def note(self) -> str | None:
-        return tiny.NOTE if self._model == tiny.NAME else None
-
-    def availability(self) -> tuple[bool, str | None]:
-        return True, None
-
-    def prices(self) -> dict[str, Any]:
-        return {"credits_per_gpu_second": self.settings.local_gpu_second_credits}
-
-    def estimate(self, req: RenderRequest) -> int:
-        check_size(req, self.settings, self.name)
-        return 0
-
-    async def load(self) -> None:
-        """Load the model and warm it up now rather than on the first request."""
-        await self.runtime.call(self.runtime.text2img, self._model)
+        super().__init__(ctx, ctx.settings.lite_model, Capabilities(seeds=True, negative_prompt=True))
 
     async def run(self, req: RenderRequest, progress: Progress, cancel: CancelToken) -> RenderResult:
-        check_size(req, self.settings, self.name)
+        self.estimate(req)  # size limits
         cancel.raise_if_cancelled()
         return await self.runtime.call(self._generate, req, progress, cancel)
 
@@ -133,10 +82,6 @@ class LiteEngine:
             metadata={"steps": steps, "guidance_scale": guidance, "sampler": type(pipe.scheduler).__name__,
                       "device": self.runtime.device},
         )
-
-    async def aclose(self) -> None:
-        return None
-
 
 def factory(ctx: EngineContext) -> LiteEngine:
     return LiteEngine(ctx)

@@ -10,11 +10,10 @@ This is the embedded default for bridge and polish: the whole workflow runs offl
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from orchestrator.errors import BadEngineInput, Canceled
-from tiers import tiny
-from tiers._local import model_defaults, resolve_model
+from tiers._local import LocalEngine
 from tiers.base import (
     CancelToken,
     Capabilities,
@@ -25,7 +24,6 @@ from tiers.base import (
     RenderResult,
     Stage,
 )
-from tiers.lite import check_size, runtime_for
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -46,40 +44,16 @@ def tile_boxes(width: int, height: int, tile: int, overlap: int = TILE_OVERLAP) 
     return [(x, y, min(x + tile, width), min(y + tile, height)) for y in starts(height) for x in starts(width)]
 
 
-class LocalHifiEngine:
+class LocalHifiEngine(LocalEngine):
     name = "local-hifi"
-    kind: Literal["local"] = "local"
     stages: frozenset[Stage] = frozenset({"bridge", "polish"})
 
     def __init__(self, ctx: EngineContext) -> None:
-        self.settings = ctx.settings
-        self.runtime = runtime_for(ctx)
-        self._model = resolve_model(ctx.settings.effective_hifi_model)
-        self.defaults = model_defaults(self._model)
-        self.capabilities = Capabilities(img2img=True, upscale=True, seeds=True, negative_prompt=True,
-                                         max_width=ctx.settings.local_max_size,
-                                         max_height=ctx.settings.local_max_size)
-
-    @property
-    def model(self) -> str:
-        return self._model
-
-    @property
-    def note(self) -> str | None:
-        return tiny.NOTE if self._model == tiny.NAME else None
-
-    def availability(self) -> tuple[bool, str | None]:
-        return True, None
-
-    def prices(self) -> dict[str, Any]:
-        return {"credits_per_gpu_second": self.settings.local_gpu_second_credits}
-
-    def estimate(self, req: RenderRequest) -> int:
-        check_size(req, self.settings, self.name)
-        return 0
+        super().__init__(ctx, ctx.settings.effective_hifi_model,
+                         Capabilities(img2img=True, upscale=True, seeds=True, negative_prompt=True))
 
     async def run(self, req: RenderRequest, progress: Progress, cancel: CancelToken) -> RenderResult:
-        check_size(req, self.settings, self.name)
+        self.estimate(req)  # size limits
         if req.init_image is None:
             raise BadEngineInput(f"{self.name} needs a source image for {req.stage}")
         cancel.raise_if_cancelled()
@@ -159,10 +133,6 @@ class LocalHifiEngine:
             weight[top:bottom, left:right] += mask
         blended = (acc / np.maximum(weight, 1e-8)).clip(0, 255).astype(np.uint8)
         return PILImage.fromarray(blended, mode="RGB")
-
-    async def aclose(self) -> None:
-        return None
-
 
 def _feather(size: tuple[int, int], box: tuple[int, int, int, int], full: tuple[int, int]) -> Any:
     """Blend weights for a tile: a linear ramp over the overlap on every edge that borders another tile."""
