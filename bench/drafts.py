@@ -9,13 +9,14 @@ written once with `tiers.tiny.save_tiny_pipeline(folder)`; the service gets
 `Settings(lite_model=<that folder>)`), on the same device and dtype (`LocalRuntime`'s choice),
 with the same torch intra-op thread count set on a dedicated inference thread.
 
-* `direct`: on its own single-thread executor whose initializer calls `torch.set_num_threads(T)`
-  (exactly like `LocalRuntime._init_thread`), the call `tiers/lite.py` makes: the pipeline loaded
+* `direct`: in a worker process of its own (one OpenMP team per process, see `Direct`), whose
+  initializer calls `torch.set_num_threads(T)` (exactly like `LocalRuntime._init_thread`), the call
+  `tiers/lite.py` makes: the pipeline loaded
   with `AutoPipelineForText2Image.from_pretrained`, safety checker off, progress bar off, then
   `pipe(prompt, negative_prompt=None, num_inference_steps=S, guidance_scale=0, width=W, height=W,
   num_images_per_prompt=n, generator=[torch.Generator("cpu").manual_seed(seed + i) ...])` under
   `torch.inference_mode()`, chunked by `lite_max_batch` like the service. The time is measured in
-  that thread around generator creation + the pipeline call (PIL images out). No step callback,
+  that process around generator creation + the pipeline call (PIL images out). No step callback,
   no PNG, no disk, no HTTP.
 * `api`: the service started in this process with `orchestrator.server.serve_in_thread` (uvicorn,
   SQLite in a fresh temporary data dir), driven by a keep-alive `httpx.Client` from the main thread.
@@ -58,11 +59,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -88,67 +88,75 @@ def summary(values: list[float]) -> dict[str, float]:
 
 # -- the direct baseline -----------------------------------------------------------------------------
 
+# The direct side runs in its own process. torch's CPU build parallelises ops with GNU OpenMP, which
+# gives every calling thread its own team of workers; with two teams in one process (the service's
+# inference thread and a baseline thread) libgomp sees more threads than cores, stops spinning
+# between parallel regions and every small op pays a futex wake-up. On 2 cores that made BOTH sides
+# 2-3x slower on the tiny model, so neither figure meant anything.
+_PIPE: Any = None
 
-def _init_inference_thread(threads: int) -> None:
-    """What `LocalRuntime._init_thread` does, with the same thread count."""
+
+def _init_direct_worker(folder: str, device: str, dtype_name: str, threads: int) -> None:
+    """What `LocalRuntime._init_thread` and `LocalRuntime._load` do, with the same settings."""
     import logging
+    import warnings
 
     import torch
+    from diffusers import AutoPipelineForText2Image
     from diffusers.utils import logging as dlogging
 
+    global _PIPE
     torch.set_num_threads(threads)
     for name in ("transformers", "diffusers"):
         logging.getLogger(name).setLevel(logging.ERROR)
     dlogging.disable_progress_bar()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        pipe = AutoPipelineForText2Image.from_pretrained(folder, torch_dtype=getattr(torch, dtype_name))  # type: ignore[no-untyped-call]
+    if getattr(pipe, "safety_checker", None) is not None:
+        pipe.safety_checker = None
+    pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    # The service's own warm-up step (LocalRuntime._warm_up), so both start from the same state.
+    pipe(prompt="warm-up", num_inference_steps=1, guidance_scale=0.0, width=64, height=64, output_type="latent")
+    _PIPE = pipe
+
+
+def _direct_generate(prompt: str, size: int, steps: int, n: int, seed: int, max_batch: int) -> float:
+    """The call `tiers/lite.py` makes, without its step callback; seconds, timed in the worker."""
+    import torch
+
+    start = time.perf_counter()
+    images = []
+    for first in range(0, n, max_batch):
+        chunk = list(range(first, min(first + max_batch, n)))
+        generators = [torch.Generator("cpu").manual_seed(seed + i) for i in chunk]
+        with torch.inference_mode():
+            out = _PIPE(prompt=prompt, negative_prompt=None, num_inference_steps=steps, guidance_scale=0.0,
+                        width=size, height=size, num_images_per_prompt=len(chunk), generator=generators)
+        images.extend(out.images)
+    elapsed = time.perf_counter() - start
+    assert len(images) == n
+    return elapsed
 
 
 class Direct:
-    """The diffusers pipeline called in-process, on its own dedicated inference thread."""
+    """The diffusers pipeline called directly, in a worker process of its own."""
 
     def __init__(self, folder: Path, device: str, dtype: Any, threads: int, max_batch: int) -> None:
+        import multiprocessing
+
         self.max_batch = max_batch
-        self.device = device
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="direct-inference",
-                                            initializer=_init_inference_thread, initargs=(threads,))
-        self.pipe = self._executor.submit(self._load, folder, device, dtype).result()
-
-    @staticmethod
-    def _load(folder: Path, device: str, dtype: Any) -> Any:
-        import warnings
-
-        from diffusers import AutoPipelineForText2Image
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            pipe = AutoPipelineForText2Image.from_pretrained(str(folder), torch_dtype=dtype)  # type: ignore[no-untyped-call]
-        if getattr(pipe, "safety_checker", None) is not None:
-            pipe.safety_checker = None
-        pipe = pipe.to(device)
-        pipe.set_progress_bar_config(disable=True)
-        # The service's own warm-up step (LocalRuntime._warm_up), so both start from the same state.
-        pipe(prompt="warm-up", num_inference_steps=1, guidance_scale=0.0, width=64, height=64,
-             output_type="latent")
-        return pipe
+        dtype_name = str(dtype).removeprefix("torch.")
+        self._executor = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=_init_direct_worker,
+                                             initargs=(str(folder), device, dtype_name, threads))
+        self._executor.submit(int).result()  # wait for the load and warm-up
 
     def run(self, prompt: str, size: int, steps: int, n: int, seed: int) -> float:
-        seconds: float = self._executor.submit(self._generate, prompt, size, steps, n, seed).result()
+        seconds: float = self._executor.submit(_direct_generate, prompt, size, steps, n, seed,
+                                               self.max_batch).result()
         return seconds
-
-    def _generate(self, prompt: str, size: int, steps: int, n: int, seed: int) -> float:
-        import torch
-
-        start = time.perf_counter()
-        images = []
-        for first in range(0, n, self.max_batch):
-            chunk = list(range(first, min(first + self.max_batch, n)))
-            generators = [torch.Generator("cpu").manual_seed(seed + i) for i in chunk]
-            with torch.inference_mode():
-                out = self.pipe(prompt=prompt, negative_prompt=None, num_inference_steps=steps, guidance_scale=0.0,
-                                width=size, height=size, num_images_per_prompt=len(chunk), generator=generators)
-            images.extend(out.images)
-        elapsed = time.perf_counter() - start
-        assert len(images) == n
-        return elapsed
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
@@ -293,7 +301,7 @@ class Profiler:
         self.timed(LocalRuntime, "preview", "LocalRuntime.preview (latents_to_preview)")
         self.timed(runner.JobProgress, "step", "JobProgress.step")
         self.timed(runner.JobRunner, "write_progress", "JobRunner.write_progress")
-        self.timed(runner.JobRunner, "_succeed", "JobRunner._succeed", job=lambda _self, claim, _result: claim.job.id)
+        self.timed(runner.JobRunner, "_succeed", "JobRunner._succeed", job=lambda _self, claim, *_rest: claim.job.id)
         self.timed(runner, "encode_png", "store.encode_png")
         self.timed(ArtifactStore, "put", "ArtifactStore.put (fsync)")
         self.timed(ArtifactStore, "get", "ArtifactStore.get")
@@ -311,8 +319,7 @@ class Profiler:
             try:
                 return original_call(*args, **kwargs)
             finally:
-                where = "direct" if threading.current_thread().name.startswith("direct") else "service"
-                self.add(f"StableDiffusionPipeline.__call__ [{where}]", time.perf_counter() - start)
+                self.add("StableDiffusionPipeline.__call__ [service]", time.perf_counter() - start)
 
         StableDiffusionPipeline.__call__ = pipe_call  # type: ignore[method-assign]
 
