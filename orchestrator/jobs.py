@@ -81,8 +81,7 @@ class JobService:
     # -- preparing ---------------------------------------------------------------------------
 
     def prepare_draft(self, project_id: str, body: DraftCreate) -> Prepared:
-        with self.db.session() as s:
-            self._project(s, project_id)
+        # No read here: `decide` loads the project (404 when missing) with its policy and budget.
         params: dict[str, Any] = {
             "stage": "ideation", "prompt": body.prompt, "negative_prompt": body.negative_prompt, "n": body.n,
             "seed": body.seed if body.seed is not None else secrets.randbelow(2**32),

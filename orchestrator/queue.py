@@ -124,21 +124,37 @@ class Scheduler:
                 log.exception("dispatch failed")
 
     async def dispatch(self) -> None:
-        queued = await asyncio.to_thread(self._queued)
-        for job in queued:
-            try:
-                lane, limit = self.lane(job.engine)
-            except OrchestratorError:
-                await asyncio.to_thread(self._fail_unknown_engine, job)
-                continue
-            if self._lane_use.get(lane, 0) >= limit:
-                continue
-            claim = await asyncio.to_thread(self._claim, job)
-            if claim is None:
-                continue
+        # One worker-thread hop per wake-up: look for queued jobs and claim those that fit. Lanes
+        # freed meanwhile are not lost: every job's end wakes the dispatcher again.
+        claims = await asyncio.to_thread(self._claim_ready, dict(self._lane_use))
+        for claim, lane in claims:
             self._lane_use[lane] = self._lane_use.get(lane, 0) + 1
-            task = asyncio.create_task(self._run(claim, lane), name=f"job {job.id}")
-            self._running[job.id] = (task, claim)
+            task = asyncio.create_task(self._run(claim, lane), name=f"job {claim.job.id}")
+            self._running[claim.job.id] = (task, claim)
+
+    def _claim_ready(self, lane_use: dict[str, int]) -> list[tuple[Claim, str]]:
+        """Claim the oldest queued jobs that fit a free lane (`lane_use` is a copy to count on)."""
+        claims: list[tuple[Claim, str]] = []
+        try:
+            for job in self._queued():
+                try:
+                    lane, limit = self.lane(job.engine)
+                except OrchestratorError:
+                    self._fail_unknown_engine(job)
+                    continue
+                if lane_use.get(lane, 0) >= limit:
+                    continue
+                claim = self._claim(job)
+                if claim is None:
+                    continue
+                lane_use[lane] = lane_use.get(lane, 0) + 1
+                claims.append((claim, lane))
+        except Exception:
+            if not claims:
+                raise
+            # Committed claims must run: dropped here, they would wait `running` for their lease.
+            log.exception("dispatch stopped early; starting the %d jobs already claimed", len(claims))
+        return claims
 
     def _queued(self) -> list[Job]:
         with self.db.session() as s:
@@ -148,13 +164,11 @@ class Scheduler:
     def _claim(self, job: Job) -> Claim | None:
         now = utcnow()
         with self.db.transaction() as s:
-            result = s.execute(update(Job).where(col(Job.id) == job.id, col(Job.status) == "queued").values(
+            claimed = s.scalars(update(Job).where(col(Job.id) == job.id, col(Job.status) == "queued").values(
                 status="running", attempt=Job.attempt + 1, lease_owner=self.owner,
-                lease_expires_at=now + self.lease, started_at=now, error=None))
-            if _rowcount(result) != 1:
-                return None
-            claimed = s.get(Job, job.id)
-        assert claimed is not None
+                lease_expires_at=now + self.lease, started_at=now, error=None).returning(Job)).one_or_none()
+        if claimed is None:  # another worker, or a cancel, got there first
+            return None
         return Claim(claimed, claimed.attempt, CancelToken())
 
     def _fail_unknown_engine(self, job: Job) -> None:

@@ -251,8 +251,9 @@ class JobRunner:
             record["width"], record["height"] = rendered.image.size
             records.append(record)
         # PNG encoding (zlib) releases the GIL: n images encode and fsync in parallel.
-        shas = list(self._encoder.map(lambda pair: self.store.put(encode_png(*pair)),
+        pngs = list(self._encoder.map(lambda pair: self._store_png(*pair),
                                       zip((r.image for r in result.images), records, strict=True)))
+        shas = [sha for sha, _ in pngs]
         rows = [
             Asset(id=new_id("ast"), project_id=job.project_id, job_id=job.id, index=index, stage=job.stage,
                   parent_id=job.source_asset_id, engine=job.engine, model=result.model,
@@ -275,7 +276,13 @@ class JobRunner:
             elif self.local_rate and self.registry.get(job.engine).kind == "local":
                 self.ledger.charge_usage(s, job, round(seconds * self.local_rate * 1000),
                                          note=f"{seconds:.2f} device-seconds")
+        for row, (sha, data) in zip(rows, pngs, strict=True):
+            self.store.recent.add(row.id, sha, data)
         return [r.id for r in rows]
+
+    def _store_png(self, image: Image.Image, record: dict[str, Any]) -> tuple[str, bytes]:
+        data = encode_png(image, record)
+        return self.store.put(data), data
 
     def _finish(self, claim: Claim, status: str, error: OrchestratorError) -> None:
         job = claim.job

@@ -18,6 +18,8 @@ import json
 import os
 import re
 import tempfile
+import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,7 @@ from orchestrator.errors import NotFound
 
 SHA_RE = re.compile(r"[0-9a-f]{64}")
 RECORD_CHUNK = "orchestrator"
+RECENT_BYTES = 32 * 2**20
 
 
 def infotext(record: dict[str, Any]) -> str:
@@ -65,10 +68,50 @@ def read_record(data: bytes) -> dict[str, Any]:
     return dict(json.loads(text)) if text else {}
 
 
+class RecentContent:
+    """The newest assets' bytes by asset id, in memory, least recently used out first.
+
+    Clients read a job's images right after its terminal event, and an asset never changes once
+    its row is committed, so those reads need neither the database nor the disk. Only committed
+    assets are added. Thread-safe.
+    """
+
+    def __init__(self, max_bytes: int = RECENT_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[str, tuple[str, bytes]] = OrderedDict()
+        self._size = 0
+        self._lock = threading.Lock()
+
+    def add(self, asset_id: str, sha256: str, data: bytes) -> None:
+        if len(data) > self.max_bytes:
+            return
+        with self._lock:
+            old = self._items.pop(asset_id, None)
+            if old is not None:
+                self._size -= len(old[1])
+            self._items[asset_id] = (sha256, data)
+            self._size += len(data)
+            while self._size > self.max_bytes:
+                _, (_, dropped) = self._items.popitem(last=False)
+                self._size -= len(dropped)
+
+    def get(self, asset_id: str) -> tuple[str, bytes] | None:
+        with self._lock:
+            found = self._items.get(asset_id)
+            if found is not None:
+                self._items.move_to_end(asset_id)
+            return found
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+
 class ArtifactStore:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, recent_bytes: int = RECENT_BYTES) -> None:
         self.root = root.resolve()
         self.root.mkdir(parents=True, exist_ok=True)
+        self.recent = RecentContent(recent_bytes)
 
     def path_for(self, sha256: str) -> Path:
         if not SHA_RE.fullmatch(sha256):  # the whole string: with match(), "$" lets a final newline in

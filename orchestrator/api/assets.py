@@ -1,6 +1,8 @@
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+import asyncio
+
+from fastapi import APIRouter, Request, Response
 from sqlmodel import Session, col, select
 
 from orchestrator.api.deps import ServicesDep
@@ -8,6 +10,7 @@ from orchestrator.api.serialize import asset_public
 from orchestrator.errors import NotFound
 from orchestrator.models import Asset
 from orchestrator.schemas import AssetPublic, Lineage
+from orchestrator.services import Services
 
 router = APIRouter(tags=["assets"])
 MAX_DEPTH = 100
@@ -27,12 +30,26 @@ def get_asset(asset_id: str, services: ServicesDep) -> AssetPublic:
 
 
 @router.get("/assets/{asset_id}/content", responses={200: {"content": {"image/png": {}}}})
-def get_content(asset_id: str, services: ServicesDep) -> Response:
+async def get_content(asset_id: str, services: ServicesDep, request: Request) -> Response:
+    # A just-made asset is served from memory without leaving the event loop; others are read
+    # from the database and the disk on a worker thread.
+    found = services.store.recent.get(asset_id)
+    if found is None:
+        found = await asyncio.to_thread(_read_content, services, asset_id)
+    sha256, data = found
+    etag = f'"{sha256}"'
+    headers = {"ETag": etag, "Cache-Control": "private, max-age=31536000, immutable"}
+    if etag in (tag.strip() for tag in request.headers.get("if-none-match", "").split(",")):
+        return Response(status_code=304, headers=headers)
+    return Response(data, media_type="image/png", headers=headers)
+
+
+def _read_content(services: Services, asset_id: str) -> tuple[str, bytes]:
     with services.db.session() as s:
-        asset = _get(s, asset_id)
-    data = services.store.get(asset.sha256)
-    return Response(data, media_type="image/png",
-                    headers={"ETag": f'"{asset.sha256}"', "Cache-Control": "private, max-age=31536000, immutable"})
+        sha256 = _get(s, asset_id).sha256
+    data = services.store.get(sha256)
+    services.store.recent.add(asset_id, sha256, data)
+    return sha256, data
 
 
 @router.get("/assets/{asset_id}/lineage", response_model=Lineage)

@@ -11,7 +11,9 @@ from orchestrator.errors import Unauthorized
 from orchestrator.services import Services
 
 
-def get_services(request: Request) -> Services:
+# Both dependencies are `async def` because they never block: a plain `def` dependency would cost
+# a thread-pool hop on every request.
+async def get_services(request: Request) -> Services:
     services: Services = request.app.state.services
     return services
 
@@ -19,7 +21,7 @@ def get_services(request: Request) -> Services:
 ServicesDep = Annotated[Services, Depends(get_services)]
 
 
-def require_auth(services: ServicesDep, authorization: Annotated[str | None, Header()] = None) -> None:
+async def require_auth(services: ServicesDep, authorization: Annotated[str | None, Header()] = None) -> None:
     """When `ORCH_ADMIN_KEY` is set, every /v1 request carries `Authorization: Bearer <key>`.
     Project-scoped keys will plug in here, returning the caller's scope."""
     key = services.settings.admin_key

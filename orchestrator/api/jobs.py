@@ -12,7 +12,7 @@ from sqlmodel import col, select
 from orchestrator.api.deps import ServicesDep
 from orchestrator.api.serialize import job_public
 from orchestrator.errors import NotFound
-from orchestrator.events import TERMINAL, Event
+from orchestrator.events import TERMINAL, Event, EventBus
 from orchestrator.jobs import validate_cursor
 from orchestrator.models import Job
 from orchestrator.schemas import JobPublic, JobStatus, Page, Stage
@@ -80,9 +80,10 @@ def job_preview(job_id: str, services: ServicesDep) -> Response:
 @router.get("/jobs/{job_id}/events", response_class=StreamingResponse,
             responses={200: {"content": {"text/event-stream": {}}}})
 async def job_events(job_id: str, services: ServicesDep, request: Request) -> StreamingResponse:
-    job = services.jobs.get(job_id)
-    if not services.bus.knows(job_id):
-        _seed_from_database(services, job)
+    if not services.bus.knows(job_id):  # a job this process has published is known to exist
+        job, asset_ids = await asyncio.to_thread(_stored_state, services, job_id)
+        if not services.bus.knows(job_id):  # another client may have seeded it meanwhile
+            _seed(services.bus, job, asset_ids)
 
     async def stream() -> AsyncIterator[str]:
         events = aiter(services.bus.subscribe(job_id))
@@ -110,9 +111,13 @@ async def job_events(job_id: str, services: ServicesDep, request: Request) -> St
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-def _seed_from_database(services: Services, job: Job) -> None:
+def _stored_state(services: Services, job_id: str) -> tuple[Job, list[str]]:
+    job = services.jobs.get(job_id)
+    return job, services.jobs.asset_ids([job.id])[job.id]
+
+
+def _seed(bus: EventBus, job: Job, asset_ids: list[str]) -> None:
     """A job this process has not seen (it ran before a restart): describe its state from the rows."""
-    bus = services.bus
     bus.publish(job.id, "queued", {"job_id": job.id, "status": "queued"})
     if job.status == "queued":
         return
@@ -122,7 +127,6 @@ def _seed_from_database(services: Services, job: Job) -> None:
             bus.publish(job.id, "progress", {"step": job.progress_step, "total": job.progress_total,
                                              "fraction": round(job.progress_step / job.progress_total, 4)})
         return
-    asset_ids = services.jobs.asset_ids([job.id])[job.id]
     for index, asset_id in enumerate(asset_ids):
         bus.publish(job.id, "asset", {"asset_id": asset_id, "index": index})
     if job.status in TERMINAL:

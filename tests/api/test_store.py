@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from orchestrator.errors import NotFound
-from orchestrator.store import ArtifactStore, encode_png, infotext, read_record
+from orchestrator.store import ArtifactStore, RecentContent, encode_png, infotext, read_record
 
 GOOD = "ab" * 32
 
@@ -85,3 +85,24 @@ def test_png_carries_infotext_and_record() -> None:
     ]
     # Deterministic: the same image and record encode to the same bytes.
     assert encode_png(Image.new("RGB", (8, 8), (1, 2, 3)), dict(record)) == data
+
+
+def test_recent_content_is_bounded_and_drops_the_least_recently_used() -> None:
+    recent = RecentContent(max_bytes=10)
+    recent.add("ast_a", "a" * 64, b"aaaa")
+    recent.add("ast_b", "b" * 64, b"bbbb")
+    assert recent.get("ast_a") == ("a" * 64, b"aaaa")  # now the most recently used
+    recent.add("ast_c", "c" * 64, b"cccc")  # 12 bytes: the least recently used (b) goes
+    assert recent.get("ast_b") is None
+    assert recent.get("ast_a") is not None and recent.get("ast_c") is not None
+    assert recent.size == 8
+    recent.add("ast_a", "a" * 64, b"aaaa")  # the same asset again is counted once
+    assert recent.size == 8
+
+
+def test_recent_content_skips_what_could_never_fit() -> None:
+    recent = RecentContent(max_bytes=10)
+    recent.add("ast_a", "a" * 64, b"aaaa")
+    recent.add("ast_big", "b" * 64, b"x" * 11)
+    assert recent.get("ast_big") is None
+    assert recent.get("ast_a") == ("a" * 64, b"aaaa")  # not evicted for nothing

@@ -1,0 +1,65 @@
+"""Asset content: a just-made image is served from memory, older ones from the store on disk, and
+both answer conditional requests by their sha256 ETag."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+
+import httpx
+
+from orchestrator.settings import Settings
+from orchestrator.store import ArtifactStore
+from tests.api import SMALL, create_project, read_events, submit_draft
+
+SettingsFactory = Callable[..., Settings]
+
+
+def test_fresh_content_is_served_from_memory_and_the_rest_from_disk(
+        make_settings: SettingsFactory, start_server: Callable[[Settings], httpx.Client]) -> None:
+    settings = make_settings()
+    first = start_server(settings)
+    project = create_project(first)["id"]
+    job = submit_draft(first, project, n=2, seed=7, **SMALL)
+    assert read_events(first, job["id"])[-1].event == "succeeded"
+    assets = [first.get(f"/v1/assets/{a}").json() for a in first.get(f"/v1/jobs/{job['id']}").json()["assets"]]
+    kept, lost = assets
+    # The store loses one file behind the service's back: the service still has the fresh bytes.
+    ArtifactStore(settings.assets_dir).path_for(lost["sha256"]).unlink()
+    for asset in assets:
+        content = first.get(asset["content_url"])
+        assert content.status_code == 200
+        assert hashlib.sha256(content.content).hexdigest() == asset["sha256"]
+
+    # A new process has nothing in memory: it reads the disk and says plainly what is missing.
+    second = start_server(settings)
+    content = second.get(kept["content_url"])
+    assert content.status_code == 200
+    assert hashlib.sha256(content.content).hexdigest() == kept["sha256"]
+    missing = second.get(lost["content_url"])
+    assert missing.status_code == 404
+    assert missing.json()["error"]["code"] == "not_found"
+    assert "missing from the store" in missing.json()["error"]["message"]
+
+
+def test_content_answers_if_none_match_with_304(
+        make_settings: SettingsFactory, start_server: Callable[[Settings], httpx.Client]) -> None:
+    settings = make_settings()
+    client = start_server(settings)
+    project = create_project(client)["id"]
+    job = submit_draft(client, project, n=1, seed=3, **SMALL)
+    assert read_events(client, job["id"])[-1].event == "succeeded"
+    asset_id = client.get(f"/v1/jobs/{job['id']}").json()["assets"][0]
+    restarted = start_server(settings)
+    for api in (client, restarted):  # from memory, then from disk
+        url = f"/v1/assets/{asset_id}/content"
+        full = api.get(url)
+        etag = full.headers["etag"]
+        assert etag == f'"{hashlib.sha256(full.content).hexdigest()}"'
+        unchanged = api.get(url, headers={"If-None-Match": f'"{"0" * 64}", {etag}'})
+        assert unchanged.status_code == 304
+        assert unchanged.content == b""
+        assert unchanged.headers["etag"] == etag
+        other = api.get(url, headers={"If-None-Match": f'"{"0" * 64}"'})
+        assert other.status_code == 200
+        assert other.content == full.content

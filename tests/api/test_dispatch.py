@@ -1,0 +1,81 @@
+"""The dispatcher claims queued jobs in one worker-thread hop; a claim it committed always runs."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from orchestrator.ids import new_id
+from orchestrator.models import Job, Project
+from orchestrator.runner import Claim
+from orchestrator.schemas import DraftCreate
+from orchestrator.services import Services
+from orchestrator.settings import Settings
+
+SettingsFactory = Callable[..., Settings]
+
+
+@pytest.fixture
+def services(make_settings: SettingsFactory) -> Iterator[Services]:
+    built = Services.build(make_settings())
+    try:
+        yield built
+    finally:
+        asyncio.run(built.aclose())
+
+
+def queued_drafts(services: Services, count: int) -> list[str]:
+    project_id = new_id("prj")
+    with services.db.transaction() as s:
+        s.add(Project(id=project_id, name="dispatch", policy="balanced"))
+    body = DraftCreate(prompt="a lighthouse", n=1, width=64, height=64, steps=1)
+    ids = []
+    for _ in range(count):
+        job, _created = services.jobs.submit(services.jobs.prepare_draft(project_id, body), body, engine=None,
+                                             max_credits=None, idempotency_key=None, scope="test")
+        ids.append(job.id)
+    return ids
+
+
+def statuses(services: Services, job_ids: list[str]) -> list[str]:
+    with services.db.session() as s:
+        return [s.get(Job, job_id).status for job_id in job_ids]  # type: ignore[union-attr]
+
+
+def test_claims_oldest_first_within_lane_limits(services: Services) -> None:
+    jobs = queued_drafts(services, 3)
+    claims = services.scheduler._claim_ready({})
+    # One local device: one job at a time, the oldest.
+    assert [(c.job.id, c.attempt, lane) for c, lane in claims] == [(jobs[0], 1, "local")]
+    assert claims[0][0].job.status == "running"
+    assert statuses(services, jobs) == ["running", "queued", "queued"]
+    assert services.scheduler._claim_ready({"local": 1}) == []  # the lane is busy
+
+
+def test_a_failing_claim_still_starts_the_jobs_already_claimed(services: Services,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    scheduler = services.scheduler
+    jobs = queued_drafts(services, 3)
+    monkeypatch.setattr(scheduler, "lane", lambda engine: ("wide", 10))
+    real_claim = scheduler._claim
+    calls: list[str] = []
+
+    def flaky_claim(job: Job) -> Claim | None:
+        calls.append(job.id)
+        if len(calls) == 2:
+            raise RuntimeError("database is locked")
+        return real_claim(job)
+
+    monkeypatch.setattr(scheduler, "_claim", flaky_claim)
+    claims = scheduler._claim_ready({})
+    assert [c.job.id for c, _ in claims] == [jobs[0]]
+    assert statuses(services, jobs) == ["running", "queued", "queued"]
+
+    # When nothing was claimed, the error reaches the dispatch loop (which logs it and retries).
+    calls.clear()
+    calls.append("-")  # the next call is the failing second one
+    with pytest.raises(RuntimeError):
+        scheduler._claim_ready({})
+    assert statuses(services, jobs) == ["running", "queued", "queued"]
