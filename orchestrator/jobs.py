@@ -195,7 +195,8 @@ class JobService:
         """The routing decision for a prepared request under its project's policy and budget."""
         with self.db.session() as s:
             project = self._project(s, prepared.project_id)
-            budget_used = self.ledger.balance(s, project).used_fraction
+            # Without a budget there is no share of it to route on: skip the ledger's sums.
+            budget_used = None if project.budget_limit is None else self.ledger.balance(s, project).used_fraction
         decision = self.router.decide(project.policy, prepared.request, engine, budget_used)
         if max_credits is not None and decision.estimate > to_millicredits(max_credits):
             raise BudgetExceeded(
