@@ -29,6 +29,9 @@ from orchestrator.errors import NotFound
 
 SHA_RE = re.compile(r"[0-9a-f]{64}")
 RECORD_CHUNK = "orchestrator"
+# zlib level 4, as ComfyUI saves: on a 512x512 image with natural structure it encodes in 36 ms
+# where the default level 6 takes 124 ms, for a file of about the same size (295 vs 303 KiB).
+PNG_COMPRESS_LEVEL = 4
 RECENT_BYTES = 32 * 2**20
 
 
@@ -58,7 +61,7 @@ def encode_png(image: Image.Image, record: dict[str, Any]) -> bytes:
     info.add_itxt(RECORD_CHUNK, json.dumps(record, sort_keys=True, separators=(",", ":")))
     buf = io.BytesIO()
     rgb = image if image.mode in ("RGB", "RGBA") else image.convert("RGB")
-    rgb.save(buf, format="PNG", pnginfo=info, optimize=False, compress_level=6)
+    rgb.save(buf, format="PNG", pnginfo=info, optimize=False, compress_level=PNG_COMPRESS_LEVEL)
     return buf.getvalue()
 
 
