@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
+
+from orchestrator.server import free_port
+from orchestrator.settings import Settings
+from tiers import tiny
 
 TERMINAL = ("succeeded", "failed", "canceled")
 SMALL: dict[str, Any] = {"width": 64, "height": 64, "steps": 2}
@@ -106,3 +116,40 @@ def assert_error(response: httpx.Response, status: int, code: str) -> dict[str, 
     assert isinstance(error["message"], str) and error["message"]
     assert isinstance(error["details"], dict)
     return error
+
+
+@contextmanager
+def serve_process(settings: Settings, workdir: Path, log_name: str,
+                  env: dict[str, str] | None = None) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """`orchestrator serve` as its own process, configured through the environment only (the
+    settings' data and cache dirs, the tiny model, and `env`)."""
+    port = free_port()
+    # make_settings already removed the developer's ORCH_* and vendor variables from os.environ.
+    process_env = {**os.environ, "ORCH_DATA_DIR": str(settings.data_dir), "ORCH_LITE_MODEL": tiny.NAME,
+                   "ORCH_CACHE_DIR": str(settings.cache_dir), "HF_HUB_OFFLINE": "1", **(env or {})}
+    log = (workdir / log_name).open("wb")
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "serve", "--port", str(port),
+                             "--log-level", "warning"], cwd=workdir, env=process_env, stdout=log,
+                            stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, f"the server exited with {proc.returncode}; see {log.name}"
+            try:
+                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.05)  # poll interval while the process starts
+        yield proc, base
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        log.close()

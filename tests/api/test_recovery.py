@@ -3,14 +3,9 @@ with `interrupted` (never sent twice); no job stays `running`."""
 
 from __future__ import annotations
 
-import os
 import signal
 import sqlite3
-import subprocess
-import sys
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -20,46 +15,11 @@ import httpx
 from orchestrator.db import Database
 from orchestrator.ids import new_id
 from orchestrator.models import Job, Project, utcnow
-from orchestrator.server import free_port
 from orchestrator.settings import Settings
-from tests.api import TERMINAL, create_project, iter_sse, read_events, submit_draft, wait_for_job
+from tests.api import TERMINAL, create_project, iter_sse, read_events, serve_process, submit_draft, wait_for_job
 from tiers import tiny
 
 SettingsFactory = Callable[..., Settings]
-
-
-@contextmanager
-def serve_process(settings: Settings, workdir: Path, log_name: str) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
-    """`orchestrator serve` as its own process, configured through the environment only."""
-    port = free_port()
-    # make_settings already removed the developer's ORCH_* and vendor variables from os.environ.
-    env = {**os.environ, "ORCH_DATA_DIR": str(settings.data_dir), "ORCH_LITE_MODEL": tiny.NAME,
-           "ORCH_CACHE_DIR": str(settings.cache_dir), "HF_HUB_OFFLINE": "1"}
-    log = (workdir / log_name).open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "serve", "--port", str(port),
-                             "--log-level", "warning"], cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, f"the server exited with {proc.returncode}; see {log.name}"
-            try:
-                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.05)  # poll interval while the process starts
-        yield proc, base
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        log.close()
 
 
 def db_status(settings: Settings, job_id: str) -> str:

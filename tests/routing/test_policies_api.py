@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -10,6 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.api import serve_process
 from tests.routing import assert_error, create_project, ledger, promote, run_draft, submit, wait_for_job
 from tests.routing.conftest import FAKE_ENGINES, SettingsFactory, running, write_policies
 
@@ -298,3 +301,21 @@ def test_bad_file_is_refused_and_the_last_good_version_stays(reload_api: tuple[h
     assert fixed["content_hash"] != good["content_hash"]
     routing = explain_draft(client, project["id"])
     assert routing["policy_hash"] == fixed["content_hash"] and routing["reason"] == "version two"
+
+
+def test_sighup_reloads_the_policy_files(new_settings: SettingsFactory, tmp_path: Path) -> None:
+    # Not named `policies`: the server runs with `python -m` in tmp_path, where such a folder would
+    # shadow the package of that name.
+    folder = write_policies(tmp_path / "policy-files", {"custom": CUSTOM_V1})
+    with (serve_process(new_settings(), tmp_path, "sighup.log", env={"ORCH_POLICY_DIR": str(folder)})
+          as (proc, base), httpx.Client(base_url=base, timeout=30.0) as client):
+        before = client.get("/v1/policies/custom").json()
+        assert before["rules"][0]["reason"] == "version one"
+        (folder / "custom.toml").write_text(CUSTOM_V2)
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while (after := client.get("/v1/policies/custom").json())["rules"][0]["reason"] != "version two":
+            assert time.monotonic() < deadline, "SIGHUP did not reload the policy files"
+            time.sleep(0.05)  # poll interval while the signal is handled
+        assert after["content_hash"] != before["content_hash"]
+        assert proc.poll() is None  # reloaded, not stopped
