@@ -13,23 +13,22 @@ the actual cost is always `None`.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Literal
+from typing import Any
 
 import httpx
 
 from orchestrator.errors import BadEngineInput, Canceled, ContentFiltered, EngineError, EngineTimeout
+from tiers._cloud import CloudEngine
 from tiers._http import RemoteClient, error_text
 from tiers._images import b64decode_tolerant, b64encode, decode_image, encode_image
 from tiers.base import (
     CancelToken,
     Capabilities,
     EngineContext,
-    PriceTable,
     Progress,
     RenderedImage,
     RenderRequest,
     RenderResult,
-    Stage,
     instruction_prompt,
 )
 
@@ -44,7 +43,6 @@ PENDING = frozenset({"IN_QUEUE", "IN_PROGRESS"})
 # fal's error types are not all documented (*unverified*): match the policy-ish words.
 FILTER_WORDS = ("content_policy", "nsfw", "safety", "moderation")
 MAX_INLINE_BYTES = 7 * 1024 * 1024
-KEY_SETTING = "ORCH_FAL_API_KEY (or FAL_KEY)"
 
 
 def resolution(width: int, height: int) -> str:
@@ -57,10 +55,9 @@ def _filtered(*texts: object) -> bool:
     return any(word in lowered for word in FILTER_WORDS)
 
 
-class FalEngine:
+class FalEngine(CloudEngine):
     name = "fal"
-    kind: Literal["remote"] = "remote"
-    stages: frozenset[Stage] = frozenset({"bridge", "polish"})
+    key_settings = ("ORCH_FAL_API_KEY", "FAL_KEY")
     capabilities = Capabilities(img2img=True, upscale=True, seeds=False, negative_prompt=False,
                                 leaves_machine=True, max_width=4096, max_height=4096, size_multiple=1)
     # Seconds between status polls; tests set it to 0.
@@ -68,30 +65,11 @@ class FalEngine:
 
     def __init__(self, ctx: EngineContext, client: RemoteClient | None = None) -> None:
         s = ctx.settings
-        self._model = s.fal_model.strip("/")
-        self._key = s.fal_api_key.get_secret_value() if s.fal_api_key else None
-        self._prices = PriceTable(self.name, DEFAULT_PRICES, PRICES_AS_OF, ctx.price_overrides.get(self.name))
+        super().__init__(ctx, s.fal_model.strip("/"), s.fal_api_key, DEFAULT_PRICES, PRICES_AS_OF)
         # The key goes on each queue call, not on the client: outputs are downloaded with the same
         # client from CDN hosts that must never see it.
         self._auth = {"Authorization": f"Key {self._key or ''}"}
-        self.http = client or RemoteClient.for_settings(
-            self.name,
-            s,
-            base_url=s.fal_base_url,
-            key_setting=KEY_SETTING,
-        )
-
-    @property
-    def model(self) -> str:
-        return self._model
-
-    def availability(self) -> tuple[bool, str | None]:
-        if not self._key:
-            return False, "no API key: set ORCH_FAL_API_KEY or FAL_KEY"
-        return True, None
-
-    def prices(self) -> dict[str, Any]:
-        return self._prices.as_dict()
+        self.http = self.remote_client(ctx, client, base_url=s.fal_base_url)
 
     def estimate(self, req: RenderRequest) -> int:
         return req.n * self._prices.millicredits(self._model, resolution(req.width, req.height))
@@ -249,9 +227,6 @@ class FalEngine:
             raise EngineError("fal: unexpected response shape", details={"engine": self.name},
                               charged="unknown")
         return body
-
-    async def aclose(self) -> None:
-        await self.http.aclose()
 
 
 def factory(ctx: EngineContext) -> FalEngine:

@@ -8,21 +8,20 @@ been billed). Cost comes from `usageMetadata` tokens x the configured token pric
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any
 
 from orchestrator.errors import ContentFiltered, EngineError, EngineUnavailable, NoPrice
+from tiers._cloud import CloudEngine
 from tiers._http import RemoteClient
 from tiers._images import b64decode_tolerant, b64encode, decode_image, encode_image, nearest_aspect
 from tiers.base import (
     CancelToken,
     Capabilities,
     EngineContext,
-    PriceTable,
     Progress,
     RenderedImage,
     RenderRequest,
     RenderResult,
-    Stage,
     instruction_prompt,
 )
 
@@ -50,37 +49,17 @@ def image_size(width: int, height: int) -> str:
     return "1K" if side <= 1024 else "2K" if side <= 2048 else "4K"
 
 
-class GeminiEngine:
+class GeminiEngine(CloudEngine):
     name = "gemini"
-    kind: Literal["remote"] = "remote"
-    stages: frozenset[Stage] = frozenset({"bridge", "polish"})
+    key_settings = ("ORCH_GEMINI_API_KEY", "GEMINI_API_KEY")
     capabilities = Capabilities(img2img=True, upscale=True, seeds=False, negative_prompt=False,
                                 leaves_machine=True, max_width=4096, max_height=4096, size_multiple=1)
 
     def __init__(self, ctx: EngineContext, client: RemoteClient | None = None) -> None:
         s = ctx.settings
-        self._model = s.gemini_model
-        self._key = s.gemini_api_key.get_secret_value() if s.gemini_api_key else None
-        self._prices = PriceTable(self.name, DEFAULT_PRICES, PRICES_AS_OF, ctx.price_overrides.get(self.name))
-        self.http = client or RemoteClient.for_settings(
-            self.name,
-            s,
-            base_url=s.gemini_base_url,
-            headers={"x-goog-api-key": self._key or ""},
-            key_setting="ORCH_GEMINI_API_KEY (or GEMINI_API_KEY)",
-        )
-
-    @property
-    def model(self) -> str:
-        return self._model
-
-    def availability(self) -> tuple[bool, str | None]:
-        if not self._key:
-            return False, "no API key: set ORCH_GEMINI_API_KEY or GEMINI_API_KEY"
-        return True, None
-
-    def prices(self) -> dict[str, Any]:
-        return self._prices.as_dict()
+        super().__init__(ctx, s.gemini_model, s.gemini_api_key, DEFAULT_PRICES, PRICES_AS_OF)
+        self.http = self.remote_client(ctx, client, base_url=s.gemini_base_url,
+                                       headers={"x-goog-api-key": self._key or ""})
 
     def estimate(self, req: RenderRequest) -> int:
         size = image_size(req.width, req.height)
@@ -179,9 +158,6 @@ class GeminiEngine:
                                   details={"engine": self.name, "reason": reason})
         raise EngineError(f"gemini returned no image (finishReason {reason or 'missing'})",
                           details={"engine": self.name, "reason": reason or None})
-
-    async def aclose(self) -> None:
-        await self.http.aclose()
 
 
 def factory(ctx: EngineContext) -> GeminiEngine:

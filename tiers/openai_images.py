@@ -11,23 +11,22 @@ answer has them; otherwise `None`, and the ledger keeps the estimate.
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any
 
 import httpx
 
 from orchestrator.errors import BadEngineInput, ContentFiltered, EngineError, NoPrice
+from tiers._cloud import CloudEngine
 from tiers._http import RemoteClient
 from tiers._images import b64decode_tolerant, decode_image, encode_image, nearest_aspect
 from tiers.base import (
     CancelToken,
     Capabilities,
     EngineContext,
-    PriceTable,
     Progress,
     RenderedImage,
     RenderRequest,
     RenderResult,
-    Stage,
 )
 
 SIZES = {"1:1": "1024x1024", "3:2": "1536x1024", "2:3": "1024x1536"}
@@ -63,37 +62,17 @@ def quality(req: RenderRequest) -> str:
     return req.quality if req.quality in QUALITIES else "high"
 
 
-class OpenAIImagesEngine:
+class OpenAIImagesEngine(CloudEngine):
     name = "openai"
-    kind: Literal["remote"] = "remote"
-    stages: frozenset[Stage] = frozenset({"bridge", "polish"})
+    key_settings = ("ORCH_OPENAI_API_KEY", "OPENAI_API_KEY")
     capabilities = Capabilities(img2img=True, upscale=False, seeds=False, negative_prompt=False,
                                 leaves_machine=True, max_width=1536, max_height=1536, size_multiple=1)
 
     def __init__(self, ctx: EngineContext, client: RemoteClient | None = None) -> None:
         s = ctx.settings
-        self._model = s.openai_model
-        self._key = s.openai_api_key.get_secret_value() if s.openai_api_key else None
-        self._prices = PriceTable(self.name, DEFAULT_PRICES, PRICES_AS_OF, ctx.price_overrides.get(self.name))
-        self.http = client or RemoteClient.for_settings(
-            self.name,
-            s,
-            base_url=s.openai_base_url,
-            headers={"Authorization": f"Bearer {self._key or ''}"},
-            key_setting="ORCH_OPENAI_API_KEY (or OPENAI_API_KEY)",
-        )
-
-    @property
-    def model(self) -> str:
-        return self._model
-
-    def availability(self) -> tuple[bool, str | None]:
-        if not self._key:
-            return False, "no API key: set ORCH_OPENAI_API_KEY or OPENAI_API_KEY"
-        return True, None
-
-    def prices(self) -> dict[str, Any]:
-        return self._prices.as_dict()
+        super().__init__(ctx, s.openai_model, s.openai_api_key, DEFAULT_PRICES, PRICES_AS_OF)
+        self.http = self.remote_client(ctx, client, base_url=s.openai_base_url,
+                                       headers={"Authorization": f"Bearer {self._key or ''}"})
 
     def estimate(self, req: RenderRequest) -> int:
         size = image_size(req.width, req.height)
@@ -208,9 +187,6 @@ class OpenAIImagesEngine:
         if not encoded:
             raise EngineError("openai returned no image", details={"engine": self.name})
         return [decode_image(b64decode_tolerant(str(item)), self.name) for item in encoded]
-
-    async def aclose(self) -> None:
-        await self.http.aclose()
 
 
 def factory(ctx: EngineContext) -> OpenAIImagesEngine:

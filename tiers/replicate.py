@@ -13,23 +13,22 @@ amount, so the actual cost is always `None`.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Literal
+from typing import Any
 
 import httpx
 
 from orchestrator.errors import Canceled, ContentFiltered, EngineError, EngineTimeout, EngineUnavailable
+from tiers._cloud import CloudEngine
 from tiers._http import RemoteClient, error_text
 from tiers._images import b64decode_tolerant, b64encode, decode_image, encode_image, nearest_aspect
 from tiers.base import (
     CancelToken,
     Capabilities,
     EngineContext,
-    PriceTable,
     Progress,
     RenderedImage,
     RenderRequest,
     RenderResult,
-    Stage,
     instruction_prompt,
 )
 
@@ -45,7 +44,6 @@ FILTER_WORDS = ("nsfw", "safety", "sensitive")
 FLUX_ASPECTS = ("1:1", "16:9", "3:2", "2:3", "4:5", "5:4", "9:16", "3:4", "4:3")
 PREFER_WAIT = 60
 MAX_INLINE_BYTES = 7 * 1024 * 1024
-KEY_SETTING = "ORCH_REPLICATE_API_KEY (or REPLICATE_API_TOKEN)"
 
 
 def model_input(model: str, req: RenderRequest, prompt: str, image_uri: str | None) -> dict[str, Any]:
@@ -74,10 +72,10 @@ def _filtered(text: str) -> bool:
     return any(word in lowered for word in FILTER_WORDS)
 
 
-class ReplicateEngine:
+class ReplicateEngine(CloudEngine):
     name = "replicate"
-    kind: Literal["remote"] = "remote"
-    stages: frozenset[Stage] = frozenset({"bridge", "polish"})
+    key_settings = ("ORCH_REPLICATE_API_KEY", "REPLICATE_API_TOKEN")
+    key_noun = "API token"
     capabilities = Capabilities(img2img=True, upscale=True, seeds=False, negative_prompt=False,
                                 leaves_machine=True, max_width=4096, max_height=4096, size_multiple=1)
     # Seconds between polls once the `Prefer: wait` window has run out; tests set it to 0.
@@ -85,32 +83,13 @@ class ReplicateEngine:
 
     def __init__(self, ctx: EngineContext, client: RemoteClient | None = None) -> None:
         s = ctx.settings
-        self._model = s.replicate_model
-        self._key = s.replicate_api_key.get_secret_value() if s.replicate_api_key else None
-        self._prices = PriceTable(self.name, DEFAULT_PRICES, PRICES_AS_OF, ctx.price_overrides.get(self.name))
+        super().__init__(ctx, s.replicate_model, s.replicate_api_key, DEFAULT_PRICES, PRICES_AS_OF)
         # The key goes on each API call, not on the client: outputs are downloaded with the same
         # client from CDN hosts that must never see it.
         self._auth = {"Authorization": f"Bearer {self._key or ''}"}
         # A hold longer than the read timeout would turn every slow render into a timeout.
         self._wait = max(1, min(PREFER_WAIT, int(s.remote_read_timeout) - 5))
-        self.http = client or RemoteClient.for_settings(
-            self.name,
-            s,
-            base_url=s.replicate_base_url,
-            key_setting=KEY_SETTING,
-        )
-
-    @property
-    def model(self) -> str:
-        return self._model
-
-    def availability(self) -> tuple[bool, str | None]:
-        if not self._key:
-            return False, "no API token: set ORCH_REPLICATE_API_KEY or REPLICATE_API_TOKEN"
-        return True, None
-
-    def prices(self) -> dict[str, Any]:
-        return self._prices.as_dict()
+        self.http = self.remote_client(ctx, client, base_url=s.replicate_base_url)
 
     def estimate(self, req: RenderRequest) -> int:
         return req.n * self._prices.millicredits(self._model, "image")
@@ -254,9 +233,6 @@ class ReplicateEngine:
             raise EngineError("replicate: the answer is not a prediction (no id or status)",
                               details={"engine": self.name}, charged="unknown")
         return body
-
-    async def aclose(self) -> None:
-        await self.http.aclose()
 
 
 def factory(ctx: EngineContext) -> ReplicateEngine:

@@ -33,18 +33,17 @@ from orchestrator.errors import (
     EngineTimeout,
     EngineUnavailable,
 )
+from tiers._cloud import CloudEngine
 from tiers._http import RemoteClient
 from tiers._images import b64decode_tolerant, decode_image, encode_image
 from tiers.base import (
     CancelToken,
     Capabilities,
     EngineContext,
-    PriceTable,
     Progress,
     RenderedImage,
     RenderRequest,
     RenderResult,
-    Stage,
 )
 
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024
@@ -84,39 +83,20 @@ def _clamp(value: float, bounds: tuple[float, float]) -> float:
     return min(max(value, bounds[0]), bounds[1])
 
 
-class StabilityEngine:
+class StabilityEngine(CloudEngine):
     name = "stability"
-    kind: Literal["remote"] = "remote"
-    stages: frozenset[Stage] = frozenset({"bridge", "polish"})
+    key_settings = ("ORCH_STABILITY_API_KEY", "STABILITY_API_KEY")
     capabilities = Capabilities(img2img=True, upscale=True, seeds=True, negative_prompt=True,
                                 leaves_machine=True, max_width=4096, max_height=4096, size_multiple=1)
 
     def __init__(self, ctx: EngineContext, client: RemoteClient | None = None) -> None:
         s = ctx.settings
-        self._model = s.stability_model
-        self._key = s.stability_api_key.get_secret_value() if s.stability_api_key else None
-        self._prices = PriceTable(self.name, DEFAULT_PRICES, PRICES_AS_OF, ctx.price_overrides.get(self.name))
+        super().__init__(ctx, s.stability_model, s.stability_api_key, DEFAULT_PRICES, PRICES_AS_OF)
         # Seconds between result polls; an attribute so tests can make it zero.
         self.poll_interval = POLL_INTERVAL
-        self.http = client or RemoteClient.for_settings(
-            self.name,
-            s,
-            base_url=s.stability_base_url,
-            headers={"authorization": f"Bearer {self._key or ''}", "accept": "application/json"},
-            key_setting="ORCH_STABILITY_API_KEY (or STABILITY_API_KEY)",
-        )
-
-    @property
-    def model(self) -> str:
-        return self._model
-
-    def availability(self) -> tuple[bool, str | None]:
-        if not self._key:
-            return False, "no API key: set ORCH_STABILITY_API_KEY or STABILITY_API_KEY"
-        return True, None
-
-    def prices(self) -> dict[str, Any]:
-        return self._prices.as_dict()
+        self.http = self.remote_client(ctx, client, base_url=s.stability_base_url,
+                                       headers={"authorization": f"Bearer {self._key or ''}",
+                                                "accept": "application/json"})
 
     def _priced_model(self, req: RenderRequest) -> str:
         op = operation(req)
@@ -285,9 +265,6 @@ class StabilityEngine:
         if not isinstance(body, dict):
             raise EngineError(f"{self.name}: unexpected response shape", details={"engine": self.name})
         return body
-
-    async def aclose(self) -> None:
-        await self.http.aclose()
 
 
 def factory(ctx: EngineContext) -> StabilityEngine:

@@ -1,0 +1,53 @@
+"""What the five paid cloud engines share (tiers/_cloud.py): unavailable without a key, saying
+which settings hold it; model and prices from the settings and the prices file."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tiers._cloud import CloudEngine
+from tiers.fal import FalEngine
+from tiers.gemini import GeminiEngine
+from tiers.openai_images import OpenAIImagesEngine
+from tiers.replicate import ReplicateEngine
+from tiers.stability import StabilityEngine
+
+CASES = [
+    (GeminiEngine, "gemini", "no API key: set ORCH_GEMINI_API_KEY or GEMINI_API_KEY"),
+    (OpenAIImagesEngine, "openai", "no API key: set ORCH_OPENAI_API_KEY or OPENAI_API_KEY"),
+    (StabilityEngine, "stability", "no API key: set ORCH_STABILITY_API_KEY or STABILITY_API_KEY"),
+    (ReplicateEngine, "replicate", "no API token: set ORCH_REPLICATE_API_KEY or REPLICATE_API_TOKEN"),
+    (FalEngine, "fal", "no API key: set ORCH_FAL_API_KEY or FAL_KEY"),
+]
+
+
+@pytest.mark.parametrize(("cls", "prefix", "reason"), CASES, ids=[c[1] for c in CASES])
+async def test_a_key_makes_the_engine_available(make_ctx: Any, cls: type[CloudEngine], prefix: str,
+                                                reason: str) -> None:
+    without = cls(make_ctx(**{f"{prefix}_api_key": None}))
+    assert without.availability() == (False, reason)
+    with_key = cls(make_ctx(**{f"{prefix}_api_key": "k-secret"}))
+    assert with_key.availability() == (True, None)
+    assert with_key.kind == "remote" and with_key.stages == frozenset({"bridge", "polish"})
+    # The 401/403 message names both settings, never the key.
+    assert with_key.http.key_setting.startswith(f"ORCH_{prefix.upper()}_API_KEY (or ")
+    await without.aclose()
+    await with_key.aclose()
+
+
+@pytest.mark.parametrize(("cls", "prefix"), [(c[0], c[1]) for c in CASES], ids=[c[1] for c in CASES])
+async def test_model_and_prices_come_from_the_settings(make_ctx: Any, cls: type[CloudEngine], prefix: str) -> None:
+    default = cls(make_ctx())
+    model = default.model
+    assert model and model in default.prices()["credits_per_image"]
+    overrides = {prefix: {model: {"custom-variant": 1.5}}}
+    ctx = make_ctx(**{f"{prefix}_model": model})
+    ctx.price_overrides.update(overrides)
+    priced = cls(ctx)
+    table = priced.prices()
+    assert table["credits_per_image"][model]["custom-variant"] == 1.5
+    assert table["as_of"] == default.prices()["as_of"]
+    await default.aclose()
+    await priced.aclose()

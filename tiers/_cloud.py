@@ -1,0 +1,53 @@
+"""What the paid cloud engines share: an API key (without one the engine is unavailable and says
+which setting to fill), a model from the settings, a dated price table, and one `RemoteClient`
+whose 401/403 errors name the same setting."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+from tiers._http import RemoteClient
+from tiers.base import EngineContext, PriceTable, Stage
+
+if TYPE_CHECKING:
+    from pydantic import SecretStr
+
+
+class CloudEngine:
+    name: ClassVar[str]
+    kind: Literal["remote"] = "remote"
+    stages: frozenset[Stage] = frozenset({"bridge", "polish"})
+    # The orchestrator's setting and the vendor's own variable that hold the key.
+    key_settings: ClassVar[tuple[str, str]]
+    key_noun: ClassVar[str] = "API key"
+    http: RemoteClient
+
+    def __init__(self, ctx: EngineContext, model: str, key: SecretStr | None,
+                 prices: Mapping[str, Mapping[str, float]], prices_as_of: str) -> None:
+        self._model = model
+        self._key = key.get_secret_value() if key else None
+        self._prices = PriceTable(self.name, prices, prices_as_of, ctx.price_overrides.get(self.name))
+
+    def remote_client(self, ctx: EngineContext, client: RemoteClient | None, *, base_url: str,
+                      headers: dict[str, str] | None = None) -> RemoteClient:
+        """`client` (tests pass one), else one for `base_url` with the `ORCH_REMOTE_*` timeouts."""
+        ours, vendors = self.key_settings
+        return client or RemoteClient.for_settings(self.name, ctx.settings, base_url=base_url, headers=headers,
+                                                   key_setting=f"{ours} (or {vendors})")
+
+    @property
+    def model(self) -> str:
+        return self._model
+
+    def availability(self) -> tuple[bool, str | None]:
+        if not self._key:
+            ours, vendors = self.key_settings
+            return False, f"no {self.key_noun}: set {ours} or {vendors}"
+        return True, None
+
+    def prices(self) -> dict[str, Any]:
+        return self._prices.as_dict()
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
