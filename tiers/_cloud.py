@@ -1,14 +1,16 @@
 """What the paid cloud engines share: an API key (without one the engine is unavailable and says
-which setting to fill), a model from the settings, a dated price table, and one `RemoteClient`
-whose 401/403 errors name the same setting."""
+which setting to fill), a model from the settings, a dated price table, one `RemoteClient` whose
+401/403 errors name the same setting, and fetching output images the provider hosts."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
+from orchestrator.errors import EngineError
 from tiers._http import RemoteClient
-from tiers.base import EngineContext, PriceTable, Stage
+from tiers._images import b64decode_tolerant, decode_image
+from tiers.base import CancelToken, EngineContext, PriceTable, RenderedImage, Stage
 
 if TYPE_CHECKING:
     from pydantic import SecretStr
@@ -48,6 +50,28 @@ class CloudEngine:
 
     def prices(self) -> dict[str, Any]:
         return self._prices.as_dict()
+
+    async def fetch_outputs(self, urls: list[str], cancel: CancelToken, *, empty: str,
+                            details: dict[str, Any]) -> list[RenderedImage]:
+        """The output images at `urls` (the provider's CDN, or data URIs). The provider has billed
+        the job by now, so every failure from here on is a charged one. Only for engines whose
+        client carries no key (fal and replicate put it on each API call): CDN hosts never see it."""
+        try:
+            if not urls:
+                raise EngineError(f"{self.name}: {empty}", details={"engine": self.name, **details})
+            return [RenderedImage(decode_image(await self._download(url, cancel), self.name)) for url in urls]
+        except EngineError as exc:
+            exc.charged = "yes"
+            raise
+
+    async def _download(self, url: str, cancel: CancelToken) -> bytes:
+        if url.startswith("data:"):
+            return b64decode_tolerant(url.partition(",")[2])
+        response = await cancel.race(self.http.request("GET", url, idempotent=True), charged="yes")
+        if response.status_code != 200:
+            raise EngineError(f"{self.name}: downloading the output failed (HTTP {response.status_code})",
+                              details={"engine": self.name, "status": response.status_code})
+        return response.content
 
     async def aclose(self) -> None:
         await self.http.aclose()

@@ -20,7 +20,7 @@ import httpx
 from orchestrator.errors import BadEngineInput, Canceled, ContentFiltered, EngineError, EngineTimeout
 from tiers._cloud import CloudEngine
 from tiers._http import RemoteClient, error_text
-from tiers._images import b64decode_tolerant, b64encode, decode_image, encode_image
+from tiers._images import b64encode, encode_image
 from tiers.base import (
     CancelToken,
     Capabilities,
@@ -174,23 +174,7 @@ class FalEngine(CloudEngine):
         entries = output.get("images")
         found = [e.get("url") for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
         urls = [u for u in found if isinstance(u, str) and u]
-        try:
-            if not urls:
-                raise EngineError("fal: the request completed without an image",
-                                  details={"engine": self.name})
-            return [RenderedImage(decode_image(await self._download(url, cancel), self.name)) for url in urls]
-        except EngineError as exc:
-            exc.charged = "yes"
-            raise
-
-    async def _download(self, url: str, cancel: CancelToken) -> bytes:
-        if url.startswith("data:"):
-            return b64decode_tolerant(url.partition(",")[2])
-        response = await cancel.race(self.http.request("GET", url, idempotent=True), charged="yes")
-        if response.status_code != 200:
-            raise EngineError(f"fal: downloading the output failed (HTTP {response.status_code})",
-                              details={"engine": self.name, "status": response.status_code})
-        return response.content
+        return await self.fetch_outputs(urls, cancel, empty="the request completed without an image", details={})
 
     async def _cancel_remote(self, cancel_url: str) -> None:
         """Best effort: the job is over for us either way, so no failure here is surfaced."""

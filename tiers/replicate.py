@@ -20,7 +20,7 @@ import httpx
 from orchestrator.errors import Canceled, ContentFiltered, EngineError, EngineTimeout, EngineUnavailable
 from tiers._cloud import CloudEngine
 from tiers._http import RemoteClient, error_text
-from tiers._images import b64decode_tolerant, b64encode, decode_image, encode_image, nearest_aspect
+from tiers._images import b64encode, encode_image, nearest_aspect
 from tiers.base import (
     CancelToken,
     Capabilities,
@@ -192,23 +192,8 @@ class ReplicateEngine(CloudEngine):
         output = prediction.get("output")
         urls = [output] if isinstance(output, str) else output if isinstance(output, list) else []
         urls = [u for u in urls if isinstance(u, str) and u]
-        try:
-            if not urls:
-                raise EngineError("replicate: the prediction succeeded without an image",
-                                  details={"engine": self.name, "prediction": prediction.get("id")})
-            return [RenderedImage(decode_image(await self._download(url, cancel), self.name)) for url in urls]
-        except EngineError as exc:
-            exc.charged = "yes"
-            raise
-
-    async def _download(self, url: str, cancel: CancelToken) -> bytes:
-        if url.startswith("data:"):
-            return b64decode_tolerant(url.partition(",")[2])
-        response = await cancel.race(self.http.request("GET", url, idempotent=True), charged="yes")
-        if response.status_code != 200:
-            raise EngineError(f"replicate: downloading the output failed (HTTP {response.status_code})",
-                              details={"engine": self.name, "status": response.status_code})
-        return response.content
+        return await self.fetch_outputs(urls, cancel, empty="the prediction succeeded without an image",
+                                        details={"prediction": prediction.get("id")})
 
     async def _cancel_remote(self, prediction_id: str) -> None:
         """Best effort: the job is over for us either way, so no failure here is surfaced."""
