@@ -5,17 +5,19 @@ Helpers shared by the modules live here; the package's fixtures are in `conftest
 
 from __future__ import annotations
 
-import json
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import httpx
 
+# Shared with tests/api, re-exported for the credit modules.
+from tests.api import TERMINAL as TERMINAL
+from tests.api import iter_sse as iter_sse
+from tests.api import wait_for_job as wait_for_job
+
 T = TypeVar("T")
-TERMINAL = ("succeeded", "failed", "canceled")
 PRICE = 10.0  # credits per image of the fake-paid engine (tests/fakes.py)
 DRAFT: dict[str, Any] = {"prompt": "a lighthouse at dusk", "n": 1, "width": 64, "height": 64, "steps": 1, "seed": 7}
 
@@ -36,13 +38,6 @@ def get_json(client: httpx.Client, url: str, **params: Any) -> Any:
     response = client.get(url, params=params or None)
     assert response.status_code == 200, response.text
     return response.json()
-
-
-def wait_for_job(client: httpx.Client, job_id: str, statuses: tuple[str, ...] = TERMINAL,
-                 timeout: float = 30.0) -> dict[str, Any]:
-    job: dict[str, Any] = poll(lambda: get_json(client, f"/v1/jobs/{job_id}"),
-                               lambda j: j["status"] in statuses, timeout, f"job {job_id} to be {statuses}")
-    return job
 
 
 def create_project(client: httpx.Client, budget: dict[str, Any] | None = None, name: str = "credits") -> str:
@@ -133,22 +128,3 @@ def assert_settled_once(entries: list[dict[str, Any]]) -> None:
             assert capture["amount"] > hold["amount"] and counts["release"] == 0
         else:
             assert round(sum(e["amount"] for e in mine), 3) == hold["amount"], mine
-
-
-@dataclass(frozen=True)
-class SSE:
-    event: str
-    data: Any
-
-
-def iter_sse(response: httpx.Response) -> Iterator[SSE]:
-    """Events of a text/event-stream body (`event:` and `data:` fields)."""
-    fields: dict[str, str] = {}
-    for line in response.iter_lines():
-        if line == "":
-            if fields:
-                yield SSE(fields.get("event", "message"), json.loads(fields.get("data", "null")))
-            fields = {}
-        elif not line.startswith(":"):
-            name, _, value = line.partition(":")
-            fields[name] = value[1:] if value.startswith(" ") else value

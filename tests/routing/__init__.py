@@ -12,10 +12,14 @@ from typing import Any
 
 import httpx
 
+# Shared with tests/api, re-exported for the routing modules.
+from tests.api import TERMINAL as TERMINAL
+from tests.api import assert_error as assert_error
+from tests.api import create_project as create_project
+from tests.api import wait_for_job as wait_for_job
 from tests.fakes import FakePaidEngine
 from tiers.base import CancelToken, EngineContext, PriceTable, Progress, RenderRequest, RenderResult
 
-TERMINAL = ("succeeded", "failed", "canceled")
 SMALL: dict[str, Any] = {"width": 64, "height": 64, "steps": 1}
 FAKE_B_PRICE = 20.0  # credits per image
 
@@ -40,23 +44,6 @@ def fake_b_factory(ctx: EngineContext) -> NamedFakeEngine:
     return NamedFakeEngine(ctx, "fake-b", FAKE_B_PRICE)
 
 
-def wait_for_job(client: httpx.Client, job_id: str, statuses: tuple[str, ...] = TERMINAL,
-                 timeout: float = 60.0) -> dict[str, Any]:
-    """Poll `GET /v1/jobs/{id}` until the job reaches one of `statuses` (a deadline, not a sleep)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        response = client.get(f"/v1/jobs/{job_id}")
-        assert response.status_code == 200, response.text
-        job: dict[str, Any] = response.json()
-        if job["status"] in statuses:
-            return job
-        if job["status"] in TERMINAL:
-            raise AssertionError(f"job {job_id} ended {job['status']} ({job['error']}), wanted {statuses}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"job {job_id} still {job['status']} after {timeout}s, wanted {statuses}")
-        time.sleep(0.02)  # poll interval, not a wait for a state
-
-
 def poll(check: Any, timeout: float = 30.0, what: str = "condition") -> Any:
     """Call `check()` until it returns something truthy; fail at the deadline."""
     deadline = time.monotonic() + timeout
@@ -67,13 +54,6 @@ def poll(check: Any, timeout: float = 30.0, what: str = "condition") -> Any:
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} did not hold within {timeout}s")
         time.sleep(0.02)
-
-
-def create_project(client: httpx.Client, name: str = "routing test", **extra: Any) -> dict[str, Any]:
-    response = client.post("/v1/projects", json={"name": name, **extra})
-    assert response.status_code == 201, response.text
-    project: dict[str, Any] = response.json()
-    return project
 
 
 def submit(client: httpx.Client, path: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -107,15 +87,3 @@ def engines(client: httpx.Client) -> dict[str, dict[str, Any]]:
     response = client.get("/v1/engines")
     assert response.status_code == 200, response.text
     return {e["name"]: e for e in response.json()}
-
-
-def assert_error(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
-    """The documented error body with a matching status code."""
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert set(body) == {"error"}, body
-    error: dict[str, Any] = body["error"]
-    assert error["code"] == code, error
-    assert isinstance(error["message"], str) and error["message"]
-    assert isinstance(error["details"], dict)
-    return error
