@@ -31,7 +31,8 @@ def test_fresh_content_is_served_from_memory_and_the_rest_from_disk(
         assert content.status_code == 200
         assert hashlib.sha256(content.content).hexdigest() == asset["sha256"]
 
-    # A new process has nothing in memory: it reads the disk and says plainly what is missing.
+    # A new service has nothing in memory: it reads the disk and says plainly what is missing. (The
+    # first one is idle, so the second's start-up recovery finds nothing of it to touch.)
     second = start_server(settings)
     content = second.get(kept["content_url"])
     assert content.status_code == 200
