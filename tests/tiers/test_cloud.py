@@ -5,9 +5,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import httpx
 import pytest
+import respx
 
+from orchestrator.errors import Canceled
+from tests.tiers.conftest import bridge
 from tiers._cloud import CloudEngine
+from tiers.base import CancelToken, NullProgress
 from tiers.fal import FalEngine
 from tiers.gemini import GeminiEngine
 from tiers.openai_images import OpenAIImagesEngine
@@ -51,3 +56,17 @@ async def test_model_and_prices_come_from_the_settings(make_ctx: Any, cls: type[
     assert table["as_of"] == default.prices()["as_of"]
     await default.aclose()
     await priced.aclose()
+
+
+@pytest.mark.parametrize(("cls", "prefix"), [(c[0], c[1]) for c in CASES], ids=[c[1] for c in CASES])
+async def test_a_job_canceled_before_it_is_sent_sends_nothing(make_ctx: Any, cls: type[CloudEngine],
+                                                              prefix: str) -> None:
+    engine = cls(make_ctx(**{f"{prefix}_api_key": "k-secret"}))
+    token = CancelToken()
+    token.cancel()
+    with respx.mock(assert_all_called=False) as mock:
+        anything = mock.route().mock(return_value=httpx.Response(500))
+        with pytest.raises(Canceled):
+            await engine.run(bridge(), NullProgress(), token)
+    assert anything.call_count == 0
+    await engine.aclose()

@@ -265,12 +265,6 @@ async def test_deadline_during_polling_cancels_the_request(engine: FalEngine) ->
     assert cancel.call_count == 1 and info.value.charged == "unknown"
 
 
-async def test_cancel_before_send(engine: FalEngine) -> None:
-    token = CancelToken()
-    token.cancel()
-    with pytest.raises(Canceled):
-        await engine.run(bridge(), NullProgress(), token)
-
 
 def test_estimate_by_resolution_and_unknown_model(make_ctx: Any) -> None:
     eng = FalEngine(make_ctx(fal_api_key="k"))

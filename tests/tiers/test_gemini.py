@@ -12,7 +12,6 @@ from PIL import Image
 
 from orchestrator.errors import (
     BadEngineInput,
-    Canceled,
     ContentFiltered,
     EngineError,
     EngineTimeout,
@@ -124,12 +123,6 @@ async def test_bad_request_is_not_retried(engine: GeminiEngine) -> None:
         await engine.run(bridge(), NullProgress(), CancelToken())
     assert route.call_count == 1
 
-
-async def test_cancel_before_send(engine: GeminiEngine) -> None:
-    token = CancelToken()
-    token.cancel()
-    with pytest.raises(Canceled):
-        await engine.run(bridge(), NullProgress(), token)
 
 
 def test_estimate_by_size_and_unknown_model(make_ctx: Any) -> None:

@@ -11,7 +11,6 @@ from PIL import Image
 
 from orchestrator.errors import (
     BadEngineInput,
-    Canceled,
     ContentFiltered,
     EngineError,
     EngineTimeout,
@@ -162,15 +161,6 @@ async def test_bad_request_is_not_retried(engine: OpenAIImagesEngine) -> None:
         await engine.run(bridge(), NullProgress(), CancelToken())
     assert route.call_count == 1
 
-
-@respx.mock
-async def test_cancel_before_send(engine: OpenAIImagesEngine) -> None:
-    route = respx.post(URL).mock(return_value=ok())
-    token = CancelToken()
-    token.cancel()
-    with pytest.raises(Canceled):
-        await engine.run(bridge(), NullProgress(), token)
-    assert route.call_count == 0
 
 
 async def test_without_draft_is_refused(engine: OpenAIImagesEngine) -> None:

@@ -246,12 +246,6 @@ async def test_deadline_during_polling_cancels_the_prediction(engine: ReplicateE
     assert cancel.call_count == 1 and info.value.charged == "unknown"
 
 
-async def test_cancel_before_send(engine: ReplicateEngine) -> None:
-    token = CancelToken()
-    token.cancel()
-    with pytest.raises(Canceled):
-        await engine.run(bridge(), NullProgress(), token)
-
 
 def test_estimate_per_image_and_unknown_model(make_ctx: Any) -> None:
     eng = ReplicateEngine(make_ctx(replicate_api_key="k"))

@@ -189,15 +189,6 @@ async def test_bad_request_is_not_retried(engine: StabilityEngine) -> None:
     assert route.call_count == 1
 
 
-@respx.mock
-async def test_cancel_before_send(engine: StabilityEngine) -> None:
-    route = respx.post(SD3).mock(return_value=ok())
-    token = CancelToken()
-    token.cancel()
-    with pytest.raises(Canceled):
-        await engine.run(bridge(), NullProgress(), token)
-    assert route.call_count == 0
-
 
 # --- polish: upscales ---------------------------------------------------------------------------
 
