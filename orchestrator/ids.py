@@ -8,10 +8,14 @@ import re
 import threading
 import time
 
+from orchestrator.errors import InvalidRequest
+
 _ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"  # Crockford base32, lower case
 _lock = threading.Lock()
 _last = (0, 0)
 ID_RE = re.compile(r"^[a-z]{3}_[0-9a-hjkmnp-tv-z]{26}$")
+_ID_CURSOR = re.compile(r"[A-Za-z0-9_]{1,64}")
+_INT_CURSOR = re.compile(r"[0-9]{1,18}")  # ASCII digits only, and always within SQL's BIGINT
 
 
 def _b32(value: int, length: int) -> str:
@@ -32,3 +36,26 @@ def new_id(prefix: str) -> str:
         ms = max(ms, last_ms)
         _last = (ms, rand)
     return f"{prefix}_{_b32(ms, 10)}{_b32(rand & ((1 << 80) - 1), 16)}"
+
+
+def _malformed(cursor: str) -> InvalidRequest:
+    return InvalidRequest("malformed cursor: pass back the 'next_cursor' of the previous page",
+                          details={"cursor": cursor})
+
+
+def id_cursor(cursor: str | None) -> str | None:
+    """The id a page starts after; an empty cursor is the first page, like no cursor."""
+    if not cursor:
+        return None
+    if not _ID_CURSOR.fullmatch(cursor):
+        raise _malformed(cursor)
+    return cursor
+
+
+def int_cursor(cursor: str | None) -> int | None:
+    """`id_cursor` for tables keyed by integers (the ledger)."""
+    if not cursor:
+        return None
+    if not _INT_CURSOR.fullmatch(cursor):
+        raise _malformed(cursor)
+    return int(cursor)

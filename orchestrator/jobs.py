@@ -24,7 +24,6 @@ from orchestrator.db import Database
 from orchestrator.errors import (
     BudgetExceeded,
     IdempotencyConflict,
-    InvalidRequest,
     JobFinished,
     NotFound,
 )
@@ -309,9 +308,3 @@ def cached_copies(assets: list[Asset], job: Job) -> list[Asset]:
     """New asset rows for a cache hit: same content (same file), new ids, owned by the new job."""
     return [Asset(**{**a.model_dump(), "id": new_id("ast"), "job_id": job.id, "project_id": job.project_id,
                      "parent_id": job.source_asset_id, "created_at": utcnow()}) for a in assets]
-
-
-def validate_cursor(cursor: str | None) -> str | None:
-    if cursor is not None and not (0 < len(cursor) <= 64 and cursor.replace("_", "").isalnum()):
-        raise InvalidRequest("malformed cursor", details={"cursor": cursor})
-    return cursor

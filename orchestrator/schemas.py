@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
 
 Stage = Literal["ideation", "bridge", "polish"]
 Period = Literal["day", "week", "month", "none"]
@@ -15,9 +15,21 @@ T = TypeVar("T")
 Prompt = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=10000)]
 Tags = dict[Annotated[str, StringConstraints(min_length=1, max_length=100)],
             Annotated[str, StringConstraints(max_length=500)]]
-Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
-Side = Annotated[int, Field(ge=8, le=8192, multiple_of=8)]
-Credits = Annotated[float, Field(ge=0)]
+
+
+def _not_a_bool(value: Any) -> Any:
+    # Lax pydantic reads true/false as 1/0: `"guidance_scale": false` would quietly become 0.0.
+    if isinstance(value, bool):
+        raise ValueError("expected a number, not true/false")
+    return value
+
+
+NoBool = BeforeValidator(_not_a_bool)
+Seed = Annotated[int, NoBool, Field(ge=0, le=2**32 - 1)]
+Side = Annotated[int, NoBool, Field(ge=8, le=8192, multiple_of=8)]
+Steps = Annotated[int, NoBool, Field(ge=1, le=150)]
+MAX_CREDITS = 10**9  # a billion credits: far above any real budget, and its millicredits fit a BIGINT
+Credits = Annotated[float, NoBool, Field(ge=0, le=MAX_CREDITS, allow_inf_nan=False)]
 
 
 class Strict(BaseModel):
@@ -52,12 +64,12 @@ class ProjectPublic(BaseModel):
 class DraftCreate(Strict):
     prompt: Prompt
     negative_prompt: Annotated[str, StringConstraints(max_length=10000)] = ""
-    n: Annotated[int, Field(ge=1, le=16)] = 4
+    n: Annotated[int, NoBool, Field(ge=1, le=16)] = 4
     seed: Seed | None = None
     width: Side = 512
     height: Side = 512
-    steps: Annotated[int, Field(ge=1, le=150)] | None = None
-    guidance_scale: Annotated[float, Field(ge=0, le=30)] | None = None
+    steps: Steps | None = None
+    guidance_scale: Annotated[float, NoBool, Field(ge=0, le=30)] | None = None
     engine: str | None = None
     tags: Tags = Field(default_factory=dict)
     cache: bool = True
@@ -66,12 +78,12 @@ class DraftCreate(Strict):
 class PromoteCreate(Strict):
     prompt: Prompt | None = None
     negative_prompt: Annotated[str, StringConstraints(max_length=10000)] | None = None
-    strength: Annotated[float, Field(gt=0, le=1)] = 0.55
+    strength: Annotated[float, NoBool, Field(gt=0, le=1)] = 0.55
     width: Side | None = None
     height: Side | None = None
     quality: Literal["low", "medium", "high"] = "high"
     seed: Seed | None = None
-    steps: Annotated[int, Field(ge=1, le=150)] | None = None
+    steps: Steps | None = None
     engine: str | None = None
     max_credits: Credits | None = None
     tags: Tags = Field(default_factory=dict)
@@ -79,11 +91,11 @@ class PromoteCreate(Strict):
 
 
 class PolishCreate(Strict):
-    scale: Annotated[float, Field(gt=0, le=8)] | None = 2
+    scale: Annotated[float, NoBool, Field(gt=0, le=8)] | None = 2
     width: Side | None = None
     height: Side | None = None
     prompt: Prompt | None = None
-    creativity: Annotated[float, Field(gt=0, le=1)] = 0.3
+    creativity: Annotated[float, NoBool, Field(gt=0, le=1)] = 0.3
     seed: Seed | None = None
     engine: str | None = None
     max_credits: Credits | None = None
@@ -108,6 +120,12 @@ class ErrorBody(BaseModel):
     code: str
     message: str
     details: dict[str, Any] = Field(default_factory=dict)
+
+
+class ErrorResponse(BaseModel):
+    """Every error the API answers: `{"error": {"code", "message", "details"}}`."""
+
+    error: ErrorBody
 
 
 class JobPublic(BaseModel):

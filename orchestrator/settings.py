@@ -56,6 +56,9 @@ class Settings(BaseSettings):
     # Credits per GPU-second charged for local engines (0 = local work is free).
     local_gpu_second_credits: float = Field(0.0, ge=0)
 
+    # Largest request body accepted (413 above it); every body is a small JSON document.
+    max_body_bytes: int = Field(1 << 20, ge=1024)
+
     # Seconds a running job's lease lasts without a heartbeat before the sweeper recovers it.
     lease_seconds: float = Field(60.0, gt=0)
     sweep_interval: float = Field(15.0, gt=0)

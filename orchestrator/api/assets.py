@@ -6,6 +6,7 @@ from fastapi import APIRouter, Request, Response
 from sqlmodel import Session, col, select
 
 from orchestrator.api.deps import ServicesDep
+from orchestrator.api.errors import documented
 from orchestrator.api.serialize import asset_public
 from orchestrator.errors import NotFound
 from orchestrator.models import Asset
@@ -23,13 +24,14 @@ def _get(s: Session, asset_id: str) -> Asset:
     return asset
 
 
-@router.get("/assets/{asset_id}", response_model=AssetPublic)
+@router.get("/assets/{asset_id}", response_model=AssetPublic, responses=documented(404))
 def get_asset(asset_id: str, services: ServicesDep) -> AssetPublic:
     with services.db.session() as s:
         return asset_public(_get(s, asset_id))
 
 
-@router.get("/assets/{asset_id}/content", responses={200: {"content": {"image/png": {}}}})
+@router.get("/assets/{asset_id}/content", responses={
+    200: {"content": {"image/png": {}}}, 304: {"description": "If-None-Match holds the ETag."}, **documented(404)})
 async def get_content(asset_id: str, services: ServicesDep, request: Request) -> Response:
     # A just-made asset is served from memory without leaving the event loop; others are read
     # from the database and the disk on a worker thread.
@@ -54,7 +56,7 @@ def _read_content(services: Services, asset_id: str) -> tuple[str, bytes]:
     return sha256, data
 
 
-@router.get("/assets/{asset_id}/lineage", response_model=Lineage)
+@router.get("/assets/{asset_id}/lineage", response_model=Lineage, responses=documented(404))
 def lineage(asset_id: str, services: ServicesDep) -> Lineage:
     """Ancestors root first (draft -> bridge -> ...), and every descendant, breadth first."""
     with services.db.session() as s:

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from sqlmodel import col, select
 
 from orchestrator.api.deps import ServicesDep
+from orchestrator.api.errors import documented
 from orchestrator.errors import InvalidRequest, NotFound
+from orchestrator.ids import int_cursor
 from orchestrator.models import LedgerEntry, Project
-from orchestrator.schemas import Page
+from orchestrator.schemas import MAX_CREDITS, NoBool, Page
 from orchestrator.spend import GroupBy, savings, spend, to_csv
 from tiers.base import to_credits, to_millicredits
 
@@ -49,7 +52,7 @@ class LedgerEntryPublic(BaseModel):
 
 class GrantCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    amount: Annotated[float, Field(gt=0, le=10**9)]
+    amount: Annotated[float, NoBool, Field(gt=0, le=MAX_CREDITS, allow_inf_nan=False)]
     note: Annotated[str, Field(max_length=500)] | None = None
 
 
@@ -69,31 +72,31 @@ def _project(services: ServicesDep, project_id: str) -> Project:
     return project
 
 
-@router.get("/projects/{project_id}/budget", response_model=BudgetPublic)
+@router.get("/projects/{project_id}/budget", response_model=BudgetPublic, responses=documented(404))
 def get_budget(project_id: str, services: ServicesDep) -> dict[str, Any]:
     project = _project(services, project_id)
     with services.db.session() as s:
         return services.ledger.balance(s, project).public()
 
 
-@router.get("/projects/{project_id}/ledger", response_model=Page[LedgerEntryPublic])
+@router.get("/projects/{project_id}/ledger", response_model=Page[LedgerEntryPublic], responses=documented(404))
 def get_ledger(project_id: str, services: ServicesDep, limit: Annotated[int, Query(ge=1, le=500)] = 50,
                cursor: str | None = None) -> Page[LedgerEntryPublic]:
     _project(services, project_id)
-    if cursor is not None and not cursor.isdigit():
-        raise InvalidRequest("malformed cursor", details={"cursor": cursor})
+    after = int_cursor(cursor)
     with services.db.session() as s:
         stmt = (select(LedgerEntry).where(col(LedgerEntry.project_id) == project_id)
                 .order_by(col(LedgerEntry.id)).limit(limit + 1))
-        if cursor is not None:
-            stmt = stmt.where(col(LedgerEntry.id) > int(cursor))
+        if after is not None:
+            stmt = stmt.where(col(LedgerEntry.id) > after)
         rows = list(s.exec(stmt).all())
     more = len(rows) > limit
     rows = rows[:limit]
     return Page(items=[_entry(e) for e in rows], next_cursor=str(rows[-1].id) if more else None)
 
 
-@router.post("/projects/{project_id}/grants", status_code=201, response_model=LedgerEntryPublic)
+@router.post("/projects/{project_id}/grants", status_code=201, response_model=LedgerEntryPublic,
+             responses=documented(400, 404, 413))
 def grant(project_id: str, body: GrantCreate, services: ServicesDep) -> LedgerEntryPublic:
     """Top up the project's budget for the current window (an append-only `grant` entry)."""
     with services.db.transaction() as s:
@@ -103,10 +106,21 @@ def grant(project_id: str, body: GrantCreate, services: ServicesDep) -> LedgerEn
         return _entry(entry)
 
 
+def _rfc3339(value: Any) -> Any:
+    # Pydantic reads a bare number as Unix seconds ("to=0.5" was 1970); the contract's times are RFC 3339.
+    if isinstance(value, str) and not _DATE.match(value):
+        raise ValueError("expected an RFC 3339 time, e.g. 2026-11-01T00:00:00Z")
+    return value
+
+
+_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+Rfc3339 = Annotated[datetime, BeforeValidator(_rfc3339)]
+
+
 @router.get("/spend", responses={200: {"content": {"text/csv": {}}}})
 def get_spend(services: ServicesDep, group_by: GroupBy = "day",
-              from_: Annotated[datetime | None, Query(alias="from")] = None,
-              to: datetime | None = None, project_id: str | None = None,
+              from_: Annotated[Rfc3339 | None, Query(alias="from")] = None,
+              to: Rfc3339 | None = None, project_id: str | None = None,
               format: Literal["json", "csv"] = "json") -> Response:
     for name, value in (("from", from_), ("to", to)):
         if value is not None and value.tzinfo is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -12,12 +13,31 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from orchestrator.errors import OrchestratorError
+from orchestrator.schemas import ErrorResponse
 
 log = logging.getLogger(__name__)
 
 _HTTP_CODES = {400: "invalid_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
                405: "method_not_allowed", 409: "conflict", 413: "payload_too_large", 415: "invalid_request",
                422: "invalid_request", 429: "rate_limited"}
+
+
+_DOCUMENTED = {
+    400: "The body is not valid JSON.",
+    401: "The bearer key is missing or wrong (only when ORCH_ADMIN_KEY is set).",
+    402: "The project's budget cannot hold the estimated cost (`budget_exceeded`).",
+    404: "No such id (`not_found`).",
+    409: "The Idempotency-Key was used with another body, or the job has already finished.",
+    413: "The body is larger than ORCH_MAX_BODY_BYTES (`payload_too_large`).",
+    422: "Invalid input (`invalid_request`), or no engine may take the request (`no_route`).",
+    503: "No engine is available for the request now (`no_route`, `engine_unavailable`).",
+}
+
+
+def documented(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for the errors a route answers, all in the one error shape (this also
+    replaces FastAPI's default 422 entry, whose `{"detail": [...]}` body this API never sends)."""
+    return {status: {"model": ErrorResponse, "description": _DOCUMENTED[status]} for status in statuses}
 
 
 def error_response(status: int, code: str, message: str, details: dict[str, Any] | None = None,
@@ -30,9 +50,24 @@ def _clean(errors: list[Any]) -> list[dict[str, Any]]:
     # Pydantic errors may carry the offending input and a context object; keep them JSON-safe.
     out = []
     for err in errors:
-        out.append({"loc": [str(p) for p in err.get("loc", ())], "msg": str(err.get("msg", "")),
+        msg = str(err.get("msg", "")).removeprefix("Value error, ")  # our own validators' messages, as written
+        out.append({"loc": [str(p) for p in err.get("loc", ())], "msg": msg,
                     "type": str(err.get("type", ""))})
     return out
+
+
+def _allowed_methods(request: Request) -> str:
+    # Starlette's 405 names only the methods of the first route on the path; a path served by
+    # several routes (GET and PATCH /v1/projects/{id}) must list them all. The OpenAPI document
+    # is the public, cached map of paths to methods.
+    methods: set[str] = set()
+    for template, operations in request.app.openapi()["paths"].items():
+        pattern = re.sub(r"\\\{[^/]*?\\\}", "[^/]+", re.escape(template))
+        if re.fullmatch(pattern, request.url.path):
+            methods |= {method.upper() for method in operations}
+    if "GET" in methods:
+        methods.add("HEAD")
+    return ", ".join(sorted(methods))
 
 
 def install(app: FastAPI) -> None:
@@ -60,9 +95,12 @@ def install(app: FastAPI) -> None:
         return error_response(422, "invalid_request", message, {"errors": errors})
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _HTTP_CODES.get(exc.status_code, "error")
-        return error_response(exc.status_code, code, str(exc.detail), headers=getattr(exc, "headers", None))
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:
+            headers = {**(headers or {}), "Allow": _allowed_methods(request)}
+        return error_response(exc.status_code, code, str(exc.detail), headers=headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

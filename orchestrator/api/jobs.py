@@ -10,10 +10,11 @@ from fastapi.responses import StreamingResponse
 from sqlmodel import col, select
 
 from orchestrator.api.deps import ServicesDep
+from orchestrator.api.errors import documented
 from orchestrator.api.serialize import job_public
 from orchestrator.errors import NotFound
 from orchestrator.events import TERMINAL, Event, EventBus
-from orchestrator.jobs import validate_cursor
+from orchestrator.ids import id_cursor
 from orchestrator.models import Job
 from orchestrator.schemas import JobPublic, JobStatus, Page, Stage
 from orchestrator.services import Services
@@ -32,7 +33,7 @@ def publics(services: Services, jobs: list[Job]) -> list[JobPublic]:
     return [job_public(j, assets[j.id], *money.get(j.id, (0, 0))) for j in jobs]
 
 
-@router.get("/jobs/{job_id}", response_model=JobPublic)
+@router.get("/jobs/{job_id}", response_model=JobPublic, responses=documented(404))
 def get_job(job_id: str, services: ServicesDep) -> JobPublic:
     return public(services, services.jobs.get(job_id))
 
@@ -49,15 +50,15 @@ def list_jobs(services: ServicesDep, project_id: str | None = None, stage: Stage
             stmt = stmt.where(col(Job.stage) == stage)
         if status:
             stmt = stmt.where(col(Job.status) == status)
-        if validate_cursor(cursor):
-            stmt = stmt.where(col(Job.id) > cursor)
+        if after := id_cursor(cursor):
+            stmt = stmt.where(col(Job.id) > after)
         rows = list(s.exec(stmt).all())
     more = len(rows) > limit
     rows = rows[:limit]
     return Page(items=publics(services, rows), next_cursor=rows[-1].id if more else None)
 
 
-@router.post("/jobs/{job_id}/cancel", status_code=202, response_model=JobPublic)
+@router.post("/jobs/{job_id}/cancel", status_code=202, response_model=JobPublic, responses=documented(404, 409))
 def cancel_job(job_id: str, services: ServicesDep) -> JobPublic:
     if not services.jobs.cancel_queued(job_id) and not services.scheduler.cancel(job_id):
         # Running, but not in this process: its worker is gone or elsewhere. Cancel the row;
@@ -66,7 +67,7 @@ def cancel_job(job_id: str, services: ServicesDep) -> JobPublic:
     return public(services, services.jobs.get(job_id))
 
 
-@router.get("/jobs/{job_id}/preview", responses={200: {"content": {"image/png": {}}}})
+@router.get("/jobs/{job_id}/preview", responses={200: {"content": {"image/png": {}}}, **documented(404)})
 def job_preview(job_id: str, services: ServicesDep) -> Response:
     services.jobs.get(job_id)
     preview = services.runner.previews.get(job_id)
@@ -78,7 +79,7 @@ def job_preview(job_id: str, services: ServicesDep) -> Response:
 
 
 @router.get("/jobs/{job_id}/events", response_class=StreamingResponse,
-            responses={200: {"content": {"text/event-stream": {}}}})
+            responses={200: {"content": {"text/event-stream": {}}}, **documented(404)})
 async def job_events(job_id: str, services: ServicesDep, request: Request) -> StreamingResponse:
     if not services.bus.knows(job_id):  # a job this process has published is known to exist
         job, asset_ids = await asyncio.to_thread(_stored_state, services, job_id)

@@ -8,6 +8,7 @@ from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
 
 from orchestrator.api.deps import ServicesDep
+from orchestrator.api.errors import documented
 from orchestrator.errors import InvalidRequest, NotFound
 from orchestrator.schemas import DraftCreate, PolishCreate, PromoteCreate
 from tiers.base import to_credits
@@ -22,7 +23,7 @@ def list_policies(services: ServicesDep) -> dict[str, Any]:
             "errors": [e.message for e in services.policies.errors]}
 
 
-@router.get("/policies/{name}")
+@router.get("/policies/{name}", responses=documented(404))
 def get_policy(name: str, services: ServicesDep) -> dict[str, Any]:
     return services.policies.get(name).as_dict()
 
@@ -42,7 +43,7 @@ class ExplainRequest(BaseModel):
     source_asset_id: str | None = None
 
 
-@router.post("/route/explain")
+@router.post("/route/explain", responses=documented(400, 402, 404, 413, 503))
 def explain(body: ExplainRequest, services: ServicesDep) -> dict[str, Any]:
     """The routing decision and estimate for a request, without running or charging anything."""
     extra = dict(body.model_extra or {})

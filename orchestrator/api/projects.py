@@ -6,10 +6,10 @@ from fastapi import APIRouter, Query
 from sqlmodel import col, select
 
 from orchestrator.api.deps import ServicesDep
+from orchestrator.api.errors import documented
 from orchestrator.api.serialize import asset_public, project_public
 from orchestrator.errors import InvalidRequest, NotFound
-from orchestrator.ids import new_id
-from orchestrator.jobs import validate_cursor
+from orchestrator.ids import id_cursor, new_id
 from orchestrator.models import Asset, Project
 from orchestrator.schemas import AssetPublic, Page, ProjectCreate, ProjectPublic, ProjectUpdate, Stage
 from tiers.base import to_millicredits
@@ -18,7 +18,7 @@ router = APIRouter(tags=["projects"])
 Limit = Annotated[int, Query(ge=1, le=500)]
 
 
-@router.post("/projects", status_code=201, response_model=ProjectPublic)
+@router.post("/projects", status_code=201, response_model=ProjectPublic, responses=documented(400, 413))
 def create_project(body: ProjectCreate, services: ServicesDep) -> ProjectPublic:
     _check_policy(services, body.policy)
     budget = body.budget
@@ -36,8 +36,8 @@ def create_project(body: ProjectCreate, services: ServicesDep) -> ProjectPublic:
 def list_projects(services: ServicesDep, limit: Limit = 50, cursor: str | None = None) -> Page[ProjectPublic]:
     with services.db.session() as s:
         stmt = select(Project).order_by(col(Project.id)).limit(limit + 1)
-        if validate_cursor(cursor):
-            stmt = stmt.where(col(Project.id) > cursor)
+        if after := id_cursor(cursor):
+            stmt = stmt.where(col(Project.id) > after)
         rows = list(s.exec(stmt).all())
     more = len(rows) > limit
     rows = rows[:limit]
@@ -58,12 +58,12 @@ def _get(services: ServicesDep, project_id: str) -> Project:
     return project
 
 
-@router.get("/projects/{project_id}", response_model=ProjectPublic)
+@router.get("/projects/{project_id}", response_model=ProjectPublic, responses=documented(404))
 def get_project(project_id: str, services: ServicesDep) -> ProjectPublic:
     return project_public(_get(services, project_id))
 
 
-@router.patch("/projects/{project_id}", response_model=ProjectPublic)
+@router.patch("/projects/{project_id}", response_model=ProjectPublic, responses=documented(400, 404, 413))
 def update_project(project_id: str, body: ProjectUpdate, services: ServicesDep) -> ProjectPublic:
     _check_policy(services, body.policy)
     with services.db.transaction() as s:
@@ -81,7 +81,7 @@ def update_project(project_id: str, body: ProjectUpdate, services: ServicesDep) 
     return project_public(project)
 
 
-@router.get("/projects/{project_id}/assets", response_model=Page[AssetPublic])
+@router.get("/projects/{project_id}/assets", response_model=Page[AssetPublic], responses=documented(404))
 def list_project_assets(project_id: str, services: ServicesDep, stage: Stage | None = None, limit: Limit = 50,
                         cursor: str | None = None) -> Page[AssetPublic]:
     _get(services, project_id)
@@ -89,8 +89,8 @@ def list_project_assets(project_id: str, services: ServicesDep, stage: Stage | N
         stmt = select(Asset).where(col(Asset.project_id) == project_id).order_by(col(Asset.id)).limit(limit + 1)
         if stage:
             stmt = stmt.where(col(Asset.stage) == stage)
-        if validate_cursor(cursor):
-            stmt = stmt.where(col(Asset.id) > cursor)
+        if after := id_cursor(cursor):
+            stmt = stmt.where(col(Asset.id) > after)
         rows = list(s.exec(stmt).all())
     more = len(rows) > limit
     rows = rows[:limit]

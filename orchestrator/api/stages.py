@@ -5,15 +5,18 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 
 from orchestrator.api.deps import IdempotencyKey, ServicesDep
+from orchestrator.api.errors import documented
 from orchestrator.api.jobs import public
 from orchestrator.api.serialize import job_public
 from orchestrator.models import Job
 from orchestrator.schemas import DraftCreate, JobPublic, PolishCreate, PromoteCreate
 
 router = APIRouter(tags=["stages"])
+PAID_ERRORS = documented(400, 402, 404, 409, 413, 503)
 
 
-@router.post("/projects/{project_id}/drafts", status_code=202, response_model=JobPublic)
+@router.post("/projects/{project_id}/drafts", status_code=202, response_model=JobPublic,
+             responses=documented(400, 404, 409, 413, 503))
 def create_drafts(project_id: str, body: DraftCreate, services: ServicesDep, request: Request,
                   response: Response, idempotency_key: IdempotencyKey = None) -> JobPublic:
     prepared = services.jobs.prepare_draft(project_id, body)
@@ -22,7 +25,7 @@ def create_drafts(project_id: str, body: DraftCreate, services: ServicesDep, req
     return _answer(services, job, created, response)
 
 
-@router.post("/assets/{asset_id}/promote", status_code=202, response_model=JobPublic)
+@router.post("/assets/{asset_id}/promote", status_code=202, response_model=JobPublic, responses=PAID_ERRORS)
 def promote(asset_id: str, body: PromoteCreate, services: ServicesDep, request: Request, response: Response,
             idempotency_key: IdempotencyKey = None) -> JobPublic:
     prepared = services.jobs.prepare_promote(asset_id, body)
@@ -31,7 +34,7 @@ def promote(asset_id: str, body: PromoteCreate, services: ServicesDep, request: 
     return _answer(services, job, created, response)
 
 
-@router.post("/assets/{asset_id}/polish", status_code=202, response_model=JobPublic)
+@router.post("/assets/{asset_id}/polish", status_code=202, response_model=JobPublic, responses=PAID_ERRORS)
 def polish(asset_id: str, body: PolishCreate, services: ServicesDep, request: Request, response: Response,
            idempotency_key: IdempotencyKey = None) -> JobPublic:
     prepared = services.jobs.prepare_polish(asset_id, body)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -44,6 +45,8 @@ def post_drafts(client: httpx.Client, project: str, body: Any) -> httpx.Response
     ({"prompt": "x", "seed": 2**32}, "seed"),
     ({"prompt": "x", "steps": 0}, "steps"),
     ({"prompt": "x", "guidance_scale": -1}, "guidance_scale"),
+    ({"prompt": "x", "guidance_scale": False}, "guidance_scale"),  # not read as 0.0
+    ({"prompt": "x", "n": True}, "n"),
     ({"prompt": 42}, "prompt"),
     ({"prompt": "x", "tags": {"k": 1}}, "tags"),
     ({"prompt": "x", "colour": "red"}, "colour"),
@@ -124,12 +127,28 @@ def test_unknown_source_asset(shared_server: httpx.Client, path: str) -> None:
 
 
 @pytest.mark.parametrize("params", [
-    {"cursor": "bad cursor!"}, {"cursor": "../../etc"}, {"cursor": "x" * 65},
+    {"cursor": "bad cursor!"}, {"cursor": "../../etc"}, {"cursor": "x" * 65}, {"cursor": "prj_\u00e9t\u00e9"},
     {"limit": 0}, {"limit": 501}, {"limit": -1}, {"limit": "ten"},
 ])
-@pytest.mark.parametrize("path", ["/v1/projects", "/v1/jobs", "/v1/projects/{project}/assets"])
+@pytest.mark.parametrize("path", ["/v1/projects", "/v1/jobs", "/v1/projects/{project}/assets",
+                                  "/v1/projects/{project}/ledger"])
 def test_bad_list_parameters(shared_server: httpx.Client, project: str, path: str, params: dict[str, Any]) -> None:
     assert_error(shared_server.get(path.format(project=project), params=params), 422, "invalid_request")
+
+
+# Ledger cursors are integers: unicode digits ("²".isdigit() is True, int("²") raises) and numbers
+# beyond SQL's BIGINT once answered 500.
+@pytest.mark.parametrize("cursor", ["\u00b2", "\u0661", "9" * 19, "-1", "1.5", "abc"])
+def test_bad_ledger_cursor(shared_server: httpx.Client, project: str, cursor: str) -> None:
+    response = shared_server.get(f"/v1/projects/{project}/ledger", params={"cursor": cursor})
+    assert_error(response, 422, "invalid_request")
+
+
+@pytest.mark.parametrize("path", ["/v1/projects", "/v1/jobs", "/v1/projects/{project}/assets",
+                                  "/v1/projects/{project}/ledger"])
+def test_empty_cursor_is_the_first_page(shared_server: httpx.Client, project: str, path: str) -> None:
+    url = path.format(project=project)
+    assert shared_server.get(url, params={"cursor": ""}).json() == shared_server.get(url).json()
 
 
 @pytest.mark.parametrize("params", [{"status": "done"}, {"stage": "sketch"}])
@@ -147,7 +166,7 @@ def test_list_limits_at_the_edges(shared_server: httpx.Client, project: str) -> 
 @pytest.mark.parametrize("body", [
     {}, {"name": ""}, {"name": "   "}, {"name": "x", "budget": {"limit": -1}},
     {"name": "x", "budget": {"limit": 5, "period": "year"}}, {"name": "x", "policy": "no-such-policy"},
-    {"name": "x", "owner": "me"},
+    {"name": "x", "owner": "me"}, {"name": "x", "budget": {"limit": 1e300}}, {"name": "x", "budget": {"limit": False}},
 ])
 def test_invalid_project(shared_server: httpx.Client, body: dict[str, Any]) -> None:
     before = len(shared_server.get("/v1/projects", params={"limit": 500}).json()["items"])
@@ -163,6 +182,52 @@ def test_invalid_project_update(shared_server: httpx.Client, project: str, body:
     assert shared_server.get(f"/v1/projects/{project}").json() == before
 
 
+def _big_body(size: int) -> bytes:
+    return ('{"prompt": "' + "x" * size + '"}').encode()
+
+
+def test_body_over_the_limit(shared_server: httpx.Client, project: str) -> None:
+    before = job_count(shared_server)
+    response = shared_server.post(f"/v1/projects/{project}/drafts", content=_big_body(2 << 20),
+                                  headers={"Content-Type": "application/json"})
+    error = assert_error(response, 413, "payload_too_large")
+    assert error["details"]["max_bytes"] == 1 << 20
+    assert job_count(shared_server) == before
+
+
+def test_chunked_body_over_the_limit(shared_server: httpx.Client, project: str) -> None:
+    def chunks() -> Iterator[bytes]:  # no Content-Length: the service must count what it reads
+        body = _big_body(2 << 20)
+        for start in range(0, len(body), 64 << 10):
+            yield body[start:start + (64 << 10)]
+
+    before = job_count(shared_server)
+    response = shared_server.post(f"/v1/projects/{project}/drafts", content=chunks(),
+                                  headers={"Content-Type": "application/json"})
+    assert "content-length" not in response.request.headers
+    assert_error(response, 413, "payload_too_large")
+    assert job_count(shared_server) == before
+
+
+def test_body_under_the_limit_is_read(shared_server: httpx.Client, project: str) -> None:
+    # 512 KiB passes the size cap and meets the prompt's own length rule instead.
+    response = shared_server.post(f"/v1/projects/{project}/drafts", content=_big_body(512 << 10),
+                                  headers={"Content-Type": "application/json"})
+    assert "prompt" in assert_error(response, 422, "invalid_request")["message"]
+
+
+# Python's JSON parser takes NaN and Infinity; no amount of credits may be either.
+@pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity", "1e400"])
+def test_non_finite_credits(shared_server: httpx.Client, project: str, number: str) -> None:
+    headers = {"Content-Type": "application/json"}
+    before = shared_server.get(f"/v1/projects/{project}/ledger").json()
+    grant = shared_server.post(f"/v1/projects/{project}/grants", content=f'{{"amount": {number}}}', headers=headers)
+    assert_error(grant, 422, "invalid_request")
+    assert shared_server.get(f"/v1/projects/{project}/ledger").json() == before
+    body = f'{{"name": "x", "budget": {{"limit": {number}, "period": "month"}}}}'
+    assert_error(shared_server.post("/v1/projects", content=body, headers=headers), 422, "invalid_request")
+
+
 def test_cancel_finished_job(shared_server: httpx.Client, finished_job: dict[str, Any]) -> None:
     error = assert_error(shared_server.post(f"/v1/jobs/{finished_job['id']}/cancel"), 409, "job_finished")
     assert error["details"]["status"] == "succeeded"
@@ -170,4 +235,9 @@ def test_cancel_finished_job(shared_server: httpx.Client, finished_job: dict[str
 
 
 def test_method_not_allowed(shared_server: httpx.Client, project: str) -> None:
-    assert_error(shared_server.delete(f"/v1/projects/{project}"), 405, "method_not_allowed")
+    response = shared_server.delete(f"/v1/projects/{project}")
+    assert_error(response, 405, "method_not_allowed")
+    assert response.headers["Allow"] == "GET, HEAD, PATCH"  # two routes share the path: both are named
+    response = shared_server.put("/v1/projects")
+    assert_error(response, 405, "method_not_allowed")
+    assert response.headers["Allow"] == "GET, HEAD, POST"

@@ -70,6 +70,8 @@ def test_time_filter(api: httpx.Client, spent: dict[str, Any]) -> None:
     {"to": "2026-01-01T00:00:00"},
     {"from": "2026-02-01T00:00:00Z", "to": "2026-01-01T00:00:00Z"},
     {"from": "yesterday"},
+    {"to": "0.5"},  # a bare number would otherwise be read as Unix seconds
+    {"from": "1767225600"},
     {"group_by": "week"},
     {"format": "xml"},
 ])

@@ -1,0 +1,47 @@
+"""A cap on request bodies: every body this API takes is a small JSON document, so anything larger
+is refused with 413 before it is buffered in memory."""
+
+from __future__ import annotations
+
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from orchestrator.api.errors import error_response
+
+
+class BodyLimit:
+    """Pure ASGI (no per-request task or buffering): a declared `Content-Length` over the limit is
+    answered at once; a chunked body is counted as it is read and stops at the limit."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def _message(self) -> str:
+        return f"the request body is larger than {self.max_bytes} bytes"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = Headers(scope=scope).get("content-length")
+        if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > self.max_bytes:
+            response = error_response(413, "payload_too_large", self._message(), {"max_bytes": self.max_bytes},
+                                      headers={"Connection": "close"})
+            await response(scope, receive, send)
+            return
+        received = 0
+
+        async def counted() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    # FastAPI re-raises an HTTPException met while reading the body, so the one
+                    # error handler answers it in the documented shape.
+                    raise HTTPException(413, self._message())
+            return message
+
+        await self.app(scope, counted, send)
