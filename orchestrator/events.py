@@ -5,6 +5,10 @@ The bus lives on the event loop. Each job keeps an in-memory history: its lifecy
 connects late gets the current state first and then live events, without the stream replaying
 every step. A job this process has not seen (it ran before a restart) is described from the
 database instead (see `api/jobs.py`).
+
+Event ids start at this process's start time in milliseconds x 1000, so ids from a later process
+are always larger: a reconnecting client's `Last-Event-ID` resumes the stream only when it came
+from this process, and otherwise gets the whole state again rather than missing an event.
 """
 
 from __future__ import annotations
@@ -57,6 +61,24 @@ class EventBus:
     def __init__(self) -> None:
         self._jobs: dict[str, _JobStream] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._first_id = int(time.time() * 1000) * 1000  # below 2**53: exact in JavaScript too
+
+    def _stream(self, job_id: str) -> _JobStream:
+        return self._jobs.setdefault(job_id, _JobStream(seq=self._first_id))
+
+    def resume_after(self, last_event_id: str | None) -> int:
+        """The event id a reconnecting client has seen, or 0 when the id is not one of this
+        process's (a restart, a malformed header): that client gets the whole state again."""
+        if not last_event_id or not (last_event_id.isascii() and last_event_id.isdigit()):
+            return 0
+        seen = int(last_event_id)
+        return seen if seen > self._first_id else 0
+
+    def ended_before(self, job_id: str, seen: int) -> bool:
+        """Whether the client has already received this job's terminal event."""
+        stream = self._jobs.get(job_id)
+        return bool(seen and stream and stream.finished_at is not None and stream.history
+                    and stream.history[-1].id <= seen)
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -70,7 +92,7 @@ class EventBus:
         self._publish(job_id, type_, data)
 
     def _publish(self, job_id: str, type_: str, data: dict[str, Any]) -> None:
-        stream = self._jobs.setdefault(job_id, _JobStream())
+        stream = self._stream(job_id)
         if stream.finished_at is not None:
             return  # exactly one terminal event, nothing after it
         stream.seq += 1
@@ -88,16 +110,21 @@ class EventBus:
     def knows(self, job_id: str) -> bool:
         return job_id in self._jobs
 
-    async def subscribe(self, job_id: str) -> AsyncIterator[Event]:
-        """The job's current state, then live events, ending after the terminal event."""
-        stream = self._jobs.setdefault(job_id, _JobStream())
+    async def subscribe(self, job_id: str, after: int = 0) -> AsyncIterator[Event]:
+        """The job's current state, then live events, ending after the terminal event; events up
+        to `after` (see `resume_after`) are left out."""
+        stream = self._stream(job_id)
         queue: asyncio.Queue[Event] = asyncio.Queue()
         # No await between the snapshot and the subscription: nothing can slip between them.
         backlog = stream.snapshot()
         stream.subscribers.add(queue)
         try:
-            last = 0
+            last = after
             for event in backlog:
+                if event.id <= last:
+                    if event.type in TERMINAL:
+                        return  # the client has it already
+                    continue
                 last = event.id
                 yield event
                 if event.type in TERMINAL:

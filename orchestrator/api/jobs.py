@@ -5,7 +5,7 @@ import io
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from sqlmodel import col, select
 
@@ -79,15 +79,23 @@ def job_preview(job_id: str, services: ServicesDep) -> Response:
 
 
 @router.get("/jobs/{job_id}/events", response_class=StreamingResponse,
-            responses={200: {"content": {"text/event-stream": {}}}, **documented(404)})
-async def job_events(job_id: str, services: ServicesDep, request: Request) -> StreamingResponse:
+            responses={200: {"content": {"text/event-stream": {}}},
+                       204: {"description": "Last-Event-ID is the terminal event: nothing more will come."},
+                       **documented(404)})
+async def job_events(job_id: str, services: ServicesDep, request: Request,
+                     last_event_id: Annotated[str | None, Header()] = None) -> Response:
+    """Reconnecting with `Last-Event-ID` resumes after that event; once the client has the terminal
+    event the answer is 204, which tells a browser's EventSource to stop reconnecting."""
     if not services.bus.knows(job_id):  # a job this process has published is known to exist
         job, asset_ids = await asyncio.to_thread(_stored_state, services, job_id)
         if not services.bus.knows(job_id):  # another client may have seeded it meanwhile
             _seed(services.bus, job, asset_ids)
+    seen = services.bus.resume_after(last_event_id)
+    if services.bus.ended_before(job_id, seen):
+        return Response(status_code=204)
 
     async def stream() -> AsyncIterator[str]:
-        events = aiter(services.bus.subscribe(job_id))
+        events = aiter(services.bus.subscribe(job_id, after=seen))
         pending: asyncio.Future[Event] | None = None
         try:
             while True:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import httpx
 import pytest
 
+from orchestrator import events as events_module
 from orchestrator.events import EventBus
 from tests.api import SLOW, SSE, create_project, iter_sse, read_events, run_draft, submit_draft, wait_for_job
 
@@ -124,3 +126,62 @@ def test_quiet_stream_gets_keepalive_comments_and_still_ends(server: httpx.Clien
                 server.post(f"/v1/jobs/{blocker['id']}/cancel")
     assert ": keep-alive" in lines  # the job waited quietly behind the blocker
     assert "event: succeeded" in lines  # keep-alives do not break the stream
+
+
+def test_reconnect_resumes_after_last_event_id(server: httpx.Client) -> None:
+    project = create_project(server)["id"]
+    blocker = submit_draft(server, project, **SLOW)
+    wait_for_job(server, blocker["id"], ("running",))
+    job = submit_draft(server, project, n=1, steps=2)
+    url = f"/v1/jobs/{job['id']}/events"
+    with server.stream("GET", url, timeout=60) as response:
+        first = next(iter_sse(response))  # then the connection drops
+    assert first.event == "queued" and first.id is not None
+
+    with server.stream("GET", url, headers={"Last-Event-ID": first.id}, timeout=60) as response:
+        stream = iter_sse(response)
+        assert server.post(f"/v1/jobs/{blocker['id']}/cancel").status_code == 202
+        rest = list(stream)
+    kinds = [e.event for e in rest]
+    assert kinds[0] == "started" and kinds[-2:] == ["asset", "succeeded"]  # nothing seen twice
+    assert all(int(e.id or 0) > int(first.id) for e in rest)
+
+    # A browser's EventSource reconnects when the stream closes: 204 tells it the story is over.
+    after_end = server.get(url, headers={"Last-Event-ID": rest[-1].id or ""})
+    assert after_end.status_code == 204 and after_end.content == b""
+    # Resuming a finished job from its 'started' event: the rest of its kept story (a finished
+    # job keeps no progress events).
+    resumed = read_events_after(server, job["id"], rest[0].id)
+    assert [(e.id, e.event) for e in resumed] == [(e.id, e.event) for e in rest[1:] if e.event != "progress"]
+
+
+def read_events_after(client: httpx.Client, job_id: str, last_event_id: str | None) -> list[SSE]:
+    with client.stream("GET", f"/v1/jobs/{job_id}/events", headers={"Last-Event-ID": last_event_id or ""},
+                       timeout=10) as response:
+        assert response.status_code == 200
+        return list(iter_sse(response))
+
+
+@pytest.mark.parametrize("last_event_id", ["3", "not-a-number", "-1", "12.5"])
+def test_foreign_last_event_id_replays_the_whole_state(server: httpx.Client, last_event_id: str) -> None:
+    # Ids from another process (before a restart) or garbage must never hide an event.
+    project = create_project(server)["id"]
+    job = run_draft(server, project, n=1, steps=1)
+    full = read_events(server, job["id"], timeout=10)
+    assert [(e.id, e.event) for e in read_events_after(server, job["id"], last_event_id)] == \
+        [(e.id, e.event) for e in full]
+
+
+def test_a_later_process_numbers_its_events_above_an_earlier_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    earlier = EventBus()
+    earlier.publish("job_x", "queued", {})
+    earlier.publish("job_x", "started", {})
+    old_id = str(earlier._jobs["job_x"].history[-1].id)
+    assert earlier.resume_after(old_id) == int(old_id)
+
+    started = time.time()
+    monkeypatch.setattr(events_module.time, "time", lambda: started + 0.002)  # restarted 2 ms later
+    later = EventBus()
+    assert later.resume_after(old_id) == 0  # not one of its ids: the client gets everything
+    later.publish("job_x", "queued", {})
+    assert later._jobs["job_x"].history[0].id > int(old_id)
