@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import re
 from typing import Any
 
@@ -14,8 +13,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from orchestrator.errors import OrchestratorError
 from orchestrator.schemas import ErrorResponse
-
-log = logging.getLogger(__name__)
 
 _HTTP_CODES = {400: "invalid_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
                405: "method_not_allowed", 409: "conflict", 413: "payload_too_large", 415: "invalid_request",
@@ -104,5 +101,5 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error")
+        # No logging here: Starlette re-raises after this answer and the server logs the traceback.
         return error_response(500, "internal_error", "internal server error")

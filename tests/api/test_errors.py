@@ -7,8 +7,11 @@ from typing import Any
 
 import httpx
 import pytest
+from fastapi.testclient import TestClient
 
+from orchestrator.app import create_app
 from tests.api import assert_error, create_project, job_count, run_draft
+from tests.conftest import SettingsFactory
 
 MISSING = {"prj": "prj_0000000000zzzzzzzzzzzzzz", "job": "job_0000000000zzzzzzzzzzzzzz",
            "ast": "ast_0000000000zzzzzzzzzzzzzz"}
@@ -241,3 +244,15 @@ def test_method_not_allowed(shared_server: httpx.Client, project: str) -> None:
     response = shared_server.put("/v1/projects")
     assert_error(response, 405, "method_not_allowed")
     assert response.headers["Allow"] == "GET, HEAD, POST"
+
+
+def test_unexpected_error_answers_500_in_the_error_shape(make_settings: SettingsFactory) -> None:
+    app = create_app(make_settings())
+
+    @app.get("/v1/boom")
+    def boom() -> None:
+        raise RuntimeError("a bug, with a secret path /srv/keys in its message")
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+        error = assert_error(client.get("/v1/boom"), 500, "internal_error")
+    assert "secret" not in error["message"]  # internals stay in the server log
