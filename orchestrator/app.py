@@ -14,10 +14,10 @@ from fastapi.responses import PlainTextResponse
 
 from orchestrator import __version__
 from orchestrator.api import assets, credits, engines, jobs, policies, projects, stages
-from orchestrator.api.body_limit import BodyLimit
 from orchestrator.api.deps import ServicesDep, require_auth
 from orchestrator.api.errors import documented
 from orchestrator.api.errors import install as install_errors
+from orchestrator.api.request_limits import RequestLimits
 from orchestrator.schemas import Health
 from orchestrator.services import Services
 from orchestrator.settings import Settings
@@ -54,7 +54,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     install_errors(app)
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestLimits, max_bytes=settings.max_body_bytes)
     v1 = [Depends(require_auth)]
     for module in (projects, stages, jobs, assets, engines, credits, policies):
         app.include_router(module.router, prefix="/v1", dependencies=v1, responses=documented(401, 422))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, model_validator
 
 Stage = Literal["ideation", "bridge", "polish"]
 Period = Literal["day", "week", "month", "none"]
@@ -32,8 +32,37 @@ MAX_CREDITS = 10**9  # a billion credits: far above any real budget, and its mil
 Credits = Annotated[float, NoBool, Field(ge=0, le=MAX_CREDITS, allow_inf_nan=False)]
 
 
+def _nul_at(value: Any, path: str) -> str | None:
+    """Where a JSON value holds a NUL character ("" for the value itself), or None."""
+    if isinstance(value, str):
+        return path if "\x00" in value else None
+    children: list[tuple[Any, str]] = []
+    if isinstance(value, dict):
+        for key, item in value.items():
+            where = f"{path}.{key}" if path else str(key)
+            if isinstance(key, str) and "\x00" in key:
+                return path  # the object whose key it is
+            children.append((item, where))
+    elif isinstance(value, list):
+        children = [(item, f"{path}[{i}]") for i, item in enumerate(value)]
+    for item, where in children:
+        if (found := _nul_at(item, where)) is not None:
+            return found
+    return None
+
+
 class Strict(BaseModel):
+    """A request body: unknown fields are refused, and so is text with NUL characters (PostgreSQL
+    cannot store them, PNG text chunks end at them; no prompt or name needs one)."""
+
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_nul(cls, data: Any) -> Any:
+        if (where := _nul_at(data, "")) is not None:
+            raise ValueError(f"{where or 'text'} contains a NUL character (\\u0000)")
+        return data
 
 
 class Budget(Strict):

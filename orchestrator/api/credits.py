@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Query
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, Field
 from sqlmodel import col, select
 
 from orchestrator.api.deps import ServicesDep
@@ -17,7 +17,7 @@ from orchestrator.api.errors import documented
 from orchestrator.errors import InvalidRequest, NotFound
 from orchestrator.ids import int_cursor
 from orchestrator.models import LedgerEntry, Project
-from orchestrator.schemas import MAX_CREDITS, NoBool, Page
+from orchestrator.schemas import MAX_CREDITS, NoBool, Page, Strict
 from orchestrator.spend import GroupBy, savings, spend, to_csv
 from tiers.base import to_credits, to_millicredits
 
@@ -50,8 +50,7 @@ class LedgerEntryPublic(BaseModel):
     note: str | None
 
 
-class GrantCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class GrantCreate(Strict):
     amount: Annotated[float, NoBool, Field(gt=0, le=MAX_CREDITS, allow_inf_nan=False)]
     note: Annotated[str, Field(max_length=500)] | None = None
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from orchestrator.api.deps import ServicesDep
 from orchestrator.api.errors import documented
 from orchestrator.errors import InvalidRequest, NotFound
-from orchestrator.schemas import DraftCreate, PolishCreate, PromoteCreate
+from orchestrator.schemas import DraftCreate, PolishCreate, PromoteCreate, Strict
 from tiers.base import to_credits
 
 router = APIRouter(tags=["routing"])
@@ -36,8 +36,8 @@ def reload_policies(services: ServicesDep) -> dict[str, Any]:
     return {"loaded": services.policies.names(), "errors": [e.message for e in errors]}
 
 
-class ExplainRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class ExplainRequest(Strict):
+    model_config = ConfigDict(extra="allow")  # the rest is the stage's own request body
     project_id: Annotated[str, Field(min_length=1)] | None = None
     stage: Literal["ideation", "bridge", "polish"]
     source_asset_id: str | None = None

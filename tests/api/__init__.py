@@ -153,3 +153,31 @@ def serve_process(settings: Settings, workdir: Path, log_name: str,
                 proc.kill()
                 proc.wait()
         log.close()
+
+
+# PostgreSQL refuses NUL in text (it once failed a finished job at the asset insert, and answered
+# 500 for a project name); tests/credits/test_postgres.py sends these to a PostgreSQL service.
+NUL_BODIES = [
+    ("/v1/projects", {"name": "a\x00b"}, "name"),
+    ("/v1/projects/{project}/drafts", {"prompt": "a\x00b"}, "prompt"),
+    ("/v1/projects/{project}/drafts", {"prompt": "x", "negative_prompt": "\x00"}, "negative_prompt"),
+    ("/v1/projects/{project}/drafts", {"prompt": "x", "tags": {"k\x00": "v"}}, "tags"),
+    ("/v1/projects/{project}/drafts", {"prompt": "x", "tags": {"k": "v\x00"}}, "tags.k"),
+    ("/v1/projects/{project}/grants", {"amount": 1, "note": "\x00"}, "note"),
+    ("/v1/route/explain", {"stage": "ideation", "project_id": "{project}", "prompt": "\x00"}, "prompt"),
+]
+NUL_URLS = ["/v1/projects/prj_a%00b", "/v1/jobs?project_id=prj_a%00b", "/v1/projects/{project}/assets?cursor=%00",
+            "/v1/assets/ast_%00/content"]
+
+
+def check_nul_refused(client: httpx.Client, project: str) -> None:
+    before = (job_count(client), client.get(f"/v1/projects/{project}/ledger").json(),
+              len(client.get("/v1/projects", params={"limit": 500}).json()["items"]))
+    for path, body, field in NUL_BODIES:
+        body = {k: (v.format(project=project) if k == "project_id" else v) for k, v in body.items()}
+        error = assert_error(client.post(path.format(project=project), json=body), 422, "invalid_request")
+        assert f"{field} contains a NUL character" in error["message"], error
+    for url in NUL_URLS:
+        assert_error(client.get(url.format(project=project)), 400, "invalid_request")
+    assert before == (job_count(client), client.get(f"/v1/projects/{project}/ledger").json(),
+                      len(client.get("/v1/projects", params={"limit": 500}).json()["items"]))

@@ -10,7 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from orchestrator.app import create_app
-from tests.api import assert_error, create_project, job_count, run_draft
+from tests.api import assert_error, check_nul_refused, create_project, job_count, run_draft
 from tests.conftest import SettingsFactory
 
 MISSING = {"prj": "prj_0000000000zzzzzzzzzzzzzz", "job": "job_0000000000zzzzzzzzzzzzzz",
@@ -217,6 +217,10 @@ def test_body_under_the_limit_is_read(shared_server: httpx.Client, project: str)
     response = shared_server.post(f"/v1/projects/{project}/drafts", content=_big_body(512 << 10),
                                   headers={"Content-Type": "application/json"})
     assert "prompt" in assert_error(response, 422, "invalid_request")["message"]
+
+
+def test_nul_characters_are_refused(shared_server: httpx.Client, project: str) -> None:
+    check_nul_refused(shared_server, project)
 
 
 # Python's JSON parser takes NaN and Infinity; no amount of credits may be either.

@@ -21,6 +21,7 @@ from orchestrator.schemas import DraftCreate
 from orchestrator.server import serve_in_thread
 from orchestrator.services import Services
 from orchestrator.settings import Settings
+from tests.api import check_nul_refused, create_project
 from tests.credits.conftest import POLICY
 from tests.credits.test_budget import check_budget_race
 
@@ -63,6 +64,13 @@ def pg_api(postgres_url: str, tmp_path: Path, paid_settings_for: Callable[..., S
 
 def test_concurrent_promotions_never_overspend_on_postgres(pg_api: httpx.Client) -> None:
     check_budget_race(pg_api, total=20, fits=5)
+
+
+def test_nul_characters_are_refused_on_postgres(pg_api: httpx.Client) -> None:
+    project = create_project(pg_api, "nul")["id"]
+    check_nul_refused(pg_api, project)
+    # What the checks did not refuse still works on this database.
+    assert pg_api.get(f"/v1/projects/{project}").status_code == 200
 
 
 def test_one_idempotency_key_from_two_racing_requests_on_postgres(

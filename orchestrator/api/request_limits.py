@@ -1,5 +1,7 @@
-"""A cap on request bodies: every body this API takes is a small JSON document, so anything larger
-is refused with 413 before it is buffered in memory."""
+"""What every request must satisfy before it is routed: a body within the size cap (every body
+this API takes is a small JSON document, so anything larger is refused with 413 before it is
+buffered in memory) and a URL without NUL characters (no id or filter holds one, and PostgreSQL
+refuses them in queries)."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from orchestrator.api.errors import error_response
 
 
-class BodyLimit:
+class RequestLimits:
     """Pure ASGI (no per-request task or buffering): a declared `Content-Length` over the limit is
     answered at once; a chunked body is counted as it is read and stops at the limit."""
 
@@ -24,6 +26,10 @@ class BodyLimit:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        if "\x00" in scope["path"] or b"%00" in scope["query_string"]:
+            response = error_response(400, "invalid_request", "the URL contains a NUL character (%00)")
+            await response(scope, receive, send)
             return
         declared = Headers(scope=scope).get("content-length")
         if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > self.max_bytes:
