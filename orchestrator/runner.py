@@ -126,7 +126,9 @@ class JobRunner:
                 raise
             except Exception as exc:  # disk full, permissions: the engine did its (billed) work
                 log.exception("job %s: storing its images failed", job.id)
-                raise EngineError(f"the images were made but could not be stored: {type(exc).__name__}: {exc}"[:500],
+                # The first line says what failed; a database error's next lines hold its SQL and values.
+                reason = next(iter(str(exc).splitlines()), "")
+                raise EngineError(f"the images were made but could not be stored: {type(exc).__name__}: {reason}"[:500],
                                   retryable=False, charged="yes") from exc
         except StaleAttempt:
             log.info("job %s attempt %s was superseded; its result is discarded", job.id, claim.attempt)

@@ -134,7 +134,9 @@ def test_images_made_but_not_stored_are_charged(api: httpx.Client, monkeypatch: 
     monkeypatch.setattr("orchestrator.store.ArtifactStore.put", disk_full)
     job = promote_ok(api, asset_id, engine="fake-paid")
     done = wait_for_job(api, job["id"])
-    assert done["status"] == "failed" and "could not be stored" in done["error"]["message"]
+    assert done["status"] == "failed"
+    assert done["error"]["message"] == ("the images were made but could not be stored: "
+                                        "OSError: [Errno 28] No space left on device")
     entries = [e for e in ledger(api, project_id) if e["job_id"] == job["id"]]
     assert [(e["kind"], e["amount"], e["unreconciled"]) for e in entries] == [
         ("hold", 10.0, False), ("capture", 10.0, False)]
