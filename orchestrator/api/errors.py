@@ -26,6 +26,7 @@ _DOCUMENTED = {
     404: "No such id (`not_found`).",
     409: "The Idempotency-Key was used with another body, or the job has already finished.",
     413: "The body is larger than ORCH_MAX_BODY_BYTES (`payload_too_large`).",
+    415: "The body was not sent as `Content-Type: application/json`.",
     422: "Invalid input (`invalid_request`), or no engine may take the request (`no_route`).",
     503: "No engine is available for the request now (`no_route`, `engine_unavailable`).",
 }
@@ -51,6 +52,11 @@ def _clean(errors: list[Any]) -> list[dict[str, Any]]:
         out.append({"loc": [str(p) for p in err.get("loc", ())], "msg": msg,
                     "type": str(err.get("type", ""))})
     return out
+
+
+def _is_json(content_type: str) -> bool:
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
 
 
 def _allowed_methods(request: Request) -> str:
@@ -82,10 +88,20 @@ def install(app: FastAPI) -> None:
                               {"errors": errors})
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = _clean(list(exc.errors()))
         if any(e["type"] == "json_invalid" for e in errors):
             return error_response(400, "invalid_request", "the request body is not valid JSON", {"errors": errors})
+        whole_body = next((e for e in errors if e["loc"] == ["body"]), None)
+        if whole_body is not None:
+            # `curl -d` sends form encoding unless told otherwise: FastAPI then sees bytes, not an object.
+            content_type = request.headers.get("content-type", "")
+            if whole_body["type"] == "missing":
+                return error_response(422, "invalid_request", "this request needs a JSON body", {"errors": errors})
+            if not _is_json(content_type):
+                return error_response(415, "invalid_request",
+                                      "send the body as JSON, with 'Content-Type: application/json'",
+                                      {"content_type": content_type})
         first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
         where = ".".join(p for p in first["loc"] if p not in ("body", "query", "path", "header"))
         message = f"{where}: {first['msg']}" if where else str(first["msg"])

@@ -79,6 +79,29 @@ def test_malformed_json(shared_server: httpx.Client, project: str, raw: bytes) -
     assert job_count(shared_server) == before
 
 
+@pytest.mark.parametrize("content_type", [None, "application/x-www-form-urlencoded", "text/plain"])
+def test_body_not_sent_as_json(shared_server: httpx.Client, project: str, content_type: str | None) -> None:
+    # `curl -d '{...}'` without -H sends form encoding: say what to send instead of a schema error.
+    before = job_count(shared_server)
+    headers = {"Content-Type": content_type} if content_type else {}
+    response = shared_server.post(f"/v1/projects/{project}/drafts", content=b'{"prompt": "x"}', headers=headers)
+    assert response.request.headers.get("Content-Type") == content_type
+    error = assert_error(response, 415, "invalid_request")
+    assert "Content-Type: application/json" in error["message"]
+    assert job_count(shared_server) == before
+
+
+def test_missing_body(shared_server: httpx.Client, project: str) -> None:
+    response = shared_server.post(f"/v1/projects/{project}/drafts", headers={"Content-Type": "application/json"})
+    assert assert_error(response, 422, "invalid_request")["message"] == "this request needs a JSON body"
+
+
+def test_json_subtype_is_json(shared_server: httpx.Client, project: str) -> None:
+    response = shared_server.post("/v1/projects", content=b'{"name": "typed"}',
+                                  headers={"Content-Type": "application/vnd.studio+json; charset=utf-8"})
+    assert response.status_code == 201, response.text
+
+
 def test_size_beyond_the_lite_engine(shared_server: httpx.Client, project: str) -> None:
     """Within the schema (<= 8192) but beyond ORCH_LOCAL_MAX_SIZE (2048)."""
     before = job_count(shared_server)

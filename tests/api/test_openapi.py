@@ -13,7 +13,8 @@ from tests.api import assert_error, create_project
 ERROR_REF = "#/components/schemas/ErrorResponse"
 MISSING_JOB, MISSING_ASSET = "job_0000000000zzzzzzzzzzzzzz", "ast_0000000000zzzzzzzzzzzzzz"
 JSON = {"Content-Type": "application/json"}
-CODES = {400: "invalid_request", 404: "not_found", 413: "payload_too_large", 422: "invalid_request"}
+CODES = {400: "invalid_request", 404: "not_found", 413: "payload_too_large", 415: "invalid_request",
+         422: "invalid_request"}
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +53,8 @@ CASES: list[tuple[str, str, str, dict[str, Any], int]] = [
     ("get", "/v1/jobs", "/v1/jobs", {"params": {"status": "done"}}, 422),
     ("post", "/v1/projects", "/v1/projects", {"json": {}}, 422),
     ("post", "/v1/projects", "/v1/projects", {"content": b"{", "headers": JSON}, 400),
+    ("post", "/v1/projects", "/v1/projects", {"content": b'{"name": "x"}', "headers": {"Content-Type": "text/plain"}},
+     415),
     ("patch", "/v1/projects/{project_id}", "/v1/projects/{project}", {"json": {"name": ""}}, 422),
     ("post", "/v1/projects/{project_id}/drafts", "/v1/projects/{project}/drafts",
      {"content": b'{"prompt": "' + b"x" * (2 << 20) + b'"}', "headers": JSON}, 413),
