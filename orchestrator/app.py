@@ -57,7 +57,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestLimits, max_bytes=settings.max_body_bytes)
     v1 = [Depends(require_auth)]
     for module in (projects, stages, jobs, assets, engines, credits, policies):
-        app.include_router(module.router, prefix="/v1", dependencies=v1, responses=documented(401, 422))
+        app.include_router(module.router, prefix="/v1", dependencies=v1, responses=documented(400, 401, 422))
 
     @app.get("/healthz", response_model=Health, tags=["operations"])
     def healthz() -> Health:

@@ -95,7 +95,7 @@ def get_ledger(project_id: str, services: ServicesDep, limit: Annotated[int, Que
 
 
 @router.post("/projects/{project_id}/grants", status_code=201, response_model=LedgerEntryPublic,
-             responses=documented(400, 404, 413, 415))
+             responses=documented(404, 413, 415))
 def grant(project_id: str, body: GrantCreate, services: ServicesDep) -> LedgerEntryPublic:
     """Top up the project's budget for the current window (an append-only `grant` entry)."""
     with services.db.transaction() as s:

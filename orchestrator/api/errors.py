@@ -20,7 +20,7 @@ _HTTP_CODES = {400: "invalid_request", 401: "unauthorized", 403: "forbidden", 40
 
 
 _DOCUMENTED = {
-    400: "The body is not valid JSON.",
+    400: "The body is not valid JSON, or the URL holds a NUL character (%00).",
     401: "The bearer key is missing or wrong (only when ORCH_ADMIN_KEY is set).",
     402: "The project's budget cannot hold the estimated cost (`budget_exceeded`).",
     404: "No such id (`not_found`).",

@@ -43,7 +43,7 @@ class ExplainRequest(Strict):
     source_asset_id: str | None = None
 
 
-@router.post("/route/explain", responses=documented(400, 402, 404, 413, 415, 503))
+@router.post("/route/explain", responses=documented(402, 404, 413, 415, 503))
 def explain(body: ExplainRequest, services: ServicesDep) -> dict[str, Any]:
     """The routing decision and estimate for a request, without running or charging anything."""
     extra = dict(body.model_extra or {})

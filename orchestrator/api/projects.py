@@ -18,7 +18,7 @@ router = APIRouter(tags=["projects"])
 Limit = Annotated[int, Query(ge=1, le=500)]
 
 
-@router.post("/projects", status_code=201, response_model=ProjectPublic, responses=documented(400, 413, 415))
+@router.post("/projects", status_code=201, response_model=ProjectPublic, responses=documented(413, 415))
 def create_project(body: ProjectCreate, services: ServicesDep) -> ProjectPublic:
     _check_policy(services, body.policy)
     budget = body.budget
@@ -63,7 +63,7 @@ def get_project(project_id: str, services: ServicesDep) -> ProjectPublic:
     return project_public(_get(services, project_id))
 
 
-@router.patch("/projects/{project_id}", response_model=ProjectPublic, responses=documented(400, 404, 413, 415))
+@router.patch("/projects/{project_id}", response_model=ProjectPublic, responses=documented(404, 413, 415))
 def update_project(project_id: str, body: ProjectUpdate, services: ServicesDep) -> ProjectPublic:
     _check_policy(services, body.policy)
     with services.db.transaction() as s:

@@ -12,11 +12,11 @@ from orchestrator.models import Job
 from orchestrator.schemas import DraftCreate, JobPublic, PolishCreate, PromoteCreate
 
 router = APIRouter(tags=["stages"])
-PAID_ERRORS = documented(400, 402, 404, 409, 413, 415, 503)
+PAID_ERRORS = documented(402, 404, 409, 413, 415, 503)
 
 
 @router.post("/projects/{project_id}/drafts", status_code=202, response_model=JobPublic,
-             responses=documented(400, 404, 409, 413, 415, 503))
+             responses=documented(404, 409, 413, 415, 503))
 def create_drafts(project_id: str, body: DraftCreate, services: ServicesDep, request: Request,
                   response: Response, idempotency_key: IdempotencyKey = None) -> JobPublic:
     prepared = services.jobs.prepare_draft(project_id, body)

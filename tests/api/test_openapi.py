@@ -51,6 +51,7 @@ CASES: list[tuple[str, str, str, dict[str, Any], int]] = [
     ("post", "/v1/jobs/{job_id}/cancel", f"/v1/jobs/{MISSING_JOB}/cancel", {}, 404),
     ("get", "/v1/jobs/{job_id}/events", f"/v1/jobs/{MISSING_JOB}/events", {}, 404),
     ("get", "/v1/jobs", "/v1/jobs", {"params": {"status": "done"}}, 422),
+    ("get", "/v1/jobs", "/v1/jobs", {"params": {"project_id": "a\x00"}}, 400),
     ("post", "/v1/projects", "/v1/projects", {"json": {}}, 422),
     ("post", "/v1/projects", "/v1/projects", {"content": b"{", "headers": JSON}, 400),
     ("post", "/v1/projects", "/v1/projects", {"content": b'{"name": "x"}', "headers": {"Content-Type": "text/plain"}},
