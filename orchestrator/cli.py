@@ -6,6 +6,9 @@ import argparse
 import logging
 import sys
 
+import httpx
+from pydantic import ValidationError
+
 from orchestrator import __version__
 
 
@@ -30,6 +33,36 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)  # one line per plugin, every start
+    try:
+        return _run(args)
+    except ValidationError as exc:
+        if exc.title != "Settings":
+            raise
+        # Name the variable to fix rather than print a traceback.
+        problems = [f"  ORCH_{'_'.join(str(p) for p in e['loc']).upper()}: {e['msg']} (got {e['input']!r})"
+                    for e in exc.errors()]
+        return _fail("invalid configuration:\n" + "\n".join(problems), status=2)
+    except httpx.HTTPStatusError as exc:
+        return _fail(f"{exc.request.method} {exc.request.url} answered {exc.response.status_code}: "
+                     f"{_error_message(exc.response)}")
+    except httpx.TransportError as exc:
+        return _fail(f"cannot reach {exc.request.url.copy_with(path='/', query=None)}: {exc}")
+
+
+def _fail(message: str, status: int = 1) -> int:
+    print(f"orchestrator: {message}", file=sys.stderr)
+    return status
+
+
+def _error_message(response: httpx.Response) -> str:
+    try:
+        return str(response.json()["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return response.text[:200] or response.reason_phrase
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.command == "serve":
         import uvicorn
 
