@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from datetime import datetime
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, model_validator
 
 Stage = Literal["ideation", "bridge", "polish"]
 Period = Literal["day", "week", "month", "none"]
@@ -28,8 +29,17 @@ NoBool = BeforeValidator(_not_a_bool)
 Seed = Annotated[int, NoBool, Field(ge=0, le=2**32 - 1)]
 Side = Annotated[int, NoBool, Field(ge=8, le=8192, multiple_of=8)]
 Steps = Annotated[int, NoBool, Field(ge=1, le=150)]
+def _whole_millicredits(value: float) -> float:
+    # The ledger counts millicredits: 1.23456 would be stored as 1.235 and 0.0004 as nothing.
+    scaled = value * 1000
+    if abs(scaled - round(scaled)) > 4 * math.ulp(scaled):
+        raise ValueError("credits have at most 3 decimals (the ledger counts thousandths)")
+    return value
+
+
 MAX_CREDITS = 10**9  # a billion credits: far above any real budget, and its millicredits fit a BIGINT
-Credits = Annotated[float, NoBool, Field(ge=0, le=MAX_CREDITS, allow_inf_nan=False)]
+Thousandths = AfterValidator(_whole_millicredits)
+Credits = Annotated[float, NoBool, Field(ge=0, le=MAX_CREDITS, allow_inf_nan=False), Thousandths]
 
 
 def _nul_at(value: Any, path: str) -> str | None:

@@ -17,7 +17,7 @@ from orchestrator.api.errors import documented
 from orchestrator.errors import InvalidRequest, NotFound
 from orchestrator.ids import int_cursor
 from orchestrator.models import LedgerEntry, Project
-from orchestrator.schemas import MAX_CREDITS, NoBool, Page, Strict
+from orchestrator.schemas import MAX_CREDITS, NoBool, Page, Strict, Thousandths
 from orchestrator.spend import GroupBy, savings, spend, to_csv
 from tiers.base import to_credits, to_millicredits
 
@@ -51,7 +51,7 @@ class LedgerEntryPublic(BaseModel):
 
 
 class GrantCreate(Strict):
-    amount: Annotated[float, NoBool, Field(gt=0, le=MAX_CREDITS, allow_inf_nan=False)]
+    amount: Annotated[float, NoBool, Field(gt=0, le=MAX_CREDITS, allow_inf_nan=False), Thousandths]
     note: Annotated[str, Field(max_length=500)] | None = None
 
 

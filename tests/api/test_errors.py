@@ -258,6 +258,26 @@ def test_non_finite_credits(shared_server: httpx.Client, project: str, number: s
     assert_error(shared_server.post("/v1/projects", content=body, headers=headers), 422, "invalid_request")
 
 
+@pytest.mark.parametrize("amount", [0.0004, 1.23456, 0.0015])
+def test_credits_beyond_thousandths(shared_server: httpx.Client, project: str, amount: float) -> None:
+    # Once a 0.0004 grant wrote a 0.0 ledger entry, and 1.23456 became 1.235 without a word.
+    before = shared_server.get(f"/v1/projects/{project}/ledger").json()
+    error = assert_error(shared_server.post(f"/v1/projects/{project}/grants", json={"amount": amount}),
+                         422, "invalid_request")
+    assert "at most 3 decimals" in error["message"]
+    assert shared_server.get(f"/v1/projects/{project}/ledger").json() == before
+    body = {"name": "x", "budget": {"limit": amount, "period": "month"}}
+    assert_error(shared_server.post("/v1/projects", json=body), 422, "invalid_request")
+
+
+def test_credits_in_thousandths_are_kept_exactly(shared_server: httpx.Client) -> None:
+    created = create_project(shared_server, "exact", budget={"limit": 1234.567, "period": "month"})
+    assert created["budget"]["limit"] == 1234.567
+    grant = shared_server.post(f"/v1/projects/{created['id']}/grants", json={"amount": 0.001})
+    assert grant.status_code == 201 and grant.json()["amount"] == 0.001
+    assert shared_server.get(f"/v1/projects/{created['id']}/budget").json()["granted"] == 0.001
+
+
 def test_cancel_finished_job(shared_server: httpx.Client, finished_job: dict[str, Any]) -> None:
     error = assert_error(shared_server.post(f"/v1/jobs/{finished_job['id']}/cancel"), 409, "job_finished")
     assert error["details"]["status"] == "succeeded"
