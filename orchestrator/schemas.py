@@ -87,9 +87,19 @@ class ProjectCreate(Strict):
 
 
 class ProjectUpdate(Strict):
+    """A merge patch: fields left out keep their value, also inside `budget` (changing a monthly
+    budget's limit keeps it monthly); `"budget": null` removes the budget."""
+
     name: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)] | None = None
     policy: str | None = None
     budget: Budget | None = None
+
+    @model_validator(mode="after")
+    def _required_stay(self) -> ProjectUpdate:
+        for name in ("name", "policy"):
+            if name in self.model_fields_set and getattr(self, name) is None:
+                raise ValueError(f"{name} cannot be removed (null); send a new value or leave it out")
+        return self
 
 
 class ProjectPublic(BaseModel):

@@ -11,7 +11,7 @@ from orchestrator.api.serialize import asset_public, project_public
 from orchestrator.errors import InvalidRequest, NotFound
 from orchestrator.ids import id_cursor, new_id
 from orchestrator.models import Asset, Project
-from orchestrator.schemas import AssetPublic, Page, ProjectCreate, ProjectPublic, ProjectUpdate, Stage
+from orchestrator.schemas import AssetPublic, Budget, Page, ProjectCreate, ProjectPublic, ProjectUpdate, Stage
 from tiers.base import to_millicredits
 
 router = APIRouter(tags=["projects"])
@@ -74,9 +74,13 @@ def update_project(project_id: str, body: ProjectUpdate, services: ServicesDep) 
             project.name = body.name
         if body.policy is not None:
             project.policy = body.policy
-        if body.budget is not None:
-            project.budget_limit = None if body.budget.limit is None else to_millicredits(body.budget.limit)
-            project.budget_period = body.budget.period
+        if "budget" in body.model_fields_set:
+            given = body.budget.model_fields_set if body.budget is not None else {"limit", "period"}
+            budget = body.budget or Budget()  # null: no budget at all
+            if "limit" in given:
+                project.budget_limit = None if budget.limit is None else to_millicredits(budget.limit)
+            if "period" in given:
+                project.budget_period = budget.period
         s.add(project)
     return project_public(project)
 

@@ -9,10 +9,11 @@ import re
 from collections.abc import Callable
 
 import httpx
+import pytest
 from PIL import Image
 
 from orchestrator.settings import Settings
-from tests.api import create_project, run_draft, submit_draft, wait_for_job
+from tests.api import assert_error, create_project, run_draft, submit_draft, wait_for_job
 
 PROJECT_KEYS = {"id", "name", "policy", "budget", "created_at"}
 JOB_KEYS = {"id", "project_id", "stage", "engine", "status", "params", "progress", "assets", "source_asset_id",
@@ -181,6 +182,28 @@ def test_patch_project(server: httpx.Client) -> None:
     assert fetched["policy"] == "local-only"
     assert fetched["budget"] == {"limit": 12.5, "period": "week"}
     assert fetched["created_at"] == project["created_at"]
+
+
+def test_patch_budget_is_a_merge(server: httpx.Client) -> None:
+    # Once a new limit alone reset the period to "none" (a lifetime cap), and a new period alone
+    # dropped the limit (no cap at all).
+    project = create_project(server, "merge", budget={"limit": 50, "period": "month"})
+    url = f"/v1/projects/{project['id']}"
+    assert server.patch(url, json={"budget": {"limit": 20}}).json()["budget"] == {"limit": 20, "period": "month"}
+    assert server.patch(url, json={"budget": {"period": "week"}}).json()["budget"] == {"limit": 20, "period": "week"}
+    assert server.patch(url, json={"budget": {}}).json()["budget"] == {"limit": 20, "period": "week"}
+    assert server.patch(url, json={"budget": {"limit": None}}).json()["budget"] == {"limit": None, "period": "week"}
+    assert server.patch(url, json={"budget": {"limit": 5}}).json()["budget"] == {"limit": 5, "period": "week"}
+    assert server.patch(url, json={"budget": None}).json()["budget"] == {"limit": None, "period": "none"}
+    assert server.get(f"{url}/budget").json()["limit"] is None
+
+
+@pytest.mark.parametrize("field", ["name", "policy"])
+def test_patch_cannot_remove_a_required_field(server: httpx.Client, field: str) -> None:
+    project = create_project(server, "keep")
+    error = assert_error(server.patch(f"/v1/projects/{project['id']}", json={field: None}), 422, "invalid_request")
+    assert f"{field} cannot be removed" in error["message"]
+    assert server.get(f"/v1/projects/{project['id']}").json() == project
 
 
 def test_healthz_metrics_openapi(make_settings: Callable[..., Settings],
