@@ -109,6 +109,13 @@ class EngineError(OrchestratorError):
         if charged is not None:
             self.charged = charged
 
+    def at_least_charged(self, charged: Charged) -> EngineError:
+        """Raise what the error says about billing, never lower it ("no" < "unknown" < "yes")."""
+        order: list[Charged] = ["no", "unknown", "yes"]
+        if order.index(charged) > order.index(self.charged):
+            self.charged = charged
+        return self
+
 
 class EngineUnavailable(EngineError):
     code = "engine_unavailable"

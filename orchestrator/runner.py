@@ -226,7 +226,9 @@ class JobRunner:
         request = render_request(job.params, init_image)
         result = await engine.run(request, JobProgress(self, claim), claim.cancel)
         if len(result.images) < request.n:
-            raise EngineError(f"engine '{job.engine}' returned {len(result.images)} of {request.n} images")
+            # A remote engine answered, so what it made may be billed: no release, no fallback.
+            raise EngineError(f"engine '{job.engine}' returned {len(result.images)} of {request.n} images",
+                              charged="unknown" if engine.kind == "remote" else "no")
         return result
 
     def _record(self, job: Job, result: RenderResult, seed: int | None) -> dict[str, Any]:

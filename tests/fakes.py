@@ -69,7 +69,8 @@ class FakePaidEngine:
         colour = (128, 128, 128)
         if req.init_image is not None:
             colour = tuple(int(c) for c in ImageStat.Stat(req.init_image.convert("RGB")).mean)  # type: ignore[assignment]
-        images = [RenderedImage(Image.new("RGB", (req.width, req.height), colour), req.seed) for _ in range(req.n)]
+        count = req.n - 1 if behaviour == "short" else req.n  # answered, one image missing
+        images = [RenderedImage(Image.new("RGB", (req.width, req.height), colour), req.seed) for _ in range(count)]
         progress.step(1, 1)
         cost = req.tags.get("cost")
         return RenderResult(images=images, model=self.model,

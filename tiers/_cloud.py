@@ -4,16 +4,44 @@ which setting to fill), a model from the settings, a dated price table, one `Rem
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sized
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from orchestrator.errors import EngineError
+from orchestrator.errors import ContentFiltered, EngineError
 from tiers._http import RemoteClient
 from tiers._images import b64decode_tolerant, decode_image
 from tiers.base import CancelToken, EngineContext, PriceTable, RenderedImage, Stage
 
 if TYPE_CHECKING:
     from pydantic import SecretStr
+
+
+@contextmanager
+def reading_an_answer() -> Iterator[None]:
+    """Around reading a generation call the provider answered with 2xx: it may have billed the call,
+    so a broken answer (no image, bad base64, odd JSON) keeps its hold captured for a person to
+    reconcile, and routing never repeats it on another engine. A content filter's error keeps the
+    charge its raiser decided (providers differ on billing filtered output)."""
+    try:
+        yield
+    except ContentFiltered:
+        raise
+    except EngineError as exc:
+        exc.at_least_charged("unknown")
+        raise
+
+
+@contextmanager
+def paid_calls(made: Sized) -> Iterator[None]:
+    """Around a loop of paid calls that fills `made`: once one call has made an image, any later
+    failure (an error, a cancel) leaves that charge behind instead of releasing the whole hold."""
+    try:
+        yield
+    except EngineError as exc:
+        if len(made):
+            exc.at_least_charged("unknown")
+        raise
 
 
 class CloudEngine:

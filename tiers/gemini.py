@@ -11,7 +11,7 @@ import math
 from typing import Any
 
 from orchestrator.errors import ContentFiltered, EngineError, EngineUnavailable, NoPrice
-from tiers._cloud import CloudEngine
+from tiers._cloud import CloudEngine, paid_calls, reading_an_answer
 from tiers._http import RemoteClient
 from tiers._images import b64decode_tolerant, b64encode, decode_image, encode_image, nearest_aspect
 from tiers.base import (
@@ -96,28 +96,30 @@ class GeminiEngine(CloudEngine):
         images: list[RenderedImage] = []
         total_cost: int | None = 0
         request_ids: list[str] = []
-        for _ in range(req.n):
-            cancel.raise_if_cancelled()
-            progress.state("submitted")
-            response = await cancel.race(
-                self.http.request("POST", f"/v1beta/models/{self._model}:generateContent", json=self._body(req))
-            )
-            if response.status_code != 200:
-                text = response.text
-                if response.status_code == 400 and "API key" in text:
-                    raise EngineUnavailable(
-                        "gemini refused the API key: check ORCH_GEMINI_API_KEY (or GEMINI_API_KEY)",
-                        details={"engine": self.name, "status": 400},
-                    )
-                raise self.http.fail(response)
-            body = self._json(response)
-            if body.get("responseId"):
-                request_ids.append(str(body["responseId"]))
-                progress.provider_request(str(body["responseId"]))
-            images.append(RenderedImage(self._image(body)))
-            cost = self._actual_cost(body.get("usageMetadata") or {})
-            total_cost = None if cost is None or total_cost is None else total_cost + cost
-            progress.step(len(images), req.n)
+        with paid_calls(images):
+            for _ in range(req.n):
+                cancel.raise_if_cancelled()
+                progress.state("submitted")
+                response = await cancel.race(
+                    self.http.request("POST", f"/v1beta/models/{self._model}:generateContent", json=self._body(req))
+                )
+                if response.status_code != 200:
+                    text = response.text
+                    if response.status_code == 400 and "API key" in text:
+                        raise EngineUnavailable(
+                            "gemini refused the API key: check ORCH_GEMINI_API_KEY (or GEMINI_API_KEY)",
+                            details={"engine": self.name, "status": 400},
+                        )
+                    raise self.http.fail(response)
+                with reading_an_answer():
+                    body = self._json(response)
+                    if body.get("responseId"):
+                        request_ids.append(str(body["responseId"]))
+                        progress.provider_request(str(body["responseId"]))
+                    images.append(RenderedImage(self._image(body)))
+                cost = self._actual_cost(body.get("usageMetadata") or {})
+                total_cost = None if cost is None or total_cost is None else total_cost + cost
+                progress.step(len(images), req.n)
         return RenderResult(
             images=images,
             model=self._model,

@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 
 from orchestrator.errors import BadEngineInput, ContentFiltered, EngineError, NoPrice
-from tiers._cloud import CloudEngine
+from tiers._cloud import CloudEngine, paid_calls, reading_an_answer
 from tiers._http import RemoteClient
 from tiers._images import b64decode_tolerant, decode_image, encode_image, nearest_aspect
 from tiers.base import (
@@ -122,34 +122,36 @@ class OpenAIImagesEngine(CloudEngine):
         images: list[RenderedImage] = []
         total_cost: int | None = 0
         request_ids: list[str] = []
-        while len(images) < req.n:
-            count = min(MAX_N, req.n - len(images))
-            cancel.raise_if_cancelled()
-            progress.state("submitted")
-            fields = {
-                "prompt": self._prompt(req),
-                "model": self._model,
-                "size": size,
-                "quality": quality(req),
-                "n": str(count),
-                "output_format": "png",
-                "input_fidelity": "high",
-            }
-            response = await cancel.race(self.http.request(
-                "POST", "/v1/images/edits", data=fields, files={"image": ("draft.png", draft, "image/png")}
-            ))
-            request_id = response.headers.get("x-request-id")
-            if request_id:
-                request_ids.append(request_id)
-                progress.provider_request(request_id)
-            if response.status_code != 200:
-                raise self._error(response, request_id)
-            body = self._json(response)
-            batch = self._images(body)
-            images.extend(RenderedImage(img) for img in batch)
-            cost = self._actual_cost(body.get("usage"))
-            total_cost = None if cost is None or total_cost is None else total_cost + cost
-            progress.step(len(images), req.n)
+        with paid_calls(images):
+            while len(images) < req.n:
+                count = min(MAX_N, req.n - len(images))
+                cancel.raise_if_cancelled()
+                progress.state("submitted")
+                fields = {
+                    "prompt": self._prompt(req),
+                    "model": self._model,
+                    "size": size,
+                    "quality": quality(req),
+                    "n": str(count),
+                    "output_format": "png",
+                    "input_fidelity": "high",
+                }
+                response = await cancel.race(self.http.request(
+                    "POST", "/v1/images/edits", data=fields, files={"image": ("draft.png", draft, "image/png")}
+                ))
+                request_id = response.headers.get("x-request-id")
+                if request_id:
+                    request_ids.append(request_id)
+                    progress.provider_request(request_id)
+                if response.status_code != 200:
+                    raise self._error(response, request_id)
+                with reading_an_answer():
+                    body = self._json(response)
+                    batch = self._images(body)
+                images.extend(RenderedImage(img) for img in batch)
+                cost = self._actual_cost(body.get("usage"))
+                total_cost = None if cost is None or total_cost is None else total_cost + cost
+                progress.step(len(images), req.n)
         return RenderResult(
             images=images,
             model=self._model,

@@ -33,7 +33,7 @@ from orchestrator.errors import (
     EngineTimeout,
     EngineUnavailable,
 )
-from tiers._cloud import CloudEngine
+from tiers._cloud import CloudEngine, paid_calls, reading_an_answer
 from tiers._http import RemoteClient
 from tiers._images import b64decode_tolerant, decode_image, encode_image
 from tiers.base import (
@@ -122,24 +122,30 @@ class StabilityEngine(CloudEngine):
         images: list[RenderedImage] = []
         request_ids: list[str] = []
         finish_reasons: list[str] = []
-        for i in range(req.n):
-            cancel.raise_if_cancelled()
-            progress.state("submitted")
-            fields = self._fields(req, op, None if req.seed is None else (req.seed + i) % (MAX_SEED + 1))
-            files = {"image": ("draft.png", draft, "image/png")}
-            if op == "upscale-creative":
-                response, request_id = await self._creative(fields, files, progress, cancel)
-            else:
-                response = await cancel.race(self._send("POST", self._path(op), data=fields, files=files))
-                request_id = response.headers.get("x-request-id")
+        with paid_calls(images):
+            for i in range(req.n):
+                cancel.raise_if_cancelled()
+                progress.state("submitted")
+                fields = self._fields(req, op, None if req.seed is None else (req.seed + i) % (MAX_SEED + 1))
+                files = {"image": ("draft.png", draft, "image/png")}
+                if op == "upscale-creative":
+                    response, request_id = await self._creative(fields, files, progress, cancel)
+                else:
+                    response = await cancel.race(self._send("POST", self._path(op), data=fields, files=files))
+                    request_id = response.headers.get("x-request-id")
+                    if request_id:
+                        progress.provider_request(request_id)
                 if request_id:
-                    progress.provider_request(request_id)
-            if request_id:
-                request_ids.append(request_id)
-            image, seed, reason = self._result(response)
-            images.append(RenderedImage(image, seed=seed))
-            finish_reasons.append(reason)
-            progress.step(len(images), req.n)
+                    request_ids.append(request_id)
+                if response.status_code != 200:
+                    error = self._error(response)
+                    # A creative upscale's final poll failing comes after the provider took the job.
+                    raise error.at_least_charged("unknown") if op == "upscale-creative" else error
+                with reading_an_answer():
+                    image, seed, reason = self._result(response)
+                images.append(RenderedImage(image, seed=seed))
+                finish_reasons.append(reason)
+                progress.step(len(images), req.n)
         return RenderResult(
             images=images,
             model=self._priced_model(req),
@@ -225,8 +231,6 @@ class StabilityEngine(CloudEngine):
                                            "status": 403}) from None
 
     def _result(self, response: httpx.Response) -> tuple[Any, int | None, str]:
-        if response.status_code != 200:
-            raise self._error(response)
         body = self._json(response)
         reason = str(body.get("finish_reason") or response.headers.get("finish-reason") or "SUCCESS")
         if FILTERED in (reason, response.headers.get("finish-reason")):

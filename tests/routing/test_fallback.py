@@ -102,6 +102,20 @@ def test_content_filtered_does_not_fall_back(paid_server: httpx.Client) -> None:
                                                                   ("release", 10.0, "fake-paid")]
 
 
+def test_an_answered_call_short_of_images_is_charged_not_repeated(paid_server: httpx.Client) -> None:
+    # The provider answered (and may have billed): falling back would pay a second engine, and
+    # releasing the hold would hide the first charge.
+    project_id, asset_id = draft_asset(paid_server)
+    job = promote(paid_server, asset_id, tags={"fake": "short"})
+    done = wait_for_job(paid_server, job["id"])
+    assert done["status"] == "failed"
+    assert "returned 0 of 1 images" in done["error"]["message"]
+    assert [(a["engine"], a["status"]) for a in done["attempts"]] == [("fake-paid", "failed")]
+    entries = ledger(paid_server, project_id, job["id"])
+    assert kinds(entries) == [("hold", 10.0, "fake-paid"), ("capture", 10.0, "fake-paid")]
+    assert entries[1]["unreconciled"]
+
+
 def test_requested_engine_has_no_fallback(paid_server: httpx.Client) -> None:
     _, asset_id = draft_asset(paid_server)
     job = promote(paid_server, asset_id, engine="fake-paid", tags={"fake": "fail"})

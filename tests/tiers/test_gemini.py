@@ -89,10 +89,26 @@ async def test_read_timeout_is_not_resent(engine: GeminiEngine) -> None:
 
 
 @respx.mock
-async def test_malformed_body(engine: GeminiEngine) -> None:
-    respx.post(URL).mock(return_value=httpx.Response(200, text="<html>"))
-    with pytest.raises(EngineError):
+@pytest.mark.parametrize("response", [
+    httpx.Response(200, text="<html>"),
+    httpx.Response(200, json={"candidates": []}),
+    httpx.Response(200, json=ok_body(data=b"not a png")),
+])
+async def test_a_broken_answer_is_charged(engine: GeminiEngine, response: httpx.Response) -> None:
+    # Gemini answered 200, so it may have billed: the hold is captured and nothing is re-sent.
+    route = respx.post(URL).mock(return_value=response)
+    with pytest.raises(EngineError) as info:
         await engine.run(bridge(), NullProgress(), CancelToken())
+    assert info.value.charged == "unknown" and route.call_count == 1
+
+
+@respx.mock
+async def test_a_failure_after_a_paid_image_is_charged(engine: GeminiEngine) -> None:
+    refused = httpx.Response(400, json={"error": {"code": 400, "status": "INVALID_ARGUMENT", "message": "no"}})
+    respx.post(URL).mock(side_effect=[httpx.Response(200, json=ok_body()), refused])
+    with pytest.raises(BadEngineInput) as info:
+        await engine.run(bridge(n=2), NullProgress(), CancelToken())
+    assert info.value.charged == "unknown"  # the first image was made and billed
 
 
 @respx.mock
@@ -102,8 +118,9 @@ async def test_malformed_body(engine: GeminiEngine) -> None:
 ])
 async def test_content_filtered(engine: GeminiEngine, body: dict[str, Any]) -> None:
     respx.post(URL).mock(return_value=httpx.Response(200, json=body))
-    with pytest.raises(ContentFiltered):
+    with pytest.raises(ContentFiltered) as info:
         await engine.run(bridge(), NullProgress(), CancelToken())
+    assert info.value.charged == "no"  # Gemini bills no image it did not make
 
 
 @respx.mock

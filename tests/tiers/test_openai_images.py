@@ -126,9 +126,10 @@ async def test_read_timeout_is_not_resent(engine: OpenAIImagesEngine) -> None:
     httpx.Response(200, json={"data": [{"b64_json": base64.b64encode(b"not a png").decode()}]}),
 ])
 async def test_malformed_body(engine: OpenAIImagesEngine, response: httpx.Response) -> None:
-    respx.post(URL).mock(return_value=response)
-    with pytest.raises(EngineError):
+    route = respx.post(URL).mock(return_value=response)
+    with pytest.raises(EngineError) as info:
         await engine.run(bridge(), NullProgress(), CancelToken())
+    assert info.value.charged == "unknown" and route.call_count == 1  # answered 200: it may have billed
 
 
 @respx.mock

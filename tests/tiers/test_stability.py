@@ -150,9 +150,10 @@ async def test_read_timeout_is_not_resent(engine: StabilityEngine) -> None:
     httpx.Response(200, json={"image": base64.b64encode(b"not a png").decode(), "finish_reason": "SUCCESS"}),
 ])
 async def test_malformed_body(engine: StabilityEngine, response: httpx.Response) -> None:
-    respx.post(SD3).mock(return_value=response)
-    with pytest.raises(EngineError):
+    route = respx.post(SD3).mock(return_value=response)
+    with pytest.raises(EngineError) as info:
         await engine.run(bridge(), NullProgress(), CancelToken())
+    assert info.value.charged == "unknown" and route.call_count == 1  # answered 200: it may have billed
 
 
 @respx.mock
