@@ -197,11 +197,16 @@ class JobService:
             # Without a budget there is no share of it to route on: skip the ledger's sums.
             budget_used = None if project.budget_limit is None else self.ledger.balance(s, project).used_fraction
         decision = self.router.decide(project.policy, prepared.request, engine, budget_used)
-        if max_credits is not None and decision.estimate > to_millicredits(max_credits):
-            raise BudgetExceeded(
-                f"the estimate ({to_credits(decision.estimate)} credits) is above max_credits ({max_credits})",
-                details={"estimate": to_credits(decision.estimate), "max_credits": max_credits},
-            )
+        if max_credits is not None:
+            if decision.estimate > to_millicredits(max_credits):
+                raise BudgetExceeded(
+                    f"the estimate ({to_credits(decision.estimate)} credits) is above max_credits ({max_credits})",
+                    details={"estimate": to_credits(decision.estimate), "max_credits": max_credits},
+                )
+            # The cap holds for fallbacks too: the runner only tries candidates left unskipped.
+            for candidate in decision.candidates:
+                if candidate.skipped is None and (candidate.estimate or 0) > to_millicredits(max_credits):
+                    candidate.skipped = f"estimate above max_credits ({max_credits})"
         return decision
 
     def _new_job(self, prepared: Prepared, decision: Decision, *, cache: bool) -> Job:
@@ -268,9 +273,13 @@ class JobService:
                 raise JobFinished(f"job '{job_id}' already {job.status}", details={"status": job.status})
             if job.status != "queued":
                 return False
-            s.execute(update(Job).where(col(Job.id) == job_id, col(Job.status) == "queued").values(
+            result = s.execute(update(Job).where(col(Job.id) == job_id, col(Job.status) == "queued").values(
                 status="canceled", finished_at=now,
                 error={"code": "canceled", "message": "canceled before it started", "details": {}}))
+            if getattr(result, "rowcount", 0) != 1:
+                # Claimed after our read (PostgreSQL's READ COMMITTED allows it): the job runs, so
+                # its hold stays and the caller cancels it as a running job.
+                return False
             self.ledger.release(s, job, note="canceled before it started")
         self.bus.publish(job_id, "canceled", {"job_id": job_id, "status": "canceled"})
         return True

@@ -58,6 +58,9 @@ class Scheduler:
         self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._running: dict[str, tuple[asyncio.Task[None], Claim]] = {}
+        # Claims committed by a worker thread and not yet started on the loop: a cancel in that
+        # gap must reach them, or it would be taken for a cancel of a worker that is gone.
+        self._claimed: dict[str, Claim] = {}
         self._lane_use: dict[str, int] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
@@ -82,6 +85,8 @@ class Scheduler:
         for task in self._tasks:
             task.cancel()
         for _task, claim in list(self._running.values()):
+            if claim.cancel.cancelled:
+                continue  # a user's cancel, already on its way: it ends as canceled, not interrupted
             claim.shutdown = True
             claim.cancel.cancel()
         running = [task for task, _ in self._running.values()]
@@ -131,6 +136,7 @@ class Scheduler:
             self._lane_use[lane] = self._lane_use.get(lane, 0) + 1
             task = asyncio.create_task(self._run(claim, lane), name=f"job {claim.job.id}")
             self._running[claim.job.id] = (task, claim)
+            self._claimed.pop(claim.job.id, None)  # after the line above: `cancel` always finds it
 
     def _claim_ready(self, lane_use: dict[str, int]) -> list[tuple[Claim, str]]:
         """Claim the oldest queued jobs that fit a free lane (`lane_use` is a copy to count on)."""
@@ -163,13 +169,20 @@ class Scheduler:
 
     def _claim(self, job: Job) -> Claim | None:
         now = utcnow()
-        with self.db.transaction() as s:
-            claimed = s.scalars(update(Job).where(col(Job.id) == job.id, col(Job.status) == "queued").values(
-                status="running", attempt=Job.attempt + 1, lease_owner=self.owner,
-                lease_expires_at=now + self.lease, started_at=now, error=None).returning(Job)).one_or_none()
-        if claimed is None:  # another worker, or a cancel, got there first
-            return None
-        return Claim(claimed, claimed.attempt, CancelToken())
+        try:
+            with self.db.transaction() as s:
+                claimed = s.scalars(update(Job).where(col(Job.id) == job.id, col(Job.status) == "queued").values(
+                    status="running", attempt=Job.attempt + 1, lease_owner=self.owner,
+                    lease_expires_at=now + self.lease, started_at=now, error=None).returning(Job)).one_or_none()
+                if claimed is None:  # another worker, or a cancel, got there first
+                    return None
+                claim = Claim(claimed, claimed.attempt, CancelToken())
+                # Known before the commit makes the job 'running' for everyone else.
+                self._claimed[job.id] = claim
+        except BaseException:
+            self._claimed.pop(job.id, None)
+            raise
+        return claim
 
     def _fail_unknown_engine(self, job: Job) -> None:
         error = {"code": "engine_unavailable", "message": f"engine '{job.engine}' is not installed",
@@ -191,15 +204,16 @@ class Scheduler:
             self.notify()
 
     def cancel(self, job_id: str) -> bool:
-        """Cancel a job this process is running; False when it is not running here."""
-        entry = self._running.get(job_id)
-        if entry is None:
-            return False
-        entry[1].cancel.cancel()
+        """Cancel a job this process has claimed; False when it is not running here."""
+        # `_claimed` first: `dispatch` adds a claim to `_running` before it leaves `_claimed`.
+        claim = self._claimed.get(job_id)
+        if claim is None:
+            entry = self._running.get(job_id)
+            if entry is None:
+                return False
+            claim = entry[1]
+        claim.cancel.cancel()
         return True
-
-    def is_running_here(self, job_id: str) -> bool:
-        return job_id in self._running
 
     # -- leases and recovery -----------------------------------------------------------------
 
@@ -258,7 +272,7 @@ class Scheduler:
             if not all_foreign:
                 stmt = stmt.where(col(Job.lease_expires_at) < utcnow())
             jobs = list(s.exec(stmt).all())
-        return [j for j in jobs if j.id not in self._running]
+        return [j for j in jobs if j.id not in self._running and j.id not in self._claimed]
 
     def _recover_one(self, job: Job) -> str | None:
         local = job.engine in self.registry and self.registry.get(job.engine).kind == "local"

@@ -8,6 +8,7 @@ transaction that inserts their rows and finishes the job, so a row never points 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import logging
 import os
@@ -109,6 +110,7 @@ class JobRunner:
                                              "attempt": claim.attempt})
         started = time.monotonic()
         try:
+            claim.cancel.raise_if_cancelled()  # canceled between its claim and this start
             self.health.started(job.engine)
             try:
                 result = await self._render(claim)
@@ -135,6 +137,11 @@ class JobRunner:
             return
         except Canceled as exc:
             if claim.shutdown:
+                if exc.charged == "no":
+                    # Nothing reached a provider: queued again, with its hold, for the next start
+                    # (recovery would fail a remote job as possibly billed).
+                    with contextlib.suppress(StaleAttempt):
+                        await asyncio.to_thread(self._requeue_unsent, claim)
                 log.info("job %s interrupted by shutdown; the next start recovers it", job.id)
                 return
             await self._end(claim, "canceled", exc)
@@ -200,6 +207,11 @@ class JobRunner:
             self.notify()
             return True
         return False
+
+    def _requeue_unsent(self, claim: Claim) -> None:
+        with self.db.transaction() as s:
+            self._guarded_update(s, claim, status="queued", lease_owner=None, lease_expires_at=None,
+                                 progress_step=0, progress_total=0)
 
     def _requeue_on(self, claim: Claim, error: EngineError, engine: str, model: str, estimate: int) -> None:
         job = claim.job

@@ -79,3 +79,26 @@ def test_a_failing_claim_still_starts_the_jobs_already_claimed(services: Service
     with pytest.raises(RuntimeError):
         scheduler._claim_ready({})
     assert statuses(services, jobs) == ["running", "queued", "queued"]
+
+
+def test_a_cancel_between_claim_and_start_reaches_the_claim(services: Services) -> None:
+    # The worker thread has committed the claim; the loop has not started its task yet. The cancel
+    # must find that claim (not take the job for one whose worker is gone) and nothing may run.
+    [job_id] = queued_drafts(services, 1)
+    [(claim, _lane)] = services.scheduler._claim_ready({})
+    assert services.jobs.cancel_queued(job_id) is False  # it is running now
+    assert services.scheduler.cancel(job_id) is True
+    rendered: list[str] = []
+    lite = services.registry.get("lite")
+    original = lite.run
+
+    async def watched(*args: object, **kwargs: object) -> object:
+        rendered.append(job_id)
+        return await original(*args, **kwargs)  # type: ignore[arg-type]
+
+    lite.run = watched  # type: ignore[method-assign]
+    asyncio.run(services.runner.run(claim))
+    assert rendered == []
+    job = services.jobs.get(job_id)
+    assert job.status == "canceled" and job.error is not None and job.error["code"] == "canceled"
+    assert services.jobs.asset_ids([job_id])[job_id] == []

@@ -24,8 +24,10 @@ from tests.credits import (
     iter_sse,
     kinds,
     ledger,
+    poll,
     project_with_draft,
     promote_ok,
+    wait_for_job,
 )
 from tests.credits.conftest import ENGINES, POLICY, VENDOR_KEYS
 from tiers import tiny
@@ -129,3 +131,34 @@ def test_kill_with_a_paid_call_in_flight(service_env: dict[str, str], tmp_path: 
         assert_settled_once(entries)
         balance = budget(client, project_id)
         assert (balance["held"], balance["charged"], balance["available"]) == (0, PRICE, 100 - PRICE)
+
+
+def test_a_stop_before_anything_was_sent_queues_the_paid_job_again(
+        paid_settings_for: Callable[..., Settings], tmp_path: Path) -> None:
+    # The fake engine is waiting before it sends (as a rate-limit backoff does). Start-up recovery
+    # would fail a remote job as possibly billed; the runner knows nothing left, so it re-queues.
+    settings = paid_settings_for(tmp_path / "data")
+    with serve_in_thread(settings) as base, httpx.Client(base_url=base, timeout=30) as client:
+        project_id, asset_id = project_with_draft(client)
+        job = promote_ok(client, asset_id, engine="fake-paid", tags={"fake": "slow", "seconds": "60"})
+        poll(lambda: client.get(f"/v1/jobs/{job['id']}").json(), lambda j: j["status"] == "running")
+    with serve_in_thread(settings) as base, httpx.Client(base_url=base, timeout=30) as client:
+        again = poll(lambda: client.get(f"/v1/jobs/{job['id']}").json(), lambda j: j["status"] == "running")
+        assert again["error"] is None and again["attempts"] == []
+        assert client.post(f"/v1/jobs/{job['id']}/cancel").status_code == 202
+        done = wait_for_job(client, job["id"])
+        assert done["status"] == "canceled"
+        assert [(e["kind"], e["unreconciled"]) for e in ledger(client, project_id) if e["job_id"] == job["id"]] \
+            == [("hold", False), ("release", False)]
+
+
+def test_a_cancel_just_before_a_stop_stays_a_cancel(paid_settings_for: Callable[..., Settings],
+                                                    tmp_path: Path) -> None:
+    settings = paid_settings_for(tmp_path / "data")
+    with serve_in_thread(settings) as base, httpx.Client(base_url=base, timeout=30) as client:
+        _project, asset_id = project_with_draft(client)
+        job = promote_ok(client, asset_id, engine="fake-paid", tags={"fake": "slow", "seconds": "60"})
+        poll(lambda: client.get(f"/v1/jobs/{job['id']}").json(), lambda j: j["status"] == "running")
+        assert client.post(f"/v1/jobs/{job['id']}/cancel").status_code == 202
+    with serve_in_thread(settings) as base, httpx.Client(base_url=base, timeout=30) as client:
+        assert wait_for_job(client, job["id"])["status"] == "canceled"

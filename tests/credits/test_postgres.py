@@ -13,10 +13,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+from sqlalchemy import event
+from sqlalchemy.orm import ORMExecuteState
 from sqlmodel import Session, col, select
 
 from orchestrator.jobs import JobService
-from orchestrator.models import Job, Project
+from orchestrator.models import Job, LedgerEntry, Project
 from orchestrator.schemas import DraftCreate
 from orchestrator.server import serve_in_thread
 from orchestrator.services import Services
@@ -105,6 +107,49 @@ def test_one_idempotency_key_from_two_racing_requests_on_postgres(
         assert sorted(created for _, created in results) == [False, True]
         with services.db.session() as s:
             assert len(s.exec(select(Job).where(col(Job.project_id) == "prj_race")).all()) == 1
+    finally:
+        asyncio.run(services.aclose())
+
+
+def test_a_cancel_that_loses_to_a_claim_leaves_the_job_running_on_postgres(
+        postgres_url: str, tmp_path: Path, paid_settings_for: Callable[..., Settings]) -> None:
+    """Under READ COMMITTED the dispatcher can claim a job between the cancel's read and its
+    UPDATE: the cancel must then leave the job (and its hold) to the running path, not report it
+    canceled while it runs uncharged."""
+    services = Services.build(paid_settings_for(tmp_path / "data", database_url=postgres_url))
+    try:
+        with services.db.transaction() as s:
+            s.add(Project(id="prj_cancel", name="cancel", policy=POLICY))
+        body = DraftCreate(prompt="race", n=1, width=64, height=64, steps=1, seed=1)
+        job, _ = services.jobs.submit(services.jobs.prepare_draft("prj_cancel", body), body, engine=None,
+                                      max_credits=None, idempotency_key=None, scope="/race")
+        claims: list[object] = []
+        hooked = threading.Event()
+
+        def claim_first(state: ORMExecuteState) -> None:
+            # Just before the cancel's UPDATE (once: the claim's own UPDATE passes here too),
+            # another connection claims the job and commits.
+            if state.is_update and not hooked.is_set():
+                hooked.set()
+                with services.db.session() as s:
+                    queued = s.get(Job, job.id)
+                assert queued is not None
+                worker = threading.Thread(target=lambda: claims.append(services.scheduler._claim(queued)))
+                worker.start()
+                worker.join()
+
+        event.listen(Session, "do_orm_execute", claim_first)
+        try:
+            assert services.jobs.cancel_queued(job.id) is False
+        finally:
+            event.remove(Session, "do_orm_execute", claim_first)
+        assert claims and claims[0] is not None
+        assert services.jobs.get(job.id).status == "running"
+        # The API's next step reaches the claim this process holds.
+        assert services.scheduler.cancel(job.id) is True
+        with services.db.session() as s:
+            kinds = [e.kind for e in s.exec(select(LedgerEntry).where(col(LedgerEntry.job_id) == job.id)).all()]
+        assert "release" not in kinds
     finally:
         asyncio.run(services.aclose())
 

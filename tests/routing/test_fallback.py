@@ -116,6 +116,20 @@ def test_an_answered_call_short_of_images_is_charged_not_repeated(paid_server: h
     assert entries[1]["unreconciled"]
 
 
+def test_max_credits_bounds_the_fallbacks_too(paid_server: httpx.Client) -> None:
+    # fake-paid (10) fails; fake-b (20) is above the client's cap of 15, so local-hifi runs instead.
+    project_id, asset_id = draft_asset(paid_server)
+    job = promote(paid_server, asset_id, tags={"fake": "fail"}, max_credits=15)
+    skipped = {c["engine"]: c["skipped"] for c in job["routing"]["candidates"]}
+    assert skipped == {"fake-paid": None, "fake-b": "estimate above max_credits (15.0)", "local-hifi": None}
+    done = wait_for_job(paid_server, job["id"])
+    assert done["status"] == "succeeded", done["error"]
+    assert [(a["engine"], a["status"]) for a in done["attempts"]] == [
+        ("fake-paid", "failed"), ("local-hifi", "succeeded")]
+    assert kinds(ledger(paid_server, project_id, job["id"])) == [("hold", 10.0, "fake-paid"),
+                                                                  ("release", 10.0, "fake-paid")]
+
+
 def test_requested_engine_has_no_fallback(paid_server: httpx.Client) -> None:
     _, asset_id = draft_asset(paid_server)
     job = promote(paid_server, asset_id, engine="fake-paid", tags={"fake": "fail"})
