@@ -112,8 +112,12 @@ class EventBus:
 
     async def subscribe(self, job_id: str, after: int = 0) -> AsyncIterator[Event]:
         """The job's current state, then live events, ending after the terminal event; events up
-        to `after` (see `resume_after`) are left out."""
-        stream = self._stream(job_id)
+        to `after` (see `resume_after`) are left out. A job the bus does not know (its history
+        expired after the caller checked) ends at once: the client reconnects and is told its state
+        afresh, instead of waiting on an empty stream forever."""
+        stream = self._jobs.get(job_id)
+        if stream is None:
+            return
         queue: asyncio.Queue[Event] = asyncio.Queue()
         # No await between the snapshot and the subscription: nothing can slip between them.
         backlog = stream.snapshot()

@@ -112,8 +112,11 @@ async def job_events(job_id: str, services: ServicesDep, request: Request,
                 pending = None
                 yield event.sse()
         finally:
-            if pending is not None:
+            if pending is not None and not pending.done():
                 pending.cancel()
+                # Let the subscription unwind inside that task first: closing a generator that is
+                # still running raises, and every client disconnect logged a traceback.
+                await asyncio.wait({pending})
             await events.aclose()  # type: ignore[attr-defined]
 
     return StreamingResponse(stream(), media_type="text/event-stream",

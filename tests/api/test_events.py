@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 
@@ -185,3 +186,34 @@ def test_a_later_process_numbers_its_events_above_an_earlier_one(monkeypatch: py
     assert later.resume_after(old_id) == 0  # not one of its ids: the client gets everything
     later.publish("job_x", "queued", {})
     assert later._jobs["job_x"].history[0].id > int(old_id)
+
+
+def test_subscribing_to_an_expired_history_ends_at_once() -> None:
+    # A history dropped between the handler's check and the subscription once left the client
+    # with keep-alives forever, and the empty stream it created was never dropped.
+    bus = EventBus()
+    bus.publish("job_x", "succeeded", {"status": "succeeded"})
+    del bus._jobs["job_x"]  # what eviction does after HISTORY_TTL
+
+    async def collect() -> list[str]:
+        return [event.type async for event in bus.subscribe("job_x")]
+
+    assert asyncio.run(asyncio.wait_for(collect(), timeout=5)) == []
+    assert not bus.knows("job_x")
+
+
+def test_a_client_leaving_a_live_stream_logs_no_error(server: httpx.Client, caplog: pytest.LogCaptureFixture) -> None:
+    # Each disconnect once logged 'aclose(): asynchronous generator is already running'.
+    project = create_project(server)["id"]
+    job = submit_draft(server, project, **SLOW)
+    wait_for_job(server, job["id"], ("running",))
+    for _ in range(3):
+        with server.stream("GET", f"/v1/jobs/{job['id']}/events", timeout=60) as response:
+            for event in iter_sse(response):
+                if event.event == "progress":
+                    break  # leave mid-stream: the connection closes
+    assert server.post(f"/v1/jobs/{job['id']}/cancel").status_code == 202
+    wait_for_job(server, job["id"])
+    time.sleep(0.5)  # the server notices the closed connections when it next writes to them
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == []
