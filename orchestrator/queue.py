@@ -34,6 +34,9 @@ from tiers.base import CancelToken
 from tiers.registry import EngineRegistry
 
 log = logging.getLogger(__name__)
+DISPATCH_RETRY_SECONDS = 1.0
+QUEUED_BATCH = 500  # queued jobs looked at per dispatch
+MAX_LOCAL_ATTEMPTS = 3  # a local job the process died under this often is failed, not re-queued
 REMOTE_LANE_LIMIT = 4
 
 
@@ -125,8 +128,10 @@ class Scheduler:
             self._wake.clear()
             try:
                 await self.dispatch()
-            except Exception:  # the loop must survive a database hiccup; the next wake retries
-                log.exception("dispatch failed")
+            except Exception:  # a database hiccup must not leave queued jobs waiting for a wake
+                log.exception("dispatch failed; retrying in %s s", DISPATCH_RETRY_SECONDS)
+                await asyncio.sleep(DISPATCH_RETRY_SECONDS)
+                self._wake.set()
 
     async def dispatch(self) -> None:
         # One worker-thread hop per wake-up: look for queued jobs and claim those that fit. Lanes
@@ -142,7 +147,7 @@ class Scheduler:
         """Claim the oldest queued jobs that fit a free lane (`lane_use` is a copy to count on)."""
         claims: list[tuple[Claim, str]] = []
         try:
-            for job in self._queued():
+            for job in self._queued(lane_use):
                 try:
                     lane, limit = self.lane(job.engine)
                 except OrchestratorError:
@@ -162,10 +167,19 @@ class Scheduler:
             log.exception("dispatch stopped early; starting the %d jobs already claimed", len(claims))
         return claims
 
-    def _queued(self) -> list[Job]:
+    def _queued(self, lane_use: dict[str, int]) -> list[Job]:
+        """The oldest queued jobs, leaving out engines whose lane is full: 500 drafts waiting for
+        the local device must not hide a paid job whose lane is free."""
+        full = []
+        for engine in self.registry:
+            lane, limit = self.lane(engine.name)
+            if lane_use.get(lane, 0) >= limit:
+                full.append(engine.name)
+        stmt = select(Job).where(col(Job.status) == "queued")
+        if full:
+            stmt = stmt.where(col(Job.engine).not_in(full))
         with self.db.session() as s:
-            return list(s.exec(select(Job).where(col(Job.status) == "queued")
-                               .order_by(col(Job.created_at), col(Job.id)).limit(500)).all())
+            return list(s.exec(stmt.order_by(col(Job.created_at), col(Job.id)).limit(QUEUED_BATCH)).all())
 
     def _claim(self, job: Job) -> Claim | None:
         now = utcnow()
@@ -260,7 +274,7 @@ class Scheduler:
             recovered.append(job.id)
             if self.on_recovered is not None:
                 await self.on_recovered(job, outcome)
-            if outcome == "failed":
+            if outcome in ("failed", "given up"):
                 self.bus.publish(job.id, "failed", {"job_id": job.id, "status": "failed"})
         if recovered:
             self.notify()
@@ -277,10 +291,21 @@ class Scheduler:
     def _recover_one(self, job: Job) -> str | None:
         local = job.engine in self.registry and self.registry.get(job.engine).kind == "local"
         values: dict[str, Any]
-        if local:
+        if local and job.attempt < MAX_LOCAL_ATTEMPTS:
             values = {"status": "queued", "lease_owner": None, "lease_expires_at": None,
                       "progress_step": 0}
             outcome = "requeued"
+        elif local:
+            # The process died under this job again and again (out of memory at 2048 px and n=16,
+            # say): starting it once more would crash every restart.
+            error = Interrupted(
+                f"the server stopped {job.attempt} times while this job was running on '{job.engine}'; "
+                "it is not started again (try fewer or smaller images)",
+                details={"engine": job.engine, "attempts": job.attempt},
+            )
+            values = {"status": "failed", "finished_at": utcnow(), "error": error.to_dict(),
+                      "lease_owner": None, "lease_expires_at": None}
+            outcome = "given up"
         else:
             error = Interrupted(
                 f"the server stopped while engine '{job.engine}' was working on this job; it is not sent "
@@ -300,6 +325,8 @@ class Scheduler:
             if outcome == "failed":
                 # Sent to a provider that may have made and billed it: charge the estimate, flagged.
                 self.ledger.capture(s, job, None, unreconciled=True, note="interrupted: outcome unknown")
+            elif outcome == "given up":
+                self.ledger.release(s, job, note="given up after repeated interruptions")
         log.warning("recovered job %s (%s): %s", job.id, job.engine, outcome)
         return outcome
 

@@ -124,6 +124,11 @@ class JobRunner:
             self.health.succeeded(job.engine, job.stage, elapsed)
             try:
                 asset_ids = await asyncio.to_thread(self._succeed, claim, result, elapsed)
+            except Canceled as exc:
+                # Canceled once the engine had finished: a remote engine's images are made and billed.
+                if self.registry.get(job.engine).kind == "remote":
+                    exc.at_least_charged("yes")
+                raise
             except (StaleAttempt, OrchestratorError):
                 raise
             except Exception as exc:  # disk full, permissions: the engine did its (billed) work
@@ -260,7 +265,10 @@ class JobRunner:
         return record
 
     def _succeed(self, claim: Claim, result: RenderResult, seconds: float) -> list[str]:
+        """Store the images and finish the job, unless a cancel (answered 202, so it must win)
+        arrives first: it is checked before encoding and again inside the final transaction."""
         job = claim.job
+        claim.cancel.raise_if_cancelled()
         records = []
         for rendered in result.images:
             record = self._record(job, result, rendered.seed)
@@ -280,6 +288,7 @@ class JobRunner:
         ]
         now = utcnow()
         with self.db.transaction() as s:
+            claim.cancel.raise_if_cancelled()  # rolls back: nothing of this success is kept
             self._guarded_update(s, claim, status="succeeded", finished_at=now, lease_owner=None,
                                  lease_expires_at=None, progress_step=job.progress_total or 1,
                                  progress_total=job.progress_total or 1, model=result.model,

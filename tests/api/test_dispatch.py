@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import Callable, Iterator
 
 import pytest
+from sqlalchemy.exc import OperationalError
 
 from orchestrator.ids import new_id
 from orchestrator.models import Job, Project
@@ -102,3 +103,70 @@ def test_a_cancel_between_claim_and_start_reaches_the_claim(services: Services) 
     job = services.jobs.get(job_id)
     assert job.status == "canceled" and job.error is not None and job.error["code"] == "canceled"
     assert services.jobs.asset_ids([job_id])[job_id] == []
+
+
+def test_a_cancel_after_the_render_still_cancels(services: Services) -> None:
+    # The cancel arrives while the images are decoded and stored: it was answered 202, so the job
+    # must end canceled, with no assets.
+    [job_id] = queued_drafts(services, 1)
+    [(claim, _lane)] = services.scheduler._claim_ready({})
+    lite = services.registry.get("lite")
+    original = lite.run
+
+    async def cancel_when_done(*args: object, **kwargs: object) -> object:
+        result = await original(*args, **kwargs)  # type: ignore[arg-type]
+        assert services.scheduler.cancel(job_id)
+        return result
+
+    lite.run = cancel_when_done  # type: ignore[method-assign]
+    asyncio.run(services.runner.run(claim))
+    job = services.jobs.get(job_id)
+    assert job.status == "canceled"
+    assert services.jobs.asset_ids([job_id])[job_id] == []
+
+
+def test_a_failed_dispatch_is_retried_without_another_wake(services: Services,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    # Once, one 'database is locked' left a queued job waiting until some unrelated submit.
+    monkeypatch.setattr("orchestrator.queue.DISPATCH_RETRY_SECONDS", 0.05)
+    [job_id] = queued_drafts(services, 1)
+    scheduler = services.scheduler
+    real = scheduler._claim_ready
+    calls: list[int] = []
+
+    def locked_once(lane_use: dict[str, int]) -> list[tuple[Claim, str]]:
+        calls.append(1)
+        if len(calls) == 1:
+            raise OperationalError("UPDATE jobs", {}, Exception("database is locked"))
+        return real(lane_use)
+
+    monkeypatch.setattr(scheduler, "_claim_ready", locked_once)
+
+    async def run_until_done() -> str:
+        services.bus.bind(asyncio.get_running_loop())
+        await scheduler.start()
+        try:
+            for _ in range(400):
+                status = statuses(services, [job_id])[0]
+                if status in ("succeeded", "failed", "canceled"):
+                    return status
+                await asyncio.sleep(0.05)
+            return status
+        finally:
+            await scheduler.stop()
+
+    assert asyncio.run(run_until_done()) == "succeeded"
+    assert len(calls) >= 2
+
+
+def test_a_full_local_lane_does_not_hide_a_remote_job(services: Services, monkeypatch: pytest.MonkeyPatch) -> None:
+    # More drafts than one dispatch looks at wait for the busy local device; a later job for a
+    # remote engine, whose lane is free, must still be claimed.
+    monkeypatch.setattr("orchestrator.queue.QUEUED_BATCH", 2)
+    drafts = queued_drafts(services, 3)
+    with services.db.transaction() as s:
+        project_id = s.get(Job, drafts[0]).project_id  # type: ignore[union-attr]
+        s.add(Job(id=new_id("job"), project_id=project_id, stage="bridge", engine="gemini", status="queued"))
+    claims = services.scheduler._claim_ready({"local": 1})
+    assert [(c.job.engine, lane) for c, lane in claims] == [("gemini", "remote:gemini")]
+    assert statuses(services, drafts) == ["queued"] * 3
