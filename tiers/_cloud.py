@@ -56,7 +56,8 @@ class CloudEngine:
     def __init__(self, ctx: EngineContext, model: str, key: SecretStr | None,
                  prices: Mapping[str, Mapping[str, float]], prices_as_of: str) -> None:
         self._model = model
-        self._key = key.get_secret_value() if key else None
+        # Keys pasted from files often end in a newline, which no header may carry.
+        self._key = (key.get_secret_value().strip() or None) if key else None
         self._prices = PriceTable(self.name, prices, prices_as_of, ctx.price_overrides.get(self.name))
 
     def remote_client(self, ctx: EngineContext, client: RemoteClient | None, *, base_url: str,

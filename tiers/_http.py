@@ -134,6 +134,9 @@ class RemoteClient:
     ) -> None:
         self.engine = engine
         self.key_setting = key_setting
+        # An engine may mark some 408/429/5xx answers as final (Gemini's per-day quota): they are
+        # returned at once instead of being retried until the deadline.
+        self.final_answer: Callable[[httpx.Response], bool] = lambda _response: False
         self.deadline_seconds = deadline
         self.sleep = sleep
         self.clock = clock
@@ -214,7 +217,15 @@ class RemoteClient:
                 "it is not re-sent because the provider may have made and billed the image",
                 details={"engine": self.engine},
             ) from exc
-        if response.status_code in RETRY_STATUSES:
+        except httpx.HTTPError as exc:
+            # The request could not even be built (a key with a newline is an illegal header): the
+            # exception's text may hold a header value, so only its type is told.
+            raise EngineUnavailable(
+                f"{self.engine}: the request could not be sent ({type(exc).__name__}): "
+                f"check {self.key_setting} and the base URL", details={"engine": self.engine},
+                retryable=False,
+            ) from None
+        if response.status_code in RETRY_STATUSES and not self.final_answer(response):
             raise _RetryableAnswer(response)
         return response
 

@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 
 from orchestrator.errors import BadEngineInput, Canceled, ContentFiltered, EngineError, EngineTimeout
-from tiers._cloud import CloudEngine
+from tiers._cloud import CloudEngine, reading_an_answer
 from tiers._http import RemoteClient, error_text
 from tiers._images import b64encode, encode_image
 from tiers.base import (
@@ -110,7 +110,8 @@ class FalEngine(CloudEngine):
             exc.charged = "unknown"
             raise
         self._check_completed(request_id, completed)
-        output = await self._result(str(urls["response_url"]), deadline, cancel)
+        with reading_an_answer():  # COMPLETED: fal has run (and billed) the request
+            output = await self._result(str(urls["response_url"]), deadline, cancel)
         images = await self._images(output, cancel)
         progress.step(len(images), req.n)
         return RenderResult(

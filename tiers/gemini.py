@@ -10,9 +10,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from orchestrator.errors import ContentFiltered, EngineError, EngineUnavailable, NoPrice
+from orchestrator.errors import ContentFiltered, EngineError, EngineUnavailable, NoPrice, RateLimited
 from tiers._cloud import CloudEngine, paid_calls, reading_an_answer
-from tiers._http import RemoteClient
+from tiers._http import RemoteClient, error_text
 from tiers._images import b64decode_tolerant, b64encode, decode_image, encode_image, nearest_aspect
 from tiers.base import (
     CancelToken,
@@ -60,6 +60,7 @@ class GeminiEngine(CloudEngine):
         super().__init__(ctx, s.gemini_model, s.gemini_api_key, DEFAULT_PRICES, PRICES_AS_OF)
         self.http = self.remote_client(ctx, client, base_url=s.gemini_base_url,
                                        headers={"x-goog-api-key": self._key or ""})
+        self.http.final_answer = daily_quota_exhausted
 
     def estimate(self, req: RenderRequest) -> int:
         size = image_size(req.width, req.height)
@@ -105,6 +106,9 @@ class GeminiEngine(CloudEngine):
                 )
                 if response.status_code != 200:
                     text = response.text
+                    if response.status_code == 429:  # a per-day quota: final until it resets
+                        raise RateLimited(f"gemini: the daily quota is used up: {error_text(response)}",
+                                          details={"engine": self.name, "status": 429, "daily_quota": True})
                     if response.status_code == 400 and "API key" in text:
                         raise EngineUnavailable(
                             "gemini refused the API key: check ORCH_GEMINI_API_KEY (or GEMINI_API_KEY)",
@@ -160,6 +164,26 @@ class GeminiEngine(CloudEngine):
                                   details={"engine": self.name, "reason": reason})
         raise EngineError(f"gemini returned no image (finishReason {reason or 'missing'})",
                           details={"engine": self.name, "reason": reason or None})
+
+
+def daily_quota_exhausted(response: Any) -> bool:
+    """A 429 whose QuotaFailure names a per-day quota: retrying before the reset only burns the
+    deadline, while routing could already use another engine."""
+    if response.status_code != 429:
+        return False
+    try:
+        body = response.json()
+    except ValueError:
+        return False
+    if isinstance(body, list) and body:
+        body = body[0]
+    details = (body.get("error") or {}).get("details") if isinstance(body, dict) else None
+    for detail in details if isinstance(details, list) else []:
+        for violation in (detail.get("violations") or []) if isinstance(detail, dict) else []:
+            quota = f"{violation.get('quotaId', '')} {violation.get('quotaMetric', '')}".lower()
+            if "perday" in quota or "per_day" in quota:
+                return True
+    return False
 
 
 def factory(ctx: EngineContext) -> GeminiEngine:

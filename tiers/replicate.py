@@ -105,13 +105,16 @@ class ReplicateEngine(CloudEngine):
         images: list[RenderedImage] = []
         prediction_ids: list[str] = []
         predict_time = 0.0
-        body = {"input": self._input(req)}
+        base = self._input(req)
         try:
-            for _ in range(req.n):
+            for i in range(req.n):
                 cancel.raise_if_cancelled()
+                # A model that takes a seed gets seed + i, like every engine: n different images.
+                seed = base["seed"] + i if "seed" in base else None
+                body = {"input": base if seed is None else {**base, "seed": seed}}
                 prediction = await self._predict(body, progress, cancel)
                 prediction_ids.append(str(prediction["id"]))
-                images.extend(await self._outputs(prediction, cancel))
+                images.extend(RenderedImage(out.image, seed=seed) for out in await self._outputs(prediction, cancel))
                 metrics = prediction.get("metrics")
                 if isinstance(metrics, dict) and isinstance(metrics.get("predict_time"), int | float):
                     predict_time += float(metrics["predict_time"])

@@ -188,7 +188,8 @@ class StabilityEngine(CloudEngine):
         ))
         if created.status_code != 200:
             raise self._error(created)
-        body = self._json(created)
+        with reading_an_answer():
+            body = self._json(created)
         job_id = body.get("id")
         if not isinstance(job_id, str) or not job_id:
             # Accepted but unnamed: the job may run and bill, and cannot be found again.
@@ -217,6 +218,10 @@ class StabilityEngine(CloudEngine):
             # The provider has the job and no way to stop it: it may finish and bill.
             raise Canceled(exc.message, details={"engine": self.name, "provider_id": job_id},
                            charged="unknown") from None
+        except EngineError as exc:
+            # Whatever stopped the polling (a 5xx, a 429, the network), the job runs on and bills.
+            exc.at_least_charged("unknown")
+            raise
 
     async def _send(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
         try:

@@ -27,6 +27,11 @@ class RecordingSleep:
     async def __call__(self, seconds: float) -> None:
         self.waits.append(seconds)
 
+    def clock(self) -> float:
+        """A clock that the recorded waits move on: set it as a client's clock and its retries
+        reach their deadline."""
+        return 1000.0 + sum(self.waits)
+
 
 @pytest.fixture
 def sleep() -> RecordingSleep:

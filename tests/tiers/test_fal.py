@@ -283,3 +283,18 @@ def test_unavailable_without_key(make_ctx: Any, monkeypatch: Any) -> None:
     monkeypatch.delenv("ORCH_FAL_API_KEY", raising=False)
     available, reason = FalEngine(make_ctx()).availability()
     assert not available and reason and "FAL_KEY" in reason
+
+
+@respx.mock
+@pytest.mark.parametrize("answer", [httpx.Response(503), httpx.Response(429), httpx.ConnectError("down")])
+async def test_a_failed_result_fetch_after_completion_is_charged(engine: FalEngine, sleep: Any,
+                                                                answer: httpx.Response | Exception) -> None:
+    # COMPLETED: fal has run and billed the request, whatever then stops us reading it.
+    engine.http.clock = sleep.clock
+    respx.post(SUBMIT).mock(return_value=httpx.Response(200, json=queued()))
+    respx.get(STATUS).mock(return_value=status("COMPLETED"))
+    route = respx.get(RESPONSE)
+    route.mock(side_effect=answer) if isinstance(answer, Exception) else route.mock(return_value=answer)
+    with pytest.raises(EngineError) as info:
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    assert info.value.charged == "unknown"

@@ -17,6 +17,7 @@ from orchestrator.errors import (
     EngineTimeout,
     EngineUnavailable,
     NoPrice,
+    RateLimited,
 )
 from tests.tiers.conftest import bridge, png_bytes
 from tiers.base import CancelToken, NullProgress
@@ -154,3 +155,39 @@ def test_unavailable_without_key(make_ctx: Any, monkeypatch: Any) -> None:
     monkeypatch.delenv("GEMINI_API_KEY", raising=False)
     available, reason = GeminiEngine(make_ctx()).availability()
     assert not available and reason and "GEMINI_API_KEY" in reason
+
+
+@respx.mock
+async def test_a_daily_quota_is_final_at_once(engine: GeminiEngine, sleep: Any) -> None:
+    # providers.md: a per-day quota is final until reset. Retrying it burned the whole deadline
+    # before routing could try another engine.
+    engine.http.clock = sleep.clock
+    body = {"error": {"code": 429, "status": "RESOURCE_EXHAUSTED", "message": "quota exceeded", "details": [
+        {"@type": "type.googleapis.com/google.rpc.QuotaFailure", "violations": [
+            {"quotaMetric": "generativelanguage.googleapis.com/generate_requests_per_model_per_day",
+             "quotaId": "GenerateRequestsPerDayPerProjectPerModel"}]}]}}
+    route = respx.post(URL).mock(return_value=httpx.Response(429, json=body))
+    with pytest.raises(RateLimited) as info:
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    assert route.call_count == 1 and sleep.waits == []
+    assert info.value.charged == "no" and info.value.retryable  # routing may use another engine
+
+
+@respx.mock
+async def test_a_key_with_a_trailing_newline_still_works(make_ctx: Any) -> None:
+    engine = GeminiEngine(make_ctx(gemini_api_key="g-secret\n", gemini_base_url=BASE))
+    route = respx.post(URL).mock(return_value=httpx.Response(200, json=ok_body()))
+    await engine.run(bridge(), NullProgress(), CancelToken())
+    assert route.calls.last.request.headers["x-goog-api-key"] == "g-secret"
+
+
+@respx.mock
+async def test_a_key_no_header_can_carry_is_never_repeated(make_ctx: Any) -> None:
+    # httpx's error (raised as h11 writes the headers) names the illegal value, i.e. the key.
+    engine = GeminiEngine(make_ctx(gemini_api_key="g-se\ncret", gemini_base_url=BASE))
+    route = respx.post(URL).mock(side_effect=httpx.LocalProtocolError("Illegal header value b'g-se\\ncret'"))
+    with pytest.raises(EngineUnavailable) as info:
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    assert route.call_count == 1
+    assert "cret" not in info.value.message and "ORCH_GEMINI_API_KEY" in info.value.message
+    assert info.value.charged == "no"

@@ -247,6 +247,18 @@ async def test_deadline_during_polling_cancels_the_prediction(engine: ReplicateE
 
 
 
+@respx.mock
+async def test_a_seeded_model_gets_seed_plus_i_per_variation(make_ctx: Any, output: respx.Route) -> None:
+    # Once every prediction of an n=3 job was sent seed 42: three identical paid images.
+    flux = ReplicateEngine(make_ctx(replicate_api_key="k", replicate_base_url=BASE,
+                                    replicate_model="black-forest-labs/flux-1.1-pro"))
+    route = respx.post(f"{BASE}/v1/models/black-forest-labs/flux-1.1-pro/predictions").mock(
+        return_value=httpx.Response(201, json=prediction()))
+    result = await flux.run(bridge(n=3, seed=42), NullProgress(), CancelToken())
+    assert [json.loads(c.request.content)["input"]["seed"] for c in route.calls] == [42, 43, 44]
+    assert [image.seed for image in result.images] == [42, 43, 44]
+
+
 def test_estimate_per_image_and_unknown_model(make_ctx: Any) -> None:
     eng = ReplicateEngine(make_ctx(replicate_api_key="k"))
     assert eng.estimate(bridge()) == 8000 and eng.estimate(bridge(n=2)) == 16000

@@ -248,6 +248,28 @@ async def test_creative_create_timeout_is_not_resent(engine: StabilityEngine) ->
 
 
 @respx.mock
+@pytest.mark.parametrize("answer", [httpx.Response(503), httpx.Response(429), httpx.ConnectError("down")])
+async def test_creative_polling_that_gives_up_is_charged(engine: StabilityEngine, sleep: Any,
+                                                        answer: httpx.Response | Exception) -> None:
+    # The provider took the job: whatever stops our polling, it runs on and bills.
+    engine.http.clock = sleep.clock
+    respx.post(CREATIVE).mock(return_value=httpx.Response(200, json={"id": "job-42"}))
+    respx.get(RESULT).mock(side_effect=answer) if isinstance(answer, Exception) else \
+        respx.get(RESULT).mock(return_value=answer)
+    with pytest.raises(EngineError) as info:
+        await engine.run(polish(creativity=0.45), NullProgress(), CancelToken())
+    assert info.value.charged == "unknown"
+
+
+@respx.mock
+async def test_creative_create_answer_not_json_is_charged(engine: StabilityEngine) -> None:
+    respx.post(CREATIVE).mock(return_value=httpx.Response(200, text="<html>"))
+    with pytest.raises(EngineError) as info:
+        await engine.run(polish(creativity=0.45), NullProgress(), CancelToken())
+    assert info.value.charged == "unknown"
+
+
+@respx.mock
 async def test_creative_result_expired(engine: StabilityEngine) -> None:
     respx.post(CREATIVE).mock(return_value=httpx.Response(200, json={"id": "job-42"}))
     respx.get(RESULT).mock(return_value=httpx.Response(404, json={"name": "not_found", "errors": ["gone"]}))
