@@ -33,6 +33,7 @@ from orchestrator.ledger import Ledger
 from orchestrator.models import Asset, IdempotencyKey, Job, Project, utcnow
 from orchestrator.routing import Decision, Router
 from orchestrator.schemas import DraftCreate, PolishCreate, PromoteCreate, Stage
+from policies.schema import PRIVACY_TAG
 from tiers.base import RenderRequest, to_credits, to_millicredits
 
 IDEMPOTENCY_TTL = timedelta(hours=48)
@@ -97,7 +98,7 @@ class JobService:
             "negative_prompt": source.negative_prompt if body.negative_prompt is None else body.negative_prompt,
             "n": 1, "seed": body.seed if body.seed is not None else (source.seed or secrets.randbelow(2**32)),
             "width": width, "height": height, "strength": body.strength, "quality": body.quality,
-            "steps": body.steps, "tags": dict(body.tags), "source_sha256": source.sha256,
+            "steps": body.steps, "tags": self._tags(source, body.tags), "source_sha256": source.sha256,
         }
         return Prepared(source.project_id, "bridge", params, render_request(params), source)
 
@@ -109,9 +110,21 @@ class JobService:
             "stage": "polish", "prompt": body.prompt or source.prompt, "negative_prompt": source.negative_prompt,
             "n": 1, "seed": body.seed if body.seed is not None else (source.seed or secrets.randbelow(2**32)),
             "width": width, "height": height, "scale": scale, "creativity": body.creativity,
-            "tags": dict(body.tags), "source_sha256": source.sha256,
+            "tags": self._tags(source, body.tags), "source_sha256": source.sha256,
         }
         return Prepared(source.project_id, "polish", params, render_request(params), source)
+
+    def _tags(self, source: Asset, tags: dict[str, str]) -> dict[str, str]:
+        """The request's tags. A private source keeps what is made from it private (a draft kept
+        local must not become a cloud engine's img2img seed) unless the request sets privacy itself."""
+        out = dict(tags)
+        if PRIVACY_TAG not in out:
+            with self.db.session() as s:
+                made_by = s.get(Job, source.job_id)
+            inherited = ((made_by.params.get("tags") or {}) if made_by else {}).get(PRIVACY_TAG)
+            if inherited:
+                out[PRIVACY_TAG] = inherited
+        return out
 
     @staticmethod
     def _size(source: Asset, width: int | None, height: int | None, scale: float) -> tuple[int, int]:
@@ -195,8 +208,11 @@ class JobService:
         with self.db.session() as s:
             project = self._project(s, prepared.project_id)
             # Without a budget there is no share of it to route on: skip the ledger's sums.
-            budget_used = None if project.budget_limit is None else self.ledger.balance(s, project).used_fraction
-        decision = self.router.decide(project.policy, prepared.request, engine, budget_used)
+            balance = None if project.budget_limit is None else self.ledger.balance(s, project)
+        decision = self.router.decide(project.policy, prepared.request, engine,
+                                      None if balance is None else balance.used_fraction)
+        if balance is not None and balance.available is not None:
+            _within_budget(decision, balance.available)
         if max_credits is not None:
             if decision.estimate > to_millicredits(max_credits):
                 raise BudgetExceeded(
@@ -304,6 +320,18 @@ class JobService:
         """(held, charged) millicredits per job."""
         with self.db.session() as s:
             return self.ledger.job_totals(s, job_ids)
+
+
+def _within_budget(decision: Decision, available: int) -> None:
+    """Move the choice down the candidates to the first one the budget can hold (a free local
+    engine always fits), as the runner's fallback does; with none, the hold refuses with 402."""
+    usable = [c for c in decision.candidates if c.skipped is None]
+    fitting = next((c for c in usable if (c.estimate or 0) <= available), None)
+    if fitting is None or fitting.engine == decision.chosen:
+        return
+    for candidate in usable[:usable.index(fitting)]:
+        candidate.skipped = f"does not fit the budget ({to_credits(max(available, 0))} credits available)"
+    decision.chosen, decision.estimate = fitting.engine, fitting.estimate or 0
 
 
 def cache_key(engine: str, model: str, params: dict[str, Any]) -> str:

@@ -67,9 +67,11 @@ class Balance:
     @property
     def used_fraction(self) -> float | None:
         """Share of the window's budget spent or held (for routing rules like `budget_used_over`)."""
-        total = None if self.limit is None else self.limit + self.granted
-        if not total:
+        if self.limit is None:
             return None
+        total = self.limit + self.granted
+        if total <= 0:
+            return 1.0  # a zero budget is all spent: the rules for an exhausted budget apply
         return (self.charged + self.held) / total
 
     def public(self) -> dict[str, Any]:

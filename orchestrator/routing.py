@@ -73,6 +73,12 @@ class Router:
 
     def decide(self, policy_name: str, req: RenderRequest, requested: str | None,
                budget_used: float | None) -> Decision:
+        if policy_name not in self.policies:
+            # The project's policy is gone (a file removed, a mistyped ORCH_POLICY): the service's
+            # setup is at fault, not the request or the project.
+            raise NoUsableEngine(f"the project's policy '{policy_name}' is not loaded; set the project's policy "
+                                 "(PATCH) or restore the policy file", details={"policy": policy_name,
+                                                                                "known": self.policies.names()})
         policy = self.policies.get(policy_name)
         facts = RequestFacts.from_request(req, engine=requested, budget_used=budget_used)
         matched = policy.match(facts)

@@ -62,6 +62,9 @@ class Services:
         policies = PolicyStore(settings.policy_dir)
         for error in policies.errors:
             log.error("policy refused: %s", error.message)
+        if settings.policy not in policies:
+            log.error("ORCH_POLICY names '%s', which is not loaded (known: %s): new projects must name a policy",
+                      settings.policy, ", ".join(policies.names()))
         health = EngineHealth()
         router = Router(registry, policies, health)
         ledger = Ledger()

@@ -42,6 +42,8 @@ class Settings(BaseSettings):
     # TAESD folder or Hub id for sharper step previews; unset = the free latent-to-RGB approximation.
     lite_preview_vae: str | None = None
     lite_max_batch: int = Field(4, ge=1, le=16)
+    # Half precision on CUDA: fp16, or bf16 for GPUs and models that overflow in fp16.
+    lite_dtype: Literal["fp16", "bf16"] = "fp16"
     # Torch intra-op threads of the inference thread; 0 = all physical cores.
     torch_threads: int = Field(0, ge=0)
     # Largest width/height a local engine accepts; guards memory on small machines.

@@ -170,7 +170,7 @@ class LocalRuntime:
         import torch
 
         if self.device == "cuda":
-            return torch.bfloat16 if os.environ.get("ORCH_LITE_DTYPE") == "bf16" else torch.float16
+            return torch.bfloat16 if self.settings.lite_dtype == "bf16" else torch.float16
         if self.device == "mps":
             return torch.float16
         return torch.float32

@@ -11,6 +11,7 @@ from orchestrator.api.serialize import asset_public, project_public
 from orchestrator.errors import InvalidRequest, NotFound
 from orchestrator.ids import id_cursor, new_id
 from orchestrator.models import Asset, Project
+from orchestrator.routing import NoUsableEngine
 from orchestrator.schemas import AssetPublic, Budget, Page, ProjectCreate, ProjectPublic, ProjectUpdate, Stage
 from tiers.base import to_millicredits
 
@@ -18,9 +19,13 @@ router = APIRouter(tags=["projects"])
 Limit = Annotated[int, Query(ge=1, le=500)]
 
 
-@router.post("/projects", status_code=201, response_model=ProjectPublic, responses=documented(413, 415))
+@router.post("/projects", status_code=201, response_model=ProjectPublic, responses=documented(413, 415, 503))
 def create_project(body: ProjectCreate, services: ServicesDep) -> ProjectPublic:
     _check_policy(services, body.policy)
+    if body.policy is None and services.settings.policy not in services.policies:
+        raise NoUsableEngine(f"the default policy '{services.settings.policy}' (ORCH_POLICY) is not loaded; "
+                             "name a policy in the request or fix the setting",
+                             details={"policy": services.settings.policy, "known": services.policies.names()})
     budget = body.budget
     project = Project(
         id=new_id("prj"), name=body.name, policy=body.policy or services.settings.policy,

@@ -10,7 +10,7 @@ import pytest
 
 from orchestrator.db import Database
 from orchestrator.errors import BudgetExceeded
-from orchestrator.ledger import Ledger, window
+from orchestrator.ledger import Balance, Ledger, window
 from orchestrator.models import Job, Project
 
 
@@ -165,3 +165,15 @@ def test_settlement_is_once_per_hold(db: Database) -> None:
     with db.session() as s:
         balance = ledger.balance(s, project)
     assert (balance.limit, balance.available, balance.charged, balance.held) == (None, None, 4_000, 0)
+
+
+@pytest.mark.parametrize(("limit", "granted", "spent", "used"), [
+    (None, 0, 0, None),  # no budget: no share to route on
+    (10_000, 0, 2_500, 0.25),
+    (0, 0, 0, 1.0),  # a zero budget is all spent (it once read as "no budget")
+    (0, 5_000, 1_000, 0.2),  # a zero limit topped up by a grant
+])
+def test_used_fraction(limit: int | None, granted: int, spent: int, used: float | None) -> None:
+    balance = Balance(limit=limit, period="month", window_start=None, window_end=None, charged=spent, held=0,
+                      granted=granted)
+    assert balance.used_fraction == used

@@ -130,6 +130,33 @@ def test_max_credits_bounds_the_fallbacks_too(paid_server: httpx.Client) -> None
                                                                   ("release", 10.0, "fake-paid")]
 
 
+def test_a_budget_too_small_for_the_first_candidate_routes_to_one_it_can_hold(paid_server: httpx.Client) -> None:
+    # 5 credits left: fake-paid (10) and fake-b (20) cannot be held, local-hifi (free) can. Once
+    # this answered 402, while route/explain named fake-paid.
+    project_id, asset_id = draft_asset(paid_server, budget={"limit": 5, "period": "month"})
+    explained = paid_server.post("/v1/route/explain", json={"stage": "bridge", "source_asset_id": asset_id})
+    assert explained.status_code == 200 and explained.json()["engine"] == "local-hifi"
+    job = promote(paid_server, asset_id)
+    assert job["engine"] == "local-hifi" and job["cost"]["estimated"] == 0
+    skipped = {c["engine"]: c["skipped"] for c in job["routing"]["candidates"]}
+    assert skipped["fake-paid"] == skipped["fake-b"] == "does not fit the budget (5.0 credits available)"
+    assert wait_for_job(paid_server, job["id"])["status"] == "succeeded"
+    assert ledger(paid_server, project_id, job["id"]) == []
+
+
+def test_a_private_draft_keeps_its_promotion_local(paid_server: httpx.Client) -> None:
+    # The draft was made with privacy=local: its promotion, though not tagged, must not become a
+    # cloud engine's img2img seed.
+    response = paid_server.post("/v1/projects", json={"name": "private"})
+    project_id = response.json()["id"]
+    draft = run_draft(paid_server, project_id, tags={"privacy": "local"})
+    job = promote(paid_server, draft["assets"][0])
+    assert job["engine"] == "local-hifi" and job["params"]["tags"]["privacy"] == "local"
+    polished = wait_for_job(paid_server, job["id"])
+    polish = paid_server.post(f"/v1/assets/{polished['assets'][0]}/polish", json={"scale": 1})
+    assert polish.status_code == 202 and polish.json()["engine"] == "local-hifi"
+
+
 def test_requested_engine_has_no_fallback(paid_server: httpx.Client) -> None:
     _, asset_id = draft_asset(paid_server)
     job = promote(paid_server, asset_id, engine="fake-paid", tags={"fake": "fail"})

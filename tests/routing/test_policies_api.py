@@ -319,3 +319,19 @@ def test_sighup_reloads_the_policy_files(new_settings: SettingsFactory, tmp_path
             time.sleep(0.05)  # poll interval while the signal is handled
         assert after["content_hash"] != before["content_hash"]
         assert proc.poll() is None  # reloaded, not stopped
+
+
+def test_a_policy_that_is_not_loaded_is_a_setup_error_not_a_missing_project(
+        new_settings: SettingsFactory, tmp_path: Path) -> None:
+    # A mistyped ORCH_POLICY once let projects be created and then answered every draft with
+    # 404 not_found, which clients read as "the project is gone".
+    folder = write_policies(tmp_path / "policies", {"custom": CUSTOM_V1})
+    with running(new_settings(policy="balnced", policy_dir=folder)) as client:
+        error = assert_error(client.post("/v1/projects", json={"name": "typo"}), 503, "no_route")
+        assert "ORCH_POLICY" in error["message"] and "balanced" in error["details"]["known"]
+        project = create_project(client, "named", policy="custom")
+        (folder / "custom.toml").unlink()  # the project's policy disappears on the next reload
+        client.post("/v1/policies/reload")
+        body = {"prompt": "x", "n": 1, "width": 64, "height": 64}
+        error = assert_error(client.post(f"/v1/projects/{project['id']}/drafts", json=body), 503, "no_route")
+        assert "policy 'custom' is not loaded" in error["message"]

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 import pytest
 
-from orchestrator.errors import BadEngineInput, NoPrice, NoRoute, NotFound
+from orchestrator.errors import BadEngineInput, NoPrice, NoRoute
 from orchestrator.health import EngineHealth
 from orchestrator.routing import Decision, NoUsableEngine, Router, fallbacks
 from policies import PolicyStore
@@ -306,10 +306,11 @@ def test_no_matching_rule_is_no_route(decide: Decide) -> None:
     assert "no rule" in info.value.message
 
 
-def test_unknown_policy_is_not_found(decide: Decide) -> None:
-    with pytest.raises(NotFound) as info:
+def test_a_policy_that_is_not_loaded_is_a_setup_error(decide: Decide) -> None:
+    # Not 404: the project exists; the service lacks its policy.
+    with pytest.raises(NoRoute) as info:
         decide("nope", "bridge")
-    assert info.value.status == 404 and "nope" in info.value.message
+    assert info.value.status == 503 and "policy 'nope' is not loaded" in info.value.message
 
 
 # -- strategies -----------------------------------------------------------------------------------
