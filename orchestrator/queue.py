@@ -36,7 +36,7 @@ from tiers.registry import EngineRegistry
 log = logging.getLogger(__name__)
 DISPATCH_RETRY_SECONDS = 1.0
 QUEUED_BATCH = 500  # queued jobs looked at per dispatch
-MAX_LOCAL_ATTEMPTS = 3  # a local job the process died under this often is failed, not re-queued
+MAX_LOCAL_STOPS = 3  # a local job the process died under this often is failed, not re-queued
 REMOTE_LANE_LIMIT = 4
 
 
@@ -290,18 +290,21 @@ class Scheduler:
 
     def _recover_one(self, job: Job) -> str | None:
         local = job.engine in self.registry and self.registry.get(job.engine).kind == "local"
+        # Each recovery is recorded in the job's attempts: a job the process keeps dying under (out
+        # of memory at 2048 px and n=16, say) is not started into a crash loop.
+        stops = 1 + sum(1 for a in job.attempts or [] if a.get("status") == "interrupted")
         values: dict[str, Any]
-        if local and job.attempt < MAX_LOCAL_ATTEMPTS:
+        if local and stops < MAX_LOCAL_STOPS:
             values = {"status": "queued", "lease_owner": None, "lease_expires_at": None,
-                      "progress_step": 0}
+                      "progress_step": 0,
+                      "attempts": [*(job.attempts or []), {"engine": job.engine, "status": "interrupted",
+                                                           "error": None}]}
             outcome = "requeued"
         elif local:
-            # The process died under this job again and again (out of memory at 2048 px and n=16,
-            # say): starting it once more would crash every restart.
             error = Interrupted(
-                f"the server stopped {job.attempt} times while this job was running on '{job.engine}'; "
+                f"the server stopped {stops} times while this job was running on '{job.engine}'; "
                 "it is not started again (try fewer or smaller images)",
-                details={"engine": job.engine, "attempts": job.attempt},
+                details={"engine": job.engine, "interruptions": stops},
             )
             values = {"status": "failed", "finished_at": utcnow(), "error": error.to_dict(),
                       "lease_owner": None, "lease_expires_at": None}

@@ -15,7 +15,7 @@ import httpx
 from orchestrator.db import Database
 from orchestrator.ids import new_id
 from orchestrator.models import Job, Project, utcnow
-from orchestrator.queue import MAX_LOCAL_ATTEMPTS
+from orchestrator.queue import MAX_LOCAL_STOPS
 from orchestrator.settings import Settings
 from tests.api import TERMINAL, create_project, iter_sse, read_events, serve_process, submit_draft, wait_for_job
 from tiers import tiny
@@ -109,23 +109,27 @@ def test_a_local_job_the_server_keeps_dying_under_is_given_up(
     settings.data_dir.mkdir(parents=True)
     db = Database(settings.resolved_database_url)
     db.migrate()
-    project_id, ids = new_id("prj"), {attempt: new_id("job") for attempt in (2, MAX_LOCAL_ATTEMPTS)}
+    # Keyed by the stops before this one; claims alone (fallbacks, graceful stops) do not count.
+    project_id, ids = new_id("prj"), {stops: new_id("job") for stops in (1, MAX_LOCAL_STOPS - 1)}
     with db.transaction() as s:
         s.add(Project(id=project_id, name="crash loop", policy="balanced"))
         s.flush()
-        for attempt, job_id in ids.items():
+        for stops, job_id in ids.items():
             s.add(Job(id=job_id, project_id=project_id, stage="ideation", engine="lite", model=tiny.NAME,
                       params={"stage": "ideation", "prompt": "a lighthouse", "negative_prompt": "", "n": 1,
                               "seed": 5, "width": 64, "height": 64, "steps": 1, "tags": {}},
-                      status="running", attempt=attempt, lease_owner="dead-host:1:0", started_at=utcnow()))
+                      attempts=[{"engine": "lite", "status": "interrupted", "error": None}] * stops,
+                      status="running", attempt=5, lease_owner="dead-host:1:0", started_at=utcnow()))
     db.dispose()
 
     client = start_server(settings)
-    given_up = client.get(f"/v1/jobs/{ids[MAX_LOCAL_ATTEMPTS]}").json()
+    given_up = client.get(f"/v1/jobs/{ids[MAX_LOCAL_STOPS - 1]}").json()
     assert given_up["status"] == "failed" and given_up["error"]["code"] == "interrupted"
-    assert f"stopped {MAX_LOCAL_ATTEMPTS} times" in given_up["error"]["message"]
+    assert f"stopped {MAX_LOCAL_STOPS} times" in given_up["error"]["message"]
     assert [e.event for e in read_events(client, given_up["id"], timeout=10)][-1] == "failed"
-    assert wait_for_job(client, ids[2])["status"] == "succeeded"
+    again = wait_for_job(client, ids[1])
+    assert again["status"] == "succeeded"
+    assert [a["status"] for a in again["attempts"]] == ["interrupted", "interrupted", "succeeded"]
 
 
 def test_graceful_stop_leaves_the_job_for_recovery_not_canceled(make_settings: SettingsFactory) -> None:
