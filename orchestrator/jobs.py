@@ -96,7 +96,7 @@ class JobService:
         params: dict[str, Any] = {
             "stage": "bridge", "prompt": body.prompt or source.prompt,
             "negative_prompt": source.negative_prompt if body.negative_prompt is None else body.negative_prompt,
-            "n": 1, "seed": body.seed if body.seed is not None else (source.seed or secrets.randbelow(2**32)),
+            "n": 1, "seed": _seed(body.seed, source),
             "width": width, "height": height, "strength": body.strength, "quality": body.quality,
             "steps": body.steps, "tags": self._tags(source, body.tags), "source_sha256": source.sha256,
         }
@@ -108,7 +108,7 @@ class JobService:
         width, height = self._size(source, body.width, body.height, scale or 1.0)
         params: dict[str, Any] = {
             "stage": "polish", "prompt": body.prompt or source.prompt, "negative_prompt": source.negative_prompt,
-            "n": 1, "seed": body.seed if body.seed is not None else (source.seed or secrets.randbelow(2**32)),
+            "n": 1, "seed": _seed(body.seed, source),
             "width": width, "height": height, "scale": scale, "creativity": body.creativity,
             "tags": self._tags(source, body.tags), "source_sha256": source.sha256,
         }
@@ -174,6 +174,7 @@ class JobService:
             cached = self._cached(s, job) if job.cache_key else None
             if cached:
                 job.status, job.cache_hit, job.started_at, job.finished_at = "succeeded", True, utcnow(), utcnow()
+                job.progress_step = job.progress_total = 1  # finished: a progress bar shows 100%
             s.add(job)
             s.flush()
             if cached:
@@ -190,8 +191,11 @@ class JobService:
         return job, True
 
     def _cached(self, s: Session, job: Job) -> list[Asset]:
-        """The assets of an earlier identical paid job that succeeded, if any."""
+        """The assets of an earlier identical paid job from the same source asset that succeeded,
+        if any. The same source: a copy's PNG (shared, content-addressed) names its parent, and
+        another asset with the same bytes may belong to another project."""
         earlier = s.exec(select(Job).where(col(Job.cache_key) == job.cache_key, col(Job.status) == "succeeded",
+                                           col(Job.source_asset_id) == job.source_asset_id,
                                            col(Job.cache_hit).is_(False)).order_by(col(Job.id))).first()
         if earlier is None:
             return []
@@ -199,6 +203,8 @@ class JobService:
 
     def _publish_cached(self, job: Job) -> None:
         self.bus.publish(job.id, "queued", {"job_id": job.id, "status": "queued"})
+        self.bus.publish(job.id, "started", {"job_id": job.id, "status": "running", "engine": job.engine,
+                                             "cache_hit": True})
         for index, asset_id in enumerate(self.asset_ids([job.id])[job.id]):
             self.bus.publish(job.id, "asset", {"asset_id": asset_id, "index": index})
         self.bus.publish(job.id, "succeeded", {"job_id": job.id, "status": "succeeded", "cache_hit": True})
@@ -320,6 +326,13 @@ class JobService:
         """(held, charged) millicredits per job."""
         with self.db.session() as s:
             return self.ledger.job_totals(s, job_ids)
+
+
+def _seed(requested: int | None, source: Asset) -> int:
+    """The request's seed, else the source's (seed 0 included), else a fresh one."""
+    if requested is not None:
+        return requested
+    return source.seed if source.seed is not None else secrets.randbelow(2**32)
 
 
 def _within_budget(decision: Decision, available: int) -> None:

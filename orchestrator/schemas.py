@@ -127,7 +127,7 @@ class DraftCreate(Strict):
 class PromoteCreate(Strict):
     prompt: Prompt | None = None
     negative_prompt: Annotated[str, StringConstraints(max_length=10000)] | None = None
-    strength: Annotated[float, NoBool, Field(gt=0, le=1)] = 0.55
+    strength: Annotated[float, NoBool, Field(ge=0.01, le=1)] = 0.55
     width: Side | None = None
     height: Side | None = None
     quality: Literal["low", "medium", "high"] = "high"
@@ -144,7 +144,7 @@ class PolishCreate(Strict):
     width: Side | None = None
     height: Side | None = None
     prompt: Prompt | None = None
-    creativity: Annotated[float, NoBool, Field(gt=0, le=1)] = 0.3
+    creativity: Annotated[float, NoBool, Field(ge=0.01, le=1)] = 0.3
     seed: Seed | None = None
     engine: str | None = None
     max_credits: Credits | None = None

@@ -47,19 +47,24 @@ class ModelDefaults:
     steps: int
     guidance_scale: float
     native_size: int
-    max_steps: int = 150
 
 
 def model_defaults(model: str) -> ModelDefaults:
-    """Steps and guidance a model family is meant to run with."""
-    name = model.lower()
+    """Steps and guidance a model family is meant to run with, from its name (the last part of a
+    Hub id or path: a folder such as /home/alexl/... must not read as "xl")."""
     if model == tiny.NAME:
         return ModelDefaults(steps=4, guidance_scale=0.0, native_size=512)
-    if any(k in name for k in ("turbo", "lightning", "lcm", "hyper")):
-        # Distilled few-step models: 1-4 steps, no classifier-free guidance.
-        native = 1024 if "xl" in name else 512
-        return ModelDefaults(steps=2, guidance_scale=0.0, native_size=native, max_steps=8)
-    if "xl" in name:
+    name = model.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1].lower()
+    xl = "xl" in name
+    if "lcm" in name:
+        # Latent consistency pipelines embed the guidance (w = guidance - 1): 0 would be w = -1.
+        return ModelDefaults(steps=4, guidance_scale=8.5, native_size=1024 if xl else 512)
+    if "turbo" in name:
+        # Adversarially distilled at 512 px (SDXL-Turbo too): 1-4 steps, no guidance.
+        return ModelDefaults(steps=2, guidance_scale=0.0, native_size=512)
+    if "lightning" in name or "hyper" in name:
+        return ModelDefaults(steps=4, guidance_scale=0.0, native_size=1024 if xl else 512)
+    if xl:
         return ModelDefaults(steps=30, guidance_scale=5.0, native_size=1024)
     if "stable-diffusion-2" in name or "sd2" in name:
         return ModelDefaults(steps=25, guidance_scale=7.5, native_size=768)

@@ -61,8 +61,9 @@ class LocalHifiEngine(LocalEngine):
 
     def _steps(self, req: RenderRequest, strength: float) -> int:
         base = req.steps or (self.defaults.steps * 2 if req.stage == "bridge" else self.defaults.steps)
-        # img2img runs int(steps * strength) steps: make sure at least one happens.
-        return max(base, math.ceil(1 / max(strength, 1e-3)))
+        # img2img runs int(steps * strength) steps: make sure at least one happens (the API keeps
+        # strength >= 0.01, so this stays within 101 steps; the margin absorbs float rounding).
+        return max(base, math.ceil(1.0001 / strength))
 
     def _render(self, req: RenderRequest, progress: Progress, cancel: CancelToken) -> RenderResult:
         from PIL import Image as PILImage

@@ -68,3 +68,15 @@ def test_variation_i_equals_single_draft_with_seed_plus_i(server: httpx.Client) 
         # ... and it is not some other image that happens to be close: other seeds are far away.
         if i:
             assert np.abs(a - pixels(content(server, batch["assets"][0]))).mean() > 5
+
+
+def test_a_promotion_keeps_a_draft_seed_of_zero(shared_server: httpx.Client) -> None:
+    # `source.seed or random` once read seed 0 as "no seed": each promotion got a random one.
+    project = create_project(shared_server, "seed zero")["id"]
+    draft = run_draft(shared_server, project, n=1, seed=0, width=64, height=64, steps=1)
+    seeds = []
+    for _ in range(2):
+        response = shared_server.post(f"/v1/assets/{draft['assets'][0]}/promote", json={"strength": 0.5, "steps": 2})
+        assert response.status_code == 202, response.text
+        seeds.append(response.json()["params"]["seed"])
+    assert seeds == [0, 0]

@@ -303,3 +303,15 @@ def test_unexpected_error_answers_500_in_the_error_shape(make_settings: Settings
     with TestClient(app, raise_server_exceptions=False) as client:
         error = assert_error(client.get("/v1/boom"), 500, "internal_error")
     assert "secret" not in error["message"]  # internals stay in the server log
+
+
+@pytest.mark.parametrize(("stage", "body"), [
+    ("promote", {"strength": 0.0005}), ("promote", {"strength": 0}), ("polish", {"creativity": 0.005}),
+])
+def test_strength_too_small_to_denoise(shared_server: httpx.Client, finished_job: dict[str, Any], stage: str,
+                                       body: dict[str, Any]) -> None:
+    # 0.0005 once asked local-hifi for 1000 steps, of which int(1000 * 0.0005) = 0 ran: a crash.
+    before = job_count(shared_server)
+    response = shared_server.post(f"/v1/assets/{finished_job['assets'][0]}/{stage}", json=body)
+    assert_error(response, 422, "invalid_request")
+    assert job_count(shared_server) == before

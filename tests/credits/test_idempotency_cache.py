@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
+from tests.api import read_events
 from tests.credits import (
     PRICE,
     get_json,
@@ -78,6 +79,9 @@ def test_identical_paid_request_is_served_from_the_cache(api: httpx.Client) -> N
     assert len(shas) == 1
     assert second["assets"] != first["assets"]  # new rows, same content
     assert kinds(ledger(api, project_id)) == {"hold": 1, "capture": 1}
+    assert second["progress"]["fraction"] == 1.0  # finished, not a bar stuck at 0
+    events = [e.event for e in read_events(api, second["id"])]
+    assert events == ["queued", "started", "asset", "succeeded"]
 
     third = promote_ok(api, asset_id, cache=False, seed=5)
     assert not third["cost"]["cache_hit"]
@@ -85,3 +89,18 @@ def test_identical_paid_request_is_served_from_the_cache(api: httpx.Client) -> N
     assert done["status"] == "succeeded" and done["cost"]["charged"] == PRICE
     assert kinds(ledger(api, project_id)) == {"hold": 2, "capture": 2}
     assert get_json(api, f"/v1/projects/{project_id}/budget")["charged"] == 2 * PRICE
+
+
+def test_a_same_bytes_draft_of_another_asset_is_not_a_cache_hit(api: httpx.Client) -> None:
+    # Identical draft requests make byte-identical drafts. A cache hit across them would hand out
+    # PNGs whose embedded record names the other asset (maybe another project's) as the parent.
+    _, first_asset = project_with_draft(api, {"limit": 100, "period": "month"})
+    _, second_asset = project_with_draft(api, {"limit": 100, "period": "month"})
+    shas = {get_json(api, f"/v1/assets/{a}")["sha256"] for a in (first_asset, second_asset)}
+    assert len(shas) == 1
+    wait_for_job(api, promote_ok(api, first_asset, cache=True, seed=5)["id"])
+    other = promote_ok(api, second_asset, cache=True, seed=5)
+    assert not other["cost"]["cache_hit"]
+    done = wait_for_job(api, other["id"])
+    asset = get_json(api, f"/v1/assets/{done['assets'][0]}")
+    assert asset["parent_id"] == second_asset

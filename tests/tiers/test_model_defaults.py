@@ -1,0 +1,24 @@
+"""Per-model defaults of the local engines, from the model's name."""
+
+from __future__ import annotations
+
+import pytest
+
+from tiers._local import ModelDefaults, model_defaults
+
+
+@pytest.mark.parametrize(("model", "expected"), [
+    ("stabilityai/sd-turbo", ModelDefaults(steps=2, guidance_scale=0.0, native_size=512)),
+    ("stabilityai/sdxl-turbo", ModelDefaults(steps=2, guidance_scale=0.0, native_size=512)),  # trained at 512
+    ("ByteDance/SDXL-Lightning", ModelDefaults(steps=4, guidance_scale=0.0, native_size=1024)),
+    # Latent consistency pipelines compute w = guidance - 1: guidance 0 would be w = -1.
+    ("SimianLuo/LCM_Dreamshaper_v7", ModelDefaults(steps=4, guidance_scale=8.5, native_size=512)),
+    ("stabilityai/stable-diffusion-xl-base-1.0", ModelDefaults(steps=30, guidance_scale=5.0, native_size=1024)),
+    ("stabilityai/stable-diffusion-2-1", ModelDefaults(steps=25, guidance_scale=7.5, native_size=768)),
+    # Only the model's own name counts: "alexl" in the folder is not "xl".
+    ("/home/alexl/models/v1-5-pruned-emaonly.safetensors",
+     ModelDefaults(steps=25, guidance_scale=7.5, native_size=512)),
+    ("/models/dreamshaper_xl.safetensors", ModelDefaults(steps=30, guidance_scale=5.0, native_size=1024)),
+])
+def test_model_defaults(model: str, expected: ModelDefaults) -> None:
+    assert model_defaults(model) == expected
