@@ -91,9 +91,10 @@ class Services:
                 Job.stage, Job.engine, Job.status)).all()
             assets = s.exec(select(Asset.stage, func.count()).group_by(Asset.stage)).all()
         lines = ["# HELP orchestrator_jobs Jobs by stage, engine and status.", "# TYPE orchestrator_jobs gauge"]
-        lines += [f'orchestrator_jobs{{stage="{st}",engine="{en}",status="{stat}"}} {n}' for st, en, stat, n in jobs]
+        lines += [f'orchestrator_jobs{{stage="{_label(st)}",engine="{_label(en)}",status="{_label(stat)}"}} {n}'
+                  for st, en, stat, n in jobs]
         lines += ["# HELP orchestrator_assets Assets by stage.", "# TYPE orchestrator_assets gauge"]
-        lines += [f'orchestrator_assets{{stage="{st}"}} {n}' for st, n in assets]
+        lines += [f'orchestrator_assets{{stage="{_label(st)}"}} {n}' for st, n in assets]
         return "\n".join(lines) + "\n"
 
     async def aclose(self) -> None:
@@ -106,3 +107,9 @@ class Services:
         if runtime is not None:
             runtime.shutdown()
         self.db.dispose()
+
+
+def _label(value: str) -> str:
+    """A Prometheus label value: backslash, quote and newline escaped (engine names come from
+    configuration)."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")

@@ -133,6 +133,8 @@ class ArtifactStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".png")
         try:
+            # mkstemp makes the file 0600: a backup job or a static file server must read it too.
+            os.fchmod(fd, 0o644)
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()

@@ -42,7 +42,9 @@ async def get_content(asset_id: str, services: ServicesDep, request: Request) ->
     etag = f'"{sha256}"'
     headers = {"ETag": etag, "Cache-Control": "private, max-age=31536000, immutable"}
     # If-None-Match compares weakly (RFC 9110 13.1.2): W/"x" matches "x"; * matches anything.
-    tags = {tag.strip().removeprefix("W/") for tag in request.headers.get("if-none-match", "").split(",")}
+    # Several If-None-Match lines are one list (RFC 9110 5.3).
+    listed = ",".join(request.headers.getlist("if-none-match"))
+    tags = {tag.strip().removeprefix("W/") for tag in listed.split(",")}
     if etag in tags or "*" in tags:
         return Response(status_code=304, headers=headers)
     return Response(data, media_type="image/png", headers=headers)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query
@@ -126,10 +126,15 @@ def get_spend(services: ServicesDep, group_by: GroupBy = "day",
             raise InvalidRequest(f"'{name}' needs a timezone (RFC 3339, e.g. 2026-11-01T00:00:00Z)")
     if from_ and to and from_ >= to:
         raise InvalidRequest("'from' must be before 'to'")
+    from_, to = (None if t is None else t.astimezone(UTC) for t in (from_, to))
     with services.db.session() as s:
         report = spend(s, group_by, from_, to, project_id)
         report["savings"] = savings(s, services.registry, from_, to, project_id)
     if format == "csv":
         return PlainTextResponse(to_csv(report), media_type="text/csv",
                                  headers={"Content-Disposition": 'attachment; filename="spend.csv"'})
+    # Times as everywhere else in the API: UTC with a Z.
+    for name in ("from", "to"):
+        if report[name] is not None:
+            report[name] = report[name].isoformat().replace("+00:00", "Z")
     return JSONResponse(jsonable_encoder(report))

@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from orchestrator.api.deps import check_bearer
 from orchestrator.errors import OrchestratorError
 from orchestrator.schemas import ErrorResponse
 
@@ -68,8 +69,6 @@ def _allowed_methods(request: Request) -> str:
         pattern = re.sub(r"\\\{[^/]*?\\\}", "[^/]+", re.escape(template))
         if re.fullmatch(pattern, request.url.path):
             methods |= {method.upper() for method in operations}
-    if "GET" in methods:
-        methods.add("HEAD")
     return ", ".join(sorted(methods))
 
 
@@ -109,6 +108,16 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code in (404, 405) and request.url.path.startswith("/v1/"):
+            # No route matched, so no route's auth ran: without the key, /v1 tells nothing, not
+            # even which paths or methods exist.
+            services = getattr(request.app.state, "services", None)
+            if services is not None:
+                try:
+                    check_bearer(services.settings, request.headers.get("authorization"))
+                except OrchestratorError as denied:
+                    return error_response(denied.status, denied.code, denied.message,
+                                          headers={"WWW-Authenticate": "Bearer"})
         code = _HTTP_CODES.get(exc.status_code, "error")
         headers = getattr(exc, "headers", None)
         if exc.status_code == 405:

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Response
 from sqlmodel import col, select
 
 from orchestrator.api.deps import ServicesDep
@@ -20,7 +20,7 @@ Limit = Annotated[int, Query(ge=1, le=500)]
 
 
 @router.post("/projects", status_code=201, response_model=ProjectPublic, responses=documented(413, 415, 503))
-def create_project(body: ProjectCreate, services: ServicesDep) -> ProjectPublic:
+def create_project(body: ProjectCreate, services: ServicesDep, response: Response) -> ProjectPublic:
     _check_policy(services, body.policy)
     if body.policy is None and services.settings.policy not in services.policies:
         raise NoUsableEngine(f"the default policy '{services.settings.policy}' (ORCH_POLICY) is not loaded; "
@@ -34,6 +34,7 @@ def create_project(body: ProjectCreate, services: ServicesDep) -> ProjectPublic:
     )
     with services.db.transaction() as s:
         s.add(project)
+    response.headers["Location"] = f"/v1/projects/{project.id}"
     return project_public(project)
 
 

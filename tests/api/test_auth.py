@@ -71,3 +71,30 @@ def test_operations_need_no_key(anon: httpx.Client) -> None:
 def test_no_admin_key_means_open(server: httpx.Client) -> None:
     assert server.get("/v1/projects").status_code == 200
     assert server.get("/v1/projects", headers={"Authorization": "Bearer anything"}).status_code == 200
+
+
+def test_unknown_routes_and_methods_under_v1_need_the_key_too(anon: httpx.Client) -> None:
+    # No route matched, so no route's auth ran: without the key, /v1 must not say what exists.
+    assert_error(anon.get("/v1/nope"), 401, "unauthorized")
+    assert_error(anon.delete("/v1/projects"), 401, "unauthorized")
+    with authed(anon) as client:
+        assert_error(client.get("/v1/nope"), 404, "not_found")
+        assert_error(client.delete("/v1/projects"), 405, "method_not_allowed")
+    assert_error(anon.get("/nope"), 404, "not_found")  # outside /v1 nothing is guarded
+
+
+def test_docs_know_the_bearer_scheme(anon: httpx.Client) -> None:
+    spec = anon.get("/openapi.json").json()
+    assert spec["components"]["securitySchemes"]["HTTPBearer"] == {
+        "type": "http", "scheme": "bearer", "description": "`ORCH_ADMIN_KEY`, when the service sets one."}
+    operation = spec["paths"]["/v1/projects"]["get"]
+    assert operation["security"] == [{"HTTPBearer": []}]
+    assert all(p["name"].lower() != "authorization" for p in operation.get("parameters", []))
+
+
+def test_a_non_ascii_key_works_as_utf8(make_settings: Callable[..., Settings],
+                                       start_server: Callable[[Settings], httpx.Client]) -> None:
+    client = start_server(make_settings(admin_key="clé-ünïcode"))
+    header = "Bearer clé-ünïcode".encode()  # the UTF-8 bytes a client sends
+    assert client.get("/v1/projects", headers={"Authorization": header}).status_code == 200
+    assert_error(client.get("/v1/projects", headers={"Authorization": "Bearer cle-unicode"}), 401, "unauthorized")

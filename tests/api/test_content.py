@@ -63,6 +63,9 @@ def test_content_answers_if_none_match_with_304(
         assert unchanged.headers["etag"] == etag
         assert api.get(url, headers={"If-None-Match": f"W/{etag}"}).status_code == 304
         assert api.get(url, headers={"If-None-Match": "*"}).status_code == 304
+        # Two header lines are one list: the match on the second line counts.
+        lines = [("If-None-Match", f'"{"0" * 64}"'), ("If-None-Match", etag)]
+        assert api.get(url, headers=lines).status_code == 304
         other = api.get(url, headers={"If-None-Match": f'"{"0" * 64}"'})
         assert other.status_code == 200
         assert other.content == full.content

@@ -184,6 +184,12 @@ def test_patch_project(server: httpx.Client) -> None:
     assert fetched["created_at"] == project["created_at"]
 
 
+def test_a_created_project_has_a_location(server: httpx.Client) -> None:
+    response = server.post("/v1/projects", json={"name": "located"})
+    assert response.status_code == 201
+    assert server.get(response.headers["Location"]).json() == response.json()
+
+
 def test_patch_budget_is_a_merge(server: httpx.Client) -> None:
     # Once a new limit alone reset the period to "none" (a lifetime cap), and a new period alone
     # dropped the limit (no cap at all).

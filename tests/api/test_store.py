@@ -55,6 +55,7 @@ def test_put_get_is_content_addressed_and_atomic(tmp_path: Path) -> None:
     assert store.get(sha) == data
     assert store.put(data) == sha  # the same bytes twice: one file
     assert [p.name for p in store.root.rglob("*") if p.is_file()] == [f"{sha}.png"]
+    assert store.path_for(sha).stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600: backups read it
     with pytest.raises(NotFound):
         store.get("0" * 64)  # well-formed, but never stored
 
@@ -66,6 +67,7 @@ def test_sweep_temp_removes_leftovers_of_a_crash(tmp_path: Path) -> None:
     assert store.sweep_temp() == 1
     assert store.get(sha) == b"kept"
     assert [p.name for p in store.root.rglob("*") if p.is_file()] == [f"{sha}.png"]
+    assert store.path_for(sha).stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600: backups read it
 
 
 def test_png_carries_infotext_and_record() -> None:

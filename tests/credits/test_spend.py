@@ -63,6 +63,9 @@ def test_time_filter(api: httpx.Client, spent: dict[str, Any]) -> None:
     assert (earlier["groups"], earlier["total"]) == ([], 0)
     zulu = report(api, project_id, group_by="engine", **{"from": "2000-01-01T00:00:00Z"})
     assert zulu["total"] == 27.5
+    # Echoed as every time in the API is: UTC with a Z.
+    offset = report(api, project_id, **{"from": "2000-01-01T00:00:00Z", "to": "2100-01-01T01:00:00+01:00"})
+    assert (offset["from"], offset["to"]) == ("2000-01-01T00:00:00Z", "2100-01-01T00:00:00Z")
 
 
 @pytest.mark.parametrize("params", [
