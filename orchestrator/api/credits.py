@@ -36,14 +36,15 @@ class BudgetPublic(BaseModel):
 
 
 class LedgerEntryPublic(BaseModel):
-    id: int
+    # Strings, as every id of the API (and the ledger's own next_cursor) is; integers inside.
+    id: str
     project_id: str
     job_id: str | None
     kind: Literal["grant", "hold", "capture", "release", "adjustment"]
     amount: float
     engine: str | None
     stage: str | None
-    hold_id: int | None
+    hold_id: str | None
     unreconciled: bool
     over_hold: bool
     created_at: datetime
@@ -57,8 +58,9 @@ class GrantCreate(Strict):
 
 def _entry(e: LedgerEntry) -> LedgerEntryPublic:
     assert e.id is not None
-    return LedgerEntryPublic(id=e.id, project_id=e.project_id, job_id=e.job_id, kind=e.kind,
-                             amount=to_credits(e.amount), engine=e.engine, stage=e.stage, hold_id=e.hold_id,
+    return LedgerEntryPublic(id=str(e.id), project_id=e.project_id, job_id=e.job_id, kind=e.kind,
+                             amount=to_credits(e.amount), engine=e.engine, stage=e.stage,
+                             hold_id=None if e.hold_id is None else str(e.hold_id),
                              unreconciled=e.unreconciled, over_hold=e.over_hold, created_at=e.created_at,
                              note=e.note)
 

@@ -67,6 +67,7 @@ def test_retryable_failure_falls_back_to_the_next_candidate(paid_server: httpx.C
     assert kinds(entries) == [("hold", 10.0, "fake-paid"), ("release", 10.0, "fake-paid"),
                               ("hold", 20.0, "fake-b"), ("capture", 20.0, "fake-b")]
     first_hold, release, second_hold, capture = entries
+    assert all(isinstance(e["id"], str) for e in entries)  # ids are opaque strings (API.md)
     assert release["hold_id"] == first_hold["id"]
     assert capture["hold_id"] == second_hold["id"]
     assert not capture["unreconciled"]
