@@ -99,14 +99,14 @@ def run_demo(*, url: str | None, prompt: str, out: str, size: int) -> int:
         print(f"  routed to {bridge['engine']} (estimate {bridge['cost']['estimated']} credits)")
         bridge = watch(client, bridge["id"], "bridge")
         bridged = bridge["assets"][0]
-        (out_dir / "bridge.png").write_bytes(client.get(f"/v1/assets/{bridged}/content").content)
+        (out_dir / "bridge.png").write_bytes(client.get(f"/v1/assets/{bridged}/content").raise_for_status().content)
 
         print("3/3 polish: 2x with a light refine")
         final = client.post(f"/v1/assets/{bridged}/polish", json={"scale": 2}).raise_for_status().json()
         print(f"  routed to {final['engine']} (estimate {final['cost']['estimated']} credits)")
         final = watch(client, final["id"], "polish")
         final_id = final["assets"][0]
-        (out_dir / "final.png").write_bytes(client.get(f"/v1/assets/{final_id}/content").content)
+        (out_dir / "final.png").write_bytes(client.get(f"/v1/assets/{final_id}/content").raise_for_status().content)
 
         lineage = client.get(f"/v1/assets/{final_id}/lineage").raise_for_status().json()
         chain = [*lineage["ancestors"], client.get(f"/v1/assets/{final_id}").json()]
