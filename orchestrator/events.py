@@ -69,7 +69,7 @@ class EventBus:
     def resume_after(self, last_event_id: str | None) -> int:
         """The event id a reconnecting client has seen, or 0 when the id is not one of this
         process's (a restart, a malformed header): that client gets the whole state again."""
-        if not last_event_id or not (last_event_id.isascii() and last_event_id.isdigit()):
+        if not last_event_id or len(last_event_id) > 19 or not (last_event_id.isascii() and last_event_id.isdigit()):
             return 0
         seen = int(last_event_id)
         return seen if seen > self._first_id else 0
