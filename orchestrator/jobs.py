@@ -171,6 +171,9 @@ class JobService:
                 existing = self._replay_in(s, idempotency_key, scope, digest)
                 if existing is not None:
                     return existing, False
+            # Ids are the list cursors: made under the write lock, they commit in id order, so a
+            # client paging with `id > cursor` cannot step over a job committed just after.
+            job.id = new_id("job")
             cached = self._cached(s, job) if job.cache_key else None
             if cached:
                 job.status, job.cache_hit, job.started_at, job.finished_at = "succeeded", True, utcnow(), utcnow()

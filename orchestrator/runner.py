@@ -295,6 +295,10 @@ class JobRunner:
                                  provider_request_id=result.provider_request_id,
                                  attempts=[*(job.attempts or []), {"engine": job.engine, "status": "succeeded",
                                                                    "error": None}])
+            # Ids made under the write lock (the update above took it) commit in id order: they
+            # are list cursors, and a page must not step over an asset committed just after.
+            for row in rows:
+                row.id = new_id("ast")
             s.add_all(rows)
             if job.estimated > 0:  # free jobs hold nothing; skip the lookup on the hot path
                 self.ledger.capture(s, job, result.cost_millicredits)

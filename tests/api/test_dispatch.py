@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 from sqlalchemy.exc import OperationalError
+from sqlmodel import col, select
 
 from orchestrator.ids import new_id
 from orchestrator.models import Job, Project
@@ -170,3 +173,41 @@ def test_a_full_local_lane_does_not_hide_a_remote_job(services: Services, monkey
     claims = services.scheduler._claim_ready({"local": 1})
     assert [(c.job.engine, lane) for c, lane in claims] == [("gemini", "remote:gemini")]
     assert statuses(services, drafts) == ["queued"] * 3
+
+
+def test_a_job_committed_later_never_sorts_before_a_cursor(services: Services,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    # A paging client reads `id > cursor`. A submit that made its id, then waited for the write
+    # lock while another committed, once landed before that other's id: every page missed it.
+    project_id = new_id("prj")
+    with services.db.transaction() as s:
+        s.add(Project(id=project_id, name="cursor", policy="balanced"))
+    body = DraftCreate(prompt="a lighthouse", n=1, width=64, height=64, steps=1)
+    made, go = threading.Event(), threading.Event()
+    real_new_job = services.jobs._new_job
+
+    def slow_new_job(*args: Any, **kwargs: Any) -> Job:
+        job = real_new_job(*args, **kwargs)
+        if threading.current_thread().name == "slow":
+            made.set()
+            go.wait(10)
+        return job
+
+    monkeypatch.setattr(services.jobs, "_new_job", slow_new_job)
+
+    def submit() -> Job:
+        job, _ = services.jobs.submit(services.jobs.prepare_draft(project_id, body), body, engine=None,
+                                      max_credits=None, idempotency_key=None, scope="test")
+        return job
+
+    results: list[Job] = []
+    slow = threading.Thread(target=lambda: results.append(submit()), name="slow")
+    slow.start()
+    assert made.wait(10)
+    fast = submit()  # commits while the slow one holds an id made before it
+    go.set()
+    slow.join(10)
+    [late] = results
+    with services.db.session() as s:
+        after = [j.id for j in s.exec(select(Job).where(col(Job.id) > fast.id)).all()]
+    assert late.id in after
