@@ -8,6 +8,7 @@ On Postgres the same call is a plain transaction; the ledger locks rows with `FO
 
 from __future__ import annotations
 
+import fcntl
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -85,4 +86,12 @@ def alembic_config(url: str) -> Config:
 
 
 def upgrade(url: str, revision: str = "head") -> None:
-    command.upgrade(alembic_config(url), revision)
+    """Apply the migrations, one process at a time: two services starting together must not both
+    create the tables (PostgreSQL takes an advisory lock in migrations/env.py)."""
+    path = url.split("///", 1)[-1] if url.startswith("sqlite") else ""
+    if not path or path == ":memory:":
+        command.upgrade(alembic_config(url), revision)
+        return
+    with open(f"{path}.migrate-lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        command.upgrade(alembic_config(url), revision)

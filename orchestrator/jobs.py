@@ -263,8 +263,12 @@ class JobService:
 
     def forget_idempotency_keys(self, now: datetime | None = None) -> int:
         cutoff = (now or utcnow()) - IDEMPOTENCY_TTL
+        # A key stays while its job is unfinished: a retry during a long backlog must not make a
+        # second job (and a second hold).
+        finished = select(Job.id).where(col(Job.status).in_(("succeeded", "failed", "canceled")))
         with self.db.transaction() as s:
-            result = s.execute(delete(IdempotencyKey).where(col(IdempotencyKey.created_at) < cutoff))
+            result = s.execute(delete(IdempotencyKey).where(col(IdempotencyKey.created_at) < cutoff,
+                                                            col(IdempotencyKey.job_id).in_(finished)))
         return int(getattr(result, "rowcount", 0) or 0)
 
     # -- reading and cancelling ----------------------------------------------------------------

@@ -281,12 +281,17 @@ class Scheduler:
         return recovered
 
     def _orphans(self, all_foreign: bool) -> list[Job]:
+        now = utcnow()
         with self.db.session() as s:
             stmt = select(Job).where(col(Job.status) == "running")
             if not all_foreign:
-                stmt = stmt.where(col(Job.lease_expires_at) < utcnow())
+                stmt = stmt.where(col(Job.lease_expires_at) < now)
             jobs = list(s.exec(stmt).all())
-        return [j for j in jobs if j.id not in self._running and j.id not in self._claimed]
+        return [j for j in jobs if j.id not in self._running and j.id not in self._claimed
+                # At start-up a live lease of another running process is not an orphan: that
+                # process is still working on it (and may be paying for it).
+                and not (j.lease_expires_at is not None and j.lease_expires_at > now
+                         and _alive(j.lease_owner, other_hosts=not self.db.is_sqlite))]
 
     def _recover_one(self, job: Job) -> str | None:
         local = job.engine in self.registry and self.registry.get(job.engine).kind == "local"
@@ -332,6 +337,27 @@ class Scheduler:
                 self.ledger.release(s, job, note="given up after repeated interruptions")
         log.warning("recovered job %s (%s): %s", job.id, job.engine, outcome)
         return outcome
+
+
+def _alive(owner: str | None, *, other_hosts: bool) -> bool:
+    """Whether a lease owner ("host:pid:scheduler") may still be running: another process on
+    this host that exists, or, when the database is shared (PostgreSQL), a process on another
+    host (only its lease can tell). This process's own earlier schedulers are gone."""
+    host, _, rest = (owner or "").partition(":")
+    pid = rest.partition(":")[0]
+    if not host or not pid.isdigit():
+        return False
+    if host != socket.gethostname():
+        return other_hosts
+    if int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _rowcount(result: Any) -> int:

@@ -12,6 +12,7 @@ same seed gives byte-identical files.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -19,6 +20,7 @@ import os
 import re
 import tempfile
 import threading
+import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -152,10 +154,14 @@ class ArtifactStore:
         except FileNotFoundError:
             raise NotFound("the asset's content is missing from the store") from None
 
-    def sweep_temp(self) -> int:
-        """Remove temp files left by a crash between write and rename."""
+    def sweep_temp(self, older_than: float = 3600.0) -> int:
+        """Remove temp files left by a crash between write and rename. Only old ones: a fresh
+        one may be another process's write in progress."""
         removed = 0
+        cutoff = time.time() - older_than
         for tmp in self.root.glob("*/.tmp-*"):
-            tmp.unlink(missing_ok=True)
-            removed += 1
+            with contextlib.suppress(FileNotFoundError):
+                if tmp.stat().st_mtime < cutoff:
+                    tmp.unlink()
+                    removed += 1
         return removed

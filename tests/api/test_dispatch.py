@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -12,7 +13,8 @@ from sqlalchemy.exc import OperationalError
 from sqlmodel import col, select
 
 from orchestrator.ids import new_id
-from orchestrator.models import Job, Project
+from orchestrator.jobs import IDEMPOTENCY_TTL
+from orchestrator.models import Job, Project, utcnow
 from orchestrator.runner import Claim
 from orchestrator.schemas import DraftCreate
 from orchestrator.services import Services
@@ -211,3 +213,20 @@ def test_a_job_committed_later_never_sorts_before_a_cursor(services: Services,
     with services.db.session() as s:
         after = [j.id for j in s.exec(select(Job).where(col(Job.id) > fast.id)).all()]
     assert late.id in after
+
+
+def test_idempotency_keys_outlive_their_ttl_while_the_job_is_unfinished(services: Services) -> None:
+    # A retry after 48 h of backlog must still find the job, not make a second one.
+    project_id = new_id("prj")
+    with services.db.transaction() as s:
+        s.add(Project(id=project_id, name="keys", policy="balanced"))
+    body = DraftCreate(prompt="a lighthouse", n=1, width=64, height=64, steps=1)
+    job, _ = services.jobs.submit(services.jobs.prepare_draft(project_id, body), body, engine=None,
+                                  max_credits=None, idempotency_key="k-1", scope="test")
+    later = utcnow() + IDEMPOTENCY_TTL + timedelta(hours=1)
+    assert services.jobs.forget_idempotency_keys(now=later) == 0
+    again, created = services.jobs.submit(services.jobs.prepare_draft(project_id, body), body, engine=None,
+                                          max_credits=None, idempotency_key="k-1", scope="test")
+    assert (again.id, created) == (job.id, False)
+    assert services.jobs.cancel_queued(job.id)
+    assert services.jobs.forget_idempotency_keys(now=later) == 1  # finished and old: forgotten

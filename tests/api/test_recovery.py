@@ -4,7 +4,10 @@ with `interrupted` (never sent twice); no job stays `running`."""
 from __future__ import annotations
 
 import signal
+import socket
 import sqlite3
+import subprocess
+import sys
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -147,3 +150,41 @@ def test_graceful_stop_leaves_the_job_for_recovery_not_canceled(make_settings: S
         done = wait_for_job(client, job["id"], TERMINAL, timeout=120)
         assert done["status"] == "succeeded", done["error"]
         assert len(done["assets"]) == 1
+
+
+def test_startup_leaves_a_live_process_its_jobs(make_settings: SettingsFactory,
+                                                start_server: Callable[[Settings], httpx.Client]) -> None:
+    """A second process started on the same database once failed the first one's running jobs as
+    interrupted (and charged them). A live lease of a live process on this host is left alone; a
+    dead process's job is recovered."""
+    settings = make_settings()
+    settings.data_dir.mkdir(parents=True)
+    db = Database(settings.resolved_database_url)
+    db.migrate()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        project_id, live_id, dead_id = new_id("prj"), new_id("job"), new_id("job")
+        params = {"stage": "ideation", "prompt": "a lighthouse", "negative_prompt": "", "n": 1, "seed": 5,
+                  "width": 64, "height": 64, "steps": 1, "tags": {}}
+        lease = {"status": "running", "attempt": 1, "started_at": utcnow(),
+                 "lease_expires_at": utcnow() + timedelta(minutes=10)}
+        with db.transaction() as s:
+            s.add(Project(id=project_id, name="two processes", policy="balanced"))
+            s.flush()
+            s.add(Job(id=live_id, project_id=project_id, stage="ideation", engine="lite", model=tiny.NAME,
+                      params=params, lease_owner=f"{socket.gethostname()}:{other.pid}:0", **lease))
+            s.add(Job(id=dead_id, project_id=project_id, stage="ideation", engine="lite", model=tiny.NAME,
+                      params=params, lease_owner=f"{socket.gethostname()}:{dead_pid()}:0", **lease))
+        db.dispose()
+        client = start_server(settings)
+        assert wait_for_job(client, dead_id)["status"] == "succeeded"
+        assert client.get(f"/v1/jobs/{live_id}").json()["status"] == "running"
+    finally:
+        other.kill()
+        other.wait()
+
+
+def dead_pid() -> int:
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait()
+    return finished.pid

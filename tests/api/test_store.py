@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -63,8 +65,15 @@ def test_put_get_is_content_addressed_and_atomic(tmp_path: Path) -> None:
 def test_sweep_temp_removes_leftovers_of_a_crash(tmp_path: Path) -> None:
     store = ArtifactStore(tmp_path / "assets")
     sha = store.put(b"kept")
-    (store.root / sha[:2] / ".tmp-abc.png").write_bytes(b"half")
+    crashed = store.root / sha[:2] / ".tmp-abc.png"
+    crashed.write_bytes(b"half")
+    os.utime(crashed, (time.time() - 7200, time.time() - 7200))
+    # A fresh one may be another process's write in progress: it stays.
+    writing = store.root / sha[:2] / ".tmp-def.png"
+    writing.write_bytes(b"in progress")
     assert store.sweep_temp() == 1
+    assert writing.exists()
+    writing.unlink()
     assert store.get(sha) == b"kept"
     assert [p.name for p in store.root.rglob("*") if p.is_file()] == [f"{sha}.png"]
     assert store.path_for(sha).stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600: backups read it

@@ -154,6 +154,12 @@ def test_a_cancel_that_loses_to_a_claim_leaves_the_job_running_on_postgres(
         asyncio.run(services.aclose())
 
 
+def test_concurrent_migrations_on_postgres(postgres_url: str) -> None:
+    from tests.test_migrations import upgrade_concurrently
+
+    upgrade_concurrently(postgres_url)
+
+
 def test_migrations_run_on_postgres(postgres_url: str) -> None:
     from sqlalchemy import create_engine, inspect
 
