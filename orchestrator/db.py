@@ -92,6 +92,7 @@ def upgrade(url: str, revision: str = "head") -> None:
     if not path or path == ":memory:":
         command.upgrade(alembic_config(url), revision)
         return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)  # `orchestrator migrate` on a new data dir
     with open(f"{path}.migrate-lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         command.upgrade(alembic_config(url), revision)

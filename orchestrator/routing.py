@@ -105,8 +105,11 @@ class Router:
             if refusals and len(refusals) == len(ordered):
                 # Every candidate refused the request itself (size, price): a 422, not "try later".
                 raise refusals[0]
+            # The reasons belong in the sentence: "no engine now" alone reads like an outage when
+            # the request was too large for the only engine that is set up.
+            why = "; ".join(f"{c.engine}: {c.skipped}" for c in ordered)
             raise NoUsableEngine(
-                f"no engine can take this request now (policy '{policy.name}', rule '{rule.name}')",
+                f"no engine can take this request now (policy '{policy.name}', rule '{rule.name}'): {why}"[:1000],
                 details={**base, "candidates": [c.as_dict() for c in ordered]},
             )
         first = usable[0]

@@ -39,3 +39,13 @@ def test_demo_refused_by_the_service_says_why(make_settings: SettingsFactory,
     assert main(["demo", "--url", str(client.base_url), "--out", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert f"GET {client.base_url}/v1/engines answered 401: a valid 'Authorization: Bearer <key>'" in err
+
+
+def test_migrate_makes_a_new_data_dir(make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch,
+                                      tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    make_settings()  # keeps the developer's environment out
+    data_dir = tmp_path / "new" / "data"
+    monkeypatch.setenv("ORCH_DATA_DIR", str(data_dir))
+    assert main(["migrate"]) == 0  # once a traceback: 'unable to open database file'
+    assert (data_dir / "orchestrator.db").exists()
+    assert "is up to date" in capsys.readouterr().out

@@ -21,7 +21,7 @@ class RequestLimits:
         self.max_bytes = max_bytes
 
     def _message(self) -> str:
-        return f"the request body is larger than {self.max_bytes} bytes"
+        return f"the request body is larger than {self.max_bytes} bytes (ORCH_MAX_BODY_BYTES)"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

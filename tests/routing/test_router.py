@@ -403,6 +403,8 @@ def test_no_usable_engine_is_503(decide: Decide) -> None:
     reasons = {c["engine"]: c["skipped"] for c in exc.details["candidates"]}
     assert reasons["offline"].startswith("unavailable")
     assert reasons["unpriced"].startswith("unpriced")
+    # The sentence itself says why, not only "now" (which reads like an outage).
+    assert f"offline: {reasons['offline']}" in exc.message and f"unpriced: {reasons['unpriced']}" in exc.message
 
 
 def test_bad_size_is_a_422_bad_engine_input(decide: Decide) -> None:
