@@ -90,7 +90,7 @@ class CloudEngine:
                 raise EngineError(f"{self.name}: {empty}", details={"engine": self.name, **details})
             return [RenderedImage(decode_image(await self._download(url, cancel), self.name)) for url in urls]
         except EngineError as exc:
-            exc.charged = "yes"
+            exc.at_least_charged("yes")
             raise
 
     async def _download(self, url: str, cancel: CancelToken) -> bytes:

@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 
 from orchestrator.errors import Canceled, ContentFiltered, EngineError, EngineTimeout, EngineUnavailable
-from tiers._cloud import CloudEngine
+from tiers._cloud import CloudEngine, paid_calls
 from tiers._http import RemoteClient, error_text
 from tiers._images import b64encode, encode_image, nearest_aspect
 from tiers.base import (
@@ -106,7 +106,7 @@ class ReplicateEngine(CloudEngine):
         prediction_ids: list[str] = []
         predict_time = 0.0
         base = self._input(req)
-        try:
+        with paid_calls(images):  # earlier predictions were made and billed, whatever fails later
             for i in range(req.n):
                 cancel.raise_if_cancelled()
                 # A model that takes a seed gets seed + i, like every engine: n different images.
@@ -119,11 +119,6 @@ class ReplicateEngine(CloudEngine):
                 if isinstance(metrics, dict) and isinstance(metrics.get("predict_time"), int | float):
                     predict_time += float(metrics["predict_time"])
                 progress.step(len(images), req.n)
-        except EngineError as exc:
-            # Earlier predictions of this job succeeded and were billed, whatever failed later.
-            if images and exc.charged == "no":
-                exc.charged = "yes"
-            raise
         return RenderResult(
             images=images,
             model=self._model,

@@ -259,6 +259,16 @@ async def test_a_seeded_model_gets_seed_plus_i_per_variation(make_ctx: Any, outp
     assert [image.seed for image in result.images] == [42, 43, 44]
 
 
+@respx.mock
+async def test_a_failure_after_a_paid_prediction_is_charged(engine: ReplicateEngine, output: respx.Route) -> None:
+    # The first prediction was made and billed: the hold is captured (flagged), not released.
+    respx.post(CREATE).mock(side_effect=[httpx.Response(201, json=prediction()),
+                                         httpx.Response(422, json={"detail": "bad input"})])
+    with pytest.raises(EngineError) as info:
+        await engine.run(bridge(n=2), NullProgress(), CancelToken())
+    assert info.value.charged == "unknown"
+
+
 def test_estimate_per_image_and_unknown_model(make_ctx: Any) -> None:
     eng = ReplicateEngine(make_ctx(replicate_api_key="k"))
     assert eng.estimate(bridge()) == 8000 and eng.estimate(bridge(n=2)) == 16000
