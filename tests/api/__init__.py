@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import httpx
 
@@ -118,41 +118,49 @@ def assert_error(response: httpx.Response, status: int, code: str) -> dict[str, 
     return error
 
 
+def launch_server(env: dict[str, str], cwd: Path, log: IO[bytes]) -> tuple[subprocess.Popen[bytes], str]:
+    """`orchestrator serve` as a child process configured by `env`, once it answers /healthz."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "serve", "--port", str(port),
+                             "--log-level", "warning"], cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        if proc.poll() is not None:
+            log.flush()
+            tail = Path(log.name).read_text(errors="replace")[-2000:] if isinstance(log.name, str) else ""
+            raise AssertionError(f"the server exited with {proc.returncode}: {tail}")
+        try:
+            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                return proc, base
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("the server did not answer /healthz within 60 s")
+        time.sleep(0.05)  # poll interval while the process starts
+
+
 @contextmanager
 def serve_process(settings: Settings, workdir: Path, log_name: str,
                   env: dict[str, str] | None = None) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     """`orchestrator serve` as its own process, configured through the environment only (the
     settings' data and cache dirs, the tiny model, and `env`)."""
-    port = free_port()
     # make_settings already removed the developer's ORCH_* and vendor variables from os.environ.
     process_env = {**os.environ, "ORCH_DATA_DIR": str(settings.data_dir), "ORCH_LITE_MODEL": tiny.NAME,
                    "ORCH_CACHE_DIR": str(settings.cache_dir), "HF_HUB_OFFLINE": "1", **(env or {})}
-    log = (workdir / log_name).open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "serve", "--port", str(port),
-                             "--log-level", "warning"], cwd=workdir, env=process_env, stdout=log,
-                            stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, f"the server exited with {proc.returncode}; see {log.name}"
-            try:
-                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.05)  # poll interval while the process starts
-        yield proc, base
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        log.close()
+    with (workdir / log_name).open("wb") as log:
+        proc, base = launch_server(process_env, workdir, log)
+        try:
+            yield proc, base
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
 
 
 # PostgreSQL refuses NUL in text (it once failed a finished job at the asset insert, and answered

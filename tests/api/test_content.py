@@ -10,7 +10,7 @@ import httpx
 
 from orchestrator.settings import Settings
 from orchestrator.store import ArtifactStore
-from tests.api import SMALL, create_project, read_events, submit_draft
+from tests.api import SMALL, create_project, run_draft
 
 SettingsFactory = Callable[..., Settings]
 
@@ -20,9 +20,8 @@ def test_fresh_content_is_served_from_memory_and_the_rest_from_disk(
     settings = make_settings()
     first = start_server(settings)
     project = create_project(first)["id"]
-    job = submit_draft(first, project, n=2, seed=7, **SMALL)
-    assert read_events(first, job["id"])[-1].event == "succeeded"
-    assets = [first.get(f"/v1/assets/{a}").json() for a in first.get(f"/v1/jobs/{job['id']}").json()["assets"]]
+    job = run_draft(first, project, n=2, seed=7, **SMALL)
+    assets = [first.get(f"/v1/assets/{a}").json() for a in job["assets"]]
     kept, lost = assets
     # The store loses one file behind the service's back: the service still has the fresh bytes.
     ArtifactStore(settings.assets_dir).path_for(lost["sha256"]).unlink()
@@ -48,9 +47,7 @@ def test_content_answers_if_none_match_with_304(
     settings = make_settings()
     client = start_server(settings)
     project = create_project(client)["id"]
-    job = submit_draft(client, project, n=1, seed=3, **SMALL)
-    assert read_events(client, job["id"])[-1].event == "succeeded"
-    asset_id = client.get(f"/v1/jobs/{job['id']}").json()["assets"][0]
+    asset_id = run_draft(client, project, n=1, seed=3, **SMALL)["assets"][0]
     restarted = start_server(settings)
     for api in (client, restarted):  # from memory, then from disk
         url = f"/v1/assets/{asset_id}/content"

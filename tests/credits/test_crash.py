@@ -6,8 +6,6 @@ import contextlib
 import os
 import signal
 import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
@@ -15,8 +13,9 @@ from typing import IO
 import httpx
 import pytest
 
-from orchestrator.server import free_port, serve_in_thread
+from orchestrator.server import serve_in_thread
 from orchestrator.settings import Settings
+from tests.api import launch_server
 from tests.credits import (
     PRICE,
     assert_settled_once,
@@ -39,24 +38,12 @@ class Service:
     """`orchestrator serve` in a child process on one data dir."""
 
     def __init__(self, env: dict[str, str], cwd: Path, log: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
         self.log: IO[bytes] = open(log, "wb")  # noqa: SIM115 (closed by stop/kill)
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "orchestrator.cli", "serve", "--port", str(self.port), "--log-level", "warning"],
-            env=env, cwd=cwd, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60
-        while True:
-            if self.process.poll() is not None:
-                self.log.close()
-                raise AssertionError(f"the server exited with {self.process.returncode}: {log.read_text()[-2000:]}")
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=1.0).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the server did not answer /healthz within 60 s"
-            time.sleep(0.05)
+        try:
+            self.process, self.url = launch_server(env, cwd, self.log)
+        except BaseException:
+            self.log.close()
+            raise
 
     def kill(self) -> None:
         if self.process.poll() is None:
