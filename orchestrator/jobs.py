@@ -13,36 +13,28 @@ import json
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
 from typing import Any
 
-from pydantic import BaseModel
-from sqlalchemy import delete, update
+from sqlalchemy import update
 from sqlmodel import Session, col, select
 
+from orchestrator import idempotency
 from orchestrator.db import Database
 from orchestrator.errors import (
     BudgetExceeded,
-    IdempotencyConflict,
     JobFinished,
     NotFound,
 )
 from orchestrator.events import EventBus
 from orchestrator.ids import new_id
 from orchestrator.ledger import Ledger
-from orchestrator.models import Asset, IdempotencyKey, Job, Project, utcnow
+from orchestrator.models import Asset, Job, Project, utcnow
 from orchestrator.routing import Decision, Router
 from orchestrator.schemas import DraftCreate, PolishCreate, PromoteCreate, Stage
 from policies.schema import PRIVACY_TAG
 from tiers.base import RenderRequest, to_credits, to_millicredits
 
-IDEMPOTENCY_TTL = timedelta(hours=48)
 Body = DraftCreate | PromoteCreate | PolishCreate
-
-
-def request_hash(body: BaseModel) -> str:
-    canonical = json.dumps(body.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def _round8(value: float) -> int:
@@ -156,7 +148,7 @@ class JobService:
     def submit(self, prepared: Prepared, body: Body, *, engine: str | None, max_credits: float | None,
                idempotency_key: str | None, scope: str) -> tuple[Job, bool]:
         """Persist a new job; returns `(job, created)`. `created` is False for an idempotent replay."""
-        digest = request_hash(body)
+        digest = idempotency.request_hash(body)
         if idempotency_key:
             replay = self._replay(idempotency_key, scope, digest)
             if replay is not None:
@@ -185,7 +177,7 @@ class JobService:
             else:
                 self.ledger.hold(s, project, job, decision.estimate)
             if idempotency_key:
-                s.add(IdempotencyKey(key=idempotency_key, scope=scope, request_hash=digest, job_id=job.id))
+                idempotency.remember(s, idempotency_key, scope, digest, job_id=job.id)
         if job.cache_hit:
             self._publish_cached(job)
         else:
@@ -251,25 +243,11 @@ class JobService:
 
     @staticmethod
     def _replay_in(s: Session, key: str, scope: str, digest: str) -> Job | None:
-        row = s.get(IdempotencyKey, (key, scope))
+        row = idempotency.recall(s, key, scope, digest)
         if row is None:
             return None
-        if row.request_hash != digest:
-            raise IdempotencyConflict(
-                "this Idempotency-Key was used with a different request body",
-                details={"idempotency_key": key},
-            )
+        assert row.job_id is not None  # scopes are paths, and a stage's path only ever makes jobs
         return s.get(Job, row.job_id)
-
-    def forget_idempotency_keys(self, now: datetime | None = None) -> int:
-        cutoff = (now or utcnow()) - IDEMPOTENCY_TTL
-        # A key stays while its job is unfinished: a retry during a long backlog must not make a
-        # second job (and a second hold).
-        finished = select(Job.id).where(col(Job.status).in_(("succeeded", "failed", "canceled")))
-        with self.db.transaction() as s:
-            result = s.execute(delete(IdempotencyKey).where(col(IdempotencyKey.created_at) < cutoff,
-                                                            col(IdempotencyKey.job_id).in_(finished)))
-        return int(getattr(result, "rowcount", 0) or 0)
 
     # -- reading and cancelling ----------------------------------------------------------------
 

@@ -112,14 +112,17 @@ class Asset(SQLModel, table=True):
 
 
 class IdempotencyKey(SQLModel, table=True):
-    """A creating POST's key: the body it came with and the job it made (kept at least 24 h)."""
+    """A creating POST's key: the body it came with and what it made, a job, a project or a grant
+    (one of the three columns; kept at least 48 h, see `orchestrator.idempotency`)."""
 
     __tablename__ = "idempotency_keys"
 
     key: str = Field(primary_key=True, max_length=300)
     scope: str = Field(primary_key=True, max_length=200)
     request_hash: str = Field(max_length=64)
-    job_id: str = Field(foreign_key="jobs.id", max_length=40)
+    job_id: str | None = Field(default=None, foreign_key="jobs.id", max_length=40)
+    project_id: str | None = Field(default=None, foreign_key="projects.id", max_length=40)
+    ledger_entry_id: int | None = Field(default=None, foreign_key="ledger_entries.id")
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime, nullable=False, index=True)
 
 

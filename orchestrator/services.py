@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import tomllib
 from dataclasses import dataclass
 from typing import Any
 
+from orchestrator import idempotency
 from orchestrator.db import Database
 from orchestrator.errors import InvalidRequest
 from orchestrator.events import EventBus
@@ -72,7 +74,7 @@ class Services:
         scheduler = Scheduler(db, registry, runner, bus, ledger, lease_seconds=settings.lease_seconds,
                               sweep_interval=settings.sweep_interval)
         jobs = JobService(db, router, ledger, bus, scheduler.notify, settings.policy)
-        scheduler.sweepers.append(jobs.forget_idempotency_keys)
+        scheduler.sweepers.append(functools.partial(idempotency.forget_expired, db))
         return cls(settings, db, store, bus, registry, policies, health, router, ledger, runner, scheduler, jobs)
 
     def health(self, engine: str) -> str:

@@ -6,13 +6,14 @@ import re
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, BeforeValidator, Field
 from sqlmodel import col, select
 
-from orchestrator.api.deps import ServicesDep
+from orchestrator import idempotency
+from orchestrator.api.deps import IdempotencyKey, ServicesDep
 from orchestrator.api.errors import documented
 from orchestrator.errors import InvalidRequest, NotFound
 from orchestrator.ids import int_cursor
@@ -97,13 +98,28 @@ def get_ledger(project_id: str, services: ServicesDep, limit: Annotated[int, Que
 
 
 @router.post("/projects/{project_id}/grants", status_code=201, response_model=LedgerEntryPublic,
-             responses=documented(404, 413, 415))
-def grant(project_id: str, body: GrantCreate, services: ServicesDep) -> LedgerEntryPublic:
-    """Top up the project's budget for the current window (an append-only `grant` entry)."""
+             responses=documented(404, 409, 413, 415))
+def grant(project_id: str, body: GrantCreate, services: ServicesDep, request: Request, response: Response,
+          idempotency_key: IdempotencyKey = None) -> LedgerEntryPublic:
+    """Top up the project's budget for the current window (an append-only `grant` entry).
+
+    With an `Idempotency-Key`, a retried grant answers with the first one's entry and grants nothing."""
+    scope, digest = request.url.path, idempotency.request_hash(body)
     with services.db.transaction() as s:
+        # Under the project's lock: of two requests with one key, the second finds the first's row.
         services.ledger.lock_project(s, project_id)
+        earlier = idempotency.recall(s, idempotency_key, scope, digest) if idempotency_key else None
+        if earlier is not None:
+            assert earlier.ledger_entry_id is not None  # the scope is this path: only grants
+            entry = s.get(LedgerEntry, earlier.ledger_entry_id)
+            assert entry is not None
+            response.headers["Idempotent-Replayed"] = "true"
+            return _entry(entry)
         entry = services.ledger.grant(s, project_id, to_millicredits(body.amount), body.note)
         s.flush()
+        if idempotency_key:
+            assert entry.id is not None
+            idempotency.remember(s, idempotency_key, scope, digest, ledger_entry_id=entry.id)
         return _entry(entry)
 
 

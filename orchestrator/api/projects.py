@@ -2,15 +2,18 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Response
-from sqlmodel import col, select
+from fastapi import APIRouter, Query, Request, Response
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, col, select
 
-from orchestrator.api.deps import ServicesDep
+from orchestrator import idempotency
+from orchestrator.api.deps import IdempotencyKey, ServicesDep
 from orchestrator.api.errors import documented
 from orchestrator.api.serialize import asset_public, project_public
 from orchestrator.errors import InvalidRequest, NotFound
 from orchestrator.ids import id_cursor, new_id
 from orchestrator.models import Asset, Project
+from orchestrator.models import IdempotencyKey as IdempotencyKeyRow
 from orchestrator.routing import NoUsableEngine
 from orchestrator.schemas import AssetPublic, Budget, Page, ProjectCreate, ProjectPublic, ProjectUpdate, Stage
 from tiers.base import to_millicredits
@@ -19,8 +22,15 @@ router = APIRouter(tags=["projects"])
 Limit = Annotated[int, Query(ge=1, le=500)]
 
 
-@router.post("/projects", status_code=201, response_model=ProjectPublic, responses=documented(413, 415, 503))
-def create_project(body: ProjectCreate, services: ServicesDep, response: Response) -> ProjectPublic:
+@router.post("/projects", status_code=201, response_model=ProjectPublic, responses=documented(409, 413, 415, 503))
+def create_project(body: ProjectCreate, services: ServicesDep, request: Request, response: Response,
+                   idempotency_key: IdempotencyKey = None) -> ProjectPublic:
+    """Create a project. With an `Idempotency-Key`, a retry answers with the project the first
+    request made (as it is now) and creates nothing."""
+    scope, digest, key = request.url.path, idempotency.request_hash(body), idempotency_key
+    # Before the checks: a retry answers as the first request did, even if the policy is gone since.
+    if key and (earlier := _created_earlier(services, key, scope, digest)):
+        return _replayed(earlier, response)
     _check_policy(services, body.policy)
     if body.policy is None and services.settings.policy not in services.policies:
         raise NoUsableEngine(f"the default policy '{services.settings.policy}' (ORCH_POLICY) is not loaded; "
@@ -28,14 +38,45 @@ def create_project(body: ProjectCreate, services: ServicesDep, response: Respons
                              details={"policy": services.settings.policy, "known": services.policies.names()})
     budget = body.budget
     project = Project(
-        id=new_id("prj"), name=body.name, policy=body.policy or services.settings.policy,
+        id="", name=body.name, policy=body.policy or services.settings.policy,
         budget_limit=None if budget is None or budget.limit is None else to_millicredits(budget.limit),
         budget_period=budget.period if budget else "none",
     )
-    with services.db.transaction() as s:
-        s.add(project)
+    try:
+        with services.db.transaction() as s:
+            # SQLite: under the write lock, a second request with the key finds the first's row here.
+            if key and (earlier := _project_of(s, idempotency.recall(s, key, scope, digest))):
+                return _replayed(earlier, response)
+            project.id = new_id("prj")  # made under the write lock: ids are the list's cursors
+            s.add(project)
+            if key:
+                s.flush()  # the key's row points at the project's
+                idempotency.remember(s, key, scope, digest, project_id=project.id)
+    except IntegrityError:
+        # PostgreSQL: a request with the same key committed first (the key is the primary key).
+        if key and (earlier := _created_earlier(services, key, scope, digest)):
+            return _replayed(earlier, response)
+        raise
     response.headers["Location"] = f"/v1/projects/{project.id}"
     return project_public(project)
+
+
+def _replayed(project: Project, response: Response) -> ProjectPublic:
+    response.headers["Idempotent-Replayed"] = "true"
+    response.headers["Location"] = f"/v1/projects/{project.id}"
+    return project_public(project)
+
+
+def _created_earlier(services: ServicesDep, key: str, scope: str, digest: str) -> Project | None:
+    with services.db.session() as s:
+        return _project_of(s, idempotency.recall(s, key, scope, digest))
+
+
+def _project_of(s: Session, row: IdempotencyKeyRow | None) -> Project | None:
+    if row is None:
+        return None
+    assert row.project_id is not None  # the scope is this path: only projects
+    return s.get(Project, row.project_id)
 
 
 @router.get("/projects", response_model=Page[ProjectPublic])

@@ -12,8 +12,8 @@ import pytest
 from sqlalchemy.exc import OperationalError
 from sqlmodel import col, select
 
+from orchestrator import idempotency
 from orchestrator.ids import new_id
-from orchestrator.jobs import IDEMPOTENCY_TTL
 from orchestrator.models import Job, Project, utcnow
 from orchestrator.runner import Claim
 from orchestrator.schemas import DraftCreate
@@ -223,10 +223,10 @@ def test_idempotency_keys_outlive_their_ttl_while_the_job_is_unfinished(services
     body = DraftCreate(prompt="a lighthouse", n=1, width=64, height=64, steps=1)
     job, _ = services.jobs.submit(services.jobs.prepare_draft(project_id, body), body, engine=None,
                                   max_credits=None, idempotency_key="k-1", scope="test")
-    later = utcnow() + IDEMPOTENCY_TTL + timedelta(hours=1)
-    assert services.jobs.forget_idempotency_keys(now=later) == 0
+    later = utcnow() + idempotency.TTL + timedelta(hours=1)
+    assert idempotency.forget_expired(services.db, now=later) == 0
     again, created = services.jobs.submit(services.jobs.prepare_draft(project_id, body), body, engine=None,
                                           max_credits=None, idempotency_key="k-1", scope="test")
     assert (again.id, created) == (job.id, False)
     assert services.jobs.cancel_queued(job.id)
-    assert services.jobs.forget_idempotency_keys(now=later) == 1  # finished and old: forgotten
+    assert idempotency.forget_expired(services.db, now=later) == 1  # finished and old: forgotten

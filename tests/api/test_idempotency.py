@@ -1,4 +1,5 @@
-"""`Idempotency-Key` on drafts: same key and body -> the original job; another body -> 409."""
+"""`Idempotency-Key` on drafts and on project creation: same key and body -> what the first request
+made; another body -> 409."""
 
 from __future__ import annotations
 
@@ -71,3 +72,46 @@ def test_concurrent_requests_with_one_key_make_one_job(server: httpx.Client) -> 
     assert {r.status_code for r in responses} == {202}
     assert len({r.json()["id"] for r in responses}) == 1
     assert job_count(server) == 1
+
+
+def post_project(client: httpx.Client, body: dict[str, Any], key: str | None) -> httpx.Response:
+    headers = {"Idempotency-Key": key} if key is not None else {}
+    return client.post("/v1/projects", json=body, headers=headers)
+
+
+def project_ids(client: httpx.Client) -> list[str]:
+    return [p["id"] for p in client.get("/v1/projects", params={"limit": 500}).json()["items"]]
+
+
+def test_a_retried_project_creation_makes_one_project(server: httpx.Client) -> None:
+    body = {"name": "retried", "budget": {"limit": 50, "period": "month"}}
+    before = project_ids(server)
+    first = post_project(server, body, "prj-key-1")
+    assert first.status_code == 201, first.text
+    assert "idempotent-replayed" not in first.headers
+    project_id = first.json()["id"]
+
+    # Renamed since: the replay answers with the project as it is now, like a job's replay.
+    assert server.patch(f"/v1/projects/{project_id}", json={"name": "renamed"}).status_code == 200
+    again = post_project(server, body, "prj-key-1")
+    assert again.status_code == 201
+    assert again.headers["idempotent-replayed"] == "true"
+    assert again.headers["location"] == f"/v1/projects/{project_id}"
+    assert (again.json()["id"], again.json()["name"]) == (project_id, "renamed")
+    assert project_ids(server) == [*before, project_id]
+
+    error = assert_error(post_project(server, {**body, "name": "other"}, "prj-key-1"), 409, "idempotency_conflict")
+    assert error["details"]["idempotency_key"] == "prj-key-1"
+    # The key is scoped by path: the same key on drafts is a separate request.
+    assert post(server, project_id, BODY, "prj-key-1").status_code == 202
+    assert project_ids(server) == [*before, project_id]
+
+
+def test_concurrent_project_creations_with_one_key_make_one_project(server: httpx.Client) -> None:
+    before = set(project_ids(server))
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        responses = list(pool.map(lambda _: post_project(server, {"name": "race"}, "prj-race"), range(8)))
+    assert {r.status_code for r in responses} == {201}
+    assert len({r.json()["id"] for r in responses}) == 1
+    assert sum("idempotent-replayed" in r.headers for r in responses) == 7
+    assert set(project_ids(server)) - before == {responses[0].json()["id"]}

@@ -1,4 +1,4 @@
-"""Idempotency-Key on promote, and the result cache of identical paid requests."""
+"""Idempotency-Key on promote and on grants, and the result cache of identical paid requests."""
 
 from __future__ import annotations
 
@@ -104,3 +104,45 @@ def test_a_same_bytes_draft_of_another_asset_is_not_a_cache_hit(api: httpx.Clien
     done = wait_for_job(api, other["id"])
     asset = get_json(api, f"/v1/assets/{done['assets'][0]}")
     assert asset["parent_id"] == second_asset
+
+
+def grant(client: httpx.Client, project_id: str, body: dict[str, object], key: str) -> httpx.Response:
+    return client.post(f"/v1/projects/{project_id}/grants", json=body, headers={"Idempotency-Key": key})
+
+
+def test_a_retried_grant_grants_once(api: httpx.Client) -> None:
+    project_id, _ = project_with_draft(api, {"limit": 10, "period": "month"})
+    first = grant(api, project_id, {"amount": 25, "note": "top-up"}, "grant-1")
+    assert first.status_code == 201, first.text
+    again = grant(api, project_id, {"amount": 25, "note": "top-up"}, "grant-1")
+    assert again.status_code == 201
+    assert again.headers["idempotent-replayed"] == "true"
+    assert again.json() == first.json()  # the same ledger entry, byte for byte
+    assert get_json(api, f"/v1/projects/{project_id}/budget")["granted"] == 25
+
+    conflict = grant(api, project_id, {"amount": 30, "note": "top-up"}, "grant-1")
+    assert conflict.status_code == 409
+    assert conflict.json()["error"]["code"] == "idempotency_conflict"
+    # Scoped by path: the same key on another project's grants is that project's own grant.
+    other_id, _ = project_with_draft(api, {"limit": 10, "period": "month"})
+    assert grant(api, other_id, {"amount": 25, "note": "top-up"}, "grant-1").status_code == 201
+    assert "idempotent-replayed" not in grant(api, project_id, {"amount": 25}, "grant-2").headers
+    assert kinds(ledger(api, project_id)).get("grant") == 2
+    assert get_json(api, f"/v1/projects/{project_id}/budget")["granted"] == 50
+
+
+def test_concurrent_grants_with_one_key_grant_once(api: httpx.Client) -> None:
+    project_id, _ = project_with_draft(api, {"limit": 10, "period": "month"})
+    barrier = threading.Barrier(8)
+
+    def one(_: int) -> httpx.Response:
+        with httpx.Client(base_url=api.base_url, timeout=60.0) as own:
+            barrier.wait(timeout=30)
+            return grant(own, project_id, {"amount": 7}, "grant-race")
+
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(one, range(8)))
+    assert [r.status_code for r in responses] == [201] * 8, [r.text for r in responses]
+    assert len({r.json()["id"] for r in responses}) == 1
+    assert kinds(ledger(api, project_id)).get("grant") == 1
+    assert get_json(api, f"/v1/projects/{project_id}/budget")["granted"] == 7

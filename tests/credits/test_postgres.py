@@ -17,8 +17,9 @@ from sqlalchemy import event
 from sqlalchemy.orm import ORMExecuteState
 from sqlmodel import Session, col, select
 
+from orchestrator import idempotency
 from orchestrator.jobs import JobService
-from orchestrator.models import Job, LedgerEntry, Project
+from orchestrator.models import IdempotencyKey, Job, LedgerEntry, Project
 from orchestrator.schemas import DraftCreate
 from orchestrator.server import serve_in_thread
 from orchestrator.services import Services
@@ -109,6 +110,35 @@ def test_one_idempotency_key_from_two_racing_requests_on_postgres(
             assert len(s.exec(select(Job).where(col(Job.project_id) == "prj_race")).all()) == 1
     finally:
         asyncio.run(services.aclose())
+
+
+def test_one_idempotency_key_on_two_racing_project_creations_on_postgres(
+        pg_api: httpx.Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No lock orders two first creations with one key on PostgreSQL: both look the key up, both
+    insert, and the second meets the first's key at commit. It must answer with the first's project,
+    not a 500 (held together at every look-up, so the race happens every run)."""
+    barrier = threading.Barrier(2)
+    recall = idempotency.recall
+
+    def gated(s: Session, key: str, scope: str, digest: str) -> IdempotencyKey | None:
+        found = recall(s, key, scope, digest)
+        with contextlib.suppress(threading.BrokenBarrierError):  # the loser's third look-up is alone
+            barrier.wait(timeout=2)
+        return found
+
+    monkeypatch.setattr(idempotency, "recall", gated)
+    base = pg_api.base_url
+
+    def create(_: int) -> httpx.Response:
+        with httpx.Client(base_url=base, timeout=30.0) as own:
+            return own.post("/v1/projects", json={"name": "race"}, headers={"Idempotency-Key": "prj-race"})
+
+    with ThreadPoolExecutor(2) as pool:
+        responses = list(pool.map(create, range(2)))
+    assert [r.status_code for r in responses] == [201, 201], [r.text for r in responses]
+    assert len({r.json()["id"] for r in responses}) == 1
+    assert sorted("idempotent-replayed" in r.headers for r in responses) == [False, True]
+    assert [p["name"] for p in pg_api.get("/v1/projects").json()["items"]] == ["race"]
 
 
 def test_a_cancel_that_loses_to_a_claim_leaves_the_job_running_on_postgres(

@@ -1,0 +1,60 @@
+"""Idempotency keys: a creating POST sent again with the same key and body answers with what the
+first one made, and makes nothing new.
+
+A key is scoped by the request path, so one client key can serve several endpoints. The row keeps
+a hash of the body (the same key with another body is a 409) and what the request created: a job,
+a project, or a grant's ledger entry. The caller looks the key up a second time inside its write
+transaction, after the lock that serialises its kind of write; on PostgreSQL two first requests
+racing past that look-up meet at the primary key instead (`IntegrityError`: read it again).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime, timedelta
+
+from pydantic import BaseModel
+from sqlalchemy import delete, or_
+from sqlmodel import Session, col, select
+
+from orchestrator.db import Database
+from orchestrator.errors import IdempotencyConflict
+from orchestrator.models import IdempotencyKey, Job, utcnow
+
+# Kept at least this long; a key whose job has not finished is kept until it has.
+TTL = timedelta(hours=48)
+
+
+def request_hash(body: BaseModel) -> str:
+    canonical = json.dumps(body.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def recall(s: Session, key: str, scope: str, digest: str) -> IdempotencyKey | None:
+    """The earlier request with this key, or None; 409 when it came with another body."""
+    row = s.get(IdempotencyKey, (key, scope))
+    if row is not None and row.request_hash != digest:
+        raise IdempotencyConflict("this Idempotency-Key was used with a different request body",
+                                  details={"idempotency_key": key})
+    return row
+
+
+def remember(s: Session, key: str, scope: str, digest: str, *, job_id: str | None = None,
+             project_id: str | None = None, ledger_entry_id: int | None = None) -> None:
+    if sum(x is not None for x in (job_id, project_id, ledger_entry_id)) != 1:
+        raise ValueError("an idempotency key records exactly one created thing")
+    s.add(IdempotencyKey(key=key, scope=scope, request_hash=digest, job_id=job_id, project_id=project_id,
+                         ledger_entry_id=ledger_entry_id))
+
+
+def forget_expired(db: Database, now: datetime | None = None) -> int:
+    """Delete keys older than `TTL`, except those of unfinished jobs: a retry during a long
+    backlog must not make a second job (and a second hold)."""
+    cutoff = (now or utcnow()) - TTL
+    finished = select(Job.id).where(col(Job.status).in_(("succeeded", "failed", "canceled")))
+    with db.transaction() as s:
+        result = s.execute(delete(IdempotencyKey).where(
+            col(IdempotencyKey.created_at) < cutoff,
+            or_(col(IdempotencyKey.job_id).is_(None), col(IdempotencyKey.job_id).in_(finished))))
+    return int(getattr(result, "rowcount", 0) or 0)
