@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from alembic import context
-from sqlalchemy import create_engine, pool, text
+from sqlalchemy import Connection, Engine, create_engine, event, pool, text
 from sqlmodel import SQLModel
 
 import orchestrator.models  # noqa: F401  (registers the tables on SQLModel.metadata)
@@ -32,19 +34,55 @@ def run_migrations_offline() -> None:
 _MIGRATION_LOCK = 7_202_611_280
 
 
+def _sqlite_transactions(engine: Engine) -> None:
+    """Make an upgrade one SQLite transaction, as it is on PostgreSQL: pysqlite only opens one
+    before INSERT/UPDATE/DELETE, so DDL (a batch table rebuild's drop and rename included)
+    committed as it ran, and an upgrade that failed or was killed halfway stayed halfway."""
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None  # we emit BEGIN ourselves
+        # A batch rebuild drops the old table: with foreign keys on, that fails (or cascades)
+        # once other rows reference it. The pragma is a no-op inside a transaction, hence here;
+        # `_check_foreign_keys` does the checking at the end instead (SQLite's own procedure
+        # for table rebuilds, https://www.sqlite.org/lang_altertable.html#otheralter).
+        dbapi_conn.execute("PRAGMA foreign_keys=OFF")
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        # The write lock up front: a service writing meanwhile makes us wait (busy timeout), where
+        # a read-then-write transaction could fail outright once another write landed in between.
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def _check_foreign_keys(connection: Connection) -> None:
+    broken = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+    if broken:  # raised inside the transaction: the whole upgrade rolls back
+        raise RuntimeError(f"the migration leaves rows with dangling foreign keys: {broken[:10]}")
+
+
 def run_migrations_online() -> None:
     url = _url()
+    sqlite = url.startswith("sqlite")
     # SQLite waits for a busy database as long as the service does, not pysqlite's 5 s.
-    connect_args = {"timeout": 30} if url.startswith("sqlite") else {}
+    connect_args = {"timeout": 30} if sqlite else {}
     connectable = create_engine(url, poolclass=pool.NullPool, connect_args=connect_args)
+    if sqlite:
+        _sqlite_transactions(connectable)
     with connectable.connect() as connection:
-        context.configure(connection=connection, target_metadata=target_metadata,
-                          render_as_batch=connection.dialect.name == "sqlite", compare_type=True)
+        # transactional_ddl: all pending revisions in one transaction on both databases, so a failed
+        # upgrade leaves the revision it started from (Alembic assumes SQLite cannot, see above).
+        context.configure(connection=connection, target_metadata=target_metadata, transactional_ddl=True,
+                          render_as_batch=sqlite, compare_type=True)
         with context.begin_transaction():
             if connection.dialect.name == "postgresql":
                 # Two services starting together: the second waits, then finds the schema current.
                 connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
+            heads = context.get_context().get_current_heads()
             context.run_migrations()
+            # Only after a change: the check reads every referencing row, too slow for every start.
+            if sqlite and context.get_context().get_current_heads() != heads:
+                _check_foreign_keys(connection)
 
 
 if context.is_offline_mode():

@@ -87,7 +87,9 @@ def alembic_config(url: str) -> Config:
 
 def upgrade(url: str, revision: str = "head") -> None:
     """Apply the migrations, one process at a time: two services starting together must not both
-    create the tables (PostgreSQL takes an advisory lock in migrations/env.py)."""
+    create the tables (PostgreSQL takes an advisory lock in migrations/env.py). All pending
+    revisions are one transaction on both databases, so an upgrade that fails or is killed
+    leaves the revision it started from (see migrations/env.py)."""
     path = url.split("///", 1)[-1] if url.startswith("sqlite") else ""
     if not path or path == ":memory:":
         command.upgrade(alembic_config(url), revision)

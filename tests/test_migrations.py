@@ -1,11 +1,15 @@
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
+from importlib.resources import files
 from pathlib import Path
 
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, inspect
 from sqlmodel import SQLModel
 
@@ -41,3 +45,79 @@ def upgrade_concurrently(url: str, processes: int = 3) -> None:
 
 def test_concurrent_migrations_on_sqlite(tmp_path: Path) -> None:
     upgrade_concurrently(f"sqlite:///{tmp_path / 'orchestrator.db'}")
+
+
+FAILING_REVISION = '''
+import os
+import signal
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "fails"
+down_revision = {head!r}
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.create_table("half_done", sa.Column("id", sa.Integer(), primary_key=True))
+    # On SQLite a rebuild (copy, drop, rename) of a table that others reference.
+    with op.batch_alter_table("jobs", recreate="always") as batch_op:
+        batch_op.add_column(sa.Column("half_done", sa.Integer(), nullable=True))
+    {failure}
+
+
+def downgrade() -> None:
+    pass
+'''
+
+# `orchestrator.db.upgrade`, the service's own path (file lock included), on another script directory.
+UPGRADE_WITH_SCRIPTS = """
+import sys
+from orchestrator import db
+make_config = db.alembic_config
+def alembic_config(url):
+    config = make_config(url)
+    config.set_main_option("script_location", sys.argv[2])
+    return config
+db.alembic_config = alembic_config
+db.upgrade(sys.argv[1])
+"""
+
+
+@pytest.mark.parametrize("failure", ["raise RuntimeError('half way')", "os.kill(os.getpid(), signal.SIGKILL)"],
+                         ids=["raises", "killed"])
+@pytest.mark.parametrize("from_empty", [True, False], ids=["from-empty", "from-head"])
+def test_a_failed_sqlite_upgrade_leaves_the_database_as_it_was(tmp_path: Path, failure: str, from_empty: bool) -> None:
+    """A revision on top of the real head fails after making a table, adding a column and
+    rebuilding a table: the database keeps the revision it had, with nothing of the failed one."""
+    scripts = tmp_path / "migrations"
+    shutil.copytree(str(files("migrations")), scripts, ignore=shutil.ignore_patterns("__pycache__"))
+    head = ScriptDirectory(str(scripts)).get_current_head()
+    (scripts / "versions" / "9999_fails.py").write_text(FAILING_REVISION.format(head=head, failure=failure))
+    url = f"sqlite:///{tmp_path / 'm.db'}"
+    if not from_empty:
+        upgrade(url)
+
+    run = subprocess.run([sys.executable, "-c", UPGRADE_WITH_SCRIPTS, url, str(scripts)],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0, run.stderr[-500:]
+    if "raise" in failure:
+        assert "RuntimeError: half way" in run.stderr
+
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            revision = MigrationContext.configure(conn).get_current_revision()
+            tables = set(inspect(conn).get_table_names())
+            job_columns = {c["name"] for c in inspect(conn).get_columns("jobs")} if "jobs" in tables else set()
+    finally:
+        engine.dispose()
+    if from_empty:  # all pending revisions are one transaction, so the earlier ones went too
+        assert (revision, tables) == (None, set())
+    else:
+        assert revision == head
+        assert "half_done" not in tables | job_columns
+        assert not any(t.startswith("_alembic_tmp") for t in tables)
+    upgrade(url)  # nothing is left half made in the way of the next upgrade
