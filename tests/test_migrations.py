@@ -121,3 +121,40 @@ def test_a_failed_sqlite_upgrade_leaves_the_database_as_it_was(tmp_path: Path, f
         assert "half_done" not in tables | job_columns
         assert not any(t.startswith("_alembic_tmp") for t in tables)
     upgrade(url)  # nothing is left half made in the way of the next upgrade
+
+
+def test_0003_keeps_the_keys_of_jobs_and_its_downgrade_drops_only_the_others(tmp_path: Path) -> None:
+    """Idempotency keys of jobs made before 0003 survive its table rebuild; going back to 0002
+    drops the keys of projects and grants (they have no job) and keeps those of jobs."""
+    from alembic import command
+    from sqlalchemy import text
+
+    from orchestrator.db import alembic_config
+
+    url = f"sqlite:///{tmp_path / 'm.db'}"
+    upgrade(url, "0002")
+    engine = create_engine(url)
+    now = "2026-11-28 12:00:00.000000"
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO projects (id, name, policy, budget_period, created_at) "
+                              "VALUES ('prj_1', 'p', 'balanced', 'none', :now)"), {"now": now})
+            conn.execute(text("INSERT INTO jobs (id, project_id, stage, engine, model, status, params, attempt, "
+                              "attempts, progress_step, progress_total, estimated, routing, cache_hit, "
+                              "created_at) VALUES ('job_1', 'prj_1', 'ideation', 'lite', 'm', 'queued', '{}', 0, "
+                              "'[]', 0, 0, 0, '{}', 0, :now)"), {"now": now})
+            conn.execute(text("INSERT INTO idempotency_keys (key, scope, request_hash, job_id, created_at) "
+                              "VALUES ('k', '/v1/projects/prj_1/drafts', 'h', 'job_1', :now)"), {"now": now})
+        upgrade(url)
+        with engine.begin() as conn:
+            assert conn.execute(text("SELECT key, job_id, project_id FROM idempotency_keys")).all() == [
+                ("k", "job_1", None)]
+            conn.execute(text("INSERT INTO idempotency_keys (key, scope, request_hash, project_id, created_at) "
+                              "VALUES ('k', '/v1/projects', 'h', 'prj_1', :now)"), {"now": now})
+        command.downgrade(alembic_config(url), "0002")
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT key, scope, job_id FROM idempotency_keys")).all() == [
+                ("k", "/v1/projects/prj_1/drafts", "job_1")]
+            assert "project_id" not in {c["name"] for c in inspect(conn).get_columns("idempotency_keys")}
+    finally:
+        engine.dispose()
