@@ -240,10 +240,24 @@ class Scheduler:
 
     def _renew(self, claims: list[Claim]) -> None:
         expires = utcnow() + self.lease
+        lost: list[tuple[Claim, Job | None]] = []
         with self.db.transaction() as s:
             for claim in claims:
-                s.execute(update(Job).where(col(Job.id) == claim.job.id, col(Job.attempt) == claim.attempt,
-                                            col(Job.status) == "running").values(lease_expires_at=expires))
+                result = s.execute(update(Job).where(col(Job.id) == claim.job.id, col(Job.attempt) == claim.attempt,
+                                                     col(Job.status) == "running").values(lease_expires_at=expires))
+                if _rowcount(result) != 1:
+                    lost.append((claim, s.get(Job, claim.job.id)))
+        # The row no longer waits for this attempt (canceled through another process, or queued again
+        # after its lease ran out): whatever it finishes changes nothing, so stop spending the device.
+        for claim, row in lost:
+            if claim.cancel.cancelled:
+                continue  # already stopping: a cancel through this process
+            if row is not None and row.attempt == claim.attempt and row.status in ("succeeded", "failed"):
+                continue  # finished by this very attempt since the heartbeat listed it
+            log.warning("job %s is %s elsewhere; stopping this worker's attempt %d", claim.job.id,
+                        "canceled" if row is not None and row.status == "canceled" else "taken over",
+                        claim.attempt)
+            claim.cancel.cancel()
 
     async def _sweep_loop(self) -> None:
         while not self._stopping:

@@ -230,3 +230,24 @@ def test_idempotency_keys_outlive_their_ttl_while_the_job_is_unfinished(services
     assert (again.id, created) == (job.id, False)
     assert services.jobs.cancel_queued(job.id)
     assert idempotency.forget_expired(services.db, now=later) == 1  # finished and old: forgotten
+
+
+def test_the_heartbeat_stops_an_attempt_canceled_through_another_process(
+        services: Services, caplog: pytest.LogCaptureFixture) -> None:
+    # Another process's cancel finds no task of its own and cancels the row: the worker that holds
+    # the job learns it at its next lease renewal and stops, instead of rendering for nobody.
+    jobs = queued_drafts(services, 2)
+    [(claim, _lane)] = services.scheduler._claim_ready({})
+    services.jobs.cancel_orphan(jobs[0])  # what the other process's API does
+    services.scheduler._renew([claim])
+    assert claim.cancel.cancelled
+    assert f"job {jobs[0]} is canceled elsewhere" in caplog.text
+
+    # An attempt that finished by itself, or is being canceled here, is left alone and not reported.
+    caplog.clear()
+    [(done, _lane)] = services.scheduler._claim_ready({})
+    asyncio.run(services.runner.run(done))
+    assert services.jobs.get(jobs[1]).status == "succeeded"
+    services.scheduler._renew([done])
+    assert not done.cancel.cancelled
+    assert "elsewhere" not in caplog.text
