@@ -69,6 +69,8 @@ def _allowed_methods(request: Request) -> str:
         pattern = re.sub(r"\\\{[^/]*?\\\}", "[^/]+", re.escape(template))
         if re.fullmatch(pattern, request.url.path):
             methods |= {method.upper() for method in operations}
+    if "GET" in methods:
+        methods.add("HEAD")  # served as the GET by orchestrator.api.head, and kept out of the document
     return ", ".join(sorted(methods))
 
 

@@ -287,10 +287,10 @@ def test_cancel_finished_job(shared_server: httpx.Client, finished_job: dict[str
 def test_method_not_allowed(shared_server: httpx.Client, project: str) -> None:
     response = shared_server.delete(f"/v1/projects/{project}")
     assert_error(response, 405, "method_not_allowed")
-    assert response.headers["Allow"] == "GET, PATCH"  # two routes share the path: both are named
+    assert response.headers["Allow"] == "GET, HEAD, PATCH"  # two routes share the path: both are named
     response = shared_server.put("/v1/projects")
     assert_error(response, 405, "method_not_allowed")
-    assert response.headers["Allow"] == "GET, POST"
+    assert response.headers["Allow"] == "GET, HEAD, POST"
 
 
 def test_unexpected_error_answers_500_in_the_error_shape(make_settings: SettingsFactory) -> None:
