@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
         if exc.title != "Settings":
             raise
         # Name the variable to fix rather than print a traceback.
-        problems = [f"  ORCH_{'_'.join(str(p) for p in e['loc']).upper()}: {e['msg']} (got {e['input']!r})"
+        problems = [f"  {e['msg']}" if e["type"] == "unknown_setting"  # names its file and key itself
+                    else f"  ORCH_{'_'.join(str(p) for p in e['loc']).upper()}: {e['msg']} (got {e['input']!r})"
                     for e in exc.errors()]
         return _fail("invalid configuration:\n" + "\n".join(problems), status=2)
     except httpx.HTTPStatusError as exc:

@@ -2,17 +2,30 @@
 
 The remote engines also accept the vendor's usual variable (`GEMINI_API_KEY`, `OPENAI_API_KEY`, ...)
 so a studio that already exports them needs no extra configuration.
+
+A name that sets nothing is a typo until shown otherwise: an unknown key in the TOML file is a
+configuration error, an unknown `ORCH_*` variable a warning (the prefix is not ours alone), both
+with the closest known name. Left unnoticed, `ORCH_ADMIN_KYE` serves /v1 without a key.
 """
 
 from __future__ import annotations
 
+import difflib
+import logging
 import os
+from collections.abc import Iterable, Mapping
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+log = logging.getLogger(__name__)
+PREFIX = "ORCH_"
+# Read with os.environ rather than as a setting: it names the file the settings come from.
+CONFIG_FILE_VARIABLE = "ORCH_CONFIG_FILE"
 
 Device = Literal["auto", "cpu", "cuda", "mps"]
 
@@ -23,10 +36,10 @@ def _alias(*names: str) -> AliasChoices:
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix="ORCH_",
+        env_prefix=PREFIX,
         extra="ignore",
         populate_by_name=True,
-        toml_file=os.environ.get("ORCH_CONFIG_FILE", "orchestrator.toml"),
+        toml_file=os.environ.get(CONFIG_FILE_VARIABLE, "orchestrator.toml"),
     )
 
     data_dir: Path = Path("./.orchestrator")
@@ -108,7 +121,8 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+        _warn_unknown_variables(settings_cls, os.environ)
+        return (init_settings, env_settings, _StrictTomlSource(settings_cls))
 
     @field_validator("hifi_model", "comfyui_url", "a1111_url", mode="before")
     @classmethod
@@ -133,3 +147,54 @@ class Settings(BaseSettings):
     @property
     def effective_hifi_model(self) -> str:
         return self.hifi_model or self.lite_model
+
+
+def _input_names(settings_cls: type[BaseSettings]) -> set[str]:
+    """Every name a field is read under (its name and its aliases), in lower case."""
+    names: set[str] = set()
+    for field_name, field in settings_cls.model_fields.items():
+        names.add(field_name)
+        alias = field.validation_alias
+        choices = alias.choices if isinstance(alias, AliasChoices) else [alias] if isinstance(alias, str) else []
+        names |= {choice.lower() for choice in choices if isinstance(choice, str)}
+    return names
+
+
+def _closest(name: str, candidates: Iterable[str]) -> str | None:
+    found = difflib.get_close_matches(name.lower(), list(candidates), n=1)
+    return found[0] if found else None
+
+
+class _StrictTomlSource(TomlConfigSettingsSource):
+    """pydantic-settings passes a TOML key that matches no field on as an extra, which
+    `extra="ignore"` then drops: `max_body_byts = 2048` silently kept the default. Such a key is
+    refused here as a validation error, so it is reported like any other bad setting."""
+
+    def __call__(self) -> dict[str, Any]:
+        known = _input_names(self.settings_cls)
+        unknown = [key for key in self.toml_data if key.lower() not in known]
+        if unknown:
+            fields = list(self.settings_cls.model_fields)
+            errors: list[InitErrorDetails] = []
+            for key in unknown:
+                match = _closest(key.lower().removeprefix(PREFIX.lower()), fields)
+                hint = f" (did you mean '{match}'?)" if match else ""
+                error = PydanticCustomError("unknown_setting", "{file}: unknown key '{key}'{hint}",
+                                            {"file": str(self.toml_file_path), "key": key, "hint": hint})
+                errors.append(InitErrorDetails(type=error, loc=(key,), input=self.toml_data[key]))
+            raise ValidationError.from_exception_data(self.settings_cls.__name__, errors)
+        return super().__call__()
+
+
+def _warn_unknown_variables(settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> None:
+    # Matched without regard to case, as pydantic-settings reads them.
+    known = {f"{PREFIX}{field}".lower() for field in settings_cls.model_fields}
+    known |= {name for name in _input_names(settings_cls) if name.startswith(PREFIX.lower())}
+    known.add(CONFIG_FILE_VARIABLE.lower())
+    suffixes = sorted(name.removeprefix(PREFIX.lower()) for name in known)
+    for variable in sorted(environ):
+        if not variable.lower().startswith(PREFIX.lower()) or variable.lower() in known:
+            continue
+        match = _closest(variable[len(PREFIX):], suffixes)
+        hint = f" (did you mean {PREFIX}{match.upper()}?)" if match else ""
+        log.warning("%s is not a setting of this service and is ignored%s", variable, hint)

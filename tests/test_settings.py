@@ -1,0 +1,66 @@
+"""Names that set nothing: an unknown key in the TOML file is refused, an unknown `ORCH_*` variable
+is warned about, each with the closest known name."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from orchestrator.cli import main
+from orchestrator.settings import Settings
+from tests.conftest import isolate
+
+
+@pytest.fixture
+def toml_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The settings' TOML file (not written yet), with the developer's environment kept out."""
+    isolate(monkeypatch, tmp_path)
+    path = tmp_path / "orchestrator.toml"
+    monkeypatch.setitem(Settings.model_config, "toml_file", path)
+    monkeypatch.setenv("ORCH_DATA_DIR", str(tmp_path / "data"))
+    return path
+
+
+def test_unknown_toml_key_is_an_error_naming_key_file_and_match(toml_file: Path) -> None:
+    toml_file.write_text("max_body_byts = 2048\nlite_max_batch = 2\nzzz = 1\n")
+    with pytest.raises(ValidationError) as info:
+        Settings()
+    messages = [error["msg"] for error in info.value.errors()]
+    assert messages == [f"{toml_file}: unknown key 'max_body_byts' (did you mean 'max_body_bytes'?)",
+                        f"{toml_file}: unknown key 'zzz'"]
+
+    # Known keys still load, matched as pydantic-settings matches them: any case, aliases too.
+    toml_file.write_text('max_body_bytes = 2048\nLITE_MAX_BATCH = 2\nGEMINI_API_KEY = "k"\npolicy = "local-only"\n')
+    settings = Settings()
+    assert settings.max_body_bytes == 2048
+    assert settings.lite_max_batch == 2
+    assert settings.gemini_api_key is not None and settings.gemini_api_key.get_secret_value() == "k"
+    assert settings.policy == "local-only"
+
+
+def test_cli_reports_an_unknown_toml_key_in_one_line(toml_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    toml_file.write_text("max_body_byts = 2048\n")
+    assert main(["migrate"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("orchestrator: invalid configuration:\n"
+                   f"  {toml_file}: unknown key 'max_body_byts' (did you mean 'max_body_bytes'?)\n")
+
+
+def test_unknown_orch_variables_are_warned_about_and_known_ones_not(
+        toml_file: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("ORCH_ADMIN_KYE", "secret")  # the service would run without a key
+    monkeypatch.setenv("ORCH_QWERTY", "1")
+    for name in ("ORCH_ADMIN_KEY", "ORCH_GEMINI_API_KEY", "ORCH_LITE_MAX_BATCH", "ORCH_REMOTE_READ_TIMEOUT"):
+        monkeypatch.setenv(name, "2")
+    monkeypatch.setenv("ORCH_CONFIG_FILE", str(toml_file))  # read directly, to find the file
+    monkeypatch.setenv("orch_policy", "local-only")  # matched without regard to case, like the rest
+    with caplog.at_level(logging.WARNING, logger="orchestrator.settings"):
+        settings = Settings()
+    assert settings.lite_max_batch == 2 and settings.policy == "local-only"
+    assert [r.getMessage() for r in caplog.records] == [
+        "ORCH_ADMIN_KYE is not a setting of this service and is ignored (did you mean ORCH_ADMIN_KEY?)",
+        "ORCH_QWERTY is not a setting of this service and is ignored",
+    ]
