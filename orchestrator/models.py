@@ -150,3 +150,18 @@ class LedgerEntry(SQLModel, table=True):
     over_hold: bool = False
     note: str | None = Field(default=None, max_length=500)
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime, nullable=False, index=True)
+
+
+class ApiKey(SQLModel, table=True):
+    """A project-scoped API key. Only its SHA-256 is kept: the secret is shown once, at creation.
+    (A plain hash suffices: the secrets are 256 random bits, not passwords to brute-force.)"""
+
+    __tablename__ = "api_keys"
+
+    id: str = Field(primary_key=True, max_length=40)
+    project_id: str = Field(foreign_key="projects.id", index=True, max_length=40)
+    name: str = Field(max_length=200)
+    prefix: str = Field(max_length=20)  # the secret's first characters, to tell keys apart in lists
+    secret_sha256: str = Field(max_length=64, unique=True)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime, nullable=False)
+    revoked_at: datetime | None = _ts()

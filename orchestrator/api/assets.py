@@ -5,7 +5,7 @@ import asyncio
 from fastapi import APIRouter, Request, Response
 from sqlmodel import Session, col, select
 
-from orchestrator.api.deps import ServicesDep
+from orchestrator.api.deps import CallerDep, ServicesDep, check_asset
 from orchestrator.api.errors import documented
 from orchestrator.api.serialize import asset_public
 from orchestrator.errors import NotFound
@@ -25,16 +25,18 @@ def _get(s: Session, asset_id: str) -> Asset:
 
 
 @router.get("/assets/{asset_id}", response_model=AssetPublic, responses=documented(404))
-def get_asset(asset_id: str, services: ServicesDep) -> AssetPublic:
+def get_asset(asset_id: str, services: ServicesDep, caller: CallerDep) -> AssetPublic:
     with services.db.session() as s:
-        return asset_public(_get(s, asset_id))
+        return asset_public(caller.asset(_get(s, asset_id)))
 
 
 @router.get("/assets/{asset_id}/content", responses={
     200: {"content": {"image/png": {}}}, 304: {"description": "If-None-Match holds the ETag."}, **documented(404)})
-async def get_content(asset_id: str, services: ServicesDep, request: Request) -> Response:
+async def get_content(asset_id: str, services: ServicesDep, caller: CallerDep, request: Request) -> Response:
     # A just-made asset is served from memory without leaving the event loop; others are read
     # from the database and the disk on a worker thread.
+    if caller.project_id is not None:
+        await asyncio.to_thread(check_asset, services, caller, asset_id)
     found = services.store.recent.get(asset_id)
     if found is None:
         found = await asyncio.to_thread(_read_content, services, asset_id)
@@ -59,10 +61,11 @@ def _read_content(services: Services, asset_id: str) -> tuple[str, bytes]:
 
 
 @router.get("/assets/{asset_id}/lineage", response_model=Lineage, responses=documented(404))
-def lineage(asset_id: str, services: ServicesDep) -> Lineage:
-    """Ancestors root first (draft -> bridge -> ...), and every descendant, breadth first."""
+def lineage(asset_id: str, services: ServicesDep, caller: CallerDep) -> Lineage:
+    """Ancestors root first (draft -> bridge -> ...), and every descendant, breadth first (all in
+    the asset's project: promotions and polishes stay in their source's)."""
     with services.db.session() as s:
-        asset = _get(s, asset_id)
+        asset = caller.asset(_get(s, asset_id))
         ancestors: list[Asset] = []
         parent_id = asset.parent_id
         while parent_id and len(ancestors) < MAX_DEPTH:

@@ -13,7 +13,7 @@ from pydantic import BaseModel, BeforeValidator, Field
 from sqlmodel import col, select
 
 from orchestrator import idempotency
-from orchestrator.api.deps import IdempotencyKey, ServicesDep
+from orchestrator.api.deps import CallerDep, IdempotencyKey, ServicesDep
 from orchestrator.api.errors import documented
 from orchestrator.errors import InvalidRequest, NotFound
 from orchestrator.ids import int_cursor
@@ -75,15 +75,17 @@ def _project(services: ServicesDep, project_id: str) -> Project:
 
 
 @router.get("/projects/{project_id}/budget", response_model=BudgetPublic, responses=documented(404))
-def get_budget(project_id: str, services: ServicesDep) -> dict[str, Any]:
+def get_budget(project_id: str, services: ServicesDep, caller: CallerDep) -> dict[str, Any]:
+    caller.project(project_id)
     project = _project(services, project_id)
     with services.db.session() as s:
         return services.ledger.balance(s, project).public()
 
 
 @router.get("/projects/{project_id}/ledger", response_model=Page[LedgerEntryPublic], responses=documented(404))
-def get_ledger(project_id: str, services: ServicesDep, limit: Annotated[int, Query(ge=1, le=500)] = 50,
-               cursor: str | None = None) -> Page[LedgerEntryPublic]:
+def get_ledger(project_id: str, services: ServicesDep, caller: CallerDep,
+               limit: Annotated[int, Query(ge=1, le=500)] = 50, cursor: str | None = None) -> Page[LedgerEntryPublic]:
+    caller.project(project_id)
     _project(services, project_id)
     after = int_cursor(cursor)
     with services.db.session() as s:
@@ -98,12 +100,14 @@ def get_ledger(project_id: str, services: ServicesDep, limit: Annotated[int, Que
 
 
 @router.post("/projects/{project_id}/grants", status_code=201, response_model=LedgerEntryPublic,
-             responses=documented(404, 409, 413, 415))
-def grant(project_id: str, body: GrantCreate, services: ServicesDep, request: Request, response: Response,
-          idempotency_key: IdempotencyKey = None) -> LedgerEntryPublic:
-    """Top up the project's budget for the current window (an append-only `grant` entry).
-
-    With an `Idempotency-Key`, a retried grant answers with the first one's entry and grants nothing."""
+             responses=documented(403, 404, 409, 413, 415))
+def grant(project_id: str, body: GrantCreate, services: ServicesDep, caller: CallerDep, request: Request,
+          response: Response, idempotency_key: IdempotencyKey = None) -> LedgerEntryPublic:
+    """Top up the project's budget for the current window (an append-only `grant` entry; admin key
+    only). With an `Idempotency-Key`, a retried grant answers with the first one's entry and grants
+    nothing."""
+    caller.project(project_id)
+    caller.admin("granting credits")
     scope, digest = request.url.path, idempotency.request_hash(body)
     with services.db.transaction() as s:
         # Under the project's lock: of two requests with one key, the second finds the first's row.
@@ -134,11 +138,15 @@ _DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 Rfc3339 = Annotated[datetime, BeforeValidator(_rfc3339)]
 
 
-@router.get("/spend", responses={200: {"content": {"text/csv": {}}}})
-def get_spend(services: ServicesDep, group_by: GroupBy = "day",
+@router.get("/spend", responses={200: {"content": {"text/csv": {}}}, **documented(404)})
+def get_spend(services: ServicesDep, caller: CallerDep, group_by: GroupBy = "day",
               from_: Annotated[Rfc3339 | None, Query(alias="from")] = None,
               to: Rfc3339 | None = None, project_id: str | None = None,
               format: Literal["json", "csv"] = "json") -> Response:
+    """Spend of every project, or of one; a project key's report is its own project's."""
+    if caller.project_id is not None:
+        caller.project(project_id or caller.project_id)
+        project_id = caller.project_id
     for name, value in (("from", from_), ("to", to)):
         if value is not None and value.tzinfo is None:
             raise InvalidRequest(f"'{name}' needs a timezone (RFC 3339, e.g. 2026-11-01T00:00:00Z)")

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import secrets
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Header, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from orchestrator.errors import Unauthorized
+from orchestrator import keys
+from orchestrator.errors import Forbidden, NotFound, Unauthorized
+from orchestrator.models import Asset, Job
 from orchestrator.services import Services
-from orchestrator.settings import Settings
 
 
 # Both dependencies are `async def` because they never block: a plain `def` dependency would cost
@@ -25,26 +28,88 @@ ServicesDep = Annotated[Services, Depends(get_services)]
 
 # A security scheme, not a plain header parameter: /docs then offers "Authorize" (OpenAPI ignores
 # header parameters named Authorization).
-bearer = HTTPBearer(auto_error=False, description="`ORCH_ADMIN_KEY`, when the service sets one.")
+bearer = HTTPBearer(auto_error=False, description="`ORCH_ADMIN_KEY`, or a project's key, when the service "
+                    "sets an admin key.")
 
 
-def check_bearer(settings: Settings, authorization: str | None) -> None:
-    """When `ORCH_ADMIN_KEY` is set, every /v1 request carries `Authorization: Bearer <key>`.
-    Project-scoped keys will plug in here, returning the caller's scope."""
-    key = settings.admin_key
-    if key is None:
+@dataclass(frozen=True)
+class Caller:
+    """Who a /v1 request comes from: the admin key (or anyone, on a service without one) or a
+    project key, which reaches its own project only. Another project's resources are answered
+    exactly as missing ones are, so a key learns nothing of what else exists."""
+
+    project_id: str | None = None  # None: every project
+    key_id: str | None = None
+
+    def sees(self, project_id: str) -> bool:
+        return self.project_id is None or self.project_id == project_id
+
+    def project(self, project_id: str) -> None:
+        if not self.sees(project_id):
+            raise NotFound(f"project '{project_id}' not found", details={"project_id": project_id})
+
+    def job(self, job: Job) -> Job:
+        if not self.sees(job.project_id):
+            raise NotFound(f"job '{job.id}' not found", details={"job_id": job.id})
+        return job
+
+    def asset(self, asset: Asset) -> Asset:
+        if not self.sees(asset.project_id):
+            raise NotFound(f"asset '{asset.id}' not found", details={"asset_id": asset.id})
+        return asset
+
+    def admin(self, action: str) -> None:
+        if self.project_id is not None:
+            raise Forbidden(f"{action} needs the admin key; a project key cannot do it",
+                            details={"project_id": self.project_id})
+
+
+ADMIN = Caller()
+
+
+def check_asset(services: Services, caller: Caller, asset_id: str) -> None:
+    """Refuse another project's asset before anything about the request is judged (a validation
+    error would tell a key the asset exists). The admin key skips the read."""
+    if caller.project_id is None:
         return
+    with services.db.session() as s:
+        asset = s.get(Asset, asset_id)
+    if asset is None:
+        raise NotFound(f"asset '{asset_id}' not found", details={"asset_id": asset_id})
+    caller.asset(asset)
+
+
+def check_job(services: Services, caller: Caller, job_id: str) -> None:
+    """As `check_asset`, for a job."""
+    if caller.project_id is not None:
+        caller.job(services.jobs.get(job_id))
+
+
+async def authenticate(services: Services, authorization: str | None) -> Caller:
+    """When `ORCH_ADMIN_KEY` is set, every /v1 request carries `Authorization: Bearer <key>`: the
+    admin key, or a live project key."""
+    admin_key = services.settings.admin_key
+    if admin_key is None:
+        return ADMIN
     scheme, _, token = (authorization or "").partition(" ")
     # HTTP headers arrive as latin-1 text: back to the bytes the client sent, which for a non-ASCII
     # key are its UTF-8 encoding.
     sent = token.strip().encode("latin-1", errors="replace")
-    if scheme.lower() != "bearer" or not secrets.compare_digest(sent, key.get_secret_value().encode()):
-        raise Unauthorized("a valid 'Authorization: Bearer <key>' header is required")
+    if scheme.lower() == "bearer":
+        if secrets.compare_digest(sent, admin_key.get_secret_value().encode()):
+            return ADMIN
+        if sent.startswith(keys.SECRET_PREFIX.encode()):  # anything else needs no database read
+            found = await asyncio.to_thread(keys.find, services.db, sent.decode("latin-1"))
+            if found is not None:
+                return Caller(project_id=found.project_id, key_id=found.id)
+    raise Unauthorized("a valid 'Authorization: Bearer <key>' header is required")
 
 
 async def require_auth(services: ServicesDep, request: Request,
-                       _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
-    check_bearer(services.settings, request.headers.get("authorization"))
+                       _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Caller:
+    return await authenticate(services, request.headers.get("authorization"))
 
 
+# The routers depend on `require_auth` too; FastAPI runs it once per request and hands both the result.
+CallerDep = Annotated[Caller, Depends(require_auth)]
 IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=255, min_length=1)]

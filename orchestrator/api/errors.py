@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from orchestrator.api.deps import check_bearer
+from orchestrator.api.deps import authenticate
 from orchestrator.errors import OrchestratorError
 from orchestrator.schemas import ErrorResponse
 
@@ -22,10 +22,12 @@ _HTTP_CODES = {400: "invalid_request", 401: "unauthorized", 403: "forbidden", 40
 
 _DOCUMENTED = {
     400: "The body is not valid JSON, or the URL holds a NUL character (%00).",
-    401: "The bearer key is missing or wrong (only when ORCH_ADMIN_KEY is set).",
+    401: "The bearer key is missing, wrong or revoked (only when ORCH_ADMIN_KEY is set).",
     402: "The project's budget cannot hold the estimated cost (`budget_exceeded`).",
+    403: "Only the admin key may do this; the request came with a project key (`forbidden`).",
     404: "No such id (`not_found`).",
-    409: "The Idempotency-Key was used with another body, or the job has already finished.",
+    409: "The Idempotency-Key was used with another body (`idempotency_conflict`), the job has already "
+         "finished (`job_finished`), or the request conflicts with the service's state (`conflict`).",
     413: "The body is larger than ORCH_MAX_BODY_BYTES (`payload_too_large`).",
     415: "The body was not sent as `Content-Type: application/json`.",
     422: "Invalid input (`invalid_request`), or no engine may take the request (`no_route`).",
@@ -116,7 +118,7 @@ def install(app: FastAPI) -> None:
             services = getattr(request.app.state, "services", None)
             if services is not None:
                 try:
-                    check_bearer(services.settings, request.headers.get("authorization"))
+                    await authenticate(services, request.headers.get("authorization"))
                 except OrchestratorError as denied:
                     return error_response(denied.status, denied.code, denied.message,
                                           headers={"WWW-Authenticate": "Bearer"})

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from sqlmodel import col, select
 
-from orchestrator.api.deps import ServicesDep
+from orchestrator.api.deps import CallerDep, ServicesDep, check_job
 from orchestrator.api.errors import documented
 from orchestrator.api.serialize import job_public
 from orchestrator.errors import NotFound
@@ -34,16 +34,19 @@ def publics(services: Services, jobs: list[Job]) -> list[JobPublic]:
 
 
 @router.get("/jobs/{job_id}", response_model=JobPublic, responses=documented(404))
-def get_job(job_id: str, services: ServicesDep) -> JobPublic:
-    return public(services, services.jobs.get(job_id))
+def get_job(job_id: str, services: ServicesDep, caller: CallerDep) -> JobPublic:
+    return public(services, caller.job(services.jobs.get(job_id)))
 
 
 @router.get("/jobs", response_model=Page[JobPublic])
-def list_jobs(services: ServicesDep, project_id: str | None = None, stage: Stage | None = None,
+def list_jobs(services: ServicesDep, caller: CallerDep, project_id: str | None = None, stage: Stage | None = None,
               status: JobStatus | None = None, limit: Annotated[int, Query(ge=1, le=500)] = 50,
               cursor: str | None = None) -> Page[JobPublic]:
+    """Every project's jobs, or one project's; a project key sees its own project's only."""
     with services.db.session() as s:
         stmt = select(Job).order_by(col(Job.id)).limit(limit + 1)
+        if caller.project_id is not None:
+            stmt = stmt.where(col(Job.project_id) == caller.project_id)
         if project_id:
             stmt = stmt.where(col(Job.project_id) == project_id)
         if stage:
@@ -59,7 +62,8 @@ def list_jobs(services: ServicesDep, project_id: str | None = None, stage: Stage
 
 
 @router.post("/jobs/{job_id}/cancel", status_code=202, response_model=JobPublic, responses=documented(404, 409))
-def cancel_job(job_id: str, services: ServicesDep) -> JobPublic:
+def cancel_job(job_id: str, services: ServicesDep, caller: CallerDep) -> JobPublic:
+    check_job(services, caller, job_id)
     if not services.jobs.cancel_queued(job_id) and not services.scheduler.cancel(job_id):
         # Running, but not in this process: its worker is gone or elsewhere. Cancel the row;
         # a worker's late write carries an older state and changes nothing.
@@ -68,8 +72,8 @@ def cancel_job(job_id: str, services: ServicesDep) -> JobPublic:
 
 
 @router.get("/jobs/{job_id}/preview", responses={200: {"content": {"image/png": {}}}, **documented(404)})
-def job_preview(job_id: str, services: ServicesDep) -> Response:
-    services.jobs.get(job_id)
+def job_preview(job_id: str, services: ServicesDep, caller: CallerDep) -> Response:
+    caller.job(services.jobs.get(job_id))
     preview = services.runner.previews.get(job_id)
     if preview is None:
         raise NotFound("no preview: the job is not denoising right now", details={"job_id": job_id})
@@ -82,10 +86,12 @@ def job_preview(job_id: str, services: ServicesDep) -> Response:
             responses={200: {"content": {"text/event-stream": {}}},
                        204: {"description": "Last-Event-ID is the terminal event: nothing more will come."},
                        **documented(404)})
-async def job_events(job_id: str, services: ServicesDep, request: Request,
+async def job_events(job_id: str, services: ServicesDep, caller: CallerDep, request: Request,
                      last_event_id: Annotated[str | None, Header()] = None) -> Response:
     """Reconnecting with `Last-Event-ID` resumes after that event; once the client has the terminal
     event the answer is 204, which tells a browser's EventSource to stop reconnecting."""
+    if caller.project_id is not None:
+        await asyncio.to_thread(check_job, services, caller, job_id)
     if not services.bus.knows(job_id):  # a job this process has published is known to exist
         job, asset_ids = await asyncio.to_thread(_stored_state, services, job_id)
         if not services.bus.knows(job_id):  # another client may have seeded it meanwhile

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter
 from pydantic import ConfigDict, Field
 
-from orchestrator.api.deps import ServicesDep
+from orchestrator.api.deps import CallerDep, ServicesDep, check_asset
 from orchestrator.api.errors import documented
 from orchestrator.errors import InvalidRequest, NotFound
 from orchestrator.schemas import DraftCreate, PolishCreate, PromoteCreate, Strict
@@ -28,10 +28,11 @@ def get_policy(name: str, services: ServicesDep) -> dict[str, Any]:
     return services.policies.get(name).as_dict()
 
 
-@router.post("/policies/reload")
-def reload_policies(services: ServicesDep) -> dict[str, Any]:
-    """Re-read the policy files. A bad file is refused with its message; the last good version of
-    that policy stays in service. Projects pick up the new rules on their next job."""
+@router.post("/policies/reload", responses=documented(403))
+def reload_policies(services: ServicesDep, caller: CallerDep) -> dict[str, Any]:
+    """Re-read the policy files (admin key only). A bad file is refused with its message; the last
+    good version of that policy stays in service. Projects pick up the new rules on their next job."""
+    caller.admin("reloading policies")
     errors = services.policies.reload()
     return {"loaded": services.policies.names(), "errors": [e.message for e in errors]}
 
@@ -44,8 +45,12 @@ class ExplainRequest(Strict):
 
 
 @router.post("/route/explain", responses=documented(402, 404, 413, 415, 503))
-def explain(body: ExplainRequest, services: ServicesDep) -> dict[str, Any]:
+def explain(body: ExplainRequest, services: ServicesDep, caller: CallerDep) -> dict[str, Any]:
     """The routing decision and estimate for a request, without running or charging anything."""
+    if body.project_id is not None:
+        caller.project(body.project_id)
+    if body.source_asset_id is not None:
+        check_asset(services, caller, body.source_asset_id)
     extra = dict(body.model_extra or {})
     jobs = services.jobs
     if body.stage == "ideation":

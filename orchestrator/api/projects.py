@@ -7,7 +7,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from orchestrator import idempotency
-from orchestrator.api.deps import IdempotencyKey, ServicesDep
+from orchestrator.api.deps import CallerDep, IdempotencyKey, ServicesDep
 from orchestrator.api.errors import documented
 from orchestrator.api.serialize import asset_public, project_public
 from orchestrator.errors import InvalidRequest, NotFound
@@ -22,11 +22,13 @@ router = APIRouter(tags=["projects"])
 Limit = Annotated[int, Query(ge=1, le=500)]
 
 
-@router.post("/projects", status_code=201, response_model=ProjectPublic, responses=documented(409, 413, 415, 503))
-def create_project(body: ProjectCreate, services: ServicesDep, request: Request, response: Response,
-                   idempotency_key: IdempotencyKey = None) -> ProjectPublic:
+@router.post("/projects", status_code=201, response_model=ProjectPublic,
+             responses=documented(403, 409, 413, 415, 503))
+def create_project(body: ProjectCreate, services: ServicesDep, caller: CallerDep, request: Request,
+                   response: Response, idempotency_key: IdempotencyKey = None) -> ProjectPublic:
     """Create a project. With an `Idempotency-Key`, a retry answers with the project the first
     request made (as it is now) and creates nothing."""
+    caller.admin("creating a project")
     scope, digest, key = request.url.path, idempotency.request_hash(body), idempotency_key
     # Before the checks: a retry answers as the first request did, even if the policy is gone since.
     if key and (earlier := _created_earlier(services, key, scope, digest)):
@@ -80,9 +82,13 @@ def _project_of(s: Session, row: IdempotencyKeyRow | None) -> Project | None:
 
 
 @router.get("/projects", response_model=Page[ProjectPublic])
-def list_projects(services: ServicesDep, limit: Limit = 50, cursor: str | None = None) -> Page[ProjectPublic]:
+def list_projects(services: ServicesDep, caller: CallerDep, limit: Limit = 50,
+                  cursor: str | None = None) -> Page[ProjectPublic]:
+    """Every project; for a project key, its own."""
     with services.db.session() as s:
         stmt = select(Project).order_by(col(Project.id)).limit(limit + 1)
+        if caller.project_id is not None:
+            stmt = stmt.where(col(Project.id) == caller.project_id)
         if after := id_cursor(cursor):
             stmt = stmt.where(col(Project.id) > after)
         rows = list(s.exec(stmt).all())
@@ -106,12 +112,16 @@ def _get(services: ServicesDep, project_id: str) -> Project:
 
 
 @router.get("/projects/{project_id}", response_model=ProjectPublic, responses=documented(404))
-def get_project(project_id: str, services: ServicesDep) -> ProjectPublic:
+def get_project(project_id: str, services: ServicesDep, caller: CallerDep) -> ProjectPublic:
+    caller.project(project_id)
     return project_public(_get(services, project_id))
 
 
-@router.patch("/projects/{project_id}", response_model=ProjectPublic, responses=documented(404, 413, 415))
-def update_project(project_id: str, body: ProjectUpdate, services: ServicesDep) -> ProjectPublic:
+@router.patch("/projects/{project_id}", response_model=ProjectPublic, responses=documented(403, 404, 413, 415))
+def update_project(project_id: str, body: ProjectUpdate, services: ServicesDep, caller: CallerDep) -> ProjectPublic:
+    """Change the name, policy or budget (admin key only: a project key must not lift its own budget)."""
+    caller.project(project_id)
+    caller.admin("changing a project")
     _check_policy(services, body.policy)
     with services.db.transaction() as s:
         project = s.get(Project, project_id)
@@ -133,8 +143,9 @@ def update_project(project_id: str, body: ProjectUpdate, services: ServicesDep) 
 
 
 @router.get("/projects/{project_id}/assets", response_model=Page[AssetPublic], responses=documented(404))
-def list_project_assets(project_id: str, services: ServicesDep, stage: Stage | None = None, limit: Limit = 50,
-                        cursor: str | None = None) -> Page[AssetPublic]:
+def list_project_assets(project_id: str, services: ServicesDep, caller: CallerDep, stage: Stage | None = None,
+                        limit: Limit = 50, cursor: str | None = None) -> Page[AssetPublic]:
+    caller.project(project_id)
     _get(services, project_id)
     with services.db.session() as s:
         stmt = select(Asset).where(col(Asset.project_id) == project_id).order_by(col(Asset.id)).limit(limit + 1)

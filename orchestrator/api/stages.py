@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 
-from orchestrator.api.deps import IdempotencyKey, ServicesDep
+from orchestrator.api.deps import CallerDep, IdempotencyKey, ServicesDep, check_asset
 from orchestrator.api.errors import documented
 from orchestrator.api.jobs import public
 from orchestrator.api.serialize import job_public
@@ -17,8 +17,9 @@ PAID_ERRORS = documented(402, 404, 409, 413, 415, 503)
 
 @router.post("/projects/{project_id}/drafts", status_code=202, response_model=JobPublic,
              responses=documented(404, 409, 413, 415, 503))
-def create_drafts(project_id: str, body: DraftCreate, services: ServicesDep, request: Request,
+def create_drafts(project_id: str, body: DraftCreate, services: ServicesDep, caller: CallerDep, request: Request,
                   response: Response, idempotency_key: IdempotencyKey = None) -> JobPublic:
+    caller.project(project_id)
     prepared = services.jobs.prepare_draft(project_id, body)
     job, created = services.jobs.submit(prepared, body, engine=body.engine, max_credits=None,
                                         idempotency_key=idempotency_key, scope=request.url.path)
@@ -26,8 +27,9 @@ def create_drafts(project_id: str, body: DraftCreate, services: ServicesDep, req
 
 
 @router.post("/assets/{asset_id}/promote", status_code=202, response_model=JobPublic, responses=PAID_ERRORS)
-def promote(asset_id: str, body: PromoteCreate, services: ServicesDep, request: Request, response: Response,
-            idempotency_key: IdempotencyKey = None) -> JobPublic:
+def promote(asset_id: str, body: PromoteCreate, services: ServicesDep, caller: CallerDep, request: Request,
+            response: Response, idempotency_key: IdempotencyKey = None) -> JobPublic:
+    check_asset(services, caller, asset_id)
     prepared = services.jobs.prepare_promote(asset_id, body)
     job, created = services.jobs.submit(prepared, body, engine=body.engine, max_credits=body.max_credits,
                                         idempotency_key=idempotency_key, scope=request.url.path)
@@ -35,8 +37,9 @@ def promote(asset_id: str, body: PromoteCreate, services: ServicesDep, request: 
 
 
 @router.post("/assets/{asset_id}/polish", status_code=202, response_model=JobPublic, responses=PAID_ERRORS)
-def polish(asset_id: str, body: PolishCreate, services: ServicesDep, request: Request, response: Response,
-           idempotency_key: IdempotencyKey = None) -> JobPublic:
+def polish(asset_id: str, body: PolishCreate, services: ServicesDep, caller: CallerDep, request: Request,
+           response: Response, idempotency_key: IdempotencyKey = None) -> JobPublic:
+    check_asset(services, caller, asset_id)
     prepared = services.jobs.prepare_polish(asset_id, body)
     job, created = services.jobs.submit(prepared, body, engine=body.engine, max_credits=body.max_credits,
                                         idempotency_key=idempotency_key, scope=request.url.path)

@@ -86,7 +86,8 @@ def test_unknown_routes_and_methods_under_v1_need_the_key_too(anon: httpx.Client
 def test_docs_know_the_bearer_scheme(anon: httpx.Client) -> None:
     spec = anon.get("/openapi.json").json()
     assert spec["components"]["securitySchemes"]["HTTPBearer"] == {
-        "type": "http", "scheme": "bearer", "description": "`ORCH_ADMIN_KEY`, when the service sets one."}
+        "type": "http", "scheme": "bearer",
+        "description": "`ORCH_ADMIN_KEY`, or a project's key, when the service sets an admin key."}
     operation = spec["paths"]["/v1/projects"]["get"]
     assert operation["security"] == [{"HTTPBearer": []}]
     assert all(p["name"].lower() != "authorization" for p in operation.get("parameters", []))

@@ -1,0 +1,82 @@
+"""Project-scoped API keys (admin only): make one, list them, revoke one."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Response
+from pydantic import BaseModel, Field, StringConstraints
+
+from orchestrator import keys
+from orchestrator.api.deps import CallerDep, ServicesDep
+from orchestrator.api.errors import documented
+from orchestrator.errors import Conflict, NotFound
+from orchestrator.ids import id_cursor
+from orchestrator.models import ApiKey, Project
+from orchestrator.schemas import Page, Strict
+
+router = APIRouter(tags=["keys"])
+
+
+class KeyCreate(Strict):
+    name: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+
+
+class KeyPublic(BaseModel):
+    id: str
+    project_id: str
+    name: str
+    prefix: str = Field(description="The secret's first characters, to tell keys apart.")
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+class KeyCreated(KeyPublic):
+    key: str = Field(description="The secret, for `Authorization: Bearer`. Shown only in this answer.")
+
+
+def _public(key: ApiKey) -> KeyPublic:
+    return KeyPublic(id=key.id, project_id=key.project_id, name=key.name, prefix=key.prefix,
+                     created_at=key.created_at, revoked_at=key.revoked_at)
+
+
+def _admin_project(services: ServicesDep, caller: CallerDep, project_id: str) -> None:
+    caller.project(project_id)  # another project's keys are as missing as its other resources
+    caller.admin("managing API keys")
+    with services.db.session() as s:
+        if s.get(Project, project_id) is None:
+            raise NotFound(f"project '{project_id}' not found", details={"project_id": project_id})
+
+
+@router.post("/projects/{project_id}/keys", status_code=201, response_model=KeyCreated,
+             responses=documented(403, 404, 409, 413, 415))
+def create_key(project_id: str, body: KeyCreate, services: ServicesDep, caller: CallerDep,
+               response: Response) -> KeyCreated:
+    """Make a key that reaches this project only. Its secret is in this answer and nowhere else:
+    store it now. (No `Idempotency-Key` here: a replay could not show the secret again.)"""
+    _admin_project(services, caller, project_id)
+    if services.settings.admin_key is None:
+        raise Conflict("project keys need ORCH_ADMIN_KEY: without it the API is open to everyone, and a "
+                       "project key would restrict nothing")
+    key, secret = keys.create(services.db, project_id, body.name)
+    response.headers["Location"] = f"/v1/projects/{project_id}/keys/{key.id}"
+    return KeyCreated(**_public(key).model_dump(), key=secret)
+
+
+@router.get("/projects/{project_id}/keys", response_model=Page[KeyPublic], responses=documented(403, 404))
+def list_keys(project_id: str, services: ServicesDep, caller: CallerDep,
+              limit: Annotated[int, Query(ge=1, le=500)] = 50, cursor: str | None = None) -> Page[KeyPublic]:
+    """The project's keys, revoked ones included (without their secrets)."""
+    _admin_project(services, caller, project_id)
+    rows = keys.listed(services.db, project_id, after=id_cursor(cursor), limit=limit + 1)
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return Page(items=[_public(k) for k in rows], next_cursor=rows[-1].id if more else None)
+
+
+@router.delete("/projects/{project_id}/keys/{key_id}", response_model=KeyPublic, responses=documented(403, 404))
+def revoke_key(project_id: str, key_id: str, services: ServicesDep, caller: CallerDep) -> KeyPublic:
+    """Revoke a key: from now on it gets 401. Revoking a revoked key answers it unchanged."""
+    _admin_project(services, caller, project_id)
+    return _public(keys.revoke(services.db, project_id, key_id))

@@ -1,0 +1,205 @@
+"""Project-scoped API keys: a key reaches its own project's resources, answers another project's
+exactly as missing ones, cannot do what only the admin may, and stops working when revoked."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+
+from orchestrator.settings import Settings
+from tests.api import SMALL, assert_error, create_project, read_events, run_draft
+
+ADMIN_KEY = "admin-s3cret"
+
+
+@dataclass
+class World:
+    admin: httpx.Client
+    mine: httpx.Client  # with project A's key
+    key: dict[str, Any]  # A's key as created (with its secret)
+    a: str
+    b: str
+    job_a: str
+    asset_a: str
+    job_b: str
+    asset_b: str
+
+
+@pytest.fixture
+def world(make_settings: Callable[..., Settings], start_server: Callable[[Settings], httpx.Client]) -> Iterator[World]:
+    base = start_server(make_settings(admin_key=ADMIN_KEY)).base_url
+    with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=30) as admin:
+        a, b = create_project(admin, "A")["id"], create_project(admin, "B")["id"]
+        created = admin.post(f"/v1/projects/{a}/keys", json={"name": "pipeline"})
+        assert created.status_code == 201, created.text
+        key = created.json()
+        job_b = run_draft(admin, b)
+        with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key['key']}"}, timeout=30) as mine:
+            job_a = run_draft(mine, a)
+            yield World(admin, mine, key, a, b, job_a["id"], job_a["assets"][0], job_b["id"], job_b["assets"][0])
+
+
+def test_a_key_is_shown_once_and_listed_without_its_secret(world: World) -> None:
+    key = world.key
+    assert key["key"].startswith("orch_pk_") and len(key["key"]) > 40
+    assert key["key"].startswith(key["prefix"]) and key["prefix"] != key["key"]
+    assert (key["project_id"], key["name"], key["revoked_at"]) == (world.a, "pipeline", None)
+    listed = world.admin.get(f"/v1/projects/{world.a}/keys").json()
+    assert listed["next_cursor"] is None
+    assert [{**k, "key": key["key"]} for k in listed["items"]] == [key]
+    assert "key" not in listed["items"][0]
+    assert world.admin.get(f"/v1/projects/{world.b}/keys").json()["items"] == []
+
+
+def test_a_key_works_on_its_own_project(world: World) -> None:
+    mine, a = world.mine, world.a
+    assert mine.get(f"/v1/projects/{a}").json()["name"] == "A"
+    assert [p["id"] for p in mine.get("/v1/projects").json()["items"]] == [a]
+    assert [j["id"] for j in mine.get("/v1/jobs").json()["items"]] == [world.job_a]
+    assert [e.event for e in read_events(mine, world.job_a)][-1] == "succeeded"
+    content = mine.get(f"/v1/assets/{world.asset_a}/content")
+    assert content.status_code == 200 and content.content.startswith(b"\x89PNG")
+    assert mine.head(f"/v1/assets/{world.asset_a}/content").status_code == 200
+    assert mine.get(f"/v1/assets/{world.asset_a}/lineage").status_code == 200
+    assert mine.get(f"/v1/projects/{a}/assets").json()["items"][0]["id"] == world.asset_a
+    assert mine.get(f"/v1/projects/{a}/budget").status_code == 200
+    assert mine.get(f"/v1/projects/{a}/ledger").status_code == 200
+    spend = mine.get("/v1/spend", params={"group_by": "project"}).json()
+    assert {g["key"] for g in spend["groups"]} <= {a}
+    explained = mine.post("/v1/route/explain", json={"project_id": a, "stage": "ideation", "prompt": "x", **SMALL})
+    assert explained.status_code == 200, explained.text
+    assert mine.get("/v1/engines").status_code == 200
+    assert mine.get("/v1/policies").status_code == 200
+    # Unknown routes answer as they do for the admin: the key is valid.
+    assert_error(mine.get("/v1/nope"), 404, "not_found")
+
+
+def _same_as_missing(response: httpx.Response, missing: httpx.Response, real_id: str, fake_id: str) -> None:
+    """Another project's resource must read exactly like an id that does not exist."""
+    assert response.status_code == missing.status_code == 404, (response.text, missing.text)
+    assert response.text.replace(real_id, fake_id) == missing.text
+
+
+def test_another_projects_resources_read_as_missing(world: World) -> None:
+    mine, b = world.mine, world.b
+    fake = {"prj": "prj_0000000000aaaaaaaaaaaaaaaa", "job": "job_0000000000aaaaaaaaaaaaaaaa",
+            "ast": "ast_0000000000aaaaaaaaaaaaaaaa"}
+    cases: list[tuple[str, str, str, dict[str, Any] | None]] = [
+        ("GET", "/v1/projects/{prj}", b, None),
+        ("GET", "/v1/projects/{prj}/assets", b, None),
+        ("GET", "/v1/projects/{prj}/budget", b, None),
+        ("GET", "/v1/projects/{prj}/ledger", b, None),
+        ("POST", "/v1/projects/{prj}/drafts", b, {"prompt": "x", "n": 1, **SMALL}),
+        ("PATCH", "/v1/projects/{prj}", b, {"name": "mine now"}),
+        ("POST", "/v1/projects/{prj}/grants", b, {"amount": 5}),
+        ("GET", "/v1/projects/{prj}/keys", b, None),
+        ("POST", "/v1/projects/{prj}/keys", b, {"name": "mine"}),
+        ("GET", "/v1/jobs/{job}", world.job_b, None),
+        ("GET", "/v1/jobs/{job}/events", world.job_b, None),
+        ("GET", "/v1/jobs/{job}/preview", world.job_b, None),
+        ("POST", "/v1/jobs/{job}/cancel", world.job_b, None),
+        ("GET", "/v1/assets/{ast}", world.asset_b, None),
+        ("GET", "/v1/assets/{ast}/content", world.asset_b, None),
+        ("GET", "/v1/assets/{ast}/lineage", world.asset_b, None),
+        ("POST", "/v1/assets/{ast}/promote", world.asset_b, {}),
+        ("POST", "/v1/assets/{ast}/polish", world.asset_b, {}),
+    ]
+    for method, template, real, body in cases:
+        kind = real[:3]
+        response = mine.request(method, template.format(**{kind: real}), json=body)
+        missing = mine.request(method, template.format(**{kind: fake[kind]}), json=body)
+        _same_as_missing(response, missing, real, fake[kind])
+        # HEAD on a GET route tells nothing either.
+        if method == "GET":
+            assert mine.head(template.format(**{kind: real})).status_code == 404
+    assert_error(mine.get("/v1/spend", params={"project_id": b}), 404, "not_found")
+    assert mine.get("/v1/jobs", params={"project_id": b}).json()["items"] == []
+    for body in ({"project_id": b, "stage": "ideation", "prompt": "x", **SMALL},
+                 {"stage": "bridge", "source_asset_id": world.asset_b}):
+        assert_error(mine.post("/v1/route/explain", json=body), 404, "not_found")
+    # Nothing of B changed: its job is not canceled, nothing was made or granted, B kept its name.
+    assert world.admin.get(f"/v1/jobs/{world.job_b}").json()["status"] == "succeeded"
+    assert [j["id"] for j in world.admin.get("/v1/jobs", params={"project_id": b}).json()["items"]] == [world.job_b]
+    assert world.admin.get(f"/v1/projects/{b}").json()["name"] == "B"
+    assert world.admin.get(f"/v1/projects/{b}/budget").json()["granted"] == 0
+
+
+def test_every_route_with_an_id_keeps_another_project_out(world: World) -> None:
+    """A guard for routes added later: every operation of the document that takes a project, job
+    or asset id answers another project's as it answers an id that does not exist, never 2xx."""
+    real = {"project_id": world.b, "job_id": world.job_b, "asset_id": world.asset_b, "key_id": "key_x"}
+    fake = {"project_id": "prj_0000000000aaaaaaaaaaaaaaaa", "job_id": "job_0000000000aaaaaaaaaaaaaaaa",
+            "asset_id": "ast_0000000000aaaaaaaaaaaaaaaa", "key_id": "key_x"}
+    spec = world.admin.get("/openapi.json").json()
+    checked = 0
+    for path, operations in spec["paths"].items():
+        names = re.findall(r"{(\w+)}", path)
+        if not names or names == ["name"]:  # no id, or a policy's name: shared by all projects
+            continue
+        for method in operations:
+            body = {} if method in ("post", "patch") else None
+            response = world.mine.request(method.upper(), path.format(**{n: real[n] for n in names}), json=body)
+            missing = world.mine.request(method.upper(), path.format(**{n: fake[n] for n in names}), json=body)
+            assert response.status_code >= 400, (method, path, response.text)
+            text = response.text
+            for name in names:
+                text = text.replace(real[name], fake[name])
+            assert (response.status_code, text) == (missing.status_code, missing.text), (method, path)
+            checked += 1
+    assert checked >= 18
+
+
+def test_only_the_admin_creates_changes_grants_reloads_and_manages_keys(world: World) -> None:
+    mine, a = world.mine, world.a
+    for method, url, body in [("POST", "/v1/projects", {"name": "another"}),
+                              ("PATCH", f"/v1/projects/{a}", {"budget": {"limit": 1e6}}),
+                              ("POST", f"/v1/projects/{a}/grants", {"amount": 1000}),
+                              ("POST", "/v1/policies/reload", None),
+                              ("POST", f"/v1/projects/{a}/keys", {"name": "second"}),
+                              ("GET", f"/v1/projects/{a}/keys", None),
+                              ("DELETE", f"/v1/projects/{a}/keys/{world.key['id']}", None)]:
+        error = assert_error(mine.request(method, url, json=body), 403, "forbidden")
+        assert "admin key" in error["message"]
+    assert [p["name"] for p in world.admin.get("/v1/projects").json()["items"]] == ["A", "B"]
+    assert world.admin.get(f"/v1/projects/{a}/budget").json()["granted"] == 0
+    assert world.admin.get(f"/v1/projects/{a}").json()["budget"]["limit"] is None
+
+
+def test_a_revoked_key_is_refused_at_once(world: World) -> None:
+    url = f"/v1/projects/{world.a}/keys/{world.key['id']}"
+    revoked = world.admin.delete(url)
+    assert revoked.status_code == 200, revoked.text
+    assert revoked.json()["revoked_at"] is not None
+    error = assert_error(world.mine.get(f"/v1/projects/{world.a}"), 401, "unauthorized")
+    assert "Bearer" in error["message"]
+    assert_error(world.mine.get("/v1/nope"), 401, "unauthorized")
+    again = world.admin.delete(url)  # revoking twice changes nothing
+    assert again.json()["revoked_at"] == revoked.json()["revoked_at"]
+    assert world.admin.get(f"/v1/projects/{world.a}/keys").json()["items"][0]["revoked_at"] is not None
+    # The key belongs to A: under B's path it does not exist.
+    assert_error(world.admin.delete(f"/v1/projects/{world.b}/keys/{world.key['id']}"), 404, "not_found")
+    assert_error(world.admin.delete(f"/v1/projects/{world.a}/keys/key_nope"), 404, "not_found")
+
+
+def test_keys_are_refused_on_an_open_service(server: httpx.Client) -> None:
+    # Without ORCH_ADMIN_KEY anyone may call anything: a project key would restrict nothing.
+    project = create_project(server)["id"]
+    error = assert_error(server.post(f"/v1/projects/{project}/keys", json={"name": "k"}), 409, "conflict")
+    assert "ORCH_ADMIN_KEY" in error["message"]
+    assert server.get(f"/v1/projects/{project}/keys").json()["items"] == []
+    assert_error(server.post("/v1/projects/prj_nope/keys", json={"name": "k"}), 404, "not_found")
+
+
+def test_bad_key_requests(world: World) -> None:
+    url = f"/v1/projects/{world.a}/keys"
+    for body in ({}, {"name": ""}, {"name": "x" * 201}, {"name": "k", "scope": "all"}):
+        assert_error(world.admin.post(url, json=body), 422, "invalid_request")
+    assert len(world.admin.get(url).json()["items"]) == 1
+    # A made-up key with the right prefix is just a wrong key.
+    with httpx.Client(base_url=world.admin.base_url, headers={"Authorization": "Bearer orch_pk_made-up"}) as fake:
+        assert_error(fake.get("/v1/projects"), 401, "unauthorized")
