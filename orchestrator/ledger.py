@@ -2,8 +2,10 @@
 
 Entries are append-only, in integer millicredits: `grant` (top-up), `hold` (an estimate reserved
 before a paid job runs), `capture` (what was charged), `release` (what was not), `adjustment`
-(a manual correction, signed). A capture or release names its hold; a unique constraint makes a
-second capture or release of one hold impossible.
+(a correction, signed: what reconciling an `unreconciled` capture against the invoice adds). A
+capture, release or adjustment names its hold; a unique constraint makes a second one of a kind
+for one hold impossible. The one change ever made to a written entry is clearing a capture's
+`unreconciled` flag, in the transaction that writes its adjustment.
 
 Balances are derived from entries, never kept in a counter: a budget window is computed from
 calendar boundaries in UTC, and spend in the window is the sum of its captures. Nothing resets.
@@ -26,7 +28,7 @@ from sqlalchemy import and_, exists, func
 from sqlalchemy.orm import aliased
 from sqlmodel import Session, col, select
 
-from orchestrator.errors import BudgetExceeded, NotFound, OrchestratorError
+from orchestrator.errors import BudgetExceeded, Conflict, NotFound, OrchestratorError
 from orchestrator.models import Job, LedgerEntry, Project, utcnow
 from tiers.base import to_credits
 
@@ -213,6 +215,27 @@ class Ledger:
         else:
             self.capture(s, job, None, unreconciled=charged == "unknown",
                          note=f"{error.code}: outcome unknown" if charged == "unknown" else error.code)
+
+    def reconcile(self, s: Session, project_id: str, entry_id: int, charged: int, note: str | None) -> LedgerEntry:
+        """Settle an `unreconciled` capture with what the provider's invoice says it charged: an
+        `adjustment` of the difference (signed; 0 when the estimate was right) naming the same hold,
+        so the unique `(hold_id, kind)` allows one per capture, and the capture's flag cleared.
+        The adjustment counts in the window it is made in, as a credit note does."""
+        capture = s.get(LedgerEntry, entry_id)
+        if capture is None or capture.project_id != project_id:
+            raise NotFound(f"ledger entry '{entry_id}' not found", details={"entry_id": str(entry_id)})
+        if capture.kind != "capture" or not capture.unreconciled:
+            raise Conflict("only an unreconciled capture can be reconciled; this entry is "
+                           + (f"a {capture.kind}" if capture.kind != "capture" else "already reconciled"),
+                           details={"entry_id": str(entry_id), "kind": capture.kind})
+        capture.unreconciled = False
+        s.add(capture)
+        adjustment = LedgerEntry(project_id=project_id, job_id=capture.job_id, kind="adjustment",
+                                 amount=charged - capture.amount, hold_id=capture.hold_id, engine=capture.engine,
+                                 stage=capture.stage, note=note or f"reconciled: charged {to_credits(charged)}",
+                                 created_at=self.clock())
+        s.add(adjustment)
+        return adjustment
 
     def grant(self, s: Session, project_id: str, amount: int, note: str | None = None) -> LedgerEntry:
         entry = LedgerEntry(project_id=project_id, kind="grant", amount=amount, note=note, created_at=self.clock())

@@ -127,11 +127,12 @@ class IdempotencyKey(SQLModel, table=True):
 
 
 class LedgerEntry(SQLModel, table=True):
-    """Append-only. Amounts are positive millicredits; `kind` says which way they move.
+    """Append-only (see `orchestrator.ledger`). Amounts are millicredits, positive but for
+    adjustments (signed); `kind` says which way they move.
 
-    A capture or release names the hold it settles (`hold_id`); the unique constraint on
-    `(hold_id, kind)` makes a second capture or a second release of one hold impossible, whatever
-    a retry, a crash or a duplicate worker tries.
+    A capture or release names the hold it settles (`hold_id`), and an adjustment the hold of the
+    capture it reconciles; the unique constraint on `(hold_id, kind)` makes a second one of a kind
+    impossible, whatever a retry, a crash or a duplicate worker tries.
     """
 
     __tablename__ = "ledger_entries"

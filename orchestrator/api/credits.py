@@ -84,13 +84,18 @@ def get_budget(project_id: str, services: ServicesDep, caller: CallerDep) -> dic
 
 @router.get("/projects/{project_id}/ledger", response_model=Page[LedgerEntryPublic], responses=documented(404))
 def get_ledger(project_id: str, services: ServicesDep, caller: CallerDep,
-               limit: Annotated[int, Query(ge=1, le=500)] = 50, cursor: str | None = None) -> Page[LedgerEntryPublic]:
+               limit: Annotated[int, Query(ge=1, le=500)] = 50, cursor: str | None = None,
+               unreconciled: bool | None = None) -> Page[LedgerEntryPublic]:
+    """The project's entries, oldest first; `unreconciled=true` lists the captures still waiting
+    for a person to check them against the provider's invoice."""
     caller.project(project_id)
     _project(services, project_id)
     after = int_cursor(cursor)
     with services.db.session() as s:
         stmt = (select(LedgerEntry).where(col(LedgerEntry.project_id) == project_id)
                 .order_by(col(LedgerEntry.id)).limit(limit + 1))
+        if unreconciled is not None:
+            stmt = stmt.where(col(LedgerEntry.unreconciled).is_(unreconciled))
         if after is not None:
             stmt = stmt.where(col(LedgerEntry.id) > after)
         rows = list(s.exec(stmt).all())
@@ -125,6 +130,33 @@ def grant(project_id: str, body: GrantCreate, services: ServicesDep, caller: Cal
             assert entry.id is not None
             idempotency.remember(s, idempotency_key, scope, digest, ledger_entry_id=entry.id)
         return _entry(entry)
+
+
+class Reconcile(Strict):
+    charged: Annotated[float, NoBool, Field(ge=0, le=MAX_CREDITS, allow_inf_nan=False), Thousandths] = Field(
+        description="What the provider's invoice says the job cost, in credits (0: it charged nothing).")
+    note: Annotated[str, Field(max_length=500)] | None = None
+
+
+@router.post("/projects/{project_id}/ledger/{entry_id}/reconcile", status_code=201, response_model=LedgerEntryPublic,
+             responses=documented(403, 404, 409, 413, 415))
+def reconcile(project_id: str, entry_id: str, body: Reconcile, services: ServicesDep,
+              caller: CallerDep) -> LedgerEntryPublic:
+    """Settle an `unreconciled` capture (a call whose outcome was unknown, charged at its estimate)
+    with the invoiced cost: answers the `adjustment` entry of the difference (admin key only). A
+    capture is reconciled once; again is 409."""
+    caller.project(project_id)
+    caller.admin("reconciling the ledger")
+    if not _ENTRY_ID.fullmatch(entry_id):
+        raise NotFound(f"ledger entry '{entry_id}' not found", details={"entry_id": entry_id})
+    with services.db.transaction() as s:
+        services.ledger.lock_project(s, project_id)
+        adjustment = services.ledger.reconcile(s, project_id, int(entry_id), to_millicredits(body.charged), body.note)
+        s.flush()
+        return _entry(adjustment)
+
+
+_ENTRY_ID = re.compile(r"[1-9][0-9]{0,17}")  # what a BIGINT holds, without leading zeros
 
 
 def _rfc3339(value: Any) -> Any:

@@ -132,9 +132,10 @@ def test_another_projects_resources_read_as_missing(world: World) -> None:
 def test_every_route_with_an_id_keeps_another_project_out(world: World) -> None:
     """A guard for routes added later: every operation of the document that takes a project, job
     or asset id answers another project's as it answers an id that does not exist, never 2xx."""
-    real = {"project_id": world.b, "job_id": world.job_b, "asset_id": world.asset_b, "key_id": "key_x"}
+    real = {"project_id": world.b, "job_id": world.job_b, "asset_id": world.asset_b, "key_id": "key_x",
+            "entry_id": "1"}
     fake = {"project_id": "prj_0000000000aaaaaaaaaaaaaaaa", "job_id": "job_0000000000aaaaaaaaaaaaaaaa",
-            "asset_id": "ast_0000000000aaaaaaaaaaaaaaaa", "key_id": "key_x"}
+            "asset_id": "ast_0000000000aaaaaaaaaaaaaaaa", "key_id": "key_x", "entry_id": "1"}
     spec = world.admin.get("/openapi.json").json()
     checked = 0
     for path, operations in spec["paths"].items():
@@ -159,6 +160,7 @@ def test_only_the_admin_creates_changes_grants_reloads_and_manages_keys(world: W
     for method, url, body in [("POST", "/v1/projects", {"name": "another"}),
                               ("PATCH", f"/v1/projects/{a}", {"budget": {"limit": 1e6}}),
                               ("POST", f"/v1/projects/{a}/grants", {"amount": 1000}),
+                              ("POST", f"/v1/projects/{a}/ledger/1/reconcile", {"charged": 0}),
                               ("POST", "/v1/policies/reload", None),
                               ("POST", f"/v1/projects/{a}/keys", {"name": "second"}),
                               ("GET", f"/v1/projects/{a}/keys", None),
