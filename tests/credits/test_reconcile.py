@@ -3,11 +3,15 @@ counted in budgets, job costs and spend; once per capture; admin only."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
+import pytest
 
+from orchestrator.server import serve_in_thread
+from orchestrator.settings import Settings
 from tests.api import assert_error
 from tests.credits import (
     PRICE,
@@ -19,6 +23,15 @@ from tests.credits import (
     promote_ok,
     wait_for_job,
 )
+
+
+@pytest.fixture(scope="module")
+def api(paid_settings_for: Callable[..., Settings], tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
+    """A service of this module's own: its timeouts would open the shared service's circuit
+    breaker for fake-paid and turn away the next module's promotions."""
+    settings = paid_settings_for(tmp_path_factory.mktemp("reconcile-data"))
+    with serve_in_thread(settings) as base, httpx.Client(base_url=base, timeout=30.0) as client:
+        yield client
 
 
 def timed_out(api: httpx.Client) -> tuple[str, str, dict[str, Any]]:
