@@ -85,6 +85,9 @@ class Job(SQLModel, table=True):
     lease_owner: str | None = Field(default=None, max_length=100)
     lease_expires_at: datetime | None = _ts()
     provider_request_id: str | None = Field(default=None, max_length=500)
+    # What the provider accepted for this job, for a later process to reattach to after a crash:
+    # {"engine": name, "handles": [{"id": ..., **handle}, ...]} (see tiers.base.Reattachable).
+    provider_work: dict[str, Any] | None = _json()
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime, nullable=False)
     started_at: datetime | None = _ts()
     finished_at: datetime | None = _ts()

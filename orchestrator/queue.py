@@ -6,8 +6,10 @@ remote engine. A claim bumps `attempt` and takes a lease that a heartbeat renews
 
 Recovery (at start-up, and by the periodic sweeper for leases that expired): a job left `running`
 by a dead process is re-queued when its engine is local (nothing was spent and the work is
-reproducible), and failed with `interrupted` when it is remote (the provider may have made and
-billed the image; it is not sent twice). No job stays `running` forever.
+reproducible) or when a queueing provider had accepted it and the engine can reattach to that
+work (the runner then follows it instead of sending anything); otherwise a remote job is failed
+with `interrupted` (the provider may have made and billed the image; it is not sent twice). No job
+stays `running` forever: one re-queued by recovery `MAX_LOCAL_STOPS` times is failed.
 """
 
 from __future__ import annotations
@@ -30,13 +32,13 @@ from orchestrator.events import EventBus
 from orchestrator.ledger import Ledger
 from orchestrator.models import Job, utcnow
 from orchestrator.runner import Claim, JobRunner
-from tiers.base import CancelToken
+from tiers.base import CancelToken, Reattachable
 from tiers.registry import EngineRegistry
 
 log = logging.getLogger(__name__)
 DISPATCH_RETRY_SECONDS = 1.0
 QUEUED_BATCH = 500  # queued jobs looked at per dispatch
-MAX_LOCAL_STOPS = 3  # a local job the process died under this often is failed, not re-queued
+MAX_LOCAL_STOPS = 3  # a job re-queued by recovery (local, or reattaching) this often is failed instead
 REMOTE_LANE_LIMIT = 4
 
 
@@ -308,17 +310,23 @@ class Scheduler:
                          and _alive(j.lease_owner, other_hosts=not self.db.is_sqlite))]
 
     def _recover_one(self, job: Job) -> str | None:
-        local = job.engine in self.registry and self.registry.get(job.engine).kind == "local"
+        engine = self.registry.get(job.engine) if job.engine in self.registry else None
+        local = engine is not None and engine.kind == "local"
+        # Work a queueing provider accepted is followed again rather than written off (the runner
+        # reattaches instead of sending): the hold stays until that work's outcome is known.
+        work = job.provider_work or {}
+        reattach = (not local and isinstance(engine, Reattachable) and bool(work.get("handles"))
+                    and work.get("engine") == job.engine)
         # Each recovery is recorded in the job's attempts: a job the process keeps dying under (out
         # of memory at 2048 px and n=16, say) is not started into a crash loop.
         stops = 1 + sum(1 for a in job.attempts or [] if a.get("status") == "interrupted")
         values: dict[str, Any]
-        if local and stops < MAX_LOCAL_STOPS:
+        if (local or reattach) and stops < MAX_LOCAL_STOPS:
             values = {"status": "queued", "lease_owner": None, "lease_expires_at": None,
                       "progress_step": 0,
                       "attempts": [*(job.attempts or []), {"engine": job.engine, "status": "interrupted",
                                                            "error": None}]}
-            outcome = "requeued"
+            outcome = "requeued" if local else "reattaching"
         elif local:
             error = Interrupted(
                 f"the server stopped {stops} times while this job was running on '{job.engine}'; "

@@ -14,7 +14,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -33,7 +33,7 @@ from orchestrator.ledger import Ledger
 from orchestrator.models import Asset, Job, utcnow
 from orchestrator.routing import fallbacks
 from orchestrator.store import ArtifactStore, encode_png
-from tiers.base import CancelToken, RenderResult
+from tiers.base import CancelToken, Reattachable, RenderResult
 from tiers.registry import EngineRegistry
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,10 @@ class JobProgress:
         # The row's progress is for pollers: at most one write a second, never on the hot first step.
         self._last_write = time.monotonic()
         self._lock = threading.Lock()
+        # What the provider accepted, oldest first (on a reattach, what an earlier process saved).
+        work = claim.job.provider_work or {}
+        same_engine = work.get("engine") == claim.job.engine
+        self._handles: list[dict[str, Any]] = list(work.get("handles", [])) if same_engine else []
 
     def step(self, step: int, total: int, preview: Image.Image | None = None) -> None:
         job_id = self.claim.job.id
@@ -82,8 +86,11 @@ class JobProgress:
     def state(self, state: str, **details: Any) -> None:
         self.runner.bus.publish(self.claim.job.id, "state", {"state": state, **details})
 
-    def provider_request(self, request_id: str) -> None:
-        self.runner.save_provider_request(self.claim, request_id)
+    def provider_request(self, request_id: str, handle: Mapping[str, Any] | None = None) -> None:
+        with self._lock:
+            self._handles.append({**(handle or {}), "id": request_id})
+            work = {"engine": self.claim.job.engine, "handles": list(self._handles)}
+        self.runner.save_provider_request(self.claim, work)
 
 
 class JobRunner:
@@ -224,6 +231,7 @@ class JobRunner:
             self.ledger.settle_failure(s, job, error)
             self._guarded_update(s, claim, status="queued", engine=engine, model=model, estimated=estimate,
                                  cache_key=cache_key(engine, model, job.params) if job.cache_key else None,
+                                 provider_work=None,
                                  lease_owner=None, lease_expires_at=None, progress_step=0, progress_total=0,
                                  attempts=[*(job.attempts or []),
                                            {"engine": job.engine, "status": "failed", "error": error.to_dict()}])
@@ -241,7 +249,18 @@ class JobRunner:
             init_image = Image.open(io.BytesIO(data))
             init_image.load()
         request = render_request(job.params, init_image)
-        result = await engine.run(request, JobProgress(self, claim), claim.cancel)
+        progress = JobProgress(self, claim)
+        work = job.provider_work or {}
+        if work.get("handles") and work.get("engine") == job.engine and isinstance(engine, Reattachable):
+            # An earlier process died after the provider accepted this job: follow that work.
+            self.bus.publish(job.id, "state", {"state": "reattached", "handles": len(work["handles"])})
+            try:
+                result = await engine.reattach(request, list(work["handles"]), progress, claim.cancel)
+            except EngineError as exc:
+                exc.at_least_charged("unknown")  # accepted work: never released, never sent again
+                raise
+        else:
+            result = await engine.run(request, progress, claim.cancel)
         if len(result.images) < request.n:
             # A remote engine answered, so what it made may be billed: no release, no fallback.
             raise EngineError(f"engine '{job.engine}' returned {len(result.images)} of {request.n} images",
@@ -334,7 +353,8 @@ class JobRunner:
             s.execute(update(Job).where(col(Job.id) == claim.job.id, col(Job.attempt) == claim.attempt)
                       .values(progress_step=step, progress_total=total))
 
-    def save_provider_request(self, claim: Claim, request_id: str) -> None:
+    def save_provider_request(self, claim: Claim, work: dict[str, Any]) -> None:
+        ids = ",".join(str(h["id"]) for h in work["handles"])
         with self.db.transaction() as s:
             s.execute(update(Job).where(col(Job.id) == claim.job.id, col(Job.attempt) == claim.attempt)
-                      .values(provider_request_id=request_id[:500]))
+                      .values(provider_request_id=ids[:500], provider_work=work))

@@ -55,7 +55,7 @@ class FakePaidEngine:
         self.calls += 1
         behaviour = req.tags.get("fake", "")
         progress.state("submitted")
-        progress.provider_request(f"fake-{self.calls}")
+        progress.provider_request(f"fake-{self.calls}", {"queue": "https://fake.test/requests"})
         if behaviour == "hang":
             await cancel.race(asyncio.sleep(3600))
         if behaviour == "slow":
@@ -81,8 +81,31 @@ class FakePaidEngine:
         return None
 
 
+class FakeQueueEngine(FakePaidEngine):
+    """fake-paid behind a provider that keeps work by id (as Replicate and fal do): a process that
+    starts after a crash can reattach. Tag `reattach=gone` makes the saved work unfindable."""
+
+    def __init__(self, ctx: EngineContext) -> None:
+        super().__init__(ctx, name="fake-queue")
+        self.reattached: list[list[dict[str, Any]]] = []
+
+    async def reattach(self, req: RenderRequest, handles: list[dict[str, Any]], progress: Progress,
+                       cancel: CancelToken) -> RenderResult:
+        self.reattached.append(handles)
+        if req.tags.get("reattach") == "gone":
+            raise EngineError("fake queue: the saved request is gone", charged="unknown")
+        images = [RenderedImage(Image.new("RGB", (req.width, req.height), (1, 2, 3)), req.seed) for _ in range(req.n)]
+        progress.step(1, 1)
+        return RenderResult(images=images, model=self.model, cost_millicredits=7_000,
+                            provider_request_id=",".join(str(h["id"]) for h in handles))
+
+
 def factory(ctx: EngineContext) -> FakePaidEngine:
     return FakePaidEngine(ctx)
+
+
+def queue_factory(ctx: EngineContext) -> FakeQueueEngine:
+    return FakeQueueEngine(ctx)
 
 
 def unpriced_factory(ctx: EngineContext) -> FakePaidEngine:

@@ -110,8 +110,10 @@ class Progress(Protocol):
 
     def state(self, state: str, **details: Any) -> None: ...
 
-    def provider_request(self, request_id: str) -> None:
-        """Called as soon as a provider has accepted work, so a crash can find it again."""
+    def provider_request(self, request_id: str, handle: Mapping[str, Any] | None = None) -> None:
+        """Called as soon as a provider has accepted work, so a crash can find it again. `handle`
+        is what `Reattachable.reattach` needs besides the id (the provider's own URLs, say); the
+        id and the handle are saved with the job, in the order they came."""
         ...
 
 
@@ -122,7 +124,7 @@ class NullProgress:
     def state(self, state: str, **details: Any) -> None:
         pass
 
-    def provider_request(self, request_id: str) -> None:
+    def provider_request(self, request_id: str, handle: Mapping[str, Any] | None = None) -> None:
         pass
 
 
@@ -213,6 +215,21 @@ class Engine(Protocol):
     async def run(self, req: RenderRequest, progress: Progress, cancel: CancelToken) -> RenderResult: ...
 
     async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class Reattachable(Protocol):
+    """An engine whose provider keeps work by id (a queue or a prediction), so a job whose process
+    died after the provider accepted it can be finished by a later process instead of being
+    written off as 'billed, result unknown'."""
+
+    async def reattach(self, req: RenderRequest, handles: list[dict[str, Any]], progress: Progress,
+                       cancel: CancelToken) -> RenderResult:
+        """Finish `req` from the work `handles` name (each `{"id": ..., **handle}` as given to
+        `Progress.provider_request`, oldest first) without sending any new paid request. Raises
+        an `EngineError` when they do not cover the whole request: whether the rest was sent is
+        unknown, so it must not be sent again."""
+        ...
 
 
 @dataclass

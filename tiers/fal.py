@@ -98,7 +98,21 @@ class FalEngine(CloudEngine):
             raise EngineError("fal: the submit answer lacks request_id or its absolute queue URLs",
                               details={"engine": self.name}, charged="unknown")
         request_id = str(request_id)
-        progress.provider_request(request_id)
+        progress.provider_request(request_id, urls)
+        return await self._follow(req, request_id, urls, deadline, progress, cancel)
+
+    async def reattach(self, req: RenderRequest, handles: list[dict[str, Any]], progress: Progress,
+                       cancel: CancelToken) -> RenderResult:
+        """One queue request holds all the job's images: follow it through the URLs fal gave."""
+        urls = {k: handles[0].get(k) for k in ("status_url", "response_url", "cancel_url")} if handles else {}
+        if len(handles) != 1 or not all(isinstance(u, str) and u.startswith("http") for u in urls.values()):
+            raise EngineError("fal: the saved request cannot be followed (no single request with its queue URLs)",
+                              details={"engine": self.name}, charged="unknown")
+        return await self._follow(req, str(handles[0]["id"]), urls, self.http.new_deadline(), progress, cancel)
+
+    async def _follow(self, req: RenderRequest, request_id: str, urls: dict[str, Any], deadline: float,
+                      progress: Progress, cancel: CancelToken) -> RenderResult:
+        """From an accepted request to its images: poll, check, fetch the result and its images."""
         try:
             completed = await self._wait(request_id, str(urls["status_url"]), deadline, progress, cancel)
         except Canceled:

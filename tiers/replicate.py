@@ -137,8 +137,45 @@ class ReplicateEngine(CloudEngine):
         if response.status_code not in (200, 201, 202):
             raise self._refused(response)
         prediction = self._json(response)
+        progress.provider_request(str(prediction["id"]))
+        return await self._settle(prediction, deadline, progress, cancel)
+
+    async def reattach(self, req: RenderRequest, handles: list[dict[str, Any]], progress: Progress,
+                       cancel: CancelToken) -> RenderResult:
+        """Each image is a prediction of its own, made one after another, so only a job whose `n`
+        predictions were all accepted can be finished: with fewer, whether the next one was sent
+        when the process died is unknown, and it must not be sent twice."""
+        if len(handles) != req.n:
+            raise EngineError(f"replicate: {len(handles)} of {req.n} predictions were accepted before the "
+                              "server stopped; the rest is not sent again",
+                              details={"engine": self.name, "predictions": [h.get("id") for h in handles]},
+                              charged="unknown")
+        base = model_input(self._model, req, "", None)  # only for the seed the model takes, if any
+        images: list[RenderedImage] = []
+        with paid_calls(images):
+            for i, handle in enumerate(handles):
+                deadline = self.http.new_deadline()
+                prediction = self._json(await self._get(str(handle["id"]), deadline, cancel))
+                prediction = await self._settle(prediction, deadline, progress, cancel)
+                seed = base["seed"] + i if "seed" in base else None
+                images.extend(RenderedImage(out.image, seed=seed) for out in await self._outputs(prediction, cancel))
+                progress.step(len(images), req.n)
+        return RenderResult(images=images, model=self._model, cost_millicredits=None,
+                            provider_request_id=",".join(str(h["id"]) for h in handles))
+
+    async def _get(self, prediction_id: str, deadline: float, cancel: CancelToken) -> httpx.Response:
+        poll = await cancel.race(self.http.request(
+            "GET", f"/v1/predictions/{prediction_id}", idempotent=True, deadline=deadline, headers=self._auth,
+        ))
+        if poll.status_code != 200:
+            raise EngineError(f"replicate: polling {prediction_id} failed (HTTP {poll.status_code}): "
+                              f"{error_text(poll)}", details={"engine": self.name}, charged="unknown")
+        return poll
+
+    async def _settle(self, prediction: dict[str, Any], deadline: float, progress: Progress,
+                      cancel: CancelToken) -> dict[str, Any]:
+        """Poll an accepted prediction until it is no longer pending; return it if it succeeded."""
         prediction_id = str(prediction["id"])
-        progress.provider_request(prediction_id)
         try:
             while prediction.get("status") in PENDING:
                 progress.state(str(prediction["status"]))
@@ -149,14 +186,7 @@ class ReplicateEngine(CloudEngine):
                         details={"engine": self.name, "prediction": prediction_id},
                     )
                 await cancel.sleep(min(self.poll_interval, remaining))
-                poll = await cancel.race(self.http.request(
-                    "GET", f"/v1/predictions/{prediction_id}", idempotent=True, deadline=deadline,
-                    headers=self._auth,
-                ))
-                if poll.status_code != 200:
-                    raise EngineError(f"replicate: polling {prediction_id} failed (HTTP {poll.status_code}): "
-                                      f"{error_text(poll)}", details={"engine": self.name})
-                prediction = self._json(poll)
+                prediction = self._json(await self._get(prediction_id, deadline, cancel))
         except Canceled:
             await self._cancel_remote(prediction_id)
             raise Canceled("the job was canceled while Replicate was working", charged="unknown") from None

@@ -18,7 +18,8 @@ from orchestrator.settings import Settings
 from tiers import tiny
 
 VENDOR_KEYS = ("GEMINI_API_KEY", "OPENAI_API_KEY", "STABILITY_API_KEY", "REPLICATE_API_TOKEN", "FAL_KEY")
-ENGINES = "fake-paid=tests.fakes:factory,fake-unpriced=tests.fakes:unpriced_factory"
+ENGINES = ("fake-paid=tests.fakes:factory,fake-unpriced=tests.fakes:unpriced_factory,"
+           "fake-queue=tests.fakes:queue_factory")
 POLICY = "credits-test"
 # The shipped policies only know the real cloud engines; this one lets the fake paid engines serve
 # bridge and polish (each test names its engine, so there is no fallback to hide a failure).
@@ -30,6 +31,11 @@ description = "Drafts on Lite; bridge and polish on the fake paid engines of tes
 name = "drafts"
 match = {{ stage = "ideation" }}
 engines = ["lite"]
+
+[[rules]]
+name = "queue"
+match = {{ stage = ["bridge", "polish"], engine = "fake-queue" }}
+engines = ["fake-queue"]
 
 [[rules]]
 name = "paid"

@@ -82,6 +82,16 @@ def services() -> Iterator[list[Service]]:
             service.stop()
 
 
+def wait_for_submitted(client: httpx.Client, job_id: str) -> None:
+    """Until the provider call is in flight. The fake engine saves its request id in the same step
+    as it publishes `submitted`, before it first yields, so the id is saved by then."""
+    with client.stream("GET", f"/v1/jobs/{job_id}/events") as stream:
+        for event in iter_sse(stream):
+            if event.event == "state" and event.data.get("state") == "submitted":
+                return
+    raise AssertionError(f"job {job_id} ended before its provider call")
+
+
 def test_kill_with_a_paid_call_in_flight(service_env: dict[str, str], tmp_path: Path,
                                          paid_settings_for: Callable[..., Settings],
                                          services: list[Service]) -> None:
@@ -94,10 +104,7 @@ def test_kill_with_a_paid_call_in_flight(service_env: dict[str, str], tmp_path: 
     services.append(Service(service_env, tmp_path, tmp_path / "first.log"))
     with httpx.Client(base_url=services[0].url, timeout=30.0) as client:
         job_id = promote_ok(client, asset_id, tags={"fake": "hang"})["id"]
-        with client.stream("GET", f"/v1/jobs/{job_id}/events") as stream:
-            for event in iter_sse(stream):  # until the provider call is in flight
-                if event.event == "state" and event.data.get("state") == "submitted":
-                    break
+        wait_for_submitted(client, job_id)
         running = client.get(f"/v1/jobs/{job_id}").json()
         assert running["status"] == "running"
         assert running["cost"]["held"] == PRICE
@@ -118,6 +125,54 @@ def test_kill_with_a_paid_call_in_flight(service_env: dict[str, str], tmp_path: 
         assert_settled_once(entries)
         balance = budget(client, project_id)
         assert (balance["held"], balance["charged"], balance["available"]) == (0, PRICE, 100 - PRICE)
+
+
+def test_kill_with_accepted_provider_work_reattaches_to_it(service_env: dict[str, str], tmp_path: Path,
+                                                           paid_settings_for: Callable[..., Settings],
+                                                           services: list[Service]) -> None:
+    """The provider had accepted the job (its request id and handle saved) when the process died:
+    the next start follows that work instead of writing it off, and charges what it cost."""
+    settings = paid_settings_for(Path(service_env["ORCH_DATA_DIR"]))
+    with serve_in_thread(settings) as base, httpx.Client(base_url=base, timeout=30.0) as client:
+        project_id, asset_id = project_with_draft(client, {"limit": 100, "period": "month"})
+
+    services.append(Service(service_env, tmp_path, tmp_path / "first.log"))
+    with httpx.Client(base_url=services[0].url, timeout=30.0) as client:
+        job_id = promote_ok(client, asset_id, engine="fake-queue", tags={"fake": "hang"})["id"]
+        wait_for_submitted(client, job_id)
+    services[0].kill()
+
+    services.append(Service(service_env, tmp_path, tmp_path / "second.log"))
+    with httpx.Client(base_url=services[1].url, timeout=30.0) as client:
+        job = wait_for_job(client, job_id)
+        assert job["status"] == "succeeded", job
+        assert job["cost"] == {"estimated": PRICE, "held": 0, "charged": 7, "cache_hit": False}
+        assert [a["status"] for a in job["attempts"]] == ["interrupted", "succeeded"]
+        assert len(job["assets"]) == 1
+        with client.stream("GET", f"/v1/jobs/{job_id}/events") as stream:
+            states = [e.data.get("state") for e in iter_sse(stream) if e.event == "state"]
+        assert "reattached" in states
+        entries = ledger(client, project_id)
+        assert kinds(entries) == {"hold": 1, "capture": 1, "release": 1}
+        assert not any(e["unreconciled"] for e in entries)
+        assert_settled_once(entries)
+
+
+def test_reattaching_to_work_the_provider_lost_is_charged_unreconciled(
+        paid_settings_for: Callable[..., Settings], tmp_path: Path) -> None:
+    # A graceful stop leaves a job whose provider call is in flight to recovery, like a crash.
+    settings = paid_settings_for(tmp_path / "data")
+    with serve_in_thread(settings) as base, httpx.Client(base_url=base, timeout=30) as client:
+        project_id, asset_id = project_with_draft(client)
+        job = promote_ok(client, asset_id, engine="fake-queue", tags={"fake": "hang", "reattach": "gone"})
+        wait_for_submitted(client, job["id"])
+    with serve_in_thread(settings) as base, httpx.Client(base_url=base, timeout=30) as client:
+        done = wait_for_job(client, job["id"])
+        assert done["status"] == "failed" and done["error"]["code"] == "engine_error", done
+        assert done["engine"] == "fake-queue"  # never sent to another engine
+        assert done["cost"]["charged"] == PRICE and done["cost"]["held"] == 0
+        entries = [e for e in ledger(client, project_id) if e["job_id"] == job["id"]]
+        assert [(e["kind"], e["unreconciled"]) for e in entries] == [("hold", False), ("capture", True)]
 
 
 def test_a_stop_before_anything_was_sent_queues_the_paid_job_again(

@@ -6,7 +6,7 @@ from __future__ import annotations
 import email
 import email.policy
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +84,7 @@ class RecordingProgress(NullProgress):
         self.steps: list[tuple[int, int]] = []
         self.states: list[str] = []
         self.request_ids: list[str] = []
+        self.handles: list[dict[str, Any]] = []  # as the runner saves them, for `reattach`
 
     def step(self, step: int, total: int, preview: Any = None) -> None:
         self.steps.append((step, total))
@@ -91,8 +92,9 @@ class RecordingProgress(NullProgress):
     def state(self, state: str, **details: Any) -> None:
         self.states.append(state)
 
-    def provider_request(self, request_id: str) -> None:
+    def provider_request(self, request_id: str, handle: Mapping[str, Any] | None = None) -> None:
         self.request_ids.append(request_id)
+        self.handles.append({**(handle or {}), "id": request_id})
 
 
 def bridge(**kw: Any) -> RenderRequest:

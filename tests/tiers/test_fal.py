@@ -298,3 +298,38 @@ async def test_a_failed_result_fetch_after_completion_is_charged(engine: FalEngi
     with pytest.raises(EngineError) as info:
         await engine.run(bridge(), NullProgress(), CancelToken())
     assert info.value.charged == "unknown"
+
+
+@respx.mock
+async def test_reattach_follows_the_saved_request_without_submitting(engine: FalEngine, output: respx.Route) -> None:
+    # What `run` saved before the process died is all a later process needs.
+    submit = respx.post(SUBMIT).mock(return_value=httpx.Response(200, json=queued()))
+    progress = RecordingProgress()
+    respx.get(STATUS).mock(side_effect=[status("IN_PROGRESS"), status("COMPLETED")])
+    respx.get(RESPONSE).mock(return_value=done())
+    await engine.run(bridge(), progress, CancelToken())
+    assert progress.handles == [{"id": "r-1", "status_url": STATUS, "response_url": RESPONSE, "cancel_url": CANCEL}]
+
+    submit.reset()
+    respx.get(STATUS).mock(side_effect=[status("IN_QUEUE"), status("COMPLETED")])
+    result = await engine.reattach(bridge(), progress.handles, RecordingProgress(), CancelToken())
+    assert submit.call_count == 0
+    assert len(result.images) == 1 and result.provider_request_id == "r-1"
+
+
+@pytest.mark.parametrize("handles", [[], [{"id": "r-1"}], [{"id": "r-1", "status_url": STATUS,
+                                                            "response_url": RESPONSE, "cancel_url": "x"}]])
+async def test_reattach_without_usable_urls_is_charged_unknown(engine: FalEngine,
+                                                               handles: list[dict[str, Any]]) -> None:
+    with pytest.raises(EngineError) as caught:
+        await engine.reattach(bridge(), handles, NullProgress(), CancelToken())
+    assert caught.value.charged == "unknown"
+
+
+@respx.mock
+async def test_reattach_to_a_failed_request_is_charged_unknown(engine: FalEngine) -> None:
+    respx.get(STATUS).mock(return_value=status("COMPLETED", error="boom", error_type="runner_error"))
+    handles = [{"id": "r-1", "status_url": STATUS, "response_url": RESPONSE, "cancel_url": CANCEL}]
+    with pytest.raises(EngineError) as caught:
+        await engine.reattach(bridge(), handles, NullProgress(), CancelToken())
+    assert caught.value.charged == "unknown"

@@ -284,3 +284,41 @@ def test_unavailable_without_key(make_ctx: Any, monkeypatch: Any) -> None:
     monkeypatch.delenv("ORCH_REPLICATE_API_KEY", raising=False)
     available, reason = ReplicateEngine(make_ctx()).availability()
     assert not available and reason and "REPLICATE_API_TOKEN" in reason
+
+
+def numbered(i: int, status: str = "succeeded") -> dict[str, Any]:
+    return {**prediction(status, output=f"https://cdn.replicate.test/p-{i}/out.png"), "id": f"p-{i}"}
+
+
+@respx.mock
+async def test_reattach_finishes_every_accepted_prediction_without_creating_any(engine: ReplicateEngine) -> None:
+    create = respx.post(CREATE)
+    respx.get(f"{BASE}/v1/predictions/p-1").mock(return_value=httpx.Response(200, json=numbered(1)))
+    respx.get(f"{BASE}/v1/predictions/p-2").mock(side_effect=[httpx.Response(200, json=numbered(2, "processing")),
+                                                              httpx.Response(200, json=numbered(2))])
+    for i in (1, 2):
+        respx.get(f"https://cdn.replicate.test/p-{i}/out.png").mock(
+            return_value=httpx.Response(200, content=png_bytes()))
+    progress = RecordingProgress()
+    result = await engine.reattach(bridge(n=2), [{"id": "p-1"}, {"id": "p-2"}], progress, CancelToken())
+    assert create.call_count == 0
+    assert len(result.images) == 2 and result.provider_request_id == "p-1,p-2"
+    assert progress.steps[-1] == (2, 2)
+
+
+@respx.mock
+async def test_reattach_with_fewer_predictions_than_images_sends_nothing(engine: ReplicateEngine) -> None:
+    # The process died between two predictions: whether the second was sent is unknown.
+    create = respx.post(CREATE)
+    with pytest.raises(EngineError) as caught:
+        await engine.reattach(bridge(n=2), [{"id": "p-1"}], NullProgress(), CancelToken())
+    assert caught.value.charged == "unknown"
+    assert create.call_count == 0
+
+
+@respx.mock
+async def test_reattach_to_a_prediction_replicate_no_longer_has(engine: ReplicateEngine) -> None:
+    respx.get(POLL).mock(return_value=httpx.Response(404, json={"detail": "Not found."}))
+    with pytest.raises(EngineError) as caught:
+        await engine.reattach(bridge(), [{"id": "p-1"}], NullProgress(), CancelToken())
+    assert caught.value.charged == "unknown"
