@@ -195,7 +195,37 @@ class StabilityEngine(CloudEngine):
             # Accepted but unnamed: the job may run and bill, and cannot be found again.
             raise EngineError("stability: the creative upscale answered without an id",
                               details={"engine": self.name}, charged="unknown")
-        progress.provider_request(job_id)
+        progress.provider_request(job_id, {"creative": True})
+        return await self._poll_creative(job_id, deadline, progress, cancel), job_id
+
+    async def reattach(self, req: RenderRequest, handles: list[dict[str, Any]], progress: Progress,
+                       cancel: CancelToken) -> RenderResult:
+        """Only creative upscales run as jobs Stability keeps by id (the other calls answer with
+        the image), one per image: all `n` must have been accepted."""
+        if len(handles) != req.n or not all(h.get("creative") for h in handles):
+            raise EngineError(f"{self.name}: only creative upscales can be followed again, and all {req.n} "
+                              f"were not accepted ({len(handles)} saved)",
+                              details={"engine": self.name}, charged="unknown")
+        images: list[RenderedImage] = []
+        finish_reasons: list[str] = []
+        with paid_calls(images):
+            for handle in handles:
+                job_id = str(handle["id"])
+                response = await self._poll_creative(job_id, self.http.new_deadline(), progress, cancel)
+                if response.status_code != 200:
+                    raise self._error(response).at_least_charged("unknown")
+                with reading_an_answer():
+                    image, seed, reason = self._result(response)
+                images.append(RenderedImage(image, seed=seed))
+                finish_reasons.append(reason)
+                progress.step(len(images), req.n)
+        return RenderResult(images=images, model=self._priced_model(req), cost_millicredits=None,
+                            provider_request_id=",".join(str(h["id"]) for h in handles),
+                            metadata={"endpoint": self._path("upscale-creative"), "finish_reasons": finish_reasons})
+
+    async def _poll_creative(self, job_id: str, deadline: float, progress: Progress,
+                             cancel: CancelToken) -> httpx.Response:
+        """Poll a creative upscale the provider accepted until it answers with its result."""
         progress.state("polling", provider_id=job_id)
         try:
             while True:
@@ -213,7 +243,7 @@ class StabilityEngine(CloudEngine):
                 if response.status_code == 404:
                     raise EngineError(f"{self.name}: creative upscale {job_id} is unknown or expired",
                                       details={"engine": self.name, "provider_id": job_id}, charged="unknown")
-                return response, job_id
+                return response
         except Canceled as exc:
             # The provider has the job and no way to stop it: it may finish and bill.
             raise Canceled(exc.message, details={"engine": self.name, "provider_id": job_id},

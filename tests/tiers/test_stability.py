@@ -345,3 +345,32 @@ def test_unavailable_without_key(make_ctx: Any, monkeypatch: Any) -> None:
     monkeypatch.delenv("ORCH_STABILITY_API_KEY", raising=False)
     available, reason = StabilityEngine(make_ctx()).availability()
     assert not available and reason and "STABILITY_API_KEY" in reason
+
+
+@respx.mock
+async def test_reattach_follows_accepted_creative_upscales(engine: StabilityEngine) -> None:
+    create = respx.post(CREATIVE).mock(return_value=httpx.Response(200, json={"id": "job-42"}))
+    respx.get(RESULT).mock(return_value=httpx.Response(202, json={"id": "job-42", "status": "in-progress"}))
+    progress = RecordingProgress()
+    with pytest.raises(EngineTimeout):  # the first process gives up (or dies) while it polls
+        engine.http.deadline_seconds = 0
+        await engine.run(polish(creativity=0.45), progress, CancelToken())
+    assert progress.handles == [{"id": "job-42", "creative": True}]
+
+    engine.http.deadline_seconds = 60
+    create.reset()
+    respx.get(RESULT).mock(side_effect=[httpx.Response(202, json={"id": "job-42", "status": "in-progress"}),
+                                        ok(seed=9)])
+    result = await engine.reattach(polish(creativity=0.45), progress.handles, RecordingProgress(), CancelToken())
+    assert create.call_count == 0
+    assert result.images[0].seed == 9 and result.provider_request_id == "job-42"
+    assert result.model == "upscale-creative"
+
+
+@pytest.mark.parametrize("handles", [[{"id": "stab-req-1"}], [], [{"id": "a", "creative": True}] * 2])
+async def test_reattach_needs_every_image_as_an_accepted_creative_upscale(
+        engine: StabilityEngine, handles: list[dict[str, Any]]) -> None:
+    # A synchronous call's request id names an answer that is gone with the process.
+    with pytest.raises(EngineError) as caught:
+        await engine.reattach(polish(creativity=0.45), handles, NullProgress(), CancelToken())
+    assert caught.value.charged == "unknown"
