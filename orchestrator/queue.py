@@ -6,8 +6,9 @@ remote engine. A claim bumps `attempt` and takes a lease that a heartbeat renews
 
 Recovery (at start-up, and by the periodic sweeper for leases that expired): a job left `running`
 by a dead process is re-queued when its engine is local (nothing was spent and the work is
-reproducible) or when a queueing provider had accepted it and the engine can reattach to that
-work (the runner then follows it instead of sending anything); otherwise a remote job is failed
+reproducible), when its remote engine costs nothing (a self-hosted server: it runs again), or
+when a queueing provider had accepted it and the engine can reattach to that work (the runner
+then follows it instead of sending anything); otherwise a remote job is failed
 with `interrupted` (the provider may have made and billed the image; it is not sent twice). No job
 stays `running` forever: one re-queued by recovery `MAX_LOCAL_STOPS` times is failed.
 """
@@ -29,10 +30,11 @@ from sqlmodel import col, select
 from orchestrator.db import Database
 from orchestrator.errors import OrchestratorError
 from orchestrator.events import EventBus
+from orchestrator.jobs import render_request
 from orchestrator.ledger import Ledger
 from orchestrator.models import Job, utcnow
 from orchestrator.runner import Claim, JobRunner
-from tiers.base import CancelToken, Reattachable
+from tiers.base import CancelToken, Engine, Reattachable
 from tiers.registry import EngineRegistry
 
 log = logging.getLogger(__name__)
@@ -317,17 +319,20 @@ class Scheduler:
         work = job.provider_work or {}
         reattach = (not local and isinstance(engine, Reattachable) and bool(work.get("handles"))
                     and work.get("engine") == job.engine)
+        # A remote engine that costs nothing (a self-hosted ComfyUI or AUTOMATIC1111): running the
+        # job again spends only the server's time, so it is done rather than failed.
+        free = not local and not reattach and engine is not None and _costs_nothing(engine, job)
         # Each recovery is recorded in the job's attempts: a job the process keeps dying under (out
         # of memory at 2048 px and n=16, say) is not started into a crash loop.
         stops = 1 + sum(1 for a in job.attempts or [] if a.get("status") == "interrupted")
         values: dict[str, Any]
-        if (local or reattach) and stops < MAX_LOCAL_STOPS:
+        if (local or reattach or free) and stops < MAX_LOCAL_STOPS:
             values = {"status": "queued", "lease_owner": None, "lease_expires_at": None,
-                      "progress_step": 0,
+                      "progress_step": 0, "provider_work": job.provider_work if reattach else None,
                       "attempts": [*(job.attempts or []), {"engine": job.engine, "status": "interrupted",
                                                            "error": None}]}
-            outcome = "requeued" if local else "reattaching"
-        elif local:
+            outcome = "reattaching" if reattach else "requeued"
+        elif local or free:
             error = Interrupted(
                 f"the server stopped {stops} times while this job was running on '{job.engine}'; "
                 "it is not started again (try fewer or smaller images)",
@@ -359,6 +364,16 @@ class Scheduler:
                 self.ledger.release(s, job, note="given up after repeated interruptions")
         log.warning("recovered job %s (%s): %s", job.id, job.engine, outcome)
         return outcome
+
+
+def _costs_nothing(engine: Engine, job: Job) -> bool:
+    """Whether the job was priced at 0 and its engine still prices it so (a self-hosted server)."""
+    if job.estimated != 0:
+        return False
+    try:
+        return engine.estimate(render_request(job.params)) == 0
+    except Exception:  # an engine that cannot price the job now is not known to be free
+        return False
 
 
 def _alive(owner: str | None, *, other_hosts: bool) -> bool:

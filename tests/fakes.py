@@ -108,6 +108,13 @@ def queue_factory(ctx: EngineContext) -> FakeQueueEngine:
     return FakeQueueEngine(ctx)
 
 
+def free_factory(ctx: EngineContext) -> FakePaidEngine:
+    """A remote engine that costs nothing, as a self-hosted ComfyUI or AUTOMATIC1111 does."""
+    engine = FakePaidEngine(ctx, name="fake-free")
+    engine._prices = PriceTable("fake-free", {"fake-1": {"image": 0}}, "2026-11")
+    return engine
+
+
 def unpriced_factory(ctx: EngineContext) -> FakePaidEngine:
     engine = FakePaidEngine(ctx, name="fake-unpriced")
     engine._prices = PriceTable("fake-unpriced", {}, "2026-11")

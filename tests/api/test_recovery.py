@@ -135,6 +135,36 @@ def test_a_local_job_the_server_keeps_dying_under_is_given_up(
     assert [a["status"] for a in again["attempts"]] == ["interrupted", "interrupted", "succeeded"]
 
 
+def test_a_job_on_a_free_remote_engine_runs_again_after_a_crash(
+        make_settings: SettingsFactory, start_server: Callable[[Settings], httpx.Client]) -> None:
+    """A self-hosted server bills nothing, so a job it was running when the process died is run
+    again instead of being failed; the same row on a priced engine is failed (see above)."""
+    settings = make_settings(engines="fake-free=tests.fakes:free_factory,fake-paid=tests.fakes:factory")
+    settings.data_dir.mkdir(parents=True)
+    db = Database(settings.resolved_database_url)
+    db.migrate()
+    project_id, free_id, paid_id = new_id("prj"), new_id("job"), new_id("job")
+    params = {"stage": "bridge", "prompt": "a lighthouse", "negative_prompt": "", "n": 1, "seed": 5,
+              "width": 64, "height": 64, "tags": {}}
+    with db.transaction() as s:
+        s.add(Project(id=project_id, name="self-hosted", policy="balanced"))
+        s.flush()
+        for job_id, engine, estimated in ((free_id, "fake-free", 0), (paid_id, "fake-paid", 10_000)):
+            s.add(Job(id=job_id, project_id=project_id, stage="bridge", engine=engine, model="fake-1",
+                      params=params, estimated=estimated, provider_request_id="fake-1",
+                      provider_work={"engine": engine, "handles": [{"id": "fake-1"}]},
+                      status="running", attempt=1, lease_owner="dead-host:1:0", started_at=utcnow()))
+    db.dispose()
+
+    client = start_server(settings)
+    again = wait_for_job(client, free_id)
+    assert again["status"] == "succeeded", again
+    assert [a["status"] for a in again["attempts"]] == ["interrupted", "succeeded"]
+    assert len(again["assets"]) == 1
+    paid = client.get(f"/v1/jobs/{paid_id}").json()
+    assert (paid["status"], paid["error"]["code"]) == ("failed", "interrupted")
+
+
 def test_graceful_stop_leaves_the_job_for_recovery_not_canceled(make_settings: SettingsFactory) -> None:
     """Stopping the service interrupts a running draft; it is not a user's cancel, so the next
     start re-queues it and it finishes."""
