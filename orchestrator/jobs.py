@@ -287,7 +287,7 @@ class JobService:
                 # Claimed after our read (PostgreSQL's READ COMMITTED allows it): the job runs, so
                 # its hold stays and the caller cancels it as a running job.
                 return False
-            self.ledger.release(s, job, note="canceled before it started")
+            self.ledger.settle_unstarted(s, job, note="canceled before it started")
         self.bus.publish(job_id, "canceled", {"job_id": job_id, "status": "canceled"})
         return True
 

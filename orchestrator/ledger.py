@@ -206,6 +206,15 @@ class Ledger:
                           hold_id=hold.id, engine=job.engine, stage=job.stage, note=note, created_at=self.clock()))
         return hold.amount
 
+    def settle_unstarted(self, s: Session, job: Job, note: str) -> None:
+        """A queued job ends before it runs: release its hold, unless a provider already accepted
+        work for it (a job waiting to be reattached after a crash), which runs and bills on; then
+        the estimate is captured for reconciliation."""
+        if (job.provider_work or {}).get("handles"):
+            self.capture(s, job, None, unreconciled=True, note=f"{note}; the provider had accepted its work")
+        else:
+            self.release(s, job, note=note)
+
     def settle_failure(self, s: Session, job: Job, error: OrchestratorError) -> None:
         """Release when the provider surely charged nothing; otherwise capture the estimate, marked
         unreconciled when nobody knows whether it charged."""

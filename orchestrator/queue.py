@@ -33,8 +33,8 @@ from orchestrator.events import EventBus
 from orchestrator.jobs import render_request
 from orchestrator.ledger import Ledger
 from orchestrator.models import Job, utcnow
-from orchestrator.runner import Claim, JobRunner
-from tiers.base import CancelToken, Engine, Reattachable
+from orchestrator.runner import Claim, JobRunner, reattachable
+from tiers.base import CancelToken, Engine
 from tiers.registry import EngineRegistry
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ class Scheduler:
             if claim.cancel.cancelled:
                 continue  # a user's cancel, already on its way: it ends as canceled, not interrupted
             claim.shutdown = True
-            claim.cancel.cancel()
+            claim.cancel.cancel(abandon=True)  # provider work is followed again after the restart
         running = [task for task, _ in self._running.values()]
         if running:
             await asyncio.wait(running, timeout=10)
@@ -210,7 +210,7 @@ class Scheduler:
                 status="failed", finished_at=utcnow(), error=error))
             if _rowcount(result) != 1:
                 return
-            self.ledger.release(s, job, note="engine not installed; nothing was sent")
+            self.ledger.settle_unstarted(s, job, note="engine not installed")
         self.bus.publish(job.id, "failed", {"job_id": job.id, "status": "failed", "error": error})
 
     async def _run(self, claim: Claim, lane: str) -> None:
@@ -240,7 +240,10 @@ class Scheduler:
             await asyncio.sleep(self.lease.total_seconds() / 3)
             claims = [claim for _, claim in self._running.values()]
             if claims:
-                await asyncio.to_thread(self._renew, claims)
+                try:
+                    await asyncio.to_thread(self._renew, claims)
+                except Exception:  # one busy database must not end renewal: every lease would run out
+                    log.exception("lease renewal failed; trying again at the next beat")
 
     def _renew(self, claims: list[Claim]) -> None:
         expires = utcnow() + self.lease
@@ -251,17 +254,20 @@ class Scheduler:
                                                      col(Job.status) == "running").values(lease_expires_at=expires))
                 if _rowcount(result) != 1:
                     lost.append((claim, s.get(Job, claim.job.id)))
-        # The row no longer waits for this attempt (canceled through another process, or queued again
-        # after its lease ran out): whatever it finishes changes nothing, so stop spending the device.
+        # The row no longer waits for this attempt (canceled through another process, failed or
+        # queued again by another's recovery after the lease ran out): whatever it finishes changes
+        # nothing, so stop spending the device. Cancelling an attempt that just finished by itself
+        # changes nothing either.
         for claim, row in lost:
             if claim.cancel.cancelled:
                 continue  # already stopping: a cancel through this process
-            if row is not None and row.attempt == claim.attempt and row.status in ("succeeded", "failed"):
+            canceled = row is not None and row.status == "canceled"
+            if row is not None and row.attempt == claim.attempt and _finished_by_its_worker(row):
                 continue  # finished by this very attempt since the heartbeat listed it
             log.warning("job %s is %s elsewhere; stopping this worker's attempt %d", claim.job.id,
-                        "canceled" if row is not None and row.status == "canceled" else "taken over",
-                        claim.attempt)
-            claim.cancel.cancel()
+                        "canceled" if canceled else "taken over", claim.attempt)
+            # Taken over: the new holder follows the provider work, which must be left running.
+            claim.cancel.cancel(abandon=not canceled)
 
     async def _sweep_loop(self) -> None:
         while not self._stopping:
@@ -316,9 +322,7 @@ class Scheduler:
         local = engine is not None and engine.kind == "local"
         # Work a queueing provider accepted is followed again rather than written off (the runner
         # reattaches instead of sending): the hold stays until that work's outcome is known.
-        work = job.provider_work or {}
-        reattach = (not local and isinstance(engine, Reattachable) and bool(work.get("handles"))
-                    and work.get("engine") == job.engine)
+        reattach = not local and reattachable(engine, job)
         # A remote engine that costs nothing (a self-hosted ComfyUI or AUTOMATIC1111): running the
         # job again spends only the server's time, so it is done rather than failed.
         free = not local and not reattach and engine is not None and _costs_nothing(engine, job)
@@ -328,10 +332,12 @@ class Scheduler:
         values: dict[str, Any]
         if (local or reattach or free) and stops < MAX_LOCAL_STOPS:
             values = {"status": "queued", "lease_owner": None, "lease_expires_at": None,
-                      "progress_step": 0, "provider_work": job.provider_work if reattach else None,
+                      "progress_step": 0,
                       "attempts": [*(job.attempts or []), {"engine": job.engine, "status": "interrupted",
                                                            "error": None}]}
             outcome = "reattaching" if reattach else "requeued"
+            if not reattach:
+                values["provider_work"] = None  # run afresh (a free engine's earlier work is not followed)
         elif local or free:
             error = Interrupted(
                 f"the server stopped {stops} times while this job was running on '{job.engine}'; "
@@ -364,6 +370,12 @@ class Scheduler:
                 self.ledger.release(s, job, note="given up after repeated interruptions")
         log.warning("recovered job %s (%s): %s", job.id, job.engine, outcome)
         return outcome
+
+
+def _finished_by_its_worker(job: Job) -> bool:
+    """Succeeded or failed by the runner, not failed by another process's recovery (which fails a
+    job `interrupted` without a new attempt)."""
+    return job.status == "succeeded" or (job.status == "failed" and (job.error or {}).get("code") != "interrupted")
 
 
 def _costs_nothing(engine: Engine, job: Job) -> bool:

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 from PIL import Image
 from sqlalchemy import update
@@ -91,6 +91,15 @@ class JobProgress:
             self._handles.append({**(handle or {}), "id": request_id})
             work = {"engine": self.claim.job.engine, "handles": list(self._handles)}
         self.runner.save_provider_request(self.claim, work)
+
+
+def reattachable(engine: object, job: Job) -> TypeGuard[Reattachable]:
+    """Whether `engine` can finish `job` from the provider work an earlier attempt saved."""
+    work = job.provider_work or {}
+    handles = work.get("handles") or []
+    request = render_request(job.params)
+    return (work.get("engine") == job.engine and isinstance(engine, Reattachable) and bool(handles)
+            and engine.can_reattach(handles, request))
 
 
 class JobRunner:
@@ -223,7 +232,7 @@ class JobRunner:
     def _requeue_unsent(self, claim: Claim) -> None:
         with self.db.transaction() as s:
             self._guarded_update(s, claim, status="queued", lease_owner=None, lease_expires_at=None,
-                                 progress_step=0, progress_total=0)
+                                 progress_step=0, progress_total=0, provider_work=None)
 
     def _requeue_on(self, claim: Claim, error: EngineError, engine: str, model: str, estimate: int) -> None:
         job = claim.job
@@ -251,7 +260,7 @@ class JobRunner:
         request = render_request(job.params, init_image)
         progress = JobProgress(self, claim)
         work = job.provider_work or {}
-        if work.get("handles") and work.get("engine") == job.engine and isinstance(engine, Reattachable):
+        if reattachable(engine, job):
             # An earlier process died after the provider accepted this job: follow that work.
             self.bus.publish(job.id, "state", {"state": "reattached", "handles": len(work["handles"])})
             try:
@@ -259,6 +268,11 @@ class JobRunner:
             except EngineError as exc:
                 exc.at_least_charged("unknown")  # accepted work: never released, never sent again
                 raise
+        elif work.get("handles") and work.get("engine") == job.engine:
+            # Recovery re-queues only work that can be followed; should any other reach here, the
+            # provider has it already and it must not be sent a second time.
+            raise EngineError(f"engine '{job.engine}' had accepted this job before an interruption and its "
+                              "work cannot be followed; it is not sent again", charged="unknown")
         else:
             result = await engine.run(request, progress, claim.cancel)
         if len(result.images) < request.n:
@@ -356,5 +370,6 @@ class JobRunner:
     def save_provider_request(self, claim: Claim, work: dict[str, Any]) -> None:
         ids = ",".join(str(h["id"]) for h in work["handles"])
         with self.db.transaction() as s:
-            s.execute(update(Job).where(col(Job.id) == claim.job.id, col(Job.attempt) == claim.attempt)
+            s.execute(update(Job).where(col(Job.id) == claim.job.id, col(Job.attempt) == claim.attempt,
+                                        col(Job.status) == "running")
                       .values(provider_request_id=ids[:500], provider_work=work))

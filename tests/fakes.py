@@ -89,6 +89,9 @@ class FakeQueueEngine(FakePaidEngine):
         super().__init__(ctx, name="fake-queue")
         self.reattached: list[list[dict[str, Any]]] = []
 
+    def can_reattach(self, handles: list[dict[str, Any]], req: RenderRequest) -> bool:
+        return len(handles) == 1
+
     async def reattach(self, req: RenderRequest, handles: list[dict[str, Any]], progress: Progress,
                        cancel: CancelToken) -> RenderResult:
         self.reattached.append(handles)

@@ -136,13 +136,18 @@ class CancelToken:
         self._flag = threading.Event()
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
         self._lock = threading.Lock()
+        self.abandoned = False
 
     @property
     def cancelled(self) -> bool:
         return self._flag.is_set()
 
-    def cancel(self) -> None:
+    def cancel(self, *, abandon: bool = False) -> None:
+        """Stop the job. `abandon`: this process lets go of it (a shutdown, or another process
+        took it over) and someone will follow its provider work again, so an engine must leave
+        that work running rather than cancel it at the provider as it does for a user's cancel."""
         with self._lock:
+            self.abandoned = self.abandoned or abandon
             self._flag.set()
             waiters = list(self._waiters)
         for loop, event in waiters:
@@ -222,6 +227,10 @@ class Reattachable(Protocol):
     """An engine whose provider keeps work by id (a queue or a prediction), so a job whose process
     died after the provider accepted it can be finished by a later process instead of being
     written off as 'billed, result unknown'."""
+
+    def can_reattach(self, handles: list[dict[str, Any]], req: RenderRequest) -> bool:
+        """Whether `handles` cover all of `req`, so that `reattach` can finish it."""
+        ...
 
     async def reattach(self, req: RenderRequest, handles: list[dict[str, Any]], progress: Progress,
                        cancel: CancelToken) -> RenderResult:

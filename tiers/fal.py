@@ -101,13 +101,17 @@ class FalEngine(CloudEngine):
         progress.provider_request(request_id, urls)
         return await self._follow(req, request_id, urls, deadline, progress, cancel)
 
+    def can_reattach(self, handles: list[dict[str, Any]], req: RenderRequest) -> bool:
+        """One queue request holds all the job's images, followed through the URLs fal gave."""
+        return len(handles) == 1 and all(isinstance(handles[0].get(k), str) and str(handles[0][k]).startswith("http")
+                                         for k in ("status_url", "response_url", "cancel_url"))
+
     async def reattach(self, req: RenderRequest, handles: list[dict[str, Any]], progress: Progress,
                        cancel: CancelToken) -> RenderResult:
-        """One queue request holds all the job's images: follow it through the URLs fal gave."""
-        urls = {k: handles[0].get(k) for k in ("status_url", "response_url", "cancel_url")} if handles else {}
-        if len(handles) != 1 or not all(isinstance(u, str) and u.startswith("http") for u in urls.values()):
+        if not self.can_reattach(handles, req):
             raise EngineError("fal: the saved request cannot be followed (no single request with its queue URLs)",
                               details={"engine": self.name}, charged="unknown")
+        urls = {k: handles[0][k] for k in ("status_url", "response_url", "cancel_url")}
         return await self._follow(req, str(handles[0]["id"]), urls, self.http.new_deadline(), progress, cancel)
 
     async def _follow(self, req: RenderRequest, request_id: str, urls: dict[str, Any], deadline: float,
@@ -116,7 +120,8 @@ class FalEngine(CloudEngine):
         try:
             completed = await self._wait(request_id, str(urls["status_url"]), deadline, progress, cancel)
         except Canceled:
-            await self._cancel_remote(str(urls["cancel_url"]))
+            if not cancel.abandoned:  # abandoned: another process follows the request on
+                await self._cancel_remote(str(urls["cancel_url"]))
             raise Canceled("the job was canceled while fal was working", charged="unknown") from None
         except EngineError as exc:
             # We stop following a request that may still run and bill: stop it too.

@@ -140,12 +140,15 @@ class ReplicateEngine(CloudEngine):
         progress.provider_request(str(prediction["id"]))
         return await self._settle(prediction, deadline, progress, cancel)
 
-    async def reattach(self, req: RenderRequest, handles: list[dict[str, Any]], progress: Progress,
-                       cancel: CancelToken) -> RenderResult:
+    def can_reattach(self, handles: list[dict[str, Any]], req: RenderRequest) -> bool:
         """Each image is a prediction of its own, made one after another, so only a job whose `n`
         predictions were all accepted can be finished: with fewer, whether the next one was sent
         when the process died is unknown, and it must not be sent twice."""
-        if len(handles) != req.n:
+        return len(handles) == req.n
+
+    async def reattach(self, req: RenderRequest, handles: list[dict[str, Any]], progress: Progress,
+                       cancel: CancelToken) -> RenderResult:
+        if not self.can_reattach(handles, req):
             raise EngineError(f"replicate: {len(handles)} of {req.n} predictions were accepted before the "
                               "server stopped; the rest is not sent again",
                               details={"engine": self.name, "predictions": [h.get("id") for h in handles]},
@@ -188,7 +191,8 @@ class ReplicateEngine(CloudEngine):
                 await cancel.sleep(min(self.poll_interval, remaining))
                 prediction = self._json(await self._get(prediction_id, deadline, cancel))
         except Canceled:
-            await self._cancel_remote(prediction_id)
+            if not cancel.abandoned:  # abandoned: another process follows the prediction on
+                await self._cancel_remote(prediction_id)
             raise Canceled("the job was canceled while Replicate was working", charged="unknown") from None
         except EngineError as exc:
             # We stop following a prediction that may still run and bill: stop it too.

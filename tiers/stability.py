@@ -198,11 +198,14 @@ class StabilityEngine(CloudEngine):
         progress.provider_request(job_id, {"creative": True})
         return await self._poll_creative(job_id, deadline, progress, cancel), job_id
 
-    async def reattach(self, req: RenderRequest, handles: list[dict[str, Any]], progress: Progress,
-                       cancel: CancelToken) -> RenderResult:
+    def can_reattach(self, handles: list[dict[str, Any]], req: RenderRequest) -> bool:
         """Only creative upscales run as jobs Stability keeps by id (the other calls answer with
         the image), one per image: all `n` must have been accepted."""
-        if len(handles) != req.n or not all(h.get("creative") for h in handles):
+        return len(handles) == req.n and all(h.get("creative") for h in handles)
+
+    async def reattach(self, req: RenderRequest, handles: list[dict[str, Any]], progress: Progress,
+                       cancel: CancelToken) -> RenderResult:
+        if not self.can_reattach(handles, req):
             raise EngineError(f"{self.name}: only creative upscales can be followed again, and all {req.n} "
                               f"were not accepted ({len(handles)} saved)",
                               details={"engine": self.name}, charged="unknown")

@@ -9,6 +9,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from sqlalchemy import update
 from sqlalchemy.exc import OperationalError
 from sqlmodel import col, select
 
@@ -240,7 +241,7 @@ def test_the_heartbeat_stops_an_attempt_canceled_through_another_process(
     [(claim, _lane)] = services.scheduler._claim_ready({})
     services.jobs.cancel_orphan(jobs[0])  # what the other process's API does
     services.scheduler._renew([claim])
-    assert claim.cancel.cancelled
+    assert claim.cancel.cancelled and not claim.cancel.abandoned  # a user's cancel: stop the provider too
     assert f"job {jobs[0]} is canceled elsewhere" in caplog.text
 
     # An attempt that finished by itself, or is being canceled here, is left alone and not reported.
@@ -251,3 +252,16 @@ def test_the_heartbeat_stops_an_attempt_canceled_through_another_process(
     services.scheduler._renew([done])
     assert not done.cancel.cancelled
     assert "elsewhere" not in caplog.text
+
+
+def test_the_heartbeat_lets_go_of_an_attempt_another_process_recovered(services: Services) -> None:
+    # The lease ran out while this process was still working (a stalled event loop); another
+    # process's recovery failed the job 'interrupted' without a new attempt. This attempt must stop
+    # and leave any provider work running for whoever follows it.
+    [job_id] = queued_drafts(services, 1)
+    [(claim, _lane)] = services.scheduler._claim_ready({})
+    error = {"code": "interrupted", "message": "the server stopped", "details": {}}
+    with services.db.transaction() as s:
+        s.execute(update(Job).where(col(Job.id) == job_id).values(status="failed", error=error))
+    services.scheduler._renew([claim])
+    assert claim.cancel.cancelled and claim.cancel.abandoned

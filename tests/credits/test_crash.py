@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -12,8 +13,12 @@ from typing import IO
 
 import httpx
 import pytest
+from sqlmodel import select
 
+from orchestrator.ids import new_id
+from orchestrator.models import Job, LedgerEntry, Project
 from orchestrator.server import serve_in_thread
+from orchestrator.services import Services
 from orchestrator.settings import Settings
 from tests.api import launch_server
 from tests.credits import (
@@ -204,3 +209,30 @@ def test_a_cancel_just_before_a_stop_stays_a_cancel(paid_settings_for: Callable[
         assert client.post(f"/v1/jobs/{job['id']}/cancel").status_code == 202
     with serve_in_thread(settings) as base, httpx.Client(base_url=base, timeout=30) as client:
         assert wait_for_job(client, job["id"])["status"] == "canceled"
+
+
+def test_canceling_a_job_waiting_to_reattach_charges_its_accepted_work(
+        paid_settings_for: Callable[..., Settings], tmp_path: Path) -> None:
+    """Queued again by recovery to follow work the provider accepted, the job is canceled before it
+    runs: that work runs and bills on, so the hold is captured for reconciliation, not released."""
+    services = Services.build(paid_settings_for(tmp_path / "data"))
+    try:
+        with services.db.transaction() as s:
+            project = Project(id=new_id("prj"), name="reattach", policy=POLICY)
+            s.add(project)
+            s.flush()
+            jobs = [Job(id=new_id("job"), project_id=project.id, stage="bridge", engine="fake-queue", model="fake-1",
+                        params={"stage": "bridge", "prompt": "x", "n": 1}, estimated=10_000, status="queued",
+                        provider_work=work) for work in ({"engine": "fake-queue", "handles": [{"id": "q-1"}]}, None)]
+            s.add_all(jobs)
+            s.flush()
+            for job in jobs:
+                services.ledger.hold(s, project, job, 10_000)
+        for job in jobs:
+            assert services.jobs.cancel_queued(job.id)
+        with services.db.session() as s:
+            settled = {e.job_id: (e.kind, e.unreconciled) for e in s.exec(select(LedgerEntry)).all()
+                       if e.kind != "hold"}
+        assert settled == {jobs[0].id: ("capture", True), jobs[1].id: ("release", False)}
+    finally:
+        asyncio.run(services.aclose())

@@ -230,12 +230,14 @@ async def test_validation_error_is_not_retried(engine: FalEngine, status_code: i
 
 
 @respx.mock
-async def test_cancel_during_polling_cancels_the_request(engine: FalEngine) -> None:
+@pytest.mark.parametrize("abandon", [False, True], ids=["user-cancel", "shutdown"])
+async def test_cancel_during_polling_cancels_the_request(engine: FalEngine, abandon: bool) -> None:
+    # A shutdown (or a takeover) leaves the request running for the process that reattaches.
     token = CancelToken()
     _, poll, result = happy_queue()
 
     def in_progress(request: httpx.Request) -> httpx.Response:
-        token.cancel()
+        token.cancel(abandon=abandon)
         return status("IN_PROGRESS")
 
     poll.mock(side_effect=in_progress)
@@ -243,8 +245,10 @@ async def test_cancel_during_polling_cancels_the_request(engine: FalEngine) -> N
         return_value=httpx.Response(202, json={"status": "CANCELLATION_REQUESTED"}))
     with pytest.raises(Canceled) as info:
         await engine.run(bridge(), NullProgress(), token)
-    assert cancel.call_count == 1 and info.value.charged == "unknown"
-    assert cancel.calls.last.request.headers["authorization"] == "Key f-secret"
+    assert info.value.charged == "unknown"
+    assert cancel.call_count == (0 if abandon else 1)
+    if not abandon:
+        assert cancel.calls.last.request.headers["authorization"] == "Key f-secret"
     assert result.call_count == 0
 
 

@@ -213,20 +213,25 @@ async def test_bad_request_is_not_retried(engine: ReplicateEngine, status: int) 
 
 
 @respx.mock
-async def test_cancel_during_polling_cancels_the_prediction(engine: ReplicateEngine) -> None:
+@pytest.mark.parametrize("abandon", [False, True], ids=["user-cancel", "shutdown"])
+async def test_cancel_during_polling_cancels_the_prediction(engine: ReplicateEngine, abandon: bool) -> None:
+    # A user's cancel stops the prediction; a shutdown (or a takeover) leaves it running for the
+    # process that reattaches to it.
     token = CancelToken()
     respx.post(CREATE).mock(return_value=httpx.Response(201, json=prediction("starting")))
 
     def poll(request: httpx.Request) -> httpx.Response:
-        token.cancel()
+        token.cancel(abandon=abandon)
         return httpx.Response(200, json=prediction("processing"))
 
     respx.get(POLL).mock(side_effect=poll)
     cancel = respx.post(CANCEL).mock(return_value=httpx.Response(200, json=prediction("canceled")))
     with pytest.raises(Canceled) as info:
         await engine.run(bridge(), NullProgress(), token)
-    assert cancel.call_count == 1 and info.value.charged == "unknown"
-    assert cancel.calls.last.request.headers["authorization"] == "Bearer r-secret"
+    assert info.value.charged == "unknown"
+    assert cancel.call_count == (0 if abandon else 1)
+    if not abandon:
+        assert cancel.calls.last.request.headers["authorization"] == "Bearer r-secret"
 
 
 @respx.mock

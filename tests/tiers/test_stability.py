@@ -374,3 +374,19 @@ async def test_reattach_needs_every_image_as_an_accepted_creative_upscale(
     with pytest.raises(EngineError) as caught:
         await engine.reattach(polish(creativity=0.45), handles, NullProgress(), CancelToken())
     assert caught.value.charged == "unknown"
+
+
+def test_recovery_follows_only_saved_creative_upscales(engine: StabilityEngine) -> None:
+    from orchestrator.models import Job
+    from orchestrator.runner import reattachable
+
+    params = {"stage": "polish", "prompt": "x", "n": 1, "scale": 2.0, "creativity": 0.45}
+
+    def job(handles: list[dict[str, Any]], engine_name: str = "stability") -> Job:
+        return Job(id="job_x", project_id="prj_x", stage="polish", engine="stability", params=params,
+                   provider_work={"engine": engine_name, "handles": handles})
+
+    assert reattachable(engine, job([{"id": "job-42", "creative": True}]))
+    assert not reattachable(engine, job([{"id": "stab-req-1"}]))  # a synchronous call's answer is gone
+    assert not reattachable(engine, job([{"id": "job-42", "creative": True}], engine_name="replicate"))
+    assert not reattachable(engine, job([]))
