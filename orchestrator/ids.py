@@ -16,6 +16,8 @@ _last = (0, 0)
 ID_RE = re.compile(r"^[a-z]{3}_[0-9a-hjkmnp-tv-z]{26}$")
 _ID_CURSOR = re.compile(r"[A-Za-z0-9_]{1,64}")
 _INT_CURSOR = re.compile(r"[0-9]{1,18}")  # ASCII digits only, and always within SQL's BIGINT
+# The ledger's ids are SQL INTEGERs: PostgreSQL refuses a larger number outright (a 500, not a miss).
+MAX_INT_ID = 2**31 - 1
 
 
 def _b32(value: int, length: int) -> str:
@@ -58,4 +60,4 @@ def int_cursor(cursor: str | None) -> int | None:
         return None
     if not _INT_CURSOR.fullmatch(cursor):
         raise _malformed(cursor)
-    return int(cursor)
+    return min(int(cursor), MAX_INT_ID)  # past every id: an empty page

@@ -16,7 +16,7 @@ from orchestrator import idempotency
 from orchestrator.api.deps import CallerDep, IdempotencyKey, ServicesDep
 from orchestrator.api.errors import documented
 from orchestrator.errors import InvalidRequest, NotFound
-from orchestrator.ids import int_cursor
+from orchestrator.ids import MAX_INT_ID, int_cursor
 from orchestrator.models import LedgerEntry, Project
 from orchestrator.schemas import MAX_CREDITS, NoBool, Page, Strict, Thousandths
 from orchestrator.spend import GroupBy, savings, spend, to_csv
@@ -147,7 +147,7 @@ def reconcile(project_id: str, entry_id: str, body: Reconcile, services: Service
     capture is reconciled once; again is 409."""
     caller.project(project_id)
     caller.admin("reconciling the ledger")
-    if not _ENTRY_ID.fullmatch(entry_id):
+    if not _ENTRY_ID.fullmatch(entry_id) or int(entry_id) > MAX_INT_ID:
         raise NotFound(f"ledger entry '{entry_id}' not found", details={"entry_id": entry_id})
     with services.db.transaction() as s:
         services.ledger.lock_project(s, project_id)
@@ -156,7 +156,7 @@ def reconcile(project_id: str, entry_id: str, body: Reconcile, services: Service
         return _entry(adjustment)
 
 
-_ENTRY_ID = re.compile(r"[1-9][0-9]{0,17}")  # what a BIGINT holds, without leading zeros
+_ENTRY_ID = re.compile(r"[1-9][0-9]{0,9}")  # digits without leading zeros, at most MAX_INT_ID
 
 
 def _rfc3339(value: Any) -> Any:

@@ -203,3 +203,14 @@ def test_migrations_run_on_postgres(postgres_url: str) -> None:
     finally:
         engine.dispose()
     assert {"projects", "jobs", "assets", "idempotency_keys", "ledger_entries", "alembic_version"} <= tables
+
+
+def test_ledger_ids_beyond_an_integer_are_misses_on_postgres(pg_api: httpx.Client) -> None:
+    # PostgreSQL refuses to compare an INTEGER column with a larger number: that was a 500.
+    project = create_project(pg_api, "big ids")["id"]
+    for entry in ("2147483648", "99999999999"):
+        response = pg_api.post(f"/v1/projects/{project}/ledger/{entry}/reconcile", json={"charged": 1})
+        assert response.status_code == 404, response.text
+    page = pg_api.get(f"/v1/projects/{project}/ledger", params={"cursor": "999999999999999999"})
+    assert page.status_code == 200, page.text
+    assert page.json() == {"items": [], "next_cursor": None}
