@@ -42,7 +42,7 @@ def spend(s: Session, group_by: GroupBy, start: datetime | None, end: datetime |
         group["charged"] += entry.amount
         if entry.unreconciled:
             group["unreconciled"] += entry.amount
-        if entry.job_id:
+        if entry.job_id and entry.kind == "capture":  # an adjustment made later is not another job
             jobs_seen.setdefault(key, set()).add(entry.job_id)
     images = _images_per_job(s, {j for js in jobs_seen.values() for j in js})
     out = []

@@ -7,11 +7,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from sqlmodel import col, select
 
 from orchestrator.db import Database
 from orchestrator.errors import BudgetExceeded
 from orchestrator.ledger import Balance, Ledger, window
-from orchestrator.models import Job, Project
+from orchestrator.models import Job, LedgerEntry, Project
+from orchestrator.spend import spend
 
 
 def utc(*args: int) -> datetime:
@@ -177,3 +179,25 @@ def test_used_fraction(limit: int | None, granted: int, spent: int, used: float 
     balance = Balance(limit=limit, period="month", window_start=None, window_end=None, charged=spent, held=0,
                       granted=granted)
     assert balance.used_fraction == used
+
+
+def test_a_reconciliation_on_a_later_day_counts_money_there_but_not_the_job_again(db: Database) -> None:
+    clock = [utc(2026, 11, 2, 10)]
+    ledger = Ledger(clock=lambda: clock[0])
+    project = add_project(db, None, "none")
+    job = Job(id="job_late", project_id=project.id, stage="bridge", engine="fake-paid", params={}, estimated=10_000)
+    with db.transaction() as s:
+        s.add(job)
+        s.flush()
+        ledger.hold(s, project, job, 10_000)
+        ledger.capture(s, job, None, unreconciled=True)
+    clock[0] = utc(2026, 11, 5, 9)
+    with db.transaction() as s:
+        capture = next(e for e in s.exec(select(LedgerEntry).where(col(LedgerEntry.kind) == "capture")).all())
+        assert capture.id is not None
+        ledger.reconcile(s, project.id, capture.id, 4_000, None)
+    with db.session() as s:
+        report = spend(s, "day", None, None, None)
+    assert [(g["key"], g["charged"], g["unreconciled"], g["jobs"]) for g in report["groups"]] == [
+        ("2026-11-02", 10, 0, 1), ("2026-11-05", -6, 0, 0)]
+    assert report["total"] == 4
