@@ -56,6 +56,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await services.aclose()
 
     app = FastAPI(
+        # Starlette's trailing-slash redirect answers before any auth: '/v1/projects/' would tell
+        # a caller without a key that '/v1/projects' exists.
+        redirect_slashes=False,
         title="Tiered image-rendering orchestrator",
         version=__version__,
         description="Ideation on a local Lite model, bridge and polish on high-fidelity engines, "

@@ -63,3 +63,10 @@ def find(db: Database, secret: str) -> ApiKey | None:
     with db.session() as s:
         key = s.exec(select(ApiKey).where(col(ApiKey.secret_sha256) == sha256(secret))).first()
     return key if key is not None and key.revoked_at is None else None
+
+
+def live(db: Database, key_id: str) -> bool:
+    """Whether the key exists and is not revoked."""
+    with db.session() as s:
+        key = s.get(ApiKey, key_id)
+    return key is not None and key.revoked_at is None

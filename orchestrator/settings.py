@@ -129,6 +129,15 @@ class Settings(BaseSettings):
     def _empty_is_unset(cls, value: Any) -> Any:
         return None if value == "" else value
 
+    @field_validator("admin_key")
+    @classmethod
+    def _admin_key_not_blank(cls, value: SecretStr | None) -> SecretStr | None:
+        # Blank would turn auth on with a key that an empty "Authorization: Bearer" matches; taking
+        # it as unset would leave the API open to someone who meant to close it. Neither is safe.
+        if value is not None and not value.get_secret_value().strip():
+            raise ValueError("must not be empty or blank: set a key, or leave the variable unset for an open API")
+        return value
+
     @cached_property
     def resolved_database_url(self) -> str:
         if self.database_url:

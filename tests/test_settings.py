@@ -64,3 +64,11 @@ def test_unknown_orch_variables_are_warned_about_and_known_ones_not(
         "ORCH_ADMIN_KYE is not a setting of this service and is ignored (did you mean ORCH_ADMIN_KEY?)",
         "ORCH_QWERTY is not a setting of this service and is ignored",
     ]
+
+
+@pytest.mark.parametrize("blank", ["", "   ", "\n"])
+def test_a_blank_admin_key_is_refused(blank: str, toml_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # An empty key would match an empty "Authorization: Bearer": admin for anyone.
+    monkeypatch.setenv("ORCH_ADMIN_KEY", blank)
+    with pytest.raises(ValidationError, match="must not be empty or blank"):
+        Settings()

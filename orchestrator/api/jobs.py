@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -9,6 +10,7 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from sqlmodel import col, select
 
+from orchestrator import keys
 from orchestrator.api.deps import CallerDep, ServicesDep, check_job
 from orchestrator.api.errors import documented
 from orchestrator.api.serialize import job_public
@@ -21,6 +23,7 @@ from orchestrator.services import Services
 
 router = APIRouter(tags=["jobs"])
 KEEPALIVE_SECONDS = 15.0
+KEY_RECHECK_SECONDS = 5.0  # how long a revoked project key may still follow an open stream
 
 
 def public(services: Services, job: Job) -> JobPublic:
@@ -103,8 +106,14 @@ async def job_events(job_id: str, services: ServicesDep, caller: CallerDep, requ
     async def stream() -> AsyncIterator[str]:
         events = aiter(services.bus.subscribe(job_id, after=seen))
         pending: asyncio.Future[Event] | None = None
+        checked = time.monotonic()
         try:
             while True:
+                if caller.key_id is not None and time.monotonic() - checked > KEY_RECHECK_SECONDS:
+                    # A stream outlives its request: a key revoked meanwhile ends it.
+                    if not await asyncio.to_thread(keys.live, services.db, caller.key_id):
+                        return
+                    checked = time.monotonic()
                 pending = pending or asyncio.ensure_future(anext(events))
                 done, _ = await asyncio.wait({pending}, timeout=KEEPALIVE_SECONDS)
                 if not done:

@@ -99,3 +99,11 @@ def test_a_non_ascii_key_works_as_utf8(make_settings: Callable[..., Settings],
     header = "Bearer clé-ünïcode".encode()  # the UTF-8 bytes a client sends
     assert client.get("/v1/projects", headers={"Authorization": header}).status_code == 200
     assert_error(client.get("/v1/projects", headers={"Authorization": "Bearer cle-unicode"}), 401, "unauthorized")
+
+
+def test_a_trailing_slash_tells_nothing_without_the_key(anon: httpx.Client) -> None:
+    # Starlette's slash redirect used to answer 307 -> /v1/projects before any auth ran.
+    for path in ("/v1/projects/", "/v1/jobs/x/events/", "/v1/nope/"):
+        assert_error(anon.get(path, follow_redirects=False), 401, "unauthorized")
+    with authed(anon) as client:
+        assert_error(client.get("/v1/projects/", follow_redirects=False), 404, "not_found")

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from orchestrator.settings import Settings
-from tests.api import SMALL, assert_error, create_project, read_events, run_draft
+from tests.api import SLOW, SMALL, assert_error, create_project, iter_sse, read_events, run_draft
 
 ADMIN_KEY = "admin-s3cret"
 
@@ -186,6 +186,21 @@ def test_a_revoked_key_is_refused_at_once(world: World) -> None:
     # The key belongs to A: under B's path it does not exist.
     assert_error(world.admin.delete(f"/v1/projects/{world.b}/keys/{world.key['id']}"), 404, "not_found")
     assert_error(world.admin.delete(f"/v1/projects/{world.a}/keys/key_nope"), 404, "not_found")
+
+
+def test_a_revoked_key_loses_its_open_event_stream(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("orchestrator.api.jobs.KEY_RECHECK_SECONDS", 0.0)
+    monkeypatch.setattr("orchestrator.api.jobs.KEEPALIVE_SECONDS", 0.05)
+    job = world.mine.post(f"/v1/projects/{world.a}/drafts", json={"prompt": "slow", **SLOW}).json()
+    seen: list[str | None] = []
+    with world.mine.stream("GET", f"/v1/jobs/{job['id']}/events") as stream:
+        for event in iter_sse(stream):
+            seen.append(event.event)
+            if event.event == "progress" and seen.count("progress") == 1:
+                assert world.admin.delete(f"/v1/projects/{world.a}/keys/{world.key['id']}").status_code == 200
+    # The stream ended after the revoke, long before the 150-step job could finish.
+    assert "progress" in seen and not set(seen) & {"succeeded", "failed", "canceled"}
+    assert world.admin.post(f"/v1/jobs/{job['id']}/cancel").status_code == 202
 
 
 def test_keys_are_refused_on_an_open_service(server: httpx.Client) -> None:
