@@ -97,9 +97,9 @@ def reattachable(engine: object, job: Job) -> TypeGuard[Reattachable]:
     """Whether `engine` can finish `job` from the provider work an earlier attempt saved."""
     work = job.provider_work or {}
     handles = work.get("handles") or []
-    request = render_request(job.params)
-    return (work.get("engine") == job.engine and isinstance(engine, Reattachable) and bool(handles)
-            and engine.can_reattach(handles, request))
+    # Checked on every render: the request is rebuilt only for the rare job with saved work.
+    return (bool(handles) and work.get("engine") == job.engine and isinstance(engine, Reattachable)
+            and engine.can_reattach(handles, render_request(job.params)))
 
 
 class JobRunner:
