@@ -42,7 +42,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         services = await asyncio.to_thread(Services.build, settings)
         services.bus.bind(asyncio.get_running_loop())
         app.state.services = services
-        await services.scheduler.start()
+        if settings.run_jobs:
+            await services.scheduler.start()
+        else:
+            log.info("ORCH_RUN_JOBS is off: this server queues jobs for `orchestrator worker` processes "
+                     "and runs none itself")
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             # SIGHUP reloads the policy files (only possible when serving from the main thread).
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, lambda: _reload_policies(services))

@@ -1,4 +1,4 @@
-"""`orchestrator serve | migrate | demo`."""
+"""`orchestrator serve | worker | migrate | demo`."""
 
 from __future__ import annotations
 
@@ -21,6 +21,10 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--log-level", default="info")
+    serve.add_argument("--no-jobs", action="store_true",
+                       help="queue jobs for `orchestrator worker` processes and run none here (ORCH_RUN_JOBS=false)")
+
+    sub.add_parser("worker", help="run queued jobs from the database, without HTTP (one per GPU)")
 
     sub.add_parser("migrate", help="apply database migrations and exit")
 
@@ -68,8 +72,20 @@ def _run(args: argparse.Namespace) -> int:
         import uvicorn
 
         from orchestrator.app import create_app
+        from orchestrator.settings import Settings
 
-        uvicorn.run(create_app(), host=args.host, port=args.port, log_level=args.log_level)
+        settings = Settings()
+        if args.no_jobs:
+            settings = settings.model_copy(update={"run_jobs": False})
+        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)
+        return 0
+    if args.command == "worker":
+        import asyncio
+
+        from orchestrator.settings import Settings
+        from orchestrator.worker import run_worker
+
+        asyncio.run(run_worker(Settings()))
         return 0
     if args.command == "migrate":
         from orchestrator.db import upgrade

@@ -3,8 +3,8 @@
 The bus lives on the event loop. Each job keeps an in-memory history: its lifecycle events
 (`queued`, `started`, `asset`, the terminal one) and only its latest `progress`, so a client that
 connects late gets the current state first and then live events, without the stream replaying
-every step. A job this process has not seen (it ran before a restart) is described from the
-database instead (see `api/jobs.py`).
+every step. A job this process does not run (it ran before a restart, or another process runs it)
+is described from its row instead (see `orchestrator.follow`).
 
 Event ids start at this process's start time in milliseconds x 1000, so ids from a later process
 are always larger: a reconnecting client's `Last-Event-ID` resumes the stream only when it came
@@ -40,6 +40,17 @@ class Event:
 
     def sse(self) -> str:
         return f"id: {self.id}\nevent: {self.type}\ndata: {json.dumps(self.data, separators=(',', ':'))}\n\n"
+
+
+@dataclass(frozen=True)
+class StreamView:
+    """What a job's stream has told its clients so far."""
+
+    started: bool
+    assets: int
+    step: int
+    finished: bool
+    watched: bool
 
 
 @dataclass
@@ -109,6 +120,16 @@ class EventBus:
 
     def knows(self, job_id: str) -> bool:
         return job_id in self._jobs
+
+    def view(self, job_id: str) -> StreamView | None:
+        """The stream's state, for catching it up from the job's row; call it on the loop."""
+        stream = self._jobs.get(job_id)
+        if stream is None:
+            return None
+        types = [e.type for e in stream.history]
+        step = int(stream.latest_progress.data.get("step", 0)) if stream.latest_progress else 0
+        return StreamView(started="started" in types, assets=types.count("asset"), step=step,
+                          finished=stream.finished_at is not None, watched=bool(stream.subscribers))
 
     async def subscribe(self, job_id: str, after: int = 0) -> AsyncIterator[Event]:
         """The job's current state, then live events, ending after the terminal event; events up

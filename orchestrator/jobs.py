@@ -31,6 +31,7 @@ from orchestrator.ledger import Ledger
 from orchestrator.models import Asset, Job, Project, utcnow
 from orchestrator.routing import Decision, Router
 from orchestrator.schemas import DraftCreate, PolishCreate, PromoteCreate, Stage
+from orchestrator.workers import owner_alive
 from policies.schema import PRIVACY_TAG
 from tiers.base import RenderRequest, to_credits, to_millicredits
 
@@ -291,8 +292,23 @@ class JobService:
         self.bus.publish(job_id, "canceled", {"job_id": job_id, "status": "canceled"})
         return True
 
+    def ask_holder_to_cancel(self, job_id: str) -> bool:
+        """Ask the live process that holds a running job (an `orchestrator worker`, another server)
+        to cancel it; False when no live holder has it. The holder sees the request within
+        `ORCH_POLL_INTERVAL`, stops the job and settles it as its own cancel; its success, should
+        it finish first, yields to the request (see `orchestrator.runner`)."""
+        now = utcnow()
+        with self.db.transaction() as s:
+            job = s.get(Job, job_id)
+            if (job is None or job.status != "running" or job.lease_expires_at is None or job.lease_expires_at <= now
+                    or not owner_alive(job.lease_owner, other_hosts=not self.db.is_sqlite)):
+                return False
+            result = s.execute(update(Job).where(col(Job.id) == job_id, col(Job.attempt) == job.attempt,
+                                                 col(Job.status) == "running").values(cancel_requested_at=now))
+            return getattr(result, "rowcount", 0) == 1
+
     def cancel_orphan(self, job_id: str) -> None:
-        """Cancel a running job that no task in this process holds."""
+        """Cancel a running job whose worker is gone."""
         with self.db.transaction() as s:
             result = s.execute(update(Job).where(col(Job.id) == job_id, col(Job.status) == "running").values(
                 status="canceled", finished_at=utcnow(), lease_owner=None, lease_expires_at=None,

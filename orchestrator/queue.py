@@ -1,8 +1,11 @@
-"""The durable job queue and its in-process scheduler.
+"""The durable job queue and its scheduler.
 
 Jobs wait in the `jobs` table; the scheduler claims them oldest first, with a concurrency limit
 per lane: one lane per local device (limit 1: a GPU runs one pipeline at a time) and one per
-remote engine. A claim bumps `attempt` and takes a lease that a heartbeat renews.
+remote engine. A claim bumps `attempt` and takes a lease that a heartbeat renews. A job submitted
+in this process wakes the scheduler at once; jobs other processes queued (an API server that runs
+none, see `orchestrator.workers`) are found by looking at the queue every `ORCH_POLL_INTERVAL`,
+and so are cancels other processes ask of the jobs this one holds.
 
 Recovery (at start-up, and by the periodic sweeper for leases that expired): a job left `running`
 by a dead process is re-queued when its engine is local (nothing was spent and the work is
@@ -18,8 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import socket
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any
@@ -28,12 +29,13 @@ from sqlalchemy import update
 from sqlmodel import col, select
 
 from orchestrator.db import Database
-from orchestrator.errors import OrchestratorError
+from orchestrator.errors import Canceled, OrchestratorError
 from orchestrator.events import EventBus
 from orchestrator.jobs import render_request
 from orchestrator.ledger import Ledger
 from orchestrator.models import Job, utcnow
 from orchestrator.runner import Claim, JobRunner, reattachable
+from orchestrator.workers import DeviceLock, owner_alive, owner_id
 from tiers.base import CancelToken, Engine
 from tiers.registry import EngineRegistry
 
@@ -50,7 +52,8 @@ class Interrupted(OrchestratorError):
 
 class Scheduler:
     def __init__(self, db: Database, registry: EngineRegistry, runner: JobRunner, bus: EventBus, ledger: Ledger, *,
-                 lease_seconds: float, sweep_interval: float,
+                 lease_seconds: float, sweep_interval: float, poll_interval: float = 0.5,
+                 device: DeviceLock | None = None,
                  on_recovered: Callable[[Job, str], Awaitable[None]] | None = None) -> None:
         self.db = db
         self.ledger = ledger
@@ -60,7 +63,10 @@ class Scheduler:
         self.bus = bus
         self.lease = timedelta(seconds=lease_seconds)
         self.sweep_interval = sweep_interval
-        self.owner = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
+        self.poll_interval = poll_interval
+        # Local lanes run only while this process holds the device (None: no local engine).
+        self.device = device
+        self.owner = owner_id(self)
         self.on_recovered = on_recovered
         self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -82,7 +88,8 @@ class Scheduler:
         await asyncio.to_thread(self._sweep_ledger)
         self._tasks = [asyncio.create_task(self._dispatch_loop(), name="scheduler"),
                        asyncio.create_task(self._sweep_loop(), name="sweeper"),
-                       asyncio.create_task(self._heartbeat_loop(), name="heartbeat")]
+                       asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
+                       asyncio.create_task(self._cancel_watch_loop(), name="cancel watch")]
         self.notify()
 
     async def stop(self) -> None:
@@ -102,6 +109,8 @@ class Scheduler:
         for task in self._tasks:
             with contextlib.suppress(BaseException):
                 await task
+        if self.device is not None:
+            self.device.release()
 
     def notify(self) -> None:
         """Wake the dispatcher; safe from any thread (API handlers run in a thread pool)."""
@@ -126,9 +135,15 @@ class Scheduler:
             return "local", 1
         return f"remote:{engine_name}", REMOTE_LANE_LIMIT
 
+    def holds(self, job_id: str) -> bool:
+        """Whether this process has claimed the job and not yet published how it ended."""
+        return job_id in self._claimed or job_id in self._running
+
     async def _dispatch_loop(self) -> None:
         while not self._stopping:
-            await self._wake.wait()
+            # Woken by this process's submits and job ends; the timeout finds other processes' jobs.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=self.poll_interval)
             self._wake.clear()
             try:
                 await self.dispatch()
@@ -173,15 +188,28 @@ class Scheduler:
 
     def _queued(self, lane_use: dict[str, int]) -> list[Job]:
         """The oldest queued jobs, leaving out engines whose lane is full: 500 drafts waiting for
-        the local device must not hide a paid job whose lane is free."""
+        the local device must not hide a paid job whose lane is free. Local jobs are left out too
+        while another process holds the device (see `orchestrator.workers`)."""
         full = []
+        local = []
         for engine in self.registry:
             lane, limit = self.lane(engine.name)
+            if engine.kind == "local":
+                local.append(engine.name)
             if lane_use.get(lane, 0) >= limit:
                 full.append(engine.name)
+        jobs = self._oldest_queued(full)
+        # The device is taken only when there is local work for it, so that a process that never
+        # runs a local job leaves it to the workers that do.
+        if (self.device is not None and not self.device.held and any(j.engine in local for j in jobs)
+                and not self.device.try_acquire()):
+            jobs = self._oldest_queued(sorted({*full, *local}))
+        return jobs
+
+    def _oldest_queued(self, leave_out: list[str]) -> list[Job]:
         stmt = select(Job).where(col(Job.status) == "queued")
-        if full:
-            stmt = stmt.where(col(Job.engine).not_in(full))
+        if leave_out:
+            stmt = stmt.where(col(Job.engine).not_in(leave_out))
         with self.db.session() as s:
             return list(s.exec(stmt.order_by(col(Job.created_at), col(Job.id)).limit(QUEUED_BATCH)).all())
 
@@ -232,6 +260,27 @@ class Scheduler:
             claim = entry[1]
         claim.cancel.cancel()
         return True
+
+    async def _cancel_watch_loop(self) -> None:
+        """Cancels asked through another process (`cancel_requested_at`) of jobs held here."""
+        while not self._stopping:
+            await asyncio.sleep(self.poll_interval)
+            held = {job_id: claim for job_id, (_, claim) in self._running.items() if not claim.cancel.cancelled}
+            if not held:
+                continue
+            try:
+                asked = await asyncio.to_thread(self._cancels_asked, list(held))
+            except Exception:
+                log.exception("looking for cancels failed; trying again in %s s", self.poll_interval)
+                continue
+            for job_id in asked:
+                log.info("job %s: canceled through another process", job_id)
+                held[job_id].cancel.cancel()
+
+    def _cancels_asked(self, job_ids: list[str]) -> list[str]:
+        with self.db.session() as s:
+            return list(s.exec(select(Job.id).where(col(Job.id).in_(job_ids),
+                                                    col(Job.cancel_requested_at).is_not(None))).all())
 
     # -- leases and recovery -----------------------------------------------------------------
 
@@ -287,8 +336,9 @@ class Scheduler:
             log.warning("sweeper settled %d holds of finished jobs", settled)
 
     async def recover(self, *, all_foreign: bool) -> list[str]:
-        """Finish or re-queue jobs whose worker is gone. At start-up every `running` job belongs
-        to a dead process (one server per data dir); later, only jobs whose lease expired."""
+        """Finish or re-queue jobs whose worker is gone. At start-up, every `running` job whose
+        holder is not a live process (see `orchestrator.workers.owner_alive`), even if its lease
+        runs on; later, only jobs whose lease expired."""
         orphans = await asyncio.to_thread(self._orphans, all_foreign)
         recovered = []
         for job in orphans:
@@ -300,6 +350,8 @@ class Scheduler:
                 await self.on_recovered(job, outcome)
             if outcome in ("failed", "given up"):
                 self.bus.publish(job.id, "failed", {"job_id": job.id, "status": "failed"})
+            elif outcome == "canceled":
+                self.bus.publish(job.id, "canceled", {"job_id": job.id, "status": "canceled"})
         if recovered:
             self.notify()
         return recovered
@@ -315,7 +367,7 @@ class Scheduler:
                 # At start-up a live lease of another running process is not an orphan: that
                 # process is still working on it (and may be paying for it).
                 and not (j.lease_expires_at is not None and j.lease_expires_at > now
-                         and _alive(j.lease_owner, other_hosts=not self.db.is_sqlite))]
+                         and owner_alive(j.lease_owner, other_hosts=not self.db.is_sqlite))]
 
     def _recover_one(self, job: Job) -> str | None:
         engine = self.registry.get(job.engine) if job.engine in self.registry else None
@@ -330,7 +382,18 @@ class Scheduler:
         # of memory at 2048 px and n=16, say) is not started into a crash loop.
         stops = 1 + sum(1 for a in job.attempts or [] if a.get("status") == "interrupted")
         values: dict[str, Any]
-        if (local or reattach or free) and stops < MAX_LOCAL_STOPS:
+        error: OrchestratorError
+        if job.cancel_requested_at is not None:
+            # Asked to cancel while its worker was alive, which died before it could: the cancel
+            # (answered 202) wins over running the job again.
+            error = Canceled("canceled; its worker stopped before it could end the job",
+                             details={"engine": job.engine})
+            values = {"status": "canceled", "finished_at": utcnow(), "error": error.to_dict(),
+                      "lease_owner": None, "lease_expires_at": None,
+                      "attempts": [*(job.attempts or []),
+                                   {"engine": job.engine, "status": "canceled", "error": error.to_dict()}]}
+            outcome = "canceled"
+        elif (local or reattach or free) and stops < MAX_LOCAL_STOPS:
             values = {"status": "queued", "lease_owner": None, "lease_expires_at": None,
                       "progress_step": 0,
                       "attempts": [*(job.attempts or []), {"engine": job.engine, "status": "interrupted",
@@ -368,6 +431,12 @@ class Scheduler:
                 self.ledger.capture(s, job, None, unreconciled=True, note="interrupted: outcome unknown")
             elif outcome == "given up":
                 self.ledger.release(s, job, note="given up after repeated interruptions")
+            elif outcome == "canceled":
+                if local or free:
+                    self.ledger.release(s, job, note="canceled")
+                else:
+                    # Sent to a provider that may have made and billed it, as for `failed` above.
+                    self.ledger.capture(s, job, None, unreconciled=True, note="canceled: outcome unknown")
         log.warning("recovered job %s (%s): %s", job.id, job.engine, outcome)
         return outcome
 
@@ -386,27 +455,6 @@ def _costs_nothing(engine: Engine, job: Job) -> bool:
         return engine.estimate(render_request(job.params)) == 0
     except Exception:  # an engine that cannot price the job now is not known to be free
         return False
-
-
-def _alive(owner: str | None, *, other_hosts: bool) -> bool:
-    """Whether a lease owner ("host:pid:scheduler") may still be running: another process on
-    this host that exists, or, when the database is shared (PostgreSQL), a process on another
-    host (only its lease can tell). This process's own earlier schedulers are gone."""
-    host, _, rest = (owner or "").partition(":")
-    pid = rest.partition(":")[0]
-    if not host or not pid.isdigit():
-        return False
-    if host != socket.gethostname():
-        return other_hosts
-    if int(pid) == os.getpid():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _rowcount(result: Any) -> int:

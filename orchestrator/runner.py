@@ -1,7 +1,9 @@
 """Running one claimed job: engine call, assets, and the final state.
 
 Every write carries the claim's `attempt`: when a newer claim exists (the job was recovered and
-re-queued), the old attempt's writes change nothing. Asset files are stored before the
+re-queued), the old attempt's writes change nothing. A success or a move back to the queue also
+yields to a cancel asked through another process (`cancel_requested_at`) that the cancel watch has
+not yet delivered: the cancel was answered 202, so it wins. Asset files are stored before the
 transaction that inserts their rows and finishes the job, so a row never points at a missing file.
 """
 
@@ -21,7 +23,7 @@ from typing import Any, TypeGuard
 
 from PIL import Image
 from sqlalchemy import update
-from sqlmodel import col
+from sqlmodel import col, select
 
 from orchestrator.db import Database
 from orchestrator.errors import BudgetExceeded, Canceled, EngineError, OrchestratorError
@@ -161,7 +163,8 @@ class JobRunner:
                 if exc.charged == "no":
                     # Nothing reached a provider: queued again, with its hold, for the next start
                     # (recovery would fail a remote job as possibly billed).
-                    with contextlib.suppress(StaleAttempt):
+                    # A cancel asked meanwhile keeps it running: recovery then ends it as canceled.
+                    with contextlib.suppress(StaleAttempt, Canceled):
                         await asyncio.to_thread(self._requeue_unsent, claim)
                 log.info("job %s interrupted by shutdown; the next start recovers it", job.id)
                 return
@@ -221,6 +224,9 @@ class JobRunner:
                 await asyncio.to_thread(self._requeue_on, claim, error, name, engine.model, estimate)
             except StaleAttempt:
                 return True
+            except Canceled as exc:
+                await self._end(claim, "canceled", exc)
+                return True
             except BudgetExceeded:
                 continue  # nothing was written; a cheaper (or free) candidate may still fit
             self.bus.publish(job.id, "state", {"state": "fallback", "from": job.engine, "to": name,
@@ -232,13 +238,14 @@ class JobRunner:
     def _requeue_unsent(self, claim: Claim) -> None:
         with self.db.transaction() as s:
             self._guarded_update(s, claim, status="queued", lease_owner=None, lease_expires_at=None,
-                                 progress_step=0, progress_total=0, provider_work=None)
+                                 progress_step=0, progress_total=0, provider_work=None, unless_canceled=True)
 
     def _requeue_on(self, claim: Claim, error: EngineError, engine: str, model: str, estimate: int) -> None:
         job = claim.job
         with self.db.transaction() as s:
             self.ledger.settle_failure(s, job, error)
-            self._guarded_update(s, claim, status="queued", engine=engine, model=model, estimated=estimate,
+            self._guarded_update(s, claim, unless_canceled=True, status="queued", engine=engine, model=model,
+                                 estimated=estimate,
                                  cache_key=cache_key(engine, model, job.params) if job.cache_key else None,
                                  provider_work=None,
                                  lease_owner=None, lease_expires_at=None, progress_step=0, progress_total=0,
@@ -322,7 +329,7 @@ class JobRunner:
         now = utcnow()
         with self.db.transaction() as s:
             claim.cancel.raise_if_cancelled()  # rolls back: nothing of this success is kept
-            self._guarded_update(s, claim, status="succeeded", finished_at=now, lease_owner=None,
+            self._guarded_update(s, claim, unless_canceled=True, status="succeeded", finished_at=now, lease_owner=None,
                                  lease_expires_at=None, progress_step=job.progress_total or 1,
                                  progress_total=job.progress_total or 1, model=result.model,
                                  provider_request_id=result.provider_request_id,
@@ -356,11 +363,18 @@ class JobRunner:
             self.ledger.settle_failure(s, job, error)
 
     @staticmethod
-    def _guarded_update(s: Any, claim: Claim, **values: Any) -> None:
-        result = s.execute(update(Job).where(col(Job.id) == claim.job.id, col(Job.attempt) == claim.attempt,
-                                             col(Job.status) == "running").values(**values))
-        if result.rowcount != 1:
-            raise StaleAttempt(claim.job.id)
+    def _guarded_update(s: Any, claim: Claim, *, unless_canceled: bool = False, **values: Any) -> None:
+        """Update the job if this attempt still holds it; with `unless_canceled`, only if no cancel
+        was asked either (raises `Canceled` then: the caller ends the job as canceled)."""
+        held = (col(Job.id) == claim.job.id, col(Job.attempt) == claim.attempt, col(Job.status) == "running")
+        stmt = update(Job).where(*held)
+        if unless_canceled:
+            stmt = stmt.where(col(Job.cancel_requested_at).is_(None))
+        if s.execute(stmt.values(**values)).rowcount == 1:
+            return
+        if unless_canceled and s.scalar(select(Job.id).where(*held)) is not None:
+            raise Canceled("the job was canceled")
+        raise StaleAttempt(claim.job.id)
 
     def write_progress(self, claim: Claim, step: int, total: int) -> None:
         with self.db.transaction() as s:

@@ -10,8 +10,9 @@ from typing import Any
 
 from orchestrator import idempotency
 from orchestrator.db import Database
-from orchestrator.errors import InvalidRequest
+from orchestrator.errors import InvalidRequest, OrchestratorError
 from orchestrator.events import EventBus
+from orchestrator.follow import JobFollower
 from orchestrator.health import EngineHealth
 from orchestrator.jobs import JobService
 from orchestrator.ledger import Ledger
@@ -20,7 +21,9 @@ from orchestrator.routing import Router
 from orchestrator.runner import JobRunner
 from orchestrator.settings import Settings
 from orchestrator.store import ArtifactStore
+from orchestrator.workers import DeviceLock
 from policies import PolicyStore
+from tiers._local import LocalRuntime
 from tiers.base import EngineContext
 from tiers.registry import EngineRegistry
 
@@ -50,6 +53,7 @@ class Services:
     runner: JobRunner
     scheduler: Scheduler
     jobs: JobService
+    follower: JobFollower
 
     @classmethod
     def build(cls, settings: Settings) -> Services:
@@ -71,11 +75,17 @@ class Services:
         router = Router(registry, policies, health)
         ledger = Ledger()
         runner = JobRunner(db, registry, store, bus, ledger, health, settings.local_gpu_second_credits)
+        runtime = _local_runtime(registry)
+        device = None if runtime is None else DeviceLock(settings.data_dir / "locks",
+                                                         functools.partial(_device, runtime))
         scheduler = Scheduler(db, registry, runner, bus, ledger, lease_seconds=settings.lease_seconds,
-                              sweep_interval=settings.sweep_interval)
+                              sweep_interval=settings.sweep_interval, poll_interval=settings.poll_interval,
+                              device=device)
         jobs = JobService(db, router, ledger, bus, scheduler.notify, settings.policy)
         scheduler.sweepers.append(functools.partial(idempotency.forget_expired, db))
-        return cls(settings, db, store, bus, registry, policies, health, router, ledger, runner, scheduler, jobs)
+        follower = JobFollower(db, bus, scheduler.holds, settings.poll_interval)
+        return cls(settings, db, store, bus, registry, policies, health, router, ledger, runner, scheduler, jobs,
+                   follower)
 
     def health(self, engine: str) -> str:
         """`ok`, `degraded` or `open` (the circuit breaker's view of the engine)."""
@@ -100,15 +110,30 @@ class Services:
         return "\n".join(lines) + "\n"
 
     async def aclose(self) -> None:
+        await self.follower.aclose()
         await self.scheduler.stop()
         self.runner.close()
         await self.registry.aclose()
-        runtime = None
-        for engine in self.registry:
-            runtime = getattr(engine, "runtime", None) or runtime
+        runtime = _local_runtime(self.registry)
         if runtime is not None:
             runtime.shutdown()
         self.db.dispose()
+
+
+def _local_runtime(registry: EngineRegistry) -> LocalRuntime | None:
+    """The device runtime the local engines share, if any engine has one."""
+    for engine in registry:
+        runtime = getattr(engine, "runtime", None)
+        if isinstance(runtime, LocalRuntime):
+            return runtime
+    return None
+
+
+def _device(runtime: LocalRuntime) -> str:
+    try:
+        return runtime.device
+    except OrchestratorError:  # ORCH_LITE_DEVICE=cuda without CUDA: the job fails with that when it runs
+        return runtime.settings.lite_device
 
 
 def _label(value: str) -> str:

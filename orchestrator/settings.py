@@ -77,6 +77,11 @@ class Settings(BaseSettings):
     # Seconds a running job's lease lasts without a heartbeat before the sweeper recovers it.
     lease_seconds: float = Field(60.0, gt=0)
     sweep_interval: float = Field(15.0, gt=0)
+    # Whether `serve` also runs jobs; false for API servers in front of `orchestrator worker`s.
+    run_jobs: bool = True
+    # Seconds between looks at what other processes changed: jobs they queued (for a worker),
+    # cancels they asked for (for a job's holder), progress of jobs they run (for an event stream).
+    poll_interval: float = Field(0.5, gt=0, le=60)
 
     gemini_api_key: SecretStr | None = Field(None, validation_alias=_alias("ORCH_GEMINI_API_KEY", "GEMINI_API_KEY"))
     gemini_base_url: str = "https://generativelanguage.googleapis.com"

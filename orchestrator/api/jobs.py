@@ -4,7 +4,7 @@ import asyncio
 import io
 import time
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
@@ -15,7 +15,8 @@ from orchestrator.api.deps import CallerDep, ServicesDep, check_job
 from orchestrator.api.errors import documented
 from orchestrator.api.serialize import job_public
 from orchestrator.errors import NotFound
-from orchestrator.events import TERMINAL, Event, EventBus
+from orchestrator.events import Event
+from orchestrator.follow import catch_up
 from orchestrator.ids import id_cursor
 from orchestrator.models import Job
 from orchestrator.schemas import JobPublic, JobStatus, Page, Stage
@@ -67,9 +68,10 @@ def list_jobs(services: ServicesDep, caller: CallerDep, project_id: str | None =
 @router.post("/jobs/{job_id}/cancel", status_code=202, response_model=JobPublic, responses=documented(404, 409))
 def cancel_job(job_id: str, services: ServicesDep, caller: CallerDep) -> JobPublic:
     check_job(services, caller, job_id)
-    if not services.jobs.cancel_queued(job_id) and not services.scheduler.cancel(job_id):
-        # Running, but not in this process: its worker is gone or elsewhere. Cancel the row;
-        # a worker's late write carries an older state and changes nothing.
+    if (not services.jobs.cancel_queued(job_id) and not services.scheduler.cancel(job_id)
+            and not services.jobs.ask_holder_to_cancel(job_id)):
+        # Running, but its worker is gone: cancel the row; a late write of that worker carries an
+        # older state and changes nothing.
         services.jobs.cancel_orphan(job_id)
     return public(services, services.jobs.get(job_id))
 
@@ -79,7 +81,7 @@ def job_preview(job_id: str, services: ServicesDep, caller: CallerDep) -> Respon
     caller.job(services.jobs.get(job_id))
     preview = services.runner.previews.get(job_id)
     if preview is None:
-        raise NotFound("no preview: the job is not denoising right now", details={"job_id": job_id})
+        raise NotFound("no preview: the job is not denoising in this process right now", details={"job_id": job_id})
     buf = io.BytesIO()
     preview.save(buf, format="PNG")
     return Response(buf.getvalue(), media_type="image/png", headers={"Cache-Control": "no-store"})
@@ -98,7 +100,8 @@ async def job_events(job_id: str, services: ServicesDep, caller: CallerDep, requ
     if not services.bus.knows(job_id):  # a job this process has published is known to exist
         job, asset_ids = await asyncio.to_thread(_stored_state, services, job_id)
         if not services.bus.knows(job_id):  # another client may have seeded it meanwhile
-            _seed(services.bus, job, asset_ids)
+            catch_up(services.bus, job, asset_ids)
+    services.follower.follow(job_id)  # for as long as another process runs it
     seen = services.bus.resume_after(last_event_id)
     if services.bus.ended_before(job_id, seen):
         return Response(status_code=204)
@@ -141,23 +144,3 @@ async def job_events(job_id: str, services: ServicesDep, caller: CallerDep, requ
 def _stored_state(services: Services, job_id: str) -> tuple[Job, list[str]]:
     job = services.jobs.get(job_id)
     return job, services.jobs.asset_ids([job.id])[job.id]
-
-
-def _seed(bus: EventBus, job: Job, asset_ids: list[str]) -> None:
-    """A job this process has not seen (it ran before a restart): describe its state from the rows."""
-    bus.publish(job.id, "queued", {"job_id": job.id, "status": "queued"})
-    if job.status == "queued":
-        return
-    bus.publish(job.id, "started", {"job_id": job.id, "status": "running", "engine": job.engine})
-    if job.status == "running":
-        if job.progress_total:
-            bus.publish(job.id, "progress", {"step": job.progress_step, "total": job.progress_total,
-                                             "fraction": round(job.progress_step / job.progress_total, 4)})
-        return
-    for index, asset_id in enumerate(asset_ids):
-        bus.publish(job.id, "asset", {"asset_id": asset_id, "index": index})
-    if job.status in TERMINAL:
-        data: dict[str, Any] = {"job_id": job.id, "status": job.status}
-        if job.status == "failed" and job.error:
-            data["error"] = job.error
-        bus.publish(job.id, job.status, data)

@@ -163,6 +163,37 @@ def serve_process(settings: Settings, workdir: Path, log_name: str,
                     proc.wait()
 
 
+@contextmanager
+def worker_process(settings: Settings, workdir: Path, log_name: str,
+                   env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
+    """`orchestrator worker` as its own process (configured as `serve_process` is), once it has
+    started its scheduler. At exit it gets SIGTERM and must stop cleanly. It runs in `workdir`
+    but imports `tests.fakes` engines from this checkout."""
+    root = str(Path(__file__).resolve().parents[2])
+    process_env = {**os.environ, "ORCH_DATA_DIR": str(settings.data_dir), "ORCH_LITE_MODEL": tiny.NAME,
+                   "ORCH_CACHE_DIR": str(settings.cache_dir), "HF_HUB_OFFLINE": "1", "ORCH_POLL_INTERVAL": "0.1",
+                   "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p), **(env or {})}
+    log_path = workdir / log_name
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "worker"], cwd=workdir, env=process_env,
+                                stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 60
+            while "runs jobs from" not in log_path.read_text(errors="replace"):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(f"the worker did not start: {log_path.read_text(errors='replace')[-2000:]}")
+                time.sleep(0.05)  # poll interval while the process starts
+            yield proc
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+
+
 # PostgreSQL refuses NUL in text (it once failed a finished job at the asset insert, and answered
 # 500 for a project name); tests/credits/test_postgres.py sends these to a PostgreSQL service.
 NUL_BODIES = [

@@ -24,8 +24,16 @@ from orchestrator.schemas import DraftCreate
 from orchestrator.server import serve_in_thread
 from orchestrator.services import Services
 from orchestrator.settings import Settings
-from tests.api import check_nul_refused, create_project
-from tests.credits.conftest import POLICY
+from tests.api import (
+    TERMINAL,
+    check_nul_refused,
+    create_project,
+    read_events,
+    submit_draft,
+    wait_for_job,
+    worker_process,
+)
+from tests.credits.conftest import ENGINES, POLICY
 from tests.credits.test_budget import check_budget_race
 
 psycopg = pytest.importorskip("psycopg")
@@ -214,3 +222,37 @@ def test_ledger_ids_beyond_an_integer_are_misses_on_postgres(pg_api: httpx.Clien
     page = pg_api.get(f"/v1/projects/{project}/ledger", params={"cursor": "999999999999999999"})
     assert page.status_code == 200, page.text
     assert page.json() == {"items": [], "next_cursor": None}
+
+
+def test_an_api_server_and_a_worker_share_a_postgres_database(
+        postgres_url: str, tmp_path: Path, paid_settings_for: Callable[..., Settings], policy_dir: Path) -> None:
+    """The larger install: an API server that runs no jobs and a worker process, on PostgreSQL."""
+    settings = paid_settings_for(tmp_path / "data", database_url=postgres_url, run_jobs=False, poll_interval=0.1)
+    env = {"ORCH_DATABASE_URL": postgres_url, "ORCH_ENGINES": ENGINES, "ORCH_POLICY": POLICY,
+           "ORCH_POLICY_DIR": str(policy_dir)}
+    with (serve_in_thread(settings) as base, httpx.Client(base_url=base, timeout=30.0) as client,
+          worker_process(settings, tmp_path, "worker.log", env=env) as worker):
+        project = create_project(client, "two processes", budget={"limit": 100, "period": "none"})["id"]
+        draft = submit_draft(client, project, n=2)
+        events = read_events(client, draft["id"], timeout=120)
+        assert [e.event for e in events if e.event in TERMINAL] == ["succeeded"]
+        assets = client.get(f"/v1/jobs/{draft['id']}").json()["assets"]
+        assert len(assets) == 2
+
+        # A paid bridge held by the API server, run and charged once by the worker.
+        promoted = client.post(f"/v1/assets/{assets[0]}/promote", json={"engine": "fake-paid"})
+        assert promoted.status_code == 202, promoted.text
+        done = wait_for_job(client, promoted.json()["id"], timeout=60)
+        assert done["status"] == "succeeded" and done["cost"]["charged"] == 10 and done["cost"]["held"] == 0
+
+        # A paid job canceled through the API server while the worker waits on the provider.
+        hanging = client.post(f"/v1/assets/{assets[1]}/promote",
+                              json={"engine": "fake-paid", "tags": {"fake": "hang"}}).json()
+        wait_for_job(client, hanging["id"], ("running",), timeout=60)
+        assert client.post(f"/v1/jobs/{hanging['id']}/cancel").status_code == 202
+        canceled = wait_for_job(client, hanging["id"], ("canceled",), timeout=30)
+        assert canceled["attempts"][-1]["status"] == "canceled"  # ended by the worker's runner
+        assert canceled["cost"]["held"] == 0  # settled once, nothing left held
+        budget = client.get(f"/v1/projects/{project}/budget").json()
+        assert budget["held"] == 0 and budget["charged"] == 10 + canceled["cost"]["charged"]
+    assert worker.returncode == 0, (tmp_path / "worker.log").read_text()

@@ -1,0 +1,120 @@
+"""Event streams of jobs this process does not run, told from their rows.
+
+A client may follow a job on any API process: one that ran it before a restart, or an API server
+in front of separate workers (`ORCH_RUN_JOBS=false`, `orchestrator worker`). The process that runs
+a job publishes its events live; every other process learns what happened from the job's row
+(status, progress, assets), which the follower reads every `ORCH_POLL_INTERVAL`, one query for all
+the jobs its clients watch, and turns into the same events: `started`, `progress` (without
+previews: those stay in the running process), `asset`, and the terminal one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from sqlmodel import col, select
+
+from orchestrator.db import Database
+from orchestrator.events import TERMINAL, EventBus
+from orchestrator.models import Asset, Job
+
+log = logging.getLogger(__name__)
+# A stream subscribes once its response starts; until then a followed job counts as watched.
+SUBSCRIBE_GRACE_SECONDS = 10.0
+
+
+def catch_up(bus: EventBus, job: Job, asset_ids: list[str]) -> None:
+    """Publish what the job's row shows and its stream has not told yet. Call it on the loop."""
+    view = bus.view(job.id)
+    if view is None:
+        bus.publish(job.id, "queued", {"job_id": job.id, "status": "queued"})
+        view = bus.view(job.id)
+        assert view is not None
+    if view.finished or job.status == "queued":
+        return
+    if not view.started:
+        bus.publish(job.id, "started", {"job_id": job.id, "status": "running", "engine": job.engine})
+    if job.status == "running":
+        if job.progress_total and job.progress_step > view.step:
+            bus.publish(job.id, "progress", {"step": job.progress_step, "total": job.progress_total,
+                                             "fraction": round(job.progress_step / job.progress_total, 4)})
+        return
+    for index, asset_id in enumerate(asset_ids[view.assets:], start=view.assets):
+        bus.publish(job.id, "asset", {"asset_id": asset_id, "index": index})
+    if job.status in TERMINAL:
+        data: dict[str, Any] = {"job_id": job.id, "status": job.status}
+        if job.status == "succeeded":
+            data["assets"] = asset_ids
+        elif job.status == "failed" and job.error:
+            data["error"] = job.error
+        bus.publish(job.id, job.status, data)
+
+
+class JobFollower:
+    """Catches up the streams of watched jobs that this process does not hold."""
+
+    def __init__(self, db: Database, bus: EventBus, holds: Callable[[str], bool], interval: float) -> None:
+        self.db = db
+        self.bus = bus
+        self.holds = holds
+        self.interval = interval
+        self._followed: dict[str, float] = {}  # job id -> when a client last asked
+        self._task: asyncio.Task[None] | None = None
+
+    def follow(self, job_id: str) -> None:
+        """Keep the job's stream up to date while clients watch it. Call it on the loop."""
+        view = self.bus.view(job_id)
+        if view is not None and view.finished:
+            return
+        self._followed[job_id] = time.monotonic()
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._loop(), name="job follower")
+
+    async def _loop(self) -> None:
+        while self._followed:
+            await asyncio.sleep(self.interval)
+            try:
+                await self.tick()
+            except Exception:  # a busy database: the next tick tries again
+                log.exception("following jobs run elsewhere failed; trying again in %s s", self.interval)
+
+    async def tick(self) -> None:
+        now = time.monotonic()
+        for job_id, asked in list(self._followed.items()):
+            view = self.bus.view(job_id)
+            if view is None or view.finished or (not view.watched and now - asked > SUBSCRIBE_GRACE_SECONDS):
+                del self._followed[job_id]
+        # Jobs this process holds publish their own events, live.
+        elsewhere = [job_id for job_id in self._followed if not self.holds(job_id)]
+        if not elsewhere:
+            return
+        jobs, assets = await asyncio.to_thread(self._read, elsewhere)
+        for job in jobs:
+            # Checked again after the read: a claim here is registered before its first write, so
+            # a row this process changed is never told twice.
+            if job.id in self._followed and not self.holds(job.id):
+                catch_up(self.bus, job, assets.get(job.id, []))
+
+    def _read(self, job_ids: list[str]) -> tuple[list[Job], dict[str, list[str]]]:
+        with self.db.session() as s:
+            jobs = list(s.exec(select(Job).where(col(Job.id).in_(job_ids))).all())
+            done = [j.id for j in jobs if j.status == "succeeded"]
+            assets: dict[str, list[str]] = {}
+            if done:
+                rows = s.exec(select(Asset.job_id, Asset.id).where(col(Asset.job_id).in_(done))
+                              .order_by(col(Asset.job_id), col(Asset.index))).all()
+                for job_id, asset_id in rows:
+                    assets.setdefault(job_id, []).append(asset_id)
+        return jobs, assets
+
+    async def aclose(self) -> None:
+        self._followed.clear()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task

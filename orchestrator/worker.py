@@ -1,0 +1,41 @@
+"""`orchestrator worker`: a process that runs queued jobs and serves no HTTP.
+
+Run one per GPU (pin it with `CUDA_VISIBLE_DEVICES`) beside API servers started with
+`ORCH_RUN_JOBS=false` (or `serve --no-jobs`), all on one database and one `ORCH_DATA_DIR`. A worker
+is the scheduler of `serve` without the web server: it finds jobs any process queued, keeps its
+model warm, runs local jobs only while it holds its device (see `orchestrator.workers`), renews its
+leases, recovers the jobs of workers that died, and stops on SIGTERM or SIGINT as `serve` does
+(running jobs are left for recovery).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from sqlalchemy.engine import make_url
+
+from orchestrator.services import Services
+from orchestrator.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> None:
+    """Run jobs until `stop` is set, or until SIGTERM or SIGINT when no event is given."""
+    services = await asyncio.to_thread(Services.build, settings)
+    loop = asyncio.get_running_loop()
+    services.bus.bind(loop)
+    if stop is None:
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+    try:
+        await services.scheduler.start()
+        url = make_url(settings.resolved_database_url).render_as_string(hide_password=True)
+        log.info("worker %s runs jobs from %s", services.scheduler.owner, url)
+        await stop.wait()
+        log.info("worker %s stopping", services.scheduler.owner)
+    finally:
+        await services.aclose()

@@ -1,0 +1,285 @@
+"""Separate workers: API servers that run no jobs, `orchestrator worker` processes, one process per
+local device, and cancels and event streams across processes."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import update
+from sqlmodel import col, select
+
+from orchestrator.follow import catch_up
+from orchestrator.ids import new_id
+from orchestrator.models import Asset, Job, Project, utcnow
+from orchestrator.services import Services
+from orchestrator.settings import Settings
+from orchestrator.workers import DeviceLock, device_key
+from tests.api import (
+    SLOW,
+    SSE,
+    TERMINAL,
+    assert_error,
+    create_project,
+    iter_sse,
+    read_events,
+    submit_draft,
+    wait_for_job,
+    worker_process,
+)
+from tiers import tiny
+
+SettingsFactory = Callable[..., Settings]
+PARAMS: dict[str, Any] = {"stage": "ideation", "prompt": "a lighthouse", "negative_prompt": "", "n": 1, "seed": 5,
+                          "width": 64, "height": 64, "steps": 1, "tags": {}}
+
+
+@pytest.fixture
+def services(make_settings: SettingsFactory) -> Iterator[Services]:
+    built = Services.build(make_settings(engines="fake-paid=tests.fakes:factory"))
+    try:
+        yield built
+    finally:
+        asyncio.run(built.aclose())
+
+
+@pytest.fixture
+def other_process() -> Iterator[subprocess.Popen[bytes]]:
+    """A live process of this host, to stand for another worker in lease owners."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def add_job(services: Services, engine: str = "lite", **values: Any) -> str:
+    project_id, job_id = new_id("prj"), new_id("job")
+    with services.db.transaction() as s:
+        s.add(Project(id=project_id, name="workers", policy="balanced"))
+        s.flush()
+        s.add(Job(id=job_id, project_id=project_id, stage="ideation", engine=engine, model=tiny.NAME,
+                  params=PARAMS, attempts=[], **values))
+    return job_id
+
+
+def row(services: Services, job_id: str) -> Job:
+    with services.db.session() as s:
+        job = s.get(Job, job_id)
+    assert job is not None
+    return job
+
+
+def test_an_api_server_without_jobs_hands_drafts_to_a_worker(make_settings: SettingsFactory, tmp_path: Path,
+                                                             start_server: Callable[[Settings], httpx.Client]) -> None:
+    settings = make_settings(run_jobs=False, poll_interval=0.1)
+    client = start_server(settings)
+    project = create_project(client)["id"]
+    job = submit_draft(client, project, n=2)
+    with worker_process(settings, tmp_path, "worker.log") as worker:
+        # The stream is told from the job's row by the API server: the worker runs the job.
+        events = read_events(client, job["id"], timeout=120)
+        kinds = [e.event for e in events]
+        assert kinds[:2] == ["queued", "started"], kinds
+        assert [k for k in kinds if k in TERMINAL] == ["succeeded"] and kinds[-1] == "succeeded"
+        announced = [e.data["asset_id"] for e in events if e.event == "asset"]
+        assert [e.data["index"] for e in events if e.event == "asset"] == [0, 1]
+        done = client.get(f"/v1/jobs/{job['id']}").json()
+        assert done["status"] == "succeeded" and done["assets"] == announced
+        assert events[-1].data["assets"] == announced
+        content = client.get(f"/v1/assets/{announced[0]}/content")
+        assert content.status_code == 200 and content.content.startswith(b"\x89PNG")
+
+        # A job queued while the worker waits is found by its look at the queue.
+        second = submit_draft(client, project, seed=7)
+        assert wait_for_job(client, second["id"], timeout=60)["status"] == "succeeded"
+    assert worker.returncode == 0, (tmp_path / "worker.log").read_text()
+    log = (tmp_path / "worker.log").read_text()
+    assert "Traceback" not in log, log
+
+
+def test_a_cancel_through_the_api_server_stops_the_worker_s_job(
+        make_settings: SettingsFactory, tmp_path: Path, start_server: Callable[[Settings], httpx.Client]) -> None:
+    settings = make_settings(run_jobs=False, poll_interval=0.1)
+    client = start_server(settings)
+    project = create_project(client)["id"]
+    with worker_process(settings, tmp_path, "worker.log"):
+        job = submit_draft(client, project, **SLOW)
+        events: list[SSE] = []
+        with client.stream("GET", f"/v1/jobs/{job['id']}/events", timeout=120) as response:
+            stream = iter_sse(response)
+            for event in stream:
+                events.append(event)
+                if event.event == "progress":  # the worker wrote its progress to the row
+                    break
+            assert events[-1].event == "progress", [e.event for e in events]
+            cancel = client.post(f"/v1/jobs/{job['id']}/cancel")
+            assert cancel.status_code == 202, cancel.text
+            assert cancel.json()["status"] == "running"  # asked of the worker, which ends it
+            events.extend(stream)
+        kinds = [e.event for e in events]
+        assert [k for k in kinds if k in TERMINAL] == ["canceled"] and "asset" not in kinds
+        done = wait_for_job(client, job["id"], ("canceled",), timeout=30)
+        # Ended by the worker's own runner (its attempt recorded), not written off as an orphan.
+        assert done["error"]["code"] == "canceled"
+        assert done["attempts"][-1]["status"] == "canceled"
+        assert "gone" not in done["error"]["message"]
+        assert done["progress"]["step"] < SLOW["steps"]
+        assert_error(client.post(f"/v1/jobs/{job['id']}/cancel"), 409, "job_finished")
+
+
+def test_a_cancel_asked_of_a_live_holder_wins_over_its_success(
+        services: Services, other_process: subprocess.Popen[bytes]) -> None:
+    job_id = add_job(services)
+    [(claim, _lane)] = services.scheduler._claim_ready({})
+    # Seen from another process, the job's holder is a live process on this host.
+    with services.db.transaction() as s:
+        s.execute(update(Job).where(col(Job.id) == job_id)
+                  .values(lease_owner=f"{socket.gethostname()}:{other_process.pid}:0"))
+    assert services.jobs.ask_holder_to_cancel(job_id)
+    assert row(services, job_id).status == "running"  # its holder ends it
+
+    # The holder finishes rendering before it looks for cancels: the success is not kept.
+    asyncio.run(services.runner.run(claim))
+    job = row(services, job_id)
+    assert job.status == "canceled"
+    assert job.error is not None and job.error["code"] == "canceled"
+    with services.db.session() as s:
+        assert s.exec(select(Asset).where(col(Asset.job_id) == job_id)).all() == []
+
+
+def test_a_cancel_of_a_job_whose_holder_is_dead_is_not_left_waiting(services: Services) -> None:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    job_id = add_job(services, status="running", attempt=1, lease_owner=f"{socket.gethostname()}:{dead.pid}:0",
+                     lease_expires_at=utcnow() + timedelta(minutes=5))
+    assert not services.jobs.ask_holder_to_cancel(job_id)  # nobody would see the request
+    services.jobs.cancel_orphan(job_id)
+    assert row(services, job_id).status == "canceled"
+
+
+def test_recovery_ends_a_job_whose_worker_died_before_it_saw_the_cancel(services: Services) -> None:
+    job_id = add_job(services, status="running", attempt=1, lease_owner="dead-host:1:0",
+                     lease_expires_at=utcnow() - timedelta(seconds=1), cancel_requested_at=utcnow())
+    assert asyncio.run(services.scheduler.recover(all_foreign=False)) == [job_id]
+    job = row(services, job_id)
+    # Not queued again (a local job would otherwise run after the client was told 202).
+    assert job.status == "canceled"
+    assert job.error is not None and job.error["code"] == "canceled"
+    assert job.attempts and job.attempts[-1]["status"] == "canceled"
+
+
+def test_local_jobs_wait_for_the_process_that_holds_the_device(services: Services) -> None:
+    lock = services.scheduler.device
+    assert lock is not None and not lock.held
+    local_id = add_job(services)
+    remote_id = add_job(services, engine="fake-paid")
+    lock.path.parent.mkdir(parents=True, exist_ok=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys, time\n"
+         "f = open(sys.argv[1], 'a'); fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(120)",
+         str(lock.path)], stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"held\n"
+        # Another process runs this device's jobs; a remote job is not held up behind them.
+        claims = services.scheduler._claim_ready({})
+        assert [c.job.id for c, _lane in claims] == [remote_id]
+        assert row(services, local_id).status == "queued" and not lock.held
+    finally:
+        holder.kill()
+        holder.wait()
+    # The holder died (the kernel dropped its lock): this process takes the device over.
+    [(claim, lane)] = services.scheduler._claim_ready({"remote:fake-paid": 1})
+    assert (claim.job.id, lane) == (local_id, "local") and lock.held
+
+
+def test_a_process_takes_the_device_only_when_it_has_a_local_job(services: Services) -> None:
+    lock = services.scheduler.device
+    assert lock is not None
+    add_job(services, engine="fake-paid")
+    services.scheduler._claim_ready({})
+    assert not lock.held  # a worker running remote jobs only leaves the GPU to those that need it
+
+
+def test_device_lock_is_exclusive_between_processes_and_named_per_gpu(tmp_path: Path) -> None:
+    first, second = DeviceLock(tmp_path, lambda: "cuda"), DeviceLock(tmp_path, lambda: "cuda")
+    code = ("import sys\nfrom pathlib import Path\nfrom orchestrator.workers import DeviceLock\n"
+            "print(DeviceLock(Path(sys.argv[1]), lambda: 'cuda').try_acquire())")
+    assert first.try_acquire()
+    taken = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True)
+    assert taken.stdout.strip() == "False"
+    first.release()
+    assert second.try_acquire() and second.held
+    second.release()
+    # Workers pinned to different GPUs both see "cuda": their locks must differ.
+    gpu0 = device_key("cuda", {"CUDA_VISIBLE_DEVICES": "0"})
+    gpu1 = device_key("cuda", {"CUDA_VISIBLE_DEVICES": "1"})
+    assert gpu0 != gpu1 and device_key("cpu", {"CUDA_VISIBLE_DEVICES": "0"}) == device_key("cpu", {})
+    assert "/" not in device_key("cuda", {"CUDA_VISIBLE_DEVICES": "../x"})
+
+
+def test_the_follower_tells_a_stream_what_another_process_did(services: Services) -> None:
+    job_id = add_job(services)
+
+    async def scenario() -> list[tuple[str, dict[str, Any]]]:
+        bus, follower = services.bus, services.follower
+        bus.bind(asyncio.get_running_loop())
+        catch_up(bus, row(services, job_id), [])
+        follower.follow(job_id)
+        seen: list[tuple[str, dict[str, Any]]] = []
+
+        async def listen() -> None:
+            async for event in bus.subscribe(job_id):
+                seen.append((event.type, event.data))
+
+        listener = asyncio.create_task(listen())
+        await asyncio.sleep(0)  # the listener subscribes
+        # Another process claims the job and writes its progress twice, then finishes it.
+        with services.db.transaction() as s:
+            s.execute(update(Job).where(col(Job.id) == job_id).values(status="running", attempt=1,
+                                                                      progress_step=2, progress_total=4))
+        await follower.tick()
+        await follower.tick()  # nothing new: nothing told twice
+        asset_id = new_id("ast")
+        with services.db.transaction() as s:
+            job = s.get(Job, job_id)
+            assert job is not None
+            s.execute(update(Job).where(col(Job.id) == job_id).values(status="succeeded", progress_step=4))
+            s.add(Asset(id=asset_id, project_id=job.project_id, job_id=job_id, stage="ideation", engine="lite",
+                        model=tiny.NAME, prompt="a lighthouse", width=64, height=64, sha256="0" * 64))
+        await follower.tick()
+        await asyncio.wait_for(listener, timeout=10)
+        return seen
+
+    seen = asyncio.run(scenario())
+    assert [kind for kind, _ in seen] == ["queued", "started", "progress", "asset", "succeeded"]
+    assert seen[2][1] == {"step": 2, "total": 4, "fraction": 0.5}
+    assert seen[3][1]["index"] == 0 and seen[4][1]["assets"] == [seen[3][1]["asset_id"]]
+
+
+def test_the_follower_leaves_jobs_this_process_holds_to_their_runner(services: Services) -> None:
+    job_id = add_job(services)
+    [(claim, _lane)] = services.scheduler._claim_ready({})
+
+    async def scenario() -> None:
+        services.bus.bind(asyncio.get_running_loop())
+        catch_up(services.bus, row(services, job_id), [])
+        services.follower.follow(job_id)
+        with services.db.transaction() as s:
+            s.execute(update(Job).where(col(Job.id) == job_id).values(progress_step=1, progress_total=4))
+        await services.follower.tick()
+
+    asyncio.run(scenario())
+    view = services.bus.view(job_id)
+    # Only the runner publishes this job's progress (with its previews); the row is not re-told.
+    assert view is not None and view.step == 0
+    assert claim.job.id == job_id
