@@ -50,10 +50,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             # SIGHUP reloads the policy files (only possible when serving from the main thread).
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, lambda: _reload_policies(services))
-        for engine in services.registry:
-            note = getattr(engine, "note", None)
-            if note:
-                log.warning("%s: %s", engine.name, note)
+        services.log_engine_notes()
         try:
             yield
         finally:

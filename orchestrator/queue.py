@@ -35,7 +35,7 @@ from orchestrator.jobs import render_request
 from orchestrator.ledger import Ledger
 from orchestrator.models import Job, utcnow
 from orchestrator.runner import Claim, JobRunner, reattachable
-from orchestrator.workers import DeviceLock, owner_alive, owner_id
+from orchestrator.workers import DeviceLock, owner_alive, owner_gone, owner_id
 from tiers.base import CancelToken, Engine
 from tiers.registry import EngineRegistry
 
@@ -338,7 +338,7 @@ class Scheduler:
     async def recover(self, *, all_foreign: bool) -> list[str]:
         """Finish or re-queue jobs whose worker is gone. At start-up, every `running` job whose
         holder is not a live process (see `orchestrator.workers.owner_alive`), even if its lease
-        runs on; later, only jobs whose lease expired."""
+        runs on; later, jobs whose lease expired and jobs of dead processes of this host."""
         orphans = await asyncio.to_thread(self._orphans, all_foreign)
         recovered = []
         for job in orphans:
@@ -359,15 +359,22 @@ class Scheduler:
     def _orphans(self, all_foreign: bool) -> list[Job]:
         now = utcnow()
         with self.db.session() as s:
-            stmt = select(Job).where(col(Job.status) == "running")
-            if not all_foreign:
-                stmt = stmt.where(col(Job.lease_expires_at) < now)
-            jobs = list(s.exec(stmt).all())
-        return [j for j in jobs if j.id not in self._running and j.id not in self._claimed
+            jobs = list(s.exec(select(Job).where(col(Job.status) == "running")).all())
+
+        def orphaned(job: Job) -> bool:
+            if job.id in self._running or job.id in self._claimed:
+                return False
+            if job.lease_expires_at is None or job.lease_expires_at <= now:
+                return True
+            if all_foreign:
                 # At start-up a live lease of another running process is not an orphan: that
                 # process is still working on it (and may be paying for it).
-                and not (j.lease_expires_at is not None and j.lease_expires_at > now
-                         and owner_alive(j.lease_owner, other_hosts=not self.db.is_sqlite))]
+                return not owner_alive(job.lease_owner, other_hosts=not self.db.is_sqlite)
+            # A worker of this host that died (killed, out of memory) is known gone at once: its
+            # jobs need not wait out the lease.
+            return owner_gone(job.lease_owner)
+
+        return [job for job in jobs if orphaned(job)]
 
     def _recover_one(self, job: Job) -> str | None:
         engine = self.registry.get(job.engine) if job.engine in self.registry else None

@@ -87,6 +87,13 @@ class Services:
         return cls(settings, db, store, bus, registry, policies, health, router, ledger, runner, scheduler, jobs,
                    follower)
 
+    def log_engine_notes(self) -> None:
+        """What an operator must know at start-up (the smoke model's images are noise, ...)."""
+        for engine in self.registry:
+            note = getattr(engine, "note", None)
+            if note:
+                log.warning("%s: %s", engine.name, note)
+
     def health(self, engine: str) -> str:
         """`ok`, `degraded` or `open` (the circuit breaker's view of the engine)."""
         return self.engine_health.state(engine)

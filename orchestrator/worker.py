@@ -35,6 +35,7 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
         await services.scheduler.start()
         url = make_url(settings.resolved_database_url).render_as_string(hide_password=True)
         log.info("worker %s runs jobs from %s", services.scheduler.owner, url)
+        services.log_engine_notes()
         await stop.wait()
         log.info("worker %s stopping", services.scheduler.owner)
     finally:

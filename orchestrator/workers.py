@@ -53,6 +53,16 @@ def owner_alive(owner: str | None, *, other_hosts: bool) -> bool:
     return True
 
 
+def owner_gone(owner: str | None) -> bool:
+    """Whether a lease owner is surely dead: another process of this host that no longer exists.
+    (Another host's process, or an earlier scheduler of this process, cannot be told from here.)"""
+    host, _, rest = (owner or "").partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    return not owner_alive(owner, other_hosts=False)
+
+
 def device_key(device: str, environ: dict[str, str] | None = None) -> str:
     """The lock name of a device on this host. Two workers pinned to different GPUs with
     `CUDA_VISIBLE_DEVICES` both see `cuda`: the variable is part of the name."""

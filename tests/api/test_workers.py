@@ -178,6 +178,20 @@ def test_recovery_ends_a_job_whose_worker_died_before_it_saw_the_cancel(services
     assert job.attempts and job.attempts[-1]["status"] == "canceled"
 
 
+def test_the_sweeper_recovers_a_dead_worker_s_job_before_its_lease_ends(
+        services: Services, other_process: subprocess.Popen[bytes]) -> None:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lease = {"status": "running", "attempt": 1, "lease_expires_at": utcnow() + timedelta(minutes=5)}
+    dead_id = add_job(services, lease_owner=f"{socket.gethostname()}:{dead.pid}:0", **lease)
+    live_id = add_job(services, lease_owner=f"{socket.gethostname()}:{other_process.pid}:0", **lease)
+    elsewhere_id = add_job(services, lease_owner="another-host:1:0", **lease)
+    # A worker killed on this host: its local job runs again without waiting 5 minutes.
+    assert asyncio.run(services.scheduler.recover(all_foreign=False)) == [dead_id]
+    assert row(services, dead_id).status == "queued"
+    assert row(services, live_id).status == row(services, elsewhere_id).status == "running"
+
+
 def test_local_jobs_wait_for_the_process_that_holds_the_device(services: Services) -> None:
     lock = services.scheduler.device
     assert lock is not None and not lock.held
