@@ -6,9 +6,11 @@ connects late gets the current state first and then live events, without the str
 every step. A job this process does not run (it ran before a restart, or another process runs it)
 is described from its row instead (see `orchestrator.follow`).
 
-Event ids start at this process's start time in milliseconds x 1000, so ids from a later process
-are always larger: a reconnecting client's `Last-Event-ID` resumes the stream only when it came
-from this process, and otherwise gets the whole state again rather than missing an event.
+Event ids count up across all of this process's streams from its start time in milliseconds x
+1000, so ids from a later process are always larger: a reconnecting client's `Last-Event-ID`
+resumes the stream only when it came from this process, and otherwise gets the whole state again
+rather than missing an event. A stream nobody watches is dropped after `HISTORY_TTL` without an
+event (unless `pinned`: a job this process runs), and rebuilt from the job's row when asked for.
 """
 
 from __future__ import annotations
@@ -16,13 +18,15 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 TERMINAL = frozenset({"succeeded", "failed", "canceled"})
-# Finished jobs keep their history this long, for clients that connect just after the end.
+# Finished jobs keep their history this long, for clients that connect just after the end; so do
+# unfinished ones without a client or an event (queued behind others, or run by another process).
 HISTORY_TTL = 600.0
+EVICT_EVERY = 1.0  # seconds between looks for streams to drop
 
 
 def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:
@@ -47,15 +51,16 @@ class StreamView:
     """What a job's stream has told its clients so far."""
 
     started: bool
+    attempt: int  # of the latest `started` (0: none, or not known)
     assets: int
-    step: int
+    step: int  # of the latest `progress` since that `started`
     finished: bool
     watched: bool
 
 
 @dataclass
 class _JobStream:
-    seq: int = 0
+    touched: float = field(default_factory=time.monotonic)
     history: list[Event] = field(default_factory=list)
     latest_progress: Event | None = None
     subscribers: set[asyncio.Queue[Event]] = field(default_factory=set)
@@ -73,9 +78,13 @@ class EventBus:
         self._jobs: dict[str, _JobStream] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._first_id = int(time.time() * 1000) * 1000  # below 2**53: exact in JavaScript too
+        self._last_id = self._first_id
+        self._evicted_at = time.monotonic()
+        # Streams never dropped for being idle (set by the service: the jobs this process holds).
+        self.pinned: Callable[[str], bool] = lambda _job_id: False
 
     def _stream(self, job_id: str) -> _JobStream:
-        return self._jobs.setdefault(job_id, _JobStream(seq=self._first_id))
+        return self._jobs.setdefault(job_id, _JobStream())
 
     def resume_after(self, last_event_id: str | None) -> int:
         """The event id a reconnecting client has seen, or 0 when the id is not one of this
@@ -106,8 +115,9 @@ class EventBus:
         stream = self._stream(job_id)
         if stream.finished_at is not None:
             return  # exactly one terminal event, nothing after it
-        stream.seq += 1
-        event = Event(stream.seq, type_, data)
+        self._last_id += 1
+        event = Event(self._last_id, type_, data)
+        stream.touched = time.monotonic()
         if type_ == "progress":
             stream.latest_progress = event
         else:
@@ -126,9 +136,14 @@ class EventBus:
         stream = self._jobs.get(job_id)
         if stream is None:
             return None
-        types = [e.type for e in stream.history]
-        step = int(stream.latest_progress.data.get("step", 0)) if stream.latest_progress else 0
-        return StreamView(started="started" in types, assets=types.count("asset"), step=step,
+        started = [e for e in stream.history if e.type == "started"]
+        last_start = started[-1] if started else None
+        progress = stream.latest_progress
+        since_start = progress is not None and (last_start is None or progress.id > last_start.id)
+        step = int(progress.data.get("step", 0)) if progress is not None and since_start else 0
+        return StreamView(started=last_start is not None,
+                          attempt=int(last_start.data.get("attempt", 0)) if last_start else 0,
+                          assets=sum(1 for e in stream.history if e.type == "asset"), step=step,
                           finished=stream.finished_at is not None, watched=bool(stream.subscribers))
 
     async def subscribe(self, job_id: str, after: int = 0) -> AsyncIterator[Event]:
@@ -167,7 +182,11 @@ class EventBus:
 
     def _evict(self) -> None:
         now = time.monotonic()
+        if now - self._evicted_at < EVICT_EVERY:
+            return
+        self._evicted_at = now
         stale = [job_id for job_id, s in self._jobs.items()
-                 if s.finished_at is not None and now - s.finished_at > HISTORY_TTL and not s.subscribers]
+                 if not s.subscribers and now - s.touched > HISTORY_TTL
+                 and (s.finished_at is not None or not self.pinned(job_id))]
         for job_id in stale:
             del self._jobs[job_id]

@@ -37,8 +37,13 @@ def catch_up(bus: EventBus, job: Job, asset_ids: list[str]) -> None:
         assert view is not None
     if view.finished or job.status == "queued":
         return
-    if not view.started:
-        bus.publish(job.id, "started", {"job_id": job.id, "status": "running", "engine": job.engine})
+    # A job canceled or failed in the queue never started; one run again (recovered after its
+    # worker died) starts again, and its progress counts from its new start.
+    if job.started_at is not None and (not view.started or job.attempt > view.attempt):
+        bus.publish(job.id, "started", {"job_id": job.id, "status": "running", "engine": job.engine,
+                                        "attempt": job.attempt})
+        view = bus.view(job.id)
+        assert view is not None
     if job.status == "running":
         if job.progress_total and job.progress_step > view.step:
             bus.publish(job.id, "progress", {"step": job.progress_step, "total": job.progress_total,

@@ -31,7 +31,7 @@ from orchestrator.ledger import Ledger
 from orchestrator.models import Asset, Job, Project, utcnow
 from orchestrator.routing import Decision, Router
 from orchestrator.schemas import DraftCreate, PolishCreate, PromoteCreate, Stage
-from orchestrator.workers import owner_alive
+from orchestrator.workers import Presence
 from policies.schema import PRIVACY_TAG
 from tiers.base import RenderRequest, to_credits, to_millicredits
 
@@ -63,13 +63,14 @@ def render_request(params: dict[str, Any], init_image: Any = None) -> RenderRequ
 
 class JobService:
     def __init__(self, db: Database, router: Router, ledger: Ledger, bus: EventBus, notify: Callable[[], None],
-                 default_policy: str) -> None:
+                 default_policy: str, presence: Presence) -> None:
         self.db = db
         self.router = router
         self.ledger = ledger
         self.bus = bus
         self.notify = notify
         self.default_policy = default_policy
+        self.presence = presence
 
     # -- preparing ---------------------------------------------------------------------------
 
@@ -301,14 +302,15 @@ class JobService:
         with self.db.transaction() as s:
             job = s.get(Job, job_id)
             if (job is None or job.status != "running" or job.lease_expires_at is None or job.lease_expires_at <= now
-                    or not owner_alive(job.lease_owner, other_hosts=not self.db.is_sqlite)):
+                    or not self.presence.alive(job.lease_owner)):
                 return False
             result = s.execute(update(Job).where(col(Job.id) == job_id, col(Job.attempt) == job.attempt,
                                                  col(Job.status) == "running").values(cancel_requested_at=now))
             return getattr(result, "rowcount", 0) == 1
 
-    def cancel_orphan(self, job_id: str) -> None:
-        """Cancel a running job whose worker is gone."""
+    def cancel_orphan(self, job_id: str) -> bool:
+        """Cancel a running job whose worker is gone; False when it is back in the queue (a
+        recovery or a fallback moved it meanwhile)."""
         with self.db.transaction() as s:
             result = s.execute(update(Job).where(col(Job.id) == job_id, col(Job.status) == "running").values(
                 status="canceled", finished_at=utcnow(), lease_owner=None, lease_expires_at=None,
@@ -319,8 +321,10 @@ class JobService:
                 self.ledger.capture(s, job, None, unreconciled=True, note="canceled while a worker held it")
         if getattr(result, "rowcount", 0) == 1:
             self.bus.publish(job_id, "canceled", {"job_id": job_id, "status": "canceled"})
-            return
+            return True
         job = self.get(job_id)
+        if job.status in ("queued", "running"):
+            return False
         raise JobFinished(f"job '{job_id}' already {job.status}", details={"status": job.status})
 
     def money(self, job_ids: list[str]) -> dict[str, tuple[int, int]]:

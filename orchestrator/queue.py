@@ -35,7 +35,7 @@ from orchestrator.jobs import render_request
 from orchestrator.ledger import Ledger
 from orchestrator.models import Job, utcnow
 from orchestrator.runner import Claim, JobRunner, reattachable
-from orchestrator.workers import DeviceLock, owner_alive, owner_gone, owner_id
+from orchestrator.workers import DeviceLock, Presence, owner_id
 from tiers.base import CancelToken, Engine
 from tiers.registry import EngineRegistry
 
@@ -51,7 +51,8 @@ class Interrupted(OrchestratorError):
 
 
 class Scheduler:
-    def __init__(self, db: Database, registry: EngineRegistry, runner: JobRunner, bus: EventBus, ledger: Ledger, *,
+    def __init__(self, db: Database, registry: EngineRegistry, runner: JobRunner, bus: EventBus, ledger: Ledger,
+                 presence: Presence, *,
                  lease_seconds: float, sweep_interval: float, poll_interval: float = 0.5,
                  device: DeviceLock | None = None,
                  on_recovered: Callable[[Job, str], Awaitable[None]] | None = None) -> None:
@@ -67,6 +68,7 @@ class Scheduler:
         # Local lanes run only while this process holds the device (None: no local engine).
         self.device = device
         self.owner = owner_id(self)
+        self.presence = presence
         self.on_recovered = on_recovered
         self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -84,6 +86,7 @@ class Scheduler:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        await asyncio.to_thread(self.presence.enter, self.owner)
         await self.recover(all_foreign=True)
         await asyncio.to_thread(self._sweep_ledger)
         self._tasks = [asyncio.create_task(self._dispatch_loop(), name="scheduler"),
@@ -96,6 +99,8 @@ class Scheduler:
         """Stop claiming and interrupt running work without finishing it: the jobs stay `running`
         so the next start recovers them (local work re-queued, remote work failed as interrupted)."""
         self._stopping = True
+        if self.device is not None:
+            self.device.close(release=False)  # released by the service once the device is idle
         for task in self._tasks:
             task.cancel()
         for _task, claim in list(self._running.values()):
@@ -109,8 +114,9 @@ class Scheduler:
         for task in self._tasks:
             with contextlib.suppress(BaseException):
                 await task
-        if self.device is not None:
-            self.device.release()
+        # From here the jobs left running are known to be an orphan's: the next start (or another
+        # process's sweep) recovers them without waiting for their leases.
+        self.presence.leave(self.owner)
 
     def notify(self) -> None:
         """Wake the dispatcher; safe from any thread (API handlers run in a thread pool)."""
@@ -324,6 +330,7 @@ class Scheduler:
             try:
                 await self.recover(all_foreign=False)
                 await asyncio.to_thread(self._sweep_ledger)
+                await asyncio.to_thread(self._forget_owners)
                 for sweep in self.sweepers:
                     await asyncio.to_thread(sweep)
             except Exception:
@@ -337,8 +344,8 @@ class Scheduler:
 
     async def recover(self, *, all_foreign: bool) -> list[str]:
         """Finish or re-queue jobs whose worker is gone. At start-up, every `running` job whose
-        holder is not a live process (see `orchestrator.workers.owner_alive`), even if its lease
-        runs on; later, jobs whose lease expired and jobs of dead processes of this host."""
+        holder is not a live process (see `orchestrator.workers.Presence`), even if its lease
+        runs on; later, jobs whose lease expired and jobs of owners known dead or stopped."""
         orphans = await asyncio.to_thread(self._orphans, all_foreign)
         recovered = []
         for job in orphans:
@@ -356,6 +363,11 @@ class Scheduler:
             self.notify()
         return recovered
 
+    def _forget_owners(self) -> None:
+        with self.db.session() as s:
+            holding = s.exec(select(Job.lease_owner).where(col(Job.status) == "running")).all()
+        self.presence.forget(owner for owner in holding if owner)
+
     def _orphans(self, all_foreign: bool) -> list[Job]:
         now = utcnow()
         with self.db.session() as s:
@@ -369,10 +381,10 @@ class Scheduler:
             if all_foreign:
                 # At start-up a live lease of another running process is not an orphan: that
                 # process is still working on it (and may be paying for it).
-                return not owner_alive(job.lease_owner, other_hosts=not self.db.is_sqlite)
-            # A worker of this host that died (killed, out of memory) is known gone at once: its
+                return not self.presence.alive(job.lease_owner)
+            # A worker that died (killed, out of memory) or stopped is known gone at once: its
             # jobs need not wait out the lease.
-            return owner_gone(job.lease_owner)
+            return self.presence.gone(job.lease_owner)
 
         return [job for job in jobs if orphaned(job)]
 
@@ -429,9 +441,12 @@ class Scheduler:
                                    {"engine": job.engine, "status": "failed", "error": error.to_dict()}]}
             outcome = "failed"
         with self.db.transaction() as s:
-            result = s.execute(update(Job).where(col(Job.id) == job.id, col(Job.attempt) == job.attempt,
-                                                 col(Job.status) == "running").values(**values))
-            if _rowcount(result) != 1:
+            stmt = update(Job).where(col(Job.id) == job.id, col(Job.attempt) == job.attempt,
+                                     col(Job.status) == "running")
+            if outcome != "canceled":
+                # A cancel asked since the read wins: the next sweep ends the job canceled.
+                stmt = stmt.where(col(Job.cancel_requested_at).is_(None))
+            if _rowcount(s.execute(stmt.values(**values))) != 1:
                 return None
             if outcome == "failed":
                 # Sent to a provider that may have made and billed it: charge the estimate, flagged.

@@ -10,7 +10,6 @@ transaction that inserts their rows and finishes the job, so a row never points 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import io
 import logging
 import os
@@ -163,9 +162,13 @@ class JobRunner:
                 if exc.charged == "no":
                     # Nothing reached a provider: queued again, with its hold, for the next start
                     # (recovery would fail a remote job as possibly billed).
-                    # A cancel asked meanwhile keeps it running: recovery then ends it as canceled.
-                    with contextlib.suppress(StaleAttempt, Canceled):
+                    try:
                         await asyncio.to_thread(self._requeue_unsent, claim)
+                    except StaleAttempt:
+                        pass
+                    except Canceled as asked:  # through another process meanwhile: nothing was sent
+                        await self._end(claim, "canceled", asked)
+                        return
                 log.info("job %s interrupted by shutdown; the next start recovers it", job.id)
                 return
             await self._end(claim, "canceled", exc)

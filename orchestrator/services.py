@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import tomllib
@@ -21,13 +22,15 @@ from orchestrator.routing import Router
 from orchestrator.runner import JobRunner
 from orchestrator.settings import Settings
 from orchestrator.store import ArtifactStore
-from orchestrator.workers import DeviceLock
+from orchestrator.workers import DeviceLock, Presence
 from policies import PolicyStore
 from tiers._local import LocalRuntime
 from tiers.base import EngineContext
 from tiers.registry import EngineRegistry
 
 log = logging.getLogger(__name__)
+# Seconds a stopping service waits for the inference thread before it lets the device go.
+DEVICE_IDLE_TIMEOUT = 30.0
 
 
 def load_price_overrides(settings: Settings) -> dict[str, Any]:
@@ -78,12 +81,14 @@ class Services:
         runtime = _local_runtime(registry)
         device = None if runtime is None else DeviceLock(settings.data_dir / "locks",
                                                          functools.partial(_device, runtime))
-        scheduler = Scheduler(db, registry, runner, bus, ledger, lease_seconds=settings.lease_seconds,
+        presence = Presence(settings.data_dir / "locks", shared_database=not db.is_sqlite)
+        scheduler = Scheduler(db, registry, runner, bus, ledger, presence, lease_seconds=settings.lease_seconds,
                               sweep_interval=settings.sweep_interval, poll_interval=settings.poll_interval,
                               device=device)
-        jobs = JobService(db, router, ledger, bus, scheduler.notify, settings.policy)
+        jobs = JobService(db, router, ledger, bus, scheduler.notify, settings.policy, presence)
         scheduler.sweepers.append(functools.partial(idempotency.forget_expired, db))
         follower = JobFollower(db, bus, scheduler.holds, settings.poll_interval)
+        bus.pinned = scheduler.holds
         return cls(settings, db, store, bus, registry, policies, health, router, ledger, runner, scheduler, jobs,
                    follower)
 
@@ -122,8 +127,11 @@ class Services:
         self.runner.close()
         await self.registry.aclose()
         runtime = _local_runtime(self.registry)
-        if runtime is not None:
-            runtime.shutdown()
+        idle = runtime is None or await asyncio.to_thread(runtime.shutdown, DEVICE_IDLE_TIMEOUT)
+        if self.scheduler.device is not None:
+            # Let another process have the device only once this one's model is off it; a thread
+            # still inside the pipeline keeps it until the process ends.
+            self.scheduler.device.close(release=idle)
         self.db.dispose()
 
 
@@ -138,7 +146,7 @@ def _local_runtime(registry: EngineRegistry) -> LocalRuntime | None:
 
 def _device(runtime: LocalRuntime) -> str:
     try:
-        return runtime.device
+        return runtime.device_identity()
     except OrchestratorError:  # ORCH_LITE_DEVICE=cuda without CUDA: the job fails with that when it runs
         return runtime.settings.lite_device
 

@@ -1,15 +1,22 @@
 """Who runs jobs: lease owners, whether they still live, and which process owns a local device.
 
-Several processes may share one database: API servers that run no jobs (`serve --no-jobs`) and
-`orchestrator worker` processes, typically one per GPU. A job's lease names its holder as
-`host:pid:scheduler`; from that, another process tells a live holder (ask it to cancel) from a dead
-one (recover the job).
+Several processes may share one database and one `ORCH_DATA_DIR`: API servers that run no jobs
+(`serve --no-jobs`) and `orchestrator worker` processes, typically one per GPU. A job's lease names
+its holder as `host:pid:scheduler`. Whether that holder lives decides what another process does
+with its jobs: ask it to cancel, or recover the job.
+
+A host name and a pid cannot tell that across containers (other host names on one machine) or PID
+namespaces (the same pid, another process). So each scheduler holds an exclusive `flock` on its
+own file, `ORCH_DATA_DIR/locks/owners/<owner>.lock`, for its life: a held lock is a live owner, a
+free one a dead or stopped owner, whoever asks, and the kernel drops it however the process ends.
+Only owners without such a file (from before it existed, or from a data dir not shared) are judged
+by host name and pid.
 
 A local device runs one pipeline at a time, and two processes that each load the model on one GPU
-run out of memory or crawl. So a process runs local jobs only while it holds that device's lock: an
-exclusive `flock` on `ORCH_DATA_DIR/locks/<host>-<device>.lock`, taken when it first has a local
-job to run and kept for its life (its model stays warm). The kernel drops the lock when the process
-dies, however it dies, and another process picks the device up at its next look at the queue.
+run out of memory or crawl. So a process runs local jobs only while it holds that device's lock,
+`ORCH_DATA_DIR/locks/<host>-<device>.lock` (a GPU is named by its UUID when torch knows it), taken
+when it first has a local job to run and kept until it stops (its model stays warm). Another
+process picks the device up at its next look at the queue.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ import logging
 import os
 import re
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO
 
@@ -32,11 +39,97 @@ def owner_id(scheduler: object) -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{id(scheduler):x}"
 
 
-def owner_alive(owner: str | None, *, other_hosts: bool) -> bool:
-    """Whether a lease owner may still be running: another process on this host that exists, or,
-    when the database is shared across hosts (PostgreSQL), a process on another host (only its
-    lease can tell). This process's own earlier schedulers are gone."""
-    host, _, rest = (owner or "").partition(":")
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+
+
+class Presence:
+    """The owner locks of the schedulers of one data dir (see the module docstring)."""
+
+    def __init__(self, folder: Path, *, shared_database: bool) -> None:
+        self.folder = folder / "owners"
+        # Judging an owner without a lock file: on PostgreSQL another host's owner may live.
+        self.shared_database = shared_database
+        self._held: dict[str, IO[str]] = {}
+
+    def _path(self, owner: str) -> Path:
+        return self.folder / f"{_safe(owner)}.lock"
+
+    def enter(self, owner: str) -> None:
+        """Mark `owner` (a scheduler of this process) alive until `leave` or the process ends."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        file = self._path(owner).open("a+")
+        try:
+            # Blocking: only a probe (an instant) can hold it, since the name is this process's own.
+            fcntl.flock(file, fcntl.LOCK_EX)
+        except BaseException:
+            file.close()
+            raise
+        file.seek(0)
+        file.truncate()
+        file.write(f"{owner}\n")
+        file.flush()
+        self._held[owner] = file
+
+    def leave(self, owner: str) -> None:
+        """The scheduler stopped: its lock is dropped and its file left, so that its jobs (left
+        running for recovery) are known to be an orphan's at once."""
+        file = self._held.pop(owner, None)
+        if file is not None:
+            file.close()
+
+    def _locked(self, owner: str) -> bool | None:
+        """True when the owner's lock is held, False when it is free, None without a file."""
+        if owner in self._held:
+            return True
+        try:
+            file = self._path(owner).open("r")
+        except FileNotFoundError:
+            return None
+        with file:
+            try:
+                fcntl.flock(file, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            return False  # closing the file drops the probe's lock
+
+    def alive(self, owner: str | None) -> bool:
+        """Whether the owner may still be running (and may be paying for its job)."""
+        if not owner:
+            return False
+        locked = self._locked(owner)
+        return locked if locked is not None else _pid_alive(owner, other_hosts=self.shared_database)
+
+    def gone(self, owner: str | None) -> bool:
+        """Whether the owner is surely dead or stopped, so its jobs need not wait out the lease."""
+        if not owner:
+            return False
+        locked = self._locked(owner)
+        return (not locked) if locked is not None else _pid_gone(owner)
+
+    def forget(self, keep: Iterable[str]) -> int:
+        """Remove the files of stopped owners that hold no job any more (`keep`: owners of
+        running jobs); returns how many."""
+        kept = {f"{_safe(owner)}.lock" for owner in keep} | {self._path(owner).name for owner in self._held}
+        removed = 0
+        for path in self.folder.glob("*.lock") if self.folder.is_dir() else []:
+            if path.name in kept:
+                continue
+            with contextlib.suppress(OSError), path.open("r") as file:
+                try:
+                    fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # a live owner that has not claimed a job yet
+                path.unlink()
+                removed += 1
+        return removed
+
+
+def _pid_alive(owner: str, *, other_hosts: bool) -> bool:
+    """For an owner without a lock file: another process of this host that exists, or a process
+    of another host when the database is shared (only its lease can tell then). This process's
+    own earlier schedulers are gone."""
+    host, _, rest = owner.partition(":")
     pid = rest.partition(":")[0]
     if not host or not pid.isdigit():
         return False
@@ -53,25 +146,24 @@ def owner_alive(owner: str | None, *, other_hosts: bool) -> bool:
     return True
 
 
-def owner_gone(owner: str | None) -> bool:
-    """Whether a lease owner is surely dead: another process of this host that no longer exists.
-    (Another host's process, or an earlier scheduler of this process, cannot be told from here.)"""
-    host, _, rest = (owner or "").partition(":")
+def _pid_gone(owner: str) -> bool:
+    host, _, rest = owner.partition(":")
     pid = rest.partition(":")[0]
     if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
         return False
-    return not owner_alive(owner, other_hosts=False)
+    return not _pid_alive(owner, other_hosts=False)
 
 
 def device_key(device: str, environ: dict[str, str] | None = None) -> str:
-    """The lock name of a device on this host. Two workers pinned to different GPUs with
-    `CUDA_VISIBLE_DEVICES` both see `cuda`: the variable is part of the name."""
+    """The lock name of a device of this host. `device` names a GPU by its UUID when torch knows it
+    (see `tiers._local.LocalRuntime.device_identity`); a bare `cuda` is whatever GPU
+    `CUDA_VISIBLE_DEVICES` shows first, so that variable is part of the name."""
     env = os.environ if environ is None else environ
     name = f"{socket.gethostname()}-{device}"
     visible = env.get("CUDA_VISIBLE_DEVICES")
-    if device.startswith("cuda") and visible:
-        name += f"-gpus-{visible}"
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+    if device == "cuda":
+        name += f"-gpus-{visible.split(',')[0].strip()}" if visible else "-gpus-0"
+    return _safe(name)
 
 
 class DeviceLock:
@@ -83,10 +175,12 @@ class DeviceLock:
         self._device = device
         self._file: IO[str] | None = None
         self._told_busy = False
+        self._closed = False
+        self._unlocked = False  # the lock could not be used at all: local jobs run without it
 
     @property
     def held(self) -> bool:
-        return self._file is not None
+        return self._file is not None or self._unlocked
 
     @property
     def path(self) -> Path:
@@ -95,8 +189,20 @@ class DeviceLock:
 
     def try_acquire(self) -> bool:
         """Take the device if no other process holds it; True when this process holds it."""
-        if self._file is not None:
+        if self.held:
             return True
+        if self._closed:
+            return False  # stopping: a dispatch still in flight must not take the device again
+        try:
+            return self._take()
+        except Exception:
+            # A lock file that cannot be made (read-only data dir, a device that cannot be named):
+            # run local jobs as a single process would rather than never run them.
+            log.exception("the device lock cannot be used; this process runs local jobs without it")
+            self._unlocked = True
+            return True
+
+    def _take(self) -> bool:
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.path
         file = path.open("a+")
@@ -121,8 +227,12 @@ class DeviceLock:
         log.info("this process now runs the local jobs of device lock %s", path)
         return True
 
-    def release(self) -> None:
-        if self._file is not None:
+    def close(self, *, release: bool = True) -> None:
+        """Take the device no more; with `release`, let it go now. Release only once the device is
+        idle (the inference thread has stopped and the model is dropped), or another process loads
+        its model beside this one's; without, the lock goes when the process ends."""
+        self._closed = True
+        if release and self._file is not None:
             with contextlib.suppress(OSError):
                 self._file.close()  # closing the descriptor drops the flock
             self._file = None

@@ -180,6 +180,18 @@ class LocalRuntime:
             return torch.float16
         return torch.float32
 
+    def device_identity(self) -> str:
+        """The device as the device lock names it (see `orchestrator.workers`): a CUDA GPU by its
+        UUID when torch knows it, so `CUDA_VISIBLE_DEVICES=0`, the UUID form and no variable at all
+        name one GPU alike."""
+        device = self.device
+        if device != "cuda":
+            return device
+        import torch
+
+        uuid = getattr(torch.cuda.get_device_properties(torch.cuda.current_device()), "uuid", None)
+        return f"cuda-{uuid}" if uuid else device
+
     def describe_device(self) -> str:
         return "auto" if self._device is None else self._device
 
@@ -271,8 +283,24 @@ class LocalRuntime:
 
         return decode
 
-    def shutdown(self) -> None:
+    def shutdown(self, timeout: float = 0.0) -> bool:
+        """Stop the inference thread (work not started is dropped) and, once it has ended, drop
+        the models. True when it ended within `timeout` seconds: the device is idle then."""
         self._executor.shutdown(wait=False, cancel_futures=True)
+        if timeout <= 0:
+            return False
+        waiter = threading.Thread(target=self._executor.shutdown, kwargs={"wait": True}, name="inference shutdown",
+                                  daemon=True)
+        waiter.start()
+        waiter.join(timeout)
+        if waiter.is_alive():
+            return False
+        self._pipes.clear()
+        if self._device == "cuda":
+            import torch
+
+            torch.cuda.empty_cache()
+        return True
 
 
 def runtime_for(ctx: EngineContext) -> LocalRuntime:

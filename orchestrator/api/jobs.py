@@ -14,7 +14,7 @@ from orchestrator import keys
 from orchestrator.api.deps import CallerDep, ServicesDep, check_job
 from orchestrator.api.errors import documented
 from orchestrator.api.serialize import job_public
-from orchestrator.errors import NotFound
+from orchestrator.errors import Conflict, NotFound
 from orchestrator.events import Event
 from orchestrator.follow import catch_up
 from orchestrator.ids import id_cursor
@@ -25,6 +25,7 @@ from orchestrator.services import Services
 router = APIRouter(tags=["jobs"])
 KEEPALIVE_SECONDS = 15.0
 KEY_RECHECK_SECONDS = 5.0  # how long a revoked project key may still follow an open stream
+CANCEL_TRIES = 3
 
 
 def public(services: Services, job: Job) -> JobPublic:
@@ -68,12 +69,14 @@ def list_jobs(services: ServicesDep, caller: CallerDep, project_id: str | None =
 @router.post("/jobs/{job_id}/cancel", status_code=202, response_model=JobPublic, responses=documented(404, 409))
 def cancel_job(job_id: str, services: ServicesDep, caller: CallerDep) -> JobPublic:
     check_job(services, caller, job_id)
-    if (not services.jobs.cancel_queued(job_id) and not services.scheduler.cancel(job_id)
-            and not services.jobs.ask_holder_to_cancel(job_id)):
-        # Running, but its worker is gone: cancel the row; a late write of that worker carries an
-        # older state and changes nothing.
-        services.jobs.cancel_orphan(job_id)
-    return public(services, services.jobs.get(job_id))
+    # Queued, held here, held by another live process, or held by one that is gone (a late write
+    # of that worker carries an older state and changes nothing). A job can change hands between
+    # two of these looks (claimed, recovered, moved by a fallback): look again.
+    for _ in range(CANCEL_TRIES):
+        if (services.jobs.cancel_queued(job_id) or services.scheduler.cancel(job_id)
+                or services.jobs.ask_holder_to_cancel(job_id) or services.jobs.cancel_orphan(job_id)):
+            return public(services, services.jobs.get(job_id))
+    raise Conflict("the job changed hands while it was being canceled; ask again", details={"job_id": job_id})
 
 
 @router.get("/jobs/{job_id}/preview", responses={200: {"content": {"image/png": {}}}, **documented(404)})

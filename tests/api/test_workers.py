@@ -17,12 +17,13 @@ import pytest
 from sqlalchemy import update
 from sqlmodel import col, select
 
+from orchestrator.events import EVICT_EVERY, HISTORY_TTL, EventBus
 from orchestrator.follow import catch_up
 from orchestrator.ids import new_id
-from orchestrator.models import Asset, Job, Project, utcnow
+from orchestrator.models import Asset, Job, LedgerEntry, Project, utcnow
 from orchestrator.services import Services
 from orchestrator.settings import Settings
-from orchestrator.workers import DeviceLock, device_key
+from orchestrator.workers import DeviceLock, Presence, device_key
 from tests.api import (
     SLOW,
     SSE,
@@ -231,14 +232,128 @@ def test_device_lock_is_exclusive_between_processes_and_named_per_gpu(tmp_path: 
     assert first.try_acquire()
     taken = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True)
     assert taken.stdout.strip() == "False"
-    first.release()
+    first.close(release=False)  # stopping, the model still on the device: kept, and never taken again
+    assert not second.try_acquire()
+    first.close()
+    assert not first.try_acquire()
     assert second.try_acquire() and second.held
-    second.release()
-    # Workers pinned to different GPUs both see "cuda": their locks must differ.
-    gpu0 = device_key("cuda", {"CUDA_VISIBLE_DEVICES": "0"})
-    gpu1 = device_key("cuda", {"CUDA_VISIBLE_DEVICES": "1"})
-    assert gpu0 != gpu1 and device_key("cpu", {"CUDA_VISIBLE_DEVICES": "0"}) == device_key("cpu", {})
+    second.close()
+    # Workers pinned to different GPUs both see "cuda": their locks must differ; one GPU named
+    # with or without the variable is one lock; a GPU named by its UUID needs no variable.
+    gpu0, gpu1 = (device_key("cuda", {"CUDA_VISIBLE_DEVICES": v}) for v in ("0", "1"))
+    assert gpu0 != gpu1 and gpu0 == device_key("cuda", {})
+    uuid = "cuda-GPU-8f0e4c2a"
+    assert device_key(uuid, {"CUDA_VISIBLE_DEVICES": "3"}) == device_key(uuid, {})
+    assert device_key("cpu", {"CUDA_VISIBLE_DEVICES": "0"}) == device_key("cpu", {})
     assert "/" not in device_key("cuda", {"CUDA_VISIBLE_DEVICES": "../x"})
+
+
+PRESENCE_HOLDER = """
+import sys, time
+from pathlib import Path
+from orchestrator.workers import Presence
+presence = Presence(Path(sys.argv[1]), shared_database=False)
+presence.enter(sys.argv[2])
+print("in", flush=True)
+time.sleep(120)
+"""
+
+
+def test_owners_are_told_alive_or_gone_by_their_lock_not_their_pid(tmp_path: Path) -> None:
+    # Another container on this machine: another host name, a pid this process cannot see.
+    owner = "another-container:7:1f"
+    holder = subprocess.Popen([sys.executable, "-c", PRESENCE_HOLDER, str(tmp_path), owner], stdout=subprocess.PIPE)
+    presence = Presence(tmp_path, shared_database=False)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"in\n"
+        assert presence.alive(owner) and not presence.gone(owner)
+        assert presence.forget([]) == 0  # a live owner's file stays
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not presence.alive(owner) and presence.gone(owner)  # the kernel dropped its lock
+    # Without a file (an owner from before these files): judged by host name and pid, as before.
+    assert not presence.alive("another-container:8:1f") and not presence.gone("another-container:8:1f")
+    assert Presence(tmp_path, shared_database=True).alive("another-host:8:1f")
+    # A stopped owner's file goes once no running job names it.
+    assert presence.forget([owner]) == 0
+    assert presence.forget([]) == 1 and not presence.gone(owner)
+
+
+def test_a_stopped_scheduler_s_jobs_are_recovered_without_waiting_for_the_lease(services: Services) -> None:
+    other = Services.build(services.settings)
+    asyncio.run(other.scheduler.start())
+    job_id = add_job(services, status="running", attempt=1, lease_owner=other.scheduler.owner,
+                     lease_expires_at=utcnow() + timedelta(minutes=5))
+    assert services.scheduler.presence.alive(other.scheduler.owner)
+    assert asyncio.run(services.scheduler.recover(all_foreign=False)) == []
+    asyncio.run(other.aclose())  # a graceful stop leaves its running jobs for recovery
+    assert asyncio.run(services.scheduler.recover(all_foreign=False)) == [job_id]
+    assert row(services, job_id).status == "queued"
+
+
+def test_a_shutdown_that_meets_a_cancel_from_another_process_releases_the_hold(services: Services) -> None:
+    job_id = add_job(services, engine="fake-paid", estimated=10_000)
+    with services.db.transaction() as s:
+        job = s.get(Job, job_id)
+        assert job is not None
+        services.ledger.hold(s, services.ledger.lock_project(s, job.project_id), job, 10_000)
+    [(claim, _lane)] = services.scheduler._claim_ready({})
+    with services.db.transaction() as s:
+        s.execute(update(Job).where(col(Job.id) == job_id).values(cancel_requested_at=utcnow()))
+    # The service stops before its cancel watch has seen the request; nothing was sent.
+    claim.shutdown = True
+    claim.cancel.cancel(abandon=True)
+    asyncio.run(services.runner.run(claim))
+    assert row(services, job_id).status == "canceled"
+    with services.db.session() as s:
+        kinds = [e.kind for e in s.exec(select(LedgerEntry).where(col(LedgerEntry.job_id) == job_id)).all()]
+    assert kinds == ["hold", "release"]
+
+
+def test_recovery_does_not_queue_again_a_job_canceled_since_it_looked(services: Services) -> None:
+    job_id = add_job(services, status="running", attempt=1, lease_owner="dead-host:1:0",
+                     lease_expires_at=utcnow() - timedelta(seconds=1))
+    seen = row(services, job_id)  # the sweeper's read, before the cancel
+    with services.db.transaction() as s:
+        s.execute(update(Job).where(col(Job.id) == job_id).values(cancel_requested_at=utcnow()))
+    assert services.scheduler._recover_one(seen) is None
+    assert row(services, job_id).status == "running"
+    # The next sweep reads the request and ends the job canceled.
+    assert asyncio.run(services.scheduler.recover(all_foreign=False)) == [job_id]
+    assert row(services, job_id).status == "canceled"
+
+
+def test_idle_streams_of_jobs_run_elsewhere_are_dropped_and_held_ones_kept() -> None:
+    bus = EventBus()
+    bus.pinned = lambda job_id: job_id == "job_held"
+    for job_id in ("job_elsewhere", "job_held"):
+        bus.publish(job_id, "queued", {"job_id": job_id, "status": "queued"})
+    for stream in bus._jobs.values():
+        stream.touched -= HISTORY_TTL + 1
+    bus._evicted_at -= EVICT_EVERY
+    bus.publish("job_new", "queued", {"job_id": "job_new", "status": "queued"})
+    assert not bus.knows("job_elsewhere") and bus.knows("job_held") and bus.knows("job_new")
+    # A stream rebuilt after that numbers its events above everything this process sent.
+    before = max(e.id for s in bus._jobs.values() for e in s.history)
+    bus.publish("job_elsewhere", "queued", {"job_id": "job_elsewhere", "status": "queued"})
+    assert bus._jobs["job_elsewhere"].history[0].id > before
+
+
+def test_catching_up_tells_no_start_for_a_job_that_never_ran_and_a_new_one_for_a_rerun(services: Services) -> None:
+    never = Job(id="job_never", project_id="prj", stage="ideation", engine="lite", status="canceled", attempt=0)
+    rerun = Job(id="job_rerun", project_id="prj", stage="ideation", engine="lite", status="running", attempt=2,
+                started_at=utcnow(), progress_step=3, progress_total=30)
+    bus = EventBus()
+    catch_up(bus, never, [])
+    assert [e.type for e in bus._jobs["job_never"].history] == ["queued", "canceled"]
+    bus.publish("job_rerun", "queued", {})
+    bus.publish("job_rerun", "started", {"attempt": 1})
+    bus.publish("job_rerun", "progress", {"step": 10, "total": 30})
+    catch_up(bus, rerun, [])  # its first worker died at step 10; another runs it from the start
+    events = bus._jobs["job_rerun"].snapshot()
+    assert [(e.type, e.data.get("attempt"), e.data.get("step")) for e in events][-2:] == [
+        ("started", 2, None), ("progress", None, 3)]
 
 
 def test_the_follower_tells_a_stream_what_another_process_did(services: Services) -> None:
@@ -259,7 +374,7 @@ def test_the_follower_tells_a_stream_what_another_process_did(services: Services
         await asyncio.sleep(0)  # the listener subscribes
         # Another process claims the job and writes its progress twice, then finishes it.
         with services.db.transaction() as s:
-            s.execute(update(Job).where(col(Job.id) == job_id).values(status="running", attempt=1,
+            s.execute(update(Job).where(col(Job.id) == job_id).values(status="running", attempt=1, started_at=utcnow(),
                                                                       progress_step=2, progress_total=4))
         await follower.tick()
         await follower.tick()  # nothing new: nothing told twice
