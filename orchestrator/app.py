@@ -13,7 +13,7 @@ from fastapi import Depends, FastAPI
 from fastapi.responses import PlainTextResponse
 
 from orchestrator import __version__
-from orchestrator.api import assets, credits, engines, jobs, keys, policies, projects, stages
+from orchestrator.api import assets, credits, engines, jobs, keys, policies, projects, stages, workers
 from orchestrator.api.deps import ServicesDep, require_auth
 from orchestrator.api.errors import documented
 from orchestrator.api.errors import install as install_errors
@@ -70,7 +70,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestLimits, max_bytes=settings.max_body_bytes)
     app.add_middleware(HeadAsGet)  # added last, so it wraps the others: they and the routes see a GET
     v1 = [Depends(require_auth)]
-    for module in (projects, stages, jobs, assets, engines, credits, policies, keys):
+    for module in (projects, stages, jobs, assets, engines, credits, policies, keys, workers):
         app.include_router(module.router, prefix="/v1", dependencies=v1, responses=documented(400, 401, 422))
 
     @app.get("/healthz", response_model=Health, tags=["operations"])

@@ -68,6 +68,8 @@ class Scheduler:
         # Local lanes run only while this process holds the device (None: no local engine).
         self.device = device
         self.owner = owner_id(self)
+        if device is not None:
+            device.holder = self.owner
         self.presence = presence
         self.on_recovered = on_recovered
         self._wake = asyncio.Event()

@@ -237,6 +237,21 @@ class EnginePublic(BaseModel):
     capabilities: dict[str, Any]
 
 
+class WorkerPublic(BaseModel):
+    owner: str = Field(description="`host:pid:scheduler`, as jobs' leases name it")
+    host: str
+    pid: int | None
+    this_process: bool
+    devices: list[str] = Field(description="the local devices whose jobs it runs (device lock names)")
+    running_jobs: list[str]
+
+
+class WorkersPublic(BaseModel):
+    items: list[WorkerPublic] = Field(description="processes that run jobs, alive now")
+    runs_jobs_here: bool = Field(description="whether this API server also runs jobs (ORCH_RUN_JOBS)")
+    queued: int = Field(description="jobs waiting for a worker")
+
+
 class Health(BaseModel):
     status: Literal["ok"]
     version: str

@@ -107,6 +107,16 @@ class Presence:
         locked = self._locked(owner)
         return (not locked) if locked is not None else _pid_gone(owner)
 
+    def live(self) -> list[str]:
+        """The owners whose lock is held now, as their files name them."""
+        owners = []
+        for path in sorted(self.folder.glob("*.lock")) if self.folder.is_dir() else []:
+            with contextlib.suppress(OSError):
+                owner = path.read_text().strip()
+                if owner and self._locked(owner):
+                    owners.append(owner)
+        return owners
+
     def forget(self, keep: Iterable[str]) -> int:
         """Remove the files of stopped owners that hold no job any more (`keep`: owners of
         running jobs); returns how many."""
@@ -177,6 +187,7 @@ class DeviceLock:
         self._told_busy = False
         self._closed = False
         self._unlocked = False  # the lock could not be used at all: local jobs run without it
+        self.holder = f"pid {os.getpid()} on {socket.gethostname()}"  # the scheduler names itself here
 
     @property
     def held(self) -> bool:
@@ -221,7 +232,7 @@ class DeviceLock:
             raise
         file.seek(0)
         file.truncate()
-        file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        file.write(f"{self.holder}\n")
         file.flush()
         self._file, self._told_busy = file, False
         log.info("this process now runs the local jobs of device lock %s", path)
@@ -236,3 +247,15 @@ class DeviceLock:
             with contextlib.suppress(OSError):
                 self._file.close()  # closing the descriptor drops the flock
             self._file = None
+
+
+def device_holders(folder: Path) -> dict[str, str]:
+    """Device lock name -> the owner that holds it, for the devices held now."""
+    held = {}
+    for path in sorted(folder.glob("*.lock")) if folder.is_dir() else []:
+        with contextlib.suppress(OSError), path.open("r") as file:
+            try:
+                fcntl.flock(file, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                held[path.stem] = file.read().strip()
+    return held

@@ -86,6 +86,8 @@ def test_an_api_server_without_jobs_hands_drafts_to_a_worker(make_settings: Sett
     client = start_server(settings)
     project = create_project(client)["id"]
     job = submit_draft(client, project, n=2)
+    # Nothing runs jobs yet, and the operator can see it.
+    assert client.get("/v1/workers").json() == {"items": [], "runs_jobs_here": False, "queued": 1}
     with worker_process(settings, tmp_path, "worker.log") as worker:
         # The stream is told from the job's row by the API server: the worker runs the job.
         events = read_events(client, job["id"], timeout=120)
@@ -103,6 +105,9 @@ def test_an_api_server_without_jobs_hands_drafts_to_a_worker(make_settings: Sett
         # A job queued while the worker waits is found by its look at the queue.
         second = submit_draft(client, project, seed=7)
         assert wait_for_job(client, second["id"], timeout=60)["status"] == "succeeded"
+        [seen] = client.get("/v1/workers").json()["items"]
+        assert (seen["pid"], seen["this_process"], seen["running_jobs"]) == (worker.pid, False, [])
+        assert [d.endswith("-cpu") for d in seen["devices"]] == [True]  # it holds the device it ran on
     assert worker.returncode == 0, (tmp_path / "worker.log").read_text()
     log = (tmp_path / "worker.log").read_text()
     assert "Traceback" not in log, log
@@ -412,3 +417,16 @@ def test_the_follower_leaves_jobs_this_process_holds_to_their_runner(services: S
     # Only the runner publishes this job's progress (with its previews); the row is not re-told.
     assert view is not None and view.step == 0
     assert claim.job.id == job_id
+
+
+def test_workers_lists_this_server_to_the_admin_only(make_settings: SettingsFactory,
+                                                   start_server: Callable[[Settings], httpx.Client]) -> None:
+    client = start_server(make_settings(admin_key="admin-secret"))
+    admin = {"Authorization": "Bearer admin-secret"}
+    project = client.post("/v1/projects", json={"name": "ops"}, headers=admin).json()["id"]
+    listed = client.get("/v1/workers", headers=admin).json()
+    [me] = listed["items"]
+    assert me["this_process"] and me["devices"] == [] and listed["runs_jobs_here"]  # no local job yet
+    key = client.post(f"/v1/projects/{project}/keys", json={"name": "pipeline"}, headers=admin).json()["key"]
+    assert_error(client.get("/v1/workers", headers={"Authorization": f"Bearer {key}"}), 403, "forbidden")
+    assert_error(client.get("/v1/workers"), 401, "unauthorized")
