@@ -6,17 +6,21 @@ connects late gets the current state first and then live events, without the str
 every step. A job this process does not run (it ran before a restart, or another process runs it)
 is described from its row instead (see `orchestrator.follow`).
 
-Event ids count up across all of this process's streams from its start time in milliseconds x
-1000, so ids from a later process are always larger: a reconnecting client's `Last-Event-ID`
-resumes the stream only when it came from this process, and otherwise gets the whole state again
-rather than missing an event. A stream nobody watches is dropped after `HISTORY_TTL` without an
-event (unless `pinned`: a job this process runs), and rebuilt from the job's row when asked for.
+Event ids are `<process tag>-<n>`: n counts up across all of this process's streams, and the tag
+is drawn at random when the process starts. A reconnecting client's `Last-Event-ID` resumes the
+stream only when it came from this very process; an id of another API server behind the same load
+balancer, of an earlier process, or garbage gets the whole state again rather than missing an
+event (numbers alone cannot tell processes apart: their counters overlap).
+
+A stream nobody watches is dropped after `HISTORY_TTL` without an event (unless `pinned`: a job
+this process runs), and rebuilt from the job's row when asked for.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -38,12 +42,14 @@ def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:
 
 @dataclass(frozen=True)
 class Event:
-    id: int
+    id: int  # this process's count; the client sees it with the process tag
     type: str
     data: dict[str, Any]
+    tag: str = ""
 
     def sse(self) -> str:
-        return f"id: {self.id}\nevent: {self.type}\ndata: {json.dumps(self.data, separators=(',', ':'))}\n\n"
+        data = json.dumps(self.data, separators=(",", ":"))
+        return f"id: {self.tag}-{self.id}\nevent: {self.type}\ndata: {data}\n\n"
 
 
 @dataclass(frozen=True)
@@ -77,8 +83,8 @@ class EventBus:
     def __init__(self) -> None:
         self._jobs: dict[str, _JobStream] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._first_id = int(time.time() * 1000) * 1000  # below 2**53: exact in JavaScript too
-        self._last_id = self._first_id
+        self.tag = secrets.token_hex(4)
+        self._last_id = 0
         self._evicted_at = time.monotonic()
         # Streams never dropped for being idle (set by the service: the jobs this process holds).
         self.pinned: Callable[[str], bool] = lambda _job_id: False
@@ -87,12 +93,14 @@ class EventBus:
         return self._jobs.setdefault(job_id, _JobStream())
 
     def resume_after(self, last_event_id: str | None) -> int:
-        """The event id a reconnecting client has seen, or 0 when the id is not one of this
-        process's (a restart, a malformed header): that client gets the whole state again."""
-        if not last_event_id or len(last_event_id) > 19 or not (last_event_id.isascii() and last_event_id.isdigit()):
+        """The count of the event a reconnecting client has seen, or 0 when the id is not one
+        this process sent (another process's, a malformed header): that client gets the whole
+        state again."""
+        tag, _, count = (last_event_id or "").partition("-")
+        if tag != self.tag or not (count.isascii() and count.isdigit()) or len(count) > 18:
             return 0
-        seen = int(last_event_id)
-        return seen if seen > self._first_id else 0
+        seen = int(count)
+        return seen if seen <= self._last_id else 0
 
     def ended_before(self, job_id: str, seen: int) -> bool:
         """Whether the client has already received this job's terminal event."""
@@ -116,7 +124,7 @@ class EventBus:
         if stream.finished_at is not None:
             return  # exactly one terminal event, nothing after it
         self._last_id += 1
-        event = Event(self._last_id, type_, data)
+        event = Event(self._last_id, type_, data, self.tag)
         stream.touched = time.monotonic()
         if type_ == "progress":
             stream.latest_progress = event

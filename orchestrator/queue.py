@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any
@@ -67,7 +68,7 @@ class Scheduler:
         self.poll_interval = poll_interval
         # Local lanes run only while this process holds the device (None: no local engine).
         self.device = device
-        self.owner = owner_id(self)
+        self.owner = owner_id()
         if device is not None:
             device.holder = self.owner
         self.presence = presence
@@ -79,6 +80,8 @@ class Scheduler:
         # gap must reach them, or it would be taken for a cancel of a worker that is gone.
         self._claimed: dict[str, Claim] = {}
         self._lane_use: dict[str, int] = {}
+        # Held while a worker thread claims: `stop` waits on it, so no claim commits after it.
+        self._claim_lock = threading.Lock()
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
         # More housekeeping for the sweeper (e.g. forgetting old idempotency keys).
@@ -116,6 +119,7 @@ class Scheduler:
         for task in self._tasks:
             with contextlib.suppress(BaseException):
                 await task
+        await asyncio.to_thread(self._give_back_unstarted)
         # From here the jobs left running are known to be an orphan's: the next start (or another
         # process's sweep) recovers them without waiting for their leases.
         self.presence.leave(self.owner)
@@ -172,9 +176,15 @@ class Scheduler:
 
     def _claim_ready(self, lane_use: dict[str, int]) -> list[tuple[Claim, str]]:
         """Claim the oldest queued jobs that fit a free lane (`lane_use` is a copy to count on)."""
+        with self._claim_lock:
+            return self._claim_under_lock(lane_use)
+
+    def _claim_under_lock(self, lane_use: dict[str, int]) -> list[tuple[Claim, str]]:
         claims: list[tuple[Claim, str]] = []
         try:
             for job in self._queued(lane_use):
+                if self._stopping:
+                    break
                 try:
                     lane, limit = self.lane(job.engine)
                 except OrchestratorError:
@@ -237,6 +247,16 @@ class Scheduler:
             self._claimed.pop(job.id, None)
             raise
         return claim
+
+    def _give_back_unstarted(self) -> None:
+        """Claims committed while the service was stopping that no task started: nothing of them
+        reached a provider, so they go back to the queue (or end canceled, when asked to) rather
+        than wait for recovery, which would fail a paid one as possibly billed."""
+        with self._claim_lock:  # no claim is being made from here on
+            unstarted = [claim for job_id, claim in self._claimed.items() if job_id not in self._running]
+        for claim in unstarted:
+            self.runner.give_back(claim)
+            self._claimed.pop(claim.job.id, None)
 
     def _fail_unknown_engine(self, job: Job) -> None:
         error = {"code": "engine_unavailable", "message": f"engine '{job.engine}' is not installed",

@@ -238,10 +238,28 @@ class JobRunner:
             return True
         return False
 
+    def give_back(self, claim: Claim) -> None:
+        """A claim that never started (the service stopped first): back to the queue with its
+        hold, or canceled with its hold released when a cancel was asked meanwhile."""
+        try:
+            self._requeue_unsent(claim)
+        except StaleAttempt:
+            return
+        except Canceled as asked:
+            try:
+                self._finish(claim, "canceled", asked)
+            except StaleAttempt:
+                return
+            self.bus.publish(claim.job.id, "canceled", {"job_id": claim.job.id, "status": "canceled"})
+
     def _requeue_unsent(self, claim: Claim) -> None:
+        # This attempt's engine says it sent nothing billable: its own saved work (if any) is
+        # dropped, so the next run sends afresh. What earlier attempts got a provider to accept
+        # stays, or the next run would send the job again instead of following that billed work.
         with self.db.transaction() as s:
             self._guarded_update(s, claim, status="queued", lease_owner=None, lease_expires_at=None,
-                                 progress_step=0, progress_total=0, provider_work=None, unless_canceled=True)
+                                 progress_step=0, progress_total=0, provider_work=claim.job.provider_work,
+                                 unless_canceled=True)
 
     def _requeue_on(self, claim: Claim, error: EngineError, engine: str, model: str, estimate: int) -> None:
         job = claim.job

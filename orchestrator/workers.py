@@ -8,9 +8,10 @@ with its jobs: ask it to cancel, or recover the job.
 A host name and a pid cannot tell that across containers (other host names on one machine) or PID
 namespaces (the same pid, another process). So each scheduler holds an exclusive `flock` on its
 own file, `ORCH_DATA_DIR/locks/owners/<owner>.lock`, for its life: a held lock is a live owner, a
-free one a dead or stopped owner, whoever asks, and the kernel drops it however the process ends.
-Only owners without such a file (from before it existed, or from a data dir not shared) are judged
-by host name and pid.
+free one a dead or stopped owner, and the kernel drops it however the process ends. A lock only
+speaks for owners of the same machine (same kernel boot id): a network filesystem may not pass
+flocks between hosts. Other owners (another machine's, or one without a file) are judged by host
+name and pid, and on PostgreSQL another host's owner counts as alive: its lease decides.
 
 A local device runs one pipeline at a time, and two processes that each load the model on one GPU
 run out of memory or crawl. So a process runs local jobs only while it holds that device's lock,
@@ -26,6 +27,7 @@ import fcntl
 import logging
 import os
 import re
+import secrets
 import socket
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -34,13 +36,34 @@ from typing import IO
 log = logging.getLogger(__name__)
 
 
-def owner_id(scheduler: object) -> str:
-    """A lease owner: this host, this process, and the scheduler object within it."""
-    return f"{socket.gethostname()}:{os.getpid()}:{id(scheduler):x}"
+def owner_id() -> str:
+    """A new lease owner: this host, this process, and a random tag (a restarted container may
+    get the same host name and pid as the process before it)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
 
 
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+
+
+def _machine() -> str:
+    """This kernel's boot id: processes on one machine (containers included) share it, and only
+    their flocks are known to reach each other (a network filesystem may not pass them on)."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return f"host {socket.gethostname()}"
+
+
+MACHINE = _machine()
+
+
+def _same_file(file: IO[str], path: Path) -> bool:
+    """Whether the open file is still the one at `path` (not unlinked or replaced meanwhile)."""
+    try:
+        return os.stat(path).st_ino == os.fstat(file.fileno()).st_ino
+    except OSError:
+        return False
 
 
 class Presence:
@@ -48,7 +71,7 @@ class Presence:
 
     def __init__(self, folder: Path, *, shared_database: bool) -> None:
         self.folder = folder / "owners"
-        # Judging an owner without a lock file: on PostgreSQL another host's owner may live.
+        # Judging an owner the locks cannot tell about: on PostgreSQL another host's owner may live.
         self.shared_database = shared_database
         self._held: dict[str, IO[str]] = {}
 
@@ -56,20 +79,28 @@ class Presence:
         return self.folder / f"{_safe(owner)}.lock"
 
     def enter(self, owner: str) -> None:
-        """Mark `owner` (a scheduler of this process) alive until `leave` or the process ends."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        file = self._path(owner).open("a+")
+        """Mark `owner` (a scheduler of this process) alive until `leave` or the process ends.
+        Without a usable lock (a filesystem without flock) others judge it by its lease."""
         try:
-            # Blocking: only a probe (an instant) can hold it, since the name is this process's own.
-            fcntl.flock(file, fcntl.LOCK_EX)
-        except BaseException:
-            file.close()
-            raise
-        file.seek(0)
-        file.truncate()
-        file.write(f"{owner}\n")
-        file.flush()
-        self._held[owner] = file
+            self.folder.mkdir(parents=True, exist_ok=True)
+            for _ in range(5):
+                file = self._path(owner).open("a+")
+                try:
+                    # Blocking: only a probe (an instant) can hold it, since the name is ours alone.
+                    fcntl.flock(file, fcntl.LOCK_EX)
+                    if _same_file(file, self._path(owner)):  # not removed by a sweep meanwhile
+                        file.seek(0)
+                        file.truncate()
+                        file.write(f"{owner}\n{MACHINE}\n")
+                        file.flush()
+                        self._held[owner] = file
+                        return
+                except BaseException:
+                    file.close()
+                    raise
+                file.close()
+        except OSError:
+            log.exception("cannot hold an owner lock in %s: other processes judge this one by its leases", self.folder)
 
     def leave(self, owner: str) -> None:
         """The scheduler stopped: its lock is dropped and its file left, so that its jobs (left
@@ -79,19 +110,22 @@ class Presence:
             file.close()
 
     def _locked(self, owner: str) -> bool | None:
-        """True when the owner's lock is held, False when it is free, None without a file."""
+        """True when the owner's lock is held, False when it is free, None when the locks cannot
+        tell: no file, an owner of another machine, or a lock that cannot be probed."""
         if owner in self._held:
             return True
         try:
-            file = self._path(owner).open("r")
-        except FileNotFoundError:
+            with self._path(owner).open("r") as file:
+                lines = file.read().splitlines()
+                if len(lines) < 2 or lines[1] != MACHINE:
+                    return None
+                try:
+                    fcntl.flock(file, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    return True
+                return False  # closing the file drops the probe's lock
+        except OSError:
             return None
-        with file:
-            try:
-                fcntl.flock(file, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return True
-            return False  # closing the file drops the probe's lock
 
     def alive(self, owner: str | None) -> bool:
         """Whether the owner may still be running (and may be paying for its job)."""
@@ -108,30 +142,33 @@ class Presence:
         return (not locked) if locked is not None else _pid_gone(owner)
 
     def live(self) -> list[str]:
-        """The owners whose lock is held now, as their files name them."""
+        """The owners of this machine whose lock is held now, as their files name them."""
         owners = []
         for path in sorted(self.folder.glob("*.lock")) if self.folder.is_dir() else []:
             with contextlib.suppress(OSError):
-                owner = path.read_text().strip()
+                owner = path.read_text().partition("\n")[0].strip()
                 if owner and self._locked(owner):
                     owners.append(owner)
         return owners
 
     def forget(self, keep: Iterable[str]) -> int:
-        """Remove the files of stopped owners that hold no job any more (`keep`: owners of
-        running jobs); returns how many."""
+        """Remove this machine's files of stopped owners that hold no job any more (`keep`: owners
+        of running jobs); returns how many."""
         kept = {f"{_safe(owner)}.lock" for owner in keep} | {self._path(owner).name for owner in self._held}
         removed = 0
         for path in self.folder.glob("*.lock") if self.folder.is_dir() else []:
             if path.name in kept:
                 continue
             with contextlib.suppress(OSError), path.open("r") as file:
+                if file.read().splitlines()[1:2] != [MACHINE]:
+                    continue  # another machine's lock tells this one nothing
                 try:
                     fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
                     continue  # a live owner that has not claimed a job yet
-                path.unlink()
-                removed += 1
+                if _same_file(file, path):
+                    path.unlink()
+                    removed += 1
         return removed
 
 

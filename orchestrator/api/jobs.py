@@ -73,8 +73,13 @@ def cancel_job(job_id: str, services: ServicesDep, caller: CallerDep) -> JobPubl
     # of that worker carries an older state and changes nothing). A job can change hands between
     # two of these looks (claimed, recovered, moved by a fallback): look again.
     for _ in range(CANCEL_TRIES):
-        if (services.jobs.cancel_queued(job_id) or services.scheduler.cancel(job_id)
-                or services.jobs.ask_holder_to_cancel(job_id) or services.jobs.cancel_orphan(job_id)):
+        if services.jobs.cancel_queued(job_id):
+            return public(services, services.jobs.get(job_id))
+        if services.scheduler.holds(job_id):
+            services.jobs.record_cancel(job_id)
+            if services.scheduler.cancel(job_id):
+                return public(services, services.jobs.get(job_id))
+        if services.jobs.ask_holder_to_cancel(job_id) or services.jobs.cancel_orphan(job_id):
             return public(services, services.jobs.get(job_id))
     raise Conflict("the job changed hands while it was being canceled; ask again", details={"job_id": job_id})
 
@@ -102,7 +107,10 @@ async def job_events(job_id: str, services: ServicesDep, caller: CallerDep, requ
         await asyncio.to_thread(check_job, services, caller, job_id)
     if not services.bus.knows(job_id):  # a job this process has published is known to exist
         job, asset_ids = await asyncio.to_thread(_stored_state, services, job_id)
-        if not services.bus.knows(job_id):  # another client may have seeded it meanwhile
+        if services.scheduler.holds(job_id):  # claimed here (checked after the read): its runner tells the rest
+            if not services.bus.knows(job_id):
+                services.bus.publish(job_id, "queued", {"job_id": job_id, "status": "queued"})
+        elif not services.bus.knows(job_id):  # another client may have seeded it meanwhile
             catch_up(services.bus, job, asset_ids)
     services.follower.follow(job_id)  # for as long as another process runs it
     seen = services.bus.resume_after(last_event_id)

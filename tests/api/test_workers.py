@@ -45,7 +45,8 @@ PARAMS: dict[str, Any] = {"stage": "ideation", "prompt": "a lighthouse", "negati
 
 @pytest.fixture
 def services(make_settings: SettingsFactory) -> Iterator[Services]:
-    built = Services.build(make_settings(engines="fake-paid=tests.fakes:factory"))
+    engines = "fake-paid=tests.fakes:factory,fake-queue=tests.fakes:queue_factory"
+    built = Services.build(make_settings(engines=engines))
     try:
         yield built
     finally:
@@ -69,7 +70,7 @@ def add_job(services: Services, engine: str = "lite", **values: Any) -> str:
         s.add(Project(id=project_id, name="workers", policy="balanced"))
         s.flush()
         s.add(Job(id=job_id, project_id=project_id, stage="ideation", engine=engine, model=tiny.NAME,
-                  params=PARAMS, attempts=[], **values))
+                  params=PARAMS, **{"attempts": [], **values}))
     return job_id
 
 
@@ -430,3 +431,59 @@ def test_workers_lists_this_server_to_the_admin_only(make_settings: SettingsFact
     key = client.post(f"/v1/projects/{project}/keys", json={"name": "pipeline"}, headers=admin).json()["key"]
     assert_error(client.get("/v1/workers", headers={"Authorization": f"Bearer {key}"}), 403, "forbidden")
     assert_error(client.get("/v1/workers"), 401, "unauthorized")
+
+
+def test_an_owner_lock_speaks_only_for_its_own_machine(tmp_path: Path) -> None:
+    # A network filesystem may not pass flocks between hosts: another machine's free-looking lock
+    # must not make its live worker look dead.
+    folder = tmp_path / "owners"
+    folder.mkdir()
+    owner = "gpu-box-2:4242:0badc0de"
+    (folder / f"{owner.replace(':', '_')}.lock").write_text(f"{owner}\nanother-boot-id\n")
+    on_postgres = Presence(tmp_path, shared_database=True)
+    assert on_postgres.alive(owner) and not on_postgres.gone(owner)  # its lease decides
+    assert on_postgres.forget([]) == 0 and on_postgres.live() == []
+
+
+def test_a_data_dir_without_usable_locks_still_runs_jobs(tmp_path: Path) -> None:
+    (tmp_path / "owners").write_text("not a folder")  # stands for a filesystem without flock
+    presence = Presence(tmp_path, shared_database=False)
+    presence.enter("here:1:ab")  # logged, not raised: the service starts and leases decide
+    assert presence.live() == []
+
+
+def test_claims_made_while_stopping_go_back_to_the_queue(services: Services) -> None:
+    paid_id = add_job(services, engine="fake-paid", estimated=10_000)
+    asked_id = add_job(services, engine="fake-paid", estimated=10_000)
+    with services.db.transaction() as s:
+        for job_id in (paid_id, asked_id):
+            job = s.get(Job, job_id)
+            assert job is not None
+            services.ledger.hold(s, services.ledger.lock_project(s, job.project_id), job, 10_000)
+    # The dispatch thread committed two claims; the service stopped before it started them.
+    claims = services.scheduler._claim_ready({})
+    assert sorted(c.job.id for c, _lane in claims) == sorted([paid_id, asked_id])
+    services.jobs.record_cancel(asked_id)
+    services.scheduler._give_back_unstarted()
+    assert row(services, paid_id).status == "queued" and row(services, asked_id).status == "canceled"
+    with services.db.session() as s:
+        kinds = {job_id: [e.kind for e in s.exec(select(LedgerEntry).where(col(LedgerEntry.job_id) == job_id))]
+                 for job_id in (paid_id, asked_id)}
+    assert kinds == {paid_id: ["hold"], asked_id: ["hold", "release"]}  # nothing was sent for either
+    assert not services.scheduler.holds(paid_id)
+    # Once stopping, the dispatch thread claims nothing more.
+    services.scheduler._stopping = True
+    assert services.scheduler._claim_ready({}) == []
+
+
+def test_a_claim_given_back_keeps_the_work_a_provider_accepted_before(services: Services) -> None:
+    # Queued to reattach after a crash, claimed, then the service stopped before it started: the
+    # saved work must survive, or the next run sends (and pays for) the job a second time.
+    work = {"engine": "fake-queue", "handles": [{"id": "fake-1", "queue": "https://fake.test/requests"}]}
+    job_id = add_job(services, engine="fake-queue", estimated=10_000, provider_work=work,
+                     attempts=[{"engine": "fake-queue", "status": "interrupted", "error": None}])
+    [(claim, _lane)] = services.scheduler._claim_ready({})
+    services.scheduler._give_back_unstarted()
+    job = row(services, job_id)
+    assert job.status == "queued" and job.provider_work == work
+    assert not services.scheduler.holds(job_id) and claim.job.id == job_id
