@@ -10,7 +10,9 @@ Event ids are `<process tag>-<n>`: n counts up across all of this process's stre
 is drawn at random when the process starts. A reconnecting client's `Last-Event-ID` resumes the
 stream only when it came from this very process; an id of another API server behind the same load
 balancer, of an earlier process, or garbage gets the whole state again rather than missing an
-event (numbers alone cannot tell processes apart: their counters overlap).
+event (numbers alone cannot tell processes apart: their counters overlap). A terminal event's id
+ends in `-end`: any process can tell that such a client has the end of the story (a job ends once)
+and answer 204, so a browser moving between API servers does not get the terminal event twice.
 
 A stream nobody watches is dropped after `HISTORY_TTL` without an event (unless `pinned`: a job
 this process runs), and rebuilt from the job's row when asked for.
@@ -27,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 TERMINAL = frozenset({"succeeded", "failed", "canceled"})
+END_MARK = "-end"
 # Finished jobs keep their history this long, for clients that connect just after the end; so do
 # unfinished ones without a client or an event (queued behind others, or run by another process).
 HISTORY_TTL = 600.0
@@ -49,7 +52,8 @@ class Event:
 
     def sse(self) -> str:
         data = json.dumps(self.data, separators=(",", ":"))
-        return f"id: {self.tag}-{self.id}\nevent: {self.type}\ndata: {data}\n\n"
+        end = END_MARK if self.type in TERMINAL else ""
+        return f"id: {self.tag}-{self.id}{end}\nevent: {self.type}\ndata: {data}\n\n"
 
 
 @dataclass(frozen=True)
@@ -96,17 +100,18 @@ class EventBus:
         """The count of the event a reconnecting client has seen, or 0 when the id is not one
         this process sent (another process's, a malformed header): that client gets the whole
         state again."""
-        tag, _, count = (last_event_id or "").partition("-")
+        tag, _, count = (last_event_id or "").removesuffix(END_MARK).partition("-")
         if tag != self.tag or not (count.isascii() and count.isdigit()) or len(count) > 18:
             return 0
         seen = int(count)
         return seen if seen <= self._last_id else 0
 
-    def ended_before(self, job_id: str, seen: int) -> bool:
-        """Whether the client has already received this job's terminal event."""
+    def ended_before(self, job_id: str, last_event_id: str | None) -> bool:
+        """Whether the client has already received this job's terminal event, from this process
+        or another one."""
         stream = self._jobs.get(job_id)
-        return bool(seen and stream and stream.finished_at is not None and stream.history
-                    and stream.history[-1].id <= seen)
+        ended = bool(last_event_id and last_event_id.endswith(END_MARK))
+        return ended and stream is not None and stream.finished_at is not None
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop

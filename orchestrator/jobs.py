@@ -293,12 +293,14 @@ class JobService:
         self.bus.publish(job_id, "canceled", {"job_id": job_id, "status": "canceled"})
         return True
 
-    def record_cancel(self, job_id: str) -> None:
+    def record_cancel(self, job_id: str) -> bool:
         """Note a cancel of a running job this process holds, before its token is set: should the
-        process die before the job ends, recovery ends it canceled instead of running it again."""
+        process die before the job ends, recovery ends it canceled instead of running it again.
+        False when the job is not running any more (back in the queue, or finished)."""
         with self.db.transaction() as s:
-            s.execute(update(Job).where(col(Job.id) == job_id, col(Job.status) == "running")
-                      .values(cancel_requested_at=utcnow()))
+            result = s.execute(update(Job).where(col(Job.id) == job_id, col(Job.status) == "running")
+                               .values(cancel_requested_at=utcnow()))
+            return getattr(result, "rowcount", 0) == 1
 
     def ask_holder_to_cancel(self, job_id: str) -> bool:
         """Ask the live process that holds a running job (an `orchestrator worker`, another server)

@@ -255,7 +255,10 @@ class Scheduler:
         with self._claim_lock:  # no claim is being made from here on
             unstarted = [claim for job_id, claim in self._claimed.items() if job_id not in self._running]
         for claim in unstarted:
-            self.runner.give_back(claim)
+            try:
+                self.runner.give_back(claim)
+            except Exception:  # the database is gone: recovery finds the claim later
+                log.exception("job %s: giving back its unstarted claim failed", claim.job.id)
             self._claimed.pop(claim.job.id, None)
 
     def _fail_unknown_engine(self, job: Job) -> None:

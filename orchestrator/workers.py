@@ -74,13 +74,16 @@ class Presence:
         # Judging an owner the locks cannot tell about: on PostgreSQL another host's owner may live.
         self.shared_database = shared_database
         self._held: dict[str, IO[str]] = {}
+        self._mine: set[str] = set()  # this process's owners, locked or not
 
     def _path(self, owner: str) -> Path:
         return self.folder / f"{_safe(owner)}.lock"
 
     def enter(self, owner: str) -> None:
         """Mark `owner` (a scheduler of this process) alive until `leave` or the process ends.
-        Without a usable lock (a filesystem without flock) others judge it by its lease."""
+        Without a usable lock (a filesystem without flock) others judge it as owners without a
+        file: by host name and pid, and its lease."""
+        self._mine.add(owner)
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             for _ in range(5):
@@ -105,6 +108,7 @@ class Presence:
     def leave(self, owner: str) -> None:
         """The scheduler stopped: its lock is dropped and its file left, so that its jobs (left
         running for recovery) are known to be an orphan's at once."""
+        self._mine.discard(owner)
         file = self._held.pop(owner, None)
         if file is not None:
             file.close()
@@ -131,12 +135,14 @@ class Presence:
         """Whether the owner may still be running (and may be paying for its job)."""
         if not owner:
             return False
+        if owner in self._mine:
+            return True
         locked = self._locked(owner)
         return locked if locked is not None else _pid_alive(owner, other_hosts=self.shared_database)
 
     def gone(self, owner: str | None) -> bool:
         """Whether the owner is surely dead or stopped, so its jobs need not wait out the lease."""
-        if not owner:
+        if not owner or owner in self._mine:
             return False
         locked = self._locked(owner)
         return (not locked) if locked is not None else _pid_gone(owner)

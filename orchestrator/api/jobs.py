@@ -76,9 +76,10 @@ def cancel_job(job_id: str, services: ServicesDep, caller: CallerDep) -> JobPubl
         if services.jobs.cancel_queued(job_id):
             return public(services, services.jobs.get(job_id))
         if services.scheduler.holds(job_id):
-            services.jobs.record_cancel(job_id)
-            if services.scheduler.cancel(job_id):
+            # Not running any more (a fallback or a stop put it back in the queue): look again.
+            if services.jobs.record_cancel(job_id) and services.scheduler.cancel(job_id):
                 return public(services, services.jobs.get(job_id))
+            continue
         if services.jobs.ask_holder_to_cancel(job_id) or services.jobs.cancel_orphan(job_id):
             return public(services, services.jobs.get(job_id))
     raise Conflict("the job changed hands while it was being canceled; ask again", details={"job_id": job_id})
@@ -113,9 +114,9 @@ async def job_events(job_id: str, services: ServicesDep, caller: CallerDep, requ
         elif not services.bus.knows(job_id):  # another client may have seeded it meanwhile
             catch_up(services.bus, job, asset_ids)
     services.follower.follow(job_id)  # for as long as another process runs it
-    seen = services.bus.resume_after(last_event_id)
-    if services.bus.ended_before(job_id, seen):
+    if services.bus.ended_before(job_id, last_event_id):
         return Response(status_code=204)
+    seen = services.bus.resume_after(last_event_id)
 
     async def stream() -> AsyncIterator[str]:
         events = aiter(services.bus.subscribe(job_id, after=seen))

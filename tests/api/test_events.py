@@ -11,12 +11,12 @@ import httpx
 import pytest
 
 from orchestrator.events import EventBus
-from tests.api import SLOW, SSE, create_project, iter_sse, read_events, run_draft, submit_draft, wait_for_job
+from tests.api import SLOW, SSE, TERMINAL, create_project, iter_sse, read_events, run_draft, submit_draft, wait_for_job
 
 
 def count(event_id: str | None) -> int:
     """An event id's place in its process's count (`<process tag>-<n>`)."""
-    tag, _, n = (event_id or "").partition("-")
+    tag, _, n = (event_id or "").removesuffix("-end").partition("-")
     assert tag and n.isdigit(), event_id
     return int(n)
 
@@ -178,6 +178,19 @@ def test_foreign_last_event_id_replays_the_whole_state(server: httpx.Client, las
     full = read_events(server, job["id"], timeout=10)
     assert [(e.id, e.event) for e in read_events_after(server, job["id"], last_event_id)] == \
         [(e.id, e.event) for e in full]
+
+
+def test_a_client_with_another_server_s_terminal_event_gets_204(server: httpx.Client) -> None:
+    # Behind a round-robin load balancer a browser's reconnect lands on another server: it must
+    # not be told the end of the story twice, nor have an unfinished story cut short.
+    project = create_project(server)["id"]
+    job = run_draft(server, project, n=1, steps=1)
+    url = f"/v1/jobs/{job['id']}/events"
+    [end] = [e for e in read_events(server, job["id"], timeout=10) if e.event in TERMINAL]
+    assert end.id is not None and end.id.endswith("-end")
+    assert server.get(url, headers={"Last-Event-ID": "0badc0de-7-end"}).status_code == 204
+    replayed = read_events_after(server, job["id"], "0badc0de-7")  # not the end: everything again
+    assert (replayed[0].event, replayed[-1].event) == ("queued", "succeeded")
 
 
 def test_only_the_process_that_sent_an_id_resumes_after_it() -> None:

@@ -450,6 +450,7 @@ def test_a_data_dir_without_usable_locks_still_runs_jobs(tmp_path: Path) -> None
     presence = Presence(tmp_path, shared_database=False)
     presence.enter("here:1:ab")  # logged, not raised: the service starts and leases decide
     assert presence.live() == []
+    assert presence.alive("here:1:ab") and not presence.gone("here:1:ab")  # it knows itself alive
 
 
 def test_claims_made_while_stopping_go_back_to_the_queue(services: Services) -> None:
@@ -487,3 +488,22 @@ def test_a_claim_given_back_keeps_the_work_a_provider_accepted_before(services: 
     job = row(services, job_id)
     assert job.status == "queued" and job.provider_work == work
     assert not services.scheduler.holds(job_id) and claim.job.id == job_id
+
+
+def test_canceling_an_unstarted_reattach_claim_charges_the_accepted_work(services: Services) -> None:
+    # The provider accepted the job before a crash and runs (and bills) on: a cancel while the
+    # claim to follow it is given back captures the hold for reconciliation, as recovery does.
+    work = {"engine": "fake-queue", "handles": [{"id": "fake-1", "queue": "https://fake.test/requests"}]}
+    job_id = add_job(services, engine="fake-queue", estimated=10_000, provider_work=work)
+    with services.db.transaction() as s:
+        job = s.get(Job, job_id)
+        assert job is not None
+        services.ledger.hold(s, services.ledger.lock_project(s, job.project_id), job, 10_000)
+    services.scheduler._claim_ready({})
+    assert services.jobs.record_cancel(job_id)
+    services.scheduler._give_back_unstarted()
+    assert row(services, job_id).status == "canceled"
+    with services.db.session() as s:
+        entries = s.exec(select(LedgerEntry).where(col(LedgerEntry.job_id) == job_id)).all()
+    assert [(e.kind, e.unreconciled) for e in entries] == [("hold", False), ("capture", True)]
+    assert not services.jobs.record_cancel(job_id)  # finished: nothing to record
