@@ -238,7 +238,7 @@ class EnginePublic(BaseModel):
 
 
 class WorkerPublic(BaseModel):
-    owner: str = Field(description="`host:pid:scheduler`, as jobs' leases name it")
+    owner: str = Field(description="`host:pid:tag`, as jobs' leases name it")
     host: str
     pid: int | None
     this_process: bool

@@ -2,7 +2,7 @@
 
 Several processes may share one database and one `ORCH_DATA_DIR`: API servers that run no jobs
 (`serve --no-jobs`) and `orchestrator worker` processes, typically one per GPU. A job's lease names
-its holder as `host:pid:scheduler`. Whether that holder lives decides what another process does
+its holder as `host:pid:tag`. Whether that holder lives decides what another process does
 with its jobs: ask it to cancel, or recover the job.
 
 A host name and a pid cannot tell that across containers (other host names on one machine) or PID
@@ -15,7 +15,8 @@ name and pid, and on PostgreSQL another host's owner counts as alive: its lease 
 
 A local device runs one pipeline at a time, and two processes that each load the model on one GPU
 run out of memory or crawl. So a process runs local jobs only while it holds that device's lock,
-`ORCH_DATA_DIR/locks/<host>-<device>.lock` (a GPU is named by its UUID when torch knows it), taken
+`ORCH_DATA_DIR/locks/<device>@<machine>.lock` (a GPU named by its UUID when torch knows it; the
+machine by its kernel boot id, which containers on it share while their host names differ), taken
 when it first has a local job to run and kept until it stops (its model stays warm). Another
 process picks the device up at its next look at the queue.
 """
@@ -43,7 +44,7 @@ def owner_id() -> str:
 
 
 def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+    return re.sub(r"[^A-Za-z0-9_.@-]", "_", name)
 
 
 def _machine() -> str:
@@ -208,15 +209,15 @@ def _pid_gone(owner: str) -> bool:
 
 
 def device_key(device: str, environ: dict[str, str] | None = None) -> str:
-    """The lock name of a device of this host. `device` names a GPU by its UUID when torch knows it
-    (see `tiers._local.LocalRuntime.device_identity`); a bare `cuda` is whatever GPU
+    """The lock name of a device of this machine. `device` names a GPU by its UUID when torch knows
+    it (see `tiers._local.LocalRuntime.device_identity`); a bare `cuda` is whatever GPU
     `CUDA_VISIBLE_DEVICES` shows first, so that variable is part of the name."""
     env = os.environ if environ is None else environ
-    name = f"{socket.gethostname()}-{device}"
+    name = device
     visible = env.get("CUDA_VISIBLE_DEVICES")
     if device == "cuda":
         name += f"-gpus-{visible.split(',')[0].strip()}" if visible else "-gpus-0"
-    return _safe(name)
+    return _safe(f"{name}@{MACHINE[:8]}")
 
 
 class DeviceLock:

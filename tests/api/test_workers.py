@@ -108,7 +108,7 @@ def test_an_api_server_without_jobs_hands_drafts_to_a_worker(make_settings: Sett
         assert wait_for_job(client, second["id"], timeout=60)["status"] == "succeeded"
         [seen] = client.get("/v1/workers").json()["items"]
         assert (seen["pid"], seen["this_process"], seen["running_jobs"]) == (worker.pid, False, [])
-        assert [d.endswith("-cpu") for d in seen["devices"]] == [True]  # it holds the device it ran on
+        assert [d.startswith("cpu@") for d in seen["devices"]] == [True]  # it holds the device it ran on
     assert worker.returncode == 0, (tmp_path / "worker.log").read_text()
     log = (tmp_path / "worker.log").read_text()
     assert "Traceback" not in log, log
