@@ -141,6 +141,17 @@ def launch_server(env: dict[str, str], cwd: Path, log: IO[bytes]) -> tuple[subpr
         time.sleep(0.05)  # poll interval while the process starts
 
 
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, as a process manager sends it; SIGKILL when it does not end within 30 s."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 @contextmanager
 def serve_process(settings: Settings, workdir: Path, log_name: str,
                   env: dict[str, str] | None = None) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
@@ -154,13 +165,7 @@ def serve_process(settings: Settings, workdir: Path, log_name: str,
         try:
             yield proc, base
         finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            stop_process(proc)
 
 
 @contextmanager
@@ -185,13 +190,7 @@ def worker_process(settings: Settings, workdir: Path, log_name: str,
                 time.sleep(0.05)  # poll interval while the process starts
             yield proc
         finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            stop_process(proc)
 
 
 # PostgreSQL refuses NUL in text (it once failed a finished job at the asset insert, and answered
