@@ -43,7 +43,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         services.bus.bind(asyncio.get_running_loop())
         app.state.services = services
         if settings.run_jobs:
-            await services.scheduler.start()
+            await services.start()
         else:
             log.info("ORCH_RUN_JOBS is off: this server queues jobs for `orchestrator worker` processes "
                      "and runs none itself")

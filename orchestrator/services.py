@@ -6,7 +6,7 @@ import asyncio
 import functools
 import logging
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from orchestrator import idempotency
@@ -26,6 +26,7 @@ from orchestrator.workers import DeviceLock, Presence
 from policies import PolicyStore
 from tiers._local import LocalRuntime
 from tiers.base import EngineContext
+from tiers.lite import LiteEngine
 from tiers.registry import EngineRegistry
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ class Services:
     scheduler: Scheduler
     jobs: JobService
     follower: JobFollower
+    background: list[asyncio.Task[None]] = field(default_factory=list)
 
     @classmethod
     def build(cls, settings: Settings) -> Services:
@@ -92,6 +94,28 @@ class Services:
         return cls(settings, db, store, bus, registry, policies, health, router, ledger, runner, scheduler, jobs,
                    follower)
 
+    async def start(self) -> None:
+        """Start running jobs (the scheduler) and, with ORCH_LITE_PRELOAD, load the Lite model in
+        the background."""
+        await self.scheduler.start()
+        if self.settings.lite_preload:
+            self.background.append(asyncio.create_task(self._preload_lite(), name="lite preload"))
+
+    async def _preload_lite(self) -> None:
+        lite = self.registry.get("lite") if "lite" in self.registry else None
+        device = self.scheduler.device
+        if not isinstance(lite, LiteEngine) or not lite.availability()[0] or device is None:
+            return
+        if not await asyncio.to_thread(device.try_acquire):
+            log.info("ORCH_LITE_PRELOAD: another process runs this device's jobs; the model is not loaded here")
+            return
+        try:
+            await lite.preload()
+        except Exception:  # the first draft then fails with the reason, as without a preload
+            log.exception("ORCH_LITE_PRELOAD: loading %s failed", lite.model)
+        else:
+            log.info("ORCH_LITE_PRELOAD: %s loaded and warm", lite.model)
+
     def log_engine_notes(self) -> None:
         """What an operator must know at start-up (the smoke model's images are noise, ...)."""
         for engine in self.registry:
@@ -122,6 +146,9 @@ class Services:
         return "\n".join(lines) + "\n"
 
     async def aclose(self) -> None:
+        for task in self.background:
+            task.cancel()
+        await asyncio.gather(*self.background, return_exceptions=True)
         await self.follower.aclose()
         await self.scheduler.stop()
         self.runner.close()

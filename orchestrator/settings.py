@@ -57,6 +57,9 @@ class Settings(BaseSettings):
     lite_max_batch: int = Field(4, ge=1, le=16)
     # Half precision on CUDA: fp16, or bf16 for GPUs and models that overflow in fp16.
     lite_dtype: Literal["fp16", "bf16"] = "fp16"
+    # Load the Lite model when a process that runs jobs starts (and gets the device), so the
+    # first draft after a start or deploy does not wait for it.
+    lite_preload: bool = False
     # Torch intra-op threads of the inference thread; 0 = all physical cores.
     torch_threads: int = Field(0, ge=0)
     # Largest width/height a local engine accepts; guards memory on small machines.

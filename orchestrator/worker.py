@@ -32,7 +32,7 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
     try:
-        await services.scheduler.start()
+        await services.start()
         url = make_url(settings.resolved_database_url).render_as_string(hide_password=True)
         log.info("worker %s runs jobs from %s", services.scheduler.owner, url)
         services.log_engine_notes()

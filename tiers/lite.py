@@ -34,6 +34,10 @@ class LiteEngine(LocalEngine):
     def __init__(self, ctx: EngineContext) -> None:
         super().__init__(ctx, ctx.settings.lite_model, Capabilities(seeds=True, negative_prompt=True))
 
+    async def preload(self) -> None:
+        """Load the model (with its warm-up) now, on the inference thread, not at the first draft."""
+        await self.runtime.call(self.runtime.text2img, self._model)
+
     async def run(self, req: RenderRequest, progress: Progress, cancel: CancelToken) -> RenderResult:
         self.estimate(req)  # size limits
         cancel.raise_if_cancelled()

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ from tests.api import (
     worker_process,
 )
 from tiers import tiny
+from tiers.lite import LiteEngine
 
 SettingsFactory = Callable[..., Settings]
 PARAMS: dict[str, Any] = {"stage": "ideation", "prompt": "a lighthouse", "negative_prompt": "", "n": 1, "seed": 5,
@@ -62,6 +64,22 @@ def other_process() -> Iterator[subprocess.Popen[bytes]]:
     finally:
         proc.kill()
         proc.wait()
+
+
+@contextmanager
+def lock_held_elsewhere(path: Path) -> Iterator[None]:
+    """Another process holds the flock on `path` (a device lock) until the block ends."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys, time\n"
+         "f = open(sys.argv[1], 'a'); fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(120)",
+         str(path)], stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"held\n"
+        yield
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def add_job(services: Services, engine: str = "lite", **values: Any) -> str:
@@ -204,20 +222,11 @@ def test_local_jobs_wait_for_the_process_that_holds_the_device(services: Service
     assert lock is not None and not lock.held
     local_id = add_job(services)
     remote_id = add_job(services, engine="fake-paid")
-    lock.path.parent.mkdir(parents=True, exist_ok=True)
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import fcntl, sys, time\n"
-         "f = open(sys.argv[1], 'a'); fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(120)",
-         str(lock.path)], stdout=subprocess.PIPE)
-    try:
-        assert holder.stdout is not None and holder.stdout.readline() == b"held\n"
+    with lock_held_elsewhere(lock.path):
         # Another process runs this device's jobs; a remote job is not held up behind them.
         claims = services.scheduler._claim_ready({})
         assert [c.job.id for c, _lane in claims] == [remote_id]
         assert row(services, local_id).status == "queued" and not lock.held
-    finally:
-        holder.kill()
-        holder.wait()
     # The holder died (the kernel dropped its lock): this process takes the device over.
     [(claim, lane)] = services.scheduler._claim_ready({"remote:fake-paid": 1})
     assert (claim.job.id, lane) == (local_id, "local") and lock.held
@@ -507,3 +516,32 @@ def test_canceling_an_unstarted_reattach_claim_charges_the_accepted_work(service
         entries = s.exec(select(LedgerEntry).where(col(LedgerEntry.job_id) == job_id)).all()
     assert [(e.kind, e.unreconciled) for e in entries] == [("hold", False), ("capture", True)]
     assert not services.jobs.record_cancel(job_id)  # finished: nothing to record
+
+
+def test_preload_loads_the_lite_model_at_start_only_where_the_device_is_free(make_settings: SettingsFactory) -> None:
+    def started(settings: Settings) -> tuple[bool, set[tuple[str, str]]]:
+        """Start a service with ORCH_LITE_PRELOAD: (holds the device, models loaded)."""
+        services = Services.build(settings)
+        lite = services.registry.get("lite")
+        assert isinstance(lite, LiteEngine) and services.scheduler.device is not None
+
+        async def run() -> tuple[bool, set[tuple[str, str]]]:
+            services.bus.bind(asyncio.get_running_loop())
+            try:
+                await services.start()
+                await asyncio.wait_for(asyncio.gather(*services.background), timeout=120)
+                assert services.scheduler.device is not None
+                return services.scheduler.device.held, set(lite.runtime._pipes)
+            finally:
+                await services.aclose()
+
+        return asyncio.run(run())
+
+    settings = make_settings(lite_preload=True)
+    probe = Services.build(settings)
+    assert probe.scheduler.device is not None
+    path = probe.scheduler.device.path
+    asyncio.run(probe.aclose())
+    with lock_held_elsewhere(path):
+        assert started(settings) == (False, set())  # another worker has this device
+    assert started(settings) == (True, {(tiny.NAME, "text2img")})  # loaded before any draft
