@@ -217,8 +217,12 @@ class Ledger:
 
     def settle_failure(self, s: Session, job: Job, error: OrchestratorError) -> None:
         """Release when the provider surely charged nothing; otherwise capture the estimate, marked
-        unreconciled when nobody knows whether it charged."""
+        unreconciled when nobody knows whether it charged. A job an earlier attempt got a provider
+        to accept (`provider_work`, saved before a crash) may be billed for that work whatever ended
+        this attempt (a cancel, a missing source file): it is never released."""
         charged = getattr(error, "charged", "no")
+        if charged == "no" and (job.provider_work or {}).get("handles"):
+            charged = "unknown"
         if charged == "no":
             self.release(s, job, note=f"{error.code}")
         else:

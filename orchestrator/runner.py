@@ -376,10 +376,6 @@ class JobRunner:
 
     def _finish(self, claim: Claim, status: str, error: OrchestratorError) -> None:
         job = claim.job
-        if isinstance(error, EngineError) and (job.provider_work or {}).get("handles"):
-            # An earlier attempt's provider accepted the job, and that work runs (and bills) on
-            # whatever this attempt did: it is captured for reconciliation, never released.
-            error.at_least_charged("unknown")
         with self.db.transaction() as s:
             self._guarded_update(s, claim, status=status, finished_at=utcnow(), error=error.to_dict(),
                                  lease_owner=None, lease_expires_at=None,

@@ -25,11 +25,13 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import logging
 import os
 import re
 import secrets
 import socket
+import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO
@@ -217,12 +219,12 @@ def device_key(device: str, environ: dict[str, str] | None = None) -> str:
     visible = env.get("CUDA_VISIBLE_DEVICES")
     if device == "cuda":
         name += f"-gpus-{visible.split(',')[0].strip()}" if visible else "-gpus-0"
-    return _safe(f"{name}@{MACHINE[:8]}")
+    return _safe(f"{name}@{hashlib.sha256(MACHINE.encode()).hexdigest()[:12]}")
 
 
 class DeviceLock:
-    """This process's claim on a local device (see the module docstring). Not thread-safe: the
-    scheduler's dispatch, which alone takes it, runs one at a time."""
+    """This process's claim on a local device (see the module docstring). Taken by the scheduler's
+    dispatch thread and by a preload (ORCH_LITE_PRELOAD), one at a time."""
 
     def __init__(self, folder: Path, device: Callable[[], str]) -> None:
         self.folder = folder
@@ -231,6 +233,8 @@ class DeviceLock:
         self._told_busy = False
         self._closed = False
         self._unlocked = False  # the lock could not be used at all: local jobs run without it
+        # Two descriptors of one process conflict like two processes: takers go one at a time.
+        self._taking = threading.Lock()
         self.holder = f"pid {os.getpid()} on {socket.gethostname()}"  # the scheduler names itself here
 
     @property
@@ -244,10 +248,14 @@ class DeviceLock:
 
     def try_acquire(self) -> bool:
         """Take the device if no other process holds it; True when this process holds it."""
-        if self.held:
-            return True
-        if self._closed:
-            return False  # stopping: a dispatch still in flight must not take the device again
+        with self._taking:
+            if self.held:
+                return True
+            if self._closed:
+                return False  # stopping: a dispatch still in flight must not take the device again
+            return self._take_or_go_without()
+
+    def _take_or_go_without(self) -> bool:
         try:
             return self._take()
         except Exception:
@@ -274,6 +282,9 @@ class DeviceLock:
         except BaseException:
             file.close()
             raise
+        if self._closed:  # the service stopped while this was being taken (a preload thread)
+            file.close()
+            return False
         file.seek(0)
         file.truncate()
         file.write(f"{self.holder}\n")

@@ -7,6 +7,7 @@ import asyncio
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -88,7 +89,7 @@ def add_job(services: Services, engine: str = "lite", **values: Any) -> str:
         s.add(Project(id=project_id, name="workers", policy="balanced"))
         s.flush()
         s.add(Job(id=job_id, project_id=project_id, stage="ideation", engine=engine, model=tiny.NAME,
-                  params=PARAMS, **{"attempts": [], **values}))
+                  **{"params": PARAMS, "attempts": [], **values}))
     return job_id
 
 
@@ -545,3 +546,47 @@ def test_preload_loads_the_lite_model_at_start_only_where_the_device_is_free(mak
     with lock_held_elsewhere(path):
         assert started(settings) == (False, set())  # another worker has this device
     assert started(settings) == (True, {(tiny.NAME, "text2img")})  # loaded before any draft
+
+
+def test_a_failure_of_a_job_a_provider_had_accepted_is_never_released(services: Services) -> None:
+    # Queued to follow work a provider accepted before a crash, the job fails before it gets
+    # there (its source image is gone): that work runs and bills on, so the hold is captured.
+    work = {"engine": "fake-queue", "handles": [{"id": "fake-1", "queue": "https://fake.test/requests"}]}
+    job_id = add_job(services, engine="fake-queue", estimated=10_000, provider_work=work,
+                     params={**PARAMS, "stage": "bridge", "source_sha256": "0" * 64})
+    with services.db.transaction() as s:
+        job = s.get(Job, job_id)
+        assert job is not None
+        services.ledger.hold(s, services.ledger.lock_project(s, job.project_id), job, 10_000)
+    [(claim, _lane)] = services.scheduler._claim_ready({})
+    asyncio.run(services.runner.run(claim))
+    job = row(services, job_id)
+    assert job.status == "failed" and job.error is not None and job.error["code"] == "not_found"
+    with services.db.session() as s:
+        entries = s.exec(select(LedgerEntry).where(col(LedgerEntry.job_id) == job_id)).all()
+    assert [(e.kind, e.unreconciled) for e in entries] == [("hold", False), ("capture", True)]
+
+
+def test_a_preload_and_a_dispatch_taking_the_device_together_both_get_it(tmp_path: Path) -> None:
+    # Two descriptors of one process conflict as two processes do: without taking turns, one of
+    # them found "another process" holding the device and skipped it.
+    for attempt in range(20):
+        lock = DeviceLock(tmp_path / str(attempt), lambda: "cpu")
+        start = threading.Barrier(2)
+        results: list[bool] = []
+
+        def take(lock: DeviceLock = lock, start: threading.Barrier = start, results: list[bool] = results) -> None:
+            start.wait()
+            results.append(lock.try_acquire())
+
+        threads = [threading.Thread(target=take) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(10)
+        assert results == [True, True]
+        lock.close()
+    # Stopped while a taker was on its way: the device is not taken after the stop.
+    late = DeviceLock(tmp_path / "late", lambda: "cpu")
+    late.close()
+    assert not late._take() and not late.held
