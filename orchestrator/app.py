@@ -45,6 +45,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if settings.run_jobs:
             await services.start()
         else:
+            services.listen()
             log.info("ORCH_RUN_JOBS is off: this server queues jobs for `orchestrator worker` processes "
                      "and runs none itself")
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):

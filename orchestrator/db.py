@@ -21,6 +21,8 @@ from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event
 from sqlmodel import Session
 
+from orchestrator.bells import Bell
+
 log = logging.getLogger(__name__)
 _IMMEDIATE = "orchestrator_immediate"
 
@@ -57,6 +59,9 @@ class Database:
         if self.is_sqlite:
             _sqlite_setup(self.engine)
         self._writer = self.engine.execution_options(**{_IMMEDIATE: True})
+        # Tells other processes sharing the database about each commit (see orchestrator.bells);
+        # the service sets its own, a bare Database rings nobody.
+        self.bell = Bell()
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -68,8 +73,11 @@ class Database:
     def transaction(self) -> Iterator[Session]:
         """One write transaction, committed on success, rolled back on any error. On SQLite the
         database write lock is held from the first statement."""
-        with Session(self._writer, expire_on_commit=False) as session, session.begin():
-            yield session
+        with Session(self._writer, expire_on_commit=False) as session:
+            with session.begin():
+                yield session
+                self.bell.before_commit(session)
+            self.bell.after_commit()
 
     def migrate(self) -> None:
         upgrade(self.url)

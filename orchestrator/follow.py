@@ -3,8 +3,9 @@
 A client may follow a job on any API process: one that ran it before a restart, or an API server
 in front of separate workers (`ORCH_RUN_JOBS=false`, `orchestrator worker`). The process that runs
 a job publishes its events live; every other process learns what happened from the job's row
-(status, progress, assets), which the follower reads every `ORCH_POLL_INTERVAL`, one query for all
-the jobs its clients watch, and turns into the same events: `started`, `progress` (without
+(status, progress, assets), which the follower reads when another process's commit rings the bell
+(`orchestrator.bells`) and every `ORCH_POLL_INTERVAL`, one query for all the jobs its clients
+watch, and turns into the same events: `started`, `progress` (without
 previews: those stay in the running process), `asset`, and the terminal one.
 """
 
@@ -70,6 +71,7 @@ class JobFollower:
         self.interval = interval
         self._followed: dict[str, float] = {}  # job id -> when a client last asked
         self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
 
     def follow(self, job_id: str) -> None:
         """Keep the job's stream up to date while clients watch it. Call it on the loop."""
@@ -80,9 +82,16 @@ class JobFollower:
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._loop(), name="job follower")
 
+    def heard(self) -> None:
+        """Another process committed something (`orchestrator.bells`): read the rows now."""
+        if self._followed:
+            self._wake.set()
+
     async def _loop(self) -> None:
         while self._followed:
-            await asyncio.sleep(self.interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=self.interval)
+            self._wake.clear()
             try:
                 await self.tick()
             except Exception:  # a busy database: the next tick tries again

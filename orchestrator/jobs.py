@@ -304,8 +304,8 @@ class JobService:
 
     def ask_holder_to_cancel(self, job_id: str) -> bool:
         """Ask the live process that holds a running job (an `orchestrator worker`, another server)
-        to cancel it; False when no live holder has it. The holder sees the request within
-        `ORCH_POLL_INTERVAL`, stops the job and settles it as its own cancel; its success, should
+        to cancel it; False when no live holder has it. The holder sees the request when its bell
+        rings (or at its next look), stops the job and settles it as its own cancel; its success, should
         it finish first, yields to the request (see `orchestrator.runner`)."""
         now = utcnow()
         with self.db.transaction() as s:

@@ -88,8 +88,8 @@ class Job(SQLModel, table=True):
     # What the provider accepted for this job, for a later process to reattach to after a crash:
     # {"engine": name, "handles": [{"id": ..., **handle}, ...]} (see tiers.base.Reattachable).
     provider_work: dict[str, Any] | None = _json()
-    # A cancel asked of a job that another live process holds: that process sees it at its next
-    # look (ORCH_POLL_INTERVAL) and stops the job; a result it finishes meanwhile is not kept.
+    # A cancel asked of a job that another live process holds: that process sees it when the
+    # commit rings its bell (or at its next look) and stops the job; a result it finishes meanwhile is not kept.
     cancel_requested_at: datetime | None = _ts()
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime, nullable=False)
     started_at: datetime | None = _ts()

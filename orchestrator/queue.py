@@ -4,8 +4,9 @@ Jobs wait in the `jobs` table; the scheduler claims them oldest first, with a co
 per lane: one lane per local device (limit 1: a GPU runs one pipeline at a time) and one per
 remote engine. A claim bumps `attempt` and takes a lease that a heartbeat renews. A job submitted
 in this process wakes the scheduler at once; jobs other processes queued (an API server that runs
-none, see `orchestrator.workers`) are found by looking at the queue every `ORCH_POLL_INTERVAL`,
-and so are cancels other processes ask of the jobs this one holds.
+none, see `orchestrator.workers`) are found when their commit rings this process's bell
+(`orchestrator.bells`), or else at the look every `ORCH_POLL_INTERVAL`, and so are cancels other
+processes ask of the jobs this one holds.
 
 Recovery (at start-up, and by the periodic sweeper for leases that expired): a job left `running`
 by a dead process is re-queued when its engine is local (nothing was spent and the work is
@@ -74,6 +75,7 @@ class Scheduler:
         self.presence = presence
         self.on_recovered = on_recovered
         self._wake = asyncio.Event()
+        self._cancel_wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._running: dict[str, tuple[asyncio.Task[None], Claim]] = {}
         # Claims committed by a worker thread and not yet started on the loop: a cancel in that
@@ -139,6 +141,12 @@ class Scheduler:
         else:
             loop.call_soon_threadsafe(self._wake.set)
 
+    def heard(self) -> None:
+        """Another process committed something (`orchestrator.bells`): look at the queue and at
+        the cancels of held jobs now instead of at the next poll. Call it on the loop."""
+        self._wake.set()
+        self._cancel_wake.set()
+
     # -- claiming ----------------------------------------------------------------------------
 
     def lane(self, engine_name: str) -> tuple[str, int]:
@@ -153,7 +161,8 @@ class Scheduler:
 
     async def _dispatch_loop(self) -> None:
         while not self._stopping:
-            # Woken by this process's submits and job ends; the timeout finds other processes' jobs.
+            # Woken by this process's submits and job ends, and by other processes' bells; the
+            # timeout finds what a lost ring did not tell.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=self.poll_interval)
             self._wake.clear()
@@ -295,7 +304,9 @@ class Scheduler:
     async def _cancel_watch_loop(self) -> None:
         """Cancels asked through another process (`cancel_requested_at`) of jobs held here."""
         while not self._stopping:
-            await asyncio.sleep(self.poll_interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._cancel_wake.wait(), timeout=self.poll_interval)
+            self._cancel_wake.clear()
             held = {job_id: claim for job_id, (_, claim) in self._running.items() if not claim.cancel.cancelled}
             if not held:
                 continue

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from orchestrator import idempotency
+from orchestrator.bells import bell_for
 from orchestrator.db import Database
 from orchestrator.errors import InvalidRequest, OrchestratorError
 from orchestrator.events import EventBus
@@ -65,6 +66,7 @@ class Services:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         db = Database(settings.resolved_database_url)
         db.migrate()
+        db.bell = bell_for(settings.resolved_database_url, settings.data_dir / "locks")
         store = ArtifactStore(settings.assets_dir)
         store.sweep_temp()
         bus = EventBus()
@@ -94,9 +96,20 @@ class Services:
         return cls(settings, db, store, bus, registry, policies, health, router, ledger, runner, scheduler, jobs,
                    follower)
 
+    def listen(self) -> None:
+        """Look at once when another process sharing the database commits (`orchestrator.bells`):
+        for jobs to run and cancels to obey (the scheduler), and for the streams of jobs run
+        elsewhere (the follower). Call it on the loop."""
+        def heard() -> None:
+            self.scheduler.heard()
+            self.follower.heard()
+
+        self.db.bell.listen(heard)
+
     async def start(self) -> None:
         """Start running jobs (the scheduler) and, with ORCH_LITE_PRELOAD, load the Lite model in
         the background."""
+        self.listen()
         await self.scheduler.start()
         if self.settings.lite_preload:
             self.background.append(asyncio.create_task(self._preload_lite(), name="lite preload"))
@@ -149,6 +162,7 @@ class Services:
         for task in self.background:
             task.cancel()
         await asyncio.gather(*self.background, return_exceptions=True)
+        self.db.bell.close()
         await self.follower.aclose()
         await self.scheduler.stop()
         self.runner.close()

@@ -84,6 +84,7 @@ class Settings(BaseSettings):
     run_jobs: bool = True
     # Seconds between looks at what other processes changed: jobs they queued (for a worker),
     # cancels they asked for (for a job's holder), progress of jobs they run (for an event stream).
+    # Their commits ring a bell that makes a process look at once; this look is the fallback.
     poll_interval: float = Field(0.5, gt=0, le=60)
 
     gemini_api_key: SecretStr | None = Field(None, validation_alias=_alias("ORCH_GEMINI_API_KEY", "GEMINI_API_KEY"))

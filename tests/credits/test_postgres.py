@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +19,9 @@ from sqlalchemy.orm import ORMExecuteState
 from sqlmodel import Session, col, select
 
 from orchestrator import idempotency
+from orchestrator.bells import CHANNEL, PostgresBell
+from orchestrator.db import Database
+from orchestrator.ids import new_id
 from orchestrator.jobs import JobService
 from orchestrator.models import IdempotencyKey, Job, LedgerEntry, Project
 from orchestrator.schemas import DraftCreate
@@ -227,9 +231,11 @@ def test_ledger_ids_beyond_an_integer_are_misses_on_postgres(pg_api: httpx.Clien
 def test_an_api_server_and_a_worker_share_a_postgres_database(
         postgres_url: str, tmp_path: Path, paid_settings_for: Callable[..., Settings], policy_dir: Path) -> None:
     """The larger install: an API server that runs no jobs and a worker process, on PostgreSQL."""
-    settings = paid_settings_for(tmp_path / "data", database_url=postgres_url, run_jobs=False, poll_interval=0.1)
+    # Looks at the queue a minute apart: the processes learn of each other's commits by bells.
+    settings = paid_settings_for(tmp_path / "data", database_url=postgres_url, run_jobs=False, poll_interval=60)
     env = {"ORCH_DATABASE_URL": postgres_url, "ORCH_ENGINES": ENGINES, "ORCH_POLICY": POLICY,
-           "ORCH_POLICY_DIR": str(policy_dir)}
+           "ORCH_POLICY_DIR": str(policy_dir), "ORCH_POLL_INTERVAL": "60"}
+    began = time.monotonic()
     with (serve_in_thread(settings) as base, httpx.Client(base_url=base, timeout=30.0) as client,
           worker_process(settings, tmp_path, "worker.log", env=env) as worker):
         project = create_project(client, "two processes", budget={"limit": 100, "period": "none"})["id"]
@@ -255,4 +261,44 @@ def test_an_api_server_and_a_worker_share_a_postgres_database(
         assert canceled["cost"]["held"] == 0  # settled once, nothing left held
         budget = client.get(f"/v1/projects/{project}/budget").json()
         assert budget["held"] == 0 and budget["charged"] == 10 + canceled["cost"]["charged"]
+        assert time.monotonic() - began < 60, "a step waited for a poll: a bell was not heard"
     assert worker.returncode == 0, (tmp_path / "worker.log").read_text()
+
+
+def test_a_commit_notifies_the_other_processes_and_a_rollback_does_not_on_postgres(postgres_url: str) -> None:
+    db = Database(postgres_url)
+    db.migrate()
+    bell = PostgresBell(postgres_url)
+    db.bell = bell
+    listener = psycopg.connect(bell.conninfo, autocommit=True)
+    try:
+        listener.execute(f"LISTEN {CHANNEL}")
+        with contextlib.suppress(RuntimeError), db.transaction() as s:
+            s.add(Project(id=new_id("prj"), name="rolled back", policy="balanced"))
+            raise RuntimeError("rolled back")
+        with db.transaction() as s:
+            s.add(Project(id=new_id("prj"), name="kept", policy="balanced"))
+        heard = [n.payload for n in listener.notifies(timeout=1.0)]
+        assert heard == [bell.tag]  # the commit's, from this process's tag (which it ignores)
+
+        async def hears_another_process() -> None:
+            other = PostgresBell(postgres_url)
+            rung = asyncio.Event()
+            other.listen(rung.set)
+            try:
+                await asyncio.wait_for(rung.wait(), 10)  # the catch-up look once it listens
+                rung.clear()
+                await asyncio.to_thread(add_project_row, db)
+                await asyncio.wait_for(rung.wait(), 10)
+            finally:
+                await asyncio.to_thread(other.close)
+
+        asyncio.run(hears_another_process())
+    finally:
+        listener.close()
+        db.dispose()
+
+
+def add_project_row(db: Database) -> None:
+    with db.transaction() as s:
+        s.add(Project(id=new_id("prj"), name="rung", policy="balanced"))

@@ -1,0 +1,217 @@
+"""Bells: a process tells the others sharing its database that something changed, so they look now.
+
+API servers and `orchestrator worker` processes learn what the others did from the database: a job
+queued, a cancel asked, a job's progress or end. Without a bell they see it at their next look, up
+to `ORCH_POLL_INTERVAL` later, which is most of a small draft's time on a GPU. So each committed
+write transaction rings, and a process that hears a ring looks at once (its scheduler at the
+queue, its cancel watch at the jobs it holds, its follower at the streams it serves).
+
+A ring carries nothing: the rows stay the only truth. A lost ring costs the wait for the next look,
+a spurious one a query; the looks on a timer stay as the fallback.
+
+- SQLite (processes of one machine): a Unix datagram socket per process,
+  `ORCH_DATA_DIR/locks/bells/<tag>.sock`; a ring is an empty datagram to every other socket there.
+  A socket left by a dead process refuses it and is removed.
+- PostgreSQL (processes on several hosts): `NOTIFY` inside the committing transaction, so it is
+  delivered on commit only and never on a rollback, and one `LISTEN` connection per process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import socket
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
+
+log = logging.getLogger(__name__)
+CHANNEL = "orchestrator_bell"
+# Rings heard closer together than this wake the listeners once: a burst of commits elsewhere
+# (a batch of submits) costs each process one look, not one per commit.
+MIN_GAP_SECONDS = 0.01
+# How long the PostgreSQL listener waits for a notification before checking that it should stop.
+LISTEN_TIMEOUT_SECONDS = 1.0
+RECONNECT_SECONDS = 5.0
+# sun_path holds 108 bytes on Linux, its terminating NUL included.
+MAX_SOCKET_PATH = 107
+
+
+class Bell:
+    """Rings after commits and hears the rings of other processes. This one does neither: a
+    database no other process shares (in memory, or a test's)."""
+
+    def __init__(self) -> None:
+        self.tag = secrets.token_hex(6)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._on_ring: Callable[[], None] | None = None
+        self._pending = False
+        self._last = 0.0
+
+    def before_commit(self, session: Any) -> None:
+        """Called inside each write transaction, last (`session`: SQLAlchemy's)."""
+
+    def after_commit(self) -> None:
+        """Called after each write transaction committed. Never raises."""
+
+    def listen(self, on_ring: Callable[[], None]) -> None:
+        """Call `on_ring` on the running loop when another process rings."""
+        self._loop = asyncio.get_running_loop()
+        self._on_ring = on_ring
+
+    def close(self) -> None:
+        self._on_ring = None
+
+    def _heard(self) -> None:
+        """A ring arrived; safe from any thread."""
+        loop = self._loop
+        if loop is not None and self._on_ring is not None:
+            with contextlib.suppress(RuntimeError):  # the loop closed
+                loop.call_soon_threadsafe(self._schedule)
+
+    def _schedule(self) -> None:
+        assert self._loop is not None
+        if self._pending:
+            return
+        self._pending = True
+        self._loop.call_at(max(self._loop.time(), self._last + MIN_GAP_SECONDS), self._deliver)
+
+    def _deliver(self) -> None:
+        assert self._loop is not None
+        self._pending = False
+        self._last = self._loop.time()
+        if self._on_ring is not None:
+            self._on_ring()
+
+
+class SocketBell(Bell):
+    """The bell of processes on one machine (see the module docstring)."""
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__()
+        self.folder = folder
+        self.path = folder / f"{self.tag}.sock"
+        self._sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sender.setblocking(False)
+        self._receiver: socket.socket | None = None
+
+    def after_commit(self) -> None:
+        try:
+            entries = list(os.scandir(self.folder))
+        except OSError:
+            return
+        for entry in entries:
+            if not entry.name.endswith(".sock") or entry.name == self.path.name:
+                continue
+            try:
+                self._sender.sendto(b"", entry.path)
+            except ConnectionRefusedError:  # nobody bound: a socket its process left behind
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+            except OSError:  # gone meanwhile, or its queue is full (it has a ring to hear already)
+                pass
+
+    def listen(self, on_ring: Callable[[], None]) -> None:
+        super().listen(on_ring)
+        if len(os.fsencode(self.path)) > MAX_SOCKET_PATH:
+            log.info("ORCH_DATA_DIR is too long a path for a bell socket; other processes' changes are "
+                     "seen every ORCH_POLL_INTERVAL")
+            return
+        receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            receiver.bind(str(self.path))
+        except OSError as exc:
+            receiver.close()
+            log.warning("no bell socket at %s (%s); other processes' changes are seen every ORCH_POLL_INTERVAL",
+                        self.path, exc)
+            return
+        receiver.setblocking(False)
+        self._receiver = receiver
+        assert self._loop is not None
+        self._loop.add_reader(receiver.fileno(), self._drain)
+
+    def _drain(self) -> None:
+        assert self._receiver is not None
+        heard = False
+        while True:
+            try:
+                self._receiver.recv(1)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                break
+            heard = True
+        if heard:
+            self._schedule()
+
+    def close(self) -> None:
+        super().close()
+        receiver, self._receiver = self._receiver, None
+        if receiver is not None:
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.remove_reader(receiver.fileno())
+            receiver.close()
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+        self._sender.close()
+
+
+class PostgresBell(Bell):
+    """The bell of processes sharing a PostgreSQL database (see the module docstring)."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__()
+        # psycopg takes the URL without SQLAlchemy's driver name.
+        self.conninfo = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def before_commit(self, session: Any) -> None:
+        session.execute(text("SELECT pg_notify(:channel, :tag)"), {"channel": CHANNEL, "tag": self.tag})
+
+    def listen(self, on_ring: Callable[[], None]) -> None:
+        super().listen(on_ring)
+        self._thread = threading.Thread(target=self._listen, name="bell", daemon=True)
+        self._thread.start()
+
+    def _listen(self) -> None:
+        import psycopg
+
+        while not self._stop.is_set():
+            try:
+                with psycopg.connect(self.conninfo, autocommit=True) as conn:
+                    conn.execute(f"LISTEN {CHANNEL}")
+                    # Changes made while no connection listened are caught up by one look.
+                    self._heard()
+                    while not self._stop.is_set():
+                        for notice in conn.notifies(timeout=LISTEN_TIMEOUT_SECONDS):
+                            if notice.payload != self.tag:
+                                self._heard()
+            except Exception as exc:
+                log.warning("the bell lost its database connection (%s); listening again in %s s",
+                            exc, RECONNECT_SECONDS)
+                self._stop.wait(RECONNECT_SECONDS)
+
+    def close(self) -> None:
+        super().close()
+        self._stop.set()
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join(timeout=LISTEN_TIMEOUT_SECONDS + 1)
+
+
+def bell_for(url: str, locks: Path) -> Bell:
+    """The bell for a database URL: PostgreSQL's own, sockets beside an SQLite file, none in memory."""
+    if url.startswith("postgresql"):
+        return PostgresBell(url)
+    if url.startswith("sqlite") and url.split("///", 1)[-1] not in ("", ":memory:"):
+        return SocketBell(locks / "bells")
+    return Bell()

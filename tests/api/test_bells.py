@@ -1,0 +1,140 @@
+"""Bells: a commit in one process makes the others look at once instead of at their next poll."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+
+from orchestrator.bells import Bell, SocketBell, bell_for
+from orchestrator.db import Database
+from orchestrator.ids import new_id
+from orchestrator.models import Project
+from orchestrator.settings import Settings
+from tests.api import SLOW, TERMINAL, create_project, read_events, submit_draft, wait_for_job, worker_process
+
+SettingsFactory = Callable[..., Settings]
+# Longer than any wait below: what these tests see within their deadlines, a bell told.
+NO_POLL = 60.0
+
+
+def pending(bell: SocketBell) -> bool:
+    """Whether a ring waits in the bell's socket (read without the loop, which would drain it)."""
+    assert bell._receiver is not None
+    try:
+        bell._receiver.recv(1, socket.MSG_PEEK)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def add_project(db: Database) -> None:
+    with db.transaction() as s:
+        s.add(Project(id=new_id("prj"), name="bells", policy="balanced"))
+
+
+def test_a_commit_rings_every_other_process_once_and_a_rollback_rings_none(tmp_path: Path) -> None:
+    folder = tmp_path / "locks" / "bells"
+
+    async def scenario() -> None:
+        ringer, other, third = SocketBell(folder), SocketBell(folder), SocketBell(folder)
+        heard: dict[str, int] = {"ringer": 0, "other": 0, "third": 0}
+        for name, bell in (("ringer", ringer), ("other", other), ("third", third)):
+            bell.listen(lambda name=name: heard.__setitem__(name, heard[name] + 1))  # type: ignore[misc]
+        db = Database(f"sqlite:///{tmp_path / 'o.db'}")
+        db.migrate()
+        db.bell = ringer
+        try:
+            with pytest.raises(RuntimeError), db.transaction() as s:
+                s.add(Project(id=new_id("prj"), name="rolled back", policy="balanced"))
+                raise RuntimeError("rolled back")
+            assert not pending(other) and not pending(third)
+
+            # Sent before the commit returns, so they are there before the loop runs again.
+            add_project(db)
+            assert pending(other) and pending(third) and not pending(ringer)
+            async with asyncio.timeout(5):
+                while heard["other"] == 0 or heard["third"] == 0:
+                    await asyncio.sleep(0.005)  # poll interval for the loop's delivery
+            # A burst of commits (the loop does not run between them) is heard as one look.
+            for _ in range(5):
+                add_project(db)
+            async with asyncio.timeout(5):
+                while heard["other"] < 2:
+                    await asyncio.sleep(0.005)
+            await asyncio.sleep(0.05)  # past the gap that merges rings
+            assert heard == {"ringer": 0, "other": 2, "third": 2}
+        finally:
+            for bell in (ringer, other, third):
+                bell.close()
+            db.dispose()
+        assert list(folder.iterdir()) == []  # each closed bell took its socket away
+
+    asyncio.run(scenario())
+
+
+def test_a_socket_left_by_a_dead_process_is_removed_at_the_next_ring(tmp_path: Path) -> None:
+    folder = tmp_path / "bells"
+    folder.mkdir()
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    dead.bind(str(folder / "dead.sock"))
+    dead.close()  # what a killed process leaves behind
+    (folder / "notes.txt").write_text("not a bell")
+    ringer = SocketBell(folder)
+    try:
+        ringer.after_commit()
+    finally:
+        ringer.close()
+    assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
+
+
+def test_a_data_dir_too_long_for_a_socket_runs_without_a_bell(tmp_path: Path,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    folder = tmp_path / ("x" * 120) / "bells"
+
+    async def scenario() -> None:
+        bell = SocketBell(folder)
+        bell.listen(lambda: None)
+        bell.after_commit()  # nothing to ring, and no error
+        assert bell._receiver is None
+        bell.close()
+
+    with caplog.at_level("INFO", logger="orchestrator.bells"):
+        asyncio.run(scenario())
+    assert "ORCH_POLL_INTERVAL" in caplog.text
+
+
+def test_each_database_gets_the_bell_that_reaches_its_other_processes(tmp_path: Path) -> None:
+    assert isinstance(bell_for(f"sqlite:///{tmp_path / 'o.db'}", tmp_path), SocketBell)
+    assert type(bell_for("sqlite:///:memory:", tmp_path)) is Bell
+    pg = bell_for("postgresql+psycopg://user:secret@db.example:5433/orch?sslmode=require", tmp_path)
+    assert pg.conninfo == "postgresql://user:secret@db.example:5433/orch?sslmode=require"  # type: ignore[attr-defined]
+
+
+def test_a_worker_hears_a_draft_queued_and_a_cancel_asked_through_the_api_server(
+        make_settings: SettingsFactory, tmp_path: Path, start_server: Callable[[Settings], httpx.Client]) -> None:
+    """With looks at the queue a minute apart, only the bells can move these jobs in time."""
+    settings = make_settings(run_jobs=False, poll_interval=NO_POLL)
+    client = start_server(settings)
+    project = create_project(client)["id"]
+    with worker_process(settings, tmp_path, "worker.log", env={"ORCH_POLL_INTERVAL": str(NO_POLL)}) as worker:
+        asked = time.monotonic()
+        job = submit_draft(client, project, n=2)
+        events = read_events(client, job["id"], timeout=30)
+        assert time.monotonic() - asked < NO_POLL / 2  # the worker's queue and the server's stream: bells
+        kinds = [e.event for e in events]
+        assert kinds[:2] == ["queued", "started"] and kinds[-1] == "succeeded", kinds
+        assert [e.data["index"] for e in events if e.event == "asset"] == [0, 1]
+
+        slow = submit_draft(client, project, **SLOW)
+        wait_for_job(client, slow["id"], ("running",), timeout=30)
+        assert client.post(f"/v1/jobs/{slow['id']}/cancel").status_code == 202
+        done = wait_for_job(client, slow["id"], TERMINAL, timeout=30)
+        assert done["status"] == "canceled" and done["attempts"][-1]["status"] == "canceled", done
+        assert done["progress"]["step"] < SLOW["steps"]
+    assert worker.returncode == 0, (tmp_path / "worker.log").read_text()
