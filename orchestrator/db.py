@@ -72,9 +72,11 @@ class Database:
     @contextmanager
     def transaction(self) -> Iterator[Session]:
         """One write transaction, committed on success, rolled back on any error. On SQLite the
-        database write lock is held from the first statement."""
+        database write lock is held from the start: ids made in it (list cursors) then commit in
+        the order they were made."""
         with Session(self._writer, expire_on_commit=False) as session:
             with session.begin():
+                session.connection()  # BEGIN now; SQLAlchemy would wait for the first statement
                 yield session
                 self.bell.before_commit(session)
             self.bell.after_commit()

@@ -1,0 +1,27 @@
+"""The database wrapper: write transactions on SQLite."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from orchestrator.db import Database
+
+
+def test_a_write_transaction_holds_the_write_lock_before_its_first_statement(tmp_path: Path) -> None:
+    """Ids made at the top of a transaction (list cursors) must commit in the order they were made:
+    a second writer waits from the moment the first transaction starts, not from its first write."""
+    path = tmp_path / "o.db"
+    db = Database(f"sqlite:///{path}")
+    db.migrate()
+    other = sqlite3.connect(path, timeout=0, isolation_level=None)
+    try:
+        with db.transaction(), pytest.raises(sqlite3.OperationalError, match="locked"):
+            other.execute("BEGIN IMMEDIATE")
+        other.execute("BEGIN IMMEDIATE")  # free once it committed
+        other.execute("ROLLBACK")
+    finally:
+        other.close()
+        db.dispose()
