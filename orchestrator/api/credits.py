@@ -170,6 +170,17 @@ _DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 Rfc3339 = Annotated[datetime, BeforeValidator(_rfc3339)]
 
 
+def _utc(name: str, value: datetime | None) -> datetime | None:
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        raise InvalidRequest(f"'{name}' needs a timezone (RFC 3339, e.g. 2026-11-01T00:00:00Z)")
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:  # 0001-01-01T00:00:00+01:00 is a year before the first one
+        raise InvalidRequest(f"'{name}' is out of range once in UTC", details={name: value.isoformat()}) from None
+
+
 @router.get("/spend", responses={200: {"content": {"text/csv": {}}}, **documented(404)})
 def get_spend(services: ServicesDep, caller: CallerDep, group_by: GroupBy = "day",
               from_: Annotated[Rfc3339 | None, Query(alias="from")] = None,
@@ -179,12 +190,9 @@ def get_spend(services: ServicesDep, caller: CallerDep, group_by: GroupBy = "day
     if caller.project_id is not None:
         caller.project(project_id or caller.project_id)
         project_id = caller.project_id
-    for name, value in (("from", from_), ("to", to)):
-        if value is not None and value.tzinfo is None:
-            raise InvalidRequest(f"'{name}' needs a timezone (RFC 3339, e.g. 2026-11-01T00:00:00Z)")
+    from_, to = _utc("from", from_), _utc("to", to)
     if from_ and to and from_ >= to:
         raise InvalidRequest("'from' must be before 'to'")
-    from_, to = (None if t is None else t.astimezone(UTC) for t in (from_, to))
     with services.db.session() as s:
         report = spend(s, group_by, from_, to, project_id)
         report["savings"] = savings(s, services.registry, from_, to, project_id)

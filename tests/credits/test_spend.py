@@ -75,6 +75,8 @@ def test_time_filter(api: httpx.Client, spent: dict[str, Any]) -> None:
     {"from": "yesterday"},
     {"to": "0.5"},  # a bare number would otherwise be read as Unix seconds
     {"from": "1767225600"},
+    {"from": "0001-01-01T00:00:00+01:00"},  # before year 1 once in UTC (was a 500)
+    {"to": "9999-12-31T23:59:59-01:00"},
     {"group_by": "week"},
     {"format": "xml"},
 ])
