@@ -76,6 +76,19 @@ def _allowed_methods(request: Request) -> str:
     return ", ".join(sorted(methods))
 
 
+async def _denied(request: Request) -> JSONResponse | None:
+    """The 401 for a /v1 request without a valid key, for answers made before any route's auth
+    ran (no route matched, or the body was not even JSON): without the key, /v1 tells nothing."""
+    services = getattr(request.app.state, "services", None)
+    if services is None or not request.url.path.startswith("/v1/"):
+        return None
+    try:
+        await authenticate(services, request.headers.get("authorization"))
+    except OrchestratorError as denied:
+        return error_response(denied.status, denied.code, denied.message, headers={"WWW-Authenticate": "Bearer"})
+    return None
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(OrchestratorError)
     async def _orchestrator(_: Request, exc: OrchestratorError) -> JSONResponse:
@@ -94,6 +107,9 @@ def install(app: FastAPI) -> None:
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = _clean(list(exc.errors()))
         if any(e["type"] == "json_invalid" for e in errors):
+            # FastAPI parses the body before it runs the route's dependencies, auth included.
+            if (denied := await _denied(request)) is not None:
+                return denied
             return error_response(400, "invalid_request", "the request body is not valid JSON", {"errors": errors})
         whole_body = next((e for e in errors if e["loc"] == ["body"]), None)
         if whole_body is not None:
@@ -112,16 +128,9 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        if exc.status_code in (404, 405) and request.url.path.startswith("/v1/"):
-            # No route matched, so no route's auth ran: without the key, /v1 tells nothing, not
-            # even which paths or methods exist.
-            services = getattr(request.app.state, "services", None)
-            if services is not None:
-                try:
-                    await authenticate(services, request.headers.get("authorization"))
-                except OrchestratorError as denied:
-                    return error_response(denied.status, denied.code, denied.message,
-                                          headers={"WWW-Authenticate": "Bearer"})
+        # No route matched, so no route's auth ran: not even which paths or methods exist is told.
+        if exc.status_code in (404, 405) and (denied := await _denied(request)) is not None:
+            return denied
         code = _HTTP_CODES.get(exc.status_code, "error")
         headers = getattr(exc, "headers", None)
         if exc.status_code == 405:

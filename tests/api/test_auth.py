@@ -55,6 +55,12 @@ def test_auth_comes_before_validation_and_writes_nothing(anon: httpx.Client) -> 
         assert_error(anon.post(f"/v1/projects/{project}/drafts", json={"prompt": "x", "n": 1, "width": 64,
                                                                        "height": 64}), 401, "unauthorized")
         assert_error(anon.post("/v1/projects", json={"name": "sneaky"}), 401, "unauthorized")
+        # FastAPI reads the body before any dependency: a body that is not JSON is judged too late.
+        not_json = anon.post("/v1/projects", content=b"{bad", headers={"content-type": "application/json"})
+        assert_error(not_json, 401, "unauthorized")
+        assert not_json.headers["www-authenticate"] == "Bearer"
+        bad_with_key = client.post("/v1/projects", content=b"{bad", headers={"content-type": "application/json"})
+        assert_error(bad_with_key, 400, "invalid_request")
         assert_error(anon.get("/v1/jobs/job_0000000000zzzzzzzzzzzzzz/events"), 401, "unauthorized")
         assert client.get("/v1/jobs").json()["items"] == []
         assert [p["name"] for p in client.get("/v1/projects").json()["items"]] == ["p"]
