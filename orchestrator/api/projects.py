@@ -122,11 +122,11 @@ def update_project(project_id: str, body: ProjectUpdate, services: ServicesDep, 
     """Change the name, policy or budget (admin key only: a project key must not lift its own budget)."""
     caller.project(project_id)
     caller.admin("changing a project")
-    _check_policy(services, body.policy)
     with services.db.transaction() as s:
         project = s.get(Project, project_id)
         if project is None:
             raise NotFound(f"project '{project_id}' not found", details={"project_id": project_id})
+        _check_policy(services, body.policy)
         if body.name is not None:
             project.name = body.name
         if body.policy is not None:

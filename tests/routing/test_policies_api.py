@@ -123,6 +123,8 @@ def test_unknown_policy_on_a_project_is_422(api: httpx.Client) -> None:
     assert project["policy"] == "paid-first"  # the service's default (ORCH_POLICY)
     assert_error(api.patch(f"/v1/projects/{project['id']}", json={"policy": "no-such-policy"}), 422, "invalid_request")
     assert api.get(f"/v1/projects/{project['id']}").json()["policy"] == "paid-first"
+    # An unknown project is told first, whatever the body holds.
+    assert_error(api.patch("/v1/projects/prj_nope", json={"policy": "no-such-policy"}), 404, "not_found")
 
 
 def test_changing_the_policy_affects_new_jobs_only(api: httpx.Client) -> None:
