@@ -5,11 +5,15 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from typing import TYPE_CHECKING
 
 import httpx
 from pydantic import ValidationError
 
 from orchestrator import __version__
+
+if TYPE_CHECKING:
+    from orchestrator.settings import Settings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,8 +53,9 @@ def main(argv: list[str] | None = None) -> int:
                     for e in exc.errors()]
         return _fail("invalid configuration:\n" + "\n".join(problems), status=2)
     except httpx.HTTPStatusError as exc:
+        hint = " (the demo sends ORCH_ADMIN_KEY from its environment)" if exc.response.status_code == 401 else ""
         return _fail(f"{exc.request.method} {exc.request.url} answered {exc.response.status_code}: "
-                     f"{_error_message(exc.response)}")
+                     f"{_error_message(exc.response)}{hint}")
     except httpx.TransportError as exc:
         return _fail(f"cannot reach {exc.request.url.copy_with(path='/', query=None)}: {exc}")
 
@@ -67,6 +72,16 @@ def _error_message(response: httpx.Response) -> str:
         return response.text[:200] or response.reason_phrase
 
 
+def _checked(settings: Settings, *, prices: bool = True) -> int | None:
+    """Exit status 2 with what to fix, before anything starts; None when nothing is wrong."""
+    from orchestrator.services import startup_problems
+
+    problems = startup_problems(settings, prices=prices)
+    if problems:
+        return _fail("invalid configuration:\n" + "\n".join(f"  {p}" for p in problems), status=2)
+    return None
+
+
 def _run(args: argparse.Namespace) -> int:
     if args.command == "serve":
         import uvicorn
@@ -75,6 +90,8 @@ def _run(args: argparse.Namespace) -> int:
         from orchestrator.settings import Settings
 
         settings = Settings()
+        if (failed := _checked(settings)) is not None:
+            return failed
         if args.no_jobs:
             settings = settings.model_copy(update={"run_jobs": False})
         uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)
@@ -85,13 +102,18 @@ def _run(args: argparse.Namespace) -> int:
         from orchestrator.settings import Settings
         from orchestrator.worker import run_worker
 
-        asyncio.run(run_worker(Settings()))
+        settings = Settings()
+        if (failed := _checked(settings)) is not None:
+            return failed
+        asyncio.run(run_worker(settings))
         return 0
     if args.command == "migrate":
         from orchestrator.db import upgrade
         from orchestrator.settings import Settings
 
         settings = Settings()
+        if (failed := _checked(settings, prices=False)) is not None:
+            return failed
         upgrade(settings.resolved_database_url)
         print(f"database at {settings.resolved_database_url} is up to date")
         return 0

@@ -5,9 +5,13 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import tempfile
 import tomllib
 from dataclasses import dataclass, field
 from typing import Any
+
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
 from orchestrator import idempotency
 from orchestrator.bells import bell_for
@@ -42,6 +46,38 @@ def load_price_overrides(settings: Settings) -> dict[str, Any]:
         return tomllib.loads(settings.prices_file.read_text())
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise InvalidRequest(f"prices file {settings.prices_file}: {exc}") from exc
+
+
+def startup_problems(settings: Settings, *, prices: bool = True) -> list[str]:
+    """What would stop the service from starting, each naming the setting to fix: the CLI prints
+    these instead of a traceback from inside the server's start-up."""
+    problems = []
+    try:
+        url = make_url(settings.resolved_database_url)
+    except ArgumentError:  # the text is not echoed: it may hold a password
+        problems.append("ORCH_DATABASE_URL: not a database URL (e.g. postgresql+psycopg://user@host/db)")
+    else:
+        shown = url.render_as_string(hide_password=True)
+        if url.get_backend_name() not in ("sqlite", "postgresql"):
+            problems.append(f"ORCH_DATABASE_URL: {shown} is neither SQLite nor PostgreSQL, the databases supported")
+        else:
+            try:
+                url.get_dialect().import_dbapi()
+            except (ImportError, NoSuchModuleError) as exc:
+                problems.append(f"ORCH_DATABASE_URL: the driver of {shown} is not installed ({exc}); for "
+                                "PostgreSQL: pip install 'tiered-orchestrator[postgres]'")
+    try:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=settings.data_dir):
+            pass
+    except OSError as exc:
+        problems.append(f"ORCH_DATA_DIR: cannot write in {settings.data_dir} ({exc.strerror or exc})")
+    if prices:
+        try:
+            load_price_overrides(settings)
+        except InvalidRequest as exc:
+            problems.append(f"ORCH_PRICES_FILE: {exc.message}")
+    return problems
 
 
 @dataclass
@@ -135,6 +171,10 @@ class Services:
             note = getattr(engine, "note", None)
             if note:
                 log.warning("%s: %s", engine.name, note)
+            # A remote engine without a key is off by choice; a local one that cannot run is a mistake.
+            usable, reason = engine.availability()
+            if engine.kind == "local" and not usable:
+                log.warning("%s: unavailable: %s", engine.name, reason)
 
     def health(self, engine: str) -> str:
         """`ok`, `degraded` or `open` (the circuit breaker's view of the engine)."""

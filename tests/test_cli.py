@@ -39,6 +39,7 @@ def test_demo_refused_by_the_service_says_why(make_settings: SettingsFactory,
     assert main(["demo", "--url", str(client.base_url), "--out", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert f"GET {client.base_url}/v1/engines answered 401: a valid 'Authorization: Bearer <key>'" in err
+    assert "the demo sends ORCH_ADMIN_KEY from its environment" in err
 
 
 def test_migrate_makes_a_new_data_dir(make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch,
@@ -49,3 +50,24 @@ def test_migrate_makes_a_new_data_dir(make_settings: SettingsFactory, monkeypatc
     assert main(["migrate"]) == 0  # once a traceback: 'unable to open database file'
     assert (data_dir / "orchestrator.db").exists()
     assert "is up to date" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("command", "variable", "value", "told"), [
+    ("serve", "ORCH_DATABASE_URL", "bogus://x", "bogus://x is neither SQLite nor PostgreSQL"),
+    ("migrate", "ORCH_DATABASE_URL", "mysql://studio:secret@db/orch", "mysql://studio:***@db/orch is neither"),
+    ("worker", "ORCH_DATABASE_URL", "not a url", "ORCH_DATABASE_URL: not a database URL"),
+    ("serve", "ORCH_PRICES_FILE", "{tmp}/missing.toml", "ORCH_PRICES_FILE: prices file {tmp}/missing.toml: [Errno 2]"),
+    ("worker", "ORCH_DATA_DIR", "{tmp}/a-file", "ORCH_DATA_DIR: cannot write in {tmp}/a-file"),
+])
+def test_a_setting_the_service_cannot_start_with_is_named_before_it_starts(
+        make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str], command: str, variable: str, value: str, told: str) -> None:
+    make_settings()  # keeps the developer's environment out
+    (tmp_path / "a-file").write_text("not a folder")
+    monkeypatch.setenv("ORCH_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv(variable, value.format(tmp=tmp_path))
+    assert main([command]) == 2  # once a traceback from inside the server's start-up
+    err = capsys.readouterr().err
+    assert err.startswith("orchestrator: invalid configuration:")
+    assert told.format(tmp=tmp_path) in err
+    assert "Traceback" not in err and "secret" not in err

@@ -92,6 +92,11 @@ def hf_hub_reachable(timeout: float = 1.5) -> bool:
     return True
 
 
+def _is_path(spec: str) -> bool:
+    """A local file or folder, as opposed to a Hub id (`org/name`) or a builtin."""
+    return spec.startswith(("/", "./", "../", "~")) or spec.endswith((".safetensors", ".ckpt"))
+
+
 @functools.lru_cache(maxsize=8)
 def resolve_model(spec: str) -> str:
     """`auto` becomes SD-Turbo when it is cached or the Hub answers, else the offline tiny model."""
@@ -337,6 +342,9 @@ class LocalEngine:
         return tiny.NOTE if self._model == tiny.NAME else None
 
     def availability(self) -> tuple[bool, str | None]:
+        if _is_path(self._model) and not Path(self._model).expanduser().exists():
+            # Else the loader takes it for a Hub id, and the first draft fails with a Hub error.
+            return False, f"model '{self._model}' is a path to nothing: no such file or folder"
         return True, None
 
     def prices(self) -> dict[str, Any]:

@@ -7,6 +7,7 @@ import io
 import json
 import re
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 import pytest
@@ -259,3 +260,20 @@ def test_engines(server: httpx.Client) -> None:
         assert engine["available"] is False, name
         assert engine["note"], f"{name} is unavailable without saying why"
     assert "API key" in engines["gemini"]["note"] or "GEMINI" in engines["gemini"]["note"]
+
+
+def test_a_model_path_to_nothing_is_told_at_start_not_at_the_first_draft(
+        make_settings: Callable[..., Settings], start_server: Callable[[Settings], httpx.Client],
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    missing = tmp_path / "models" / "sd-turbo"  # a typo'd folder, not a Hub id
+    with caplog.at_level("WARNING", logger="orchestrator.services"):
+        client = start_server(make_settings(lite_model=str(missing), hifi_model="builtin:tiny-sd"))
+    assert f"lite: unavailable: model '{missing}' is a path to nothing" in caplog.text
+    engines = {e["name"]: e for e in client.get("/v1/engines").json()}
+    assert engines["lite"]["available"] is False and "no such file or folder" in engines["lite"]["note"]
+    assert engines["local-hifi"]["available"] is True
+    project = create_project(client)["id"]
+    response = client.post(f"/v1/projects/{project}/drafts", json={"prompt": "x", "width": 64, "height": 64})
+    assert response.status_code == 503, response.text
+    assert "path to nothing" in response.text
+    assert client.get("/v1/jobs").json()["items"] == []
