@@ -4,7 +4,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 WHEELS := $(wildcard /opt/wheels)
-PIP_FLAGS := -c constraints.txt $(if $(WHEELS),--find-links $(WHEELS),)
+# PIP_EXTRA: more pip options, e.g. PyTorch's CPU index on a machine without a GPU (see README).
+PIP_EXTRA ?=
+PIP_FLAGS := -c constraints.txt $(if $(WHEELS),--find-links $(WHEELS),) $(PIP_EXTRA)
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import logging.handlers
 import sys
 from typing import TYPE_CHECKING
 
@@ -82,6 +83,16 @@ def _checked(settings: Settings, *, prices: bool = True) -> int | None:
     return None
 
 
+def _log_to_data_dir(settings: Settings) -> None:
+    """Also append this process's log to `ORCH_DATA_DIR/logs/orchestrator.log`, which every
+    process of the data dir shares (lines carry their pid). Reopened when moved, for logrotate."""
+    folder = settings.data_dir / "logs"
+    folder.mkdir(parents=True, exist_ok=True)
+    handler = logging.handlers.WatchedFileHandler(folder / "orchestrator.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(handler)
+
+
 def _run(args: argparse.Namespace) -> int:
     if args.command == "serve":
         import uvicorn
@@ -92,6 +103,7 @@ def _run(args: argparse.Namespace) -> int:
         settings = Settings()
         if (failed := _checked(settings)) is not None:
             return failed
+        _log_to_data_dir(settings)
         if args.no_jobs:
             settings = settings.model_copy(update={"run_jobs": False})
         uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)
@@ -105,6 +117,7 @@ def _run(args: argparse.Namespace) -> int:
         settings = Settings()
         if (failed := _checked(settings)) is not None:
             return failed
+        _log_to_data_dir(settings)
         asyncio.run(run_worker(settings))
         return 0
     if args.command == "migrate":

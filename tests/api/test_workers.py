@@ -131,6 +131,9 @@ def test_an_api_server_without_jobs_hands_drafts_to_a_worker(make_settings: Sett
     assert worker.returncode == 0, (tmp_path / "worker.log").read_text()
     log = (tmp_path / "worker.log").read_text()
     assert "Traceback" not in log, log
+    # Its log is also kept in the data dir, each line with its pid.
+    kept = (settings.data_dir / "logs" / "orchestrator.log").read_text()
+    assert f" {worker.pid} INFO orchestrator.worker: " in kept, kept
 
 
 def test_a_cancel_through_the_api_server_stops_the_worker_s_job(
