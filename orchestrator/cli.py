@@ -17,30 +17,41 @@ if TYPE_CHECKING:
     from orchestrator.settings import Settings
 
 
+LOG_LEVELS = ["critical", "error", "warning", "info", "debug"]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="orchestrator", description="Tiered image-rendering orchestrator")
     parser.add_argument("--version", action="version", version=__version__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="run the HTTP service")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--log-level", default="info")
+    defaults = argparse.ArgumentDefaultsHelpFormatter
+    serve = sub.add_parser("serve", help="run the HTTP service", formatter_class=defaults,
+                           description="Run the HTTP service (settings: ORCH_* variables, see the README).")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on")
+    serve.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="the service's and uvicorn's log level")
     serve.add_argument("--no-jobs", action="store_true",
                        help="queue jobs for `orchestrator worker` processes and run none here (ORCH_RUN_JOBS=false)")
 
-    sub.add_parser("worker", help="run queued jobs from the database, without HTTP (one per GPU)")
+    worker = sub.add_parser("worker", help="run queued jobs from the database, without HTTP (one per GPU)",
+                            formatter_class=defaults,
+                            description="Run the jobs API servers queue, on the same database and ORCH_DATA_DIR; "
+                            "stops on SIGTERM or SIGINT.")
+    worker.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="log level")
 
     sub.add_parser("migrate", help="apply database migrations and exit")
 
     demo = sub.add_parser("demo", help="draft -> promote -> polish on the embedded default, end to end")
-    demo.add_argument("--url", help="use a running service instead of starting one")
-    demo.add_argument("--prompt", default="a lighthouse on a cliff at dusk, volumetric light")
-    demo.add_argument("--out", default="demo-output", help="folder for the images")
-    demo.add_argument("--size", type=int, default=512)
+    demo.add_argument("--url", help="use a running service instead of starting one (its key: ORCH_ADMIN_KEY)")
+    demo.add_argument("--prompt", default="a lighthouse on a cliff at dusk, volumetric light",
+                      help="what to draw (default: a lighthouse)")
+    demo.add_argument("--out", default="demo-output", help="folder for the images (default: demo-output)")
+    demo.add_argument("--size", type=int, default=512, help="width and height of the drafts (default: 512)")
 
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    level = getattr(args, "log_level", "info").upper()
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)  # one line per plugin, every start
     try:
