@@ -6,7 +6,18 @@ import math
 from datetime import datetime
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    GetJsonSchemaHandler,
+    StringConstraints,
+    model_validator,
+)
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema
 
 Stage = Literal["ideation", "bridge", "polish"]
 Period = Literal["day", "week", "month", "none"]
@@ -26,9 +37,22 @@ def _not_a_bool(value: Any) -> Any:
 
 
 NoBool = BeforeValidator(_not_a_bool)
+
+# Request-level bounds of width/height. An engine may take less: see `Side`'s description.
+MIN_SIDE, MAX_SIDE, SIDE_MULTIPLE = 8, 8192, 8
+_SIDE_DESCRIPTION = (
+    f"Pixels: a multiple of {SIDE_MULTIPLE} from {MIN_SIDE} to {MAX_SIDE}, the bounds every request is checked "
+    "against. The engine that runs the job may take less: local engines (Lite, local-hifi) take 64 up to "
+    "ORCH_LOCAL_MAX_SIZE (2048 by default), and GET /v1/engines tells each engine's `capabilities.max_width` "
+    "and `max_height`. A size that no candidate engine takes is refused with 422."
+)
+
 Seed = Annotated[int, NoBool, Field(ge=0, le=2**32 - 1)]
-Side = Annotated[int, NoBool, Field(ge=8, le=8192, multiple_of=8)]
+Side = Annotated[int, NoBool, Field(ge=MIN_SIDE, le=MAX_SIDE, multiple_of=SIDE_MULTIPLE),
+                 Field(description=_SIDE_DESCRIPTION)]
 Steps = Annotated[int, NoBool, Field(ge=1, le=150)]
+
+
 def _whole_millicredits(value: float) -> float:
     # The ledger counts millicredits: 1.23456 would be stored as 1.235 and 0.0004 as nothing.
     scaled = value * 1000
@@ -61,11 +85,44 @@ def _nul_at(value: Any, path: str) -> str | None:
     return None
 
 
+# Pydantic's names of numeric limits -> JSON Schema's.
+_LIMIT_KEYWORDS = {"ge": "minimum", "le": "maximum", "gt": "exclusiveMinimum", "lt": "exclusiveMaximum",
+                   "multiple_of": "multipleOf"}
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SUBSCHEMAS = ("items", "additionalProperties", "not")
+
+
+def _standard_limits(schema: Any) -> None:
+    """Rename, in place, limits written under pydantic's names in a field's JSON Schema (and in its
+    subschemas: `anyOf` of an optional field, ...) to JSON Schema's keywords."""
+    if not isinstance(schema, dict):
+        return
+    for key in [k for k in schema if k in _LIMIT_KEYWORDS]:
+        schema[_LIMIT_KEYWORDS[key]] = schema.pop(key)
+    for key in _SUBSCHEMA_LISTS:
+        for item in schema.get(key, ()):
+            _standard_limits(item)
+    for key in _SUBSCHEMAS:
+        _standard_limits(schema.get(key))
+
+
 class Strict(BaseModel):
     """A request body: unknown fields are refused, and so is text with NUL characters (PostgreSQL
     cannot store them, PNG text chunks end at them; no prompt or name needs one)."""
 
     model_config = ConfigDict(extra="forbid")
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        # A limit behind a validator (`NoBool` before `Field(ge=1)`) is not part of the number's own
+        # schema: pydantic checks it in a validator of its own and writes it into the JSON Schema
+        # under its Python name (`"ge": 1`), which no client reads. Putting `NoBool` after the limits
+        # would fix the document but change which error a request gets (the number's own schema
+        # checks `multiple_of` first), so validation stays as it is and the document is renamed here.
+        schema = handler.resolve_ref_schema(handler(core_schema))
+        for field_schema in schema.get("properties", {}).values():
+            _standard_limits(field_schema)
+        return schema
 
     @model_validator(mode="before")
     @classmethod
@@ -250,6 +307,31 @@ class WorkersPublic(BaseModel):
     items: list[WorkerPublic] = Field(description="processes that run jobs, alive now")
     runs_jobs_here: bool = Field(description="whether this API server also runs jobs (ORCH_RUN_JOBS)")
     queued: int = Field(description="jobs waiting for a worker")
+
+
+class SpendGroup(BaseModel):
+    key: str = Field(description="the day (YYYY-MM-DD, UTC), engine, stage or project id of the row (`-` for none)")
+    charged: float = Field(description="credits charged, adjustments included")
+    unreconciled: float = Field(description="of which charged at the estimate, still waiting for reconciliation")
+    jobs: int
+    images: int
+
+
+class SpendSavings(BaseModel):
+    drafts: int = Field(description="drafts made in the period")
+    credits: float = Field(description="what they would have cost on the cheapest available cloud engine")
+    compared_with: str | None = Field(description="that engine; null when none could price them")
+
+
+class SpendReport(BaseModel):
+    """`GET /v1/spend` as JSON (`format=csv` answers the groups and the total as CSV)."""
+
+    group_by: Literal["day", "engine", "stage", "project"]
+    from_: datetime | None = Field(alias="from")
+    to: datetime | None
+    groups: list[SpendGroup]
+    total: float
+    savings: SpendSavings
 
 
 class Health(BaseModel):

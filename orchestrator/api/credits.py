@@ -18,7 +18,7 @@ from orchestrator.api.errors import documented
 from orchestrator.errors import InvalidRequest, NotFound
 from orchestrator.ids import MAX_INT_ID, int_cursor
 from orchestrator.models import LedgerEntry, Project
-from orchestrator.schemas import MAX_CREDITS, NoBool, Page, Strict, Thousandths
+from orchestrator.schemas import MAX_CREDITS, NoBool, Page, SpendReport, Strict, Thousandths
 from orchestrator.spend import GroupBy, savings, spend, to_csv
 from tiers.base import to_credits, to_millicredits
 
@@ -181,7 +181,9 @@ def _utc(name: str, value: datetime | None) -> datetime | None:
         raise InvalidRequest(f"'{name}' is out of range once in UTC", details={name: value.isoformat()}) from None
 
 
-@router.get("/spend", responses={200: {"content": {"text/csv": {}}}, **documented(404)})
+@router.get("/spend", responses={
+    200: {"model": SpendReport, "content": {"text/csv": {"schema": {"type": "string"}}},
+          "description": "The report: JSON, or CSV with `format=csv`."}, **documented(404)})
 def get_spend(services: ServicesDep, caller: CallerDep, group_by: GroupBy = "day",
               from_: Annotated[Rfc3339 | None, Query(alias="from")] = None,
               to: Rfc3339 | None = None, project_id: str | None = None,

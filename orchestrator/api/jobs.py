@@ -85,7 +85,9 @@ def cancel_job(job_id: str, services: ServicesDep, caller: CallerDep) -> JobPubl
     raise Conflict("the job changed hands while it was being canceled; ask again", details={"job_id": job_id})
 
 
-@router.get("/jobs/{job_id}/preview", responses={200: {"content": {"image/png": {}}}, **documented(404)})
+@router.get("/jobs/{job_id}/preview", response_class=Response,
+            responses={200: {"content": {"image/png": {}}, "description": "The latest step's preview."},
+                       **documented(404)})
 def job_preview(job_id: str, services: ServicesDep, caller: CallerDep) -> Response:
     caller.job(services.jobs.get(job_id))
     preview = services.runner.previews.get(job_id)

@@ -1,13 +1,17 @@
-"""The OpenAPI document tells clients the truth about errors: every error status a route answers is
-listed for that route, in the one error shape (never FastAPI's default `{"detail": [...]}`)."""
+"""The OpenAPI document tells clients the truth: every error status a route answers is listed for
+that route, in the one error shape (never FastAPI's default `{"detail": [...]}`); limits are JSON
+Schema's keywords with the values validation enforces; each answer lists the media types it has."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
+from pydantic import BaseModel, ValidationError
 
+from orchestrator.schemas import DraftCreate, PolishCreate, PromoteCreate
 from tests.api import assert_error, create_project
 
 ERROR_REF = "#/components/schemas/ErrorResponse"
@@ -80,3 +84,165 @@ def test_answered_errors_are_documented(shared_server: httpx.Client, spec: dict[
     assert_error(response, status, CODES[status])
     documented = spec["paths"][route][method]["responses"]
     assert str(status) in documented, sorted(documented)
+
+
+# -- schemas say what validation enforces, in JSON Schema's own words ----------------------------
+
+PYDANTIC_LIMITS = {"ge", "le", "gt", "lt", "multiple_of"}  # pydantic's names; JSON Schema reads none of them
+
+
+def schema_objects(schema: Any, where: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Every schema object in `schema` (a property map's keys are names, not keywords)."""
+    if isinstance(schema, list):
+        for i, item in enumerate(schema):
+            yield from schema_objects(item, f"{where}[{i}]")
+    elif isinstance(schema, dict):
+        yield where, schema
+        for key, value in schema.items():
+            if key in ("properties", "$defs", "patternProperties") and isinstance(value, dict):
+                for name, item in value.items():
+                    yield from schema_objects(item, f"{where}.{key}.{name}")
+            elif key not in ("default", "examples", "example", "const", "enum"):
+                yield from schema_objects(value, f"{where}.{key}")
+
+
+def prop(spec: dict[str, Any], model: str, name: str) -> dict[str, Any]:
+    """A property's schema; for an optional one, the schema of its non-null form."""
+    schema: dict[str, Any] = spec["components"]["schemas"][model]["properties"][name]
+    return next((s for s in schema.get("anyOf", []) if s.get("type") != "null"), schema)
+
+
+def test_numeric_limits_are_json_schema_keywords(spec: dict[str, Any]) -> None:
+    found = [(where, sorted(PYDANTIC_LIMITS & set(s))) for where, s in schema_objects(spec, "")
+             if PYDANTIC_LIMITS & set(s)]
+    assert found == []
+    expected = [
+        ("DraftCreate", "n", {"minimum": 1, "maximum": 16}),
+        ("DraftCreate", "seed", {"minimum": 0, "maximum": 2**32 - 1}),
+        ("DraftCreate", "steps", {"minimum": 1, "maximum": 150}),
+        ("DraftCreate", "guidance_scale", {"minimum": 0, "maximum": 30}),
+        ("PromoteCreate", "strength", {"minimum": 0.01, "maximum": 1}),
+        ("PromoteCreate", "max_credits", {"minimum": 0, "maximum": 10**9}),
+        ("PolishCreate", "scale", {"exclusiveMinimum": 0, "maximum": 8}),
+        ("PolishCreate", "creativity", {"minimum": 0.01, "maximum": 1}),
+        ("Budget", "limit", {"minimum": 0, "maximum": 10**9}),
+        ("GrantCreate", "amount", {"exclusiveMinimum": 0, "maximum": 10**9}),
+        ("Reconcile", "charged", {"minimum": 0, "maximum": 10**9}),
+    ] + [(model, side, {"minimum": 8, "maximum": 8192, "multipleOf": 8})
+         for model in ("DraftCreate", "PromoteCreate", "PolishCreate") for side in ("width", "height")]
+    for model, name, limits in expected:
+        schema = prop(spec, model, name)
+        assert {k: schema.get(k) for k in limits} == limits, (model, name, schema)
+
+
+BODIES: dict[str, tuple[type[BaseModel], dict[str, Any]]] = {
+    "DraftCreate": (DraftCreate, {"prompt": "x"}), "PromoteCreate": (PromoteCreate, {}),
+    "PolishCreate": (PolishCreate, {}),
+}
+
+
+@pytest.mark.parametrize("model", sorted(BODIES))
+@pytest.mark.parametrize("side", ["width", "height"])
+def test_size_bounds_are_the_ones_validation_enforces(spec: dict[str, Any], model: str, side: str) -> None:
+    schema = prop(spec, model, side)
+    low, high, step = schema["minimum"], schema["maximum"], schema["multipleOf"]
+    cls, body = BODIES[model]
+    for accepted in (low, low + step, high - step, high):
+        assert getattr(cls.model_validate({**body, side: int(accepted)}), side) == accepted
+    for refused in (low - step, low - 1, low + 1, high - 1, high + 1, high + step):
+        with pytest.raises(ValidationError) as info:
+            cls.model_validate({**body, side: int(refused)})
+        assert [e["loc"] for e in info.value.errors()] == [(side,)], refused
+    # The engine that runs the job may take less, and the description says so.
+    assert "engine" in schema["description"] and "/v1/engines" in schema["description"]
+
+
+def test_the_server_refuses_sizes_outside_the_documented_bounds(shared_server: httpx.Client, spec: dict[str, Any],
+                                                                project: str) -> None:
+    """Against the service itself (route/explain: nothing runs): just outside the bounds is a
+    validation error on the field; at the bounds any refusal is an engine's, not validation's."""
+    schema = prop(spec, "DraftCreate", "width")
+    low, high, step = int(schema["minimum"]), int(schema["maximum"]), int(schema["multipleOf"])
+
+    def explain(width: int) -> httpx.Response:
+        return shared_server.post("/v1/route/explain", json={"stage": "ideation", "project_id": project,
+                                                              "prompt": "x", "width": width, "height": 64})
+
+    for outside in (low - step, high + step):
+        error = assert_error(explain(outside), 422, "invalid_request")
+        assert [e["loc"] for e in error["details"]["errors"]] == [["width"]], error
+    for bound in (low, high):
+        response = explain(bound)
+        details = response.json().get("error", {}).get("details", {}) if response.status_code != 200 else {}
+        assert "errors" not in details, response.text  # not a validation error: an engine may refuse it
+
+
+# -- media types: what each route really answers ------------------------------------------------
+
+# route -> its 200's media types, each with whether it carries a schema
+MEDIA: list[tuple[str, dict[str, bool]]] = [
+    ("/v1/assets/{asset_id}/content", {"image/png": False}),
+    ("/v1/jobs/{job_id}/preview", {"image/png": False}),
+    ("/v1/spend", {"application/json": True, "text/csv": True}),
+]
+
+
+@pytest.mark.parametrize(("route", "media"), MEDIA, ids=[m[0] for m in MEDIA])
+def test_success_lists_only_the_media_types_answered(spec: dict[str, Any], route: str,
+                                                     media: dict[str, bool]) -> None:
+    content = spec["paths"][route]["get"]["responses"]["200"]["content"]
+    assert {name: bool(entry.get("schema")) for name, entry in content.items()} == media
+
+
+def test_no_success_answer_is_documented_as_json_of_any_shape(spec: dict[str, Any]) -> None:
+    """`application/json` with an empty schema is FastAPI's default for a route that returns a
+    `Response` itself: it says nothing, and for a PNG or CSV route it is wrong."""
+    for path, operations in spec["paths"].items():
+        for method, operation in operations.items():
+            for status, response in operation["responses"].items():
+                if int(status) < 400 and "application/json" in response.get("content", {}):
+                    assert response["content"]["application/json"].get("schema"), (method, path, status)
+
+
+def conforms(value: Any, schema: dict[str, Any], spec: dict[str, Any], where: str = "") -> None:
+    """`value` has the shape `schema` documents (the keywords FastAPI's response schemas use)."""
+    if "$ref" in schema:
+        schema = spec["components"]["schemas"][schema["$ref"].rsplit("/", 1)[1]]
+    if "anyOf" in schema:
+        failures = []
+        for option in schema["anyOf"]:
+            try:
+                conforms(value, option, spec, where)
+                return
+            except AssertionError as exc:
+                failures.append(str(exc))
+        raise AssertionError(f"{where}: {value!r} matches no option: {failures}")
+    kind = schema.get("type")
+    types = {"object": dict, "array": list, "string": str, "integer": int, "number": (int, float),
+             "boolean": bool, "null": type(None)}
+    if kind is not None:
+        assert isinstance(value, types[kind]) and not (kind in ("integer", "number") and isinstance(value, bool)), \
+            (where, value, kind)
+    if "enum" in schema:
+        assert value in schema["enum"], (where, value)
+    if kind == "object" and "properties" in schema:
+        assert set(value) == set(schema["properties"]), (where, sorted(value), sorted(schema["properties"]))
+        for name, item in value.items():
+            conforms(item, schema["properties"][name], spec, f"{where}.{name}")
+    if kind == "array" and "items" in schema:
+        for i, item in enumerate(value):
+            conforms(item, schema["items"], spec, f"{where}[{i}]")
+
+
+@pytest.mark.parametrize("group_by", ["day", "engine", "stage", "project"])
+def test_spend_answers_match_their_documented_schemas(shared_server: httpx.Client, spec: dict[str, Any],
+                                                      project: str, group_by: str) -> None:
+    content = spec["paths"]["/v1/spend"]["get"]["responses"]["200"]["content"]
+    assert content["application/json"]["schema"].get("$ref"), content  # the report's own schema
+    params = {"group_by": group_by, "from": "2020-01-01T00:00:00Z", "to": "2999-01-01T00:00:00Z"}
+    answer = shared_server.get("/v1/spend", params=params)
+    assert answer.status_code == 200 and answer.headers["content-type"].startswith("application/json")
+    conforms(answer.json(), content["application/json"]["schema"], spec)
+    csv = shared_server.get("/v1/spend", params={**params, "format": "csv"})
+    assert csv.status_code == 200 and csv.headers["content-type"].startswith("text/csv")
+    conforms(csv.text, content["text/csv"]["schema"], spec)
