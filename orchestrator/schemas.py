@@ -270,6 +270,8 @@ class AssetPublic(BaseModel):
     sha256: str
     created_at: datetime
     content_url: str
+    record: dict[str, Any] = Field(description="the whole generation record (steps, guidance, sampler, "
+                                   "strength, ...), as the PNG's `orchestrator` chunk holds it")
 
 
 class Lineage(BaseModel):

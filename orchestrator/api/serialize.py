@@ -40,5 +40,5 @@ def asset_public(a: Asset) -> AssetPublic:
         id=a.id, project_id=a.project_id, job_id=a.job_id, stage=a.stage,
         parent_id=a.parent_id, engine=a.engine, model=a.model, prompt=a.prompt, negative_prompt=a.negative_prompt,
         seed=a.seed, width=a.width, height=a.height, sha256=a.sha256, created_at=a.created_at,
-        content_url=f"/v1/assets/{a.id}/content",
+        content_url=f"/v1/assets/{a.id}/content", record=a.record or {},
     )

@@ -20,7 +20,7 @@ PROJECT_KEYS = {"id", "name", "policy", "budget", "created_at"}
 JOB_KEYS = {"id", "project_id", "stage", "engine", "status", "params", "progress", "assets", "source_asset_id",
             "error", "cost", "routing", "attempts", "created_at", "started_at", "finished_at"}
 ASSET_KEYS = {"id", "project_id", "job_id", "stage", "parent_id", "engine", "model", "prompt", "negative_prompt",
-              "seed", "width", "height", "sha256", "created_at", "content_url"}
+              "seed", "width", "height", "sha256", "created_at", "content_url", "record"}
 REMOTE = ("gemini", "openai", "stability", "replicate", "fal")
 
 
@@ -104,6 +104,7 @@ def test_drafts_flow_assets_and_png_metadata(server: httpx.Client) -> None:
         assert record["engine"] == "lite"
         assert (record["width"], record["height"]) == (64, 64)
         assert record["steps"] == 2
+        assert asset["record"] == record  # the metadata tells what the PNG holds, without decoding it
 
 
 def test_list_pagination(server: httpx.Client) -> None:
