@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 import tempfile
 import tomllib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy.engine import make_url
@@ -25,7 +27,7 @@ from orchestrator.ledger import Ledger
 from orchestrator.queue import Scheduler
 from orchestrator.routing import Router
 from orchestrator.runner import JobRunner
-from orchestrator.settings import Settings
+from orchestrator.settings import CONFIG_FILE_VARIABLE, Settings
 from orchestrator.store import ArtifactStore
 from orchestrator.workers import DeviceLock, Presence
 from policies import PolicyStore
@@ -52,6 +54,9 @@ def startup_problems(settings: Settings, *, prices: bool = True) -> list[str]:
     """What would stop the service from starting, each naming the setting to fix: the CLI prints
     these instead of a traceback from inside the server's start-up."""
     problems = []
+    named = os.environ.get(CONFIG_FILE_VARIABLE)
+    if named and not Path(named).is_file():  # the default name may be absent; a named file must not
+        problems.append(f"{CONFIG_FILE_VARIABLE}: no such file: {named}")
     try:
         url = make_url(settings.resolved_database_url)
     except ArgumentError:  # the text is not echoed: it may hold a password
