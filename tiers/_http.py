@@ -7,7 +7,8 @@ never left), or an answer of 408, 429 or 5xx. It honours `Retry-After` (seconds 
 
 A request that was sent and got no answer (read timeout, dropped connection) is not re-sent
 unless the caller marks it `idempotent` (a GET poll): the provider may already have made, and
-billed, the image. That surfaces as `EngineTimeout` with `charged="unknown"`.
+billed, the image. That surfaces as `EngineTimeout` with `charged="unknown"`. So does an answer
+that arrived but cannot be read (a corrupt compressed body, a redirect loop), as an `EngineError`.
 """
 
 from __future__ import annotations
@@ -44,7 +45,9 @@ class _RetryableAnswer(Exception):
 
 
 class _NotSent(Exception):
-    def __init__(self, cause: httpx.TransportError) -> None:
+    """Nothing was made, or the request is idempotent (a poll): safe to send again."""
+
+    def __init__(self, cause: httpx.HTTPError) -> None:
         super().__init__(str(cause) or type(cause).__name__)
         self.cause = cause
 
@@ -193,6 +196,11 @@ class RemoteClient:
         except _RetryableAnswer as exc:
             raise self._give_up(exc.response) from None
         except _NotSent as exc:
+            if isinstance(exc.cause, (httpx.DecodingError, httpx.TooManyRedirects)):
+                raise EngineError(
+                    f"{self.engine}: the provider answered but its answer could not be read ({exc})",
+                    details={"engine": self.engine},
+                ) from None
             raise EngineError(
                 f"{self.engine}: could not reach the provider ({exc}); nothing was sent",
                 details={"engine": self.engine},
@@ -216,6 +224,15 @@ class RemoteClient:
                 f"{self.engine}: the request was sent but no answer came ({type(exc).__name__}); "
                 "it is not re-sent because the provider may have made and billed the image",
                 details={"engine": self.engine},
+            ) from exc
+        except (httpx.DecodingError, httpx.TooManyRedirects) as exc:
+            # The provider answered, so for a POST it may have made and billed the image.
+            if idempotent:
+                raise _NotSent(exc) from exc
+            raise EngineError(
+                f"{self.engine}: the provider answered but its answer could not be read ({type(exc).__name__}); "
+                "it is not re-sent because the provider may have made and billed the image",
+                details={"engine": self.engine}, charged="unknown",
             ) from exc
         except httpx.HTTPError as exc:
             # The request could not even be built (a key with a newline is an illegal header): the

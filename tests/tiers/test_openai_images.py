@@ -133,6 +133,19 @@ async def test_malformed_body(engine: OpenAIImagesEngine, response: httpx.Respon
 
 
 @respx.mock
+async def test_an_answer_that_cannot_be_decoded_is_not_resent(engine: OpenAIImagesEngine) -> None:
+    """A 200 with a corrupt gzip body: the provider made and billed the image, so neither a release
+    nor a message about the key."""
+    route = respx.post(URL).mock(return_value=httpx.Response(
+        200, stream=httpx.ByteStream(b"not gzip"), headers={"content-encoding": "gzip", "x-request-id": "req_1"}))
+    with pytest.raises(EngineError) as info:
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    assert not isinstance(info.value, EngineUnavailable)
+    assert info.value.charged == "unknown" and route.call_count == 1
+    assert "could not be read" in info.value.message and "OPENAI_API_KEY" not in info.value.message
+
+
+@respx.mock
 async def test_moderation_blocked_is_content_filtered(engine: OpenAIImagesEngine) -> None:
     route = respx.post(URL).mock(return_value=httpx.Response(400, json={"error": {
         "message": "Your request was rejected by the safety system.", "type": "image_generation_user_error",
