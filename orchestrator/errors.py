@@ -23,7 +23,8 @@ it to `{"error": {"code", "message", "details"}}` with `status` in exactly one p
 
 `EngineError.retryable` says whether routing may fall back to the next engine;
 `EngineError.charged` says whether the provider may have billed the call ("no", "unknown", "yes"),
-which decides between release and an unreconciled capture in the ledger.
+which decides between release and an unreconciled capture in the ledger; `cost_millicredits` is
+what the provider reported charging, when it answered before the job failed.
 """
 
 from __future__ import annotations
@@ -94,6 +95,9 @@ class EngineError(OrchestratorError):
     code, status = "engine_error", 503
     retryable: bool = True
     charged: Charged = "no"
+    # The provider's reported cost of a call that finished before the job failed (images made,
+    # then not stored): the ledger captures it instead of the estimate.
+    cost_millicredits: int | None = None
 
     def __init__(
         self,
@@ -102,12 +106,14 @@ class EngineError(OrchestratorError):
         details: dict[str, Any] | None = None,
         retryable: bool | None = None,
         charged: Charged | None = None,
+        cost_millicredits: int | None = None,
     ) -> None:
         super().__init__(message, details=details)
         if retryable is not None:
             self.retryable = retryable
         if charged is not None:
             self.charged = charged
+        self.cost_millicredits = cost_millicredits
 
     def at_least_charged(self, charged: Charged) -> EngineError:
         """Raise what the error says about billing, never lower it ("no" < "unknown" < "yes")."""

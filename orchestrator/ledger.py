@@ -216,18 +216,21 @@ class Ledger:
             self.release(s, job, note=note)
 
     def settle_failure(self, s: Session, job: Job, error: OrchestratorError) -> None:
-        """Release when the provider surely charged nothing; otherwise capture the estimate, marked
-        unreconciled when nobody knows whether it charged. A job an earlier attempt got a provider
-        to accept (`provider_work`, saved before a crash) may be billed for that work whatever ended
-        this attempt (a cancel, a missing source file): it is never released."""
+        """Release when the provider surely charged nothing; otherwise capture what it reported
+        charging (`EngineError.cost_millicredits`) or else the estimate, marked unreconciled when
+        nobody knows whether it charged. A job an earlier attempt got a provider to accept
+        (`provider_work`, saved before a crash) may be billed for that work whatever ended this
+        attempt (a cancel, a missing source file): it is never released."""
         charged = getattr(error, "charged", "no")
         if charged == "no" and (job.provider_work or {}).get("handles"):
             charged = "unknown"
         if charged == "no":
             self.release(s, job, note=f"{error.code}")
+        elif charged == "yes":
+            # The provider finished and said what it charged: that is the bill, as on a success.
+            self.capture(s, job, getattr(error, "cost_millicredits", None), note=error.code)
         else:
-            self.capture(s, job, None, unreconciled=charged == "unknown",
-                         note=f"{error.code}: outcome unknown" if charged == "unknown" else error.code)
+            self.capture(s, job, None, unreconciled=True, note=f"{error.code}: outcome unknown")
 
     def reconcile(self, s: Session, project_id: str, entry_id: int, charged: int, note: str | None) -> LedgerEntry:
         """Settle an `unreconciled` capture with what the provider's invoice says it charged: an
@@ -269,4 +272,8 @@ class Ledger:
 
 
 def _iso(value: datetime | None) -> str | None:
-    return None if value is None else value.isoformat()
+    """ISO 8601 with `Z` for UTC, as the API writes every other time."""
+    if value is None:
+        return None
+    text = value.isoformat()
+    return text[:-6] + "Z" if text.endswith("+00:00") else text

@@ -126,6 +126,7 @@ class JobRunner:
         self.bus.publish(job.id, "started", {"job_id": job.id, "status": "running", "engine": job.engine,
                                              "attempt": claim.attempt})
         started = time.monotonic()
+        engine_returned = False  # from then on what it made exists, and a remote one may have billed it
         try:
             claim.cancel.raise_if_cancelled()  # canceled between its claim and this start
             self.health.started(job.engine)
@@ -137,6 +138,7 @@ class JobRunner:
                 raise
             finally:
                 self.health.finished(job.engine)  # whatever the verdict, this probe is over
+            engine_returned = True
             elapsed = time.monotonic() - started
             self.health.succeeded(job.engine, job.stage, elapsed)
             try:
@@ -145,6 +147,7 @@ class JobRunner:
                 # Canceled once the engine had finished: a remote engine's images are made and billed.
                 if self.registry.get(job.engine).kind == "remote":
                     exc.at_least_charged("yes")
+                    exc.cost_millicredits = result.cost_millicredits
                 raise
             except (StaleAttempt, OrchestratorError):
                 raise
@@ -153,12 +156,14 @@ class JobRunner:
                 # The first line says what failed; a database error's next lines hold its SQL and values.
                 reason = next(iter(str(exc).splitlines()), "")
                 raise EngineError(f"the images were made but could not be stored: {type(exc).__name__}: {reason}"[:500],
-                                  retryable=False, charged="yes") from exc
+                                  retryable=False, charged="yes", cost_millicredits=result.cost_millicredits) from exc
         except StaleAttempt:
             log.info("job %s attempt %s was superseded; its result is discarded", job.id, claim.attempt)
             return
         except Canceled as exc:
-            if claim.shutdown:
+            # After the engine returned, a stop does not interrupt `_succeed`: a Canceled from it is a
+            # user's cancel (recorded in the row), which ends the job now, with what it cost.
+            if claim.shutdown and not engine_returned:
                 if exc.charged == "no":
                     # Nothing reached a provider: queued again, with its hold, for the next start
                     # (recovery would fail a remote job as possibly billed).
@@ -187,6 +192,8 @@ class JobRunner:
                                 retryable=False, charged="unknown" if remote else "no")
             await self._end(claim, "failed", error)
         else:
+            log.info("job %s succeeded on %s: %d image(s) in %.1f s", job.id, job.engine, len(asset_ids),
+                     time.monotonic() - started)
             for index, asset_id in enumerate(asset_ids):
                 self.bus.publish(job.id, "asset", {"asset_id": asset_id, "index": index})
             self.bus.publish(job.id, "succeeded", {"job_id": job.id, "status": "succeeded", "assets": asset_ids})
@@ -205,6 +212,9 @@ class JobRunner:
         data: dict[str, Any] = {"job_id": claim.job.id, "status": status}
         if status == "failed":
             data["error"] = error.to_dict()
+            log.warning("job %s failed on %s: %s: %s", claim.job.id, claim.job.engine, error.code, error.message)
+        else:
+            log.info("job %s canceled on %s", claim.job.id, claim.job.engine)
         self.bus.publish(claim.job.id, status, data)
 
     async def _fall_back(self, claim: Claim, error: EngineError) -> bool:
@@ -327,9 +337,11 @@ class JobRunner:
 
     def _succeed(self, claim: Claim, result: RenderResult, seconds: float) -> list[str]:
         """Store the images and finish the job, unless a cancel (answered 202, so it must win)
-        arrives first: it is checked before encoding and again inside the final transaction."""
+        arrives first: it is checked before encoding and again inside the final transaction.
+        A stop alone does not prevent it: the images are made and paid for, and recovery could
+        only fail the job and charge its estimate."""
         job = claim.job
-        claim.cancel.raise_if_cancelled()
+        self._raise_if_user_canceled(claim)
         records = []
         for rendered in result.images:
             record = self._record(job, result, rendered.seed)
@@ -349,7 +361,7 @@ class JobRunner:
         ]
         now = utcnow()
         with self.db.transaction() as s:
-            claim.cancel.raise_if_cancelled()  # rolls back: nothing of this success is kept
+            self._raise_if_user_canceled(claim)  # rolls back: nothing of this success is kept
             self._guarded_update(s, claim, unless_canceled=True, status="succeeded", finished_at=now, lease_owner=None,
                                  lease_expires_at=None, progress_step=job.progress_total or 1,
                                  progress_total=job.progress_total or 1, model=result.model,
@@ -369,6 +381,13 @@ class JobRunner:
         for row, (sha, data) in zip(rows, pngs, strict=True):
             self.store.recent.add(row.id, sha, data)
         return [r.id for r in rows]
+
+    @staticmethod
+    def _raise_if_user_canceled(claim: Claim) -> None:
+        # A stop cancels the token too; a user's cancel is also in the row's `cancel_requested_at`,
+        # which the guarded update checks, so under a stop the token alone says nothing.
+        if not claim.shutdown:
+            claim.cancel.raise_if_cancelled()
 
     def _store_png(self, image: Image.Image, record: dict[str, Any]) -> tuple[str, bytes]:
         data = encode_png(image, record)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import httpx
 import pytest
 
+from orchestrator.runner import Claim, JobRunner
+from orchestrator.store import ArtifactStore
 from tests.credits import (
     PRICE,
     TERMINAL,
@@ -18,6 +22,7 @@ from tests.credits import (
     promote_ok,
     wait_for_job,
 )
+from tiers.base import RenderResult
 
 
 def test_provider_cost_below_the_hold_releases_the_rest(api: httpx.Client) -> None:
@@ -141,3 +146,90 @@ def test_images_made_but_not_stored_are_charged(api: httpx.Client, monkeypatch: 
     assert [(e["kind"], e["amount"], e["unreconciled"]) for e in entries] == [
         ("hold", 10.0, False), ("capture", 10.0, False)]
     assert budget(api, project_id)["held"] == 0
+
+
+def test_images_not_stored_are_charged_what_the_provider_reported(api: httpx.Client,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The provider said what it charged before the disk filled up: that, not the estimate, is the bill."""
+    project_id, asset_id = project_with_draft(api)
+
+    def disk_full(self: object, data: bytes) -> str:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("orchestrator.store.ArtifactStore.put", disk_full)
+    job = promote_ok(api, asset_id, tags={"cost": "7.5"})
+    assert wait_for_job(api, job["id"])["status"] == "failed"
+    entries = [e for e in ledger(api, project_id) if e["job_id"] == job["id"]]
+    assert [(e["kind"], e["amount"], e["unreconciled"]) for e in entries] == [
+        ("hold", PRICE, False), ("capture", 7.5, False), ("release", 2.5, False)]
+    assert_settled_once(entries)
+
+
+def test_a_cancel_after_the_engine_finished_charges_what_the_provider_reported(
+        api: httpx.Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cancel that lands while the images are being stored wins (answered 202), but the provider
+    already made and billed them: its reported cost is captured."""
+    project_id, asset_id = project_with_draft(api)
+    real_put = ArtifactStore.put
+    asked: list[int] = []
+
+    def cancel_then_put(self: ArtifactStore, data: bytes) -> str:
+        if not asked:
+            asked.append(1)
+            running = get_json(api, "/v1/jobs", project_id=project_id, status="running")["items"]
+            assert api.post(f"/v1/jobs/{running[0]['id']}/cancel").status_code == 202
+        return real_put(self, data)
+
+    monkeypatch.setattr(ArtifactStore, "put", cancel_then_put)
+    job = promote_ok(api, asset_id, tags={"cost": "7.5"})
+    done = wait_for_job(api, job["id"])
+    assert done["status"] == "canceled" and asked
+    entries = [e for e in ledger(api, project_id) if e["job_id"] == job["id"]]
+    assert [(e["kind"], e["amount"], e["unreconciled"]) for e in entries] == [
+        ("hold", PRICE, False), ("capture", 7.5, False), ("release", 2.5, False)]
+
+
+def stop_while_storing(monkeypatch: pytest.MonkeyPatch, then: Callable[[Claim], None] = lambda _claim: None) -> None:
+    """Make the runner's `_succeed` meet a graceful stop as `Scheduler.stop` makes it (the engine
+    has returned; the images are not stored yet), for jobs tagged `stop`; `then` runs after it."""
+    real = JobRunner._succeed
+
+    def stopped(self: JobRunner, claim: Claim, result: RenderResult, seconds: float) -> list[str]:
+        if claim.job.params["tags"].get("stop"):
+            claim.shutdown = True
+            claim.cancel.cancel(abandon=True)
+            then(claim)
+        return real(self, claim, result, seconds)
+
+    monkeypatch.setattr(JobRunner, "_succeed", stopped)
+
+
+def test_a_stop_after_the_engine_finished_keeps_the_paid_result(api: httpx.Client,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The images are made and paid for: a stop stores them instead of leaving the job to recovery,
+    which could only fail it `interrupted` and charge the estimate."""
+    project_id, asset_id = project_with_draft(api)
+    stop_while_storing(monkeypatch)
+    job = promote_ok(api, asset_id, tags={"cost": "7.5", "stop": "1"})
+    done = wait_for_job(api, job["id"], timeout=10)
+    assert done["status"] == "succeeded" and len(done["assets"]) == 1
+    entries = [e for e in ledger(api, project_id) if e["job_id"] == job["id"]]
+    assert [(e["kind"], e["amount"], e["unreconciled"]) for e in entries] == [
+        ("hold", PRICE, False), ("capture", 7.5, False), ("release", 2.5, False)]
+
+
+def test_a_users_cancel_during_a_stop_still_wins(api: httpx.Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stop lets `_succeed` go on, but a user's cancel (in the row's `cancel_requested_at`) still
+    ends the job canceled, at once and charged what the provider reported."""
+    project_id, asset_id = project_with_draft(api)
+
+    def user_cancels(claim: Claim) -> None:
+        assert api.post(f"/v1/jobs/{claim.job.id}/cancel").status_code == 202
+
+    stop_while_storing(monkeypatch, user_cancels)
+    job = promote_ok(api, asset_id, tags={"cost": "7.5", "stop": "1"})
+    done = wait_for_job(api, job["id"], timeout=10)
+    assert done["status"] == "canceled" and done["assets"] == []
+    entries = [e for e in ledger(api, project_id) if e["job_id"] == job["id"]]
+    assert [(e["kind"], e["amount"], e["unreconciled"]) for e in entries] == [
+        ("hold", PRICE, False), ("capture", 7.5, False), ("release", 2.5, False)]

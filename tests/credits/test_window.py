@@ -100,7 +100,9 @@ def test_a_capture_counts_only_in_its_own_month(db: Database) -> None:
     with db.transaction() as s, pytest.raises(BudgetExceeded) as refused:
         ledger.hold(s, ledger.lock_project(s, project.id), late, 50_000)
     assert refused.value.details["available"] == 40
-    assert refused.value.details["window"]["start"] == "2026-12-01T00:00:00+00:00"
+    # Written as every other time of the API is: UTC with `Z`.
+    assert refused.value.details["window"] == {"period": "month", "start": "2026-12-01T00:00:00Z",
+                                               "end": "2027-01-01T00:00:00Z"}
 
     clock.now = utc(2027, 1, 1)  # the new month starts with the whole budget
     with db.session() as s:
