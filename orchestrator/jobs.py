@@ -24,6 +24,7 @@ from orchestrator.errors import (
     BudgetExceeded,
     JobFinished,
     NotFound,
+    OrchestratorError,
 )
 from orchestrator.events import EventBus
 from orchestrator.ids import new_id
@@ -155,7 +156,16 @@ class JobService:
             replay = self._replay(idempotency_key, scope, digest)
             if replay is not None:
                 return replay, False
-        decision = self.decide(prepared, engine, max_credits)
+        try:
+            decision = self.decide(prepared, engine, max_credits)
+        except OrchestratorError:
+            # A request with this key may have committed since the look-up above, and its hold (or
+            # its engine's failures) can change the routing: the first request's answer is ours.
+            if idempotency_key:
+                replay = self._replay(idempotency_key, scope, digest)
+                if replay is not None:
+                    return replay, False
+            raise
         job = self._new_job(prepared, decision, cache=getattr(body, "cache", True))
         with self.db.transaction() as s:
             # The project lock (Postgres) or write lock (SQLite) comes first: of concurrent

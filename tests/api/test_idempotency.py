@@ -3,12 +3,23 @@ made; another body -> 409."""
 
 from __future__ import annotations
 
+import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
+import pytest
+from sqlmodel import select
 
+from orchestrator.errors import NoRoute
+from orchestrator.ids import new_id
+from orchestrator.jobs import JobService, Prepared
+from orchestrator.models import Job, Project
+from orchestrator.routing import Decision
+from orchestrator.schemas import DraftCreate
+from orchestrator.services import Services
 from tests.api import SMALL, assert_error, create_project, job_count, wait_for_job
+from tests.conftest import SettingsFactory
 
 BODY: dict[str, Any] = {"prompt": "a lighthouse", "n": 1, "seed": 3, **SMALL}
 
@@ -115,3 +126,48 @@ def test_concurrent_project_creations_with_one_key_make_one_project(server: http
     assert len({r.json()["id"] for r in responses}) == 1
     assert sum("idempotent-replayed" in r.headers for r in responses) == 7
     assert set(project_ids(server)) - before == {responses[0].json()["id"]}
+
+
+def test_a_twin_that_committed_first_is_replayed_even_when_routing_now_refuses(
+        make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Request B misses the first look-up; A (same key and body) commits; then B's routing refuses
+    (A's hold tipped a budget-share rule, an engine's breaker opened). Same key and body: B is
+    answered with A's job, not an error. Another key still gets the error."""
+    services = Services.build(make_settings())
+    try:
+        project_id = new_id("prj")
+        with services.db.transaction() as s:
+            s.add(Project(id=project_id, name="twins", policy="balanced"))
+        body = DraftCreate(prompt="a lighthouse", n=1, seed=3, **SMALL)
+        scope = f"/v1/projects/{project_id}/drafts"
+
+        def submit(key: str) -> tuple[Job, bool]:
+            return services.jobs.submit(services.jobs.prepare_draft(project_id, body), body, engine=None,
+                                        max_credits=None, idempotency_key=key, scope=scope)
+
+        twin: list[Job] = []  # A, once committed
+        racing = [True]
+        real_replay, real_decide = JobService._replay, JobService.decide
+
+        def replay(self: JobService, key: str, scope: str, digest: str) -> Job | None:
+            found = real_replay(self, key, scope, digest)
+            if racing:  # B's first look-up has found nothing: A commits now
+                racing.clear()
+                twin.append(submit("key-twin")[0])
+            return found
+
+        def decide(self: JobService, prepared: Prepared, engine: str | None, max_credits: float | None) -> Decision:
+            if twin:
+                raise NoRoute("no engine is allowed here now")
+            return real_decide(self, prepared, engine, max_credits)
+
+        monkeypatch.setattr(JobService, "_replay", replay)
+        monkeypatch.setattr(JobService, "decide", decide)
+        job, created = submit("key-twin")
+        assert (job.id, created) == (twin[0].id, False)
+        with pytest.raises(NoRoute):
+            submit("key-other")
+        with services.db.session() as s:
+            assert [j.id for j in s.exec(select(Job)).all()] == [twin[0].id]
+    finally:
+        asyncio.run(services.aclose())
