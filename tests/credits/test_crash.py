@@ -67,10 +67,11 @@ class Service:
 @pytest.fixture
 def service_env(tmp_path: Path, tiny_cache_dir: Path, policy_dir: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ORCH_") and k not in VENDOR_KEYS}
+    (tmp_path / "empty.toml").write_text("")  # keeps a developer's orchestrator.toml out
     env.update({
         "ORCH_DATA_DIR": str(tmp_path / "data"), "ORCH_CACHE_DIR": str(tiny_cache_dir),
         "ORCH_LITE_MODEL": tiny.NAME, "ORCH_ENGINES": ENGINES, "ORCH_POLICY": POLICY,
-        "ORCH_POLICY_DIR": str(policy_dir), "ORCH_CONFIG_FILE": str(tmp_path / "absent.toml"),
+        "ORCH_POLICY_DIR": str(policy_dir), "ORCH_CONFIG_FILE": str(tmp_path / "empty.toml"),
         "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p),
     })
     return env
