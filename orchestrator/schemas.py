@@ -208,6 +208,13 @@ class PolishCreate(Strict):
     tags: Tags = Field(default_factory=dict)
     cache: bool = True
 
+    @model_validator(mode="after")
+    def _scale_or_size(self) -> PolishCreate:
+        # Both given: one would be dropped without a word.
+        if "scale" in self.model_fields_set and self.scale is not None and (self.width or self.height):
+            raise ValueError("give either scale or width/height, not both")
+        return self
+
 
 class Progress(BaseModel):
     step: int

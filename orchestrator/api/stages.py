@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response
+from typing import Annotated
+
+from fastapi import APIRouter, Body, Request, Response
 
 from orchestrator.api.deps import CallerDep, IdempotencyKey, ServicesDep, check_asset
 from orchestrator.api.errors import documented
@@ -13,6 +15,9 @@ from orchestrator.schemas import DraftCreate, JobPublic, PolishCreate, PromoteCr
 
 router = APIRouter(tags=["stages"])
 PAID_ERRORS = documented(402, 404, 409, 413, 415, 503)
+# Every field of promote and polish has a default, so their body may be left out (the same as `{}`).
+PromoteBody = Annotated[PromoteCreate, Body(default_factory=PromoteCreate)]
+PolishBody = Annotated[PolishCreate, Body(default_factory=PolishCreate)]
 
 
 @router.post("/projects/{project_id}/drafts", status_code=202, response_model=JobPublic,
@@ -27,7 +32,7 @@ def create_drafts(project_id: str, body: DraftCreate, services: ServicesDep, cal
 
 
 @router.post("/assets/{asset_id}/promote", status_code=202, response_model=JobPublic, responses=PAID_ERRORS)
-def promote(asset_id: str, body: PromoteCreate, services: ServicesDep, caller: CallerDep, request: Request,
+def promote(asset_id: str, body: PromoteBody, services: ServicesDep, caller: CallerDep, request: Request,
             response: Response, idempotency_key: IdempotencyKey = None) -> JobPublic:
     check_asset(services, caller, asset_id)
     prepared = services.jobs.prepare_promote(asset_id, body)
@@ -37,7 +42,7 @@ def promote(asset_id: str, body: PromoteCreate, services: ServicesDep, caller: C
 
 
 @router.post("/assets/{asset_id}/polish", status_code=202, response_model=JobPublic, responses=PAID_ERRORS)
-def polish(asset_id: str, body: PolishCreate, services: ServicesDep, caller: CallerDep, request: Request,
+def polish(asset_id: str, body: PolishBody, services: ServicesDep, caller: CallerDep, request: Request,
            response: Response, idempotency_key: IdempotencyKey = None) -> JobPublic:
     check_asset(services, caller, asset_id)
     prepared = services.jobs.prepare_polish(asset_id, body)

@@ -315,3 +315,23 @@ def test_strength_too_small_to_denoise(shared_server: httpx.Client, finished_job
     response = shared_server.post(f"/v1/assets/{finished_job['assets'][0]}/{stage}", json=body)
     assert_error(response, 422, "invalid_request")
     assert job_count(shared_server) == before
+
+
+@pytest.mark.parametrize("body", [{"scale": 2, "width": 128}, {"scale": 1.5, "height": 64}])
+def test_polish_with_both_a_scale_and_a_size_is_refused(shared_server: httpx.Client, finished_job: dict[str, Any],
+                                                         body: dict[str, Any]) -> None:
+    before = job_count(shared_server)
+    response = shared_server.post(f"/v1/assets/{finished_job['assets'][0]}/polish", json=body)
+    assert assert_error(response, 422, "invalid_request")["message"] == "give either scale or width/height, not both"
+    assert job_count(shared_server) == before
+    # A size alone is fine: the default scale gives way to it.
+    sized = shared_server.post(f"/v1/assets/{finished_job['assets'][0]}/polish", json={"width": 128})
+    assert sized.status_code == 202 and sized.json()["params"]["width"] == 128, sized.text
+
+
+@pytest.mark.parametrize(("stage", "field", "default"), [("promote", "strength", 0.55), ("polish", "scale", 2)])
+def test_promote_and_polish_take_no_body_as_all_defaults(shared_server: httpx.Client, finished_job: dict[str, Any],
+                                                         stage: str, field: str, default: float) -> None:
+    response = shared_server.post(f"/v1/assets/{finished_job['assets'][0]}/{stage}")
+    assert response.status_code == 202, response.text  # once 422 'this request needs a JSON body'
+    assert response.json()["params"][field] == default
