@@ -79,6 +79,10 @@ class Router:
             raise NoUsableEngine(f"the project's policy '{policy_name}' is not loaded; set the project's policy "
                                  "(PATCH) or restore the policy file", details={"policy": policy_name,
                                                                                 "known": self.policies.names()})
+        if requested is not None and requested not in self.registry and requested not in self.registry.broken:
+            known = sorted([engine.name for engine in self.registry] + list(self.registry.broken))
+            raise NoRoute(f"unknown engine '{requested}' (known: {', '.join(known)})",
+                          details={"engine": requested, "known": known})
         policy = self.policies.get(policy_name)
         facts = RequestFacts.from_request(req, engine=requested, budget_used=budget_used)
         matched = policy.match(facts)

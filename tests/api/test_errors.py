@@ -117,6 +117,10 @@ def test_engine_that_cannot_serve_drafts(shared_server: httpx.Client, project: s
     before = job_count(shared_server)
     error = assert_error(post_drafts(shared_server, project, {**VALID, "engine": engine}), 422, "no_route")
     assert engine in error["message"]
+    # A typo is told as one, not as an engine the policy does not allow.
+    assert ("unknown engine" in error["message"]) == (engine == "no-such-engine"), error
+    if engine == "no-such-engine":
+        assert "lite" in error["details"]["known"]
     assert job_count(shared_server) == before
 
 
