@@ -183,8 +183,12 @@ class PostgresBell(Bell):
         self._thread.start()
 
     def _listen(self) -> None:
-        import psycopg
-
+        try:
+            import psycopg
+        except ImportError:  # a psycopg2-only install: the timed looks still find everything
+            log.warning("no bell without psycopg 3 (pip install 'tiered-orchestrator[postgres]'); other "
+                        "processes' changes are seen every ORCH_POLL_INTERVAL")
+            return
         while not self._stop.is_set():
             try:
                 with psycopg.connect(self.conninfo, autocommit=True) as conn:

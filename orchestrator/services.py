@@ -207,7 +207,6 @@ class Services:
         for task in self.background:
             task.cancel()
         await asyncio.gather(*self.background, return_exceptions=True)
-        self.db.bell.close()
         await self.follower.aclose()
         await self.scheduler.stop()
         self.runner.close()
@@ -218,6 +217,8 @@ class Services:
             # Let another process have the device only once this one's model is off it; a thread
             # still inside the pipeline keeps it until the process ends.
             self.scheduler.device.close(release=idle)
+        # Last: the stop's own commits (claims given back to the queue) ring the other workers.
+        self.db.bell.close()
         self.db.dispose()
 
 

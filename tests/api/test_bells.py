@@ -14,9 +14,11 @@ import pytest
 from orchestrator.bells import Bell, SocketBell, bell_for
 from orchestrator.db import Database
 from orchestrator.ids import new_id
-from orchestrator.models import Project
+from orchestrator.models import Job, Project
+from orchestrator.services import Services
 from orchestrator.settings import Settings
 from tests.api import SLOW, TERMINAL, create_project, read_events, submit_draft, wait_for_job, worker_process
+from tiers import tiny
 
 SettingsFactory = Callable[..., Settings]
 # Longer than any wait below: what these tests see within their deadlines, a bell told.
@@ -138,3 +140,34 @@ def test_a_worker_hears_a_draft_queued_and_a_cancel_asked_through_the_api_server
         assert done["status"] == "canceled" and done["attempts"][-1]["status"] == "canceled", done
         assert done["progress"]["step"] < SLOW["steps"]
     assert worker.returncode == 0, (tmp_path / "worker.log").read_text()
+
+
+def test_a_stopping_service_rings_the_others_when_it_gives_claims_back(make_settings: SettingsFactory) -> None:
+    """A claim a stop hands back to the queue is for another worker to run now, not at its next look."""
+    services = Services.build(make_settings())
+    peer = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    folder = services.settings.data_dir / "locks" / "bells"
+    folder.mkdir(parents=True, exist_ok=True)
+    peer.bind(str(folder / "peer.sock"))
+    peer.setblocking(False)
+    try:
+        project_id, job_id = new_id("prj"), new_id("job")
+        with services.db.transaction() as s:
+            s.add(Project(id=project_id, name="bells", policy="balanced"))
+            s.flush()
+            s.add(Job(id=job_id, project_id=project_id, stage="ideation", engine="lite", model=tiny.NAME,
+                      params={"stage": "ideation", "prompt": "x", "negative_prompt": "", "n": 1, "seed": 1,
+                              "width": 64, "height": 64, "steps": 1, "tags": {}}, attempts=[]))
+        [_claim] = services.scheduler._claim_ready({})  # committed; the service stops before it starts
+        while True:  # what the submit and the claim rang
+            try:
+                peer.recv(1)
+            except BlockingIOError:
+                break
+        asyncio.run(services.aclose())
+        with services.db.session() as s:
+            job = s.get(Job, job_id)
+        assert job is not None and job.status == "queued"
+        peer.recv(1)  # the give-back rang: raises BlockingIOError if it did not
+    finally:
+        peer.close()
