@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
 
     worker = sub.add_parser("worker", help="run queued jobs from the database, without HTTP (one per GPU)",
                             formatter_class=defaults,
-                            description="Run the jobs API servers queue, on the same database and ORCH_DATA_DIR; "
+                            description="Run the jobs that API servers queue, on the same database and ORCH_DATA_DIR; "
                             "stops on SIGTERM or SIGINT.")
     worker.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="log level")
 
