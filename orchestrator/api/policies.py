@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter
-from pydantic import ConfigDict, Field
+from fastapi.exceptions import RequestValidationError
+from pydantic import ConfigDict, Field, ValidationError
 
 from orchestrator.api.deps import CallerDep, ServicesDep, check_asset
 from orchestrator.api.errors import documented
 from orchestrator.errors import InvalidRequest, NotFound
 from orchestrator.schemas import DraftCreate, PolishCreate, PromoteCreate, Strict
 from tiers.base import to_credits
+
+StageBody = TypeVar("StageBody", bound=Strict)
 
 router = APIRouter(tags=["routing"])
 
@@ -56,17 +59,21 @@ def explain(body: ExplainRequest, services: ServicesDep, caller: CallerDep) -> d
     if body.stage == "ideation":
         if not body.project_id:
             raise InvalidRequest("project_id is required for the ideation stage")
-        draft = DraftCreate.model_validate(extra)
+        if body.source_asset_id is not None:
+            raise InvalidRequest("the ideation stage takes no source_asset_id (drafts start from a prompt)")
+        draft = _stage_body(DraftCreate, extra)
         prepared, engine, max_credits = jobs.prepare_draft(body.project_id, draft), draft.engine, None
+        if draft.seed is None:  # a real job draws its own: the one drawn here would mislead
+            prepared.params["seed"] = None
     else:
         if not body.source_asset_id:
             raise InvalidRequest(f"source_asset_id is required for the {body.stage} stage")
         if body.stage == "bridge":
-            promote = PromoteCreate.model_validate(extra)
+            promote = _stage_body(PromoteCreate, extra)
             prepared = jobs.prepare_promote(body.source_asset_id, promote)
             engine, max_credits = promote.engine, promote.max_credits
         else:
-            polish = PolishCreate.model_validate(extra)
+            polish = _stage_body(PolishCreate, extra)
             prepared = jobs.prepare_polish(body.source_asset_id, polish)
             engine, max_credits = polish.engine, polish.max_credits
         if body.project_id and body.project_id != prepared.project_id:
@@ -75,3 +82,12 @@ def explain(body: ExplainRequest, services: ServicesDep, caller: CallerDep) -> d
     return {"project_id": prepared.project_id, "stage": body.stage, "engine": decision.chosen,
             "estimate": to_credits(decision.estimate), "routing": decision.as_dict(),
             "params": {k: v for k, v in prepared.params.items() if k != "source_sha256"}}
+
+
+def _stage_body(model: type[StageBody], fields: dict[str, Any]) -> StageBody:
+    """The stage's own body, its errors placed as the stage's POST places them (`["body", "n"]`)."""
+    try:
+        return model.model_validate(fields)
+    except ValidationError as exc:
+        errors = [{**error, "loc": ("body", *error["loc"])} for error in exc.errors()]
+        raise RequestValidationError(errors) from None

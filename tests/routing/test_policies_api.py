@@ -209,6 +209,8 @@ def test_explain_draft_and_polish_match_the_jobs(api: httpx.Client, draft: dict[
     ({"stage": "bridge", "project_id": "{project}"}, 422, "invalid_request"),  # no source asset
     ({"stage": "bridge", "source_asset_id": "{asset}", "strength": 2}, 422, "invalid_request"),
     ({"stage": "polish", "source_asset_id": "{asset}", "scale": 0}, 422, "invalid_request"),
+    ({"stage": "ideation", "project_id": "{project}", "source_asset_id": "{asset}", "prompt": "x"}, 422,
+     "invalid_request"),  # once silently ignored
     ({"stage": "ideation", "project_id": "prj_missing", "prompt": "x"}, 404, "not_found"),
     ({"stage": "bridge", "source_asset_id": "ast_missing"}, 404, "not_found"),
     ({"stage": "bridge", "source_asset_id": "{asset}", "engine": "lite"}, 422, "no_route"),
@@ -221,6 +223,20 @@ def test_explain_refusals(api: httpx.Client, draft: dict[str, Any], body: dict[s
     ledger_before = ledger(api, draft["project_id"])
     assert_error(api.post("/v1/route/explain", json=values), status, code)
     assert ledger(api, draft["project_id"]) == ledger_before
+
+
+def test_explain_tells_errors_and_seeds_as_the_stage_s_post_does(api: httpx.Client, draft: dict[str, Any]) -> None:
+    project_id = draft["project_id"]
+    body = {"prompt": "x", "n": 99, "width": 64, "height": 64}
+    explained = api.post("/v1/route/explain", json={"project_id": project_id, "stage": "ideation", **body})
+    posted = api.post(f"/v1/projects/{project_id}/drafts", json=body)
+    assert assert_error(explained, 422, "invalid_request") == assert_error(posted, 422, "invalid_request")
+    # Without a seed the job draws its own: explain names none rather than one the job will not use.
+    fine = api.post("/v1/route/explain", json={"project_id": project_id, "stage": "ideation", **body, "n": 1})
+    assert fine.status_code == 200 and fine.json()["params"]["seed"] is None, fine.text
+    seeded = api.post("/v1/route/explain", json={"project_id": project_id, "stage": "ideation", **body, "n": 1,
+                                                 "seed": 7})
+    assert seeded.json()["params"]["seed"] == 7
 
 
 def test_explain_not_json_is_400(api: httpx.Client) -> None:
