@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 import logging.handlers
+import os
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import httpx
@@ -59,9 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:
         if exc.title != "Settings":
             raise
-        # Name the variable to fix rather than print a traceback.
+        # Name the variable (or the file's key) to fix rather than print a traceback.
         problems = [f"  {e['msg']}" if e["type"] == "unknown_setting"  # names its file and key itself
-                    else f"  ORCH_{'_'.join(str(p) for p in e['loc']).upper()}: {e['msg']} (got {e['input']!r})"
+                    else f"  {_source_of('_'.join(str(p) for p in e['loc']))}: {e['msg']} (got {e['input']!r})"
                     for e in exc.errors()]
         return _fail("invalid configuration:\n" + "\n".join(problems), status=2)
     except httpx.HTTPStatusError as exc:
@@ -70,6 +72,24 @@ def main(argv: list[str] | None = None) -> int:
                      f"{_error_message(exc.response)}{hint}")
     except httpx.TransportError as exc:
         return _fail(f"cannot reach {exc.request.url.copy_with(path='/', query=None)}: {exc}")
+
+
+def _source_of(field: str) -> str:
+    """Where a setting's bad value came from: its ORCH_ variable, or else the config file's key."""
+    import tomllib
+
+    from orchestrator.settings import PREFIX, Settings
+
+    variable = f"{PREFIX}{field.upper()}"
+    if any(name.upper() == variable for name in os.environ):
+        return variable
+    path = Path(str(Settings.model_config.get("toml_file") or ""))
+    try:
+        keys = tomllib.loads(path.read_text())
+    except (OSError, ValueError):
+        return variable
+    key = next((k for k in keys if k.lower() == field), None)
+    return f"{path}: {key}" if key else variable
 
 
 def _fail(message: str, status: int = 1) -> int:

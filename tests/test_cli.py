@@ -72,3 +72,17 @@ def test_a_setting_the_service_cannot_start_with_is_named_before_it_starts(
     assert err.startswith("orchestrator: invalid configuration:")
     assert told.format(tmp=tmp_path) in err
     assert "Traceback" not in err and "secret" not in err
+
+
+def test_a_bad_value_in_the_config_file_names_the_file_and_key(make_settings: SettingsFactory, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    make_settings()  # keeps the developer's environment out
+    config = tmp_path / "studio.toml"
+    config.write_text('lite_device = "gpu"\n')
+    monkeypatch.setitem(Settings.model_config, "toml_file", config)
+    monkeypatch.setenv("ORCH_LITE_MAX_BATCH", "99")
+    assert main(["migrate"]) == 2
+    err = capsys.readouterr().err
+    assert f"{config}: lite_device: Input should be 'auto', 'cpu', 'cuda' or 'mps' (got 'gpu')" in err
+    assert "ORCH_LITE_MAX_BATCH: Input should be less than or equal to 16 (got '99')" in err  # the variable's
