@@ -14,7 +14,6 @@ _ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"  # Crockford base32, lower case
 _lock = threading.Lock()
 _last = (0, 0)
 ID_RE = re.compile(r"^[a-z]{3}_[0-9a-hjkmnp-tv-z]{26}$")
-_ID_CURSOR = re.compile(r"[A-Za-z0-9_]{1,64}")
 _INT_CURSOR = re.compile(r"[0-9]{1,18}")  # ASCII digits only, and always within SQL's BIGINT
 # The ledger's ids are SQL INTEGERs: PostgreSQL refuses a larger number outright (a 500, not a miss).
 MAX_INT_ID = 2**31 - 1
@@ -45,11 +44,13 @@ def _malformed(cursor: str) -> InvalidRequest:
                           details={"cursor": cursor})
 
 
-def id_cursor(cursor: str | None) -> str | None:
-    """The id a page starts after; an empty cursor is the first page, like no cursor."""
+def id_cursor(cursor: str | None, prefix: str) -> str | None:
+    """The id a page starts after: one of the listed kind (`prefix`), as `next_cursor` gives it.
+    An empty cursor is the first page, like no cursor; any other text is refused, as it would
+    silently start the list somewhere."""
     if not cursor:
         return None
-    if not _ID_CURSOR.fullmatch(cursor):
+    if not ID_RE.fullmatch(cursor) or not cursor.startswith(f"{prefix}_"):
         raise _malformed(cursor)
     return cursor
 

@@ -58,7 +58,7 @@ def list_jobs(services: ServicesDep, caller: CallerDep, project_id: str | None =
             stmt = stmt.where(col(Job.stage) == stage)
         if status:
             stmt = stmt.where(col(Job.status) == status)
-        if after := id_cursor(cursor):
+        if after := id_cursor(cursor, "job"):
             stmt = stmt.where(col(Job.id) > after)
         rows = list(s.exec(stmt).all())
     more = len(rows) > limit

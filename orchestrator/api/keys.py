@@ -69,7 +69,7 @@ def list_keys(project_id: str, services: ServicesDep, caller: CallerDep,
               limit: Annotated[int, Query(ge=1, le=500)] = 50, cursor: str | None = None) -> Page[KeyPublic]:
     """The project's keys, revoked ones included (without their secrets)."""
     _admin_project(services, caller, project_id)
-    rows = keys.listed(services.db, project_id, after=id_cursor(cursor), limit=limit + 1)
+    rows = keys.listed(services.db, project_id, after=id_cursor(cursor, "key"), limit=limit + 1)
     more = len(rows) > limit
     rows = rows[:limit]
     return Page(items=[_public(k) for k in rows], next_cursor=rows[-1].id if more else None)

@@ -89,7 +89,7 @@ def list_projects(services: ServicesDep, caller: CallerDep, limit: Limit = 50,
         stmt = select(Project).order_by(col(Project.id)).limit(limit + 1)
         if caller.project_id is not None:
             stmt = stmt.where(col(Project.id) == caller.project_id)
-        if after := id_cursor(cursor):
+        if after := id_cursor(cursor, "prj"):
             stmt = stmt.where(col(Project.id) > after)
         rows = list(s.exec(stmt).all())
     more = len(rows) > limit
@@ -151,7 +151,7 @@ def list_project_assets(project_id: str, services: ServicesDep, caller: CallerDe
         stmt = select(Asset).where(col(Asset.project_id) == project_id).order_by(col(Asset.id)).limit(limit + 1)
         if stage:
             stmt = stmt.where(col(Asset.stage) == stage)
-        if after := id_cursor(cursor):
+        if after := id_cursor(cursor, "ast"):
             stmt = stmt.where(col(Asset.id) > after)
         rows = list(s.exec(stmt).all())
     more = len(rows) > limit

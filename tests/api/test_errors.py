@@ -158,6 +158,7 @@ def test_unknown_source_asset(shared_server: httpx.Client, path: str) -> None:
 
 @pytest.mark.parametrize("params", [
     {"cursor": "bad cursor!"}, {"cursor": "../../etc"}, {"cursor": "x" * 65}, {"cursor": "prj_\u00e9t\u00e9"},
+    {"cursor": "garbage"}, {"cursor": "zzz_01m8hgspa67kvff4rbtb7pkd34"},  # once silently the first page
     {"limit": 0}, {"limit": 501}, {"limit": -1}, {"limit": "ten"},
 ])
 @pytest.mark.parametrize("path", ["/v1/projects", "/v1/jobs", "/v1/projects/{project}/assets",
@@ -339,3 +340,9 @@ def test_promote_and_polish_take_no_body_as_all_defaults(shared_server: httpx.Cl
     response = shared_server.post(f"/v1/assets/{finished_job['assets'][0]}/{stage}")
     assert response.status_code == 202, response.text  # once 422 'this request needs a JSON body'
     assert response.json()["params"][field] == default
+
+
+def test_a_cursor_of_another_list_is_refused(shared_server: httpx.Client, project: str) -> None:
+    # An asset id given to the jobs list would start it somewhere arbitrary, without a word.
+    assert_error(shared_server.get("/v1/jobs", params={"cursor": project}), 422, "invalid_request")
+    assert shared_server.get("/v1/projects", params={"cursor": project}).status_code == 200
