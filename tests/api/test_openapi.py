@@ -170,7 +170,7 @@ def test_the_server_refuses_sizes_outside_the_documented_bounds(shared_server: h
 
     for outside in (low - step, high + step):
         error = assert_error(explain(outside), 422, "invalid_request")
-        assert [e["loc"] for e in error["details"]["errors"]] == [["width"]], error
+        assert [e["loc"] for e in error["details"]["errors"]] == [["body", "width"]], error
     for bound in (low, high):
         response = explain(bound)
         details = response.json().get("error", {}).get("details", {}) if response.status_code != 200 else {}
