@@ -78,6 +78,9 @@ class JobFollower:
         view = self.bus.view(job_id)
         if view is not None and view.finished:
             return
+        if job_id not in self._followed:
+            # Its state was read before this call: a ring in between was heard by nobody.
+            self._wake.set()
         self._followed[job_id] = time.monotonic()
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._loop(), name="job follower")

@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any
@@ -76,6 +77,7 @@ class Scheduler:
         self.on_recovered = on_recovered
         self._wake = asyncio.Event()
         self._cancel_wake = asyncio.Event()
+        self._device_elsewhere_until = 0.0  # monotonic time; see `_queued`
         self._loop: asyncio.AbstractEventLoop | None = None
         self._running: dict[str, tuple[asyncio.Task[None], Claim]] = {}
         # Claims committed by a worker thread and not yet started on the loop: a cancel in that
@@ -225,11 +227,17 @@ class Scheduler:
                 local.append(engine.name)
             if lane_use.get(lane, 0) >= limit:
                 full.append(engine.name)
+        device = self.device
+        if device is not None and not device.held and time.monotonic() < self._device_elsewhere_until:
+            # Another process held the device a moment ago: until the next timed look, the bells
+            # (every commit of that busy worker rings) wake this one for other work only.
+            full = sorted({*full, *local})
         jobs = self._oldest_queued(full)
         # The device is taken only when there is local work for it, so that a process that never
         # runs a local job leaves it to the workers that do.
-        if (self.device is not None and not self.device.held and any(j.engine in local for j in jobs)
-                and not self.device.try_acquire()):
+        if (device is not None and not device.held and any(j.engine in local for j in jobs)
+                and not device.try_acquire()):
+            self._device_elsewhere_until = time.monotonic() + self.poll_interval
             jobs = self._oldest_queued(sorted({*full, *local}))
         return jobs
 

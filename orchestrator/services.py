@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
@@ -59,7 +60,7 @@ def startup_problems(settings: Settings, *, prices: bool = True) -> list[str]:
         problems.append(f"{CONFIG_FILE_VARIABLE}: no such file: {named}")
     try:
         url = make_url(settings.resolved_database_url)
-    except ArgumentError:  # the text is not echoed: it may hold a password
+    except (ArgumentError, ValueError):  # a port that is not a number; the text may hold a password
         problems.append("ORCH_DATABASE_URL: not a database URL (e.g. postgresql+psycopg://user@host/db)")
     else:
         shown = url.render_as_string(hide_password=True)
@@ -213,12 +214,17 @@ class Services:
         await self.registry.aclose()
         runtime = _local_runtime(self.registry)
         idle = runtime is None or await asyncio.to_thread(runtime.shutdown, DEVICE_IDLE_TIMEOUT)
-        if self.scheduler.device is not None:
+        device = self.scheduler.device
+        if device is not None:
+            held = device.held
             # Let another process have the device only once this one's model is off it; a thread
             # still inside the pipeline keeps it until the process ends.
-            self.scheduler.device.close(release=idle)
+            device.close(release=idle)
+            if held and idle:  # local jobs in the queue waited for it: the others may look now
+                with contextlib.suppress(Exception):  # a database gone at shutdown: their looks remain
+                    await asyncio.to_thread(self.db.ring)
         # Last: the stop's own commits (claims given back to the queue) ring the other workers.
-        self.db.bell.close()
+        await asyncio.to_thread(self.db.bell.close)
         self.db.dispose()
 
 

@@ -10,11 +10,14 @@ from pathlib import Path
 
 import httpx
 import pytest
+from sqlalchemy import update
+from sqlmodel import col
 
 from orchestrator.bells import Bell, SocketBell, bell_for
 from orchestrator.db import Database
+from orchestrator.follow import catch_up
 from orchestrator.ids import new_id
-from orchestrator.models import Job, Project
+from orchestrator.models import Job, Project, utcnow
 from orchestrator.services import Services
 from orchestrator.settings import Settings
 from tests.api import SLOW, TERMINAL, create_project, read_events, submit_draft, wait_for_job, worker_process
@@ -169,5 +172,74 @@ def test_a_stopping_service_rings_the_others_when_it_gives_claims_back(make_sett
             job = s.get(Job, job_id)
         assert job is not None and job.status == "queued"
         peer.recv(1)  # the give-back rang: raises BlockingIOError if it did not
+    finally:
+        peer.close()
+
+
+def test_a_change_between_a_stream_s_first_read_and_its_follow_is_told_at_once(
+        make_settings: SettingsFactory) -> None:
+    """The stream reads the job's state, then follows it: a worker's commit in between rings a
+    follower that watches nothing yet, and must not wait for the next look."""
+    services = Services.build(make_settings(poll_interval=NO_POLL))
+    project_id, job_id = new_id("prj"), new_id("job")
+    with services.db.transaction() as s:
+        s.add(Project(id=project_id, name="bells", policy="balanced"))
+        s.flush()
+        s.add(Job(id=job_id, project_id=project_id, stage="ideation", engine="lite", model=tiny.NAME,
+                  params={"stage": "ideation", "prompt": "x", "n": 1}, attempts=[]))
+
+    async def scenario() -> list[str]:
+        bus, follower = services.bus, services.follower
+        bus.bind(asyncio.get_running_loop())
+        with services.db.session() as s:
+            first = s.get(Job, job_id)
+        assert first is not None
+        catch_up(bus, first, [])  # what the stream read
+        with services.db.transaction() as s:  # another process claims it now; its ring finds no stream
+            s.execute(update(Job).where(col(Job.id) == job_id).values(status="running", attempt=1,
+                                                                      started_at=utcnow()))
+        follower.heard()
+        follower.follow(job_id)
+        seen: list[str] = []
+        async with asyncio.timeout(NO_POLL / 2):
+            async for event in bus.subscribe(job_id):
+                seen.append(event.type)
+                if event.type == "started":
+                    break
+        return seen
+
+    try:
+        assert asyncio.run(scenario()) == ["queued", "started"]
+    finally:
+        asyncio.run(services.aclose())
+
+
+def test_an_in_memory_database_rings_nobody(tmp_path: Path) -> None:
+    for url in ("sqlite://", "sqlite:///:memory:", "sqlite:///file:x?mode=memory&uri=true"):
+        assert type(bell_for(url, tmp_path)) is Bell, url
+
+
+@pytest.mark.parametrize("held", [True, False])
+def test_a_stopping_service_that_lets_the_device_go_rings_the_others(make_settings: SettingsFactory,
+                                                                      held: bool) -> None:
+    """Local jobs wait for the device's holder: the others may take it up the moment it is free."""
+    services = Services.build(make_settings())
+    folder = services.settings.data_dir / "locks" / "bells"
+    folder.mkdir(parents=True, exist_ok=True)
+    peer = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    peer.bind(str(folder / "peer.sock"))
+    peer.setblocking(False)
+    try:
+        device = services.scheduler.device
+        assert device is not None
+        if held:
+            assert device.try_acquire()
+        asyncio.run(services.aclose())
+        try:
+            peer.recv(1)
+            rang = True
+        except BlockingIOError:
+            rang = False
+        assert rang is held
     finally:
         peer.close()
