@@ -118,6 +118,9 @@ class JobRunner:
         self.store = store
         self.bus = bus
         self.previews: dict[str, Image.Image] = {}
+        # Set once the service stopped waiting for its jobs: a result that comes later can no
+        # longer be stored here and is left to recovery, as a stop before the engine returned.
+        self._closed = False
 
     async def run(self, claim: Claim) -> None:
         job = claim.job
@@ -163,7 +166,7 @@ class JobRunner:
         except Canceled as exc:
             # After the engine returned, a stop does not interrupt `_succeed`: a Canceled from it is a
             # user's cancel (recorded in the row), which ends the job now, with what it cost.
-            if claim.shutdown and not engine_returned:
+            if claim.shutdown and (not engine_returned or self._closed):
                 if exc.charged == "no":
                     # Nothing reached a provider: queued again, with its hold, for the next start
                     # (recovery would fail a remote job as possibly billed).
@@ -201,6 +204,7 @@ class JobRunner:
             self.previews.pop(job.id, None)
 
     def close(self) -> None:
+        self._closed = True
         self._encoder.shutdown(wait=True)
 
     async def _end(self, claim: Claim, status: str, error: OrchestratorError) -> None:
@@ -382,11 +386,11 @@ class JobRunner:
             self.store.recent.add(row.id, sha, data)
         return [r.id for r in rows]
 
-    @staticmethod
-    def _raise_if_user_canceled(claim: Claim) -> None:
+    def _raise_if_user_canceled(self, claim: Claim) -> None:
         # A stop cancels the token too; a user's cancel is also in the row's `cancel_requested_at`,
-        # which the guarded update checks, so under a stop the token alone says nothing.
-        if not claim.shutdown:
+        # which the guarded update checks, so under a stop the token alone says nothing (until the
+        # service has closed: then nothing more is stored).
+        if not claim.shutdown or self._closed:
             claim.cancel.raise_if_cancelled()
 
     def _store_png(self, image: Image.Image, record: dict[str, Any]) -> tuple[str, bytes]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 
 import httpx
@@ -233,3 +234,40 @@ def test_a_users_cancel_during_a_stop_still_wins(api: httpx.Client, monkeypatch:
     entries = [e for e in ledger(api, project_id) if e["job_id"] == job["id"]]
     assert [(e["kind"], e["amount"], e["unreconciled"]) for e in entries] == [
         ("hold", PRICE, False), ("capture", 7.5, False), ("release", 2.5, False)]
+
+
+def test_a_result_that_comes_after_the_service_closed_is_left_to_recovery(api: httpx.Client,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stop waits for its jobs a while, then closes the runner (its PNG encoders): an engine that
+    returns later is not stored here, and the job is left `running` for the next start to recover
+    (where a failed 'could not be stored' would have charged it as a finished job)."""
+    project_id, asset_id = project_with_draft(api)
+    real = JobRunner._succeed
+    done = threading.Event()
+
+    def too_late(self: JobRunner, claim: Claim, result: RenderResult, seconds: float) -> list[str]:
+        if not claim.job.params["tags"].get("stop"):
+            return real(self, claim, result, seconds)
+        claim.shutdown = True
+        claim.cancel.cancel(abandon=True)
+        self._closed = True  # the stop stopped waiting
+        return real(self, claim, result, seconds)
+
+    real_run = JobRunner.run
+
+    async def run_then_reopen(self: JobRunner, claim: Claim) -> None:
+        try:
+            await real_run(self, claim)
+        finally:
+            if claim.job.params["tags"].get("stop"):
+                self._closed = False  # the fixture's service runs on
+                done.set()
+
+    monkeypatch.setattr(JobRunner, "_succeed", too_late)
+    monkeypatch.setattr(JobRunner, "run", run_then_reopen)
+    job = promote_ok(api, asset_id, tags={"cost": "7.5", "stop": "1"})
+    assert done.wait(10)
+    left = wait_for_job(api, job["id"], ("running",), timeout=10)
+    assert left["assets"] == [] and left["error"] is None
+    entries = [e for e in ledger(api, project_id) if e["job_id"] == job["id"]]
+    assert [e["kind"] for e in entries] == ["hold"]  # settled by the recovery, not here
