@@ -117,11 +117,19 @@ def _checked(settings: Settings, *, prices: bool = True) -> int | None:
 def _log_to_data_dir(settings: Settings) -> None:
     """Also append this process's log to `ORCH_DATA_DIR/logs/orchestrator.log`, which every
     process of the data dir shares (lines carry their pid). Reopened when moved, for logrotate."""
-    folder = settings.data_dir / "logs"
-    folder.mkdir(parents=True, exist_ok=True)
-    handler = logging.handlers.WatchedFileHandler(folder / "orchestrator.log", encoding="utf-8")
+    path = (settings.data_dir / "logs" / "orchestrator.log").resolve()
+    root = logging.getLogger()
+    if any(isinstance(h, logging.FileHandler) and Path(h.baseFilename) == path for h in root.handlers):
+        return  # main() called again in this process: one handler per file
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.handlers.WatchedFileHandler(path, encoding="utf-8")
+    except OSError as exc:  # another uid's file, a read-only folder: the service runs on, logging to stderr
+        logging.getLogger(__name__).warning("cannot write the log file %s (%s); logging to stderr only", path,
+                                            exc.strerror or exc)
+        return
     handler.setFormatter(logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"))
-    logging.getLogger().addHandler(handler)
+    root.addHandler(handler)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -3,13 +3,14 @@ stderr and a non-zero exit, never a traceback."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import pytest
 
-from orchestrator.cli import main
+from orchestrator.cli import _log_to_data_dir, main
 from orchestrator.settings import Settings
 from tests.conftest import SettingsFactory
 
@@ -56,6 +57,8 @@ def test_migrate_makes_a_new_data_dir(make_settings: SettingsFactory, monkeypatc
     ("serve", "ORCH_DATABASE_URL", "bogus://x", "bogus://x is neither SQLite nor PostgreSQL"),
     ("migrate", "ORCH_DATABASE_URL", "mysql://studio:secret@db/orch", "mysql://studio:***@db/orch is neither"),
     ("worker", "ORCH_DATABASE_URL", "not a url", "ORCH_DATABASE_URL: not a database URL"),
+    ("migrate", "ORCH_DATABASE_URL", "postgresql+psycopg://u:secret@db:5432x/orch",
+     "ORCH_DATABASE_URL: not a database URL"),  # a port that is not a number: once a traceback
     ("serve", "ORCH_PRICES_FILE", "{tmp}/missing.toml", "ORCH_PRICES_FILE: prices file {tmp}/missing.toml: [Errno 2]"),
     ("worker", "ORCH_DATA_DIR", "{tmp}/a-file", "ORCH_DATA_DIR: cannot write in {tmp}/a-file"),
     ("serve", "ORCH_CONFIG_FILE", "{tmp}/studio.toml", "ORCH_CONFIG_FILE: no such file: {tmp}/studio.toml"),
@@ -86,3 +89,31 @@ def test_a_bad_value_in_the_config_file_names_the_file_and_key(make_settings: Se
     err = capsys.readouterr().err
     assert f"{config}: lite_device: Input should be 'auto', 'cpu', 'cuda' or 'mps' (got 'gpu')" in err
     assert "ORCH_LITE_MAX_BATCH: Input should be less than or equal to 16 (got '99')" in err  # the variable's
+
+
+def test_a_log_file_that_cannot_be_written_leaves_the_log_on_stderr(make_settings: SettingsFactory,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    settings = make_settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    (settings.data_dir / "logs").write_text("a file where the folder goes")  # another uid's, read-only, ...
+    root = logging.getLogger()
+    before = list(root.handlers)
+    with caplog.at_level(logging.WARNING, logger="orchestrator.cli"):
+        _log_to_data_dir(settings)  # once a traceback that stopped the start
+    assert root.handlers == before
+    assert "cannot write the log file" in caplog.text
+
+
+def test_the_log_file_gets_one_handler_however_often_main_runs(make_settings: SettingsFactory) -> None:
+    settings = make_settings()
+    root = logging.getLogger()
+    before = list(root.handlers)
+    try:
+        _log_to_data_dir(settings)
+        _log_to_data_dir(settings)  # every line was written twice
+        added = [h for h in root.handlers if h not in before]
+        assert len(added) == 1
+    finally:
+        for handler in [h for h in root.handlers if h not in before]:
+            root.removeHandler(handler)
+            handler.close()
