@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import sys
 from contextlib import AbstractContextManager, nullcontext
@@ -70,6 +71,8 @@ def run_demo(*, url: str | None, prompt: str, out: str, size: int) -> int:
     else:
         from orchestrator.server import serve_in_thread
 
+        # The demo tells each job's outcome itself; the runner's line would land inside its progress bar.
+        logging.getLogger("orchestrator.runner").setLevel(logging.WARNING)
         server = serve_in_thread(Settings())
     headers = {"Authorization": f"Bearer {os.environ['ORCH_ADMIN_KEY']}"} if os.environ.get("ORCH_ADMIN_KEY") else {}
     with server as base, httpx.Client(base_url=base, headers=headers, timeout=600) as client:
