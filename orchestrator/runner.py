@@ -164,8 +164,9 @@ class JobRunner:
             log.info("job %s attempt %s was superseded; its result is discarded", job.id, claim.attempt)
             return
         except Canceled as exc:
-            # After the engine returned, a stop does not interrupt `_succeed`: a Canceled from it is a
-            # user's cancel (recorded in the row), which ends the job now, with what it cost.
+            # After the engine returned, a stop does not interrupt `_succeed` (until the runner has
+            # closed): a Canceled from it is a user's cancel (recorded in the row), which ends the
+            # job now, with what it cost.
             if claim.shutdown and (not engine_returned or self._closed):
                 if exc.charged == "no":
                     # Nothing reached a provider: queued again, with its hold, for the next start
