@@ -21,7 +21,7 @@ from orchestrator.models import Job, Project, utcnow
 from orchestrator.services import Services
 from orchestrator.settings import Settings
 from tests.api import SLOW, TERMINAL, create_project, read_events, submit_draft, wait_for_job, worker_process
-from tiers import tiny
+from tests.api.test_workers import add_job
 
 SettingsFactory = Callable[..., Settings]
 # Longer than any wait below: what these tests see within their deadlines, a bell told.
@@ -154,13 +154,7 @@ def test_a_stopping_service_rings_the_others_when_it_gives_claims_back(make_sett
     peer.bind(str(folder / "peer.sock"))
     peer.setblocking(False)
     try:
-        project_id, job_id = new_id("prj"), new_id("job")
-        with services.db.transaction() as s:
-            s.add(Project(id=project_id, name="bells", policy="balanced"))
-            s.flush()
-            s.add(Job(id=job_id, project_id=project_id, stage="ideation", engine="lite", model=tiny.NAME,
-                      params={"stage": "ideation", "prompt": "x", "negative_prompt": "", "n": 1, "seed": 1,
-                              "width": 64, "height": 64, "steps": 1, "tags": {}}, attempts=[]))
+        job_id = add_job(services)
         [_claim] = services.scheduler._claim_ready({})  # committed; the service stops before it starts
         while True:  # what the submit and the claim rang
             try:
@@ -181,12 +175,7 @@ def test_a_change_between_a_stream_s_first_read_and_its_follow_is_told_at_once(
     """The stream reads the job's state, then follows it: a worker's commit in between rings a
     follower that watches nothing yet, and must not wait for the next look."""
     services = Services.build(make_settings(poll_interval=NO_POLL))
-    project_id, job_id = new_id("prj"), new_id("job")
-    with services.db.transaction() as s:
-        s.add(Project(id=project_id, name="bells", policy="balanced"))
-        s.flush()
-        s.add(Job(id=job_id, project_id=project_id, stage="ideation", engine="lite", model=tiny.NAME,
-                  params={"stage": "ideation", "prompt": "x", "n": 1}, attempts=[]))
+    job_id = add_job(services)
 
     async def scenario() -> list[str]:
         bus, follower = services.bus, services.follower
