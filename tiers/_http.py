@@ -29,6 +29,7 @@ from orchestrator.errors import BadEngineInput, EngineError, EngineTimeout, Engi
 
 if TYPE_CHECKING:
     from orchestrator.settings import Settings
+    from tiers.base import CancelToken
 
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504}) | frozenset(range(505, 600))
 MAX_SINGLE_WAIT = 120.0
@@ -174,25 +175,31 @@ class RemoteClient:
         *,
         idempotent: bool = False,
         deadline: float | None = None,
+        cancel: CancelToken | None = None,
         **kwargs: Any,
     ) -> httpx.Response:
         """Send with retries; return the first answer that is not 408/429/5xx.
 
         401/403 raise `EngineUnavailable` at once. Other 4xx are returned: the engine knows its
         provider's error body (moderation, validation) and calls `fail()` or maps it itself.
+
+        With `cancel`, a cancel ends the call with `Canceled`, which says what it may have cost:
+        `charged="unknown"` while a request that can bill (not `idempotent`) is out without an
+        answer, `"no"` before the first send and in the waits between attempts, when every answer
+        so far said nothing was made. Racing the whole call from outside cannot tell the two apart.
         """
         stop_at = deadline if deadline is not None else self.new_deadline()
         retrying = AsyncRetrying(
             retry=retry_if_exception_type((_RetryableAnswer, _NotSent)),
             wait=_next_wait,
             stop=_StopAtDeadline(stop_at, self.clock),
-            sleep=self.sleep,
+            sleep=self.sleep if cancel is None else self._sleep_unless(cancel),
             reraise=True,
         )
         try:
             async for attempt in retrying:
                 with attempt:
-                    response = await self._send_once(method, url, idempotent=idempotent, **kwargs)
+                    response = await self._send_once(method, url, idempotent=idempotent, cancel=cancel, **kwargs)
         except _RetryableAnswer as exc:
             raise self._give_up(exc.response) from None
         except _NotSent as exc:
@@ -212,9 +219,20 @@ class RemoteClient:
             )
         return response
 
-    async def _send_once(self, method: str, url: str, *, idempotent: bool, **kwargs: Any) -> httpx.Response:
+    def _sleep_unless(self, cancel: CancelToken) -> Sleep:
+        async def sleep(seconds: float) -> None:
+            await cancel.race(self.sleep(seconds), charged="no")  # between attempts nothing is out
+        return sleep
+
+    async def _send_once(self, method: str, url: str, *, idempotent: bool, cancel: CancelToken | None,
+                         **kwargs: Any) -> httpx.Response:
         try:
-            response = await self.client.request(method, url, **kwargs)
+            if cancel is None:
+                response = await self.client.request(method, url, **kwargs)
+            else:
+                cancel.raise_if_cancelled()  # nothing sent yet: charged "no"
+                response = await cancel.race(self.client.request(method, url, **kwargs),
+                                             charged="no" if idempotent else "unknown")
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
             raise _NotSent(exc) from exc
         except (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError) as exc:

@@ -86,9 +86,9 @@ class FalEngine(CloudEngine):
         cancel.raise_if_cancelled()
         deadline = self.http.new_deadline()
         progress.state("submitted")
-        response = await cancel.race(self.http.request(
-            "POST", f"/{self._model}", json=self._body(req), deadline=deadline, headers=self._auth,
-        ))
+        response = await self.http.request(
+            "POST", f"/{self._model}", json=self._body(req), deadline=deadline, headers=self._auth, cancel=cancel,
+        )
         if response.status_code not in (200, 201, 202):
             raise self._refused(response)
         queued = self._json(response)

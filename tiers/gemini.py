@@ -101,8 +101,8 @@ class GeminiEngine(CloudEngine):
             for _ in range(req.n):
                 cancel.raise_if_cancelled()
                 progress.state("submitted")
-                response = await cancel.race(
-                    self.http.request("POST", f"/v1beta/models/{self._model}:generateContent", json=self._body(req))
+                response = await self.http.request(
+                    "POST", f"/v1beta/models/{self._model}:generateContent", json=self._body(req), cancel=cancel
                 )
                 if response.status_code != 200:
                     text = response.text

@@ -136,9 +136,10 @@ class OpenAIImagesEngine(CloudEngine):
                     "output_format": "png",
                     "input_fidelity": "high",
                 }
-                response = await cancel.race(self.http.request(
-                    "POST", "/v1/images/edits", data=fields, files={"image": ("draft.png", draft, "image/png")}
-                ))
+                response = await self.http.request(
+                    "POST", "/v1/images/edits", data=fields, files={"image": ("draft.png", draft, "image/png")},
+                    cancel=cancel,
+                )
                 request_id = response.headers.get("x-request-id")
                 if request_id:
                     request_ids.append(request_id)

@@ -130,10 +130,10 @@ class ReplicateEngine(CloudEngine):
     async def _predict(self, body: dict[str, Any], progress: Progress, cancel: CancelToken) -> dict[str, Any]:
         deadline = self.http.new_deadline()
         progress.state("submitted")
-        response = await cancel.race(self.http.request(
+        response = await self.http.request(
             "POST", f"/v1/models/{self._model}/predictions", json=body, deadline=deadline,
-            headers={**self._auth, "Prefer": f"wait={self._wait}"},
-        ))
+            headers={**self._auth, "Prefer": f"wait={self._wait}"}, cancel=cancel,
+        )
         if response.status_code not in (200, 201, 202):
             raise self._refused(response)
         prediction = self._json(response)

@@ -131,7 +131,7 @@ class StabilityEngine(CloudEngine):
                 if op == "upscale-creative":
                     response, request_id = await self._creative(fields, files, progress, cancel)
                 else:
-                    response = await cancel.race(self._send("POST", self._path(op), data=fields, files=files))
+                    response = await self._send("POST", self._path(op), data=fields, files=files, cancel=cancel)
                     request_id = response.headers.get("x-request-id")
                     if request_id:
                         progress.provider_request(request_id)
@@ -183,9 +183,9 @@ class StabilityEngine(CloudEngine):
     async def _creative(self, fields: dict[str, str], files: dict[str, Any], progress: Progress,
                         cancel: CancelToken) -> tuple[httpx.Response, str]:
         deadline = self.http.new_deadline()
-        created = await cancel.race(self._send(
-            "POST", self._path("upscale-creative"), data=fields, files=files, deadline=deadline
-        ))
+        created = await self._send(
+            "POST", self._path("upscale-creative"), data=fields, files=files, deadline=deadline, cancel=cancel
+        )
         if created.status_code != 200:
             raise self._error(created)
         with reading_an_answer():

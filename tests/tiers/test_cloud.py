@@ -3,6 +3,7 @@ which settings hold it; model and prices from the settings and the prices file."
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import httpx
@@ -69,4 +70,52 @@ async def test_a_job_canceled_before_it_is_sent_sends_nothing(make_ctx: Any, cls
         with pytest.raises(Canceled):
             await engine.run(bridge(), NullProgress(), token)
     assert anything.call_count == 0
+    await engine.aclose()
+
+
+@pytest.mark.parametrize(("cls", "prefix"), [(c[0], c[1]) for c in CASES], ids=[c[1] for c in CASES])
+async def test_a_cancel_while_rate_limited_releases_what_was_held(make_ctx: Any, cls: type[CloudEngine],
+                                                                  prefix: str) -> None:
+    """Canceled in the wait after a 429: the provider made nothing, so the job owes nothing
+    (`charged="no"`: the ledger releases the hold instead of capturing it unreconciled)."""
+    engine = cls(make_ctx(**{f"{prefix}_api_key": "k-secret"}))
+    waiting = asyncio.Event()
+
+    async def back_off(_seconds: float) -> None:
+        waiting.set()
+        await asyncio.Event().wait()
+
+    engine.http.sleep = back_off
+    token = CancelToken()
+    with respx.mock(assert_all_called=False) as mock:
+        anything = mock.route().mock(return_value=httpx.Response(429, headers={"retry-after": "5"}))
+        run = asyncio.create_task(engine.run(bridge(), NullProgress(), token))
+        await asyncio.wait_for(waiting.wait(), 5)
+        token.cancel()
+        with pytest.raises(Canceled) as info:
+            await run
+    assert info.value.charged == "no" and anything.call_count == 1
+    await engine.aclose()
+
+
+@pytest.mark.parametrize(("cls", "prefix"), [(c[0], c[1]) for c in CASES], ids=[c[1] for c in CASES])
+async def test_a_cancel_while_the_generation_call_is_out_may_have_been_charged(
+        make_ctx: Any, cls: type[CloudEngine], prefix: str) -> None:
+    engine = cls(make_ctx(**{f"{prefix}_api_key": "k-secret"}))
+    sent = asyncio.Event()
+
+    async def hang(_request: httpx.Request) -> httpx.Response:
+        sent.set()
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    token = CancelToken()
+    with respx.mock(assert_all_called=False) as mock:
+        mock.route().mock(side_effect=hang)
+        run = asyncio.create_task(engine.run(bridge(), NullProgress(), token))
+        await asyncio.wait_for(sent.wait(), 5)
+        token.cancel()
+        with pytest.raises(Canceled) as info:
+            await run
+    assert info.value.charged == "unknown"
     await engine.aclose()

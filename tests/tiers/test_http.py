@@ -1,8 +1,9 @@
 """The one retry layer (tiers/_http.py): an answer that arrived but cannot be read is not a request
-that never left."""
+that never left, and a cancel says whether a request was out when it came."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -10,8 +11,9 @@ import httpx
 import pytest
 import respx
 
-from orchestrator.errors import EngineError, EngineUnavailable
+from orchestrator.errors import Canceled, EngineError, EngineUnavailable
 from tiers._http import RemoteClient
+from tiers.base import CancelToken
 
 BASE = "https://provider.test"
 
@@ -80,3 +82,65 @@ async def test_a_request_that_cannot_be_built_is_still_engine_unavailable(client
         await client.request("POST", "/images")
     assert info.value.retryable is False and "ORCH_PROV_API_KEY" in info.value.message
     assert "k-secret" not in info.value.message and route.call_count == 1
+
+
+class BlockingSleep:
+    """A back-off wait that lasts until the test is done with it."""
+
+    def __init__(self) -> None:
+        self.entered = asyncio.Event()
+
+    async def __call__(self, seconds: float) -> None:
+        self.entered.set()
+        await asyncio.Event().wait()
+
+
+def rate_limited(_request: httpx.Request) -> httpx.Response:
+    return httpx.Response(429, headers={"retry-after": "5"}, json={"error": {"message": "slow down"}})
+
+
+@respx.mock
+async def test_a_cancel_during_the_back_off_after_a_429_says_nothing_was_charged() -> None:
+    route = respx.post(f"{BASE}/images").mock(side_effect=rate_limited)
+    sleep = BlockingSleep()
+    client = RemoteClient("prov", base_url=BASE, key_setting="ORCH_PROV_API_KEY", sleep=sleep)
+    token = CancelToken()
+    call = asyncio.create_task(client.request("POST", "/images", json={"prompt": "a lighthouse"}, cancel=token))
+    await asyncio.wait_for(sleep.entered.wait(), 5)
+    token.cancel()
+    with pytest.raises(Canceled) as info:
+        await call
+    # The only answer said nothing was made, and nothing was out when the cancel came.
+    assert info.value.charged == "no" and route.call_count == 1
+    await client.aclose()
+
+
+@respx.mock
+async def test_a_cancel_while_a_post_is_out_may_have_been_charged() -> None:
+    sent = asyncio.Event()
+
+    async def hang(_request: httpx.Request) -> httpx.Response:
+        sent.set()
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    respx.post(f"{BASE}/images").mock(side_effect=hang)
+    client = RemoteClient("prov", base_url=BASE, key_setting="ORCH_PROV_API_KEY")
+    token = CancelToken()
+    call = asyncio.create_task(client.request("POST", "/images", json={"prompt": "a lighthouse"}, cancel=token))
+    await asyncio.wait_for(sent.wait(), 5)
+    token.cancel()
+    with pytest.raises(Canceled) as info:
+        await call
+    assert info.value.charged == "unknown"
+    await client.aclose()
+
+
+@respx.mock
+async def test_a_cancel_before_the_first_send_sends_nothing(client: RemoteClient) -> None:
+    route = respx.post(f"{BASE}/images").mock(return_value=httpx.Response(200, json={}))
+    token = CancelToken()
+    token.cancel()
+    with pytest.raises(Canceled) as info:
+        await client.request("POST", "/images", json={"prompt": "a lighthouse"}, cancel=token)
+    assert info.value.charged == "no" and route.call_count == 0
