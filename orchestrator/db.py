@@ -3,7 +3,10 @@
 SQLite runs in WAL mode with foreign keys and a busy timeout. pysqlite's own transaction handling
 is switched off so that `transaction()` can issue `BEGIN IMMEDIATE`: the write lock is taken at
 the start of the transaction, so two writers never both read a balance and both decide it fits.
-On Postgres the same call is a plain transaction; the ledger locks rows with `FOR UPDATE`.
+On PostgreSQL `transaction()` takes one transaction-scoped advisory lock first, which serialises
+write transactions the same way: ids made in one (and the ledger's sequence numbers) commit in
+the order they were made, so a list cursor (`id > cursor`) never passes over a late commit.
+Writes are short (no transaction waits on an engine), so one writer at a time costs little.
 """
 
 from __future__ import annotations
@@ -18,13 +21,15 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlmodel import Session
 
 from orchestrator.bells import Bell
 
 log = logging.getLogger(__name__)
 _IMMEDIATE = "orchestrator_immediate"
+# Any fixed number (not migrations/env.py's): the advisory lock every PostgreSQL write takes first.
+WRITE_LOCK = 7_202_611_281
 
 
 def _sqlite_setup(engine: Engine) -> None:
@@ -71,12 +76,14 @@ class Database:
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:
-        """One write transaction, committed on success, rolled back on any error. On SQLite the
-        database write lock is held from the start: ids made in it (list cursors) then commit in
-        the order they were made."""
+        """One write transaction, committed on success, rolled back on any error. The database's
+        write lock (SQLite's, or the advisory one on PostgreSQL) is held from the start: ids made
+        in it (list cursors) then commit in the order they were made."""
         with Session(self._writer, expire_on_commit=False) as session:
             with session.begin():
-                session.connection()  # BEGIN now; SQLAlchemy would wait for the first statement
+                connection = session.connection()  # BEGIN now; SQLAlchemy would wait for the first statement
+                if not self.is_sqlite:
+                    connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": WRITE_LOCK})
                 yield session
                 self.bell.before_commit(session)
             self.bell.after_commit()

@@ -28,15 +28,19 @@ def _b32(value: int, length: int) -> str:
 
 
 def new_id(prefix: str) -> str:
-    """48 bits of milliseconds then 80 random bits, monotonic within a process."""
+    """48 bits of milliseconds, 10 of the microsecond within it, 70 random bits; monotonic within
+    a process. The microseconds order the ids of two processes made in one millisecond: writes
+    are serialised (`Database.transaction`), so an id made in a later transaction is made later,
+    and with the random bits alone it would still sort first half of the time."""
     global _last
     with _lock:
-        ms = int(time.time() * 1000)
-        last_ms, last_rand = _last
-        rand = last_rand + 1 if ms <= last_ms else int.from_bytes(os.urandom(10), "big")
-        ms = max(ms, last_ms)
-        _last = (ms, rand)
-    return f"{prefix}_{_b32(ms, 10)}{_b32(rand & ((1 << 80) - 1), 16)}"
+        us = time.time_ns() // 1000
+        ms = us // 1000
+        tail = (us % 1000) << 70 | int.from_bytes(os.urandom(9), "big") >> 2
+        if (ms, tail) <= _last:  # the same instant, or the clock stepped back
+            ms, tail = _last[0], _last[1] + 1
+        _last = (ms, tail)
+    return f"{prefix}_{_b32(ms, 10)}{_b32(tail & ((1 << 80) - 1), 16)}"
 
 
 def _malformed(cursor: str) -> InvalidRequest:

@@ -296,8 +296,8 @@ class JobService:
                 status="canceled", finished_at=now,
                 error={"code": "canceled", "message": "canceled before it started", "details": {}}))
             if getattr(result, "rowcount", 0) != 1:
-                # Claimed after our read (PostgreSQL's READ COMMITTED allows it): the job runs, so
-                # its hold stays and the caller cancels it as a running job.
+                # Claimed after our read: serialised writes rule it out today, but should it happen
+                # the job runs, so its hold stays and the caller cancels it as a running job.
                 return False
             self.ledger.settle_unstarted(s, job, note="canceled before it started")
         self.bus.publish(job_id, "canceled", {"job_id": job_id, "status": "canceled"})

@@ -13,8 +13,10 @@ calendar boundaries in UTC, and spend in the window is the sum of its captures. 
     available = limit + grants(window) - charged(window) - held(open holds)
 
 Every function here runs inside the caller's write transaction, so a hold commits with its job
-and a capture commits with the job's final state. Concurrency: on SQLite the transaction holds
-the write lock from `BEGIN IMMEDIATE`; on Postgres the project's row is locked `FOR UPDATE`.
+and a capture commits with the job's final state. Concurrency: the transaction holds the
+database's write lock from its start (SQLite's `BEGIN IMMEDIATE`, PostgreSQL's advisory lock, see
+orchestrator.db); on PostgreSQL the project's row is also locked `FOR UPDATE`, so a hold stays
+safe in a transaction made some other way.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from orchestrator.bells import CHANNEL, PostgresBell
 from orchestrator.db import Database
 from orchestrator.ids import new_id
 from orchestrator.jobs import JobService
-from orchestrator.models import IdempotencyKey, Job, LedgerEntry, Project
+from orchestrator.models import IdempotencyKey, Job, Project
 from orchestrator.schemas import DraftCreate
 from orchestrator.server import serve_in_thread
 from orchestrator.services import Services
@@ -126,9 +126,9 @@ def test_one_idempotency_key_from_two_racing_requests_on_postgres(
 
 def test_one_idempotency_key_on_two_racing_project_creations_on_postgres(
         pg_api: httpx.Client, monkeypatch: pytest.MonkeyPatch) -> None:
-    """No lock orders two first creations with one key on PostgreSQL: both look the key up, both
-    insert, and the second meets the first's key at commit. It must answer with the first's project,
-    not a 500 (held together at every look-up, so the race happens every run)."""
+    """Two first creations with one key: the second must answer with the first's project, not a
+    500 (each look-up waits at a barrier, which write transactions, serialised on PostgreSQL as on
+    SQLite, break after 2 s: the second then finds the first's key)."""
     barrier = threading.Barrier(2)
     recall = idempotency.recall
 
@@ -153,11 +153,11 @@ def test_one_idempotency_key_on_two_racing_project_creations_on_postgres(
     assert [p["name"] for p in pg_api.get("/v1/projects").json()["items"]] == ["race"]
 
 
-def test_a_cancel_that_loses_to_a_claim_leaves_the_job_running_on_postgres(
+def test_a_claim_waits_for_a_cancel_that_read_the_job_first_on_postgres(
         postgres_url: str, tmp_path: Path, paid_settings_for: Callable[..., Settings]) -> None:
-    """Under READ COMMITTED the dispatcher can claim a job between the cancel's read and its
-    UPDATE: the cancel must then leave the job (and its hold) to the running path, not report it
-    canceled while it runs uncharged."""
+    """Under READ COMMITTED the dispatcher could claim a job between the cancel's read and its
+    UPDATE, and the job would run while its cancel was answered. Write transactions are serialised
+    (`Database.transaction`): the claim waits for the cancel, then finds nothing to claim."""
     services = Services.build(paid_settings_for(tmp_path / "data", database_url=postgres_url))
     try:
         with services.db.transaction() as s:
@@ -166,34 +166,60 @@ def test_a_cancel_that_loses_to_a_claim_leaves_the_job_running_on_postgres(
         job, _ = services.jobs.submit(services.jobs.prepare_draft("prj_cancel", body), body, engine=None,
                                       max_credits=None, idempotency_key=None, scope="/race")
         claims: list[object] = []
-        hooked = threading.Event()
+        workers: list[threading.Thread] = []
 
-        def claim_first(state: ORMExecuteState) -> None:
-            # Just before the cancel's UPDATE (once: the claim's own UPDATE passes here too),
-            # another connection claims the job and commits.
-            if state.is_update and not hooked.is_set():
-                hooked.set()
+        def claim_meanwhile(state: ORMExecuteState) -> None:
+            # Just before the cancel's UPDATE, another connection tries to claim the job.
+            if state.is_update and not workers:
                 with services.db.session() as s:
                     queued = s.get(Job, job.id)
                 assert queued is not None
                 worker = threading.Thread(target=lambda: claims.append(services.scheduler._claim(queued)))
+                workers.append(worker)
                 worker.start()
-                worker.join()
+                worker.join(0.5)
+                assert worker.is_alive(), "the claim did not wait for the cancel's transaction"
 
-        event.listen(Session, "do_orm_execute", claim_first)
+        event.listen(Session, "do_orm_execute", claim_meanwhile)
         try:
-            assert services.jobs.cancel_queued(job.id) is False
+            assert services.jobs.cancel_queued(job.id) is True
         finally:
-            event.remove(Session, "do_orm_execute", claim_first)
-        assert claims and claims[0] is not None
-        assert services.jobs.get(job.id).status == "running"
-        # The API's next step reaches the claim this process holds.
-        assert services.scheduler.cancel(job.id) is True
-        with services.db.session() as s:
-            kinds = [e.kind for e in s.exec(select(LedgerEntry).where(col(LedgerEntry.job_id) == job.id)).all()]
-        assert "release" not in kinds
+            event.remove(Session, "do_orm_execute", claim_meanwhile)
+        workers[0].join(10)
+        assert claims == [None]
+        assert services.jobs.get(job.id).status == "canceled"
     finally:
         asyncio.run(services.aclose())
+
+
+def test_write_transactions_commit_one_at_a_time_on_postgres(postgres_url: str) -> None:
+    """Ids made at the top of a write transaction are list cursors: a second writer waits from the
+    moment the first one starts, so it cannot commit a smaller id after a larger one is seen."""
+    db = Database(postgres_url)
+    db.migrate()
+    entered = threading.Event()
+    try:
+        with db.transaction() as first:
+            first_id = new_id("prj")
+            second_ids: list[str] = []
+
+            def second() -> None:
+                with db.transaction() as s:
+                    entered.set()
+                    second_ids.append(new_id("prj"))
+                    s.add(Project(id=second_ids[0], name="second", policy=POLICY))
+
+            writer = threading.Thread(target=second)
+            writer.start()
+            assert not entered.wait(0.5), "a second write transaction started while the first was open"
+            first.add(Project(id=first_id, name="first", policy=POLICY))
+        writer.join(10)
+        assert entered.is_set() and second_ids[0] > first_id
+        with db.session() as s:
+            names = [p.name for p in s.exec(select(Project).order_by(col(Project.id))).all()]
+        assert names == ["first", "second"]
+    finally:
+        db.dispose()
 
 
 def test_concurrent_migrations_on_postgres(postgres_url: str) -> None:
