@@ -2,8 +2,14 @@
 
 After `threshold` consecutive failures an engine's circuit opens: routing skips it for
 `cooldown` seconds; then one probe request is let through (half-open). A success closes the
-circuit; a failed probe opens it again. Kept in memory: a restart gives every engine a fresh
-chance, which is what an operator restarting after a fix wants.
+circuit; a failed probe opens it again.
+
+Every process sharing the database sees the same breakers and latencies: what a process observes
+counts at once in its own routing, and `sync` (every `ORCH_POLL_INTERVAL`, from the service)
+writes it to the `engine_health` table and takes what the others wrote, so an API server in front
+of separate workers routes around an engine its workers found failing, and `fastest` knows their
+latencies. The half-open probe is per process: each process may send one. Opening times are wall
+clock, as processes share them.
 """
 
 from __future__ import annotations
@@ -12,9 +18,17 @@ import statistics
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Literal
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Literal
+
+from sqlmodel import select
+
+from orchestrator.models import EngineHealthRow, utcnow
+
+if TYPE_CHECKING:
+    from orchestrator.db import Database
 
 Health = Literal["ok", "degraded", "open"]
 LATENCY_WINDOW = 50
@@ -24,18 +38,28 @@ LATENCY_WINDOW = 50
 class _Circuit:
     failures: int = 0
     opened_at: float | None = None
-    probing: bool = False
+    probing: bool = False  # this process's probe is out; never shared
     latencies: dict[str, deque[float]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Observation:
+    engine: str
+    at: float
+    stage: str | None = None
+    seconds: float | None = None  # set for a success
+    probe: bool = False  # a failed probe opens the circuit again at once
 
 
 class EngineHealth:
     def __init__(self, threshold: int = 5, cooldown: float = 60.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.time) -> None:
         self.threshold = threshold
         self.cooldown = cooldown
         self.clock = clock
         self._circuits: dict[str, _Circuit] = {}
         self._lock = threading.Lock()
+        self._unsynced: list[_Observation] = []
 
     def _get(self, engine: str) -> _Circuit:
         return self._circuits.setdefault(engine, _Circuit())
@@ -69,18 +93,79 @@ class EngineHealth:
 
     def succeeded(self, engine: str, stage: str, seconds: float) -> None:
         with self._lock:
-            c = self._get(engine)
-            c.failures, c.opened_at, c.probing = 0, None, False
-            c.latencies.setdefault(stage, deque(maxlen=LATENCY_WINDOW)).append(seconds)
+            self._record(_Observation(engine, self.clock(), stage=stage, seconds=seconds))
 
     def failed(self, engine: str) -> None:
         with self._lock:
-            c = self._get(engine)
+            self._record(_Observation(engine, self.clock(), probe=self._get(engine).probing))
+
+    def _record(self, seen: _Observation) -> None:
+        c = self._get(seen.engine)
+        self._apply(c, seen)
+        c.probing = False
+        self._unsynced.append(seen)
+
+    def _apply(self, c: _Circuit, seen: _Observation) -> None:
+        if seen.seconds is not None:
+            assert seen.stage is not None
+            c.failures, c.opened_at = 0, None
+            c.latencies.setdefault(seen.stage, deque(maxlen=LATENCY_WINDOW)).append(seen.seconds)
+        else:
             c.failures += 1
-            if c.probing or c.failures >= self.threshold:
-                c.opened_at, c.probing = self.clock(), False
+            if seen.probe or c.failures >= self.threshold:
+                c.opened_at = seen.at
 
     def median_latency(self, engine: str, stage: str) -> float | None:
         with self._lock:
             samples = self._get(engine).latencies.get(stage)
             return statistics.median(samples) if samples else None
+
+    def sync(self, db: Database) -> None:
+        """Write what this process observed since the last sync; then take every process's view.
+        Observations that could not be written are kept for the next sync."""
+        with self._lock:
+            unsynced, self._unsynced = self._unsynced, []
+        try:
+            if unsynced:
+                with db.transaction() as s:  # the write lock: two processes' observations add up
+                    rows = {row.engine: row for row in s.exec(select(EngineHealthRow)).all()}
+                    for engine in {seen.engine for seen in unsynced}:
+                        row = rows.setdefault(engine, EngineHealthRow(engine=engine))
+                        circuit = _from_row(row)
+                        for seen in unsynced:
+                            if seen.engine == engine:
+                                self._apply(circuit, seen)
+                        _to_row(circuit, row)
+                        s.add(row)
+                    shared = [(row.engine, _from_row(row)) for row in rows.values()]
+            else:
+                with db.session() as s:
+                    shared = [(row.engine, _from_row(row)) for row in s.exec(select(EngineHealthRow)).all()]
+        except BaseException:
+            with self._lock:
+                self._unsynced = unsynced + self._unsynced
+            raise
+        with self._lock:
+            for engine, circuit in shared:
+                c = self._get(engine)
+                c.failures, c.opened_at, c.latencies = circuit.failures, circuit.opened_at, circuit.latencies
+            for seen in self._unsynced:  # observed while the database was read: not in it yet
+                self._apply(self._get(seen.engine), seen)
+
+
+def _from_row(row: EngineHealthRow) -> _Circuit:
+    return _Circuit(failures=row.failures, opened_at=row.opened_at.timestamp() if row.opened_at else None,
+                    latencies={stage: deque(_floats(samples), maxlen=LATENCY_WINDOW)
+                               for stage, samples in (row.latencies or {}).items()})
+
+
+def _to_row(c: _Circuit, row: EngineHealthRow) -> None:
+    row.failures = c.failures
+    row.opened_at = None if c.opened_at is None else datetime.fromtimestamp(c.opened_at, UTC)
+    # A new dict: the JSON column does not see changes made in place.
+    row.latencies = {stage: list(samples) for stage, samples in c.latencies.items()}
+    row.updated_at = utcnow()
+
+
+def _floats(samples: Iterable[object]) -> list[float]:
+    return [float(x) for x in samples if isinstance(x, (int, float))]

@@ -172,3 +172,17 @@ class ApiKey(SQLModel, table=True):
     secret_sha256: str = Field(max_length=64, unique=True)
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime, nullable=False)
     revoked_at: datetime | None = _ts()
+
+
+class EngineHealthRow(SQLModel, table=True):
+    """What every process sharing the database observed of an engine (see `orchestrator.health`):
+    consecutive failures, when its circuit opened, and recent latencies by stage (seconds, newest
+    last)."""
+
+    __tablename__ = "engine_health"
+
+    engine: str = Field(primary_key=True, max_length=100)
+    failures: int = 0
+    opened_at: datetime | None = _ts()
+    latencies: dict[str, list[float]] = Field(default_factory=dict, sa_type=sa.JSON, nullable=False)
+    updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime, nullable=False)

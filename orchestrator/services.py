@@ -102,6 +102,8 @@ class Services:
     jobs: JobService
     follower: JobFollower
     background: list[asyncio.Task[None]] = field(default_factory=list)
+    # Runs as long as the service: kept apart from `background`, whose tasks finish.
+    health_sharing: asyncio.Task[None] | None = None
 
     @classmethod
     def build(cls, settings: Settings) -> Services:
@@ -121,6 +123,7 @@ class Services:
             log.error("ORCH_POLICY names '%s', which is not loaded (known: %s): new projects must name a policy",
                       settings.policy, ", ".join(policies.names()))
         health = EngineHealth()
+        health.sync(db)  # what the other processes of this database found, before the first route
         router = Router(registry, policies, health)
         ledger = Ledger()
         runner = JobRunner(db, registry, store, bus, ledger, health, settings.local_gpu_second_credits)
@@ -141,12 +144,22 @@ class Services:
     def listen(self) -> None:
         """Look at once when another process sharing the database commits (`orchestrator.bells`):
         for jobs to run and cancels to obey (the scheduler), and for the streams of jobs run
-        elsewhere (the follower). Call it on the loop."""
+        elsewhere (the follower); and share engine health every `ORCH_POLL_INTERVAL`. Call it on
+        the loop."""
         def heard() -> None:
             self.scheduler.heard()
             self.follower.heard()
 
         self.db.bell.listen(heard)
+        self.health_sharing = asyncio.create_task(self._share_health(), name="engine health")
+
+    async def _share_health(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.poll_interval)
+            try:
+                await asyncio.to_thread(self.engine_health.sync, self.db)
+            except Exception:  # a busy or lost database: kept, and tried again at the next look
+                log.warning("sharing engine health failed", exc_info=True)
 
     async def start(self) -> None:
         """Start running jobs (the scheduler) and, with ORCH_LITE_PRELOAD, load the Lite model in
@@ -205,12 +218,15 @@ class Services:
         return "\n".join(lines) + "\n"
 
     async def aclose(self) -> None:
-        for task in self.background:
+        tasks = [*self.background, *([self.health_sharing] if self.health_sharing else [])]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self.background, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         await self.follower.aclose()
         await self.scheduler.stop()
         self.runner.close()
+        with contextlib.suppress(Exception):  # the last jobs' verdicts, for the processes that stay
+            await asyncio.to_thread(self.engine_health.sync, self.db)
         await self.registry.aclose()
         runtime = _local_runtime(self.registry)
         idle = runtime is None or await asyncio.to_thread(runtime.shutdown, DEVICE_IDLE_TIMEOUT)

@@ -1,0 +1,149 @@
+"""Engine health shared by the processes of one database (`EngineHealth.sync`): each instance
+here stands for one process."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy.exc import OperationalError
+from sqlmodel import select
+
+from orchestrator.db import Database
+from orchestrator.health import EngineHealth
+from orchestrator.models import EngineHealthRow
+from orchestrator.services import Services
+from orchestrator.settings import Settings
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_790_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Iterator[Database]:
+    database = Database(f"sqlite:///{tmp_path / 'o.db'}")
+    database.migrate()
+    yield database
+    database.dispose()
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+def process(clock: Clock) -> EngineHealth:
+    return EngineHealth(threshold=3, cooldown=30.0, clock=clock)
+
+
+def test_a_circuit_a_worker_opened_is_open_for_the_api_server(db: Database, clock: Clock) -> None:
+    worker, api = process(clock), process(clock)
+    for _ in range(3):
+        worker.failed("gemini")
+    assert worker.state("gemini") == "open"
+    api.sync(db)
+    assert api.state("gemini") == "ok"  # nothing written yet
+    worker.sync(db)
+    api.sync(db)
+    assert api.state("gemini") == "open" and not api.allow("gemini")
+    clock.now += 31  # cooled down: the API server may route a probe again
+    assert api.state("gemini") == "degraded" and api.allow("gemini")
+
+
+def test_failures_seen_by_two_processes_add_up(db: Database, clock: Clock) -> None:
+    one, two = process(clock), process(clock)
+    one.failed("fal")
+    one.failed("fal")
+    two.failed("fal")
+    assert one.state("fal") == two.state("fal") == "degraded"  # 2 and 1: neither reached 3 alone
+    one.sync(db)
+    two.sync(db)
+    assert two.state("fal") == "open"
+    one.sync(db)
+    assert one.state("fal") == "open"
+
+
+def test_a_success_elsewhere_closes_the_circuit_and_latencies_are_shared(db: Database, clock: Clock) -> None:
+    one, two = process(clock), process(clock)
+    for _ in range(3):
+        one.failed("stability")
+    one.sync(db)
+    for seconds in (2.0, 4.0, 9.0):
+        two.succeeded("stability", "polish", seconds)
+    two.sync(db)
+    one.sync(db)
+    assert one.state("stability") == "ok" and one.allow("stability")
+    assert one.median_latency("stability", "polish") == 4.0
+    assert one.median_latency("stability", "bridge") is None
+    with db.session() as s:
+        row = s.exec(select(EngineHealthRow)).one()
+    assert (row.engine, row.failures, row.opened_at, row.latencies) == ("stability", 0, None,
+                                                                        {"polish": [2.0, 4.0, 9.0]})
+
+
+def test_a_failed_probe_reopens_the_shared_circuit(db: Database, clock: Clock) -> None:
+    one, two = process(clock), process(clock)
+    for _ in range(3):
+        one.failed("openai")
+    one.sync(db)
+    clock.now += 31
+    one.started("openai")  # the half-open probe
+    one.failed("openai")
+    one.finished("openai")
+    one.sync(db)
+    two.sync(db)
+    assert two.state("openai") == "open"
+
+
+def test_observations_a_sync_could_not_write_are_kept_for_the_next(db: Database, clock: Clock,
+                                                                   tmp_path: Path) -> None:
+    worker = process(clock)
+    for _ in range(3):
+        worker.failed("replicate")
+    broken = Database(f"sqlite:///{tmp_path / 'missing' / 'o.db'}")  # no tables: the write fails
+    with pytest.raises(OperationalError):
+        worker.sync(broken)
+    broken.dispose()
+    assert worker.state("replicate") == "open"  # still its own view
+    worker.sync(db)
+    api = process(clock)
+    api.sync(db)
+    assert api.state("replicate") == "open"
+
+
+def test_services_share_engine_health_while_they_run(make_settings: Callable[..., Settings]) -> None:
+    """A process reads the shared view when it is built, writes its own every poll interval while
+    it runs, and once more as it stops."""
+    settings = make_settings(engines="fake-paid=tests.fakes:factory", run_jobs=False, poll_interval=0.05)
+
+    async def scenario() -> None:
+        worker, api = Services.build(settings), Services.build(settings)
+        try:
+            worker.listen()
+            api.listen()
+            for _ in range(api.engine_health.threshold):
+                worker.engine_health.failed("fake-paid")
+            for _ in range(100):
+                if api.health("fake-paid") == "open":
+                    break
+                await asyncio.sleep(0.02)
+            assert api.health("fake-paid") == "open"
+            worker.engine_health.succeeded("fake-paid", "bridge", 1.5)
+        finally:
+            await worker.aclose()  # its last sync carries the success
+            await api.aclose()
+        later = Services.build(settings)
+        try:
+            assert later.health("fake-paid") == "ok"
+            assert later.engine_health.median_latency("fake-paid", "bridge") == 1.5
+        finally:
+            await later.aclose()
+
+    asyncio.run(scenario())
