@@ -5,8 +5,10 @@ in front of separate workers (`ORCH_RUN_JOBS=false`, `orchestrator worker`). The
 a job publishes its events live; every other process learns what happened from the job's row
 (status, progress, assets), which the follower reads when another process's commit rings the bell
 (`orchestrator.bells`) and every `ORCH_POLL_INTERVAL`, one query for all the jobs its clients
-watch, and turns into the same events: `started`, `progress` (without
-previews: those stay in the running process), `asset`, and the terminal one.
+watch, and turns into the same events: `started`, `progress`, `asset`, and the terminal one.
+A `progress` event names the step's preview (`preview_url`) when the running process has written
+its preview file (`orchestrator.store.PreviewFiles`, at most once a second, as the row's progress):
+every process serves those files.
 """
 
 from __future__ import annotations
@@ -23,14 +25,16 @@ from sqlmodel import col, select
 from orchestrator.db import Database
 from orchestrator.events import TERMINAL, EventBus
 from orchestrator.models import Asset, Job
+from orchestrator.store import PreviewFiles
 
 log = logging.getLogger(__name__)
 # A stream subscribes once its response starts; until then a followed job counts as watched.
 SUBSCRIBE_GRACE_SECONDS = 10.0
 
 
-def catch_up(bus: EventBus, job: Job, asset_ids: list[str]) -> None:
-    """Publish what the job's row shows and its stream has not told yet. Call it on the loop."""
+def catch_up(bus: EventBus, job: Job, asset_ids: list[str], *, preview: bool = False) -> None:
+    """Publish what the job's row shows and its stream has not told yet; `preview`: the running
+    process has a preview file of the job. Call it on the loop."""
     view = bus.view(job.id)
     if view is None:
         bus.publish(job.id, "queued", {"job_id": job.id, "status": "queued"})
@@ -47,13 +51,16 @@ def catch_up(bus: EventBus, job: Job, asset_ids: list[str]) -> None:
         assert view is not None
     if job.status == "running":
         if job.progress_total and job.progress_step > view.step:
-            bus.publish(job.id, "progress", {"step": job.progress_step, "total": job.progress_total,
-                                             "fraction": round(job.progress_step / job.progress_total, 4)})
+            data: dict[str, Any] = {"step": job.progress_step, "total": job.progress_total,
+                                    "fraction": round(job.progress_step / job.progress_total, 4)}
+            if preview:
+                data["preview_url"] = f"/v1/jobs/{job.id}/preview?step={job.progress_step}"
+            bus.publish(job.id, "progress", data)
         return
     for index, asset_id in enumerate(asset_ids[view.assets:], start=view.assets):
         bus.publish(job.id, "asset", {"asset_id": asset_id, "index": index})
     if job.status in TERMINAL:
-        data: dict[str, Any] = {"job_id": job.id, "status": job.status}
+        data = {"job_id": job.id, "status": job.status}
         if job.status == "succeeded":
             data["assets"] = asset_ids
         elif job.status == "failed" and job.error:
@@ -64,8 +71,10 @@ def catch_up(bus: EventBus, job: Job, asset_ids: list[str]) -> None:
 class JobFollower:
     """Catches up the streams of watched jobs that this process does not hold."""
 
-    def __init__(self, db: Database, bus: EventBus, holds: Callable[[str], bool], interval: float) -> None:
+    def __init__(self, db: Database, bus: EventBus, holds: Callable[[str], bool], interval: float,
+                 previews: PreviewFiles) -> None:
         self.db = db
+        self.previews = previews
         self.bus = bus
         self.holds = holds
         self.interval = interval
@@ -110,14 +119,14 @@ class JobFollower:
         elsewhere = [job_id for job_id in self._followed if not self.holds(job_id)]
         if not elsewhere:
             return
-        jobs, assets = await asyncio.to_thread(self._read, elsewhere)
+        jobs, assets, previews = await asyncio.to_thread(self._read, elsewhere)
         for job in jobs:
             # Checked again after the read: a claim here is registered before its first write, so
             # a row this process changed is never told twice.
             if job.id in self._followed and not self.holds(job.id):
-                catch_up(self.bus, job, assets.get(job.id, []))
+                catch_up(self.bus, job, assets.get(job.id, []), preview=job.id in previews)
 
-    def _read(self, job_ids: list[str]) -> tuple[list[Job], dict[str, list[str]]]:
+    def _read(self, job_ids: list[str]) -> tuple[list[Job], dict[str, list[str]], set[str]]:
         with self.db.session() as s:
             jobs = list(s.exec(select(Job).where(col(Job.id).in_(job_ids))).all())
             done = [j.id for j in jobs if j.status == "succeeded"]
@@ -127,7 +136,9 @@ class JobFollower:
                               .order_by(col(Asset.job_id), col(Asset.index))).all()
                 for job_id, asset_id in rows:
                     assets.setdefault(job_id, []).append(asset_id)
-        return jobs, assets
+        # Looked at after the row: the runner writes a step's file before its row.
+        previews = {j.id for j in jobs if j.status == "running" and self.previews.exists(j.id)}
+        return jobs, assets, previews
 
     async def aclose(self) -> None:
         self._followed.clear()

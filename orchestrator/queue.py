@@ -98,6 +98,7 @@ class Scheduler:
         await asyncio.to_thread(self.presence.enter, self.owner)
         await self.recover(all_foreign=True)
         await asyncio.to_thread(self._sweep_ledger)
+        await asyncio.to_thread(self._sweep_previews)
         self._tasks = [asyncio.create_task(self._dispatch_loop(), name="scheduler"),
                        asyncio.create_task(self._sweep_loop(), name="sweeper"),
                        asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
@@ -375,6 +376,7 @@ class Scheduler:
                 await self.recover(all_foreign=False)
                 await asyncio.to_thread(self._sweep_ledger)
                 await asyncio.to_thread(self._forget_owners)
+                await asyncio.to_thread(self._sweep_previews)
                 for sweep in self.sweepers:
                     await asyncio.to_thread(sweep)
             except Exception:
@@ -406,6 +408,17 @@ class Scheduler:
         if recovered:
             self.notify()
         return recovered
+
+    def _sweep_previews(self) -> None:
+        """Preview files of jobs that no longer run: their process died (a killed worker's jobs,
+        recovered above) before it could remove them."""
+        def running(job_ids: list[str]) -> set[str]:
+            with self.db.session() as s:
+                return set(s.exec(select(Job.id).where(col(Job.id).in_(job_ids), col(Job.status) == "running")))
+
+        removed = self.runner.preview_files.sweep(running)
+        if removed:
+            log.info("removed %d step preview files left by stopped processes", removed)
 
     def _forget_owners(self) -> None:
         with self.db.session() as s:

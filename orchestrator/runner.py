@@ -33,7 +33,7 @@ from orchestrator.jobs import cache_key, render_request
 from orchestrator.ledger import Ledger
 from orchestrator.models import Asset, Job, utcnow
 from orchestrator.routing import fallbacks
-from orchestrator.store import ArtifactStore, encode_png
+from orchestrator.store import ArtifactStore, PreviewFiles, encode_png
 from tiers.base import CancelToken, Reattachable, RenderResult
 from tiers.registry import EngineRegistry
 
@@ -56,7 +56,9 @@ class Claim:
 
 
 class JobProgress:
-    """Engine progress -> events (every step) and the job row (throttled). Thread-safe."""
+    """Engine progress -> events (every step), and the job row and preview file (throttled).
+    Thread-safe. Local engines report from their inference thread, so the throttled writes stay
+    off the event loop."""
 
     def __init__(self, runner: JobRunner, claim: Claim) -> None:
         self.runner = runner
@@ -82,6 +84,11 @@ class JobProgress:
             if now - self._last_write < PROGRESS_WRITE_INTERVAL or step >= total:
                 return  # the final state is written with the job's result
             self._last_write = now
+        latest = self.runner.previews.get(job_id)
+        if latest is not None:
+            # Before the row: a process that sees the new step (its follower, woken by the commit)
+            # finds this step's preview already there.
+            self.runner.write_preview(job_id, latest)
         self.runner.write_progress(self.claim, step, total)
 
     def state(self, state: str, **details: Any) -> None:
@@ -105,7 +112,8 @@ def reattachable(engine: object, job: Job) -> TypeGuard[Reattachable]:
 
 class JobRunner:
     def __init__(self, db: Database, registry: EngineRegistry, store: ArtifactStore, bus: EventBus,
-                 ledger: Ledger, health: EngineHealth, local_rate: float = 0.0) -> None:
+                 ledger: Ledger, health: EngineHealth, local_rate: float = 0.0, *,
+                 preview_files: PreviewFiles) -> None:
         self.db = db
         # Credits per device-second for local engines; 0 keeps local work free.
         self.local_rate = local_rate
@@ -118,6 +126,9 @@ class JobRunner:
         self.store = store
         self.bus = bus
         self.previews: dict[str, Image.Image] = {}
+        # The latest previews again, as files other processes serve (see `write_preview`).
+        self.preview_files = preview_files
+        self._preview_written: set[str] = set()  # jobs with a file to remove when they end
         # Set once the service stopped waiting for its jobs: a result that comes later can no
         # longer be stored here and is left to recovery, as a stop before the engine returned.
         self._closed = False
@@ -203,6 +214,12 @@ class JobRunner:
             self.bus.publish(job.id, "succeeded", {"job_id": job.id, "status": "succeeded", "assets": asset_ids})
         finally:
             self.previews.pop(job.id, None)
+            if job.id in self._preview_written:  # only a job that ran past a progress write has one
+                self._preview_written.discard(job.id)
+                try:
+                    await asyncio.to_thread(self.preview_files.remove, job.id)
+                except OSError as exc:  # left for the sweeper: the job's end must not fail on it
+                    log.warning("job %s: removing its step preview failed: %s", job.id, exc)
 
     def close(self) -> None:
         self._closed = True
@@ -420,6 +437,14 @@ class JobRunner:
         if unless_canceled and s.scalar(select(Job.id).where(*held)) is not None:
             raise Canceled("the job was canceled")
         raise StaleAttempt(claim.job.id)
+
+    def write_preview(self, job_id: str, preview: Image.Image) -> None:
+        # Known before the file exists: the job's end removes whatever this write leaves.
+        self._preview_written.add(job_id)
+        try:
+            self.preview_files.write(job_id, preview)
+        except OSError as exc:  # a full disk loses other processes the preview, never the job
+            log.warning("job %s: writing its step preview failed: %s", job_id, exc)
 
     def write_progress(self, claim: Claim, step: int, total: int) -> None:
         with self.db.transaction() as s:

@@ -29,7 +29,7 @@ from orchestrator.queue import Scheduler
 from orchestrator.routing import Router
 from orchestrator.runner import JobRunner
 from orchestrator.settings import CONFIG_FILE_VARIABLE, Settings
-from orchestrator.store import ArtifactStore
+from orchestrator.store import ArtifactStore, PreviewFiles
 from orchestrator.workers import DeviceLock, Presence
 from policies import PolicyStore
 from tiers._local import LocalRuntime
@@ -126,7 +126,9 @@ class Services:
         health.sync(db)  # what the other processes of this database found, before the first route
         router = Router(registry, policies, health)
         ledger = Ledger()
-        runner = JobRunner(db, registry, store, bus, ledger, health, settings.local_gpu_second_credits)
+        previews = PreviewFiles(settings.data_dir / "previews")
+        runner = JobRunner(db, registry, store, bus, ledger, health, settings.local_gpu_second_credits,
+                           preview_files=previews)
         runtime = _local_runtime(registry)
         device = None if runtime is None else DeviceLock(settings.data_dir / "locks",
                                                          functools.partial(_device, runtime))
@@ -136,7 +138,7 @@ class Services:
                               device=device)
         jobs = JobService(db, router, ledger, bus, scheduler.notify, settings.policy, presence)
         scheduler.sweepers.append(functools.partial(idempotency.forget_expired, db))
-        follower = JobFollower(db, bus, scheduler.holds, settings.poll_interval)
+        follower = JobFollower(db, bus, scheduler.holds, settings.poll_interval, previews)
         bus.pinned = scheduler.holds
         return cls(settings, db, store, bus, registry, policies, health, router, ledger, runner, scheduler, jobs,
                    follower)

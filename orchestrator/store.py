@@ -8,6 +8,10 @@ Each PNG carries a `parameters` text chunk in AUTOMATIC1111's infotext format (s
 read the prompt and seed) and an `orchestrator` chunk with the whole generation record as JSON.
 The record holds only what made the image, never job ids or times, so the same request with the
 same seed gives byte-identical files.
+
+Step previews of running jobs live beside them, one file per job under `<data_dir>/previews/`
+(`PreviewFiles`), so that any process on the data dir can serve the preview of a job another
+process runs.
 """
 
 from __future__ import annotations
@@ -22,12 +26,14 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
 from PIL import Image, PngImagePlugin
 
 from orchestrator.errors import NotFound
+from orchestrator.ids import ID_RE
 
 SHA_RE = re.compile(r"[0-9a-f]{64}")
 RECORD_CHUNK = "orchestrator"
@@ -35,6 +41,8 @@ RECORD_CHUNK = "orchestrator"
 # where the default level 6 takes 124 ms, for a file of about the same size (295 vs 303 KiB).
 PNG_COMPRESS_LEVEL = 4
 RECENT_BYTES = 32 * 2**20
+# A temp preview file younger than this may be another process's write in progress.
+PREVIEW_TEMP_SECONDS = 60.0
 
 
 def infotext(record: dict[str, Any]) -> str:
@@ -163,5 +171,97 @@ class ArtifactStore:
             with contextlib.suppress(FileNotFoundError):
                 if tmp.stat().st_mtime < cutoff:
                     tmp.unlink()
+                    removed += 1
+        return removed
+
+
+def encode_preview(image: Image.Image) -> bytes:
+    """A step preview as PNG: no metadata, the store's fast compression (it is shown, then gone)."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+    return buf.getvalue()
+
+
+class PreviewFiles:
+    """The latest step preview of each running job as `<root>/<job_id>.png` (root: the data dir's
+    `previews` folder), written by the process that runs the job and read by any process.
+
+    A preview is replaced within a second and worthless after a crash, so a write is atomic
+    (temp file and rename: a reader never sees half an image) but never flushed to disk.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root.resolve()
+
+    def path_for(self, job_id: str) -> Path | None:
+        """The job's file, or None for a string that is not a job id (it never names a path)."""
+        if not ID_RE.fullmatch(job_id) or not job_id.startswith("job_"):
+            return None
+        path = self.root / f"{job_id}.png"
+        return path if path.parent == self.root else None
+
+    def write(self, job_id: str, image: Image.Image) -> None:
+        path = self.path_for(job_id)
+        if path is None:
+            return
+        data = encode_preview(image)
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".tmp-", suffix=".png")
+        try:
+            os.fchmod(fd, 0o644)  # served by API processes that may run as another user of the group
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def read(self, job_id: str) -> bytes | None:
+        path = self.path_for(job_id)
+        if path is None:
+            return None
+        try:
+            return path.read_bytes()
+        except (FileNotFoundError, NotADirectoryError):  # the job ended between its row's read and this
+            return None
+
+    def exists(self, job_id: str) -> bool:
+        path = self.path_for(job_id)
+        return path is not None and path.is_file()
+
+    def remove(self, job_id: str) -> None:
+        path = self.path_for(job_id)
+        if path is not None:
+            with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                path.unlink()
+
+    def sweep(self, running: Callable[[list[str]], Collection[str]]) -> int:
+        """Remove the files of jobs that do not run (their process crashed or was killed) and old
+        temp files; returns how many. `running` gets the job ids that have a file and answers
+        those that run. It is asked after the listing: a job claimed meanwhile keeps its file, or
+        loses it for the second until its next write."""
+        try:
+            entries = list(os.scandir(self.root))
+        except (FileNotFoundError, NotADirectoryError):
+            return 0
+        cutoff = time.time() - PREVIEW_TEMP_SECONDS
+        removed = 0
+        files: dict[str, Path] = {}
+        for entry in entries:
+            path = Path(entry.path)
+            if entry.name.startswith(".tmp-"):
+                with contextlib.suppress(FileNotFoundError):
+                    if entry.stat().st_mtime < cutoff:
+                        path.unlink()
+                        removed += 1
+            elif path.suffix == ".png" and self.path_for(path.stem) == path:
+                files[path.stem] = path
+        if not files:
+            return removed
+        keep = running(list(files))
+        for job_id, path in files.items():
+            if job_id not in keep:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
                     removed += 1
         return removed

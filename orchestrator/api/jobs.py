@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import asyncio
-import io
 import time
 from collections.abc import AsyncIterator
 from typing import Annotated
@@ -21,6 +20,7 @@ from orchestrator.ids import id_cursor
 from orchestrator.models import Job
 from orchestrator.schemas import JobPublic, JobStatus, Page, Stage
 from orchestrator.services import Services
+from orchestrator.store import encode_preview
 
 router = APIRouter(tags=["jobs"])
 KEEPALIVE_SECONDS = 15.0
@@ -89,13 +89,17 @@ def cancel_job(job_id: str, services: ServicesDep, caller: CallerDep) -> JobPubl
             responses={200: {"content": {"image/png": {}}, "description": "The latest step's preview."},
                        **documented(404)})
 def job_preview(job_id: str, services: ServicesDep, caller: CallerDep) -> Response:
-    caller.job(services.jobs.get(job_id))
+    """Served by any process: the process that runs the job also keeps its latest preview (at
+    most a second old) in the data dir."""
+    job = caller.job(services.jobs.get(job_id))
     preview = services.runner.previews.get(job_id)
-    if preview is None:
-        raise NotFound("no preview: the job is not denoising in this process right now", details={"job_id": job_id})
-    buf = io.BytesIO()
-    preview.save(buf, format="PNG")
-    return Response(buf.getvalue(), media_type="image/png", headers={"Cache-Control": "no-store"})
+    data = encode_preview(preview) if preview is not None else None
+    if data is None and job.status == "running":
+        # Only while the row says running: a file a crashed process left is no preview of anything.
+        data = services.runner.preview_files.read(job_id)
+    if data is None:
+        raise NotFound("no preview: the job is not denoising right now", details={"job_id": job_id})
+    return Response(data, media_type="image/png", headers={"Cache-Control": "no-store"})
 
 
 @router.get("/jobs/{job_id}/events", response_class=StreamingResponse,
@@ -109,12 +113,12 @@ async def job_events(job_id: str, services: ServicesDep, caller: CallerDep, requ
     if caller.project_id is not None:
         await asyncio.to_thread(check_job, services, caller, job_id)
     if not services.bus.knows(job_id):  # a job this process has published is known to exist
-        job, asset_ids = await asyncio.to_thread(_stored_state, services, job_id)
+        job, asset_ids, preview = await asyncio.to_thread(_stored_state, services, job_id)
         if services.scheduler.holds(job_id):  # claimed here (checked after the read): its runner tells the rest
             if not services.bus.knows(job_id):
                 services.bus.publish(job_id, "queued", {"job_id": job_id, "status": "queued"})
         elif not services.bus.knows(job_id):  # another client may have seeded it meanwhile
-            catch_up(services.bus, job, asset_ids)
+            catch_up(services.bus, job, asset_ids, preview=preview)
     services.follower.follow(job_id)  # for as long as another process runs it
     if services.bus.ended_before(job_id, last_event_id):
         return Response(status_code=204)
@@ -155,6 +159,8 @@ async def job_events(job_id: str, services: ServicesDep, caller: CallerDep, requ
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-def _stored_state(services: Services, job_id: str) -> tuple[Job, list[str]]:
+def _stored_state(services: Services, job_id: str) -> tuple[Job, list[str], bool]:
+    """The job's row, its assets, and whether its running process has a preview file of it."""
     job = services.jobs.get(job_id)
-    return job, services.jobs.asset_ids([job.id])[job.id]
+    preview = job.status == "running" and services.runner.preview_files.exists(job.id)
+    return job, services.jobs.asset_ids([job.id])[job.id], preview

@@ -1,0 +1,242 @@
+"""Step previews across processes: the running process keeps its job's latest preview in the data
+dir, and any process serves it and names it in the progress events it tells from the row."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+import httpx
+import pytest
+from PIL import Image
+from sqlalchemy import update
+from sqlmodel import col
+
+from orchestrator import runner as runner_module
+from orchestrator.errors import Canceled
+from orchestrator.follow import catch_up
+from orchestrator.models import Job, utcnow
+from orchestrator.services import Services
+from orchestrator.settings import Settings
+from orchestrator.store import PREVIEW_TEMP_SECONDS, PreviewFiles
+from tests.api import assert_error, iter_sse
+from tests.api.test_workers import add_job, other_process, row  # noqa: F401 (a fixture)
+from tiers.base import CancelToken, Capabilities, EngineContext, Progress, RenderedImage, RenderRequest, RenderResult
+
+SettingsFactory = Callable[..., Settings]
+ENGINE = "fake-preview"
+ENGINES = f"{ENGINE}=tests.api.test_previews_shared:factory"
+STEPS = 4
+
+
+class PreviewEngine:
+    """A local engine that reports steps 1..STEPS-1 with previews from its own thread (as the
+    inference thread does), then waits for `release` (or a cancel) before its last step."""
+
+    name = ENGINE
+    kind: Literal["local"] = "local"
+    stages = frozenset({"ideation"})
+    capabilities = Capabilities(seeds=True)
+
+    def __init__(self) -> None:
+        self.stepped = threading.Event()
+        self.release = threading.Event()
+
+    @property
+    def model(self) -> str:
+        return "fake-preview-1"
+
+    def availability(self) -> tuple[bool, str | None]:
+        return True, None
+
+    def prices(self) -> dict[str, Any]:
+        return {}
+
+    def estimate(self, req: RenderRequest) -> int:
+        return 0
+
+    async def run(self, req: RenderRequest, progress: Progress, cancel: CancelToken) -> RenderResult:
+        return await asyncio.to_thread(self._denoise, req, progress, cancel)
+
+    def _denoise(self, req: RenderRequest, progress: Progress, cancel: CancelToken) -> RenderResult:
+        for step in range(1, STEPS):
+            progress.step(step, STEPS, preview_of(step))
+        self.stepped.set()
+        while not self.release.wait(0.01):  # poll interval for a cancel, as between denoising steps
+            if cancel.cancelled:
+                raise Canceled("the job was canceled")
+        progress.step(STEPS, STEPS, preview_of(STEPS))
+        return RenderResult(images=[RenderedImage(Image.new("RGB", (req.width, req.height)), req.seed)],
+                            model=self.model)
+
+    async def aclose(self) -> None:
+        pass
+
+
+def factory(ctx: EngineContext) -> PreviewEngine:
+    return PreviewEngine()
+
+
+def preview_of(step: int) -> Image.Image:
+    return Image.new("RGB", (8, 8), (step * 50, 0, 0))
+
+
+def red(png: bytes) -> int:
+    with Image.open(io.BytesIO(png)) as image:
+        assert image.size == (8, 8)
+        pixel = image.convert("RGB").getpixel((0, 0))
+    assert isinstance(pixel, tuple)
+    return int(pixel[0])
+
+
+@pytest.fixture
+def worker(make_settings: SettingsFactory) -> Iterator[Services]:
+    """The services of one process (a worker, or a server following a job), its scheduler driven by hand."""
+    built = Services.build(make_settings(engines=ENGINES))
+    try:
+        yield built
+    finally:
+        asyncio.run(built.aclose())
+
+
+def engine_of(services: Services) -> PreviewEngine:
+    engine = services.registry.get(ENGINE)
+    assert isinstance(engine, PreviewEngine)
+    return engine
+
+
+@pytest.mark.parametrize("ending", ["succeeded", "canceled"])
+def test_a_worker_s_preview_is_served_by_another_process_while_the_job_runs(
+        worker: Services, make_settings: SettingsFactory, start_server: Callable[[Settings], httpx.Client],
+        monkeypatch: pytest.MonkeyPatch, ending: str) -> None:
+    monkeypatch.setattr(runner_module, "PROGRESS_WRITE_INTERVAL", 0.0)  # every step but the last writes
+    api = start_server(make_settings(run_jobs=False))  # another process's API on the same data dir
+    job_id = add_job(worker, engine=ENGINE)
+    [(claim, _lane)] = worker.scheduler._claim_ready({})
+    engine = engine_of(worker)
+    running = threading.Thread(target=asyncio.run, args=(worker.runner.run(claim),))
+    running.start()
+    try:
+        assert engine.stepped.wait(30)
+        preview = api.get(f"/v1/jobs/{job_id}/preview")
+        assert preview.status_code == 200, preview.text
+        assert preview.headers["content-type"] == "image/png"
+        assert red(preview.content) == (STEPS - 1) * 50  # the latest step's
+        # The API server tells the stream from the row, and names the preview it can serve.
+        with api.stream("GET", f"/v1/jobs/{job_id}/events", timeout=30) as response:
+            progress = next(e for e in iter_sse(response) if e.event == "progress")
+        assert progress.data["step"] == STEPS - 1
+        assert progress.data["preview_url"] == f"/v1/jobs/{job_id}/preview?step={STEPS - 1}"
+        assert api.get(progress.data["preview_url"]).status_code == 200
+    finally:
+        if ending == "succeeded":
+            engine.release.set()
+        else:
+            claim.cancel.cancel()
+        running.join(30)
+    assert row(worker, job_id).status == ending
+    files = worker.runner.preview_files
+    assert not files.exists(job_id)
+    assert_error(api.get(f"/v1/jobs/{job_id}/preview"), 404, "not_found")
+    # A file a crashed process left is no preview of a job that is not running.
+    files.write(job_id, preview_of(1))
+    assert_error(api.get(f"/v1/jobs/{job_id}/preview"), 404, "not_found")
+
+
+def test_the_follower_names_the_preview_when_the_running_process_wrote_one(worker: Services) -> None:
+    job_id = add_job(worker)
+    files = worker.runner.preview_files
+
+    async def scenario() -> list[dict[str, Any]]:
+        bus, follower = worker.bus, worker.follower
+        bus.bind(asyncio.get_running_loop())
+        catch_up(bus, row(worker, job_id), [])
+        follower.follow(job_id)
+        seen: list[dict[str, Any]] = []
+
+        async def listen() -> None:
+            async for event in bus.subscribe(job_id):
+                if event.type == "progress":
+                    seen.append(event.data)
+
+        listener = asyncio.create_task(listen())
+        await asyncio.sleep(0)  # the listener subscribes
+        # Another process runs the job: its progress write comes with a preview file, then without.
+        with worker.db.transaction() as s:
+            s.execute(update(Job).where(col(Job.id) == job_id).values(status="running", attempt=1, started_at=utcnow(),
+                                                                      progress_step=2, progress_total=4))
+        files.write(job_id, preview_of(2))
+        await follower.tick()
+        files.remove(job_id)
+        with worker.db.transaction() as s:
+            s.execute(update(Job).where(col(Job.id) == job_id).values(progress_step=3))
+        await follower.tick()
+        with worker.db.transaction() as s:
+            s.execute(update(Job).where(col(Job.id) == job_id).values(status="canceled"))
+        await follower.tick()
+        await asyncio.wait_for(listener, timeout=10)
+        return seen
+
+    assert asyncio.run(scenario()) == [
+        {"step": 2, "total": 4, "fraction": 0.5, "preview_url": f"/v1/jobs/{job_id}/preview?step=2"},
+        {"step": 3, "total": 4, "fraction": 0.75},
+    ]
+
+
+def test_preview_files_of_jobs_not_running_are_swept_at_start(
+        make_settings: SettingsFactory, other_process: subprocess.Popen[bytes]) -> None:  # noqa: F811
+    services = Services.build(make_settings())
+    files = services.runner.preview_files
+    lease: dict[str, Any] = {"status": "running", "attempt": 1, "lease_expires_at": utcnow() + timedelta(minutes=5)}
+    crashed = add_job(services, **{**lease, "lease_owner": "dead-host:1:0",
+                                   "lease_expires_at": utcnow() - timedelta(seconds=1)})
+    elsewhere = add_job(services, **lease, lease_owner=f"{socket.gethostname()}:{other_process.pid}:0")
+    finished = add_job(services, status="succeeded")
+    for job_id in (crashed, elsewhere, finished):
+        files.write(job_id, preview_of(1))
+    old_temp, new_temp, other = files.root / ".tmp-old.png", files.root / ".tmp-new.png", files.root / "notes.txt"
+    for path in (old_temp, new_temp, other):
+        path.write_bytes(b"x")
+    past = time.time() - PREVIEW_TEMP_SECONDS - 1
+    os.utime(old_temp, (past, past))
+
+    async def start_and_stop() -> None:
+        await services.scheduler.start()
+        try:
+            assert row(services, crashed).status == "queued"  # recovered first, then swept
+            left = sorted(p.name for p in files.root.iterdir())
+            assert left == sorted([f"{elsewhere}.png", new_temp.name, other.name])
+        finally:
+            await services.aclose()
+
+    asyncio.run(start_and_stop())
+
+
+def test_a_fast_job_writes_no_preview_file(worker: Services, monkeypatch: pytest.MonkeyPatch) -> None:
+    written: list[str] = []
+    files = worker.runner.preview_files
+    monkeypatch.setattr(files, "write", lambda job_id, image: written.append(job_id))
+    job_id = add_job(worker, engine=ENGINE)
+    engine_of(worker).release.set()  # all its steps within a second
+    [(claim, _lane)] = worker.scheduler._claim_ready({})
+    asyncio.run(worker.runner.run(claim))
+    assert row(worker, job_id).status == "succeeded"
+    assert written == [] and not files.root.exists()
+
+
+def test_a_preview_file_is_named_only_by_a_job_id(tmp_path: Path) -> None:
+    files = PreviewFiles(tmp_path / "previews")
+    for name in ("../escape", "job_../../x", "ast_01j00000000000000000000000", ""):
+        assert files.path_for(name) is None
+        files.write(name, preview_of(1))
+        assert files.read(name) is None and not files.exists(name)
+    assert not files.root.exists() and list(tmp_path.iterdir()) == []
