@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
+from orchestrator.schemas import Credits
 from tiers.base import RenderRequest, Stage, to_millicredits
 
 Strategy = Literal["ordered", "cheapest", "fastest"]
@@ -104,7 +105,9 @@ class Rule(_Model):
     match: Match
     engines: list[str] | None = Field(default=None, min_length=1)
     strategy: Strategy = "ordered"
-    max_credits: float | None = Field(default=None, ge=0.0)
+    # The API's own bounds on an amount: `inf` or 1e300 once loaded and then failed every request
+    # this rule routes on the conversion to millicredits.
+    max_credits: Credits | None = None
     # The request this rule routes must stay on this machine even without a privacy tag; the
     # router drops every engine whose data leaves the machine.
     private: bool = False

@@ -148,6 +148,9 @@ def test_order_candidates_refuses_a_deny_rule() -> None:
 def test_max_credits_in_millicredits() -> None:
     rule = Rule.model_validate({"match": {}, "engines": ["gemini"], "max_credits": 2.5})
     assert rule.max_millicredits == 2500
+    whole = Rule.model_validate({"match": {}, "engines": ["gemini"], "max_credits": 10})
+    assert whole.max_credits == 10 and whole.max_millicredits == 10_000  # a TOML integer is a fine amount
+    assert Rule.model_validate({"match": {}, "engines": ["gemini"], "max_credits": 0.001}).max_millicredits == 1
 
 
 # --- built-in policies ----------------------------------------------------------------------------
@@ -253,6 +256,15 @@ RULES_OK = '[[rules]]\nname = "drafts"\nmatch = { stage = "ideation" }\nengines 
      ["rule 2 ('b')", "match.budget_used_over"]),
     ('name = "bad"\n' + RULES_OK + '[[rules]]\nname = "cap"\nmatch = {}\ndeny = "no"\nmax_credits = 5\n',
      ["rule 2 ('cap')", "max_credits", "deny"]),
+    # A cap of inf once loaded, then answered every request the rule routed with 500.
+    *[('name = "bad"\n' + RULES_OK + f'[[rules]]\nname = "cap"\nmatch = {{}}\nengines = ["x"]\nmax_credits = {cap}\n',
+       ["rule 2 ('cap')", "max_credits", f"(got {got})"])
+      for cap, got in [("inf", "inf"), ("-inf", "-inf"), ("nan", "nan"), ("1e300", "1e+300"),
+                       ("2_000_000_000", "2000000000")]],
+    ('name = "bad"\n' + RULES_OK + '[[rules]]\nname = "cap"\nmatch = {}\nengines = ["x"]\nmax_credits = 1.2345\n',
+     ["rule 2 ('cap')", "max_credits", "at most 3 decimals"]),
+    ('name = "bad"\n' + RULES_OK + '[[rules]]\nname = "cap"\nmatch = {}\nengines = ["x"]\nmax_credits = true\n',
+     ["rule 2 ('cap')", "max_credits", "not true/false"]),
     ('name = "bad"\n' + RULES_OK + '[[rules]]\nname = "dup"\nmatch = {}\nengines = ["lite", "lite"]\n',
      ["rule 2 ('dup')", "engines", "more than once"]),
     ('name = "bad"\n[[rules]]\nmatch = {}\nengines = ["lite"]\n' + RULES_OK, ["rule 1", "never apply"]),
@@ -360,3 +372,12 @@ def test_missing_extra_dir_is_reported_and_keeps_its_policies(tmp_path: Path) ->
     errors = store.reload()
     assert len(errors) == 1 and "not found" in errors[0].message
     assert "studio" in store and "balanced" in store
+
+
+def test_store_refuses_a_cap_it_could_not_apply(tmp_path: Path) -> None:
+    # Loaded, `max_credits = inf` failed every bridge and polish request of its projects with a 500.
+    write(tmp_path, "capped", 'name = "capped"\n[[rules]]\nmatch = {}\nengines = ["lite"]\nmax_credits = inf\n')
+    store = PolicyStore(tmp_path, include_builtins=False)
+    assert "capped" not in store
+    assert len(store.errors) == 1 and "capped.toml" in store.errors[0].message
+    assert "max_credits" in store.errors[0].message

@@ -321,6 +321,20 @@ def test_bad_file_is_refused_and_the_last_good_version_stays(reload_api: tuple[h
     assert routing["policy_hash"] == fixed["content_hash"] and routing["reason"] == "version two"
 
 
+def test_a_cap_no_amount_can_reach_is_refused_on_reload(reload_api: tuple[httpx.Client, Path]) -> None:
+    # `max_credits = inf` once loaded (GET showed `"max_credits": null`) and then answered every bridge
+    # and polish request of its projects with 500.
+    client, folder = reload_api
+    good = client.get("/v1/policies/custom").json()
+    (folder / "custom.toml").write_text(CUSTOM_V1.replace('engines = ["local-hifi"]',
+                                                          'engines = ["local-hifi"]\nmax_credits = inf'))
+    body = client.post("/v1/policies/reload").json()
+    assert len(body["errors"]) == 1
+    assert "custom.toml" in body["errors"][0] and "rule 2 ('polish')" in body["errors"][0]
+    assert "max_credits" in body["errors"][0]
+    assert client.get("/v1/policies/custom").json() == good
+
+
 def test_sighup_reloads_the_policy_files(new_settings: SettingsFactory, tmp_path: Path) -> None:
     # Not named `policies`: the server runs with `python -m` in tmp_path, where such a folder would
     # shadow the package of that name.
