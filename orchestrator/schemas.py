@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from datetime import datetime
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
@@ -66,21 +67,38 @@ Thousandths = AfterValidator(_whole_millicredits)
 Credits = Annotated[float, NoBool, Field(ge=0, le=MAX_CREDITS, allow_inf_nan=False), Thousandths]
 
 
-def _nul_at(value: Any, path: str) -> str | None:
-    """Where a JSON value holds a NUL character ("" for the value itself), or None."""
+# NUL: PostgreSQL cannot store it and PNG text chunks end at it. A lone UTF-16 surrogate
+# ("\ud800" in JSON, which Python's parser takes) is not Unicode text: it cannot be encoded as
+# UTF-8, so storing it fails, and so does any answer that echoes it. A surrogate pair in JSON is
+# decoded to one code point, so any surrogate left in a str stands alone.
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+_NUL_MESSAGE = "contains a NUL character (\\u0000)"
+_SURROGATE_MESSAGE = "contains a lone UTF-16 surrogate (\\ud800-\\udfff), which is not text"
+
+
+def _unstorable(text: str) -> str | None:
+    """Why `text` cannot be stored or answered as it is, or None."""
+    found = _UNSTORABLE.search(text)
+    if found is None:
+        return None
+    return _NUL_MESSAGE if found.group() == "\x00" else _SURROGATE_MESSAGE
+
+
+def _unstorable_at(value: Any, path: str) -> tuple[str, str] | None:
+    """Where a JSON value holds text that cannot be stored ("" for the value itself) and why, or
+    None. The path never includes the offending text: the error message echoes it."""
     if isinstance(value, str):
-        return path if "\x00" in value else None
+        return None if (why := _unstorable(value)) is None else (path, why)
     children: list[tuple[Any, str]] = []
     if isinstance(value, dict):
         for key, item in value.items():
-            where = f"{path}.{key}" if path else str(key)
-            if isinstance(key, str) and "\x00" in key:
-                return path  # the object whose key it is
-            children.append((item, where))
+            if isinstance(key, str) and (why := _unstorable(key)) is not None:
+                return path, why  # the object whose key it is
+            children.append((item, f"{path}.{key}" if path else str(key)))
     elif isinstance(value, list):
         children = [(item, f"{path}[{i}]") for i, item in enumerate(value)]
     for item, where in children:
-        if (found := _nul_at(item, where)) is not None:
+        if (found := _unstorable_at(item, where)) is not None:
             return found
     return None
 
@@ -107,8 +125,8 @@ def _standard_limits(schema: Any) -> None:
 
 
 class Strict(BaseModel):
-    """A request body: unknown fields are refused, and so is text with NUL characters (PostgreSQL
-    cannot store them, PNG text chunks end at them; no prompt or name needs one)."""
+    """A request body: unknown fields are refused, and so is text with NUL characters or lone
+    surrogates (see `_UNSTORABLE`; no prompt or name needs one)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -126,9 +144,10 @@ class Strict(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _no_nul(cls, data: Any) -> Any:
-        if (where := _nul_at(data, "")) is not None:
-            raise ValueError(f"{where or 'text'} contains a NUL character (\\u0000)")
+    def _storable_text(cls, data: Any) -> Any:
+        if (found := _unstorable_at(data, "")) is not None:
+            where, why = found
+            raise ValueError(f"{where or 'text'} {why}")
         return data
 
 

@@ -41,10 +41,31 @@ def documented(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {status: {"model": ErrorResponse, "description": _DOCUMENTED[status]} for status in statuses}
 
 
+class _ErrorJSON(JSONResponse):
+    def render(self, content: Any) -> bytes:
+        try:
+            return super().render(content)
+        except UnicodeEncodeError:
+            # Text that is not Unicode (a lone surrogate the JSON parser took, echoed in a message)
+            # cannot be UTF-8: without this, a 4xx about bad input would become a 500.
+            return super().render(_encodable(content))
+
+
+def _encodable(value: Any) -> Any:
+    """`value` with each unencodable character of its text written as its escape, `\\ud800`."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {_encodable(key): _encodable(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_encodable(item) for item in value]
+    return value
+
+
 def error_response(status: int, code: str, message: str, details: dict[str, Any] | None = None,
                    headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message, "details": details or {}}},
-                        status_code=status, headers=headers)
+    return _ErrorJSON({"error": {"code": code, "message": message, "details": details or {}}},
+                      status_code=status, headers=headers)
 
 
 def _clean(errors: list[Any]) -> list[dict[str, Any]]:

@@ -10,6 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from orchestrator.app import create_app
+from orchestrator.errors import NotFound
 from tests.api import assert_error, check_nul_refused, create_project, job_count, run_draft
 from tests.conftest import SettingsFactory
 
@@ -249,6 +250,54 @@ def test_body_under_the_limit_is_read(shared_server: httpx.Client, project: str)
 
 def test_nul_characters_are_refused(shared_server: httpx.Client, project: str) -> None:
     check_nul_refused(shared_server, project)
+
+
+# Python's JSON parser takes a lone surrogate ("\ud800"), which is not text: echoed in an error message
+# (an unknown policy, an unknown engine) it once made the answer itself fail to encode, a 500.
+@pytest.mark.parametrize(("path", "body", "field"), [
+    ("/v1/projects", '{"name": "x", "policy": "\\ud800"}', "policy"),
+    ("/v1/projects", '{"name": "a\\udfffb"}', "name"),
+    ("/v1/route/explain", '{"stage": "ideation", "project_id": "{project}", "prompt": "x", "engine": "\\ud800"}',
+     "engine"),
+    ("/v1/route/explain", '{"stage": "bridge", "source_asset_id": "\\udc00"}', "source_asset_id"),
+    ("/v1/projects/{project}/drafts", '{"prompt": "x", "tags": {"\\ud800": "v"}}', "tags"),
+    ("/v1/projects/{project}/drafts", '{"prompt": "x", "tags": {"k": ["\\ud800"]}}', "tags.k[0]"),
+    ("/v1/projects/{project}/drafts", '{"prompt": "a\\ud83d b"}', "prompt"),
+    ("/v1/projects/{project}/grants", '{"amount": 1, "note": "\\ud800"}', "note"),
+])
+def test_lone_surrogates_are_refused(shared_server: httpx.Client, project: str, path: str, body: str,
+                                     field: str) -> None:
+    before = (job_count(shared_server), shared_server.get(f"/v1/projects/{project}/ledger").json(),
+              len(shared_server.get("/v1/projects", params={"limit": 500}).json()["items"]))
+    response = shared_server.post(path.format(project=project), content=body.replace("{project}", project).encode(),
+                                  headers={"Content-Type": "application/json"})
+    error = assert_error(response, 422, "invalid_request")
+    assert error["message"] == f"{field} contains a lone UTF-16 surrogate (\\ud800-\\udfff), which is not text"
+    assert before == (job_count(shared_server), shared_server.get(f"/v1/projects/{project}/ledger").json(),
+                      len(shared_server.get("/v1/projects", params={"limit": 500}).json()["items"]))
+
+
+def test_a_surrogate_pair_is_text(shared_server: httpx.Client, project: str) -> None:
+    body = f'{{"stage": "ideation", "project_id": "{project}", "prompt": "a \\ud83d\\ude00", "n": 1}}'
+    response = shared_server.post("/v1/route/explain", content=body.encode(),
+                                  headers={"Content-Type": "application/json"})
+    assert response.status_code == 200, response.text
+
+
+def test_an_error_echoing_unencodable_text_is_still_answered(make_settings: SettingsFactory) -> None:
+    # The backstop for text that reaches a message some other way than a validated body.
+    app = create_app(make_settings())
+
+    @app.get("/v1/odd")
+    def odd() -> None:
+        raise NotFound("unknown thing '\ud800'", details={"thing": "\ud800", "known": ["a\udfff"]})
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+        response = client.get("/v1/odd")
+        error = assert_error(response, 404, "not_found")
+    assert error["message"] == "unknown thing '\\ud800'"  # the escape, as text
+    assert error["details"] == {"thing": "\\ud800", "known": ["a\\udfff"]}
+    response.content.decode("utf-8")
 
 
 # Python's JSON parser takes NaN and Infinity; no amount of credits may be either.
