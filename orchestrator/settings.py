@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
-from pydantic_core import InitErrorDetails, PydanticCustomError
+from pydantic_core import InitErrorDetails, PydanticCustomError, PydanticUseDefault
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 log = logging.getLogger(__name__)
@@ -133,10 +133,15 @@ class Settings(BaseSettings):
         _warn_unknown_variables(settings_cls, os.environ)
         return (init_settings, env_settings, _StrictTomlSource(settings_cls))
 
-    @field_validator("hifi_model", "comfyui_url", "a1111_url", mode="before")
+    # `ORCH_POLICY_DIR=` (set, but empty) would otherwise be Path(""), the working directory: every
+    # *.toml there read as a policy. An empty path or name means what leaving it out means.
+    @field_validator("hifi_model", "lite_preview_vae", "database_url", "comfyui_url", "a1111_url", "data_dir",
+                     "cache_dir", "policy_dir", "prices_file", "comfyui_workflow", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
-        return None if value == "" else value
+        if value == "":
+            raise PydanticUseDefault()
+        return value
 
     @field_validator("admin_key")
     @classmethod

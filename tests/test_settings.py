@@ -72,3 +72,23 @@ def test_a_blank_admin_key_is_refused(blank: str, toml_file: Path, monkeypatch: 
     monkeypatch.setenv("ORCH_ADMIN_KEY", blank)
     with pytest.raises(ValidationError, match="must not be empty or blank"):
         Settings()
+
+
+EMPTY_MEANS_UNSET = ["policy_dir", "prices_file", "comfyui_workflow", "data_dir", "cache_dir", "database_url",
+                     "lite_preview_vae", "hifi_model", "comfyui_url", "a1111_url"]
+
+
+@pytest.mark.parametrize("name", EMPTY_MEANS_UNSET)
+def test_an_empty_variable_means_unset(name: str, toml_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # `ORCH_POLICY_DIR=` once made the working directory the policy directory (Path("") is "."),
+    # so any *.toml there was read as a policy.
+    monkeypatch.delenv(f"ORCH_{name.upper()}", raising=False)
+    expected = getattr(Settings(), name)
+    monkeypatch.setenv(f"ORCH_{name.upper()}", "")
+    assert getattr(Settings(), name) == expected
+
+
+def test_an_empty_path_in_the_toml_file_means_unset(toml_file: Path) -> None:
+    toml_file.write_text('policy_dir = ""\nprices_file = ""\ncomfyui_workflow = ""\n')
+    settings = Settings()
+    assert (settings.policy_dir, settings.prices_file, settings.comfyui_workflow) == (None, None, None)
