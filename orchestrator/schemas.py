@@ -15,6 +15,8 @@ from pydantic import (
     Field,
     GetJsonSchemaHandler,
     StringConstraints,
+    ValidationInfo,
+    field_validator,
     model_validator,
 )
 from pydantic.json_schema import JsonSchemaValue
@@ -48,7 +50,8 @@ _SIDE_DESCRIPTION = (
     "and `max_height`. A size that no candidate engine takes is refused with 422."
 )
 
-Seed = Annotated[int, NoBool, Field(ge=0, le=2**32 - 1)]
+MAX_SEED = 2**32 - 1
+Seed = Annotated[int, NoBool, Field(ge=0, le=MAX_SEED)]
 Side = Annotated[int, NoBool, Field(ge=MIN_SIDE, le=MAX_SIDE, multiple_of=SIDE_MULTIPLE),
                  Field(description=_SIDE_DESCRIPTION)]
 Steps = Annotated[int, NoBool, Field(ge=1, le=150)]
@@ -198,6 +201,17 @@ class DraftCreate(Strict):
     engine: str | None = None
     tags: Tags = Field(default_factory=dict)
     cache: bool = True
+
+    @field_validator("seed")
+    @classmethod
+    def _seeds_in_range(cls, seed: int | None, info: ValidationInfo) -> int | None:
+        # Image i of the job uses seed + i; a seed past the maximum could not be asked for again
+        # (n=1 with that seed) to reproduce the image. `n` is checked first, being declared first.
+        n = info.data.get("n")
+        if seed is not None and isinstance(n, int) and seed + n - 1 > MAX_SEED:
+            raise ValueError(f"with n={n}, the images use seeds {seed} to {seed + n - 1}, past the largest "
+                             f"seed ({MAX_SEED}); give a seed of at most {MAX_SEED - n + 1}")
+        return seed
 
 
 class PromoteCreate(Strict):

@@ -47,6 +47,9 @@ def post_drafts(client: httpx.Client, project: str, body: Any) -> httpx.Response
     ({"prompt": "x", "width": "wide"}, "width"),
     ({"prompt": "x", "seed": -1}, "seed"),
     ({"prompt": "x", "seed": 2**32}, "seed"),
+    # Image i uses seed + i: these would need seeds no request may ask for again.
+    ({"prompt": "x", "seed": 2**32 - 1, "n": 2}, "seed"),
+    ({"prompt": "x", "seed": 2**32 - 2}, "seed"),  # n defaults to 4
     ({"prompt": "x", "steps": 0}, "steps"),
     ({"prompt": "x", "guidance_scale": -1}, "guidance_scale"),
     ({"prompt": "x", "guidance_scale": False}, "guidance_scale"),  # not read as 0.0
@@ -62,6 +65,17 @@ def test_invalid_draft_body(shared_server: httpx.Client, project: str, body: dic
     assert any(field in loc for loc in locations), locations
     assert field in error["message"]
     assert job_count(shared_server) == before
+
+
+def test_a_draft_whose_last_seed_is_the_largest_is_taken(shared_server: httpx.Client, project: str) -> None:
+    body = {"stage": "ideation", "project_id": project, "prompt": "x", "n": 2, "seed": 2**32 - 2}
+    response = shared_server.post("/v1/route/explain", json=body)
+    assert response.status_code == 200, response.text
+    error = assert_error(shared_server.post("/v1/route/explain", json={**body, "seed": 2**32 - 1}),
+                         422, "invalid_request")
+    assert [e["loc"] for e in error["details"]["errors"]] == [["body", "seed"]]
+    assert error["message"].startswith("seed: with n=2, the images use seeds 4294967295 to 4294967296")
+    assert "at most 4294967294" in error["message"]
 
 
 @pytest.mark.parametrize("body", [[{"prompt": "x"}], "prompt", None, 3])
