@@ -8,11 +8,12 @@ serving the last good version of that policy, so a typo saved mid-edit never tak
 from __future__ import annotations
 
 import builtins
+import difflib
 import hashlib
 import os
 import threading
 import tomllib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -141,6 +142,26 @@ class PolicyStore:
         policies = self._policies
         return [policies[name] for name in sorted(policies)]
 
+    def unknown_engines(self, known: Iterable[str]) -> builtins.list[str]:
+        """A warning for each engine a loaded policy names that is not in `known` (the registry's
+        names). Policies are validated without the registry, so `engines = ["Gemini"]` loads; it is
+        not refused either, since an engine may be missing for a while (a plugin not installed yet)."""
+        known = set(known)
+        warnings: builtins.list[str] = []
+        for policy in self.list():
+            label = f"policies/{policy.name}.toml" if policy.source == BUILTIN else policy.source
+            where: dict[str, builtins.list[str]] = {}
+            for i, rule in enumerate(policy.rules, start=1):
+                rule_label = f"rule {i}" if rule.name == f"rule {i}" else f"rule {i} ('{rule.name}')"
+                for key, names in (("engines", rule.engines), ("match.engine", rule.match.engine)):
+                    for name in names or ():
+                        if name not in known:
+                            where.setdefault(name, []).append(f"{rule_label} {key}")
+            for name, places in where.items():
+                warnings.append(f"{label}: unknown engine '{name}'{_did_you_mean(name, known)} in "
+                                f"{', '.join(places)}: no request is routed to it (known: {', '.join(sorted(known))})")
+        return warnings
+
 
 def _builtin_loader(read: Callable[[], bytes], filename: str, stem: str) -> Callable[[], Policy]:
     return lambda: parse_policy(read(), label=f"policies/{filename}", source=BUILTIN, expect_name=stem)
@@ -148,6 +169,12 @@ def _builtin_loader(read: Callable[[], bytes], filename: str, stem: str) -> Call
 
 def _file_loader(path: Path) -> Callable[[], Policy]:
     return lambda: load_policy_file(path)
+
+
+def _did_you_mean(name: str, known: set[str]) -> str:
+    same_but_case = [k for k in known if k.lower() == name.lower()]
+    found = same_but_case or difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.8)
+    return f" (did you mean '{found[0]}'?)" if found else ""
 
 
 def _describe(raw: dict[str, Any], exc: ValidationError) -> str:

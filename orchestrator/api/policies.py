@@ -12,6 +12,7 @@ from orchestrator.api.deps import CallerDep, ServicesDep, check_asset
 from orchestrator.api.errors import documented
 from orchestrator.errors import InvalidRequest, NotFound
 from orchestrator.schemas import DraftCreate, PolishCreate, PromoteCreate, Strict
+from orchestrator.services import Services
 from tiers.base import to_credits
 
 StageBody = TypeVar("StageBody", bound=Strict)
@@ -21,9 +22,12 @@ router = APIRouter(tags=["routing"])
 
 @router.get("/policies")
 def list_policies(services: ServicesDep) -> dict[str, Any]:
+    """Every loaded policy; `errors` are the files the last load refused, `warnings` what loaded
+    but cannot route as written (an unknown engine)."""
     return {"items": [{"name": p.name, "description": p.description, "source": p.source,
                        "content_hash": p.content_hash} for p in services.policies.list()],
-            "errors": [e.message for e in services.policies.errors]}
+            "errors": [e.message for e in services.policies.errors],
+            "warnings": _warnings(services)}
 
 
 @router.get("/policies/{name}", responses=documented(404))
@@ -37,7 +41,13 @@ def reload_policies(services: ServicesDep, caller: CallerDep) -> dict[str, Any]:
     good version of that policy stays in service. Projects pick up the new rules on their next job."""
     caller.admin("reloading policies")
     errors = services.policies.reload()
-    return {"loaded": services.policies.names(), "errors": [e.message for e in errors]}
+    return {"loaded": services.policies.names(), "errors": [e.message for e in errors],
+            "warnings": _warnings(services)}
+
+
+def _warnings(services: Services) -> list[str]:
+    # Only the service knows which engines exist; a typo ("Gemini") loads and then fails requests.
+    return services.policies.unknown_engines(services.registry.names())
 
 
 class ExplainRequest(Strict):

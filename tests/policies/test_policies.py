@@ -19,6 +19,7 @@ from policies import (
     order_candidates,
 )
 from tiers.base import STAGES, RenderRequest, Stage
+from tiers.registry import BUILTIN as BUILTIN_ENGINES
 
 REMOTE = frozenset({"gemini", "openai", "stability", "replicate", "fal", "comfyui", "a1111"})
 BUILTINS = ("balanced", "local-only", "cloud-first", "budget-saver")
@@ -381,3 +382,31 @@ def test_store_refuses_a_cap_it_could_not_apply(tmp_path: Path) -> None:
     assert "capped" not in store
     assert len(store.errors) == 1 and "capped.toml" in store.errors[0].message
     assert "max_credits" in store.errors[0].message
+
+
+# --- engines the registry does not know -----------------------------------------------------------
+
+def test_builtin_policies_name_only_builtin_engines(builtins: PolicyStore) -> None:
+    assert builtins.unknown_engines(BUILTIN_ENGINES) == []
+
+
+def test_unknown_engines_are_warned_about_once_each(tmp_path: Path) -> None:
+    # Such a policy loaded without a word, and then every request it routed failed with 503.
+    path = write(tmp_path, "typos", 'name = "typos"\n'
+                 '[[rules]]\nname = "cloud"\nmatch = { stage = "bridge" }\nengines = ["Gemini", "local_hifi"]\n'
+                 '[[rules]]\nmatch = { engine = "stabilty" }\nengines = ["local_hifi"]\n'
+                 '[[rules]]\nmatch = {}\nengines = ["lite", "my-plugin"]\n')
+    store = PolicyStore(tmp_path, include_builtins=False)
+    assert store.errors == [] and "typos" in store  # loaded: an engine may be missing only for a while
+    warnings = store.unknown_engines(BUILTIN_ENGINES)
+    known = ", ".join(sorted(BUILTIN_ENGINES))
+    assert warnings == [
+        f"{path}: unknown engine 'Gemini' (did you mean 'gemini'?) in rule 1 ('cloud') engines: "
+        f"no request is routed to it (known: {known})",
+        f"{path}: unknown engine 'local_hifi' (did you mean 'local-hifi'?) in rule 1 ('cloud') engines, "
+        f"rule 2 engines: no request is routed to it (known: {known})",
+        f"{path}: unknown engine 'stabilty' (did you mean 'stability'?) in rule 2 match.engine: "
+        f"no request is routed to it (known: {known})",
+        f"{path}: unknown engine 'my-plugin' in rule 3 engines: no request is routed to it (known: {known})",
+    ]
+    assert store.unknown_engines([*BUILTIN_ENGINES, "Gemini", "local_hifi", "stabilty", "my-plugin"]) == []

@@ -78,7 +78,7 @@ def test_list_policies(api: httpx.Client) -> None:
     response = api.get("/v1/policies")
     assert response.status_code == 200
     body = response.json()
-    assert body["errors"] == []
+    assert body["errors"] == [] and body["warnings"] == []
     items = {p["name"]: p for p in body["items"]}
     assert set(items) == BUILTINS | {"paid-first", "alt"}
     for name in BUILTINS:
@@ -333,6 +333,24 @@ def test_a_cap_no_amount_can_reach_is_refused_on_reload(reload_api: tuple[httpx.
     assert "custom.toml" in body["errors"][0] and "rule 2 ('polish')" in body["errors"][0]
     assert "max_credits" in body["errors"][0]
     assert client.get("/v1/policies/custom").json() == good
+
+
+def test_unknown_engines_are_reported_as_warnings(reload_api: tuple[httpx.Client, Path]) -> None:
+    # A policy naming "Gemini" or "local_hifi" once loaded with `errors: []`, and then every request
+    # it routed failed with 503 "unknown engine".
+    client, folder = reload_api
+    assert client.get("/v1/policies").json()["warnings"] == []
+    (folder / "custom.toml").write_text(CUSTOM_V1.replace('engines = ["local-hifi"]', 'engines = ["local_hifi"]'))
+    body = client.post("/v1/policies/reload").json()
+    assert body["errors"] == [] and "custom" in body["loaded"]
+    assert len(body["warnings"]) == 1
+    warning = body["warnings"][0]
+    assert "custom.toml" in warning and "rule 2 ('polish')" in warning
+    assert "unknown engine 'local_hifi' (did you mean 'local-hifi'?)" in warning
+    assert client.get("/v1/policies").json()["warnings"] == body["warnings"]
+
+    (folder / "custom.toml").write_text(CUSTOM_V1)
+    assert client.post("/v1/policies/reload").json()["warnings"] == []
 
 
 def test_sighup_reloads_the_policy_files(new_settings: SettingsFactory, tmp_path: Path) -> None:
