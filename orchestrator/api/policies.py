@@ -22,10 +22,12 @@ router = APIRouter(tags=["routing"])
 
 @router.get("/policies")
 def list_policies(services: ServicesDep) -> dict[str, Any]:
-    """Every loaded policy; `errors` are the files the last load refused, `warnings` what loaded
-    but cannot route as written (an unknown engine)."""
+    """Every loaded policy, on one page: a handful of files, so `next_cursor` is always null (the
+    list convention's field, for clients that page every list alike). `errors` are the files the
+    last load refused, `warnings` what loaded but cannot route as written (an unknown engine)."""
     return {"items": [{"name": p.name, "description": p.description, "source": p.source,
                        "content_hash": p.content_hash} for p in services.policies.list()],
+            "next_cursor": None,
             "errors": [e.message for e in services.policies.errors],
             "warnings": _warnings(services)}
 

@@ -79,6 +79,7 @@ def test_list_policies(api: httpx.Client) -> None:
     assert response.status_code == 200
     body = response.json()
     assert body["errors"] == [] and body["warnings"] == []
+    assert body["next_cursor"] is None  # API.md's list shape; every policy fits one page
     items = {p["name"]: p for p in body["items"]}
     assert set(items) == BUILTINS | {"paid-first", "alt"}
     for name in BUILTINS:
