@@ -22,18 +22,20 @@ from orchestrator import idempotency
 from orchestrator.db import Database
 from orchestrator.errors import (
     BudgetExceeded,
+    InvalidRequest,
     JobFinished,
     NotFound,
     OrchestratorError,
 )
 from orchestrator.events import EventBus
 from orchestrator.ids import new_id
-from orchestrator.ledger import Ledger
+from orchestrator.ledger import Balance, Ledger
 from orchestrator.models import Asset, Job, Project, utcnow
 from orchestrator.routing import Decision, Router
 from orchestrator.schemas import DraftCreate, PolishCreate, PromoteCreate, Stage
+from orchestrator.store import ArtifactStore
 from orchestrator.workers import Presence
-from policies.schema import PRIVACY_TAG
+from policies.schema import PRIVACY_TAG, is_private
 from tiers.base import RenderRequest, to_credits, to_millicredits
 
 Body = DraftCreate | PromoteCreate | PolishCreate
@@ -64,8 +66,9 @@ def render_request(params: dict[str, Any], init_image: Any = None) -> RenderRequ
 
 class JobService:
     def __init__(self, db: Database, router: Router, ledger: Ledger, bus: EventBus, notify: Callable[[], None],
-                 default_policy: str, presence: Presence) -> None:
+                 default_policy: str, presence: Presence, store: ArtifactStore) -> None:
         self.db = db
+        self.store = store
         self.router = router
         self.ledger = ledger
         self.bus = bus
@@ -110,15 +113,23 @@ class JobService:
         return Prepared(source.project_id, "polish", params, render_request(params), source)
 
     def _tags(self, source: Asset, tags: dict[str, str]) -> dict[str, str]:
-        """The request's tags. A private source keeps what is made from it private (a draft kept
-        local must not become a cloud engine's img2img seed) unless the request sets privacy itself."""
+        """The request's tags, with the source's privacy: what is made from a private source stays
+        private (a draft kept local must not become a cloud engine's img2img seed), and a request
+        cannot lift it. Another privacy value is inherited unless the request sets its own."""
         out = dict(tags)
-        if PRIVACY_TAG not in out:
-            with self.db.session() as s:
-                made_by = s.get(Job, source.job_id)
-            inherited = ((made_by.params.get("tags") or {}) if made_by else {}).get(PRIVACY_TAG)
-            if inherited:
-                out[PRIVACY_TAG] = inherited
+        with self.db.session() as s:
+            made_by = s.get(Job, source.job_id)
+        inherited = ((made_by.params.get("tags") or {}) if made_by else {}).get(PRIVACY_TAG)
+        if inherited and is_private({PRIVACY_TAG: inherited}):
+            if PRIVACY_TAG in out and not is_private(out):
+                why = (f"asset '{source.id}' is private (tags.{PRIVACY_TAG}={inherited}): what is made from it "
+                       f"stays on this machine; leave tags.{PRIVACY_TAG} out")
+                raise InvalidRequest(why, details={
+                    "source_asset_id": source.id,
+                    "errors": [{"loc": ["body", "tags", PRIVACY_TAG], "msg": why, "type": "value_error"}]})
+            out[PRIVACY_TAG] = inherited
+        elif inherited and PRIVACY_TAG not in out:
+            out[PRIVACY_TAG] = inherited
         return out
 
     @staticmethod
@@ -137,6 +148,10 @@ class JobService:
             asset = s.get(Asset, asset_id)
         if asset is None:
             raise NotFound(f"asset '{asset_id}' not found", details={"asset_id": asset_id})
+        if not self.store.path_for(asset.sha256).is_file():
+            # Refused now, not failed later: a job that can never run would also hold credits.
+            raise NotFound(f"asset '{asset_id}' has no content: its file is missing from the store",
+                           details={"asset_id": asset_id, "sha256": asset.sha256})
         return asset
 
     @staticmethod
@@ -166,7 +181,8 @@ class JobService:
                 if replay is not None:
                     return replay, False
             raise
-        job = self._new_job(prepared, decision, cache=getattr(body, "cache", True))
+        cache = getattr(body, "cache", True)
+        job = self._new_job(prepared, decision, cache=cache)
         with self.db.transaction() as s:
             # The project lock (Postgres) or write lock (SQLite) comes first: of concurrent
             # requests with one key, exactly one gets past the second look-up and creates.
@@ -175,6 +191,11 @@ class JobService:
                 existing = self._replay_in(s, idempotency_key, scope, digest)
                 if existing is not None:
                     return existing, False
+            # Routing read the balance before this lock: a request that held since may leave too
+            # little for the choice, and a cheaper (or free) candidate must then take it.
+            if (decision.estimate > 0 and project.budget_limit is not None
+                    and _within_budget(decision, self.ledger.balance(s, project))):
+                job = self._new_job(prepared, decision, cache=cache)
             # Ids are the list cursors: made under the write lock, they commit in id order, so a
             # client paging with `id > cursor` cannot step over a job committed just after.
             job.id = new_id("job")
@@ -224,8 +245,8 @@ class JobService:
             balance = None if project.budget_limit is None else self.ledger.balance(s, project)
         decision = self.router.decide(project.policy, prepared.request, engine,
                                       None if balance is None else balance.used_fraction)
-        if balance is not None and balance.available is not None:
-            _within_budget(decision, balance.available)
+        if balance is not None:
+            _within_budget(decision, balance)
         if max_credits is not None:
             if decision.estimate > to_millicredits(max_credits):
                 raise BudgetExceeded(
@@ -359,16 +380,21 @@ def _seed(requested: int | None, source: Asset) -> int:
     return source.seed if source.seed is not None else secrets.randbelow(2**32)
 
 
-def _within_budget(decision: Decision, available: int) -> None:
+def _within_budget(decision: Decision, balance: Balance) -> bool:
     """Move the choice down the candidates to the first one the budget can hold (a free local
-    engine always fits), as the runner's fallback does; with none, the hold refuses with 402."""
+    engine always fits), as the runner's fallback does; True when it moved. With none, the
+    request is refused (402) here, so that route/explain says what a submit would."""
     usable = [c for c in decision.candidates if c.skipped is None]
-    fitting = next((c for c in usable if (c.estimate or 0) <= available), None)
-    if fitting is None or fitting.engine == decision.chosen:
-        return
+    fitting = next((c for c in usable if balance.fits(c.estimate or 0)), None)
+    if fitting is None:
+        raise balance.refusal(min(c.estimate or 0 for c in usable))
+    if fitting.engine == decision.chosen:
+        return False
+    available = to_credits(max(balance.available or 0, 0))
     for candidate in usable[:usable.index(fitting)]:
-        candidate.skipped = f"does not fit the budget ({to_credits(max(available, 0))} credits available)"
+        candidate.skipped = f"does not fit the budget ({available} credits available)"
     decision.chosen, decision.estimate = fitting.engine, fitting.estimate or 0
+    return True
 
 
 def cache_key(engine: str, model: str, params: dict[str, Any]) -> str:

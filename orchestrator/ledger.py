@@ -78,6 +78,22 @@ class Balance:
             return 1.0  # a zero budget is all spent: the rules for an exhausted budget apply
         return (self.charged + self.held) / total
 
+    def fits(self, amount: int) -> bool:
+        """Whether a hold of `amount` fits. Nothing always does, even in an overspent window (a
+        provider charged more than its estimate): free local work never stops for a budget."""
+        available = self.available
+        return amount <= 0 or available is None or amount <= available
+
+    def refusal(self, amount: int) -> BudgetExceeded:
+        available = self.available or 0
+        return BudgetExceeded(
+            f"the estimate ({to_credits(amount)} credits) does not fit the budget "
+            f"({to_credits(max(available, 0))} credits available this {self.period})",
+            details={"estimate": to_credits(amount), "available": to_credits(available),
+                     "window": {"period": self.period, "start": _iso(self.window_start),
+                                "end": _iso(self.window_end)}},
+        )
+
     def public(self) -> dict[str, Any]:
         return {
             "limit": None if self.limit is None else to_credits(self.limit),
@@ -158,15 +174,8 @@ class Ledger:
         if amount <= 0:
             return None
         balance = self.balance(s, project)
-        available = balance.available
-        if available is not None and amount > available:
-            raise BudgetExceeded(
-                f"the estimate ({to_credits(amount)} credits) does not fit the budget "
-                f"({to_credits(max(available, 0))} credits available this {balance.period})",
-                details={"estimate": to_credits(amount), "available": to_credits(available),
-                         "window": {"period": balance.period, "start": _iso(balance.window_start),
-                                    "end": _iso(balance.window_end)}},
-            )
+        if not balance.fits(amount):
+            raise balance.refusal(amount)
         entry = LedgerEntry(project_id=project.id, job_id=job.id, kind="hold", amount=amount, engine=job.engine,
                             stage=job.stage, created_at=self.clock())
         s.add(entry)

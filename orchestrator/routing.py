@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from orchestrator.errors import BadEngineInput, NoPrice, NoRoute
+from orchestrator.errors import BadEngineInput, BudgetExceeded, NoPrice, NoRoute
 from orchestrator.health import EngineHealth
 from policies import Policy, PolicyStore, RequestFacts, Rule, order_candidates
 from tiers.base import Engine, RenderRequest, Stage, to_credits
@@ -30,8 +30,11 @@ class Candidate:
     engine: str
     estimate: int | None = None  # millicredits
     skipped: str | None = None
-    # Why the request itself cannot go here (bad size, no price): raised when nothing is usable.
-    refusal: BadEngineInput | NoPrice | None = field(default=None, repr=False)
+    # Why the request itself can never go here (its size, no price, privacy, the stage, the rule's
+    # cap): when nothing is usable and nothing may become so, the request is refused with it.
+    refusal: BadEngineInput | NoRoute | BudgetExceeded | None = field(default=None, repr=False)
+    # Skipped for now only (an open circuit): the same request may be taken later.
+    for_now: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return {"engine": self.engine,
@@ -106,9 +109,12 @@ class Router:
         usable = [c for c in ordered if c.skipped is None]
         if not usable:
             refusals = [c.refusal for c in ordered if c.refusal is not None]
-            if refusals and len(refusals) == len(ordered):
-                # Every candidate refused the request itself (size, price): a 422, not "try later".
-                raise refusals[0]
+            if refusals and not any(c.for_now for c in ordered):
+                # Every engine that is set up refused the request itself: a 422 (402 for the
+                # rule's cap), not "try later". Engines not set up (no key) cannot change that.
+                refusal = refusals[0]
+                refusal.details = {**refusal.details, **base, "candidates": [c.as_dict() for c in ordered]}
+                raise refusal
             # The reasons belong in the sentence: "no engine now" alone reads like an outage when
             # the request was too large for the only engine that is set up.
             why = "; ".join(f"{c.engine}: {c.skipped}" for c in ordered)
@@ -144,15 +150,28 @@ class Router:
             candidate.skipped = f"unknown engine: {reason}"
             return candidate
         engine: Engine = self.registry.get(name)
-        if rule is not None and rule.keeps_local(req.tags) and (
-                engine.kind == "remote" or engine.capabilities.leaves_machine):
+        caps = engine.capabilities
+        if rule is not None and rule.keeps_local(req.tags) and (engine.kind == "remote" or caps.leaves_machine):
             candidate.skipped = "private request: this engine sends data off the machine"
+            candidate.refusal = NoRoute(f"engine '{name}' sends data off the machine, and this request is private "
+                                        "(tags.privacy=local)", details={"engine": name})
         elif req.stage not in engine.stages:
             candidate.skipped = f"does not serve the {req.stage} stage"
+            candidate.refusal = NoRoute(f"engine '{name}' does not serve the {req.stage} stage",
+                                        details={"engine": name, "stage": req.stage})
         elif not (available := engine.availability())[0]:
             candidate.skipped = f"unavailable: {available[1]}"
         elif not self.health.allow(name):
             candidate.skipped = "circuit open after repeated failures"
+            candidate.for_now = True
+        elif req.width > caps.max_width or req.height > caps.max_height:
+            # Checked here for every engine: an estimate of 0 (a self-hosted server) says nothing of size.
+            candidate.refusal = BadEngineInput(
+                f"{name}: {req.width}x{req.height} is larger than this engine makes "
+                f"({caps.max_width}x{caps.max_height} at most)",
+                details={"engine": name, "width": req.width, "height": req.height,
+                         "max_width": caps.max_width, "max_height": caps.max_height})
+            candidate.skipped = f"cannot take this request: {candidate.refusal.message}"
         if candidate.skipped:
             return candidate
         try:
@@ -166,4 +185,8 @@ class Router:
         limit = rule.max_millicredits if rule is not None else None
         if candidate.estimate is not None and limit is not None and candidate.estimate > limit:
             candidate.skipped = f"estimate {to_credits(candidate.estimate)} is over the rule's max_credits"
+            candidate.refusal = BudgetExceeded(
+                f"engine '{name}': the estimate ({to_credits(candidate.estimate)} credits) is over the rule's "
+                f"max_credits ({to_credits(limit)})",
+                details={"engine": name, "estimate": to_credits(candidate.estimate), "max_credits": to_credits(limit)})
         return candidate

@@ -136,7 +136,7 @@ class Services:
         scheduler = Scheduler(db, registry, runner, bus, ledger, presence, lease_seconds=settings.lease_seconds,
                               sweep_interval=settings.sweep_interval, poll_interval=settings.poll_interval,
                               device=device)
-        jobs = JobService(db, router, ledger, bus, scheduler.notify, settings.policy, presence)
+        jobs = JobService(db, router, ledger, bus, scheduler.notify, settings.policy, presence, store)
         scheduler.sweepers.append(functools.partial(idempotency.forget_expired, db))
         follower = JobFollower(db, bus, scheduler.holds, settings.poll_interval, previews)
         bus.pinned = scheduler.holds

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,8 +11,13 @@ from typing import Any
 import httpx
 import pytest
 
+from orchestrator.errors import NotFound
 from orchestrator.health import EngineHealth
-from tests.routing import ledger, promote, run_draft, wait_for_job
+from orchestrator.jobs import JobService
+from orchestrator.models import Asset, Job, LedgerEntry, Project, utcnow
+from orchestrator.schemas import PolishCreate, PromoteCreate
+from orchestrator.services import Services
+from tests.routing import assert_error, ledger, promote, run_draft, wait_for_job
 from tests.routing.conftest import FAKE_ENGINES, FALLBACK_POLICY, SettingsFactory, running, write_policies
 
 
@@ -264,3 +270,85 @@ def test_probe_that_ends_without_a_verdict_frees_the_circuit(new_settings: Setti
         # The provider answered: the probe is over. The engine must be routable again.
         after = promote(client, asset_id)
         assert after["engine"] == "fake-paid", after["routing"]["candidates"]
+
+
+def test_a_private_draft_s_promotion_cannot_lift_its_privacy(paid_server: httpx.Client) -> None:
+    response = paid_server.post("/v1/projects", json={"name": "private"})
+    draft = run_draft(paid_server, response.json()["id"], tags={"privacy": "local"})
+    asset_id = draft["assets"][0]
+    for value in ("", "none", "cloud"):
+        body = {"tags": {"privacy": value}}
+        refused = paid_server.post(f"/v1/assets/{asset_id}/promote", json=body)
+        assert_error(refused, 422, "invalid_request")
+        assert refused.json()["error"]["details"]["errors"][0]["loc"] == ["body", "tags", "privacy"]
+        explained = paid_server.post("/v1/route/explain", json={"stage": "bridge", "source_asset_id": asset_id, **body})
+        assert_error(explained, 422, "invalid_request")
+    # Saying it again is fine, and so is leaving it out.
+    assert promote(paid_server, asset_id, tags={"privacy": "local"})["engine"] == "local-hifi"
+
+
+def test_an_overspent_budget_still_routes_to_a_free_engine(paid_server: httpx.Client) -> None:
+    """A provider's charge above its estimate, or a lowered limit, leaves less than nothing: free
+    local work must go on (only a paid engine's hold needs room)."""
+    project_id, asset_id = draft_asset(paid_server, budget={"limit": 100, "period": "month"})
+    assert wait_for_job(paid_server, promote(paid_server, asset_id)["id"])["status"] == "succeeded"  # 10 charged
+    patched = paid_server.patch(f"/v1/projects/{project_id}", json={"budget": {"limit": 4}})
+    assert patched.status_code == 200, patched.text
+    assert paid_server.get(f"/v1/projects/{project_id}/budget").json()["available"] == -6
+    explained = paid_server.post("/v1/route/explain", json={"stage": "bridge", "source_asset_id": asset_id})
+    assert explained.status_code == 200 and explained.json()["engine"] == "local-hifi"
+    assert promote(paid_server, asset_id, seed=2)["engine"] == "local-hifi"
+
+
+def test_route_explain_refuses_what_no_candidate_can_hold_as_a_submit_does(paid_server: httpx.Client) -> None:
+    _, asset_id = draft_asset(paid_server, budget={"limit": 5, "period": "month"})
+    body = {"engine": "fake-paid"}  # the only candidate: 10 credits against 5
+    explained = paid_server.post("/v1/route/explain", json={"stage": "bridge", "source_asset_id": asset_id, **body})
+    assert_error(explained, 402, "budget_exceeded")
+    submitted = paid_server.post(f"/v1/assets/{asset_id}/promote", json=body)
+    assert_error(submitted, 402, "budget_exceeded")
+    assert explained.json()["error"]["details"] == submitted.json()["error"]["details"]
+
+
+def test_a_hold_taken_after_routing_read_the_budget_moves_the_choice(paid_server: httpx.Client,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Routing reads the balance before the submit's transaction: a concurrent request's hold in
+    between must move this one to a candidate that still fits, not refuse it (402)."""
+    project_id, asset_id = draft_asset(paid_server, budget={"limit": 15, "period": "month"})
+    decide = JobService.decide
+
+    def decide_then_another_request_holds(self: JobService, prepared: Any, engine: str | None,
+                                          max_credits: float | None) -> Any:
+        decision = decide(self, prepared, engine, max_credits)
+        with self.db.transaction() as s:
+            s.add(LedgerEntry(project_id=prepared.project_id, kind="hold", amount=10_000, created_at=utcnow()))
+        return decision
+
+    monkeypatch.setattr(JobService, "decide", decide_then_another_request_holds)
+    job = promote(paid_server, asset_id)
+    assert job["engine"] == "local-hifi" and job["cost"]["estimated"] == 0
+    skipped = {c["engine"]: c["skipped"] for c in job["routing"]["candidates"]}
+    assert skipped["fake-paid"] == "does not fit the budget (5.0 credits available)"
+    assert ledger(paid_server, project_id, job["id"]) == []
+
+
+def test_a_source_whose_file_is_gone_is_refused_at_submit(new_settings: SettingsFactory) -> None:
+    """Not accepted and failed later (a job that can never run, holding credits meanwhile)."""
+    services = Services.build(new_settings(engines=FAKE_ENGINES))
+    try:
+        sha = services.store.put(b"\x89PNG not really")
+        with services.db.transaction() as s:
+            s.add(Project(id="prj_gone", name="gone", policy="balanced"))
+            s.flush()  # the rows have no relationships to order their inserts by
+            s.add(Job(id="job_gone", project_id="prj_gone", stage="ideation", engine="lite", status="succeeded"))
+            s.flush()
+            s.add(Asset(id="ast_gone", project_id="prj_gone", job_id="job_gone", index=0, stage="ideation",
+                        engine="lite", model="m", prompt="p", seed=1, width=64, height=64, sha256=sha))
+        assert services.jobs.prepare_promote("ast_gone", PromoteCreate()).source is not None
+        services.store.path_for(sha).unlink()
+        for prepare in (services.jobs.prepare_promote, services.jobs.prepare_polish):
+            with pytest.raises(NotFound) as info:
+                prepare("ast_gone", PromoteCreate() if prepare == services.jobs.prepare_promote else PolishCreate())
+            assert info.value.status == 404 and "file is missing" in info.value.message
+    finally:
+        asyncio.run(services.aclose())

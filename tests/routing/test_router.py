@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 import pytest
 
-from orchestrator.errors import BadEngineInput, NoPrice, NoRoute
+from orchestrator.errors import BadEngineInput, BudgetExceeded, NoPrice, NoRoute
 from orchestrator.health import EngineHealth
 from orchestrator.routing import Decision, NoUsableEngine, Router, fallbacks
 from policies import PolicyStore
@@ -137,7 +137,7 @@ POLICIES = {
         [[rules]]
         name = "unusable"
         match = { stage = "bridge" }
-        engines = ["offline", "unpriced"]
+        engines = ["offline", "unpriced", "cloud-b"]
     """,
 }
 
@@ -399,7 +399,10 @@ def test_fallbacks_lists_the_usable_rest_in_order(decide: Decide) -> None:
     assert fallbacks(None, set()) == []
 
 
-def test_no_usable_engine_is_503(decide: Decide) -> None:
+def test_no_usable_engine_is_503(decide: Decide, health: EngineHealth) -> None:
+    """One candidate may take the request later (its circuit is open): 'try later'."""
+    for _ in range(health.threshold):
+        health.failed("cloud-b")
     with pytest.raises(NoUsableEngine) as info:
         decide("unusable", "bridge")
     exc = info.value
@@ -409,8 +412,41 @@ def test_no_usable_engine_is_503(decide: Decide) -> None:
     reasons = {c["engine"]: c["skipped"] for c in exc.details["candidates"]}
     assert reasons["offline"].startswith("unavailable")
     assert reasons["unpriced"].startswith("unpriced")
+    assert reasons["cloud-b"].startswith("circuit open")
     # The sentence itself says why, not only "now" (which reads like an outage).
     assert f"offline: {reasons['offline']}" in exc.message and f"unpriced: {reasons['unpriced']}" in exc.message
+
+
+def test_what_every_set_up_engine_refuses_is_refused_whatever_engines_lack_keys(decide: Decide) -> None:
+    """An engine without its key cannot make the request acceptable: the refusal of the others is
+    the answer (422), not a 503 that a client would retry for ever."""
+    with pytest.raises(BadEngineInput) as large:
+        decide("unusable", "bridge", width=4096)  # too large for unpriced and cloud-b; offline has no key
+    assert large.value.status == 422 and large.value.details["rule"] == "unusable"
+    assert {c["engine"] for c in large.value.details["candidates"]} == {"offline", "unpriced", "cloud-b"}
+
+
+def test_a_size_beyond_an_engine_s_capabilities_is_refused_even_when_it_charges_nothing(router: Router) -> None:
+    free = StubEngine("free-server", "local", 0)  # estimates 0 for any size, as a self-hosted server does
+    free.capabilities = Capabilities(max_width=1024, max_height=1024)
+    router.registry = EngineRegistry({**{e.name: e for e in ENGINES}, "free-server": free})  # type: ignore[dict-item]
+    big = router.assess("free-server", RenderRequest(stage="polish", prompt="x", width=2048, height=1024))
+    assert big.skipped is not None and "1024x1024 at most" in big.skipped
+    assert isinstance(big.refusal, BadEngineInput)
+    fits = router.assess("free-server", RenderRequest(stage="polish", prompt="x", width=1024, height=1024))
+    assert fits.skipped is None and fits.estimate == 0
+
+
+def test_a_requested_engine_the_rule_keeps_from_the_request_is_refused_not_try_later(decide: Decide) -> None:
+    with pytest.raises(BudgetExceeded) as capped:
+        decide("capped", "bridge", engine="cloud-c")  # 20 credits, the rule allows 8
+    assert capped.value.status == 402 and capped.value.details["max_credits"] == 8
+    with pytest.raises(NoRoute) as staged:
+        decide("odd", "bridge", engine="lite")  # listed by the rule, but a drafts-only engine
+    assert staged.value.status == 422 and "does not serve the bridge stage" in staged.value.message
+    with pytest.raises(NoRoute) as private:
+        decide("routes", "bridge", engine="cloud-a", tags={"privacy": "local"})
+    assert private.value.status == 422 and "private" in private.value.message
 
 
 def test_bad_size_is_a_422_bad_engine_input(decide: Decide) -> None:
