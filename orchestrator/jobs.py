@@ -32,7 +32,7 @@ from orchestrator.ids import new_id
 from orchestrator.ledger import Balance, Ledger
 from orchestrator.models import Asset, Job, Project, utcnow
 from orchestrator.routing import Decision, Router
-from orchestrator.schemas import DraftCreate, PolishCreate, PromoteCreate, Stage
+from orchestrator.schemas import MAX_SEED, DraftCreate, PolishCreate, PromoteCreate, Stage
 from orchestrator.store import ArtifactStore
 from orchestrator.workers import Presence
 from policies.schema import PRIVACY_TAG, is_private
@@ -82,7 +82,8 @@ class JobService:
         # No read here: `decide` loads the project (404 when missing) with its policy and budget.
         params: dict[str, Any] = {
             "stage": "ideation", "prompt": body.prompt, "negative_prompt": body.negative_prompt, "n": body.n,
-            "seed": body.seed if body.seed is not None else secrets.randbelow(2**32),
+            # Drawn so that the last image's seed (seed + n - 1) is still a seed the API takes.
+            "seed": body.seed if body.seed is not None else secrets.randbelow(MAX_SEED - body.n + 2),
             "width": body.width, "height": body.height, "steps": body.steps,
             "guidance_scale": body.guidance_scale, "tags": dict(body.tags),
         }
@@ -377,7 +378,7 @@ def _seed(requested: int | None, source: Asset) -> int:
     """The request's seed, else the source's (seed 0 included), else a fresh one."""
     if requested is not None:
         return requested
-    return source.seed if source.seed is not None else secrets.randbelow(2**32)
+    return source.seed if source.seed is not None else secrets.randbelow(MAX_SEED + 1)
 
 
 def _within_budget(decision: Decision, balance: Balance) -> bool:

@@ -119,6 +119,8 @@ class Services:
         policies = PolicyStore(settings.policy_dir)
         for error in policies.errors:
             log.error("policy refused: %s", error.message)
+        for warning in policies.unknown_engines(registry.names()):
+            log.warning("policy: %s", warning)
         if settings.policy not in policies:
             log.error("ORCH_POLICY names '%s', which is not loaded (known: %s): new projects must name a policy",
                       settings.policy, ", ".join(policies.names()))

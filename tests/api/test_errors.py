@@ -78,6 +78,15 @@ def test_a_draft_whose_last_seed_is_the_largest_is_taken(shared_server: httpx.Cl
     assert "at most 4294967294" in error["message"]
 
 
+def test_a_drawn_seed_leaves_room_for_every_image(shared_server: httpx.Client, project: str,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a seed one is drawn: even the largest draw keeps the last image's seed a seed."""
+    monkeypatch.setattr("orchestrator.jobs.secrets.randbelow", lambda bound: bound - 1)
+    response = post_drafts(shared_server, project, {"prompt": "x", "n": 16, "width": 64, "height": 64, "steps": 1})
+    assert response.status_code == 202, response.text
+    assert response.json()["params"]["seed"] + 15 == 2**32 - 1
+
+
 @pytest.mark.parametrize("body", [[{"prompt": "x"}], "prompt", None, 3])
 def test_body_not_an_object(shared_server: httpx.Client, project: str, body: Any) -> None:
     before = job_count(shared_server)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import re
 import signal
 import time
@@ -12,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
+from orchestrator.services import Services
 from tests.api import serve_process
 from tests.routing import assert_error, create_project, ledger, promote, run_draft, submit, wait_for_job
 from tests.routing.conftest import FAKE_ENGINES, SettingsFactory, running, write_policies
@@ -352,6 +355,17 @@ def test_unknown_engines_are_reported_as_warnings(reload_api: tuple[httpx.Client
 
     (folder / "custom.toml").write_text(CUSTOM_V1)
     assert client.post("/v1/policies/reload").json()["warnings"] == []
+
+
+def test_unknown_engines_are_logged_at_start_up(new_settings: SettingsFactory, tmp_path: Path,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    folder = write_policies(tmp_path / "policy-files", {
+        "custom": CUSTOM_V1.replace('engines = ["local-hifi"]', 'engines = ["local_hifi"]')})
+    with caplog.at_level(logging.WARNING, logger="orchestrator.services"):
+        services = Services.build(new_settings(policy_dir=folder))
+    asyncio.run(services.aclose())
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("policy: ")]
+    assert len(logged) == 1 and "unknown engine 'local_hifi'" in logged[0]
 
 
 def test_sighup_reloads_the_policy_files(new_settings: SettingsFactory, tmp_path: Path) -> None:
