@@ -24,8 +24,9 @@ PRIVACY_LOCAL = "local"
 
 
 def is_private(tags: Mapping[str, str]) -> bool:
-    """A request tagged `privacy=local` must not leave this machine, whatever the policy says."""
-    return tags.get(PRIVACY_TAG) == PRIVACY_LOCAL
+    """A request tagged `privacy=local` must not leave this machine, whatever the policy says.
+    `Local` or ` local ` mean it too: a near miss must not send a private image to the cloud."""
+    return str(tags.get(PRIVACY_TAG, "")).strip().lower() == PRIVACY_LOCAL
 
 
 @dataclass(frozen=True)

@@ -254,8 +254,10 @@ def test_private_request_skips_a_local_engine_that_sends_data_elsewhere(decide: 
     assert usable(decision) == ["local"]
     assert set(skipped(decision)) == {"cloud-a", "cloud-b", "selfhosted"}
     assert all("private" in reason for reason in skipped(decision).values())
-    # A tag other than privacy=local changes nothing.
+    # A tag other than privacy=local changes nothing; a near miss in case or spaces is still local.
     assert decide("routes", "bridge", tags={"privacy": "team"}).chosen == "cloud-a"
+    for near_miss in ("LOCAL", "Local", " local "):
+        assert decide("routes", "bridge", tags={"privacy": near_miss}).chosen == "local"
 
 
 def test_private_request_naming_a_remote_engine_is_refused(decide: Decide) -> None:
