@@ -395,6 +395,9 @@ def _within_budget(decision: Decision, balance: Balance) -> bool:
     for candidate in usable[:usable.index(fitting)]:
         candidate.skipped = f"does not fit the budget ({available} credits available)"
     decision.chosen, decision.estimate = fitting.engine, fitting.estimate or 0
+    decision.reason = f"the first candidate the project's budget can hold ({available} credits available)"
+    # As the router leaves them: usable ones first, in the order the runner falls back through.
+    decision.candidates.sort(key=lambda c: c.skipped is not None)
     return True
 
 

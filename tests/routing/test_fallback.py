@@ -147,6 +147,9 @@ def test_a_budget_too_small_for_the_first_candidate_routes_to_one_it_can_hold(pa
     assert job["engine"] == "local-hifi" and job["cost"]["estimated"] == 0
     skipped = {c["engine"]: c["skipped"] for c in job["routing"]["candidates"]}
     assert skipped["fake-paid"] == skipped["fake-b"] == "does not fit the budget (5.0 credits available)"
+    # The record says why, and lists what a fallback may use first.
+    assert [c["engine"] for c in job["routing"]["candidates"]] == ["local-hifi", "fake-paid", "fake-b"]
+    assert job["routing"]["reason"] == "the first candidate the project's budget can hold (5.0 credits available)"
     assert wait_for_job(paid_server, job["id"])["status"] == "succeeded"
     assert ledger(paid_server, project_id, job["id"]) == []
 
