@@ -317,6 +317,8 @@ class AssetPublic(BaseModel):
 class Lineage(BaseModel):
     ancestors: list[AssetPublic]
     descendants: list[AssetPublic]
+    truncated: bool = Field(False, description="true when the walk stopped at its bounds (100 ancestors, "
+                                               "1000 descendants): the lists are not the whole lineage")
 
 
 class Page(BaseModel, Generic[T]):

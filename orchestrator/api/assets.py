@@ -14,7 +14,8 @@ from orchestrator.schemas import AssetPublic, Lineage
 from orchestrator.services import Services
 
 router = APIRouter(tags=["assets"])
-MAX_DEPTH = 100
+MAX_ANCESTORS = 100
+MAX_DESCENDANTS = 1000
 
 
 def _get(s: Session, asset_id: str) -> Asset:
@@ -69,18 +70,21 @@ def lineage(asset_id: str, services: ServicesDep, caller: CallerDep) -> Lineage:
         asset = caller.asset(_get(s, asset_id))
         ancestors: list[Asset] = []
         parent_id = asset.parent_id
-        while parent_id and len(ancestors) < MAX_DEPTH:
+        while parent_id and len(ancestors) < MAX_ANCESTORS:
             parent = s.get(Asset, parent_id)
             if parent is None:
                 break
             ancestors.append(parent)
             parent_id = parent.parent_id
+        truncated = parent_id is not None and len(ancestors) == MAX_ANCESTORS
         descendants: list[Asset] = []
         frontier = [asset.id]
-        while frontier and len(descendants) < 10 * MAX_DEPTH:
+        while frontier and len(descendants) <= MAX_DESCENDANTS:
             children = list(s.exec(select(Asset).where(col(Asset.parent_id).in_(frontier))
                                    .order_by(col(Asset.id))).all())
             descendants.extend(children)
             frontier = [c.id for c in children]
+        if len(descendants) > MAX_DESCENDANTS:
+            descendants, truncated = descendants[:MAX_DESCENDANTS], True
     return Lineage(ancestors=[asset_public(a) for a in reversed(ancestors)],
-                   descendants=[asset_public(a) for a in descendants])
+                   descendants=[asset_public(a) for a in descendants], truncated=truncated)

@@ -1,0 +1,48 @@
+"""`GET /v1/assets/{id}/lineage` on long chains and wide trees: bounded, and it says so."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import httpx
+
+from orchestrator.db import Database
+from orchestrator.models import Asset, Job, Project
+from orchestrator.settings import Settings
+
+
+def add_assets(settings: Settings, parents: list[str | None], ids: list[str]) -> None:
+    db = Database(settings.resolved_database_url)
+    try:
+        with db.transaction() as s:
+            if s.get(Project, "prj_tree") is None:
+                s.add(Project(id="prj_tree", name="tree", policy="balanced"))
+                s.flush()
+                s.add(Job(id="job_tree", project_id="prj_tree", stage="ideation", engine="lite", status="succeeded"))
+                s.flush()
+            for asset_id, parent in zip(ids, parents, strict=True):
+                s.add(Asset(id=asset_id, project_id="prj_tree", job_id="job_tree", index=0, stage="bridge",
+                            parent_id=parent, engine="lite", model="m", prompt="p", seed=1, width=64, height=64,
+                            sha256="0" * 64))
+                s.flush()  # a child's row after its parent's (foreign key)
+    finally:
+        db.dispose()
+
+
+def test_a_lineage_cut_at_its_bounds_says_it_is_truncated(
+        make_settings: Callable[..., Settings], start_server: Callable[[Settings], httpx.Client]) -> None:
+    settings = make_settings()
+    client = start_server(settings)
+    chain = [f"ast_{i:026d}" for i in range(102)]  # 101 ancestors above the last
+    add_assets(settings, [None, *chain[:-1]], chain)
+    leaf = client.get(f"/v1/assets/{chain[-1]}/lineage").json()
+    assert len(leaf["ancestors"]) == 100 and leaf["truncated"] is True
+    assert leaf["ancestors"][-1]["id"] == chain[-2]  # the nearest ones are kept
+    whole = client.get(f"/v1/assets/{chain[-2]}/lineage").json()  # exactly 100 above it: complete
+    assert len(whole["ancestors"]) == 100 and whole["truncated"] is False
+
+    children = [f"ast_{i:026d}" for i in range(1000, 2001)]  # 1001 children of the root
+    add_assets(settings, [chain[0]] * len(children), children)
+    root = client.get(f"/v1/assets/{chain[0]}/lineage").json()
+    assert len(root["descendants"]) == 1000 and root["truncated"] is True
+    assert client.get(f"/v1/assets/{chain[-1]}/lineage").json()["descendants"] == []
