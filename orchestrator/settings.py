@@ -18,7 +18,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError, PydanticUseDefault
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
@@ -135,11 +135,13 @@ class Settings(BaseSettings):
 
     # `ORCH_POLICY_DIR=` (set, but empty) would otherwise be Path(""), the working directory: every
     # *.toml there read as a policy. An empty path or name means what leaving it out means.
-    @field_validator("hifi_model", "lite_preview_vae", "database_url", "comfyui_url", "a1111_url", "data_dir",
-                     "cache_dir", "policy_dir", "prices_file", "comfyui_workflow", mode="before")
+    @field_validator("*", mode="before")
     @classmethod
-    def _empty_is_unset(cls, value: Any) -> Any:
-        if value == "":
+    def _empty_is_unset(cls, value: Any, info: ValidationInfo) -> Any:
+        # `ORCH_X=` in a compose file or an env template means "not set", for every setting but the
+        # admin key, whose blank value is refused below rather than silently leaving the API open.
+        name = info.field_name
+        if value == "" and name != "admin_key" and name is not None and cls.model_fields[name].default != "":
             raise PydanticUseDefault()
         return value
 

@@ -75,7 +75,11 @@ def test_a_blank_admin_key_is_refused(blank: str, toml_file: Path, monkeypatch: 
 
 
 EMPTY_MEANS_UNSET = ["policy_dir", "prices_file", "comfyui_workflow", "data_dir", "cache_dir", "database_url",
-                     "lite_preview_vae", "hifi_model", "comfyui_url", "a1111_url"]
+                     "lite_preview_vae", "hifi_model", "comfyui_url", "a1111_url",
+                     # not only paths: `ORCH_LITE_MODEL=` once made a Lite engine of model '' that said
+                     # it was available, and `ORCH_RUN_JOBS=` refused to start
+                     "lite_model", "lite_device", "policy", "run_jobs", "lease_seconds", "gemini_base_url",
+                     "gemini_api_key"]
 
 
 @pytest.mark.parametrize("name", EMPTY_MEANS_UNSET)
