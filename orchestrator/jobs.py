@@ -172,8 +172,9 @@ class JobService:
             replay = self._replay(idempotency_key, scope, digest)
             if replay is not None:
                 return replay, False
+        cache = getattr(body, "cache", True)
         try:
-            decision = self.decide(prepared, engine, max_credits)
+            decision = self.decide(prepared, engine, max_credits, cache=cache)
         except OrchestratorError:
             # A request with this key may have committed since the look-up above, and its hold (or
             # its engine's failures) can change the routing: the first request's answer is ours.
@@ -182,7 +183,6 @@ class JobService:
                 if replay is not None:
                     return replay, False
             raise
-        cache = getattr(body, "cache", True)
         job = self._new_job(prepared, decision, cache=cache)
         with self.db.transaction() as s:
             # The project lock (Postgres) or write lock (SQLite) comes first: of concurrent
@@ -192,15 +192,17 @@ class JobService:
                 existing = self._replay_in(s, idempotency_key, scope, digest)
                 if existing is not None:
                     return existing, False
+            cached = self._cached(s, job) if job.cache_key else None
             # Routing read the balance before this lock: a request that held since may leave too
-            # little for the choice, and a cheaper (or free) candidate must then take it.
-            if (decision.estimate > 0 and project.budget_limit is not None
+            # little for the choice, and a cheaper (or free) candidate must then take it. A copy
+            # of an earlier result costs nothing, so it needs no room in the budget.
+            if (not cached and decision.estimate > 0 and project.budget_limit is not None
                     and _within_budget(decision, self.ledger.balance(s, project))):
                 job = self._new_job(prepared, decision, cache=cache)
+                cached = self._cached(s, job) if job.cache_key else None
             # Ids are the list cursors: made under the write lock, they commit in id order, so a
             # client paging with `id > cursor` cannot step over a job committed just after.
             job.id = new_id("job")
-            cached = self._cached(s, job) if job.cache_key else None
             if cached:
                 job.status, job.cache_hit, job.started_at, job.finished_at = "succeeded", True, utcnow(), utcnow()
                 job.progress_step = job.progress_total = 1  # finished: a progress bar shows 100%
@@ -238,15 +240,18 @@ class JobService:
             self.bus.publish(job.id, "asset", {"asset_id": asset_id, "index": index})
         self.bus.publish(job.id, "succeeded", {"job_id": job.id, "status": "succeeded", "cache_hit": True})
 
-    def decide(self, prepared: Prepared, engine: str | None, max_credits: float | None) -> Decision:
-        """The routing decision for a prepared request under its project's policy and budget."""
+    def decide(self, prepared: Prepared, engine: str | None, max_credits: float | None, *,
+               cache: bool = True) -> Decision:
+        """The routing decision for a prepared request under its project's policy and budget.
+        With `cache`, a choice an earlier identical job already made (a free copy) is kept
+        whatever the budget has left."""
         with self.db.session() as s:
             project = self._project(s, prepared.project_id)
             # Without a budget there is no share of it to route on: skip the ledger's sums.
             balance = None if project.budget_limit is None else self.ledger.balance(s, project)
         decision = self.router.decide(project.policy, prepared.request, engine,
                                       None if balance is None else balance.used_fraction)
-        if balance is not None:
+        if balance is not None and not (cache and self._has_cached(prepared, decision)):
             _within_budget(decision, balance)
         if max_credits is not None:
             if decision.estimate > to_millicredits(max_credits):
@@ -259,6 +264,13 @@ class JobService:
                 if candidate.skipped is None and (candidate.estimate or 0) > to_millicredits(max_credits):
                     candidate.skipped = f"estimate above max_credits ({max_credits})"
         return decision
+
+    def _has_cached(self, prepared: Prepared, decision: Decision) -> bool:
+        job = self._new_job(prepared, decision, cache=True)
+        if not job.cache_key:  # free: nothing to copy, and nothing the budget could refuse
+            return False
+        with self.db.session() as s:
+            return bool(self._cached(s, job))
 
     def _new_job(self, prepared: Prepared, decision: Decision, *, cache: bool) -> Job:
         engine = self.router.registry.get(decision.chosen)

@@ -75,6 +75,7 @@ def explain(body: ExplainRequest, services: ServicesDep, caller: CallerDep) -> d
             raise InvalidRequest("the ideation stage takes no source_asset_id (drafts start from a prompt)")
         draft = _stage_body(DraftCreate, extra)
         prepared, engine, max_credits = jobs.prepare_draft(body.project_id, draft), draft.engine, None
+        cache = True
         if draft.seed is None:  # a real job draws its own: the one drawn here would mislead
             prepared.params["seed"] = None
     else:
@@ -83,14 +84,14 @@ def explain(body: ExplainRequest, services: ServicesDep, caller: CallerDep) -> d
         if body.stage == "bridge":
             promote = _stage_body(PromoteCreate, extra)
             prepared = jobs.prepare_promote(body.source_asset_id, promote)
-            engine, max_credits = promote.engine, promote.max_credits
+            engine, max_credits, cache = promote.engine, promote.max_credits, promote.cache
         else:
             polish = _stage_body(PolishCreate, extra)
             prepared = jobs.prepare_polish(body.source_asset_id, polish)
-            engine, max_credits = polish.engine, polish.max_credits
+            engine, max_credits, cache = polish.engine, polish.max_credits, polish.cache
         if body.project_id and body.project_id != prepared.project_id:
             raise NotFound("the source asset belongs to another project", details={"project_id": body.project_id})
-    decision = jobs.decide(prepared, engine, max_credits)
+    decision = jobs.decide(prepared, engine, max_credits, cache=cache)
     return {"project_id": prepared.project_id, "stage": body.stage, "engine": decision.chosen,
             "estimate": to_credits(decision.estimate), "routing": decision.as_dict(),
             "params": {k: v for k, v in prepared.params.items() if k != "source_sha256"}}

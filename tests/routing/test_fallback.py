@@ -355,3 +355,24 @@ def test_a_source_whose_file_is_gone_is_refused_at_submit(new_settings: Settings
             assert info.value.status == 404 and "file is missing" in info.value.message
     finally:
         asyncio.run(services.aclose())
+
+
+def test_a_copy_of_an_earlier_result_needs_no_room_in_the_budget(paid_server: httpx.Client) -> None:
+    """An identical request is served from the cache at no charge: a budget the first one spent
+    neither refuses it (402) nor moves it to another engine, which would make a new image."""
+    project_id, asset_id = draft_asset(paid_server, budget={"limit": 10, "period": "month"})
+    body: dict[str, Any] = {"engine": "fake-paid", "seed": 9, "steps": 2, "cache": True}
+    first = wait_for_job(paid_server, promote(paid_server, asset_id, **body)["id"])
+    assert first["status"] == "succeeded" and first["cost"]["charged"] == 10
+    assert paid_server.get(f"/v1/projects/{project_id}/budget").json()["available"] == 0
+    explained = paid_server.post("/v1/route/explain", json={"stage": "bridge", "source_asset_id": asset_id, **body})
+    assert explained.status_code == 200 and explained.json()["engine"] == "fake-paid"
+    again = promote(paid_server, asset_id, **body)
+    assert again["cost"]["cache_hit"] is True and again["engine"] == "fake-paid" and again["status"] == "succeeded"
+    # Routed by the policy (fake-paid first, local-hifi free): still the copy, not a new local image.
+    routed = promote(paid_server, asset_id, seed=9, cache=True)
+    assert routed["cost"]["cache_hit"] is True and routed["engine"] == "fake-paid"
+    # Without the cache the budget decides again.
+    fresh = paid_server.post(f"/v1/assets/{asset_id}/promote", json={**body, "cache": False})
+    assert_error(fresh, 402, "budget_exceeded")
+    assert [e["kind"] for e in ledger(paid_server, project_id)] == ["hold", "capture"]
