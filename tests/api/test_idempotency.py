@@ -156,10 +156,11 @@ def test_a_twin_that_committed_first_is_replayed_even_when_routing_now_refuses(
                 twin.append(submit("key-twin")[0])
             return found
 
-        def decide(self: JobService, prepared: Prepared, engine: str | None, max_credits: float | None) -> Decision:
+        def decide(self: JobService, prepared: Prepared, engine: str | None, max_credits: float | None,
+                   **options: Any) -> Decision:
             if twin:
                 raise NoRoute("no engine is allowed here now")
-            return real_decide(self, prepared, engine, max_credits)
+            return real_decide(self, prepared, engine, max_credits, **options)
 
         monkeypatch.setattr(JobService, "_replay", replay)
         monkeypatch.setattr(JobService, "decide", decide)

@@ -321,8 +321,8 @@ def test_a_hold_taken_after_routing_read_the_budget_moves_the_choice(paid_server
     decide = JobService.decide
 
     def decide_then_another_request_holds(self: JobService, prepared: Any, engine: str | None,
-                                          max_credits: float | None) -> Any:
-        decision = decide(self, prepared, engine, max_credits)
+                                          max_credits: float | None, **options: Any) -> Any:
+        decision = decide(self, prepared, engine, max_credits, **options)
         with self.db.transaction() as s:
             s.add(LedgerEntry(project_id=prepared.project_id, kind="hold", amount=10_000, created_at=utcnow()))
         return decision
