@@ -48,7 +48,6 @@ class _Observation:
     at: float
     stage: str | None = None
     seconds: float | None = None  # set for a success
-    probe: bool = False  # a failed probe opens the circuit again at once
 
 
 class EngineHealth:
@@ -97,7 +96,7 @@ class EngineHealth:
 
     def failed(self, engine: str) -> None:
         with self._lock:
-            self._record(_Observation(engine, self.clock(), probe=self._get(engine).probing))
+            self._record(_Observation(engine, self.clock()))
 
     def _record(self, seen: _Observation) -> None:
         c = self._get(seen.engine)
@@ -111,8 +110,10 @@ class EngineHealth:
             c.failures, c.opened_at = 0, None
             c.latencies.setdefault(seen.stage, deque(maxlen=LATENCY_WINDOW)).append(seen.seconds)
         else:
+            # Only a success resets the count, so a failed probe (past the cooldown) is over the
+            # threshold too and opens the circuit again at once.
             c.failures += 1
-            if seen.probe or c.failures >= self.threshold:
+            if c.failures >= self.threshold:
                 c.opened_at = seen.at
 
     def median_latency(self, engine: str, stage: str) -> float | None:
