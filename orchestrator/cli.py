@@ -134,9 +134,7 @@ def _log_to_data_dir(settings: Settings) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "serve":
-        import uvicorn
-
-        from orchestrator.app import create_app
+        from orchestrator.server import serve
         from orchestrator.settings import Settings
 
         settings = Settings()
@@ -145,7 +143,7 @@ def _run(args: argparse.Namespace) -> int:
         _log_to_data_dir(settings)
         if args.no_jobs:
             settings = settings.model_copy(update={"run_jobs": False})
-        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)
+        serve(settings, host=args.host, port=args.port, log_level=args.log_level)
         return 0
     if args.command == "worker":
         import asyncio

@@ -73,7 +73,7 @@ class _JobStream:
     touched: float = field(default_factory=time.monotonic)
     history: list[Event] = field(default_factory=list)
     latest_progress: Event | None = None
-    subscribers: set[asyncio.Queue[Event]] = field(default_factory=set)
+    subscribers: set[asyncio.Queue[Event | None]] = field(default_factory=set)
     finished_at: float | None = None
 
     def snapshot(self) -> list[Event]:
@@ -92,6 +92,7 @@ class EventBus:
         self._evicted_at = time.monotonic()
         # Streams never dropped for being idle (set by the service: the jobs this process holds).
         self.pinned: Callable[[str], bool] = lambda _job_id: False
+        self.closed = False
 
     def _stream(self, job_id: str) -> _JobStream:
         return self._jobs.setdefault(job_id, _JobStream())
@@ -115,6 +116,19 @@ class EventBus:
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
+
+    def close(self) -> None:
+        """End every stream now, and any opened later at once: the server is stopping, and it
+        waits for its connections to close before it stops anything else. A client reconnects
+        with `Last-Event-ID` (to another process, or this one restarted). Safe from any thread."""
+        loop = self._loop
+        if loop is not None and not _on_loop(loop):
+            loop.call_soon_threadsafe(self.close)
+            return
+        self.closed = True
+        for stream in self._jobs.values():
+            for queue in stream.subscribers:
+                queue.put_nowait(None)
 
     def publish(self, job_id: str, type_: str, data: dict[str, Any]) -> None:
         """Publish an event; safe from any thread (sync API handlers run in a thread pool)."""
@@ -165,9 +179,9 @@ class EventBus:
         expired after the caller checked) ends at once: the client reconnects and is told its state
         afresh, instead of waiting on an empty stream forever."""
         stream = self._jobs.get(job_id)
-        if stream is None:
+        if stream is None or self.closed:
             return
-        queue: asyncio.Queue[Event] = asyncio.Queue()
+        queue: asyncio.Queue[Event | None] = asyncio.Queue()
         # No await between the snapshot and the subscription: nothing can slip between them.
         backlog = stream.snapshot()
         stream.subscribers.add(queue)
@@ -183,12 +197,14 @@ class EventBus:
                 if event.type in TERMINAL:
                     return
             while True:
-                event = await queue.get()
-                if event.id <= last:
+                live = await queue.get()
+                if live is None:  # the bus closed
+                    return
+                if live.id <= last:
                     continue
-                last = event.id
-                yield event
-                if event.type in TERMINAL:
+                last = live.id
+                yield live
+                if live.type in TERMINAL:
                     return
         finally:
             stream.subscribers.discard(queue)
