@@ -111,8 +111,14 @@ class EventBus:
         """Whether the client has already received this job's terminal event, from this process
         or another one."""
         stream = self._jobs.get(job_id)
-        ended = bool(last_event_id and last_event_id.endswith(END_MARK))
-        return ended and stream is not None and stream.finished_at is not None
+        if not (last_event_id and last_event_id.endswith(END_MARK)) or stream is None or stream.finished_at is None:
+            return False
+        # An id this process sent must be this job's terminal event: another job's (a client
+        # reusing its header) or a made-up one gets the state, terminal event included.
+        tag, _, count = last_event_id.removesuffix(END_MARK).partition("-")
+        if tag == self.tag:
+            return bool(stream.history) and count == str(stream.history[-1].id)
+        return True
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop

@@ -28,8 +28,11 @@ JobStatus = Literal["queued", "running", "succeeded", "failed", "canceled"]
 T = TypeVar("T")
 
 Prompt = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=10000)]
-Tags = dict[Annotated[str, StringConstraints(min_length=1, max_length=100)],
-            Annotated[str, StringConstraints(max_length=500)]]
+MAX_TAGS = 64
+# Bounded in number too: tags are stored with the job and sent back with every read of it and of
+# its lists, so thousands of them would weigh on every client of the project.
+Tags = Annotated[dict[Annotated[str, StringConstraints(min_length=1, max_length=100)],
+                      Annotated[str, StringConstraints(max_length=500)]], Field(max_length=MAX_TAGS)]
 
 
 def _not_a_bool(value: Any) -> Any:

@@ -56,6 +56,7 @@ def post_drafts(client: httpx.Client, project: str, body: Any) -> httpx.Response
     ({"prompt": "x", "n": True}, "n"),
     ({"prompt": 42}, "prompt"),
     ({"prompt": "x", "tags": {"k": 1}}, "tags"),
+    ({"prompt": "x", "tags": {f"k{i}": "v" for i in range(65)}}, "tags"),  # 64 at most
     ({"prompt": "x", "colour": "red"}, "colour"),
 ], ids=lambda v: v if isinstance(v, str) else None)
 def test_invalid_draft_body(shared_server: httpx.Client, project: str, body: dict[str, Any], field: str) -> None:

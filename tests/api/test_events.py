@@ -191,6 +191,18 @@ def test_a_client_with_another_server_s_terminal_event_gets_204(server: httpx.Cl
     assert server.get(url, headers={"Last-Event-ID": "0badc0de-7-end"}).status_code == 204
     replayed = read_events_after(server, job["id"], "0badc0de-7")  # not the end: everything again
     assert (replayed[0].event, replayed[-1].event) == ("queued", "succeeded")
+    assert server.get(url, headers={"Last-Event-ID": end.id}).status_code == 204
+
+
+def test_another_job_s_terminal_event_id_does_not_end_this_stream(server: httpx.Client) -> None:
+    # A client reusing its Last-Event-ID header for another job of this server must still be told
+    # that job's end, not a 204 that leaves it without one.
+    project = create_project(server)["id"]
+    first, second = (run_draft(server, project, n=1, steps=1, seed=seed) for seed in (1, 2))
+    [first_end] = [e for e in read_events(server, first["id"], timeout=10) if e.event in TERMINAL]
+    assert first_end.id is not None
+    replayed = read_events_after(server, second["id"], first_end.id)
+    assert replayed[-1].event == "succeeded" and replayed[-1].data["job_id"] == second["id"]
 
 
 def test_only_the_process_that_sent_an_id_resumes_after_it() -> None:
