@@ -32,6 +32,8 @@ if TYPE_CHECKING:
 
 Health = Literal["ok", "degraded", "open"]
 LATENCY_WINDOW = 50
+# Observations kept for the next sync while the database cannot take them: the newest ones.
+MAX_UNSYNCED = 1000
 
 
 @dataclass
@@ -59,6 +61,8 @@ class EngineHealth:
         self._circuits: dict[str, _Circuit] = {}
         self._lock = threading.Lock()
         self._unsynced: list[_Observation] = []
+        # One sync at a time: a stopping service's last one may meet the periodic one still running.
+        self._syncing = threading.Lock()
 
     def _get(self, engine: str) -> _Circuit:
         return self._circuits.setdefault(engine, _Circuit())
@@ -124,6 +128,10 @@ class EngineHealth:
     def sync(self, db: Database) -> None:
         """Write what this process observed since the last sync; then take every process's view.
         Observations that could not be written are kept for the next sync."""
+        with self._syncing:
+            self._sync(db)
+
+    def _sync(self, db: Database) -> None:
         with self._lock:
             unsynced, self._unsynced = self._unsynced, []
         try:
@@ -144,7 +152,7 @@ class EngineHealth:
                     shared = [(row.engine, _from_row(row)) for row in s.exec(select(EngineHealthRow)).all()]
         except BaseException:
             with self._lock:
-                self._unsynced = unsynced + self._unsynced
+                self._unsynced = (unsynced + self._unsynced)[-MAX_UNSYNCED:]
             raise
         with self._lock:
             for engine, circuit in shared:

@@ -147,3 +147,18 @@ def test_services_share_engine_health_while_they_run(make_settings: Callable[...
             await later.aclose()
 
     asyncio.run(scenario())
+
+
+def test_what_waits_for_the_database_is_bounded(db: Database, clock: Clock, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("orchestrator.health.MAX_UNSYNCED", 5)
+    worker = EngineHealth(threshold=100, cooldown=30.0, clock=clock)
+    for _ in range(8):
+        worker.failed("replicate")
+    broken = Database(f"sqlite:///{tmp_path / 'missing' / 'o.db'}")
+    with pytest.raises(OperationalError):
+        worker.sync(broken)
+    broken.dispose()
+    worker.sync(db)
+    with db.session() as s:
+        assert s.exec(select(EngineHealthRow)).one().failures == 5  # the newest five were kept
