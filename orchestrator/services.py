@@ -158,12 +158,20 @@ class Services:
         self.health_sharing = asyncio.create_task(self._share_health(), name="engine health")
 
     async def _share_health(self) -> None:
+        failing = False
         while True:
             await asyncio.sleep(self.settings.poll_interval)
             try:
                 await asyncio.to_thread(self.engine_health.sync, self.db)
             except Exception:  # a busy or lost database: kept, and tried again at the next look
-                log.warning("sharing engine health failed", exc_info=True)
+                # Told once, not every poll interval for as long as the database is away.
+                log.log(logging.DEBUG if failing else logging.WARNING, "sharing engine health failed; "
+                        "trying again every %s s", self.settings.poll_interval, exc_info=not failing)
+                failing = True
+            else:
+                if failing:
+                    log.info("sharing engine health works again")
+                failing = False
 
     async def start(self) -> None:
         """Start running jobs (the scheduler) and, with ORCH_LITE_PRELOAD, load the Lite model in

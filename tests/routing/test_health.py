@@ -4,6 +4,7 @@ here stands for one process."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -162,3 +163,29 @@ def test_what_waits_for_the_database_is_bounded(db: Database, clock: Clock, tmp_
     worker.sync(db)
     with db.session() as s:
         assert s.exec(select(EngineHealthRow)).one().failures == 5  # the newest five were kept
+
+
+def test_a_database_away_is_told_once_not_every_poll_interval(make_settings: Callable[..., Settings],
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    services = Services.build(make_settings(run_jobs=False, poll_interval=0.01))
+    failures = 0
+
+    def unreachable(_db: Database) -> None:
+        nonlocal failures
+        failures += 1
+        if failures <= 5:
+            raise OperationalError("SELECT", {}, Exception("database is locked"))
+
+    services.engine_health.sync = unreachable  # type: ignore[method-assign]
+
+    async def scenario() -> None:
+        services.listen()
+        while failures < 7:
+            await asyncio.sleep(0.01)
+        await services.aclose()
+
+    with caplog.at_level(logging.INFO, logger="orchestrator.services"):
+        asyncio.run(scenario())
+    told = [r for r in caplog.records if "engine health" in r.getMessage() and r.levelno >= logging.INFO]
+    assert [(r.levelno, r.getMessage().split(";")[0]) for r in told] == [
+        (logging.WARNING, "sharing engine health failed"), (logging.INFO, "sharing engine health works again")]
