@@ -227,7 +227,7 @@ class JobRunner:
 
     async def _end(self, claim: Claim, status: str, error: OrchestratorError) -> None:
         try:
-            await asyncio.to_thread(self._finish, claim, status, error)
+            status, error = await asyncio.to_thread(self._finish, claim, status, error)
         except StaleAttempt:
             log.info("job %s attempt %s was superseded; its %s is discarded", claim.job.id, claim.attempt, status)
             return
@@ -415,14 +415,22 @@ class JobRunner:
         data = encode_png(image, record)
         return self.store.put(data), data
 
-    def _finish(self, claim: Claim, status: str, error: OrchestratorError) -> None:
+    def _finish(self, claim: Claim, status: str, error: OrchestratorError) -> tuple[str, OrchestratorError]:
+        """End the job; returns the status and error it ended with. A failure that meets a cancel
+        already asked (answered 202, through another process, so the token here may not be set
+        yet) ends the job canceled, as a success that meets one does; what the failure says was
+        charged is still what the ledger settles."""
         job = claim.job
+        bill = error
         with self.db.transaction() as s:
+            if status == "failed" and s.scalar(select(Job.cancel_requested_at).where(col(Job.id) == job.id)):
+                status, error = "canceled", Canceled(f"the job was canceled (it was failing: {error.message})"[:500])
             self._guarded_update(s, claim, status=status, finished_at=utcnow(), error=error.to_dict(),
                                  lease_owner=None, lease_expires_at=None,
                                  attempts=[*(job.attempts or []),
                                            {"engine": job.engine, "status": status, "error": error.to_dict()}])
-            self.ledger.settle_failure(s, job, error)
+            self.ledger.settle_failure(s, job, bill)
+        return status, error
 
     @staticmethod
     def _guarded_update(s: Any, claim: Claim, *, unless_canceled: bool = False, **values: Any) -> None:

@@ -186,6 +186,30 @@ def test_a_cancel_asked_of_a_live_holder_wins_over_its_success(
         assert s.exec(select(Asset).where(col(Asset.job_id) == job_id)).all() == []
 
 
+def test_a_cancel_asked_of_a_live_holder_wins_over_its_failure(
+        services: Services, other_process: subprocess.Popen[bytes]) -> None:
+    """The cancel was answered 202: the job ends canceled, and the ledger settles what the failure
+    says was charged (nothing here: the hold is released)."""
+    job_id = add_job(services, engine="fake-paid", estimated=10_000,
+                     params={**PARAMS, "stage": "bridge", "tags": {"fake": "fail"}})
+    with services.db.transaction() as s:
+        project_id = s.get(Job, job_id).project_id  # type: ignore[union-attr]
+        s.add(LedgerEntry(project_id=project_id, job_id=job_id, kind="hold", amount=10_000, engine="fake-paid"))
+    [(claim, _lane)] = services.scheduler._claim_ready({})
+    with services.db.transaction() as s:
+        s.execute(update(Job).where(col(Job.id) == job_id)
+                  .values(lease_owner=f"{socket.gethostname()}:{other_process.pid}:0"))
+    assert services.jobs.ask_holder_to_cancel(job_id)
+
+    asyncio.run(services.runner.run(claim))  # the engine fails before the cancel reaches the token
+    job = row(services, job_id)
+    assert job.status == "canceled" and job.error is not None and job.error["code"] == "canceled"
+    assert "fake engine failed" in job.error["message"]
+    with services.db.session() as s:
+        kinds = sorted(e.kind for e in s.exec(select(LedgerEntry).where(col(LedgerEntry.job_id) == job_id)).all())
+    assert kinds == ["hold", "release"]
+
+
 def test_a_cancel_of_a_job_whose_holder_is_dead_is_not_left_waiting(services: Services) -> None:
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
