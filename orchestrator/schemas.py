@@ -131,10 +131,11 @@ def _standard_limits(schema: Any) -> None:
 
 
 class Strict(BaseModel):
-    """A request body: unknown fields are refused, and so is text with NUL characters or lone
+    """A request body: JSON types are kept (a number sent as a string, or "yes" for true, is a
+    422, not a guess), unknown fields are refused, and so is text with NUL characters or lone
     surrogates (see `_UNSTORABLE`; no prompt or name needs one)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     @classmethod
     def __get_pydantic_json_schema__(cls, core_schema: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:

@@ -58,6 +58,12 @@ def post_drafts(client: httpx.Client, project: str, body: Any) -> httpx.Response
     ({"prompt": "x", "tags": {"k": 1}}, "tags"),
     ({"prompt": "x", "tags": {f"k{i}": "v" for i in range(65)}}, "tags"),  # 64 at most
     ({"prompt": "x", "colour": "red"}, "colour"),
+    # JSON types are kept: a number in a string, or "yes" for a boolean, is a wrong type.
+    ({"prompt": "x", "n": "2"}, "n"),
+    ({"prompt": "x", "seed": "42"}, "seed"),
+    ({"prompt": "x", "guidance_scale": "1.5"}, "guidance_scale"),
+    ({"prompt": "x", "cache": "yes"}, "cache"),
+    ({"prompt": "x", "cache": 1}, "cache"),
 ], ids=lambda v: v if isinstance(v, str) else None)
 def test_invalid_draft_body(shared_server: httpx.Client, project: str, body: dict[str, Any], field: str) -> None:
     before = job_count(shared_server)
