@@ -14,7 +14,7 @@ _PUBLIC_PARAMS = ("prompt", "negative_prompt", "n", "seed", "width", "height", "
 def project_public(p: Project) -> ProjectPublic:
     limit = None if p.budget_limit is None else to_credits(p.budget_limit)
     return ProjectPublic(id=p.id, name=p.name, policy=p.policy,
-                         budget=Budget(limit=limit, period=p.budget_period),
+                         budget=Budget.model_validate({"limit": limit, "period": p.budget_period}),
                          created_at=p.created_at)
 
 
