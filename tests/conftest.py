@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
+from orchestrator.db import Database
 from orchestrator.server import serve_in_thread
 from orchestrator.settings import Settings
 from tiers import tiny
@@ -35,6 +36,15 @@ def isolate(mp: pytest.MonkeyPatch, folder: Path) -> None:
         if name.startswith("ORCH_") or name in VENDOR_KEYS:
             mp.delenv(name)
     mp.setitem(Settings.model_config, "toml_file", folder / "absent.toml")
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Iterator[Database]:
+    """A migrated SQLite database of the test's own."""
+    database = Database(f"sqlite:///{tmp_path / 'orchestrator.db'}")
+    database.migrate()
+    yield database
+    database.dispose()
 
 
 def settings_for(data_dir: Path, cache_dir: Path, **overrides: Any) -> Settings:

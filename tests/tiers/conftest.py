@@ -3,6 +3,7 @@ no time, test images, a multipart parser, a recording Progress and a RenderReque
 
 from __future__ import annotations
 
+import asyncio
 import email
 import email.policy
 import io
@@ -36,6 +37,30 @@ class RecordingSleep:
 @pytest.fixture
 def sleep() -> RecordingSleep:
     return RecordingSleep()
+
+
+class BlockingSleep:
+    """Stands in for asyncio.sleep: a back-off wait that lasts until the test is done with it."""
+
+    def __init__(self) -> None:
+        self.entered = asyncio.Event()
+
+    async def __call__(self, seconds: float) -> None:
+        self.entered.set()
+        await asyncio.Event().wait()
+
+
+class NoAnswer:
+    """A respx side effect: the provider takes the request and never answers; `sent` is set once
+    the request is out."""
+
+    def __init__(self) -> None:
+        self.sent = asyncio.Event()
+
+    async def __call__(self, _request: httpx.Request) -> httpx.Response:
+        self.sent.set()
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import pytest
 import respx
 
 from orchestrator.errors import Canceled
-from tests.tiers.conftest import bridge
+from tests.tiers.conftest import BlockingSleep, NoAnswer, bridge
 from tiers._cloud import CloudEngine
 from tiers.base import CancelToken, NullProgress
 from tiers.fal import FalEngine
@@ -79,18 +79,13 @@ async def test_a_cancel_while_rate_limited_releases_what_was_held(make_ctx: Any,
     """Canceled in the wait after a 429: the provider made nothing, so the job owes nothing
     (`charged="no"`: the ledger releases the hold instead of capturing it unreconciled)."""
     engine = cls(make_ctx(**{f"{prefix}_api_key": "k-secret"}))
-    waiting = asyncio.Event()
-
-    async def back_off(_seconds: float) -> None:
-        waiting.set()
-        await asyncio.Event().wait()
-
+    back_off = BlockingSleep()
     engine.http.sleep = back_off
     token = CancelToken()
     with respx.mock(assert_all_called=False) as mock:
         anything = mock.route().mock(return_value=httpx.Response(429, headers={"retry-after": "5"}))
         run = asyncio.create_task(engine.run(bridge(), NullProgress(), token))
-        await asyncio.wait_for(waiting.wait(), 5)
+        await asyncio.wait_for(back_off.entered.wait(), 5)
         token.cancel()
         with pytest.raises(Canceled) as info:
             await run
@@ -102,18 +97,12 @@ async def test_a_cancel_while_rate_limited_releases_what_was_held(make_ctx: Any,
 async def test_a_cancel_while_the_generation_call_is_out_may_have_been_charged(
         make_ctx: Any, cls: type[CloudEngine], prefix: str) -> None:
     engine = cls(make_ctx(**{f"{prefix}_api_key": "k-secret"}))
-    sent = asyncio.Event()
-
-    async def hang(_request: httpx.Request) -> httpx.Response:
-        sent.set()
-        await asyncio.Event().wait()
-        raise AssertionError("unreachable")
-
+    provider = NoAnswer()
     token = CancelToken()
     with respx.mock(assert_all_called=False) as mock:
-        mock.route().mock(side_effect=hang)
+        mock.route().mock(side_effect=provider)
         run = asyncio.create_task(engine.run(bridge(), NullProgress(), token))
-        await asyncio.wait_for(sent.wait(), 5)
+        await asyncio.wait_for(provider.sent.wait(), 5)
         token.cancel()
         with pytest.raises(Canceled) as info:
             await run

@@ -12,6 +12,7 @@ import pytest
 import respx
 
 from orchestrator.errors import Canceled, EngineError, EngineUnavailable
+from tests.tiers.conftest import BlockingSleep, NoAnswer
 from tiers._http import RemoteClient
 from tiers.base import CancelToken
 
@@ -84,17 +85,6 @@ async def test_a_request_that_cannot_be_built_is_still_engine_unavailable(client
     assert "k-secret" not in info.value.message and route.call_count == 1
 
 
-class BlockingSleep:
-    """A back-off wait that lasts until the test is done with it."""
-
-    def __init__(self) -> None:
-        self.entered = asyncio.Event()
-
-    async def __call__(self, seconds: float) -> None:
-        self.entered.set()
-        await asyncio.Event().wait()
-
-
 def rate_limited(_request: httpx.Request) -> httpx.Response:
     return httpx.Response(429, headers={"retry-after": "5"}, json={"error": {"message": "slow down"}})
 
@@ -117,18 +107,12 @@ async def test_a_cancel_during_the_back_off_after_a_429_says_nothing_was_charged
 
 @respx.mock
 async def test_a_cancel_while_a_post_is_out_may_have_been_charged() -> None:
-    sent = asyncio.Event()
-
-    async def hang(_request: httpx.Request) -> httpx.Response:
-        sent.set()
-        await asyncio.Event().wait()
-        raise AssertionError("unreachable")
-
-    respx.post(f"{BASE}/images").mock(side_effect=hang)
+    provider = NoAnswer()
+    respx.post(f"{BASE}/images").mock(side_effect=provider)
     client = RemoteClient("prov", base_url=BASE, key_setting="ORCH_PROV_API_KEY")
     token = CancelToken()
     call = asyncio.create_task(client.request("POST", "/images", json={"prompt": "a lighthouse"}, cancel=token))
-    await asyncio.wait_for(sent.wait(), 5)
+    await asyncio.wait_for(provider.sent.wait(), 5)
     token.cancel()
     with pytest.raises(Canceled) as info:
         await call
