@@ -137,7 +137,7 @@ class JobFollower:
                 for job_id, asset_id in rows:
                     assets.setdefault(job_id, []).append(asset_id)
         # Looked at after the row: the runner writes a step's file before its row.
-        previews = {j.id for j in jobs if j.status == "running" and self.previews.exists(j.id)}
+        previews = {j.id for j in jobs if j.status == "running" and self.previews.exists(j.id, since=j.started_at)}
         return jobs, assets, previews
 
     async def aclose(self) -> None:

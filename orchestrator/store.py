@@ -22,11 +22,13 @@ import io
 import json
 import os
 import re
+import stat
 import tempfile
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Collection
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -216,18 +218,29 @@ class PreviewFiles:
             Path(tmp).unlink(missing_ok=True)
             raise
 
-    def read(self, job_id: str) -> bytes | None:
+    def read(self, job_id: str, since: datetime | None = None) -> bytes | None:
+        """The job's preview, unless it was written before `since` (the running attempt's start:
+        an older file is a crashed attempt's, not yet swept)."""
         path = self.path_for(job_id)
         if path is None:
             return None
         try:
-            return path.read_bytes()
+            with path.open("rb") as f:
+                if since is not None and os.fstat(f.fileno()).st_mtime < since.timestamp():
+                    return None
+                return f.read()
         except (FileNotFoundError, NotADirectoryError):  # the job ended between its row's read and this
             return None
 
-    def exists(self, job_id: str) -> bool:
+    def exists(self, job_id: str, since: datetime | None = None) -> bool:
         path = self.path_for(job_id)
-        return path is not None and path.is_file()
+        if path is None:
+            return False
+        try:
+            found = path.stat()
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        return stat.S_ISREG(found.st_mode) and (since is None or found.st_mtime >= since.timestamp())
 
     def remove(self, job_id: str) -> None:
         path = self.path_for(job_id)

@@ -96,7 +96,7 @@ def job_preview(job_id: str, services: ServicesDep, caller: CallerDep) -> Respon
     data = encode_preview(preview) if preview is not None else None
     if data is None and job.status == "running":
         # Only while the row says running: a file a crashed process left is no preview of anything.
-        data = services.runner.preview_files.read(job_id)
+        data = services.runner.preview_files.read(job_id, since=job.started_at)
     if data is None:
         raise NotFound("no preview: the job is not denoising right now", details={"job_id": job_id})
     return Response(data, media_type="image/png", headers={"Cache-Control": "no-store"})
@@ -162,5 +162,5 @@ async def job_events(job_id: str, services: ServicesDep, caller: CallerDep, requ
 def _stored_state(services: Services, job_id: str) -> tuple[Job, list[str], bool]:
     """The job's row, its assets, and whether its running process has a preview file of it."""
     job = services.jobs.get(job_id)
-    preview = job.status == "running" and services.runner.preview_files.exists(job.id)
+    preview = job.status == "running" and services.runner.preview_files.exists(job.id, since=job.started_at)
     return job, services.jobs.asset_ids([job.id])[job.id], preview

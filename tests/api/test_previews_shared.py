@@ -240,3 +240,26 @@ def test_a_preview_file_is_named_only_by_a_job_id(tmp_path: Path) -> None:
         files.write(name, preview_of(1))
         assert files.read(name) is None and not files.exists(name)
     assert not files.root.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_a_crashed_attempt_s_preview_is_not_shown_for_the_next_one(
+        worker: Services, make_settings: SettingsFactory, start_server: Callable[[Settings], httpx.Client]) -> None:
+    """The job runs again (attempt 2) before the sweeper removed attempt 1's file: until attempt 2
+    writes its own, there is no preview, rather than the dead attempt's."""
+    api = start_server(make_settings(run_jobs=False))
+    job_id = add_job(worker)
+    files = worker.runner.preview_files
+    files.write(job_id, preview_of(3))
+    path = files.path_for(job_id)
+    assert path is not None
+    written = path.stat().st_mtime
+    os.utime(path, (written - 60, written - 60))  # attempt 1 wrote it a minute ago
+    with worker.db.transaction() as s:
+        s.execute(update(Job).where(col(Job.id) == job_id).values(status="running", attempt=2, started_at=utcnow(),
+                                                                  progress_step=1, progress_total=4))
+    assert_error(api.get(f"/v1/jobs/{job_id}/preview"), 404, "not_found")
+    with api.stream("GET", f"/v1/jobs/{job_id}/events", timeout=30) as response:
+        progress = next(e for e in iter_sse(response) if e.event == "progress")
+    assert "preview_url" not in progress.data
+    files.write(job_id, preview_of(1))  # attempt 2's own
+    assert red(api.get(f"/v1/jobs/{job_id}/preview").content) == 50
