@@ -17,7 +17,7 @@ from orchestrator.errors import Conflict, NotFound
 from orchestrator.events import Event
 from orchestrator.follow import catch_up
 from orchestrator.ids import id_cursor
-from orchestrator.models import Job
+from orchestrator.models import Job, Project
 from orchestrator.schemas import JobPublic, JobStatus, Page, Stage
 from orchestrator.services import Services
 from orchestrator.store import encode_preview
@@ -43,16 +43,20 @@ def get_job(job_id: str, services: ServicesDep, caller: CallerDep) -> JobPublic:
     return public(services, caller.job(services.jobs.get(job_id)))
 
 
-@router.get("/jobs", response_model=Page[JobPublic])
+@router.get("/jobs", response_model=Page[JobPublic], responses=documented(404))
 def list_jobs(services: ServicesDep, caller: CallerDep, project_id: str | None = None, stage: Stage | None = None,
               status: JobStatus | None = None, limit: Annotated[int, Query(ge=1, le=500)] = 50,
               cursor: str | None = None) -> Page[JobPublic]:
-    """Every project's jobs, or one project's; a project key sees its own project's only."""
+    """Every project's jobs, or one project's (404 for a project that does not exist, as its
+    assets list answers); a project key sees its own project's only."""
     with services.db.session() as s:
         stmt = select(Job).order_by(col(Job.id)).limit(limit + 1)
         if caller.project_id is not None:
             stmt = stmt.where(col(Job.project_id) == caller.project_id)
         if project_id:
+            caller.project(project_id)
+            if s.get(Project, project_id) is None:  # a mistyped id is not a project without jobs
+                raise NotFound(f"project '{project_id}' not found", details={"project_id": project_id})
             stmt = stmt.where(col(Job.project_id) == project_id)
         if stage:
             stmt = stmt.where(col(Job.stage) == stage)

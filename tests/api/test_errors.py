@@ -425,3 +425,11 @@ def test_a_cursor_of_another_list_is_refused(shared_server: httpx.Client, projec
     # An asset id given to the jobs list would start it somewhere arbitrary, without a word.
     assert_error(shared_server.get("/v1/jobs", params={"cursor": project}), 422, "invalid_request")
     assert shared_server.get("/v1/projects", params={"cursor": project}).status_code == 200
+
+
+def test_listing_the_jobs_of_a_project_that_does_not_exist_is_a_404(shared_server: httpx.Client) -> None:
+    # As its assets list answers: a mistyped id must not read as a project without jobs.
+    assert_error(shared_server.get("/v1/jobs", params={"project_id": "prj_nope"}), 404, "not_found")
+    empty = create_project(shared_server, "no jobs yet")["id"]
+    page = shared_server.get("/v1/jobs", params={"project_id": empty})
+    assert page.status_code == 200 and page.json() == {"items": [], "next_cursor": None}
