@@ -32,6 +32,9 @@ if TYPE_CHECKING:
     from tiers.base import CancelToken
 
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504}) | frozenset(range(505, 600))
+# Credentials httpx does not know to drop when a redirect (or an output download) leaves the
+# provider's origin: it strips only `Authorization`.
+KEY_HEADERS = frozenset({"x-goog-api-key", "x-api-key", "api-key", "x-key"})
 MAX_SINGLE_WAIT = 120.0
 
 Sleep = Callable[[float], Awaitable[None]]
@@ -151,7 +154,18 @@ class RemoteClient:
             timeout=httpx.Timeout(read_timeout, connect=connect_timeout),
             transport=transport,
             follow_redirects=True,
+            event_hooks={"request": [self._keep_keys_home]},
         )
+        self._home = httpx.URL(base_url) if base_url else None
+
+    async def _keep_keys_home(self, request: httpx.Request) -> None:
+        """A key sent to another host (a redirect, a CDN download) is a leaked key."""
+        home = self._home
+        if home is not None and (request.url.scheme, request.url.host, request.url.port) == (
+                home.scheme, home.host, home.port):
+            return
+        for name in KEY_HEADERS:
+            request.headers.pop(name, None)
 
     @classmethod
     def for_settings(cls, engine: str, settings: Settings, *, base_url: str, key_setting: str,

@@ -128,3 +128,22 @@ async def test_a_cancel_before_the_first_send_sends_nothing(client: RemoteClient
     with pytest.raises(Canceled) as info:
         await client.request("POST", "/images", json={"prompt": "a lighthouse"}, cancel=token)
     assert info.value.charged == "no" and route.call_count == 0
+
+
+@respx.mock
+async def test_a_key_header_never_follows_a_redirect_to_another_host(sleep: Any) -> None:
+    # httpx drops only `Authorization` when a redirect leaves the origin; Gemini's key is a header
+    # of its own.
+    http = RemoteClient("prov", base_url=BASE, key_setting="ORCH_PROV_API_KEY", sleep=sleep, clock=sleep.clock,
+                        headers={"x-goog-api-key": "SECRET"})
+    respx.get(f"{BASE}/models").mock(return_value=httpx.Response(307, headers={"location": f"{BASE}/v2/models"}))
+    home = respx.get(f"{BASE}/v2/models").mock(
+        return_value=httpx.Response(307, headers={"location": "https://elsewhere.test/models"}))
+    away = respx.get("https://elsewhere.test/models").mock(return_value=httpx.Response(200, json={}))
+    try:
+        response = await http.request("GET", "/models", idempotent=True)
+    finally:
+        await http.aclose()
+    assert response.status_code == 200
+    assert home.calls.last.request.headers["x-goog-api-key"] == "SECRET"  # same origin: kept
+    assert "x-goog-api-key" not in away.calls.last.request.headers
