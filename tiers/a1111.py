@@ -103,7 +103,8 @@ class A1111Engine:
             "negative_prompt": req.negative_prompt,
             "denoising_strength": req.creativity if req.stage == "polish" else req.strength,
             "steps": req.steps or DEFAULT_STEPS,
-            "cfg_scale": req.guidance_scale or DEFAULT_CFG,
+            # 0 is a guidance scale the API takes (turbo checkpoints): only None means the default.
+            "cfg_scale": DEFAULT_CFG if req.guidance_scale is None else req.guidance_scale,
             "width": req.width,
             "height": req.height,
             "seed": req.seed if req.seed is not None else -1,

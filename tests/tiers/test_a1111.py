@@ -73,6 +73,13 @@ async def test_polish_uses_creativity_and_request_values(engine: A1111Engine) ->
 
 
 @respx.mock
+async def test_a_guidance_scale_of_zero_is_sent_as_zero(engine: A1111Engine) -> None:
+    route = respx.post(URL).mock(return_value=httpx.Response(200, json=ok_body()))
+    await engine.run(bridge(guidance_scale=0.0), NullProgress(), CancelToken())
+    assert json.loads(route.calls.last.request.content)["cfg_scale"] == 0.0
+
+
+@respx.mock
 async def test_5xx_then_success(engine: A1111Engine) -> None:
     route = respx.post(URL).mock(side_effect=[httpx.Response(503), httpx.Response(200, json=ok_body())])
     await engine.run(bridge(), NullProgress(), CancelToken())
