@@ -8,8 +8,10 @@ from collections.abc import Iterator, Mapping, Sized
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from orchestrator.errors import ContentFiltered, EngineError
-from tiers._http import RemoteClient
+import httpx
+
+from orchestrator.errors import ContentFiltered, EngineError, EngineUnavailable
+from tiers._http import RemoteClient, error_text
 from tiers._images import b64decode_tolerant, decode_image
 from tiers.base import CancelToken, EngineContext, PriceTable, RenderedImage, Stage
 
@@ -70,6 +72,17 @@ class CloudEngine:
     @property
     def model(self) -> str:
         return self._model
+
+    def model_not_served(self, response: httpx.Response) -> EngineUnavailable:
+        """The provider does not serve the configured model (retired, misspelt): nothing was made,
+        and, unlike a refused input, another engine may well take the job."""
+        setting = f"ORCH_{self.name.upper()}_MODEL"
+        return EngineUnavailable(
+            f"{self.name} does not serve the model '{self._model}' (HTTP {response.status_code}): "
+            f"{error_text(response)}; set {setting} to a model it serves",
+            details={"engine": self.name, "status": response.status_code, "model": self._model,
+                     "setting": setting},
+        )
 
     def availability(self) -> tuple[bool, str | None]:
         if not self._key:

@@ -114,6 +114,8 @@ class GeminiEngine(CloudEngine):
                             "gemini refused the API key: check ORCH_GEMINI_API_KEY (or GEMINI_API_KEY)",
                             details={"engine": self.name, "status": 400},
                         )
+                    if response.status_code == 404:  # "models/x is not found": retired or misspelt
+                        raise self.model_not_served(response)
                     raise self.http.fail(response)
                 with reading_an_answer():
                     body = self._json(response)

@@ -171,6 +171,8 @@ class OpenAIImagesEngine(CloudEngine):
                 f"openai blocked the request (moderation): {str(err.get('message', ''))[:300]}",
                 details={"engine": self.name, "reason": "moderation_blocked", "request_id": request_id},
             )
+        if response.status_code == 404 or (isinstance(err, dict) and err.get("code") == "model_not_found"):
+            return self.model_not_served(response)
         return self.http.fail(response)
 
     def _json(self, response: httpx.Response) -> dict[str, Any]:

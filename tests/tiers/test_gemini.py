@@ -143,6 +143,18 @@ async def test_bad_request_is_not_retried(engine: GeminiEngine) -> None:
 
 
 
+@respx.mock
+async def test_a_retired_model_lets_another_engine_try(engine: GeminiEngine) -> None:
+    route = respx.post(URL).mock(return_value=httpx.Response(404, json={"error": {
+        "code": 404, "message": "models/gemini-3.1-flash-image is not found for API version v1beta",
+        "status": "NOT_FOUND"}}))
+    with pytest.raises(EngineUnavailable) as info:
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    error = info.value
+    assert error.retryable and error.charged == "no" and route.call_count == 1
+    assert "is not found" in error.message and error.details["setting"] == "ORCH_GEMINI_MODEL"
+
+
 def test_estimate_by_size_and_unknown_model(make_ctx: Any) -> None:
     eng = GeminiEngine(make_ctx(gemini_api_key="k"))
     assert eng.estimate(bridge(width=1024, height=1024)) < eng.estimate(bridge(width=2048, height=1536))

@@ -177,6 +177,22 @@ async def test_bad_request_is_not_retried(engine: OpenAIImagesEngine) -> None:
 
 
 
+@respx.mock
+@pytest.mark.parametrize("response", [
+    httpx.Response(404, json={"error": {"message": "The model `gpt-image-1.5` does not exist", "code": None}}),
+    httpx.Response(400, json={"error": {"message": "Unknown model", "code": "model_not_found"}}),
+])
+async def test_a_model_it_no_longer_serves_lets_another_engine_try(engine: OpenAIImagesEngine,
+                                                                   response: httpx.Response) -> None:
+    # gpt-image-1.5 shuts down on 2026-12-01: a job must fall back, not fail as bad input.
+    route = respx.post(URL).mock(return_value=response)
+    with pytest.raises(EngineUnavailable) as info:
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    error = info.value
+    assert error.retryable and error.charged == "no" and route.call_count == 1
+    assert error.details["setting"] == "ORCH_OPENAI_MODEL" and "set ORCH_OPENAI_MODEL" in error.message
+
+
 async def test_without_draft_is_refused(engine: OpenAIImagesEngine) -> None:
     with pytest.raises(BadEngineInput):
         await engine.run(bridge(init_image=None), NullProgress(), CancelToken())
