@@ -61,7 +61,9 @@ def render_request(params: dict[str, Any], init_image: Any = None) -> RenderRequ
     fields = {k: params[k] for k in ("stage", "prompt", "negative_prompt", "n", "seed", "width", "height", "steps",
                                       "guidance_scale", "strength", "quality", "scale", "creativity")
               if params.get(k) is not None}
-    return RenderRequest(**fields, tags=dict(params.get("tags") or {}), init_image=init_image)
+    source_size = params.get("source_size")
+    return RenderRequest(**fields, tags=dict(params.get("tags") or {}), init_image=init_image,
+                         source_size=(int(source_size[0]), int(source_size[1])) if source_size else None)
 
 
 class JobService:
@@ -98,6 +100,7 @@ class JobService:
             "n": 1, "seed": _seed(body.seed, source),
             "width": width, "height": height, "strength": body.strength, "quality": body.quality,
             "steps": body.steps, "tags": self._tags(source, body.tags), "source_sha256": source.sha256,
+            "source_size": [source.width, source.height],
         }
         return Prepared(source.project_id, "bridge", params, render_request(params), source)
 
@@ -110,6 +113,7 @@ class JobService:
             "n": 1, "seed": _seed(body.seed, source),
             "width": width, "height": height, "scale": scale, "creativity": body.creativity,
             "tags": self._tags(source, body.tags), "source_sha256": source.sha256,
+            "source_size": [source.width, source.height],
         }
         return Prepared(source.project_id, "polish", params, render_request(params), source)
 

@@ -68,6 +68,8 @@ class RenderRequest:
     guidance_scale: float | None = None
     # bridge
     init_image: Image | None = None
+    # The draft's (width, height): known when estimating, before `init_image` is read from disk.
+    source_size: tuple[int, int] | None = None
     strength: float = 0.55
     quality: str = "high"
     # polish

@@ -4,11 +4,11 @@ Which endpoint a request goes to:
 
 - bridge: `generate/sd3` (`mode=image-to-image`, `model=<stability_model>`), or `generate/ultra`
   when `stability_model` is "ultra"; the draft is the `image`, `req.strength` its strength.
-- polish with `req.scale` unset: no upscale was asked for, so it is a same-size refine through
-  the bridge endpoint above.
-- polish with `req.scale` set: an upscale. The upscalers choose their output size themselves
-  (about 4 megapixels), so a scale above 4 is refused before anything is sent, leaving it to an
-  engine that can honour it. Then:
+- polish to the draft's own size (or smaller): a refine through the bridge endpoint above.
+- polish to a larger size (`req.scale`, or a `width`/`height` above the draft's): an upscale. The
+  upscalers stop at about 4 megapixels, so a factor above 4 or an output above that is refused
+  before anything is sent, leaving it to an engine that can honour it. They choose their output
+  size themselves, so what comes back is resized to the size asked for. Then:
   - `req.creativity > 0.35`: creative upscale (asynchronous: a create that returns an id, then
     `GET /v2beta/results/{id}` polls, 202 while working).
   - otherwise: conservative upscale (synchronous), `creativity` clamped to its 0.2-0.5 range.
@@ -24,6 +24,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import httpx
+from PIL import Image
 
 from orchestrator.errors import (
     BadEngineInput,
@@ -50,6 +51,7 @@ MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 # The creative upscaler takes inputs up to about 1 megapixel (unverified): shrink the long side.
 CREATIVE_MAX_SIDE = 1024
 MAX_SCALE = 4.0
+MAX_UPSCALE_PIXELS = 4 * 1024 * 1024
 CREATIVE_THRESHOLD = 0.35
 CONSERVATIVE_CREATIVITY = (0.2, 0.5)
 CREATIVE_CREATIVITY = (0.1, 0.5)
@@ -73,10 +75,29 @@ DEFAULT_PRICES: dict[str, dict[str, float]] = {
 Operation = Literal["generate", "upscale-conservative", "upscale-creative"]
 
 
+def upscale_factor(req: RenderRequest) -> float:
+    """How much larger than the draft a polish is asked to be: its `scale`, else (a polish given a
+    `width`/`height`) the larger ratio of the requested size to the draft's."""
+    if req.scale is not None:
+        return req.scale
+    source = req.source_size or (req.init_image.size if req.init_image is not None else None)
+    if source is None:
+        return 1.0
+    return max(req.width / source[0], req.height / source[1])
+
+
 def operation(req: RenderRequest) -> Operation:
-    if req.stage != "polish" or req.scale is None:
+    if req.stage != "polish" or upscale_factor(req) <= 1.0:
         return "generate"
     return "upscale-creative" if req.creativity > CREATIVE_THRESHOLD else "upscale-conservative"
+
+
+def _sized_as_asked(image: Image.Image, req: RenderRequest) -> Image.Image:
+    """A polish's size is what was asked for; Stability's calls pick their own output size."""
+    size = (req.width, req.height)
+    if req.stage != "polish" or image.size == size:
+        return image
+    return image.resize(size, Image.Resampling.LANCZOS)
 
 
 def _clamp(value: float, bounds: tuple[float, float]) -> float:
@@ -110,12 +131,14 @@ class StabilityEngine(CloudEngine):
             raise BadEngineInput(f"{self.name}: {req.stage} needs a draft image",
                                  details={"engine": self.name})
         op = operation(req)
-        if op != "generate" and req.scale is not None and req.scale > MAX_SCALE:
+        factor = upscale_factor(req)
+        if op != "generate" and (factor > MAX_SCALE or req.width * req.height > MAX_UPSCALE_PIXELS):
             # Nothing was sent: let routing fall back to an engine that can upscale that far.
             raise BadEngineInput(
-                f"{self.name}: the upscalers stop at about 4 megapixels; "
-                f"scale {req.scale:g} is above {MAX_SCALE:g}",
-                details={"engine": self.name, "scale": req.scale}, retryable=True,
+                f"{self.name}: the upscalers stop at {MAX_SCALE:g}x and about 4 megapixels; "
+                f"{req.width}x{req.height} ({factor:g}x) is beyond them",
+                details={"engine": self.name, "scale": round(factor, 3), "width": req.width,
+                         "height": req.height}, retryable=True,
             )
         max_side = CREATIVE_MAX_SIDE if op == "upscale-creative" else None
         draft = encode_image(req.init_image, fmt="PNG", max_bytes=MAX_UPLOAD_BYTES, max_side=max_side)
@@ -143,7 +166,7 @@ class StabilityEngine(CloudEngine):
                     raise error.at_least_charged("unknown") if op == "upscale-creative" else error
                 with reading_an_answer():
                     image, seed, reason = self._result(response)
-                images.append(RenderedImage(image, seed=seed))
+                images.append(RenderedImage(_sized_as_asked(image, req), seed=seed))
                 finish_reasons.append(reason)
                 progress.step(len(images), req.n)
         return RenderResult(
@@ -219,7 +242,7 @@ class StabilityEngine(CloudEngine):
                     raise self._error(response).at_least_charged("unknown")
                 with reading_an_answer():
                     image, seed, reason = self._result(response)
-                images.append(RenderedImage(image, seed=seed))
+                images.append(RenderedImage(_sized_as_asked(image, req), seed=seed))
                 finish_reasons.append(reason)
                 progress.step(len(images), req.n)
         return RenderResult(images=images, model=self._priced_model(req), cost_millicredits=None,

@@ -283,3 +283,18 @@ def test_offline_workflow_on_local_engines(offline: httpx.Client) -> None:
 
     assert bridge_job["cost"]["charged"] == final_job["cost"]["charged"] == 0
     assert all(e["amount"] == 0 for e in ledger(client, project["id"]))
+
+
+def test_a_polish_given_a_size_is_priced_as_the_upscale_it_is(new_settings: SettingsFactory) -> None:
+    """The service turns a polish's `width`/`height` into a size without a scale; Stability must
+    still price (and run) it as an upscale, from the draft's recorded size, not as a refine."""
+    settings = new_settings(stability_api_key="sk-test", stability_base_url="http://127.0.0.1:9")
+    with running(settings) as client:
+        project = create_project(client, "stability")
+        draft_id = run_draft(client, project["id"], prompt=PROMPT)["assets"][0]  # 64x64
+        for body, estimate in (({"width": 128, "height": 128}, 40.0), ({"scale": 2}, 40.0),
+                               ({"width": 64, "height": 64}, 6.5)):
+            explained = client.post("/v1/route/explain", json={
+                "stage": "polish", "source_asset_id": draft_id, "engine": "stability", **body})
+            assert explained.status_code == 200, explained.text
+            assert (explained.json()["engine"], explained.json()["estimate"]) == ("stability", estimate), body

@@ -19,7 +19,7 @@ from orchestrator.errors import (
     EngineUnavailable,
     NoPrice,
 )
-from tests.tiers.conftest import RecordingProgress, multipart, png_bytes
+from tests.tiers.conftest import RecordingProgress, draft_image, multipart, png_bytes
 from tests.tiers.conftest import bridge as base_bridge
 from tiers.base import CancelToken, NullProgress, RenderRequest
 from tiers.stability import StabilityEngine, operation
@@ -110,10 +110,30 @@ async def test_ultra_uses_its_endpoint_with_strength(make_engine: Any) -> None:
 
 
 @respx.mock
-async def test_polish_without_scale_is_a_same_size_refine(engine: StabilityEngine) -> None:
+async def test_polish_at_the_drafts_size_is_a_same_size_refine(engine: StabilityEngine) -> None:
     route = respx.post(SD3).mock(return_value=ok())
-    await engine.run(polish(scale=None, creativity=0.9), NullProgress(), CancelToken())
-    assert route.call_count == 1
+    result = await engine.run(polish(scale=None, width=64, height=64, creativity=0.9), NullProgress(), CancelToken())
+    assert route.call_count == 1 and result.images[0].image.size == (64, 64)
+
+
+@respx.mock
+async def test_polish_to_a_larger_size_is_an_upscale_resized_to_that_size(engine: StabilityEngine) -> None:
+    # The service sends `width`/`height` without a scale when the request gives a size: it is
+    # still an upscale (here 64x64 -> 192x128), and the upscaler's own output size is not the one asked for.
+    route = respx.post(CONSERVATIVE).mock(return_value=ok())
+    result = await engine.run(polish(scale=None, width=192, height=128), NullProgress(), CancelToken())
+    assert route.call_count == 1 and result.model == "upscale-conservative"
+    assert result.images[0].image.size == (192, 128)
+
+
+@pytest.mark.parametrize(("draft", "size"), [((64, 64), (512, 512)), ((1024, 1024), (2560, 2560))])
+async def test_an_upscale_beyond_the_upscalers_is_refused_before_sending(
+        engine: StabilityEngine, draft: tuple[int, int], size: tuple[int, int]) -> None:
+    # 8x, then 2.5x but 6.5 megapixels: another engine may take either.
+    req = polish(scale=None, init_image=draft_image(draft), width=size[0], height=size[1])
+    with pytest.raises(BadEngineInput) as info:
+        await engine.run(req, NullProgress(), CancelToken())
+    assert info.value.retryable and info.value.details["width"] == size[0]
 
 
 @respx.mock
@@ -196,7 +216,8 @@ async def test_bad_request_is_not_retried(engine: StabilityEngine) -> None:
 
 def test_operation_rule() -> None:
     assert operation(bridge(creativity=0.9, scale=2)) == "generate"
-    assert operation(polish(scale=None)) == "generate"
+    assert operation(polish(scale=None, width=64, height=64)) == "generate"
+    assert operation(polish(scale=None, width=128, height=64)) == "upscale-conservative"
     assert operation(polish(creativity=0.35)) == "upscale-conservative"
     assert operation(polish(creativity=0.36)) == "upscale-creative"
 
@@ -331,6 +352,10 @@ def test_estimate_by_operation_and_unknown_model(make_engine: Any) -> None:
     assert eng.estimate(bridge(n=2)) == 13000
     assert eng.estimate(polish()) == 40000
     assert eng.estimate(polish(creativity=0.5)) == 60000
+    # A polish given a size is estimated before its draft is read: the draft's recorded size says
+    # whether it is an upscale (priced as one) or a same-size refine.
+    assert eng.estimate(polish(scale=None, width=1024, height=1024, init_image=None, source_size=(512, 512))) == 40000
+    assert eng.estimate(polish(scale=None, width=512, height=512, init_image=None, source_size=(512, 512))) == 6500
     assert make_engine(stability_model="ultra").estimate(bridge()) == 8000
     assert make_engine(stability_model="sd3.5-large-turbo").estimate(bridge()) == 4000
     unknown: StabilityEngine = make_engine(stability_model="sd4-huge")
