@@ -32,11 +32,12 @@ from tiers.base import (
     instruction_prompt,
 )
 
-# Credits (1 credit = $0.01) per output image. Config defaults (providers.md, Nov 2026): Replicate
-# does not publish nano-banana-2's per-image price in our sources, so it borrows fal's $0.08 at 1K.
+# Credits (1 credit = $0.01) per output image, by output resolution for the Nano Banana models.
+# Config defaults (providers.md, Nov 2026): Replicate does not publish nano-banana-2's prices in
+# our sources, so it borrows fal's for the same model ($0.08 at 1K, x1.5 at 2K, x2 at 4K).
 PRICES_AS_OF = "2026-11"
 DEFAULT_PRICES: dict[str, dict[str, float]] = {
-    "google/nano-banana-2": {"image": 8.0},
+    "google/nano-banana-2": {"1K": 8.0, "2K": 12.0, "4K": 16.0},
     "black-forest-labs/flux-1.1-pro": {"image": 4.0},
 }
 PENDING = frozenset({"starting", "processing"})
@@ -46,12 +47,26 @@ PREFER_WAIT = 60
 MAX_INLINE_BYTES = 7 * 1024 * 1024
 
 
+def is_nano_banana(model: str) -> bool:
+    return model.startswith("google/nano-banana")
+
+
+def resolution(width: int, height: int) -> str:
+    side = max(width, height)
+    return "1K" if side <= 1024 else "2K" if side <= 2048 else "4K"
+
+
+def price_variant(model: str, req: RenderRequest) -> str:
+    return resolution(req.width, req.height) if is_nano_banana(model) else "image"
+
+
 def model_input(model: str, req: RenderRequest, prompt: str, image_uri: str | None) -> dict[str, Any]:
     """The prediction's `input` object. Every Replicate model names its inputs its own way:
     google/nano-banana-2 takes `prompt`, `image_input` (a list of URLs or data URIs),
-    `aspect_ratio` (`match_input_image` keeps the draft's framing) and `output_format`. FLUX 1.1 pro
-    takes one `image_prompt` and a fixed list of aspect ratios (*unverified*). A model added to the
-    price table needs its mapping here."""
+    `aspect_ratio` (`match_input_image` keeps the draft's framing) and `output_format`, plus
+    `resolution` (1K | 2K | 4K, *unverified*: without it a polish came back at the model's default
+    size, whatever was asked). FLUX 1.1 pro takes one `image_prompt` and a fixed list of aspect
+    ratios (*unverified*). A model added to the price table needs its mapping here."""
     if model.startswith("black-forest-labs/flux"):
         flux: dict[str, Any] = {"prompt": prompt, "output_format": "png",
                                 "aspect_ratio": nearest_aspect(req.width, req.height, FLUX_ASPECTS)}
@@ -61,6 +76,8 @@ def model_input(model: str, req: RenderRequest, prompt: str, image_uri: str | No
             flux["seed"] = req.seed
         return flux
     body: dict[str, Any] = {"prompt": prompt, "output_format": "png"}
+    if is_nano_banana(model):
+        body["resolution"] = resolution(req.width, req.height)
     if image_uri:
         body["image_input"] = [image_uri]
         body["aspect_ratio"] = "match_input_image"
@@ -92,7 +109,7 @@ class ReplicateEngine(CloudEngine):
         self.http = self.remote_client(ctx, client, base_url=s.replicate_base_url)
 
     def estimate(self, req: RenderRequest) -> int:
-        return req.n * self._prices.millicredits(self._model, "image")
+        return req.n * self._prices.millicredits(self._model, price_variant(self._model, req))
 
     def _input(self, req: RenderRequest) -> dict[str, Any]:
         image_uri = None

@@ -60,6 +60,7 @@ async def test_success_sends_draft_as_data_uri(engine: ReplicateEngine, output: 
     sent = json.loads(request.content)["input"]
     assert sent["prompt"].endswith("a lighthouse")
     assert sent["aspect_ratio"] == "match_input_image" and sent["output_format"] == "png"
+    assert sent["resolution"] == "1K"  # bridge() asks for 1024x1024
     prefix, _, data = sent["image_input"][0].partition(",")
     assert prefix == "data:image/png;base64"
     assert Image.open(io.BytesIO(base64.b64decode(data))).getpixel((0, 0)) == (255, 0, 0)
@@ -277,11 +278,22 @@ async def test_a_failure_after_a_paid_prediction_is_charged(engine: ReplicateEng
 def test_estimate_per_image_and_unknown_model(make_ctx: Any) -> None:
     eng = ReplicateEngine(make_ctx(replicate_api_key="k"))
     assert eng.estimate(bridge()) == 8000 and eng.estimate(bridge(n=2)) == 16000
+    # A polish to 2K or 4K asks the model for that resolution and is priced at it.
+    assert eng.estimate(bridge(stage="polish", width=2048, height=1536)) == 12000
+    assert eng.estimate(bridge(stage="polish", width=4096, height=4096)) == 16000
     flux = ReplicateEngine(make_ctx(replicate_api_key="k", replicate_model="black-forest-labs/flux-1.1-pro"))
     assert flux.estimate(bridge()) == 4000
     unknown = ReplicateEngine(make_ctx(replicate_api_key="k", replicate_model="someone/else"))
     with pytest.raises(NoPrice):
         unknown.estimate(bridge())
+
+
+@respx.mock
+async def test_a_polish_asks_for_the_resolution_of_the_size_requested(engine: ReplicateEngine,
+                                                                     output: respx.Route) -> None:
+    route = respx.post(CREATE).mock(return_value=httpx.Response(201, json=prediction()))
+    await engine.run(bridge(stage="polish", width=2048, height=2048), NullProgress(), CancelToken())
+    assert json.loads(route.calls.last.request.content)["input"]["resolution"] == "2K"
 
 
 def test_unavailable_without_key(make_ctx: Any, monkeypatch: Any) -> None:
