@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         if exc.title != "Settings":
             raise
         # Name the variable (or the file's key) to fix rather than print a traceback.
-        problems = [f"  {e['msg']}" if e["type"] == "unknown_setting"  # names its file and key itself
+        problems = [f"  {e['msg']}" if e["type"] in ("unknown_setting", "config_file")  # name their file
                     else f"  {_source_of('_'.join(str(p) for p in e['loc']))}: {e['msg']} (got {e['input']!r})"
                     for e in exc.errors()]
         return _fail("invalid configuration:\n" + "\n".join(problems), status=2)

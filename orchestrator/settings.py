@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 import logging
 import os
+import tomllib
 from collections.abc import Iterable, Mapping
 from functools import cached_property
 from pathlib import Path
@@ -194,6 +195,16 @@ class _StrictTomlSource(TomlConfigSettingsSource):
     """pydantic-settings passes a TOML key that matches no field on as an extra, which
     `extra="ignore"` then drops: `max_body_byts = 2048` silently kept the default. Such a key is
     refused here as a validation error, so it is reported like any other bad setting."""
+
+    def _read_file(self, file_path: Any) -> dict[str, Any]:
+        # A syntax error is a bad setting like any other: reported with its file, not a traceback.
+        try:
+            return super()._read_file(file_path)
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            error = PydanticCustomError("config_file", "{file}: not valid TOML: {error}",
+                                        {"file": str(file_path), "error": str(exc)})
+            raise ValidationError.from_exception_data(
+                "Settings", [InitErrorDetails(type=error, loc=(), input=str(file_path))]) from None
 
     def __call__(self) -> dict[str, Any]:
         known = _input_names(self.settings_cls)

@@ -91,6 +91,17 @@ def test_a_bad_value_in_the_config_file_names_the_file_and_key(make_settings: Se
     assert "ORCH_LITE_MAX_BATCH: Input should be less than or equal to 16 (got '99')" in err  # the variable's
 
 
+@pytest.mark.parametrize("content", [b'data_dir = "/tmp/x"\n[bad\n', b"lite_model = '\xff\xfe'\n"])
+def test_a_config_file_that_is_not_toml_names_the_file(make_settings: SettingsFactory, tmp_path: Path, content: bytes,
+                                                       monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    make_settings()
+    config = tmp_path / "studio.toml"
+    config.write_bytes(content)
+    monkeypatch.setitem(Settings.model_config, "toml_file", config)
+    assert main(["migrate"]) == 2
+    err = capsys.readouterr().err
+    assert f"invalid configuration:\n  {config}: not valid TOML: " in err and "Traceback" not in err
 def test_a_log_file_that_cannot_be_written_leaves_the_log_on_stderr(make_settings: SettingsFactory,
                                                                    caplog: pytest.LogCaptureFixture) -> None:
     settings = make_settings()
