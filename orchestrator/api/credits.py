@@ -196,6 +196,8 @@ def get_spend(services: ServicesDep, caller: CallerDep, group_by: GroupBy = "day
     if from_ and to and from_ >= to:
         raise InvalidRequest("'from' must be before 'to'")
     with services.db.session() as s:
+        if project_id and s.get(Project, project_id) is None:  # a mistyped id is not a project that spent nothing
+            raise NotFound(f"project '{project_id}' not found", details={"project_id": project_id})
         report = spend(s, group_by, from_, to, project_id)
         report["savings"] = savings(s, services.registry, from_, to, project_id)
     if format == "csv":

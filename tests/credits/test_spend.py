@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.api import assert_error
 from tests.credits import PRICE, get_json, ledger, make_draft, project_with_draft, promote_ok, wait_for_job
 
 
@@ -104,7 +105,12 @@ def test_savings(api: httpx.Client, spent: dict[str, Any]) -> None:
     assert savings == {"drafts": 2, "credits": 2 * PRICE, "compared_with": "fake-paid"}
 
 
-def test_unknown_project_has_no_spend(api: httpx.Client) -> None:
-    result = get_json(api, "/v1/spend", project_id="prj_nobody", group_by="project")
+def test_a_project_that_spent_nothing_has_an_empty_report_and_an_unknown_one_is_404(api: httpx.Client) -> None:
+    created = api.post("/v1/projects", json={"name": "idle"})
+    assert created.status_code == 201, created.text
+    result = get_json(api, "/v1/spend", project_id=created.json()["id"], group_by="project")
     assert (result["groups"], result["total"]) == ([], 0)
     assert result["savings"]["drafts"] == 0
+    # A mistyped id is not a project that spent nothing (as on GET /v1/jobs?project_id=).
+    missing = api.get("/v1/spend", params={"project_id": "prj_nobody", "format": "csv"})
+    assert_error(missing, 404, "not_found")
