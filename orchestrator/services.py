@@ -6,9 +6,11 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import os
 import tempfile
 import tomllib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,7 @@ from orchestrator.ledger import Ledger
 from orchestrator.queue import Scheduler
 from orchestrator.routing import Router
 from orchestrator.runner import JobRunner
+from orchestrator.schemas import MAX_CREDITS
 from orchestrator.settings import CONFIG_FILE_VARIABLE, Settings
 from orchestrator.store import ArtifactStore, PreviewFiles
 from orchestrator.workers import DeviceLock, Presence
@@ -43,12 +46,38 @@ DEVICE_IDLE_TIMEOUT = 30.0
 
 
 def load_price_overrides(settings: Settings) -> dict[str, Any]:
+    """`{engine: {model: {variant: credits}}}` from `ORCH_PRICES_FILE`. Every price is checked: a
+    negative, non-finite, huge or sub-millicredit price would make a paid engine free (or a
+    source of credit), or fail every job that reaches it."""
     if settings.prices_file is None:
         return {}
     try:
-        return tomllib.loads(settings.prices_file.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as exc:
+        overrides = tomllib.loads(settings.prices_file.read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise InvalidRequest(f"prices file {settings.prices_file}: {exc}") from exc
+    problems = [f"{settings.prices_file}: {problem}" for problem in _price_problems(overrides)]
+    if problems:
+        raise InvalidRequest("; ".join(problems))
+    return overrides
+
+
+def _price_problems(overrides: dict[str, Any]) -> Iterator[str]:
+    for engine, models in overrides.items():
+        if not isinstance(models, dict):
+            yield f"'{engine}' must be a table of models ([{engine}.\"<model>\"])"
+            continue
+        for model, variants in models.items():
+            if not isinstance(variants, dict):
+                yield f"{engine}.{model} must be a table of prices (\"<variant>\" = credits)"
+                continue
+            for variant, price in variants.items():
+                where = f"{engine}.{model}.{variant}"
+                if isinstance(price, bool) or not isinstance(price, int | float):
+                    yield f"{where} must be a number of credits (got {price!r})"
+                elif not math.isfinite(price) or not 0 <= price <= MAX_CREDITS:
+                    yield f"{where} must be between 0 and {MAX_CREDITS} credits (got {price!r})"
+                elif abs(price * 1000 - round(price * 1000)) > 1e-6:
+                    yield f"{where} must be a whole number of thousandths of a credit (got {price!r})"
 
 
 def startup_problems(settings: Settings, *, prices: bool = True) -> list[str]:

@@ -91,6 +91,27 @@ def test_a_bad_value_in_the_config_file_names_the_file_and_key(make_settings: Se
     assert "ORCH_LITE_MAX_BATCH: Input should be less than or equal to 16 (got '99')" in err  # the variable's
 
 
+@pytest.mark.parametrize(("prices", "told"), [
+    ('[gemini."gemini-3.1-flash-image"]\n"1K" = -5\n', "gemini.gemini-3.1-flash-image.1K must be between 0 and"),
+    ('[openai."gpt-image-1"]\n"high-1024x1024" = nan\n', "must be between 0 and 1000000000 credits (got nan)"),
+    ('[openai."gpt-image-1"]\n"high-1024x1024" = inf\n', "(got inf)"),
+    ('[fal."fal-ai/nano-banana-2"]\n"1K" = 1e20\n', "(got 1e+20)"),
+    ('[fal."fal-ai/nano-banana-2"]\n"1K" = 0.0004\n', "must be a whole number of thousandths of a credit (got 0.0004)"),
+    ('[fal."fal-ai/nano-banana-2"]\n"1K" = "8"\n', "must be a number of credits (got '8')"),
+    ('[fal]\nprice = 8\n', "fal.price must be a table of prices"),
+    ('fal = 8\n', "'fal' must be a table of models"),
+])
+def test_a_price_that_would_make_a_paid_engine_free_or_broken_is_refused_at_start(
+        make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str], prices: str, told: str) -> None:
+    make_settings()
+    monkeypatch.setenv("ORCH_DATA_DIR", str(tmp_path / "data"))
+    (tmp_path / "prices.toml").write_text(prices)
+    monkeypatch.setenv("ORCH_PRICES_FILE", str(tmp_path / "prices.toml"))
+    assert main(["serve"]) == 2
+    err = capsys.readouterr().err
+    assert f"ORCH_PRICES_FILE: {tmp_path / 'prices.toml'}: " in err and told in err, err
+
 @pytest.mark.parametrize("content", [b'data_dir = "/tmp/x"\n[bad\n', b"lite_model = '\xff\xfe'\n"])
 def test_a_config_file_that_is_not_toml_names_the_file(make_settings: SettingsFactory, tmp_path: Path, content: bytes,
                                                        monkeypatch: pytest.MonkeyPatch,
