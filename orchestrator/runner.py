@@ -309,14 +309,25 @@ class JobRunner:
             assert moved is not None
             self.ledger.hold(s, project, moved, estimate)
 
+    def _source_image(self, job: Job) -> Image.Image:
+        """The draft a bridge or polish starts from. Nothing was sent yet: a file that cannot be
+        read (damaged on disk, unreadable) fails the job with nothing charged, and no other
+        engine would do better with it."""
+        sha256 = job.params["source_sha256"]
+        try:
+            image = Image.open(io.BytesIO(self.store.get(sha256)))
+            image.load()
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            raise EngineError(f"the source image {sha256[:12]} could not be read: {type(exc).__name__}: {exc}"[:500],
+                              details={"source_sha256": sha256}, retryable=False, charged="no") from exc
+        return image
+
     async def _render(self, claim: Claim) -> RenderResult:
         job = claim.job
         engine = self.registry.get(job.engine)
         init_image = None
         if job.params.get("source_sha256"):
-            data = await asyncio.to_thread(self.store.get, job.params["source_sha256"])
-            init_image = Image.open(io.BytesIO(data))
-            init_image.load()
+            init_image = await asyncio.to_thread(self._source_image, job)
         request = render_request(job.params, init_image)
         progress = JobProgress(self, claim)
         work = job.provider_work or {}

@@ -9,16 +9,19 @@ import httpx
 import pytest
 
 from orchestrator.runner import Claim, JobRunner
+from orchestrator.settings import Settings
 from orchestrator.store import ArtifactStore
 from tests.credits import (
     PRICE,
     TERMINAL,
     assert_settled_once,
     budget,
+    create_project,
     get_json,
     iter_sse,
     kinds,
     ledger,
+    make_draft,
     project_with_draft,
     promote_ok,
     wait_for_job,
@@ -75,6 +78,23 @@ def test_failure_releases_the_hold(api: httpx.Client, behaviour: str, code: str)
     assert_settled_once(entries)
     balance = budget(api, project_id)
     assert (balance["charged"], balance["held"], balance["available"]) == (0, 0, 100)
+
+
+def test_a_source_image_that_cannot_be_read_releases_the_hold(api: httpx.Client, paid_settings: Settings) -> None:
+    """Damaged on disk (the promote checks only that the file is there): the job fails before
+    anything is sent, so the provider charged nothing (it was once captured as an unknown charge)."""
+    project_id = create_project(api, {"limit": 100, "period": "month"})
+    asset_id = make_draft(api, project_id, seed=424242)  # bytes no other test's draft shares
+    path = ArtifactStore(paid_settings.assets_dir).path_for(get_json(api, f"/v1/assets/{asset_id}")["sha256"])
+    path.chmod(0o644)
+    path.write_bytes(b"not a png")
+    job = wait_for_job(api, promote_ok(api, asset_id)["id"])
+    assert job["status"] == "failed" and job["error"]["code"] == "engine_error", job
+    assert "the source image" in job["error"]["message"] and "could not be read" in job["error"]["message"]
+    assert job["cost"] == {"estimated": PRICE, "held": 0, "charged": 0, "cache_hit": False}
+    entries = ledger(api, project_id)
+    assert kinds(entries) == {"hold": 1, "release": 1}
+    assert_settled_once(entries)
 
 
 def test_timeout_captures_the_estimate_unreconciled(api: httpx.Client) -> None:
