@@ -408,6 +408,10 @@ class JobRunner:
             s.add_all(rows)
             if job.estimated > 0:  # free jobs hold nothing; skip the lookup on the hot path
                 self.ledger.capture(s, job, result.cost_millicredits)
+            elif result.cost_millicredits:
+                # Estimated free (a price of 0 in the prices file) and billed all the same: spend.
+                self.ledger.charge_usage(s, job, result.cost_millicredits,
+                                         note="reported by the provider for a job estimated free")
             elif self.local_rate and self.registry.get(job.engine).kind == "local":
                 self.ledger.charge_usage(s, job, round(seconds * self.local_rate * 1000),
                                          note=f"{seconds:.2f} device-seconds")

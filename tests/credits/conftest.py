@@ -19,7 +19,7 @@ from tiers import tiny
 
 VENDOR_KEYS = ("GEMINI_API_KEY", "OPENAI_API_KEY", "STABILITY_API_KEY", "REPLICATE_API_TOKEN", "FAL_KEY")
 ENGINES = ("fake-paid=tests.fakes:factory,fake-unpriced=tests.fakes:unpriced_factory,"
-           "fake-queue=tests.fakes:queue_factory")
+           "fake-queue=tests.fakes:queue_factory,fake-free=tests.fakes:free_factory")
 POLICY = "credits-test"
 # The shipped policies only know the real cloud engines; this one lets the fake paid engines serve
 # bridge and polish (each test names its engine, so there is no fallback to hide a failure).
@@ -40,7 +40,7 @@ engines = ["fake-queue"]
 [[rules]]
 name = "paid"
 match = {{ stage = ["bridge", "polish"] }}
-engines = ["fake-paid", "fake-unpriced"]
+engines = ["fake-paid", "fake-unpriced", "fake-free"]
 """
 
 

@@ -80,6 +80,21 @@ def test_failure_releases_the_hold(api: httpx.Client, behaviour: str, code: str)
     assert (balance["charged"], balance["held"], balance["available"]) == (0, 0, 100)
 
 
+def test_a_cost_reported_for_a_job_estimated_free_is_spend(api: httpx.Client) -> None:
+    """A price of 0 (a prices-file override, a self-hosted engine) holds nothing; a provider that
+    bills all the same is charged, not dropped."""
+    project_id, asset_id = project_with_draft(api, {"limit": 100, "period": "month"})
+    job = wait_for_job(api, promote_ok(api, asset_id, engine="fake-free", tags={"cost": "5"})["id"])
+    assert job["status"] == "succeeded", job
+    assert job["cost"]["estimated"] == 0 and job["cost"]["charged"] == 5
+    entries = ledger(api, project_id)
+    assert kinds(entries) == {"capture": 1} and entries[0]["amount"] == 5
+    assert budget(api, project_id)["charged"] == 5
+    free = wait_for_job(api, promote_ok(api, asset_id, engine="fake-free", seed=3)["id"])
+    assert free["status"] == "succeeded" and free["cost"]["charged"] == 0
+    assert len(ledger(api, project_id)) == 1
+
+
 def test_a_source_image_that_cannot_be_read_releases_the_hold(api: httpx.Client, paid_settings: Settings) -> None:
     """Damaged on disk (the promote checks only that the file is there): the job fails before
     anything is sent, so the provider charged nothing (it was once captured as an unknown charge)."""
