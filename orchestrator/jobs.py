@@ -248,14 +248,16 @@ class JobService:
                cache: bool = True) -> Decision:
         """The routing decision for a prepared request under its project's policy and budget.
         With `cache`, a choice an earlier identical job already made (a free copy) is kept
-        whatever the budget has left."""
+        whatever the budget has left or `max_credits` allows: the copy costs nothing."""
         with self.db.session() as s:
             project = self._project(s, prepared.project_id)
             # Without a budget there is no share of it to route on: skip the ledger's sums.
             balance = None if project.budget_limit is None else self.ledger.balance(s, project)
         decision = self.router.decide(project.policy, prepared.request, engine,
                                       None if balance is None else balance.used_fraction)
-        if balance is not None and not (cache and self._has_cached(prepared, decision)):
+        if (balance is None and max_credits is None) or (cache and self._has_cached(prepared, decision)):
+            return decision
+        if balance is not None:
             _within_budget(decision, balance)
         if max_credits is not None:
             if decision.estimate > to_millicredits(max_credits):

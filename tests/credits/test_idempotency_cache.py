@@ -91,6 +91,18 @@ def test_identical_paid_request_is_served_from_the_cache(api: httpx.Client) -> N
     assert get_json(api, f"/v1/projects/{project_id}/budget")["charged"] == 2 * PRICE
 
 
+def test_a_free_copy_is_served_under_a_max_credits_below_the_estimate(api: httpx.Client) -> None:
+    project_id, asset_id = project_with_draft(api, {"limit": 100, "period": "month"})
+    first = wait_for_job(api, promote_ok(api, asset_id, cache=True, seed=6)["id"])
+    assert first["status"] == "succeeded"
+    # The copy costs nothing, as it needs no room in the budget; a new render is still capped.
+    copy = promote_ok(api, asset_id, cache=True, seed=6, max_credits=5)
+    assert copy["cost"]["cache_hit"] and copy["status"] == "succeeded"
+    refused = promote(api, asset_id, cache=True, seed=7, max_credits=5)
+    assert refused.status_code == 402 and "above max_credits" in refused.json()["error"]["message"]
+    assert kinds(ledger(api, project_id)) == {"hold": 1, "capture": 1}
+
+
 def test_a_same_bytes_draft_of_another_asset_is_not_a_cache_hit(api: httpx.Client) -> None:
     # Identical draft requests make byte-identical drafts. A cache hit across them would hand out
     # PNGs whose embedded record names the other asset (maybe another project's) as the parent.
