@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, TypeVar
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Query
 from fastapi.exceptions import RequestValidationError
 from pydantic import ConfigDict, Field, ValidationError
 
 from orchestrator.api.deps import CallerDep, ServicesDep, check_asset
 from orchestrator.api.errors import documented
+from orchestrator.api.projects import Limit
 from orchestrator.errors import InvalidRequest, NotFound
 from orchestrator.schemas import DraftCreate, PolishCreate, PromoteCreate, Strict
 from orchestrator.services import Services
@@ -21,13 +22,17 @@ router = APIRouter(tags=["routing"])
 
 
 @router.get("/policies")
-def list_policies(services: ServicesDep) -> dict[str, Any]:
-    """Every loaded policy, on one page: a handful of files, so `next_cursor` is always null (the
-    list convention's field, for clients that page every list alike). `errors` are the files the
-    last load refused, `warnings` what loaded but cannot route as written (an unknown engine)."""
+def list_policies(services: ServicesDep, limit: Limit = 50,
+                  cursor: Annotated[str | None, Query(max_length=200)] = None) -> dict[str, Any]:
+    """The loaded policies by name, paged like every list (`cursor` is the last name of the page
+    before). `errors` are the files the last load refused, `warnings` what loaded but cannot route
+    as written (an unknown engine)."""
+    rows = [p for p in services.policies.list() if not cursor or p.name > cursor][:limit + 1]
+    more = len(rows) > limit
+    rows = rows[:limit]
     return {"items": [{"name": p.name, "description": p.description, "source": p.source,
-                       "content_hash": p.content_hash} for p in services.policies.list()],
-            "next_cursor": None,
+                       "content_hash": p.content_hash} for p in rows],
+            "next_cursor": rows[-1].name if more else None,
             "errors": [e.message for e in services.policies.errors],
             "warnings": _warnings(services)}
 
