@@ -97,28 +97,37 @@ class EventBus:
     def _stream(self, job_id: str) -> _JobStream:
         return self._jobs.setdefault(job_id, _JobStream())
 
-    def resume_after(self, last_event_id: str | None) -> int:
+    def resume_after(self, last_event_id: str | None, job_id: str | None = None) -> int:
         """The count of the event a reconnecting client has seen, or 0 when the id is not one
-        this process sent (another process's, a malformed header): that client gets the whole
-        state again."""
+        this process sent for this job (another process's, another job's, a malformed header):
+        that client gets the whole state again."""
         tag, _, count = (last_event_id or "").removesuffix(END_MARK).partition("-")
         if tag != self.tag or not (count.isascii() and count.isdigit()) or len(count) > 18:
             return 0
         seen = int(count)
+        stream = self._jobs.get(job_id) if job_id is not None else None
+        if stream is not None:
+            # Past this job's latest event, the id is another job's: resuming from it would
+            # skip everything this job has said, down to an empty stream for a finished one.
+            latest = max((e.id for e in stream.snapshot()), default=0)
+            if stream.latest_progress is not None:
+                latest = max(latest, stream.latest_progress.id)
+            return seen if seen <= latest else 0
         return seen if seen <= self._last_id else 0
 
     def ended_before(self, job_id: str, last_event_id: str | None) -> bool:
         """Whether the client has already received this job's terminal event, from this process
         or another one."""
         stream = self._jobs.get(job_id)
-        if not (last_event_id and last_event_id.endswith(END_MARK)) or stream is None or stream.finished_at is None:
+        if not last_event_id or stream is None or stream.finished_at is None:
             return False
-        # An id this process sent must be this job's terminal event: another job's (a client
-        # reusing its header) or a made-up one gets the state, terminal event included.
+        # An id this process sent must be this job's terminal event (with its mark or, from a
+        # client that dropped it, without): another job's (a client reusing its header) or a
+        # made-up one gets the state, terminal event included. Another process's needs the mark.
         tag, _, count = last_event_id.removesuffix(END_MARK).partition("-")
         if tag == self.tag:
             return bool(stream.history) and count == str(stream.history[-1].id)
-        return True
+        return last_event_id.endswith(END_MARK)
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop

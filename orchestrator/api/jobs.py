@@ -126,7 +126,7 @@ async def job_events(job_id: str, services: ServicesDep, caller: CallerDep, requ
     services.follower.follow(job_id)  # for as long as another process runs it
     if services.bus.ended_before(job_id, last_event_id):
         return Response(status_code=204)
-    seen = services.bus.resume_after(last_event_id)
+    seen = services.bus.resume_after(last_event_id, job_id)
 
     async def stream() -> AsyncIterator[str]:
         events = aiter(services.bus.subscribe(job_id, after=seen))

@@ -203,6 +203,19 @@ def test_another_job_s_terminal_event_id_does_not_end_this_stream(server: httpx.
     assert first_end.id is not None
     replayed = read_events_after(server, second["id"], first_end.id)
     assert replayed[-1].event == "succeeded" and replayed[-1].data["job_id"] == second["id"]
+    # The other way round: a later job's id counts past everything the earlier job said, and
+    # once gave an empty stream that a browser reconnects to forever.
+    [second_end] = [e for e in read_events(server, second["id"], timeout=10) if e.event in TERMINAL]
+    assert second_end.id is not None
+    for foreign in (second_end.id, second_end.id.removesuffix("-end")):
+        replayed = read_events_after(server, first["id"], foreign)
+        assert (replayed[0].event, replayed[-1].event) == ("queued", "succeeded"), foreign
+        assert replayed[-1].data["job_id"] == first["id"]
+    # This job's own terminal id with its mark dropped still says the client has the end.
+    [own_end] = [e for e in read_events(server, first["id"], timeout=10) if e.event in TERMINAL]
+    assert own_end.id is not None
+    response = server.get(f"/v1/jobs/{first['id']}/events", headers={"Last-Event-ID": own_end.id.removesuffix("-end")})
+    assert response.status_code == 204
 
 
 def test_only_the_process_that_sent_an_id_resumes_after_it() -> None:
