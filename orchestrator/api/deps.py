@@ -11,7 +11,7 @@ from fastapi import Depends, Header, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from orchestrator import keys
-from orchestrator.errors import Forbidden, NotFound, Unauthorized
+from orchestrator.errors import Forbidden, InvalidRequest, NotFound, Unauthorized
 from orchestrator.models import Asset, Job
 from orchestrator.services import Services
 
@@ -112,4 +112,18 @@ async def require_auth(services: ServicesDep, request: Request,
 
 # The routers depend on `require_auth` too; FastAPI runs it once per request and hands both the result.
 CallerDep = Annotated[Caller, Depends(require_auth)]
-IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=255, min_length=1)]
+
+
+async def idempotency_key(
+    request: Request,
+    key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=255, min_length=1)] = None,
+) -> str | None:
+    # Two keys on one request: whichever one we kept, a retry sending the other would run twice.
+    if len(request.headers.getlist("idempotency-key")) > 1:
+        raise InvalidRequest("send one Idempotency-Key header, not several",
+                             details={"errors": [{"loc": ["header", "Idempotency-Key"], "type": "value_error",
+                                                  "msg": "more than one Idempotency-Key header"}]})
+    return key
+
+
+IdempotencyKey = Annotated[str | None, Depends(idempotency_key)]

@@ -73,6 +73,14 @@ def test_invalid_keys(server: httpx.Client) -> None:
     project = create_project(server)["id"]
     assert_error(post(server, project, BODY, ""), 422, "invalid_request")
     assert_error(post(server, project, BODY, "k" * 256), 422, "invalid_request")
+    # Two keys on one request: a retry carrying either one must not run it again, so neither is kept.
+    twice = [("Idempotency-Key", "a1"), ("Idempotency-Key", "a2")]
+    error = assert_error(server.post(f"/v1/projects/{project}/drafts", json=BODY, headers=twice), 422,
+                         "invalid_request")
+    assert error["details"]["errors"][0]["loc"] == ["header", "Idempotency-Key"]
+    projects = len(server.get("/v1/projects").json()["items"])
+    assert_error(server.post("/v1/projects", json={"name": "twice"}, headers=twice), 422, "invalid_request")
+    assert len(server.get("/v1/projects").json()["items"]) == projects
     assert job_count(server) == 0
 
 
