@@ -156,7 +156,7 @@ def install(app: FastAPI) -> None:
         headers = getattr(exc, "headers", None)
         if exc.status_code == 405:
             headers = {**(headers or {}), "Allow": _allowed_methods(request)}
-        return error_response(exc.status_code, code, str(exc.detail), headers=headers)
+        return error_response(exc.status_code, code, str(exc.detail), getattr(exc, "details", None), headers=headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

@@ -12,6 +12,15 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from orchestrator.api.errors import error_response
 
 
+class BodyTooLarge(HTTPException):
+    """An HTTPException (the one kind FastAPI lets out of reading a body) with the details a
+    declared Content-Length over the limit is answered with."""
+
+    def __init__(self, message: str, max_bytes: int) -> None:
+        super().__init__(413, message, headers={"Connection": "close"})
+        self.details = {"max_bytes": max_bytes}
+
+
 class RequestLimits:
     """Pure ASGI (no per-request task or buffering): a declared `Content-Length` over the limit is
     answered at once; a chunked body is counted as it is read and stops at the limit."""
@@ -47,7 +56,7 @@ class RequestLimits:
                 if received > self.max_bytes:
                     # FastAPI re-raises an HTTPException met while reading the body, so the one
                     # error handler answers it in the documented shape.
-                    raise HTTPException(413, self._message())
+                    raise BodyTooLarge(self._message(), self.max_bytes)
             return message
 
         await self.app(scope, counted, send)

@@ -267,7 +267,8 @@ def test_chunked_body_over_the_limit(shared_server: httpx.Client, project: str) 
     response = shared_server.post(f"/v1/projects/{project}/drafts", content=chunks(),
                                   headers={"Content-Type": "application/json"})
     assert "content-length" not in response.request.headers
-    assert_error(response, 413, "payload_too_large")
+    error = assert_error(response, 413, "payload_too_large")
+    assert error["details"] == {"max_bytes": 1 << 20}  # as when the length is declared
     assert job_count(shared_server) == before
 
 
