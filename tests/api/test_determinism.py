@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Callable
 
 import httpx
 import numpy as np
 from PIL import Image
 
+from orchestrator.settings import Settings
 from tests.api import create_project, run_draft
+from tests.conftest import SettingsFactory
 
 
 def content(client: httpx.Client, asset_id: str) -> bytes:
@@ -68,6 +71,16 @@ def test_variation_i_equals_single_draft_with_seed_plus_i(server: httpx.Client) 
         # ... and it is not some other image that happens to be close: other seeds are far away.
         if i:
             assert np.abs(a - pixels(content(server, batch["assets"][0]))).mean() > 5
+
+
+def test_with_a_batch_of_one_the_single_draft_is_byte_identical(
+        make_settings: SettingsFactory, start_server: Callable[[Settings], httpx.Client]) -> None:
+    # What the README offers to those who need exact copies: every image made alone.
+    server = start_server(make_settings(lite_max_batch=1))
+    project = create_project(server)["id"]
+    batch = run_draft(server, project, prompt="a castle", seed=77, n=2, steps=2)
+    single = run_draft(server, project, prompt="a castle", seed=78, n=1, steps=2)
+    assert content(server, batch["assets"][1]) == content(server, single["assets"][0])
 
 
 def test_a_promotion_keeps_a_draft_seed_of_zero(shared_server: httpx.Client) -> None:
