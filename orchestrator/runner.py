@@ -34,7 +34,7 @@ from orchestrator.ledger import Ledger
 from orchestrator.models import Asset, Job, utcnow
 from orchestrator.routing import fallbacks
 from orchestrator.store import ArtifactStore, PreviewFiles, encode_png
-from tiers.base import CancelToken, Reattachable, RenderResult
+from tiers.base import DEVICE_SECONDS, CancelToken, Reattachable, RenderResult
 from tiers.registry import EngineRegistry
 
 log = logging.getLogger(__name__)
@@ -413,8 +413,9 @@ class JobRunner:
                 self.ledger.charge_usage(s, job, result.cost_millicredits,
                                          note="reported by the provider for a job estimated free")
             elif self.local_rate and self.registry.get(job.engine).kind == "local":
-                self.ledger.charge_usage(s, job, round(seconds * self.local_rate * 1000),
-                                         note=f"{seconds:.2f} device-seconds")
+                used = float(result.metadata.get(DEVICE_SECONDS, seconds))  # the engine's own count leaves out loading
+                self.ledger.charge_usage(s, job, round(used * self.local_rate * 1000),
+                                         note=f"{used:.2f} device-seconds")
         for row, (sha, data) in zip(rows, pngs, strict=True):
             self.store.recent.add(row.id, sha, data)
         return [r.id for r in rows]

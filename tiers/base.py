@@ -88,6 +88,9 @@ def instruction_prompt(req: RenderRequest) -> str:
     return req.prompt
 
 
+DEVICE_SECONDS = "device_seconds"
+
+
 @dataclass
 class RenderedImage:
     image: Image
@@ -96,6 +99,9 @@ class RenderedImage:
 
 @dataclass
 class RenderResult:
+    """`metadata[DEVICE_SECONDS]`, from a local engine: the seconds its work held the device, which
+    metered local use (`ORCH_LOCAL_GPU_SECOND_CREDITS`) charges; loading the model is not in it."""
+
     images: list[RenderedImage]
     model: str
     # What the provider says it charged, when it says so; `None` means "use the estimate".

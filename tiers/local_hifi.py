@@ -10,11 +10,13 @@ This is the embedded default for bridge and polish: the whole workflow runs offl
 from __future__ import annotations
 
 import math
+import time
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.errors import BadEngineInput, Canceled
 from tiers._local import LocalEngine
 from tiers.base import (
+    DEVICE_SECONDS,
     CancelToken,
     Capabilities,
     EngineContext,
@@ -70,6 +72,7 @@ class LocalHifiEngine(LocalEngine):
 
         assert req.init_image is not None
         pipe = self.runtime.img2img(self._model)
+        began = time.monotonic()  # after a first load: metered use is the work, not the loading
         strength = req.strength if req.stage == "bridge" else req.creativity
         steps = self._steps(req, strength)
         guidance = self.defaults.guidance_scale if req.guidance_scale is None else req.guidance_scale
@@ -90,7 +93,8 @@ class LocalHifiEngine(LocalEngine):
             images=images,
             model=self._model,
             metadata={"steps": steps, "strength": strength, "guidance_scale": guidance, "tiles": len(boxes),
-                      "sampler": type(pipe.scheduler).__name__, "device": self.runtime.device},
+                      "sampler": type(pipe.scheduler).__name__, "device": self.runtime.device,
+                      DEVICE_SECONDS: time.monotonic() - began},
         )
 
     def _refine(self, pipe: Any, req: RenderRequest, source: Image, boxes: list[tuple[int, int, int, int]],

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
+from typing import Any
 
 import httpx
+import pytest
 
 from orchestrator.settings import Settings
 from tests.api import create_project, run_draft
 from tests.conftest import SettingsFactory
+from tiers._local import LocalRuntime
+
+LOAD_SECONDS = 3.0
 
 
 def test_local_rate_charges_spend_without_ever_refusing(make_settings: SettingsFactory,
@@ -28,6 +34,25 @@ def test_local_rate_charges_spend_without_ever_refusing(make_settings: SettingsF
     assert budget["charged"] == round(sum(e["amount"] for e in captures), 3)
     assert budget["held"] == 0
     assert client.get(f"/v1/jobs/{first['id']}").json()["cost"]["charged"] > 0
+
+
+def test_loading_the_model_is_not_metered(make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch,
+                                          start_server: Callable[[Settings], httpx.Client]) -> None:
+    # The first job on a cold device waits for the model: that is the service's start, not the
+    # job's work (it was billed 6 s against 1-2 s for the same draft afterwards).
+    load = LocalRuntime._load
+
+    def slow_load(self: LocalRuntime, model: str) -> Any:
+        time.sleep(LOAD_SECONDS)
+        return load(self, model)
+
+    monkeypatch.setattr(LocalRuntime, "_load", slow_load)
+    client = start_server(make_settings(local_gpu_second_credits=1.0))
+    project = create_project(client)["id"]
+    job = run_draft(client, project, n=1, width=64, height=64, steps=1)
+    [capture] = [e for e in client.get(f"/v1/projects/{project}/ledger").json()["items"] if e["kind"] == "capture"]
+    assert capture["job_id"] == job["id"]
+    assert 0 < capture["amount"] < LOAD_SECONDS / 2, capture  # credits = device-seconds at rate 1
 
 
 def test_local_work_is_free_by_default(server: httpx.Client) -> None:
