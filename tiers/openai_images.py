@@ -1,10 +1,11 @@
 """OpenAI GPT image models through `POST /v1/images/edits` (multipart).
 
-Bridge and polish both send the draft as the `image` file with `input_fidelity=high`, so the
-composition survives; polish only changes the wording of the prompt (the API tops out at
+Bridge and polish both send the draft as the `image` file with `input_fidelity=high` (not to the
+`-mini` models, which refuse it), so the composition survives; polish only changes the wording of the prompt (the API tops out at
 1536 pixels, it cannot upscale further). The requested size maps onto the nearest of the three
 sizes the API knows. Synchronous: a call that was sent but got no answer is never re-sent (it may
-have been billed). Cost comes from the `usage` tokens x the configured token prices when the
+have been billed). A 429 `insufficient_quota` is not retried (waiting does not refill the account):
+it is `engine_unavailable`, and routing falls back. Cost comes from the `usage` tokens x the configured token prices when the
 answer has them; otherwise `None`, and the ledger keeps the estimate.
 """
 
@@ -15,9 +16,9 @@ from typing import Any
 
 import httpx
 
-from orchestrator.errors import BadEngineInput, ContentFiltered, EngineError, NoPrice
+from orchestrator.errors import BadEngineInput, ContentFiltered, EngineError, EngineUnavailable, NoPrice
 from tiers._cloud import CloudEngine, paid_calls, reading_an_answer
-from tiers._http import RemoteClient
+from tiers._http import RemoteClient, error_text
 from tiers._images import b64decode_tolerant, decode_image, encode_image, nearest_aspect
 from tiers.base import (
     CancelToken,
@@ -58,6 +59,19 @@ def image_size(width: int, height: int) -> str:
     return SIZES[nearest_aspect(width, height, tuple(SIZES))]
 
 
+def _error_code(response: httpx.Response) -> str | None:
+    try:
+        err = response.json().get("error")
+    except (ValueError, AttributeError):
+        return None
+    return str(err.get("code")) if isinstance(err, dict) and err.get("code") else None
+
+
+def quota_exhausted(response: httpx.Response) -> bool:
+    """A 429 that waiting does not cure: the account has no credit left (`insufficient_quota`)."""
+    return response.status_code == 429 and _error_code(response) == "insufficient_quota"
+
+
 def quality(req: RenderRequest) -> str:
     return req.quality if req.quality in QUALITIES else "high"
 
@@ -73,6 +87,7 @@ class OpenAIImagesEngine(CloudEngine):
         super().__init__(ctx, s.openai_model, s.openai_api_key, DEFAULT_PRICES, PRICES_AS_OF)
         self.http = self.remote_client(ctx, client, base_url=s.openai_base_url,
                                        headers={"Authorization": f"Bearer {self._key or ''}"})
+        self.http.final_answer = quota_exhausted
 
     def estimate(self, req: RenderRequest) -> int:
         size = image_size(req.width, req.height)
@@ -134,8 +149,9 @@ class OpenAIImagesEngine(CloudEngine):
                     "quality": quality(req),
                     "n": str(count),
                     "output_format": "png",
-                    "input_fidelity": "high",
                 }
+                if not self._model.endswith("-mini"):  # the mini models refuse the field (a 400)
+                    fields["input_fidelity"] = "high"
                 response = await self.http.request(
                     "POST", "/v1/images/edits", data=fields, files={"image": ("draft.png", draft, "image/png")},
                     cancel=cancel,
@@ -173,6 +189,10 @@ class OpenAIImagesEngine(CloudEngine):
             )
         if response.status_code == 404 or (isinstance(err, dict) and err.get("code") == "model_not_found"):
             return self.model_not_served(response)
+        if quota_exhausted(response):
+            # Nothing was made; another engine may take the job while someone tops up the account.
+            return EngineUnavailable(f"openai: the account's quota is used up: {error_text(response)}",
+                                     details={"engine": self.name, "status": 429, "reason": "insufficient_quota"})
         return self.http.fail(response)
 
     def _json(self, response: httpx.Response) -> dict[str, Any]:

@@ -193,6 +193,26 @@ async def test_a_model_it_no_longer_serves_lets_another_engine_try(engine: OpenA
     assert error.details["setting"] == "ORCH_OPENAI_MODEL" and "set ORCH_OPENAI_MODEL" in error.message
 
 
+@respx.mock
+async def test_a_used_up_quota_is_not_waited_out(engine: OpenAIImagesEngine, sleep: Any) -> None:
+    route = respx.post(URL).mock(return_value=httpx.Response(429, json={"error": {
+        "message": "You exceeded your current quota", "type": "insufficient_quota", "code": "insufficient_quota"}}))
+    with pytest.raises(EngineUnavailable) as info:
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    assert route.call_count == 1 and info.value.retryable and info.value.charged == "no"
+    assert "quota is used up" in info.value.message
+
+
+@respx.mock
+async def test_mini_models_are_not_sent_input_fidelity(make_ctx: Any, sleep: Any) -> None:
+    mini = OpenAIImagesEngine(make_ctx(openai_api_key="sk-test", openai_model="gpt-image-1-mini",
+                                       openai_base_url=BASE))
+    route = respx.post(URL).mock(return_value=ok())
+    await mini.run(bridge(), NullProgress(), CancelToken())
+    fields, _ = multipart(route.calls.last.request)
+    assert fields["model"] == "gpt-image-1-mini" and "input_fidelity" not in fields
+
+
 async def test_without_draft_is_refused(engine: OpenAIImagesEngine) -> None:
     with pytest.raises(BadEngineInput):
         await engine.run(bridge(init_image=None), NullProgress(), CancelToken())
