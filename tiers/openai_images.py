@@ -1,12 +1,13 @@
 """OpenAI GPT image models through `POST /v1/images/edits` (multipart).
 
 Bridge and polish both send the draft as the `image` file with `input_fidelity=high` (not to the
-`-mini` models, which refuse it), so the composition survives; polish only changes the wording of the prompt (the API tops out at
-1536 pixels, it cannot upscale further). The requested size maps onto the nearest of the three
-sizes the API knows. Synchronous: a call that was sent but got no answer is never re-sent (it may
-have been billed). A 429 `insufficient_quota` is not retried (waiting does not refill the account):
-it is `engine_unavailable`, and routing falls back. Cost comes from the `usage` tokens x the configured token prices when the
-answer has them; otherwise `None`, and the ledger keeps the estimate.
+`-mini` models, which refuse it), so the composition survives; polish only changes the wording of
+the prompt (the API tops out at 1536 pixels, it cannot upscale further). The requested size maps
+onto the nearest of the three sizes the API knows. Synchronous: a call that was sent but got no
+answer is never re-sent (it may have been billed). A 429 `insufficient_quota` is not retried
+(waiting does not refill the account): it is `engine_unavailable`, and routing falls back. Cost
+comes from the `usage` tokens x the configured token prices when the answer has them; otherwise
+`None`, and the ledger keeps the estimate.
 """
 
 from __future__ import annotations
