@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import functools
 import json
 import random
 import time
@@ -110,10 +111,12 @@ class _StopAtDeadline(stop_base):
         return self.clock() + retry_state.upcoming_sleep > self.deadline
 
 
-def _next_wait(retry_state: RetryCallState) -> float:
+def _next_wait(retry_state: RetryCallState, rate_limit_pause: float | None = None) -> float:
     exc = retry_state.outcome.exception() if retry_state.outcome else None
     if isinstance(exc, _RetryableAnswer):
         hinted = retry_after(exc.response)
+        if hinted is None and exc.response.status_code == 429:
+            hinted = rate_limit_pause
         if hinted is not None:
             return min(hinted, MAX_SINGLE_WAIT)
     backoff = min(0.5 * 2 ** (retry_state.attempt_number - 1), 30.0)
@@ -144,6 +147,9 @@ class RemoteClient:
         # An engine may mark some 408/429/5xx answers as final (Gemini's per-day quota): they are
         # returned at once instead of being retried until the deadline.
         self.final_answer: Callable[[httpx.Response], bool] = lambda _response: False
+        # Seconds a provider locks a client out after a 429 that says nothing of when to come back
+        # (Stability: 60); None backs off as after any other failure.
+        self.rate_limit_pause: float | None = None
         self.deadline_seconds = deadline
         self.sleep = sleep
         self.clock = clock
@@ -205,7 +211,7 @@ class RemoteClient:
         stop_at = deadline if deadline is not None else self.new_deadline()
         retrying = AsyncRetrying(
             retry=retry_if_exception_type((_RetryableAnswer, _NotSent)),
-            wait=_next_wait,
+            wait=functools.partial(_next_wait, rate_limit_pause=self.rate_limit_pause),
             stop=_StopAtDeadline(stop_at, self.clock),
             sleep=self.sleep if cancel is None else self._sleep_unless(cancel),
             reraise=True,

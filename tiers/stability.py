@@ -47,7 +47,10 @@ from tiers.base import (
     RenderResult,
 )
 
-MAX_UPLOAD_BYTES = 10 * 1024 * 1024
+# The 10 MiB limit is the whole multipart body's: leave room for the other fields.
+MAX_UPLOAD_BYTES = 9 * 1024 * 1024
+# Over the rate limit, Stability locks the client out for 60 s (a 429 that may not say so).
+RATE_LIMIT_PAUSE = 60.0
 # The creative upscaler takes inputs up to about 1 megapixel (unverified): shrink the long side.
 CREATIVE_MAX_SIDE = 1024
 MAX_SCALE = 4.0
@@ -118,6 +121,7 @@ class StabilityEngine(CloudEngine):
         self.http = self.remote_client(ctx, client, base_url=s.stability_base_url,
                                        headers={"authorization": f"Bearer {self._key or ''}",
                                                 "accept": "application/json"})
+        self.http.rate_limit_pause = RATE_LIMIT_PAUSE
 
     def _priced_model(self, req: RenderRequest) -> str:
         op = operation(req)

@@ -18,6 +18,7 @@ from orchestrator.errors import (
     EngineTimeout,
     EngineUnavailable,
     NoPrice,
+    RateLimited,
 )
 from tests.tiers.conftest import RecordingProgress, draft_image, multipart, png_bytes
 from tests.tiers.conftest import bridge as base_bridge
@@ -145,6 +146,20 @@ async def test_429_with_retry_after_then_success(engine: StabilityEngine, sleep:
     assert route.call_count == 2 and sleep.waits == [12.0]
     assert_carries_draft(route.calls.last.request)
     assert len(result.images) == 1
+
+
+@respx.mock
+async def test_a_429_without_retry_after_waits_out_the_60_s_lockout(make_engine: Any, sleep: Any) -> None:
+    # Backing off from half a second would knock on a locked door, and each knock is a 429.
+    throttled = httpx.Response(429, json={"id": "x", "name": "rate_limit_exceeded", "errors": ["slow down"]})
+    route = respx.post(SD3).mock(side_effect=[throttled, ok()])
+    await make_engine(remote_deadline=300.0).run(bridge(), NullProgress(), CancelToken())
+    assert route.call_count == 2 and sleep.waits == [60.0]
+    # Within a deadline shorter than the lockout there is no point waiting: rate_limited at once.
+    route.side_effect = [throttled, ok()]
+    with pytest.raises(RateLimited):
+        await make_engine(remote_deadline=30.0).run(bridge(), NullProgress(), CancelToken())
+    assert route.call_count == 3 and sleep.waits == [60.0]
 
 
 @respx.mock
