@@ -75,6 +75,9 @@ DEFAULT_PRICES: dict[str, dict[str, float]] = {
     "upscale-fast": {"image": 2.0},
 }
 
+# Priced (providers.md lists it) but text-to-image only: a bridge or polish cannot use it.
+TEXT_ONLY_MODELS = frozenset({"core"})
+
 Operation = Literal["generate", "upscale-conservative", "upscale-creative"]
 
 
@@ -122,6 +125,12 @@ class StabilityEngine(CloudEngine):
                                        headers={"authorization": f"Bearer {self._key or ''}",
                                                 "accept": "application/json"})
         self.http.rate_limit_pause = RATE_LIMIT_PAUSE
+
+    def availability(self) -> tuple[bool, str | None]:
+        if self._model in TEXT_ONLY_MODELS:
+            return False, (f"ORCH_STABILITY_MODEL={self._model} has no image-to-image endpoint "
+                           "(use sd3.5-large, sd3.5-large-turbo, sd3.5-medium or ultra)")
+        return super().availability()
 
     def _priced_model(self, req: RenderRequest) -> str:
         op = operation(req)

@@ -387,6 +387,13 @@ def test_unavailable_without_key(make_ctx: Any, monkeypatch: Any) -> None:
     assert not available and reason and "STABILITY_API_KEY" in reason
 
 
+def test_core_has_no_image_to_image_endpoint_so_it_is_unavailable(make_engine: Any) -> None:
+    # Posting model=core to generate/sd3 would be refused on every bridge and polish.
+    available, reason = make_engine(stability_model="core").availability()
+    assert not available and reason and "ORCH_STABILITY_MODEL=core has no image-to-image endpoint" in reason
+    assert make_engine().availability() == (True, None)
+
+
 @respx.mock
 async def test_reattach_follows_accepted_creative_upscales(engine: StabilityEngine) -> None:
     create = respx.post(CREATIVE).mock(return_value=httpx.Response(200, json={"id": "job-42"}))
