@@ -61,7 +61,7 @@ class Settings(BaseSettings):
     # Load the Lite model when a process that runs jobs starts (and gets the device), so the
     # first draft after a start or deploy does not wait for it.
     lite_preload: bool = False
-    # Torch intra-op threads of the inference thread; 0 = all physical cores.
+    # Torch intra-op threads of the inference thread; 0 = every CPU this process may use.
     torch_threads: int = Field(0, ge=0)
     # Largest width/height a local engine accepts; guards memory on small machines.
     local_max_size: int = Field(2048, ge=64)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-from orchestrator.errors import BadEngineInput, EngineUnavailable
+from orchestrator.errors import BadEngineInput, EngineError, EngineUnavailable
 from tiers import tiny
 from tiers.base import Capabilities, EngineContext, RenderRequest
 
@@ -109,11 +109,14 @@ def resolve_model(spec: str) -> str:
     return tiny.NAME
 
 
-def latents_to_preview(latents: Any) -> Image:
-    """An RGB preview of the first latent in the batch: a 4x3 matrix product, no VAE."""
+def latents_to_preview(latents: Any) -> Image | None:
+    """An RGB preview of the first latent in the batch: a 4x3 matrix product, no VAE. None for
+    latents that are not images of channels (FLUX packs its latents into a sequence of tokens)."""
     import torch
     from PIL import Image as PILImage
 
+    if latents.dim() != 4:
+        return None
     lat = latents[0].float()
     if lat.shape[0] != 4:  # not an SD-style latent space: show the first three channels
         rgb = lat[:3]
@@ -122,6 +125,18 @@ def latents_to_preview(latents: Any) -> Image:
         rgb = torch.einsum("chw,cr->rhw", lat, weights)
     rgb = ((rgb + 1.0) * 127.5).clamp(0, 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
     return PILImage.fromarray(rgb, mode="RGB")
+
+
+def _no_preview(_latents: Any) -> None:
+    return None
+
+
+def _usable_cpus() -> int:
+    """The CPUs this process may run on (its `taskset` or cpuset), not all of the host's."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 2)
 
 
 class LocalRuntime:
@@ -135,12 +150,12 @@ class LocalRuntime:
         self._pipes: dict[tuple[str, str], Any] = {}
         self._load_lock = threading.Lock()
         self._device: str | None = None
-        self._previewer: Callable[[Any], Image] | None = None
+        self._previewer: Callable[[Any], Image | None] | None = None
 
     def _init_thread(self) -> None:
         import torch
 
-        threads = self.settings.torch_threads or max(1, (os.cpu_count() or 2))
+        threads = self.settings.torch_threads or _usable_cpus()
         torch.set_num_threads(threads)
         for name in ("transformers", "diffusers"):
             logging.getLogger(name).setLevel(logging.ERROR)
@@ -154,7 +169,24 @@ class LocalRuntime:
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         """Run `fn` on the inference thread; the event loop stays free."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, fn, *args)
+        return await loop.run_in_executor(self._executor, self._guarded, fn, *args)
+
+    def _guarded(self, fn: Callable[..., T], *args: Any) -> T:
+        try:
+            return fn(*args)
+        except RuntimeError as exc:  # torch.OutOfMemoryError is one
+            if "out of memory" not in str(exc).lower():
+                raise
+            if self._device == "cuda":
+                import torch
+
+                torch.cuda.empty_cache()  # what the failed job held, for the next one
+            # Nothing left the machine and nothing was charged: a smaller size or batch, or
+            # another engine, may well succeed.
+            raise EngineError(
+                f"the {self._device or 'device'} ran out of memory; try a smaller size or n, or a lower "
+                "ORCH_LITE_MAX_BATCH / ORCH_LOCAL_MAX_SIZE", details={"device": self._device or "unknown"},
+                retryable=True, charged="no") from exc
 
     @property
     def device(self) -> str:
@@ -223,6 +255,7 @@ class LocalRuntime:
 
     def _load(self, model: str) -> Any:
         from diffusers import AutoPipelineForText2Image
+        from safetensors import SafetensorError
 
         source = self._source(model)
         log.info("loading %s on %s", model, self.device)
@@ -232,7 +265,7 @@ class LocalRuntime:
                 pipe = (self._load_single_file(source) if source.is_file() else
                         AutoPipelineForText2Image.from_pretrained(str(source) if source.exists() else model,
                                                                   torch_dtype=self.dtype()))
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, SafetensorError) as exc:  # SafetensorError: a .ckpt, a damaged file
             raise EngineUnavailable(
                 f"could not load model '{model}': {exc}".splitlines()[0][:400],
                 details={"model": model},
@@ -264,12 +297,26 @@ class LocalRuntime:
         pipe(prompt="warm-up", num_inference_steps=1, guidance_scale=0.0, width=size, height=size,
              output_type="latent")
 
-    def preview(self, latents: Any) -> Image:
-        if self._previewer is None:
-            self._previewer = self._make_previewer()
-        return self._previewer(latents)
+    def preview(self, latents: Any) -> Image | None:
+        """A step's preview, or None. A preview is a nicety: a TAESD that cannot be loaded or does
+        not fit the model's latents falls back to the approximation, and an approximation that
+        fails ends previews; neither ever fails the job."""
+        try:
+            if self._previewer is None:
+                self._previewer = self._make_previewer()
+            return self._previewer(latents)
+        except Exception as exc:
+            if self._previewer is latents_to_preview:
+                log.warning("step previews are off: %s: %s", type(exc).__name__, str(exc).splitlines()[0][:200])
+                self._previewer = _no_preview
+                return None
+            log.warning("ORCH_LITE_PREVIEW_VAE=%s cannot preview this model (%s: %s); using the latent "
+                        "approximation", self.settings.lite_preview_vae, type(exc).__name__,
+                        (str(exc).splitlines() or [""])[0][:200])
+            self._previewer = latents_to_preview
+            return self.preview(latents)
 
-    def _make_previewer(self) -> Callable[[Any], Image]:
+    def _make_previewer(self) -> Callable[[Any], Image | None]:
         taesd = self.settings.lite_preview_vae
         if not taesd:
             return latents_to_preview

@@ -55,16 +55,19 @@ class LiteEngine(LocalEngine):
         guidance = self.defaults.guidance_scale if req.guidance_scale is None else req.guidance_scale
         batch = self.settings.lite_max_batch
         chunks = [list(range(start, min(start + batch, req.n))) for start in range(0, req.n, batch)]
-        total = steps * len(chunks)
         images: list[RenderedImage] = []
         for chunk_index, chunk in enumerate(chunks):
-            done_before = chunk_index * steps
+            cancel.raise_if_cancelled()  # between chunks: not after the next chunk's first step
 
-            def on_step(pipeline: Any, i: int, t: Any, kwargs: dict[str, Any], done: int = done_before) -> Any:
+            def on_step(pipeline: Any, i: int, t: Any, kwargs: dict[str, Any], done_chunks: int = chunk_index) -> Any:
                 if cancel.cancelled:
                     pipeline._interrupt = True
                     raise Canceled("the job was canceled")
-                progress.step(done + i + 1, total, self.runtime.preview(kwargs["latents"]))
+                # The pipeline's own count: some schedulers take one more step than asked (PNDM),
+                # so `steps` alone took the bar past 100% and then back.
+                per_chunk = max(getattr(pipeline, "num_timesteps", 0) or steps, i + 1)
+                progress.step(done_chunks * per_chunk + i + 1, len(chunks) * per_chunk,
+                              self.runtime.preview(kwargs["latents"]))
                 return kwargs
 
             # CPU generators: the same seed gives the same noise on every device.

@@ -81,13 +81,11 @@ class LocalHifiEngine(LocalEngine):
         boxes = [(0, 0, req.width, req.height)]
         if req.stage == "polish" and max(req.width, req.height) > tile * 1.25:
             boxes = tile_boxes(req.width, req.height, tile)
-        per_pass = max(1, int(steps * strength))
         seed = req.seed if req.seed is not None else 0
         images: list[RenderedImage] = []
-        total = per_pass * len(boxes) * req.n
         for index in range(req.n):
             canvas = self._refine(pipe, req, source, boxes, steps, strength, guidance, seed + index,
-                                  progress, cancel, done=index * per_pass * len(boxes), total=total)
+                                  progress, cancel, first_pass=index * len(boxes), passes=req.n * len(boxes))
             images.append(RenderedImage(canvas, seed + index))
         return RenderResult(
             images=images,
@@ -99,24 +97,27 @@ class LocalHifiEngine(LocalEngine):
 
     def _refine(self, pipe: Any, req: RenderRequest, source: Image, boxes: list[tuple[int, int, int, int]],
                 steps: int, strength: float, guidance: float, seed: int, progress: Progress,
-                cancel: CancelToken, *, done: int, total: int) -> Image:
+                cancel: CancelToken, *, first_pass: int, passes: int) -> Image:
         import numpy as np
         import torch
         from PIL import Image as PILImage
 
         acc = np.zeros((req.height, req.width, 3), dtype=np.float64)
         weight = np.zeros((req.height, req.width, 1), dtype=np.float64)
-        counter = done
-        for box in boxes:
+        for tile_index, box in enumerate(boxes):
+            cancel.raise_if_cancelled()  # between tiles: not after the next tile's first step
             tile_img = source.crop(box)
 
-            def on_step(pipeline: Any, i: int, t: Any, kwargs: dict[str, Any]) -> Any:
-                nonlocal counter
+            def on_step(pipeline: Any, i: int, t: Any, kwargs: dict[str, Any],
+                        done_passes: int = first_pass + tile_index) -> Any:
                 if cancel.cancelled:
                     pipeline._interrupt = True
                     raise Canceled("the job was canceled")
-                counter += 1
-                progress.step(min(counter, total), total, self.runtime.preview(kwargs["latents"]))
+                # The pipeline's own count: strength and the scheduler decide how many steps a pass
+                # has (PNDM adds one), so a count made beforehand overshot 100%.
+                per_pass = max(getattr(pipeline, "num_timesteps", 0) or 1, i + 1)
+                progress.step(done_passes * per_pass + i + 1, passes * per_pass,
+                              self.runtime.preview(kwargs["latents"]))
                 return kwargs
 
             with torch.inference_mode():
