@@ -51,7 +51,7 @@ def use_pndm(lite: LiteEngine) -> None:
     from diffusers import PNDMScheduler
 
     pipe = lite.runtime.text2img(lite.model)
-    pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config, skip_prk_steps=True)
+    pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config, skip_prk_steps=True)  # type: ignore[no-untyped-call]
 
 
 async def test_progress_counts_the_steps_the_scheduler_really_takes(engines: EngineFactory) -> None:
