@@ -21,7 +21,13 @@ from typing import Any, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError, PydanticUseDefault
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
 
 log = logging.getLogger(__name__)
 PREFIX = "ORCH_"
@@ -40,7 +46,7 @@ class Settings(BaseSettings):
         env_prefix=PREFIX,
         extra="ignore",
         populate_by_name=True,
-        toml_file=os.environ.get(CONFIG_FILE_VARIABLE, "orchestrator.toml"),
+        toml_file=os.environ.get(CONFIG_FILE_VARIABLE) or "orchestrator.toml",  # empty counts as unset too
     )
 
     data_dir: Path = Path("./.orchestrator")
@@ -132,15 +138,14 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         _warn_unknown_variables(settings_cls, os.environ)
-        return (init_settings, env_settings, _StrictTomlSource(settings_cls))
+        return (init_settings, _EnvSource(settings_cls), _StrictTomlSource(settings_cls))
 
-    # `ORCH_POLICY_DIR=` (set, but empty) would otherwise be Path(""), the working directory: every
-    # *.toml there read as a policy. An empty path or name means what leaving it out means.
+    # `policy_dir = ""` in the file (or `Settings(policy_dir="")`) would otherwise be Path(""), the
+    # working directory: every *.toml there read as a policy. An empty path or name means what
+    # leaving it out means. (Empty variables never get here: `_EnvSource` drops them.)
     @field_validator("*", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: Any, info: ValidationInfo) -> Any:
-        # `ORCH_X=` in a compose file or an env template means "not set", for every setting but the
-        # admin key, whose blank value is refused below rather than silently leaving the API open.
         name = info.field_name
         if value == "" and name != "admin_key" and name is not None and cls.model_fields[name].default != "":
             raise PydanticUseDefault()
@@ -189,6 +194,16 @@ def _input_names(settings_cls: type[BaseSettings]) -> set[str]:
 def _closest(name: str, candidates: Iterable[str]) -> str | None:
     found = difflib.get_close_matches(name.lower(), list(candidates), n=1)
     return found[0] if found else None
+
+
+class _EnvSource(EnvSettingsSource):
+    """`ORCH_X=` in a compose file or an env template means "not set": dropped here, so the config
+    file's value (or the default) answers, as if the line were not there. (Validated as empty, it
+    replaced the file's value with the default: a file's PostgreSQL URL with a local SQLite file.)
+    Not the admin key, whose blank value is refused rather than silently leaving the API open."""
+
+    def __call__(self) -> dict[str, Any]:
+        return {key: value for key, value in super().__call__().items() if value != "" or key == "admin_key"}
 
 
 class _StrictTomlSource(TomlConfigSettingsSource):

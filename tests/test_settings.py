@@ -4,6 +4,9 @@ is warned about, each with the closest known name."""
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -90,6 +93,28 @@ def test_an_empty_variable_means_unset(name: str, toml_file: Path, monkeypatch: 
     expected = getattr(Settings(), name)
     monkeypatch.setenv(f"ORCH_{name.upper()}", "")
     assert getattr(Settings(), name) == expected
+
+
+def test_an_empty_variable_leaves_the_config_file_s_value(toml_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Unset, not "the default": an env template with empty lines once switched an install whose
+    # file names PostgreSQL to a local SQLite file.
+    url = "postgresql+psycopg://studio@db.internal/orchestrator"
+    toml_file.write_text(f'database_url = "{url}"\npolicy = "local-only"\nlite_max_batch = 3\n')
+    for name in ("ORCH_DATABASE_URL", "ORCH_POLICY", "ORCH_LITE_MAX_BATCH", "ORCH_DATA_DIR"):
+        monkeypatch.setenv(name, "")
+    settings = Settings()
+    assert (settings.database_url, settings.policy, settings.lite_max_batch) == (url, "local-only", 3)
+    assert settings.resolved_database_url == url
+
+
+def test_an_empty_config_file_variable_reads_the_default_file(tmp_path: Path) -> None:
+    # Read when the module is imported: a fresh interpreter in a folder holding orchestrator.toml.
+    (tmp_path / "orchestrator.toml").write_text("lite_max_batch = 3\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ORCH_")} | {"ORCH_CONFIG_FILE": ""}
+    code = "from orchestrator.settings import Settings; print(Settings().lite_max_batch)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "3"
 
 
 def test_an_empty_path_in_the_toml_file_means_unset(toml_file: Path) -> None:
