@@ -87,7 +87,7 @@ def hf_hub_reachable(timeout: float = 1.5) -> bool:
 
     try:
         httpx.head(os.environ.get("HF_ENDPOINT", "https://huggingface.co"), timeout=timeout)
-    except httpx.HTTPError:
+    except (httpx.HTTPError, httpx.InvalidURL):  # a malformed HF_ENDPOINT is no Hub either
         return False
     return True
 
@@ -266,10 +266,13 @@ class LocalRuntime:
                         AutoPipelineForText2Image.from_pretrained(str(source) if source.exists() else model,
                                                                   torch_dtype=self.dtype()))
         except (OSError, ValueError, SafetensorError) as exc:  # SafetensorError: a .ckpt, a damaged file
-            raise EngineUnavailable(
-                f"could not load model '{model}': {exc}".splitlines()[0][:400],
-                details={"model": model},
-            ) from exc
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            if not source.exists() and not hf_hub_cached(model) and not hf_hub_reachable():
+                # diffusers then blames a missing model_index.json: the cause is the network.
+                reason = ("it is not in the Hugging Face cache and the Hub did not answer "
+                          "(offline? see HF_ENDPOINT, HF_HUB_OFFLINE; or give a local folder or file)")
+            raise EngineUnavailable(f"could not load model '{model}': {reason}"[:400],
+                                    details={"model": model}) from exc
         if getattr(pipe, "safety_checker", None) is not None:
             pipe.safety_checker = None  # drafts are private sketches; the checker would black them out
         pipe = pipe.to(self.device)

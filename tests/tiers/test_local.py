@@ -12,12 +12,12 @@ from typing import Any
 import pytest
 import torch
 
-from orchestrator.errors import Canceled, EngineError
+from orchestrator.errors import Canceled, EngineError, EngineUnavailable
 from orchestrator.settings import Settings
 from tests.conftest import SettingsFactory
 from tests.tiers.conftest import RecordingProgress, draft_image
 from tiers import tiny
-from tiers._local import _usable_cpus, latents_to_preview, runtime_for
+from tiers._local import _usable_cpus, hf_hub_reachable, latents_to_preview, runtime_for
 from tiers.base import CancelToken, EngineContext, RenderRequest
 from tiers.lite import LiteEngine
 from tiers.local_hifi import LocalHifiEngine
@@ -135,3 +135,25 @@ async def test_running_out_of_device_memory_is_a_job_error_another_engine_may_re
 
 def test_thread_count_follows_the_cpus_this_process_may_use() -> None:
     assert _usable_cpus() == len(os.sched_getaffinity(0))
+
+
+async def test_a_hub_model_that_cannot_be_fetched_says_the_hub_did_not_answer(
+        make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # what hf_hub_reachable reads; the Hub client read it at import:
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no 20 s of retries
+    lite = LiteEngine(EngineContext(settings=make_settings(lite_model="nobody/no-such-model")))
+    try:
+        with pytest.raises(EngineUnavailable) as info:
+            await lite.run(draft(n=1), RecordingProgress(), CancelToken())
+    finally:
+        lite.runtime.shutdown(timeout=30)
+    assert "could not load model 'nobody/no-such-model'" in info.value.message
+    assert "the Hub did not answer" in info.value.message
+
+
+def test_a_malformed_hub_endpoint_is_an_unreachable_hub(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://[not a host")
+    assert hf_hub_reachable() is False
