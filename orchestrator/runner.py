@@ -22,6 +22,7 @@ from typing import Any, TypeGuard
 
 from PIL import Image
 from sqlalchemy import update
+from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import col, select
 
 from orchestrator.db import Database
@@ -471,9 +472,14 @@ class JobRunner:
             log.warning("job %s: writing its step preview failed: %s", job_id, exc)
 
     def write_progress(self, claim: Claim, step: int, total: int) -> None:
-        with self.db.transaction() as s:
-            s.execute(update(Job).where(col(Job.id) == claim.job.id, col(Job.attempt) == claim.attempt)
-                      .values(progress_step=step, progress_total=total))
+        # For pollers only (events carry every step): a database that hiccups loses them a
+        # step, never fails the render around it.
+        try:
+            with self.db.transaction() as s:
+                s.execute(update(Job).where(col(Job.id) == claim.job.id, col(Job.attempt) == claim.attempt)
+                          .values(progress_step=step, progress_total=total))
+        except SQLAlchemyError as exc:
+            log.warning("job %s: writing its progress failed: %s", claim.job.id, str(exc).splitlines()[0][:200])
 
     def save_provider_request(self, claim: Claim, work: dict[str, Any]) -> None:
         ids = ",".join(str(h["id"]) for h in work["handles"])

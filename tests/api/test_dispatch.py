@@ -265,3 +265,22 @@ def test_the_heartbeat_lets_go_of_an_attempt_another_process_recovered(services:
         s.execute(update(Job).where(col(Job.id) == job_id).values(status="failed", error=error))
     services.scheduler._renew([claim])
     assert claim.cancel.cancelled and claim.cancel.abandoned
+
+
+def test_a_progress_write_that_fails_does_not_fail_the_render(services: Services, monkeypatch: pytest.MonkeyPatch,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    # Called from a diffusers step callback on the inference thread: raising there failed the job.
+    [job_id] = queued_drafts(services, 1)
+    [(claim, _lane)] = services.scheduler._claim_ready({})
+    assert claim.job.id == job_id
+
+    class Locked:
+        def __enter__(self) -> None:
+            raise OperationalError("UPDATE jobs", {}, Exception("database is locked"))
+
+        def __exit__(self, *exc: object) -> None:
+            return None
+
+    monkeypatch.setattr(services.runner.db, "transaction", lambda: Locked())
+    services.runner.write_progress(claim, 2, 4)  # no exception
+    assert "writing its progress failed" in caplog.text and "database is locked" in caplog.text
