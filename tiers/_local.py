@@ -54,8 +54,14 @@ def model_defaults(model: str) -> ModelDefaults:
     Hub id or path: a folder such as /home/alexl/... must not read as "xl")."""
     if model == tiny.NAME:
         return ModelDefaults(steps=4, guidance_scale=0.0, native_size=512)
-    name = model.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1].lower()
+    name = _model_name(model)
     xl = "xl" in name
+    if "flux" in name:
+        return (ModelDefaults(steps=4, guidance_scale=0.0, native_size=1024) if "schnell" in name
+                else ModelDefaults(steps=28, guidance_scale=3.5, native_size=1024))
+    if "stable-diffusion-3" in name or name.startswith("sd3"):
+        return (ModelDefaults(steps=4, guidance_scale=0.0, native_size=1024) if "turbo" in name
+                else ModelDefaults(steps=28, guidance_scale=3.5, native_size=1024))
     if "lcm" in name:
         # Latent consistency pipelines embed the guidance (w = guidance - 1): 0 would be w = -1.
         return ModelDefaults(steps=4, guidance_scale=8.5, native_size=1024 if xl else 512)
@@ -66,9 +72,19 @@ def model_defaults(model: str) -> ModelDefaults:
         return ModelDefaults(steps=4, guidance_scale=0.0, native_size=1024 if xl else 512)
     if xl:
         return ModelDefaults(steps=30, guidance_scale=5.0, native_size=1024)
-    if "stable-diffusion-2" in name or "sd2" in name:
+    if ("stable-diffusion-2" in name or "sd2" in name) and "base" not in name:  # the -base models are 512
         return ModelDefaults(steps=25, guidance_scale=7.5, native_size=768)
     return ModelDefaults(steps=25, guidance_scale=7.5, native_size=512)
+
+
+def _model_name(model: str) -> str:
+    """The model's own name: the last part of a Hub id or path, or the repository of a Hugging Face
+    cache folder (`.../models--stabilityai--sdxl-turbo/snapshots/<hash>` is `sdxl-turbo`)."""
+    parts = model.replace("\\", "/").rstrip("/").split("/")
+    for part in reversed(parts):
+        if part.startswith("models--"):
+            return part.rsplit("--", 1)[-1].lower()
+    return parts[-1].lower()
 
 
 def hf_hub_cached(repo_id: str) -> bool:

@@ -19,6 +19,14 @@ from tiers._local import ModelDefaults, model_defaults
     ("/home/alexl/models/v1-5-pruned-emaonly.safetensors",
      ModelDefaults(steps=25, guidance_scale=7.5, native_size=512)),
     ("/models/dreamshaper_xl.safetensors", ModelDefaults(steps=30, guidance_scale=5.0, native_size=1024)),
+    # A Hugging Face cache folder is named by its repository, not by the snapshot's hash.
+    ("/root/.cache/huggingface/hub/models--stabilityai--stable-diffusion-xl-base-1.0/snapshots/462165984030",
+     ModelDefaults(steps=30, guidance_scale=5.0, native_size=1024)),
+    ("stabilityai/stable-diffusion-2-1-base", ModelDefaults(steps=25, guidance_scale=7.5, native_size=512)),
+    ("stabilityai/stable-diffusion-3.5-large-turbo", ModelDefaults(steps=4, guidance_scale=0.0, native_size=1024)),
+    ("stabilityai/stable-diffusion-3.5-medium", ModelDefaults(steps=28, guidance_scale=3.5, native_size=1024)),
+    ("black-forest-labs/FLUX.1-schnell", ModelDefaults(steps=4, guidance_scale=0.0, native_size=1024)),
+    ("black-forest-labs/FLUX.1-dev", ModelDefaults(steps=28, guidance_scale=3.5, native_size=1024)),
 ])
 def test_model_defaults(model: str, expected: ModelDefaults) -> None:
     assert model_defaults(model) == expected
