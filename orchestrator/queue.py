@@ -484,7 +484,9 @@ class Scheduler:
                 details={"engine": job.engine, "interruptions": stops},
             )
             values = {"status": "failed", "finished_at": utcnow(), "error": error.to_dict(),
-                      "lease_owner": None, "lease_expires_at": None}
+                      "lease_owner": None, "lease_expires_at": None,
+                      "attempts": [*(job.attempts or []),
+                                   {"engine": job.engine, "status": "interrupted", "error": error.to_dict()}]}
             outcome = "given up"
         else:
             error = Interrupted(

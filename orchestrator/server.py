@@ -3,6 +3,8 @@ benchmarks) on a free port."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import socket
 import threading
 import time
@@ -12,13 +14,46 @@ from types import FrameType
 
 import uvicorn
 from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from orchestrator.api.errors import error_response
 from orchestrator.app import create_app
 from orchestrator.settings import Settings
 
 # Seconds uvicorn waits for open requests once told to stop, before it closes them: the event
 # streams end at once (below); this bounds anything else, such as a client reading slowly.
 GRACEFUL_SHUTDOWN_SECONDS = 10
+
+
+class AnswerWhenStopped:
+    """A request still open when the graceful wait runs out is cancelled by uvicorn, which then
+    answers a bare-text 500 and logs a traceback: a client could not tell it from a bug, nor know
+    whether to send it again. It gets the documented error shape instead: 503 `server_stopping`."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except asyncio.CancelledError:
+            if started:  # half an answer: only closing the connection is left
+                raise
+            message = ("the server stopped before this request was finished; send it again (with the same "
+                       "Idempotency-Key for a POST, so that it is not done twice)")
+            await error_response(503, "server_stopping", message, headers={"Connection": "close",
+                                                                           "Retry-After": "1"})(scope, receive, send)
+            # The answer is out and the task ends here: re-raising would only log a traceback.
 
 
 class Server(uvicorn.Server):
@@ -28,7 +63,7 @@ class Server(uvicorn.Server):
     long as it stays connected."""
 
     def __init__(self, app: FastAPI, **options: object) -> None:
-        super().__init__(uvicorn.Config(app, lifespan="on",
+        super().__init__(uvicorn.Config(AnswerWhenStopped(app), lifespan="on",
                                         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS, **options))  # type: ignore[arg-type]
         self.app = app
 
@@ -44,7 +79,20 @@ class Server(uvicorn.Server):
 
 def serve(settings: Settings, *, host: str, port: int, log_level: str) -> None:
     """Serve until SIGINT or SIGTERM (`orchestrator serve`)."""
-    Server(create_app(settings), host=host, port=port, log_level=log_level).run()
+    server = Server(create_app(settings), host=host, port=port, log_level=log_level)
+    _log_uvicorn_to_files()  # after uvicorn has configured its loggers, which replaces their handlers
+    server.run()
+
+
+def _log_uvicorn_to_files() -> None:
+    """uvicorn's loggers do not pass their records on to the root logger, whose file handler
+    (`ORCH_DATA_DIR/logs/orchestrator.log`) then missed the server's start, stop and the
+    tracebacks of unexpected errors. Its access log stays on stderr: a line per request."""
+    files = [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+    target = logging.getLogger("uvicorn")
+    for handler in files:
+        if handler not in target.handlers:
+            target.addHandler(handler)
 
 
 def free_port() -> int:

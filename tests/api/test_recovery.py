@@ -129,6 +129,9 @@ def test_a_local_job_the_server_keeps_dying_under_is_given_up(
     given_up = client.get(f"/v1/jobs/{ids[MAX_LOCAL_STOPS - 1]}").json()
     assert given_up["status"] == "failed" and given_up["error"]["code"] == "interrupted"
     assert f"stopped {MAX_LOCAL_STOPS} times" in given_up["error"]["message"]
+    # Every stop is in its attempts, the last one with the error that ended it.
+    assert [a["status"] for a in given_up["attempts"]] == ["interrupted"] * MAX_LOCAL_STOPS
+    assert given_up["attempts"][-1]["error"]["code"] == "interrupted"
     assert [e.event for e in read_events(client, given_up["id"], timeout=10)][-1] == "failed"
     again = wait_for_job(client, ids[1])
     assert again["status"] == "succeeded"

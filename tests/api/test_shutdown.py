@@ -4,6 +4,9 @@ server alive, and claiming jobs, for as long as it stayed connected."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import logging
 import signal
 import threading
 import time
@@ -11,8 +14,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+import pytest
+from starlette.types import Message, Receive, Scope, Send
 
-from orchestrator.server import serve_in_thread
+from orchestrator.server import AnswerWhenStopped, _log_uvicorn_to_files, serve_in_thread
 from orchestrator.settings import Settings
 from tests.api import create_project, iter_sse, serve_process, submit_draft
 
@@ -58,3 +63,63 @@ def test_sigterm_ends_the_streams_and_the_process(make_settings: Callable[..., S
     assert "Traceback" not in log, log
     reader.join(5)
     assert seen[-1] == "<end>" and "queued" in seen
+
+
+async def test_a_request_cut_off_by_the_stop_gets_a_503_in_the_error_shape() -> None:
+    # What uvicorn does once its graceful wait is over: cancel the request's task.
+    sent: list[Message] = []
+    waiting = asyncio.Event()
+
+    async def slow(scope: Scope, receive: Receive, send: Send) -> None:
+        waiting.set()
+        await asyncio.Event().wait()
+
+    async def record(message: Message) -> None:
+        sent.append(message)
+
+    async def nothing() -> Message:
+        return {"type": "http.disconnect"}
+
+    task = asyncio.create_task(AnswerWhenStopped(slow)({"type": "http", "method": "POST", "path": "/v1/projects",
+                                                        "headers": []}, nothing, record))
+    await waiting.wait()
+    task.cancel()
+    await task  # ends without re-raising: the answer is out, and a traceback would say "bug"
+    assert sent[0]["status"] == 503 and (b"connection", b"close") in sent[0]["headers"]
+    error = json.loads(b"".join(m.get("body", b"") for m in sent[1:]))["error"]
+    assert error["code"] == "server_stopping" and "Idempotency-Key" in error["message"]
+
+
+async def test_a_request_cut_off_halfway_through_its_answer_is_left_to_close() -> None:
+    async def half(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await asyncio.Event().wait()
+
+    async def record(message: Message) -> None:
+        return None
+
+    async def nothing() -> Message:
+        return {"type": "http.disconnect"}
+
+    task = asyncio.create_task(AnswerWhenStopped(half)({"type": "http", "headers": []}, nothing, record))
+    await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+def test_uvicorn_s_own_log_reaches_the_data_dir_log_file(tmp_path: Path) -> None:
+    handler = logging.FileHandler(tmp_path / "orchestrator.log")
+    root, server_log = logging.getLogger(), logging.getLogger("uvicorn")
+    root.addHandler(handler)
+    try:
+        _log_uvicorn_to_files()
+        _log_uvicorn_to_files()  # once per file, however often it is called
+        assert server_log.handlers.count(handler) == 1
+        logging.getLogger("uvicorn.error").error("Exception in ASGI application")
+        handler.flush()
+        assert "Exception in ASGI application" in (tmp_path / "orchestrator.log").read_text()
+    finally:
+        root.removeHandler(handler)
+        server_log.removeHandler(handler)
+        handler.close()
