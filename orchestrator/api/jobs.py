@@ -140,7 +140,10 @@ async def job_events(job_id: str, services: ServicesDep, caller: CallerDep, requ
                         return
                     checked = time.monotonic()
                 pending = pending or asyncio.ensure_future(anext(events))
-                done, _ = await asyncio.wait({pending}, timeout=KEEPALIVE_SECONDS)
+                wait = KEEPALIVE_SECONDS
+                if caller.key_id is not None:  # wake for the next key check, not only for an event
+                    wait = min(wait, max(0.0, KEY_RECHECK_SECONDS - (time.monotonic() - checked)) + 0.01)
+                done, _ = await asyncio.wait({pending}, timeout=wait)
                 if not done:
                     # A comment line keeps proxies from closing a quiet stream (a remote engine polling).
                     yield ": keep-alive\n\n"

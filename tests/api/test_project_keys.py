@@ -4,6 +4,7 @@ exactly as missing ones, cannot do what only the admin may, and stops working wh
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -201,6 +202,23 @@ def test_a_revoked_key_loses_its_open_event_stream(world: World, monkeypatch: py
     # The stream ended after the revoke, long before the 150-step job could finish.
     assert "progress" in seen and not set(seen) & {"succeeded", "failed", "canceled"}
     assert world.admin.post(f"/v1/jobs/{job['id']}/cancel").status_code == 202
+
+
+def test_a_quiet_stream_of_a_revoked_key_ends_at_the_next_key_check(world: World,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    # Between events the stream waited out a whole keep-alive (15 s) before looking at the key again.
+    monkeypatch.setattr("orchestrator.api.jobs.KEY_RECHECK_SECONDS", 0.2)
+    blocker = world.admin.post(f"/v1/projects/{world.a}/drafts", json={"prompt": "slow", **SLOW}).json()
+    queued = world.mine.post(f"/v1/projects/{world.a}/drafts", json={"prompt": "waits", "n": 1}).json()
+    with world.mine.stream("GET", f"/v1/jobs/{queued['id']}/events") as stream:
+        events = iter_sse(stream)
+        assert next(events).event == "queued"  # then nothing: the device is busy with the blocker
+        assert world.admin.delete(f"/v1/projects/{world.a}/keys/{world.key['id']}").status_code == 200
+        revoked = time.monotonic()
+        rest = list(events)
+    assert time.monotonic() - revoked < 5 and not {e.event for e in rest} & {"succeeded", "failed", "canceled"}
+    for job in (queued, blocker):
+        world.admin.post(f"/v1/jobs/{job['id']}/cancel")
 
 
 def test_keys_are_refused_on_an_open_service(server: httpx.Client) -> None:
