@@ -137,6 +137,8 @@ def test_thread_count_follows_the_cpus_this_process_may_use() -> None:
     assert _usable_cpus() == len(os.sched_getaffinity(0))
 
 
+# diffusers still passes huggingface_hub an argument it has deprecated; nothing of ours.
+@pytest.mark.filterwarnings("ignore:The `local_dir_use_symlinks` argument is deprecated")
 async def test_a_hub_model_that_cannot_be_fetched_says_the_hub_did_not_answer(
         make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     import huggingface_hub.constants
