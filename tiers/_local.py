@@ -408,6 +408,9 @@ class LocalEngine:
         return tiny.NOTE if self._model == tiny.NAME else None
 
     def availability(self) -> tuple[bool, str | None]:
+        if self._model.lower().endswith(".ckpt"):
+            # A pickle can run code when loaded; the loader reads safetensors only.
+            return False, f"model '{self._model}' is a .ckpt file: convert it to .safetensors"
         if _is_path(self._model) and not Path(self._model).expanduser().exists():
             # Else the loader takes it for a Hub id, and the first draft fails with a Hub error.
             return False, f"model '{self._model}' is a path to nothing: no such file or folder"

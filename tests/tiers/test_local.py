@@ -159,3 +159,11 @@ def test_a_malformed_hub_endpoint_is_an_unreachable_hub(monkeypatch: pytest.Monk
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "http://[not a host")
     assert hf_hub_reachable() is False
+
+
+def test_a_ckpt_file_is_unavailable_with_what_to_do(make_settings: SettingsFactory, tmp_path: Any) -> None:
+    checkpoint = tmp_path / "model.ckpt"
+    checkpoint.write_bytes(b"a pickle")
+    lite = LiteEngine(EngineContext(settings=make_settings(lite_model=str(checkpoint))))
+    available, reason = lite.availability()
+    assert not available and reason and "convert it to .safetensors" in reason
