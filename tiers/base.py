@@ -262,6 +262,9 @@ class EngineContext:
 EngineFactory = Callable[[EngineContext], Engine]
 
 
+TOKEN_RATE_SUFFIX = "_tokens_per_million"
+
+
 class PriceTable:
     """Credits per output image, by model then by variant (size, quality...). Dated defaults come
     from each engine file; the prices file overrides them per engine."""
@@ -286,4 +289,13 @@ class PriceTable:
             ) from None
 
     def as_dict(self) -> dict[str, Any]:
-        return {"as_of": self.as_of, "credits_per_image": self.table}
+        """For `/v1/engines`: per-image prices apart from the per-million-token rates (Gemini's,
+        OpenAI's) that reconcile them, which are not prices of an image."""
+        per_image = {m: {k: v for k, v in variants.items() if not k.endswith(TOKEN_RATE_SUFFIX)}
+                     for m, variants in self.table.items()}
+        tokens = {m: {k.removesuffix(TOKEN_RATE_SUFFIX): v for k, v in variants.items()
+                      if k.endswith(TOKEN_RATE_SUFFIX)} for m, variants in self.table.items()}
+        prices: dict[str, Any] = {"as_of": self.as_of, "credits_per_image": per_image}
+        if any(tokens.values()):
+            prices["credits_per_million_tokens"] = {m: rates for m, rates in tokens.items() if rates}
+        return prices

@@ -13,7 +13,7 @@ import respx
 from orchestrator.errors import Canceled
 from tests.tiers.conftest import BlockingSleep, NoAnswer, bridge
 from tiers._cloud import CloudEngine
-from tiers.base import CancelToken, NullProgress
+from tiers.base import CancelToken, NullProgress, PriceTable
 from tiers.fal import FalEngine
 from tiers.gemini import GeminiEngine
 from tiers.openai_images import OpenAIImagesEngine
@@ -108,3 +108,13 @@ async def test_a_cancel_while_the_generation_call_is_out_may_have_been_charged(
             await run
     assert info.value.charged == "unknown"
     await engine.aclose()
+
+
+def test_token_rates_are_listed_apart_from_image_prices() -> None:
+    # `/v1/engines` once showed "output_tokens_per_million: 6000" among the credits per image.
+    table = PriceTable("gemini", {"m": {"1K": 6.7, "output_tokens_per_million": 6000,
+                                        "input_tokens_per_million": 50}, "plain": {"image": 4.0}}, "2026-11")
+    assert table.as_dict() == {"as_of": "2026-11", "credits_per_image": {"m": {"1K": 6.7}, "plain": {"image": 4.0}},
+                               "credits_per_million_tokens": {"m": {"output": 6000, "input": 50}}}
+    assert "credits_per_million_tokens" not in PriceTable("x", {"plain": {"image": 4.0}}, "2026-11").as_dict()
+    assert table.millicredits("m", "output_tokens_per_million") == 6_000_000  # still priced by its full name
