@@ -179,18 +179,15 @@ class OpenAIImagesEngine(CloudEngine):
         )
 
     def _error(self, response: httpx.Response, request_id: str | None) -> EngineError:
-        try:
-            err = response.json().get("error") or {}
-        except (ValueError, AttributeError):
-            err = {}
-        if response.status_code == 400 and isinstance(err, dict) and err.get("code") == "moderation_blocked":
+        code = _error_code(response)
+        if response.status_code == 400 and code == "moderation_blocked":
             return ContentFiltered(
-                f"openai blocked the request (moderation): {str(err.get('message', ''))[:300]}",
+                f"openai blocked the request (moderation): {error_text(response)}",
                 details={"engine": self.name, "reason": "moderation_blocked", "request_id": request_id},
             )
-        if response.status_code == 404 or (isinstance(err, dict) and err.get("code") == "model_not_found"):
+        if response.status_code == 404 or code == "model_not_found":
             return self.model_not_served(response)
-        if quota_exhausted(response):
+        if response.status_code == 429 and code == "insufficient_quota":
             # Nothing was made; another engine may take the job while someone tops up the account.
             return EngineUnavailable(f"openai: the account's quota is used up: {error_text(response)}",
                                      details={"engine": self.name, "status": 429, "reason": "insufficient_quota"})
