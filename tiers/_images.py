@@ -65,3 +65,10 @@ def nearest_aspect(width: int, height: int, choices: Sequence[str]) -> str:
         return abs(w / h - target)
 
     return min(choices, key=distance)
+
+
+def size_class(width: int, height: int) -> str:
+    """The Nano Banana family's output resolution for a size (Gemini's `imageSize`, fal's and
+    Replicate's `resolution`): the long side up to 1024, 2048, or beyond."""
+    side = max(width, height)
+    return "1K" if side <= 1024 else "2K" if side <= 2048 else "4K"

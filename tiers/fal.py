@@ -20,7 +20,7 @@ import httpx
 from orchestrator.errors import BadEngineInput, Canceled, ContentFiltered, EngineError, EngineTimeout
 from tiers._cloud import CloudEngine, reading_an_answer
 from tiers._http import RemoteClient, error_text
-from tiers._images import b64encode, encode_image
+from tiers._images import b64encode, encode_image, size_class
 from tiers.base import (
     CancelToken,
     Capabilities,
@@ -45,11 +45,6 @@ FILTER_WORDS = ("content_policy", "nsfw", "safety", "moderation")
 MAX_INLINE_BYTES = 7 * 1024 * 1024
 
 
-def resolution(width: int, height: int) -> str:
-    side = max(width, height)
-    return "1K" if side <= 1024 else "2K" if side <= 2048 else "4K"
-
-
 def _filtered(*texts: object) -> bool:
     lowered = " ".join(str(t) for t in texts if t).lower()
     return any(word in lowered for word in FILTER_WORDS)
@@ -72,11 +67,11 @@ class FalEngine(CloudEngine):
         self.http = self.remote_client(ctx, client, base_url=s.fal_base_url)
 
     def estimate(self, req: RenderRequest) -> int:
-        return req.n * self._prices.millicredits(self._model, resolution(req.width, req.height))
+        return req.n * self._prices.millicredits(self._model, size_class(req.width, req.height))
 
     def _body(self, req: RenderRequest) -> dict[str, Any]:
         body: dict[str, Any] = {"prompt": instruction_prompt(req), "num_images": req.n, "output_format": "png",
-                                "resolution": resolution(req.width, req.height)}
+                                "resolution": size_class(req.width, req.height)}
         if req.init_image is not None:
             data = encode_image(req.init_image, fmt="PNG", max_bytes=MAX_INLINE_BYTES, max_side=2048)
             body["image_urls"] = [f"data:image/png;base64,{b64encode(data)}"]
@@ -138,7 +133,7 @@ class FalEngine(CloudEngine):
             model=self._model,
             cost_millicredits=None,
             provider_request_id=request_id,
-            metadata={"resolution": resolution(req.width, req.height)},
+            metadata={"resolution": size_class(req.width, req.height)},
         )
 
     async def _wait(self, request_id: str, status_url: str, deadline: float, progress: Progress,

@@ -13,7 +13,7 @@ from typing import Any
 from orchestrator.errors import ContentFiltered, EngineError, EngineUnavailable, NoPrice, RateLimited
 from tiers._cloud import CloudEngine, paid_calls, reading_an_answer
 from tiers._http import RemoteClient, error_text
-from tiers._images import b64decode_tolerant, b64encode, decode_image, encode_image, nearest_aspect
+from tiers._images import b64decode_tolerant, b64encode, decode_image, encode_image, nearest_aspect, size_class
 from tiers.base import (
     CancelToken,
     Capabilities,
@@ -44,11 +44,6 @@ INPUT_IMAGE_TOKENS = 1120
 MAX_INLINE_BYTES = 7 * 1024 * 1024
 
 
-def image_size(width: int, height: int) -> str:
-    side = max(width, height)
-    return "1K" if side <= 1024 else "2K" if side <= 2048 else "4K"
-
-
 class GeminiEngine(CloudEngine):
     name = "gemini"
     key_settings = ("ORCH_GEMINI_API_KEY", "GEMINI_API_KEY")
@@ -63,7 +58,7 @@ class GeminiEngine(CloudEngine):
         self.http.final_answer = daily_quota_exhausted
 
     def estimate(self, req: RenderRequest) -> int:
-        size = image_size(req.width, req.height)
+        size = size_class(req.width, req.height)
         per_image = self._prices.millicredits(self._model, size)
         input_tokens = INPUT_IMAGE_TOKENS + len(req.prompt) // 4 + 64
         per_input = math.ceil(input_tokens * self._prices.millicredits(self._model, "input_tokens_per_million") / 1e6)
@@ -87,7 +82,7 @@ class GeminiEngine(CloudEngine):
             parts.append({"inline_data": {"mime_type": "image/png", "data": b64encode(data)}})
         image_config: dict[str, Any] = {"aspectRatio": nearest_aspect(width, height, ASPECTS)}
         if not self._model.startswith("gemini-2.5"):
-            image_config["imageSize"] = image_size(width, height)
+            image_config["imageSize"] = size_class(width, height)
         return {
             "contents": [{"parts": parts}],
             "generationConfig": {"responseModalities": ["IMAGE"], "imageConfig": image_config},
@@ -131,7 +126,7 @@ class GeminiEngine(CloudEngine):
             model=self._model,
             cost_millicredits=total_cost,
             provider_request_id=",".join(request_ids) or None,
-            metadata={"image_size": image_size(req.width, req.height)},
+            metadata={"image_size": size_class(req.width, req.height)},
         )
 
     def _json(self, response: Any) -> dict[str, Any]:

@@ -20,7 +20,7 @@ import httpx
 from orchestrator.errors import Canceled, ContentFiltered, EngineError, EngineTimeout, EngineUnavailable
 from tiers._cloud import CloudEngine, paid_calls
 from tiers._http import RemoteClient, error_text
-from tiers._images import b64encode, encode_image, nearest_aspect
+from tiers._images import b64encode, encode_image, nearest_aspect, size_class
 from tiers.base import (
     CancelToken,
     Capabilities,
@@ -51,13 +51,8 @@ def is_nano_banana(model: str) -> bool:
     return model.startswith("google/nano-banana")
 
 
-def resolution(width: int, height: int) -> str:
-    side = max(width, height)
-    return "1K" if side <= 1024 else "2K" if side <= 2048 else "4K"
-
-
 def price_variant(model: str, req: RenderRequest) -> str:
-    return resolution(req.width, req.height) if is_nano_banana(model) else "image"
+    return size_class(req.width, req.height) if is_nano_banana(model) else "image"
 
 
 def model_input(model: str, req: RenderRequest, prompt: str, image_uri: str | None) -> dict[str, Any]:
@@ -77,7 +72,7 @@ def model_input(model: str, req: RenderRequest, prompt: str, image_uri: str | No
         return flux
     body: dict[str, Any] = {"prompt": prompt, "output_format": "png"}
     if is_nano_banana(model):
-        body["resolution"] = resolution(req.width, req.height)
+        body["resolution"] = size_class(req.width, req.height)
     if image_uri:
         body["image_input"] = [image_uri]
         body["aspect_ratio"] = "match_input_image"
