@@ -88,6 +88,10 @@ class Job(SQLModel, table=True):
     # What the provider accepted for this job, for a later process to reattach to after a crash:
     # {"engine": name, "handles": [{"id": ..., **handle}, ...]} (see tiers.base.Reattachable).
     provider_work: dict[str, Any] | None = _json()
+    # The attempt that has not yet sent its engine a request that can bill: set by the claim for
+    # engines that announce their sends (`tiers.base.billable_send`), cleared just before the first
+    # one leaves. Recovery runs such an attempt again instead of charging it as possibly billed.
+    unsent_attempt: int | None = None
     # A cancel asked of a job that another live process holds: that process sees it when the
     # commit rings its bell (or at its next look) and stops the job; a result it finishes meanwhile is not kept.
     cancel_requested_at: datetime | None = _ts()

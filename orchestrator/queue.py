@@ -251,11 +251,15 @@ class Scheduler:
 
     def _claim(self, job: Job) -> Claim | None:
         now = utcnow()
+        # For an engine that announces its paid requests, the new attempt starts as having sent
+        # nothing (the runner clears it before the first one): see `_recover_one`.
+        announces = job.engine in self.registry and getattr(self.registry.get(job.engine), "announces_sends", False)
         try:
             with self.db.transaction() as s:
                 claimed = s.scalars(update(Job).where(col(Job.id) == job.id, col(Job.status) == "queued").values(
                     status="running", attempt=Job.attempt + 1, lease_owner=self.owner,
-                    lease_expires_at=now + self.lease, started_at=now, error=None).returning(Job)).one_or_none()
+                    lease_expires_at=now + self.lease, started_at=now, error=None,
+                    unsent_attempt=Job.attempt + 1 if announces else None).returning(Job)).one_or_none()
                 if claimed is None:  # another worker, or a cancel, got there first
                     return None
                 claim = Claim(claimed, claimed.attempt, CancelToken())
@@ -454,6 +458,12 @@ class Scheduler:
         # A remote engine that costs nothing (a self-hosted ComfyUI or AUTOMATIC1111): running the
         # job again spends only the server's time, so it is done rather than failed.
         free = not local and not reattach and engine is not None and _costs_nothing(engine, job)
+        # A paid job whose attempt died before its first request that can bill (a rate-limit wait,
+        # a source still being read): nothing reached the provider, so it runs again, hold kept.
+        unsent = (not local and not reattach and job.unsent_attempt is not None
+                  and job.unsent_attempt == job.attempt and not (job.provider_work or {}).get("handles"))
+        # Run again with nothing billed so far: local work, work to follow, free or unsent requests.
+        rerun = local or reattach or free or unsent
         # Each recovery is recorded in the job's attempts: a job the process keeps dying under (out
         # of memory at 2048 px and n=16, say) is not started into a crash loop.
         stops = 1 + sum(1 for a in job.attempts or [] if a.get("status") == "interrupted")
@@ -469,7 +479,7 @@ class Scheduler:
                       "attempts": [*(job.attempts or []),
                                    {"engine": job.engine, "status": "canceled", "error": error.to_dict()}]}
             outcome = "canceled"
-        elif (local or reattach or free) and stops < MAX_LOCAL_STOPS:
+        elif rerun and stops < MAX_LOCAL_STOPS:
             values = {"status": "queued", "lease_owner": None, "lease_expires_at": None,
                       "progress_step": 0,
                       "attempts": [*(job.attempts or []), {"engine": job.engine, "status": "interrupted",
@@ -477,7 +487,7 @@ class Scheduler:
             outcome = "reattaching" if reattach else "requeued"
             if not reattach:
                 values["provider_work"] = None  # run afresh (a free engine's earlier work is not followed)
-        elif local or free:
+        elif rerun and not reattach:
             error = Interrupted(
                 f"the server stopped {stops} times while this job was running on '{job.engine}'; "
                 "it is not started again (try fewer or smaller images)",
@@ -513,7 +523,7 @@ class Scheduler:
             elif outcome == "given up":
                 self.ledger.release(s, job, note="given up after repeated interruptions")
             elif outcome == "canceled":
-                if local or free:
+                if local or free or unsent:
                     self.ledger.release(s, job, note="canceled")
                 else:
                     # Sent to a provider that may have made and billed it, as for `failed` above.

@@ -15,7 +15,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeGuard
@@ -35,7 +35,7 @@ from orchestrator.ledger import Ledger
 from orchestrator.models import Asset, Job, utcnow
 from orchestrator.routing import fallbacks
 from orchestrator.store import ArtifactStore, PreviewFiles, encode_png
-from tiers.base import DEVICE_SECONDS, CancelToken, Reattachable, RenderResult
+from tiers.base import DEVICE_SECONDS, CancelToken, Reattachable, RenderResult, before_billable_sends
 from tiers.registry import EngineRegistry
 
 log = logging.getLogger(__name__)
@@ -332,26 +332,56 @@ class JobRunner:
         request = render_request(job.params, init_image)
         progress = JobProgress(self, claim)
         work = job.provider_work or {}
-        if reattachable(engine, job):
-            # An earlier process died after the provider accepted this job: follow that work.
-            self.bus.publish(job.id, "state", {"state": "reattached", "handles": len(work["handles"])})
-            try:
-                result = await engine.reattach(request, list(work["handles"]), progress, claim.cancel)
-            except EngineError as exc:
-                exc.at_least_charged("unknown")  # accepted work: never released, never sent again
-                raise
-        elif work.get("handles") and work.get("engine") == job.engine:
-            # Recovery re-queues only work that can be followed; should any other reach here, the
-            # provider has it already and it must not be sent a second time.
-            raise EngineError(f"engine '{job.engine}' had accepted this job before an interruption and its "
-                              "work cannot be followed; it is not sent again", charged="unknown")
-        else:
-            result = await engine.run(request, progress, claim.cancel)
+        # The engine's first request that can bill is recorded before it goes (see recovery).
+        with before_billable_sends(self._first_send_recorder(claim)):
+            if reattachable(engine, job):
+                # An earlier process died after the provider accepted this job: follow that work.
+                self.bus.publish(job.id, "state", {"state": "reattached", "handles": len(work["handles"])})
+                try:
+                    result = await engine.reattach(request, list(work["handles"]), progress, claim.cancel)
+                except EngineError as exc:
+                    exc.at_least_charged("unknown")  # accepted work: never released, never sent again
+                    raise
+            elif work.get("handles") and work.get("engine") == job.engine:
+                # Recovery re-queues only work that can be followed; should any other reach here, the
+                # provider has it already and it must not be sent a second time.
+                raise EngineError(f"engine '{job.engine}' had accepted this job before an interruption and its "
+                                  "work cannot be followed; it is not sent again", charged="unknown")
+            else:
+                result = await engine.run(request, progress, claim.cancel)
         if len(result.images) < request.n:
             # A remote engine answered, so what it made may be billed: no release, no fallback.
             raise EngineError(f"engine '{job.engine}' returned {len(result.images)} of {request.n} images",
                               charged="unknown" if engine.kind == "remote" else "no")
         return result
+
+    def _first_send_recorder(self, claim: Claim) -> Callable[[], Awaitable[None]]:
+        """The hook an engine's first request that can bill awaits (`tiers.base.billable_send`):
+        it records that this attempt is sending, if the claim marked it unsent, and checks that the
+        attempt still holds the job and no cancel was asked; otherwise nothing may be sent. One
+        recording per attempt: concurrent requests share it, and later ones only see its outcome."""
+        recorded: asyncio.Future[None] | None = None
+
+        async def record() -> None:
+            nonlocal recorded
+            if claim.job.unsent_attempt != claim.attempt:
+                return  # an engine that does not announce its requests: recovery assumes it sent
+            if recorded is None:
+                recorded = asyncio.ensure_future(asyncio.to_thread(self._record_sending, claim))
+            # Shielded: the request that asked first may be canceled while the others still wait.
+            await asyncio.shield(recorded)
+
+        return record
+
+    def _record_sending(self, claim: Claim) -> None:
+        try:
+            with self.db.transaction() as s:
+                self._guarded_update(s, claim, unless_canceled=True, unsent_attempt=None)
+            claim.job.unsent_attempt = None
+        except SQLAlchemyError as exc:
+            log.exception("job %s: recording its first paid request failed", claim.job.id)
+            raise EngineError(f"the job's database could not record the request before it was sent "
+                              f"({type(exc).__name__}); nothing was sent", retryable=False, charged="no") from exc
 
     def _record(self, job: Job, result: RenderResult, seed: int | None) -> dict[str, Any]:
         p = job.params

@@ -1,7 +1,8 @@
 """A priced fake engine for tests: register it with ORCH_ENGINES="fake-paid=tests.fakes:factory".
 
 It costs `FAKE_PRICE` credits per image, renders a flat image from the source's mean colour, and
-can be told to fail, to wait for a release event, or to report its own cost, through tags.
+can be told to fail, to hang, to wait before it sends, or to report its own cost, through tags.
+Like the cloud engines, it announces its paid request (`billable_send`) before making it.
 """
 
 from __future__ import annotations
@@ -22,15 +23,18 @@ from tiers.base import (
     RenderRequest,
     RenderResult,
     Stage,
+    billable_send,
 )
 
 FAKE_PRICE = 10.0  # credits per image
+SENT: list[str] = []  # the prompt of every request that passed `billable_send`, in this process
 
 
 class FakePaidEngine:
     kind: Literal["remote"] = "remote"
     stages: frozenset[Stage] = frozenset({"bridge", "polish"})
     capabilities = Capabilities(img2img=True, upscale=True, leaves_machine=True)
+    announces_sends = True
 
     def __init__(self, ctx: EngineContext, name: str = "fake-paid") -> None:
         self.name = name
@@ -54,14 +58,20 @@ class FakePaidEngine:
     async def run(self, req: RenderRequest, progress: Progress, cancel: CancelToken) -> RenderResult:
         self.calls += 1
         behaviour = req.tags.get("fake", "")
+        if behaviour == "wait-before-send":  # as a rate-limit wait or a slow upload does
+            await cancel.sleep(float(req.tags.get("seconds", "1")))
+        if behaviour == "fail":  # a failure that made nothing; before the send, so a cancel cannot stop it first
+            raise EngineError("fake engine failed", retryable=True)
+        await billable_send()
+        SENT.append(req.prompt)
         progress.state("submitted")
+        if behaviour == "hang-unsaved":  # as a synchronous provider's call: no id until it answers
+            await cancel.race(asyncio.sleep(3600))
         progress.provider_request(f"fake-{self.calls}", {"queue": "https://fake.test/requests"})
         if behaviour == "hang":
             await cancel.race(asyncio.sleep(3600))
         if behaviour == "slow":
             await cancel.sleep(float(req.tags.get("seconds", "1")))
-        if behaviour == "fail":
-            raise EngineError("fake engine failed", retryable=True)
         if behaviour == "timeout":
             raise EngineTimeout("fake engine: sent, no answer")
         if behaviour == "filtered":

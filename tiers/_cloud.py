@@ -53,6 +53,8 @@ class CloudEngine:
     # The orchestrator's setting and the vendor's own variable that hold the key.
     key_settings: ClassVar[tuple[str, str]]
     key_noun: ClassVar[str] = "API key"
+    # Every paid request goes through `self.http`, which announces it (`tiers.base.billable_send`).
+    announces_sends: ClassVar[bool] = True
     http: RemoteClient
 
     def __init__(self, ctx: EngineContext, model: str, key: SecretStr | None,

@@ -27,6 +27,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 from tenacity.stop import stop_base
 
 from orchestrator.errors import BadEngineInput, EngineError, EngineTimeout, EngineUnavailable, RateLimited
+from tiers.base import billable_send
 
 if TYPE_CHECKING:
     from orchestrator.settings import Settings
@@ -246,11 +247,14 @@ class RemoteClient:
 
     async def _send_once(self, method: str, url: str, *, idempotent: bool, cancel: CancelToken | None,
                          **kwargs: Any) -> httpx.Response:
+        if cancel is not None:
+            cancel.raise_if_cancelled()  # nothing sent yet: charged "no"
+        if not idempotent:
+            await billable_send()
         try:
             if cancel is None:
                 response = await self.client.request(method, url, **kwargs)
             else:
-                cancel.raise_if_cancelled()  # nothing sent yet: charged "no"
                 response = await cancel.race(self.client.request(method, url, **kwargs),
                                              charged="no" if idempotent else "unknown")
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar, runtime_checkable
 
@@ -205,6 +207,11 @@ class CancelToken:
 
 @runtime_checkable
 class Engine(Protocol):
+    """An engine may also set `announces_sends = True`: it awaits `billable_send()` before every
+    request that can bill (`RemoteClient` does so for each request not marked idempotent). Then a
+    job whose process died before its first such request is sent again after the crash rather than
+    failed and charged as possibly billed."""
+
     name: str
     kind: Kind
     stages: frozenset[Stage]
@@ -228,6 +235,33 @@ class Engine(Protocol):
     async def run(self, req: RenderRequest, progress: Progress, cancel: CancelToken) -> RenderResult: ...
 
     async def aclose(self) -> None: ...
+
+
+# What the runner does before a request of the job it runs can bill (see `billable_send`). A
+# context variable: every task an engine starts for that job (a gather of per-image calls) sees
+# that job's hook, and no other job's.
+_before_send: ContextVar[Callable[[], Awaitable[None]] | None] = ContextVar("before_send", default=None)
+
+
+async def billable_send() -> None:
+    """Await just before a request that can bill leaves the machine. The orchestrator records,
+    before it goes, that this attempt of the job has sent something, so that after a crash a job
+    that had sent nothing is run again instead of being charged as possibly billed. Raises when
+    the request must not go: `Canceled` (a cancel was asked; nothing was sent) or another
+    exception when another process has taken the job over. Outside a job it does nothing."""
+    hook = _before_send.get()
+    if hook is not None:
+        await hook()
+
+
+@contextmanager
+def before_billable_sends(hook: Callable[[], Awaitable[None]]) -> Iterator[None]:
+    """Run `hook` at each `billable_send()` of the engine call made inside this block."""
+    token = _before_send.set(hook)
+    try:
+        yield
+    finally:
+        _before_send.reset(token)
 
 
 @runtime_checkable

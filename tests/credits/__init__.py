@@ -128,3 +128,13 @@ def assert_settled_once(entries: list[dict[str, Any]]) -> None:
             assert capture["amount"] > hold["amount"] and counts["release"] == 0
         else:
             assert round(sum(e["amount"] for e in mine), 3) == hold["amount"], mine
+
+
+def wait_for_submitted(client: httpx.Client, job_id: str) -> None:
+    """Until the provider call is in flight. The fake engine saves its request id in the same step
+    as it publishes `submitted`, before it first yields, so the id is saved by then."""
+    with client.stream("GET", f"/v1/jobs/{job_id}/events") as stream:
+        for event in iter_sse(stream):
+            if event.event == "state" and event.data.get("state") == "submitted":
+                return
+    raise AssertionError(f"job {job_id} ended before its provider call")

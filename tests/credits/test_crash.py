@@ -3,16 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
-import signal
-import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO
 
 import httpx
-import pytest
 from sqlmodel import select
 
 from orchestrator.ids import new_id
@@ -20,7 +14,6 @@ from orchestrator.models import Job, LedgerEntry, Project
 from orchestrator.server import serve_in_thread
 from orchestrator.services import Services
 from orchestrator.settings import Settings
-from tests.api import launch_server
 from tests.credits import (
     PRICE,
     assert_settled_once,
@@ -32,70 +25,9 @@ from tests.credits import (
     project_with_draft,
     promote_ok,
     wait_for_job,
+    wait_for_submitted,
 )
-from tests.credits.conftest import ENGINES, POLICY, VENDOR_KEYS
-from tiers import tiny
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-class Service:
-    """`orchestrator serve` in a child process on one data dir."""
-
-    def __init__(self, env: dict[str, str], cwd: Path, log: Path) -> None:
-        self.log: IO[bytes] = open(log, "wb")  # noqa: SIM115 (closed by stop/kill)
-        try:
-            self.process, self.url = launch_server(env, cwd, self.log)
-        except BaseException:
-            self.log.close()
-            raise
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait(timeout=30)
-        self.log.close()
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.process.wait(timeout=30)
-        self.kill()
-
-
-@pytest.fixture
-def service_env(tmp_path: Path, tiny_cache_dir: Path, policy_dir: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ORCH_") and k not in VENDOR_KEYS}
-    (tmp_path / "empty.toml").write_text("")  # keeps a developer's orchestrator.toml out
-    env.update({
-        "ORCH_DATA_DIR": str(tmp_path / "data"), "ORCH_CACHE_DIR": str(tiny_cache_dir),
-        "ORCH_LITE_MODEL": tiny.NAME, "ORCH_ENGINES": ENGINES, "ORCH_POLICY": POLICY,
-        "ORCH_POLICY_DIR": str(policy_dir), "ORCH_CONFIG_FILE": str(tmp_path / "empty.toml"),
-        "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p),
-    })
-    return env
-
-
-@pytest.fixture
-def services() -> Iterator[list[Service]]:
-    """Services a test starts; each is stopped at teardown."""
-    started: list[Service] = []
-    try:
-        yield started
-    finally:
-        for service in started:
-            service.stop()
-
-
-def wait_for_submitted(client: httpx.Client, job_id: str) -> None:
-    """Until the provider call is in flight. The fake engine saves its request id in the same step
-    as it publishes `submitted`, before it first yields, so the id is saved by then."""
-    with client.stream("GET", f"/v1/jobs/{job_id}/events") as stream:
-        for event in iter_sse(stream):
-            if event.event == "state" and event.data.get("state") == "submitted":
-                return
-    raise AssertionError(f"job {job_id} ended before its provider call")
+from tests.credits.conftest import POLICY, Service
 
 
 def test_kill_with_a_paid_call_in_flight(service_env: dict[str, str], tmp_path: Path,

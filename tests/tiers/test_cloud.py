@@ -13,7 +13,7 @@ import respx
 from orchestrator.errors import Canceled
 from tests.tiers.conftest import BlockingSleep, NoAnswer, bridge
 from tiers._cloud import CloudEngine
-from tiers.base import CancelToken, NullProgress, PriceTable
+from tiers.base import CancelToken, NullProgress, PriceTable, before_billable_sends
 from tiers.fal import FalEngine
 from tiers.gemini import GeminiEngine
 from tiers.openai_images import OpenAIImagesEngine
@@ -118,3 +118,25 @@ def test_token_rates_are_listed_apart_from_image_prices() -> None:
                                "credits_per_million_tokens": {"m": {"output": 6000, "input": 50}}}
     assert "credits_per_million_tokens" not in PriceTable("x", {"plain": {"image": 4.0}}, "2026-11").as_dict()
     assert table.millicredits("m", "output_tokens_per_million") == 6_000_000  # still priced by its full name
+
+
+@pytest.mark.parametrize(("cls", "prefix"), [(c[0], c[1]) for c in CASES], ids=[c[1] for c in CASES])
+@respx.mock
+async def test_every_paid_request_is_announced_before_it_is_sent(make_ctx: Any, cls: type[CloudEngine],
+                                                                 prefix: str) -> None:
+    # The runner refuses the announcement (the job was canceled, or another process took it):
+    # then nothing that can bill may leave, whichever engine it is.
+    provider = respx.route().mock(return_value=httpx.Response(500))
+    engine = cls(make_ctx(**{f"{prefix}_api_key": "k-secret"}))
+    assert engine.announces_sends
+
+    async def refuse() -> None:
+        raise Canceled("the job was canceled")
+
+    try:
+        with before_billable_sends(refuse), pytest.raises(Canceled) as info:
+            await engine.run(bridge(), NullProgress(), CancelToken())
+    finally:
+        await engine.aclose()
+    assert info.value.charged == "no"
+    assert [call.request.method for call in provider.calls if call.request.method not in ("GET", "HEAD")] == []

@@ -14,7 +14,7 @@ import respx
 from orchestrator.errors import Canceled, EngineError, EngineUnavailable
 from tests.tiers.conftest import BlockingSleep, NoAnswer
 from tiers._http import RemoteClient
-from tiers.base import CancelToken
+from tiers.base import CancelToken, before_billable_sends
 
 BASE = "https://provider.test"
 
@@ -147,3 +147,31 @@ async def test_a_key_header_never_follows_a_redirect_to_another_host(sleep: Any)
     assert response.status_code == 200
     assert home.calls.last.request.headers["x-goog-api-key"] == "SECRET"  # same origin: kept
     assert "x-goog-api-key" not in away.calls.last.request.headers
+
+
+@respx.mock
+async def test_a_request_that_can_bill_is_announced_before_it_leaves(client: RemoteClient) -> None:
+    post = respx.post(f"{BASE}/images").mock(return_value=httpx.Response(200, json={}))
+    get = respx.get(f"{BASE}/images/1").mock(return_value=httpx.Response(200, json={}))
+    sent_when_announced: list[int] = []
+
+    async def hook() -> None:
+        sent_when_announced.append(post.call_count)
+
+    with before_billable_sends(hook):
+        await client.request("POST", "/images", json={"prompt": "a lighthouse"})
+        await client.request("GET", "/images/1", idempotent=True)  # a poll bills nothing: not announced
+    assert sent_when_announced == [0] and post.call_count == 1 and get.call_count == 1
+
+
+@respx.mock
+async def test_a_refused_announcement_sends_nothing(client: RemoteClient) -> None:
+    # The orchestrator refuses when the job was canceled or taken over by another process.
+    route = respx.post(f"{BASE}/images").mock(return_value=httpx.Response(200, json={}))
+
+    async def hook() -> None:
+        raise Canceled("the job was canceled")
+
+    with before_billable_sends(hook), pytest.raises(Canceled) as info:
+        await client.request("POST", "/images", json={"prompt": "a lighthouse"})
+    assert info.value.charged == "no" and route.call_count == 0

@@ -1,0 +1,187 @@
+"""A paid attempt that stopped before its first request that can bill sent nothing: recovery runs
+it again with its hold, instead of failing it `interrupted` and charging it for reconciliation."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import update
+from sqlmodel import col, select
+
+from orchestrator.db import Database
+from orchestrator.errors import Canceled
+from orchestrator.ids import new_id
+from orchestrator.models import Job, LedgerEntry, Project, utcnow
+from orchestrator.runner import Claim, StaleAttempt
+from orchestrator.server import serve_in_thread
+from orchestrator.services import Services
+from orchestrator.settings import Settings
+from tests import fakes
+from tests.credits import PRICE, ledger, poll, project_with_draft, promote_ok, wait_for_submitted
+from tests.credits.conftest import POLICY, Service
+from tiers.base import CancelToken
+
+HOLD = PRICE * 1000
+
+
+@pytest.fixture
+def built(paid_settings_for: Callable[..., Settings], tmp_path: Path) -> Iterator[Services]:
+    services = Services.build(paid_settings_for(tmp_path / "data"))
+    try:
+        yield services
+    finally:
+        asyncio.run(services.aclose())
+
+
+def left_running(services: Services, **rows: dict[str, Any]) -> dict[str, str]:
+    """Jobs on `fake-paid` as a dead process left them (lease expired), each with its hold; `rows`
+    maps a label to the columns that differ. Returns label -> job id."""
+    ids = {label: new_id("job") for label in rows}
+    with services.db.transaction() as s:
+        project = Project(id=new_id("prj"), name="left running", policy=POLICY)
+        s.add(project)
+        s.flush()
+        for label, values in rows.items():
+            job = Job(id=ids[label], project_id=project.id, stage="bridge", engine="fake-paid", model="fake-1",
+                      params={"stage": "bridge", "prompt": label, "n": 1}, estimated=HOLD,
+                      lease_owner="dead-host:1:0", lease_expires_at=utcnow() - timedelta(seconds=1),
+                      started_at=utcnow(), **{"status": "running", "attempt": 1, **values})
+            s.add(job)
+            s.flush()
+            services.ledger.hold(s, project, job, HOLD)
+    return ids
+
+
+def settled(services: Services, job_id: str) -> list[tuple[str, bool]]:
+    with services.db.session() as s:
+        entries = s.exec(select(LedgerEntry).where(col(LedgerEntry.job_id) == job_id)
+                         .order_by(col(LedgerEntry.id))).all()
+        return [(e.kind, e.unreconciled) for e in entries]
+
+
+def test_recovery_runs_again_only_an_attempt_known_to_have_sent_nothing(built: Services) -> None:
+    ids = left_running(
+        built,
+        unsent={"unsent_attempt": 1},
+        sent={"unsent_attempt": None},
+        # Marked by an earlier attempt; the latest claim (a process of an earlier version) did not say.
+        stale_mark={"attempt": 2, "unsent_attempt": 1},
+        # An earlier attempt got the provider to accept work that cannot be followed.
+        accepted={"unsent_attempt": 1, "provider_work": {"engine": "fake-paid", "handles": [{"id": "x"}]}},
+        unsent_canceled={"unsent_attempt": 1, "cancel_requested_at": utcnow()},
+    )
+    recovered = asyncio.run(built.scheduler.recover(all_foreign=False))
+    assert sorted(recovered) == sorted(ids.values())
+    with built.db.session() as s:
+        jobs = {label: s.get(Job, job_id) for label, job_id in ids.items()}
+
+    again = jobs["unsent"]
+    assert again is not None and again.status == "queued" and again.error is None
+    assert [a["status"] for a in again.attempts or []] == ["interrupted"]
+    assert settled(built, ids["unsent"]) == [("hold", False)]  # the hold waits for the next run
+
+    for label in ("sent", "stale_mark", "accepted"):
+        job = jobs[label]
+        assert job is not None and job.status == "failed" and (job.error or {})["code"] == "interrupted", label
+        assert settled(built, ids[label]) == [("hold", False), ("capture", True)], label
+
+    canceled = jobs["unsent_canceled"]
+    assert canceled is not None and canceled.status == "canceled"
+    assert settled(built, ids["unsent_canceled"]) == [("hold", False), ("release", False)]
+
+
+def test_the_first_send_is_recorded_only_for_the_claim_holding_the_job(built: Services) -> None:
+    ids = left_running(built, held={"unsent_attempt": 1},
+                       canceled={"unsent_attempt": 1, "cancel_requested_at": utcnow()},
+                       taken={"attempt": 2, "unsent_attempt": 2})
+
+    def claim(label: str, attempt: int = 1) -> Claim:
+        with built.db.session() as s:
+            job = s.get(Job, ids[label])
+            assert job is not None
+            return Claim(job, attempt, CancelToken())
+
+    held = claim("held")
+    built.runner._record_sending(held)
+    with built.db.session() as s:
+        assert s.get(Job, ids["held"]).unsent_attempt is None  # type: ignore[union-attr]
+    assert held.job.unsent_attempt is None
+
+    with pytest.raises(Canceled) as info:
+        built.runner._record_sending(claim("canceled"))
+    assert info.value.charged == "no"
+    with pytest.raises(StaleAttempt):
+        built.runner._record_sending(claim("taken", attempt=1))
+    with built.db.session() as s:  # neither refused attempt changed its row
+        assert [s.get(Job, ids[label]).unsent_attempt for label in ("canceled", "taken")] == [1, 2]  # type: ignore[union-attr]
+
+
+def test_an_attempt_another_process_took_over_sends_nothing(paid_settings_for: Callable[..., Settings],
+                                                            tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    settings = paid_settings_for(tmp_path / "data")
+    caplog.set_level(logging.INFO, logger="orchestrator.runner")
+    with serve_in_thread(settings) as base, httpx.Client(base_url=base, timeout=30) as client:
+        project_id, asset_id = project_with_draft(client)
+        job = promote_ok(client, asset_id, prompt="taken over", tags={"fake": "wait-before-send", "seconds": "1"})
+        poll(lambda: client.get(f"/v1/jobs/{job['id']}").json(), lambda j: j["status"] == "running")
+        # As another process's recovery and claim would leave the row, while this one still waits.
+        db = Database(settings.resolved_database_url)
+        with db.transaction() as s:
+            s.execute(update(Job).where(col(Job.id) == job["id"])
+                      .values(attempt=Job.attempt + 1, unsent_attempt=Job.attempt + 1, lease_owner="other:1:0"))
+        db.dispose()
+        poll(lambda: any("superseded" in r.getMessage() and job["id"] in r.getMessage() for r in caplog.records),
+             bool, what="the attempt to give up")
+        assert "taken over" not in fakes.SENT
+        assert client.get(f"/v1/jobs/{job['id']}").json()["status"] == "running"  # left to its new holder
+        assert [(e["kind"], e["unreconciled"]) for e in ledger(client, project_id) if e["job_id"] == job["id"]] \
+            == [("hold", False)]
+
+
+@pytest.mark.parametrize("behaviour", ["wait-before-send", "hang-unsaved"])
+def test_a_killed_paid_job_runs_again_only_if_its_request_had_not_gone(
+        behaviour: str, service_env: dict[str, str], tmp_path: Path, paid_settings_for: Callable[..., Settings],
+        services: list[Service]) -> None:
+    """Killed while waiting to send (a rate-limit wait, say): run again with its hold. Killed with
+    a synchronous call out (no provider id saved, so nothing to follow): failed, charged for
+    reconciliation, never sent twice."""
+    settings = paid_settings_for(Path(service_env["ORCH_DATA_DIR"]))
+    with serve_in_thread(settings) as base, httpx.Client(base_url=base, timeout=30.0) as client:
+        project_id, asset_id = project_with_draft(client, {"limit": 100, "period": "month"})
+
+    services.append(Service(service_env, tmp_path, tmp_path / "first.log"))
+    with httpx.Client(base_url=services[0].url, timeout=30.0) as client:
+        job_id = promote_ok(client, asset_id, tags={"fake": behaviour, "seconds": "3600"})["id"]
+        if behaviour == "hang-unsaved":
+            wait_for_submitted(client, job_id)
+        else:
+            poll(lambda: client.get(f"/v1/jobs/{job_id}").json(), lambda j: j["status"] == "running")
+    services[0].kill()
+
+    services.append(Service(service_env, tmp_path, tmp_path / "second.log"))
+    with httpx.Client(base_url=services[1].url, timeout=30.0) as client:
+        def entries() -> list[tuple[str, bool]]:
+            return [(e["kind"], e["unreconciled"]) for e in ledger(client, project_id) if e["job_id"] == job_id]
+
+        if behaviour == "hang-unsaved":
+            failed = client.get(f"/v1/jobs/{job_id}").json()
+            assert failed["status"] == "failed" and failed["error"]["code"] == "interrupted", failed
+            assert failed["cost"]["held"] == 0 and failed["cost"]["charged"] == PRICE
+            assert entries() == [("hold", False), ("capture", True)]
+            return
+        # Running (waiting to send) again: not failed, and nothing charged.
+        again = poll(lambda: client.get(f"/v1/jobs/{job_id}").json(),
+                     lambda j: j["status"] == "running" and j["attempts"] != [])
+        assert again["error"] is None and [a["status"] for a in again["attempts"]] == ["interrupted"]
+        assert again["cost"]["held"] == PRICE and again["cost"]["charged"] == 0
+        assert client.post(f"/v1/jobs/{job_id}/cancel").status_code == 202
+        done = poll(lambda: client.get(f"/v1/jobs/{job_id}").json(), lambda j: j["status"] == "canceled")
+        assert done["cost"]["held"] == 0 and done["cost"]["charged"] == 0
+        assert entries() == [("hold", False), ("release", False)]
