@@ -1,9 +1,18 @@
 """A self-hosted AUTOMATIC1111 / Forge server through its `/sdapi/v1/img2img` API.
 
-The call is synchronous: the POST answers only when every image is made. While it runs, the
-engine polls `/sdapi/v1/progress` for step counts and watches the cancel token; on cancel it asks
-the server to `/interrupt`. That endpoint is global: it stops whatever the server is running,
-which is our job unless another client's job holds the server's queue lock.
+The call is synchronous: the POST answers only when every image is made, after any wait in the
+server's queue, so its read may take until `ORCH_REMOTE_DEADLINE` (not the read timeout). The job is
+sent under a task id of ours (`force_task_id`, webui 1.6+), which `/internal/progress` knows: while
+our task is the one running, `/sdapi/v1/progress` is ours and gives step counts; on a cancel or a
+timeout the engine asks the server to `/interrupt` only then, since that endpoint stops whatever the
+server runs (another client's job, or another of ours queued on the same server). A job still
+waiting in the server's queue cannot be taken out of it: it runs there, and its images are dropped.
+A server that predates task ids shows no progress and is never interrupted.
+
+An interrupted render still answers 200, with the unfinished image: an answer whose job the
+server's state reports interrupted (matched by `job_timestamp`) fails the job instead. A 500 in
+the webui's error shape (out of memory, NaN in the VAE) is final: re-sending it would re-run the
+same failure on a shared GPU.
 
 Self-hosted, so it costs no credits; `leaves_machine` is still True: `ORCH_A1111_URL` may point at
 any host, and the prompt and pixels go there. Optional HTTP Basic auth (`--api-auth`) comes from
@@ -14,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from typing import Any, Literal
 
 import httpx
@@ -33,6 +43,8 @@ from tiers.base import (
 )
 
 IMG2IMG = "/sdapi/v1/img2img"
+PROGRESS = "/sdapi/v1/progress"
+TASK_PROGRESS = "/internal/progress"
 DEFAULT_STEPS = 30
 DEFAULT_CFG = 7.0
 SAMPLER = "Euler a"
@@ -40,6 +52,17 @@ URL_SETTING = "ORCH_A1111_URL"
 AUTH_SETTING = "ORCH_A1111_AUTH"
 # Progress polls and the interrupt are side calls: they must never hold the job up for long.
 SIDE_CALL_TIMEOUT = 5.0
+
+
+def processing_failed(response: httpx.Response) -> bool:
+    """A 500 with the webui's own error body: the render raised on the server."""
+    if response.status_code != 500:
+        return False
+    try:
+        body = response.json()
+    except ValueError:
+        return False
+    return isinstance(body, dict) and "error" in body and "errors" in body
 
 
 def parse_auth(value: str | None) -> tuple[str, str] | None:
@@ -77,6 +100,7 @@ class A1111Engine:
             auth=auth,
             key_setting=f"{AUTH_SETTING} ('user:password' of the server's --api-auth)",
         )
+        self.http.final_answer = processing_failed
 
     @property
     def model(self) -> str:
@@ -95,9 +119,10 @@ class A1111Engine:
     def estimate(self, req: RenderRequest) -> int:
         return 0
 
-    def _body(self, req: RenderRequest) -> dict[str, Any]:
+    def _body(self, req: RenderRequest, task_id: str) -> dict[str, Any]:
         assert req.init_image is not None
         return {
+            "force_task_id": task_id,
             "init_images": [b64encode(encode_image(req.init_image, fmt="PNG"))],
             "prompt": req.prompt,
             "negative_prompt": req.negative_prompt,
@@ -124,16 +149,18 @@ class A1111Engine:
             raise BadEngineInput(f"a1111: the {req.stage} stage needs a draft image",
                                  details={"engine": self.name})
         cancel.raise_if_cancelled()
+        task_id = f"orch-{uuid.uuid4().hex}"
         deadline = self.http.new_deadline()
-        progress.state("submitted")
-        post: asyncio.Future[httpx.Response] = asyncio.ensure_future(
-            self.http.request("POST", IMG2IMG, json=self._body(req), deadline=deadline)
-        )
+        progress.state("submitted", task_id=task_id)
+        post: asyncio.Future[httpx.Response] = asyncio.ensure_future(self.http.request(
+            "POST", IMG2IMG, json=self._body(req, task_id), deadline=deadline,
+            timeout=httpx.Timeout(max(deadline - self.http.clock(), 1.0), connect=self.http.client.timeout.connect),
+        ))
         try:
-            await self._watch(post, progress, cancel)
+            await self._watch(post, task_id, progress, cancel)
         except Canceled:
-            await self._side_call("POST", "/sdapi/v1/interrupt")
-            raise Canceled("a1111: the job was canceled", details={"engine": self.name},
+            await self._interrupt(task_id)
+            raise Canceled("a1111: the job was canceled", details={"engine": self.name, "task_id": task_id},
                            charged="no") from None
         finally:
             if not post.done():
@@ -143,13 +170,16 @@ class A1111Engine:
         try:
             response = post.result()
         except EngineTimeout as exc:
+            await self._interrupt(task_id)
             raise EngineTimeout(
-                f"a1111: the server did not answer within the read timeout (ORCH_REMOTE_READ_TIMEOUT); "
-                f"not re-sent: {exc.message}", details=exc.details, charged="no",
+                f"a1111: the server did not answer before the deadline (ORCH_REMOTE_DEADLINE); "
+                f"not re-sent: {exc.message}", details={**exc.details, "task_id": task_id}, charged="no",
             ) from None
-        return self._result(req, response)
+        result = self._result(req, response)
+        await self._raise_if_interrupted(response, task_id)
+        return result
 
-    async def _watch(self, post: asyncio.Future[httpx.Response], progress: Progress,
+    async def _watch(self, post: asyncio.Future[httpx.Response], task_id: str, progress: Progress,
                      cancel: CancelToken) -> None:
         """Report progress until `post` is done; raise `Canceled` as soon as the token is set."""
         while not post.done():
@@ -162,11 +192,33 @@ class A1111Engine:
                 await asyncio.gather(nap, return_exceptions=True)
             if not nap.cancelled() and nap.exception() is not None:
                 raise Canceled("a1111: the job was canceled", charged="no")
-            if not post.done():
+            if not post.done() and await self._task_state(task_id) == "active":
                 await self._report(progress)
 
+    async def _task_state(self, task_id: str) -> Literal["active", "queued", "unknown"]:
+        """Where the server has our task: running it, queued, or cannot say (done, or a server
+        without task ids)."""
+        response = await self._side_call("POST", TASK_PROGRESS, idempotent=True,  # a read, though a POST
+                                         json={"id_task": task_id, "id_live_preview": -1, "live_preview": False})
+        if response is None or response.status_code != 200:
+            return "unknown"
+        try:
+            body = response.json()
+        except ValueError:
+            return "unknown"
+        if not isinstance(body, dict):
+            return "unknown"
+        if body.get("active") is True:
+            return "active"
+        return "queued" if body.get("queued") is True else "unknown"
+
+    async def _interrupt(self, task_id: str) -> None:
+        """Stop our render, and nothing else the server runs."""
+        if await self._task_state(task_id) == "active":
+            await self._side_call("POST", "/sdapi/v1/interrupt")
+
     async def _report(self, progress: Progress) -> None:
-        response = await self._side_call("GET", "/sdapi/v1/progress", params={"skip_current_image": "true"})
+        response = await self._side_call("GET", PROGRESS, params={"skip_current_image": "true"})
         if response is None or response.status_code != 200:
             return
         try:
@@ -182,10 +234,30 @@ class A1111Engine:
         total = steps * jobs
         progress.step(min(min(max(job_no, 0), jobs - 1) * steps + step, total), total)
 
-    async def _side_call(self, method: str, url: str, **kwargs: Any) -> httpx.Response | None:
-        """A best-effort call: its failure must not change the job's outcome."""
+    async def _raise_if_interrupted(self, response: httpx.Response, task_id: str) -> None:
+        """An interrupt (another client's) ends the render early with a 200 and an unfinished
+        image. The server's state still says so until its next job begins: checked while it
+        still describes ours (same `job_timestamp`); a later job's state says nothing of ours."""
+        timestamp = self._info(response.json().get("info")).get("job_timestamp")
+        if not timestamp:
+            return
+        answer = await self._side_call("GET", PROGRESS, params={"skip_current_image": "true"})
         try:
-            return await self.http.request(method, url, idempotent=method == "GET", timeout=SIDE_CALL_TIMEOUT,
+            state = answer.json().get("state") if answer is not None and answer.status_code == 200 else None
+        except ValueError:
+            return
+        if isinstance(state, dict) and state.get("job_timestamp") == timestamp and state.get("interrupted") is True:
+            raise EngineError("a1111: the render was interrupted on the server before it finished (an "
+                              "interrupt from another client); its images are unfinished",
+                              details={"engine": self.name, "task_id": task_id})
+
+    async def _side_call(self, method: str, url: str, *, idempotent: bool | None = None,
+                         **kwargs: Any) -> httpx.Response | None:
+        """A best-effort call: its failure must not change the job's outcome."""
+        if idempotent is None:
+            idempotent = method == "GET"
+        try:
+            return await self.http.request(method, url, idempotent=idempotent, timeout=SIDE_CALL_TIMEOUT,
                                            deadline=self.http.clock() + SIDE_CALL_TIMEOUT, **kwargs)
         except (EngineError, httpx.HTTPError):
             return None
@@ -196,6 +268,10 @@ class A1111Engine:
                 f"a1111: the server has no {IMG2IMG} (HTTP 404): start it with --api and check {URL_SETTING}",
                 details={"engine": self.name, "status": 404},
             )
+        if processing_failed(response):
+            # A failure of the render on the server, not of our request: another engine may do it.
+            raise EngineError(f"a1111: the render failed on the server (HTTP 500): {self._error_detail(response)}",
+                              details={"engine": self.name, "status": 500})
         if response.status_code != 200:
             raise self.http.fail(response, self._error_detail(response))
         try:

@@ -179,10 +179,15 @@ class ComfyUIEngine:
 
     async def run(self, req: RenderRequest, progress: Progress, cancel: CancelToken) -> RenderResult:
         template = self._template()
+        uses_seed = "seed" in placeholders(template)
+        if req.n > 1 and not uses_seed:
+            # n identical graphs: ComfyUI's cache would answer them all with the first one's image.
+            raise BadEngineInput(f"comfyui: the workflow has no {{{{seed}}}} placeholder, so {req.n} images would be "
+                                 f"one image {req.n} times: put {{{{seed}}}} in its sampler's seed, or ask for n=1",
+                                 details={"engine": self.name, "setting": WORKFLOW_SETTING})
         cancel.raise_if_cancelled()
         deadline = self.http.new_deadline()
         image_name = await self._upload(req, deadline, cancel)
-        uses_seed = "seed" in placeholders(template)
         base_seed = req.seed if req.seed is not None else secrets.randbelow(SEED_RANGE)
         images: list[RenderedImage] = []
         prompt_ids: list[str] = []
@@ -191,9 +196,8 @@ class ComfyUIEngine:
         while len(images) < req.n:
             seed = (base_seed + len(prompt_ids)) % SEED_RANGE
             graph = substitute(template, self._values(req, image_name, seed))
-            prompt_id = str(uuid.uuid4())
+            prompt_id, outputs = await self._execute(graph, str(uuid.uuid4()), progress, deadline, cancel)
             prompt_ids.append(prompt_id)
-            outputs = await self._execute(graph, prompt_id, progress, deadline, cancel)
             for ref in outputs[: req.n - len(images)]:
                 images.append(RenderedImage(await self._download(ref, deadline, cancel),
                                             seed=seed if uses_seed else None))
@@ -246,8 +250,9 @@ class ComfyUIEngine:
         return f"{subfolder}/{name}" if isinstance(subfolder, str) and subfolder else name
 
     async def _execute(self, graph: dict[str, Any], prompt_id: str, progress: Progress, deadline: float,
-                       cancel: CancelToken) -> list[dict[str, str]]:
-        """Queue one prompt and wait for it; on cancel or timeout, take it off the server's GPU."""
+                       cancel: CancelToken) -> tuple[str, list[dict[str, str]]]:
+        """Queue one prompt and wait for it; on cancel or timeout, take it off the server's GPU.
+        Returns the prompt's id (the server's, where it ignores ours) and its output images."""
         # Before sending: if the process dies mid-request, the id still leads to the work.
         progress.provider_request(prompt_id)
         progress.state("submitted", prompt_id=prompt_id)
@@ -258,7 +263,11 @@ class ComfyUIEngine:
             )
             if response.status_code != 200:
                 raise self._prompt_refused(response)
-            self._json(response, "/prompt")
+            answered = self._json(response, "/prompt").get("prompt_id")
+            if isinstance(answered, str) and answered and answered != prompt_id:
+                # Servers before client-chosen ids (2025) queue the prompt under one of their own.
+                prompt_id = answered
+                progress.provider_request(prompt_id)
             progress.state("queued", prompt_id=prompt_id)
             entry = await self._wait(prompt_id, deadline, cancel)
         except Canceled:
@@ -270,7 +279,7 @@ class ComfyUIEngine:
             await self._drop(prompt_id)
             raise EngineTimeout(f"{exc.message} (asked the server to drop prompt {prompt_id})",
                                 details={**exc.details, "prompt_id": prompt_id}, charged="no") from None
-        return self._outputs(entry, prompt_id)
+        return prompt_id, self._outputs(entry, prompt_id)
 
     async def _wait(self, prompt_id: str, deadline: float, cancel: CancelToken) -> dict[str, Any]:
         while True:
@@ -335,13 +344,21 @@ class ComfyUIEngine:
     async def _drop(self, prompt_id: str) -> None:
         """Best effort: remove the prompt if pending, interrupt it if running.
 
-        Delete first: a pending prompt could start between an interrupt and the delete. Servers
-        that predate targeted interrupts ignore `prompt_id` and stop whatever is running.
+        Delete first: a pending prompt could start between the look at the queue and an interrupt.
+        The interrupt is sent only when the queue shows our prompt running: servers that predate
+        targeted interrupts ignore `prompt_id` and stop whatever is running.
         """
-        for url, body in (("/queue", {"delete": [prompt_id]}), ("/interrupt", {"prompt_id": prompt_id})):
-            with contextlib.suppress(EngineError, httpx.HTTPError):
-                await self.http.request("POST", url, json=body, timeout=CLEANUP_TIMEOUT,
-                                        deadline=self.http.clock() + CLEANUP_TIMEOUT)
+        with contextlib.suppress(EngineError, httpx.HTTPError):
+            await self._cleanup("POST", "/queue", json={"delete": [prompt_id]})
+            queue = await self._cleanup("GET", "/queue")
+            running = queue.json().get("queue_running") if queue.status_code == 200 else None
+            if isinstance(running, list) and any(
+                    isinstance(item, list) and len(item) > 1 and item[1] == prompt_id for item in running):
+                await self._cleanup("POST", "/interrupt", json={"prompt_id": prompt_id})
+
+    async def _cleanup(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        return await self.http.request(method, url, idempotent=True, timeout=CLEANUP_TIMEOUT,
+                                       deadline=self.http.clock() + CLEANUP_TIMEOUT, **kwargs)
 
     def _prompt_refused(self, response: httpx.Response) -> EngineError:
         if response.status_code == 404:

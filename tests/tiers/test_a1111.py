@@ -21,6 +21,14 @@ BASE = "http://a1111.test:7860"
 URL = f"{BASE}/sdapi/v1/img2img"
 PROGRESS = f"{BASE}/sdapi/v1/progress"
 INTERRUPT = f"{BASE}/sdapi/v1/interrupt"
+TASK = f"{BASE}/internal/progress"
+
+
+def task_is(state: str) -> respx.Route:
+    """What `/internal/progress` says of our task: "active", "queued" or "unknown" (done, or a
+    server without task ids)."""
+    body = {"active": state == "active", "queued": state == "queued", "completed": False}
+    return respx.post(TASK).mock(return_value=httpx.Response(200, json=body))
 
 
 def ok_body(count: int = 1, seeds: list[int] | None = None) -> dict[str, Any]:
@@ -44,6 +52,7 @@ def bridge(**kw: Any) -> RenderRequest:
 
 @respx.mock
 async def test_success_sends_draft_and_takes_first_n_images(engine: A1111Engine) -> None:
+    task_is("unknown")
     # Three images for n=1: the extras stand for ControlNet maps appended by the extension.
     route = respx.post(URL).mock(return_value=httpx.Response(200, json=ok_body(count=3)))
     result = await engine.run(bridge(), NullProgress(), CancelToken())
@@ -51,7 +60,8 @@ async def test_success_sends_draft_and_takes_first_n_images(engine: A1111Engine)
     sent = json.loads(route.calls.last.request.content)
     pixels = Image.open(io.BytesIO(base64.b64decode(sent["init_images"][0])))
     assert pixels.getpixel((0, 0)) == (255, 0, 0)
-    assert {k: v for k, v in sent.items() if k != "init_images"} == {
+    assert sent["force_task_id"].startswith("orch-")
+    assert {k: v for k, v in sent.items() if k not in ("init_images", "force_task_id")} == {
         "prompt": "a lighthouse", "negative_prompt": "blurry", "denoising_strength": 0.55, "steps": 30,
         "cfg_scale": 7.0, "width": 768, "height": 512, "seed": -1, "sampler_name": "Euler a",
         "n_iter": 1, "batch_size": 1, "save_images": False}
@@ -87,11 +97,16 @@ async def test_5xx_then_success(engine: A1111Engine) -> None:
 
 
 @respx.mock
-async def test_5xx_with_a1111_error_body_then_success(engine: A1111Engine) -> None:
+async def test_a_render_that_raised_on_the_server_is_not_sent_again(engine: A1111Engine) -> None:
+    # The webui's own 500 (out of memory, NaN in the VAE): re-sending re-runs it on a shared GPU.
+    task_is("unknown")
     oom = httpx.Response(500, json={"error": "OutOfMemoryError", "detail": "", "body": "", "errors": "CUDA"})
     route = respx.post(URL).mock(side_effect=[oom, httpx.Response(200, json=ok_body())])
-    await engine.run(bridge(), NullProgress(), CancelToken())
-    assert route.call_count == 2
+    with pytest.raises(EngineError, match=r"failed on the server.*OutOfMemoryError: CUDA") as info:
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    assert route.call_count == 1
+    # Another engine may still do it: the job may fall back, and nothing was charged.
+    assert info.value.retryable and info.value.charged == "no" and info.value.code == "engine_error"
 
 
 @respx.mock
@@ -103,11 +118,17 @@ async def test_429_with_retry_after_then_success(engine: A1111Engine, sleep: Any
 
 
 @respx.mock
-async def test_read_timeout_is_not_resent(engine: A1111Engine) -> None:
+async def test_the_render_may_take_until_the_deadline_and_a_timeout_interrupts_it(engine: A1111Engine) -> None:
+    # The answer comes only when every image is made: the read waits for the deadline (60 s
+    # here), not the 120 s default read timeout, nor a shorter one.
+    task_is("active")
     route = respx.post(URL).mock(side_effect=httpx.ReadTimeout("slow"))
-    with pytest.raises(EngineTimeout, match="ORCH_REMOTE_READ_TIMEOUT") as info:
+    interrupt = respx.post(INTERRUPT).mock(return_value=httpx.Response(200, json={}))
+    with pytest.raises(EngineTimeout, match="ORCH_REMOTE_DEADLINE") as info:
         await engine.run(bridge(), NullProgress(), CancelToken())
     assert route.call_count == 1 and info.value.charged == "no"
+    assert 50 < route.calls.last.request.extensions["timeout"]["read"] <= 60
+    assert interrupt.call_count == 1  # our task was running: nobody is left to collect it
 
 
 @respx.mock
@@ -172,11 +193,14 @@ async def test_progress_is_polled_while_the_post_runs(engine: A1111Engine) -> No
         return httpx.Response(200, json={"progress": 0.6, "state": {
             "sampling_step": 4, "sampling_steps": 10, "job_no": 1, "job_count": 2}})
 
-    respx.post(URL).mock(side_effect=slow)
+    img2img = respx.post(URL).mock(side_effect=slow)
+    ours = task_is("active")
     poll = respx.get(PROGRESS).mock(side_effect=state)
     progress = RecordingProgress()
     result = await engine.run(bridge(n=2), progress, CancelToken())
     assert poll.calls.last.request.url.params["skip_current_image"] == "true"
+    task_id = json.loads(img2img.calls.last.request.content)["force_task_id"]
+    assert task_id.startswith("orch-") and json.loads(ours.calls.last.request.content)["id_task"] == task_id
     assert progress.steps[0] == (14, 20)
     assert len(result.images) == 2
 
@@ -194,29 +218,61 @@ async def test_progress_failures_do_not_fail_the_job(engine: A1111Engine) -> Non
         return httpx.Response(200, text="garbage")
 
     respx.post(URL).mock(side_effect=slow)
+    task_is("active")
     respx.get(PROGRESS).mock(side_effect=broken)
     result = await engine.run(bridge(), NullProgress(), CancelToken())
     assert len(result.images) == 1
 
 
 @respx.mock
-async def test_cancel_during_post_interrupts(engine: A1111Engine) -> None:
+@pytest.mark.parametrize("ours", ["active", "queued", "unknown"])
+async def test_a_cancel_interrupts_the_server_only_while_it_runs_our_task(engine: A1111Engine, ours: str) -> None:
+    # /interrupt stops whatever the server runs: while our task waits in its queue, that is
+    # another job (another client's, or another of ours), which must not be stopped.
     token = CancelToken()
 
     async def forever(request: httpx.Request) -> httpx.Response:
         await asyncio.Event().wait()
         raise AssertionError("unreachable")
 
-    def state(request: httpx.Request) -> httpx.Response:
-        token.cancel()
-        return httpx.Response(200, json={"state": {"sampling_step": 1, "sampling_steps": 30}})
-
     respx.post(URL).mock(side_effect=forever)
-    respx.get(PROGRESS).mock(side_effect=state)
+    task = task_is(ours)
+    progress = respx.get(PROGRESS).mock(return_value=httpx.Response(200, json={"state": {
+        "sampling_step": 1, "sampling_steps": 30}}))
     interrupt = respx.post(INTERRUPT).mock(return_value=httpx.Response(200, json={}))
+    recorded = RecordingProgress()
+    run = asyncio.ensure_future(engine.run(bridge(), recorded, token))
+    await asyncio.sleep(0.05)  # a few polls of our task's state
+    token.cancel()
     with pytest.raises(Canceled) as info:
-        await engine.run(bridge(), NullProgress(), token)
-    assert interrupt.call_count == 1 and info.value.charged == "no"
+        await asyncio.wait_for(run, 5)
+    assert info.value.charged == "no" and task.call_count >= 1
+    assert interrupt.call_count == (1 if ours == "active" else 0)
+    # The server-wide step counts are read only while they are our task's.
+    assert (progress.call_count > 0) == (ours == "active")
+    assert (recorded.steps != []) == (ours == "active")
+
+
+@respx.mock
+@pytest.mark.parametrize(("stamp", "interrupted", "fails"), [
+    ("20261129000000", True, True),    # the server's state is still our job's, and it was interrupted
+    ("20261129000000", False, False),
+    ("20261129000005", True, False),   # a later job began: its state says nothing of ours
+])
+async def test_an_answer_cut_short_by_an_interrupt_is_not_a_success(engine: A1111Engine, stamp: str,
+                                                                    interrupted: bool, fails: bool) -> None:
+    task_is("unknown")
+    body = ok_body()
+    body["info"] = json.dumps({**json.loads(body["info"]), "job_timestamp": "20261129000000"})
+    respx.post(URL).mock(return_value=httpx.Response(200, json=body))
+    respx.get(PROGRESS).mock(return_value=httpx.Response(200, json={"state": {
+        "interrupted": interrupted, "job_timestamp": stamp, "sampling_step": 3, "sampling_steps": 30}}))
+    if fails:
+        with pytest.raises(EngineError, match="interrupted on the server") as info:
+            await engine.run(bridge(), NullProgress(), CancelToken())
+        assert info.value.retryable and info.value.charged == "no"
+    else:
+        assert len((await engine.run(bridge(), NullProgress(), CancelToken())).images) == 1
 
 
 async def test_cancel_before_send(engine: A1111Engine) -> None:

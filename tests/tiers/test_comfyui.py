@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import io
 import json
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -65,21 +66,29 @@ def history(prompt_id: str, images: list[dict[str, str]] | None = None, status: 
     }}
 
 
-def mock_server(upload: Any = None, prompt: Any = None) -> dict[str, respx.Route]:
-    """A ComfyUI that answers /history with nothing once, then with the queued prompt's outputs."""
+def mock_server(upload: Any = None, prompt: Any = None, *, own_ids: bool = False,
+                running: bool = True) -> dict[str, respx.Route]:
+    """A ComfyUI that answers /history with nothing once, then with the queued prompt's outputs.
+    `own_ids`: a server older than client-chosen prompt ids, which queues under an id of its own.
+    `running`: whether `GET /queue` shows the queued prompt running (else another one is)."""
     queued: dict[str, str] = {}
 
     def on_prompt(request: httpx.Request) -> httpx.Response:
         body = json.loads(request.content)
-        queued["id"] = body["prompt_id"]
-        return httpx.Response(200, json={"prompt_id": body["prompt_id"], "number": 1, "node_errors": {}})
+        queued["id"] = str(uuid.uuid4()) if own_ids else body["prompt_id"]
+        return httpx.Response(200, json={"prompt_id": queued["id"], "number": 1, "node_errors": {}})
 
     polls = {"n": 0}
 
     def on_history(request: httpx.Request) -> httpx.Response:
         polls["n"] += 1
         prompt_id = request.url.path.rsplit("/", 1)[1]
-        return httpx.Response(200, json={} if polls["n"] == 1 else history(prompt_id))
+        known = prompt_id == queued.get("id") and polls["n"] > 1
+        return httpx.Response(200, json=history(prompt_id) if known else {})
+
+    def on_queue(request: httpx.Request) -> httpx.Response:
+        current = queued.get("id") if running else "someone-else"
+        return httpx.Response(200, json={"queue_running": [[0, current, {}, {}, ["9"]]], "queue_pending": []})
 
     return {
         "upload": respx.post(f"{BASE}/upload/image").mock(side_effect=upload or [
@@ -88,6 +97,7 @@ def mock_server(upload: Any = None, prompt: Any = None) -> dict[str, respx.Route
         "history": respx.get(url__regex=rf"{BASE}/history/.+").mock(side_effect=on_history),
         "view": respx.get(f"{BASE}/view").mock(return_value=httpx.Response(200, content=png_bytes((1, 2, 3)))),
         "queue": respx.post(f"{BASE}/queue").mock(return_value=httpx.Response(200, json={})),
+        "queue_state": respx.get(f"{BASE}/queue").mock(side_effect=on_queue),
         "interrupt": respx.post(f"{BASE}/interrupt").mock(return_value=httpx.Response(200)),
     }
 
@@ -231,6 +241,51 @@ async def test_cancel_during_polling_drops_and_interrupts(engine: ComfyUIEngine)
     assert json.loads(routes["interrupt"].calls.last.request.content) == {"prompt_id": prompt_id}
     assert json.loads(routes["queue"].calls.last.request.content) == {"delete": [prompt_id]}
     assert routes["view"].call_count == 0
+
+
+@respx.mock
+async def test_a_cancel_while_another_prompt_runs_only_takes_ours_off_the_queue(engine: ComfyUIEngine) -> None:
+    # Servers before targeted interrupts stop whatever runs, whatever prompt_id is sent.
+    routes = mock_server(running=False)
+    token = CancelToken()
+
+    def pending(request: httpx.Request) -> httpx.Response:
+        token.cancel()
+        return httpx.Response(200, json={})
+
+    routes["history"].side_effect = pending
+    with pytest.raises(Canceled):
+        await engine.run(bridge(), NullProgress(), token)
+    prompt_id = json.loads(routes["prompt"].calls.last.request.content)["prompt_id"]
+    assert json.loads(routes["queue"].calls.last.request.content) == {"delete": [prompt_id]}
+    assert routes["queue_state"].call_count == 1 and routes["interrupt"].call_count == 0
+
+
+@respx.mock
+async def test_a_server_that_names_the_prompt_itself_is_followed_by_its_id(engine: ComfyUIEngine) -> None:
+    routes = mock_server(own_ids=True)
+    progress = RecordingProgress()
+    result = await engine.run(bridge(), progress, CancelToken())
+    ours = json.loads(routes["prompt"].calls.last.request.content)["prompt_id"]
+    theirs = routes["prompt"].calls.last.response.json()["prompt_id"]
+    assert ours != theirs and len(result.images) == 1
+    assert routes["history"].calls.last.request.url.path == f"/history/{theirs}"
+    assert result.provider_request_id == theirs and progress.request_ids == [ours, theirs]
+
+
+@respx.mock
+async def test_variations_need_a_seed_placeholder(make_ctx: Any, tmp_path: Path) -> None:
+    # n identical graphs would be one cached image n times.
+    graph = json.loads(json.dumps(WORKFLOW))
+    graph["3"]["inputs"]["seed"] = 42
+    eng = ComfyUIEngine(make_ctx(comfyui_url=BASE, comfyui_workflow=write_workflow(tmp_path, graph)))
+    routes = mock_server()
+    with pytest.raises(BadEngineInput, match=r"\{\{seed\}\}"):
+        await eng.run(bridge(n=2), NullProgress(), CancelToken())
+    assert routes["upload"].call_count == 0 and routes["prompt"].call_count == 0
+    eng.poll_interval = 0
+    assert len((await eng.run(bridge(n=1), NullProgress(), CancelToken())).images) == 1
+    await eng.aclose()
 
 
 @respx.mock
