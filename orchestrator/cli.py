@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import httpx
 from pydantic import ValidationError
+from sqlalchemy.exc import OperationalError
 
 from orchestrator import __version__
 
@@ -20,6 +21,30 @@ if TYPE_CHECKING:
 
 
 LOG_LEVELS = ["critical", "error", "warning", "info", "debug"]
+# The demo polishes at twice the draft size, and the embedded engines make at most 2048 px.
+DEMO_SIZES = range(64, 1025, 8)
+
+
+def _port(text: str) -> int:
+    port = int(text)
+    if not 0 < port < 65536:
+        # The socket layer would take it modulo 65536 and listen elsewhere without a word.
+        raise argparse.ArgumentTypeError(f"{port} is not a TCP port (1-65535)")
+    return port
+
+
+def _demo_size(text: str) -> int:
+    size = int(text)
+    if size not in DEMO_SIZES:
+        raise argparse.ArgumentTypeError(f"{size}: drafts are 64-1024 px, a multiple of 8 (polish doubles it)")
+    return size
+
+
+def _service_url(text: str) -> str:
+    url = httpx.URL(text)
+    if url.scheme not in ("http", "https") or not url.host:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an http:// or https:// address")
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     serve = sub.add_parser("serve", help="run the HTTP service", formatter_class=defaults,
                            description="Run the HTTP service (settings: ORCH_* variables, see the README).")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    serve.add_argument("--port", type=int, default=8000, help="port to listen on")
+    serve.add_argument("--port", type=_port, default=8000, help="port to listen on")
     serve.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="the service's and uvicorn's log level")
     serve.add_argument("--no-jobs", action="store_true",
                        help="queue jobs for `orchestrator worker` processes and run none here (ORCH_RUN_JOBS=false)")
@@ -45,11 +70,13 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("migrate", help="apply database migrations and exit")
 
     demo = sub.add_parser("demo", help="draft -> promote -> polish on the embedded default, end to end")
-    demo.add_argument("--url", help="use a running service instead of starting one (its key: ORCH_ADMIN_KEY)")
+    demo.add_argument("--url", type=_service_url,
+                      help="use a running service instead of starting one (its key: ORCH_ADMIN_KEY)")
     demo.add_argument("--prompt", default="a lighthouse on a cliff at dusk, volumetric light",
                       help="what to draw (default: a lighthouse)")
     demo.add_argument("--out", default="demo-output", help="folder for the images (default: demo-output)")
-    demo.add_argument("--size", type=int, default=512, help="width and height of the drafts (default: 512)")
+    demo.add_argument("--size", type=_demo_size, default=512,
+                      help="width and height of the drafts: 64-1024, a multiple of 8 (default: 512)")
 
     args = parser.parse_args(argv)
     level = getattr(args, "log_level", "info").upper()
@@ -72,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
                      f"{_error_message(exc.response)}{hint}")
     except httpx.TransportError as exc:
         return _fail(f"cannot reach {exc.request.url.copy_with(path='/', query=None)}: {exc}")
+    except OperationalError as exc:
+        # The database is down or refuses us: say so in a line (the URL's password never shows).
+        reason = next(iter(str(exc.orig or exc).strip().splitlines()), type(exc).__name__)
+        return _fail(f"cannot use the database: {reason}")
 
 
 def _source_of(field: str) -> str:
@@ -169,6 +200,16 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     from orchestrator.demo import run_demo
 
+    if args.url is None:  # the demo starts the service itself: the same checks as `serve`
+        from orchestrator.settings import Settings
+
+        if (failed := _checked(Settings())) is not None:
+            return failed
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return _fail(f"cannot use {out} for the images: {exc.strerror or exc}", status=2)
     return run_demo(url=args.url, prompt=args.prompt, out=args.out, size=args.size)
 
 

@@ -62,6 +62,8 @@ def test_migrate_makes_a_new_data_dir(make_settings: SettingsFactory, monkeypatc
     ("serve", "ORCH_PRICES_FILE", "{tmp}/missing.toml", "ORCH_PRICES_FILE: prices file {tmp}/missing.toml: [Errno 2]"),
     ("worker", "ORCH_DATA_DIR", "{tmp}/a-file", "ORCH_DATA_DIR: cannot write in {tmp}/a-file"),
     ("serve", "ORCH_CONFIG_FILE", "{tmp}/studio.toml", "ORCH_CONFIG_FILE: no such file: {tmp}/studio.toml"),
+    # The demo starts the service itself: the same checks, before it starts (once a uvicorn traceback).
+    ("demo", "ORCH_PRICES_FILE", "{tmp}/prices.toml", "ORCH_PRICES_FILE: prices file {tmp}/prices.toml"),
 ])
 def test_a_setting_the_service_cannot_start_with_is_named_before_it_starts(
         make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
@@ -149,3 +151,40 @@ def test_the_log_file_gets_one_handler_however_often_main_runs(make_settings: Se
         for handler in [h for h in root.handlers if h not in before]:
             root.removeHandler(handler)
             handler.close()
+
+
+@pytest.mark.parametrize(("argv", "told"), [
+    (["serve", "--port", "74320"], "74320 is not a TCP port"),  # once: listened on 8784 without a word
+    (["demo", "--size", "1032"], "1032: drafts are 64-1024 px"),  # once: failed at polish, after the drafts
+    (["demo", "--size", "100"], "100: drafts are 64-1024 px, a multiple of 8"),
+    (["demo", "--url", "localhost:8781"], "'localhost:8781' is not an http:// or https:// address"),
+])
+def test_a_bad_argument_is_refused_before_anything_runs(argv: list[str], told: str,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    assert told in capsys.readouterr().err
+
+
+def test_a_demo_folder_that_cannot_be_made_is_one_line(make_settings: SettingsFactory, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    make_settings()  # keeps the developer's environment out
+    monkeypatch.setenv("ORCH_DATA_DIR", str(tmp_path / "data"))
+    (tmp_path / "taken").write_text("a file")
+    assert main(["demo", "--out", str(tmp_path / "taken")]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot use {tmp_path / 'taken'} for the images" in err and "Traceback" not in err
+
+
+def test_a_database_that_does_not_answer_is_one_line(make_settings: SettingsFactory, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    make_settings()  # keeps the developer's environment out
+    monkeypatch.setenv("ORCH_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("ORCH_DATABASE_URL", "postgresql+psycopg://studio:s3cret@127.0.0.1:9/orchestrator")
+    assert main(["migrate"]) == 1  # once ~40 frames of SQLAlchemy traceback
+    err = capsys.readouterr().err
+    assert err.startswith("orchestrator: cannot use the database: ") and err.count("\n") == 1
+    assert "s3cret" not in err
