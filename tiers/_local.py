@@ -258,9 +258,17 @@ class LocalRuntime:
             return self._pipes[key]
 
     def img2img(self, model: str) -> Any:
+        key = (model, "img2img")
+        if key in self._pipes:
+            return self._pipes[key]
+        if self._image_to_image_only(model):
+            # An SDXL refiner has no text-to-image form: loaded as what it is.
+            with self._load_lock:
+                if key not in self._pipes:
+                    self._pipes[key] = self._load(model, image_to_image=True)
+                return self._pipes[key]
         base = self.text2img(model)
         with self._load_lock:
-            key = (model, "img2img")
             if key not in self._pipes:
                 from diffusers import AutoPipelineForImage2Image
 
@@ -269,18 +277,31 @@ class LocalRuntime:
                 self._pipes[key] = pipe
             return self._pipes[key]
 
-    def _load(self, model: str) -> Any:
-        from diffusers import AutoPipelineForText2Image
+    def _image_to_image_only(self, model: str) -> bool:
+        """Whether the model's folder (or Hub repository) holds an image-to-image pipeline."""
+        source = self._source(model)
+        if source.is_file():
+            return False
+        from diffusers import DiffusionPipeline
+
+        try:
+            config = DiffusionPipeline.load_config(str(source) if source.exists() else model)
+        except (OSError, ValueError):  # not there, or not reachable: the normal load says why
+            return False
+        return "Img2Img" in str(config.get("_class_name", ""))
+
+    def _load(self, model: str, *, image_to_image: bool = False) -> Any:
+        from diffusers import AutoPipelineForImage2Image, AutoPipelineForText2Image
         from safetensors import SafetensorError
 
         source = self._source(model)
         log.info("loading %s on %s", model, self.device)
+        auto = AutoPipelineForImage2Image if image_to_image else AutoPipelineForText2Image
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)  # diffusers' torch_dtype -> dtype rename
                 pipe = (self._load_single_file(source) if source.is_file() else
-                        AutoPipelineForText2Image.from_pretrained(str(source) if source.exists() else model,
-                                                                  torch_dtype=self.dtype()))
+                        auto.from_pretrained(str(source) if source.exists() else model, torch_dtype=self.dtype()))
         except (OSError, ValueError, SafetensorError) as exc:  # SafetensorError: a .ckpt, a damaged file
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             if not source.exists() and not hf_hub_cached(model) and not hf_hub_reachable():
@@ -293,7 +314,7 @@ class LocalRuntime:
             pipe.safety_checker = None  # drafts are private sketches; the checker would black them out
         pipe = pipe.to(self.device)
         pipe.set_progress_bar_config(disable=True)
-        self._warm_up(pipe, model)
+        self._warm_up(pipe, model, image_to_image=image_to_image)
         return pipe
 
     def _source(self, model: str) -> Path:
@@ -310,11 +331,17 @@ class LocalRuntime:
         cls = StableDiffusionXLPipeline if is_xl else StableDiffusionPipeline
         return cls.from_single_file(str(path), torch_dtype=self.dtype())
 
-    def _warm_up(self, pipe: Any, model: str) -> None:
+    def _warm_up(self, pipe: Any, model: str, *, image_to_image: bool = False) -> None:
         # One tiny step compiles kernels and allocates buffers before the first user waits on it.
         size = 64 if model == tiny.NAME else 256
-        pipe(prompt="warm-up", num_inference_steps=1, guidance_scale=0.0, width=size, height=size,
-             output_type="latent")
+        if image_to_image:
+            from PIL import Image as PILImage
+
+            pipe(prompt="warm-up", image=PILImage.new("RGB", (size, size)), strength=1.0, num_inference_steps=1,
+                 guidance_scale=0.0, output_type="latent")
+        else:
+            pipe(prompt="warm-up", num_inference_steps=1, guidance_scale=0.0, width=size, height=size,
+                 output_type="latent")
 
     def preview(self, latents: Any) -> Image | None:
         """A step's preview, or None. A preview is a nicety: a TAESD that cannot be loaded or does

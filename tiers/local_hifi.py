@@ -9,6 +9,7 @@ This is the embedded default for bridge and polish: the whole workflow runs offl
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from typing import TYPE_CHECKING, Any
@@ -77,7 +78,7 @@ class LocalHifiEngine(LocalEngine):
         steps = self._steps(req, strength)
         guidance = self.defaults.guidance_scale if req.guidance_scale is None else req.guidance_scale
         source = req.init_image.convert("RGB").resize((req.width, req.height), PILImage.Resampling.LANCZOS)
-        tile = max(self.defaults.native_size, 64)
+        tile = max(self.defaults.native_size, 2 * TILE_OVERLAP)  # tiles must be wider than their overlap
         boxes = [(0, 0, req.width, req.height)]
         if req.stage == "polish" and max(req.width, req.height) > tile * 1.25:
             boxes = tile_boxes(req.width, req.height, tile)
@@ -104,9 +105,13 @@ class LocalHifiEngine(LocalEngine):
 
         acc = np.zeros((req.height, req.width, 3), dtype=np.float64)
         weight = np.zeros((req.height, req.width, 1), dtype=np.float64)
+        # SD3 and FLUX img2img render at their default size (1024 px) unless told the image's: the
+        # draft would be squashed square and cost up to 4x the work. SD and SDXL take the image's.
+        sized = {"width", "height"} <= inspect.signature(pipe.__call__).parameters.keys()
         for tile_index, box in enumerate(boxes):
             cancel.raise_if_cancelled()  # between tiles: not after the next tile's first step
             tile_img = source.crop(box)
+            size = {"width": tile_img.width, "height": tile_img.height} if sized else {}
 
             def on_step(pipeline: Any, i: int, t: Any, kwargs: dict[str, Any],
                         done_passes: int = first_pass + tile_index) -> Any:
@@ -131,6 +136,7 @@ class LocalHifiEngine(LocalEngine):
                     generator=torch.Generator("cpu").manual_seed(seed),
                     callback_on_step_end=on_step,
                     callback_on_step_end_tensor_inputs=["latents"],
+                    **size,
                 )
             rendered = np.asarray(out.images[0].convert("RGB").resize(tile_img.size), dtype=np.float64)
             mask = _feather(tile_img.size, box, (req.width, req.height))

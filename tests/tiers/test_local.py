@@ -4,6 +4,7 @@ that say what to do."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -20,7 +21,7 @@ from tiers import tiny
 from tiers._local import _usable_cpus, hf_hub_reachable, latents_to_preview, runtime_for
 from tiers.base import CancelToken, EngineContext, RenderRequest
 from tiers.lite import LiteEngine
-from tiers.local_hifi import LocalHifiEngine
+from tiers.local_hifi import LocalHifiEngine, tile_boxes
 
 EngineFactory = Callable[..., tuple[LiteEngine, LocalHifiEngine]]
 
@@ -72,6 +73,37 @@ async def test_local_hifi_progress_ends_at_100_percent_on_its_last_tile(engines:
     totals = {total for _, total in progress.steps}
     assert len(totals) == 1 and progress.steps[-1][0] == totals.pop()
     assert [step for step, _ in progress.steps] == list(range(1, len(progress.steps) + 1))
+
+
+class SizedPipe:
+    """The tiny img2img pipeline behind the signature of SD3's and FLUX's, which take the size to
+    render at (and otherwise render at their default 1024 px)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.scheduler = inner, inner.scheduler
+        self.sizes: list[tuple[int | None, int | None]] = []
+
+    def __call__(self, *, width: int | None = None, height: int | None = None, **kwargs: Any) -> Any:
+        self.sizes.append((width, height))
+        return self.inner(**kwargs)
+
+
+async def test_a_pipeline_that_takes_a_size_is_told_each_tile_s(engines: EngineFactory,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    _, hifi = engines(local_max_size=256)
+    sized = SizedPipe(await hifi.runtime.call(hifi.runtime.img2img, hifi.model))
+    monkeypatch.setattr(hifi.runtime, "img2img", lambda model: sized)
+    monkeypatch.setattr(hifi, "defaults", dataclasses.replace(hifi.defaults, native_size=128))  # tiles of 128 px
+    bridge = RenderRequest(stage="bridge", prompt="a lighthouse", width=96, height=64, steps=2, seed=1, n=1,
+                           init_image=draft_image(), strength=0.5)
+    assert (await hifi.run(bridge, RecordingProgress(), CancelToken())).images[0].image.size == (96, 64)
+    assert sized.sizes == [(96, 64)]
+    sized.sizes.clear()
+    polish = RenderRequest(stage="polish", prompt="a lighthouse", width=256, height=96, steps=2, seed=1, n=1,
+                           init_image=draft_image(), creativity=0.5)
+    await hifi.run(polish, RecordingProgress(), CancelToken())
+    boxes = tile_boxes(256, 96, 128)
+    assert len(boxes) > 1 and sized.sizes == [(right - left, bottom - top) for left, top, right, bottom in boxes]
 
 
 async def test_a_cancel_between_chunks_stops_before_the_next_chunk(engines: EngineFactory) -> None:
@@ -167,3 +199,42 @@ def test_a_ckpt_file_is_unavailable_with_what_to_do(make_settings: SettingsFacto
     lite = LiteEngine(EngineContext(settings=make_settings(lite_model=str(checkpoint))))
     available, reason = lite.availability()
     assert not available and reason and "convert it to .safetensors" in reason
+
+
+def save_tiny_sdxl_refiner(folder: Any, tokenizer: Any) -> None:
+    """An SDXL refiner's shape (image-to-image only, one text encoder, aesthetic-score
+    conditioning), random and tiny."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=32, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=72,
+        cross_attention_dim=32, norm_num_groups=8)
+    vae = AutoencoderKL(block_out_channels=(8, 16, 32, 32), in_channels=3, out_channels=3,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        latent_channels=4, norm_num_groups=8, sample_size=64)
+    text = CLIPTextModelWithProjection(CLIPTextConfig(
+        bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=32, intermediate_size=37, projection_dim=32,
+        layer_norm_eps=1e-5, num_attention_heads=4, num_hidden_layers=2, vocab_size=600, max_position_embeddings=77))
+    StableDiffusionXLImg2ImgPipeline(
+        vae=vae, text_encoder=None, text_encoder_2=text, tokenizer=None,
+        tokenizer_2=CLIPTokenizer.from_pretrained(tokenizer), unet=unet, scheduler=EulerDiscreteScheduler(),
+        requires_aesthetics_score=True, force_zeros_for_empty_prompt=False).save_pretrained(folder)
+
+
+async def test_an_image_to_image_only_model_is_loaded_as_one(engines: EngineFactory, tiny_cache_dir: Any,
+                                                                     tmp_path: Any) -> None:
+    # Loaded as text-to-image, an SDXL refiner failed every job ("expects an added time embedding
+    # vector of length 72, but a vector of 80 was created").
+    save_tiny_sdxl_refiner(tmp_path / "refiner", tiny_cache_dir / "tiny-sd" / "tokenizer")
+    _, hifi = engines(hifi_model=str(tmp_path / "refiner"), local_max_size=256)
+    bridge = RenderRequest(stage="bridge", prompt="a lighthouse", width=96, height=64, steps=2, seed=1, n=1,
+                           init_image=draft_image(), strength=0.5)
+    result = await hifi.run(bridge, RecordingProgress(), CancelToken())
+    assert result.images[0].image.size == (96, 64) and result.model == str(tmp_path / "refiner")
+    pipe = await hifi.runtime.call(hifi.runtime.img2img, hifi.model)
+    assert type(pipe).__name__ == "StableDiffusionXLImg2ImgPipeline"
