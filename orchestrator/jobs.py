@@ -198,12 +198,17 @@ class JobService:
                     return existing, False
             cached = self._cached(s, job) if job.cache_key else None
             # Routing read the balance before this lock: a request that held since may leave too
-            # little for the choice, and a cheaper (or free) candidate must then take it. A copy
-            # of an earlier result costs nothing, so it needs no room in the budget.
-            if (not cached and decision.estimate > 0 and project.budget_limit is not None
-                    and _within_budget(decision, self.ledger.balance(s, project))):
-                job = self._new_job(prepared, decision, cache=cache)
-                cached = self._cached(s, job) if job.cache_key else None
+            # little for the choice (a cheaper or free candidate must then take it), or push the
+            # project past a rule's `budget_used_over` (its own engines then apply). So the same
+            # routing runs again on the balance now. A copy of an earlier result costs nothing,
+            # so it needs no room in the budget.
+            if not cached and decision.estimate > 0 and project.budget_limit is not None:
+                fresh = self._route(project.policy, prepared, engine, max_credits,
+                                    self.ledger.balance(s, project), cache=False)
+                if (fresh.chosen, fresh.rule) != (decision.chosen, decision.rule):
+                    decision = fresh
+                    job = self._new_job(prepared, decision, cache=cache)
+                    cached = self._cached(s, job) if job.cache_key else None
             # Ids are the list cursors: made under the write lock, they commit in id order, so a
             # client paging with `id > cursor` cannot step over a job committed just after.
             job.id = new_id("job")
@@ -253,7 +258,11 @@ class JobService:
             project = self._project(s, prepared.project_id)
             # Without a budget there is no share of it to route on: skip the ledger's sums.
             balance = None if project.budget_limit is None else self.ledger.balance(s, project)
-        decision = self.router.decide(project.policy, prepared.request, engine,
+        return self._route(project.policy, prepared, engine, max_credits, balance, cache=cache)
+
+    def _route(self, policy: str, prepared: Prepared, engine: str | None, max_credits: float | None,
+               balance: Balance | None, *, cache: bool) -> Decision:
+        decision = self.router.decide(policy, prepared.request, engine,
                                       None if balance is None else balance.used_fraction)
         if (balance is None and max_credits is None) or (cache and self._has_cached(prepared, decision)):
             return decision
@@ -269,6 +278,7 @@ class JobService:
             for candidate in decision.candidates:
                 if candidate.skipped is None and (candidate.estimate or 0) > to_millicredits(max_credits):
                     candidate.skipped = f"estimate above max_credits ({max_credits})"
+            decision.candidates.sort(key=lambda c: c.skipped is not None)  # usable ones first, as ever
         return decision
 
     def _has_cached(self, prepared: Prepared, decision: Decision) -> bool:

@@ -472,8 +472,10 @@ class JobRunner:
         with self.db.transaction() as s:
             if status == "failed" and s.scalar(select(Job.cancel_requested_at).where(col(Job.id) == job.id)):
                 status, error = "canceled", Canceled(f"the job was canceled (it was failing: {error.message})"[:500])
+            # The progress it reached stays (a fast job's row was never written a step before).
             self._guarded_update(s, claim, status=status, finished_at=utcnow(), error=error.to_dict(),
-                                 lease_owner=None, lease_expires_at=None,
+                                 lease_owner=None, lease_expires_at=None, progress_step=job.progress_step,
+                                 progress_total=job.progress_total,
                                  attempts=[*(job.attempts or []),
                                            {"engine": job.engine, "status": status, "error": error.to_dict()}])
             self.ledger.settle_failure(s, job, bill)

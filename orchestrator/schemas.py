@@ -31,8 +31,25 @@ Prompt = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, m
 MAX_TAGS = 64
 # Bounded in number too: tags are stored with the job and sent back with every read of it and of
 # its lists, so thousands of them would weigh on every client of the project.
+
+
+def _privacy_key(tags: dict[str, str]) -> dict[str, str]:
+    """`Privacy` or ` privacy ` is the privacy tag, stored as `privacy`: a near miss must not send a
+    private image to the cloud (values are already read loosely, see `policies.schema.is_private`)."""
+    from policies.schema import PRIVACY_TAG  # policies.schema imports this module
+
+    out: dict[str, str] = {}
+    for key, value in tags.items():
+        name = PRIVACY_TAG if key.strip().lower() == PRIVACY_TAG else key
+        if name in out:
+            raise ValueError(f"the {PRIVACY_TAG} tag is given twice, spelled differently")
+        out[name] = value
+    return out
+
+
 Tags = Annotated[dict[Annotated[str, StringConstraints(min_length=1, max_length=100)],
-                      Annotated[str, StringConstraints(max_length=500)]], Field(max_length=MAX_TAGS)]
+                      Annotated[str, StringConstraints(max_length=500)]], Field(max_length=MAX_TAGS),
+                 AfterValidator(_privacy_key)]
 
 
 def _not_a_bool(value: Any) -> Any:

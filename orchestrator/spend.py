@@ -56,12 +56,19 @@ def spend(s: Session, group_by: GroupBy, start: datetime | None, end: datetime |
     return {"group_by": group_by, "from": start, "to": end, "groups": out, "total": to_credits(total)}
 
 
+# Job ids per query: one bind parameter each, and PostgreSQL takes at most 65535 (SQLite builds
+# as few as 32766): a report over a busy install's history must not hit either.
+ID_BATCH = 10_000
+
+
 def _images_per_job(s: Session, job_ids: set[str]) -> dict[str, int]:
-    if not job_ids:
-        return {}
-    rows = s.exec(select(Asset.job_id, func.count()).where(col(Asset.job_id).in_(job_ids))
-                  .group_by(col(Asset.job_id))).all()
-    return {job_id: int(n) for job_id, n in rows}
+    ids = sorted(job_ids)
+    counts: dict[str, int] = {}
+    for start in range(0, len(ids), ID_BATCH):
+        rows = s.exec(select(Asset.job_id, func.count()).where(col(Asset.job_id).in_(ids[start:start + ID_BATCH]))
+                      .group_by(col(Asset.job_id))).all()
+        counts.update((job_id, int(n)) for job_id, n in rows)
+    return counts
 
 
 def savings(s: Session, registry: EngineRegistry, start: datetime | None, end: datetime | None,

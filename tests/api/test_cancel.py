@@ -50,6 +50,8 @@ def test_cancel_running_job(server: httpx.Client) -> None:
 
     done = wait_for_job(server, job["id"], ("canceled",), timeout=30)
     assert done["assets"] == []
+    # Where it stopped, not a reset bar.
+    assert 0 < steps[-1] <= done["progress"]["step"] < done["progress"]["total"]
     assert done["error"]["code"] == "canceled"
     assert done["finished_at"] is not None
     assert server.get(f"/v1/projects/{project}/assets").json()["items"] == []

@@ -20,13 +20,34 @@ from orchestrator.services import Services
 from tests.routing import assert_error, ledger, promote, run_draft, wait_for_job
 from tests.routing.conftest import FAKE_ENGINES, FALLBACK_POLICY, SettingsFactory, running, write_policies
 
+SOFT_BUDGET_POLICY = """
+name = "soft-budget-test"
+description = "As fallback-test, but local once 80% of the budget is used."
+
+[[rules]]
+name = "drafts"
+match = { stage = "ideation" }
+engines = ["lite"]
+
+[[rules]]
+name = "soft"
+match = { stage = ["bridge", "polish"], budget_used_over = 0.8 }
+engines = ["local-hifi"]
+
+[[rules]]
+name = "paid"
+match = { stage = ["bridge", "polish"] }
+engines = ["fake-paid", "local-hifi"]
+"""
+
 
 @pytest.fixture(scope="module")
 def paid_server(new_settings: SettingsFactory, tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
     """A service that knows fake-paid (10 credits) and fake-b (20 credits); new projects use the
     `fallback-test` policy. Its tests share it, so its circuit breaker never opens (threshold
     1000): one test's failures must not change another's routing."""
-    folder = write_policies(tmp_path_factory.mktemp("policies"), {"fallback-test": FALLBACK_POLICY})
+    folder = write_policies(tmp_path_factory.mktemp("policies"), {"fallback-test": FALLBACK_POLICY,
+                                                                   "soft-budget-test": SOFT_BUDGET_POLICY})
     settings = new_settings(engines=FAKE_ENGINES, policy="fallback-test", policy_dir=folder)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr("orchestrator.services.EngineHealth", functools.partial(EngineHealth, threshold=1000))
@@ -335,6 +356,28 @@ def test_a_hold_taken_after_routing_read_the_budget_moves_the_choice(paid_server
     assert ledger(paid_server, project_id, job["id"]) == []
 
 
+def test_a_hold_that_pushes_the_project_past_a_rule_s_share_moves_the_choice(
+        paid_server: httpx.Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rule `budget_used_over = 0.8` applies to the balance under the project's lock, not the
+    one routing read before it: concurrent promotes took the project to 95% on a cloud engine."""
+    project_id, asset_id = draft_asset(paid_server, budget={"limit": 100, "period": "month"})
+    assert paid_server.patch(f"/v1/projects/{project_id}", json={"policy": "soft-budget-test"}).status_code == 200
+    decide = JobService.decide
+
+    def decide_then_another_request_holds(self: JobService, prepared: Any, engine: str | None,
+                                          max_credits: float | None, **options: Any) -> Any:
+        decision = decide(self, prepared, engine, max_credits, **options)
+        assert decision.chosen == "fake-paid" and decision.rule == "paid"  # 0% used when it looked
+        with self.db.transaction() as s:
+            s.add(LedgerEntry(project_id=prepared.project_id, kind="hold", amount=85_000, created_at=utcnow()))
+        return decision
+
+    monkeypatch.setattr(JobService, "decide", decide_then_another_request_holds)
+    job = promote(paid_server, asset_id)
+    assert (job["engine"], job["routing"]["rule"]) == ("local-hifi", "soft")  # 85% used: 10 credits would fit
+    assert ledger(paid_server, project_id, job["id"]) == []
+
+
 def test_a_source_whose_file_is_gone_is_refused_at_submit(new_settings: SettingsFactory) -> None:
     """Not accepted and failed later (a job that can never run, holding credits meanwhile)."""
     services = Services.build(new_settings(engines=FAKE_ENGINES))
@@ -376,3 +419,15 @@ def test_a_copy_of_an_earlier_result_needs_no_room_in_the_budget(paid_server: ht
     fresh = paid_server.post(f"/v1/assets/{asset_id}/promote", json={**body, "cache": False})
     assert_error(fresh, 402, "budget_exceeded")
     assert [e["kind"] for e in ledger(paid_server, project_id)] == ["hold", "capture"]
+
+
+def test_the_privacy_tag_is_known_however_its_key_is_spelled(paid_server: httpx.Client) -> None:
+    # `Privacy` was another tag: the private draft's promotion went to a cloud engine.
+    response = paid_server.post("/v1/projects", json={"name": "private"})
+    draft = run_draft(paid_server, response.json()["id"], tags={" Privacy": "local"})
+    assert draft["params"]["tags"] == {"privacy": "local"}
+    job = promote(paid_server, draft["assets"][0])
+    assert job["engine"] == "local-hifi" and job["params"]["tags"]["privacy"] == "local"
+    twice = paid_server.post(f"/v1/assets/{draft['assets'][0]}/promote",
+                             json={"tags": {"privacy": "local", "PRIVACY": "cloud"}})
+    assert_error(twice, 422, "invalid_request")
