@@ -102,6 +102,20 @@ def mock_server(upload: Any = None, prompt: Any = None, *, own_ids: bool = False
     }
 
 
+async def cancel_while_polling(engine: ComfyUIEngine, routes: dict[str, respx.Route]) -> pytest.ExceptionInfo[Canceled]:
+    """Run a job that is canceled while it waits for its prompt's history."""
+    token = CancelToken()
+
+    def pending(request: httpx.Request) -> httpx.Response:
+        token.cancel()
+        return httpx.Response(200, json={})
+
+    routes["history"].side_effect = pending
+    with pytest.raises(Canceled) as info:
+        await engine.run(bridge(), NullProgress(), token)
+    return info
+
+
 @respx.mock
 async def test_success_uploads_draft_and_queues_typed_graph(engine: ComfyUIEngine) -> None:
     routes = mock_server()
@@ -227,15 +241,7 @@ async def test_no_output_images_is_a_failure(engine: ComfyUIEngine) -> None:
 @respx.mock
 async def test_cancel_during_polling_drops_and_interrupts(engine: ComfyUIEngine) -> None:
     routes = mock_server()
-    token = CancelToken()
-
-    def pending(request: httpx.Request) -> httpx.Response:
-        token.cancel()
-        return httpx.Response(200, json={})
-
-    routes["history"].side_effect = pending
-    with pytest.raises(Canceled) as info:
-        await engine.run(bridge(), NullProgress(), token)
+    info = await cancel_while_polling(engine, routes)
     prompt_id = json.loads(routes["prompt"].calls.last.request.content)["prompt_id"]
     assert info.value.charged == "no"
     assert json.loads(routes["interrupt"].calls.last.request.content) == {"prompt_id": prompt_id}
@@ -247,15 +253,7 @@ async def test_cancel_during_polling_drops_and_interrupts(engine: ComfyUIEngine)
 async def test_a_cancel_while_another_prompt_runs_only_takes_ours_off_the_queue(engine: ComfyUIEngine) -> None:
     # Servers before targeted interrupts stop whatever runs, whatever prompt_id is sent.
     routes = mock_server(running=False)
-    token = CancelToken()
-
-    def pending(request: httpx.Request) -> httpx.Response:
-        token.cancel()
-        return httpx.Response(200, json={})
-
-    routes["history"].side_effect = pending
-    with pytest.raises(Canceled):
-        await engine.run(bridge(), NullProgress(), token)
+    await cancel_while_polling(engine, routes)
     prompt_id = json.loads(routes["prompt"].calls.last.request.content)["prompt_id"]
     assert json.loads(routes["queue"].calls.last.request.content) == {"delete": [prompt_id]}
     assert routes["queue_state"].call_count == 1 and routes["interrupt"].call_count == 0
@@ -293,15 +291,7 @@ async def test_cleanup_failure_still_cancels(engine: ComfyUIEngine) -> None:
     routes = mock_server()
     routes["interrupt"].side_effect = httpx.ConnectError("down")
     routes["queue"].mock(return_value=httpx.Response(404))
-    token = CancelToken()
-
-    def pending(request: httpx.Request) -> httpx.Response:
-        token.cancel()
-        return httpx.Response(200, json={})
-
-    routes["history"].side_effect = pending
-    with pytest.raises(Canceled):
-        await engine.run(bridge(), NullProgress(), token)
+    await cancel_while_polling(engine, routes)
 
 
 @respx.mock
