@@ -380,14 +380,24 @@ class JobService:
     def cancel_orphan(self, job_id: str) -> bool:
         """Cancel a running job whose worker is gone; False when it is back in the queue (a
         recovery or a fallback moved it meanwhile)."""
+        values = {"status": "canceled", "finished_at": utcnow(), "lease_owner": None, "lease_expires_at": None,
+                  "error": {"code": "canceled", "message": "canceled; its worker was gone", "details": {}}}
         with self.db.transaction() as s:
-            result = s.execute(update(Job).where(col(Job.id) == job_id, col(Job.status) == "running").values(
-                status="canceled", finished_at=utcnow(), lease_owner=None, lease_expires_at=None,
-                error={"code": "canceled", "message": "canceled; its worker was gone", "details": {}}))
             job = s.get(Job, job_id)
-            if getattr(result, "rowcount", 0) == 1 and job is not None:
-                # The worker may have reached the provider before it vanished.
-                self.ledger.capture(s, job, None, unreconciled=True, note="canceled while a worker held it")
+            running = (col(Job.id) == job_id, col(Job.status) == "running")
+            result: Any = None
+            if job is not None and job.sent_nothing():
+                # Its worker vanished before its first paid request: nothing to charge, unless it
+                # is alive after all and recording one right now (then the update below).
+                result = s.execute(update(Job).where(*running, col(Job.attempt) == job.attempt,
+                                                     col(Job.unsent_attempt) == job.attempt).values(**values))
+                if getattr(result, "rowcount", 0) == 1:
+                    self.ledger.release(s, job, note="canceled before its worker sent anything")
+            if getattr(result, "rowcount", 0) != 1:
+                result = s.execute(update(Job).where(*running).values(**values))
+                if getattr(result, "rowcount", 0) == 1 and job is not None:
+                    # The worker may have reached the provider before it vanished.
+                    self.ledger.capture(s, job, None, unreconciled=True, note="canceled while a worker held it")
         if getattr(result, "rowcount", 0) == 1:
             self.bus.publish(job_id, "canceled", {"job_id": job_id, "status": "canceled"})
             return True

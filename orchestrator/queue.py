@@ -458,10 +458,9 @@ class Scheduler:
         # A remote engine that costs nothing (a self-hosted ComfyUI or AUTOMATIC1111): running the
         # job again spends only the server's time, so it is done rather than failed.
         free = not local and not reattach and engine is not None and _costs_nothing(engine, job)
-        # A paid job whose attempt died before its first request that can bill (a rate-limit wait,
-        # a source still being read): nothing reached the provider, so it runs again, hold kept.
-        unsent = (not local and not reattach and job.unsent_attempt is not None
-                  and job.unsent_attempt == job.attempt and not (job.provider_work or {}).get("handles"))
+        # A paid job whose attempt died before its first request that can bill (its draft still
+        # being read and encoded): nothing reached the provider, so it runs again, hold kept.
+        unsent = not local and not reattach and job.sent_nothing()
         # Run again with nothing billed so far: local work, work to follow, free or unsent requests.
         rerun = local or reattach or free or unsent
         # Each recovery is recorded in the job's attempts: a job the process keeps dying under (out
@@ -515,6 +514,10 @@ class Scheduler:
             if outcome != "canceled":
                 # A cancel asked since the read wins: the next sweep ends the job canceled.
                 stmt = stmt.where(col(Job.cancel_requested_at).is_(None))
+            if unsent and not (local or free):
+                # A worker whose lease ran out may be alive and sending now: once it has recorded
+                # its first request, this is no longer a job that sent nothing (next sweep).
+                stmt = stmt.where(col(Job.unsent_attempt) == job.attempt)
             if _rowcount(s.execute(stmt.values(**values))) != 1:
                 return None
             if outcome == "failed":

@@ -58,7 +58,7 @@ class FakePaidEngine:
     async def run(self, req: RenderRequest, progress: Progress, cancel: CancelToken) -> RenderResult:
         self.calls += 1
         behaviour = req.tags.get("fake", "")
-        if behaviour == "wait-before-send":  # as a rate-limit wait or a slow upload does
+        if behaviour == "wait-before-send":  # as reading and encoding a large draft does
             await cancel.sleep(float(req.tags.get("seconds", "1")))
         if behaviour == "fail":  # a failure that made nothing; before the send, so a cancel cannot stop it first
             raise EngineError("fake engine failed", retryable=True)

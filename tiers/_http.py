@@ -251,6 +251,8 @@ class RemoteClient:
             cancel.raise_if_cancelled()  # nothing sent yet: charged "no"
         if not idempotent:
             await billable_send()
+            if cancel is not None:
+                cancel.raise_if_cancelled()  # asked while the send was being recorded: still nothing sent
         try:
             if cancel is None:
                 response = await self.client.request(method, url, **kwargs)

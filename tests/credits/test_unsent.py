@@ -97,6 +97,33 @@ def test_recovery_runs_again_only_an_attempt_known_to_have_sent_nothing(built: S
     assert settled(built, ids["unsent_canceled"]) == [("hold", False), ("release", False)]
 
 
+def test_a_worker_that_records_its_send_after_recovery_looked_keeps_its_job(built: Services) -> None:
+    """A worker past its lease but alive: recovery reads the job as unsent, then the worker records
+    its first paid request and sends it. Recovery must not queue it again (a second send)."""
+    ids = left_running(built, late={"unsent_attempt": 1})
+    [orphan] = asyncio.run(asyncio.to_thread(built.scheduler._orphans, False))
+    with built.db.session() as s:
+        job = s.get(Job, ids["late"])
+        assert job is not None
+    built.runner._record_sending(Claim(job, 1, CancelToken()))  # the worker, between the read and the write
+    assert built.scheduler._recover_one(orphan) is None
+    with built.db.session() as s:
+        after = s.get(Job, ids["late"])
+        assert after is not None and (after.status, after.attempt, after.unsent_attempt) == ("running", 1, None)
+    assert settled(built, ids["late"]) == [("hold", False)]
+    # Its worker still gone at the next sweep: now a job that may have been billed.
+    assert asyncio.run(built.scheduler.recover(all_foreign=False)) == [ids["late"]]
+    assert settled(built, ids["late"]) == [("hold", False), ("capture", True)]
+
+
+def test_canceling_a_job_whose_gone_worker_sent_nothing_releases_its_hold(built: Services) -> None:
+    ids = left_running(built, unsent={"unsent_attempt": 1}, sent={"unsent_attempt": None})
+    for label in ids:
+        assert built.jobs.cancel_orphan(ids[label])
+    assert settled(built, ids["unsent"]) == [("hold", False), ("release", False)]
+    assert settled(built, ids["sent"]) == [("hold", False), ("capture", True)]
+
+
 def test_the_first_send_is_recorded_only_for_the_claim_holding_the_job(built: Services) -> None:
     ids = left_running(built, held={"unsent_attempt": 1},
                        canceled={"unsent_attempt": 1, "cancel_requested_at": utcnow()},
@@ -149,7 +176,7 @@ def test_an_attempt_another_process_took_over_sends_nothing(paid_settings_for: C
 def test_a_killed_paid_job_runs_again_only_if_its_request_had_not_gone(
         behaviour: str, service_env: dict[str, str], tmp_path: Path, paid_settings_for: Callable[..., Settings],
         services: list[Service]) -> None:
-    """Killed while waiting to send (a rate-limit wait, say): run again with its hold. Killed with
+    """Killed before it sent (its draft still being prepared): run again with its hold. Killed with
     a synchronous call out (no provider id saved, so nothing to follow): failed, charged for
     reconciliation, never sent twice."""
     settings = paid_settings_for(Path(service_env["ORCH_DATA_DIR"]))

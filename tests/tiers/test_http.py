@@ -175,3 +175,16 @@ async def test_a_refused_announcement_sends_nothing(client: RemoteClient) -> Non
     with before_billable_sends(hook), pytest.raises(Canceled) as info:
         await client.request("POST", "/images", json={"prompt": "a lighthouse"})
     assert info.value.charged == "no" and route.call_count == 0
+
+
+@respx.mock
+async def test_a_cancel_while_the_send_is_being_recorded_sends_nothing(client: RemoteClient) -> None:
+    route = respx.post(f"{BASE}/images").mock(return_value=httpx.Response(200, json={}))
+    token = CancelToken()
+
+    async def hook() -> None:  # the runner's write, during which the user cancels
+        token.cancel()
+
+    with before_billable_sends(hook), pytest.raises(Canceled) as info:
+        await client.request("POST", "/images", json={"prompt": "a lighthouse"}, cancel=token)
+    assert info.value.charged == "no" and route.call_count == 0
