@@ -195,8 +195,15 @@ def _run(args: argparse.Namespace) -> int:
         settings = Settings()
         if (failed := _checked(settings, prices=False)) is not None:
             return failed
-        upgrade(settings.resolved_database_url)
-        print(f"database at {settings.resolved_database_url} is up to date")
+        from alembic.util.exc import CommandError
+        from sqlalchemy.engine import make_url
+
+        url = settings.resolved_database_url
+        try:
+            upgrade(url)
+        except CommandError as exc:  # a revision this version does not know: the database is newer
+            return _fail(f"cannot migrate the database: {exc} (is it used by a newer orchestrator?)")
+        print(f"database at {make_url(url).render_as_string(hide_password=True)} is up to date")
         return 0
     from orchestrator.demo import run_demo
 

@@ -22,6 +22,7 @@ from typing import Any
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.engine import make_url
 from sqlmodel import Session
 
 from orchestrator.bells import Bell
@@ -55,7 +56,7 @@ class Database:
         kwargs: dict[str, Any] = {}
         if self.is_sqlite:
             kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
-            path = url.split("///", 1)[-1]
+            path = make_url(url).database or ""
             if path and path != ":memory:":
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
         else:
@@ -113,7 +114,7 @@ def upgrade(url: str, revision: str = "head") -> None:
     create the tables (PostgreSQL takes an advisory lock in migrations/env.py). All pending
     revisions are one transaction on both databases, so an upgrade that fails or is killed
     leaves the revision it started from (see migrations/env.py)."""
-    path = url.split("///", 1)[-1] if url.startswith("sqlite") else ""
+    path = (make_url(url).database or "") if url.startswith("sqlite") else ""
     if not path or path == ":memory:":
         command.upgrade(alembic_config(url), revision)
         return

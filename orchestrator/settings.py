@@ -28,6 +28,7 @@ from pydantic_settings import (
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+from sqlalchemy.engine import URL
 
 log = logging.getLogger(__name__)
 PREFIX = "ORCH_"
@@ -164,7 +165,9 @@ class Settings(BaseSettings):
     def resolved_database_url(self) -> str:
         if self.database_url:
             return self.database_url
-        return f"sqlite:///{(self.data_dir / 'orchestrator.db').resolve()}"
+        # Quoted: a data dir named `dq?x` would otherwise open `dq` (the rest read as a query).
+        return URL.create("sqlite", database=str((self.data_dir / "orchestrator.db").resolve())).render_as_string(
+            hide_password=False)
 
     @property
     def extra_engines(self) -> dict[str, str]:

@@ -47,6 +47,21 @@ RECENT_BYTES = 32 * 2**20
 PREVIEW_TEMP_SECONDS = 60.0
 
 
+def _quoted(value: Any) -> str:
+    """A value as AUTOMATIC1111 writes it: JSON-quoted when it holds a separator its readers split on."""
+    text = str(value)
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
+
+
+def model_name(model: str | None) -> str | None:
+    """The model as images name it: a local folder or file by its own name, never the server's
+    path to it (a Hub id such as `stabilityai/sd-turbo` is kept whole)."""
+    if not model:
+        return model
+    path = Path(model).expanduser()
+    return path.name if path.is_absolute() or model.startswith(("~", ".")) else model
+
+
 def infotext(record: dict[str, Any]) -> str:
     """AUTOMATIC1111's `parameters` format: prompt, negative prompt, then `Key: value` pairs."""
     lines = [str(record.get("prompt", ""))]
@@ -63,11 +78,13 @@ def infotext(record: dict[str, Any]) -> str:
         ("Engine", record.get("engine")),
         ("Stage", record.get("stage")),
     ]
-    lines.append(", ".join(f"{k}: {v}" for k, v in pairs if v is not None))
+    lines.append(", ".join(f"{k}: {_quoted(v)}" for k, v in pairs if v is not None))
     return "\n".join(lines)
 
 
 def encode_png(image: Image.Image, record: dict[str, Any]) -> bytes:
+    # The file travels (a client, a pipeline, a website): it names the model, not where it lives.
+    record = {**record, "model": model_name(record.get("model"))}
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", infotext(record))
     info.add_itxt(RECORD_CHUNK, json.dumps(record, sort_keys=True, separators=(",", ":")))

@@ -4,6 +4,7 @@ stderr and a non-zero exit, never a traceback."""
 from __future__ import annotations
 
 import logging
+import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
@@ -188,3 +189,29 @@ def test_a_database_that_does_not_answer_is_one_line(make_settings: SettingsFact
     err = capsys.readouterr().err
     assert err.startswith("orchestrator: cannot use the database: ") and err.count("\n") == 1
     assert "s3cret" not in err
+
+
+def test_migrate_shows_no_password(make_settings: SettingsFactory, tmp_path: Path,
+                                   monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    make_settings()  # keeps the developer's environment out
+    monkeypatch.setenv("ORCH_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("ORCH_DATABASE_URL", "postgresql+psycopg://studio:s3cret@db.example:5432/orchestrator")
+    applied: list[str] = []
+    monkeypatch.setattr("orchestrator.db.upgrade", applied.append)
+    assert main(["migrate"]) == 0
+    out = capsys.readouterr().out
+    assert applied and "is up to date" in out and "s3cret" not in out and "studio:***@db.example" in out
+
+
+def test_a_database_newer_than_the_code_is_one_line(make_settings: SettingsFactory, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    make_settings()  # keeps the developer's environment out
+    monkeypatch.setenv("ORCH_DATA_DIR", str(tmp_path / "data"))
+    assert main(["migrate"]) == 0
+    with sqlite3.connect(tmp_path / "data" / "orchestrator.db") as conn:  # as a newer version leaves it
+        conn.execute("UPDATE alembic_version SET version_num = '9999'")
+    capsys.readouterr()
+    assert main(["migrate"]) == 1  # once a 74-line Alembic traceback
+    err = capsys.readouterr().err
+    assert err.startswith("orchestrator: cannot migrate the database: ") and "9999" in err and err.count("\n") == 1

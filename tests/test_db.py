@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.db import Database
+from orchestrator.settings import Settings
 
 
 def test_a_write_transaction_holds_the_write_lock_before_its_first_statement(tmp_path: Path) -> None:
@@ -25,3 +26,16 @@ def test_a_write_transaction_holds_the_write_lock_before_its_first_statement(tmp
     finally:
         other.close()
         db.dispose()
+
+
+@pytest.mark.parametrize("folder", ["dq?x", "dp%41b", "with space"])
+def test_a_data_dir_of_any_name_holds_its_database(tmp_path: Path, folder: str) -> None:
+    # `dq?x` made the database `dq` (outside the data dir); `dp%41b` could not be opened.
+    settings = Settings(data_dir=tmp_path / folder, database_url=None)
+    db = Database(settings.resolved_database_url)
+    try:
+        db.migrate()
+    finally:
+        db.dispose()
+    assert (tmp_path / folder / "orchestrator.db").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == [folder]

@@ -298,7 +298,11 @@ class A1111Engine:
             images=images,
             model=self.model,
             cost_millicredits=0,
-            metadata={"checkpoint": info.get("sd_model_name"), "sampler": info.get("sampler_name", SAMPLER)},
+            # What the server says it ran, else what was asked of it: the image's record names them.
+            metadata={"checkpoint": info.get("sd_model_name"), "sampler": info.get("sampler_name", SAMPLER),
+                      "steps": info.get("steps", req.steps or DEFAULT_STEPS),
+                      "guidance_scale": info.get("cfg_scale", DEFAULT_CFG if req.guidance_scale is None
+                                                 else req.guidance_scale)},
         )
 
     @staticmethod

@@ -207,7 +207,9 @@ class ComfyUIEngine:
             model=self.model,
             cost_millicredits=0,
             provider_request_id=",".join(prompt_ids),
-            metadata={"workflow": self._workflow.name if self._workflow else None},
+            # Steps only when the workflow takes them from the request; its own are not known here.
+            metadata={"workflow": self._workflow.name if self._workflow else None,
+                      "steps": int(req.steps or DEFAULT_STEPS) if "steps" in placeholders(template) else None},
         )
 
     @staticmethod

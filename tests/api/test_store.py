@@ -98,6 +98,22 @@ def test_png_carries_infotext_and_record() -> None:
     assert encode_png(Image.new("RGB", (8, 8), (1, 2, 3)), dict(record)) == data
 
 
+def test_png_metadata_quotes_separators_and_names_no_server_path() -> None:
+    # A1111's readers split on ", " and ": ": a model named `my,sd` lost its second half, and the
+    # server's folder went out with every image.
+    record = {"prompt": "a fox", "seed": 7, "width": 8, "height": 8, "model": "/srv/models/my,sd",
+              "sampler": "DPM++ 2M: Karras", "engine": "lite", "stage": "ideation"}
+    data = encode_png(Image.new("RGB", (8, 8)), record)
+    assert read_record(data)["model"] == "my,sd"
+    with Image.open(io.BytesIO(data)) as img:
+        settings = img.info["parameters"].splitlines()[-1]
+    assert settings == ('Sampler: "DPM++ 2M: Karras", Seed: 7, Size: 8x8, Model: "my,sd", Engine: lite, '
+                        "Stage: ideation")
+    assert "/srv" not in data.decode("latin-1")
+    for kept in ("stabilityai/sd-turbo", "builtin:tiny-sd"):  # Hub ids and built-ins are names already
+        assert read_record(encode_png(Image.new("RGB", (8, 8)), {**record, "model": kept}))["model"] == kept
+
+
 def test_recent_content_is_bounded_and_drops_the_least_recently_used() -> None:
     recent = RecentContent(max_bytes=10)
     recent.add("ast_a", "a" * 64, b"aaaa")

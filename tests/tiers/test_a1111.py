@@ -69,6 +69,8 @@ async def test_success_sends_draft_and_takes_first_n_images(engine: A1111Engine)
     assert len(result.images) == 1 and result.images[0].image.getpixel((0, 0)) == (0, 2, 3)
     assert result.images[0].seed == 1234
     assert result.cost_millicredits == 0 and result.metadata["checkpoint"] == "sdxl_base"
+    # What it ran with, for the image's record (once null: no `Steps:` in its PNG).
+    assert (result.metadata["steps"], result.metadata["guidance_scale"]) == (30, 7.0)
 
 
 @respx.mock

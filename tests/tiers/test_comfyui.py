@@ -145,6 +145,7 @@ async def test_success_uploads_draft_and_queues_typed_graph(engine: ComfyUIEngin
     assert result.images[0].seed == 42
     assert result.cost_millicredits == 0 and result.provider_request_id == sent["prompt_id"]
     assert progress.steps == [(1, 1)]
+    assert result.metadata["steps"] == 20  # the template takes {{steps}}: ComfyUI's default was sent
 
 
 @respx.mock
