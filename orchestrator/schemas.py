@@ -29,8 +29,6 @@ T = TypeVar("T")
 
 Prompt = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=10000)]
 MAX_TAGS = 64
-# Bounded in number too: tags are stored with the job and sent back with every read of it and of
-# its lists, so thousands of them would weigh on every client of the project.
 
 
 def _privacy_key(tags: dict[str, str]) -> dict[str, str]:
@@ -47,6 +45,8 @@ def _privacy_key(tags: dict[str, str]) -> dict[str, str]:
     return out
 
 
+# Bounded in number too: tags are stored with the job and sent back with every read of it and of
+# its lists, so thousands of them would weigh on every client of the project.
 Tags = Annotated[dict[Annotated[str, StringConstraints(min_length=1, max_length=100)],
                       Annotated[str, StringConstraints(max_length=500)]], Field(max_length=MAX_TAGS),
                  AfterValidator(_privacy_key)]

@@ -180,11 +180,6 @@ class ComfyUIEngine:
     async def run(self, req: RenderRequest, progress: Progress, cancel: CancelToken) -> RenderResult:
         template = self._template()
         uses_seed = "seed" in placeholders(template)
-        if req.n > 1 and not uses_seed:
-            # n identical graphs: ComfyUI's cache would answer them all with the first one's image.
-            raise BadEngineInput(f"comfyui: the workflow has no {{{{seed}}}} placeholder, so {req.n} images would be "
-                                 f"one image {req.n} times: put {{{{seed}}}} in its sampler's seed, or ask for n=1",
-                                 details={"engine": self.name, "setting": WORKFLOW_SETTING})
         cancel.raise_if_cancelled()
         deadline = self.http.new_deadline()
         image_name = await self._upload(req, deadline, cancel)
@@ -194,6 +189,13 @@ class ComfyUIEngine:
         # One queued prompt per image: the template's own batch size is the user's business, and
         # any extra images it makes are dropped below.
         while len(images) < req.n:
+            if prompt_ids and not uses_seed:
+                # The same graph again: ComfyUI's cache would answer with the first one's image.
+                raise BadEngineInput(
+                    f"comfyui: the workflow made {len(images)} of {req.n} images and has no {{{{seed}}}} placeholder, "
+                    "so another prompt would repeat them: put {{seed}} in its sampler's seed (or make the workflow "
+                    "itself a batch of n), or ask for fewer images", details={"engine": self.name,
+                                                                            "setting": WORKFLOW_SETTING})
             seed = (base_seed + len(prompt_ids)) % SEED_RANGE
             graph = substitute(template, self._values(req, image_name, seed))
             prompt_id, outputs = await self._execute(graph, str(uuid.uuid4()), progress, deadline, cancel)
