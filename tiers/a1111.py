@@ -2,17 +2,18 @@
 
 The call is synchronous: the POST answers only when every image is made, after any wait in the
 server's queue, so its read may take until `ORCH_REMOTE_DEADLINE` (not the read timeout). The job is
-sent under a task id of ours (`force_task_id`, webui 1.6+), which `/internal/progress` knows: while
-our task is the one running, `/sdapi/v1/progress` is ours and gives step counts; on a cancel or a
-timeout the engine asks the server to `/interrupt` only then, since that endpoint stops whatever the
-server runs (another client's job, or another of ours queued on the same server). A job still
-waiting in the server's queue cannot be taken out of it: it runs there, and its images are dropped.
-A server that predates task ids shows no progress and is never interrupted.
+sent under a task id of ours (`force_task_id`). While the server runs that task (its
+`/sdapi/v1/progress` names it `current_task`; older webuis tell through `/internal/progress`, which
+`--nowebui` servers lack), the progress it reports is ours; on a cancel or a timeout the engine asks
+it to `/interrupt` only then, since that endpoint stops whatever the server runs (another client's
+job, or another of ours queued on the same server). A job still waiting in the server's queue
+cannot be taken out of it: it runs there, and its images are dropped. A server that can tell
+neither shows no progress and is never interrupted.
 
-An interrupted render still answers 200, with the unfinished image: an answer whose job the
-server's state reports interrupted (matched by `job_timestamp`) fails the job instead. A 500 in
-the webui's error shape (out of memory, NaN in the VAE) is final: re-sending it would re-run the
-same failure on a shared GPU.
+Another client's interrupt ends our render early with a 200 and unfinished images, which the
+answer does not tell from a finished one: such an image is stored. A 500 in the webui's error
+shape (out of memory, NaN in the VAE) is final: re-sending it would re-run the same failure on a
+shared GPU.
 
 Self-hosted, so it costs no credits; `leaves_machine` is still True: `ORCH_A1111_URL` may point at
 any host, and the prompt and pixels go there. Optional HTTP Basic auth (`--api-auth`) comes from
@@ -63,6 +64,17 @@ def processing_failed(response: httpx.Response) -> bool:
     except ValueError:
         return False
     return isinstance(body, dict) and "error" in body and "errors" in body
+
+
+def _json_object(response: httpx.Response | None) -> dict[str, Any] | None:
+    """A side call's JSON object, or None (no answer, an error, a proxy's page)."""
+    if response is None or response.status_code != 200:
+        return None
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    return body if isinstance(body, dict) else None
 
 
 def parse_auth(value: str | None) -> tuple[str, str] | None:
@@ -175,9 +187,7 @@ class A1111Engine:
                 f"a1111: the server did not answer before the deadline (ORCH_REMOTE_DEADLINE); "
                 f"not re-sent: {exc.message}", details={**exc.details, "task_id": task_id}, charged="no",
             ) from None
-        result = self._result(req, response)
-        await self._raise_if_interrupted(response, task_id)
-        return result
+        return self._result(req, response)
 
     async def _watch(self, post: asyncio.Future[httpx.Response], task_id: str, progress: Progress,
                      cancel: CancelToken) -> None:
@@ -192,40 +202,37 @@ class A1111Engine:
                 await asyncio.gather(nap, return_exceptions=True)
             if not nap.cancelled() and nap.exception() is not None:
                 raise Canceled("a1111: the job was canceled", charged="no")
-            if not post.done() and await self._task_state(task_id) == "active":
-                await self._report(progress)
+            if not post.done():
+                state = await self._running_ours(task_id)
+                if state is not None:
+                    self._report(progress, state)
 
-    async def _task_state(self, task_id: str) -> Literal["active", "queued", "unknown"]:
-        """Where the server has our task: running it, queued, or cannot say (done, or a server
-        without task ids)."""
-        response = await self._side_call("POST", TASK_PROGRESS, idempotent=True,  # a read, though a POST
-                                         json={"id_task": task_id, "id_live_preview": -1, "live_preview": False})
-        if response is None or response.status_code != 200:
-            return "unknown"
-        try:
-            body = response.json()
-        except ValueError:
-            return "unknown"
-        if not isinstance(body, dict):
-            return "unknown"
-        if body.get("active") is True:
-            return "active"
-        return "queued" if body.get("queued") is True else "unknown"
+    async def _running_ours(self, task_id: str) -> dict[str, Any] | None:
+        """The server's progress state while it runs our task; None while it runs something else,
+        or when it cannot say which task it runs."""
+        body = _json_object(await self._side_call("GET", PROGRESS, params={"skip_current_image": "true"}))
+        if body is None:
+            return None
+        state = body.get("state") if isinstance(body.get("state"), dict) else {}
+        if "current_task" in body:
+            return state if body["current_task"] == task_id else None
+        # Webuis before `current_task`: their UI's own endpoint knows the task (not under --nowebui).
+        task = _json_object(await self._side_call(
+            "POST", TASK_PROGRESS, idempotent=True,  # a read, though a POST
+            json={"id_task": task_id, "id_live_preview": -1, "live_preview": False}))
+        return state if task is not None and task.get("active") is True else None
 
     async def _interrupt(self, task_id: str) -> None:
         """Stop our render, and nothing else the server runs."""
-        if await self._task_state(task_id) == "active":
+        if await self._running_ours(task_id) is not None:
             await self._side_call("POST", "/sdapi/v1/interrupt")
 
-    async def _report(self, progress: Progress) -> None:
-        response = await self._side_call("GET", PROGRESS, params={"skip_current_image": "true"})
-        if response is None or response.status_code != 200:
-            return
+    @staticmethod
+    def _report(progress: Progress, state: dict[str, Any]) -> None:
         try:
-            state = response.json().get("state") or {}
             step, steps = int(state.get("sampling_step", 0)), int(state.get("sampling_steps", 0))
             job_no, job_count = int(state.get("job_no", 0)), int(state.get("job_count", 0))
-        except (ValueError, TypeError, AttributeError):
+        except (ValueError, TypeError):
             return
         if steps <= 0:
             return
@@ -233,23 +240,6 @@ class A1111Engine:
         jobs = max(job_count, 1)
         total = steps * jobs
         progress.step(min(min(max(job_no, 0), jobs - 1) * steps + step, total), total)
-
-    async def _raise_if_interrupted(self, response: httpx.Response, task_id: str) -> None:
-        """An interrupt (another client's) ends the render early with a 200 and an unfinished
-        image. The server's state still says so until its next job begins: checked while it
-        still describes ours (same `job_timestamp`); a later job's state says nothing of ours."""
-        timestamp = self._info(response.json().get("info")).get("job_timestamp")
-        if not timestamp:
-            return
-        answer = await self._side_call("GET", PROGRESS, params={"skip_current_image": "true"})
-        try:
-            state = answer.json().get("state") if answer is not None and answer.status_code == 200 else None
-        except ValueError:
-            return
-        if isinstance(state, dict) and state.get("job_timestamp") == timestamp and state.get("interrupted") is True:
-            raise EngineError("a1111: the render was interrupted on the server before it finished (an "
-                              "interrupt from another client); its images are unfinished",
-                              details={"engine": self.name, "task_id": task_id})
 
     async def _side_call(self, method: str, url: str, *, idempotent: bool | None = None,
                          **kwargs: Any) -> httpx.Response | None:

@@ -355,7 +355,11 @@ class ComfyUIEngine:
         with contextlib.suppress(EngineError, httpx.HTTPError):
             await self._cleanup("POST", "/queue", json={"delete": [prompt_id]})
             queue = await self._cleanup("GET", "/queue")
-            running = queue.json().get("queue_running") if queue.status_code == 200 else None
+            try:
+                body = queue.json() if queue.status_code == 200 else None
+            except ValueError:  # a proxy's page: not knowing what runs, interrupt nothing
+                body = None
+            running = body.get("queue_running") if isinstance(body, dict) else None
             if isinstance(running, list) and any(
                     isinstance(item, list) and len(item) > 1 and item[1] == prompt_id for item in running):
                 await self._cleanup("POST", "/interrupt", json={"prompt_id": prompt_id})

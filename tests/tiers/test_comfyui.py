@@ -351,3 +351,14 @@ async def test_run_with_bad_workflow_is_unavailable(make_ctx: Any, tmp_path: Pat
     eng = ComfyUIEngine(make_ctx(comfyui_url=BASE, comfyui_workflow=path))
     with pytest.raises(EngineUnavailable, match=r"broken\.json"):
         await eng.run(bridge(), NullProgress(), CancelToken())
+
+
+@respx.mock
+async def test_a_queue_answer_that_is_not_comfyui_s_interrupts_nothing(engine: ComfyUIEngine) -> None:
+    # A proxy's page in front of the server: the cancel still ends as a cancel (it was a
+    # JSONDecodeError), and with nothing known to be ours running, nothing is interrupted.
+    routes = mock_server()
+    routes["queue_state"].side_effect = None
+    routes["queue_state"].return_value = httpx.Response(200, text="<html>sign in</html>")
+    await cancel_while_polling(engine, routes)
+    assert routes["queue_state"].call_count == 1 and routes["interrupt"].call_count == 0
