@@ -55,26 +55,23 @@ AUTH_SETTING = "ORCH_A1111_AUTH"
 SIDE_CALL_TIMEOUT = 5.0
 
 
-def processing_failed(response: httpx.Response) -> bool:
-    """A 500 with the webui's own error body: the render raised on the server."""
-    if response.status_code != 500:
-        return False
-    try:
-        body = response.json()
-    except ValueError:
-        return False
-    return isinstance(body, dict) and "error" in body and "errors" in body
-
-
-def _json_object(response: httpx.Response | None) -> dict[str, Any] | None:
-    """A side call's JSON object, or None (no answer, an error, a proxy's page)."""
-    if response is None or response.status_code != 200:
-        return None
+def _json_dict(response: httpx.Response) -> dict[str, Any] | None:
     try:
         body = response.json()
     except ValueError:
         return None
     return body if isinstance(body, dict) else None
+
+
+def processing_failed(response: httpx.Response) -> bool:
+    """A 500 with the webui's own error body: the render raised on the server."""
+    body = _json_dict(response) if response.status_code == 500 else None
+    return body is not None and "error" in body and "errors" in body
+
+
+def _json_object(response: httpx.Response | None) -> dict[str, Any] | None:
+    """A side call's JSON object, or None (no answer, an error, a proxy's page)."""
+    return _json_dict(response) if response is not None and response.status_code == 200 else None
 
 
 def parse_auth(value: str | None) -> tuple[str, str] | None:
