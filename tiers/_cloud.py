@@ -46,6 +46,23 @@ def paid_calls(made: Sized) -> Iterator[None]:
         raise
 
 
+def _usable_key(key: SecretStr | None) -> tuple[str | None, str | None]:
+    """The key as a header can carry it, or why it cannot be used.
+
+    Keys pasted from files often end in a newline or start with a byte-order mark; those are
+    dropped. Anything else outside printable ASCII (a smart quote, a zero-width space) would make
+    every request fail before it leaves, so the engine reports itself unavailable instead.
+    """
+    if key is None:
+        return None, None
+    value = key.get_secret_value().strip().strip("\ufeff").strip()
+    if not value:
+        return None, None
+    if not all(" " < char < "\x7f" for char in value):
+        return None, "holds a character an HTTP header cannot carry (a space, a non-ASCII or control character)"
+    return value, None
+
+
 class CloudEngine:
     name: ClassVar[str]
     kind: Literal["remote"] = "remote"
@@ -60,8 +77,7 @@ class CloudEngine:
     def __init__(self, ctx: EngineContext, model: str, key: SecretStr | None,
                  prices: Mapping[str, Mapping[str, float]], prices_as_of: str) -> None:
         self._model = model
-        # Keys pasted from files often end in a newline, which no header may carry.
-        self._key = (key.get_secret_value().strip() or None) if key else None
+        self._key, self._key_problem = _usable_key(key)
         self._prices = PriceTable(self.name, prices, prices_as_of, ctx.price_overrides.get(self.name))
 
     def remote_client(self, ctx: EngineContext, client: RemoteClient | None, *, base_url: str,
@@ -87,8 +103,10 @@ class CloudEngine:
         )
 
     def availability(self) -> tuple[bool, str | None]:
+        ours, vendors = self.key_settings
+        if self._key_problem:
+            return False, f"the {self.key_noun} in {ours} (or {vendors}) {self._key_problem}: set it again"
         if not self._key:
-            ours, vendors = self.key_settings
             return False, f"no {self.key_noun}: set {ours} or {vendors}"
         return True, None
 

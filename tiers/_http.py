@@ -38,6 +38,8 @@ RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504}) | frozenset(range(505
 # provider's origin: it strips only `Authorization`.
 KEY_HEADERS = frozenset({"x-goog-api-key", "x-api-key", "api-key", "x-key"})
 MAX_SINGLE_WAIT = 120.0
+# The least time an attempt admitted before the deadline is given to be answered.
+MIN_ATTEMPT_SECONDS = 1.0
 
 Sleep = Callable[[float], Awaitable[None]]
 
@@ -220,7 +222,8 @@ class RemoteClient:
         try:
             async for attempt in retrying:
                 with attempt:
-                    response = await self._send_once(method, url, idempotent=idempotent, cancel=cancel, **kwargs)
+                    response = await self._send_once(method, url, idempotent=idempotent, cancel=cancel,
+                                                     stop_at=stop_at, **kwargs)
         except _RetryableAnswer as exc:
             raise self._give_up(exc.response) from None
         except _NotSent as exc:
@@ -246,19 +249,40 @@ class RemoteClient:
         return sleep
 
     async def _send_once(self, method: str, url: str, *, idempotent: bool, cancel: CancelToken | None,
-                         **kwargs: Any) -> httpx.Response:
+                         stop_at: float, **kwargs: Any) -> httpx.Response:
         if cancel is not None:
             cancel.raise_if_cancelled()  # nothing sent yet: charged "no"
+        try:
+            request = self.client.build_request(method, url, **kwargs)
+        except (httpx.HTTPError, httpx.InvalidURL, UnicodeError, ValueError) as exc:
+            # Nothing left this process (a header that cannot be encoded, a malformed URL), and the
+            # exception's text may hold a header value, so only its type is told.
+            raise EngineUnavailable(
+                f"{self.engine}: the request could not be built ({type(exc).__name__}): "
+                f"check {self.key_setting} and the base URL", details={"engine": self.engine},
+                retryable=False,
+            ) from None
         if not idempotent:
             await billable_send()
             if cancel is not None:
                 cancel.raise_if_cancelled()  # asked while the send was being recorded: still nothing sent
+        # The read timeout bounds each wait for bytes, not the whole answer: a server trickling its
+        # body would hold the job forever. The deadline bounds the attempt (the floor leaves a
+        # last attempt, admitted just before the deadline, time to be answered).
+        limit = max(stop_at - self.clock(), MIN_ATTEMPT_SECONDS)
         try:
-            if cancel is None:
-                response = await self.client.request(method, url, **kwargs)
-            else:
-                response = await cancel.race(self.client.request(method, url, **kwargs),
-                                             charged="no" if idempotent else "unknown")
+            async with asyncio.timeout(limit):
+                if cancel is None:
+                    response = await self.client.send(request)
+                else:
+                    response = await cancel.race(self.client.send(request),
+                                                 charged="no" if idempotent else "unknown")
+        except TimeoutError:
+            raise EngineTimeout(
+                f"{self.engine}: no complete answer before the deadline (ORCH_REMOTE_DEADLINE)"
+                + ("" if idempotent else "; the provider may have made and billed the image"),
+                details={"engine": self.engine}, charged="no" if idempotent else "unknown",
+            ) from None
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
             raise _NotSent(exc) from exc
         except (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError) as exc:
@@ -279,8 +303,8 @@ class RemoteClient:
                 details={"engine": self.engine}, charged="unknown",
             ) from exc
         except httpx.HTTPError as exc:
-            # The request could not even be built (a key with a newline is an illegal header): the
-            # exception's text may hold a header value, so only its type is told.
+            # Any other transport failure (an unsupported protocol, a proxy error) stopped the
+            # request before the provider saw it; the text may hold a header value.
             raise EngineUnavailable(
                 f"{self.engine}: the request could not be sent ({type(exc).__name__}): "
                 f"check {self.key_setting} and the base URL", details={"engine": self.engine},

@@ -44,6 +44,27 @@ async def test_a_key_makes_the_engine_available(make_ctx: Any, cls: type[CloudEn
 
 
 @pytest.mark.parametrize(("cls", "prefix"), [(c[0], c[1]) for c in CASES], ids=[c[1] for c in CASES])
+@pytest.mark.parametrize("key", ["k\u2019secret", "k-se\ncret", "k-secret\u200b", "k secret"])
+async def test_a_key_no_header_can_carry_makes_the_engine_unavailable(
+        make_ctx: Any, cls: type[CloudEngine], prefix: str, key: str) -> None:
+    # Every request would fail before it left; routing must not pick the engine and hold credits.
+    engine = cls(make_ctx(**{f"{prefix}_api_key": key}))
+    available, reason = engine.availability()
+    assert available is False and reason is not None
+    assert reason.startswith(f"the {cls.key_noun} in ORCH_{prefix.upper()}_API_KEY (or ")
+    assert "cannot carry" in reason and "secret" not in reason and "cret" not in reason
+    await engine.aclose()
+
+
+@pytest.mark.parametrize(("cls", "prefix"), [(c[0], c[1]) for c in CASES], ids=[c[1] for c in CASES])
+async def test_a_byte_order_mark_and_surrounding_whitespace_are_dropped(
+        make_ctx: Any, cls: type[CloudEngine], prefix: str) -> None:
+    engine = cls(make_ctx(**{f"{prefix}_api_key": "\ufeff k-secret\r\n"}))
+    assert engine.availability() == (True, None)
+    await engine.aclose()
+
+
+@pytest.mark.parametrize(("cls", "prefix"), [(c[0], c[1]) for c in CASES], ids=[c[1] for c in CASES])
 async def test_model_and_prices_come_from_the_settings(make_ctx: Any, cls: type[CloudEngine], prefix: str) -> None:
     default = cls(make_ctx())
     model = default.model

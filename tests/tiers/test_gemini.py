@@ -186,20 +186,8 @@ async def test_a_daily_quota_is_final_at_once(engine: GeminiEngine, sleep: Any) 
 
 
 @respx.mock
-async def test_a_key_with_a_trailing_newline_still_works(make_ctx: Any) -> None:
-    engine = GeminiEngine(make_ctx(gemini_api_key="g-secret\n", gemini_base_url=BASE))
+async def test_a_key_with_a_trailing_newline_or_a_byte_order_mark_still_works(make_ctx: Any) -> None:
+    engine = GeminiEngine(make_ctx(gemini_api_key="\ufeffg-secret\n", gemini_base_url=BASE))
     route = respx.post(URL).mock(return_value=httpx.Response(200, json=ok_body()))
     await engine.run(bridge(), NullProgress(), CancelToken())
     assert route.calls.last.request.headers["x-goog-api-key"] == "g-secret"
-
-
-@respx.mock
-async def test_a_key_no_header_can_carry_is_never_repeated(make_ctx: Any) -> None:
-    # httpx's error (raised as h11 writes the headers) names the illegal value, i.e. the key.
-    engine = GeminiEngine(make_ctx(gemini_api_key="g-se\ncret", gemini_base_url=BASE))
-    route = respx.post(URL).mock(side_effect=httpx.LocalProtocolError("Illegal header value b'g-se\\ncret'"))
-    with pytest.raises(EngineUnavailable) as info:
-        await engine.run(bridge(), NullProgress(), CancelToken())
-    assert route.call_count == 1
-    assert "cret" not in info.value.message and "ORCH_GEMINI_API_KEY" in info.value.message
-    assert info.value.charged == "no"

@@ -4,6 +4,8 @@ that never left, and a cancel says whether a request was out when it came."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -11,7 +13,7 @@ import httpx
 import pytest
 import respx
 
-from orchestrator.errors import Canceled, EngineError, EngineUnavailable
+from orchestrator.errors import Canceled, EngineError, EngineTimeout, EngineUnavailable
 from tests.tiers.conftest import BlockingSleep, NoAnswer
 from tiers._http import RemoteClient
 from tiers.base import CancelToken, before_billable_sends
@@ -83,6 +85,53 @@ async def test_a_request_that_cannot_be_built_is_still_engine_unavailable(client
         await client.request("POST", "/images")
     assert info.value.retryable is False and "ORCH_PROV_API_KEY" in info.value.message
     assert "k-secret" not in info.value.message and route.call_count == 1
+
+
+@pytest.fixture
+async def trickling() -> AsyncIterator[str]:
+    """A server on 127.0.0.1 that sends its headers, then one byte of the body every 50 ms, for
+    ever: never silent long enough for a read timeout."""
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n")
+        with contextlib.suppress(ConnectionError):
+            while True:
+                await writer.drain()
+                await asyncio.sleep(0.05)
+                writer.write(b" ")
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    server.close()
+
+
+@pytest.mark.parametrize(("method", "idempotent", "charged"), [("POST", False, "unknown"), ("GET", True, "no")])
+async def test_an_answer_that_never_ends_stops_at_the_deadline(
+        trickling: str, monkeypatch: pytest.MonkeyPatch, method: str, idempotent: bool, charged: str) -> None:
+    monkeypatch.setattr("tiers._http.MIN_ATTEMPT_SECONDS", 0.1)
+    client = RemoteClient("prov", base_url=trickling, key_setting="ORCH_PROV_API_KEY", deadline=0.5,
+                          read_timeout=5.0)
+    started = time.monotonic()
+    with pytest.raises(EngineTimeout) as info:
+        await asyncio.wait_for(client.request(method, "/images", idempotent=idempotent), 10)
+    await client.aclose()
+    assert 0.4 < time.monotonic() - started < 5.0  # the deadline, not the read timeout, ended it
+    assert info.value.charged == charged and "ORCH_REMOTE_DEADLINE" in info.value.message
+
+
+@respx.mock
+async def test_a_header_that_cannot_be_encoded_is_refused_before_anything_is_announced(client: RemoteClient) -> None:
+    route = respx.post(f"{BASE}/images").mock(return_value=httpx.Response(200))
+    announced: list[str] = []
+
+    async def record() -> None:
+        announced.append("send")
+
+    with before_billable_sends(record), pytest.raises(EngineUnavailable) as info:
+        await client.request("POST", "/images", headers={"Authorization": "Bearer k\u2019secret"})
+    assert announced == [] and route.call_count == 0
+    assert info.value.charged == "no" and "ORCH_PROV_API_KEY" in info.value.message
+    assert "secret" not in info.value.message
 
 
 def rate_limited(_request: httpx.Request) -> httpx.Response:
