@@ -163,6 +163,24 @@ def test_estimate_by_size_and_unknown_model(make_ctx: Any) -> None:
         unknown.estimate(bridge())
 
 
+@respx.mock
+@pytest.mark.parametrize(("model", "width", "tokens"), [
+    # providers.md: image tokens 1120/1680/2520 (3.1-flash 1K/2K/4K), 1120 (3-pro 1K/2K), 1290 (2.5-flash);
+    # its 1K example answer bills 170 more than that.
+    ("gemini-3.1-flash-image", 1024, 1120 + 170), ("gemini-3.1-flash-image", 4096, 2520 + 170),
+    ("gemini-3-pro-image", 2048, 1120 + 170), ("gemini-2.5-flash-image", 1024, 1290 + 170)])
+async def test_the_hold_covers_what_the_provider_reports(make_ctx: Any, model: str, width: int, tokens: int) -> None:
+    # The table's per-image prices are rounded from token counts; the capture is the token cost.
+    engine = GeminiEngine(make_ctx(gemini_api_key="k", gemini_base_url=BASE, gemini_model=model))
+    body = {**ok_body(), "usageMetadata": {"promptTokenCount": 1300, "candidatesTokenCount": tokens}}
+    respx.post(f"{BASE}/v1beta/models/{model}:generateContent").mock(return_value=httpx.Response(200, json=body))
+    req = bridge(width=width, height=width)
+    result = await engine.run(req, NullProgress(), CancelToken())
+    assert result.cost_millicredits is not None
+    assert result.cost_millicredits <= engine.estimate(req)
+    await engine.aclose()
+
+
 def test_unavailable_without_key(make_ctx: Any, monkeypatch: Any) -> None:
     monkeypatch.delenv("GEMINI_API_KEY", raising=False)
     available, reason = GeminiEngine(make_ctx()).availability()
