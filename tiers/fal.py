@@ -84,6 +84,8 @@ class FalEngine(CloudEngine):
         response = await self.http.request(
             "POST", f"/{self._model}", json=self._body(req), deadline=deadline, headers=self._auth, cancel=cancel,
         )
+        if response.status_code == 404:  # no such model (retired, misspelt): another engine may serve
+            raise self.model_not_served(response)
         if response.status_code not in (200, 201, 202):
             raise self._refused(response)
         queued = self._json(response)

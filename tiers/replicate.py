@@ -146,6 +146,8 @@ class ReplicateEngine(CloudEngine):
             "POST", f"/v1/models/{self._model}/predictions", json=body, deadline=deadline,
             headers={**self._auth, "Prefer": f"wait={self._wait}"}, cancel=cancel,
         )
+        if response.status_code == 404:  # no such model (retired, misspelt): another engine may serve
+            raise self.model_not_served(response)
         if response.status_code not in (200, 201, 202):
             raise self._refused(response)
         prediction = self._json(response)

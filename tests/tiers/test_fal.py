@@ -337,3 +337,13 @@ async def test_reattach_to_a_failed_request_is_charged_unknown(engine: FalEngine
     with pytest.raises(EngineError) as caught:
         await engine.reattach(bridge(), handles, NullProgress(), CancelToken())
     assert caught.value.charged == "unknown"
+
+
+@respx.mock
+async def test_a_model_it_does_not_serve_lets_another_engine_try(engine: FalEngine) -> None:
+    route = respx.post(SUBMIT).mock(return_value=httpx.Response(404, json={"detail": "Application not found"}))
+    with pytest.raises(EngineUnavailable) as info:
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    error = info.value
+    assert error.retryable and error.charged == "no" and route.call_count == 1
+    assert error.details["setting"] == "ORCH_FAL_MODEL" and "set ORCH_FAL_MODEL" in error.message

@@ -339,3 +339,14 @@ async def test_reattach_to_a_prediction_replicate_no_longer_has(engine: Replicat
     with pytest.raises(EngineError) as caught:
         await engine.reattach(bridge(), [{"id": "p-1"}], NullProgress(), CancelToken())
     assert caught.value.charged == "unknown"
+
+
+@respx.mock
+async def test_a_model_it_does_not_serve_lets_another_engine_try(engine: ReplicateEngine) -> None:
+    route = respx.post(CREATE).mock(return_value=httpx.Response(
+        404, json={"title": "Model not found", "detail": "The requested model does not exist"}))
+    with pytest.raises(EngineUnavailable) as info:
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    error = info.value
+    assert error.retryable and error.charged == "no" and route.call_count == 1
+    assert error.details["setting"] == "ORCH_REPLICATE_MODEL" and "set ORCH_REPLICATE_MODEL" in error.message
