@@ -1,10 +1,11 @@
 """Job events for the SSE stream.
 
 The bus lives on the event loop. Each job keeps an in-memory history: its lifecycle events
-(`queued`, `started`, `asset`, the terminal one) and only its latest `progress`, so a client that
-connects late gets the current state first and then live events, without the stream replaying
-every step. A job this process does not run (it ran before a restart, or another process runs it)
-is described from its row instead (see `orchestrator.follow`).
+(`queued` once, `started`, `asset`, the terminal one), only its latest `state` (a provider's
+queue status, told at every poll) and only its latest `progress`, so a client that connects late
+gets the current state first and then live events, without the stream replaying every step. A job
+this process does not run (it ran before a restart, or another process runs it) is described from
+its row instead (see `orchestrator.follow`).
 
 Event ids are `<process tag>-<n>`: n counts up across all of this process's streams, and the tag
 is drawn at random when the process starts. A reconnecting client's `Last-Event-ID` resumes the
@@ -157,12 +158,17 @@ class EventBus:
         stream = self._stream(job_id)
         if stream.finished_at is not None:
             return  # exactly one terminal event, nothing after it
+        if type_ == "queued" and any(e.type == "queued" for e in stream.history):
+            # The submit's own event, late: the runner claimed the job first and told it already.
+            return
         self._last_id += 1
         event = Event(self._last_id, type_, data, self.tag)
         stream.touched = time.monotonic()
         if type_ == "progress":
             stream.latest_progress = event
         else:
+            if type_ == "state":
+                stream.history = [e for e in stream.history if e.type != "state"]
             stream.history.append(event)
         if type_ in TERMINAL:
             stream.finished_at = time.monotonic()

@@ -197,6 +197,11 @@ class Scheduler:
             for job in self._queued(lane_use):
                 if self._stopping:
                     break
+                if job.id in self._running:
+                    # Queued again while an older attempt still winds down here (taken over after
+                    # its lease ran out, or falling back): the job's one entry must stay that
+                    # attempt's until it ends, which wakes the dispatcher for the new one.
+                    continue
                 try:
                     lane, limit = self.lane(job.engine)
                 except OrchestratorError:
@@ -298,7 +303,8 @@ class Scheduler:
         try:
             await self.runner.run(claim)
         finally:
-            self._running.pop(claim.job.id, None)
+            if self._running.get(claim.job.id, (None, None))[1] is claim:
+                del self._running[claim.job.id]
             self._lane_use[lane] -= 1
             self.notify()
 
@@ -399,16 +405,22 @@ class Scheduler:
         orphans = await asyncio.to_thread(self._orphans, all_foreign)
         recovered = []
         for job in orphans:
-            outcome = await asyncio.to_thread(self._recover_one, job)
-            if outcome is None:
+            ended = await asyncio.to_thread(self._recover_one, job)
+            if ended is None:
                 continue
+            outcome, error = ended
             recovered.append(job.id)
             if self.on_recovered is not None:
                 await self.on_recovered(job, outcome)
-            if outcome in ("failed", "given up"):
-                self.bus.publish(job.id, "failed", {"job_id": job.id, "status": "failed"})
-            elif outcome == "canceled":
-                self.bus.publish(job.id, "canceled", {"job_id": job.id, "status": "canceled"})
+            if error is not None and self.bus.knows(job.id):
+                # What the runner's own end publishes: a stream this process already knows is
+                # not rebuilt from the row, so the event must carry the error. One it does not
+                # know is told whole (queued, started, the end) from the row when a client asks.
+                status = "canceled" if outcome == "canceled" else "failed"
+                data: dict[str, Any] = {"job_id": job.id, "status": status}
+                if status == "failed":
+                    data["error"] = error
+                self.bus.publish(job.id, status, data)
         if recovered:
             self.notify()
         return recovered
@@ -449,7 +461,8 @@ class Scheduler:
 
         return [job for job in jobs if orphaned(job)]
 
-    def _recover_one(self, job: Job) -> str | None:
+    def _recover_one(self, job: Job) -> tuple[str, dict[str, Any] | None] | None:
+        """How the job was recovered (and the error it ended with), or None when it was not."""
         engine = self.registry.get(job.engine) if job.engine in self.registry else None
         local = engine is not None and engine.kind == "local"
         # Work a queueing provider accepted is followed again rather than written off (the runner
@@ -480,7 +493,7 @@ class Scheduler:
             outcome = "canceled"
         elif rerun and stops < MAX_LOCAL_STOPS:
             values = {"status": "queued", "lease_owner": None, "lease_expires_at": None,
-                      "progress_step": 0,
+                      "progress_step": 0, "progress_total": 0,
                       "attempts": [*(job.attempts or []), {"engine": job.engine, "status": "interrupted",
                                                            "error": None}]}
             outcome = "reattaching" if reattach else "requeued"
@@ -532,7 +545,7 @@ class Scheduler:
                     # Sent to a provider that may have made and billed it, as for `failed` above.
                     self.ledger.capture(s, job, None, unreconciled=True, note="canceled: outcome unknown")
         log.warning("recovered job %s (%s): %s", job.id, job.engine, outcome)
-        return outcome
+        return outcome, values.get("error")
 
 
 def _finished_by_its_worker(job: Job) -> bool:

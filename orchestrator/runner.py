@@ -508,7 +508,9 @@ class JobRunner:
         # step, never fails the render around it.
         try:
             with self.db.transaction() as s:
-                s.execute(update(Job).where(col(Job.id) == claim.job.id, col(Job.attempt) == claim.attempt)
+                # A row queued again (a takeover keeps the attempt number) is not this attempt's.
+                s.execute(update(Job).where(col(Job.id) == claim.job.id, col(Job.attempt) == claim.attempt,
+                                            col(Job.status) == "running")
                           .values(progress_step=step, progress_total=total))
         except SQLAlchemyError as exc:
             log.warning("job %s: writing its progress failed: %s", claim.job.id, str(exc).splitlines()[0][:200])

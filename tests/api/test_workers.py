@@ -23,6 +23,7 @@ from orchestrator.events import EVICT_EVERY, HISTORY_TTL, EventBus
 from orchestrator.follow import catch_up
 from orchestrator.ids import new_id
 from orchestrator.models import Asset, Job, LedgerEntry, Project, utcnow
+from orchestrator.runner import Claim
 from orchestrator.services import Services
 from orchestrator.settings import Settings
 from orchestrator.workers import DeviceLock, Presence, device_key
@@ -39,6 +40,7 @@ from tests.api import (
     worker_process,
 )
 from tiers import tiny
+from tiers.base import CancelToken
 from tiers.lite import LiteEngine
 
 SettingsFactory = Callable[..., Settings]
@@ -620,3 +622,85 @@ def test_a_preload_and_a_dispatch_taking_the_device_together_both_get_it(tmp_pat
     late = DeviceLock(tmp_path / "late", lambda: "cpu")
     late.close()
     assert not late._take() and not late.held
+
+
+def test_a_job_taken_over_while_its_old_attempt_winds_down_here_runs_once_at_a_time(
+        make_settings: SettingsFactory) -> None:
+    # Another process's recovery queues the job again (this one's lease ran out) while this process
+    # still runs the old attempt: the new attempt waits for the old one to stop, and is tracked.
+    built = Services.build(make_settings(engines="fake-free=tests.fakes:free_factory", lease_seconds=1.5,
+                                         poll_interval=0.1, sweep_interval=60))
+    params = {**PARAMS, "stage": "bridge", "tags": {"fake": "slow", "seconds": "30"}}
+    job_id = add_job(built, engine="fake-free", estimated=0, params=params)
+    scheduler = built.scheduler
+
+    async def until(done: Callable[[], bool], timeout: float = 20.0) -> None:
+        for _ in range(int(timeout / 0.02)):
+            if done():
+                return
+            await asyncio.sleep(0.02)
+        raise AssertionError("timed out")
+
+    async def scenario() -> tuple[list[int], Job]:
+        built.bus.bind(asyncio.get_running_loop())
+        await built.start()
+        try:
+            await until(lambda: job_id in scheduler._running)
+            old_task = scheduler._running[job_id][0]
+            with built.db.transaction() as s:  # what `_recover_one` writes for a free remote engine
+                s.execute(update(Job).where(col(Job.id) == job_id).values(
+                    status="queued", lease_owner=None, lease_expires_at=None, provider_work=None,
+                    params={**params, "tags": {"fake": "slow", "seconds": "0.1"}},
+                    attempts=[{"engine": "fake-free", "status": "interrupted", "error": None}]))
+            scheduler.notify()
+            attempts_while_old_ran = []
+            while not old_task.done():  # stopped by the heartbeat, which finds the row not its own
+                attempts_while_old_ran.append(row(built, job_id).attempt)
+                await asyncio.sleep(0.05)
+            await until(lambda: row(built, job_id).status == "succeeded")
+            await until(lambda: not scheduler.holds(job_id))
+            return attempts_while_old_ran, row(built, job_id)
+        finally:
+            await built.aclose()
+
+    attempts_while_old_ran, job = asyncio.run(scenario())
+    assert attempts_while_old_ran and set(attempts_while_old_ran) == {1}
+    assert job.attempt == 2 and job.error is None
+
+
+def test_a_job_recovery_fails_tells_its_error_to_a_stream_already_open(services: Services) -> None:
+    job_id = add_job(services, engine="fake-paid", status="running", attempt=1, lease_owner="dead-host:1:0",
+                     lease_expires_at=utcnow() - timedelta(seconds=1))
+
+    async def scenario() -> list[tuple[str, dict[str, Any]]]:
+        services.bus.bind(asyncio.get_running_loop())
+        services.bus.publish(job_id, "started", {"job_id": job_id, "status": "running", "attempt": 1})
+        assert await services.scheduler.recover(all_foreign=False) == [job_id]
+        return [(e.type, e.data) async for e in services.bus.subscribe(job_id)]
+
+    events = asyncio.run(scenario())
+    assert events[-1][0] == "failed" and events[-1][1]["error"]["code"] == "interrupted"
+    assert events[-1][1]["error"] == row(services, job_id).error
+
+
+def test_a_late_queued_event_and_repeated_states_are_not_replayed() -> None:
+    bus = EventBus()
+    bus.publish("job_1", "queued", {"status": "queued"})
+    bus.publish("job_1", "started", {"status": "running", "attempt": 1})
+    bus.publish("job_1", "queued", {"status": "queued"})  # the submit's, after the runner's claim
+    for position in range(300):  # a queueing provider, polled every second
+        bus.publish("job_1", "state", {"state": "IN_QUEUE", "queue_position": position})
+    snapshot = bus._jobs["job_1"].snapshot()
+    assert [e.type for e in snapshot] == ["queued", "started", "state"]
+    assert snapshot[-1].data["queue_position"] == 299
+
+
+def test_an_old_attempt_writes_no_progress_into_a_row_queued_again(services: Services) -> None:
+    job_id = add_job(services, status="running", attempt=1, lease_owner="dead-host:1:0",
+                     lease_expires_at=utcnow() - timedelta(seconds=1))
+    old = Claim(row(services, job_id), 1, CancelToken())
+    services.runner.write_progress(old, 3, 10)
+    assert asyncio.run(services.scheduler.recover(all_foreign=False)) == [job_id]
+    services.runner.write_progress(old, 9, 10)  # the old worker was alive after all
+    job = row(services, job_id)
+    assert job.status == "queued" and (job.progress_step, job.progress_total) == (0, 0)
