@@ -84,7 +84,12 @@ class Match(_Model):
         if self.stage is not None and facts.stage not in self.stage:
             return False
         for key, allowed in self.tags.items():
-            if facts.tags.get(key) not in allowed:
+            value = facts.tags.get(key)
+            if key == PRIVACY_TAG and value is not None:
+                # Read as loosely as `is_private` reads it: `Local` must meet the rule for `local`.
+                if value.strip().lower() not in {a.strip().lower() for a in allowed}:
+                    return False
+            elif value not in allowed:
                 return False
         # A rule about a requested engine never fits a request that let the policy choose.
         if self.engine is not None and facts.engine not in self.engine:

@@ -58,6 +58,10 @@ engines = ["lite"]
     ({"tags": {"privacy": "local"}}, facts(tags={"privacy": "local"}), True),
     ({"tags": {"privacy": "local"}}, facts(tags={"privacy": "cloud"}), False),
     ({"tags": {"privacy": "local"}}, facts(tags={}), False),
+    # The privacy value is read as loosely as the engine filter reads it; other tags exactly.
+    ({"tags": {"privacy": "local"}}, facts(tags={"privacy": " Local "}), True),
+    ({"tags": {"privacy": "LOCAL"}}, facts(tags={"privacy": "local"}), True),
+    ({"tags": {"client": "acme"}}, facts(tags={"client": "Acme"}), False),
     ({"tags": {"client": ["acme", "globex"]}}, facts(tags={"client": "globex"}), True),
     ({"tags": {"client": ["acme", "globex"], "privacy": "local"}}, facts(tags={"client": "acme"}), False),
     ({"engine": "gemini"}, facts(engine="gemini"), True),
