@@ -18,6 +18,7 @@ from orchestrator.api.deps import ServicesDep, require_auth
 from orchestrator.api.errors import documented
 from orchestrator.api.errors import install as install_errors
 from orchestrator.api.head import HeadAsGet
+from orchestrator.api.query import DropEmptyQueryValues
 from orchestrator.api.request_limits import RequestLimits
 from orchestrator.schemas import Health
 from orchestrator.services import Services
@@ -69,6 +70,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     install_errors(app)
     app.add_middleware(RequestLimits, max_bytes=settings.max_body_bytes)
+    app.add_middleware(DropEmptyQueryValues)
     app.add_middleware(HeadAsGet)  # added last, so it wraps the others: they and the routes see a GET
     v1 = [Depends(require_auth)]
     for module in (projects, stages, jobs, assets, engines, credits, policies, keys, workers):

@@ -253,7 +253,8 @@ class Ledger:
             raise NotFound(f"ledger entry '{entry_id}' not found", details={"entry_id": str(entry_id)})
         if capture.kind != "capture" or not capture.unreconciled:
             raise Conflict("only an unreconciled capture can be reconciled; this entry is "
-                           + (f"a {capture.kind}" if capture.kind != "capture" else "already reconciled"),
+                           + (f"a {capture.kind}" if capture.kind != "capture"
+                              else "a settled capture (its cost was known, or it is reconciled already)"),
                            details={"entry_id": str(entry_id), "kind": capture.kind})
         capture.unreconciled = False
         s.add(capture)

@@ -152,11 +152,17 @@ def install(app: FastAPI) -> None:
         # No route matched, so no route's auth ran: not even which paths or methods exist is told.
         if exc.status_code in (404, 405) and (denied := await _denied(request)) is not None:
             return denied
+        detail = str(exc.detail)
+        if exc.status_code == 400 and detail == "There was an error parsing the body":
+            # FastAPI's answer to a body it could not decode (not UTF-8), before any route's auth.
+            if (denied := await _denied(request)) is not None:
+                return denied
+            detail = "the request body is not valid JSON (JSON is sent as UTF-8)"
         code = _HTTP_CODES.get(exc.status_code, "error")
         headers = getattr(exc, "headers", None)
         if exc.status_code == 405:
             headers = {**(headers or {}), "Allow": _allowed_methods(request)}
-        return error_response(exc.status_code, code, str(exc.detail), getattr(exc, "details", None), headers=headers)
+        return error_response(exc.status_code, code, detail, getattr(exc, "details", None), headers=headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

@@ -59,6 +59,8 @@ def test_auth_comes_before_validation_and_writes_nothing(anon: httpx.Client) -> 
         not_json = anon.post("/v1/projects", content=b"{bad", headers={"content-type": "application/json"})
         assert_error(not_json, 401, "unauthorized")
         assert not_json.headers["www-authenticate"] == "Bearer"
+        not_utf8 = anon.post("/v1/projects", content=b'{"name": "\xff"}', headers={"content-type": "application/json"})
+        assert_error(not_utf8, 401, "unauthorized")
         bad_with_key = client.post("/v1/projects", content=b"{bad", headers={"content-type": "application/json"})
         assert_error(bad_with_key, 400, "invalid_request")
         assert_error(anon.get("/v1/jobs/job_0000000000zzzzzzzzzzzzzz/events"), 401, "unauthorized")

@@ -101,12 +101,14 @@ def test_body_not_an_object(shared_server: httpx.Client, project: str, body: Any
     assert job_count(shared_server) == before
 
 
-@pytest.mark.parametrize("raw", [b'{"prompt": ', b'{"prompt": "x",}', b"{'prompt': 'x'}", b"\xff\xfe"])
+@pytest.mark.parametrize("raw", [b'{"prompt": ', b'{"prompt": "x",}', b"{'prompt': 'x'}", b"\xff\xfe",
+                                 b'{"prompt": "\xff"}'])
 def test_malformed_json(shared_server: httpx.Client, project: str, raw: bytes) -> None:
     before = job_count(shared_server)
     response = shared_server.post(f"/v1/projects/{project}/drafts", content=raw,
                                   headers={"Content-Type": "application/json"})
     assert_error(response, 400, "invalid_request")
+    assert response.json()["error"]["message"].startswith("the request body is not valid JSON")
     assert job_count(shared_server) == before
 
 
@@ -211,6 +213,21 @@ def test_bad_ledger_cursor(shared_server: httpx.Client, project: str, cursor: st
 def test_empty_cursor_is_the_first_page(shared_server: httpx.Client, project: str, path: str) -> None:
     url = path.format(project=project)
     assert shared_server.get(url, params={"cursor": ""}).json() == shared_server.get(url).json()
+
+
+@pytest.mark.parametrize(("path", "query"), [
+    ("/v1/jobs", "project_id=&stage=&status=&limit=&cursor="),
+    ("/v1/spend", "group_by=day&from=&to=&project_id=&format="),
+    ("/v1/projects/{project}/ledger", "unreconciled=&cursor"),
+])
+def test_an_empty_query_value_is_a_parameter_left_out(shared_server: httpx.Client, project: str, path: str,
+                                                       query: str) -> None:
+    # As a client filling a URL template with blanks sends them.
+    url = path.format(project=project)
+    filled = shared_server.get(f"{url}?{query}")
+    assert filled.status_code == 200, filled.text
+    plain = [part for part in query.split("&") if part.partition("=")[2]]
+    assert filled.json() == shared_server.get(f"{url}?{'&'.join(plain)}").json()
 
 
 @pytest.mark.parametrize("params", [{"status": "done"}, {"stage": "sketch"}])

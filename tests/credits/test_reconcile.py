@@ -73,7 +73,7 @@ def test_an_invoice_below_the_estimate_gives_the_difference_back(api: httpx.Clie
 
     # Once per capture.
     error = assert_error(reconcile(api, project_id, capture["id"], charged=4), 409, "conflict")
-    assert "already reconciled" in error["message"]
+    assert "reconciled already" in error["message"]
     assert len(ledger(api, project_id)) == len(entries)
 
 
