@@ -38,6 +38,10 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 T = TypeVar("T")
 AUTO_MODEL = "stabilityai/sd-turbo"
 
+# How an allocator says it ran out: CUDA and MPS ("out of memory"), the CPU ("DefaultCPUAllocator:
+# can't allocate memory"), Windows ("not enough memory").
+OUT_OF_MEMORY = ("out of memory", "can't allocate memory", "not enough memory")
+
 # Linear map from SD 1.x/2.x latents to RGB: a free preview without running the VAE.
 _LATENT_RGB = ((0.298, 0.207, 0.208), (0.187, 0.286, 0.173), (-0.158, 0.189, 0.264), (-0.184, -0.271, -0.473))
 
@@ -125,6 +129,19 @@ def resolve_model(spec: str) -> str:
     return tiny.NAME
 
 
+def lcm_schedule(pipe: Any) -> int | None:
+    """The length of the pipeline's LCM training schedule (`original_inference_steps`); None for
+    other schedulers.
+
+    An LCM scheduler runs every step it is asked for (img2img does not run steps x strength),
+    picked from that schedule shortened to `int(length * strength)`, and raises a ValueError when
+    asked for more steps than that."""
+    scheduler = getattr(pipe, "scheduler", None)
+    if type(scheduler).__name__ != "LCMScheduler":
+        return None
+    return int(getattr(scheduler.config, "original_inference_steps", None) or 50)
+
+
 def latents_to_preview(latents: Any) -> Image | None:
     """An RGB preview of the first latent in the batch: a 4x3 matrix product, no VAE. None for
     latents that are not images of channels (FLUX packs its latents into a sequence of tokens)."""
@@ -191,7 +208,7 @@ class LocalRuntime:
         try:
             return fn(*args)
         except RuntimeError as exc:  # torch.OutOfMemoryError is one
-            if "out of memory" not in str(exc).lower():
+            if not any(words in str(exc).lower() for words in OUT_OF_MEMORY):
                 raise
             if self._device == "cuda":
                 import torch

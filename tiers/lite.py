@@ -14,8 +14,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from orchestrator.errors import Canceled
-from tiers._local import LocalEngine
+from orchestrator.errors import BadEngineInput, Canceled
+from tiers._local import LocalEngine, lcm_schedule
 from tiers.base import (
     DEVICE_SECONDS,
     CancelToken,
@@ -52,6 +52,10 @@ class LiteEngine(LocalEngine):
         began = time.monotonic()  # after a first load: metered use is the work, not the loading
         seed = req.seed if req.seed is not None else 0
         steps = req.steps or self.defaults.steps
+        limit = lcm_schedule(pipe)
+        if limit is not None and steps > limit:
+            raise BadEngineInput(f"steps: this LCM model takes at most {limit} (got {steps})",
+                                 details={"field": "steps", "value": steps, "max": limit})
         guidance = self.defaults.guidance_scale if req.guidance_scale is None else req.guidance_scale
         batch = self.settings.lite_max_batch
         chunks = [list(range(start, min(start + batch, req.n))) for start in range(0, req.n, batch)]

@@ -15,7 +15,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.errors import BadEngineInput, Canceled
-from tiers._local import LocalEngine
+from tiers._local import LocalEngine, lcm_schedule
 from tiers.base import (
     DEVICE_SECONDS,
     CancelToken,
@@ -62,8 +62,17 @@ class LocalHifiEngine(LocalEngine):
         cancel.raise_if_cancelled()
         return await self.runtime.call(self._render, req, progress, cancel)
 
-    def _steps(self, req: RenderRequest, strength: float) -> int:
+    def _steps(self, req: RenderRequest, strength: float, pipe: Any) -> int:
         base = req.steps or (self.defaults.steps * 2 if req.stage == "bridge" else self.defaults.steps)
+        schedule = lcm_schedule(pipe)
+        if schedule is not None:  # LCM runs the steps asked for, from a schedule `strength` shortens
+            limit = int(schedule * strength)
+            field = "strength" if req.stage == "bridge" else "creativity"
+            if limit < 1:
+                least = round(1 / schedule, 4)
+                raise BadEngineInput(f"{field}: this LCM model needs at least {least} (got {strength})",
+                                     details={"field": field, "value": strength, "min": least})
+            return min(base, limit)
         # img2img runs int(steps * strength) steps: make sure at least one happens (the API keeps
         # strength >= 0.01, so this stays within 101 steps; the margin absorbs float rounding).
         return max(base, math.ceil(1.0001 / strength))
@@ -75,7 +84,7 @@ class LocalHifiEngine(LocalEngine):
         pipe = self.runtime.img2img(self._model)
         began = time.monotonic()  # after a first load: metered use is the work, not the loading
         strength = req.strength if req.stage == "bridge" else req.creativity
-        steps = self._steps(req, strength)
+        steps = self._steps(req, strength, pipe)
         guidance = self.defaults.guidance_scale if req.guidance_scale is None else req.guidance_scale
         source = req.init_image.convert("RGB").resize((req.width, req.height), PILImage.Resampling.LANCZOS)
         tile = max(self.defaults.native_size, 2 * TILE_OVERLAP)  # tiles must be wider than their overlap

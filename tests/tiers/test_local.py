@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 
-from orchestrator.errors import Canceled, EngineError, EngineUnavailable
+from orchestrator.errors import BadEngineInput, Canceled, EngineError, EngineUnavailable
 from orchestrator.settings import Settings
 from tests.conftest import SettingsFactory
 from tests.tiers.conftest import RecordingProgress, draft_image
@@ -143,12 +143,18 @@ def test_latents_that_are_not_channel_images_have_no_preview() -> None:
     assert latents_to_preview(torch.zeros(1, 4, 8, 8)) is not None
 
 
+@pytest.mark.parametrize("error", [
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+    # What torch's CPU build raises (torch 2.13).
+    RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
+                 "you tried to allocate 68719476736 bytes. Error code 12 (Cannot allocate memory)"),
+], ids=["cuda", "cpu"])
 async def test_running_out_of_device_memory_is_a_job_error_another_engine_may_retry(
-        make_settings: SettingsFactory) -> None:
+        make_settings: SettingsFactory, error: RuntimeError) -> None:
     runtime = runtime_for(EngineContext(settings=make_settings()))
 
     def allocate() -> None:
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        raise error
 
     try:
         with pytest.raises(EngineError) as info:
@@ -238,3 +244,48 @@ async def test_an_image_to_image_only_model_is_loaded_as_one(engines: EngineFact
     assert result.images[0].image.size == (96, 64) and result.model == str(tmp_path / "refiner")
     pipe = await hifi.runtime.call(hifi.runtime.img2img, hifi.model)
     assert type(pipe).__name__ == "StableDiffusionXLImg2ImgPipeline"
+
+
+def use_lcm(lite: LiteEngine) -> None:
+    """A latent-consistency model: the tiny components, a UNet that takes LCM's guidance embedding,
+    and its scheduler (trained on a 50-step schedule)."""
+    from diffusers import (
+        LatentConsistencyModelImg2ImgPipeline,
+        LatentConsistencyModelPipeline,
+        LCMScheduler,
+        UNet2DConditionModel,
+    )
+
+    base = lite.runtime.text2img(lite.model)
+    unet = UNet2DConditionModel.from_config({**base.unet.config, "time_cond_proj_dim": 32})  # type: ignore[no-untyped-call]
+    parts = {"vae": base.vae, "text_encoder": base.text_encoder, "tokenizer": base.tokenizer, "unet": unet,
+             "scheduler": LCMScheduler.from_config(base.scheduler.config),  # type: ignore[no-untyped-call]
+             "safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    lite.runtime._pipes[(lite.model, "text2img")] = LatentConsistencyModelPipeline(**parts)
+    lite.runtime._pipes[(lite.model, "img2img")] = LatentConsistencyModelImg2ImgPipeline(**parts)
+
+
+@pytest.mark.parametrize(("stage", "strength", "runs"), [
+    ("polish", 0.3, 4), ("polish", 0.1, 4), ("polish", 0.07, 3), ("bridge", 0.15, 7), ("bridge", 0.55, 8)])
+async def test_an_lcm_model_refines_at_any_strength_with_the_steps_its_schedule_holds(
+        engines: EngineFactory, stage: str, strength: float, runs: int) -> None:
+    # LCM runs every step asked for (not steps x strength) and refuses more than int(50 x strength).
+    lite, hifi = engines()
+    use_lcm(lite)
+    req = RenderRequest(stage=stage, prompt="a lighthouse", width=64, height=64, seed=1, n=1,
+                        init_image=draft_image(), strength=strength, creativity=strength)
+    progress = RecordingProgress()
+    result = await hifi.run(req, progress, CancelToken())
+    assert len(result.images) == 1 and result.metadata["steps"] == runs
+    assert progress.steps[-1] == (runs, runs)
+
+
+async def test_an_lcm_model_says_what_it_cannot_take(engines: EngineFactory) -> None:
+    lite, hifi = engines()
+    use_lcm(lite)
+    low = RenderRequest(stage="polish", prompt="a lighthouse", width=64, height=64, seed=1, n=1,
+                        init_image=draft_image(), creativity=0.01)
+    with pytest.raises(BadEngineInput, match=r"creativity: this LCM model needs at least 0\.02"):
+        await hifi.run(low, RecordingProgress(), CancelToken())
+    with pytest.raises(BadEngineInput, match="steps: this LCM model takes at most 50"):
+        await lite.run(draft(steps=60, n=1), RecordingProgress(), CancelToken())
