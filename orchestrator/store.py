@@ -59,7 +59,13 @@ def model_name(model: str | None) -> str | None:
     if not model:
         return model
     path = Path(model).expanduser()
-    return path.name if path.is_absolute() or model.startswith(("~", ".")) else model
+    if not (path.is_absolute() or model.startswith(("~", "."))):
+        return model
+    for part in reversed(path.parts):
+        # A Hugging Face cache folder (`models--org--name/snapshots/<hash>`) is its Hub id.
+        if part.startswith("models--") and part.count("--") == 2:
+            return part.removeprefix("models--").replace("--", "/")
+    return path.name
 
 
 def infotext(record: dict[str, Any]) -> str:

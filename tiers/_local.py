@@ -14,7 +14,9 @@ import asyncio
 import dataclasses
 import functools
 import logging
+import math
 import os
+import re
 import threading
 import warnings
 from collections.abc import Callable
@@ -42,6 +44,10 @@ AUTO_MODEL = "stabilityai/sd-turbo"
 # can't allocate memory"), Windows ("not enough memory").
 OUT_OF_MEMORY = ("out of memory", "can't allocate memory", "not enough memory")
 
+# A TAESD preview is decoded at the image's size; it is shown small, and a 2048 px PNG would cost the
+# inference thread half a second at each throttled write.
+PREVIEW_MAX_SIDE = 512
+
 # Linear map from SD 1.x/2.x latents to RGB: a free preview without running the VAE.
 _LATENT_RGB = ((0.298, 0.207, 0.208), (0.187, 0.286, 0.173), (-0.158, 0.189, 0.264), (-0.184, -0.271, -0.473))
 
@@ -51,6 +57,9 @@ class ModelDefaults:
     steps: int
     guidance_scale: float
     native_size: int
+    # Transformer models patch 2x2 latents of 8 px: their pipelines refuse (SD3) or silently round
+    # down (FLUX) sizes that are not multiples of 16.
+    size_multiple: int = 8
 
 
 def model_defaults(model: str) -> ModelDefaults:
@@ -61,18 +70,21 @@ def model_defaults(model: str) -> ModelDefaults:
     name = _model_name(model)
     xl = "xl" in name
     if "flux" in name:
-        return (ModelDefaults(steps=4, guidance_scale=0.0, native_size=1024) if "schnell" in name
-                else ModelDefaults(steps=28, guidance_scale=3.5, native_size=1024))
+        return (ModelDefaults(steps=4, guidance_scale=0.0, native_size=1024, size_multiple=16) if "schnell" in name
+                else ModelDefaults(steps=28, guidance_scale=3.5, native_size=1024, size_multiple=16))
     if "stable-diffusion-3" in name or name.startswith("sd3"):
-        return (ModelDefaults(steps=4, guidance_scale=0.0, native_size=1024) if "turbo" in name
-                else ModelDefaults(steps=28, guidance_scale=3.5, native_size=1024))
+        return (ModelDefaults(steps=4, guidance_scale=0.0, native_size=1024, size_multiple=16) if "turbo" in name
+                else ModelDefaults(steps=28, guidance_scale=3.5, native_size=1024, size_multiple=16))
     if "lcm" in name:
         # Latent consistency pipelines embed the guidance (w = guidance - 1): 0 would be w = -1.
         return ModelDefaults(steps=4, guidance_scale=8.5, native_size=1024 if xl else 512)
     if "turbo" in name:
-        # Adversarially distilled at 512 px (SDXL-Turbo too): 1-4 steps, no guidance.
-        return ModelDefaults(steps=2, guidance_scale=0.0, native_size=512)
-    if "lightning" in name or "hyper" in name:
+        # Adversarially distilled at 512 px (SDXL-Turbo too): 1-4 steps, no guidance. Fine-tunes of
+        # SDXL sold as "XL turbo" keep SDXL's 1024.
+        native = 1024 if xl and name not in ("sdxl-turbo", "sdxl_turbo") else 512
+        return ModelDefaults(steps=2, guidance_scale=0.0, native_size=native)
+    # Hyper-SD by name ("Hyper-SDXL-..."), not any model whose name starts with "hyper" (hyperRealism).
+    if "lightning" in name or re.search(r"(?<![a-z])hyper[-_ ]?sd", name):
         return ModelDefaults(steps=4, guidance_scale=0.0, native_size=1024 if xl else 512)
     if xl:
         return ModelDefaults(steps=30, guidance_scale=5.0, native_size=1024)
@@ -394,7 +406,9 @@ class LocalRuntime:
             with torch.no_grad():
                 img = vae.decode(latents[:1].to(vae.dtype)).sample[0]
             arr = ((img.float().clamp(-1, 1) + 1) * 127.5).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-            return PILImage.fromarray(arr, mode="RGB")
+            image = PILImage.fromarray(arr, mode="RGB")
+            factor = math.ceil(max(image.size) / PREVIEW_MAX_SIDE)
+            return image.reduce(factor) if factor > 1 else image
 
         return decode
 
@@ -441,7 +455,8 @@ class LocalEngine:
         self._model = resolve_model(model_spec)
         self.defaults = model_defaults(self._model)
         limit = ctx.settings.local_max_size
-        self.capabilities = dataclasses.replace(capabilities, max_width=limit, max_height=limit)
+        self.capabilities = dataclasses.replace(capabilities, max_width=limit, max_height=limit,
+                                                size_multiple=self.defaults.size_multiple)
 
     @property
     def model(self) -> str:
@@ -465,12 +480,12 @@ class LocalEngine:
 
     def estimate(self, req: RenderRequest) -> int:
         """0 credits; raises `BadEngineInput` for a size local inference cannot take."""
-        limit = self.settings.local_max_size
+        limit, multiple = self.settings.local_max_size, self.defaults.size_multiple
         for label, value in (("width", req.width), ("height", req.height)):
-            if value % 8 or not 64 <= value <= limit:
+            if value % multiple or not 64 <= value <= limit:
                 raise BadEngineInput(
-                    f"{label} must be a multiple of 8 between 64 and {limit} for engine '{self.name}' (got {value})",
-                    details={"field": label, "value": value, "max": limit},
+                    f"{label} must be a multiple of {multiple} between 64 and {limit} for engine '{self.name}' "
+                    f"(got {value})", details={"field": label, "value": value, "max": limit, "multiple": multiple},
                 )
         return 0
 

@@ -112,6 +112,10 @@ def test_png_metadata_quotes_separators_and_names_no_server_path() -> None:
     assert "/srv" not in data.decode("latin-1")
     for kept in ("stabilityai/sd-turbo", "builtin:tiny-sd"):  # Hub ids and built-ins are names already
         assert read_record(encode_png(Image.new("RGB", (8, 8)), {**record, "model": kept}))["model"] == kept
+    # A Hugging Face cache snapshot is named by its repository, not by its hash.
+    cached = "/root/.cache/huggingface/hub/models--stabilityai--sd-turbo/snapshots/b261bac6fd2cf515557d5d0707"
+    named = read_record(encode_png(Image.new("RGB", (8, 8)), {**record, "model": cached}))["model"]
+    assert named == "stabilityai/sd-turbo"
 
 
 def test_recent_content_is_bounded_and_drops_the_least_recently_used() -> None:

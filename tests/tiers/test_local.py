@@ -138,6 +138,23 @@ async def test_a_preview_vae_that_cannot_load_falls_back_to_the_approximation(
     assert sum("ORCH_LITE_PREVIEW_VAE" in r.getMessage() for r in caplog.records) == 1  # said once
 
 
+def test_a_preview_vae_s_previews_are_small_whatever_the_image_size(
+        make_settings: SettingsFactory, tmp_path: Any) -> None:
+    from diffusers import AutoencoderTiny
+
+    folder = tmp_path / "taesd"
+    channels = (8, 8, 8, 8)
+    AutoencoderTiny(encoder_block_out_channels=channels, decoder_block_out_channels=channels,  # type: ignore[no-untyped-call]
+                    num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1)).save_pretrained(folder)
+    runtime = runtime_for(EngineContext(settings=make_settings(lite_preview_vae=str(folder))))
+    try:
+        small, large = (runtime.preview(torch.randn(1, 4, side // 8, side // 8)) for side in (256, 2048))
+        assert small is not None and small.size == (256, 256)  # decoded at the image's size
+        assert large is not None and large.size == (512, 512)
+    finally:
+        runtime.shutdown(timeout=30)
+
+
 def test_latents_that_are_not_channel_images_have_no_preview() -> None:
     assert latents_to_preview(torch.zeros(1, 4096, 64)) is None  # FLUX packs its latents as tokens
     assert latents_to_preview(torch.zeros(1, 4, 8, 8)) is not None
@@ -289,3 +306,17 @@ async def test_an_lcm_model_says_what_it_cannot_take(engines: EngineFactory) -> 
         await hifi.run(low, RecordingProgress(), CancelToken())
     with pytest.raises(BadEngineInput, match="steps: this LCM model takes at most 50"):
         await lite.run(draft(steps=60, n=1), RecordingProgress(), CancelToken())
+
+
+def test_a_transformer_model_takes_sizes_in_multiples_of_16(make_settings: SettingsFactory) -> None:
+    # SD3's pipeline raises for 520 px, and FLUX's quietly renders 512: refused before either.
+    settings = make_settings(lite_model="stabilityai/stable-diffusion-3.5-medium")
+    lite = LiteEngine(EngineContext(settings=settings))
+    try:
+        assert lite.capabilities.size_multiple == 16
+        with pytest.raises(BadEngineInput, match="width must be a multiple of 16") as info:
+            lite.estimate(draft(width=520, height=512))
+        assert info.value.details["multiple"] == 16
+        assert lite.estimate(draft(width=528, height=512)) == 0
+    finally:
+        lite.runtime.shutdown(timeout=30)

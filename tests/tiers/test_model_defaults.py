@@ -6,6 +6,10 @@ import pytest
 
 from tiers._local import ModelDefaults, model_defaults
 
+# SD3 and FLUX patch their latents: sizes in multiples of 16.
+TRANSFORMER = ModelDefaults(steps=28, guidance_scale=3.5, native_size=1024, size_multiple=16)
+TRANSFORMER_FAST = ModelDefaults(steps=4, guidance_scale=0.0, native_size=1024, size_multiple=16)
+
 
 @pytest.mark.parametrize(("model", "expected"), [
     ("stabilityai/sd-turbo", ModelDefaults(steps=2, guidance_scale=0.0, native_size=512)),
@@ -23,10 +27,14 @@ from tiers._local import ModelDefaults, model_defaults
     ("/root/.cache/huggingface/hub/models--stabilityai--stable-diffusion-xl-base-1.0/snapshots/462165984030",
      ModelDefaults(steps=30, guidance_scale=5.0, native_size=1024)),
     ("stabilityai/stable-diffusion-2-1-base", ModelDefaults(steps=25, guidance_scale=7.5, native_size=512)),
-    ("stabilityai/stable-diffusion-3.5-large-turbo", ModelDefaults(steps=4, guidance_scale=0.0, native_size=1024)),
-    ("stabilityai/stable-diffusion-3.5-medium", ModelDefaults(steps=28, guidance_scale=3.5, native_size=1024)),
-    ("black-forest-labs/FLUX.1-schnell", ModelDefaults(steps=4, guidance_scale=0.0, native_size=1024)),
-    ("black-forest-labs/FLUX.1-dev", ModelDefaults(steps=28, guidance_scale=3.5, native_size=1024)),
+    ("stabilityai/stable-diffusion-3.5-large-turbo", TRANSFORMER_FAST),
+    ("stabilityai/stable-diffusion-3.5-medium", TRANSFORMER),
+    ("black-forest-labs/FLUX.1-schnell", TRANSFORMER_FAST),
+    ("black-forest-labs/FLUX.1-dev", TRANSFORMER),
+    # Names that only look like a family: an SD 1.5 model called hyperRealism, an SDXL turbo fine-tune.
+    ("/models/hyperRealism_30.safetensors", ModelDefaults(steps=25, guidance_scale=7.5, native_size=512)),
+    ("ByteDance/Hyper-SD", ModelDefaults(steps=4, guidance_scale=0.0, native_size=512)),
+    ("/models/dreamshaperXL_turbo.safetensors", ModelDefaults(steps=2, guidance_scale=0.0, native_size=1024)),
 ])
 def test_model_defaults(model: str, expected: ModelDefaults) -> None:
     assert model_defaults(model) == expected
