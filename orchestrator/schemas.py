@@ -347,6 +347,34 @@ class Page(BaseModel, Generic[T]):
     next_cursor: str | None
 
 
+class PolicySummary(BaseModel):
+    name: str
+    description: str
+    source: str = Field(description="the file it was read from, or `builtin`")
+    content_hash: str
+
+
+class PolicyList(Page[PolicySummary]):
+    errors: list[str] = Field(description="the policy files the last load refused, with why")
+    warnings: list[str] = Field(description="what loaded but cannot route as written (an engine this service lacks)")
+
+
+class PolicyReload(BaseModel):
+    loaded: list[str]
+    errors: list[str]
+    warnings: list[str]
+
+
+class RouteExplanation(BaseModel):
+    project_id: str
+    stage: Stage
+    engine: str = Field(description="the engine the job would run on first")
+    estimate: float = Field(description="credits the job would hold")
+    routing: dict[str, Any] = Field(description="the decision as a job records it: policy, rule, candidates "
+                                                "in the order they would be tried, and why others were skipped")
+    params: dict[str, Any] = Field(description="the request as the job would store it")
+
+
 class EnginePublic(BaseModel):
     name: str
     kind: Literal["local", "remote"]

@@ -12,7 +12,15 @@ from orchestrator.api.deps import CallerDep, ServicesDep, check_asset
 from orchestrator.api.errors import documented
 from orchestrator.api.projects import Limit
 from orchestrator.errors import InvalidRequest, NotFound
-from orchestrator.schemas import DraftCreate, PolishCreate, PromoteCreate, Strict
+from orchestrator.schemas import (
+    DraftCreate,
+    PolicyList,
+    PolicyReload,
+    PolishCreate,
+    PromoteCreate,
+    RouteExplanation,
+    Strict,
+)
 from orchestrator.services import Services
 from tiers.base import to_credits
 
@@ -21,7 +29,7 @@ StageBody = TypeVar("StageBody", bound=Strict)
 router = APIRouter(tags=["routing"])
 
 
-@router.get("/policies")
+@router.get("/policies", response_model=PolicyList)
 def list_policies(services: ServicesDep, limit: Limit = 50,
                   cursor: Annotated[str | None, Query(max_length=200)] = None) -> dict[str, Any]:
     """The loaded policies by name, paged like every list (`cursor` is the last name of the page
@@ -42,7 +50,7 @@ def get_policy(name: str, services: ServicesDep) -> dict[str, Any]:
     return services.policies.get(name).as_dict()
 
 
-@router.post("/policies/reload", responses=documented(403))
+@router.post("/policies/reload", response_model=PolicyReload, responses=documented(403))
 def reload_policies(services: ServicesDep, caller: CallerDep) -> dict[str, Any]:
     """Re-read the policy files (admin key only). A bad file is refused with its message; the last
     good version of that policy stays in service. Projects pick up the new rules on their next job."""
@@ -58,13 +66,17 @@ def _warnings(services: Services) -> list[str]:
 
 
 class ExplainRequest(Strict):
+    """What to explain: the stage, the project (ideation) or the source asset (bridge, polish), and
+    the other fields of that stage's own body (the body of `POST .../drafts`, `.../promote` or
+    `.../polish`), checked as that route checks them."""
+
     model_config = ConfigDict(extra="allow")  # the rest is the stage's own request body
     project_id: Annotated[str, Field(min_length=1)] | None = None
     stage: Literal["ideation", "bridge", "polish"]
     source_asset_id: str | None = None
 
 
-@router.post("/route/explain", responses=documented(402, 404, 413, 415, 503))
+@router.post("/route/explain", response_model=RouteExplanation, responses=documented(402, 404, 413, 415, 503))
 def explain(body: ExplainRequest, services: ServicesDep, caller: CallerDep) -> dict[str, Any]:
     """The routing decision and estimate for a request, without running or charging anything."""
     if body.project_id is not None:
