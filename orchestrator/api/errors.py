@@ -78,6 +78,14 @@ def _clean(errors: list[Any]) -> list[dict[str, Any]]:
     return out
 
 
+def _where(loc: list[str]) -> str:
+    """A field path for a message: `tags.client`, and for a bad key of a mapping `tags key ''`
+    (pydantic places such an error at the key, then a `[key]` marker)."""
+    if len(loc) >= 2 and loc[-1] == "[key]":
+        return f"{'.'.join(loc[:-2])} key {loc[-2]!r}".lstrip()
+    return ".".join(loc)
+
+
 def _is_json(content_type: str) -> bool:
     media = content_type.split(";", 1)[0].strip().lower()
     return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
@@ -120,7 +128,7 @@ def install(app: FastAPI) -> None:
     async def _inner_validation(_: Request, exc: ValidationError) -> JSONResponse:
         errors = _clean(list(exc.errors()))
         first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
-        where = ".".join(first["loc"])
+        where = _where(first["loc"])
         return error_response(422, "invalid_request", f"{where}: {first['msg']}" if where else str(first["msg"]),
                               {"errors": errors})
 
@@ -143,7 +151,7 @@ def install(app: FastAPI) -> None:
                                       "send the body as JSON, with 'Content-Type: application/json'",
                                       {"content_type": content_type})
         first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
-        where = ".".join(p for p in first["loc"] if p not in ("body", "query", "path", "header"))
+        where = _where([p for p in first["loc"] if p not in ("body", "query", "path", "header")])
         message = f"{where}: {first['msg']}" if where else str(first["msg"])
         return error_response(422, "invalid_request", message, {"errors": errors})
 

@@ -74,6 +74,12 @@ def test_invalid_draft_body(shared_server: httpx.Client, project: str, body: dic
     assert job_count(shared_server) == before
 
 
+def test_a_bad_tag_key_is_named_as_a_key(shared_server: httpx.Client, project: str) -> None:
+    error = assert_error(post_drafts(shared_server, project, {"prompt": "x", "tags": {"": "v"}}), 422,
+                         "invalid_request")
+    assert error["message"] == "tags key '': String should have at least 1 character"
+
+
 def test_a_draft_whose_last_seed_is_the_largest_is_taken(shared_server: httpx.Client, project: str) -> None:
     body = {"stage": "ideation", "project_id": project, "prompt": "x", "n": 2, "seed": 2**32 - 2}
     response = shared_server.post("/v1/route/explain", json=body)
