@@ -60,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="the service's and uvicorn's log level")
     serve.add_argument("--no-jobs", action="store_true",
                        help="queue jobs for `orchestrator worker` processes and run none here (ORCH_RUN_JOBS=false)")
+    serve.add_argument("--allow-open", action="store_true",
+                       help="listen beyond this machine without ORCH_ADMIN_KEY: anyone who reaches the port can "
+                       "spend the budgets and grant credits")
 
     worker = sub.add_parser("worker", help="run queued jobs from the database, without HTTP (one per GPU)",
                             formatter_class=defaults,
@@ -135,6 +138,21 @@ def _error_message(response: httpx.Response) -> str:
         return response.text[:200] or response.reason_phrase
 
 
+MIN_KEY_LENGTH = 16
+
+
+def _loopback(host: str) -> bool:
+    """Whether only this machine can reach `host` (`localhost`, 127.0.0.0/8, ::1)."""
+    import ipaddress
+
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a name: it may resolve to any interface
+        return False
+
+
 def _checked(settings: Settings, *, prices: bool = True) -> int | None:
     """Exit status 2 with what to fix, before anything starts; None when nothing is wrong."""
     from orchestrator.services import startup_problems
@@ -171,6 +189,14 @@ def _run(args: argparse.Namespace) -> int:
         settings = Settings()
         if (failed := _checked(settings)) is not None:
             return failed
+        if settings.admin_key is None and not _loopback(args.host) and not args.allow_open:
+            return _fail(f"refusing to listen on {args.host} without ORCH_ADMIN_KEY: anyone who reaches the port "
+                         "could spend the budgets and grant credits. Set ORCH_ADMIN_KEY (or pass --allow-open "
+                         "on a network you trust)", status=2)
+        if settings.admin_key is not None and len(settings.admin_key.get_secret_value()) < MIN_KEY_LENGTH:
+            print(f"orchestrator: warning: ORCH_ADMIN_KEY has fewer than {MIN_KEY_LENGTH} characters and can be "
+                  "guessed; make one with: python -c 'import secrets; print(secrets.token_urlsafe(32))'",
+                  file=sys.stderr)
         _log_to_data_dir(settings)
         if args.no_jobs:
             settings = settings.model_copy(update={"run_jobs": False})

@@ -215,3 +215,23 @@ def test_a_database_newer_than_the_code_is_one_line(make_settings: SettingsFacto
     assert main(["migrate"]) == 1  # once a 74-line Alembic traceback
     err = capsys.readouterr().err
     assert err.startswith("orchestrator: cannot migrate the database: ") and "9999" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.0.2.7", "studio-box.local"])
+def test_serve_beyond_this_machine_needs_an_admin_key(make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str], host: str) -> None:
+    settings = make_settings()
+    monkeypatch.setenv("ORCH_DATA_DIR", str(settings.data_dir))
+    monkeypatch.delenv("ORCH_ADMIN_KEY", raising=False)
+    assert main(["serve", "--host", host]) == 2  # returned before anything listens
+    err = capsys.readouterr().err
+    assert f"refusing to listen on {host} without ORCH_ADMIN_KEY" in err and "--allow-open" in err
+
+
+@pytest.mark.parametrize(("host", "loopback"), [("127.0.0.1", True), ("127.5.0.1", True), ("localhost", True),
+                                                ("::1", True), ("[::1]", True), ("0.0.0.0", False),
+                                                ("10.0.0.5", False), ("example.org", False)])
+def test_only_loopback_addresses_count_as_this_machine(host: str, loopback: bool) -> None:
+    from orchestrator.cli import _loopback
+
+    assert _loopback(host) is loopback
