@@ -65,6 +65,25 @@ class FalEngine(CloudEngine):
         # client from CDN hosts that must never see it.
         self._auth = {"Authorization": f"Key {self._key or ''}"}
         self.http = self.remote_client(ctx, client, base_url=s.fal_base_url)
+        self._base = httpx.URL(s.fal_base_url)
+
+    def _keyed(self, url: object) -> bool:
+        """Whether a queue URL from an answer may be sent the key: fal's own site (the base URL's
+        host or a sibling such as queue.fal.run), over https unless the base URL itself is http
+        (a local stand-in). An answer naming another host would otherwise collect the key."""
+        if not isinstance(url, str):
+            return False
+        try:
+            parsed = httpx.URL(url)
+        except httpx.InvalidURL:
+            return False
+        base = self._base
+        if parsed.scheme not in {"https", base.scheme} or not parsed.host:
+            return False
+        if parsed.host == base.host:
+            return True
+        site = base.host.split(".")[-2:]
+        return len(site) == 2 and not site[-1].isdigit() and parsed.host.split(".")[-2:] == site
 
     def estimate(self, req: RenderRequest) -> int:
         return req.n * self._prices.millicredits(self._model, size_class(req.width, req.height))
@@ -91,16 +110,17 @@ class FalEngine(CloudEngine):
         queued = self._json(response)
         request_id = queued.get("request_id")
         urls = {k: queued.get(k) for k in ("status_url", "response_url", "cancel_url")}
-        if not request_id or not all(isinstance(u, str) and u.startswith("http") for u in urls.values()):
-            raise EngineError("fal: the submit answer lacks request_id or its absolute queue URLs",
-                              details={"engine": self.name}, charged="unknown")
+        if not request_id or not all(self._keyed(u) for u in urls.values()):
+            raise EngineError("fal: the submit answer lacks request_id or queue URLs on fal's own https site "
+                              f"({self._base.host}); they are not followed, since each call carries the key",
+                              details={"engine": self.name, "urls": urls}, charged="unknown")
         request_id = str(request_id)
         progress.provider_request(request_id, urls)
         return await self._follow(req, request_id, urls, deadline, progress, cancel)
 
     def can_reattach(self, handles: list[dict[str, Any]], req: RenderRequest) -> bool:
         """One queue request holds all the job's images, followed through the URLs fal gave."""
-        return len(handles) == 1 and all(isinstance(handles[0].get(k), str) and str(handles[0][k]).startswith("http")
+        return len(handles) == 1 and all(self._keyed(handles[0].get(k))
                                          for k in ("status_url", "response_url", "cancel_url"))
 
     async def reattach(self, req: RenderRequest, handles: list[dict[str, Any]], progress: Progress,

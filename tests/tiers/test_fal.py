@@ -347,3 +347,17 @@ async def test_a_model_it_does_not_serve_lets_another_engine_try(engine: FalEngi
     error = info.value
     assert error.retryable and error.charged == "no" and route.call_count == 1
     assert error.details["setting"] == "ORCH_FAL_MODEL" and "set ORCH_FAL_MODEL" in error.message
+
+
+@respx.mock
+@pytest.mark.parametrize("status_url", ["https://attacker.example/s", "http://queue.fal.test/s",
+                                        "https://fal.test.attacker.example/s", "/relative/status"])
+async def test_queue_urls_off_fal_s_https_site_never_get_the_key(engine: FalEngine, status_url: str) -> None:
+    respx.post(SUBMIT).mock(return_value=httpx.Response(200, json={**queued(), "status_url": status_url}))
+    elsewhere = respx.route(url__regex=r"^(?!https://fal\.test/).*").mock(return_value=httpx.Response(200))
+    with pytest.raises(EngineError) as info:
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    assert elsewhere.call_count == 0  # nothing, the key least of all, went to the named host
+    assert info.value.charged == "unknown" and "own https site (fal.test)" in info.value.message
+    assert not engine.can_reattach([{"id": "r-1", **queued(), "status_url": status_url}], bridge())
+    assert engine.can_reattach([{"id": "r-1", **queued()}], bridge())  # queue.fal.test: fal's own site
