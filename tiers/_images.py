@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import warnings
 from collections.abc import Sequence
 
 from PIL import Image
@@ -47,9 +48,26 @@ def b64decode_tolerant(data: str) -> bytes:
         raise EngineError("the provider returned image data that is not valid base64") from exc
 
 
+# The largest image an engine may return: a request's largest side (8192) squared. A few hundred
+# KB of PNG can declare far more pixels than that, which decoding would have to hold in memory.
+MAX_OUTPUT_PIXELS = 8192 * 8192
+
+
 def decode_image(data: bytes, engine: str) -> Image.Image:
     try:
-        img = Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():  # PIL's warning for what is refused just below
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))  # reads the header only
+    except Image.DecompressionBombError as exc:
+        raise EngineError(f"{engine}: the provider returned an image too large to decode ({exc})") from exc
+    except Exception as exc:
+        raise EngineError(f"{engine}: the provider returned bytes that are not an image") from exc
+    width, height = img.size
+    if width * height > MAX_OUTPUT_PIXELS:
+        raise EngineError(f"{engine}: the provider returned a {width}x{height} image, more than "
+                          f"{MAX_OUTPUT_PIXELS} pixels; it is not decoded",
+                          details={"width": width, "height": height})
+    try:
         img.load()
     except Exception as exc:
         raise EngineError(f"{engine}: the provider returned bytes that are not an image") from exc
