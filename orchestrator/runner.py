@@ -168,8 +168,10 @@ class JobRunner:
                 raise
             except Exception as exc:  # disk full, permissions: the engine did its (billed) work
                 log.exception("job %s: storing its images failed", job.id)
-                # The first line says what failed; a database error's next lines hold its SQL and values.
-                reason = next(iter(str(exc).splitlines()), "")
+                # The first line says what failed; a database error's next lines hold its SQL and values,
+                # and a file error's text the server's paths (the log has them).
+                reason = (exc.strerror if isinstance(exc, OSError) and exc.strerror
+                          else next(iter(str(exc).splitlines()), ""))
                 raise EngineError(f"the images were made but could not be stored: {type(exc).__name__}: {reason}"[:500],
                                   retryable=False, charged="yes", cost_millicredits=result.cost_millicredits) from exc
         except StaleAttempt:

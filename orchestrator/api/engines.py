@@ -6,6 +6,7 @@ from fastapi import APIRouter
 
 from orchestrator.api.deps import ServicesDep
 from orchestrator.schemas import EnginePublic
+from orchestrator.store import model_name
 
 router = APIRouter(tags=["engines"])
 
@@ -18,7 +19,7 @@ def list_engines(services: ServicesDep) -> list[EnginePublic]:
         note: Any = getattr(engine, "note", None)
         out.append(EnginePublic(
             name=engine.name, kind=engine.kind, stages=sorted(engine.stages), available=available,
-            health=services.health(engine.name), model=engine.model, note=why or note,
+            health=services.health(engine.name), model=model_name(engine.model), note=why or note,
             prices=engine.prices(), capabilities=engine.capabilities.as_dict(),
         ))
     for broken in services.registry.broken.values():

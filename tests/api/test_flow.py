@@ -278,3 +278,17 @@ def test_a_model_path_to_nothing_is_told_at_start_not_at_the_first_draft(
     assert response.status_code == 503, response.text
     assert "path to nothing" in response.text
     assert client.get("/v1/jobs").json()["items"] == []
+
+
+def test_a_model_in_a_local_folder_is_told_by_name_not_by_the_server_s_path(
+        make_settings: Callable[..., Settings], start_server: Callable[[Settings], httpx.Client],
+        tiny_cache_dir: Path) -> None:
+    folder = tiny_cache_dir / "tiny-sd"
+    client = start_server(make_settings(lite_model=str(folder)))
+    project = create_project(client)["id"]
+    job = run_draft(client, project, n=1, width=64, height=64, steps=1)
+    asset = client.get(f"/v1/assets/{job['assets'][0]}").json()
+    lite = next(e for e in client.get("/v1/engines").json() if e["name"] == "lite")
+    assert job["model"] == asset["model"] == asset["record"]["model"] == lite["model"] == "tiny-sd"
+    for answer in (job, asset, lite):
+        assert str(tiny_cache_dir) not in json.dumps(answer)

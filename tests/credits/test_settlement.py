@@ -170,14 +170,15 @@ def test_images_made_but_not_stored_are_charged(api: httpx.Client, monkeypatch: 
     project_id, asset_id = project_with_draft(api)
 
     def disk_full(self: object, data: bytes) -> str:
-        raise OSError(28, "No space left on device")
+        raise OSError(28, "No space left on device", "/srv/orchestrator/assets/ab/tmp-1")
 
     monkeypatch.setattr("orchestrator.store.ArtifactStore.put", disk_full)
     job = promote_ok(api, asset_id, engine="fake-paid")
     done = wait_for_job(api, job["id"])
     assert done["status"] == "failed"
+    # The server's paths stay in its log.
     assert done["error"]["message"] == ("the images were made but could not be stored: "
-                                        "OSError: [Errno 28] No space left on device")
+                                        "OSError: No space left on device")
     entries = [e for e in ledger(api, project_id) if e["job_id"] == job["id"]]
     assert [(e["kind"], e["amount"], e["unreconciled"]) for e in entries] == [
         ("hold", 10.0, False), ("capture", 10.0, False)]
@@ -190,7 +191,7 @@ def test_images_not_stored_are_charged_what_the_provider_reported(api: httpx.Cli
     project_id, asset_id = project_with_draft(api)
 
     def disk_full(self: object, data: bytes) -> str:
-        raise OSError(28, "No space left on device")
+        raise OSError(28, "No space left on device", "/srv/orchestrator/assets/ab/tmp-1")
 
     monkeypatch.setattr("orchestrator.store.ArtifactStore.put", disk_full)
     job = promote_ok(api, asset_id, tags={"cost": "7.5"})
