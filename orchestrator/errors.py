@@ -83,6 +83,12 @@ class BudgetExceeded(OrchestratorError):
     code, status = "budget_exceeded", 402
 
 
+class TooManyJobs(OrchestratorError):
+    """The project already has as many unfinished jobs as `ORCH_MAX_PENDING_JOBS` allows."""
+
+    code, status = "rate_limited", 429
+
+
 class NoRoute(OrchestratorError):
     code, status = "no_route", 422
 

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import func, update
 from sqlmodel import Session, col, select
 
 from orchestrator import idempotency
@@ -26,6 +26,7 @@ from orchestrator.errors import (
     JobFinished,
     NotFound,
     OrchestratorError,
+    TooManyJobs,
 )
 from orchestrator.events import EventBus
 from orchestrator.ids import new_id
@@ -68,8 +69,9 @@ def render_request(params: dict[str, Any], init_image: Any = None) -> RenderRequ
 
 class JobService:
     def __init__(self, db: Database, router: Router, ledger: Ledger, bus: EventBus, notify: Callable[[], None],
-                 default_policy: str, presence: Presence, store: ArtifactStore) -> None:
+                 default_policy: str, presence: Presence, store: ArtifactStore, max_pending: int = 0) -> None:
         self.db = db
+        self.max_pending = max_pending  # unfinished jobs a project may have (0: no limit)
         self.store = store
         self.router = router
         self.ledger = ledger
@@ -159,6 +161,19 @@ class JobService:
                            details={"asset_id": asset_id, "sha256": asset.sha256})
         return asset
 
+    def _check_pending(self, s: Session, project: Project) -> None:
+        """One project cannot fill the queue: local work is free, so its budget would not stop it.
+        Counted under the project lock, so concurrent submits cannot pass the limit together."""
+        limit = self.max_pending
+        if not limit:
+            return
+        pending = s.scalar(select(func.count()).select_from(Job).where(
+            col(Job.project_id) == project.id, col(Job.status).in_(("queued", "running")))) or 0
+        if pending >= limit:
+            raise TooManyJobs(
+                f"project '{project.id}' has {pending} unfinished jobs, the most ORCH_MAX_PENDING_JOBS allows; "
+                "wait for some to finish, or cancel some", details={"pending": pending, "limit": limit})
+
     @staticmethod
     def _project(s: Session, project_id: str) -> Project:
         project = s.get(Project, project_id)
@@ -197,6 +212,8 @@ class JobService:
                 if existing is not None:
                     return existing, False
             cached = self._cached(s, job) if job.cache_key else None
+            if not cached:
+                self._check_pending(s, project)
             # Routing read the balance before this lock: a request that held since may leave too
             # little for the choice (a cheaper or free candidate must then take it), or push the
             # project past a rule's `budget_used_over` (its own engines then apply). So the same

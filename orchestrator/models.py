@@ -60,7 +60,8 @@ class Project(SQLModel, table=True):
 
 class Job(SQLModel, table=True):
     __tablename__ = "jobs"
-    __table_args__ = (sa.Index("ix_jobs_status_created", "status", "created_at"),)
+    __table_args__ = (sa.Index("ix_jobs_status_created", "status", "created_at"),
+                      sa.Index("ix_jobs_project_status", "project_id", "status"))
 
     id: str = Field(primary_key=True, max_length=40)
     project_id: str = Field(foreign_key="projects.id", index=True, max_length=40)

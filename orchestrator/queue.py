@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import func, update
 from sqlmodel import col, select
 
 from orchestrator.db import Database
@@ -248,11 +248,19 @@ class Scheduler:
         return jobs
 
     def _oldest_queued(self, leave_out: list[str]) -> list[Job]:
-        stmt = select(Job).where(col(Job.status) == "queued")
+        """Queued jobs in turns by project: each project's oldest first, then each one's second,
+        and so on (oldest first within a turn). A project that queued a hundred drafts delays
+        another's next job by one job per project, not by its hundred."""
+        where = [col(Job.status) == "queued"]
         if leave_out:
-            stmt = stmt.where(col(Job.engine).not_in(leave_out))
+            where.append(col(Job.engine).not_in(leave_out))
+        turn = func.row_number().over(partition_by=col(Job.project_id),
+                                      order_by=(col(Job.created_at), col(Job.id))).label("turn")
+        turns = select(col(Job.id).label("id"), turn).where(*where).subquery()
+        stmt = (select(Job).join(turns, col(Job.id) == turns.c.id)
+                .order_by(turns.c.turn, col(Job.created_at), col(Job.id)).limit(QUEUED_BATCH))
         with self.db.session() as s:
-            return list(s.exec(stmt.order_by(col(Job.created_at), col(Job.id)).limit(QUEUED_BATCH)).all())
+            return list(s.exec(stmt).all())
 
     def _claim(self, job: Job) -> Claim | None:
         now = utcnow()

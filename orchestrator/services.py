@@ -167,7 +167,8 @@ class Services:
         scheduler = Scheduler(db, registry, runner, bus, ledger, presence, lease_seconds=settings.lease_seconds,
                               sweep_interval=settings.sweep_interval, poll_interval=settings.poll_interval,
                               device=device)
-        jobs = JobService(db, router, ledger, bus, scheduler.notify, settings.policy, presence, store)
+        jobs = JobService(db, router, ledger, bus, scheduler.notify, settings.policy, presence, store,
+                          max_pending=settings.max_pending_jobs)
         scheduler.sweepers.append(functools.partial(idempotency.forget_expired, db))
         follower = JobFollower(db, bus, scheduler.holds, settings.poll_interval, previews)
         bus.pinned = scheduler.holds

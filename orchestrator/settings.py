@@ -84,6 +84,8 @@ class Settings(BaseSettings):
 
     # Largest request body accepted (413 above it); every body is a small JSON document.
     max_body_bytes: int = Field(1 << 20, ge=1024)
+    # Unfinished (queued or running) jobs a project may have; more are refused with 429 (0: no limit).
+    max_pending_jobs: int = Field(200, ge=0)
 
     # Seconds a running job's lease lasts without a heartbeat before the sweeper recovers it.
     lease_seconds: float = Field(60.0, gt=0)

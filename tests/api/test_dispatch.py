@@ -14,6 +14,7 @@ from sqlalchemy.exc import OperationalError
 from sqlmodel import col, select
 
 from orchestrator import idempotency
+from orchestrator.errors import TooManyJobs
 from orchestrator.ids import new_id
 from orchestrator.models import Job, Project, utcnow
 from orchestrator.runner import Claim
@@ -34,16 +35,16 @@ def services(make_settings: SettingsFactory) -> Iterator[Services]:
 
 
 def queued_drafts(services: Services, count: int) -> list[str]:
-    project_id = new_id("prj")
+    return queued_drafts_for(services, new_id("prj"), count)
+
+
+def queued_drafts_for(services: Services, project_id: str, count: int) -> list[str]:
     with services.db.transaction() as s:
-        s.add(Project(id=project_id, name="dispatch", policy="balanced"))
+        if s.get(Project, project_id) is None:
+            s.add(Project(id=project_id, name="dispatch", policy="balanced"))
     body = DraftCreate(prompt="a lighthouse", n=1, width=64, height=64, steps=1)
-    ids = []
-    for _ in range(count):
-        job, _created = services.jobs.submit(services.jobs.prepare_draft(project_id, body), body, engine=None,
-                                             max_credits=None, idempotency_key=None, scope="test")
-        ids.append(job.id)
-    return ids
+    return [services.jobs.submit(services.jobs.prepare_draft(project_id, body), body, engine=None, max_credits=None,
+                                 idempotency_key=None, scope="test")[0].id for _ in range(count)]
 
 
 def statuses(services: Services, job_ids: list[str]) -> list[str]:
@@ -59,6 +60,32 @@ def test_claims_oldest_first_within_lane_limits(services: Services) -> None:
     assert claims[0][0].job.status == "running"
     assert statuses(services, jobs) == ["running", "queued", "queued"]
     assert services.scheduler._claim_ready({"local": 1}) == []  # the lane is busy
+
+
+def test_projects_take_turns_in_the_queue(services: Services) -> None:
+    # A project that queued first and most does not make another wait behind all of its jobs.
+    busy = queued_drafts(services, 3)
+    other = queued_drafts(services, 2)
+    assert [job.id for job in services.scheduler._oldest_queued([])] == [busy[0], other[0], busy[1], other[1],
+                                                                         busy[2]]
+
+
+def test_a_project_cannot_queue_more_than_its_share(make_settings: SettingsFactory) -> None:
+    built = Services.build(make_settings(max_pending_jobs=2))
+    try:
+        first, _ = queued_drafts_for(built, "prj_full", 2)
+        with pytest.raises(TooManyJobs) as info:
+            queued_drafts_for(built, "prj_full", 1)
+        assert info.value.status == 429 and info.value.code == "rate_limited"
+        assert "ORCH_MAX_PENDING_JOBS" in info.value.message and info.value.details == {"pending": 2, "limit": 2}
+        with built.db.session() as s:
+            assert len(s.exec(select(Job).where(col(Job.project_id) == "prj_full")).all()) == 2  # nothing written
+        queued_drafts_for(built, "prj_other", 1)  # another project is not held back
+        with built.db.transaction() as s:  # one finishes: room for one more
+            s.execute(update(Job).where(col(Job.id) == first).values(status="succeeded"))
+        queued_drafts_for(built, "prj_full", 1)
+    finally:
+        asyncio.run(built.aclose())
 
 
 def test_a_failing_claim_still_starts_the_jobs_already_claimed(services: Services,

@@ -1,0 +1,25 @@
+"""jobs: an index on (project_id, status), for counting a project's unfinished jobs at submit
+
+Revision ID: 0009
+Revises: 0008
+Create Date: 2026-11-29 02:30:00.000000
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from alembic import op
+
+revision: str = '0009'
+down_revision: str | None = '0008'
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    op.create_index('ix_jobs_project_status', 'jobs', ['project_id', 'status'])
+
+
+def downgrade() -> None:
+    op.drop_index('ix_jobs_project_status', table_name='jobs')
