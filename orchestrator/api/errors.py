@@ -31,6 +31,7 @@ _DOCUMENTED = {
     413: "The body is larger than ORCH_MAX_BODY_BYTES (`payload_too_large`).",
     415: "The body was not sent as `Content-Type: application/json`.",
     422: "Invalid input (`invalid_request`), or no engine may take the request (`no_route`).",
+    429: "The project already has ORCH_MAX_PENDING_JOBS unfinished jobs (`rate_limited`).",
     503: "No engine is available for the request now (`no_route`, `engine_unavailable`).",
 }
 

@@ -14,14 +14,14 @@ from orchestrator.models import Job
 from orchestrator.schemas import DraftCreate, JobPublic, PolishCreate, PromoteCreate
 
 router = APIRouter(tags=["stages"])
-PAID_ERRORS = documented(402, 404, 409, 413, 415, 503)
+PAID_ERRORS = documented(402, 404, 409, 413, 415, 429, 503)
 # Every field of promote and polish has a default, so their body may be left out (the same as `{}`).
 PromoteBody = Annotated[PromoteCreate, Body(default_factory=PromoteCreate)]
 PolishBody = Annotated[PolishCreate, Body(default_factory=PolishCreate)]
 
 
 @router.post("/projects/{project_id}/drafts", status_code=202, response_model=JobPublic,
-             responses=documented(404, 409, 413, 415, 503))
+             responses=documented(404, 409, 413, 415, 429, 503))
 def create_drafts(project_id: str, body: DraftCreate, services: ServicesDep, caller: CallerDep, request: Request,
                   response: Response, idempotency_key: IdempotencyKey = None) -> JobPublic:
     caller.project(project_id)
