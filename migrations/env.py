@@ -66,7 +66,9 @@ def run_migrations_online() -> None:
     sqlite = url.startswith("sqlite")
     # SQLite waits for a busy database as long as the service does, not pysqlite's 5 s.
     connect_args = {"timeout": 30} if sqlite else {}
-    connectable = create_engine(url, poolclass=pool.NullPool, connect_args=connect_args)
+    # READ COMMITTED whatever the server's default, as the service's own sessions (orchestrator.db).
+    isolation = {} if sqlite else {"isolation_level": "READ COMMITTED"}
+    connectable = create_engine(url, poolclass=pool.NullPool, connect_args=connect_args, **isolation)
     if sqlite:
         _sqlite_transactions(connectable)
     with connectable.connect() as connection:

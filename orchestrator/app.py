@@ -74,7 +74,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(HeadAsGet)  # added last, so it wraps the others: they and the routes see a GET
     v1 = [Depends(require_auth)]
     for module in (projects, stages, jobs, assets, engines, credits, policies, keys, workers):
-        app.include_router(module.router, prefix="/v1", dependencies=v1, responses=documented(400, 401, 422))
+        app.include_router(module.router, prefix="/v1", dependencies=v1, responses=documented(400, 401, 422, 503))
 
     @app.get("/healthz", response_model=Health, tags=["operations"])
     def healthz() -> Health:

@@ -7,6 +7,13 @@ On PostgreSQL `transaction()` takes one transaction-scoped advisory lock first, 
 write transactions the same way: ids made in one (and the ledger's sequence numbers) commit in
 the order they were made, so a list cursor (`id > cursor`) never passes over a late commit.
 Writes are short (no transaction waits on an engine), so one writer at a time costs little.
+
+PostgreSQL sessions are pinned to READ COMMITTED whatever the server's default: a writer that
+waited for the advisory lock must read what the writer before it committed (under REPEATABLE READ
+its snapshot would predate that commit, and two holds could both fit one budget). A wait for a
+lock ends after `LOCK_TIMEOUT` as SQLite's busy timeout does, and TCP keepalives notice a host
+that vanished mid-transaction within about a minute, so its lock does not stall every writer for
+the two hours of the kernel's default.
 """
 
 from __future__ import annotations
@@ -23,7 +30,9 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
 from sqlmodel import Session
+from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential
 
 from orchestrator.bells import Bell
 
@@ -31,6 +40,15 @@ log = logging.getLogger(__name__)
 _IMMEDIATE = "orchestrator_immediate"
 # Any fixed number (not migrations/env.py's): the advisory lock every PostgreSQL write takes first.
 WRITE_LOCK = 7_202_611_281
+LOCK_TIMEOUT_SECONDS = 30  # SQLite's busy timeout too
+# Connections of one process: a request thread each (anyio's pool of 40) and the job machinery.
+POOL_SIZE, POOL_OVERFLOW = 10, 30
+
+
+def postgres_connect_args() -> dict[str, Any]:
+    """psycopg connection options (libpq's): lock waits bounded, dead peers noticed."""
+    return {"options": f"-c lock_timeout={LOCK_TIMEOUT_SECONDS * 1000}",
+            "keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3}
 
 
 def _sqlite_setup(engine: Engine) -> None:
@@ -40,7 +58,7 @@ def _sqlite_setup(engine: Engine) -> None:
         cur = dbapi_conn.cursor()
         cur.execute("PRAGMA journal_mode=WAL")
         cur.execute("PRAGMA foreign_keys=ON")
-        cur.execute("PRAGMA busy_timeout=30000")
+        cur.execute(f"PRAGMA busy_timeout={LOCK_TIMEOUT_SECONDS * 1000}")
         cur.execute("PRAGMA synchronous=NORMAL")
         cur.close()
 
@@ -55,12 +73,13 @@ class Database:
         self.is_sqlite = url.startswith("sqlite")
         kwargs: dict[str, Any] = {}
         if self.is_sqlite:
-            kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+            kwargs["connect_args"] = {"check_same_thread": False, "timeout": LOCK_TIMEOUT_SECONDS}
             path = make_url(url).database or ""
             if path and path != ":memory:":
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
         else:
-            kwargs["pool_pre_ping"] = True
+            kwargs.update(pool_pre_ping=True, isolation_level="READ COMMITTED", pool_size=POOL_SIZE,
+                          max_overflow=POOL_OVERFLOW, connect_args=postgres_connect_args())
         self.engine = create_engine(url, **kwargs)
         if self.is_sqlite:
             _sqlite_setup(self.engine)
@@ -89,6 +108,17 @@ class Database:
                 self.bell.before_commit(session)
             self.bell.after_commit()
 
+    def retrying(self, within: float) -> Retrying:
+        """Attempts of a write that must not be lost to a database restart or failover (a job's
+        end): `for attempt in db.retrying(30): with attempt, db.transaction() as s: ...`. Only a
+        lost or refused connection is tried again, for up to `within` seconds; each attempt rolls
+        back whole, so the work must be safe to repeat."""
+        return Retrying(retry=retry_if_exception(_disconnected), stop=stop_after_delay(within),
+                        wait=wait_exponential(multiplier=0.25, max=4), reraise=True,
+                        before_sleep=lambda state: log.warning(
+                            "the database is unreachable (%s); trying again",
+                            next(iter(str(state.outcome.exception() if state.outcome else "").splitlines()), "")))
+
     def ring(self) -> None:
         """Make the other processes look now, with no change of our own to tell (an empty write
         transaction rings as any commit does)."""
@@ -100,6 +130,12 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def _disconnected(exc: BaseException) -> bool:
+    """A connection lost mid-transaction, or none to be had (no statement ran): not a statement
+    the database refused, which would fail the same way again."""
+    return isinstance(exc, OperationalError) and (exc.connection_invalidated or exc.statement is None)
 
 
 def alembic_config(url: str) -> Config:

@@ -310,6 +310,8 @@ class Scheduler:
     async def _run(self, claim: Claim, lane: str) -> None:
         try:
             await self.runner.run(claim)
+        except Exception:  # its end could not be written (the database stayed away): recovery ends it
+            log.exception("job %s: its end could not be recorded; it is left to recovery", claim.job.id)
         finally:
             if self._running.get(claim.job.id, (None, None))[1] is claim:
                 del self._running[claim.job.id]

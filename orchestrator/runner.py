@@ -18,12 +18,13 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, TypeGuard
 
 from PIL import Image
 from sqlalchemy import update
 from sqlalchemy.exc import SQLAlchemyError
-from sqlmodel import col, select
+from sqlmodel import Session, col, select
 
 from orchestrator.db import Database
 from orchestrator.errors import BudgetExceeded, Canceled, EngineError, OrchestratorError
@@ -40,6 +41,10 @@ from tiers.registry import EngineRegistry
 
 log = logging.getLogger(__name__)
 PROGRESS_WRITE_INTERVAL = 1.0
+# How long a job's end (its images and charge, or its failure) waits out a database restart or
+# failover before it is left to recovery. Repeating it is safe: every attempt rolls back whole,
+# and its update applies only while the attempt still holds the job.
+FINAL_WRITE_SECONDS = 30.0
 
 
 class StaleAttempt(Exception):
@@ -426,32 +431,38 @@ class JobRunner:
             for index, (rendered, record, sha) in enumerate(zip(result.images, records, shas, strict=True))
         ]
         now = utcnow()
-        with self.db.transaction() as s:
-            self._raise_if_user_canceled(claim)  # rolls back: nothing of this success is kept
-            self._guarded_update(s, claim, unless_canceled=True, status="succeeded", finished_at=now, lease_owner=None,
-                                 lease_expires_at=None, progress_step=job.progress_total or 1,
-                                 progress_total=job.progress_total or 1, model=result.model,
-                                 provider_request_id=result.provider_request_id,
-                                 attempts=[*(job.attempts or []), {"engine": job.engine, "status": "succeeded",
-                                                                   "error": None}])
-            # Ids made under the write lock (the update above took it) commit in id order: they
-            # are list cursors, and a page must not step over an asset committed just after.
-            for row in rows:
-                row.id = new_id("ast")
-            s.add_all(rows)
-            if job.estimated > 0:  # free jobs hold nothing; skip the lookup on the hot path
-                self.ledger.capture(s, job, result.cost_millicredits)
-            elif result.cost_millicredits:
-                # Estimated free (a price of 0 in the prices file) and billed all the same: spend.
-                self.ledger.charge_usage(s, job, result.cost_millicredits,
-                                         note="reported by the provider for a job estimated free")
-            elif self.local_rate and self.registry.get(job.engine).kind == "local":
-                used = float(result.metadata.get(DEVICE_SECONDS, seconds))  # the engine's own count leaves out loading
-                self.ledger.charge_usage(s, job, round(used * self.local_rate * 1000),
-                                         note=f"{used:.2f} device-seconds")
+        for attempt in self.db.retrying(FINAL_WRITE_SECONDS):
+            with attempt, self.db.transaction() as s:
+                self._succeed_in(s, claim, result, rows, now, seconds)
         for row, (sha, data) in zip(rows, pngs, strict=True):
             self.store.recent.add(row.id, sha, data)
         return [r.id for r in rows]
+
+    def _succeed_in(self, s: Session, claim: Claim, result: RenderResult, rows: list[Asset], now: datetime,
+                    seconds: float) -> None:
+        job = claim.job
+        self._raise_if_user_canceled(claim)  # rolls back: nothing of this success is kept
+        self._guarded_update(s, claim, unless_canceled=True, status="succeeded", finished_at=now, lease_owner=None,
+                             lease_expires_at=None, progress_step=job.progress_total or 1,
+                             progress_total=job.progress_total or 1, model=result.model,
+                             provider_request_id=result.provider_request_id,
+                             attempts=[*(job.attempts or []), {"engine": job.engine, "status": "succeeded",
+                                                               "error": None}])
+        # Ids made under the write lock (the update above took it) commit in id order: they
+        # are list cursors, and a page must not step over an asset committed just after.
+        for row in rows:
+            row.id = new_id("ast")
+        s.add_all(rows)
+        if job.estimated > 0:  # free jobs hold nothing; skip the lookup on the hot path
+            self.ledger.capture(s, job, result.cost_millicredits)
+        elif result.cost_millicredits:
+            # Estimated free (a price of 0 in the prices file) and billed all the same: spend.
+            self.ledger.charge_usage(s, job, result.cost_millicredits,
+                                     note="reported by the provider for a job estimated free")
+        elif self.local_rate and self.registry.get(job.engine).kind == "local":
+            used = float(result.metadata.get(DEVICE_SECONDS, seconds))  # the engine's own count leaves out loading
+            self.ledger.charge_usage(s, job, round(used * self.local_rate * 1000),
+                                     note=f"{used:.2f} device-seconds")
 
     def _raise_if_user_canceled(self, claim: Claim) -> None:
         # A stop cancels the token too; a user's cancel is also in the row's `cancel_requested_at`,
@@ -471,16 +482,18 @@ class JobRunner:
         charged is still what the ledger settles."""
         job = claim.job
         bill = error
-        with self.db.transaction() as s:
-            if status == "failed" and s.scalar(select(Job.cancel_requested_at).where(col(Job.id) == job.id)):
-                status, error = "canceled", Canceled(f"the job was canceled (it was failing: {error.message})"[:500])
-            # The progress it reached stays (a fast job's row was never written a step before).
-            self._guarded_update(s, claim, status=status, finished_at=utcnow(), error=error.to_dict(),
-                                 lease_owner=None, lease_expires_at=None, progress_step=job.progress_step,
-                                 progress_total=job.progress_total,
-                                 attempts=[*(job.attempts or []),
-                                           {"engine": job.engine, "status": status, "error": error.to_dict()}])
-            self.ledger.settle_failure(s, job, bill)
+        for attempt in self.db.retrying(FINAL_WRITE_SECONDS):
+            with attempt, self.db.transaction() as s:
+                if status == "failed" and s.scalar(select(Job.cancel_requested_at).where(col(Job.id) == job.id)):
+                    status = "canceled"
+                    error = Canceled(f"the job was canceled (it was failing: {error.message})"[:500])
+                # The progress it reached stays (a fast job's row was never written a step before).
+                self._guarded_update(s, claim, status=status, finished_at=utcnow(), error=error.to_dict(),
+                                     lease_owner=None, lease_expires_at=None, progress_step=job.progress_step,
+                                     progress_total=job.progress_total,
+                                     attempts=[*(job.attempts or []),
+                                               {"engine": job.engine, "status": status, "error": error.to_dict()}])
+                self.ledger.settle_failure(s, job, bill)
         return status, error
 
     @staticmethod

@@ -148,7 +148,7 @@ def lcm_schedule(pipe: Any) -> int | None:
     An LCM scheduler runs every step it is asked for (img2img does not run steps x strength),
     picked from that schedule shortened to `int(length * strength)`, and raises a ValueError when
     asked for more steps than that."""
-    scheduler = getattr(pipe, "scheduler", None)
+    scheduler: Any = getattr(pipe, "scheduler", None)
     if type(scheduler).__name__ != "LCMScheduler":
         return None
     return int(getattr(scheduler.config, "original_inference_steps", None) or 50)

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import logging
 import re
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from orchestrator.api.deps import authenticate
 from orchestrator.errors import OrchestratorError
 from orchestrator.schemas import ErrorResponse
+
+log = logging.getLogger(__name__)
 
 _HTTP_CODES = {400: "invalid_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
                405: "method_not_allowed", 409: "conflict", 413: "payload_too_large", 415: "invalid_request",
@@ -32,7 +38,8 @@ _DOCUMENTED = {
     415: "The body was not sent as `Content-Type: application/json`.",
     422: "Invalid input (`invalid_request`), or no engine may take the request (`no_route`).",
     429: "The project already has ORCH_MAX_PENDING_JOBS unfinished jobs (`rate_limited`).",
-    503: "No engine is available for the request now (`no_route`, `engine_unavailable`).",
+    503: "No engine is available for the request now (`no_route`, `engine_unavailable`), or the database "
+         "did not answer in time (`database_unavailable`: nothing was written, send it again).",
 }
 
 
@@ -79,7 +86,7 @@ def _clean(errors: list[Any]) -> list[dict[str, Any]]:
     return out
 
 
-def _where(loc: list[str]) -> str:
+def _where(loc: Sequence[str]) -> str:
     """A field path for a message: `tags.client`, and for a bad key of a mapping `tags key ''`
     (pydantic places such an error at the key, then a `[key]` marker)."""
     if len(loc) >= 2 and loc[-1] == "[key]":
@@ -172,6 +179,16 @@ def install(app: FastAPI) -> None:
         if exc.status_code == 405:
             headers = {**(headers or {}), "Allow": _allowed_methods(request)}
         return error_response(exc.status_code, code, detail, getattr(exc, "details", None), headers=headers)
+
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(PoolTimeout)
+    async def _database(_: Request, exc: Exception) -> JSONResponse:
+        # A database that is restarting, unreachable, or held by a stalled writer past the lock
+        # timeout: nothing was written (the transaction rolled back), and the request may be sent again.
+        log.warning("database unavailable: %s", next(iter(str(exc).splitlines()), type(exc).__name__)[:300])
+        return error_response(503, "database_unavailable",
+                              "the database did not answer in time; nothing was written, send the request again "
+                              "(with the same Idempotency-Key for a POST)", headers={"Retry-After": "5"})
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

@@ -457,3 +457,24 @@ def test_listing_the_jobs_of_a_project_that_does_not_exist_is_a_404(shared_serve
     empty = create_project(shared_server, "no jobs yet")["id"]
     page = shared_server.get("/v1/jobs", params={"project_id": empty})
     assert page.status_code == 200 and page.json() == {"items": [], "next_cursor": None}
+
+
+def test_a_database_held_by_another_writer_is_a_503_to_retry_not_a_500(
+        make_settings: SettingsFactory, start_server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sqlite3
+
+    monkeypatch.setattr("orchestrator.db.LOCK_TIMEOUT_SECONDS", 1)  # read as each connection opens
+    settings = make_settings()
+    client = start_server(settings)
+    stalled = sqlite3.connect(settings.data_dir / "orchestrator.db", isolation_level=None)
+    try:
+        stalled.execute("BEGIN IMMEDIATE")  # a writer that never commits
+        response = client.post("/v1/projects", json={"name": "while stalled"}, headers={"Idempotency-Key": "k1"})
+        assert_error(response, 503, "database_unavailable")
+        assert response.headers["retry-after"] == "5"
+    finally:
+        stalled.rollback()
+        stalled.close()
+    again = client.post("/v1/projects", json={"name": "while stalled"}, headers={"Idempotency-Key": "k1"})
+    assert again.status_code == 201 and "Idempotent-Replayed" not in again.headers  # nothing was kept
+    assert [p["name"] for p in client.get("/v1/projects").json()["items"]] == ["while stalled"]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from sqlalchemy import event
+from sqlalchemy import event, text
 from sqlalchemy.orm import ORMExecuteState
 from sqlmodel import Session, col, select
 
@@ -79,6 +79,24 @@ def pg_api(postgres_url: str, tmp_path: Path, paid_settings_for: Callable[..., S
 
 def test_concurrent_promotions_never_overspend_on_postgres(pg_api: httpx.Client) -> None:
     check_budget_race(pg_api, total=20, fits=5)
+
+
+def test_budgets_hold_whatever_the_server_s_default_isolation_on_postgres(
+        postgres_url: str, tmp_path: Path, paid_settings_for: Callable[..., Settings]) -> None:
+    # Under REPEATABLE READ a writer that waited for the write lock read the balance from before the
+    # previous writer's commit: 40 promotes on a 50-credit budget once held 120.
+    conn, _ = admin_connection()
+    name = postgres_url.rsplit("/", 1)[1]
+    with conn:  # type: ignore[attr-defined]
+        conn.execute(f"ALTER DATABASE \"{name}\" SET default_transaction_isolation = 'repeatable read'")  # type: ignore[attr-defined]
+    db = Database(postgres_url)
+    with db.session() as s:
+        assert s.exec(text("SHOW transaction_isolation")).one()[0] == "read committed"  # type: ignore[call-overload]
+        assert s.exec(text("SHOW lock_timeout")).one()[0] == "30s"  # type: ignore[call-overload]
+    db.dispose()
+    settings = paid_settings_for(tmp_path / "data", database_url=postgres_url)
+    with serve_in_thread(settings) as base, httpx.Client(base_url=base, timeout=30.0) as client:
+        check_budget_race(client, total=20, fits=5)
 
 
 def test_nul_characters_are_refused_on_postgres(pg_api: httpx.Client) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from typing import Any
 
 import httpx
 import pytest
@@ -307,3 +308,42 @@ def test_a_result_that_comes_after_the_service_closed_is_left_to_recovery(api: h
     assert left["assets"] == [] and left["error"] is None
     entries = [e for e in ledger(api, project_id) if e["job_id"] == job["id"]]
     assert [e["kind"] for e in entries] == ["hold"]  # settled by the recovery, not here
+
+
+def test_a_job_s_end_waits_out_a_lost_database_connection(api: httpx.Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A PostgreSQL restart as a paid job finishes must not turn a billed render into a failure."""
+    from sqlalchemy.exc import OperationalError
+
+    project_id, asset_id = project_with_draft(api)
+    real = JobRunner._succeed_in
+    lost: list[str] = []
+
+    def once_disconnected(self: JobRunner, *args: Any, **kwargs: Any) -> None:
+        if not lost:
+            lost.append("lost")
+            raise OperationalError("UPDATE jobs ...", {}, Exception("server closed the connection unexpectedly"),
+                                   connection_invalidated=True)
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(JobRunner, "_succeed_in", once_disconnected)
+    job = promote_ok(api, asset_id, engine="fake-paid")
+    done = wait_for_job(api, job["id"])
+    assert lost == ["lost"] and done["status"] == "succeeded" and len(done["assets"]) == 1
+    entries = [e for e in ledger(api, project_id) if e["job_id"] == job["id"]]
+    assert [(e["kind"], e["amount"]) for e in entries] == [("hold", 10.0), ("capture", 10.0)]
+
+
+def test_a_statement_the_database_refuses_is_not_tried_again(make_settings: Any) -> None:
+    from sqlalchemy.exc import OperationalError
+
+    from orchestrator.db import Database
+
+    db = Database(make_settings().resolved_database_url)
+    tries: list[int] = []
+    with pytest.raises(OperationalError):
+        for attempt in db.retrying(30):
+            with attempt:
+                tries.append(1)
+                raise OperationalError("SELECT nope", {}, Exception("no such table: nope"))
+    assert len(tries) == 1
+    db.dispose()
