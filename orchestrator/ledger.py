@@ -35,6 +35,8 @@ from orchestrator.models import Job, LedgerEntry, Project, utcnow
 from tiers.base import to_credits
 
 SETTLEMENTS = ("capture", "release")
+# A reported cost over this many times the hold is captured as reported but flagged unreconciled.
+OVERRUN_REVIEW = 2
 
 
 def window(period: str, now: datetime) -> tuple[datetime | None, datetime | None]:
@@ -191,6 +193,15 @@ class Ledger:
         hold = self.open_hold(s, job.id)
         if hold is None:
             return 0
+        if actual is not None and actual < 0:
+            # Not a charge (a malformed usage block, a third-party engine's bug): the estimate is
+            # captured instead, for the invoice to settle, and no release outgrows the hold.
+            note = f"reported cost {to_credits(actual)} is not a charge; the estimate is captured"
+            actual, unreconciled = None, True
+        elif actual is not None and actual > OVERRUN_REVIEW * hold.amount:
+            # Taken as reported, but far past what was held: someone should look at the invoice.
+            note = note or f"reported cost is over {OVERRUN_REVIEW} times the estimate"
+            unreconciled = True
         amount = hold.amount if actual is None else actual
         now = self.clock()
         s.add(LedgerEntry(project_id=hold.project_id, job_id=job.id, kind="capture", amount=amount,

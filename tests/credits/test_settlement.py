@@ -62,6 +62,25 @@ def test_provider_cost_above_the_hold_is_captured_and_flagged(api: httpx.Client)
     assert_settled_once(entries)
     balance = budget(api, project_id)
     assert (balance["charged"], balance["held"], balance["available"]) == (12, 0, 88)
+    assert not capture["unreconciled"]  # within twice the estimate: taken as reported
+
+
+@pytest.mark.parametrize(("reported", "charged", "note"), [
+    ("25", 25, "over 2 times the estimate"),  # taken, and put in front of someone
+    ("-5", PRICE, "reported cost -5.0 is not a charge"),  # never a negative charge or an outsized release
+])
+def test_a_reported_cost_that_needs_a_look_is_flagged_for_reconciliation(
+        api: httpx.Client, reported: str, charged: float, note: str) -> None:
+    project_id, asset_id = project_with_draft(api, {"limit": 100, "period": "month"})
+    job = wait_for_job(api, promote_ok(api, asset_id, tags={"cost": reported})["id"])
+    assert job["status"] == "succeeded" and job["cost"]["charged"] == charged
+    entries = ledger(api, project_id)
+    capture = next(e for e in entries if e["kind"] == "capture")
+    assert capture["amount"] == charged and capture["unreconciled"] and note in capture["note"]
+    assert_settled_once(entries)
+    assert all(e["amount"] >= 0 for e in entries)
+    listed = get_json(api, f"/v1/projects/{project_id}/ledger", unreconciled="true")["items"]
+    assert [e["id"] for e in listed] == [capture["id"]]
 
 
 @pytest.mark.parametrize(("behaviour", "code"), [("fail", "engine_error"), ("filtered", "content_filtered")])
