@@ -281,7 +281,7 @@ class JobService:
                balance: Balance | None, *, cache: bool) -> Decision:
         decision = self.router.decide(policy, prepared.request, engine,
                                       None if balance is None else balance.used_fraction)
-        if (balance is None and max_credits is None) or (cache and self._has_cached(prepared, decision)):
+        if (balance is None and max_credits is None) or (cache and self.has_cached(prepared, decision)):
             return decision
         if balance is not None:
             _within_budget(decision, balance)
@@ -298,7 +298,8 @@ class JobService:
             decision.candidates.sort(key=lambda c: c.skipped is not None)  # usable ones first, as ever
         return decision
 
-    def _has_cached(self, prepared: Prepared, decision: Decision) -> bool:
+    def has_cached(self, prepared: Prepared, decision: Decision) -> bool:
+        """Whether an identical earlier job's result would be copied (for nothing) instead."""
         job = self._new_job(prepared, decision, cache=True)
         if not job.cache_key:  # free: nothing to copy, and nothing the budget could refuse
             return False

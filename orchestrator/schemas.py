@@ -369,7 +369,8 @@ class RouteExplanation(BaseModel):
     project_id: str
     stage: Stage
     engine: str = Field(description="the engine the job would run on first")
-    estimate: float = Field(description="credits the job would hold")
+    estimate: float = Field(description="credits the job would hold (0 for a cache hit)")
+    cache_hit: bool = Field(description="an identical earlier job's result would be copied, for nothing")
     routing: dict[str, Any] = Field(description="the decision as a job records it: policy, rule, candidates "
                                                 "in the order they would be tried, and why others were skipped")
     params: dict[str, Any] = Field(description="the request as the job would store it")

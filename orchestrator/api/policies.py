@@ -109,8 +109,10 @@ def explain(body: ExplainRequest, services: ServicesDep, caller: CallerDep) -> d
         if body.project_id and body.project_id != prepared.project_id:
             raise NotFound("the source asset belongs to another project", details={"project_id": body.project_id})
     decision = jobs.decide(prepared, engine, max_credits, cache=cache)
+    cache_hit = cache and jobs.has_cached(prepared, decision)
     return {"project_id": prepared.project_id, "stage": body.stage, "engine": decision.chosen,
-            "estimate": to_credits(decision.estimate), "routing": decision.as_dict(),
+            "estimate": 0.0 if cache_hit else to_credits(decision.estimate), "cache_hit": cache_hit,
+            "routing": decision.as_dict(),
             "params": {k: v for k, v in prepared.params.items() if k != "source_sha256"}}
 
 

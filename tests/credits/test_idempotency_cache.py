@@ -67,8 +67,15 @@ def test_same_key_different_body_conflicts(api: httpx.Client) -> None:
 
 def test_identical_paid_request_is_served_from_the_cache(api: httpx.Client) -> None:
     project_id, asset_id = project_with_draft(api, {"limit": 100, "period": "month"})
+    explain = {"stage": "bridge", "source_asset_id": asset_id, "cache": True, "seed": 5}
+    before = api.post("/v1/route/explain", json=explain).json()
+    assert (before["estimate"], before["cache_hit"]) == (PRICE, False)
     first = wait_for_job(api, promote_ok(api, asset_id, cache=True, seed=5)["id"])
     assert first["status"] == "succeeded" and first["cost"]["charged"] == PRICE
+    # Told before it is asked: the same request now costs nothing (its `cost.estimated` below is
+    # what a fresh render would have cost).
+    after = api.post("/v1/route/explain", json=explain).json()
+    assert (after["estimate"], after["cache_hit"]) == (0.0, True)
 
     second = promote_ok(api, asset_id, cache=True, seed=5)
     assert second["id"] != first["id"]
