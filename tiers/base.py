@@ -191,6 +191,9 @@ class CancelToken:
         waiter = asyncio.ensure_future(self._wait())
         try:
             await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # the caller was cancelled (a timeout around it, a stop): so is the work
+            task.cancel()
+            raise
         finally:
             waiter.cancel()
             if waiter.done() and not waiter.cancelled():

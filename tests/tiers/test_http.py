@@ -106,14 +106,21 @@ async def trickling() -> AsyncIterator[str]:
 
 
 @pytest.mark.parametrize(("method", "idempotent", "charged"), [("POST", False, "unknown"), ("GET", True, "no")])
+@pytest.mark.parametrize("cancel", [None, CancelToken()], ids=["plain", "cancellable"])
 async def test_an_answer_that_never_ends_stops_at_the_deadline(
-        trickling: str, monkeypatch: pytest.MonkeyPatch, method: str, idempotent: bool, charged: str) -> None:
+        trickling: str, monkeypatch: pytest.MonkeyPatch, method: str, idempotent: bool, charged: str,
+        cancel: CancelToken | None) -> None:
     monkeypatch.setattr("tiers._http.MIN_ATTEMPT_SECONDS", 0.1)
     client = RemoteClient("prov", base_url=trickling, key_setting="ORCH_PROV_API_KEY", deadline=0.5,
                           read_timeout=5.0)
     started = time.monotonic()
     with pytest.raises(EngineTimeout) as info:
-        await asyncio.wait_for(client.request(method, "/images", idempotent=idempotent), 10)
+        await asyncio.wait_for(client.request(method, "/images", idempotent=idempotent, cancel=cancel), 10)
+    await asyncio.sleep(0.05)
+    # Nothing of the request goes on reading in the background (the server's own tasks aside).
+    ours = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()
+            and "trickling" not in t.get_coro().__qualname__]  # type: ignore[union-attr]
+    assert ours == []
     await client.aclose()
     assert 0.4 < time.monotonic() - started < 5.0  # the deadline, not the read timeout, ended it
     assert info.value.charged == charged and "ORCH_REMOTE_DEADLINE" in info.value.message
