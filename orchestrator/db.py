@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib.resources import files
@@ -41,14 +42,23 @@ _IMMEDIATE = "orchestrator_immediate"
 # Any fixed number (not migrations/env.py's): the advisory lock every PostgreSQL write takes first.
 WRITE_LOCK = 7_202_611_281
 LOCK_TIMEOUT_SECONDS = 30  # SQLite's busy timeout too
+# lock_not_available (lock_timeout), query_canceled, and the two a retry resolves.
+LOCK_WAIT_SQLSTATES = frozenset({"55P03", "57014", "40001", "40P01"})
 # Connections of one process: a request thread each (anyio's pool of 40) and the job machinery.
 POOL_SIZE, POOL_OVERFLOW = 10, 30
 
 
-def postgres_connect_args() -> dict[str, Any]:
-    """psycopg connection options (libpq's): lock waits bounded, dead peers noticed."""
-    return {"options": f"-c lock_timeout={LOCK_TIMEOUT_SECONDS * 1000}",
-            "keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3}
+def postgres_connect_args(url: str) -> dict[str, Any]:
+    """psycopg connection options (libpq's): lock waits bounded, and dead peers noticed on both
+    ends (the client's keepalives find a vanished server; the server's, set for this session,
+    find a vanished client and end its transaction, releasing its locks). Options the URL or
+    PGOPTIONS already give (a search_path, say) are kept: connect_args would replace them."""
+    given = make_url(url).query.get("options") or os.environ.get("PGOPTIONS", "")
+    ours = (f"-c lock_timeout={LOCK_TIMEOUT_SECONDS * 1000} -c tcp_keepalives_idle=30 "
+            "-c tcp_keepalives_interval=10 -c tcp_keepalives_count=3")
+    options = " ".join(part for part in (given if isinstance(given, str) else " ".join(given), ours) if part)
+    return {"options": options, "keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10,
+            "keepalives_count": 3}
 
 
 def _sqlite_setup(engine: Engine) -> None:
@@ -79,7 +89,7 @@ class Database:
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
         else:
             kwargs.update(pool_pre_ping=True, isolation_level="READ COMMITTED", pool_size=POOL_SIZE,
-                          max_overflow=POOL_OVERFLOW, connect_args=postgres_connect_args())
+                          max_overflow=POOL_OVERFLOW, connect_args=postgres_connect_args(url))
         self.engine = create_engine(url, **kwargs)
         if self.is_sqlite:
             _sqlite_setup(self.engine)
@@ -113,7 +123,7 @@ class Database:
         end): `for attempt in db.retrying(30): with attempt, db.transaction() as s: ...`. Only a
         lost or refused connection is tried again, for up to `within` seconds; each attempt rolls
         back whole, so the work must be safe to repeat."""
-        return Retrying(retry=retry_if_exception(_disconnected), stop=stop_after_delay(within),
+        return Retrying(retry=retry_if_exception(transient), stop=stop_after_delay(within),
                         wait=wait_exponential(multiplier=0.25, max=4), reraise=True,
                         before_sleep=lambda state: log.warning(
                             "the database is unreachable (%s); trying again",
@@ -132,10 +142,17 @@ class Database:
         self.engine.dispose()
 
 
-def _disconnected(exc: BaseException) -> bool:
-    """A connection lost mid-transaction, or none to be had (no statement ran): not a statement
-    the database refused, which would fail the same way again."""
-    return isinstance(exc, OperationalError) and (exc.connection_invalidated or exc.statement is None)
+def transient(exc: BaseException) -> bool:
+    """A database that may answer if asked again: a connection lost mid-transaction, none to be
+    had (no statement ran), or a lock wait that timed out (a stalled writer). Not a statement the
+    database refused (no such table, a read-only file), which would fail the same way again."""
+    if not isinstance(exc, OperationalError):
+        return False
+    if exc.connection_invalidated or exc.statement is None:
+        return True
+    code = getattr(exc.orig, "sqlstate", None)  # psycopg's SQLSTATE
+    text = str(exc.orig).lower()
+    return code in LOCK_WAIT_SQLSTATES or "database is locked" in text or "database is busy" in text
 
 
 def alembic_config(url: str) -> Config:

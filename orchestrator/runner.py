@@ -41,10 +41,11 @@ from tiers.registry import EngineRegistry
 
 log = logging.getLogger(__name__)
 PROGRESS_WRITE_INTERVAL = 1.0
-# How long a job's end (its images and charge, or its failure) waits out a database restart or
-# failover before it is left to recovery. Repeating it is safe: every attempt rolls back whole,
-# and its update applies only while the attempt still holds the job.
-FINAL_WRITE_SECONDS = 30.0
+# How long a job's end (its images and charge, or its failure) waits out a database restart, a
+# failover or a stalled writer (each lock wait ends after 30 s) before it is left to recovery.
+# Repeating it is safe: every attempt rolls back whole, and its update applies only while the
+# attempt still holds the job.
+FINAL_WRITE_SECONDS = 120.0
 
 
 class StaleAttempt(Exception):

@@ -6,6 +6,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+from sqlalchemy.exc import OperationalError
 
 from orchestrator.db import Database
 from orchestrator.settings import Settings
@@ -39,3 +40,27 @@ def test_a_data_dir_of_any_name_holds_its_database(tmp_path: Path, folder: str) 
         db.dispose()
     assert (tmp_path / folder / "orchestrator.db").is_file()
     assert [p.name for p in tmp_path.iterdir()] == [folder]
+
+
+@pytest.mark.parametrize(("error", "tries"), [
+    # Lost, or never had, a connection; a lock wait that timed out: asked again.
+    (OperationalError("UPDATE jobs", {}, Exception("server closed the connection"), connection_invalidated=True), 3),
+    (OperationalError(None, None, Exception("connection refused")), 3),
+    (OperationalError("UPDATE jobs", {}, Exception("database is locked")), 3),
+    # A statement the database refused fails the same way again: at once.
+    (OperationalError("SELECT nope", {}, Exception("no such table: nope")), 1),
+])
+def test_writes_that_must_not_be_lost_are_tried_again_only_when_it_can_help(
+        tmp_path: Path, error: OperationalError, tries: int) -> None:
+    db = Database(f"sqlite:///{tmp_path / 'o.db'}")
+    made: list[int] = []
+    try:
+        for attempt in db.retrying(30):
+            with attempt:
+                made.append(1)
+                if len(made) < 3 or tries == 1:
+                    raise error
+    except OperationalError:
+        assert tries == 1
+    assert len(made) == tries
+    db.dispose()

@@ -16,6 +16,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from orchestrator.api.deps import authenticate
+from orchestrator.db import transient
 from orchestrator.errors import OrchestratorError
 from orchestrator.schemas import ErrorResponse
 
@@ -184,7 +185,11 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(PoolTimeout)
     async def _database(_: Request, exc: Exception) -> JSONResponse:
         # A database that is restarting, unreachable, or held by a stalled writer past the lock
-        # timeout: nothing was written (the transaction rolled back), and the request may be sent again.
+        # timeout: nothing was written (the transaction rolled back), and the request may be sent
+        # again. A statement it refused (no such table, a read-only file) is the server's fault.
+        if isinstance(exc, OperationalError) and not transient(exc):
+            log.error("database error", exc_info=exc)
+            return error_response(500, "internal_error", "internal server error")
         log.warning("database unavailable: %s", next(iter(str(exc).splitlines()), type(exc).__name__)[:300])
         return error_response(503, "database_unavailable",
                               "the database did not answer in time; nothing was written, send the request again "

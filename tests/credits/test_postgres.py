@@ -89,10 +89,15 @@ def test_budgets_hold_whatever_the_server_s_default_isolation_on_postgres(
     name = postgres_url.rsplit("/", 1)[1]
     with conn:  # type: ignore[attr-defined]
         conn.execute(f"ALTER DATABASE \"{name}\" SET default_transaction_isolation = 'repeatable read'")  # type: ignore[attr-defined]
-    db = Database(postgres_url)
+    with psycopg.connect(postgres_url.replace("+psycopg", ""), autocommit=True) as scratch:
+        scratch.execute("CREATE SCHEMA studio")
+    # The URL's own options (a schema) are kept beside the service's.
+    db = Database(f"{postgres_url}?options=-csearch_path%3Dstudio")
     with db.session() as s:
-        assert s.exec(text("SHOW transaction_isolation")).one()[0] == "read committed"  # type: ignore[call-overload]
-        assert s.exec(text("SHOW lock_timeout")).one()[0] == "30s"  # type: ignore[call-overload]
+        shown = {name: s.exec(text(f"SHOW {name}")).one()[0]  # type: ignore[call-overload]
+                 for name in ("transaction_isolation", "lock_timeout", "tcp_keepalives_idle", "search_path")}
+    assert shown == {"transaction_isolation": "read committed", "lock_timeout": "30s", "tcp_keepalives_idle": "30",
+                     "search_path": "studio"}
     db.dispose()
     settings = paid_settings_for(tmp_path / "data", database_url=postgres_url)
     with serve_in_thread(settings) as base, httpx.Client(base_url=base, timeout=30.0) as client:
