@@ -1,8 +1,8 @@
 """Job events for the SSE stream.
 
 The bus lives on the event loop. Each job keeps an in-memory history: its lifecycle events
-(`queued` once, `started`, `asset`, the terminal one), only its latest `state` (a provider's
-queue status, told at every poll) and only its latest `progress`, so a client that connects late
+(`queued` once, `started`, `asset`, the terminal one), its `state` changes (a provider's queue
+status told again at the next poll replaces the last) and only its latest `progress`, so a client that connects late
 gets the current state first and then live events, without the stream replaying every step. A job
 this process does not run (it ran before a restart, or another process runs it) is described from
 its row instead (see `orchestrator.follow`).
@@ -167,9 +167,12 @@ class EventBus:
         if type_ == "progress":
             stream.latest_progress = event
         else:
-            if type_ == "state":
-                stream.history = [e for e in stream.history if e.type != "state"]
-            stream.history.append(event)
+            last = stream.history[-1] if stream.history else None
+            if type_ == "state" and last is not None and last.type == "state" and last.data.get("state") == data.get(
+                    "state"):
+                stream.history[-1] = event  # the same state told again at a poll: only the latest is kept
+            else:
+                stream.history.append(event)
         if type_ in TERMINAL:
             stream.finished_at = time.monotonic()
         for queue in stream.subscribers:

@@ -61,7 +61,9 @@ class Project(SQLModel, table=True):
 class Job(SQLModel, table=True):
     __tablename__ = "jobs"
     __table_args__ = (sa.Index("ix_jobs_status_created", "status", "created_at"),
-                      sa.Index("ix_jobs_project_status", "project_id", "status"))
+                      sa.Index("ix_jobs_project_status", "project_id", "status"),
+                      # Queued jobs numbered in turns by project, in index order (orchestrator.queue).
+                      sa.Index("ix_jobs_status_project_created", "status", "project_id", "created_at", "id"))
 
     id: str = Field(primary_key=True, max_length=40)
     project_id: str = Field(foreign_key="projects.id", index=True, max_length=40)

@@ -81,7 +81,7 @@ def model_defaults(model: str) -> ModelDefaults:
     if "turbo" in name:
         # Adversarially distilled at 512 px (SDXL-Turbo too): 1-4 steps, no guidance. Fine-tunes of
         # SDXL sold as "XL turbo" keep SDXL's 1024.
-        native = 1024 if xl and name not in ("sdxl-turbo", "sdxl_turbo") else 512
+        native = 1024 if xl and not re.match(r"sd_?xl[-_]turbo", name) else 512
         return ModelDefaults(steps=2, guidance_scale=0.0, native_size=native)
     # Hyper-SD by name ("Hyper-SDXL-..."), not any model whose name starts with "hyper" (hyperRealism).
     if "lightning" in name or re.search(r"(?<![a-z])hyper[-_ ]?sd", name):

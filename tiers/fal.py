@@ -13,6 +13,7 @@ the actual cost is always `None`.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 from typing import Any
 
 import httpx
@@ -50,6 +51,18 @@ def _filtered(*texts: object) -> bool:
     return any(word in lowered for word in FILTER_WORDS)
 
 
+# fal's own domains: its queue answers name URLs there, whatever base URL the request went to.
+FAL_SITES = ("fal.run", "fal.ai", "fal.media")
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 class FalEngine(CloudEngine):
     name = "fal"
     key_settings = ("ORCH_FAL_API_KEY", "FAL_KEY")
@@ -68,22 +81,28 @@ class FalEngine(CloudEngine):
         self._base = httpx.URL(s.fal_base_url)
 
     def _keyed(self, url: object) -> bool:
-        """Whether a queue URL from an answer may be sent the key: fal's own site (the base URL's
-        host or a sibling such as queue.fal.run), over https unless the base URL itself is http
-        (a local stand-in). An answer naming another host would otherwise collect the key."""
+        """Whether a queue URL from an answer may be sent the key: https on fal's own domains, or
+        on the base URL's host or its subdomains (a proxy, or a local stand-in over its own
+        scheme). An answer naming another host would otherwise collect the key."""
         if not isinstance(url, str):
             return False
         try:
             parsed = httpx.URL(url)
         except httpx.InvalidURL:
             return False
-        base = self._base
-        if parsed.scheme not in {"https", base.scheme} or not parsed.host:
+        host, base = parsed.host, self._base
+        if not host or parsed.scheme not in {"https", base.scheme}:
             return False
-        if parsed.host == base.host:
+        if parsed.scheme == "https" and any(host == site or host.endswith(f".{site}") for site in FAL_SITES):
             return True
-        site = base.host.split(".")[-2:]
-        return len(site) == 2 and not site[-1].isdigit() and parsed.host.split(".")[-2:] == site
+        if host == base.host:
+            return True
+        if _is_address(base.host):
+            return False
+        # queue.fal.run's siblings under fal.run; a two-label host (fal.test) its own subdomains.
+        labels = base.host.split(".")
+        anchor = ".".join(labels[1:]) if len(labels) > 2 else base.host
+        return host.endswith(f".{anchor}")
 
     def estimate(self, req: RenderRequest) -> int:
         return req.n * self._prices.millicredits(self._model, size_class(req.width, req.height))

@@ -64,18 +64,21 @@ class LocalHifiEngine(LocalEngine):
 
     def _steps(self, req: RenderRequest, strength: float, pipe: Any) -> int:
         base = req.steps or (self.defaults.steps * 2 if req.stage == "bridge" else self.defaults.steps)
+        field = "strength" if req.stage == "bridge" else "creativity"
         schedule = lcm_schedule(pipe)
-        if schedule is not None:  # LCM runs the steps asked for, from a schedule `strength` shortens
-            limit = int(schedule * strength)
-            field = "strength" if req.stage == "bridge" else "creativity"
-            if limit < 1:
-                least = round(1 / schedule, 4)
-                raise BadEngineInput(f"{field}: this LCM model needs at least {least} (got {strength})",
-                                     details={"field": field, "value": strength, "min": least})
-            return min(base, limit)
-        # img2img runs int(steps * strength) steps: make sure at least one happens (the API keeps
-        # strength >= 0.01, so this stays within 101 steps; the margin absorbs float rounding).
-        return max(base, math.ceil(1.0001 / strength))
+        if schedule is not None and int(schedule * strength) < 1:
+            least = round(1 / schedule, 4)
+            raise BadEngineInput(f"{field}: this LCM model needs at least {least} (got {strength})",
+                                 details={"field": field, "value": strength, "min": least})
+        if schedule is not None and type(pipe).__name__.startswith("LatentConsistencyModel"):
+            # The LCM pipelines hand `strength` to the scheduler, which runs every step asked for,
+            # from its schedule shortened to int(schedule x strength).
+            return min(base, int(schedule * strength))
+        # Other img2img pipelines run int(steps x strength) steps: make sure at least one happens
+        # (the API keeps strength >= 0.01, so this stays within 101 steps; the margin absorbs float
+        # rounding), within what an LCM scheduler on such a pipeline takes at all.
+        steps = max(base, math.ceil(1.0001 / strength))
+        return steps if schedule is None else min(steps, schedule)
 
     def _render(self, req: RenderRequest, progress: Progress, cancel: CancelToken) -> RenderResult:
         from PIL import Image as PILImage

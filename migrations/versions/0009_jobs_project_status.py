@@ -1,4 +1,5 @@
-"""jobs: an index on (project_id, status), for counting a project's unfinished jobs at submit
+"""jobs: indexes for counting a project's unfinished jobs at submit, and for taking queued jobs in
+turns by project
 
 Revision ID: 0009
 Revises: 0008
@@ -19,7 +20,9 @@ depends_on: str | Sequence[str] | None = None
 
 def upgrade() -> None:
     op.create_index('ix_jobs_project_status', 'jobs', ['project_id', 'status'])
+    op.create_index('ix_jobs_status_project_created', 'jobs', ['status', 'project_id', 'created_at', 'id'])
 
 
 def downgrade() -> None:
+    op.drop_index('ix_jobs_status_project_created', table_name='jobs')
     op.drop_index('ix_jobs_project_status', table_name='jobs')

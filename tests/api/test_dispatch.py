@@ -62,12 +62,15 @@ def test_claims_oldest_first_within_lane_limits(services: Services) -> None:
     assert services.scheduler._claim_ready({"local": 1}) == []  # the lane is busy
 
 
-def test_projects_take_turns_in_the_queue(services: Services) -> None:
+def test_projects_take_turns_in_the_queue(services: Services, monkeypatch: pytest.MonkeyPatch) -> None:
     # A project that queued first and most does not make another wait behind all of its jobs.
     busy = queued_drafts(services, 3)
     other = queued_drafts(services, 2)
     assert [job.id for job in services.scheduler._oldest_queued([])] == [busy[0], other[0], busy[1], other[1],
                                                                          busy[2]]
+    # Even when the oldest jobs of a look are all the busy project's, the other's next is among them.
+    monkeypatch.setattr("orchestrator.queue.QUEUED_BATCH", 2)
+    assert [job.id for job in services.scheduler._oldest_queued([])] == [busy[0], other[0]]
 
 
 def test_a_project_cannot_queue_more_than_its_share(make_settings: SettingsFactory) -> None:

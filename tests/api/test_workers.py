@@ -688,11 +688,16 @@ def test_a_late_queued_event_and_repeated_states_are_not_replayed() -> None:
     bus.publish("job_1", "queued", {"status": "queued"})
     bus.publish("job_1", "started", {"status": "running", "attempt": 1})
     bus.publish("job_1", "queued", {"status": "queued"})  # the submit's, after the runner's claim
-    for position in range(300):  # a queueing provider, polled every second
-        bus.publish("job_1", "state", {"state": "IN_QUEUE", "queue_position": position})
+    bus.publish("job_1", "state", {"state": "submitted"})
+    for position in range(300, 0, -1):  # a queueing provider, polled every second
+        bus.publish("job_1", "state", {"state": "queued", "position": position})
+    bus.publish("job_1", "state", {"state": "fallback", "from": "fal", "to": "replicate"})  # changes are all kept
+    bus.publish("job_1", "state", {"state": "queued", "position": 2})
+    bus.publish("job_1", "state", {"state": "queued", "position": 1})
     snapshot = bus._jobs["job_1"].snapshot()
-    assert [e.type for e in snapshot] == ["queued", "started", "state"]
-    assert snapshot[-1].data["queue_position"] == 299
+    assert [(e.type, e.data.get("state"), e.data.get("position")) for e in snapshot] == [
+        ("queued", None, None), ("started", None, None), ("state", "submitted", None), ("state", "queued", 1),
+        ("state", "fallback", None), ("state", "queued", 1)]
 
 
 def test_an_old_attempt_writes_no_progress_into_a_row_queued_again(services: Services) -> None:

@@ -361,3 +361,20 @@ async def test_queue_urls_off_fal_s_https_site_never_get_the_key(engine: FalEngi
     assert info.value.charged == "unknown" and "own https site (fal.test)" in info.value.message
     assert not engine.can_reattach([{"id": "r-1", **queued(), "status_url": status_url}], bridge())
     assert engine.can_reattach([{"id": "r-1", **queued()}], bridge())  # queue.fal.test: fal's own site
+
+
+@pytest.mark.parametrize(("base", "url", "keyed"), [
+    ("https://queue.fal.run", "https://queue.fal.run/fal-ai/x/requests/1/status", True),
+    ("https://queue.fal.run", "https://rest.fal.run/x", True),
+    ("https://queue.fal.run", "http://queue.fal.run/x", False),  # never the key in clear
+    ("https://fal-proxy.studio.co.uk", "https://queue.fal.run/x", True),  # a proxy passing fal's URLs on
+    ("https://fal-proxy.studio.co.uk", "https://other.studio.co.uk/x", True),
+    ("https://fal-proxy.studio.co.uk", "https://evil.co.uk/x", False),
+    ("https://queue.fal.run", "https://fal.run.evil.example/x", False),
+    ("http://127.0.0.1:9000", "http://127.0.0.1:9000/requests/1", True),  # a local stand-in
+    ("http://127.0.0.1:9000", "http://127.0.0.2:9000/requests/1", False),
+    ("http://127.0.0.1:9000", "http://5.0.0.1:9000/requests/1", False),
+])
+def test_which_queue_urls_may_carry_the_key(make_ctx: Any, base: str, url: str, keyed: bool) -> None:
+    engine = FalEngine(make_ctx(fal_api_key="k", fal_base_url=base))
+    assert engine._keyed(url) is keyed

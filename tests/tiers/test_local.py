@@ -297,6 +297,24 @@ async def test_an_lcm_model_refines_at_any_strength_with_the_steps_its_schedule_
     assert progress.steps[-1] == (runs, runs)
 
 
+@pytest.mark.parametrize(("creativity", "runs"), [(0.2, 1), (0.1, 1), (0.5, 2)])
+async def test_an_lcm_scheduler_on_a_plain_img2img_pipeline_still_runs_a_step(
+        engines: EngineFactory, creativity: float, runs: int) -> None:
+    # An SD img2img pipeline with LCM's scheduler (an LCM-distilled SD 1.5, say) runs int(steps x
+    # strength) steps like any other, and its scheduler takes at most 50.
+    from diffusers import LCMScheduler
+
+    lite, hifi = engines()
+    pipe = lite.runtime.img2img(lite.model)
+    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)  # type: ignore[no-untyped-call]
+    req = RenderRequest(stage="polish", prompt="a lighthouse", width=64, height=64, seed=1, n=1,
+                        init_image=draft_image(), creativity=creativity)
+    progress = RecordingProgress()
+    result = await hifi.run(req, progress, CancelToken())
+    assert len(result.images) == 1 and progress.steps[-1] == (runs, runs)
+    assert result.metadata["steps"] * creativity >= 1
+
+
 async def test_an_lcm_model_says_what_it_cannot_take(engines: EngineFactory) -> None:
     lite, hifi = engines()
     use_lcm(lite)

@@ -35,6 +35,7 @@ TRANSFORMER_FAST = ModelDefaults(steps=4, guidance_scale=0.0, native_size=1024, 
     ("/models/hyperRealism_30.safetensors", ModelDefaults(steps=25, guidance_scale=7.5, native_size=512)),
     ("ByteDance/Hyper-SD", ModelDefaults(steps=4, guidance_scale=0.0, native_size=512)),
     ("/models/dreamshaperXL_turbo.safetensors", ModelDefaults(steps=2, guidance_scale=0.0, native_size=1024)),
+    ("/models/sd_xl_turbo_1.0_fp16.safetensors", ModelDefaults(steps=2, guidance_scale=0.0, native_size=512)),
 ])
 def test_model_defaults(model: str, expected: ModelDefaults) -> None:
     assert model_defaults(model) == expected
