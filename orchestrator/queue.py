@@ -263,8 +263,10 @@ class Scheduler:
         with self.db.session() as s:
             oldest = s.exec(select(Job).where(*where).order_by(col(Job.created_at), col(Job.id))
                             .limit(QUEUED_BATCH)).all()
+            # A batch that is not full is the whole queue, every project's oldest included.
             heads = s.exec(select(Job).join(firsts, (col(Job.project_id) == firsts.c.project_id)
-                                            & (col(Job.created_at) == firsts.c.created_at)).where(*where)).all()
+                                            & (col(Job.created_at) == firsts.c.created_at)).where(*where)
+                           ).all() if len(oldest) == QUEUED_BATCH else []
         jobs = sorted({job.id: job for job in [*oldest, *heads]}.values(), key=lambda j: (j.created_at, j.id))
         turns: dict[str, int] = {}
         ranked = []
