@@ -37,7 +37,7 @@ from orchestrator.events import EventBus
 from orchestrator.jobs import render_request
 from orchestrator.ledger import Ledger
 from orchestrator.models import Job, utcnow
-from orchestrator.runner import Claim, JobRunner, reattachable
+from orchestrator.runner import Claim, JobRunner, reattachable, restartable
 from orchestrator.workers import DeviceLock, Presence, owner_id
 from tiers.base import CancelToken, Engine
 from tiers.registry import EngineRegistry
@@ -521,7 +521,7 @@ class Scheduler:
                       "attempts": [*(job.attempts or []), {"engine": job.engine, "status": "interrupted",
                                                            "error": None}]}
             outcome = "reattaching" if reattach else "requeued"
-            if not reattach:
+            if not reattach and not (free and restartable(engine, job)):
                 values["provider_work"] = None  # run afresh (a free engine's earlier work is not followed)
         elif rerun and not reattach:
             error = Interrupted(

@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, TypeGuard
+from typing import Any, TypeGuard, cast
 
 from PIL import Image
 from sqlalchemy import update
@@ -36,7 +36,14 @@ from orchestrator.ledger import Ledger
 from orchestrator.models import Asset, Job, utcnow
 from orchestrator.routing import fallbacks
 from orchestrator.store import ArtifactStore, PreviewFiles, encode_png
-from tiers.base import DEVICE_SECONDS, CancelToken, Reattachable, RenderResult, before_billable_sends
+from tiers.base import (
+    DEVICE_SECONDS,
+    CancelToken,
+    Reattachable,
+    RenderResult,
+    Restartable,
+    before_billable_sends,
+)
 from tiers.registry import EngineRegistry
 
 log = logging.getLogger(__name__)
@@ -106,6 +113,12 @@ class JobProgress:
             self._handles.append({**(handle or {}), "id": request_id})
             work = {"engine": self.claim.job.engine, "handles": list(self._handles)}
         self.runner.save_provider_request(self.claim, work)
+
+
+def restartable(engine: object, job: Job) -> bool:
+    """Whether `job` may simply run again on `engine` after a crash, once the engine has taken the
+    dead attempt's work off its server: a free job on an engine that can do that."""
+    return job.estimated == 0 and isinstance(engine, Restartable)
 
 
 def reattachable(engine: object, job: Job) -> TypeGuard[Reattachable]:
@@ -350,6 +363,11 @@ class JobRunner:
                 except EngineError as exc:
                     exc.at_least_charged("unknown")  # accepted work: never released, never sent again
                     raise
+            elif work.get("handles") and work.get("engine") == job.engine and restartable(engine, job):
+                # A free server's job run again after a crash: what the dead attempt queued there goes first.
+                self.bus.publish(job.id, "state", {"state": "restarted", "forgotten": len(work["handles"])})
+                await cast(Restartable, engine).forget(list(work["handles"]))
+                result = await engine.run(request, progress, claim.cancel)
             elif work.get("handles") and work.get("engine") == job.engine:
                 # Recovery re-queues only work that can be followed; should any other reach here, the
                 # provider has it already and it must not be sent a second time.

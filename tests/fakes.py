@@ -121,9 +121,20 @@ def queue_factory(ctx: EngineContext) -> FakeQueueEngine:
     return FakeQueueEngine(ctx)
 
 
+FORGOTTEN: list[dict[str, Any]] = []  # the handles fake-free was told to take off its server
+
+
+class FakeServerEngine(FakePaidEngine):
+    """fake-paid as a self-hosted server: free, and told after a crash to drop what the dead
+    attempt queued (`Restartable`)."""
+
+    async def forget(self, handles: list[dict[str, Any]]) -> None:
+        FORGOTTEN.extend(handles)
+
+
 def free_factory(ctx: EngineContext) -> FakePaidEngine:
     """A remote engine that costs nothing, as a self-hosted ComfyUI or AUTOMATIC1111 does."""
-    engine = FakePaidEngine(ctx, name="fake-free")
+    engine = FakeServerEngine(ctx, name="fake-free")
     engine._prices = PriceTable("fake-free", {"fake-1": {"image": 0}}, "2026-11")
     return engine
 

@@ -160,6 +160,8 @@ class A1111Engine:
         cancel.raise_if_cancelled()
         task_id = f"orch-{uuid.uuid4().hex}"
         deadline = self.http.new_deadline()
+        # Before sending: should this process die mid-render, the next attempt can stop this task.
+        progress.provider_request(task_id)
         progress.state("submitted", task_id=task_id)
         post: asyncio.Future[httpx.Response] = asyncio.ensure_future(self.http.request(
             "POST", IMG2IMG, json=self._body(req, task_id), deadline=deadline,
@@ -218,6 +220,13 @@ class A1111Engine:
             "POST", TASK_PROGRESS, idempotent=True,  # a read, though a POST
             json={"id_task": task_id, "id_live_preview": -1, "live_preview": False}))
         return state if task is not None and task.get("active") is True else None
+
+    async def forget(self, handles: list[dict[str, Any]]) -> None:
+        """After a crash, before the job runs again: stop the dead attempt's render if the server
+        is still on it. (One still waiting for the server's queue cannot be taken off it.)"""
+        for handle in handles:
+            if isinstance(handle.get("id"), str):
+                await self._interrupt(handle["id"])
 
     async def _interrupt(self, task_id: str) -> None:
         """Stop our render, and nothing else the server runs."""

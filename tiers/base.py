@@ -286,6 +286,17 @@ class Reattachable(Protocol):
         ...
 
 
+@runtime_checkable
+class Restartable(Protocol):
+    """A free engine (a self-hosted server) whose job is simply run again after a crash, and
+    whose server may still hold what the dead attempt gave it: a queued prompt, a running task.
+    `forget` takes that off the server first (best effort, never raising), so it does not render
+    the job twice. `handles` are those the dead attempt gave `Progress.provider_request`."""
+
+    async def forget(self, handles: list[dict[str, Any]]) -> None:
+        ...
+
+
 @dataclass
 class EngineContext:
     """What a factory gets to build its engine: settings, price overrides from the prices file,

@@ -345,6 +345,13 @@ class ComfyUIEngine:
                               details={"engine": self.name, "status": response.status_code})
         return decode_image(response.content, self.name)
 
+    async def forget(self, handles: list[dict[str, Any]]) -> None:
+        """After a crash, before the job runs again: the prompts the dead attempt queued leave
+        the server's queue (or its GPU), so it does not render the job twice."""
+        for handle in handles:
+            if isinstance(handle.get("id"), str):
+                await self._drop(handle["id"])
+
     async def _drop(self, prompt_id: str) -> None:
         """Best effort: remove the prompt if pending, interrupt it if running.
 

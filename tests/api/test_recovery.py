@@ -20,6 +20,7 @@ from orchestrator.ids import new_id
 from orchestrator.models import Job, Project, utcnow
 from orchestrator.queue import MAX_LOCAL_STOPS
 from orchestrator.settings import Settings
+from tests import fakes
 from tests.api import TERMINAL, create_project, iter_sse, read_events, serve_process, submit_draft, wait_for_job
 from tiers import tiny
 
@@ -159,11 +160,14 @@ def test_a_job_on_a_free_remote_engine_runs_again_after_a_crash(
                       status="running", attempt=1, lease_owner="dead-host:1:0", started_at=utcnow()))
     db.dispose()
 
+    fakes.FORGOTTEN.clear()
     client = start_server(settings)
     again = wait_for_job(client, free_id)
     assert again["status"] == "succeeded", again
     assert [a["status"] for a in again["attempts"]] == ["interrupted", "succeeded"]
     assert len(again["assets"]) == 1
+    # What the dead attempt had queued on the server was taken off it before the job ran again.
+    assert fakes.FORGOTTEN == [{"id": "fake-1"}]
     paid = client.get(f"/v1/jobs/{paid_id}").json()
     assert (paid["status"], paid["error"]["code"]) == ("failed", "interrupted")
 

@@ -17,7 +17,7 @@ from orchestrator.errors import BadEngineInput, Canceled, EngineError, EngineTim
 from tests.tiers.conftest import RecordingProgress, png_bytes
 from tests.tiers.conftest import bridge as base_bridge
 from tiers.a1111 import A1111Engine
-from tiers.base import CancelToken, NullProgress, RenderRequest
+from tiers.base import CancelToken, NullProgress, RenderRequest, Restartable
 
 BASE = "http://a1111.test:7860"
 URL = f"{BASE}/sdapi/v1/img2img"
@@ -305,3 +305,30 @@ def test_unavailable_without_url(make_ctx: Any) -> None:
 def test_unavailable_with_malformed_auth(make_ctx: Any) -> None:
     available, reason = A1111Engine(make_ctx(a1111_url=BASE, a1111_auth="no-colon")).availability()
     assert not available and reason and "ORCH_A1111_AUTH" in reason and "no-colon" not in reason
+
+
+@respx.mock
+@pytest.mark.parametrize(("running", "interrupted"), [(OURS, True), ("orch-someone-else", False)])
+async def test_after_a_crash_the_dead_attempt_s_render_is_stopped_only_if_it_runs(
+        engine: A1111Engine, running: str, interrupted: bool) -> None:
+    server_runs(running)
+    interrupt = respx.post(INTERRUPT).mock(return_value=httpx.Response(200, json={}))
+    await engine.forget([{"id": OURS}])
+    assert interrupt.call_count == (1 if interrupted else 0)
+    assert isinstance(engine, Restartable)
+
+
+@respx.mock
+async def test_the_task_id_is_saved_before_the_render_is_sent(engine: A1111Engine) -> None:
+    progress = RecordingProgress()
+    order: list[str] = []
+    progress.provider_request = lambda request_id, handle=None: order.append(f"saved {request_id}")  # type: ignore[method-assign]
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        order.append("sent")
+        return httpx.Response(200, json=ok_body())
+
+    respx.post(URL).mock(side_effect=answer)
+    server_runs(OURS)
+    await engine.run(bridge(), progress, CancelToken())
+    assert order == [f"saved {OURS}", "sent"]

@@ -14,7 +14,7 @@ from PIL import Image
 from orchestrator.errors import BadEngineInput, Canceled, EngineError, EngineTimeout, EngineUnavailable
 from tests.tiers.conftest import RecordingProgress, multipart, png_bytes
 from tests.tiers.conftest import bridge as base_bridge
-from tiers.base import CancelToken, NullProgress, RenderRequest
+from tiers.base import CancelToken, NullProgress, RenderRequest, Restartable
 from tiers.comfyui import ComfyUIEngine, substitute
 
 BASE = "http://comfy.test:8188"
@@ -362,3 +362,16 @@ async def test_a_queue_answer_that_is_not_comfyui_s_interrupts_nothing(engine: C
     routes["queue_state"].return_value = httpx.Response(200, text="<html>sign in</html>")
     await cancel_while_polling(engine, routes)
     assert routes["queue_state"].call_count == 1 and routes["interrupt"].call_count == 0
+
+
+@respx.mock
+async def test_after_a_crash_the_dead_attempt_s_prompts_leave_the_server(engine: ComfyUIEngine) -> None:
+    # One pending, one running (the dead attempt's second image): both go, the running one by interrupt.
+    delete = respx.post(f"{BASE}/queue").mock(return_value=httpx.Response(200, json={}))
+    respx.get(f"{BASE}/queue").mock(return_value=httpx.Response(200, json={
+        "queue_running": [[1, "p-2", {}, {}, ["9"]]], "queue_pending": []}))
+    interrupt = respx.post(f"{BASE}/interrupt").mock(return_value=httpx.Response(200))
+    await engine.forget([{"id": "p-1"}, {"id": "p-2"}])
+    assert [json.loads(c.request.content) for c in delete.calls] == [{"delete": ["p-1"]}, {"delete": ["p-2"]}]
+    assert [json.loads(c.request.content) for c in interrupt.calls] == [{"prompt_id": "p-2"}]
+    assert isinstance(engine, Restartable)
