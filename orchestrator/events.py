@@ -2,10 +2,10 @@
 
 The bus lives on the event loop. Each job keeps an in-memory history: its lifecycle events
 (`queued` once, `started`, `asset`, the terminal one), its `state` changes (a provider's queue
-status told again at the next poll replaces the last) and only its latest `progress`, so a client that connects late
-gets the current state first and then live events, without the stream replaying every step. A job
-this process does not run (it ran before a restart, or another process runs it) is described from
-its row instead (see `orchestrator.follow`).
+status told again at the next poll replaces the last) and only its latest `progress`, so a client
+that connects late gets the current state first and then live events, without the stream
+replaying every step. A job this process does not run (it ran before a restart, or another
+process runs it) is described from its row instead (see `orchestrator.follow`).
 
 Event ids are `<process tag>-<n>`: n counts up across all of this process's streams, and the tag
 is drawn at random when the process starts. A reconnecting client's `Last-Event-ID` resumes the
@@ -168,8 +168,9 @@ class EventBus:
             stream.latest_progress = event
         else:
             last = stream.history[-1] if stream.history else None
-            if type_ == "state" and last is not None and last.type == "state" and last.data.get("state") == data.get(
-                    "state"):
+            repeated = (type_ == "state" and last is not None and last.type == "state"
+                        and last.data.get("state") == data.get("state"))
+            if repeated:
                 stream.history[-1] = event  # the same state told again at a poll: only the latest is kept
             else:
                 stream.history.append(event)
