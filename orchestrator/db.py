@@ -11,9 +11,9 @@ Writes are short (no transaction waits on an engine), so one writer at a time co
 PostgreSQL sessions are pinned to READ COMMITTED whatever the server's default: a writer that
 waited for the advisory lock must read what the writer before it committed (under REPEATABLE READ
 its snapshot would predate that commit, and two holds could both fit one budget). A wait for a
-lock ends after `LOCK_TIMEOUT` as SQLite's busy timeout does, and TCP keepalives notice a host
-that vanished mid-transaction within about a minute, so its lock does not stall every writer for
-the two hours of the kernel's default.
+lock ends after `LOCK_TIMEOUT_SECONDS` as SQLite's busy timeout does, and TCP keepalives on the
+server's end notice a host that vanished mid-transaction within about a minute, so its lock does
+not stall every writer for the two hours of the kernel's default.
 """
 
 from __future__ import annotations
@@ -120,13 +120,14 @@ class Database:
 
     def retrying(self, within: float) -> Retrying:
         """Attempts of a write that must not be lost to a database restart or failover (a job's
-        end): `for attempt in db.retrying(30): with attempt, db.transaction() as s: ...`. Only a
-        lost or refused connection is tried again, for up to `within` seconds; each attempt rolls
-        back whole, so the work must be safe to repeat."""
+        end): `for attempt in db.retrying(30): with attempt, db.transaction() as s: ...`. Only what
+        `transient` calls passing (a lost or refused connection, a lock wait that timed out) is
+        tried again, for up to `within` seconds; each attempt rolls back whole, so the work must be
+        safe to repeat."""
         return Retrying(retry=retry_if_exception(transient), stop=stop_after_delay(within),
                         wait=wait_exponential(multiplier=0.25, max=4), reraise=True,
                         before_sleep=lambda state: log.warning(
-                            "the database is unreachable (%s); trying again",
+                            "the database did not answer (%s); trying again",
                             next(iter(str(state.outcome.exception() if state.outcome else "").splitlines()), "")))
 
     def ring(self) -> None:
