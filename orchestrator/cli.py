@@ -193,6 +193,9 @@ def _run(args: argparse.Namespace) -> int:
             return _fail(f"refusing to listen on {args.host} without ORCH_ADMIN_KEY: anyone who reaches the port "
                          "could spend the budgets and grant credits. Set ORCH_ADMIN_KEY (or pass --allow-open "
                          "on a network you trust)", status=2)
+        if settings.admin_key is None and not _loopback(args.host):
+            print(f"orchestrator: warning: listening on {args.host} without ORCH_ADMIN_KEY (--allow-open): "
+                  "anyone who reaches the port can use the API", file=sys.stderr)
         if settings.admin_key is not None and len(settings.admin_key.get_secret_value()) < MIN_KEY_LENGTH:
             print(f"orchestrator: warning: ORCH_ADMIN_KEY has fewer than {MIN_KEY_LENGTH} characters and can be "
                   "guessed; make one with: python -c 'import secrets; print(secrets.token_urlsafe(32))'",

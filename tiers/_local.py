@@ -250,7 +250,8 @@ class LocalRuntime:
                 return "mps"
             return "cpu"
         if wanted == "cuda" and not torch.cuda.is_available():
-            raise EngineUnavailable("ORCH_LITE_DEVICE=cuda but torch sees no CUDA device")
+            raise EngineUnavailable("ORCH_LITE_DEVICE=cuda but torch sees no CUDA device: set ORCH_LITE_DEVICE=auto "
+                                    f"(or cpu), or install a CUDA build of torch (this one is {torch.__version__})")
         return wanted
 
     def dtype(self) -> Any:
