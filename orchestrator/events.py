@@ -133,6 +133,11 @@ class EventBus:
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
 
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        """The service's event loop, once bound (an API server that runs no jobs has one too)."""
+        return self._loop
+
     def close(self) -> None:
         """End every stream now, and any opened later at once: the server is stopping, and it
         waits for its connections to close before it stops anything else. A client reconnects

@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import func, update
 from sqlmodel import col, select
@@ -39,7 +39,7 @@ from orchestrator.ledger import Ledger
 from orchestrator.models import Job, utcnow
 from orchestrator.runner import Claim, JobRunner, reattachable, restartable
 from orchestrator.workers import DeviceLock, Presence, owner_id
-from tiers.base import CancelToken, Engine
+from tiers.base import CancelToken, Engine, Restartable
 from tiers.registry import EngineRegistry
 
 log = logging.getLogger(__name__)
@@ -87,6 +87,7 @@ class Scheduler:
         # Held while a worker thread claims: `stop` waits on it, so no claim commits after it.
         self._claim_lock = threading.Lock()
         self._tasks: list[asyncio.Task[None]] = []
+        self._forgetting: set[asyncio.Task[None]] = set()  # see `forget_abandoned`
         self._stopping = False
         # More housekeeping for the sweeper (e.g. forgetting old idempotency keys).
         self.sweepers: list[Callable[[], object]] = []
@@ -434,6 +435,8 @@ class Scheduler:
                 continue
             outcome, error = ended
             recovered.append(job.id)
+            if outcome in ("given up", "canceled"):
+                self.forget_abandoned(job)
             if self.on_recovered is not None:
                 await self.on_recovered(job, outcome)
             if error is not None and self.bus.knows(job.id):
@@ -448,6 +451,32 @@ class Scheduler:
         if recovered:
             self.notify()
         return recovered
+
+    def forget_abandoned(self, job: Job) -> None:
+        """A free job on a self-hosted server ended without running again (canceled after its
+        worker died, given up after repeated crashes): what the dead attempt left on the server
+        is taken off it, in the background and best effort. Safe from any thread."""
+        engine = self.registry.get(job.engine) if job.engine in self.registry else None
+        work = job.provider_work or {}
+        loop = self._loop or self.bus.loop  # an API server that runs no jobs cancels orphans too
+        if (engine is None or loop is None or not restartable(engine, job) or not work.get("handles")
+                or work.get("engine") != job.engine):
+            return
+        forget = cast(Restartable, engine).forget
+        handles = list(work["handles"])
+
+        async def run() -> None:
+            try:
+                await forget(handles)
+            except Exception:  # best effort: the job's end is recorded already
+                log.warning("job %s: taking its work off %s failed", job.id, job.engine, exc_info=True)
+
+        def spawn() -> None:
+            task = loop.create_task(run(), name=f"forget {job.id}")
+            self._forgetting.add(task)
+            task.add_done_callback(self._forgetting.discard)
+
+        loop.call_soon_threadsafe(spawn)
 
     def _sweep_previews(self) -> None:
         """Preview files of jobs that no longer run: their process died (a killed worker's jobs,

@@ -84,8 +84,12 @@ def cancel_job(job_id: str, services: ServicesDep, caller: CallerDep) -> JobPubl
             if services.jobs.record_cancel(job_id) and services.scheduler.cancel(job_id):
                 return public(services, services.jobs.get(job_id))
             continue
-        if services.jobs.ask_holder_to_cancel(job_id) or services.jobs.cancel_orphan(job_id):
+        if services.jobs.ask_holder_to_cancel(job_id):
             return public(services, services.jobs.get(job_id))
+        if services.jobs.cancel_orphan(job_id):
+            job = services.jobs.get(job_id)
+            services.scheduler.forget_abandoned(job)  # its dead worker may have left work on a server
+            return public(services, job)
     raise Conflict("the job changed hands while it was being canceled; ask again", details={"job_id": job_id})
 
 

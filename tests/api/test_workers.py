@@ -709,3 +709,51 @@ def test_an_old_attempt_writes_no_progress_into_a_row_queued_again(services: Ser
     services.runner.write_progress(old, 9, 10)  # the old worker was alive after all
     job = row(services, job_id)
     assert job.status == "queued" and (job.progress_step, job.progress_total) == (0, 0)
+
+
+
+def test_a_free_server_job_given_up_after_crashes_leaves_nothing_on_the_server(
+        make_settings: SettingsFactory) -> None:
+    from orchestrator.queue import MAX_LOCAL_STOPS
+    from tests import fakes
+
+    built = Services.build(make_settings(engines="fake-free=tests.fakes:free_factory"))
+    crashed = [{"engine": "fake-free", "status": "interrupted", "error": None}] * (MAX_LOCAL_STOPS - 1)
+    job_id = add_job(built, engine="fake-free", estimated=0, status="running", attempt=MAX_LOCAL_STOPS,
+                     lease_owner="dead-host:1:0", lease_expires_at=utcnow() - timedelta(seconds=1),
+                     provider_work={"engine": "fake-free", "handles": [{"id": "prompt-given-up"}]},
+                     attempts=crashed, params={**PARAMS, "stage": "bridge"})
+    fakes.FORGOTTEN.clear()
+
+    async def scenario() -> None:
+        built.bus.bind(asyncio.get_running_loop())
+        assert await built.scheduler.recover(all_foreign=False) == [job_id]
+        await asyncio.sleep(0.1)  # the forget runs in the background
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        asyncio.run(built.aclose())
+    assert row(built, job_id).status == "failed"
+    assert fakes.FORGOTTEN == [{"id": "prompt-given-up"}]
+
+
+def test_a_free_server_job_canceled_after_its_worker_died_leaves_nothing_on_the_server(
+        make_settings: SettingsFactory, start_server: Callable[[Settings], httpx.Client]) -> None:
+    from tests import fakes
+
+    settings = make_settings(engines="fake-free=tests.fakes:free_factory", run_jobs=False)  # an API server
+    client = start_server(settings)
+    built = Services.build(settings)  # a worker's row, written beside the server
+    orphan = add_job(built, engine="fake-free", estimated=0, status="running", attempt=1,
+                     lease_owner="dead-host:1:0", lease_expires_at=utcnow() + timedelta(minutes=5),
+                     provider_work={"engine": "fake-free", "handles": [{"id": "prompt-orphaned"}]},
+                     params={**PARAMS, "stage": "bridge"})
+    asyncio.run(built.aclose())
+    fakes.FORGOTTEN.clear()
+    assert client.post(f"/v1/jobs/{orphan}/cancel").json()["status"] == "canceled"
+    for _ in range(100):  # on the server's loop, in the background
+        if fakes.FORGOTTEN:
+            break
+        threading.Event().wait(0.05)
+    assert fakes.FORGOTTEN == [{"id": "prompt-orphaned"}]
