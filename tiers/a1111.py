@@ -182,9 +182,14 @@ class A1111Engine:
             response = post.result()
         except EngineTimeout as exc:
             await self._interrupt(task_id)
+            # Free, so nothing was billed whatever the HTTP layer says of paid providers.
+            timed_out = (isinstance(exc.__cause__, httpx.TimeoutException) or "ORCH_REMOTE_DEADLINE" in exc.message
+                         or self.http.clock() >= deadline)
+            cause = ("the server did not answer before the deadline (ORCH_REMOTE_DEADLINE)" if timed_out
+                     else "the connection to the server ended before its answer")
             raise EngineTimeout(
-                f"a1111: the server did not answer before the deadline (ORCH_REMOTE_DEADLINE); "
-                f"not re-sent: {exc.message}", details={**exc.details, "task_id": task_id}, charged="no",
+                f"a1111: {cause}; the render is not sent again (its task is stopped if the server still runs it)",
+                details={**exc.details, "task_id": task_id}, charged="no",
             ) from None
         return self._result(req, response)
 

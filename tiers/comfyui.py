@@ -54,6 +54,8 @@ URL_SETTING = "ORCH_COMFYUI_URL"
 WORKFLOW_SETTING = "ORCH_COMFYUI_WORKFLOW"
 # Cleanup after a cancel must not hold the job up for a full read timeout.
 CLEANUP_TIMEOUT = 5.0
+# Empty history answers between looks at the queue for a prompt a restarted server has forgotten.
+QUEUE_CHECK_POLLS = 5
 
 
 class WorkflowError(Exception):
@@ -286,20 +288,51 @@ class ComfyUIEngine:
         return prompt_id, self._outputs(entry, prompt_id)
 
     async def _wait(self, prompt_id: str, deadline: float, cancel: CancelToken) -> dict[str, Any]:
+        polls = 0
         while True:
-            response = await cancel.race(
-                self.http.request("GET", f"/history/{prompt_id}", idempotent=True, deadline=deadline),
-                charged="no",
-            )
-            if response.status_code != 200:
-                raise self.http.fail(response)
-            entry = self._json(response, "/history").get(prompt_id)
-            if isinstance(entry, dict) and entry:
+            entry = await self._history(prompt_id, deadline, cancel)
+            if entry is not None:
                 return entry
+            polls += 1
+            if polls % QUEUE_CHECK_POLLS == 0 and await self._lost(prompt_id):
+                # A server restarted mid-job forgets its queue: waiting would last the whole deadline.
+                # The history is read once more, as the prompt may have finished between the two looks.
+                entry = await self._history(prompt_id, deadline, cancel)
+                if entry is not None:
+                    return entry
+                raise EngineError(f"comfyui: the server no longer knows prompt {prompt_id} (restarted?); "
+                                  "nothing of it will come back", details={"engine": self.name, "prompt_id": prompt_id},
+                                  retryable=True, charged="no")
             if self.http.clock() >= deadline:
                 raise EngineTimeout(f"comfyui: prompt {prompt_id} did not finish before the deadline "
                                     "(ORCH_REMOTE_DEADLINE)", details={"engine": self.name})
             await cancel.sleep(self.poll_interval)
+
+    async def _history(self, prompt_id: str, deadline: float, cancel: CancelToken) -> dict[str, Any] | None:
+        response = await cancel.race(
+            self.http.request("GET", f"/history/{prompt_id}", idempotent=True, deadline=deadline),
+            charged="no",
+        )
+        if response.status_code != 200:
+            raise self.http.fail(response)
+        entry = self._json(response, "/history").get(prompt_id)
+        return entry if isinstance(entry, dict) and entry else None
+
+    async def _lost(self, prompt_id: str) -> bool:
+        """Whether the server's queue, read successfully, holds the prompt neither running nor
+        pending. Anything unreadable counts as not lost: the deadline still ends the wait."""
+        try:
+            response = await self._cleanup("GET", "/queue")
+            body = response.json() if response.status_code == 200 else None
+        except (EngineError, httpx.HTTPError, ValueError):
+            return False
+        if not isinstance(body, dict):
+            return False
+        running, pending = body.get("queue_running"), body.get("queue_pending")
+        if not isinstance(running, list) or not isinstance(pending, list):
+            return False
+        return not any(isinstance(item, list) and len(item) > 1 and item[1] == prompt_id
+                       for item in [*running, *pending])
 
     def _outputs(self, entry: dict[str, Any], prompt_id: str) -> list[dict[str, str]]:
         status: dict[str, Any] = entry["status"] if isinstance(entry.get("status"), dict) else {}

@@ -332,3 +332,13 @@ async def test_the_task_id_is_saved_before_the_render_is_sent(engine: A1111Engin
     server_runs(OURS)
     await engine.run(bridge(), progress, CancelToken())
     assert order == [f"saved {OURS}", "sent"]
+
+
+@respx.mock
+async def test_a_dropped_connection_is_told_as_one_and_not_as_a_bill(engine: A1111Engine) -> None:
+    server_runs("orch-someone-else")
+    respx.post(URL).mock(side_effect=httpx.RemoteProtocolError("peer closed connection"))
+    with pytest.raises(EngineTimeout) as info:
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    assert info.value.message.startswith("a1111: the connection to the server ended before its answer")
+    assert "billed" not in info.value.message and info.value.charged == "no"

@@ -375,3 +375,30 @@ async def test_after_a_crash_the_dead_attempt_s_prompts_leave_the_server(engine:
     assert [json.loads(c.request.content) for c in delete.calls] == [{"delete": ["p-1"]}, {"delete": ["p-2"]}]
     assert [json.loads(c.request.content) for c in interrupt.calls] == [{"prompt_id": "p-2"}]
     assert isinstance(engine, Restartable)
+
+
+@respx.mock
+@pytest.mark.parametrize("known", [True, False], ids=["still-queued", "forgotten"])
+async def test_a_prompt_the_restarted_server_forgot_fails_at_once(engine: ComfyUIEngine, known: bool) -> None:
+    routes = mock_server()
+    polls = {"n": 0}
+
+    def slow_history(request: httpx.Request) -> httpx.Response:
+        polls["n"] += 1
+        prompt_id = request.url.path.rsplit("/", 1)[1]
+        return httpx.Response(200, json=history(prompt_id) if known and polls["n"] > 7 else {})
+
+    def queue_state(request: httpx.Request) -> httpx.Response:
+        pending = [[2, json.loads(routes["prompt"].calls.last.request.content)["prompt_id"], {}, {}, ["9"]]]
+        return httpx.Response(200, json={"queue_running": [], "queue_pending": pending if known else []})
+
+    routes["history"].side_effect = slow_history
+    routes["queue_state"].side_effect = queue_state
+    if known:  # waited out: a queued prompt is not taken for a lost one
+        result = await engine.run(bridge(), NullProgress(), CancelToken())
+        assert len(result.images) == 1 and polls["n"] == 8
+        return
+    with pytest.raises(EngineError, match="no longer knows prompt") as info:
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    assert polls["n"] == 6  # five empty answers, a look at the queue, the history once more
+    assert info.value.retryable and info.value.charged == "no"
