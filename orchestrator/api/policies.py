@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import PurePath
 from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, Query
@@ -30,19 +31,22 @@ router = APIRouter(tags=["routing"])
 
 
 @router.get("/policies", response_model=PolicyList)
-def list_policies(services: ServicesDep, limit: Limit = 50,
+def list_policies(services: ServicesDep, caller: CallerDep, limit: Limit = 50,
                   cursor: Annotated[str | None, Query(max_length=200)] = None) -> dict[str, Any]:
     """The loaded policies by name, paged like every list (`cursor` is the last name of the page
     before). `errors` are the files the last load refused, `warnings` what loaded but cannot route
-    as written (an unknown engine)."""
+    as written (an unknown engine): both for the admin key, as are the files' paths (a project key
+    sees a file's name)."""
+    admin = caller.project_id is None
     rows = [p for p in services.policies.list() if not cursor or p.name > cursor][:limit + 1]
     more = len(rows) > limit
     rows = rows[:limit]
-    return {"items": [{"name": p.name, "description": p.description, "source": p.source,
+    return {"items": [{"name": p.name, "description": p.description,
+                       "source": p.source if admin else PurePath(p.source).name,
                        "content_hash": p.content_hash} for p in rows],
             "next_cursor": rows[-1].name if more else None,
-            "errors": [e.message for e in services.policies.errors],
-            "warnings": _warnings(services)}
+            "errors": [e.message for e in services.policies.errors] if admin else [],
+            "warnings": _warnings(services) if admin else []}
 
 
 @router.get("/policies/{name}", responses=documented(404))

@@ -7,6 +7,7 @@ import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -238,3 +239,22 @@ def test_bad_key_requests(world: World) -> None:
     # A made-up key with the right prefix is just a wrong key.
     with httpx.Client(base_url=world.admin.base_url, headers={"Authorization": "Bearer orch_pk_made-up"}) as fake:
         assert_error(fake.get("/v1/projects"), 401, "unauthorized")
+
+
+def test_a_project_key_sees_policies_without_the_server_s_paths_or_load_errors(
+        make_settings: Callable[..., Settings], start_server: Callable[[Settings], httpx.Client],
+        tmp_path: Path) -> None:
+    folder = tmp_path / "studio-policies"
+    folder.mkdir()
+    (folder / "studio.toml").write_text('name = "studio"\n[[rules]]\nname = "all"\nmatch = {}\nengines = ["lite"]\n')
+    (folder / "broken.toml").write_text("this is not toml = [")
+    base = start_server(make_settings(admin_key=ADMIN_KEY, policy_dir=folder)).base_url
+    with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=30) as admin:
+        project = create_project(admin, "A")["id"]
+        secret = admin.post(f"/v1/projects/{project}/keys", json={"name": "pipeline"}).json()["key"]
+        seen_by_admin = admin.get("/v1/policies").json()
+        seen_by_key = admin.get("/v1/policies", headers={"Authorization": f"Bearer {secret}"}).json()
+    studio = {p["name"]: p for p in seen_by_admin["items"]}["studio"]
+    assert studio["source"] == str(folder / "studio.toml") and seen_by_admin["errors"]
+    assert {p["name"]: p for p in seen_by_key["items"]}["studio"]["source"] == "studio.toml"
+    assert seen_by_key["errors"] == [] and str(tmp_path) not in str(seen_by_key)
