@@ -366,7 +366,11 @@ class JobRunner:
             elif work.get("handles") and work.get("engine") == job.engine and restartable(engine, job):
                 # A free server's job run again after a crash: what the dead attempt queued there goes first.
                 self.bus.publish(job.id, "state", {"state": "restarted", "forgotten": len(work["handles"])})
-                await cast(Restartable, engine).forget(list(work["handles"]))
+                try:
+                    await cast(Restartable, engine).forget(list(work["handles"]))
+                except Exception:  # best effort: at worst the server renders the old one for nobody
+                    log.warning("job %s: taking the dead attempt's work off %s failed", job.id, job.engine,
+                                exc_info=True)
                 result = await engine.run(request, progress, claim.cancel)
             elif work.get("handles") and work.get("engine") == job.engine:
                 # Recovery re-queues only work that can be followed; should any other reach here, the
