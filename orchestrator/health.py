@@ -158,8 +158,11 @@ class EngineHealth:
             for engine, circuit in shared:
                 c = self._get(engine)
                 c.failures, c.opened_at, c.latencies = circuit.failures, circuit.opened_at, circuit.latencies
-            for seen in self._unsynced:  # observed while the database was read: not in it yet
-                self._apply(self._get(seen.engine), seen)
+                # Observed while the database was read: not in the table's view yet. An engine the
+                # table does not know kept its own circuit, which already counts them.
+                for seen in self._unsynced:
+                    if seen.engine == engine:
+                        self._apply(c, seen)
 
 
 def _from_row(row: EngineHealthRow) -> _Circuit:

@@ -4,13 +4,14 @@ here stands for one process."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from sqlalchemy.exc import OperationalError
-from sqlmodel import select
+from sqlmodel import Session, select
 
 from orchestrator.db import Database
 from orchestrator.health import EngineHealth
@@ -181,3 +182,31 @@ def test_a_database_away_is_told_once_not_every_poll_interval(make_settings: Cal
     told = [r for r in caplog.records if "engine health" in r.getMessage() and r.levelno >= logging.INFO]
     assert [(r.levelno, r.getMessage().split(";")[0]) for r in told] == [
         (logging.WARNING, "sharing engine health failed"), (logging.INFO, "sharing engine health works again")]
+
+
+def test_a_failure_seen_while_a_sync_reads_counts_once(db: Database, clock: Clock,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The periodic sync runs in a thread: a job's failure can land between its look at the
+    table and its update of this process's view. Counted twice, an engine's first failure opened
+    a circuit with a threshold of 2 (a flaky breaker test under coverage)."""
+    api = EngineHealth(threshold=2, cooldown=30.0, clock=clock)
+    api.succeeded("fake-b", "bridge", 1.0)
+    api.sync(db)  # a row for another engine: the table is not empty
+    real_session = db.session
+
+    @contextlib.contextmanager
+    def session_with_a_failure_meanwhile() -> Iterator[Session]:
+        with real_session() as s:
+            yield s
+        api.failed("fake-paid")  # the runner, on the event loop, while the sync thread reads
+
+    monkeypatch.setattr(db, "session", session_with_a_failure_meanwhile)
+    api.sync(db)
+    assert api.state("fake-paid") == "degraded"
+    monkeypatch.setattr(db, "session", real_session)
+    api.sync(db)  # writes it: still one failure, here and in the table
+    assert api.state("fake-paid") == "degraded"
+    other = process(clock)
+    other.sync(db)
+    with db.session() as s:
+        assert s.get(EngineHealthRow, "fake-paid").failures == 1  # type: ignore[union-attr]
