@@ -42,6 +42,7 @@ from tiers.base import (
     Reattachable,
     RenderResult,
     Restartable,
+    Resumable,
     before_billable_sends,
 )
 from tiers.registry import EngineRegistry
@@ -363,6 +364,11 @@ class JobRunner:
                 except EngineError as exc:
                     exc.at_least_charged("unknown")  # accepted work: never released, never sent again
                     raise
+            elif (work.get("handles") and work.get("engine") == job.engine and restartable(engine, job)
+                  and isinstance(engine, Resumable)):
+                # A free server's job run again after a crash, keeping what the dead attempt made there.
+                self.bus.publish(job.id, "state", {"state": "resumed", "earlier": len(work["handles"])})
+                result = await engine.resume(request, list(work["handles"]), progress, claim.cancel)
             elif work.get("handles") and work.get("engine") == job.engine and restartable(engine, job):
                 # A free server's job run again after a crash: what the dead attempt queued there goes first.
                 self.bus.publish(job.id, "state", {"state": "restarted", "forgotten": len(work["handles"])})

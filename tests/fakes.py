@@ -132,9 +132,28 @@ class FakeServerEngine(FakePaidEngine):
         FORGOTTEN.extend(handles)
 
 
+RESUMED: list[dict[str, Any]] = []  # the handles fake-free-resuming was asked to resume from
+
+
+class FakeResumingServerEngine(FakeServerEngine):
+    """fake-free as a server that keeps finished work (ComfyUI): resumed, not forgotten."""
+
+    async def resume(self, req: RenderRequest, handles: list[dict[str, Any]], progress: Progress,
+                     cancel: CancelToken) -> RenderResult:
+        RESUMED.extend(handles)
+        return await self.run(req, progress, cancel)
+
+
 def free_factory(ctx: EngineContext) -> FakePaidEngine:
-    """A remote engine that costs nothing, as a self-hosted ComfyUI or AUTOMATIC1111 does."""
+    """A remote engine that costs nothing, as a self-hosted AUTOMATIC1111 does."""
     engine = FakeServerEngine(ctx, name="fake-free")
+    engine._prices = PriceTable("fake-free", {"fake-1": {"image": 0}}, "2026-11")
+    return engine
+
+
+def resuming_factory(ctx: EngineContext) -> FakePaidEngine:
+    """A remote engine that costs nothing and resumes after a crash, as a self-hosted ComfyUI does."""
+    engine = FakeResumingServerEngine(ctx, name="fake-free")
     engine._prices = PriceTable("fake-free", {"fake-1": {"image": 0}}, "2026-11")
     return engine
 

@@ -297,6 +297,18 @@ class Restartable(Protocol):
         ...
 
 
+@runtime_checkable
+class Resumable(Restartable, Protocol):
+    """A restartable engine that can do better than start over after a crash: its server keeps
+    finished work by id (ComfyUI's history), so `resume` collects what the dead attempt's `handles`
+    made, waits for what they are still making, and renders only the rest. Used instead of
+    `forget` + `run` when the job runs again; `forget` still serves a job that is not run again."""
+
+    async def resume(self, req: RenderRequest, handles: list[dict[str, Any]], progress: Progress,
+                     cancel: CancelToken) -> RenderResult:
+        ...
+
+
 @dataclass
 class EngineContext:
     """What a factory gets to build its engine: settings, price overrides from the prices file,

@@ -8,9 +8,10 @@ longer string is replaced as text. The graph is walked as parsed JSON, so prompt
 escaping.
 
 Flow: upload the draft, queue the graph under a prompt id we choose (so a crash can find the work
-again before the server answers), poll `/history/{id}` until it appears, then download the images
-its `SaveImage` nodes wrote. Self-hosted, so it costs no credits; `leaves_machine` is still True:
-`ORCH_COMFYUI_URL` may point at any host, and the prompt and pixels go there.
+again before the server answers, and a restarted job can keep what it made), poll `/history/{id}`
+until it appears, then download the images its `SaveImage` nodes wrote. Self-hosted, so it costs
+no credits; `leaves_machine` is still True: `ORCH_COMFYUI_URL` may point at any host, and the
+prompt and pixels go there.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import re
 import secrets
 import uuid
@@ -40,6 +42,8 @@ from tiers.base import (
     RenderResult,
     Stage,
 )
+
+log = logging.getLogger(__name__)
 
 PLACEHOLDER = re.compile(r"\{\{\s*(\w+)\s*\}\}")
 PLACEHOLDERS = frozenset(
@@ -180,16 +184,31 @@ class ComfyUIEngine:
             ) from None
 
     async def run(self, req: RenderRequest, progress: Progress, cancel: CancelToken) -> RenderResult:
+        return await self._render(req, [], progress, cancel)
+
+    async def resume(self, req: RenderRequest, handles: list[dict[str, Any]], progress: Progress,
+                     cancel: CancelToken) -> RenderResult:
+        """After a crash: the dead attempt's prompts that finished are collected from the server's
+        history and those still queued or running are waited for; only the images none of them
+        makes are rendered again, with the seeds they were given (see `tiers.base.Resumable`)."""
+        return await self._render(req, handles, progress, cancel)
+
+    async def _render(self, req: RenderRequest, earlier: list[dict[str, Any]], progress: Progress,
+                      cancel: CancelToken) -> RenderResult:
         template = self._template()
         uses_seed = "seed" in placeholders(template)
         cancel.raise_if_cancelled()
         deadline = self.http.new_deadline()
-        image_name = await self._upload(req, deadline, cancel)
-        base_seed = req.seed if req.seed is not None else secrets.randbelow(SEED_RANGE)
+        kept = await self._keep(earlier, progress, deadline, cancel)
+        # The dead attempt's first prompt had the base seed: a request without one keeps it.
+        earlier_seeds = [h["seed"] for h in earlier if _seed(h) is not None]
+        base_seed = (req.seed if req.seed is not None
+                     else earlier_seeds[0] if earlier_seeds else secrets.randbelow(SEED_RANGE))
+        image_name: str | None = None
         images: list[RenderedImage] = []
         prompt_ids: list[str] = []
-        # One queued prompt per image: the template's own batch size is the user's business, and
-        # any extra images it makes are dropped below.
+        # One prompt per image: the template's own batch size is the user's business, and any extra
+        # images it makes are dropped below.
         while len(images) < req.n:
             if prompt_ids and not uses_seed:
                 # The same graph again: ComfyUI's cache would answer with the first one's image.
@@ -199,13 +218,20 @@ class ComfyUIEngine:
                     "itself a batch of n), or ask for fewer images", details={"engine": self.name,
                                                                             "setting": WORKFLOW_SETTING})
             seed = (base_seed + len(prompt_ids)) % SEED_RANGE
-            graph = substitute(template, self._values(req, image_name, seed))
-            prompt_id, outputs = await self._execute(graph, str(uuid.uuid4()), progress, deadline, cancel)
+            if seed in kept:
+                prompt_id, outputs = kept.pop(seed)
+            else:
+                if image_name is None:
+                    image_name = await self._upload(req, deadline, cancel)
+                graph = substitute(template, self._values(req, image_name, seed))
+                prompt_id, outputs = await self._execute(graph, str(uuid.uuid4()), seed, progress, deadline, cancel)
             prompt_ids.append(prompt_id)
             for ref in outputs[: req.n - len(images)]:
                 images.append(RenderedImage(await self._download(ref, deadline, cancel),
                                             seed=seed if uses_seed else None))
             progress.step(len(images), req.n)
+        for prompt_id, _ in kept.values():
+            log.info("comfyui: prompt %s of an earlier attempt is not needed; its images are left", prompt_id)
         return RenderResult(
             images=images,
             model=self.model,
@@ -215,6 +241,34 @@ class ComfyUIEngine:
             metadata={"workflow": self._workflow.name if self._workflow else None,
                       "steps": int(req.steps or DEFAULT_STEPS) if "steps" in placeholders(template) else None},
         )
+
+    async def _keep(self, handles: list[dict[str, Any]], progress: Progress, deadline: float,
+                    cancel: CancelToken) -> dict[int, tuple[str, list[dict[str, str]]]]:
+        """The outputs of the earlier prompts worth keeping, by seed: finished ones, and queued or
+        running ones once they finish. The rest (forgotten by a restarted server, failed, or saved
+        without a seed by an older version) are taken off the server and rendered again."""
+        kept: dict[int, tuple[str, list[dict[str, str]]]] = {}
+        for handle in handles:
+            prompt_id, seed = handle.get("id"), _seed(handle)
+            if not isinstance(prompt_id, str) or not prompt_id:
+                continue
+            if seed is None or seed in kept:
+                await self._drop(prompt_id)
+                continue
+            entry = await self._history(prompt_id, deadline, cancel)
+            if entry is None and not await self._lost(prompt_id):  # still queued or running
+                progress.state("queued", prompt_id=prompt_id)
+                entry = await self._follow(prompt_id, deadline, cancel)
+            elif entry is None:  # or it finished between the two looks
+                entry = await self._history(prompt_id, deadline, cancel)
+            try:
+                outputs = self._outputs(entry, prompt_id) if entry is not None else None
+            except EngineError as exc:
+                log.info("comfyui: prompt %s of an earlier attempt is not kept: %s", prompt_id, exc.message)
+                outputs = None
+            if outputs:
+                kept[seed] = (prompt_id, outputs)
+        return kept
 
     @staticmethod
     def _values(req: RenderRequest, image_name: str, seed: int) -> dict[str, Any]:
@@ -255,12 +309,13 @@ class ComfyUIEngine:
         subfolder = body.get("subfolder")
         return f"{subfolder}/{name}" if isinstance(subfolder, str) and subfolder else name
 
-    async def _execute(self, graph: dict[str, Any], prompt_id: str, progress: Progress, deadline: float,
-                       cancel: CancelToken) -> tuple[str, list[dict[str, str]]]:
-        """Queue one prompt and wait for it; on cancel or timeout, take it off the server's GPU.
-        Returns the prompt's id (the server's, where it ignores ours) and its output images."""
-        # Before sending: if the process dies mid-request, the id still leads to the work.
-        progress.provider_request(prompt_id)
+    async def _execute(self, graph: dict[str, Any], prompt_id: str, seed: int, progress: Progress,
+                       deadline: float, cancel: CancelToken) -> tuple[str, list[dict[str, str]]]:
+        """Queue one prompt and wait for it. Returns the prompt's id (the server's, where it
+        ignores ours) and its output images."""
+        # Before sending: if the process dies mid-request, the id still leads to the work, and the
+        # seed tells a later attempt which image it is.
+        progress.provider_request(prompt_id, {"seed": seed})
         progress.state("submitted", prompt_id=prompt_id)
         try:
             body = {"prompt": graph, "client_id": self._client_id, "prompt_id": prompt_id}
@@ -270,24 +325,44 @@ class ComfyUIEngine:
             if response.status_code != 200:
                 raise self._prompt_refused(response)
             answered = self._json(response, "/prompt").get("prompt_id")
-            if isinstance(answered, str) and answered and answered != prompt_id:
-                # Servers before client-chosen ids (2025) queue the prompt under one of their own.
-                prompt_id = answered
-                progress.provider_request(prompt_id)
-            progress.state("queued", prompt_id=prompt_id)
-            entry = await self._wait(prompt_id, deadline, cancel)
-        except Canceled:
-            await self._drop(prompt_id)
-            raise Canceled("comfyui: the job was canceled",
-                           details={"engine": self.name, "prompt_id": prompt_id}, charged="no") from None
         except EngineTimeout as exc:
             # The prompt may be queued or running with nobody left to collect it.
             await self._drop(prompt_id)
             raise EngineTimeout(f"{exc.message} (asked the server to drop prompt {prompt_id})",
                                 details={**exc.details, "prompt_id": prompt_id}, charged="no") from None
+        except Canceled:
+            await self._drop(prompt_id)
+            raise Canceled("comfyui: the job was canceled",
+                           details={"engine": self.name, "prompt_id": prompt_id}, charged="no") from None
+        if isinstance(answered, str) and answered and answered != prompt_id:
+            # Servers before client-chosen ids (2025) queue the prompt under one of their own.
+            prompt_id = answered
+            progress.provider_request(prompt_id, {"seed": seed})
+        progress.state("queued", prompt_id=prompt_id)
+        entry = await self._follow(prompt_id, deadline, cancel)
+        if entry is None:
+            # A server restarted mid-job forgets its queue: waiting would last the whole deadline.
+            raise EngineError(f"comfyui: the server no longer knows prompt {prompt_id} (restarted?); "
+                              "nothing of it will come back", details={"engine": self.name, "prompt_id": prompt_id},
+                              retryable=True, charged="no")
         return prompt_id, self._outputs(entry, prompt_id)
 
-    async def _wait(self, prompt_id: str, deadline: float, cancel: CancelToken) -> dict[str, Any]:
+    async def _follow(self, prompt_id: str, deadline: float, cancel: CancelToken) -> dict[str, Any] | None:
+        """The prompt's history entry once it has one; None if the server no longer has it. On
+        cancel or timeout, the prompt is taken off the server's queue (or its GPU)."""
+        try:
+            return await self._wait(prompt_id, deadline, cancel)
+        except Canceled:
+            await self._drop(prompt_id)
+            raise Canceled("comfyui: the job was canceled",
+                           details={"engine": self.name, "prompt_id": prompt_id}, charged="no") from None
+        except EngineTimeout as exc:
+            await self._drop(prompt_id)
+            raise EngineTimeout(f"{exc.message} (asked the server to drop prompt {prompt_id})",
+                                details={**exc.details, "prompt_id": prompt_id}, charged="no") from None
+
+    async def _wait(self, prompt_id: str, deadline: float, cancel: CancelToken) -> dict[str, Any] | None:
+        """Poll the history; None once the server's queue shows it does not have the prompt."""
         polls = 0
         while True:
             entry = await self._history(prompt_id, deadline, cancel)
@@ -295,14 +370,8 @@ class ComfyUIEngine:
                 return entry
             polls += 1
             if polls % QUEUE_CHECK_POLLS == 0 and await self._lost(prompt_id):
-                # A server restarted mid-job forgets its queue: waiting would last the whole deadline.
                 # The history is read once more, as the prompt may have finished between the two looks.
-                entry = await self._history(prompt_id, deadline, cancel)
-                if entry is not None:
-                    return entry
-                raise EngineError(f"comfyui: the server no longer knows prompt {prompt_id} (restarted?); "
-                                  "nothing of it will come back", details={"engine": self.name, "prompt_id": prompt_id},
-                                  retryable=True, charged="no")
+                return await self._history(prompt_id, deadline, cancel)
             if self.http.clock() >= deadline:
                 raise EngineTimeout(f"comfyui: prompt {prompt_id} did not finish before the deadline "
                                     "(ORCH_REMOTE_DEADLINE)", details={"engine": self.name})
@@ -457,6 +526,11 @@ class ComfyUIEngine:
 
     async def aclose(self) -> None:
         await self.http.aclose()
+
+
+def _seed(handle: Mapping[str, Any]) -> int | None:
+    seed = handle.get("seed")
+    return seed if isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < SEED_RANGE else None
 
 
 def factory(ctx: EngineContext) -> ComfyUIEngine:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from orchestrator.db import Database
 from orchestrator.ids import new_id
@@ -139,11 +140,12 @@ def test_a_local_job_the_server_keeps_dying_under_is_given_up(
     assert [a["status"] for a in again["attempts"]] == ["interrupted", "interrupted", "succeeded"]
 
 
+@pytest.mark.parametrize("factory", ["free_factory", "resuming_factory"])
 def test_a_job_on_a_free_remote_engine_runs_again_after_a_crash(
-        make_settings: SettingsFactory, start_server: Callable[[Settings], httpx.Client]) -> None:
+        make_settings: SettingsFactory, start_server: Callable[[Settings], httpx.Client], factory: str) -> None:
     """A self-hosted server bills nothing, so a job it was running when the process died is run
     again instead of being failed; the same row on a priced engine is failed (see above)."""
-    settings = make_settings(engines="fake-free=tests.fakes:free_factory,fake-paid=tests.fakes:factory")
+    settings = make_settings(engines=f"fake-free=tests.fakes:{factory},fake-paid=tests.fakes:factory")
     settings.data_dir.mkdir(parents=True)
     db = Database(settings.resolved_database_url)
     db.migrate()
@@ -161,13 +163,20 @@ def test_a_job_on_a_free_remote_engine_runs_again_after_a_crash(
     db.dispose()
 
     fakes.FORGOTTEN.clear()
+    fakes.RESUMED.clear()
     client = start_server(settings)
     again = wait_for_job(client, free_id)
     assert again["status"] == "succeeded", again
     assert [a["status"] for a in again["attempts"]] == ["interrupted", "succeeded"]
     assert len(again["assets"]) == 1
-    # What the dead attempt had queued on the server was taken off it before the job ran again.
-    assert fakes.FORGOTTEN == [{"id": "fake-1"}]
+    if factory == "free_factory":
+        # What the dead attempt had queued on the server was taken off it before the job ran again.
+        assert (fakes.FORGOTTEN, fakes.RESUMED) == ([{"id": "fake-1"}], [])
+    else:  # or kept, by an engine whose server keeps finished work
+        assert (fakes.FORGOTTEN, fakes.RESUMED) == ([], [{"id": "fake-1"}])
+    events = client.get(f"/v1/jobs/{free_id}/events").text
+    assert ('"state":"restarted"' in events) == (factory == "free_factory")
+    assert ('"state":"resumed"' in events) == (factory == "resuming_factory")
     paid = client.get(f"/v1/jobs/{paid_id}").json()
     assert (paid["status"], paid["error"]["code"]) == ("failed", "interrupted")
 

@@ -14,7 +14,7 @@ from PIL import Image
 from orchestrator.errors import BadEngineInput, Canceled, EngineError, EngineTimeout, EngineUnavailable
 from tests.tiers.conftest import RecordingProgress, multipart, png_bytes
 from tests.tiers.conftest import bridge as base_bridge
-from tiers.base import CancelToken, NullProgress, RenderRequest, Restartable
+from tiers.base import CancelToken, NullProgress, RenderRequest, Restartable, Resumable
 from tiers.comfyui import ComfyUIEngine, substitute
 
 BASE = "http://comfy.test:8188"
@@ -402,3 +402,96 @@ async def test_a_prompt_the_restarted_server_forgot_fails_at_once(engine: ComfyU
         await engine.run(bridge(), NullProgress(), CancelToken())
     assert polls["n"] == 6  # five empty answers, a look at the queue, the history once more
     assert info.value.retryable and info.value.charged == "no"
+
+
+def earlier_server(finished: dict[str, list[dict[str, Any]]], running: list[str], *,
+                   finish_after: int = 2) -> dict[str, respx.Route]:
+    """A ComfyUI that still has a dead attempt's prompts: `finished` in its history (with their
+    history entries' messages), `running` in its queue until each has been asked for
+    `finish_after` times, anything else forgotten. New prompts go through `mock_server`'s flow."""
+    routes = mock_server()
+    new_history = routes["history"].side_effect
+    asked: dict[str, int] = {}
+
+    def on_history(request: httpx.Request) -> httpx.Response:
+        prompt_id = request.url.path.rsplit("/", 1)[1]
+        if prompt_id in finished:
+            return httpx.Response(200, json=history(prompt_id, **({"status": "error", "messages": finished[prompt_id]}
+                                                                  if finished[prompt_id] else {})))
+        if prompt_id in running:
+            asked[prompt_id] = asked.get(prompt_id, 0) + 1
+            return httpx.Response(200, json=history(prompt_id) if asked[prompt_id] > finish_after else {})
+        return new_history(request)  # type: ignore[no-any-return,operator]
+
+    def on_queue(request: httpx.Request) -> httpx.Response:
+        still = [p for p in running if asked.get(p, 0) <= finish_after]
+        return httpx.Response(200, json={"queue_running": [[0, p, {}, {}, ["9"]] for p in still[:1]],
+                                         "queue_pending": [[1, p, {}, {}, ["9"]] for p in still[1:]]})
+
+    routes["history"].side_effect = on_history
+    routes["queue_state"].side_effect = on_queue
+    return routes
+
+
+def sent_seeds(routes: dict[str, respx.Route]) -> list[int]:
+    return [json.loads(c.request.content)["prompt"]["3"]["inputs"]["seed"] for c in routes["prompt"].calls]
+
+
+@respx.mock
+async def test_after_a_crash_finished_and_running_prompts_are_kept_and_only_the_rest_rendered(
+        engine: ComfyUIEngine) -> None:
+    # The dead attempt had queued three prompts: the first finished, the second still runs, and
+    # the server lost the third. Only the third image is rendered again, with its own seed.
+    routes = earlier_server({"p-1": []}, ["p-2"])
+    handles = [{"id": "p-1", "seed": 42}, {"id": "p-2", "seed": 43}, {"id": "p-3", "seed": 44}]
+    progress = RecordingProgress()
+    result = await engine.resume(bridge(n=3, seed=42), handles, progress, CancelToken())
+    assert sent_seeds(routes) == [44]
+    assert [img.seed for img in result.images] == [42, 43, 44]
+    assert result.provider_request_id.split(",")[:2] == ["p-1", "p-2"]
+    assert routes["upload"].call_count == 1 and routes["queue"].call_count == 0  # nothing to take off
+    assert progress.steps == [(1, 3), (2, 3), (3, 3)]
+    assert progress.handles[-1]["seed"] == 44  # saved for a crash of this attempt too
+
+
+@respx.mock
+async def test_a_resumed_job_whose_prompts_all_finished_sends_nothing(engine: ComfyUIEngine) -> None:
+    # No seed in the request: the dead attempt's first prompt had the one drawn for it.
+    routes = earlier_server({"p-1": [], "p-2": []}, [])
+    result = await engine.resume(bridge(n=2, seed=None), [{"id": "p-1", "seed": 9}, {"id": "p-2", "seed": 10}],
+                                 NullProgress(), CancelToken())
+    assert [img.seed for img in result.images] == [9, 10]
+    assert routes["prompt"].call_count == 0 and routes["upload"].call_count == 0
+
+
+@respx.mock
+async def test_a_failed_or_seedless_earlier_prompt_is_rendered_again(engine: ComfyUIEngine) -> None:
+    # p-1 failed on the server (rendered again with its seed); p-2 was saved by a version that
+    # kept no seeds, so it cannot be matched to an image: it is taken off the server and redone.
+    failed = [["execution_error", {"node_id": "3", "node_type": "KSampler", "exception_type": "OOM",
+                                   "exception_message": "out of memory"}]]
+    routes = earlier_server({"p-1": failed}, ["p-2"])
+    result = await engine.resume(bridge(n=2, seed=42), [{"id": "p-1", "seed": 42}, {"id": "p-2"}],
+                                 NullProgress(), CancelToken())
+    assert sent_seeds(routes) == [42, 43]
+    assert [img.seed for img in result.images] == [42, 43]
+    assert [json.loads(c.request.content) for c in routes["queue"].calls] == [{"delete": ["p-2"]}]
+
+
+@respx.mock
+async def test_a_cancel_while_waiting_for_an_earlier_prompt_takes_it_off_the_server(engine: ComfyUIEngine) -> None:
+    routes = earlier_server({}, ["p-1"], finish_after=100)
+    token = CancelToken()
+    waiting = routes["history"].side_effect
+
+    def cancel_on_second_look(request: httpx.Request) -> httpx.Response:
+        if routes["history"].call_count >= 2:
+            token.cancel()
+        return waiting(request)  # type: ignore[no-any-return,operator]
+
+    routes["history"].side_effect = cancel_on_second_look
+    with pytest.raises(Canceled):
+        await engine.resume(bridge(seed=42), [{"id": "p-1", "seed": 42}], NullProgress(), token)
+    assert [json.loads(c.request.content) for c in routes["queue"].calls] == [{"delete": ["p-1"]}]
+    assert routes["prompt"].call_count == 0
+    assert isinstance(engine, Resumable)
