@@ -32,6 +32,8 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
+from orchestrator.events import on_loop
+
 log = logging.getLogger(__name__)
 CHANNEL = "orchestrator_bell"
 # Rings heard closer together than this wake the listeners once: a burst of commits elsewhere
@@ -142,11 +144,13 @@ class SocketBell(Bell):
         self._loop.add_reader(receiver.fileno(), self._drain)
 
     def _drain(self) -> None:
-        assert self._receiver is not None
+        receiver = self._receiver
+        if receiver is None:  # closed after the loop picked this call
+            return
         heard = False
         while True:
             try:
-                self._receiver.recv(1)
+                receiver.recv(1)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:
@@ -157,14 +161,36 @@ class SocketBell(Bell):
 
     def close(self) -> None:
         super().close()
-        receiver, self._receiver = self._receiver, None
-        if receiver is not None:
-            if self._loop is not None and not self._loop.is_closed():
-                self._loop.remove_reader(receiver.fileno())
-            receiver.close()
-            with contextlib.suppress(OSError):
-                self.path.unlink()
+        loop = self._loop
+        if loop is not None and loop.is_running() and not on_loop(loop):
+            # The reader belongs to the loop: only its thread may remove it (uvloop's handles).
+            done = threading.Event()
+
+            def close_there() -> None:
+                try:
+                    self._close_receiver()
+                finally:
+                    done.set()
+
+            try:
+                loop.call_soon_threadsafe(close_there)
+            except RuntimeError:  # closed meanwhile
+                self._close_receiver()
+            else:
+                done.wait(timeout=5)
+        else:
+            self._close_receiver()
         self._sender.close()
+
+    def _close_receiver(self) -> None:
+        receiver, self._receiver = self._receiver, None
+        if receiver is None:
+            return
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.remove_reader(receiver.fileno())
+        receiver.close()
+        with contextlib.suppress(OSError):
+            self.path.unlink()
 
 
 class PostgresBell(Bell):

@@ -37,7 +37,8 @@ HISTORY_TTL = 600.0
 EVICT_EVERY = 1.0  # seconds between looks for streams to drop
 
 
-def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:
+def on_loop(loop: asyncio.AbstractEventLoop) -> bool:
+    """Whether the caller runs on `loop`'s own thread (as a callback or a task of it)."""
     try:
         return asyncio.get_running_loop() is loop
     except RuntimeError:
@@ -143,7 +144,7 @@ class EventBus:
         waits for its connections to close before it stops anything else. A client reconnects
         with `Last-Event-ID` (to another process, or this one restarted). Safe from any thread."""
         loop = self._loop
-        if loop is not None and not _on_loop(loop):
+        if loop is not None and not on_loop(loop):
             loop.call_soon_threadsafe(self.close)
             return
         self.closed = True
@@ -154,7 +155,7 @@ class EventBus:
     def publish(self, job_id: str, type_: str, data: dict[str, Any]) -> None:
         """Publish an event; safe from any thread (sync API handlers run in a thread pool)."""
         loop = self._loop
-        if loop is not None and not _on_loop(loop):
+        if loop is not None and not on_loop(loop):
             loop.call_soon_threadsafe(self._publish, job_id, type_, data)
             return
         self._publish(job_id, type_, data)

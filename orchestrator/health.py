@@ -1,15 +1,18 @@
 """Engine health: a circuit breaker per engine and observed latencies per engine and stage.
 
 After `threshold` consecutive failures an engine's circuit opens: routing skips it for
-`cooldown` seconds; then one probe request is let through (half-open). A success closes the
-circuit; a failed probe opens it again.
+`cooldown` seconds; then one job is let through as a probe (half-open): the first one routed to it
+or started on it, from when it is committed until its verdict. A success closes the circuit; a
+failed probe opens it again; a probe that ends without a verdict (canceled, refused as bad input)
+lets the next one through, and one that never reports (its job deleted by a crash) after
+`cooldown` seconds.
 
 Every process sharing the database sees the same breakers and latencies: what a process observes
 counts at once in its own routing, and `sync` (every `ORCH_POLL_INTERVAL`, from the service)
 writes it to the `engine_health` table and takes what the others wrote, so an API server in front
 of separate workers routes around an engine its workers found failing, and `fastest` knows their
-latencies. The half-open probe is per process: each process may send one. Opening times are wall
-clock, as processes share them.
+latencies. The half-open probe is per process: each process may let one through. Opening times
+are wall clock, as processes share them.
 """
 
 from __future__ import annotations
@@ -40,7 +43,9 @@ MAX_UNSYNCED = 1000
 class _Circuit:
     failures: int = 0
     opened_at: float | None = None
-    probing: bool = False  # this process's probe is out; never shared
+    # The job this process let through as the half-open probe, and when that lapses; never shared.
+    probe: str | None = None
+    probe_until: float = 0.0
     latencies: dict[str, deque[float]] = field(default_factory=dict)
 
 
@@ -75,24 +80,41 @@ class EngineHealth:
             return "degraded" if c.failures or c.opened_at is not None else "ok"
 
     def allow(self, engine: str) -> bool:
-        """May a request go to `engine` now? In half-open state, only one probe at a time."""
+        """May a job go to `engine` now? In half-open state, only while no probe is out."""
         with self._lock:
             c = self._get(engine)
             if c.opened_at is None:
                 return True
-            cooling = self.clock() - c.opened_at < self.cooldown
-            return not (cooling or c.probing)
+            now = self.clock()
+            return now - c.opened_at >= self.cooldown and not self._probe_out(c, now)
 
-    def started(self, engine: str) -> None:
+    def probe_out(self, engine: str) -> bool:
+        """Whether the circuit is half-open with its probe out (for routing's reason)."""
         with self._lock:
             c = self._get(engine)
-            if c.opened_at is not None:
-                c.probing = True
+            return c.opened_at is not None and self._probe_out(c, self.clock())
 
-    def finished(self, engine: str) -> None:
-        """A call ended, whatever its verdict: a half-open circuit may let the next probe through."""
+    @staticmethod
+    def _probe_out(c: _Circuit, now: float) -> bool:
+        return c.probe is not None and now < c.probe_until
+
+    def assign(self, engine: str, job_id: str) -> None:
+        """A job was committed to `engine` (routed, fallen back to) or starts on it. Past the
+        cooldown with no probe out, it is the probe: nobody else is let through until it reports.
+        A job queued before the circuit opened becomes the probe when it starts, even while the
+        circuit cools: what it finds is the verdict."""
         with self._lock:
-            self._get(engine).probing = False
+            c = self._get(engine)
+            now = self.clock()
+            if c.opened_at is not None and not self._probe_out(c, now):
+                c.probe, c.probe_until = job_id, now + self.cooldown
+
+    def finished(self, engine: str, job_id: str) -> None:
+        """A job's call ended, whatever its verdict: if it was the probe, the next may go."""
+        with self._lock:
+            c = self._get(engine)
+            if c.probe == job_id:
+                c.probe = None
 
     def succeeded(self, engine: str, stage: str, seconds: float) -> None:
         with self._lock:
@@ -105,7 +127,7 @@ class EngineHealth:
     def _record(self, seen: _Observation) -> None:
         c = self._get(seen.engine)
         self._apply(c, seen)
-        c.probing = False
+        c.probe = None  # a verdict: the circuit closed, or opened again
         self._unsynced.append(seen)
 
     def _apply(self, c: _Circuit, seen: _Observation) -> None:

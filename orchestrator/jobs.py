@@ -243,6 +243,8 @@ class JobService:
         if job.cache_hit:
             self._publish_cached(job)
         else:
+            # Routed to a half-open circuit, this job is its probe: the next submits go elsewhere.
+            self.router.health.assign(job.engine, job.id)
             self.bus.publish(job.id, "queued", {"job_id": job.id, "status": "queued"})
             self.notify()
         return job, True

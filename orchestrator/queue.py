@@ -33,7 +33,7 @@ from sqlmodel import col, select
 
 from orchestrator.db import Database
 from orchestrator.errors import Canceled, OrchestratorError
-from orchestrator.events import EventBus
+from orchestrator.events import EventBus, on_loop
 from orchestrator.jobs import render_request
 from orchestrator.ledger import Ledger
 from orchestrator.models import Job, utcnow
@@ -133,14 +133,7 @@ class Scheduler:
     def notify(self) -> None:
         """Wake the dispatcher; safe from any thread (API handlers run in a thread pool)."""
         loop = self._loop
-        if loop is None:
-            self._wake.set()
-            return
-        try:
-            on_loop = asyncio.get_running_loop() is loop
-        except RuntimeError:
-            on_loop = False
-        if on_loop:
+        if loop is None or on_loop(loop):
             self._wake.set()
         else:
             loop.call_soon_threadsafe(self._wake.set)

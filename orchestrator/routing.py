@@ -162,7 +162,8 @@ class Router:
         elif not (available := engine.availability())[0]:
             candidate.skipped = f"unavailable: {available[1]}"
         elif not self.health.allow(name):
-            candidate.skipped = "circuit open after repeated failures"
+            candidate.skipped = ("circuit half-open: its probe request is out" if self.health.probe_out(name)
+                                 else "circuit open after repeated failures")
             candidate.for_now = True
         elif req.width > caps.max_width or req.height > caps.max_height:
             # Checked here for every engine: an estimate of 0 (a self-hosted server) says nothing of size.

@@ -164,7 +164,7 @@ class JobRunner:
         engine_returned = False  # from then on what it made exists, and a remote one may have billed it
         try:
             claim.cancel.raise_if_cancelled()  # canceled between its claim and this start
-            self.health.started(job.engine)
+            self.health.assign(job.engine, job.id)
             try:
                 result = await self._render(claim)
             except EngineError as exc:
@@ -172,7 +172,7 @@ class JobRunner:
                     self.health.failed(job.engine)
                 raise
             finally:
-                self.health.finished(job.engine)  # whatever the verdict, this probe is over
+                self.health.finished(job.engine, job.id)  # whatever the verdict, this probe is over
             engine_returned = True
             elapsed = time.monotonic() - started
             self.health.succeeded(job.engine, job.stage, elapsed)
@@ -287,6 +287,7 @@ class JobRunner:
                 return True
             except BudgetExceeded:
                 continue  # nothing was written; a cheaper (or free) candidate may still fit
+            self.health.assign(name, job.id)
             self.bus.publish(job.id, "state", {"state": "fallback", "from": job.engine, "to": name,
                                                "error": error.to_dict()})
             self.notify()
@@ -448,8 +449,16 @@ class JobRunner:
             record["width"], record["height"] = rendered.image.size
             records.append(record)
         # PNG encoding (zlib) releases the GIL: n images encode and fsync in parallel.
-        pngs = list(self._encoder.map(lambda pair: self._store_png(*pair),
-                                      zip((r.image for r in result.images), records, strict=True)))
+        try:
+            pngs = list(self._encoder.map(lambda pair: self._store_png(*pair),
+                                          zip((r.image for r in result.images), records, strict=True)))
+        except RuntimeError:
+            if not self._closed:
+                raise
+            # The service closed since the check above (its stop stopped waiting): as a stop that
+            # came before, the job is left for the next start, not failed for good.
+            raise Canceled("the service stopped before the images were stored",
+                           details={"engine": job.engine}, charged="no") from None
         shas = [sha for sha, _ in pngs]
         rows = [
             Asset(id=new_id("ast"), project_id=job.project_id, job_id=job.id, index=index, stage=job.stage,

@@ -266,7 +266,7 @@ class Services:
         await asyncio.gather(*tasks, return_exceptions=True)
         await self.follower.aclose()
         await self.scheduler.stop()
-        self.runner.close()
+        await asyncio.to_thread(self.runner.close)  # waits for images being encoded
         with contextlib.suppress(Exception):  # the last jobs' verdicts, for the processes that stay
             await asyncio.to_thread(self.engine_health.sync, self.db)
         await self.registry.aclose()

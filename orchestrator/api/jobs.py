@@ -80,8 +80,11 @@ def cancel_job(job_id: str, services: ServicesDep, caller: CallerDep) -> JobPubl
         if services.jobs.cancel_queued(job_id):
             return public(services, services.jobs.get(job_id))
         if services.scheduler.holds(job_id):
-            # Not running any more (a fallback or a stop put it back in the queue): look again.
-            if services.jobs.record_cancel(job_id) and services.scheduler.cancel(job_id):
+            # Recorded while it runs, the cancel wins: the job's end yields to it, should the job end
+            # before its token is reached. Not running any more (a fallback or a stop put it back
+            # in the queue): look again.
+            if services.jobs.record_cancel(job_id):
+                services.scheduler.cancel(job_id)
                 return public(services, services.jobs.get(job_id))
             continue
         if services.jobs.ask_holder_to_cancel(job_id):

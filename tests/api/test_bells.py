@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -81,6 +82,53 @@ def test_a_commit_rings_every_other_process_once_and_a_rollback_rings_none(tmp_p
         assert list(folder.iterdir()) == []  # each closed bell took its socket away
 
     asyncio.run(scenario())
+
+
+def test_a_bell_closed_from_a_worker_thread_leaves_the_loop_clean(tmp_path: Path) -> None:
+    """A stopping service closes its bell in a worker thread while the loop runs. The reader is
+    the loop's: removing it from that thread is not allowed (uvloop's handles), and a ring the loop
+    had already picked up then met a closed receiver ("Exception in callback ... AssertionError")."""
+    folder = tmp_path / "bells"
+    errors: list[dict[str, object]] = []
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(lambda _loop, context: errors.append(context))
+        mine, other = SocketBell(folder), SocketBell(folder)
+        draining, closed = threading.Event(), threading.Event()
+        drain = mine._drain
+        removed_on: list[bool] = []
+        remove_reader = loop.remove_reader
+
+        def drain_after_close() -> None:  # the loop picked up a ring; the close runs first
+            draining.set()
+            closed.wait(0.5)  # with the close done on the loop, this loop cannot see it yet
+            drain()
+
+        def watched_remove_reader(fd: int) -> bool:
+            removed_on.append(threading.current_thread() is threading.main_thread())
+            return remove_reader(fd)
+
+        mine._drain = drain_after_close  # type: ignore[method-assign]
+        loop.remove_reader = watched_remove_reader  # type: ignore[method-assign]
+        mine.listen(lambda: None)
+
+        def close_in_thread() -> None:
+            draining.wait(5)
+            mine.close()
+            closed.set()
+
+        closer = asyncio.ensure_future(asyncio.to_thread(close_in_thread))
+        await asyncio.sleep(0.05)
+        other.after_commit()  # a ring waits on mine's socket
+        await closer
+        await asyncio.sleep(0.05)
+        other.close()
+        assert removed_on == [True]  # on the loop's own thread
+
+    asyncio.run(scenario())
+    assert errors == []
+    assert list(folder.iterdir()) == []
 
 
 def test_a_socket_left_by_a_dead_process_is_removed_at_the_next_ring(tmp_path: Path) -> None:

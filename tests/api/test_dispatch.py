@@ -9,18 +9,22 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from PIL import Image
 from sqlalchemy import update
 from sqlalchemy.exc import OperationalError
 from sqlmodel import col, select
 
 from orchestrator import idempotency
-from orchestrator.errors import TooManyJobs
+from orchestrator.api.deps import Caller
+from orchestrator.api.jobs import cancel_job
+from orchestrator.errors import EngineError, TooManyJobs
 from orchestrator.ids import new_id
 from orchestrator.models import Job, Project, utcnow
 from orchestrator.runner import Claim
 from orchestrator.schemas import DraftCreate
 from orchestrator.services import Services
 from orchestrator.settings import Settings
+from tiers.base import RenderedImage, RenderResult
 
 SettingsFactory = Callable[..., Settings]
 
@@ -159,6 +163,57 @@ def test_a_cancel_after_the_render_still_cancels(services: Services) -> None:
     job = services.jobs.get(job_id)
     assert job.status == "canceled"
     assert services.jobs.asset_ids([job_id])[job_id] == []
+
+
+def test_a_cancel_whose_job_ends_meanwhile_is_answered_202(services: Services,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    # The handler thread records the cancel; before it reaches the job's token, the runner (on the
+    # loop) ends the job, sees the recorded cancel and ends it canceled. Once the handler then
+    # looked again and answered 409 "already canceled" to the very cancel that ended it.
+    [job_id] = queued_drafts(services, 1)
+    [(claim, _lane)] = services.scheduler._claim_ready({})
+    services.scheduler._claimed.pop(job_id)
+    services.scheduler._running[job_id] = (None, claim)  # type: ignore[assignment]  # started on the loop
+    record = services.jobs.record_cancel
+
+    def record_then_the_job_ends(recorded_id: str) -> bool:
+        recorded = record(recorded_id)
+        status, _ = services.runner._finish(claim, "failed", EngineError("boom", retryable=False, charged="no"))
+        assert status == "canceled"  # the runner's end yields to the recorded cancel
+        del services.scheduler._running[job_id]
+        return recorded
+
+    monkeypatch.setattr(services.jobs, "record_cancel", record_then_the_job_ends)
+    answer = cancel_job(job_id, services, Caller())
+    assert answer.status == "canceled"
+
+
+def test_a_service_closing_while_a_job_is_stored_leaves_it_for_the_next_start(services: Services) -> None:
+    # The stop cancelled the claim but the engine returned anyway; the images were being stored when
+    # the service, done waiting, closed the runner. The job once failed for good ("cannot schedule
+    # new futures after shutdown") where a close a moment earlier left it queued for the next start.
+    [job_id] = queued_drafts(services, 1)
+    [(claim, _lane)] = services.scheduler._claim_ready({})
+    services.scheduler._claimed.pop(job_id)
+    runner = services.runner
+    lite = services.registry.get("lite")
+
+    async def returned_anyway(*args: object, **kwargs: object) -> RenderResult:
+        claim.shutdown = True  # what the scheduler's stop does to every running claim
+        claim.cancel.cancel(abandon=True)
+        return RenderResult(images=[RenderedImage(Image.new("RGB", (64, 64)), 1)], model=lite.model)
+
+    record = runner._record
+
+    def close_meanwhile(*args: Any) -> dict[str, Any]:
+        runner.close()  # between the cancel check and the encoding
+        return record(*args)
+
+    lite.run = returned_anyway  # type: ignore[method-assign]
+    runner._record = close_meanwhile  # type: ignore[method-assign]
+    asyncio.run(runner.run(claim))
+    job = services.jobs.get(job_id)
+    assert (job.status, job.error) == ("queued", None)
 
 
 def test_a_failed_dispatch_is_retried_without_another_wake(services: Services,

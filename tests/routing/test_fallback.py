@@ -241,6 +241,43 @@ def test_circuit_breaker_shows_in_engines_and_routing(breaker_server: httpx.Clie
     assert health(client)["fake-b"] == "ok"
 
 
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_790_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_half_open_circuit_lets_one_job_through_until_its_verdict(
+        new_settings: SettingsFactory, fallback_policies: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After the cooldown, the first job routed to the engine is its probe; jobs submitted while
+    it waits or runs go to the next candidate. Once, all of them went until the probe started."""
+    clock = Clock()
+    monkeypatch.setattr("orchestrator.services.EngineHealth",
+                        functools.partial(EngineHealth, threshold=2, cooldown=60.0, clock=clock))
+    with running(new_settings(engines=FAKE_ENGINES, policy="fallback-test", policy_dir=fallback_policies)) as client:
+        _, asset_id = draft_asset(client)
+        for _ in range(2):
+            assert wait_for_job(client, promote(client, asset_id, tags={"fake": "fail"})["id"])["engine"] == "fake-b"
+        assert health(client)["fake-paid"] == "open"
+        clock.now += 61
+        probe = promote(client, asset_id, tags={"fake": "hang"})
+        assert probe["engine"] == "fake-paid"
+        meanwhile = promote(client, asset_id)
+        assert meanwhile["engine"] == "fake-b"
+        reasons = {c["engine"]: c["skipped"] for c in meanwhile["routing"]["candidates"]}
+        assert reasons["fake-paid"] == "circuit half-open: its probe request is out"
+        assert wait_for_job(client, meanwhile["id"])["status"] == "succeeded"
+        assert client.post(f"/v1/jobs/{probe['id']}/cancel").status_code == 202
+        assert wait_for_job(client, probe["id"])["status"] == "canceled"
+        # Canceled: no verdict, so the next job is the probe, and its success closes the circuit.
+        after = promote(client, asset_id)
+        assert after["engine"] == "fake-paid"
+        assert wait_for_job(client, after["id"])["status"] == "succeeded"
+        assert health(client)["fake-paid"] == "ok"
+
+
 def test_fallback_result_is_not_a_cache_entry_for_the_first_engine(paid_server: httpx.Client) -> None:
     """The result cache is keyed by engine and model. A job that fell back from fake-paid to fake-b
     made its image on fake-b, so an identical request routed to fake-paid must not get it."""

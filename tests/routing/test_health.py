@@ -88,9 +88,9 @@ def test_a_failed_probe_reopens_the_shared_circuit(db: Database, clock: Clock) -
         one.failed("openai")
     one.sync(db)
     clock.now += 31
-    one.started("openai")  # the half-open probe
+    one.assign("openai", "job-probe")  # the half-open probe
     one.failed("openai")
-    one.finished("openai")
+    one.finished("openai", "job-probe")
     one.sync(db)
     two.sync(db)
     assert two.state("openai") == "open"
@@ -210,3 +210,43 @@ def test_a_failure_seen_while_a_sync_reads_counts_once(db: Database, clock: Cloc
     other.sync(db)
     with db.session() as s:
         assert s.get(EngineHealthRow, "fake-paid").failures == 1  # type: ignore[union-attr]
+
+
+def test_one_probe_at_a_time_from_its_routing_to_its_verdict(clock: Clock) -> None:
+    """A half-open circuit lets one job through. Once it was taken only when the job started, so
+    every job routed meanwhile went too; and any job's end, not just the probe's, let more through."""
+    health = process(clock)
+    for _ in range(3):
+        health.failed("gemini")
+    clock.now += 31
+    assert health.allow("gemini") and not health.probe_out("gemini")
+    health.assign("gemini", "job-p")  # routed: queued, not started yet
+    assert not health.allow("gemini") and health.probe_out("gemini")
+    health.assign("gemini", "job-q")  # queued before the circuit opened, starting now: not the probe
+    health.finished("gemini", "job-q")  # canceled, say: no verdict, and not the probe
+    assert not health.allow("gemini")
+    health.finished("gemini", "job-p")  # the probe ended without a verdict: the next may go
+    assert health.allow("gemini")
+    health.assign("gemini", "job-r")
+    assert not health.allow("gemini")
+    health.succeeded("gemini", "bridge", 2.0)
+    assert health.allow("gemini") and health.state("gemini") == "ok"
+
+
+def test_a_probe_that_never_reports_lapses_after_the_cooldown(clock: Clock) -> None:
+    health = process(clock)
+    for _ in range(3):
+        health.failed("fal")
+    clock.now += 31
+    health.assign("fal", "job-lost")  # its process died before it ran
+    clock.now += 29
+    assert not health.allow("fal")
+    clock.now += 2
+    assert health.allow("fal")
+
+
+def test_a_circuit_that_is_closed_has_no_probe(clock: Clock) -> None:
+    health = process(clock)
+    health.failed("openai")  # degraded, not open
+    health.assign("openai", "job-1")
+    assert health.allow("openai") and not health.probe_out("openai")

@@ -486,8 +486,8 @@ def test_open_circuit_is_skipped_then_probed_after_cooldown(decide: Decide, heal
     clock.now += 2.0  # past the cooldown: one probe may go
     assert health.state("cloud-a") == "degraded"
     assert decide("routes", "bridge").chosen == "cloud-a"
-    health.started("cloud-a")  # the probe is running: nobody else gets the engine meanwhile
-    assert "cloud-a" in skipped(decide("routes", "bridge"))
+    health.assign("cloud-a", "job-probe")  # the probe is committed: nobody else gets the engine meanwhile
+    assert skipped(decide("routes", "bridge")) == {"cloud-a": "circuit half-open: its probe request is out"}
 
     health.succeeded("cloud-a", "bridge", 1.0)
     assert health.state("cloud-a") == "ok"
@@ -499,7 +499,7 @@ def test_failed_probe_opens_the_circuit_again(decide: Decide, health: EngineHeal
     health.failed("cloud-a")
     health.failed("cloud-a")
     clock.now += 31.0
-    health.started("cloud-a")
+    health.assign("cloud-a", "job-probe")
     health.failed("cloud-a")
     assert health.state("cloud-a") == "open"
     assert decide("routes", "bridge").chosen == "cloud-b"
