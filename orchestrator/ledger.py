@@ -287,7 +287,9 @@ class Ledger:
         rows = s.exec(select(LedgerEntry, Job).join(Job, col(Job.id) == col(LedgerEntry.job_id))
                       .where(_open_holds(), col(Job.status).in_(("succeeded", "failed", "canceled")))).all()
         for _hold, job in rows:
-            if job.status == "succeeded":
+            # Made, or accepted by a provider (which bills it whatever ended the job, as in
+            # `settle_failure`): the estimate, for reconciliation. Otherwise nothing was billed.
+            if job.status == "succeeded" or (job.provider_work or {}).get("handles"):
                 self.capture(s, job, None, unreconciled=True, note="sweeper: job finished with an open hold")
             else:
                 self.release(s, job, note="sweeper: job finished with an open hold")

@@ -161,6 +161,37 @@ def test_settlement_is_once_per_hold(db: Database) -> None:
     assert (balance.limit, balance.available, balance.charged, balance.held) == (None, None, 4_000, 0)
 
 
+@pytest.mark.parametrize(("status", "work", "settled"), [
+    ("succeeded", None, ("capture", True)),  # made, cost unknown: the estimate, for reconciliation
+    ("failed", None, ("release", False)),
+    ("canceled", None, ("release", False)),
+    # A provider had accepted its work: billed whatever ended the job, as `settle_failure` has it.
+    ("failed", {"engine": "fake-paid", "handles": [{"id": "req-1"}]}, ("capture", True)),
+    ("canceled", {"engine": "fake-paid", "handles": [{"id": "req-1"}]}, ("capture", True)),
+])
+def test_the_sweeper_settles_a_finished_jobs_open_hold(db: Database, status: str, work: dict[str, object] | None,
+                                                       settled: tuple[str, bool]) -> None:
+    clock = Clock(utc(2026, 6, 1, 12))
+    ledger = Ledger(clock=clock)
+    project = add_project(db, None, "none")
+    job = add_job(db, project, f"job_{status}", clock)
+    with db.transaction() as s:
+        ledger.hold(s, ledger.lock_project(s, project.id), job, 10_000)
+        row = s.get(Job, job.id)
+        assert row is not None
+        row.status, row.provider_work = status, work
+        s.add(row)
+    with db.transaction() as s:
+        assert ledger.sweep(s) == 1
+    with db.transaction() as s:
+        assert ledger.sweep(s) == 0  # once
+    with db.session() as s:
+        entries = s.exec(select(LedgerEntry).where(col(LedgerEntry.job_id) == job.id)
+                         .order_by(col(LedgerEntry.id))).all()
+    assert [(e.kind, e.amount, e.unreconciled) for e in entries] == [("hold", 10_000, False),
+                                                                      (settled[0], 10_000, settled[1])]
+
+
 @pytest.mark.parametrize(("limit", "granted", "spent", "used"), [
     (None, 0, 0, None),  # no budget: no share to route on
     (10_000, 0, 2_500, 0.25),
