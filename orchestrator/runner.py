@@ -382,8 +382,9 @@ class JobRunner:
             elif work.get("handles") and work.get("engine") == job.engine:
                 # Recovery re-queues only work that can be followed; should any other reach here, the
                 # provider has it already and it must not be sent a second time.
+                # Not the engine's failure: its health (circuit breaker) is left alone.
                 raise EngineError(f"engine '{job.engine}' had accepted this job before an interruption and its "
-                                  "work cannot be followed; it is not sent again", charged="unknown")
+                                  "work cannot be followed; it is not sent again", retryable=False, charged="unknown")
             else:
                 result = await engine.run(request, progress, claim.cancel)
         if len(result.images) < request.n:

@@ -1,13 +1,15 @@
 """A priced fake engine for tests: register it with ORCH_ENGINES="fake-paid=tests.fakes:factory".
 
 It costs `FAKE_PRICE` credits per image, renders a flat image from the source's mean colour, and
-can be told to fail, to hang, to wait before it sends, or to report its own cost, through tags.
+can be told to fail, to hang, to wait before it sends, to crash, or to report its own cost, through
+tags.
 Like the cloud engines, it announces its paid request (`billable_send`) before making it.
 """
 
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any, Literal
 
 from PIL import Image, ImageStat
@@ -59,11 +61,17 @@ class FakePaidEngine:
         self.calls += 1
         behaviour = req.tags.get("fake", "")
         if behaviour == "wait-before-send":  # as reading and encoding a large draft does
-            await cancel.sleep(float(req.tags.get("seconds", "1")))
+            if "until" in req.tags:  # a file the test creates when it is done acting meanwhile
+                while not Path(req.tags["until"]).exists():
+                    await cancel.sleep(0.02)
+            else:
+                await cancel.sleep(float(req.tags.get("seconds", "1")))
         if behaviour == "fail":  # a failure that made nothing; before the send, so a cancel cannot stop it first
             raise EngineError("fake engine failed", retryable=True)
         await billable_send()
         SENT.append(req.prompt)
+        if behaviour == "crash":  # a bug, not an EngineError: as reading an answer that lacks a field
+            raise KeyError("images")
         progress.state("submitted")
         if behaviour == "hang-unsaved":  # as a synchronous provider's call: no id until it answers
             await cancel.race(asyncio.sleep(3600))
@@ -161,4 +169,23 @@ def resuming_factory(ctx: EngineContext) -> FakePaidEngine:
 def unpriced_factory(ctx: EngineContext) -> FakePaidEngine:
     engine = FakePaidEngine(ctx, name="fake-unpriced")
     engine._prices = PriceTable("fake-unpriced", {}, "2026-11")
+    return engine
+
+
+FORGET_TRIED: list[dict[str, Any]] = []  # the handles fake-free-forget-fails was told to take off its server
+
+
+class FakeForgetFailingServerEngine(FakeServerEngine):
+    """fake-free as a self-hosted server that cannot take the dead attempt's work off (unreachable
+    for the delete, say): `forget` raises, which `Restartable` says it should not."""
+
+    async def forget(self, handles: list[dict[str, Any]]) -> None:
+        FORGET_TRIED.extend(handles)
+        raise ConnectionError("fake-free: the server refused to drop the queued work")
+
+
+def forget_failing_factory(ctx: EngineContext) -> FakePaidEngine:
+    """fake-free (free, restartable) whose `forget` raises."""
+    engine = FakeForgetFailingServerEngine(ctx, name="fake-free")
+    engine._prices = PriceTable("fake-free", {"fake-1": {"image": 0}}, "2026-11")
     return engine

@@ -156,7 +156,8 @@ def test_an_attempt_another_process_took_over_sends_nothing(paid_settings_for: C
     caplog.set_level(logging.INFO, logger="orchestrator.runner")
     with serve_in_thread(settings) as base, httpx.Client(base_url=base, timeout=30) as client:
         project_id, asset_id = project_with_draft(client)
-        job = promote_ok(client, asset_id, prompt="taken over", tags={"fake": "wait-before-send", "seconds": "1"})
+        go = tmp_path / "send-now"
+        job = promote_ok(client, asset_id, prompt="taken over", tags={"fake": "wait-before-send", "until": str(go)})
         poll(lambda: client.get(f"/v1/jobs/{job['id']}").json(), lambda j: j["status"] == "running")
         # As another process's recovery and claim would leave the row, while this one still waits.
         db = Database(settings.resolved_database_url)
@@ -164,6 +165,7 @@ def test_an_attempt_another_process_took_over_sends_nothing(paid_settings_for: C
             s.execute(update(Job).where(col(Job.id) == job["id"])
                       .values(attempt=Job.attempt + 1, unsent_attempt=Job.attempt + 1, lease_owner="other:1:0"))
         db.dispose()
+        go.touch()  # the engine goes on to send
         poll(lambda: any("superseded" in r.getMessage() and job["id"] in r.getMessage() for r in caplog.records),
              bool, what="the attempt to give up")
         assert "taken over" not in fakes.SENT

@@ -1,0 +1,254 @@
+"""Engines that break in ways an EngineError does not describe, engines that are gone, provider work
+that cannot be followed, and the idempotency keys' expiry: each must end the job (or the key) with
+the right state and the right ledger, never leave it running and never send a paid request twice."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from sqlmodel import col, select
+
+from orchestrator import idempotency
+from orchestrator.ids import new_id
+from orchestrator.models import IdempotencyKey, Job, LedgerEntry, Project, utcnow
+from orchestrator.services import Services
+from orchestrator.settings import Settings
+from tests import fakes
+from tiers import tiny
+from tiers.base import CancelToken, Progress, RenderRequest, RenderResult
+
+SettingsFactory = Callable[..., Settings]
+Build = Callable[[str], Services]
+
+HOLD = int(fakes.FAKE_PRICE * 1000)  # one image on fake-paid, in millicredits
+BRIDGE: dict[str, Any] = {"stage": "bridge", "prompt": "a lighthouse", "negative_prompt": "", "n": 1, "seed": 5,
+                          "width": 64, "height": 64, "tags": {}}
+DRAFT: dict[str, Any] = {"stage": "ideation", "prompt": "a lighthouse", "negative_prompt": "", "n": 1, "seed": 5,
+                         "width": 64, "height": 64, "steps": 1, "tags": {}}
+LedgerRows = list[tuple[str, int, bool]]
+
+
+@pytest.fixture
+def build(make_settings: SettingsFactory) -> Iterator[Build]:
+    """`build(engines)`: services on the test's data dir with those ORCH_ENGINES; closed at teardown."""
+    built: list[Services] = []
+
+    def make(engines: str) -> Services:
+        services = Services.build(make_settings(engines=engines))
+        built.append(services)
+        return services
+
+    yield make
+    for services in built:
+        asyncio.run(services.aclose())
+
+
+def queue_job(services: Services, engine: str, *, estimated: int, params: dict[str, Any],
+              model: str = "fake-1", **values: Any) -> str:
+    """A queued job on `engine` with its hold (when `estimated` > 0), as a submit leaves it."""
+    job_id = new_id("job")
+    with services.db.transaction() as s:
+        project = Project(id=new_id("prj"), name="engine faults", policy="balanced")
+        s.add(project)
+        s.flush()
+        job = Job(id=job_id, project_id=project.id, stage=params["stage"], engine=engine, model=model,
+                  params=params, estimated=estimated, status="queued", **values)
+        s.add(job)
+        s.flush()
+        services.ledger.hold(s, project, job, estimated)
+    return job_id
+
+
+def claim_and_run(services: Services, job_id: str) -> Job:
+    """Claim the queued job as the dispatcher does, run it to its end, and read its row back."""
+    claims = services.scheduler._claim_ready({})
+    assert [claim.job.id for claim, _lane in claims] == [job_id]
+    asyncio.run(services.runner.run(claims[0][0]))
+    return read_job(services, job_id)
+
+
+def read_job(services: Services, job_id: str) -> Job:
+    with services.db.session() as s:
+        job = s.get(Job, job_id)
+    assert job is not None
+    return job
+
+
+def ledger_of(services: Services, job_id: str) -> LedgerRows:
+    with services.db.session() as s:
+        entries = s.exec(select(LedgerEntry).where(col(LedgerEntry.job_id) == job_id)
+                         .order_by(col(LedgerEntry.id))).all()
+        return [(e.kind, e.amount, e.unreconciled) for e in entries]
+
+
+def event_types(services: Services, job_id: str) -> list[str]:
+    stream = services.bus._jobs.get(job_id)
+    return [] if stream is None else [e.type for e in stream.snapshot()]
+
+
+def states(services: Services, job_id: str) -> list[str]:
+    stream = services.bus._jobs.get(job_id)
+    return [] if stream is None else [str(e.data.get("state")) for e in stream.snapshot() if e.type == "state"]
+
+
+# -- an engine that raises something other than an EngineError -------------------------------------
+
+
+def test_a_priced_remote_engine_that_crashes_fails_the_job_charged_unknown(build: Build) -> None:
+    # The request may have reached the provider before the engine broke: the hold is captured for
+    # reconciliation, not released (which would let the studio spend it twice).
+    services = build("fake-paid=tests.fakes:factory,fake-free=tests.fakes:free_factory")
+    job_id = queue_job(services, "fake-paid", estimated=HOLD, params={**BRIDGE, "tags": {"fake": "crash"}})
+    job = claim_and_run(services, job_id)
+    assert job.status == "failed", job.error
+    assert job.error is not None
+    assert "failed unexpectedly" in job.error["message"] and "KeyError" in job.error["message"], job.error
+    assert (job.lease_owner, job.finished_at is not None) == (None, True)
+    assert ledger_of(services, job_id) == [("hold", HOLD, False), ("capture", HOLD, True)]
+    assert event_types(services, job_id)[-1] == "failed"
+
+
+def test_a_local_engine_that_crashes_releases_what_its_job_held(build: Build,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    # Nothing leaves the machine, so nothing can have been billed: a hold (a local engine that
+    # prices its work; the shipped ones estimate 0) is released in full.
+    services = build("fake-paid=tests.fakes:factory")
+    lite = services.registry.get("lite")
+    assert lite.kind == "local"
+
+    async def crash(req: RenderRequest, progress: Progress, cancel: CancelToken) -> RenderResult:
+        raise KeyError("unet")
+
+    monkeypatch.setattr(lite, "run", crash)
+    job_id = queue_job(services, "lite", estimated=5_000, params=DRAFT, model=tiny.NAME)
+    job = claim_and_run(services, job_id)
+    assert job.status == "failed", job.error
+    assert job.error is not None and "failed unexpectedly" in job.error["message"], job.error
+    assert ledger_of(services, job_id) == [("hold", 5_000, False), ("release", 5_000, False)]
+
+
+# -- a queued job whose engine is no longer installed -----------------------------------------------
+
+
+def test_a_queued_job_whose_engine_was_removed_fails_and_releases_its_hold(
+        build: Build, make_settings: SettingsFactory) -> None:
+    # Queued while fake-paid was configured; the service comes back without it.
+    before = Services.build(make_settings(engines="fake-paid=tests.fakes:factory"))
+    try:
+        job_id = queue_job(before, "fake-paid", estimated=HOLD, params=BRIDGE)
+    finally:
+        asyncio.run(before.aclose())
+    services = build("fake-free=tests.fakes:free_factory")
+
+    assert services.scheduler._claim_ready({}) == []  # nothing to run, and nothing left waiting
+    job = read_job(services, job_id)
+    assert (job.status, job.attempt, job.finished_at is not None) == ("failed", 0, True)
+    assert job.error is not None and job.error["code"] == "engine_unavailable", job.error
+    assert job.error["details"] == {"engine": "fake-paid"}
+    assert ledger_of(services, job_id) == [("hold", HOLD, False), ("release", HOLD, False)]
+    assert event_types(services, job_id) == ["failed"]
+    # A later look finds nothing more to do with it.
+    assert services.scheduler._claim_ready({}) == []
+    assert ledger_of(services, job_id) == [("hold", HOLD, False), ("release", HOLD, False)]
+
+
+def test_an_unknown_engines_job_with_accepted_work_is_charged_for_reconciliation(build: Build) -> None:
+    # A job waiting to be reattached after a crash: the provider had accepted its work, which bills
+    # on whether or not this service can still follow it.
+    services = build("fake-free=tests.fakes:free_factory")
+    job_id = queue_job(services, "gone-engine", estimated=HOLD, params=BRIDGE, attempt=1,
+                       provider_work={"engine": "gone-engine", "handles": [{"id": "req-1"}]})
+    other = queue_job(services, "fake-free", estimated=0, params=BRIDGE)
+
+    claims = services.scheduler._claim_ready({})
+    assert [claim.job.id for claim, _lane in claims] == [other]  # the known engine's job still runs
+    job = read_job(services, job_id)
+    assert job.status == "failed" and job.error is not None and job.error["code"] == "engine_unavailable"
+    assert ledger_of(services, job_id) == [("hold", HOLD, False), ("capture", HOLD, True)]
+
+
+# -- a free server whose `forget` raises --------------------------------------------------------------
+
+
+def test_a_restarted_free_job_runs_even_when_forgetting_the_dead_attempts_work_fails(build: Build) -> None:
+    services = build("fake-free=tests.fakes:forget_failing_factory")
+    fakes.FORGET_TRIED.clear()
+    job_id = queue_job(services, "fake-free", estimated=0, params={**BRIDGE, "prompt": "restarted free job"},
+                       attempt=1, provider_work={"engine": "fake-free", "handles": [{"id": "x"}]})
+    job = claim_and_run(services, job_id)
+    assert job.status == "succeeded", job.error
+    assert job.attempt == 2
+    assert fakes.FORGET_TRIED == [{"id": "x"}]  # it was the restart path, and its forget did fail
+    assert "restarted" in states(services, job_id)
+    assert services.jobs.asset_ids([job_id])[job_id] != []
+    assert ledger_of(services, job_id) == []  # free: nothing held, nothing charged
+
+
+# -- provider work that cannot be followed ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(("engine", "handles"), [
+    ("fake-paid", [{"id": "x"}]),  # an engine that cannot reattach at all
+    ("fake-queue", [{"id": "a"}, {"id": "b"}]),  # one that can, but not from these handles
+])
+def test_a_paid_job_whose_accepted_work_cannot_be_followed_is_not_sent_again(
+        build: Build, engine: str, handles: list[dict[str, Any]]) -> None:
+    services = build("fake-paid=tests.fakes:factory,fake-queue=tests.fakes:queue_factory,"
+                     "fake-free=tests.fakes:free_factory")
+    # A free candidate is left in the routing: not even a fallback may send the job again.
+    routing = {"candidates": [{"engine": engine}, {"engine": "fake-free"}]}
+    job_id = queue_job(services, engine, estimated=HOLD, params={**BRIDGE, "prompt": f"accepted on {engine}"},
+                       attempt=1, routing=routing, provider_work={"engine": engine, "handles": handles})
+    sent = list(fakes.SENT)
+    job = claim_and_run(services, job_id)
+    assert sent == fakes.SENT  # nothing was sent, anywhere
+    assert job.status == "failed", job.error
+    assert job.engine == engine
+    assert job.error is not None and "cannot be followed" in job.error["message"], job.error
+    assert services.jobs.asset_ids([job_id])[job_id] == []
+    assert ledger_of(services, job_id) == [("hold", HOLD, False), ("capture", HOLD, True)]
+    assert "reattached" not in states(services, job_id)
+    assert services.engine_health.state(engine) == "ok"  # the interruption was not the engine's failure
+
+
+# -- idempotency keys' expiry -----------------------------------------------------------------------
+
+
+def test_idempotency_keys_expire_by_age_whatever_they_made(build: Build) -> None:
+    services = build("fake-free=tests.fakes:free_factory")
+    now = utcnow()
+    young, old = now - timedelta(hours=1), now - idempotency.TTL - timedelta(hours=1)
+    project_id, finished, unfinished = new_id("prj"), new_id("job"), new_id("job")
+    with services.db.transaction() as s:
+        s.add(Project(id=project_id, name="keys", policy="balanced"))
+        s.flush()
+        for job_id, status in ((finished, "succeeded"), (unfinished, "queued")):
+            s.add(Job(id=job_id, project_id=project_id, stage="ideation", engine="lite", model=tiny.NAME,
+                      params=DRAFT, status=status))
+        grant = services.ledger.grant(s, project_id, 1_000)
+        s.flush()
+        rows: dict[str, tuple[dict[str, Any], Any]] = {
+            "young-finished-job": ({"job_id": finished}, young),
+            "old-finished-job": ({"job_id": finished}, old),
+            "old-unfinished-job": ({"job_id": unfinished}, old),
+            "young-project": ({"project_id": project_id}, young),
+            "old-project": ({"project_id": project_id}, old),
+            "old-grant": ({"ledger_entry_id": grant.id}, old),
+        }
+        for key, (made, created_at) in rows.items():
+            s.add(IdempotencyKey(key=key, scope="test", request_hash="0" * 64, created_at=created_at, **made))
+
+    def keys() -> list[str]:
+        with services.db.session() as s:
+            return sorted(s.exec(select(IdempotencyKey.key)).all())
+
+    assert idempotency.forget_expired(services.db, now=now) == 3
+    assert keys() == ["old-unfinished-job", "young-finished-job", "young-project"]
+    assert idempotency.forget_expired(services.db, now=now) == 0  # the young ones are kept
+    # Once they too are older than the TTL, they go; the unfinished job's key still waits for it.
+    assert idempotency.forget_expired(services.db, now=now + idempotency.TTL) == 2
+    assert keys() == ["old-unfinished-job"]
