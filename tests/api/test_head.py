@@ -85,13 +85,15 @@ def test_head_needs_the_key_like_get(make_settings: SettingsFactory,
 
 
 def test_head_on_the_events_of_finished_and_running_jobs_answers_at_once(
-        shared_server: httpx.Client, project: str, finished_job: dict[str, Any]) -> None:
+        shared_server: httpx.Client, project: str, finished_job: dict[str, Any],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("orchestrator.api.jobs.KEEPALIVE_SECONDS", 120.0)
     blocker = submit_draft(shared_server, project, **SLOW)
     try:
         wait_for_job(shared_server, blocker["id"], ("running",))
         for job_id in (finished_job["id"], blocker["id"]):
-            # Far shorter than the keep-alive period (15 s): nothing from the stream is awaited.
-            head = shared_server.head(f"/v1/jobs/{job_id}/events", timeout=5)
+            # Far shorter than the keep-alive period: nothing from the stream is awaited.
+            head = shared_server.head(f"/v1/jobs/{job_id}/events", timeout=30)
             assert head.status_code == 200 and head.content == b""
             assert head.headers["content-type"].startswith("text/event-stream")
             assert head.headers["cache-control"] == "no-cache"

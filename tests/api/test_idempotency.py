@@ -4,6 +4,7 @@ made; another body -> 409."""
 from __future__ import annotations
 
 import asyncio
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -86,8 +87,14 @@ def test_invalid_keys(server: httpx.Client) -> None:
 
 def test_concurrent_requests_with_one_key_make_one_job(server: httpx.Client) -> None:
     project = create_project(server)["id"]
+    start = threading.Barrier(8)
+
+    def racing(_: int) -> httpx.Response:
+        start.wait(timeout=60)  # all eight go at once, not one after another
+        return post(server, project, BODY, "key-race")
+
     with ThreadPoolExecutor(max_workers=8) as pool:
-        responses = list(pool.map(lambda _: post(server, project, BODY, "key-race"), range(8)))
+        responses = list(pool.map(racing, range(8)))
     assert {r.status_code for r in responses} == {202}
     assert len({r.json()["id"] for r in responses}) == 1
     assert job_count(server) == 1

@@ -225,8 +225,11 @@ def test_a_fast_job_writes_no_preview_file(worker: Services, monkeypatch: pytest
     written: list[str] = []
     files = worker.runner.preview_files
     monkeypatch.setattr(files, "write", lambda job_id, image: written.append(job_id))
+    # All its steps within the interval between the row's progress writes (made long: the machine
+    # may be slow), so no write takes a preview file along.
+    monkeypatch.setattr(runner_module, "PROGRESS_WRITE_INTERVAL", 3600.0)
     job_id = add_job(worker, engine=ENGINE)
-    engine_of(worker).release.set()  # all its steps within a second
+    engine_of(worker).release.set()
     [(claim, _lane)] = worker.scheduler._claim_ready({})
     asyncio.run(worker.runner.run(claim))
     assert row(worker, job_id).status == "succeeded"

@@ -207,8 +207,9 @@ def test_a_revoked_key_loses_its_open_event_stream(world: World, monkeypatch: py
 
 def test_a_quiet_stream_of_a_revoked_key_ends_at_the_next_key_check(world: World,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    # Between events the stream waited out a whole keep-alive (15 s) before looking at the key again.
+    # Between events the stream waited out a whole keep-alive before looking at the key again.
     monkeypatch.setattr("orchestrator.api.jobs.KEY_RECHECK_SECONDS", 0.2)
+    monkeypatch.setattr("orchestrator.api.jobs.KEEPALIVE_SECONDS", 120.0)
     blocker = world.admin.post(f"/v1/projects/{world.a}/drafts", json={"prompt": "slow", **SLOW}).json()
     queued = world.mine.post(f"/v1/projects/{world.a}/drafts", json={"prompt": "waits", "n": 1}).json()
     with world.mine.stream("GET", f"/v1/jobs/{queued['id']}/events") as stream:
@@ -217,7 +218,7 @@ def test_a_quiet_stream_of_a_revoked_key_ends_at_the_next_key_check(world: World
         assert world.admin.delete(f"/v1/projects/{world.a}/keys/{world.key['id']}").status_code == 200
         revoked = time.monotonic()
         rest = list(events)
-    assert time.monotonic() - revoked < 5 and not {e.event for e in rest} & {"succeeded", "failed", "canceled"}
+    assert time.monotonic() - revoked < 60 and not {e.event for e in rest} & {"succeeded", "failed", "canceled"}
     for job in (queued, blocker):
         world.admin.post(f"/v1/jobs/{job['id']}/cancel")
 

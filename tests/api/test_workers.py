@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -752,8 +753,7 @@ def test_a_free_server_job_canceled_after_its_worker_died_leaves_nothing_on_the_
     asyncio.run(built.aclose())
     fakes.FORGOTTEN.clear()
     assert client.post(f"/v1/jobs/{orphan}/cancel").json()["status"] == "canceled"
-    for _ in range(100):  # on the server's loop, in the background
-        if fakes.FORGOTTEN:
-            break
+    deadline = time.monotonic() + 30  # on the server's loop, in the background
+    while not fakes.FORGOTTEN and time.monotonic() < deadline:
         threading.Event().wait(0.05)
     assert fakes.FORGOTTEN == [{"id": "prompt-orphaned"}]

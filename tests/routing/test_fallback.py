@@ -286,6 +286,7 @@ def test_fallback_result_is_not_a_cache_entry_for_the_first_engine(paid_server: 
     first = wait_for_job(paid_server, promote(paid_server, asset_id, **body)["id"])
     assert first["status"] == "succeeded" and first["engine"] == "fake-b"
     second = wait_for_job(paid_server, promote(paid_server, asset_id, **body)["id"])
+    assert second["status"] == "succeeded" and second["assets"], second
     assets = [paid_server.get(f"/v1/assets/{a}").json() for a in second["assets"]]
     assert all(a["engine"] == second["engine"] for a in assets), (second["engine"], second["cost"])
 

@@ -260,7 +260,7 @@ async def test_a_cancel_interrupts_the_server_only_while_it_runs_our_task(
         raise AssertionError("unreachable")
 
     respx.post(URL).mock(side_effect=forever)
-    server_runs(current)
+    progress = server_runs(current)
     if legacy is not None:
         task_is(legacy)
     else:
@@ -268,10 +268,12 @@ async def test_a_cancel_interrupts_the_server_only_while_it_runs_our_task(
     interrupt = respx.post(INTERRUPT).mock(return_value=httpx.Response(200, json={}))
     recorded = RecordingProgress()
     run = asyncio.ensure_future(engine.run(bridge(), recorded, token))
-    await asyncio.sleep(0.05)  # a few polls of the server's state
+    async with asyncio.timeout(30):
+        while progress.call_count < 2:  # the first poll of the server's state is in
+            await asyncio.sleep(0.01)
     token.cancel()
     with pytest.raises(Canceled) as info:
-        await asyncio.wait_for(run, 5)
+        await asyncio.wait_for(run, 30)
     assert info.value.charged == "no"
     assert interrupt.call_count == (1 if ours else 0)
     # The server-wide step counts are reported only while they are our task's.
