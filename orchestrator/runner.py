@@ -365,20 +365,20 @@ class JobRunner:
                 except EngineError as exc:
                     exc.at_least_charged("unknown")  # accepted work: never released, never sent again
                     raise
-            elif (work.get("handles") and work.get("engine") == job.engine and restartable(engine, job)
-                  and isinstance(engine, Resumable)):
-                # A free server's job run again after a crash, keeping what the dead attempt made there.
-                self.bus.publish(job.id, "state", {"state": "resumed", "earlier": len(work["handles"])})
-                result = await engine.resume(request, list(work["handles"]), progress, claim.cancel)
             elif work.get("handles") and work.get("engine") == job.engine and restartable(engine, job):
-                # A free server's job run again after a crash: what the dead attempt queued there goes first.
-                self.bus.publish(job.id, "state", {"state": "restarted", "forgotten": len(work["handles"])})
-                try:
-                    await cast(Restartable, engine).forget(list(work["handles"]))
-                except Exception:  # best effort: at worst the server renders the old one for nobody
-                    log.warning("job %s: taking the dead attempt's work off %s failed", job.id, job.engine,
-                                exc_info=True)
-                result = await engine.run(request, progress, claim.cancel)
+                # A free server's job run again after a crash: what the dead attempt made there is
+                # kept (a server that keeps finished work), or else taken off the server first.
+                if isinstance(engine, Resumable):
+                    self.bus.publish(job.id, "state", {"state": "resumed", "earlier": len(work["handles"])})
+                    result = await engine.resume(request, list(work["handles"]), progress, claim.cancel)
+                else:
+                    self.bus.publish(job.id, "state", {"state": "restarted", "forgotten": len(work["handles"])})
+                    try:
+                        await cast(Restartable, engine).forget(list(work["handles"]))
+                    except Exception:  # best effort: at worst the server renders the old one for nobody
+                        log.warning("job %s: taking the dead attempt's work off %s failed", job.id, job.engine,
+                                    exc_info=True)
+                    result = await engine.run(request, progress, claim.cancel)
             elif work.get("handles") and work.get("engine") == job.engine:
                 # Recovery re-queues only work that can be followed; should any other reach here, the
                 # provider has it already and it must not be sent a second time.
