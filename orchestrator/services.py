@@ -9,14 +9,16 @@ import logging
 import math
 import os
 import tempfile
+import time
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+from sqlmodel import col, select
 
 from orchestrator import idempotency
 from orchestrator.bells import bell_for
@@ -27,6 +29,7 @@ from orchestrator.follow import JobFollower
 from orchestrator.health import EngineHealth
 from orchestrator.jobs import JobService
 from orchestrator.ledger import Ledger
+from orchestrator.models import Asset
 from orchestrator.queue import Scheduler
 from orchestrator.routing import Router
 from orchestrator.runner import JobRunner
@@ -43,6 +46,29 @@ from tiers.registry import EngineRegistry
 log = logging.getLogger(__name__)
 # Seconds a stopping service waits for the inference thread before it lets the device go.
 DEVICE_IDLE_TIMEOUT = 30.0
+# The orphan sweep lists the whole asset store: not at every sweep.
+ORPHAN_SWEEP_SECONDS = 3600.0
+
+
+def orphan_sweeper(db: Database, store: ArtifactStore, every: float = ORPHAN_SWEEP_SECONDS) -> Callable[[], None]:
+    """A scheduler sweeper that removes asset files no row names (`ArtifactStore.sweep_orphans`),
+    at the first sweep after start and then at most once every `every` seconds."""
+    last: list[float] = []
+
+    def referenced(shas: list[str]) -> set[str]:
+        with db.session() as s:
+            return set(s.exec(select(Asset.sha256).where(col(Asset.sha256).in_(shas)).distinct()))
+
+    def sweep() -> None:
+        now = time.monotonic()
+        if last and now - last[0] < every:
+            return
+        last[:] = [now]
+        removed = store.sweep_orphans(referenced)
+        if removed:
+            log.info("removed %d asset files no asset names (jobs canceled while storing them)", removed)
+
+    return sweep
 
 
 def load_price_overrides(settings: Settings) -> dict[str, Any]:
@@ -170,6 +196,7 @@ class Services:
         jobs = JobService(db, router, ledger, bus, scheduler.notify, settings.policy, presence, store,
                           max_pending=settings.max_pending_jobs)
         scheduler.sweepers.append(functools.partial(idempotency.forget_expired, db))
+        scheduler.sweepers.append(orphan_sweeper(db, store))
         follower = JobFollower(db, bus, scheduler.holds, settings.poll_interval, previews)
         bus.pinned = scheduler.holds
         return cls(settings, db, store, bus, registry, policies, health, router, ledger, runner, scheduler, jobs,

@@ -4,6 +4,10 @@ A file is written to a temporary name in the same folder, flushed to disk and re
 so a reader never sees half an image; the asset row is inserted only after the rename, in the
 same transaction that finishes the job. Identical images share one file.
 
+A job that ends without its rows (canceled while its images were being stored) leaves files no
+asset names; `ArtifactStore.sweep_orphans` removes them once they are old enough that no finishing
+transaction can still be about to name them.
+
 Each PNG carries a `parameters` text chunk in AUTOMATIC1111's infotext format (so other tools
 read the prompt and seed) and an `orchestrator` chunk with the whole generation record as JSON.
 The record holds only what made the image, never job ids or times, so the same request with the
@@ -45,6 +49,10 @@ PNG_COMPRESS_LEVEL = 4
 RECENT_BYTES = 32 * 2**20
 # A temp preview file younger than this may be another process's write in progress.
 PREVIEW_TEMP_SECONDS = 60.0
+# An asset file no row names yet, younger than this, may be a finishing job's (its transaction
+# retries for two minutes at most): the orphan sweep leaves it.
+ORPHAN_GRACE_SECONDS = 3600.0
+ORPHAN_BATCH = 500
 
 
 def _quoted(value: Any) -> str:
@@ -163,7 +171,14 @@ class ArtifactStore:
         """Store bytes atomically; return their sha256. Writing the same bytes twice is a no-op."""
         sha = hashlib.sha256(data).hexdigest()
         path = self.path_for(sha)
-        if path.exists():
+        try:
+            # Fresh again, as a new file would be: an old orphan with these bytes (a canceled job's,
+            # now made again) is about to be named by a row, and the orphan sweep must see that.
+            os.utime(path)
+            return sha
+        except FileNotFoundError:
+            pass
+        except PermissionError:  # another user's file (0644): there, kept as it was
             return sha
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".png")
@@ -186,6 +201,53 @@ class ArtifactStore:
             return path.read_bytes()
         except FileNotFoundError:
             raise NotFound("the asset's content is missing from the store") from None
+
+    def sweep_orphans(self, referenced: Callable[[list[str]], Collection[str]],
+                      older_than: float = ORPHAN_GRACE_SECONDS) -> int:
+        """Remove asset files that no asset row names and that were last written (or `put`) more
+        than `older_than` seconds ago; returns how many. `referenced` gets a batch of sha256s and
+        answers those some row names.
+
+        A file is renamed aside before its age is looked at again: a `put` of the same bytes
+        either refreshed it before (it is kept, renamed back) or finds no file and writes its own,
+        so a row committed after the question never names a removed file. A sweep that died
+        between the rename and the end leaves a `.gc-` file, settled by the next one."""
+        cutoff = time.time() - older_than
+        candidates: dict[str, Path] = {}
+        for path in self.root.glob("*/*.png"):
+            name = path.name.removeprefix(".gc-")
+            sha = name.removesuffix(".png")
+            if not SHA_RE.fullmatch(sha) or path.parent.name != sha[:2]:
+                continue  # not the store's (a temp file, something an operator put there)
+            with contextlib.suppress(FileNotFoundError):
+                if path.name.startswith(".gc-") or path.stat().st_mtime < cutoff:
+                    candidates[sha] = path
+        removed = 0
+        shas = list(candidates)
+        for start in range(0, len(shas), ORPHAN_BATCH):
+            batch = shas[start:start + ORPHAN_BATCH]
+            named = set(referenced(batch))
+            for sha in batch:
+                removed += self._drop_orphan(candidates[sha], keep=sha in named, cutoff=cutoff)
+        return removed
+
+    def _drop_orphan(self, path: Path, *, keep: bool, cutoff: float) -> int:
+        home = path.with_name(path.name.removeprefix(".gc-"))
+        aside = home.with_name(f".gc-{home.name}")
+        try:
+            if path == home:
+                if keep:
+                    return 0
+                os.rename(home, aside)
+            if keep or aside.stat().st_mtime >= cutoff:
+                # Named after all, or refreshed by a `put` since the listing. A file a `put` wrote
+                # at home meanwhile has the same bytes: replacing it changes nothing.
+                os.replace(aside, home)
+                return 0
+            aside.unlink()
+        except FileNotFoundError:
+            return 0
+        return 1
 
     def sweep_temp(self, older_than: float = 3600.0) -> int:
         """Remove temp files left by a crash between write and rename. Only old ones: a fresh

@@ -6,14 +6,19 @@ import hashlib
 import io
 import json
 import os
+import threading
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 from PIL import Image
 
 from orchestrator.errors import NotFound
+from orchestrator.server import serve_in_thread
 from orchestrator.store import ArtifactStore, RecentContent, encode_png, infotext, read_record
+from tests.api import create_project, run_draft, submit_draft, wait_for_job
+from tests.conftest import SettingsFactory
 
 GOOD = "ab" * 32
 
@@ -77,6 +82,139 @@ def test_sweep_temp_removes_leftovers_of_a_crash(tmp_path: Path) -> None:
     assert store.get(sha) == b"kept"
     assert [p.name for p in store.root.rglob("*") if p.is_file()] == [f"{sha}.png"]
     assert store.path_for(sha).stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600: backups read it
+
+
+def age(path: Path, seconds: float = 7200.0) -> None:
+    os.utime(path, (time.time() - seconds, time.time() - seconds))
+
+
+class Rows:
+    """What `referenced` answers: the shas some asset row names, and the batches it was asked."""
+
+    def __init__(self, *named: str) -> None:
+        self.named = set(named)
+        self.asked: list[list[str]] = []
+
+    def __call__(self, shas: list[str]) -> set[str]:
+        self.asked.append(shas)
+        return self.named & set(shas)
+
+
+def test_sweep_orphans_removes_old_files_no_row_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("orchestrator.store.ORPHAN_BATCH", 2)
+    store = ArtifactStore(tmp_path / "assets")
+    named, orphan, fresh = (store.put(data) for data in (b"named", b"orphan", b"fresh orphan"))
+    for sha in (named, orphan):
+        age(store.path_for(sha))
+    # Not the store's: a temp file (sweep_temp's) and what an operator put in a shard folder.
+    other = store.root / orphan[:2] / "notes.png"
+    other.write_bytes(b"mine")
+    temp = store.root / orphan[:2] / f".tmp-{orphan}.png"
+    temp.write_bytes(b"half")
+    for path in (other, temp):
+        age(path)
+    rows = Rows(named)
+    assert store.sweep_orphans(rows) == 1
+    assert not store.path_for(orphan).exists()
+    assert store.get(named) == b"named" and store.get(fresh) == b"fresh orphan"
+    assert other.exists() and temp.exists()
+    assert sorted(sha for batch in rows.asked for sha in batch) == sorted([named, orphan])  # the fresh one: not asked
+    assert all(len(batch) <= 2 for batch in rows.asked)
+    assert not list(store.root.rglob(".gc-*"))
+
+
+def test_an_orphan_made_again_is_fresh_and_kept(tmp_path: Path) -> None:
+    """A canceled job's bytes, made again by the same request and seed: the new row will name the
+    old file, so storing them again makes it young, as writing it would."""
+    store = ArtifactStore(tmp_path / "assets")
+    sha = store.put(b"again")
+    age(store.path_for(sha))
+    assert store.put(b"again") == sha
+    assert store.sweep_orphans(Rows()) == 0
+    assert store.get(sha) == b"again"
+
+
+def test_a_put_during_the_sweep_never_loses_its_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sweep asked the rows before a finishing job stored its bytes and committed its row:
+    whichever side of the sweep's rename the put lands on, the file is there for the row."""
+    store = ArtifactStore(tmp_path / "assets")
+    sha = store.put(b"contested")
+    age(store.path_for(sha))
+
+    def put_before_the_rename(shas: list[str]) -> set[str]:
+        store.put(b"contested")  # the job stores them right after the sweep's question
+        return set()
+
+    assert store.sweep_orphans(put_before_the_rename) == 0
+    assert store.get(sha) == b"contested"
+
+    age(store.path_for(sha))
+    real_rename = os.rename
+
+    def put_after_the_rename(src: str | Path, dst: str | Path) -> None:
+        real_rename(src, dst)
+        store.put(b"contested")  # finds no file: writes its own
+
+    monkeypatch.setattr("orchestrator.store.os.rename", put_after_the_rename)
+    assert store.sweep_orphans(Rows()) == 1  # the old copy, renamed aside
+    assert store.get(sha) == b"contested"
+    assert [p.name for p in store.root.rglob("*") if p.is_file()] == [f"{sha}.png"]
+
+
+def test_a_dead_sweeps_leftover_is_settled(tmp_path: Path) -> None:
+    """A sweep that died between its rename and its verdict left `.gc-` files: the next one puts
+    back those a row names and removes the others."""
+    store = ArtifactStore(tmp_path / "assets")
+    named, orphan = store.put(b"named"), store.put(b"orphan")
+    for sha in (named, orphan):
+        path = store.path_for(sha)
+        aside = path.with_name(f".gc-{path.name}")
+        os.rename(path, aside)
+        age(aside)
+    assert store.sweep_orphans(Rows(named)) == 1
+    assert store.get(named) == b"named"
+    assert [p.name for p in store.root.rglob("*") if p.is_file()] == [f"{named}.png"]
+
+
+def test_a_service_sweeps_the_files_of_a_job_canceled_while_storing(make_settings: SettingsFactory,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = make_settings(sweep_interval=0.1)
+    real_put = ArtifactStore.put
+    canceled: list[str] = []
+
+    once = threading.Lock()  # the images are stored side by side
+
+    def cancel_then_put(self: ArtifactStore, data: bytes) -> str:
+        with once:
+            if not canceled:
+                running = api.get("/v1/jobs", params={"project_id": project, "status": "running"}).json()["items"]
+                canceled.append(running[0]["id"])
+                assert api.post(f"/v1/jobs/{running[0]['id']}/cancel").status_code == 202
+        return real_put(self, data)
+
+    with serve_in_thread(settings) as base, httpx.Client(base_url=base, timeout=30.0) as api:
+        project = create_project(api)["id"]
+        kept = run_draft(api, project, seed=1)["assets"][0]
+        kept_sha = api.get(f"/v1/assets/{kept}").json()["sha256"]
+        monkeypatch.setattr(ArtifactStore, "put", cancel_then_put)
+        job = submit_draft(api, project, n=2, seed=7)
+        assert wait_for_job(api, job["id"])["status"] == "canceled"
+        monkeypatch.setattr(ArtifactStore, "put", real_put)
+
+    files = list(settings.assets_dir.glob("*/*.png"))
+    orphans = [path for path in files if path.stem != kept_sha]
+    assert canceled == [job["id"]] and orphans, "the canceled job stored no file"
+    for path in files:
+        age(path)
+    # At its first sweep after start, the next service removes them; the named file stays.
+    with serve_in_thread(settings) as base, httpx.Client(base_url=base, timeout=30.0) as api:
+        deadline = time.monotonic() + 30
+        while any(path.exists() for path in orphans):
+            assert time.monotonic() < deadline, "the orphan files are still there"
+            time.sleep(0.05)
+        content = api.get(f"/v1/assets/{kept}/content")
+        assert content.status_code == 200
+        assert hashlib.sha256(content.content).hexdigest() == kept_sha
 
 
 def test_png_carries_infotext_and_record() -> None:
