@@ -9,7 +9,8 @@ escaping.
 
 Flow: upload the draft, queue the graph under a prompt id we choose (so a crash can find the work
 again before the server answers, and a restarted job can keep what it made), poll `/history/{id}`
-until it appears, then download the images its `SaveImage` nodes wrote. Self-hosted, so it costs
+until it appears, then download the images its output nodes wrote (`SaveImage` and the like; when
+nodes are titled `orchestrator output`, only theirs), in the template's node order. Self-hosted, so it costs
 no credits; `leaves_machine` is still True: `ORCH_COMFYUI_URL` may point at any host, and the
 prompt and pixels go there.
 """
@@ -60,6 +61,9 @@ WORKFLOW_SETTING = "ORCH_COMFYUI_WORKFLOW"
 CLEANUP_TIMEOUT = 5.0
 # Empty history answers between looks at the queue for a prompt a restarted server has forgotten.
 QUEUE_CHECK_POLLS = 5
+# A node given this title in ComfyUI (its `_meta.title` in the API export) makes the results: a
+# workflow that also saves intermediates (a first pass, a mask) says which images are the job's.
+OUTPUT_TITLE = "orchestrator output"
 
 
 class WorkflowError(Exception):
@@ -101,6 +105,17 @@ def load_workflow(path: Path) -> dict[str, Any]:
         names = ", ".join("{{" + name + "}}" for name in missing)
         raise WorkflowError(f"the workflow file {path} has no {names} placeholder")
     return graph
+
+
+def output_nodes(graph: Mapping[str, Any]) -> list[str]:
+    """The ids of the nodes titled `orchestrator output` (any case), in the template's order."""
+    marked = []
+    for node_id, node in graph.items():
+        meta = node.get("_meta") if isinstance(node, dict) else None
+        title = meta.get("title") if isinstance(meta, dict) else None
+        if isinstance(title, str) and title.strip().casefold() == OUTPUT_TITLE:
+            marked.append(node_id)
+    return marked
 
 
 def placeholders(node: Any) -> set[str]:
@@ -199,7 +214,7 @@ class ComfyUIEngine:
         uses_seed = "seed" in placeholders(template)
         cancel.raise_if_cancelled()
         deadline = self.http.new_deadline()
-        kept = await self._keep(earlier, progress, deadline, cancel)
+        kept = await self._keep(earlier, template, progress, deadline, cancel)
         # The dead attempt's first prompt had the base seed: a request without one keeps it.
         earlier_seeds = [h["seed"] for h in earlier if _seed(h) is not None]
         base_seed = (req.seed if req.seed is not None
@@ -242,8 +257,8 @@ class ComfyUIEngine:
                       "steps": int(req.steps or DEFAULT_STEPS) if "steps" in placeholders(template) else None},
         )
 
-    async def _keep(self, handles: list[dict[str, Any]], progress: Progress, deadline: float,
-                    cancel: CancelToken) -> dict[int, tuple[str, list[dict[str, str]]]]:
+    async def _keep(self, handles: list[dict[str, Any]], template: dict[str, Any], progress: Progress,
+                    deadline: float, cancel: CancelToken) -> dict[int, tuple[str, list[dict[str, str]]]]:
         """The outputs of the earlier prompts worth keeping, by seed: finished ones, and queued or
         running ones once they finish. The rest (forgotten by a restarted server, failed, or saved
         without a seed by an older version) are taken off the server and rendered again."""
@@ -262,7 +277,7 @@ class ComfyUIEngine:
             elif entry is None:  # or it finished between the two looks
                 entry = await self._history(prompt_id, deadline, cancel)
             try:
-                outputs = self._outputs(entry, prompt_id) if entry is not None else None
+                outputs = self._outputs(entry, prompt_id, template) if entry is not None else None
             except EngineError as exc:
                 log.info("comfyui: prompt %s of an earlier attempt is not kept: %s", prompt_id, exc.message)
                 outputs = None
@@ -345,7 +360,7 @@ class ComfyUIEngine:
             raise EngineError(f"comfyui: the server no longer knows prompt {prompt_id} (restarted?); "
                               "nothing of it will come back", details={"engine": self.name, "prompt_id": prompt_id},
                               retryable=True, charged="no")
-        return prompt_id, self._outputs(entry, prompt_id)
+        return prompt_id, self._outputs(entry, prompt_id, graph)
 
     async def _follow(self, prompt_id: str, deadline: float, cancel: CancelToken) -> dict[str, Any] | None:
         """The prompt's history entry once it has one; None if the server no longer has it. On
@@ -403,19 +418,31 @@ class ComfyUIEngine:
         return not any(isinstance(item, list) and len(item) > 1 and item[1] == prompt_id
                        for item in [*running, *pending])
 
-    def _outputs(self, entry: dict[str, Any], prompt_id: str) -> list[dict[str, str]]:
+    def _outputs(self, entry: dict[str, Any], prompt_id: str, graph: Mapping[str, Any]) -> list[dict[str, str]]:
+        """The images the prompt made, in the graph's node order (the history's is the order the
+        nodes ran in, which a server may change); only the marked nodes' when some are."""
         status: dict[str, Any] = entry["status"] if isinstance(entry.get("status"), dict) else {}
         if status.get("status_str") == "error":
             raise EngineError(f"comfyui: the workflow failed: {self._execution_error(status)}",
                               details={"engine": self.name, "prompt_id": prompt_id})
         refs: list[dict[str, str]] = []
-        outputs = entry.get("outputs")
-        for node in (outputs.values() if isinstance(outputs, dict) else []):
+        found = entry.get("outputs")
+        outputs: dict[str, Any] = found if isinstance(found, dict) else {}
+        marked = output_nodes(graph)
+        # Nodes the graph does not name (a custom node's expansion) come after its own.
+        order = marked or [*(node_id for node_id in graph if node_id in outputs),
+                           *(node_id for node_id in outputs if node_id not in graph)]
+        for node in (outputs.get(node_id) for node_id in order):
             for image in (node.get("images") or []) if isinstance(node, dict) else []:
                 # "temp" images come from PreviewImage nodes: intermediate, not results.
                 if isinstance(image, dict) and image.get("type") == "output" and image.get("filename"):
                     refs.append({"filename": str(image["filename"]),
                                  "subfolder": str(image.get("subfolder") or ""), "type": "output"})
+        if not refs and marked:
+            raise EngineError(
+                f"comfyui: the workflow's nodes titled '{OUTPUT_TITLE}' ({', '.join(marked)}) saved no images "
+                "(are they SaveImage nodes?)", details={"engine": self.name, "prompt_id": prompt_id},
+            )
         if not refs:
             raise EngineError(
                 "comfyui: the workflow finished without output images (does it end in a SaveImage node?)",

@@ -240,6 +240,64 @@ async def test_no_output_images_is_a_failure(engine: ComfyUIEngine) -> None:
     assert routes["view"].call_count == 0
 
 
+def saved(filename: str) -> dict[str, Any]:
+    return {"images": [{"filename": filename, "subfolder": "", "type": "output"}]}
+
+
+def two_saves(make_ctx: Any, tmp_path: Path, title: str | None,
+              ran: tuple[str, str] = ("9", "15")) -> tuple[ComfyUIEngine, dict[str, respx.Route]]:
+    """A workflow that saves a first pass (node 15, first in the file) and the final image (node 9,
+    titled `title`); the server's history lists their outputs in the order `ran`."""
+    graph = {"15": {"class_type": "SaveImage", "inputs": {"filename_prefix": "pass1", "images": ["3", 0]}},
+             **WORKFLOW}
+    if title is not None:
+        graph["9"] = {**graph["9"], "_meta": {"title": title}}
+    eng = ComfyUIEngine(make_ctx(comfyui_url=BASE, comfyui_workflow=write_workflow(tmp_path, graph)))
+    eng.poll_interval = 0
+    routes = mock_server()
+
+    def on_history(request: httpx.Request) -> httpx.Response:
+        entry = history(request.url.path.rsplit("/", 1)[1])
+        for value in entry.values():
+            value["outputs"] = {node: saved("final.png" if node == "9" else "pass1.png") for node in ran}
+        return httpx.Response(200, json=entry)
+
+    routes["history"].side_effect = on_history
+    return eng, routes
+
+
+@respx.mock
+async def test_results_are_taken_in_the_template_s_node_order(make_ctx: Any, tmp_path: Path) -> None:
+    engine, routes = two_saves(make_ctx, tmp_path, title=None)
+    await engine.run(bridge(), NullProgress(), CancelToken())
+    assert routes["view"].calls.last.request.url.params["filename"] == "pass1.png"
+
+
+@respx.mock
+@pytest.mark.parametrize("title", ["orchestrator output", " Orchestrator Output "])
+async def test_nodes_titled_orchestrator_output_make_the_results(make_ctx: Any, tmp_path: Path, title: str) -> None:
+    engine, routes = two_saves(make_ctx, tmp_path, title=title, ran=("15", "9"))  # first everywhere: not it
+    result = await engine.run(bridge(), NullProgress(), CancelToken())
+    assert [call.request.url.params["filename"] for call in routes["view"].calls] == ["final.png"]
+    assert len(result.images) == 1
+
+
+@respx.mock
+async def test_marked_nodes_that_save_nothing_fail_naming_them(make_ctx: Any, tmp_path: Path) -> None:
+    engine, routes = two_saves(make_ctx, tmp_path, title="orchestrator output")
+
+    def only_the_first_pass(request: httpx.Request) -> httpx.Response:
+        entry = history(request.url.path.rsplit("/", 1)[1])
+        for value in entry.values():
+            value["outputs"] = {"15": saved("pass1.png")}
+        return httpx.Response(200, json=entry)
+
+    routes["history"].side_effect = only_the_first_pass
+    with pytest.raises(EngineError, match=r"titled 'orchestrator output' \(9\) saved no images"):
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    assert routes["view"].call_count == 0
+
+
 @respx.mock
 async def test_cancel_during_polling_drops_and_interrupts(engine: ComfyUIEngine) -> None:
     routes = mock_server()
