@@ -168,7 +168,8 @@ class ArtifactStore:
         return path
 
     def put(self, data: bytes) -> str:
-        """Store bytes atomically; return their sha256. Writing the same bytes twice is a no-op."""
+        """Store bytes atomically; return their sha256. The same bytes twice make one file, whose
+        modification time the second `put` renews."""
         sha = hashlib.sha256(data).hexdigest()
         path = self.path_for(sha)
         try:
@@ -178,7 +179,7 @@ class ArtifactStore:
             return sha
         except FileNotFoundError:
             pass
-        except PermissionError:  # another user's file (0644): there, kept as it was
+        except OSError:  # there, but not ours to touch (another user's 0644 file, a read-only mount)
             return sha
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".png")
