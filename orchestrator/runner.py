@@ -72,8 +72,9 @@ class Claim:
 
 class JobProgress:
     """Engine progress -> events (every step), and the job row and preview file (throttled).
-    Thread-safe. Local engines report from their inference thread, so the throttled writes stay
-    off the event loop."""
+    Thread-safe. Local engines report from their inference thread, which makes the throttled
+    writes itself; remote engines report on the event loop, which must not wait for the database's
+    write lock, so a thread makes them behind it (one at a time, the latest step next)."""
 
     def __init__(self, runner: JobRunner, claim: Claim) -> None:
         self.runner = runner
@@ -81,6 +82,8 @@ class JobProgress:
         # The row's progress is for pollers: at most one write a second, never on the hot first step.
         self._last_write = time.monotonic()
         self._lock = threading.Lock()
+        self._writing = False  # a write behind the event loop is out
+        self._next: tuple[int, int] | None = None  # the step it makes after its own
         # What the provider accepted, oldest first (on a reattach, what an earlier process saved).
         work = claim.job.provider_work or {}
         same_engine = work.get("engine") == claim.job.engine
@@ -94,17 +97,43 @@ class JobProgress:
             data["preview_url"] = f"/v1/jobs/{job_id}/preview?step={step}"
         self.runner.bus.publish(job_id, "progress", data)
         self.claim.job.progress_step, self.claim.job.progress_total = step, total
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
         with self._lock:
             now = time.monotonic()
             if now - self._last_write < PROGRESS_WRITE_INTERVAL or step >= total:
                 return  # the final state is written with the job's result
             self._last_write = now
-        latest = self.runner.previews.get(job_id)
+            if self._writing:
+                self._next = (step, total)
+                return
+            self._writing = loop is not None
+        if loop is None:
+            self._write(step, total)
+        else:
+            loop.run_in_executor(None, self._write_behind, step, total)
+
+    def _write(self, step: int, total: int) -> None:
+        latest = self.runner.previews.get(self.claim.job.id)
         if latest is not None:
             # Before the row: a process that sees the new step (its follower, woken by the commit)
             # finds this step's preview already there.
-            self.runner.write_preview(job_id, latest)
+            self.runner.write_preview(self.claim.job.id, latest)
         self.runner.write_progress(self.claim, step, total)
+
+    def _write_behind(self, step: int, total: int) -> None:
+        while True:
+            try:
+                self._write(step, total)
+            except Exception:  # the writes log their own failures; this keeps the next ones coming
+                log.exception("job %s: writing its progress failed", self.claim.job.id)
+            with self._lock:
+                if self._next is None:
+                    self._writing = False
+                    return
+                (step, total), self._next = self._next, None
 
     def state(self, state: str, **details: Any) -> None:
         self.runner.bus.publish(self.claim.job.id, "state", {"state": state, **details})

@@ -152,6 +152,39 @@ def test_a_worker_s_preview_is_served_by_another_process_while_the_job_runs(
     assert_error(api.get(f"/v1/jobs/{job_id}/preview"), 404, "not_found")
 
 
+def test_progress_reported_on_the_event_loop_is_written_behind_it(worker: Services,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A remote engine reports on the event loop: while the database's write lock is held
+    elsewhere, the loop goes on, and the write made after the wait is the latest step's."""
+    monkeypatch.setattr(runner_module, "PROGRESS_WRITE_INTERVAL", 0.0)
+    job_id = add_job(worker, engine=ENGINE)
+    [(claim, _lane)] = worker.scheduler._claim_ready({})
+    lock_free = threading.Event()
+    written: list[tuple[int, bool]] = []
+    real = runner_module.JobRunner.write_progress
+
+    def behind_a_held_lock(self: runner_module.JobRunner, claim: runner_module.Claim, step: int,
+                           total: int) -> None:
+        written.append((step, threading.current_thread() is threading.main_thread()))
+        assert lock_free.wait(10), "the event loop waited for the write"
+        real(self, claim, step, total)
+
+    monkeypatch.setattr(runner_module.JobRunner, "write_progress", behind_a_held_lock)
+
+    async def report() -> None:
+        progress = runner_module.JobProgress(worker.runner, claim)
+        for step in (1, 2, 3):
+            progress.step(step, 5)
+        lock_free.set()
+        deadline = time.monotonic() + 30
+        while row(worker, job_id).progress_step != 3:
+            assert time.monotonic() < deadline, f"progress still {row(worker, job_id).progress_step}"
+            await asyncio.sleep(0.01)
+
+    asyncio.run(report())
+    assert written == [(1, False), (3, False)]  # one write at a time; step 2 was overtaken
+
+
 def test_the_follower_names_the_preview_when_the_running_process_wrote_one(worker: Services) -> None:
     job_id = add_job(worker)
     files = worker.runner.preview_files
