@@ -9,9 +9,8 @@ import logging
 import math
 import os
 import tempfile
-import time
 import tomllib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ from orchestrator.routing import Router
 from orchestrator.runner import JobRunner
 from orchestrator.schemas import MAX_CREDITS
 from orchestrator.settings import CONFIG_FILE_VARIABLE, Settings
-from orchestrator.store import ArtifactStore, PreviewFiles
+from orchestrator.store import ArtifactStore, PreviewFiles, SweepRefused
 from orchestrator.workers import DeviceLock, Presence
 from policies import PolicyStore
 from tiers._local import LocalRuntime
@@ -46,29 +45,8 @@ from tiers.registry import EngineRegistry
 log = logging.getLogger(__name__)
 # Seconds a stopping service waits for the inference thread before it lets the device go.
 DEVICE_IDLE_TIMEOUT = 30.0
-# The orphan sweep lists the whole asset store: not at every sweep.
+# The asset sweep lists the whole store: not at every scheduler sweep.
 ORPHAN_SWEEP_SECONDS = 3600.0
-
-
-def orphan_sweeper(db: Database, store: ArtifactStore, every: float = ORPHAN_SWEEP_SECONDS) -> Callable[[], None]:
-    """A scheduler sweeper that removes asset files no row names (`ArtifactStore.sweep_orphans`),
-    at the first sweep after start and then at most once every `every` seconds."""
-    last: list[float] = []
-
-    def referenced(shas: list[str]) -> set[str]:
-        with db.session() as s:
-            return set(s.exec(select(Asset.sha256).where(col(Asset.sha256).in_(shas)).distinct()))
-
-    def sweep() -> None:
-        now = time.monotonic()
-        if last and now - last[0] < every:
-            return
-        last[:] = [now]
-        removed = store.sweep_orphans(referenced)
-        if removed:
-            log.info("removed %d asset files no asset names (jobs canceled while storing them)", removed)
-
-    return sweep
 
 
 def load_price_overrides(settings: Settings) -> dict[str, Any]:
@@ -159,6 +137,7 @@ class Services:
     background: list[asyncio.Task[None]] = field(default_factory=list)
     # Runs as long as the service: kept apart from `background`, whose tasks finish.
     health_sharing: asyncio.Task[None] | None = None
+    asset_sweeping: asyncio.Task[None] | None = None
 
     @classmethod
     def build(cls, settings: Settings) -> Services:
@@ -196,7 +175,6 @@ class Services:
         jobs = JobService(db, router, ledger, bus, scheduler.notify, settings.policy, presence, store,
                           max_pending=settings.max_pending_jobs)
         scheduler.sweepers.append(functools.partial(idempotency.forget_expired, db))
-        scheduler.sweepers.append(orphan_sweeper(db, store))
         follower = JobFollower(db, bus, scheduler.holds, settings.poll_interval, previews)
         bus.pinned = scheduler.holds
         return cls(settings, db, store, bus, registry, policies, health, router, ledger, runner, scheduler, jobs,
@@ -230,11 +208,32 @@ class Services:
                     log.info("sharing engine health works again")
                 failing = False
 
+    async def _sweep_assets(self) -> None:
+        """Asset files no row names (`ArtifactStore.sweep_orphans`): at start, then every
+        `ORPHAN_SWEEP_SECONDS`."""
+        def referenced(shas: list[str]) -> set[str]:
+            with self.db.session() as s:
+                return set(s.exec(select(Asset.sha256).where(col(Asset.sha256).in_(shas)).distinct()))
+
+        while True:
+            try:
+                removed = await asyncio.to_thread(self.store.sweep_orphans, referenced)
+            except SweepRefused as exc:
+                log.error("asset sweep refused: %s", exc)
+            except Exception:
+                log.exception("asset sweep failed")
+            else:
+                if removed:
+                    log.info("removed %d asset files no asset names (jobs canceled while storing them)", removed)
+            await asyncio.sleep(ORPHAN_SWEEP_SECONDS)
+
     async def start(self) -> None:
         """Start running jobs (the scheduler) and, with ORCH_LITE_PRELOAD, load the Lite model in
         the background."""
         self.listen()
         await self.scheduler.start()
+        # Apart from the scheduler's sweep: listing a large store must not hold up job recovery.
+        self.asset_sweeping = asyncio.create_task(self._sweep_assets(), name="asset sweep")
         if self.settings.lite_preload:
             self.background.append(asyncio.create_task(self._preload_lite(), name="lite preload"))
 
@@ -287,7 +286,7 @@ class Services:
         return "\n".join(lines) + "\n"
 
     async def aclose(self) -> None:
-        tasks = [*self.background, *([self.health_sharing] if self.health_sharing else [])]
+        tasks = [*self.background, *(task for task in (self.health_sharing, self.asset_sweeping) if task)]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -24,8 +24,10 @@ import contextlib
 import hashlib
 import io
 import json
+import logging
 import os
 import re
+import secrets
 import stat
 import tempfile
 import threading
@@ -41,6 +43,8 @@ from PIL import Image, PngImagePlugin
 from orchestrator.errors import NotFound
 from orchestrator.ids import ID_RE
 
+log = logging.getLogger(__name__)
+
 SHA_RE = re.compile(r"[0-9a-f]{64}")
 RECORD_CHUNK = "orchestrator"
 # zlib level 4, as ComfyUI saves: on a 512x512 image with natural structure it encodes in 36 ms
@@ -53,6 +57,26 @@ PREVIEW_TEMP_SECONDS = 60.0
 # retries for two minutes at most): the orphan sweep leaves it.
 ORPHAN_GRACE_SECONDS = 3600.0
 ORPHAN_BATCH = 500
+# Orphans are the files of jobs canceled while storing them: rare. More than this many, and more
+# than this share of the store, say the database is the wrong one (see `sweep_orphans`).
+ORPHAN_ALARM_FILES = 20
+ORPHAN_ALARM_SHARE = 0.05
+
+
+class SweepRefused(Exception):
+    """The orphan sweep found too many files no row names to trust the database it asked."""
+
+
+def _stored_sha(path: Path) -> str | None:
+    """The sha256 of a store file (`<sha>.png`, or `.gc-<sha>-<tag>.png` set aside by a sweep)
+    in its own shard folder; None for any other file."""
+    name = path.name
+    sha = name[4:68] if name.startswith(".gc-") else name.removesuffix(".png")
+    if not SHA_RE.fullmatch(sha) or path.parent.name != sha[:2]:
+        return None
+    if name.startswith(".gc-") and not re.fullmatch(r"\.gc-[0-9a-f]{64}-[0-9a-f]+\.png", name):
+        return None
+    return sha
 
 
 def _quoted(value: Any) -> str:
@@ -179,8 +203,21 @@ class ArtifactStore:
             return sha
         except FileNotFoundError:
             pass
-        except OSError:  # there, but not ours to touch (another user's 0644 file, a read-only mount)
+        except OSError:
+            # There, but not ours to touch (another user's 0644 file): a fresh copy replaces it,
+            # for the same reason. Where none can be written (a read-only mount), the file serves.
+            try:
+                self._write(path, data)
+            except OSError:
+                if path.is_file():
+                    return sha
+                raise
             return sha
+        self._write(path, data)
+        return sha
+
+    @staticmethod
+    def _write(path: Path, data: bytes) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".png")
         try:
@@ -194,7 +231,6 @@ class ArtifactStore:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-        return sha
 
     def get(self, sha256: str) -> bytes:
         path = self.path_for(sha256)
@@ -209,44 +245,71 @@ class ArtifactStore:
         than `older_than` seconds ago; returns how many. `referenced` gets a batch of sha256s and
         answers those some row names.
 
-        A file is renamed aside before its age is looked at again: a `put` of the same bytes
-        either refreshed it before (it is kept, renamed back) or finds no file and writes its own,
-        so a row committed after the question never names a removed file. A sweep that died
-        between the rename and the end leaves a `.gc-` file, settled by the next one."""
+        A file is renamed aside (a name of this sweep's own) before its age is looked at again: a
+        `put` of the same bytes either refreshed it before (it is renamed back) or finds no file
+        and writes its own, so a row committed after the question never names a removed file. A
+        sweep that died between the rename and the end leaves a `.gc-` file, settled by the next.
+
+        Raises `SweepRefused`, removing nothing, when the rows name none of the old files, or
+        many of them are orphans: a database that is not this store's (a new one, another
+        install's) would otherwise make every file an orphan."""
         cutoff = time.time() - older_than
-        candidates: dict[str, Path] = {}
+        candidates: dict[str, list[Path]] = {}
+        total = 0
         for path in self.root.glob("*/*.png"):
-            name = path.name.removeprefix(".gc-")
-            sha = name.removesuffix(".png")
-            if not SHA_RE.fullmatch(sha) or path.parent.name != sha[:2]:
-                continue  # not the store's (a temp file, something an operator put there)
-            with contextlib.suppress(FileNotFoundError):
+            sha = _stored_sha(path)
+            try:
+                if sha is None or not stat.S_ISREG(path.lstat().st_mode):
+                    continue  # not the store's: a temp file, what an operator put there
+                total += 1
                 if path.name.startswith(".gc-") or path.stat().st_mtime < cutoff:
-                    candidates[sha] = path
-        removed = 0
+                    candidates.setdefault(sha, []).append(path)
+            except OSError:  # gone since the listing, or unreadable: not this sweep's
+                continue
+        orphans: list[Path] = []
+        leftovers: list[Path] = []
+        named_any = False
         shas = list(candidates)
         for start in range(0, len(shas), ORPHAN_BATCH):
             batch = shas[start:start + ORPHAN_BATCH]
             named = set(referenced(batch))
+            named_any = named_any or bool(named)
             for sha in batch:
-                removed += self._drop_orphan(candidates[sha], keep=sha in named, cutoff=cutoff)
-        return removed
+                for path in candidates[sha]:
+                    if sha in named:
+                        if path.name.startswith(".gc-"):
+                            leftovers.append(path)
+                    else:
+                        orphans.append(path)
+        if orphans and (not named_any or (len(orphans) > ORPHAN_ALARM_FILES
+                                          and len(orphans) > total * ORPHAN_ALARM_SHARE)):
+            raise SweepRefused(f"{len(orphans)} of the {total} files in {self.root} are named by no asset in this "
+                               "database: is it the database this data dir belongs to? Nothing was removed")
+        for path in leftovers:
+            self._set_aside(path, keep=True, cutoff=cutoff)
+        return sum(self._set_aside(path, keep=False, cutoff=cutoff) for path in orphans)
 
-    def _drop_orphan(self, path: Path, *, keep: bool, cutoff: float) -> int:
-        home = path.with_name(path.name.removeprefix(".gc-"))
-        aside = home.with_name(f".gc-{home.name}")
+    def _set_aside(self, path: Path, *, keep: bool, cutoff: float) -> int:
+        """Settle one candidate; returns 1 when it was removed."""
+        sha = _stored_sha(path)
+        assert sha is not None
+        home = path.with_name(f"{sha}.png")
         try:
             if path == home:
-                if keep:
-                    return 0
+                aside = home.with_name(f".gc-{sha}-{secrets.token_hex(4)}.png")
                 os.rename(home, aside)
+            else:
+                aside = path
             if keep or aside.stat().st_mtime >= cutoff:
                 # Named after all, or refreshed by a `put` since the listing. A file a `put` wrote
                 # at home meanwhile has the same bytes: replacing it changes nothing.
                 os.replace(aside, home)
                 return 0
             aside.unlink()
-        except FileNotFoundError:
+        except FileNotFoundError:  # another sweep settled it
+            return 0
+        except OSError as exc:  # a folder it may not change: the rest of the store is still swept
+            log.warning("asset sweep: cannot settle %s: %s", path, exc)
             return 0
         return 1
 

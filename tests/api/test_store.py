@@ -9,6 +9,7 @@ import os
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -16,7 +17,7 @@ from PIL import Image
 
 from orchestrator.errors import NotFound
 from orchestrator.server import serve_in_thread
-from orchestrator.store import ArtifactStore, RecentContent, encode_png, infotext, read_record
+from orchestrator.store import ArtifactStore, RecentContent, SweepRefused, encode_png, infotext, read_record
 from tests.api import create_project, run_draft, submit_draft, wait_for_job
 from tests.conftest import SettingsFactory
 
@@ -134,16 +135,24 @@ def test_an_orphan_made_again_is_fresh_and_kept(tmp_path: Path) -> None:
     assert store.get(sha) == b"again"
 
 
+def with_a_named_file(store: ArtifactStore) -> Rows:
+    """An old file some row names: without one, the sweep distrusts the database (below)."""
+    named = store.put(b"named")
+    age(store.path_for(named))
+    return Rows(named)
+
+
 def test_a_put_during_the_sweep_never_loses_its_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The sweep asked the rows before a finishing job stored its bytes and committed its row:
     whichever side of the sweep's rename the put lands on, the file is there for the row."""
     store = ArtifactStore(tmp_path / "assets")
+    rows = with_a_named_file(store)
     sha = store.put(b"contested")
     age(store.path_for(sha))
 
     def put_before_the_rename(shas: list[str]) -> set[str]:
         store.put(b"contested")  # the job stores them right after the sweep's question
-        return set()
+        return rows(shas)
 
     assert store.sweep_orphans(put_before_the_rename) == 0
     assert store.get(sha) == b"contested"
@@ -156,9 +165,116 @@ def test_a_put_during_the_sweep_never_loses_its_file(tmp_path: Path, monkeypatch
         store.put(b"contested")  # finds no file: writes its own
 
     monkeypatch.setattr("orchestrator.store.os.rename", put_after_the_rename)
-    assert store.sweep_orphans(Rows()) == 1  # the old copy, renamed aside
+    assert store.sweep_orphans(rows) == 1  # the old copy, renamed aside
     assert store.get(sha) == b"contested"
-    assert [p.name for p in store.root.rglob("*") if p.is_file()] == [f"{sha}.png"]
+    assert sorted(p.name for p in store.root.rglob("*") if p.is_file()) == sorted(
+        f"{name}.png" for name in (sha, *rows.named))
+
+
+def test_two_sweeps_and_a_put_never_lose_its_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two processes sweep the same old orphan. The first sets it aside and finds it old; the job
+    stores the same bytes again (a new file at home); the second, which listed the old file, sets
+    the new one aside too, and only then looks at its age, after the first removed its own aside.
+    Each sweep's aside name is its own: the first removes the old file, the second puts back the new."""
+    first, second = ArtifactStore(tmp_path / "assets"), ArtifactStore(tmp_path / "assets")
+    rows = with_a_named_file(first)
+    sha = first.put(b"contested")
+    home = first.path_for(sha)
+    age(home)
+    cutoff = time.time() - 3600
+    second_renamed, first_removed = threading.Event(), threading.Event()
+    real_rename, real_unlink = os.rename, Path.unlink
+    results: list[int] = []
+
+    def rename(src: str | Path, dst: str | Path) -> None:
+        real_rename(src, dst)
+        if threading.current_thread().name == "second":
+            second_renamed.set()
+            assert first_removed.wait(10)
+
+    def unlink(self: Path, missing_ok: bool = False) -> None:
+        if self.name.startswith(".gc-") and threading.current_thread().name != "second" and not results:
+            results.append(-1)
+            first.put(b"contested")  # the job: no file at home, so it writes one
+            sweeper = threading.Thread(target=lambda: results.append(second._set_aside(home, keep=False,
+                                                                                      cutoff=cutoff)),
+                                       name="second")
+            sweeper.start()
+            assert second_renamed.wait(10)
+            real_unlink(self, missing_ok=missing_ok)
+            first_removed.set()
+            sweeper.join(10)
+            return
+        real_unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr("orchestrator.store.os.rename", rename)
+    monkeypatch.setattr(Path, "unlink", unlink)
+    assert first.sweep_orphans(rows) == 1
+    assert results == [-1, 0]  # the second sweep removed nothing
+    assert first.get(sha) == b"contested"
+    assert not list(first.root.rglob(".gc-*"))
+
+
+def test_a_sweep_that_cannot_settle_a_file_goes_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = ArtifactStore(tmp_path / "assets")
+    rows = with_a_named_file(store)
+    stuck, freed = store.put(b"stuck"), store.put(b"freed")
+    for sha in (stuck, freed):
+        age(store.path_for(sha))
+    # A folder named like a file is not the store's.
+    folder = store.root / stuck[:2] / f"{'0' * 62}{stuck[:2]}.png"
+    folder.mkdir()
+    real_rename = os.rename
+
+    def refused(src: str | Path, dst: str | Path) -> None:
+        if Path(src).name == f"{stuck}.png":
+            raise PermissionError(13, "Permission denied")
+        real_rename(src, dst)
+
+    monkeypatch.setattr("orchestrator.store.os.rename", refused)
+    assert store.sweep_orphans(rows) == 1
+    assert store.get(stuck) == b"stuck" and not store.path_for(freed).exists() and folder.is_dir()
+
+
+def test_a_put_that_cannot_refresh_the_file_writes_it_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another user's file cannot have its time set: a fresh copy takes its place, so the sweep
+    sees it young all the same; where nothing can be written either, the file is used as it is."""
+    store = ArtifactStore(tmp_path / "assets")
+    sha = store.put(b"theirs")
+    age(store.path_for(sha))
+
+    real_utime = os.utime
+
+    def not_ours(path: Path, *args: Any) -> None:
+        if not args:  # "now", as put asks: only the owner may
+            raise PermissionError(1, "Operation not permitted")
+        real_utime(path, *args)
+
+    monkeypatch.setattr("orchestrator.store.os.utime", not_ours)
+    assert store.put(b"theirs") == sha
+    assert store.path_for(sha).stat().st_mtime > time.time() - 60
+    age(store.path_for(sha))
+
+    def read_only(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr("orchestrator.store.tempfile.mkstemp", read_only)
+    assert store.put(b"theirs") == sha
+    with pytest.raises(OSError, match="Read-only"):
+        store.put(b"not there yet")
+
+
+@pytest.mark.parametrize(("named", "orphans"), [(0, 1), (1, 21)])
+def test_a_database_that_names_too_few_files_removes_nothing(tmp_path: Path, named: int, orphans: int) -> None:
+    """A database that is not this store's (a fresh one, another install's) names none of its
+    files, or few: the sweep refuses rather than take them all."""
+    store = ArtifactStore(tmp_path / "assets")
+    shas = [store.put(f"image {i}".encode()) for i in range(named + orphans)]
+    for sha in shas:
+        age(store.path_for(sha))
+    with pytest.raises(SweepRefused, match=f"{orphans} of the {named + orphans} files"):
+        store.sweep_orphans(Rows(*shas[:named]))
+    assert all(store.path_for(sha).exists() for sha in shas)
 
 
 def test_a_dead_sweeps_leftover_is_settled(tmp_path: Path) -> None:
@@ -168,7 +284,7 @@ def test_a_dead_sweeps_leftover_is_settled(tmp_path: Path) -> None:
     named, orphan = store.put(b"named"), store.put(b"orphan")
     for sha in (named, orphan):
         path = store.path_for(sha)
-        aside = path.with_name(f".gc-{path.name}")
+        aside = path.with_name(f".gc-{sha}-0a1b2c3d.png")
         os.rename(path, aside)
         age(aside)
     assert store.sweep_orphans(Rows(named)) == 1
