@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--url", type=_service_url,
                       help="use a running service instead of starting one (its key: ORCH_ADMIN_KEY)")
     demo.add_argument("--prompt", default="a lighthouse on a cliff at dusk, volumetric light",
-                      help="what to draw (default: a lighthouse)")
+                      help="what to draw (default: %(default)s)")
     demo.add_argument("--out", default="demo-output", help="folder for the images (default: demo-output)")
     demo.add_argument("--size", type=_demo_size, default=512,
                       help="width and height of the drafts: 64-1024, a multiple of 8 (default: 512)")

@@ -336,6 +336,7 @@ class AssetPublic(BaseModel):
 
 
 class Lineage(BaseModel):
+    asset: AssetPublic = Field(description="the asset asked about: the chain is ancestors, it, descendants")
     ancestors: list[AssetPublic]
     descendants: list[AssetPublic]
     truncated: bool = Field(False, description="true when the walk stopped at its bounds (100 ancestors, "

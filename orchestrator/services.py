@@ -254,10 +254,14 @@ class Services:
 
     def log_engine_notes(self) -> None:
         """What an operator must know at start-up (the smoke model's images are noise, ...)."""
+        notes: dict[str, list[str]] = {}
         for engine in self.registry:
             note = getattr(engine, "note", None)
             if note:
-                log.warning("%s: %s", engine.name, note)
+                notes.setdefault(note, []).append(engine.name)
+        for note, names in notes.items():  # the Lite and local-hifi engines share one model: said once
+            log.warning("%s: %s", ", ".join(names), note)
+        for engine in self.registry:
             # A remote engine without a key is off by choice; a local one that cannot run is a mistake.
             usable, reason = engine.availability()
             if engine.kind == "local" and not usable:

@@ -86,5 +86,5 @@ def lineage(asset_id: str, services: ServicesDep, caller: CallerDep) -> Lineage:
             frontier = [c.id for c in children]
         if len(descendants) > MAX_DESCENDANTS:
             descendants, truncated = descendants[:MAX_DESCENDANTS], True
-    return Lineage(ancestors=[asset_public(a) for a in reversed(ancestors)],
+    return Lineage(asset=asset_public(asset), ancestors=[asset_public(a) for a in reversed(ancestors)],
                    descendants=[asset_public(a) for a in descendants], truncated=truncated)

@@ -263,6 +263,16 @@ def test_engines(server: httpx.Client) -> None:
     assert "API key" in engines["gemini"]["note"] or "GEMINI" in engines["gemini"]["note"]
 
 
+def test_the_smoke_model_s_note_is_logged_once_for_the_engines_sharing_it(
+        make_settings: Callable[..., Settings], start_server: Callable[[Settings], httpx.Client],
+        caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING", logger="orchestrator.services"):
+        start_server(make_settings(hifi_model="builtin:tiny-sd"))
+    notes = [r.getMessage() for r in caplog.records if "random weights" in r.getMessage()]
+    assert notes == ["lite, local-hifi: builtin:tiny-sd has random weights: its images are noise "
+                     "(set ORCH_LITE_MODEL to a real model)"]
+
+
 def test_a_model_path_to_nothing_is_told_at_start_not_at_the_first_draft(
         make_settings: Callable[..., Settings], start_server: Callable[[Settings], httpx.Client],
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -201,6 +201,7 @@ def test_draft_bridge_on_gemini_polish_on_local_hifi(online: httpx.Client, gemin
     assert [a["id"] for a in lineage["ancestors"]] == [draft_id, bridge_id]
     assert [a["stage"] for a in lineage["ancestors"]] == ["ideation", "bridge"]
     assert lineage["descendants"] == []
+    assert lineage["asset"] == client.get(f"/v1/assets/{final_id}").json()  # the whole chain in one answer
     from_root = client.get(f"/v1/assets/{draft_id}/lineage").json()
     assert from_root["ancestors"] == []
     assert [a["id"] for a in from_root["descendants"]] == [bridge_id, final_id]
