@@ -27,7 +27,10 @@ def _bar(fraction: float, width: int = 30) -> str:
 
 
 def watch(client: httpx.Client, job_id: str, label: str) -> dict[str, Any]:
-    """Follow a job's event stream, drawing a progress bar; returns the finished job."""
+    """Follow a job's event stream, drawing a progress bar on a terminal (into a log or a pipe,
+    only the outcome: a bar redrawn with carriage returns is one endless line there); returns
+    the finished job."""
+    live = sys.stdout.isatty()
     with client.stream("GET", f"/v1/jobs/{job_id}/events", timeout=None) as response:
         event = ""
         for line in response.iter_lines():
@@ -35,13 +38,14 @@ def watch(client: httpx.Client, job_id: str, label: str) -> dict[str, Any]:
                 event = line[7:]
             elif line.startswith("data: "):
                 data = json.loads(line[6:])
-                if event == "progress":
+                if event == "progress" and live:
                     print(f"\r  {label:<8} {_bar(data['fraction'])} step {data['step']}/{data['total']}",
                           end="", flush=True)
-                elif event == "state":
+                elif event == "state" and live:
                     print(f"\r  {label:<8} {data.get('state')}", end="", flush=True)
                 elif event in ("succeeded", "failed", "canceled"):
-                    print(f"\r  {label:<8} {_bar(1.0 if event == 'succeeded' else 0.0)} {event}" + " " * 12)
+                    print(("\r" if live else "")
+                          + f"  {label:<8} {_bar(1.0 if event == 'succeeded' else 0.0)} {event}" + " " * 12)
     job: dict[str, Any] = client.get(f"/v1/jobs/{job_id}").raise_for_status().json()
     if job["status"] != "succeeded":
         raise SystemExit(f"{label} job {job_id} {job['status']}: {job.get('error')}")
@@ -112,7 +116,7 @@ def run_demo(*, url: str | None, prompt: str, out: str, size: int) -> int:
         (out_dir / "final.png").write_bytes(client.get(f"/v1/assets/{final_id}/content").raise_for_status().content)
 
         lineage = client.get(f"/v1/assets/{final_id}/lineage").raise_for_status().json()
-        chain = [*lineage["ancestors"], client.get(f"/v1/assets/{final_id}").json()]
+        chain = [*lineage["ancestors"], lineage["asset"]]
         print("lineage:")
         for asset in chain:
             print(f"  {asset['stage']:<8} {asset['id']}  {asset['engine']:<10} {asset['width']}x{asset['height']}")

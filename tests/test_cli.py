@@ -10,6 +10,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from PIL import Image
 
 from orchestrator.cli import _log_to_data_dir, main
 from orchestrator.settings import Settings
@@ -32,6 +33,24 @@ def test_demo_against_an_unreachable_service(tmp_path: Path, capsys: pytest.Capt
     err = capsys.readouterr().err
     assert err.startswith("orchestrator: cannot reach http://127.0.0.1:9/")
     assert "Traceback" not in err
+
+
+def test_the_demo_runs_the_three_stages_and_saves_their_images(
+        make_settings: SettingsFactory, start_server: Callable[[Settings], httpx.Client], tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    client = start_server(make_settings(hifi_model="builtin:tiny-sd"))
+    out = tmp_path / "out"
+    assert main(["demo", "--url", str(client.base_url), "--out", str(out), "--size", "64"]) == 0
+    saved = {path.name: Image.open(path).size for path in out.iterdir()}
+    assert saved == {**{f"draft-{i}.png": (64, 64) for i in range(4)}, "contact-sheet.png": (152, 152),
+                     "bridge.png": (64, 64), "final.png": (128, 128)}
+    told = capsys.readouterr().out
+    # Not a terminal: each job's outcome on a line of its own, no bar redrawn with carriage returns.
+    assert "\r" not in told
+    assert [line.split()[0] for line in told.splitlines() if line.rstrip().endswith("succeeded")] == [
+        "drafts", "bridge", "polish"]
+    chain = told.split("lineage:\n", 1)[1].splitlines()[:3]
+    assert [line.split()[0] for line in chain] == ["ideation", "bridge", "polish"]
 
 
 def test_demo_refused_by_the_service_says_why(make_settings: SettingsFactory,
