@@ -1,4 +1,4 @@
-"""`orchestrator serve | worker | migrate | demo`."""
+"""`orchestrator serve | worker | migrate | check | demo`."""
 
 from __future__ import annotations
 
@@ -71,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     worker.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="log level")
 
     sub.add_parser("migrate", help="apply database migrations and exit")
+    check = sub.add_parser("check", help="verify that every asset's PNG is in the store, byte for byte (read-only)")
+    check.add_argument("--no-hash", action="store_true",
+                       help="only look that each file is there, without reading it (fast on a large store)")
 
     demo = sub.add_parser("demo", help="draft -> promote -> polish on the embedded default, end to end")
     demo.add_argument("--url", type=_service_url,
@@ -234,6 +237,8 @@ def _run(args: argparse.Namespace) -> int:
             return _fail(f"cannot migrate the database: {exc} (is it used by a newer orchestrator?)")
         print(f"database at {make_url(url).render_as_string(hide_password=True)} is up to date")
         return 0
+    if args.command == "check":
+        return _check(no_hash=args.no_hash)
     from orchestrator.demo import run_demo
 
     if args.url is None:  # the demo starts the service itself: the same checks as `serve`
@@ -247,6 +252,43 @@ def _run(args: argparse.Namespace) -> int:
     except OSError as exc:
         return _fail(f"cannot use {out} for the images: {exc.strerror or exc}", status=2)
     return run_demo(url=args.url, prompt=args.prompt, out=args.out, size=args.size)
+
+
+CHECK_SHOWN = 20
+
+
+def _check(*, no_hash: bool) -> int:
+    """Exit 0 when every asset's file is sound, 1 when some are missing or damaged."""
+    from sqlalchemy.engine import make_url
+
+    from orchestrator.check import check_store
+    from orchestrator.db import Database
+    from orchestrator.settings import Settings
+    from orchestrator.store import ArtifactStore
+
+    settings = Settings()
+    if (failed := _checked(settings, prices=False)) is not None:
+        return failed
+    url = make_url(settings.resolved_database_url)
+    if url.get_backend_name() == "sqlite" and not Path(url.database or "").is_file():
+        # Connecting would make an empty one: nothing to check, and a sign of the wrong ORCH_DATA_DIR.
+        return _fail(f"no database at {url.database} (is ORCH_DATA_DIR or ORCH_DATABASE_URL right?)", status=2)
+    db = Database(settings.resolved_database_url)
+    try:
+        report = check_store(db, ArtifactStore(settings.assets_dir), hashes=not no_hash)
+    finally:
+        db.dispose()
+    how = "read and hashed" if report.hashed else "looked for (--no-hash: not read)"
+    print(f"{report.assets} assets, {report.files} files {how} in {settings.assets_dir}")
+    for name, ids in (("missing", report.missing), ("damaged (the bytes do not match their sha256)", report.damaged)):
+        if ids:
+            shown = ", ".join(ids[:CHECK_SHOWN]) + (f", ... ({len(ids) - CHECK_SHOWN} more)" if len(ids) > CHECK_SHOWN
+                                                     else "")
+            print(f"{len(ids)} assets {name}: {shown}")
+    if report.unnamed:
+        print(f"{report.unnamed} files no asset names (canceled jobs' images; the service removes them after an hour)")
+    print("ok" if report.ok else "PROBLEMS: restore those files from a backup (the ids above name them)")
+    return 0 if report.ok else 1
 
 
 if __name__ == "__main__":

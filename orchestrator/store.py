@@ -67,7 +67,7 @@ class SweepRefused(Exception):
     """The orphan sweep found too many files no row names to trust the database it asked."""
 
 
-def _stored_sha(path: Path) -> str | None:
+def stored_sha(path: Path) -> str | None:
     """The sha256 of a store file (`<sha>.png`, or `.gc-<sha>-<tag>.png` set aside by a sweep)
     in its own shard folder; None for any other file."""
     name = path.name
@@ -257,7 +257,7 @@ class ArtifactStore:
         candidates: dict[str, list[Path]] = {}
         total = 0
         for path in self.root.glob("*/*.png"):
-            sha = _stored_sha(path)
+            sha = stored_sha(path)
             try:
                 if sha is None or not stat.S_ISREG(path.lstat().st_mode):
                     continue  # not the store's: a temp file, what an operator put there
@@ -291,7 +291,7 @@ class ArtifactStore:
 
     def _set_aside(self, path: Path, *, keep: bool, cutoff: float) -> int:
         """Settle one candidate; returns 1 when it was removed."""
-        sha = _stored_sha(path)
+        sha = stored_sha(path)
         assert sha is not None
         home = path.with_name(f"{sha}.png")
         try:

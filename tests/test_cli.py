@@ -14,6 +14,8 @@ from PIL import Image
 
 from orchestrator.cli import _log_to_data_dir, main
 from orchestrator.settings import Settings
+from orchestrator.store import ArtifactStore
+from tests.api import create_project, run_draft
 from tests.conftest import SettingsFactory
 
 
@@ -51,6 +53,43 @@ def test_the_demo_runs_the_three_stages_and_saves_their_images(
         "drafts", "bridge", "polish"]
     chain = told.split("lineage:\n", 1)[1].splitlines()[:3]
     assert [line.split()[0] for line in chain] == ["ideation", "bridge", "polish"]
+
+
+def test_check_names_the_assets_whose_files_are_missing_or_damaged(
+        make_settings: SettingsFactory, start_server: Callable[[Settings], httpx.Client],
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    settings = make_settings()
+    client = start_server(settings)
+    monkeypatch.setenv("ORCH_DATA_DIR", str(settings.data_dir))
+    project = create_project(client)["id"]
+    assets = run_draft(client, project, n=3)["assets"]
+    assert main(["check"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"3 assets, 3 files read and hashed in {settings.assets_dir}\n") and out.endswith("ok\n")
+
+    store = ArtifactStore(settings.assets_dir)
+    missing, damaged, _sound = (client.get(f"/v1/assets/{a}").json()["sha256"] for a in assets)
+    store.path_for(missing).unlink()
+    store.path_for(damaged).write_bytes(b"flipped bits")
+    store.put(b"a canceled job's image")
+    assert main(["check"]) == 1
+    out = capsys.readouterr().out
+    assert f"1 assets missing: {assets[0]}\n" in out
+    assert f"1 assets damaged (the bytes do not match their sha256): {assets[1]}\n" in out
+    assert "1 files no asset names" in out and "PROBLEMS" in out
+    # Without reading the files, only the missing one shows.
+    assert main(["check", "--no-hash"]) == 1
+    out = capsys.readouterr().out
+    assert f"1 assets missing: {assets[0]}\n" in out and "damaged" not in out
+
+
+def test_check_without_a_database_makes_none(make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch,
+                                             tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    make_settings()  # keeps the developer's environment out
+    monkeypatch.setenv("ORCH_DATA_DIR", str(tmp_path / "typo"))
+    assert main(["check"]) == 2
+    assert "no database at" in capsys.readouterr().err
+    assert not (tmp_path / "typo" / "orchestrator.db").exists()
 
 
 def test_demo_refused_by_the_service_says_why(make_settings: SettingsFactory,
