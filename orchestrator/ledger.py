@@ -109,7 +109,7 @@ class Balance:
         }
 
 
-def _open_holds() -> Any:
+def open_holds() -> Any:
     settlement = aliased(LedgerEntry)
     return and_(col(LedgerEntry.kind) == "hold",
                 ~exists().where(col(settlement.hold_id) == col(LedgerEntry.id)))
@@ -133,7 +133,7 @@ class Ledger:
         return Balance(
             limit=project.budget_limit, period=project.budget_period, window_start=start, window_end=end,
             charged=total(col(LedgerEntry.kind).in_(("capture", "adjustment")), *in_window),
-            held=total(_open_holds()),
+            held=total(open_holds()),
             granted=total(col(LedgerEntry.kind) == "grant", *in_window),
         )
 
@@ -143,7 +143,7 @@ class Ledger:
             return {}
         out: dict[str, tuple[int, int]] = {}
         held = s.exec(select(LedgerEntry.job_id, func.sum(LedgerEntry.amount))
-                      .where(col(LedgerEntry.job_id).in_(job_ids), _open_holds())
+                      .where(col(LedgerEntry.job_id).in_(job_ids), open_holds())
                       .group_by(col(LedgerEntry.job_id))).all()
         charged = s.exec(select(LedgerEntry.job_id, func.sum(LedgerEntry.amount))
                          .where(col(LedgerEntry.job_id).in_(job_ids),
@@ -184,7 +184,7 @@ class Ledger:
         return entry
 
     def open_hold(self, s: Session, job_id: str) -> LedgerEntry | None:
-        return s.exec(select(LedgerEntry).where(col(LedgerEntry.job_id) == job_id, _open_holds())).first()
+        return s.exec(select(LedgerEntry).where(col(LedgerEntry.job_id) == job_id, open_holds())).first()
 
     def capture(self, s: Session, job: Job, actual: int | None, *, unreconciled: bool = False,
                 note: str | None = None) -> int:
@@ -285,7 +285,7 @@ class Ledger:
         """Settle holds whose job has finished (a safety net: finishing normally settles in the
         same transaction). Returns how many holds were settled."""
         rows = s.exec(select(LedgerEntry, Job).join(Job, col(Job.id) == col(LedgerEntry.job_id))
-                      .where(_open_holds(), col(Job.status).in_(("succeeded", "failed", "canceled")))).all()
+                      .where(open_holds(), col(Job.status).in_(("succeeded", "failed", "canceled")))).all()
         for _hold, job in rows:
             # Made, or accepted by a provider (which bills it whatever ended the job, as in
             # `settle_failure`): the estimate, for reconciliation. Otherwise nothing was billed.

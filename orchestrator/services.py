@@ -38,7 +38,7 @@ from orchestrator.store import ArtifactStore, PreviewFiles, SweepRefused
 from orchestrator.workers import DeviceLock, Presence
 from policies import PolicyStore
 from tiers._local import LocalRuntime
-from tiers.base import EngineContext
+from tiers.base import EngineContext, to_credits
 from tiers.lite import LiteEngine
 from tiers.registry import EngineRegistry
 
@@ -272,21 +272,44 @@ class Services:
         return self.engine_health.state(engine)
 
     def metrics(self) -> str:
-        """Prometheus text: jobs by stage, engine and status; assets by stage."""
+        """Prometheus text: jobs by stage, engine and status; assets by stage; credits charged
+        (by engine and stage), held and waiting for reconciliation (by engine)."""
         from sqlalchemy import func
         from sqlmodel import select
 
-        from orchestrator.models import Asset, Job
+        from orchestrator.ledger import open_holds
+        from orchestrator.models import Asset, Job, LedgerEntry
 
+        amount = func.coalesce(func.sum(LedgerEntry.amount), 0)
         with self.db.session() as s:
             jobs = s.exec(select(Job.stage, Job.engine, Job.status, func.count()).group_by(
                 Job.stage, Job.engine, Job.status)).all()
             assets = s.exec(select(Asset.stage, func.count()).group_by(Asset.stage)).all()
+            charged = s.exec(select(LedgerEntry.engine, LedgerEntry.stage, amount)
+                             .where(col(LedgerEntry.kind).in_(("capture", "adjustment")))
+                             .group_by(col(LedgerEntry.engine), col(LedgerEntry.stage))).all()
+            held = s.exec(select(LedgerEntry.engine, amount).where(open_holds()).group_by(LedgerEntry.engine)).all()
+            unreconciled = s.exec(select(LedgerEntry.engine, amount)
+                                  .where(col(LedgerEntry.kind) == "capture", col(LedgerEntry.unreconciled))
+                                  .group_by(LedgerEntry.engine)).all()
         lines = ["# HELP orchestrator_jobs Jobs by stage, engine and status.", "# TYPE orchestrator_jobs gauge"]
         lines += [f'orchestrator_jobs{{stage="{_label(st)}",engine="{_label(en)}",status="{_label(stat)}"}} {n}'
                   for st, en, stat, n in jobs]
         lines += ["# HELP orchestrator_assets Assets by stage.", "# TYPE orchestrator_assets gauge"]
         lines += [f'orchestrator_assets{{stage="{_label(st)}"}} {n}' for st, n in assets]
+        # Gauges, not counters: a reconciliation may lower what was charged.
+        lines += ["# HELP orchestrator_credits_charged Credits charged to date (captures and reconciliation "
+                  "adjustments), by engine and stage.", "# TYPE orchestrator_credits_charged gauge"]
+        lines += [f'orchestrator_credits_charged{{engine="{_label(en or "-")}",stage="{_label(st or "-")}"}} '
+                  f"{to_credits(int(n))}" for en, st, n in charged]
+        lines += ["# HELP orchestrator_credits_held Credits held for paid jobs not settled yet, by engine.",
+                  "# TYPE orchestrator_credits_held gauge"]
+        lines += [f'orchestrator_credits_held{{engine="{_label(en or "-")}"}} {to_credits(int(n))}' for en, n in held]
+        lines += ["# HELP orchestrator_credits_unreconciled Credits charged at the estimate, waiting for "
+                  "reconciliation with the provider's invoice, by engine.",
+                  "# TYPE orchestrator_credits_unreconciled gauge"]
+        lines += [f'orchestrator_credits_unreconciled{{engine="{_label(en or "-")}"}} {to_credits(int(n))}'
+                  for en, n in unreconciled]
         return "\n".join(lines) + "\n"
 
     async def aclose(self) -> None:

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import csv
 import io
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
 from orchestrator import spend
+from orchestrator.server import serve_in_thread
+from orchestrator.settings import Settings
 from tests.api import assert_error
 from tests.credits import PRICE, get_json, ledger, make_draft, project_with_draft, promote_ok, wait_for_job
 
@@ -123,3 +127,24 @@ def test_a_project_that_spent_nothing_has_an_empty_report_and_an_unknown_one_is_
     # A mistyped id is not a project that spent nothing (as on GET /v1/jobs?project_id=).
     missing = api.get("/v1/spend", params={"project_id": "prj_nobody", "format": "csv"})
     assert_error(missing, 404, "not_found")
+
+
+def test_metrics_tell_credits_charged_held_and_unreconciled(paid_settings_for: Callable[..., Settings],
+                                                            tmp_path: Path) -> None:
+    """For dashboards that scrape rather than ask /v1/spend (a service of its own: totals)."""
+    until = tmp_path / "sent"
+    with serve_in_thread(paid_settings_for(tmp_path / "data")) as base, \
+            httpx.Client(base_url=base, timeout=30.0) as api:
+        _project_id, asset_id = project_with_draft(api)
+        for tags in ({"cost": "7.5"}, {"fake": "timeout"}):  # reported, then captured at the estimate
+            wait_for_job(api, promote_ok(api, asset_id, tags=tags)["id"])
+        waiting = promote_ok(api, asset_id, tags={"fake": "wait-before-send", "until": str(until)})
+        text = api.get("/metrics").text
+        until.touch()
+        assert wait_for_job(api, waiting["id"])["status"] == "succeeded"
+        after = api.get("/metrics").text
+    assert f'orchestrator_credits_charged{{engine="fake-paid",stage="bridge"}} {7.5 + PRICE}' in text
+    assert f'orchestrator_credits_held{{engine="fake-paid"}} {PRICE}' in text
+    assert f'orchestrator_credits_unreconciled{{engine="fake-paid"}} {PRICE}' in text
+    assert f'orchestrator_credits_charged{{engine="fake-paid",stage="bridge"}} {7.5 + 2 * PRICE}' in after
+    assert "orchestrator_credits_held{" not in after
