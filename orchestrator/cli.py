@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import httpx
 from pydantic import ValidationError
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DatabaseError
 
 from orchestrator import __version__
 
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"{_error_message(exc.response)}{hint}")
     except httpx.TransportError as exc:
         return _fail(f"cannot reach {exc.request.url.copy_with(path='/', query=None)}: {exc}")
-    except OperationalError as exc:
+    except DatabaseError as exc:
         # The database is down or refuses us: say so in a line (the URL's password never shows).
         reason = next(iter(str(exc.orig or exc).strip().splitlines()), type(exc).__name__)
         return _fail(f"cannot use the database: {reason}")
@@ -258,36 +258,37 @@ CHECK_SHOWN = 20
 
 
 def _check(*, no_hash: bool) -> int:
-    """Exit 0 when every asset's file is sound, 1 when some are missing or damaged."""
-    from sqlalchemy.engine import make_url
+    """Exit 0 when every asset's file is sound, 1 when some are not, 2 when nothing could be checked."""
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
-    from orchestrator.check import check_store
-    from orchestrator.db import Database
+    from orchestrator.check import CannotCheck, check_store, open_store, read_only_engine
     from orchestrator.settings import Settings
-    from orchestrator.store import ArtifactStore
 
     settings = Settings()
-    if (failed := _checked(settings, prices=False)) is not None:
-        return failed
-    url = make_url(settings.resolved_database_url)
-    if url.get_backend_name() == "sqlite" and not Path(url.database or "").is_file():
-        # Connecting would make an empty one: nothing to check, and a sign of the wrong ORCH_DATA_DIR.
-        return _fail(f"no database at {url.database} (is ORCH_DATA_DIR or ORCH_DATABASE_URL right?)", status=2)
-    db = Database(settings.resolved_database_url)
     try:
-        report = check_store(db, ArtifactStore(settings.assets_dir), hashes=not no_hash)
-    finally:
-        db.dispose()
+        engine = read_only_engine(settings.resolved_database_url)
+        try:
+            report = check_store(engine, open_store(settings.assets_dir), hashes=not no_hash)
+        finally:
+            engine.dispose()
+    except CannotCheck as exc:
+        return _fail(str(exc), status=2)
+    except (ArgumentError, NoSuchModuleError) as exc:
+        return _fail(f"ORCH_DATABASE_URL: not a database URL I can open ({exc})", status=2)
+    except DatabaseError as exc:  # not there, not migrated, not a database at all
+        reason = next(iter(str(exc.orig or exc).strip().splitlines()), type(exc).__name__)
+        return _fail(f"cannot use the database: {reason}", status=2)
     how = "read and hashed" if report.hashed else "looked for (--no-hash: not read)"
-    print(f"{report.assets} assets, {report.files} files {how} in {settings.assets_dir}")
-    for name, ids in (("missing", report.missing), ("damaged (the bytes do not match their sha256)", report.damaged)):
+    print(f"{report.assets} assets, {report.reads} files {how} in {settings.assets_dir}")
+    for ids, what in ((report.missing, "missing"), (report.unreadable, "unreadable (the disk or a permission)"),
+                      (report.damaged, "damaged (the bytes do not match their sha256)"),
+                      (report.malformed, "with a malformed sha256 in their row")):
         if ids:
-            shown = ", ".join(ids[:CHECK_SHOWN]) + (f", ... ({len(ids) - CHECK_SHOWN} more)" if len(ids) > CHECK_SHOWN
-                                                     else "")
-            print(f"{len(ids)} assets {name}: {shown}")
+            more = f", ... ({len(ids) - CHECK_SHOWN} more)" if len(ids) > CHECK_SHOWN else ""
+            print(f"{len(ids)} assets {what}: {', '.join(ids[:CHECK_SHOWN])}{more}")
     if report.unnamed:
         print(f"{report.unnamed} files no asset names (canceled jobs' images; the service removes them after an hour)")
-    print("ok" if report.ok else "PROBLEMS: restore those files from a backup (the ids above name them)")
+    print("ok" if report.ok else "PROBLEMS: restore those assets' files from a backup (the ids above name them)")
     return 0 if report.ok else 1
 
 

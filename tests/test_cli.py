@@ -12,6 +12,7 @@ import httpx
 import pytest
 from PIL import Image
 
+from orchestrator import check as check_module
 from orchestrator.cli import _log_to_data_dir, main
 from orchestrator.settings import Settings
 from orchestrator.store import ArtifactStore
@@ -83,13 +84,64 @@ def test_check_names_the_assets_whose_files_are_missing_or_damaged(
     assert f"1 assets missing: {assets[0]}\n" in out and "damaged" not in out
 
 
-def test_check_without_a_database_makes_none(make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch,
-                                             tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_check_reports_a_file_it_cannot_read_and_goes_on(
+        make_settings: SettingsFactory, start_server: Callable[[Settings], httpx.Client],
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    settings = make_settings()
+    client = start_server(settings)
+    monkeypatch.setenv("ORCH_DATA_DIR", str(settings.data_dir))
+    assets = run_draft(client, create_project(client)["id"], n=2)["assets"]
+    bad = client.get(f"/v1/assets/{assets[1]}").json()["sha256"]
+    real = check_module._sha256
+
+    def disk_error(path: Path) -> str:
+        if path.name.startswith(bad):
+            raise OSError(5, "Input/output error")
+        return real(path)
+
+    monkeypatch.setattr(check_module, "_sha256", disk_error)
+    assert main(["check"]) == 1
+    out = capsys.readouterr().out
+    assert f"1 assets unreadable (the disk or a permission): {assets[1]}\n" in out
+    assert "missing" not in out and "damaged" not in out
+
+
+def test_check_without_a_database_or_a_store_changes_nothing(
+        make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
     make_settings()  # keeps the developer's environment out
     monkeypatch.setenv("ORCH_DATA_DIR", str(tmp_path / "typo"))
     assert main(["check"]) == 2
     assert "no database at" in capsys.readouterr().err
-    assert not (tmp_path / "typo" / "orchestrator.db").exists()
+    assert not (tmp_path / "typo").exists()
+
+    # A database restored without its assets folder: not "every asset missing".
+    data = tmp_path / "restored"
+    monkeypatch.setenv("ORCH_DATA_DIR", str(data))
+    assert main(["migrate"]) == 0
+    with sqlite3.connect(data / "orchestrator.db") as db:
+        db.execute("PRAGMA journal_mode=DELETE")  # as a backup tool may leave it
+    capsys.readouterr()
+    assert main(["check"]) == 2
+    assert f"no asset store at {data / 'assets'}" in capsys.readouterr().err
+    assert not (data / "assets").exists()
+    (data / "assets").mkdir()
+    assert main(["check"]) == 0
+    with sqlite3.connect(data / "orchestrator.db") as db:
+        assert db.execute("PRAGMA journal_mode").fetchone() == ("delete",)  # opened read-only: not made WAL
+
+
+def test_check_on_a_database_never_migrated_is_one_line(make_settings: SettingsFactory,
+                                                         monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    make_settings()
+    data = tmp_path / "data"
+    (data / "assets").mkdir(parents=True)
+    sqlite3.connect(data / "orchestrator.db").close()
+    monkeypatch.setenv("ORCH_DATA_DIR", str(data))
+    assert main(["check"]) == 2
+    err = capsys.readouterr().err
+    assert err == "orchestrator: cannot use the database: no such table: assets\n"
 
 
 def test_demo_refused_by_the_service_says_why(make_settings: SettingsFactory,
