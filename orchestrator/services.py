@@ -10,7 +10,7 @@ import math
 import os
 import tempfile
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -304,12 +304,14 @@ class Services:
                   f"{to_credits(int(n))}" for en, st, n in charged]
         lines += ["# HELP orchestrator_credits_held Credits held for paid jobs not settled yet, by engine.",
                   "# TYPE orchestrator_credits_held gauge"]
-        lines += [f'orchestrator_credits_held{{engine="{_label(en or "-")}"}} {to_credits(int(n))}' for en, n in held]
+        names = self.registry.names()
+        lines += [f'orchestrator_credits_held{{engine="{_label(en)}"}} {to_credits(n)}'
+                  for en, n in _every_engine(names, held)]
         lines += ["# HELP orchestrator_credits_unreconciled Credits charged at the estimate, waiting for "
                   "reconciliation with the provider's invoice, by engine.",
                   "# TYPE orchestrator_credits_unreconciled gauge"]
-        lines += [f'orchestrator_credits_unreconciled{{engine="{_label(en or "-")}"}} {to_credits(int(n))}'
-                  for en, n in unreconciled]
+        lines += [f'orchestrator_credits_unreconciled{{engine="{_label(en)}"}} {to_credits(n)}'
+                  for en, n in _every_engine(names, unreconciled)]
         return "\n".join(lines) + "\n"
 
     async def aclose(self) -> None:
@@ -337,6 +339,14 @@ class Services:
         # Last: the stop's own commits (claims given back to the queue) ring the other workers.
         await asyncio.to_thread(self.db.bell.close)
         self.db.dispose()
+
+
+def _every_engine(names: Iterable[str], rows: Iterable[Any]) -> list[tuple[str, int]]:
+    """`(engine, total)` rows with a 0 for each engine they lack: a dashboard tells "nothing
+    held" from a series that is not there."""
+    totals = dict.fromkeys(names, 0)
+    totals.update((engine or "-", int(n)) for engine, n in rows)
+    return sorted(totals.items())
 
 
 def _local_runtime(registry: EngineRegistry) -> LocalRuntime | None:

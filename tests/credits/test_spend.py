@@ -147,4 +147,5 @@ def test_metrics_tell_credits_charged_held_and_unreconciled(paid_settings_for: C
     assert f'orchestrator_credits_held{{engine="fake-paid"}} {PRICE}' in text
     assert f'orchestrator_credits_unreconciled{{engine="fake-paid"}} {PRICE}' in text
     assert f'orchestrator_credits_charged{{engine="fake-paid",stage="bridge"}} {7.5 + 2 * PRICE}' in after
-    assert "orchestrator_credits_held{" not in after
+    assert f'orchestrator_credits_held{{engine="fake-paid"}} {0.0}' in after  # settled: 0, not absent
+    assert 'orchestrator_credits_unreconciled{engine="lite"} 0.0' in after
