@@ -56,14 +56,20 @@ def test_the_demo_runs_the_three_stages_and_saves_their_images(
     assert [line.split()[0] for line in chain] == ["ideation", "bridge", "polish"]
 
 
-def test_check_names_the_assets_whose_files_are_missing_or_damaged(
-        make_settings: SettingsFactory, start_server: Callable[[Settings], httpx.Client],
-        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def drafted(make_settings: SettingsFactory, start_server: Callable[[Settings], httpx.Client],
+            monkeypatch: pytest.MonkeyPatch, n: int) -> tuple[Settings, httpx.Client, list[str]]:
+    """A running service with one draft job of `n` images, and the CLI's environment on its data dir."""
     settings = make_settings()
     client = start_server(settings)
     monkeypatch.setenv("ORCH_DATA_DIR", str(settings.data_dir))
-    project = create_project(client)["id"]
-    assets = run_draft(client, project, n=3)["assets"]
+    assets: list[str] = run_draft(client, create_project(client)["id"], n=n)["assets"]
+    return settings, client, assets
+
+
+def test_check_names_the_assets_whose_files_are_missing_or_damaged(
+        make_settings: SettingsFactory, start_server: Callable[[Settings], httpx.Client],
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    settings, client, assets = drafted(make_settings, start_server, monkeypatch, n=3)
     assert main(["check"]) == 0
     out = capsys.readouterr().out
     assert out.startswith(f"3 assets, 3 files read and hashed in {settings.assets_dir}\n") and out.endswith("ok\n")
@@ -87,10 +93,7 @@ def test_check_names_the_assets_whose_files_are_missing_or_damaged(
 def test_check_reports_a_file_it_cannot_read_and_goes_on(
         make_settings: SettingsFactory, start_server: Callable[[Settings], httpx.Client],
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    settings = make_settings()
-    client = start_server(settings)
-    monkeypatch.setenv("ORCH_DATA_DIR", str(settings.data_dir))
-    assets = run_draft(client, create_project(client)["id"], n=2)["assets"]
+    _settings, client, assets = drafted(make_settings, start_server, monkeypatch, n=2)
     bad = client.get(f"/v1/assets/{assets[1]}").json()["sha256"]
     real = check_module._sha256
 
