@@ -50,8 +50,13 @@ def list_policies(services: ServicesDep, caller: CallerDep, limit: Limit = 50,
 
 
 @router.get("/policies/{name}", responses=documented(404))
-def get_policy(name: str, services: ServicesDep) -> dict[str, Any]:
-    return services.policies.get(name).as_dict()
+def get_policy(name: str, services: ServicesDep, caller: CallerDep) -> dict[str, Any]:
+    """The policy's rules as loaded; its file's path for the admin key, its name for a project key
+    (as in the list: a project key learns nothing of the server's file system)."""
+    policy = services.policies.get(name).as_dict()
+    if caller.project_id is not None:
+        policy["source"] = PurePath(policy["source"]).name
+    return policy
 
 
 @router.post("/policies/reload", response_model=PolicyReload, responses=documented(403))
@@ -96,7 +101,7 @@ def explain(body: ExplainRequest, services: ServicesDep, caller: CallerDep) -> d
             raise InvalidRequest("the ideation stage takes no source_asset_id (drafts start from a prompt)")
         draft = _stage_body(DraftCreate, extra)
         prepared, engine, max_credits = jobs.prepare_draft(body.project_id, draft), draft.engine, None
-        cache = True
+        cache = draft.cache
         if draft.seed is None:  # a real job draws its own: the one drawn here would mislead
             prepared.params["seed"] = None
     else:

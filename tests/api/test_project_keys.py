@@ -255,7 +255,12 @@ def test_a_project_key_sees_policies_without_the_server_s_paths_or_load_errors(
         secret = admin.post(f"/v1/projects/{project}/keys", json={"name": "pipeline"}).json()["key"]
         seen_by_admin = admin.get("/v1/policies").json()
         seen_by_key = admin.get("/v1/policies", headers={"Authorization": f"Bearer {secret}"}).json()
+        one_by_admin = admin.get("/v1/policies/studio").json()
+        one_by_key = admin.get("/v1/policies/studio", headers={"Authorization": f"Bearer {secret}"}).json()
     studio = {p["name"]: p for p in seen_by_admin["items"]}["studio"]
     assert studio["source"] == str(folder / "studio.toml") and seen_by_admin["errors"]
     assert {p["name"]: p for p in seen_by_key["items"]}["studio"]["source"] == "studio.toml"
     assert seen_by_key["errors"] == [] and str(tmp_path) not in str(seen_by_key)
+    assert one_by_admin["source"] == str(folder / "studio.toml")
+    assert one_by_key["source"] == "studio.toml" and str(tmp_path) not in str(one_by_key)
+    assert one_by_key["rules"] == one_by_admin["rules"]

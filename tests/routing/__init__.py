@@ -44,6 +44,16 @@ def fake_b_factory(ctx: EngineContext) -> NamedFakeEngine:
     return NamedFakeEngine(ctx, "fake-b", FAKE_B_PRICE)
 
 
+class PaidDraftEngine(NamedFakeEngine):
+    """A priced engine that also drafts (flat grey images from a prompt): ideation on paid credits."""
+
+    stages = frozenset({"ideation", "bridge", "polish"})
+
+
+def paid_drafts_factory(ctx: EngineContext) -> PaidDraftEngine:
+    return PaidDraftEngine(ctx, "paid-drafts", FAKE_B_PRICE)
+
+
 def poll(check: Any, timeout: float = 30.0, what: str = "condition") -> Any:
     """Call `check()` until it returns something truthy; fail at the deadline."""
     deadline = time.monotonic() + timeout

@@ -16,7 +16,16 @@ import pytest
 
 from orchestrator.services import Services
 from tests.api import serve_process
-from tests.routing import assert_error, create_project, ledger, promote, run_draft, submit, wait_for_job
+from tests.routing import (
+    FAKE_B_PRICE,
+    assert_error,
+    create_project,
+    ledger,
+    promote,
+    run_draft,
+    submit,
+    wait_for_job,
+)
 from tests.routing.conftest import FAKE_ENGINES, SettingsFactory, running, write_policies
 
 BUILTINS = {"balanced", "budget-saver", "cloud-first", "local-only"}
@@ -216,6 +225,43 @@ def test_explain_draft_and_polish_match_the_jobs(api: httpx.Client, draft: dict[
     assert job["engine"] == "fake-paid" and explained.json()["estimate"] == 10.0
     for job in jobs_of(api, project_id):
         wait_for_job(api, job["id"])
+
+
+PAID_DRAFTS = """
+name = "paid-drafts"
+description = "Drafts on a priced engine."
+
+[[rules]]
+name = "everything"
+match = {}
+engines = ["paid-drafts"]
+"""
+
+
+def test_explain_draft_honours_cache_as_the_job_does(new_settings: SettingsFactory, tmp_path: Path) -> None:
+    folder = write_policies(tmp_path / "policies", {"paid-drafts": PAID_DRAFTS})
+    settings = new_settings(engines="paid-drafts=tests.routing:paid_drafts_factory", policy="paid-drafts",
+                            policy_dir=folder)
+    with running(settings) as client:
+        project_id = create_project(client, "paid drafts", budget={"limit": 100, "period": "month"})["id"]
+        body = {"prompt": "a lighthouse", "n": 1, "width": 64, "height": 64, "steps": 1, "seed": 11}
+        first = submit(client, f"/v1/projects/{project_id}/drafts", body)
+        assert wait_for_job(client, first["id"])["status"] == "succeeded"
+
+        def explain(**extra: Any) -> dict[str, Any]:
+            response = client.post("/v1/route/explain",
+                                   json={"project_id": project_id, "stage": "ideation", **body, **extra})
+            assert response.status_code == 200, response.text
+            explained: dict[str, Any] = response.json()
+            return explained
+
+        hit, fresh = explain(), explain(cache=False)
+        assert (hit["engine"], hit["cache_hit"], hit["estimate"]) == ("paid-drafts", True, 0.0)
+        # Once explained as a free copy whatever the body said, while the job itself was charged.
+        assert (fresh["cache_hit"], fresh["estimate"]) == (False, FAKE_B_PRICE)
+        again = submit(client, f"/v1/projects/{project_id}/drafts", {**body, "cache": False})
+        assert again["cost"]["cache_hit"] is False and again["cost"]["estimated"] == fresh["estimate"]
+        assert wait_for_job(client, again["id"])["status"] == "succeeded"
 
 
 @pytest.mark.parametrize(("body", "status", "code"), [
