@@ -514,9 +514,11 @@ class Scheduler:
         # Work a queueing provider accepted is followed again rather than written off (the runner
         # reattaches instead of sending): the hold stays until that work's outcome is known.
         reattach = not local and reattachable(engine, job)
-        # A remote engine that costs nothing (a self-hosted ComfyUI or AUTOMATIC1111): running the
-        # job again spends only the server's time, so it is done rather than failed.
-        free = not local and not reattach and engine is not None and _costs_nothing(engine, job)
+        # A self-hosted server that costs nothing (ComfyUI, AUTOMATIC1111): running the job again
+        # spends only the server's time, so it is done rather than failed. A cloud engine priced
+        # at 0 in the prices file is not one: its provider may still bill, and twice if re-sent.
+        free = (not local and not reattach and isinstance(engine, Restartable)
+                and _costs_nothing(engine, job))
         # A paid job whose attempt died before its first request that can bill (its draft still
         # being read and encoded): nothing reached the provider, so it runs again, hold kept.
         unsent = not local and not reattach and job.sent_nothing()
@@ -543,7 +545,7 @@ class Scheduler:
                       "attempts": [*(job.attempts or []), {"engine": job.engine, "status": "interrupted",
                                                            "error": None}]}
             outcome = "reattaching" if reattach else "requeued"
-            if not reattach and not (free and restartable(engine, job)):
+            if not reattach and not free:
                 values["provider_work"] = None  # run afresh (a free engine's earlier work is not followed)
         elif rerun and not reattach:
             error = Interrupted(

@@ -166,6 +166,13 @@ def resuming_factory(ctx: EngineContext) -> FakePaidEngine:
     return engine
 
 
+def zero_priced_factory(ctx: EngineContext) -> FakePaidEngine:
+    """A cloud engine an operator priced at 0 in the prices file: its provider may bill all the same."""
+    engine = FakePaidEngine(ctx, name="fake-zero")
+    engine._prices = PriceTable("fake-zero", {"fake-1": {"image": 0}}, "2026-11")
+    return engine
+
+
 def unpriced_factory(ctx: EngineContext) -> FakePaidEngine:
     engine = FakePaidEngine(ctx, name="fake-unpriced")
     engine._prices = PriceTable("fake-unpriced", {}, "2026-11")

@@ -144,18 +144,21 @@ def test_a_local_job_the_server_keeps_dying_under_is_given_up(
 def test_a_job_on_a_free_remote_engine_runs_again_after_a_crash(
         make_settings: SettingsFactory, start_server: Callable[[Settings], httpx.Client], factory: str) -> None:
     """A self-hosted server bills nothing, so a job it was running when the process died is run
-    again instead of being failed; the same row on a priced engine is failed (see above)."""
-    settings = make_settings(engines=f"fake-free=tests.fakes:{factory},fake-paid=tests.fakes:factory")
+    again instead of being failed; the same row on a priced engine is failed (see above), and so
+    is one on a cloud engine priced at 0 (its provider may bill, and would bill twice)."""
+    settings = make_settings(engines=f"fake-free=tests.fakes:{factory},fake-paid=tests.fakes:factory,"
+                                     "fake-zero=tests.fakes:zero_priced_factory")
     settings.data_dir.mkdir(parents=True)
     db = Database(settings.resolved_database_url)
     db.migrate()
-    project_id, free_id, paid_id = new_id("prj"), new_id("job"), new_id("job")
+    project_id, free_id, paid_id, zero_id = new_id("prj"), new_id("job"), new_id("job"), new_id("job")
     params = {"stage": "bridge", "prompt": "a lighthouse", "negative_prompt": "", "n": 1, "seed": 5,
               "width": 64, "height": 64, "tags": {}}
     with db.transaction() as s:
         s.add(Project(id=project_id, name="self-hosted", policy="balanced"))
         s.flush()
-        for job_id, engine, estimated in ((free_id, "fake-free", 0), (paid_id, "fake-paid", 10_000)):
+        for job_id, engine, estimated in ((free_id, "fake-free", 0), (paid_id, "fake-paid", 10_000),
+                                          (zero_id, "fake-zero", 0)):
             s.add(Job(id=job_id, project_id=project_id, stage="bridge", engine=engine, model="fake-1",
                       params=params, estimated=estimated, provider_request_id="fake-1",
                       provider_work={"engine": engine, "handles": [{"id": "fake-1"}]},
@@ -164,6 +167,7 @@ def test_a_job_on_a_free_remote_engine_runs_again_after_a_crash(
 
     fakes.FORGOTTEN.clear()
     fakes.RESUMED.clear()
+    sent_before = len(fakes.SENT)
     client = start_server(settings)
     again = wait_for_job(client, free_id)
     assert again["status"] == "succeeded", again
@@ -177,8 +181,10 @@ def test_a_job_on_a_free_remote_engine_runs_again_after_a_crash(
     events = client.get(f"/v1/jobs/{free_id}/events").text
     assert ('"state":"restarted"' in events) == (factory == "free_factory")
     assert ('"state":"resumed"' in events) == (factory == "resuming_factory")
-    paid = client.get(f"/v1/jobs/{paid_id}").json()
-    assert (paid["status"], paid["error"]["code"]) == ("failed", "interrupted")
+    for job_id in (paid_id, zero_id):
+        ended = client.get(f"/v1/jobs/{job_id}").json()
+        assert (ended["status"], ended["error"]["code"]) == ("failed", "interrupted"), ended
+    assert len(fakes.SENT) - sent_before == 1  # the free job was sent again, and nothing else
 
 
 def test_graceful_stop_leaves_the_job_for_recovery_not_canceled(make_settings: SettingsFactory) -> None:
