@@ -19,6 +19,16 @@ from tiers.base import Engine, RenderRequest, Stage, to_credits
 from tiers.registry import EngineRegistry
 
 
+def priced(engine: Engine, req: RenderRequest) -> int:
+    """`engine.estimate(req)`, refusing a negative one (a third-party engine's bug) as no price:
+    taken as money back, it would win every `cheapest` race and hold nothing."""
+    estimate = engine.estimate(req)
+    if estimate < 0:
+        raise NoPrice(f"engine '{engine.name}' estimated {to_credits(estimate)} credits; a price cannot be negative",
+                      details={"engine": engine.name})
+    return estimate
+
+
 class NoUsableEngine(NoRoute):
     """A rule matched but none of its engines can take the request right now."""
 
@@ -176,8 +186,9 @@ class Router:
         if candidate.skipped:
             return candidate
         try:
-            candidate.estimate = engine.estimate(req)
+            candidate.estimate = priced(engine, req)
         except NoPrice as exc:
+            candidate.estimate = None
             candidate.skipped = f"unpriced: {exc.message}"
             candidate.refusal = exc
         except BadEngineInput as exc:

@@ -34,7 +34,7 @@ from orchestrator.ids import new_id
 from orchestrator.jobs import cache_key, render_request
 from orchestrator.ledger import Ledger
 from orchestrator.models import Asset, Job, utcnow
-from orchestrator.routing import fallbacks
+from orchestrator.routing import fallbacks, priced
 from orchestrator.store import ArtifactStore, PreviewFiles, encode_png
 from tiers.base import (
     DEVICE_SECONDS,
@@ -304,7 +304,7 @@ class JobRunner:
             if not engine.availability()[0]:
                 continue
             try:
-                estimate = engine.estimate(request)
+                estimate = priced(engine, request)
             except OrchestratorError:
                 continue
             try:

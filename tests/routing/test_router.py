@@ -67,6 +67,8 @@ ENGINES = [
     StubEngine("selfhosted", "local", 0, leaves_machine=True),
     StubEngine("offline", available=False),
     StubEngine("unpriced", price=None),
+    # A third-party engine's bug: it would be "cheapest", take no hold and run unchecked.
+    StubEngine("negative", price=-5),
 ]
 
 POLICIES = {
@@ -132,6 +134,13 @@ POLICIES = {
         name = "odd"
         match = { stage = ["bridge", "polish"] }
         engines = ["ghost", "broken", "lite", "offline", "unpriced", "cloud-a"]
+    """,
+    "buggy": """
+        [[rules]]
+        name = "buggy"
+        match = { stage = ["bridge", "polish"] }
+        engines = ["cloud-b", "negative"]
+        strategy = "cheapest"
     """,
     "unusable": """
         [[rules]]
@@ -391,6 +400,16 @@ def test_skip_reasons(decide: Decide) -> None:
     assert reasons["offline"].startswith("unavailable: no API key")
     assert reasons["unpriced"].startswith("unpriced:") and "no price" in reasons["unpriced"]
     assert {c.engine: c.estimate for c in decision.candidates}["unpriced"] is None
+
+
+def test_a_negative_estimate_is_no_price_not_a_bargain(decide: Decide) -> None:
+    decision = decide("buggy", "bridge")
+    assert (decision.chosen, decision.estimate) == ("cloud-b", 5_000)
+    reasons = skipped(decision)
+    assert reasons["negative"].startswith("unpriced:") and "-5.0" in reasons["negative"]
+    assert {c.engine: c.estimate for c in decision.candidates}["negative"] is None
+    with pytest.raises(NoPrice):
+        decide("buggy", "bridge", engine="negative")
 
 
 def test_fallbacks_lists_the_usable_rest_in_order(decide: Decide) -> None:
