@@ -228,18 +228,29 @@ class _StrictTomlSource(TomlConfigSettingsSource):
 
     def __call__(self) -> dict[str, Any]:
         known = _input_names(self.settings_cls)
-        unknown = [key for key in self.toml_data if key.lower() not in known]
-        if unknown:
-            fields = list(self.settings_cls.model_fields)
-            errors: list[InitErrorDetails] = []
-            for key in unknown:
+        fields = list(self.settings_cls.model_fields)
+        # A key may also be written as its variable is named (`ORCH_DATA_DIR`), as API.md lists them.
+        as_variables = {key: bare for key in self.toml_data
+                        if key.lower() not in known and (bare := key.lower().removeprefix(PREFIX.lower())) in fields}
+        errors: list[InitErrorDetails] = []
+
+        def refuse(key: str, message: str, **context: str) -> None:
+            error = PydanticCustomError("unknown_setting", "{file}: " + message,
+                                        {"file": str(self.toml_file_path), "key": key, **context})
+            errors.append(InitErrorDetails(type=error, loc=(key,), input=self.toml_data[key]))
+
+        for key in self.toml_data:
+            if key.lower() not in known and key not in as_variables:
                 match = _closest(key.lower().removeprefix(PREFIX.lower()), fields)
-                hint = f" (did you mean '{match}'?)" if match else ""
-                error = PydanticCustomError("unknown_setting", "{file}: unknown key '{key}'{hint}",
-                                            {"file": str(self.toml_file_path), "key": key, "hint": hint})
-                errors.append(InitErrorDetails(type=error, loc=(key,), input=self.toml_data[key]))
+                refuse(key, "unknown key '{key}'{hint}", hint=f" (did you mean '{match}'?)" if match else "")
+        values = dict(super().__call__())
+        for key, field in as_variables.items():
+            if field in values:
+                refuse(key, "'{key}' sets '{field}' a second time", field=field)
+            values[field] = values.pop(key)
+        if errors:
             raise ValidationError.from_exception_data(self.settings_cls.__name__, errors)
-        return super().__call__()
+        return values
 
 
 def _warn_unknown_variables(settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> None:

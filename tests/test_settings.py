@@ -44,6 +44,21 @@ def test_unknown_toml_key_is_an_error_naming_key_file_and_match(toml_file: Path)
     assert settings.policy == "local-only"
 
 
+def test_a_toml_key_may_be_written_as_its_variable_is_named(toml_file: Path) -> None:
+    """API.md lists the settings as variables, and says the file may set the same keys."""
+    toml_file.write_text('ORCH_LITE_MAX_BATCH = 3\norch_policy = "local-only"\nORCH_GEMINI_API_KEY = "k"\n')
+    settings = Settings()
+    assert (settings.lite_max_batch, settings.policy) == (3, "local-only")
+    assert settings.gemini_api_key is not None and settings.gemini_api_key.get_secret_value() == "k"
+
+    toml_file.write_text("lite_max_batch = 2\nORCH_LITE_MAX_BATCH = 3\nORCH_LITE_MAX_BACH = 4\n")
+    with pytest.raises(ValidationError) as info:
+        Settings()
+    assert sorted(error["msg"] for error in info.value.errors()) == [
+        f"{toml_file}: 'ORCH_LITE_MAX_BATCH' sets 'lite_max_batch' a second time",
+        f"{toml_file}: unknown key 'ORCH_LITE_MAX_BACH' (did you mean 'lite_max_batch'?)"]
+
+
 def test_cli_reports_an_unknown_toml_key_in_one_line(toml_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
     toml_file.write_text("max_body_byts = 2048\n")
     assert main(["migrate"]) == 2
