@@ -26,6 +26,7 @@ lint: $(BIN)/.installed
 
 bench: $(BIN)/.installed
 	$(BIN)/python bench/drafts.py
+	$(BIN)/python bench/history.py
 
 serve: $(BIN)/.installed
 	$(BIN)/orchestrator serve

@@ -4,8 +4,10 @@ Entries are append-only, in integer millicredits: `grant` (top-up), `hold` (an e
 before a paid job runs), `capture` (what was charged), `release` (what was not), `adjustment`
 (a correction, signed: what reconciling an `unreconciled` capture against the invoice adds). A
 capture, release or adjustment names its hold; a unique constraint makes a second one of a kind
-for one hold impossible. The one change ever made to a written entry is clearing a capture's
-`unreconciled` flag, in the transaction that writes its adjustment.
+for one hold impossible. The only changes ever made to a written entry are clearing a capture's
+`unreconciled` flag, in the transaction that writes its adjustment, and marking a hold `settled`,
+in the transaction that writes its capture or release (so open holds are found by an index, not
+by looking for each hold's settlement in the whole ledger).
 
 Balances are derived from entries, never kept in a counter: a budget window is computed from
 calendar boundaries in UTC, and spend in the window is the sum of its captures. Nothing resets.
@@ -26,15 +28,13 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, exists, func
-from sqlalchemy.orm import aliased
+from sqlalchemy import and_, func, literal
 from sqlmodel import Session, col, select
 
 from orchestrator.errors import BudgetExceeded, Conflict, NotFound, OrchestratorError
 from orchestrator.models import Job, LedgerEntry, Project, utcnow
 from tiers.base import to_credits
 
-SETTLEMENTS = ("capture", "release")
 # A reported cost over this many times the hold is captured as reported but flagged unreconciled.
 OVERRUN_REVIEW = 2
 
@@ -110,9 +110,15 @@ class Balance:
 
 
 def open_holds() -> Any:
-    settlement = aliased(LedgerEntry)
-    return and_(col(LedgerEntry.kind) == "hold",
-                ~exists().where(col(settlement.hold_id) == col(LedgerEntry.id)))
+    return and_(col(LedgerEntry.kind) == "hold", col(LedgerEntry.settled).is_(False))
+
+
+def charges() -> Any:
+    """Entries that count as spend: captures and adjustments. The kinds are written into the SQL,
+    not bound: PostgreSQL's generic plan for a bound `kind IN ($1, $2)` (psycopg prepares a query
+    it has run 5 times) scanned the whole budget window by date, 25 ms on a long ledger, where
+    the window index answers in microseconds."""
+    return col(LedgerEntry.kind).in_([literal(kind, literal_execute=True) for kind in ("capture", "adjustment")])
 
 
 class Ledger:
@@ -132,7 +138,7 @@ class Ledger:
         in_window = [] if start is None else [col(LedgerEntry.created_at) >= start, col(LedgerEntry.created_at) < end]
         return Balance(
             limit=project.budget_limit, period=project.budget_period, window_start=start, window_end=end,
-            charged=total(col(LedgerEntry.kind).in_(("capture", "adjustment")), *in_window),
+            charged=total(charges(), *in_window),
             held=total(open_holds()),
             granted=total(col(LedgerEntry.kind) == "grant", *in_window),
         )
@@ -146,8 +152,7 @@ class Ledger:
                       .where(col(LedgerEntry.job_id).in_(job_ids), open_holds())
                       .group_by(col(LedgerEntry.job_id))).all()
         charged = s.exec(select(LedgerEntry.job_id, func.sum(LedgerEntry.amount))
-                         .where(col(LedgerEntry.job_id).in_(job_ids),
-                                col(LedgerEntry.kind).in_(("capture", "adjustment")))
+                         .where(col(LedgerEntry.job_id).in_(job_ids), charges())
                          .group_by(col(LedgerEntry.job_id))).all()
         for job_id, amount in held:
             if job_id:
@@ -204,6 +209,8 @@ class Ledger:
             unreconciled = True
         amount = hold.amount if actual is None else actual
         now = self.clock()
+        hold.settled = True
+        s.add(hold)
         s.add(LedgerEntry(project_id=hold.project_id, job_id=job.id, kind="capture", amount=amount,
                           hold_id=hold.id, engine=job.engine, stage=job.stage, unreconciled=unreconciled,
                           over_hold=amount > hold.amount, note=note, created_at=now))
@@ -224,6 +231,8 @@ class Ledger:
         hold = self.open_hold(s, job.id)
         if hold is None:
             return 0
+        hold.settled = True
+        s.add(hold)
         s.add(LedgerEntry(project_id=hold.project_id, job_id=job.id, kind="release", amount=hold.amount,
                           hold_id=hold.id, engine=job.engine, stage=job.stage, note=note, created_at=self.clock()))
         return hold.amount

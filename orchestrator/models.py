@@ -63,7 +63,9 @@ class Job(SQLModel, table=True):
     __table_args__ = (sa.Index("ix_jobs_status_created", "status", "created_at"),
                       sa.Index("ix_jobs_project_status", "project_id", "status"),
                       # Queued jobs numbered in turns by project, in index order (orchestrator.queue).
-                      sa.Index("ix_jobs_status_project_created", "status", "project_id", "created_at", "id"))
+                      sa.Index("ix_jobs_status_project_created", "status", "project_id", "created_at", "id"),
+                      # /metrics counts jobs from the index alone, not by reading every row's JSON.
+                      sa.Index("ix_jobs_totals", "stage", "engine", "status"))
 
     id: str = Field(primary_key=True, max_length=40)
     project_id: str = Field(foreign_key="projects.id", index=True, max_length=40)
@@ -112,6 +114,7 @@ class Job(SQLModel, table=True):
 
 class Asset(SQLModel, table=True):
     __tablename__ = "assets"
+    __table_args__ = (sa.Index("ix_assets_stage", "stage"),)  # /metrics counts assets by stage from it
 
     id: str = Field(primary_key=True, max_length=40)
     project_id: str = Field(foreign_key="projects.id", index=True, max_length=40)
@@ -156,7 +159,14 @@ class LedgerEntry(SQLModel, table=True):
     """
 
     __tablename__ = "ledger_entries"
-    __table_args__ = (sa.UniqueConstraint("hold_id", "kind", name="uq_ledger_settlement"),)
+    __table_args__ = (sa.UniqueConstraint("hold_id", "kind", name="uq_ledger_settlement"),
+                      # Sums that must not read the whole ledger: open holds by project (the budget
+                      # check of every paid submit) and a budget window's charges and grants. With
+                      # `amount` in the index, SQLite sums without reading the rows.
+                      sa.Index("ix_ledger_open_holds", "kind", "settled", "project_id"),
+                      sa.Index("ix_ledger_project_window", "project_id", "kind", "created_at", "amount"),
+                      # /metrics' totals by engine, read from the index alone.
+                      sa.Index("ix_ledger_totals", "kind", "engine", "stage", "unreconciled", "amount"))
 
     id: int | None = Field(default=None, primary_key=True)
     project_id: str = Field(foreign_key="projects.id", index=True, max_length=40)
@@ -167,6 +177,9 @@ class LedgerEntry(SQLModel, table=True):
     engine: str | None = Field(default=None, max_length=100)
     stage: str | None = Field(default=None, max_length=20)
     unreconciled: bool = False
+    # On a hold: a capture or release names it. Set in the transaction that writes that entry (the
+    # unique `(hold_id, kind)` stays the guard against settling twice); open holds are found by it.
+    settled: bool = False
     # True when a capture exceeded its hold (the provider charged more than estimated).
     over_hold: bool = False
     note: str | None = Field(default=None, max_length=500)

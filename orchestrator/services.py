@@ -10,7 +10,7 @@ import math
 import os
 import tempfile
 import tomllib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from orchestrator.follow import JobFollower
 from orchestrator.health import EngineHealth
 from orchestrator.jobs import JobService
 from orchestrator.ledger import Ledger
+from orchestrator.metrics import render as metrics_text
 from orchestrator.models import Asset
 from orchestrator.queue import Scheduler
 from orchestrator.routing import Router
@@ -38,7 +39,7 @@ from orchestrator.store import ArtifactStore, PreviewFiles, SweepRefused
 from orchestrator.workers import DeviceLock, Presence
 from policies import PolicyStore
 from tiers._local import LocalRuntime
-from tiers.base import EngineContext, to_credits
+from tiers.base import EngineContext
 from tiers.lite import LiteEngine
 from tiers.registry import EngineRegistry
 
@@ -272,47 +273,7 @@ class Services:
         return self.engine_health.state(engine)
 
     def metrics(self) -> str:
-        """Prometheus text: jobs by stage, engine and status; assets by stage; credits charged
-        (by engine and stage), held and waiting for reconciliation (by engine)."""
-        from sqlalchemy import func
-        from sqlmodel import select
-
-        from orchestrator.ledger import open_holds
-        from orchestrator.models import Asset, Job, LedgerEntry
-
-        amount = func.coalesce(func.sum(LedgerEntry.amount), 0)
-        with self.db.session() as s:
-            jobs = s.exec(select(Job.stage, Job.engine, Job.status, func.count()).group_by(
-                Job.stage, Job.engine, Job.status)).all()
-            assets = s.exec(select(Asset.stage, func.count()).group_by(Asset.stage)).all()
-            charged = s.exec(select(LedgerEntry.engine, LedgerEntry.stage, amount)
-                             .where(col(LedgerEntry.kind).in_(("capture", "adjustment")))
-                             .group_by(col(LedgerEntry.engine), col(LedgerEntry.stage))).all()
-            held = s.exec(select(LedgerEntry.engine, amount).where(open_holds()).group_by(LedgerEntry.engine)).all()
-            unreconciled = s.exec(select(LedgerEntry.engine, amount)
-                                  .where(col(LedgerEntry.kind) == "capture", col(LedgerEntry.unreconciled))
-                                  .group_by(LedgerEntry.engine)).all()
-        lines = ["# HELP orchestrator_jobs Jobs by stage, engine and status.", "# TYPE orchestrator_jobs gauge"]
-        lines += [f'orchestrator_jobs{{stage="{_label(st)}",engine="{_label(en)}",status="{_label(stat)}"}} {n}'
-                  for st, en, stat, n in jobs]
-        lines += ["# HELP orchestrator_assets Assets by stage.", "# TYPE orchestrator_assets gauge"]
-        lines += [f'orchestrator_assets{{stage="{_label(st)}"}} {n}' for st, n in assets]
-        # Gauges, not counters: a reconciliation may lower what was charged.
-        lines += ["# HELP orchestrator_credits_charged Credits charged to date (captures and reconciliation "
-                  "adjustments), by engine and stage.", "# TYPE orchestrator_credits_charged gauge"]
-        lines += [f'orchestrator_credits_charged{{engine="{_label(en or "-")}",stage="{_label(st or "-")}"}} '
-                  f"{to_credits(int(n))}" for en, st, n in charged]
-        lines += ["# HELP orchestrator_credits_held Credits held for paid jobs not settled yet, by engine.",
-                  "# TYPE orchestrator_credits_held gauge"]
-        names = self.registry.names()
-        lines += [f'orchestrator_credits_held{{engine="{_label(en)}"}} {to_credits(n)}'
-                  for en, n in _every_engine(names, held)]
-        lines += ["# HELP orchestrator_credits_unreconciled Credits charged at the estimate, waiting for "
-                  "reconciliation with the provider's invoice, by engine.",
-                  "# TYPE orchestrator_credits_unreconciled gauge"]
-        lines += [f'orchestrator_credits_unreconciled{{engine="{_label(en)}"}} {to_credits(n)}'
-                  for en, n in _every_engine(names, unreconciled)]
-        return "\n".join(lines) + "\n"
+        return metrics_text(self.db, self.registry.names())
 
     async def aclose(self) -> None:
         tasks = [*self.background, *(task for task in (self.health_sharing, self.asset_sweeping) if task)]
@@ -341,14 +302,6 @@ class Services:
         self.db.dispose()
 
 
-def _every_engine(names: Iterable[str], rows: Iterable[Any]) -> list[tuple[str, int]]:
-    """`(engine, total)` rows with a 0 for each engine they lack: a dashboard tells "nothing
-    held" from a series that is not there."""
-    totals = dict.fromkeys(names, 0)
-    totals.update((engine or "-", int(n)) for engine, n in rows)
-    return sorted(totals.items())
-
-
 def _local_runtime(registry: EngineRegistry) -> LocalRuntime | None:
     """The device runtime the local engines share, if any engine has one."""
     for engine in registry:
@@ -363,9 +316,3 @@ def _device(runtime: LocalRuntime) -> str:
         return runtime.device_identity()
     except OrchestratorError:  # ORCH_LITE_DEVICE=cuda without CUDA: the job fails with that when it runs
         return runtime.settings.lite_device
-
-
-def _label(value: str) -> str:
-    """A Prometheus label value: backslash, quote and newline escaped (engine names come from
-    configuration)."""
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")

@@ -12,6 +12,7 @@ from sqlalchemy import func
 from sqlmodel import Session, col, select
 
 from orchestrator.errors import OrchestratorError
+from orchestrator.ledger import charges
 from orchestrator.models import Asset, LedgerEntry
 from tiers.base import RenderRequest, to_credits
 from tiers.registry import EngineRegistry
@@ -21,7 +22,7 @@ GroupBy = Literal["day", "engine", "stage", "project"]
 
 def spend(s: Session, group_by: GroupBy, start: datetime | None, end: datetime | None,
           project_id: str | None) -> dict[str, Any]:
-    where: list[Any] = [col(LedgerEntry.kind).in_(("capture", "adjustment"))]
+    where: list[Any] = [charges()]
     if start is not None:
         where.append(col(LedgerEntry.created_at) >= start)
     if end is not None:

@@ -158,3 +158,45 @@ def test_0003_keeps_the_keys_of_jobs_and_its_downgrade_drops_only_the_others(tmp
             assert "project_id" not in {c["name"] for c in inspect(conn).get_columns("idempotency_keys")}
     finally:
         engine.dispose()
+
+
+def check_holds_marked_settled_by_0010(url: str) -> None:
+    """0010 marks every hold a capture or release names as settled, and no other: open holds are
+    found by that flag from then on, so the upgrade must not leave one held forever or free one."""
+    from sqlalchemy import text
+    from sqlmodel import Session
+
+    from orchestrator.ledger import Ledger
+    from orchestrator.models import Project
+
+    upgrade(url, "0009")
+    engine = create_engine(url)
+    now = "2026-11-28 12:00:00.000000"
+    entries = [  # (id, kind, amount, hold_id): a captured hold, a released one, an open one
+        (1, "hold", 5000, None), (2, "capture", 4000, 1), (3, "release", 1000, 1), (4, "adjustment", 500, 1),
+        (5, "hold", 7000, None), (6, "release", 7000, 5),
+        (7, "hold", 9000, None), (8, "grant", 100000, None),
+    ]
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO projects (id, name, policy, budget_limit, budget_period, created_at) "
+                              "VALUES ('prj_1', 'p', 'balanced', 1000000, 'none', :now)"), {"now": now})
+            for entry_id, kind, amount, hold_id in entries:
+                conn.execute(text("INSERT INTO ledger_entries (id, project_id, kind, amount, hold_id, unreconciled, "
+                                  "over_hold, created_at) VALUES (:id, 'prj_1', :kind, :amount, :hold_id, false, "
+                                  "false, :now)"),
+                             {"id": entry_id, "kind": kind, "amount": amount, "hold_id": hold_id, "now": now})
+        upgrade(url)
+        with engine.connect() as conn:
+            settled = dict(conn.execute(text("SELECT id, settled FROM ledger_entries WHERE kind = 'hold'")).all())
+        assert {k: bool(v) for k, v in settled.items()} == {1: True, 5: True, 7: False}
+        with Session(engine) as s:
+            project = s.get(Project, "prj_1")
+            assert project is not None
+            assert Ledger().balance(s, project).held == 9000
+    finally:
+        engine.dispose()
+
+
+def test_0010_marks_settled_holds_on_sqlite(tmp_path: Path) -> None:
+    check_holds_marked_settled_by_0010(f"sqlite:///{tmp_path / 'm.db'}")

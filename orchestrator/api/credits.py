@@ -48,6 +48,8 @@ class LedgerEntryPublic(BaseModel):
     hold_id: str | None
     unreconciled: bool
     over_hold: bool
+    settled: bool | None = Field(description="on a hold: whether its capture or release is written (false while "
+                                             "its job runs); null on other kinds")
     created_at: datetime
     note: str | None
 
@@ -62,7 +64,8 @@ def _entry(e: LedgerEntry) -> LedgerEntryPublic:
     return LedgerEntryPublic(id=str(e.id), project_id=e.project_id, job_id=e.job_id, kind=e.kind,
                              amount=to_credits(e.amount), engine=e.engine, stage=e.stage,
                              hold_id=None if e.hold_id is None else str(e.hold_id),
-                             unreconciled=e.unreconciled, over_hold=e.over_hold, created_at=e.created_at,
+                             unreconciled=e.unreconciled, over_hold=e.over_hold,
+                             settled=e.settled if e.kind == "hold" else None, created_at=e.created_at,
                              note=e.note)
 
 

@@ -121,6 +121,7 @@ def assert_settled_once(entries: list[dict[str, Any]]) -> None:
         mine = [e for e in settlements if e["hold_id"] == hold_id]
         counts = Counter(e["kind"] for e in mine)
         assert mine, f"hold {hold_id} was never settled"
+        assert hold["settled"] is True, hold  # the flag open holds are found by agrees
         assert max(counts.values()) == 1, f"hold {hold_id} settled twice: {mine}"
         assert all(e["job_id"] == hold["job_id"] for e in mine)
         capture = next((e for e in mine if e["kind"] == "capture"), None)

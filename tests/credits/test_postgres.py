@@ -354,3 +354,9 @@ def test_a_commit_notifies_the_other_processes_and_a_rollback_does_not_on_postgr
 def add_project_row(db: Database) -> None:
     with db.transaction() as s:
         s.add(Project(id=new_id("prj"), name="rung", policy="balanced"))
+
+
+def test_0010_marks_settled_holds_on_postgres(postgres_url: str) -> None:
+    from tests.test_migrations import check_holds_marked_settled_by_0010
+
+    check_holds_marked_settled_by_0010(postgres_url)

@@ -165,6 +165,9 @@ def test_cancel_a_running_paid_job_settles_its_hold(api: httpx.Client) -> None:
         for event in iter_sse(stream):
             seen.append(event.event)
             if event.event == "state" and event.data.get("state") == "submitted":
+                # While the provider works the hold is open, and counts as held.
+                assert [e["settled"] for e in ledger(api, project_id)] == [False]
+                assert budget(api, project_id)["held"] == PRICE
                 response = api.post(f"/v1/jobs/{job_id}/cancel")  # the provider call is in flight
                 assert response.status_code == 202, response.text
             if event.event in TERMINAL:

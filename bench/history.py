@@ -1,0 +1,155 @@
+"""Benchmark: what the service's reads of its history cost as the history grows.
+
+This is a benchmark, not a test: it prints ONE JSON object to stdout.
+
+Every paid submit checks the project's budget inside the write transaction (`Ledger.balance`:
+charged and granted in the budget window, held by open holds), so its cost is paid by every paid
+request and, under the write lock, by everyone waiting behind it. `/metrics` totals jobs, assets
+and the whole ledger by engine on every scrape. Both are timed here on a database (a fresh SQLite
+file by default, or `--database-url`, migrated to head) holding one project with `--entries`
+ledger entries (settled holds, each with its capture, one every `--spacing-minutes` back from
+now, so most lie before the current monthly window), `--open` open holds, and `--jobs` finished
+draft jobs with one asset each; a second, empty project shows the floor.
+
+Run: `.venv/bin/python bench/history.py [--entries 200000] [--jobs 100000] [--open 10] [--repeats 20]`
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import insert
+
+
+def timed(call: Callable[[], object], repeats: int) -> dict[str, float]:
+    call()  # warm: the first read pays for the pages coming into the cache
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        samples.append(time.perf_counter() - start)
+    return {"median_ms": round(1000 * statistics.median(samples), 3), "max_ms": round(1000 * max(samples), 3)}
+
+
+def fill(db: Any, entries: int, open_holds: int, spacing: timedelta) -> None:
+    from orchestrator.models import Job, LedgerEntry, Project
+
+    now = datetime.now(UTC)
+    with db.transaction() as s:
+        s.add(Project(id="prj_big", name="big", policy="balanced", budget_limit=10**12, budget_period="month"))
+        s.add(Project(id="prj_new", name="new", policy="balanced", budget_limit=10**12, budget_period="month"))
+    rows: list[dict[str, Any]] = []
+    settled = "settled" in LedgerEntry.model_fields  # absent before the open-holds index
+    for k in range(entries // 2):
+        at = now - k * spacing
+        hold: dict[str, Any] = {"id": 2 * k + 1, "project_id": "prj_big", "kind": "hold", "amount": 10_000,
+                                "engine": "openai", "stage": "polish", "created_at": at}
+        if settled:
+            hold["settled"] = True
+        rows.append(hold)
+        rows.append({"id": 2 * k + 2, "project_id": "prj_big", "kind": "capture", "amount": 9_000,
+                     "hold_id": 2 * k + 1, "engine": "openai", "stage": "polish", "created_at": at})
+    with db.transaction() as s:
+        for first in range(0, len(rows), 10_000):
+            s.execute(insert(LedgerEntry), rows[first:first + 10_000])
+        for i in range(open_holds):
+            job = Job(id=f"job_open{i}", project_id="prj_big", stage="polish", engine="openai", model="m",
+                      status="queued", params={}, estimated=10_000)
+            s.add(job)
+            s.flush()
+            # Ids given, as above: PostgreSQL's sequence does not know of the ones given there.
+            s.add(LedgerEntry(id=2 * (entries // 2) + i + 1, project_id="prj_big", job_id=job.id, kind="hold",
+                              amount=10_000, engine="openai", stage="polish", created_at=now))
+
+
+def fill_drafts(db: Any, jobs: int) -> None:
+    """Finished draft jobs with one asset each, their JSON about the size the service writes."""
+    from orchestrator.models import Asset, Job
+
+    now = datetime.now(UTC)
+    params = {"stage": "ideation", "prompt": "a lighthouse at dusk, volumetric fog, 35mm", "negative_prompt": "",
+              "n": 1, "seed": 42, "width": 512, "height": 512, "steps": 4, "guidance_scale": 0.0, "tags": {}}
+    routing = {"policy": "balanced", "rule": "drafts", "strategy": "ordered", "chosen": "lite",
+               "candidates": [{"engine": "lite", "estimate": 0.0, "skipped": None}]}
+    record = {**params, "engine": "lite", "model": "stabilityai/sd-turbo", "sampler": "EulerAncestral",
+              "seconds": 0.4, "job_id": "", "asset_index": 0}
+    for first in range(0, jobs, 5_000):
+        batch = range(first, min(first + 5_000, jobs))
+        with db.transaction() as s:
+            s.execute(insert(Job), [{"id": f"job_d{i}", "project_id": "prj_big", "stage": "ideation",
+                                     "engine": "lite", "model": "stabilityai/sd-turbo", "status": "succeeded",
+                                     "params": params, "routing": routing, "attempts": [], "created_at": now}
+                                    for i in batch])
+            s.execute(insert(Asset), [{"id": f"ast_d{i}", "project_id": "prj_big", "job_id": f"job_d{i}",
+                                       "stage": "ideation", "engine": "lite", "model": "stabilityai/sd-turbo",
+                                       "prompt": params["prompt"], "width": 512, "height": 512,
+                                       "sha256": f"{i:064x}", "record": record, "created_at": now}
+                                      for i in batch])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--entries", type=int, default=200_000, help="ledger entries of the big project")
+    parser.add_argument("--open", type=int, default=10, help="open holds (queued paid jobs) among them")
+    parser.add_argument("--jobs", type=int, default=100_000, help="finished draft jobs, one asset each")
+    parser.add_argument("--spacing-minutes", type=float, default=2.0, help="time between settled holds")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--database-url", help="an empty database (default: a fresh SQLite file)")
+    args = parser.parse_args()
+
+    from orchestrator import metrics
+    from orchestrator.db import Database
+    from orchestrator.ledger import Ledger
+    from orchestrator.models import Project
+    from orchestrator.settings import Settings
+
+    data_dir = Path(tempfile.mkdtemp(prefix="bench-ledger-"))
+    settings = Settings(data_dir=data_dir, database_url=args.database_url)
+    db = Database(settings.resolved_database_url)
+    db.migrate()
+    start = time.perf_counter()
+    fill(db, args.entries, args.open, timedelta(minutes=args.spacing_minutes))
+    fill_drafts(db, args.jobs)
+    filled = time.perf_counter() - start
+    if db.engine.dialect.name == "postgresql":
+        # What autovacuum does to a table that grew: statistics, and the visibility map that lets
+        # an index-only scan skip the rows. Fresh from a bulk load, the planner knows neither.
+        with db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.exec_driver_sql("VACUUM ANALYZE")
+
+    ledger = Ledger()
+    results: dict[str, Any] = {}
+    with db.session() as s:
+        for project_id in ("prj_big", "prj_new"):
+            project = s.get(Project, project_id)
+            assert project is not None
+            balance = ledger.balance(s, project)
+            results[f"balance {project_id}"] = {**timed(functools.partial(ledger.balance, s, project), args.repeats),
+                                                "held": balance.held, "charged": balance.charged}
+    assert results["balance prj_big"]["held"] == 10_000 * args.open, results
+
+    results["metrics"] = timed(lambda: metrics.render(db, ["openai", "lite"]), args.repeats)
+
+    import sqlalchemy
+
+    print(json.dumps({
+        "config": {"entries": args.entries, "open_holds": args.open, "draft_jobs": args.jobs,
+                   "spacing_minutes": args.spacing_minutes, "repeats": args.repeats,
+                   "database": db.engine.dialect.name, "python": platform.python_version(),
+                   "sqlalchemy": sqlalchemy.__version__, "fill_s": round(filled, 1)},
+        "results": results,
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()

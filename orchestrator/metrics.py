@@ -1,0 +1,80 @@
+"""`GET /metrics`: Prometheus text read from the database, so every process sharing it (and a
+restarted one) reports the same figures."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+from typing import Any
+
+from sqlalchemy import func
+from sqlmodel import col, select
+
+from orchestrator.db import Database
+from orchestrator.ledger import charges, open_holds
+from orchestrator.models import Asset, Job, LedgerEntry
+from tiers.base import to_credits
+
+
+def render(db: Database, engines: Iterable[str]) -> str:
+    """Jobs by stage, engine and status; assets by stage; credits charged (by engine and stage),
+    held and waiting for reconciliation (by engine, with a 0 for each of `engines` that has none)."""
+    amount = func.coalesce(func.sum(LedgerEntry.amount), 0)
+    with db.session() as s:
+        jobs = s.exec(select(Job.stage, Job.engine, Job.status, func.count()).group_by(
+            Job.stage, Job.engine, Job.status)).all()
+        assets = s.exec(select(Asset.stage, func.count()).group_by(Asset.stage)).all()
+        # Grouped by kind too, in the totals index's order (no sort), and the kinds added up here.
+        charged: Counter[tuple[str | None, str | None]] = Counter()
+        for _kind, engine, stage, money in s.exec(
+                select(LedgerEntry.kind, LedgerEntry.engine, LedgerEntry.stage, amount)
+                .where(charges())
+                .group_by(col(LedgerEntry.kind), col(LedgerEntry.engine), col(LedgerEntry.stage))):
+            charged[engine, stage] += money
+        # Summed here: grouped in SQL, SQLite walks the totals index (no sort) instead of the few open holds.
+        held: Counter[str | None] = Counter()
+        for engine, money in s.exec(select(LedgerEntry.engine, LedgerEntry.amount).where(open_holds())):
+            held[engine] += money
+        unreconciled = s.exec(select(LedgerEntry.engine, amount)
+                              .where(col(LedgerEntry.kind) == "capture", col(LedgerEntry.unreconciled))
+                              .group_by(LedgerEntry.engine)).all()
+    names = list(engines)
+    lines = ["# HELP orchestrator_jobs Jobs by stage, engine and status.", "# TYPE orchestrator_jobs gauge"]
+    lines += [f'orchestrator_jobs{{stage="{_label(st)}",engine="{_label(en)}",status="{_label(stat)}"}} {n}'
+              for st, en, stat, n in jobs]
+    lines += ["# HELP orchestrator_assets Assets by stage.", "# TYPE orchestrator_assets gauge"]
+    lines += [f'orchestrator_assets{{stage="{_label(st)}"}} {n}' for st, n in assets]
+    # Gauges, not counters: a reconciliation may lower what was charged.
+    lines += ["# HELP orchestrator_credits_charged Credits charged to date (captures and reconciliation "
+              "adjustments), by engine and stage.", "# TYPE orchestrator_credits_charged gauge"]
+    lines += [f'orchestrator_credits_charged{{engine="{_label(en or "-")}",stage="{_label(st or "-")}"}} '
+              f"{to_credits(int(n))}" for (en, st), n in sorted(charged.items(), key=_by_labels)]
+    lines += ["# HELP orchestrator_credits_held Credits held for paid jobs not settled yet, by engine.",
+              "# TYPE orchestrator_credits_held gauge"]
+    lines += [f'orchestrator_credits_held{{engine="{_label(en)}"}} {to_credits(n)}'
+              for en, n in _every_engine(names, held.items())]
+    lines += ["# HELP orchestrator_credits_unreconciled Credits charged at the estimate, waiting for "
+              "reconciliation with the provider's invoice, by engine.",
+              "# TYPE orchestrator_credits_unreconciled gauge"]
+    lines += [f'orchestrator_credits_unreconciled{{engine="{_label(en)}"}} {to_credits(n)}'
+              for en, n in _every_engine(names, unreconciled)]
+    return "\n".join(lines) + "\n"
+
+
+def _every_engine(names: Iterable[str], rows: Iterable[Any]) -> list[tuple[str, int]]:
+    """`(engine, total)` rows with a 0 for each engine they lack: a dashboard tells "nothing
+    held" from a series that is not there."""
+    totals = dict.fromkeys(names, 0)
+    totals.update((engine or "-", int(n)) for engine, n in rows)
+    return sorted(totals.items())
+
+
+def _by_labels(item: tuple[tuple[str | None, str | None], int]) -> tuple[str, str]:
+    (engine, stage), _ = item
+    return engine or "", stage or ""
+
+
+def _label(value: str) -> str:
+    """A Prometheus label value: backslash, quote and newline escaped (engine names come from
+    configuration)."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
