@@ -5,7 +5,8 @@ This is a benchmark, not a test: it prints ONE JSON object to stdout.
 Every paid submit checks the project's budget inside the write transaction (`Ledger.balance`:
 charged and granted in the budget window, held by open holds), so its cost is paid by every paid
 request and, under the write lock, by everyone waiting behind it. `/metrics` totals jobs, assets
-and the whole ledger by engine on every scrape. Both are timed here on a database (a fresh SQLite
+and the whole ledger by engine on every scrape, and a cost dashboard asks `/v1/spend` for its
+report. All are timed here on a database (a fresh SQLite
 file by default, or `--database-url`, migrated to head) holding one project with `--entries`
 ledger entries (settled holds, each with its capture, one every `--spacing-minutes` back from
 now, so most lie before the current monthly window), `--open` open holds, and `--jobs` finished
@@ -109,9 +110,10 @@ def main() -> None:
 
     from orchestrator import metrics
     from orchestrator.db import Database
-    from orchestrator.ledger import Ledger
+    from orchestrator.ledger import Ledger, window
     from orchestrator.models import Project
     from orchestrator.settings import Settings
+    from orchestrator.spend import spend
 
     data_dir = Path(tempfile.mkdtemp(prefix="bench-ledger-"))
     settings = Settings(data_dir=data_dir, database_url=args.database_url)
@@ -139,6 +141,11 @@ def main() -> None:
     assert results["balance prj_big"]["held"] == 10_000 * args.open, results
 
     results["metrics"] = timed(lambda: metrics.render(db, ["openai", "lite"]), args.repeats)
+    month = window("month", datetime.now(UTC))
+    with db.session() as s:
+        results["spend: the big project's month by engine"] = timed(
+            functools.partial(spend, s, "engine", *month, "prj_big"), args.repeats)
+        results["spend: everything by day"] = timed(functools.partial(spend, s, "day", None, None, None), args.repeats)
 
     import sqlalchemy
 

@@ -8,7 +8,7 @@ import io
 from datetime import datetime
 from typing import Any, Literal
 
-from sqlalchemy import func
+from sqlalchemy import case, distinct, func
 from sqlmodel import Session, col, select
 
 from orchestrator.errors import OrchestratorError
@@ -22,6 +22,8 @@ GroupBy = Literal["day", "engine", "stage", "project"]
 
 def spend(s: Session, group_by: GroupBy, start: datetime | None, end: datetime | None,
           project_id: str | None) -> dict[str, Any]:
+    """Summed by the database, not row by row here: a dashboard's month of a busy project is tens
+    of thousands of entries (a whole history by day took 2.5 s read into Python at 100,000)."""
     where: list[Any] = [charges()]
     if start is not None:
         where.append(col(LedgerEntry.created_at) >= start)
@@ -29,47 +31,33 @@ def spend(s: Session, group_by: GroupBy, start: datetime | None, end: datetime |
         where.append(col(LedgerEntry.created_at) < end)
     if project_id:
         where.append(col(LedgerEntry.project_id) == project_id)
-    rows = s.exec(select(LedgerEntry).where(*where).order_by(col(LedgerEntry.id))).all()
-    groups: dict[str, dict[str, Any]] = {}
-    jobs_seen: dict[str, set[str]] = {}
-    for entry in rows:
-        key = {
-            "day": entry.created_at.date().isoformat(),
-            "engine": entry.engine or "-",
-            "stage": entry.stage or "-",
-            "project": entry.project_id,
-        }[group_by]
-        group = groups.setdefault(key, {"key": key, "charged": 0, "unreconciled": 0})
-        group["charged"] += entry.amount
-        if entry.unreconciled:
-            group["unreconciled"] += entry.amount
-        if entry.job_id and entry.kind == "capture":  # an adjustment made later is not another job
-            jobs_seen.setdefault(key, set()).add(entry.job_id)
-    images = _images_per_job(s, {j for js in jobs_seen.values() for j in js})
-    out = []
-    for key in sorted(groups):
-        group = groups[key]
-        job_ids = jobs_seen.get(key, set())
-        out.append({"key": key, "charged": to_credits(group["charged"]),
-                    "unreconciled": to_credits(group["unreconciled"]), "jobs": len(job_ids),
-                    "images": sum(images.get(j, 0) for j in job_ids)})
-    total = sum(g["charged"] for g in groups.values())
+    key = _group_key(group_by, s.get_bind().dialect.name).label("key")
+    amount = col(LedgerEntry.amount)
+    # A job is counted by its capture: an adjustment made later is not another job.
+    captured_job = case((col(LedgerEntry.kind) == "capture", col(LedgerEntry.job_id)))
+    rows = s.exec(select(key, func.sum(amount), func.sum(case((col(LedgerEntry.unreconciled), amount), else_=0)),
+                         func.count(distinct(captured_job)))
+                  .where(*where).group_by(key)).all()
+    # The images of those jobs, each job once per group.
+    jobs = (select(key, col(LedgerEntry.job_id).label("job_id"))
+            .where(*where, col(LedgerEntry.kind) == "capture", col(LedgerEntry.job_id).is_not(None))
+            .distinct().subquery())
+    images = dict(s.exec(select(jobs.c.key, func.count(col(Asset.id)))
+                         .join(Asset, col(Asset.job_id) == jobs.c.job_id).group_by(jobs.c.key)).all())
+    out = [{"key": str(k), "charged": to_credits(int(charged)), "unreconciled": to_credits(int(unreconciled)),
+            "jobs": int(job_count), "images": int(images.get(k, 0))}
+           for k, charged, unreconciled, job_count in sorted(rows, key=lambda row: str(row[0]))]
+    total = sum(int(row[1]) for row in rows)
     return {"group_by": group_by, "from": start, "to": end, "groups": out, "total": to_credits(total)}
 
 
-# Job ids per query: one bind parameter each, and PostgreSQL takes at most 65535 (SQLite builds
-# as few as 32766): a report over a busy install's history must not hit either.
-ID_BATCH = 10_000
-
-
-def _images_per_job(s: Session, job_ids: set[str]) -> dict[str, int]:
-    ids = sorted(job_ids)
-    counts: dict[str, int] = {}
-    for start in range(0, len(ids), ID_BATCH):
-        rows = s.exec(select(Asset.job_id, func.count()).where(col(Asset.job_id).in_(ids[start:start + ID_BATCH]))
-                      .group_by(col(Asset.job_id))).all()
-        counts.update((job_id, int(n)) for job_id, n in rows)
-    return counts
+def _group_key(group_by: GroupBy, dialect: str) -> Any:
+    if group_by == "day":  # the UTC calendar day, as every time in the API is UTC
+        if dialect == "postgresql":
+            return func.to_char(func.timezone("UTC", col(LedgerEntry.created_at)), "YYYY-MM-DD")
+        return func.date(col(LedgerEntry.created_at))  # SQLite keeps the UTC time as text
+    return {"engine": func.coalesce(col(LedgerEntry.engine), "-"), "stage": func.coalesce(col(LedgerEntry.stage), "-"),
+            "project": col(LedgerEntry.project_id)}[group_by]
 
 
 def savings(s: Session, registry: EngineRegistry, start: datetime | None, end: datetime | None,

@@ -37,8 +37,10 @@ from tests.api import (
     wait_for_job,
     worker_process,
 )
+from tests.credits import PRICE, ledger, project_with_draft, promote_ok
 from tests.credits.conftest import ENGINES, POLICY
 from tests.credits.test_budget import check_budget_race
+from tests.test_migrations import check_holds_marked_settled_by_0010
 
 psycopg = pytest.importorskip("psycopg")
 SERVER = "127.0.0.1:5432"
@@ -357,6 +359,19 @@ def add_project_row(db: Database) -> None:
 
 
 def test_0010_marks_settled_holds_on_postgres(postgres_url: str) -> None:
-    from tests.test_migrations import check_holds_marked_settled_by_0010
-
     check_holds_marked_settled_by_0010(postgres_url)
+
+
+def test_spend_is_summed_by_postgres_as_by_sqlite(pg_api: httpx.Client) -> None:
+    """The report's sums and its UTC day keys are the database's own SQL, so both are checked here."""
+    project_id, asset_id = project_with_draft(pg_api, {"limit": 100, "period": "month"})
+    for tags in ({}, {"fake": "timeout"}):  # one image, and one capture left unreconciled
+        wait_for_job(pg_api, promote_ok(pg_api, asset_id, tags=tags)["id"])
+    days = {e["created_at"][:10] for e in ledger(pg_api, project_id) if e["kind"] == "capture"}
+    expected = {"charged": 2 * PRICE, "unreconciled": PRICE, "jobs": 2, "images": 1}
+    for group_by, key in (("engine", "fake-paid"), ("stage", "bridge"), ("day", min(days))):
+        if group_by == "day" and len(days) > 1:
+            continue  # the captures straddle midnight
+        report = pg_api.get("/v1/spend", params={"group_by": group_by, "project_id": project_id}).json()
+        assert report["groups"] == [{"key": key, **expected}], (group_by, report)
+        assert report["total"] == 2 * PRICE
