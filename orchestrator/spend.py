@@ -23,7 +23,7 @@ GroupBy = Literal["day", "engine", "stage", "project"]
 def spend(s: Session, group_by: GroupBy, start: datetime | None, end: datetime | None,
           project_id: str | None) -> dict[str, Any]:
     """Summed by the database, not row by row here: a dashboard's month of a busy project is tens
-    of thousands of entries (a whole history by day took 2.5 s read into Python at 100,000)."""
+    of thousands of entries (a history of 100,000 captures took 2.5 s by day, read into Python)."""
     where: list[Any] = [charges()]
     if start is not None:
         where.append(col(LedgerEntry.created_at) >= start)
