@@ -35,11 +35,11 @@ def upgrade() -> None:
     op.create_index('ix_ledger_project_window', 'ledger_entries', ['project_id', 'kind', 'created_at', 'amount'])
     op.create_index('ix_ledger_totals', 'ledger_entries', ['kind', 'engine', 'stage', 'unreconciled', 'amount'])
     op.create_index('ix_jobs_totals', 'jobs', ['stage', 'engine', 'status'])
-    op.create_index('ix_assets_stage', 'assets', ['stage'])
+    op.create_index('ix_assets_stage_size', 'assets', ['stage', 'width', 'height', 'project_id', 'created_at'])
 
 
 def downgrade() -> None:
-    op.drop_index('ix_assets_stage', table_name='assets')
+    op.drop_index('ix_assets_stage_size', table_name='assets')
     op.drop_index('ix_jobs_totals', table_name='jobs')
     op.drop_index('ix_ledger_totals', table_name='ledger_entries')
     op.drop_index('ix_ledger_project_window', table_name='ledger_entries')
