@@ -6,7 +6,7 @@ Every paid submit checks the project's budget inside the write transaction (`Led
 charged and granted in the budget window, held by open holds), so its cost is paid by every paid
 request and, under the write lock, by everyone waiting behind it. `/metrics` totals jobs, assets
 and the whole ledger by engine on every scrape, and a cost dashboard asks `/v1/spend` for its
-report. All are timed here on a database (a fresh SQLite
+report (with its `savings`, the period's drafts counted by size). All are timed here on a database (a fresh SQLite
 file by default, or `--database-url`, migrated to head) holding one project with `--entries`
 ledger entries (settled holds, each with its capture, one every `--spacing-minutes` back from
 now, so most lie before the current monthly window), `--open` open holds, and `--jobs` finished
@@ -113,7 +113,8 @@ def main() -> None:
     from orchestrator.ledger import Ledger, window
     from orchestrator.models import Project
     from orchestrator.settings import Settings
-    from orchestrator.spend import spend
+    from orchestrator.spend import savings, spend
+    from tiers.registry import EngineRegistry
 
     data_dir = Path(tempfile.mkdtemp(prefix="bench-ledger-"))
     settings = Settings(data_dir=data_dir, database_url=args.database_url)
@@ -146,6 +147,9 @@ def main() -> None:
         results["spend: the big project's month by engine"] = timed(
             functools.partial(spend, s, "engine", *month, "prj_big"), args.repeats)
         results["spend: everything by day"] = timed(functools.partial(spend, s, "day", None, None, None), args.repeats)
+        no_engines = EngineRegistry({}, {})  # the draft counts are what is timed, not the pricing
+        results["savings: the big project's month"] = timed(
+            functools.partial(savings, s, no_engines, *month, "prj_big"), args.repeats)
 
     import sqlalchemy
 
