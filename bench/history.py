@@ -6,8 +6,9 @@ Every paid submit checks the project's budget inside the write transaction (`Led
 charged and granted in the budget window, held by open holds), so its cost is paid by every paid
 request and, under the write lock, by everyone waiting behind it. `/metrics` totals jobs, assets
 and the whole ledger by engine on every scrape, and a cost dashboard asks `/v1/spend` for its
-report (with its `savings`, the period's drafts counted by size). All are timed here on a database (a fresh SQLite
-file by default, or `--database-url`, migrated to head) holding one project with `--entries`
+report (with its `savings`, the period's drafts counted by size). All are timed here on a
+database (a fresh SQLite file by default, or `--database-url`, migrated to head) holding one
+project with `--entries`
 ledger entries (settled holds, each with its capture, one every `--spacing-minutes` back from
 now, so most lie before the current monthly window), `--open` open holds, and `--jobs` finished
 draft jobs with one asset each; a second, empty project shows the floor.
