@@ -1,8 +1,13 @@
-"""`orchestrator check`: whether every asset's PNG is in the store, byte for byte.
+"""`orchestrator check`: whether every asset's PNG is in the store, byte for byte, and whether the
+ledger's entries add up.
 
-For an operator after a restore from backup, a disk error or a move of the data dir: an asset
-whose file is missing, unreadable, or whose bytes no longer hash to the sha256 its row records
-cannot be served; the files no asset names are counted (the service's own sweep removes them).
+For an operator after a restore from backup, a disk error, a move of the data dir or a hand-made
+fix in the database: an asset whose file is missing, unreadable, or whose bytes no longer hash to
+the sha256 its row records cannot be served; the files no asset names are counted (the service's
+own sweep removes them). In the ledger, every hold is open or settled by its capture and/or
+release (their amounts making up the hold, unless the provider charged more), its `settled` flag
+says which, a job has at most one open hold, and an adjustment follows a reconciled capture of
+the same hold: an entry breaking one of these is money counted twice or not at all.
 
 Read-only, on a read-only mount too: the database is opened read-only (SQLite with `mode=ro`,
 PostgreSQL in read-only transactions) and nothing is created in the data dir.
@@ -17,13 +22,15 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from sqlalchemy import create_engine
+from sqlalchemy import create_engine, func, or_
 from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.orm import aliased
 from sqlmodel import Session, col, select
 
 from orchestrator.db import postgres_connect_args
 from orchestrator.errors import NotFound
-from orchestrator.models import Asset
+from orchestrator.events import TERMINAL
+from orchestrator.models import Asset, Job, LedgerEntry
 from orchestrator.store import ORPHAN_BATCH, ArtifactStore, stored_sha
 
 PAGE = 1000
@@ -50,6 +57,33 @@ class StoreReport:
     @property
     def ok(self) -> bool:
         return not (self.missing or self.damaged or self.unreadable or self.malformed)
+
+
+@dataclass
+class LedgerReport:
+    entries: int = 0
+    holds: int = 0
+    # What is wrong -> the ledger entry ids (as text) it is wrong about.
+    problems: dict[str, list[str]] = field(default_factory=dict)
+    open_finished: list[str] = field(default_factory=list)  # holds of finished jobs (the sweep settles them)
+    unreconciled: int = 0  # captures waiting for the invoice
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def flag(self, problem: str, entry_id: int | None) -> None:
+        self.problems.setdefault(problem, []).append(str(entry_id))
+
+
+# The problems `check_ledger` finds, as the report words them.
+SETTLED_WITHOUT_ENTRY = "holds marked settled with no capture or release (neither held nor charged)"
+OPEN_BUT_SETTLED = "holds still open with a capture or release (counted as held and settled)"
+AMOUNTS = "holds whose capture and release do not add up to the hold"
+SECOND_OPEN_HOLD = "open holds of a job that has another open hold"
+STRAY = "captures, releases or adjustments naming an entry that is not their job's hold"
+LOOSE_RELEASE = "releases naming no hold"
+EARLY_ADJUSTMENT = "adjustments of a capture still unreconciled, or of none"
 
 
 def read_only_engine(url: str) -> Engine:
@@ -88,6 +122,93 @@ def check_store(engine: Engine, store: ArtifactStore, *, hashes: bool = True) ->
                 getattr(report, verdict).append(asset_id)
     report.unnamed = _unnamed(engine, store)
     return report
+
+
+def check_ledger(engine: Engine) -> LedgerReport:
+    report = LedgerReport()
+    with Session(engine) as s:
+        report.entries = int(s.exec(select(func.count()).select_from(LedgerEntry)).one())
+        report.unreconciled = int(s.exec(select(func.count()).select_from(LedgerEntry).where(
+            col(LedgerEntry.kind) == "capture", col(LedgerEntry.unreconciled).is_(True))).one())
+    open_jobs: set[str] = set()
+    for holds, settlements, statuses in _hold_pages(engine):
+        for hold in holds:
+            report.holds += 1
+            mine = settlements.get(hold.id or 0, {})
+            capture, release = mine.get("capture"), mine.get("release")
+            if hold.settled and not mine:
+                report.flag(SETTLED_WITHOUT_ENTRY, hold.id)
+            elif not hold.settled and mine:
+                report.flag(OPEN_BUT_SETTLED, hold.id)
+            if mine and not _adds_up(hold.amount, capture, release):
+                report.flag(AMOUNTS, hold.id)
+            if not hold.settled:
+                if hold.job_id in open_jobs:
+                    report.flag(SECOND_OPEN_HOLD, hold.id)
+                open_jobs.add(hold.job_id or "")
+                if statuses.get(hold.job_id or "") in TERMINAL:
+                    report.open_finished.append(str(hold.id))
+    with Session(engine) as s:
+        for problem, ids in ((STRAY, _stray(s)), (LOOSE_RELEASE, _loose_releases(s)),
+                             (EARLY_ADJUSTMENT, _early_adjustments(s))):
+            for entry_id in ids:
+                report.flag(problem, entry_id)
+    return report
+
+
+def _adds_up(held: int, capture: LedgerEntry | None, release: LedgerEntry | None) -> bool:
+    captured = capture.amount if capture is not None else 0
+    released = release.amount if release is not None else 0
+    if capture is not None and captured > held:  # the provider charged more: nothing is released
+        return release is None
+    return captured + released == held
+
+
+def _hold_pages(engine: Engine) -> Iterator[tuple[list[LedgerEntry], dict[int, dict[str, LedgerEntry]],
+                                                  dict[str, str]]]:
+    """Holds by id, a page at a time, with their captures and releases and their jobs' statuses."""
+    after = 0
+    while True:
+        with Session(engine) as s:
+            holds = list(s.exec(select(LedgerEntry).where(col(LedgerEntry.kind) == "hold", col(LedgerEntry.id) > after)
+                                .order_by(col(LedgerEntry.id)).limit(PAGE)).all())
+            if not holds:
+                return
+            ids = [hold.id for hold in holds]
+            settlements: dict[int, dict[str, LedgerEntry]] = {}
+            for entry in s.exec(select(LedgerEntry).where(col(LedgerEntry.hold_id).in_(ids),
+                                                          col(LedgerEntry.kind).in_(("capture", "release")))):
+                settlements.setdefault(entry.hold_id or 0, {})[entry.kind] = entry
+            job_ids = {hold.job_id for hold in holds if hold.job_id}
+            statuses = dict(s.exec(select(Job.id, Job.status).where(col(Job.id).in_(job_ids))).all())
+        yield holds, settlements, statuses
+        after = holds[-1].id or 0
+
+
+def _stray(s: Session) -> list[int | None]:
+    hold = aliased(LedgerEntry)
+    entry = aliased(LedgerEntry)
+    return list(s.exec(select(entry.id).join(hold, col(hold.id) == col(entry.hold_id))
+                       .where(col(entry.kind).in_(("capture", "release", "adjustment")),
+                              or_(col(hold.kind) != "hold", col(hold.project_id) != col(entry.project_id),
+                                  ~col(hold.job_id).is_not_distinct_from(col(entry.job_id))))
+                       .order_by(col(entry.id))).all())
+
+
+def _loose_releases(s: Session) -> list[int | None]:
+    return list(s.exec(select(LedgerEntry.id).where(col(LedgerEntry.kind) == "release",
+                                                    col(LedgerEntry.hold_id).is_(None))
+                       .order_by(col(LedgerEntry.id))).all())
+
+
+def _early_adjustments(s: Session) -> list[int | None]:
+    capture = aliased(LedgerEntry)
+    adjustment = aliased(LedgerEntry)
+    reconciled = select(capture.id).where(col(capture.hold_id) == col(adjustment.hold_id),
+                                          col(capture.kind) == "capture",
+                                          col(capture.unreconciled).is_(False)).exists()
+    return list(s.exec(select(adjustment.id).where(col(adjustment.kind) == "adjustment", ~reconciled)
+                       .order_by(col(adjustment.id))).all())
 
 
 def _asset_pages(engine: Engine) -> Iterator[list[tuple[str, str]]]:

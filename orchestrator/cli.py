@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     worker.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="log level")
 
     sub.add_parser("migrate", help="apply database migrations and exit")
-    check = sub.add_parser("check", help="verify that every asset's PNG is in the store, byte for byte (read-only)")
+    check = sub.add_parser("check", help=("verify that every asset's PNG is in the store, byte for byte, "
+                                          "and that the ledger adds up (read-only)"))
     check.add_argument("--no-hash", action="store_true",
                        help="only look that each file is there, without reading it (fast on a large store)")
 
@@ -258,10 +259,11 @@ CHECK_SHOWN = 20
 
 
 def _check(*, no_hash: bool) -> int:
-    """Exit 0 when every asset's file is sound, 1 when some are not, 2 when nothing could be checked."""
+    """Exit 0 when every asset's file is sound and the ledger adds up, 1 when not, 2 when nothing
+    could be checked."""
     from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
-    from orchestrator.check import CannotCheck, check_store, open_store, read_only_engine
+    from orchestrator.check import CannotCheck, check_ledger, check_store, open_store, read_only_engine
     from orchestrator.settings import Settings
 
     settings = Settings()
@@ -269,6 +271,7 @@ def _check(*, no_hash: bool) -> int:
         engine = read_only_engine(settings.resolved_database_url)
         try:
             report = check_store(engine, open_store(settings.assets_dir), hashes=not no_hash)
+            ledger = check_ledger(engine)
         finally:
             engine.dispose()
     except CannotCheck as exc:
@@ -284,12 +287,32 @@ def _check(*, no_hash: bool) -> int:
                       (report.damaged, "damaged (the bytes do not match their sha256)"),
                       (report.malformed, "with a malformed sha256 in their row")):
         if ids:
-            more = f", ... ({len(ids) - CHECK_SHOWN} more)" if len(ids) > CHECK_SHOWN else ""
-            print(f"{len(ids)} assets {what}: {', '.join(ids[:CHECK_SHOWN])}{more}")
+            print(f"{len(ids)} assets {what}: {_shown(ids)}")
     if report.unnamed:
         print(f"{report.unnamed} files no asset names (canceled jobs' images; the service removes them after an hour)")
-    print("ok" if report.ok else "PROBLEMS: restore those assets' files from a backup (the ids above name them)")
-    return 0 if report.ok else 1
+    print(f"ledger: {ledger.entries} entries, {ledger.holds} holds")
+    for what, ids in ledger.problems.items():
+        print(f"{len(ids)} {what}: entries {_shown(ids)}")
+    if ledger.open_finished:
+        print(f"{len(ledger.open_finished)} open holds of finished jobs (the service's hourly sweep settles them): "
+              f"entries {_shown(ledger.open_finished)}")
+    if ledger.unreconciled:
+        print(f"{ledger.unreconciled} captures wait to be reconciled against an invoice "
+              "(GET /v1/projects/{id}/ledger?unreconciled=true)")
+    if report.ok and ledger.ok:
+        print("ok")
+        return 0
+    if not report.ok:
+        print("PROBLEMS: restore those assets' files from a backup (the ids above name them)")
+    if not ledger.ok:
+        print("PROBLEMS: the ledger entries above do not add up; budgets and spend are off by them "
+              "until they are corrected (restore the database, or correct them by hand)")
+    return 1
+
+
+def _shown(ids: list[str]) -> str:
+    more = f", ... ({len(ids) - CHECK_SHOWN} more)" if len(ids) > CHECK_SHOWN else ""
+    return ", ".join(ids[:CHECK_SHOWN]) + more
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ from tests.api import (
 from tests.credits import PRICE, ledger, project_with_draft, promote_ok
 from tests.credits.conftest import ENGINES, POLICY
 from tests.credits.test_budget import check_budget_race
+from tests.credits.test_check import check_ledger_findings
 from tests.test_migrations import check_holds_marked_settled_by_0010
 
 psycopg = pytest.importorskip("psycopg")
@@ -360,6 +361,14 @@ def add_project_row(db: Database) -> None:
 
 def test_0010_marks_settled_holds_on_postgres(postgres_url: str) -> None:
     check_holds_marked_settled_by_0010(postgres_url)
+
+
+def test_check_finds_a_ledger_that_does_not_add_up_on_postgres(
+        pg_api: httpx.Client, postgres_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("ORCH_DATA_DIR", str(tmp_path / "data"))  # pg_api's: its assets
+    monkeypatch.setenv("ORCH_DATABASE_URL", postgres_url)
+    check_ledger_findings(pg_api, postgres_url, capsys)
 
 
 def test_spend_is_summed_by_postgres_as_by_sqlite(pg_api: httpx.Client) -> None:

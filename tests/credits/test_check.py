@@ -1,0 +1,115 @@
+"""`orchestrator check` on the ledger: real settlements (partial, over the hold, reconciled) add up;
+an entry edited, lost or added by hand is named."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy import create_engine, text
+
+from orchestrator import check
+from orchestrator.cli import main
+from orchestrator.server import serve_in_thread
+from orchestrator.settings import Settings
+from tests.credits import ledger, project_with_draft, promote_ok, wait_for_job
+
+
+@pytest.fixture
+def served(paid_settings_for: Callable[..., Settings], tmp_path: Path,
+           monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[httpx.Client, Path]]:
+    """A service of its own (its database is edited by hand), and the CLI's environment on it."""
+    settings = paid_settings_for(tmp_path / "data")
+    monkeypatch.setenv("ORCH_DATA_DIR", str(settings.data_dir))
+    with serve_in_thread(settings) as base, httpx.Client(base_url=base, timeout=30.0) as client:
+        yield client, settings.data_dir / "orchestrator.db"
+
+
+def paid_jobs(api: httpx.Client) -> tuple[str, dict[str, dict[str, dict[str, object]]]]:
+    """One job of each way a hold is settled; returns the project and, per way, its entries by kind."""
+    project_id, asset_id = project_with_draft(api, {"limit": 1000, "period": "month"})
+    ways = {"partial": {"cost": "7.5"}, "over": {"cost": "12"}, "estimate": {}, "unknown": {"fake": "timeout"},
+            "reconciled": {"fake": "timeout"}}
+    jobs = {way: wait_for_job(api, promote_ok(api, asset_id, tags=tags)["id"]) for way, tags in ways.items()}
+    capture = next(e for e in ledger(api, project_id)
+                   if e["kind"] == "capture" and e["job_id"] == jobs["reconciled"]["id"])
+    reconciled = api.post(f"/v1/projects/{project_id}/ledger/{capture['id']}/reconcile", json={"charged": 3})
+    assert reconciled.status_code == 201, reconciled.text
+    entries = ledger(api, project_id)
+    by_way = {way: {e["kind"]: e for e in entries if e["job_id"] == job["id"]} for way, job in jobs.items()}
+    return project_id, by_way
+
+
+def run_check(capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    status = main(["check"])
+    return status, capsys.readouterr().out
+
+
+def test_settlements_the_service_writes_add_up(served: tuple[httpx.Client, Path],
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    api, _db = served
+    _project, by_way = paid_jobs(api)
+    assert set(by_way["partial"]) == {"hold", "capture", "release"} and by_way["over"]["capture"]["over_hold"]
+    assert set(by_way["reconciled"]) == {"hold", "capture", "adjustment"}
+    status, out = run_check(capsys)
+    assert status == 0, out
+    count = sum(len(kinds) for kinds in by_way.values())
+    assert f"ledger: {count} entries, 5 holds\n" in out
+    assert "1 captures wait to be reconciled" in out  # the timeout not reconciled yet
+    assert out.endswith("ok\n")
+
+
+def test_entries_that_do_not_add_up_are_named(served: tuple[httpx.Client, Path],
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    api, db = served
+    check_ledger_findings(api, f"sqlite:///{db}", capsys)
+
+
+def check_ledger_findings(api: httpx.Client, url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Edits a ledger the service wrote, by hand, the way each check should catch; `check` then runs
+    on the database at `url` (the environment must point the CLI at it)."""
+    project_id, by_way = paid_jobs(api)
+
+    def entry(way: str, kind: str) -> int:
+        return int(str(by_way[way][kind]["id"]))
+
+    def job(way: str) -> str:
+        return str(by_way[way]["hold"]["job_id"])
+
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE ledger_entries SET amount = amount + 1000 WHERE id = :id"),
+                     {"id": entry("partial", "release")})
+        conn.execute(text("UPDATE ledger_entries SET settled = :no WHERE id = :id"),
+                     {"no": False, "id": entry("over", "hold")})
+        conn.execute(text("DELETE FROM ledger_entries WHERE id = :id"), {"id": entry("estimate", "capture")})
+        # Adjusted before its capture was marked reconciled; a release of nothing; an adjustment of
+        # a capture (not a hold); a second open hold for a finished job.
+        added = []
+        for kind, hold_id, job_id in (("adjustment", entry("unknown", "hold"), job("unknown")),
+                                      ("release", None, job("unknown")),
+                                      ("adjustment", entry("partial", "capture"), job("partial")),
+                                      ("hold", None, job("over"))):
+            added.append(conn.execute(text(
+                "INSERT INTO ledger_entries (project_id, job_id, kind, amount, hold_id, unreconciled, settled, "
+                "over_hold, created_at) VALUES (:project, :job, :kind, 1000, :hold, :no, :no, :no, CURRENT_TIMESTAMP) "
+                "RETURNING id"), {"project": project_id, "job": job_id, "kind": kind, "hold": hold_id,
+                                  "no": False}).scalar_one())
+    engine.dispose()
+
+    status, out = run_check(capsys)
+    assert status == 1, out
+    lines = set(out.splitlines())
+    assert f"1 {check.AMOUNTS}: entries {entry('partial', 'hold')}" in lines
+    assert f"1 {check.OPEN_BUT_SETTLED}: entries {entry('over', 'hold')}" in lines
+    assert f"1 {check.SETTLED_WITHOUT_ENTRY}: entries {entry('estimate', 'hold')}" in lines
+    assert f"1 {check.SECOND_OPEN_HOLD}: entries {added[3]}" in lines
+    assert f"1 {check.LOOSE_RELEASE}: entries {added[1]}" in lines
+    assert f"1 {check.STRAY}: entries {added[2]}" in lines
+    assert f"2 {check.EARLY_ADJUSTMENT}: entries {added[0]}, {added[2]}" in lines
+    # Both open holds of the finished "over" job: informational, the service's sweep settles them.
+    assert (f"2 open holds of finished jobs (the service's hourly sweep settles them): "
+            f"entries {entry('over', 'hold')}, {added[3]}") in lines
+    assert "PROBLEMS: the ledger entries above do not add up" in out
