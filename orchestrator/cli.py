@@ -157,11 +157,11 @@ def _loopback(host: str) -> bool:
         return False
 
 
-def _checked(settings: Settings, *, prices: bool = True) -> int | None:
+def _checked(settings: Settings, *, service: bool = True) -> int | None:
     """Exit status 2 with what to fix, before anything starts; None when nothing is wrong."""
     from orchestrator.services import startup_problems
 
-    problems = startup_problems(settings, prices=prices)
+    problems = startup_problems(settings, service=service)
     if problems:
         return _fail("invalid configuration:\n" + "\n".join(f"  {p}" for p in problems), status=2)
     return None
@@ -226,7 +226,7 @@ def _run(args: argparse.Namespace) -> int:
         from orchestrator.settings import Settings
 
         settings = Settings()
-        if (failed := _checked(settings, prices=False)) is not None:
+        if (failed := _checked(settings, service=False)) is not None:
             return failed
         from alembic.util.exc import CommandError
         from sqlalchemy.engine import make_url

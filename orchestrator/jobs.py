@@ -36,7 +36,7 @@ from orchestrator.routing import Decision, Router
 from orchestrator.schemas import MAX_SEED, DraftCreate, PolishCreate, PromoteCreate, Stage
 from orchestrator.store import ArtifactStore
 from orchestrator.workers import Presence
-from policies.schema import PRIVACY_TAG, is_private
+from policies.schema import PRIVACY_LOCAL, PRIVACY_TAG, is_private
 from tiers.base import RenderRequest, to_credits, to_millicredits
 
 Body = DraftCreate | PromoteCreate | PolishCreate
@@ -311,10 +311,16 @@ class JobService:
     def _new_job(self, prepared: Prepared, decision: Decision, *, cache: bool) -> Job:
         engine = self.router.registry.get(decision.chosen)
         paid = cache and decision.estimate > 0
+        params = prepared.params
+        tags = params.get("tags") or {}
+        if decision.private and not is_private(tags):
+            # Made under a rule that keeps it local: its images are private, as a tagged request's are,
+            # whatever rule or policy later routes their promotion or polish.
+            params = {**params, "tags": {**tags, PRIVACY_TAG: PRIVACY_LOCAL}}
         return Job(
-            cache_key=cache_key(decision.chosen, engine.model, prepared.params) if paid else None,
+            cache_key=cache_key(decision.chosen, engine.model, params) if paid else None,
             id=new_id("job"), project_id=prepared.project_id, stage=prepared.stage, engine=decision.chosen,
-            model=engine.model, status="queued", params=prepared.params,
+            model=engine.model, status="queued", params=params,
             source_asset_id=prepared.source.id if prepared.source else None,
             estimated=decision.estimate, routing=decision.as_dict(), attempts=[],
         )

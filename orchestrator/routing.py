@@ -62,11 +62,15 @@ class Decision:
     policy_hash: str | None = None
     rule: str | None = None
     reason: str | None = None
+    # The rule keeps this request on the machine (its `private`, or the request's privacy tag):
+    # what the job makes is private too, so its promotions and polishes stay local.
+    private: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {"policy": self.policy, "policy_hash": self.policy_hash, "rule": self.rule,
-                "reason": self.reason, "chosen": self.chosen, "estimate": to_credits(self.estimate),
+                "reason": self.reason, "private": self.private, "chosen": self.chosen,
+                "estimate": to_credits(self.estimate),
                 "candidates": [c.as_dict() for c in self.candidates], **self.extra}
 
 
@@ -138,7 +142,7 @@ class Router:
         return Decision(req.stage, first.engine, first.estimate, ordered, policy=policy.name,
                         policy_hash=policy.content_hash, rule=rule.name,
                         reason="requested by the client" if requested else reason,
-                        extra={"rule_index": index, "strategy": rule.strategy})
+                        private=rule.keeps_local(req.tags), extra={"rule_index": index, "strategy": rule.strategy})
 
     def _order(self, policy: Policy, rule: Rule, stage: Stage, assessed: dict[str, Candidate]) -> list[Candidate]:
         if len(assessed) == 1:

@@ -85,9 +85,10 @@ def _price_problems(overrides: dict[str, Any]) -> Iterator[str]:
                     yield f"{where} must be a whole number of thousandths of a credit (got {price!r})"
 
 
-def startup_problems(settings: Settings, *, prices: bool = True) -> list[str]:
+def startup_problems(settings: Settings, *, service: bool = True) -> list[str]:
     """What would stop the service from starting, each naming the setting to fix: the CLI prints
-    these instead of a traceback from inside the server's start-up."""
+    these instead of a traceback from inside the server's start-up. `service=False` (migrate)
+    leaves out what only a running service reads: prices and policies."""
     problems = []
     named = os.environ.get(CONFIG_FILE_VARIABLE)
     if named and not Path(named).is_file():  # the default name may be absent; a named file must not
@@ -112,11 +113,19 @@ def startup_problems(settings: Settings, *, prices: bool = True) -> list[str]:
             pass
     except OSError as exc:
         problems.append(f"ORCH_DATA_DIR: cannot write in {settings.data_dir} ({exc.strerror or exc})")
-    if prices:
+    if service:
         try:
             load_price_overrides(settings)
         except InvalidRequest as exc:
             problems.append(f"ORCH_PRICES_FILE: {exc.message}")
+        # A file refused at start would leave its policy absent, or worse, the built-in it meant to
+        # override (a typo in a stricter `balanced.toml` routing to the cloud): refused here instead.
+        # A reload of a running service keeps the last good version (see policies.loader).
+        policies = PolicyStore(settings.policy_dir)
+        problems.extend(f"ORCH_POLICY_DIR: {error.message}" for error in policies.errors)
+        if settings.policy not in policies:
+            problems.append(f"ORCH_POLICY: '{settings.policy}' is not a loaded policy "
+                            f"(known: {', '.join(policies.names())})")
     return problems
 
 

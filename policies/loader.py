@@ -42,7 +42,8 @@ def parse_policy(data: bytes, *, label: str, source: str, expect_name: str | Non
     """Validate the bytes of one policy file. `label` names the file in error messages; `source` is
     what `Policy.source` reports; `expect_name` is the file stem the policy's name must equal."""
     try:
-        raw = tomllib.loads(data.decode("utf-8"))
+        # utf-8-sig: an editor's byte order mark is not a TOML syntax error at line 1, column 1.
+        raw = tomllib.loads(data.decode("utf-8-sig"))
     except UnicodeDecodeError as exc:
         raise PolicyError(f"{label}: not UTF-8 text (byte {exc.start})", file=label) from None
     except tomllib.TOMLDecodeError as exc:

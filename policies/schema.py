@@ -21,6 +21,7 @@ Strategy = Literal["ordered", "cheapest", "fastest"]
 
 PRIVACY_TAG = "privacy"
 PRIVACY_LOCAL = "local"
+LOCAL_ONLY = "local-only"
 
 
 def is_private(tags: Mapping[str, str]) -> bool:
@@ -75,6 +76,19 @@ class Match(_Model):
     width_over: int | None = Field(default=None, ge=0)
     height_over: int | None = Field(default=None, ge=0)
     budget_used_over: float | None = Field(default=None, ge=0.0, le=1.0)
+
+    @field_validator("tags")
+    @classmethod
+    def _privacy_key(cls, tags: dict[str, list[str]]) -> dict[str, list[str]]:
+        """`Privacy` is the privacy tag here too: requests' keys are read that way, so a rule
+        matching `Privacy` as written would never fit one."""
+        out: dict[str, list[str]] = {}
+        for key, values in tags.items():
+            name = PRIVACY_TAG if key.strip().lower() == PRIVACY_TAG else key
+            if name in out:
+                raise ValueError(f"the {PRIVACY_TAG} tag is given twice, spelled differently")
+            out[name] = values
+        return out
 
     @property
     def is_empty(self) -> bool:
@@ -178,6 +192,17 @@ class Policy(_Model):
             if rule.match.is_empty:
                 raise ValueError(f"rule {i} ('{rule.name}') matches every request, so the rules after it never apply")
         return named
+
+    @model_validator(mode="after")
+    def _local_only_keeps_local(self) -> Policy:
+        # The name promises that nothing leaves the machine (the README, the shipped file): a file
+        # in ORCH_POLICY_DIR that overrides it must keep that promise, not quietly route to a cloud.
+        if self.name == LOCAL_ONLY:
+            for i, rule in enumerate(self.rules, start=1):
+                if rule.engines is not None and not rule.private:
+                    raise ValueError(f"rule {i} ('{rule.name}'): the {LOCAL_ONLY} policy keeps every request on "
+                                     "this machine, so each rule with `engines` must say `private = true`")
+        return self
 
     @property
     def source(self) -> str:

@@ -31,6 +31,24 @@ def test_invalid_setting_names_the_variable(make_settings: SettingsFactory, monk
     assert "Traceback" not in err
 
 
+def test_a_policy_file_refused_at_start_stops_the_service(make_settings: SettingsFactory, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    # Served anyway, the built-in `balanced` would route what this stricter override kept local.
+    make_settings()
+    (tmp_path / "balanced.toml").write_text('name = "balanced"\n[[rules]]\nmatch = {}\nengines = ["local-hifi"]\n'
+                                            "privte = true\n")
+    monkeypatch.setenv("ORCH_POLICY_DIR", str(tmp_path))
+    monkeypatch.setenv("ORCH_POLICY", "balnced")
+    for command in (["serve", "--port", "9"], ["worker"]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("orchestrator: invalid configuration:\n")
+        assert f"  ORCH_POLICY_DIR: {tmp_path / 'balanced.toml'}: rule 1: privte: unknown key\n" in err
+        assert "  ORCH_POLICY: 'balnced' is not a loaded policy (known: balanced, budget-saver," in err
+    assert main(["migrate"]) == 0  # which reads no policy
+
+
 def test_demo_against_an_unreachable_service(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["demo", "--url", "http://127.0.0.1:9", "--out", str(tmp_path)]) == 1
     err = capsys.readouterr().err

@@ -102,6 +102,32 @@ def test_no_matching_rule_returns_none() -> None:
     assert policy({"match": {"stage": "ideation"}, "engines": ["lite"]}).match(facts("polish")) is None
 
 
+def test_a_rule_s_privacy_key_is_read_as_requests_are() -> None:
+    # Requests store `Privacy` as `privacy`: a rule written `Privacy` would otherwise never fit.
+    p = policy({"match": {"tags": {" Privacy": "local"}}, "engines": ["lite"]})
+    assert p.rules[0].match.tags == {"privacy": ["local"]}
+    assert p.match(facts(tags={"privacy": "local"})) is not None
+
+
+def test_a_byte_order_mark_is_not_a_syntax_error(tmp_path: Path) -> None:
+    path = tmp_path / "mine.toml"
+    path.write_bytes(b"\xef\xbb\xbf" + GOOD.format(name="mine", description="saved by a Windows editor").encode())
+    assert load_policy_file(path).description == "saved by a Windows editor"
+
+
+def test_local_only_keeps_its_promise_when_overridden(tmp_path: Path) -> None:
+    # The name says nothing leaves the machine; an override that routes without `private` would
+    # quietly send every project on it to whatever its rules list.
+    write(tmp_path, "local-only", 'name = "local-only"\n[[rules]]\nname = "drafts"\nmatch = { stage = "ideation" }\n'
+          'engines = ["lite"]\nprivate = true\n[[rules]]\nname = "out"\nmatch = {}\nengines = ["gemini"]\n')
+    store = PolicyStore(tmp_path)
+    assert [e.message for e in store.errors] == [
+        f"{tmp_path / 'local-only.toml'}: rule 2 ('out'): the local-only policy keeps every request on this "
+        "machine, so each rule with `engines` must say `private = true`"]
+    assert store.get("local-only").source == "builtin"
+    assert all(rule.private for rule in store.get("local-only").rules if rule.engines)
+
+
 def test_privacy_helpers() -> None:
     assert is_private({"privacy": "local"})
     assert not is_private({"privacy": "cloud"})
@@ -276,6 +302,8 @@ RULES_OK = '[[rules]]\nname = "drafts"\nmatch = { stage = "ideation" }\nengines 
     ('name = "bad"\n' + RULES_OK + RULES_OK, ["rules", "drafts", "already used"]),
     ('name = "bad"\nrules = []\n', ["rules", "at least 1"]),
     ('name = "other"\n' + RULES_OK, ["name", "'other'", "file name"]),
+    ('name = "bad"\n' + RULES_OK + '[[rules]]\nname = "t"\nmatch = { tags = { privacy = "local", Privacy = "x" } }\n'
+     'engines = ["x"]\n', ["rule 2 ('t')", "match.tags", "privacy tag is given twice"]),
     ('description = "no name"\n' + RULES_OK, ["name", "Field required"]),
 ])
 def test_bad_file_errors_name_file_rule_and_field(tmp_path: Path, body: str, must_name: list[str]) -> None:

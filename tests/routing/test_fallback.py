@@ -40,6 +40,27 @@ match = { stage = ["bridge", "polish"] }
 engines = ["fake-paid", "local-hifi"]
 """
 
+CLIENT_PRIVATE_POLICY = """
+name = "client-private-test"
+description = "One client's work stays on this machine, by a rule rather than a tag."
+
+[[rules]]
+name = "drafts"
+match = { stage = "ideation" }
+engines = ["lite"]
+
+[[rules]]
+name = "acme"
+match = { stage = ["bridge", "polish"], tags = { client = "acme" } }
+engines = ["fake-paid", "local-hifi"]
+private = true
+
+[[rules]]
+name = "paid"
+match = { stage = ["bridge", "polish"] }
+engines = ["fake-paid", "local-hifi"]
+"""
+
 
 @pytest.fixture(scope="module")
 def paid_server(new_settings: SettingsFactory, tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
@@ -47,7 +68,8 @@ def paid_server(new_settings: SettingsFactory, tmp_path_factory: pytest.TempPath
     `fallback-test` policy. Its tests share it, so its circuit breaker never opens (threshold
     1000): one test's failures must not change another's routing."""
     folder = write_policies(tmp_path_factory.mktemp("policies"), {"fallback-test": FALLBACK_POLICY,
-                                                                   "soft-budget-test": SOFT_BUDGET_POLICY})
+                                                                   "soft-budget-test": SOFT_BUDGET_POLICY,
+                                                                   "client-private-test": CLIENT_PRIVATE_POLICY})
     settings = new_settings(engines=FAKE_ENGINES, policy="fallback-test", policy_dir=folder)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr("orchestrator.services.EngineHealth", functools.partial(EngineHealth, threshold=1000))
@@ -186,6 +208,35 @@ def test_a_private_draft_keeps_its_promotion_local(paid_server: httpx.Client) ->
     polished = wait_for_job(paid_server, job["id"])
     polish = paid_server.post(f"/v1/assets/{polished['assets'][0]}/polish", json={"scale": 1})
     assert polish.status_code == 202 and polish.json()["engine"] == "local-hifi"
+
+
+def test_what_a_private_rule_made_stays_private(paid_server: httpx.Client) -> None:
+    # The rule kept the promotion local; its image must not become a cloud engine's seed one step
+    # later, when the polish (not tagged) matches another rule, or the project moves to a policy
+    # that sends work out.
+    project_id, asset_id = draft_asset(paid_server, policy="client-private-test")
+    job = promote(paid_server, asset_id, tags={"client": "acme"})
+    assert (job["engine"], job["routing"]["rule"], job["routing"]["private"]) == ("local-hifi", "acme", True)
+    assert job["params"]["tags"] == {"client": "acme", "privacy": "local"}
+    made = wait_for_job(paid_server, job["id"])["assets"][0]
+    for policy in ("client-private-test", "fallback-test"):
+        assert paid_server.patch(f"/v1/projects/{project_id}", json={"policy": policy}).status_code == 200
+        polish = paid_server.post(f"/v1/assets/{made}/polish", json={"scale": 1})
+        assert polish.status_code == 202, polish.text
+        assert polish.json()["engine"] == "local-hifi", policy
+        assert polish.json()["params"]["tags"]["privacy"] == "local"
+    # Another client's work, and this draft (made by a rule that is not private), go to the cloud.
+    other = promote(paid_server, asset_id, tags={"client": "other"})
+    assert (other["engine"], other["routing"]["private"]) == ("fake-paid", False)
+    assert "privacy" not in other["params"]["tags"]
+
+
+def test_drafts_made_under_local_only_stay_local_after_a_policy_change(paid_server: httpx.Client) -> None:
+    project_id, asset_id = draft_asset(paid_server, policy="local-only")
+    assert paid_server.patch(f"/v1/projects/{project_id}", json={"policy": "fallback-test"}).status_code == 200
+    job = promote(paid_server, asset_id)
+    assert job["engine"] == "local-hifi" and job["params"]["tags"] == {"privacy": "local"}
+    assert job["routing"]["private"]
 
 
 def test_requested_engine_has_no_fallback(paid_server: httpx.Client) -> None:
