@@ -105,13 +105,18 @@ def retry_after(response: httpx.Response) -> float | None:
 
 
 class _StopAtDeadline(stop_base):
-    def __init__(self, deadline: float, clock: Callable[[], float]) -> None:
+    """Stop when the next attempt would start past the deadline, or less than `reserve` seconds
+    before it: an attempt that can bill must have time to be answered, or a run of "nothing made"
+    answers ends as a billed-but-unknown timeout instead of a clean refusal."""
+
+    def __init__(self, deadline: float, clock: Callable[[], float], reserve: float = 0.0) -> None:
         self.deadline = deadline
         self.clock = clock
+        self.reserve = reserve
 
     def __call__(self, retry_state: RetryCallState) -> bool:
         # tenacity computes the wait before asking whether to stop.
-        return self.clock() + retry_state.upcoming_sleep > self.deadline
+        return self.clock() + retry_state.upcoming_sleep + self.reserve > self.deadline
 
 
 def _next_wait(retry_state: RetryCallState, rate_limit_pause: float | None = None) -> float:
@@ -154,6 +159,7 @@ class RemoteClient:
         # (Stability: 60); None backs off as after any other failure.
         self.rate_limit_pause: float | None = None
         self.deadline_seconds = deadline
+        self.read_timeout = read_timeout
         self.sleep = sleep
         self.clock = clock
         self.client = httpx.AsyncClient(
@@ -212,10 +218,13 @@ class RemoteClient:
         so far said nothing was made. Racing the whole call from outside cannot tell the two apart.
         """
         stop_at = deadline if deadline is not None else self.new_deadline()
+        # A billable retry is sent only with a read timeout's time left (at most half the
+        # deadline, so a short deadline still allows retries).
+        reserve = 0.0 if idempotent else min(self.read_timeout, self.deadline_seconds / 2)
         retrying = AsyncRetrying(
             retry=retry_if_exception_type((_RetryableAnswer, _NotSent)),
             wait=functools.partial(_next_wait, rate_limit_pause=self.rate_limit_pause),
-            stop=_StopAtDeadline(stop_at, self.clock),
+            stop=_StopAtDeadline(stop_at, self.clock, reserve),
             sleep=self.sleep if cancel is None else self._sleep_unless(cancel),
             reraise=True,
         )

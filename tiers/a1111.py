@@ -53,6 +53,8 @@ URL_SETTING = "ORCH_A1111_URL"
 AUTH_SETTING = "ORCH_A1111_AUTH"
 # Progress polls and the interrupt are side calls: they must never hold the job up for long.
 SIDE_CALL_TIMEOUT = 5.0
+# A reverse proxy's "bad gateway" and "gateway timeout" (see `not_sent_again`).
+GATEWAY_STATUSES = frozenset({502, 504})
 
 
 def _json_dict(response: httpx.Response) -> dict[str, Any] | None:
@@ -67,6 +69,13 @@ def processing_failed(response: httpx.Response) -> bool:
     """A 500 with the webui's own error body: the render raised on the server."""
     body = _json_dict(response) if response.status_code == 500 else None
     return body is not None and "error" in body and "errors" in body
+
+
+def not_sent_again(response: httpx.Response) -> bool:
+    """Answers after which the render is not sent again: the webui's own failure, and a gateway's
+    502/504 (a reverse proxy whose read timeout is shorter than the render): the webui may still
+    be rendering it, and each copy sent would be rendered too."""
+    return response.status_code in GATEWAY_STATUSES or processing_failed(response)
 
 
 def _json_object(response: httpx.Response | None) -> dict[str, Any] | None:
@@ -109,7 +118,7 @@ class A1111Engine:
             auth=auth,
             key_setting=f"{AUTH_SETTING} ('user:password' of the server's --api-auth)",
         )
-        self.http.final_answer = processing_failed
+        self.http.final_answer = not_sent_again
 
     @property
     def model(self) -> str:
@@ -191,6 +200,8 @@ class A1111Engine:
                 f"a1111: {cause}; the render is not sent again (its task is stopped if the server still runs it)",
                 details={**exc.details, "task_id": task_id}, charged="no",
             ) from None
+        if response.status_code in GATEWAY_STATUSES:
+            await self._interrupt(task_id)
         return self._result(req, response)
 
     async def _watch(self, post: asyncio.Future[httpx.Response], task_id: str, progress: Progress,
@@ -273,6 +284,11 @@ class A1111Engine:
             # A failure of the render on the server, not of our request: another engine may do it.
             raise EngineError(f"a1111: the render failed on the server (HTTP 500): {self._error_detail(response)}",
                               details={"engine": self.name, "status": 500})
+        if response.status_code in GATEWAY_STATUSES:
+            raise EngineError(
+                f"a1111: a proxy in front of the server answered HTTP {response.status_code} (its timeout is "
+                "shorter than the render?); the render is not sent again (its task is stopped if the server "
+                "still runs it)", details={"engine": self.name, "status": response.status_code})
         if response.status_code != 200:
             raise self.http.fail(response, self._error_detail(response))
         try:

@@ -65,25 +65,35 @@ class GeminiEngine(CloudEngine):
         size = size_class(req.width, req.height)
         per_image = self._prices.millicredits(self._model, size) + self._output_allowance()
         input_tokens = INPUT_IMAGE_TOKENS + len(req.prompt) // 4 + 64
-        per_input = math.ceil(input_tokens * self._prices.millicredits(self._model, "input_tokens_per_million") / 1e6)
+        per_input = math.ceil(input_tokens * self._token_rate("input_tokens_per_million") / 1e6)
         return req.n * (per_image + per_input)
 
     def _output_allowance(self) -> int:
+        return math.ceil(OUTPUT_TOKEN_ALLOWANCE * self._token_rate("output_tokens_per_million") / 1e6)
+
+    def _token_rate(self, key: str) -> int:
+        """A token price in millicredits per million, 0 for a price file that gives per-image
+        prices only (a new model priced from its page): the per-image price is then the estimate."""
         try:
-            rate = self._prices.millicredits(self._model, "output_tokens_per_million")
-        except NoPrice:  # a price file that gives per-image prices only
+            return self._prices.millicredits(self._model, key)
+        except NoPrice:
             return 0
-        return math.ceil(OUTPUT_TOKEN_ALLOWANCE * rate / 1e6)
 
     def _actual_cost(self, usage: dict[str, Any]) -> int | None:
+        """The cost by the answer's tokens, or None (the estimate is captured) when a price is
+        missing. Thinking tokens are billed as output at the model's text rate, which the image
+        rate would overstate: without a `thinking_tokens_per_million` price an answer that thought
+        is charged its estimate rather than a sum that leaves them out."""
         try:
             out_rate = self._prices.millicredits(self._model, "output_tokens_per_million")
             in_rate = self._prices.millicredits(self._model, "input_tokens_per_million")
             out_tokens = int(usage["candidatesTokenCount"])
             in_tokens = int(usage.get("promptTokenCount", 0))
+            thoughts = int(usage.get("thoughtsTokenCount", 0))
+            thought_rate = self._prices.millicredits(self._model, "thinking_tokens_per_million") if thoughts else 0
         except (KeyError, TypeError, ValueError, NoPrice):
             return None
-        return math.ceil((out_tokens * out_rate + in_tokens * in_rate) / 1e6)
+        return math.ceil((out_tokens * out_rate + in_tokens * in_rate + thoughts * thought_rate) / 1e6)
 
     def _body(self, req: RenderRequest) -> dict[str, Any]:
         width, height = req.width, req.height
@@ -185,9 +195,14 @@ def daily_quota_exhausted(response: Any) -> bool:
         return False
     if isinstance(body, list) and body:
         body = body[0]
-    details = (body.get("error") or {}).get("details") if isinstance(body, dict) else None
+    # A gateway's 429 may say anything (`{"error": "Too many requests"}`): only Google's shape is read.
+    error = body.get("error") if isinstance(body, dict) else None
+    details = error.get("details") if isinstance(error, dict) else None
     for detail in details if isinstance(details, list) else []:
-        for violation in (detail.get("violations") or []) if isinstance(detail, dict) else []:
+        violations = detail.get("violations") if isinstance(detail, dict) else None
+        for violation in violations if isinstance(violations, list) else []:
+            if not isinstance(violation, dict):
+                continue
             quota = f"{violation.get('quotaId', '')} {violation.get('quotaMetric', '')}".lower()
             if "perday" in quota or "per_day" in quota:
                 return True

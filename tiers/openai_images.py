@@ -101,7 +101,10 @@ class OpenAIImagesEngine(CloudEngine):
             image_rate = text_rate = 0
         text_tokens = len(req.prompt) // 4 + 64
         per_call = math.ceil((INPUT_IMAGE_TOKENS[size] * image_rate + text_tokens * text_rate) / 1e6)
-        return req.n * per_image + math.ceil(req.n / MAX_N) * per_call
+        # Input is paid per call: one for every MAX_N images, and another for each answer that
+        # comes back short (the missing images are asked for again). The hold covers the worst
+        # case, a call per image; what was not used is released at capture.
+        return req.n * (per_image + per_call)
 
     def _actual_cost(self, usage: Any) -> int | None:
         if not isinstance(usage, dict):

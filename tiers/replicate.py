@@ -228,9 +228,15 @@ class ReplicateEngine(CloudEngine):
                                       charged="unknown")
             raise EngineError(f"replicate: the prediction failed: {text[:300]}", details=details,
                               charged="unknown")
-        if status in ("canceled", "aborted"):
-            raise Canceled(f"replicate: the prediction was {status} by the provider", details=details,
-                           charged="no" if status == "aborted" else "unknown")
+        if status == "aborted":
+            # Ended by Replicate before it started (not charged): another engine may take the job.
+            raise EngineError("replicate: the prediction was aborted by the provider before it ran",
+                              details=details, charged="no")
+        if status == "canceled":
+            # Not by this job's cancel, which never reads the prediction again: someone canceled
+            # it on Replicate. A failure of the job, not the user's cancel; it may have run and billed.
+            raise EngineError("replicate: the prediction was canceled on Replicate, not by this job",
+                              details=details, retryable=False, charged="unknown")
         raise EngineError(f"replicate: unexpected prediction status {status!r}", details=details,
                           charged="unknown")
 

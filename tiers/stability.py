@@ -13,7 +13,8 @@ Which endpoint a request goes to:
     `GET /v2beta/results/{id}` polls, 202 while working).
   - otherwise: conservative upscale (synchronous), `creativity` clamped to its 0.2-0.5 range.
 
-Every call asks for `Accept: application/json` and decodes `{"image", "finish_reason", "seed"}`.
+Every call asks for `Accept: application/json` and decodes `{"image", "finish_reason", "seed"}`
+(`{"result", ...}` from the results of an async job).
 A create is never re-sent when it got no answer (it may have been billed); result polls are, since
 a GET makes nothing. Stability has no cancel endpoint: a job canceled after the provider took it
 may still be billed. Stability does not report what it charged, so `cost_millicredits` is `None`.
@@ -311,7 +312,9 @@ class StabilityEngine(CloudEngine):
             # The provider made (and may bill) a blurred image.
             raise ContentFiltered(f"{self.name}: the output was content filtered",
                                   details={"engine": self.name, "reason": FILTERED}, charged="unknown")
-        encoded = body.get("image")
+        # The generate and sync upscale calls answer `image`; the results of an async job
+        # (`GET /v2beta/results/{id}`) answer `result`.
+        encoded = body.get("image") or body.get("result")
         if not isinstance(encoded, str) or not encoded:
             raise EngineError(f"{self.name} returned no image (finish_reason {reason})",
                               details={"engine": self.name, "reason": reason})

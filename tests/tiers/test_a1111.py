@@ -127,6 +127,21 @@ async def test_a_render_that_raised_on_the_server_is_not_sent_again(engine: A111
 
 
 @respx.mock
+@pytest.mark.parametrize("status", [502, 504])
+async def test_a_gateway_s_timeout_does_not_send_the_render_again(engine: A1111Engine, status: int) -> None:
+    # nginx gives up on a long render after 60 s; the webui renders on, and every copy sent
+    # again would be rendered too.
+    server_runs(OURS)
+    route = respx.post(URL).mock(side_effect=[httpx.Response(status, text="<html>Gateway</html>"),
+                                              httpx.Response(200, json=ok_body())])
+    interrupt = respx.post(INTERRUPT).mock(return_value=httpx.Response(200, json={}))
+    with pytest.raises(EngineError, match=f"a proxy in front of the server answered HTTP {status}") as info:
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    assert route.call_count == 1 and interrupt.call_count == 1
+    assert info.value.retryable and info.value.charged == "no"
+
+
+@respx.mock
 async def test_429_with_retry_after_then_success(engine: A1111Engine, sleep: Any) -> None:
     route = respx.post(URL).mock(side_effect=[httpx.Response(429, headers={"Retry-After": "3"}),
                                               httpx.Response(200, json=ok_body())])

@@ -3,6 +3,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import math
 from typing import Any
 
 import httpx
@@ -67,10 +68,10 @@ async def test_success_sends_draft_inline_and_costs_from_usage(engine: GeminiEng
 @respx.mock
 async def test_429_with_retry_info_then_success(engine: GeminiEngine, sleep: Any) -> None:
     throttled = httpx.Response(429, json={"error": {"code": 429, "status": "RESOURCE_EXHAUSTED", "details": [
-        {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "37s"}]}})
+        {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "27s"}]}})
     route = respx.post(URL).mock(side_effect=[throttled, httpx.Response(200, json=ok_body())])
     result = await engine.run(bridge(), NullProgress(), CancelToken())
-    assert route.call_count == 2 and sleep.waits == [37.0]
+    assert route.call_count == 2 and sleep.waits == [27.0]
     assert len(result.images) == 1
 
 
@@ -209,3 +210,36 @@ async def test_a_key_with_a_trailing_newline_or_a_byte_order_mark_still_works(ma
     route = respx.post(URL).mock(return_value=httpx.Response(200, json=ok_body()))
     await engine.run(bridge(), NullProgress(), CancelToken())
     assert route.calls.last.request.headers["x-goog-api-key"] == "g-secret"
+
+
+@respx.mock
+@pytest.mark.parametrize("body", [{"error": "Too many requests"}, "slow down", {"error": {"details": [
+    {"violations": ["per day", None]}, "QuotaFailure"]}}])
+async def test_a_429_in_another_shape_is_retried_like_any_other(engine: GeminiEngine, body: Any) -> None:
+    # A gateway's or proxy's 429 said nothing was made; read as Google's, it crashed the engine
+    # (charged unknown, no fallback).
+    route = respx.post(URL).mock(side_effect=[httpx.Response(429, json=body), httpx.Response(200, json=ok_body())])
+    result = await engine.run(bridge(), NullProgress(), CancelToken())
+    assert route.call_count == 2 and len(result.images) == 1
+
+
+@respx.mock
+async def test_thinking_tokens_are_charged_at_their_price_or_the_estimate_is(make_ctx: Any) -> None:
+    usage = {"promptTokenCount": 1300, "candidatesTokenCount": 1290, "thoughtsTokenCount": 900}
+    respx.post(URL).mock(return_value=httpx.Response(200, json={**ok_body(), "usageMetadata": usage}))
+    ctx = make_ctx(gemini_api_key="k", gemini_base_url=BASE)
+    engine = GeminiEngine(ctx)
+    req = bridge()
+    # No price for them: the estimate, never a sum that leaves them out.
+    assert (await engine.run(req, NullProgress(), CancelToken())).cost_millicredits is None
+    ctx.price_overrides["gemini"] = {"gemini-3.1-flash-image": {"thinking_tokens_per_million": 300}}
+    engine = GeminiEngine(ctx)
+    cost = (await engine.run(req, NullProgress(), CancelToken())).cost_millicredits
+    # Credits per million tokens, in millicredits.
+    assert cost == math.ceil((1290 * 6000 + 1300 * 50 + 900 * 300) * 1000 / 1e6)
+
+
+def test_a_model_priced_per_image_only_is_routable(make_ctx: Any) -> None:
+    ctx = make_ctx(gemini_api_key="k", gemini_model="gemini-4-image")
+    ctx.price_overrides["gemini"] = {"gemini-4-image": {"1K": 7, "2K": 9, "4K": 14}}
+    assert GeminiEngine(ctx).estimate(bridge(width=1024, height=1024)) == 7000

@@ -13,7 +13,7 @@ import httpx
 import pytest
 import respx
 
-from orchestrator.errors import Canceled, EngineError, EngineTimeout, EngineUnavailable
+from orchestrator.errors import Canceled, EngineError, EngineTimeout, EngineUnavailable, RateLimited
 from tests.tiers.conftest import BlockingSleep, NoAnswer
 from tiers._http import RemoteClient
 from tiers.base import CancelToken, before_billable_sends
@@ -245,3 +245,24 @@ async def test_a_cancel_while_the_send_is_being_recorded_sends_nothing(client: R
     with before_billable_sends(hook), pytest.raises(Canceled) as info:
         await client.request("POST", "/images", json={"prompt": "a lighthouse"}, cancel=token)
     assert info.value.charged == "no" and route.call_count == 0
+
+
+@respx.mock
+@pytest.mark.parametrize(("retry_after", "sends"), [("20", 2), ("35", 1)])
+async def test_a_request_that_can_bill_is_not_resent_without_time_to_be_answered(
+        sleep: Any, retry_after: str, sends: int) -> None:
+    # Deadline 60 s, read timeout 120 s: a retry needs half the deadline (30 s) left after its
+    # wait. Sent at 35 s, a slow answer would end as a timeout that may have billed; refused
+    # there, the 429 says plainly that nothing was made (a fallback may take the job).
+    http = RemoteClient("prov", base_url=BASE, key_setting="ORCH_PROV_API_KEY", deadline=60.0, read_timeout=120.0,
+                        sleep=sleep, clock=sleep.clock)
+    throttled = httpx.Response(429, headers={"Retry-After": retry_after})
+    route = respx.post(f"{BASE}/images").mock(side_effect=[throttled, throttled])
+    with pytest.raises(RateLimited) as info:
+        await http.request("POST", "/images", json={"prompt": "a lighthouse"})
+    assert route.call_count == sends and info.value.charged == "no"
+    # A poll makes nothing: it is asked again whatever time is left.
+    poll = respx.get(f"{BASE}/results/1").mock(side_effect=[throttled, httpx.Response(200, json={"ok": 1})])
+    assert (await http.request("GET", "/results/1", idempotent=True)).json() == {"ok": 1}
+    assert poll.call_count == 2
+    await http.aclose()

@@ -225,7 +225,8 @@ def test_estimate_by_quality_and_size_and_unknown_model(make_ctx: Any) -> None:
     low, medium, high = (eng.estimate(bridge(quality=q)) for q in ("low", "medium", "high"))
     assert low < medium < high
     assert eng.estimate(bridge(width=1536, height=1024)) > eng.estimate(bridge())
-    assert eng.estimate(bridge(n=2)) == 2 * 16700 + 4534
+    # Input is paid per call, and an answer short of images makes another: held for each image.
+    assert eng.estimate(bridge(n=2)) == 2 * (16700 + 4534)
     mini = OpenAIImagesEngine(make_ctx(openai_api_key="k", openai_model="gpt-image-1-mini"))
     assert mini.estimate(bridge()) == 3600
     with pytest.raises(NoPrice):
@@ -233,6 +234,18 @@ def test_estimate_by_quality_and_size_and_unknown_model(make_ctx: Any) -> None:
     unknown = OpenAIImagesEngine(make_ctx(openai_api_key="k", openai_model="gpt-image-9"))
     with pytest.raises(NoPrice):
         unknown.estimate(bridge())
+
+
+@respx.mock
+async def test_the_hold_covers_answers_that_come_back_short(engine: OpenAIImagesEngine) -> None:
+    # Three images asked for, one per answer: three calls, each paying for the draft again.
+    usage = {"input_tokens": 4567, "input_tokens_details": {"image_tokens": 4500, "text_tokens": 67},
+             "output_tokens": 4160, "total_tokens": 8727}
+    route = respx.post(URL).mock(return_value=httpx.Response(200, json={**ok_body(1), "usage": usage}))
+    req = bridge(width=1024, height=1024, n=3)
+    result = await engine.run(req, NullProgress(), CancelToken())
+    assert route.call_count == 3 and len(result.images) == 3
+    assert result.cost_millicredits is not None and result.cost_millicredits <= engine.estimate(req)
 
 
 def test_price_overrides_apply(make_ctx: Any) -> None:

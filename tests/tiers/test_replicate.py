@@ -84,11 +84,11 @@ async def test_output_list_and_data_uri(engine: ReplicateEngine) -> None:
 async def test_429_with_retry_after_then_success(
     engine: ReplicateEngine, sleep: Any, output: respx.Route
 ) -> None:
-    throttled = httpx.Response(429, headers={"Retry-After": "30"},
+    throttled = httpx.Response(429, headers={"Retry-After": "25"},
                                json={"detail": "Request was throttled. Your rate limit resets in ~30s."})
     route = respx.post(CREATE).mock(side_effect=[throttled, httpx.Response(201, json=prediction())])
     result = await engine.run(bridge(), NullProgress(), CancelToken())
-    assert route.call_count == 2 and sleep.waits == [30.0]
+    assert route.call_count == 2 and sleep.waits == [25.0]
     assert len(result.images) == 1
 
 
@@ -183,11 +183,16 @@ async def test_failed_prediction(engine: ReplicateEngine) -> None:
 
 
 @respx.mock
-async def test_aborted_is_not_charged(engine: ReplicateEngine) -> None:
-    respx.post(CREATE).mock(return_value=httpx.Response(201, json=prediction("aborted")))
-    with pytest.raises(Canceled) as info:
+@pytest.mark.parametrize(("status", "charged", "retryable"), [("aborted", "no", True), ("canceled", "unknown", False)])
+async def test_a_prediction_ended_by_the_provider_is_a_failure_not_a_cancel(
+        engine: ReplicateEngine, status: str, charged: str, retryable: bool) -> None:
+    # Nobody canceled the job: it must not end `canceled`. Aborted (never ran, not charged) may
+    # fall back to another engine; canceled on Replicate may have run and billed.
+    respx.post(CREATE).mock(return_value=httpx.Response(201, json=prediction(status)))
+    with pytest.raises(EngineError) as info:
         await engine.run(bridge(), NullProgress(), CancelToken())
-    assert info.value.charged == "no"
+    assert not isinstance(info.value, Canceled) and info.value.code == "engine_error"
+    assert (info.value.charged, info.value.retryable) == (charged, retryable)
 
 
 @respx.mock

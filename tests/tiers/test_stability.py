@@ -34,9 +34,14 @@ RESULT = f"{BASE}/v2beta/results/job-42"
 
 
 def ok(seed: int = 343940597, reason: str = "SUCCESS",
-       headers: dict[str, str] | None = None) -> httpx.Response:
-    body = {"image": base64.b64encode(png_bytes()).decode(), "finish_reason": reason, "seed": seed}
+       headers: dict[str, str] | None = None, key: str = "image") -> httpx.Response:
+    body = {key: base64.b64encode(png_bytes()).decode(), "finish_reason": reason, "seed": seed}
     return httpx.Response(200, json=body, headers={"x-request-id": "stab-req-1", **(headers or {})})
+
+
+def done(seed: int = 343940597, reason: str = "SUCCESS") -> httpx.Response:
+    """What `GET /v2beta/results/{id}` answers for a finished job: the image is under `result`."""
+    return ok(seed, reason, key="result")
 
 
 @pytest.fixture
@@ -261,7 +266,7 @@ async def test_creative_upscale_polls_until_done(engine: StabilityEngine) -> Non
         httpx.Response(202, json={"id": "job-42", "status": "in-progress"}),
         httpx.ReadTimeout("slow"),  # a GET makes nothing: it is sent again
         httpx.Response(202, json={"id": "job-42", "status": "in-progress"}),
-        ok(seed=5),
+        done(seed=5),
     ])
     progress = RecordingProgress()
     result = await engine.run(polish(creativity=0.45), progress, CancelToken())
@@ -317,7 +322,7 @@ async def test_creative_result_expired(engine: StabilityEngine) -> None:
 @respx.mock
 async def test_creative_result_filtered(engine: StabilityEngine) -> None:
     respx.post(CREATIVE).mock(return_value=httpx.Response(200, json={"id": "job-42"}))
-    respx.get(RESULT).mock(return_value=ok(reason="CONTENT_FILTERED"))
+    respx.get(RESULT).mock(return_value=done(reason="CONTENT_FILTERED"))
     with pytest.raises(ContentFiltered):
         await engine.run(polish(creativity=0.45), NullProgress(), CancelToken())
 
@@ -407,7 +412,7 @@ async def test_reattach_follows_accepted_creative_upscales(engine: StabilityEngi
     engine.http.deadline_seconds = 60
     create.reset()
     respx.get(RESULT).mock(side_effect=[httpx.Response(202, json={"id": "job-42", "status": "in-progress"}),
-                                        ok(seed=9)])
+                                        done(seed=9)])
     result = await engine.reattach(polish(creativity=0.45), progress.handles, RecordingProgress(), CancelToken())
     assert create.call_count == 0
     assert result.images[0].seed == 9 and result.provider_request_id == "job-42"
