@@ -123,6 +123,15 @@ async def idempotency_key(
         raise InvalidRequest("send one Idempotency-Key header, not several",
                              details={"errors": [{"loc": ["header", "Idempotency-Key"], "type": "value_error",
                                                   "msg": "more than one Idempotency-Key header"}]})
+    if key is None:
+        return None
+    # Whitespace around a header value is not part of it (RFC 9110): a proxy or client that trims
+    # it must not turn a retry into a second job.
+    key = key.strip(" \t")
+    if not key:
+        raise InvalidRequest("the Idempotency-Key header is empty",
+                             details={"errors": [{"loc": ["header", "Idempotency-Key"], "type": "value_error",
+                                                  "msg": "an empty key"}]})
     return key
 
 

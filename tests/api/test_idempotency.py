@@ -4,6 +4,8 @@ made; another body -> 409."""
 from __future__ import annotations
 
 import asyncio
+import http.client
+import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -30,6 +32,18 @@ def post(client: httpx.Client, project: str, body: dict[str, Any], key: str | No
     return client.post(f"/v1/projects/{project}/drafts", json=body, headers=headers)
 
 
+def raw_post(client: httpx.Client, path: str, body: dict[str, Any], key: str) -> Any:
+    """A POST whose Idempotency-Key is sent byte for byte, surrounding whitespace included."""
+    url = client.base_url
+    conn = http.client.HTTPConnection(url.host, url.port, timeout=30)
+    try:
+        conn.request("POST", path, body=json.dumps(body), headers={"Content-Type": "application/json",
+                                                                   "Idempotency-Key": key})
+        return json.loads(conn.getresponse().read())
+    finally:
+        conn.close()
+
+
 def test_same_key_same_body_replays(server: httpx.Client) -> None:
     project = create_project(server)["id"]
     first = post(server, project, BODY, "key-1")
@@ -46,6 +60,9 @@ def test_same_key_same_body_replays(server: httpx.Client) -> None:
     spelled = {"height": 64, "width": 64, "steps": 2, "seed": 3, "n": 1, "prompt": "a lighthouse",
                "negative_prompt": "", "tags": {}, "engine": None}
     assert post(server, project, spelled, "key-1").json()["id"] == job_id
+    # Whitespace around a header value is not part of it: a proxy that trims it changes nothing.
+    # (httpx will not send it; curl does.)
+    assert raw_post(server, f"/v1/projects/{project}/drafts", BODY, "key-1\t ")["id"] == job_id
     assert job_count(server) == 1
 
     # After the job finished, the replay still answers with that job (its current state).
@@ -73,6 +90,7 @@ def test_same_key_other_body_conflicts(server: httpx.Client) -> None:
 def test_invalid_keys(server: httpx.Client) -> None:
     project = create_project(server)["id"]
     assert_error(post(server, project, BODY, ""), 422, "invalid_request")
+    assert raw_post(server, f"/v1/projects/{project}/drafts", BODY, "  ")["error"]["code"] == "invalid_request"
     assert_error(post(server, project, BODY, "k" * 256), 422, "invalid_request")
     # Two keys on one request: a retry carrying either one must not run it again, so neither is kept.
     twice = [("Idempotency-Key", "a1"), ("Idempotency-Key", "a2")]
