@@ -68,13 +68,18 @@ class Claim:
     # Set when the service is stopping: the interrupted job is left for start-up recovery,
     # not recorded as canceled by a user.
     shutdown: bool = False
+    # What providers accepted in this attempt (`Progress.provider_request`), as saved with the job.
+    # The save is made behind the event loop; the job's end writes it too, should it still be out.
+    accepted: dict[str, Any] | None = None
 
 
 class JobProgress:
     """Engine progress -> events (every step), and the job row and preview file (throttled).
     Thread-safe. Local engines report from their inference thread, which makes the throttled
     writes itself; remote engines report on the event loop, which must not wait for the database's
-    write lock, so a thread makes them behind it (one at a time, the latest step next)."""
+    write lock, so a thread makes them behind it (one at a time, the latest step next). What a
+    provider accepted is saved the same way: at once, but never by the event loop (a write lock
+    held elsewhere for seconds would stall every job and stream of the process)."""
 
     def __init__(self, runner: JobRunner, claim: Claim) -> None:
         self.runner = runner
@@ -88,6 +93,8 @@ class JobProgress:
         work = claim.job.provider_work or {}
         same_engine = work.get("engine") == claim.job.engine
         self._handles: list[dict[str, Any]] = list(work.get("handles", [])) if same_engine else []
+        self._saving = False  # a save of the provider work is out
+        self._unsaved: dict[str, Any] | None = None  # the latest work, for the save out to make next
 
     def step(self, step: int, total: int, preview: Image.Image | None = None) -> None:
         job_id = self.claim.job.id
@@ -141,8 +148,42 @@ class JobProgress:
     def provider_request(self, request_id: str, handle: Mapping[str, Any] | None = None) -> None:
         with self._lock:
             self._handles.append({**(handle or {}), "id": request_id})
-            work = {"engine": self.claim.job.engine, "handles": list(self._handles)}
-        self.runner.save_provider_request(self.claim, work)
+            # Each save holds every handle so far: the latest one is all that needs writing.
+            self.claim.accepted = self._unsaved = {"engine": self.claim.job.engine, "handles": list(self._handles)}
+            if self._saving:
+                return
+            self._saving = True
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if loop is None:
+            self._save()
+        else:
+            loop.run_in_executor(None, self._save)
+
+    def _save(self) -> None:
+        while True:
+            with self._lock:
+                work, self._unsaved = self._unsaved, None
+                if work is None:
+                    self._saving = False
+                    return
+            try:
+                self.runner.save_provider_request(self.claim, work)
+            except Exception:
+                # The render goes on: its end writes the work with the job, and a crash before that
+                # finds the job marked as having sent (`unsent_attempt`): failed as possibly billed.
+                log.exception("job %s: saving what the provider accepted failed", self.claim.job.id)
+            else:
+                # From here a crash finds this work again (reattached, or charged for reconciliation).
+                self.state("accepted", handles=len(work["handles"]))
+
+
+def _accepted_values(work: dict[str, Any]) -> dict[str, Any]:
+    """The job row's record of what providers accepted: the handles, and their ids for people."""
+    ids = ",".join(str(h["id"]) for h in work["handles"])
+    return {"provider_request_id": ids[:500], "provider_work": work}
 
 
 def restartable(engine: object, job: Job) -> bool:
@@ -255,7 +296,9 @@ class JobRunner:
             log.exception("job %s crashed in engine %s", job.id, job.engine)
             # A remote engine may have sent the request before it broke: the charge is unknown.
             remote = job.engine in self.registry and self.registry.get(job.engine).kind == "remote"
-            error = EngineError(f"engine '{job.engine}' failed unexpectedly: {type(exc).__name__}: {exc}"[:500],
+            # The first line: a database error's next ones hold its SQL and values (the log has them).
+            first = next(iter(str(exc).splitlines()), "")
+            error = EngineError(f"engine '{job.engine}' failed unexpectedly: {type(exc).__name__}: {first}"[:500],
                                 retryable=False, charged="unknown" if remote else "no")
             await self._end(claim, "failed", error)
         else:
@@ -556,9 +599,11 @@ class JobRunner:
                     status = "canceled"
                     error = Canceled(f"the job was canceled (it was failing: {error.message})"[:500])
                 # The progress it reached stays (a fast job's row was never written a step before).
+                # What providers accepted, in case its own save is still out (or failed).
+                accepted = _accepted_values(claim.accepted) if claim.accepted else {}
                 self._guarded_update(s, claim, status=status, finished_at=utcnow(), error=error.to_dict(),
                                      lease_owner=None, lease_expires_at=None, progress_step=job.progress_step,
-                                     progress_total=job.progress_total,
+                                     progress_total=job.progress_total, **accepted,
                                      attempts=[*(job.attempts or []),
                                                {"engine": job.engine, "status": status, "error": error.to_dict()}])
                 self.ledger.settle_failure(s, job, bill)
@@ -599,8 +644,9 @@ class JobRunner:
             log.warning("job %s: writing its progress failed: %s", claim.job.id, str(exc).splitlines()[0][:200])
 
     def save_provider_request(self, claim: Claim, work: dict[str, Any]) -> None:
-        ids = ",".join(str(h["id"]) for h in work["handles"])
-        with self.db.transaction() as s:
-            s.execute(update(Job).where(col(Job.id) == claim.job.id, col(Job.attempt) == claim.attempt,
-                                        col(Job.status) == "running")
-                      .values(provider_request_id=ids[:500], provider_work=work))
+        """Save what a provider accepted, so that a crash can find it again; waits out a database
+        that is away for a while (off the event loop: see `JobProgress`)."""
+        for attempt in self.db.retrying(FINAL_WRITE_SECONDS):
+            with attempt, self.db.transaction() as s:
+                s.execute(update(Job).where(col(Job.id) == claim.job.id, col(Job.attempt) == claim.attempt,
+                                            col(Job.status) == "running").values(**_accepted_values(work)))

@@ -131,11 +131,11 @@ def assert_settled_once(entries: list[dict[str, Any]]) -> None:
             assert round(sum(e["amount"] for e in mine), 3) == hold["amount"], mine
 
 
-def wait_for_submitted(client: httpx.Client, job_id: str) -> None:
-    """Until the provider call is in flight. The fake engine saves its request id in the same step
-    as it publishes `submitted`, before it first yields, so the id is saved by then."""
+def wait_for_state(client: httpx.Client, job_id: str, state: str = "accepted") -> None:
+    """Until the job's engine reports `state`: `submitted` (the fake engine's call is in flight) or
+    `accepted` (what the provider accepted is saved with the job, for a crash to find)."""
     with client.stream("GET", f"/v1/jobs/{job_id}/events") as stream:
         for event in iter_sse(stream):
-            if event.event == "state" and event.data.get("state") == "submitted":
+            if event.event == "state" and event.data.get("state") == state:
                 return
-    raise AssertionError(f"job {job_id} ended before its provider call")
+    raise AssertionError(f"job {job_id} ended before its engine reported '{state}'")

@@ -25,7 +25,7 @@ from tests.credits import (
     project_with_draft,
     promote_ok,
     wait_for_job,
-    wait_for_submitted,
+    wait_for_state,
 )
 from tests.credits.conftest import POLICY, Service
 
@@ -42,7 +42,7 @@ def test_kill_with_a_paid_call_in_flight(service_env: dict[str, str], tmp_path: 
     services.append(Service(service_env, tmp_path, tmp_path / "first.log"))
     with httpx.Client(base_url=services[0].url, timeout=30.0) as client:
         job_id = promote_ok(client, asset_id, tags={"fake": "hang"})["id"]
-        wait_for_submitted(client, job_id)
+        wait_for_state(client, job_id)
         running = client.get(f"/v1/jobs/{job_id}").json()
         assert running["status"] == "running"
         assert running["cost"]["held"] == PRICE
@@ -77,7 +77,7 @@ def test_kill_with_accepted_provider_work_reattaches_to_it(service_env: dict[str
     services.append(Service(service_env, tmp_path, tmp_path / "first.log"))
     with httpx.Client(base_url=services[0].url, timeout=30.0) as client:
         job_id = promote_ok(client, asset_id, engine="fake-queue", tags={"fake": "hang"})["id"]
-        wait_for_submitted(client, job_id)
+        wait_for_state(client, job_id)
     services[0].kill()
 
     services.append(Service(service_env, tmp_path, tmp_path / "second.log"))
@@ -103,7 +103,7 @@ def test_reattaching_to_work_the_provider_lost_is_charged_unreconciled(
     with serve_in_thread(settings) as base, httpx.Client(base_url=base, timeout=30) as client:
         project_id, asset_id = project_with_draft(client)
         job = promote_ok(client, asset_id, engine="fake-queue", tags={"fake": "hang", "reattach": "gone"})
-        wait_for_submitted(client, job["id"])
+        wait_for_state(client, job["id"])
     with serve_in_thread(settings) as base, httpx.Client(base_url=base, timeout=30) as client:
         done = wait_for_job(client, job["id"])
         assert done["status"] == "failed" and done["error"]["code"] == "engine_error", done

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import sqlite3
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -353,3 +355,55 @@ def test_a_job_s_end_waits_out_a_lost_database_connection(api: httpx.Client, mon
     assert lost == ["lost"] and done["status"] == "succeeded" and len(done["assets"]) == 1
     entries = [e for e in ledger(api, project_id) if e["job_id"] == job["id"]]
     assert [(e["kind"], e["amount"]) for e in entries] == [("hold", 10.0), ("capture", 10.0)]
+
+
+def saved_work(settings: Settings, job_id: str) -> tuple[str | None, Any]:
+    with sqlite3.connect(settings.data_dir / "orchestrator.db") as db:
+        request_id, work = db.execute("SELECT provider_request_id, provider_work FROM jobs WHERE id = ?",
+                                      (job_id,)).fetchone()
+    return request_id, None if work is None else json.loads(work)
+
+
+def test_saving_the_provider_s_work_never_stalls_the_event_loop(api: httpx.Client, paid_settings: Settings,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    # The save waits for the database's write lock (another process writing, a slow disk): the
+    # process's other jobs and streams must go on meanwhile, and the save still lands.
+    _, asset_id = project_with_draft(api)
+    real = JobRunner.save_provider_request
+    waiting, release = threading.Event(), threading.Event()
+
+    def slow_save(self: JobRunner, claim: Claim, work: dict[str, Any]) -> None:
+        waiting.set()
+        release.wait(30)
+        real(self, claim, work)
+
+    monkeypatch.setattr(JobRunner, "save_provider_request", slow_save)
+    job = promote_ok(api, asset_id, tags={"fake": "slow", "seconds": "0.2"})
+    try:
+        assert waiting.wait(10)
+        assert api.get("/healthz", timeout=5).status_code == 200  # the loop answers while the save waits
+    finally:
+        release.set()
+    assert wait_for_job(api, job["id"])["status"] == "succeeded"
+    request_id, work = saved_work(paid_settings, job["id"])
+    assert request_id is not None and request_id.startswith("fake-") and work["handles"][0]["id"] == request_id
+
+
+def test_a_failed_save_of_the_provider_s_work_is_written_with_the_job_s_end(
+        api: httpx.Client, paid_settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sqlalchemy.exc import OperationalError
+
+    project_id, asset_id = project_with_draft(api)
+
+    def locked(self: JobRunner, claim: Claim, work: dict[str, Any]) -> None:
+        raise OperationalError("BEGIN IMMEDIATE", {}, Exception("database is locked"))
+
+    monkeypatch.setattr(JobRunner, "save_provider_request", locked)
+    job = promote_ok(api, asset_id, tags={"fake": "timeout"})  # accepted, then no answer
+    done = wait_for_job(api, job["id"])
+    # The render went on (no SQL in its error): it failed as the provider's timeout, billed unknown.
+    assert done["status"] == "failed" and done["error"]["code"] == "timeout", done["error"]
+    request_id, work = saved_work(paid_settings, job["id"])
+    assert request_id is not None and work["handles"] == [{"queue": "https://fake.test/requests", "id": request_id}]
+    capture = next(e for e in ledger(api, project_id) if e["job_id"] == job["id"] and e["kind"] == "capture")
+    assert capture["unreconciled"]

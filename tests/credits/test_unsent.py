@@ -24,7 +24,7 @@ from orchestrator.server import serve_in_thread
 from orchestrator.services import Services
 from orchestrator.settings import Settings
 from tests import fakes
-from tests.credits import PRICE, ledger, poll, project_with_draft, promote_ok, wait_for_submitted
+from tests.credits import PRICE, ledger, poll, project_with_draft, promote_ok, wait_for_state
 from tests.credits.conftest import POLICY, Service
 from tiers.base import CancelToken
 
@@ -189,7 +189,7 @@ def test_a_killed_paid_job_runs_again_only_if_its_request_had_not_gone(
     with httpx.Client(base_url=services[0].url, timeout=30.0) as client:
         job_id = promote_ok(client, asset_id, tags={"fake": behaviour, "seconds": "3600"})["id"]
         if behaviour == "hang-unsaved":
-            wait_for_submitted(client, job_id)
+            wait_for_state(client, job_id, "submitted")
         else:
             poll(lambda: client.get(f"/v1/jobs/{job_id}").json(), lambda j: j["status"] == "running")
     services[0].kill()
