@@ -96,8 +96,9 @@ class Scheduler:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        await asyncio.to_thread(self.presence.enter, self.owner)
+        await asyncio.to_thread(self.presence.enter, self.owner, self.registry.names())
         await self.recover(all_foreign=True)
+        await asyncio.to_thread(self._fail_unserved)
         await asyncio.to_thread(self._sweep_ledger)
         await asyncio.to_thread(self._sweep_previews)
         self._tasks = [asyncio.create_task(self._dispatch_loop(), name="scheduler"),
@@ -199,8 +200,7 @@ class Scheduler:
                 try:
                     lane, limit = self.lane(job.engine)
                 except OrchestratorError:
-                    self._fail_unknown_engine(job)
-                    continue
+                    continue  # not an engine of this process (see `_fail_unserved`)
                 if lane_use.get(lane, 0) >= limit:
                     continue
                 claim = self._claim(job)
@@ -219,29 +219,29 @@ class Scheduler:
         """The oldest queued jobs, leaving out engines whose lane is full: 500 drafts waiting for
         the local device must not hide a paid job whose lane is free. Local jobs are left out too
         while another process holds the device (see `orchestrator.workers`)."""
-        full = []
+        free = []
         local = []
         for engine in self.registry:
             lane, limit = self.lane(engine.name)
             if engine.kind == "local":
                 local.append(engine.name)
-            if lane_use.get(lane, 0) >= limit:
-                full.append(engine.name)
+            if lane_use.get(lane, 0) < limit:
+                free.append(engine.name)
         device = self.device
         if device is not None and not device.held and time.monotonic() < self._device_elsewhere_until:
             # Another process held the device a moment ago: until the next timed look, the bells
             # (every commit of that busy worker rings) wake this one for other work only.
-            full = sorted({*full, *local})
-        jobs = self._oldest_queued(full)
+            free = [name for name in free if name not in local]
+        jobs = self._oldest_queued(free)
         # The device is taken only when there is local work for it, so that a process that never
         # runs a local job leaves it to the workers that do.
         if (device is not None and not device.held and any(j.engine in local for j in jobs)
                 and not device.try_acquire()):
             self._device_elsewhere_until = time.monotonic() + self.poll_interval
-            jobs = self._oldest_queued(sorted({*full, *local}))
+            jobs = self._oldest_queued([name for name in free if name not in local])
         return jobs
 
-    def _oldest_queued(self, leave_out: list[str]) -> list[Job]:
+    def _oldest_queued(self, engines: list[str]) -> list[Job]:
         """Queued jobs in turns by project: each project's oldest, then each one's next, and so on
         (oldest first within a turn). A project that queued a hundred drafts delays another's
         next job by one job per project, not by its hundred.
@@ -249,9 +249,11 @@ class Scheduler:
         Two index reads, not a numbering of the whole queue: the oldest `QUEUED_BATCH` jobs, and
         each project's oldest. Turns are counted among those, which orders every project's next
         job exactly; past a dispatch's few free lanes the order is looked at again anyway."""
-        where = [col(Job.status) == "queued"]
-        if leave_out:
-            where.append(col(Job.engine).not_in(leave_out))
+        if not engines:
+            return []
+        # Only this process's engines with a free lane: a job for an engine it does not have is
+        # another worker's (or, when nobody has it, failed by `_fail_unserved`).
+        where = [col(Job.status) == "queued", col(Job.engine).in_(engines)]
         firsts = (select(col(Job.project_id).label("project_id"), func.min(Job.created_at).label("created_at"))
                   .where(*where).group_by(col(Job.project_id)).subquery())
         with self.db.session() as s:
@@ -304,8 +306,25 @@ class Scheduler:
                 log.exception("job %s: giving back its unstarted claim failed", claim.job.id)
             self._claimed.pop(claim.job.id, None)
 
+    def _fail_unserved(self) -> None:
+        """Fail the queued jobs of engines no process has (one removed from the configuration, a
+        plugin uninstalled): they would wait forever. An engine another live worker runs is
+        left to it."""
+        known = self.registry.names()
+        with self.db.session() as s:
+            missing = list(s.exec(select(Job.engine).where(col(Job.status) == "queued",
+                                                            col(Job.engine).not_in(known)).distinct()).all())
+        for engine in missing:
+            if self.presence.serves(engine):
+                continue
+            with self.db.session() as s:
+                jobs = list(s.exec(select(Job).where(col(Job.status) == "queued", col(Job.engine) == engine)).all())
+            for job in jobs:
+                self._fail_unknown_engine(job)
+
     def _fail_unknown_engine(self, job: Job) -> None:
-        error = {"code": "engine_unavailable", "message": f"engine '{job.engine}' is not installed",
+        error = {"code": "engine_unavailable",
+                 "message": f"engine '{job.engine}' is not installed in any process that runs jobs",
                  "details": {"engine": job.engine}}
         with self.db.transaction() as s:
             result = s.execute(update(Job).where(col(Job.id) == job.id, col(Job.status) == "queued").values(
@@ -313,6 +332,7 @@ class Scheduler:
             if _rowcount(result) != 1:
                 return
             self.ledger.settle_unstarted(s, job, note="engine not installed")
+        log.warning("job %s failed: engine '%s' is not installed in any process that runs jobs", job.id, job.engine)
         self.bus.publish(job.id, "failed", {"job_id": job.id, "status": "failed", "error": error})
 
     async def _run(self, claim: Claim, lane: str) -> None:
@@ -402,6 +422,7 @@ class Scheduler:
             await asyncio.sleep(self.sweep_interval)
             try:
                 await self.recover(all_foreign=False)
+                await asyncio.to_thread(self._fail_unserved)
                 await asyncio.to_thread(self._sweep_ledger)
                 await asyncio.to_thread(self._forget_owners)
                 await asyncio.to_thread(self._sweep_previews)
@@ -494,6 +515,9 @@ class Scheduler:
 
         def orphaned(job: Job) -> bool:
             if job.id in self._running or job.id in self._claimed:
+                return False
+            if job.engine not in self.registry and self.presence.serves(job.engine):
+                # Another worker has its engine, and can follow its work or run it again.
                 return False
             if job.lease_expires_at is None or job.lease_expires_at <= now:
                 return True

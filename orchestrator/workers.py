@@ -82,10 +82,10 @@ class Presence:
     def _path(self, owner: str) -> Path:
         return self.folder / f"{_safe(owner)}.lock"
 
-    def enter(self, owner: str) -> None:
-        """Mark `owner` (a scheduler of this process) alive until `leave` or the process ends.
-        Without a usable lock (a filesystem without flock) others judge it as owners without a
-        file: by host name and pid, and its lease."""
+    def enter(self, owner: str, engines: Iterable[str] = ()) -> None:
+        """Mark `owner` (a scheduler of this process) alive until `leave` or the process ends, as
+        one that runs jobs of `engines` (see `serves`). Without a usable lock (a filesystem without
+        flock) others judge it as owners without a file: by host name and pid, and its lease."""
         self._mine.add(owner)
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
@@ -97,7 +97,7 @@ class Presence:
                     if _same_file(file, self._path(owner)):  # not removed by a sweep meanwhile
                         file.seek(0)
                         file.truncate()
-                        file.write(f"{owner}\n{MACHINE}\n")
+                        file.write(f"{owner}\n{MACHINE}\n{','.join(engines)}\n")
                         file.flush()
                         self._held[owner] = file
                         return
@@ -149,6 +149,19 @@ class Presence:
             return False
         locked = self._locked(owner)
         return (not locked) if locked is not None else _pid_gone(owner)
+
+    def serves(self, engine: str) -> bool:
+        """Whether another owner that may be alive runs jobs of `engine`: workers need not all
+        have the same engines (a plugin installed on the GPU hosts only), and a job is failed for
+        an engine nobody has, not for one this process lacks."""
+        for path in sorted(self.folder.glob("*.lock")) if self.folder.is_dir() else []:
+            with contextlib.suppress(OSError):
+                lines = path.read_text().splitlines()
+                owner = lines[0].strip() if lines else ""
+                if (owner and owner not in self._mine and len(lines) > 2
+                        and engine in lines[2].split(",") and self.alive(owner)):
+                    return True
+        return False
 
     def live(self) -> list[str]:
         """The owners of this machine whose lock is held now, as their files name them."""

@@ -70,11 +70,11 @@ def test_projects_take_turns_in_the_queue(services: Services, monkeypatch: pytes
     # A project that queued first and most does not make another wait behind all of its jobs.
     busy = queued_drafts(services, 3)
     other = queued_drafts(services, 2)
-    assert [job.id for job in services.scheduler._oldest_queued([])] == [busy[0], other[0], busy[1], other[1],
-                                                                         busy[2]]
+    assert [job.id for job in services.scheduler._oldest_queued(["lite"])] == [busy[0], other[0], busy[1],
+                                                                              other[1], busy[2]]
     # Even when the oldest jobs of a look are all the busy project's, the other's next is among them.
     monkeypatch.setattr("orchestrator.queue.QUEUED_BATCH", 2)
-    assert [job.id for job in services.scheduler._oldest_queued([])] == [busy[0], other[0]]
+    assert [job.id for job in services.scheduler._oldest_queued(["lite"])] == [busy[0], other[0]]
 
 
 def test_a_project_cannot_queue_more_than_its_share(make_settings: SettingsFactory) -> None:
