@@ -273,12 +273,12 @@ class Scheduler:
         return [job for _, job in ranked[:QUEUED_BATCH]]
 
     def _claim(self, job: Job) -> Claim | None:
-        now = utcnow()
         # For an engine that announces its paid requests, the new attempt starts as having sent
         # nothing (the runner clears it before the first one): see `_recover_one`.
         announces = job.engine in self.registry and getattr(self.registry.get(job.engine), "announces_sends", False)
         try:
             with self.db.transaction() as s:
+                now = utcnow()  # once the write lock is ours: waiting for it must not shorten the lease
                 claimed = s.scalars(update(Job).where(col(Job.id) == job.id, col(Job.status) == "queued").values(
                     status="running", attempt=Job.attempt + 1, lease_owner=self.owner,
                     lease_expires_at=now + self.lease, started_at=now, error=None,
@@ -394,9 +394,11 @@ class Scheduler:
                     log.exception("lease renewal failed; trying again at the next beat")
 
     def _renew(self, claims: list[Claim]) -> None:
-        expires = utcnow() + self.lease
         lost: list[tuple[Claim, Job | None]] = []
         with self.db.transaction() as s:
+            # Counted from when the write lock is ours: two long waits for it (each under its 30 s
+            # timeout) must not let a live job's lease run out between beats.
+            expires = utcnow() + self.lease
             for claim in claims:
                 result = s.execute(update(Job).where(col(Job.id) == claim.job.id, col(Job.attempt) == claim.attempt,
                                                      col(Job.status) == "running").values(lease_expires_at=expires))

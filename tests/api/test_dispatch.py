@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import Callable, Iterator
 from datetime import timedelta
@@ -369,3 +370,31 @@ def test_a_progress_write_that_fails_does_not_fail_the_render(services: Services
     monkeypatch.setattr(services.runner.db, "transaction", lambda: Locked())
     services.runner.write_progress(claim, 2, 4)  # no exception
     assert "writing its progress failed" in caplog.text and "database is locked" in caplog.text
+
+
+def test_a_wait_for_the_write_lock_does_not_shorten_a_lease(services: Services,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    # Leases were counted from before the write lock was taken: two long waits for it (each under
+    # its timeout) let a live job's lease run out, and another process recovered the job.
+    [job_id] = queued_drafts(services, 1)
+    clock = [utcnow()]
+    monkeypatch.setattr("orchestrator.queue.utcnow", lambda: clock[0])
+    real = services.db.transaction
+
+    @contextlib.contextmanager
+    def slow_lock() -> Iterator[Any]:
+        clock[0] += timedelta(seconds=20)  # another process held the write lock this long
+        with real() as s:
+            yield s
+
+    def lease_left() -> timedelta:
+        with services.db.session() as s:
+            row = s.get(Job, job_id)
+        assert row is not None and row.lease_expires_at is not None
+        return row.lease_expires_at - clock[0]
+
+    monkeypatch.setattr(services.db, "transaction", slow_lock)
+    claim = services.scheduler._claim(services.jobs.get(job_id))
+    assert claim is not None and lease_left() == services.scheduler.lease
+    services.scheduler._renew([claim])
+    assert lease_left() == services.scheduler.lease
