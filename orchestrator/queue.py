@@ -37,7 +37,7 @@ from orchestrator.events import EventBus, on_loop
 from orchestrator.jobs import render_request
 from orchestrator.ledger import Ledger
 from orchestrator.models import Job, utcnow
-from orchestrator.runner import Claim, JobRunner, reattachable, restartable
+from orchestrator.runner import FINAL_WRITE_SECONDS, Claim, JobRunner, reattachable, restartable
 from orchestrator.workers import DeviceLock, Presence, owner_id
 from tiers.base import CancelToken, Engine, Restartable
 from tiers.registry import EngineRegistry
@@ -47,6 +47,9 @@ DISPATCH_RETRY_SECONDS = 1.0
 QUEUED_BATCH = 500  # queued jobs looked at per dispatch
 MAX_LOCAL_STOPS = 3  # a job re-queued by recovery (local, or reattaching) this often is failed instead
 REMOTE_LANE_LIMIT = 4
+# How long a stop waits for interrupted jobs to wind down (a job storing what its engine made is
+# waited for longer: see `stop`).
+STOP_WAIT_SECONDS = 10.0
 
 
 class Interrupted(OrchestratorError):
@@ -122,7 +125,14 @@ class Scheduler:
             claim.cancel.cancel(abandon=True)  # provider work is followed again after the restart
         running = [task for task, _ in self._running.values()]
         if running:
-            await asyncio.wait(running, timeout=10)
+            await asyncio.wait(running, timeout=STOP_WAIT_SECONDS)
+            # A job whose engine returned is storing what it made, and may have paid for (a stop
+            # does not interrupt that, and its write waits out a busy database): leaving before it
+            # ends would let another process recover it as an orphan and discard its images.
+            storing = [task for task, claim in self._running.values() if claim.job.id in self.runner.storing]
+            if storing:
+                log.info("waiting for %d jobs to store their images before stopping", len(storing))
+                await asyncio.wait(storing, timeout=FINAL_WRITE_SECONDS + STOP_WAIT_SECONDS)
         for task in self._tasks:
             with contextlib.suppress(BaseException):
                 await task

@@ -220,6 +220,8 @@ class JobRunner:
         # The latest previews again, as files other processes serve (see `write_preview`).
         self.preview_files = preview_files
         self._preview_written: set[str] = set()  # jobs with a file to remove when they end
+        # Jobs whose engine returned, being stored and finished: a stop waits for them.
+        self.storing: set[str] = set()
         # Set once the service stopped waiting for its jobs: a result that comes later can no
         # longer be stored here and is left to recovery, as a stop before the engine returned.
         self._closed = False
@@ -244,6 +246,7 @@ class JobRunner:
             finally:
                 self.health.finished(job.engine, job.id)  # whatever the verdict, this probe is over
             engine_returned = True
+            self.storing.add(job.id)
             elapsed = time.monotonic() - started
             self.health.succeeded(job.engine, job.stage, elapsed)
             try:
@@ -308,6 +311,7 @@ class JobRunner:
                 self.bus.publish(job.id, "asset", {"asset_id": asset_id, "index": index})
             self.bus.publish(job.id, "succeeded", {"job_id": job.id, "status": "succeeded", "assets": asset_ids})
         finally:
+            self.storing.discard(job.id)
             self.previews.pop(job.id, None)
             if job.id in self._preview_written:  # only a job that ran past a progress write has one
                 self._preview_written.discard(job.id)

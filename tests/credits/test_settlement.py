@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
 from orchestrator.runner import Claim, JobRunner
+from orchestrator.server import serve_in_thread
 from orchestrator.settings import Settings
 from orchestrator.store import ArtifactStore
+from orchestrator.workers import Presence
 from tests.credits import (
     PRICE,
     TERMINAL,
@@ -25,6 +29,7 @@ from tests.credits import (
     kinds,
     ledger,
     make_draft,
+    poll,
     project_with_draft,
     promote_ok,
     wait_for_job,
@@ -407,3 +412,41 @@ def test_a_failed_save_of_the_provider_s_work_is_written_with_the_job_s_end(
     assert request_id is not None and work["handles"] == [{"queue": "https://fake.test/requests", "id": request_id}]
     capture = next(e for e in ledger(api, project_id) if e["job_id"] == job["id"] and e["kind"] == "capture")
     assert capture["unreconciled"]
+
+
+def test_a_stop_waits_for_a_job_storing_what_it_made(paid_settings_for: Callable[..., Settings], tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    # The provider made (and billed) the image; the stop came while it was being stored. Leaving
+    # then would let another process recover the job as an orphan and discard what was paid for.
+    monkeypatch.setattr("orchestrator.queue.STOP_WAIT_SECONDS", 0.1)
+    real = JobRunner._succeed_in
+    storing, release = threading.Event(), threading.Event()
+
+    def slow(self: JobRunner, *args: Any, **kwargs: Any) -> None:
+        storing.set()
+        release.wait(30)  # a busy database
+        real(self, *args, **kwargs)
+
+    settings = paid_settings_for(tmp_path / "data")
+    service = serve_in_thread(settings)
+    with httpx.Client(base_url=service.__enter__(), timeout=30) as client:
+        project_id, asset_id = project_with_draft(client)
+        monkeypatch.setattr(JobRunner, "_succeed_in", slow)
+        job_id = promote_ok(client, asset_id, engine="fake-paid")["id"]
+        assert storing.wait(30)
+    stopper = threading.Thread(target=service.__exit__, args=(None, None, None))
+    caplog.set_level(logging.INFO, logger="orchestrator.queue")
+    stopper.start()
+    try:
+        poll(lambda: caplog.text, lambda text: "waiting for 1 jobs to store their images" in text,
+             what="the stop to wait for the storing job")
+        assert len(Presence(settings.data_dir / "locks", shared_database=False).live()) == 1  # still its
+    finally:
+        release.set()
+        stopper.join(60)
+    monkeypatch.setattr(JobRunner, "_succeed_in", real)
+    with serve_in_thread(settings) as base, httpx.Client(base_url=base, timeout=30) as client:
+        done = client.get(f"/v1/jobs/{job_id}").json()
+        assert done["status"] == "succeeded" and len(done["assets"]) == 1, done
+        assert [e["kind"] for e in ledger(client, project_id) if e["job_id"] == job_id] == ["hold", "capture"]
