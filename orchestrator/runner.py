@@ -26,7 +26,7 @@ from sqlalchemy import update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, col, select
 
-from orchestrator.db import Database
+from orchestrator.db import Database, transient
 from orchestrator.errors import BudgetExceeded, Canceled, EngineError, OrchestratorError
 from orchestrator.events import EventBus
 from orchestrator.health import EngineHealth
@@ -260,6 +260,12 @@ class JobRunner:
             except (StaleAttempt, OrchestratorError):
                 raise
             except Exception as exc:  # disk full, permissions: the engine did its (billed) work
+                if transient(exc) and self.registry.get(job.engine).kind == "local":
+                    # The database stayed away for the whole final write: a local job is left to
+                    # recovery (its lease runs out, and it runs again), not failed for good.
+                    log.error("job %s: the database did not answer while its images were stored; it is "
+                              "left to recovery", job.id)
+                    return
                 log.exception("job %s: storing its images failed", job.id)
                 # The first line says what failed; a database error's next lines hold its SQL and values,
                 # and a file error's text the server's paths (the log has them).

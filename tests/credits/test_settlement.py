@@ -450,3 +450,31 @@ def test_a_stop_waits_for_a_job_storing_what_it_made(paid_settings_for: Callable
         done = client.get(f"/v1/jobs/{job_id}").json()
         assert done["status"] == "succeeded" and len(done["assets"]) == 1, done
         assert [e["kind"] for e in ledger(client, project_id) if e["job_id"] == job_id] == ["hold", "capture"]
+
+
+def test_a_local_job_whose_end_could_not_be_written_runs_again(paid_settings_for: Callable[..., Settings],
+                                                               tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The database stayed away through the whole final write: a local draft is made again, not
+    # failed as "made but could not be stored" for good.
+    from sqlalchemy.exc import OperationalError
+
+    monkeypatch.setattr("orchestrator.runner.FINAL_WRITE_SECONDS", 0.2)
+    real = JobRunner._succeed_in
+    failed: list[str] = []
+
+    def away_once(self: JobRunner, s: Any, claim: Claim, *args: Any, **kwargs: Any) -> None:
+        if claim.attempt == 1:  # every try of the first attempt's final write
+            failed.append("away")
+            raise OperationalError("BEGIN IMMEDIATE", {}, Exception("database is locked"))
+        real(self, s, claim, *args, **kwargs)
+
+    monkeypatch.setattr(JobRunner, "_succeed_in", away_once)
+    with serve_in_thread(paid_settings_for(tmp_path / "data", lease_seconds=0.5, sweep_interval=0.1)) as base, \
+            httpx.Client(base_url=base, timeout=30) as client:
+        project_id = create_project(client)
+        job = client.post(f"/v1/projects/{project_id}/drafts", json={"prompt": "a lighthouse", "n": 1, "width": 64,
+                                                                       "height": 64, "steps": 1})
+        done = wait_for_job(client, job.json()["id"])
+    assert failed and set(failed) == {"away"}
+    assert done["status"] == "succeeded", done
+    assert [a["status"] for a in done["attempts"]] == ["interrupted", "succeeded"]
