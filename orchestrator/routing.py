@@ -112,9 +112,12 @@ class Router:
             raise NoRoute(f"policy '{policy.name}', rule '{rule.name}': {rule.deny}", details=base)
         assert rule.engines is not None
         if requested is not None and requested not in rule.engines:
+            # A rule matched on the budget's use says so: the client is told why, not only where.
+            why = ("" if rule.match.budget_used_over is None else
+                   f" (the project has used over {rule.match.budget_used_over:.0%} of its budget)")
             raise NoRoute(
                 f"engine '{requested}' is not allowed here: policy '{policy.name}', rule '{rule.name}' "
-                f"allows {', '.join(rule.engines)}",
+                f"allows {', '.join(rule.engines)}{why}",
                 details={**base, "engine": requested, "allowed": rule.engines},
             )
         names = [requested] if requested is not None else list(rule.engines)

@@ -467,6 +467,16 @@ def test_a_hold_that_pushes_the_project_past_a_rule_s_share_moves_the_choice(
     assert ledger(paid_server, project_id, job["id"]) == []
 
 
+def test_an_engine_a_budget_rule_leaves_out_is_refused_saying_why(paid_server: httpx.Client) -> None:
+    project_id, asset_id = draft_asset(paid_server, budget={"limit": 10, "period": "month"})
+    assert paid_server.patch(f"/v1/projects/{project_id}", json={"policy": "soft-budget-test"}).status_code == 200
+    assert wait_for_job(paid_server, promote(paid_server, asset_id)["id"])["status"] == "succeeded"  # 100% used
+    response = paid_server.post(f"/v1/assets/{asset_id}/promote", json={"engine": "fake-paid", "cache": False})
+    error = assert_error(response, 422, "no_route")
+    assert error["message"] == ("engine 'fake-paid' is not allowed here: policy 'soft-budget-test', rule 'soft' "
+                                "allows local-hifi (the project has used over 80% of its budget)")
+
+
 def test_a_source_whose_file_is_gone_is_refused_at_submit(new_settings: SettingsFactory) -> None:
     """Not accepted and failed later (a job that can never run, holding credits meanwhile)."""
     services = Services.build(new_settings(engines=FAKE_ENGINES))
