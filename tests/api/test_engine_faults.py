@@ -144,7 +144,8 @@ def test_a_queued_job_whose_engine_was_removed_fails_and_releases_its_hold(
         asyncio.run(before.aclose())
     services = build("fake-free=tests.fakes:free_factory")
 
-    assert services.scheduler._claim_ready({}) == []  # nothing to run, and nothing left waiting
+    assert services.scheduler._claim_ready({}) == []  # nothing this process can run
+    services.scheduler._fail_unserved()  # the sweep: and no live process has the engine
     job = read_job(services, job_id)
     assert (job.status, job.attempt, job.finished_at is not None) == ("failed", 0, True)
     assert job.error is not None and job.error["code"] == "engine_unavailable", job.error
@@ -153,6 +154,7 @@ def test_a_queued_job_whose_engine_was_removed_fails_and_releases_its_hold(
     assert event_types(services, job_id) == ["failed"]
     # A later look finds nothing more to do with it.
     assert services.scheduler._claim_ready({}) == []
+    services.scheduler._fail_unserved()
     assert ledger_of(services, job_id) == [("hold", HOLD, False), ("release", HOLD, False)]
 
 
@@ -166,6 +168,7 @@ def test_an_unknown_engines_job_with_accepted_work_is_charged_for_reconciliation
 
     claims = services.scheduler._claim_ready({})
     assert [claim.job.id for claim, _lane in claims] == [other]  # the known engine's job still runs
+    services.scheduler._fail_unserved()
     job = read_job(services, job_id)
     assert job.status == "failed" and job.error is not None and job.error["code"] == "engine_unavailable"
     assert ledger_of(services, job_id) == [("hold", HOLD, False), ("capture", HOLD, True)]
