@@ -294,7 +294,7 @@ def _check(*, no_hash: bool) -> int:
     for what, ids in ledger.problems.items():
         print(f"{len(ids)} {what}: entries {_shown(ids)}")
     if ledger.open_finished:
-        print(f"{len(ledger.open_finished)} open holds of finished jobs (the service's hourly sweep settles them): "
+        print(f"{len(ledger.open_finished)} open holds of finished jobs (a running service's sweep settles them): "
               f"entries {_shown(ledger.open_finished)}")
     if ledger.unreconciled:
         print(f"{ledger.unreconciled} captures wait to be reconciled against an invoice "

@@ -110,6 +110,6 @@ def check_ledger_findings(api: httpx.Client, url: str, capsys: pytest.CaptureFix
     assert f"1 {check.STRAY}: entries {added[2]}" in lines
     assert f"2 {check.EARLY_ADJUSTMENT}: entries {added[0]}, {added[2]}" in lines
     # Both open holds of the finished "over" job: informational, the service's sweep settles them.
-    assert (f"2 open holds of finished jobs (the service's hourly sweep settles them): "
+    assert (f"2 open holds of finished jobs (a running service's sweep settles them): "
             f"entries {entry('over', 'hold')}, {added[3]}") in lines
     assert "PROBLEMS: the ledger entries above do not add up" in out
