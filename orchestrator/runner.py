@@ -157,10 +157,13 @@ class JobProgress:
             loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:
             loop = None
-        if loop is None:
-            self._save()
-        else:
-            loop.run_in_executor(None, self._save)
+        if loop is not None:
+            try:
+                loop.run_in_executor(None, self._save)
+                return
+            except RuntimeError:  # the loop's executor is shut down (the service is stopping)
+                pass
+        self._save()
 
     def _save(self) -> None:
         while True:
