@@ -442,3 +442,12 @@ def test_unknown_engines_are_warned_about_once_each(tmp_path: Path) -> None:
         f"{path}: unknown engine 'my-plugin' in rule 3 engines: no request is routed to it (known: {known})",
     ]
     assert store.unknown_engines([*BUILTIN_ENGINES, "Gemini", "local_hifi", "stabilty", "my-plugin"]) == []
+
+
+def test_the_readme_s_example_policy_loads(tmp_path: Path) -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    example = readme.split("```toml\n# ORCH_POLICY_DIR/studio.toml\n", 1)[1].split("```", 1)[0]
+    policy = load_policy_file(write(tmp_path, "studio", example))
+    assert [rule.name for rule in policy.rules] == ["drafts", "acme", "big-finals", "near-budget", "farm", "fallback"]
+    found = policy.match(facts("bridge", tags={"client": "acme"}))
+    assert found is not None and found[1].keeps_local({})
