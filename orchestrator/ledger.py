@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, func, literal
+from sqlalchemy import and_, func, literal, update
+from sqlalchemy.orm import aliased
 from sqlmodel import Session, col, select
 
 from orchestrator.errors import BudgetExceeded, Conflict, NotFound, OrchestratorError
@@ -292,7 +293,16 @@ class Ledger:
 
     def sweep(self, s: Session) -> int:
         """Settle holds whose job has finished (a safety net: finishing normally settles in the
-        same transaction). Returns how many holds were settled."""
+        same transaction). Returns how many holds were settled.
+
+        First, holds still marked open that a capture or release names are marked settled: a
+        process of a version before the flag (still running through an upgrade) settles without
+        it, and such a hold would otherwise count as held for good, and be settled twice here."""
+        settlement = aliased(LedgerEntry)
+        s.execute(update(LedgerEntry).where(
+            open_holds(), select(settlement.id).where(col(settlement.hold_id) == col(LedgerEntry.id),
+                                                      col(settlement.kind).in_(("capture", "release"))).exists()
+        ).values(settled=True))
         rows = s.exec(select(LedgerEntry, Job).join(Job, col(Job.id) == col(LedgerEntry.job_id))
                       .where(open_holds(), col(Job.status).in_(("succeeded", "failed", "canceled")))).all()
         for _hold, job in rows:

@@ -3,6 +3,7 @@ an entry edited, lost or added by hand is named."""
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -12,6 +13,8 @@ from sqlalchemy import create_engine, text
 
 from orchestrator import check
 from orchestrator.cli import main
+from orchestrator.db import Database
+from orchestrator.ledger import Ledger
 from orchestrator.server import serve_in_thread
 from orchestrator.settings import Settings
 from tests.credits import ledger, project_with_draft, promote_ok, wait_for_job
@@ -113,3 +116,25 @@ def check_ledger_findings(api: httpx.Client, url: str, capsys: pytest.CaptureFix
     assert (f"2 open holds of finished jobs (a running service's sweep settles them): "
             f"entries {entry('over', 'hold')}, {added[3]}") in lines
     assert "PROBLEMS: the ledger entries above do not add up" in out
+
+
+def test_the_sweep_mends_a_hold_settled_without_its_flag(served: tuple[httpx.Client, Path],
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    # A process of a version before the `settled` flag, still running through an upgrade, writes
+    # the capture alone: the hold counted as held for good, and the sweep failed on it each time
+    # (settling it again broke the unique constraint), leaving every other hold unswept.
+    api, db = served
+    project_id, by_way = paid_jobs(api)
+    hold = by_way["partial"]["hold"]
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE ledger_entries SET settled = 0 WHERE id = ?", (int(str(hold["id"])),))
+    assert api.get(f"/v1/projects/{project_id}/budget").json()["held"] == hold["amount"]
+    assert run_check(capsys)[0] == 1
+
+    database = Database(f"sqlite:///{db}")
+    with database.transaction() as s:
+        assert Ledger().sweep(s) == 0  # nothing to settle: only the flag to mend
+    database.engine.dispose()
+    assert api.get(f"/v1/projects/{project_id}/budget").json()["held"] == 0
+    status, out = run_check(capsys)
+    assert status == 0, out
