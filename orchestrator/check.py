@@ -16,13 +16,14 @@ PostgreSQL in read-only transactions) and nothing is created in the data dir.
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from sqlalchemy import create_engine, func, or_
+from sqlalchemy import create_engine, event, func, or_
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import aliased
 from sqlmodel import Session, col, select
@@ -87,17 +88,31 @@ EARLY_ADJUSTMENT = "adjustments of a capture still unreconciled, or of none"
 
 
 def read_only_engine(url: str) -> Engine:
-    """An engine that cannot write, on a database that must exist already."""
+    """An engine that cannot write, on a database that must exist already. Each session's reads
+    share one snapshot: the ledger's holds and their settlements are read as of one moment, even
+    beside a running service (whose captures would otherwise land between two reads)."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         path = Path(parsed.database or "")
         if not path.is_file():  # connecting would make an empty one
             raise CannotCheck(f"no database at {path} (is ORCH_DATA_DIR or ORCH_DATABASE_URL right?)")
+        options = "mode=ro"
+        if not os.access(path.parent, os.W_OK) and not path.with_name(path.name + "-wal").exists():
+            # A read-only mount: SQLite cannot make the -shm file a WAL database is read with, and
+            # nothing can be writing the file, so it is read as immutable.
+            options += "&immutable=1"
         # Not the service's set-up (WAL, a busy timeout for writers): that would change a restored file.
-        return create_engine(f"sqlite:///file:{quote(str(path.resolve()))}?mode=ro&uri=true")
+        engine = create_engine(f"sqlite:///file:{quote(str(path.resolve()))}?{options}&uri=true",
+                               connect_args={"isolation_level": None})
+
+        @event.listens_for(engine, "begin")
+        def _snapshot(conn: Any) -> None:  # pysqlite begins no transaction for reads by itself
+            conn.exec_driver_sql("BEGIN")
+
+        return engine
     args = postgres_connect_args(url)
     args["options"] += " -c default_transaction_read_only=on"
-    return create_engine(url, connect_args=args)
+    return create_engine(url, connect_args=args, isolation_level="REPEATABLE READ")
 
 
 def open_store(assets_dir: Path) -> ArtifactStore:
@@ -126,12 +141,17 @@ def check_store(engine: Engine, store: ArtifactStore, *, hashes: bool = True) ->
 
 def check_ledger(engine: Engine) -> LedgerReport:
     report = LedgerReport()
-    with Session(engine) as s:
-        report.entries = int(s.exec(select(func.count()).select_from(LedgerEntry)).one())
-        report.unreconciled = int(s.exec(select(func.count()).select_from(LedgerEntry).where(
-            col(LedgerEntry.kind) == "capture", col(LedgerEntry.unreconciled).is_(True))).one())
+    with Session(engine) as s, s.begin():  # one snapshot (see `read_only_engine`)
+        _check_ledger(s, report)
+    return report
+
+
+def _check_ledger(s: Session, report: LedgerReport) -> None:
+    report.entries = int(s.exec(select(func.count()).select_from(LedgerEntry)).one())
+    report.unreconciled = int(s.exec(select(func.count()).select_from(LedgerEntry).where(
+        col(LedgerEntry.kind) == "capture", col(LedgerEntry.unreconciled).is_(True))).one())
     open_jobs: set[str] = set()
-    for holds, settlements, statuses in _hold_pages(engine):
+    for holds, settlements, statuses in _hold_pages(s):
         for hold in holds:
             report.holds += 1
             mine = settlements.get(hold.id or 0, {})
@@ -148,12 +168,10 @@ def check_ledger(engine: Engine) -> LedgerReport:
                 open_jobs.add(hold.job_id or "")
                 if statuses.get(hold.job_id or "") in TERMINAL:
                     report.open_finished.append(str(hold.id))
-    with Session(engine) as s:
-        for problem, ids in ((STRAY, _stray(s)), (LOOSE_RELEASE, _loose_releases(s)),
-                             (EARLY_ADJUSTMENT, _early_adjustments(s))):
-            for entry_id in ids:
-                report.flag(problem, entry_id)
-    return report
+    for problem, ids in ((STRAY, _stray(s)), (LOOSE_RELEASE, _loose_releases(s)),
+                         (EARLY_ADJUSTMENT, _early_adjustments(s))):
+        for entry_id in ids:
+            report.flag(problem, entry_id)
 
 
 def _adds_up(held: int, capture: LedgerEntry | None, release: LedgerEntry | None) -> bool:
@@ -164,24 +182,24 @@ def _adds_up(held: int, capture: LedgerEntry | None, release: LedgerEntry | None
     return captured + released == held
 
 
-def _hold_pages(engine: Engine) -> Iterator[tuple[list[LedgerEntry], dict[int, dict[str, LedgerEntry]],
-                                                  dict[str, str]]]:
+def _hold_pages(s: Session) -> Iterator[tuple[list[LedgerEntry], dict[int, dict[str, LedgerEntry]],
+                                               dict[str, str]]]:
     """Holds by id, a page at a time, with their captures and releases and their jobs' statuses."""
     after = 0
     while True:
-        with Session(engine) as s:
-            holds = list(s.exec(select(LedgerEntry).where(col(LedgerEntry.kind) == "hold", col(LedgerEntry.id) > after)
-                                .order_by(col(LedgerEntry.id)).limit(PAGE)).all())
-            if not holds:
-                return
-            ids = [hold.id for hold in holds]
-            settlements: dict[int, dict[str, LedgerEntry]] = {}
-            for entry in s.exec(select(LedgerEntry).where(col(LedgerEntry.hold_id).in_(ids),
-                                                          col(LedgerEntry.kind).in_(("capture", "release")))):
-                settlements.setdefault(entry.hold_id or 0, {})[entry.kind] = entry
-            job_ids = {hold.job_id for hold in holds if hold.job_id}
-            statuses = dict(s.exec(select(Job.id, Job.status).where(col(Job.id).in_(job_ids))).all())
+        holds = list(s.exec(select(LedgerEntry).where(col(LedgerEntry.kind) == "hold", col(LedgerEntry.id) > after)
+                            .order_by(col(LedgerEntry.id)).limit(PAGE)).all())
+        if not holds:
+            return
+        ids = [hold.id for hold in holds]
+        settlements: dict[int, dict[str, LedgerEntry]] = {}
+        for entry in s.exec(select(LedgerEntry).where(col(LedgerEntry.hold_id).in_(ids),
+                                                      col(LedgerEntry.kind).in_(("capture", "release")))):
+            settlements.setdefault(entry.hold_id or 0, {})[entry.kind] = entry
+        job_ids = {hold.job_id for hold in holds if hold.job_id}
+        statuses = dict(s.exec(select(Job.id, Job.status).where(col(Job.id).in_(job_ids))).all())
         yield holds, settlements, statuses
+        s.expunge_all()  # a page at a time in memory, however long the ledger
         after = holds[-1].id or 0
 
 

@@ -9,12 +9,14 @@ from pathlib import Path
 
 import httpx
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, func, text
+from sqlmodel import Session, select
 
 from orchestrator import check
 from orchestrator.cli import main
 from orchestrator.db import Database
 from orchestrator.ledger import Ledger
+from orchestrator.models import LedgerEntry
 from orchestrator.server import serve_in_thread
 from orchestrator.settings import Settings
 from tests.credits import ledger, project_with_draft, promote_ok, wait_for_job
@@ -138,3 +140,36 @@ def test_the_sweep_mends_a_hold_settled_without_its_flag(served: tuple[httpx.Cli
     assert api.get(f"/v1/projects/{project_id}/budget").json()["held"] == 0
     status, out = run_check(capsys)
     assert status == 0, out
+
+
+def test_the_check_reads_the_ledger_as_of_one_moment(served: tuple[httpx.Client, Path]) -> None:
+    # Beside a running service: a capture committed between two of the check's reads made a hold
+    # look open in one and settled in the next ("holds still open with a capture"), exit 1.
+    api, db = served
+    project_id, _ = paid_jobs(api)
+    engine = check.read_only_engine(f"sqlite:///{db}")
+    try:
+        with Session(engine) as s, s.begin():
+            before = s.exec(select(func.count()).select_from(LedgerEntry)).one()
+            with sqlite3.connect(db) as conn:  # the service writes meanwhile
+                conn.execute("INSERT INTO ledger_entries (project_id, kind, amount, unreconciled, settled, over_hold, "
+                             "created_at) VALUES (?, 'grant', 1000, 0, 0, 0, CURRENT_TIMESTAMP)", (project_id,))
+            assert s.exec(select(func.count()).select_from(LedgerEntry)).one() == before
+    finally:
+        engine.dispose()
+
+
+def test_the_check_opens_a_database_on_a_read_only_mount(served: tuple[httpx.Client, Path],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    # SQLite cannot make the -shm file it reads a WAL database with where it may not write; the
+    # file is then read as immutable (nothing can be writing it there).
+    api, db = served
+    paid_jobs(api)
+    monkeypatch.setattr(check.os, "access", lambda path, mode: False)
+    monkeypatch.setattr(check.Path, "exists", lambda path: False)  # no -wal beside it
+    engine = check.read_only_engine(f"sqlite:///{db}")
+    try:
+        assert "immutable=1" in str(engine.url)
+        assert check.check_ledger(engine).ok
+    finally:
+        engine.dispose()
