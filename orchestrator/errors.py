@@ -104,6 +104,9 @@ class EngineError(OrchestratorError):
     # The provider's reported cost of a call that finished before the job failed (images made,
     # then not stored): the ledger captures it instead of the estimate.
     cost_millicredits: int | None = None
+    # Whether the failure says the engine is unwell (its circuit breaker counts it); a request too
+    # large for the device's memory says nothing of the engine's health.
+    engine_fault: bool = True
 
     def __init__(
         self,

@@ -243,7 +243,7 @@ class JobRunner:
             try:
                 result = await self._render(claim)
             except EngineError as exc:
-                if exc.retryable:
+                if exc.retryable and exc.engine_fault:
                     self.health.failed(job.engine)
                 raise
             finally:

@@ -68,6 +68,10 @@ class FakePaidEngine:
                 await cancel.sleep(float(req.tags.get("seconds", "1")))
         if behaviour == "fail":  # a failure that made nothing; before the send, so a cancel cannot stop it first
             raise EngineError("fake engine failed", retryable=True)
+        if behaviour == "too-large":  # as a local engine's out-of-memory: the request's fault, not the engine's
+            error = EngineError("fake engine ran out of memory", retryable=True)
+            error.engine_fault = False
+            raise error
         await billable_send()
         SENT.append(req.prompt)
         if behaviour == "crash":  # a bug, not an EngineError: as reading an answer that lacks a field

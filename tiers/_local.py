@@ -228,10 +228,14 @@ class LocalRuntime:
                 torch.cuda.empty_cache()  # what the failed job held, for the next one
             # Nothing left the machine and nothing was charged: a smaller size or batch, or
             # another engine, may well succeed.
-            raise EngineError(
+            error = EngineError(
                 f"the {self._device or 'device'} ran out of memory; try a smaller size or n, or a lower "
                 "ORCH_LITE_MAX_BATCH / ORCH_LOCAL_MAX_SIZE", details={"device": self._device or "unknown"},
-                retryable=True, charged="no") from exc
+                retryable=True, charged="no")
+            # The request's size, not the engine's health: five large ones must not shut every
+            # project's drafts out for the circuit's cooldown.
+            error.engine_fault = False
+            raise error from exc
 
     @property
     def device(self) -> str:
@@ -302,7 +306,12 @@ class LocalRuntime:
             if key not in self._pipes:
                 from diffusers import AutoPipelineForImage2Image
 
-                pipe = AutoPipelineForImage2Image.from_pipe(base)
+                try:
+                    pipe = AutoPipelineForImage2Image.from_pipe(base)
+                except (ValueError, TypeError) as exc:  # a family diffusers has no img2img pipeline for
+                    raise EngineUnavailable(f"model '{model}' has no image-to-image pipeline in diffusers "
+                                            f"({type(base).__name__}): choose another ORCH_HIFI_MODEL",
+                                            details={"model": model}) from exc
                 pipe.set_progress_bar_config(disable=True)
                 self._pipes[key] = pipe
             return self._pipes[key]
@@ -332,12 +341,20 @@ class LocalRuntime:
                 warnings.simplefilter("ignore", FutureWarning)  # diffusers' torch_dtype -> dtype rename
                 pipe = (self._load_single_file(source) if source.is_file() else
                         auto.from_pretrained(str(source) if source.exists() else model, torch_dtype=self.dtype()))
-        except (OSError, ValueError, SafetensorError) as exc:  # SafetensorError: a .ckpt, a damaged file
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        except Exception as exc:  # any failure to load is the model's, and told as one
+            # OSError and ValueError mostly; SafetensorError for a .ckpt or a damaged file; diffusers'
+            # own errors (a LoRA or VAE file given as a checkpoint) derive from Exception itself.
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            reason = f"{type(exc).__name__}: {first}" if not isinstance(exc, (OSError, ValueError)) else first
             if not source.exists() and not hf_hub_cached(model) and not hf_hub_reachable():
                 # diffusers then blames a missing model_index.json: the cause is the network.
                 reason = ("it is not in the Hugging Face cache and the Hub did not answer "
                           "(offline? see HF_ENDPOINT, HF_HUB_OFFLINE; or give a local folder or file)")
+            elif source.is_file() and not isinstance(exc, SafetensorError) and not hf_hub_reachable():
+                # from_single_file reads the model family's configuration from the Hub (or its cache).
+                reason = ("a single checkpoint file needs its model family's configuration from the Hugging "
+                          "Face Hub or its cache, and the Hub did not answer (load it once online, or convert "
+                          f"it to a diffusers folder): {reason or type(exc).__name__}")
             raise EngineUnavailable(f"could not load model '{model}': {reason}"[:400],
                                     details={"model": model}) from exc
         if getattr(pipe, "safety_checker", None) is not None:

@@ -264,6 +264,16 @@ def health(client: httpx.Client) -> dict[str, str]:
     return {e["name"]: e["health"] for e in response.json()}
 
 
+def test_requests_too_large_for_an_engine_do_not_open_its_circuit(breaker_server: httpx.Client) -> None:
+    # Out of memory says the request was too large, not that the engine is unwell: a few such
+    # requests must not shut every project out of it for the cooldown.
+    _, asset_id = draft_asset(breaker_server)
+    for _ in range(3):  # the breaker opens after two failures here
+        done = wait_for_job(breaker_server, promote(breaker_server, asset_id, tags={"fake": "too-large"})["id"])
+        assert done["attempts"][0]["engine"] == "fake-paid"
+    assert health(breaker_server)["fake-paid"] == "ok"
+
+
 def test_circuit_breaker_shows_in_engines_and_routing(breaker_server: httpx.Client) -> None:
     client = breaker_server
     _, asset_id = draft_asset(client)

@@ -177,6 +177,7 @@ async def test_running_out_of_device_memory_is_a_job_error_another_engine_may_re
         with pytest.raises(EngineError) as info:
             await runtime.call(allocate)
         assert info.value.retryable and info.value.charged == "no"
+        assert not info.value.engine_fault  # the request's size: the engine's circuit is not counted
         assert "ran out of memory" in info.value.message and "ORCH_LITE_MAX_BATCH" in info.value.message
 
         def other() -> None:
@@ -222,6 +223,43 @@ def test_a_ckpt_file_is_unavailable_with_what_to_do(make_settings: SettingsFacto
     lite = LiteEngine(EngineContext(settings=make_settings(lite_model=str(checkpoint))))
     available, reason = lite.availability()
     assert not available and reason and "convert it to .safetensors" in reason
+
+
+@pytest.mark.filterwarnings("ignore:The `local_dir_use_symlinks` argument is deprecated")
+async def test_a_single_file_that_is_not_a_checkpoint_is_unavailable_saying_why(
+        make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    # A LoRA given as the model: loaded as a Stable Diffusion checkpoint, diffusers' own error
+    # escaped as an engine crash (no fallback), and offline its config cannot even be fetched.
+    import huggingface_hub.constants
+    from safetensors.torch import save_file
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    lora = tmp_path / "lora.safetensors"
+    save_file({"lora_unet_down_blocks_0_attentions_0.lora_down.weight": torch.zeros(4, 8)}, str(lora))
+    lite = LiteEngine(EngineContext(settings=make_settings(lite_model=str(lora))))
+    try:
+        with pytest.raises(EngineUnavailable) as info:
+            await lite.run(draft(n=1), RecordingProgress(), CancelToken())
+    finally:
+        lite.runtime.shutdown(timeout=30)
+    assert info.value.message.startswith(f"could not load model '{lora}': ")
+    assert "needs its model family's configuration from the Hugging Face Hub" in info.value.message
+
+
+async def test_a_model_without_an_image_to_image_pipeline_is_unavailable_for_bridge(
+        engines: EngineFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    from diffusers import AutoPipelineForImage2Image
+
+    def no_img2img(pipe: Any, **_kwargs: Any) -> Any:
+        raise ValueError(f"AutoPipeline can't find a pipeline linked to {type(pipe).__name__}")
+
+    monkeypatch.setattr(AutoPipelineForImage2Image, "from_pipe", no_img2img)
+    _, hifi = engines()
+    bridge = RenderRequest(stage="bridge", prompt="a lighthouse", width=64, height=64, steps=2, seed=1, n=1,
+                           init_image=draft_image(), strength=0.5)
+    with pytest.raises(EngineUnavailable, match="has no image-to-image pipeline in diffusers"):
+        await hifi.run(bridge, RecordingProgress(), CancelToken())
 
 
 def save_tiny_sdxl_refiner(folder: Any, tokenizer: Any) -> None:
