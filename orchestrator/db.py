@@ -87,6 +87,9 @@ class Database:
             path = make_url(url).database or ""
             if path and path != ":memory:":
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
+                # As many connections as threads that may use one: SQLAlchemy's default of 15 made
+                # reads, which WAL serves at once, queue behind writers waiting for the write lock.
+                kwargs.update(pool_size=POOL_SIZE, max_overflow=POOL_OVERFLOW)
         else:
             kwargs.update(pool_pre_ping=True, isolation_level="READ COMMITTED", pool_size=POOL_SIZE,
                           max_overflow=POOL_OVERFLOW, connect_args=postgres_connect_args(url))

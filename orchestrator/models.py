@@ -180,7 +180,7 @@ class LedgerEntry(SQLModel, table=True):
     unreconciled: bool = False
     # On a hold: a capture or release names it. Set in the transaction that writes that entry (the
     # unique `(hold_id, kind)` stays the guard against settling twice); open holds are found by it.
-    settled: bool = False
+    settled: bool = Field(default=False, sa_column_kwargs={"server_default": sa.false()})
     # True when a capture exceeded its hold (the provider charged more than estimated).
     over_hold: bool = False
     note: str | None = Field(default=None, max_length=500)

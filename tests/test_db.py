@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import sqlite3
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from sqlalchemy import func
 from sqlalchemy.exc import OperationalError
+from sqlmodel import select
 
 from orchestrator.db import Database
+from orchestrator.models import Job
 from orchestrator.settings import Settings
 
 
@@ -64,3 +68,33 @@ def test_writes_that_must_not_be_lost_are_tried_again_only_when_it_can_help(
         assert tries == 1
     assert len(made) == tries
     db.dispose()
+
+
+def test_reads_do_not_queue_behind_writers_waiting_for_the_lock(tmp_path: Path) -> None:
+    # 20 request threads waiting for the write lock (another process holds it) each hold a pooled
+    # connection; with SQLAlchemy's default pool of 15, a read that WAL serves at once waited for
+    # one of them until its lock wait ended.
+    path = tmp_path / "o.db"
+    db = Database(f"sqlite:///{path}")
+    db.migrate()
+    db.ring()  # the service's first connection made the file WAL
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another process's long write
+    waiting = []
+
+    def write() -> None:
+        with db.transaction():
+            pass
+
+    try:
+        with ThreadPoolExecutor(20) as pool:
+            waiting = [pool.submit(write) for _ in range(20)]
+            with ThreadPoolExecutor(1) as reader:
+                read = reader.submit(lambda: db.session().__enter__().exec(select(func.count()).select_from(Job)).one())
+                assert read.result(timeout=10) == 0
+            other.execute("COMMIT")
+            for done in waiting:
+                done.result(timeout=60)
+    finally:
+        other.close()
+        db.dispose()
