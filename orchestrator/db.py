@@ -21,6 +21,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib.resources import files
@@ -35,6 +36,7 @@ from sqlalchemy.exc import OperationalError
 from sqlmodel import Session
 from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential
 
+from orchestrator import ids
 from orchestrator.bells import Bell
 
 log = logging.getLogger(__name__)
@@ -115,9 +117,12 @@ class Database:
         with Session(self._writer, expire_on_commit=False) as session:
             with session.begin():
                 connection = session.connection()  # BEGIN now; SQLAlchemy would wait for the first statement
-                if not self.is_sqlite:
+                if self.is_sqlite:  # one host: its clock orders the ids
+                    yield session
+                else:
                     connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": WRITE_LOCK})
-                yield session
+                    with ids.clock(_DatabaseClock(connection)):
+                        yield session
                 self.bell.before_commit(session)
             self.bell.after_commit()
 
@@ -144,6 +149,24 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+class _DatabaseClock:
+    """The database server's clock, read once per transaction (when its first id is made) and
+    carried on by this host's monotonic clock: transactions take the write lock one at a time, so
+    ids made from it sort in commit order whatever the hosts' clocks say."""
+
+    def __init__(self, connection: Any) -> None:
+        self.connection = connection
+        self.start: tuple[int, int] | None = None  # (database microseconds, monotonic microseconds)
+
+    def __call__(self) -> int:
+        if self.start is None:
+            now = self.connection.execute(text(
+                "SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::bigint")).scalar_one()
+            self.start = (int(now), time.monotonic_ns() // 1000)
+        database, monotonic = self.start
+        return database + time.monotonic_ns() // 1000 - monotonic
 
 
 def transient(exc: BaseException) -> bool:

@@ -18,9 +18,9 @@ def made_at(monkeypatch: pytest.MonkeyPatch, ns: int, random: bytes) -> str:
 def test_two_processes_in_one_millisecond_sort_by_the_microsecond(monkeypatch: pytest.MonkeyPatch) -> None:
     """Writes are serialised, so a later transaction's id is made later; within one millisecond
     only the microseconds can say so (a fresh process has no previous id to count from)."""
-    monkeypatch.setattr(ids, "_last", (0, 0))
+    monkeypatch.setattr(ids, "_last", {})
     first = made_at(monkeypatch, 1_790_000_000_123_400_000, b"\xff" * 10)  # the largest random part
-    monkeypatch.setattr(ids, "_last", (0, 0))  # the other process
+    monkeypatch.setattr(ids, "_last", {})  # the other process
     second = made_at(monkeypatch, 1_790_000_000_123_401_000, b"\x00" * 10)  # 1 us later, the smallest
     assert first[:14] == second[:14]  # the same millisecond
     assert second > first
@@ -28,7 +28,7 @@ def test_two_processes_in_one_millisecond_sort_by_the_microsecond(monkeypatch: p
 
 
 def test_ids_stay_ordered_when_the_clock_stands_still_or_steps_back(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ids, "_last", (0, 0))
+    monkeypatch.setattr(ids, "_last", {})
     first = made_at(monkeypatch, 1_790_000_000_123_999_000, b"\xff" * 10)
     same = made_at(monkeypatch, 1_790_000_000_123_999_000, b"\x00" * 10)
     back = made_at(monkeypatch, 1_790_000_000_100_000_000, b"\x00" * 10)  # NTP stepped the clock back

@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -369,6 +370,24 @@ def test_check_finds_a_ledger_that_does_not_add_up_on_postgres(
     monkeypatch.setenv("ORCH_DATA_DIR", str(tmp_path / "data"))  # pg_api's: its assets
     monkeypatch.setenv("ORCH_DATABASE_URL", postgres_url)
     check_ledger_findings(pg_api, postgres_url, capsys)
+
+
+def test_ids_made_in_write_transactions_follow_the_database_s_clock_on_postgres(
+        postgres_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Hosts sharing the database: one whose clock is 5 s behind made ids that sorted before ones
+    # already committed, and a client paging with `?cursor=` stepped over its jobs.
+    db = Database(postgres_url)
+    try:
+        with db.transaction():
+            first = new_id("job")
+        behind = time.time_ns() - 5_000_000_000
+        monkeypatch.setattr("orchestrator.ids.time", SimpleNamespace(time_ns=lambda: behind))
+        monkeypatch.setattr("orchestrator.ids._last", {})  # another host's process
+        with db.transaction():
+            later = new_id("job")
+        assert later > first
+    finally:
+        db.dispose()
 
 
 def test_spend_is_summed_by_postgres_as_by_sqlite(pg_api: httpx.Client) -> None:
