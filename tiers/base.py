@@ -201,7 +201,9 @@ class CancelToken:
         if task.done():
             return task.result()
         task.cancel()
-        raise Canceled("the job was canceled while the provider was working", charged=charged)
+        # "No" when nothing that can bill was out (a retry's wait, a connect that never got through).
+        raise Canceled("the job was canceled" if charged == "no" else
+                       "the job was canceled while the provider was working", charged=charged)
 
     async def _wait(self) -> None:
         while True:

@@ -159,6 +159,7 @@ async def test_a_cancel_during_the_back_off_after_a_429_says_nothing_was_charged
         await call
     # The only answer said nothing was made, and nothing was out when the cancel came.
     assert info.value.charged == "no" and route.call_count == 1
+    assert info.value.message == "the job was canceled"  # not "while the provider was working"
     await client.aclose()
 
 
