@@ -177,6 +177,21 @@ class RecentContent:
         return self._size
 
 
+def _fsync_dir(folder: Path) -> None:
+    """Make a folder's entries (a rename, a new name) durable. Best effort where a folder cannot
+    be opened for it (some network filesystems): the file's own fsync still holds its bytes."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 class ArtifactStore:
     def __init__(self, root: Path, recent_bytes: int = RECENT_BYTES) -> None:
         self.root = root.resolve()
@@ -218,7 +233,9 @@ class ArtifactStore:
 
     @staticmethod
     def _write(path: Path, data: bytes) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.parent.is_dir():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _fsync_dir(path.parent.parent)  # the new shard's name, as durable as what it will hold
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".png")
         try:
             # mkstemp makes the file 0600: a backup job or a static file server must read it too.
@@ -231,6 +248,9 @@ class ArtifactStore:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        # The rename itself, before the row naming the file commits: after a power loss the
+        # file's bytes alone (fsynced above) could sit under the temporary name.
+        _fsync_dir(path.parent)
 
     def get(self, sha256: str) -> bytes:
         path = self.path_for(sha256)

@@ -68,6 +68,28 @@ def test_put_get_is_content_addressed_and_atomic(tmp_path: Path) -> None:
         store.get("0" * 64)  # well-formed, but never stored
 
 
+def test_a_put_makes_the_rename_durable_before_it_returns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Its row commits next: after a power loss the file must be under its name, not only its
+    # bytes under the temporary one. A new shard's own name is made durable too.
+    store = ArtifactStore(tmp_path / "assets")
+    synced: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        path = Path(os.readlink(f"/proc/self/fd/{fd}"))
+        synced.append("dir " + path.name if path.is_dir() else "file")
+        real_fsync(fd)
+
+    def replace(src: Any, dst: Any) -> None:
+        synced.append("rename")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    sha = store.put(b"first")
+    assert synced == ["dir assets", "file", "rename", f"dir {sha[:2]}"]
+
+
 def test_sweep_temp_removes_leftovers_of_a_crash(tmp_path: Path) -> None:
     store = ArtifactStore(tmp_path / "assets")
     sha = store.put(b"kept")
