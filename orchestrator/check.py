@@ -7,7 +7,9 @@ the sha256 its row records cannot be served; the files no asset names are counte
 own sweep removes them). In the ledger, every hold is open or settled by its capture and/or
 release (their amounts making up the hold, unless the provider charged more), its `settled` flag
 says which, a job has at most one open hold, and an adjustment follows a reconciled capture of
-the same hold: an entry breaking one of these is money counted twice or not at all.
+the same hold: an entry breaking one of these is money counted twice or not at all. (A hold
+settled by a process of a version before its `settled` flag is only counted: the service's sweep
+marks it.)
 
 Read-only, on a read-only mount too: the database is opened read-only (SQLite with `mode=ro`,
 PostgreSQL in read-only transactions) and nothing is created in the data dir.
@@ -67,6 +69,7 @@ class LedgerReport:
     # What is wrong -> the ledger entry ids (as text) it is wrong about.
     problems: dict[str, list[str]] = field(default_factory=dict)
     open_finished: list[str] = field(default_factory=list)  # holds of finished jobs (the sweep settles them)
+    unflagged: list[str] = field(default_factory=list)  # settled holds still marked open (the sweep marks them)
     unreconciled: int = 0  # captures waiting for the invoice
 
     @property
@@ -79,7 +82,6 @@ class LedgerReport:
 
 # The problems `check_ledger` finds, as the report words them.
 SETTLED_WITHOUT_ENTRY = "holds marked settled with no capture or release (neither held nor charged)"
-OPEN_BUT_SETTLED = "holds still open with a capture or release (counted as held and settled)"
 AMOUNTS = "holds whose capture and release do not add up to the hold"
 SECOND_OPEN_HOLD = "open holds of a job that has another open hold"
 STRAY = "captures, releases or adjustments naming an entry that is not their job's hold"
@@ -159,10 +161,10 @@ def _check_ledger(s: Session, report: LedgerReport) -> None:
             if hold.settled and not mine:
                 report.flag(SETTLED_WITHOUT_ENTRY, hold.id)
             elif not hold.settled and mine:
-                report.flag(OPEN_BUT_SETTLED, hold.id)
+                report.unflagged.append(str(hold.id))  # an older version's settlement
             if mine and not _adds_up(hold.amount, capture, release):
                 report.flag(AMOUNTS, hold.id)
-            if not hold.settled:
+            if not hold.settled and not mine:
                 if hold.job_id in open_jobs:
                     report.flag(SECOND_OPEN_HOLD, hold.id)
                 open_jobs.add(hold.job_id or "")

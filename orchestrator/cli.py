@@ -296,6 +296,9 @@ def _check(*, no_hash: bool) -> int:
     if ledger.open_finished:
         print(f"{len(ledger.open_finished)} open holds of finished jobs (a running service's sweep settles them): "
               f"entries {_shown(ledger.open_finished)}")
+    if ledger.unflagged:
+        print(f"{len(ledger.unflagged)} settled holds still marked open (settled by an older version; a running "
+              f"service's sweep marks them): entries {_shown(ledger.unflagged)}")
     if ledger.unreconciled:
         print(f"{ledger.unreconciled} captures wait to be reconciled against an invoice "
               "(GET /v1/projects/{id}/ledger?unreconciled=true)")

@@ -120,8 +120,12 @@ class Database:
                 if self.is_sqlite:  # one host: its clock orders the ids
                     yield session
                 else:
-                    connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": WRITE_LOCK})
-                    with ids.clock(_DatabaseClock(connection)):
+                    # The lock, then the server's clock once it is ours (a subquery with a volatile
+                    # function is run first, never folded into the outer query): one round trip.
+                    now = connection.execute(text(
+                        "SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::bigint "
+                        "FROM (SELECT pg_advisory_xact_lock(:key)) AS locked"), {"key": WRITE_LOCK}).scalar_one()
+                    with ids.clock(_DatabaseClock(int(now))):
                         yield session
                 self.bell.before_commit(session)
             self.bell.after_commit()
@@ -152,19 +156,14 @@ class Database:
 
 
 class _DatabaseClock:
-    """The database server's clock, read once per transaction (when its first id is made) and
-    carried on by this host's monotonic clock: transactions take the write lock one at a time, so
-    ids made from it sort in commit order whatever the hosts' clocks say."""
+    """The database server's clock, read as a write transaction takes the write lock and carried
+    on by this host's monotonic clock: transactions take the lock one at a time, so ids made from
+    it sort in commit order whatever the hosts' clocks say."""
 
-    def __init__(self, connection: Any) -> None:
-        self.connection = connection
-        self.start: tuple[int, int] | None = None  # (database microseconds, monotonic microseconds)
+    def __init__(self, database_microseconds: int) -> None:
+        self.start = (database_microseconds, time.monotonic_ns() // 1000)
 
     def __call__(self) -> int:
-        if self.start is None:
-            now = self.connection.execute(text(
-                "SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::bigint")).scalar_one()
-            self.start = (int(now), time.monotonic_ns() // 1000)
         database, monotonic = self.start
         return database + time.monotonic_ns() // 1000 - monotonic
 

@@ -90,6 +90,10 @@ class Scheduler:
         # Held while a worker thread claims: `stop` waits on it, so no claim commits after it.
         self._claim_lock = threading.Lock()
         self._tasks: list[asyncio.Task[None]] = []
+        self._heartbeat: asyncio.Task[None] | None = None
+        # Engines with queued jobs that no live process has, since when (see `_fail_unserved`).
+        self._unserved_since: dict[str, float] = {}
+        self.unserved_grace = lease_seconds
         self._forgetting: set[asyncio.Task[None]] = set()  # see `forget_abandoned`
         self._stopping = False
         # More housekeeping for the sweeper (e.g. forgetting old idempotency keys).
@@ -99,14 +103,14 @@ class Scheduler:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        await asyncio.to_thread(self.presence.enter, self.owner, self.registry.names())
+        await asyncio.to_thread(self.presence.enter, self.owner, [engine.name for engine in self.registry])
         await self.recover(all_foreign=True)
         await asyncio.to_thread(self._fail_unserved)
         await asyncio.to_thread(self._sweep_ledger)
         await asyncio.to_thread(self._sweep_previews)
+        self._heartbeat = asyncio.create_task(self._heartbeat_loop(), name="heartbeat")
         self._tasks = [asyncio.create_task(self._dispatch_loop(), name="scheduler"),
-                       asyncio.create_task(self._sweep_loop(), name="sweeper"),
-                       asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
+                       asyncio.create_task(self._sweep_loop(), name="sweeper"), self._heartbeat,
                        asyncio.create_task(self._cancel_watch_loop(), name="cancel watch")]
         self.notify()
 
@@ -116,8 +120,11 @@ class Scheduler:
         self._stopping = True
         if self.device is not None:
             self.device.close(release=False)  # released by the service once the device is idle
+        # The heartbeat goes on while jobs wind down: a job storing what it made keeps its lease,
+        # or another process would recover it as an orphan meanwhile.
         for task in self._tasks:
-            task.cancel()
+            if task is not self._heartbeat:
+                task.cancel()
         for _task, claim in list(self._running.values()):
             if claim.cancel.cancelled:
                 continue  # a user's cancel, already on its way: it ends as canceled, not interrupted
@@ -133,6 +140,8 @@ class Scheduler:
             if storing:
                 log.info("waiting for %d jobs to store their images before stopping", len(storing))
                 await asyncio.wait(storing, timeout=FINAL_WRITE_SECONDS + STOP_WAIT_SECONDS)
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
         for task in self._tasks:
             with contextlib.suppress(BaseException):
                 await task
@@ -318,14 +327,20 @@ class Scheduler:
 
     def _fail_unserved(self) -> None:
         """Fail the queued jobs of engines no process has (one removed from the configuration, a
-        plugin uninstalled): they would wait forever. An engine another live worker runs is
-        left to it."""
-        known = self.registry.names()
+        plugin uninstalled, a factory that failed): they would wait forever. An engine another
+        live worker runs is left to it, and one nobody has is given `unserved_grace` seconds
+        first: its only worker may be restarting, or starting beside this one."""
+        usable = [engine.name for engine in self.registry]
         with self.db.session() as s:
             missing = list(s.exec(select(Job.engine).where(col(Job.status) == "queued",
-                                                            col(Job.engine).not_in(known)).distinct()).all())
+                                                            col(Job.engine).not_in(usable)).distinct()).all())
+        now = time.monotonic()
+        self._unserved_since = {engine: since for engine, since in self._unserved_since.items() if engine in missing}
         for engine in missing:
             if self.presence.serves(engine):
+                self._unserved_since.pop(engine, None)
+                continue
+            if now - self._unserved_since.setdefault(engine, now) < self.unserved_grace:
                 continue
             with self.db.session() as s:
                 jobs = list(s.exec(select(Job).where(col(Job.status) == "queued", col(Job.engine) == engine)).all())
@@ -394,8 +409,10 @@ class Scheduler:
     # -- leases and recovery -----------------------------------------------------------------
 
     async def _heartbeat_loop(self) -> None:
-        while not self._stopping:
+        while not self._stopping or self._running:  # a stop waits for running jobs: see `stop`
             await asyncio.sleep(self.lease.total_seconds() / 3)
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(self.presence.touch, self.owner)
             claims = [claim for _, claim in self._running.values()]
             if claims:
                 try:

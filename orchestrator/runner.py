@@ -95,6 +95,7 @@ class JobProgress:
         self._handles: list[dict[str, Any]] = list(work.get("handles", [])) if same_engine else []
         self._saving = False  # a save of the provider work is out
         self._unsaved: dict[str, Any] | None = None  # the latest work, for the save out to make next
+        self._saving_done: asyncio.Future[None] | None = None  # the save out behind the event loop
 
     def step(self, step: int, total: int, preview: Image.Image | None = None) -> None:
         job_id = self.claim.job.id
@@ -159,11 +160,17 @@ class JobProgress:
             loop = None
         if loop is not None:
             try:
-                loop.run_in_executor(None, self._save)
+                self._saving_done = loop.run_in_executor(None, self._save)
                 return
             except RuntimeError:  # the loop's executor is shut down (the service is stopping)
                 pass
         self._save()
+
+    async def saved(self) -> None:
+        """Until what providers accepted so far is saved (or its save has failed, logged)."""
+        done = self._saving_done
+        if done is not None and not done.done():
+            await asyncio.shield(done)
 
     def _save(self) -> None:
         while True:
@@ -441,7 +448,7 @@ class JobRunner:
         progress = JobProgress(self, claim)
         work = job.provider_work or {}
         # The engine's first request that can bill is recorded before it goes (see recovery).
-        with before_billable_sends(self._first_send_recorder(claim)):
+        with before_billable_sends(self._first_send_recorder(claim, progress)):
             if reattachable(engine, job):
                 # An earlier process died after the provider accepted this job: follow that work.
                 self.bus.publish(job.id, "state", {"state": "reattached", "handles": len(work["handles"])})
@@ -478,15 +485,18 @@ class JobRunner:
                               charged="unknown" if engine.kind == "remote" else "no")
         return result
 
-    def _first_send_recorder(self, claim: Claim) -> Callable[[], Awaitable[None]]:
-        """The hook an engine's first request that can bill awaits (`tiers.base.billable_send`):
-        it records that this attempt is sending, if the claim marked it unsent, and checks that the
-        attempt still holds the job and no cancel was asked; otherwise nothing may be sent. One
-        recording per attempt: concurrent requests share it, and later ones only see its outcome."""
+    def _first_send_recorder(self, claim: Claim, progress: JobProgress) -> Callable[[], Awaitable[None]]:
+        """The hook an engine's requests that can bill await (`tiers.base.billable_send`): what a
+        provider accepted so far is saved first (a self-hosted server's task id, saved before its
+        render is sent, is how a restart takes it off the server); the first one records that this
+        attempt is sending, if the claim marked it unsent, and checks that the attempt still holds
+        the job and no cancel was asked; otherwise nothing may be sent. One recording per attempt:
+        concurrent requests share it, and later ones only see its outcome."""
         recorded: asyncio.Future[None] | None = None
 
         async def record() -> None:
             nonlocal recorded
+            await progress.saved()
             if claim.job.unsent_attempt != claim.attempt:
                 return  # an engine that does not announce its requests: recovery assumes it sent
             if recorded is None:

@@ -178,7 +178,8 @@ class Services:
         runtime = _local_runtime(registry)
         device = None if runtime is None else DeviceLock(settings.data_dir / "locks",
                                                          functools.partial(_device, runtime))
-        presence = Presence(settings.data_dir / "locks", shared_database=not db.is_sqlite)
+        presence = Presence(settings.data_dir / "locks", shared_database=not db.is_sqlite,
+                            stale_after=3 * settings.lease_seconds)
         scheduler = Scheduler(db, registry, runner, bus, ledger, presence, lease_seconds=settings.lease_seconds,
                               sweep_interval=settings.sweep_interval, poll_interval=settings.poll_interval,
                               device=device)

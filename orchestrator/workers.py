@@ -32,6 +32,7 @@ import re
 import secrets
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO
@@ -72,10 +73,13 @@ def _same_file(file: IO[str], path: Path) -> bool:
 class Presence:
     """The owner locks of the schedulers of one data dir (see the module docstring)."""
 
-    def __init__(self, folder: Path, *, shared_database: bool) -> None:
+    def __init__(self, folder: Path, *, shared_database: bool, stale_after: float = 180.0) -> None:
         self.folder = folder / "owners"
         # Judging an owner the locks cannot tell about: on PostgreSQL another host's owner may live.
         self.shared_database = shared_database
+        # Seconds after which an owner file its lock cannot speak for (another machine's), and its
+        # owner has not touched (`touch`), no longer says that owner runs its engines.
+        self.stale_after = stale_after
         self._held: dict[str, IO[str]] = {}
         self._mine: set[str] = set()  # this process's owners, locked or not
 
@@ -150,16 +154,25 @@ class Presence:
         locked = self._locked(owner)
         return (not locked) if locked is not None else _pid_gone(owner)
 
+    def touch(self, owner: str) -> None:
+        """Say that `owner` still lives to processes its lock cannot speak to (another machine's)."""
+        if owner in self._held:
+            with contextlib.suppress(OSError):
+                os.utime(self._path(owner))
+
     def serves(self, engine: str) -> bool:
-        """Whether another owner that may be alive runs jobs of `engine`: workers need not all
-        have the same engines (a plugin installed on the GPU hosts only), and a job is failed for
-        an engine nobody has, not for one this process lacks."""
+        """Whether another owner that lives runs jobs of `engine`: workers need not all have the
+        same engines (a plugin installed on the GPU hosts only), and a job is failed for an engine
+        nobody has, not for one this process lacks. An owner of this machine lives while its lock
+        is held; another machine's while it touches its file (a host that is gone leaves it)."""
         for path in sorted(self.folder.glob("*.lock")) if self.folder.is_dir() else []:
             with contextlib.suppress(OSError):
                 lines = path.read_text().splitlines()
                 owner = lines[0].strip() if lines else ""
-                if (owner and owner not in self._mine and len(lines) > 2
-                        and engine in lines[2].split(",") and self.alive(owner)):
+                if not owner or owner in self._mine or len(lines) < 3 or engine not in lines[2].split(","):
+                    continue
+                locked = self._locked(owner)
+                if locked if locked is not None else time.time() - path.stat().st_mtime < self.stale_after:
                     return True
         return False
 

@@ -80,6 +80,9 @@ class FakePaidEngine:
         if behaviour == "hang-unsaved":  # as a synchronous provider's call: no id until it answers
             await cancel.race(asyncio.sleep(3600))
         progress.provider_request(f"fake-{self.calls}", {"queue": "https://fake.test/requests"})
+        if behaviour == "second-call":  # a multi-call job: another paid request after the first's id
+            await billable_send()
+            SENT.append(f"{req.prompt} (second call)")
         if behaviour == "hang":
             await cancel.race(asyncio.sleep(3600))
         if behaviour == "slow":

@@ -145,6 +145,9 @@ def test_a_queued_job_whose_engine_was_removed_fails_and_releases_its_hold(
     services = build("fake-free=tests.fakes:free_factory")
 
     assert services.scheduler._claim_ready({}) == []  # nothing this process can run
+    services.scheduler._fail_unserved()  # its only worker may be restarting: given a lease's time
+    assert read_job(services, job_id).status == "queued"
+    services.scheduler.unserved_grace = 0  # ...which has run out
     services.scheduler._fail_unserved()  # the sweep: and no live process has the engine
     job = read_job(services, job_id)
     assert (job.status, job.attempt, job.finished_at is not None) == ("failed", 0, True)
@@ -158,6 +161,18 @@ def test_a_queued_job_whose_engine_was_removed_fails_and_releases_its_hold(
     assert ledger_of(services, job_id) == [("hold", HOLD, False), ("release", HOLD, False)]
 
 
+def test_a_queued_job_of_an_engine_that_could_not_be_created_fails(build: Build) -> None:
+    # A plugin whose factory raised at start: listed (with why), but nothing can run its jobs.
+    services = build("fake-paid=tests.fakes:no_such_factory")
+    assert "fake-paid" in services.registry.broken
+    job_id = queue_job(services, "fake-paid", estimated=HOLD, params=BRIDGE)
+    services.scheduler.unserved_grace = 0
+    services.scheduler._fail_unserved()
+    job = read_job(services, job_id)
+    assert job.status == "failed" and job.error is not None and job.error["code"] == "engine_unavailable"
+    assert ledger_of(services, job_id) == [("hold", HOLD, False), ("release", HOLD, False)]
+
+
 def test_an_unknown_engines_job_with_accepted_work_is_charged_for_reconciliation(build: Build) -> None:
     # A job waiting to be reattached after a crash: the provider had accepted its work, which bills
     # on whether or not this service can still follow it.
@@ -168,6 +183,7 @@ def test_an_unknown_engines_job_with_accepted_work_is_charged_for_reconciliation
 
     claims = services.scheduler._claim_ready({})
     assert [claim.job.id for claim, _lane in claims] == [other]  # the known engine's job still runs
+    services.scheduler.unserved_grace = 0
     services.scheduler._fail_unserved()
     job = read_job(services, job_id)
     assert job.status == "failed" and job.error is not None and job.error["code"] == "engine_unavailable"

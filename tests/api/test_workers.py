@@ -4,6 +4,7 @@ local device, and cancels and event streams across processes."""
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import subprocess
 import sys
@@ -306,6 +307,31 @@ presence.enter(sys.argv[2])
 print("in", flush=True)
 time.sleep(120)
 """
+
+
+def test_another_machine_s_worker_serves_its_engines_while_it_touches_its_file(tmp_path: Path) -> None:
+    # Its lock tells nothing here (another kernel); a host that is gone for good (decommissioned,
+    # an old pod) left its file, which made its engines look served forever: their queued jobs
+    # waited and their orphans were never recovered.
+    presence = Presence(tmp_path, shared_database=True, stale_after=60)
+    (tmp_path / "owners").mkdir()
+    elsewhere = tmp_path / "owners" / "gpu-host_9_ab.lock"
+    elsewhere.write_text("gpu-host:9:ab\nanother-boot-id\nlite,comfyui\n")
+    assert presence.serves("comfyui") and not presence.serves("gemini")
+    old = time.time() - 120
+    os.utime(elsewhere, (old, old))
+    assert not presence.serves("comfyui")
+    # A live owner keeps its file fresh.
+    mine = Presence(tmp_path, shared_database=True, stale_after=60)
+    mine.enter("this-host:1:cd", ["lite", "fal"])
+    try:
+        os.utime(mine._path("this-host:1:cd"), (old, old))
+        mine.touch("this-host:1:cd")
+        assert time.time() - mine._path("this-host:1:cd").stat().st_mtime < 60
+        assert presence.serves("fal")  # this machine's: told by its lock
+    finally:
+        mine.leave("this-host:1:cd")
+    assert not presence.serves("fal")
 
 
 def test_owners_are_told_alive_or_gone_by_their_lock_not_their_pid(tmp_path: Path) -> None:

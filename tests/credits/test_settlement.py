@@ -18,6 +18,7 @@ from orchestrator.server import serve_in_thread
 from orchestrator.settings import Settings
 from orchestrator.store import ArtifactStore
 from orchestrator.workers import Presence
+from tests import fakes
 from tests.credits import (
     PRICE,
     TERMINAL,
@@ -392,6 +393,32 @@ def test_saving_the_provider_s_work_never_stalls_the_event_loop(api: httpx.Clien
     assert wait_for_job(api, job["id"])["status"] == "succeeded"
     request_id, work = saved_work(paid_settings, job["id"])
     assert request_id is not None and request_id.startswith("fake-") and work["handles"][0]["id"] == request_id
+
+
+def test_a_request_that_can_bill_waits_for_the_work_accepted_before_it_to_be_saved(
+        api: httpx.Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A self-hosted server's task id is saved before its render is sent, so that a restart can take
+    # the render off the server: the save is off the event loop, and the send waits for it.
+    _, asset_id = project_with_draft(api)
+    real = JobRunner.save_provider_request
+    waiting, release = threading.Event(), threading.Event()
+
+    def slow_save(self: JobRunner, claim: Claim, work: dict[str, Any]) -> None:
+        waiting.set()
+        release.wait(30)
+        real(self, claim, work)
+
+    monkeypatch.setattr(JobRunner, "save_provider_request", slow_save)
+    prompt = "a lighthouse, saved before its second call"
+    job = promote_ok(api, asset_id, prompt=prompt, tags={"fake": "second-call"})
+    try:
+        assert waiting.wait(10)
+        assert api.get("/healthz", timeout=5).status_code == 200  # the loop is free meanwhile
+        assert f"{prompt} (second call)" not in fakes.SENT
+    finally:
+        release.set()
+    assert wait_for_job(api, job["id"])["status"] == "succeeded"
+    assert f"{prompt} (second call)" in fakes.SENT
 
 
 def test_a_failed_save_of_the_provider_s_work_is_written_with_the_job_s_end(

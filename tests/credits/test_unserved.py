@@ -41,7 +41,9 @@ def test_a_job_waits_for_the_worker_with_its_engine(paid_settings_for: Callable[
 
         monkeypatch.setattr(Scheduler, "_fail_unserved", counted)
         try:
-            with serve_in_thread(paid_settings_for(data, engines=WITHOUT_QUEUE, sweep_interval=0.05)):
+            # The lease is also the grace an engine gets before its jobs are failed for want of it.
+            with serve_in_thread(paid_settings_for(data, engines=WITHOUT_QUEUE, sweep_interval=0.05,
+                                                   lease_seconds=1)):
                 poll(lambda: len(looked), lambda n: n >= 3, what="three sweeps of the worker without fake-queue")
                 assert api.get(f"/v1/jobs/{job_id}").json()["status"] == "queued"
                 gpu.leave("gpu-host:4242:cafe")  # that worker stops: nobody has the engine now
