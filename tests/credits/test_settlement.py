@@ -441,25 +441,31 @@ def test_a_failed_save_of_the_provider_s_work_is_written_with_the_job_s_end(
     assert capture["unreconciled"]
 
 
+def lease_of(settings: Settings, job_id: str) -> str:
+    with sqlite3.connect(settings.data_dir / "orchestrator.db") as db:
+        lease: str = db.execute("SELECT lease_expires_at FROM jobs WHERE id = ?", (job_id,)).fetchone()[0]
+    return lease
+
+
 def test_a_stop_waits_for_a_job_storing_what_it_made(paid_settings_for: Callable[..., Settings], tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch,
                                                      caplog: pytest.LogCaptureFixture) -> None:
     # The provider made (and billed) the image; the stop came while it was being stored. Leaving
     # then would let another process recover the job as an orphan and discard what was paid for.
     monkeypatch.setattr("orchestrator.queue.STOP_WAIT_SECONDS", 0.1)
-    real = JobRunner._succeed_in
+    real = JobRunner._store_png
     storing, release = threading.Event(), threading.Event()
 
-    def slow(self: JobRunner, *args: Any, **kwargs: Any) -> None:
+    def slow(self: JobRunner, *args: Any, **kwargs: Any) -> Any:
         storing.set()
-        release.wait(30)  # a busy database
-        real(self, *args, **kwargs)
+        release.wait(30)  # a slow disk, a large image
+        return real(self, *args, **kwargs)
 
-    settings = paid_settings_for(tmp_path / "data")
+    settings = paid_settings_for(tmp_path / "data", lease_seconds=0.6)
     service = serve_in_thread(settings)
     with httpx.Client(base_url=service.__enter__(), timeout=30) as client:
         project_id, asset_id = project_with_draft(client)
-        monkeypatch.setattr(JobRunner, "_succeed_in", slow)
+        monkeypatch.setattr(JobRunner, "_store_png", slow)
         job_id = promote_ok(client, asset_id, engine="fake-paid")["id"]
         assert storing.wait(30)
     stopper = threading.Thread(target=service.__exit__, args=(None, None, None))
@@ -469,10 +475,13 @@ def test_a_stop_waits_for_a_job_storing_what_it_made(paid_settings_for: Callable
         poll(lambda: caplog.text, lambda text: "waiting for 1 jobs to store their images" in text,
              what="the stop to wait for the storing job")
         assert len(Presence(settings.data_dir / "locks", shared_database=False).live()) == 1  # still its
+        # ...and the job's lease is still renewed: otherwise another process recovers it meanwhile.
+        first = lease_of(settings, job_id)
+        poll(lambda: lease_of(settings, job_id), lambda lease: lease > first, what="the lease to be renewed")
     finally:
         release.set()
         stopper.join(60)
-    monkeypatch.setattr(JobRunner, "_succeed_in", real)
+    monkeypatch.setattr(JobRunner, "_store_png", real)
     with serve_in_thread(settings) as base, httpx.Client(base_url=base, timeout=30) as client:
         done = client.get(f"/v1/jobs/{job_id}").json()
         assert done["status"] == "succeeded" and len(done["assets"]) == 1, done
