@@ -131,6 +131,13 @@ class EventBus:
             return bool(stream.history) and count == str(stream.history[-1].id)
         return last_event_id.endswith(END_MARK)
 
+    def foreign_end(self, last_event_id: str | None) -> bool:
+        """Whether the id is another process's terminal event: the job may have ended there before
+        this process has heard of it (see `ended_before`), so its row decides."""
+        if not last_event_id or not last_event_id.endswith(END_MARK):
+            return False
+        return last_event_id.partition("-")[0] != self.tag
+
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
 

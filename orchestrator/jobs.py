@@ -261,12 +261,15 @@ class JobService:
         return list(s.exec(select(Asset).where(col(Asset.job_id) == earlier.id).order_by(col(Asset.index))).all())
 
     def _publish_cached(self, job: Job) -> None:
+        # The events a run publishes (`orchestrator.runner`), with `cache_hit`: clients read both alike.
         self.bus.publish(job.id, "queued", {"job_id": job.id, "status": "queued"})
         self.bus.publish(job.id, "started", {"job_id": job.id, "status": "running", "engine": job.engine,
-                                             "cache_hit": True})
-        for index, asset_id in enumerate(self.asset_ids([job.id])[job.id]):
+                                             "attempt": job.attempt, "cache_hit": True})
+        asset_ids = self.asset_ids([job.id])[job.id]
+        for index, asset_id in enumerate(asset_ids):
             self.bus.publish(job.id, "asset", {"asset_id": asset_id, "index": index})
-        self.bus.publish(job.id, "succeeded", {"job_id": job.id, "status": "succeeded", "cache_hit": True})
+        self.bus.publish(job.id, "succeeded", {"job_id": job.id, "status": "succeeded", "assets": asset_ids,
+                                               "cache_hit": True})
 
     def decide(self, prepared: Prepared, engine: str | None, max_credits: float | None, *,
                cache: bool = True) -> Decision:

@@ -14,7 +14,7 @@ from orchestrator.api.deps import CallerDep, ServicesDep, check_job
 from orchestrator.api.errors import documented
 from orchestrator.api.serialize import job_public
 from orchestrator.errors import Conflict, NotFound
-from orchestrator.events import Event
+from orchestrator.events import TERMINAL, Event
 from orchestrator.follow import catch_up
 from orchestrator.ids import id_cursor
 from orchestrator.models import Job, Project
@@ -113,6 +113,11 @@ def job_preview(job_id: str, services: ServicesDep, caller: CallerDep) -> Respon
     return Response(data, media_type="image/png", headers={"Cache-Control": "no-store"})
 
 
+def _finished(services: Services, job_id: str) -> bool:
+    with services.db.session() as s:
+        return s.exec(select(Job.status).where(col(Job.id) == job_id)).first() in TERMINAL
+
+
 @router.get("/jobs/{job_id}/events", response_class=StreamingResponse,
             responses={200: {"content": {"text/event-stream": {}}},
                        204: {"description": "Last-Event-ID is the terminal event: nothing more will come."},
@@ -131,7 +136,10 @@ async def job_events(job_id: str, services: ServicesDep, caller: CallerDep, requ
         elif not services.bus.knows(job_id):  # another client may have seeded it meanwhile
             catch_up(services.bus, job, asset_ids, preview=preview)
     services.follower.follow(job_id)  # for as long as another process runs it
-    if services.bus.ended_before(job_id, last_event_id):
+    if services.bus.ended_before(job_id, last_event_id) or (
+            services.bus.foreign_end(last_event_id) and await asyncio.to_thread(_finished, services, job_id)):
+        # The client has the terminal event; one from another process (a worker, another server)
+        # is trusted once the row says the job ended, which this process may not have heard yet.
         return Response(status_code=204)
     seen = services.bus.resume_after(last_event_id, job_id)
 

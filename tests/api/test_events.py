@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import threading
 import time
+from collections.abc import Callable
 
 import httpx
 import pytest
 
 from orchestrator.events import EventBus
+from orchestrator.server import serve_in_thread
+from orchestrator.settings import Settings
 from tests.api import SLOW, SSE, TERMINAL, create_project, iter_sse, read_events, run_draft, submit_draft, wait_for_job
 
 
@@ -192,6 +196,21 @@ def test_a_client_with_another_server_s_terminal_event_gets_204(server: httpx.Cl
     replayed = read_events_after(server, job["id"], "0badc0de-7")  # not the end: everything again
     assert (replayed[0].event, replayed[-1].event) == ("queued", "succeeded")
     assert server.get(url, headers={"Last-Event-ID": end.id}).status_code == 204
+
+
+def test_another_server_s_terminal_event_gets_204_before_this_one_has_heard(
+        make_settings: Callable[..., Settings]) -> None:
+    # A worker ended the job and told its client; the client reconnects to an API server whose
+    # stream of the job has not heard yet (a lost bell: up to ORCH_POLL_INTERVAL): it was told the
+    # whole story again, a second terminal event.
+    settings = make_settings(run_jobs=False, poll_interval=60)
+    with serve_in_thread(settings) as base, httpx.Client(base_url=base, timeout=30) as client:
+        job = submit_draft(client, create_project(client)["id"])  # queued: this server knows it
+        with sqlite3.connect(settings.data_dir / "orchestrator.db") as db:  # ...and the worker ends it
+            db.execute("UPDATE jobs SET status = 'succeeded', finished_at = CURRENT_TIMESTAMP WHERE id = ?",
+                       (job["id"],))
+        response = client.get(f"/v1/jobs/{job['id']}/events", headers={"Last-Event-ID": "0badc0de-9-end"})
+        assert response.status_code == 204
 
 
 def test_another_job_s_terminal_event_id_does_not_end_this_stream(server: httpx.Client) -> None:

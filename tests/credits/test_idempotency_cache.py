@@ -87,8 +87,11 @@ def test_identical_paid_request_is_served_from_the_cache(api: httpx.Client) -> N
     assert second["assets"] != first["assets"]  # new rows, same content
     assert kinds(ledger(api, project_id)) == {"hold": 1, "capture": 1}
     assert second["progress"]["fraction"] == 1.0  # finished, not a bar stuck at 0
-    events = [e.event for e in read_events(api, second["id"])]
-    assert events == ["queued", "started", "asset", "succeeded"]
+    events = read_events(api, second["id"])
+    assert [e.event for e in events] == ["queued", "started", "asset", "succeeded"]
+    # The events a run sends, as a client reads them: the attempt, and the assets with the end.
+    assert events[1].data["cache_hit"] and events[1].data["attempt"] == 0
+    assert events[-1].data["assets"] == second["assets"]
 
     third = promote_ok(api, asset_id, cache=False, seed=5)
     assert not third["cost"]["cache_hit"]
