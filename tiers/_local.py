@@ -176,12 +176,21 @@ def _no_preview(_latents: Any) -> None:
     return None
 
 
-def _usable_cpus() -> int:
-    """The CPUs this process may run on (its `taskset` or cpuset), not all of the host's."""
+def _usable_cpus(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """The CPUs this process may run on (its `taskset` or cpuset), not all of the host's, and no
+    more than its CPU quota (a container's `--cpus`, cgroup v2's `cpu.max`): more torch threads
+    than the quota allows are throttled in turn, and run slower than fewer would."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cpus = max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):  # not Linux
-        return max(1, os.cpu_count() or 2)
+        cpus = max(1, os.cpu_count() or 2)
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):  # no cgroup v2 here, or a file of another shape
+        pass
+    return cpus
 
 
 class LocalRuntime:

@@ -189,8 +189,17 @@ async def test_running_out_of_device_memory_is_a_job_error_another_engine_may_re
         runtime.shutdown(timeout=30)
 
 
-def test_thread_count_follows_the_cpus_this_process_may_use() -> None:
-    assert _usable_cpus() == len(os.sched_getaffinity(0))
+def test_thread_count_follows_the_cpus_this_process_may_use(tmp_path: Any) -> None:
+    affinity = len(os.sched_getaffinity(0))
+    assert _usable_cpus(tmp_path / "absent") == affinity
+
+
+@pytest.mark.parametrize(("cpu_max", "expected"), [("max 100000", None), ("50000 100000", 1), ("150000 100000", 2),
+                                                   ("garbage", None)])
+def test_thread_count_follows_a_container_s_cpu_quota(tmp_path: Any, cpu_max: str, expected: int | None) -> None:
+    (tmp_path / "cpu.max").write_text(cpu_max + "\n")
+    affinity = len(os.sched_getaffinity(0))
+    assert _usable_cpus(tmp_path / "cpu.max") == (affinity if expected is None else min(affinity, expected))
 
 
 # diffusers still passes huggingface_hub an argument it has deprecated; nothing of ours.
