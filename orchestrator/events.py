@@ -22,6 +22,7 @@ this process runs), and rebuilt from the job's row when asked for.
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import secrets
 import time
@@ -70,12 +71,39 @@ class StreamView:
     watched: bool
 
 
+class _Inbox:
+    """A subscriber's events not yet sent. A step's progress replaces the one still waiting before
+    it: a slow reader (a stalled client, a thin link) gets the latest step, not a backlog of every
+    step that grows for as long as the job runs. Every other event is kept. Used on the loop."""
+
+    def __init__(self) -> None:
+        self._events: collections.deque[Event | None] = collections.deque()
+        self._ready = asyncio.Event()
+
+    def put(self, event: Event | None) -> None:
+        last = self._events[-1] if self._events else None
+        if event is not None and event.type == "progress" and last is not None and last.type == "progress":
+            self._events[-1] = event
+        else:
+            self._events.append(event)
+        self._ready.set()
+
+    async def get(self) -> Event | None:
+        while not self._events:
+            self._ready.clear()
+            await self._ready.wait()
+        return self._events.popleft()
+
+    def __len__(self) -> int:
+        return len(self._events)
+
+
 @dataclass
 class _JobStream:
     touched: float = field(default_factory=time.monotonic)
     history: list[Event] = field(default_factory=list)
     latest_progress: Event | None = None
-    subscribers: set[asyncio.Queue[Event | None]] = field(default_factory=set)
+    subscribers: set[_Inbox] = field(default_factory=set)
     finished_at: float | None = None
 
     def snapshot(self) -> list[Event]:
@@ -156,8 +184,8 @@ class EventBus:
             return
         self.closed = True
         for stream in self._jobs.values():
-            for queue in stream.subscribers:
-                queue.put_nowait(None)
+            for inbox in stream.subscribers:
+                inbox.put(None)
 
     def publish(self, job_id: str, type_: str, data: dict[str, Any]) -> None:
         """Publish an event; safe from any thread (sync API handlers run in a thread pool)."""
@@ -189,8 +217,8 @@ class EventBus:
                 stream.history.append(event)
         if type_ in TERMINAL:
             stream.finished_at = time.monotonic()
-        for queue in stream.subscribers:
-            queue.put_nowait(event)
+        for inbox in stream.subscribers:
+            inbox.put(event)
         self._evict()
 
     def knows(self, job_id: str) -> bool:
@@ -219,10 +247,10 @@ class EventBus:
         stream = self._jobs.get(job_id)
         if stream is None or self.closed:
             return
-        queue: asyncio.Queue[Event | None] = asyncio.Queue()
+        inbox = _Inbox()
         # No await between the snapshot and the subscription: nothing can slip between them.
         backlog = stream.snapshot()
-        stream.subscribers.add(queue)
+        stream.subscribers.add(inbox)
         try:
             last = after
             for event in backlog:
@@ -235,7 +263,7 @@ class EventBus:
                 if event.type in TERMINAL:
                     return
             while True:
-                live = await queue.get()
+                live = await inbox.get()
                 if live is None:  # the bus closed
                     return
                 if live.id <= last:
@@ -245,7 +273,7 @@ class EventBus:
                 if live.type in TERMINAL:
                     return
         finally:
-            stream.subscribers.discard(queue)
+            stream.subscribers.discard(inbox)
 
     def _evict(self) -> None:
         now = time.monotonic()

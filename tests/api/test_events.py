@@ -280,3 +280,27 @@ def test_a_client_leaving_a_live_stream_logs_no_error(server: httpx.Client, capl
     time.sleep(0.5)  # the server notices the closed connections when it next writes to them
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert errors == []
+
+
+def test_a_slow_reader_gets_the_latest_step_not_a_backlog_of_every_step() -> None:
+    # A stalled client's events waited in full: every step of every job it watched, growing for as
+    # long as the job ran. Progress not yet sent is replaced by the next; nothing else is dropped.
+    async def main() -> list[tuple[str, dict[str, object]]]:
+        bus = EventBus()
+        bus.bind(asyncio.get_running_loop())
+        bus.publish("job_s", "queued", {})
+        events = aiter(bus.subscribe("job_s"))
+        assert (await anext(events)).type == "queued"  # subscribed; then the reader stalls
+        bus.publish("job_s", "started", {})
+        for step in range(1, 1001):
+            bus.publish("job_s", "progress", {"step": step, "total": 1000})
+            if step == 500:
+                bus.publish("job_s", "asset", {"asset_id": "ast_a", "index": 0})
+        bus.publish("job_s", "succeeded", {})
+        [inbox] = bus._jobs["job_s"].subscribers
+        assert len(inbox) == 5
+        return [(event.type, event.data) async for event in events]
+
+    assert asyncio.run(main()) == [("started", {}), ("progress", {"step": 500, "total": 1000}),
+                                   ("asset", {"asset_id": "ast_a", "index": 0}),
+                                   ("progress", {"step": 1000, "total": 1000}), ("succeeded", {})]
