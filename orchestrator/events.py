@@ -73,8 +73,9 @@ class StreamView:
 
 class _Inbox:
     """A subscriber's events not yet sent. A step's progress replaces the one still waiting before
-    it: a slow reader (a stalled client, a thin link) gets the latest step, not a backlog of every
-    step that grows for as long as the job runs. Every other event is kept. Used on the loop."""
+    it, and so does a state told again (a provider's queue position at each poll): a slow reader
+    (a stalled client, a thin link) gets the latest, not a backlog that grows for as long as the
+    job runs. Every other event is kept. Used on the loop."""
 
     def __init__(self) -> None:
         self._events: collections.deque[Event | None] = collections.deque()
@@ -82,7 +83,7 @@ class _Inbox:
 
     def put(self, event: Event | None) -> None:
         last = self._events[-1] if self._events else None
-        if event is not None and event.type == "progress" and last is not None and last.type == "progress":
+        if event is not None and last is not None and _supersedes(event, last):
             self._events[-1] = event
         else:
             self._events.append(event)
@@ -96,6 +97,14 @@ class _Inbox:
 
     def __len__(self) -> int:
         return len(self._events)
+
+
+def _supersedes(event: Event, before: Event) -> bool:
+    """Whether a client that has not read `before` yet needs only `event` (see `_Inbox`)."""
+    if event.type == "progress":
+        return before.type == "progress"
+    return (event.type == "state" and before.type == "state"
+            and event.data.get("state") == before.data.get("state"))
 
 
 @dataclass

@@ -10,6 +10,7 @@ transaction that inserts their rows and finishes the job, so a row never points 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import logging
 import os
@@ -54,6 +55,9 @@ PROGRESS_WRITE_INTERVAL = 1.0
 # Repeating it is safe: every attempt rolls back whole, and its update applies only while the
 # attempt still holds the job.
 FINAL_WRITE_SECONDS = 120.0
+# How long a request that can bill waits for the saves of what was accepted before it (see
+# `_first_send_recorder`): a lock wait's worth.
+SAVE_WAIT_SECONDS = 30.0
 
 
 class StaleAttempt(Exception):
@@ -496,7 +500,10 @@ class JobRunner:
 
         async def record() -> None:
             nonlocal recorded
-            await progress.saved()
+            # Bounded, and a cancel ends it (nothing of this request is out yet): a database that
+            # stays away must not hold the send, or a cancel, for the save's two minutes of retries.
+            with contextlib.suppress(TimeoutError):
+                await claim.cancel.race(asyncio.wait_for(progress.saved(), SAVE_WAIT_SECONDS), charged="no")
             if claim.job.unsent_attempt != claim.attempt:
                 return  # an engine that does not announce its requests: recovery assumes it sent
             if recorded is None:

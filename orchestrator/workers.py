@@ -78,8 +78,10 @@ class Presence:
         # Judging an owner the locks cannot tell about: on PostgreSQL another host's owner may live.
         self.shared_database = shared_database
         # Seconds after which an owner file its lock cannot speak for (another machine's), and its
-        # owner has not touched (`touch`), no longer says that owner runs its engines.
+        # owner has not touched (`touch`), no longer says that owner runs its engines. Told by
+        # whether its modification time changes, never by comparing it with this host's clock.
         self.stale_after = stale_after
+        self._seen: dict[str, tuple[float, float]] = {}  # file -> (its mtime, monotonic time first seen)
         self._held: dict[str, IO[str]] = {}
         self._mine: set[str] = set()  # this process's owners, locked or not
 
@@ -172,9 +174,19 @@ class Presence:
                 if not owner or owner in self._mine or len(lines) < 3 or engine not in lines[2].split(","):
                     continue
                 locked = self._locked(owner)
-                if locked if locked is not None else time.time() - path.stat().st_mtime < self.stale_after:
+                if locked if locked is not None else self._fresh(path):
                     return True
         return False
+
+    def _fresh(self, path: Path) -> bool:
+        """Whether the file was touched within `stale_after` seconds, by this process's clock: a
+        file first seen counts as fresh that long (its owner may have just touched it)."""
+        mtime, now = path.stat().st_mtime, time.monotonic()
+        seen = self._seen.get(path.name)
+        if seen is None or seen[0] != mtime:
+            self._seen[path.name] = (mtime, now)
+            return True
+        return now - seen[1] < self.stale_after
 
     def live(self) -> list[str]:
         """The owners of this machine whose lock is held now, as their files name them."""

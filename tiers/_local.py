@@ -176,21 +176,38 @@ def _no_preview(_latents: Any) -> None:
     return None
 
 
-def _usable_cpus(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+CGROUP = Path("/sys/fs/cgroup")
+
+
+def _usable_cpus(cgroup: Path = CGROUP) -> int:
     """The CPUs this process may run on (its `taskset` or cpuset), not all of the host's, and no
-    more than its CPU quota (a container's `--cpus`, cgroup v2's `cpu.max`): more torch threads
-    than the quota allows are throttled in turn, and run slower than fewer would."""
+    more than its CPU quota (a container's `--cpus`: cgroup v2's `cpu.max`, or v1's CFS quota):
+    more torch threads than the quota allows are throttled in turn, and run slower than fewer."""
     try:
         cpus = max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):  # not Linux
         cpus = max(1, os.cpu_count() or 2)
-    try:
-        quota, period = cpu_max.read_text().split()[:2]
-        if quota != "max":
-            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
-    except (OSError, ValueError):  # no cgroup v2 here, or a file of another shape
-        pass
-    return cpus
+    quota = _cpu_quota(cgroup)
+    return cpus if quota is None else min(cpus, quota)
+
+
+def _cpu_quota(cgroup: Path) -> int | None:
+    """The CPU quota of this process's cgroup, rounded up; None when it has none, or it cannot
+    be read (not Linux, a cgroup of another shape)."""
+    for read in (lambda: (cgroup / "cpu.max").read_text().split()[:2],  # v2: "<quota> <period>"
+                 lambda: [(cgroup / "cpu" / name).read_text().strip()  # v1
+                          for name in ("cpu.cfs_quota_us", "cpu.cfs_period_us")]):
+        try:
+            quota, period = read()
+        except (OSError, ValueError):
+            continue
+        if quota in ("max", "-1"):
+            return None
+        try:
+            return max(1, math.ceil(int(quota) / int(period)))
+        except (ValueError, ZeroDivisionError):
+            return None
+    return None
 
 
 class LocalRuntime:

@@ -292,15 +292,18 @@ def test_a_slow_reader_gets_the_latest_step_not_a_backlog_of_every_step() -> Non
         events = aiter(bus.subscribe("job_s"))
         assert (await anext(events)).type == "queued"  # subscribed; then the reader stalls
         bus.publish("job_s", "started", {})
+        for position in range(500, 0, -1):  # a provider's queue, told at each poll
+            bus.publish("job_s", "state", {"state": "queued", "position": position})
         for step in range(1, 1001):
             bus.publish("job_s", "progress", {"step": step, "total": 1000})
             if step == 500:
                 bus.publish("job_s", "asset", {"asset_id": "ast_a", "index": 0})
         bus.publish("job_s", "succeeded", {})
         [inbox] = bus._jobs["job_s"].subscribers
-        assert len(inbox) == 5
+        assert len(inbox) == 6
         return [(event.type, event.data) async for event in events]
 
-    assert asyncio.run(main()) == [("started", {}), ("progress", {"step": 500, "total": 1000}),
+    assert asyncio.run(main()) == [("started", {}), ("state", {"state": "queued", "position": 1}),
+                                   ("progress", {"step": 500, "total": 1000}),
                                    ("asset", {"asset_id": "ast_a", "index": 0}),
                                    ("progress", {"step": 1000, "total": 1000}), ("succeeded", {})]

@@ -309,18 +309,27 @@ time.sleep(120)
 """
 
 
-def test_another_machine_s_worker_serves_its_engines_while_it_touches_its_file(tmp_path: Path) -> None:
+def test_another_machine_s_worker_serves_its_engines_while_it_touches_its_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Its lock tells nothing here (another kernel); a host that is gone for good (decommissioned,
     # an old pod) left its file, which made its engines look served forever: their queued jobs
     # waited and their orphans were never recovered.
+    # Told by whether the file changes, by this process's own clock: the hosts' clocks may differ.
+    clock = [1000.0]
+    monkeypatch.setattr("orchestrator.workers.time.monotonic", lambda: clock[0])
     presence = Presence(tmp_path, shared_database=True, stale_after=60)
     (tmp_path / "owners").mkdir()
     elsewhere = tmp_path / "owners" / "gpu-host_9_ab.lock"
     elsewhere.write_text("gpu-host:9:ab\nanother-boot-id\nlite,comfyui\n")
-    assert presence.serves("comfyui") and not presence.serves("gemini")
+    os.utime(elsewhere, (5, 5))  # its host's clock is years behind
+    assert presence.serves("comfyui") and not presence.serves("gemini")  # first seen: may have just touched it
+    clock[0] += 59
+    assert presence.serves("comfyui")
+    clock[0] += 2
+    assert not presence.serves("comfyui")  # not touched for a minute: its host is gone
+    os.utime(elsewhere, (6, 6))  # ...or back, touching it again
+    assert presence.serves("comfyui")
     old = time.time() - 120
-    os.utime(elsewhere, (old, old))
-    assert not presence.serves("comfyui")
     # A live owner keeps its file fresh.
     mine = Presence(tmp_path, shared_database=True, stale_after=60)
     mine.enter("this-host:1:cd", ["lite", "fal"])

@@ -421,6 +421,30 @@ def test_a_request_that_can_bill_waits_for_the_work_accepted_before_it_to_be_sav
     assert f"{prompt} (second call)" in fakes.SENT
 
 
+def test_a_cancel_ends_the_wait_for_a_save_and_sends_nothing_more(
+        api: httpx.Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    _, asset_id = project_with_draft(api)
+    real = JobRunner.save_provider_request
+    waiting, release = threading.Event(), threading.Event()
+
+    def stuck_save(self: JobRunner, claim: Claim, work: dict[str, Any]) -> None:
+        waiting.set()
+        release.wait(30)  # a database that stays away
+        real(self, claim, work)
+
+    monkeypatch.setattr(JobRunner, "save_provider_request", stuck_save)
+    prompt = "a lighthouse, canceled while its first call's id is being saved"
+    job = promote_ok(api, asset_id, prompt=prompt, tags={"fake": "second-call"})
+    try:
+        assert waiting.wait(10)
+        assert api.post(f"/v1/jobs/{job['id']}/cancel").status_code == 202
+        done = wait_for_job(api, job["id"], timeout=10)  # not the save's wait
+        assert done["status"] == "canceled", done
+        assert f"{prompt} (second call)" not in fakes.SENT
+    finally:
+        release.set()
+
+
 def test_a_failed_save_of_the_provider_s_work_is_written_with_the_job_s_end(
         api: httpx.Client, paid_settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
     from sqlalchemy.exc import OperationalError

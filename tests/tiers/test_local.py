@@ -194,12 +194,19 @@ def test_thread_count_follows_the_cpus_this_process_may_use(tmp_path: Any) -> No
     assert _usable_cpus(tmp_path / "absent") == affinity
 
 
-@pytest.mark.parametrize(("cpu_max", "expected"), [("max 100000", None), ("50000 100000", 1), ("150000 100000", 2),
-                                                   ("garbage", None)])
-def test_thread_count_follows_a_container_s_cpu_quota(tmp_path: Any, cpu_max: str, expected: int | None) -> None:
-    (tmp_path / "cpu.max").write_text(cpu_max + "\n")
+@pytest.mark.parametrize(("files", "expected"), [
+    ({"cpu.max": "max 100000"}, None), ({"cpu.max": "50000 100000"}, 1), ({"cpu.max": "150000 100000"}, 2),
+    ({"cpu.max": "garbage"}, None),
+    # cgroup v1
+    ({"cpu/cpu.cfs_quota_us": "50000", "cpu/cpu.cfs_period_us": "100000"}, 1),
+    ({"cpu/cpu.cfs_quota_us": "-1", "cpu/cpu.cfs_period_us": "100000"}, None)])
+def test_thread_count_follows_a_container_s_cpu_quota(tmp_path: Any, files: dict[str, str],
+                                                      expected: int | None) -> None:
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(text + "\n")
     affinity = len(os.sched_getaffinity(0))
-    assert _usable_cpus(tmp_path / "cpu.max") == (affinity if expected is None else min(affinity, expected))
+    assert _usable_cpus(tmp_path) == (affinity if expected is None else min(affinity, expected))
 
 
 # diffusers still passes huggingface_hub an argument it has deprecated; nothing of ours.
