@@ -29,14 +29,16 @@ T = TypeVar("T")
 
 Prompt = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=10000)]
 MAX_TAGS = 64
+V = TypeVar("V")
 
 
-def _privacy_key(tags: dict[str, str]) -> dict[str, str]:
+def privacy_key(tags: dict[str, V]) -> dict[str, V]:
     """`Privacy` or ` privacy ` is the privacy tag, stored as `privacy`: a near miss must not send a
-    private image to the cloud (values are already read loosely, see `policies.schema.is_private`)."""
+    private image to the cloud (values are already read loosely, see `policies.schema.is_private`).
+    Requests' tags and policy rules' `match.tags` are read alike."""
     from policies.schema import PRIVACY_TAG  # policies.schema imports this module
 
-    out: dict[str, str] = {}
+    out: dict[str, V] = {}
     for key, value in tags.items():
         name = PRIVACY_TAG if key.strip().lower() == PRIVACY_TAG else key
         if name in out:
@@ -49,7 +51,7 @@ def _privacy_key(tags: dict[str, str]) -> dict[str, str]:
 # its lists, so thousands of them would weigh on every client of the project.
 Tags = Annotated[dict[Annotated[str, StringConstraints(min_length=1, max_length=100)],
                       Annotated[str, StringConstraints(max_length=500)]], Field(max_length=MAX_TAGS),
-                 AfterValidator(_privacy_key)]
+                 AfterValidator(privacy_key)]
 
 
 def _not_a_bool(value: Any) -> Any:

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
-from orchestrator.schemas import Credits
+from orchestrator.schemas import Credits, privacy_key
 from tiers.base import RenderRequest, Stage, to_millicredits
 
 Strategy = Literal["ordered", "cheapest", "fastest"]
@@ -80,15 +80,8 @@ class Match(_Model):
     @field_validator("tags")
     @classmethod
     def _privacy_key(cls, tags: dict[str, list[str]]) -> dict[str, list[str]]:
-        """`Privacy` is the privacy tag here too: requests' keys are read that way, so a rule
-        matching `Privacy` as written would never fit one."""
-        out: dict[str, list[str]] = {}
-        for key, values in tags.items():
-            name = PRIVACY_TAG if key.strip().lower() == PRIVACY_TAG else key
-            if name in out:
-                raise ValueError(f"the {PRIVACY_TAG} tag is given twice, spelled differently")
-            out[name] = values
-        return out
+        # As requests' keys are read: a rule matching `Privacy` as written would never fit one.
+        return privacy_key(tags)
 
     @property
     def is_empty(self) -> bool:

@@ -370,20 +370,27 @@ def saved_work(settings: Settings, job_id: str) -> tuple[str | None, Any]:
     return request_id, None if work is None else json.loads(work)
 
 
+def held_saves(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, threading.Event]:
+    """Saves of what providers accepted wait (as for the write lock) until `release` is set;
+    `waiting` is set once one does."""
+    real = JobRunner.save_provider_request
+    waiting, release = threading.Event(), threading.Event()
+
+    def held(self: JobRunner, claim: Claim, work: dict[str, Any]) -> None:
+        waiting.set()
+        release.wait(30)
+        real(self, claim, work)
+
+    monkeypatch.setattr(JobRunner, "save_provider_request", held)
+    return waiting, release
+
+
 def test_saving_the_provider_s_work_never_stalls_the_event_loop(api: httpx.Client, paid_settings: Settings,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     # The save waits for the database's write lock (another process writing, a slow disk): the
     # process's other jobs and streams must go on meanwhile, and the save still lands.
     _, asset_id = project_with_draft(api)
-    real = JobRunner.save_provider_request
-    waiting, release = threading.Event(), threading.Event()
-
-    def slow_save(self: JobRunner, claim: Claim, work: dict[str, Any]) -> None:
-        waiting.set()
-        release.wait(30)
-        real(self, claim, work)
-
-    monkeypatch.setattr(JobRunner, "save_provider_request", slow_save)
+    waiting, release = held_saves(monkeypatch)
     job = promote_ok(api, asset_id, tags={"fake": "slow", "seconds": "0.2"})
     try:
         assert waiting.wait(10)
@@ -400,15 +407,7 @@ def test_a_request_that_can_bill_waits_for_the_work_accepted_before_it_to_be_sav
     # A self-hosted server's task id is saved before its render is sent, so that a restart can take
     # the render off the server: the save is off the event loop, and the send waits for it.
     _, asset_id = project_with_draft(api)
-    real = JobRunner.save_provider_request
-    waiting, release = threading.Event(), threading.Event()
-
-    def slow_save(self: JobRunner, claim: Claim, work: dict[str, Any]) -> None:
-        waiting.set()
-        release.wait(30)
-        real(self, claim, work)
-
-    monkeypatch.setattr(JobRunner, "save_provider_request", slow_save)
+    waiting, release = held_saves(monkeypatch)
     prompt = "a lighthouse, saved before its second call"
     job = promote_ok(api, asset_id, prompt=prompt, tags={"fake": "second-call"})
     try:
@@ -424,15 +423,7 @@ def test_a_request_that_can_bill_waits_for_the_work_accepted_before_it_to_be_sav
 def test_a_cancel_ends_the_wait_for_a_save_and_sends_nothing_more(
         api: httpx.Client, monkeypatch: pytest.MonkeyPatch) -> None:
     _, asset_id = project_with_draft(api)
-    real = JobRunner.save_provider_request
-    waiting, release = threading.Event(), threading.Event()
-
-    def stuck_save(self: JobRunner, claim: Claim, work: dict[str, Any]) -> None:
-        waiting.set()
-        release.wait(30)  # a database that stays away
-        real(self, claim, work)
-
-    monkeypatch.setattr(JobRunner, "save_provider_request", stuck_save)
+    waiting, release = held_saves(monkeypatch)  # a database that stays away
     prompt = "a lighthouse, canceled while its first call's id is being saved"
     job = promote_ok(api, asset_id, prompt=prompt, tags={"fake": "second-call"})
     try:
