@@ -39,6 +39,7 @@ from orchestrator.routing import fallbacks, priced
 from orchestrator.store import ArtifactStore, PreviewFiles, encode_png
 from tiers.base import (
     DEVICE_SECONDS,
+    NOTES,
     CancelToken,
     Reattachable,
     RenderResult,
@@ -537,6 +538,8 @@ class JobRunner:
                 record[key] = p[key]
         if result.provider_request_id:
             record["provider_request_id"] = result.provider_request_id
+        if result.metadata.get(NOTES):
+            record["notes"] = list(result.metadata[NOTES])
         return record
 
     def _succeed(self, claim: Claim, result: RenderResult, seconds: float) -> list[str]:

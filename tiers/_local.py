@@ -108,8 +108,21 @@ def hf_hub_cached(repo_id: str) -> bool:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:  # pragma: no cover - huggingface_hub ships with diffusers
         return False
-    found = try_to_load_from_cache(repo_id, "model_index.json")
+    try:
+        found = try_to_load_from_cache(repo_id, "model_index.json")
+    except ValueError:  # HFValidationError: not a Hub id at all, so in no cache
+        return False
     return isinstance(found, str)
+
+
+# The Hub's rule for repository ids: `name` or `org/name`, each of word characters, `-` and `.`,
+# neither starting nor ending with `-` or `.`, at most 96 long, with no `--` or `..`.
+_HUB_PART = r"(?![-.])[\w.-]{1,96}(?<![-.])"
+_HUB_ID = re.compile(rf"(?:{_HUB_PART}/)?{_HUB_PART}", re.ASCII)
+
+
+def _is_hub_id(spec: str) -> bool:
+    return _HUB_ID.fullmatch(spec) is not None and "--" not in spec and ".." not in spec
 
 
 def hf_hub_reachable(timeout: float = 1.5) -> bool:
@@ -228,13 +241,15 @@ class LocalRuntime:
 
         threads = self.settings.torch_threads or _usable_cpus()
         torch.set_num_threads(threads)
-        for name in ("transformers", "diffusers"):
-            logging.getLogger(name).setLevel(logging.ERROR)
+        # Through the libraries' own switches: importing them resets their loggers' levels, so a
+        # level set on the logger before the import did not hold.
         from diffusers.utils import logging as dlogging
 
+        dlogging.set_verbosity_error()
         dlogging.disable_progress_bar()
         from transformers.utils import logging as tlogging
 
+        tlogging.set_verbosity_error()
         tlogging.disable_progress_bar()
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
@@ -517,6 +532,12 @@ class LocalEngine:
         if _is_path(self._model) and not Path(self._model).expanduser().exists():
             # Else the loader takes it for a Hub id, and the first draft fails with a Hub error.
             return False, f"model '{self._model}' is a path to nothing: no such file or folder"
+        if (self._model != tiny.NAME and not _is_hub_id(self._model)
+                and not Path(self._model).expanduser().exists()):
+            # `models/sd-turbo` or `my model`: the loader would fail on the first draft with a
+            # Hub validation error; say what is wrong before any job is taken.
+            return False, (f"model '{self._model}' is neither an existing file or folder nor a Hugging Face "
+                           "model id (org/name): give an absolute path, ./relative/path, or a Hub id")
         return True, None
 
     def prices(self) -> dict[str, Any]:

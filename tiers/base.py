@@ -91,6 +91,9 @@ def instruction_prompt(req: RenderRequest) -> str:
 
 
 DEVICE_SECONDS = "device_seconds"
+# `metadata[NOTES]`: sentences about how the request was taken that the client should read (a
+# prompt cut to the text encoder's window); each image's generation record carries them.
+NOTES = "notes"
 
 
 @dataclass

@@ -18,6 +18,7 @@ from orchestrator.errors import BadEngineInput, Canceled
 from tiers._local import LocalEngine, lcm_schedule
 from tiers.base import (
     DEVICE_SECONDS,
+    NOTES,
     CancelToken,
     Capabilities,
     EngineContext,
@@ -57,6 +58,13 @@ class LiteEngine(LocalEngine):
             raise BadEngineInput(f"steps: this LCM model takes at most {limit} (got {steps})",
                                  details={"field": "steps", "value": steps, "max": limit})
         guidance = self.defaults.guidance_scale if req.guidance_scale is None else req.guidance_scale
+        notes = []
+        overflow = prompt_overflow(pipe, req.prompt)
+        if overflow is not None:
+            # The text encoder reads a fixed window: the rest of the prompt has no effect, and the
+            # client would otherwise never know (diffusers only logs it).
+            notes.append(f"the prompt is {overflow[0]} tokens long; the model read the first {overflow[1]}")
+            progress.state("prompt_truncated", tokens=overflow[0], read=overflow[1])
         batch = self.settings.lite_max_batch
         chunks = [list(range(start, min(start + batch, req.n))) for start in range(0, req.n, batch)]
         images: list[RenderedImage] = []
@@ -94,8 +102,24 @@ class LiteEngine(LocalEngine):
             images=images,
             model=self._model,
             metadata={"steps": steps, "guidance_scale": guidance, "sampler": type(pipe.scheduler).__name__,
-                      "device": self.runtime.device, DEVICE_SECONDS: time.monotonic() - began},
+                      "device": self.runtime.device, DEVICE_SECONDS: time.monotonic() - began,
+                      **({NOTES: notes} if notes else {})},
         )
+
+
+def prompt_overflow(pipe: Any, prompt: str) -> tuple[int, int] | None:
+    """(the prompt's tokens, the tokens the text encoder reads), both without the start and end
+    markers, when the prompt is longer than the encoder's window; else None."""
+    if any(type(getattr(pipe, name, None)).__name__.startswith("T5") for name in ("tokenizer_2", "tokenizer_3")):
+        return None  # SD3, FLUX: a T5 encoder reads far more than CLIP's window (up to its own limit)
+    tokenizer = getattr(pipe, "tokenizer", None)
+    window = getattr(tokenizer, "model_max_length", None)
+    if tokenizer is None or not isinstance(window, int) or window > 100_000:  # unset: "very large"
+        return None
+    if len(prompt.encode()) + 2 <= window:
+        return None  # a byte-level BPE token covers at least one byte: no need to tokenize
+    tokens = len(tokenizer(prompt, truncation=False).input_ids)
+    return (tokens - 2, window - 2) if tokens > window else None
 
 def factory(ctx: EngineContext) -> LiteEngine:
     return LiteEngine(ctx)

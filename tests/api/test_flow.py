@@ -107,6 +107,18 @@ def test_drafts_flow_assets_and_png_metadata(server: httpx.Client) -> None:
         assert asset["record"] == record  # the metadata tells what the PNG holds, without decoding it
 
 
+def test_a_prompt_cut_to_the_text_encoder_s_window_says_so_in_each_image_s_record(server: httpx.Client) -> None:
+    project = create_project(server)["id"]
+    job = run_draft(server, project, prompt=" ".join(["a lighthouse at dusk"] * 30), n=2, width=64, height=64,
+                    steps=1)
+    for asset_id in job["assets"]:
+        record = server.get(f"/v1/assets/{asset_id}").json()["record"]
+        [note] = record["notes"]
+        assert note.startswith("the prompt is ") and note.endswith("the model read the first 75"), note
+        with Image.open(io.BytesIO(server.get(f"/v1/assets/{asset_id}/content").content)) as img:
+            assert json.loads(img.info["orchestrator"])["notes"] == [note]
+
+
 def test_list_pagination(server: httpx.Client) -> None:
     created = [create_project(server, f"p{i}")["id"] for i in range(5)]
 

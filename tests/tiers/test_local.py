@@ -106,6 +106,20 @@ async def test_a_pipeline_that_takes_a_size_is_told_each_tile_s(engines: EngineF
     assert len(boxes) > 1 and sized.sizes == [(right - left, bottom - top) for left, top, right, bottom in boxes]
 
 
+async def test_a_prompt_longer_than_the_text_encoder_reads_is_said_to_be_cut(engines: EngineFactory) -> None:
+    lite, _ = engines()
+    progress = RecordingProgress()
+    long_prompt = " ".join(["a lighthouse on a cliff at dusk"] * 20)  # 140 words
+    result = await lite.run(draft(prompt=long_prompt, n=1, steps=1), progress, CancelToken())
+    assert "prompt_truncated" in progress.states
+    [note] = result.metadata["notes"]
+    tokens = int(note.split("the prompt is ")[1].split(" ")[0])
+    assert tokens > 75 and note.endswith("the model read the first 75"), note
+    short = RecordingProgress()
+    result = await lite.run(draft(n=1, steps=1), short, CancelToken())
+    assert "prompt_truncated" not in short.states and "notes" not in result.metadata
+
+
 async def test_a_cancel_between_chunks_stops_before_the_next_chunk(engines: EngineFactory) -> None:
     lite, _ = engines(lite_max_batch=1)
     token = CancelToken()
@@ -231,6 +245,30 @@ def test_a_malformed_hub_endpoint_is_an_unreachable_hub(monkeypatch: pytest.Monk
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "http://[not a host")
     assert hf_hub_reachable() is False
+
+
+@pytest.mark.parametrize("spec", ["models/missing/sd-turbo", "my model"])
+def test_a_model_that_is_neither_a_file_nor_a_hub_id_is_unavailable_saying_so(
+        make_settings: SettingsFactory, tmp_path: Any, monkeypatch: pytest.MonkeyPatch, spec: str) -> None:
+    monkeypatch.chdir(tmp_path)
+    lite = LiteEngine(EngineContext(settings=make_settings(lite_model=spec)))
+    available, reason = lite.availability()
+    assert not available and reason and "neither an existing file or folder nor a Hugging Face model id" in reason
+    (tmp_path / spec).mkdir(parents=True)  # the same spec, once it names a folder here, is a model to load
+    assert lite.availability() == (True, None)
+
+
+@pytest.mark.filterwarnings("ignore:The `local_dir_use_symlinks` argument is deprecated")
+async def test_loading_a_model_that_is_no_hub_id_fails_as_an_unavailable_model(
+        make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    lite = LiteEngine(EngineContext(settings=make_settings(lite_model="models/missing/sd-turbo")))
+    try:
+        with pytest.raises(EngineUnavailable) as info:  # not the Hub client's HFValidationError
+            await lite.run(draft(n=1), RecordingProgress(), CancelToken())
+    finally:
+        lite.runtime.shutdown(timeout=30)
+    assert "could not load model 'models/missing/sd-turbo'" in info.value.message
 
 
 def test_a_ckpt_file_is_unavailable_with_what_to_do(make_settings: SettingsFactory, tmp_path: Any) -> None:
