@@ -260,7 +260,13 @@ class Ledger:
             self.release(s, job, note=f"{error.code}")
         elif charged == "yes":
             # The provider finished and said what it charged: that is the bill, as on a success.
-            self.capture(s, job, getattr(error, "cost_millicredits", None), note=error.code)
+            cost = getattr(error, "cost_millicredits", None)
+            if job.estimated <= 0 and self.open_hold(s, job.id) is None:
+                # Estimated free, so nothing was held: a reported cost is spend all the same.
+                self.charge_usage(s, job, cost or 0, note=f"{error.code}: reported by the provider for a job "
+                                                          "estimated free")
+            else:
+                self.capture(s, job, cost, note=error.code)
         else:
             self.capture(s, job, None, unreconciled=True, note=f"{error.code}: outcome unknown")
 

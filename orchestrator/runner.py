@@ -76,6 +76,14 @@ class Claim:
     # What providers accepted in this attempt (`Progress.provider_request`), as saved with the job.
     # The save is made behind the event loop; the job's end writes it too, should it still be out.
     accepted: dict[str, Any] | None = None
+    # Set when the engine first asked to send something billable (`billable_send`), before the
+    # sending is recorded: from then on the attempt may have reached a provider.
+    sending: bool = False
+
+    def surely_unsent(self) -> bool:
+        """Nothing of this attempt can have reached a provider: its engine announces its sends,
+        and it has asked for none."""
+        return (self.job.unsent_attempt == self.attempt and not self.sending and not self.accepted)
 
 
 class JobProgress:
@@ -318,12 +326,14 @@ class JobRunner:
             await self._end(claim, "failed", exc)
         except Exception as exc:  # an engine bug must fail the job, not leave it running
             log.exception("job %s crashed in engine %s", job.id, job.engine)
-            # A remote engine may have sent the request before it broke: the charge is unknown.
+            # A remote engine may have sent the request before it broke: the charge is unknown,
+            # unless the engine announces its sends and had asked for none.
             remote = job.engine in self.registry and self.registry.get(job.engine).kind == "remote"
             # The first line: a database error's next ones hold its SQL and values (the log has them).
             first = next(iter(str(exc).splitlines()), "")
             error = EngineError(f"engine '{job.engine}' failed unexpectedly: {type(exc).__name__}: {first}"[:500],
-                                retryable=False, charged="unknown" if remote else "no")
+                                retryable=False,
+                                charged="unknown" if remote and not claim.surely_unsent() else "no")
             await self._end(claim, "failed", error)
         else:
             log.info("job %s succeeded on %s: %d image(s) in %.1f s", job.id, job.engine, len(asset_ids),
@@ -507,6 +517,7 @@ class JobRunner:
                 await claim.cancel.race(asyncio.wait_for(progress.saved(), SAVE_WAIT_SECONDS), charged="no")
             if claim.job.unsent_attempt != claim.attempt:
                 return  # an engine that does not announce its requests: recovery assumes it sent
+            claim.sending = True
             if recorded is None:
                 recorded = asyncio.ensure_future(asyncio.to_thread(self._record_sending, claim))
             # Shielded: the request that asked first may be canceled while the others still wait.

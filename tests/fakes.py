@@ -72,6 +72,8 @@ class FakePaidEngine:
             error = EngineError("fake engine ran out of memory", retryable=True)
             error.engine_fault = False
             raise error
+        if behaviour == "crash-before-send":  # a bug while building the request: nothing was sent
+            raise KeyError("size")
         await billable_send()
         SENT.append(req.prompt)
         if behaviour == "crash":  # a bug, not an EngineError: as reading an answer that lacks a field

@@ -112,6 +112,16 @@ def test_a_priced_remote_engine_that_crashes_fails_the_job_charged_unknown(build
     assert event_types(services, job_id)[-1] == "failed"
 
 
+def test_a_remote_engine_that_crashes_before_asking_to_send_releases_its_hold(build: Build) -> None:
+    # The engine announces its sends (`billable_send`) and had asked for none: nothing reached the
+    # provider, so nothing is left for reconciliation.
+    services = build("fake-paid=tests.fakes:factory")
+    job_id = queue_job(services, "fake-paid", estimated=HOLD, params={**BRIDGE, "tags": {"fake": "crash-before-send"}})
+    job = claim_and_run(services, job_id)
+    assert job.status == "failed" and job.error is not None and "KeyError" in job.error["message"], job.error
+    assert ledger_of(services, job_id) == [("hold", HOLD, False), ("release", HOLD, False)]
+
+
 def test_a_local_engine_that_crashes_releases_what_its_job_held(build: Build,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     # Nothing leaves the machine, so nothing can have been billed: a hold (a local engine that

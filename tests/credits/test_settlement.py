@@ -216,8 +216,18 @@ def test_images_made_but_not_stored_are_charged(api: httpx.Client, monkeypatch: 
     assert budget(api, project_id)["held"] == 0
 
 
-def test_images_not_stored_are_charged_what_the_provider_reported(api: httpx.Client,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+# Priced, the provider's figure is captured from the hold; estimated free (nothing held), it is
+# charged all the same, as on a success.
+Entries = list[tuple[str, float, bool]]
+REPORTED_7_5 = pytest.mark.parametrize(("engine", "settled"), [
+    ("fake-paid", [("hold", PRICE, False), ("capture", 7.5, False), ("release", 2.5, False)]),
+    ("fake-free", [("capture", 7.5, False)]),
+])
+
+
+@REPORTED_7_5
+def test_images_not_stored_are_charged_what_the_provider_reported(
+        api: httpx.Client, monkeypatch: pytest.MonkeyPatch, engine: str, settled: Entries) -> None:
     """The provider said what it charged before the disk filled up: that, not the estimate, is the bill."""
     project_id, asset_id = project_with_draft(api)
 
@@ -225,16 +235,17 @@ def test_images_not_stored_are_charged_what_the_provider_reported(api: httpx.Cli
         raise OSError(28, "No space left on device", "/srv/orchestrator/assets/ab/tmp-1")
 
     monkeypatch.setattr("orchestrator.store.ArtifactStore.put", disk_full)
-    job = promote_ok(api, asset_id, tags={"cost": "7.5"})
-    assert wait_for_job(api, job["id"])["status"] == "failed"
+    job = promote_ok(api, asset_id, engine=engine, tags={"cost": "7.5"})
+    done = wait_for_job(api, job["id"])
+    assert done["status"] == "failed"
     entries = [e for e in ledger(api, project_id) if e["job_id"] == job["id"]]
-    assert [(e["kind"], e["amount"], e["unreconciled"]) for e in entries] == [
-        ("hold", PRICE, False), ("capture", 7.5, False), ("release", 2.5, False)]
-    assert_settled_once(entries)
+    assert [(e["kind"], e["amount"], e["unreconciled"]) for e in entries] == settled
+    assert done["cost"]["charged"] == 7.5
 
 
+@REPORTED_7_5
 def test_a_cancel_after_the_engine_finished_charges_what_the_provider_reported(
-        api: httpx.Client, monkeypatch: pytest.MonkeyPatch) -> None:
+        api: httpx.Client, monkeypatch: pytest.MonkeyPatch, engine: str, settled: Entries) -> None:
     """A cancel that lands while the images are being stored wins (answered 202), but the provider
     already made and billed them: its reported cost is captured."""
     project_id, asset_id = project_with_draft(api)
@@ -249,12 +260,11 @@ def test_a_cancel_after_the_engine_finished_charges_what_the_provider_reported(
         return real_put(self, data)
 
     monkeypatch.setattr(ArtifactStore, "put", cancel_then_put)
-    job = promote_ok(api, asset_id, tags={"cost": "7.5"})
+    job = promote_ok(api, asset_id, engine=engine, tags={"cost": "7.5"})
     done = wait_for_job(api, job["id"])
     assert done["status"] == "canceled" and asked
     entries = [e for e in ledger(api, project_id) if e["job_id"] == job["id"]]
-    assert [(e["kind"], e["amount"], e["unreconciled"]) for e in entries] == [
-        ("hold", PRICE, False), ("capture", 7.5, False), ("release", 2.5, False)]
+    assert [(e["kind"], e["amount"], e["unreconciled"]) for e in entries] == settled
 
 
 def stop_while_storing(monkeypatch: pytest.MonkeyPatch, then: Callable[[Claim], None] = lambda _claim: None) -> None:
