@@ -104,10 +104,16 @@ def free_port() -> int:
 
 @contextmanager
 def serve_in_thread(settings: Settings, *, port: int | None = None, timeout: float = 60.0) -> Iterator[str]:
-    """Start the app with uvicorn in a background thread; yields its base URL."""
-    port = port or free_port()
+    """Start the app with uvicorn in a background thread; yields its base URL. Without a `port`,
+    the server is handed a socket bound to a free one: no other process can take it meanwhile."""
+    sock = None
+    if port is None:
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
     server = Server(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
-    thread = threading.Thread(target=server.run, name="orchestrator-server", daemon=True)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock] if sock else None},
+                              name="orchestrator-server", daemon=True)
     thread.start()
     deadline = time.monotonic() + timeout
     while not server.started:
@@ -120,3 +126,5 @@ def serve_in_thread(settings: Settings, *, port: int | None = None, timeout: flo
         server.should_exit = True
         server.end_streams()
         thread.join(timeout=30)
+        if sock is not None:
+            sock.close()

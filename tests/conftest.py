@@ -8,6 +8,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+# Tests never reach the Hugging Face Hub, whatever a test's settings say (`auto` would look for
+# it): set before anything imports huggingface_hub, which reads it once.
+os.environ["HF_HUB_OFFLINE"] = "1"
+
 import httpx
 import pytest
 

@@ -366,3 +366,22 @@ def test_only_loopback_addresses_count_as_this_machine(host: str, loopback: bool
     from orchestrator.cli import _loopback
 
     assert _loopback(host) is loopback
+
+
+@pytest.mark.parametrize(("argv", "key", "runs_jobs", "warned"), [
+    (["serve"], "a-long-enough-admin-key-0123", True, False),
+    (["serve", "--no-jobs"], "short", False, True),
+])
+def test_serve_hands_the_server_its_settings_and_warns_of_a_short_admin_key(
+        make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        argv: list[str], key: str, runs_jobs: bool, warned: bool) -> None:
+    settings = make_settings()
+    monkeypatch.setenv("ORCH_DATA_DIR", str(settings.data_dir))
+    monkeypatch.setenv("ORCH_LITE_MODEL", "builtin:tiny-sd")
+    monkeypatch.setenv("ORCH_ADMIN_KEY", key)
+    served: list[tuple[Settings, str, int]] = []
+    monkeypatch.setattr("orchestrator.server.serve", lambda s, *, host, port, log_level: served.append((s, host, port)))
+    assert main([*argv, "--port", "8123"]) == 0
+    [(given, host, port)] = served
+    assert (given.run_jobs, host, port) == (runs_jobs, "127.0.0.1", 8123)
+    assert ("ORCH_ADMIN_KEY has fewer than 16 characters" in capsys.readouterr().err) is warned

@@ -38,7 +38,8 @@ def upgrade_concurrently(url: str, processes: int = 3) -> None:
     engine = create_engine(url)
     try:
         with engine.connect() as connection:
-            assert MigrationContext.configure(connection).get_current_revision() is not None
+            head = ScriptDirectory(str(files("migrations"))).get_current_head()
+            assert MigrationContext.configure(connection).get_current_revision() == head
     finally:
         engine.dispose()
 

@@ -168,6 +168,16 @@ def serve_process(settings: Settings, workdir: Path, log_name: str,
             stop_process(proc)
 
 
+def wait_for_log(log_path: Path, text: str, proc: subprocess.Popen[bytes] | None = None,
+                 timeout: float = 60) -> None:
+    """Until a process's log file says `text` (or the process ended, or `timeout` passed)."""
+    deadline = time.monotonic() + timeout
+    while text not in log_path.read_text(errors="replace"):
+        if (proc is not None and proc.poll() is not None) or time.monotonic() > deadline:
+            raise AssertionError(f"the log never said {text!r}: {log_path.read_text(errors='replace')[-2000:]}")
+        time.sleep(0.05)  # poll interval while the process works
+
+
 @contextmanager
 def worker_process(settings: Settings, workdir: Path, log_name: str,
                    env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
@@ -183,11 +193,7 @@ def worker_process(settings: Settings, workdir: Path, log_name: str,
         proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "worker"], cwd=workdir, env=process_env,
                                 stdout=log, stderr=subprocess.STDOUT)
         try:
-            deadline = time.monotonic() + 60
-            while "runs jobs from" not in log_path.read_text(errors="replace"):
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(f"the worker did not start: {log_path.read_text(errors='replace')[-2000:]}")
-                time.sleep(0.05)  # poll interval while the process starts
+            wait_for_log(log_path, "runs jobs from", proc)
             yield proc
         finally:
             stop_process(proc)

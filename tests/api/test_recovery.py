@@ -39,7 +39,7 @@ def test_killed_server_requeues_local_job_and_finishes_it(make_settings: Setting
     with serve_process(settings, tmp_path, "first.log") as (proc, base), httpx.Client(base_url=base,
                                                                                       timeout=30) as client:
         project = create_project(client)["id"]
-        job = submit_draft(client, project, n=2, width=256, height=256, steps=60, seed=99)
+        job = submit_draft(client, project, n=2, width=128, height=128, steps=60, seed=99)
         with client.stream("GET", f"/v1/jobs/{job['id']}/events", timeout=60) as response:
             for event in iter_sse(response):
                 assert event.event not in TERMINAL, "the job ended before the server could be killed"
@@ -57,7 +57,7 @@ def test_killed_server_requeues_local_job_and_finishes_it(make_settings: Setting
         assert done["error"] is None
         for asset_id in done["assets"]:
             asset = client.get(f"/v1/assets/{asset_id}").json()
-            assert (asset["width"], asset["height"]) == (256, 256)
+            assert (asset["width"], asset["height"]) == (128, 128)
             assert client.get(asset["content_url"]).status_code == 200
         assert client.get("/v1/jobs", params={"status": "running"}).json()["items"] == []
         assert client.get("/v1/jobs", params={"status": "queued"}).json()["items"] == []
@@ -196,8 +196,10 @@ def test_graceful_stop_leaves_the_job_for_recovery_not_canceled(make_settings: S
     settings = make_settings()
     with serve_in_thread(settings) as base, httpx.Client(base_url=base, timeout=30) as client:
         project = create_project(client)["id"]
-        job = submit_draft(client, project, **{**SLOW, "steps": 60})
+        # Long enough to be still denoising at the stop, small enough that the rerun is quick.
+        job = submit_draft(client, project, **{**SLOW, "width": 128, "height": 128})
         wait_for_job(client, job["id"], ("running",))
+    assert db_status(settings, job["id"]) == "queued"  # the stop interrupted it, and gave it back
     with serve_in_thread(settings) as base, httpx.Client(base_url=base, timeout=30) as client:
         done = wait_for_job(client, job["id"], TERMINAL, timeout=120)
         assert done["status"] == "succeeded", done["error"]

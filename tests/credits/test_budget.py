@@ -13,6 +13,7 @@ from tests.credits import (
     PRICE,
     assert_settled_once,
     budget,
+    create_project,
     jobs_of,
     kinds,
     ledger,
@@ -119,6 +120,30 @@ def test_grant_raises_available(api: httpx.Client) -> None:
     assert balance["granted"] == 25
     assert promote(api, asset_id).status_code == 202
     assert budget(api, project_id)["available"] == 15
+
+
+def test_the_ledger_pages_through_every_entry_once(api: httpx.Client) -> None:
+    project_id = create_project(api, {"limit": 10, "period": "none"})
+    for amount in range(1, 8):
+        assert api.post(f"/v1/projects/{project_id}/grants", json={"amount": amount}).status_code == 201
+    whole = ledger(api, project_id)  # one page of up to 500
+    assert len(whole) == 7
+    seen: list[dict[str, Any]] = []
+    cursor: str | None = None
+    pages = 0
+    while True:
+        params: dict[str, Any] = {"limit": 3, **({"cursor": cursor} if cursor else {})}
+        response = api.get(f"/v1/projects/{project_id}/ledger", params=params)
+        assert response.status_code == 200, response.text
+        page = response.json()
+        assert len(page["items"]) <= 3
+        seen += page["items"]
+        pages += 1
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert pages == 3
+    assert seen == whole  # the same entries in the same order, none twice or missing
 
 
 @pytest.mark.parametrize("body", [{"amount": 0}, {"amount": -5}, {"amount": "lots"}, {}, {"amount": 5, "x": 1}])

@@ -6,6 +6,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import pytest
 
 from tests.api import read_events
 from tests.credits import (
@@ -21,19 +22,26 @@ from tests.credits import (
 )
 
 
-def test_same_key_same_body_replays_the_job(api: httpx.Client) -> None:
+@pytest.mark.parametrize("stage", ["bridge", "polish"])
+def test_same_key_same_body_replays_the_job(api: httpx.Client, stage: str) -> None:
     project_id, asset_id = project_with_draft(api, {"limit": 100, "period": "month"})
-    first = promote(api, asset_id, key="promote-once", seed=1)
+    route = {"bridge": "promote", "polish": "polish"}[stage]
+
+    def send() -> httpx.Response:
+        return api.post(f"/v1/assets/{asset_id}/{route}", json={"engine": "fake-paid", "cache": False, "seed": 1},
+                        headers={"Idempotency-Key": f"{route}-once"})
+
+    first = send()
     assert first.status_code == 202, first.text
-    second = promote(api, asset_id, key="promote-once", seed=1)
+    second = send()
     assert second.status_code == 202, second.text
     assert second.json()["id"] == first.json()["id"]
     assert second.headers.get("idempotent-replayed") == "true"
     wait_for_job(api, first.json()["id"])
-    third = promote(api, asset_id, key="promote-once", seed=1)  # after it finished, still the same job
+    third = send()  # after it finished, still the same job
     assert third.json()["id"] == first.json()["id"]
 
-    assert len(jobs_of(api, project_id, "bridge")) == 1
+    assert len(jobs_of(api, project_id, stage)) == 1
     assert kinds(ledger(api, project_id)) == {"hold": 1, "capture": 1}
 
 

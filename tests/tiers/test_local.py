@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import socket
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -203,6 +204,24 @@ async def test_running_out_of_device_memory_is_a_job_error_another_engine_may_re
         runtime.shutdown(timeout=30)
 
 
+@pytest.mark.parametrize(("device", "wanted", "expected"), [
+    ("cuda", "fp16", torch.float16), ("cuda", "bf16", torch.bfloat16), ("mps", "bf16", torch.float16),
+    ("cpu", "fp16", torch.float32), ("cpu", "bf16", torch.float32)])
+def test_half_precision_on_accelerators_full_on_cpu(make_settings: SettingsFactory, device: str, wanted: str,
+                                                    expected: torch.dtype) -> None:
+    runtime = runtime_for(EngineContext(settings=make_settings(lite_dtype=wanted)))
+    runtime._device = device  # as picked on such a machine
+    assert runtime.dtype() == expected
+
+
+async def test_the_inference_thread_takes_the_thread_count_it_is_given(make_settings: SettingsFactory) -> None:
+    runtime = runtime_for(EngineContext(settings=make_settings(torch_threads=1)))
+    try:
+        assert await runtime.call(torch.get_num_threads) == 1
+    finally:
+        runtime.shutdown(timeout=30)
+
+
 def test_thread_count_follows_the_cpus_this_process_may_use(tmp_path: Any) -> None:
     affinity = len(os.sched_getaffinity(0))
     assert _usable_cpus(tmp_path / "absent") == affinity
@@ -241,9 +260,37 @@ async def test_a_hub_model_that_cannot_be_fetched_says_the_hub_did_not_answer(
     assert "the Hub did not answer" in info.value.message
 
 
-def test_a_malformed_hub_endpoint_is_an_unreachable_hub(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(("cached", "reachable", "expected"), [
+    (True, False, "stabilityai/sd-turbo"),   # in the Hugging Face cache: used offline
+    (False, True, "stabilityai/sd-turbo"),   # the Hub answers: fetched at the first draft
+    (False, False, tiny.NAME),               # neither: the smoke model, with a warning
+])
+def test_auto_is_sd_turbo_when_it_can_be_had_else_the_smoke_model(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        cached: bool, reachable: bool, expected: str) -> None:
+    import tiers._local as local
+
+    monkeypatch.setattr(local, "hf_hub_cached", lambda repo_id: cached)
+    monkeypatch.setattr(local, "hf_hub_reachable", lambda timeout=1.5: reachable)
+    local.resolve_model.cache_clear()
+    try:
+        with caplog.at_level("WARNING", logger="tiers._local"):
+            assert local.resolve_model("auto") == expected
+    finally:
+        local.resolve_model.cache_clear()  # the next test sees the real cache and Hub
+    warned = "ORCH_LITE_MODEL=auto" in caplog.text and "its images are noise" in caplog.text
+    assert warned is (expected == tiny.NAME)
+    assert local.resolve_model("org/model") == "org/model"  # anything else is taken as given
+
+
+@pytest.mark.parametrize("endpoint", ["http://[not a host", "huggingface.co"])
+def test_a_malformed_hub_endpoint_is_an_unreachable_hub(monkeypatch: pytest.MonkeyPatch, endpoint: str) -> None:
+    def no_lookup(*args: Any, **kwargs: Any) -> Any:  # as on a machine without DNS; and no test goes online
+        raise socket.gaierror(socket.EAI_NONAME, "no such host")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_lookup)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setenv("HF_ENDPOINT", "http://[not a host")
+    monkeypatch.setenv("HF_ENDPOINT", endpoint)
     assert hf_hub_reachable() is False
 
 

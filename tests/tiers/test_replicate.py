@@ -151,8 +151,9 @@ async def test_malformed_body(engine: ReplicateEngine, body: Any) -> None:
 @respx.mock
 async def test_not_json(engine: ReplicateEngine) -> None:
     respx.post(CREATE).mock(return_value=httpx.Response(201, text="<html>"))
-    with pytest.raises(EngineError):
+    with pytest.raises(EngineError) as info:
         await engine.run(bridge(), NullProgress(), CancelToken())
+    assert info.value.charged == "unknown"  # created (201): the prediction may run and bill
 
 
 @respx.mock
