@@ -34,7 +34,10 @@ def _port(text: str) -> int:
 
 
 def _demo_size(text: str) -> int:
-    size = int(text)
+    try:
+        size = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of pixels") from None
     if size not in DEMO_SIZES:
         raise argparse.ArgumentTypeError(f"{size}: drafts are 64-1024 px, a multiple of 8 (polish doubles it)")
     return size

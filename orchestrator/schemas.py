@@ -177,23 +177,49 @@ class Strict(BaseModel):
         return data
 
 
+# A name is a label shown in lists, dashboards and CSV exports: control characters (a bell, an
+# escape sequence for a terminal) and the bidirectional overrides that make text read otherwise
+# than it is stored have no place in one. Prompts are free text and are not held to this.
+_NOT_IN_A_NAME = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def _printable(name: str) -> str:
+    found = _NOT_IN_A_NAME.search(name)
+    if found is not None:
+        raise ValueError(f"contains the control character U+{ord(found.group()):04X}, which a name cannot hold")
+    return name
+
+
+Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200),
+                 AfterValidator(_printable)]
+
+
 class Budget(Strict):
     limit: Credits | None = None
     period: Period = "none"
 
 
 class ProjectCreate(Strict):
-    name: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+    name: Name
     policy: str | None = None
     budget: Budget | None = None
+
+
+def _value_only(schema: dict[str, Any]) -> None:
+    """The schema of a field that may be left out but not sent as null: its non-null form, no default."""
+    options = [option for option in schema.pop("anyOf", []) if option.get("type") != "null"]
+    if options:
+        schema.update(options[0])
+    schema.pop("default", None)
 
 
 class ProjectUpdate(Strict):
     """A merge patch: fields left out keep their value, also inside `budget` (changing a monthly
     budget's limit keeps it monthly); `"budget": null` removes the budget."""
 
-    name: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)] | None = None
-    policy: str | None = None
+    # Null is refused below: the schema offers only a value (or leaving the field out).
+    name: Name | None = Field(None, json_schema_extra=_value_only)
+    policy: str | None = Field(None, json_schema_extra=_value_only)
     budget: Budget | None = None
 
     @model_validator(mode="after")
@@ -253,7 +279,9 @@ class PromoteCreate(Strict):
 
 
 class PolishCreate(Strict):
-    scale: Annotated[float, NoBool, Field(gt=0, le=8)] | None = 2
+    scale: Annotated[float, NoBool, Field(gt=0, le=8)] | None = Field(
+        2, description="the output size over the source's; null with no width/height keeps the source's size "
+                       "(a refine without upscaling)")
     width: Side | None = None
     height: Side | None = None
     prompt: Prompt | None = None
@@ -357,6 +385,11 @@ class PolicySummary(BaseModel):
     content_hash: str
 
 
+class PolicyDetail(PolicySummary):
+    rules: list[dict[str, Any]] = Field(description="the `[[rules]]` tables as loaded, in the order they are "
+                                                    "tried; each named (`rule N` when the file gives no name)")
+
+
 class PolicyList(Page[PolicySummary]):
     errors: list[str] = Field(description="the policy files the last load refused, with why")
     warnings: list[str] = Field(description="what loaded but cannot route as written (an engine this service lacks)")
@@ -402,6 +435,8 @@ class WorkerPublic(BaseModel):
 
 class WorkersPublic(BaseModel):
     items: list[WorkerPublic] = Field(description="processes that run jobs, alive now")
+    # The list shape every list answers with; the workers of an install are few, so one page holds them.
+    next_cursor: None = Field(None, description="always null: every live worker is in this one answer")
     runs_jobs_here: bool = Field(description="whether this API server also runs jobs (ORCH_RUN_JOBS)")
     queued: int = Field(description="jobs waiting for a worker")
 

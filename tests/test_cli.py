@@ -289,6 +289,7 @@ def test_the_log_file_gets_one_handler_however_often_main_runs(make_settings: Se
     (["serve", "--port", "74320"], "74320 is not a TCP port"),  # once: listened on 8784 without a word
     (["demo", "--size", "1032"], "1032: drafts are 64-1024 px"),  # once: failed at polish, after the drafts
     (["demo", "--size", "100"], "100: drafts are 64-1024 px, a multiple of 8"),
+    (["demo", "--size", "abc"], "'abc' is not a whole number of pixels"),
     (["demo", "--url", "localhost:8781"], "'localhost:8781' is not an http:// or https:// address"),
 ])
 def test_a_bad_argument_is_refused_before_anything_runs(argv: list[str], told: str,
@@ -385,3 +386,11 @@ def test_serve_hands_the_server_its_settings_and_warns_of_a_short_admin_key(
     [(given, host, port)] = served
     assert (given.run_jobs, host, port) == (runs_jobs, "127.0.0.1", 8123)
     assert ("ORCH_ADMIN_KEY has fewer than 16 characters" in capsys.readouterr().err) is warned
+
+
+def test_python_dash_m_orchestrator_is_the_command() -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "orchestrator", "--help"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "serve" in done.stdout and "migrate" in done.stdout, done.stderr

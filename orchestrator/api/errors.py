@@ -127,6 +127,15 @@ async def _denied(request: Request) -> JSONResponse | None:
     return None
 
 
+def _unreadable_body(cause: BaseException | None) -> str:
+    """What made a body FastAPI could not parse unreadable: its own answer says only that it failed."""
+    if isinstance(cause, RecursionError):
+        return "the request body is JSON nested too deeply to read"
+    if isinstance(cause, ValueError) and not isinstance(cause, UnicodeDecodeError) and "digits" in str(cause):
+        return "the request body holds a number with too many digits to read"
+    return "the request body is not valid JSON (JSON is sent as UTF-8)"
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(OrchestratorError)
     async def _orchestrator(_: Request, exc: OrchestratorError) -> JSONResponse:
@@ -174,7 +183,7 @@ def install(app: FastAPI) -> None:
             # FastAPI's answer to a body it could not decode (not UTF-8), before any route's auth.
             if (denied := await _denied(request)) is not None:
                 return denied
-            detail = "the request body is not valid JSON (JSON is sent as UTF-8)"
+            detail = _unreadable_body(exc.__cause__)
         code = _HTTP_CODES.get(exc.status_code, "error")
         headers = getattr(exc, "headers", None)
         if exc.status_code == 405:

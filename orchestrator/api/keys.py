@@ -6,7 +6,7 @@ from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
-from pydantic import BaseModel, Field, StringConstraints
+from pydantic import BaseModel, Field
 
 from orchestrator import keys
 from orchestrator.api.deps import CallerDep, ServicesDep
@@ -14,13 +14,13 @@ from orchestrator.api.errors import documented
 from orchestrator.errors import Conflict, NotFound
 from orchestrator.ids import id_cursor
 from orchestrator.models import ApiKey, Project
-from orchestrator.schemas import Page, Strict
+from orchestrator.schemas import Name, Page, Strict
 
 router = APIRouter(tags=["keys"])
 
 
 class KeyCreate(Strict):
-    name: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+    name: Name
 
 
 class KeyPublic(BaseModel):

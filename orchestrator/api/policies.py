@@ -15,6 +15,7 @@ from orchestrator.api.projects import Limit
 from orchestrator.errors import InvalidRequest, NotFound
 from orchestrator.schemas import (
     DraftCreate,
+    PolicyDetail,
     PolicyList,
     PolicyReload,
     PolishCreate,
@@ -49,7 +50,7 @@ def list_policies(services: ServicesDep, caller: CallerDep, limit: Limit = 50,
             "warnings": _warnings(services) if admin else []}
 
 
-@router.get("/policies/{name}", responses=documented(404))
+@router.get("/policies/{name}", response_model=PolicyDetail, responses=documented(404))
 def get_policy(name: str, services: ServicesDep, caller: CallerDep) -> dict[str, Any]:
     """The policy's rules as loaded; its file's path for the admin key, its name for a project key
     (as in the list: a project key learns nothing of the server's file system)."""
@@ -87,7 +88,10 @@ class ExplainRequest(Strict):
 
 @router.post("/route/explain", response_model=RouteExplanation, responses=documented(402, 404, 413, 415, 503))
 def explain(body: ExplainRequest, services: ServicesDep, caller: CallerDep) -> dict[str, Any]:
-    """The routing decision and estimate for a request, without running or charging anything."""
+    """The routing decision and estimate for a request, without running or charging anything.
+    With a project key, `project_id` may be left out: the key names the project."""
+    if body.project_id is None and caller.project_id is not None:
+        body.project_id = caller.project_id
     if body.project_id is not None:
         caller.project(body.project_id)
     if body.source_asset_id is not None:

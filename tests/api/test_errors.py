@@ -120,6 +120,19 @@ def test_malformed_json(shared_server: httpx.Client, project: str, raw: bytes) -
     assert job_count(shared_server) == before
 
 
+@pytest.mark.parametrize(("raw", "told"), [
+    (b'{"prompt": "x", "seed": 1' + b"0" * 5000 + b"}", "a number with too many digits"),
+    (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+])
+def test_json_too_large_to_read_says_why(shared_server: httpx.Client, project: str, raw: bytes, told: str) -> None:
+    before = job_count(shared_server)
+    response = shared_server.post(f"/v1/projects/{project}/drafts", content=raw,
+                                  headers={"Content-Type": "application/json"})
+    assert_error(response, 400, "invalid_request")
+    assert told in response.json()["error"]["message"]
+    assert job_count(shared_server) == before
+
+
 @pytest.mark.parametrize("content_type", [None, "application/x-www-form-urlencoded", "text/plain"])
 def test_body_not_sent_as_json(shared_server: httpx.Client, project: str, content_type: str | None) -> None:
     # `curl -d '{...}'` without -H sends form encoding: say what to send instead of a schema error.
@@ -313,6 +326,20 @@ def test_body_under_the_limit_is_read(shared_server: httpx.Client, project: str)
 
 def test_nul_characters_are_refused(shared_server: httpx.Client, project: str) -> None:
     check_nul_refused(shared_server, project)
+
+
+@pytest.mark.parametrize(("method", "path", "text"), [
+    ("post", "/v1/projects", "a\u202eb"), ("post", "/v1/projects", "ring\u0007"),
+    ("patch", "/v1/projects/{project}", "x\u001b[31m"), ("post", "/v1/projects/{project}/keys", "k\u2066ey"),
+])
+def test_a_name_with_control_characters_is_refused(shared_server: httpx.Client, project: str, method: str,
+                                                   path: str, text: str) -> None:
+    # Names are shown in lists, dashboards and CSV: no terminal escapes, no text that reads reversed.
+    response = shared_server.request(method, path.format(project=project), json={"name": text})
+    error = assert_error(response, 422, "invalid_request")
+    assert error["message"].startswith("name: ") and "control character U+" in error["message"], error
+    assert shared_server.get(f"/v1/projects/{project}").json()["name"] == "errors"  # nothing written
+    assert shared_server.post("/v1/projects", json={"name": "Sørensen 北京 ✓"}).status_code == 201  # text is fine
 
 
 # Python's JSON parser takes a lone surrogate ("\ud800"), which is not text: echoed in an error message

@@ -260,4 +260,15 @@ def test_every_json_answer_of_the_api_has_a_schema(spec: dict[str, Any]) -> None
                 typed = "$ref" in (schema or {}) or "$ref" in (schema or {}).get("items", {})
                 if status.startswith("2") and schema is not None and not typed:
                     untyped.append(f"{method.upper()} {path} {status}")
-    assert untyped == ["GET /v1/policies/{name} 200"]  # a policy file's own shape, as written
+    assert untyped == []
+
+
+@pytest.mark.parametrize("field", ["name", "policy"])
+def test_a_field_a_patch_cannot_null_is_not_documented_as_nullable(shared_server: httpx.Client, spec: dict[str, Any],
+                                                                   project: str, field: str) -> None:
+    schema = spec["components"]["schemas"]["ProjectUpdate"]["properties"][field]
+    assert schema["type"] == "string" and "anyOf" not in schema and "default" not in schema, schema
+    response = shared_server.patch(f"/v1/projects/{project}", json={field: None})
+    assert response.status_code == 422 and "cannot be removed" in response.json()["error"]["message"]
+    budget = spec["components"]["schemas"]["ProjectUpdate"]["properties"]["budget"]
+    assert {"type": "null"} in budget["anyOf"]  # null removes the budget: that one is documented

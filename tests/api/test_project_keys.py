@@ -75,6 +75,8 @@ def test_a_key_works_on_its_own_project(world: World) -> None:
     assert {g["key"] for g in spend["groups"]} <= {a}
     explained = mine.post("/v1/route/explain", json={"project_id": a, "stage": "ideation", "prompt": "x", **SMALL})
     assert explained.status_code == 200, explained.text
+    implied = mine.post("/v1/route/explain", json={"stage": "ideation", "prompt": "x", **SMALL})  # the key's project
+    assert implied.status_code == 200 and implied.json()["project_id"] == a, implied.text
     assert mine.get("/v1/engines").status_code == 200
     assert mine.get("/v1/policies").status_code == 200
     # Unknown routes answer as they do for the admin: the key is valid.

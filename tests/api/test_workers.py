@@ -111,7 +111,8 @@ def test_an_api_server_without_jobs_hands_drafts_to_a_worker(make_settings: Sett
     project = create_project(client)["id"]
     job = submit_draft(client, project, n=2)
     # Nothing runs jobs yet, and the operator can see it.
-    assert client.get("/v1/workers").json() == {"items": [], "runs_jobs_here": False, "queued": 1}
+    assert client.get("/v1/workers").json() == {"items": [], "next_cursor": None, "runs_jobs_here": False,
+                                                  "queued": 1}
     with worker_process(settings, tmp_path, "worker.log") as worker:
         # The stream is told from the job's row by the API server: the worker runs the job.
         events = read_events(client, job["id"], timeout=120)

@@ -220,6 +220,9 @@ def test_explain_draft_and_polish_match_the_jobs(api: httpx.Client, draft: dict[
     explained = api.post("/v1/route/explain", json={"stage": "polish", "source_asset_id": asset_id, **polish_body})
     assert explained.status_code == 200, explained.text
     assert explained.json()["params"]["width"] == 128
+    refine = api.post("/v1/route/explain", json={"stage": "polish", "source_asset_id": asset_id, "scale": None})
+    assert refine.status_code == 200, refine.text
+    assert (refine.json()["params"]["width"], refine.json()["params"]["height"]) == (64, 64)  # the source's size
     job = submit(api, f"/v1/assets/{asset_id}/polish", polish_body)
     assert job["routing"] == explained.json()["routing"]
     assert job["engine"] == "fake-paid" and explained.json()["estimate"] == 10.0
