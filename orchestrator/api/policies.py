@@ -7,7 +7,9 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, Query
 from fastapi.exceptions import RequestValidationError
-from pydantic import ConfigDict, Field, ValidationError
+from pydantic import ConfigDict, Field, GetJsonSchemaHandler, TypeAdapter, ValidationError
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema
 
 from orchestrator.api.deps import CallerDep, ServicesDep, check_asset
 from orchestrator.api.errors import documented
@@ -75,15 +77,49 @@ def _warnings(services: Services) -> list[str]:
     return services.policies.unknown_engines(services.registry.names())
 
 
+_PROJECT_ID = Field(None, min_length=1, description="the project; a project key's own when left out")
+
+
+class ExplainDraft(DraftCreate):
+    """Explaining a draft: the body of `POST /v1/projects/{id}/drafts`, with its stage and project."""
+
+    stage: Literal["ideation"]
+    project_id: str | None = _PROJECT_ID
+
+
+class ExplainPromote(PromoteCreate):
+    """Explaining a bridge: the body of `POST /v1/assets/{id}/promote`, with its stage and asset."""
+
+    stage: Literal["bridge"]
+    source_asset_id: str
+    project_id: str | None = _PROJECT_ID
+
+
+class ExplainPolish(PolishCreate):
+    """Explaining a polish: the body of `POST /v1/assets/{id}/polish`, with its stage and asset."""
+
+    stage: Literal["polish"]
+    source_asset_id: str
+    project_id: str | None = _PROJECT_ID
+
+
+_EXPLAINED = TypeAdapter(Annotated[ExplainDraft | ExplainPromote | ExplainPolish, Field(discriminator="stage")])
+
+
 class ExplainRequest(Strict):
     """What to explain: the stage, the project (ideation) or the source asset (bridge, polish), and
     the other fields of that stage's own body (the body of `POST .../drafts`, `.../promote` or
-    `.../polish`), checked as that route checks them."""
+    `.../polish`), checked as that route checks them (by `ExplainDraft`, `ExplainPromote` or
+    `ExplainPolish`, which the API document shows as the body's three forms)."""
 
     model_config = ConfigDict(extra="allow")  # the rest is the stage's own request body
     project_id: Annotated[str, Field(min_length=1)] | None = None
     stage: Literal["ideation", "bridge", "polish"]
     source_asset_id: str | None = None
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        return handler(_EXPLAINED.core_schema)
 
 
 @router.post("/route/explain", response_model=RouteExplanation, responses=documented(402, 404, 413, 415, 503))
@@ -103,7 +139,7 @@ def explain(body: ExplainRequest, services: ServicesDep, caller: CallerDep) -> d
             raise InvalidRequest("project_id is required for the ideation stage")
         if body.source_asset_id is not None:
             raise InvalidRequest("the ideation stage takes no source_asset_id (drafts start from a prompt)")
-        draft = _stage_body(DraftCreate, extra)
+        draft = _stage_body(ExplainDraft, {**extra, "stage": body.stage, "project_id": body.project_id})
         prepared, engine, max_credits = jobs.prepare_draft(body.project_id, draft), draft.engine, None
         cache = draft.cache
         if draft.seed is None:  # a real job draws its own: the one drawn here would mislead
@@ -112,11 +148,12 @@ def explain(body: ExplainRequest, services: ServicesDep, caller: CallerDep) -> d
         if not body.source_asset_id:
             raise InvalidRequest(f"source_asset_id is required for the {body.stage} stage")
         if body.stage == "bridge":
-            promote = _stage_body(PromoteCreate, extra)
+            promote = _stage_body(ExplainPromote, {**extra, "stage": body.stage,
+                                                   "source_asset_id": body.source_asset_id})
             prepared = jobs.prepare_promote(body.source_asset_id, promote)
             engine, max_credits, cache = promote.engine, promote.max_credits, promote.cache
         else:
-            polish = _stage_body(PolishCreate, extra)
+            polish = _stage_body(ExplainPolish, {**extra, "stage": body.stage, "source_asset_id": body.source_asset_id})
             prepared = jobs.prepare_polish(body.source_asset_id, polish)
             engine, max_credits, cache = polish.engine, polish.max_credits, polish.cache
         if body.project_id and body.project_id != prepared.project_id:

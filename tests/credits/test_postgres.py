@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import threading
 import time
 import uuid
@@ -15,7 +16,7 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
-from sqlalchemy import event, text
+from sqlalchemy import URL, event, make_url, text
 from sqlalchemy.orm import ORMExecuteState
 from sqlmodel import Session, col, select
 
@@ -45,29 +46,38 @@ from tests.credits.test_check import check_ledger_findings
 from tests.test_migrations import check_holds_marked_settled_by_0010
 
 psycopg = pytest.importorskip("psycopg")
-SERVER = "127.0.0.1:5432"
-USERS = ("postgres", "root")
+# The server the tests create their databases on: ORCHESTRATOR_TEST_POSTGRES, the URL of a database
+# its user may connect to, with the right to create databases (not ORCH_*: the service warns of ORCH_*
+# variables it does not know); else this machine's, with trust auth.
+GIVEN = os.environ.get("ORCHESTRATOR_TEST_POSTGRES")
+CANDIDATES = [GIVEN] if GIVEN else [f"postgresql://{user}@127.0.0.1:5432/test" for user in ("postgres", "root")]
+_absent: list[str] = []  # why the server could not be reached: probed once, not by every test
 
 
-def admin_connection() -> tuple[object, str]:
+def admin_connection() -> tuple[object, URL]:
+    """A connection with the right to create databases, and its URL (the database left to fill in)."""
+    if _absent:
+        pytest.skip(_absent[0])
     errors = []
-    for user in USERS:
+    for url in CANDIDATES:
         try:
-            return psycopg.connect(f"postgresql://{user}@{SERVER}/test", connect_timeout=2, autocommit=True), user
+            conn = psycopg.connect(url, connect_timeout=2, autocommit=True)
         except psycopg.Error as exc:
-            errors.append(f"{user}: {str(exc).strip()}")
-    pytest.skip(f"no PostgreSQL with trust auth at {SERVER} (database 'test', user postgres or root): "
-                + "; ".join(errors))
+            errors.append(f"{make_url(url).render_as_string()}: {str(exc).strip()}")
+        else:
+            return conn, make_url(url).set(drivername="postgresql+psycopg")
+    _absent.append("no PostgreSQL to test on (set ORCHESTRATOR_TEST_POSTGRES to a URL): " + "; ".join(errors))
+    pytest.skip(_absent[0])
 
 
 @pytest.fixture
 def postgres_url() -> Iterator[str]:
-    conn, user = admin_connection()
+    conn, server = admin_connection()
     name = f"orch_credits_{uuid.uuid4().hex[:12]}"
     with conn:  # type: ignore[attr-defined]
         conn.execute(f'CREATE DATABASE "{name}"')  # type: ignore[attr-defined]
         try:
-            yield f"postgresql+psycopg://{user}@{SERVER}/{name}"
+            yield server.set(database=name).render_as_string(hide_password=False)
         finally:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')  # type: ignore[attr-defined]
 
