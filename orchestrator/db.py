@@ -99,6 +99,10 @@ class Database:
         if self.is_sqlite:
             _sqlite_setup(self.engine)
         self._writer = self.engine.execution_options(**{_IMMEDIATE: True})
+        # Reads that add up several queries (a balance, spend, /metrics) must see one moment;
+        # SQLite's read transaction is one snapshot already, PostgreSQL's READ COMMITTED one per statement.
+        self._reader = self.engine if self.is_sqlite else self.engine.execution_options(
+            isolation_level="REPEATABLE READ", postgresql_readonly=True)
         # Tells other processes sharing the database about each commit (see orchestrator.bells);
         # the service sets its own, a bare Database rings nobody.
         self.bell = Bell()
@@ -107,6 +111,14 @@ class Database:
     def session(self) -> Iterator[Session]:
         """A session for reads (and writes that need no lock ordering)."""
         with Session(self.engine, expire_on_commit=False) as session:
+            yield session
+
+    @contextmanager
+    def snapshot(self) -> Iterator[Session]:
+        """A read-only session whose queries all see the database as of its first one: figures
+        summed by several queries agree (a capture committed between two of them would otherwise
+        leave a job's cost in neither `held` nor `charged`)."""
+        with Session(self._reader, expire_on_commit=False) as session:
             yield session
 
     @contextmanager

@@ -276,7 +276,7 @@ class JobService:
         """The routing decision for a prepared request under its project's policy and budget.
         With `cache`, a choice an earlier identical job already made (a free copy) is kept
         whatever the budget has left or `max_credits` allows: the copy costs nothing."""
-        with self.db.session() as s:
+        with self.db.snapshot() as s:
             project = self._project(s, prepared.project_id)
             # Without a budget there is no share of it to route on: skip the ledger's sums.
             balance = None if project.budget_limit is None else self.ledger.balance(s, project)

@@ -20,7 +20,7 @@ def render(db: Database, engines: Iterable[str]) -> str:
     """Jobs by stage, engine and status; assets by stage; credits charged (by engine and stage),
     held and waiting for reconciliation (by engine, with a 0 for each of `engines` that has none)."""
     amount = func.coalesce(func.sum(LedgerEntry.amount), 0)
-    with db.session() as s:
+    with db.snapshot() as s:
         jobs = s.exec(select(Job.stage, Job.engine, Job.status, func.count()).group_by(
             Job.stage, Job.engine, Job.status)).all()
         assets = s.exec(select(Asset.stage, func.count()).group_by(Asset.stage)).all()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request
@@ -81,7 +81,7 @@ def _project(services: ServicesDep, project_id: str) -> Project:
 def get_budget(project_id: str, services: ServicesDep, caller: CallerDep) -> dict[str, Any]:
     caller.project(project_id)
     project = _project(services, project_id)
-    with services.db.session() as s:
+    with services.db.snapshot() as s:
         return services.ledger.balance(s, project).public()
 
 
@@ -166,10 +166,22 @@ def _rfc3339(value: Any) -> Any:
     # Pydantic reads a bare number as Unix seconds ("to=0.5" was 1970); the contract's times are RFC 3339.
     if isinstance(value, str) and not _DATE.match(value):
         raise ValueError("expected an RFC 3339 time, e.g. 2026-11-01T00:00:00Z")
+    fraction = _BEYOND_MICROSECONDS.search(value) if isinstance(value, str) else None
+    if fraction is not None:
+        # RFC 3339 allows any number of digits (Go and .NET send 7 to 9); pydantic drops those past
+        # the microsecond. Times are stored in whole microseconds, so rounding a bound up to the
+        # next one keeps it exact, for `from` (inclusive) as for `to` (exclusive).
+        cut = value[:fraction.start(2)] + value[fraction.end(2):]
+        try:
+            parsed = datetime.fromisoformat(cut)
+        except ValueError:
+            return value  # pydantic says what is wrong with it
+        return parsed + timedelta(microseconds=1) if fraction.group(2).strip("0") else parsed
     return value
 
 
 _DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+_BEYOND_MICROSECONDS = re.compile(r"[Tt ]\d{2}:\d{2}:\d{2}\.(\d{6})(\d+)")
 Rfc3339 = Annotated[datetime, BeforeValidator(_rfc3339)]
 
 
@@ -198,7 +210,7 @@ def get_spend(services: ServicesDep, caller: CallerDep, group_by: GroupBy = "day
     from_, to = _utc("from", from_), _utc("to", to)
     if from_ and to and from_ >= to:
         raise InvalidRequest("'from' must be before 'to'")
-    with services.db.session() as s:
+    with services.db.snapshot() as s:
         if project_id and s.get(Project, project_id) is None:  # a mistyped id is not a project that spent nothing
             raise NotFound(f"project '{project_id}' not found", details={"project_id": project_id})
         report = spend(s, group_by, from_, to, project_id)

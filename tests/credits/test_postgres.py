@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import httpx
 import pytest
@@ -25,6 +26,7 @@ from orchestrator.bells import CHANNEL, PostgresBell
 from orchestrator.db import Database
 from orchestrator.ids import new_id
 from orchestrator.jobs import JobService
+from orchestrator.ledger import Ledger
 from orchestrator.models import IdempotencyKey, Job, Project
 from orchestrator.schemas import DraftCreate
 from orchestrator.server import serve_in_thread
@@ -413,3 +415,48 @@ def test_spend_is_summed_by_postgres_as_by_sqlite(pg_api: httpx.Client) -> None:
         report = pg_api.get("/v1/spend", params={"group_by": group_by, "project_id": project_id}).json()
         assert report["groups"] == [{"key": key, **expected}], (group_by, report)
         assert report["total"] == 2 * PRICE
+
+
+def test_a_balance_is_read_as_of_one_moment_on_postgres(postgres_url: str) -> None:
+    """The balance adds up three sums. Under READ COMMITTED a capture that committed between the
+    first (charged) and the second (held) counted in neither: 10 credits vanished from both, and
+    looked available, until the next read."""
+    db = Database(postgres_url)
+    db.migrate()
+    ledger = Ledger()
+    try:
+        project_id, job_id = new_id("prj"), new_id("job")
+        with db.transaction() as s:
+            s.add(Project(id=project_id, name="dashboard", policy=POLICY, budget_limit=100_000,
+                          budget_period="none"))
+            s.flush()
+            s.add(Job(id=job_id, project_id=project_id, stage="bridge", engine="fake-paid", model="m",
+                      status="running", params={}, estimated=10_000))
+            s.flush()
+            job = s.get(Job, job_id)
+            assert job is not None
+            ledger.hold(s, s.get(Project, project_id), job, 10_000)  # type: ignore[arg-type]
+        captured: list[bool] = []
+
+        def capture_after_the_first_sum(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+            if captured or "sum(" not in statement.lower():
+                return
+            captured.append(True)  # the job ends, on another connection, between two of the sums
+            with db.transaction() as other:
+                finished = other.get(Job, job_id)
+                assert finished is not None
+                ledger.capture(other, finished, None)
+
+        event.listen(db.engine, "after_cursor_execute", capture_after_the_first_sum)
+        with db.snapshot() as s:
+            project = s.get(Project, project_id)
+            assert project is not None
+            balance = ledger.balance(s, project)
+        event.remove(db.engine, "after_cursor_execute", capture_after_the_first_sum)
+        assert captured
+        assert (balance.charged, balance.held) == (0, 10_000)  # as it was when the read began
+        with db.snapshot() as s:
+            after = ledger.balance(s, project)
+        assert (after.charged, after.held) == (10_000, 0)
+    finally:
+        db.dispose()

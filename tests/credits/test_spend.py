@@ -68,6 +68,12 @@ def test_time_filter(api: httpx.Client, spent: dict[str, Any]) -> None:
     assert (earlier["groups"], earlier["total"]) == ([], 0)
     zulu = report(api, project_id, group_by="engine", **{"from": "2000-01-01T00:00:00Z"})
     assert zulu["total"] == 27.5
+    # Nanoseconds (Go's RFC3339Nano, .NET's "o"): a bound half a microsecond past a capture is
+    # still past it, not cut back to it.
+    at = first.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f") + "5Z"
+    assert report(api, project_id, group_by="engine", to=at)["total"] > 0  # the first capture is before it
+    after_first = report(api, project_id, group_by="engine", **{"from": at})
+    assert after_first["total"] < 27.5 and after_first["from"].endswith("Z")
     # Echoed as every time in the API is: UTC with a Z.
     offset = report(api, project_id, **{"from": "2000-01-01T00:00:00Z", "to": "2100-01-01T01:00:00+01:00"})
     assert (offset["from"], offset["to"]) == ("2000-01-01T00:00:00Z", "2100-01-01T00:00:00Z")
