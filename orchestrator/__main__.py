@@ -2,4 +2,5 @@
 
 from orchestrator.cli import main
 
-raise SystemExit(main())
+if __name__ == "__main__":  # imported (by a doc tool, a spawned process), it runs nothing
+    raise SystemExit(main())

@@ -76,13 +76,16 @@ class Claim:
     # What providers accepted in this attempt (`Progress.provider_request`), as saved with the job.
     # The save is made behind the event loop; the job's end writes it too, should it still be out.
     accepted: dict[str, Any] | None = None
-    # Set when the engine first asked to send something billable (`billable_send`), before the
-    # sending is recorded: from then on the attempt may have reached a provider.
+    # Set as the engine asks to send something billable (`billable_send`), before anything else
+    # happens there: from then on the attempt may have reached a provider.
     sending: bool = False
+    # Set as the runner starts ending the attempt: no billable send may begin after it (an engine's
+    # other concurrent requests, which its failure did not stop, would otherwise go out unbilled).
+    ended: bool = False
 
     def surely_unsent(self) -> bool:
         """Nothing of this attempt can have reached a provider: its engine announces its sends,
-        and it has asked for none."""
+        and it has asked for none. Call it once `ended` is set, so that none can start after."""
         return (self.job.unsent_attempt == self.attempt and not self.sending and not self.accepted)
 
 
@@ -331,6 +334,7 @@ class JobRunner:
             remote = job.engine in self.registry and self.registry.get(job.engine).kind == "remote"
             # The first line: a database error's next ones hold its SQL and values (the log has them).
             first = next(iter(str(exc).splitlines()), "")
+            claim.ended = True  # before the question below: no send of this attempt starts after it
             error = EngineError(f"engine '{job.engine}' failed unexpectedly: {type(exc).__name__}: {first}"[:500],
                                 retryable=False,
                                 charged="unknown" if remote and not claim.surely_unsent() else "no")
@@ -356,6 +360,7 @@ class JobRunner:
         self._encoder.shutdown(wait=True)
 
     async def _end(self, claim: Claim, status: str, error: OrchestratorError) -> None:
+        claim.ended = True
         try:
             status, error = await asyncio.to_thread(self._finish, claim, status, error)
         except StaleAttempt:
@@ -511,13 +516,17 @@ class JobRunner:
 
         async def record() -> None:
             nonlocal recorded
+            # Both on the event loop, before any await: the runner's end of the attempt and this
+            # ask to send are ordered, and whichever comes first decides what the other sees.
+            if claim.ended:
+                raise Canceled("the job ended before this request was sent", charged="no")
+            claim.sending = True
             # Bounded, and a cancel ends it (nothing of this request is out yet): a database that
             # stays away must not hold the send, or a cancel, for the save's two minutes of retries.
             with contextlib.suppress(TimeoutError):
                 await claim.cancel.race(asyncio.wait_for(progress.saved(), SAVE_WAIT_SECONDS), charged="no")
             if claim.job.unsent_attempt != claim.attempt:
                 return  # an engine that does not announce its requests: recovery assumes it sent
-            claim.sending = True
             if recorded is None:
                 recorded = asyncio.ensure_future(asyncio.to_thread(self._record_sending, claim))
             # Shielded: the request that asked first may be canceled while the others still wait.

@@ -180,13 +180,14 @@ class Strict(BaseModel):
 # A name is a label shown in lists, dashboards and CSV exports: control characters (a bell, an
 # escape sequence for a terminal) and the bidirectional overrides that make text read otherwise
 # than it is stored have no place in one. Prompts are free text and are not held to this.
-_NOT_IN_A_NAME = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+_NOT_IN_A_NAME = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 
 
 def _printable(name: str) -> str:
     found = _NOT_IN_A_NAME.search(name)
     if found is not None:
-        raise ValueError(f"contains the control character U+{ord(found.group()):04X}, which a name cannot hold")
+        raise ValueError(f"contains U+{ord(found.group()):04X}, a control character, line break or direction mark, "
+                         "which a name cannot hold")
     return name
 
 

@@ -106,21 +106,22 @@ def free_port() -> int:
 def serve_in_thread(settings: Settings, *, port: int | None = None, timeout: float = 60.0) -> Iterator[str]:
     """Start the app with uvicorn in a background thread; yields its base URL. Without a `port`,
     the server is handed a socket bound to a free one: no other process can take it meanwhile."""
+    app = create_app(settings)
     sock = None
     if port is None:
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         port = int(sock.getsockname()[1])
-    server = Server(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
+    server = Server(app, host="127.0.0.1", port=port, log_level="warning")
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock] if sock else None},
                               name="orchestrator-server", daemon=True)
     thread.start()
-    deadline = time.monotonic() + timeout
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the orchestrator service did not start")
-        time.sleep(0.02)
     try:
+        deadline = time.monotonic() + timeout
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the orchestrator service did not start")
+            time.sleep(0.02)
         yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True

@@ -74,6 +74,16 @@ class FakePaidEngine:
             raise error
         if behaviour == "crash-before-send":  # a bug while building the request: nothing was sent
             raise KeyError("size")
+        if behaviour == "crash-beside-a-send":  # one request of two sent at once breaks before the other asks
+            async def other() -> None:
+                await asyncio.sleep(0.05)  # encoding its image, say
+                await billable_send()
+                SENT.append(f"{req.prompt} (the other request)")
+
+            async def broken() -> None:
+                raise KeyError("size")
+
+            await asyncio.gather(other(), broken())
         await billable_send()
         SENT.append(req.prompt)
         if behaviour == "crash":  # a bug, not an EngineError: as reading an answer that lacks a field

@@ -116,13 +116,14 @@ def hf_hub_cached(repo_id: str) -> bool:
 
 
 # The Hub's rule for repository ids: `name` or `org/name`, each of word characters, `-` and `.`,
-# neither starting nor ending with `-` or `.`, at most 96 long, with no `--` or `..`.
+# neither starting nor ending with `-` or `.`, at most 96 long, with no `--` or `..`, not ending `.git`.
 _HUB_PART = r"(?![-.])[\w.-]{1,96}(?<![-.])"
 _HUB_ID = re.compile(rf"(?:{_HUB_PART}/)?{_HUB_PART}", re.ASCII)
 
 
 def _is_hub_id(spec: str) -> bool:
-    return _HUB_ID.fullmatch(spec) is not None and "--" not in spec and ".." not in spec
+    return (_HUB_ID.fullmatch(spec) is not None and "--" not in spec and ".." not in spec
+            and not spec.endswith(".git"))
 
 
 def hf_hub_reachable(timeout: float = 1.5) -> bool:
@@ -534,8 +535,9 @@ class LocalEngine:
             return False, f"model '{self._model}' is a path to nothing: no such file or folder"
         if (self._model != tiny.NAME and not _is_hub_id(self._model)
                 and not Path(self._model).expanduser().exists()):
-            # `models/sd-turbo` or `my model`: the loader would fail on the first draft with a
-            # Hub validation error; say what is wrong before any job is taken.
+            # `models/missing/sd-turbo` or `my model`: the loader would fail on the first draft
+            # with a Hub validation error; say what is wrong before any job is taken. (A two-part
+            # relative path, `models/sd-turbo`, reads as a Hub id: `./models/sd-turbo` is a path.)
             return False, (f"model '{self._model}' is neither an existing file or folder nor a Hugging Face "
                            "model id (org/name): give an absolute path, ./relative/path, or a Hub id")
         return True, None

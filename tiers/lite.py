@@ -110,11 +110,13 @@ class LiteEngine(LocalEngine):
 def prompt_overflow(pipe: Any, prompt: str) -> tuple[int, int] | None:
     """(the prompt's tokens, the tokens the text encoder reads), both without the start and end
     markers, when the prompt is longer than the encoder's window; else None."""
-    if any(type(getattr(pipe, name, None)).__name__.startswith("T5") for name in ("tokenizer_2", "tokenizer_3")):
-        return None  # SD3, FLUX: a T5 encoder reads far more than CLIP's window (up to its own limit)
-    tokenizer = getattr(pipe, "tokenizer", None)
+    tokenizers = [getattr(pipe, name, None) for name in ("tokenizer", "tokenizer_2", "tokenizer_3")]
+    present = [t for t in tokenizers if t is not None]
+    if not present or any(not type(t).__name__.startswith("CLIPTokenizer") for t in present):
+        return None  # a T5 encoder (SD3, FLUX, PixArt) reads far more, up to a window of its own
+    tokenizer = present[0]  # SDXL's two CLIP encoders read the same 77; its refiner has the second only
     window = getattr(tokenizer, "model_max_length", None)
-    if tokenizer is None or not isinstance(window, int) or window > 100_000:  # unset: "very large"
+    if not isinstance(window, int) or window > 100_000:  # unset: transformers' "very large"
         return None
     if len(prompt.encode()) + 2 <= window:
         return None  # a byte-level BPE token covers at least one byte: no need to tokenize

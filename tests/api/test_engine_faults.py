@@ -5,6 +5,7 @@ the right state and the right ledger, never leave it running and never send a pa
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any
@@ -15,6 +16,7 @@ from sqlmodel import col, select
 from orchestrator import idempotency
 from orchestrator.ids import new_id
 from orchestrator.models import IdempotencyKey, Job, LedgerEntry, Project, utcnow
+from orchestrator.runner import JobRunner
 from orchestrator.services import Services
 from orchestrator.settings import Settings
 from tests import fakes
@@ -119,6 +121,27 @@ def test_a_remote_engine_that_crashes_before_asking_to_send_releases_its_hold(bu
     job_id = queue_job(services, "fake-paid", estimated=HOLD, params={**BRIDGE, "tags": {"fake": "crash-before-send"}})
     job = claim_and_run(services, job_id)
     assert job.status == "failed" and job.error is not None and "KeyError" in job.error["message"], job.error
+    assert ledger_of(services, job_id) == [("hold", HOLD, False), ("release", HOLD, False)]
+
+
+def test_a_request_sent_beside_one_that_crashed_never_goes_out_once_the_hold_is_released(
+        build: Build, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The engine's other request asked to send while the job was ending (its end waited for the
+    # write lock): it went out, and the hold was released all the same. The end closes the gate.
+    services = build("fake-paid=tests.fakes:factory")
+    real_finish = JobRunner._finish
+
+    def busy_finish(self: JobRunner, *args: Any) -> Any:
+        time.sleep(0.3)  # the write lock is another transaction's for a moment
+        return real_finish(self, *args)
+
+    monkeypatch.setattr(JobRunner, "_finish", busy_finish)
+    fakes.SENT.clear()
+    job_id = queue_job(services, "fake-paid", estimated=HOLD,
+                       params={**BRIDGE, "tags": {"fake": "crash-beside-a-send"}})
+    job = claim_and_run(services, job_id)
+    assert job.status == "failed" and job.error is not None and "KeyError" in job.error["message"], job.error
+    assert fakes.SENT == []
     assert ledger_of(services, job_id) == [("hold", HOLD, False), ("release", HOLD, False)]
 
 

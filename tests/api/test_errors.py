@@ -331,13 +331,14 @@ def test_nul_characters_are_refused(shared_server: httpx.Client, project: str) -
 @pytest.mark.parametrize(("method", "path", "text"), [
     ("post", "/v1/projects", "a\u202eb"), ("post", "/v1/projects", "ring\u0007"),
     ("patch", "/v1/projects/{project}", "x\u001b[31m"), ("post", "/v1/projects/{project}/keys", "k\u2066ey"),
+    ("post", "/v1/projects", "two\u2028lines"), ("post", "/v1/projects", "a\u200fb"),
 ])
 def test_a_name_with_control_characters_is_refused(shared_server: httpx.Client, project: str, method: str,
                                                    path: str, text: str) -> None:
     # Names are shown in lists, dashboards and CSV: no terminal escapes, no text that reads reversed.
     response = shared_server.request(method, path.format(project=project), json={"name": text})
     error = assert_error(response, 422, "invalid_request")
-    assert error["message"].startswith("name: ") and "control character U+" in error["message"], error
+    assert error["message"].startswith("name: contains U+") and "a name cannot hold" in error["message"], error
     assert shared_server.get(f"/v1/projects/{project}").json()["name"] == "errors"  # nothing written
     assert shared_server.post("/v1/projects", json={"name": "Sørensen 北京 ✓"}).status_code == 201  # text is fine
 

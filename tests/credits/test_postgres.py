@@ -61,15 +61,22 @@ def admin_connection() -> tuple[object, URL]:
     if _absent:
         pytest.skip(_absent[0])
     errors = []
-    for url in CANDIDATES:
+    for given in CANDIDATES:
+        url = make_url(given)  # `postgresql://` or SQLAlchemy's `postgresql+psycopg://`, with any query
         try:
-            conn = psycopg.connect(url, connect_timeout=2, autocommit=True)
+            conn = psycopg.connect(_libpq(url), connect_timeout=2, autocommit=True)
         except psycopg.Error as exc:
-            errors.append(f"{make_url(url).render_as_string()}: {str(exc).strip()}")
+            errors.append(f"{url.render_as_string()}: {str(exc).strip()}")
         else:
-            return conn, make_url(url).set(drivername="postgresql+psycopg")
+            return conn, url.set(drivername="postgresql+psycopg")
+    if GIVEN:  # asked for by name: a server that does not answer is a failure, not a skip
+        pytest.fail(f"ORCHESTRATOR_TEST_POSTGRES does not answer: {'; '.join(errors)}")
     _absent.append("no PostgreSQL to test on (set ORCHESTRATOR_TEST_POSTGRES to a URL): " + "; ".join(errors))
     pytest.skip(_absent[0])
+
+
+def _libpq(url: URL) -> str:
+    return url.set(drivername="postgresql").render_as_string(hide_password=False)
 
 
 @pytest.fixture
@@ -102,13 +109,13 @@ def test_budgets_hold_whatever_the_server_s_default_isolation_on_postgres(
     # Under REPEATABLE READ a writer that waited for the write lock read the balance from before the
     # previous writer's commit: 40 promotes on a 50-credit budget once held 120.
     conn, _ = admin_connection()
-    name = postgres_url.rsplit("/", 1)[1]
+    url = make_url(postgres_url)
     with conn:  # type: ignore[attr-defined]
-        conn.execute(f"ALTER DATABASE \"{name}\" SET default_transaction_isolation = 'repeatable read'")  # type: ignore[attr-defined]
-    with psycopg.connect(postgres_url.replace("+psycopg", ""), autocommit=True) as scratch:
+        conn.execute(f"ALTER DATABASE \"{url.database}\" SET default_transaction_isolation = 'repeatable read'")  # type: ignore[attr-defined]
+    with psycopg.connect(_libpq(url), autocommit=True) as scratch:
         scratch.execute("CREATE SCHEMA studio")
     # The URL's own options (a schema) are kept beside the service's.
-    db = Database(f"{postgres_url}?options=-csearch_path%3Dstudio")
+    db = Database(url.update_query_dict({"options": "-csearch_path=studio"}).render_as_string(hide_password=False))
     with db.session() as s:
         shown = {name: s.exec(text(f"SHOW {name}")).one()[0]  # type: ignore[call-overload]
                  for name in ("transaction_isolation", "lock_timeout", "tcp_keepalives_idle", "search_path")}

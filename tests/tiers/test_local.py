@@ -9,6 +9,7 @@ import logging
 import os
 import socket
 from collections.abc import Callable, Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -21,7 +22,7 @@ from tests.tiers.conftest import RecordingProgress, draft_image
 from tiers import tiny
 from tiers._local import _usable_cpus, hf_hub_reachable, latents_to_preview, runtime_for
 from tiers.base import CancelToken, EngineContext, RenderRequest
-from tiers.lite import LiteEngine
+from tiers.lite import LiteEngine, prompt_overflow
 from tiers.local_hifi import LocalHifiEngine, tile_boxes
 
 EngineFactory = Callable[..., tuple[LiteEngine, LocalHifiEngine]]
@@ -119,6 +120,11 @@ async def test_a_prompt_longer_than_the_text_encoder_reads_is_said_to_be_cut(eng
     short = RecordingProgress()
     result = await lite.run(draft(n=1, steps=1), short, CancelToken())
     assert "prompt_truncated" not in short.states and "notes" not in result.metadata
+
+    clip = lite.runtime.text2img(lite.model).tokenizer
+    T5TokenizerFast = type("T5TokenizerFast", (), {"model_max_length": 512})  # known by its name
+    assert prompt_overflow(SimpleNamespace(tokenizer=None, tokenizer_2=clip), long_prompt) == (tokens, 75)  # a refiner
+    assert prompt_overflow(SimpleNamespace(tokenizer=clip, tokenizer_3=T5TokenizerFast()), long_prompt) is None  # SD3
 
 
 async def test_a_cancel_between_chunks_stops_before_the_next_chunk(engines: EngineFactory) -> None:
@@ -294,7 +300,7 @@ def test_a_malformed_hub_endpoint_is_an_unreachable_hub(monkeypatch: pytest.Monk
     assert hf_hub_reachable() is False
 
 
-@pytest.mark.parametrize("spec", ["models/missing/sd-turbo", "my model"])
+@pytest.mark.parametrize("spec", ["models/missing/sd-turbo", "my model", "org/model.git"])
 def test_a_model_that_is_neither_a_file_nor_a_hub_id_is_unavailable_saying_so(
         make_settings: SettingsFactory, tmp_path: Any, monkeypatch: pytest.MonkeyPatch, spec: str) -> None:
     monkeypatch.chdir(tmp_path)
