@@ -22,13 +22,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeGuard, cast
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from sqlalchemy import update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, col, select
 
 from orchestrator.db import Database, transient
-from orchestrator.errors import BudgetExceeded, Canceled, EngineError, OrchestratorError
+from orchestrator.errors import BudgetExceeded, Canceled, EngineError, NotFound, OrchestratorError
 from orchestrator.events import EventBus
 from orchestrator.health import EngineHealth
 from orchestrator.ids import new_id
@@ -453,6 +453,12 @@ class JobRunner:
         try:
             image = Image.open(io.BytesIO(self.store.get(sha256)))
             image.load()
+        except NotFound as exc:  # its file went from the store while the job waited
+            raise EngineError(f"the source image {sha256[:12]} could not be read: its file is gone from the store",
+                              details={"source_sha256": sha256}, retryable=False, charged="no") from exc
+        except UnidentifiedImageError as exc:  # its text names the BytesIO object, not the file
+            raise EngineError(f"the source image {sha256[:12]} could not be read: it is not an image Pillow knows",
+                              details={"source_sha256": sha256}, retryable=False, charged="no") from exc
         except (OSError, ValueError, Image.DecompressionBombError) as exc:
             raise EngineError(f"the source image {sha256[:12]} could not be read: {type(exc).__name__}: {exc}"[:500],
                               details={"source_sha256": sha256}, retryable=False, charged="no") from exc

@@ -280,8 +280,10 @@ class PromoteCreate(Strict):
 
 
 class PolishCreate(Strict):
+    # 2.0, not 2: a default is not validated, and the int would make the result cache (which keys on
+    # the request as JSON) tell a request without `scale` from one with `"scale": 2`, charging both.
     scale: Annotated[float, NoBool, Field(gt=0, le=8)] | None = Field(
-        2, description="the output size over the source's; null with no width/height keeps the source's size "
+        2.0, description="the output size over the source's; null with no width/height keeps the source's size "
                        "(a refine without upscaling)")
     width: Side | None = None
     height: Side | None = None

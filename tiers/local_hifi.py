@@ -155,7 +155,8 @@ class LocalHifiEngine(LocalEngine):
             left, top, right, bottom = box
             acc[top:bottom, left:right] += rendered * mask
             weight[top:bottom, left:right] += mask
-        blended = (acc / np.maximum(weight, 1e-8)).clip(0, 255).astype(np.uint8)
+        # Rounded: the weighted mean of identical tiles comes out as 254.9999, which a cast makes 254.
+        blended = np.rint(acc / np.maximum(weight, 1e-8)).clip(0, 255).astype(np.uint8)
         return PILImage.fromarray(blended, mode="RGB")
 
 def _feather(size: tuple[int, int], box: tuple[int, int, int, int], full: tuple[int, int]) -> Any:

@@ -14,6 +14,7 @@ import pytest
 from sqlmodel import col, select
 
 from orchestrator import idempotency
+from orchestrator.errors import EngineError
 from orchestrator.ids import new_id
 from orchestrator.models import IdempotencyKey, Job, LedgerEntry, Project, utcnow
 from orchestrator.runner import JobRunner
@@ -143,6 +144,22 @@ def test_a_request_sent_beside_one_that_crashed_never_goes_out_once_the_hold_is_
     assert job.status == "failed" and job.error is not None and "KeyError" in job.error["message"], job.error
     assert fakes.SENT == []
     assert ledger_of(services, job_id) == [("hold", HOLD, False), ("release", HOLD, False)]
+
+
+def test_a_source_image_gone_or_not_an_image_fails_saying_which_and_charges_nothing(build: Build) -> None:
+    services = build("")
+    gone = Job(id="job_gone", project_id="prj_x", stage="bridge", engine="local-hifi", model="m",
+               params={"source_sha256": "ab" * 32})
+    with pytest.raises(EngineError) as info:  # its file went from the store while the job waited
+        services.runner._source_image(gone)
+    assert info.value.charged == "no" and not info.value.retryable
+    assert info.value.message == "the source image abababababab could not be read: its file is gone from the store"
+    not_png = Job(id="job_text", project_id="prj_x", stage="bridge", engine="local-hifi", model="m",
+                  params={"source_sha256": services.store.put(b"plain text, not an image")})
+    with pytest.raises(EngineError) as info:
+        services.runner._source_image(not_png)
+    assert info.value.charged == "no" and "not an image Pillow knows" in info.value.message
+    assert "BytesIO" not in info.value.message
 
 
 def test_a_local_engine_that_crashes_releases_what_its_job_held(build: Build,

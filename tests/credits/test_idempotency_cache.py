@@ -11,6 +11,7 @@ import pytest
 from tests.api import read_events
 from tests.credits import (
     PRICE,
+    budget,
     get_json,
     jobs_of,
     kinds,
@@ -176,3 +177,15 @@ def test_concurrent_grants_with_one_key_grant_once(api: httpx.Client) -> None:
     assert len({r.json()["id"] for r in responses}) == 1
     assert kinds(ledger(api, project_id)).get("grant") == 1
     assert get_json(api, f"/v1/projects/{project_id}/budget")["granted"] == 7
+
+
+def test_polish_s_default_scale_and_an_explicit_scale_of_2_are_one_request(api: httpx.Client) -> None:
+    # The default was the int 2 and an explicit 2 became 2.0: two cache keys, charged twice.
+    project_id, asset_id = project_with_draft(api, {"limit": 100, "period": "month"})
+    first = api.post(f"/v1/assets/{asset_id}/polish", json={"engine": "fake-paid"})
+    assert wait_for_job(api, first.json()["id"])["status"] == "succeeded"
+    for body in ({"scale": 2}, {"scale": 2.0}):
+        again = wait_for_job(api, api.post(f"/v1/assets/{asset_id}/polish", json={"engine": "fake-paid", **body})
+                             .json()["id"])
+        assert again["cost"]["cache_hit"] is True, (body, again["cost"])
+    assert budget(api, project_id)["charged"] == 10

@@ -108,6 +108,25 @@ async def test_a_pipeline_that_takes_a_size_is_told_each_tile_s(engines: EngineF
     assert len(boxes) > 1 and sized.sizes == [(right - left, bottom - top) for left, top, right, bottom in boxes]
 
 
+def test_tiles_that_change_nothing_blend_back_into_the_source(engines: EngineFactory) -> None:
+    # The overlaps' weighted means (254.9999) were cast down: ~14% of a 1024 px image came back 1 darker.
+    class Unchanged:
+        def __call__(self, *, image: Any, **kwargs: Any) -> Any:
+            return SimpleNamespace(images=[image])
+
+    _, hifi = engines()
+    import numpy as np
+    from PIL import Image as PILImage
+
+    source = PILImage.fromarray(np.random.default_rng(0).integers(0, 256, (512, 512, 3), dtype=np.uint8))
+    boxes = tile_boxes(512, 512, 256)
+    assert len(boxes) > 1
+    request = RenderRequest(stage="polish", prompt="p", width=512, height=512)
+    out = hifi._refine(Unchanged(), request, source, boxes, 1, 0.3, 0.0, 0, RecordingProgress(), CancelToken(),
+                       first_pass=0, passes=len(boxes))
+    assert np.array_equal(np.asarray(out), np.asarray(source))
+
+
 async def test_a_prompt_longer_than_the_text_encoder_reads_is_said_to_be_cut(engines: EngineFactory) -> None:
     lite, _ = engines()
     progress = RecordingProgress()
