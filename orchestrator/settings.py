@@ -54,7 +54,8 @@ class Settings(BaseSettings):
     # Shared across data dirs: the offline tiny model is built here once per machine.
     cache_dir: Path = Field(default_factory=lambda: Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache")
                             .expanduser() / "orchestrator")
-    database_url: str | None = None
+    # Out of the settings' repr (a crash reporter, a debug print): these URLs may hold a password.
+    database_url: str | None = Field(None, repr=False)
     admin_key: SecretStr | None = None
 
     lite_model: str = "auto"
@@ -121,9 +122,9 @@ class Settings(BaseSettings):
     fal_base_url: str = "https://queue.fal.run"
     fal_model: str = "fal-ai/nano-banana-2/edit"
 
-    comfyui_url: str | None = None
+    comfyui_url: str | None = Field(None, repr=False)
     comfyui_workflow: Path | None = None
-    a1111_url: str | None = None
+    a1111_url: str | None = Field(None, repr=False)
     a1111_auth: SecretStr | None = None  # "user:password" for --api-auth
 
     # Total seconds a remote call may take, retries and polling included.

@@ -136,3 +136,11 @@ def test_an_empty_path_in_the_toml_file_means_unset(toml_file: Path) -> None:
     toml_file.write_text('policy_dir = ""\nprices_file = ""\ncomfyui_workflow = ""\n')
     settings = Settings()
     assert (settings.policy_dir, settings.prices_file, settings.comfyui_workflow) == (None, None, None)
+
+
+def test_urls_that_may_hold_a_password_stay_out_of_the_settings_repr(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path, database_url="postgresql+psycopg://studio:pw-1@db/orch",
+                        comfyui_url="http://render:pw-2@comfy:8188", a1111_url="http://u:pw-3@a1111:7860")
+    shown = repr(settings) + str(settings)
+    assert not any(secret in shown for secret in ("pw-1", "pw-2", "pw-3")), shown
+    assert settings.database_url == "postgresql+psycopg://studio:pw-1@db/orch"  # still there to use

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from orchestrator.errors import BadEngineInput, EngineError, EngineUnavailable
+from orchestrator.store import model_name
 from tiers import tiny
 from tiers.base import Capabilities, EngineContext, RenderRequest
 
@@ -397,8 +398,13 @@ class LocalRuntime:
                 reason = ("a single checkpoint file needs its model family's configuration from the Hugging "
                           "Face Hub or its cache, and the Hub did not answer (load it once online, or convert "
                           f"it to a diffusers folder): {reason or type(exc).__name__}")
-            raise EngineUnavailable(f"could not load model '{model}': {reason}"[:400],
-                                    details={"model": model}) from exc
+            # The job's error reaches its project's key: the model by its name, never the server's
+            # path to it (the log has the path).
+            log.warning("could not load model %s: %s", model, reason)
+            name = model_name(model) or model
+            reason = reason.replace(str(source), name).replace(model, name)
+            raise EngineUnavailable(f"could not load model '{name}': {reason}"[:400],
+                                    details={"model": name}) from exc
         if getattr(pipe, "safety_checker", None) is not None:
             pipe.safety_checker = None  # drafts are private sketches; the checker would black them out
         pipe = pipe.to(self.device)

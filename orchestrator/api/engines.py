@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+import re
+from pathlib import PurePath
 from typing import Any
 
 from fastapi import APIRouter
 
-from orchestrator.api.deps import ServicesDep
+from orchestrator.api.deps import CallerDep, ServicesDep
 from orchestrator.schemas import EnginePublic
 from orchestrator.store import model_name
 
@@ -12,7 +14,9 @@ router = APIRouter(tags=["engines"])
 
 
 @router.get("/engines", response_model=list[EnginePublic])
-def list_engines(services: ServicesDep) -> list[EnginePublic]:
+def list_engines(services: ServicesDep, caller: CallerDep) -> list[EnginePublic]:
+    """Every engine, available or not and why; a project key reads the notes with the server's
+    file paths cut to their last part (a model, a workflow file), as it reads policy files."""
     out = []
     for engine in services.registry:
         available, why = engine.availability()
@@ -25,4 +29,11 @@ def list_engines(services: ServicesDep) -> list[EnginePublic]:
     for broken in services.registry.broken.values():
         out.append(EnginePublic(name=broken.name, kind="remote", stages=[], available=False, health="open",
                                 model=None, note=broken.reason, prices={}, capabilities={}))
+    if caller.project_id is not None:
+        for listed in out:
+            listed.note = listed.note and _PATH.sub(lambda found: PurePath(found.group()).name, listed.note)
     return out
+
+
+# An absolute or home-relative path in a note: up to a quote, a space or the end of a clause.
+_PATH = re.compile(r"(?<![\w.:/])(?:~|/)[^\s'\",;:]*")

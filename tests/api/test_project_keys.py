@@ -266,3 +266,19 @@ def test_a_project_key_sees_policies_without_the_server_s_paths_or_load_errors(
     assert one_by_admin["source"] == str(folder / "studio.toml")
     assert one_by_key["source"] == "studio.toml" and str(tmp_path) not in str(one_by_key)
     assert one_by_key["rules"] == one_by_admin["rules"]
+
+
+def test_a_project_key_reads_engine_notes_without_the_server_s_paths(
+        make_settings: Callable[..., Settings], start_server: Callable[[Settings], httpx.Client],
+        tmp_path: Path) -> None:
+    secret = tmp_path / "studio-secrets" / "acme-finetune.ckpt"
+    base = start_server(make_settings(admin_key=ADMIN_KEY, hifi_model=str(secret))).base_url
+    with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=30) as admin:
+        project = create_project(admin, "A")["id"]
+        key = admin.post(f"/v1/projects/{project}/keys", json={"name": "pipeline"}).json()["key"]
+        told = {e["name"]: e["note"] for e in admin.get("/v1/engines").json()}
+        with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=30) as mine:
+            seen = {e["name"]: e["note"] for e in mine.get("/v1/engines").json()}
+    assert str(secret) in told["local-hifi"]  # the operator sees where to look
+    assert seen["local-hifi"] == "model 'acme-finetune.ckpt' is a .ckpt file: convert it to .safetensors"
+    assert str(tmp_path) not in str(seen)

@@ -630,7 +630,8 @@ def test_a_failure_of_a_job_a_provider_had_accepted_is_never_released(services: 
     [(claim, _lane)] = services.scheduler._claim_ready({})
     asyncio.run(services.runner.run(claim))
     job = row(services, job_id)
-    assert job.status == "failed" and job.error is not None and job.error["code"] == "not_found"
+    assert job.status == "failed" and job.error is not None and job.error["code"] == "engine_error"
+    assert "its file is gone from the store" in job.error["message"]
     with services.db.session() as s:
         entries = s.exec(select(LedgerEntry).where(col(LedgerEntry.job_id) == job_id)).all()
     assert [(e.kind, e.unreconciled) for e in entries] == [("hold", False), ("capture", True)]

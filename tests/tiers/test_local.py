@@ -369,7 +369,8 @@ async def test_a_single_file_that_is_not_a_checkpoint_is_unavailable_saying_why(
             await lite.run(draft(n=1), RecordingProgress(), CancelToken())
     finally:
         lite.runtime.shutdown(timeout=30)
-    assert info.value.message.startswith(f"could not load model '{lora}': ")
+    assert info.value.message.startswith("could not load model 'lora.safetensors': ")  # its name, not its path
+    assert str(tmp_path) not in info.value.message and info.value.details == {"model": "lora.safetensors"}
     assert "needs its model family's configuration from the Hugging Face Hub" in info.value.message
 
 
