@@ -42,8 +42,8 @@ from tiers.base import RenderRequest, to_credits, to_millicredits
 Body = DraftCreate | PromoteCreate | PolishCreate
 
 
-def _round8(value: float) -> int:
-    return max(8, round(value / 8) * 8)
+def _round_to(value: float, multiple: int) -> int:
+    return max(multiple, round(value / multiple) * multiple)
 
 
 @dataclass
@@ -95,7 +95,7 @@ class JobService:
 
     def prepare_promote(self, asset_id: str, body: PromoteCreate) -> Prepared:
         source = self._source(asset_id)
-        width, height = self._size(source, body.width, body.height, 1.0)
+        width, height = self._size(source, body.width, body.height, 1.0, self._multiple("bridge"))
         params: dict[str, Any] = {
             "stage": "bridge", "prompt": body.prompt or source.prompt,
             "negative_prompt": source.negative_prompt if body.negative_prompt is None else body.negative_prompt,
@@ -109,7 +109,7 @@ class JobService:
     def prepare_polish(self, asset_id: str, body: PolishCreate) -> Prepared:
         source = self._source(asset_id)
         scale = body.scale if body.width is None and body.height is None else None
-        width, height = self._size(source, body.width, body.height, scale or 1.0)
+        width, height = self._size(source, body.width, body.height, scale or 1.0, self._multiple("polish"))
         params: dict[str, Any] = {
             "stage": "polish", "prompt": body.prompt or source.prompt, "negative_prompt": source.negative_prompt,
             "n": 1, "seed": _seed(body.seed, source),
@@ -139,16 +139,23 @@ class JobService:
             out[PRIVACY_TAG] = inherited
         return out
 
+    def _multiple(self, stage: str) -> int:
+        """What a size the service works out must be a multiple of: the largest any engine of the
+        stage asks (16 for an SD3 or FLUX model), so that none refuses a size the client never sent."""
+        return max((engine.capabilities.size_multiple for engine in self.router.registry if stage in engine.stages),
+                   default=8)
+
     @staticmethod
-    def _size(source: Asset, width: int | None, height: int | None, scale: float) -> tuple[int, int]:
+    def _size(source: Asset, width: int | None, height: int | None, scale: float,
+              multiple: int) -> tuple[int, int]:
         """An explicit width/height wins; one side alone keeps the source's aspect ratio."""
         if width and height:
             return width, height
         if width:
-            return width, _round8(width * source.height / source.width)
+            return width, _round_to(width * source.height / source.width, multiple)
         if height:
-            return _round8(height * source.width / source.height), height
-        return _round8(source.width * scale), _round8(source.height * scale)
+            return _round_to(height * source.width / source.height, multiple), height
+        return _round_to(source.width * scale, multiple), _round_to(source.height * scale, multiple)
 
     def _source(self, asset_id: str) -> Asset:
         with self.db.session() as s:
