@@ -453,14 +453,14 @@ class JobRunner:
         try:
             image = Image.open(io.BytesIO(self.store.get(sha256)))
             image.load()
-        except NotFound as exc:  # its file went from the store while the job waited
-            raise EngineError(f"the source image {sha256[:12]} could not be read: its file is gone from the store",
-                              details={"source_sha256": sha256}, retryable=False, charged="no") from exc
-        except UnidentifiedImageError as exc:  # its text names the BytesIO object, not the file
-            raise EngineError(f"the source image {sha256[:12]} could not be read: it is not an image Pillow knows",
-                              details={"source_sha256": sha256}, retryable=False, charged="no") from exc
-        except (OSError, ValueError, Image.DecompressionBombError) as exc:
-            raise EngineError(f"the source image {sha256[:12]} could not be read: {type(exc).__name__}: {exc}"[:500],
+        except (NotFound, OSError, ValueError, Image.DecompressionBombError) as exc:
+            if isinstance(exc, NotFound):  # its file went from the store while the job waited
+                why = "its file is gone from the store"
+            elif isinstance(exc, UnidentifiedImageError):  # its text names the BytesIO object, not the file
+                why = "it is not an image Pillow knows"
+            else:
+                why = f"{type(exc).__name__}: {exc}"
+            raise EngineError(f"the source image {sha256[:12]} could not be read: {why}"[:500],
                               details={"source_sha256": sha256}, retryable=False, charged="no") from exc
         return image
 
