@@ -33,7 +33,7 @@ from orchestrator.ids import new_id
 from orchestrator.ledger import Balance, Ledger
 from orchestrator.models import Asset, Job, Project, utcnow
 from orchestrator.routing import Decision, Router
-from orchestrator.schemas import MAX_SEED, DraftCreate, PolishCreate, PromoteCreate, Stage
+from orchestrator.schemas import MAX_SEED, MAX_TAGS, DraftCreate, PolishCreate, PromoteCreate, Stage
 from orchestrator.store import ArtifactStore
 from orchestrator.workers import Presence
 from policies.schema import PRIVACY_LOCAL, PRIVACY_TAG, is_private
@@ -120,23 +120,30 @@ class JobService:
         return Prepared(source.project_id, "polish", params, render_request(params), source)
 
     def _tags(self, source: Asset, tags: dict[str, str]) -> dict[str, str]:
-        """The request's tags, with the source's privacy: what is made from a private source stays
-        private (a draft kept local must not become a cloud engine's img2img seed), and a request
-        cannot lift it. Another privacy value is inherited unless the request sets its own."""
-        out = dict(tags)
+        """The source job's tags under the request's own: a draft tagged `client=acme` makes acme's
+        bridge and polish, for the policy rules too, without the client saying so again (a
+        rule keeping acme's work local would otherwise not see the promotion). What is made from a
+        private source stays private (a draft kept local must not become a cloud engine's img2img
+        seed), and a request cannot lift it."""
         with self.db.session() as s:
             made_by = s.get(Job, source.job_id)
-        inherited = ((made_by.params.get("tags") or {}) if made_by else {}).get(PRIVACY_TAG)
-        if inherited and is_private({PRIVACY_TAG: inherited}):
-            if PRIVACY_TAG in out and not is_private(out):
-                why = (f"asset '{source.id}' is private (tags.{PRIVACY_TAG}={inherited}): what is made from it "
-                       f"stays on this machine; leave tags.{PRIVACY_TAG} out")
-                raise InvalidRequest(why, details={
-                    "source_asset_id": source.id,
-                    "errors": [{"loc": ["body", "tags", PRIVACY_TAG], "msg": why, "type": "value_error"}]})
-            out[PRIVACY_TAG] = inherited
-        elif inherited and PRIVACY_TAG not in out:
-            out[PRIVACY_TAG] = inherited
+        inherited: dict[str, str] = dict((made_by.params.get("tags") or {}) if made_by else {})
+        privacy = inherited.get(PRIVACY_TAG)
+        if privacy and is_private({PRIVACY_TAG: privacy}) and PRIVACY_TAG in tags and not is_private(tags):
+            why = (f"asset '{source.id}' is private (tags.{PRIVACY_TAG}={privacy}): what is made from it "
+                   f"stays on this machine; leave tags.{PRIVACY_TAG} out")
+            raise InvalidRequest(why, details={
+                "source_asset_id": source.id,
+                "errors": [{"loc": ["body", "tags", PRIVACY_TAG], "msg": why, "type": "value_error"}]})
+        out = {**inherited, **tags}
+        if privacy and is_private({PRIVACY_TAG: privacy}):
+            out[PRIVACY_TAG] = privacy
+        if len(out) > MAX_TAGS:
+            why = (f"with the {len(inherited)} tags asset '{source.id}' passes on, this job would have "
+                   f"{len(out)} (at most {MAX_TAGS})")
+            raise InvalidRequest(why, details={
+                "source_asset_id": source.id,
+                "errors": [{"loc": ["body", "tags"], "msg": why, "type": "too_long"}]})
         return out
 
     def _multiple(self, stage: str) -> int:
@@ -257,10 +264,13 @@ class JobService:
         return job, True
 
     def _cached(self, s: Session, job: Job) -> list[Asset]:
-        """The assets of an earlier identical paid job from the same source asset that succeeded,
-        if any. The same source: a copy's PNG (shared, content-addressed) names its parent, and
-        another asset with the same bytes may belong to another project."""
+        """The assets of an earlier identical paid job of the same project from the same source
+        asset that succeeded, if any. The same project: a draft has no source, and one studio's
+        client must not get another's image. The same source: a copy's PNG (shared,
+        content-addressed) names its parent, and another asset with the same bytes may belong to
+        another project."""
         earlier = s.exec(select(Job).where(col(Job.cache_key) == job.cache_key, col(Job.status) == "succeeded",
+                                           col(Job.project_id) == job.project_id,
                                            col(Job.source_asset_id) == job.source_asset_id,
                                            col(Job.cache_hit).is_(False)).order_by(col(Job.id))).first()
         if earlier is None:

@@ -231,6 +231,24 @@ def test_what_a_private_rule_made_stays_private(paid_server: httpx.Client) -> No
     assert "privacy" not in other["params"]["tags"]
 
 
+def test_a_promotion_carries_its_draft_s_tags_to_the_rules(paid_server: httpx.Client) -> None:
+    # The draft was tagged for acme, but made by a rule that is not private: its promotion, sent
+    # without tags, is acme's work all the same, and acme's rule keeps it here.
+    response = paid_server.post("/v1/projects", json={"name": "acme", "policy": "client-private-test"})
+    asset_id = run_draft(paid_server, response.json()["id"], tags={"client": "acme", "shot": "12"})["assets"][0]
+    job = promote(paid_server, asset_id)
+    assert (job["engine"], job["routing"]["rule"], job["routing"]["private"]) == ("local-hifi", "acme", True)
+    assert job["params"]["tags"] == {"client": "acme", "shot": "12", "privacy": "local"}
+    # The request's own tags win over what the draft passes on.
+    other = promote(paid_server, asset_id, tags={"client": "other"})
+    assert (other["engine"], other["routing"]["private"]) == ("fake-paid", False)
+    assert other["params"]["tags"] == {"client": "other", "shot": "12"}
+    # No more than a job may have, counted with what the draft passes on.
+    many = {f"t{i}": "x" for i in range(63)}
+    assert_error(paid_server.post(f"/v1/assets/{asset_id}/promote", json={"cache": False, "tags": many}),
+                 422, "invalid_request")
+
+
 def test_drafts_made_under_local_only_stay_local_after_a_policy_change(paid_server: httpx.Client) -> None:
     project_id, asset_id = draft_asset(paid_server, policy="local-only")
     assert paid_server.patch(f"/v1/projects/{project_id}", json={"policy": "fallback-test"}).status_code == 200

@@ -241,7 +241,8 @@ engines = ["paid-drafts"]
 """
 
 
-def test_explain_draft_honours_cache_as_the_job_does(new_settings: SettingsFactory, tmp_path: Path) -> None:
+def test_explain_draft_honours_the_project_s_cache_as_the_job_does(new_settings: SettingsFactory,
+                                                                   tmp_path: Path) -> None:
     folder = write_policies(tmp_path / "policies", {"paid-drafts": PAID_DRAFTS})
     settings = new_settings(engines="paid-drafts=tests.routing:paid_drafts_factory", policy="paid-drafts",
                             policy_dir=folder)
@@ -265,6 +266,15 @@ def test_explain_draft_honours_cache_as_the_job_does(new_settings: SettingsFacto
         again = submit(client, f"/v1/projects/{project_id}/drafts", {**body, "cache": False})
         assert again["cost"]["cache_hit"] is False and again["cost"]["estimated"] == fresh["estimate"]
         assert wait_for_job(client, again["id"])["status"] == "succeeded"
+
+        # Another project (another client) asking the same is not handed the first one's image.
+        project_id = create_project(client, "another client", budget={"limit": 100, "period": "month"})["id"]
+        assert explain()["cache_hit"] is False
+        other = submit(client, f"/v1/projects/{project_id}/drafts", body)
+        assert other["cost"]["cache_hit"] is False and other["cost"]["estimated"] == FAKE_B_PRICE
+        done = wait_for_job(client, other["id"])
+        assert done["status"] == "succeeded"
+        assert client.get(f"/v1/assets/{done['assets'][0]}").json()["project_id"] == project_id
 
 
 @pytest.mark.parametrize(("body", "status", "code"), [
