@@ -37,7 +37,6 @@ RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504}) | frozenset(range(505
 # Credentials httpx does not know to drop when a redirect (or an output download) leaves the
 # provider's origin: it strips only `Authorization`.
 KEY_HEADERS = frozenset({"x-goog-api-key", "x-api-key", "api-key", "x-key"})
-MAX_SINGLE_WAIT = 120.0
 # The least time an attempt admitted before the deadline is given to be answered.
 MIN_ATTEMPT_SECONDS = 1.0
 
@@ -120,15 +119,20 @@ class _StopAtDeadline(stop_base):
 
 
 def _next_wait(retry_state: RetryCallState, rate_limit_pause: float | None = None) -> float:
+    backoff = min(0.5 * 2 ** (retry_state.attempt_number - 1), 30.0)
+    backoff = float(backoff * (0.5 + random.random() / 2))
     exc = retry_state.outcome.exception() if retry_state.outcome else None
     if isinstance(exc, _RetryableAnswer):
         hinted = retry_after(exc.response)
         if hinted is None and exc.response.status_code == 429:
             hinted = rate_limit_pause
         if hinted is not None:
-            return min(hinted, MAX_SINGLE_WAIT)
-    backoff = min(0.5 * 2 ** (retry_state.attempt_number - 1), 30.0)
-    return float(backoff * (0.5 + random.random() / 2))
+            # Honoured whole: a wait the deadline cannot hold stops the retries at once (see
+            # `_StopAtDeadline`), so routing may fall back now rather than after a wait that
+            # ends too soon to matter. Never below the backoff: `Retry-After: 0`, or a date
+            # already past, would otherwise send as fast as the answers come back.
+            return max(hinted, backoff)
+    return backoff
 
 
 class RemoteClient:
@@ -261,6 +265,12 @@ class RemoteClient:
                          stop_at: float, **kwargs: Any) -> httpx.Response:
         if cancel is not None:
             cancel.raise_if_cancelled()  # nothing sent yet: charged "no"
+        if not idempotent and "timeout" not in kwargs:
+            # A synchronous provider (Gemini, OpenAI, Stability) sends nothing until the image is
+            # made: a read timeout shorter than the deadline would end a slow render, made and
+            # billed, as a timeout. ORCH_REMOTE_READ_TIMEOUT is for polls and downloads.
+            kwargs["timeout"] = httpx.Timeout(max(stop_at - self.clock(), MIN_ATTEMPT_SECONDS),
+                                              connect=self.client.timeout.connect)
         try:
             request = self.client.build_request(method, url, **kwargs)
         except (httpx.HTTPError, httpx.InvalidURL, UnicodeError, ValueError) as exc:
@@ -326,7 +336,13 @@ class RemoteClient:
     def _give_up(self, response: httpx.Response) -> EngineError:
         details = {"engine": self.engine, "status": response.status_code}
         if response.status_code == 429:
-            return RateLimited(f"{self.engine}: rate limited by the provider until the deadline", details=details)
+            hinted = retry_after(response)
+            if hinted is not None:
+                details["retry_after"] = round(hinted, 3)
+            return RateLimited(f"{self.engine}: rate limited by the provider"
+                               + (" until the deadline" if hinted is None else
+                                  f" (it asks to wait {hinted:.0f} s; ORCH_REMOTE_DEADLINE leaves too little)"),
+                               details=details)
         if response.status_code == 408:
             return EngineTimeout(f"{self.engine}: the provider timed out (HTTP 408)", details=details, charged="no")
         return EngineError(

@@ -267,3 +267,63 @@ async def test_a_request_that_can_bill_is_not_resent_without_time_to_be_answered
     assert (await http.request("GET", "/results/1", idempotent=True)).json() == {"ok": 1}
     assert poll.call_count == 2
     await http.aclose()
+
+
+@respx.mock
+@pytest.mark.parametrize("hint", [{"retry-after": "0"}, {"retry-after-ms": "0"},
+                                  {"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}])
+async def test_a_hint_to_come_back_at_once_still_backs_off(client: RemoteClient, sleep: Any,
+                                                           hint: dict[str, str]) -> None:
+    route = respx.post(f"{BASE}/images").mock(side_effect=[httpx.Response(429, headers=hint)] * 4
+                                              + [httpx.Response(200, json={"ok": 1})])
+    assert (await client.request("POST", "/images")).json() == {"ok": 1}
+    # Not 5 sends as fast as the answers come back: the usual growing back-off.
+    assert route.call_count == 5 and all(wait >= 0.25 for wait in sleep.waits) and sum(sleep.waits) >= 3.75
+
+
+@respx.mock
+@pytest.mark.parametrize("retry_after", ["600", "50"])
+async def test_a_wait_the_deadline_cannot_hold_ends_the_try_at_once(sleep: Any, retry_after: str) -> None:
+    # Deadline 60 s (a retry that can bill needs 30 s left after its wait): neither 600 s nor 50 s
+    # fits, so the 429 is the answer now, and routing may fall back without waiting for nothing.
+    http = RemoteClient("prov", base_url=BASE, key_setting="ORCH_PROV_API_KEY", deadline=60.0,
+                        sleep=sleep, clock=sleep.clock)
+    route = respx.post(f"{BASE}/images").mock(return_value=httpx.Response(429, headers={"Retry-After": retry_after}))
+    with pytest.raises(RateLimited) as info:
+        await http.request("POST", "/images")
+    assert route.call_count == 1 and sleep.waits == [] and info.value.charged == "no"
+    assert info.value.details["retry_after"] == float(retry_after)
+    assert f"asks to wait {retry_after} s" in info.value.message
+    await http.aclose()
+
+
+@pytest.fixture
+async def slow_renderer() -> AsyncIterator[str]:
+    """A server on 127.0.0.1 that, like a synchronous provider, sends nothing for 1.5 s (the
+    render), then its whole answer."""
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await asyncio.sleep(1.5)
+        writer.write(b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 8\r\n\r\n{"ok":1}')
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    server.close()
+
+
+async def test_a_render_slower_than_the_read_timeout_is_waited_for_until_the_deadline(slow_renderer: str) -> None:
+    client = RemoteClient("prov", base_url=slow_renderer, key_setting="ORCH_PROV_API_KEY", deadline=30.0,
+                          read_timeout=0.5)
+    # Made and billed after 1.5 s of silence: not a timeout that may have billed.
+    assert (await client.request("POST", "/images", json={"prompt": "a lighthouse"})).json() == {"ok": 1}
+    # A poll is told apart by its silence: asked again, and given up at the deadline, not waited on.
+    short = RemoteClient("prov", base_url=slow_renderer, key_setting="ORCH_PROV_API_KEY", deadline=1.2,
+                         read_timeout=0.5)
+    with pytest.raises(EngineError) as info:
+        await short.request("GET", "/results/1", idempotent=True)
+    assert "ReadTimeout" in info.value.message
+    await client.aclose()
+    await short.aclose()
