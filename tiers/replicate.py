@@ -2,7 +2,8 @@
 
 Each output image is one prediction: a create POST held open with `Prefer: wait`, then, if the
 wait ran out, polling `GET /v1/predictions/{id}`. The create is never re-sent when it got no
-answer (the prediction may exist and be billed); polls and output downloads are idempotent.
+answer, nor after a gateway's 502/504 (held open by the wait, the prediction may exist and be
+billed by then); polls and output downloads are idempotent.
 
 Once Replicate has accepted a prediction, a failure leaves the bill `unknown` unless the status
 says otherwise (`aborted` is free, `succeeded` is billed): the ledger keeps the estimate as
@@ -45,6 +46,8 @@ FILTER_WORDS = ("nsfw", "safety", "sensitive")
 FLUX_ASPECTS = ("1:1", "16:9", "3:2", "2:3", "4:5", "5:4", "9:16", "3:4", "4:3")
 PREFER_WAIT = 60
 MAX_INLINE_BYTES = 7 * 1024 * 1024
+# A gateway's answers to a create it held open: Replicate may have made the prediction meanwhile.
+GATEWAY_STATUSES = frozenset({502, 504})
 
 
 def is_nano_banana(model: str) -> bool:
@@ -99,9 +102,11 @@ class ReplicateEngine(CloudEngine):
         # The key goes on each API call, not on the client: outputs are downloaded with the same
         # client from CDN hosts that must never see it.
         self._auth = {"Authorization": f"Bearer {self._key or ''}"}
-        # A hold longer than the read timeout would turn every slow render into a timeout.
-        self._wait = max(1, min(PREFER_WAIT, int(s.remote_read_timeout) - 5))
+        # The hold must end, answered "processing", well before the deadline: a create the deadline
+        # cuts is a timeout that may have billed, where polling would have found the image.
+        self._wait = max(1, min(PREFER_WAIT, int(s.remote_deadline / 2)))
         self.http = self.remote_client(ctx, client, base_url=s.replicate_base_url)
+        self.http.final_answer = maybe_created
 
     def estimate(self, req: RenderRequest) -> int:
         return req.n * self._prices.millicredits(self._model, price_variant(self._model, req))
@@ -148,6 +153,11 @@ class ReplicateEngine(CloudEngine):
         )
         if response.status_code == 404:  # no such model (retired, misspelt): another engine may serve
             raise self.model_not_served(response)
+        if maybe_created(response):
+            raise EngineError(
+                f"replicate: a gateway answered the create with HTTP {response.status_code} while it was held "
+                "open; the prediction may exist and be billed, so it is not created again",
+                details={"engine": self.name, "status": response.status_code}, charged="unknown")
         if response.status_code not in (200, 201, 202):
             raise self._refused(response)
         prediction = self._json(response)
@@ -270,6 +280,12 @@ class ReplicateEngine(CloudEngine):
             raise EngineError("replicate: the answer is not a prediction (no id or status)",
                               details={"engine": self.name}, charged="unknown")
         return body
+
+
+def maybe_created(response: httpx.Response) -> bool:
+    """A create answered 502/504 ("Never re-POST a create"): not retried like other 5xx."""
+    return (response.status_code in GATEWAY_STATUSES and response.request.method == "POST"
+            and response.request.url.path.endswith("/predictions"))
 
 
 def factory(ctx: EngineContext) -> ReplicateEngine:

@@ -56,7 +56,7 @@ async def test_success_sends_draft_as_data_uri(engine: ReplicateEngine, output: 
 
     request = route.calls.last.request
     assert request.headers["authorization"] == "Bearer r-secret"
-    assert request.headers["prefer"] == "wait=60"
+    assert request.headers["prefer"] == "wait=30"  # half the tests' 60 s deadline
     sent = json.loads(request.content)["input"]
     assert sent["prompt"].endswith("a lighthouse")
     assert sent["aspect_ratio"] == "match_input_image" and sent["output_format"] == "png"
@@ -94,9 +94,29 @@ async def test_429_with_retry_after_then_success(
 
 @respx.mock
 async def test_5xx_then_success(engine: ReplicateEngine, output: respx.Route) -> None:
-    route = respx.post(CREATE).mock(side_effect=[httpx.Response(502), httpx.Response(201, json=prediction())])
+    route = respx.post(CREATE).mock(side_effect=[httpx.Response(503), httpx.Response(201, json=prediction())])
     await engine.run(bridge(), NullProgress(), CancelToken())
     assert route.call_count == 2
+
+
+@respx.mock
+@pytest.mark.parametrize("status", [502, 504])
+async def test_a_gateway_error_on_the_create_is_not_resent(engine: ReplicateEngine, status: int) -> None:
+    # The create is held open (`Prefer: wait`): a gateway giving up on it says nothing of whether
+    # Replicate made the prediction.
+    route = respx.post(CREATE).mock(side_effect=[httpx.Response(status), httpx.Response(201, json=prediction())])
+    with pytest.raises(EngineError) as info:
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    assert route.call_count == 1 and info.value.charged == "unknown" and info.value.code == "engine_error"
+    assert info.value.details["status"] == status and "not created again" in info.value.message
+
+
+@respx.mock
+async def test_a_gateway_error_on_a_poll_is_asked_again(engine: ReplicateEngine, output: respx.Route) -> None:
+    respx.post(CREATE).mock(return_value=httpx.Response(201, json=prediction(status="processing")))
+    poll = respx.get(POLL).mock(side_effect=[httpx.Response(502), httpx.Response(200, json=prediction())])
+    result = await engine.run(bridge(), NullProgress(), CancelToken())
+    assert poll.call_count == 2 and len(result.images) == 1
 
 
 @respx.mock
@@ -356,3 +376,15 @@ async def test_a_model_it_does_not_serve_lets_another_engine_try(engine: Replica
     error = info.value
     assert error.retryable and error.charged == "no" and route.call_count == 1
     assert error.details["setting"] == "ORCH_REPLICATE_MODEL" and "set ORCH_REPLICATE_MODEL" in error.message
+
+
+@respx.mock
+@pytest.mark.parametrize(("deadline", "wait"), [(300.0, 60), (40.0, 20), (1.0, 1)])
+async def test_the_create_is_held_well_within_the_deadline(make_ctx: Any, sleep: Any, output: respx.Route,
+                                                           deadline: float, wait: int) -> None:
+    engine = ReplicateEngine(make_ctx(replicate_api_key="r-secret", replicate_base_url=BASE,
+                                      remote_deadline=deadline))
+    engine.http.sleep = sleep
+    route = respx.post(CREATE).mock(return_value=httpx.Response(201, json=prediction()))
+    await engine.run(bridge(), NullProgress(), CancelToken())
+    assert route.calls[0].request.headers["Prefer"] == f"wait={wait}"
