@@ -114,6 +114,10 @@ class JobProgress:
         self._saving_done: asyncio.Future[None] | None = None  # the save out behind the event loop
 
     def step(self, step: int, total: int, preview: Image.Image | None = None) -> None:
+        if self.claim.cancel.cancelled:
+            # The job is ending, or has ended while its inference thread finishes a step: a preview
+            # kept or written now would outlive it.
+            return
         job_id = self.claim.job.id
         data: dict[str, Any] = {"step": step, "total": total, "fraction": round(step / total, 4) if total else 0}
         if preview is not None:

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from orchestrator.errors import BadEngineInput, EngineError, EngineUnavailable
 from orchestrator.store import model_name
 from tiers import tiny
-from tiers.base import Capabilities, EngineContext, RenderRequest
+from tiers.base import CancelToken, Capabilities, EngineContext, Progress, RenderRequest, RenderResult
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -527,6 +527,13 @@ class LocalEngine:
     @property
     def model(self) -> str:
         return self._model
+
+    async def _on_device(self, fn: Callable[[RenderRequest, Progress, CancelToken], RenderResult],
+                         req: RenderRequest, progress: Progress, cancel: CancelToken) -> RenderResult:
+        """Run `fn` on the inference thread. A cancel ends the job at once, even during a model's
+        first load, which nothing can interrupt: the thread stops at its next denoising step on its
+        own, its result is dropped, and the next job waits for it on the same thread."""
+        return await cancel.race(self.runtime.call(fn, req, progress, cancel), charged="no")
 
     @property
     def note(self) -> str | None:

@@ -44,7 +44,7 @@ class LiteEngine(LocalEngine):
     async def run(self, req: RenderRequest, progress: Progress, cancel: CancelToken) -> RenderResult:
         self.estimate(req)  # size limits
         cancel.raise_if_cancelled()
-        return await self.runtime.call(self._generate, req, progress, cancel)
+        return await self._on_device(self._generate, req, progress, cancel)
 
     def _generate(self, req: RenderRequest, progress: Progress, cancel: CancelToken) -> RenderResult:
         import torch

@@ -60,7 +60,7 @@ class LocalHifiEngine(LocalEngine):
         if req.init_image is None:
             raise BadEngineInput(f"{self.name} needs a source image for {req.stage}")
         cancel.raise_if_cancelled()
-        return await self.runtime.call(self._render, req, progress, cancel)
+        return await self._on_device(self._render, req, progress, cancel)
 
     def _steps(self, req: RenderRequest, strength: float, pipe: Any) -> int:
         base = req.steps or (self.defaults.steps * 2 if req.stage == "bridge" else self.defaults.steps)

@@ -4,10 +4,12 @@ that say what to do."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import os
 import socket
+import threading
 from collections.abc import Callable, Iterator
 from types import SimpleNamespace
 from typing import Any
@@ -160,6 +162,32 @@ async def test_a_cancel_between_chunks_stops_before_the_next_chunk(engines: Engi
     with pytest.raises(Canceled):
         await lite.run(draft(steps=3), progress, token)
     assert [step for step, _ in progress.steps] == [1, 2, 3]  # no step of the second chunk ran
+
+
+async def test_a_cancel_during_a_model_load_ends_the_job_at_once(engines: EngineFactory,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    lite, _ = engines()
+    loading, loaded = threading.Event(), threading.Event()
+    load = lite.runtime.text2img
+
+    def slow_load(model: str) -> Any:  # a real model's first load: tens of seconds nothing interrupts
+        loading.set()
+        loaded.wait(30)
+        return load(model)
+
+    monkeypatch.setattr(lite.runtime, "text2img", slow_load)
+    token, progress = CancelToken(), RecordingProgress()
+    job = asyncio.create_task(lite.run(draft(n=1), progress, token))
+    assert await asyncio.to_thread(loading.wait, 30)
+    token.cancel()
+    with pytest.raises(Canceled) as canceled:
+        await asyncio.wait_for(job, 5)  # not after the load
+    assert canceled.value.charged == "no"
+    loaded.set()
+    # The load goes on and keeps the model warm; the abandoned job stops before its first step,
+    # and the next job runs after it on the same thread.
+    result = await lite.run(draft(n=1), RecordingProgress(), CancelToken())
+    assert len(result.images) == 1 and progress.steps == []
 
 
 async def test_a_preview_vae_that_cannot_load_falls_back_to_the_approximation(
