@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from orchestrator.errors import BadEngineInput, BudgetExceeded, NoPrice, NoRoute
+from orchestrator.errors import BadEngineInput, BudgetExceeded, NoPrice, NoRoute, NotFound
 from orchestrator.health import EngineHealth
 from policies import Policy, PolicyStore, RequestFacts, Rule, order_candidates
 from tiers.base import Engine, RenderRequest, Stage, to_credits
@@ -90,17 +90,19 @@ class Router:
 
     def decide(self, policy_name: str, req: RenderRequest, requested: str | None,
                budget_used: float | None) -> Decision:
-        if policy_name not in self.policies:
+        try:
+            # Read once: a reload between a look and a read could take the policy away in between.
+            policy = self.policies.get(policy_name)
+        except NotFound:
             # The project's policy is gone (a file removed, a mistyped ORCH_POLICY): the service's
             # setup is at fault, not the request or the project.
             raise NoUsableEngine(f"the project's policy '{policy_name}' is not loaded; set the project's policy "
-                                 "(PATCH) or restore the policy file", details={"policy": policy_name,
-                                                                                "known": self.policies.names()})
+                                 "(PATCH) or restore the policy file",
+                                 details={"policy": policy_name, "known": self.policies.names()}) from None
         if requested is not None and requested not in self.registry and requested not in self.registry.broken:
             known = sorted([engine.name for engine in self.registry] + list(self.registry.broken))
             raise NoRoute(f"unknown engine '{requested}' (known: {', '.join(known)})",
                           details={"engine": requested, "known": known})
-        policy = self.policies.get(policy_name)
         facts = RequestFacts.from_request(req, engine=requested, budget_used=budget_used)
         matched = policy.match(facts)
         if matched is None:

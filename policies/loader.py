@@ -121,7 +121,9 @@ class PolicyStore:
             return
         if not self.extra_dir.is_dir():
             label = str(self.extra_dir)
-            errors.append(PolicyError(f"{label}: policy directory not found", file=label))
+            why = ("is a file, not a directory of policy files" if self.extra_dir.exists()
+                   else "policy directory not found")
+            errors.append(PolicyError(f"{label}: {why}", file=label))
             return
         for path in sorted(self.extra_dir.glob("*.toml")):
             if not path.name.startswith("."):  # editors' swap and backup files

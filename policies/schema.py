@@ -80,6 +80,10 @@ class Match(_Model):
     @field_validator("tags")
     @classmethod
     def _privacy_key(cls, tags: dict[str, list[str]]) -> dict[str, list[str]]:
+        empty = sorted(key for key, allowed in tags.items() if not allowed)
+        if empty:
+            raise ValueError(f"{', '.join(empty)}: an empty list of values fits no request (leave the key out "
+                             "to match any value)")
         # As requests' keys are read: a rule matching `Privacy` as written would never fit one.
         return privacy_key(tags)
 
@@ -149,6 +153,9 @@ class Rule(_Model):
             routing_only = sorted(self.model_fields_set & {"strategy", "max_credits", "private"})
             if routing_only:
                 raise ValueError(f"{', '.join(routing_only)}: only meaningful with `engines`, not with `deny`")
+            if "reason" in self.model_fields_set:
+                # Its text would be dropped: the client is told the `deny` text.
+                raise ValueError("reason: a `deny` rule's message is its `deny` text; put the reason there")
         return self
 
     @property

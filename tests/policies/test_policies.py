@@ -287,6 +287,12 @@ RULES_OK = '[[rules]]\nname = "drafts"\nmatch = { stage = "ideation" }\nengines 
      ["rule 2 ('b')", "match.budget_used_over"]),
     ('name = "bad"\n' + RULES_OK + '[[rules]]\nname = "cap"\nmatch = {}\ndeny = "no"\nmax_credits = 5\n',
      ["rule 2 ('cap')", "max_credits", "deny"]),
+    # Loaded, its text was dropped: the client was told the `deny` text alone.
+    ('name = "bad"\n' + RULES_OK + '[[rules]]\nname = "why"\nmatch = {}\ndeny = "no"\nreason = "contract"\n',
+     ["rule 2 ('why')", "reason", "deny"]),
+    # Loaded, a rule that could never fit a request.
+    ('name = "bad"\n' + RULES_OK + '[[rules]]\nname = "none"\nmatch = { tags = { client = [] } }\nengines = ["x"]\n',
+     ["rule 2 ('none')", "match.tags", "client: an empty list"]),
     # A cap of inf once loaded, then answered every request the rule routed with 500.
     *[('name = "bad"\n' + RULES_OK + f'[[rules]]\nname = "cap"\nmatch = {{}}\nengines = ["x"]\nmax_credits = {cap}\n',
        ["rule 2 ('cap')", "max_credits", f"(got {got})"])
@@ -405,6 +411,10 @@ def test_missing_extra_dir_is_reported_and_keeps_its_policies(tmp_path: Path) ->
     errors = store.reload()
     assert len(errors) == 1 and "not found" in errors[0].message
     assert "studio" in store and "balanced" in store
+    # A policy file given where the directory goes is told as that, not as missing.
+    file = write(tmp_path, "studio", GOOD.format(name="studio", description="s"))
+    errors = PolicyStore(file).reload()
+    assert [e.message for e in errors] == [f"{file}: is a file, not a directory of policy files"]
 
 
 def test_store_refuses_a_cap_it_could_not_apply(tmp_path: Path) -> None:
