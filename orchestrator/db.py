@@ -34,7 +34,7 @@ from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 from sqlmodel import Session
-from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential
+from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_delay, wait_exponential
 
 from orchestrator import ids
 from orchestrator.bells import Bell
@@ -46,6 +46,7 @@ WRITE_LOCK = 7_202_611_281
 LOCK_TIMEOUT_SECONDS = 30  # SQLite's busy timeout too
 # lock_not_available (lock_timeout), query_canceled, and the two a retry resolves.
 LOCK_WAIT_SQLSTATES = frozenset({"55P03", "57014", "40001", "40P01"})
+DISK_FULL_SQLSTATE = "53100"
 # Connections of one process: a request thread each (anyio's pool of 40) and the job machinery.
 POOL_SIZE, POOL_OVERFLOW = 10, 30
 
@@ -150,9 +151,7 @@ class Database:
         safe to repeat."""
         return Retrying(retry=retry_if_exception(transient), stop=stop_after_delay(within),
                         wait=wait_exponential(multiplier=0.25, max=4), reraise=True,
-                        before_sleep=lambda state: log.warning(
-                            "the database did not answer (%s); trying again",
-                            next(iter(str(state.outcome.exception() if state.outcome else "").splitlines()), "")))
+                        before_sleep=_tell_retry)
 
     def ring(self) -> None:
         """Make the other processes look now, with no change of our own to tell (an empty write
@@ -180,13 +179,31 @@ class _DatabaseClock:
         return database + time.monotonic_ns() // 1000 - monotonic
 
 
+def _tell_retry(state: RetryCallState) -> None:
+    exc = state.outcome.exception() if state.outcome else None
+    first = next(iter(str(exc or "").splitlines()), "")
+    if exc is not None and disk_full(exc):
+        log.warning("the database's disk is full (%s); trying again", first)
+    else:
+        log.warning("the database did not answer (%s); trying again", first)
+
+
+def disk_full(exc: BaseException) -> bool:
+    """The database's disk is full (SQLite's SQLITE_FULL, PostgreSQL's disk_full): nothing was
+    written, and asking again works once someone makes room."""
+    orig = getattr(exc, "orig", None)
+    return isinstance(exc, OperationalError) and (getattr(orig, "sqlite_errorname", None) == "SQLITE_FULL"
+                                                  or getattr(orig, "sqlstate", None) == DISK_FULL_SQLSTATE)
+
+
 def transient(exc: BaseException) -> bool:
     """A database that may answer if asked again: a connection lost mid-transaction, none to be
-    had (no statement ran), or a lock wait that timed out (a stalled writer). Not a statement the
-    database refused (no such table, a read-only file), which would fail the same way again."""
+    had (no statement ran), a lock wait that timed out (a stalled writer), or a full disk. Not a
+    statement the database refused (no such table, a read-only file), which would fail the same
+    way again."""
     if not isinstance(exc, OperationalError):
         return False
-    if exc.connection_invalidated or exc.statement is None:
+    if exc.connection_invalidated or exc.statement is None or disk_full(exc):
         return True
     code = getattr(exc.orig, "sqlstate", None)  # psycopg's SQLSTATE
     text = str(exc.orig).lower()

@@ -27,7 +27,7 @@ from sqlalchemy import update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, col, select
 
-from orchestrator.db import Database, transient
+from orchestrator.db import Database, disk_full, transient
 from orchestrator.errors import BudgetExceeded, Canceled, EngineError, NotFound, OrchestratorError
 from orchestrator.events import EventBus
 from orchestrator.health import EngineHealth
@@ -293,8 +293,8 @@ class JobRunner:
                 if transient(exc) and self.registry.get(job.engine).kind == "local":
                     # The database stayed away for the whole final write: a local job is left to
                     # recovery (its lease runs out, and it runs again), not failed for good.
-                    log.error("job %s: the database did not answer while its images were stored; it is "
-                              "left to recovery", job.id)
+                    log.error("job %s: the database %s while its images were stored; it is left to recovery",
+                              job.id, "had no room left on its disk" if disk_full(exc) else "did not answer")
                     return
                 log.exception("job %s: storing its images failed", job.id)
                 # The first line says what failed; a database error's next lines hold its SQL and values,

@@ -16,7 +16,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from orchestrator.api.deps import authenticate
-from orchestrator.db import transient
+from orchestrator.db import disk_full, transient
 from orchestrator.errors import OrchestratorError
 from orchestrator.schemas import ErrorResponse
 
@@ -40,7 +40,8 @@ _DOCUMENTED = {
     422: "Invalid input (`invalid_request`), or no engine may take the request (`no_route`).",
     429: "The project already has ORCH_MAX_PENDING_JOBS unfinished jobs (`rate_limited`).",
     503: "No engine is available for the request now (`no_route`, `engine_unavailable`), or the database "
-         "did not answer in time (`database_unavailable`: nothing was written, send it again).",
+         "did not answer in time (`database_unavailable`) or its disk is full (`storage_full`): nothing "
+         "was written, send it again.",
 }
 
 
@@ -199,6 +200,12 @@ def install(app: FastAPI) -> None:
         if isinstance(exc, OperationalError) and not transient(exc):
             log.error("database error", exc_info=exc)
             return error_response(500, "internal_error", "internal server error")
+        if disk_full(exc):
+            log.error("the database's disk is full: %s", next(iter(str(exc).splitlines()), "")[:300])
+            return error_response(503, "storage_full",
+                                  "the server's disk is full; nothing was written, send the request again once "
+                                  "its operator has made room (with the same Idempotency-Key for a POST)",
+                                  headers={"Retry-After": "60"})
         log.warning("database unavailable: %s", next(iter(str(exc).splitlines()), type(exc).__name__)[:300])
         return error_response(503, "database_unavailable",
                               "the database did not answer in time; nothing was written, send the request again "

@@ -515,3 +515,35 @@ def test_a_database_held_by_another_writer_is_a_503_to_retry_not_a_500(
     again = client.post("/v1/projects", json={"name": "while stalled"}, headers={"Idempotency-Key": "k1"})
     assert again.status_code == 201 and "Idempotent-Replayed" not in again.headers  # nothing was kept
     assert [p["name"] for p in client.get("/v1/projects").json()["items"]] == ["while stalled"]
+
+
+def test_a_full_disk_is_a_503_that_says_so(tmp_path: Any) -> None:
+    from fastapi import FastAPI
+    from sqlalchemy import create_engine
+    from sqlalchemy.exc import OperationalError
+
+    from orchestrator.api.errors import install
+    from orchestrator.db import disk_full, transient
+
+    # SQLite's own SQLITE_FULL: a database held to the pages it has, then asked for more.
+    engine = create_engine(f"sqlite:///{tmp_path / 'full.db'}")
+    with engine.begin() as c:
+        c.exec_driver_sql("CREATE TABLE t (b BLOB)")
+    with pytest.raises(OperationalError) as raised, engine.begin() as c:
+        c.exec_driver_sql(f"PRAGMA max_page_count = {c.exec_driver_sql('PRAGMA page_count').scalar()}")
+        c.exec_driver_sql("INSERT INTO t VALUES (zeroblob(100000))")
+    engine.dispose()
+    full = raised.value
+    # Waited out like a database that does not answer (a job's end must not be lost to it)...
+    assert disk_full(full) and transient(full)
+    app = FastAPI()
+    install(app)
+
+    @app.post("/write")
+    def write() -> None:
+        raise full
+
+    # ... but told as what it is, not as a database that did not answer in time.
+    response = TestClient(app).post("/write")
+    assert_error(response, 503, "storage_full")
+    assert "disk is full" in response.json()["error"]["message"] and response.headers["retry-after"] == "60"
