@@ -275,7 +275,10 @@ class JobService:
                                            col(Job.cache_hit).is_(False)).order_by(col(Job.id))).first()
         if earlier is None:
             return []
-        return list(s.exec(select(Asset).where(col(Asset.job_id) == earlier.id).order_by(col(Asset.index))).all())
+        assets = list(s.exec(select(Asset).where(col(Asset.job_id) == earlier.id).order_by(col(Asset.index))).all())
+        # A copy of a file that is gone (removed by hand, a lost disk) would be charged nothing and
+        # serve nothing: rendered again instead.
+        return assets if all(self.store.path_for(asset.sha256).is_file() for asset in assets) else []
 
     def _publish_cached(self, job: Job) -> None:
         # The events a run publishes (`orchestrator.runner`), with `cache_hit`: clients read both alike.

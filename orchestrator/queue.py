@@ -409,6 +409,7 @@ class Scheduler:
     # -- leases and recovery -----------------------------------------------------------------
 
     async def _heartbeat_loop(self) -> None:
+        failing = False
         while not self._stopping or self._running:  # a stop waits for running jobs: see `stop`
             await asyncio.sleep(self.lease.total_seconds() / 3)
             with contextlib.suppress(Exception):
@@ -417,8 +418,15 @@ class Scheduler:
             if claims:
                 try:
                     await asyncio.to_thread(self._renew, claims)
-                except Exception:  # one busy database must not end renewal: every lease would run out
-                    log.exception("lease renewal failed; trying again at the next beat")
+                except Exception as exc:  # one busy database must not end renewal: every lease would run out
+                    # The traceback once; then a line a beat (a full disk for minutes wrote thousands).
+                    log.error("lease renewal failed; trying again at the next beat: %s",
+                              next(iter(str(exc).splitlines()), type(exc).__name__)[:300], exc_info=not failing)
+                    failing = True
+                else:
+                    if failing:
+                        log.info("lease renewal works again")
+                    failing = False
 
     def _renew(self, claims: list[Claim]) -> None:
         lost: list[tuple[Claim, Job | None]] = []

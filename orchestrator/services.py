@@ -109,8 +109,11 @@ def startup_problems(settings: Settings, *, service: bool = True) -> list[str]:
                                 "PostgreSQL: pip install 'tiered-orchestrator[postgres]'")
     try:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=settings.data_dir):
-            pass
+        with tempfile.TemporaryFile(dir=settings.data_dir) as probe:
+            # Some bytes, not an empty file (which a full disk still makes): the migrations would
+            # otherwise meet the full disk with a traceback.
+            probe.write(bytes(64 * 1024))
+            probe.flush()
     except OSError as exc:
         problems.append(f"ORCH_DATA_DIR: cannot write in {settings.data_dir} ({exc.strerror or exc})")
     if service:
@@ -220,14 +223,17 @@ class Services:
                 failing = False
 
     async def _sweep_assets(self) -> None:
-        """Asset files no row names (`ArtifactStore.sweep_orphans`): at start, then every
-        `ORPHAN_SWEEP_SECONDS`."""
+        """Asset files no row names (`ArtifactStore.sweep_orphans`) and old temp files: at start,
+        then every `ORPHAN_SWEEP_SECONDS`."""
         def referenced(shas: list[str]) -> set[str]:
             with self.db.session() as s:
                 return set(s.exec(select(Asset.sha256).where(col(Asset.sha256).in_(shas)).distinct()))
 
         while True:
             try:
+                # A temp file left by a crash, once it is old enough to be no one's write in progress:
+                # a service restarted right after the crash would otherwise keep it until its next start.
+                await asyncio.to_thread(self.store.sweep_temp)
                 removed = await asyncio.to_thread(self.store.sweep_orphans, referenced)
             except SweepRefused as exc:
                 log.error("asset sweep refused: %s", exc)

@@ -212,6 +212,21 @@ class ArtifactStore:
         sha = hashlib.sha256(data).hexdigest()
         path = self.path_for(sha)
         try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            size = None
+        except OSError:
+            size = len(data)  # cannot be looked at: as before, the utime below decides
+        if size is None:
+            self._write(path, data)
+            return sha
+        if size != len(data):
+            # A damaged copy (cut short by a crash of the disk, or by hand): the new row must not
+            # name it, and the earlier rows that do get their bytes back.
+            log.warning("asset file %s holds %d bytes, not %d: written again", path.name, size, len(data))
+            self._write(path, data)
+            return sha
+        try:
             # Fresh again, as a new file would be: an old orphan with these bytes (a canceled job's,
             # now made again) is about to be named by a row, and the orphan sweep must see that.
             os.utime(path)

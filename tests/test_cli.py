@@ -3,10 +3,13 @@ stderr and a non-zero exit, never a traceback."""
 
 from __future__ import annotations
 
+import errno
+import io
 import logging
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -14,6 +17,7 @@ from PIL import Image
 
 from orchestrator import check as check_module
 from orchestrator.cli import _log_to_data_dir, main
+from orchestrator.services import startup_problems
 from orchestrator.settings import Settings
 from orchestrator.store import ArtifactStore
 from tests.api import create_project, run_draft
@@ -209,6 +213,20 @@ def test_a_setting_the_service_cannot_start_with_is_named_before_it_starts(
     assert err.startswith("orchestrator: invalid configuration:")
     assert told.format(tmp=tmp_path) in err
     assert "Traceback" not in err and "secret" not in err
+
+
+def test_a_full_data_dir_is_named_before_the_service_starts(make_settings: SettingsFactory,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    # A full disk still makes an empty file: the probe writes, or the migrations met it with a traceback.
+    settings = make_settings()
+
+    class FullDisk(io.BytesIO):
+        def write(self, data: Any) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("orchestrator.services.tempfile.TemporaryFile", lambda **_: FullDisk())
+    assert startup_problems(settings) == [
+        f"ORCH_DATA_DIR: cannot write in {settings.data_dir} (No space left on device)"]
 
 
 def test_a_bad_value_in_the_config_file_names_the_file_and_key(make_settings: SettingsFactory, tmp_path: Path,

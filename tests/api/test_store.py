@@ -90,6 +90,16 @@ def test_a_put_makes_the_rename_durable_before_it_returns(tmp_path: Path, monkey
     assert synced == ["dir assets", "file", "rename", f"dir {sha[:2]}"]
 
 
+def test_a_damaged_copy_of_the_same_bytes_is_written_again(tmp_path: Path) -> None:
+    store = ArtifactStore(tmp_path / "assets")
+    data = b"an image's bytes" * 64
+    sha = store.put(data)
+    path = store.path_for(sha)
+    path.write_bytes(data[:100])  # cut short
+    assert store.put(data) == sha  # the same draft made again: its row will name this file
+    assert path.read_bytes() == data
+
+
 def test_sweep_temp_removes_leftovers_of_a_crash(tmp_path: Path) -> None:
     store = ArtifactStore(tmp_path / "assets")
     sha = store.put(b"kept")
@@ -353,6 +363,25 @@ def test_a_service_sweeps_the_files_of_a_job_canceled_while_storing(make_setting
         content = api.get(f"/v1/assets/{kept}/content")
         assert content.status_code == 200
         assert hashlib.sha256(content.content).hexdigest() == kept_sha
+
+
+def test_a_running_service_sweeps_old_temp_files(make_settings: SettingsFactory,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # Left by a crash of another process (a worker) while this one runs, or just before it started.
+    monkeypatch.setattr("orchestrator.services.ORPHAN_SWEEP_SECONDS", 0.1)
+    settings = make_settings()
+    with serve_in_thread(settings):
+        shard = settings.assets_dir / "ab"
+        shard.mkdir(parents=True, exist_ok=True)
+        crashed, writing = shard / ".tmp-crashed.png", shard / ".tmp-writing.png"
+        crashed.write_bytes(b"half")
+        writing.write_bytes(b"in progress")
+        age(crashed)
+        deadline = time.monotonic() + 30
+        while crashed.exists():
+            assert time.monotonic() < deadline, "the old temp file is still there"
+            time.sleep(0.05)
+        assert writing.exists()  # a write in progress, as far as anyone can tell
 
 
 def test_png_carries_infotext_and_record() -> None:

@@ -548,6 +548,23 @@ def test_a_copy_of_an_earlier_result_needs_no_room_in_the_budget(paid_server: ht
     assert [e["kind"] for e in ledger(paid_server, project_id)] == ["hold", "capture"]
 
 
+def test_a_copy_of_a_result_whose_file_is_gone_is_rendered_again(new_settings: SettingsFactory,
+                                                                  tmp_path: Path) -> None:
+    folder = write_policies(tmp_path / "policies", {"fallback-test": FALLBACK_POLICY})
+    settings = new_settings(engines=FAKE_ENGINES, policy="fallback-test", policy_dir=folder)
+    with running(settings) as client:
+        _, asset_id = draft_asset(client, budget={"limit": 100, "period": "month"})
+        body: dict[str, Any] = {"engine": "fake-paid", "seed": 9, "steps": 2, "cache": True}
+        first = wait_for_job(client, promote(client, asset_id, **body)["id"])
+        sha = client.get(f"/v1/assets/{first['assets'][0]}").json()["sha256"]
+        (settings.assets_dir / sha[:2] / f"{sha}.png").unlink()  # removed by hand, a lost disk
+        again = promote(client, asset_id, **body)
+        assert again["cost"]["cache_hit"] is False and again["cost"]["estimated"] == 10
+        done = wait_for_job(client, again["id"])
+        assert done["status"] == "succeeded" and done["cost"]["charged"] == 10
+        assert client.get(f"/v1/assets/{done['assets'][0]}/content").status_code == 200
+
+
 def test_the_privacy_tag_is_known_however_its_key_is_spelled(paid_server: httpx.Client) -> None:
     # `Privacy` was another tag: the private draft's promotion went to a cloud engine.
     response = paid_server.post("/v1/projects", json={"name": "private"})
