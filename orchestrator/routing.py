@@ -133,6 +133,12 @@ class Router:
                 # rule's cap), not "try later". Engines not set up (no key) cannot change that.
                 refusal = refusals[0]
                 refusal.details = {**refusal.details, **base, "candidates": [c.as_dict() for c in ordered]}
+                # The engines left out for their setup belong in the sentence too: a private request
+                # refused by the cloud engines because the local one has no model is the operator's
+                # to fix, and reads as the client's fault without it.
+                others = [f"{c.engine}: {c.skipped}" for c in ordered if c.refusal is None and c.skipped]
+                if others:
+                    refusal.message = f"{refusal.message} (and {'; '.join(others)})"[:1000]
                 raise refusal
             # The reasons belong in the sentence: "no engine now" alone reads like an outage when
             # the request was too large for the only engine that is set up.

@@ -66,6 +66,7 @@ ENGINES = [
     # Local kind, but it sends the request to another process on another host (a ComfyUI server).
     StubEngine("selfhosted", "local", 0, leaves_machine=True),
     StubEngine("offline", available=False),
+    StubEngine("local-offline", "local", 0, available=False),
     StubEngine("unpriced", price=None),
     # A third-party engine's bug: it would be "cheapest", take no hold and run unchecked.
     StubEngine("negative", price=-5),
@@ -141,6 +142,13 @@ POLICIES = {
         match = { stage = ["bridge", "polish"] }
         engines = ["cloud-b", "negative"]
         strategy = "cheapest"
+    """,
+    "private-mix": """
+        [[rules]]
+        name = "mix"
+        match = { stage = "bridge" }
+        engines = ["cloud-a", "local-offline"]
+        private = true
     """,
     "unusable": """
         [[rules]]
@@ -267,6 +275,16 @@ def test_private_request_skips_a_local_engine_that_sends_data_elsewhere(decide: 
     assert decide("routes", "bridge", tags={"privacy": "team"}).chosen == "cloud-a"
     for near_miss in ("LOCAL", "Local", " local "):
         assert decide("routes", "bridge", tags={"privacy": near_miss}).chosen == "local"
+
+
+def test_a_private_refusal_names_the_local_engine_that_is_not_set_up(decide: Decide) -> None:
+    # The cloud engine refuses the private request; the local one would take it but has no setup:
+    # the operator's to fix, which the sentence must say, not only that the request is private.
+    with pytest.raises(NoRoute) as info:
+        decide("private-mix", "bridge")
+    assert info.value.message.startswith("engine 'cloud-a' sends data off the machine")
+    assert "(and local-offline: unavailable: no API key" in info.value.message
+    assert [c["engine"] for c in info.value.details["candidates"]] == ["cloud-a", "local-offline"]
 
 
 def test_private_request_naming_a_remote_engine_is_refused(decide: Decide) -> None:
