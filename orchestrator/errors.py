@@ -122,6 +122,9 @@ class EngineError(OrchestratorError):
             self.retryable = retryable
         if charged is not None:
             self.charged = charged
+        # Whether whoever raised it said what it cost, or left the class's default: a cancel token's
+        # own `Canceled` knows nothing of what an engine had sent (see `JobRunner.run`).
+        self.charged_told = charged is not None
         self.cost_millicredits = cost_millicredits
 
     def at_least_charged(self, charged: Charged) -> EngineError:

@@ -269,6 +269,9 @@ class JobRunner:
             self.health.assign(job.engine, job.id)
             try:
                 result = await self._render(claim)
+            except Canceled as exc:
+                self._doubt_a_free_cancel(claim, exc)
+                raise
             except EngineError as exc:
                 if exc.retryable and exc.engine_fault:
                     self.health.failed(job.engine)
@@ -637,6 +640,17 @@ class JobRunner:
             used = float(result.metadata.get(DEVICE_SECONDS, seconds))  # the engine's own count leaves out loading
             self.ledger.charge_usage(s, job, round(used * self.local_rate * 1000),
                                      note=f"{used:.2f} device-seconds")
+
+    def _doubt_a_free_cancel(self, claim: Claim, exc: Canceled) -> None:
+        """A remote engine's cancel that says nothing of its cost (a token's own `Canceled`, as a
+        plugin waiting on `cancel.sleep` while its provider works raises) is free only when nothing
+        of the attempt can have reached a provider: released as "no" otherwise, a request out and
+        billed would be paid by no one, or sent again after a stop."""
+        if exc.charged != "no" or exc.charged_told or self.registry.get(claim.job.engine).kind != "remote":
+            return
+        claim.ended = True  # before the question below: no send of this attempt starts after it
+        if not claim.surely_unsent():
+            exc.at_least_charged("unknown")
 
     def _raise_if_user_canceled(self, claim: Claim) -> None:
         # A stop cancels the token too; a user's cancel is also in the row's `cancel_requested_at`,

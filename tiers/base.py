@@ -218,7 +218,11 @@ class Engine(Protocol):
     """An engine may also set `announces_sends = True`: it awaits `billable_send()` before every
     request that can bill (`RemoteClient` does so for each request not marked idempotent). Then a
     job whose process died before its first such request is sent again after the crash rather than
-    failed and charged as possibly billed."""
+    failed and charged as possibly billed.
+
+    A remote engine's `Canceled` says what it cost (`charged=`); one that does not (the token's
+    own, from `cancel.sleep` or `raise_if_cancelled`) is taken as free only while nothing of the
+    attempt can have been sent, and as `unknown` otherwise."""
 
     name: str
     kind: Kind

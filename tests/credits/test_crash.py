@@ -28,6 +28,7 @@ from tests.credits import (
     wait_for_state,
 )
 from tests.credits.conftest import POLICY, Service
+from tests.fakes import SENT
 
 
 def test_kill_with_a_paid_call_in_flight(service_env: dict[str, str], tmp_path: Path,
@@ -120,7 +121,7 @@ def test_a_stop_before_anything_was_sent_queues_the_paid_job_again(
     settings = paid_settings_for(tmp_path / "data")
     with serve_in_thread(settings) as base, httpx.Client(base_url=base, timeout=30) as client:
         project_id, asset_id = project_with_draft(client)
-        job = promote_ok(client, asset_id, engine="fake-paid", tags={"fake": "slow", "seconds": "60"})
+        job = promote_ok(client, asset_id, engine="fake-paid", tags={"fake": "wait-before-send", "seconds": "60"})
         poll(lambda: client.get(f"/v1/jobs/{job['id']}").json(), lambda j: j["status"] == "running")
     with serve_in_thread(settings) as base, httpx.Client(base_url=base, timeout=30) as client:
         again = poll(lambda: client.get(f"/v1/jobs/{job['id']}").json(), lambda j: j["status"] == "running")
@@ -130,6 +131,37 @@ def test_a_stop_before_anything_was_sent_queues_the_paid_job_again(
         assert done["status"] == "canceled"
         assert [(e["kind"], e["unreconciled"]) for e in ledger(client, project_id) if e["job_id"] == job["id"]] \
             == [("hold", False), ("release", False)]
+
+
+def test_a_stop_while_the_provider_works_is_not_sent_again(paid_settings_for: Callable[..., Settings],
+                                                           tmp_path: Path) -> None:
+    # The engine waits on its cancel token once its request is out (a plugin polling with
+    # `cancel.sleep`): the token's own Canceled says "no", but the runner saw the request go out.
+    settings = paid_settings_for(tmp_path / "data")
+    with serve_in_thread(settings) as base, httpx.Client(base_url=base, timeout=30) as client:
+        _project, asset_id = project_with_draft(client)
+        sent = len(SENT)
+        job = promote_ok(client, asset_id, engine="fake-paid", tags={"fake": "slow", "seconds": "60"})
+        poll(lambda: len(SENT), lambda count: count > sent)
+    with serve_in_thread(settings) as base, httpx.Client(base_url=base, timeout=30) as client:
+        done = wait_for_job(client, job["id"])
+        assert done["status"] == "failed" and done["error"]["code"] == "interrupted"
+        assert done["cost"]["charged"] == 10.0  # captured for reconciliation, not released
+
+
+def test_a_cancel_while_the_provider_works_is_charged_unknown(paid_settings_for: Callable[..., Settings],
+                                                             tmp_path: Path) -> None:
+    settings = paid_settings_for(tmp_path / "data")
+    with serve_in_thread(settings) as base, httpx.Client(base_url=base, timeout=30) as client:
+        project_id, asset_id = project_with_draft(client)
+        sent = len(SENT)
+        job = promote_ok(client, asset_id, engine="fake-paid", tags={"fake": "slow", "seconds": "60"})
+        poll(lambda: len(SENT), lambda count: count > sent)
+        assert client.post(f"/v1/jobs/{job['id']}/cancel").status_code == 202
+        done = wait_for_job(client, job["id"])
+        assert done["status"] == "canceled" and done["cost"]["charged"] == 10.0
+        assert [(e["kind"], e["unreconciled"]) for e in ledger(client, project_id) if e["job_id"] == job["id"]] \
+            == [("hold", False), ("capture", True)]
 
 
 def test_a_cancel_just_before_a_stop_stays_a_cancel(paid_settings_for: Callable[..., Settings],
