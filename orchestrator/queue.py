@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -45,6 +46,7 @@ from tiers.registry import EngineRegistry
 log = logging.getLogger(__name__)
 DISPATCH_RETRY_SECONDS = 1.0
 QUEUED_BATCH = 500  # queued jobs looked at per dispatch
+SERVED_REMEMBERED = 10_000  # projects whose last start a scheduler remembers for the turns
 MAX_LOCAL_STOPS = 3  # a job re-queued by recovery (local, or reattaching) this often is failed instead
 REMOTE_LANE_LIMIT = 4
 # How long a stop waits for interrupted jobs to wind down (a job storing what its engine made is
@@ -81,6 +83,9 @@ class Scheduler:
         self._wake = asyncio.Event()
         self._cancel_wake = asyncio.Event()
         self._device_elsewhere_until = 0.0  # monotonic time; see `_queued`
+        # When this process last started a job of each project (monotonic): within a turn, the
+        # project served longest ago goes first (see `_oldest_queued`).
+        self._served: dict[str, float] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._running: dict[str, tuple[asyncio.Task[None], Claim]] = {}
         # Claims committed by a worker thread and not yet started on the loop: a cancel in that
@@ -261,9 +266,12 @@ class Scheduler:
         return jobs
 
     def _oldest_queued(self, engines: list[str]) -> list[Job]:
-        """Queued jobs in turns by project: each project's oldest, then each one's next, and so on
-        (oldest first within a turn). A project that queued a hundred drafts delays another's
-        next job by one job per project, not by its hundred.
+        """Queued jobs in turns by project: each project's oldest, then each one's next, and so on;
+        within a turn, the project this process served longest ago (or never) first, then the
+        oldest job. A project that queued a hundred drafts delays another's next job by one job
+        per project, not by its hundred: counted among the queued jobs alone, every dispatch found
+        the busy project's next job in the first turn again, older than the other's, and served
+        it first until its backlog was gone.
 
         Two index reads, not a numbering of the whole queue: the oldest `QUEUED_BATCH` jobs, and
         each project's oldest. Turns are counted among those, which orders every project's next
@@ -288,7 +296,9 @@ class Scheduler:
         for job in jobs:
             turns[job.project_id] = turns.get(job.project_id, 0) + 1
             ranked.append((turns[job.project_id], job))
-        ranked.sort(key=lambda pair: (pair[0], pair[1].created_at, pair[1].id))
+        served = self._served
+        ranked.sort(key=lambda pair: (pair[0], served.get(pair[1].project_id, -math.inf), pair[1].created_at,
+                                      pair[1].id))
         return [job for _, job in ranked[:QUEUED_BATCH]]
 
     def _claim(self, job: Job) -> Claim | None:
@@ -310,6 +320,10 @@ class Scheduler:
         except BaseException:
             self._claimed.pop(job.id, None)
             raise
+        self._served[job.project_id] = time.monotonic()
+        if len(self._served) > SERVED_REMEMBERED:  # the projects served longest ago are forgotten first
+            for project_id in sorted(self._served, key=self._served.__getitem__)[:len(self._served) // 2]:
+                del self._served[project_id]
         return claim
 
     def _give_back_unstarted(self) -> None:

@@ -78,6 +78,17 @@ def test_projects_take_turns_in_the_queue(services: Services, monkeypatch: pytes
     assert [job.id for job in services.scheduler._oldest_queued(["lite"])] == [busy[0], other[0]]
 
 
+def test_a_project_just_served_waits_for_the_others_in_its_turn(services: Services) -> None:
+    busy = queued_drafts(services, 3)
+    other = queued_drafts(services, 1)
+    assert [c.job.id for c, _ in services.scheduler._claim_ready({})] == [busy[0]]
+    # The busy project's next job is older than the other's, and both are their project's next:
+    # the one served a moment ago goes second (else it went first until its backlog was gone).
+    assert [job.id for job in services.scheduler._oldest_queued(["lite"])] == [other[0], busy[1], busy[2]]
+    assert [c.job.id for c, _ in services.scheduler._claim_ready({})] == [other[0]]
+    assert [job.id for job in services.scheduler._oldest_queued(["lite"])] == [busy[1], busy[2]]
+
+
 def test_a_project_cannot_queue_more_than_its_share(make_settings: SettingsFactory) -> None:
     built = Services.build(make_settings(max_pending_jobs=2))
     try:
