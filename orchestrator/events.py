@@ -233,6 +233,16 @@ class EventBus:
     def knows(self, job_id: str) -> bool:
         return job_id in self._jobs
 
+    def keep(self, job_id: str) -> bool:
+        """`knows`, and if so the job's history is kept a whole `HISTORY_TTL` from now: a stream
+        about to subscribe must find it. Call it on the loop. (Dropped by another job's event between
+        the look and the subscription, a finished job's stream came back empty.)"""
+        stream = self._jobs.get(job_id)
+        if stream is None:
+            return False
+        stream.touched = time.monotonic()
+        return True
+
     def view(self, job_id: str) -> StreamView | None:
         """The stream's state, for catching it up from the job's row; call it on the loop."""
         stream = self._jobs.get(job_id)

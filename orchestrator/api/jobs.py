@@ -128,7 +128,7 @@ async def job_events(job_id: str, services: ServicesDep, caller: CallerDep, requ
     event the answer is 204, which tells a browser's EventSource to stop reconnecting."""
     if caller.project_id is not None:
         await asyncio.to_thread(check_job, services, caller, job_id)
-    if not services.bus.knows(job_id):  # a job this process has published is known to exist
+    if not services.bus.keep(job_id):  # a job this process has published is known to exist
         job, asset_ids, preview = await asyncio.to_thread(_stored_state, services, job_id)
         if services.scheduler.holds(job_id):  # claimed here (checked after the read): its runner tells the rest
             if not services.bus.knows(job_id):

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from orchestrator.events import EventBus
+from orchestrator.events import HISTORY_TTL, EventBus
 from orchestrator.server import serve_in_thread
 from orchestrator.settings import Settings
 from tests.api import SLOW, SSE, TERMINAL, create_project, iter_sse, read_events, run_draft, submit_draft, wait_for_job
@@ -263,6 +263,25 @@ def test_subscribing_to_an_expired_history_ends_at_once() -> None:
 
     assert asyncio.run(asyncio.wait_for(collect(), timeout=5)) == []
     assert not bus.knows("job_x")
+
+
+def test_a_history_a_stream_relies_on_is_kept_until_it_subscribes(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A finished job's history, nearly expired: the handler finds it known, so it does not rebuild
+    # it from the row; another job's event before the subscription must not drop it.
+    clock = [1000.0]
+    monkeypatch.setattr("orchestrator.events.time.monotonic", lambda: clock[0])
+    bus = EventBus()
+    bus.publish("job_x", "succeeded", {"status": "succeeded"})
+    clock[0] += HISTORY_TTL - 1
+    assert bus.keep("job_x")
+    clock[0] += 2  # past its first TTL, and time for another eviction
+    bus.publish("job_y", "queued", {})
+
+    async def collect() -> list[str]:
+        return [event.type async for event in bus.subscribe("job_x")]
+
+    assert asyncio.run(asyncio.wait_for(collect(), timeout=5)) == ["succeeded"]
+    assert not bus.keep("job_nope")
 
 
 def test_a_client_leaving_a_live_stream_logs_no_error(server: httpx.Client, caplog: pytest.LogCaptureFixture) -> None:
