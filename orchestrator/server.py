@@ -23,6 +23,10 @@ from orchestrator.settings import Settings
 # Seconds uvicorn waits for open requests once told to stop, before it closes them: the event
 # streams end at once (below); this bounds anything else, such as a client reading slowly.
 GRACEFUL_SHUTDOWN_SECONDS = 10
+# Longer than the idle time of clients' pools (httpx: 5 s) and of load balancers in front (often
+# 60 s): with uvicorn's 5 s, a client reusing a connection as the server closed it lost its request
+# ("server disconnected without sending a response") in a load audit.
+KEEP_ALIVE_SECONDS = 75
 
 
 class AnswerWhenStopped:
@@ -63,6 +67,7 @@ class Server(uvicorn.Server):
     long as it stays connected."""
 
     def __init__(self, app: FastAPI, **options: object) -> None:
+        options = {"timeout_keep_alive": KEEP_ALIVE_SECONDS, **options}
         super().__init__(uvicorn.Config(AnswerWhenStopped(app), lifespan="on",
                                         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS, **options))  # type: ignore[arg-type]
         self.app = app
