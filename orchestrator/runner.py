@@ -122,6 +122,9 @@ class JobProgress:
         data: dict[str, Any] = {"step": step, "total": total, "fraction": round(step / total, 4) if total else 0}
         if preview is not None:
             self.runner.previews[job_id] = preview
+            if self.claim.cancel.cancelled:  # since the look above: the job's end may have cleared it
+                self.runner.previews.pop(job_id, None)
+                return
             data["preview_url"] = f"/v1/jobs/{job_id}/preview?step={step}"
         self.runner.bus.publish(job_id, "progress", data)
         self.claim.job.progress_step, self.claim.job.progress_total = step, total
@@ -145,7 +148,7 @@ class JobProgress:
 
     def _write(self, step: int, total: int) -> None:
         latest = self.runner.previews.get(self.claim.job.id)
-        if latest is not None:
+        if latest is not None and not self.claim.cancel.cancelled:
             # Before the row: a process that sees the new step (its follower, woken by the commit)
             # finds this step's preview already there.
             self.runner.write_preview(self.claim.job.id, latest)
@@ -164,7 +167,8 @@ class JobProgress:
                 (step, total), self._next = self._next, None
 
     def state(self, state: str, **details: Any) -> None:
-        self.runner.bus.publish(self.claim.job.id, "state", {"state": state, **details})
+        if not self.claim.cancel.cancelled:  # as `step`: an abandoned inference thread may still tell
+            self.runner.bus.publish(self.claim.job.id, "state", {"state": state, **details})
 
     def provider_request(self, request_id: str, handle: Mapping[str, Any] | None = None) -> None:
         with self._lock:
@@ -646,7 +650,8 @@ class JobRunner:
         plugin waiting on `cancel.sleep` while its provider works raises) is free only when nothing
         of the attempt can have reached a provider: released as "no" otherwise, a request out and
         billed would be paid by no one, or sent again after a stop."""
-        if exc.charged != "no" or exc.charged_told or self.registry.get(claim.job.engine).kind != "remote":
+        if (exc.charged != "no" or exc.charged_told or self.registry.get(claim.job.engine).kind != "remote"
+                or claim.job.estimated == 0):  # a free server's (ComfyUI's): nothing to hold or capture
             return
         claim.ended = True  # before the question below: no send of this attempt starts after it
         if not claim.surely_unsent():
@@ -697,7 +702,7 @@ class JobRunner:
         if s.execute(stmt.values(**values)).rowcount == 1:
             return
         if unless_canceled and s.scalar(select(Job.id).where(*held)) is not None:
-            raise Canceled("the job was canceled")
+            raise Canceled("the job was canceled", charged="no")  # what it had cost is the caller's to say
         raise StaleAttempt(claim.job.id)
 
     def write_preview(self, job_id: str, preview: Image.Image) -> None:

@@ -17,6 +17,7 @@ import asyncio
 import email.utils
 import functools
 import json
+import math
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -264,7 +265,7 @@ class RemoteClient:
     async def _send_once(self, method: str, url: str, *, idempotent: bool, cancel: CancelToken | None,
                          stop_at: float, **kwargs: Any) -> httpx.Response:
         if cancel is not None:
-            cancel.raise_if_cancelled()  # nothing sent yet: charged "no"
+            cancel.raise_if_cancelled(charged="no")  # nothing sent yet
         if not idempotent and "timeout" not in kwargs:
             # A synchronous provider (Gemini, OpenAI, Stability) sends nothing until the image is
             # made: a read timeout shorter than the deadline would end a slow render, made and
@@ -284,7 +285,7 @@ class RemoteClient:
         if not idempotent:
             await billable_send()
             if cancel is not None:
-                cancel.raise_if_cancelled()  # asked while the send was being recorded: still nothing sent
+                cancel.raise_if_cancelled(charged="no")  # asked while the send was being recorded: still nothing sent
         # The read timeout bounds each wait for bytes, not the whole answer: a server trickling its
         # body would hold the job forever. The deadline bounds the attempt (the floor leaves a
         # last attempt, admitted just before the deadline, time to be answered).

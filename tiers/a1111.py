@@ -166,7 +166,7 @@ class A1111Engine:
         if req.init_image is None:
             raise BadEngineInput(f"a1111: the {req.stage} stage needs a draft image",
                                  details={"engine": self.name})
-        cancel.raise_if_cancelled()
+        cancel.raise_if_cancelled(charged="no")
         task_id = f"orch-{uuid.uuid4().hex}"
         deadline = self.http.new_deadline()
         # Before sending: should this process die mid-render, the next attempt can stop this task.

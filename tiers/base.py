@@ -166,9 +166,11 @@ class CancelToken:
         for loop, event in waiters:
             loop.call_soon_threadsafe(event.set)
 
-    def raise_if_cancelled(self) -> None:
+    def raise_if_cancelled(self, *, charged: Charged | None = None) -> None:
+        """Raise `Canceled` if the token is cancelled; `charged` says what the attempt cost, where
+        the caller knows (left out, the runner judges by what it saw sent)."""
         if self._flag.is_set():
-            raise Canceled("the job was canceled")
+            raise Canceled("the job was canceled", charged=charged)
 
     async def sleep(self, seconds: float) -> None:
         """Sleep, but wake and raise `Canceled` as soon as the token is cancelled."""

@@ -212,7 +212,7 @@ class ComfyUIEngine:
                       cancel: CancelToken) -> RenderResult:
         template = self._template()
         uses_seed = "seed" in placeholders(template)
-        cancel.raise_if_cancelled()
+        cancel.raise_if_cancelled(charged="no")
         deadline = self.http.new_deadline()
         kept = await self._keep(earlier, template, progress, deadline, cancel)
         # The dead attempt's first prompt had the base seed: a request without one keeps it.

@@ -174,6 +174,28 @@ def test_an_attempt_another_process_took_over_sends_nothing(paid_settings_for: C
             == [("hold", False)]
 
 
+def test_a_cancel_from_another_process_met_by_the_first_send_releases_the_hold(
+        paid_settings_for: Callable[..., Settings], tmp_path: Path) -> None:
+    # The send's own record finds the row canceled and refuses it: nothing went out, so nothing
+    # is charged (the engine asked to send, but the runner must not read that as sent).
+    settings = paid_settings_for(tmp_path / "data")
+    with serve_in_thread(settings) as base, httpx.Client(base_url=base, timeout=30) as client:
+        project_id, asset_id = project_with_draft(client)
+        go = tmp_path / "send-now"
+        job = promote_ok(client, asset_id, prompt="canceled elsewhere",
+                         tags={"fake": "wait-before-send", "until": str(go)})
+        poll(lambda: client.get(f"/v1/jobs/{job['id']}").json(), lambda j: j["status"] == "running")
+        db = Database(settings.resolved_database_url)
+        with db.transaction() as s:  # as another API server's cancel, before this one hears of it
+            s.execute(update(Job).where(col(Job.id) == job["id"]).values(cancel_requested_at=utcnow()))
+        db.dispose()
+        go.touch()
+        done = poll(lambda: client.get(f"/v1/jobs/{job['id']}").json(), lambda j: j["status"] == "canceled")
+        assert "canceled elsewhere" not in fakes.SENT and done["cost"]["charged"] == 0
+        assert [(e["kind"], e["unreconciled"]) for e in ledger(client, project_id) if e["job_id"] == job["id"]] \
+            == [("hold", False), ("release", False)]
+
+
 @pytest.mark.parametrize("behaviour", ["wait-before-send", "hang-unsaved"])
 def test_a_killed_paid_job_runs_again_only_if_its_request_had_not_gone(
         behaviour: str, service_env: dict[str, str], tmp_path: Path, paid_settings_for: Callable[..., Settings],
