@@ -65,9 +65,11 @@ def _parse_duration(text: str) -> float | None:
     if text.endswith("s"):
         text = text[:-1]
     try:
-        return max(0.0, float(text))
+        value = float(text)
     except ValueError:
         return None
+    # `inf` or `nan` is no wait anyone can honour, and not a number JSON can carry in an error.
+    return max(0.0, value) if math.isfinite(value) else None
 
 
 def retry_after(response: httpx.Response) -> float | None:
@@ -223,9 +225,9 @@ class RemoteClient:
         so far said nothing was made. Racing the whole call from outside cannot tell the two apart.
         """
         stop_at = deadline if deadline is not None else self.new_deadline()
-        # A billable retry is sent only with a read timeout's time left (at most half the
-        # deadline, so a short deadline still allows retries).
-        reserve = 0.0 if idempotent else min(self.read_timeout, self.deadline_seconds / 2)
+        # A billable retry is sent only with half the deadline left, time for a slow render to be
+        # answered (it waits until the deadline, not the read timeout: see `_send_once`).
+        reserve = 0.0 if idempotent else self.deadline_seconds / 2
         retrying = AsyncRetrying(
             retry=retry_if_exception_type((_RetryableAnswer, _NotSent)),
             wait=functools.partial(_next_wait, rate_limit_pause=self.rate_limit_pause),

@@ -15,7 +15,7 @@ import respx
 
 from orchestrator.errors import Canceled, EngineError, EngineTimeout, EngineUnavailable, RateLimited
 from tests.tiers.conftest import BlockingSleep, NoAnswer
-from tiers._http import RemoteClient
+from tiers._http import RemoteClient, retry_after
 from tiers.base import CancelToken, before_billable_sends
 
 BASE = "https://provider.test"
@@ -327,3 +327,9 @@ async def test_a_render_slower_than_the_read_timeout_is_waited_for_until_the_dea
     assert "ReadTimeout" in info.value.message
     await client.aclose()
     await short.aclose()
+
+
+@pytest.mark.parametrize("value", ["inf", "Infinity", "1e999", "nan"])
+def test_a_hint_no_one_can_honour_is_no_hint(value: str) -> None:
+    # Kept, it reached the job's error details as a number JSON cannot carry.
+    assert retry_after(httpx.Response(429, headers={"retry-after": value})) is None
