@@ -111,7 +111,9 @@ class Router:
         index, rule = matched
         base = {"policy": policy.name, "policy_hash": policy.content_hash, "rule": rule.name}
         if rule.deny is not None:
-            raise NoRoute(f"policy '{policy.name}', rule '{rule.name}': {rule.deny}", details=base)
+            # A deny rule's `reason` is told too (it was dropped): why the studio refuses this.
+            raise NoRoute(f"policy '{policy.name}', rule '{rule.name}': {rule.deny}"
+                          + (f" ({rule.reason})" if rule.reason else ""), details=base)
         assert rule.engines is not None
         if requested is not None and requested not in rule.engines:
             # A rule matched on the budget's use says so: the client is told why, not only where.

@@ -153,9 +153,6 @@ class Rule(_Model):
             routing_only = sorted(self.model_fields_set & {"strategy", "max_credits", "private"})
             if routing_only:
                 raise ValueError(f"{', '.join(routing_only)}: only meaningful with `engines`, not with `deny`")
-            if "reason" in self.model_fields_set:
-                # Its text would be dropped: the client is told the `deny` text.
-                raise ValueError("reason: a `deny` rule's message is its `deny` text; put the reason there")
         return self
 
     @property

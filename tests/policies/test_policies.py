@@ -287,9 +287,6 @@ RULES_OK = '[[rules]]\nname = "drafts"\nmatch = { stage = "ideation" }\nengines 
      ["rule 2 ('b')", "match.budget_used_over"]),
     ('name = "bad"\n' + RULES_OK + '[[rules]]\nname = "cap"\nmatch = {}\ndeny = "no"\nmax_credits = 5\n',
      ["rule 2 ('cap')", "max_credits", "deny"]),
-    # Loaded, its text was dropped: the client was told the `deny` text alone.
-    ('name = "bad"\n' + RULES_OK + '[[rules]]\nname = "why"\nmatch = {}\ndeny = "no"\nreason = "contract"\n',
-     ["rule 2 ('why')", "reason", "deny"]),
     # Loaded, a rule that could never fit a request.
     ('name = "bad"\n' + RULES_OK + '[[rules]]\nname = "none"\nmatch = { tags = { client = [] } }\nengines = ["x"]\n',
      ["rule 2 ('none')", "match.tags", "client: an empty list"]),

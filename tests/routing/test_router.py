@@ -84,6 +84,7 @@ POLICIES = {
         name = "deny-secret"
         match = { tags = { project = "secret" } }
         deny = "secret projects are not rendered here"
+        reason = "the contract forbids it"
 
         [[rules]]
         name = "near-budget"
@@ -330,7 +331,9 @@ def test_deny_rule_refuses_with_its_message(decide: Decide, stage: Stage) -> Non
         decide("routes", stage, tags={"project": "secret"})
     exc = info.value
     assert exc.status == 422
-    assert "secret projects are not rendered here" in exc.message
+    # The reason too: once loaded and dropped.
+    assert exc.message == ("policy 'routes', rule 'deny-secret': secret projects are not rendered here "
+                           "(the contract forbids it)")
     assert exc.details["rule"] == "deny-secret" and exc.details["policy"] == "routes"
 
 
