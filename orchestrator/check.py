@@ -27,6 +27,7 @@ from urllib.parse import quote
 
 from sqlalchemy import create_engine, event, func, or_
 from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import DatabaseError
 from sqlalchemy.orm import aliased
 from sqlmodel import Session, col, select
 
@@ -121,6 +122,20 @@ def open_store(assets_dir: Path) -> ArtifactStore:
     if not assets_dir.is_dir():  # ArtifactStore would make it, and every asset would be "missing"
         raise CannotCheck(f"no asset store at {assets_dir} (is ORCH_DATA_DIR right?)")
     return ArtifactStore(assets_dir)
+
+
+def check_identity(engine: Engine, store: ArtifactStore) -> str | None:
+    """Why the data dir is not the store the database's assets live in (`orchestrator.identity`),
+    or None. A database from before stores had ids has nothing to compare: None."""
+    from orchestrator.identity import MARKER, WrongStore, mismatch, read_marker
+
+    try:
+        with Session(engine) as s:
+            return mismatch(s, store, read_marker(store.root / MARKER))
+    except WrongStore as exc:
+        return str(exc)
+    except DatabaseError:  # not migrated to 0011 yet: the next start binds them
+        return None
 
 
 def check_store(engine: Engine, store: ArtifactStore, *, hashes: bool = True) -> StoreReport:

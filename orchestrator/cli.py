@@ -170,6 +170,25 @@ def _checked(settings: Settings, *, service: bool = True) -> int | None:
     return None
 
 
+def _bound(settings: Settings) -> int | None:
+    """Migrate, and bind the data dir to the database, before anything starts: a data dir that is
+    not the database's store (`orchestrator.identity`) is told in a line, not in a traceback from
+    inside the server's start-up; None when they are one install."""
+    from orchestrator.db import Database
+    from orchestrator.identity import WrongStore, bind
+    from orchestrator.store import ArtifactStore
+
+    db = Database(settings.resolved_database_url)
+    try:
+        db.migrate()
+        bind(db, ArtifactStore(settings.assets_dir))
+    except WrongStore as exc:
+        return _fail(f"ORCH_DATA_DIR: {exc}", status=2)
+    finally:
+        db.dispose()
+    return None
+
+
 def _log_to_data_dir(settings: Settings) -> None:
     """Also append this process's log to `ORCH_DATA_DIR/logs/orchestrator.log`, which every
     process of the data dir shares (lines carry their pid). Reopened when moved, for logrotate."""
@@ -194,7 +213,7 @@ def _run(args: argparse.Namespace) -> int:
         from orchestrator.settings import Settings
 
         settings = Settings()
-        if (failed := _checked(settings)) is not None:
+        if (failed := _checked(settings) or _bound(settings)) is not None:
             return failed
         if settings.admin_key is None and not _loopback(args.host) and not args.allow_open:
             return _fail(f"refusing to listen on {args.host} without ORCH_ADMIN_KEY: anyone who reaches the port "
@@ -219,7 +238,7 @@ def _run(args: argparse.Namespace) -> int:
         from orchestrator.worker import run_worker
 
         settings = Settings()
-        if (failed := _checked(settings)) is not None:
+        if (failed := _checked(settings) or _bound(settings)) is not None:
             return failed
         _log_to_data_dir(settings)
         asyncio.run(run_worker(settings))
@@ -248,7 +267,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.url is None:  # the demo starts the service itself: the same checks as `serve`
         from orchestrator.settings import Settings
 
-        if (failed := _checked(Settings())) is not None:
+        settings = Settings()
+        if (failed := _checked(settings) or _bound(settings)) is not None:
             return failed
     out = Path(args.out)
     try:
@@ -266,14 +286,23 @@ def _check(*, no_hash: bool) -> int:
     could be checked."""
     from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
-    from orchestrator.check import CannotCheck, check_ledger, check_store, open_store, read_only_engine
+    from orchestrator.check import (
+        CannotCheck,
+        check_identity,
+        check_ledger,
+        check_store,
+        open_store,
+        read_only_engine,
+    )
     from orchestrator.settings import Settings
 
     settings = Settings()
     try:
         engine = read_only_engine(settings.resolved_database_url)
         try:
-            report = check_store(engine, open_store(settings.assets_dir), hashes=not no_hash)
+            store = open_store(settings.assets_dir)
+            wrong_store = check_identity(engine, store)
+            report = check_store(engine, store, hashes=not no_hash)
             ledger = check_ledger(engine)
         finally:
             engine.dispose()
@@ -284,6 +313,8 @@ def _check(*, no_hash: bool) -> int:
     except DatabaseError as exc:  # not there, not migrated, not a database at all
         reason = next(iter(str(exc.orig or exc).strip().splitlines()), type(exc).__name__)
         return _fail(f"cannot use the database: {reason}", status=2)
+    if wrong_store is not None:
+        print(f"PROBLEMS: ORCH_DATA_DIR: {wrong_store}")
     how = "read and hashed" if report.hashed else "looked for (--no-hash: not read)"
     print(f"{report.assets} assets, {report.reads} files {how} in {settings.assets_dir}")
     for ids, what in ((report.missing, "missing"), (report.unreadable, "unreadable (the disk or a permission)"),
@@ -305,7 +336,7 @@ def _check(*, no_hash: bool) -> int:
     if ledger.unreconciled:
         print(f"{ledger.unreconciled} captures wait to be reconciled against an invoice "
               "(GET /v1/projects/{id}/ledger?unreconciled=true)")
-    if report.ok and ledger.ok:
+    if report.ok and ledger.ok and wrong_store is None:
         print("ok")
         return 0
     if not report.ok:

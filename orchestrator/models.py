@@ -214,3 +214,14 @@ class EngineHealthRow(SQLModel, table=True):
     opened_at: datetime | None = _ts()
     latencies: dict[str, list[float]] = Field(default_factory=dict, sa_type=sa.JSON, nullable=False)
     updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime, nullable=False)
+
+
+class StoreIdentity(SQLModel, table=True):
+    """The one row naming the artifact store this database's assets live in: the same id is in
+    `ORCH_DATA_DIR/assets/.store-id` (see `orchestrator.identity`)."""
+
+    __tablename__ = "store_identity"
+
+    id: int = Field(default=1, primary_key=True)
+    store_id: str = Field(max_length=64)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime, nullable=False)

@@ -19,7 +19,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 from sqlmodel import col, select
 
-from orchestrator import idempotency
+from orchestrator import idempotency, identity
 from orchestrator.bells import bell_for
 from orchestrator.db import Database
 from orchestrator.errors import InvalidRequest, OrchestratorError
@@ -159,6 +159,7 @@ class Services:
         db.migrate()
         db.bell = bell_for(settings.resolved_database_url, settings.data_dir / "locks")
         store = ArtifactStore(settings.assets_dir)
+        identity.bind(db, store)  # before anything is stored or swept: WrongStore when the pair is not one install
         store.sweep_temp()
         bus = EventBus()
         ctx = EngineContext(settings=settings, price_overrides=load_price_overrides(settings))
