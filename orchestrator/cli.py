@@ -174,6 +174,8 @@ def _bound(settings: Settings) -> int | None:
     """Migrate, and bind the data dir to the database, before anything starts: a data dir that is
     not the database's store (`orchestrator.identity`) is told in a line, not in a traceback from
     inside the server's start-up; None when they are one install."""
+    from alembic.util.exc import CommandError
+
     from orchestrator.db import Database
     from orchestrator.identity import WrongStore, bind
     from orchestrator.store import ArtifactStore
@@ -182,8 +184,12 @@ def _bound(settings: Settings) -> int | None:
     try:
         db.migrate()
         bind(db, ArtifactStore(settings.assets_dir))
+    except CommandError as exc:  # a revision this version does not know: the database is newer
+        return _fail(f"cannot migrate the database: {exc} (is it used by a newer orchestrator?)")
     except WrongStore as exc:
         return _fail(f"ORCH_DATA_DIR: {exc}", status=2)
+    except OSError as exc:  # the store's id could not be written
+        return _fail(f"ORCH_DATA_DIR: cannot write in {settings.assets_dir} ({exc.strerror or exc})", status=2)
     finally:
         db.dispose()
     return None

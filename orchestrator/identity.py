@@ -22,6 +22,9 @@ from orchestrator.models import Asset, StoreIdentity
 from orchestrator.store import ArtifactStore
 
 MARKER = ".store-id"
+# How many of a database's newest assets are looked for when it is bound to a data dir for the
+# first time: one of them there says the folder holds its images.
+RECENT_ASSETS = 20
 
 
 class WrongStore(Exception):
@@ -30,16 +33,24 @@ class WrongStore(Exception):
 
 def bind(db: Database, store: ArtifactStore) -> str:
     """The store's id, bound on first use; raises `WrongStore` when the data dir and the database
-    belong to different installs. One process at a time (a write transaction): two starting
-    together on a new install bind once."""
+    belong to different installs. The look is made outside the write lock (a hung network mount
+    must not stall every process's writes); only a first binding takes it, so that two processes
+    starting together on a new install bind once."""
     marker = store.root / MARKER
-    with db.transaction() as s:
-        found = read_marker(marker)
+    found = read_marker(marker)
+    with db.session() as s:
         wrong = mismatch(s, store, found)
-        if wrong is not None:
-            raise WrongStore(wrong)
         row = s.get(StoreIdentity, 1)
-        if row is not None:
+    if wrong is not None:
+        raise WrongStore(wrong)
+    if row is not None:
+        return row.store_id
+    with db.transaction() as s:
+        row = s.get(StoreIdentity, 1)
+        if row is not None:  # another process bound it meanwhile: to this folder?
+            wrong = mismatch(s, store, read_marker(marker))
+            if wrong is not None:
+                raise WrongStore(wrong)
             return row.store_id
         store_id = found or secrets.token_hex(16)
         if found is None:
@@ -51,7 +62,7 @@ def bind(db: Database, store: ArtifactStore) -> str:
 def mismatch(s: Session, store: ArtifactStore, found: str | None) -> str | None:
     """Why the store (whose marker holds `found`) is not this database's, or None."""
     row = s.get(StoreIdentity, 1)
-    where = store.root
+    where, marker = store.root, store.root / MARKER
     if row is not None:
         if found == row.store_id:
             return None
@@ -59,17 +70,22 @@ def mismatch(s: Session, store: ArtifactStore, found: str | None) -> str | None:
             return (f"{where} is not where this database's images are: it has no {MARKER}, and the database's "
                     f"store is {row.store_id}. Point ORCH_DATA_DIR at the data dir the other processes use (a "
                     f"shared folder not mounted?); to move a store, copy its whole assets folder, {MARKER} "
-                    "included")
+                    f"included (if this folder does hold the images, write {row.store_id} into {marker})")
         return (f"{where} is another database's store ({found}); this database's images are in store "
                 f"{row.store_id}. Point ORCH_DATA_DIR and ORCH_DATABASE_URL at one install")
-    if found is None:
-        return None  # a new install, or one from before stores had ids: bound now
-    no_assets = s.exec(select(col(Asset.id)).limit(1)).first() is None
-    if no_assets and any(store.root.glob("*/*.png")):
+    # Not bound yet (a new install, or one from before stores had ids): the folder is taken if it
+    # holds the database's latest images, or if neither has any.
+    recent = s.exec(select(col(Asset.sha256)).order_by(col(Asset.id).desc()).limit(RECENT_ASSETS)).all()
+    if recent:
+        if any(store.path_for(sha).is_file() for sha in recent):
+            return None
+        return (f"{where} holds none of this database's latest images: point ORCH_DATA_DIR at the data dir "
+                "they are in (a shared folder not mounted?); start first a process that has it")
+    if found is not None and any(store.root.glob("*/*.png")):
         return (f"{where} holds another database's images (store {found}) and this database has none: point "
-                f"ORCH_DATABASE_URL at that database or ORCH_DATA_DIR elsewhere (or remove {where / MARKER} to "
-                "give its images to this database)")
-    return None  # its images are this database's, or it has none: taken as this database's store
+                "ORCH_DATABASE_URL at that database, or ORCH_DATA_DIR elsewhere (to start afresh, move that "
+                "folder away)")
+    return None
 
 
 def read_marker(marker: Path) -> str | None:
@@ -79,7 +95,9 @@ def read_marker(marker: Path) -> str | None:
         return None
     except (OSError, UnicodeDecodeError) as exc:
         raise WrongStore(f"cannot read {marker}: {getattr(exc, 'strerror', None) or exc}") from exc
-    return text or None
+    if not text:
+        raise WrongStore(f"{marker} is empty: it should hold the id of the store (the database's store_identity)")
+    return text
 
 
 def _write_marker(marker: Path, store_id: str) -> None:

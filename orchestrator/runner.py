@@ -650,8 +650,7 @@ class JobRunner:
         plugin waiting on `cancel.sleep` while its provider works raises) is free only when nothing
         of the attempt can have reached a provider: released as "no" otherwise, a request out and
         billed would be paid by no one, or sent again after a stop."""
-        if (exc.charged != "no" or exc.charged_told or self.registry.get(claim.job.engine).kind != "remote"
-                or claim.job.estimated == 0):  # a free server's (ComfyUI's): nothing to hold or capture
+        if exc.charged != "no" or exc.charged_told or self.registry.get(claim.job.engine).kind != "remote":
             return
         claim.ended = True  # before the question below: no send of this attempt starts after it
         if not claim.surely_unsent():

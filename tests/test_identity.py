@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from sqlalchemy import text
 
 from orchestrator.cli import main
 from orchestrator.db import Database
@@ -75,12 +76,21 @@ def test_a_new_database_on_a_data_dir_full_of_another_s_images_is_refused(tmp_pa
     fresh.dispose()
 
 
-def test_a_database_from_before_store_ids_takes_its_data_dir(tmp_path: Path) -> None:
+def test_a_database_from_before_store_ids_takes_the_data_dir_that_holds_its_images(tmp_path: Path) -> None:
     db = database(tmp_path)
-    store = ArtifactStore(tmp_path / "data" / "assets")
+    store = ArtifactStore(tmp_path / "api" / "assets")
     add_asset(db, store.put(b"an image"))  # made by a version that bound nothing
+    # After the upgrade, a worker whose shared folder is not mounted happens to start first.
+    unmounted = ArtifactStore(tmp_path / "worker" / "assets")
+    with pytest.raises(WrongStore) as info:
+        bind(db, unmounted)
+    assert "holds none of this database's latest images" in str(info.value)
+    assert not (unmounted.root / MARKER).exists()
     store_id = bind(db, store)
     assert (store.root / MARKER).read_text().strip() == store_id
+    (store.root / MARKER).write_text("\n")  # emptied by hand
+    with pytest.raises(WrongStore, match="is empty"):
+        bind(db, store)
     db.dispose()
 
 
@@ -115,3 +125,18 @@ def test_check_tells_a_data_dir_that_is_not_the_database_s(
     assert main(["check"]) == 1
     out = capsys.readouterr().out
     assert "PROBLEMS: ORCH_DATA_DIR: " in out and "another database's store (another-store)" in out
+
+
+def test_a_database_newer_than_this_version_is_one_line_not_a_traceback(
+        make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    settings = make_settings()
+    asyncio.run(Services.build(settings).aclose())
+    db = Database(settings.resolved_database_url)
+    with db.transaction() as s:
+        s.execute(text("UPDATE alembic_version SET version_num = '9999'"))  # migrated by a newer version
+    db.dispose()
+    monkeypatch.setenv("ORCH_DATA_DIR", str(settings.data_dir))
+    assert main(["worker"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("orchestrator: cannot migrate the database: ") and "newer orchestrator" in err
+    assert "Traceback" not in err
