@@ -176,7 +176,12 @@ def _rfc3339(value: Any) -> Any:
             parsed = datetime.fromisoformat(cut)
         except ValueError:
             return value  # pydantic says what is wrong with it
-        return parsed + timedelta(microseconds=1) if fraction.group(2).strip("0") else parsed
+        if not fraction.group(2).strip("0"):
+            return parsed
+        try:
+            return parsed + timedelta(microseconds=1)
+        except OverflowError:  # past 9999-12-31T23:59:59.999999: not a ValueError, it was a 500
+            raise ValueError("is out of range (after 9999-12-31T23:59:59.999999)") from None
     return value
 
 
