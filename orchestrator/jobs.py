@@ -331,15 +331,21 @@ class JobService:
         with self.db.session() as s:
             return bool(self._cached(s, job))
 
-    def _new_job(self, prepared: Prepared, decision: Decision, *, cache: bool) -> Job:
-        engine = self.router.registry.get(decision.chosen)
-        paid = cache and decision.estimate > 0
+    @staticmethod
+    def job_params(prepared: Prepared, decision: Decision) -> dict[str, Any]:
+        """The params the job records (and route explain shows): the request's, with privacy."""
         params = prepared.params
         tags = params.get("tags") or {}
         if decision.private and not is_private(tags):
             # Made under a rule that keeps it local: its images are private, as a tagged request's are,
             # whatever rule or policy later routes their promotion or polish.
             params = {**params, "tags": {**tags, PRIVACY_TAG: PRIVACY_LOCAL}}
+        return params
+
+    def _new_job(self, prepared: Prepared, decision: Decision, *, cache: bool) -> Job:
+        engine = self.router.registry.get(decision.chosen)
+        paid = cache and decision.estimate > 0
+        params = self.job_params(prepared, decision)
         return Job(
             cache_key=cache_key(decision.chosen, engine.model, params) if paid else None,
             id=new_id("job"), project_id=prepared.project_id, stage=prepared.stage, engine=decision.chosen,

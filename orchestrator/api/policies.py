@@ -163,7 +163,7 @@ def explain(body: ExplainRequest, services: ServicesDep, caller: CallerDep) -> d
     return {"project_id": prepared.project_id, "stage": body.stage, "engine": decision.chosen,
             "estimate": 0.0 if cache_hit else to_credits(decision.estimate), "cache_hit": cache_hit,
             "routing": decision.as_dict(),
-            "params": {k: v for k, v in prepared.params.items() if k != "source_sha256"}}
+            "params": {k: v for k, v in jobs.job_params(prepared, decision).items() if k != "source_sha256"}}
 
 
 def _stage_body(model: type[StageBody], fields: dict[str, Any]) -> StageBody:

@@ -239,6 +239,10 @@ def test_a_promotion_carries_its_draft_s_tags_to_the_rules(paid_server: httpx.Cl
     job = promote(paid_server, asset_id)
     assert (job["engine"], job["routing"]["rule"], job["routing"]["private"]) == ("local-hifi", "acme", True)
     assert job["params"]["tags"] == {"client": "acme", "shot": "12", "privacy": "local"}
+    # Explained as it is made, the privacy its rule adds included.
+    explained = paid_server.post("/v1/route/explain", json={"stage": "bridge", "source_asset_id": asset_id,
+                                                           "steps": 2, "cache": False})
+    assert explained.status_code == 200 and explained.json()["params"]["tags"] == job["params"]["tags"]
     # The request's own tags win over what the draft passes on.
     other = promote(paid_server, asset_id, tags={"client": "other"})
     assert (other["engine"], other["routing"]["private"]) == ("fake-paid", False)
