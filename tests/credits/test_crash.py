@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 from sqlmodel import select
@@ -133,16 +134,22 @@ def test_a_stop_before_anything_was_sent_queues_the_paid_job_again(
             == [("hold", False), ("release", False)]
 
 
+def promoted_and_sent(client: httpx.Client) -> tuple[str, dict[str, Any]]:
+    """(project id, job) of a paid promote whose request is out and whose engine then waits on its
+    cancel token (a plugin polling with `cancel.sleep`: the token's own Canceled says "no", but the
+    runner saw the request go out)."""
+    project_id, asset_id = project_with_draft(client)
+    sent = len(SENT)
+    job = promote_ok(client, asset_id, engine="fake-paid", tags={"fake": "slow", "seconds": "60"})
+    poll(lambda: len(SENT), lambda count: count > sent)
+    return project_id, job
+
+
 def test_a_stop_while_the_provider_works_is_not_sent_again(paid_settings_for: Callable[..., Settings],
                                                            tmp_path: Path) -> None:
-    # The engine waits on its cancel token once its request is out (a plugin polling with
-    # `cancel.sleep`): the token's own Canceled says "no", but the runner saw the request go out.
     settings = paid_settings_for(tmp_path / "data")
     with serve_in_thread(settings) as base, httpx.Client(base_url=base, timeout=30) as client:
-        _project, asset_id = project_with_draft(client)
-        sent = len(SENT)
-        job = promote_ok(client, asset_id, engine="fake-paid", tags={"fake": "slow", "seconds": "60"})
-        poll(lambda: len(SENT), lambda count: count > sent)
+        _project, job = promoted_and_sent(client)
     with serve_in_thread(settings) as base, httpx.Client(base_url=base, timeout=30) as client:
         done = wait_for_job(client, job["id"])
         assert done["status"] == "failed" and done["error"]["code"] == "interrupted"
@@ -153,10 +160,7 @@ def test_a_cancel_while_the_provider_works_is_charged_unknown(paid_settings_for:
                                                              tmp_path: Path) -> None:
     settings = paid_settings_for(tmp_path / "data")
     with serve_in_thread(settings) as base, httpx.Client(base_url=base, timeout=30) as client:
-        project_id, asset_id = project_with_draft(client)
-        sent = len(SENT)
-        job = promote_ok(client, asset_id, engine="fake-paid", tags={"fake": "slow", "seconds": "60"})
-        poll(lambda: len(SENT), lambda count: count > sent)
+        project_id, job = promoted_and_sent(client)
         assert client.post(f"/v1/jobs/{job['id']}/cancel").status_code == 202
         done = wait_for_job(client, job["id"])
         assert done["status"] == "canceled" and done["cost"]["charged"] == 10.0
