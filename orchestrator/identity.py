@@ -10,9 +10,7 @@ the first process binds the two, with a random id in the database (`store_identi
 
 from __future__ import annotations
 
-import os
 import secrets
-import tempfile
 from pathlib import Path
 
 from sqlmodel import Session, col, select
@@ -54,7 +52,7 @@ def bind(db: Database, store: ArtifactStore) -> str:
             return row.store_id
         store_id = found or secrets.token_hex(16)
         if found is None:
-            _write_marker(marker, store_id)
+            ArtifactStore.write_atomic(marker, f"{store_id}\n".encode())
         s.add(StoreIdentity(id=1, store_id=store_id))
     return store_id
 
@@ -98,23 +96,3 @@ def read_marker(marker: Path) -> str | None:
     if not text:
         raise WrongStore(f"{marker} is empty: it should hold the id of the store (the database's store_identity)")
     return text
-
-
-def _write_marker(marker: Path, store_id: str) -> None:
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=marker.parent, prefix=".tmp-store-id-")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(f"{store_id}\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, marker)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(marker.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)

@@ -218,13 +218,13 @@ class ArtifactStore:
         except OSError:
             size = len(data)  # cannot be looked at: as before, the utime below decides
         if size is None:
-            self._write(path, data)
+            self.write_atomic(path, data)
             return sha
         if size != len(data):
             # A damaged copy (cut short by a crash of the disk, or by hand): the new row must not
             # name it, and the earlier rows that do get their bytes back.
             log.warning("asset file %s holds %d bytes, not %d: written again", path.name, size, len(data))
-            self._write(path, data)
+            self.write_atomic(path, data)
             return sha
         try:
             # Fresh again, as a new file would be: an old orphan with these bytes (a canceled job's,
@@ -237,17 +237,19 @@ class ArtifactStore:
             # There, but not ours to touch (another user's 0644 file): a fresh copy replaces it,
             # for the same reason. Where none can be written (a read-only mount), the file serves.
             try:
-                self._write(path, data)
+                self.write_atomic(path, data)
             except OSError:
                 if path.is_file():
                     return sha
                 raise
             return sha
-        self._write(path, data)
+        self.write_atomic(path, data)
         return sha
 
     @staticmethod
-    def _write(path: Path, data: bytes) -> None:
+    def write_atomic(path: Path, data: bytes) -> None:
+        """Write `path` whole or not at all, durably (temp file, fsync, rename, folder fsync),
+        readable by others (0644)."""
         if not path.parent.is_dir():
             path.parent.mkdir(parents=True, exist_ok=True)
             _fsync_dir(path.parent.parent)  # the new shard's name, as durable as what it will hold
