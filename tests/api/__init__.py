@@ -119,8 +119,19 @@ def assert_error(response: httpx.Response, status: int, code: str) -> dict[str, 
 
 
 def launch_server(env: dict[str, str], cwd: Path, log: IO[bytes]) -> tuple[subprocess.Popen[bytes], str]:
-    """`orchestrator serve` as a child process configured by `env`, once it answers /healthz."""
+    """`orchestrator serve` as a child process configured by `env`, once it answers /healthz.
+    The port is picked free, then let go for the child to bind: another process may take it in
+    between, so a start that finds it taken is tried again on another."""
+    for _ in range(3):
+        started = _launch_once(env, cwd, log)
+        if started is not None:
+            return started
+    raise AssertionError("three free ports were taken before the server could bind them")
+
+
+def _launch_once(env: dict[str, str], cwd: Path, log: IO[bytes]) -> tuple[subprocess.Popen[bytes], str] | None:
     port = free_port()
+    start = log.tell()
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "serve", "--port", str(port),
                              "--log-level", "warning"], cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
@@ -128,8 +139,10 @@ def launch_server(env: dict[str, str], cwd: Path, log: IO[bytes]) -> tuple[subpr
     while True:
         if proc.poll() is not None:
             log.flush()
-            tail = Path(log.name).read_text(errors="replace")[-2000:] if isinstance(log.name, str) else ""
-            raise AssertionError(f"the server exited with {proc.returncode}: {tail}")
+            said = Path(log.name).read_bytes()[start:].decode(errors="replace") if isinstance(log.name, str) else ""
+            if "address already in use" in said:
+                return None
+            raise AssertionError(f"the server exited with {proc.returncode}: {said[-2000:]}")
         try:
             if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
                 return proc, base
