@@ -37,7 +37,7 @@ from orchestrator.schemas import MAX_SEED, MAX_TAGS, DraftCreate, PolishCreate, 
 from orchestrator.store import ArtifactStore
 from orchestrator.workers import Presence
 from policies.schema import PRIVACY_LOCAL, PRIVACY_TAG, is_private
-from tiers.base import RenderRequest, to_credits, to_millicredits
+from tiers.base import RenderRequest, billed_by_provider, to_credits, to_millicredits
 
 Body = DraftCreate | PromoteCreate | PolishCreate
 
@@ -251,7 +251,8 @@ class JobService:
             if cached:
                 s.add_all(cached_copies(cached, job))
             else:
-                self.ledger.hold(s, project, job, decision.estimate)
+                self.ledger.hold(s, project, job, decision.estimate,
+                                 billable=billed_by_provider(self.router.registry.get(job.engine)))
             if idempotency_key:
                 idempotency.remember(s, idempotency_key, scope, digest, job_id=job.id)
         if job.cache_hit:

@@ -177,9 +177,13 @@ class Ledger:
             raise NotFound(f"project '{project_id}' not found", details={"project_id": project_id})
         return project
 
-    def hold(self, s: Session, project: Project, job: Job, amount: int) -> LedgerEntry | None:
-        """Reserve `amount` for `job`, or raise `BudgetExceeded` (the transaction then writes nothing)."""
-        if amount <= 0:
+    def hold(self, s: Session, project: Project, job: Job, amount: int, *,
+             billable: bool = False) -> LedgerEntry | None:
+        """Reserve `amount` for `job`, or raise `BudgetExceeded` (the transaction then writes nothing).
+        Nothing is held for free work, except on an engine whose provider bills whatever it is
+        priced (`billable`, see `tiers.base.billed_by_provider`): a hold of 0 there has every way a
+        job ends settle it as a paid job's, an unknown outcome included (captured, unreconciled)."""
+        if amount < 0 or (amount == 0 and not billable):
             return None
         balance = self.balance(s, project)
         if not balance.fits(amount):
@@ -204,6 +208,11 @@ class Ledger:
             # captured instead, for the invoice to settle, and no release outgrows the hold.
             note = f"reported cost {to_credits(actual)} is not a charge; the estimate is captured"
             actual, unreconciled = None, True
+        elif actual is not None and hold.amount == 0:
+            # Priced 0 (a hold of 0, see `hold`) and billed all the same: spend as reported, as for
+            # a job that held nothing, not a case for review.
+            if actual and note is None:
+                note = "reported by the provider for a job estimated free"
         elif actual is not None and actual > OVERRUN_REVIEW * hold.amount:
             # Taken as reported, but far past what was held: someone should look at the invoice.
             note = note or f"reported cost is over {OVERRUN_REVIEW} times the estimate"
@@ -220,6 +229,14 @@ class Ledger:
                               amount=hold.amount - amount, hold_id=hold.id, engine=job.engine, stage=job.stage,
                               note="rest of the hold", created_at=now))
         return amount
+
+    def settle_success(self, s: Session, job: Job, actual: int | None) -> None:
+        """A job that made its images: its hold captured (`actual` when the provider reported it,
+        else the estimate); with nothing held (estimated free), a reported cost is spend all the same."""
+        if self.open_hold(s, job.id) is not None:
+            self.capture(s, job, actual)
+        elif actual:
+            self.charge_usage(s, job, actual, note="reported by the provider for a job estimated free")
 
     def charge_usage(self, s: Session, job: Job, amount: int, note: str | None = None) -> None:
         """A capture without a hold: metered local work. It is never refused for budget (local

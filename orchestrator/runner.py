@@ -46,6 +46,7 @@ from tiers.base import (
     Restartable,
     Resumable,
     before_billable_sends,
+    billed_by_provider,
 )
 from tiers.registry import EngineRegistry
 
@@ -454,7 +455,8 @@ class JobRunner:
             project = self.ledger.lock_project(s, job.project_id)
             moved = s.get(Job, job.id)
             assert moved is not None
-            self.ledger.hold(s, project, moved, estimate)
+            self.ledger.hold(s, project, moved, estimate,
+                             billable=engine in self.registry and billed_by_provider(self.registry.get(engine)))
 
     def _source_image(self, job: Job) -> Image.Image:
         """The draft a bridge or polish starts from. Nothing was sent yet: a file that cannot be
@@ -634,13 +636,11 @@ class JobRunner:
         for row in rows:
             row.id = new_id("ast")
         s.add_all(rows)
-        if job.estimated > 0:  # free jobs hold nothing; skip the lookup on the hot path
-            self.ledger.capture(s, job, result.cost_millicredits)
-        elif result.cost_millicredits:
-            # Estimated free (a price of 0 in the prices file) and billed all the same: spend.
-            self.ledger.charge_usage(s, job, result.cost_millicredits,
-                                     note="reported by the provider for a job estimated free")
-        elif self.local_rate and self.registry.get(job.engine).kind == "local":
+        engine = self.registry.get(job.engine)
+        # Free local work holds nothing: the ledger's lookup is skipped on the hot path.
+        if job.estimated > 0 or result.cost_millicredits or billed_by_provider(engine):
+            self.ledger.settle_success(s, job, result.cost_millicredits)
+        elif self.local_rate and engine.kind == "local":
             used = float(result.metadata.get(DEVICE_SECONDS, seconds))  # the engine's own count leaves out loading
             self.ledger.charge_usage(s, job, round(used * self.local_rate * 1000),
                                      note=f"{used:.2f} device-seconds")

@@ -308,6 +308,14 @@ class Restartable(Protocol):
         ...
 
 
+def billed_by_provider(engine: object) -> bool:
+    """Whether a provider bills `engine`'s jobs whatever the prices file says: a cloud engine,
+    that is a remote one other than a self-hosted `Restartable` server. A job priced 0 on one
+    still gets a hold of 0 (orchestrator.ledger), so that an outcome nobody knows is captured,
+    flagged, for the invoice to settle."""
+    return getattr(engine, "kind", None) == "remote" and not isinstance(engine, Restartable)
+
+
 @runtime_checkable
 class Resumable(Restartable, Protocol):
     """A restartable engine that can do better than start over after a crash: its server keeps

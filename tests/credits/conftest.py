@@ -23,7 +23,8 @@ from tiers import tiny
 
 VENDOR_KEYS = ("GEMINI_API_KEY", "OPENAI_API_KEY", "STABILITY_API_KEY", "REPLICATE_API_TOKEN", "FAL_KEY")
 ENGINES = ("fake-paid=tests.fakes:factory,fake-unpriced=tests.fakes:unpriced_factory,"
-           "fake-queue=tests.fakes:queue_factory,fake-free=tests.fakes:free_factory")
+           "fake-queue=tests.fakes:queue_factory,fake-free=tests.fakes:free_factory,"
+           "fake-zero=tests.fakes:zero_priced_factory")
 POLICY = "credits-test"
 ROOT = Path(__file__).resolve().parents[2]
 # The shipped policies only know the real cloud engines; this one lets the fake paid engines serve
@@ -45,7 +46,7 @@ engines = ["fake-queue"]
 [[rules]]
 name = "paid"
 match = {{ stage = ["bridge", "polish"] }}
-engines = ["fake-paid", "fake-unpriced", "fake-free"]
+engines = ["fake-paid", "fake-unpriced", "fake-free", "fake-zero"]
 """
 
 

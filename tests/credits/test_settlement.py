@@ -216,9 +216,45 @@ def test_images_made_but_not_stored_are_charged(api: httpx.Client, monkeypatch: 
     assert budget(api, project_id)["held"] == 0
 
 
+Entries = list[tuple[str, float, bool]]
+
+
+@pytest.mark.parametrize(("tags", "status", "settled"), [
+    ({}, "succeeded", [("hold", 0, False), ("capture", 0, False)]),
+    ({"cost": "7"}, "succeeded", [("hold", 0, False), ("capture", 7, False)]),  # billed all the same
+    ({"fake": "filtered"}, "failed", [("hold", 0, False), ("release", 0, False)]),  # surely nothing billed
+    ({"fake": "timeout"}, "failed", [("hold", 0, False), ("capture", 0, True)]),  # sent, no answer
+    ({"fake": "short"}, "failed", [("hold", 0, False), ("capture", 0, True)]),  # an image missing
+])
+def test_a_cloud_engine_priced_at_0_is_settled_as_a_paid_one(
+        api: httpx.Client, tags: dict[str, str], status: str, settled: Entries) -> None:
+    """Its provider may bill whatever the prices file says: a hold of 0 lets an outcome nobody knows
+    be captured and flagged, for the invoice to settle, where nothing at all was written before."""
+    project_id, asset_id = project_with_draft(api)
+    job = wait_for_job(api, promote_ok(api, asset_id, engine="fake-zero", tags=tags)["id"])
+    assert job["status"] == status, job
+    entries = [e for e in ledger(api, project_id) if e["job_id"] == job["id"]]
+    assert [(e["kind"], e["amount"], e["unreconciled"]) for e in entries] == settled
+    assert_settled_once(entries)
+    if not settled[-1][2]:
+        return
+    waiting = get_json(api, f"/v1/projects/{project_id}/ledger", unreconciled="true")["items"]
+    assert [e["job_id"] for e in waiting] == [job["id"]]
+    reconciled = api.post(f"/v1/projects/{project_id}/ledger/{waiting[0]['id']}/reconcile", json={"charged": 4})
+    assert reconciled.status_code == 201, reconciled.text
+    assert budget(api, project_id)["charged"] == 4
+
+
+def test_a_free_self_hosted_engine_holds_nothing(api: httpx.Client) -> None:
+    """A self-hosted server bills nobody: its jobs write no ledger entry, whatever their outcome."""
+    project_id, asset_id = project_with_draft(api)
+    for tags in ({}, {"fake": "timeout"}):
+        wait_for_job(api, promote_ok(api, asset_id, engine="fake-free", tags=tags)["id"])
+    assert ledger(api, project_id) == []
+
+
 # Priced, the provider's figure is captured from the hold; estimated free (nothing held), it is
 # charged all the same, as on a success.
-Entries = list[tuple[str, float, bool]]
 REPORTED_7_5 = pytest.mark.parametrize(("engine", "settled"), [
     ("fake-paid", [("hold", PRICE, False), ("capture", 7.5, False), ("release", 2.5, False)]),
     ("fake-free", [("capture", 7.5, False)]),
