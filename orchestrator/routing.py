@@ -14,6 +14,7 @@ from typing import Any
 
 from orchestrator.errors import BadEngineInput, BudgetExceeded, NoPrice, NoRoute, NotFound
 from orchestrator.health import EngineHealth
+from orchestrator.store import hide_paths
 from policies import Policy, PolicyStore, RequestFacts, Rule, order_candidates
 from tiers.base import Engine, RenderRequest, Stage, to_credits
 from tiers.registry import EngineRegistry
@@ -187,7 +188,8 @@ class Router:
             candidate.refusal = NoRoute(f"engine '{name}' does not serve the {req.stage} stage",
                                         details={"engine": name, "stage": req.stage})
         elif not (available := engine.availability())[0]:
-            candidate.skipped = f"unavailable: {available[1]}"
+            # Told to whoever asked, a project key's client too: the model by its name, not its path.
+            candidate.skipped = f"unavailable: {hide_paths(available[1] or 'not set up')}"
         elif not self.health.allow(name):
             candidate.skipped = ("circuit half-open: its probe request is out" if self.health.probe_out(name)
                                  else "circuit open after repeated failures")

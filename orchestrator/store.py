@@ -85,6 +85,16 @@ def _quoted(value: Any) -> str:
     return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
 
 
+# An absolute or home-relative path in a sentence: up to a quote, a space or the end of a clause.
+_PATH = re.compile(r"(?<![\w.:/])(?:~|/)[^\s'\",;:]*")
+
+
+def hide_paths(text: str) -> str:
+    """`text` with the server's file paths cut to their last part (a model, a workflow file): what
+    clients read names files as `model_name` does; the operator's log keeps the whole path."""
+    return _PATH.sub(lambda found: Path(found.group()).name, text)
+
+
 def model_name(model: str | None) -> str | None:
     """The model as images name it: a local folder or file by its own name, never the server's
     path to it (a Hub id such as `stabilityai/sd-turbo` is kept whole)."""

@@ -1,14 +1,12 @@
 from __future__ import annotations
 
-import re
-from pathlib import PurePath
 from typing import Any
 
 from fastapi import APIRouter
 
 from orchestrator.api.deps import CallerDep, ServicesDep
 from orchestrator.schemas import EnginePublic
-from orchestrator.store import model_name
+from orchestrator.store import hide_paths, model_name
 
 router = APIRouter(tags=["engines"])
 
@@ -31,9 +29,5 @@ def list_engines(services: ServicesDep, caller: CallerDep) -> list[EnginePublic]
                                 model=None, note=broken.reason, prices={}, capabilities={}))
     if caller.project_id is not None:
         for listed in out:
-            listed.note = listed.note and _PATH.sub(lambda found: PurePath(found.group()).name, listed.note)
+            listed.note = listed.note and hide_paths(listed.note)
     return out
-
-
-# An absolute or home-relative path in a note: up to a quote, a space or the end of a clause.
-_PATH = re.compile(r"(?<![\w.:/])(?:~|/)[^\s'\",;:]*")
