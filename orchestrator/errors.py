@@ -6,11 +6,13 @@ it to `{"error": {"code", "message", "details"}}` with `status` in exactly one p
     ├── Unauthorized            401 unauthorized
     ├── Forbidden               403 forbidden
     ├── NotFound                404 not_found
+    ├── ContentUnavailable      503 content_unavailable (an asset's file missing or damaged)
     ├── Conflict                409 conflict
     │   ├── IdempotencyConflict 409 idempotency_conflict
     │   └── JobFinished         409 job_finished
     ├── PayloadTooLarge         413 payload_too_large
     ├── BudgetExceeded          402 budget_exceeded
+    ├── TooManyJobs             429 rate_limited  (ORCH_MAX_PENDING_JOBS unfinished jobs already)
     ├── NoRoute                 422 no_route
     │   └── NoPrice             422 no_route (a priced engine without a price entry is not routable)
     └── EngineError             job errors raised by engines; 503 when surfaced synchronously
@@ -21,6 +23,7 @@ it to `{"error": {"code", "message", "details"}}` with `status` in exactly one p
         ├── BadEngineInput      invalid_request   (the provider refused our input: never retried)
         └── Canceled            canceled
 
+`OrchestratorError.retry_after` is the wait, in seconds, the API tells a client (`Retry-After`);
 `EngineError.retryable` says whether routing may fall back to the next engine;
 `EngineError.charged` says whether the provider may have billed the call ("no", "unknown", "yes"),
 which decides between release and an unreconciled capture in the ledger; `cost_millicredits` is
@@ -37,11 +40,15 @@ Charged = Literal["no", "unknown", "yes"]
 class OrchestratorError(Exception):
     code = "internal_error"
     status = 500
+    retry_after: int | None = None
 
-    def __init__(self, message: str, *, details: dict[str, Any] | None = None) -> None:
+    def __init__(self, message: str, *, details: dict[str, Any] | None = None,
+                 retry_after: int | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.details = details or {}
+        if retry_after is not None:
+            self.retry_after = retry_after
 
     def to_dict(self) -> dict[str, Any]:
         return {"code": self.code, "message": self.message, "details": self.details}
@@ -61,6 +68,13 @@ class Forbidden(OrchestratorError):
 
 class NotFound(OrchestratorError):
     code, status = "not_found", 404
+
+
+class ContentUnavailable(OrchestratorError):
+    """An asset's row is there but its image file is missing from the store, or damaged (its bytes
+    do not hash to its sha256): the operator's to restore; `orchestrator check` lists every such file."""
+
+    code, status = "content_unavailable", 503
 
 
 class Conflict(OrchestratorError):
@@ -87,6 +101,7 @@ class TooManyJobs(OrchestratorError):
     """The project already has as many unfinished jobs as `ORCH_MAX_PENDING_JOBS` allows."""
 
     code, status = "rate_limited", 429
+    retry_after = 5  # a guess at how soon some of the project's jobs finish
 
 
 class NoRoute(OrchestratorError):

@@ -94,6 +94,19 @@ class EngineHealth:
             c = self._get(engine)
             return c.opened_at is not None and self._probe_out(c, self.clock())
 
+    def opens_in(self, engine: str) -> float:
+        """Seconds until `engine` may be sent a job again, as far as its circuit says: the rest
+        of the cooldown, or of its probe's time (it may report sooner); 0 when it may now."""
+        with self._lock:
+            c = self._get(engine)
+            if c.opened_at is None:
+                return 0.0
+            now = self.clock()
+            wait = c.opened_at + self.cooldown - now
+            if self._probe_out(c, now):
+                wait = max(wait, c.probe_until - now)
+            return max(wait, 0.0)
+
     @staticmethod
     def _probe_out(c: _Circuit, now: float) -> bool:
         return c.probe is not None and now < c.probe_until

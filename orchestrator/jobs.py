@@ -22,6 +22,7 @@ from orchestrator import idempotency
 from orchestrator.db import Database
 from orchestrator.errors import (
     BudgetExceeded,
+    ContentUnavailable,
     InvalidRequest,
     JobFinished,
     NotFound,
@@ -171,8 +172,9 @@ class JobService:
             raise NotFound(f"asset '{asset_id}' not found", details={"asset_id": asset_id})
         if not self.store.path_for(asset.sha256).is_file():
             # Refused now, not failed later: a job that can never run would also hold credits.
-            raise NotFound(f"asset '{asset_id}' has no content: its file is missing from the store",
-                           details={"asset_id": asset_id, "sha256": asset.sha256})
+            raise ContentUnavailable(f"asset '{asset_id}' has no content: its image file is missing from the store "
+                                     "(restore it from a backup)",
+                                     details={"asset_id": asset_id, "sha256": asset.sha256, "reason": "missing"})
         return asset
 
     def _check_pending(self, s: Session, project: Project) -> None:

@@ -9,6 +9,7 @@ recorded on the job and can be asked for without running anything (`POST /v1/rou
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -146,9 +147,12 @@ class Router:
             # The reasons belong in the sentence: "no engine now" alone reads like an outage when
             # the request was too large for the only engine that is set up.
             why = "; ".join(f"{c.engine}: {c.skipped}" for c in ordered)
+            # Open circuits tell when to ask again; an engine that is not set up does not come back by waiting.
+            waits = [self.health.opens_in(c.engine) for c in ordered if c.for_now]
             raise NoUsableEngine(
                 f"no engine can take this request now (policy '{policy.name}', rule '{rule.name}'): {why}"[:1000],
                 details={**base, "candidates": [c.as_dict() for c in ordered]},
+                retry_after=math.ceil(min(waits)) if waits else None,
             )
         first = usable[0]
         assert first.estimate is not None

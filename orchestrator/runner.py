@@ -28,7 +28,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, col, select
 
 from orchestrator.db import Database, disk_full, transient
-from orchestrator.errors import BudgetExceeded, Canceled, EngineError, NotFound, OrchestratorError
+from orchestrator.errors import BudgetExceeded, Canceled, ContentUnavailable, EngineError, OrchestratorError
 from orchestrator.events import EventBus
 from orchestrator.health import EngineHealth
 from orchestrator.ids import new_id
@@ -466,9 +466,10 @@ class JobRunner:
         try:
             image = Image.open(io.BytesIO(self.store.get(sha256)))
             image.load()
-        except (NotFound, OSError, ValueError, Image.DecompressionBombError) as exc:
-            if isinstance(exc, NotFound):  # its file went from the store while the job waited
-                why = "its file is gone from the store"
+        except (ContentUnavailable, OSError, ValueError, Image.DecompressionBombError) as exc:
+            if isinstance(exc, ContentUnavailable):  # gone from the store while the job waited, or damaged
+                why = ("its file is gone from the store" if exc.details.get("reason") == "missing"
+                       else "its file is damaged in the store (its bytes do not match its sha256)")
             elif isinstance(exc, UnidentifiedImageError):  # its text names the BytesIO object, not the file
                 why = "it is not an image Pillow knows"
             else:

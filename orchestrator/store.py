@@ -40,7 +40,7 @@ from typing import Any
 
 from PIL import Image, PngImagePlugin
 
-from orchestrator.errors import NotFound
+from orchestrator.errors import ContentUnavailable, NotFound
 from orchestrator.ids import ID_RE
 
 log = logging.getLogger(__name__)
@@ -280,11 +280,23 @@ class ArtifactStore:
         _fsync_dir(path.parent)
 
     def get(self, sha256: str) -> bytes:
+        """The file's bytes, checked against their name: a damaged file is never served (nor kept
+        in memory, nor sent to an engine) as the image it was."""
         path = self.path_for(sha256)
         try:
-            return path.read_bytes()
+            data = path.read_bytes()
         except FileNotFoundError:
-            raise NotFound("the asset's content is missing from the store") from None
+            raise ContentUnavailable(
+                f"the image file {sha256[:12]} is missing from the store: restore it from a backup "
+                "(`orchestrator check` lists every missing file)", details={"sha256": sha256, "reason": "missing"},
+            ) from None
+        if hashlib.sha256(data).hexdigest() != sha256:
+            log.error("asset file %s is damaged: its bytes do not hash to its name", path)
+            raise ContentUnavailable(
+                f"the image file {sha256[:12]} is damaged in the store (its bytes do not match its sha256): "
+                "restore it from a backup (`orchestrator check` lists every damaged file)",
+                details={"sha256": sha256, "reason": "damaged"})
+        return data
 
     def sweep_orphans(self, referenced: Callable[[list[str]], Collection[str]],
                       older_than: float = ORPHAN_GRACE_SECONDS) -> int:

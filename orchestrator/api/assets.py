@@ -33,7 +33,7 @@ def get_asset(asset_id: str, services: ServicesDep, caller: CallerDep) -> AssetP
 
 @router.get("/assets/{asset_id}/content", response_class=Response, responses={
     200: {"content": {"image/png": {}}, "description": "The image."},
-    304: {"description": "If-None-Match holds the ETag."}, **documented(404)})
+    304: {"description": "If-None-Match holds the ETag."}, **documented(404, 503)})
 async def get_content(asset_id: str, services: ServicesDep, caller: CallerDep, request: Request) -> Response:
     # A just-made asset is served from memory without leaving the event loop; others are read
     # from the database and the disk on a worker thread.

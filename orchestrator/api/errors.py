@@ -38,10 +38,12 @@ _DOCUMENTED = {
     413: "The body is larger than ORCH_MAX_BODY_BYTES (`payload_too_large`).",
     415: "The body was not sent as `Content-Type: application/json`.",
     422: "Invalid input (`invalid_request`), or no engine may take the request (`no_route`).",
-    429: "The project already has ORCH_MAX_PENDING_JOBS unfinished jobs (`rate_limited`).",
+    429: "The project already has ORCH_MAX_PENDING_JOBS unfinished jobs (`rate_limited`); `Retry-After` "
+         "says when to try again.",
     503: "No engine is available for the request now (`no_route`, `engine_unavailable`), or the database "
          "did not answer in time (`database_unavailable`) or its disk is full (`storage_full`): nothing "
-         "was written, send it again.",
+         "was written, send it again (after `Retry-After`, when given). `content_unavailable`: an asset's "
+         "image file is missing or damaged in the store, for the operator to restore.",
 }
 
 
@@ -140,8 +142,10 @@ def _unreadable_body(cause: BaseException | None) -> str:
 def install(app: FastAPI) -> None:
     @app.exception_handler(OrchestratorError)
     async def _orchestrator(_: Request, exc: OrchestratorError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-        return error_response(exc.status, exc.code, exc.message, exc.details, headers)
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {}
+        if exc.retry_after is not None:
+            headers["Retry-After"] = str(max(1, exc.retry_after))
+        return error_response(exc.status, exc.code, exc.message, exc.details, headers or None)
 
     @app.exception_handler(ValidationError)
     async def _inner_validation(_: Request, exc: ValidationError) -> JSONResponse:

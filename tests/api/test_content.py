@@ -10,7 +10,7 @@ import httpx
 
 from orchestrator.settings import Settings
 from orchestrator.store import ArtifactStore
-from tests.api import SMALL, create_project, run_draft
+from tests.api import SMALL, create_project, run_draft, wait_for_job
 
 SettingsFactory = Callable[..., Settings]
 
@@ -36,10 +36,42 @@ def test_fresh_content_is_served_from_memory_and_the_rest_from_disk(
     content = second.get(kept["content_url"])
     assert content.status_code == 200
     assert hashlib.sha256(content.content).hexdigest() == kept["sha256"]
+    # The asset is there (its metadata answers): its file is not, which is not a 404.
+    assert second.get(f"/v1/assets/{lost['id']}").status_code == 200
     missing = second.get(lost["content_url"])
-    assert missing.status_code == 404
-    assert missing.json()["error"]["code"] == "not_found"
+    assert missing.status_code == 503
+    assert missing.json()["error"]["code"] == "content_unavailable"
+    assert missing.json()["error"]["details"] == {"sha256": lost["sha256"], "reason": "missing"}
     assert "missing from the store" in missing.json()["error"]["message"]
+    assert "etag" not in missing.headers and "cache-control" not in missing.headers
+
+
+def test_a_damaged_file_is_never_served_as_the_image(
+        make_settings: SettingsFactory, start_server: Callable[[Settings], httpx.Client]) -> None:
+    """A file whose bytes no longer hash to its name (a disk error, a bad restore) is refused, not
+    served for clients to cache for a year under the right ETag; once restored, it is served."""
+    settings = make_settings()
+    client = start_server(settings)
+    project = create_project(client)["id"]
+    asset = client.get(f"/v1/assets/{run_draft(client, project, n=1, seed=4, **SMALL)['assets'][0]}").json()
+    path = ArtifactStore(settings.assets_dir).path_for(asset["sha256"])
+    good = path.read_bytes()
+    path.write_bytes(b"x\n")
+    restarted = start_server(settings)  # nothing of it in memory: read from the disk
+    damaged = restarted.get(asset["content_url"])
+    assert damaged.status_code == 503
+    assert damaged.json()["error"]["code"] == "content_unavailable"
+    assert damaged.json()["error"]["details"]["reason"] == "damaged"
+    assert "cache-control" not in damaged.headers
+    # Nor is it sent to an engine as a bridge's seed: the job fails when it reads the file.
+    promoted = restarted.post(f"/v1/assets/{asset['id']}/promote", json={"engine": "local-hifi"})
+    assert promoted.status_code == 202, promoted.text
+    job = wait_for_job(restarted, promoted.json()["id"])
+    assert (job["status"], job["error"]["code"]) == ("failed", "engine_error"), job
+    assert "damaged in the store" in job["error"]["message"]
+    path.write_bytes(good)  # restored: served at once, the damaged bytes were never kept
+    restored = restarted.get(asset["content_url"])
+    assert restored.status_code == 200 and restored.content == good
 
 
 def test_content_answers_if_none_match_with_304(

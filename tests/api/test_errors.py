@@ -450,6 +450,15 @@ def test_unexpected_error_answers_500_in_the_error_shape(make_settings: Settings
     assert "secret" not in error["message"]  # internals stay in the server log
 
 
+def test_too_many_unfinished_jobs_is_a_429_that_says_when_to_ask_again(make_settings: SettingsFactory) -> None:
+    with TestClient(create_app(make_settings(max_pending_jobs=1, run_jobs=False))) as client:
+        project = create_project(client, "busy")["id"]
+        assert post_drafts(client, project, VALID).status_code == 202
+        refused = post_drafts(client, project, VALID)
+        assert_error(refused, 429, "rate_limited")
+        assert refused.headers["retry-after"] == "5"
+
+
 @pytest.mark.parametrize(("stage", "body"), [
     ("promote", {"strength": 0.0005}), ("promote", {"strength": 0}), ("polish", {"creativity": 0.005}),
 ])

@@ -473,5 +473,7 @@ def test_a_policy_that_is_not_loaded_is_a_setup_error_not_a_missing_project(
         (folder / "custom.toml").unlink()  # the project's policy disappears on the next reload
         client.post("/v1/policies/reload")
         body = {"prompt": "x", "n": 1, "width": 64, "height": 64}
-        error = assert_error(client.post(f"/v1/projects/{project['id']}/drafts", json=body), 503, "no_route")
+        refused = client.post(f"/v1/projects/{project['id']}/drafts", json=body)
+        error = assert_error(refused, 503, "no_route")
         assert "policy 'custom' is not loaded" in error["message"]
+        assert "retry-after" not in refused.headers  # the operator's to fix: waiting changes nothing

@@ -441,7 +441,7 @@ def test_fallbacks_lists_the_usable_rest_in_order(decide: Decide) -> None:
     assert fallbacks(None, set()) == []
 
 
-def test_no_usable_engine_is_503(decide: Decide, health: EngineHealth) -> None:
+def test_no_usable_engine_is_503(decide: Decide, health: EngineHealth, clock: Clock) -> None:
     """One candidate may take the request later (its circuit is open): 'try later'."""
     for _ in range(health.threshold):
         health.failed("cloud-b")
@@ -455,6 +455,11 @@ def test_no_usable_engine_is_503(decide: Decide, health: EngineHealth) -> None:
     assert reasons["offline"].startswith("unavailable")
     assert reasons["unpriced"].startswith("unpriced")
     assert reasons["cloud-b"].startswith("circuit open")
+    assert exc.retry_after == 30  # its whole cooldown is left: when to ask again (Retry-After)
+    clock.now += 10.5
+    with pytest.raises(NoUsableEngine) as later:
+        decide("unusable", "bridge")
+    assert later.value.retry_after == 20  # the rest, rounded up
     # The sentence itself says why, not only "now" (which reads like an outage).
     assert f"offline: {reasons['offline']}" in exc.message and f"unpriced: {reasons['unpriced']}" in exc.message
 
