@@ -61,6 +61,9 @@ class ModelDefaults:
     # Transformer models patch 2x2 latents of 8 px: their pipelines refuse (SD3) or silently round
     # down (FLUX) sizes that are not multiples of 16.
     size_multiple: int = 8
+    # Distilled to denoise in a few steps from pure noise (Turbo, Lightning, Hyper-SD): its
+    # schedule must start at the last timestep ("trailing" spacing), see `few_step_scheduler`.
+    few_step: bool = False
 
 
 def model_defaults(model: str) -> ModelDefaults:
@@ -83,15 +86,29 @@ def model_defaults(model: str) -> ModelDefaults:
         # Adversarially distilled at 512 px (SDXL-Turbo too): 1-4 steps, no guidance. Fine-tunes of
         # SDXL sold as "XL turbo" keep SDXL's 1024.
         native = 1024 if xl and not re.match(r"sd_?xl[-_]turbo", name) else 512
-        return ModelDefaults(steps=2, guidance_scale=0.0, native_size=native)
+        return ModelDefaults(steps=2, guidance_scale=0.0, native_size=native, few_step=True)
     # Hyper-SD by name ("Hyper-SDXL-..."), not any model whose name starts with "hyper" (hyperRealism).
     if "lightning" in name or re.search(r"(?<![a-z])hyper[-_ ]?sd", name):
-        return ModelDefaults(steps=4, guidance_scale=0.0, native_size=1024 if xl else 512)
+        return ModelDefaults(steps=4, guidance_scale=0.0, native_size=1024 if xl else 512, few_step=True)
     if xl:
         return ModelDefaults(steps=30, guidance_scale=5.0, native_size=1024)
     if ("stable-diffusion-2" in name or "sd2" in name) and "base" not in name:  # the -base models are 512
         return ModelDefaults(steps=25, guidance_scale=7.5, native_size=768)
     return ModelDefaults(steps=25, guidance_scale=7.5, native_size=512)
+
+
+def few_step_scheduler(scheduler: Any) -> Any:
+    """The scheduler a few-step distilled checkpoint needs, from the one a single file was given.
+
+    A single file carries weights only: diffusers gives it its base family's scheduler (SDXL's
+    Euler or SD 2.1's DDIM, "leading" spacing, and v-prediction for every SD 2.x file). At 2 steps
+    "leading" starts denoising at t=501, taking pure noise for a half-made image, and the drafts
+    come out washed out and blotchy. Turbo, Lightning and Hyper-SD are epsilon models trained to
+    start from t=999: Euler with "trailing" spacing, as their own diffusers folders configure."""
+    from diffusers import EulerDiscreteScheduler
+
+    return EulerDiscreteScheduler.from_config(scheduler.config, timestep_spacing="trailing",
+                                              prediction_type="epsilon")
 
 
 def _model_name(model: str) -> str:
@@ -424,7 +441,10 @@ class LocalRuntime:
         with safe_open(str(path), framework="pt") as f:
             is_xl = any(k.startswith("conditioner.embedders.1") for k in f.keys())  # noqa: SIM118
         cls = StableDiffusionXLPipeline if is_xl else StableDiffusionPipeline
-        return cls.from_single_file(str(path), torch_dtype=self.dtype())
+        pipe = cls.from_single_file(str(path), torch_dtype=self.dtype())
+        if model_defaults(str(path)).few_step:
+            pipe.scheduler = few_step_scheduler(pipe.scheduler)
+        return pipe
 
     def _warm_up(self, pipe: Any, model: str, *, image_to_image: bool = False) -> None:
         # One tiny step compiles kernels and allocates buffers before the first user waits on it.

@@ -379,6 +379,33 @@ def test_a_ckpt_file_is_unavailable_with_what_to_do(make_settings: SettingsFacto
     assert not available and reason and "convert it to .safetensors" in reason
 
 
+@pytest.mark.parametrize(("name", "sampler"), [("sd_turbo.safetensors", "EulerDiscreteScheduler"),
+                                              ("dreamshaper_8.safetensors", "DDIMScheduler")])
+async def test_a_few_step_single_file_denoises_from_noise(
+        make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch, tmp_path: Any, tiny_cache_dir: Any,
+        name: str, sampler: str) -> None:
+    """diffusers gives a single file its family's scheduler (SD 2.1's DDIM, "leading" spacing, for
+    sd_turbo.safetensors): a Turbo file gets the "trailing" Euler it was distilled for; others keep theirs."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from safetensors.torch import save_file
+
+    def from_single_file(cls: Any, path: str, **kwargs: Any) -> Any:  # what diffusers builds, offline
+        pipe = StableDiffusionPipeline.from_pretrained(tiny_cache_dir / "tiny-sd", **kwargs)
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="leading",
+                                                   prediction_type="v_prediction")
+        return pipe
+
+    monkeypatch.setattr(StableDiffusionPipeline, "from_single_file", classmethod(from_single_file))
+    checkpoint = tmp_path / name
+    save_file({"model.diffusion_model.out.0.weight": torch.zeros(4)}, str(checkpoint))
+    lite = LiteEngine(EngineContext(settings=make_settings(lite_model=str(checkpoint))))
+    try:
+        result = await lite.run(draft(n=1, steps=2), RecordingProgress(), CancelToken())
+    finally:
+        lite.runtime.shutdown(timeout=30)
+    assert result.metadata["sampler"] == sampler
+
+
 @pytest.mark.filterwarnings("ignore:The `local_dir_use_symlinks` argument is deprecated")
 async def test_a_single_file_that_is_not_a_checkpoint_is_unavailable_saying_why(
         make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import pytest
 
-from tiers._local import ModelDefaults, model_defaults
+from tiers._local import ModelDefaults, few_step_scheduler, model_defaults
 
 # SD3 and FLUX patch their latents: sizes in multiples of 16.
 TRANSFORMER = ModelDefaults(steps=28, guidance_scale=3.5, native_size=1024, size_multiple=16)
 TRANSFORMER_FAST = ModelDefaults(steps=4, guidance_scale=0.0, native_size=1024, size_multiple=16)
+TURBO = ModelDefaults(steps=2, guidance_scale=0.0, native_size=512, few_step=True)
 
 
 @pytest.mark.parametrize(("model", "expected"), [
-    ("stabilityai/sd-turbo", ModelDefaults(steps=2, guidance_scale=0.0, native_size=512)),
-    ("stabilityai/sdxl-turbo", ModelDefaults(steps=2, guidance_scale=0.0, native_size=512)),  # trained at 512
-    ("ByteDance/SDXL-Lightning", ModelDefaults(steps=4, guidance_scale=0.0, native_size=1024)),
+    ("stabilityai/sd-turbo", TURBO),
+    ("stabilityai/sdxl-turbo", TURBO),  # trained at 512
+    ("ByteDance/SDXL-Lightning", ModelDefaults(steps=4, guidance_scale=0.0, native_size=1024, few_step=True)),
     # Latent consistency pipelines compute w = guidance - 1: guidance 0 would be w = -1.
     ("SimianLuo/LCM_Dreamshaper_v7", ModelDefaults(steps=4, guidance_scale=8.5, native_size=512)),
     ("stabilityai/stable-diffusion-xl-base-1.0", ModelDefaults(steps=30, guidance_scale=5.0, native_size=1024)),
@@ -33,9 +34,27 @@ TRANSFORMER_FAST = ModelDefaults(steps=4, guidance_scale=0.0, native_size=1024, 
     ("black-forest-labs/FLUX.1-dev", TRANSFORMER),
     # Names that only look like a family: an SD 1.5 model called hyperRealism, an SDXL turbo fine-tune.
     ("/models/hyperRealism_30.safetensors", ModelDefaults(steps=25, guidance_scale=7.5, native_size=512)),
-    ("ByteDance/Hyper-SD", ModelDefaults(steps=4, guidance_scale=0.0, native_size=512)),
-    ("/models/dreamshaperXL_turbo.safetensors", ModelDefaults(steps=2, guidance_scale=0.0, native_size=1024)),
-    ("/models/sd_xl_turbo_1.0_fp16.safetensors", ModelDefaults(steps=2, guidance_scale=0.0, native_size=512)),
+    ("ByteDance/Hyper-SD", ModelDefaults(steps=4, guidance_scale=0.0, native_size=512, few_step=True)),
+    ("/models/dreamshaperXL_turbo.safetensors", ModelDefaults(steps=2, guidance_scale=0.0, native_size=1024,
+                                                                few_step=True)),
+    ("/models/sd_xl_turbo_1.0_fp16.safetensors", TURBO),
 ])
 def test_model_defaults(model: str, expected: ModelDefaults) -> None:
     assert model_defaults(model) == expected
+
+
+def test_a_few_step_single_file_gets_a_schedule_that_starts_from_noise() -> None:
+    """A single file is given its base family's scheduler: SD 2.1's (DDIM, "leading", v-prediction)
+    for sd_turbo.safetensors. At 2 steps that starts at t=501; SD-Turbo is an epsilon model
+    trained to start at t=999."""
+    from diffusers import DDIMScheduler
+
+    given = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1,
+                          prediction_type="v_prediction", clip_sample=False, set_alpha_to_one=False)
+    given.set_timesteps(2)
+    assert given.timesteps.tolist() == [501, 1]
+    fixed = few_step_scheduler(given)
+    fixed.set_timesteps(2)
+    assert fixed.timesteps.tolist() == [999, 499]
+    assert fixed.config.prediction_type == "epsilon"
+    assert (fixed.config.beta_start, fixed.config.beta_end) == (0.00085, 0.012)  # the family's betas kept
