@@ -316,6 +316,9 @@ class LocalRuntime:
         if wanted == "cuda" and not torch.cuda.is_available():
             raise EngineUnavailable("ORCH_LITE_DEVICE=cuda but torch sees no CUDA device: set ORCH_LITE_DEVICE=auto "
                                     f"(or cpu), or install a CUDA build of torch (this one is {torch.__version__})")
+        if wanted == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise EngineUnavailable("ORCH_LITE_DEVICE=mps but torch sees no Apple GPU (MPS is macOS on Apple "
+                                    "silicon only): set ORCH_LITE_DEVICE=auto (or cpu)")
         return wanted
 
     def dtype(self) -> Any:

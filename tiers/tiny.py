@@ -8,6 +8,7 @@ denoises a 64x64 latent.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -37,26 +38,33 @@ def _vocab() -> tuple[dict[str, int], list[str]]:
 def save_tiny_pipeline(folder: Path, seed: int = 0) -> Path:
     """Build the tiny pipeline and save it as a normal diffusers folder (idempotent).
 
-    It is built in a temporary folder and renamed into place, so two processes starting at once
-    never load a half-written model."""
+    It is built in a temporary folder and renamed into place, under a lock file: two processes
+    starting at once never load a half-written model, nor remove the copy the other just made."""
     marker = folder / ".tiny-sd-version"
-    if marker.exists() and marker.read_text() == _VERSION:
+    if _current(marker):
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".tiny-sd-", dir=folder.parent))
-    try:
-        _build(staging, seed)
-        if folder.exists():
-            shutil.rmtree(folder, ignore_errors=True)  # an older version
+    with open(folder.parent / f".{folder.name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if _current(marker):  # built by another process while this one waited
+            return folder
+        staging = Path(tempfile.mkdtemp(prefix=".tiny-sd-", dir=folder.parent))
         try:
+            _build(staging, seed)
+            if folder.exists():
+                shutil.rmtree(folder, ignore_errors=True)  # an older version
             os.replace(staging, folder)
-        except OSError:
-            if not (marker.exists() and marker.read_text() == _VERSION):
-                raise  # someone else won the race only if their copy is complete
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     log.info("built %s in %s", NAME, folder)
     return folder
+
+
+def _current(marker: Path) -> bool:
+    try:
+        return marker.read_text() == _VERSION
+    except OSError:
+        return False
 
 
 def _build(folder: Path, seed: int) -> None:

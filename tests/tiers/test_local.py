@@ -379,6 +379,22 @@ def test_a_ckpt_file_is_unavailable_with_what_to_do(make_settings: SettingsFacto
     assert not available and reason and "convert it to .safetensors" in reason
 
 
+@pytest.mark.parametrize("device", ["cuda", "mps"])
+async def test_a_device_torch_does_not_have_is_unavailable_before_any_load(
+        make_settings: SettingsFactory, device: str) -> None:
+    """Not a crash after the whole model loaded, for every draft: what to set instead."""
+    if (device == "cuda" and torch.cuda.is_available()) or (device == "mps" and torch.backends.mps.is_available()):
+        pytest.skip(f"this machine has {device}")
+    lite = LiteEngine(EngineContext(settings=make_settings(lite_device=device)))
+    try:
+        with pytest.raises(EngineUnavailable) as info:
+            await lite.run(draft(n=1), RecordingProgress(), CancelToken())
+    finally:
+        lite.runtime.shutdown(timeout=30)
+    assert info.value.message.startswith(f"ORCH_LITE_DEVICE={device} but torch sees no ")
+    assert "ORCH_LITE_DEVICE=auto" in info.value.message
+
+
 @pytest.mark.parametrize(("name", "sampler"), [("sd_turbo.safetensors", "EulerDiscreteScheduler"),
                                               ("dreamshaper_8.safetensors", "DDIMScheduler")])
 async def test_a_few_step_single_file_denoises_from_noise(
