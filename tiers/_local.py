@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import inspect
 import logging
 import math
 import os
@@ -109,6 +110,19 @@ def few_step_scheduler(scheduler: Any) -> Any:
 
     return EulerDiscreteScheduler.from_config(scheduler.config, timestep_spacing="trailing",
                                               prediction_type="epsilon")
+
+
+def negative_prompt_arguments(pipe: Any, negative_prompt: str, progress: Progress, notes: list[str]) -> dict[str, Any]:
+    """The pipeline call's `negative_prompt`, if it takes one. LCM's pipelines take none, and take
+    any keyword without a word: a negative prompt given to them changed nothing while the image's
+    record said it applied. Told in the notes and a `negative_prompt_ignored` state event instead."""
+    if not negative_prompt:
+        return {}
+    if "negative_prompt" in inspect.signature(pipe.__call__).parameters:
+        return {"negative_prompt": negative_prompt}
+    notes.append(f"the model's pipeline ({type(pipe).__name__}) takes no negative prompt: it was not used")
+    progress.state("negative_prompt_ignored", pipeline=type(pipe).__name__)
+    return {}
 
 
 def _model_name(model: str) -> str:

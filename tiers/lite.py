@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 from orchestrator.errors import BadEngineInput, Canceled
-from tiers._local import LocalEngine, lcm_schedule
+from tiers._local import LocalEngine, lcm_schedule, negative_prompt_arguments
 from tiers.base import (
     DEVICE_SECONDS,
     NOTES,
@@ -65,6 +65,7 @@ class LiteEngine(LocalEngine):
             # client would otherwise never know (diffusers only logs it).
             notes.append(f"the prompt is {overflow[0]} tokens long; the model read the first {overflow[1]}")
             progress.state("prompt_truncated", tokens=overflow[0], read=overflow[1])
+        negative = negative_prompt_arguments(pipe, req.negative_prompt, progress, notes)
         batch = self.settings.lite_max_batch
         chunks = [list(range(start, min(start + batch, req.n))) for start in range(0, req.n, batch)]
         images: list[RenderedImage] = []
@@ -87,7 +88,7 @@ class LiteEngine(LocalEngine):
             with torch.inference_mode():
                 out = pipe(
                     prompt=req.prompt,
-                    negative_prompt=req.negative_prompt or None,
+                    **negative,
                     num_inference_steps=steps,
                     guidance_scale=guidance,
                     width=req.width,

@@ -15,9 +15,10 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.errors import BadEngineInput, Canceled
-from tiers._local import LocalEngine, lcm_schedule
+from tiers._local import LocalEngine, lcm_schedule, negative_prompt_arguments
 from tiers.base import (
     DEVICE_SECONDS,
+    NOTES,
     CancelToken,
     Capabilities,
     EngineContext,
@@ -95,9 +96,11 @@ class LocalHifiEngine(LocalEngine):
         if req.stage == "polish" and max(req.width, req.height) > tile * 1.25:
             boxes = tile_boxes(req.width, req.height, tile)
         seed = req.seed if req.seed is not None else 0
+        notes: list[str] = []
+        negative = negative_prompt_arguments(pipe, req.negative_prompt, progress, notes)
         images: list[RenderedImage] = []
         for index in range(req.n):
-            canvas = self._refine(pipe, req, source, boxes, steps, strength, guidance, seed + index,
+            canvas = self._refine(pipe, req, source, boxes, steps, strength, guidance, seed + index, negative,
                                   progress, cancel, first_pass=index * len(boxes), passes=req.n * len(boxes))
             images.append(RenderedImage(canvas, seed + index))
         return RenderResult(
@@ -105,11 +108,11 @@ class LocalHifiEngine(LocalEngine):
             model=self._model,
             metadata={"steps": steps, "strength": strength, "guidance_scale": guidance, "tiles": len(boxes),
                       "sampler": type(pipe.scheduler).__name__, "device": self.runtime.device,
-                      DEVICE_SECONDS: time.monotonic() - began},
+                      DEVICE_SECONDS: time.monotonic() - began, **({NOTES: notes} if notes else {})},
         )
 
     def _refine(self, pipe: Any, req: RenderRequest, source: Image, boxes: list[tuple[int, int, int, int]],
-                steps: int, strength: float, guidance: float, seed: int, progress: Progress,
+                steps: int, strength: float, guidance: float, seed: int, negative: dict[str, Any], progress: Progress,
                 cancel: CancelToken, *, first_pass: int, passes: int) -> Image:
         import numpy as np
         import torch
@@ -140,7 +143,7 @@ class LocalHifiEngine(LocalEngine):
             with torch.inference_mode():
                 out = pipe(
                     prompt=req.prompt,
-                    negative_prompt=req.negative_prompt or None,
+                    **negative,
                     image=tile_img,
                     strength=strength,
                     num_inference_steps=steps,

@@ -23,7 +23,7 @@ from tests.conftest import SettingsFactory
 from tests.tiers.conftest import RecordingProgress, draft_image
 from tiers import tiny
 from tiers._local import _usable_cpus, hf_hub_reachable, latents_to_preview, runtime_for
-from tiers.base import CancelToken, EngineContext, RenderRequest
+from tiers.base import NOTES, CancelToken, EngineContext, RenderRequest
 from tiers.lite import LiteEngine, prompt_overflow
 from tiers.local_hifi import LocalHifiEngine, tile_boxes
 
@@ -574,3 +574,23 @@ def test_a_transformer_model_takes_sizes_in_multiples_of_16(make_settings: Setti
         assert lite.estimate(draft(width=528, height=512)) == 0
     finally:
         lite.runtime.shutdown(timeout=30)
+
+
+@pytest.mark.parametrize("lcm", [True, False])
+async def test_a_negative_prompt_a_pipeline_cannot_take_is_told_not_recorded_as_used(
+        engines: EngineFactory, lcm: bool) -> None:
+    """LCM's pipelines take any keyword and drop `negative_prompt` without a word: the client is
+    told, in the notes and a state event. A pipeline that takes one uses it, and says nothing."""
+    lite, hifi = engines()
+    if lcm:
+        use_lcm(lite)
+    told = []
+    for engine, req in ((lite, draft(n=1, negative_prompt="blurry")),
+                        (hifi, RenderRequest(stage="bridge", prompt="a lighthouse", width=64, height=64, seed=1, n=1,
+                                             init_image=draft_image(), strength=0.5, negative_prompt="blurry"))):
+        progress = RecordingProgress()
+        result = await engine.run(req, progress, CancelToken())
+        told.append((result.metadata.get(NOTES), progress.states))
+    pipelines = ("LatentConsistencyModelPipeline", "LatentConsistencyModelImg2ImgPipeline")
+    assert told == ([([f"the model's pipeline ({name}) takes no negative prompt: it was not used"],
+                      ["negative_prompt_ignored"]) for name in pipelines] if lcm else [(None, []), (None, [])])
