@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import PlainTextResponse
 
 from orchestrator import __version__
@@ -71,7 +72,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_errors(app)
     app.add_middleware(RequestLimits, max_bytes=settings.max_body_bytes)
     app.add_middleware(DropEmptyQueryValues)
-    app.add_middleware(HeadAsGet)  # added last, so it wraps the others: they and the routes see a GET
+    app.add_middleware(HeadAsGet)  # added after those, so it wraps them: they and the routes see a GET
+    if settings.cors_origin_list:
+        # Outermost: a browser's preflight carries no key, so it is answered before auth; and the
+        # answers of every layer (a 401, a 413) carry the headers a dashboard needs to read them.
+        # No credentials mode: the key travels in the Authorization header, not in cookies.
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origin_list,
+                           allow_methods=["GET", "HEAD", "POST", "PATCH", "DELETE"],
+                           allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "Last-Event-ID",
+                                          "If-None-Match"],
+                           expose_headers=["Location", "ETag", "Idempotent-Replayed", "Retry-After"],
+                           max_age=600)
     v1 = [Depends(require_auth)]
     for module in (projects, stages, jobs, assets, engines, credits, policies, keys, workers):
         app.include_router(module.router, prefix="/v1", dependencies=v1, responses=documented(400, 401, 422, 503))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 import logging
 import os
+import re
 import tomllib
 from collections.abc import Iterable, Mapping
 from functools import cached_property
@@ -82,6 +83,10 @@ class Settings(BaseSettings):
     prices_file: Path | None = None
     # Credits per GPU-second charged for local engines (0 = local work is free).
     local_gpu_second_credits: float = Field(0.0, ge=0)
+
+    # Origins whose browser pages may call the API (CORS), comma-separated, as a browser sends them
+    # ("https://dash.studio.example", "http://localhost:3000"); "*" for any. Unset: none may.
+    cors_origins: str = ""
 
     # Largest request body accepted (413 above it); every body is a small JSON document.
     max_body_bytes: int = Field(1 << 20, ge=1024)
@@ -163,6 +168,21 @@ class Settings(BaseSettings):
         if value is not None and not value.get_secret_value().strip():
             raise ValueError("must not be empty or blank: set a key, or leave the variable unset for an open API")
         return value
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, value: str) -> str:
+        for origin in (item.strip() for item in value.split(",") if item.strip()):
+            # A browser's Origin is scheme://host[:port], nothing more: "https://dash.example/" or a
+            # path would never match, and the dashboard would fail with nothing in the server's log.
+            if origin != "*" and not re.fullmatch(r"https?://[^/\s?#]+", origin):
+                raise ValueError(f"{origin!r} is not an origin: give scheme://host[:port] with no path or "
+                                 "trailing slash (e.g. https://dash.studio.example), or *")
+        return value
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return [item.strip() for item in self.cors_origins.split(",") if item.strip()]
 
     @cached_property
     def resolved_database_url(self) -> str:
