@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import hashlib
 import json
 import secrets
 import time
@@ -31,6 +32,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 TERMINAL = frozenset({"succeeded", "failed", "canceled"})
+# A terminal event's id: `<tag>-<n>-end.<job mark>`. The job mark binds it to its job, for the
+# processes that did not send it and cannot tell by the count (see `EventBus.foreign_end`).
 END_MARK = "-end"
 # Finished jobs keep their history this long, for clients that connect just after the end; so do
 # unfinished ones without a client or an event (queued behind others, or run by another process).
@@ -46,16 +49,29 @@ def on_loop(loop: asyncio.AbstractEventLoop) -> bool:
         return False
 
 
+def job_mark(job_id: str) -> str:
+    return hashlib.sha256(job_id.encode()).hexdigest()[:8]
+
+
+def split_id(event_id: str | None) -> tuple[str, str, str | None]:
+    """(process tag, count, job mark) of an event id; the mark is None for an id that is not a
+    terminal event's, and empty for one whose mark is missing."""
+    body, ended, mark = (event_id or "").partition(END_MARK)
+    tag, _, count = body.partition("-")
+    return tag, count, mark.removeprefix(".") if ended else None
+
+
 @dataclass(frozen=True)
 class Event:
     id: int  # this process's count; the client sees it with the process tag
     type: str
     data: dict[str, Any]
     tag: str = ""
+    job_id: str = ""
 
     def sse(self) -> str:
         data = json.dumps(self.data, separators=(",", ":"))
-        end = END_MARK if self.type in TERMINAL else ""
+        end = f"{END_MARK}.{job_mark(self.job_id)}" if self.type in TERMINAL else ""
         return f"id: {self.tag}-{self.id}{end}\nevent: {self.type}\ndata: {data}\n\n"
 
 
@@ -140,7 +156,7 @@ class EventBus:
         """The count of the event a reconnecting client has seen, or 0 when the id is not one
         this process sent for this job (another process's, another job's, a malformed header):
         that client gets the whole state again."""
-        tag, _, count = (last_event_id or "").removesuffix(END_MARK).partition("-")
+        tag, count, _ = split_id(last_event_id)
         if tag != self.tag or not (count.isascii() and count.isdigit()) or len(count) > 18:
             return 0
         seen = int(count)
@@ -162,18 +178,18 @@ class EventBus:
             return False
         # An id this process sent must be this job's terminal event (with its mark or, from a
         # client that dropped it, without): another job's (a client reusing its header) or a
-        # made-up one gets the state, terminal event included. Another process's needs the mark.
-        tag, _, count = last_event_id.removesuffix(END_MARK).partition("-")
+        # made-up one gets the state, terminal event included. Another process's needs the mark
+        # of this job.
+        tag, count, mark = split_id(last_event_id)
         if tag == self.tag:
             return bool(stream.history) and count == str(stream.history[-1].id)
-        return last_event_id.endswith(END_MARK)
+        return mark == job_mark(job_id)
 
-    def foreign_end(self, last_event_id: str | None) -> bool:
-        """Whether the id is another process's terminal event: the job may have ended there before
-        this process has heard of it (see `ended_before`), so its row decides."""
-        if not last_event_id or not last_event_id.endswith(END_MARK):
-            return False
-        return last_event_id.partition("-")[0] != self.tag
+    def foreign_end(self, job_id: str, last_event_id: str | None) -> bool:
+        """Whether the id is another process's terminal event of this job: the job may have ended
+        there before this process has heard of it (see `ended_before`), so its row decides."""
+        tag, _, mark = split_id(last_event_id)
+        return bool(last_event_id) and tag != self.tag and mark == job_mark(job_id)
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -212,7 +228,7 @@ class EventBus:
             # The submit's own event, late: the runner claimed the job first and told it already.
             return
         self._last_id += 1
-        event = Event(self._last_id, type_, data, self.tag)
+        event = Event(self._last_id, type_, data, self.tag, job_id)
         stream.touched = time.monotonic()
         if type_ == "progress":
             stream.latest_progress = event

@@ -137,7 +137,7 @@ async def job_events(job_id: str, services: ServicesDep, caller: CallerDep, requ
             catch_up(services.bus, job, asset_ids, preview=preview)
     services.follower.follow(job_id)  # for as long as another process runs it
     if services.bus.ended_before(job_id, last_event_id) or (
-            services.bus.foreign_end(last_event_id) and await asyncio.to_thread(_finished, services, job_id)):
+            services.bus.foreign_end(job_id, last_event_id) and await asyncio.to_thread(_finished, services, job_id)):
         # The client has the terminal event; one from another process (a worker, another server)
         # is trusted once the row says the job ended, which this process may not have heard yet.
         return Response(status_code=204)

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from orchestrator.events import HISTORY_TTL, EventBus
+from orchestrator.events import HISTORY_TTL, EventBus, job_mark, split_id
 from orchestrator.server import serve_in_thread
 from orchestrator.settings import Settings
 from tests.api import SLOW, SSE, TERMINAL, create_project, iter_sse, read_events, run_draft, submit_draft, wait_for_job
@@ -20,7 +20,7 @@ from tests.api import SLOW, SSE, TERMINAL, create_project, iter_sse, read_events
 
 def count(event_id: str | None) -> int:
     """An event id's place in its process's count (`<process tag>-<n>`)."""
-    tag, _, n = (event_id or "").removesuffix("-end").partition("-")
+    tag, n, _ = split_id(event_id)
     assert tag and n.isdigit(), event_id
     return int(n)
 
@@ -191,10 +191,13 @@ def test_a_client_with_another_server_s_terminal_event_gets_204(server: httpx.Cl
     job = run_draft(server, project, n=1, steps=1)
     url = f"/v1/jobs/{job['id']}/events"
     [end] = [e for e in read_events(server, job["id"], timeout=10) if e.event in TERMINAL]
-    assert end.id is not None and end.id.endswith("-end")
-    assert server.get(url, headers={"Last-Event-ID": "0badc0de-7-end"}).status_code == 204
-    replayed = read_events_after(server, job["id"], "0badc0de-7")  # not the end: everything again
-    assert (replayed[0].event, replayed[-1].event) == ("queued", "succeeded")
+    assert end.id is not None and end.id.endswith(f"-end.{job_mark(job['id'])}")
+    assert server.get(url, headers={"Last-Event-ID": f"0badc0de-7-end.{job_mark(job['id'])}"}).status_code == 204
+    # Not the end of this job: another's (a client reusing its header), a mark dropped, made up:
+    # everything again, never a 204 that leaves the client without this job's end.
+    for other in ("0badc0de-7", f"0badc0de-7-end.{job_mark('job_other')}", "0badc0de-7-end", "bogus-end"):
+        replayed = read_events_after(server, job["id"], other)
+        assert (replayed[0].event, replayed[-1].event) == ("queued", "succeeded"), other
     assert server.get(url, headers={"Last-Event-ID": end.id}).status_code == 204
 
 
@@ -209,8 +212,11 @@ def test_another_server_s_terminal_event_gets_204_before_this_one_has_heard(
         with sqlite3.connect(settings.data_dir / "orchestrator.db") as db:  # ...and the worker ends it
             db.execute("UPDATE jobs SET status = 'succeeded', finished_at = CURRENT_TIMESTAMP WHERE id = ?",
                        (job["id"],))
-        response = client.get(f"/v1/jobs/{job['id']}/events", headers={"Last-Event-ID": "0badc0de-9-end"})
-        assert response.status_code == 204
+        url = f"/v1/jobs/{job['id']}/events"
+        assert client.get(url, headers={"Last-Event-ID": f"0badc0de-9-end.{job_mark(job['id'])}"}).status_code == 204
+        # Another job's end, from that process: this job's story is still to be told.
+        other = client.head(url, headers={"Last-Event-ID": f"0badc0de-9-end.{job_mark('job_other')}"})
+        assert other.status_code == 200
 
 
 def test_another_job_s_terminal_event_id_does_not_end_this_stream(server: httpx.Client) -> None:
@@ -226,14 +232,14 @@ def test_another_job_s_terminal_event_id_does_not_end_this_stream(server: httpx.
     # once gave an empty stream that a browser reconnects to forever.
     [second_end] = [e for e in read_events(server, second["id"], timeout=10) if e.event in TERMINAL]
     assert second_end.id is not None
-    for foreign in (second_end.id, second_end.id.removesuffix("-end")):
+    for foreign in (second_end.id, second_end.id.partition("-end")[0]):
         replayed = read_events_after(server, first["id"], foreign)
         assert (replayed[0].event, replayed[-1].event) == ("queued", "succeeded"), foreign
         assert replayed[-1].data["job_id"] == first["id"]
     # This job's own terminal id with its mark dropped still says the client has the end.
     [own_end] = [e for e in read_events(server, first["id"], timeout=10) if e.event in TERMINAL]
     assert own_end.id is not None
-    response = server.get(f"/v1/jobs/{first['id']}/events", headers={"Last-Event-ID": own_end.id.removesuffix("-end")})
+    response = server.get(f"/v1/jobs/{first['id']}/events", headers={"Last-Event-ID": own_end.id.partition("-end")[0]})
     assert response.status_code == 204
 
 
