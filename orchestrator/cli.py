@@ -26,7 +26,10 @@ DEMO_SIZES = range(64, 1025, 8)
 
 
 def _port(text: str) -> int:
-    port = int(text)
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port (1-65535)") from None
     if not 0 < port < 65536:
         # The socket layer would take it modulo 65536 and listen elsewhere without a word.
         raise argparse.ArgumentTypeError(f"{port} is not a TCP port (1-65535)")
@@ -95,12 +98,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)  # one line per plugin, every start
     try:
         return _run(args)
+    except KeyboardInterrupt:  # Ctrl-C: whatever was running has stopped (the server cleanly)
+        print("orchestrator: interrupted", file=sys.stderr)
+        return 130
     except ValidationError as exc:
         if exc.title != "Settings":
             raise
         # Name the variable (or the file's key) to fix rather than print a traceback.
         problems = [f"  {e['msg']}" if e["type"] in ("unknown_setting", "config_file")  # name their file
-                    else f"  {_source_of('_'.join(str(p) for p in e['loc']))}: {e['msg']} (got {e['input']!r})"
+                    else f"  {_source_of(_field(e['loc']))}: {e['msg']}{_shown_input(_field(e['loc']), e['input'])}"
                     for e in exc.errors()]
         return _fail("invalid configuration:\n" + "\n".join(problems), status=2)
     except httpx.HTTPStatusError as exc:
@@ -113,6 +119,21 @@ def main(argv: list[str] | None = None) -> int:
         # The database is down or refuses us: say so in a line (the URL's password never shows).
         reason = next(iter(str(exc.orig or exc).strip().splitlines()), type(exc).__name__)
         return _fail(f"cannot use the database: {reason}")
+
+
+def _field(loc: tuple[int | str, ...]) -> str:
+    return "_".join(str(p) for p in loc)
+
+
+def _shown_input(field: str, value: object) -> str:
+    """The bad value, to help fix it, unless it may be a secret (a key, a password in a URL):
+    the message goes to the terminal and the service manager's journal."""
+    from orchestrator.settings import Settings
+
+    known = Settings.model_fields.get(field)
+    if known is None or known.repr is False or "SecretStr" in str(known.annotation):
+        return ""
+    return f" (got {value!r})"
 
 
 def _source_of(field: str) -> str:
@@ -219,12 +240,13 @@ def _run(args: argparse.Namespace) -> int:
         from orchestrator.settings import Settings
 
         settings = Settings()
-        if (failed := _checked(settings) or _bound(settings)) is not None:
-            return failed
+        # Refused before anything is made: no data dir or database left behind by a start that is not one.
         if settings.admin_key is None and not _loopback(args.host) and not args.allow_open:
             return _fail(f"refusing to listen on {args.host} without ORCH_ADMIN_KEY: anyone who reaches the port "
                          "could spend the budgets and grant credits. Set ORCH_ADMIN_KEY (or pass --allow-open "
                          "on a network you trust)", status=2)
+        if (failed := _checked(settings) or _bound(settings)) is not None:
+            return failed
         if settings.admin_key is None and not _loopback(args.host):
             print(f"orchestrator: warning: listening on {args.host} without ORCH_ADMIN_KEY (--allow-open): "
                   "anyone who reaches the port can use the API", file=sys.stderr)
@@ -300,9 +322,12 @@ def _check(*, no_hash: bool) -> int:
         open_store,
         read_only_engine,
     )
+    from orchestrator.services import database_url_problems
     from orchestrator.settings import Settings
 
     settings = Settings()
+    if problems := database_url_problems(settings.resolved_database_url):
+        return _fail("\n".join(problems), status=2)
     try:
         engine = read_only_engine(settings.resolved_database_url)
         try:

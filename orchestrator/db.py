@@ -44,6 +44,9 @@ _IMMEDIATE = "orchestrator_immediate"
 # Any fixed number (not migrations/env.py's): the advisory lock every PostgreSQL write takes first.
 WRITE_LOCK = 7_202_611_281
 LOCK_TIMEOUT_SECONDS = 30  # SQLite's busy timeout too
+# A server that takes the connection and never answers (or a host that drops packets) would hold
+# a start, a request or `check` for minutes: libpq waits without limit unless told.
+CONNECT_TIMEOUT_SECONDS = 10
 # lock_not_available (lock_timeout), query_canceled, and the two a retry resolves.
 LOCK_WAIT_SQLSTATES = frozenset({"55P03", "57014", "40001", "40P01"})
 DISK_FULL_SQLSTATE = "53100"
@@ -60,8 +63,11 @@ def postgres_connect_args(url: str) -> dict[str, Any]:
     ours = (f"-c lock_timeout={LOCK_TIMEOUT_SECONDS * 1000} -c tcp_keepalives_idle=30 "
             "-c tcp_keepalives_interval=10 -c tcp_keepalives_count=3")
     options = " ".join(part for part in (given if isinstance(given, str) else " ".join(given), ours) if part)
-    return {"options": options, "keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10,
-            "keepalives_count": 3}
+    args: dict[str, Any] = {"options": options, "keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10,
+                            "keepalives_count": 3}
+    if "connect_timeout" not in make_url(url).query and not os.environ.get("PGCONNECT_TIMEOUT"):
+        args["connect_timeout"] = CONNECT_TIMEOUT_SECONDS
+    return args
 
 
 def _sqlite_setup(engine: Engine) -> None:

@@ -48,7 +48,9 @@ def watch(client: httpx.Client, job_id: str, label: str) -> dict[str, Any]:
                           + f"  {label:<8} {_bar(1.0 if event == 'succeeded' else 0.0)} {event}" + " " * 12)
     job: dict[str, Any] = client.get(f"/v1/jobs/{job_id}").raise_for_status().json()
     if job["status"] != "succeeded":
-        raise SystemExit(f"{label} job {job_id} {job['status']}: {job.get('error')}")
+        error = job.get("error") or {}
+        raise SystemExit(f"{label} job {job_id} {job['status']}: {error.get('message', 'no reason given')}"
+                         + (f" ({error['code']})" if error.get("code") else ""))
     return job
 
 
@@ -77,12 +79,16 @@ def run_demo(*, url: str | None, prompt: str, out: str, size: int) -> int:
 
         # The demo tells each job's outcome itself; the runner's line would land inside its progress bar.
         logging.getLogger("orchestrator.runner").setLevel(logging.WARNING)
-        server = serve_in_thread(Settings())
+        # Its own service runs its jobs, whatever ORCH_RUN_JOBS says for the studio's API servers:
+        # with no worker of its own, the demo would wait on its first draft for ever.
+        server = serve_in_thread(Settings().model_copy(update={"run_jobs": True}))
     headers = {"Authorization": f"Bearer {os.environ['ORCH_ADMIN_KEY']}"} if os.environ.get("ORCH_ADMIN_KEY") else {}
     with server as base, httpx.Client(base_url=base, headers=headers, timeout=600) as client:
         print(f"orchestrator at {base}")
         engines = {e["name"]: e for e in client.get("/v1/engines").raise_for_status().json()}
         lite = engines["lite"]
+        if not lite["available"]:
+            raise SystemExit(f"the lite engine is unavailable: {lite.get('note') or 'no reason given'}")
         print(f"lite model: {lite['model']}" + (f"\n  NOTE: {lite['note']}" if lite.get("note") else ""))
 
         project = client.post("/v1/projects", json={"name": "demo"}).raise_for_status().json()

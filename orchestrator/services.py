@@ -93,20 +93,7 @@ def startup_problems(settings: Settings, *, service: bool = True) -> list[str]:
     named = os.environ.get(CONFIG_FILE_VARIABLE)
     if named and not Path(named).is_file():  # the default name may be absent; a named file must not
         problems.append(f"{CONFIG_FILE_VARIABLE}: no such file: {named}")
-    try:
-        url = make_url(settings.resolved_database_url)
-    except (ArgumentError, ValueError):  # a port that is not a number; the text may hold a password
-        problems.append("ORCH_DATABASE_URL: not a database URL (e.g. postgresql+psycopg://user@host/db)")
-    else:
-        shown = url.render_as_string(hide_password=True)
-        if url.get_backend_name() not in ("sqlite", "postgresql"):
-            problems.append(f"ORCH_DATABASE_URL: {shown} is neither SQLite nor PostgreSQL, the databases supported")
-        else:
-            try:
-                url.get_dialect().import_dbapi()
-            except (ImportError, NoSuchModuleError) as exc:
-                problems.append(f"ORCH_DATABASE_URL: the driver of {shown} is not installed ({exc}); for "
-                                "PostgreSQL: pip install 'tiered-orchestrator[postgres]'")
+    problems.extend(database_url_problems(settings.resolved_database_url))
     try:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=settings.data_dir) as probe:
@@ -130,6 +117,27 @@ def startup_problems(settings: Settings, *, service: bool = True) -> list[str]:
             problems.append(f"ORCH_POLICY: '{settings.policy}' is not a loaded policy "
                             f"(known: {', '.join(policies.names())})")
     return problems
+
+
+def database_url_problems(text: str) -> list[str]:
+    """What is wrong with `ORCH_DATABASE_URL` before any connection is tried (never showing its password)."""
+    try:
+        url = make_url(text)
+    except (ArgumentError, ValueError):  # a port that is not a number; the text may hold a password
+        return ["ORCH_DATABASE_URL: not a database URL (e.g. postgresql+psycopg://user@host/db)"]
+    shown = url.render_as_string(hide_password=True)
+    if url.get_backend_name() not in ("sqlite", "postgresql"):
+        return [f"ORCH_DATABASE_URL: {shown} is neither SQLite nor PostgreSQL, the databases supported"]
+    if url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:"):
+        # Each connection would open its own empty database: the tables made at start vanish.
+        return ["ORCH_DATABASE_URL: an in-memory SQLite database cannot be shared between the service's "
+                "connections; give a file (sqlite:////srv/orchestrator/orchestrator.db), or leave it unset"]
+    try:
+        url.get_dialect().import_dbapi()
+    except (ImportError, NoSuchModuleError) as exc:
+        return [f"ORCH_DATABASE_URL: the driver of {shown} is not installed ({exc}); for "
+                "PostgreSQL: pip install 'tiered-orchestrator[postgres]'"]
+    return []
 
 
 @dataclass

@@ -169,6 +169,16 @@ class Settings(BaseSettings):
             raise ValueError("must not be empty or blank: set a key, or leave the variable unset for an open API")
         return value
 
+    @field_validator("engines")
+    @classmethod
+    def _engine_entries(cls, value: str) -> str:
+        for item in (item.strip() for item in value.split(",") if item.strip()):
+            name, _, target = item.partition("=")
+            module, _, factory = target.partition(":")
+            if not (name.strip() and module.strip() and factory.strip()):
+                raise ValueError(f"{item!r} is not name=module:factory (e.g. my-engine=studio_engines.flux:create)")
+        return value
+
     @field_validator("cors_origins")
     @classmethod
     def _origins(cls, value: str) -> str:

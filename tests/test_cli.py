@@ -78,6 +78,28 @@ def test_the_demo_runs_the_three_stages_and_saves_their_images(
     assert [line.split()[0] for line in chain] == ["ideation", "bridge", "polish"]
 
 
+def test_the_demo_s_own_service_runs_its_jobs_whatever_orch_run_jobs_says(
+        make_settings: SettingsFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # An operator's API servers run none (ORCH_RUN_JOBS=false): the demo then waited for ever on its first draft.
+    settings = make_settings(hifi_model="builtin:tiny-sd")
+    for name, value in {"ORCH_DATA_DIR": settings.data_dir, "ORCH_LITE_MODEL": "builtin:tiny-sd",
+                        "ORCH_CACHE_DIR": settings.cache_dir, "ORCH_RUN_JOBS": "false"}.items():
+        monkeypatch.setenv(name, str(value))
+    assert main(["demo", "--out", str(tmp_path / "out"), "--size", "64"]) == 0
+    assert (tmp_path / "out" / "final.png").exists()
+    assert "saved drafts" in capsys.readouterr().out
+
+
+def test_the_demo_does_not_start_on_a_lite_engine_that_cannot_run(
+        make_settings: SettingsFactory, start_server: Callable[[Settings], httpx.Client], tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    client = start_server(make_settings(lite_model=str(tmp_path / "models" / "sd-turbo")))
+    with pytest.raises(SystemExit, match=r"the lite engine is unavailable: model '.*sd-turbo' is a path to nothing"):
+        main(["demo", "--url", str(client.base_url), "--out", str(tmp_path / "out")])
+    assert client.get("/v1/projects").json()["items"] == []  # nothing made for a run that cannot be
+
+
 def drafted(make_settings: SettingsFactory, start_server: Callable[[Settings], httpx.Client],
             monkeypatch: pytest.MonkeyPatch, n: int) -> tuple[Settings, httpx.Client, list[str]]:
     """A running service with one draft job of `n` images, and the CLI's environment on its data dir."""
@@ -198,6 +220,10 @@ def test_migrate_makes_a_new_data_dir(make_settings: SettingsFactory, monkeypatc
     ("serve", "ORCH_PRICES_FILE", "{tmp}/missing.toml", "ORCH_PRICES_FILE: prices file {tmp}/missing.toml: [Errno 2]"),
     ("worker", "ORCH_DATA_DIR", "{tmp}/a-file", "ORCH_DATA_DIR: cannot write in {tmp}/a-file"),
     ("serve", "ORCH_CONFIG_FILE", "{tmp}/studio.toml", "ORCH_CONFIG_FILE: no such file: {tmp}/studio.toml"),
+    # Once a traceback from inside the server's start-up (an entry without '=').
+    ("serve", "ORCH_ENGINES", "flux=studio.flux:create,garbage", "ORCH_ENGINES: Value error, 'garbage' is not name="),
+    # Each connection would open its own empty database: once 'no such table' after the migrations.
+    ("migrate", "ORCH_DATABASE_URL", "sqlite:///:memory:", "an in-memory SQLite database cannot be shared"),
     # The demo starts the service itself: the same checks, before it starts (once a uvicorn traceback).
     ("demo", "ORCH_PRICES_FILE", "{tmp}/prices.toml", "ORCH_PRICES_FILE: prices file {tmp}/prices.toml"),
 ])
@@ -305,6 +331,7 @@ def test_the_log_file_gets_one_handler_however_often_main_runs(make_settings: Se
 
 @pytest.mark.parametrize(("argv", "told"), [
     (["serve", "--port", "74320"], "74320 is not a TCP port"),  # once: listened on 8784 without a word
+    (["serve", "--port", "abc"], "'abc' is not a TCP port"),  # once: "invalid _port value"
     (["demo", "--size", "1032"], "1032: drafts are 64-1024 px"),  # once: failed at polish, after the drafts
     (["demo", "--size", "100"], "100: drafts are 64-1024 px, a multiple of 8"),
     (["demo", "--size", "abc"], "'abc' is not a whole number of pixels"),
@@ -376,6 +403,48 @@ def test_serve_beyond_this_machine_needs_an_admin_key(make_settings: SettingsFac
     assert main(["serve", "--host", host]) == 2  # returned before anything listens
     err = capsys.readouterr().err
     assert f"refusing to listen on {host} without ORCH_ADMIN_KEY" in err and "--allow-open" in err
+    assert not settings.data_dir.exists()  # nor is anything made: no data dir, no database
+
+
+def test_ctrl_c_is_one_line_and_status_130(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    # uvicorn raises KeyboardInterrupt again once it has shut down cleanly: it was a traceback.
+    def interrupted(args: object) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("orchestrator.cli._run", interrupted)
+    assert main(["migrate"]) == 130
+    assert capsys.readouterr().err == "orchestrator: interrupted\n"
+
+
+def test_a_secret_setting_s_bad_value_is_not_echoed(make_settings: SettingsFactory, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    # The message goes to the terminal and the service manager's journal.
+    make_settings()  # keeps the developer's environment out
+    config = tmp_path / "studio.toml"
+    config.write_text('admin_key = ["not-so-secret-4821"]\nlite_max_batch = 99\n')
+    monkeypatch.setitem(Settings.model_config, "toml_file", config)
+    assert main(["migrate"]) == 2
+    err = capsys.readouterr().err
+    assert f"{config}: admin_key: Input should be a valid string\n" in err and "4821" not in err
+    assert "lite_max_batch: Input should be less than or equal to 16 (got 99)" in err  # others still shown
+
+
+@pytest.mark.parametrize(("url", "told"), [
+    ("mysql://u:pw@db/orch", "ORCH_DATABASE_URL: mysql://u:***@db/orch is neither SQLite nor PostgreSQL"),
+    ("postgresql+psycopg://u:pw@db:x/orch", "ORCH_DATABASE_URL: not a database URL"),
+    ("postgresql+psycopg2://u:pw@db/orch", "the driver of postgresql+psycopg2://u:***@db/orch is not installed"),
+])
+def test_check_on_a_database_url_it_cannot_open_is_one_line(make_settings: SettingsFactory, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture[str], url: str,
+                                                            told: str) -> None:
+    make_settings()  # keeps the developer's environment out
+    monkeypatch.setenv("ORCH_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("ORCH_DATABASE_URL", url)
+    assert main(["check"]) == 2  # once a traceback, status 1
+    err = capsys.readouterr().err
+    assert told in err and "Traceback" not in err and ":pw@" not in err
 
 
 @pytest.mark.parametrize(("host", "loopback"), [("127.0.0.1", True), ("127.5.0.1", True), ("localhost", True),

@@ -1,4 +1,4 @@
-"""The database wrapper: write transactions on SQLite."""
+"""The database wrapper: write transactions on SQLite; PostgreSQL connections bounded in time."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from sqlalchemy import func
 from sqlalchemy.exc import OperationalError
 from sqlmodel import select
 
-from orchestrator.db import Database
+from orchestrator.db import Database, postgres_connect_args
 from orchestrator.models import Job
 from orchestrator.settings import Settings
 
@@ -98,3 +98,37 @@ def test_reads_do_not_queue_behind_writers_waiting_for_the_lock(tmp_path: Path) 
     finally:
         other.close()
         db.dispose()
+
+
+def test_a_postgres_server_that_never_answers_fails_the_connection_in_bounded_time(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A port that takes the connection and says nothing (a wedged server, a wrong service) held
+    `migrate`, `serve` and `check` without a word: libpq waits without limit unless told."""
+    import socket
+    import time
+
+    from sqlalchemy import text
+
+    from orchestrator import db as db_module
+
+    monkeypatch.delenv("PGCONNECT_TIMEOUT", raising=False)
+    monkeypatch.setattr(db_module, "CONNECT_TIMEOUT_SECONDS", 1)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        url = f"postgresql+psycopg://nobody@127.0.0.1:{silent.getsockname()[1]}/nothing"
+        database = Database(url)
+        began = time.monotonic()
+        with pytest.raises(OperationalError, match="timeout"), database.engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        database.dispose()
+    assert time.monotonic() - began < 10
+
+
+def test_connect_timeouts_the_operator_gives_are_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PGCONNECT_TIMEOUT", raising=False)
+    url = "postgresql+psycopg://u@db.internal/orchestrator"
+    assert postgres_connect_args(url)["connect_timeout"] == 10
+    assert "connect_timeout" not in postgres_connect_args(url + "?connect_timeout=3")
+    monkeypatch.setenv("PGCONNECT_TIMEOUT", "30")
+    assert "connect_timeout" not in postgres_connect_args(url)
