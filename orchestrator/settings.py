@@ -169,6 +169,16 @@ class Settings(BaseSettings):
             raise ValueError("must not be empty or blank: set a key, or leave the variable unset for an open API")
         return value
 
+    @field_validator("comfyui_url", "a1111_url", "gemini_base_url", "openai_base_url", "stability_base_url",
+                     "replicate_base_url", "fal_base_url")
+    @classmethod
+    def _server_url(cls, value: str | None) -> str | None:
+        # `localhost:7860` (no scheme) was taken, the engine listed as available, and every job
+        # failed with a hint about the password. The value is not repeated: it may hold one.
+        if value is not None and not re.fullmatch(r"https?://[^/\s?#]+(/\S*)?", value.strip()):
+            raise ValueError("must be an http:// or https:// address with a host, e.g. http://127.0.0.1:7860")
+        return value
+
     @field_validator("engines")
     @classmethod
     def _engine_entries(cls, value: str) -> str:

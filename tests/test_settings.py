@@ -144,3 +144,29 @@ def test_urls_that_may_hold_a_password_stay_out_of_the_settings_repr(tmp_path: P
     shown = repr(settings) + str(settings)
     assert not any(secret in shown for secret in ("pw-1", "pw-2", "pw-3")), shown
     assert settings.database_url == "postgresql+psycopg://studio:pw-1@db/orch"  # still there to use
+
+
+@pytest.mark.parametrize(("variable", "value"), [
+    ("ORCH_A1111_URL", "localhost:7860"), ("ORCH_COMFYUI_URL", "ftp://studio:8188"),
+    ("ORCH_OPENAI_BASE_URL", "not a url"), ("ORCH_FAL_BASE_URL", "https://"),
+])
+def test_a_server_address_without_a_scheme_and_host_is_refused(
+        toml_file: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        variable: str, value: str) -> None:
+    """`localhost:7860` was taken: the engine was listed available and each job failed with a
+    hint about its password."""
+    monkeypatch.setenv(variable, value)
+    assert main(["migrate"]) == 2
+    err = capsys.readouterr().err
+    assert f"{variable}: Value error, must be an http:// or https:// address with a host" in err
+    if variable in ("ORCH_A1111_URL", "ORCH_COMFYUI_URL"):  # may hold a password: not repeated
+        assert value not in err
+
+
+def test_server_addresses_with_credentials_or_a_path_are_taken(toml_file: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ORCH_A1111_URL", "http://artist:pw@10.0.0.7:7860/")
+    monkeypatch.setenv("ORCH_OPENAI_BASE_URL", "https://gateway.studio.example/openai")
+    settings = Settings()
+    assert settings.a1111_url == "http://artist:pw@10.0.0.7:7860/"
+    assert settings.openai_base_url == "https://gateway.studio.example/openai"
