@@ -89,10 +89,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/healthz", response_model=Health, tags=["operations"])
     def healthz() -> Health:
+        """Liveness, without auth: 200 while this process serves requests."""
         return Health(status="ok", version=__version__)
 
     @app.get("/metrics", response_class=PlainTextResponse, tags=["operations"])
     def metrics(services: ServicesDep) -> str:
+        """Prometheus text: jobs by stage, engine and status, assets by stage, and credits charged,
+        held and waiting for reconciliation, by engine."""
         return services.metrics()
 
     return app

@@ -27,14 +27,20 @@ def _get(s: Session, asset_id: str) -> Asset:
 
 @router.get("/assets/{asset_id}", response_model=AssetPublic, responses=documented(404))
 def get_asset(asset_id: str, services: ServicesDep, caller: CallerDep) -> AssetPublic:
+    """An image's metadata: its project, job, stage, parent (lineage), engine, model, prompt,
+    seed, size, sha256, the whole generation record (`record`) and where its bytes are (`content_url`)."""
     with services.db.session() as s:
         return asset_public(caller.asset(_get(s, asset_id)))
 
 
 @router.get("/assets/{asset_id}/content", response_class=Response, responses={
-    200: {"content": {"image/png": {}}, "description": "The image."},
+    200: {"content": {"image/png": {}}, "description": "The image.", "headers": {
+        "ETag": {"description": "The image's sha256, quoted: the bytes never change.", "schema": {"type": "string"}},
+        "Content-Disposition": {"description": "`inline; filename=\"<asset id>.png\"`", "schema": {"type": "string"}}}},
     304: {"description": "If-None-Match holds the ETag."}, **documented(404, 503)})
 async def get_content(asset_id: str, services: ServicesDep, caller: CallerDep, request: Request) -> Response:
+    """The PNG: an AUTOMATIC1111 `parameters` text chunk and a JSON chunk with the whole generation
+    record (parent included). Immutable: cache it by its `ETag` (`If-None-Match` gets a 304)."""
     # A just-made asset is served from memory without leaving the event loop; others are read
     # from the database and the disk on a worker thread.
     if caller.project_id is not None:
@@ -44,7 +50,9 @@ async def get_content(asset_id: str, services: ServicesDep, caller: CallerDep, r
         found = await asyncio.to_thread(_read_content, services, asset_id)
     sha256, data = found
     etag = f'"{sha256}"'
-    headers = {"ETag": etag, "Cache-Control": "private, max-age=31536000, immutable"}
+    # Saved as `<asset id>.png` (by `curl -OJ`, a browser), not as "content".
+    headers = {"ETag": etag, "Cache-Control": "private, max-age=31536000, immutable",
+               "Content-Disposition": f'inline; filename="{asset_id}.png"'}
     # If-None-Match compares weakly (RFC 9110 13.1.2): W/"x" matches "x"; * matches anything.
     # Several If-None-Match lines are one list (RFC 9110 5.3).
     listed = ",".join(request.headers.getlist("if-none-match"))

@@ -79,6 +79,8 @@ def _project(services: ServicesDep, project_id: str) -> Project:
 
 @router.get("/projects/{project_id}/budget", response_model=BudgetPublic, responses=documented(404))
 def get_budget(project_id: str, services: ServicesDep, caller: CallerDep) -> dict[str, Any]:
+    """The project's budget in its current window (UTC calendar day, ISO week or month): what was
+    charged and granted in it, what open holds reserve, and what is available for new paid jobs."""
     caller.project(project_id)
     project = _project(services, project_id)
     with services.db.snapshot() as s:

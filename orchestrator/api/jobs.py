@@ -40,6 +40,8 @@ def publics(services: Services, jobs: list[Job]) -> list[JobPublic]:
 
 @router.get("/jobs/{job_id}", response_model=JobPublic, responses=documented(404))
 def get_job(job_id: str, services: ServicesDep, caller: CallerDep) -> JobPublic:
+    """A job: its status and progress, its assets, its cost (estimated, held, charged), the
+    routing decision that placed it and every attempt (fallbacks included)."""
     return public(services, caller.job(services.jobs.get(job_id)))
 
 
@@ -72,6 +74,9 @@ def list_jobs(services: ServicesDep, caller: CallerDep, project_id: str | None =
 
 @router.post("/jobs/{job_id}/cancel", status_code=202, response_model=JobPublic, responses=documented(404, 409))
 def cancel_job(job_id: str, services: ServicesDep, caller: CallerDep) -> JobPublic:
+    """Cancel a queued or running job; it reaches `canceled` (a running local job within one
+    denoising step). Its hold is released, unless a provider may already have billed the work
+    (then the estimate is captured, flagged for reconciliation). 409 `job_finished` once it ended."""
     check_job(services, caller, job_id)
     # Queued, held here, held by another live process, or held by one that is gone (a late write
     # of that worker carries an older state and changes nothing). A job can change hands between
@@ -119,7 +124,12 @@ def _finished(services: Services, job_id: str) -> bool:
 
 
 @router.get("/jobs/{job_id}/events", response_class=StreamingResponse,
-            responses={200: {"content": {"text/event-stream": {}}},
+            responses={200: {"content": {"text/event-stream": {}}, "description": (
+                "Server-sent events, each with an `id:` and a JSON `data:`: `queued`, `started`, `progress` "
+                "(`step`, `total`, `fraction`, `preview_url`), `state` (`state`: submitted, polling, accepted, "
+                "fallback, prompt_truncated, ...), `asset` (`asset_id`, `index`), then exactly one of "
+                "`succeeded`, `failed` (`error`) or `canceled`, and the stream closes. A late client gets the "
+                "current state first; comment lines keep an idle stream open.")},
                        204: {"description": "Last-Event-ID is the terminal event: nothing more will come."},
                        **documented(404)})
 async def job_events(job_id: str, services: ServicesDep, caller: CallerDep, request: Request,

@@ -113,6 +113,7 @@ def _get(services: ServicesDep, project_id: str) -> Project:
 
 @router.get("/projects/{project_id}", response_model=ProjectPublic, responses=documented(404))
 def get_project(project_id: str, services: ServicesDep, caller: CallerDep) -> ProjectPublic:
+    """A project: its name, routing policy and budget (limit and period)."""
     caller.project(project_id)
     return project_public(_get(services, project_id))
 
@@ -145,6 +146,8 @@ def update_project(project_id: str, body: ProjectUpdate, services: ServicesDep, 
 @router.get("/projects/{project_id}/assets", response_model=Page[AssetPublic], responses=documented(404))
 def list_project_assets(project_id: str, services: ServicesDep, caller: CallerDep, stage: Stage | None = None,
                         limit: Limit = 50, cursor: str | None = None) -> Page[AssetPublic]:
+    """The project's assets, oldest first (`stage` filters), a page at a time: pass `next_cursor`
+    back as `cursor` until it is null."""
     caller.project(project_id)
     _get(services, project_id)
     with services.db.session() as s:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Request, Response
 
@@ -14,16 +14,27 @@ from orchestrator.models import Job
 from orchestrator.schemas import DraftCreate, JobPublic, PolishCreate, PromoteCreate
 
 router = APIRouter(tags=["stages"])
-PAID_ERRORS = documented(402, 404, 409, 413, 415, 429, 503)
+# The 202's headers, for the API document: where the job is, and whether this is a replay.
+_HEADERS = {
+    "Location": {"description": "The job: `/v1/jobs/{id}`.", "schema": {"type": "string"}},
+    "Idempotent-Replayed": {"description": "`true` when the Idempotency-Key was seen with this body before: "
+                            "this is that first job, nothing new was made or held.", "schema": {"type": "string"}},
+}
+ACCEPTED: dict[int | str, dict[str, Any]] = {
+    202: {"description": "The job, committed (its estimate held) before this answer.", "headers": _HEADERS}}
+PAID_ERRORS = {**ACCEPTED, **documented(402, 404, 409, 413, 415, 429, 503)}
 # Every field of promote and polish has a default, so their body may be left out (the same as `{}`).
 PromoteBody = Annotated[PromoteCreate, Body(default_factory=PromoteCreate)]
 PolishBody = Annotated[PolishCreate, Body(default_factory=PolishCreate)]
 
 
 @router.post("/projects/{project_id}/drafts", status_code=202, response_model=JobPublic,
-             responses=documented(404, 409, 413, 415, 429, 503))
+             responses={**ACCEPTED, **documented(404, 409, 413, 415, 429, 503)})
 def create_drafts(project_id: str, body: DraftCreate, services: ServicesDep, caller: CallerDep, request: Request,
                   response: Response, idempotency_key: IdempotencyKey = None) -> JobPublic:
+    """Ask for `n` drafts of a prompt (stage `ideation`), made on the local Lite model unless the
+    project's policy says otherwise: nothing leaves the machine. Variation i is seeded `seed + i`.
+    Follow the job with `GET /v1/jobs/{id}/events`; send an `Idempotency-Key` to retry safely."""
     caller.project(project_id)
     prepared = services.jobs.prepare_draft(project_id, body)
     job, created = services.jobs.submit(prepared, body, engine=body.engine, max_credits=None,
@@ -34,6 +45,10 @@ def create_drafts(project_id: str, body: DraftCreate, services: ServicesDep, cal
 @router.post("/assets/{asset_id}/promote", status_code=202, response_model=JobPublic, responses=PAID_ERRORS)
 def promote(asset_id: str, body: PromoteBody, services: ServicesDep, caller: CallerDep, request: Request,
             response: Response, idempotency_key: IdempotencyKey = None) -> JobPublic:
+    """Promote an asset (a chosen draft) as the image-to-image seed of a high-fidelity engine
+    (stage `bridge`). The estimate is held against the project's budget in the transaction that
+    makes the job (402 `budget_exceeded` when it does not fit or is above `max_credits`) and the
+    actual cost captured once; `prompt` null keeps the source's. The job carries the source's tags."""
     check_asset(services, caller, asset_id)
     prepared = services.jobs.prepare_promote(asset_id, body)
     job, created = services.jobs.submit(prepared, body, engine=body.engine, max_credits=body.max_credits,
@@ -44,6 +59,8 @@ def promote(asset_id: str, body: PromoteBody, services: ServicesDep, caller: Cal
 @router.post("/assets/{asset_id}/polish", status_code=202, response_model=JobPublic, responses=PAID_ERRORS)
 def polish(asset_id: str, body: PolishBody, services: ServicesDep, caller: CallerDep, request: Request,
            response: Response, idempotency_key: IdempotencyKey = None) -> JobPublic:
+    """The final render of an asset (stage `polish`): `scale`, or `width`/`height`, sets the size,
+    `creativity` how far the engine may stray from the source. Held and charged as a promotion."""
     check_asset(services, caller, asset_id)
     prepared = services.jobs.prepare_polish(asset_id, body)
     job, created = services.jobs.submit(prepared, body, engine=body.engine, max_credits=body.max_credits,

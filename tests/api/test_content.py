@@ -86,6 +86,7 @@ def test_content_answers_if_none_match_with_304(
         full = api.get(url)
         etag = full.headers["etag"]
         assert etag == f'"{hashlib.sha256(full.content).hexdigest()}"'
+        assert full.headers["content-disposition"] == f'inline; filename="{asset_id}.png"'  # not "content"
         unchanged = api.get(url, headers={"If-None-Match": f'"{"0" * 64}", {etag}'})
         assert unchanged.status_code == 304
         assert unchanged.content == b""

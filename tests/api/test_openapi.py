@@ -290,3 +290,21 @@ def test_explain_documents_each_stage_s_own_body(shared_server: httpx.Client, sp
     response = shared_server.post("/v1/route/explain", json={**body, "stage": "ideation", "project_id": project,
                                                              "width": 64, "height": 64})
     assert response.status_code == 200, response.text
+
+
+def test_every_operation_says_what_it_does(spec: dict[str, Any]) -> None:
+    """/docs is where a new client reads the API: an operation with only its generated summary
+    ("Get Content") tells nothing of caching, money or events."""
+    bare = [f"{method.upper()} {path}" for path, operations in spec["paths"].items()
+            for method, operation in operations.items() if not operation.get("description")]
+    assert bare == []
+
+
+def test_the_headers_clients_act_on_are_documented(shared_server: httpx.Client, spec: dict[str, Any],
+                                                   project: str) -> None:
+    drafts = spec["paths"]["/v1/projects/{project_id}/drafts"]["post"]["responses"]["202"]["headers"]
+    content = spec["paths"]["/v1/assets/{asset_id}/content"]["get"]["responses"]["200"]["headers"]
+    assert {"Location", "Idempotent-Replayed"} <= drafts.keys() and {"ETag", "Content-Disposition"} <= content.keys()
+    answered = shared_server.post(f"/v1/projects/{project}/drafts",
+                                  json={"prompt": "x", "n": 1, "width": 64, "height": 64, "steps": 1})
+    assert answered.headers["location"] == f"/v1/jobs/{answered.json()['id']}"
