@@ -15,7 +15,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from orchestrator.errors import NotFound
+from orchestrator.errors import ContentUnavailable, NotFound
 from orchestrator.server import serve_in_thread
 from orchestrator.store import ArtifactStore, RecentContent, SweepRefused, encode_png, infotext, read_record
 from tests.api import create_project, run_draft, submit_draft, wait_for_job
@@ -64,8 +64,12 @@ def test_put_get_is_content_addressed_and_atomic(tmp_path: Path) -> None:
     assert store.put(data) == sha  # the same bytes twice: one file
     assert [p.name for p in store.root.rglob("*") if p.is_file()] == [f"{sha}.png"]
     assert store.path_for(sha).stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600: backups read it
-    with pytest.raises(NotFound):
+    with pytest.raises(ContentUnavailable, match="missing from the store"):
         store.get("0" * 64)  # well-formed, but never stored
+    store.path_for(sha).write_bytes(b"\x89PNG damaged")
+    with pytest.raises(ContentUnavailable, match="damaged in the store") as damaged:
+        store.get(sha)  # never handed out as the image it was
+    assert damaged.value.details == {"sha256": sha, "reason": "damaged"}
 
 
 def test_a_put_makes_the_rename_durable_before_it_returns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

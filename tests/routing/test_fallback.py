@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from orchestrator.errors import NotFound
+from orchestrator.errors import ContentUnavailable
 from orchestrator.health import EngineHealth
 from orchestrator.jobs import JobService
 from orchestrator.models import Asset, Job, LedgerEntry, Project, utcnow
@@ -524,9 +524,10 @@ def test_a_source_whose_file_is_gone_is_refused_at_submit(new_settings: Settings
         assert services.jobs.prepare_promote("ast_gone", PromoteCreate()).source is not None
         services.store.path_for(sha).unlink()
         for prepare in (services.jobs.prepare_promote, services.jobs.prepare_polish):
-            with pytest.raises(NotFound) as info:
+            with pytest.raises(ContentUnavailable) as info:
                 prepare("ast_gone", PromoteCreate() if prepare == services.jobs.prepare_promote else PolishCreate())
-            assert info.value.status == 404 and "file is missing" in info.value.message
+            # The asset is there (not a 404): its file is for the operator to restore.
+            assert info.value.status == 503 and "file is missing" in info.value.message
     finally:
         asyncio.run(services.aclose())
 

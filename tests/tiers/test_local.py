@@ -124,7 +124,7 @@ def test_tiles_that_change_nothing_blend_back_into_the_source(engines: EngineFac
     boxes = tile_boxes(512, 512, 256)
     assert len(boxes) > 1
     request = RenderRequest(stage="polish", prompt="p", width=512, height=512)
-    out = hifi._refine(Unchanged(), request, source, boxes, 1, 0.3, 0.0, 0, RecordingProgress(), CancelToken(),
+    out = hifi._refine(Unchanged(), request, source, boxes, 1, 0.3, 0.0, 0, {}, RecordingProgress(), CancelToken(),
                        first_pass=0, passes=len(boxes))
     assert np.array_equal(np.asarray(out), np.asarray(source))
 
