@@ -81,7 +81,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                            allow_methods=["GET", "HEAD", "POST", "PATCH", "DELETE"],
                            allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "Last-Event-ID",
                                           "If-None-Match"],
-                           expose_headers=["Location", "ETag", "Idempotent-Replayed", "Retry-After"],
+                           expose_headers=["Location", "ETag", "Idempotent-Replayed", "Retry-After",
+                                           "Content-Disposition"],
                            max_age=600)
     v1 = [Depends(require_auth)]
     for module in (projects, stages, jobs, assets, engines, credits, policies, keys, workers):

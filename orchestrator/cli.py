@@ -126,13 +126,13 @@ def _field(loc: tuple[int | str, ...]) -> str:
 
 
 def _shown_input(field: str, value: object) -> str:
-    """The bad value, to help fix it, unless it may be a secret (a key, a password in a URL):
+    """The bad value, to help fix it, unless it may be a secret (a key, a password in an address):
     the message goes to the terminal and the service manager's journal."""
     from orchestrator.settings import Settings
 
     known = Settings.model_fields.get(field)
-    if known is None or known.repr is False or "SecretStr" in str(known.annotation):
-        return ""
+    if known is None or known.repr is False or "SecretStr" in str(known.annotation) or field.endswith("url"):
+        return ""  # an address may carry user:password
     return f" (got {value!r})"
 
 

@@ -6,7 +6,7 @@ it to `{"error": {"code", "message", "details"}}` with `status` in exactly one p
     ├── Unauthorized            401 unauthorized
     ├── Forbidden               403 forbidden
     ├── NotFound                404 not_found
-    ├── ContentUnavailable      503 content_unavailable (an asset's file missing or damaged)
+    ├── ContentUnavailable      500 content_unavailable (an asset's file missing or damaged)
     ├── Conflict                409 conflict
     │   ├── IdempotencyConflict 409 idempotency_conflict
     │   └── JobFinished         409 job_finished
@@ -72,9 +72,10 @@ class NotFound(OrchestratorError):
 
 class ContentUnavailable(OrchestratorError):
     """An asset's row is there but its image file is missing from the store, or damaged (its bytes
-    do not hash to its sha256): the operator's to restore; `orchestrator check` lists every such file."""
+    do not hash to its sha256): the operator's to restore; `orchestrator check` lists every such file.
+    A 500, not a 503: sending the request again changes nothing until someone restores the file."""
 
-    code, status = "content_unavailable", 503
+    code, status = "content_unavailable", 500
 
 
 class Conflict(OrchestratorError):

@@ -12,8 +12,9 @@ is drawn at random when the process starts. A reconnecting client's `Last-Event-
 stream only when it came from this very process; an id of another API server behind the same load
 balancer, of an earlier process, or garbage gets the whole state again rather than missing an
 event (numbers alone cannot tell processes apart: their counters overlap). A terminal event's id
-ends in `-end`: any process can tell that such a client has the end of the story (a job ends once)
-and answer 204, so a browser moving between API servers does not get the terminal event twice.
+ends in `-end.<job mark>`: any process can tell that such a client has the end of this job's story
+(a job ends once) and answer 204, so a browser moving between API servers does not get the terminal
+event twice. (Ids of versions before the mark, `-end` alone, get the whole state again once.)
 
 A stream nobody watches is dropped after `HISTORY_TTL` without an event (unless `pinned`: a job
 this process runs), and rebuilt from the job's row when asked for.

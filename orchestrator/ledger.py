@@ -230,13 +230,16 @@ class Ledger:
                               note="rest of the hold", created_at=now))
         return amount
 
-    def settle_success(self, s: Session, job: Job, actual: int | None) -> None:
-        """A job that made its images: its hold captured (`actual` when the provider reported it,
-        else the estimate); with nothing held (estimated free), a reported cost is spend all the same."""
+    def charge_made(self, s: Session, job: Job, actual: int | None, note: str | None = None) -> None:
+        """A job whose provider made (and billed) its work, kept or not: its hold captured
+        (`actual` when the provider reported it, else the estimate). Estimated free, so nothing
+        was held, a reported cost is spend all the same; a paid job whose hold is settled already
+        is not charged again."""
         if self.open_hold(s, job.id) is not None:
-            self.capture(s, job, actual)
-        elif actual:
-            self.charge_usage(s, job, actual, note="reported by the provider for a job estimated free")
+            self.capture(s, job, actual, note=note)
+        elif job.estimated <= 0 and actual:
+            self.charge_usage(s, job, actual, note=f"{note + ': ' if note else ''}reported by the provider for a "
+                                                   "job estimated free")
 
     def charge_usage(self, s: Session, job: Job, amount: int, note: str | None = None) -> None:
         """A capture without a hold: metered local work. It is never refused for budget (local
@@ -277,13 +280,7 @@ class Ledger:
             self.release(s, job, note=f"{error.code}")
         elif charged == "yes":
             # The provider finished and said what it charged: that is the bill, as on a success.
-            cost = getattr(error, "cost_millicredits", None)
-            if job.estimated <= 0 and self.open_hold(s, job.id) is None:
-                # Estimated free, so nothing was held: a reported cost is spend all the same.
-                self.charge_usage(s, job, cost or 0, note=f"{error.code}: reported by the provider for a job "
-                                                          "estimated free")
-            else:
-                self.capture(s, job, cost, note=error.code)
+            self.charge_made(s, job, getattr(error, "cost_millicredits", None), note=error.code)
         else:
             self.capture(s, job, None, unreconciled=True, note=f"{error.code}: outcome unknown")
 

@@ -568,7 +568,10 @@ class JobRunner:
         p = job.params
         record: dict[str, Any] = {
             "stage": job.stage, "engine": job.engine, "model": result.model, "prompt": p.get("prompt"),
-            "negative_prompt": p.get("negative_prompt") or "", "seed": seed, "width": None, "height": None,
+            # As used: an engine may report that it could not take one (an LCM pipeline), and the
+            # image's record, read by other tools, must not claim it shaped the image.
+            "negative_prompt": result.metadata.get("negative_prompt", p.get("negative_prompt")) or "",
+            "seed": seed, "width": None, "height": None,
             "parent_id": job.source_asset_id, "steps": result.metadata.get("steps", p.get("steps")),
             "guidance_scale": result.metadata.get("guidance_scale", p.get("guidance_scale")),
             "sampler": result.metadata.get("sampler"),
@@ -640,7 +643,7 @@ class JobRunner:
         engine = self.registry.get(job.engine)
         # Free local work holds nothing: the ledger's lookup is skipped on the hot path.
         if job.estimated > 0 or result.cost_millicredits or billed_by_provider(engine):
-            self.ledger.settle_success(s, job, result.cost_millicredits)
+            self.ledger.charge_made(s, job, result.cost_millicredits)
         elif self.local_rate and engine.kind == "local":
             used = float(result.metadata.get(DEVICE_SECONDS, seconds))  # the engine's own count leaves out loading
             self.ledger.charge_usage(s, job, round(used * self.local_rate * 1000),

@@ -20,6 +20,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
+import httpx
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError, PydanticUseDefault
 from pydantic_settings import (
@@ -175,7 +176,14 @@ class Settings(BaseSettings):
     def _server_url(cls, value: str | None) -> str | None:
         # `localhost:7860` (no scheme) was taken, the engine listed as available, and every job
         # failed with a hint about the password. The value is not repeated: it may hold one.
-        if value is not None and not re.fullmatch(r"https?://[^/\s?#]+(/\S*)?", value.strip()):
+        if value is None:
+            return None
+        value = value.strip()  # httpx would send " http://..." as a relative path
+        try:
+            url = httpx.URL(value)
+        except httpx.InvalidURL:
+            url = None
+        if url is None or url.scheme not in ("http", "https") or not url.host:
             raise ValueError("must be an http:// or https:// address with a host, e.g. http://127.0.0.1:7860")
         return value
 

@@ -90,7 +90,10 @@ def model_defaults(model: str) -> ModelDefaults:
         return ModelDefaults(steps=2, guidance_scale=0.0, native_size=native, few_step=True)
     # Hyper-SD by name ("Hyper-SDXL-..."), not any model whose name starts with "hyper" (hyperRealism).
     if "lightning" in name or re.search(r"(?<![a-z])hyper[-_ ]?sd", name):
-        return ModelDefaults(steps=4, guidance_scale=0.0, native_size=1024 if xl else 512, few_step=True)
+        # Their files name the steps they were distilled for: sdxl_lightning_2step, Hyper-SDXL-8steps.
+        distilled = re.search(r"(\d+)[-_]?steps?(?![a-z])", name)
+        steps = int(distilled.group(1)) if distilled and 0 < int(distilled.group(1)) <= 16 else 4
+        return ModelDefaults(steps=steps, guidance_scale=0.0, native_size=1024 if xl else 512, few_step=True)
     if xl:
         return ModelDefaults(steps=30, guidance_scale=5.0, native_size=1024)
     if ("stable-diffusion-2" in name or "sd2" in name) and "base" not in name:  # the -base models are 512
@@ -98,18 +101,20 @@ def model_defaults(model: str) -> ModelDefaults:
     return ModelDefaults(steps=25, guidance_scale=7.5, native_size=512)
 
 
-def few_step_scheduler(scheduler: Any) -> Any:
+def few_step_scheduler(scheduler: Any, model: str) -> Any:
     """The scheduler a few-step distilled checkpoint needs, from the one a single file was given.
 
     A single file carries weights only: diffusers gives it its base family's scheduler (SDXL's
     Euler or SD 2.1's DDIM, "leading" spacing, and v-prediction for every SD 2.x file). At 2 steps
     "leading" starts denoising at t=501, taking pure noise for a half-made image, and the drafts
     come out washed out and blotchy. Turbo, Lightning and Hyper-SD are epsilon models trained to
-    start from t=999: Euler with "trailing" spacing, as their own diffusers folders configure."""
+    start from t=999: Euler with "trailing" spacing, as their own diffusers folders configure
+    (SDXL-Lightning's 1-step `_x0` file predicts the clean image, "sample", not the noise)."""
     from diffusers import EulerDiscreteScheduler
 
+    predicts = "sample" if re.search(r"(?<![a-z])x0(?![a-z0-9])", _model_name(model)) else "epsilon"
     return EulerDiscreteScheduler.from_config(scheduler.config, timestep_spacing="trailing",
-                                              prediction_type="epsilon")
+                                              prediction_type=predicts)
 
 
 def negative_prompt_arguments(pipe: Any, negative_prompt: str, progress: Progress, notes: list[str]) -> dict[str, Any]:
@@ -267,6 +272,9 @@ class LocalRuntime:
         self._pipes: dict[tuple[str, str], Any] = {}
         self._load_lock = threading.Lock()
         self._device: str | None = None
+        # Why the requested device cannot be used, once a job has found out (torch is imported on
+        # the inference thread only): the engines then say so in their availability.
+        self.device_problem: str | None = None
         self._previewer: Callable[[Any], Image | None] | None = None
 
     def _init_thread(self) -> None:
@@ -314,7 +322,11 @@ class LocalRuntime:
     @property
     def device(self) -> str:
         if self._device is None:
-            self._device = self._pick_device()
+            try:
+                self._device = self._pick_device()
+            except EngineUnavailable as exc:
+                self.device_problem = exc.message
+                raise
         return self._device
 
     def _pick_device(self) -> str:
@@ -460,7 +472,7 @@ class LocalRuntime:
         cls = StableDiffusionXLPipeline if is_xl else StableDiffusionPipeline
         pipe = cls.from_single_file(str(path), torch_dtype=self.dtype())
         if model_defaults(str(path)).few_step:
-            pipe.scheduler = few_step_scheduler(pipe.scheduler)
+            pipe.scheduler = few_step_scheduler(pipe.scheduler, str(path))
         return pipe
 
     def _warm_up(self, pipe: Any, model: str, *, image_to_image: bool = False) -> None:
@@ -577,6 +589,8 @@ class LocalEngine:
         return tiny.NOTE if self._model == tiny.NAME else None
 
     def availability(self) -> tuple[bool, str | None]:
+        if self.runtime.device_problem:
+            return False, self.runtime.device_problem
         if self._model.lower().endswith(".ckpt"):
             # A pickle can run code when loaded; the loader reads safetensors only.
             return False, f"model '{self._model}' is a .ckpt file: convert it to .safetensors"

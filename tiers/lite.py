@@ -103,6 +103,7 @@ class LiteEngine(LocalEngine):
             images=images,
             model=self._model,
             metadata={"steps": steps, "guidance_scale": guidance, "sampler": type(pipe.scheduler).__name__,
+                      "negative_prompt": negative.get("negative_prompt", ""),
                       "device": self.runtime.device, DEVICE_SECONDS: time.monotonic() - began,
                       **({NOTES: notes} if notes else {})},
         )

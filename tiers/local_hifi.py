@@ -108,6 +108,7 @@ class LocalHifiEngine(LocalEngine):
             model=self._model,
             metadata={"steps": steps, "strength": strength, "guidance_scale": guidance, "tiles": len(boxes),
                       "sampler": type(pipe.scheduler).__name__, "device": self.runtime.device,
+                      "negative_prompt": negative.get("negative_prompt", ""),
                       DEVICE_SECONDS: time.monotonic() - began, **({NOTES: notes} if notes else {})},
         )
 

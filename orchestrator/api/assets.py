@@ -37,7 +37,7 @@ def get_asset(asset_id: str, services: ServicesDep, caller: CallerDep) -> AssetP
     200: {"content": {"image/png": {}}, "description": "The image.", "headers": {
         "ETag": {"description": "The image's sha256, quoted: the bytes never change.", "schema": {"type": "string"}},
         "Content-Disposition": {"description": "`inline; filename=\"<asset id>.png\"`", "schema": {"type": "string"}}}},
-    304: {"description": "If-None-Match holds the ETag."}, **documented(404, 503)})
+    304: {"description": "If-None-Match holds the ETag."}, **documented(404, 500)})
 async def get_content(asset_id: str, services: ServicesDep, caller: CallerDep, request: Request) -> Response:
     """The PNG: an AUTOMATIC1111 `parameters` text chunk and a JSON chunk with the whole generation
     record (parent included). Immutable: cache it by its `ETag` (`If-None-Match` gets a 304)."""
@@ -46,28 +46,31 @@ async def get_content(asset_id: str, services: ServicesDep, caller: CallerDep, r
     if caller.project_id is not None:
         await asyncio.to_thread(check_asset, services, caller, asset_id)
     found = services.store.recent.get(asset_id)
-    if found is None:
-        found = await asyncio.to_thread(_read_content, services, asset_id)
-    sha256, data = found
+    sha256 = found[0] if found is not None else await asyncio.to_thread(_sha256, services, asset_id)
     etag = f'"{sha256}"'
     # Saved as `<asset id>.png` (by `curl -OJ`, a browser), not as "content".
     headers = {"ETag": etag, "Cache-Control": "private, max-age=31536000, immutable",
                "Content-Disposition": f'inline; filename="{asset_id}.png"'}
     # If-None-Match compares weakly (RFC 9110 13.1.2): W/"x" matches "x"; * matches anything.
-    # Several If-None-Match lines are one list (RFC 9110 5.3).
+    # Several If-None-Match lines are one list (RFC 9110 5.3). The row's sha256 answers it: a
+    # client's copy is the image whatever has become of the file since.
     listed = ",".join(request.headers.getlist("if-none-match"))
     tags = {tag.strip().removeprefix("W/") for tag in listed.split(",")}
     if etag in tags or "*" in tags:
         return Response(status_code=304, headers=headers)
+    data = found[1] if found is not None else await asyncio.to_thread(_read_content, services, asset_id, sha256)
     return Response(data, media_type="image/png", headers=headers)
 
 
-def _read_content(services: Services, asset_id: str) -> tuple[str, bytes]:
+def _sha256(services: Services, asset_id: str) -> str:
     with services.db.session() as s:
-        sha256 = _get(s, asset_id).sha256
-    data = services.store.get(sha256)
+        return _get(s, asset_id).sha256
+
+
+def _read_content(services: Services, asset_id: str, sha256: str) -> bytes:
+    data = services.store.get(sha256)  # checked against its sha256: a damaged file is refused
     services.store.recent.add(asset_id, sha256, data)
-    return sha256, data
+    return data
 
 
 @router.get("/assets/{asset_id}/lineage", response_model=Lineage, responses=documented(404))

@@ -42,8 +42,9 @@ _DOCUMENTED = {
          "says when to try again.",
     503: "No engine is available for the request now (`no_route`, `engine_unavailable`), or the database "
          "did not answer in time (`database_unavailable`) or its disk is full (`storage_full`): nothing "
-         "was written, send it again (after `Retry-After`, when given). `content_unavailable`: an asset's "
-         "image file is missing or damaged in the store, for the operator to restore.",
+         "was written, send it again (after `Retry-After`, when given).",
+    500: "An asset's image file is missing or damaged in the store (`content_unavailable`: sending the "
+         "request again changes nothing until the operator restores it), or a bug (`internal_error`).",
 }
 
 

@@ -144,7 +144,8 @@ def _launch_once(env: dict[str, str], cwd: Path, log: IO[bytes]) -> tuple[subpro
                 return None
             raise AssertionError(f"the server exited with {proc.returncode}: {said[-2000:]}")
         try:
-            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+            # A child that already died on a taken port is not the one answering.
+            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200 and proc.poll() is None:
                 return proc, base
         except httpx.TransportError:
             pass

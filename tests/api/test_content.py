@@ -39,7 +39,7 @@ def test_fresh_content_is_served_from_memory_and_the_rest_from_disk(
     # The asset is there (its metadata answers): its file is not, which is not a 404.
     assert second.get(f"/v1/assets/{lost['id']}").status_code == 200
     missing = second.get(lost["content_url"])
-    assert missing.status_code == 503
+    assert missing.status_code == 500
     assert missing.json()["error"]["code"] == "content_unavailable"
     assert missing.json()["error"]["details"] == {"sha256": lost["sha256"], "reason": "missing"}
     assert "missing from the store" in missing.json()["error"]["message"]
@@ -59,10 +59,13 @@ def test_a_damaged_file_is_never_served_as_the_image(
     path.write_bytes(b"x\n")
     restarted = start_server(settings)  # nothing of it in memory: read from the disk
     damaged = restarted.get(asset["content_url"])
-    assert damaged.status_code == 503
+    assert damaged.status_code == 500
     assert damaged.json()["error"]["code"] == "content_unavailable"
     assert damaged.json()["error"]["details"]["reason"] == "damaged"
     assert "cache-control" not in damaged.headers
+    # A client's copy is the image whatever became of the file: its revalidation still holds.
+    kept = restarted.get(asset["content_url"], headers={"If-None-Match": f'"{asset["sha256"]}"'})
+    assert kept.status_code == 304
     # Nor is it sent to an engine as a bridge's seed: the job fails when it reads the file.
     promoted = restarted.post(f"/v1/assets/{asset['id']}/promote", json={"engine": "local-hifi"})
     assert promoted.status_code == 202, promoted.text

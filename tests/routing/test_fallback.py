@@ -527,7 +527,7 @@ def test_a_source_whose_file_is_gone_is_refused_at_submit(new_settings: Settings
             with pytest.raises(ContentUnavailable) as info:
                 prepare("ast_gone", PromoteCreate() if prepare == services.jobs.prepare_promote else PolishCreate())
             # The asset is there (not a 404): its file is for the operator to restore.
-            assert info.value.status == 503 and "file is missing" in info.value.message
+            assert info.value.status == 500 and "file is missing" in info.value.message
     finally:
         asyncio.run(services.aclose())
 

@@ -386,6 +386,7 @@ async def test_a_device_torch_does_not_have_is_unavailable_before_any_load(
     if (device == "cuda" and torch.cuda.is_available()) or (device == "mps" and torch.backends.mps.is_available()):
         pytest.skip(f"this machine has {device}")
     lite = LiteEngine(EngineContext(settings=make_settings(lite_device=device)))
+    assert lite.availability() == (True, None)  # torch is not imported to answer this
     try:
         with pytest.raises(EngineUnavailable) as info:
             await lite.run(draft(n=1), RecordingProgress(), CancelToken())
@@ -393,6 +394,8 @@ async def test_a_device_torch_does_not_have_is_unavailable_before_any_load(
         lite.runtime.shutdown(timeout=30)
     assert info.value.message.startswith(f"ORCH_LITE_DEVICE={device} but torch sees no ")
     assert "ORCH_LITE_DEVICE=auto" in info.value.message
+    # Found out once: /v1/engines and routing say so, rather than each draft failing in turn.
+    assert lite.availability() == (False, info.value.message)
 
 
 @pytest.mark.parametrize(("name", "sampler"), [("sd_turbo.safetensors", "EulerDiscreteScheduler"),
@@ -417,9 +420,12 @@ async def test_a_few_step_single_file_denoises_from_noise(
     lite = LiteEngine(EngineContext(settings=make_settings(lite_model=str(checkpoint))))
     try:
         result = await lite.run(draft(n=1, steps=2), RecordingProgress(), CancelToken())
+        config = lite.runtime._pipes[(str(checkpoint), "text2img")].scheduler.config
     finally:
         lite.runtime.shutdown(timeout=30)
     assert result.metadata["sampler"] == sampler
+    assert (config.timestep_spacing, config.prediction_type) == (
+        ("trailing", "epsilon") if sampler == "EulerDiscreteScheduler" else ("leading", "v_prediction"))
 
 
 @pytest.mark.filterwarnings("ignore:The `local_dir_use_symlinks` argument is deprecated")
@@ -591,6 +597,8 @@ async def test_a_negative_prompt_a_pipeline_cannot_take_is_told_not_recorded_as_
         progress = RecordingProgress()
         result = await engine.run(req, progress, CancelToken())
         told.append((result.metadata.get(NOTES), progress.states))
+        # What the image's record says was used (its PNG's infotext is read by other tools).
+        assert result.metadata["negative_prompt"] == ("" if lcm else "blurry")
     pipelines = ("LatentConsistencyModelPipeline", "LatentConsistencyModelImg2ImgPipeline")
     assert told == ([([f"the model's pipeline ({name}) takes no negative prompt: it was not used"],
                       ["negative_prompt_ignored"]) for name in pipelines] if lcm else [(None, []), (None, [])])

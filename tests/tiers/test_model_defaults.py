@@ -38,6 +38,13 @@ TURBO = ModelDefaults(steps=2, guidance_scale=0.0, native_size=512, few_step=Tru
     ("/models/dreamshaperXL_turbo.safetensors", ModelDefaults(steps=2, guidance_scale=0.0, native_size=1024,
                                                                 few_step=True)),
     ("/models/sd_xl_turbo_1.0_fp16.safetensors", TURBO),
+    # Lightning and Hyper-SD files name the steps they were distilled for.
+    ("/models/sdxl_lightning_2step.safetensors", ModelDefaults(steps=2, guidance_scale=0.0, native_size=1024,
+                                                              few_step=True)),
+    ("/models/sdxl_lightning_1step_x0.safetensors", ModelDefaults(steps=1, guidance_scale=0.0, native_size=1024,
+                                                                 few_step=True)),
+    ("/models/Hyper-SDXL-8steps.safetensors", ModelDefaults(steps=8, guidance_scale=0.0, native_size=1024,
+                                                           few_step=True)),
 ])
 def test_model_defaults(model: str, expected: ModelDefaults) -> None:
     assert model_defaults(model) == expected
@@ -53,8 +60,16 @@ def test_a_few_step_single_file_gets_a_schedule_that_starts_from_noise() -> None
                           prediction_type="v_prediction", clip_sample=False, set_alpha_to_one=False)
     given.set_timesteps(2)
     assert given.timesteps.tolist() == [501, 1]
-    fixed = few_step_scheduler(given)
+    fixed = few_step_scheduler(given, "/models/sd_turbo.safetensors")
     fixed.set_timesteps(2)
     assert fixed.timesteps.tolist() == [999, 499]
     assert fixed.config.prediction_type == "epsilon"
     assert (fixed.config.beta_start, fixed.config.beta_end) == (0.00085, 0.012)  # the family's betas kept
+
+
+def test_the_one_step_lightning_file_predicts_the_image_not_the_noise() -> None:
+    from diffusers import EulerDiscreteScheduler
+
+    given = EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    assert few_step_scheduler(given, "/m/sdxl_lightning_1step_x0.safetensors").config.prediction_type == "sample"
+    assert few_step_scheduler(given, "/m/sdxl_lightning_4step.safetensors").config.prediction_type == "epsilon"
