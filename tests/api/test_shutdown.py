@@ -69,6 +69,16 @@ def test_sigterm_ends_the_streams_and_the_process(make_settings: Callable[..., S
     assert seen == ["queued", "<end>"]
 
 
+def test_ctrl_c_stops_the_service_in_one_line(make_settings: Callable[..., Settings], tmp_path: Path) -> None:
+    # uvicorn raises KeyboardInterrupt again once it has shut down cleanly: it was a traceback.
+    with serve_process(make_settings(), tmp_path, "serve.log") as (proc, _base):
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=15) == 130
+    log = (tmp_path / "serve.log").read_text()
+    assert "Traceback" not in log, log
+    assert log.rstrip().endswith("orchestrator: interrupted")
+
+
 async def test_a_request_cut_off_by_the_stop_gets_a_503_in_the_error_shape() -> None:
     # What uvicorn does once its graceful wait is over: cancel the request's task.
     sent: list[Message] = []
