@@ -28,14 +28,6 @@ from orchestrator.settings import Settings
 log = logging.getLogger(__name__)
 
 
-def _reload_policies(services: Services) -> None:
-    # POST /v1/policies/reload answers with the refused files; a signal has only the log to tell.
-    errors = services.policies.reload()
-    for error in errors:
-        log.error("policy refused on reload (the last good version stays): %s", error.message)
-    log.info("policies reloaded: %s", ", ".join(services.policies.names()))
-
-
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
 
@@ -52,7 +44,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                      "and runs none itself")
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             # SIGHUP reloads the policy files (only possible when serving from the main thread).
-            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, lambda: _reload_policies(services))
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, lambda: services.reload_policies("SIGHUP"))
         services.log_engine_notes()
         try:
             yield

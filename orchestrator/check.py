@@ -50,7 +50,7 @@ class CannotCheck(Exception):
 @dataclass
 class StoreReport:
     assets: int = 0
-    reads: int = 0  # files looked at (a file identical images share is looked at once, mostly)
+    reads: int = 0  # files found and read (a file identical images share is read once, mostly)
     missing: list[str] = field(default_factory=list)  # asset ids, as for the lists below
     damaged: list[str] = field(default_factory=list)  # bytes that do not hash to the row's sha256
     unreadable: list[str] = field(default_factory=list)  # the file is there, reading it failed
@@ -148,7 +148,9 @@ def check_store(engine: Engine, store: ArtifactStore, *, hashes: bool = True) ->
                 if len(verdicts) >= REMEMBERED:
                     verdicts.clear()
                 verdicts[sha] = _verdict(store, sha, hashes)
-                report.reads += 1
+                # Files found and read: a missing one was looked for, not read ("41 files read",
+                # then "41 assets missing", on a data dir that is not the database's).
+                report.reads += verdicts[sha] != "missing"
             verdict = verdicts[sha]
             if verdict is not None:
                 getattr(report, verdict).append(asset_id)

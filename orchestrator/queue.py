@@ -40,7 +40,7 @@ from orchestrator.ledger import Ledger
 from orchestrator.models import Job, utcnow
 from orchestrator.runner import FINAL_WRITE_SECONDS, Claim, JobRunner, reattachable, restartable
 from orchestrator.workers import DeviceLock, Presence, owner_id
-from tiers.base import CancelToken, Engine, Restartable
+from tiers.base import CancelToken, Engine, Reattachable, Restartable
 from tiers.registry import EngineRegistry
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ class Scheduler:
     def __init__(self, db: Database, registry: EngineRegistry, runner: JobRunner, bus: EventBus, ledger: Ledger,
                  presence: Presence, *,
                  lease_seconds: float, sweep_interval: float, poll_interval: float = 0.5,
-                 device: DeviceLock | None = None,
+                 device: DeviceLock | None = None, stop_grace: float = 0.0,
                  on_recovered: Callable[[Job, str], Awaitable[None]] | None = None) -> None:
         self.db = db
         self.ledger = ledger
@@ -73,6 +73,7 @@ class Scheduler:
         self.lease = timedelta(seconds=lease_seconds)
         self.sweep_interval = sweep_interval
         self.poll_interval = poll_interval
+        self.stop_grace = stop_grace
         # Local lanes run only while this process holds the device (None: no local engine).
         self.device = device
         self.owner = owner_id()
@@ -121,7 +122,9 @@ class Scheduler:
 
     async def stop(self) -> None:
         """Stop claiming and interrupt running work without finishing it: the jobs stay `running`
-        so the next start recovers them (local work re-queued, remote work failed as interrupted)."""
+        so the next start recovers them (local work re-queued, remote work failed as interrupted).
+        A paid request already out to a provider that nothing could follow after a restart is
+        first given `stop_grace` seconds to answer: its images are kept and charged as usual."""
         self._stopping = True
         if self.device is not None:
             self.device.close(release=False)  # released by the service once the device is idle
@@ -130,6 +133,12 @@ class Scheduler:
         for task in self._tasks:
             if task is not self._heartbeat:
                 task.cancel()
+        awaited = {task for task, claim in self._running.values()
+                   if not claim.cancel.cancelled and self._answer_awaited(claim)}
+        if awaited and self.stop_grace > 0:
+            log.info("waiting up to %.0f s for %d paid requests already sent to answer before stopping",
+                     self.stop_grace, len(awaited))
+            await asyncio.wait(awaited, timeout=self.stop_grace)
         for _task, claim in list(self._running.values()):
             if claim.cancel.cancelled:
                 continue  # a user's cancel, already on its way: it ends as canceled, not interrupted
@@ -154,6 +163,15 @@ class Scheduler:
         # From here the jobs left running are known to be an orphan's: the next start (or another
         # process's sweep) recovers them without waiting for their leases.
         self.presence.leave(self.owner)
+
+    def _answer_awaited(self, claim: Claim) -> bool:
+        """Whether a stop should wait for this job: a paid request may be out (nothing says it
+        was not) to a provider whose work a restart cannot follow. Local work is run again, a
+        self-hosted server's too, and work a provider accepted by id is reattached (or at least
+        saved for that): those are left to recovery at once."""
+        engine = self.registry.get(claim.job.engine) if claim.job.engine in self.registry else None
+        return (engine is not None and engine.kind == "remote" and not isinstance(engine, Restartable)
+                and not (isinstance(engine, Reattachable) and claim.accepted) and not claim.surely_unsent())
 
     def notify(self) -> None:
         """Wake the dispatcher; safe from any thread (API handlers run in a thread pool)."""

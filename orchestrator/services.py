@@ -159,6 +159,7 @@ class Services:
     # Runs as long as the service: kept apart from `background`, whose tasks finish.
     health_sharing: asyncio.Task[None] | None = None
     asset_sweeping: asyncio.Task[None] | None = None
+    policy_watching: asyncio.Task[None] | None = None
 
     @classmethod
     def build(cls, settings: Settings) -> Services:
@@ -194,7 +195,7 @@ class Services:
                             stale_after=3 * settings.lease_seconds)
         scheduler = Scheduler(db, registry, runner, bus, ledger, presence, lease_seconds=settings.lease_seconds,
                               sweep_interval=settings.sweep_interval, poll_interval=settings.poll_interval,
-                              device=device)
+                              device=device, stop_grace=settings.stop_grace)
         jobs = JobService(db, router, ledger, bus, scheduler.notify, settings.policy, presence, store,
                           max_pending=settings.max_pending_jobs)
         scheduler.sweepers.append(functools.partial(idempotency.forget_expired, db))
@@ -214,6 +215,27 @@ class Services:
 
         self.db.bell.listen(heard)
         self.health_sharing = asyncio.create_task(self._share_health(), name="engine health")
+        self.policy_watching = asyncio.create_task(self._watch_policies(), name="policy files")
+
+    def reload_policies(self, why: str) -> None:
+        """Read the policy files again (SIGHUP, or their change seen); what a reload refuses keeps
+        its last good version, and only the log can tell."""
+        errors = self.policies.reload()
+        for error in errors:
+            log.error("policy refused on reload (the last good version stays): %s", error.message)
+        log.info("policies reloaded (%s): %s", why, ", ".join(self.policies.names()))
+
+    async def _watch_policies(self) -> None:
+        """A reload asked of one process (`POST /v1/policies/reload`, SIGHUP) reached only it: the
+        other API servers routed on the old rules. Every process now reloads when the files
+        change, within `ORCH_POLL_INTERVAL`."""
+        while True:
+            await asyncio.sleep(self.settings.poll_interval)
+            try:
+                if await asyncio.to_thread(self.policies.changed):
+                    await asyncio.to_thread(self.reload_policies, "the policy files changed")
+            except Exception:
+                log.exception("reloading the policy files failed; trying again at the next look")
 
     async def _share_health(self) -> None:
         failing = False
@@ -301,7 +323,8 @@ class Services:
         return metrics_text(self.db, self.registry.names())
 
     async def aclose(self) -> None:
-        tasks = [*self.background, *(task for task in (self.health_sharing, self.asset_sweeping) if task)]
+        tasks = [*self.background,
+                 *(task for task in (self.health_sharing, self.asset_sweeping, self.policy_watching) if task)]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -97,6 +97,10 @@ class Settings(BaseSettings):
     # Seconds a running job's lease lasts without a heartbeat before the sweeper recovers it.
     lease_seconds: float = Field(60.0, gt=0)
     sweep_interval: float = Field(15.0, gt=0)
+    # Seconds a stop waits for paid requests already sent to a provider that nothing could follow
+    # after a restart (a synchronous call): they answer and their images are kept and charged,
+    # instead of being failed `interrupted` with their estimate captured unreconciled.
+    stop_grace: float = Field(120.0, ge=0)
     # Whether `serve` also runs jobs; false for API servers in front of `orchestrator worker`s.
     run_jobs: bool = True
     # Seconds between looks at what other processes changed: jobs they queued (for a worker),

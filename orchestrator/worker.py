@@ -4,8 +4,9 @@ Run one per GPU (pin it with `CUDA_VISIBLE_DEVICES`) beside API servers started 
 `ORCH_RUN_JOBS=false` (or `serve --no-jobs`), all on one database and one `ORCH_DATA_DIR`. A worker
 is the scheduler of `serve` without the web server: it finds jobs any process queued, keeps its
 model warm, runs local jobs only while it holds its device (see `orchestrator.workers`), renews its
-leases, recovers the jobs of workers that died, and stops on SIGTERM or SIGINT as `serve` does
-(running jobs are left for recovery).
+leases, recovers the jobs of workers that died, reloads the policy files on SIGHUP, and stops on
+SIGTERM or SIGINT as `serve` does (paid requests already out are given ORCH_STOP_GRACE to answer;
+other running jobs are left for recovery).
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        # As `serve` takes it (a HUP sent to every unit must not end the workers, as its default does).
+        loop.add_signal_handler(signal.SIGHUP, lambda: services.reload_policies("SIGHUP"))
     try:
         await services.start()
         url = make_url(settings.resolved_database_url).render_as_string(hide_password=True)

@@ -80,6 +80,7 @@ class PolicyStore:
         self._policies: dict[str, Policy] = {}
         self._errors: builtins.list[PolicyError] = []
         self._reloading = threading.Lock()
+        self._seen: object = None  # the files' fingerprint at the last load (see `changed`)
         self.reload()
 
     @property
@@ -90,6 +91,8 @@ class PolicyStore:
         """Read every file again. Returns the files refused; each refused policy keeps its last
         good version (a policy that never loaded stays absent, or built-in when one exists)."""
         with self._reloading:
+            # Taken before reading: a file written while this load reads it is seen as changed again.
+            self._seen = self._fingerprint()
             previous = self._policies
             fresh: dict[str, Policy] = {}
             errors: builtins.list[PolicyError] = []
@@ -109,6 +112,20 @@ class PolicyStore:
             self._policies = fresh
             self._errors = errors
             return builtins.list(errors)
+
+    def changed(self) -> bool:
+        """Whether the extra directory's files differ from the last load's (added, removed,
+        rewritten): a service's other processes reload on this, as the one asked did."""
+        return self._fingerprint() != self._seen
+
+    def _fingerprint(self) -> object:
+        if self.extra_dir is None:
+            return None
+        try:
+            return sorted((path.name, stat.st_mtime_ns, stat.st_size) for path in self.extra_dir.glob("*.toml")
+                          if not path.name.startswith(".") for stat in (path.stat(),))
+        except OSError:  # gone for a moment (a remount), or a file removed while listed: look again later
+            return self._seen
 
     def _files(self, errors: builtins.list[PolicyError]) -> Iterator[tuple[str, Callable[[], Policy]]]:
         """(policy name, loader) in precedence order: built-ins first, so the extra directory wins."""

@@ -125,6 +125,7 @@ def test_check_names_the_assets_whose_files_are_missing_or_damaged(
     store.put(b"a canceled job's image")
     assert main(["check"]) == 1
     out = capsys.readouterr().out
+    assert out.startswith("3 assets, 2 files read and hashed")  # the missing one was looked for, not read
     assert f"1 assets missing: {assets[0]}\n" in out
     assert f"1 assets damaged (the bytes do not match their sha256): {assets[1]}\n" in out
     assert "1 files no asset names" in out and "PROBLEMS" in out

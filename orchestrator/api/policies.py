@@ -64,8 +64,10 @@ def get_policy(name: str, services: ServicesDep, caller: CallerDep) -> dict[str,
 
 @router.post("/policies/reload", response_model=PolicyReload, responses=documented(403))
 def reload_policies(services: ServicesDep, caller: CallerDep) -> dict[str, Any]:
-    """Re-read the policy files (admin key only). A bad file is refused with its message; the last
-    good version of that policy stays in service. Projects pick up the new rules on their next job."""
+    """Re-read the policy files now, in the process that answers (admin key only; the service's
+    other processes reload on their own once they see the files change). A bad file is refused with
+    its message; the last good version of that policy stays in service. Projects pick up the new
+    rules on their next job."""
     caller.admin("reloading policies")
     errors = services.policies.reload()
     return {"loaded": services.policies.names(), "errors": [e.message for e in errors],

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from orchestrator.services import Services
-from tests.api import serve_process
+from tests.api import serve_process, wait_for_log, worker_process
 from tests.routing import (
     FAKE_B_PRICE,
     assert_error,
@@ -400,6 +400,25 @@ def test_bad_file_is_refused_and_the_last_good_version_stays(reload_api: tuple[h
     assert routing["policy_hash"] == fixed["content_hash"] and routing["reason"] == "version two"
 
 
+def test_every_process_of_a_service_takes_a_changed_policy_file(new_settings: SettingsFactory,
+                                                                  tmp_path: Path) -> None:
+    """A reload asked of one API server reached only it: another routed the same project on the
+    old rules (and refused a new policy's projects). Each process reloads on the files' change."""
+    folder = write_policies(tmp_path / "policies", {"custom": CUSTOM_V1})
+    settings = new_settings(policy_dir=folder, poll_interval=0.1)
+    with running(settings) as first, running(settings) as second:
+        project = create_project(first, "custom", policy="custom")
+        (folder / "custom.toml").write_text(CUSTOM_V2)
+        write_policies(folder, {"alt": ALT})
+        deadline = time.monotonic() + 30
+        for client in (first, second):  # no reload asked of either
+            while (explain_draft(client, project["id"])["reason"] != "version two"
+                   or "alt" not in {p["name"] for p in client.get("/v1/policies").json()["items"]}):
+                assert time.monotonic() < deadline, "a process never took the changed files"
+                time.sleep(0.05)  # poll interval while the watcher looks
+        assert create_project(second, "alt", policy="alt")["policy"] == "alt"
+
+
 def test_a_cap_no_amount_can_reach_is_refused_on_reload(reload_api: tuple[httpx.Client, Path]) -> None:
     # `max_credits = inf` once loaded (GET showed `"max_credits": null`) and then answered every bridge
     # and polish request of its projects with 500.
@@ -447,8 +466,10 @@ def test_sighup_reloads_the_policy_files(new_settings: SettingsFactory, tmp_path
     # Not named `policies`: the server runs with `python -m` in tmp_path, where such a folder would
     # shadow the package of that name.
     folder = write_policies(tmp_path / "policy-files", {"custom": CUSTOM_V1})
-    with (serve_process(new_settings(), tmp_path, "sighup.log", env={"ORCH_POLICY_DIR": str(folder)})
-          as (proc, base), httpx.Client(base_url=base, timeout=30.0) as client):
+    # Its watch of the files looks only once a minute: the signal is what reloads them here.
+    env = {"ORCH_POLICY_DIR": str(folder), "ORCH_POLL_INTERVAL": "60"}
+    with (serve_process(new_settings(), tmp_path, "sighup.log", env=env) as (proc, base),
+          httpx.Client(base_url=base, timeout=30.0) as client):
         before = client.get("/v1/policies/custom").json()
         assert before["rules"][0]["reason"] == "version one"
         (folder / "custom.toml").write_text(CUSTOM_V2)
@@ -459,6 +480,17 @@ def test_sighup_reloads_the_policy_files(new_settings: SettingsFactory, tmp_path
             time.sleep(0.05)  # poll interval while the signal is handled
         assert after["content_hash"] != before["content_hash"]
         assert proc.poll() is None  # reloaded, not stopped
+
+
+def test_sighup_reloads_a_worker_s_policy_files_and_does_not_end_it(new_settings: SettingsFactory,
+                                                                     tmp_path: Path) -> None:
+    # A HUP sent to every unit ended each worker without a word (the signal's default).
+    folder = write_policies(tmp_path / "policy-files", {"custom": CUSTOM_V1})
+    env = {"ORCH_POLICY_DIR": str(folder), "ORCH_POLL_INTERVAL": "60"}
+    with worker_process(new_settings(), tmp_path, "worker.log", env=env) as worker:
+        worker.send_signal(signal.SIGHUP)
+        wait_for_log(tmp_path / "worker.log", "policies reloaded (SIGHUP)", worker)
+        assert worker.poll() is None
 
 
 def test_a_policy_that_is_not_loaded_is_a_setup_error_not_a_missing_project(
