@@ -579,8 +579,8 @@ class JobRunner:
         for key in ("strength", "quality", "scale", "creativity"):
             if p.get(key) is not None:
                 record[key] = p[key]
-        if result.provider_request_id:
-            record["provider_request_id"] = result.provider_request_id
+        # Not the provider's request id: it is the job's (GET /v1/jobs/{id}); in the file, which
+        # leaves the studio, it would tie the image to the studio's account at the provider.
         if result.metadata.get(NOTES):
             record["notes"] = list(result.metadata[NOTES])
         return record

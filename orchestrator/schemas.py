@@ -343,6 +343,9 @@ class JobPublic(BaseModel):
     cost: Cost
     routing: dict[str, Any] | None
     attempts: list[dict[str, Any]]
+    # What the provider calls the request (its id, or ids for a job of several calls): for
+    # reconciling an invoice or asking the provider about the job. Null for local work.
+    provider_request_id: str | None = None
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
