@@ -15,6 +15,7 @@ from fastapi.responses import PlainTextResponse
 
 from orchestrator import __version__
 from orchestrator.api import assets, credits, engines, jobs, keys, policies, projects, stages, workers
+from orchestrator.api.cross_site import CrossSiteGuard
 from orchestrator.api.deps import ServicesDep, require_auth
 from orchestrator.api.errors import documented
 from orchestrator.api.errors import install as install_errors
@@ -28,7 +29,9 @@ from orchestrator.settings import Settings
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, *, loopback_only: bool = False) -> FastAPI:
+    """The service. `loopback_only`: it listens on this machine only, without a key (`serve` says
+    so): a request naming another host, as a DNS-rebinding page's does, is refused."""
     settings = settings or Settings()
 
     @asynccontextmanager
@@ -65,6 +68,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestLimits, max_bytes=settings.max_body_bytes)
     app.add_middleware(DropEmptyQueryValues)
     app.add_middleware(HeadAsGet)  # added after those, so it wraps them: they and the routes see a GET
+    app.add_middleware(CrossSiteGuard, allowed_origins=settings.cors_origin_list, loopback_only=loopback_only)
     if settings.cors_origin_list:
         # Outermost: a browser's preflight carries no key, so it is answered before auth; and the
         # answers of every layer (a 401, a 413) carry the headers a dashboard needs to read them.

@@ -169,18 +169,6 @@ def _error_message(response: httpx.Response) -> str:
 MIN_KEY_LENGTH = 16
 
 
-def _loopback(host: str) -> bool:
-    """Whether only this machine can reach `host` (`localhost`, 127.0.0.0/8, ::1)."""
-    import ipaddress
-
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:  # a name: it may resolve to any interface
-        return False
-
-
 def _checked(settings: Settings, *, service: bool = True) -> int | None:
     """Exit status 2 with what to fix, before anything starts; None when nothing is wrong."""
     from orchestrator.services import startup_problems
@@ -236,18 +224,19 @@ def _log_to_data_dir(settings: Settings) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "serve":
+        from orchestrator.api.cross_site import is_loopback
         from orchestrator.server import serve
         from orchestrator.settings import Settings
 
         settings = Settings()
         # Refused before anything is made: no data dir or database left behind by a start that is not one.
-        if settings.admin_key is None and not _loopback(args.host) and not args.allow_open:
+        if settings.admin_key is None and not is_loopback(args.host) and not args.allow_open:
             return _fail(f"refusing to listen on {args.host} without ORCH_ADMIN_KEY: anyone who reaches the port "
                          "could spend the budgets and grant credits. Set ORCH_ADMIN_KEY (or pass --allow-open "
                          "on a network you trust)", status=2)
         if (failed := _checked(settings) or _bound(settings)) is not None:
             return failed
-        if settings.admin_key is None and not _loopback(args.host):
+        if settings.admin_key is None and not is_loopback(args.host):
             print(f"orchestrator: warning: listening on {args.host} without ORCH_ADMIN_KEY (--allow-open): "
                   "anyone who reaches the port can use the API", file=sys.stderr)
         if settings.admin_key is not None and len(settings.admin_key.get_secret_value()) < MIN_KEY_LENGTH:

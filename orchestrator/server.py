@@ -16,6 +16,7 @@ import uvicorn
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from orchestrator.api.cross_site import is_loopback
 from orchestrator.api.errors import error_response
 from orchestrator.app import create_app
 from orchestrator.settings import Settings
@@ -84,7 +85,9 @@ class Server(uvicorn.Server):
 
 def serve(settings: Settings, *, host: str, port: int, log_level: str) -> None:
     """Serve until SIGINT or SIGTERM (`orchestrator serve`)."""
-    server = Server(create_app(settings), host=host, port=port, log_level=log_level)
+    # Open to this machine only: its browsers' pages may not reach it under another name.
+    loopback_only = settings.admin_key is None and is_loopback(host)
+    server = Server(create_app(settings, loopback_only=loopback_only), host=host, port=port, log_level=log_level)
     _log_uvicorn_to_files()  # after uvicorn has configured its loggers, which replaces their handlers
     server.run()
 

@@ -94,6 +94,9 @@ def startup_problems(settings: Settings, *, service: bool = True) -> list[str]:
     if named and not Path(named).is_file():  # the default name may be absent; a named file must not
         problems.append(f"{CONFIG_FILE_VARIABLE}: no such file: {named}")
     problems.extend(database_url_problems(settings.resolved_database_url))
+    if "*" in settings.cors_origin_list and settings.admin_key is None:
+        problems.append("ORCH_CORS_ORIGINS: * without ORCH_ADMIN_KEY would let every web page its users open drive "
+                        "the service (and spend the budgets): set ORCH_ADMIN_KEY, or list the dashboards' origins")
     try:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=settings.data_dir) as probe:

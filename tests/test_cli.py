@@ -452,9 +452,9 @@ def test_check_on_a_database_url_it_cannot_open_is_one_line(make_settings: Setti
                                                 ("::1", True), ("[::1]", True), ("0.0.0.0", False),
                                                 ("10.0.0.5", False), ("example.org", False)])
 def test_only_loopback_addresses_count_as_this_machine(host: str, loopback: bool) -> None:
-    from orchestrator.cli import _loopback
+    from orchestrator.api.cross_site import is_loopback
 
-    assert _loopback(host) is loopback
+    assert is_loopback(host) is loopback
 
 
 @pytest.mark.parametrize(("argv", "key", "runs_jobs", "warned"), [

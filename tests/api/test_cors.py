@@ -68,3 +68,48 @@ def test_what_is_not_an_origin_is_refused_at_start(make_settings: Callable[..., 
     reason the server's log tells."""
     with pytest.raises(ValidationError, match="is not an origin"):
         make_settings(cors_origins=f"http://localhost:3000,{origin}")
+
+
+def test_a_page_of_another_origin_cannot_change_anything(
+        make_settings: Callable[..., Settings], start_server: Callable[[Settings], httpx.Client]) -> None:
+    """Without a key, a page in the operator's browser could POST to the service without a
+    preflight (a promote, a cancel: no JSON body needed) and spend the budgets."""
+    client = start_server(make_settings(cors_origins=DASHBOARD))
+    project = create_project(client)["id"]
+    evil = client.post("/v1/projects", json={"name": "x"}, headers={"Origin": "https://evil.example"})
+    assert_error(evil, 403, "forbidden")
+    assert "ORCH_CORS_ORIGINS" in evil.json()["error"]["message"]
+    assert client.post("/v1/jobs/job_0000000000zzzzzzzzzzzzzz/cancel",
+                       headers={"Origin": "null"}).status_code == 403  # a sandboxed frame, a file
+    # Reading is not refused (the browser keeps the answer from the page), nor are listed pages,
+    # the service's own (/docs), or programs, which send no Origin.
+    assert client.get(f"/v1/projects/{project}", headers={"Origin": "https://evil.example"}).status_code == 200
+    own = str(client.base_url).rstrip("/")
+    for headers in ({"Origin": DASHBOARD}, {"Origin": own}, {}):
+        assert client.post("/v1/projects", json={"name": "y"}, headers=headers).status_code == 201, headers
+
+
+def test_a_service_open_to_this_machine_answers_to_its_own_names_only(
+        make_settings: Callable[..., Settings]) -> None:
+    """A DNS-rebinding page reaches 127.0.0.1 under its own domain name: its Host gives it away."""
+    from fastapi.testclient import TestClient
+
+    from orchestrator.app import create_app
+
+    with TestClient(create_app(make_settings(), loopback_only=True), base_url="http://127.0.0.1:8000") as client:
+        assert client.get("/healthz").status_code == 200
+        for host in ("localhost:8000", "[::1]:8000", "127.0.0.1"):
+            assert client.get("/healthz", headers={"Host": host}).status_code == 200, host
+        rebound = client.post("/v1/projects", json={"name": "x"}, headers={"Host": "rebind.attacker.example"})
+        assert_error(rebound, 400, "invalid_request")
+        assert "ORCH_ADMIN_KEY" in rebound.json()["error"]["message"]
+        assert client.get("/v1/projects").json()["items"] == []
+
+
+def test_every_page_may_not_drive_a_service_without_a_key(make_settings: Callable[..., Settings]) -> None:
+    from orchestrator.services import startup_problems
+
+    assert any(p.startswith("ORCH_CORS_ORIGINS: * without ORCH_ADMIN_KEY")
+               for p in startup_problems(make_settings(cors_origins="*")))
+    assert not any("ORCH_CORS_ORIGINS" in p for p in startup_problems(make_settings(cors_origins="*",
+                                                                                    admin_key=KEY)))

@@ -1,0 +1,72 @@
+"""What a web page in a browser on the operator's machine may make the service do.
+
+Without `ORCH_ADMIN_KEY` a service listening on loopback is open to every program of the machine,
+and a browser is one: any page it shows can send the service a request that needs no preflight
+(a form's POST, a `fetch` without a JSON body: a promote, a cancel) or reach it under the page's
+own domain name (DNS rebinding), and spend the budgets. Two checks close that to pages without
+touching programs, which send no `Origin` and name the service as they reach it:
+
+- a request that changes something (POST, PUT, PATCH, DELETE) sent by a page of another origin
+  than the service's own (the `/docs` page) or one of `ORCH_CORS_ORIGINS` is refused 403;
+- on loopback without a key, a `Host` that is not a loopback name (a rebound domain) is refused 400.
+
+A pure ASGI middleware: every request pays one header lookup, a program's nothing more.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from orchestrator.api.errors import error_response
+
+UNSAFE = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+def is_loopback(host: str) -> bool:
+    """Whether only this machine can reach `host` (`localhost`, 127.0.0.0/8, ::1)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a name: it may resolve to any interface
+        return False
+
+
+def _host_name(host: str) -> str:
+    """`Host` without its port: `127.0.0.1:8000` -> `127.0.0.1`, `[::1]:8000` -> `[::1]`."""
+    if host.startswith("["):
+        return host.partition("]")[0] + "]"
+    return host.rpartition(":")[0] if host.count(":") == 1 else host
+
+
+class CrossSiteGuard:
+    def __init__(self, app: ASGIApp, *, allowed_origins: list[str], loopback_only: bool) -> None:
+        self.app = app
+        self.allowed = frozenset(allowed_origins)
+        self.loopback_only = loopback_only
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        host = headers.get(b"host", b"").decode("latin-1").lower()
+        if self.loopback_only and not is_loopback(_host_name(host)):
+            refused = error_response(400, "invalid_request", f"this service answers on this machine only, not as "
+                                     f"{host or 'a nameless host'!r} (set ORCH_ADMIN_KEY to serve other names)")
+            await refused(scope, receive, send)
+            return
+        origin = headers.get(b"origin")
+        if origin is not None and scope["method"] in UNSAFE:
+            page = origin.decode("latin-1")
+            # Its own pages (/docs) by host alone: behind a proxy that ends TLS, the page is
+            # https:// and the request reaches the service as http://.
+            own = page.partition("://")[2].lower() == host
+            if not own and page not in self.allowed and "*" not in self.allowed:
+                refused = error_response(403, "forbidden", f"requests that change something are refused from web "
+                                         f"pages of {page}: list it in ORCH_CORS_ORIGINS to allow it")
+                await refused(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
