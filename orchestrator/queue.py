@@ -171,7 +171,8 @@ class Scheduler:
         saved for that): those are left to recovery at once."""
         engine = self.registry.get(claim.job.engine) if claim.job.engine in self.registry else None
         return (engine is not None and engine.kind == "remote" and not isinstance(engine, Restartable)
-                and not (isinstance(engine, Reattachable) and claim.accepted) and not claim.surely_unsent())
+                and not (isinstance(engine, Reattachable) and claim.accepted) and not claim.surely_unsent()
+                and claim.job.id not in self.runner.storing)  # answered: waited for as it stores, below
 
     def notify(self) -> None:
         """Wake the dispatcher; safe from any thread (API handlers run in a thread pool)."""

@@ -173,7 +173,8 @@ def serve_process(settings: Settings, workdir: Path, log_name: str,
     settings' data and cache dirs, the tiny model, and `env`)."""
     # make_settings already removed the developer's ORCH_* and vendor variables from os.environ.
     process_env = {**os.environ, "ORCH_DATA_DIR": str(settings.data_dir), "ORCH_LITE_MODEL": tiny.NAME,
-                   "ORCH_CACHE_DIR": str(settings.cache_dir), "HF_HUB_OFFLINE": "1", **(env or {})}
+                   "ORCH_CACHE_DIR": str(settings.cache_dir), "HF_HUB_OFFLINE": "1",
+                   "ORCH_STOP_GRACE": str(settings.stop_grace), **(env or {})}
     with (workdir / log_name).open("wb") as log:
         proc, base = launch_server(process_env, workdir, log)
         try:
@@ -201,6 +202,7 @@ def worker_process(settings: Settings, workdir: Path, log_name: str,
     root = str(Path(__file__).resolve().parents[2])
     process_env = {**os.environ, "ORCH_DATA_DIR": str(settings.data_dir), "ORCH_LITE_MODEL": tiny.NAME,
                    "ORCH_CACHE_DIR": str(settings.cache_dir), "HF_HUB_OFFLINE": "1", "ORCH_POLL_INTERVAL": "0.1",
+                   "ORCH_STOP_GRACE": str(settings.stop_grace),
                    "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p), **(env or {})}
     log_path = workdir / log_name
     with log_path.open("wb") as log:

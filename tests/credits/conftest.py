@@ -74,9 +74,10 @@ def paid_settings_for(isolated_env: None, tiny_cache_dir: Path, policy_dir: Path
     policy. (Not `model_copy(update=...)`: it would keep a cached `resolved_database_url`.)"""
 
     def make(data_dir: Path, **overrides: Any) -> Settings:
+        # A stop leaves paid requests to recovery at once (tests/credits/test_stop.py waits).
         values: dict[str, Any] = {"data_dir": data_dir, "lite_model": tiny.NAME, "hifi_model": None,
                                   "cache_dir": tiny_cache_dir, "engines": ENGINES, "policy": POLICY,
-                                  "policy_dir": policy_dir}
+                                  "policy_dir": policy_dir, "stop_grace": 0.0}
         return Settings(**{**values, **overrides})
 
     return make
@@ -127,6 +128,7 @@ def service_env(tmp_path: Path, tiny_cache_dir: Path, policy_dir: Path) -> dict[
         "ORCH_DATA_DIR": str(tmp_path / "data"), "ORCH_CACHE_DIR": str(tiny_cache_dir),
         "ORCH_LITE_MODEL": tiny.NAME, "ORCH_ENGINES": ENGINES, "ORCH_POLICY": POLICY,
         "ORCH_POLICY_DIR": str(policy_dir), "ORCH_CONFIG_FILE": str(tmp_path / "empty.toml"),
+        "ORCH_STOP_GRACE": "0",
         "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p),
     })
     return env

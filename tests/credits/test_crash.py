@@ -147,7 +147,7 @@ def promoted_and_sent(client: httpx.Client) -> tuple[str, dict[str, Any]]:
 
 def test_a_stop_while_the_provider_works_is_not_sent_again(paid_settings_for: Callable[..., Settings],
                                                            tmp_path: Path) -> None:
-    settings = paid_settings_for(tmp_path / "data")
+    settings = paid_settings_for(tmp_path / "data")  # no grace for its answer: see test_stop.py
     with serve_in_thread(settings) as base, httpx.Client(base_url=base, timeout=30) as client:
         _project, job = promoted_and_sent(client)
     with serve_in_thread(settings) as base, httpx.Client(base_url=base, timeout=30) as client:

@@ -66,7 +66,7 @@ def new_settings(routing_env: None, tmp_path_factory: pytest.TempPathFactory,
 
     def make(**overrides: Any) -> Settings:
         values: dict[str, Any] = {"data_dir": tmp_path_factory.mktemp("data"), "lite_model": tiny.NAME,
-                                  "hifi_model": None, "cache_dir": tiny_cache_dir}
+                                  "hifi_model": None, "cache_dir": tiny_cache_dir, "stop_grace": 0.0}
         values.update(overrides)
         return Settings(**values)
 
