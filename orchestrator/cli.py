@@ -207,7 +207,13 @@ def _bound(settings: Settings) -> int | None:
 def _log_to_data_dir(settings: Settings) -> None:
     """Also append this process's log to `ORCH_DATA_DIR/logs/orchestrator.log`, which every
     process of the data dir shares (lines carry their pid). Reopened when moved, for logrotate."""
-    path = (settings.data_dir / "logs" / "orchestrator.log").resolve()
+    path = (settings.data_dir / "logs").resolve() / "orchestrator.log"
+    if path.is_symlink():
+        # The logs folder may be shared with other users of the data dir: a link put there would
+        # have this process append to the file it names (as root, any file).
+        logging.getLogger(__name__).warning("the log file %s is a symbolic link, not followed; logging to stderr only",
+                                            path)
+        return
     root = logging.getLogger()
     if any(isinstance(h, logging.FileHandler) and Path(h.baseFilename) == path for h in root.handlers):
         return  # main() called again in this process: one handler per file

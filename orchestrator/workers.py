@@ -31,6 +31,7 @@ import os
 import re
 import secrets
 import socket
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -70,6 +71,20 @@ def _same_file(file: IO[str], path: Path) -> bool:
         return False
 
 
+def open_lock_file(path: Path) -> IO[str]:
+    """A lock file, opened for reading and writing (made if absent), never through a symbolic
+    link: the lock folder may be shared with other users of the data dir, and a link put there
+    would have this process truncate and write the file it names (as root, any file)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{path} is not a regular file")
+        return os.fdopen(fd, "r+")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 class Presence:
     """The owner locks of the schedulers of one data dir (see the module docstring)."""
 
@@ -96,7 +111,7 @@ class Presence:
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             for _ in range(5):
-                file = self._path(owner).open("a+")
+                file = open_lock_file(self._path(owner))
                 try:
                     # Blocking: only a probe (an instant) can hold it, since the name is ours alone.
                     fcntl.flock(file, fcntl.LOCK_EX)
@@ -306,7 +321,7 @@ class DeviceLock:
     def _take(self) -> bool:
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.path
-        file = path.open("a+")
+        file = open_lock_file(path)
         try:
             fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -315,6 +315,22 @@ def test_a_log_file_that_cannot_be_written_leaves_the_log_on_stderr(make_setting
     assert "cannot write the log file" in caplog.text
 
 
+def test_a_log_file_that_is_a_symbolic_link_is_not_followed(make_settings: SettingsFactory, tmp_path: Path,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    # Another user of a shared data dir could point it at any file this process may write.
+    settings = make_settings()
+    (settings.data_dir / "logs").mkdir(parents=True)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("IMPORTANT\n")
+    (settings.data_dir / "logs" / "orchestrator.log").symlink_to(victim)
+    root = logging.getLogger()
+    before = list(root.handlers)
+    with caplog.at_level(logging.WARNING, logger="orchestrator.cli"):
+        _log_to_data_dir(settings)
+    assert root.handlers == before and "is a symbolic link, not followed" in caplog.text
+    assert victim.read_text() == "IMPORTANT\n"
+
+
 def test_the_log_file_gets_one_handler_however_often_main_runs(make_settings: SettingsFactory) -> None:
     settings = make_settings()
     root = logging.getLogger()

@@ -276,6 +276,25 @@ def test_a_process_takes_the_device_only_when_it_has_a_local_job(services: Servi
     assert not lock.held  # a worker running remote jobs only leaves the GPU to those that need it
 
 
+def test_lock_files_are_never_opened_through_a_symbolic_link(tmp_path: Path) -> None:
+    """Another user of a shared data dir could link a lock's predictable name to any file: taking
+    the lock truncated and wrote it (as root, any file)."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("IMPORTANT\n")
+    folder = tmp_path / "locks"
+    folder.mkdir()
+    lock = DeviceLock(folder, lambda: "cuda")
+    lock.path.symlink_to(victim)
+    assert lock.try_acquire()  # runs as one process would, without the lock, rather than write there
+    lock.close()
+    presence = Presence(folder, shared_database=True)
+    (folder / "owners").mkdir()
+    presence._path("me").symlink_to(victim)
+    presence.enter("me")
+    presence.leave("me")
+    assert victim.read_text() == "IMPORTANT\n"
+
+
 def test_device_lock_is_exclusive_between_processes_and_named_per_gpu(tmp_path: Path) -> None:
     first, second = DeviceLock(tmp_path, lambda: "cuda"), DeviceLock(tmp_path, lambda: "cuda")
     code = ("import sys\nfrom pathlib import Path\nfrom orchestrator.workers import DeviceLock\n"
