@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import logging
 import logging.handlers
 import os
@@ -204,6 +205,21 @@ def _bound(settings: Settings) -> int | None:
     return None
 
 
+class _NoFollowFileHandler(logging.handlers.WatchedFileHandler):
+    """Reopened by name after a logrotate, as its base is, but never through a symbolic link put
+    there meanwhile (the file is then not written: logging's own error report says so)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            super().emit(record)
+        except OSError:  # the reopen, outside the base's own guard: it must not fail the caller
+            self.handleError(record)
+
+    def _open(self) -> io.TextIOWrapper:
+        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+        return open(fd, "a", encoding=self.encoding, errors=self.errors)
+
+
 def _log_to_data_dir(settings: Settings) -> None:
     """Also append this process's log to `ORCH_DATA_DIR/logs/orchestrator.log`, which every
     process of the data dir shares (lines carry their pid). Reopened when moved, for logrotate."""
@@ -219,7 +235,7 @@ def _log_to_data_dir(settings: Settings) -> None:
         return  # main() called again in this process: one handler per file
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        handler = logging.handlers.WatchedFileHandler(path, encoding="utf-8")
+        handler = _NoFollowFileHandler(path, encoding="utf-8")
     except OSError as exc:  # another uid's file, a read-only folder: the service runs on, logging to stderr
         logging.getLogger(__name__).warning("cannot write the log file %s (%s); logging to stderr only", path,
                                             exc.strerror or exc)

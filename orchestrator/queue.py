@@ -102,6 +102,8 @@ class Scheduler:
         self.unserved_grace = lease_seconds
         self._forgetting: set[asyncio.Task[None]] = set()  # see `forget_abandoned`
         self._stopping = False
+        self._hurried = asyncio.Event()
+        self._cancel_watch: asyncio.Task[None] | None = None
         # More housekeeping for the sweeper (e.g. forgetting old idempotency keys).
         self.sweepers: list[Callable[[], object]] = []
 
@@ -115,9 +117,9 @@ class Scheduler:
         await asyncio.to_thread(self._sweep_ledger)
         await asyncio.to_thread(self._sweep_previews)
         self._heartbeat = asyncio.create_task(self._heartbeat_loop(), name="heartbeat")
+        self._cancel_watch = asyncio.create_task(self._cancel_watch_loop(), name="cancel watch")
         self._tasks = [asyncio.create_task(self._dispatch_loop(), name="scheduler"),
-                       asyncio.create_task(self._sweep_loop(), name="sweeper"), self._heartbeat,
-                       asyncio.create_task(self._cancel_watch_loop(), name="cancel watch")]
+                       asyncio.create_task(self._sweep_loop(), name="sweeper"), self._heartbeat, self._cancel_watch]
         self.notify()
 
     async def stop(self) -> None:
@@ -129,21 +131,24 @@ class Scheduler:
         if self.device is not None:
             self.device.close(release=False)  # released by the service once the device is idle
         # The heartbeat goes on while jobs wind down: a job storing what it made keeps its lease,
-        # or another process would recover it as an orphan meanwhile.
+        # or another process would recover it as an orphan meanwhile; so does the watch for
+        # cancels asked elsewhere, while jobs are given time to answer.
         for task in self._tasks:
-            if task is not self._heartbeat:
+            if task is not self._heartbeat and task is not self._cancel_watch:
                 task.cancel()
         awaited = {task for task, claim in self._running.values()
                    if not claim.cancel.cancelled and self._answer_awaited(claim)}
+        # Everything else stops now, before it can send a paid request that the wait below would
+        # then abandon (a job still preparing its request is run again after the restart).
+        self._abandon(lambda task: task not in awaited)
         if awaited and self.stop_grace > 0:
-            log.info("waiting up to %.0f s for %d paid requests already sent to answer before stopping",
-                     self.stop_grace, len(awaited))
-            await asyncio.wait(awaited, timeout=self.stop_grace)
-        for _task, claim in list(self._running.values()):
-            if claim.cancel.cancelled:
-                continue  # a user's cancel, already on its way: it ends as canceled, not interrupted
-            claim.shutdown = True
-            claim.cancel.cancel(abandon=True)  # provider work is followed again after the restart
+            await asyncio.to_thread(self._give_back_unstarted)  # their leases are not renewed meanwhile
+            log.info("waiting up to %.0f s for %d paid requests already sent to answer before stopping "
+                     "(stop again to leave them now)", self.stop_grace, len(awaited))
+            await self._wait_unless_hurried(awaited, self.stop_grace)
+        if self._cancel_watch is not None:
+            self._cancel_watch.cancel()
+        self._abandon(lambda task: True)
         running = [task for task, _ in self._running.values()]
         if running:
             await asyncio.wait(running, timeout=STOP_WAIT_SECONDS)
@@ -163,6 +168,37 @@ class Scheduler:
         # From here the jobs left running are known to be an orphan's: the next start (or another
         # process's sweep) recovers them without waiting for their leases.
         self.presence.leave(self.owner)
+
+    def hurry(self) -> None:
+        """A second stop signal: leave the paid requests the stop is waiting for to recovery now.
+        Safe from any thread."""
+        loop = self._loop
+        if loop is None or on_loop(loop):
+            self._hurried.set()
+        else:
+            loop.call_soon_threadsafe(self._hurried.set)
+
+    async def _wait_unless_hurried(self, tasks: set[asyncio.Task[None]], timeout: float) -> None:
+        hurried = asyncio.ensure_future(self._hurried.wait())
+        deadline = asyncio.get_running_loop().time() + timeout
+        try:
+            pending: set[asyncio.Future[Any]] = set(tasks)
+            while pending and not hurried.done():
+                left = deadline - asyncio.get_running_loop().time()
+                if left <= 0:
+                    return
+                _done, pending = await asyncio.wait({*pending, hurried}, timeout=left,
+                                                    return_when=asyncio.FIRST_COMPLETED)
+                pending.discard(hurried)
+        finally:
+            hurried.cancel()
+
+    def _abandon(self, which: Callable[[asyncio.Task[None]], bool]) -> None:
+        for task, claim in list(self._running.values()):
+            if claim.cancel.cancelled or not which(task):
+                continue  # a user's cancel, already on its way, ends as canceled, not interrupted
+            claim.shutdown = True
+            claim.cancel.cancel(abandon=True)  # provider work is followed again after the restart
 
     def _answer_awaited(self, claim: Claim) -> bool:
         """Whether a stop should wait for this job: a paid request may be out (nothing says it
@@ -417,8 +453,9 @@ class Scheduler:
         return True
 
     async def _cancel_watch_loop(self) -> None:
-        """Cancels asked through another process (`cancel_requested_at`) of jobs held here."""
-        while not self._stopping:
+        """Cancels asked through another process (`cancel_requested_at`) of jobs held here; a
+        stop ends it once the paid requests it waits for have answered."""
+        while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._cancel_wake.wait(), timeout=self.poll_interval)
             self._cancel_wake.clear()

@@ -632,7 +632,8 @@ class JobRunner:
         self._guarded_update(s, claim, unless_canceled=True, status="succeeded", finished_at=now, lease_owner=None,
                              lease_expires_at=None, progress_step=job.progress_total or 1,
                              progress_total=job.progress_total or 1, model=result.model,
-                             provider_request_id=result.provider_request_id,
+                             # The column's size: n ids of a many-call job may be longer.
+                             provider_request_id=(result.provider_request_id or "")[:500] or None,
                              attempts=[*(job.attempts or []), {"engine": job.engine, "status": "succeeded",
                                                                "error": None}])
         # Ids made under the write lock (the update above took it) commit in id order: they

@@ -74,8 +74,12 @@ class Server(uvicorn.Server):
         self.app = app
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        again = self.should_exit
         super().handle_exit(sig, frame)
         self.end_streams()
+        services = getattr(self.app.state, "services", None)
+        if again and services is not None:
+            services.scheduler.hurry()  # a second Ctrl-C: stop waiting for paid requests to answer
 
     def end_streams(self) -> None:
         services = getattr(self.app.state, "services", None)  # set once the app has started

@@ -218,7 +218,8 @@ class Services:
 
         self.db.bell.listen(heard)
         self.health_sharing = asyncio.create_task(self._share_health(), name="engine health")
-        self.policy_watching = asyncio.create_task(self._watch_policies(), name="policy files")
+        if self.settings.policy_dir is not None:
+            self.policy_watching = asyncio.create_task(self._watch_policies(), name="policy files")
 
     def reload_policies(self, why: str) -> None:
         """Read the policy files again (SIGHUP, or their change seen); what a reload refuses keeps
@@ -231,12 +232,18 @@ class Services:
     async def _watch_policies(self) -> None:
         """A reload asked of one process (`POST /v1/policies/reload`, SIGHUP) reached only it: the
         other API servers routed on the old rules. Every process now reloads when the files
-        change, within `ORCH_POLL_INTERVAL`."""
+        change, once they have held still for a look (a deploy or an editor's save may remove a
+        file for an instant: its policy would be dropped in between)."""
+        moving: object = None
         while True:
             await asyncio.sleep(self.settings.poll_interval)
             try:
-                if await asyncio.to_thread(self.policies.changed):
-                    await asyncio.to_thread(self.reload_policies, "the policy files changed")
+                now = await asyncio.to_thread(self.policies.fingerprint)
+                if now == self.policies.loaded_fingerprint or now != moving:
+                    moving = None if now == self.policies.loaded_fingerprint else now
+                    continue
+                moving = None
+                await asyncio.to_thread(self.reload_policies, "the policy files changed")
             except Exception:
                 log.exception("reloading the policy files failed; trying again at the next look")
 

@@ -25,15 +25,29 @@ log = logging.getLogger(__name__)
 
 async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> None:
     """Run jobs until `stop` is set, or until SIGTERM or SIGINT when no event is given."""
-    services = await asyncio.to_thread(Services.build, settings)
     loop = asyncio.get_running_loop()
-    services.bus.bind(loop)
+    built: list[Services] = []
     if stop is None:
         stop = asyncio.Event()
+        signalled = stop
+
+        def on_stop() -> None:
+            if signalled.is_set() and built:
+                built[0].scheduler.hurry()  # a second signal: stop waiting for paid requests to answer
+            signalled.set()
+
+        def on_hup() -> None:
+            if built:
+                built[0].reload_policies("SIGHUP")
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        # As `serve` takes it (a HUP sent to every unit must not end the workers, as its default does).
-        loop.add_signal_handler(signal.SIGHUP, lambda: services.reload_policies("SIGHUP"))
+            loop.add_signal_handler(sig, on_stop)
+        # As `serve` takes it (a HUP sent to every unit must not end the workers, as its default
+        # does), from before the services are built.
+        loop.add_signal_handler(signal.SIGHUP, on_hup)
+    services = await asyncio.to_thread(Services.build, settings)
+    built.append(services)
+    services.bus.bind(loop)
     try:
         await services.start()
         url = make_url(settings.resolved_database_url).render_as_string(hide_password=True)

@@ -75,7 +75,7 @@ def open_lock_file(path: Path) -> IO[str]:
     """A lock file, opened for reading and writing (made if absent), never through a symbolic
     link: the lock folder may be shared with other users of the data dir, and a link put there
     would have this process truncate and write the file it names (as root, any file)."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)  # the umask decides, as open() lets it
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise OSError(f"{path} is not a regular file")

@@ -80,7 +80,7 @@ class PolicyStore:
         self._policies: dict[str, Policy] = {}
         self._errors: builtins.list[PolicyError] = []
         self._reloading = threading.Lock()
-        self._seen: object = None  # the files' fingerprint at the last load (see `changed`)
+        self.loaded_fingerprint: object = None  # the files' `fingerprint` at the last load
         self.reload()
 
     @property
@@ -92,7 +92,7 @@ class PolicyStore:
         good version (a policy that never loaded stays absent, or built-in when one exists)."""
         with self._reloading:
             # Taken before reading: a file written while this load reads it is seen as changed again.
-            self._seen = self._fingerprint()
+            self.loaded_fingerprint = self.fingerprint()
             previous = self._policies
             fresh: dict[str, Policy] = {}
             errors: builtins.list[PolicyError] = []
@@ -113,19 +113,17 @@ class PolicyStore:
             self._errors = errors
             return builtins.list(errors)
 
-    def changed(self) -> bool:
-        """Whether the extra directory's files differ from the last load's (added, removed,
-        rewritten): a service's other processes reload on this, as the one asked did."""
-        return self._fingerprint() != self._seen
-
-    def _fingerprint(self) -> object:
+    def fingerprint(self) -> object:
+        """The extra directory's files as their names, times and sizes: one that differs from
+        `loaded_fingerprint` was added, removed or rewritten since the last load (a service's
+        other processes reload on this, as the one asked to did)."""
         if self.extra_dir is None:
             return None
         try:
             return sorted((path.name, stat.st_mtime_ns, stat.st_size) for path in self.extra_dir.glob("*.toml")
                           if not path.name.startswith(".") for stat in (path.stat(),))
         except OSError:  # gone for a moment (a remount), or a file removed while listed: look again later
-            return self._seen
+            return self.loaded_fingerprint
 
     def _files(self, errors: builtins.list[PolicyError]) -> Iterator[tuple[str, Callable[[], Policy]]]:
         """(policy name, loader) in precedence order: built-ins first, so the extra directory wins."""

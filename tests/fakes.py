@@ -97,7 +97,7 @@ class FakePaidEngine:
             SENT.append(f"{req.prompt} (second call)")
         if behaviour == "hang":
             await cancel.race(asyncio.sleep(3600))
-        if behaviour == "slow":
+        if behaviour == "slow" or req.tags.get("then") == "slow":  # `then`: after a wait-before-send
             await cancel.sleep(float(req.tags.get("seconds", "1")))
         if behaviour == "timeout":
             raise EngineTimeout("fake engine: sent, no answer")

@@ -53,13 +53,16 @@ class CrossSiteGuard:
             return
         headers = dict(scope["headers"])
         host = headers.get(b"host", b"").decode("latin-1").lower()
-        if self.loopback_only and not is_loopback(_host_name(host)):
+        # No Host at all is a program's (an HTTP/1.0 probe): browsers always send one.
+        if self.loopback_only and host and not is_loopback(_host_name(host)):
             refused = error_response(400, "invalid_request", f"this service answers on this machine only, not as "
                                      f"{host or 'a nameless host'!r} (set ORCH_ADMIN_KEY to serve other names)")
             await refused(scope, receive, send)
             return
         origin = headers.get(b"origin")
-        if origin is not None and scope["method"] in UNSAFE:
+        # A bearer key is never sent by a browser on its own: a request carrying one is its
+        # holder's, whatever page it came through (a dashboard's own backend).
+        if origin is not None and scope["method"] in UNSAFE and b"authorization" not in headers:
             page = origin.decode("latin-1")
             # Its own pages (/docs) by host alone: behind a proxy that ends TLS, the page is
             # https:// and the request reaches the service as http://.

@@ -1,10 +1,13 @@
 """A stop (SIGTERM, a rolling restart) and a paid request already out to a provider whose work a
 restart cannot follow: the answer is waited for, up to ORCH_STOP_GRACE, so the image is kept and
-charged, not failed `interrupted` with its estimate captured for reconciliation."""
+charged, not failed `interrupted` with its estimate captured for reconciliation. Whatever else
+runs stops at once: a job still preparing its request must not send it during that wait."""
 
 from __future__ import annotations
 
+import logging
 import sqlite3
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,29 +19,52 @@ from orchestrator.settings import Settings
 from tests.credits import PRICE, ledger, poll, project_with_draft, promote_ok, wait_for_job
 
 
-@pytest.mark.parametrize("grace", [30.0, 0.0])
-def test_a_stop_waits_for_a_sent_paid_request_to_answer(paid_settings_for: Callable[..., Settings], tmp_path: Path,
-                                                        grace: float) -> None:
-    settings = paid_settings_for(tmp_path / "data", stop_grace=grace)
+def test_a_stop_waits_for_a_sent_paid_request_and_stops_the_rest(
+        paid_settings_for: Callable[..., Settings], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    settings = paid_settings_for(tmp_path / "data", stop_grace=60)
+    until = tmp_path / "draft-encoded"
+    service = serve_in_thread(settings)
+    with httpx.Client(base_url=service.__enter__(), timeout=30) as client:
+        project_id, asset_id = project_with_draft(client)
+        sent = promote_ok(client, asset_id, tags={"fake": "slow", "seconds": "3"})
+        preparing = promote_ok(client, asset_id, seed=8, tags={"fake": "wait-before-send", "until": str(until),
+                                                               "then": "slow", "seconds": "6"})
+        poll(lambda: _row(settings, sent["id"]), lambda row: row[0] == "running" and row[2] is not None,
+             what="the request out")  # its id saved: sent, and answering in 3 s
+        poll(lambda: _row(settings, preparing["id"])[0], lambda status: status == "running")
+    caplog.set_level(logging.INFO, logger="orchestrator.queue")
+    stopper = threading.Thread(target=service.__exit__, args=(None, None, None))
+    stopper.start()
+    poll(lambda: caplog.text, lambda text: "waiting up to 60 s for 1 paid requests already sent" in text,
+         what="the stop to wait for the sent request")
+    until.write_text("")  # the other job's request is ready now: it must not go out during the wait
+    stopper.join(90)
+    assert not stopper.is_alive()
+    assert _row(settings, sent["id"])[0] == "succeeded"  # answered during the stop: stored and charged
+    with serve_in_thread(settings) as base, httpx.Client(base_url=base, timeout=30) as client:
+        jobs = {job["id"]: wait_for_job(client, job["id"]) for job in (sent, preparing)}
+        entries = ledger(client, project_id)
+    for job_id, job in jobs.items():
+        assert job["status"] == "succeeded", job  # the second ran again after the restart, sent once
+        assert [(e["kind"], e["amount"], e["unreconciled"]) for e in entries if e["job_id"] == job_id] == [
+            ("hold", PRICE, False), ("capture", PRICE, False)]
+
+
+def test_without_grace_a_stop_leaves_a_sent_request_to_recovery(paid_settings_for: Callable[..., Settings],
+                                                                 tmp_path: Path) -> None:
+    settings = paid_settings_for(tmp_path / "data", stop_grace=0)
     with serve_in_thread(settings) as base, httpx.Client(base_url=base, timeout=30) as client:
         project_id, asset_id = project_with_draft(client)
-        job = promote_ok(client, asset_id, tags={"fake": "slow", "seconds": "1.5"})
+        job = promote_ok(client, asset_id, tags={"fake": "slow", "seconds": "60"})
         poll(lambda: _row(settings, job["id"]), lambda row: row[0] == "running" and row[2] is not None,
-             what="the request out")  # its id saved: sent, and answering in 1.5 s
-    status, error, _ = _row(settings, job["id"])
-    if grace:
-        assert status == "succeeded", error  # answered during the stop: stored and charged
-    else:
-        assert status == "running"  # left to recovery, as before: the next start fails it
+             what="the request out")
+    assert _row(settings, job["id"])[0] == "running"  # left to recovery: the next start fails it
     with serve_in_thread(settings) as base, httpx.Client(base_url=base, timeout=30) as client:
         done = wait_for_job(client, job["id"])
         entries = [(e["kind"], e["amount"], e["unreconciled"]) for e in ledger(client, project_id)
                    if e["job_id"] == job["id"]]
-    if grace:
-        assert done["status"] == "succeeded" and entries == [("hold", PRICE, False), ("capture", PRICE, False)]
-    else:
-        assert (done["status"], done["error"]["code"]) == ("failed", "interrupted")
-        assert entries == [("hold", PRICE, False), ("capture", PRICE, True)]
+    assert (done["status"], done["error"]["code"]) == ("failed", "interrupted")
+    assert entries == [("hold", PRICE, False), ("capture", PRICE, True)]
 
 
 def _row(settings: Settings, job_id: str) -> tuple[str, str | None, str | None]:
