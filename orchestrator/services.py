@@ -239,11 +239,13 @@ class Services:
             await asyncio.sleep(self.settings.poll_interval)
             try:
                 now = await asyncio.to_thread(self.policies.fingerprint)
-                if now == self.policies.loaded_fingerprint or now != moving:
-                    moving = None if now == self.policies.loaded_fingerprint else now
-                    continue
-                moving = None
-                await asyncio.to_thread(self.reload_policies, "the policy files changed")
+                if now == self.policies.loaded_fingerprint:
+                    moving = None
+                elif now != moving:
+                    moving = now  # changed since the last look: reloaded if it holds still until the next
+                else:
+                    moving = None
+                    await asyncio.to_thread(self.reload_policies, "the policy files changed")
             except Exception:
                 log.exception("reloading the policy files failed; trying again at the next look")
 
