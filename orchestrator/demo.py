@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+import threading
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,10 @@ import httpx
 from PIL import Image, ImageDraw
 
 from orchestrator.settings import Settings
+
+# A job queued this long is told once: against a service whose API servers run no jobs
+# (ORCH_RUN_JOBS=false) with no `orchestrator worker` up, the demo otherwise waited in silence.
+QUEUED_HINT_SECONDS = 20.0
 
 
 def _bar(fraction: float, width: int = 30) -> str:
@@ -31,11 +36,31 @@ def watch(client: httpx.Client, job_id: str, label: str) -> dict[str, Any]:
     only the outcome: a bar redrawn with carriage returns is one endless line there); returns
     the finished job."""
     live = sys.stdout.isatty()
+    hint = threading.Timer(QUEUED_HINT_SECONDS, lambda: print(
+        f"{chr(13) if live else ''}  {label:<8} still queued after {QUEUED_HINT_SECONDS:g} s: the service runs it "
+        "when a worker for its engine is free (is `orchestrator worker` running?)", flush=True))
+    hint.daemon = True
+    hint.start()
+    try:
+        _follow(client, job_id, label, live, hint)
+    finally:
+        hint.cancel()
+    job: dict[str, Any] = client.get(f"/v1/jobs/{job_id}").raise_for_status().json()
+    if job["status"] != "succeeded":
+        error = job.get("error") or {}
+        raise SystemExit(f"{label} job {job_id} {job['status']}: {error.get('message', 'no reason given')}"
+                         + (f" ({error['code']})" if error.get("code") else ""))
+    return job
+
+
+def _follow(client: httpx.Client, job_id: str, label: str, live: bool, hint: threading.Timer) -> None:
     with client.stream("GET", f"/v1/jobs/{job_id}/events", timeout=None) as response:
         event = ""
         for line in response.iter_lines():
             if line.startswith("event: "):
                 event = line[7:]
+                if event != "queued":
+                    hint.cancel()
             elif line.startswith("data: "):
                 data = json.loads(line[6:])
                 if event == "progress" and live:
@@ -46,12 +71,6 @@ def watch(client: httpx.Client, job_id: str, label: str) -> dict[str, Any]:
                 elif event in ("succeeded", "failed", "canceled"):
                     print(("\r" if live else "")
                           + f"  {label:<8} {_bar(1.0 if event == 'succeeded' else 0.0)} {event}" + " " * 12)
-    job: dict[str, Any] = client.get(f"/v1/jobs/{job_id}").raise_for_status().json()
-    if job["status"] != "succeeded":
-        error = job.get("error") or {}
-        raise SystemExit(f"{label} job {job_id} {job['status']}: {error.get('message', 'no reason given')}"
-                         + (f" ({error['code']})" if error.get("code") else ""))
-    return job
 
 
 def contact_sheet(images: list[Image.Image], columns: int = 2, pad: int = 8) -> Image.Image:

@@ -7,6 +7,8 @@ import errno
 import io
 import logging
 import sqlite3
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,7 @@ import pytest
 from PIL import Image
 
 from orchestrator import check as check_module
+from orchestrator import demo as demo_module
 from orchestrator.cli import _log_to_data_dir, main
 from orchestrator.services import startup_problems
 from orchestrator.settings import Settings
@@ -89,6 +92,38 @@ def test_the_demo_s_own_service_runs_its_jobs_whatever_orch_run_jobs_says(
     assert main(["demo", "--out", str(tmp_path / "out"), "--size", "64"]) == 0
     assert (tmp_path / "out" / "final.png").exists()
     assert "saved drafts" in capsys.readouterr().out
+
+
+def test_a_demo_draft_left_queued_is_told_once(
+        make_settings: SettingsFactory, start_server: Callable[[Settings], httpx.Client], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    # API servers that run no jobs and no worker up: the demo waited in silence, for ever.
+    client = start_server(make_settings(run_jobs=False))
+    monkeypatch.setattr(demo_module, "QUEUED_HINT_SECONDS", 0.2)
+    outcome: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            main(["demo", "--url", str(client.base_url), "--out", str(tmp_path / "out"), "--size", "64"])
+        except SystemExit as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    told = ""
+    deadline = time.monotonic() + 30
+    while "still queued" not in told and time.monotonic() < deadline:
+        time.sleep(0.05)
+        told += capsys.readouterr().out
+    time.sleep(0.4)  # a second interval: still one line
+    [job] = client.get("/v1/jobs").json()["items"]
+    assert client.post(f"/v1/jobs/{job['id']}/cancel").status_code == 202
+    thread.join(30)
+    told += capsys.readouterr().out
+    assert told.count("still queued after 0.2 s") == 1
+    assert "is `orchestrator worker` running?" in told
+    assert [str(exc) for exc in outcome] == [
+        f"drafts job {job['id']} canceled: canceled before it started (canceled)"]
 
 
 def test_the_demo_does_not_start_on_a_lite_engine_that_cannot_run(
