@@ -17,7 +17,7 @@ from orchestrator import __version__
 from orchestrator.api import assets, credits, engines, jobs, keys, policies, projects, stages, workers
 from orchestrator.api.cross_site import CrossSiteGuard
 from orchestrator.api.deps import ServicesDep, require_auth
-from orchestrator.api.errors import documented
+from orchestrator.api.errors import UnexpectedErrors, documented
 from orchestrator.api.errors import install as install_errors
 from orchestrator.api.head import HeadAsGet
 from orchestrator.api.query import DropEmptyQueryValues
@@ -70,6 +70,7 @@ def create_app(settings: Settings | None = None, *, loopback_only: bool = False)
     app.add_middleware(HeadAsGet)  # added after those, so it wraps them: they and the routes see a GET
     app.add_middleware(CrossSiteGuard, allowed_origins=settings.cors_origin_list, loopback_only=loopback_only)
     if settings.cors_origin_list:
+        app.add_middleware(UnexpectedErrors)
         # Outermost: a browser's preflight carries no key, so it is answered before auth; and the
         # answers of every layer (a 401, a 413) carry the headers a dashboard needs to read them.
         # No credentials mode: the key travels in the Authorization header, not in cookies.

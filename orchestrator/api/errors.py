@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from orchestrator.api.deps import authenticate
 from orchestrator.db import disk_full, transient
@@ -219,4 +220,35 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         # No logging here: Starlette re-raises after this answer and the server logs the traceback.
-        return error_response(500, "internal_error", "internal server error")
+        return _internal_error()
+
+
+def _internal_error() -> JSONResponse:
+    return error_response(500, "internal_error", "internal server error")
+
+
+class UnexpectedErrors:
+    """Answers a bug's 500 inside the CORS layer. Starlette answers it in its outermost layer,
+    outside every middleware, so a dashboard's page got a 500 without CORS headers: a bare network
+    error it could not read. The exception goes on up, as before, for the server to log."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception:
+            if not started:
+                await _internal_error()(scope, receive, send)
+            raise

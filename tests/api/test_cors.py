@@ -6,8 +6,10 @@ from collections.abc import Callable
 
 import httpx
 import pytest
+from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
+from orchestrator.app import create_app
 from orchestrator.settings import Settings
 from tests.api import assert_error, create_project
 
@@ -118,3 +120,19 @@ def test_every_page_may_not_drive_a_service_without_a_key(make_settings: Callabl
                for p in startup_problems(make_settings(cors_origins="*")))
     assert not any("ORCH_CORS_ORIGINS" in p for p in startup_problems(make_settings(cors_origins="*",
                                                                                     admin_key=KEY)))
+
+
+def test_a_bug_s_500_reaches_the_dashboard_in_the_error_shape(make_settings: Callable[..., Settings]) -> None:
+    # Starlette answers an unexpected error outside every middleware: the page saw a network error.
+    app = create_app(make_settings(cors_origins=DASHBOARD))
+
+    @app.get("/v1/boom")
+    def boom() -> None:
+        raise RuntimeError("a bug")
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+        answer = client.get("/v1/boom", headers={"Origin": DASHBOARD})
+    assert_error(answer, 500, "internal_error")
+    assert answer.headers["access-control-allow-origin"] == DASHBOARD
+    with TestClient(app) as client, pytest.raises(RuntimeError, match="a bug"):
+        client.get("/v1/boom", headers={"Origin": DASHBOARD})  # and on to the server's log, as before
