@@ -209,7 +209,10 @@ class StabilityEngine(CloudEngine):
         elif op == "upscale-creative":
             fields["creativity"] = f"{_clamp(req.creativity, CREATIVE_CREATIVITY):g}"
         else:
-            fields["strength"] = f"{_clamp(req.strength, (0.0, 1.0)):g}"
+            # A same-size polish is a refine: its denoise is the user's `creativity`, as on every
+            # other engine (a polish carries no `strength`, whose default reworked the image at 0.55).
+            strength = req.creativity if req.stage == "polish" else req.strength
+            fields["strength"] = f"{_clamp(strength, (0.0, 1.0)):g}"
             if self._model != "ultra":
                 fields["mode"] = "image-to-image"
                 fields["model"] = self._model

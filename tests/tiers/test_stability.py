@@ -118,8 +118,10 @@ async def test_ultra_uses_its_endpoint_with_strength(make_engine: Any) -> None:
 @respx.mock
 async def test_polish_at_the_drafts_size_is_a_same_size_refine(engine: StabilityEngine) -> None:
     route = respx.post(SD3).mock(return_value=ok())
-    result = await engine.run(polish(scale=None, width=64, height=64, creativity=0.9), NullProgress(), CancelToken())
+    result = await engine.run(polish(scale=None, width=64, height=64, creativity=0.1), NullProgress(), CancelToken())
     assert route.call_count == 1 and result.images[0].image.size == (64, 64)
+    fields, _ = multipart(route.calls.last.request)
+    assert fields["strength"] == "0.1"  # the user's creativity: it was the default strength, 0.55
 
 
 @respx.mock
