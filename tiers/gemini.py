@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from orchestrator.errors import ContentFiltered, EngineError, EngineUnavailable, NoPrice, RateLimited
+from orchestrator.errors import BadEngineInput, ContentFiltered, EngineError, EngineUnavailable, NoPrice, RateLimited
 from tiers._cloud import CloudEngine, paid_calls, reading_an_answer
 from tiers._http import RemoteClient, error_text
 from tiers._images import b64decode_tolerant, b64encode, decode_image, encode_image, nearest_aspect, size_class
@@ -63,10 +63,20 @@ class GeminiEngine(CloudEngine):
 
     def estimate(self, req: RenderRequest) -> int:
         size = size_class(req.width, req.height)
+        if size != "1K" and not self._sized():
+            # The 2.5 model takes no imageSize and answers about 1K whatever was asked: a 2K
+            # polish came back at its source's size. Refused here, routing takes an engine that can.
+            raise BadEngineInput(f"{self.name}: {self._model} makes images of about 1024 px on the long side, "
+                                 f"smaller than the {req.width}x{req.height} asked", retryable=True,
+                                 details={"engine": self.name, "width": req.width, "height": req.height})
         per_image = self._prices.millicredits(self._model, size) + self._output_allowance()
         input_tokens = INPUT_IMAGE_TOKENS + len(req.prompt) // 4 + 64
         per_input = math.ceil(input_tokens * self._token_rate("input_tokens_per_million") / 1e6)
         return req.n * (per_image + per_input)
+
+    def _sized(self) -> bool:
+        """Whether the model takes `imageSize` (1K/2K/4K); the 2.5 generation makes 1K only."""
+        return not self._model.startswith("gemini-2.5")
 
     def _output_allowance(self) -> int:
         return math.ceil(OUTPUT_TOKEN_ALLOWANCE * self._token_rate("output_tokens_per_million") / 1e6)
@@ -102,7 +112,7 @@ class GeminiEngine(CloudEngine):
             data = encode_image(req.init_image, fmt="PNG", max_bytes=MAX_INLINE_BYTES, max_side=2048)
             parts.append({"inline_data": {"mime_type": "image/png", "data": b64encode(data)}})
         image_config: dict[str, Any] = {"aspectRatio": nearest_aspect(width, height, ASPECTS)}
-        if not self._model.startswith("gemini-2.5"):
+        if self._sized():
             image_config["imageSize"] = size_class(width, height)
         return {
             "contents": [{"parts": parts}],

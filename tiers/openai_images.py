@@ -92,6 +92,13 @@ class OpenAIImagesEngine(CloudEngine):
 
     def estimate(self, req: RenderRequest) -> int:
         size = image_size(req.width, req.height)
+        made = tuple(int(side) for side in size.split("x"))
+        if made[0] < req.width or made[1] < req.height:
+            # Its three sizes are all it makes: a 1536x1536 polish came back 1024x1024, no larger
+            # than its source, and paid for. Refused here, routing takes an engine that can.
+            raise BadEngineInput(f"{self.name}: makes {size} at most at this aspect, smaller than the "
+                                 f"{req.width}x{req.height} asked", retryable=True,
+                                 details={"engine": self.name, "width": req.width, "height": req.height})
         per_image = self._prices.millicredits(self._model, f"{quality(req)}-{size}")
         try:
             image_rate = self._prices.millicredits(self._model, "input_image_tokens_per_million")

@@ -164,6 +164,16 @@ def test_estimate_by_size_and_unknown_model(make_ctx: Any) -> None:
         unknown.estimate(bridge())
 
 
+def test_the_2_5_model_is_not_asked_for_more_than_the_1k_it_makes(make_ctx: Any) -> None:
+    # It takes no imageSize: a 2048 polish came back at about 1024, its source's size, and paid for.
+    legacy = GeminiEngine(make_ctx(gemini_api_key="k", gemini_model="gemini-2.5-flash-image"))
+    with pytest.raises(BadEngineInput, match="smaller than the 2048x2048 asked") as info:
+        legacy.estimate(bridge(width=2048, height=2048))
+    assert info.value.retryable  # another engine may make it
+    assert legacy.estimate(bridge(width=1024, height=576)) > 0
+    assert GeminiEngine(make_ctx(gemini_api_key="k")).estimate(bridge(width=2048, height=2048)) > 0
+
+
 @respx.mock
 @pytest.mark.parametrize(("model", "width", "tokens"), [
     # providers.md: image tokens 1120/1680/2520 (3.1-flash 1K/2K/4K), 1120 (3-pro 1K/2K), 1290 (2.5-flash);

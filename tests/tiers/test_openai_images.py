@@ -236,6 +236,16 @@ def test_estimate_by_quality_and_size_and_unknown_model(make_ctx: Any) -> None:
         unknown.estimate(bridge())
 
 
+def test_a_size_larger_than_its_three_is_refused_before_any_hold(make_ctx: Any) -> None:
+    # Routing kept it for a 1536x1536 polish (within max_width), and the answer was 1024x1024.
+    eng = OpenAIImagesEngine(make_ctx(openai_api_key="k"))
+    for width, height in ((1536, 1536), (1200, 1200), (1024, 1200)):
+        with pytest.raises(BadEngineInput, match=f"smaller than the {width}x{height} asked") as info:
+            eng.estimate(bridge(width=width, height=height))
+        assert info.value.retryable  # another engine may make it
+    assert eng.estimate(bridge(width=1536, height=864)) > 0  # made at 1536x1024: at least as large
+
+
 @respx.mock
 async def test_the_hold_covers_answers_that_come_back_short(engine: OpenAIImagesEngine) -> None:
     # Three images asked for, one per answer: three calls, each paying for the draft again.
