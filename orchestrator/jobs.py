@@ -465,8 +465,8 @@ class JobService:
         raise JobFinished(f"job '{job_id}' already {job.status}", details={"status": job.status})
 
     def money(self, job_ids: list[str]) -> dict[str, tuple[int, int]]:
-        """(held, charged) millicredits per job."""
-        with self.db.session() as s:
+        """(held, charged) millicredits per job, as of one moment (two sums: see `Database.snapshot`)."""
+        with self.db.snapshot() as s:
             return self.ledger.job_totals(s, job_ids)
 
 

@@ -424,6 +424,43 @@ def test_spend_is_summed_by_postgres_as_by_sqlite(pg_api: httpx.Client) -> None:
         assert report["total"] == 2 * PRICE
 
 
+def _a_held_job(db: Database, ledger: Ledger) -> tuple[str, str]:
+    """A project with a budget and a running job holding 10 credits of it."""
+    project_id, job_id = new_id("prj"), new_id("job")
+    with db.transaction() as s:
+        s.add(Project(id=project_id, name="dashboard", policy=POLICY, budget_limit=100_000, budget_period="none"))
+        s.flush()
+        s.add(Job(id=job_id, project_id=project_id, stage="bridge", engine="fake-paid", model="m",
+                  status="running", params={}, estimated=10_000))
+        s.flush()
+        job = s.get(Job, job_id)
+        assert job is not None
+        ledger.hold(s, s.get(Project, project_id), job, 10_000)  # type: ignore[arg-type]
+    return project_id, job_id
+
+
+@contextlib.contextmanager
+def _captured_between_two_sums(db: Database, ledger: Ledger, job_id: str) -> Iterator[list[bool]]:
+    """The job ends, on another connection, right after the first sum the block reads."""
+    captured: list[bool] = []
+
+    def capture_after_the_first_sum(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if captured or "sum(" not in statement.lower():
+            return
+        captured.append(True)
+        with db.transaction() as other:
+            finished = other.get(Job, job_id)
+            assert finished is not None
+            ledger.capture(other, finished, None)
+
+    event.listen(db.engine, "after_cursor_execute", capture_after_the_first_sum)
+    try:
+        yield captured
+    finally:
+        event.remove(db.engine, "after_cursor_execute", capture_after_the_first_sum)
+    assert captured
+
+
 def test_a_balance_is_read_as_of_one_moment_on_postgres(postgres_url: str) -> None:
     """The balance adds up three sums. Under READ COMMITTED a capture that committed between the
     first (charged) and the second (held) counted in neither: 10 credits vanished from both, and
@@ -432,38 +469,31 @@ def test_a_balance_is_read_as_of_one_moment_on_postgres(postgres_url: str) -> No
     db.migrate()
     ledger = Ledger()
     try:
-        project_id, job_id = new_id("prj"), new_id("job")
-        with db.transaction() as s:
-            s.add(Project(id=project_id, name="dashboard", policy=POLICY, budget_limit=100_000,
-                          budget_period="none"))
-            s.flush()
-            s.add(Job(id=job_id, project_id=project_id, stage="bridge", engine="fake-paid", model="m",
-                      status="running", params={}, estimated=10_000))
-            s.flush()
-            job = s.get(Job, job_id)
-            assert job is not None
-            ledger.hold(s, s.get(Project, project_id), job, 10_000)  # type: ignore[arg-type]
-        captured: list[bool] = []
-
-        def capture_after_the_first_sum(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-            if captured or "sum(" not in statement.lower():
-                return
-            captured.append(True)  # the job ends, on another connection, between two of the sums
-            with db.transaction() as other:
-                finished = other.get(Job, job_id)
-                assert finished is not None
-                ledger.capture(other, finished, None)
-
-        event.listen(db.engine, "after_cursor_execute", capture_after_the_first_sum)
-        with db.snapshot() as s:
+        project_id, job_id = _a_held_job(db, ledger)
+        with _captured_between_two_sums(db, ledger, job_id), db.snapshot() as s:
             project = s.get(Project, project_id)
             assert project is not None
             balance = ledger.balance(s, project)
-        event.remove(db.engine, "after_cursor_execute", capture_after_the_first_sum)
-        assert captured
         assert (balance.charged, balance.held) == (0, 10_000)  # as it was when the read began
         with db.snapshot() as s:
             after = ledger.balance(s, project)
         assert (after.charged, after.held) == (10_000, 0)
+    finally:
+        db.dispose()
+
+
+def test_a_job_s_cost_is_read_as_of_one_moment_on_postgres(postgres_url: str) -> None:
+    """A job's `held` and `charged` are two sums: a capture committed between them showed the
+    estimate as both, and a dashboard adding them counted 10 credits twice."""
+    db = Database(postgres_url)
+    db.migrate()
+    ledger = Ledger()
+    try:
+        _, job_id = _a_held_job(db, ledger)
+        jobs = SimpleNamespace(db=db, ledger=ledger)  # what JobService.money uses
+        with _captured_between_two_sums(db, ledger, job_id):
+            held, charged = JobService.money(jobs, [job_id])[job_id]  # type: ignore[arg-type]
+        assert (held, charged) == (10_000, 0)
+        assert JobService.money(jobs, [job_id])[job_id] == (0, 10_000)  # type: ignore[arg-type]
     finally:
         db.dispose()
