@@ -314,15 +314,17 @@ class JobService:
         if balance is not None:
             _within_budget(decision, balance)
         if max_credits is not None:
-            if decision.estimate > to_millicredits(max_credits):
+            # Told as the API tells credits (0.1 + 0.2 is 0.3, not 0.30000000000000004).
+            cap = to_millicredits(max_credits)
+            if decision.estimate > cap:
                 raise BudgetExceeded(
-                    f"the estimate ({to_credits(decision.estimate)} credits) is above max_credits ({max_credits})",
-                    details={"estimate": to_credits(decision.estimate), "max_credits": max_credits},
+                    f"the estimate ({to_credits(decision.estimate)} credits) is above max_credits ({to_credits(cap)})",
+                    details={"estimate": to_credits(decision.estimate), "max_credits": to_credits(cap)},
                 )
             # The cap holds for fallbacks too: the runner only tries candidates left unskipped.
             for candidate in decision.candidates:
-                if candidate.skipped is None and (candidate.estimate or 0) > to_millicredits(max_credits):
-                    candidate.skipped = f"estimate above max_credits ({max_credits})"
+                if candidate.skipped is None and (candidate.estimate or 0) > cap:
+                    candidate.skipped = f"estimate above max_credits ({to_credits(cap)})"
             decision.candidates.sort(key=lambda c: c.skipped is not None)  # usable ones first, as ever
         return decision
 

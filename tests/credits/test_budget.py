@@ -84,6 +84,9 @@ def test_max_credits_below_the_estimate_writes_nothing(api: httpx.Client) -> Non
     error = response.json()["error"]
     assert error["code"] == "budget_exceeded"
     assert error["details"] == {"estimate": PRICE, "max_credits": PRICE - 0.5}
+    # The cap as the API tells credits, not the float sent: 0.30000000000000004 was echoed as is.
+    error = promote(api, asset_id, max_credits=0.1 + 0.2).json()["error"]
+    assert error["details"]["max_credits"] == 0.3 and "above max_credits (0.3)" in error["message"]
     assert jobs_of(api, project_id, "bridge") == []
     assert ledger(api, project_id) == []
     assert budget(api, project_id)["available"] == 100
