@@ -175,7 +175,7 @@ def _rfc3339(value: Any) -> Any:
         # next one keeps it exact, for `from` (inclusive) as for `to` (exclusive).
         cut = value[:fraction.start(2)] + value[fraction.end(2):]
         try:
-            parsed = datetime.fromisoformat(cut)
+            parsed = datetime.fromisoformat(cut.upper())  # RFC 3339 allows a lower-case t and z; Python does not
         except ValueError:
             return value  # pydantic says what is wrong with it
         if not fraction.group(2).strip("0"):

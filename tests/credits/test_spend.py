@@ -74,6 +74,8 @@ def test_time_filter(api: httpx.Client, spent: dict[str, Any]) -> None:
     assert report(api, project_id, group_by="engine", to=at)["total"] > 0  # the first capture is before it
     after_first = report(api, project_id, group_by="engine", **{"from": at})
     assert after_first["total"] < 27.5 and after_first["from"].endswith("Z")
+    lower = report(api, project_id, group_by="engine", **{"from": at.replace("T", "t").replace("Z", "z")})
+    assert lower["from"] == after_first["from"]  # RFC 3339's lower-case letters: rounded up alike, not cut
     # Echoed as every time in the API is: UTC with a Z.
     offset = report(api, project_id, **{"from": "2000-01-01T00:00:00Z", "to": "2100-01-01T01:00:00+01:00"})
     assert (offset["from"], offset["to"]) == ("2000-01-01T00:00:00Z", "2100-01-01T00:00:00Z")
