@@ -222,18 +222,18 @@ class ArtifactStore:
         sha = hashlib.sha256(data).hexdigest()
         path = self.path_for(sha)
         try:
-            size = path.stat().st_size
+            # Compared whole, not by size: a flipped bit keeps the size. Only a repeated image
+            # (a seed made again) pays this read.
+            same = path.read_bytes() == data
         except FileNotFoundError:
-            size = None
-        except OSError:
-            size = len(data)  # cannot be looked at: as before, the utime below decides
-        if size is None:
             self.write_atomic(path, data)
             return sha
-        if size != len(data):
-            # A damaged copy (cut short by a crash of the disk, or by hand): the new row must not
-            # name it, and the earlier rows that do get their bytes back.
-            log.warning("asset file %s holds %d bytes, not %d: written again", path.name, size, len(data))
+        except OSError:
+            same = True  # cannot be read: as before, the utime below decides
+        if not same:
+            # A damaged copy (cut short by a crash of the disk, rotted, or edited by hand): the new
+            # row must not name it, and the earlier rows that do get their bytes back.
+            log.warning("asset file %s does not hold its image's bytes (damaged): written again", path.name)
             self.write_atomic(path, data)
             return sha
         try:
