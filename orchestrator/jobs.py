@@ -170,11 +170,14 @@ class JobService:
             asset = s.get(Asset, asset_id)
         if asset is None:
             raise NotFound(f"asset '{asset_id}' not found", details={"asset_id": asset_id})
-        if not self.store.path_for(asset.sha256).is_file():
-            # Refused now, not failed later: a job that can never run would also hold credits.
-            raise ContentUnavailable(f"asset '{asset_id}' has no content: its image file is missing from the store "
-                                     "(restore it from a backup)",
-                                     details={"asset_id": asset_id, "sha256": asset.sha256, "reason": "missing"})
+        try:
+            # Read whole, as the runner will: a job that can never run is refused now, not failed
+            # later (it would also hold credits). A damaged file keeps its size and its name.
+            self.store.get(asset.sha256)
+        except ContentUnavailable as exc:
+            what = "missing from" if exc.details.get("reason") == "missing" else "damaged in"
+            raise ContentUnavailable(f"asset '{asset_id}' has no content: its image file is {what} the store "
+                                     "(restore it from a backup)", details={"asset_id": asset_id, **exc.details}) from None
         return asset
 
     def _check_pending(self, s: Session, project: Project) -> None:
@@ -199,14 +202,17 @@ class JobService:
 
     # -- submitting --------------------------------------------------------------------------
 
-    def submit(self, prepared: Prepared, body: Body, *, engine: str | None, max_credits: float | None,
+    def submit(self, prepare: Callable[[], Prepared], body: Body, *, engine: str | None, max_credits: float | None,
                idempotency_key: str | None, scope: str) -> tuple[Job, bool]:
-        """Persist a new job; returns `(job, created)`. `created` is False for an idempotent replay."""
+        """Persist a new job; returns `(job, created)`. `created` is False for an idempotent replay.
+        `prepare` runs after the key's look-up: a replay answers what the first request got, even
+        where the request could not be prepared now (its source file gone, an engine's limit lowered)."""
         digest = idempotency.request_hash(body)
         if idempotency_key:
             replay = self._replay(idempotency_key, scope, digest)
             if replay is not None:
                 return replay, False
+        prepared = prepare()
         cache = getattr(body, "cache", True)
         try:
             decision = self.decide(prepared, engine, max_credits, cache=cache)

@@ -36,9 +36,9 @@ def create_drafts(project_id: str, body: DraftCreate, services: ServicesDep, cal
     project's policy says otherwise: nothing leaves the machine. Variation i is seeded `seed + i`.
     Follow the job with `GET /v1/jobs/{id}/events`; send an `Idempotency-Key` to retry safely."""
     caller.project(project_id)
-    prepared = services.jobs.prepare_draft(project_id, body)
-    job, created = services.jobs.submit(prepared, body, engine=body.engine, max_credits=None,
-                                        idempotency_key=idempotency_key, scope=request.url.path)
+    job, created = services.jobs.submit(lambda: services.jobs.prepare_draft(project_id, body), body, engine=body.engine,
+                                        max_credits=None, idempotency_key=idempotency_key,
+                                        scope=request.url.path)
     return _answer(services, job, created, response)
 
 
@@ -50,9 +50,9 @@ def promote(asset_id: str, body: PromoteBody, services: ServicesDep, caller: Cal
     makes the job (402 `budget_exceeded` when it does not fit or is above `max_credits`) and the
     actual cost captured once; `prompt` null keeps the source's. The job carries the source's tags."""
     check_asset(services, caller, asset_id)
-    prepared = services.jobs.prepare_promote(asset_id, body)
-    job, created = services.jobs.submit(prepared, body, engine=body.engine, max_credits=body.max_credits,
-                                        idempotency_key=idempotency_key, scope=request.url.path)
+    job, created = services.jobs.submit(lambda: services.jobs.prepare_promote(asset_id, body), body, engine=body.engine,
+                                        max_credits=body.max_credits, idempotency_key=idempotency_key,
+                                        scope=request.url.path)
     return _answer(services, job, created, response)
 
 
@@ -62,9 +62,9 @@ def polish(asset_id: str, body: PolishBody, services: ServicesDep, caller: Calle
     """The final render of an asset (stage `polish`): `scale`, or `width`/`height`, sets the size,
     `creativity` how far the engine may stray from the source. Held and charged as a promotion."""
     check_asset(services, caller, asset_id)
-    prepared = services.jobs.prepare_polish(asset_id, body)
-    job, created = services.jobs.submit(prepared, body, engine=body.engine, max_credits=body.max_credits,
-                                        idempotency_key=idempotency_key, scope=request.url.path)
+    job, created = services.jobs.submit(lambda: services.jobs.prepare_polish(asset_id, body), body, engine=body.engine,
+                                        max_credits=body.max_credits, idempotency_key=idempotency_key,
+                                        scope=request.url.path)
     return _answer(services, job, created, response)
 
 

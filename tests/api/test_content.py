@@ -10,7 +10,7 @@ import httpx
 
 from orchestrator.settings import Settings
 from orchestrator.store import ArtifactStore
-from tests.api import SMALL, create_project, run_draft, wait_for_job
+from tests.api import SMALL, create_project, run_draft
 
 SettingsFactory = Callable[..., Settings]
 
@@ -66,12 +66,15 @@ def test_a_damaged_file_is_never_served_as_the_image(
     # A client's copy is the image whatever became of the file: its revalidation still holds.
     kept = restarted.get(asset["content_url"], headers={"If-None-Match": f'"{asset["sha256"]}"'})
     assert kept.status_code == 304
-    # Nor is it sent to an engine as a bridge's seed: the job fails when it reads the file.
-    promoted = restarted.post(f"/v1/assets/{asset['id']}/promote", json={"engine": "local-hifi"})
-    assert promoted.status_code == 202, promoted.text
-    job = wait_for_job(restarted, promoted.json()["id"])
-    assert (job["status"], job["error"]["code"]) == ("failed", "engine_error"), job
-    assert "damaged in the store" in job["error"]["message"]
+    # Nor is it sent to an engine as a bridge's seed: refused at once, as a missing file is (it was
+    # accepted, held its estimate on a paid route, and failed when the job read it).
+    for stage in ("promote", "polish"):
+        refused = restarted.post(f"/v1/assets/{asset['id']}/{stage}", json={"engine": "local-hifi"})
+        assert refused.status_code == 500 and refused.json()["error"]["code"] == "content_unavailable"
+        assert refused.json()["error"]["details"] == {"asset_id": asset["id"], "sha256": asset["sha256"],
+                                                      "reason": "damaged"}
+        assert "damaged in the store" in refused.json()["error"]["message"]
+    assert restarted.get("/v1/jobs", params={"stage": "bridge"}).json()["items"] == []
     path.write_bytes(good)  # restored: served at once, the damaged bytes were never kept
     restored = restarted.get(asset["content_url"])
     assert restored.status_code == 200 and restored.content == good

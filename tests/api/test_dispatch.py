@@ -48,8 +48,8 @@ def queued_drafts_for(services: Services, project_id: str, count: int) -> list[s
         if s.get(Project, project_id) is None:
             s.add(Project(id=project_id, name="dispatch", policy="balanced"))
     body = DraftCreate(prompt="a lighthouse", n=1, width=64, height=64, steps=1)
-    return [services.jobs.submit(services.jobs.prepare_draft(project_id, body), body, engine=None, max_credits=None,
-                                 idempotency_key=None, scope="test")[0].id for _ in range(count)]
+    return [services.jobs.submit(lambda: services.jobs.prepare_draft(project_id, body), body, engine=None,
+                                 max_credits=None, idempotency_key=None, scope="test")[0].id for _ in range(count)]
 
 
 def statuses(services: Services, job_ids: list[str]) -> list[str]:
@@ -296,7 +296,7 @@ def test_a_job_committed_later_never_sorts_before_a_cursor(services: Services,
     monkeypatch.setattr(services.jobs, "_new_job", slow_new_job)
 
     def submit() -> Job:
-        job, _ = services.jobs.submit(services.jobs.prepare_draft(project_id, body), body, engine=None,
+        job, _ = services.jobs.submit(lambda: services.jobs.prepare_draft(project_id, body), body, engine=None,
                                       max_credits=None, idempotency_key=None, scope="test")
         return job
 
@@ -319,11 +319,11 @@ def test_idempotency_keys_outlive_their_ttl_while_the_job_is_unfinished(services
     with services.db.transaction() as s:
         s.add(Project(id=project_id, name="keys", policy="balanced"))
     body = DraftCreate(prompt="a lighthouse", n=1, width=64, height=64, steps=1)
-    job, _ = services.jobs.submit(services.jobs.prepare_draft(project_id, body), body, engine=None,
+    job, _ = services.jobs.submit(lambda: services.jobs.prepare_draft(project_id, body), body, engine=None,
                                   max_credits=None, idempotency_key="k-1", scope="test")
     later = utcnow() + idempotency.TTL + timedelta(hours=1)
     assert idempotency.forget_expired(services.db, now=later) == 0
-    again, created = services.jobs.submit(services.jobs.prepare_draft(project_id, body), body, engine=None,
+    again, created = services.jobs.submit(lambda: services.jobs.prepare_draft(project_id, body), body, engine=None,
                                           max_credits=None, idempotency_key="k-1", scope="test")
     assert (again.id, created) == (job.id, False)
     assert services.jobs.cancel_queued(job.id)

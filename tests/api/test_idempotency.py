@@ -7,6 +7,7 @@ import asyncio
 import http.client
 import json
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -21,7 +22,9 @@ from orchestrator.models import Job, Project
 from orchestrator.routing import Decision
 from orchestrator.schemas import DraftCreate
 from orchestrator.services import Services
-from tests.api import SMALL, assert_error, create_project, job_count, wait_for_job
+from orchestrator.settings import Settings
+from orchestrator.store import ArtifactStore
+from tests.api import SMALL, assert_error, create_project, job_count, run_draft, wait_for_job
 from tests.conftest import SettingsFactory
 
 BODY: dict[str, Any] = {"prompt": "a lighthouse", "n": 1, "seed": 3, **SMALL}
@@ -72,6 +75,26 @@ def test_same_key_same_body_replays(server: httpx.Client) -> None:
     assert replay.json()["id"] == job_id
     assert replay.json()["status"] == "succeeded"
     assert job_count(server) == 1
+
+
+def test_a_replay_answers_whatever_became_of_the_source_since(
+        make_settings: SettingsFactory, start_server: Callable[[Settings], httpx.Client]) -> None:
+    # The request is prepared after the key's look-up: with the source's file gone, the retry of a
+    # polish that was accepted got a 500 instead of its job.
+    settings = make_settings(hifi_model="builtin:tiny-sd")
+    client = start_server(settings)
+    project = create_project(client)["id"]
+    draft = client.get(f"/v1/assets/{run_draft(client, project, n=1, seed=5, **SMALL)['assets'][0]}").json()
+    polish = {"scale": 1, "engine": "local-hifi"}
+    first = client.post(f"/v1/assets/{draft['id']}/polish", json=polish, headers={"Idempotency-Key": "polish-1"})
+    assert first.status_code == 202, first.text
+    wait_for_job(client, first.json()["id"], ("succeeded",))
+    ArtifactStore(settings.assets_dir).path_for(draft["sha256"]).unlink()
+    again = client.post(f"/v1/assets/{draft['id']}/polish", json=polish, headers={"Idempotency-Key": "polish-1"})
+    assert again.status_code == 202, again.text
+    assert again.json()["id"] == first.json()["id"] and again.headers["idempotent-replayed"] == "true"
+    fresh = client.post(f"/v1/assets/{draft['id']}/polish", json=polish, headers={"Idempotency-Key": "polish-2"})
+    assert_error(fresh, 500, "content_unavailable")  # a new request is still refused
 
 
 def test_same_key_other_body_conflicts(server: httpx.Client) -> None:
@@ -175,7 +198,7 @@ def test_a_twin_that_committed_first_is_replayed_even_when_routing_now_refuses(
         scope = f"/v1/projects/{project_id}/drafts"
 
         def submit(key: str) -> tuple[Job, bool]:
-            return services.jobs.submit(services.jobs.prepare_draft(project_id, body), body, engine=None,
+            return services.jobs.submit(lambda: services.jobs.prepare_draft(project_id, body), body, engine=None,
                                         max_credits=None, idempotency_key=key, scope=scope)
 
         twin: list[Job] = []  # A, once committed

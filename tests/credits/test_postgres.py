@@ -159,7 +159,7 @@ def test_one_idempotency_key_from_two_racing_requests_on_postgres(
 
         monkeypatch.setattr(JobService, "_replay_in", staticmethod(gated))
         with ThreadPoolExecutor(2) as pool:
-            futures = [pool.submit(services.jobs.submit, prepared, body, engine=None, max_credits=None,
+            futures = [pool.submit(services.jobs.submit, lambda: prepared, body, engine=None, max_credits=None,
                                    idempotency_key="race", scope="/race") for _ in range(2)]
             results = [f.result() for f in futures]
         assert len({job.id for job, _ in results}) == 1
@@ -209,7 +209,7 @@ def test_a_claim_waits_for_a_cancel_that_read_the_job_first_on_postgres(
         with services.db.transaction() as s:
             s.add(Project(id="prj_cancel", name="cancel", policy=POLICY))
         body = DraftCreate(prompt="race", n=1, width=64, height=64, steps=1, seed=1)
-        job, _ = services.jobs.submit(services.jobs.prepare_draft("prj_cancel", body), body, engine=None,
+        job, _ = services.jobs.submit(lambda: services.jobs.prepare_draft("prj_cancel", body), body, engine=None,
                                       max_credits=None, idempotency_key=None, scope="/race")
         claims: list[object] = []
         workers: list[threading.Thread] = []

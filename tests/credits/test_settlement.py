@@ -123,14 +123,24 @@ def test_a_cost_reported_for_a_job_estimated_free_is_spend(api: httpx.Client) ->
     assert len(ledger(api, project_id)) == 1
 
 
-def test_a_source_image_that_cannot_be_read_releases_the_hold(api: httpx.Client, paid_settings: Settings) -> None:
-    """Damaged on disk (the promote checks only that the file is there): the job fails before
+def test_a_source_image_that_cannot_be_read_releases_the_hold(api: httpx.Client, paid_settings: Settings,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Damaged on disk after the promote read it, while the job waited: the job fails before
     anything is sent, so the provider charged nothing (it was once captured as an unknown charge)."""
     project_id = create_project(api, {"limit": 100, "period": "month"})
     asset_id = make_draft(api, project_id, seed=424242)  # bytes no other test's draft shares
-    path = ArtifactStore(paid_settings.assets_dir).path_for(get_json(api, f"/v1/assets/{asset_id}")["sha256"])
-    path.chmod(0o644)
-    path.write_bytes(b"not a png")
+    sha = get_json(api, f"/v1/assets/{asset_id}")["sha256"]
+    path = ArtifactStore(paid_settings.assets_dir).path_for(sha)
+    read = ArtifactStore.get
+
+    def read_then_damage(store: ArtifactStore, wanted: str) -> bytes:
+        data = read(store, wanted)
+        if wanted == sha:  # the promote's check has its bytes; the job will not
+            path.chmod(0o644)
+            path.write_bytes(b"not a png")
+        return data
+
+    monkeypatch.setattr(ArtifactStore, "get", read_then_damage)
     job = wait_for_job(api, promote_ok(api, asset_id)["id"])
     assert job["status"] == "failed" and job["error"]["code"] == "engine_error", job
     assert "the source image" in job["error"]["message"] and "could not be read" in job["error"]["message"]
