@@ -177,7 +177,8 @@ class JobService:
         except ContentUnavailable as exc:
             what = "missing from" if exc.details.get("reason") == "missing" else "damaged in"
             raise ContentUnavailable(f"asset '{asset_id}' has no content: its image file is {what} the store "
-                                     "(restore it from a backup)", details={"asset_id": asset_id, **exc.details}) from None
+                                     "(restore it from a backup)",
+                                     details={"asset_id": asset_id, **exc.details}) from None
         return asset
 
     def _check_pending(self, s: Session, project: Project) -> None:
