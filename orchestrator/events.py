@@ -7,17 +7,20 @@ that connects late gets the current state first and then live events, without th
 replaying every step. A job this process does not run (it ran before a restart, or another
 process runs it) is described from its row instead (see `orchestrator.follow`).
 
-Event ids are `<process tag>-<n>`: n counts up across all of this process's streams, and the tag
-is drawn at random when the process starts. A reconnecting client's `Last-Event-ID` resumes the
-stream only when it came from this very process; an id of another API server behind the same load
-balancer, of an earlier process, or garbage gets the whole state again rather than missing an
-event (numbers alone cannot tell processes apart: their counters overlap). A terminal event's id
-ends in `-end.<job mark>`: any process can tell that such a client has the end of this job's story
-(a job ends once) and answer 204, so a browser moving between API servers does not get the terminal
-event twice. (Ids of versions before the mark, `-end` alone, get the whole state again once.)
+Event ids are `<process tag>-<n>.<job mark>`: n counts up across all of this process's streams,
+the tag is drawn at random when the process starts, and the mark binds the id to its job. A
+reconnecting client's `Last-Event-ID` resumes the stream only when it came from this very process
+for this very job; an id of another API server behind the same load balancer, of an earlier
+process, of another job (a client reusing its header: resuming after it skipped this job's events
+numbered below it), or garbage gets the whole state again rather than missing an event (numbers
+alone cannot tell processes apart: their counters overlap). A terminal event's id is
+`<tag>-<n>-end.<job mark>`: any process can tell that such a client has the end of this job's
+story (a job ends once) and answer 204, so a browser moving between API servers does not get the
+terminal event twice. (Ids of versions before the mark get the whole state again once.)
 
 A stream nobody watches is dropped after `HISTORY_TTL` without an event (unless `pinned`: a job
-this process runs), and rebuilt from the job's row when asked for.
+this process runs), and rebuilt from the job's row when asked for, with new numbers: a client
+resuming it then gets its state again (queued, started, assets), but never its end twice.
 """
 
 from __future__ import annotations
@@ -30,11 +33,12 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 TERMINAL = frozenset({"succeeded", "failed", "canceled"})
-# A terminal event's id: `<tag>-<n>-end.<job mark>`. The job mark binds it to its job, for the
-# processes that did not send it and cannot tell by the count (see `EventBus.foreign_end`).
+# A terminal event's id: `<tag>-<n>-end.<job mark>` (any other's `<tag>-<n>.<job mark>`). The job
+# mark binds it to its job, for the processes that did not send it and cannot tell by the count
+# (see `EventBus.foreign_end`), and for this one, whose count is shared by all its jobs.
 END_MARK = "-end"
 # Finished jobs keep their history this long, for clients that connect just after the end; so do
 # unfinished ones without a client or an event (queued behind others, or run by another process).
@@ -54,12 +58,21 @@ def job_mark(job_id: str) -> str:
     return hashlib.sha256(job_id.encode()).hexdigest()[:8]
 
 
-def split_id(event_id: str | None) -> tuple[str, str, str | None]:
-    """(process tag, count, job mark) of an event id; the mark is None for an id that is not a
-    terminal event's, and empty for one whose mark is missing."""
-    body, ended, mark = (event_id or "").partition(END_MARK)
-    tag, _, count = body.partition("-")
-    return tag, count, mark.removeprefix(".") if ended else None
+class EventRef(NamedTuple):
+    """The parts of an event id a client sends back: its process tag, number, job mark (empty
+    when missing) and whether it is a terminal event's."""
+
+    tag: str
+    number: str
+    mark: str
+    end: bool
+
+
+def split_id(event_id: str | None) -> EventRef:
+    body, _, mark = (event_id or "").partition(".")
+    end = body.endswith(END_MARK)
+    tag, _, number = body.removesuffix(END_MARK).partition("-")
+    return EventRef(tag, number, mark, end)
 
 
 @dataclass(frozen=True)
@@ -72,8 +85,8 @@ class Event:
 
     def sse(self) -> str:
         data = json.dumps(self.data, separators=(",", ":"))
-        end = f"{END_MARK}.{job_mark(self.job_id)}" if self.type in TERMINAL else ""
-        return f"id: {self.tag}-{self.id}{end}\nevent: {self.type}\ndata: {data}\n\n"
+        end = END_MARK if self.type in TERMINAL else ""
+        return f"id: {self.tag}-{self.id}{end}.{job_mark(self.job_id)}\nevent: {self.type}\ndata: {data}\n\n"
 
 
 @dataclass(frozen=True)
@@ -157,14 +170,16 @@ class EventBus:
         """The count of the event a reconnecting client has seen, or 0 when the id is not one
         this process sent for this job (another process's, another job's, a malformed header):
         that client gets the whole state again."""
-        tag, count, _ = split_id(last_event_id)
-        if tag != self.tag or not (count.isascii() and count.isdigit()) or len(count) > 18:
+        ref = split_id(last_event_id)
+        if ref.tag != self.tag or not (ref.number.isascii() and ref.number.isdigit()) or len(ref.number) > 18:
             return 0
-        seen = int(count)
+        if job_id is not None and ref.mark and ref.mark != job_mark(job_id):
+            return 0  # another job's: its count says nothing of which of this job's events were sent
+        seen = int(ref.number)
         stream = self._jobs.get(job_id) if job_id is not None else None
         if stream is not None:
-            # Past this job's latest event, the id is another job's: resuming from it would
-            # skip everything this job has said, down to an empty stream for a finished one.
+            # Past this job's latest event, the id is another job's (one without a mark): resuming
+            # from it would skip everything this job has said, down to an empty stream for a finished one.
             latest = max((e.id for e in stream.snapshot()), default=0)
             if stream.latest_progress is not None:
                 latest = max(latest, stream.latest_progress.id)
@@ -177,20 +192,21 @@ class EventBus:
         stream = self._jobs.get(job_id)
         if not last_event_id or stream is None or stream.finished_at is None:
             return False
-        # An id this process sent must be this job's terminal event (with its mark or, from a
-        # client that dropped it, without): another job's (a client reusing its header) or a
-        # made-up one gets the state, terminal event included. Another process's needs the mark
-        # of this job.
-        tag, count, mark = split_id(last_event_id)
-        if tag == self.tag:
-            return bool(stream.history) and count == str(stream.history[-1].id)
-        return mark == job_mark(job_id)
+        # A terminal event's id with this job's mark, from any process: a job ends once (this
+        # process's own count does not do, once the stream was dropped and rebuilt with new numbers).
+        # Without the mark (a client that dropped it), only this process's id of its terminal event.
+        # Another job's end (a client reusing its header) or a made-up id gets the state, terminal
+        # event included.
+        ref = split_id(last_event_id)
+        if ref.mark:
+            return ref.end and ref.mark == job_mark(job_id)
+        return ref.tag == self.tag and bool(stream.history) and ref.number == str(stream.history[-1].id)
 
     def foreign_end(self, job_id: str, last_event_id: str | None) -> bool:
         """Whether the id is another process's terminal event of this job: the job may have ended
         there before this process has heard of it (see `ended_before`), so its row decides."""
-        tag, _, mark = split_id(last_event_id)
-        return bool(last_event_id) and tag != self.tag and mark == job_mark(job_id)
+        ref = split_id(last_event_id)
+        return bool(last_event_id) and ref.tag != self.tag and ref.end and ref.mark == job_mark(job_id)
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop

@@ -20,9 +20,9 @@ from tests.api import SLOW, SSE, TERMINAL, create_project, iter_sse, read_events
 
 def count(event_id: str | None) -> int:
     """An event id's place in its process's count (`<process tag>-<n>`)."""
-    tag, n, _ = split_id(event_id)
-    assert tag and n.isdigit(), event_id
-    return int(n)
+    ref = split_id(event_id)
+    assert ref.tag and ref.number.isdigit(), event_id
+    return int(ref.number)
 
 
 def assert_ids_increase(events: list[SSE]) -> None:
@@ -255,6 +255,36 @@ def test_only_the_process_that_sent_an_id_resumes_after_it() -> None:
     assert first.resume_after(sent) == 2
     assert second.resume_after(sent) == 0
     assert first.resume_after(f"{first.tag}-3") == 0  # not sent yet: not a place to resume from
+
+
+def sent_id(bus: EventBus, job_id: str, index: int) -> str:
+    return bus._jobs[job_id].history[index].sse().split("\n")[0].removeprefix("id: ")
+
+
+def test_another_job_s_id_of_this_process_resumes_nothing() -> None:
+    # Two jobs interleave on one count: job_a's `started` (3) is past job_b's `queued` (2), and
+    # resuming job_b after it dropped that event.
+    bus = EventBus()
+    for job_id, type_ in (("job_a", "queued"), ("job_b", "queued"), ("job_a", "started"), ("job_b", "started")):
+        bus.publish(job_id, type_, {})
+    assert bus.resume_after(sent_id(bus, "job_a", 1), "job_b") == 0
+    assert bus.resume_after(sent_id(bus, "job_b", 0), "job_b") == 2  # its own: resumed after it
+    assert bus.resume_after(sent_id(bus, "job_b", 0).partition(".")[0], "job_b") == 2  # a mark dropped
+
+
+def test_a_job_s_end_is_told_once_after_its_stream_is_rebuilt() -> None:
+    # Dropped after HISTORY_TTL and rebuilt from the row with new numbers: the client holding the
+    # old terminal id got the whole story again, a second `succeeded`, instead of a 204.
+    bus = EventBus()
+    bus.publish("job_x", "queued", {})
+    bus.publish("job_x", "succeeded", {})
+    end = sent_id(bus, "job_x", -1)
+    del bus._jobs["job_x"]
+    bus.publish("job_y", "queued", {})
+    bus.publish("job_x", "queued", {})  # what catch_up tells from the row
+    bus.publish("job_x", "succeeded", {})
+    assert bus.ended_before("job_x", end)
+    assert not bus.ended_before("job_y", end) and not bus.ended_before("job_x", sent_id(bus, "job_x", 0))
 
 
 def test_subscribing_to_an_expired_history_ends_at_once() -> None:
