@@ -251,6 +251,15 @@ def test_an_empty_query_value_is_a_parameter_left_out(shared_server: httpx.Clien
     assert stable(filled.json()) == stable(shared_server.get(f"{url}?{'&'.join(plain)}").json())
 
 
+@pytest.mark.parametrize("query", ["status=succeeded&status=canceled", "limit=1&limit=3",
+                                   "stage=bridge&%73tage=polish", "status=&status=queued&status=queued"])
+def test_a_parameter_given_twice_is_refused(shared_server: httpx.Client, query: str) -> None:
+    # The last value silently won: ?status=succeeded&status=canceled listed the canceled jobs only.
+    error = assert_error(shared_server.get(f"/v1/jobs?{query}"), 422, "invalid_request")
+    assert error["details"]["parameter"] in ("status", "limit", "stage")
+    assert shared_server.get("/v1/jobs?status=&status=queued").status_code == 200  # a blank is no value
+
+
 def stable(body: dict[str, Any]) -> Any:
     """A listing without what a job other tests left running changes between two reads."""
     if "items" in body and "next_cursor" in body:
