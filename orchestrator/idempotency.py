@@ -3,7 +3,8 @@ first one made, and makes nothing new.
 
 A key is scoped by the request path, so one client key can serve several endpoints. The row keeps
 a hash of the body (the same key with another body is a 409) and what the request created: a job,
-a project, or a grant's ledger entry. The caller looks the key up a second time inside its write
+a project, a grant's ledger entry, or a project key (whose secret cannot be shown again: its
+replay is a 409 that names it). The caller looks the key up a second time inside its write
 transaction, after the lock that serialises its kind of write; on PostgreSQL two first requests
 racing past that look-up meet at the primary key instead (`IntegrityError`: read it again).
 """
@@ -41,11 +42,12 @@ def recall(s: Session, key: str, scope: str, digest: str) -> IdempotencyKey | No
 
 
 def remember(s: Session, key: str, scope: str, digest: str, *, job_id: str | None = None,
-             project_id: str | None = None, ledger_entry_id: int | None = None) -> None:
-    if sum(x is not None for x in (job_id, project_id, ledger_entry_id)) != 1:
+             project_id: str | None = None, ledger_entry_id: int | None = None,
+             api_key_id: str | None = None) -> None:
+    if sum(x is not None for x in (job_id, project_id, ledger_entry_id, api_key_id)) != 1:
         raise ValueError("an idempotency key records exactly one created thing")
     s.add(IdempotencyKey(key=key, scope=scope, request_hash=digest, job_id=job_id, project_id=project_id,
-                         ledger_entry_id=ledger_entry_id))
+                         ledger_entry_id=ledger_entry_id, api_key_id=api_key_id))
 
 
 def forget_expired(db: Database, now: datetime | None = None) -> int:

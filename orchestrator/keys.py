@@ -14,8 +14,9 @@ import secrets
 
 from sqlmodel import col, select
 
+from orchestrator import idempotency
 from orchestrator.db import Database
-from orchestrator.errors import NotFound
+from orchestrator.errors import Conflict, NotFound
 from orchestrator.ids import new_id
 from orchestrator.models import ApiKey, utcnow
 
@@ -28,13 +29,26 @@ def sha256(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
-def create(db: Database, project_id: str, name: str) -> tuple[ApiKey, str]:
-    """A new key of the project and its secret (the only time the secret exists in clear)."""
+def create(db: Database, project_id: str, name: str,
+           idempotent: tuple[str, str, str] | None = None) -> tuple[ApiKey, str]:
+    """A new key of the project and its secret (the only time the secret exists in clear).
+    `idempotent` is the request's (Idempotency-Key, scope, body hash): sent again, the request
+    makes no second key, and its answer cannot hold the secret either: a 409 names the key made."""
     secret = SECRET_PREFIX + secrets.token_urlsafe(32)
     key = ApiKey(id="", project_id=project_id, name=name, prefix=secret[:SHOWN_PREFIX], secret_sha256=sha256(secret))
-    with db.transaction() as s:
+    with db.transaction() as s:  # the write lock first: of two racing first requests, one makes the key
+        earlier = idempotency.recall(s, *idempotent) if idempotent else None
+        if earlier is not None:
+            made = earlier.api_key_id
+            raise Conflict(
+                f"this Idempotency-Key already made key '{made}', whose secret was shown only in that answer: "
+                "if it was lost, revoke that key and make another with a new Idempotency-Key",
+                details={"key_id": made, "idempotency_key": idempotent[0] if idempotent else None})
         key.id = new_id("key")  # made under the write lock: ids are the list's cursors
         s.add(key)
+        if idempotent:
+            s.flush()  # the key's row before the row that names it
+            idempotency.remember(s, *idempotent, api_key_id=key.id)
     return key, secret
 
 

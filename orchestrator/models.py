@@ -136,8 +136,8 @@ class Asset(SQLModel, table=True):
 
 
 class IdempotencyKey(SQLModel, table=True):
-    """A creating POST's key: the body it came with and what it made, a job, a project or a grant
-    (one of the three columns; kept at least 48 h, see `orchestrator.idempotency`)."""
+    """A creating POST's key: the body it came with and what it made, a job, a project, a grant or
+    a project key (one of the four columns; kept at least 48 h, see `orchestrator.idempotency`)."""
 
     __tablename__ = "idempotency_keys"
 
@@ -147,6 +147,7 @@ class IdempotencyKey(SQLModel, table=True):
     job_id: str | None = Field(default=None, foreign_key="jobs.id", max_length=40)
     project_id: str | None = Field(default=None, foreign_key="projects.id", max_length=40)
     ledger_entry_id: int | None = Field(default=None, foreign_key="ledger_entries.id")
+    api_key_id: str | None = Field(default=None, foreign_key="api_keys.id", max_length=40)
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime, nullable=False, index=True)
 
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel, Field
 
-from orchestrator import keys
-from orchestrator.api.deps import CallerDep, ServicesDep
+from orchestrator import idempotency, keys
+from orchestrator.api.deps import CallerDep, IdempotencyKey, ServicesDep
 from orchestrator.api.errors import documented
 from orchestrator.errors import Conflict, NotFound
 from orchestrator.ids import id_cursor
@@ -51,15 +51,18 @@ def _admin_project(services: ServicesDep, caller: CallerDep, project_id: str) ->
 
 @router.post("/projects/{project_id}/keys", status_code=201, response_model=KeyCreated,
              responses=documented(403, 404, 409, 413, 415))
-def create_key(project_id: str, body: KeyCreate, services: ServicesDep, caller: CallerDep,
-               response: Response) -> KeyCreated:
+def create_key(project_id: str, body: KeyCreate, services: ServicesDep, caller: CallerDep, request: Request,
+               response: Response, idempotency_key: IdempotencyKey = None) -> KeyCreated:
     """Make a key that reaches this project only. Its secret is in this answer and nowhere else:
-    store it now. (No `Idempotency-Key` here: a replay could not show the secret again.)"""
+    store it now. Sent again with its `Idempotency-Key`, the request makes no second key; as the
+    secret cannot be shown again, the answer is a 409 naming the key made (revoke it if the secret
+    was lost)."""
     _admin_project(services, caller, project_id)
     if services.settings.admin_key is None:
         raise Conflict("project keys need ORCH_ADMIN_KEY: without it the API is open to everyone, and a "
                        "project key would restrict nothing")
-    key, secret = keys.create(services.db, project_id, body.name)
+    idempotent = (idempotency_key, request.url.path, idempotency.request_hash(body)) if idempotency_key else None
+    key, secret = keys.create(services.db, project_id, body.name, idempotent)
     response.headers["Location"] = f"/v1/projects/{project_id}/keys/{key.id}"
     return KeyCreated(**_public(key).model_dump(), key=secret)
 

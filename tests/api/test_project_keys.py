@@ -58,6 +58,21 @@ def test_a_key_is_shown_once_and_listed_without_its_secret(world: World) -> None
     assert world.admin.get(f"/v1/projects/{world.b}/keys").json()["items"] == []
 
 
+def test_a_retried_key_request_makes_no_second_key(world: World) -> None:
+    # A pipeline retrying after a timeout made a second live key whose secret it never saw.
+    url, body = f"/v1/projects/{world.b}/keys", {"name": "ci"}
+    first = world.admin.post(url, json=body, headers={"Idempotency-Key": "mk-1"})
+    assert first.status_code == 201, first.text
+    again = world.admin.post(url, json=body, headers={"Idempotency-Key": "mk-1"})
+    error = assert_error(again, 409, "conflict")
+    assert error["details"] == {"key_id": first.json()["id"], "idempotency_key": "mk-1"}
+    assert "key" not in again.json()  # the secret is never shown twice
+    assert_error(world.admin.post(url, json={"name": "other"}, headers={"Idempotency-Key": "mk-1"}),
+                 409, "idempotency_conflict")
+    assert [k["id"] for k in world.admin.get(url).json()["items"]] == [first.json()["id"]]
+    assert world.admin.post(url, json=body, headers={"Idempotency-Key": "mk-2"}).status_code == 201
+
+
 def test_a_key_works_on_its_own_project(world: World) -> None:
     mine, a = world.mine, world.a
     assert mine.get(f"/v1/projects/{a}").json()["name"] == "A"
