@@ -117,6 +117,33 @@ def few_step_scheduler(scheduler: Any, model: str) -> Any:
                                               prediction_type=predicts)
 
 
+def prompt_overflow(pipe: Any, prompt: str) -> tuple[int, int] | None:
+    """(the prompt's tokens, the tokens the text encoder reads), both without the start and end
+    markers, when the prompt is longer than the encoder's window; else None."""
+    tokenizers = [getattr(pipe, name, None) for name in ("tokenizer", "tokenizer_2", "tokenizer_3")]
+    present = [t for t in tokenizers if t is not None]
+    if not present or any(not type(t).__name__.startswith("CLIPTokenizer") for t in present):
+        return None  # a T5 encoder (SD3, FLUX, PixArt) reads far more, up to a window of its own
+    tokenizer = present[0]  # SDXL's two CLIP encoders read the same 77; its refiner has the second only
+    window = getattr(tokenizer, "model_max_length", None)
+    if not isinstance(window, int) or window > 100_000:  # unset: transformers' "very large"
+        return None
+    if len(prompt.encode()) + 2 <= window:
+        return None  # a byte-level BPE token covers at least one byte: no need to tokenize
+    tokens = len(tokenizer(prompt, truncation=False).input_ids)
+    return (tokens - 2, window - 2) if tokens > window else None
+
+
+def tell_prompt_overflow(pipe: Any, prompt: str, progress: Progress, notes: list[str]) -> None:
+    """The text encoder reads a fixed window: the rest of the prompt has no effect, and the client
+    would otherwise never know (diffusers only logs it). Told in the notes and a `prompt_truncated`
+    state event, on drafts as on bridge and polish."""
+    overflow = prompt_overflow(pipe, prompt)
+    if overflow is not None:
+        notes.append(f"the prompt is {overflow[0]} tokens long; the model read the first {overflow[1]}")
+        progress.state("prompt_truncated", tokens=overflow[0], read=overflow[1])
+
+
 def negative_prompt_arguments(pipe: Any, negative_prompt: str, progress: Progress, notes: list[str]) -> dict[str, Any]:
     """The pipeline call's `negative_prompt`, if it takes one. LCM's pipelines take none, and take
     any keyword without a word: a negative prompt given to them changed nothing while the image's

@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 from orchestrator.errors import BadEngineInput, Canceled
-from tiers._local import LocalEngine, lcm_schedule, negative_prompt_arguments
+from tiers._local import LocalEngine, lcm_schedule, negative_prompt_arguments, tell_prompt_overflow
 from tiers.base import (
     DEVICE_SECONDS,
     NOTES,
@@ -58,13 +58,8 @@ class LiteEngine(LocalEngine):
             raise BadEngineInput(f"steps: this LCM model takes at most {limit} (got {steps})",
                                  details={"field": "steps", "value": steps, "max": limit})
         guidance = self.defaults.guidance_scale if req.guidance_scale is None else req.guidance_scale
-        notes = []
-        overflow = prompt_overflow(pipe, req.prompt)
-        if overflow is not None:
-            # The text encoder reads a fixed window: the rest of the prompt has no effect, and the
-            # client would otherwise never know (diffusers only logs it).
-            notes.append(f"the prompt is {overflow[0]} tokens long; the model read the first {overflow[1]}")
-            progress.state("prompt_truncated", tokens=overflow[0], read=overflow[1])
+        notes: list[str] = []
+        tell_prompt_overflow(pipe, req.prompt, progress, notes)
         negative = negative_prompt_arguments(pipe, req.negative_prompt, progress, notes)
         batch = self.settings.lite_max_batch
         chunks = [list(range(start, min(start + batch, req.n))) for start in range(0, req.n, batch)]
@@ -108,22 +103,6 @@ class LiteEngine(LocalEngine):
                       **({NOTES: notes} if notes else {})},
         )
 
-
-def prompt_overflow(pipe: Any, prompt: str) -> tuple[int, int] | None:
-    """(the prompt's tokens, the tokens the text encoder reads), both without the start and end
-    markers, when the prompt is longer than the encoder's window; else None."""
-    tokenizers = [getattr(pipe, name, None) for name in ("tokenizer", "tokenizer_2", "tokenizer_3")]
-    present = [t for t in tokenizers if t is not None]
-    if not present or any(not type(t).__name__.startswith("CLIPTokenizer") for t in present):
-        return None  # a T5 encoder (SD3, FLUX, PixArt) reads far more, up to a window of its own
-    tokenizer = present[0]  # SDXL's two CLIP encoders read the same 77; its refiner has the second only
-    window = getattr(tokenizer, "model_max_length", None)
-    if not isinstance(window, int) or window > 100_000:  # unset: transformers' "very large"
-        return None
-    if len(prompt.encode()) + 2 <= window:
-        return None  # a byte-level BPE token covers at least one byte: no need to tokenize
-    tokens = len(tokenizer(prompt, truncation=False).input_ids)
-    return (tokens - 2, window - 2) if tokens > window else None
 
 def factory(ctx: EngineContext) -> LiteEngine:
     return LiteEngine(ctx)

@@ -15,7 +15,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.errors import BadEngineInput, Canceled
-from tiers._local import LocalEngine, lcm_schedule, negative_prompt_arguments
+from tiers._local import LocalEngine, lcm_schedule, negative_prompt_arguments, tell_prompt_overflow
 from tiers.base import (
     DEVICE_SECONDS,
     NOTES,
@@ -97,6 +97,7 @@ class LocalHifiEngine(LocalEngine):
             boxes = tile_boxes(req.width, req.height, tile)
         seed = req.seed if req.seed is not None else 0
         notes: list[str] = []
+        tell_prompt_overflow(pipe, req.prompt, progress, notes)
         negative = negative_prompt_arguments(pipe, req.negative_prompt, progress, notes)
         images: list[RenderedImage] = []
         for index in range(req.n):

@@ -22,9 +22,9 @@ from orchestrator.settings import Settings
 from tests.conftest import SettingsFactory
 from tests.tiers.conftest import RecordingProgress, draft_image
 from tiers import tiny
-from tiers._local import _usable_cpus, hf_hub_reachable, latents_to_preview, runtime_for
+from tiers._local import _usable_cpus, hf_hub_reachable, latents_to_preview, prompt_overflow, runtime_for
 from tiers.base import NOTES, CancelToken, EngineContext, RenderRequest
-from tiers.lite import LiteEngine, prompt_overflow
+from tiers.lite import LiteEngine
 from tiers.local_hifi import LocalHifiEngine, tile_boxes
 
 EngineFactory = Callable[..., tuple[LiteEngine, LocalHifiEngine]]
@@ -130,7 +130,7 @@ def test_tiles_that_change_nothing_blend_back_into_the_source(engines: EngineFac
 
 
 async def test_a_prompt_longer_than_the_text_encoder_reads_is_said_to_be_cut(engines: EngineFactory) -> None:
-    lite, _ = engines()
+    lite, hifi = engines()
     progress = RecordingProgress()
     long_prompt = " ".join(["a lighthouse on a cliff at dusk"] * 20)  # 140 words
     result = await lite.run(draft(prompt=long_prompt, n=1, steps=1), progress, CancelToken())
@@ -141,6 +141,12 @@ async def test_a_prompt_longer_than_the_text_encoder_reads_is_said_to_be_cut(eng
     short = RecordingProgress()
     result = await lite.run(draft(n=1, steps=1), short, CancelToken())
     assert "prompt_truncated" not in short.states and "notes" not in result.metadata
+    # A bridge (a polish alike) with that prompt: it was cut there without a word.
+    bridged = RecordingProgress()
+    bridge = RenderRequest(stage="bridge", prompt=long_prompt, width=64, height=64, steps=2, seed=1, n=1,
+                           init_image=draft_image(), strength=0.5)
+    result = await hifi.run(bridge, bridged, CancelToken())
+    assert "prompt_truncated" in bridged.states and result.metadata["notes"] == [note]
 
     clip = lite.runtime.text2img(lite.model).tokenizer
     T5TokenizerFast = type("T5TokenizerFast", (), {"model_max_length": 512})  # known by its name
