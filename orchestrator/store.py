@@ -110,14 +110,26 @@ def model_name(model: str | None) -> str | None:
     return path.name
 
 
+# diffusers' scheduler classes by the names AUTOMATIC1111 gives its samplers: its readers (and
+# "send to txt2img") know those, not a class name. The JSON record keeps the class.
+A1111_SAMPLERS = {
+    "EulerDiscreteScheduler": "Euler", "EulerAncestralDiscreteScheduler": "Euler a",
+    "LMSDiscreteScheduler": "LMS", "HeunDiscreteScheduler": "Heun", "KDPM2DiscreteScheduler": "DPM2",
+    "KDPM2AncestralDiscreteScheduler": "DPM2 a", "DPMSolverMultistepScheduler": "DPM++ 2M",
+    "DPMSolverSDEScheduler": "DPM++ SDE", "DDIMScheduler": "DDIM", "PNDMScheduler": "PLMS",
+    "UniPCMultistepScheduler": "UniPC", "LCMScheduler": "LCM", "DEISMultistepScheduler": "DEIS",
+}
+
+
 def infotext(record: dict[str, Any]) -> str:
     """AUTOMATIC1111's `parameters` format: prompt, negative prompt, then `Key: value` pairs."""
+    sampler = record.get("sampler")
     lines = [str(record.get("prompt", ""))]
     if record.get("negative_prompt"):
         lines.append(f"Negative prompt: {record['negative_prompt']}")
     pairs = [
         ("Steps", record.get("steps")),
-        ("Sampler", record.get("sampler")),
+        ("Sampler", A1111_SAMPLERS.get(sampler, sampler) if isinstance(sampler, str) else sampler),
         ("CFG scale", record.get("guidance_scale")),
         ("Seed", record.get("seed")),
         ("Size", f"{record.get('width')}x{record.get('height')}"),

@@ -403,9 +403,9 @@ def test_png_carries_infotext_and_record() -> None:
     assert infotext(record).splitlines() == [
         "a fox",
         "Negative prompt: blur",
-        "Steps: 4, Sampler: EulerDiscreteScheduler, CFG scale: 0.0, Seed: 7, Size: 8x8, Model: m, Engine: lite, "
+        "Steps: 4, Sampler: Euler, CFG scale: 0.0, Seed: 7, Size: 8x8, Model: m, Engine: lite, "
         "Stage: ideation",
-    ]
+    ]  # the sampler as AUTOMATIC1111 names it (its class name was written), the record keeps the class
     # Deterministic: the same image and record encode to the same bytes.
     assert encode_png(Image.new("RGB", (8, 8), (1, 2, 3)), dict(record)) == data
 
