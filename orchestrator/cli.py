@@ -272,6 +272,7 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "worker":
         import asyncio
+        import signal
 
         from orchestrator.settings import Settings
         from orchestrator.worker import run_worker
@@ -280,7 +281,8 @@ def _run(args: argparse.Namespace) -> int:
         if (failed := _checked(settings) or _bound(settings)) is not None:
             return failed
         _log_to_data_dir(settings)
-        asyncio.run(run_worker(settings))
+        if asyncio.run(run_worker(settings)) == signal.SIGINT:
+            raise KeyboardInterrupt  # stopped cleanly, and told as every command's Ctrl-C is
         return 0
     if args.command == "migrate":
         from orchestrator.db import upgrade

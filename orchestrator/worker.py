@@ -6,7 +6,8 @@ is the scheduler of `serve` without the web server: it finds jobs any process qu
 model warm, runs local jobs only while it holds its device (see `orchestrator.workers`), renews its
 leases, recovers the jobs of workers that died, reloads the policy files on SIGHUP, and stops on
 SIGTERM or SIGINT as `serve` does (paid requests already out are given ORCH_STOP_GRACE to answer;
-other running jobs are left for recovery).
+other running jobs are left for recovery): status 0 after SIGTERM, a clean stop for a supervisor,
+and 130 with one line, `interrupted`, after Ctrl-C, as every command ends on it.
 """
 
 from __future__ import annotations
@@ -23,15 +24,18 @@ from orchestrator.settings import Settings
 log = logging.getLogger(__name__)
 
 
-async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> None:
-    """Run jobs until `stop` is set, or until SIGTERM or SIGINT when no event is given."""
+async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> int | None:
+    """Run jobs until `stop` is set, or until SIGTERM or SIGINT when no event is given; returns
+    the signal that stopped it first (None when `stop` did)."""
     loop = asyncio.get_running_loop()
     built: list[Services] = []
+    received: list[int] = []
     if stop is None:
         stop = asyncio.Event()
         signalled = stop
 
-        def on_stop() -> None:
+        def on_stop(sig: int) -> None:
+            received.append(sig)
             if signalled.is_set() and built:
                 built[0].scheduler.hurry()  # a second signal: stop waiting for paid requests to answer
             signalled.set()
@@ -41,7 +45,7 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
                 built[0].reload_policies("SIGHUP")
 
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, on_stop)
+            loop.add_signal_handler(sig, on_stop, sig)
         # As `serve` takes it (a HUP sent to every unit must not end the workers, as its default
         # does), from before the services are built.
         loop.add_signal_handler(signal.SIGHUP, on_hup)
@@ -57,3 +61,4 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
         log.info("worker %s stopping", services.scheduler.owner)
     finally:
         await services.aclose()
+    return received[0] if received else None

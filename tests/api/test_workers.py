@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -139,6 +140,15 @@ def test_an_api_server_without_jobs_hands_drafts_to_a_worker(make_settings: Sett
     # Its log is also kept in the data dir, each line with its pid.
     kept = (settings.data_dir / "logs" / "orchestrator.log").read_text()
     assert f" {worker.pid} INFO orchestrator.worker: " in kept, kept
+
+
+def test_ctrl_c_stops_a_worker_with_one_line_and_status_130(make_settings: SettingsFactory, tmp_path: Path) -> None:
+    # As every command ends on Ctrl-C (it exited 0 without a word: a script could not tell).
+    with worker_process(make_settings(run_jobs=False), tmp_path, "worker.log") as worker:
+        worker.send_signal(signal.SIGINT)
+        assert worker.wait(timeout=60) == 130
+    log = (tmp_path / "worker.log").read_text()
+    assert "stopping" in log and log.rstrip().endswith("orchestrator: interrupted") and "Traceback" not in log, log
 
 
 def test_a_cancel_through_the_api_server_stops_the_worker_s_job(
