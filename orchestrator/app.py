@@ -8,14 +8,15 @@ import logging
 import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import PlainTextResponse
+from fastapi.responses import PlainTextResponse, Response
 
 from orchestrator import __version__
 from orchestrator.api import assets, credits, engines, jobs, keys, policies, projects, stages, workers
-from orchestrator.api.cross_site import CrossSiteGuard
+from orchestrator.api.cross_site import UNSAFE, CrossSiteGuard
 from orchestrator.api.deps import ServicesDep, require_auth
 from orchestrator.api.errors import UnexpectedErrors, documented
 from orchestrator.api.errors import install as install_errors
@@ -84,16 +85,33 @@ def create_app(settings: Settings | None = None, *, loopback_only: bool = False)
     v1 = [Depends(require_auth)]
     for module in (projects, stages, jobs, assets, engines, credits, policies, keys, workers):
         app.include_router(module.router, prefix="/v1", dependencies=v1, responses=documented(400, 401, 422, 503))
+    built_openapi = app.openapi
 
-    @app.get("/healthz", response_model=Health, tags=["operations"])
+    def openapi() -> dict[str, Any]:
+        # CrossSiteGuard answers a foreign page's 403 on every route that changes something, outside them.
+        if app.openapi_schema is None:
+            refused = documented(403)[403]
+            forbidden = {"description": refused["description"], "content": {"application/json": {
+                "schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
+            for operations in built_openapi()["paths"].values():
+                for method, operation in operations.items():
+                    if method.upper() in UNSAFE:
+                        operation["responses"].setdefault("403", forbidden)
+        return app.openapi_schema or built_openapi()
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+    @app.get("/healthz", response_model=Health, tags=["operations"], responses=documented(400))
     def healthz() -> Health:
         """Liveness, without auth: 200 while this process serves requests."""
         return Health(status="ok", version=__version__)
 
-    @app.get("/metrics", response_class=PlainTextResponse, tags=["operations"])
-    def metrics(services: ServicesDep) -> str:
+    @app.get("/metrics", response_class=Response, tags=["operations"], responses={
+        200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus text."},
+        **documented(400)})
+    def metrics(services: ServicesDep) -> Response:
         """Prometheus text: jobs by stage, engine and status, assets by stage, and credits charged,
         held and waiting for reconciliation, by engine."""
-        return services.metrics()
+        return PlainTextResponse(services.metrics())
 
     return app

@@ -29,10 +29,12 @@ _HTTP_CODES = {400: "invalid_request", 401: "unauthorized", 403: "forbidden", 40
 
 
 _DOCUMENTED = {
-    400: "The body is not valid JSON, or the URL holds a NUL character (%00).",
+    400: "The body is not valid JSON, or the URL holds a NUL character (%00); or, on a service without "
+         "ORCH_ADMIN_KEY on a loopback address, the Host header names another machine (DNS rebinding).",
     401: "The bearer key is missing, wrong or revoked (only when ORCH_ADMIN_KEY is set).",
     402: "The project's budget cannot hold the estimated cost (`budget_exceeded`).",
-    403: "Only the admin key may do this; the request came with a project key (`forbidden`).",
+    403: "Only the admin key may do this; the request came with a project key (`forbidden`). Or a "
+         "browser page of an origin not in ORCH_CORS_ORIGINS sent it without a bearer key.",
     404: "No such id (`not_found`).",
     409: "The Idempotency-Key was used with another body (`idempotency_conflict`), the job has already "
          "finished (`job_finished`), or the request conflicts with the service's state (`conflict`).",

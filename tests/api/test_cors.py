@@ -111,6 +111,9 @@ def test_a_service_open_to_this_machine_answers_to_its_own_names_only(
         assert_error(rebound, 400, "invalid_request")
         assert "ORCH_ADMIN_KEY" in rebound.json()["error"]["message"]
         assert client.get("/v1/projects").json()["items"] == []
+        for path in ("/healthz", "/metrics"):  # unauthenticated, but guarded alike: and documented so
+            assert_error(client.get(path, headers={"Host": "rebind.attacker.example"}), 400, "invalid_request")
+            assert "400" in client.get("/openapi.json").json()["paths"][path]["get"]["responses"]
 
 
 def test_every_page_may_not_drive_a_service_without_a_key(make_settings: Callable[..., Settings]) -> None:

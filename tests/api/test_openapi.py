@@ -17,7 +17,7 @@ from tests.api import assert_error, create_project
 ERROR_REF = "#/components/schemas/ErrorResponse"
 MISSING_JOB, MISSING_ASSET = "job_0000000000zzzzzzzzzzzzzz", "ast_0000000000zzzzzzzzzzzzzz"
 JSON = {"Content-Type": "application/json"}
-CODES = {400: "invalid_request", 404: "not_found", 413: "payload_too_large", 415: "invalid_request",
+CODES = {400: "invalid_request", 403: "forbidden", 404: "not_found", 413: "payload_too_large", 415: "invalid_request",
          422: "invalid_request"}
 
 
@@ -72,6 +72,13 @@ CASES: list[tuple[str, str, str, dict[str, Any], int]] = [
     ("get", "/v1/spend", "/v1/spend", {"params": {"to": "0.5"}}, 422),
     ("get", "/v1/policies/{name}", "/v1/policies/no-such-policy", {}, 404),
     ("post", "/v1/route/explain", "/v1/route/explain", {"json": {"stage": "bridge"}}, 422),
+    # A page of a foreign origin (CrossSiteGuard) on every route that changes something.
+    ("post", "/v1/projects/{project_id}/drafts", "/v1/projects/{project}/drafts",
+     {"json": {"prompt": "x"}, "headers": {"Origin": "https://evil.example"}}, 403),
+    ("post", "/v1/jobs/{job_id}/cancel", f"/v1/jobs/{MISSING_JOB}/cancel",
+     {"headers": {"Origin": "https://evil.example"}}, 403),
+    ("post", "/v1/route/explain", "/v1/route/explain", {"json": {}, "headers": {"Origin": "https://evil.example"}},
+     403),
 ]
 
 
