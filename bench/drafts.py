@@ -40,7 +40,7 @@ the other (`sequential`, each timed the same way, seeds seed+i so they render th
 variations; their prompt differs by one word so the store cannot dedupe them against the batched
 job's files). `batch_speedup = median(sequential) / median(batched)`.
 
-`--profile` adds `breakdown`: per-job medians (ms) of the service's internal phases, measured by
+`--profile` adds `breakdown_median_ms_per_job`: per-job medians (ms) of the service's internal phases, measured by
 wrapping service functions in this process at run time (no file is changed).
 
 Run: `.venv/bin/python bench/drafts.py [--size 64] [--steps 4] [--n 4] [--repeats 20] [--profile]`

@@ -2,7 +2,8 @@
 it to `{"error": {"code", "message", "details"}}` with `status` in exactly one place (`api/errors.py`).
 
     OrchestratorError
-    ├── InvalidRequest          422 invalid_request   (bad input the schema could not catch)
+    ├── InvalidRequest          422 invalid_request   (bad input the schema could not catch;
+    │                                                  400 for a body that is not JSON, 415 for one not sent as it)
     ├── Unauthorized            401 unauthorized
     ├── Forbidden               403 forbidden
     ├── NotFound                404 not_found
@@ -14,6 +15,7 @@ it to `{"error": {"code", "message", "details"}}` with `status` in exactly one p
     ├── BudgetExceeded          402 budget_exceeded
     ├── TooManyJobs             429 rate_limited  (ORCH_MAX_PENDING_JOBS unfinished jobs already)
     ├── NoRoute                 422 no_route
+    │   ├── NoUsableEngine      503 no_route (routing.py: a rule matched, none of its engines can take it now)
     │   └── NoPrice             422 no_route (a priced engine without a price entry is not routable)
     └── EngineError             job errors raised by engines; 503 when surfaced synchronously
         ├── EngineUnavailable   engine_unavailable (missing/invalid key or URL: not retryable)

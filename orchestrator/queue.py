@@ -1,6 +1,7 @@
 """The durable job queue and its scheduler.
 
-Jobs wait in the `jobs` table; the scheduler claims them oldest first, with a concurrency limit
+Jobs wait in the `jobs` table; the scheduler claims them in turns by project, oldest first within
+each (one project's backlog cannot starve another's), with a concurrency limit
 per lane: one lane per local device (limit 1: a GPU runs one pipeline at a time) and one per
 remote engine. A claim bumps `attempt` and takes a lease that a heartbeat renews. A job submitted
 in this process wakes the scheduler at once; jobs other processes queued (an API server that runs
