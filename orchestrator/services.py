@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import difflib
 import functools
 import logging
 import math
@@ -41,7 +42,7 @@ from policies import PolicyStore
 from tiers._local import LocalRuntime
 from tiers.base import EngineContext
 from tiers.lite import LiteEngine
-from tiers.registry import EngineRegistry
+from tiers.registry import EngineRegistry, known_names
 
 log = logging.getLogger(__name__)
 # Seconds a stopping service waits for the inference thread before it lets the device go.
@@ -61,6 +62,12 @@ def load_price_overrides(settings: Settings) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise InvalidRequest(f"prices file {settings.prices_file}: {exc}") from exc
     problems = [f"{settings.prices_file}: {problem}" for problem in _price_problems(overrides)]
+    known = known_names(settings.extra_engines)
+    for engine in sorted(set(overrides) - known):
+        # A misspelt engine left its default prices in force, without a word.
+        close = difflib.get_close_matches(engine, known, n=1)
+        problems.append(f"{settings.prices_file}: '{engine}' is not an engine"
+                        + (f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(sorted(known))})"))
     if problems:
         raise InvalidRequest("; ".join(problems))
     return overrides

@@ -314,6 +314,9 @@ def test_a_bad_value_in_the_config_file_names_the_file_and_key(make_settings: Se
     ('[fal."fal-ai/nano-banana-2"]\n"1K" = "8"\n', "must be a number of credits (got '8')"),
     ('[fal]\nprice = 8\n', "fal.price must be a table of prices"),
     ('fal = 8\n', "'fal' must be a table of models"),
+    # A misspelt engine left its default prices in force, without a word.
+    ('[gemnii."gemini-3.1-flash-image"]\n"1K" = 1\n', "'gemnii' is not an engine (did you mean 'gemini'?)"),
+    ('[zzz."m"]\n"1K" = 1\n', "'zzz' is not an engine (known: a1111, comfyui, "),
 ])
 def test_a_price_that_would_make_a_paid_engine_free_or_broken_is_refused_at_start(
         make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,

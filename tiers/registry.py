@@ -32,6 +32,12 @@ BUILTIN: dict[str, str] = {
 }
 
 
+def known_names(extra_engines: Iterable[str] = ()) -> set[str]:
+    """Every engine name a registry may hold: the built-ins, the installed plugins' and
+    ORCH_ENGINES' (without importing any of them)."""
+    return {*BUILTIN, *(ep.name for ep in entry_points(group=GROUP)), *extra_engines}
+
+
 def _import(target: str) -> EngineFactory:
     module, _, attr = target.partition(":")
     factory: EngineFactory = getattr(importlib.import_module(module), attr)
