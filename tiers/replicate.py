@@ -2,8 +2,9 @@
 
 Each output image is one prediction: a create POST held open with `Prefer: wait`, then, if the
 wait ran out, polling `GET /v1/predictions/{id}`. The create is never re-sent when it got no
-answer, nor after a gateway's 502/504 (held open by the wait, the prediction may exist and be
-billed by then); polls and output downloads are idempotent.
+answer, nor after a 500, 502 or 504 (held open by the wait, the prediction may exist and be
+billed by then: providers.md says never re-POST a create; a 503 says the request was not handled);
+polls and output downloads are idempotent.
 
 Once Replicate has accepted a prediction, a failure leaves the bill `unknown` unless the status
 says otherwise (`aborted` is free, `succeeded` is billed): the ledger keeps the estimate as
@@ -46,8 +47,6 @@ FILTER_WORDS = ("nsfw", "safety", "sensitive")
 FLUX_ASPECTS = ("1:1", "16:9", "3:2", "2:3", "4:5", "5:4", "9:16", "3:4", "4:3")
 PREFER_WAIT = 60
 MAX_INLINE_BYTES = 7 * 1024 * 1024
-# A gateway's answers to a create it held open: Replicate may have made the prediction meanwhile.
-GATEWAY_STATUSES = frozenset({502, 504})
 
 
 def is_nano_banana(model: str) -> bool:
@@ -155,8 +154,8 @@ class ReplicateEngine(CloudEngine):
             raise self.model_not_served(response)
         if maybe_created(response):
             raise EngineError(
-                f"replicate: a gateway answered the create with HTTP {response.status_code} while it was held "
-                "open; the prediction may exist and be billed, so it is not created again",
+                f"replicate: the create was answered HTTP {response.status_code} while it was held open; the "
+                "prediction may exist and be billed, so it is not created again",
                 details={"engine": self.name, "status": response.status_code}, charged="unknown")
         if response.status_code not in (200, 201, 202):
             raise self._refused(response)
@@ -282,9 +281,15 @@ class ReplicateEngine(CloudEngine):
         return body
 
 
+# Answers to a create held open by `Prefer: wait` that say nothing of whether the prediction was
+# made first (a gateway giving up on it, a server error while it waited). A 503 is a request not
+# handled (RFC 9110), and a 429 one throttled: both are sent again.
+UNKNOWN_OUTCOME_STATUSES = frozenset({500, 502, 504})
+
+
 def maybe_created(response: httpx.Response) -> bool:
-    """A create answered 502/504 ("Never re-POST a create"): not retried like other 5xx."""
-    return (response.status_code in GATEWAY_STATUSES and response.request.method == "POST"
+    """A create whose prediction may exist: never re-POSTed (providers.md), unlike other 5xx."""
+    return (response.status_code in UNKNOWN_OUTCOME_STATUSES and response.request.method == "POST"
             and response.request.url.path.endswith("/predictions"))
 
 

@@ -100,10 +100,11 @@ async def test_5xx_then_success(engine: ReplicateEngine, output: respx.Route) ->
 
 
 @respx.mock
-@pytest.mark.parametrize("status", [502, 504])
-async def test_a_gateway_error_on_the_create_is_not_resent(engine: ReplicateEngine, status: int) -> None:
-    # The create is held open (`Prefer: wait`): a gateway giving up on it says nothing of whether
-    # Replicate made the prediction.
+@pytest.mark.parametrize("status", [500, 502, 504])
+async def test_a_server_error_on_the_create_is_not_resent(engine: ReplicateEngine, status: int) -> None:
+    # The create is held open (`Prefer: wait`): a gateway giving up on it, or a 500 while it
+    # waited, says nothing of whether Replicate made the prediction (a 500 was sent again).
+    # A 503, a request not handled, is (test_5xx_then_success).
     route = respx.post(CREATE).mock(side_effect=[httpx.Response(status), httpx.Response(201, json=prediction())])
     with pytest.raises(EngineError) as info:
         await engine.run(bridge(), NullProgress(), CancelToken())
