@@ -166,7 +166,9 @@ class FalEngine(CloudEngine):
             raise
         self._check_completed(request_id, completed)
         with reading_an_answer():  # COMPLETED: fal has run (and billed) the request
-            output = await self._result(str(urls["response_url"]), deadline, cancel)
+            # A deadline of its own: what the queue and the render left of the submit's could be
+            # too little for one retry, and the image paid for would be lost.
+            output = await self._result(str(urls["response_url"]), self.http.new_deadline(), cancel)
         images = await self._images(output, cancel)
         progress.step(len(images), req.n)
         return RenderResult(

@@ -270,6 +270,25 @@ async def test_deadline_during_polling_cancels_the_request(engine: FalEngine) ->
 
 
 
+@respx.mock
+async def test_a_request_completed_near_the_deadline_still_has_its_result_fetched(
+        engine: FalEngine, sleep: Any, output: respx.Route) -> None:
+    # Paid for once COMPLETED: its result had what was left of the submit's deadline (here 10 ms,
+    # less than one retry's back-off), and a busy moment lost the image.
+    now = [0.0]
+    engine.http.clock = lambda: now[0] + sum(sleep.waits)
+    _, poll, result = happy_queue()
+
+    def completed_late(request: httpx.Request) -> httpx.Response:
+        now[0] = engine.http.deadline_seconds - 0.01
+        return status("COMPLETED")
+
+    poll.mock(side_effect=completed_late)
+    result.mock(side_effect=[httpx.Response(503), done()])
+    answer = await engine.run(bridge(), NullProgress(), CancelToken())
+    assert len(answer.images) == 1 and result.call_count == 2
+
+
 def test_estimate_by_resolution_and_unknown_model(make_ctx: Any) -> None:
     eng = FalEngine(make_ctx(fal_api_key="k"))
     assert eng.estimate(bridge(width=1024, height=1024)) == 8000
