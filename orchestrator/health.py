@@ -111,6 +111,28 @@ class EngineHealth:
     def _probe_out(c: _Circuit, now: float) -> bool:
         return c.probe is not None and now < c.probe_until
 
+    def reserve(self, engine: str, token: str) -> bool:
+        """For a job about to be committed to `engine`: False when it may not be sent one now (the
+        circuit cools, or another request holds its probe); else True, and past the cooldown the
+        probe is now `token`'s (see `adopt`, and `finished` for a job that is never made). The look
+        and the taking are one step: requests routed together once all became the probe."""
+        with self._lock:
+            c = self._get(engine)
+            if c.opened_at is None:
+                return True
+            now = self.clock()
+            if now - c.opened_at < self.cooldown or self._probe_out(c, now):
+                return False
+            c.probe, c.probe_until = token, now + self.cooldown
+            return True
+
+    def adopt(self, engine: str, token: str, job_id: str) -> None:
+        """The job reserved as `token` is committed: the probe, if it held it, is that job's now."""
+        with self._lock:
+            c = self._get(engine)
+            if c.probe == token:
+                c.probe = job_id
+
     def assign(self, engine: str, job_id: str) -> None:
         """A job was committed to `engine` (routed, fallen back to) or starts on it. Past the
         cooldown with no probe out, it is the probe: nobody else is let through until it reports.

@@ -33,7 +33,7 @@ from orchestrator.events import EventBus
 from orchestrator.ids import new_id
 from orchestrator.ledger import Balance, Ledger
 from orchestrator.models import Asset, Job, Project, utcnow
-from orchestrator.routing import Decision, Router
+from orchestrator.routing import Decision, NoUsableEngine, Router
 from orchestrator.schemas import MAX_SEED, MAX_TAGS, DraftCreate, PolishCreate, PromoteCreate, Stage
 from orchestrator.store import ArtifactStore
 from orchestrator.workers import Presence
@@ -128,7 +128,7 @@ class JobService:
         seed), and a request cannot lift it."""
         with self.db.session() as s:
             made_by = s.get(Job, source.job_id)
-        inherited: dict[str, str] = dict((made_by.params.get("tags") or {}) if made_by else {})
+        inherited = _stored_tags(made_by.params.get("tags") or {} if made_by else {})
         privacy = inherited.get(PRIVACY_TAG)
         if privacy and is_private({PRIVACY_TAG: privacy}) and PRIVACY_TAG in tags and not is_private(tags):
             why = (f"asset '{source.id}' is private (tags.{PRIVACY_TAG}={privacy}): what is made from it "
@@ -225,53 +225,74 @@ class JobService:
                 if replay is not None:
                     return replay, False
             raise
-        job = self._new_job(prepared, decision, cache=cache)
-        with self.db.transaction() as s:
-            # The project lock (Postgres) or write lock (SQLite) comes first: of concurrent
-            # requests with one key, exactly one gets past the second look-up and creates.
-            project = self.ledger.lock_project(s, prepared.project_id)
-            if idempotency_key:
-                existing = self._replay_in(s, idempotency_key, scope, digest)
-                if existing is not None:
-                    return existing, False
-            cached = self._cached(s, job) if job.cache_key else None
-            if not cached:
-                self._check_pending(s, project)
-            # Routing read the balance before this lock: a request that held since may leave too
-            # little for the choice (a cheaper or free candidate must then take it), or push the
-            # project past a rule's `budget_used_over` (its own engines then apply). So the same
-            # routing runs again on the balance now. A copy of an earlier result costs nothing,
-            # so it needs no room in the budget.
-            if not cached and decision.estimate > 0 and project.budget_limit is not None:
-                fresh = self._route(project.policy, prepared, engine, max_credits,
-                                    self.ledger.balance(s, project), cache=False)
-                if (fresh.chosen, fresh.rule) != (decision.chosen, decision.rule):
-                    decision = fresh
-                    job = self._new_job(prepared, decision, cache=cache)
-                    cached = self._cached(s, job) if job.cache_key else None
-            # Ids are the list cursors: made under the write lock, they commit in id order, so a
-            # client paging with `id > cursor` cannot step over a job committed just after.
-            job.id = new_id("job")
-            if cached:
-                job.status, job.cache_hit, job.started_at, job.finished_at = "succeeded", True, utcnow(), utcnow()
-                job.progress_step = job.progress_total = 1  # finished: a progress bar shows 100%
-            s.add(job)
-            s.flush()
-            if cached:
-                s.add_all(cached_copies(cached, job))
+        # The probe of a half-open circuit is taken with the routing, before the commit: requests
+        # routed together once all became it. The reservation lapses unless the job made adopts it.
+        token = f"submit-{secrets.token_hex(8)}"
+        decision = self._reserve(decision, token, prepared, engine, max_credits, cache=cache)
+        reserved = decision.chosen
+        try:
+            job = self._new_job(prepared, decision, cache=cache)
+            with self.db.transaction() as s:
+                # The project lock (Postgres) or write lock (SQLite) comes first: of concurrent
+                # requests with one key, exactly one gets past the second look-up and creates.
+                project = self.ledger.lock_project(s, prepared.project_id)
+                if idempotency_key:
+                    existing = self._replay_in(s, idempotency_key, scope, digest)
+                    if existing is not None:
+                        return existing, False
+                cached = self._cached(s, job) if job.cache_key else None
+                if not cached:
+                    self._check_pending(s, project)
+                # Routing read the balance before this lock: a request that held since may leave too
+                # little for the choice (a cheaper or free candidate must then take it), or push the
+                # project past a rule's `budget_used_over` (its own engines then apply). So the same
+                # routing runs again on the balance now. A copy of an earlier result costs nothing,
+                # so it needs no room in the budget.
+                if not cached and decision.estimate > 0 and project.budget_limit is not None:
+                    fresh = self._route(project.policy, prepared, engine, max_credits,
+                                        self.ledger.balance(s, project), cache=False)
+                    if (fresh.chosen, fresh.rule) != (decision.chosen, decision.rule):
+                        decision = fresh
+                        job = self._new_job(prepared, decision, cache=cache)
+                        cached = self._cached(s, job) if job.cache_key else None
+                # Ids are the list cursors: made under the write lock, they commit in id order, so a
+                # client paging with `id > cursor` cannot step over a job committed just after.
+                job.id = new_id("job")
+                if cached:
+                    job.status, job.cache_hit, job.started_at, job.finished_at = "succeeded", True, utcnow(), utcnow()
+                    job.progress_step = job.progress_total = 1  # finished: a progress bar shows 100%
+                s.add(job)
+                s.flush()
+                if cached:
+                    s.add_all(cached_copies(cached, job))
+                else:
+                    self.ledger.hold(s, project, job, decision.estimate,
+                                     billable=billed_by_provider(self.router.registry.get(job.engine)))
+                if idempotency_key:
+                    idempotency.remember(s, idempotency_key, scope, digest, job_id=job.id)
+            if job.cache_hit:
+                self._publish_cached(job)
             else:
-                self.ledger.hold(s, project, job, decision.estimate,
-                                 billable=billed_by_provider(self.router.registry.get(job.engine)))
-            if idempotency_key:
-                idempotency.remember(s, idempotency_key, scope, digest, job_id=job.id)
-        if job.cache_hit:
-            self._publish_cached(job)
-        else:
-            # Routed to a half-open circuit, this job is its probe: the next submits go elsewhere.
-            self.router.health.assign(job.engine, job.id)
-            self.bus.publish(job.id, "queued", {"job_id": job.id, "status": "queued"})
-            self.notify()
-        return job, True
+                if job.engine == reserved:  # routed to a half-open circuit, this job is its probe now
+                    self.router.health.adopt(reserved, token, job.id)
+                else:  # routed again under the project's lock, to another engine
+                    self.router.health.assign(job.engine, job.id)
+                self.bus.publish(job.id, "queued", {"job_id": job.id, "status": "queued"})
+                self.notify()
+            return job, True
+        finally:
+            self.router.health.finished(reserved, token)
+
+    def _reserve(self, decision: Decision, token: str, prepared: Prepared, engine: str | None,
+                 max_credits: float | None, *, cache: bool) -> Decision:
+        """The decision whose engine `token` may be sent a job on (its probe, when half-open)."""
+        for _ in range(3):
+            if self.router.health.reserve(decision.chosen, token):
+                return decision
+            # Another request took the probe since routing looked: routed again, it is skipped now.
+            decision = self.decide(prepared, engine, max_credits, cache=cache)
+        raise NoUsableEngine(f"engine '{decision.chosen}' cannot take a job now; send the request again",
+                             details={"engine": decision.chosen})
 
     def _cached(self, s: Session, job: Job) -> list[Asset]:
         """The assets of an earlier identical paid job of the same project from the same source
@@ -417,6 +438,9 @@ class JobService:
                 # the job runs, so its hold stays and the caller cancels it as a running job.
                 return False
             self.ledger.settle_unstarted(s, job, note="canceled before it started")
+        # A half-open circuit's probe, canceled before it ran: no verdict, so the next may go (it
+        # held the engine for the whole cooldown).
+        self.router.health.finished(job.engine, job_id)
         self.bus.publish(job_id, "canceled", {"job_id": job_id, "status": "canceled"})
         return True
 
@@ -477,6 +501,16 @@ class JobService:
         """(held, charged) millicredits per job, as of one moment (two sums: see `Database.snapshot`)."""
         with self.db.snapshot() as s:
             return self.ledger.job_totals(s, job_ids)
+
+
+def _stored_tags(tags: dict[str, str]) -> dict[str, str]:
+    """A job's tags as requests' are read now. Jobs stored before the privacy key was read loosely
+    may spell it `Privacy`: read as written, a private draft's promotion went to the cloud."""
+    out = {key: value for key, value in tags.items() if key.strip().lower() != PRIVACY_TAG}
+    spelled = [value for key, value in tags.items() if key.strip().lower() == PRIVACY_TAG]
+    if spelled:  # two spellings (stored before they were refused): private if either says so
+        out[PRIVACY_TAG] = next((value for value in spelled if is_private({PRIVACY_TAG: value})), spelled[0])
+    return out
 
 
 def _seed(requested: int | None, source: Asset) -> int:

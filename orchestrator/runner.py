@@ -269,6 +269,7 @@ class JobRunner:
                                              "attempt": claim.attempt})
         started = time.monotonic()
         engine_returned = False  # from then on what it made exists, and a remote one may have billed it
+        ran_on = job.engine  # a fallback moves the job (and its probe) to another engine
         try:
             claim.cancel.raise_if_cancelled()  # canceled between its claim and this start
             self.health.assign(job.engine, job.id)
@@ -358,6 +359,8 @@ class JobRunner:
                 self.bus.publish(job.id, "asset", {"asset_id": asset_id, "index": index})
             self.bus.publish(job.id, "succeeded", {"job_id": job.id, "status": "succeeded", "assets": asset_ids})
         finally:
+            # A probe canceled between its claim and its start never reached the inner release.
+            self.health.finished(ran_on, job.id)
             self.storing.discard(job.id)
             self.previews.pop(job.id, None)
             if job.id in self._preview_written:  # only a job that ran past a progress write has one

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
+import sqlite3
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -361,6 +364,64 @@ def test_a_half_open_circuit_lets_one_job_through_until_its_verdict(
         assert health(client)["fake-paid"] == "ok"
 
 
+def open_then_half_open(client: httpx.Client, asset_id: str, clock: Clock) -> None:
+    for _ in range(2):
+        assert wait_for_job(client, promote(client, asset_id, tags={"fake": "fail"})["id"])["engine"] == "fake-b"
+    assert health(client)["fake-paid"] == "open"
+    clock.now += 61
+
+
+def test_requests_routed_together_after_the_cooldown_send_one_probe(
+        new_settings: SettingsFactory, fallback_policies: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The look (allow) and the taking (assign, after the commit) were two steps: every request
+    # routed between them became the probe, and went to the failing engine.
+    clock = Clock()
+    monkeypatch.setattr("orchestrator.services.EngineHealth",
+                        functools.partial(EngineHealth, threshold=2, cooldown=60.0, clock=clock))
+    with running(new_settings(engines=FAKE_ENGINES, policy="fallback-test", policy_dir=fallback_policies)) as client:
+        _, asset_id = draft_asset(client)
+        open_then_half_open(client, asset_id, clock)
+
+        def one(_: int) -> str:
+            with httpx.Client(base_url=client.base_url, timeout=30) as other:
+                return str(promote(other, asset_id, tags={"fake": "hang", "fake-b": "hang"})["engine"])
+
+        with ThreadPoolExecutor(4) as pool:
+            engines = list(pool.map(one, range(4)))
+        for job in client.get("/v1/jobs", params={"stage": "bridge"}).json()["items"]:
+            if job["status"] in ("queued", "running"):
+                client.post(f"/v1/jobs/{job['id']}/cancel")
+        assert sorted(engines) == ["fake-b", "fake-b", "fake-b", "fake-paid"], engines
+
+
+def test_a_probe_canceled_while_queued_lets_the_next_one_through(
+        new_settings: SettingsFactory, fallback_policies: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Canceled before it ran, the probe was never released: the engine was skipped for the whole cooldown.
+    clock, made = Clock(), []
+
+    def breaker(*args: Any, **kwargs: Any) -> EngineHealth:
+        made.append(EngineHealth(threshold=2, cooldown=60.0, clock=clock))
+        return made[-1]
+
+    monkeypatch.setattr("orchestrator.services.EngineHealth", breaker)
+    with running(new_settings(engines=FAKE_ENGINES, policy="fallback-test", policy_dir=fallback_policies)) as client:
+        _, asset_id = draft_asset(client)
+        busy = [promote(client, asset_id, engine="fake-paid", tags={"fake": "hang"}) for _ in range(4)]
+        for job in busy:  # fake-paid's 4 lanes: the probe will wait in the queue
+            wait_for_job(client, job["id"], ("running",))
+        for _ in range(2):
+            made[0].failed("fake-paid")  # open (other jobs failed meanwhile) ...
+        clock.now += 61  # ... and half-open
+        probe = promote(client, asset_id)
+        assert probe["engine"] == "fake-paid" and probe["status"] == "queued"
+        assert client.post(f"/v1/jobs/{probe['id']}/cancel").status_code == 202
+        assert wait_for_job(client, probe["id"])["status"] == "canceled"
+        after = promote(client, asset_id, tags={"fake": "hang"})
+        for job in [*busy, after]:
+            client.post(f"/v1/jobs/{job['id']}/cancel")
+        assert after["engine"] == "fake-paid", after["routing"]["candidates"]
+
+
 def test_fallback_result_is_not_a_cache_entry_for_the_first_engine(paid_server: httpx.Client) -> None:
     """The result cache is keyed by engine and model. A job that fell back from fake-paid to fake-b
     made its image on fake-b, so an identical request routed to fake-paid must not get it."""
@@ -430,6 +491,21 @@ def test_a_private_draft_s_promotion_cannot_lift_its_privacy(paid_server: httpx.
         assert_error(explained, 422, "invalid_request")
     # Saying it again is fine, and so is leaving it out.
     assert promote(paid_server, asset_id, tags={"privacy": "local"})["engine"] == "local-hifi"
+
+
+def test_a_private_draft_stored_with_its_key_spelled_privacy_stays_private(
+        new_settings: SettingsFactory, fallback_policies: Path) -> None:
+    # Before the key was read loosely the service stored `Privacy` as sent: its promotion went to the cloud.
+    settings = new_settings(engines=FAKE_ENGINES, policy="fallback-test", policy_dir=fallback_policies)
+    with running(settings) as client:
+        draft = run_draft(client, client.post("/v1/projects", json={"name": "legacy"}).json()["id"])
+        with sqlite3.connect(settings.data_dir / "orchestrator.db") as db:
+            params = json.loads(db.execute("SELECT params FROM jobs WHERE id = ?", (draft["id"],)).fetchone()[0])
+            params["tags"] = {"Privacy": "local", "client": "acme"}
+            db.execute("UPDATE jobs SET params = ? WHERE id = ?", (json.dumps(params), draft["id"]))
+        promoted = promote(client, draft["assets"][0])
+        assert promoted["engine"] == "local-hifi" and promoted["routing"]["private"], promoted["routing"]
+        assert promoted["params"]["tags"] == {"privacy": "local", "client": "acme"}
 
 
 def test_an_overspent_budget_still_routes_to_a_free_engine(paid_server: httpx.Client) -> None:

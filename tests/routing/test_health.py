@@ -231,6 +231,22 @@ def test_one_probe_at_a_time_from_its_routing_to_its_verdict(clock: Clock) -> No
     assert health.allow("gemini") and health.state("gemini") == "ok"
 
 
+def test_a_probe_is_reserved_in_one_step_and_lapses_unless_adopted(clock: Clock) -> None:
+    health = process(clock)
+    for _ in range(3):
+        health.failed("gemini")
+    assert not health.reserve("gemini", "submit-a")  # cooling: no job may go
+    clock.now += 31
+    assert health.reserve("gemini", "submit-a") and not health.reserve("gemini", "submit-b")
+    health.finished("gemini", "submit-a")  # its request made no job (refused, a replay, a copy)
+    assert health.reserve("gemini", "submit-b")
+    health.adopt("gemini", "submit-b", "job-b")
+    health.finished("gemini", "submit-b")  # the reservation's own release: the job holds it now
+    assert not health.allow("gemini")
+    health.finished("gemini", "job-b")
+    assert health.allow("gemini") and health.reserve("openai", "submit-c")  # a closed circuit: nothing held
+
+
 def test_a_probe_that_never_reports_lapses_after_the_cooldown(clock: Clock) -> None:
     health = process(clock)
     for _ in range(3):
