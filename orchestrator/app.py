@@ -21,7 +21,7 @@ from orchestrator.api.deps import ServicesDep, require_auth
 from orchestrator.api.errors import UnexpectedErrors, documented
 from orchestrator.api.errors import install as install_errors
 from orchestrator.api.head import HeadAsGet
-from orchestrator.api.query import DropEmptyQueryValues
+from orchestrator.api.query import DropEmptyQueryValues, single_valued_query
 from orchestrator.api.request_limits import RequestLimits
 from orchestrator.schemas import Health
 from orchestrator.services import Services
@@ -82,7 +82,7 @@ def create_app(settings: Settings | None = None, *, loopback_only: bool = False)
                            expose_headers=["Location", "ETag", "Idempotent-Replayed", "Retry-After",
                                            "Content-Disposition"],
                            max_age=600)
-    v1 = [Depends(require_auth)]
+    v1 = [Depends(require_auth), Depends(single_valued_query)]
     for module in (projects, stages, jobs, assets, engines, credits, policies, keys, workers):
         app.include_router(module.router, prefix="/v1", dependencies=v1, responses=documented(400, 401, 422, 503))
     built_openapi = app.openapi

@@ -64,6 +64,8 @@ def test_auth_comes_before_validation_and_writes_nothing(anon: httpx.Client) -> 
         bad_with_key = client.post("/v1/projects", content=b"{bad", headers={"content-type": "application/json"})
         assert_error(bad_with_key, 400, "invalid_request")
         assert_error(anon.get("/v1/jobs/job_0000000000zzzzzzzzzzzzzz/events"), 401, "unauthorized")
+        assert_error(anon.get("/v1/projects?limit=1&limit=2"), 401, "unauthorized")  # a repeat is judged after
+        assert_error(client.get("/v1/projects?limit=1&limit=2"), 422, "invalid_request")
         assert client.get("/v1/jobs").json()["items"] == []
         assert [p["name"] for p in client.get("/v1/projects").json()["items"]] == ["p"]
 
