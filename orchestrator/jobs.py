@@ -307,9 +307,16 @@ class JobService:
         if earlier is None:
             return []
         assets = list(s.exec(select(Asset).where(col(Asset.job_id) == earlier.id).order_by(col(Asset.index))).all())
-        # A copy of a file that is gone (removed by hand, a lost disk) would be charged nothing and
-        # serve nothing: rendered again instead.
-        return assets if all(self.store.path_for(asset.sha256).is_file() for asset in assets) else []
+        # A copy of a file that is gone (removed by hand, a lost disk) or damaged would be charged
+        # nothing and serve nothing: rendered again instead (whose bytes then mend the file).
+        return assets if all(self._intact(asset.sha256) for asset in assets) else []
+
+    def _intact(self, sha256: str) -> bool:
+        try:
+            self.store.get(sha256)
+        except ContentUnavailable:
+            return False
+        return True
 
     def _publish_cached(self, job: Job) -> None:
         # The events a run publishes (`orchestrator.runner`), with `cache_hit`: clients read both alike.

@@ -629,8 +629,9 @@ def test_a_copy_of_an_earlier_result_needs_no_room_in_the_budget(paid_server: ht
     assert [e["kind"] for e in ledger(paid_server, project_id)] == ["hold", "capture"]
 
 
-def test_a_copy_of_a_result_whose_file_is_gone_is_rendered_again(new_settings: SettingsFactory,
-                                                                  tmp_path: Path) -> None:
+@pytest.mark.parametrize("loss", ["gone", "rotted"])
+def test_a_copy_of_a_result_whose_file_is_gone_or_damaged_is_rendered_again(
+        new_settings: SettingsFactory, tmp_path: Path, loss: str) -> None:
     folder = write_policies(tmp_path / "policies", {"fallback-test": FALLBACK_POLICY})
     settings = new_settings(engines=FAKE_ENGINES, policy="fallback-test", policy_dir=folder)
     with running(settings) as client:
@@ -638,7 +639,12 @@ def test_a_copy_of_a_result_whose_file_is_gone_is_rendered_again(new_settings: S
         body: dict[str, Any] = {"engine": "fake-paid", "seed": 9, "steps": 2, "cache": True}
         first = wait_for_job(client, promote(client, asset_id, **body)["id"])
         sha = client.get(f"/v1/assets/{first['assets'][0]}").json()["sha256"]
-        (settings.assets_dir / sha[:2] / f"{sha}.png").unlink()  # removed by hand, a lost disk
+        path = settings.assets_dir / sha[:2] / f"{sha}.png"
+        if loss == "gone":
+            path.unlink()  # removed by hand, a lost disk
+        else:  # one byte changed, the size kept: a free copy whose image could never be served
+            path.chmod(0o644)
+            path.write_bytes(path.read_bytes()[:-1] + b"?")
         again = promote(client, asset_id, **body)
         assert again["cost"]["cache_hit"] is False and again["cost"]["estimated"] == 10
         done = wait_for_job(client, again["id"])
