@@ -1,11 +1,12 @@
 """Engine health: a circuit breaker per engine and observed latencies per engine and stage.
 
 After `threshold` consecutive failures an engine's circuit opens: routing skips it for
-`cooldown` seconds; then one job is let through as a probe (half-open): the first one routed to it
-or started on it, from when it is committed until its verdict. A success closes the circuit; a
-failed probe opens it again; a probe that ends without a verdict (canceled, refused as bad input)
-lets the next one through, and one that never reports (its job deleted by a crash) after
-`cooldown` seconds.
+`cooldown` seconds; then one job is let through as a probe (half-open): the first one routed (or
+fallen back) to it, reserved with its routing (`reserve`) and held from its commit (`adopt`) until
+its verdict, or one queued before the circuit opened that starts on it (`assign`). A success closes
+the circuit; a failed probe opens it again; a probe that ends without a verdict (canceled, refused
+as bad input) lets the next one through, and one that never reports (its job deleted by a crash)
+after `cooldown` seconds.
 
 Every process sharing the database sees the same breakers and latencies: what a process observes
 counts at once in its own routing, and `sync` (every `ORCH_POLL_INTERVAL`, from the service)
@@ -134,10 +135,9 @@ class EngineHealth:
                 c.probe = job_id
 
     def assign(self, engine: str, job_id: str) -> None:
-        """A job was committed to `engine` (routed, fallen back to) or starts on it. Past the
-        cooldown with no probe out, it is the probe: nobody else is let through until it reports.
-        A job queued before the circuit opened becomes the probe when it starts, even while the
-        circuit cools: what it finds is the verdict."""
+        """A job starts on `engine`. Past the cooldown with no probe out, it is the probe: nobody
+        else is let through until it reports. A job queued before the circuit opened becomes the
+        probe when it starts, even while the circuit cools: what it finds is the verdict."""
         with self._lock:
             c = self._get(engine)
             now = self.clock()

@@ -1,8 +1,9 @@
 """Creating, reading and cancelling jobs.
 
-`submit()` is the flow of DESIGN.md up to the 202: validate, idempotency check, routing decision,
-then one write transaction that persists the job (and, once priced, its ledger hold). The
-scheduler is told only after that transaction commits, so a job a client has heard of always
+`submit()` is the flow of DESIGN.md up to the 202: the idempotency check (a replay is answered
+before anything else), validation, the routing decision (with its engine's half-open probe, if any,
+reserved), then one write transaction that persists the job (and, once priced, its ledger hold).
+The scheduler is told only after that transaction commits, so a job a client has heard of always
 exists.
 """
 
@@ -41,6 +42,9 @@ from policies.schema import PRIVACY_LOCAL, PRIVACY_TAG, is_private
 from tiers.base import RenderRequest, billed_by_provider, to_credits, to_millicredits
 
 Body = DraftCreate | PromoteCreate | PolishCreate
+# Retry-After for a request whose engine's half-open probe another request took while it was routed:
+# routed again a moment later, it goes to the next candidate.
+RESERVE_RETRY_SECONDS = 1
 
 
 def _round_to(value: float, multiple: int) -> int:
@@ -213,22 +217,22 @@ class JobService:
             replay = self._replay(idempotency_key, scope, digest)
             if replay is not None:
                 return replay, False
-        prepared = prepare()
         cache = getattr(body, "cache", True)
+        # The probe of a half-open circuit is taken with the routing, before the commit: requests
+        # routed together once all became it. The reservation lapses unless the job made adopts it.
+        token = f"submit-{secrets.token_hex(8)}"
         try:
-            decision = self.decide(prepared, engine, max_credits, cache=cache)
+            prepared = prepare()
+            decision = self._reserve(self.decide(prepared, engine, max_credits, cache=cache), token, prepared,
+                                     engine, max_credits, cache=cache)
         except OrchestratorError:
             # A request with this key may have committed since the look-up above, and its hold (or
-            # its engine's failures) can change the routing: the first request's answer is ours.
+            # its engine's failures, or its probe) can change the routing: the first request's answer is ours.
             if idempotency_key:
                 replay = self._replay(idempotency_key, scope, digest)
                 if replay is not None:
                     return replay, False
             raise
-        # The probe of a half-open circuit is taken with the routing, before the commit: requests
-        # routed together once all became it. The reservation lapses unless the job made adopts it.
-        token = f"submit-{secrets.token_hex(8)}"
-        decision = self._reserve(decision, token, prepared, engine, max_credits, cache=cache)
         reserved = decision.chosen
         try:
             job = self._new_job(prepared, decision, cache=cache)
@@ -252,6 +256,13 @@ class JobService:
                     fresh = self._route(project.policy, prepared, engine, max_credits,
                                         self.ledger.balance(s, project), cache=False)
                     if (fresh.chosen, fresh.rule) != (decision.chosen, decision.rule):
+                        if fresh.chosen != reserved:  # its probe too, taken as the first choice's was
+                            if not self.router.health.reserve(fresh.chosen, token):
+                                raise NoUsableEngine(f"engine '{fresh.chosen}' cannot take a job now; send "
+                                                     "the request again", details={"engine": fresh.chosen},
+                                                     retry_after=RESERVE_RETRY_SECONDS)
+                            self.router.health.finished(reserved, token)
+                            reserved = fresh.chosen
                         decision = fresh
                         job = self._new_job(prepared, decision, cache=cache)
                         cached = self._cached(s, job) if job.cache_key else None
@@ -273,10 +284,8 @@ class JobService:
             if job.cache_hit:
                 self._publish_cached(job)
             else:
-                if job.engine == reserved:  # routed to a half-open circuit, this job is its probe now
-                    self.router.health.adopt(reserved, token, job.id)
-                else:  # routed again under the project's lock, to another engine
-                    self.router.health.assign(job.engine, job.id)
+                # Routed to a half-open circuit, this job is its probe now.
+                self.router.health.adopt(reserved, token, job.id)
                 self.bus.publish(job.id, "queued", {"job_id": job.id, "status": "queued"})
                 self.notify()
             return job, True
@@ -292,7 +301,7 @@ class JobService:
             # Another request took the probe since routing looked: routed again, it is skipped now.
             decision = self.decide(prepared, engine, max_credits, cache=cache)
         raise NoUsableEngine(f"engine '{decision.chosen}' cannot take a job now; send the request again",
-                             details={"engine": decision.chosen})
+                             details={"engine": decision.chosen}, retry_after=RESERVE_RETRY_SECONDS)
 
     def _cached(self, s: Session, job: Job) -> list[Asset]:
         """The assets of an earlier identical paid job of the same project from the same source

@@ -395,8 +395,9 @@ class JobRunner:
         job = claim.job
         tried = {a["engine"] for a in job.attempts or []} | {job.engine}
         request = render_request(job.params)
+        token = f"fallback-{job.id}-{claim.attempt}"
         for name in fallbacks(job.routing, tried):
-            if name not in self.registry or not self.health.allow(name):
+            if name not in self.registry:
                 continue
             engine = self.registry.get(name)
             if not engine.availability()[0]:
@@ -405,8 +406,13 @@ class JobRunner:
                 estimate = priced(engine, request)
             except OrchestratorError:
                 continue
+            # Its half-open probe taken before the move, in one step (see `EngineHealth.reserve`).
+            if not self.health.reserve(name, token):
+                continue
+            moved = False
             try:
                 await asyncio.to_thread(self._requeue_on, claim, error, name, engine.model, estimate)
+                moved = True
             except StaleAttempt:
                 return True
             except Canceled as exc:
@@ -414,7 +420,11 @@ class JobRunner:
                 return True
             except BudgetExceeded:
                 continue  # nothing was written; a cheaper (or free) candidate may still fit
-            self.health.assign(name, job.id)
+            finally:
+                if moved:  # the job is the probe now, as a submitted one would be
+                    self.health.adopt(name, token, job.id)
+                else:
+                    self.health.finished(name, token)
             self.bus.publish(job.id, "state", {"state": "fallback", "from": job.engine, "to": name,
                                                "error": error.to_dict()})
             self.notify()

@@ -6,6 +6,7 @@ import asyncio
 import functools
 import json
 import sqlite3
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -381,6 +382,17 @@ def test_requests_routed_together_after_the_cooldown_send_one_probe(
     with running(new_settings(engines=FAKE_ENGINES, policy="fallback-test", policy_dir=fallback_policies)) as client:
         _, asset_id = draft_asset(client)
         open_then_half_open(client, asset_id, clock)
+        # All four have routed (and found the circuit free) before any goes on to commit.
+        gate, local, decide = threading.Barrier(4, timeout=30), threading.local(), JobService.decide
+
+        def decide_together(self: JobService, *args: Any, **kwargs: Any) -> Any:
+            decision = decide(self, *args, **kwargs)
+            if not getattr(local, "waited", False):
+                local.waited = True
+                gate.wait()
+            return decision
+
+        monkeypatch.setattr(JobService, "decide", decide_together)
 
         def one(_: int) -> str:
             with httpx.Client(base_url=client.base_url, timeout=30) as other:
