@@ -75,8 +75,9 @@ class GeminiEngine(CloudEngine):
         return req.n * (per_image + per_input)
 
     def _sized(self) -> bool:
-        """Whether the model takes `imageSize` (1K/2K/4K); the 2.5 generation makes 1K only."""
-        return not self._model.startswith("gemini-2.5")
+        """Whether the model takes `imageSize` (1K/2K/4K): the Gemini 3 image models; the earlier
+        ones make 1K only."""
+        return self._model.startswith("gemini-3")
 
     def _output_allowance(self) -> int:
         return math.ceil(OUTPUT_TOKEN_ALLOWANCE * self._token_rate("output_tokens_per_million") / 1e6)

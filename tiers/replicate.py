@@ -19,7 +19,14 @@ from typing import Any
 
 import httpx
 
-from orchestrator.errors import Canceled, ContentFiltered, EngineError, EngineTimeout, EngineUnavailable
+from orchestrator.errors import (
+    BadEngineInput,
+    Canceled,
+    ContentFiltered,
+    EngineError,
+    EngineTimeout,
+    EngineUnavailable,
+)
 from tiers._cloud import CloudEngine, paid_calls
 from tiers._http import RemoteClient, error_text
 from tiers._images import b64encode, encode_image, nearest_aspect, size_class
@@ -53,6 +60,13 @@ def is_nano_banana(model: str) -> bool:
     return model.startswith("google/nano-banana")
 
 
+def takes_resolution(model: str) -> bool:
+    """Whether the model is told an output resolution (1K | 2K | 4K): the Gemini 3 image models.
+    FLUX 1.1 pro takes an aspect ratio only, and google/nano-banana (Gemini 2.5) makes 1K: both
+    answer about a megapixel whatever was asked."""
+    return model.startswith(("google/nano-banana-2", "google/nano-banana-pro"))
+
+
 def price_variant(model: str, req: RenderRequest) -> str:
     return size_class(req.width, req.height) if is_nano_banana(model) else "image"
 
@@ -73,7 +87,7 @@ def model_input(model: str, req: RenderRequest, prompt: str, image_uri: str | No
             flux["seed"] = req.seed
         return flux
     body: dict[str, Any] = {"prompt": prompt, "output_format": "png"}
-    if is_nano_banana(model):
+    if takes_resolution(model):
         body["resolution"] = size_class(req.width, req.height)
     if image_uri:
         body["image_input"] = [image_uri]
@@ -108,6 +122,11 @@ class ReplicateEngine(CloudEngine):
         self.http.final_answer = maybe_created
 
     def estimate(self, req: RenderRequest) -> int:
+        if size_class(req.width, req.height) != "1K" and not takes_resolution(self._model):
+            # It would answer about 1K, paid, for a larger polish: routing takes an engine that can.
+            raise BadEngineInput(f"{self.name}: {self._model} makes images of about 1024 px on the long side, "
+                                 f"smaller than the {req.width}x{req.height} asked", retryable=True,
+                                 details={"engine": self.name, "width": req.width, "height": req.height})
         return req.n * self._prices.millicredits(self._model, price_variant(self._model, req))
 
     def _input(self, req: RenderRequest) -> dict[str, Any]:

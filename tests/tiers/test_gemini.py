@@ -172,6 +172,8 @@ def test_the_2_5_model_is_not_asked_for_more_than_the_1k_it_makes(make_ctx: Any)
     assert info.value.retryable  # another engine may make it
     assert legacy.estimate(bridge(width=1024, height=576)) > 0
     assert GeminiEngine(make_ctx(gemini_api_key="k")).estimate(bridge(width=2048, height=2048)) > 0
+    older = GeminiEngine(make_ctx(gemini_api_key="k", gemini_model="gemini-2.0-flash-preview-image-generation"))
+    assert not older._sized()  # only the Gemini 3 image models take a size (the rule once left 2.0 out)
 
 
 @respx.mock

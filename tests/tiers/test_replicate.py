@@ -310,6 +310,10 @@ def test_estimate_per_image_and_unknown_model(make_ctx: Any) -> None:
     assert eng.estimate(bridge(stage="polish", width=4096, height=4096)) == 16000
     flux = ReplicateEngine(make_ctx(replicate_api_key="k", replicate_model="black-forest-labs/flux-1.1-pro"))
     assert flux.estimate(bridge()) == 4000
+    # FLUX takes an aspect ratio only and answers about 1K: a 2K polish came back at that, paid.
+    with pytest.raises(BadEngineInput, match="smaller than the 2048x1536 asked") as info:
+        flux.estimate(bridge(stage="polish", width=2048, height=1536))
+    assert info.value.retryable
     unknown = ReplicateEngine(make_ctx(replicate_api_key="k", replicate_model="someone/else"))
     with pytest.raises(NoPrice):
         unknown.estimate(bridge())
