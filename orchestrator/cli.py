@@ -37,6 +37,11 @@ def _port(text: str) -> int:
     return port
 
 
+def _interrupted() -> int:
+    print("orchestrator: interrupted", file=sys.stderr)
+    return 130
+
+
 def _demo_size(text: str) -> int:
     try:
         size = int(text)
@@ -100,8 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(args)
     except KeyboardInterrupt:  # Ctrl-C: whatever was running has stopped (the server cleanly)
-        print("orchestrator: interrupted", file=sys.stderr)
-        return 130
+        return _interrupted()
     except ValidationError as exc:
         if exc.title != "Settings":
             raise
@@ -282,7 +286,7 @@ def _run(args: argparse.Namespace) -> int:
             return failed
         _log_to_data_dir(settings)
         if asyncio.run(run_worker(settings)) == signal.SIGINT:
-            raise KeyboardInterrupt  # stopped cleanly, and told as every command's Ctrl-C is
+            return _interrupted()  # stopped cleanly, and told as every command's Ctrl-C is
         return 0
     if args.command == "migrate":
         from orchestrator.db import upgrade

@@ -132,7 +132,7 @@ class JobService:
         seed), and a request cannot lift it."""
         with self.db.session() as s:
             made_by = s.get(Job, source.job_id)
-        inherited = _stored_tags(made_by.params.get("tags") or {} if made_by else {})
+        inherited = _stored_tags((made_by.params.get("tags") or {}) if made_by else {})
         privacy = inherited.get(PRIVACY_TAG)
         if privacy and is_private({PRIVACY_TAG: privacy}) and PRIVACY_TAG in tags and not is_private(tags):
             why = (f"asset '{source.id}' is private (tags.{PRIVACY_TAG}={privacy}): what is made from it "

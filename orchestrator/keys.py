@@ -43,7 +43,7 @@ def create(db: Database, project_id: str, name: str,
             raise Conflict(
                 f"this Idempotency-Key already made key '{made}', whose secret was shown only in that answer: "
                 "if it was lost, revoke that key and make another with a new Idempotency-Key",
-                details={"key_id": made, "idempotency_key": idempotent[0] if idempotent else None})
+                details={"key_id": made, "idempotency_key": earlier.key})
         key.id = new_id("key")  # made under the write lock: ids are the list's cursors
         s.add(key)
         if idempotent:
