@@ -124,6 +124,31 @@ def open_store(assets_dir: Path) -> ArtifactStore:
     return ArtifactStore(assets_dir)
 
 
+def check_revision(engine: Engine) -> None:
+    """Raises `CannotCheck` unless the database's schema is this version's: an older one needs
+    `orchestrator migrate` (its tables would fail the checks with a bare SQL error), and a newer
+    one's rows may mean what this version cannot judge (it once said "ok" of one)."""
+    from importlib.resources import files
+
+    from alembic.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
+    scripts = ScriptDirectory(str(files("migrations")))
+    head = scripts.get_current_head()
+    with engine.connect() as connection:
+        found = MigrationContext.configure(connection).get_current_revision()
+    if found == head:
+        return
+    if found is None:
+        raise CannotCheck("the database has no tables of this service (run `orchestrator migrate`, or is "
+                          "ORCH_DATABASE_URL right?)")
+    if found in {script.revision for script in scripts.walk_revisions()}:
+        raise CannotCheck(f"the database is at revision {found}, this version expects {head}: run "
+                          "`orchestrator migrate` first")
+    raise CannotCheck(f"the database is at revision {found}, which this version does not know (it expects "
+                      f"{head}): it was migrated by a newer orchestrator; check it with that version")
+
+
 def check_identity(engine: Engine, store: ArtifactStore) -> str | None:
     """Why the data dir is not the store the database's assets live in (`orchestrator.identity`),
     or None. A database from before stores had ids has nothing to compare: None."""

@@ -335,6 +335,7 @@ def _check(*, no_hash: bool) -> int:
         CannotCheck,
         check_identity,
         check_ledger,
+        check_revision,
         check_store,
         open_store,
         read_only_engine,
@@ -348,6 +349,7 @@ def _check(*, no_hash: bool) -> int:
     try:
         engine = read_only_engine(settings.resolved_database_url)
         try:
+            check_revision(engine)
             store = open_store(settings.assets_dir)
             wrong_store = check_identity(engine, store)
             report = check_store(engine, store, hashes=not no_hash)

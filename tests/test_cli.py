@@ -10,16 +10,19 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from alembic.script import ScriptDirectory
 from PIL import Image
 
 from orchestrator import check as check_module
 from orchestrator import demo as demo_module
 from orchestrator.cli import _log_to_data_dir, main
+from orchestrator.db import upgrade
 from orchestrator.services import startup_problems
 from orchestrator.settings import Settings
 from orchestrator.store import ArtifactStore
@@ -224,7 +227,30 @@ def test_check_on_a_database_never_migrated_is_one_line(make_settings: SettingsF
     monkeypatch.setenv("ORCH_DATA_DIR", str(data))
     assert main(["check"]) == 2
     err = capsys.readouterr().err
-    assert err == "orchestrator: cannot use the database: no such table: assets\n"
+    assert err == ("orchestrator: the database has no tables of this service (run `orchestrator migrate`, or is "
+                   "ORCH_DATABASE_URL right?)\n")
+
+
+def test_check_on_an_older_or_a_newer_schema_says_which(make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch,
+                                                        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # An older one failed on a bare SQL error; a newer one was said to be "ok".
+    make_settings()
+    data = tmp_path / "data"
+    (data / "assets").mkdir(parents=True)
+    url = f"sqlite:///{data / 'orchestrator.db'}"
+    head = ScriptDirectory(str(files("migrations"))).get_revision("head")
+    assert head is not None and isinstance(head.down_revision, str)
+    upgrade(url, head.down_revision)
+    monkeypatch.setenv("ORCH_DATA_DIR", str(data))
+    assert main(["check"]) == 2
+    err = capsys.readouterr().err
+    assert (f"the database is at revision {head.down_revision}, this version expects {head.revision}: run "
+            "`orchestrator migrate` first") in err
+    upgrade(url)
+    with sqlite3.connect(data / "orchestrator.db") as db:
+        db.execute("UPDATE alembic_version SET version_num = '0099'")
+    assert main(["check"]) == 2
+    assert "revision 0099, which this version does not know" in capsys.readouterr().err
 
 
 def test_demo_refused_by_the_service_says_why(make_settings: SettingsFactory,
