@@ -35,7 +35,7 @@ from orchestrator.db import postgres_connect_args
 from orchestrator.errors import NotFound
 from orchestrator.events import TERMINAL
 from orchestrator.models import Asset, Job, LedgerEntry
-from orchestrator.store import ORPHAN_BATCH, ArtifactStore, stored_sha
+from orchestrator.store import ORPHAN_ALARM_FILES, ORPHAN_ALARM_SHARE, ORPHAN_BATCH, ArtifactStore, stored_sha
 
 PAGE = 1000
 CHUNK = 1 << 20
@@ -56,11 +56,25 @@ class StoreReport:
     unreadable: list[str] = field(default_factory=list)  # the file is there, reading it failed
     malformed: list[str] = field(default_factory=list)  # the row's sha256 is not one
     unnamed: int = 0  # files in the store no asset names
+    files: int = 0  # files in the store
     hashed: bool = True
 
     @property
+    def foreign(self) -> bool:
+        """The database names none (or few) of the store's files: the sweep's rule for "is it this
+        data dir's database?" (a running service's SQLite file copied without its `-wal` has none
+        of the recent rows, and was once said to be ok)."""
+        return bool(self.unnamed) and (self.unnamed == self.files or (
+            self.unnamed > ORPHAN_ALARM_FILES and self.unnamed > self.files * ORPHAN_ALARM_SHARE))
+
+    @property
+    def lost(self) -> bool:
+        """Some asset's file is missing, damaged, unreadable, or its row's sha256 malformed."""
+        return bool(self.missing or self.damaged or self.unreadable or self.malformed)
+
+    @property
     def ok(self) -> bool:
-        return not (self.missing or self.damaged or self.unreadable or self.malformed)
+        return not (self.lost or self.foreign)
 
 
 @dataclass
@@ -179,7 +193,7 @@ def check_store(engine: Engine, store: ArtifactStore, *, hashes: bool = True) ->
             verdict = verdicts[sha]
             if verdict is not None:
                 getattr(report, verdict).append(asset_id)
-    report.unnamed = _unnamed(engine, store)
+    report.unnamed, report.files = _unnamed(engine, store)
     return report
 
 
@@ -308,14 +322,16 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _unnamed(engine: Engine, store: ArtifactStore) -> int:
-    unnamed = 0
+def _unnamed(engine: Engine, store: ArtifactStore) -> tuple[int, int]:
+    """(files no asset names, files) in the store."""
+    unnamed = files = 0
     for batch in _batches(sha for path in store.root.glob("*/*.png")
                           if not path.name.startswith(".") and (sha := stored_sha(path)) is not None):
         with Session(engine) as s:
             named = set(s.exec(select(Asset.sha256).where(col(Asset.sha256).in_(batch))))
         unnamed += sum(1 for sha in batch if sha not in named)
-    return unnamed
+        files += len(batch)
+    return unnamed, files
 
 
 def _batches(items: Iterable[Any]) -> Iterator[list[Any]]:

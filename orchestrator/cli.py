@@ -372,7 +372,9 @@ def _check(*, no_hash: bool) -> int:
                       (report.malformed, "with a malformed sha256 in their row")):
         if ids:
             print(f"{len(ids)} assets {what}: {_shown(ids)}")
-    if report.unnamed:
+    if report.foreign:
+        print(f"{report.unnamed} of the {report.files} files in the store are named by no asset in this database")
+    elif report.unnamed:
         print(f"{report.unnamed} files no asset names (canceled jobs' images; the service removes them after an hour)")
     print(f"ledger: {ledger.entries} entries, {ledger.holds} holds")
     for what, ids in ledger.problems.items():
@@ -389,7 +391,10 @@ def _check(*, no_hash: bool) -> int:
     if report.ok and ledger.ok and wrong_store is None:
         print("ok")
         return 0
-    if not report.ok:
+    if report.foreign:
+        print("PROBLEMS: is it the database this data dir belongs to? A copy of a running service's SQLite "
+              "file without its -wal file holds none of the recent rows: take backups as the README says")
+    if report.lost:
         print("PROBLEMS: restore those assets' files from a backup (the ids above name them)")
     if not ledger.ok:
         print("PROBLEMS: the ledger entries above do not add up; budgets and spend are off by them "

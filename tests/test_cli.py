@@ -173,6 +173,19 @@ def test_check_names_the_assets_whose_files_are_missing_or_damaged(
     assert f"1 assets missing: {assets[0]}\n" in out and "damaged" not in out
 
 
+def test_check_refuses_a_database_that_names_none_of_the_store_s_files(
+        make_settings: SettingsFactory, start_server: Callable[[Settings], httpx.Client],
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    # A running service's SQLite file copied without its -wal: none of the recent rows, and "ok".
+    settings, _client, _assets = drafted(make_settings, start_server, monkeypatch, n=2)
+    with sqlite3.connect(settings.data_dir / "orchestrator.db") as db:
+        db.execute("DELETE FROM assets")
+    assert main(["check"]) == 1
+    out = capsys.readouterr().out
+    assert "2 of the 2 files in the store are named by no asset in this database" in out
+    assert "is it the database this data dir belongs to?" in out and "restore those assets" not in out
+
+
 def test_check_reports_a_file_it_cannot_read_and_goes_on(
         make_settings: SettingsFactory, start_server: Callable[[Settings], httpx.Client],
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
