@@ -201,3 +201,20 @@ def check_holds_marked_settled_by_0010(url: str) -> None:
 
 def test_0010_marks_settled_holds_on_sqlite(tmp_path: Path) -> None:
     check_holds_marked_settled_by_0010(f"sqlite:///{tmp_path / 'm.db'}")
+
+
+def test_0013_mends_the_indexes_of_the_first_0009_and_0010(tmp_path: Path) -> None:
+    # Those two revisions were edited after they landed: a database migrated by their first
+    # versions kept `ix_assets_stage` and lacked the later indexes (and its downgrade failed).
+    url = f"sqlite:///{tmp_path / 'first.db'}"
+    upgrade(url, "0012")
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("DROP INDEX ix_jobs_status_project_created")
+        conn.exec_driver_sql("DROP INDEX ix_assets_stage_size")
+        conn.exec_driver_sql("CREATE INDEX ix_assets_stage ON assets (stage)")
+    upgrade(url)
+    names = {i["name"] for table in ("jobs", "assets") for i in inspect(engine).get_indexes(table)}
+    assert {"ix_jobs_status_project_created", "ix_assets_stage_size"} <= names and "ix_assets_stage" not in names
+    upgrade(url)  # and on a database that had them all along, nothing
+    engine.dispose()
