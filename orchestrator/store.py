@@ -321,11 +321,12 @@ class ArtifactStore:
         and writes its own, so a row committed after the question never names a removed file. A
         sweep that died between the rename and the end leaves a `.gc-` file, settled by the next.
 
-        Raises `SweepRefused`, removing nothing, when the rows name none of the old files, or
-        many of them are orphans: a database that is not this store's (a new one, another
+        Raises `SweepRefused`, removing nothing, when the rows name none of the files, or many
+        of the old ones are orphans: a database that is not this store's (a new one, another
         install's) would otherwise make every file an orphan."""
         cutoff = time.time() - older_than
         candidates: dict[str, list[Path]] = {}
+        young: list[str] = []  # a few of the files too new to sweep, to tell a young install
         total = 0
         for path in self.root.glob("*/*.png"):
             sha = stored_sha(path)
@@ -335,6 +336,8 @@ class ArtifactStore:
                 total += 1
                 if path.name.startswith(".gc-") or path.stat().st_mtime < cutoff:
                     candidates.setdefault(sha, []).append(path)
+                elif len(young) < ORPHAN_BATCH:
+                    young.append(sha)
             except OSError:  # gone since the listing, or unreadable: not this sweep's
                 continue
         orphans: list[Path] = []
@@ -352,6 +355,10 @@ class ArtifactStore:
                             leftovers.append(path)
                     else:
                         orphans.append(path)
+        if orphans and not named_any and young:
+            # An install younger than the grace: its rows name its new files, not its old orphans
+            # (an error was logged, and nothing removed, on a healthy install).
+            named_any = bool(referenced(young))
         if orphans and (not named_any or (len(orphans) > ORPHAN_ALARM_FILES
                                           and len(orphans) > total * ORPHAN_ALARM_SHARE)):
             raise SweepRefused(f"{len(orphans)} of the {total} files in {self.root} are named by no asset in this "

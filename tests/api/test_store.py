@@ -316,6 +316,19 @@ def test_a_database_that_names_too_few_files_removes_nothing(tmp_path: Path, nam
     assert all(store.path_for(sha).exists() for sha in shas)
 
 
+def test_a_young_install_s_old_orphan_is_swept(tmp_path: Path) -> None:
+    # Its rows name only files younger than the grace: the guard refused (an ERROR, nothing removed).
+    store = ArtifactStore(tmp_path / "assets")
+    named, orphan = store.put(b"a fresh draft"), store.put(b"a canceled job's image")
+    age(store.path_for(orphan))
+    assert store.sweep_orphans(Rows(named)) == 1
+    assert not store.path_for(orphan).exists() and store.get(named) == b"a fresh draft"
+    other = store.put(b"another orphan")
+    age(store.path_for(other))
+    with pytest.raises(SweepRefused):  # a database naming none of the files, young or old, still stops it
+        store.sweep_orphans(Rows())
+
+
 def test_a_dead_sweeps_leftover_is_settled(tmp_path: Path) -> None:
     """A sweep that died between its rename and its verdict left `.gc-` files: the next one puts
     back those a row names and removes the others."""
