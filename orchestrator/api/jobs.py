@@ -3,7 +3,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
@@ -164,7 +164,11 @@ async def job_events(job_id: str, services: ServicesDep, caller: CallerDep, requ
                     if not await asyncio.to_thread(keys.live, services.db, caller.key_id):
                         return
                     checked = time.monotonic()
-                pending = pending or asyncio.ensure_future(anext(events))
+                if pending is None:
+                    pending = asyncio.ensure_future(anext(events))
+                    # Its end may come as the client leaves (the finally below then skips it): read,
+                    # or asyncio logs "Task exception was never retrieved" at ERROR for a hang-up.
+                    pending.add_done_callback(_retrieved)
                 wait = KEEPALIVE_SECONDS
                 if caller.key_id is not None:  # wake for the next key check, not only for an event
                     wait = min(wait, max(0.0, KEY_RECHECK_SECONDS - (time.monotonic() - checked)) + 0.01)
@@ -180,15 +184,22 @@ async def job_events(job_id: str, services: ServicesDep, caller: CallerDep, requ
                 pending = None
                 yield event.sse()
         finally:
-            if pending is not None and not pending.done():
-                pending.cancel()
-                # Let the subscription unwind inside that task first: closing a generator that is
-                # still running raises, and every client disconnect logged a traceback.
-                await asyncio.wait({pending})
-            await events.aclose()  # type: ignore[attr-defined]
+            try:
+                if pending is not None and not pending.done():
+                    pending.cancel()
+                    # Let the subscription unwind inside that task first: closing a generator that
+                    # is still running raises, and every client disconnect logged a traceback.
+                    await asyncio.wait({pending})
+            finally:  # even when that wait is itself canceled: the subscriber must go
+                await events.aclose()  # type: ignore[attr-defined]
 
     return StreamingResponse(stream(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _retrieved(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 def _stored_state(services: Services, job_id: str) -> tuple[Job, list[str], bool]:
