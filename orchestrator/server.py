@@ -14,10 +14,10 @@ from types import FrameType
 
 import uvicorn
 from fastapi import FastAPI
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from orchestrator.api.cross_site import is_loopback
-from orchestrator.api.errors import error_response
+from orchestrator.api.errors import StartTracker, error_response
 from orchestrator.app import create_app
 from orchestrator.settings import Settings
 
@@ -42,17 +42,11 @@ class AnswerWhenStopped:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        started = False
-
-        async def tracked(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
+        tracked = StartTracker(send)
         try:
             await self.app(scope, receive, tracked)
         except asyncio.CancelledError:
-            if started:  # half an answer: only closing the connection is left
+            if tracked.started:  # half an answer: only closing the connection is left
                 raise
             message = ("the server stopped before this request was finished; send it again (with the same "
                        "Idempotency-Key for a POST, so that it is not done twice)")

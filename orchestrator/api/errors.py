@@ -229,6 +229,19 @@ def _internal_error() -> JSONResponse:
     return error_response(500, "internal_error", "internal server error")
 
 
+class StartTracker:
+    """An ASGI `send` that notes whether the answer has begun: a layer answering for a request
+    that failed may only do so before."""
+
+    def __init__(self, send: Send) -> None:
+        self.started = False
+        self._send = send
+
+    async def __call__(self, message: Message) -> None:
+        self.started = self.started or message["type"] == "http.response.start"
+        await self._send(message)
+
+
 class UnexpectedErrors:
     """Answers a bug's 500 inside the CORS layer. Starlette answers it in its outermost layer,
     outside every middleware, so a dashboard's page got a 500 without CORS headers: a bare network
@@ -241,16 +254,10 @@ class UnexpectedErrors:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        started = False
-
-        async def tracked(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
+        tracked = StartTracker(send)
         try:
             await self.app(scope, receive, tracked)
         except Exception:
-            if not started:
+            if not tracked.started:
                 await _internal_error()(scope, receive, send)
             raise
