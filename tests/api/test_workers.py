@@ -168,7 +168,9 @@ def test_a_cancel_through_the_api_server_stops_the_worker_s_job(
             assert events[-1].event == "progress", [e.event for e in events]
             cancel = client.post(f"/v1/jobs/{job['id']}/cancel")
             assert cancel.status_code == 202, cancel.text
-            assert cancel.json()["status"] == "running"  # asked of the worker, which ends it
+            # Asked of the worker, which ends it: woken by the bell, it may have done so before this
+            # answer read the row back (the asserts below tell its own end from a write-off).
+            assert cancel.json()["status"] in ("running", "canceled"), cancel.json()
             events.extend(stream)
         kinds = [e.event for e in events]
         assert [k for k in kinds if k in TERMINAL] == ["canceled"] and "asset" not in kinds
