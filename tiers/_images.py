@@ -51,17 +51,21 @@ def b64decode_tolerant(data: str) -> bytes:
 # The largest image an engine may return: a request's largest side (8192) squared. A few hundred
 # KB of PNG can declare far more pixels than that, which decoding would have to hold in memory.
 MAX_OUTPUT_PIXELS = 8192 * 8192
+# What providers and self-hosted servers send back. Pillow opens some forty formats, and some
+# readers run outside programs (EPS runs Ghostscript) on bytes a provider, or whatever it names as
+# its output, chose.
+OUTPUT_FORMATS = ("PNG", "JPEG", "WEBP")
 
 
 def decode_image(data: bytes, engine: str) -> Image.Image:
     try:
         with warnings.catch_warnings():  # PIL's warning for what is refused just below
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))  # reads the header only
+            img = Image.open(io.BytesIO(data), formats=OUTPUT_FORMATS)  # reads the header only
     except Image.DecompressionBombError as exc:
         raise EngineError(f"{engine}: the provider returned an image too large to decode ({exc})") from exc
     except Exception as exc:
-        raise EngineError(f"{engine}: the provider returned bytes that are not an image") from exc
+        raise EngineError(f"{engine}: the provider returned bytes that are not a PNG, JPEG or WebP image") from exc
     width, height = img.size
     if width * height > MAX_OUTPUT_PIXELS:
         raise EngineError(f"{engine}: the provider returned a {width}x{height} image, more than "

@@ -182,3 +182,35 @@ def test_an_image_declaring_more_pixels_than_any_request_is_not_decoded(side: in
 
     with pytest.raises(EngineError, match=r"too large|more than 67108864 pixels"):
         decode_image(png_declaring(side, side), "prov")
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP"])
+def test_the_formats_providers_send_are_decoded(fmt: str) -> None:
+    import io
+
+    from PIL import Image
+
+    from tiers._images import decode_image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 8), (200, 10, 10)).save(buf, format=fmt)
+    assert decode_image(buf.getvalue(), "prov").size == (16, 8)
+
+
+@pytest.mark.parametrize("fmt", ["EPS", "BMP", "GIF", "TIFF"])
+def test_formats_no_provider_sends_are_not_handed_to_their_readers(fmt: str) -> None:
+    """Some of Pillow's readers run outside programs (EPS: Ghostscript) on what they open."""
+    import io
+
+    from PIL import Image
+
+    from tiers._images import decode_image
+
+    if fmt == "EPS":
+        data = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 8\nshowpage\n"
+    else:
+        buf = io.BytesIO()
+        Image.new("RGB", (16, 8)).save(buf, format=fmt)
+        data = buf.getvalue()
+    with pytest.raises(EngineError, match="not a PNG, JPEG or WebP image"):
+        decode_image(data, "prov")
