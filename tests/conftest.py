@@ -18,12 +18,21 @@ import pytest
 from orchestrator.db import Database
 from orchestrator.server import serve_in_thread
 from orchestrator.settings import Settings
-from tiers import tiny
+from tiers import _http, tiny
 
 # The vendors' own variables also configure the remote engines (see settings.py).
 VENDOR_KEYS = ("GEMINI_API_KEY", "OPENAI_API_KEY", "STABILITY_API_KEY", "REPLICATE_API_TOKEN", "FAL_KEY")
 
 SettingsFactory = Callable[..., Settings]
+
+
+@pytest.fixture(autouse=True)
+def no_dns(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hosts a provider's answer names (output URLs) resolve to nothing, as on a machine offline:
+    tests must not depend on the machine's DNS. Tests of the address check set their own."""
+    async def unresolved(host: str, port: int) -> list[Any]:
+        return []
+    monkeypatch.setattr(_http, "resolve_host", unresolved)
 
 
 @pytest.fixture(scope="session")

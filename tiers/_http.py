@@ -16,9 +16,11 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import functools
+import ipaddress
 import json
 import math
 import random
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -40,6 +42,14 @@ RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504}) | frozenset(range(505
 KEY_HEADERS = frozenset({"x-goog-api-key", "x-api-key", "api-key", "x-key"})
 # The least time an attempt admitted before the deadline is given to be answered.
 MIN_ATTEMPT_SECONDS = 1.0
+# The most an answer may hold once decompressed. The largest real answer is an image: a 4096x4096
+# PNG, base64 in JSON, is some 70 MB. Without a cap, half a megabyte of gzip that inflates to
+# gigabytes is read whole into memory (httpx decompresses what it reads).
+MAX_ANSWER_BYTES = 256 * 2**20
+# How long a host named by an answer (an output URL) may take to resolve before it is checked.
+RESOLVE_SECONDS = 5.0
+
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 Sleep = Callable[[float], Awaitable[None]]
 
@@ -50,6 +60,24 @@ class _RetryableAnswer(Exception):
     def __init__(self, response: httpx.Response) -> None:
         super().__init__(f"HTTP {response.status_code}")
         self.response = response
+
+
+async def resolve_host(host: str, port: int) -> list[Address]:
+    """The addresses `host` resolves to; none when it does not resolve (then the connection fails
+    on its own). Tests replace it: they must not depend on the machine's DNS."""
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(RESOLVE_SECONDS):
+            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, TimeoutError):
+        return []
+    return [ipaddress.ip_address(str(info[4][0]).partition("%")[0]) for info in infos]
+
+
+def _public(address: Address) -> bool:
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_global and not address.is_multicast
 
 
 class _NotSent(Exception):
@@ -176,18 +204,46 @@ class RemoteClient:
             timeout=httpx.Timeout(read_timeout, connect=connect_timeout),
             transport=transport,
             follow_redirects=True,
-            event_hooks={"request": [self._keep_keys_home]},
+            event_hooks={"request": [self._leaving_home]},
         )
         self._home = httpx.URL(base_url) if base_url else None
+        self.max_answer_bytes = MAX_ANSWER_BYTES
 
-    async def _keep_keys_home(self, request: httpx.Request) -> None:
-        """A key sent to another host (a redirect, a CDN download) is a leaked key."""
-        home = self._home
-        if home is not None and (request.url.scheme, request.url.host, request.url.port) == (
-                home.scheme, home.host, home.port):
+    async def _leaving_home(self, request: httpx.Request) -> None:
+        """Every request, redirects' included, to a host other than the base URL's: one the
+        provider's answer named (an output URL, a redirect). A key sent there is a leaked key; and
+        unless it is the base URL's own host (a local stand-in serving files on another port), it
+        must be a public host over https: an answer naming `http://127.0.0.1:8080/admin`, or a
+        cloud's metadata address, would otherwise have the service fetch it and store the answer
+        as an image the project can read."""
+        home, url = self._home, request.url
+        if home is not None and (url.scheme, url.host, url.port) == (home.scheme, home.host, home.port):
             return
         for name in KEY_HEADERS:
             request.headers.pop(name, None)
+        if home is not None and url.host == home.host:
+            return
+        why = None
+        if url.scheme != "https":
+            why = "it is not https"
+        else:
+            try:
+                addresses: list[Address] = [ipaddress.ip_address(url.host)]
+            except ValueError:
+                # Checked once here: a name that resolves anew to another address when connecting
+                # (DNS rebinding) is not caught; the https certificate still has to match the name.
+                addresses = await resolve_host(url.host, url.port or 443)
+            private = next((a for a in addresses if not _public(a)), None)
+            if url.host == "localhost" or url.host.endswith(".localhost"):
+                why = "it is this machine"
+            elif private is not None:
+                why = f"{url.host} is a private or local address ({private})"
+        if why is not None:
+            raise EngineError(
+                f"{self.engine}: the provider's answer named {url.scheme}://{url.host} to fetch, which is not "
+                f"fetched: {why} (only public https hosts, or the base URL's own host)",
+                details={"engine": self.engine, "host": url.host}, retryable=False,
+            )
 
     @classmethod
     def for_settings(cls, engine: str, settings: Settings, *, base_url: str, key_setting: str,
@@ -295,9 +351,9 @@ class RemoteClient:
         try:
             async with asyncio.timeout(limit):
                 if cancel is None:
-                    response = await self.client.send(request)
+                    response = await self._exchange(request, idempotent)
                 else:
-                    response = await cancel.race(self.client.send(request),
+                    response = await cancel.race(self._exchange(request, idempotent),
                                                  charged="no" if idempotent else "unknown")
         except TimeoutError:
             raise EngineTimeout(
@@ -335,6 +391,29 @@ class RemoteClient:
         if response.status_code in RETRY_STATUSES and not self.final_answer(response):
             raise _RetryableAnswer(response)
         return response
+
+    async def _exchange(self, request: httpx.Request, idempotent: bool) -> httpx.Response:
+        """Send `request` and read its answer, decompressed, up to `max_answer_bytes`."""
+        response = await self.client.send(request, stream=True)
+        try:
+            body = bytearray()
+            async for chunk in response.aiter_bytes():
+                body += chunk
+                if len(body) > self.max_answer_bytes:
+                    raise EngineError(
+                        f"{self.engine}: the provider's answer is larger than {self.max_answer_bytes >> 20} MiB "
+                        "once decompressed; it is not read" + ("" if idempotent else
+                                                                 ", and the provider may have billed the request"),
+                        details={"engine": self.engine, "max_bytes": self.max_answer_bytes},
+                        retryable=False, charged=None if idempotent else "unknown",
+                    )
+        finally:
+            await response.aclose()
+        # The body as read: decompressed, so the answer no longer says how it was encoded.
+        headers = [(k, v) for k, v in response.headers.multi_items()
+                   if k.lower() not in ("content-encoding", "content-length", "transfer-encoding")]
+        return httpx.Response(response.status_code, headers=headers, content=bytes(body),
+                              request=response.request, extensions=response.extensions)
 
     def _give_up(self, response: httpx.Response) -> EngineError:
         details = {"engine": self.engine, "status": response.status_code}

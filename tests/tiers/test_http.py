@@ -333,3 +333,88 @@ async def test_a_render_slower_than_the_read_timeout_is_waited_for_until_the_dea
 def test_a_hint_no_one_can_honour_is_no_hint(value: str) -> None:
     # Kept, it reached the job's error details as a number JSON cannot carry.
     assert retry_after(httpx.Response(429, headers={"retry-after": value})) is None
+
+
+def resolving(monkeypatch: pytest.MonkeyPatch, names: dict[str, str]) -> None:
+    """DNS as `names` says (host -> address); other hosts do not resolve."""
+    import ipaddress
+
+    from tiers import _http
+
+    async def resolve(host: str, port: int) -> list[Any]:
+        return [ipaddress.ip_address(names[host])] if host in names else []
+    monkeypatch.setattr(_http, "resolve_host", resolve)
+
+
+@pytest.mark.parametrize("url", [
+    "http://127.0.0.1:8080/admin",           # not https, and this machine
+    "https://127.0.0.1/admin",                # this machine over https
+    "https://169.254.169.254/latest/meta-data",  # a cloud's metadata address
+    "https://[::ffff:10.0.0.7]/x.png",        # a LAN address written as IPv6
+    "https://localhost/x.png",
+    "https://cdn.internal.test/x.png",        # a name that resolves to a LAN address
+    "http://cdn.public.test/x.png",           # a public host, in clear
+])
+@respx.mock
+async def test_a_host_an_answer_names_is_fetched_only_if_public_and_https(
+        client: RemoteClient, monkeypatch: pytest.MonkeyPatch, url: str) -> None:
+    resolving(monkeypatch, {"cdn.internal.test": "10.1.2.3", "cdn.public.test": "93.184.216.34"})
+    fetched = respx.get(url).mock(return_value=httpx.Response(200, content=b"secret"))
+    with pytest.raises(EngineError) as info:
+        await client.request("GET", url, idempotent=True)
+    assert fetched.call_count == 0 and not info.value.retryable
+    assert "is not fetched" in info.value.message and "only public https hosts" in info.value.message
+
+
+@respx.mock
+async def test_a_redirect_to_a_private_address_is_not_followed(
+        client: RemoteClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    resolving(monkeypatch, {"cdn.public.test": "93.184.216.34"})
+    respx.get("https://cdn.public.test/out.png").mock(
+        return_value=httpx.Response(302, headers={"location": "http://169.254.169.254/latest/meta-data"}))
+    metadata = respx.get("http://169.254.169.254/latest/meta-data").mock(return_value=httpx.Response(200))
+    with pytest.raises(EngineError, match=r"169\.254\.169\.254 to fetch"):
+        await client.request("GET", "https://cdn.public.test/out.png", idempotent=True)
+    assert metadata.call_count == 0
+
+
+@respx.mock
+async def test_public_https_hosts_and_the_base_url_s_own_host_are_fetched(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    resolving(monkeypatch, {"cdn.public.test": "93.184.216.34"})
+    public = respx.get("https://cdn.public.test/out.png").mock(return_value=httpx.Response(200, content=b"a"))
+    # A local stand-in for the provider, serving its files on another port of its own host.
+    own = respx.get("http://127.0.0.1:9001/out.png").mock(return_value=httpx.Response(200, content=b"b"))
+    local = RemoteClient("prov", base_url="http://127.0.0.1:9000", key_setting="ORCH_PROV_API_KEY")
+    try:
+        assert (await local.request("GET", "https://cdn.public.test/out.png", idempotent=True)).content == b"a"
+        assert (await local.request("GET", "http://127.0.0.1:9001/out.png", idempotent=True)).content == b"b"
+    finally:
+        await local.aclose()
+    assert public.call_count == own.call_count == 1
+
+
+def gzipped_zeros(size: int) -> httpx.Response:
+    import gzip
+
+    return httpx.Response(200, content=gzip.compress(b"\0" * size),
+                          headers={"content-encoding": "gzip", "content-type": "application/octet-stream"})
+
+
+@respx.mock
+async def test_an_answer_that_inflates_past_the_cap_is_not_read_or_resent(client: RemoteClient) -> None:
+    client.max_answer_bytes = 1 << 20
+    route = respx.post(f"{BASE}/images").mock(return_value=gzipped_zeros(4 << 20))  # ~4 KB on the wire
+    with pytest.raises(EngineError) as info:
+        await client.request("POST", "/images", json={"prompt": "a lighthouse"})
+    assert route.call_count == 1 and info.value.charged == "unknown" and not info.value.retryable
+    assert "larger than 1 MiB once decompressed" in info.value.message
+
+
+@respx.mock
+async def test_a_compressed_answer_within_the_cap_reads_as_sent(client: RemoteClient) -> None:
+    client.max_answer_bytes = 1 << 20
+    respx.get(f"{BASE}/out").mock(return_value=gzipped_zeros(1 << 19))
+    response = await client.request("GET", "/out", idempotent=True)
+    assert response.content == b"\0" * (1 << 19) and "content-encoding" not in response.headers
+    assert response.headers["content-type"] == "application/octet-stream"

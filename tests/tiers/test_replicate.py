@@ -393,3 +393,16 @@ async def test_the_create_is_held_well_within_the_deadline(make_ctx: Any, sleep:
     route = respx.post(CREATE).mock(return_value=httpx.Response(201, json=prediction()))
     await engine.run(bridge(), NullProgress(), CancelToken())
     assert route.calls[0].request.headers["Prefer"] == f"wait={wait}"
+
+
+@respx.mock
+async def test_an_output_url_on_this_machine_is_not_fetched_and_the_prediction_is_paid(engine: ReplicateEngine) -> None:
+    """The prediction ran (and was billed); its answer naming an internal address for the image
+    gets no request from the service, whose answer the project could have read as an asset."""
+    internal = "http://127.0.0.1:8080/admin?token=x"
+    respx.post(CREATE).mock(return_value=httpx.Response(201, json=prediction(output=[internal])))
+    admin = respx.get(internal).mock(return_value=httpx.Response(200, content=png_bytes()))
+    with pytest.raises(EngineError) as info:
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    assert admin.call_count == 0 and info.value.charged == "yes"
+    assert "http://127.0.0.1 to fetch" in info.value.message and "token" not in info.value.message
