@@ -21,6 +21,7 @@ process runs.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -87,12 +88,30 @@ def _quoted(value: Any) -> str:
 
 # An absolute or home-relative path in a sentence: up to a quote, a space or the end of a clause.
 _PATH = re.compile(r"(?<![\w.:/])(?:~|/)[^\s'\",;:]*")
+# A quoted value ('...'), which may be a path with spaces in it, or a relative one.
+_QUOTED = re.compile(r"(?<!\w)'([^'\n]+)'(?!\w)")
 
 
 def hide_paths(text: str) -> str:
     """`text` with the server's file paths cut to their last part (a model, a workflow file): what
-    clients read names files as `model_name` does; the operator's log keeps the whole path."""
+    clients read names files as `model_name` does; the operator's log keeps the whole path.
+    Messages quote the paths they name ('/srv/studio x/flow.json'): unquoted, a path ends at a
+    space."""
+    text = _QUOTED.sub(lambda found: f"'{model_name(found.group(1))}'", text)
     return _PATH.sub(lambda found: Path(found.group()).name, text)
+
+
+@functools.lru_cache(maxsize=256)
+def _is_path(model: str) -> bool:
+    """Whether `model` names a file or folder rather than a Hub id (`org/name`): absolute, `~`- or
+    `.`-relative, more than two parts (`models/acme-client/hifi`), or there, relative to the
+    working directory, as the loaders would take it."""
+    if Path(model).expanduser().is_absolute() or model.startswith(("~", ".")) or "\\" in model or model.count("/") > 1:
+        return True
+    try:
+        return Path(model).exists()
+    except (OSError, ValueError):  # a name too long for a file, a NUL
+        return False
 
 
 def model_name(model: str | None) -> str | None:
@@ -100,9 +119,9 @@ def model_name(model: str | None) -> str | None:
     path to it (a Hub id such as `stabilityai/sd-turbo` is kept whole)."""
     if not model:
         return model
-    path = Path(model).expanduser()
-    if not (path.is_absolute() or model.startswith(("~", "."))):
+    if not _is_path(model):
         return model
+    path = Path(model.replace("\\", "/")).expanduser()
     for part in reversed(path.parts):
         # A Hugging Face cache folder (`models--org--name/snapshots/<hash>`) is its Hub id.
         if part.startswith("models--") and part.count("--") == 2:

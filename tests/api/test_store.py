@@ -462,3 +462,41 @@ def test_recent_content_skips_what_could_never_fit() -> None:
     recent.add("ast_big", "b" * 64, b"x" * 11)
     assert recent.get("ast_big") is None
     assert recent.get("ast_a") == ("a" * 64, b"aaaa")  # not evicted for nothing
+
+
+@pytest.mark.parametrize(("model", "named"), [
+    ("stabilityai/sd-turbo", "stabilityai/sd-turbo"),         # a Hub id is kept whole
+    ("/srv/models/acme-nda/hifi", "hifi"),
+    ("models/acme-nda-client/hifi", "hifi"),                   # relative, more than org/name
+    ("./hifi", "hifi"),
+    ("C:\\models\\acme-nda\\hifi.safetensors", "hifi.safetensors"),
+    ("/cache/hub/models--stabilityai--sdxl-turbo/snapshots/0a1b", "stabilityai/sdxl-turbo"),
+])
+def test_models_are_named_without_the_server_s_path(model: str, named: str) -> None:
+    from orchestrator.store import model_name
+
+    assert model_name(model) == named
+
+
+def test_a_two_part_relative_folder_that_is_there_is_named_as_a_folder(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from orchestrator.store import model_name
+
+    (tmp_path / "acme" / "hifi-v3").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert model_name("acme/hifi-v3") == "hifi-v3"  # the loader takes the folder, not a Hub id
+
+
+@pytest.mark.parametrize(("text", "told"), [
+    ("the workflow file '/srv/studio acme-nda/wf/flow.json' has no {{image}} placeholder",
+     "the workflow file 'flow.json' has no {{image}} placeholder"),
+    ("model 'models/acme-nda/hifi' is neither an existing file or folder",
+     "model 'hifi' is neither an existing file or folder"),
+    ("the engine's model '/srv/acme x/hifi' isn't there", "the engine's model 'hifi' isn't there"),
+    ("cannot read /srv/acme/flow.json: denied", "cannot read flow.json: denied"),
+    ("export it with 'Export (API)'", "export it with 'Export (API)'"),
+])
+def test_messages_clients_read_name_files_not_paths(text: str, told: str) -> None:
+    from orchestrator.store import hide_paths
+
+    assert hide_paths(text) == told
