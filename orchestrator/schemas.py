@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import unicodedata
 from datetime import datetime
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
@@ -27,7 +28,18 @@ Period = Literal["day", "week", "month", "none"]
 JobStatus = Literal["queued", "running", "succeeded", "failed", "canceled"]
 T = TypeVar("T")
 
-Prompt = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=10000)]
+
+
+def _visible(text: str) -> str:
+    """A prompt of only zero-width, format or control characters (U+200B, U+FEFF, U+0001) is as
+    empty as one of spaces, which `strip_whitespace` already refuses."""
+    if all(c.isspace() or unicodedata.category(c) in ("Cc", "Cf") for c in text):
+        raise ValueError("has no visible text")
+    return text
+
+
+Prompt = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=10000),
+                   AfterValidator(_visible)]
 MAX_TAGS = 64
 V = TypeVar("V")
 

@@ -37,6 +37,9 @@ def post_drafts(client: httpx.Client, project: str, body: Any) -> httpx.Response
 @pytest.mark.parametrize(("body", "field"), [
     ({"prompt": ""}, "prompt"),
     ({"prompt": "   \n\t "}, "prompt"),
+    ({"prompt": "\u200b"}, "prompt"),  # zero-width space: nothing to see, as empty as spaces
+    ({"prompt": "\ufeff\u2060\u200d"}, "prompt"),
+    ({"prompt": "\u3000\u00a0\u0001"}, "prompt"),
     ({"negative_prompt": "no prompt at all"}, "prompt"),
     ({"prompt": "x", "n": 0}, "n"),
     ({"prompt": "x", "n": 17}, "n"),
