@@ -203,7 +203,8 @@ class Router:
             candidate.refusal = BadEngineInput(
                 f"{name}: {req.width}x{req.height} is larger than this engine makes "
                 f"({caps.max_width}x{caps.max_height} at most)",
-                details={"engine": name, "width": req.width, "height": req.height,
+                details={"engine": name, "field": "width" if req.width > caps.max_width else "height",
+                         "width": req.width, "height": req.height,
                          "max_width": caps.max_width, "max_height": caps.max_height})
             candidate.skipped = f"cannot take this request: {candidate.refusal.message}"
         if candidate.skipped:

@@ -149,7 +149,14 @@ def install(app: FastAPI) -> None:
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {}
         if exc.retry_after is not None:
             headers["Retry-After"] = str(max(1, exc.retry_after))
-        return error_response(exc.status, exc.code, exc.message, exc.details, headers or None)
+        details = exc.details
+        if exc.code == "invalid_request" and "errors" not in details:
+            # A refusal found past the body's validation (an engine's size limit) lists itself as
+            # validation errors do, so that a client reading `details.errors` finds every 422's.
+            field = details.get("field")
+            details = {**details, "errors": [{"loc": ["body", field] if isinstance(field, str) else ["body"],
+                                              "msg": exc.message, "type": "value_error"}]}
+        return error_response(exc.status, exc.code, exc.message, details, headers or None)
 
     @app.exception_handler(ValidationError)
     async def _inner_validation(_: Request, exc: ValidationError) -> JSONResponse:

@@ -162,9 +162,11 @@ def test_json_subtype_is_json(shared_server: httpx.Client, project: str) -> None
 def test_size_beyond_the_lite_engine(shared_server: httpx.Client, project: str) -> None:
     """Within the schema (<= 8192) but beyond ORCH_LOCAL_MAX_SIZE (2048)."""
     before = job_count(shared_server)
-    for body in ({**VALID, "width": 4096}, {**VALID, "height": 2056, "engine": "lite"}):
+    for body, field in (({**VALID, "width": 4096}, "width"), ({**VALID, "height": 2056, "engine": "lite"}, "height")):
         error = assert_error(post_drafts(shared_server, project, body), 422, "invalid_request")
         assert "2048" in error["message"]
+        # Listed as the body's validation errors are, though found past the schema.
+        assert error["details"]["errors"] == [{"loc": ["body", field], "msg": error["message"], "type": "value_error"}]
     assert job_count(shared_server) == before
 
 
