@@ -104,7 +104,12 @@ def cancel_job(job_id: str, services: ServicesDep, caller: CallerDep) -> JobPubl
 @router.get("/jobs/{job_id}/preview", response_class=Response,
             responses={200: {"content": {"image/png": {}}, "description": "The latest step's preview."},
                        **documented(404)})
-def job_preview(job_id: str, services: ServicesDep, caller: CallerDep) -> Response:
+def job_preview(
+    job_id: str, services: ServicesDep, caller: CallerDep,
+    step: Annotated[int | None, Query(ge=0, description=(
+        "The step a `progress` event's `preview_url` names. It only makes each step's URL its "
+        "own for caches: the latest preview is served, which may be a later step's."))] = None,
+) -> Response:
     """Served by any process: the process that runs the job also keeps its latest preview (at
     most a second old) in the data dir."""
     job = caller.job(services.jobs.get(job_id))

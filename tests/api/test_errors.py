@@ -574,3 +574,13 @@ def test_a_full_disk_is_a_503_that_says_so(tmp_path: Any) -> None:
     response = TestClient(app).post("/write")
     assert_error(response, 503, "storage_full")
     assert "disk is full" in response.json()["error"]["message"] and response.headers["retry-after"] == "60"
+
+
+@pytest.mark.parametrize("step", ["abc", "-1", "1.5"])
+def test_a_preview_s_step_is_a_step_number(shared_server: httpx.Client, finished_job: dict[str, Any],
+                                           step: str) -> None:
+    error = assert_error(shared_server.get(f"/v1/jobs/{finished_job['id']}/preview", params={"step": step}),
+                         422, "invalid_request")
+    assert error["details"]["errors"][0]["loc"] == ["query", "step"]
+    # A step number is only a cache key: a finished job has no preview, whichever step is named.
+    assert_error(shared_server.get(f"/v1/jobs/{finished_job['id']}/preview", params={"step": 3}), 404, "not_found")
