@@ -247,7 +247,9 @@ class A1111Engine:
     async def _interrupt(self, task_id: str) -> None:
         """Stop our render, and nothing else the server runs."""
         if await self._running_ours(task_id) is not None:
-            await self._side_call("POST", "/sdapi/v1/interrupt")
+            # Sent as a request that bills nothing (it stops a render): after a cancel, the
+            # runner's hook refuses every billable send, and the render went on for nobody.
+            await self._side_call("POST", "/sdapi/v1/interrupt", idempotent=True)
 
     @staticmethod
     def _report(progress: Progress, state: dict[str, Any]) -> None:

@@ -17,7 +17,7 @@ from orchestrator.errors import BadEngineInput, Canceled, EngineError, EngineTim
 from tests.tiers.conftest import RecordingProgress, png_bytes
 from tests.tiers.conftest import bridge as base_bridge
 from tiers.a1111 import A1111Engine
-from tiers.base import CancelToken, NullProgress, RenderRequest, Restartable
+from tiers.base import CancelToken, NullProgress, RenderRequest, Restartable, before_billable_sends
 
 BASE = "http://a1111.test:7860"
 URL = f"{BASE}/sdapi/v1/img2img"
@@ -293,6 +293,34 @@ async def test_a_cancel_interrupts_the_server_only_while_it_runs_our_task(
     assert interrupt.call_count == (1 if ours else 0)
     # The server-wide step counts are reported only while they are our task's.
     assert (recorded.steps != []) == ours and all(step == (14, 20) for step in recorded.steps)
+
+
+@respx.mock
+async def test_a_cancel_in_a_job_interrupts_though_no_billable_request_may_leave(engine: A1111Engine) -> None:
+    """In a job, once a cancel is asked, the runner refuses every request that can bill
+    (`billable_send`); the interrupt bills nothing and must still go."""
+    token = CancelToken()
+
+    async def forever(request: httpx.Request) -> httpx.Response:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    async def runner_hook() -> None:
+        if token.cancelled:
+            raise Canceled("the job ended before this request was sent", charged="no")
+
+    respx.post(URL).mock(side_effect=forever)
+    progress = server_runs(OURS)
+    interrupt = respx.post(INTERRUPT).mock(return_value=httpx.Response(200, json={}))
+    with before_billable_sends(runner_hook):
+        run = asyncio.ensure_future(engine.run(bridge(), RecordingProgress(), token))
+        async with asyncio.timeout(30):
+            while progress.call_count < 2:
+                await asyncio.sleep(0.01)
+        token.cancel()
+        with pytest.raises(Canceled):
+            await asyncio.wait_for(run, 30)
+    assert interrupt.call_count == 1
 
 
 async def test_cancel_before_send(engine: A1111Engine) -> None:
