@@ -346,7 +346,7 @@ class ComfyUIEngine:
             raise EngineTimeout(f"{exc.message} (asked the server to drop prompt {prompt_id})",
                                 details={**exc.details, "prompt_id": prompt_id}, charged="no") from None
         except Canceled:
-            await self._drop(prompt_id)
+            await self._let_go(prompt_id, cancel)
             raise Canceled("comfyui: the job was canceled",
                            details={"engine": self.name, "prompt_id": prompt_id}, charged="no") from None
         if isinstance(answered, str) and answered and answered != prompt_id:
@@ -368,13 +368,20 @@ class ComfyUIEngine:
         try:
             return await self._wait(prompt_id, deadline, cancel)
         except Canceled:
-            await self._drop(prompt_id)
+            await self._let_go(prompt_id, cancel)
             raise Canceled("comfyui: the job was canceled",
                            details={"engine": self.name, "prompt_id": prompt_id}, charged="no") from None
         except EngineTimeout as exc:
             await self._drop(prompt_id)
             raise EngineTimeout(f"{exc.message} (asked the server to drop prompt {prompt_id})",
                                 details={**exc.details, "prompt_id": prompt_id}, charged="no") from None
+
+    async def _let_go(self, prompt_id: str, cancel: CancelToken) -> None:
+        """A canceled job's prompt is taken off the server; an abandoned one (this process stops,
+        or another took the job over) is left to run: the job's next attempt collects it from
+        the history instead of rendering it again."""
+        if not cancel.abandoned:
+            await self._drop(prompt_id)
 
     async def _wait(self, prompt_id: str, deadline: float, cancel: CancelToken) -> dict[str, Any] | None:
         """Poll the history; None once the server's queue shows it does not have the prompt."""

@@ -103,12 +103,14 @@ def mock_server(upload: Any = None, prompt: Any = None, *, own_ids: bool = False
     }
 
 
-async def cancel_while_polling(engine: ComfyUIEngine, routes: dict[str, respx.Route]) -> pytest.ExceptionInfo[Canceled]:
-    """Run a job that is canceled while it waits for its prompt's history."""
+async def cancel_while_polling(engine: ComfyUIEngine, routes: dict[str, respx.Route], *,
+                               abandon: bool = False) -> pytest.ExceptionInfo[Canceled]:
+    """Run a job that is canceled (or, with `abandon`, let go of by a stopping process) while it
+    waits for its prompt's history."""
     token = CancelToken()
 
     def pending(request: httpx.Request) -> httpx.Response:
-        token.cancel()
+        token.cancel(abandon=abandon)
         return httpx.Response(200, json={})
 
     routes["history"].side_effect = pending
@@ -307,6 +309,15 @@ async def test_cancel_during_polling_drops_and_interrupts(engine: ComfyUIEngine)
     assert json.loads(routes["interrupt"].calls.last.request.content) == {"prompt_id": prompt_id}
     assert json.loads(routes["queue"].calls.last.request.content) == {"delete": [prompt_id]}
     assert routes["view"].call_count == 0
+
+
+@respx.mock
+async def test_a_stopping_process_leaves_its_prompt_to_run_for_the_next_attempt(engine: ComfyUIEngine) -> None:
+    """A deploy's restart must not throw away a render in progress: the job's next attempt
+    collects the prompt from the history (see `resume`)."""
+    routes = mock_server()
+    await cancel_while_polling(engine, routes, abandon=True)
+    assert routes["interrupt"].call_count == 0 and routes["queue"].call_count == 0
 
 
 @respx.mock
