@@ -57,6 +57,10 @@ DEFAULT_STEPS = 20
 SEED_RANGE = 2**32
 URL_SETTING = "ORCH_COMFYUI_URL"
 WORKFLOW_SETTING = "ORCH_COMFYUI_WORKFLOW"
+# ComfyUI's validation errors that say the server cannot run the workflow at all, whatever the
+# request: a node class it does not have (a custom node not installed), a value not among those it
+# offers (a checkpoint or LoRA file it lacks). Others (a size past a node's maximum) are the request's.
+SETUP_ERRORS = frozenset({"missing_node_type", "invalid_prompt", "value_not_in_list"})
 # Cleanup after a cancel must not hold the job up for a full read timeout.
 CLEANUP_TIMEOUT = 5.0
 # Empty history answers between looks at the queue for a prompt a restarted server has forgotten.
@@ -537,7 +541,19 @@ class ComfyUIEngine:
                 )
                 nodes.append(str(node_id))
                 parts.append(f"node {node_id} ({info.get('class_type', '?')}): {reasons or 'invalid'}")
-        exc = self.http.fail(response, " | ".join(p for p in parts if p)[:1000] or None)
+        told = " | ".join(p for p in parts if p)[:1000] or None
+        types = {error.get("type")} if isinstance(error, dict) else set()
+        if isinstance(node_errors, dict):
+            types |= {e.get("type") for info in node_errors.values() if isinstance(info, dict)
+                      for e in info.get("errors") or [] if isinstance(e, dict)}
+        if types & SETUP_ERRORS:
+            # The server lacks what the workflow names (a custom node, a checkpoint): no request
+            # of ours can pass, and another engine may take it.
+            return EngineUnavailable(
+                f"comfyui: the server cannot run the workflow (HTTP {response.status_code}): {told}; "
+                f"install what it lacks there, or change {WORKFLOW_SETTING}",
+                details={"engine": self.name, "status": response.status_code, "nodes": nodes})
+        exc = self.http.fail(response, told)
         exc.details["nodes"] = nodes
         return exc
 

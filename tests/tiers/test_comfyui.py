@@ -210,14 +210,34 @@ async def test_node_errors_are_bad_input_naming_the_nodes(engine: ComfyUIEngine)
     refused = httpx.Response(400, json={
         "error": {"type": "prompt_outputs_failed_validation", "message": "Prompt outputs failed validation",
                   "details": "", "extra_info": {}},
-        "node_errors": {"4": {"class_type": "CheckpointLoaderSimple", "dependent_outputs": ["9"], "errors": [
-            {"type": "value_not_in_list", "message": "Value not in list",
-             "details": "ckpt_name: 'sdxl.safetensors' not in []", "extra_info": {}}]}}})
+        "node_errors": {"5": {"class_type": "EmptyLatentImage", "dependent_outputs": ["9"], "errors": [
+            {"type": "value_bigger_than_max", "message": "Value 20000 bigger than max of 16384",
+             "details": "width", "extra_info": {}}]}}})
     routes = mock_server(prompt=[refused])
     with pytest.raises(BadEngineInput) as info:
         await engine.run(bridge(), NullProgress(), CancelToken())
-    assert "node 4 (CheckpointLoaderSimple)" in info.value.message and "ckpt_name" in info.value.message
-    assert info.value.details["nodes"] == ["4"] and routes["prompt"].call_count == 1
+    assert "node 5 (EmptyLatentImage)" in info.value.message and "width" in info.value.message
+    assert info.value.details["nodes"] == ["5"] and routes["prompt"].call_count == 1
+
+
+@pytest.mark.parametrize("refusal", [
+    {"error": {"type": "prompt_outputs_failed_validation", "message": "Prompt outputs failed validation"},
+     "node_errors": {"4": {"class_type": "CheckpointLoaderSimple", "errors": [
+         {"type": "value_not_in_list", "message": "Value not in list",
+          "details": "ckpt_name: 'sdxl.safetensors' not in []"}]}}},
+    {"error": {"type": "missing_node_type", "message": "Node 'UltimateSDUpscale' not found. "
+               "The custom node may not be installed.", "details": "Node ID '#7'"}, "node_errors": {}},
+], ids=["checkpoint-missing", "custom-node-missing"])
+@respx.mock
+async def test_a_server_lacking_what_the_workflow_names_is_unavailable_not_bad_input(
+        engine: ComfyUIEngine, refusal: dict[str, Any]) -> None:
+    """No request can pass there; another engine may take the job (retryable, counted by the
+    circuit breaker), and the operator is told where to look."""
+    mock_server(prompt=[httpx.Response(400, json=refusal)])
+    with pytest.raises(EngineUnavailable) as info:
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    assert info.value.retryable and "ORCH_COMFYUI_WORKFLOW" in info.value.message
+    assert "sdxl.safetensors" in info.value.message or "UltimateSDUpscale" in info.value.message
 
 
 @respx.mock
