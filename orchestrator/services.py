@@ -42,7 +42,7 @@ from policies import PolicyStore
 from tiers._local import LocalRuntime
 from tiers.base import EngineContext
 from tiers.lite import LiteEngine
-from tiers.registry import EngineRegistry, known_names
+from tiers.registry import PRICELESS, EngineRegistry, known_names
 
 log = logging.getLogger(__name__)
 # Seconds a stopping service waits for the inference thread before it lets the device go.
@@ -68,6 +68,11 @@ def load_price_overrides(settings: Settings) -> dict[str, Any]:
         close = difflib.get_close_matches(engine, known, n=1)
         problems.append(f"{settings.prices_file}: '{engine}' is not an engine"
                         + (f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(sorted(known))})"))
+    for engine in sorted(set(overrides) & PRICELESS):
+        # Read by nobody: a studio metering its own GPUs this way would see them free, untold.
+        problems.append(f"{settings.prices_file}: '{engine}' takes no prices from this file "
+                        + ("(local work is priced by ORCH_LOCAL_GPU_SECOND_CREDITS)"
+                           if engine in ("lite", "local-hifi") else "(a self-hosted server costs 0 credits)"))
     if problems:
         raise InvalidRequest("; ".join(problems))
     return overrides

@@ -356,6 +356,10 @@ def test_a_bad_value_in_the_config_file_names_the_file_and_key(make_settings: Se
     # A misspelt engine left its default prices in force, without a word.
     ('[gemnii."gemini-3.1-flash-image"]\n"1K" = 1\n', "'gemnii' is not an engine (did you mean 'gemini'?)"),
     ('[zzz."m"]\n"1K" = 1\n', "'zzz' is not an engine (known: a1111, comfyui, "),
+    # Read by nobody: a studio metering its own GPUs this way saw them free.
+    ('[comfyui."flow.json"]\n"image" = 2\n', "'comfyui' takes no prices from this file (a self-hosted server"),
+    ('[lite."sd-turbo"]\n"image" = 2\n', "'lite' takes no prices from this file (local work is priced by "
+                                          "ORCH_LOCAL_GPU_SECOND_CREDITS)"),
 ])
 def test_a_price_that_would_make_a_paid_engine_free_or_broken_is_refused_at_start(
         make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,

@@ -31,6 +31,10 @@ BUILTIN: dict[str, str] = {
     "a1111": "tiers.a1111:factory",
 }
 
+# Built-ins whose prices come from no prices file: the local engines' from
+# ORCH_LOCAL_GPU_SECOND_CREDITS, and the self-hosted servers bill nobody.
+PRICELESS = frozenset({"lite", "local-hifi", "comfyui", "a1111"})
+
 
 def known_names(extra_engines: Iterable[str] = ()) -> set[str]:
     """Every engine name a registry may hold: the built-ins, the installed plugins' and
