@@ -536,6 +536,11 @@ class JobRunner:
             # A remote engine answered, so what it made may be billed: no release, no fallback.
             raise EngineError(f"engine '{job.engine}' returned {len(result.images)} of {request.n} images",
                               charged="unknown" if engine.kind == "remote" else "no")
+        if len(result.images) > request.n:
+            # The job asked for n (and a client counts on n assets); the built-ins return n.
+            log.warning("job %s: engine %s returned %d images for n=%d; the first %d are kept",
+                        job.id, job.engine, len(result.images), request.n, request.n)
+            result.images = result.images[:request.n]
         return result
 
     def _first_send_recorder(self, claim: Claim, progress: JobProgress) -> Callable[[], Awaitable[None]]:

@@ -106,7 +106,8 @@ class FakePaidEngine:
         colour = (128, 128, 128)
         if req.init_image is not None:
             colour = tuple(int(c) for c in ImageStat.Stat(req.init_image.convert("RGB")).mean)  # type: ignore[assignment]
-        count = req.n - 1 if behaviour == "short" else req.n  # answered, one image missing
+        # "short": answered, one image missing; "extra": two more than asked (a plugin's bug).
+        count = req.n - 1 if behaviour == "short" else req.n + 2 if behaviour == "extra" else req.n
         images = [RenderedImage(Image.new("RGB", (req.width, req.height), colour), req.seed) for _ in range(count)]
         progress.step(1, 1)
         cost = req.tags.get("cost")

@@ -170,6 +170,13 @@ def test_an_answered_call_short_of_images_is_charged_not_repeated(paid_server: h
     assert entries[1]["unreconciled"]
 
 
+def test_images_beyond_the_n_asked_for_are_not_stored(paid_server: httpx.Client) -> None:
+    _project_id, asset_id = draft_asset(paid_server)
+    job = promote(paid_server, asset_id, tags={"fake": "extra"})  # a promote makes one image
+    done = wait_for_job(paid_server, job["id"])
+    assert done["status"] == "succeeded" and len(done["assets"]) == 1
+
+
 def test_max_credits_bounds_the_fallbacks_too(paid_server: httpx.Client) -> None:
     # fake-paid (10) fails; fake-b (20) is above the client's cap of 15, so local-hifi runs instead.
     project_id, asset_id = draft_asset(paid_server)
