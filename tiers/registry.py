@@ -7,14 +7,27 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
+from typing import Any, get_args
 
-from orchestrator.errors import NotFound
-from tiers.base import Engine, EngineContext, EngineFactory
+from orchestrator.errors import Canceled, NoPrice, NotFound, OrchestratorError
+from tiers.base import (
+    CancelToken,
+    Capabilities,
+    Engine,
+    EngineContext,
+    EngineFactory,
+    Kind,
+    Progress,
+    RenderRequest,
+    RenderResult,
+    Stage,
+)
 
 log = logging.getLogger(__name__)
 GROUP = "orchestrator.engines"
@@ -46,6 +59,106 @@ def _import(target: str) -> EngineFactory:
     module, _, attr = target.partition(":")
     factory: EngineFactory = getattr(importlib.import_module(module), attr)
     return factory
+
+
+# Seconds a third-party engine has, once its job is canceled, to end on its own before its task
+# is stopped: long enough to take its work off a provider, short enough not to hold a job forever.
+PLUGIN_CANCEL_GRACE = 30.0
+
+
+class PluginFault(Exception):
+    """A third-party engine broke a rule no built-in breaks; the job fails as on any engine bug."""
+
+
+class ThirdParty:
+    """A third-party engine, held so that its bugs fail its own work, never the service or another
+    engine's: an `availability()` that raises reads as unavailable (the service still starts, and
+    routing goes on to the rule's next engine), an `estimate()` that raises as no price (unknown is
+    never free), `prices()` as none; a `run()` that ignores its cancel is stopped after
+    `cancel_grace` seconds, and one that raises `CancelledError` or `SystemExit` of its own fails
+    its job. Everything else is the engine's own (`__getattr__`)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.wrapped = self._engine = engine
+        self.name, self.kind, self.stages = engine.name, engine.kind, engine.stages
+        self.capabilities: Capabilities = engine.capabilities  # checked at load (`_checked`)
+        self.cancel_grace = PLUGIN_CANCEL_GRACE
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self._engine, attr)
+
+    @property
+    def model(self) -> str:
+        return self._engine.model
+
+    def availability(self) -> tuple[bool, str | None]:
+        try:
+            return self._engine.availability()
+        except Exception as exc:
+            log.exception("engine %s: availability() failed", self.name)
+            return False, f"its availability check failed: {type(exc).__name__}: {exc}"[:500]
+
+    def prices(self) -> dict[str, Any]:
+        try:
+            return self._engine.prices()
+        except Exception:
+            log.exception("engine %s: prices() failed", self.name)
+            return {}
+
+    def estimate(self, req: RenderRequest) -> int:
+        try:
+            return self._engine.estimate(req)
+        except OrchestratorError:
+            raise
+        except Exception as exc:
+            log.exception("engine %s: estimate() failed", self.name)
+            raise NoPrice(f"engine '{self.name}': its estimate failed: {type(exc).__name__}: {exc}"[:500],
+                          details={"engine": self.name}) from None
+
+    async def run(self, req: RenderRequest, progress: Progress, cancel: CancelToken) -> RenderResult:
+        work = asyncio.ensure_future(self._run(req, progress, cancel))
+        try:
+            return await cancel.race(asyncio.shield(work))
+        except Canceled:
+            if not work.done():
+                # It was told through the same token: time to take its work off the provider.
+                await asyncio.wait({work}, timeout=self.cancel_grace)
+            if work.done():
+                return work.result()  # its own Canceled, saying what it cost, or its result
+            work.cancel()
+            log.warning("engine %s ignored a cancel for %.0f s: its task was stopped", self.name, self.cancel_grace)
+            raise Canceled(f"engine '{self.name}' did not stop within {self.cancel_grace:.0f} s of the cancel; "
+                           "it was stopped", charged="unknown" if self.kind == "remote" else "no") from None
+        except BaseException:
+            work.cancel()  # this task was stopped (a timeout around it): so is the engine's
+            raise
+
+    async def _run(self, req: RenderRequest, progress: Progress, cancel: CancelToken) -> RenderResult:
+        try:
+            return await self._engine.run(req, progress, cancel)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # stopped by `run`, above
+            raise PluginFault("it raised CancelledError while nobody canceled it") from None
+        except SystemExit as exc:
+            raise PluginFault(f"it raised SystemExit({exc.code!r})") from None
+
+    async def aclose(self) -> None:
+        await self._engine.aclose()
+
+
+def _checked(engine: Engine, target: str) -> Engine:
+    """A third-party engine whose declared kind, stages and capabilities are ones the service
+    knows, contained (`ThirdParty`): else one bad field fails `/v1/engines` for every caller."""
+    if engine.kind not in get_args(Kind):
+        raise ValueError(f"{target}: kind {engine.kind!r} is not one of {', '.join(get_args(Kind))}")
+    stages = getattr(engine, "stages", None)
+    if not isinstance(stages, frozenset | set) or not stages or not stages <= set(get_args(Stage)):
+        raise ValueError(f"{target}: stages {stages!r} must be a non-empty set of {', '.join(get_args(Stage))}")
+    if not isinstance(engine.capabilities, Capabilities):
+        raise TypeError(f"{target}: capabilities must be a tiers.base.Capabilities")
+    return ThirdParty(engine)
 
 
 @dataclass
@@ -84,6 +197,8 @@ class EngineRegistry:
                     raise TypeError(f"{target} did not return an Engine")
                 if engine.name != name:
                     raise ValueError(f"factory {target} built engine {engine.name!r}, registered as {name!r}")
+                if name not in BUILTIN:
+                    engine = _checked(engine, str(target))
             except Exception as exc:
                 log.exception("engine %s could not be created", name)
                 broken[name] = BrokenEngine(name, f"could not be created: {exc}")

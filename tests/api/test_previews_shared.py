@@ -31,6 +31,7 @@ from orchestrator.store import PREVIEW_TEMP_SECONDS, PreviewFiles
 from tests.api import assert_error, iter_sse
 from tests.api.test_workers import add_job, other_process, row  # noqa: F401 (a fixture)
 from tiers.base import CancelToken, Capabilities, EngineContext, Progress, RenderedImage, RenderRequest, RenderResult
+from tiers.registry import ThirdParty
 
 SettingsFactory = Callable[..., Settings]
 ENGINE = "fake-preview"
@@ -110,8 +111,8 @@ def worker(make_settings: SettingsFactory) -> Iterator[Services]:
 
 def engine_of(services: Services) -> PreviewEngine:
     engine = services.registry.get(ENGINE)
-    assert isinstance(engine, PreviewEngine)
-    return engine
+    assert isinstance(engine, ThirdParty) and isinstance(engine.wrapped, PreviewEngine)
+    return engine.wrapped
 
 
 @pytest.mark.parametrize("ending", ["succeeded", "canceled"])

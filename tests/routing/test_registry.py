@@ -5,18 +5,20 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Iterable, Iterator
 from importlib.metadata import EntryPoint
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from orchestrator.errors import NotFound
 from tests.fakes import FakePaidEngine
-from tests.routing.conftest import SettingsFactory, running
+from tests.routing import run_draft
+from tests.routing.conftest import SettingsFactory, running, write_policies
 from tiers import registry as registry_module
 from tiers.base import EngineContext, RenderRequest
 from tiers.gemini import GeminiEngine
 from tiers.lite import LiteEngine
-from tiers.registry import BUILTIN, GROUP, EngineRegistry
+from tiers.registry import BUILTIN, GROUP, EngineRegistry, ThirdParty
 
 HERE = __name__
 
@@ -35,6 +37,53 @@ def misnamed_factory(ctx: EngineContext) -> FakePaidEngine:
 
 def not_an_engine_factory(ctx: EngineContext) -> object:
     return object()
+
+
+def bad_kind_factory(ctx: EngineContext) -> FakePaidEngine:
+    engine = FakePaidEngine(ctx, name="broken-ep")
+    engine.kind = "gpu"  # type: ignore[assignment]
+    return engine
+
+
+def no_stages_factory(ctx: EngineContext) -> FakePaidEngine:
+    engine = FakePaidEngine(ctx, name="broken-ep")
+    engine.stages = frozenset()
+    return engine
+
+
+class Faulty(FakePaidEngine):
+    """A plugin with the bugs a service must outlive: `fault` names the method that raises."""
+
+    def __init__(self, ctx: EngineContext, fault: str) -> None:
+        super().__init__(ctx, name="faulty")
+        self.fault = fault
+
+    def availability(self) -> tuple[bool, str | None]:
+        if self.fault == "availability":
+            raise RuntimeError("licence check crashed")
+        return super().availability()
+
+    def prices(self) -> dict[str, Any]:
+        if self.fault == "prices":
+            raise KeyError("tier")
+        return super().prices()
+
+    def estimate(self, req: RenderRequest) -> int:
+        if self.fault == "estimate":
+            raise ZeroDivisionError("division by zero")
+        return super().estimate(req)
+
+
+def faulty_availability(ctx: EngineContext) -> Faulty:
+    return Faulty(ctx, "availability")
+
+
+def faulty_prices(ctx: EngineContext) -> Faulty:
+    return Faulty(ctx, "prices")
+
+
+def faulty_estimate(ctx: EngineContext) -> Faulty:
+    return Faulty(ctx, "estimate")
 
 
 def ep(name: str, target: str) -> EntryPoint:
@@ -63,7 +112,7 @@ def test_entry_point_engine_is_registered(load: Load) -> None:
     registry = load(extra=[ep("fake-ep", f"{HERE}:fake_ep_factory")])
     assert "fake-ep" in registry
     engine = registry.get("fake-ep")
-    assert isinstance(engine, FakePaidEngine)
+    assert isinstance(engine, ThirdParty) and isinstance(engine.wrapped, FakePaidEngine)
     assert engine.name == "fake-ep" and engine.kind == "remote"
     assert registry.broken == {}
     assert set(BUILTIN) <= set(registry.names())
@@ -80,11 +129,14 @@ def test_installed_entry_points_are_read(load: Load, monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(registry_module, "entry_points", entry_points)
     registry = load()
     assert asked == [GROUP]
-    assert isinstance(registry.get("fake-ep"), FakePaidEngine)
+    assert isinstance(registry.get("fake-ep").wrapped, FakePaidEngine)  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize(("target", "reason"), [
     (f"{HERE}:raising_factory", "licence server unreachable"),
+    # A field no client can be told: `/v1/engines` failed for every caller.
+    (f"{HERE}:bad_kind_factory", "kind 'gpu' is not one of local, remote"),
+    (f"{HERE}:no_stages_factory", "stages frozenset() must be a non-empty set"),
     (f"{HERE}:misnamed_factory", "registered as 'broken-ep'"),
     (f"{HERE}:not_an_engine_factory", "did not return an Engine"),
     ("tests.no_such_module:factory", "No module named"),
@@ -137,3 +189,73 @@ def test_engines_endpoint_lists_plugins_and_broken_ones(new_settings: SettingsFa
     assert broken["available"] is False
     assert "licence server unreachable" in broken["note"]
     assert set(BUILTIN) <= set(listed)
+
+
+@pytest.mark.parametrize("fault", ["availability", "prices", "estimate"])
+def test_a_plugin_that_raises_is_unavailable_or_unpriced_and_the_service_runs_on(
+        new_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, fault: str) -> None:
+    """An availability check that raised stopped the service from starting; an estimate that
+    raised made every request its policy rule reached a 500."""
+    monkeypatch.setattr(registry_module, "entry_points", lambda *, group: [ep("faulty", f"{HERE}:faulty_{fault}")])
+    policies = write_policies(tmp_path / "policies", {"studio": (
+        'name = "studio"\n[[rules]]\nname = "all"\nmatch = {}\nengines = ["faulty", "lite", "local-hifi"]\n')})
+    with running(new_settings(policy_dir=policies, policy="studio")) as client:
+        listed = {e["name"]: e for e in client.get("/v1/engines").json()}
+        project = client.post("/v1/projects", json={"name": "p"}).json()["id"]
+        [draft] = run_draft(client, project)["assets"]
+        explained = client.post(f"/v1/assets/{draft}/promote", json={"engine": "faulty"})
+        routed = client.post("/v1/route/explain", json={"stage": "bridge", "source_asset_id": draft})
+    # The rule's next engine takes what the plugin cannot.
+    assert routed.status_code == 200, routed.text
+    assert routed.json()["engine"] == ("faulty" if fault == "prices" else "local-hifi")
+    plugin = listed["faulty"]
+    assert plugin["available"] is (fault != "availability")
+    if fault == "availability":
+        assert "its availability check failed: RuntimeError: licence check crashed" in plugin["note"]
+    if fault == "prices":
+        assert plugin["prices"] == {}
+    if fault != "prices":
+        # Refused, naming why (unavailable now, or not priced): never a 500.
+        assert explained.status_code == (503 if fault == "availability" else 422), explained.text
+        assert explained.json()["error"]["code"] == "no_route", explained.text
+        if fault == "estimate":
+            assert "its estimate failed: ZeroDivisionError" in explained.text
+
+
+class Stubborn(FakePaidEngine):
+    """A plugin whose run ignores its cancel token, or raises what only a stop may raise."""
+
+    def __init__(self, ctx: EngineContext, raises: BaseException | None = None) -> None:
+        super().__init__(ctx, name="stubborn")
+        self.raises = raises
+
+    async def run(self, req: RenderRequest, progress: Any, cancel: Any) -> Any:
+        if self.raises is not None:
+            raise self.raises
+        await asyncio.sleep(3600)
+
+
+async def test_a_plugin_that_ignores_its_cancel_is_stopped_after_the_grace() -> None:
+    from orchestrator.errors import Canceled
+    from tiers.base import CancelToken, NullProgress
+
+    plugin = ThirdParty(Stubborn(EngineContext(settings=None)))  # type: ignore[arg-type]
+    plugin.cancel_grace = 0.05
+    token = CancelToken()
+    run = asyncio.ensure_future(plugin.run(RenderRequest(stage="bridge", prompt="x"), NullProgress(), token))
+    await asyncio.sleep(0.01)
+    token.cancel()
+    with pytest.raises(Canceled) as info:
+        await asyncio.wait_for(run, 5)
+    assert "did not stop within" in info.value.message and info.value.charged == "unknown"  # a remote engine
+
+
+@pytest.mark.parametrize("raised", [asyncio.CancelledError(), SystemExit(3)], ids=["CancelledError", "SystemExit"])
+async def test_a_plugin_raising_what_only_a_stop_may_raise_fails_its_job(raised: BaseException) -> None:
+    """A CancelledError left the job running with nothing to end it; a SystemExit stopped the service."""
+    from tiers.base import CancelToken, NullProgress
+    from tiers.registry import PluginFault
+
+    plugin = ThirdParty(Stubborn(EngineContext(settings=None), raises=raised))  # type: ignore[arg-type]
+    with pytest.raises(PluginFault):
+        await plugin.run(RenderRequest(stage="bridge", prompt="x"), NullProgress(), CancelToken())
