@@ -11,14 +11,17 @@ torch and diffusers are imported lazily, inside the inference thread, so the API
 from __future__ import annotations
 
 import asyncio
+import copy
 import dataclasses
 import functools
 import inspect
+import json
 import logging
 import math
 import os
 import re
 import threading
+import time
 import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from orchestrator.errors import BadEngineInput, EngineError, EngineUnavailable
-from orchestrator.store import model_name
+from orchestrator.store import hide_paths, model_name
 from tiers import tiny
 from tiers.base import CancelToken, Capabilities, EngineContext, Progress, RenderRequest, RenderResult
 
@@ -52,6 +55,18 @@ PREVIEW_MAX_SIDE = 512
 
 # Linear map from SD 1.x/2.x latents to RGB: a free preview without running the VAE.
 _LATENT_RGB = ((0.298, 0.207, 0.208), (0.187, 0.286, 0.173), (-0.158, 0.189, 0.264), (-0.184, -0.271, -0.473))
+# SDXL's VAE has a latent space of its own: SD 1.x's map gave its previews the wrong colours.
+_LATENT_RGB_XL = ((0.3651, 0.4232, 0.4341), (-0.2533, -0.0042, 0.1068), (0.1076, 0.1111, -0.0362),
+                  (-0.3165, -0.2492, -0.2188))
+_LATENT_RGB_XL_BIAS = (0.1084, -0.0175, -0.0011)
+
+# How long a model that failed to load stays unavailable before a job may try it again (a file
+# still being copied into place may be whole by then).
+LOAD_RETRY_SECONDS = 60.0
+
+# A variant's weight files (`diffusion_pytorch_model.fp16.safetensors`, or sharded
+# `model.fp16-00001-of-00002.safetensors`): what `variant="fp16"` downloads leave.
+_FP16_WEIGHTS = re.compile(r"\.fp16(?:-\d+-of-\d+)?\.(?:safetensors|bin)$")
 
 
 @dataclass(frozen=True)
@@ -232,9 +247,75 @@ def lcm_schedule(pipe: Any) -> int | None:
     return int(getattr(scheduler.config, "original_inference_steps", None) or 50)
 
 
-def latents_to_preview(latents: Any) -> Image | None:
-    """An RGB preview of the first latent in the batch: a 4x3 matrix product, no VAE. None for
-    latents that are not images of channels (FLUX packs its latents into a sequence of tokens)."""
+def check_steps(pipe: Any, steps: int) -> None:
+    """Raise `BadEngineInput` when the pipeline's scheduler cannot make a schedule of `steps`
+    steps while it can make one of 50: PNDM with its Runge-Kutta steps needs 4 at least, and
+    failed inside the pipeline with numpy's "operands could not be broadcast"."""
+    scheduler: Any = getattr(pipe, "scheduler", None)
+    if scheduler is None or not hasattr(scheduler, "set_timesteps"):
+        return
+
+    def takes(count: int) -> bool:
+        try:
+            copy.deepcopy(scheduler).set_timesteps(count)  # a copy: the job's own call sets it again
+        except Exception:
+            return False
+        return True
+
+    # A scheduler that needs more than a count (FLUX's `mu`) fails alike at 50: the pipeline's to set up.
+    if takes(steps) or not takes(50):
+        return
+    fewest = next(count for count in range(1, 51) if takes(count))
+    raise BadEngineInput(f"steps: this model's scheduler ({type(scheduler).__name__}) cannot run {steps} "
+                         f"steps; the fewest it runs is {fewest}",
+                         details={"field": "steps", "value": steps, "min": fewest})
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of an exception's text that says anything: some start with a newline."""
+    return next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+
+
+def _fp16_only(folder: Path) -> bool:
+    """Whether a component of a diffusers folder holds fp16-variant weights and no full-size ones:
+    diffusers looks for the full-size names unless told the variant."""
+    try:
+        components = [path for path in folder.iterdir() if path.is_dir()]
+        for component in components:
+            weights = [f.name for f in component.iterdir() if f.name.endswith((".safetensors", ".bin"))]
+            if weights and all(_FP16_WEIGHTS.search(name) for name in weights):
+                return True
+    except OSError:
+        return False  # unreadable: the load says why
+    return False
+
+
+def _missing_components(folder: Path) -> list[str]:
+    """The components model_index.json lists that the folder has no subfolder for (diffusers then
+    says only "no file named config.json found in directory <the folder>")."""
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return []  # no diffusers folder: the load says so
+    if not isinstance(index, dict):
+        return []
+    return [name for name, value in index.items()
+            if not name.startswith("_") and isinstance(value, list) and len(value) == 2
+            and all(isinstance(part, str) for part in value) and not (folder / name).is_dir()]
+
+
+def is_sdxl(pipe: Any) -> bool:
+    """Whether the pipeline is SDXL's (base, refiner, Turbo, Lightning): its UNet takes the
+    image's size as added "text_time" conditioning."""
+    config = getattr(getattr(pipe, "unet", None), "config", None)
+    added = config.get("addition_embed_type") if isinstance(config, dict) else None
+    return added == "text_time" or "StableDiffusionXL" in type(pipe).__name__
+
+
+def latents_to_preview(latents: Any, *, xl: bool = False) -> Image | None:
+    """An RGB preview of the first latent in the batch: a 4x3 matrix product, no VAE (SDXL's map
+    with `xl`). None for latents that are not images of channels (FLUX packs its latents into a
+    sequence of tokens)."""
     import torch
     from PIL import Image as PILImage
 
@@ -244,13 +325,15 @@ def latents_to_preview(latents: Any) -> Image | None:
     if lat.shape[0] != 4:  # not an SD-style latent space: show the first three channels
         rgb = lat[:3]
     else:
-        weights = torch.tensor(_LATENT_RGB, dtype=lat.dtype, device=lat.device)
+        weights = torch.tensor(_LATENT_RGB_XL if xl else _LATENT_RGB, dtype=lat.dtype, device=lat.device)
         rgb = torch.einsum("chw,cr->rhw", lat, weights)
+        if xl:
+            rgb = rgb + torch.tensor(_LATENT_RGB_XL_BIAS, dtype=lat.dtype, device=lat.device)[:, None, None]
     rgb = ((rgb + 1.0) * 127.5).clamp(0, 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
     return PILImage.fromarray(rgb, mode="RGB")
 
 
-def _no_preview(_latents: Any) -> None:
+def _no_preview(_latents: Any, *, xl: bool = False) -> None:
     return None
 
 
@@ -302,7 +385,10 @@ class LocalRuntime:
         # Why the requested device cannot be used, once a job has found out (torch is imported on
         # the inference thread only): the engines then say so in their availability.
         self.device_problem: str | None = None
-        self._previewer: Callable[[Any], Image | None] | None = None
+        # A model's last failure to load (when, and the error): the engines say so in their
+        # availability, and a job retries the load only after LOAD_RETRY_SECONDS.
+        self._load_failures: dict[str, tuple[float, EngineUnavailable]] = {}
+        self._previewer: Callable[..., Image | None] | None = None
 
     def _init_thread(self) -> None:
         import torch
@@ -398,6 +484,13 @@ class LocalRuntime:
     def describe_device(self) -> str:
         return "auto" if self._device is None else self._device
 
+    def load_failure(self, model: str) -> EngineUnavailable | None:
+        """Why the model could not be loaded, when it failed less than LOAD_RETRY_SECONDS ago."""
+        failure = self._load_failures.get(model)
+        if failure is None or time.monotonic() - failure[0] >= LOAD_RETRY_SECONDS:
+            return None
+        return failure[1]
+
     # -- loading (inference thread only) -------------------------------------------------------
 
     def text2img(self, model: str) -> Any:
@@ -446,6 +539,24 @@ class LocalRuntime:
         return "Img2Img" in str(config.get("_class_name", ""))
 
     def _load(self, model: str, *, image_to_image: bool = False) -> Any:
+        failed = self.load_failure(model)
+        if failed is not None:  # every job reloading a broken model, each failing alike, helps no one
+            raise EngineUnavailable(failed.message, details=failed.details)
+        try:
+            pipe = self._load_pipeline(model, image_to_image=image_to_image)
+        except EngineUnavailable as exc:
+            # A copy: the error's traceback would keep what the failed load had made in memory.
+            self._load_failures[model] = (time.monotonic(), EngineUnavailable(exc.message, details=exc.details))
+            raise
+        self._load_failures.pop(model, None)
+        try:
+            self._warm_up(pipe, model, image_to_image=image_to_image)
+        except Exception as exc:  # an optimisation: the model is loaded; a job that fails alike says why
+            log.warning("the warm-up of %s failed (the model stays loaded): %s: %s", model, type(exc).__name__,
+                        _first_line(exc)[:200])
+        return pipe
+
+    def _load_pipeline(self, model: str, *, image_to_image: bool = False) -> Any:
         from diffusers import AutoPipelineForImage2Image, AutoPipelineForText2Image
         from safetensors import SafetensorError
 
@@ -455,12 +566,15 @@ class LocalRuntime:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)  # diffusers' torch_dtype -> dtype rename
-                pipe = (self._load_single_file(source) if source.is_file() else
-                        auto.from_pretrained(str(source) if source.exists() else model, torch_dtype=self.dtype()))
+                if source.is_file():
+                    pipe = self._load_single_file(source)
+                else:
+                    pipe = auto.from_pretrained(str(source) if source.exists() else model, torch_dtype=self.dtype(),
+                                                **self._folder_options(model, source))
         except Exception as exc:  # any failure to load is the model's, and told as one
             # OSError and ValueError mostly; SafetensorError for a .ckpt or a damaged file; diffusers'
             # own errors (a LoRA or VAE file given as a checkpoint) derive from Exception itself.
-            first = str(exc).splitlines()[0] if str(exc) else ""
+            first = _first_line(exc)
             reason = f"{type(exc).__name__}: {first}" if not isinstance(exc, (OSError, ValueError)) else first
             if not source.exists() and not hf_hub_cached(model) and not hf_hub_reachable():
                 # diffusers then blames a missing model_index.json: the cause is the network.
@@ -472,18 +586,34 @@ class LocalRuntime:
                           "Face Hub or its cache, and the Hub did not answer (load it once online, or convert "
                           f"it to a diffusers folder): {reason or type(exc).__name__}")
             # The job's error reaches its project's key: the model by its name, never the server's
-            # path to it (the log has the path).
+            # path to it, nor to its Hugging Face cache (the log has the paths).
             log.warning("could not load model %s: %s", model, reason)
             name = model_name(model) or model
-            reason = reason.replace(str(source), name).replace(model, name)
+            reason = hide_paths(reason.replace(str(source), name).replace(model, name))
             raise EngineUnavailable(f"could not load model '{name}': {reason}"[:400],
                                     details={"model": name}) from exc
         if getattr(pipe, "safety_checker", None) is not None:
             pipe.safety_checker = None  # drafts are private sketches; the checker would black them out
         pipe = pipe.to(self.device)
         pipe.set_progress_bar_config(disable=True)
-        self._warm_up(pipe, model, image_to_image=image_to_image)
         return pipe
+
+    def _folder_options(self, model: str, source: Path) -> dict[str, Any]:
+        """`from_pretrained`'s options for a diffusers folder or a Hub id: the fp16 variant when
+        that is all the folder (or the Hub id's cached snapshot) holds; raises OSError naming the
+        component folders a local folder lacks."""
+        folder = source if source.is_dir() else None
+        if folder is not None:
+            missing = _missing_components(folder)
+            if missing:
+                raise OSError(f"the model folder lacks {', '.join(f'{name}/' for name in missing)}")
+        elif _is_hub_id(model) and hf_hub_cached(model):
+            from huggingface_hub import try_to_load_from_cache
+
+            found = try_to_load_from_cache(model, "model_index.json")
+            folder = Path(found).parent if isinstance(found, str) else None
+        # The weights are cast to the run's dtype all the same.
+        return {"variant": "fp16"} if folder is not None and _fp16_only(folder) else {}
 
     def _source(self, model: str) -> Path:
         if model == tiny.NAME:
@@ -514,26 +644,26 @@ class LocalRuntime:
             pipe(prompt="warm-up", num_inference_steps=1, guidance_scale=0.0, width=size, height=size,
                  output_type="latent")
 
-    def preview(self, latents: Any) -> Image | None:
-        """A step's preview, or None. A preview is a nicety: a TAESD that cannot be loaded or does
-        not fit the model's latents falls back to the approximation, and an approximation that
-        fails ends previews; neither ever fails the job."""
+    def preview(self, latents: Any, pipe: Any = None) -> Image | None:
+        """A step's preview of `pipe`'s latents, or None. A preview is a nicety: a TAESD that cannot
+        be loaded or does not fit the model's latents falls back to the approximation, and an
+        approximation that fails ends previews; neither ever fails the job."""
         try:
             if self._previewer is None:
                 self._previewer = self._make_previewer()
-            return self._previewer(latents)
+            return self._previewer(latents, xl=pipe is not None and is_sdxl(pipe))
         except Exception as exc:
             if self._previewer is latents_to_preview:
-                log.warning("step previews are off: %s: %s", type(exc).__name__, str(exc).splitlines()[0][:200])
+                log.warning("step previews are off: %s: %s", type(exc).__name__, _first_line(exc)[:200])
                 self._previewer = _no_preview
                 return None
             log.warning("ORCH_LITE_PREVIEW_VAE=%s cannot preview this model (%s: %s); using the latent "
                         "approximation", self.settings.lite_preview_vae, type(exc).__name__,
-                        (str(exc).splitlines() or [""])[0][:200])
+                        _first_line(exc)[:200])
             self._previewer = latents_to_preview
-            return self.preview(latents)
+            return self.preview(latents, pipe)
 
-    def _make_previewer(self) -> Callable[[Any], Image | None]:
+    def _make_previewer(self) -> Callable[..., Image | None]:
         taesd = self.settings.lite_preview_vae
         if not taesd:
             return latents_to_preview
@@ -541,7 +671,7 @@ class LocalRuntime:
 
         vae = AutoencoderTiny.from_pretrained(taesd, torch_dtype=self.dtype()).to(self.device)
 
-        def decode(latents: Any) -> Image:
+        def decode(latents: Any, *, xl: bool = False) -> Image:  # the TAESD named is for the model's family
             import torch
             from PIL import Image as PILImage
 
@@ -618,6 +748,9 @@ class LocalEngine:
     def availability(self) -> tuple[bool, str | None]:
         if self.runtime.device_problem:
             return False, self.runtime.device_problem
+        failed = self.runtime.load_failure(self._model)
+        if failed is not None:  # told with the model's name, never the server's paths
+            return False, f"{failed.message} (a job tries again {LOAD_RETRY_SECONDS:.0f} s after the failure)"
         if self._model.lower().endswith(".ckpt"):
             # A pickle can run code when loaded; the loader reads safetensors only.
             return False, f"model '{self._model}' is a .ckpt file: convert it to .safetensors"

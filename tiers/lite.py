@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 from orchestrator.errors import BadEngineInput, Canceled
-from tiers._local import LocalEngine, lcm_schedule, negative_prompt_arguments, tell_prompt_overflow
+from tiers._local import LocalEngine, check_steps, lcm_schedule, negative_prompt_arguments, tell_prompt_overflow
 from tiers.base import (
     DEVICE_SECONDS,
     NOTES,
@@ -57,6 +57,7 @@ class LiteEngine(LocalEngine):
         if limit is not None and steps > limit:
             raise BadEngineInput(f"steps: this LCM model takes at most {limit} (got {steps})",
                                  details={"field": "steps", "value": steps, "max": limit})
+        check_steps(pipe, steps)
         guidance = self.defaults.guidance_scale if req.guidance_scale is None else req.guidance_scale
         notes: list[str] = []
         tell_prompt_overflow(pipe, req.prompt, progress, notes)
@@ -75,7 +76,7 @@ class LiteEngine(LocalEngine):
                 # so `steps` alone took the bar past 100% and then back.
                 per_chunk = max(getattr(pipeline, "num_timesteps", 0) or steps, i + 1)
                 progress.step(done_chunks * per_chunk + i + 1, len(chunks) * per_chunk,
-                              self.runtime.preview(kwargs["latents"]))
+                              self.runtime.preview(kwargs["latents"], pipeline))
                 return kwargs
 
             # CPU generators: the same seed gives the same noise on every device.

@@ -15,7 +15,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.errors import BadEngineInput, Canceled
-from tiers._local import LocalEngine, lcm_schedule, negative_prompt_arguments, tell_prompt_overflow
+from tiers._local import LocalEngine, check_steps, lcm_schedule, negative_prompt_arguments, tell_prompt_overflow
 from tiers.base import (
     DEVICE_SECONDS,
     NOTES,
@@ -89,6 +89,7 @@ class LocalHifiEngine(LocalEngine):
         began = time.monotonic()  # after a first load: metered use is the work, not the loading
         strength = req.strength if req.stage == "bridge" else req.creativity
         steps = self._steps(req, strength, pipe)
+        check_steps(pipe, steps)
         guidance = self.defaults.guidance_scale if req.guidance_scale is None else req.guidance_scale
         source = req.init_image.convert("RGB").resize((req.width, req.height), PILImage.Resampling.LANCZOS)
         tile = max(self.defaults.native_size, 2 * TILE_OVERLAP)  # tiles must be wider than their overlap
@@ -139,7 +140,7 @@ class LocalHifiEngine(LocalEngine):
                 # has (PNDM adds one), so a count made beforehand overshot 100%.
                 per_pass = max(getattr(pipeline, "num_timesteps", 0) or 1, i + 1)
                 progress.step(done_passes * per_pass + i + 1, passes * per_pass,
-                              self.runtime.preview(kwargs["latents"]))
+                              self.runtime.preview(kwargs["latents"], pipeline))
                 return kwargs
 
             with torch.inference_mode():

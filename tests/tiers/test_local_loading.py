@@ -1,0 +1,245 @@
+"""Loading a local model, on copies of the offline tiny pipeline: fp16-only folders and Hub cache
+snapshots, load errors that name the model and say why, a warm-up that fails, a model that fails
+to load, and previews in the model family's own colours."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+
+from orchestrator.errors import BadEngineInput, EngineUnavailable
+from tests.conftest import SettingsFactory
+from tests.tiers.conftest import RecordingProgress, draft_image
+from tiers import _local
+from tiers._local import latents_to_preview, runtime_for
+from tiers.base import CancelToken, EngineContext, RenderRequest
+from tiers.lite import LiteEngine
+from tiers.local_hifi import LocalHifiEngine
+
+Engines = Callable[[str], tuple[LiteEngine, LocalHifiEngine]]
+
+
+@pytest.fixture
+def engines(make_settings: SettingsFactory) -> Iterator[Engines]:
+    made: list[LiteEngine] = []
+
+    def make(model: str) -> tuple[LiteEngine, LocalHifiEngine]:
+        ctx = EngineContext(settings=make_settings(lite_model=model, lite_device="cpu", local_max_size=256))
+        lite, hifi = LiteEngine(ctx), LocalHifiEngine(ctx)
+        made.append(lite)
+        return lite, hifi
+
+    yield make
+    for lite in made:
+        lite.runtime.shutdown(timeout=30)
+
+
+@pytest.fixture
+def tiny_copy(tiny_cache_dir: Path, tmp_path: Path) -> Callable[[str], Path]:
+    """A copy of the tiny pipeline's diffusers folder, to change."""
+    def copy(name: str) -> Path:
+        folder = tmp_path / "models" / name
+        shutil.copytree(tiny_cache_dir / "tiny-sd", folder, ignore=shutil.ignore_patterns(".tiny-sd-version"))
+        return folder
+
+    return copy
+
+
+def draft(**kw: Any) -> RenderRequest:
+    return RenderRequest(**{"stage": "ideation", "prompt": "a lighthouse", "width": 64, "height": 64, "steps": 1,
+                            "seed": 1, "n": 1, **kw})
+
+
+def as_fp16_variant(folder: Path) -> None:
+    """What `variant="fp16"` downloads leave: `*.fp16.safetensors` only."""
+    for weights in folder.glob("*/*.safetensors"):
+        weights.rename(weights.with_name(weights.name.replace(".safetensors", ".fp16.safetensors")))
+
+
+def hub_cache(tmp_path: Path, repo_id: str, snapshot: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The Hugging Face cache, under tmp_path, holding `snapshot` as `repo_id`'s main revision."""
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hf-hub"
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(snapshot, repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    return repo / "snapshots" / revision
+
+
+async def test_a_folder_of_fp16_weights_only_loads_as_that_variant(engines: Engines,
+                                                                    tiny_copy: Callable[[str], Path]) -> None:
+    folder = tiny_copy("fp16-only")
+    as_fp16_variant(folder)
+    lite, _ = engines(str(folder))
+    result = await lite.run(draft(), RecordingProgress(), CancelToken())
+    assert len(result.images) == 1
+    assert lite.runtime._pipes[(str(folder), "text2img")].unet.dtype == torch.float32  # cast to the run's dtype
+
+
+@pytest.mark.filterwarnings("ignore:The `local_dir_use_symlinks` argument is deprecated")
+async def test_a_hub_cache_snapshot_of_fp16_weights_only_loads_as_that_variant(
+        engines: Engines, tiny_copy: Callable[[str], Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tiny_copy("fp16-only")
+    as_fp16_variant(folder)
+    hub_cache(tmp_path, "acme/tiny-turbo", folder, monkeypatch)
+    lite, _ = engines("acme/tiny-turbo")
+    result = await lite.run(draft(), RecordingProgress(), CancelToken())
+    assert len(result.images) == 1 and result.model == "acme/tiny-turbo"
+
+
+@pytest.mark.filterwarnings("ignore:The `local_dir_use_symlinks` argument is deprecated")
+async def test_a_load_error_names_the_model_never_the_server_s_hub_cache(
+        engines: Engines, tiny_copy: Callable[[str], Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tiny_copy("no-text-encoder-weights")
+    for weights in (folder / "text_encoder").glob("*.safetensors"):
+        weights.unlink()
+    snapshot = hub_cache(tmp_path, "acme/tiny-turbo", folder, monkeypatch)
+    lite, _ = engines("acme/tiny-turbo")
+    with pytest.raises(EngineUnavailable) as info:
+        await lite.run(draft(), RecordingProgress(), CancelToken())
+    message = info.value.message
+    assert message.startswith("could not load model 'acme/tiny-turbo': ") and "text_encoder" in message
+    assert str(tmp_path) not in message and snapshot.name not in message and "models--" not in message
+    reason = lite.availability()[1]
+    assert reason is not None and str(tmp_path) not in reason
+
+
+async def test_a_folder_lacking_a_component_says_which(engines: Engines, tiny_copy: Callable[[str], Path],
+                                                       tmp_path: Path) -> None:
+    folder = tiny_copy("sd15-novae")
+    shutil.rmtree(folder / "vae")
+    lite, _ = engines(str(folder))
+    with pytest.raises(EngineUnavailable) as info:
+        await lite.run(draft(), RecordingProgress(), CancelToken())
+    assert info.value.message == "could not load model 'sd15-novae': the model folder lacks vae/"
+
+
+async def test_a_load_error_that_starts_with_a_newline_keeps_its_reason(
+        engines: Engines, tiny_copy: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    from diffusers import AutoPipelineForText2Image
+
+    def needs_torchsde(*_args: Any, **_kwargs: Any) -> Any:  # as diffusers says a missing backend
+        raise ImportError("\nDPMSolverSDEScheduler requires the torchsde library but it was not found in your "
+                          "environment.\nYou can install it with pip: `pip install torchsde`\n")
+
+    monkeypatch.setattr(AutoPipelineForText2Image, "from_pretrained", needs_torchsde)
+    lite, _ = engines(str(tiny_copy("sd15-sde")))
+    with pytest.raises(EngineUnavailable) as info:
+        await lite.run(draft(), RecordingProgress(), CancelToken())
+    assert info.value.message == ("could not load model 'sd15-sde': ImportError: DPMSolverSDEScheduler requires the "
+                                  "torchsde library but it was not found in your environment.")
+
+
+def use_pndm_with_runge_kutta_steps(folder: Path) -> None:
+    from diffusers import PNDMScheduler
+
+    config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    (folder / "scheduler" / "scheduler_config.json").unlink()
+    PNDMScheduler.from_config(config, skip_prk_steps=False).save_pretrained(folder / "scheduler")  # type: ignore[no-untyped-call]
+    index = json.loads((folder / "model_index.json").read_text())
+    index["scheduler"] = ["diffusers", "PNDMScheduler"]
+    (folder / "model_index.json").write_text(json.dumps(index))
+
+
+async def test_a_warm_up_that_fails_keeps_the_model_and_too_few_steps_are_refused(
+        engines: Engines, tiny_copy: Callable[[str], Path], caplog: pytest.LogCaptureFixture) -> None:
+    # PNDM's Runge-Kutta steps need 4 steps at least: the 1-step warm-up failed, the model was
+    # thrown away, and every draft reloaded it and failed with numpy's "could not be broadcast".
+    folder = tiny_copy("sd15-pndm")
+    use_pndm_with_runge_kutta_steps(folder)
+    lite, hifi = engines(str(folder))
+    with caplog.at_level(logging.WARNING, logger="tiers._local"):
+        result = await lite.run(draft(steps=4), RecordingProgress(), CancelToken())
+    assert len(result.images) == 1 and result.metadata["sampler"] == "PNDMScheduler"
+    assert "warm-up" in caplog.text and lite.availability() == (True, None)
+    with pytest.raises(BadEngineInput) as info:
+        await lite.run(draft(steps=2), RecordingProgress(), CancelToken())
+    assert info.value.message == ("steps: this model's scheduler (PNDMScheduler) cannot run 2 steps; "
+                                  "the fewest it runs is 4")
+    assert info.value.details == {"field": "steps", "value": 2, "min": 4}
+    bridge = RenderRequest(stage="bridge", prompt="a lighthouse", width=64, height=64, steps=2, seed=1, n=1,
+                           init_image=draft_image(), strength=1.0)
+    with pytest.raises(BadEngineInput, match=r"^steps: "):
+        await hifi.run(bridge, RecordingProgress(), CancelToken())
+
+
+async def test_a_model_that_failed_to_load_is_unavailable_until_a_later_load_succeeds(
+        engines: Engines, tiny_copy: Callable[[str], Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tiny_copy("sd15-half-copied")
+    unet = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    whole = unet.read_bytes()
+    unet.write_bytes(whole[:1000])  # still being copied
+    lite, hifi = engines(str(folder))
+    loads: list[str] = []
+    load = lite.runtime._load_pipeline
+
+    def counted_load(model: str, **kwargs: Any) -> Any:
+        loads.append(model)
+        return load(model, **kwargs)
+
+    monkeypatch.setattr(lite.runtime, "_load_pipeline", counted_load)
+    assert lite.availability() == (True, None)
+    with pytest.raises(EngineUnavailable):
+        await lite.preload()  # what ORCH_LITE_PRELOAD does at start
+    available, reason = lite.availability()
+    assert not available and reason is not None and reason.startswith("could not load model 'sd15-half-copied': ")
+    assert str(tmp_path) not in reason and hifi.availability() == (False, reason)  # one model, one runtime
+    with pytest.raises(EngineUnavailable):  # a job already queued fails at once, without a reload
+        await lite.run(draft(), RecordingProgress(), CancelToken())
+    assert len(loads) == 1
+    unet.write_bytes(whole)
+    monkeypatch.setattr(_local, "LOAD_RETRY_SECONDS", 0.0)  # a while later
+    assert lite.availability() == (True, None)
+    result = await lite.run(draft(), RecordingProgress(), CancelToken())
+    assert len(result.images) == 1 and len(loads) == 2
+    monkeypatch.setattr(_local, "LOAD_RETRY_SECONDS", 60.0)
+    assert lite.availability() == (True, None)  # the failure is forgotten once a load succeeds
+
+
+def pixel(image: Any) -> tuple[int, int, int]:
+    value = image.getpixel((0, 0))
+    return (value[0], value[1], value[2])
+
+
+def test_previews_use_the_model_family_s_latent_colours(make_settings: SettingsFactory) -> None:
+    latents = torch.zeros(1, 4, 8, 8)
+    latents[0, 0] = 1.0  # the first latent channel alone
+    sdxl = SimpleNamespace(unet=SimpleNamespace(config={"addition_embed_type": "text_time"}))
+    sd15 = SimpleNamespace(unet=SimpleNamespace(config={"addition_embed_type": None}))
+    runtime = runtime_for(EngineContext(settings=make_settings()))
+    try:
+        xl_preview, sd_preview = runtime.preview(latents, sdxl), runtime.preview(latents, sd15)
+    finally:
+        runtime.shutdown(timeout=30)
+    assert xl_preview is not None and sd_preview is not None
+
+    def expected(rgb: tuple[float, float, float]) -> tuple[int, int, int]:
+        r, g, b = (int((value + 1.0) * 127.5) for value in rgb)
+        return (r, g, b)
+
+    # SDXL's first row and bias; SD 1.x's first row, unchanged.
+    assert pixel(xl_preview) == expected((0.3651 + 0.1084, 0.4232 - 0.0175, 0.4341 - 0.0011))
+    assert pixel(sd_preview) == expected((0.298, 0.207, 0.208))
+    assert latents_to_preview(latents) is not None and pixel(latents_to_preview(latents)) == pixel(sd_preview)
+
+
+async def test_a_draft_s_previews_are_made_for_its_pipeline(engines: Engines, tiny_copy: Callable[[str], Path],
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    lite, _ = engines(str(tiny_copy("sd15")))
+    seen: list[Any] = []
+    monkeypatch.setattr(lite.runtime, "preview", lambda latents, pipe=None: seen.append(pipe))
+    await lite.run(draft(steps=2), RecordingProgress(), CancelToken())
+    assert len(seen) == 2 and all(type(pipe).__name__ == "StableDiffusionPipeline" for pipe in seen)
