@@ -181,7 +181,8 @@ def test_the_server_refuses_sizes_outside_the_documented_bounds(shared_server: h
     for bound in (low, high):
         response = explain(bound)
         details = response.json().get("error", {}).get("details", {}) if response.status_code != 200 else {}
-        assert "errors" not in details, response.text  # not a validation error: an engine may refuse it
+        # Not the schema's refusal: at most an engine's, found by routing (which names its candidates).
+        assert response.status_code == 200 or "candidates" in details, response.text
 
 
 # -- media types: what each route really answers ------------------------------------------------
