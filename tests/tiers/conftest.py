@@ -7,7 +7,7 @@ import asyncio
 import email
 import email.policy
 import io
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,10 @@ import pytest
 from PIL import Image
 
 from orchestrator.settings import Settings
+from tiers import tiny
 from tiers.base import EngineContext, NullProgress, RenderRequest
+from tiers.lite import LiteEngine
+from tiers.local_hifi import LocalHifiEngine
 
 
 class RecordingSleep:
@@ -128,3 +131,23 @@ def bridge(**kw: Any) -> RenderRequest:
                               "init_image": draft_image()}
     values.update(kw)
     return RenderRequest(**values)
+
+
+EngineFactory = Callable[..., tuple[LiteEngine, LocalHifiEngine]]
+
+
+@pytest.fixture
+def engines(make_settings: Callable[..., Settings]) -> Iterator[EngineFactory]:
+    """`engines(**settings)`: the two local engines, sharing one runtime, on the tiny model unless
+    `lite_model` says otherwise; their inference thread is stopped afterwards."""
+    made: list[LiteEngine] = []
+
+    def make(**overrides: Any) -> tuple[LiteEngine, LocalHifiEngine]:
+        ctx = EngineContext(settings=make_settings(**{"lite_model": tiny.NAME, **overrides}))
+        lite, hifi = LiteEngine(ctx), LocalHifiEngine(ctx)
+        made.append(lite)
+        return lite, hifi
+
+    yield make
+    for lite in made:
+        lite.runtime.shutdown(timeout=30)

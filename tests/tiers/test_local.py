@@ -10,7 +10,6 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Callable, Iterator
 from types import SimpleNamespace
 from typing import Any
 
@@ -18,32 +17,13 @@ import pytest
 import torch
 
 from orchestrator.errors import BadEngineInput, Canceled, EngineError, EngineUnavailable
-from orchestrator.settings import Settings
 from tests.conftest import SettingsFactory
-from tests.tiers.conftest import RecordingProgress, draft_image
+from tests.tiers.conftest import EngineFactory, RecordingProgress, draft_image
 from tiers import tiny
 from tiers._local import _usable_cpus, hf_hub_reachable, latents_to_preview, prompt_overflow, runtime_for
 from tiers.base import NOTES, CancelToken, EngineContext, RenderRequest
 from tiers.lite import LiteEngine
-from tiers.local_hifi import LocalHifiEngine, tile_boxes
-
-EngineFactory = Callable[..., tuple[LiteEngine, LocalHifiEngine]]
-
-
-@pytest.fixture
-def engines(make_settings: SettingsFactory) -> Iterator[EngineFactory]:
-    made: list[LiteEngine] = []
-
-    def make(**overrides: Any) -> tuple[LiteEngine, LocalHifiEngine]:
-        settings: Settings = make_settings(lite_model=tiny.NAME, **overrides)
-        ctx = EngineContext(settings=settings)
-        lite, hifi = LiteEngine(ctx), LocalHifiEngine(ctx)
-        made.append(lite)
-        return lite, hifi
-
-    yield make
-    for lite in made:
-        lite.runtime.shutdown(timeout=30)
+from tiers.local_hifi import tile_boxes
 
 
 def draft(**kw: Any) -> RenderRequest:

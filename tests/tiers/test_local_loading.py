@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -17,7 +17,7 @@ import torch
 
 from orchestrator.errors import BadEngineInput, EngineUnavailable
 from tests.conftest import SettingsFactory
-from tests.tiers.conftest import RecordingProgress, draft_image
+from tests.tiers.conftest import EngineFactory, RecordingProgress, draft_image
 from tiers import _local
 from tiers._local import latents_to_preview, runtime_for
 from tiers.base import CancelToken, EngineContext, RenderRequest
@@ -28,18 +28,9 @@ Engines = Callable[[str], tuple[LiteEngine, LocalHifiEngine]]
 
 
 @pytest.fixture
-def engines(make_settings: SettingsFactory) -> Iterator[Engines]:
-    made: list[LiteEngine] = []
-
-    def make(model: str) -> tuple[LiteEngine, LocalHifiEngine]:
-        ctx = EngineContext(settings=make_settings(lite_model=model, lite_device="cpu", local_max_size=256))
-        lite, hifi = LiteEngine(ctx), LocalHifiEngine(ctx)
-        made.append(lite)
-        return lite, hifi
-
-    yield make
-    for lite in made:
-        lite.runtime.shutdown(timeout=30)
+def load(engines: EngineFactory) -> Engines:
+    """The local engines on `model`, on the CPU."""
+    return lambda model: engines(lite_model=model, lite_device="cpu", local_max_size=256)
 
 
 @pytest.fixture
@@ -79,11 +70,11 @@ def hub_cache(tmp_path: Path, repo_id: str, snapshot: Path, monkeypatch: pytest.
     return repo / "snapshots" / revision
 
 
-async def test_a_folder_of_fp16_weights_only_loads_as_that_variant(engines: Engines,
+async def test_a_folder_of_fp16_weights_only_loads_as_that_variant(load: Engines,
                                                                     tiny_copy: Callable[[str], Path]) -> None:
     folder = tiny_copy("fp16-only")
     as_fp16_variant(folder)
-    lite, _ = engines(str(folder))
+    lite, _ = load(str(folder))
     result = await lite.run(draft(), RecordingProgress(), CancelToken())
     assert len(result.images) == 1
     assert lite.runtime._pipes[(str(folder), "text2img")].unet.dtype == torch.float32  # cast to the run's dtype
@@ -91,23 +82,23 @@ async def test_a_folder_of_fp16_weights_only_loads_as_that_variant(engines: Engi
 
 @pytest.mark.filterwarnings("ignore:The `local_dir_use_symlinks` argument is deprecated")
 async def test_a_hub_cache_snapshot_of_fp16_weights_only_loads_as_that_variant(
-        engines: Engines, tiny_copy: Callable[[str], Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        load: Engines, tiny_copy: Callable[[str], Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     folder = tiny_copy("fp16-only")
     as_fp16_variant(folder)
     hub_cache(tmp_path, "acme/tiny-turbo", folder, monkeypatch)
-    lite, _ = engines("acme/tiny-turbo")
+    lite, _ = load("acme/tiny-turbo")
     result = await lite.run(draft(), RecordingProgress(), CancelToken())
     assert len(result.images) == 1 and result.model == "acme/tiny-turbo"
 
 
 @pytest.mark.filterwarnings("ignore:The `local_dir_use_symlinks` argument is deprecated")
 async def test_a_load_error_names_the_model_never_the_server_s_hub_cache(
-        engines: Engines, tiny_copy: Callable[[str], Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        load: Engines, tiny_copy: Callable[[str], Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     folder = tiny_copy("no-text-encoder-weights")
     for weights in (folder / "text_encoder").glob("*.safetensors"):
         weights.unlink()
     snapshot = hub_cache(tmp_path, "acme/tiny-turbo", folder, monkeypatch)
-    lite, _ = engines("acme/tiny-turbo")
+    lite, _ = load("acme/tiny-turbo")
     with pytest.raises(EngineUnavailable) as info:
         await lite.run(draft(), RecordingProgress(), CancelToken())
     message = info.value.message
@@ -117,18 +108,18 @@ async def test_a_load_error_names_the_model_never_the_server_s_hub_cache(
     assert reason is not None and str(tmp_path) not in reason
 
 
-async def test_a_folder_lacking_a_component_says_which(engines: Engines, tiny_copy: Callable[[str], Path],
+async def test_a_folder_lacking_a_component_says_which(load: Engines, tiny_copy: Callable[[str], Path],
                                                        tmp_path: Path) -> None:
     folder = tiny_copy("sd15-novae")
     shutil.rmtree(folder / "vae")
-    lite, _ = engines(str(folder))
+    lite, _ = load(str(folder))
     with pytest.raises(EngineUnavailable) as info:
         await lite.run(draft(), RecordingProgress(), CancelToken())
     assert info.value.message == "could not load model 'sd15-novae': the model folder lacks vae/"
 
 
 async def test_a_load_error_that_starts_with_a_newline_keeps_its_reason(
-        engines: Engines, tiny_copy: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch) -> None:
+        load: Engines, tiny_copy: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch) -> None:
     from diffusers import AutoPipelineForText2Image
 
     def needs_torchsde(*_args: Any, **_kwargs: Any) -> Any:  # as diffusers says a missing backend
@@ -136,7 +127,7 @@ async def test_a_load_error_that_starts_with_a_newline_keeps_its_reason(
                           "environment.\nYou can install it with pip: `pip install torchsde`\n")
 
     monkeypatch.setattr(AutoPipelineForText2Image, "from_pretrained", needs_torchsde)
-    lite, _ = engines(str(tiny_copy("sd15-sde")))
+    lite, _ = load(str(tiny_copy("sd15-sde")))
     with pytest.raises(EngineUnavailable) as info:
         await lite.run(draft(), RecordingProgress(), CancelToken())
     assert info.value.message == ("could not load model 'sd15-sde': ImportError: DPMSolverSDEScheduler requires the "
@@ -155,12 +146,12 @@ def use_pndm_with_runge_kutta_steps(folder: Path) -> None:
 
 
 async def test_a_warm_up_that_fails_keeps_the_model_and_too_few_steps_are_refused(
-        engines: Engines, tiny_copy: Callable[[str], Path], caplog: pytest.LogCaptureFixture) -> None:
+        load: Engines, tiny_copy: Callable[[str], Path], caplog: pytest.LogCaptureFixture) -> None:
     # PNDM's Runge-Kutta steps need 4 steps at least: the 1-step warm-up failed, the model was
     # thrown away, and every draft reloaded it and failed with numpy's "could not be broadcast".
     folder = tiny_copy("sd15-pndm")
     use_pndm_with_runge_kutta_steps(folder)
-    lite, hifi = engines(str(folder))
+    lite, hifi = load(str(folder))
     with caplog.at_level(logging.WARNING, logger="tiers._local"):
         result = await lite.run(draft(steps=4), RecordingProgress(), CancelToken())
     assert len(result.images) == 1 and result.metadata["sampler"] == "PNDMScheduler"
@@ -177,12 +168,12 @@ async def test_a_warm_up_that_fails_keeps_the_model_and_too_few_steps_are_refuse
 
 
 async def test_a_model_that_failed_to_load_is_unavailable_until_a_later_load_succeeds(
-        engines: Engines, tiny_copy: Callable[[str], Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        load: Engines, tiny_copy: Callable[[str], Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     folder = tiny_copy("sd15-half-copied")
     unet = folder / "unet" / "diffusion_pytorch_model.safetensors"
     whole = unet.read_bytes()
     unet.write_bytes(whole[:1000])  # still being copied
-    lite, hifi = engines(str(folder))
+    lite, hifi = load(str(folder))
     loads: list[str] = []
     load = lite.runtime._load_pipeline
 
@@ -236,9 +227,9 @@ def test_previews_use_the_model_family_s_latent_colours(make_settings: SettingsF
     assert latents_to_preview(latents) is not None and pixel(latents_to_preview(latents)) == pixel(sd_preview)
 
 
-async def test_a_draft_s_previews_are_made_for_its_pipeline(engines: Engines, tiny_copy: Callable[[str], Path],
+async def test_a_draft_s_previews_are_made_for_its_pipeline(load: Engines, tiny_copy: Callable[[str], Path],
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    lite, _ = engines(str(tiny_copy("sd15")))
+    lite, _ = load(str(tiny_copy("sd15")))
     seen: list[Any] = []
     monkeypatch.setattr(lite.runtime, "preview", lambda latents, pipe=None: seen.append(pipe))
     await lite.run(draft(steps=2), RecordingProgress(), CancelToken())
