@@ -60,6 +60,14 @@ def listed(db: Database, project_id: str, *, after: str | None, limit: int) -> l
         return list(s.exec(stmt).all())
 
 
+def get(db: Database, project_id: str, key_id: str) -> ApiKey:
+    with db.session() as s:
+        key = s.get(ApiKey, key_id)
+    if key is None or key.project_id != project_id:
+        raise NotFound(f"key '{key_id}' not found", details={"key_id": key_id})
+    return key
+
+
 def revoke(db: Database, project_id: str, key_id: str) -> ApiKey:
     """Revoke a key (at once: every request looks its key up). Revoking it again changes nothing."""
     with db.transaction() as s:

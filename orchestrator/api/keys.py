@@ -78,6 +78,13 @@ def list_keys(project_id: str, services: ServicesDep, caller: CallerDep,
     return Page(items=[_public(k) for k in rows], next_cursor=rows[-1].id if more else None)
 
 
+@router.get("/projects/{project_id}/keys/{key_id}", response_model=KeyPublic, responses=documented(403, 404))
+def get_key(project_id: str, key_id: str, services: ServicesDep, caller: CallerDep) -> KeyPublic:
+    """One key (without its secret): whether it is revoked, and since when."""
+    _admin_project(services, caller, project_id)
+    return _public(keys.get(services.db, project_id, key_id))
+
+
 @router.delete("/projects/{project_id}/keys/{key_id}", response_model=KeyPublic, responses=documented(403, 404))
 def revoke_key(project_id: str, key_id: str, services: ServicesDep, caller: CallerDep) -> KeyPublic:
     """Revoke a key: from now on it gets 401. Revoking a revoked key answers it unchanged."""

@@ -63,6 +63,9 @@ def test_a_retried_key_request_makes_no_second_key(world: World) -> None:
     url, body = f"/v1/projects/{world.b}/keys", {"name": "ci"}
     first = world.admin.post(url, json=body, headers={"Idempotency-Key": "mk-1"})
     assert first.status_code == 201, first.text
+    # Its Location leads to the key (without its secret).
+    made = world.admin.get(first.headers["location"])
+    assert made.status_code == 200 and made.json() == {k: v for k, v in first.json().items() if k != "key"}
     again = world.admin.post(url, json=body, headers={"Idempotency-Key": "mk-1"})
     error = assert_error(again, 409, "conflict")
     assert error["details"] == {"key_id": first.json()["id"], "idempotency_key": "mk-1"}
@@ -183,6 +186,7 @@ def test_only_the_admin_creates_changes_grants_reloads_and_manages_keys(world: W
                               ("POST", "/v1/policies/reload", None),
                               ("POST", f"/v1/projects/{a}/keys", {"name": "second"}),
                               ("GET", f"/v1/projects/{a}/keys", None),
+                              ("GET", f"/v1/projects/{a}/keys/{world.key['id']}", None),
                               ("DELETE", f"/v1/projects/{a}/keys/{world.key['id']}", None)]:
         error = assert_error(mine.request(method, url, json=body), 403, "forbidden")
         assert "admin key" in error["message"]
@@ -201,6 +205,8 @@ def test_a_revoked_key_is_refused_at_once(world: World) -> None:
     assert_error(world.mine.get("/v1/nope"), 401, "unauthorized")
     again = world.admin.delete(url)  # revoking twice changes nothing
     assert again.json()["revoked_at"] == revoked.json()["revoked_at"]
+    assert world.admin.get(url).json() == revoked.json()
+    assert_error(world.admin.get(f"/v1/projects/{world.b}/keys/{world.key['id']}"), 404, "not_found")
     assert world.admin.get(f"/v1/projects/{world.a}/keys").json()["items"][0]["revoked_at"] is not None
     # The key belongs to A: under B's path it does not exist.
     assert_error(world.admin.delete(f"/v1/projects/{world.b}/keys/{world.key['id']}"), 404, "not_found")
