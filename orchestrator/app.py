@@ -64,6 +64,9 @@ def create_app(settings: Settings | None = None, *, loopback_only: bool = False)
         description="Ideation on a local Lite model, bridge and polish on high-fidelity engines, "
         "every paid call held against a budget and charged exactly once.",
         lifespan=lifespan,
+        # Generated clients name their methods after these (`create_drafts`, not FastAPI's
+        # `create_drafts_v1_projects__project_id__drafts_post`, which changes whenever a path does).
+        generate_unique_id_function=lambda route: route.name,
     )
     install_errors(app)
     app.add_middleware(RequestLimits, max_bytes=settings.max_body_bytes)

@@ -316,3 +316,11 @@ def test_the_headers_clients_act_on_are_documented(shared_server: httpx.Client, 
     answered = shared_server.post(f"/v1/projects/{project}/drafts",
                                   json={"prompt": "x", "n": 1, "width": 64, "height": 64, "steps": 1})
     assert answered.headers["location"] == f"/v1/jobs/{answered.json()['id']}"
+
+
+def test_operation_ids_are_the_routes_names(spec: dict[str, Any]) -> None:
+    """What a generated client names its methods: short, unique, and not a copy of the path."""
+    ids = [op["operationId"] for ops in spec["paths"].values() for op in ops.values()]
+    assert len(ids) == len(set(ids)) >= 30
+    assert {"create_drafts", "promote", "get_job", "job_events", "get_content"} <= set(ids), sorted(ids)
+    assert all("__" not in i and not i.endswith(("_get", "_post")) for i in ids), sorted(ids)
