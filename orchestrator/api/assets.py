@@ -1,8 +1,9 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Annotated
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Header, Request, Response
 from sqlmodel import Session, col, select
 
 from orchestrator.api.deps import CallerDep, ServicesDep, check_asset
@@ -33,12 +34,20 @@ def get_asset(asset_id: str, services: ServicesDep, caller: CallerDep) -> AssetP
         return asset_public(caller.asset(_get(s, asset_id)))
 
 
+_CONTENT_HEADERS = {
+    "ETag": {"description": "The image's sha256, quoted: the bytes never change.", "schema": {"type": "string"}},
+    "Content-Disposition": {"description": "`inline; filename=\"<asset id>.png\"`", "schema": {"type": "string"}}}
+
+
 @router.get("/assets/{asset_id}/content", response_class=Response, responses={
-    200: {"content": {"image/png": {}}, "description": "The image.", "headers": {
-        "ETag": {"description": "The image's sha256, quoted: the bytes never change.", "schema": {"type": "string"}},
-        "Content-Disposition": {"description": "`inline; filename=\"<asset id>.png\"`", "schema": {"type": "string"}}}},
-    304: {"description": "If-None-Match holds the ETag."}, **documented(404, 500)})
-async def get_content(asset_id: str, services: ServicesDep, caller: CallerDep, request: Request) -> Response:
+    200: {"content": {"image/png": {}}, "description": "The image.", "headers": _CONTENT_HEADERS},
+    304: {"description": "If-None-Match holds the ETag.", "headers": _CONTENT_HEADERS}, **documented(404, 500)})
+async def get_content(
+    asset_id: str, services: ServicesDep, caller: CallerDep, request: Request,
+    if_none_match: Annotated[str | None, Header(description=(
+        "ETags of copies the client has (`\"<sha256>\"`, weak or strong, or `*`): one of the image's "
+        "gets a 304 without the bytes."))] = None,
+) -> Response:
     """The PNG: an AUTOMATIC1111 `parameters` text chunk and a JSON chunk with the whole generation
     record (parent included). Immutable: cache it by its `ETag` (`If-None-Match` gets a 304)."""
     # A just-made asset is served from memory without leaving the event loop; others are read

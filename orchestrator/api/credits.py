@@ -14,7 +14,7 @@ from sqlmodel import col, select
 
 from orchestrator import idempotency
 from orchestrator.api.deps import CallerDep, IdempotencyKey, ServicesDep
-from orchestrator.api.errors import documented
+from orchestrator.api.errors import created, documented
 from orchestrator.errors import InvalidRequest, NotFound
 from orchestrator.ids import MAX_INT_ID, int_cursor
 from orchestrator.models import LedgerEntry, Project
@@ -110,7 +110,7 @@ def get_ledger(project_id: str, services: ServicesDep, caller: CallerDep,
 
 
 @router.post("/projects/{project_id}/grants", status_code=201, response_model=LedgerEntryPublic,
-             responses=documented(403, 404, 409, 413, 415))
+             responses={**created(None, replayable=True), **documented(403, 404, 409, 413, 415)})
 def grant(project_id: str, body: GrantCreate, services: ServicesDep, caller: CallerDep, request: Request,
           response: Response, idempotency_key: IdempotencyKey = None) -> LedgerEntryPublic:
     """Top up the project's budget for the current window (an append-only `grant` entry; admin key
@@ -205,7 +205,9 @@ def _utc(name: str, value: datetime | None) -> datetime | None:
 
 @router.get("/spend", responses={
     200: {"model": SpendReport, "content": {"text/csv": {"schema": {"type": "string"}}},
-          "description": "The report: JSON, or CSV with `format=csv`."}, **documented(404)})
+          "description": "The report: JSON, or CSV with `format=csv`.", "headers": {
+              "Content-Disposition": {"description": "With `format=csv`: `attachment; filename=\"spend.csv\"`",
+                                      "schema": {"type": "string"}}}}, **documented(404)})
 def get_spend(services: ServicesDep, caller: CallerDep, group_by: GroupBy = "day",
               from_: Annotated[Rfc3339 | None, Query(alias="from")] = None,
               to: Rfc3339 | None = None, project_id: str | None = None,

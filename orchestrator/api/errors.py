@@ -51,10 +51,34 @@ _DOCUMENTED = {
 }
 
 
+_RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before sending the request again.",
+                                 "schema": {"type": "string"}}}
+# The headers an error answer carries, for clients generated from the document.
+_HEADERS: dict[int, dict[str, Any]] = {
+    401: {"WWW-Authenticate": {"description": "`Bearer`", "schema": {"type": "string"}}},
+    429: _RETRY_AFTER,
+    503: _RETRY_AFTER,
+}
+
+
 def documented(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI entries for the errors a route answers, all in the one error shape (this also
     replaces FastAPI's default 422 entry, whose `{"detail": [...]}` body this API never sends)."""
-    return {status: {"model": ErrorResponse, "description": _DOCUMENTED[status]} for status in statuses}
+    return {status: {"model": ErrorResponse, "description": _DOCUMENTED[status],
+                     **({"headers": _HEADERS[status]} if status in _HEADERS else {})} for status in statuses}
+
+
+def created(location: str | None, *, replayable: bool) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI entry of a 201 and its headers: where the new resource is, and whether the
+    answer is an Idempotency-Key's replay."""
+    headers: dict[str, Any] = {}
+    if location is not None:
+        headers["Location"] = {"description": location, "schema": {"type": "string"}}
+    if replayable:
+        headers["Idempotent-Replayed"] = {
+            "description": "`true` when the Idempotency-Key was seen with this body before: this answers with "
+                           "what that first request made; nothing new was made.", "schema": {"type": "string"}}
+    return {201: {"description": "Created.", "headers": headers}}
 
 
 class _ErrorJSON(JSONResponse):

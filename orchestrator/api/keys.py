@@ -10,7 +10,7 @@ from pydantic import BaseModel, Field
 
 from orchestrator import idempotency, keys
 from orchestrator.api.deps import CallerDep, IdempotencyKey, ServicesDep
-from orchestrator.api.errors import documented
+from orchestrator.api.errors import created, documented
 from orchestrator.errors import Conflict, NotFound
 from orchestrator.ids import id_cursor
 from orchestrator.models import ApiKey, Project
@@ -50,7 +50,8 @@ def _admin_project(services: ServicesDep, caller: CallerDep, project_id: str) ->
 
 
 @router.post("/projects/{project_id}/keys", status_code=201, response_model=KeyCreated,
-             responses=documented(403, 404, 409, 413, 415))
+             responses={**created("The key: `/v1/projects/{id}/keys/{key_id}`.", replayable=False),
+                        **documented(403, 404, 409, 413, 415)})
 def create_key(project_id: str, body: KeyCreate, services: ServicesDep, caller: CallerDep, request: Request,
                response: Response, idempotency_key: IdempotencyKey = None) -> KeyCreated:
     """Make a key that reaches this project only. Its secret is in this answer and nowhere else:

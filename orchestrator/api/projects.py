@@ -8,7 +8,7 @@ from sqlmodel import Session, col, select
 
 from orchestrator import idempotency
 from orchestrator.api.deps import CallerDep, IdempotencyKey, ServicesDep
-from orchestrator.api.errors import documented
+from orchestrator.api.errors import created, documented
 from orchestrator.api.serialize import asset_public, project_public
 from orchestrator.errors import InvalidRequest, NotFound
 from orchestrator.ids import id_cursor, new_id
@@ -23,7 +23,8 @@ Limit = Annotated[int, Query(ge=1, le=500)]
 
 
 @router.post("/projects", status_code=201, response_model=ProjectPublic,
-             responses=documented(403, 409, 413, 415, 503))
+             responses={**created("The project: `/v1/projects/{id}`.", replayable=True),
+                        **documented(403, 409, 413, 415, 503)})
 def create_project(body: ProjectCreate, services: ServicesDep, caller: CallerDep, request: Request,
                    response: Response, idempotency_key: IdempotencyKey = None) -> ProjectPublic:
     """Create a project. With an `Idempotency-Key`, a retry answers with the project the first

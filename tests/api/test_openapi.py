@@ -324,3 +324,40 @@ def test_operation_ids_are_the_routes_names(spec: dict[str, Any]) -> None:
     assert len(ids) == len(set(ids)) >= 30
     assert {"create_drafts", "promote", "get_job", "job_events", "get_content"} <= set(ids), sorted(ids)
     assert all("__" not in i and not i.endswith(("_get", "_post")) for i in ids), sorted(ids)
+
+
+# Headers a client acts on: where a new resource is, whether an answer is a replay, when to retry,
+# how to authenticate, how to cache.
+TOLD = ("location", "idempotent-replayed", "retry-after", "www-authenticate", "etag")
+
+
+def test_headers_a_client_acts_on_are_declared_where_they_are_sent(
+        shared_server: httpx.Client, spec: dict[str, Any], project: str) -> None:
+    sent = [
+        ("post", "/v1/projects", shared_server.post("/v1/projects", json={"name": "h"},
+                                                    headers={"Idempotency-Key": "h-1"})),
+        ("post", "/v1/projects", shared_server.post("/v1/projects", json={"name": "h"},
+                                                    headers={"Idempotency-Key": "h-1"})),
+        ("post", "/v1/projects/{project_id}/grants",
+         shared_server.post(f"/v1/projects/{project}/grants", json={"amount": 1}, headers={"Idempotency-Key": "g"})),
+        ("post", "/v1/projects/{project_id}/drafts",
+         shared_server.post(f"/v1/projects/{project}/drafts", json={"prompt": "x", "n": 1, "width": 64,
+                                                                    "height": 64, "steps": 1})),
+    ]
+    for method, path, response in sent:
+        declared = spec["paths"][path][method]["responses"][str(response.status_code)].get("headers", {})
+        for name in TOLD:
+            if name in response.headers:
+                assert name in {h.lower() for h in declared}, (method, path, response.status_code, name)
+    assert any("idempotent-replayed" in r.headers for _, _, r in sent)  # the replay was among them
+
+
+def test_every_401_429_and_503_says_what_it_carries(spec: dict[str, Any]) -> None:
+    for path, operations in spec["paths"].items():
+        for method, operation in operations.items():
+            for status, header in (("401", "WWW-Authenticate"), ("429", "Retry-After"), ("503", "Retry-After")):
+                if status in operation["responses"]:
+                    assert header in operation["responses"][status].get("headers", {}), (method, path, status)
+    content = spec["paths"]["/v1/assets/{asset_id}/content"]["get"]
+    assert "if-none-match" in [p["name"].lower() for p in content["parameters"]]
+    assert "ETag" in content["responses"]["304"]["headers"]
