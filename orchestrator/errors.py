@@ -59,6 +59,14 @@ class OrchestratorError(Exception):
 class InvalidRequest(OrchestratorError):
     code, status = "invalid_request", 422
 
+    def __init__(self, message: str, *, details: dict[str, Any] | None = None,
+                 loc: tuple[str, ...] | None = None) -> None:
+        """`loc`: where the request went wrong (`("query", "cursor")`), listed in `details.errors`
+        as the schema's own refusals are."""
+        if loc is not None:
+            details = {**(details or {}), "errors": [{"loc": list(loc), "msg": message, "type": "value_error"}]}
+        super().__init__(message, details=details)
+
 
 class Unauthorized(OrchestratorError):
     code, status = "unauthorized", 401

@@ -65,7 +65,7 @@ def new_id(prefix: str) -> str:
 
 def _malformed(cursor: str) -> InvalidRequest:
     return InvalidRequest("malformed cursor: pass back the 'next_cursor' of the previous page",
-                          details={"cursor": cursor})
+                          details={"cursor": cursor}, loc=("query", "cursor"))
 
 
 def id_cursor(cursor: str | None, prefix: str) -> str | None:

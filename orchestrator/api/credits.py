@@ -196,11 +196,12 @@ def _utc(name: str, value: datetime | None) -> datetime | None:
     if value is None:
         return None
     if value.tzinfo is None:
-        raise InvalidRequest(f"'{name}' needs a timezone (RFC 3339, e.g. 2026-11-01T00:00:00Z)")
+        raise InvalidRequest(f"'{name}' needs a timezone (RFC 3339, e.g. 2026-11-01T00:00:00Z)", loc=("query", name))
     try:
         return value.astimezone(UTC)
     except OverflowError:  # 0001-01-01T00:00:00+01:00 is a year before the first one
-        raise InvalidRequest(f"'{name}' is out of range once in UTC", details={name: value.isoformat()}) from None
+        raise InvalidRequest(f"'{name}' is out of range once in UTC", details={name: value.isoformat()},
+                             loc=("query", name)) from None
 
 
 @router.get("/spend", responses={
@@ -218,7 +219,7 @@ def get_spend(services: ServicesDep, caller: CallerDep, group_by: GroupBy = "day
         project_id = caller.project_id
     from_, to = _utc("from", from_), _utc("to", to)
     if from_ and to and from_ >= to:
-        raise InvalidRequest("'from' must be before 'to'")
+        raise InvalidRequest("'from' must be before 'to'", loc=("query", "from"))
     with services.db.snapshot() as s:
         if project_id and s.get(Project, project_id) is None:  # a mistyped id is not a project that spent nothing
             raise NotFound(f"project '{project_id}' not found", details={"project_id": project_id})

@@ -178,7 +178,7 @@ def install(app: FastAPI) -> None:
             # A refusal found past the body's validation (an engine's size limit) lists itself as
             # validation errors do, so that a client reading `details.errors` finds every 422's.
             field = details.get("field")
-            details = {**details, "errors": [{"loc": ["body", field] if isinstance(field, str) else ["body"],
+            details = {**details, "errors": [{"loc": ["body", field] if isinstance(field, str) else [],
                                               "msg": exc.message, "type": "value_error"}]}
         return error_response(exc.status, exc.code, exc.message, details, headers or None)
 

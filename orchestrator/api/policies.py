@@ -138,9 +138,10 @@ def explain(body: ExplainRequest, services: ServicesDep, caller: CallerDep) -> d
     jobs = services.jobs
     if body.stage == "ideation":
         if not body.project_id:
-            raise InvalidRequest("project_id is required for the ideation stage")
+            raise InvalidRequest("project_id is required for the ideation stage", loc=("body", "project_id"))
         if body.source_asset_id is not None:
-            raise InvalidRequest("the ideation stage takes no source_asset_id (drafts start from a prompt)")
+            raise InvalidRequest("the ideation stage takes no source_asset_id (drafts start from a prompt)",
+                                 loc=("body", "source_asset_id"))
         draft = _stage_body(ExplainDraft, {**extra, "stage": body.stage, "project_id": body.project_id})
         prepared, engine, max_credits = jobs.prepare_draft(body.project_id, draft), draft.engine, None
         cache = draft.cache
@@ -148,7 +149,8 @@ def explain(body: ExplainRequest, services: ServicesDep, caller: CallerDep) -> d
             prepared.params["seed"] = None
     else:
         if not body.source_asset_id:
-            raise InvalidRequest(f"source_asset_id is required for the {body.stage} stage")
+            raise InvalidRequest(f"source_asset_id is required for the {body.stage} stage",
+                                 loc=("body", "source_asset_id"))
         if body.stage == "bridge":
             promote = _stage_body(ExplainPromote, {**extra, "stage": body.stage,
                                                    "source_asset_id": body.source_asset_id})

@@ -101,7 +101,8 @@ def list_projects(services: ServicesDep, caller: CallerDep, limit: Limit = 50,
 def _check_policy(services: ServicesDep, policy: str | None) -> None:
     if policy is not None and policy not in services.policies:
         raise InvalidRequest(f"unknown policy '{policy}'", details={"policy": policy,
-                                                                    "known": services.policies.names()})
+                                                                    "known": services.policies.names()},
+                             loc=("body", "policy"))
 
 
 def _get(services: ServicesDep, project_id: str) -> Project:

@@ -48,7 +48,7 @@ def single_valued_query(request: Request) -> None:
     for name in _query_names(route.dependant):
         if len(request.query_params.getlist(name)) > 1:
             raise InvalidRequest(f"query parameter '{name}' is given more than once; each takes one value",
-                                 details={"parameter": name})
+                                 details={"parameter": name}, loc=("query", name))
 
 
 def _query_names(dependant: Dependant) -> set[str]:

@@ -223,7 +223,20 @@ def test_unknown_source_asset(shared_server: httpx.Client, path: str) -> None:
 @pytest.mark.parametrize("path", ["/v1/projects", "/v1/jobs", "/v1/projects/{project}/assets",
                                   "/v1/projects/{project}/ledger"])
 def test_bad_list_parameters(shared_server: httpx.Client, project: str, path: str, params: dict[str, Any]) -> None:
-    assert_error(shared_server.get(path.format(project=project), params=params), 422, "invalid_request")
+    error = assert_error(shared_server.get(path.format(project=project), params=params), 422, "invalid_request")
+    # Where it went wrong, for a client that maps errors to fields: the query parameter, never the body.
+    [name] = params
+    assert [e["loc"] for e in error["details"]["errors"]] == [["query", name]], error
+
+
+@pytest.mark.parametrize(("params", "name"), [
+    ({"from": "2026-01-01T00:00:00"}, "from"),                               # no timezone
+    ({"from": "2026-02-01T00:00:00Z", "to": "2026-01-01T00:00:00Z"}, "from"),  # after 'to'
+    ({"to": "0001-01-01T00:00:00+01:00"}, "to"),                              # before year 1 in UTC
+])
+def test_bad_spend_bounds_name_their_parameter(shared_server: httpx.Client, params: dict[str, str], name: str) -> None:
+    error = assert_error(shared_server.get("/v1/spend", params=params), 422, "invalid_request")
+    assert [e["loc"] for e in error["details"]["errors"]] == [["query", name]], error
 
 
 # Ledger cursors are integers: unicode digits ("²".isdigit() is True, int("²") raises) and numbers

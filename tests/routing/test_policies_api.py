@@ -300,8 +300,10 @@ def test_explain_refusals(api: httpx.Client, draft: dict[str, Any], body: dict[s
     values = {k: v.format(project=draft["project_id"], asset=draft["asset_id"]) if isinstance(v, str) else v
               for k, v in body.items()}
     ledger_before = ledger(api, draft["project_id"])
-    assert_error(api.post("/v1/route/explain", json=values), status, code)
+    error = assert_error(api.post("/v1/route/explain", json=values), status, code)
     assert ledger(api, draft["project_id"]) == ledger_before
+    if code == "invalid_request":  # each names the field, as the schema's own refusals do
+        assert all(e["loc"][:1] == ["body"] and len(e["loc"]) > 1 for e in error["details"]["errors"]), error
 
 
 def test_explain_tells_errors_and_seeds_as_the_stage_s_post_does(api: httpx.Client, draft: dict[str, Any]) -> None:
