@@ -101,7 +101,8 @@ def _whole_millicredits(value: float) -> float:
 
 MAX_CREDITS = 10**9  # a billion credits: far above any real budget, and its millicredits fit a BIGINT
 Thousandths = AfterValidator(_whole_millicredits)
-Credits = Annotated[float, NoBool, Field(ge=0, le=MAX_CREDITS, allow_inf_nan=False), Thousandths]
+Credits = Annotated[float, NoBool, Field(ge=0, le=MAX_CREDITS, allow_inf_nan=False,
+                                         description="Credits, to the thousandth: at most 3 decimals."), Thousandths]
 
 
 # NUL: PostgreSQL cannot store it and PNG text chunks end at it. A lone UTF-16 surrogate
@@ -329,7 +330,14 @@ class Cost(BaseModel):
 
 
 class ErrorBody(BaseModel):
-    code: str
+    code: str = Field(description=(
+        "What went wrong, for code to act on: `invalid_request` (422, 400, 415), `unauthorized` (401), "
+        "`forbidden` (403), `not_found` (404), `method_not_allowed` (405), `conflict`, `idempotency_conflict`, "
+        "`job_finished` (409), `payload_too_large` (413), `budget_exceeded` (402), `no_route` (422, 503), "
+        "`rate_limited` (429), `engine_unavailable`, `database_unavailable`, `storage_full`, `server_stopping` "
+        "(503: send again), `content_unavailable` (500: an asset's file is missing or damaged), "
+        "`internal_error` (500). A job's `error` also uses `content_filtered`, `engine_error`, `timeout`, "
+        "`canceled`, `interrupted`."))
     message: str
     details: dict[str, Any] = Field(default_factory=dict)
 

@@ -18,7 +18,7 @@ from orchestrator.api.errors import created, documented
 from orchestrator.errors import InvalidRequest, NotFound
 from orchestrator.ids import MAX_INT_ID, int_cursor
 from orchestrator.models import LedgerEntry, Project
-from orchestrator.schemas import MAX_CREDITS, NoBool, Page, SpendReport, Strict, Thousandths
+from orchestrator.schemas import MAX_CREDITS, Credits, NoBool, Page, SpendReport, Strict, Thousandths
 from orchestrator.spend import GroupBy, savings, spend, to_csv
 from tiers.base import to_credits, to_millicredits
 
@@ -55,7 +55,8 @@ class LedgerEntryPublic(BaseModel):
 
 
 class GrantCreate(Strict):
-    amount: Annotated[float, NoBool, Field(gt=0, le=MAX_CREDITS, allow_inf_nan=False), Thousandths]
+    amount: Annotated[float, NoBool, Field(gt=0, le=MAX_CREDITS, allow_inf_nan=False,
+                                           description="Credits, to the thousandth: at most 3 decimals."), Thousandths]
     note: Annotated[str, Field(max_length=500)] | None = None
 
 
@@ -138,8 +139,8 @@ def grant(project_id: str, body: GrantCreate, services: ServicesDep, caller: Cal
 
 
 class Reconcile(Strict):
-    charged: Annotated[float, NoBool, Field(ge=0, le=MAX_CREDITS, allow_inf_nan=False), Thousandths] = Field(
-        description="What the provider's invoice says the job cost, in credits (0: it charged nothing).")
+    charged: Credits = Field(description="What the provider's invoice says the job cost, in credits (0: it charged "
+                                         "nothing), to the thousandth: at most 3 decimals.")
     note: Annotated[str, Field(max_length=500)] | None = None
 
 
