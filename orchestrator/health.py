@@ -80,13 +80,16 @@ class EngineHealth:
                 return "open"
             return "degraded" if c.failures or c.opened_at is not None else "ok"
 
-    def allow(self, engine: str) -> bool:
-        """May a job go to `engine` now? In half-open state, only while no probe is out."""
+    def allow(self, engine: str, holder: str | None = None) -> bool:
+        """May a job go to `engine` now? In half-open state, only while no probe is out, or the
+        probe is `holder`'s own reservation (a submit routing again under its project's lock)."""
         with self._lock:
             c = self._get(engine)
             if c.opened_at is None:
                 return True
             now = self.clock()
+            if holder is not None and c.probe == holder and self._probe_out(c, now):
+                return True
             return now - c.opened_at >= self.cooldown and not self._probe_out(c, now)
 
     def probe_out(self, engine: str) -> bool:

@@ -254,7 +254,7 @@ class JobService:
                 # so it needs no room in the budget.
                 if not cached and decision.estimate > 0 and project.budget_limit is not None:
                     fresh = self._route(project.policy, prepared, engine, max_credits,
-                                        self.ledger.balance(s, project), cache=False)
+                                        self.ledger.balance(s, project), cache=False, holder=token)
                     if (fresh.chosen, fresh.rule) != (decision.chosen, decision.rule):
                         if fresh.chosen != reserved:  # its probe too, taken as the first choice's was
                             if not self.router.health.reserve(fresh.chosen, token):
@@ -350,9 +350,9 @@ class JobService:
         return self._route(project.policy, prepared, engine, max_credits, balance, cache=cache)
 
     def _route(self, policy: str, prepared: Prepared, engine: str | None, max_credits: float | None,
-               balance: Balance | None, *, cache: bool) -> Decision:
+               balance: Balance | None, *, cache: bool, holder: str | None = None) -> Decision:
         decision = self.router.decide(policy, prepared.request, engine,
-                                      None if balance is None else balance.used_fraction)
+                                      None if balance is None else balance.used_fraction, holder=holder)
         if (balance is None and max_credits is None) or (cache and self.has_cached(prepared, decision)):
             return decision
         if balance is not None:

@@ -91,7 +91,9 @@ class Router:
         self.health = health
 
     def decide(self, policy_name: str, req: RenderRequest, requested: str | None,
-               budget_used: float | None) -> Decision:
+               budget_used: float | None, *, holder: str | None = None) -> Decision:
+        """`holder`: the reservation of a half-open circuit's probe this request already holds
+        (see `EngineHealth.reserve`); that engine is not skipped as "its probe is out"."""
         try:
             # Read once: a reload between a look and a read could take the policy away in between.
             policy = self.policies.get(policy_name)
@@ -127,7 +129,7 @@ class Router:
                 details={**base, "engine": requested, "allowed": rule.engines},
             )
         names = [requested] if requested is not None else list(rule.engines)
-        assessed = {name: self.assess(name, req, rule) for name in names}
+        assessed = {name: self.assess(name, req, rule, holder=holder) for name in names}
         ordered = self._order(policy, rule, req.stage, assessed)
         usable = [c for c in ordered if c.skipped is None]
         if not usable:
@@ -174,7 +176,8 @@ class Router:
         candidates = [assessed[n] for n in order]
         return [c for c in candidates if c.skipped is None] + [c for c in candidates if c.skipped is not None]
 
-    def assess(self, name: str, req: RenderRequest, rule: Rule | None = None) -> Candidate:
+    def assess(self, name: str, req: RenderRequest, rule: Rule | None = None, *,
+               holder: str | None = None) -> Candidate:
         """Whether engine `name` can take `req` under `rule`, with its estimate or why not."""
         candidate = Candidate(name)
         if name not in self.registry:
@@ -194,7 +197,7 @@ class Router:
         elif not (available := engine.availability())[0]:
             # Told to whoever asked, a project key's client too: the model by its name, not its path.
             candidate.skipped = f"unavailable: {hide_paths(available[1] or 'not set up')}"
-        elif not self.health.allow(name):
+        elif not self.health.allow(name, holder):
             candidate.skipped = ("circuit half-open: its probe request is out" if self.health.probe_out(name)
                                  else "circuit open after repeated failures")
             candidate.for_now = True

@@ -379,6 +379,23 @@ def open_then_half_open(client: httpx.Client, asset_id: str, clock: Clock) -> No
     clock.now += 61
 
 
+def test_a_project_with_a_budget_sends_the_probe_too(
+        new_settings: SettingsFactory, fallback_policies: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Routing again under the project's lock (a budget's balance) found the probe the request had
+    just reserved as "out", and sent the job to the next, dearer candidate: with budgets on every
+    project, the cheaper engine's circuit never closed."""
+    clock = Clock()
+    monkeypatch.setattr("orchestrator.services.EngineHealth",
+                        functools.partial(EngineHealth, threshold=2, cooldown=60.0, clock=clock))
+    with running(new_settings(engines=FAKE_ENGINES, policy="fallback-test", policy_dir=fallback_policies)) as client:
+        _, asset_id = draft_asset(client, budget={"limit": 1000, "period": "month"})
+        open_then_half_open(client, asset_id, clock)
+        probe = promote(client, asset_id)
+        assert probe["engine"] == "fake-paid" and probe["cost"]["estimated"] == 10.0
+        assert wait_for_job(client, probe["id"])["status"] == "succeeded"
+        assert health(client)["fake-paid"] == "ok"
+
+
 def test_requests_routed_together_after_the_cooldown_send_one_probe(
         new_settings: SettingsFactory, fallback_policies: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # The look (allow) and the taking (assign, after the commit) were two steps: every request
