@@ -185,6 +185,12 @@ class JobService:
                                      details={"asset_id": asset_id, **exc.details}) from None
         return asset
 
+    def check_room(self, project_id: str) -> None:
+        """Raise `TooManyJobs` when a submit to the project would be refused for its unfinished
+        jobs now (route/explain says what a submit would do)."""
+        with self.db.snapshot() as s:
+            self._check_pending(s, self._project(s, project_id))
+
     def _check_pending(self, s: Session, project: Project) -> None:
         """One project cannot fill the queue: local work is free, so its budget would not stop it.
         Counted under the project lock, so concurrent submits cannot pass the limit together."""

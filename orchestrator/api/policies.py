@@ -124,7 +124,8 @@ class ExplainRequest(Strict):
         return handler(_EXPLAINED.core_schema)
 
 
-@router.post("/route/explain", response_model=RouteExplanation, responses=documented(402, 404, 413, 415, 503))
+@router.post("/route/explain", response_model=RouteExplanation,
+             responses=documented(402, 404, 413, 415, 429, 503))
 def explain(body: ExplainRequest, services: ServicesDep, caller: CallerDep) -> dict[str, Any]:
     """The routing decision and estimate for a request, without running or charging anything.
     With a project key, `project_id` may be left out: the key names the project."""
@@ -164,6 +165,8 @@ def explain(body: ExplainRequest, services: ServicesDep, caller: CallerDep) -> d
             raise NotFound("the source asset belongs to another project", details={"project_id": body.project_id})
     decision = jobs.decide(prepared, engine, max_credits, cache=cache)
     cache_hit = cache and jobs.has_cached(prepared, decision)
+    if not cache_hit:  # a copy of an earlier result is no job to wait for
+        jobs.check_room(prepared.project_id)
     return {"project_id": prepared.project_id, "stage": body.stage, "engine": decision.chosen,
             "estimate": 0.0 if cache_hit else to_credits(decision.estimate), "cache_hit": cache_hit,
             "routing": decision.as_dict(),

@@ -488,6 +488,9 @@ def test_too_many_unfinished_jobs_is_a_429_that_says_when_to_ask_again(make_sett
         refused = post_drafts(client, project, VALID)
         assert_error(refused, 429, "rate_limited")
         assert refused.headers["retry-after"] == "5"
+        # route/explain says what the submit would do (it answered 200 here).
+        explained = client.post("/v1/route/explain", json={"stage": "ideation", "project_id": project, **VALID})
+        assert_error(explained, 429, "rate_limited")
 
 
 @pytest.mark.parametrize(("stage", "body"), [
