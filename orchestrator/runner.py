@@ -47,6 +47,8 @@ from tiers.base import (
     Resumable,
     before_billable_sends,
     billed_by_provider,
+    to_credits,
+    to_millicredits,
 )
 from tiers.registry import EngineRegistry
 
@@ -396,6 +398,8 @@ class JobRunner:
         tried = {a["engine"] for a in job.attempts or []} | {job.engine}
         request = render_request(job.params)
         token = f"fallback-{job.id}-{claim.attempt}"
+        recorded = {c["engine"]: to_millicredits(c["estimate"]) for c in (job.routing or {}).get("candidates", [])
+                    if isinstance(c.get("estimate"), int | float)}
         for name in fallbacks(job.routing, tried):
             if name not in self.registry:
                 continue
@@ -405,6 +409,12 @@ class JobRunner:
             try:
                 estimate = priced(engine, request)
             except OrchestratorError:
+                continue
+            if estimate > recorded.get(name, estimate):
+                # The caps (max_credits, the rule's) were checked on the estimate routing recorded;
+                # a process priced otherwise (another prices file) must not hold past them.
+                log.warning("job %s: fallback %s skipped: its estimate (%s credits) is above the %s it was "
+                            "routed with", job.id, name, to_credits(estimate), to_credits(recorded[name]))
                 continue
             # Its half-open probe taken before the move, in one step (see `EngineHealth.reserve`).
             if not self.health.reserve(name, token):

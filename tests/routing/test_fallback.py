@@ -191,6 +191,25 @@ def test_max_credits_bounds_the_fallbacks_too(paid_server: httpx.Client) -> None
                                                                   ("release", 10.0, "fake-paid")]
 
 
+def test_a_fallback_priced_above_its_routed_estimate_is_skipped(paid_server: httpx.Client,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The caps were checked on the estimates routing recorded; a process pricing an engine higher
+    (another prices file on a worker) must not hold, and charge, past them."""
+    from orchestrator import runner as runner_module
+
+    real = runner_module.priced
+    monkeypatch.setattr(runner_module, "priced",
+                        lambda engine, req: 30_000 if engine.name == "fake-b" else real(engine, req))
+    project_id, asset_id = draft_asset(paid_server)
+    job = promote(paid_server, asset_id, tags={"fake": "fail"}, max_credits=25)
+    assert {c["engine"]: c["estimate"] for c in job["routing"]["candidates"]}["fake-b"] == 20.0
+    done = wait_for_job(paid_server, job["id"])
+    assert [(a["engine"], a["status"]) for a in done["attempts"]] == [
+        ("fake-paid", "failed"), ("local-hifi", "succeeded")]
+    assert kinds(ledger(paid_server, project_id, job["id"])) == [("hold", 10.0, "fake-paid"),
+                                                                  ("release", 10.0, "fake-paid")]
+
+
 def test_a_budget_too_small_for_the_first_candidate_routes_to_one_it_can_hold(paid_server: httpx.Client) -> None:
     # 5 credits left: fake-paid (10) and fake-b (20) cannot be held, local-hifi (free) can. Once
     # this answered 402, while route/explain named fake-paid.
