@@ -348,6 +348,42 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
+class RouteCandidate(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    engine: str
+    estimate: float | None = Field(None, description="credits it would hold; null where it could not be priced")
+    skipped: str | None = Field(None, description="why it is left out; null: usable, tried in this order")
+
+
+class Routing(BaseModel):
+    """A routing decision, as a job records it (and route/explain shows it)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    policy: str | None = None
+    policy_hash: str | None = Field(None, description="the policy file's content hash when it decided")
+    rule: str | None = Field(None, description="the policy rule that matched")
+    reason: str | None = None
+    private: bool | None = Field(None, description="the request was kept on this machine (a privacy tag)")
+    chosen: str | None = Field(None, description="the engine it chose first")
+    estimate: float | None = Field(None, description="credits the first choice would hold")
+    candidates: list[RouteCandidate] = Field(default_factory=list,
+                                             description="every engine the rule names, usable ones first")
+    rule_index: int | None = None
+    strategy: str | None = Field(None, description="the rule's ordering: cheapest, fastest, ... (see README)")
+
+
+class Attempt(BaseModel):
+    """One engine's try at a job; a job that fell back has several."""
+
+    model_config = ConfigDict(extra="allow")
+
+    engine: str
+    status: str = Field(description="`succeeded`, `failed`, `canceled` or `interrupted` (its process stopped)")
+    error: ErrorBody | None = None
+
+
 class JobPublic(BaseModel):
     id: str
     project_id: str
@@ -361,8 +397,8 @@ class JobPublic(BaseModel):
     source_asset_id: str | None
     error: ErrorBody | None
     cost: Cost
-    routing: dict[str, Any] | None
-    attempts: list[dict[str, Any]]
+    routing: Routing | None
+    attempts: list[Attempt]
     # What the provider calls the request (its id, or ids for a job of several calls): for
     # reconciling an invoice or asking the provider about the job. Null for local work.
     provider_request_id: str | None = None
@@ -433,8 +469,8 @@ class RouteExplanation(BaseModel):
     engine: str = Field(description="the engine the job would run on first")
     estimate: float = Field(description="credits the job would hold (0 for a cache hit)")
     cache_hit: bool = Field(description="an identical earlier job's result would be copied, for nothing")
-    routing: dict[str, Any] = Field(description="the decision as a job records it: policy, rule, candidates "
-                                                "in the order they would be tried, and why others were skipped")
+    routing: Routing = Field(description="the decision as a job records it: policy, rule, candidates "
+                                         "in the order they would be tried, and why others were skipped")
     params: dict[str, Any] = Field(description="the request as the job would store it")
 
 

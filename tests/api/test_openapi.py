@@ -361,3 +361,16 @@ def test_every_401_429_and_503_says_what_it_carries(spec: dict[str, Any]) -> Non
     content = spec["paths"]["/v1/assets/{asset_id}/content"]["get"]
     assert "if-none-match" in [p["name"].lower() for p in content["parameters"]]
     assert "ETag" in content["responses"]["304"]["headers"]
+
+
+def test_a_job_s_routing_and_attempts_have_shapes(spec: dict[str, Any]) -> None:
+    """Typed, so a generated client reads `job.routing.candidates[0].skipped`, not a map of anything."""
+    schemas = spec["components"]["schemas"]
+    job = schemas["JobPublic"]["properties"]
+    assert {"$ref": "#/components/schemas/Routing"} in job["routing"]["anyOf"]
+    assert job["attempts"]["items"] == {"$ref": "#/components/schemas/Attempt"}
+    assert schemas["Routing"]["properties"]["candidates"]["items"] == {"$ref": "#/components/schemas/RouteCandidate"}
+    assert {"engine", "estimate", "skipped"} <= set(schemas["RouteCandidate"]["properties"])
+    explained = schemas["RouteExplanation"]["properties"]["routing"]
+    assert explained.get("$ref") == "#/components/schemas/Routing" or \
+        {"$ref": "#/components/schemas/Routing"} in explained.get("allOf", [])
