@@ -75,6 +75,16 @@ def _not_a_bool(value: Any) -> Any:
 
 NoBool = BeforeValidator(_not_a_bool)
 
+
+def _whole_number(value: Any) -> Any:
+    # JSON Schema counts 2.0 as an integer, and so does the API document: a client that computes a
+    # size as a float (`512 * 1.5`) sends `768.0`. A fraction is still refused.
+    value = _not_a_bool(value)
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+Whole = BeforeValidator(_whole_number)
+
 # Request-level bounds of width/height. An engine may take less: see `Side`'s description.
 MIN_SIDE, MAX_SIDE, SIDE_MULTIPLE = 8, 8192, 8
 _SIDE_DESCRIPTION = (
@@ -85,10 +95,10 @@ _SIDE_DESCRIPTION = (
 )
 
 MAX_SEED = 2**32 - 1
-Seed = Annotated[int, NoBool, Field(ge=0, le=MAX_SEED)]
-Side = Annotated[int, NoBool, Field(ge=MIN_SIDE, le=MAX_SIDE, multiple_of=SIDE_MULTIPLE),
+Seed = Annotated[int, Whole, Field(ge=0, le=MAX_SEED)]
+Side = Annotated[int, Whole, Field(ge=MIN_SIDE, le=MAX_SIDE, multiple_of=SIDE_MULTIPLE),
                  Field(description=_SIDE_DESCRIPTION)]
-Steps = Annotated[int, NoBool, Field(ge=1, le=150)]
+Steps = Annotated[int, Whole, Field(ge=1, le=150)]
 
 
 def _whole_millicredits(value: float) -> float:
@@ -255,7 +265,7 @@ class ProjectPublic(BaseModel):
 class DraftCreate(Strict):
     prompt: Prompt
     negative_prompt: Annotated[str, StringConstraints(max_length=10000)] = ""
-    n: Annotated[int, NoBool, Field(ge=1, le=16)] = 4
+    n: Annotated[int, Whole, Field(ge=1, le=16)] = 4
     seed: Seed | None = None
     width: Side = 512
     height: Side = 512

@@ -600,3 +600,16 @@ def test_a_preview_s_step_is_a_step_number(shared_server: httpx.Client, finished
     assert error["details"]["errors"][0]["loc"] == ["query", "step"]
     # A step number is only a cache key: a finished job has no preview, whichever step is named.
     assert_error(shared_server.get(f"/v1/jobs/{finished_job['id']}/preview", params={"step": 3}), 404, "not_found")
+
+
+def test_a_whole_number_written_as_a_float_is_that_number(shared_server: httpx.Client, project: str) -> None:
+    """JSON Schema (and the API document) count 64.0 as an integer: a client computing sizes as
+    floats sends it. A fraction stays refused (`n: 1.5` above)."""
+    explained = shared_server.post("/v1/route/explain", json={
+        "stage": "ideation", "project_id": project, "prompt": "x", "n": 2.0, "width": 64.0, "height": 72.0,
+        "steps": 1.0, "seed": 7.0})
+    assert explained.status_code == 200, explained.text
+    params = explained.json()["params"]
+    assert [(params[k], type(params[k])) for k in ("n", "width", "height", "steps", "seed")] == [
+        (2, int), (64, int), (72, int), (1, int), (7, int)]
+    assert_error(post_drafts(shared_server, project, {"prompt": "x", "seed": 1e30}), 422, "invalid_request")
