@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 PREFIX = "ORCH_"
 # Read with os.environ rather than as a setting: it names the file the settings come from.
 CONFIG_FILE_VARIABLE = "ORCH_CONFIG_FILE"
+# The longest a duration setting may be: past that, a typo (or `inf`) rather than a wish.
+DAY = 86_400.0
 
 Device = Literal["auto", "cpu", "cuda", "mps"]
 
@@ -83,7 +85,7 @@ class Settings(BaseSettings):
     policy_dir: Path | None = None
     prices_file: Path | None = None
     # Credits per GPU-second charged for local engines (0 = local work is free).
-    local_gpu_second_credits: float = Field(0.0, ge=0)
+    local_gpu_second_credits: float = Field(0.0, ge=0, le=1_000_000, allow_inf_nan=False)
 
     # Origins whose browser pages may call the API (CORS), comma-separated, as a browser sends them
     # ("https://dash.studio.example", "http://localhost:3000"); "*" for any. Unset: none may.
@@ -95,18 +97,18 @@ class Settings(BaseSettings):
     max_pending_jobs: int = Field(200, ge=0)
 
     # Seconds a running job's lease lasts without a heartbeat before the sweeper recovers it.
-    lease_seconds: float = Field(60.0, gt=0)
-    sweep_interval: float = Field(15.0, gt=0)
+    lease_seconds: float = Field(60.0, gt=0, le=DAY, allow_inf_nan=False)
+    sweep_interval: float = Field(15.0, gt=0, le=DAY, allow_inf_nan=False)
     # Seconds a stop waits for paid requests already sent to a provider that nothing could follow
     # after a restart (a synchronous call): they answer and their images are kept and charged,
     # instead of being failed `interrupted` with their estimate captured unreconciled.
-    stop_grace: float = Field(120.0, ge=0)
+    stop_grace: float = Field(120.0, ge=0, le=DAY, allow_inf_nan=False)
     # Whether `serve` also runs jobs; false for API servers in front of `orchestrator worker`s.
     run_jobs: bool = True
     # Seconds between looks at what other processes changed: jobs they queued (for a worker),
     # cancels they asked for (for a job's holder), progress of jobs they run (for an event stream).
     # Their commits ring a bell that makes a process look at once; this look is the fallback.
-    poll_interval: float = Field(0.5, gt=0, le=60)
+    poll_interval: float = Field(0.5, gt=0, le=60, allow_inf_nan=False)
 
     gemini_api_key: SecretStr | None = Field(None, validation_alias=_alias("ORCH_GEMINI_API_KEY", "GEMINI_API_KEY"))
     gemini_base_url: str = "https://generativelanguage.googleapis.com"
@@ -138,9 +140,9 @@ class Settings(BaseSettings):
     a1111_auth: SecretStr | None = None  # "user:password" for --api-auth
 
     # Total seconds a remote call may take, retries and polling included.
-    remote_deadline: float = Field(300.0, gt=0)
-    remote_connect_timeout: float = Field(10.0, gt=0)
-    remote_read_timeout: float = Field(120.0, gt=0)
+    remote_deadline: float = Field(300.0, gt=0, le=DAY, allow_inf_nan=False)
+    remote_connect_timeout: float = Field(10.0, gt=0, le=DAY, allow_inf_nan=False)
+    remote_read_timeout: float = Field(120.0, gt=0, le=DAY, allow_inf_nan=False)
 
     @classmethod
     def settings_customise_sources(

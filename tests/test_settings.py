@@ -92,6 +92,19 @@ def test_a_blank_admin_key_is_refused(blank: str, toml_file: Path, monkeypatch: 
         Settings()
 
 
+@pytest.mark.parametrize(("variable", "value", "told"), [
+    ("ORCH_LEASE_SECONDS", "inf", "finite number"),      # an OverflowError traceback at start
+    ("ORCH_STOP_GRACE", "inf", "finite number"),         # a stop that waited forever
+    ("ORCH_REMOTE_DEADLINE", "1e300", "less than or equal to 86400"),
+    ("ORCH_POLL_INTERVAL", "nan", "finite number"),
+])
+def test_a_duration_past_a_day_or_not_finite_is_refused(toml_file: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         variable: str, value: str, told: str) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ValidationError, match=told):
+        Settings()
+
+
 EMPTY_MEANS_UNSET = ["policy_dir", "prices_file", "comfyui_workflow", "data_dir", "cache_dir", "database_url",
                      "lite_preview_vae", "hifi_model", "comfyui_url", "a1111_url",
                      # not only paths: `ORCH_LITE_MODEL=` once made a Lite engine of model '' that said
