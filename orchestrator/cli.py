@@ -53,7 +53,10 @@ def _demo_size(text: str) -> int:
 
 
 def _service_url(text: str) -> str:
-    url = httpx.URL(text)
+    try:
+        url = httpx.URL(text)
+    except httpx.InvalidURL:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an http:// or https:// address") from None
     if url.scheme not in ("http", "https") or not url.host:
         raise argparse.ArgumentTypeError(f"{text!r} is not an http:// or https:// address")
     return text

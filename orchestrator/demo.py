@@ -87,6 +87,17 @@ def contact_sheet(images: list[Image.Image], columns: int = 2, pad: int = 8) -> 
     return sheet
 
 
+def _admin_key() -> str | None:
+    """The admin key as the service reads it: ORCH_ADMIN_KEY, or `admin_key` in orchestrator.toml."""
+    from pydantic import ValidationError
+
+    try:
+        key = Settings().admin_key
+    except ValidationError:  # with --url, the other service's settings are not this machine's to judge
+        return os.environ.get("ORCH_ADMIN_KEY") or None
+    return key.get_secret_value() if key is not None else None
+
+
 def run_demo(*, url: str | None, prompt: str, out: str, size: int) -> int:
     out_dir = Path(out).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -101,7 +112,8 @@ def run_demo(*, url: str | None, prompt: str, out: str, size: int) -> int:
         # Its own service runs its jobs, whatever ORCH_RUN_JOBS says for the studio's API servers:
         # with no worker of its own, the demo would wait on its first draft for ever.
         server = serve_in_thread(Settings().model_copy(update={"run_jobs": True}))
-    headers = {"Authorization": f"Bearer {os.environ['ORCH_ADMIN_KEY']}"} if os.environ.get("ORCH_ADMIN_KEY") else {}
+    key = _admin_key()
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
     with server as base, httpx.Client(base_url=base, headers=headers, timeout=600) as client:
         print(f"orchestrator at {base}")
         engines = {e["name"]: e for e in client.get("/v1/engines").raise_for_status().json()}

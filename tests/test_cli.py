@@ -97,6 +97,25 @@ def test_the_demo_s_own_service_runs_its_jobs_whatever_orch_run_jobs_says(
     assert "saved drafts" in capsys.readouterr().out
 
 
+def test_the_demo_sends_the_admin_key_the_config_file_sets(
+        make_settings: SettingsFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README lets orchestrator.toml set any setting: an admin_key there made the demo's own
+    service refuse the demo (401)."""
+    settings = make_settings(hifi_model="builtin:tiny-sd")
+    config = tmp_path / "orchestrator.toml"
+    config.write_text(f'admin_key = "{"k" * 32}"\ndata_dir = "{settings.data_dir}"\nlite_model = "builtin:tiny-sd"\n'
+                      f'cache_dir = "{settings.cache_dir}"\n')
+    monkeypatch.setitem(Settings.model_config, "toml_file", config)
+    assert main(["demo", "--out", str(tmp_path / "out"), "--size", "64"]) == 0
+    assert (tmp_path / "out" / "final.png").exists()
+
+
+def test_a_service_url_that_is_no_url_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["demo", "--url", "http://[::1"])
+    assert exited.value.code == 2 and "is not an http:// or https:// address" in capsys.readouterr().err
+
+
 def test_a_demo_draft_left_queued_is_told_once(
         make_settings: SettingsFactory, start_server: Callable[[Settings], httpx.Client], tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
