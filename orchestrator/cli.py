@@ -187,22 +187,48 @@ def _checked(settings: Settings, *, service: bool = True) -> int | None:
     return None
 
 
+def _migrated(url: str, *, writable: bool = False) -> int | None:
+    """Apply the migrations; with `writable`, also make sure the database takes writes (a
+    read-only SQLite file migrates "up to date", and then the service failed at its first write
+    with a traceback). None when it is ready; else the exit status, having said what is wrong.
+    A database that refuses (down, read-only) raises `DatabaseError`, told in a line by `main`."""
+    from alembic.util.exc import CommandError
+    from sqlalchemy import text
+    from sqlalchemy.engine import make_url
+
+    from orchestrator.db import Database, upgrade
+
+    shown = make_url(url).render_as_string(hide_password=True)
+    try:
+        upgrade(url)
+        if writable:
+            db = Database(url)
+            try:
+                with db.transaction() as s:  # a write that changes nothing
+                    s.execute(text("UPDATE alembic_version SET version_num = version_num"))
+            finally:
+                db.dispose()
+    except CommandError as exc:  # a revision this version does not know: the database is newer
+        return _fail(f"cannot migrate the database: {exc} (is it used by a newer orchestrator?)")
+    except OSError as exc:  # its folder, or the lock file beside it, cannot be made
+        return _fail(f"ORCH_DATABASE_URL: cannot write beside the database at {shown} ({exc.strerror or exc})",
+                     status=2)
+    return None
+
+
 def _bound(settings: Settings) -> int | None:
     """Migrate, and bind the data dir to the database, before anything starts: a data dir that is
     not the database's store (`orchestrator.identity`) is told in a line, not in a traceback from
     inside the server's start-up; None when they are one install."""
-    from alembic.util.exc import CommandError
-
     from orchestrator.db import Database
     from orchestrator.identity import WrongStore, bind
     from orchestrator.store import ArtifactStore
 
+    if (failed := _migrated(settings.resolved_database_url, writable=True)) is not None:
+        return failed
     db = Database(settings.resolved_database_url)
     try:
-        db.migrate()
         bind(db, ArtifactStore(settings.assets_dir))
-    except CommandError as exc:  # a revision this version does not know: the database is newer
-        return _fail(f"cannot migrate the database: {exc} (is it used by a newer orchestrator?)")
     except WrongStore as exc:
         return _fail(f"ORCH_DATA_DIR: {exc}", status=2)
     except OSError as exc:  # the store's id could not be written
@@ -292,20 +318,16 @@ def _run(args: argparse.Namespace) -> int:
             return _interrupted()  # stopped cleanly, and told as every command's Ctrl-C is
         return 0
     if args.command == "migrate":
-        from orchestrator.db import upgrade
+        from sqlalchemy.engine import make_url
+
         from orchestrator.settings import Settings
 
         settings = Settings()
         if (failed := _checked(settings, service=False)) is not None:
             return failed
-        from alembic.util.exc import CommandError
-        from sqlalchemy.engine import make_url
-
         url = settings.resolved_database_url
-        try:
-            upgrade(url)
-        except CommandError as exc:  # a revision this version does not know: the database is newer
-            return _fail(f"cannot migrate the database: {exc} (is it used by a newer orchestrator?)")
+        if (failed := _migrated(url)) is not None:
+            return failed
         print(f"database at {make_url(url).render_as_string(hide_password=True)} is up to date")
         return 0
     if args.command == "check":

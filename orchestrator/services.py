@@ -109,15 +109,9 @@ def startup_problems(settings: Settings, *, service: bool = True) -> list[str]:
     if "*" in settings.cors_origin_list and settings.admin_key is None:
         problems.append("ORCH_CORS_ORIGINS: * without ORCH_ADMIN_KEY would let every web page its users open drive "
                         "the service (and spend the budgets): set ORCH_ADMIN_KEY, or list the dashboards' origins")
-    try:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=settings.data_dir) as probe:
-            # Some bytes, not an empty file (which a full disk still makes): the migrations would
-            # otherwise meet the full disk with a traceback.
-            probe.write(bytes(64 * 1024))
-            probe.flush()
-    except OSError as exc:
-        problems.append(f"ORCH_DATA_DIR: cannot write in {settings.data_dir} ({exc.strerror or exc})")
+    # `migrate` on a database of its own (PostgreSQL, a SQLite file elsewhere) writes nothing there.
+    if service or not settings.database_url:
+        problems.extend(_data_dir_problems(settings))
     if service:
         try:
             load_price_overrides(settings)
@@ -134,6 +128,19 @@ def startup_problems(settings: Settings, *, service: bool = True) -> list[str]:
     return problems
 
 
+def _data_dir_problems(settings: Settings) -> list[str]:
+    try:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=settings.data_dir) as probe:
+            # Some bytes, not an empty file (which a full disk still makes): the migrations would
+            # otherwise meet the full disk with a traceback.
+            probe.write(bytes(64 * 1024))
+            probe.flush()
+    except OSError as exc:
+        return [f"ORCH_DATA_DIR: cannot write in {settings.data_dir} ({exc.strerror or exc})"]
+    return []
+
+
 def database_url_problems(text: str) -> list[str]:
     """What is wrong with `ORCH_DATABASE_URL` before any connection is tried (never showing its password)."""
     try:
@@ -141,6 +148,8 @@ def database_url_problems(text: str) -> list[str]:
     except (ArgumentError, ValueError):  # a port that is not a number; the text may hold a password
         return ["ORCH_DATABASE_URL: not a database URL (e.g. postgresql+psycopg://user@host/db)"]
     shown = url.render_as_string(hide_password=True)
+    if url.get_backend_name() == "postgres":  # the scheme Heroku and libpq write; SQLAlchemy knows no such name
+        return [f"ORCH_DATABASE_URL: {shown}: write postgresql+psycopg:// for PostgreSQL"]
     if url.get_backend_name() not in ("sqlite", "postgresql"):
         return [f"ORCH_DATABASE_URL: {shown} is neither SQLite nor PostgreSQL, the databases supported"]
     if url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:"):

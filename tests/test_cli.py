@@ -21,8 +21,9 @@ from PIL import Image
 
 from orchestrator import check as check_module
 from orchestrator import demo as demo_module
-from orchestrator.cli import _log_to_data_dir, main
+from orchestrator.cli import _bound, _log_to_data_dir, main
 from orchestrator.db import upgrade
+from orchestrator.server import free_port
 from orchestrator.services import startup_problems
 from orchestrator.settings import Settings
 from orchestrator.store import ArtifactStore
@@ -598,3 +599,32 @@ def test_python_dash_m_orchestrator_is_the_command() -> None:
 
     done = subprocess.run([sys.executable, "-m", "orchestrator", "--help"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and "serve" in done.stdout and "migrate" in done.stdout, done.stderr
+
+
+def test_a_database_that_takes_no_writes_is_one_line_before_the_service_starts(
+        make_settings: SettingsFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A read-only SQLite file migrates "up to date" (it writes nothing): `serve` then printed a
+    120-line traceback from its first write, and exited 3."""
+    make_settings()  # keeps the developer's environment out
+    path = tmp_path / "orchestrator.db"
+    monkeypatch.setenv("ORCH_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("ORCH_DATABASE_URL", f"sqlite:///{path}")
+    assert main(["migrate"]) == 0
+    assert _bound(Settings()) is None  # bound to its data dir, as a first start does: nothing left to write
+    # Opened read-only, as a file the service's user may not write would be (root writes any file).
+    monkeypatch.setenv("ORCH_DATABASE_URL", f"sqlite:///file:{path}?mode=ro&uri=true")
+    capsys.readouterr()
+    assert main(["serve", "--port", str(free_port())]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("orchestrator: cannot use the database: ") and "readonly" in err, err
+    assert err.count("\n") == 1
+
+
+def test_migrate_on_a_database_of_its_own_leaves_the_data_dir_alone(
+        make_settings: SettingsFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    make_settings()
+    monkeypatch.setenv("ORCH_DATA_DIR", str(tmp_path / "a-file" / "data"))  # cannot be made
+    (tmp_path / "a-file").write_text("not a folder")
+    monkeypatch.setenv("ORCH_DATABASE_URL", f"sqlite:///{tmp_path / 'db' / 'orchestrator.db'}")
+    assert main(["migrate"]) == 0
