@@ -310,6 +310,7 @@ def test_migrate_makes_a_new_data_dir(make_settings: SettingsFactory, monkeypatc
     ("serve", "ORCH_DATABASE_URL", "bogus://x", "bogus://x is neither SQLite nor PostgreSQL"),
     ("migrate", "ORCH_DATABASE_URL", "mysql://studio:secret@db/orch", "mysql://studio:***@db/orch is neither"),
     ("worker", "ORCH_DATABASE_URL", "not a url", "ORCH_DATABASE_URL: not a database URL"),
+    ("migrate", "ORCH_DATABASE_URL", "postgres://u:secret@db/orch", "write postgresql+psycopg:// for PostgreSQL"),
     ("migrate", "ORCH_DATABASE_URL", "postgresql+psycopg://u:secret@db:5432x/orch",
      "ORCH_DATABASE_URL: not a database URL"),  # a port that is not a number: once a traceback
     ("serve", "ORCH_PRICES_FILE", "{tmp}/missing.toml", "ORCH_PRICES_FILE: prices file {tmp}/missing.toml: [Errno 2]"),
