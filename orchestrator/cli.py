@@ -158,7 +158,7 @@ def _source_of(field: str) -> str:
         keys = tomllib.loads(path.read_text())
     except (OSError, ValueError):
         return variable
-    key = next((k for k in keys if k.lower() == field), None)
+    key = next((k for k in keys if k.lower() in (field, variable.lower())), None)
     return f"{path}: {key}" if key else variable
 
 
@@ -366,8 +366,11 @@ def _check(*, no_hash: bool) -> int:
         read_only_engine,
     )
     from orchestrator.services import database_url_problems
-    from orchestrator.settings import Settings
+    from orchestrator.settings import CONFIG_FILE_VARIABLE, Settings
 
+    named = os.environ.get(CONFIG_FILE_VARIABLE)
+    if named and not Path(named).is_file():  # else the folder's own .orchestrator was checked instead
+        return _fail(f"{CONFIG_FILE_VARIABLE}: no such file: {named}", status=2)
     settings = Settings()
     if problems := database_url_problems(settings.resolved_database_url):
         return _fail("\n".join(problems), status=2)

@@ -250,6 +250,28 @@ def test_check_without_a_database_or_a_store_changes_nothing(
         assert db.execute("PRAGMA journal_mode").fetchone() == ("delete",)  # opened read-only: not made WAL
 
 
+def test_check_refuses_a_config_file_named_but_absent(
+        make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """It checked the folder's own data dir instead, and said ok."""
+    make_settings()
+    monkeypatch.setenv("ORCH_CONFIG_FILE", str(tmp_path / "typo.toml"))
+    assert main(["check"]) == 2
+    assert f"ORCH_CONFIG_FILE: no such file: {tmp_path / 'typo.toml'}" in capsys.readouterr().err
+
+
+def test_a_bad_value_in_the_config_file_names_the_file_and_its_key(
+        make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A key may be written as its variable is: the error named the variable, which was not set."""
+    make_settings()
+    config = tmp_path / "orchestrator.toml"
+    config.write_text("ORCH_LITE_MAX_BATCH = 0\n")
+    monkeypatch.setitem(Settings.model_config, "toml_file", config)
+    assert main(["migrate"]) == 2
+    assert f"{config}: ORCH_LITE_MAX_BATCH:" in capsys.readouterr().err
+
+
 def test_check_on_a_database_never_migrated_is_one_line(make_settings: SettingsFactory,
                                                          monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
