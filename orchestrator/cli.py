@@ -18,6 +18,8 @@ from sqlalchemy.exc import DatabaseError
 from orchestrator import __version__
 
 if TYPE_CHECKING:
+    import socket
+
     from orchestrator.settings import Settings
 
 
@@ -277,10 +279,32 @@ def _log_to_data_dir(settings: Settings) -> None:
     root.addHandler(handler)
 
 
+def _serve(args: argparse.Namespace, settings: Settings, sock: socket.socket) -> int:
+    from orchestrator.api.cross_site import is_loopback
+    from orchestrator.server import serve
+
+    if (failed := _checked(settings) or _bound(settings)) is not None:
+        return failed
+    if settings.admin_key is None and not is_loopback(args.host):
+        print(f"orchestrator: warning: listening on {args.host} without ORCH_ADMIN_KEY (--allow-open): "
+              "anyone who reaches the port can use the API", file=sys.stderr)
+    if settings.admin_key is not None and len(settings.admin_key.get_secret_value()) < MIN_KEY_LENGTH:
+        print(f"orchestrator: warning: ORCH_ADMIN_KEY has fewer than {MIN_KEY_LENGTH} characters and can be "
+              "guessed; make one with: python -c 'import secrets; print(secrets.token_urlsafe(32))'",
+              file=sys.stderr)
+    _log_to_data_dir(settings)
+    if args.no_jobs:
+        settings = settings.model_copy(update={"run_jobs": False})
+    serve(settings, sock=sock, host=args.host, log_level=args.log_level)
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
     if args.command == "serve":
+        import signal
+
         from orchestrator.api.cross_site import is_loopback
-        from orchestrator.server import serve
+        from orchestrator.server import CannotListen, listening_socket
         from orchestrator.settings import Settings
 
         settings = Settings()
@@ -289,20 +313,14 @@ def _run(args: argparse.Namespace) -> int:
             return _fail(f"refusing to listen on {args.host} without ORCH_ADMIN_KEY: anyone who reaches the port "
                          "could spend the budgets and grant credits. Set ORCH_ADMIN_KEY (or pass --allow-open "
                          "on a network you trust)", status=2)
-        if (failed := _checked(settings) or _bound(settings)) is not None:
-            return failed
-        if settings.admin_key is None and not is_loopback(args.host):
-            print(f"orchestrator: warning: listening on {args.host} without ORCH_ADMIN_KEY (--allow-open): "
-                  "anyone who reaches the port can use the API", file=sys.stderr)
-        if settings.admin_key is not None and len(settings.admin_key.get_secret_value()) < MIN_KEY_LENGTH:
-            print(f"orchestrator: warning: ORCH_ADMIN_KEY has fewer than {MIN_KEY_LENGTH} characters and can be "
-                  "guessed; make one with: python -c 'import secrets; print(secrets.token_urlsafe(32))'",
-                  file=sys.stderr)
-        _log_to_data_dir(settings)
-        if args.no_jobs:
-            settings = settings.model_copy(update={"run_jobs": False})
-        serve(settings, host=args.host, port=args.port, log_level=args.log_level)
-        return 0
+        # SIGHUP reloads the policies once the service runs; until then it must not end the start.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        try:
+            sock = listening_socket(args.host, args.port)
+        except CannotListen as exc:
+            return _fail(str(exc), status=2)
+        with sock:
+            return _serve(args, settings, sock)
     if args.command == "worker":
         import asyncio
         import signal

@@ -81,13 +81,36 @@ class Server(uvicorn.Server):
             services.bus.close()
 
 
-def serve(settings: Settings, *, host: str, port: int, log_level: str) -> None:
-    """Serve until SIGINT or SIGTERM (`orchestrator serve`)."""
+class CannotListen(Exception):
+    """The address `serve` was given cannot be listened on (taken, not this machine's)."""
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to `host:port` (`[::1]` as well as `::1`), before the service is built:
+    uvicorn would bind it only after the whole start-up, then exit 3 with its own message."""
+    host = host.removeprefix("[").removesuffix("]")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise CannotListen(f"--host {host}: {exc.strerror or exc}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a restart need not wait
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise CannotListen(f"--host {host} --port {port}: {exc.strerror or exc}") from None
+    return sock
+
+
+def serve(settings: Settings, *, sock: socket.socket, host: str, log_level: str) -> None:
+    """Serve on `sock` (from `listening_socket(host, ...)`) until SIGINT or SIGTERM (`orchestrator serve`)."""
     # Open to this machine only: its browsers' pages may not reach it under another name.
     loopback_only = settings.admin_key is None and is_loopback(host)
-    server = Server(create_app(settings, loopback_only=loopback_only), host=host, port=port, log_level=log_level)
+    server = Server(create_app(settings, loopback_only=loopback_only), log_level=log_level)
     _log_uvicorn_to_files()  # after uvicorn has configured its loggers, which replaces their handlers
-    server.run()
+    server.run(sockets=[sock])
 
 
 def _log_uvicorn_to_files() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import io
 import logging
+import socket
 import sqlite3
 import threading
 import time
@@ -609,11 +610,31 @@ def test_serve_hands_the_server_its_settings_and_warns_of_a_short_admin_key(
     monkeypatch.setenv("ORCH_LITE_MODEL", "builtin:tiny-sd")
     monkeypatch.setenv("ORCH_ADMIN_KEY", key)
     served: list[tuple[Settings, str, int]] = []
-    monkeypatch.setattr("orchestrator.server.serve", lambda s, *, host, port, log_level: served.append((s, host, port)))
-    assert main([*argv, "--port", "8123"]) == 0
-    [(given, host, port)] = served
-    assert (given.run_jobs, host, port) == (runs_jobs, "127.0.0.1", 8123)
+    monkeypatch.setattr("orchestrator.server.serve", lambda s, *, sock, host, log_level: served.append(
+        (s, host, sock.getsockname()[1])))
+    port = free_port()
+    assert main([*argv, "--port", str(port)]) == 0
+    [(given, host, bound)] = served
+    assert (given.run_jobs, host, bound) == (runs_jobs, "127.0.0.1", port)
     assert ("ORCH_ADMIN_KEY has fewer than 16 characters" in capsys.readouterr().err) is warned
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "no-such-host.invalid"])
+def test_an_address_that_cannot_be_listened_on_is_one_line_before_anything_starts(
+        make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str], host: str) -> None:
+    """uvicorn bound the port only after the whole start-up (migrations, engines), then exited 3
+    with a message naming neither flag."""
+    make_settings()
+    monkeypatch.setenv("ORCH_DATA_DIR", str(tmp_path / "data"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--host", host, "--port", str(port), "--allow-open"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"orchestrator: --host {host}") and err.count("\n") == 1, err
+    assert not (tmp_path / "data").exists()  # refused before anything was made
 
 
 def test_python_dash_m_orchestrator_is_the_command() -> None:
