@@ -74,9 +74,20 @@ async def resolve_host(host: str, port: int) -> list[Address]:
     return [ipaddress.ip_address(str(info[4][0]).partition("%")[0]) for info in infos]
 
 
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
+
+
 def _public(address: Address) -> bool:
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
+    """A public unicast address, and so is any IPv4 address an IPv6 one carries (mapped,
+    compatible, NAT64, 6to4, Teredo): `[::127.0.0.1]` or `[2002:a9fe:a9fe::]` reach 127.0.0.1 and
+    the metadata address as surely as their IPv4 forms."""
+    if isinstance(address, ipaddress.IPv6Address):
+        carried = [address.ipv4_mapped, address.sixtofour, *(address.teredo or ())]
+        if address in _NAT64 or address in _IPV4_COMPATIBLE:
+            carried.append(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
+        if any(v4 is not None and not _public(v4) for v4 in carried):
+            return False
     return address.is_global and not address.is_multicast
 
 
@@ -234,7 +245,8 @@ class RemoteClient:
                 # (DNS rebinding) is not caught; the https certificate still has to match the name.
                 addresses = await resolve_host(url.host, url.port or 443)
             private = next((a for a in addresses if not _public(a)), None)
-            if url.host == "localhost" or url.host.endswith(".localhost"):
+            name = url.host.rstrip(".").lower()
+            if name == "localhost" or name.endswith(".localhost"):
                 why = "it is this machine"
             elif private is not None:
                 why = f"{url.host} is a private or local address ({private})"
@@ -393,8 +405,25 @@ class RemoteClient:
         return response
 
     async def _exchange(self, request: httpx.Request, idempotent: bool) -> httpx.Response:
-        """Send `request` and read its answer, decompressed, up to `max_answer_bytes`."""
-        response = await self.client.send(request, stream=True)
+        """Send `request` and read its answer, decompressed, up to `max_answer_bytes`. Redirects
+        are followed here, their bodies never read (httpx reads each whole), and each hop goes
+        through the request hook (`_leaving_home`)."""
+        history: list[httpx.Response] = []
+        while True:
+            try:
+                response = await self.client.send(request, stream=True, follow_redirects=False)
+            except EngineError as exc:
+                if history and not idempotent:
+                    # Refused on a redirect: the provider answered the billable request first.
+                    exc.at_least_charged("unknown")
+                raise
+            if response.next_request is None:
+                break
+            await response.aclose()
+            history.append(response)
+            if len(history) > self.client.max_redirects:
+                raise httpx.TooManyRedirects("Exceeded maximum allowed redirects.", request=request)
+            request = response.next_request
         try:
             body = bytearray()
             async for chunk in response.aiter_bytes():
@@ -412,8 +441,10 @@ class RemoteClient:
         # The body as read: decompressed, so the answer no longer says how it was encoded.
         headers = [(k, v) for k, v in response.headers.multi_items()
                    if k.lower() not in ("content-encoding", "content-length", "transfer-encoding")]
-        return httpx.Response(response.status_code, headers=headers, content=bytes(body),
-                              request=response.request, extensions=response.extensions)
+        read = httpx.Response(response.status_code, headers=headers, content=bytes(body), request=response.request,
+                              extensions=response.extensions, history=history)
+        read.elapsed = response.elapsed
+        return read
 
     def _give_up(self, response: httpx.Response) -> EngineError:
         details = {"engine": self.engine, "status": response.status_code}

@@ -352,6 +352,10 @@ def resolving(monkeypatch: pytest.MonkeyPatch, names: dict[str, str]) -> None:
     "https://169.254.169.254/latest/meta-data",  # a cloud's metadata address
     "https://[::ffff:10.0.0.7]/x.png",        # a LAN address written as IPv6
     "https://localhost/x.png",
+    "https://LOCALHOST./x.png",               # a trailing dot is the same name
+    "https://[::127.0.0.1]/x.png",            # IPv4 carried in IPv6: compatible,
+    "https://[64:ff9b::a9fe:a9fe]/x.png",     # NAT64 (the metadata address),
+    "https://[2002:a9fe:a9fe::]/x.png",       # 6to4
     "https://cdn.internal.test/x.png",        # a name that resolves to a LAN address
     "http://cdn.public.test/x.png",           # a public host, in clear
 ])
@@ -371,11 +375,37 @@ async def test_a_redirect_to_a_private_address_is_not_followed(
         client: RemoteClient, monkeypatch: pytest.MonkeyPatch) -> None:
     resolving(monkeypatch, {"cdn.public.test": "93.184.216.34"})
     respx.get("https://cdn.public.test/out.png").mock(
-        return_value=httpx.Response(302, headers={"location": "http://169.254.169.254/latest/meta-data"}))
-    metadata = respx.get("http://169.254.169.254/latest/meta-data").mock(return_value=httpx.Response(200))
+        return_value=httpx.Response(302, headers={"location": "https://169.254.169.254/latest/meta-data"}))
+    metadata = respx.get("https://169.254.169.254/latest/meta-data").mock(return_value=httpx.Response(200))
     with pytest.raises(EngineError, match=r"169\.254\.169\.254 to fetch"):
         await client.request("GET", "https://cdn.public.test/out.png", idempotent=True)
     assert metadata.call_count == 0
+
+
+@respx.mock
+async def test_a_billable_request_redirected_somewhere_refused_may_have_been_billed(
+        client: RemoteClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    respx.post(f"{BASE}/images").mock(
+        return_value=httpx.Response(307, headers={"location": "https://10.0.0.5/images"}))
+    with pytest.raises(EngineError) as info:
+        await client.request("POST", "/images", json={"prompt": "a lighthouse"})
+    assert info.value.charged == "unknown" and "10.0.0.5 to fetch" in info.value.message
+
+
+@respx.mock
+async def test_a_redirect_s_body_is_never_read(client: RemoteClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """httpx reads each redirect's body whole, past any cap: a small gzip there inflated to
+    hundreds of megabytes."""
+    resolving(monkeypatch, {"cdn.public.test": "93.184.216.34"})
+    client.max_answer_bytes = 1 << 20
+    bomb = gzipped_zeros(64 << 20)
+    respx.get(f"{BASE}/out").mock(return_value=httpx.Response(
+        302, headers={"location": "https://cdn.public.test/out.png", "content-encoding": "gzip"},
+        stream=RecordedStream(bomb.content)))
+    respx.get("https://cdn.public.test/out.png").mock(return_value=httpx.Response(200, content=b"png"))
+    response = await client.request("GET", "/out", idempotent=True)
+    assert response.content == b"png" and [r.status_code for r in response.history] == [302]
+    assert RecordedStream.read == 0
 
 
 @respx.mock
@@ -392,6 +422,21 @@ async def test_public_https_hosts_and_the_base_url_s_own_host_are_fetched(
     finally:
         await local.aclose()
     assert public.call_count == own.call_count == 1
+
+
+class RecordedStream(httpx.AsyncByteStream):
+    """A body that counts the bytes taken from it."""
+
+    read = 0
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        RecordedStream.read = 0
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for start in range(0, len(self.data), 65536):
+            RecordedStream.read += len(self.data[start:start + 65536])
+            yield self.data[start:start + 65536]
 
 
 def gzipped_zeros(size: int) -> httpx.Response:
