@@ -10,10 +10,10 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
-from typing import Any, get_args
+from typing import Any, TypeVar, get_args
 
 from orchestrator.errors import Canceled, NoPrice, NotFound, OrchestratorError
 from tiers.base import (
@@ -24,12 +24,16 @@ from tiers.base import (
     EngineFactory,
     Kind,
     Progress,
+    Reattachable,
     RenderRequest,
     RenderResult,
+    Restartable,
+    Resumable,
     Stage,
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 GROUP = "orchestrator.engines"
 
 BUILTIN: dict[str, str] = {
@@ -116,36 +120,84 @@ class ThirdParty:
                           details={"engine": self.name}) from None
 
     async def run(self, req: RenderRequest, progress: Progress, cancel: CancelToken) -> RenderResult:
-        work = asyncio.ensure_future(self._run(req, progress, cancel))
-        try:
-            return await cancel.race(asyncio.shield(work))
-        except Canceled:
-            if not work.done():
-                # It was told through the same token: time to take its work off the provider.
-                await asyncio.wait({work}, timeout=self.cancel_grace)
-            if work.done():
-                return work.result()  # its own Canceled, saying what it cost, or its result
-            work.cancel()
-            log.warning("engine %s ignored a cancel for %.0f s: its task was stopped", self.name, self.cancel_grace)
-            raise Canceled(f"engine '{self.name}' did not stop within {self.cancel_grace:.0f} s of the cancel; "
-                           "it was stopped", charged="unknown" if self.kind == "remote" else "no") from None
-        except BaseException:
-            work.cancel()  # this task was stopped (a timeout around it): so is the engine's
-            raise
+        return await self._contained(lambda: self._engine.run(req, progress, cancel), cancel)
 
-    async def _run(self, req: RenderRequest, progress: Progress, cancel: CancelToken) -> RenderResult:
+    async def _contained(self, call: Callable[[], Awaitable[T]], cancel: CancelToken | None) -> T:
+        """`call()`'s result, its task stopped `cancel_grace` seconds after a cancel it ignores,
+        and whenever this task is (a timeout around it, a stop)."""
+        work = asyncio.ensure_future(self._guarded(call))
         try:
-            return await self._engine.run(req, progress, cancel)
+            if cancel is None:
+                return await work
+            try:
+                return await cancel.race(asyncio.shield(work))
+            except Canceled:
+                if not work.done():
+                    # It was told through the same token: time to take its work off the provider.
+                    await asyncio.wait({work}, timeout=self.cancel_grace)
+                if work.done():
+                    return work.result()  # its own Canceled, saying what it cost, or its result
+                log.warning("engine %s ignored a cancel for %.0f s: its task was stopped", self.name,
+                            self.cancel_grace)
+                raise Canceled(f"engine '{self.name}' did not stop within {self.cancel_grace:.0f} s of the "
+                               "cancel; it was stopped", charged="unknown" if self.kind == "remote" else "no") from None
+        finally:
+            if not work.done():
+                work.cancel()
+
+    @staticmethod
+    async def _guarded(call: Callable[[], Awaitable[T]]) -> T:
+        try:
+            return await call()
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
-                raise  # stopped by `run`, above
+                raise  # stopped by `_contained`
             raise PluginFault("it raised CancelledError while nobody canceled it") from None
         except SystemExit as exc:
             raise PluginFault(f"it raised SystemExit({exc.code!r})") from None
 
     async def aclose(self) -> None:
         await self._engine.aclose()
+
+
+class _Reattaching(ThirdParty):
+    """What a `Reattachable` plugin adds, held as its run is. Real methods, not `__getattr__`'s:
+    from Python 3.12, `isinstance` against a protocol looks at the class only."""
+
+    def can_reattach(self, handles: list[dict[str, Any]], req: RenderRequest) -> bool:
+        try:
+            return bool(self._engine.can_reattach(handles, req))  # type: ignore[attr-defined]
+        except Exception:
+            log.exception("engine %s: can_reattach() failed", self.name)
+            return False
+
+    async def reattach(self, req: RenderRequest, handles: list[dict[str, Any]], progress: Progress,
+                       cancel: CancelToken) -> RenderResult:
+        return await self._contained(
+            lambda: self._engine.reattach(req, handles, progress, cancel), cancel)  # type: ignore[attr-defined]
+
+
+class _Restarting(ThirdParty):
+    async def forget(self, handles: list[dict[str, Any]]) -> None:
+        await self._contained(lambda: self._engine.forget(handles), None)  # type: ignore[attr-defined]
+
+
+class _Resuming(_Restarting):
+    async def resume(self, req: RenderRequest, handles: list[dict[str, Any]], progress: Progress,
+                     cancel: CancelToken) -> RenderResult:
+        return await self._contained(
+            lambda: self._engine.resume(req, handles, progress, cancel), cancel)  # type: ignore[attr-defined]
+
+
+def _contain(engine: Engine) -> ThirdParty:
+    """`engine` held in a `ThirdParty` that has the optional protocols it has, and no others."""
+    bases = [cls for cls, protocol in ((_Reattaching, Reattachable), (_Resuming, Resumable),
+                                       (_Restarting, Restartable)) if isinstance(engine, protocol)]
+    if _Resuming in bases and _Restarting in bases:
+        bases.remove(_Restarting)
+    cls: type[ThirdParty] = type("ThirdParty", tuple(bases), {}) if bases else ThirdParty
+    return cls(engine)
 
 
 def _checked(engine: Engine, target: str) -> Engine:
@@ -158,7 +210,7 @@ def _checked(engine: Engine, target: str) -> Engine:
         raise ValueError(f"{target}: stages {stages!r} must be a non-empty set of {', '.join(get_args(Stage))}")
     if not isinstance(engine.capabilities, Capabilities):
         raise TypeError(f"{target}: capabilities must be a tiers.base.Capabilities")
-    return ThirdParty(engine)
+    return _contain(engine)
 
 
 @dataclass

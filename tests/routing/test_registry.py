@@ -259,3 +259,55 @@ async def test_a_plugin_raising_what_only_a_stop_may_raise_fails_its_job(raised:
     plugin = ThirdParty(Stubborn(EngineContext(settings=None), raises=raised))  # type: ignore[arg-type]
     with pytest.raises(PluginFault):
         await plugin.run(RenderRequest(stage="bridge", prompt="x"), NullProgress(), CancelToken())
+
+
+@pytest.mark.parametrize(("name", "factory", "protocols"), [
+    ("fake-paid", "tests.fakes:factory", set()),
+    ("fake-queue", "tests.fakes:queue_factory", {"Reattachable"}),
+    ("fake-free", "tests.fakes:free_factory", {"Restartable"}),
+    ("fake-free", "tests.fakes:resuming_factory", {"Restartable", "Resumable"}),
+])
+def test_a_plugin_keeps_the_recovery_protocols_it_has_and_no_others(load: Load, name: str, factory: str,
+                                                                     protocols: set[str]) -> None:
+    """Held in the guard, a plugin must still read as Reattachable (its accepted work followed
+    after a crash) or Restartable (a free server's job run again), as the class itself says:
+    Python 3.12's isinstance against a protocol looks at the class only, never `__getattr__`."""
+    import inspect
+
+    from tiers.base import Reattachable, Restartable, Resumable
+
+    engine = load(engines=f"{name}={factory}").get(name)
+    assert isinstance(engine, ThirdParty)
+    members = {"Reattachable": ("can_reattach", "reattach"), "Restartable": ("forget",), "Resumable": ("resume",)}
+    has = {proto for proto, names in members.items()
+           if all(inspect.getattr_static(engine, n, None) is not None for n in names)}
+    assert has == protocols
+    assert {p.__name__ for p in (Reattachable, Restartable, Resumable) if isinstance(engine, p)} == protocols
+
+
+async def test_a_plugin_s_task_stops_when_its_job_is_stopped_during_the_cancel_grace() -> None:
+    from tiers.base import CancelToken, NullProgress
+
+    started = asyncio.Event()
+
+    class Slow(Stubborn):
+        async def run(self, req: RenderRequest, progress: Any, cancel: Any) -> Any:
+            started.set()
+            try:
+                await asyncio.sleep(3600)
+            finally:
+                stopped.append(True)
+
+    stopped: list[bool] = []
+    plugin = ThirdParty(Slow(EngineContext(settings=None)))  # type: ignore[arg-type]
+    plugin.cancel_grace = 3600
+    token = CancelToken()
+    run = asyncio.ensure_future(plugin.run(RenderRequest(stage="bridge", prompt="x"), NullProgress(), token))
+    await started.wait()
+    token.cancel()
+    await asyncio.sleep(0.05)  # in the grace now
+    run.cancel()  # a stop, or a timeout around the job
+    with pytest.raises(asyncio.CancelledError):
+        await run
+    await asyncio.sleep(0.05)
+    assert stopped == [True]
