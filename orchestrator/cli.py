@@ -18,8 +18,6 @@ from sqlalchemy.exc import DatabaseError
 from orchestrator import __version__
 
 if TYPE_CHECKING:
-    import socket
-
     from orchestrator.settings import Settings
 
 
@@ -279,7 +277,7 @@ def _log_to_data_dir(settings: Settings) -> None:
     root.addHandler(handler)
 
 
-def _serve(args: argparse.Namespace, settings: Settings, sock: socket.socket) -> int:
+def _serve(args: argparse.Namespace, settings: Settings) -> int:
     from orchestrator.api.cross_site import is_loopback
     from orchestrator.server import serve
 
@@ -295,7 +293,7 @@ def _serve(args: argparse.Namespace, settings: Settings, sock: socket.socket) ->
     _log_to_data_dir(settings)
     if args.no_jobs:
         settings = settings.model_copy(update={"run_jobs": False})
-    serve(settings, sock=sock, host=args.host, log_level=args.log_level)
+    serve(settings, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
 
@@ -304,7 +302,7 @@ def _run(args: argparse.Namespace) -> int:
         import signal
 
         from orchestrator.api.cross_site import is_loopback
-        from orchestrator.server import CannotListen, listening_socket
+        from orchestrator.server import CannotListen, check_listenable
         from orchestrator.settings import Settings
 
         settings = Settings()
@@ -316,11 +314,10 @@ def _run(args: argparse.Namespace) -> int:
         # SIGHUP reloads the policies once the service runs; until then it must not end the start.
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         try:
-            sock = listening_socket(args.host, args.port)
+            check_listenable(args.host, args.port)
         except CannotListen as exc:
             return _fail(str(exc), status=2)
-        with sock:
-            return _serve(args, settings, sock)
+        return _serve(args, settings)
     if args.command == "worker":
         import asyncio
         import signal

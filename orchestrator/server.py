@@ -85,32 +85,40 @@ class CannotListen(Exception):
     """The address `serve` was given cannot be listened on (taken, not this machine's)."""
 
 
-def listening_socket(host: str, port: int) -> socket.socket:
-    """A socket bound to `host:port` (`[::1]` as well as `::1`), before the service is built:
-    uvicorn would bind it only after the whole start-up, then exit 3 with its own message."""
-    host = host.removeprefix("[").removesuffix("]")
+def bare_host(host: str) -> str:
+    """`[::1]` as an address is written in a URL, `::1` as a socket takes it."""
+    return host.removeprefix("[").removesuffix("]")
+
+
+def check_listenable(host: str, port: int) -> None:
+    """Raise `CannotListen` unless every address `host` names can be bound on `port` now, before
+    the service is built: uvicorn binds them only after the whole start-up (migrations, engines),
+    then exits 3 with a message naming neither flag. (Bound and let go: uvicorn binds them again,
+    each address, IPv6 ones IPv6-only, as it always has.)"""
+    host = bare_host(host)
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                                             flags=socket.AI_PASSIVE)[0]
-        sock = socket.socket(family, kind, proto)
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except OSError as exc:
         raise CannotListen(f"--host {host}: {exc.strerror or exc}") from None
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a restart need not wait
-        sock.bind(address)
-    except OSError as exc:
-        sock.close()
-        raise CannotListen(f"--host {host} --port {port}: {exc.strerror or exc}") from None
-    return sock
+    for family, kind, proto, _, address in infos:
+        try:
+            with socket.socket(family, kind, proto) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: TIME_WAIT is no obstacle
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind(address)
+        except OSError as exc:
+            raise CannotListen(f"--host {host} --port {port}: {exc.strerror or exc}") from None
 
 
-def serve(settings: Settings, *, sock: socket.socket, host: str, log_level: str) -> None:
-    """Serve on `sock` (from `listening_socket(host, ...)`) until SIGINT or SIGTERM (`orchestrator serve`)."""
+def serve(settings: Settings, *, host: str, port: int, log_level: str) -> None:
+    """Serve until SIGINT or SIGTERM (`orchestrator serve`)."""
     # Open to this machine only: its browsers' pages may not reach it under another name.
     loopback_only = settings.admin_key is None and is_loopback(host)
-    server = Server(create_app(settings, loopback_only=loopback_only), log_level=log_level)
+    server = Server(create_app(settings, loopback_only=loopback_only), host=bare_host(host), port=port,
+                    log_level=log_level)
     _log_uvicorn_to_files()  # after uvicorn has configured its loggers, which replaces their handlers
-    server.run(sockets=[sock])
+    server.run()
 
 
 def _log_uvicorn_to_files() -> None:

@@ -610,8 +610,8 @@ def test_serve_hands_the_server_its_settings_and_warns_of_a_short_admin_key(
     monkeypatch.setenv("ORCH_LITE_MODEL", "builtin:tiny-sd")
     monkeypatch.setenv("ORCH_ADMIN_KEY", key)
     served: list[tuple[Settings, str, int]] = []
-    monkeypatch.setattr("orchestrator.server.serve", lambda s, *, sock, host, log_level: served.append(
-        (s, host, sock.getsockname()[1])))
+    monkeypatch.setattr("orchestrator.server.serve", lambda s, *, host, port, log_level: served.append(
+        (s, host, port)))
     port = free_port()
     assert main([*argv, "--port", str(port)]) == 0
     [(given, host, bound)] = served
