@@ -167,9 +167,18 @@ def _unreadable_body(cause: BaseException | None) -> str:
     return "the request body is not valid JSON (JSON is sent as UTF-8)"
 
 
+async def _body_fields(request: Request) -> set[str]:
+    """The top-level fields of the request's JSON body (read once already: starlette keeps it)."""
+    try:
+        body = await request.json()
+    except Exception:  # no body, not JSON, or not readable again
+        return set()
+    return set(body) if isinstance(body, dict) else set()
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(OrchestratorError)
-    async def _orchestrator(_: Request, exc: OrchestratorError) -> JSONResponse:
+    async def _orchestrator(request: Request, exc: OrchestratorError) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {}
         if exc.retry_after is not None:
             headers["Retry-After"] = str(max(1, exc.retry_after))
@@ -178,7 +187,10 @@ def install(app: FastAPI) -> None:
             # A refusal found past the body's validation (an engine's size limit) lists itself as
             # validation errors do, so that a client reading `details.errors` finds every 422's.
             field = details.get("field")
-            details = {**details, "errors": [{"loc": ["body", field] if isinstance(field, str) else [],
+            # Placed on the body's field only when the client sent it: a size the service worked
+            # out (a polish's scale) or an engine's default steps are no field of the request.
+            sent = isinstance(field, str) and field in await _body_fields(request)
+            details = {**details, "errors": [{"loc": ["body", field] if sent else [],
                                               "msg": exc.message, "type": "value_error"}]}
         return error_response(exc.status, exc.code, exc.message, details, headers or None)
 

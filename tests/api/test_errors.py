@@ -613,3 +613,14 @@ def test_a_whole_number_written_as_a_float_is_that_number(shared_server: httpx.C
     assert [(params[k], type(params[k])) for k in ("n", "width", "height", "steps", "seed")] == [
         (2, int), (64, int), (72, int), (1, int), (7, int)]
     assert_error(post_drafts(shared_server, project, {"prompt": "x", "seed": 1e30}), 422, "invalid_request")
+
+
+def test_a_refused_size_the_client_did_not_send_is_placed_on_no_field(shared_server: httpx.Client,
+                                                                     project: str) -> None:
+    """A polish's size comes from its scale: `details.errors` must not point at a `width` the
+    body never had."""
+    [draft] = run_draft(shared_server, project, n=1, width=512, height=512, steps=1)["assets"]
+    error = assert_error(shared_server.post(f"/v1/assets/{draft}/polish", json={"scale": 8, "engine": "local-hifi"}),
+                         422, "invalid_request")
+    assert "4096" in error["message"]
+    assert [e["loc"] for e in error["details"]["errors"]] == [[]]
