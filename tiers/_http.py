@@ -14,6 +14,7 @@ that arrived but cannot be read (a corrupt compressed body, a redirect loop), as
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import functools
 import ipaddress
@@ -38,7 +39,8 @@ if TYPE_CHECKING:
 
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504}) | frozenset(range(505, 600))
 # Credentials httpx does not know to drop when a redirect (or an output download) leaves the
-# provider's origin: it strips only `Authorization`.
+# provider's origin: it strips only `Authorization` (and a client's `auth=` goes with the first
+# request only: see `_exchange`).
 KEY_HEADERS = frozenset({"x-goog-api-key", "x-api-key", "api-key", "x-key"})
 # The least time an attempt admitted before the deadline is given to be answered.
 MIN_ATTEMPT_SECONDS = 1.0
@@ -74,8 +76,11 @@ async def resolve_host(host: str, port: int) -> list[Address]:
     return [ipaddress.ip_address(str(info[4][0]).partition("%")[0]) for info in infos]
 
 
-_NAT64 = ipaddress.ip_network("64:ff9b::/96")
-_IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
+# IPv6 prefixes whose last 32 bits are an IPv4 address: NAT64's well-known prefix, the old
+# IPv4-compatible and IPv4-translated forms.
+_CARRYING_IPV4 = tuple(ipaddress.ip_network(n) for n in ("64:ff9b::/96", "::/96", "::ffff:0:0:0/96"))
+# NAT64 for a local network's own use (RFC 8215): whatever it reaches is on that network.
+_LOCAL_NAT64 = ipaddress.ip_network("64:ff9b:1::/48")
 
 
 def _public(address: Address) -> bool:
@@ -83,8 +88,10 @@ def _public(address: Address) -> bool:
     compatible, NAT64, 6to4, Teredo): `[::127.0.0.1]` or `[2002:a9fe:a9fe::]` reach 127.0.0.1 and
     the metadata address as surely as their IPv4 forms."""
     if isinstance(address, ipaddress.IPv6Address):
+        if address in _LOCAL_NAT64:
+            return False
         carried = [address.ipv4_mapped, address.sixtofour, *(address.teredo or ())]
-        if address in _NAT64 or address in _IPV4_COMPATIBLE:
+        if any(address in prefix for prefix in _CARRYING_IPV4):
             carried.append(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
         if any(v4 is not None and not _public(v4) for v4 in carried):
             return False
@@ -411,11 +418,24 @@ class RemoteClient:
         history: list[httpx.Response] = []
         while True:
             try:
-                response = await self.client.send(request, stream=True, follow_redirects=False)
+                # The client's own credentials (`auth=`) go with the first request only: a
+                # redirect keeps the Authorization httpx leaves it (none across origins).
+                response = await self.client.send(request, stream=True, follow_redirects=False,
+                                                  auth=None if history else httpx.USE_CLIENT_DEFAULT)
             except EngineError as exc:
                 if history and not idempotent:
                     # Refused on a redirect: the provider answered the billable request first.
                     exc.at_least_charged("unknown")
+                raise
+            except httpx.HTTPError as exc:
+                if history and not idempotent:
+                    # The provider answered the billable request (with a redirect): it may have
+                    # billed, so it is not sent again, whatever became of the redirect.
+                    raise EngineError(
+                        f"{self.engine}: the provider answered with a redirect, and following it failed "
+                        f"({type(exc).__name__}); the request is not sent again, since the provider may "
+                        "have billed it", details={"engine": self.engine}, retryable=False, charged="unknown",
+                    ) from None
                 raise
             if response.next_request is None:
                 break
@@ -443,7 +463,8 @@ class RemoteClient:
                    if k.lower() not in ("content-encoding", "content-length", "transfer-encoding")]
         read = httpx.Response(response.status_code, headers=headers, content=bytes(body), request=response.request,
                               extensions=response.extensions, history=history)
-        read.elapsed = response.elapsed
+        with contextlib.suppress(RuntimeError):  # a transport's answer made whole has no time of its own
+            read.elapsed = response.elapsed
         return read
 
     def _give_up(self, response: httpx.Response) -> EngineError:

@@ -355,7 +355,9 @@ def resolving(monkeypatch: pytest.MonkeyPatch, names: dict[str, str]) -> None:
     "https://LOCALHOST./x.png",               # a trailing dot is the same name
     "https://[::127.0.0.1]/x.png",            # IPv4 carried in IPv6: compatible,
     "https://[64:ff9b::a9fe:a9fe]/x.png",     # NAT64 (the metadata address),
-    "https://[2002:a9fe:a9fe::]/x.png",       # 6to4
+    "https://[2002:a9fe:a9fe::]/x.png",       # 6to4,
+    "https://[64:ff9b:1::7f00:1]/x.png",      # a local network's own NAT64,
+    "https://[::ffff:0:7f00:1]/x.png",        # IPv4-translated
     "https://cdn.internal.test/x.png",        # a name that resolves to a LAN address
     "http://cdn.public.test/x.png",           # a public host, in clear
 ])
@@ -463,3 +465,41 @@ async def test_a_compressed_answer_within_the_cap_reads_as_sent(client: RemoteCl
     response = await client.request("GET", "/out", idempotent=True)
     assert response.content == b"\0" * (1 << 19) and "content-encoding" not in response.headers
     assert response.headers["content-type"] == "application/octet-stream"
+
+
+@respx.mock
+async def test_a_client_s_credentials_do_not_follow_a_redirect_to_another_host(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """AUTOMATIC1111's basic auth (`auth=`): following redirects by hand re-applied it on every hop."""
+    resolving(monkeypatch, {"elsewhere.test": "93.184.216.34"})
+    respx.get("https://a1111.test/x").mock(
+        return_value=httpx.Response(302, headers={"location": "https://elsewhere.test/y"}))
+    away = respx.get("https://elsewhere.test/y").mock(return_value=httpx.Response(200, json={}))
+    http = RemoteClient("a1111", base_url="https://a1111.test", key_setting="ORCH_A1111_AUTH", auth=("user", "secret"))
+    try:
+        await http.request("GET", "/x", idempotent=True)
+    finally:
+        await http.aclose()
+    assert "authorization" not in away.calls.last.request.headers
+
+
+@respx.mock
+async def test_a_billable_request_whose_redirect_cannot_be_followed_is_not_sent_again(
+        client: RemoteClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    resolving(monkeypatch, {"cdn.public.test": "93.184.216.34"})
+    sent = respx.post(f"{BASE}/images").mock(
+        return_value=httpx.Response(307, headers={"location": "https://cdn.public.test/images"}))
+    respx.post("https://cdn.public.test/images").mock(side_effect=httpx.ConnectError("refused"))
+    with pytest.raises(EngineError) as info:
+        await client.request("POST", "/images", json={"prompt": "a lighthouse"})
+    assert sent.call_count == 1 and info.value.charged == "unknown" and not info.value.retryable
+
+
+async def test_a_transport_s_whole_answers_are_read() -> None:
+    """A `transport=` answering with whole bodies (httpx.MockTransport, as a plugin's tests would)."""
+    http = RemoteClient("prov", base_url=BASE, key_setting="ORCH_PROV_API_KEY",
+                        transport=httpx.MockTransport(lambda request: httpx.Response(200, json={"ok": True})))
+    try:
+        assert (await http.request("GET", "/x", idempotent=True)).json() == {"ok": True}
+    finally:
+        await http.aclose()
