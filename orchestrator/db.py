@@ -22,6 +22,7 @@ import fcntl
 import logging
 import os
 import time
+import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib.resources import files
@@ -86,6 +87,21 @@ def _sqlite_setup(engine: Engine) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get(_IMMEDIATE) else "BEGIN")
 
 
+def sqlite_file(url: str) -> Path | None:
+    """The file an SQLite URL names; None for a database in memory (or not SQLite's). A `file:`
+    URI (`sqlite:///file:/srv/orchestrator.db?mode=ro&uri=true`) names the file after its scheme:
+    taken as a path, it made folders `file:/srv/...` under the working directory."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return None
+    database = parsed.database or ""
+    if str(parsed.query.get("uri", "")).lower() in ("true", "1") and database.startswith("file:"):
+        if "mode=memory" in database or parsed.query.get("mode") == "memory":
+            return None
+        database = urllib.parse.unquote(database.removeprefix("file:").partition("?")[0])
+    return None if database in ("", ":memory:") else Path(database)
+
+
 class Database:
     def __init__(self, url: str) -> None:
         self.url = url
@@ -93,9 +109,9 @@ class Database:
         kwargs: dict[str, Any] = {}
         if self.is_sqlite:
             kwargs["connect_args"] = {"check_same_thread": False, "timeout": LOCK_TIMEOUT_SECONDS}
-            path = make_url(url).database or ""
-            if path and path != ":memory:":
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            path = sqlite_file(url)
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
                 # As many connections as threads that may use one: SQLAlchemy's default of 15 made
                 # reads, which WAL serves at once, queue behind writers waiting for the write lock.
                 kwargs.update(pool_size=POOL_SIZE, max_overflow=POOL_OVERFLOW)
@@ -228,11 +244,11 @@ def upgrade(url: str, revision: str = "head") -> None:
     create the tables (PostgreSQL takes an advisory lock in migrations/env.py). All pending
     revisions are one transaction on both databases, so an upgrade that fails or is killed
     leaves the revision it started from (see migrations/env.py)."""
-    path = (make_url(url).database or "") if url.startswith("sqlite") else ""
-    if not path or path == ":memory:":
+    path = sqlite_file(url)
+    if path is None:
         command.upgrade(alembic_config(url), revision)
         return
-    Path(path).parent.mkdir(parents=True, exist_ok=True)  # `orchestrator migrate` on a new data dir
+    path.parent.mkdir(parents=True, exist_ok=True)  # `orchestrator migrate` on a new data dir
     with open(f"{path}.migrate-lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         command.upgrade(alembic_config(url), revision)

@@ -652,6 +652,8 @@ def test_a_database_that_takes_no_writes_is_one_line_before_the_service_starts(
     120-line traceback from its first write, and exited 3."""
     make_settings()  # keeps the developer's environment out
     path = tmp_path / "orchestrator.db"
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
     monkeypatch.setenv("ORCH_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("ORCH_DATABASE_URL", f"sqlite:///{path}")
     assert main(["migrate"]) == 0
@@ -663,6 +665,7 @@ def test_a_database_that_takes_no_writes_is_one_line_before_the_service_starts(
     err = capsys.readouterr().err
     assert err.startswith("orchestrator: cannot use the database: ") and "readonly" in err, err
     assert err.count("\n") == 1
+    assert list((tmp_path / "cwd").iterdir()) == []  # the URI's `file:` is no folder to make here
 
 
 def test_migrate_on_a_database_of_its_own_leaves_the_data_dir_alone(

@@ -132,3 +132,17 @@ def test_connect_timeouts_the_operator_gives_are_kept(monkeypatch: pytest.Monkey
     assert "connect_timeout" not in postgres_connect_args(url + "?connect_timeout=3")
     monkeypatch.setenv("PGCONNECT_TIMEOUT", "30")
     assert "connect_timeout" not in postgres_connect_args(url)
+
+
+@pytest.mark.parametrize(("url", "path"), [
+    ("sqlite:////srv/orch/orchestrator.db", "/srv/orch/orchestrator.db"),
+    ("sqlite:///file:/srv/orch/orchestrator.db?mode=ro&uri=true", "/srv/orch/orchestrator.db"),
+    ("sqlite:///file:/srv/my%20orch/o.db?uri=true", "/srv/my orch/o.db"),
+    ("sqlite:///file:mem?mode=memory&uri=true", None),
+    ("sqlite:///:memory:", None),
+    ("postgresql+psycopg://u@db/orch", None),
+])
+def test_the_file_an_sqlite_url_names(url: str, path: str | None) -> None:
+    from orchestrator.db import sqlite_file
+
+    assert sqlite_file(url) == (None if path is None else Path(path))
