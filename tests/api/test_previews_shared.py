@@ -31,7 +31,7 @@ from orchestrator.store import PREVIEW_TEMP_SECONDS, PreviewFiles
 from tests.api import assert_error, iter_sse
 from tests.api.test_workers import add_job, other_process, row  # noqa: F401 (a fixture)
 from tiers.base import CancelToken, Capabilities, EngineContext, Progress, RenderedImage, RenderRequest, RenderResult
-from tiers.registry import ThirdParty
+from tiers.guard import ThirdParty
 
 SettingsFactory = Callable[..., Settings]
 ENGINE = "fake-preview"

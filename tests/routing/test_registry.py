@@ -17,8 +17,9 @@ from tests.routing.conftest import SettingsFactory, running, write_policies
 from tiers import registry as registry_module
 from tiers.base import EngineContext, RenderRequest
 from tiers.gemini import GeminiEngine
+from tiers.guard import ThirdParty
 from tiers.lite import LiteEngine
-from tiers.registry import BUILTIN, GROUP, EngineRegistry, ThirdParty
+from tiers.registry import BUILTIN, GROUP, EngineRegistry
 
 HERE = __name__
 
@@ -254,7 +255,7 @@ async def test_a_plugin_that_ignores_its_cancel_is_stopped_after_the_grace() -> 
 async def test_a_plugin_raising_what_only_a_stop_may_raise_fails_its_job(raised: BaseException) -> None:
     """A CancelledError left the job running with nothing to end it; a SystemExit stopped the service."""
     from tiers.base import CancelToken, NullProgress
-    from tiers.registry import PluginFault
+    from tiers.guard import PluginFault
 
     plugin = ThirdParty(Stubborn(EngineContext(settings=None), raises=raised))  # type: ignore[arg-type]
     with pytest.raises(PluginFault):

@@ -1,0 +1,174 @@
+"""The guard around third-party engines (`orchestrator.engines` plugins, ORCH_ENGINES): their
+bugs fail their own work, never the service or another engine's. Built-ins are not wrapped."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar, get_args
+
+from orchestrator.errors import Canceled, NoPrice, OrchestratorError
+from tiers.base import (
+    CancelToken,
+    Capabilities,
+    Engine,
+    Kind,
+    Progress,
+    Reattachable,
+    RenderRequest,
+    RenderResult,
+    Restartable,
+    Resumable,
+    Stage,
+)
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Seconds a third-party engine has, once its job is canceled, to end on its own before its task
+# is stopped: long enough to take its work off a provider, short enough not to hold a job forever.
+PLUGIN_CANCEL_GRACE = 30.0
+
+
+class PluginFault(Exception):
+    """A third-party engine broke a rule no built-in breaks; the job fails as on any engine bug."""
+
+
+class ThirdParty:
+    """A third-party engine, held so that its bugs fail its own work, never the service or another
+    engine's: an `availability()` that raises reads as unavailable (the service still starts, and
+    routing goes on to the rule's next engine), an `estimate()` that raises as no price (unknown is
+    never free), `prices()` as none; a `run()` that ignores its cancel is stopped after
+    `cancel_grace` seconds, and one that raises `CancelledError` or `SystemExit` of its own fails
+    its job. Everything else is the engine's own (`__getattr__`)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.wrapped = self._engine = engine
+        self.name, self.kind, self.stages = engine.name, engine.kind, engine.stages
+        self.capabilities: Capabilities = engine.capabilities  # checked at load (`checked`)
+        self.cancel_grace = PLUGIN_CANCEL_GRACE
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self._engine, attr)
+
+    @property
+    def model(self) -> str:
+        return self._engine.model
+
+    def availability(self) -> tuple[bool, str | None]:
+        try:
+            return self._engine.availability()
+        except Exception as exc:
+            log.exception("engine %s: availability() failed", self.name)
+            return False, f"its availability check failed: {type(exc).__name__}: {exc}"[:500]
+
+    def prices(self) -> dict[str, Any]:
+        try:
+            return self._engine.prices()
+        except Exception:
+            log.exception("engine %s: prices() failed", self.name)
+            return {}
+
+    def estimate(self, req: RenderRequest) -> int:
+        try:
+            return self._engine.estimate(req)
+        except OrchestratorError:
+            raise
+        except Exception as exc:
+            log.exception("engine %s: estimate() failed", self.name)
+            raise NoPrice(f"engine '{self.name}': its estimate failed: {type(exc).__name__}: {exc}"[:500],
+                          details={"engine": self.name}) from None
+
+    async def run(self, req: RenderRequest, progress: Progress, cancel: CancelToken) -> RenderResult:
+        return await self._contained(lambda: self._engine.run(req, progress, cancel), cancel)
+
+    async def _contained(self, call: Callable[[], Awaitable[T]], cancel: CancelToken | None) -> T:
+        """`call()`'s result, its task stopped `cancel_grace` seconds after a cancel it ignores,
+        and whenever this task is (a timeout around it, a stop)."""
+        work = asyncio.ensure_future(self._guarded(call))
+        try:
+            if cancel is None:
+                return await work
+            try:
+                return await cancel.race(asyncio.shield(work))
+            except Canceled:
+                if not work.done():
+                    # It was told through the same token: time to take its work off the provider.
+                    await asyncio.wait({work}, timeout=self.cancel_grace)
+                if work.done():
+                    return work.result()  # its own Canceled, saying what it cost, or its result
+                log.warning("engine %s ignored a cancel for %.0f s: its task was stopped", self.name,
+                            self.cancel_grace)
+                raise Canceled(f"engine '{self.name}' did not stop within {self.cancel_grace:.0f} s of the "
+                               "cancel; it was stopped", charged="unknown" if self.kind == "remote" else "no") from None
+        finally:
+            if not work.done():
+                work.cancel()
+
+    @staticmethod
+    async def _guarded(call: Callable[[], Awaitable[T]]) -> T:
+        try:
+            return await call()
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # stopped by `_contained`
+            raise PluginFault("it raised CancelledError while nobody canceled it") from None
+        except SystemExit as exc:
+            raise PluginFault(f"it raised SystemExit({exc.code!r})") from None
+
+    async def aclose(self) -> None:
+        await self._engine.aclose()
+
+
+class _Reattaching(ThirdParty):
+    """What a `Reattachable` plugin adds, held as its run is. Real methods, not `__getattr__`'s:
+    from Python 3.12, `isinstance` against a protocol looks at the class only."""
+
+    def can_reattach(self, handles: list[dict[str, Any]], req: RenderRequest) -> bool:
+        try:
+            return bool(self._engine.can_reattach(handles, req))  # type: ignore[attr-defined]
+        except Exception:
+            log.exception("engine %s: can_reattach() failed", self.name)
+            return False
+
+    async def reattach(self, req: RenderRequest, handles: list[dict[str, Any]], progress: Progress,
+                       cancel: CancelToken) -> RenderResult:
+        return await self._contained(
+            lambda: self._engine.reattach(req, handles, progress, cancel), cancel)  # type: ignore[attr-defined]
+
+
+class _Restarting(ThirdParty):
+    async def forget(self, handles: list[dict[str, Any]]) -> None:
+        await self._contained(lambda: self._engine.forget(handles), None)  # type: ignore[attr-defined]
+
+
+class _Resuming(_Restarting):
+    async def resume(self, req: RenderRequest, handles: list[dict[str, Any]], progress: Progress,
+                     cancel: CancelToken) -> RenderResult:
+        return await self._contained(
+            lambda: self._engine.resume(req, handles, progress, cancel), cancel)  # type: ignore[attr-defined]
+
+
+def _contain(engine: Engine) -> ThirdParty:
+    """`engine` held in a `ThirdParty` that has the optional protocols it has, and no others."""
+    bases = [cls for cls, protocol in ((_Reattaching, Reattachable), (_Resuming, Resumable),
+                                       (_Restarting, Restartable)) if isinstance(engine, protocol)]
+    if _Resuming in bases and _Restarting in bases:
+        bases.remove(_Restarting)
+    cls: type[ThirdParty] = type("ThirdParty", tuple(bases), {}) if bases else ThirdParty
+    return cls(engine)
+
+
+def checked(engine: Engine, target: str) -> Engine:
+    """A third-party engine whose declared kind, stages and capabilities are ones the service
+    knows, contained (`ThirdParty`): else one bad field fails `/v1/engines` for every caller."""
+    if engine.kind not in get_args(Kind):
+        raise ValueError(f"{target}: kind {engine.kind!r} is not one of {', '.join(get_args(Kind))}")
+    stages = getattr(engine, "stages", None)
+    if not isinstance(stages, frozenset | set) or not stages or not stages <= set(get_args(Stage)):
+        raise ValueError(f"{target}: stages {stages!r} must be a non-empty set of {', '.join(get_args(Stage))}")
+    if not isinstance(engine.capabilities, Capabilities):
+        raise TypeError(f"{target}: capabilities must be a tiers.base.Capabilities")
+    return _contain(engine)
