@@ -258,10 +258,17 @@ class JobService:
                 # project past a rule's `budget_used_over` (its own engines then apply). So the same
                 # routing runs again on the balance now. A copy of an earlier result costs nothing,
                 # so it needs no room in the budget.
-                if not cached and decision.estimate > 0 and project.budget_limit is not None:
-                    fresh = self._route(project.policy, prepared, engine, max_credits,
-                                        self.ledger.balance(s, project), cache=False, holder=token)
-                    if (fresh.chosen, fresh.rule) != (decision.chosen, decision.rule):
+                # So does a decision taken from a cached result that is gone now (its file damaged
+                # since): it skipped the caps, as a free copy may, and must meet them after all.
+                if not cached and decision.estimate > 0 and (project.budget_limit is not None
+                                                             or max_credits is not None):
+                    balance = None if project.budget_limit is None else self.ledger.balance(s, project)
+                    fresh = self._route(project.policy, prepared, engine, max_credits, balance, cache=False,
+                                        holder=token)
+                    if (fresh.chosen, fresh.rule) == (decision.chosen, decision.rule):
+                        decision = fresh  # its candidates as the caps and the balance now leave them
+                        job = self._new_job(prepared, decision, cache=cache)
+                    else:
                         if fresh.chosen != reserved:  # its probe too, taken as the first choice's was
                             if not self.router.health.reserve(fresh.chosen, token):
                                 raise NoUsableEngine(f"engine '{fresh.chosen}' cannot take a job now; send "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import httpx
 import pytest
@@ -120,6 +121,27 @@ def test_a_free_copy_is_served_under_a_max_credits_below_the_estimate(api: httpx
     refused = promote(api, asset_id, cache=True, seed=7, max_credits=5)
     assert refused.status_code == 402 and "above max_credits" in refused.json()["error"]["message"]
     assert kinds(ledger(api, project_id)) == {"hold": 1, "capture": 1}
+
+
+def test_a_cached_result_gone_by_the_commit_is_held_to_max_credits(api: httpx.Client,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Routing took the free copy (caps skipped, as for a copy); its file was damaged before the
+    commit, so a render is held instead: at the full estimate, past the client's max_credits,
+    on a project without a budget (the only other re-check)."""
+    from orchestrator.jobs import JobService
+
+    project_id, asset_id = project_with_draft(api)  # no budget
+    assert wait_for_job(api, promote_ok(api, asset_id, cache=True, seed=8)["id"])["status"] == "succeeded"
+    found = JobService._cached
+    looks: list[int] = []
+
+    def gone_at_the_commit(self: JobService, s: Any, job: Any) -> Any:
+        looks.append(1)
+        return found(self, s, job) if len(looks) == 1 else []
+    monkeypatch.setattr(JobService, "_cached", gone_at_the_commit)
+    refused = promote(api, asset_id, cache=True, seed=8, max_credits=5)
+    assert refused.status_code == 402 and "above max_credits" in refused.json()["error"]["message"], refused.text
+    assert kinds(ledger(api, project_id)) == {"hold": 1, "capture": 1}  # the first render's only
 
 
 def test_a_same_bytes_draft_of_another_asset_is_not_a_cache_hit(api: httpx.Client) -> None:
