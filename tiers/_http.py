@@ -23,6 +23,7 @@ import math
 import random
 import socket
 import time
+import zlib
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -46,8 +47,10 @@ KEY_HEADERS = frozenset({"x-goog-api-key", "x-api-key", "api-key", "x-key"})
 MIN_ATTEMPT_SECONDS = 1.0
 # The most an answer may hold once decompressed. The largest real answer is an image: a 4096x4096
 # PNG, base64 in JSON, is some 70 MB. Without a cap, half a megabyte of gzip that inflates to
-# gigabytes is read whole into memory (httpx decompresses what it reads).
+# gigabytes is read whole into memory.
 MAX_ANSWER_BYTES = 256 * 2**20
+# The content-codings asked for, and the only ones read (see `_Inflater`).
+ACCEPT_ENCODING = "gzip, deflate"
 # How long a host named by an answer (an output URL) may take to resolve before it is checked.
 RESOLVE_SECONDS = 5.0
 
@@ -132,7 +135,7 @@ def retry_after(response: httpx.Response) -> float | None:
             return value
         try:
             when = email.utils.parsedate_to_datetime(header)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             when = None
         if when is not None:
             return max(0.0, when.timestamp() - time.time())
@@ -184,6 +187,84 @@ def _next_wait(retry_state: RetryCallState, rate_limit_pause: float | None = Non
     return backoff
 
 
+class _Inflater:
+    """Decompresses an answer's body as it arrives, never to more than `limit` bytes. httpx's own
+    decoders inflate each network read whole (64 KiB of gzip can be 64 MiB, and stacked codings,
+    `gzip, gzip`, multiply that), so the cap on what was read came too late."""
+
+    def __init__(self, request: httpx.Request, coding: str, limit: int) -> None:
+        self.request = request
+        self.limit = limit
+        self.size = 0
+        self._obj: Any
+        # HTTP's "deflate" is zlib-wrapped, but some servers send it raw: told by the first bytes.
+        self._raw_deflate_possible = coding == "deflate"
+        if coding in ("", "identity"):
+            self._obj = None
+        elif coding in ("gzip", "x-gzip"):
+            self._obj = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        elif coding == "deflate":
+            self._obj = zlib.decompressobj(zlib.MAX_WBITS)
+        else:
+            raise _Unreadable(f"it is in content-coding {coding!r}, which was not asked for")
+
+    @classmethod
+    def for_answer(cls, response: httpx.Response, limit: int) -> _Inflater:
+        codings = [c.strip().lower() for value in response.headers.get_list("content-encoding")
+                   for c in value.split(",")]
+        codings = [c for c in codings if c and c != "identity"]
+        if len(codings) > 1:
+            raise _Unreadable(f"it is in stacked content-codings ({', '.join(codings)})")
+        return cls(response.request, codings[0] if codings else "identity", limit)
+
+    def feed(self, data: bytes) -> bytes:
+        if self._obj is None:
+            self._count(len(data))
+            return data
+        out = bytearray()
+        pending = data
+        while pending:
+            try:
+                piece: bytes = self._obj.decompress(pending, self.limit - self.size + 1)
+            except zlib.error as exc:
+                if self._raw_deflate_possible:
+                    self._raw_deflate_possible = False
+                    self._obj = zlib.decompressobj(-zlib.MAX_WBITS)
+                    continue
+                raise httpx.DecodingError(f"the answer's compressed body is corrupt ({exc})",
+                                          request=self.request) from None
+            if piece:
+                self._raw_deflate_possible = False
+            self._count(len(piece))
+            out += piece
+            pending = self._obj.unconsumed_tail
+        return bytes(out)
+
+    def end(self) -> bytes:
+        if self._obj is None:
+            return b""
+        try:
+            rest: bytes = self._obj.flush()
+        except zlib.error as exc:
+            raise httpx.DecodingError(f"the answer's compressed body is corrupt ({exc})",
+                                      request=self.request) from None
+        self._count(len(rest))
+        return rest
+
+    def _count(self, n: int) -> None:
+        self.size += n
+        if self.size > self.limit:
+            raise _TooLarge
+
+
+class _TooLarge(Exception):
+    """The answer holds more than the client reads."""
+
+
+class _Unreadable(Exception):
+    """The answer is in a form the client does not read, however often it is asked."""
+
+
 class RemoteClient:
     """An engine's HTTP client. `key_setting` names the setting to fix when the provider refuses
     the credentials; it appears in error messages, never the key itself."""
@@ -217,7 +298,8 @@ class RemoteClient:
         self.clock = clock
         self.client = httpx.AsyncClient(
             base_url=base_url,
-            headers=headers,
+            # Only what `_Inflater` reads; httpx would also offer br and zstd where their packages are.
+            headers={"Accept-Encoding": ACCEPT_ENCODING, **(headers or {})},
             auth=auth,
             timeout=httpx.Timeout(read_timeout, connect=connect_timeout),
             transport=transport,
@@ -407,6 +489,15 @@ class RemoteClient:
                 f"check {self.key_setting} and the base URL", details={"engine": self.engine},
                 retryable=False,
             ) from None
+        if response.history and not idempotent and not response.is_success:
+            # The provider answered the billable request (with a redirect); what its target says
+            # is not the provider saying nothing was made, so it is neither retried nor mapped.
+            raise EngineError(
+                f"{self.engine}: the provider answered with a redirect, and its target answered HTTP "
+                f"{response.status_code}; the request is not sent again, since the provider may have billed it",
+                details={"engine": self.engine, "status": response.status_code}, retryable=False,
+                charged="unknown",
+            )
         if response.status_code in RETRY_STATUSES and not self.final_answer(response):
             raise _RetryableAnswer(response)
         return response
@@ -445,17 +536,31 @@ class RemoteClient:
                 raise httpx.TooManyRedirects("Exceeded maximum allowed redirects.", request=request)
             request = response.next_request
         try:
-            body = bytearray()
-            async for chunk in response.aiter_bytes():
-                body += chunk
+            if response.is_stream_consumed:
+                # An in-memory transport's answer (a mock) comes read and decoded already.
+                body = bytearray(response.content)
                 if len(body) > self.max_answer_bytes:
-                    raise EngineError(
-                        f"{self.engine}: the provider's answer is larger than {self.max_answer_bytes >> 20} MiB "
-                        "once decompressed; it is not read" + ("" if idempotent else
-                                                                 ", and the provider may have billed the request"),
-                        details={"engine": self.engine, "max_bytes": self.max_answer_bytes},
-                        retryable=False, charged=None if idempotent else "unknown",
-                    )
+                    raise _TooLarge
+            else:
+                inflater = _Inflater.for_answer(response, self.max_answer_bytes)
+                body = bytearray()
+                async for chunk in response.aiter_raw():
+                    body += inflater.feed(chunk)
+                body += inflater.end()
+        except _Unreadable as exc:
+            raise EngineError(
+                f"{self.engine}: the provider's answer is not read: {exc}"
+                + ("" if idempotent else "; the provider may have billed the request"),
+                details={"engine": self.engine}, retryable=False, charged=None if idempotent else "unknown",
+            ) from None
+        except _TooLarge:
+            raise EngineError(
+                f"{self.engine}: the provider's answer is larger than {self.max_answer_bytes >> 20} MiB "
+                "once decompressed; it is not read" + ("" if idempotent else
+                                                         ", and the provider may have billed the request"),
+                details={"engine": self.engine, "max_bytes": self.max_answer_bytes},
+                retryable=False, charged=None if idempotent else "unknown",
+            ) from None
         finally:
             await response.aclose()
         # The body as read: decompressed, so the answer no longer says how it was encoded.

@@ -503,3 +503,81 @@ async def test_a_transport_s_whole_answers_are_read() -> None:
         assert (await http.request("GET", "/x", idempotent=True)).json() == {"ok": True}
     finally:
         await http.aclose()
+
+
+def streamed(data: bytes, coding: str) -> httpx.Response:
+    """An answer read from the network as it would be, 64 KiB at a time, not a mock's whole body."""
+    return httpx.Response(200, stream=RecordedStream(data),
+                          headers={"content-encoding": coding, "content-type": "application/octet-stream"})
+
+
+@respx.mock
+async def test_one_read_that_inflates_past_the_cap_is_stopped_within_it(client: RemoteClient) -> None:
+    """httpx inflates each network read whole: 48 KB of gzip, one read, was 48 MiB in memory."""
+    import gzip
+    import tracemalloc
+
+    client.max_answer_bytes = 1 << 20
+    body = gzip.compress(b"\0" * (48 << 20), 9)
+    route = respx.get(f"{BASE}/out").mock(return_value=streamed(body, "gzip"))
+    assert len(body) < 65536
+    tracemalloc.start()
+    try:
+        with pytest.raises(EngineError) as info:
+            await client.request("GET", "/out", idempotent=True)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert "larger than 1 MiB once decompressed" in info.value.message and route.call_count == 1
+    assert peak < 8 << 20
+
+
+@respx.mock
+@pytest.mark.parametrize(("coding", "said"), [("gzip, gzip", "stacked content-codings (gzip, gzip)"),
+                                              ("br", "content-coding 'br', which was not asked for")])
+async def test_an_answer_in_codings_not_asked_for_is_refused_once(client: RemoteClient, coding: str,
+                                                                  said: str) -> None:
+    import gzip
+
+    route = respx.get(f"{BASE}/out").mock(return_value=streamed(gzip.compress(gzip.compress(b"x" * 100)), coding))
+    with pytest.raises(EngineError) as info:
+        await client.request("GET", "/out", idempotent=True)
+    assert said in info.value.message and not info.value.retryable and route.call_count == 1
+    assert route.calls.last.request.headers["accept-encoding"] == "gzip, deflate"
+
+
+@respx.mock
+@pytest.mark.parametrize("wbits", [15, -15], ids=["zlib-wrapped", "raw"])
+async def test_deflate_answers_read_in_either_form(client: RemoteClient, wbits: int) -> None:
+    import zlib
+
+    data = bytes(range(256)) * 1000
+    packer = zlib.compressobj(9, zlib.DEFLATED, wbits)
+    respx.get(f"{BASE}/out").mock(return_value=streamed(packer.compress(data) + packer.flush(), "deflate"))
+    assert (await client.request("GET", "/out", idempotent=True)).content == data
+
+
+@respx.mock
+@pytest.mark.parametrize("status", [503, 403, 404])
+async def test_a_billable_request_redirected_to_a_failing_target_is_not_sent_again(
+        client: RemoteClient, monkeypatch: pytest.MonkeyPatch, status: int) -> None:
+    """The provider answered (303 to its result): the target's 503 is not the provider saying
+    nothing was made, nor its 403 a refused key."""
+    resolving(monkeypatch, {"cdn.public.test": "93.184.216.34"})
+    sent = respx.post(f"{BASE}/images").mock(
+        return_value=httpx.Response(303, headers={"location": "https://cdn.public.test/result/1"}))
+    respx.get("https://cdn.public.test/result/1").mock(return_value=httpx.Response(status))
+    with pytest.raises(EngineError) as info:
+        await client.request("POST", "/images", json={"prompt": "a lighthouse"})
+    assert type(info.value) is EngineError and sent.call_count == 1
+    assert info.value.charged == "unknown" and not info.value.retryable
+    assert f"its target answered HTTP {status}" in info.value.message
+
+
+@respx.mock
+async def test_a_retry_after_date_past_any_calendar_is_no_hint(client: RemoteClient) -> None:
+    route = respx.post(f"{BASE}/images").mock(side_effect=[
+        httpx.Response(503, headers={"retry-after": "Mon, 01 Jan 2020 00:00:00 +99999999999999999999"}),
+        httpx.Response(200, json={"ok": True})])
+    assert (await client.request("POST", "/images", json={})).json() == {"ok": True}
+    assert route.call_count == 2
