@@ -35,13 +35,20 @@ class PluginFault(Exception):
     """A third-party engine broke a rule no built-in breaks; the job fails as on any engine bug."""
 
 
+# What a plugin's synchronous calls may raise and still be only its own failure: KeyboardInterrupt
+# is left out, as there it is more likely the operator's Ctrl-C than the plugin's.
+_FAULTS = (Exception, SystemExit, GeneratorExit)
+
+
 class ThirdParty:
     """A third-party engine, held so that its bugs fail its own work, never the service or another
-    engine's: an `availability()` that raises reads as unavailable (the service still starts, and
-    routing goes on to the rule's next engine), an `estimate()` that raises as no price (unknown is
-    never free), `prices()` as none; a `run()` that ignores its cancel is stopped after
-    `cancel_grace` seconds, and one that raises `CancelledError` or `SystemExit` of its own fails
-    its job. Everything else is the engine's own (`__getattr__`)."""
+    engine's: an `availability()` that raises, or answers something other than `(bool, reason)`,
+    reads as unavailable (the service still starts, and routing goes on to the rule's next
+    engine), an `estimate()` that raises as no price (unknown is never free), `prices()` and
+    `model` as none; a `run()` that ignores its cancel is stopped after `cancel_grace` seconds,
+    and one that raises `CancelledError`, `SystemExit`, `KeyboardInterrupt` or any other
+    `BaseException` of its own fails its job (asyncio lets those end the event loop itself).
+    Everything else is the engine's own (`__getattr__`)."""
 
     def __init__(self, engine: Engine) -> None:
         self.wrapped = self._engine = engine
@@ -54,28 +61,50 @@ class ThirdParty:
 
     @property
     def model(self) -> str:
-        return self._engine.model
+        try:
+            model = self._engine.model
+        except _FAULTS:
+            log.exception("engine %s: its model failed", self.name)
+            return "unknown"
+        return model if isinstance(model, str) else "unknown"
+
+    @property
+    def note(self) -> str | None:
+        try:
+            note = getattr(self._engine, "note", None)
+        except _FAULTS:
+            log.exception("engine %s: its note failed", self.name)
+            return None
+        return note if isinstance(note, str) else None
 
     def availability(self) -> tuple[bool, str | None]:
         try:
-            return self._engine.availability()
-        except Exception as exc:
+            answer = self._engine.availability()
+        except _FAULTS as exc:
             log.exception("engine %s: availability() failed", self.name)
             return False, f"its availability check failed: {type(exc).__name__}: {exc}"[:500]
+        if (not isinstance(answer, tuple) or len(answer) != 2 or not isinstance(answer[0], bool)
+                or not isinstance(answer[1], str | None)):
+            return False, f"its availability check answered {answer!r}, not (bool, reason)"[:500]
+        return answer
 
     def prices(self) -> dict[str, Any]:
         try:
-            return self._engine.prices()
-        except Exception:
+            prices = self._engine.prices()
+        except _FAULTS:
             log.exception("engine %s: prices() failed", self.name)
             return {}
+        if not isinstance(prices, dict):
+            log.error("engine %s: prices() answered %s, not a dict", self.name, type(prices).__name__)
+            return {}
+        return prices
 
     def estimate(self, req: RenderRequest) -> int:
         try:
             return self._engine.estimate(req)
         except OrchestratorError:
             raise
-        except Exception as exc:
+        except _FAULTS as exc:
             log.exception("engine %s: estimate() failed", self.name)
             raise NoPrice(f"engine '{self.name}': its estimate failed: {type(exc).__name__}: {exc}"[:500],
                           details={"engine": self.name}) from None
@@ -117,6 +146,10 @@ class ThirdParty:
             raise PluginFault("it raised CancelledError while nobody canceled it") from None
         except SystemExit as exc:
             raise PluginFault(f"it raised SystemExit({exc.code!r})") from None
+        except Exception:
+            raise
+        except BaseException as exc:  # KeyboardInterrupt and the like, raised in a task, end the event loop
+            raise PluginFault(f"it raised {type(exc).__name__}") from None
 
     async def aclose(self) -> None:
         await self._engine.aclose()
@@ -129,7 +162,7 @@ class _Reattaching(ThirdParty):
     def can_reattach(self, handles: list[dict[str, Any]], req: RenderRequest) -> bool:
         try:
             return bool(self._engine.can_reattach(handles, req))  # type: ignore[attr-defined]
-        except Exception:
+        except _FAULTS:
             log.exception("engine %s: can_reattach() failed", self.name)
             return False
 
@@ -141,7 +174,13 @@ class _Reattaching(ThirdParty):
 
 class _Restarting(ThirdParty):
     async def forget(self, handles: list[dict[str, Any]]) -> None:
-        await self._contained(lambda: self._engine.forget(handles), None)  # type: ignore[attr-defined]
+        """Best effort, as a built-in's: one that hangs is stopped after `cancel_grace` seconds,
+        or it would hold its job (and a user's cancel of it) for as long as it likes."""
+        try:
+            async with asyncio.timeout(self.cancel_grace):
+                await self._contained(lambda: self._engine.forget(handles), None)  # type: ignore[attr-defined]
+        except TimeoutError:
+            log.warning("engine %s: forget() did not end within %g s; it was stopped", self.name, self.cancel_grace)
 
 
 class _Resuming(_Restarting):

@@ -251,9 +251,17 @@ async def test_a_plugin_that_ignores_its_cancel_is_stopped_after_the_grace() -> 
     assert "did not stop within" in info.value.message and info.value.charged == "unknown"  # a remote engine
 
 
-@pytest.mark.parametrize("raised", [asyncio.CancelledError(), SystemExit(3)], ids=["CancelledError", "SystemExit"])
+class LibraryAbort(BaseException):
+    """What a library may raise past `except Exception` (gevent's, pytest's outcomes)."""
+
+
+@pytest.mark.parametrize("raised", [asyncio.CancelledError(), SystemExit(3), KeyboardInterrupt(), GeneratorExit(),
+                                    LibraryAbort()],
+                         ids=["CancelledError", "SystemExit", "KeyboardInterrupt", "GeneratorExit", "BaseException"])
 async def test_a_plugin_raising_what_only_a_stop_may_raise_fails_its_job(raised: BaseException) -> None:
-    """A CancelledError left the job running with nothing to end it; a SystemExit stopped the service."""
+    """A CancelledError left the job running with nothing to end it; a SystemExit or a
+    KeyboardInterrupt raised in its task stopped the event loop, and the service with it; the others
+    passed the runner's `except Exception`, leaving the job running until its lease ran out."""
     from tiers.base import CancelToken, NullProgress
     from tiers.guard import PluginFault
 
@@ -311,4 +319,69 @@ async def test_a_plugin_s_task_stops_when_its_job_is_stopped_during_the_cancel_g
     with pytest.raises(asyncio.CancelledError):
         await run
     await asyncio.sleep(0.05)
+    assert stopped == [True]
+
+
+ODD_FAULT = {"fault": ""}
+
+
+class Odd(FakePaidEngine):
+    """A plugin that starts well, then answers with values of the wrong shape, or whose `model`
+    raises (`ODD_FAULT` says which, read at each call)."""
+
+    def __init__(self, ctx: EngineContext) -> None:
+        super().__init__(ctx, name="odd")
+
+    @property
+    def model(self) -> str:
+        if ODD_FAULT["fault"] == "model":
+            raise RuntimeError("licence server unreachable")
+        return "odd-1"
+
+    def availability(self) -> Any:
+        return False if ODD_FAULT["fault"] == "availability" else super().availability()
+
+    def prices(self) -> Any:
+        return None if ODD_FAULT["fault"] == "prices" else super().prices()
+
+
+def odd_factory(ctx: EngineContext) -> Odd:
+    return Odd(ctx)
+
+
+@pytest.mark.parametrize(("fault", "seen"), [
+    ("model", {"model": "unknown", "available": True}),
+    ("availability", {"available": False, "note": "its availability check answered False, not (bool, reason)"}),
+    ("prices", {"prices": {}, "available": True}),
+])
+def test_a_plugin_answering_the_wrong_shape_is_listed_as_it_can_be(
+        new_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch, fault: str, seen: dict[str, Any]) -> None:
+    """A bare False from availability(), prices() of None or a model that raises made
+    /v1/engines a 500 for every caller."""
+    monkeypatch.setattr(registry_module, "entry_points", lambda *, group: [ep("odd", f"{HERE}:odd_factory")])
+    with running(new_settings()) as client:
+        monkeypatch.setitem(ODD_FAULT, "fault", fault)
+        response = client.get("/v1/engines")
+    assert response.status_code == 200, response.text
+    listed = {e["name"]: e for e in response.json()}["odd"]
+    assert {key: listed[key] for key in seen} == seen
+
+
+async def test_a_plugin_s_forget_that_hangs_is_stopped_after_the_grace() -> None:
+    """It held its job, and a user's cancel of it, for as long as it liked."""
+    from tests.fakes import FakeServerEngine
+
+    stopped: list[bool] = []
+
+    class Hanging(FakeServerEngine):
+        async def forget(self, handles: list[dict[str, Any]]) -> None:
+            try:
+                await asyncio.sleep(3600)
+            finally:
+                stopped.append(True)
+
+    plugin = registry_module.checked(Hanging(EngineContext(settings=None)), "tests:hanging")  # type: ignore[arg-type]
+    assert isinstance(plugin, ThirdParty)
+    plugin.cancel_grace = 0.05  # type: ignore[attr-defined]
+    await asyncio.wait_for(plugin.forget([{"id": "p1"}]), 5)  # type: ignore[attr-defined]
     assert stopped == [True]
