@@ -366,6 +366,11 @@ class JobService:
                balance: Balance | None, *, cache: bool, holder: str | None = None) -> Decision:
         decision = self.router.decide(policy, prepared.request, engine,
                                       None if balance is None else balance.used_fraction, holder=holder)
+        if max_credits is not None:
+            # Recorded for the fallbacks with the rule's own cap (see `JobRunner._fall_back`).
+            rule_cap = decision.extra.get("max_credits")
+            caps = [to_millicredits(max_credits), *([] if rule_cap is None else [to_millicredits(rule_cap)])]
+            decision.extra["max_credits"] = to_credits(min(caps))
         if (balance is None and max_credits is None) or (cache and self.has_cached(prepared, decision)):
             return decision
         if balance is not None:

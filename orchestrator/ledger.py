@@ -23,6 +23,8 @@ safe in a transaction made some other way.
 
 from __future__ import annotations
 
+import logging
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -34,7 +36,9 @@ from sqlmodel import Session, col, select
 
 from orchestrator.errors import BudgetExceeded, Conflict, NotFound, OrchestratorError
 from orchestrator.models import Job, LedgerEntry, Project, utcnow
-from tiers.base import to_credits
+from tiers.base import is_amount, to_credits
+
+log = logging.getLogger(__name__)
 
 # A reported cost over this many times the hold is captured as reported but flagged unreconciled.
 OVERRUN_REVIEW = 2
@@ -203,10 +207,12 @@ class Ledger:
         hold = self.open_hold(s, job.id)
         if hold is None:
             return 0
-        if actual is not None and actual < 0:
-            # Not a charge (a malformed usage block, a third-party engine's bug): the estimate is
-            # captured instead, for the invoice to settle, and no release outgrows the hold.
-            note = f"reported cost {to_credits(actual)} is not a charge; the estimate is captured"
+        if actual is not None and not is_amount(actual):
+            # Not a charge (a malformed usage block, a third-party engine's bug: negative, a
+            # fraction, an infinity): the estimate is captured instead, for the invoice to settle,
+            # and no release outgrows the hold.
+            told = to_credits(int(actual)) if isinstance(actual, numbers.Integral) else f"{actual!r}"[:40]
+            note = f"reported cost {told} is not a charge; the estimate is captured"
             actual, unreconciled = None, True
         elif actual is not None and hold.amount == 0:
             # Priced 0 (a hold of 0, see `hold`) and billed all the same: spend as reported, as for
@@ -217,7 +223,7 @@ class Ledger:
             # Taken as reported, but far past what was held: someone should look at the invoice.
             note = note or f"reported cost is over {OVERRUN_REVIEW} times the estimate"
             unreconciled = True
-        amount = hold.amount if actual is None else actual
+        amount = hold.amount if actual is None else int(actual)
         now = self.clock()
         hold.settled = True
         s.add(hold)
@@ -237,9 +243,12 @@ class Ledger:
         is not charged again."""
         if self.open_hold(s, job.id) is not None:
             self.capture(s, job, actual, note=note)
+        elif job.estimated <= 0 and actual and not is_amount(actual):
+            log.warning("job %s: its engine reported a cost of %s millicredits, which is not a charge; nothing "
+                        "was held, so nothing is charged", job.id, str(actual)[:40])
         elif job.estimated <= 0 and actual:
-            self.charge_usage(s, job, actual, note=f"{note + ': ' if note else ''}reported by the provider for a "
-                                                   "job estimated free")
+            self.charge_usage(s, job, int(actual), note=f"{note + ': ' if note else ''}reported by the provider "
+                                                        "for a job estimated free")
 
     def charge_usage(self, s: Session, job: Job, amount: int, note: str | None = None) -> None:
         """A capture without a hold: metered local work. It is never refused for budget (local

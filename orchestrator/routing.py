@@ -10,6 +10,7 @@ recorded on the job and can be asked for without running anything (`POST /v1/rou
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,18 +18,21 @@ from orchestrator.errors import BadEngineInput, BudgetExceeded, NoPrice, NoRoute
 from orchestrator.health import EngineHealth
 from orchestrator.store import hide_paths
 from policies import Policy, PolicyStore, RequestFacts, Rule, order_candidates
-from tiers.base import Engine, RenderRequest, Stage, to_credits
+from tiers.base import Engine, RenderRequest, Stage, is_amount, to_credits
 from tiers.registry import EngineRegistry
 
 
 def priced(engine: Engine, req: RenderRequest) -> int:
-    """`engine.estimate(req)`, refusing a negative one (a third-party engine's bug) as no price:
-    taken as money back, it would win every `cheapest` race and hold nothing."""
+    """`engine.estimate(req)`, refusing one that is not a whole, non-negative number of
+    millicredits (a third-party engine's bug) as no price: taken as money back, it would win every
+    `cheapest` race and hold nothing; a fraction or an infinity in the ledger breaks its sums."""
     estimate = engine.estimate(req)
-    if estimate < 0:
-        raise NoPrice(f"engine '{engine.name}' estimated {to_credits(estimate)} credits; a price cannot be negative",
-                      details={"engine": engine.name})
-    return estimate
+    if not is_amount(estimate):
+        told = (f"{to_credits(int(estimate))} credits" if isinstance(estimate, numbers.Integral)
+                else f"{estimate!r}"[:40])
+        raise NoPrice(f"engine '{engine.name}' estimated {told}; a price is a whole, non-negative number of "
+                      "millicredits", details={"engine": engine.name})
+    return int(estimate)
 
 
 class NoUsableEngine(NoRoute):
@@ -158,11 +162,15 @@ class Router:
             )
         first = usable[0]
         assert first.estimate is not None
+        cap = rule.max_millicredits
         reason = rule.reason or f"first usable engine by the '{rule.strategy}' strategy"
         return Decision(req.stage, first.engine, first.estimate, ordered, policy=policy.name,
                         policy_hash=policy.content_hash, rule=rule.name,
                         reason="requested by the client" if requested else reason,
-                        private=rule.keeps_local(req.tags), extra={"rule_index": index, "strategy": rule.strategy})
+                        private=rule.keeps_local(req.tags),
+                        # Fallbacks are held to the rule's cap as the first choice was (see `JobRunner._fall_back`).
+                        extra={"rule_index": index, "strategy": rule.strategy,
+                               "max_credits": None if cap is None else to_credits(cap)})
 
     def _order(self, policy: Policy, rule: Rule, stage: Stage, assessed: dict[str, Candidate]) -> list[Candidate]:
         if len(assessed) == 1:

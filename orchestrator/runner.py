@@ -398,8 +398,12 @@ class JobRunner:
         tried = {a["engine"] for a in job.attempts or []} | {job.engine}
         request = render_request(job.params)
         token = f"fallback-{job.id}-{claim.attempt}"
-        recorded = {c["engine"]: to_millicredits(c["estimate"]) for c in (job.routing or {}).get("candidates", [])
-                    if isinstance(c.get("estimate"), int | float)}
+        routing = job.routing or {}
+        cap = routing.get("max_credits")
+        # Routed before caps were recorded: held to the estimates it was routed with instead.
+        recorded = None if "max_credits" in routing else {
+            c["engine"]: to_millicredits(c["estimate"]) for c in routing.get("candidates", [])
+            if isinstance(c.get("estimate"), int | float)}
         for name in fallbacks(job.routing, tried):
             if name not in self.registry:
                 continue
@@ -410,11 +414,13 @@ class JobRunner:
                 estimate = priced(engine, request)
             except OrchestratorError:
                 continue
-            if estimate > recorded.get(name, estimate):
-                # The caps (max_credits, the rule's) were checked on the estimate routing recorded;
-                # a process priced otherwise (another prices file) must not hold past them.
-                log.warning("job %s: fallback %s skipped: its estimate (%s credits) is above the %s it was "
-                            "routed with", job.id, name, to_credits(estimate), to_credits(recorded[name]))
+            # Priced now, not as routed (a price may have changed since, or another process reads
+            # another prices file): the caps, the request's max_credits and the rule's, still hold.
+            limit = (to_millicredits(cap) if isinstance(cap, int | float) else None) if recorded is None \
+                else recorded.get(name)
+            if limit is not None and estimate > limit:
+                log.warning("job %s: fallback %s skipped: its estimate (%s credits) is above the %s credits "
+                            "the job may hold", job.id, name, to_credits(estimate), to_credits(limit))
                 continue
             # Its half-open probe taken before the move, in one step (see `EngineHealth.reserve`).
             if not self.health.reserve(name, token):
@@ -436,7 +442,7 @@ class JobRunner:
                 else:
                     self.health.finished(name, token)
             self.bus.publish(job.id, "state", {"state": "fallback", "from": job.engine, "to": name,
-                                               "error": error.to_dict()})
+                                               "estimate": to_credits(estimate), "error": error.to_dict()})
             self.notify()
             return True
         return False

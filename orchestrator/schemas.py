@@ -382,6 +382,9 @@ class Routing(BaseModel):
                                              description="every engine the rule names, usable ones first")
     rule_index: int | None = None
     strategy: str | None = Field(None, description="the rule's ordering: cheapest, fastest, ... (see README)")
+    max_credits: float | None = Field(None, description=(
+        "the most the job may hold: the lower of the request's max_credits and the rule's; a fallback "
+        "priced above it is skipped"))
 
 
 class Attempt(BaseModel):

@@ -111,8 +111,11 @@ class FakePaidEngine:
         images = [RenderedImage(Image.new("RGB", (req.width, req.height), colour), req.seed) for _ in range(count)]
         progress.step(1, 1)
         cost = req.tags.get("cost")
+        # A cost of no whole millicredits (or an infinite one) is reported as it is: a plugin's bug.
+        reported = None if cost is None else float(cost) * 1000
         return RenderResult(images=images, model=self.model,
-                            cost_millicredits=None if cost is None else int(float(cost) * 1000),
+                            cost_millicredits=int(reported) if reported is not None and reported.is_integer()
+                            else reported,  # type: ignore[arg-type]
                             provider_request_id=f"fake-{self.calls}")
 
     async def aclose(self) -> None:

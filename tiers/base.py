@@ -8,6 +8,7 @@ orchestrator never imports an engine module directly; it asks the registry.
 from __future__ import annotations
 
 import asyncio
+import numbers
 import threading
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -36,6 +37,12 @@ def to_millicredits(credits: float) -> int:
 
 def to_credits(millicredits: int) -> float:
     return round(millicredits / MILLI, 3)
+
+
+def is_amount(value: object) -> bool:
+    """Whether `value` is an amount the ledger can hold: a whole, non-negative number of
+    millicredits (a numpy integer too), not a bool, a fraction or an infinity."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and int(value) >= 0
 
 
 @dataclass(frozen=True)

@@ -191,8 +191,8 @@ def test_max_credits_bounds_the_fallbacks_too(paid_server: httpx.Client) -> None
                                                                   ("release", 10.0, "fake-paid")]
 
 
-def test_a_fallback_priced_above_its_routed_estimate_is_skipped(paid_server: httpx.Client,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_fallback_priced_above_the_cap_since_routing_is_skipped(paid_server: httpx.Client,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """The caps were checked on the estimates routing recorded; a process pricing an engine higher
     (another prices file on a worker) must not hold, and charge, past them."""
     from orchestrator import runner as runner_module
@@ -208,6 +208,31 @@ def test_a_fallback_priced_above_its_routed_estimate_is_skipped(paid_server: htt
         ("fake-paid", "failed"), ("local-hifi", "succeeded")]
     assert kinds(ledger(paid_server, project_id, job["id"])) == [("hold", 10.0, "fake-paid"),
                                                                   ("release", 10.0, "fake-paid")]
+
+
+@pytest.mark.parametrize(("max_credits", "cap"), [(None, None), (25, 25.0)])
+def test_a_fallback_whose_price_rose_within_the_caps_is_tried_at_its_new_price(
+        paid_server: httpx.Client, monkeypatch: pytest.MonkeyPatch, max_credits: int | None,
+        cap: float | None) -> None:
+    """A recorded estimate is not a quote: with no cap (or one it still fits), a fallback whose
+    price rose since routing (20 -> 22) is held at today's price. It was skipped, and the job failed
+    where a fallback was configured to save it."""
+    from orchestrator import runner as runner_module
+
+    real = runner_module.priced
+    monkeypatch.setattr(runner_module, "priced",
+                        lambda engine, req: 22_000 if engine.name == "fake-b" else real(engine, req))
+    project_id, asset_id = draft_asset(paid_server)
+    job = promote(paid_server, asset_id, tags={"fake": "fail"},
+                  **({} if max_credits is None else {"max_credits": max_credits}))
+    assert job["routing"]["max_credits"] == cap
+    done = wait_for_job(paid_server, job["id"])
+    assert [(a["engine"], a["status"]) for a in done["attempts"]] == [
+        ("fake-paid", "failed"), ("fake-b", "succeeded")]
+    assert done["cost"]["estimated"] == done["cost"]["charged"] == 22
+    assert kinds(ledger(paid_server, project_id, job["id"])) == [
+        ("hold", 10.0, "fake-paid"), ("release", 10.0, "fake-paid"), ("hold", 22.0, "fake-b"),
+        ("capture", 22.0, "fake-b")]
 
 
 def test_a_budget_too_small_for_the_first_candidate_routes_to_one_it_can_hold(paid_server: httpx.Client) -> None:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Literal
 
 import pytest
 
 from orchestrator.errors import BadEngineInput, BudgetExceeded, NoPrice, NoRoute
 from orchestrator.health import EngineHealth
-from orchestrator.routing import Decision, NoUsableEngine, Router, fallbacks
+from orchestrator.routing import Decision, NoUsableEngine, Router, fallbacks, priced
 from policies import PolicyStore
 from tiers.base import Capabilities, RenderRequest, RenderResult, Stage
 from tiers.registry import BrokenEngine, EngineRegistry
@@ -567,3 +568,21 @@ def test_budget_used_over_switches_to_local(decide: Decide, budget_used: float |
     if rule == "near-budget":
         assert decision.reason == "soft budget limit"
         assert decision.estimate == 0
+
+
+@pytest.mark.parametrize("estimate", [1000.9999999999999, float("inf"), float("nan"), True, "5"])
+def test_an_estimate_that_is_not_whole_millicredits_is_no_price(estimate: Any) -> None:
+    """A plugin's fraction went into the ledger as a float its sums truncated; an infinity made
+    every later sum of the project fail."""
+    engine = SimpleNamespace(name="odd", estimate=lambda req: estimate)
+    with pytest.raises(NoPrice) as info:
+        priced(engine, RenderRequest(stage="bridge", prompt="x"))  # type: ignore[arg-type]
+    assert "a price is a whole, non-negative number of millicredits" in info.value.message
+
+
+def test_a_numpy_integer_estimate_is_a_price() -> None:
+    import numpy as np
+
+    engine = SimpleNamespace(name="np", estimate=lambda req: np.int64(2500))
+    estimate = priced(engine, RenderRequest(stage="bridge", prompt="x"))  # type: ignore[arg-type]
+    assert estimate == 2500 and type(estimate) is int
