@@ -13,22 +13,34 @@ until it appears, then download the images its output nodes wrote (`SaveImage` a
 nodes are titled `orchestrator output`, only theirs), in the template's node order. Self-hosted, so it costs
 no credits; `leaves_machine` is still True: `ORCH_COMFYUI_URL` may point at any host, and the
 prompt and pixels go there.
+
+Step progress: while a render runs, the engine also listens on the server's websocket
+(`/ws?clientId=`, under the same URL) and reports its sampler's `progress` frames for the prompt
+being followed, with the preview images the server sends after them. That is best effort only: the
+history stays the word on completion, outputs and errors, and a server or proxy that refuses the
+websocket, or drops it, leaves the job polling as it would without it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
+import io
 import json
 import logging
 import re
 import secrets
 import uuid
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeGuard
 
 import httpx
+from PIL import Image
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from orchestrator.errors import BadEngineInput, Canceled, EngineError, EngineTimeout, EngineUnavailable
 from tiers._http import RemoteClient, error_text
@@ -68,6 +80,23 @@ QUEUE_CHECK_POLLS = 5
 # A node given this title in ComfyUI (its `_meta.title` in the API export) makes the results: a
 # workflow that also saves intermediates (a first pass, a mask) says which images are the job's.
 OUTPUT_TITLE = "orchestrator output"
+# The websocket's limits. A frame past WS_MAX_FRAME ends the connection (the job goes on polling):
+# ComfyUI's largest are previews of a few hundred KB, and without a cap a broken or hostile server
+# could make the engine hold gigabytes; at most WS_MAX_QUEUE frames wait to be read.
+WS_MAX_FRAME = 8 * 2**20
+WS_MAX_QUEUE = 4
+# The closing handshake when a render ends: a stalled server must not hold the job's end up.
+WS_CLOSE_TIMEOUT = 1.0
+# A binary frame is a 4-byte event type, then for a preview a 4-byte image format and the image.
+PREVIEW_IMAGE = 1
+PREVIEW_FORMATS = {1: "JPEG", 2: "PNG"}
+# ComfyUI's previews are at most --preview-size (512 by default) on a side; they are decoded on
+# the event loop, so anything much larger is not.
+PREVIEW_MAX_BYTES = 2 * 2**20
+PREVIEW_MAX_PIXELS = 1024 * 1024
+# The most steps an image counts for (ComfyUI's own limit on a sampler's): a larger `max` in a
+# frame is scaled down to it rather than stored as the job's step count.
+MAX_UNIT = 10_000
 
 
 class WorkflowError(Exception):
@@ -160,9 +189,15 @@ class ComfyUIEngine:
         s = ctx.settings
         self._url = s.comfyui_url
         self._workflow = s.comfyui_workflow
-        self._client_id = uuid.uuid4().hex
+        self._connect_timeout = s.remote_connect_timeout
         # Seconds between /history polls; tests set it to 0.
         self.poll_interval = 1.0
+        # Whether renders listen on the server's websocket for step progress; tests whose server
+        # is only respx's turn it off (their made-up host would be looked up in DNS).
+        self.follow_progress = True
+        # A server without a usable websocket is told of once at INFO, then at DEBUG: every job
+        # would say the same.
+        self._told_no_websocket = False
         self.http = client or RemoteClient.for_settings(
             self.name,
             s,
@@ -215,8 +250,21 @@ class ComfyUIEngine:
     async def _render(self, req: RenderRequest, earlier: list[dict[str, Any]], progress: Progress,
                       cancel: CancelToken) -> RenderResult:
         template = self._template()
-        uses_seed = "seed" in placeholders(template)
         cancel.raise_if_cancelled(charged="no")
+        follower = _Follower(_Steps(progress, req.n))
+        # In the background: the websocket must not hold up the upload and the first prompt.
+        listening = (asyncio.create_task(self._listen(websocket_url(self._url, follower.client_id), follower))
+                     if self.follow_progress and self._url else None)
+        try:
+            return await self._render_images(req, template, earlier, follower, progress, cancel)
+        finally:
+            if listening is not None:
+                listening.cancel()
+                await asyncio.gather(listening, return_exceptions=True)
+
+    async def _render_images(self, req: RenderRequest, template: dict[str, Any], earlier: list[dict[str, Any]],
+                             follower: _Follower, progress: Progress, cancel: CancelToken) -> RenderResult:
+        uses_seed = "seed" in placeholders(template)
         deadline = self.http.new_deadline()
         kept = await self._keep(earlier, template, progress, deadline, cancel)
         # The dead attempt's first prompt had the base seed: a request without one keeps it.
@@ -243,12 +291,16 @@ class ComfyUIEngine:
                 if image_name is None:
                     image_name = await self._upload(req, deadline, cancel)
                 graph = substitute(template, self._values(req, image_name, seed))
-                prompt_id, outputs = await self._execute(graph, str(uuid.uuid4()), seed, progress, deadline, cancel)
+                prompt_id = str(uuid.uuid4())
+                follower.follow(prompt_id, image=len(images))
+                prompt_id, outputs = await self._execute(graph, prompt_id, seed, follower, progress, deadline,
+                                                         cancel)
+                follower.follow(None)
             prompt_ids.append(prompt_id)
             for ref in outputs[: req.n - len(images)]:
                 images.append(RenderedImage(await self._download(ref, deadline, cancel),
                                             seed=seed if uses_seed else None))
-            progress.step(len(images), req.n)
+            follower.steps.images(len(images))
         for prompt_id, _ in kept.values():
             log.info("comfyui: prompt %s of an earlier attempt is not needed; its images are left", prompt_id)
         return RenderResult(
@@ -328,8 +380,8 @@ class ComfyUIEngine:
         subfolder = body.get("subfolder")
         return f"{subfolder}/{name}" if isinstance(subfolder, str) and subfolder else name
 
-    async def _execute(self, graph: dict[str, Any], prompt_id: str, seed: int, progress: Progress,
-                       deadline: float, cancel: CancelToken) -> tuple[str, list[dict[str, str]]]:
+    async def _execute(self, graph: dict[str, Any], prompt_id: str, seed: int, follower: _Follower,
+                       progress: Progress, deadline: float, cancel: CancelToken) -> tuple[str, list[dict[str, str]]]:
         """Queue one prompt and wait for it. Returns the prompt's id (the server's, where it
         ignores ours) and its output images."""
         # Before sending: if the process dies mid-request, the id still leads to the work, and the
@@ -337,7 +389,7 @@ class ComfyUIEngine:
         progress.provider_request(prompt_id, {"seed": seed})
         progress.state("submitted", prompt_id=prompt_id)
         try:
-            body = {"prompt": graph, "client_id": self._client_id, "prompt_id": prompt_id}
+            body = {"prompt": graph, "client_id": follower.client_id, "prompt_id": prompt_id}
             response = await cancel.race(
                 self.http.request("POST", "/prompt", deadline=deadline, json=body), charged="no"
             )
@@ -356,6 +408,7 @@ class ComfyUIEngine:
         if isinstance(answered, str) and answered and answered != prompt_id:
             # Servers before client-chosen ids (2025) queue the prompt under one of their own.
             prompt_id = answered
+            follower.rename(prompt_id)
             progress.provider_request(prompt_id, {"seed": seed})
         progress.state("queued", prompt_id=prompt_id)
         entry = await self._follow(prompt_id, deadline, cancel)
@@ -365,6 +418,32 @@ class ComfyUIEngine:
                               "nothing of it will come back", details={"engine": self.name, "prompt_id": prompt_id},
                               retryable=True, charged="no")
         return prompt_id, self._outputs(entry, prompt_id, graph)
+
+    async def _listen(self, url: str, follower: _Follower) -> None:
+        """Hand the websocket's frames to `follower` until the render ends (this task is then
+        cancelled, which closes the socket). Any failure to connect, or a drop, is logged once and
+        ends only the listening: there is no reconnecting, as polling carries the job anyway."""
+        try:
+            async with _Connect(url, open_timeout=self._connect_timeout, close_timeout=WS_CLOSE_TIMEOUT,
+                                max_size=WS_MAX_FRAME, max_queue=WS_MAX_QUEUE,
+                                # Previews are compressed already, and a small message inflated is a
+                                # larger one to hold.
+                                compression=None) as socket:
+                try:
+                    async for message in socket:
+                        if isinstance(message, str):
+                            follower.text(message)
+                        else:
+                            follower.binary(message)
+                finally:
+                    # Also when the render ends (this task is cancelled): left to the context
+                    # manager, that close would tell the server 1011, an error on our side.
+                    await socket.close()
+        except Exception as exc:  # whatever it was, the job must not notice
+            level = logging.DEBUG if self._told_no_websocket else logging.INFO
+            self._told_no_websocket = True
+            log.log(level, "comfyui: no step progress from the server's websocket (%s); jobs follow "
+                    "/history only", _why(exc))
 
     async def _follow(self, prompt_id: str, deadline: float, cancel: CancelToken) -> dict[str, Any] | None:
         """The prompt's history entry once it has one; None if the server no longer has it. On
@@ -576,6 +655,142 @@ class ComfyUIEngine:
 
     async def aclose(self) -> None:
         await self.http.aclose()
+
+
+def websocket_url(base: str, client_id: str) -> str:
+    """ComfyUI's websocket under `base` (ORCH_COMFYUI_URL): the same host, port, base path and
+    credentials (httpx sends those too), ws:// for http:// and wss:// for https://."""
+    url = httpx.URL(base)
+    return str(url.copy_with(scheme="wss" if url.scheme == "https" else "ws", path=url.path.rstrip("/") + "/ws",
+                             params={"clientId": client_id}, fragment=None))
+
+
+class _Connect(connect):
+    """websockets' `connect` without redirects (it follows them by default, to other hosts too):
+    the socket goes to the configured host or nowhere."""
+
+    def process_redirect(self, exc: Exception) -> Exception | str:
+        return exc
+
+
+def _why(exc: Exception) -> str:
+    """A failed websocket told without its URL, which may hold credentials."""
+    if isinstance(exc, InvalidStatus):
+        return f"HTTP {exc.response.status_code}"
+    if isinstance(exc, TimeoutError):
+        return "no answer within ORCH_REMOTE_CONNECT_TIMEOUT"
+    if isinstance(exc, (OSError, ConnectionClosed)):
+        return str(exc) or type(exc).__name__
+    return type(exc).__name__
+
+
+class _Steps:
+    """A job's progress on one scale that only moves forward: n images of `unit` steps each.
+
+    The unit is 1 (images made of n: all that polling can tell) until the server reports a
+    sampler's steps; the first such frame makes it that sampler's step count, and later counts are
+    scaled to it. A workflow's next sampler (a refiner, a hires pass) starts again from 0: its steps
+    show only where they pass those already told. An image's last step is told when the image is
+    downloaded, not when its sampler ends."""
+
+    def __init__(self, progress: Progress, n: int) -> None:
+        self._progress = progress
+        self._n = max(n, 1)
+        self._unit: int | None = None
+        self._figure = 0
+
+    def _total(self) -> int:
+        return self._n * (self._unit or 1)
+
+    def images(self, made: int) -> None:
+        self._figure = made * (self._unit or 1)
+        self._progress.step(self._figure, self._total())
+
+    def sampled(self, image: int, value: int, maximum: int) -> bool:
+        """Image `image` (0-based) is at step `value` of `maximum`; whether that was told (it moved
+        the figure forward)."""
+        if self._unit is None:
+            self._unit = min(maximum, MAX_UNIT)
+            self._figure *= self._unit
+        unit = self._unit
+        figure = min(max(image, 0), self._n - 1) * unit + min(value * unit // maximum, unit - 1)
+        if figure <= self._figure:
+            return False
+        self._figure = figure
+        self._progress.step(figure, self._total())
+        return True
+
+    def preview(self, image: Image.Image) -> None:
+        self._progress.step(self._figure, self._total(), preview=image)
+
+
+class _Follower:
+    """What a render's websocket listens for: the progress frames of the prompt it follows (none
+    between prompts), and the preview sent after each step told."""
+
+    def __init__(self, steps: _Steps) -> None:
+        # A client id per render: ComfyUI sends a client's messages to the websocket opened last
+        # with its id, so jobs sharing one would take each other's.
+        self.client_id = uuid.uuid4().hex
+        self.steps = steps
+        self._prompt_id: str | None = None
+        self._image = 0
+        self._preview_due = False
+
+    def follow(self, prompt_id: str | None, *, image: int = 0) -> None:
+        """Count the frames of `prompt_id`, which makes image `image` (0-based) of the job."""
+        self._prompt_id, self._image, self._preview_due = prompt_id, image, False
+
+    def rename(self, prompt_id: str) -> None:
+        """The server queued the prompt under an id of its own."""
+        self._prompt_id = prompt_id
+
+    def text(self, message: str) -> None:
+        try:
+            frame = json.loads(message)
+        except (ValueError, RecursionError):
+            return
+        data = frame.get("data") if isinstance(frame, dict) and frame.get("type") == "progress" else None
+        if not isinstance(data, dict) or self._prompt_id is None or data.get("prompt_id") != self._prompt_id:
+            return
+        value, maximum = data.get("value"), data.get("max")
+        if _count(value) and _count(maximum) and 0 <= value <= maximum and maximum > 0:
+            self._preview_due = self.steps.sampled(self._image, value, maximum)
+
+    def binary(self, message: bytes) -> None:
+        # ComfyUI sends a step's preview right after its progress frame: one preview per step told,
+        # and none for a prompt not followed (it names no prompt).
+        if not self._preview_due:
+            return
+        self._preview_due = False
+        image = _preview(message)
+        if image is not None:
+            self.steps.preview(image)
+
+
+def _count(value: Any) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _preview(frame: bytes) -> Image.Image | None:
+    """The image of a preview frame; None for any other frame, and for an image past the limits."""
+    if not 8 < len(frame) <= 8 + PREVIEW_MAX_BYTES or int.from_bytes(frame[:4], "big") != PREVIEW_IMAGE:
+        return None
+    fmt = PREVIEW_FORMATS.get(int.from_bytes(frame[4:8], "big"))
+    if fmt is None:
+        return None
+    data = frame[8:]
+    try:
+        # The header first: a small file can declare more pixels than are worth decoding.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data), formats=(fmt,)) as header:
+                width, height = header.size
+        if width * height > PREVIEW_MAX_PIXELS:
+            return None
+        return decode_image(data, "comfyui")
+    except Exception:  # the server's bytes: Pillow's readers raise more kinds than OSError
+        return None
 
 
 def _seed(handle: Mapping[str, Any]) -> int | None:

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import uuid
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,9 @@ def engine(make_ctx: Any, sleep: Any, tmp_path: Path) -> ComfyUIEngine:
     eng = ComfyUIEngine(make_ctx(comfyui_url=BASE, comfyui_workflow=write_workflow(tmp_path)))
     eng.http.sleep = sleep
     eng.poll_interval = 0
+    # respx answers for a made-up host, which a websocket would look up in DNS: the websocket's
+    # tests (test_comfyui_progress.py) run a real server on loopback.
+    eng.follow_progress = False
     return eng
 
 
@@ -67,10 +71,10 @@ def history(prompt_id: str, images: list[dict[str, str]] | None = None, status: 
 
 
 def mock_server(upload: Any = None, prompt: Any = None, *, own_ids: bool = False,
-                running: bool = True) -> dict[str, respx.Route]:
-    """A ComfyUI that answers /history with nothing once, then with the queued prompt's outputs.
-    `own_ids`: a server older than client-chosen prompt ids, which queues under an id of its own.
-    `running`: whether `GET /queue` shows the queued prompt running (else another one is)."""
+                running: bool = True, base: str = BASE) -> dict[str, respx.Route]:
+    """A ComfyUI at `base` that answers /history with nothing once, then with the queued prompt's
+    outputs. `own_ids`: a server older than client-chosen prompt ids, which queues under an id of
+    its own. `running`: whether `GET /queue` shows the queued prompt running (else another one is)."""
     queued: dict[str, str] = {}
 
     def on_prompt(request: httpx.Request) -> httpx.Response:
@@ -91,15 +95,15 @@ def mock_server(upload: Any = None, prompt: Any = None, *, own_ids: bool = False
         return httpx.Response(200, json={"queue_running": [[0, current, {}, {}, ["9"]]], "queue_pending": []})
 
     return {
-        "upload": respx.post(f"{BASE}/upload/image").mock(
+        "upload": respx.post(f"{base}/upload/image").mock(
             side_effect=upload, return_value=httpx.Response(200, json={"name": "orch-draft.png", "subfolder": "",
                                                                       "type": "input"})),
-        "prompt": respx.post(f"{BASE}/prompt").mock(side_effect=prompt or on_prompt),
-        "history": respx.get(url__regex=rf"{BASE}/history/.+").mock(side_effect=on_history),
-        "view": respx.get(f"{BASE}/view").mock(return_value=httpx.Response(200, content=png_bytes((1, 2, 3)))),
-        "queue": respx.post(f"{BASE}/queue").mock(return_value=httpx.Response(200, json={})),
-        "queue_state": respx.get(f"{BASE}/queue").mock(side_effect=on_queue),
-        "interrupt": respx.post(f"{BASE}/interrupt").mock(return_value=httpx.Response(200)),
+        "prompt": respx.post(f"{base}/prompt").mock(side_effect=prompt or on_prompt),
+        "history": respx.get(url__regex=rf"{re.escape(base)}/history/.+").mock(side_effect=on_history),
+        "view": respx.get(f"{base}/view").mock(return_value=httpx.Response(200, content=png_bytes((1, 2, 3)))),
+        "queue": respx.post(f"{base}/queue").mock(return_value=httpx.Response(200, json={})),
+        "queue_state": respx.get(f"{base}/queue").mock(side_effect=on_queue),
+        "interrupt": respx.post(f"{base}/interrupt").mock(return_value=httpx.Response(200)),
     }
 
 
@@ -276,6 +280,7 @@ def two_saves(make_ctx: Any, tmp_path: Path, title: str | None,
         graph["9"] = {**graph["9"], "_meta": {"title": title}}
     eng = ComfyUIEngine(make_ctx(comfyui_url=BASE, comfyui_workflow=write_workflow(tmp_path, graph)))
     eng.poll_interval = 0
+    eng.follow_progress = False
     routes = mock_server()
 
     def on_history(request: httpx.Request) -> httpx.Response:
@@ -369,6 +374,7 @@ async def test_variations_need_a_seed_placeholder(make_ctx: Any, tmp_path: Path)
     graph["3"]["inputs"]["seed"] = 42
     eng = ComfyUIEngine(make_ctx(comfyui_url=BASE, comfyui_workflow=write_workflow(tmp_path, graph)))
     eng.poll_interval = 0
+    eng.follow_progress = False
     routes = mock_server()
     with pytest.raises(BadEngineInput, match=r"made 1 of 2 images and has no \{\{seed\}\}"):
         await eng.run(bridge(n=2), NullProgress(), CancelToken())
