@@ -31,7 +31,7 @@ from sqlalchemy.exc import DatabaseError
 from sqlalchemy.orm import aliased
 from sqlmodel import Session, col, select
 
-from orchestrator.db import postgres_connect_args
+from orchestrator.db import postgres_connect_args, sqlite_file
 from orchestrator.errors import NotFound
 from orchestrator.events import TERMINAL
 from orchestrator.models import Asset, Job, LedgerEntry
@@ -110,7 +110,7 @@ def read_only_engine(url: str) -> Engine:
     beside a running service (whose captures would otherwise land between two reads)."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
-        path = Path(parsed.database or "")
+        path = sqlite_file(url) or Path(parsed.database or "")  # a `file:` URI names its file after the scheme
         if not path.is_file():  # connecting would make an empty one
             raise CannotCheck(f"no database at {path} (is ORCH_DATA_DIR or ORCH_DATABASE_URL right?)")
         options = "mode=ro"

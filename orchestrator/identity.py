@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import secrets
 from pathlib import Path
+from typing import Literal
 
 from sqlmodel import Session, col, select
 
 from orchestrator.db import Database
 from orchestrator.models import Asset, StoreIdentity
-from orchestrator.store import ArtifactStore
+from orchestrator.store import SHA_RE, ArtifactStore
 
 MARKER = ".store-id"
 # How many of a database's newest assets are looked for when it is bound to a data dir for the
@@ -35,10 +36,13 @@ def bind(db: Database, store: ArtifactStore) -> str:
     must not stall every process's writes); only a first binding takes it, so that two processes
     starting together on a new install bind once."""
     marker = store.root / MARKER
-    found = read_marker(marker)
     with db.session() as s:
-        wrong = mismatch(s, store, found)
+        # The row before the marker: a binding writes its marker before it commits its row, so a
+        # row seen here has its marker on disk. The other way round, a process binding between
+        # the two looks made this one refuse the store as having no marker.
         row = s.get(StoreIdentity, 1)
+        found = read_marker(marker)
+        wrong = mismatch(s, store, found, row=row)
     if wrong is not None:
         raise WrongStore(wrong)
     if row is not None:
@@ -57,23 +61,26 @@ def bind(db: Database, store: ArtifactStore) -> str:
     return store_id
 
 
-def mismatch(s: Session, store: ArtifactStore, found: str | None) -> str | None:
-    """Why the store (whose marker holds `found`) is not this database's, or None."""
-    row = s.get(StoreIdentity, 1)
+def mismatch(s: Session, store: ArtifactStore, found: str | None, *,
+             row: StoreIdentity | Literal["read"] | None = "read") -> str | None:
+    """Why the store (whose marker holds `found`) is not this database's, or None. `row`: the
+    database's binding as read before the marker, where the caller read it."""
+    bound = s.get(StoreIdentity, 1) if isinstance(row, str) else row
     where, marker = store.root, store.root / MARKER
-    if row is not None:
-        if found == row.store_id:
+    if bound is not None:
+        if found == bound.store_id:
             return None
         if found is None:
             return (f"{where} is not where this database's images are: it has no {MARKER}, and the database's "
-                    f"store is {row.store_id}. Point ORCH_DATA_DIR at the data dir the other processes use (a "
+                    f"store is {bound.store_id}. Point ORCH_DATA_DIR at the data dir the other processes use (a "
                     f"shared folder not mounted?); to move a store, copy its whole assets folder, {MARKER} "
-                    f"included (if this folder does hold the images, write {row.store_id} into {marker})")
+                    f"included (if this folder does hold the images, write {bound.store_id} into {marker})")
         return (f"{where} is another database's store ({found}); this database's images are in store "
-                f"{row.store_id}. Point ORCH_DATA_DIR and ORCH_DATABASE_URL at one install")
+                f"{bound.store_id}. Point ORCH_DATA_DIR and ORCH_DATABASE_URL at one install")
     # Not bound yet (a new install, or one from before stores had ids): the folder is taken if it
     # holds the database's latest images, or if neither has any.
-    recent = s.exec(select(col(Asset.sha256)).order_by(col(Asset.id).desc()).limit(RECENT_ASSETS)).all()
+    recent = [sha for sha in s.exec(select(col(Asset.sha256)).order_by(col(Asset.id).desc()).limit(RECENT_ASSETS))
+              if SHA_RE.fullmatch(sha)]  # a malformed one (a hand-edited row) is `check`'s to name
     if recent:
         if any(store.path_for(sha).is_file() for sha in recent):
             return None

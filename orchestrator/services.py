@@ -111,7 +111,7 @@ def startup_problems(settings: Settings, *, service: bool = True) -> list[str]:
                         "the service (and spend the budgets): set ORCH_ADMIN_KEY, or list the dashboards' origins")
     # `migrate` on a database of its own (PostgreSQL, a SQLite file elsewhere) writes nothing there.
     if service or not settings.database_url:
-        problems.extend(_data_dir_problems(settings))
+        problems.extend(_data_dir_problems(settings, assets=service))
     if service:
         try:
             load_price_overrides(settings)
@@ -128,7 +128,7 @@ def startup_problems(settings: Settings, *, service: bool = True) -> list[str]:
     return problems
 
 
-def _data_dir_problems(settings: Settings) -> list[str]:
+def _data_dir_problems(settings: Settings, *, assets: bool) -> list[str]:
     try:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=settings.data_dir) as probe:
@@ -138,6 +138,27 @@ def _data_dir_problems(settings: Settings) -> list[str]:
             probe.flush()
     except OSError as exc:
         return [f"ORCH_DATA_DIR: cannot write in {settings.data_dir} ({exc.strerror or exc})"]
+    if not assets:  # migrate stores no images
+        return []
+    # The images' folder too, the way they are stored (a file renamed into place): one restored
+    # under another owner, or a read-only mount, let the service start, and every job make its
+    # images, paid for, and then fail to keep them.
+    folder = settings.assets_dir
+    left: Path | None = None
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=folder, prefix=".probe-")
+        left = Path(name)
+        with os.fdopen(fd, "wb") as file:
+            file.write(b"probe")
+        os.replace(left, left.with_name(left.name + "-renamed"))
+        left = left.with_name(left.name + "-renamed")
+    except OSError as exc:
+        return [f"ORCH_DATA_DIR: cannot write in {folder} ({exc.strerror or exc})"]
+    finally:
+        if left is not None:
+            with contextlib.suppress(OSError):
+                left.unlink()
     return []
 
 

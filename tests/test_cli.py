@@ -666,6 +666,8 @@ def test_a_database_that_takes_no_writes_is_one_line_before_the_service_starts(
     assert err.startswith("orchestrator: cannot use the database: ") and "readonly" in err, err
     assert err.count("\n") == 1
     assert list((tmp_path / "cwd").iterdir()) == []  # the URI's `file:` is no folder to make here
+    # `check` reads it too (it looked for a file named `file:/...` and found no database).
+    assert main(["check"]) == 0, capsys.readouterr().err
 
 
 def test_migrate_on_a_database_of_its_own_leaves_the_data_dir_alone(
@@ -675,3 +677,25 @@ def test_migrate_on_a_database_of_its_own_leaves_the_data_dir_alone(
     (tmp_path / "a-file").write_text("not a folder")
     monkeypatch.setenv("ORCH_DATABASE_URL", f"sqlite:///{tmp_path / 'db' / 'orchestrator.db'}")
     assert main(["migrate"]) == 0
+
+
+def test_an_assets_folder_that_cannot_be_written_is_named_before_the_service_starts(
+        make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read-only assets folder (a mount, a restore under another owner): the service started, and
+    every job's images were made, paid for, and lost ("made but could not be stored")."""
+    import os
+
+    settings = make_settings()
+    real = os.replace
+
+    def read_only_assets(src: Any, dst: Any) -> None:
+        if Path(dst).parent == settings.assets_dir:
+            raise OSError(errno.EROFS, "Read-only file system")
+        real(src, dst)
+
+    monkeypatch.setattr("orchestrator.services.os.replace", read_only_assets)
+    assert startup_problems(settings) == [
+        f"ORCH_DATA_DIR: cannot write in {settings.assets_dir} (Read-only file system)"]
+    assert [p.name for p in settings.assets_dir.iterdir()] == []  # the probe is not left behind
+    monkeypatch.setattr("orchestrator.services.os.replace", real)
+    assert startup_problems(settings) == []

@@ -140,3 +140,38 @@ def test_a_database_newer_than_this_version_is_one_line_not_a_traceback(
     err = capsys.readouterr().err
     assert err.startswith("orchestrator: cannot migrate the database: ") and "newer orchestrator" in err
     assert "Traceback" not in err
+
+
+def test_a_process_binding_meanwhile_is_not_taken_for_another_store(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two processes starting together on a new install: B looked for the marker (none yet), A
+    bound (marker, then row), B then saw the row and refused its own store as having no marker."""
+    from orchestrator import identity
+
+    db_a, db_b = database(tmp_path), Database(f"sqlite:///{tmp_path / 'shared.db'}")
+    store = ArtifactStore(tmp_path / "assets")
+    real = identity.read_marker
+    bound: list[str] = []
+
+    def a_binds_meanwhile(marker: Path) -> str | None:
+        found = real(marker)
+        if not bound:
+            monkeypatch.setattr(identity, "read_marker", real)
+            bound.append(bind(db_a, ArtifactStore(tmp_path / "assets")))
+        return found
+
+    monkeypatch.setattr(identity, "read_marker", a_binds_meanwhile)
+    assert bind(db_b, store) == bound[0]
+    db_a.dispose()
+    db_b.dispose()
+
+
+def test_a_malformed_sha_does_not_stop_the_first_binding(tmp_path: Path) -> None:
+    """A hand-edited row's sha raised NotFound out of `serve` and `check` (a traceback)."""
+    db = database(tmp_path)
+    add_asset(db, "not-a-sha256")
+    store = ArtifactStore(tmp_path / "assets")
+    assert (store.root / MARKER).exists() is False
+    store_id = bind(db, store)
+    assert (store.root / MARKER).read_text().strip() == store_id
+    db.dispose()
