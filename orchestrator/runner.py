@@ -12,7 +12,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import json
 import logging
+import math
+import operator
 import os
 import threading
 import time
@@ -92,6 +95,31 @@ class Claim:
         return (self.job.unsent_attempt == self.attempt and not self.sending and not self.accepted)
 
 
+# Preview modes a PNG holds as they are; others are converted before they are kept.
+PREVIEW_MODES = frozenset({"RGB", "RGBA", "L", "LA"})
+
+
+def _whole(value: object) -> int | None:
+    """A step count as an int: an integer of any kind, or a finite float cut to one."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        pass
+    return int(value) if isinstance(value, float) and math.isfinite(value) else None
+
+
+def plain(details: dict[str, Any]) -> dict[str, Any]:
+    """`details` as JSON can carry them: an event's data is encoded for every stream that sends
+    it, and a value that cannot be (a datetime, a numpy number) broke each of them for good."""
+    try:
+        loaded = json.loads(json.dumps(details, default=str, allow_nan=False))
+    except (TypeError, ValueError, RecursionError):
+        return {key: str(value)[:500] for key, value in details.items()}
+    return loaded if isinstance(loaded, dict) else {}
+
+
 class JobProgress:
     """Engine progress -> events (every step), and the job row and preview file (throttled).
     Thread-safe. Local engines report from their inference thread, which makes the throttled
@@ -122,6 +150,17 @@ class JobProgress:
             # kept or written now would outlive it.
             return
         job_id = self.claim.job.id
+        # What reaches the row and every stream, from whatever engine (a plugin's 37.5 of 100, a
+        # numpy integer, SQLite kept as a float or a blob the job could no longer be read with).
+        counted = _whole(step), _whole(total)
+        if counted[0] is None or counted[1] is None or counted[1] < 0:
+            log.debug("job %s: progress %r of %r is not a step count; not told", job_id, step, total)
+            return
+        total = counted[1]
+        step = min(max(counted[0], 0), total) if total else 0
+        if preview is not None and (not isinstance(preview, Image.Image) or preview.mode not in PREVIEW_MODES):
+            # A mode PNG cannot hold (CMYK) failed the preview's every read.
+            preview = preview.convert("RGB") if isinstance(preview, Image.Image) else None
         data: dict[str, Any] = {"step": step, "total": total, "fraction": round(step / total, 4) if total else 0}
         if preview is not None:
             self.runner.previews[job_id] = preview
@@ -171,11 +210,11 @@ class JobProgress:
 
     def state(self, state: str, **details: Any) -> None:
         if not self.claim.cancel.cancelled:  # as `step`: an abandoned inference thread may still tell
-            self.runner.bus.publish(self.claim.job.id, "state", {"state": state, **details})
+            self.runner.bus.publish(self.claim.job.id, "state", plain({"state": str(state), **details}))
 
     def provider_request(self, request_id: str, handle: Mapping[str, Any] | None = None) -> None:
         with self._lock:
-            self._handles.append({**(handle or {}), "id": request_id})
+            self._handles.append(plain({**(handle or {}), "id": str(request_id)}))
             # Each save holds every handle so far: the latest one is all that needs writing.
             self.claim.accepted = self._unsaved = {"engine": self.claim.job.engine, "handles": list(self._handles)}
             if self._saving:
@@ -416,8 +455,10 @@ class JobRunner:
                 continue
             # Priced now, not as routed (a price may have changed since, or another process reads
             # another prices file): the caps, the request's max_credits and the rule's, still hold.
-            limit = (to_millicredits(cap) if isinstance(cap, int | float) else None) if recorded is None \
-                else recorded.get(name)
+            if recorded is not None:
+                limit = recorded.get(name)
+            else:
+                limit = to_millicredits(cap) if isinstance(cap, int | float) else None
             if limit is not None and estimate > limit:
                 log.warning("job %s: fallback %s skipped: its estimate (%s credits) is above the %s credits "
                             "the job may hold", job.id, name, to_credits(estimate), to_credits(limit))

@@ -99,6 +99,16 @@ class FakePaidEngine:
             await cancel.race(asyncio.sleep(3600))
         if behaviour == "slow" or req.tags.get("then") == "slow":  # `then`: after a wait-before-send
             await cancel.sleep(float(req.tags.get("seconds", "1")))
+        if behaviour == "odd-progress":  # a plugin's values of other types than the protocol's
+            import datetime
+
+            import numpy as np
+
+            progress.step(2.5, 4)  # type: ignore[arg-type]
+            progress.step(np.int64(3), np.int64(4), Image.new("CMYK", (8, 8)))
+            progress.step("three", 4)  # type: ignore[arg-type]
+            progress.state("polling", since=datetime.datetime(2026, 11, 30), ratio=float("nan"))
+            progress.provider_request(f"fake-{self.calls}-odd", {"at": datetime.date(2026, 11, 30)})
         if behaviour == "timeout":
             raise EngineTimeout("fake engine: sent, no answer")
         if behaviour == "filtered":

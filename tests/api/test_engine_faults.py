@@ -321,3 +321,37 @@ def test_idempotency_keys_expire_by_age_whatever_they_made(build: Build) -> None
     # Once they too are older than the TTL, they go; the unfinished job's key still waits for it.
     assert idempotency.forget_expired(services.db, now=now + idempotency.TTL) == 2
     assert keys() == ["old-unfinished-job"]
+
+
+# -- progress of other types than the protocol's ------------------------------------------------
+
+
+def test_progress_of_odd_types_is_told_as_json_and_plain_integers(build: Build,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plugin's step of 2.5 (or a numpy integer) went into the job row as a float (or a blob)
+    that the job could no longer be read with (422, 500 for every listing holding it); a state
+    detail JSON cannot carry (a datetime) broke every stream of the job, reconnects included; a
+    CMYK preview failed its every read."""
+    import json
+
+    from orchestrator.runner import JobRunner
+
+    written: list[tuple[int, int]] = []
+    previews: list[str] = []
+    monkeypatch.setattr(JobRunner, "write_progress", lambda self, claim, step, total: written.append((step, total)))
+    monkeypatch.setattr(JobRunner, "write_preview", lambda self, job_id, image: previews.append(image.mode))
+    monkeypatch.setattr("orchestrator.runner.PROGRESS_WRITE_INTERVAL", 0.0)
+    services = build("fake-paid=tests.fakes:factory")
+    job_id = queue_job(services, "fake-paid", estimated=HOLD, params={**BRIDGE, "tags": {"fake": "odd-progress"}})
+    job = claim_and_run(services, job_id)
+    assert job.status == "succeeded", job.error
+    events = services.bus._jobs[job_id].snapshot()
+    for event in events:
+        json.loads(event.sse().split("data: ", 1)[1])  # every event can be sent
+    steps = [(e.data["step"], e.data["total"]) for e in services.bus._jobs[job_id].history if e.type == "progress"]
+    assert all(type(step) is int and type(total) is int for step, total in steps), steps
+    assert written and all(type(step) is int and type(total) is int for step, total in written), written
+    assert previews == ["RGB"]
+    with services.db.session() as s:
+        handles = s.get(Job, job_id).provider_work["handles"]  # type: ignore[union-attr,index]
+    assert {"at": "2026-11-30", "id": "fake-1-odd"} in handles
