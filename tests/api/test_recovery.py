@@ -39,7 +39,7 @@ def test_killed_server_requeues_local_job_and_finishes_it(make_settings: Setting
     with serve_process(settings, tmp_path, "first.log") as (proc, base), httpx.Client(base_url=base,
                                                                                       timeout=30) as client:
         project = create_project(client)["id"]
-        job = submit_draft(client, project, n=2, width=128, height=128, steps=60, seed=99)
+        job = submit_draft(client, project, n=2, width=128, height=128, steps=30, seed=99)
         with client.stream("GET", f"/v1/jobs/{job['id']}/events", timeout=60) as response:
             for event in iter_sse(response):
                 assert event.event not in TERMINAL, "the job ended before the server could be killed"
