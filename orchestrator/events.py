@@ -198,8 +198,12 @@ class EventBus:
         # Another job's end (a client reusing its header) or a made-up id gets the state, terminal
         # event included.
         ref = split_id(last_event_id)
-        if ref.mark:
-            return ref.end and ref.mark == job_mark(job_id)
+        if ref.mark and ref.mark != job_mark(job_id):
+            return False
+        if ref.mark and ref.end:
+            return True
+        # This process's number of the terminal event, its `-end` dropped (a rewritten header): the
+        # stream after it is empty, and a 200 would have a browser reconnect forever.
         return ref.tag == self.tag and bool(stream.history) and ref.number == str(stream.history[-1].id)
 
     def foreign_end(self, job_id: str, last_event_id: str | None) -> bool:

@@ -362,3 +362,15 @@ def test_a_slow_reader_gets_the_latest_step_not_a_backlog_of_every_step() -> Non
                                    ("progress", {"step": 500, "total": 1000}),
                                    ("asset", {"asset_id": "ast_a", "index": 0}),
                                    ("progress", {"step": 1000, "total": 1000}), ("succeeded", {})]
+
+
+def test_the_terminal_event_s_number_without_its_end_mark_is_the_end() -> None:
+    # A proxy or client rewriting the id without "-end" got an empty 200, and an EventSource
+    # reconnected for ever.
+    bus = EventBus()
+    bus.publish("job_x", "queued", {})
+    bus.publish("job_x", "succeeded", {})
+    body, _, mark = sent_id(bus, "job_x", -1).partition(".")
+    assert bus.ended_before("job_x", f"{body.removesuffix('-end')}.{mark}")
+    assert not bus.ended_before("job_x", f"{body.removesuffix('-end')}.{job_mark('job_y')}")
+    assert not bus.ended_before("job_x", sent_id(bus, "job_x", 0))
