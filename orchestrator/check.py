@@ -55,6 +55,9 @@ class StoreReport:
     damaged: list[str] = field(default_factory=list)  # bytes that do not hash to the row's sha256
     unreadable: list[str] = field(default_factory=list)  # the file is there, reading it failed
     malformed: list[str] = field(default_factory=list)  # the row's sha256 is not one
+    # Renamed aside by a sweep that stopped mid-way (`.gc-<sha>-*.png`): the next sweep, at a
+    # service's start or while it runs, puts the file back. Not lost, and no backup needed.
+    set_aside: list[str] = field(default_factory=list)
     unnamed: int = 0  # files in the store no asset names
     files: int = 0  # files in the store
     hashed: bool = True
@@ -189,7 +192,7 @@ def check_store(engine: Engine, store: ArtifactStore, *, hashes: bool = True) ->
                 verdicts[sha] = _verdict(store, sha, hashes)
                 # Files found and read: a missing one was looked for, not read ("41 files read",
                 # then "41 assets missing", on a data dir that is not the database's).
-                report.reads += verdicts[sha] != "missing"
+                report.reads += verdicts[sha] not in ("missing", "set_aside")
             verdict = verdicts[sha]
             if verdict is not None:
                 getattr(report, verdict).append(asset_id)
@@ -306,7 +309,7 @@ def _verdict(store: ArtifactStore, sha: str, hashes: bool) -> str | None:
         return "malformed"
     try:
         if not path.is_file():
-            return "missing"
+            return "set_aside" if any(path.parent.glob(f".gc-{sha}-*.png")) else "missing"
         if hashes and _sha256(path) != sha:
             return "damaged"
     except OSError:  # a disk error, a permission: this file, not the whole check

@@ -415,6 +415,9 @@ def _check(*, no_hash: bool) -> int:
                       (report.malformed, "with a malformed sha256 in their row")):
         if ids:
             print(f"{len(ids)} assets {what}: {_shown(ids)}")
+    if report.set_aside:
+        print(f"{len(report.set_aside)} assets' files were set aside by a sweep that stopped mid-way (the "
+              f"service's next sweep, at its start or within the hour, puts them back): {_shown(report.set_aside)}")
     if report.foreign:
         print(f"{report.unnamed} of the {report.files} files in the store are named by no asset in this database")
     elif report.unnamed:

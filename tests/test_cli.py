@@ -194,6 +194,22 @@ def test_check_names_the_assets_whose_files_are_missing_or_damaged(
     assert f"1 assets missing: {assets[0]}\n" in out and "damaged" not in out
 
 
+def test_check_tells_a_file_set_aside_by_an_interrupted_sweep_from_a_missing_one(
+        make_settings: SettingsFactory, start_server: Callable[[Settings], httpx.Client],
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A sweep that stopped between renaming a named file aside and putting it back: check said
+    "missing, restore from a backup" of a file that is there, which the next start restores."""
+    settings, client, assets = drafted(make_settings, start_server, monkeypatch, n=1)
+    sha = client.get(f"/v1/assets/{assets[0]}").json()["sha256"]
+    home = ArtifactStore(settings.assets_dir).path_for(sha)
+    home.rename(home.with_name(f".gc-{sha}-0badc0de.png"))
+    capsys.readouterr()
+    assert main(["check"]) == 0
+    out = capsys.readouterr().out
+    assert "1 assets' files were set aside by a sweep that stopped mid-way" in out and assets[0] in out
+    assert "missing" not in out and out.endswith("ok\n")
+
+
 def test_check_refuses_a_database_that_names_none_of_the_store_s_files(
         make_settings: SettingsFactory, start_server: Callable[[Settings], httpx.Client],
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
