@@ -49,8 +49,13 @@ MIN_ATTEMPT_SECONDS = 1.0
 # PNG, base64 in JSON, is some 70 MB. Without a cap, half a megabyte of gzip that inflates to
 # gigabytes is read whole into memory.
 MAX_ANSWER_BYTES = 256 * 2**20
-# The content-codings asked for, and the only ones read (see `_Inflater`).
+# The content-codings asked for, and the only ones read (see `_Inflater`); answers in the others
+# are refused (other tokens, `utf-8` or `binary` as some servers send, are no compression).
 ACCEPT_ENCODING = "gzip, deflate"
+DECODED = frozenset({"identity", "gzip", "x-gzip", "deflate"})
+REFUSED_CODINGS = frozenset({"br", "zstd", "compress", "x-compress", "pack200-gzip", "exi", "aes128gcm"})
+# Bytes of a "deflate" answer kept to be read again raw (see `_Inflater`).
+RAW_DEFLATE_PROBE = 64 * 1024
 # How long a host named by an answer (an output URL) may take to resolve before it is checked.
 RESOLVE_SECONDS = 5.0
 
@@ -196,48 +201,67 @@ class _Inflater:
         self.request = request
         self.limit = limit
         self.size = 0
-        self._obj: Any
-        # HTTP's "deflate" is zlib-wrapped, but some servers send it raw: told by the first bytes.
-        self._raw_deflate_possible = coding == "deflate"
-        if coding in ("", "identity"):
-            self._obj = None
-        elif coding in ("gzip", "x-gzip"):
-            self._obj = zlib.decompressobj(16 + zlib.MAX_WBITS)
-        elif coding == "deflate":
-            self._obj = zlib.decompressobj(zlib.MAX_WBITS)
-        else:
-            raise _Unreadable(f"it is in content-coding {coding!r}, which was not asked for")
+        self._gzip = coding in ("gzip", "x-gzip")
+        self._obj: Any = None if coding == "identity" else self._decoder()
+        # HTTP's "deflate" is zlib-wrapped, but some servers send it raw: the input is kept until
+        # the first byte comes out, to be read again raw if the zlib header proves wrong.
+        self._held: bytearray | None = bytearray() if coding == "deflate" else None
+        self._member_out = False  # the current gzip member (or deflate stream) has given bytes
+        self._members_done = 0  # gzip members read to their end before the current one
+        self._garbage = False  # what follows the last whole member is no member: ignored
+        self._fed = False
+
+    def _decoder(self, *, raw: bool = False) -> Any:
+        return zlib.decompressobj(16 + zlib.MAX_WBITS if self._gzip else -zlib.MAX_WBITS if raw else zlib.MAX_WBITS)
 
     @classmethod
     def for_answer(cls, response: httpx.Response, limit: int) -> _Inflater:
         codings = [c.strip().lower() for value in response.headers.get_list("content-encoding")
                    for c in value.split(",")]
-        codings = [c for c in codings if c and c != "identity"]
+        # Tokens that name no compression (`identity`, and the `utf-8` or `binary` some servers
+        # send) are read as they are, as httpx did; a compression not decoded here is refused.
+        codings = [c for c in codings if c != "identity" and (c in DECODED or c in REFUSED_CODINGS)]
         if len(codings) > 1:
             raise _Unreadable(f"it is in stacked content-codings ({', '.join(codings)})")
+        if codings and codings[0] in REFUSED_CODINGS:
+            raise _Unreadable(f"it is in content-coding {codings[0]!r}, which was not asked for")
         return cls(response.request, codings[0] if codings else "identity", limit)
 
     def feed(self, data: bytes) -> bytes:
         if self._obj is None:
             self._count(len(data))
             return data
+        self._fed = self._fed or bool(data)
+        if self._held is not None:
+            self._held += data
+            if len(self._held) > RAW_DEFLATE_PROBE:  # no byte out of so much: no header to be wrong about
+                self._held = None
         out = bytearray()
         pending = data
-        while pending:
+        while pending and not self._garbage:
+            if self._obj.eof:
+                if not self._gzip:
+                    break  # bytes after a deflate stream's end: ignored
+                # Another gzip member: concatenated members are one body (`gzip` writes them so).
+                self._obj, self._member_out = self._decoder(), False
+                self._members_done += 1
             try:
                 piece: bytes = self._obj.decompress(pending, self.limit - self.size + 1)
             except zlib.error as exc:
-                if self._raw_deflate_possible:
-                    self._raw_deflate_possible = False
-                    self._obj = zlib.decompressobj(-zlib.MAX_WBITS)
+                if self._held is not None:  # not zlib-wrapped after all: the same bytes, raw
+                    pending, self._held = bytes(self._held), None
+                    self._obj = self._decoder(raw=True)
                     continue
+                if self._members_done and not self._member_out:
+                    self._garbage = True  # after a whole member: trailing bytes, as gzip(1) allows
+                    break
                 raise httpx.DecodingError(f"the answer's compressed body is corrupt ({exc})",
                                           request=self.request) from None
             if piece:
-                self._raw_deflate_possible = False
+                self._held, self._member_out = None, True
             self._count(len(piece))
             out += piece
-            pending = self._obj.unconsumed_tail
+            pending = self._obj.unused_data if self._obj.eof else self._obj.unconsumed_tail
         return bytes(out)
 
     def end(self) -> bytes:
@@ -249,6 +273,9 @@ class _Inflater:
             raise httpx.DecodingError(f"the answer's compressed body is corrupt ({exc})",
                                       request=self.request) from None
         self._count(len(rest))
+        trailing = self._members_done and not self._member_out  # bytes after the last whole member
+        if self._fed and not self._obj.eof and not self._garbage and not trailing:
+            raise httpx.DecodingError("the answer's compressed body is cut short", request=self.request)
         return rest
 
     def _count(self, n: int) -> None:
