@@ -95,6 +95,8 @@ class Claim:
         return (self.job.unsent_attempt == self.attempt and not self.sending and not self.accepted)
 
 
+# The most steps the job row holds (a 32-bit column on PostgreSQL): a larger count is scaled down.
+MAX_STEPS = 2**31 - 1
 # Preview modes a PNG holds as they are; others are converted before they are kept.
 PREVIEW_MODES = frozenset({"RGB", "RGBA", "L", "LA"})
 
@@ -158,6 +160,8 @@ class JobProgress:
             return
         total = counted[1]
         step = min(max(counted[0], 0), total) if total else 0
+        if total > MAX_STEPS:  # bytes of a download, say: told on the scale the row can hold
+            step, total = step * MAX_STEPS // total, MAX_STEPS
         if preview is not None and (not isinstance(preview, Image.Image) or preview.mode not in PREVIEW_MODES):
             # A mode PNG cannot hold (CMYK) failed the preview's every read.
             preview = preview.convert("RGB") if isinstance(preview, Image.Image) else None

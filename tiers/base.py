@@ -41,8 +41,9 @@ def to_credits(millicredits: int) -> float:
 
 def is_amount(value: object) -> bool:
     """Whether `value` is an amount the ledger can hold: a whole, non-negative number of
-    millicredits (a numpy integer too), not a bool, a fraction or an infinity."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and int(value) >= 0
+    millicredits (a numpy integer too) that fits its 64-bit column, not a bool, a fraction or an
+    infinity."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and 0 <= int(value) < 2**63
 
 
 @dataclass(frozen=True)

@@ -355,3 +355,23 @@ def test_progress_of_odd_types_is_told_as_json_and_plain_integers(build: Build,
     with services.db.session() as s:
         handles = s.get(Job, job_id).provider_work["handles"]  # type: ignore[union-attr,index]
     assert {"at": "2026-11-30", "id": "fake-1-odd"} in handles
+
+
+def test_a_step_count_past_what_the_row_holds_is_scaled_to_it() -> None:
+    """3e9 steps (bytes of a download) failed the job's every write on PostgreSQL (a 32-bit
+    column): the job stayed running with its hold."""
+    from orchestrator.runner import MAX_STEPS, JobProgress
+
+    told: list[dict[str, Any]] = []
+
+    class Bus:
+        def publish(self, job_id: str, kind: str, data: dict[str, Any]) -> None:
+            told.append(data)
+
+    runner = type("Runner", (), {"bus": Bus(), "previews": {}})()
+    claim = type("Claim", (), {"cancel": CancelToken(), "job": Job(id="job_1", project_id="prj_1", stage="bridge",
+                                                                     engine="fake-paid")})()
+    progress = JobProgress(runner, claim)  # type: ignore[arg-type]
+    progress.step(int(1.5e9), int(3e9))
+    assert (told[-1]["step"], told[-1]["total"]) == (MAX_STEPS // 2, MAX_STEPS)
+    assert (claim.job.progress_step, claim.job.progress_total) == (MAX_STEPS // 2, MAX_STEPS)

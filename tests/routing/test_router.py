@@ -570,7 +570,7 @@ def test_budget_used_over_switches_to_local(decide: Decide, budget_used: float |
         assert decision.estimate == 0
 
 
-@pytest.mark.parametrize("estimate", [1000.9999999999999, float("inf"), float("nan"), True, "5"])
+@pytest.mark.parametrize("estimate", [1000.9999999999999, float("inf"), float("nan"), True, "5", 2**63])
 def test_an_estimate_that_is_not_whole_millicredits_is_no_price(estimate: Any) -> None:
     """A plugin's fraction went into the ledger as a float its sums truncated; an infinity made
     every later sum of the project fail."""
