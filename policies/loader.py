@@ -49,10 +49,14 @@ def parse_policy(data: bytes, *, label: str, source: str, expect_name: str | Non
     except tomllib.TOMLDecodeError as exc:
         # The 3.11 exception has no line attribute; its message ends "(at line N, column M)".
         raise PolicyError(f"{label}: TOML syntax error: {exc}", file=label) from None
+    except RecursionError:  # some hundreds of nested brackets: a 500 at reload, a traceback at start
+        raise PolicyError(f"{label}: nested too deeply to be a policy", file=label) from None
     try:
         policy = Policy.model_validate(raw)
     except ValidationError as exc:
         raise PolicyError(f"{label}: {_describe(raw, exc)}", file=label) from None
+    except RecursionError:
+        raise PolicyError(f"{label}: nested too deeply to be a policy", file=label) from None
     if expect_name is not None and policy.name != expect_name:
         raise PolicyError(f"{label}: name: '{policy.name}' does not match the file name; "
                           f"a policy lives in a file named after it ({policy.name}.toml)", file=label)
@@ -92,7 +96,8 @@ class PolicyStore:
         good version (a policy that never loaded stays absent, or built-in when one exists)."""
         with self._reloading:
             # Taken before reading: a file written while this load reads it is seen as changed again.
-            self.loaded_fingerprint = self.fingerprint()
+            # Kept only once the load is done: one that fails is tried again at the next look.
+            fingerprint = self.fingerprint()
             previous = self._policies
             fresh: dict[str, Policy] = {}
             errors: builtins.list[PolicyError] = []
@@ -111,6 +116,7 @@ class PolicyStore:
             # One assignment: readers on other threads see the old set or the new one, never a mix.
             self._policies = fresh
             self._errors = errors
+            self.loaded_fingerprint = fingerprint
             return builtins.list(errors)
 
     def fingerprint(self) -> object:
@@ -120,10 +126,18 @@ class PolicyStore:
         if self.extra_dir is None:
             return None
         try:
-            return sorted((path.name, stat.st_mtime_ns, stat.st_size) for path in self.extra_dir.glob("*.toml")
-                          if not path.name.startswith(".") for stat in (path.stat(),))
-        except OSError:  # gone for a moment (a remount), or a file removed while listed: look again later
+            paths = [path for path in self.extra_dir.glob("*.toml") if not path.name.startswith(".")]
+        except OSError:  # gone for a moment (a remount): look again later
             return self.loaded_fingerprint
+        seen: builtins.list[tuple[str, int | None, int | None]] = []
+        for path in sorted(paths):
+            try:
+                stat = path.stat()
+            except OSError:  # a dangling link, a file removed while listed: its name still counts
+                seen.append((path.name, None, None))
+            else:
+                seen.append((path.name, stat.st_mtime_ns, stat.st_size))
+        return seen
 
     def _files(self, errors: builtins.list[PolicyError]) -> Iterator[tuple[str, Callable[[], Policy]]]:
         """(policy name, loader) in precedence order: built-ins first, so the extra directory wins."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar, get_args
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
@@ -80,6 +80,11 @@ class Match(_Model):
     @field_validator("tags")
     @classmethod
     def _privacy_key(cls, tags: dict[str, list[str]]) -> dict[str, list[str]]:
+        # As requests' tags are bounded (`orchestrator.schemas.Tags`): past those, no request fits.
+        for key, allowed in tags.items():
+            if not 1 <= len(key) <= 100 or any(len(value) > 500 for value in allowed):
+                raise ValueError(f"{key[:40]!r}: a request's tag keys are 1 to 100 characters and its values at "
+                                 "most 500, so no request fits this")
         empty = sorted(key for key, allowed in tags.items() if not allowed)
         if empty:
             raise ValueError(f"{', '.join(empty)}: an empty list of values fits no request (leave the key out "
@@ -89,7 +94,10 @@ class Match(_Model):
 
     @property
     def is_empty(self) -> bool:
-        return not self.tags and all(getattr(self, key) is None for key in type(self).model_fields if key != "tags")
+        """Fits every request: no key given, or a stage list that names every stage."""
+        every_stage = self.stage is None or set(self.stage) >= set(get_args(Stage))
+        return every_stage and not self.tags and all(
+            getattr(self, key) is None for key in type(self).model_fields if key not in ("tags", "stage"))
 
     def matches(self, facts: RequestFacts) -> bool:
         if self.stage is not None and facts.stage not in self.stage:

@@ -308,6 +308,14 @@ RULES_OK = '[[rules]]\nname = "drafts"\nmatch = { stage = "ideation" }\nengines 
     ('name = "bad"\n' + RULES_OK + '[[rules]]\nname = "t"\nmatch = { tags = { privacy = "local", Privacy = "x" } }\n'
      'engines = ["x"]\n', ["rule 2 ('t')", "match.tags", "privacy tag is given twice"]),
     ('description = "no name"\n' + RULES_OK, ["name", "Field required"]),
+    # Every stage listed is a catch-all as `{}` is: the rules after it never applied, unsaid.
+    ('name = "bad"\n[[rules]]\nname = "all"\nmatch = { stage = ["ideation", "bridge", "polish"] }\n'
+     'engines = ["lite"]\n' + RULES_OK, ["rule 1 ('all')", "never apply"]),
+    # A tag no request can carry: a rule that never fits.
+    ('name = "bad"\n' + RULES_OK + '[[rules]]\nname = "t"\nmatch = { tags = { "" = "a" } }\nengines = ["x"]\n',
+     ["rule 2 ('t')", "match.tags", "1 to 100 characters"]),
+    # Some hundreds of nested brackets: a RecursionError, a 500 at reload and a traceback at start.
+    ('name = "bad"\nx = ' + "[" * 2000 + "]" * 2000 + "\n" + RULES_OK, ["nested too deeply"]),
 ])
 def test_bad_file_errors_name_file_rule_and_field(tmp_path: Path, body: str, must_name: list[str]) -> None:
     path = write(tmp_path, "bad", body)
@@ -458,3 +466,13 @@ def test_the_readme_s_example_policy_loads(tmp_path: Path) -> None:
     assert [rule.name for rule in policy.rules] == ["drafts", "acme", "big-finals", "near-budget", "farm", "fallback"]
     found = policy.match(facts("bridge", tags={"client": "acme"}))
     assert found is not None and found[1].keeps_local({})
+
+
+def test_a_dangling_link_does_not_blind_the_watch_to_the_other_files(tmp_path: Path) -> None:
+    """One broken symlink made every look at the folder fail, so no other process saw an edit."""
+    write(tmp_path, "mine", GOOD.format(name="mine", description="v1"))
+    (tmp_path / "old.toml").symlink_to(tmp_path / "gone.toml")
+    store = PolicyStore(tmp_path)
+    assert store.fingerprint() == store.loaded_fingerprint
+    write(tmp_path, "mine", GOOD.format(name="mine", description="version two"))
+    assert store.fingerprint() != store.loaded_fingerprint
