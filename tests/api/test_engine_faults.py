@@ -351,7 +351,7 @@ def test_progress_of_odd_types_is_told_as_json_and_plain_integers(build: Build,
     steps = [(e.data["step"], e.data["total"]) for e in services.bus._jobs[job_id].history if e.type == "progress"]
     assert all(type(step) is int and type(total) is int for step, total in steps), steps
     assert written and all(type(step) is int and type(total) is int for step, total in written), written
-    assert previews == ["RGB"]
+    assert previews and set(previews) == {"RGB"}  # the CMYK preview, kept as RGB (written once a step or so)
     with services.db.session() as s:
         handles = s.get(Job, job_id).provider_work["handles"]  # type: ignore[union-attr,index]
     assert {"at": "2026-11-30", "id": "fake-1-odd"} in handles
