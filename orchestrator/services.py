@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import difflib
 import functools
+import importlib
 import logging
 import math
 import os
@@ -76,6 +77,43 @@ def load_price_overrides(settings: Settings) -> dict[str, Any]:
     if problems:
         raise InvalidRequest("; ".join(problems))
     return overrides
+
+
+# The built-in paid engines: the module holding each one's price table, and the setting naming its model.
+PRICED_ENGINES = {"gemini": ("tiers.gemini", "gemini_model"), "openai": ("tiers.openai_images", "openai_model"),
+                  "stability": ("tiers.stability", "stability_model"),
+                  "replicate": ("tiers.replicate", "replicate_model"), "fal": ("tiers.fal", "fal_model")}
+
+
+def unread_prices(settings: Settings, overrides: dict[str, Any]) -> list[str]:
+    """Prices file entries no engine reads: a model its engine neither prices by default nor is
+    set to use, a price key none of its models has (`"1k"` for `"1K"`). Told, not refused: a
+    studio may price a model before it switches to it, and a plugin's keys are its own."""
+    told = []
+    for engine, models in overrides.items():
+        if engine not in PRICED_ENGINES or not isinstance(models, dict):
+            continue
+        module_name, setting = PRICED_ENGINES[engine]
+        module = importlib.import_module(module_name)
+        defaults: dict[str, dict[str, float]] = module.DEFAULT_PRICES
+        configured = str(getattr(settings, setting) or "").strip("/")
+        keys = set().union(*defaults.values(), getattr(module, "OPTIONAL_PRICES", ()))
+        for model, variants in models.items():
+            if model not in defaults and model != configured:
+                told.append(f'{engine}."{model}" is neither a model {engine} has prices for nor the one '
+                            f"ORCH_{setting.upper()} names ({configured}){_suggest(model, [*defaults, configured])}: "
+                            "its prices are read by nobody for now")
+            for variant in variants if isinstance(variants, dict) else ():
+                if variant not in keys:
+                    told.append(f'{engine}."{model}"."{variant}" is not a price {engine} reads'
+                                f"{_suggest(variant, sorted(keys))} (it reads: {', '.join(sorted(keys))})")
+    return told
+
+
+def _suggest(word: str, options: list[str]) -> str:
+    same = [option for option in options if option.casefold() == word.casefold()]
+    close = same or difflib.get_close_matches(word, options, n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 def _price_problems(overrides: dict[str, Any]) -> Iterator[str]:
@@ -216,7 +254,10 @@ class Services:
         identity.bind(db, store)  # before anything is stored or swept: WrongStore when the pair is not one install
         store.sweep_temp()
         bus = EventBus()
-        ctx = EngineContext(settings=settings, price_overrides=load_price_overrides(settings))
+        overrides = load_price_overrides(settings)
+        for told in unread_prices(settings, overrides):
+            log.warning("ORCH_PRICES_FILE %s: %s", settings.prices_file, told)
+        ctx = EngineContext(settings=settings, price_overrides=overrides)
         registry = EngineRegistry.load(ctx)
         policies = PolicyStore(settings.policy_dir)
         for error in policies.errors:

@@ -3,6 +3,7 @@ stderr and a non-zero exit, never a traceback."""
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import io
 import logging
@@ -715,3 +716,29 @@ def test_an_assets_folder_that_cannot_be_written_is_named_before_the_service_sta
     assert [p.name for p in settings.assets_dir.iterdir()] == []  # the probe is not left behind
     monkeypatch.setattr("orchestrator.services.os.replace", real)
     assert startup_problems(settings) == []
+
+
+def test_prices_no_engine_reads_are_told_at_start(make_settings: SettingsFactory, tmp_path: Path,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """A misspelt model or size under a real engine was taken without a word, and the default
+    price stayed in force."""
+    from orchestrator.services import Services, load_price_overrides, unread_prices
+
+    (tmp_path / "prices.toml").write_text(
+        '[gemini."gemini-3.1-flash-img"]\n"1K" = 9\n'
+        '[gemini."gemini-3.1-flash-image"]\n"1k" = 9\n"2K" = 11\n"thinking_tokens_per_million" = 9000\n'
+        '[openai."gpt-image-1-mini"]\n"low-1536x1024" = 0.7\n')
+    settings = make_settings(prices_file=tmp_path / "prices.toml")
+    told = unread_prices(settings, load_price_overrides(settings))
+    assert told == [
+        'gemini."gemini-3.1-flash-img" is neither a model gemini has prices for nor the one ORCH_GEMINI_MODEL '
+        "names (gemini-3.1-flash-image) (did you mean 'gemini-3.1-flash-image'?): its prices are read by nobody "
+        "for now",
+        "gemini.\"gemini-3.1-flash-image\".\"1k\" is not a price gemini reads (did you mean '1K'?) (it reads: 1K, 2K, "
+        "4K, input_tokens_per_million, output_tokens_per_million, thinking_tokens_per_million)"]
+    caplog.set_level(logging.WARNING, logger="orchestrator.services")
+    services = Services.build(settings)
+    try:
+        assert sum("ORCH_PRICES_FILE" in r.getMessage() for r in caplog.records) == 2
+    finally:
+        asyncio.run(services.aclose())

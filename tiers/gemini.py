@@ -40,6 +40,8 @@ DEFAULT_PRICES: dict[str, dict[str, float]] = {
     "gemini-2.5-flash-image": {"1K": 3.9, "2K": 3.9, "4K": 3.9,
                                "output_tokens_per_million": 3000, "input_tokens_per_million": 30},
 }
+# Prices a prices file may add that no model has by default (see `_actual_cost`).
+OPTIONAL_PRICES = frozenset({"thinking_tokens_per_million"})
 INPUT_IMAGE_TOKENS = 1120
 # Output tokens held per image beyond its table price: the answer's text part, and images that come
 # out larger than the token count the price was computed from (providers.md's 1K example bills
