@@ -34,7 +34,7 @@ from sqlmodel import Session, col, select
 from orchestrator.db import postgres_connect_args, sqlite_file
 from orchestrator.errors import NotFound
 from orchestrator.events import TERMINAL
-from orchestrator.models import Asset, Job, LedgerEntry
+from orchestrator.models import Asset, Job, LedgerEntry, StoreIdentity
 from orchestrator.store import ORPHAN_ALARM_FILES, ORPHAN_ALARM_SHARE, ORPHAN_BATCH, ArtifactStore, stored_sha
 
 PAGE = 1000
@@ -135,10 +135,24 @@ def read_only_engine(url: str) -> Engine:
     return create_engine(url, connect_args=args, isolation_level="REPEATABLE READ")
 
 
-def open_store(assets_dir: Path) -> ArtifactStore:
+def open_store(assets_dir: Path, engine: Engine) -> ArtifactStore | None:
+    """The store to check; None for an install that has stored nothing yet (migrated, never
+    served: the folder is made at the first start)."""
     if not assets_dir.is_dir():  # ArtifactStore would make it, and every asset would be "missing"
+        if _stores_nothing(engine):
+            return None
         raise CannotCheck(f"no asset store at {assets_dir} (is ORCH_DATA_DIR right?)")
     return ArtifactStore(assets_dir)
+
+
+def _stores_nothing(engine: Engine) -> bool:
+    with Session(engine) as s:
+        if s.exec(select(Asset.id).limit(1)).first() is not None:
+            return False
+        try:
+            return s.get(StoreIdentity, 1) is None
+        except DatabaseError:  # not migrated to 0011 yet: no binding to tell of
+            return True
 
 
 def check_revision(engine: Engine) -> None:

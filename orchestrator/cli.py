@@ -375,6 +375,7 @@ def _check(*, no_hash: bool) -> int:
 
     from orchestrator.check import (
         CannotCheck,
+        StoreReport,
         check_identity,
         check_ledger,
         check_revision,
@@ -395,9 +396,10 @@ def _check(*, no_hash: bool) -> int:
         engine = read_only_engine(settings.resolved_database_url)
         try:
             check_revision(engine)
-            store = open_store(settings.assets_dir)
-            wrong_store = check_identity(engine, store)
-            report = check_store(engine, store, hashes=not no_hash)
+            store = open_store(settings.assets_dir, engine)
+            wrong_store = None if store is None else check_identity(engine, store)
+            report = StoreReport(hashed=not no_hash) if store is None else check_store(engine, store,
+                                                                                        hashes=not no_hash)
             ledger = check_ledger(engine)
         finally:
             engine.dispose()
@@ -410,8 +412,11 @@ def _check(*, no_hash: bool) -> int:
         return _fail(f"cannot use the database: {reason}", status=2)
     if wrong_store is not None:
         print(f"PROBLEMS: ORCH_DATA_DIR: {wrong_store}")
-    how = "read and hashed" if report.hashed else "looked for (--no-hash: not read)"
-    print(f"{report.assets} assets, {report.reads} files {how} in {settings.assets_dir}")
+    if store is None:
+        print(f"0 assets: nothing stored yet ({settings.assets_dir} is made at the service's first start)")
+    else:
+        how = "read and hashed" if report.hashed else "looked for (--no-hash: not read)"
+        print(f"{report.assets} assets, {report.reads} files {how} in {settings.assets_dir}")
     for ids, what in ((report.missing, "missing"), (report.unreadable, "unreadable (the disk or a permission)"),
                       (report.damaged, "damaged (the bytes do not match their sha256)"),
                       (report.malformed, "with a malformed sha256 in their row")):

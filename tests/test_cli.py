@@ -252,17 +252,22 @@ def test_check_without_a_database_or_a_store_changes_nothing(
     assert "no database at" in capsys.readouterr().err
     assert not (tmp_path / "typo").exists()
 
-    # A database restored without its assets folder: not "every asset missing".
+    # Migrated, never served: nothing stored yet, and nothing wrong (it said "is ORCH_DATA_DIR right?").
     data = tmp_path / "restored"
     monkeypatch.setenv("ORCH_DATA_DIR", str(data))
     assert main(["migrate"]) == 0
+    capsys.readouterr()
+    assert main(["check"]) == 0
+    assert "0 assets: nothing stored yet" in capsys.readouterr().out
+    # A database restored without its assets folder: not "every asset missing".
     with sqlite3.connect(data / "orchestrator.db") as db:
         db.execute("PRAGMA journal_mode=DELETE")  # as a backup tool may leave it
-    capsys.readouterr()
+        db.execute("INSERT INTO store_identity (id, store_id, created_at) VALUES (1, 'abc', '2026-11-30 00:00:00')")
     assert main(["check"]) == 2
     assert f"no asset store at {data / 'assets'}" in capsys.readouterr().err
     assert not (data / "assets").exists()
     (data / "assets").mkdir()
+    (data / "assets" / ".store-id").write_text("abc\n")
     assert main(["check"]) == 0
     with sqlite3.connect(data / "orchestrator.db") as db:
         assert db.execute("PRAGMA journal_mode").fetchone() == ("delete",)  # opened read-only: not made WAL
