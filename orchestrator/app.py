@@ -11,12 +11,11 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import Depends, FastAPI
-from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import PlainTextResponse, Response
 
 from orchestrator import __version__
 from orchestrator.api import assets, credits, engines, jobs, keys, policies, projects, stages, workers
-from orchestrator.api.cross_site import UNSAFE, CrossSiteGuard
+from orchestrator.api.cross_site import UNSAFE, Cors, CrossSiteGuard
 from orchestrator.api.deps import ServicesDep, require_auth
 from orchestrator.api.errors import UnexpectedErrors, documented
 from orchestrator.api.errors import install as install_errors
@@ -78,7 +77,7 @@ def create_app(settings: Settings | None = None, *, loopback_only: bool = False)
         # Outermost: a browser's preflight carries no key, so it is answered before auth; and the
         # answers of every layer (a 401, a 413) carry the headers a dashboard needs to read them.
         # No credentials mode: the key travels in the Authorization header, not in cookies.
-        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origin_list,
+        app.add_middleware(Cors, allow_origins=settings.cors_origin_list,
                            allow_methods=["GET", "HEAD", "POST", "PATCH", "DELETE"],
                            allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "Last-Event-ID",
                                           "If-None-Match"],

@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import ipaddress
 
+from starlette.datastructures import Headers
+from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from orchestrator.api.errors import error_response
@@ -73,3 +76,19 @@ class CrossSiteGuard:
                 await refused(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+class Cors(CORSMiddleware):
+    """Starlette's CORS, its refused preflight told in the service's error shape (it answered
+    `Disallowed CORS origin` as plain text)."""
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code != 400:
+            return response
+        what = bytes(response.body).decode(errors="replace").removeprefix("Disallowed CORS ")
+        kept = {k: v for k, v in response.headers.items() if k.lower() not in ("content-length", "content-type")}
+        return error_response(400, "invalid_request",
+                              f"preflight refused: its {what} may not be used across origins (the pages that may "
+                              "call the service are ORCH_CORS_ORIGINS)", details={"refused": what.split(", ")},
+                              headers=kept)

@@ -34,6 +34,20 @@ def test_a_listed_origin_s_preflight_is_answered_before_auth(served: httpx.Clien
     assert "POST" in answer.headers["access-control-allow-methods"]
 
 
+@pytest.mark.parametrize(("headers", "refused"), [
+    ({**PREFLIGHT, "Origin": "https://evil.example"}, ["origin"]),
+    ({**PREFLIGHT, "Access-Control-Request-Method": "PUT"}, ["method"]),
+    ({**PREFLIGHT, "Access-Control-Request-Headers": "x-foo"}, ["headers"]),
+])
+def test_a_refused_preflight_answers_in_the_error_shape(served: httpx.Client, headers: dict[str, str],
+                                                        refused: list[str]) -> None:
+    # Starlette answered "Disallowed CORS origin" as plain text: every error is {"error": {...}}.
+    answer = served.options("/v1/projects", headers=headers)
+    assert_error(answer, 400, "invalid_request")
+    assert answer.json()["error"]["details"] == {"refused": refused}
+    assert "ORCH_CORS_ORIGINS" in answer.json()["error"]["message"]
+
+
 def test_a_listed_origin_reads_answers_and_the_headers_it_needs(served: httpx.Client) -> None:
     headers = {"Origin": DASHBOARD, "Authorization": f"Bearer {KEY}"}
     created = served.post("/v1/projects", json={"name": "dashboard"}, headers=headers)
