@@ -129,7 +129,15 @@ class CloudEngine:
     async def _download(self, url: str, cancel: CancelToken) -> bytes:
         if url.startswith("data:"):
             return b64decode_tolerant(url.partition(",")[2])
-        response = await cancel.race(self.http.request("GET", url, idempotent=True), charged="yes")
+        try:
+            response = await cancel.race(self.http.request("GET", url, idempotent=True), charged="yes")
+        except EngineUnavailable as exc:
+            if exc.details.get("status") not in (401, 403):
+                raise
+            # No key goes to the CDN: its refusal is of the URL (a signed one expired), not of ours.
+            raise EngineError(f"{self.name}: downloading the output was refused (HTTP {exc.details['status']}); "
+                              "its URL may have expired", details={"engine": self.name,
+                                                                   "status": exc.details["status"]}) from None
         if response.status_code != 200:
             raise EngineError(f"{self.name}: downloading the output failed (HTTP {response.status_code})",
                               details={"engine": self.name, "status": response.status_code})

@@ -230,6 +230,8 @@ class FalEngine(CloudEngine):
 
     async def _images(self, output: dict[str, Any], cancel: CancelToken) -> list[RenderedImage]:
         entries = output.get("images")
+        if not isinstance(entries, list) and isinstance(output.get("image"), dict):
+            entries = [output["image"]]  # a single-image app (an upscaler) answers `image`
         found = [e.get("url") for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
         urls = [u for u in found if isinstance(u, str) and u]
         return await self.fetch_outputs(urls, cancel, empty="the request completed without an image", details={})

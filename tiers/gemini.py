@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import httpx
+
 from orchestrator.errors import BadEngineInput, ContentFiltered, EngineError, EngineUnavailable, NoPrice, RateLimited
 from tiers._cloud import CloudEngine, paid_calls, reading_an_answer
 from tiers._http import RemoteClient, error_text
@@ -145,6 +147,11 @@ class GeminiEngine(CloudEngine):
                         )
                     if response.status_code == 404:  # "models/x is not found": retired or misspelt
                         raise self.model_not_served(response)
+                    if response.status_code == 400 and _google_status(response) == "FAILED_PRECONDITION":
+                        # The account's (billing, a region without the API), not the request's: another
+                        # engine may serve it.
+                        raise EngineUnavailable(f"gemini cannot be used with this account now: {error_text(response)}",
+                                                details={"engine": self.name, "status": 400})
                     raise self.http.fail(response)
                 with reading_an_answer():
                     body = self._json(response)
@@ -224,3 +231,16 @@ def daily_quota_exhausted(response: Any) -> bool:
 
 def factory(ctx: EngineContext) -> GeminiEngine:
     return GeminiEngine(ctx)
+
+
+def _google_status(response: httpx.Response) -> str | None:
+    """The `error.status` of a Google error body (sometimes wrapped in a one-element list)."""
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    if isinstance(body, list) and body:
+        body = body[0]
+    error = body.get("error") if isinstance(body, dict) else None
+    status = error.get("status") if isinstance(error, dict) else None
+    return status if isinstance(status, str) else None

@@ -15,6 +15,7 @@ amount, so the actual cost is always `None`.
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any
 
 import httpx
@@ -53,6 +54,9 @@ PENDING = frozenset({"starting", "processing"})
 FILTER_WORDS = ("nsfw", "safety", "sensitive")
 FLUX_ASPECTS = ("1:1", "16:9", "3:2", "2:3", "4:5", "5:4", "9:16", "3:4", "4:3")
 PREFER_WAIT = 60
+# Seconds past the job's deadline (ORCH_REMOTE_DEADLINE) after which Replicate cancels a prediction
+# itself (`Cancel-After`): by then this service has given it up.
+CANCEL_AFTER_MARGIN = 60
 MAX_INLINE_BYTES = 7 * 1024 * 1024
 
 
@@ -167,7 +171,11 @@ class ReplicateEngine(CloudEngine):
         progress.state("submitted")
         response = await self.http.request(
             "POST", f"/v1/models/{self._model}/predictions", json=body, deadline=deadline,
-            headers={**self._auth, "Prefer": f"wait={self._wait}"}, cancel=cancel,
+            headers={**self._auth, "Prefer": f"wait={self._wait}",
+                     # Replicate stops it by itself once nobody can be following it: a cancel while
+                     # the create is held open, or a crash, leaves no id to cancel it by.
+                     "Cancel-After": f"{math.ceil(self.http.deadline_seconds + CANCEL_AFTER_MARGIN)}s"},
+            cancel=cancel,
         )
         if response.status_code == 404:  # no such model (retired, misspelt): another engine may serve
             raise self.model_not_served(response)

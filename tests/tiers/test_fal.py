@@ -397,3 +397,13 @@ async def test_queue_urls_off_fal_s_https_site_never_get_the_key(engine: FalEngi
 def test_which_queue_urls_may_carry_the_key(make_ctx: Any, base: str, url: str, keyed: bool) -> None:
     engine = FalEngine(make_ctx(fal_api_key="k", fal_base_url=base))
     assert engine._keyed(url) is keyed
+
+
+@respx.mock
+async def test_a_single_image_app_s_answer_is_read(engine: FalEngine, output: respx.Route) -> None:
+    """An upscaler answers `{"image": {...}}`: its paid result failed as "completed without an image"."""
+    respx.post(SUBMIT).mock(return_value=httpx.Response(200, json=queued()))
+    respx.get(STATUS).mock(return_value=status("COMPLETED"))
+    respx.get(RESPONSE).mock(return_value=httpx.Response(200, json={"image": {"url": OUTPUT, "width": 64}}))
+    result = await engine.run(bridge(), NullProgress(), CancelToken())
+    assert len(result.images) == 1 and output.call_count == 1

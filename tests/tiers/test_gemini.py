@@ -255,3 +255,18 @@ def test_a_model_priced_per_image_only_is_routable(make_ctx: Any) -> None:
     ctx = make_ctx(gemini_api_key="k", gemini_model="gemini-4-image")
     ctx.price_overrides["gemini"] = {"gemini-4-image": {"1K": 7, "2K": 9, "4K": 14}}
     assert GeminiEngine(ctx).estimate(bridge(width=1024, height=1024)) == 7000
+
+
+@respx.mock
+@pytest.mark.parametrize("wrapped", [False, True])
+async def test_an_account_that_cannot_use_the_api_lets_another_engine_try(engine: GeminiEngine,
+                                                                          wrapped: bool) -> None:
+    """Billing or the region not enabled (FAILED_PRECONDITION) is the account's, not the request's:
+    it was invalid_request, final, with no fallback."""
+    error = {"error": {"code": 400, "message": "User location is not supported for the API use.",
+                       "status": "FAILED_PRECONDITION"}}
+    respx.post(URL).mock(return_value=httpx.Response(400, json=[error] if wrapped else error))
+    with pytest.raises(EngineUnavailable) as info:
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    assert info.value.retryable and info.value.charged == "no"
+    assert "User location is not supported" in info.value.message

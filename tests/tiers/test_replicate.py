@@ -57,6 +57,8 @@ async def test_success_sends_draft_as_data_uri(engine: ReplicateEngine, output: 
     request = route.calls.last.request
     assert request.headers["authorization"] == "Bearer r-secret"
     assert request.headers["prefer"] == "wait=30"  # half the tests' 60 s deadline
+    # Replicate cancels it by itself after the deadline: a cancel during the held create has no id.
+    assert request.headers["cancel-after"] == "120s"
     sent = json.loads(request.content)["input"]
     assert sent["prompt"].endswith("a lighthouse")
     assert sent["aspect_ratio"] == "match_input_image" and sent["output_format"] == "png"
@@ -300,6 +302,18 @@ async def test_a_failure_after_a_paid_prediction_is_charged(engine: ReplicateEng
     with pytest.raises(EngineError) as info:
         await engine.run(bridge(n=2), NullProgress(), CancelToken())
     assert info.value.charged == "unknown"
+
+
+@respx.mock
+async def test_an_output_url_refused_is_not_a_refused_key(engine: ReplicateEngine) -> None:
+    """An expired signed URL (403 from the CDN, which sees no key) sent the operator to fix a key."""
+    respx.post(CREATE).mock(return_value=httpx.Response(201, json=prediction()))
+    respx.get(OUTPUT).mock(return_value=httpx.Response(403))
+    with pytest.raises(EngineError) as info:
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    assert type(info.value) is EngineError and info.value.charged == "yes"
+    assert "downloading the output was refused (HTTP 403)" in info.value.message
+    assert "ORCH_REPLICATE_API_KEY" not in info.value.message
 
 
 def test_estimate_per_image_and_unknown_model(make_ctx: Any) -> None:
