@@ -509,7 +509,11 @@ class JobService:
                   "error": {"code": "canceled", "message": "canceled; its worker was gone", "details": {}}}
         with self.db.transaction() as s:
             job = s.get(Job, job_id)
-            running = (col(Job.id) == job_id, col(Job.status) == "running")
+            if (job is not None and job.status == "running" and job.lease_expires_at is not None
+                    and job.lease_expires_at > utcnow() and self.presence.alive(job.lease_owner)):
+                return False  # its holder renewed since the look: it is asked instead, at the next try
+            running = (col(Job.id) == job_id, col(Job.status) == "running",
+                       *([] if job is None else [col(Job.attempt) == job.attempt]))
             result: Any = None
             if job is not None and job.sent_nothing():
                 # Its worker vanished before its first paid request: nothing to charge, unless it

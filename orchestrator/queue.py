@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 DISPATCH_RETRY_SECONDS = 1.0
 QUEUED_BATCH = 500  # queued jobs looked at per dispatch
 SERVED_REMEMBERED = 10_000  # projects whose last start a scheduler remembers for the turns
+# Seconds to the next try after a lease renewal failed (a database busy for a while).
+RENEW_RETRY_SECONDS = 2.0
 MAX_LOCAL_STOPS = 3  # a job re-queued by recovery (local, or reattaching) this often is failed instead
 REMOTE_LANE_LIMIT = 4
 # How long a stop waits for interrupted jobs to wind down (a job storing what its engine made is
@@ -482,7 +484,10 @@ class Scheduler:
     async def _heartbeat_loop(self) -> None:
         failing = False
         while not self._stopping or self._running:  # a stop waits for running jobs: see `stop`
-            await asyncio.sleep(self.lease.total_seconds() / 3)
+            # After a failed renewal, soon again: one try can wait out the lock's timeout (30 s),
+            # and another beat later (a third of the lease) the lease could be gone.
+            beat = self.lease.total_seconds() / 3
+            await asyncio.sleep(min(beat, RENEW_RETRY_SECONDS) if failing else beat)
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(self.presence.touch, self.owner)
             claims = [claim for _, claim in self._running.values()]
@@ -702,8 +707,12 @@ class Scheduler:
                                    {"engine": job.engine, "status": "failed", "error": error.to_dict()}]}
             outcome = "failed"
         with self.db.transaction() as s:
+            # The lease it was judged orphaned on, too: read before the write lock was ours, and
+            # its holder, alive, may have renewed it since (taken from a live worker, a paid job was
+            # failed "interrupted" and its image thrown away).
             stmt = update(Job).where(col(Job.id) == job.id, col(Job.attempt) == job.attempt,
-                                     col(Job.status) == "running")
+                                     col(Job.status) == "running", _same(col(Job.lease_owner), job.lease_owner),
+                                     _same(col(Job.lease_expires_at), job.lease_expires_at))
             if outcome != "canceled":
                 # A cancel asked since the read wins: the next sweep ends the job canceled.
                 stmt = stmt.where(col(Job.cancel_requested_at).is_(None))
@@ -746,3 +755,8 @@ def _costs_nothing(engine: Engine, job: Job) -> bool:
 
 def _rowcount(result: Any) -> int:
     return int(getattr(result, "rowcount", 0) or 0)
+
+
+def _same(column: Any, value: Any) -> Any:
+    """`column` holds `value` (NULL as NULL)."""
+    return column.is_(None) if value is None else column == value

@@ -242,3 +242,106 @@ def dead_pid() -> int:
     finished = subprocess.Popen([sys.executable, "-c", "pass"])
     finished.wait()
     return finished.pid
+
+
+def test_a_lease_renewed_after_the_sweep_read_it_is_not_taken(make_settings: SettingsFactory) -> None:
+    """The sweep judged a lease run out on a read made before the write lock was its own; the live
+    holder renewed it in between, and the recovery still failed the paid job ("interrupted") and
+    captured its estimate, the image thrown away."""
+    import asyncio
+
+    from sqlalchemy import update
+    from sqlmodel import col, select
+
+    from orchestrator.models import LedgerEntry
+    from orchestrator.services import Services
+
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # alive
+    services = Services.build(make_settings(engines="fake-paid=tests.fakes:factory"))
+    try:
+        project_id, job_id = new_id("prj"), new_id("job")
+        with services.db.transaction() as s:
+            s.add(Project(id=project_id, name="p", policy="balanced"))
+            s.flush()
+            s.add(Job(id=job_id, project_id=project_id, stage="bridge", engine="fake-paid", model="fake-1",
+                      estimated=10_000, params={"stage": "bridge", "prompt": "x", "negative_prompt": "", "n": 1,
+                                                "seed": 5, "width": 64, "height": 64, "tags": {}},
+                      attempts=[], status="running", attempt=1, lease_owner=f"{socket.gethostname()}:{holder.pid}:0",
+                      lease_expires_at=utcnow() - timedelta(seconds=1)))
+            s.flush()
+            s.add(LedgerEntry(project_id=project_id, job_id=job_id, kind="hold", amount=10_000, engine="fake-paid"))
+        [orphan] = [job for job in services.scheduler._orphans(False) if job.id == job_id]
+        with services.db.transaction() as s:  # the holder's beat takes the lock first
+            renewed = utcnow() + timedelta(seconds=60)
+            s.execute(update(Job).where(col(Job.id) == job_id).values(lease_expires_at=renewed))
+        assert services.scheduler._recover_one(orphan) is None
+        with services.db.session() as s:
+            job = s.get(Job, job_id)
+            assert job is not None and job.status == "running" and job.error is None
+            kinds = s.exec(select(LedgerEntry.kind).where(col(LedgerEntry.job_id) == job_id)).all()
+        assert list(kinds) == ["hold"]
+    finally:
+        holder.kill()
+        asyncio.run(services.aclose())
+
+
+def test_a_failed_lease_renewal_is_tried_again_within_seconds(make_settings: SettingsFactory,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a failure the next try waited a whole beat (a third of the lease) on top of the
+    failed one's wait for the lock (up to 30 s): a database busy for under a minute let another
+    worker take a live paid job."""
+    import asyncio
+    import time
+
+    from orchestrator import queue
+    from orchestrator.services import Services
+
+    monkeypatch.setattr(queue, "RENEW_RETRY_SECONDS", 0.05)
+    services = Services.build(make_settings(lease_seconds=3.0))  # a beat of 1 s
+    tries: list[float] = []
+
+    def renew(claims: list[Any]) -> None:
+        tries.append(time.monotonic())
+        if len(tries) == 1:
+            raise RuntimeError("database is locked")
+
+    monkeypatch.setattr(services.scheduler, "_renew", renew)
+
+    async def beat() -> None:
+        services.scheduler._running["job_x"] = (asyncio.current_task(), object())  # type: ignore[assignment]
+        loop = asyncio.ensure_future(services.scheduler._heartbeat_loop())
+        while len(tries) < 2:
+            await asyncio.sleep(0.01)
+        loop.cancel()
+        services.scheduler._running.clear()
+
+    try:
+        asyncio.run(asyncio.wait_for(beat(), timeout=10))
+    finally:
+        asyncio.run(services.aclose())
+    assert tries[1] - tries[0] < 0.5  # not the beat's 1 s
+
+
+def test_a_cancel_does_not_take_a_job_from_a_holder_that_renewed_meanwhile(make_settings: SettingsFactory) -> None:
+    """The cancel judged the holder gone in one transaction and ended the job in another: a live
+    holder's renewal in between did not stop it from capturing the estimate of a job still running."""
+    import asyncio
+
+    from orchestrator.services import Services
+
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    services = Services.build(make_settings(engines="fake-paid=tests.fakes:factory"))
+    try:
+        project_id, job_id = new_id("prj"), new_id("job")
+        with services.db.transaction() as s:
+            s.add(Project(id=project_id, name="p", policy="balanced"))
+            s.flush()
+            s.add(Job(id=job_id, project_id=project_id, stage="bridge", engine="fake-paid", model="fake-1",
+                      estimated=10_000, params={}, attempts=[], status="running", attempt=1,
+                      lease_owner=f"{socket.gethostname()}:{holder.pid}:0",
+                      lease_expires_at=utcnow() + timedelta(seconds=60)))
+        assert services.jobs.cancel_orphan(job_id) is False
+        assert services.jobs.get(job_id).status == "running"
+    finally:
+        holder.kill()
+        asyncio.run(services.aclose())
