@@ -96,7 +96,8 @@ def unread_prices(settings: Settings, overrides: dict[str, Any]) -> list[str]:
         module_name, setting = PRICED_ENGINES[engine]
         module = importlib.import_module(module_name)
         defaults: dict[str, dict[str, float]] = module.DEFAULT_PRICES
-        configured = str(getattr(settings, setting) or "").strip("/")
+        configured = str(getattr(settings, setting) or "")
+        configured = configured.strip("/") if engine == "fal" else configured  # as `tiers.fal` reads it
         keys = set().union(*defaults.values(), getattr(module, "OPTIONAL_PRICES", ()))
         for model, variants in models.items():
             if model not in defaults and model != configured:

@@ -54,6 +54,7 @@ MAX_ANSWER_BYTES = 256 * 2**20
 ACCEPT_ENCODING = "gzip, deflate"
 DECODED = frozenset({"identity", "gzip", "x-gzip", "deflate"})
 REFUSED_CODINGS = frozenset({"br", "zstd", "compress", "x-compress", "pack200-gzip", "exi", "aes128gcm"})
+GZIP_HEADER_BYTES = 10
 # Bytes of a "deflate" answer kept to be read again raw (see `_Inflater`).
 RAW_DEFLATE_PROBE = 64 * 1024
 # How long a host named by an answer (an output URL) may take to resolve before it is checked.
@@ -208,6 +209,7 @@ class _Inflater:
         self._held: bytearray | None = bytearray() if coding == "deflate" else None
         self._member_out = False  # the current gzip member (or deflate stream) has given bytes
         self._members_done = 0  # gzip members read to their end before the current one
+        self._member_in = 0  # bytes the current member's decoder has taken
         self._garbage = False  # what follows the last whole member is no member: ignored
         self._fed = False
 
@@ -243,7 +245,7 @@ class _Inflater:
                 if not self._gzip:
                     break  # bytes after a deflate stream's end: ignored
                 # Another gzip member: concatenated members are one body (`gzip` writes them so).
-                self._obj, self._member_out = self._decoder(), False
+                self._obj, self._member_out, self._member_in = self._decoder(), False, 0
                 self._members_done += 1
             try:
                 piece: bytes = self._obj.decompress(pending, self.limit - self.size + 1)
@@ -261,7 +263,9 @@ class _Inflater:
                 self._held, self._member_out = None, True
             self._count(len(piece))
             out += piece
-            pending = self._obj.unused_data if self._obj.eof else self._obj.unconsumed_tail
+            rest = self._obj.unused_data if self._obj.eof else self._obj.unconsumed_tail
+            self._member_in += len(pending) - len(rest)
+            pending = rest
         return bytes(out)
 
     def end(self) -> bytes:
@@ -273,7 +277,8 @@ class _Inflater:
             raise httpx.DecodingError(f"the answer's compressed body is corrupt ({exc})",
                                       request=self.request) from None
         self._count(len(rest))
-        trailing = self._members_done and not self._member_out  # bytes after the last whole member
+        # Bytes after the last whole member, too few to be one (a member's header alone is 10).
+        trailing = self._members_done and not self._member_out and self._member_in < GZIP_HEADER_BYTES
         if self._fed and not self._obj.eof and not self._garbage and not trailing:
             raise httpx.DecodingError("the answer's compressed body is cut short", request=self.request)
         return rest

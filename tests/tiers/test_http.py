@@ -629,3 +629,7 @@ async def test_a_compressed_body_cut_short_is_not_taken_for_the_whole(client: Re
     with pytest.raises(EngineError) as info:
         await client.request("POST", "/images", json={})
     assert route.call_count == 1 and info.value.charged == "unknown"
+    # A second member cut before its first byte out is not bytes trailing the first.
+    respx.get(f"{BASE}/second").mock(return_value=in_pieces("gzip", body + body[:20]))
+    with pytest.raises(EngineError, match="could not be read"):
+        await client.request("GET", "/second", idempotent=True)
