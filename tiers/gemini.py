@@ -209,15 +209,9 @@ def daily_quota_exhausted(response: Any) -> bool:
     deadline, while routing could already use another engine."""
     if response.status_code != 429:
         return False
-    try:
-        body = response.json()
-    except ValueError:
-        return False
-    if isinstance(body, list) and body:
-        body = body[0]
     # A gateway's 429 may say anything (`{"error": "Too many requests"}`): only Google's shape is read.
-    error = body.get("error") if isinstance(body, dict) else None
-    details = error.get("details") if isinstance(error, dict) else None
+    error = _google_error(response)
+    details = error.get("details") if error is not None else None
     for detail in details if isinstance(details, list) else []:
         violations = detail.get("violations") if isinstance(detail, dict) else None
         for violation in violations if isinstance(violations, list) else []:
@@ -233,8 +227,8 @@ def factory(ctx: EngineContext) -> GeminiEngine:
     return GeminiEngine(ctx)
 
 
-def _google_status(response: httpx.Response) -> str | None:
-    """The `error.status` of a Google error body (sometimes wrapped in a one-element list)."""
+def _google_error(response: Any) -> dict[str, Any] | None:
+    """The `error` object of a Google error body (sometimes wrapped in a one-element list)."""
     try:
         body = response.json()
     except ValueError:
@@ -242,5 +236,9 @@ def _google_status(response: httpx.Response) -> str | None:
     if isinstance(body, list) and body:
         body = body[0]
     error = body.get("error") if isinstance(body, dict) else None
-    status = error.get("status") if isinstance(error, dict) else None
+    return error if isinstance(error, dict) else None
+
+
+def _google_status(response: httpx.Response) -> str | None:
+    status = (_google_error(response) or {}).get("status")
     return status if isinstance(status, str) else None

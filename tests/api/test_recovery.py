@@ -244,6 +244,25 @@ def dead_pid() -> int:
     return finished.pid
 
 
+def running_paid_job(services: Any, holder: subprocess.Popen[bytes], *, lease_left: float) -> str:
+    """A paid job held by the live process `holder`, its lease ending `lease_left` seconds from
+    now, with its hold: as a worker on this host leaves it mid-render."""
+    from orchestrator.models import LedgerEntry
+
+    project_id, job_id = new_id("prj"), new_id("job")
+    with services.db.transaction() as s:
+        s.add(Project(id=project_id, name="p", policy="balanced"))
+        s.flush()
+        s.add(Job(id=job_id, project_id=project_id, stage="bridge", engine="fake-paid", model="fake-1",
+                  estimated=10_000, params={"stage": "bridge", "prompt": "x", "negative_prompt": "", "n": 1,
+                                            "seed": 5, "width": 64, "height": 64, "tags": {}},
+                  attempts=[], status="running", attempt=1, lease_owner=f"{socket.gethostname()}:{holder.pid}:0",
+                  lease_expires_at=utcnow() + timedelta(seconds=lease_left)))
+        s.flush()
+        s.add(LedgerEntry(project_id=project_id, job_id=job_id, kind="hold", amount=10_000, engine="fake-paid"))
+    return job_id
+
+
 def test_a_lease_renewed_after_the_sweep_read_it_is_not_taken(make_settings: SettingsFactory) -> None:
     """The sweep judged a lease run out on a read made before the write lock was its own; the live
     holder renewed it in between, and the recovery still failed the paid job ("interrupted") and
@@ -259,17 +278,7 @@ def test_a_lease_renewed_after_the_sweep_read_it_is_not_taken(make_settings: Set
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # alive
     services = Services.build(make_settings(engines="fake-paid=tests.fakes:factory"))
     try:
-        project_id, job_id = new_id("prj"), new_id("job")
-        with services.db.transaction() as s:
-            s.add(Project(id=project_id, name="p", policy="balanced"))
-            s.flush()
-            s.add(Job(id=job_id, project_id=project_id, stage="bridge", engine="fake-paid", model="fake-1",
-                      estimated=10_000, params={"stage": "bridge", "prompt": "x", "negative_prompt": "", "n": 1,
-                                                "seed": 5, "width": 64, "height": 64, "tags": {}},
-                      attempts=[], status="running", attempt=1, lease_owner=f"{socket.gethostname()}:{holder.pid}:0",
-                      lease_expires_at=utcnow() - timedelta(seconds=1)))
-            s.flush()
-            s.add(LedgerEntry(project_id=project_id, job_id=job_id, kind="hold", amount=10_000, engine="fake-paid"))
+        job_id = running_paid_job(services, holder, lease_left=-1)
         [orphan] = [job for job in services.scheduler._orphans(False) if job.id == job_id]
         with services.db.transaction() as s:  # the holder's beat takes the lock first
             renewed = utcnow() + timedelta(seconds=60)
@@ -332,14 +341,7 @@ def test_a_cancel_does_not_take_a_job_from_a_holder_that_renewed_meanwhile(make_
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     services = Services.build(make_settings(engines="fake-paid=tests.fakes:factory"))
     try:
-        project_id, job_id = new_id("prj"), new_id("job")
-        with services.db.transaction() as s:
-            s.add(Project(id=project_id, name="p", policy="balanced"))
-            s.flush()
-            s.add(Job(id=job_id, project_id=project_id, stage="bridge", engine="fake-paid", model="fake-1",
-                      estimated=10_000, params={}, attempts=[], status="running", attempt=1,
-                      lease_owner=f"{socket.gethostname()}:{holder.pid}:0",
-                      lease_expires_at=utcnow() + timedelta(seconds=60)))
+        job_id = running_paid_job(services, holder, lease_left=60)
         assert services.jobs.cancel_orphan(job_id) is False
         assert services.jobs.get(job_id).status == "running"
     finally:
