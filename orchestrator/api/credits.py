@@ -15,6 +15,7 @@ from sqlmodel import col, select
 from orchestrator import idempotency
 from orchestrator.api.deps import CallerDep, IdempotencyKey, ServicesDep
 from orchestrator.api.errors import created, documented
+from orchestrator.api.query import Order, paged
 from orchestrator.errors import InvalidRequest, NotFound
 from orchestrator.ids import MAX_INT_ID, int_cursor
 from orchestrator.models import LedgerEntry, Project
@@ -91,19 +92,17 @@ def get_budget(project_id: str, services: ServicesDep, caller: CallerDep) -> dic
 @router.get("/projects/{project_id}/ledger", response_model=Page[LedgerEntryPublic], responses=documented(404))
 def get_ledger(project_id: str, services: ServicesDep, caller: CallerDep,
                limit: Annotated[int, Query(ge=1, le=500)] = 50, cursor: str | None = None,
-               unreconciled: bool | None = None) -> Page[LedgerEntryPublic]:
-    """The project's entries, oldest first; `unreconciled=true` lists the captures still waiting
-    for a person to check them against the provider's invoice."""
+               unreconciled: bool | None = None, order: Order = "asc") -> Page[LedgerEntryPublic]:
+    """The project's entries, oldest first (`order=desc`: newest first); `unreconciled=true` lists
+    the captures still waiting for a person to check them against the provider's invoice."""
     caller.project(project_id)
     _project(services, project_id)
     after = int_cursor(cursor)
     with services.db.session() as s:
-        stmt = (select(LedgerEntry).where(col(LedgerEntry.project_id) == project_id)
-                .order_by(col(LedgerEntry.id)).limit(limit + 1))
+        stmt = select(LedgerEntry).where(col(LedgerEntry.project_id) == project_id).limit(limit + 1)
         if unreconciled is not None:
             stmt = stmt.where(col(LedgerEntry.unreconciled).is_(unreconciled))
-        if after is not None:
-            stmt = stmt.where(col(LedgerEntry.id) > after)
+        stmt = paged(stmt, col(LedgerEntry.id), after, order)
         rows = list(s.exec(stmt).all())
     more = len(rows) > limit
     rows = rows[:limit]

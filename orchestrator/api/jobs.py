@@ -12,6 +12,7 @@ from sqlmodel import col, select
 from orchestrator import keys
 from orchestrator.api.deps import CallerDep, ServicesDep, check_job
 from orchestrator.api.errors import documented
+from orchestrator.api.query import Order, paged
 from orchestrator.api.serialize import job_public
 from orchestrator.errors import Conflict, NotFound
 from orchestrator.events import TERMINAL, Event
@@ -48,11 +49,11 @@ def get_job(job_id: str, services: ServicesDep, caller: CallerDep) -> JobPublic:
 @router.get("/jobs", response_model=Page[JobPublic], responses=documented(404))
 def list_jobs(services: ServicesDep, caller: CallerDep, project_id: str | None = None, stage: Stage | None = None,
               status: JobStatus | None = None, limit: Annotated[int, Query(ge=1, le=500)] = 50,
-              cursor: str | None = None) -> Page[JobPublic]:
+              cursor: str | None = None, order: Order = "asc") -> Page[JobPublic]:
     """Every project's jobs, or one project's (404 for a project that does not exist, as its
     assets list answers); a project key sees its own project's only."""
     with services.db.session() as s:
-        stmt = select(Job).order_by(col(Job.id)).limit(limit + 1)
+        stmt = select(Job).limit(limit + 1)
         if caller.project_id is not None:
             stmt = stmt.where(col(Job.project_id) == caller.project_id)
         if project_id:
@@ -64,8 +65,7 @@ def list_jobs(services: ServicesDep, caller: CallerDep, project_id: str | None =
             stmt = stmt.where(col(Job.stage) == stage)
         if status:
             stmt = stmt.where(col(Job.status) == status)
-        if after := id_cursor(cursor, "job"):
-            stmt = stmt.where(col(Job.id) > after)
+        stmt = paged(stmt, col(Job.id), id_cursor(cursor, "job") or None, order)
         rows = list(s.exec(stmt).all())
     more = len(rows) > limit
     rows = rows[:limit]

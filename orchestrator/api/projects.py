@@ -9,6 +9,7 @@ from sqlmodel import Session, col, select
 from orchestrator import idempotency
 from orchestrator.api.deps import CallerDep, IdempotencyKey, ServicesDep
 from orchestrator.api.errors import created, documented
+from orchestrator.api.query import Order, paged
 from orchestrator.api.serialize import asset_public, project_public
 from orchestrator.errors import InvalidRequest, NotFound
 from orchestrator.ids import id_cursor, new_id
@@ -147,17 +148,16 @@ def update_project(project_id: str, body: ProjectUpdate, services: ServicesDep, 
 
 @router.get("/projects/{project_id}/assets", response_model=Page[AssetPublic], responses=documented(404))
 def list_project_assets(project_id: str, services: ServicesDep, caller: CallerDep, stage: Stage | None = None,
-                        limit: Limit = 50, cursor: str | None = None) -> Page[AssetPublic]:
-    """The project's assets, oldest first (`stage` filters), a page at a time: pass `next_cursor`
-    back as `cursor` until it is null."""
+                        limit: Limit = 50, cursor: str | None = None, order: Order = "asc") -> Page[AssetPublic]:
+    """The project's assets, oldest first (`order=desc`: newest first; `stage` filters), a page at
+    a time: pass `next_cursor` back as `cursor` until it is null."""
     caller.project(project_id)
     _get(services, project_id)
     with services.db.session() as s:
-        stmt = select(Asset).where(col(Asset.project_id) == project_id).order_by(col(Asset.id)).limit(limit + 1)
+        stmt = select(Asset).where(col(Asset.project_id) == project_id).limit(limit + 1)
         if stage:
             stmt = stmt.where(col(Asset.stage) == stage)
-        if after := id_cursor(cursor, "ast"):
-            stmt = stmt.where(col(Asset.id) > after)
+        stmt = paged(stmt, col(Asset.id), id_cursor(cursor, "ast") or None, order)
         rows = list(s.exec(stmt).all())
     more = len(rows) > limit
     rows = rows[:limit]

@@ -13,7 +13,9 @@ route's own parameters (a cache-buster nobody reads may repeat), and an unknown 
 
 from __future__ import annotations
 
-from fastapi import Request
+from typing import Annotated, Any, Literal
+
+from fastapi import Query, Request
 from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -57,3 +59,18 @@ def _query_names(dependant: Dependant) -> set[str]:
     for dependency in dependant.dependencies:
         names |= _query_names(dependency)
     return names
+
+
+Order = Annotated[Literal["asc", "desc"], Query(
+    description="`asc`: oldest first (the default); `desc`: newest first. A page's `next_cursor` goes on in the "
+                "same order.")]
+
+
+def paged(stmt: Any, column: Any, after: Any, order: str) -> Any:
+    """`stmt` ordered by `column` (ids grow with time: they are made under the write lock), from
+    past the cursor `after` in that order."""
+    if order == "desc":
+        stmt = stmt.order_by(column.desc())
+        return stmt if after is None else stmt.where(column < after)
+    stmt = stmt.order_by(column)
+    return stmt if after is None else stmt.where(column > after)

@@ -152,12 +152,22 @@ def test_list_pagination(server: httpx.Client) -> None:
     rest = server.get("/v1/jobs", params={"project_id": project, "limit": 2, "cursor": first["next_cursor"]}).json()
     assert [j["id"] for j in rest["items"]] == jobs[2:]
     assert rest["next_cursor"] is None
+    # Newest first, for a dashboard's latest jobs (they were on the last page only).
+    newest = server.get("/v1/jobs", params={"project_id": project, "limit": 2, "order": "desc"}).json()
+    assert [j["id"] for j in newest["items"]] == jobs[:0:-1] and newest["next_cursor"] == jobs[1]
+    older = server.get("/v1/jobs", params={"project_id": project, "order": "desc", "cursor": jobs[1]}).json()
+    assert [j["id"] for j in older["items"]] == jobs[:1] and older["next_cursor"] is None
+    bad = server.get("/v1/jobs", params={"order": "newest"})
+    assert bad.status_code == 422 and bad.json()["error"]["details"]["errors"][0]["loc"] == ["query", "order"]
     assert server.get("/v1/jobs", params={"project_id": created[1]}).json()["items"] == []
     for job_id in jobs:
         wait_for_job(server, job_id, ("succeeded",))
     assert [j["id"] for j in server.get("/v1/jobs", params={"status": "succeeded"}).json()["items"]] == jobs
     assert server.get("/v1/jobs", params={"status": "running"}).json()["items"] == []
     assert len(server.get("/v1/jobs", params={"stage": "ideation"}).json()["items"]) == 3
+    assets = server.get(f"/v1/projects/{project}/assets").json()["items"]
+    newest = server.get(f"/v1/projects/{project}/assets", params={"order": "desc"}).json()["items"]
+    assert len(assets) > 1 and newest == assets[::-1]
     assert server.get("/v1/jobs", params={"stage": "bridge"}).json()["items"] == []
 
 

@@ -147,6 +147,11 @@ def test_the_ledger_pages_through_every_entry_once(api: httpx.Client) -> None:
             break
     assert pages == 3
     assert seen == whole  # the same entries in the same order, none twice or missing
+    # Newest first, paged the same way back.
+    newest = api.get(f"/v1/projects/{project_id}/ledger", params={"limit": 4, "order": "desc"}).json()
+    assert newest["items"] == whole[:2:-1] and newest["next_cursor"] == str(whole[3]["id"])
+    rest = api.get(f"/v1/projects/{project_id}/ledger", params={"order": "desc", "cursor": newest["next_cursor"]})
+    assert rest.json()["items"] == whole[2::-1] and rest.json()["next_cursor"] is None
 
 
 @pytest.mark.parametrize("body", [{"amount": 0}, {"amount": -5}, {"amount": "lots"}, {}, {"amount": 5, "x": 1}])
