@@ -5,7 +5,9 @@ is switched off so that `transaction()` can issue `BEGIN IMMEDIATE`: the write l
 the start of the transaction, so two writers never both read a balance and both decide it fits.
 On PostgreSQL `transaction()` takes one transaction-scoped advisory lock first, which serialises
 write transactions the same way: ids made in one (and the ledger's sequence numbers) commit in
-the order they were made, so a list cursor (`id > cursor`) never passes over a late commit.
+the order they were made, so a list cursor (`id > cursor`) never passes over a late commit. Such
+a transaction also reads the server's clock, and stamps and judges its rows' times (leases among
+them) by it: hosts whose own clocks differ agree on when a lease runs out (`orchestrator.clock`).
 Writes are short (no transaction waits on an engine), so one writer at a time costs little.
 
 PostgreSQL sessions are pinned to READ COMMITTED whatever the server's default: a writer that
@@ -21,10 +23,10 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
-import time
 import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -37,8 +39,9 @@ from sqlalchemy.exc import OperationalError
 from sqlmodel import Session
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_delay, wait_exponential
 
-from orchestrator import ids
+from orchestrator import clock
 from orchestrator.bells import Bell
+from orchestrator.clock import DatabaseClock
 
 log = logging.getLogger(__name__)
 _IMMEDIATE = "orchestrator_immediate"
@@ -129,12 +132,27 @@ class Database:
         # Tells other processes sharing the database about each commit (see orchestrator.bells);
         # the service sets its own, a bare Database rings nobody.
         self.bell = Bell()
+        # PostgreSQL's clock as the last write transaction read it (see `now`).
+        self._clock: DatabaseClock | None = None
 
     @contextmanager
     def session(self) -> Iterator[Session]:
         """A session for reads (and writes that need no lock ordering)."""
         with Session(self.engine, expire_on_commit=False) as session:
             yield session
+
+    def now(self) -> datetime:
+        """The time by the clock the rows are stamped with (see `orchestrator.clock`), outside a
+        write transaction: for judging a lease read from a row. On PostgreSQL the server's, as the
+        last write transaction read it, carried on by this host's monotonic clock."""
+        if self.is_sqlite:
+            return clock.utcnow()
+        if self._clock is None:
+            with self.session() as s:
+                now = s.connection().execute(text(
+                    "SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::bigint")).scalar_one()
+            self._clock = DatabaseClock(int(now))
+        return clock.at(self._clock())
 
     @contextmanager
     def snapshot(self) -> Iterator[Session]:
@@ -160,7 +178,8 @@ class Database:
                     now = connection.execute(text(
                         "SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::bigint "
                         "FROM (SELECT pg_advisory_xact_lock(:key)) AS locked"), {"key": WRITE_LOCK}).scalar_one()
-                    with ids.clock(_DatabaseClock(int(now))):
+                    self._clock = DatabaseClock(int(now))
+                    with clock.using(self._clock):
                         yield session
                 self.bell.before_commit(session)
             self.bell.after_commit()
@@ -186,19 +205,6 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
-
-
-class _DatabaseClock:
-    """The database server's clock, read as a write transaction takes the write lock and carried
-    on by this host's monotonic clock: transactions take the lock one at a time, so ids made from
-    it sort in commit order whatever the hosts' clocks say."""
-
-    def __init__(self, database_microseconds: int) -> None:
-        self.start = (database_microseconds, time.monotonic_ns() // 1000)
-
-    def __call__(self) -> int:
-        database, monotonic = self.start
-        return database + time.monotonic_ns() // 1000 - monotonic
 
 
 def _tell_retry(state: RetryCallState) -> None:

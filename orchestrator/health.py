@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING, Literal
 
 from sqlmodel import select
 
-from orchestrator.models import EngineHealthRow, utcnow
+from orchestrator.clock import utcnow
+from orchestrator.models import EngineHealthRow
 
 if TYPE_CHECKING:
     from orchestrator.db import Database

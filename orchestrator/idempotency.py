@@ -19,9 +19,10 @@ from pydantic import BaseModel
 from sqlalchemy import delete, or_
 from sqlmodel import Session, col, select
 
+from orchestrator.clock import utcnow
 from orchestrator.db import Database
 from orchestrator.errors import IdempotencyConflict
-from orchestrator.models import IdempotencyKey, Job, utcnow
+from orchestrator.models import IdempotencyKey, Job
 
 # Kept at least this long; a key whose job has not finished is kept until it has.
 TTL = timedelta(hours=48)

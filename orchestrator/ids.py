@@ -6,19 +6,14 @@ from __future__ import annotations
 import os
 import re
 import threading
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
 
+from orchestrator import clock
 from orchestrator.errors import InvalidRequest
 
 _ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"  # Crockford base32, lower case
 _lock = threading.Lock()
 # The last id made, per clock (this host's, or a database's): monotonic within each.
 _last: dict[str, tuple[int, int]] = {}
-# Microseconds since the epoch by the clock ids are made from here (see `clock`); None: this host's.
-_clock: ContextVar[Callable[[], int] | None] = ContextVar("id_clock", default=None)
 ID_RE = re.compile(r"^[a-z]{3}_[0-9a-hjkmnp-tv-z]{26}$")
 _INT_CURSOR = re.compile(r"[0-9]{1,18}")  # ASCII digits only, and always within SQL's BIGINT
 # The ledger's ids are SQL INTEGERs: PostgreSQL refuses a larger number outright (a 500, not a miss).
@@ -33,26 +28,13 @@ def _b32(value: int, length: int) -> str:
     return "".join(reversed(out))
 
 
-@contextmanager
-def clock(microseconds: Callable[[], int]) -> Iterator[None]:
-    """Make the ids of this block (this thread or task) from `microseconds` rather than this host's
-    clock: a PostgreSQL write transaction uses the database's, so that hosts whose clocks differ
-    still make ids in the order their transactions commit (ids are list cursors)."""
-    token = _clock.set(microseconds)
-    try:
-        yield
-    finally:
-        _clock.reset(token)
-
-
 def new_id(prefix: str) -> str:
     """48 bits of milliseconds, 10 of the microsecond within it, 70 random bits; monotonic within
     a process. The microseconds order the ids of two processes made in one millisecond: writes
     are serialised (`Database.transaction`), so an id made in a later transaction is made later,
     and with the random bits alone it would still sort first half of the time."""
-    source = _clock.get()
-    us = source() if source is not None else time.time_ns() // 1000
-    which = "local" if source is None else "database"
+    us = clock.now_us()  # the database's clock in a PostgreSQL write transaction: see `orchestrator.clock`
+    which = "database" if clock.by_database() else "local"
     with _lock:
         ms = us // 1000
         tail = (us % 1000) << 70 | int.from_bytes(os.urandom(9), "big") >> 2

@@ -20,6 +20,7 @@ from sqlalchemy import func, update
 from sqlmodel import Session, col, select
 
 from orchestrator import idempotency
+from orchestrator.clock import utcnow
 from orchestrator.db import Database
 from orchestrator.errors import (
     BudgetExceeded,
@@ -33,7 +34,7 @@ from orchestrator.errors import (
 from orchestrator.events import EventBus
 from orchestrator.ids import new_id
 from orchestrator.ledger import Balance, Ledger
-from orchestrator.models import Asset, Job, Project, utcnow
+from orchestrator.models import Asset, Job, Project
 from orchestrator.routing import Decision, NoUsableEngine, Router
 from orchestrator.schemas import MAX_SEED, MAX_TAGS, DraftCreate, PolishCreate, PromoteCreate, Stage
 from orchestrator.store import ArtifactStore
@@ -455,8 +456,8 @@ class JobService:
 
     def cancel_queued(self, job_id: str) -> bool:
         """Cancel a job no worker holds; False when it is not queued any more."""
-        now = utcnow()
         with self.db.transaction() as s:
+            now = utcnow()
             job = s.get(Job, job_id)
             if job is None:
                 raise NotFound(f"job '{job_id}' not found", details={"job_id": job_id})
@@ -492,8 +493,8 @@ class JobService:
         to cancel it; False when no live holder has it. The holder sees the request when its bell
         rings (or at its next look), stops the job and settles it as its own cancel; its success, should
         it finish first, yields to the request (see `orchestrator.runner`)."""
-        now = utcnow()
         with self.db.transaction() as s:
+            now = utcnow()  # by the clock leases are stamped with (the database's, on PostgreSQL)
             job = s.get(Job, job_id)
             if (job is None or job.status != "running" or job.lease_expires_at is None or job.lease_expires_at <= now
                     or not self.presence.alive(job.lease_owner)):

@@ -15,10 +15,11 @@ import secrets
 from sqlmodel import col, select
 
 from orchestrator import idempotency
+from orchestrator.clock import utcnow
 from orchestrator.db import Database
 from orchestrator.errors import Conflict, NotFound
 from orchestrator.ids import new_id
-from orchestrator.models import ApiKey, utcnow
+from orchestrator.models import ApiKey
 
 # Recognisable in a leaked log or a secret scanner, and tells the admin key apart without a lookup.
 SECRET_PREFIX = "orch_pk_"

@@ -34,8 +34,9 @@ from sqlalchemy import and_, func, literal, update
 from sqlalchemy.orm import aliased
 from sqlmodel import Session, col, select
 
+from orchestrator.clock import utcnow
 from orchestrator.errors import BudgetExceeded, Conflict, NotFound, OrchestratorError
-from orchestrator.models import Job, LedgerEntry, Project, utcnow
+from orchestrator.models import Job, LedgerEntry, Project
 from tiers.base import is_amount, to_credits
 
 log = logging.getLogger(__name__)

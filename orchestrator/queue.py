@@ -33,12 +33,13 @@ from typing import Any, cast
 from sqlalchemy import func, update
 from sqlmodel import col, select
 
+from orchestrator.clock import utcnow
 from orchestrator.db import Database
 from orchestrator.errors import Canceled, OrchestratorError
 from orchestrator.events import EventBus, on_loop
 from orchestrator.jobs import render_request
 from orchestrator.ledger import Ledger
-from orchestrator.models import Job, utcnow
+from orchestrator.models import Job
 from orchestrator.runner import FINAL_WRITE_SECONDS, Claim, JobRunner, reattachable, restartable
 from orchestrator.workers import DeviceLock, Presence, owner_id
 from tiers.base import CancelToken, Engine, Reattachable, Restartable
@@ -622,7 +623,7 @@ class Scheduler:
         self.presence.forget(owner for owner in holding if owner)
 
     def _orphans(self, all_foreign: bool) -> list[Job]:
-        now = utcnow()
+        now = self.db.now()  # the clock leases are stamped by: the database's, on PostgreSQL
         with self.db.session() as s:
             jobs = list(s.exec(select(Job).where(col(Job.status) == "running")).all())
 

@@ -30,6 +30,7 @@ from sqlalchemy import update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, col, select
 
+from orchestrator.clock import utcnow
 from orchestrator.db import Database, disk_full, transient
 from orchestrator.errors import BudgetExceeded, Canceled, ContentUnavailable, EngineError, OrchestratorError
 from orchestrator.events import EventBus
@@ -37,7 +38,7 @@ from orchestrator.health import EngineHealth
 from orchestrator.ids import new_id
 from orchestrator.jobs import cache_key, render_request
 from orchestrator.ledger import Ledger
-from orchestrator.models import Asset, Job, utcnow
+from orchestrator.models import Asset, Job
 from orchestrator.routing import fallbacks, priced
 from orchestrator.store import ArtifactStore, PreviewFiles, encode_png
 from tiers.base import (

@@ -6,11 +6,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from orchestrator import ids
+from orchestrator import clock, ids
 
 
 def made_at(monkeypatch: pytest.MonkeyPatch, ns: int, random: bytes) -> str:
-    monkeypatch.setattr(ids, "time", SimpleNamespace(time_ns=lambda: ns))
+    monkeypatch.setattr(clock, "_host_us", lambda: ns // 1000)
     monkeypatch.setattr(ids, "os", SimpleNamespace(urandom=lambda size: random[:size]))
     return ids.new_id("job")
 

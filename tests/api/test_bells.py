@@ -15,10 +15,11 @@ from sqlalchemy import update
 from sqlmodel import col
 
 from orchestrator.bells import Bell, SocketBell, bell_for
+from orchestrator.clock import utcnow
 from orchestrator.db import Database
 from orchestrator.follow import catch_up
 from orchestrator.ids import new_id
-from orchestrator.models import Job, Project, utcnow
+from orchestrator.models import Job, Project
 from orchestrator.services import Services
 from orchestrator.settings import Settings
 from tests.api import (

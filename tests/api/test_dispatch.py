@@ -18,9 +18,10 @@ from sqlmodel import col, select
 from orchestrator import idempotency
 from orchestrator.api.deps import Caller
 from orchestrator.api.jobs import cancel_job
+from orchestrator.clock import utcnow
 from orchestrator.errors import EngineError, TooManyJobs
 from orchestrator.ids import new_id
-from orchestrator.models import Job, Project, utcnow
+from orchestrator.models import Job, Project
 from orchestrator.runner import Claim
 from orchestrator.schemas import DraftCreate
 from orchestrator.services import Services

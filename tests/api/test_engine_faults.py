@@ -14,9 +14,10 @@ import pytest
 from sqlmodel import col, select
 
 from orchestrator import idempotency
+from orchestrator.clock import utcnow
 from orchestrator.errors import EngineError
 from orchestrator.ids import new_id
-from orchestrator.models import IdempotencyKey, Job, LedgerEntry, Project, utcnow
+from orchestrator.models import IdempotencyKey, Job, LedgerEntry, Project
 from orchestrator.runner import JobRunner
 from orchestrator.services import Services
 from orchestrator.settings import Settings

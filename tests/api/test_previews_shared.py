@@ -22,9 +22,10 @@ from sqlalchemy import update
 from sqlmodel import col
 
 from orchestrator import runner as runner_module
+from orchestrator.clock import utcnow
 from orchestrator.errors import Canceled
 from orchestrator.follow import catch_up
-from orchestrator.models import Job, utcnow
+from orchestrator.models import Job
 from orchestrator.services import Services
 from orchestrator.settings import Settings
 from orchestrator.store import PREVIEW_TEMP_SECONDS, PreviewFiles

@@ -16,9 +16,10 @@ from typing import Any
 import httpx
 import pytest
 
+from orchestrator.clock import utcnow
 from orchestrator.db import Database
 from orchestrator.ids import new_id
-from orchestrator.models import Job, Project, utcnow
+from orchestrator.models import Job, Project
 from orchestrator.queue import MAX_LOCAL_STOPS
 from orchestrator.settings import Settings
 from tests import fakes

@@ -22,10 +22,11 @@ import pytest
 from sqlalchemy import update
 from sqlmodel import col, select
 
+from orchestrator.clock import utcnow
 from orchestrator.events import EVICT_EVERY, HISTORY_TTL, EventBus
 from orchestrator.follow import catch_up
 from orchestrator.ids import new_id
-from orchestrator.models import Asset, Job, LedgerEntry, Project, utcnow
+from orchestrator.models import Asset, Job, LedgerEntry, Project
 from orchestrator.runner import Claim
 from orchestrator.services import Services
 from orchestrator.settings import Settings

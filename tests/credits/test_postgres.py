@@ -399,14 +399,60 @@ def test_ids_made_in_write_transactions_follow_the_database_s_clock_on_postgres(
     try:
         with db.transaction():
             first = new_id("job")
-        behind = time.time_ns() - 5_000_000_000
-        monkeypatch.setattr("orchestrator.ids.time", SimpleNamespace(time_ns=lambda: behind))
+        behind = time.time_ns() // 1000 - 5_000_000
+        monkeypatch.setattr("orchestrator.clock._host_us", lambda: behind)
         monkeypatch.setattr("orchestrator.ids._last", {})  # another host's process
         with db.transaction():
             later = new_id("job")
         assert later > first
     finally:
         db.dispose()
+
+
+def test_leases_are_stamped_and_judged_by_the_database_s_clock_on_postgres(
+        postgres_url: str, tmp_path: Path, paid_settings_for: Callable[..., Settings],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hosts sharing the database: one whose clock ran ten minutes ahead judged another host's
+    live lease run out and took its paid job as an orphan (failed "interrupted", estimate captured);
+    one running behind stamped leases that had run out for everyone else."""
+    from datetime import timedelta
+
+    from orchestrator.clock import utcnow
+    from orchestrator.models import LedgerEntry
+
+    services = Services.build(paid_settings_for(tmp_path / "data", database_url=postgres_url))
+    try:
+        with services.db.session() as s:
+            server_now = s.exec(text("SELECT clock_timestamp()")).one()[0]  # type: ignore[call-overload]
+        ahead = time.time_ns() // 1000 + 600_000_000
+        monkeypatch.setattr("orchestrator.clock._host_us", lambda: ahead + 0)
+        assert utcnow() - server_now > timedelta(minutes=9)  # this host's clock, outside a transaction
+        job_id, lease_left = new_id("job"), timedelta(seconds=90)
+        with services.db.transaction() as s:
+            s.add(Project(id="prj_clock", name="clock", policy=POLICY))
+            s.flush()
+            # Another host's worker: no owner lock here speaks for it, only its lease.
+            s.add(Job(id=job_id, project_id="prj_clock", stage="bridge", engine="fake-paid", model="fake-1",
+                      estimated=10_000, params={"stage": "bridge", "prompt": "x", "negative_prompt": "", "n": 1,
+                                                "seed": 5, "width": 64, "height": 64, "tags": {}},
+                      attempts=[], status="running", attempt=1, lease_owner="gpu-host-7:4242:0",
+                      lease_expires_at=server_now + lease_left))
+            s.flush()
+            s.add(LedgerEntry(project_id="prj_clock", job_id=job_id, kind="hold", amount=10_000, engine="fake-paid"))
+            stamped = utcnow()  # in a write transaction: the server's clock
+        assert abs(stamped - server_now) < timedelta(seconds=30)
+        assert job_id not in {job.id for job in services.scheduler._orphans(False)}
+        assert asyncio.run(services.scheduler.recover(all_foreign=False)) == []
+        with services.db.session() as s:
+            job = s.get(Job, job_id)
+            assert job is not None and job.status == "running" and job.error is None
+        # Once the lease has run out by the server's clock, it is an orphan.
+        with services.db.transaction() as s:
+            s.execute(text("UPDATE jobs SET lease_expires_at = clock_timestamp() - interval '1 second' "
+                           "WHERE id = :id"), {"id": job_id})
+        assert job_id in {job.id for job in services.scheduler._orphans(False)}
+    finally:
+        asyncio.run(services.aclose())
 
 
 def test_spend_is_summed_by_postgres_as_by_sqlite(pg_api: httpx.Client) -> None:

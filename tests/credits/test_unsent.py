@@ -15,10 +15,11 @@ import pytest
 from sqlalchemy import update
 from sqlmodel import col, select
 
+from orchestrator.clock import utcnow
 from orchestrator.db import Database
 from orchestrator.errors import Canceled
 from orchestrator.ids import new_id
-from orchestrator.models import Job, LedgerEntry, Project, utcnow
+from orchestrator.models import Job, LedgerEntry, Project
 from orchestrator.runner import Claim, StaleAttempt
 from orchestrator.server import serve_in_thread
 from orchestrator.services import Services

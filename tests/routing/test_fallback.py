@@ -15,10 +15,11 @@ from typing import Any
 import httpx
 import pytest
 
+from orchestrator.clock import utcnow
 from orchestrator.errors import ContentUnavailable
 from orchestrator.health import EngineHealth
 from orchestrator.jobs import JobService
-from orchestrator.models import Asset, Job, LedgerEntry, Project, utcnow
+from orchestrator.models import Asset, Job, LedgerEntry, Project
 from orchestrator.schemas import PolishCreate, PromoteCreate
 from orchestrator.services import Services
 from tests.routing import assert_error, ledger, promote, run_draft, wait_for_job
