@@ -4,8 +4,8 @@ restarted one) reports the same figures."""
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Mapping
+from typing import Any, get_args
 
 from sqlalchemy import func
 from sqlmodel import col, select
@@ -13,12 +13,15 @@ from sqlmodel import col, select
 from orchestrator.db import Database
 from orchestrator.ledger import charges, open_holds
 from orchestrator.models import Asset, Job, LedgerEntry
-from tiers.base import to_credits
+from orchestrator.schemas import JobStatus
+from tiers.base import STAGES, to_credits
 
 
-def render(db: Database, engines: Iterable[str]) -> str:
+def render(db: Database, engines: Mapping[str, Iterable[str]]) -> str:
     """Jobs by stage, engine and status; assets by stage; credits charged (by engine and stage),
-    held and waiting for reconciliation (by engine, with a 0 for each of `engines` that has none)."""
+    held and waiting for reconciliation (by engine). `engines` (name -> its stages) each get a 0
+    where they have nothing: a series that goes away when its last job moves on reads as "no
+    data" to Prometheus, not 0 (an alert on `status="running"} == 0` never fired)."""
     amount = func.coalesce(func.sum(LedgerEntry.amount), 0)
     with db.snapshot() as s:
         jobs = s.exec(select(Job.stage, Job.engine, Job.status, func.count()).group_by(
@@ -39,11 +42,19 @@ def render(db: Database, engines: Iterable[str]) -> str:
                               .where(col(LedgerEntry.kind) == "capture", col(LedgerEntry.unreconciled))
                               .group_by(LedgerEntry.engine)).all()
     names = list(engines)
+    pairs = {(stage, name) for name, stages in engines.items() for stage in stages}
+    pairs.update((stage, engine) for stage, engine, _, _ in jobs)  # an engine no longer configured
+    job_counts = {(stage, engine, status): 0 for stage, engine in pairs for status in get_args(JobStatus)}
+    job_counts.update(((stage, engine, status), int(n)) for stage, engine, status, n in jobs)
     lines = ["# HELP orchestrator_jobs Jobs by stage, engine and status.", "# TYPE orchestrator_jobs gauge"]
     lines += [f'orchestrator_jobs{{stage="{_label(st)}",engine="{_label(en)}",status="{_label(stat)}"}} {n}'
-              for st, en, stat, n in jobs]
+              for (st, en, stat), n in sorted(job_counts.items())]
+    asset_counts: dict[str, int] = dict.fromkeys(STAGES, 0)
+    asset_counts.update((stage, int(n)) for stage, n in assets)
     lines += ["# HELP orchestrator_assets Assets by stage.", "# TYPE orchestrator_assets gauge"]
-    lines += [f'orchestrator_assets{{stage="{_label(st)}"}} {n}' for st, n in assets]
+    lines += [f'orchestrator_assets{{stage="{_label(st)}"}} {n}' for st, n in asset_counts.items()]
+    for engine, stage in ((engine, stage) for stage, engine in pairs):
+        charged.setdefault((engine, stage), 0)
     # Gauges, not counters: a reconciliation may lower what was charged.
     lines += ["# HELP orchestrator_credits_charged Credits charged to date (captures and reconciliation "
               "adjustments), by engine and stage.", "# TYPE orchestrator_credits_charged gauge"]

@@ -416,7 +416,7 @@ class Services:
         return self.engine_health.state(engine)
 
     def metrics(self) -> str:
-        return metrics_text(self.db, self.registry.names())
+        return metrics_text(self.db, {engine.name: engine.stages for engine in self.registry})
 
     async def aclose(self) -> None:
         tasks = [*self.background,

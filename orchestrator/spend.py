@@ -42,8 +42,13 @@ def spend(s: Session, group_by: GroupBy, start: datetime | None, end: datetime |
     jobs = (select(key, col(LedgerEntry.job_id).label("job_id"))
             .where(*where, col(LedgerEntry.kind) == "capture", col(LedgerEntry.job_id).is_not(None))
             .distinct().subquery())
+    made = col(Asset.job_id) == jobs.c.job_id
+    if group_by == "engine":
+        # A job moved to another engine after the first had (maybe) billed it is captured on both:
+        # its images are counted for the engine that made them only.
+        made &= col(Asset.engine) == jobs.c.key
     images = dict(s.exec(select(jobs.c.key, func.count(col(Asset.id)))
-                         .join(Asset, col(Asset.job_id) == jobs.c.job_id).group_by(jobs.c.key)).all())
+                         .join(Asset, made).group_by(jobs.c.key)).all())
     out = [{"key": str(k), "charged": to_credits(int(charged)), "unreconciled": to_credits(int(unreconciled)),
             "jobs": int(job_count), "images": int(images.get(k, 0))}
            for k, charged, unreconciled, job_count in sorted(rows, key=lambda row: str(row[0]))]

@@ -16,6 +16,7 @@ from orchestrator.server import serve_in_thread
 from orchestrator.settings import Settings
 from tests.api import assert_error
 from tests.credits import PRICE, get_json, ledger, make_draft, project_with_draft, promote_ok, wait_for_job
+from tests.credits.conftest import POLICY
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +130,39 @@ def test_a_project_that_spent_nothing_has_an_empty_report_and_an_unknown_one_is_
     assert_error(missing, 404, "not_found")
 
 
+def test_a_job_moved_to_another_engine_counts_its_images_for_the_engine_that_made_them(tmp_path: Path) -> None:
+    """Captured on its first engine (which may have billed) and moved to another that made its two
+    images, the job counted them under both engines."""
+    from orchestrator.db import Database
+    from orchestrator.models import Asset, Job, LedgerEntry, Project
+    from orchestrator.spend import spend
+
+    db = Database(f"sqlite:///{tmp_path}/o.db")
+    db.migrate()
+    with db.transaction() as s:
+        s.add(Project(id="prj_moved", name="moved", policy=POLICY))
+        s.flush()
+        s.add(Job(id="job_moved", project_id="prj_moved", stage="bridge", engine="engine-b", status="succeeded"))
+        s.flush()
+        for engine, amount in (("engine-a", 1000), ("engine-b", 2000)):
+            hold = LedgerEntry(project_id="prj_moved", job_id="job_moved", kind="hold", amount=amount, engine=engine,
+                               stage="bridge", settled=True)
+            s.add(hold)
+            s.flush()
+            s.add(LedgerEntry(project_id="prj_moved", job_id="job_moved", kind="capture", amount=amount,
+                              engine=engine, stage="bridge", hold_id=hold.id, unreconciled=engine == "engine-a"))
+        for index in range(2):
+            s.add(Asset(id=f"ast_moved{index}", project_id="prj_moved", job_id="job_moved", index=index,
+                        stage="bridge", engine="engine-b", model="m", prompt="x", width=64, height=64,
+                        sha256=f"{index}" * 64))
+    with db.snapshot() as s:
+        by_engine = spend(s, "engine", None, None, None)["groups"]
+        by_stage = spend(s, "stage", None, None, None)["groups"]
+    db.dispose()
+    assert [(g["key"], g["jobs"], g["images"]) for g in by_engine] == [("engine-a", 1, 0), ("engine-b", 1, 2)]
+    assert [(g["key"], g["jobs"], g["images"]) for g in by_stage] == [("bridge", 1, 2)]
+
+
 def test_metrics_tell_credits_charged_held_and_unreconciled(paid_settings_for: Callable[..., Settings],
                                                             tmp_path: Path) -> None:
     """For dashboards that scrape rather than ask /v1/spend (a service of its own: totals)."""
@@ -149,3 +183,10 @@ def test_metrics_tell_credits_charged_held_and_unreconciled(paid_settings_for: C
     assert f'orchestrator_credits_charged{{engine="fake-paid",stage="bridge"}} {7.5 + 2 * PRICE}' in after
     assert f'orchestrator_credits_held{{engine="fake-paid"}} {0.0}' in after  # settled: 0, not absent
     assert 'orchestrator_credits_unreconciled{engine="lite"} 0.0' in after
+    # A series whose last job moved on, or that never had one, reads 0: absent, Prometheus sees no
+    # data, and an alert on `orchestrator_jobs{status="running"} == 0` never fires.
+    assert 'orchestrator_jobs{stage="bridge",engine="fake-paid",status="running"} 1' in text
+    assert 'orchestrator_jobs{stage="bridge",engine="fake-paid",status="running"} 0' in after
+    assert 'orchestrator_jobs{stage="polish",engine="fake-queue",status="canceled"} 0' in after
+    assert 'orchestrator_credits_charged{engine="fake-queue",stage="polish"} 0.0' in after
+    assert 'orchestrator_assets{stage="polish"} 0' in after
