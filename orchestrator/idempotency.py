@@ -28,15 +28,30 @@ from orchestrator.models import IdempotencyKey, Job
 TTL = timedelta(hours=48)
 
 
-def request_hash(body: BaseModel) -> str:
-    canonical = json.dumps(body.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()
+class Digest(str):
+    """A request body's hash, of the fields it sets to other than their defaults: a release that
+    adds a field with a default hashes the bodies of earlier retries as before (hashed with every
+    default, each such release made every retry across it a 409)."""
+
+    # The same body as hashed with every default, as keys stored by earlier releases were (kept
+    # 48 h): a retry across the upgrade is still the same request.
+    legacy: str
+
+
+def _sha256(fields: dict[str, object]) -> str:
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def request_hash(body: BaseModel) -> Digest:
+    digest = Digest(_sha256(body.model_dump(mode="json", exclude_defaults=True)))
+    digest.legacy = _sha256(body.model_dump(mode="json"))
+    return digest
 
 
 def recall(s: Session, key: str, scope: str, digest: str) -> IdempotencyKey | None:
     """The earlier request with this key, or None; 409 when it came with another body."""
     row = s.get(IdempotencyKey, (key, scope))
-    if row is not None and row.request_hash != digest:
+    if row is not None and row.request_hash not in (digest, getattr(digest, "legacy", digest)):
         raise IdempotencyConflict("this Idempotency-Key was used with a different request body",
                                   details={"idempotency_key": key})
     return row

@@ -144,20 +144,32 @@ class Reconcile(Strict):
 
 
 @router.post("/projects/{project_id}/ledger/{entry_id}/reconcile", status_code=201, response_model=LedgerEntryPublic,
-             responses=documented(403, 404, 409, 413, 415))
-def reconcile(project_id: str, entry_id: str, body: Reconcile, services: ServicesDep,
-              caller: CallerDep) -> LedgerEntryPublic:
+             responses={**created(None, replayable=True), **documented(403, 404, 409, 413, 415)})
+def reconcile(project_id: str, entry_id: str, body: Reconcile, services: ServicesDep, caller: CallerDep,
+              request: Request, response: Response, idempotency_key: IdempotencyKey = None) -> LedgerEntryPublic:
     """Settle an `unreconciled` capture (a call whose outcome was unknown, charged at its estimate)
     with the invoiced cost: answers the `adjustment` entry of the difference (admin key only). A
-    capture is reconciled once; again is 409."""
+    capture is reconciled once; again is 409, unless sent with the first one's `Idempotency-Key`
+    (and body), which answers with its entry: a client whose answer was lost learns it succeeded."""
     caller.project(project_id)
     caller.admin("reconciling the ledger")
     if not _ENTRY_ID.fullmatch(entry_id) or int(entry_id) > MAX_INT_ID:
         raise NotFound(f"ledger entry '{entry_id}' not found", details={"entry_id": entry_id})
+    scope, digest = request.url.path, idempotency.request_hash(body)
     with services.db.transaction() as s:
         services.ledger.lock_project(s, project_id)
+        earlier = idempotency.recall(s, idempotency_key, scope, digest) if idempotency_key else None
+        if earlier is not None:
+            assert earlier.ledger_entry_id is not None  # the scope is this path: this entry's reconcile
+            replayed = s.get(LedgerEntry, earlier.ledger_entry_id)
+            assert replayed is not None
+            response.headers["Idempotent-Replayed"] = "true"
+            return _entry(replayed)
         adjustment = services.ledger.reconcile(s, project_id, int(entry_id), to_millicredits(body.charged), body.note)
         s.flush()
+        if idempotency_key:
+            assert adjustment.id is not None
+            idempotency.remember(s, idempotency_key, scope, digest, ledger_entry_id=adjustment.id)
         return _entry(adjustment)
 
 

@@ -114,9 +114,13 @@ async def require_auth(services: ServicesDep, request: Request,
 CallerDep = Annotated[Caller, Depends(require_auth)]
 
 
+MAX_KEY = 255  # characters, as the column keeps them
+
+
 async def idempotency_key(
     request: Request,
-    key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=255, min_length=1)] = None,
+    key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=4 * MAX_KEY, min_length=1,
+                                      description=f"UTF-8 text of at most {MAX_KEY} characters")] = None,
 ) -> str | None:
     # Two keys on one request: whichever one we kept, a retry sending the other would run twice.
     if len(request.headers.getlist("idempotency-key")) > 1:
@@ -128,11 +132,24 @@ async def idempotency_key(
     # Whitespace around a header value is not part of it (RFC 9110): a proxy or client that trims
     # it must not turn a retry into a second job.
     key = key.strip(" \t")
+    try:
+        # Header values reach us as latin-1: the bytes of a UTF-8 key (`clé`) read as `clÃ©`.
+        key = key.encode("latin-1").decode("utf-8")
+    except UnicodeDecodeError:
+        raise _bad_key("the Idempotency-Key header must be UTF-8 text", "not UTF-8") from None
+    if len(key) > MAX_KEY:
+        raise _bad_key(f"the Idempotency-Key header is longer than {MAX_KEY} characters",
+                       f"more than {MAX_KEY} characters")
     if not key:
         raise InvalidRequest("the Idempotency-Key header is empty",
                              details={"errors": [{"loc": ["header", "Idempotency-Key"], "type": "value_error",
                                                   "msg": "an empty key"}]})
     return key
+
+
+def _bad_key(message: str, why: str) -> InvalidRequest:
+    return InvalidRequest(message, details={"errors": [{"loc": ["header", "Idempotency-Key"], "type": "value_error",
+                                                        "msg": why}]})
 
 
 IdempotencyKey = Annotated[str | None, Depends(idempotency_key)]

@@ -126,6 +126,65 @@ def test_invalid_keys(server: httpx.Client) -> None:
     assert job_count(server) == 0
 
 
+def test_keys_are_utf_8_text(server: httpx.Client) -> None:
+    """Header values arrive as latin-1: a key `clé-été` was kept (and named in a 409) as
+    `clÃ©-Ã©tÃ©`, and its length counted in bytes."""
+    project = create_project(server)["id"]
+    key = "clé-été"
+    job_id = post_key(server, project, BODY, key.encode()).json()["id"]
+    assert post_key(server, project, BODY, key.encode()).json()["id"] == job_id
+    error = assert_error(post_key(server, project, {**BODY, "seed": 4}, key.encode()), 409, "idempotency_conflict")
+    assert error["details"]["idempotency_key"] == key
+    assert post_key(server, project, BODY, ("é" * 255).encode()).status_code == 202  # 255 characters, 510 bytes
+    error = assert_error(post_key(server, project, BODY, ("é" * 256).encode()), 422, "invalid_request")
+    assert "255 characters" in error["message"]
+    error = assert_error(post_key(server, project, BODY, b"k\xff"), 422, "invalid_request")
+    assert error["message"] == "the Idempotency-Key header must be UTF-8 text"
+    assert job_count(server) == 2
+
+
+def post_key(client: httpx.Client, project: str, body: dict[str, Any], key: bytes) -> httpx.Response:
+    return client.post(f"/v1/projects/{project}/drafts", json=body, headers={"Idempotency-Key": key})
+
+
+def test_a_field_added_with_a_default_keeps_the_hash_of_earlier_bodies() -> None:
+    """Bodies were hashed with every default: a release adding a field made every retry across
+    it (keys live 48 h) a 409. Keys stored by those releases still match their retries."""
+    from orchestrator import idempotency
+
+    class DraftCreateNext(DraftCreate):
+        style: str | None = None
+
+    body = {"prompt": "a lighthouse", "n": 1, "seed": 3, **SMALL}
+    before, after = idempotency.request_hash(DraftCreate(**body)), idempotency.request_hash(DraftCreateNext(**body))
+    assert before == after
+    assert idempotency.request_hash(DraftCreate(**body, negative_prompt="")) == before  # a default written out
+    assert before.legacy != before
+
+
+def test_a_key_stored_by_an_earlier_release_still_replays(server: httpx.Client,
+                                                          make_settings: SettingsFactory) -> None:
+    from sqlalchemy import update
+    from sqlmodel import col
+
+    from orchestrator import idempotency
+    from orchestrator.db import Database
+    from orchestrator.models import IdempotencyKey
+
+    project = create_project(server)["id"]
+    job_id = post(server, project, BODY, "old-key").json()["id"]
+    db = Database(make_settings().resolved_database_url)
+    try:
+        with db.transaction() as s:  # as a release hashing every default kept it
+            s.execute(update(IdempotencyKey).where(col(IdempotencyKey.key) == "old-key")
+                      .values(request_hash=idempotency.request_hash(DraftCreate(**BODY)).legacy))
+    finally:
+        db.dispose()
+    again = post(server, project, BODY, "old-key")
+    assert again.json()["id"] == job_id and again.headers["idempotent-replayed"] == "true"
+    assert_error(post(server, project, {**BODY, "seed": 9}, "old-key"), 409, "idempotency_conflict")
+
+
 def test_concurrent_requests_with_one_key_make_one_job(server: httpx.Client) -> None:
     project = create_project(server)["id"]
     start = threading.Barrier(8)

@@ -53,7 +53,9 @@ def test_an_invoice_below_the_estimate_gives_the_difference_back(api: httpx.Clie
     listed = get_json(api, f"/v1/projects/{project_id}/ledger", unreconciled="true")["items"]
     assert [e["id"] for e in listed] == [capture["id"]]
 
-    response = reconcile(api, project_id, capture["id"], charged=4, note="invoice 2026-11 #77")
+    path = f"/v1/projects/{project_id}/ledger/{capture['id']}/reconcile"
+    body = {"charged": 4, "note": "invoice 2026-11 #77"}
+    response = api.post(path, json=body, headers={"Idempotency-Key": "invoice-77"})
     assert response.status_code == 201, response.text
     adjustment = response.json()
     assert (adjustment["kind"], adjustment["amount"], adjustment["job_id"]) == ("adjustment", 4 - PRICE, job_id)
@@ -74,6 +76,13 @@ def test_an_invoice_below_the_estimate_gives_the_difference_back(api: httpx.Clie
     # Once per capture.
     error = assert_error(reconcile(api, project_id, capture["id"], charged=4), 409, "conflict")
     assert "reconciled already" in error["message"]
+    # Unless sent again with its key (the header was ignored: a client whose answer was lost got
+    # that 409, and could not tell its own success from someone else's reconcile).
+    again = api.post(path, json=body, headers={"Idempotency-Key": "invoice-77"})
+    assert (again.status_code, again.json()) == (201, adjustment)
+    assert again.headers["idempotent-replayed"] == "true"
+    assert_error(api.post(path, json={**body, "charged": 5}, headers={"Idempotency-Key": "invoice-77"}), 409,
+                 "idempotency_conflict")
     assert len(ledger(api, project_id)) == len(entries)
 
 
