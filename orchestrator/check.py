@@ -308,7 +308,9 @@ def _asset_pages(engine: Engine) -> Iterator[list[tuple[str, str]]]:
     after = ""
     while True:
         with Session(engine) as s:
-            rows = list(s.exec(select(Asset.id, Asset.sha256).where(col(Asset.id) > after)
+            # A deleted asset's file is the sweep's to remove: its absence is no finding.
+            rows = list(s.exec(select(Asset.id, Asset.sha256).where(col(Asset.id) > after,
+                                                                    col(Asset.deleted_at).is_(None))
                                .order_by(col(Asset.id)).limit(PAGE)).all())
         if not rows:
             return

@@ -92,6 +92,19 @@ class Conflict(OrchestratorError):
     code, status = "conflict", 409
 
 
+class Gone(OrchestratorError):
+    """An asset deleted through the API: its id stays known (a job, a lineage names it), its
+    image is not served any more."""
+
+    code, status = "gone", 410
+
+
+def gone(asset: Any) -> Gone:
+    """The error for a deleted asset (an `orchestrator.models.Asset`)."""
+    when = asset.deleted_at.isoformat().replace("+00:00", "Z")
+    return Gone(f"asset '{asset.id}' was deleted", details={"asset_id": asset.id, "deleted_at": when})
+
+
 class IdempotencyConflict(Conflict):
     code = "idempotency_conflict"
 

@@ -79,7 +79,8 @@ def mismatch(s: Session, store: ArtifactStore, found: str | None, *,
                 f"{bound.store_id}. Point ORCH_DATA_DIR and ORCH_DATABASE_URL at one install")
     # Not bound yet (a new install, or one from before stores had ids): the folder is taken if it
     # holds the database's latest images, or if neither has any.
-    recent = [sha for sha in s.exec(select(col(Asset.sha256)).order_by(col(Asset.id).desc()).limit(RECENT_ASSETS))
+    recent = [sha for sha in s.exec(select(col(Asset.sha256)).where(col(Asset.deleted_at).is_(None))  # files swept
+                                    .order_by(col(Asset.id).desc()).limit(RECENT_ASSETS))
               if SHA_RE.fullmatch(sha)]  # a malformed one (a hand-edited row) is `check`'s to name
     if recent:
         if any(store.path_for(sha).is_file() for sha in recent):

@@ -30,6 +30,7 @@ from orchestrator.errors import (
     NotFound,
     OrchestratorError,
     TooManyJobs,
+    gone,
 )
 from orchestrator.events import EventBus
 from orchestrator.ids import new_id
@@ -175,6 +176,8 @@ class JobService:
             asset = s.get(Asset, asset_id)
         if asset is None:
             raise NotFound(f"asset '{asset_id}' not found", details={"asset_id": asset_id})
+        if asset.deleted_at is not None:
+            raise gone(asset)
         try:
             # Read whole, as the runner will: a job that can never run is refused now, not failed
             # later (it would also hold credits). A damaged file keeps its size and its name.
@@ -251,6 +254,11 @@ class JobService:
                     existing = self._replay_in(s, idempotency_key, scope, digest)
                     if existing is not None:
                         return existing, False
+                # Deleted since it was read? (A delete looks for the jobs of its asset under this lock.)
+                if job.source_asset_id is not None:
+                    source = s.get(Asset, job.source_asset_id)
+                    if source is not None and source.deleted_at is not None:
+                        raise gone(source)
                 cached = self._cached(s, job) if job.cache_key else None
                 if not cached:
                     self._check_pending(s, project)
@@ -331,8 +339,9 @@ class JobService:
             return []
         assets = list(s.exec(select(Asset).where(col(Asset.job_id) == earlier.id).order_by(col(Asset.index))).all())
         # A copy of a file that is gone (removed by hand, a lost disk) or damaged would be charged
-        # nothing and serve nothing: rendered again instead (whose bytes then mend the file).
-        return assets if all(self._intact(asset.sha256) for asset in assets) else []
+        # nothing and serve nothing: rendered again instead (whose bytes then mend the file). So is
+        # one of a deleted asset: its file is the sweep's, and a copy's row does not refresh it.
+        return assets if all(asset.deleted_at is None and self._intact(asset.sha256) for asset in assets) else []
 
     def _intact(self, sha256: str) -> bool:
         try:

@@ -131,6 +131,9 @@ class Asset(SQLModel, table=True):
     sha256: str = Field(max_length=64, index=True)
     record: dict[str, Any] = Field(default_factory=dict, sa_type=sa.JSON, nullable=False)
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime, nullable=False)
+    # Deleted through the API: the row stays (its job, its ledger entries and its lineage name it),
+    # its image is no longer served, and the asset sweep removes the file once no live row names it.
+    deleted_at: datetime | None = _ts()
 
 
 class IdempotencyKey(SQLModel, table=True):

@@ -438,6 +438,8 @@ class AssetPublic(BaseModel):
     content_url: str
     record: dict[str, Any] = Field(description="the whole generation record (steps, guidance, sampler, "
                                    "strength, ...), as the PNG's `orchestrator` chunk holds it")
+    deleted_at: datetime | None = Field(None, description="when it was deleted (`DELETE /v1/assets/{id}`): only "
+                                        "a lineage lists a deleted asset, whose content is then 410 `gone`")
 
 
 class Lineage(BaseModel):

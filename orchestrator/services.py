@@ -37,7 +37,7 @@ from orchestrator.routing import Router
 from orchestrator.runner import JobRunner
 from orchestrator.schemas import MAX_CREDITS
 from orchestrator.settings import CONFIG_FILE_VARIABLE, Settings
-from orchestrator.store import ArtifactStore, PreviewFiles, SweepRefused
+from orchestrator.store import ORPHAN_GRACE_SECONDS, ArtifactStore, PreviewFiles, SweepRefused
 from orchestrator.workers import DeviceLock, Presence
 from policies import PolicyStore
 from tiers._local import LocalRuntime
@@ -349,26 +349,33 @@ class Services:
                     log.info("sharing engine health works again")
                 failing = False
 
+    def sweep_asset_files(self, older_than: float = ORPHAN_GRACE_SECONDS) -> int:
+        """Remove the asset files no live asset names, deleted assets' among them; how many."""
+        def named(shas: list[str], deleted: bool) -> set[str]:
+            with self.db.session() as s:
+                gone = col(Asset.deleted_at).is_not(None) if deleted else col(Asset.deleted_at).is_(None)
+                return set(s.exec(select(Asset.sha256).where(col(Asset.sha256).in_(shas), gone).distinct()))
+
+        return self.store.sweep_orphans(lambda shas: named(shas, False), older_than,
+                                        deleted=lambda shas: named(shas, True))
+
     async def _sweep_assets(self) -> None:
         """Asset files no row names (`ArtifactStore.sweep_orphans`) and old temp files: at start,
         then every `ORPHAN_SWEEP_SECONDS`."""
-        def referenced(shas: list[str]) -> set[str]:
-            with self.db.session() as s:
-                return set(s.exec(select(Asset.sha256).where(col(Asset.sha256).in_(shas)).distinct()))
-
         while True:
             try:
                 # A temp file left by a crash, once it is old enough to be no one's write in progress:
                 # a service restarted right after the crash would otherwise keep it until its next start.
                 await asyncio.to_thread(self.store.sweep_temp)
-                removed = await asyncio.to_thread(self.store.sweep_orphans, referenced)
+                removed = await asyncio.to_thread(self.sweep_asset_files)
             except SweepRefused as exc:
                 log.error("asset sweep refused: %s", exc)
             except Exception:
                 log.exception("asset sweep failed")
             else:
                 if removed:
-                    log.info("removed %d asset files no asset names (jobs canceled while storing them)", removed)
+                    log.info("removed %d asset files no live asset names (deleted assets', jobs canceled "
+                             "while storing them)", removed)
             await asyncio.sleep(ORPHAN_SWEEP_SECONDS)
 
     async def start(self) -> None:

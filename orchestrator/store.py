@@ -52,6 +52,9 @@ RECORD_CHUNK = "orchestrator"
 # where the default level 6 takes 124 ms, for a file of about the same size (295 vs 303 KiB).
 PNG_COMPRESS_LEVEL = 4
 RECENT_BYTES = 32 * 2**20
+# How long a just-made asset's bytes are served from memory without asking the database: an asset
+# deleted through another process is served from here no longer than this.
+RECENT_SECONDS = 30.0
 # A temp preview file younger than this may be another process's write in progress.
 PREVIEW_TEMP_SECONDS = 60.0
 # An asset file no row names yet, younger than this, may be a finishing job's (its transaction
@@ -184,12 +187,12 @@ class RecentContent:
 
     Clients read a job's images right after its terminal event, and an asset never changes once
     its row is committed, so those reads need neither the database nor the disk. Only committed
-    assets are added. Thread-safe.
+    assets are added, and each is kept `RECENT_SECONDS` (it may be deleted). Thread-safe.
     """
 
     def __init__(self, max_bytes: int = RECENT_BYTES) -> None:
         self.max_bytes = max_bytes
-        self._items: OrderedDict[str, tuple[str, bytes]] = OrderedDict()
+        self._items: OrderedDict[str, tuple[str, bytes, float]] = OrderedDict()
         self._size = 0
         self._lock = threading.Lock()
 
@@ -200,18 +203,31 @@ class RecentContent:
             old = self._items.pop(asset_id, None)
             if old is not None:
                 self._size -= len(old[1])
-            self._items[asset_id] = (sha256, data)
+            self._items[asset_id] = (sha256, data, time.monotonic())
             self._size += len(data)
             while self._size > self.max_bytes:
-                _, (_, dropped) = self._items.popitem(last=False)
+                _, (_, dropped, _) = self._items.popitem(last=False)
                 self._size -= len(dropped)
 
     def get(self, asset_id: str) -> tuple[str, bytes] | None:
         with self._lock:
             found = self._items.get(asset_id)
+            if found is None:
+                return None
+            sha256, data, added = found
+            if time.monotonic() - added > RECENT_SECONDS:
+                # Another process may have deleted it since: read again through the database.
+                del self._items[asset_id]
+                self._size -= len(data)
+                return None
+            self._items.move_to_end(asset_id)
+            return sha256, data
+
+    def remove(self, asset_id: str) -> None:
+        with self._lock:
+            found = self._items.pop(asset_id, None)
             if found is not None:
-                self._items.move_to_end(asset_id)
-            return found
+                self._size -= len(found[1])
 
     @property
     def size(self) -> int:
@@ -330,10 +346,12 @@ class ArtifactStore:
         return data
 
     def sweep_orphans(self, referenced: Callable[[list[str]], Collection[str]],
-                      older_than: float = ORPHAN_GRACE_SECONDS) -> int:
+                      older_than: float = ORPHAN_GRACE_SECONDS, *,
+                      deleted: Callable[[list[str]], Collection[str]] | None = None) -> int:
         """Remove asset files that no asset row names and that were last written (or `put`) more
         than `older_than` seconds ago; returns how many. `referenced` gets a batch of sha256s and
-        answers those some row names.
+        answers those some live row names; `deleted`, those only deleted assets' rows name (files
+        the database knows it let go of: however many, they are no sign of a foreign database).
 
         A file is renamed aside (a name of this sweep's own) before its age is looked at again: a
         `put` of the same bytes either refreshed it before (it is renamed back) or finds no file
@@ -360,20 +378,22 @@ class ArtifactStore:
             except OSError:  # gone since the listing, or unreadable: not this sweep's
                 continue
         orphans: list[Path] = []
+        let_go: list[Path] = []  # named by deleted assets only
         leftovers: list[Path] = []
         named_any = False
         shas = list(candidates)
         for start in range(0, len(shas), ORPHAN_BATCH):
             batch = shas[start:start + ORPHAN_BATCH]
             named = set(referenced(batch))
-            named_any = named_any or bool(named)
+            gone = set(deleted(batch)) - named if deleted is not None else set()
+            named_any = named_any or bool(named) or bool(gone)
             for sha in batch:
                 for path in candidates[sha]:
                     if sha in named:
                         if path.name.startswith(".gc-"):
                             leftovers.append(path)
                     else:
-                        orphans.append(path)
+                        (let_go if sha in gone else orphans).append(path)
         if orphans and not named_any and young:
             # An install younger than the grace: its rows name its new files, not its old orphans
             # (an error was logged, and nothing removed, on a healthy install).
@@ -384,7 +404,7 @@ class ArtifactStore:
                                "database: is it the database this data dir belongs to? Nothing was removed")
         for path in leftovers:
             self._set_aside(path, keep=True, cutoff=cutoff)
-        return sum(self._set_aside(path, keep=False, cutoff=cutoff) for path in orphans)
+        return sum(self._set_aside(path, keep=False, cutoff=cutoff) for path in [*let_go, *orphans])
 
     def _set_aside(self, path: Path, *, keep: bool, cutoff: float) -> int:
         """Settle one candidate; returns 1 when it was removed."""

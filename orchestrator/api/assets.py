@@ -1,37 +1,74 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Request, Response
+from sqlalchemy import update
 from sqlmodel import Session, col, select
 
-from orchestrator.api.deps import CallerDep, ServicesDep, check_asset
+from orchestrator.api.deps import Caller, CallerDep, ServicesDep
 from orchestrator.api.errors import documented
 from orchestrator.api.serialize import asset_public
-from orchestrator.errors import NotFound
-from orchestrator.models import Asset
+from orchestrator.clock import utcnow
+from orchestrator.errors import Conflict, NotFound, gone
+from orchestrator.models import Asset, Job
 from orchestrator.schemas import AssetPublic, Lineage
 from orchestrator.services import Services
 
+log = logging.getLogger(__name__)
 router = APIRouter(tags=["assets"])
+MAX_LISTED_JOBS = 20  # named in a refused delete's details
 MAX_ANCESTORS = 100
 MAX_DESCENDANTS = 1000
 
 
-def _get(s: Session, asset_id: str) -> Asset:
+def _get(s: Session, caller: Caller, asset_id: str) -> Asset:
+    """The caller's asset; 404 for an unknown one (or another project's), 410 for a deleted one."""
     asset = s.get(Asset, asset_id)
     if asset is None:
         raise NotFound(f"asset '{asset_id}' not found", details={"asset_id": asset_id})
+    caller.asset(asset)
+    if asset.deleted_at is not None:
+        raise gone(asset)
     return asset
 
 
-@router.get("/assets/{asset_id}", response_model=AssetPublic, responses=documented(404))
+@router.get("/assets/{asset_id}", response_model=AssetPublic, responses=documented(404, 410))
 def get_asset(asset_id: str, services: ServicesDep, caller: CallerDep) -> AssetPublic:
     """An image's metadata: its project, job, stage, parent (lineage), engine, model, prompt,
     seed, size, sha256, the whole generation record (`record`) and where its bytes are (`content_url`)."""
     with services.db.session() as s:
-        return asset_public(caller.asset(_get(s, asset_id)))
+        return asset_public(_get(s, caller, asset_id))
+
+
+@router.delete("/assets/{asset_id}", status_code=204, response_class=Response, responses={
+    204: {"description": "Deleted (or deleted already)."}, **documented(404, 409)})
+def delete_asset(asset_id: str, services: ServicesDep, caller: CallerDep) -> Response:
+    """Delete an image: its metadata and content answer 410 `gone` from now on, it is no longer
+    listed, promoted or polished, and its file leaves the disk at the next asset sweep once no
+    other asset has the same bytes. Its row stays, for the job that made it, the ledger and the
+    lineage of its descendants (which list it with `deleted_at`). Refused (409) while an
+    unfinished job starts from it: cancel that job first. Deleting it again changes nothing."""
+    with services.db.transaction() as s:
+        asset = s.get(Asset, asset_id)
+        if asset is None:
+            raise NotFound(f"asset '{asset_id}' not found", details={"asset_id": asset_id})
+        caller.asset(asset)
+        if asset.deleted_at is None:
+            # Under the write lock: a promote committing its job takes it too and checks the
+            # source again (`JobService.submit`), so no job can start from a deleted asset.
+            using = list(s.exec(select(Job.id).where(col(Job.source_asset_id) == asset_id,
+                                                     col(Job.status).in_(("queued", "running")))
+                                .order_by(col(Job.id)).limit(MAX_LISTED_JOBS)).all())
+            if using:
+                raise Conflict(f"asset '{asset_id}' is the source of unfinished jobs: cancel them or let them "
+                               "finish first", details={"asset_id": asset_id, "jobs": using})
+            s.execute(update(Asset).where(col(Asset.id) == asset_id).values(deleted_at=utcnow()))
+    services.store.recent.remove(asset_id)
+    log.info("asset %s deleted", asset_id)
+    return Response(status_code=204)
 
 
 _CONTENT_HEADERS = {
@@ -41,7 +78,7 @@ _CONTENT_HEADERS = {
 
 @router.get("/assets/{asset_id}/content", response_class=Response, responses={
     200: {"content": {"image/png": {}}, "description": "The image.", "headers": _CONTENT_HEADERS},
-    304: {"description": "If-None-Match holds the ETag.", "headers": _CONTENT_HEADERS}, **documented(404, 500)})
+    304: {"description": "If-None-Match holds the ETag.", "headers": _CONTENT_HEADERS}, **documented(404, 410, 500)})
 async def get_content(
     asset_id: str, services: ServicesDep, caller: CallerDep, request: Request,
     if_none_match: Annotated[str | None, Header(description=(
@@ -51,11 +88,13 @@ async def get_content(
     """The PNG: an AUTOMATIC1111 `parameters` text chunk and a JSON chunk with the whole generation
     record (parent included). Immutable: cache it by its `ETag` (`If-None-Match` gets a 304)."""
     # A just-made asset is served from memory without leaving the event loop; others are read
-    # from the database and the disk on a worker thread.
-    if caller.project_id is not None:
-        await asyncio.to_thread(check_asset, services, caller, asset_id)
+    # from the database and the disk on a worker thread. A project key's is read first, whose
+    # project must be the asset's.
     found = services.store.recent.get(asset_id)
-    sha256 = found[0] if found is not None else await asyncio.to_thread(_sha256, services, asset_id)
+    if found is None or caller.project_id is not None:
+        sha256 = await asyncio.to_thread(_sha256, services, caller, asset_id)
+    else:
+        sha256 = found[0]
     etag = f'"{sha256}"'
     # Saved as `<asset id>.png` (by `curl -OJ`, a browser), not as "content".
     headers = {"ETag": etag, "Cache-Control": "private, max-age=31536000, immutable",
@@ -71,9 +110,9 @@ async def get_content(
     return Response(data, media_type="image/png", headers=headers)
 
 
-def _sha256(services: Services, asset_id: str) -> str:
+def _sha256(services: Services, caller: Caller, asset_id: str) -> str:
     with services.db.session() as s:
-        return _get(s, asset_id).sha256
+        return _get(s, caller, asset_id).sha256
 
 
 def _read_content(services: Services, asset_id: str, sha256: str) -> bytes:
@@ -82,12 +121,13 @@ def _read_content(services: Services, asset_id: str, sha256: str) -> bytes:
     return data
 
 
-@router.get("/assets/{asset_id}/lineage", response_model=Lineage, responses=documented(404))
+@router.get("/assets/{asset_id}/lineage", response_model=Lineage, responses=documented(404, 410))
 def lineage(asset_id: str, services: ServicesDep, caller: CallerDep) -> Lineage:
     """Ancestors root first (draft -> bridge -> ...), and every descendant, breadth first (all in
-    the asset's project: promotions and polishes stay in their source's)."""
+    the asset's project: promotions and polishes stay in their source's). Deleted ones are listed
+    too, with their `deleted_at`: the chain has no gap."""
     with services.db.session() as s:
-        asset = caller.asset(_get(s, asset_id))
+        asset = _get(s, caller, asset_id)
         ancestors: list[Asset] = []
         parent_id = asset.parent_id
         while parent_id and len(ancestors) < MAX_ANCESTORS:

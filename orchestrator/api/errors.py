@@ -38,6 +38,8 @@ _DOCUMENTED = {
     404: "No such id (`not_found`).",
     409: "The Idempotency-Key was used with another body (`idempotency_conflict`), the job has already "
          "finished (`job_finished`), or the request conflicts with the service's state (`conflict`).",
+    410: "The asset was deleted (`gone`): its metadata, image and lineage are not served, nor is it a "
+         "source any more.",
     413: "The body is larger than ORCH_MAX_BODY_BYTES (`payload_too_large`).",
     415: "The body was not sent as `Content-Type: application/json`.",
     422: "Invalid input (`invalid_request`), or no engine may take the request (`no_route`).",

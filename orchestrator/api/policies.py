@@ -125,7 +125,7 @@ class ExplainRequest(Strict):
 
 
 @router.post("/route/explain", response_model=RouteExplanation,
-             responses=documented(402, 404, 413, 415, 429, 503))
+             responses=documented(402, 404, 410, 413, 415, 429, 503))
 def explain(body: ExplainRequest, services: ServicesDep, caller: CallerDep) -> dict[str, Any]:
     """The routing decision and estimate for a request, without running or charging anything.
     With a project key, `project_id` may be left out: the key names the project."""

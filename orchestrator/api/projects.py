@@ -154,7 +154,8 @@ def list_project_assets(project_id: str, services: ServicesDep, caller: CallerDe
     caller.project(project_id)
     _get(services, project_id)
     with services.db.session() as s:
-        stmt = select(Asset).where(col(Asset.project_id) == project_id).limit(limit + 1)
+        stmt = (select(Asset).where(col(Asset.project_id) == project_id, col(Asset.deleted_at).is_(None))
+                .limit(limit + 1))
         if stage:
             stmt = stmt.where(col(Asset.stage) == stage)
         stmt = paged(stmt, col(Asset.id), id_cursor(cursor, "ast") or None, order)

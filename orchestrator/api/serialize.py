@@ -44,4 +44,5 @@ def asset_public(a: Asset) -> AssetPublic:
         created_at=a.created_at, content_url=f"/v1/assets/{a.id}/content",
         # As the PNG holds it: the model by name, not by the server's path to it.
         record={**a.record, "model": model_name(a.record.get("model"))} if a.record else {},
+        deleted_at=a.deleted_at,
     )

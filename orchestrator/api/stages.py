@@ -22,7 +22,7 @@ _HEADERS = {
 }
 ACCEPTED: dict[int | str, dict[str, Any]] = {
     202: {"description": "The job, committed (its estimate held) before this answer.", "headers": _HEADERS}}
-PAID_ERRORS = {**ACCEPTED, **documented(402, 404, 409, 413, 415, 429, 500, 503)}
+PAID_ERRORS = {**ACCEPTED, **documented(402, 404, 409, 410, 413, 415, 429, 500, 503)}
 # Every field of promote and polish has a default, so their body may be left out (the same as `{}`).
 PromoteBody = Annotated[PromoteCreate, Body(default_factory=PromoteCreate)]
 PolishBody = Annotated[PolishCreate, Body(default_factory=PolishCreate)]

@@ -20,7 +20,7 @@ PROJECT_KEYS = {"id", "name", "policy", "budget", "created_at"}
 JOB_KEYS = {"id", "project_id", "stage", "engine", "status", "params", "progress", "assets", "source_asset_id",
             "error", "cost", "routing", "attempts", "created_at", "started_at", "finished_at"}
 ASSET_KEYS = {"id", "project_id", "job_id", "stage", "parent_id", "engine", "model", "prompt", "negative_prompt",
-              "seed", "width", "height", "sha256", "created_at", "content_url", "record"}
+              "seed", "width", "height", "sha256", "created_at", "content_url", "record", "deleted_at"}
 REMOTE = ("gemini", "openai", "stability", "replicate", "fal")
 
 

@@ -151,6 +151,13 @@ def test_another_projects_resources_read_as_missing(world: World) -> None:
     assert world.admin.get(f"/v1/projects/{b}/budget").json()["granted"] == 0
 
 
+def test_a_key_deletes_its_own_project_s_assets_only(world: World) -> None:
+    assert_error(world.mine.delete(f"/v1/assets/{world.asset_b}"), 404, "not_found")
+    assert world.admin.get(f"/v1/assets/{world.asset_b}").status_code == 200
+    assert world.mine.delete(f"/v1/assets/{world.asset_a}").status_code == 204
+    assert_error(world.mine.get(f"/v1/assets/{world.asset_a}/content"), 410, "gone")
+
+
 def test_every_route_with_an_id_keeps_another_project_out(world: World) -> None:
     """A guard for routes added later: every operation of the document that takes a project, job
     or asset id answers another project's as it answers an id that does not exist, never 2xx."""
