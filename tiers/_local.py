@@ -271,6 +271,21 @@ def check_steps(pipe: Any, steps: int) -> None:
                          details={"field": "steps", "value": steps, "min": fewest})
 
 
+def finite_images(images: Any, device: str) -> list[Image]:
+    """The PIL images of a pipeline's `output_type="np"` output, refused when any value is NaN or
+    infinite: converted as diffusers would, such an image was saved black (a half-precision
+    overflow in the VAE, usually) and counted a success."""
+    import numpy as np
+
+    if not np.isfinite(images).all():
+        hint = " (set ORCH_LITE_DTYPE=bf16, or use a VAE that runs in fp16)" if device.startswith("cuda") else ""
+        raise EngineError(f"the model's output holds NaN or infinite values: its image would be black{hint}",
+                          retryable=False, charged="no", details={"device": device})
+    from diffusers.image_processor import VaeImageProcessor
+
+    return list(VaeImageProcessor.numpy_to_pil(images))  # as the pipeline's "pil" output does
+
+
 def _first_line(exc: BaseException) -> str:
     """The first line of an exception's text that says anything: some start with a newline."""
     return next((line.strip() for line in str(exc).splitlines() if line.strip()), "")

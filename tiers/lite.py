@@ -15,7 +15,14 @@ import time
 from typing import Any
 
 from orchestrator.errors import BadEngineInput, Canceled
-from tiers._local import LocalEngine, check_steps, lcm_schedule, negative_prompt_arguments, tell_prompt_overflow
+from tiers._local import (
+    LocalEngine,
+    check_steps,
+    finite_images,
+    lcm_schedule,
+    negative_prompt_arguments,
+    tell_prompt_overflow,
+)
 from tiers.base import (
     DEVICE_SECONDS,
     NOTES,
@@ -93,8 +100,10 @@ class LiteEngine(LocalEngine):
                     generator=generators,
                     callback_on_step_end=on_step,
                     callback_on_step_end_tensor_inputs=["latents"],
+                    output_type="np",
                 )
-            images.extend(RenderedImage(img, seed + i) for i, img in zip(chunk, out.images, strict=True))
+            made = finite_images(out.images, self.runtime.device)
+            images.extend(RenderedImage(img, seed + i) for i, img in zip(chunk, made, strict=True))
         return RenderResult(
             images=images,
             model=self._model,

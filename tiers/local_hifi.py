@@ -15,7 +15,14 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.errors import BadEngineInput, Canceled
-from tiers._local import LocalEngine, check_steps, lcm_schedule, negative_prompt_arguments, tell_prompt_overflow
+from tiers._local import (
+    LocalEngine,
+    check_steps,
+    finite_images,
+    lcm_schedule,
+    negative_prompt_arguments,
+    tell_prompt_overflow,
+)
 from tiers.base import (
     DEVICE_SECONDS,
     NOTES,
@@ -154,9 +161,11 @@ class LocalHifiEngine(LocalEngine):
                     generator=torch.Generator("cpu").manual_seed(seed),
                     callback_on_step_end=on_step,
                     callback_on_step_end_tensor_inputs=["latents"],
+                    output_type="np",
                     **size,
                 )
-            rendered = np.asarray(out.images[0].convert("RGB").resize(tile_img.size), dtype=np.float64)
+            [made] = finite_images(out.images, self.runtime.device)
+            rendered = np.asarray(made.convert("RGB").resize(tile_img.size), dtype=np.float64)
             mask = _feather(tile_img.size, box, (req.width, req.height))
             left, top, right, bottom = box
             acc[top:bottom, left:right] += rendered * mask

@@ -92,13 +92,15 @@ async def test_a_pipeline_that_takes_a_size_is_told_each_tile_s(engines: EngineF
 
 def test_tiles_that_change_nothing_blend_back_into_the_source(engines: EngineFactory) -> None:
     # The overlaps' weighted means (254.9999) were cast down: ~14% of a 1024 px image came back 1 darker.
-    class Unchanged:
-        def __call__(self, *, image: Any, **kwargs: Any) -> Any:
-            return SimpleNamespace(images=[image])
-
-    _, hifi = engines()
     import numpy as np
     from PIL import Image as PILImage
+
+    class Unchanged:
+        def __call__(self, *, image: Any, output_type: str, **kwargs: Any) -> Any:
+            assert output_type == "np"
+            return SimpleNamespace(images=np.asarray(image, dtype=np.float32)[None] / 255)
+
+    _, hifi = engines()
 
     source = PILImage.fromarray(np.random.default_rng(0).integers(0, 256, (512, 512, 3), dtype=np.uint8))
     boxes = tile_boxes(512, 512, 256)
@@ -107,6 +109,33 @@ def test_tiles_that_change_nothing_blend_back_into_the_source(engines: EngineFac
     out = hifi._refine(Unchanged(), request, source, boxes, 1, 0.3, 0.0, 0, {}, RecordingProgress(), CancelToken(),
                        first_pass=0, passes=len(boxes))
     assert np.array_equal(np.asarray(out), np.asarray(source))
+
+
+async def test_an_output_of_nan_fails_instead_of_saving_a_black_image(engines: EngineFactory,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A VAE overflowing in half precision decodes NaN, which the pipeline's own conversion to PIL
+    made a black image: saved, and counted a success (charged, where metered)."""
+    from orchestrator.errors import EngineError
+
+    lite, hifi = engines(local_max_size=256)
+    for engine, request in ((lite, draft(n=1, steps=1)),
+                            (hifi, RenderRequest(stage="bridge", prompt="p", width=64, height=64, steps=2, seed=1,
+                                                 n=1, init_image=draft_image(), strength=0.5))):
+        load = engine.runtime.text2img if engine is lite else engine.runtime.img2img
+        vae = (await engine.runtime.call(load, engine.model)).vae
+        decode = vae.decode
+
+        def to_nan(*args: Any, decode: Any = decode, **kwargs: Any) -> Any:
+            out = decode(*args, **kwargs)
+            out[0].fill_(float("nan"))
+            return out
+
+        monkeypatch.setattr(vae, "decode", to_nan)
+        with pytest.raises(EngineError) as caught:
+            await engine.run(request, RecordingProgress(), CancelToken())
+        assert "NaN" in str(caught.value) and not caught.value.retryable and caught.value.charged == "no"
+        monkeypatch.undo()
+        assert (await engine.run(request, RecordingProgress(), CancelToken())).images  # fine again
 
 
 async def test_a_prompt_longer_than_the_text_encoder_reads_is_said_to_be_cut(engines: EngineFactory) -> None:
