@@ -61,7 +61,7 @@ def privacy_key(tags: dict[str, V]) -> dict[str, V]:
 
 # Bounded in number too: tags are stored with the job and sent back with every read of it and of
 # its lists, so thousands of them would weigh on every client of the project.
-Tags = Annotated[dict[Annotated[str, StringConstraints(min_length=1, max_length=100)],
+Tags = Annotated[dict[Annotated[str, StringConstraints(min_length=1, max_length=100), AfterValidator(_visible)],
                       Annotated[str, StringConstraints(max_length=500)]], Field(max_length=MAX_TAGS),
                  AfterValidator(privacy_key)]
 
@@ -214,8 +214,9 @@ def _printable(name: str) -> str:
     return name
 
 
+# Nothing but zero-width characters (U+200B, U+FEFF) lists as a project or key without a name.
 Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200),
-                 AfterValidator(_printable)]
+                 AfterValidator(_printable), AfterValidator(_visible)]
 
 
 class Budget(Strict):

@@ -8,6 +8,7 @@ and the numbers (`order_candidates`) and keeps the final say on availability and
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, TypeVar, get_args
@@ -16,6 +17,8 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr,
 
 from orchestrator.schemas import Credits, privacy_key
 from tiers.base import RenderRequest, Stage, to_millicredits
+
+POLICY_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 
 Strategy = Literal["ordered", "cheapest", "fastest"]
 
@@ -174,7 +177,7 @@ class Rule(_Model):
 
 
 class Policy(_Model):
-    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$", max_length=64)
+    name: str = Field(pattern=POLICY_NAME.pattern, max_length=64)
     description: str = ""
     rules: list[Rule] = Field(min_length=1)
 

@@ -241,7 +241,8 @@ def install(app: FastAPI) -> None:
         code = _HTTP_CODES.get(exc.status_code, "error")
         headers = getattr(exc, "headers", None)
         if exc.status_code == 405:
-            headers = {**(headers or {}), "Allow": _allowed_methods(request)}
+            # Pages outside the document (/openapi.json, /docs) keep Starlette's list: theirs was empty.
+            headers = {**(headers or {}), "Allow": _allowed_methods(request) or (headers or {}).get("Allow", "")}
         return error_response(exc.status_code, code, detail, getattr(exc, "details", None), headers=headers)
 
     @app.exception_handler(OperationalError)

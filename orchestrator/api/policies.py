@@ -26,6 +26,7 @@ from orchestrator.schemas import (
     Strict,
 )
 from orchestrator.services import Services
+from policies.schema import POLICY_NAME
 from tiers.base import to_credits
 
 StageBody = TypeVar("StageBody", bound=Strict)
@@ -41,6 +42,9 @@ def list_policies(services: ServicesDep, caller: CallerDep, limit: Limit = 50,
     as written (an unknown engine): both for the admin key, as are the files' paths (a project key
     sees a file's name)."""
     admin = caller.project_id is None
+    if cursor and not POLICY_NAME.fullmatch(cursor):  # as other lists: it would start the list somewhere
+        raise InvalidRequest("malformed cursor: pass back the 'next_cursor' of the previous page",
+                             details={"cursor": cursor}, loc=("query", "cursor"))
     rows = [p for p in services.policies.list() if not cursor or p.name > cursor][:limit + 1]
     more = len(rows) > limit
     rows = rows[:limit]

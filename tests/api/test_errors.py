@@ -81,6 +81,10 @@ def test_a_bad_tag_key_is_named_as_a_key(shared_server: httpx.Client, project: s
     error = assert_error(post_drafts(shared_server, project, {"prompt": "x", "tags": {"": "v"}}), 422,
                          "invalid_request")
     assert error["message"] == "tags key '': String should have at least 1 character"
+    # Zero-width only: a key no dashboard could show or a policy rule match as typed.
+    error = assert_error(post_drafts(shared_server, project, {"prompt": "x", "tags": {"\u200b": "v"}}), 422,
+                         "invalid_request")
+    assert error["message"] == "tags key '\\u200b': has no visible text"
 
 
 def test_a_draft_whose_last_seed_is_the_largest_is_taken(shared_server: httpx.Client, project: str) -> None:
@@ -302,7 +306,8 @@ def test_list_limits_at_the_edges(shared_server: httpx.Client, project: str) -> 
 
 
 @pytest.mark.parametrize("body", [
-    {}, {"name": ""}, {"name": "   "}, {"name": "x", "budget": {"limit": -1}},
+    {}, {"name": ""}, {"name": "   "}, {"name": "\u200b"}, {"name": "\ufeff\u2060"},
+    {"name": "x", "budget": {"limit": -1}},
     {"name": "x", "budget": {"limit": 5, "period": "year"}}, {"name": "x", "policy": "no-such-policy"},
     {"name": "x", "owner": "me"}, {"name": "x", "budget": {"limit": 1e300}}, {"name": "x", "budget": {"limit": False}},
 ])
@@ -312,8 +317,8 @@ def test_invalid_project(shared_server: httpx.Client, body: dict[str, Any]) -> N
     assert len(shared_server.get("/v1/projects", params={"limit": 500}).json()["items"]) == before
 
 
-@pytest.mark.parametrize("body", [{"name": ""}, {"policy": "no-such-policy"}, {"budget": {"period": "year"}},
-                                  {"id": "prj_other"}])
+@pytest.mark.parametrize("body", [{"name": ""}, {"name": "\u200b\u200b"}, {"policy": "no-such-policy"},
+                                  {"budget": {"period": "year"}}, {"id": "prj_other"}])
 def test_invalid_project_update(shared_server: httpx.Client, project: str, body: dict[str, Any]) -> None:
     before = shared_server.get(f"/v1/projects/{project}").json()
     assert_error(shared_server.patch(f"/v1/projects/{project}", json=body), 422, "invalid_request")
@@ -467,6 +472,10 @@ def test_method_not_allowed(shared_server: httpx.Client, project: str) -> None:
     response = shared_server.put("/v1/projects")
     assert_error(response, 405, "method_not_allowed")
     assert response.headers["Allow"] == "GET, HEAD, POST"
+    for page in ("/openapi.json", "/docs"):  # outside the document: Allow was sent empty
+        response = shared_server.post(page)
+        assert_error(response, 405, "method_not_allowed")
+        assert set(response.headers["Allow"].split(", ")) == {"GET", "HEAD"}
 
 
 def test_unexpected_error_answers_500_in_the_error_shape(make_settings: SettingsFactory) -> None:

@@ -100,6 +100,10 @@ def test_policies_page_like_every_list(api: httpx.Client) -> None:
             break
     assert seen == everything
     assert_error(api.get("/v1/policies", params={"limit": 0}), 422, "invalid_request")
+    # As every list: a cursor that is no policy name is refused, not a page starting somewhere.
+    for cursor in ("Balanced", "garbage!", "../balanced", "a" * 65):
+        error = assert_error(api.get("/v1/policies", params={"cursor": cursor}), 422, "invalid_request")
+        assert error["details"]["cursor"] == cursor
 
 
 def test_list_policies(api: httpx.Client) -> None:
