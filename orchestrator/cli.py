@@ -331,9 +331,18 @@ def _run(args: argparse.Namespace) -> int:
         if (failed := _checked(settings) or _bound(settings)) is not None:
             return failed
         _log_to_data_dir(settings)
-        if asyncio.run(run_worker(settings)) == signal.SIGINT:
-            return _interrupted()  # stopped cleanly, and told as every command's Ctrl-C is
-        return 0
+        stopped = asyncio.run(run_worker(settings))
+        status = _interrupted() if stopped.signal == signal.SIGINT else 0  # told as every command's Ctrl-C is
+        if stopped.device_busy:
+            logging.getLogger(__name__).warning(
+                "the model is still loading or rendering on the inference thread; exiting without waiting for it")
+            # Its jobs are settled or left for recovery, but a model load (minutes, for a download)
+            # or a pipeline call holds the inference thread, which the interpreter's exit would
+            # wait for: past a supervisor's stop timeout, and then SIGKILL.
+            logging.shutdown()
+            sys.stdout.flush()
+            os._exit(status)
+        return status
     if args.command == "migrate":
         from sqlalchemy.engine import make_url
 

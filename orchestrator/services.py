@@ -425,6 +425,9 @@ class Services:
     def metrics(self) -> str:
         return metrics_text(self.db, {engine.name: engine.stages for engine in self.registry})
 
+    # Set by `aclose`: the inference thread had not ended within DEVICE_IDLE_TIMEOUT.
+    device_busy = False
+
     async def aclose(self) -> None:
         tasks = [*self.background,
                  *(task for task in (self.health_sharing, self.asset_sweeping, self.policy_watching) if task)]
@@ -439,6 +442,9 @@ class Services:
         await self.registry.aclose()
         runtime = _local_runtime(self.registry)
         idle = runtime is None or await asyncio.to_thread(runtime.shutdown, DEVICE_IDLE_TIMEOUT)
+        # Still inside a model load or a pipeline call, which nothing can interrupt: the process
+        # should end without waiting for it (see `orchestrator worker`).
+        self.device_busy = not idle
         device = self.scheduler.device
         if device is not None:
             held = device.held

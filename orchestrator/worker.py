@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from dataclasses import dataclass
 
 from sqlalchemy.engine import make_url
 
@@ -24,9 +25,14 @@ from orchestrator.settings import Settings
 log = logging.getLogger(__name__)
 
 
-async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> int | None:
-    """Run jobs until `stop` is set, or until SIGTERM or SIGINT when no event is given; returns
-    the signal that stopped it first (None when `stop` did)."""
+@dataclass
+class Stopped:
+    signal: int | None  # the signal that stopped it first (None: `stop` did)
+    device_busy: bool  # its inference thread was still in a model load or a pipeline call
+
+
+async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> Stopped:
+    """Run jobs until `stop` is set, or until SIGTERM or SIGINT when no event is given."""
     loop = asyncio.get_running_loop()
     built: list[Services] = []
     received: list[int] = []
@@ -61,4 +67,4 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> i
         log.info("worker %s stopping", services.scheduler.owner)
     finally:
         await services.aclose()
-    return received[0] if received else None
+    return Stopped(received[0] if received else None, services.device_busy)

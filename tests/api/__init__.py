@@ -194,11 +194,11 @@ def wait_for_log(log_path: Path, text: str, proc: subprocess.Popen[bytes] | None
 
 
 @contextmanager
-def worker_process(settings: Settings, workdir: Path, log_name: str,
-                   env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
+def worker_process(settings: Settings, workdir: Path, log_name: str, env: dict[str, str] | None = None,
+                   before: str = "") -> Iterator[subprocess.Popen[bytes]]:
     """`orchestrator worker` as its own process (configured as `serve_process` is), once it has
     started its scheduler. At exit it gets SIGTERM and must stop cleanly. It runs in `workdir`
-    but imports `tests.fakes` engines from this checkout."""
+    but imports `tests.fakes` engines from this checkout; `before` is Python it runs first."""
     root = str(Path(__file__).resolve().parents[2])
     process_env = {**os.environ, "ORCH_DATA_DIR": str(settings.data_dir), "ORCH_LITE_MODEL": tiny.NAME,
                    "ORCH_CACHE_DIR": str(settings.cache_dir), "HF_HUB_OFFLINE": "1", "ORCH_POLL_INTERVAL": "0.1",
@@ -206,7 +206,8 @@ def worker_process(settings: Settings, workdir: Path, log_name: str,
                    "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p), **(env or {})}
     log_path = workdir / log_name
     with log_path.open("wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "worker"], cwd=workdir, env=process_env,
+        code = f"{before}\nfrom orchestrator.cli import main\nraise SystemExit(main(['worker']))"
+        proc = subprocess.Popen([sys.executable, "-c", code], cwd=workdir, env=process_env,
                                 stdout=log, stderr=subprocess.STDOUT)
         try:
             wait_for_log(log_path, "runs jobs from", proc)

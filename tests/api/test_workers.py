@@ -41,6 +41,7 @@ from tests.api import (
     read_events,
     submit_draft,
     wait_for_job,
+    wait_for_log,
     worker_process,
 )
 from tiers import tiny
@@ -104,6 +105,27 @@ def row(services: Services, job_id: str) -> Job:
         job = s.get(Job, job_id)
     assert job is not None
     return job
+
+
+def test_a_worker_stopped_during_a_model_load_does_not_wait_for_it(
+        make_settings: SettingsFactory, tmp_path: Path, start_server: Callable[[Settings], httpx.Client]) -> None:
+    """Nothing interrupts a model load (minutes, for a first download): the worker settled its
+    job, then waited for the load at the interpreter's exit, past a supervisor's stop timeout."""
+    settings = make_settings(run_jobs=False, poll_interval=0.1)
+    client = start_server(settings)
+    project = create_project(client)["id"]
+    slow_load = ("import time, orchestrator.services, tiers._local\n"
+                 "orchestrator.services.DEVICE_IDLE_TIMEOUT = 0.5\n"
+                 "def load(*args, **kwargs):\n    print('load started', flush=True)\n    time.sleep(120)\n"
+                 "tiers._local.LocalRuntime._load_pipeline = load\n")
+    with worker_process(settings, tmp_path, "worker.log", before=slow_load) as worker:
+        job = submit_draft(client, project)
+        wait_for_log(tmp_path / "worker.log", "load started", worker)
+        began = time.monotonic()
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=60) == 0
+        assert time.monotonic() - began < 30
+    assert client.get(f"/v1/jobs/{job['id']}").json()["status"] == "queued"  # for the next worker
 
 
 def test_an_api_server_without_jobs_hands_drafts_to_a_worker(make_settings: SettingsFactory, tmp_path: Path,
