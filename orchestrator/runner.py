@@ -125,11 +125,11 @@ def plain(details: dict[str, Any]) -> dict[str, Any]:
 
 class JobProgress:
     """Engine progress -> events (every step), and the job row and preview file (throttled).
-    Thread-safe. Local engines report from their inference thread, which makes the throttled
-    writes itself; remote engines report on the event loop, which must not wait for the database's
-    write lock, so a thread makes them behind it (one at a time, the latest step next). What a
-    provider accepted is saved the same way: at once, but never by the event loop (a write lock
-    held elsewhere for seconds would stall every job and stream of the process)."""
+    Thread-safe. Neither a local engine's inference thread nor the event loop (where remote
+    engines report) may wait for the database's write lock: another writer holding it for seconds
+    would stop the denoising, or every job and stream of the process. So a thread makes the writes
+    behind them (one at a time, the latest step next). What a provider accepted is saved the same
+    way: at once, but never by the event loop."""
 
     def __init__(self, runner: JobRunner, claim: Claim) -> None:
         self.runner = runner
@@ -187,9 +187,9 @@ class JobProgress:
             if self._writing:
                 self._next = (step, total)
                 return
-            self._writing = loop is not None
-        if loop is None:
-            self._write(step, total)
+            self._writing = True
+        if loop is None:  # a local engine's inference thread
+            self.runner.write_behind(self._write_behind, step, total)
         else:
             loop.run_in_executor(None, self._write_behind, step, total)
 
@@ -290,6 +290,8 @@ class JobRunner:
         # Credits per device-second for local engines; 0 keeps local work free.
         self.local_rate = local_rate
         self._encoder = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="png")
+        # Local engines' progress writes (see `JobProgress`): one device, one job at a time.
+        self._progress_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="progress")
         self.ledger = ledger
         self.health = health
         # Set by the scheduler: wakes it when a job goes back to the queue on another engine.
@@ -419,6 +421,11 @@ class JobRunner:
     def close(self) -> None:
         self._closed = True
         self._encoder.shutdown(wait=True)
+        self._progress_writer.shutdown(wait=False, cancel_futures=True)  # for pollers only: not waited for
+
+    def write_behind(self, write: Callable[..., None], *args: Any) -> None:
+        with contextlib.suppress(RuntimeError):  # closed: the service is stopping, and the step is only a poller's
+            self._progress_writer.submit(write, *args)
 
     async def _end(self, claim: Claim, status: str, error: OrchestratorError) -> None:
         claim.ended = True

@@ -187,6 +187,42 @@ def test_progress_reported_on_the_event_loop_is_written_behind_it(worker: Servic
     assert written == [(1, False), (3, False)]  # one write at a time; step 2 was overtaken
 
 
+def test_progress_reported_on_the_inference_thread_is_written_behind_it(worker: Services,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A local engine reports from its inference thread, which made the writes itself: a write
+    lock held elsewhere (a backup, a stalled writer) stopped the denoising until it was free."""
+    monkeypatch.setattr(runner_module, "PROGRESS_WRITE_INTERVAL", 0.0)
+    job_id = add_job(worker, engine=ENGINE)
+    [(claim, _lane)] = worker.scheduler._claim_ready({})
+    lock_free = threading.Event()
+    writers: list[str] = []
+    real = runner_module.JobRunner.write_progress
+
+    def behind_a_held_lock(self: runner_module.JobRunner, claim: runner_module.Claim, step: int,
+                           total: int) -> None:
+        writers.append(threading.current_thread().name)
+        assert lock_free.wait(10), "the inference thread waited for the write"
+        real(self, claim, step, total)
+
+    monkeypatch.setattr(runner_module.JobRunner, "write_progress", behind_a_held_lock)
+    progress = runner_module.JobProgress(worker.runner, claim)
+    stepped = threading.Event()
+
+    def inference() -> None:  # no event loop, as on the device's thread
+        for step in (1, 2, 3):
+            progress.step(step, 5)
+        stepped.set()
+
+    threading.Thread(target=inference, name="inference").start()
+    assert stepped.wait(5)  # every step told while the first write still waits for the lock
+    lock_free.set()
+    deadline = time.monotonic() + 30
+    while row(worker, job_id).progress_step != 3:
+        assert time.monotonic() < deadline, f"progress still {row(worker, job_id).progress_step}"
+        time.sleep(0.01)
+    assert len(writers) == 2 and all(name.startswith("progress") for name in writers)  # step 2 was overtaken
+
+
 def test_the_follower_names_the_preview_when_the_running_process_wrote_one(worker: Services) -> None:
     job_id = add_job(worker)
     files = worker.runner.preview_files
