@@ -1,6 +1,8 @@
-"""What time it is for the rows: this host's clock, or, inside a PostgreSQL write transaction, the
-database server's. Hosts sharing a database then stamp and judge leases, ids and times by one
-clock, whatever their own clocks say (a host running a minute ahead took live jobs as orphans)."""
+"""Two clocks. `utcnow()` is this host's: the times a row records for people (a job's start and
+end, a ledger entry), compared with other times of this host (a preview file's). `shared_now()` is
+the one every host sharing the database agrees on: inside a PostgreSQL write transaction the
+database server's, else this host's. Leases are stamped and judged by it, and ids made from it,
+whatever the hosts' own clocks say (a host running a minute ahead took live jobs as orphans)."""
 
 from __future__ import annotations
 
@@ -47,6 +49,7 @@ def _host_us() -> int:
 
 
 def now_us() -> int:
+    """`shared_now()` in microseconds since the epoch."""
     source = _clock.get()
     return source() if source is not None else _host_us()
 
@@ -56,4 +59,10 @@ def at(microseconds: int) -> datetime:
 
 
 def utcnow() -> datetime:
+    """This host's clock."""
+    return at(_host_us())
+
+
+def shared_now() -> datetime:
+    """The clock hosts sharing the database agree on (see the module docstring)."""
     return at(now_us())

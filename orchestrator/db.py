@@ -6,8 +6,8 @@ the start of the transaction, so two writers never both read a balance and both 
 On PostgreSQL `transaction()` takes one transaction-scoped advisory lock first, which serialises
 write transactions the same way: ids made in one (and the ledger's sequence numbers) commit in
 the order they were made, so a list cursor (`id > cursor`) never passes over a late commit. Such
-a transaction also reads the server's clock, and stamps and judges its rows' times (leases among
-them) by it: hosts whose own clocks differ agree on when a lease runs out (`orchestrator.clock`).
+a transaction also reads the server's clock, which stamps and judges leases: hosts whose own
+clocks differ agree on when a lease runs out (`orchestrator.clock`).
 Writes are short (no transaction waits on an engine), so one writer at a time costs little.
 
 PostgreSQL sessions are pinned to READ COMMITTED whatever the server's default: a writer that
@@ -142,11 +142,11 @@ class Database:
             yield session
 
     def now(self) -> datetime:
-        """The time by the clock the rows are stamped with (see `orchestrator.clock`), outside a
-        write transaction: for judging a lease read from a row. On PostgreSQL the server's, as the
-        last write transaction read it, carried on by this host's monotonic clock."""
+        """`clock.shared_now()` outside a write transaction: for judging a lease read from a row. On
+        PostgreSQL the server's, as the last write transaction read it, carried on by this host's
+        monotonic clock."""
         if self.is_sqlite:
-            return clock.utcnow()
+            return clock.shared_now()
         if self._clock is None:
             with self.session() as s:
                 now = s.connection().execute(text(

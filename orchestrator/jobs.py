@@ -20,7 +20,7 @@ from sqlalchemy import func, update
 from sqlmodel import Session, col, select
 
 from orchestrator import idempotency
-from orchestrator.clock import utcnow
+from orchestrator.clock import shared_now, utcnow
 from orchestrator.db import Database
 from orchestrator.errors import (
     BudgetExceeded,
@@ -503,7 +503,7 @@ class JobService:
         rings (or at its next look), stops the job and settles it as its own cancel; its success, should
         it finish first, yields to the request (see `orchestrator.runner`)."""
         with self.db.transaction() as s:
-            now = utcnow()  # by the clock leases are stamped with (the database's, on PostgreSQL)
+            now = shared_now()  # the clock leases are stamped by (the database's, on PostgreSQL)
             job = s.get(Job, job_id)
             if (job is None or job.status != "running" or job.lease_expires_at is None or job.lease_expires_at <= now
                     or not self.presence.alive(job.lease_owner)):
@@ -520,7 +520,7 @@ class JobService:
         with self.db.transaction() as s:
             job = s.get(Job, job_id)
             if (job is not None and job.status == "running" and job.lease_expires_at is not None
-                    and job.lease_expires_at > utcnow() and self.presence.alive(job.lease_owner)):
+                    and job.lease_expires_at > shared_now() and self.presence.alive(job.lease_owner)):
                 return False  # its holder renewed since the look: it is asked instead, at the next try
             running = (col(Job.id) == job_id, col(Job.status) == "running",
                        *([] if job is None else [col(Job.attempt) == job.attempt]))

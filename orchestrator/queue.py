@@ -33,7 +33,7 @@ from typing import Any, cast
 from sqlalchemy import func, update
 from sqlmodel import col, select
 
-from orchestrator.clock import utcnow
+from orchestrator.clock import shared_now, utcnow
 from orchestrator.db import Database
 from orchestrator.errors import Canceled, OrchestratorError
 from orchestrator.events import EventBus, on_loop
@@ -366,10 +366,10 @@ class Scheduler:
         announces = job.engine in self.registry and getattr(self.registry.get(job.engine), "announces_sends", False)
         try:
             with self.db.transaction() as s:
-                now = utcnow()  # once the write lock is ours: waiting for it must not shorten the lease
+                # Once the write lock is ours: waiting for it must not shorten the lease.
                 claimed = s.scalars(update(Job).where(col(Job.id) == job.id, col(Job.status) == "queued").values(
                     status="running", attempt=Job.attempt + 1, lease_owner=self.owner,
-                    lease_expires_at=now + self.lease, started_at=now, error=None,
+                    lease_expires_at=shared_now() + self.lease, started_at=utcnow(), error=None,
                     unsent_attempt=Job.attempt + 1 if announces else None).returning(Job)).one_or_none()
                 if claimed is None:  # another worker, or a cancel, got there first
                     return None
@@ -510,7 +510,7 @@ class Scheduler:
         with self.db.transaction() as s:
             # Counted from when the write lock is ours: two long waits for it (each under its 30 s
             # timeout) must not let a live job's lease run out between beats.
-            expires = utcnow() + self.lease
+            expires = shared_now() + self.lease
             for claim in claims:
                 result = s.execute(update(Job).where(col(Job.id) == claim.job.id, col(Job.attempt) == claim.attempt,
                                                      col(Job.status) == "running").values(lease_expires_at=expires))
@@ -623,7 +623,7 @@ class Scheduler:
         self.presence.forget(owner for owner in holding if owner)
 
     def _orphans(self, all_foreign: bool) -> list[Job]:
-        now = self.db.now()  # the clock leases are stamped by: the database's, on PostgreSQL
+        now = self.db.now()  # the clock leases are stamped by (`shared_now`): the database's, on PostgreSQL
         with self.db.session() as s:
             jobs = list(s.exec(select(Job).where(col(Job.status) == "running")).all())
 

@@ -417,7 +417,7 @@ def test_leases_are_stamped_and_judged_by_the_database_s_clock_on_postgres(
     one running behind stamped leases that had run out for everyone else."""
     from datetime import timedelta
 
-    from orchestrator.clock import utcnow
+    from orchestrator.clock import shared_now, utcnow
     from orchestrator.models import LedgerEntry
 
     services = Services.build(paid_settings_for(tmp_path / "data", database_url=postgres_url))
@@ -439,8 +439,18 @@ def test_leases_are_stamped_and_judged_by_the_database_s_clock_on_postgres(
                       lease_expires_at=server_now + lease_left))
             s.flush()
             s.add(LedgerEntry(project_id="prj_clock", job_id=job_id, kind="hold", amount=10_000, engine="fake-paid"))
-            stamped = utcnow()  # in a write transaction: the server's clock
-        assert abs(stamped - server_now) < timedelta(seconds=30)
+            stamped, own = shared_now(), utcnow()  # in a write transaction: the server's clock, and this host's
+        assert abs(stamped - server_now) < timedelta(seconds=30) and own - stamped > timedelta(minutes=9)
+        # A claim stamps its lease by the server's clock, its start by this host's (a preview
+        # file's time, which is this host's, is compared with it).
+        with services.db.transaction() as s:
+            s.add(Job(id=new_id("job"), project_id="prj_clock", stage="bridge", engine="fake-paid", model="fake-1",
+                      params={"stage": "bridge", "prompt": "x", "negative_prompt": "", "n": 1, "seed": 5,
+                              "width": 64, "height": 64, "tags": {}}, attempts=[], status="queued"))
+        [(claim, _lane)] = services.scheduler._claim_ready({})
+        assert claim.job.lease_expires_at is not None and claim.job.started_at is not None
+        assert abs(claim.job.lease_expires_at - services.scheduler.lease - server_now) < timedelta(seconds=30)
+        assert claim.job.started_at - server_now > timedelta(minutes=9)
         assert job_id not in {job.id for job in services.scheduler._orphans(False)}
         assert asyncio.run(services.scheduler.recover(all_foreign=False)) == []
         with services.db.session() as s:
