@@ -331,17 +331,20 @@ class JobService:
         client must not get another's image. The same source: a copy's PNG (shared,
         content-addressed) names its parent, and another asset with the same bytes may belong to
         another project."""
+        # Not a job one of whose images was deleted: its file is the sweep's, and a copy's row does
+        # not refresh it. The render made instead is the next request's copy (taking the first job
+        # whatever became of its images made every later identical request pay again).
+        deleted = select(Asset.id).where(col(Asset.job_id) == Job.id, col(Asset.deleted_at).is_not(None)).exists()
         earlier = s.exec(select(Job).where(col(Job.cache_key) == job.cache_key, col(Job.status) == "succeeded",
                                            col(Job.project_id) == job.project_id,
                                            col(Job.source_asset_id) == job.source_asset_id,
-                                           col(Job.cache_hit).is_(False)).order_by(col(Job.id))).first()
+                                           col(Job.cache_hit).is_(False), ~deleted).order_by(col(Job.id))).first()
         if earlier is None:
             return []
         assets = list(s.exec(select(Asset).where(col(Asset.job_id) == earlier.id).order_by(col(Asset.index))).all())
         # A copy of a file that is gone (removed by hand, a lost disk) or damaged would be charged
-        # nothing and serve nothing: rendered again instead (whose bytes then mend the file). So is
-        # one of a deleted asset: its file is the sweep's, and a copy's row does not refresh it.
-        return assets if all(asset.deleted_at is None and self._intact(asset.sha256) for asset in assets) else []
+        # nothing and serve nothing: rendered again instead (whose bytes then mend the file).
+        return assets if all(self._intact(asset.sha256) for asset in assets) else []
 
     def _intact(self, sha256: str) -> bool:
         try:

@@ -92,6 +92,12 @@ def test_a_cached_copy_of_a_deleted_image_is_rendered_again(api: httpx.Client) -
     again = wait_for_job(api, promote_ok(api, draft, cache=True)["id"])
     assert again["status"] == "succeeded" and not again["cost"]["cache_hit"]
     assert api.get(f"/v1/assets/{again['assets'][0]}/content").status_code == 200
+    # And that render is the next request's copy: the deleted job is passed over, not the cache
+    # turned off for good (every identical request paid again).
+    third = wait_for_job(api, promote_ok(api, draft, cache=True)["id"])
+    assert third["cost"]["cache_hit"] and third["cost"]["charged"] == 0
+    assert get_json(api, f"/v1/assets/{third['assets'][0]}")["sha256"] == \
+        get_json(api, f"/v1/assets/{again['assets'][0]}")["sha256"]
 
 
 def test_the_sweep_removes_a_deleted_asset_s_file_unless_a_live_asset_has_its_bytes(
