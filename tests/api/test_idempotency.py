@@ -182,6 +182,15 @@ def test_a_key_stored_by_an_earlier_release_still_replays(server: httpx.Client,
         db.dispose()
     again = post(server, project, BODY, "old-key")
     assert again.json()["id"] == job_id and again.headers["idempotent-replayed"] == "true"
+    # A key such a release kept as its bytes read as latin-1.
+    accented = post_key(server, project, BODY, "clé".encode()).json()["id"]
+    db = Database(make_settings().resolved_database_url)
+    try:
+        with db.transaction() as s:
+            s.execute(update(IdempotencyKey).where(col(IdempotencyKey.key) == "clé").values(key="clÃ©"))
+    finally:
+        db.dispose()
+    assert post_key(server, project, BODY, "clé".encode()).json()["id"] == accented
     assert_error(post(server, project, {**BODY, "seed": 9}, "old-key"), 409, "idempotency_conflict")
 
 
