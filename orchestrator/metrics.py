@@ -51,7 +51,8 @@ def render(db: Database, engines: Mapping[str, Iterable[str]]) -> str:
               for (st, en, stat), n in sorted(job_counts.items())]
     asset_counts: dict[str, int] = dict.fromkeys(STAGES, 0)
     asset_counts.update((stage, int(n)) for stage, n in assets)
-    lines += ["# HELP orchestrator_assets Assets by stage.", "# TYPE orchestrator_assets gauge"]
+    lines += ["# HELP orchestrator_assets Assets made, by stage (deleted ones included).",
+              "# TYPE orchestrator_assets gauge"]
     lines += [f'orchestrator_assets{{stage="{_label(st)}"}} {n}' for st, n in asset_counts.items()]
     for engine, stage in ((engine, stage) for stage, engine in pairs):
         charged.setdefault((engine, stage), 0)

@@ -801,6 +801,11 @@ class JobRunner:
         self._preview_written.add(job_id)
         try:
             self.preview_files.write(job_id, preview)
+            if job_id not in self.previews:
+                # The job ended while this write (behind its engine) was out, and may have looked
+                # for a file before there was one: nothing else would remove it.
+                self._preview_written.discard(job_id)
+                self.preview_files.remove(job_id)
         except OSError as exc:  # a full disk loses other processes the preview, never the job
             log.warning("job %s: writing its step preview failed: %s", job_id, exc)
 

@@ -55,6 +55,7 @@ RECENT_BYTES = 32 * 2**20
 # How long a just-made asset's bytes are served from memory without asking the database: an asset
 # deleted through another process is served from here no longer than this.
 RECENT_SECONDS = 30.0
+RECENT_REMOVED = 10_000
 # A temp preview file younger than this may be another process's write in progress.
 PREVIEW_TEMP_SECONDS = 60.0
 # An asset file no row names yet, younger than this, may be a finishing job's (its transaction
@@ -193,6 +194,7 @@ class RecentContent:
     def __init__(self, max_bytes: int = RECENT_BYTES) -> None:
         self.max_bytes = max_bytes
         self._items: OrderedDict[str, tuple[str, bytes, float]] = OrderedDict()
+        self._removed: OrderedDict[str, None] = OrderedDict()  # deleted assets, the latest RECENT_REMOVED
         self._size = 0
         self._lock = threading.Lock()
 
@@ -200,6 +202,8 @@ class RecentContent:
         if len(data) > self.max_bytes:
             return
         with self._lock:
+            if asset_id in self._removed:
+                return
             old = self._items.pop(asset_id, None)
             if old is not None:
                 self._size -= len(old[1])
@@ -224,10 +228,15 @@ class RecentContent:
             return sha256, data
 
     def remove(self, asset_id: str) -> None:
+        """The asset was deleted: out, and never added again (a read that found its row before
+        the delete would put it back as it ends)."""
         with self._lock:
             found = self._items.pop(asset_id, None)
             if found is not None:
                 self._size -= len(found[1])
+            self._removed[asset_id] = None
+            while len(self._removed) > RECENT_REMOVED:
+                self._removed.popitem(last=False)
 
     @property
     def size(self) -> int:

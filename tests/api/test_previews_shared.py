@@ -223,6 +223,19 @@ def test_progress_reported_on_the_inference_thread_is_written_behind_it(worker: 
     assert len(writers) == 2 and all(name.startswith("progress") for name in writers)  # step 2 was overtaken
 
 
+def test_a_preview_written_behind_a_job_that_ended_meanwhile_is_not_left(worker: Services) -> None:
+    """The write behind the engine read the latest preview, the job ended (finding no file to
+    remove), then the file was written: it stayed until the sweep, its entry for good."""
+    job_id = add_job(worker)
+    runner = worker.runner
+    runner.write_preview(job_id, preview_of(1))  # the job's end popped its preview already
+    assert not runner.preview_files.exists(job_id)
+    assert job_id not in runner._preview_written
+    runner.previews[job_id] = preview_of(2)  # running: kept
+    runner.write_preview(job_id, preview_of(2))
+    assert runner.preview_files.exists(job_id)
+
+
 def test_the_follower_names_the_preview_when_the_running_process_wrote_one(worker: Services) -> None:
     job_id = add_job(worker)
     files = worker.runner.preview_files

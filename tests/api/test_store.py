@@ -456,6 +456,24 @@ def test_recent_content_is_bounded_and_drops_the_least_recently_used() -> None:
     assert recent.size == 8
 
 
+def test_recent_content_ages_out_and_keeps_deleted_assets_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Served from memory without the database, a deleted asset was served for as long as it
+    stayed: by another process (which never hears of the delete) or this one (a read that found
+    its row before the delete put it back)."""
+    import orchestrator.store as store_module
+
+    now = [1000.0]
+    monkeypatch.setattr(store_module.time, "monotonic", lambda: now[0])
+    recent = RecentContent(max_bytes=100)
+    recent.add("ast_a", "a" * 64, b"aaaa")
+    now[0] += store_module.RECENT_SECONDS + 1
+    assert recent.get("ast_a") is None and recent.size == 0  # read again through the database
+    recent.add("ast_b", "b" * 64, b"bbbb")
+    recent.remove("ast_b")
+    recent.add("ast_b", "b" * 64, b"bbbb")  # the late read's bytes
+    assert recent.get("ast_b") is None and recent.size == 0
+
+
 def test_recent_content_skips_what_could_never_fit() -> None:
     recent = RecentContent(max_bytes=10)
     recent.add("ast_a", "a" * 64, b"aaaa")
