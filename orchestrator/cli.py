@@ -153,7 +153,8 @@ def _source_of(field: str) -> str:
     from orchestrator.settings import PREFIX, Settings
 
     variable = f"{PREFIX}{field.upper()}"
-    if any(name.upper() == variable for name in os.environ):
+    # An empty one is not set (`orchestrator.settings._EnvSource`): the file's value was read.
+    if any(name.upper() == variable and (value or field == "admin_key") for name, value in os.environ.items()):
         return variable
     path = Path(str(Settings.model_config.get("toml_file") or ""))
     try:

@@ -174,7 +174,9 @@ class Settings(BaseSettings):
         # it as unset would leave the API open to someone who meant to close it. Neither is safe.
         if value is not None and not value.get_secret_value().strip():
             raise ValueError("must not be empty or blank: set a key, or leave the variable unset for an open API")
-        return value
+        # A header's value has no whitespace at its ends (a client's token is read so): a key
+        # written with a trailing space or a CRLF env file's \r locked every client out.
+        return None if value is None else SecretStr(value.get_secret_value().strip())
 
     @field_validator("comfyui_url", "a1111_url", "gemini_base_url", "openai_base_url", "stability_base_url",
                      "replicate_base_url", "fal_base_url")
@@ -260,10 +262,14 @@ class _EnvSource(EnvSettingsSource):
     """`ORCH_X=` in a compose file or an env template means "not set": dropped here, so the config
     file's value (or the default) answers, as if the line were not there. (Validated as empty, it
     replaced the file's value with the default: a file's PostgreSQL URL with a local SQLite file.)
-    Not the admin key, whose blank value is refused rather than silently leaving the API open."""
+    Not the admin key, whose blank value is refused rather than silently leaving the API open.
+    Dropped before a field's names are tried in turn: an empty `ORCH_GEMINI_API_KEY=` hid the
+    vendor's `GEMINI_API_KEY`."""
 
-    def __call__(self) -> dict[str, Any]:
-        return {key: value for key, value in super().__call__().items() if value != "" or key == "admin_key"}
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        admin = f"{PREFIX}admin_key"
+        return {name: value for name, value in super()._load_env_vars().items()
+                if value != "" or name.lower() == admin.lower()}
 
 
 class _StrictTomlSource(TomlConfigSettingsSource):
@@ -275,9 +281,11 @@ class _StrictTomlSource(TomlConfigSettingsSource):
         # A syntax error is a bad setting like any other: reported with its file, not a traceback.
         try:
             return super()._read_file(file_path)
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            error = PydanticCustomError("config_file", "{file}: not valid TOML: {error}",
-                                        {"file": str(file_path), "error": str(exc)})
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError, OSError) as exc:
+            what = "cannot be read" if isinstance(exc, OSError) else "not valid TOML"
+            error = PydanticCustomError("config_file", "{file}: {what}: {error}",
+                                        {"file": str(file_path), "what": what,
+                                         "error": exc.strerror or str(exc) if isinstance(exc, OSError) else str(exc)})
             raise ValidationError.from_exception_data(
                 "Settings", [InitErrorDetails(type=error, loc=(), input=str(file_path))]) from None
 

@@ -44,6 +44,19 @@ def test_invalid_setting_names_the_variable(make_settings: SettingsFactory, monk
     assert "Traceback" not in err
 
 
+def test_a_bad_file_value_is_named_as_the_file_s_beside_an_empty_variable(
+        make_settings: SettingsFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # The empty variable is unset (the file's value was read), yet it was blamed.
+    make_settings()
+    config = tmp_path / "studio.toml"
+    config.write_text("lite_max_batch = 0\n")
+    monkeypatch.setitem(Settings.model_config, "toml_file", config)
+    monkeypatch.setenv("ORCH_LITE_MAX_BATCH", "")
+    assert main(["migrate"]) == 2
+    assert f"  {config}: lite_max_batch: Input should be greater than or equal to 1" in capsys.readouterr().err
+
+
 def test_a_policy_file_refused_at_start_stops_the_service(make_settings: SettingsFactory, tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch,
                                                           capsys: pytest.CaptureFixture[str]) -> None:
@@ -449,6 +462,29 @@ def test_a_config_file_that_is_not_toml_names_the_file(make_settings: SettingsFa
     assert main(["migrate"]) == 2
     err = capsys.readouterr().err
     assert f"invalid configuration:\n  {config}: not valid TOML: " in err and "Traceback" not in err
+
+
+def test_a_config_file_that_cannot_be_read_names_the_file(make_settings: SettingsFactory, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    # Another user's 0600 file: a 35-line traceback (root, who runs the tests, reads any file).
+    make_settings()
+    config = tmp_path / "studio.toml"
+    config.write_text("lite_max_batch = 3\n")
+    monkeypatch.setitem(Settings.model_config, "toml_file", config)
+    real_open = Path.open
+
+    def refused(self: Path, *args: Any, **kwargs: Any) -> Any:
+        if self == config:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", refused)
+    assert main(["migrate"]) == 2
+    err = capsys.readouterr().err
+    assert f"invalid configuration:\n  {config}: cannot be read: Permission denied" in err and "Traceback" not in err
+
+
 def test_a_log_file_that_cannot_be_written_leaves_the_log_on_stderr(make_settings: SettingsFactory,
                                                                    caplog: pytest.LogCaptureFixture) -> None:
     settings = make_settings()

@@ -92,6 +92,25 @@ def test_a_blank_admin_key_is_refused(blank: str, toml_file: Path, monkeypatch: 
         Settings()
 
 
+@pytest.mark.parametrize("written", ["s3cret-admin-key-long ", "s3cret-admin-key-long\r", " s3cret-admin-key-long"])
+def test_an_admin_key_is_read_without_whitespace_at_its_ends(written: str, toml_file: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    # A client's token is read without it: a trailing space (or a CRLF env file's \r) started a
+    # service that refused every request, the right key included.
+    monkeypatch.setenv("ORCH_ADMIN_KEY", written)
+    key = Settings().admin_key
+    assert key is not None and key.get_secret_value() == "s3cret-admin-key-long"
+
+
+def test_an_empty_variable_does_not_hide_the_vendor_s_own(toml_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # `ORCH_GEMINI_API_KEY=` (an env template's empty line) made gemini say "no API key" with
+    # GEMINI_API_KEY set.
+    monkeypatch.setenv("ORCH_GEMINI_API_KEY", "")
+    monkeypatch.setenv("GEMINI_API_KEY", "AIza-from-the-vendor-variable")
+    key = Settings().gemini_api_key
+    assert key is not None and key.get_secret_value() == "AIza-from-the-vendor-variable"
+
+
 @pytest.mark.parametrize(("variable", "value", "told"), [
     ("ORCH_LEASE_SECONDS", "inf", "finite number"),      # an OverflowError traceback at start
     ("ORCH_STOP_GRACE", "inf", "finite number"),         # a stop that waited forever
