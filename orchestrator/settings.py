@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import tomllib
+import urllib.parse
 from collections.abc import Iterable, Mapping
 from functools import cached_property
 from pathlib import Path
@@ -208,13 +209,7 @@ class Settings(BaseSettings):
     @field_validator("cors_origins")
     @classmethod
     def _origins(cls, value: str) -> str:
-        for origin in (item.strip() for item in value.split(",") if item.strip()):
-            # A browser's Origin is scheme://host[:port], nothing more: "https://dash.example/" or a
-            # path would never match, and the dashboard would fail with nothing in the server's log.
-            if origin != "*" and not re.fullmatch(r"https?://[^/\s?#]+", origin):
-                raise ValueError(f"{origin!r} is not an origin: give scheme://host[:port] with no path or "
-                                 "trailing slash (e.g. https://dash.studio.example), or *")
-        return value
+        return ",".join(_origin(item.strip()) for item in value.split(",") if item.strip())
 
     @property
     def cors_origin_list(self) -> list[str]:
@@ -240,6 +235,31 @@ class Settings(BaseSettings):
     @property
     def effective_hifi_model(self) -> str:
         return self.hifi_model or self.lite_model
+
+
+def _origin(origin: str) -> str:
+    """An origin as a browser sends it: a dashboard's own would never match another spelling
+    (`https://Dash.Example`, `https://b.example:443`), and it failed with nothing in the log."""
+    if origin == "*":
+        return origin
+    problem = "give scheme://host[:port] with no path or trailing slash (e.g. https://dash.studio.example), or *"
+    if not re.fullmatch(r"https?://[^/\s?#]+", origin, flags=re.IGNORECASE):
+        raise ValueError(f"{origin!r} is not an origin: {problem}")
+    parts = urllib.parse.urlsplit(origin)
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"{origin!r} is not an origin: its port is not a number from 1 to 65535") from None
+    host = parts.hostname or ""
+    if parts.username is not None or parts.password is not None or not host or port == 0:
+        raise ValueError(f"{origin!r} is not an origin: {problem}")
+    if "*" in host:
+        raise ValueError(f"{origin!r}: wildcards are not supported; list each origin")
+    scheme = parts.scheme.lower()
+    if ":" in host:  # IPv6
+        host = f"[{host}]"
+    default = {"http": 80, "https": 443}[scheme]
+    return f"{scheme}://{host}" + (f":{port}" if port not in (None, default) else "")
 
 
 def _input_names(settings_cls: type[BaseSettings]) -> set[str]:

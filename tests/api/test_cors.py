@@ -78,12 +78,25 @@ def test_without_the_setting_no_page_may_call(make_settings: Callable[..., Setti
 
 
 @pytest.mark.parametrize("origin", ["https://dash.studio.example/", "https://dash.studio.example/app",
-                                    "dash.studio.example", "ftp://dash.studio.example"])
+                                    "dash.studio.example", "ftp://dash.studio.example", "https://a@dash.example",
+                                    "https://dash.example:99999", "https://*.studio.example"])
 def test_what_is_not_an_origin_is_refused_at_start(make_settings: Callable[..., Settings], origin: str) -> None:
     """A trailing slash or a path never matches a browser's Origin: the page would fail for no
     reason the server's log tells."""
-    with pytest.raises(ValidationError, match="is not an origin"):
+    with pytest.raises(ValidationError, match=r"is not an origin|wildcards are not supported"):
         make_settings(cors_origins=f"http://localhost:3000,{origin}")
+
+
+def test_origins_are_read_as_browsers_send_them(make_settings: Callable[..., Settings],
+                                                start_server: Callable[[Settings], httpx.Client]) -> None:
+    """`https://Dash.Example` and `https://b.example:443` were taken, and never matched the
+    lower-case, default-port Origin a browser sends: the dashboard's every preflight refused."""
+    settings = make_settings(cors_origins="HTTPS://Dash.Studio.Example, https://b.example:443, http://[::1]:8080")
+    assert settings.cors_origin_list == ["https://dash.studio.example", "https://b.example", "http://[::1]:8080"]
+    client = start_server(settings)
+    for origin in ("https://dash.studio.example", "https://b.example"):
+        preflight = client.options("/v1/projects", headers={"Origin": origin, "Access-Control-Request-Method": "POST"})
+        assert preflight.status_code == 200, preflight.text
 
 
 def test_a_page_of_another_origin_cannot_change_anything(
