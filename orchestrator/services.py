@@ -398,6 +398,8 @@ class Services:
             return
         try:
             await lite.preload()
+        except OrchestratorError as exc:  # a setting to change (a device, a model): said in one line
+            log.error("ORCH_LITE_PRELOAD: loading %s failed: %s", lite.model, exc)
         except Exception:  # the first draft then fails with the reason, as without a preload
             log.exception("ORCH_LITE_PRELOAD: loading %s failed", lite.model)
         else:
@@ -413,9 +415,10 @@ class Services:
         for note, names in notes.items():  # the Lite and local-hifi engines share one model: said once
             log.warning("%s: %s", ", ".join(names), note)
         for engine in self.registry:
-            # A remote engine without a key is off by choice; a local one that cannot run is a mistake.
+            # A remote engine without a key or server is off by choice; one set up that cannot run
+            # (a workflow file not found, a malformed password), like a local one, is a mistake.
             usable, reason = engine.availability()
-            if engine.kind == "local" and not usable:
+            if not usable and (engine.kind == "local" or getattr(engine, "configured", True)):
                 log.warning("%s: unavailable: %s", engine.name, reason)
 
     def health(self, engine: str) -> str:

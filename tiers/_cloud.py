@@ -102,6 +102,11 @@ class CloudEngine:
                      "setting": setting},
         )
 
+    @property
+    def configured(self) -> bool:
+        """Whether the operator set it up (a key given): unavailable without one is off by choice."""
+        return bool(self._key or self._key_problem)
+
     def availability(self) -> tuple[bool, str | None]:
         ours, vendors = self.key_settings
         if self._key_problem:

@@ -124,6 +124,11 @@ class A1111Engine:
     def model(self) -> str:
         return "a1111"
 
+    @property
+    def configured(self) -> bool:
+        """Whether the operator set it up (a server given): unavailable without one is off by choice."""
+        return bool(self._url)
+
     def availability(self) -> tuple[bool, str | None]:
         if not self._url:
             return False, f"no server: set {URL_SETTING}"

@@ -210,6 +210,11 @@ class ComfyUIEngine:
     def model(self) -> str:
         return f"comfyui:{self._workflow.stem}" if self._workflow else "comfyui"
 
+    @property
+    def configured(self) -> bool:
+        """Whether the operator set it up (a server given): unavailable without one is off by choice."""
+        return bool(self._url)
+
     def availability(self) -> tuple[bool, str | None]:
         if not self._url:
             return False, f"no server: set {URL_SETTING}"

@@ -295,6 +295,20 @@ def test_the_smoke_model_s_note_is_logged_once_for_the_engines_sharing_it(
                      "(set ORCH_LITE_MODEL to a real model)"]
 
 
+def test_a_self_hosted_engine_set_up_wrong_is_told_at_start(
+        make_settings: Callable[..., Settings], start_server: Callable[[Settings], httpx.Client],
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # Said only in /v1/engines: the operator's log had nothing. A cloud engine without a key is
+    # off by choice, and not told.
+    with caplog.at_level("WARNING", logger="orchestrator.services"):
+        start_server(make_settings(comfyui_url="http://127.0.0.1:9", comfyui_workflow=str(tmp_path / "wf.json"),
+                                   a1111_url="http://127.0.0.1:9", a1111_auth="no-colon"))
+    warned = [r.getMessage() for r in caplog.records if "unavailable" in r.getMessage()]
+    assert any(m.startswith("comfyui: unavailable: ") and "wf.json" in m for m in warned), warned
+    assert any(m.startswith("a1111: unavailable: ") and "user:password" in m for m in warned), warned
+    assert not any(m.startswith(("gemini", "openai", "stability", "replicate", "fal")) for m in warned), warned
+
+
 def test_a_model_path_to_nothing_is_told_at_start_not_at_the_first_draft(
         make_settings: Callable[..., Settings], start_server: Callable[[Settings], httpx.Client],
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

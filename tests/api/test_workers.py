@@ -4,6 +4,7 @@ local device, and cancels and event streams across processes."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import socket
@@ -669,6 +670,30 @@ def test_preload_loads_the_lite_model_at_start_only_where_the_device_is_free(mak
     with lock_held_elsewhere(path):
         assert started(settings) == (False, set())  # another worker has this device
     assert started(settings) == (True, {(tiny.NAME, "text2img")})  # loaded before any draft
+
+
+def test_a_preload_that_cannot_load_says_why_in_one_line(make_settings: SettingsFactory,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    # A setting to change (a device torch does not see, a model path to nothing) was told at the
+    # end of a 25-line traceback.
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device: ORCH_LITE_DEVICE=cuda would load")
+    services = Services.build(make_settings(lite_preload=True, lite_device="cuda"))
+
+    async def run() -> None:
+        services.bus.bind(asyncio.get_running_loop())
+        try:
+            await services.start()
+            await asyncio.wait_for(asyncio.gather(*services.background), timeout=120)
+        finally:
+            await services.aclose()
+
+    with caplog.at_level(logging.ERROR, logger="orchestrator.services"):
+        asyncio.run(run())
+    [record] = [r for r in caplog.records if "ORCH_LITE_PRELOAD" in r.getMessage()]
+    assert "torch sees no CUDA device" in record.getMessage() and record.exc_info is None
 
 
 def test_a_failure_of_a_job_a_provider_had_accepted_is_never_released(services: Services) -> None:
