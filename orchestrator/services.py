@@ -43,7 +43,7 @@ from policies import PolicyStore
 from tiers._local import LocalRuntime
 from tiers.base import EngineContext
 from tiers.lite import LiteEngine
-from tiers.registry import PRICELESS, EngineRegistry, known_names
+from tiers.registry import PRICELESS, EngineRegistry, extra_engine_problems, known_names
 
 log = logging.getLogger(__name__)
 # Seconds a stopping service waits for the inference thread before it lets the device go.
@@ -152,6 +152,7 @@ def startup_problems(settings: Settings, *, service: bool = True) -> list[str]:
     if service or not settings.database_url:
         problems.extend(_data_dir_problems(settings, assets=service))
     if service:
+        problems.extend(f"ORCH_ENGINES: {problem}" for problem in extra_engine_problems(settings.engines))
         try:
             load_price_overrides(settings)
         except InvalidRequest as exc:

@@ -376,6 +376,14 @@ def test_migrate_makes_a_new_data_dir(make_settings: SettingsFactory, monkeypatc
     ("serve", "ORCH_CONFIG_FILE", "{tmp}/studio.toml", "ORCH_CONFIG_FILE: no such file: {tmp}/studio.toml"),
     # Once a traceback from inside the server's start-up (an entry without '=').
     ("serve", "ORCH_ENGINES", "flux=studio.flux:create,garbage", "ORCH_ENGINES: Value error, 'garbage' is not name="),
+    # A module or factory not there, a name twice or a built-in's: a traceback in the log, the
+    # service started without the engine.
+    ("serve", "ORCH_ENGINES", "flux=studio_nowhere.flux:create",
+     "ORCH_ENGINES: 'flux': cannot import studio_nowhere.flux:create: ModuleNotFoundError"),
+    ("worker", "ORCH_ENGINES", "flux=json:no_such_factory", "ORCH_ENGINES: 'flux': cannot import json:no_such_factory"),
+    ("serve", "ORCH_ENGINES", "flux=tests.fakes:factory,flux=tests.fakes:factory",
+     "ORCH_ENGINES: 'flux' is given twice"),
+    ("serve", "ORCH_ENGINES", "gemini=tests.fakes:factory", "ORCH_ENGINES: 'gemini' is a built-in engine's name"),
     # Each connection would open its own empty database: once 'no such table' after the migrations.
     ("migrate", "ORCH_DATABASE_URL", "sqlite:///:memory:", "an in-memory SQLite database cannot be shared"),
     # The demo starts the service itself: the same checks, before it starts (once a uvicorn traceback).

@@ -49,6 +49,29 @@ def _import(target: str) -> EngineFactory:
     return factory
 
 
+def extra_engine_problems(entries: str) -> list[str]:
+    """What is wrong with ORCH_ENGINES' entries (`name=module:factory,...`), found without calling
+    a factory: a module or factory that is not there, a name given twice or taken by a built-in.
+    Each was a traceback in the log of a service that started without the engine."""
+    problems: list[str] = []
+    seen: set[str] = set()
+    for item in (item.strip() for item in entries.split(",") if item.strip()):
+        name, _, target = (part.strip() for part in item.partition("="))
+        if name in BUILTIN:
+            problems.append(f"'{name}' is a built-in engine's name: give the engine another")
+        elif name in seen:
+            problems.append(f"'{name}' is given twice")
+        seen.add(name)
+        try:
+            factory = _import(target)
+        except Exception as exc:  # anything its import raises
+            problems.append(f"'{name}': cannot import {target}: {type(exc).__name__}: {exc}"[:300])
+        else:
+            if not callable(factory):
+                problems.append(f"'{name}': {target} is not a factory (not callable)")
+    return problems
+
+
 @dataclass
 class BrokenEngine:
     """An engine whose factory failed: listed, never routable, with the reason."""
