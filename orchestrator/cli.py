@@ -280,6 +280,20 @@ def _log_to_data_dir(settings: Settings) -> None:
     root.addHandler(handler)
 
 
+def _log_what_it_uses(settings: Settings) -> None:
+    """One line at start: which data dir, database, config file and auth the service runs with."""
+    from sqlalchemy.engine import make_url
+
+    from orchestrator.settings import Settings
+
+    config = Path(str(Settings.model_config.get("toml_file") or ""))
+    logging.getLogger(__name__).info(
+        "data dir %s, database %s, config file %s, %s, %s", settings.data_dir.resolve(),
+        make_url(settings.resolved_database_url).render_as_string(hide_password=True),
+        config.resolve() if config.is_file() else "none", "admin key on" if settings.admin_key else "no admin key",
+        "runs jobs" if settings.run_jobs else "runs no jobs (workers do)")
+
+
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
     from orchestrator.api.cross_site import is_loopback
     from orchestrator.server import serve
@@ -296,6 +310,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     _log_to_data_dir(settings)
     if args.no_jobs:
         settings = settings.model_copy(update={"run_jobs": False})
+    _log_what_it_uses(settings)
     serve(settings, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 

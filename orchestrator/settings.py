@@ -168,6 +168,19 @@ class Settings(BaseSettings):
             raise PydanticUseDefault()
         return value
 
+    @field_validator("data_dir", "cache_dir", "policy_dir", "prices_file", "comfyui_workflow")
+    @classmethod
+    def _home(cls, value: Path | None) -> Path | None:
+        # `~/orchdata` in a systemd unit, an env file or the TOML file (no shell to expand it)
+        # made a folder named `~` in the working directory.
+        return None if value is None else value.expanduser()
+
+    @field_validator("lite_model", "hifi_model", "lite_preview_vae")
+    @classmethod
+    def _home_in_model(cls, value: str | None) -> str | None:
+        # A path there may start with ~ as well; a Hub id never does.
+        return str(Path(value).expanduser()) if value is not None and value.startswith("~") else value
+
     @field_validator("admin_key")
     @classmethod
     def _admin_key_not_blank(cls, value: SecretStr | None) -> SecretStr | None:

@@ -670,7 +670,8 @@ def test_only_loopback_addresses_count_as_this_machine(host: str, loopback: bool
 ])
 def test_serve_hands_the_server_its_settings_and_warns_of_a_short_admin_key(
         make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
-        argv: list[str], key: str, runs_jobs: bool, warned: bool) -> None:
+        caplog: pytest.LogCaptureFixture, argv: list[str], key: str, runs_jobs: bool, warned: bool) -> None:
+    caplog.set_level(logging.INFO, logger="orchestrator.cli")
     settings = make_settings()
     monkeypatch.setenv("ORCH_DATA_DIR", str(settings.data_dir))
     monkeypatch.setenv("ORCH_LITE_MODEL", "builtin:tiny-sd")
@@ -683,6 +684,10 @@ def test_serve_hands_the_server_its_settings_and_warns_of_a_short_admin_key(
     [(given, host, bound)] = served
     assert (given.run_jobs, host, bound) == (runs_jobs, "127.0.0.1", port)
     assert ("ORCH_ADMIN_KEY has fewer than 16 characters" in capsys.readouterr().err) is warned
+    # What it runs with, said once (the log named neither its data dir nor its database).
+    [said] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("data dir ")]
+    assert f"data dir {settings.data_dir.resolve()}, database sqlite:///" in said and "admin key on" in said
+    assert said.endswith("runs jobs" if runs_jobs else "runs no jobs (workers do)")
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "no-such-host.invalid"])

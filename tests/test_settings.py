@@ -102,6 +102,22 @@ def test_an_admin_key_is_read_without_whitespace_at_its_ends(written: str, toml_
     assert key is not None and key.get_secret_value() == "s3cret-admin-key-long"
 
 
+def test_a_path_may_start_with_the_home_folder(toml_file: Path, monkeypatch: pytest.MonkeyPatch,
+                                               tmp_path: Path) -> None:
+    # No shell expands it in a systemd unit, an env file or the TOML file: a folder named `~`
+    # was made in the working directory.
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("ORCH_DATA_DIR", "~/orchdata")
+    monkeypatch.setenv("ORCH_LITE_MODEL", "~/models/sd-turbo")
+    toml_file.write_text('policy_dir = "~/policies"\n')
+    settings = Settings()
+    assert settings.data_dir == tmp_path / "home" / "orchdata"
+    assert settings.policy_dir == tmp_path / "home" / "policies"
+    assert settings.lite_model == str(tmp_path / "home" / "models" / "sd-turbo")
+    monkeypatch.setenv("ORCH_LITE_MODEL", "stabilityai/sd-turbo")
+    assert Settings().lite_model == "stabilityai/sd-turbo"
+
+
 def test_an_empty_variable_does_not_hide_the_vendor_s_own(toml_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # `ORCH_GEMINI_API_KEY=` (an env template's empty line) made gemini say "no API key" with
     # GEMINI_API_KEY set.
