@@ -199,7 +199,7 @@ def _migrated(url: str, *, writable: bool = False) -> int | None:
     from sqlalchemy import text
     from sqlalchemy.engine import make_url
 
-    from orchestrator.db import Database, upgrade
+    from orchestrator.db import Database, ForeignDatabase, upgrade
 
     shown = make_url(url).render_as_string(hide_password=True)
     try:
@@ -212,7 +212,10 @@ def _migrated(url: str, *, writable: bool = False) -> int | None:
             finally:
                 db.dispose()
     except CommandError as exc:  # a revision this version does not know: the database is newer
-        return _fail(f"cannot migrate the database: {exc} (is it used by a newer orchestrator?)")
+        return _fail(f"cannot migrate the database: {exc} (is it used by a newer orchestrator, or is it "
+                     "another application's?)")
+    except ForeignDatabase as exc:
+        return _fail(f"ORCH_DATABASE_URL: {exc}", status=2)
     except OSError as exc:  # its folder, or the lock file beside it, cannot be made
         return _fail(f"ORCH_DATABASE_URL: cannot write beside the database at {shown} ({exc.strerror or exc})",
                      status=2)

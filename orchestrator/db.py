@@ -33,7 +33,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 from sqlmodel import Session
@@ -245,16 +245,41 @@ def alembic_config(url: str) -> Config:
     return cfg
 
 
+class ForeignDatabase(Exception):
+    """The database holds tables and none of this service's migrations: another application's."""
+
+
+def _refuse_foreign(url: str) -> None:
+    """Refuse to create the tables in a database that has others and no migration history of
+    ours (`ORCH_DATABASE_URL` pointing at another application's): its schema was filled with
+    ours, without a word. (Two services starting on a new database see it empty, or migrated
+    whole: the migrations are one transaction.)"""
+    postgres = make_url(url).get_backend_name() == "postgresql"
+    engine = create_engine(url, **({"connect_args": postgres_connect_args(url)} if postgres else {}))
+    try:
+        names = inspect(engine).get_table_names()
+    finally:
+        engine.dispose()
+    if names and "alembic_version" not in names:
+        shown = ", ".join(sorted(names)[:5]) + (", ..." if len(names) > 5 else "")
+        raise ForeignDatabase(f"the database at {make_url(url).render_as_string(hide_password=True)} holds tables "
+                              f"of another application ({shown}) and none of this service's: point "
+                              "ORCH_DATABASE_URL at a database of its own")
+
+
 def upgrade(url: str, revision: str = "head") -> None:
     """Apply the migrations, one process at a time: two services starting together must not both
     create the tables (PostgreSQL takes an advisory lock in migrations/env.py). All pending
     revisions are one transaction on both databases, so an upgrade that fails or is killed
-    leaves the revision it started from (see migrations/env.py)."""
+    leaves the revision it started from (see migrations/env.py). Raises `ForeignDatabase` for
+    another application's database."""
     path = sqlite_file(url)
     if path is None:
+        _refuse_foreign(url)
         command.upgrade(alembic_config(url), revision)
         return
     path.parent.mkdir(parents=True, exist_ok=True)  # `orchestrator migrate` on a new data dir
     with open(f"{path}.migrate-lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        _refuse_foreign(url)
         command.upgrade(alembic_config(url), revision)

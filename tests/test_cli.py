@@ -57,6 +57,23 @@ def test_a_bad_file_value_is_named_as_the_file_s_beside_an_empty_variable(
     assert f"  {config}: lite_max_batch: Input should be greater than or equal to 1" in capsys.readouterr().err
 
 
+def test_another_application_s_database_is_not_filled_with_our_tables(
+        make_settings: SettingsFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    import sqlite3
+
+    make_settings()
+    other = tmp_path / "crm.db"
+    with sqlite3.connect(other) as conn:
+        conn.execute("CREATE TABLE users (id INTEGER PRIMARY KEY, email TEXT)")
+    monkeypatch.setenv("ORCH_DATABASE_URL", f"sqlite:///{other}")
+    assert main(["migrate"]) == 2
+    err = capsys.readouterr().err
+    assert "ORCH_DATABASE_URL: the database at sqlite:///" in err and "another application (users)" in err
+    with sqlite3.connect(other) as conn:
+        assert [name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")] == ["users"]
+
+
 def test_a_policy_file_refused_at_start_stops_the_service(make_settings: SettingsFactory, tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch,
                                                           capsys: pytest.CaptureFixture[str]) -> None:
