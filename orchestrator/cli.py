@@ -197,11 +197,10 @@ def _migrated(url: str, *, writable: bool = False) -> int | None:
     A database that refuses (down, read-only) raises `DatabaseError`, told in a line by `main`."""
     from alembic.util.exc import CommandError
     from sqlalchemy import text
-    from sqlalchemy.engine import make_url
 
-    from orchestrator.db import Database, ForeignDatabase, upgrade
+    from orchestrator.db import Database, ForeignDatabase, shown_url, upgrade
 
-    shown = make_url(url).render_as_string(hide_password=True)
+    shown = shown_url(url)
     try:
         upgrade(url)
         if writable:
@@ -285,14 +284,13 @@ def _log_to_data_dir(settings: Settings) -> None:
 
 def _log_what_it_uses(settings: Settings) -> None:
     """One line at start: which data dir, database, config file and auth the service runs with."""
-    from sqlalchemy.engine import make_url
-
+    from orchestrator.db import shown_url
     from orchestrator.settings import Settings
 
-    config = Path(str(Settings.model_config.get("toml_file") or ""))
+    config = Path(os.path.expanduser(str(Settings.model_config.get("toml_file") or "")))
     logging.getLogger(__name__).info(
         "data dir %s, database %s, config file %s, %s, %s", settings.data_dir.resolve(),
-        make_url(settings.resolved_database_url).render_as_string(hide_password=True),
+        shown_url(settings.resolved_database_url),
         config.resolve() if config.is_file() else "none", "admin key on" if settings.admin_key else "no admin key",
         "runs jobs" if settings.run_jobs else "runs no jobs (workers do)")
 
@@ -363,8 +361,7 @@ def _run(args: argparse.Namespace) -> int:
             os._exit(status)
         return status
     if args.command == "migrate":
-        from sqlalchemy.engine import make_url
-
+        from orchestrator.db import shown_url
         from orchestrator.settings import Settings
 
         settings = Settings()
@@ -373,7 +370,7 @@ def _run(args: argparse.Namespace) -> int:
         url = settings.resolved_database_url
         if (failed := _migrated(url)) is not None:
             return failed
-        print(f"database at {make_url(url).render_as_string(hide_password=True)} is up to date")
+        print(f"database at {shown_url(url)} is up to date")
         return 0
     if args.command == "check":
         return _check(no_hash=args.no_hash)
@@ -415,7 +412,7 @@ def _check(*, no_hash: bool) -> int:
     from orchestrator.settings import CONFIG_FILE_VARIABLE, Settings
 
     named = os.environ.get(CONFIG_FILE_VARIABLE)
-    if named and not Path(named).is_file():  # else the folder's own .orchestrator was checked instead
+    if named and not Path(os.path.expanduser(named)).is_file():  # else the folder's own .orchestrator was checked
         return _fail(f"{CONFIG_FILE_VARIABLE}: no such file: {named}", status=2)
     settings = Settings()
     if problems := database_url_problems(settings.resolved_database_url):

@@ -245,6 +245,13 @@ def alembic_config(url: str) -> Config:
     return cfg
 
 
+def shown_url(url: str) -> str:
+    """The URL for a log or a message: without its password, in its user part or its query."""
+    parsed = make_url(url)
+    secret = {key: "***" for key in parsed.query if key.lower() in ("password", "passfile", "sslpassword")}
+    return (parsed.update_query_dict(secret) if secret else parsed).render_as_string(hide_password=True)
+
+
 class ForeignDatabase(Exception):
     """The database holds tables and none of this service's migrations: another application's."""
 
@@ -257,12 +264,15 @@ def _refuse_foreign(url: str) -> None:
     postgres = make_url(url).get_backend_name() == "postgresql"
     engine = create_engine(url, **({"connect_args": postgres_connect_args(url)} if postgres else {}))
     try:
-        names = inspect(engine).get_table_names()
+        found = inspect(engine)
+        # Where the migrations create their tables: another schema on the search path (an
+        # application's in `public`, PostGIS's) is not this one.
+        names = found.get_table_names(schema=found.default_schema_name)
     finally:
         engine.dispose()
     if names and "alembic_version" not in names:
         shown = ", ".join(sorted(names)[:5]) + (", ..." if len(names) > 5 else "")
-        raise ForeignDatabase(f"the database at {make_url(url).render_as_string(hide_password=True)} holds tables "
+        raise ForeignDatabase(f"the database at {shown_url(url)} holds tables "
                               f"of another application ({shown}) and none of this service's: point "
                               "ORCH_DATABASE_URL at a database of its own")
 

@@ -23,7 +23,7 @@ from sqlmodel import col, select
 
 from orchestrator import idempotency, identity
 from orchestrator.bells import bell_for
-from orchestrator.db import Database
+from orchestrator.db import Database, shown_url
 from orchestrator.errors import InvalidRequest, OrchestratorError
 from orchestrator.events import EventBus
 from orchestrator.follow import JobFollower
@@ -142,7 +142,7 @@ def startup_problems(settings: Settings, *, service: bool = True) -> list[str]:
     leaves out what only a running service reads: prices and policies."""
     problems = []
     named = os.environ.get(CONFIG_FILE_VARIABLE)
-    if named and not Path(named).is_file():  # the default name may be absent; a named file must not
+    if named and not Path(os.path.expanduser(named)).is_file():  # the default name may be absent; a named file must not
         problems.append(f"{CONFIG_FILE_VARIABLE}: no such file: {named}")
     problems.extend(database_url_problems(settings.resolved_database_url))
     if "*" in settings.cors_origin_list and settings.admin_key is None:
@@ -208,7 +208,7 @@ def database_url_problems(text: str) -> list[str]:
         url = make_url(text)
     except (ArgumentError, ValueError):  # a port that is not a number; the text may hold a password
         return ["ORCH_DATABASE_URL: not a database URL (e.g. postgresql+psycopg://user@host/db)"]
-    shown = url.render_as_string(hide_password=True)
+    shown = shown_url(text)
     if url.get_backend_name() == "postgres":  # the scheme Heroku and libpq write; SQLAlchemy knows no such name
         return [f"ORCH_DATABASE_URL: {shown}: write postgresql+psycopg:// for PostgreSQL"]
     if url.get_backend_name() not in ("sqlite", "postgresql"):
@@ -419,7 +419,7 @@ class Services:
             # A remote engine without a key or server is off by choice; one set up that cannot run
             # (a workflow file not found, a malformed password), like a local one, is a mistake.
             usable, reason = engine.availability()
-            if not usable and (engine.kind == "local" or getattr(engine, "configured", True)):
+            if not usable and (engine.kind == "local" or _set_up(engine)):
                 log.warning("%s: unavailable: %s", engine.name, reason)
 
     def health(self, engine: str) -> str:
@@ -461,6 +461,15 @@ class Services:
         # Last: the stop's own commits (claims given back to the queue) ring the other workers.
         await asyncio.to_thread(self.db.bell.close)
         self.db.dispose()
+
+
+def _set_up(engine: Any) -> bool:
+    """Whether a remote engine says the operator set it up (`configured`, the built-ins'): one
+    without a key or server is off by choice, and a plug-in that does not say is not judged."""
+    try:
+        return getattr(engine, "configured", None) is True
+    except Exception:  # a plug-in's property that raises: not told about
+        return False
 
 
 def _local_runtime(registry: EngineRegistry) -> LocalRuntime | None:

@@ -17,8 +17,7 @@ import logging
 import signal
 from dataclasses import dataclass
 
-from sqlalchemy.engine import make_url
-
+from orchestrator.db import shown_url
 from orchestrator.services import Services
 from orchestrator.settings import Settings
 
@@ -60,7 +59,7 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> S
     services.bus.bind(loop)
     try:
         await services.start()
-        url = make_url(settings.resolved_database_url).render_as_string(hide_password=True)
+        url = shown_url(settings.resolved_database_url)
         log.info("worker %s runs jobs from %s", services.scheduler.owner, url)
         services.log_engine_notes()
         await stop.wait()

@@ -146,3 +146,11 @@ def test_the_file_an_sqlite_url_names(url: str, path: str | None) -> None:
     from orchestrator.db import sqlite_file
 
     assert sqlite_file(url) == (None if path is None else Path(path))
+
+
+def test_a_url_is_shown_without_its_password_wherever_it_is() -> None:
+    from orchestrator.db import shown_url
+
+    assert shown_url("postgresql+psycopg://orch:s3cret@db/orch") == "postgresql+psycopg://orch:***@db/orch"
+    shown = shown_url("postgresql+psycopg://orch@db/orch?password=s3cret&sslmode=require")
+    assert "s3cret" not in shown and "sslmode=require" in shown

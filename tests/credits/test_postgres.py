@@ -274,6 +274,25 @@ def test_concurrent_migrations_on_postgres(postgres_url: str) -> None:
     upgrade_concurrently(postgres_url)
 
 
+def test_another_application_s_tables_refuse_a_first_migration_but_not_another_schema_s_on_postgres(
+        postgres_url: str) -> None:
+    """A database holding another application's tables is not filled with ours; tables in another
+    schema on the search path (an application's in `public`, PostGIS's) are not in our way."""
+    from orchestrator.db import ForeignDatabase, upgrade
+
+    url = make_url(postgres_url)
+    with psycopg.connect(_libpq(url), autocommit=True) as scratch:
+        scratch.execute("CREATE TABLE crm_users (id integer PRIMARY KEY)")
+        scratch.execute("CREATE SCHEMA orch")
+    with pytest.raises(ForeignDatabase, match=r"another application \(crm_users\)"):
+        upgrade(postgres_url)
+    in_orch = url.update_query_dict({"options": "-csearch_path=orch,public"}).render_as_string(hide_password=False)
+    upgrade(in_orch)
+    with psycopg.connect(_libpq(url), autocommit=True) as scratch:
+        tables = {row[0] for row in scratch.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'orch'")}
+    assert {"jobs", "assets", "alembic_version"} <= tables
+
+
 def test_migrations_run_on_postgres(postgres_url: str) -> None:
     from sqlalchemy import create_engine, inspect
 
