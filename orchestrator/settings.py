@@ -155,7 +155,12 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         _warn_unknown_variables(settings_cls, os.environ)
-        return (init_settings, _EnvSource(settings_cls), _StrictTomlSource(settings_cls))
+        try:
+            toml = _StrictTomlSource(settings_cls)
+        except OSError as exc:  # a folder on its path this user may not open (its is_file() raised)
+            raise _config_file_error(settings_cls.model_config.get("toml_file"), "cannot be read",
+                                     exc.strerror or str(exc)) from None
+        return (init_settings, _EnvSource(settings_cls), toml)
 
     # `policy_dir = ""` in the file (or `Settings(policy_dir="")`) would otherwise be Path(""), the
     # working directory: every *.toml there read as a policy. An empty path or name means what
@@ -173,13 +178,13 @@ class Settings(BaseSettings):
     def _home(cls, value: Path | None) -> Path | None:
         # `~/orchdata` in a systemd unit, an env file or the TOML file (no shell to expand it)
         # made a folder named `~` in the working directory.
-        return None if value is None else value.expanduser()
+        return None if value is None else Path(os.path.expanduser(value))  # as given when there is no such home
 
     @field_validator("lite_model", "hifi_model", "lite_preview_vae")
     @classmethod
     def _home_in_model(cls, value: str | None) -> str | None:
         # A path there may start with ~ as well; a Hub id never does.
-        return str(Path(value).expanduser()) if value is not None and value.startswith("~") else value
+        return os.path.expanduser(value) if value is not None and value.startswith("~") else value
 
     @field_validator("admin_key")
     @classmethod
@@ -305,6 +310,13 @@ class _EnvSource(EnvSettingsSource):
                 if value != "" or name.lower() == admin.lower()}
 
 
+def _config_file_error(file_path: Any, what: str, error: str) -> ValidationError:
+    details = PydanticCustomError("config_file", "{file}: {what}: {error}",
+                                  {"file": str(file_path), "what": what, "error": error})
+    return ValidationError.from_exception_data("Settings",
+                                               [InitErrorDetails(type=details, loc=(), input=str(file_path))])
+
+
 class _StrictTomlSource(TomlConfigSettingsSource):
     """pydantic-settings passes a TOML key that matches no field on as an extra, which
     `extra="ignore"` then drops: `max_body_byts = 2048` silently kept the default. Such a key is
@@ -314,13 +326,10 @@ class _StrictTomlSource(TomlConfigSettingsSource):
         # A syntax error is a bad setting like any other: reported with its file, not a traceback.
         try:
             return super()._read_file(file_path)
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError, OSError) as exc:
-            what = "cannot be read" if isinstance(exc, OSError) else "not valid TOML"
-            error = PydanticCustomError("config_file", "{file}: {what}: {error}",
-                                        {"file": str(file_path), "what": what,
-                                         "error": exc.strerror or str(exc) if isinstance(exc, OSError) else str(exc)})
-            raise ValidationError.from_exception_data(
-                "Settings", [InitErrorDetails(type=error, loc=(), input=str(file_path))]) from None
+        except OSError as exc:
+            raise _config_file_error(file_path, "cannot be read", exc.strerror or str(exc)) from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise _config_file_error(file_path, "not valid TOML", str(exc)) from None
 
     def __call__(self) -> dict[str, Any]:
         known = _input_names(self.settings_cls)

@@ -116,6 +116,11 @@ def test_a_path_may_start_with_the_home_folder(toml_file: Path, monkeypatch: pyt
     assert settings.lite_model == str(tmp_path / "home" / "models" / "sd-turbo")
     monkeypatch.setenv("ORCH_LITE_MODEL", "stabilityai/sd-turbo")
     assert Settings().lite_model == "stabilityai/sd-turbo"
+    # No such user, or no home at all (an arbitrary uid without HOME): as given, not a traceback.
+    monkeypatch.setenv("ORCH_DATA_DIR", "~nosuchuser-orch/data")
+    monkeypatch.setenv("ORCH_LITE_MODEL", "~nosuchuser-orch/model")
+    settings = Settings()
+    assert (settings.data_dir, settings.lite_model) == (Path("~nosuchuser-orch/data"), "~nosuchuser-orch/model")
 
 
 def test_an_empty_variable_does_not_hide_the_vendor_s_own(toml_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
