@@ -74,6 +74,11 @@ def render_request(params: dict[str, Any], init_image: Any = None) -> RenderRequ
                          source_size=(int(source_size[0]), int(source_size[1])) if source_size else None)
 
 
+# Earlier identical jobs a paid request may copy, oldest first: one whose file was lost is passed
+# over for the next (a render made after it would otherwise never be copied).
+CACHE_CANDIDATES = 5
+
+
 class JobService:
     def __init__(self, db: Database, router: Router, ledger: Ledger, bus: EventBus, notify: Callable[[], None],
                  default_policy: str, presence: Presence, store: ArtifactStore, max_pending: int = 0) -> None:
@@ -338,13 +343,17 @@ class JobService:
         earlier = s.exec(select(Job).where(col(Job.cache_key) == job.cache_key, col(Job.status) == "succeeded",
                                            col(Job.project_id) == job.project_id,
                                            col(Job.source_asset_id) == job.source_asset_id,
-                                           col(Job.cache_hit).is_(False), ~deleted).order_by(col(Job.id))).first()
-        if earlier is None:
-            return []
-        assets = list(s.exec(select(Asset).where(col(Asset.job_id) == earlier.id).order_by(col(Asset.index))).all())
-        # A copy of a file that is gone (removed by hand, a lost disk) or damaged would be charged
-        # nothing and serve nothing: rendered again instead (whose bytes then mend the file).
-        return assets if all(self._intact(asset.sha256) for asset in assets) else []
+                                           col(Job.cache_hit).is_(False), ~deleted)
+                         .order_by(col(Job.id)).limit(CACHE_CANDIDATES)).all()
+        for candidate in earlier:
+            assets = list(s.exec(select(Asset).where(col(Asset.job_id) == candidate.id)
+                                 .order_by(col(Asset.index))).all())
+            # A copy of a file that is gone (removed by hand, a lost disk) or damaged would be
+            # charged nothing and serve nothing: the next such job's, or a render (whose bytes
+            # then mend the file, or are the next request's copy).
+            if all(self._intact(asset.sha256) for asset in assets):
+                return assets
+        return []
 
     def _intact(self, sha256: str) -> bool:
         try:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from orchestrator.settings import Settings
 from tests.api import read_events
 from tests.credits import (
     PRICE,
@@ -22,6 +25,7 @@ from tests.credits import (
     promote_ok,
     wait_for_job,
 )
+from tests.credits.conftest import POLICY
 
 
 @pytest.mark.parametrize("stage", ["bridge", "polish"])
@@ -109,6 +113,35 @@ def test_identical_paid_request_is_served_from_the_cache(api: httpx.Client) -> N
     assert done["status"] == "succeeded" and done["cost"]["charged"] == PRICE
     assert kinds(ledger(api, project_id)) == {"hold": 2, "capture": 2}
     assert get_json(api, f"/v1/projects/{project_id}/budget")["charged"] == 2 * PRICE
+
+
+def test_a_copy_is_made_of_the_next_identical_job_when_the_first_s_file_is_lost(
+        paid_settings_for: Callable[..., Settings], tmp_path: Path) -> None:
+    """Only the first earlier job was looked at: its file lost (and an engine that does not make
+    the same bytes twice), every identical request after it paid again."""
+    import asyncio
+
+    from orchestrator.models import Asset, Job, Project
+    from orchestrator.services import Services
+
+    services = Services.build(paid_settings_for(tmp_path / "data"))
+    try:
+        kept = services.store.put(b"the second render's bytes")
+        with services.db.transaction() as s:
+            s.add(Project(id="prj_lost", name="lost", policy=POLICY))
+            s.flush()
+            for job_id, sha in (("job_lost1", "ab" * 32), ("job_lost2", kept)):  # the first's file is gone
+                s.add(Job(id=job_id, project_id="prj_lost", stage="bridge", engine="fake-paid", status="succeeded",
+                          cache_key="same-request"))
+                s.flush()
+                s.add(Asset(id=f"ast_{job_id}", project_id="prj_lost", job_id=job_id, stage="bridge",
+                            engine="fake-paid", model="m", prompt="x", width=64, height=64, sha256=sha))
+        with services.db.session() as s:
+            asking = Job(id="job_asking", project_id="prj_lost", stage="bridge", engine="fake-paid",
+                         cache_key="same-request")
+            assert [a.id for a in services.jobs._cached(s, asking)] == ["ast_job_lost2"]
+    finally:
+        asyncio.run(services.aclose())
 
 
 def test_a_free_copy_is_served_under_a_max_credits_below_the_estimate(api: httpx.Client) -> None:
