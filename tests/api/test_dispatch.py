@@ -390,7 +390,7 @@ def test_a_wait_for_the_write_lock_does_not_shorten_a_lease(services: Services,
     # its timeout) let a live job's lease run out, and another process recovered the job.
     [job_id] = queued_drafts(services, 1)
     clock = [utcnow()]
-    monkeypatch.setattr("orchestrator.queue.utcnow", lambda: clock[0])
+    monkeypatch.setattr("orchestrator.queue.shared_now", lambda: clock[0])
     real = services.db.transaction
 
     @contextlib.contextmanager
