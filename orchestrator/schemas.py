@@ -344,7 +344,8 @@ class ErrorBody(BaseModel):
     code: str = Field(description=(
         "What went wrong, for code to act on: `invalid_request` (422, 400, 415), `unauthorized` (401), "
         "`forbidden` (403), `not_found` (404), `method_not_allowed` (405), `conflict`, `idempotency_conflict`, "
-        "`job_finished` (409), `payload_too_large` (413), `budget_exceeded` (402), `no_route` (422, 503), "
+        "`job_finished` (409), `gone` (410: a deleted asset), `payload_too_large` (413), `budget_exceeded` (402), "
+        "`no_route` (422, 503), "
         "`rate_limited` (429), `engine_unavailable`, `database_unavailable`, `storage_full`, `server_stopping` "
         "(503: send again), `content_unavailable` (500: an asset's file is missing or damaged), "
         "`internal_error` (500). A job's `error` also uses `content_filtered`, `engine_error`, `timeout`, "

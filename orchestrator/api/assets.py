@@ -14,7 +14,7 @@ from orchestrator.api.serialize import asset_public
 from orchestrator.clock import utcnow
 from orchestrator.errors import Conflict, NotFound, gone
 from orchestrator.models import Asset, Job
-from orchestrator.schemas import AssetPublic, Lineage
+from orchestrator.schemas import AssetPublic, ErrorResponse, Lineage
 from orchestrator.services import Services
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,9 @@ def get_asset(asset_id: str, services: ServicesDep, caller: CallerDep) -> AssetP
 
 
 @router.delete("/assets/{asset_id}", status_code=204, response_class=Response, responses={
-    204: {"description": "Deleted (or deleted already)."}, **documented(404, 409)})
+    204: {"description": "Deleted (or deleted already)."}, **documented(404),
+    409: {"model": ErrorResponse, "description": "`conflict`: unfinished jobs start from this asset "
+                                                 "(`details.jobs`); cancel them, or let them finish, first."}})
 def delete_asset(asset_id: str, services: ServicesDep, caller: CallerDep) -> Response:
     """Delete an image: its metadata and content answer 410 `gone` from now on, it is no longer
     listed, promoted or polished, and its file leaves the disk at the next asset sweep once no

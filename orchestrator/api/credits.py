@@ -15,7 +15,7 @@ from sqlmodel import col, select
 from orchestrator import idempotency
 from orchestrator.api.deps import CallerDep, IdempotencyKey, ServicesDep
 from orchestrator.api.errors import created, documented
-from orchestrator.api.query import Order, paged
+from orchestrator.api.query import Cursor, Limit, Order, paged
 from orchestrator.errors import InvalidRequest, NotFound
 from orchestrator.ids import MAX_INT_ID, int_cursor
 from orchestrator.models import LedgerEntry, Project
@@ -91,8 +91,11 @@ def get_budget(project_id: str, services: ServicesDep, caller: CallerDep) -> dic
 
 @router.get("/projects/{project_id}/ledger", response_model=Page[LedgerEntryPublic], responses=documented(404))
 def get_ledger(project_id: str, services: ServicesDep, caller: CallerDep,
-               limit: Annotated[int, Query(ge=1, le=500)] = 50, cursor: str | None = None,
-               unreconciled: bool | None = None, order: Order = "asc") -> Page[LedgerEntryPublic]:
+               limit: Limit = 50, cursor: Cursor = None,
+               unreconciled: Annotated[bool | None, Query(description=(
+                   "`true`: only captures charged at their estimate that wait for reconciliation with the "
+                   "provider's invoice; `false`: all but those."))] = None,
+               order: Order = "asc") -> Page[LedgerEntryPublic]:
     """The project's entries, oldest first (`order=desc`: newest first); `unreconciled=true` lists
     the captures still waiting for a person to check them against the provider's invoice."""
     caller.project(project_id)
@@ -221,10 +224,17 @@ def _utc(name: str, value: datetime | None) -> datetime | None:
           "description": "The report: JSON, or CSV with `format=csv`.", "headers": {
               "Content-Disposition": {"description": "With `format=csv`: `attachment; filename=\"spend.csv\"`",
                                       "schema": {"type": "string"}}}}, **documented(404)})
-def get_spend(services: ServicesDep, caller: CallerDep, group_by: GroupBy = "day",
-              from_: Annotated[Rfc3339 | None, Query(alias="from")] = None,
-              to: Rfc3339 | None = None, project_id: str | None = None,
-              format: Literal["json", "csv"] = "json") -> Response:
+def get_spend(services: ServicesDep, caller: CallerDep,
+              group_by: Annotated[GroupBy, Query(description="How the charges are grouped: by UTC day, engine, "
+                                                             "stage or project.")] = "day",
+              from_: Annotated[Rfc3339 | None, Query(alias="from", description=(
+                  "Charges at or after this time: RFC 3339 with a zone, e.g. 2026-11-01T00:00:00Z (URL-encode a "
+                  "+01:00)."))] = None,
+              to: Annotated[Rfc3339 | None, Query(description="Charges before this time (RFC 3339, a zone).")] = None,
+              project_id: Annotated[str | None, Query(description="One project's spend (a project key's is its "
+                                                                  "own).")] = None,
+              format: Annotated[Literal["json", "csv"], Query(description="`csv`: a CSV file of the groups and "
+                                                                          "their total.")] = "json") -> Response:
     """Spend of every project, or of one; a project key's report is its own project's."""
     if caller.project_id is not None:
         caller.project(project_id or caller.project_id)

@@ -12,7 +12,7 @@ from sqlmodel import col, select
 from orchestrator import keys
 from orchestrator.api.deps import CallerDep, ServicesDep, check_job
 from orchestrator.api.errors import documented
-from orchestrator.api.query import Order, paged
+from orchestrator.api.query import Cursor, Limit, Order, paged
 from orchestrator.api.serialize import job_public
 from orchestrator.errors import Conflict, NotFound
 from orchestrator.events import TERMINAL, Event
@@ -48,8 +48,8 @@ def get_job(job_id: str, services: ServicesDep, caller: CallerDep) -> JobPublic:
 
 @router.get("/jobs", response_model=Page[JobPublic], responses=documented(404))
 def list_jobs(services: ServicesDep, caller: CallerDep, project_id: str | None = None, stage: Stage | None = None,
-              status: JobStatus | None = None, limit: Annotated[int, Query(ge=1, le=500)] = 50,
-              cursor: str | None = None, order: Order = "asc") -> Page[JobPublic]:
+              status: JobStatus | None = None, limit: Limit = 50,
+              cursor: Cursor = None, order: Order = "asc") -> Page[JobPublic]:
     """Every project's jobs, or one project's (404 for a project that does not exist, as its
     assets list answers); a project key sees its own project's only."""
     with services.db.session() as s:

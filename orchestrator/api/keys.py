@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, Field
 
 from orchestrator import idempotency, keys
 from orchestrator.api.deps import CallerDep, IdempotencyKey, ServicesDep
 from orchestrator.api.errors import created, documented
+from orchestrator.api.query import Cursor, Limit
 from orchestrator.errors import Conflict, NotFound
 from orchestrator.ids import id_cursor
 from orchestrator.models import ApiKey, Project
@@ -70,7 +70,7 @@ def create_key(project_id: str, body: KeyCreate, services: ServicesDep, caller: 
 
 @router.get("/projects/{project_id}/keys", response_model=Page[KeyPublic], responses=documented(403, 404))
 def list_keys(project_id: str, services: ServicesDep, caller: CallerDep,
-              limit: Annotated[int, Query(ge=1, le=500)] = 50, cursor: str | None = None) -> Page[KeyPublic]:
+              limit: Limit = 50, cursor: Cursor = None) -> Page[KeyPublic]:
     """The project's keys, revoked ones included (without their secrets)."""
     _admin_project(services, caller, project_id)
     rows = keys.listed(services.db, project_id, after=id_cursor(cursor, "key"), limit=limit + 1)

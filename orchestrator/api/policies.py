@@ -13,7 +13,7 @@ from pydantic_core import CoreSchema
 
 from orchestrator.api.deps import CallerDep, ServicesDep, check_asset
 from orchestrator.api.errors import documented
-from orchestrator.api.projects import Limit
+from orchestrator.api.query import Limit
 from orchestrator.errors import InvalidRequest, NotFound
 from orchestrator.schemas import (
     DraftCreate,

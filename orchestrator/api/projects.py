@@ -1,15 +1,13 @@
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Request, Response
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from orchestrator import idempotency
 from orchestrator.api.deps import CallerDep, IdempotencyKey, ServicesDep
 from orchestrator.api.errors import created, documented
-from orchestrator.api.query import Order, paged
+from orchestrator.api.query import Cursor, Limit, Order, paged
 from orchestrator.api.serialize import asset_public, project_public
 from orchestrator.errors import InvalidRequest, NotFound
 from orchestrator.ids import id_cursor, new_id
@@ -20,7 +18,6 @@ from orchestrator.schemas import AssetPublic, Budget, Page, ProjectCreate, Proje
 from tiers.base import to_millicredits
 
 router = APIRouter(tags=["projects"])
-Limit = Annotated[int, Query(ge=1, le=500)]
 
 
 @router.post("/projects", status_code=201, response_model=ProjectPublic,
@@ -85,7 +82,7 @@ def _project_of(s: Session, row: IdempotencyKeyRow | None) -> Project | None:
 
 @router.get("/projects", response_model=Page[ProjectPublic])
 def list_projects(services: ServicesDep, caller: CallerDep, limit: Limit = 50,
-                  cursor: str | None = None) -> Page[ProjectPublic]:
+                  cursor: Cursor = None) -> Page[ProjectPublic]:
     """Every project; for a project key, its own."""
     with services.db.session() as s:
         stmt = select(Project).order_by(col(Project.id)).limit(limit + 1)
@@ -148,7 +145,7 @@ def update_project(project_id: str, body: ProjectUpdate, services: ServicesDep, 
 
 @router.get("/projects/{project_id}/assets", response_model=Page[AssetPublic], responses=documented(404))
 def list_project_assets(project_id: str, services: ServicesDep, caller: CallerDep, stage: Stage | None = None,
-                        limit: Limit = 50, cursor: str | None = None, order: Order = "asc") -> Page[AssetPublic]:
+                        limit: Limit = 50, cursor: Cursor = None, order: Order = "asc") -> Page[AssetPublic]:
     """The project's assets, oldest first (`order=desc`: newest first; `stage` filters), a page at
     a time: pass `next_cursor` back as `cursor` until it is null."""
     caller.project(project_id)

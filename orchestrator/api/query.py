@@ -61,6 +61,10 @@ def _query_names(dependant: Dependant) -> set[str]:
     return names
 
 
+Limit = Annotated[int, Query(ge=1, le=500, description="Items per page, 1 to 500 (default 50).")]
+Cursor = Annotated[str | None, Query(description=(
+    "Where the page starts: the previous page's `next_cursor` (empty or left out: the first page). Any other "
+    "value is a 422."))]
 Order = Annotated[Literal["asc", "desc"], Query(
     description="`asc`: oldest first (the default); `desc`: newest first. A page's `next_cursor` goes on in the "
                 "same order.")]
