@@ -101,6 +101,10 @@ class EngineRegistry:
                             type(exc).__name__, exc)
                 broken[name] = BrokenEngine(name, f"not installed in this process: {exc}")
                 continue
+            except Exception as exc:  # its module fails as it is imported (a bug, a syntax error)
+                log.exception("engine %s could not be imported", name)
+                broken[name] = BrokenEngine(name, f"could not be imported: {type(exc).__name__}: {exc}")
+                continue
             try:
                 engine = factory(ctx)
                 if not isinstance(engine, Engine):

@@ -141,6 +141,7 @@ def test_installed_entry_points_are_read(load: Load, monkeypatch: pytest.MonkeyP
     (f"{HERE}:misnamed_factory", "registered as 'broken-ep'"),
     (f"{HERE}:not_an_engine_factory", "did not return an Engine"),
     ("tests.no_such_module:factory", "No module named"),
+    ("tests.routing.boom_engine:factory", "a module that fails as it is imported"),  # once a failed start
     (f"{HERE}:no_such_attribute", "no_such_attribute"),
 ])
 def test_failing_factory_is_listed_as_broken(load: Load, target: str, reason: str,
@@ -149,7 +150,8 @@ def test_failing_factory_is_listed_as_broken(load: Load, target: str, reason: st
     assert "broken-ep" not in registry
     assert "broken-ep" in registry.names()
     broken = registry.broken["broken-ep"]
-    assert broken.reason.startswith(("could not be created:", "not installed in this process:"))
+    assert broken.reason.startswith(("could not be created:", "not installed in this process:",
+                                     "could not be imported:"))
     assert reason in broken.reason
     with pytest.raises(NotFound) as info:
         registry.get("broken-ep")
