@@ -74,8 +74,8 @@ def render_request(params: dict[str, Any], init_image: Any = None) -> RenderRequ
                          source_size=(int(source_size[0]), int(source_size[1])) if source_size else None)
 
 
-# Earlier identical jobs a paid request may copy, oldest first: one whose file was lost is passed
-# over for the next (a render made after it would otherwise never be copied).
+# Earlier identical jobs a paid request may copy, oldest first, then the newest: one whose file was
+# lost is passed over for the next (a render made after it would otherwise never be copied).
 CACHE_CANDIDATES = 5
 
 
@@ -340,12 +340,14 @@ class JobService:
         # not refresh it. The render made instead is the next request's copy (taking the first job
         # whatever became of its images made every later identical request pay again).
         deleted = select(Asset.id).where(col(Asset.job_id) == Job.id, col(Asset.deleted_at).is_not(None)).exists()
-        earlier = s.exec(select(Job).where(col(Job.cache_key) == job.cache_key, col(Job.status) == "succeeded",
-                                           col(Job.project_id) == job.project_id,
-                                           col(Job.source_asset_id) == job.source_asset_id,
-                                           col(Job.cache_hit).is_(False), ~deleted)
-                         .order_by(col(Job.id)).limit(CACHE_CANDIDATES)).all()
-        for candidate in earlier:
+        same = select(Job).where(col(Job.cache_key) == job.cache_key, col(Job.status) == "succeeded",
+                                 col(Job.project_id) == job.project_id,
+                                 col(Job.source_asset_id) == job.source_asset_id,
+                                 col(Job.cache_hit).is_(False), ~deleted)
+        oldest = s.exec(same.order_by(col(Job.id)).limit(CACHE_CANDIDATES)).all()
+        # And the newest: the render made after them all, should every one of them be lost.
+        newest = s.exec(same.order_by(col(Job.id).desc()).limit(1)).all()
+        for candidate in {j.id: j for j in [*oldest, *newest]}.values():
             assets = list(s.exec(select(Asset).where(col(Asset.job_id) == candidate.id)
                                  .order_by(col(Asset.index))).all())
             # A copy of a file that is gone (removed by hand, a lost disk) or damaged would be

@@ -121,6 +121,9 @@ def test_a_copy_is_made_of_the_next_identical_job_when_the_first_s_file_is_lost(
     the same bytes twice), every identical request after it paid again."""
     import asyncio
 
+    from sqlalchemy import delete
+    from sqlmodel import col
+
     from orchestrator.models import Asset, Job, Project
     from orchestrator.services import Services
 
@@ -130,7 +133,9 @@ def test_a_copy_is_made_of_the_next_identical_job_when_the_first_s_file_is_lost(
         with services.db.transaction() as s:
             s.add(Project(id="prj_lost", name="lost", policy=POLICY))
             s.flush()
-            for job_id, sha in (("job_lost1", "ab" * 32), ("job_lost2", kept)):  # the first's file is gone
+            # The first's file is gone; then, as many more lost as are looked at, and the newest intact.
+            lost = [(f"job_lost{i}", f"{i:02d}" * 32) for i in range(1, 8)]
+            for job_id, sha in (("job_lost0", "ab" * 32), ("job_lost1b", kept), *lost, ("job_lost9", kept)):
                 s.add(Job(id=job_id, project_id="prj_lost", stage="bridge", engine="fake-paid", status="succeeded",
                           cache_key="same-request"))
                 s.flush()
@@ -139,7 +144,12 @@ def test_a_copy_is_made_of_the_next_identical_job_when_the_first_s_file_is_lost(
         with services.db.session() as s:
             asking = Job(id="job_asking", project_id="prj_lost", stage="bridge", engine="fake-paid",
                          cache_key="same-request")
-            assert [a.id for a in services.jobs._cached(s, asking)] == ["ast_job_lost2"]
+            assert [a.id for a in services.jobs._cached(s, asking)] == ["ast_job_lost1b"]  # the next one
+        with services.db.transaction() as s:
+            s.execute(delete(Asset).where(col(Asset.job_id) == "job_lost1b"))
+            s.execute(delete(Job).where(col(Job.id) == "job_lost1b"))
+        with services.db.session() as s:
+            assert [a.id for a in services.jobs._cached(s, asking)] == ["ast_job_lost9"]  # the newest
     finally:
         asyncio.run(services.aclose())
 
