@@ -52,13 +52,14 @@ class Settings(BaseSettings):
         env_prefix=PREFIX,
         extra="ignore",
         populate_by_name=True,
-        toml_file=os.environ.get(CONFIG_FILE_VARIABLE) or "orchestrator.toml",  # empty counts as unset too
+        # Empty counts as unset too; `~nobody/x.toml` is kept as given (pydantic's expansion raises).
+        toml_file=os.path.expanduser(os.environ.get(CONFIG_FILE_VARIABLE) or "orchestrator.toml"),
     )
 
     data_dir: Path = Path("./.orchestrator")
     # Shared across data dirs: the offline tiny model is built here once per machine.
-    cache_dir: Path = Field(default_factory=lambda: Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache")
-                            .expanduser() / "orchestrator")
+    cache_dir: Path = Field(default_factory=lambda: Path(os.path.expanduser(os.environ.get("XDG_CACHE_HOME")
+                                                                             or "~/.cache")) / "orchestrator")
     # Out of the settings' repr (a crash reporter, a debug print): these URLs may hold a password.
     database_url: str | None = Field(None, repr=False)
     admin_key: SecretStr | None = None
@@ -157,9 +158,9 @@ class Settings(BaseSettings):
         _warn_unknown_variables(settings_cls, os.environ)
         try:
             toml = _StrictTomlSource(settings_cls)
-        except OSError as exc:  # a folder on its path this user may not open (its is_file() raised)
+        except (OSError, RuntimeError) as exc:  # a folder on its path this user may not open (is_file() raised)
             raise _config_file_error(settings_cls.model_config.get("toml_file"), "cannot be read",
-                                     exc.strerror or str(exc)) from None
+                                     getattr(exc, "strerror", None) or str(exc)) from None
         return (init_settings, _EnvSource(settings_cls), toml)
 
     # `policy_dir = ""` in the file (or `Settings(policy_dir="")`) would otherwise be Path(""), the

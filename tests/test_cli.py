@@ -7,8 +7,11 @@ import asyncio
 import errno
 import io
 import logging
+import os
 import socket
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -523,6 +526,16 @@ def test_a_config_file_in_a_folder_that_cannot_be_opened_names_the_file(
     assert main(["migrate"]) == 2
     err = capsys.readouterr().err
     assert f"invalid configuration:\n  {config}: cannot be read: Permission denied" in err and "Traceback" not in err
+
+
+def test_a_config_file_under_a_home_that_does_not_exist_is_one_line(tmp_path: Path) -> None:
+    # pydantic-settings expands `~nobody/...` itself, which raises: a traceback at every command.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ORCH_")}
+    env.update(ORCH_CONFIG_FILE="~nosuchuser-orch/studio.toml", ORCH_DATA_DIR=str(tmp_path / "data"))
+    done = subprocess.run([sys.executable, "-m", "orchestrator", "migrate"], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "~nosuchuser-orch/studio.toml: cannot be read" in done.stderr and "Traceback" not in done.stderr
 
 
 def test_a_log_file_that_cannot_be_written_leaves_the_log_on_stderr(make_settings: SettingsFactory,
