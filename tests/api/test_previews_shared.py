@@ -129,6 +129,11 @@ def test_a_worker_s_preview_is_served_by_another_process_while_the_job_runs(
     running.start()
     try:
         assert engine.stepped.wait(30)
+        # The writes go behind the inference thread: the row's step comes after its preview file.
+        deadline = time.monotonic() + 30
+        while row(worker, job_id).progress_step != STEPS - 1:
+            assert time.monotonic() < deadline, f"progress still {row(worker, job_id).progress_step}"
+            time.sleep(0.01)
         preview = api.get(f"/v1/jobs/{job_id}/preview")
         assert preview.status_code == 200, preview.text
         assert preview.headers["content-type"] == "image/png"
