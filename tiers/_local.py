@@ -25,13 +25,13 @@ import time
 import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from orchestrator.errors import BadEngineInput, EngineError, EngineUnavailable
 from orchestrator.store import hide_paths, model_name
 from tiers import tiny
+from tiers._family import ModelDefaults, few_step_scheduler, model_defaults, snapshot_folder
 from tiers.base import CancelToken, Capabilities, EngineContext, Progress, RenderRequest, RenderResult
 
 if TYPE_CHECKING:
@@ -67,69 +67,6 @@ LOAD_RETRY_SECONDS = 60.0
 # A variant's weight files (`diffusion_pytorch_model.fp16.safetensors`, or sharded
 # `model.fp16-00001-of-00002.safetensors`): what `variant="fp16"` downloads leave.
 _FP16_WEIGHTS = re.compile(r"\.fp16(?:-\d+-of-\d+)?\.(?:safetensors|bin)$")
-
-
-@dataclass(frozen=True)
-class ModelDefaults:
-    steps: int
-    guidance_scale: float
-    native_size: int
-    # Transformer models patch 2x2 latents of 8 px: their pipelines refuse (SD3) or silently round
-    # down (FLUX) sizes that are not multiples of 16.
-    size_multiple: int = 8
-    # Distilled to denoise in a few steps from pure noise (Turbo, Lightning, Hyper-SD): its
-    # schedule must start at the last timestep ("trailing" spacing), see `few_step_scheduler`.
-    few_step: bool = False
-
-
-def model_defaults(model: str) -> ModelDefaults:
-    """Steps and guidance a model family is meant to run with, from its name (the last part of a
-    Hub id or path: a folder such as /home/alexl/... must not read as "xl")."""
-    if model == tiny.NAME:
-        return ModelDefaults(steps=4, guidance_scale=0.0, native_size=512)
-    name = _model_name(model)
-    xl = "xl" in name
-    if "flux" in name:
-        return (ModelDefaults(steps=4, guidance_scale=0.0, native_size=1024, size_multiple=16) if "schnell" in name
-                else ModelDefaults(steps=28, guidance_scale=3.5, native_size=1024, size_multiple=16))
-    if "stable-diffusion-3" in name or name.startswith("sd3"):
-        return (ModelDefaults(steps=4, guidance_scale=0.0, native_size=1024, size_multiple=16) if "turbo" in name
-                else ModelDefaults(steps=28, guidance_scale=3.5, native_size=1024, size_multiple=16))
-    if "lcm" in name:
-        # Latent consistency pipelines embed the guidance (w = guidance - 1): 0 would be w = -1.
-        return ModelDefaults(steps=4, guidance_scale=8.5, native_size=1024 if xl else 512)
-    if "turbo" in name:
-        # Adversarially distilled at 512 px (SDXL-Turbo too): 1-4 steps, no guidance. Fine-tunes of
-        # SDXL sold as "XL turbo" keep SDXL's 1024.
-        native = 1024 if xl and not re.match(r"sd_?xl[-_]turbo", name) else 512
-        return ModelDefaults(steps=2, guidance_scale=0.0, native_size=native, few_step=True)
-    # Hyper-SD by name ("Hyper-SDXL-..."), not any model whose name starts with "hyper" (hyperRealism).
-    if "lightning" in name or re.search(r"(?<![a-z])hyper[-_ ]?sd", name):
-        # Their files name the steps they were distilled for: sdxl_lightning_2step, Hyper-SDXL-8steps.
-        distilled = re.search(r"(\d+)[-_]?steps?(?![a-z])", name)
-        steps = int(distilled.group(1)) if distilled and 0 < int(distilled.group(1)) <= 16 else 4
-        return ModelDefaults(steps=steps, guidance_scale=0.0, native_size=1024 if xl else 512, few_step=True)
-    if xl:
-        return ModelDefaults(steps=30, guidance_scale=5.0, native_size=1024)
-    if ("stable-diffusion-2" in name or "sd2" in name) and "base" not in name:  # the -base models are 512
-        return ModelDefaults(steps=25, guidance_scale=7.5, native_size=768)
-    return ModelDefaults(steps=25, guidance_scale=7.5, native_size=512)
-
-
-def few_step_scheduler(scheduler: Any, model: str) -> Any:
-    """The scheduler a few-step distilled checkpoint needs, from the one a single file was given.
-
-    A single file carries weights only: diffusers gives it its base family's scheduler (SDXL's
-    Euler or SD 2.1's DDIM, "leading" spacing, and v-prediction for every SD 2.x file). At 2 steps
-    "leading" starts denoising at t=501, taking pure noise for a half-made image, and the drafts
-    come out washed out and blotchy. Turbo, Lightning and Hyper-SD are epsilon models trained to
-    start from t=999: Euler with "trailing" spacing, as their own diffusers folders configure
-    (SDXL-Lightning's 1-step `_x0` file predicts the clean image, "sample", not the noise)."""
-    from diffusers import EulerDiscreteScheduler
-
-    predicts = "sample" if re.search(r"(?<![a-z])x0(?![a-z0-9])", _model_name(model)) else "epsilon"
-    return EulerDiscreteScheduler.from_config(scheduler.config, timestep_spacing="trailing",
-                                              prediction_type=predicts)
 
 
 def prompt_overflow(pipe: Any, prompt: str) -> tuple[int, int] | None:
@@ -172,26 +109,8 @@ def negative_prompt_arguments(pipe: Any, negative_prompt: str, progress: Progres
     return {}
 
 
-def _model_name(model: str) -> str:
-    """The model's own name: the last part of a Hub id or path, or the repository of a Hugging Face
-    cache folder (`.../models--stabilityai--sdxl-turbo/snapshots/<hash>` is `sdxl-turbo`)."""
-    parts = model.replace("\\", "/").rstrip("/").split("/")
-    for part in reversed(parts):
-        if part.startswith("models--"):
-            return part.rsplit("--", 1)[-1].lower()
-    return parts[-1].lower()
-
-
 def hf_hub_cached(repo_id: str) -> bool:
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:  # pragma: no cover - huggingface_hub ships with diffusers
-        return False
-    try:
-        found = try_to_load_from_cache(repo_id, "model_index.json")
-    except ValueError:  # HFValidationError: not a Hub id at all, so in no cache
-        return False
-    return isinstance(found, str)
+    return snapshot_folder(repo_id) is not None
 
 
 # The Hub's rule for repository ids: `name` or `org/name`, each of word characters, `-` and `.`,
@@ -622,11 +541,8 @@ class LocalRuntime:
             missing = _missing_components(folder)
             if missing:
                 raise OSError(f"the model folder lacks {', '.join(f'{name}/' for name in missing)}")
-        elif _is_hub_id(model) and hf_hub_cached(model):
-            from huggingface_hub import try_to_load_from_cache
-
-            found = try_to_load_from_cache(model, "model_index.json")
-            folder = Path(found).parent if isinstance(found, str) else None
+        elif _is_hub_id(model):
+            folder = snapshot_folder(model)
         # The weights are cast to the run's dtype all the same.
         return {"variant": "fp16"} if folder is not None and _fp16_only(folder) else {}
 
@@ -740,10 +656,19 @@ class LocalEngine:
         self.settings = ctx.settings
         self.runtime = runtime_for(ctx)
         self._model = resolve_model(model_spec)
-        self.defaults = model_defaults(self._model)
+        self._defaults = model_defaults(self._model)
         limit = ctx.settings.local_max_size
         self.capabilities = dataclasses.replace(capabilities, max_width=limit, max_height=limit,
-                                                size_multiple=self.defaults.size_multiple)
+                                                size_multiple=self._defaults.size_multiple)
+
+    @property
+    def defaults(self) -> ModelDefaults:
+        """The model's defaults; a Hub model whose name says nothing of its family is looked at
+        again until its files are in the cache (its first load downloads them)."""
+        if self._defaults.told_by == "nothing":
+            self._defaults = model_defaults(self._model)
+            self.capabilities = dataclasses.replace(self.capabilities, size_multiple=self._defaults.size_multiple)
+        return self._defaults
 
     @property
     def model(self) -> str:

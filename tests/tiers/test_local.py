@@ -77,7 +77,7 @@ async def test_a_pipeline_that_takes_a_size_is_told_each_tile_s(engines: EngineF
     _, hifi = engines(local_max_size=256)
     sized = SizedPipe(await hifi.runtime.call(hifi.runtime.img2img, hifi.model))
     monkeypatch.setattr(hifi.runtime, "img2img", lambda model: sized)
-    monkeypatch.setattr(hifi, "defaults", dataclasses.replace(hifi.defaults, native_size=128))  # tiles of 128 px
+    monkeypatch.setattr(hifi, "_defaults", dataclasses.replace(hifi.defaults, native_size=128))  # tiles of 128 px
     bridge = RenderRequest(stage="bridge", prompt="a lighthouse", width=96, height=64, steps=2, seed=1, n=1,
                            init_image=draft_image(), strength=0.5)
     assert (await hifi.run(bridge, RecordingProgress(), CancelToken())).images[0].image.size == (96, 64)

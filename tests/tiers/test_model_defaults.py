@@ -1,10 +1,19 @@
-"""Per-model defaults of the local engines, from the model's name."""
+"""Per-model defaults of the local engines: from the model's name, else from its files."""
 
 from __future__ import annotations
 
+import json
+import struct
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
 import pytest
 
-from tiers._local import ModelDefaults, few_step_scheduler, model_defaults
+from orchestrator.errors import BadEngineInput
+from tests.tiers.conftest import EngineFactory
+from tests.tiers.test_local_loading import draft, hub_cache
+from tiers._family import ModelDefaults, few_step_scheduler, model_defaults
 
 # SD3 and FLUX patch their latents: sizes in multiples of 16.
 TRANSFORMER = ModelDefaults(steps=28, guidance_scale=3.5, native_size=1024, size_multiple=16)
@@ -73,3 +82,110 @@ def test_the_one_step_lightning_file_predicts_the_image_not_the_noise() -> None:
     given = EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     assert few_step_scheduler(given, "/m/sdxl_lightning_1step_x0.safetensors").config.prediction_type == "sample"
     assert few_step_scheduler(given, "/m/sdxl_lightning_4step.safetensors").config.prediction_type == "epsilon"
+
+
+SDXL = ModelDefaults(steps=30, guidance_scale=5.0, native_size=1024)
+SD15 = ModelDefaults(steps=25, guidance_scale=7.5, native_size=512)
+Folder = Callable[..., Path]
+
+
+@pytest.fixture
+def diffusers_folder(tmp_path: Path) -> Folder:
+    """A diffusers folder's configuration files (no weights): `configs` maps a file under the
+    folder to its JSON."""
+    def make(name: str, pipeline: str, **configs: dict[str, Any]) -> Path:
+        folder = tmp_path / "models" / name
+        folder.mkdir(parents=True)
+        (folder / "model_index.json").write_text(json.dumps({"_class_name": pipeline, "unet": ["diffusers", "x"]}))
+        for file, config in configs.items():
+            path = folder / file.replace("__", "/")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(config))
+        return folder
+
+    return make
+
+
+def safetensors_file(path: Path, keys: list[str]) -> Path:
+    """A safetensors file whose header names `keys` (one float each)."""
+    header = {key: {"dtype": "F32", "shape": [1], "data_offsets": [4 * i, 4 * i + 4]} for i, key in enumerate(keys)}
+    encoded = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + bytes(4 * len(keys)))
+    return path
+
+
+@pytest.mark.parametrize(("pipeline", "configs", "expected"), [
+    # An SDXL fine-tune whose name says nothing of it (Playground v2.5 is SDXL's pipeline).
+    ("StableDiffusionXLPipeline", {"unet__config.json": {"sample_size": 128}}, SDXL),
+    ("StableDiffusionXLPipeline", {}, SDXL),
+    # SD 2.1's 768 px v-prediction model: its UNet works on 96x96 latents.
+    ("StableDiffusionPipeline", {"unet__config.json": {"sample_size": 96}}, ModelDefaults(25, 7.5, 768)),
+    ("StableDiffusionPipeline", {"unet__config.json": {"sample_size": 64}}, SD15),
+    ("StableDiffusionXLPipeline", {"scheduler__scheduler_config.json": {"_class_name": "LCMScheduler"}},
+     ModelDefaults(steps=4, guidance_scale=8.5, native_size=1024)),
+    ("LatentConsistencyModelPipeline", {}, ModelDefaults(steps=4, guidance_scale=8.5, native_size=512)),
+    ("StableDiffusion3Pipeline", {}, TRANSFORMER),
+    ("FluxPipeline", {"transformer__config.json": {"guidance_embeds": True}}, TRANSFORMER),  # FLUX.1-dev
+    ("FluxPipeline", {"transformer__config.json": {"guidance_embeds": False}}, TRANSFORMER_FAST),  # schnell
+    # A pipeline of a family the defaults do not know: SD 1.5's guess, settled.
+    ("KandinskyV22Pipeline", {}, SD15),
+])
+def test_a_folder_whose_name_says_nothing_is_read_from_its_configuration(
+        diffusers_folder: Folder, pipeline: str, configs: dict[str, Any], expected: ModelDefaults) -> None:
+    defaults = model_defaults(str(diffusers_folder("lite-v2", pipeline, **configs)))
+    assert defaults == expected
+    assert defaults.told_by == "files"
+
+
+def test_the_name_comes_before_the_files(diffusers_folder: Folder) -> None:
+    """Only the name tells a distilled model from its base: SDXL-Turbo's folder says SDXL."""
+    folder = diffusers_folder("sdxl-turbo", "StableDiffusionXLPipeline", **{"unet__config.json": {"sample_size": 128}})
+    assert model_defaults(str(folder)) == TURBO
+
+
+@pytest.mark.parametrize("index", ["{not json", "[1, 2]", '{"_class_name": 7}'])
+def test_a_folder_with_a_damaged_index_gets_the_guess(tmp_path: Path, index: str) -> None:
+    folder = tmp_path / "house-model"
+    folder.mkdir()
+    (folder / "model_index.json").write_text(index)
+    assert model_defaults(str(folder)) == SD15
+
+
+@pytest.mark.parametrize(("keys", "expected", "told_by"), [
+    (["conditioner.embedders.1.model.ln_final.weight", "model.diffusion_model.out.0.weight"], SDXL, "files"),
+    (["cond_stage_model.model.ln_final.weight"], ModelDefaults(25, 7.5, 768), "files"),
+    (["cond_stage_model.transformer.text_model.final_layer_norm.weight"], SD15, "nothing"),  # SD 1.x
+])
+def test_a_single_file_is_told_by_its_tensors_names(tmp_path: Path, keys: list[str], expected: ModelDefaults,
+                                                    told_by: str) -> None:
+    defaults = model_defaults(str(safetensors_file(tmp_path / "juggernaut.safetensors", keys)))
+    assert defaults == expected
+    assert defaults.told_by == told_by
+
+
+def test_a_damaged_single_file_gets_the_guess(tmp_path: Path) -> None:
+    damaged = tmp_path / "house.safetensors"
+    damaged.write_bytes(struct.pack("<Q", 10_000) + b"{}")
+    assert model_defaults(str(damaged)) == SD15
+    huge = tmp_path / "huge.safetensors"
+    huge.write_bytes(struct.pack("<Q", 1 << 62))
+    assert model_defaults(str(huge)) == SD15
+
+
+def test_a_hub_model_is_read_from_its_cached_snapshot_once_downloaded(
+        engines: EngineFactory, diffusers_folder: Folder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not cached at start: SD 1.5's guess, looked at again until its first load has downloaded
+    it. Then a FLUX model's sizes must be multiples of 16, as its pipeline would otherwise round
+    a 72 px request down without a word."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    lite, _ = engines(lite_model="acme/house-model", local_max_size=256)
+    assert lite.defaults == SD15 and lite.defaults.told_by == "nothing"
+    lite.estimate(draft(width=72, height=72))
+    snapshot = diffusers_folder("snapshot", "FluxPipeline", **{"transformer__config.json": {"guidance_embeds": False}})
+    hub_cache(tmp_path, "acme/house-model", snapshot, monkeypatch)
+    assert lite.defaults == TRANSFORMER_FAST
+    assert lite.capabilities.size_multiple == 16
+    with pytest.raises(BadEngineInput, match="multiple of 16"):
+        lite.estimate(draft(width=72, height=72))

@@ -1,0 +1,190 @@
+"""A local model's family, and so the steps, guidance and sizes it is meant to run with.
+
+The name comes first (the last part of a Hub id or path): only a name tells a few-step distilled
+checkpoint (Turbo, Lightning, Hyper-SD) from its base model, as no configuration file does. A name
+that says nothing of its family (`/models/lite-v2`, `playground-v2.5-1024px-aesthetic`) is read
+from the model's files instead: a diffusers folder's `model_index.json` and component configs
+(in a Hub id's cached snapshot too), or a single file's safetensors header. Until then it got SD
+1.5's 25 steps at guidance 7.5 and 512 px, whatever it was.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from tiers import tiny
+
+# Configuration files are a few kB; anything larger is not one.
+MAX_CONFIG_BYTES = 1 << 20
+# A safetensors header lists every tensor's name, dtype and offsets: a few MB for the largest models.
+MAX_HEADER_BYTES = 64 << 20
+# The VAE of every Stable Diffusion family shrinks images 8x: a UNet's `sample_size` is in latents.
+LATENT_SCALE = 8
+
+Told = Literal["name", "files", "nothing"]
+
+
+@dataclass(frozen=True)
+class ModelDefaults:
+    steps: int
+    guidance_scale: float
+    native_size: int
+    # Transformer models patch 2x2 latents of 8 px: their pipelines refuse (SD3) or silently round
+    # down (FLUX) sizes that are not multiples of 16.
+    size_multiple: int = 8
+    # Distilled to denoise in a few steps from pure noise (Turbo, Lightning, Hyper-SD): its
+    # schedule must start at the last timestep ("trailing" spacing), see `few_step_scheduler`.
+    few_step: bool = False
+    # What told the family: "nothing" is the SD 1.5 guess, worth another look once the model is
+    # on disk (a Hub model is downloaded at its first load).
+    told_by: Told = field(default="name", compare=False)
+
+
+SD15 = ModelDefaults(steps=25, guidance_scale=7.5, native_size=512)
+SDXL = ModelDefaults(steps=30, guidance_scale=5.0, native_size=1024)
+SD2 = ModelDefaults(steps=25, guidance_scale=7.5, native_size=768)  # 2.x-base models are 512
+TRANSFORMER = ModelDefaults(steps=28, guidance_scale=3.5, native_size=1024, size_multiple=16)
+TRANSFORMER_FAST = ModelDefaults(steps=4, guidance_scale=0.0, native_size=1024, size_multiple=16)
+# Latent consistency pipelines embed the guidance (w = guidance - 1): 0 would be w = -1.
+LCM = ModelDefaults(steps=4, guidance_scale=8.5, native_size=512)
+
+
+def own_name(model: str) -> str:
+    """The model's own name: the last part of a Hub id or path, or the repository of a Hugging Face
+    cache folder (`.../models--stabilityai--sdxl-turbo/snapshots/<hash>` is `sdxl-turbo`)."""
+    parts = model.replace("\\", "/").rstrip("/").split("/")
+    for part in reversed(parts):
+        if part.startswith("models--"):
+            return part.rsplit("--", 1)[-1].lower()
+    return parts[-1].lower()
+
+
+def model_defaults(model: str) -> ModelDefaults:
+    """The defaults of `model` (a Hub id, a folder, a single file or a builtin): by its name, else
+    by its files, else SD 1.5's (`told_by="nothing"`)."""
+    if model == tiny.NAME:
+        return ModelDefaults(steps=4, guidance_scale=0.0, native_size=512)
+    return _by_name(own_name(model)) or _by_files(model) or replace(SD15, told_by="nothing")
+
+
+def _by_name(name: str) -> ModelDefaults | None:
+    """A folder such as /home/alexl/... must not read as "xl": only the model's own name counts."""
+    xl = "xl" in name
+    if "flux" in name:
+        return TRANSFORMER_FAST if "schnell" in name else TRANSFORMER
+    if "stable-diffusion-3" in name or name.startswith("sd3"):
+        return TRANSFORMER_FAST if "turbo" in name else TRANSFORMER
+    if "lcm" in name:
+        return replace(LCM, native_size=1024 if xl else 512)
+    if "turbo" in name:
+        # Adversarially distilled at 512 px (SDXL-Turbo too): 1-4 steps, no guidance. Fine-tunes of
+        # SDXL sold as "XL turbo" keep SDXL's 1024.
+        native = 1024 if xl and not re.match(r"sd_?xl[-_]turbo", name) else 512
+        return ModelDefaults(steps=2, guidance_scale=0.0, native_size=native, few_step=True)
+    # Hyper-SD by name ("Hyper-SDXL-..."), not any model whose name starts with "hyper" (hyperRealism).
+    if "lightning" in name or re.search(r"(?<![a-z])hyper[-_ ]?sd", name):
+        # Their files name the steps they were distilled for: sdxl_lightning_2step, Hyper-SDXL-8steps.
+        distilled = re.search(r"(\d+)[-_]?steps?(?![a-z])", name)
+        steps = int(distilled.group(1)) if distilled and 0 < int(distilled.group(1)) <= 16 else 4
+        return ModelDefaults(steps=steps, guidance_scale=0.0, native_size=1024 if xl else 512, few_step=True)
+    if xl:
+        return SDXL
+    if ("stable-diffusion-2" in name or "sd2" in name) and "base" not in name:
+        return SD2
+    return None
+
+
+def _by_files(model: str) -> ModelDefaults | None:
+    """The family a diffusers folder or a single safetensors file says it is; None when it says
+    nothing we know, or cannot be read (the load says why)."""
+    try:
+        path = Path(model).expanduser()
+        if path.is_file():
+            return _single_file(path)
+        folder = path if path.is_dir() else snapshot_folder(model)
+        return _folder(folder) if folder is not None else None
+    except (OSError, ValueError, RecursionError):
+        return None
+
+
+def snapshot_folder(repo_id: str) -> Path | None:
+    """The Hugging Face cache's snapshot folder of a Hub id, if it has one."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - huggingface_hub ships with diffusers
+        return None
+    try:
+        found = try_to_load_from_cache(repo_id, "model_index.json")
+    except ValueError:  # HFValidationError: not a Hub id at all, so in no cache
+        return None
+    return Path(found).parent if isinstance(found, str) else None
+
+
+def _config(path: Path) -> dict[str, Any]:
+    if not path.is_file() or path.stat().st_size > MAX_CONFIG_BYTES:
+        return {}
+    loaded = json.loads(path.read_text(encoding="utf-8"))
+    return loaded if isinstance(loaded, dict) else {}
+
+
+def _folder(folder: Path) -> ModelDefaults | None:
+    pipeline = str(_config(folder / "model_index.json").get("_class_name") or "")
+    if "Flux" in pipeline:
+        # FLUX.1-dev is guidance-distilled (the guidance is an input of its transformer); schnell is
+        # timestep-distilled to 1-4 steps and takes none.
+        guided = _config(folder / "transformer" / "config.json").get("guidance_embeds")
+        return replace(TRANSFORMER_FAST if guided is False else TRANSFORMER, told_by="files")
+    if "StableDiffusion3" in pipeline:
+        return replace(TRANSFORMER, told_by="files")
+    if not pipeline.startswith(("StableDiffusion", "LatentConsistencyModel")):
+        # Kandinsky, PixArt, no model_index.json: SD 1.5's guess, settled (not read again at each job).
+        return replace(SD15, told_by="files")
+    xl = "XL" in pipeline
+    sample_size = _config(folder / "unet" / "config.json").get("sample_size")
+    native = (sample_size * LATENT_SCALE if isinstance(sample_size, int) and 32 <= sample_size <= 256
+              else 1024 if xl else 512)
+    scheduler = _config(folder / "scheduler" / "scheduler_config.json").get("_class_name")
+    if pipeline.startswith("LatentConsistencyModel") or scheduler == "LCMScheduler":
+        return replace(LCM, native_size=native, told_by="files")
+    return replace(SDXL if xl else SD15, native_size=native, told_by="files")
+
+
+def _single_file(path: Path) -> ModelDefaults | None:
+    """SDXL (its second text encoder) and SD 2.x (OpenCLIP as its text encoder) by their tensors'
+    names, as the loader tells them apart; SD 1.x, the loader's default, says nothing."""
+    if path.suffix.lower() != ".safetensors":
+        return None
+    with path.open("rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        if length > MAX_HEADER_BYTES:
+            return None
+        header = json.loads(f.read(length).decode("utf-8"))
+    if not isinstance(header, dict):
+        return None
+    if any(key.startswith("conditioner.embedders.1") for key in header):
+        return replace(SDXL, told_by="files")
+    if any(key.startswith("cond_stage_model.model.") for key in header):
+        # The loader reads every 2.x file as 2.1's 768 px v-prediction model.
+        return replace(SD2, told_by="files")
+    return None
+
+
+def few_step_scheduler(scheduler: Any, model: str) -> Any:
+    """The scheduler a few-step distilled checkpoint needs, from the one a single file was given.
+
+    A single file carries weights only: diffusers gives it its base family's scheduler (SDXL's
+    Euler or SD 2.1's DDIM, "leading" spacing, and v-prediction for every SD 2.x file). At 2 steps
+    "leading" starts denoising at t=501, taking pure noise for a half-made image, and the drafts
+    come out washed out and blotchy. Turbo, Lightning and Hyper-SD are epsilon models trained to
+    start from t=999: Euler with "trailing" spacing, as their own diffusers folders configure
+    (SDXL-Lightning's 1-step `_x0` file predicts the clean image, "sample", not the noise)."""
+    from diffusers import EulerDiscreteScheduler
+
+    predicts = "sample" if re.search(r"(?<![a-z])x0(?![a-z0-9])", own_name(model)) else "epsilon"
+    return EulerDiscreteScheduler.from_config(scheduler.config, timestep_spacing="trailing",
+                                              prediction_type=predicts)
