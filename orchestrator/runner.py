@@ -716,11 +716,16 @@ class JobRunner:
                     seconds: float) -> None:
         job = claim.job
         self._raise_if_user_canceled(claim)  # rolls back: nothing of this success is kept
+        # What providers accepted, in case its own save is still out: a save that comes after this
+        # update finds the job no longer running, and the record of the provider's work was lost.
+        accepted = _accepted_values(claim.accepted) if claim.accepted else {}
+        accepted_ids = accepted.pop("provider_request_id", None)
+        request_id = result.provider_request_id or accepted_ids
         self._guarded_update(s, claim, unless_canceled=True, status="succeeded", finished_at=now, lease_owner=None,
                              lease_expires_at=None, progress_step=job.progress_total or 1,
-                             progress_total=job.progress_total or 1, model=result.model,
+                             progress_total=job.progress_total or 1, model=result.model, **accepted,
                              # The column's size: n ids of a many-call job may be longer.
-                             provider_request_id=(result.provider_request_id or "")[:500] or None,
+                             provider_request_id=(request_id or "")[:500] or None,
                              attempts=[*(job.attempts or []), {"engine": job.engine, "status": "succeeded",
                                                                "error": None}])
         # Ids made under the write lock (the update above took it) commit in id order: they

@@ -463,6 +463,23 @@ def test_saving_the_provider_s_work_never_stalls_the_event_loop(api: httpx.Clien
     assert request_id is not None and request_id.startswith("fake-") and work["handles"][0]["id"] == request_id
 
 
+def test_a_job_that_succeeds_before_its_provider_work_is_saved_keeps_that_work(
+        api: httpx.Client, paid_settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The save, behind the event loop, lands after the success: it updates only a running job, so
+    # the success itself writes what the provider accepted (its record for reconciliation).
+    _, asset_id = project_with_draft(api)
+    waiting, release = held_saves(monkeypatch)
+    job = promote_ok(api, asset_id, tags={"fake": "slow", "seconds": "0.05"})
+    try:
+        assert waiting.wait(10)
+        assert wait_for_job(api, job["id"])["status"] == "succeeded"
+    finally:
+        release.set()
+    request_id, work = saved_work(paid_settings, job["id"])
+    assert request_id is not None and request_id.startswith("fake-")
+    assert work is not None and work["handles"][0]["id"] == request_id
+
+
 def test_a_request_that_can_bill_waits_for_the_work_accepted_before_it_to_be_saved(
         api: httpx.Client, monkeypatch: pytest.MonkeyPatch) -> None:
     # A self-hosted server's task id is saved before its render is sent, so that a restart can take
