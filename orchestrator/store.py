@@ -58,6 +58,10 @@ RECENT_SECONDS = 30.0
 RECENT_REMOVED = 10_000
 # A temp preview file younger than this may be another process's write in progress.
 PREVIEW_TEMP_SECONDS = 60.0
+# How much older than the running attempt's start a preview file may look and still be its own:
+# a file's time comes from the kernel's coarse clock (a few ms behind), or from another host on a
+# shared filesystem. A crashed attempt's file is older by at least its lease and a restart.
+PREVIEW_CLOCK_SLACK = 1.0
 # An asset file no row names yet, younger than this, may be a finishing job's (its transaction
 # retries for two minutes at most): the orphan sweep leaves it.
 ORPHAN_GRACE_SECONDS = 3600.0
@@ -501,7 +505,7 @@ class PreviewFiles:
             return None
         try:
             with path.open("rb") as f:
-                if since is not None and os.fstat(f.fileno()).st_mtime < since.timestamp():
+                if since is not None and os.fstat(f.fileno()).st_mtime < since.timestamp() - PREVIEW_CLOCK_SLACK:
                     return None
                 return f.read()
         except (FileNotFoundError, NotADirectoryError):  # the job ended between its row's read and this
@@ -515,7 +519,8 @@ class PreviewFiles:
             found = path.stat()
         except (FileNotFoundError, NotADirectoryError):
             return False
-        return stat.S_ISREG(found.st_mode) and (since is None or found.st_mtime >= since.timestamp())
+        return stat.S_ISREG(found.st_mode) and (since is None
+                                                or found.st_mtime >= since.timestamp() - PREVIEW_CLOCK_SLACK)
 
     def remove(self, job_id: str) -> None:
         path = self.path_for(job_id)

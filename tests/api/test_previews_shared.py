@@ -219,7 +219,7 @@ def test_progress_reported_on_the_inference_thread_is_written_behind_it(worker: 
         stepped.set()
 
     threading.Thread(target=inference, name="inference").start()
-    assert stepped.wait(5)  # every step told while the first write still waits for the lock
+    assert stepped.wait(30)  # every step told while the first write still waits for the lock
     lock_free.set()
     deadline = time.monotonic() + 30
     while row(worker, job_id).progress_step != 3:
@@ -355,3 +355,20 @@ def test_a_crashed_attempt_s_preview_is_not_shown_for_the_next_one(
     assert "preview_url" not in progress.data
     files.write(job_id, preview_of(1))  # attempt 2's own
     assert red(api.get(f"/v1/jobs/{job_id}/preview").content) == 50
+
+
+def test_a_preview_stamped_by_a_clock_a_little_behind_is_the_running_attempt_s(worker: Services) -> None:
+    """A file's time comes from the kernel's coarse clock (a few ms behind the one that stamped the
+    attempt's start), or from another host on a shared filesystem: the first step's preview of a
+    fast job looked older than its attempt and was never served."""
+    job_id = add_job(worker)
+    files = worker.runner.preview_files
+    files.write(job_id, preview_of(2))
+    path = files.path_for(job_id)
+    assert path is not None
+    started = utcnow()
+    for behind, served in ((0.004, True), (0.5, True), (30.0, False)):
+        stamp = started.timestamp() - behind
+        os.utime(path, (stamp, stamp))
+        assert files.exists(job_id, since=started) is served, behind
+        assert (files.read(job_id, since=started) is not None) is served, behind
