@@ -9,6 +9,8 @@ Like the cloud engines, it announces its paid request (`billable_send`) before m
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,6 +32,7 @@ from tiers.base import (
 
 FAKE_PRICE = 10.0  # credits per image
 SENT: list[str] = []  # the prompt of every request that passed `billable_send`, in this process
+ENDING = threading.Event()  # set by a test as the runner starts ending a "crash-beside-a-send" job
 
 
 class FakePaidEngine:
@@ -76,7 +79,10 @@ class FakePaidEngine:
             raise KeyError("size")
         if behaviour == "crash-beside-a-send":  # one request of two sent at once breaks before the other asks
             async def other() -> None:
-                await asyncio.sleep(0.05)  # encoding its image, say
+                # Encoding its image, say, until the job is ending (a timer raced the end on a busy machine).
+                deadline = time.monotonic() + 10
+                while not ENDING.is_set() and time.monotonic() < deadline:
+                    await asyncio.sleep(0.01)
                 await billable_send()
                 SENT.append(f"{req.prompt} (the other request)")
 

@@ -329,7 +329,7 @@ def test_a_failed_lease_renewal_is_tried_again_within_seconds(make_settings: Set
         asyncio.run(asyncio.wait_for(beat(), timeout=10))
     finally:
         asyncio.run(services.aclose())
-    assert tries[1] - tries[0] < 0.5  # not the beat's 1 s
+    assert tries[1] - tries[0] < 0.9  # not the beat's 1 s
 
 
 def test_a_cancel_does_not_take_a_job_from_a_holder_that_renewed_meanwhile(make_settings: SettingsFactory) -> None:

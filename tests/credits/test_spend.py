@@ -173,6 +173,7 @@ def test_metrics_tell_credits_charged_held_and_unreconciled(paid_settings_for: C
         for tags in ({"cost": "7.5"}, {"fake": "timeout"}):  # reported, then captured at the estimate
             wait_for_job(api, promote_ok(api, asset_id, tags=tags)["id"])
         waiting = promote_ok(api, asset_id, tags={"fake": "wait-before-send", "until": str(until)})
+        wait_for_job(api, waiting["id"], ("running",))  # claimed: its hold is out, and it runs
         text = api.get("/metrics").text
         until.touch()
         assert wait_for_job(api, waiting["id"])["status"] == "succeeded"

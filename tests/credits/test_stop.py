@@ -26,11 +26,11 @@ def test_a_stop_waits_for_a_sent_paid_request_and_stops_the_rest(
     service = serve_in_thread(settings)
     with httpx.Client(base_url=service.__enter__(), timeout=30) as client:
         project_id, asset_id = project_with_draft(client)
-        sent = promote_ok(client, asset_id, tags={"fake": "slow", "seconds": "3"})
+        sent = promote_ok(client, asset_id, tags={"fake": "slow", "seconds": "8"})
         preparing = promote_ok(client, asset_id, seed=8, tags={"fake": "wait-before-send", "until": str(until),
                                                                "then": "slow", "seconds": "6"})
         poll(lambda: _row(settings, sent["id"]), lambda row: row[0] == "running" and row[2] is not None,
-             what="the request out")  # its id saved: sent, and answering in 3 s
+             what="the request out")  # its id saved: sent, and answering in 8 s
         poll(lambda: _row(settings, preparing["id"])[0], lambda status: status == "running")
     caplog.set_level(logging.INFO, logger="orchestrator.queue")
     stopper = threading.Thread(target=service.__exit__, args=(None, None, None))
