@@ -200,3 +200,10 @@ class BadEngineInput(EngineError):
 class Canceled(EngineError):
     code, status = "canceled", 409
     retryable = False
+
+
+class Interrupted(OrchestratorError):
+    """A job's process stopped under it (a crash, or a stop that queued it again): a job's error
+    and an attempt's, never an answer's."""
+
+    code = "interrupted"

@@ -35,7 +35,7 @@ from sqlmodel import col, select
 
 from orchestrator.clock import shared_now, utcnow
 from orchestrator.db import Database
-from orchestrator.errors import Canceled, OrchestratorError
+from orchestrator.errors import Canceled, Interrupted, OrchestratorError
 from orchestrator.events import EventBus, on_loop
 from orchestrator.jobs import render_request
 from orchestrator.ledger import Ledger
@@ -56,10 +56,6 @@ REMOTE_LANE_LIMIT = 4
 # How long a stop waits for interrupted jobs to wind down (a job storing what its engine made is
 # waited for longer: see `stop`).
 STOP_WAIT_SECONDS = 10.0
-
-
-class Interrupted(OrchestratorError):
-    code = "interrupted"
 
 
 class Scheduler:
@@ -664,7 +660,7 @@ class Scheduler:
         rerun = local or reattach or free or unsent
         # Each recovery is recorded in the job's attempts: a job the process keeps dying under (out
         # of memory at 2048 px and n=16, say) is not started into a crash loop.
-        stops = 1 + sum(1 for a in job.attempts or [] if a.get("status") == "interrupted")
+        stops = 1 + sum(1 for a in job.attempts or [] if a.get("status") == "interrupted" and not _graceful(a))
         values: dict[str, Any]
         error: OrchestratorError
         if job.cancel_requested_at is not None:
@@ -761,3 +757,9 @@ def _rowcount(result: Any) -> int:
 def _same(column: Any, value: Any) -> Any:
     """`column` holds `value` (NULL as NULL)."""
     return column.is_(None) if value is None else column == value
+
+
+def _graceful(attempt: dict[str, Any]) -> bool:
+    """An attempt a stop (SIGTERM, Ctrl-C) queued again, as opposed to one its process died under."""
+    details = (attempt.get("error") or {}).get("details") or {}
+    return details.get("graceful") is True

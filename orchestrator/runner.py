@@ -32,7 +32,14 @@ from sqlmodel import Session, col, select
 
 from orchestrator.clock import utcnow
 from orchestrator.db import Database, disk_full, transient
-from orchestrator.errors import BudgetExceeded, Canceled, ContentUnavailable, EngineError, OrchestratorError
+from orchestrator.errors import (
+    BudgetExceeded,
+    Canceled,
+    ContentUnavailable,
+    EngineError,
+    Interrupted,
+    OrchestratorError,
+)
 from orchestrator.events import EventBus
 from orchestrator.health import EngineHealth
 from orchestrator.ids import new_id
@@ -518,9 +525,16 @@ class JobRunner:
         # This attempt's engine says it sent nothing billable: its own saved work (if any) is
         # dropped, so the next run sends afresh. What earlier attempts got a provider to accept
         # stays, or the next run would send the job again instead of following that billed work.
+        # The attempt is recorded, as a crash's is (a job on attempt 2 listed one try), marked as a
+        # stop: stops are no crash loop, and never make the job given up.
+        job = claim.job
+        stopped = Interrupted("the service stopped while this job ran; it was queued again",
+                              details={"engine": job.engine, "graceful": True})
         with self.db.transaction() as s:
             self._guarded_update(s, claim, status="queued", lease_owner=None, lease_expires_at=None,
-                                 progress_step=0, progress_total=0, provider_work=claim.job.provider_work,
+                                 progress_step=0, progress_total=0, provider_work=job.provider_work,
+                                 attempts=[*(job.attempts or []), {"engine": job.engine, "status": "interrupted",
+                                                                   "error": stopped.to_dict()}],
                                  unless_canceled=True)
 
     def _requeue_on(self, claim: Claim, error: EngineError, engine: str, model: str, estimate: int) -> None:

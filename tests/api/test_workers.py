@@ -432,6 +432,31 @@ def test_a_stopped_scheduler_s_jobs_are_recovered_without_waiting_for_the_lease(
     assert row(services, job_id).status == "queued"
 
 
+def test_a_job_a_stop_queues_again_lists_that_attempt_and_is_no_crash_loop(services: Services) -> None:
+    """A job on its fourth attempt listed none of the three a stop (SIGTERM, a deploy) had queued
+    again; and being stopped under is not crashing: stops never get a job given up."""
+    from orchestrator.queue import MAX_LOCAL_STOPS
+
+    job_id = add_job(services)
+    for stop in range(1, MAX_LOCAL_STOPS + 1):
+        [(claim, _lane)] = services.scheduler._claim_ready({})
+        claim.shutdown = True  # what the scheduler's stop does to every running claim
+        claim.cancel.cancel(abandon=True)
+        asyncio.run(services.runner.run(claim))
+        services.scheduler._claimed.pop(job_id)  # as the dispatch that ran it does
+        job = row(services, job_id)
+        assert job.status == "queued" and job.attempt == stop
+        assert [a["status"] for a in job.attempts or []] == ["interrupted"] * stop
+        assert (job.attempts or [])[-1]["error"]["details"] == {"engine": "lite", "graceful": True}
+    with services.db.transaction() as s:  # ...and the process dies under the next attempt
+        s.execute(update(Job).where(col(Job.id) == job_id).values(
+            status="running", attempt=MAX_LOCAL_STOPS + 1, lease_owner="dead-host:1:0",
+            lease_expires_at=utcnow() - timedelta(seconds=1)))
+    assert asyncio.run(services.scheduler.recover(all_foreign=False)) == [job_id]
+    job = row(services, job_id)
+    assert job.status == "queued" and len(job.attempts or []) == MAX_LOCAL_STOPS + 1  # a first crash
+
+
 def test_a_shutdown_that_meets_a_cancel_from_another_process_releases_the_hold(services: Services) -> None:
     job_id = add_job(services, engine="fake-paid", estimated=10_000)
     with services.db.transaction() as s:
