@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -351,6 +352,41 @@ def test_chunked_body_over_the_limit(shared_server: httpx.Client, project: str) 
     error = assert_error(response, 413, "payload_too_large")
     assert error["details"] == {"max_bytes": 1 << 20}  # as when the length is declared
     assert job_count(shared_server) == before
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_a_client_still_sending_a_body_over_the_limit_reads_the_413(shared_server: httpx.Client, project: str,
+                                                                    chunked: bool) -> None:
+    """The service answered at once and closed with the body unread: the kernel reset the
+    connection, and a client still sending (an async client, more than half the time) saw a reset
+    instead of the 413. Here the client sends all of it before it reads anything."""
+    url = shared_server.base_url
+    body = _big_body(4 << 20)
+    framing = (b"Transfer-Encoding: chunked\r\n" if chunked else f"Content-Length: {len(body)}\r\n".encode())
+    if chunked:
+        body = b"".join(b"%x\r\n%s\r\n" % (len(body[i:i + 65536]), body[i:i + 65536])
+                        for i in range(0, len(body), 65536)) + b"0\r\n\r\n"
+    request = (f"POST /v1/projects/{project}/drafts HTTP/1.1\r\nHost: {url.host}\r\n"
+               "Content-Type: application/json\r\n").encode() + framing + b"\r\n" + body
+    for _ in range(3):
+        with socket.create_connection((url.host, url.port), timeout=30) as sock:
+            sock.sendall(request)
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]
+        assert b'"payload_too_large"' in answer
+
+
+def test_a_client_that_waits_for_100_continue_is_answered_without_sending(shared_server: httpx.Client,
+                                                                         project: str) -> None:
+    url = shared_server.base_url
+    with socket.create_connection((url.host, url.port), timeout=30) as sock:
+        sock.sendall((f"POST /v1/projects/{project}/drafts HTTP/1.1\r\nHost: {url.host}\r\n"
+                      f"Content-Type: application/json\r\nContent-Length: {4 << 20}\r\n"
+                      "Expect: 100-continue\r\n\r\n").encode())
+        answer = sock.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]  # no "100 Continue": nothing is read
 
 
 def test_body_under_the_limit_is_read(shared_server: httpx.Client, project: str) -> None:
