@@ -21,8 +21,8 @@ from tiers import tiny
 
 # Configuration files are a few kB; anything larger is not one.
 MAX_CONFIG_BYTES = 1 << 20
-# A safetensors header lists every tensor's name, dtype and offsets: a few MB for the largest models.
-MAX_HEADER_BYTES = 64 << 20
+# A safetensors header lists every tensor's name, dtype and offsets: under 1 MB for the largest models.
+MAX_HEADER_BYTES = 16 << 20
 # The VAE of every Stable Diffusion family shrinks images 8x: a UNet's `sample_size` is in latents.
 LATENT_SCALE = 8
 
@@ -40,8 +40,8 @@ class ModelDefaults:
     # Distilled to denoise in a few steps from pure noise (Turbo, Lightning, Hyper-SD): its
     # schedule must start at the last timestep ("trailing" spacing), see `few_step_scheduler`.
     few_step: bool = False
-    # What told the family: "nothing" is the SD 1.5 guess, worth another look once the model is
-    # on disk (a Hub model is downloaded at its first load).
+    # What told the family: "nothing" is a guess, worth another look once the model is whole on
+    # disk (a Hub model is downloaded at its first load; a file may still be being copied).
     told_by: Told = field(default="name", compare=False)
 
 
@@ -100,15 +100,15 @@ def _by_name(name: str) -> ModelDefaults | None:
 
 
 def _by_files(model: str) -> ModelDefaults | None:
-    """The family a diffusers folder or a single safetensors file says it is; None when it says
-    nothing we know, or cannot be read (the load says why)."""
+    """The family a diffusers folder or a single safetensors file says it is; None when there is
+    nothing to read yet, or it cannot be read (the load says why)."""
     try:
         path = Path(model).expanduser()
         if path.is_file():
             return _single_file(path)
         folder = path if path.is_dir() else snapshot_folder(model)
         return _folder(folder) if folder is not None else None
-    except (OSError, ValueError, RecursionError):
+    except (OSError, ValueError, RecursionError, struct.error):
         return None
 
 
@@ -132,38 +132,51 @@ def _config(path: Path) -> dict[str, Any]:
     return loaded if isinstance(loaded, dict) else {}
 
 
+# The component configs the defaults are read from, by the component's name in model_index.json.
+_CONFIGS = {"unet": "config.json", "transformer": "config.json", "scheduler": "scheduler_config.json"}
+
+
 def _folder(folder: Path) -> ModelDefaults | None:
-    pipeline = str(_config(folder / "model_index.json").get("_class_name") or "")
+    index = _config(folder / "model_index.json")
+    if not index:
+        return None  # not a diffusers folder (the load says so), or its download has not begun
+    pipeline = str(index.get("_class_name") or "")
+    configs = {name: _config(folder / name / file) for name, file in _CONFIGS.items()}
+    # A download fetches model_index.json first: until the configs it names are there, the
+    # family read now is a guess (FLUX schnell read as dev), to be read again.
+    told: Told = "nothing" if any(name in index and not configs[name] for name in _CONFIGS) else "files"
     if "Flux" in pipeline:
         # FLUX.1-dev is guidance-distilled (the guidance is an input of its transformer); schnell is
         # timestep-distilled to 1-4 steps and takes none.
-        guided = _config(folder / "transformer" / "config.json").get("guidance_embeds")
-        return replace(TRANSFORMER_FAST if guided is False else TRANSFORMER, told_by="files")
+        guided = configs["transformer"].get("guidance_embeds")
+        return replace(TRANSFORMER_FAST if guided is False else TRANSFORMER, told_by=told)
     if "StableDiffusion3" in pipeline:
-        return replace(TRANSFORMER, told_by="files")
+        return replace(TRANSFORMER, told_by=told)
     if not pipeline.startswith(("StableDiffusion", "LatentConsistencyModel")):
-        # Kandinsky, PixArt, no model_index.json: SD 1.5's guess, settled (not read again at each job).
-        return replace(SD15, told_by="files")
+        return replace(SD15, told_by=told)  # Kandinsky, PixArt: a family these defaults do not know
     xl = "XL" in pipeline
-    sample_size = _config(folder / "unet" / "config.json").get("sample_size")
+    sample_size = configs["unet"].get("sample_size")
     native = (sample_size * LATENT_SCALE if isinstance(sample_size, int) and 32 <= sample_size <= 256
               else 1024 if xl else 512)
-    scheduler = _config(folder / "scheduler" / "scheduler_config.json").get("_class_name")
-    if pipeline.startswith("LatentConsistencyModel") or scheduler == "LCMScheduler":
-        return replace(LCM, native_size=native, told_by="files")
-    return replace(SDXL if xl else SD15, native_size=native, told_by="files")
+    if pipeline.startswith("LatentConsistencyModel") or configs["scheduler"].get("_class_name") == "LCMScheduler":
+        return replace(LCM, native_size=native, told_by=told)
+    return replace(SDXL if xl else SD15, native_size=native, told_by=told)
 
 
 def _single_file(path: Path) -> ModelDefaults | None:
-    """SDXL (its second text encoder) and SD 2.x (OpenCLIP as its text encoder) by their tensors'
-    names, as the loader tells them apart; SD 1.x, the loader's default, says nothing."""
+    """SDXL (its second text encoder), SD 2.x (OpenCLIP as its text encoder) or else SD 1.x, by
+    their tensors' names, as the loader tells them apart; None for a header that cannot be read
+    (a damaged file, or one still being copied)."""
     if path.suffix.lower() != ".safetensors":
-        return None
+        return replace(SD15, told_by="files")  # a .ckpt: refused by the engine, never loaded
     with path.open("rb") as f:
         (length,) = struct.unpack("<Q", f.read(8))
         if length > MAX_HEADER_BYTES:
             return None
-        header = json.loads(f.read(length).decode("utf-8"))
+        raw = f.read(length)
+    if len(raw) < length:
+        return None  # cut short: still being copied
+    header = json.loads(raw.decode("utf-8"))
     if not isinstance(header, dict):
         return None
     if any(key.startswith("conditioner.embedders.1") for key in header):
@@ -171,7 +184,7 @@ def _single_file(path: Path) -> ModelDefaults | None:
     if any(key.startswith("cond_stage_model.model.") for key in header):
         # The loader reads every 2.x file as 2.1's 768 px v-prediction model.
         return replace(SD2, told_by="files")
-    return None
+    return replace(SD15, told_by="files")
 
 
 def few_step_scheduler(scheduler: Any, model: str) -> Any:

@@ -60,6 +60,8 @@ _LATENT_RGB_XL = ((0.3651, 0.4232, 0.4341), (-0.2533, -0.0042, 0.1068), (0.1076,
                   (-0.3165, -0.2492, -0.2188))
 _LATENT_RGB_XL_BIAS = (0.1084, -0.0175, -0.0011)
 
+# How often defaults a model's name and files do not tell yet are read again (see `LocalEngine.defaults`).
+DEFAULTS_RECHECK_SECONDS = 10.0
 # How long a model that failed to load stays unavailable before a job may try it again (a file
 # still being copied into place may be whole by then).
 LOAD_RETRY_SECONDS = 60.0
@@ -650,25 +652,35 @@ class LocalEngine:
 
     name: str
     kind: Literal["local"] = "local"
-    capabilities: Capabilities
 
     def __init__(self, ctx: EngineContext, model_spec: str, capabilities: Capabilities) -> None:
         self.settings = ctx.settings
         self.runtime = runtime_for(ctx)
         self._model = resolve_model(model_spec)
         self._defaults = model_defaults(self._model)
+        self._defaults_read = time.monotonic()
         limit = ctx.settings.local_max_size
-        self.capabilities = dataclasses.replace(capabilities, max_width=limit, max_height=limit,
-                                                size_multiple=self._defaults.size_multiple)
+        self._capabilities = dataclasses.replace(capabilities, max_width=limit, max_height=limit,
+                                                 size_multiple=self._defaults.size_multiple)
 
     @property
     def defaults(self) -> ModelDefaults:
-        """The model's defaults; a Hub model whose name says nothing of its family is looked at
-        again until its files are in the cache (its first load downloads them)."""
-        if self._defaults.told_by == "nothing":
+        """The model's defaults. Those its name and files do not tell yet (a Hub model before its
+        first load has downloaded it, a file still being copied) are read again, at most every
+        `DEFAULTS_RECHECK_SECONDS`: jobs ask on the event loop."""
+        if (self._defaults.told_by == "nothing"
+                and time.monotonic() - self._defaults_read >= DEFAULTS_RECHECK_SECONDS):
+            self._defaults_read = time.monotonic()
             self._defaults = model_defaults(self._model)
-            self.capabilities = dataclasses.replace(self.capabilities, size_multiple=self._defaults.size_multiple)
         return self._defaults
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """Sizes in the multiples the model's family takes, as its defaults say now."""
+        multiple = self.defaults.size_multiple
+        if self._capabilities.size_multiple != multiple:
+            self._capabilities = dataclasses.replace(self._capabilities, size_multiple=multiple)
+        return self._capabilities
 
     @property
     def model(self) -> str:

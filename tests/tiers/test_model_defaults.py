@@ -96,7 +96,9 @@ def diffusers_folder(tmp_path: Path) -> Folder:
     def make(name: str, pipeline: str, **configs: dict[str, Any]) -> Path:
         folder = tmp_path / "models" / name
         folder.mkdir(parents=True)
-        (folder / "model_index.json").write_text(json.dumps({"_class_name": pipeline, "unet": ["diffusers", "x"]}))
+        # The components whose configs are given (a download that got them all).
+        components = {file.split("__")[0]: ["diffusers", "X"] for file in configs}
+        (folder / "model_index.json").write_text(json.dumps({"_class_name": pipeline, **components}))
         for file, config in configs.items():
             path = folder / file.replace("__", "/")
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -143,18 +145,33 @@ def test_the_name_comes_before_the_files(diffusers_folder: Folder) -> None:
     assert model_defaults(str(folder)) == TURBO
 
 
-@pytest.mark.parametrize("index", ["{not json", "[1, 2]", '{"_class_name": 7}'])
-def test_a_folder_with_a_damaged_index_gets_the_guess(tmp_path: Path, index: str) -> None:
+@pytest.mark.parametrize(("index", "told_by"), [("{not json", "nothing"), ("[1, 2]", "nothing"),
+                                               ('{"_class_name": 7}', "files")])
+def test_a_folder_with_a_damaged_index_gets_the_guess(tmp_path: Path, index: str, told_by: str) -> None:
     folder = tmp_path / "house-model"
     folder.mkdir()
     (folder / "model_index.json").write_text(index)
-    assert model_defaults(str(folder)) == SD15
+    defaults = model_defaults(str(folder))
+    assert defaults == SD15 and defaults.told_by == told_by
+
+
+def test_a_download_that_has_only_the_index_yet_is_read_again(diffusers_folder: Folder) -> None:
+    """A download fetches model_index.json first: FLUX schnell without its transformer's config
+    reads as dev, which must not be the last word."""
+    folder = diffusers_folder("house-0", "FluxPipeline")
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline",
+                                                         "transformer": ["diffusers", "FluxTransformer2DModel"]}))
+    assert model_defaults(str(folder)).told_by == "nothing"
+    (folder / "transformer").mkdir()
+    (folder / "transformer" / "config.json").write_text(json.dumps({"guidance_embeds": False}))
+    defaults = model_defaults(str(folder))
+    assert defaults == TRANSFORMER_FAST and defaults.told_by == "files"
 
 
 @pytest.mark.parametrize(("keys", "expected", "told_by"), [
     (["conditioner.embedders.1.model.ln_final.weight", "model.diffusion_model.out.0.weight"], SDXL, "files"),
     (["cond_stage_model.model.ln_final.weight"], ModelDefaults(25, 7.5, 768), "files"),
-    (["cond_stage_model.transformer.text_model.final_layer_norm.weight"], SD15, "nothing"),  # SD 1.x
+    (["cond_stage_model.transformer.text_model.final_layer_norm.weight"], SD15, "files"),  # SD 1.x: settled
 ])
 def test_a_single_file_is_told_by_its_tensors_names(tmp_path: Path, keys: list[str], expected: ModelDefaults,
                                                     told_by: str) -> None:
@@ -163,13 +180,23 @@ def test_a_single_file_is_told_by_its_tensors_names(tmp_path: Path, keys: list[s
     assert defaults.told_by == told_by
 
 
-def test_a_damaged_single_file_gets_the_guess(tmp_path: Path) -> None:
+@pytest.mark.parametrize("content", [b"", b"\x01\x02", struct.pack("<Q", 10_000) + b"{}", struct.pack("<Q", 1 << 62),
+                                     struct.pack("<Q", 2) + b"\xff\xfe"])
+def test_a_damaged_or_half_copied_single_file_gets_the_guess_for_now(tmp_path: Path, content: bytes) -> None:
     damaged = tmp_path / "house.safetensors"
-    damaged.write_bytes(struct.pack("<Q", 10_000) + b"{}")
-    assert model_defaults(str(damaged)) == SD15
-    huge = tmp_path / "huge.safetensors"
-    huge.write_bytes(struct.pack("<Q", 1 << 62))
-    assert model_defaults(str(huge)) == SD15
+    damaged.write_bytes(content)
+    defaults = model_defaults(str(damaged))
+    assert defaults == SD15 and defaults.told_by == "nothing"
+
+
+def test_an_empty_model_file_leaves_the_engines_to_say_why_at_the_load(engines: EngineFactory,
+                                                                       tmp_path: Path) -> None:
+    """Reading its defaults raised, and both local engines were broken for good with "unpack
+    requires a buffer of 8 bytes", where the load says what is wrong and is tried again."""
+    empty = tmp_path / "house.safetensors"
+    empty.write_bytes(b"")
+    lite, hifi = engines(lite_model=str(empty))
+    assert lite.defaults == hifi.defaults == SD15
 
 
 def test_a_hub_model_is_read_from_its_cached_snapshot_once_downloaded(
@@ -179,8 +206,16 @@ def test_a_hub_model_is_read_from_its_cached_snapshot_once_downloaded(
     a 72 px request down without a word."""
     import huggingface_hub.constants
 
+    from tiers import _local
+
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     lite, _ = engines(lite_model="acme/house-model", local_max_size=256)
+    read_again: list[str] = []
+    monkeypatch.setattr(_local, "model_defaults", lambda model: read_again.append(model) or model_defaults(model))
+    for _ in range(3):  # asked by every job, on the event loop: not read again at each
+        assert lite.defaults.told_by == "nothing"
+    assert read_again == []
+    monkeypatch.setattr(_local, "DEFAULTS_RECHECK_SECONDS", 0.0)
     assert lite.defaults == SD15 and lite.defaults.told_by == "nothing"
     lite.estimate(draft(width=72, height=72))
     snapshot = diffusers_folder("snapshot", "FluxPipeline", **{"transformer__config.json": {"guidance_embeds": False}})
