@@ -731,6 +731,10 @@ class Scheduler:
                     # Sent to a provider that may have made and billed it, as for `failed` above.
                     self.ledger.capture(s, job, None, unreconciled=True, note="canceled: outcome unknown")
         log.warning("recovered job %s (%s): %s", job.id, job.engine, outcome)
+        # The dead attempt's step preview is none of the next attempt's, which another worker may
+        # start within the slack a preview file's time is given (`PREVIEW_CLOCK_SLACK`).
+        with contextlib.suppress(OSError):
+            self.runner.preview_files.remove(job.id)
         return outcome, values.get("error")
 
 

@@ -60,7 +60,7 @@ RECENT_REMOVED = 10_000
 PREVIEW_TEMP_SECONDS = 60.0
 # How much older than the running attempt's start a preview file may look and still be its own:
 # a file's time comes from the kernel's coarse clock (a few ms behind), or from another host on a
-# shared filesystem. A crashed attempt's file is older by at least its lease and a restart.
+# shared filesystem. Recovery removes a crashed attempt's file before the job can run again.
 PREVIEW_CLOCK_SLACK = 1.0
 # An asset file no row names yet, younger than this, may be a finishing job's (its transaction
 # retries for two minutes at most): the orphan sweep leaves it.

@@ -372,3 +372,14 @@ def test_a_preview_stamped_by_a_clock_a_little_behind_is_the_running_attempt_s(w
         os.utime(path, (stamp, stamp))
         assert files.exists(job_id, since=started) is served, behind
         assert (files.read(job_id, since=started) is not None) is served, behind
+
+
+def test_recovery_removes_a_dead_attempt_s_preview(worker: Services) -> None:
+    """Written a moment before its process died, within the slack a file's time is given: the next
+    attempt, started at once by another worker, would have served it as its own."""
+    job_id = add_job(worker, status="running", attempt=1, lease_owner="dead-host:1:0", started_at=utcnow(),
+                     lease_expires_at=utcnow() - timedelta(seconds=1))
+    files = worker.runner.preview_files
+    files.write(job_id, preview_of(3))
+    assert asyncio.run(worker.scheduler.recover(all_foreign=False)) == [job_id]
+    assert row(worker, job_id).status == "queued" and not files.exists(job_id)
