@@ -511,7 +511,7 @@ class JobRunner:
         """A claim that never started (the service stopped first): back to the queue with its
         hold, or canceled with its hold released when a cancel was asked meanwhile."""
         try:
-            self._requeue_unsent(claim)
+            self._requeue_unsent(claim, started=False)
         except StaleAttempt:
             return
         except Canceled as asked:
@@ -521,15 +521,15 @@ class JobRunner:
                 return
             self.bus.publish(claim.job.id, "canceled", {"job_id": claim.job.id, "status": "canceled"})
 
-    def _requeue_unsent(self, claim: Claim) -> None:
+    def _requeue_unsent(self, claim: Claim, *, started: bool = True) -> None:
         # This attempt's engine says it sent nothing billable: its own saved work (if any) is
         # dropped, so the next run sends afresh. What earlier attempts got a provider to accept
         # stays, or the next run would send the job again instead of following that billed work.
         # The attempt is recorded, as a crash's is (a job on attempt 2 listed one try), marked as a
         # stop: stops are no crash loop, and never make the job given up.
         job = claim.job
-        stopped = Interrupted("the service stopped while this job ran; it was queued again",
-                              details={"engine": job.engine, "graceful": True})
+        stopped = Interrupted(f"the service stopped {'while this job ran' if started else 'before this job started'}; "
+                              "it was queued again", details={"engine": job.engine, "graceful": True})
         with self.db.transaction() as s:
             self._guarded_update(s, claim, status="queued", lease_owner=None, lease_expires_at=None,
                                  progress_step=0, progress_total=0, provider_work=job.provider_work,

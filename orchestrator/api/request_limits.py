@@ -1,5 +1,5 @@
 """What every request must satisfy before it is routed: a body within the size cap (every body
-this API takes is a small JSON document, so anything larger is refused with 413 before it is
+this API takes is a small JSON document, so anything larger is refused with 413 and never
 buffered in memory) and a URL without NUL characters (no id or filter holds one, and PostgreSQL
 refuses them in queries)."""
 
@@ -52,7 +52,8 @@ class BodyTooLarge(HTTPException):
 
 class RequestLimits:
     """Pure ASGI (no per-request task or buffering): a declared `Content-Length` over the limit is
-    answered at once; a chunked body is counted as it is read and stops at the limit."""
+    answered before the app sees it; a chunked body is counted as it is read and stops at the
+    limit. Either way what is left of the body is drained (`drain`), never kept."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
