@@ -211,11 +211,17 @@ class RecentContent:
             old = self._items.pop(asset_id, None)
             if old is not None:
                 self._size -= len(old[1])
-            self._items[asset_id] = (sha256, data, time.monotonic())
+            now = time.monotonic()
+            self._items[asset_id] = (sha256, data, now)
             self._size += len(data)
-            while self._size > self.max_bytes:
-                _, (_, dropped, _) = self._items.popitem(last=False)
-                self._size -= len(dropped)
+            # Out of date at the front (never to be served again: see `get`), then by size. Without
+            # the first, what nobody read again stayed until the cache was full: 32 MiB for good.
+            while self._items:
+                _, (_, first, added) = next(iter(self._items.items()))
+                if self._size <= self.max_bytes and now - added <= RECENT_SECONDS:
+                    break
+                self._items.popitem(last=False)
+                self._size -= len(first)
 
     def get(self, asset_id: str) -> tuple[str, bytes] | None:
         with self._lock:

@@ -474,6 +474,19 @@ def test_recent_content_ages_out_and_keeps_deleted_assets_out(monkeypatch: pytes
     assert recent.get("ast_b") is None and recent.size == 0
 
 
+def test_recent_content_past_its_time_leaves_memory_as_new_content_comes(monkeypatch: pytest.MonkeyPatch) -> None:
+    import orchestrator.store as store_module
+
+    now = [1000.0]
+    monkeypatch.setattr(store_module.time, "monotonic", lambda: now[0])
+    recent = RecentContent(max_bytes=100)
+    recent.add("ast_a", "a" * 64, b"aaaa")
+    recent.add("ast_b", "b" * 64, b"bbbb")
+    now[0] += store_module.RECENT_SECONDS + 1  # never read again: out as the next image comes in
+    recent.add("ast_c", "c" * 64, b"cc")
+    assert recent.size == 2 and recent.get("ast_c") == ("c" * 64, b"cc")
+
+
 def test_recent_content_skips_what_could_never_fit() -> None:
     recent = RecentContent(max_bytes=10)
     recent.add("ast_a", "a" * 64, b"aaaa")
