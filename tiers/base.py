@@ -11,7 +11,7 @@ import asyncio
 import numbers
 import threading
 from collections.abc import Awaitable, Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar, runtime_checkable
@@ -219,8 +219,13 @@ class CancelToken:
                        "the job was canceled while the provider was working", charged=charged)
 
     async def _wait(self) -> None:
-        while True:
-            await self.sleep(3600)
+        """Until the token is cancelled; ends without an exception, as `race` may have cancelled
+        it already: on Python 3.11 a cancel that meets `sleep`'s `wait_for` as the event is set is
+        swallowed, and the Canceled the task then held was never retrieved (an ERROR in the log
+        for a cancel that met a job's end)."""
+        with suppress(Canceled):
+            while True:
+                await self.sleep(3600)
 
 
 @runtime_checkable
