@@ -674,10 +674,13 @@ class Scheduler:
                                    {"engine": job.engine, "status": "canceled", "error": error.to_dict()}]}
             outcome = "canceled"
         elif rerun and stops < MAX_LOCAL_STOPS:
+            died = Interrupted("the process running this job stopped without ending it (killed, out of memory, "
+                               f"its host lost); {'its work is followed again' if reattach else 'it was queued again'}",
+                               details={"engine": job.engine})
             values = {"status": "queued", "lease_owner": None, "lease_expires_at": None,
                       "progress_step": 0, "progress_total": 0,
                       "attempts": [*(job.attempts or []), {"engine": job.engine, "status": "interrupted",
-                                                           "error": None}]}
+                                                           "error": died.to_dict()}]}
             outcome = "reattaching" if reattach else "requeued"
             if not reattach and not free:
                 values["provider_work"] = None  # run afresh (a free engine's earlier work is not followed)

@@ -455,6 +455,9 @@ def test_a_job_a_stop_queues_again_lists_that_attempt_and_is_no_crash_loop(servi
     assert asyncio.run(services.scheduler.recover(all_foreign=False)) == [job_id]
     job = row(services, job_id)
     assert job.status == "queued" and len(job.attempts or []) == MAX_LOCAL_STOPS + 1  # a first crash
+    crash = (job.attempts or [])[-1]["error"]
+    assert crash["code"] == "interrupted" and crash["details"] == {"engine": "lite"}  # said, as a stop is
+    assert "queued again" in crash["message"]
 
 
 def test_a_shutdown_that_meets_a_cancel_from_another_process_releases_the_hold(services: Services) -> None:
