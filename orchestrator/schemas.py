@@ -501,6 +501,10 @@ class EnginePublic(BaseModel):
     note: str | None
     prices: dict[str, Any]
     capabilities: dict[str, Any]
+    model_defaults: dict[str, Any] | None = Field(None, description=(
+        "a local engine's: the `steps`, `guidance_scale` and `native_size` a job that names none gets "
+        "(local-hifi's bridge takes twice the steps), whether the model is a `few_step` distilled one, and "
+        "what told them (`read_from`): the model's `name`, its `files`, or a `guess` (SD 1.5's) until they do"))
 
 
 class WorkerPublic(BaseModel):

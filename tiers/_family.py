@@ -44,6 +44,11 @@ class ModelDefaults:
     # disk (a Hub model is downloaded at its first load; a file may still be being copied).
     told_by: Told = field(default="name", compare=False)
 
+    def public(self) -> dict[str, Any]:
+        """For `GET /v1/engines`: what a job that names no steps or guidance gets, and what told it."""
+        return {"steps": self.steps, "guidance_scale": self.guidance_scale, "native_size": self.native_size,
+                "few_step": self.few_step, "read_from": "guess" if self.told_by == "nothing" else self.told_by}
+
 
 SD15 = ModelDefaults(steps=25, guidance_scale=7.5, native_size=512)
 SDXL = ModelDefaults(steps=30, guidance_scale=5.0, native_size=1024)

@@ -7,6 +7,7 @@ from fastapi import APIRouter
 from orchestrator.api.deps import CallerDep, ServicesDep
 from orchestrator.schemas import EnginePublic
 from orchestrator.store import hide_paths, model_name
+from tiers._family import ModelDefaults
 
 router = APIRouter(tags=["engines"])
 
@@ -19,10 +20,12 @@ def list_engines(services: ServicesDep, caller: CallerDep) -> list[EnginePublic]
     for engine in services.registry:
         available, why = engine.availability()
         note: Any = getattr(engine, "note", None)
+        defaults = getattr(engine, "defaults", None)  # the local engines'
         out.append(EnginePublic(
             name=engine.name, kind=engine.kind, stages=sorted(engine.stages), available=available,
             health=services.health(engine.name), model=model_name(engine.model), note=why or note,
             prices=engine.prices(), capabilities=engine.capabilities.as_dict(),
+            model_defaults=defaults.public() if isinstance(defaults, ModelDefaults) else None,
         ))
     for broken in services.registry.broken.values():
         out.append(EnginePublic(name=broken.name, kind="remote", stages=[], available=False, health="open",

@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import re
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -273,13 +274,15 @@ def test_engines(server: httpx.Client) -> None:
     assert lite["available"] is True
     assert lite["model"] == "builtin:tiny-sd"
     assert "noise" in lite["note"]
+    assert lite["model_defaults"] == {"steps": 4, "guidance_scale": 0.0, "native_size": 512, "few_step": False,
+                                      "read_from": "name"}
     hifi = engines["local-hifi"]
     assert hifi["kind"] == "local"
     assert set(hifi["stages"]) == {"bridge", "polish"}
     assert hifi["available"] is True
     for name in REMOTE:
         engine = engines[name]
-        assert engine["kind"] == "remote"
+        assert engine["kind"] == "remote" and engine["model_defaults"] is None
         assert engine["available"] is False, name
         assert engine["note"], f"{name} is unavailable without saying why"
     assert "API key" in engines["gemini"]["note"] or "GEMINI" in engines["gemini"]["note"]
@@ -340,6 +343,21 @@ def test_a_model_in_a_local_folder_is_told_by_name_not_by_the_server_s_path(
     assert job["model"] == asset["model"] == asset["record"]["model"] == lite["model"] == "tiny-sd"
     for answer in (job, asset, lite):
         assert str(tiny_cache_dir) not in json.dumps(answer)
+
+
+def test_a_model_whose_name_says_nothing_shows_the_defaults_its_files_gave(
+        make_settings: Callable[..., Settings], start_server: Callable[[Settings], httpx.Client],
+        tiny_cache_dir: Path, tmp_path: Path) -> None:
+    """A studio's `lite-v2` folder: which steps and guidance its jobs get, and why, in /v1/engines."""
+    folder = tmp_path / "lite-v2"
+    shutil.copytree(tiny_cache_dir / "tiny-sd", folder)
+    client = start_server(make_settings(lite_model=str(folder)))
+    engines = {e["name"]: e for e in client.get("/v1/engines").json()}
+    # The tiny pipeline's files say SD 1.x with a 64-latent UNet: 512 px, 25 steps at 7.5.
+    assert engines["lite"]["model_defaults"] == {"steps": 25, "guidance_scale": 7.5, "native_size": 512,
+                                                 "few_step": False, "read_from": "files"}
+    job = run_draft(client, create_project(client)["id"], n=1, width=64, height=64, steps=1, guidance_scale=None)
+    assert client.get(f"/v1/assets/{job['assets'][0]}").json()["record"]["guidance_scale"] == 7.5
 
 
 def test_sizes_the_service_works_out_fit_an_engine_taking_multiples_of_16(
