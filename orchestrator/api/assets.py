@@ -10,6 +10,7 @@ from sqlmodel import Session, col, select
 
 from orchestrator.api.deps import Caller, CallerDep, ServicesDep
 from orchestrator.api.errors import documented
+from orchestrator.api.json_body import StrictJSONRoute
 from orchestrator.api.serialize import asset_public
 from orchestrator.clock import utcnow
 from orchestrator.errors import Conflict, NotFound, gone
@@ -18,7 +19,7 @@ from orchestrator.schemas import AssetPublic, ErrorResponse, Lineage
 from orchestrator.services import Services
 
 log = logging.getLogger(__name__)
-router = APIRouter(tags=["assets"])
+router = APIRouter(tags=["assets"], route_class=StrictJSONRoute)
 MAX_LISTED_JOBS = 20  # named in a refused delete's details
 MAX_ANCESTORS = 100
 MAX_DESCENDANTS = 1000

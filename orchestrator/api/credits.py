@@ -15,6 +15,7 @@ from sqlmodel import col, select
 from orchestrator import idempotency
 from orchestrator.api.deps import CallerDep, IdempotencyKey, ServicesDep
 from orchestrator.api.errors import created, documented
+from orchestrator.api.json_body import StrictJSONRoute
 from orchestrator.api.query import Cursor, Limit, Order, paged
 from orchestrator.errors import InvalidRequest, NotFound
 from orchestrator.ids import MAX_INT_ID, int_cursor
@@ -23,7 +24,7 @@ from orchestrator.schemas import MAX_CREDITS, Credits, NoBool, Page, SpendReport
 from orchestrator.spend import GroupBy, savings, spend, to_csv
 from tiers.base import to_credits, to_millicredits
 
-router = APIRouter(tags=["credits"])
+router = APIRouter(tags=["credits"], route_class=StrictJSONRoute)
 
 
 class BudgetPublic(BaseModel):

@@ -5,11 +5,12 @@ from typing import Any
 from fastapi import APIRouter
 
 from orchestrator.api.deps import CallerDep, ServicesDep
+from orchestrator.api.json_body import StrictJSONRoute
 from orchestrator.schemas import EnginePublic
 from orchestrator.store import hide_paths, model_name
 from tiers._family import ModelDefaults
 
-router = APIRouter(tags=["engines"])
+router = APIRouter(tags=["engines"], route_class=StrictJSONRoute)
 
 
 @router.get("/engines", response_model=list[EnginePublic])

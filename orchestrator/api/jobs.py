@@ -12,6 +12,7 @@ from sqlmodel import col, select
 from orchestrator import keys
 from orchestrator.api.deps import CallerDep, ServicesDep, check_job
 from orchestrator.api.errors import documented
+from orchestrator.api.json_body import StrictJSONRoute
 from orchestrator.api.query import Cursor, Limit, Order, paged
 from orchestrator.api.serialize import job_public
 from orchestrator.errors import Conflict, NotFound
@@ -23,7 +24,7 @@ from orchestrator.schemas import JobPublic, JobStatus, Page, Stage
 from orchestrator.services import Services
 from orchestrator.store import encode_preview
 
-router = APIRouter(tags=["jobs"])
+router = APIRouter(tags=["jobs"], route_class=StrictJSONRoute)
 KEEPALIVE_SECONDS = 15.0
 KEY_RECHECK_SECONDS = 5.0  # how long a revoked project key may still follow an open stream
 CANCEL_TRIES = 3

@@ -10,13 +10,14 @@ from pydantic import BaseModel, Field
 from orchestrator import idempotency, keys
 from orchestrator.api.deps import CallerDep, IdempotencyKey, ServicesDep
 from orchestrator.api.errors import created, documented
+from orchestrator.api.json_body import StrictJSONRoute
 from orchestrator.api.query import Cursor, Limit
 from orchestrator.errors import Conflict, NotFound
 from orchestrator.ids import id_cursor
 from orchestrator.models import ApiKey, Project
 from orchestrator.schemas import Name, Page, Strict
 
-router = APIRouter(tags=["keys"])
+router = APIRouter(tags=["keys"], route_class=StrictJSONRoute)
 
 
 class KeyCreate(Strict):

@@ -13,6 +13,7 @@ from pydantic_core import CoreSchema
 
 from orchestrator.api.deps import CallerDep, ServicesDep, check_asset
 from orchestrator.api.errors import documented
+from orchestrator.api.json_body import StrictJSONRoute
 from orchestrator.api.query import Limit
 from orchestrator.errors import InvalidRequest, NotFound
 from orchestrator.schemas import (
@@ -31,7 +32,7 @@ from tiers.base import to_credits
 
 StageBody = TypeVar("StageBody", bound=Strict)
 
-router = APIRouter(tags=["routing"])
+router = APIRouter(tags=["routing"], route_class=StrictJSONRoute)
 
 
 @router.get("/policies", response_model=PolicyList)

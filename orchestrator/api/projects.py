@@ -7,6 +7,7 @@ from sqlmodel import Session, col, select
 from orchestrator import idempotency
 from orchestrator.api.deps import CallerDep, IdempotencyKey, ServicesDep
 from orchestrator.api.errors import created, documented
+from orchestrator.api.json_body import StrictJSONRoute
 from orchestrator.api.query import Cursor, Limit, Order, paged
 from orchestrator.api.serialize import asset_public, project_public
 from orchestrator.errors import InvalidRequest, NotFound
@@ -17,7 +18,7 @@ from orchestrator.routing import NoUsableEngine
 from orchestrator.schemas import AssetPublic, Budget, Page, ProjectCreate, ProjectPublic, ProjectUpdate, Stage
 from tiers.base import to_millicredits
 
-router = APIRouter(tags=["projects"])
+router = APIRouter(tags=["projects"], route_class=StrictJSONRoute)
 
 
 @router.post("/projects", status_code=201, response_model=ProjectPublic,

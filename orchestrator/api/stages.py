@@ -9,11 +9,12 @@ from fastapi import APIRouter, Body, Request, Response
 from orchestrator.api.deps import CallerDep, IdempotencyKey, ServicesDep, check_asset
 from orchestrator.api.errors import documented
 from orchestrator.api.jobs import public
+from orchestrator.api.json_body import StrictJSONRoute
 from orchestrator.api.serialize import job_public
 from orchestrator.models import Job
 from orchestrator.schemas import DraftCreate, JobPublic, PolishCreate, PromoteCreate
 
-router = APIRouter(tags=["stages"])
+router = APIRouter(tags=["stages"], route_class=StrictJSONRoute)
 # The 202's headers, for the API document: where the job is, and whether this is a replay.
 _HEADERS = {
     "Location": {"description": "The job: `/v1/jobs/{id}`.", "schema": {"type": "string"}},

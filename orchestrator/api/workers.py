@@ -8,11 +8,12 @@ from sqlmodel import col, select
 
 from orchestrator.api.deps import CallerDep, ServicesDep
 from orchestrator.api.errors import documented
+from orchestrator.api.json_body import StrictJSONRoute
 from orchestrator.models import Job
 from orchestrator.schemas import WorkerPublic, WorkersPublic
 from orchestrator.workers import device_holders
 
-router = APIRouter(tags=["operations"])
+router = APIRouter(tags=["operations"], route_class=StrictJSONRoute)
 
 
 @router.get("/workers", response_model=WorkersPublic, responses=documented(403))

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 import socket
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
+from fastapi import APIRouter
+from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 
+from orchestrator import api
+from orchestrator.api.json_body import StrictJSONRoute
 from orchestrator.app import create_app
 from orchestrator.errors import NotFound
 from tests.api import assert_error, check_nul_refused, create_project, job_count, run_draft, wait_for_job
@@ -139,6 +145,60 @@ def test_json_too_large_to_read_says_why(shared_server: httpx.Client, project: s
     assert_error(response, 400, "invalid_request")
     assert told in response.json()["error"]["message"]
     assert job_count(shared_server) == before
+
+
+@pytest.mark.parametrize(("raw", "told"), [
+    # A repeated key: the first or the last may be the one a proxy, a log or another parser reads.
+    (b'{"prompt": "x", "n": 1, "n": 2000}', "the key 'n' appears twice"),
+    (b'{"prompt": "x", "tags": {"a": "1", "a": "2"}}', "the key 'a' appears twice"),
+    (b'{"prompt": "x", "guidance_scale": NaN}', "NaN is not a JSON number"),
+    (b'{"prompt": "x", "guidance_scale": -Infinity}', "-Infinity is not a JSON number"),
+    (b'{"prompt": "x", "guidance_scale": 1e400}', "beyond what a 64-bit float holds"),
+    # UTF-16, which `json.loads` detects and reads: JSON is UTF-8.
+    ('{"prompt": "x"}'.encode("utf-16"), "JSON is sent as UTF-8"),
+    ('{"prompt": "x"}'.encode("utf-32-le"), "not valid JSON"),
+])
+def test_json_only_as_rfc_8259_writes_it(shared_server: httpx.Client, project: str, raw: bytes, told: str) -> None:
+    before = job_count(shared_server)
+    response = shared_server.post(f"/v1/projects/{project}/drafts", content=raw,
+                                  headers={"Content-Type": "application/json"})
+    message = assert_error(response, 400, "invalid_request")["message"]
+    assert message.startswith("the request body is not valid JSON") and told in message, message
+    assert job_count(shared_server) == before
+
+
+def test_many_validation_errors_are_listed_up_to_a_bound(shared_server: httpx.Client, project: str) -> None:
+    before = job_count(shared_server)
+    body = {"prompt": "x", **{f"f{i}": 0 for i in range(5000)}}
+    response = post_drafts(shared_server, project, body)
+    error = assert_error(response, 422, "invalid_request")
+    assert error["message"] == "f0: Extra inputs are not permitted"
+    assert len(error["details"]["errors"]) == 50
+    assert error["details"]["errors_not_listed"] == 4950
+    assert len(response.content) < 10_000
+    # Under the bound, all are listed and nothing says more.
+    few = assert_error(post_drafts(shared_server, project, {"prompt": "", "n": 0, "width": 7}), 422, "invalid_request")
+    assert len(few["details"]["errors"]) == 3 and "errors_not_listed" not in few["details"]
+    assert job_count(shared_server) == before
+
+
+def test_utf8_byte_order_mark_is_ignored(shared_server: httpx.Client, project: str) -> None:
+    response = shared_server.post(f"/v1/projects/{project}/drafts", headers={"Content-Type": "application/json"},
+                                  content=b"\xef\xbb\xbf" + b'{"prompt": "x", "n": 1, "width": 64, "height": 64, '
+                                                           b'"steps": 1, "seed": 5}')
+    assert response.status_code == 202, response.text
+    assert response.json()["params"]["seed"] == 5
+    assert wait_for_job(shared_server, response.json()["id"])["status"] == "succeeded"
+
+
+def test_every_route_reads_its_body_strictly() -> None:
+    modules = [importlib.import_module(f"orchestrator.api.{m.name}") for m in pkgutil.iter_modules(api.__path__)]
+    routers = [module.router for module in modules if isinstance(getattr(module, "router", None), APIRouter)]
+    assert len(routers) >= 9
+    routes = [route for router in routers for route in router.routes]
+    with_body = [route for route in routes if isinstance(route, APIRoute) and route.body_field is not None]
+    assert len(with_body) >= 8
+    assert [route.path for route in with_body if not isinstance(route, StrictJSONRoute)] == []
 
 
 @pytest.mark.parametrize("content_type", [None, "application/x-www-form-urlencoded", "text/plain"])
