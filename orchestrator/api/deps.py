@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -85,13 +86,16 @@ def check_job(services: Services, caller: Caller, job_id: str) -> None:
         caller.job(services.jobs.get(job_id))
 
 
-async def authenticate(services: Services, authorization: str | None) -> Caller:
-    """When `ORCH_ADMIN_KEY` is set, every /v1 request carries `Authorization: Bearer <key>`: the
-    admin key, or a live project key."""
+async def authenticate(services: Services, authorization: Sequence[str]) -> Caller:
+    """When `ORCH_ADMIN_KEY` is set, every /v1 request carries one `Authorization: Bearer <key>`
+    header (`authorization`: every one it carries): the admin key, or a live project key."""
     admin_key = services.settings.admin_key
     if admin_key is None:
         return ADMIN
-    scheme, _, token = (authorization or "").partition(" ")
+    if len(authorization) > 1:
+        # Which one counts differs from one server, proxy or framework to the next: none does.
+        raise Unauthorized("send one 'Authorization: Bearer <key>' header, not several")
+    scheme, _, token = (authorization[0] if authorization else "").partition(" ")
     # HTTP headers arrive as latin-1 text: back to the bytes the client sent, which for a non-ASCII
     # key are its UTF-8 encoding.
     sent = token.strip().encode("latin-1", errors="replace")
@@ -107,7 +111,7 @@ async def authenticate(services: Services, authorization: str | None) -> Caller:
 
 async def require_auth(services: ServicesDep, request: Request,
                        _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Caller:
-    return await authenticate(services, request.headers.get("authorization"))
+    return await authenticate(services, request.headers.getlist("authorization"))
 
 
 # The routers depend on `require_auth` too; FastAPI runs it once per request and hands both the result.

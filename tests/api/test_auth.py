@@ -47,6 +47,19 @@ def test_right_key_is_accepted(anon: httpx.Client) -> None:
     assert anon.get("/v1/projects", headers={"Authorization": f"bearer {KEY}"}).status_code == 200
 
 
+@pytest.mark.parametrize("order", [[KEY, "wrong"], ["wrong", KEY], [KEY, KEY]])
+def test_two_authorization_headers_are_refused(anon: httpx.Client, order: list[str]) -> None:
+    # One proxy or server reads the first, another the last: neither is taken as the key.
+    headers = [("Authorization", f"Bearer {key}") for key in order]
+    for path in ("/v1/projects", "/v1/nowhere"):
+        response = anon.get(path, headers=headers)
+        assert "one 'Authorization" in assert_error(response, 401, "unauthorized")["message"]
+    created = anon.post("/v1/projects", headers=headers, json={"name": "two keys"})
+    assert_error(created, 401, "unauthorized")
+    with authed(anon) as client:
+        assert [p for p in client.get("/v1/projects").json()["items"] if p["name"] == "two keys"] == []
+
+
 def test_auth_comes_before_validation_and_writes_nothing(anon: httpx.Client) -> None:
     """Without the key nothing about the request is judged (no 422 that leaks the schema) or stored."""
     with authed(anon) as client:
