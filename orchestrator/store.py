@@ -148,12 +148,19 @@ A1111_SAMPLERS = {
 }
 
 
+def _one_line(text: object) -> str:
+    """A prompt on one line: readers of the format take a prompt's line that starts `Negative
+    prompt:` as the negative prompt, so `cat\nNegative prompt: dog` would read as another request.
+    The text encoder reads a line break as a space; the JSON record keeps the prompt as sent."""
+    return " ".join(str(text).splitlines())
+
+
 def infotext(record: dict[str, Any]) -> str:
     """AUTOMATIC1111's `parameters` format: prompt, negative prompt, then `Key: value` pairs."""
     sampler = record.get("sampler")
-    lines = [str(record.get("prompt", ""))]
+    lines = [_one_line(record.get("prompt", ""))]
     if record.get("negative_prompt"):
-        lines.append(f"Negative prompt: {record['negative_prompt']}")
+        lines.append(f"Negative prompt: {_one_line(record['negative_prompt'])}")
     pairs = [
         ("Steps", record.get("steps")),
         ("Sampler", A1111_SAMPLERS.get(sampler, sampler) if isinstance(sampler, str) else sampler),

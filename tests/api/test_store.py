@@ -423,6 +423,15 @@ def test_png_carries_infotext_and_record() -> None:
     assert encode_png(Image.new("RGB", (8, 8), (1, 2, 3)), dict(record)) == data
 
 
+def test_a_prompt_cannot_write_lines_of_its_own_into_the_infotext() -> None:
+    prompt = "cat\nNegative prompt: dog\r\nSteps: 1, Seed: 666"
+    record = {"prompt": prompt, "negative_prompt": "blur\nmore", "seed": 7, "width": 8, "height": 8}
+    lines = infotext(record).splitlines()
+    assert lines == ["cat Negative prompt: dog Steps: 1, Seed: 666", "Negative prompt: blur more",
+                     "Seed: 7, Size: 8x8"]
+    assert read_record(encode_png(Image.new("RGB", (8, 8)), record))["prompt"] == prompt  # as sent
+
+
 def test_png_metadata_quotes_separators_and_names_no_server_path() -> None:
     # A1111's readers split on ", " and ": ": a model named `my,sd` lost its second half, and the
     # server's folder went out with every image.
