@@ -37,7 +37,7 @@ from orchestrator.ids import new_id
 from orchestrator.ledger import Balance, Ledger
 from orchestrator.models import Asset, Job, Project
 from orchestrator.routing import Decision, NoUsableEngine, Router
-from orchestrator.schemas import MAX_SEED, MAX_TAGS, DraftCreate, PolishCreate, PromoteCreate, Stage
+from orchestrator.schemas import MAX_SEED, MAX_SIDE, MAX_TAGS, DraftCreate, PolishCreate, PromoteCreate, Stage
 from orchestrator.store import ArtifactStore
 from orchestrator.workers import Presence
 from policies.schema import PRIVACY_LOCAL, PRIVACY_TAG, is_private
@@ -47,6 +47,11 @@ Body = DraftCreate | PromoteCreate | PolishCreate
 # Retry-After for a request whose engine's half-open probe another request took while it was routed:
 # routed again a moment later, it goes to the next candidate.
 RESERVE_RETRY_SECONDS = 1
+
+
+# The local engines' smallest side: a polish by a scale that works out below it is the request's
+# mistake (`"scale": 0.001`), said as such before any engine refuses a width the client never sent.
+MIN_POLISH_SIDE = 64
 
 
 def _round_to(value: float, multiple: int) -> int:
@@ -122,6 +127,11 @@ class JobService:
         source = self._source(asset_id)
         scale = body.scale if body.width is None and body.height is None else None
         width, height = self._size(source, body.width, body.height, scale or 1.0, self._multiple("polish"))
+        if scale is not None and not MIN_POLISH_SIDE <= min(width, height) <= max(width, height) <= MAX_SIDE:
+            raise InvalidRequest(
+                f"scale {scale:g} makes the {source.width}x{source.height} source {width}x{height}; a polish "
+                f"makes sides of {MIN_POLISH_SIDE} to {MAX_SIDE} pixels",
+                details={"scale": scale, "width": width, "height": height}, loc=("body", "scale"))
         params: dict[str, Any] = {
             "stage": "polish", "prompt": body.prompt or source.prompt, "negative_prompt": source.negative_prompt,
             "n": 1, "seed": _seed(body.seed, source),

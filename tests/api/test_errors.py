@@ -622,6 +622,18 @@ def test_polish_with_both_a_scale_and_a_size_is_refused(shared_server: httpx.Cli
     assert sized.status_code == 202 and sized.json()["params"]["width"] == 128, sized.text
 
 
+@pytest.mark.parametrize("scale", [0.001, 5e-324, 0.5])
+def test_a_polish_scale_too_small_is_refused_as_the_scale(shared_server: httpx.Client, finished_job: dict[str, Any],
+                                                          scale: float) -> None:
+    before = job_count(shared_server)
+    response = shared_server.post(f"/v1/assets/{finished_job['assets'][0]}/polish", json={"scale": scale})
+    error = assert_error(response, 422, "invalid_request")
+    # Once "width must be a multiple of 8 between 64 and 2048 ... (got 8)", for a width never sent.
+    assert error["message"].startswith(f"scale {scale:g} makes the 64x64 source "), error["message"]
+    assert [e["loc"] for e in error["details"]["errors"]] == [["body", "scale"]]
+    assert job_count(shared_server) == before
+
+
 @pytest.mark.parametrize(("stage", "field", "default"), [("promote", "strength", 0.55), ("polish", "scale", 2)])
 def test_promote_and_polish_take_no_body_as_all_defaults(shared_server: httpx.Client, finished_job: dict[str, Any],
                                                          stage: str, field: str, default: float) -> None:
