@@ -15,7 +15,7 @@ from orchestrator.api.deps import CallerDep, ServicesDep, check_asset
 from orchestrator.api.errors import documented
 from orchestrator.api.json_body import StrictJSONRoute
 from orchestrator.api.query import Limit
-from orchestrator.errors import InvalidRequest, NotFound
+from orchestrator.errors import InvalidRequest
 from orchestrator.schemas import (
     DraftCreate,
     PolicyDetail,
@@ -167,7 +167,10 @@ def explain(body: ExplainRequest, services: ServicesDep, caller: CallerDep) -> d
             prepared = jobs.prepare_polish(body.source_asset_id, polish)
             engine, max_credits, cache = polish.engine, polish.max_credits, polish.cache
         if body.project_id and body.project_id != prepared.project_id:
-            raise NotFound("the source asset belongs to another project", details={"project_id": body.project_id})
+            # Both exist (a project key was refused either one above): the request contradicts itself.
+            raise InvalidRequest(f"asset '{body.source_asset_id}' belongs to project '{prepared.project_id}', not "
+                                 f"'{body.project_id}'; leave project_id out or name the asset's own",
+                                 details={"project_id": body.project_id}, loc=("body", "project_id"))
     decision = jobs.decide(prepared, engine, max_credits, cache=cache)
     cache_hit = cache and jobs.has_cached(prepared, decision)
     if not cache_hit:  # a copy of an earlier result is no job to wait for

@@ -310,6 +310,15 @@ def test_explain_refusals(api: httpx.Client, draft: dict[str, Any], body: dict[s
         assert all(e["loc"][:1] == ["body"] and len(e["loc"]) > 1 for e in error["details"]["errors"]), error
 
 
+def test_explain_names_the_project_an_asset_of_another_belongs_to(api: httpx.Client, draft: dict[str, Any]) -> None:
+    # Both ids exist: once a 404 "not found", which read as a mistyped id.
+    other = api.post("/v1/projects", json={"name": "explain other"}).json()["id"]
+    error = assert_error(api.post("/v1/route/explain", json={
+        "stage": "polish", "source_asset_id": draft["asset_id"], "project_id": other}), 422, "invalid_request")
+    assert f"belongs to project '{draft['project_id']}', not '{other}'" in error["message"]
+    assert [e["loc"] for e in error["details"]["errors"]] == [["body", "project_id"]]
+
+
 def test_explain_tells_errors_and_seeds_as_the_stage_s_post_does(api: httpx.Client, draft: dict[str, Any]) -> None:
     project_id = draft["project_id"]
     body = {"prompt": "x", "n": 99, "width": 64, "height": 64}
