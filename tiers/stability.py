@@ -138,22 +138,28 @@ class StabilityEngine(CloudEngine):
         return self._model if op == "generate" else op
 
     def estimate(self, req: RenderRequest) -> int:
+        """Raises `BadEngineInput` for an upscale beyond the upscalers: routed and held, it was
+        accepted (its credits held, `cloud-first` choosing it) only to fail when it ran."""
+        self._check_reach(req)
         return req.n * self._prices.millicredits(self._priced_model(req), "image")
 
-    async def run(self, req: RenderRequest, progress: Progress, cancel: CancelToken) -> RenderResult:
-        if req.init_image is None:
-            raise BadEngineInput(f"{self.name}: {req.stage} needs a draft image",
-                                 details={"engine": self.name})
-        op = operation(req)
+    def _check_reach(self, req: RenderRequest) -> None:
         factor = upscale_factor(req)
-        if op != "generate" and (factor > MAX_SCALE or req.width * req.height > MAX_UPSCALE_PIXELS):
-            # Nothing was sent: let routing fall back to an engine that can upscale that far.
+        if operation(req) != "generate" and (factor > MAX_SCALE or req.width * req.height > MAX_UPSCALE_PIXELS):
+            # Nothing was sent: let routing choose (or fall back to) an engine that can upscale that far.
             raise BadEngineInput(
                 f"{self.name}: the upscalers stop at {MAX_SCALE:g}x and about 4 megapixels; "
                 f"{req.width}x{req.height} ({factor:g}x) is beyond them",
                 details={"engine": self.name, "scale": round(factor, 3), "width": req.width,
                          "height": req.height}, retryable=True,
             )
+
+    async def run(self, req: RenderRequest, progress: Progress, cancel: CancelToken) -> RenderResult:
+        if req.init_image is None:
+            raise BadEngineInput(f"{self.name}: {req.stage} needs a draft image",
+                                 details={"engine": self.name})
+        self._check_reach(req)  # a job routed before a price or a limit changed
+        op = operation(req)
         max_side = CREATIVE_MAX_SIDE if op == "upscale-creative" else None
         draft = encode_image(req.init_image, fmt="PNG", max_bytes=MAX_UPLOAD_BYTES, max_side=max_side)
         images: list[RenderedImage] = []

@@ -142,6 +142,11 @@ async def test_an_upscale_beyond_the_upscalers_is_refused_before_sending(
     with pytest.raises(BadEngineInput) as info:
         await engine.run(req, NullProgress(), CancelToken())
     assert info.value.retryable and info.value.details["width"] == size[0]
+    # Refused when priced too: routing skips it, instead of holding credits for a job that fails.
+    with pytest.raises(BadEngineInput):
+        engine.estimate(req)
+    assert engine.estimate(polish(scale=None, init_image=draft_image(draft), width=draft[0] * 2,
+                                  height=draft[1] * 2)) > 0
 
 
 @respx.mock
@@ -259,6 +264,8 @@ async def test_scale_above_four_is_refused_before_sending(engine: StabilityEngin
     with pytest.raises(BadEngineInput) as info:
         await engine.run(polish(scale=8), NullProgress(), CancelToken())
     assert info.value.retryable
+    with pytest.raises(BadEngineInput):
+        engine.estimate(polish(scale=8))
 
 
 @respx.mock
