@@ -35,7 +35,8 @@ from tiers.base import (
 
 # Credits (1 credit = $0.01) per output image by resolution. Config defaults (providers.md, Nov 2026).
 PRICES_AS_OF = "2026-11"
-_NANO_BANANA_2 = {"0.5K": 6.0, "1K": 8.0, "2K": 12.0, "4K": 16.0}
+HALF_K, HALF_K_SIDE = "0.5K", 512
+_NANO_BANANA_2 = {HALF_K: 6.0, "1K": 8.0, "2K": 12.0, "4K": 16.0}
 DEFAULT_PRICES: dict[str, dict[str, float]] = {
     "fal-ai/nano-banana-2": dict(_NANO_BANANA_2),
     "fal-ai/nano-banana-2/edit": dict(_NANO_BANANA_2),
@@ -104,12 +105,19 @@ class FalEngine(CloudEngine):
         anchor = ".".join(labels[1:]) if len(labels) > 2 else base.host
         return host.endswith(f".{anchor}")
 
+    def _resolution(self, req: RenderRequest) -> str:
+        """The resolution tier asked for and paid: Nano Banana 2's 0.5K (three quarters of 1K's
+        price) for sides up to 512 where the model's prices name it, else 1K, 2K or 4K."""
+        if max(req.width, req.height) <= HALF_K_SIDE and HALF_K in self._prices.table.get(self._model, {}):
+            return HALF_K
+        return size_class(req.width, req.height)
+
     def estimate(self, req: RenderRequest) -> int:
-        return req.n * self._prices.millicredits(self._model, size_class(req.width, req.height))
+        return req.n * self._prices.millicredits(self._model, self._resolution(req))
 
     def _body(self, req: RenderRequest) -> dict[str, Any]:
         body: dict[str, Any] = {"prompt": instruction_prompt(req), "num_images": req.n, "output_format": "png",
-                                "resolution": size_class(req.width, req.height)}
+                                "resolution": self._resolution(req)}
         if req.init_image is not None:
             data = encode_image(req.init_image, fmt="PNG", max_bytes=MAX_INLINE_BYTES, max_side=2048)
             body["image_urls"] = [f"data:image/png;base64,{b64encode(data)}"]
@@ -176,7 +184,7 @@ class FalEngine(CloudEngine):
             model=self._model,
             cost_millicredits=None,
             provider_request_id=request_id,
-            metadata={"resolution": size_class(req.width, req.height)},
+            metadata={"resolution": self._resolution(req)},
         )
 
     async def _wait(self, request_id: str, status_url: str, deadline: float, progress: Progress,

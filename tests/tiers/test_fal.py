@@ -301,6 +301,22 @@ def test_estimate_by_resolution_and_unknown_model(make_ctx: Any) -> None:
         unknown.estimate(bridge())
 
 
+@respx.mock
+async def test_sides_up_to_512_ask_and_pay_for_the_half_k_tier(engine: FalEngine, output: respx.Route,
+                                                               make_ctx: Any) -> None:
+    # Once sent (and charged) as 1K: providers.md prices 0.5K at three quarters of it.
+    assert engine.estimate(bridge(width=512, height=384)) == 6000
+    assert engine.estimate(bridge(width=520, height=384)) == 8000
+    submit, _poll, _result = happy_queue()
+    result = await engine.run(bridge(width=512, height=512), NullProgress(), CancelToken())
+    assert json.loads(submit.calls.last.request.content)["resolution"] == "0.5K"
+    assert result.metadata["resolution"] == "0.5K"
+    # A model whose prices name no 0.5K tier is asked for 1K, as before.
+    ctx = make_ctx(fal_api_key="k", fal_model="fal-ai/other")
+    ctx.price_overrides["fal"] = {"fal-ai/other": {"1K": 5, "2K": 7}}
+    assert FalEngine(ctx).estimate(bridge(width=512, height=512)) == 5000
+
+
 def test_unavailable_without_key(make_ctx: Any, monkeypatch: Any) -> None:
     monkeypatch.delenv("FAL_KEY", raising=False)
     monkeypatch.delenv("ORCH_FAL_API_KEY", raising=False)
