@@ -9,10 +9,14 @@ Every parameter here takes one value; given twice (`?status=succeeded&status=can
 expecting either, or one that appends to a URL), the last one silently won and the list was
 quietly not the one asked for. Checked by a dependency of the `/v1` routers, after auth: only the
 route's own parameters (a cache-buster nobody reads may repeat), and an unknown path stays a 404.
+Parameters a route does not read are let through (cache-busters, tracking), except one that
+reads as a misspelling of the route's own (`?state=queued`, `?Status=`, `?projectid=`): its list
+would be the unfiltered one, without a word.
 """
 
 from __future__ import annotations
 
+import difflib
 from typing import Annotated, Any, Literal
 
 from fastapi import Query, Request
@@ -21,6 +25,10 @@ from fastapi.routing import APIRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from orchestrator.errors import InvalidRequest
+
+# How alike a parameter the route does not read must be to one it does to be taken for a
+# misspelling of it (difflib's ratio: `state` is 0.73 of `status`, `stages` 0.91 of `stage`).
+NEAR_MISS = 0.7
 
 
 def _has_value(part: bytes) -> bool:
@@ -43,14 +51,31 @@ class DropEmptyQueryValues:
 
 
 def single_valued_query(request: Request) -> None:
-    """Refuses a parameter of the route given more than once (see the module's docstring)."""
+    """Refuses a parameter of the route given more than once, and one that is a near miss of the
+    route's own (see the module's docstring)."""
     route = request.scope.get("route")
     if not isinstance(route, APIRoute) or not request.query_params:
         return
-    for name in _query_names(route.dependant):
+    names = _query_names(route.dependant)
+    for name in names:
         if len(request.query_params.getlist(name)) > 1:
             raise InvalidRequest(f"query parameter '{name}' is given more than once; each takes one value",
                                  details={"parameter": name}, loc=("query", name))
+    for given in request.query_params:
+        if given not in names and (meant := _near_misses(given, names)):
+            raise InvalidRequest(f"unknown query parameter '{given[:100]}'; did you mean "
+                                 f"{' or '.join(repr(name) for name in meant)}?",
+                                 details={"parameter": given[:100], "known": sorted(names)}, loc=("query", given[:100]))
+
+
+def _near_misses(given: str, names: set[str]) -> list[str]:
+    """The route's parameters `given` may misspell (`Status`, `projectid`; `state` for `stage`
+    or `status`), closest first."""
+    folded = given.lower().replace("-", "_")
+    for name in names:
+        if folded in (name, name.replace("_", "")):
+            return [name]
+    return difflib.get_close_matches(folded, sorted(names), n=2, cutoff=NEAR_MISS)
 
 
 def _query_names(dependant: Dependant) -> set[str]:

@@ -347,6 +347,19 @@ def test_a_parameter_given_twice_is_refused(shared_server: httpx.Client, query: 
     assert_error(shared_server.get("/v1/nope?a=1&a=2"), 404, "not_found")
 
 
+@pytest.mark.parametrize(("query", "meant"), [
+    ("state=queued", "'stage' or 'status'"), ("Status=queued", "'status'"), ("projectid=x", "'project_id'"),
+    ("project-id=x", "'project_id'"), ("LIMIT=1", "'limit'"), ("stages=bridge", "'stage'"), ("lmit=1", "'limit'")])
+def test_a_misspelled_parameter_is_refused(shared_server: httpx.Client, query: str, meant: str) -> None:
+    # ?state=queued listed every job, as if no filter had been asked for.
+    error = assert_error(shared_server.get(f"/v1/jobs?{query}"), 422, "invalid_request")
+    assert error["message"].endswith(f"did you mean {meant}?"), error["message"]
+    assert error["details"]["errors"][0]["loc"] == ["query", query.partition("=")[0]]
+    # What reads as no parameter of the route's is let through: cache-busters, tracking, paging of another API.
+    for other in ("_=1", "t=5", "v=2", "page=2", "utm_source=mail", "callback=x", "nocache=1"):
+        assert shared_server.get(f"/v1/jobs?{other}").status_code == 200, other
+
+
 def stable(body: dict[str, Any]) -> Any:
     """A listing without what a job other tests left running changes between two reads."""
     if "items" in body and "next_cursor" in body:
