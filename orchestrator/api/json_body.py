@@ -17,6 +17,7 @@ from typing import Any
 
 from fastapi import Request, Response
 from fastapi.routing import APIRoute
+from starlette.types import Message
 
 
 class UnreadableJSON(ValueError):
@@ -65,6 +66,18 @@ class StrictJSONRoute(APIRoute):
         handler = super().get_route_handler()
 
         async def strict(request: Request) -> Response:
-            return await handler(StrictJSONRequest(request.scope, request.receive))
+            # Read through the request the exception handlers are given, which keeps it: they read
+            # the body again (`errors._body_fields`), and a stream already drained would wait forever.
+            body = await request.body()
+            replayed = False
+
+            async def receive() -> Message:
+                nonlocal replayed
+                if not replayed:
+                    replayed = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                return await request.receive()  # a disconnect, for a streaming answer
+
+            return await handler(StrictJSONRequest(request.scope, receive))
 
         return strict

@@ -536,16 +536,18 @@ def test_an_error_echoing_unencodable_text_is_still_answered(make_settings: Sett
     response.content.decode("utf-8")
 
 
-# Python's JSON parser takes NaN and Infinity; no amount of credits may be either.
+# Python's JSON parser takes NaN and Infinity; no amount of credits may be either (nor are they JSON).
 @pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity", "1e400"])
 def test_non_finite_credits(shared_server: httpx.Client, project: str, number: str) -> None:
     headers = {"Content-Type": "application/json"}
     before = shared_server.get(f"/v1/projects/{project}/ledger").json()
     grant = shared_server.post(f"/v1/projects/{project}/grants", content=f'{{"amount": {number}}}', headers=headers)
-    assert_error(grant, 422, "invalid_request")
+    assert_error(grant, 400, "invalid_request")
     assert shared_server.get(f"/v1/projects/{project}/ledger").json() == before
+    projects = len(shared_server.get("/v1/projects", params={"limit": 500}).json()["items"])
     body = f'{{"name": "x", "budget": {{"limit": {number}, "period": "month"}}}}'
-    assert_error(shared_server.post("/v1/projects", content=body, headers=headers), 422, "invalid_request")
+    assert_error(shared_server.post("/v1/projects", content=body, headers=headers), 400, "invalid_request")
+    assert len(shared_server.get("/v1/projects", params={"limit": 500}).json()["items"]) == projects
 
 
 @pytest.mark.parametrize("amount", [0.0004, 1.23456, 0.0015])

@@ -68,7 +68,7 @@ CASES: list[tuple[str, str, str, dict[str, Any], int]] = [
     ("get", "/v1/assets/{asset_id}/content", f"/v1/assets/{MISSING_ASSET}/content", {}, 404),
     ("get", "/v1/projects/{project_id}/ledger", "/v1/projects/{project}/ledger", {"params": {"cursor": "x"}}, 422),
     ("post", "/v1/projects/{project_id}/grants", "/v1/projects/{project}/grants",
-     {"content": b'{"amount": NaN}', "headers": JSON}, 422),
+     {"json": {"amount": -1}}, 422),
     ("get", "/v1/spend", "/v1/spend", {"params": {"to": "0.5"}}, 422),
     ("get", "/v1/policies/{name}", "/v1/policies/no-such-policy", {}, 404),
     ("post", "/v1/route/explain", "/v1/route/explain", {"json": {"stage": "bridge"}}, 422),
