@@ -83,14 +83,12 @@ def _project_of(s: Session, row: IdempotencyKeyRow | None) -> Project | None:
 
 @router.get("/projects", response_model=Page[ProjectPublic])
 def list_projects(services: ServicesDep, caller: CallerDep, limit: Limit = 50,
-                  cursor: Cursor = None) -> Page[ProjectPublic]:
+                  cursor: Cursor = None, order: Order = "asc") -> Page[ProjectPublic]:
     """Every project; for a project key, its own."""
     with services.db.session() as s:
-        stmt = select(Project).order_by(col(Project.id)).limit(limit + 1)
+        stmt = paged(select(Project), col(Project.id), id_cursor(cursor, "prj"), order).limit(limit + 1)
         if caller.project_id is not None:
             stmt = stmt.where(col(Project.id) == caller.project_id)
-        if after := id_cursor(cursor, "prj"):
-            stmt = stmt.where(col(Project.id) > after)
         rows = list(s.exec(stmt).all())
     more = len(rows) > limit
     rows = rows[:limit]

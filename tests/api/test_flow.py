@@ -144,6 +144,11 @@ def test_list_pagination(server: httpx.Client) -> None:
 
     exact = server.get("/v1/projects", params={"limit": 5}).json()
     assert len(exact["items"]) == 5 and exact["next_cursor"] is None
+    # Newest first, and its cursor goes on backwards (once ignored: oldest first without a word).
+    newest = server.get("/v1/projects", params={"limit": 3, "order": "desc"}).json()
+    assert [p["id"] for p in newest["items"]] == created[:1:-1] and newest["next_cursor"] == created[2]
+    older = server.get("/v1/projects", params={"order": "desc", "cursor": created[2]}).json()
+    assert [p["id"] for p in older["items"]] == created[1::-1] and older["next_cursor"] is None
 
     project = created[0]
     jobs = [submit_draft(server, project, seed=i)["id"] for i in range(3)]
