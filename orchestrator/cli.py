@@ -85,13 +85,21 @@ def main(argv: list[str] | None = None) -> int:
                             "stops on SIGTERM or SIGINT.")
     worker.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="log level")
 
-    sub.add_parser("migrate", help="apply database migrations and exit")
+    sub.add_parser("migrate", help="apply database migrations and exit",
+                   description="Bring the database of ORCH_DATABASE_URL (or ORCH_DATA_DIR's SQLite file) to this "
+                   "version's schema, and exit. serve, worker and demo also do this when they start.")
     check = sub.add_parser("check", help=("verify that every asset's PNG is in the store, byte for byte, "
-                                          "and that the ledger adds up (read-only)"))
+                                          "and that the ledger adds up (read-only)"),
+                           description="Verify, writing nothing, that every asset's PNG is in the store byte for "
+                           "byte and that the ledger adds up. Exit 0: all good; 1: problems, listed; 2: nothing to "
+                           "check where the settings point.")
     check.add_argument("--no-hash", action="store_true",
                        help="only look that each file is there, without reading it (fast on a large store)")
 
-    demo = sub.add_parser("demo", help="draft -> promote -> polish on the embedded default, end to end")
+    demo = sub.add_parser("demo", help="draft -> promote -> polish on the embedded default, end to end",
+                          description="Start the service on ORCH_DATA_DIR (or use --url), ask for 4 drafts, promote "
+                          "one and polish it, following each job's event stream; save the images, a contact sheet "
+                          "and the lineage in --out.")
     demo.add_argument("--url", type=_service_url,
                       help="use a running service instead of starting one (its key: ORCH_ADMIN_KEY)")
     demo.add_argument("--prompt", default="a lighthouse on a cliff at dusk, volumetric light",
@@ -107,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     # Its debug lines hold every handshake header: ComfyUI's basic auth from ORCH_COMFYUI_URL.
     logging.getLogger("websockets").setLevel(logging.WARNING)
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)  # one line per plugin, every start
+    if args.command in ("demo", "check"):
+        # A new user's first `make demo` opened with 18 lines of revisions; a service's log keeps them.
+        logging.getLogger("alembic.runtime.migration").setLevel(logging.WARNING)
     try:
         return _run(args)
     except KeyboardInterrupt:  # Ctrl-C: whatever was running has stopped (the server cleanly)

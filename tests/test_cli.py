@@ -122,15 +122,19 @@ def test_the_demo_runs_the_three_stages_and_saves_their_images(
 
 def test_the_demo_s_own_service_runs_its_jobs_whatever_orch_run_jobs_says(
         make_settings: SettingsFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-        capsys: pytest.CaptureFixture[str]) -> None:
+        capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
     # An operator's API servers run none (ORCH_RUN_JOBS=false): the demo then waited for ever on its first draft.
     settings = make_settings(hifi_model="builtin:tiny-sd")
     for name, value in {"ORCH_DATA_DIR": settings.data_dir, "ORCH_LITE_MODEL": "builtin:tiny-sd",
                         "ORCH_CACHE_DIR": settings.cache_dir, "ORCH_RUN_JOBS": "false"}.items():
         monkeypatch.setenv(name, str(value))
+    caplog.set_level(logging.INFO)
     assert main(["demo", "--out", str(tmp_path / "out"), "--size", "64"]) == 0
     assert (tmp_path / "out" / "final.png").exists()
     assert "saved drafts" in capsys.readouterr().out
+    # Its new database was migrated without a line per revision ahead of the demo's own output.
+    assert (settings.data_dir / "orchestrator.db").exists()
+    assert [r.message for r in caplog.records if r.name.startswith("alembic")] == []
 
 
 def test_the_demo_sends_the_admin_key_the_config_file_sets(
