@@ -19,10 +19,11 @@ import ipaddress
 
 from starlette.datastructures import Headers
 from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from orchestrator.api.errors import error_response
+from orchestrator.api.errors import denied, error_response
 
 UNSAFE = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
@@ -71,8 +72,11 @@ class CrossSiteGuard:
             # https:// and the request reaches the service as http://.
             own = page.partition("://")[2].lower() == host
             if not own and page not in self.allowed and "*" not in self.allowed:
-                refused = error_response(403, "forbidden", f"requests that change something are refused from web "
-                                         f"pages of {page}: list it in ORCH_CORS_ORIGINS to allow it")
+                # With ORCH_ADMIN_KEY set, such a request has no key: the 401 every /v1 request
+                # without one gets (only a service without a key tells it the 403's why).
+                refused = await denied(Request(scope)) or error_response(
+                    403, "forbidden", f"requests that change something are refused from web pages of {page}: "
+                    "list it in ORCH_CORS_ORIGINS to allow it")
                 await refused(scope, receive, send)
                 return
         await self.app(scope, receive, send)

@@ -161,16 +161,17 @@ def _allowed_methods(request: Request) -> str:
     return ", ".join(sorted(methods))
 
 
-async def _denied(request: Request) -> JSONResponse | None:
+async def denied(request: Request) -> JSONResponse | None:
     """The 401 for a /v1 request without a valid key, for answers made before any route's auth
-    ran (no route matched, or the body was not even JSON): without the key, /v1 tells nothing."""
+    ran (no route matched, the body was not even JSON or too large, a URL with a NUL, a foreign
+    page's POST): without the key, /v1 tells nothing else."""
     services = getattr(request.app.state, "services", None)
     if services is None or not request.url.path.startswith("/v1/"):
         return None
     try:
         await authenticate(services, request.headers.getlist("authorization"))
-    except OrchestratorError as denied:
-        return error_response(denied.status, denied.code, denied.message, headers={"WWW-Authenticate": "Bearer"})
+    except OrchestratorError as refusal:
+        return error_response(refusal.status, refusal.code, refusal.message, headers={"WWW-Authenticate": "Bearer"})
     return None
 
 
@@ -227,8 +228,8 @@ def install(app: FastAPI) -> None:
         errors = details["errors"]
         if any(e["type"] == "json_invalid" for e in errors):
             # FastAPI parses the body before it runs the route's dependencies, auth included.
-            if (denied := await _denied(request)) is not None:
-                return denied
+            if (refused := await denied(request)) is not None:
+                return refused
             return error_response(400, "invalid_request", "the request body is not valid JSON", {"errors": errors})
         whole_body = next((e for e in errors if e["loc"] == ["body"]), None)
         if whole_body is not None:
@@ -248,13 +249,13 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         # No route matched, so no route's auth ran: not even which paths or methods exist is told.
-        if exc.status_code in (404, 405) and (denied := await _denied(request)) is not None:
-            return denied
+        if exc.status_code in (404, 405, 413) and (refused := await denied(request)) is not None:
+            return refused
         detail = str(exc.detail)
         if exc.status_code == 400 and detail == "There was an error parsing the body":
             # FastAPI's answer to a body it could not decode (not UTF-8), before any route's auth.
-            if (denied := await _denied(request)) is not None:
-                return denied
+            if (refused := await denied(request)) is not None:
+                return refused
             detail = _unreadable_body(exc.__cause__)
         code = _HTTP_CODES.get(exc.status_code, "error")
         headers = getattr(exc, "headers", None)

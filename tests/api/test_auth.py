@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
@@ -81,6 +81,32 @@ def test_auth_comes_before_validation_and_writes_nothing(anon: httpx.Client) -> 
         assert_error(client.get("/v1/projects?limit=1&limit=2"), 422, "invalid_request")
         assert client.get("/v1/jobs").json()["items"] == []
         assert [p["name"] for p in client.get("/v1/projects").json()["items"]] == ["p"]
+
+
+def test_what_is_refused_before_routing_needs_the_key_too(anon: httpx.Client) -> None:
+    # A body over the limit, a URL with a NUL, a foreign page's POST: answered before any route,
+    # they once told a caller without the key the body limit and the rest (413, 400, 403).
+    big = b'{"name": "' + b"x" * (2 << 20) + b'"}'
+    foreign = {"Origin": "https://evil.example"}
+    with authed(anon) as client:
+        # With the key, a page's POST is its holder's (a browser never adds one on its own).
+        for caller, statuses in ((anon, (401, 401, 401, 401)), (client, (413, 413, 400, 201))):
+            declared = caller.post("/v1/projects", content=big, headers={"Content-Type": "application/json"})
+
+            def chunked() -> Iterator[bytes]:
+                yield big
+
+            streamed = caller.post("/v1/projects", content=chunked(), headers={"Content-Type": "application/json"})
+            nul = caller.get("/v1/projects/%00")
+            page = caller.post("/v1/projects", json={"name": "from a page"}, headers=foreign)
+            assert [r.status_code for r in (declared, streamed, nul, page)] == list(statuses)
+            for response in (declared, streamed, nul, page)[:4 if caller is anon else 3]:
+                assert set(response.json()) == {"error"}
+            if caller is anon:
+                assert all(r.headers["www-authenticate"] == "Bearer" for r in (declared, streamed, nul, page))
+            else:
+                assert declared.json()["error"]["details"] == {"max_bytes": 1 << 20}
+        assert [p["name"] for p in client.get("/v1/projects").json()["items"]] == ["from a page"]
 
 
 def test_operations_need_no_key(anon: httpx.Client) -> None:
