@@ -180,7 +180,7 @@ def _unreadable_body(cause: BaseException | None) -> str:
     if isinstance(cause, RecursionError):
         return "the request body is JSON nested too deeply to read"
     if isinstance(cause, UnreadableJSON):
-        return f"the request body is not valid JSON: {cause}"
+        return str(cause)
     if isinstance(cause, ValueError) and not isinstance(cause, UnicodeDecodeError) and "digits" in str(cause):
         return "the request body holds a number with too many digits to read"
     return "the request body is not valid JSON (JSON is sent as UTF-8)"

@@ -1,9 +1,10 @@
-"""Request bodies read as JSON is written (RFC 8259), not as leniently as `json.loads` reads it.
+"""Request bodies read as strictly as RFC 8259 allows, not as leniently as `json.loads` reads them.
 
-`json.loads` takes UTF-16 and UTF-32 bodies, lets a repeated key overwrite the first
-(`{"n": 1, "n": 2000}` was checked as 2000, while a log, a proxy or another client library reads 1),
-and reads `NaN`, `Infinity` and numbers past a float's range as numbers that no JSON answer can
-carry back. Each is refused here as a body that is not valid JSON (400), saying why.
+`json.loads` takes UTF-16 and UTF-32 bodies (networked JSON is UTF-8), and reads `NaN`,
+`Infinity` and numbers past a float's range as numbers that no JSON answer can carry back. It also
+lets a repeated key overwrite the first: the RFC says names SHOULD be unique, and which of two
+wins differs between parsers (`{"n": 1, "n": 2000}` was checked as 2000, while a log, a proxy or
+another client library may read 1), so this API refuses them. Each is a 400, saying why.
 
 Every `/v1` router is made with `route_class=StrictJSONRoute`; a test holds every route to it.
 """
@@ -17,30 +18,31 @@ from typing import Any
 
 from fastapi import Request, Response
 from fastapi.routing import APIRoute
-from starlette.types import Message
 
 
 class UnreadableJSON(ValueError):
-    """The body parses as Python's JSON but not as RFC 8259's; the message says what is wrong."""
+    """A body `json.loads` reads and this API does not; the message is the client's answer."""
 
 
 def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in pairs:
         if key in out:
-            raise UnreadableJSON(f"the key {key[:100]!r} appears twice in one object")
+            raise UnreadableJSON(f"the request body gives the key {key[:100]!r} twice in one object; "
+                                 "give each key once")
         out[key] = value
     return out
 
 
 def _constant(name: str) -> Any:
-    raise UnreadableJSON(f"{name} is not a JSON number")
+    raise UnreadableJSON(f"the request body is not valid JSON: {name} is not a JSON number")
 
 
 def _float(text: str) -> float:
     value = float(text)
     if not math.isfinite(value):
-        raise UnreadableJSON(f"the number {text[:40]} is beyond what a 64-bit float holds")
+        raise UnreadableJSON(f"the request body is not valid JSON: the number {text[:40]} is beyond what a "
+                             "64-bit float holds")
     return value
 
 
@@ -52,6 +54,18 @@ def loads(body: bytes) -> Any:
 
 
 class StrictJSONRequest(Request):
+    """The route's request, its body parsed by `loads`. The body itself is read through the
+    request FastAPI was given, which keeps it for the exception handlers (they read it again,
+    `errors._body_fields`), and inside FastAPI's own reading, which answers a client that hangs up
+    mid-body as it always did."""
+
+    def __init__(self, original: Request) -> None:
+        super().__init__(original.scope, original.receive)
+        self._original = original
+
+    async def body(self) -> bytes:
+        return await self._original.body()
+
     async def json(self) -> Any:
         if not hasattr(self, "_json"):
             self._json = loads(await self.body())
@@ -66,18 +80,6 @@ class StrictJSONRoute(APIRoute):
         handler = super().get_route_handler()
 
         async def strict(request: Request) -> Response:
-            # Read through the request the exception handlers are given, which keeps it: they read
-            # the body again (`errors._body_fields`), and a stream already drained would wait forever.
-            body = await request.body()
-            replayed = False
-
-            async def receive() -> Message:
-                nonlocal replayed
-                if not replayed:
-                    replayed = True
-                    return {"type": "http.request", "body": body, "more_body": False}
-                return await request.receive()  # a disconnect, for a streaming answer
-
-            return await handler(StrictJSONRequest(request.scope, receive))
+            return await handler(StrictJSONRequest(request))
 
         return strict
