@@ -16,7 +16,6 @@ would be the unfiltered one, without a word.
 
 from __future__ import annotations
 
-import difflib
 from typing import Annotated, Any, Literal
 
 from fastapi import Query, Request
@@ -25,10 +24,6 @@ from fastapi.routing import APIRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from orchestrator.errors import InvalidRequest
-
-# How alike a parameter the route does not read must be to one it does to be taken for a
-# misspelling of it (difflib's ratio: `state` is 0.73 of `status`, `stages` 0.91 of `stage`).
-NEAR_MISS = 0.7
 
 
 def _has_value(part: bytes) -> bool:
@@ -69,13 +64,27 @@ def single_valued_query(request: Request) -> None:
 
 
 def _near_misses(given: str, names: set[str]) -> list[str]:
-    """The route's parameters `given` may misspell (`Status`, `projectid`; `state` for `stage`
-    or `status`), closest first."""
+    """The route's parameters `given` misspells: the same but for case, dashes or underscores
+    (`Status`, `projectid`), or one typo away (`state`, `lmit`, `ordre`) from a name of 4 letters
+    or more. Further than that is another word (`tag`, `parent_id`, `start`), let through."""
     folded = given.lower().replace("-", "_")
-    for name in names:
-        if folded in (name, name.replace("_", "")):
-            return [name]
-    return difflib.get_close_matches(folded, sorted(names), n=2, cutoff=NEAR_MISS)
+    same = [name for name in names if folded in (name, name.replace("_", ""))]
+    if same:
+        return same
+    return sorted(name for name in names if len(name) >= 4 and _one_typo(folded, name))
+
+
+def _one_typo(a: str, b: str) -> bool:
+    """Whether `a` is `b` with one letter changed, added, dropped, or two neighbours swapped."""
+    if a == b or abs(len(a) - len(b)) > 1:
+        return False
+    if len(a) == len(b):
+        diffs = [i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y]
+        return len(diffs) == 1 or (len(diffs) == 2 and diffs[1] == diffs[0] + 1
+                                   and a[diffs[0]] == b[diffs[1]] and a[diffs[1]] == b[diffs[0]])
+    short, long = (a, b) if len(a) < len(b) else (b, a)
+    i = next((i for i, (x, y) in enumerate(zip(short, long, strict=False)) if x != y), len(short))
+    return short[i:] == long[i + 1:]
 
 
 def _query_names(dependant: Dependant) -> set[str]:
