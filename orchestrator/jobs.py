@@ -37,7 +37,7 @@ from orchestrator.ids import new_id
 from orchestrator.ledger import Balance, Ledger
 from orchestrator.models import Asset, Job, Project
 from orchestrator.routing import Decision, NoUsableEngine, Router
-from orchestrator.schemas import MAX_SEED, MAX_SIDE, MAX_TAGS, DraftCreate, PolishCreate, PromoteCreate, Stage
+from orchestrator.schemas import MAX_SEED, MAX_SIDE, MAX_TAGS, MIN_SIDE, DraftCreate, PolishCreate, PromoteCreate, Stage
 from orchestrator.store import ArtifactStore
 from orchestrator.workers import Presence
 from policies.schema import PRIVACY_LOCAL, PRIVACY_TAG, is_private
@@ -47,11 +47,6 @@ Body = DraftCreate | PromoteCreate | PolishCreate
 # Retry-After for a request whose engine's half-open probe another request took while it was routed:
 # routed again a moment later, it goes to the next candidate.
 RESERVE_RETRY_SECONDS = 1
-
-
-# The local engines' smallest side: a polish by a scale that works out below it is the request's
-# mistake (`"scale": 0.001`), said as such before any engine refuses a width the client never sent.
-MIN_POLISH_SIDE = 64
 
 
 def _round_to(value: float, multiple: int) -> int:
@@ -126,12 +121,16 @@ class JobService:
     def prepare_polish(self, asset_id: str, body: PolishCreate) -> Prepared:
         source = self._source(asset_id)
         scale = body.scale if body.width is None and body.height is None else None
+        if scale is not None and "scale" in body.model_fields_set:
+            # Said of the scale sent, as the schema says of a width: an engine's refusal would name a
+            # width the client never sent (`"scale": 0.001` was "width must be ... (got 8)").
+            sides = (source.width * scale, source.height * scale)
+            if not MIN_SIDE <= min(sides) <= max(sides) <= MAX_SIDE:
+                raise InvalidRequest(
+                    f"scale {scale:g} makes the {source.width}x{source.height} source "
+                    f"{sides[0]:.4g}x{sides[1]:.4g}; a side is {MIN_SIDE} to {MAX_SIDE} pixels",
+                    details={"scale": scale, "source_size": [source.width, source.height]}, loc=("body", "scale"))
         width, height = self._size(source, body.width, body.height, scale or 1.0, self._multiple("polish"))
-        if scale is not None and not MIN_POLISH_SIDE <= min(width, height) <= max(width, height) <= MAX_SIDE:
-            raise InvalidRequest(
-                f"scale {scale:g} makes the {source.width}x{source.height} source {width}x{height}; a polish "
-                f"makes sides of {MIN_POLISH_SIDE} to {MAX_SIDE} pixels",
-                details={"scale": scale, "width": width, "height": height}, loc=("body", "scale"))
         params: dict[str, Any] = {
             "stage": "polish", "prompt": body.prompt or source.prompt, "negative_prompt": source.negative_prompt,
             "n": 1, "seed": _seed(body.seed, source),
@@ -208,7 +207,7 @@ class JobService:
         """Raise `TooManyJobs` when a submit to the project would be refused for its unfinished
         jobs now (route/explain says what a submit would do)."""
         with self.db.snapshot() as s:
-            self._check_pending(s, self._project(s, project_id))
+            self._check_pending(s, self.project(s, project_id))
 
     def _check_pending(self, s: Session, project: Project) -> None:
         """One project cannot fill the queue: local work is free, so its budget would not stop it.
@@ -224,7 +223,8 @@ class JobService:
                 "wait for some to finish, or cancel some", details={"pending": pending, "limit": limit})
 
     @staticmethod
-    def _project(s: Session, project_id: str) -> Project:
+    def project(s: Session, project_id: str) -> Project:
+        """The project, or `NotFound`."""
         project = s.get(Project, project_id)
         if project is None:
             raise NotFound(f"project '{project_id}' not found", details={"project_id": project_id})
@@ -391,7 +391,7 @@ class JobService:
         With `cache`, a choice an earlier identical job already made (a free copy) is kept
         whatever the budget has left or `max_credits` allows: the copy costs nothing."""
         with self.db.snapshot() as s:
-            project = self._project(s, prepared.project_id)
+            project = self.project(s, prepared.project_id)
             # Without a budget there is no share of it to route on: skip the ledger's sums.
             balance = None if project.budget_limit is None else self.ledger.balance(s, project)
         return self._route(project.policy, prepared, engine, max_credits, balance, cache=cache)

@@ -167,6 +167,8 @@ def explain(body: ExplainRequest, services: ServicesDep, caller: CallerDep) -> d
             prepared = jobs.prepare_polish(body.source_asset_id, polish)
             engine, max_credits, cache = polish.engine, polish.max_credits, polish.cache
         if body.project_id and body.project_id != prepared.project_id:
+            with services.db.session() as s:
+                services.jobs.project(s, body.project_id)  # a 404 for one that does not exist
             # Both exist (a project key was refused either one above): the request contradicts itself.
             raise InvalidRequest(f"asset '{body.source_asset_id}' belongs to project '{prepared.project_id}', not "
                                  f"'{body.project_id}'; leave project_id out or name the asset's own",

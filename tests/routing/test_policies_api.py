@@ -317,6 +317,12 @@ def test_explain_names_the_project_an_asset_of_another_belongs_to(api: httpx.Cli
         "stage": "polish", "source_asset_id": draft["asset_id"], "project_id": other}), 422, "invalid_request")
     assert f"belongs to project '{draft['project_id']}', not '{other}'" in error["message"]
     assert [e["loc"] for e in error["details"]["errors"]] == [["body", "project_id"]]
+    # A project that does not exist is a 404, as for the ideation stage.
+    missing = "prj_0000000000zzzzzzzzzzzzzz"
+    for stage in ("polish", "ideation"):
+        body = {"stage": stage, "project_id": missing, **(
+            {"source_asset_id": draft["asset_id"]} if stage == "polish" else {"prompt": "x"})}
+        assert_error(api.post("/v1/route/explain", json=body), 404, "not_found")
 
 
 def test_explain_tells_errors_and_seeds_as_the_stage_s_post_does(api: httpx.Client, draft: dict[str, Any]) -> None:
