@@ -17,7 +17,7 @@ from orchestrator import __version__
 from orchestrator.api import assets, credits, engines, jobs, keys, policies, projects, stages, workers
 from orchestrator.api.cross_site import UNSAFE, Cors, CrossSiteGuard
 from orchestrator.api.deps import ServicesDep, require_auth
-from orchestrator.api.errors import UnexpectedErrors, documented
+from orchestrator.api.errors import ANY_OTHER_ERROR, UnexpectedErrors, documented
 from orchestrator.api.errors import install as install_errors
 from orchestrator.api.head import HeadAsGet
 from orchestrator.api.query import DropEmptyQueryValues, single_valued_query
@@ -86,7 +86,8 @@ def create_app(settings: Settings | None = None, *, loopback_only: bool = False)
                            max_age=600)
     v1 = [Depends(require_auth), Depends(single_valued_query)]
     for module in (projects, stages, jobs, assets, engines, credits, policies, keys, workers):
-        app.include_router(module.router, prefix="/v1", dependencies=v1, responses=documented(400, 401, 422, 503))
+        app.include_router(module.router, prefix="/v1", dependencies=v1,
+                           responses={**documented(400, 401, 422, 503), **ANY_OTHER_ERROR})
     built_openapi = app.openapi
 
     def openapi() -> dict[str, Any]:
@@ -103,12 +104,14 @@ def create_app(settings: Settings | None = None, *, loopback_only: bool = False)
 
     app.openapi = openapi  # type: ignore[method-assign]
 
-    @app.get("/healthz", response_model=Health, tags=["operations"], responses=documented(400))
+    # `security: []`: no key, even on a service with one (the document says so of every operation).
+    @app.get("/healthz", response_model=Health, tags=["operations"], responses=documented(400),
+             openapi_extra={"security": []})
     def healthz() -> Health:
         """Liveness, without auth: 200 while this process serves requests."""
         return Health(status="ok", version=__version__)
 
-    @app.get("/metrics", response_class=Response, tags=["operations"], responses={
+    @app.get("/metrics", response_class=Response, tags=["operations"], openapi_extra={"security": []}, responses={
         200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus text."},
         **documented(400)})
     def metrics(services: ServicesDep) -> Response:

@@ -255,11 +255,17 @@ class ProjectUpdate(Strict):
         return self
 
 
+class ProjectBudget(BaseModel):
+    """A project's budget as answered: both fields always there (`limit` null: no limit)."""
+    limit: float | None
+    period: Period
+
+
 class ProjectPublic(BaseModel):
     id: str
     name: str
     policy: str
-    budget: Budget
+    budget: ProjectBudget
     created_at: datetime
 
 
@@ -527,9 +533,11 @@ class WorkersPublic(BaseModel):
 class SpendGroup(BaseModel):
     key: str = Field(description="the day (YYYY-MM-DD, UTC), engine, stage or project id of the row (`-` for none)")
     charged: float = Field(description="credits charged, adjustments included")
-    unreconciled: float = Field(description="of which charged at the estimate, still waiting for reconciliation")
+    unreconciled: float = Field(description="of which still waiting for reconciliation with the invoice (charged at "
+                                "the estimate when the outcome was unknown, or as reported when over twice it)")
     jobs: int
     images: int
+    name: str | None = Field(None, description="with `group_by=project`: the project's name")
 
 
 class SpendSavings(BaseModel):

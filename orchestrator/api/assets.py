@@ -80,7 +80,8 @@ _CONTENT_HEADERS = {
 
 
 @router.get("/assets/{asset_id}/content", response_class=Response, responses={
-    200: {"content": {"image/png": {}}, "description": "The image.", "headers": _CONTENT_HEADERS},
+    200: {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}, "description": "The image.",
+          "headers": _CONTENT_HEADERS},
     304: {"description": "If-None-Match holds the ETag.", "headers": _CONTENT_HEADERS}, **documented(404, 410, 500)})
 async def get_content(
     asset_id: str, services: ServicesDep, caller: CallerDep, request: Request,

@@ -123,7 +123,9 @@ MAX_KEY = 255  # characters, as the column keeps them
 
 async def idempotency_key(
     request: Request,
-    key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=4 * MAX_KEY, min_length=1,
+    # Its length is checked below, in characters once decoded: the header's latin-1 reading of a
+    # non-ASCII key is up to 4 times as long, so a bound here would be the wrong one for clients.
+    key: Annotated[str | None, Header(alias="Idempotency-Key", min_length=1, json_schema_extra={"maxLength": MAX_KEY},
                                       description=f"UTF-8 text of at most {MAX_KEY} characters")] = None,
 ) -> str | None:
     # Two keys on one request: whichever one we kept, a retry sending the other would run twice.

@@ -64,11 +64,19 @@ _HEADERS: dict[int, dict[str, Any]] = {
 }
 
 
-def documented(*statuses: int) -> dict[int | str, dict[str, Any]]:
+def documented(*statuses: int, said: dict[int, str] | None = None) -> dict[int | str, dict[str, Any]]:
     """OpenAPI entries for the errors a route answers, all in the one error shape (this also
-    replaces FastAPI's default 422 entry, whose `{"detail": [...]}` body this API never sends)."""
-    return {status: {"model": ErrorResponse, "description": _DOCUMENTED[status],
+    replaces FastAPI's default 422 entry, whose `{"detail": [...]}` body this API never sends).
+    `said`: what a status means on this route, where the general sentence would mislead."""
+    return {status: {"model": ErrorResponse, "description": (said or {}).get(status, _DOCUMENTED[status]),
                      **({"headers": _HEADERS[status]} if status in _HEADERS else {})} for status in statuses}
+
+
+# Every route's answer to what it does not list (a 500 `internal_error`, a 405): still the error
+# shape, so that a generated client reads its body instead of failing on an undocumented status.
+ANY_OTHER_ERROR: dict[int | str, dict[str, Any]] = {"default": {
+    "model": ErrorResponse, "description": "Any other error, in the same shape: `internal_error` (500, a bug: "
+    "the log has its traceback), `method_not_allowed` (405), and the codes listed for other statuses."}}
 
 
 def created(location: str | None, *, replayable: bool) -> dict[int | str, dict[str, Any]]:

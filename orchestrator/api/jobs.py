@@ -73,7 +73,10 @@ def list_jobs(services: ServicesDep, caller: CallerDep, project_id: str | None =
     return Page(items=publics(services, rows), next_cursor=rows[-1].id if more else None)
 
 
-@router.post("/jobs/{job_id}/cancel", status_code=202, response_model=JobPublic, responses=documented(404, 409))
+@router.post("/jobs/{job_id}/cancel", status_code=202, response_model=JobPublic, responses={
+    202: {"description": "The cancel is recorded: the job as it is now (`canceled` at once when it was queued; "
+                         "a running one ends `canceled` on its event stream)."},
+    **documented(404, 409, said={409: "The job has already finished (`job_finished`)."})})
 def cancel_job(job_id: str, services: ServicesDep, caller: CallerDep) -> JobPublic:
     """Cancel a queued or running job; it reaches `canceled` (a running local job within one
     denoising step). Its hold is released, unless a provider may already have billed the work
@@ -103,7 +106,8 @@ def cancel_job(job_id: str, services: ServicesDep, caller: CallerDep) -> JobPubl
 
 
 @router.get("/jobs/{job_id}/preview", response_class=Response,
-            responses={200: {"content": {"image/png": {}}, "description": "The latest step's preview."},
+            responses={200: {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
+                             "description": "The latest step's preview."},
                        **documented(404)})
 def job_preview(
     job_id: str, services: ServicesDep, caller: CallerDep,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from orchestrator.models import Asset, Job, Project
-from orchestrator.schemas import AssetPublic, Budget, Cost, ErrorBody, JobPublic, ProjectPublic
+from orchestrator.schemas import AssetPublic, Cost, ErrorBody, JobPublic, ProjectBudget, ProjectPublic
 from orchestrator.schemas import Progress as ProgressBody
 from orchestrator.store import model_name
 from tiers.base import to_credits
@@ -15,7 +15,7 @@ _PUBLIC_PARAMS = ("prompt", "negative_prompt", "n", "seed", "width", "height", "
 def project_public(p: Project) -> ProjectPublic:
     limit = None if p.budget_limit is None else to_credits(p.budget_limit)
     return ProjectPublic(id=p.id, name=p.name, policy=p.policy,
-                         budget=Budget.model_validate({"limit": limit, "period": p.budget_period}),
+                         budget=ProjectBudget.model_validate({"limit": limit, "period": p.budget_period}),
                          created_at=p.created_at)
 
 
