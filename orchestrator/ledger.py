@@ -96,7 +96,8 @@ class Balance:
         available = self.available or 0
         return BudgetExceeded(
             f"the estimate ({to_credits(amount)} credits) does not fit the budget "
-            f"({to_credits(max(available, 0))} credits available this {self.period})",
+            f"({to_credits(max(available, 0))} credits available "
+            f"{'in all' if self.period == 'none' else f'this {self.period}'})",
             details={"estimate": to_credits(amount), "available": to_credits(available),
                      "window": {"period": self.period, "start": _iso(self.window_start),
                                 "end": _iso(self.window_end)}},
@@ -212,7 +213,8 @@ class Ledger:
             # Not a charge (a malformed usage block, a third-party engine's bug: negative, a
             # fraction, an infinity): the estimate is captured instead, for the invoice to settle,
             # and no release outgrows the hold.
-            told = to_credits(int(actual)) if isinstance(actual, numbers.Integral) else f"{actual!r}"[:40]
+            told = (f"{to_credits(int(actual))} credits" if isinstance(actual, numbers.Integral)
+                    else f"{actual!r}"[:40] + " millicredits")
             note = f"reported cost {told} is not a charge; the estimate is captured"
             actual, unreconciled = None, True
         elif actual is not None and hold.amount == 0:

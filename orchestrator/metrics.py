@@ -65,8 +65,8 @@ def render(db: Database, engines: Mapping[str, Iterable[str]]) -> str:
               "# TYPE orchestrator_credits_held gauge"]
     lines += [f'orchestrator_credits_held{{engine="{_label(en)}"}} {to_credits(n)}'
               for en, n in _every_engine(names, held.items())]
-    lines += ["# HELP orchestrator_credits_unreconciled Credits charged at the estimate, waiting for "
-              "reconciliation with the provider's invoice, by engine.",
+    lines += ["# HELP orchestrator_credits_unreconciled Credits charged that wait for reconciliation with the "
+              "provider's invoice (an unknown outcome's estimate, a report over twice it), by engine.",
               "# TYPE orchestrator_credits_unreconciled gauge"]
     lines += [f'orchestrator_credits_unreconciled{{engine="{_label(en)}"}} {to_credits(n)}'
               for en, n in _every_engine(names, unreconciled)]

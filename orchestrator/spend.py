@@ -13,7 +13,7 @@ from sqlmodel import Session, col, select
 
 from orchestrator.errors import OrchestratorError
 from orchestrator.ledger import charges
-from orchestrator.models import Asset, LedgerEntry
+from orchestrator.models import Asset, LedgerEntry, Project
 from tiers.base import RenderRequest, to_credits
 from tiers.registry import EngineRegistry
 
@@ -49,9 +49,15 @@ def spend(s: Session, group_by: GroupBy, start: datetime | None, end: datetime |
         made &= col(Asset.engine) == jobs.c.key
     images = dict(s.exec(select(jobs.c.key, func.count(col(Asset.id)))
                          .join(Asset, made).group_by(jobs.c.key)).all())
-    out = [{"key": str(k), "charged": to_credits(int(charged)), "unreconciled": to_credits(int(unreconciled)),
-            "jobs": int(job_count), "images": int(images.get(k, 0))}
-           for k, charged, unreconciled, job_count in sorted(rows, key=lambda row: str(row[0]))]
+    out: list[dict[str, Any]] = [
+        {"key": str(k), "charged": to_credits(int(charged)), "unreconciled": to_credits(int(unreconciled)),
+         "jobs": int(job_count), "images": int(images.get(k, 0))}
+        for k, charged, unreconciled, job_count in sorted(rows, key=lambda row: str(row[0]))]
+    if group_by == "project":  # a dashboard labels its rows by name, not by id
+        names = dict(s.exec(select(col(Project.id), col(Project.name))
+                            .where(col(Project.id).in_([g["key"] for g in out]))).all())
+        for group in out:
+            group["name"] = names.get(group["key"])
     total = sum(int(row[1]) for row in rows)
     return {"group_by": group_by, "from": start, "to": end, "groups": out, "total": to_credits(total)}
 
@@ -96,8 +102,11 @@ def savings(s: Session, registry: EngineRegistry, start: datetime | None, end: d
 def to_csv(report: dict[str, Any]) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(["key", "charged", "unreconciled", "jobs", "images"])
+    # By project, the projects' names come last: a reader of the other columns by position still reads them.
+    named = report["group_by"] == "project"
+    writer.writerow(["key", "charged", "unreconciled", "jobs", "images"] + (["name"] if named else []))
     for g in report["groups"]:
-        writer.writerow([g["key"], f"{g['charged']:.3f}", f"{g['unreconciled']:.3f}", g["jobs"], g["images"]])
-    writer.writerow(["total", f"{report['total']:.3f}", "", "", ""])
+        writer.writerow([g["key"], f"{g['charged']:.3f}", f"{g['unreconciled']:.3f}", g["jobs"], g["images"]]
+                        + ([g.get("name") or ""] if named else []))
+    writer.writerow(["total", f"{report['total']:.3f}", "", "", ""] + ([""] if named else []))
     return buf.getvalue()

@@ -94,8 +94,9 @@ def get_budget(project_id: str, services: ServicesDep, caller: CallerDep) -> dic
 def get_ledger(project_id: str, services: ServicesDep, caller: CallerDep,
                limit: Limit = 50, cursor: Cursor = None,
                unreconciled: Annotated[bool | None, Query(description=(
-                   "`true`: only captures charged at their estimate that wait for reconciliation with the "
-                   "provider's invoice; `false`: all but those."))] = None,
+                   "`true`: only captures that wait for reconciliation with the provider's invoice (charged at "
+                   "their estimate when the outcome was unknown, or as reported when that was over twice the "
+                   "estimate); `false`: all but those."))] = None,
                order: Order = "asc") -> Page[LedgerEntryPublic]:
     """The project's entries, oldest first (`order=desc`: newest first); `unreconciled=true` lists
     the captures still waiting for a person to check them against the provider's invoice."""
@@ -184,6 +185,9 @@ def _rfc3339(value: Any) -> Any:
     # Pydantic reads a bare number as Unix seconds ("to=0.5" was 1970); the contract's times are RFC 3339.
     if isinstance(value, str) and not _DATE.match(value):
         raise ValueError("expected an RFC 3339 time, e.g. 2026-11-01T00:00:00Z")
+    if isinstance(value, str) and _UNENCODED_PLUS.search(value):
+        # A query string reads `+` as a space: `...T01:00:00+01:00` arrives as `...T01:00:00 01:00`.
+        raise ValueError("a '+' in a query string reads as a space: URL-encode the zone's '+' as %2B")
     fraction = _BEYOND_MICROSECONDS.search(value) if isinstance(value, str) else None
     if fraction is not None:
         # RFC 3339 allows any number of digits (Go and .NET send 7 to 9); pydantic drops those past
@@ -203,7 +207,18 @@ def _rfc3339(value: Any) -> Any:
     return value
 
 
+def _csv_name(report: dict[str, Any]) -> str:
+    """`spend-by-day-from-20261101T000000Z-to-20261201T000000Z.csv`: files saved from several
+    windows do not overwrite one another, and each says what it holds."""
+    parts = [f"spend-by-{report['group_by']}"]
+    for bound in ("from", "to"):
+        if report[bound] is not None:
+            parts.append(f"{bound}-{report[bound].strftime('%Y%m%dT%H%M%SZ')}")
+    return "-".join(parts) + ".csv"
+
+
 _DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+_UNENCODED_PLUS = re.compile(r"[Tt ]\d{2}:\d{2}(:\d{2}(\.\d+)?)? \d{2}:?\d{2}$")
 _BEYOND_MICROSECONDS = re.compile(r"[Tt ]\d{2}:\d{2}:\d{2}\.(\d{6})(\d+)")
 Rfc3339 = Annotated[datetime, BeforeValidator(_rfc3339)]
 
@@ -223,7 +238,8 @@ def _utc(name: str, value: datetime | None) -> datetime | None:
 @router.get("/spend", responses={
     200: {"model": SpendReport, "content": {"text/csv": {"schema": {"type": "string"}}},
           "description": "The report: JSON, or CSV with `format=csv`.", "headers": {
-              "Content-Disposition": {"description": "With `format=csv`: `attachment; filename=\"spend.csv\"`",
+              "Content-Disposition": {"description": "With `format=csv`: `attachment; filename=\"spend-by-day-from-"
+                                                     "20261101T000000Z-to-20261201T000000Z.csv\"` (the bounds given)",
                                       "schema": {"type": "string"}}}}, **documented(404)})
 def get_spend(services: ServicesDep, caller: CallerDep,
               group_by: Annotated[GroupBy, Query(description="How the charges are grouped: by UTC day, engine, "
@@ -241,8 +257,8 @@ def get_spend(services: ServicesDep, caller: CallerDep,
         caller.project(project_id or caller.project_id)
         project_id = caller.project_id
     from_, to = _utc("from", from_), _utc("to", to)
-    if from_ and to and from_ >= to:
-        raise InvalidRequest("'from' must be before 'to'", loc=("query", "from"))
+    if from_ and to and from_ > to:  # equal bounds are an empty window, as a dashboard may compute one
+        raise InvalidRequest("'from' must not be after 'to'", loc=("query", "from"))
     with services.db.snapshot() as s:
         if project_id and s.get(Project, project_id) is None:  # a mistyped id is not a project that spent nothing
             raise NotFound(f"project '{project_id}' not found", details={"project_id": project_id})
@@ -250,7 +266,7 @@ def get_spend(services: ServicesDep, caller: CallerDep,
         report["savings"] = savings(s, services.registry, from_, to, project_id)
     if format == "csv":
         return PlainTextResponse(to_csv(report), media_type="text/csv",
-                                 headers={"Content-Disposition": 'attachment; filename="spend.csv"'})
+                                 headers={"Content-Disposition": f'attachment; filename="{_csv_name(report)}"'})
     # Times as everywhere else in the API: UTC with a Z.
     for name in ("from", "to"):
         if report[name] is not None:

@@ -306,6 +306,17 @@ def test_bad_spend_bounds_name_their_parameter(shared_server: httpx.Client, para
     assert [e["loc"] for e in error["details"]["errors"]] == [["query", name]], error
 
 
+def test_spend_bounds_read_as_a_dashboard_sends_them(shared_server: httpx.Client) -> None:
+    # A zone's '+' not URL-encoded arrives as a space: once "unexpected extra characters".
+    error = assert_error(shared_server.get("/v1/spend?from=2026-11-30T01:00:00+01:00"), 422, "invalid_request")
+    assert "%2B" in error["message"] and [e["loc"] for e in error["details"]["errors"]] == [["query", "from"]]
+    assert shared_server.get("/v1/spend?from=2026-11-30T01:00:00%2B01:00").status_code == 200
+    # Equal bounds are an empty window (a dashboard's computed one), not a refusal.
+    empty = shared_server.get("/v1/spend", params={"from": "2026-11-01T00:00:00Z", "to": "2026-11-01T00:00:00Z"})
+    assert empty.status_code == 200, empty.text
+    assert empty.json()["groups"] == [] and empty.json()["total"] == 0
+
+
 # Ledger cursors are integers: unicode digits ("²".isdigit() is True, int("²") raises) and numbers
 # beyond SQL's BIGINT once answered 500.
 @pytest.mark.parametrize("cursor", ["\u00b2", "\u0661", "9" * 19, "-1", "1.5", "abc"])

@@ -75,10 +75,10 @@ def test_provider_cost_above_the_hold_is_captured_and_flagged(api: httpx.Client)
 
 @pytest.mark.parametrize(("reported", "charged", "note"), [
     ("25", 25, "over 2 times the estimate"),  # taken, and put in front of someone
-    ("-5", PRICE, "reported cost -5.0 is not a charge"),  # never a negative charge or an outsized release
+    ("-5", PRICE, "reported cost -5.0 credits is not a charge"),  # never a negative charge or an outsized release
     # A plugin's fraction was stored as a float the sums truncated; an infinity broke them for good.
-    ("1.0005", PRICE, "reported cost 1000.5 is not a charge"),
-    ("inf", PRICE, "reported cost inf is not a charge"),
+    ("1.0005", PRICE, "reported cost 1000.5 millicredits is not a charge"),
+    ("inf", PRICE, "reported cost inf millicredits is not a charge"),
 ])
 def test_a_reported_cost_that_needs_a_look_is_flagged_for_reconciliation(
         api: httpx.Client, reported: str, charged: float, note: str) -> None:

@@ -45,7 +45,8 @@ def test_groups(api: httpx.Client, spent: dict[str, Any]) -> None:
         result = report(api, project_id, group_by=group_by)
         if group_by == "day" and len({c["created_at"][:10] for c in spent["captures"]}) > 1:
             continue  # the captures straddle midnight: the per-day split is checked by the total alone
-        assert result["groups"] == [{"key": key, **expected_group}], (group_by, result)
+        named = {"name": "credits"} if group_by == "project" else {}  # the project's, beside its id
+        assert result["groups"] == [{"key": key, **expected_group, **named}], (group_by, result)
         assert result["total"] == 2 * PRICE + 7.5
 
 
@@ -111,6 +112,23 @@ def test_csv(api: httpx.Client, spent: dict[str, Any]) -> None:
     assert rows[1] == ["fake-paid", "27.500", "10.000", "3", "2"]
     assert rows[-1][:2] == ["total", "27.500"]
     assert len(rows) == 3
+    # Saved from several windows, the files do not overwrite one another.
+    bounded = api.get("/v1/spend", params={"project_id": spent["project_id"], "format": "csv",
+                                           "from": "2026-11-01T00:00:00Z"})
+    assert bounded.headers["content-disposition"] == 'attachment; filename="spend-by-day-from-20261101T000000Z.csv"'
+    assert response.headers["content-disposition"] == 'attachment; filename="spend-by-engine.csv"'
+
+
+def test_by_project_the_groups_name_their_projects(api: httpx.Client, spent: dict[str, Any]) -> None:
+    # A dashboard labelled its rows with ids only; names may hold commas and quotes.
+    name = 'Acme, "Lighthouse" campaign'
+    assert api.patch(f"/v1/projects/{spent['project_id']}", json={"name": name}).status_code == 200
+    [group] = report(api, spent["project_id"], group_by="project")["groups"]
+    assert (group["key"], group["name"], group["charged"]) == (spent["project_id"], name, 27.5)
+    assert "name" not in report(api, spent["project_id"], group_by="engine")["groups"][0]
+    response = api.get("/v1/spend", params={"project_id": spent["project_id"], "group_by": "project", "format": "csv"})
+    rows = list(csv.reader(io.StringIO(response.text)))
+    assert rows[0][-1] == "name" and rows[1][-1] == name and rows[1][:2] == [spent["project_id"], "27.500"]
 
 
 def test_savings(api: httpx.Client, spent: dict[str, Any]) -> None:

@@ -204,6 +204,14 @@ def test_used_fraction(limit: int | None, granted: int, spent: int, used: float 
     assert balance.used_fraction == used
 
 
+@pytest.mark.parametrize(("period", "said"), [("none", "available in all"), ("month", "available this month")])
+def test_a_refusal_says_which_window_is_short(period: str, said: str) -> None:
+    # A lifetime budget's refusal read "7.475 credits available this none".
+    balance = Balance(limit=10_000, period=period, window_start=None, window_end=None, charged=2_525, held=0,
+                      granted=0)
+    assert balance.refusal(8_000).message.endswith(f"(7.475 credits {said})")
+
+
 def test_a_reconciliation_on_a_later_day_counts_money_there_but_not_the_job_again(db: Database) -> None:
     clock = [utc(2026, 11, 2, 10)]
     ledger = Ledger(clock=lambda: clock[0])
