@@ -258,6 +258,8 @@ def install(app: FastAPI) -> None:
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         # No route matched, so no route's auth ran: not even which paths or methods exist is told.
         if exc.status_code in (404, 405, 413) and (refused := await denied(request)) is not None:
+            if exc.status_code == 413:  # what is left of the body beyond the drain is not read
+                refused.headers["Connection"] = "close"
             return refused
         detail = str(exc.detail)
         if exc.status_code == 400 and detail == "There was an error parsing the body":

@@ -102,6 +102,7 @@ def test_what_is_refused_before_routing_needs_the_key_too(anon: httpx.Client) ->
             assert [r.status_code for r in (declared, streamed, nul, page)] == list(statuses)
             for response in (declared, streamed, nul, page)[:4 if caller is anon else 3]:
                 assert set(response.json()) == {"error"}
+            assert declared.headers["connection"] == streamed.headers["connection"] == "close"  # body left unread
             if caller is anon:
                 assert all(r.headers["www-authenticate"] == "Bearer" for r in (declared, streamed, nul, page))
             else:
