@@ -491,11 +491,13 @@ def test_spend_is_summed_by_postgres_as_by_sqlite(pg_api: httpx.Client) -> None:
         wait_for_job(pg_api, promote_ok(pg_api, asset_id, tags=tags)["id"])
     days = {e["created_at"][:10] for e in ledger(pg_api, project_id) if e["kind"] == "capture"}
     expected = {"charged": 2 * PRICE, "unreconciled": PRICE, "jobs": 2, "images": 1}
-    for group_by, key in (("engine", "fake-paid"), ("stage", "bridge"), ("day", min(days))):
+    name = pg_api.get(f"/v1/projects/{project_id}").json()["name"]
+    for group_by, key in (("engine", "fake-paid"), ("stage", "bridge"), ("day", min(days)), ("project", project_id)):
         if group_by == "day" and len(days) > 1:
             continue  # the captures straddle midnight
         report = pg_api.get("/v1/spend", params={"group_by": group_by, "project_id": project_id}).json()
-        assert report["groups"] == [{"key": key, **expected}], (group_by, report)
+        named = {"name": name} if group_by == "project" else {}
+        assert report["groups"] == [{"key": key, **expected, **named}], (group_by, report)
         assert report["total"] == 2 * PRICE
 
 
