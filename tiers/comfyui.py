@@ -100,43 +100,47 @@ MAX_UNIT = 10_000
 
 
 class WorkflowError(Exception):
-    """The template file cannot be used; the message names the file and what is wrong."""
+    """The template file cannot be used; the message names the file and what is wrong. By its
+    name only: the message reaches `/v1/engines` and job errors, which project keys read, and the
+    operator knows where ORCH_COMFYUI_WORKFLOW points (a quote or a relative path in it slipped
+    past `store.hide_paths`)."""
 
 
 def load_workflow(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise WorkflowError(f"cannot read the workflow file '{path}': {exc.strerror or exc}") from None
+        why = exc.strerror or type(exc).__name__  # str(exc) names the whole path
+        raise WorkflowError(f"cannot read the workflow file '{path.name}': {why}") from None
     try:
         graph = json.loads(text)
     except json.JSONDecodeError as exc:
         raise WorkflowError(
-            f"the workflow file '{path}' is not valid JSON (line {exc.lineno}: {exc.msg})"
+            f"the workflow file '{path.name}' is not valid JSON (line {exc.lineno}: {exc.msg})"
         ) from None
     if isinstance(graph, dict) and isinstance(graph.get("nodes"), list):
         # The most common mistake: "Save" writes the UI format, which /prompt cannot run.
         raise WorkflowError(
-            f"the workflow file '{path}' is in ComfyUI's UI format; export it with 'Export (API)'"
+            f"the workflow file '{path.name}' is in ComfyUI's UI format; export it with 'Export (API)'"
         )
     if not isinstance(graph, dict) or not graph:
-        raise WorkflowError(f"the workflow file '{path}' must be a JSON object of nodes (API format)")
+        raise WorkflowError(f"the workflow file '{path.name}' must be a JSON object of nodes (API format)")
     for node_id, node in graph.items():
         if not isinstance(node, dict) or "class_type" not in node or not isinstance(node.get("inputs"), dict):
             raise WorkflowError(
-                f"the workflow file '{path}': node {node_id!r} has no class_type/inputs; "
+                f"the workflow file '{path.name}': node {node_id!r} has no class_type/inputs; "
                 "export it with 'Export (API)'"
             )
     found = placeholders(graph)
     unknown = sorted(found - PLACEHOLDERS)
     if unknown:
         names = ", ".join("{{" + name + "}}" for name in unknown)
-        raise WorkflowError(f"the workflow file '{path}' uses unknown placeholders {names}; "
+        raise WorkflowError(f"the workflow file '{path.name}' uses unknown placeholders {names}; "
                             f"known: {', '.join(sorted(PLACEHOLDERS))}")
     missing = [name for name in REQUIRED_PLACEHOLDERS if name not in found]
     if missing:
         names = ", ".join("{{" + name + "}}" for name in missing)
-        raise WorkflowError(f"the workflow file '{path}' has no {names} placeholder")
+        raise WorkflowError(f"the workflow file '{path.name}' has no {names} placeholder")
     return graph
 
 

@@ -435,13 +435,17 @@ def test_unavailable_without_workflow(make_ctx: Any) -> None:
 def test_unavailable_with_bad_workflow(make_ctx: Any, tmp_path: Path, content: Any, why: str) -> None:
     path = write_workflow(tmp_path, content, name="broken.json")
     available, reason = ComfyUIEngine(make_ctx(comfyui_url=BASE, comfyui_workflow=path)).availability()
-    assert not available and reason and str(path) in reason and why in reason
+    assert not available and reason and "'broken.json'" in reason and why in reason
+    assert str(tmp_path) not in reason  # project keys read it: the file by its name, never the server's folders
 
 
-def test_unavailable_with_missing_workflow_file(make_ctx: Any, tmp_path: Path) -> None:
-    path = tmp_path / "missing.json"
+@pytest.mark.parametrize("folder", ["o'brien-client", "acme client's"])
+def test_unavailable_with_missing_workflow_file(make_ctx: Any, tmp_path: Path, folder: str) -> None:
+    # A quote in the folder once let it through to project keys (`store.hide_paths` stopped at it).
+    path = tmp_path / folder / "missing.json"
     available, reason = ComfyUIEngine(make_ctx(comfyui_url=BASE, comfyui_workflow=path)).availability()
-    assert not available and reason and str(path) in reason
+    assert not available and reason and "'missing.json'" in reason
+    assert folder not in reason and str(tmp_path) not in reason
 
 
 async def test_run_with_bad_workflow_is_unavailable(make_ctx: Any, tmp_path: Path) -> None:
