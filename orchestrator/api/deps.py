@@ -98,7 +98,7 @@ async def authenticate(services: Services, authorization: Sequence[str]) -> Call
     scheme, _, token = (authorization[0] if authorization else "").partition(" ")
     # HTTP headers arrive as latin-1 text: back to the bytes the client sent, which for a non-ASCII
     # key are its UTF-8 encoding.
-    sent = token.strip().encode("latin-1", errors="replace")
+    sent = token.strip(" \t").encode("latin-1", errors="replace")  # HTTP's whitespace, not Unicode's
     if scheme.lower() == "bearer":
         if secrets.compare_digest(sent, admin_key.get_secret_value().encode()):
             return ADMIN

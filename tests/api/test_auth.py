@@ -47,6 +47,14 @@ def test_right_key_is_accepted(anon: httpx.Client) -> None:
     assert anon.get("/v1/projects", headers={"Authorization": f"bearer {KEY}"}).status_code == 200
 
 
+@pytest.mark.parametrize("around", [b"\xa0", b"\x85"])
+def test_only_http_whitespace_around_a_key_is_not_part_of_it(anon: httpx.Client, around: bytes) -> None:
+    # str.strip() took a trailing no-break space (or NEL) for whitespace: another key was accepted.
+    assert_error(anon.get("/v1/projects", headers={"Authorization": f"Bearer {KEY}".encode() + around}),
+                 401, "unauthorized")
+    assert anon.get("/v1/projects", headers={"Authorization": f"Bearer \t {KEY}".encode()}).status_code == 200
+
+
 @pytest.mark.parametrize("order", [[KEY, "wrong"], ["wrong", KEY], [KEY, KEY]])
 def test_two_authorization_headers_are_refused(anon: httpx.Client, order: list[str]) -> None:
     # One proxy or server reads the first, another the last: neither is taken as the key.
