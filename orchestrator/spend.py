@@ -20,6 +20,9 @@ from tiers.registry import EngineRegistry
 GroupBy = Literal["day", "engine", "stage", "project"]
 
 
+NAMES_PER_QUERY = 500
+
+
 def spend(s: Session, group_by: GroupBy, start: datetime | None, end: datetime | None,
           project_id: str | None) -> dict[str, Any]:
     """Summed by the database, not row by row here: a dashboard's month of a busy project is tens
@@ -54,8 +57,11 @@ def spend(s: Session, group_by: GroupBy, start: datetime | None, end: datetime |
          "jobs": int(job_count), "images": int(images.get(k, 0))}
         for k, charged, unreconciled, job_count in sorted(rows, key=lambda row: str(row[0]))]
     if group_by == "project":  # a dashboard labels its rows by name, not by id
-        names = dict(s.exec(select(col(Project.id), col(Project.name))
-                            .where(col(Project.id).in_([g["key"] for g in out]))).all())
+        ids = [g["key"] for g in out]
+        names: dict[str, str] = {}
+        for i in range(0, len(ids), NAMES_PER_QUERY):  # within the databases' bound parameters
+            names.update(s.exec(select(col(Project.id), col(Project.name))
+                                .where(col(Project.id).in_(ids[i:i + NAMES_PER_QUERY]))).all())
         for group in out:
             group["name"] = names.get(group["key"])
     total = sum(int(row[1]) for row in rows)

@@ -181,6 +181,28 @@ def test_a_job_moved_to_another_engine_counts_its_images_for_the_engine_that_mad
     assert [(g["key"], g["jobs"], g["images"]) for g in by_stage] == [("bridge", 1, 2)]
 
 
+def test_project_names_are_read_in_bounded_queries(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A report across thousands of projects must not put them all in one IN list (SQLite's bound
+    # parameters): read a few at a time here, two per query.
+    from orchestrator import spend as spend_module
+    from orchestrator.db import Database
+    from orchestrator.models import LedgerEntry, Project
+
+    monkeypatch.setattr(spend_module, "NAMES_PER_QUERY", 2)
+    db = Database(f"sqlite:///{tmp_path}/o.db")
+    db.migrate()
+    with db.transaction() as s:
+        for i in range(5):
+            s.add(Project(id=f"prj_{i}", name=f"studio {i}", policy=POLICY))
+            s.flush()
+            s.add(LedgerEntry(project_id=f"prj_{i}", kind="capture", amount=1000 * (i + 1), engine="e", stage="bridge"))
+    with db.snapshot() as s:
+        groups = spend_module.spend(s, "project", None, None, None)["groups"]
+    db.dispose()
+    assert [(g["key"], g["name"], g["charged"]) for g in groups] == [(f"prj_{i}", f"studio {i}", i + 1.0)
+                                                                      for i in range(5)]
+
+
 def test_metrics_tell_credits_charged_held_and_unreconciled(paid_settings_for: Callable[..., Settings],
                                                             tmp_path: Path) -> None:
     """For dashboards that scrape rather than ask /v1/spend (a service of its own: totals)."""
