@@ -49,8 +49,11 @@ def get_job(job_id: str, services: ServicesDep, caller: CallerDep) -> JobPublic:
 
 @router.get("/jobs", response_model=Page[JobPublic], responses=documented(404))
 def list_jobs(services: ServicesDep, caller: CallerDep, project_id: str | None = None, stage: Stage | None = None,
-              status: JobStatus | None = None, limit: Limit = 50,
-              cursor: Cursor = None, order: Order = "asc") -> Page[JobPublic]:
+              status: JobStatus | None = None,
+              engine: Annotated[str | None, Query(description=(
+                  "The engine the job is on (after a fallback, the one it moved to); any name, as jobs of an "
+                  "engine since removed from the configuration keep it."))] = None,
+              limit: Limit = 50, cursor: Cursor = None, order: Order = "asc") -> Page[JobPublic]:
     """Every project's jobs, or one project's (404 for a project that does not exist, as its
     assets list answers); a project key sees its own project's only."""
     with services.db.session() as s:
@@ -66,6 +69,8 @@ def list_jobs(services: ServicesDep, caller: CallerDep, project_id: str | None =
             stmt = stmt.where(col(Job.stage) == stage)
         if status:
             stmt = stmt.where(col(Job.status) == status)
+        if engine:
+            stmt = stmt.where(col(Job.engine) == engine)
         stmt = paged(stmt, col(Job.id), id_cursor(cursor, "job") or None, order)
         rows = list(s.exec(stmt).all())
     more = len(rows) > limit

@@ -171,6 +171,9 @@ def test_list_pagination(server: httpx.Client) -> None:
     assert [j["id"] for j in server.get("/v1/jobs", params={"status": "succeeded"}).json()["items"]] == jobs
     assert server.get("/v1/jobs", params={"status": "running"}).json()["items"] == []
     assert len(server.get("/v1/jobs", params={"stage": "ideation"}).json()["items"]) == 3
+    # By engine (once ignored: ?engine=fal listed every job): drafts run on lite.
+    assert len(server.get("/v1/jobs", params={"engine": "lite"}).json()["items"]) == 3
+    assert server.get("/v1/jobs", params={"engine": "fal"}).json()["items"] == []
     assets = server.get(f"/v1/projects/{project}/assets").json()["items"]
     newest = server.get(f"/v1/projects/{project}/assets", params={"order": "desc"}).json()["items"]
     assert len(assets) > 1 and newest == assets[::-1]
