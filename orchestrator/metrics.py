@@ -38,7 +38,7 @@ def render(db: Database, engines: Mapping[str, Iterable[str]]) -> str:
         held: Counter[str | None] = Counter()
         for engine, money in s.exec(select(LedgerEntry.engine, LedgerEntry.amount).where(open_holds())):
             held[engine] += money
-        unreconciled = s.exec(select(LedgerEntry.engine, amount)
+        unreconciled = s.exec(select(LedgerEntry.engine, amount, func.count())
                               .where(col(LedgerEntry.kind) == "capture", col(LedgerEntry.unreconciled))
                               .group_by(LedgerEntry.engine)).all()
     names = list(engines)
@@ -69,7 +69,12 @@ def render(db: Database, engines: Mapping[str, Iterable[str]]) -> str:
               "provider's invoice (an unknown outcome's estimate, a report over twice it), by engine.",
               "# TYPE orchestrator_credits_unreconciled gauge"]
     lines += [f'orchestrator_credits_unreconciled{{engine="{_label(en)}"}} {to_credits(n)}'
-              for en, n in _every_engine(names, unreconciled)]
+              for en, n in _every_engine(names, ((en, n) for en, n, _ in unreconciled))]
+    lines += ["# HELP orchestrator_ledger_unreconciled_entries Captures waiting for reconciliation with the "
+              "provider's invoice, by engine (an engine priced 0 has some while its credits read 0).",
+              "# TYPE orchestrator_ledger_unreconciled_entries gauge"]
+    lines += [f'orchestrator_ledger_unreconciled_entries{{engine="{_label(en)}"}} {n}'
+              for en, n in _every_engine(names, ((en, count) for en, _, count in unreconciled))]
     return "\n".join(lines) + "\n"
 
 

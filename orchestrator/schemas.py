@@ -535,6 +535,8 @@ class SpendGroup(BaseModel):
     charged: float = Field(description="credits charged, adjustments included")
     unreconciled: float = Field(description="of which still waiting for reconciliation with the invoice (charged at "
                                 "the estimate when the outcome was unknown, or as reported when over twice it)")
+    unreconciled_entries: int = Field(description="the captures waiting for it: an engine priced 0 has some to "
+                                      "check while its `unreconciled` credits read 0")
     jobs: int
     images: int
     name: str | None = Field(None, description="with `group_by=project`: the project's name")

@@ -41,6 +41,7 @@ def spend(s: Session, group_by: GroupBy, start: datetime | None, end: datetime |
     rows = s.exec(select(key, func.sum(amount), func.sum(case((col(LedgerEntry.unreconciled), amount), else_=0)),
                          func.count(distinct(captured_job)))
                   .where(*where).group_by(key)).all()
+    waiting = dict(s.exec(select(key, func.count()).where(*where, col(LedgerEntry.unreconciled)).group_by(key)).all())
     # The images of those jobs, each job once per group.
     jobs = (select(key, col(LedgerEntry.job_id).label("job_id"))
             .where(*where, col(LedgerEntry.kind) == "capture", col(LedgerEntry.job_id).is_not(None))
@@ -54,7 +55,7 @@ def spend(s: Session, group_by: GroupBy, start: datetime | None, end: datetime |
                          .join(Asset, made).group_by(jobs.c.key)).all())
     out: list[dict[str, Any]] = [
         {"key": str(k), "charged": to_credits(int(charged)), "unreconciled": to_credits(int(unreconciled)),
-         "jobs": int(job_count), "images": int(images.get(k, 0))}
+         "unreconciled_entries": int(waiting.get(k, 0)), "jobs": int(job_count), "images": int(images.get(k, 0))}
         for k, charged, unreconciled, job_count in sorted(rows, key=lambda row: str(row[0]))]
     if group_by == "project":  # a dashboard labels its rows by name, not by id
         ids = [g["key"] for g in out]

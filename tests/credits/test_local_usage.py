@@ -38,7 +38,8 @@ def test_local_rate_charges_spend_without_ever_refusing(make_settings: SettingsF
     for group_by, key in (("stage", "ideation"), ("engine", "lite"), ("project", project)):
         report = client.get("/v1/spend", params={"group_by": group_by, "project_id": project}).json()
         named = {"name": "test project"} if group_by == "project" else {}
-        assert report["groups"] == [{"key": key, "charged": budget["charged"], "unreconciled": 0, "jobs": 2,
+        assert report["groups"] == [{"key": key, "charged": budget["charged"], "unreconciled": 0,
+                                     "unreconciled_entries": 0, "jobs": 2,
                                      "images": 2, **named}], (group_by, report)
 
 

@@ -490,7 +490,7 @@ def test_spend_is_summed_by_postgres_as_by_sqlite(pg_api: httpx.Client) -> None:
     for tags in ({}, {"fake": "timeout"}):  # one image, and one capture left unreconciled
         wait_for_job(pg_api, promote_ok(pg_api, asset_id, tags=tags)["id"])
     days = {e["created_at"][:10] for e in ledger(pg_api, project_id) if e["kind"] == "capture"}
-    expected = {"charged": 2 * PRICE, "unreconciled": PRICE, "jobs": 2, "images": 1}
+    expected = {"charged": 2 * PRICE, "unreconciled": PRICE, "unreconciled_entries": 1, "jobs": 2, "images": 1}
     name = pg_api.get(f"/v1/projects/{project_id}").json()["name"]
     for group_by, key in (("engine", "fake-paid"), ("stage", "bridge"), ("day", min(days)), ("project", project_id)):
         if group_by == "day" and len(days) > 1:

@@ -67,7 +67,8 @@ def test_an_invoice_below_the_estimate_gives_the_difference_back(api: httpx.Clie
     assert (balance["charged"], balance["available"]) == (4, 96)
     report = get_json(api, "/v1/spend", group_by="engine", project_id=project_id)
     # One job (the adjustment is not another), which made no image (it timed out).
-    assert report["groups"] == [{"key": "fake-paid", "charged": 4, "unreconciled": 0, "jobs": 1, "images": 0}]
+    assert report["groups"] == [{"key": "fake-paid", "charged": 4, "unreconciled": 0, "unreconciled_entries": 0,
+                                 "jobs": 1, "images": 0}]
     entries = ledger(api, project_id)
     assert not next(e for e in entries if e["id"] == capture["id"])["unreconciled"]
     assert get_json(api, f"/v1/projects/{project_id}/ledger", unreconciled="true")["items"] == []

@@ -169,8 +169,8 @@ def test_timeout_captures_the_estimate_unreconciled(api: httpx.Client) -> None:
     assert (balance["charged"], balance["held"], balance["available"]) == (PRICE, 0, 100 - PRICE)
 
     report = get_json(api, "/v1/spend", group_by="engine", project_id=project_id)
-    assert report["groups"] == [{"key": "fake-paid", "charged": PRICE, "unreconciled": PRICE, "jobs": 1,
-                                 "images": 0}]
+    assert report["groups"] == [{"key": "fake-paid", "charged": PRICE, "unreconciled": PRICE,
+                                 "unreconciled_entries": 1, "jobs": 1, "images": 0}]
     assert report["total"] == PRICE
 
 
@@ -253,9 +253,14 @@ def test_a_cloud_engine_priced_at_0_is_settled_as_a_paid_one(
         return
     waiting = get_json(api, f"/v1/projects/{project_id}/ledger", unreconciled="true")["items"]
     assert [e["job_id"] for e in waiting] == [job["id"]]
+    # A dashboard sees it waiting, though its credits read 0.
+    [group] = get_json(api, "/v1/spend", group_by="engine", project_id=project_id)["groups"]
+    assert (group["unreconciled"], group["unreconciled_entries"]) == (0, 1)
     reconciled = api.post(f"/v1/projects/{project_id}/ledger/{waiting[0]['id']}/reconcile", json={"charged": 4})
     assert reconciled.status_code == 201, reconciled.text
     assert budget(api, project_id)["charged"] == 4
+    [group] = get_json(api, "/v1/spend", group_by="engine", project_id=project_id)["groups"]
+    assert (group["charged"], group["unreconciled_entries"]) == (4, 0)
 
 
 def test_a_free_self_hosted_engine_holds_nothing(api: httpx.Client) -> None:

@@ -40,7 +40,8 @@ def report(api: httpx.Client, project_id: str, **params: Any) -> dict[str, Any]:
 def test_groups(api: httpx.Client, spent: dict[str, Any]) -> None:
     project_id = spent["project_id"]
     day = datetime.fromisoformat(spent["captures"][0]["created_at"]).astimezone(UTC).date().isoformat()
-    expected_group = {"charged": 2 * PRICE + 7.5, "unreconciled": PRICE, "jobs": 3, "images": 2}
+    expected_group = {"charged": 2 * PRICE + 7.5, "unreconciled": PRICE, "unreconciled_entries": 1, "jobs": 3,
+                      "images": 2}
     for group_by, key in (("engine", "fake-paid"), ("stage", "bridge"), ("project", project_id), ("day", day)):
         result = report(api, project_id, group_by=group_by)
         if group_by == "day" and len({c["created_at"][:10] for c in spent["captures"]}) > 1:
@@ -221,9 +222,11 @@ def test_metrics_tell_credits_charged_held_and_unreconciled(paid_settings_for: C
     assert f'orchestrator_credits_charged{{engine="fake-paid",stage="bridge"}} {7.5 + PRICE}' in text
     assert f'orchestrator_credits_held{{engine="fake-paid"}} {PRICE}' in text
     assert f'orchestrator_credits_unreconciled{{engine="fake-paid"}} {PRICE}' in text
+    assert 'orchestrator_ledger_unreconciled_entries{engine="fake-paid"} 1' in text
     assert f'orchestrator_credits_charged{{engine="fake-paid",stage="bridge"}} {7.5 + 2 * PRICE}' in after
     assert f'orchestrator_credits_held{{engine="fake-paid"}} {0.0}' in after  # settled: 0, not absent
     assert 'orchestrator_credits_unreconciled{engine="lite"} 0.0' in after
+    assert 'orchestrator_ledger_unreconciled_entries{engine="lite"} 0' in after
     # A series whose last job moved on, or that never had one, reads 0: absent, Prometheus sees no
     # data, and an alert on `orchestrator_jobs{status="running"} == 0` never fires.
     assert 'orchestrator_jobs{stage="bridge",engine="fake-paid",status="running"} 1' in text
