@@ -16,6 +16,7 @@ would be the unfiltered one, without a word.
 
 from __future__ import annotations
 
+import difflib
 from typing import Annotated, Any, Literal
 
 from fastapi import Query, Request
@@ -58,6 +59,10 @@ def single_valued_query(request: Request) -> None:
                                  details={"parameter": name}, loc=("query", name))
     for given in request.query_params:
         if given not in names and (meant := _near_misses(given, names)):
+            # What it may have meant, told more widely than what makes it a misspelling: `state` is
+            # one typo from `stage` and as likely `status`.
+            meant += [name for name in difflib.get_close_matches(given.lower(), sorted(names), n=2, cutoff=0.7)
+                      if name not in meant]
             raise InvalidRequest(f"unknown query parameter '{given[:100]}'; did you mean "
                                  f"{' or '.join(repr(name) for name in meant)}?",
                                  details={"parameter": given[:100], "known": sorted(names)}, loc=("query", given[:100]))

@@ -361,7 +361,7 @@ def test_a_parameter_given_twice_is_refused(shared_server: httpx.Client, query: 
 
 
 @pytest.mark.parametrize(("query", "meant"), [
-    ("state=queued", "'stage'"), ("Status=queued", "'status'"), ("projectid=x", "'project_id'"),
+    ("state=queued", "'stage' or 'status'"), ("Status=queued", "'status'"), ("projectid=x", "'project_id'"),
     ("project-id=x", "'project_id'"), ("LIMIT=1", "'limit'"), ("stages=bridge", "'stage'"), ("lmit=1", "'limit'"),
     ("ordre=desc", "'order'")])
 def test_a_misspelled_parameter_is_refused(shared_server: httpx.Client, query: str, meant: str) -> None:
