@@ -96,8 +96,9 @@ def _quoted(value: Any) -> str:
 
 # An absolute or home-relative path in a sentence: up to a quote, a space or the end of a clause.
 _PATH = re.compile(r"(?<![\w.:/])(?:~|/)[^\s'\",;:]*")
-# A quoted value ('...'), which may be a path with spaces in it, or a relative one.
-_QUOTED = re.compile(r"(?<!\w)'([^'\n]+)'(?!\w)")
+# A quoted value ('...'), which may be a path with spaces in it, or a relative one, or a quote of
+# its own (`/srv/o'brien-client/`): it ends at a quote that no letter follows.
+_QUOTED = re.compile(r"(?<!\w)'([^\n]+?)'(?!\w)")
 
 
 def hide_paths(text: str) -> str:

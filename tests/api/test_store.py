@@ -535,6 +535,9 @@ def test_a_two_part_relative_folder_that_is_there_is_named_as_a_folder(tmp_path:
     ("the engine's model '/srv/acme x/hifi' isn't there", "the engine's model 'hifi' isn't there"),
     ("cannot read /srv/acme/flow.json: denied", "cannot read flow.json: denied"),
     ("export it with 'Export (API)'", "export it with 'Export (API)'"),
+    # A quote inside the path once ended the quoted value there, and the folders went out.
+    ("model '/srv/o'brien-client/hifi' is a path to nothing", "model 'hifi' is a path to nothing"),
+    ("model '/srv/acme client's/hifi' and 'b' differ", "model 'hifi' and 'b' differ"),
 ])
 def test_messages_clients_read_name_files_not_paths(text: str, told: str) -> None:
     from orchestrator.store import hide_paths
