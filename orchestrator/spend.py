@@ -8,7 +8,7 @@ import io
 from datetime import datetime
 from typing import Any, Literal
 
-from sqlalchemy import case, distinct, func
+from sqlalchemy import case, distinct, func, or_
 from sqlmodel import Session, col, select
 
 from orchestrator.errors import OrchestratorError
@@ -42,15 +42,13 @@ def spend(s: Session, group_by: GroupBy, start: datetime | None, end: datetime |
                          func.count(distinct(captured_job)))
                   .where(*where).group_by(key)).all()
     waiting = dict(s.exec(select(key, func.count()).where(*where, col(LedgerEntry.unreconciled)).group_by(key)).all())
-    # The images of those jobs, each job once per group.
-    jobs = (select(key, col(LedgerEntry.job_id).label("job_id"))
+    # The images of those jobs, each job once per group. A job moved to another engine after the
+    # first had (maybe) billed it is captured by both, maybe on two days: its images are counted
+    # with the capture of the engine that made them only.
+    jobs = (select(key, col(LedgerEntry.job_id).label("job_id"), col(LedgerEntry.engine).label("engine"))
             .where(*where, col(LedgerEntry.kind) == "capture", col(LedgerEntry.job_id).is_not(None))
             .distinct().subquery())
-    made = col(Asset.job_id) == jobs.c.job_id
-    if group_by == "engine":
-        # A job moved to another engine after the first had (maybe) billed it is captured on both:
-        # its images are counted for the engine that made them only.
-        made &= col(Asset.engine) == jobs.c.key
+    made = (col(Asset.job_id) == jobs.c.job_id) & or_(jobs.c.engine.is_(None), col(Asset.engine) == jobs.c.engine)
     images = dict(s.exec(select(jobs.c.key, func.count(col(Asset.id)))
                          .join(Asset, made).group_by(jobs.c.key)).all())
     out: list[dict[str, Any]] = [

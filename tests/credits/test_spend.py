@@ -151,7 +151,7 @@ def test_a_project_that_spent_nothing_has_an_empty_report_and_an_unknown_one_is_
 
 def test_a_job_moved_to_another_engine_counts_its_images_for_the_engine_that_made_them(tmp_path: Path) -> None:
     """Captured on its first engine (which may have billed) and moved to another that made its two
-    images, the job counted them under both engines."""
+    images, the job counted them under both engines, and on both days when the move crossed midnight."""
     from orchestrator.db import Database
     from orchestrator.models import Asset, Job, LedgerEntry, Project
     from orchestrator.spend import spend
@@ -163,13 +163,14 @@ def test_a_job_moved_to_another_engine_counts_its_images_for_the_engine_that_mad
         s.flush()
         s.add(Job(id="job_moved", project_id="prj_moved", stage="bridge", engine="engine-b", status="succeeded"))
         s.flush()
-        for engine, amount in (("engine-a", 1000), ("engine-b", 2000)):
+        for engine, amount, day in (("engine-a", 1000, 1), ("engine-b", 2000, 2)):
             hold = LedgerEntry(project_id="prj_moved", job_id="job_moved", kind="hold", amount=amount, engine=engine,
                                stage="bridge", settled=True)
             s.add(hold)
             s.flush()
             s.add(LedgerEntry(project_id="prj_moved", job_id="job_moved", kind="capture", amount=amount,
-                              engine=engine, stage="bridge", hold_id=hold.id, unreconciled=engine == "engine-a"))
+                              engine=engine, stage="bridge", hold_id=hold.id, unreconciled=engine == "engine-a",
+                              created_at=datetime(2026, 11, day, 23, 59, tzinfo=UTC)))
         for index in range(2):
             s.add(Asset(id=f"ast_moved{index}", project_id="prj_moved", job_id="job_moved", index=index,
                         stage="bridge", engine="engine-b", model="m", prompt="x", width=64, height=64,
@@ -177,9 +178,11 @@ def test_a_job_moved_to_another_engine_counts_its_images_for_the_engine_that_mad
     with db.snapshot() as s:
         by_engine = spend(s, "engine", None, None, None)["groups"]
         by_stage = spend(s, "stage", None, None, None)["groups"]
+        by_day = spend(s, "day", None, None, None)["groups"]
     db.dispose()
     assert [(g["key"], g["jobs"], g["images"]) for g in by_engine] == [("engine-a", 1, 0), ("engine-b", 1, 2)]
     assert [(g["key"], g["jobs"], g["images"]) for g in by_stage] == [("bridge", 1, 2)]
+    assert [(g["key"], g["jobs"], g["images"]) for g in by_day] == [("2026-11-01", 1, 0), ("2026-11-02", 1, 2)]
 
 
 def test_project_names_are_read_in_bounded_queries(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
