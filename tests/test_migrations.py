@@ -3,6 +3,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+from datetime import UTC, datetime
 from importlib.resources import files
 from pathlib import Path
 
@@ -157,6 +158,40 @@ def test_0003_keeps_the_keys_of_jobs_and_its_downgrade_drops_only_the_others(tmp
             assert conn.execute(text("SELECT key, scope, job_id FROM idempotency_keys")).all() == [
                 ("k", "/v1/projects/prj_1/drafts", "job_1")]
             assert "project_id" not in {c["name"] for c in inspect(conn).get_columns("idempotency_keys")}
+    finally:
+        engine.dispose()
+
+
+def test_0014_downgrade_is_refused_while_deleted_assets_exist(tmp_path: Path) -> None:
+    """Before 0014 a deleted asset would read as a live one whose file is gone."""
+    from alembic import command
+    from sqlalchemy import text
+    from sqlmodel import Session
+
+    from orchestrator.db import alembic_config
+    from orchestrator.models import Asset, Job, Project
+
+    url = f"sqlite:///{tmp_path / 'm.db'}"
+    upgrade(url)
+    engine = create_engine(url)
+    try:
+        with Session(engine) as s:
+            s.add(Project(id="prj_1", name="p", policy="balanced"))
+            s.flush()
+            s.add(Job(id="job_1", project_id="prj_1", stage="ideation", engine="lite", status="succeeded"))
+            s.flush()
+            s.add(Asset(id="ast_1", project_id="prj_1", job_id="job_1", index=0, stage="ideation", engine="lite",
+                        model="m", prompt="x", width=64, height=64, sha256="0" * 64, deleted_at=datetime.now(UTC)))
+            s.commit()
+        with pytest.raises(RuntimeError, match=r"1 asset.*deleted.*refused"):
+            command.downgrade(alembic_config(url), "0013")
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT deleted_at IS NOT NULL FROM assets")).scalar() == 1
+        with engine.begin() as conn:
+            conn.execute(text("DELETE FROM assets"))
+        command.downgrade(alembic_config(url), "0013")
+        with engine.connect() as conn:
+            assert "deleted_at" not in {c["name"] for c in inspect(conn).get_columns("assets")}
     finally:
         engine.dispose()
 

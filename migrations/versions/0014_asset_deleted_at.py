@@ -24,5 +24,11 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    # Without the column a deleted asset reads as a live one whose file is gone: refuse rather
+    # than show a studio's deleted images again.
+    deleted = op.get_bind().execute(sa.text("SELECT count(*) FROM assets WHERE deleted_at IS NOT NULL")).scalar()
+    if deleted:
+        raise RuntimeError(f"{deleted} asset(s) were deleted (DELETE /v1/assets/{{id}}); the schema before 0014 "
+                           "cannot tell them from live ones, so this downgrade is refused")
     with op.batch_alter_table('assets', schema=None) as batch_op:
         batch_op.drop_column('deleted_at')
