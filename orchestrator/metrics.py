@@ -44,7 +44,7 @@ def render(db: Database, engines: Mapping[str, Iterable[str]]) -> str:
     names = list(engines)
     pairs = {(stage, name) for name, stages in engines.items() for stage in stages}
     pairs.update((stage, engine) for stage, engine, _, _ in jobs)  # an engine no longer configured
-    job_counts = {(stage, engine, status): 0 for stage, engine in pairs for status in get_args(JobStatus)}
+    job_counts = {(stage, engine, status): 0 for stage, engine in pairs for status in get_args(JobStatus.__value__)}
     job_counts.update(((stage, engine, status), int(n)) for stage, engine, status, n in jobs)
     lines = ["# HELP orchestrator_jobs Jobs by stage, engine and status.", "# TYPE orchestrator_jobs gauge"]
     lines += [f'orchestrator_jobs{{stage="{_label(st)}",engine="{_label(en)}",status="{_label(stat)}"}} {n}'

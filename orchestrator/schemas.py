@@ -22,10 +22,15 @@ from pydantic import (
 )
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema
+from typing_extensions import TypeAliasType
 
-Stage = Literal["ideation", "bridge", "polish"]
-Period = Literal["day", "week", "month", "none"]
-JobStatus = Literal["queued", "running", "succeeded", "failed", "canceled"]
+# Named aliases: the OpenAPI document gets one schema for each (a generated client one type), not
+# an inline enum at every use.
+Stage = TypeAliasType("Stage", Literal["ideation", "bridge", "polish"])
+Period = TypeAliasType("Period", Literal["day", "week", "month", "none"])
+JobStatus = TypeAliasType("JobStatus", Literal["queued", "running", "succeeded", "failed", "canceled"])
+Quality = TypeAliasType("Quality", Literal["low", "medium", "high"])
+GroupBy = TypeAliasType("GroupBy", Literal["day", "engine", "stage", "project"])
 T = TypeVar("T")
 
 
@@ -300,7 +305,7 @@ class PromoteCreate(Strict):
     strength: Annotated[float, NoBool, Field(ge=0.01, le=1)] = 0.55
     width: Side | None = None
     height: Side | None = None
-    quality: Literal["low", "medium", "high"] = "high"
+    quality: Quality = "high"
     seed: Seed | None = None
     steps: Steps | None = None
     engine: str | None = None
@@ -551,7 +556,7 @@ class SpendSavings(BaseModel):
 class SpendReport(BaseModel):
     """`GET /v1/spend` as JSON (`format=csv` answers the groups and the total as CSV)."""
 
-    group_by: Literal["day", "engine", "stage", "project"]
+    group_by: GroupBy
     from_: datetime | None = Field(alias="from")
     to: datetime | None
     groups: list[SpendGroup]

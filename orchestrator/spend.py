@@ -6,7 +6,7 @@ from __future__ import annotations
 import csv
 import io
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any
 
 from sqlalchemy import case, distinct, func, or_
 from sqlmodel import Session, col, select
@@ -14,11 +14,9 @@ from sqlmodel import Session, col, select
 from orchestrator.errors import OrchestratorError
 from orchestrator.ledger import charges
 from orchestrator.models import Asset, LedgerEntry, Project
+from orchestrator.schemas import GroupBy
 from tiers.base import RenderRequest, to_credits
 from tiers.registry import EngineRegistry
-
-GroupBy = Literal["day", "engine", "stage", "project"]
-
 
 NAMES_PER_QUERY = 500
 

@@ -20,8 +20,8 @@ from orchestrator.api.query import Cursor, Limit, Order, paged
 from orchestrator.errors import InvalidRequest, NotFound
 from orchestrator.ids import MAX_INT_ID, int_cursor
 from orchestrator.models import LedgerEntry, Project
-from orchestrator.schemas import MAX_CREDITS, Credits, NoBool, Page, SpendReport, Strict, Thousandths
-from orchestrator.spend import GroupBy, savings, spend, to_csv
+from orchestrator.schemas import MAX_CREDITS, Credits, GroupBy, NoBool, Page, SpendReport, Strict, Thousandths
+from orchestrator.spend import savings, spend, to_csv
 from tiers.base import to_credits, to_millicredits
 
 router = APIRouter(tags=["credits"], route_class=StrictJSONRoute)

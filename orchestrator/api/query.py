@@ -23,6 +23,7 @@ from fastapi import Query, Request
 from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
+from typing_extensions import TypeAliasType
 
 from orchestrator.errors import InvalidRequest
 
@@ -104,7 +105,8 @@ Limit = Annotated[int, Query(ge=1, le=500, description="Items per page, 1 to 500
 Cursor = Annotated[str | None, Query(description=(
     "Where the page starts: the previous page's `next_cursor` (empty or left out: the first page). Any other "
     "value is a 422."))]
-Order = Annotated[Literal["asc", "desc"], Query(
+SortOrder = TypeAliasType("SortOrder", Literal["asc", "desc"])
+Order = Annotated[SortOrder, Query(
     description="`asc`: oldest first (the default); `desc`: newest first. A page's `next_cursor` goes on in the "
                 "same order.")]
 

@@ -392,3 +392,24 @@ def test_a_job_s_routing_and_attempts_have_shapes(spec: dict[str, Any]) -> None:
     explained = schemas["RouteExplanation"]["properties"]["routing"]
     assert explained.get("$ref") == "#/components/schemas/Routing" or \
         {"$ref": "#/components/schemas/Routing"} in explained.get("allOf", [])
+
+
+def test_an_enum_used_in_more_than_one_place_is_one_named_schema(spec: dict[str, Any]) -> None:
+    """A generator makes one type per inline enum: `Stage` used in six places made six types."""
+    inline: dict[tuple[str, ...], list[str]] = {}
+
+    def walk(node: Any, where: str) -> None:
+        if isinstance(node, dict):
+            if "enum" in node and where.count("/") > 3:  # not a component schema of its own
+                inline.setdefault(tuple(node["enum"]), []).append(where)
+            for key, value in node.items():
+                walk(value, f"{where}/{key}")
+        elif isinstance(node, list):
+            for index, value in enumerate(node):
+                walk(value, f"{where}/{index}")
+
+    walk(spec, "#")
+    assert {values: places for values, places in inline.items() if len(places) > 1} == {}
+    schemas = spec["components"]["schemas"]
+    assert schemas["Stage"]["enum"] == ["ideation", "bridge", "polish"]
+    assert schemas["JobPublic"]["properties"]["status"] == {"$ref": "#/components/schemas/JobStatus"}
