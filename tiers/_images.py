@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import math
 import warnings
 from collections.abc import Sequence
 
@@ -76,6 +77,16 @@ def decode_image(data: bytes, engine: str) -> Image.Image:
     except Exception as exc:
         raise EngineError(f"{engine}: the provider returned bytes that are not an image") from exc
     return img
+
+
+def shaped_as(image: Image.Image, width: int, height: int) -> Image.Image:
+    """`image` stretched to the aspect ratio of width x height, about as many pixels as it had, for
+    providers whose image-to-image output takes the input image's shape: a draft of another shape
+    came back in its own."""
+    if abs(image.width / image.height - width / height) <= 0.01 * width / height:
+        return image
+    scale = math.sqrt(image.width * image.height / (width * height))
+    return image.resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.Resampling.LANCZOS)
 
 
 def nearest_aspect(width: int, height: int, choices: Sequence[str]) -> str:

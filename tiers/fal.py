@@ -21,7 +21,7 @@ import httpx
 from orchestrator.errors import BadEngineInput, Canceled, ContentFiltered, EngineError, EngineTimeout
 from tiers._cloud import CloudEngine, reading_an_answer
 from tiers._http import RemoteClient, error_text
-from tiers._images import b64encode, encode_image, size_class
+from tiers._images import b64encode, encode_image, shaped_as, size_class
 from tiers.base import (
     CancelToken,
     Capabilities,
@@ -119,7 +119,9 @@ class FalEngine(CloudEngine):
         body: dict[str, Any] = {"prompt": instruction_prompt(req), "num_images": req.n, "output_format": "png",
                                 "resolution": self._resolution(req)}
         if req.init_image is not None:
-            data = encode_image(req.init_image, fmt="PNG", max_bytes=MAX_INLINE_BYTES, max_side=2048)
+            # The edit answers in the input's shape: the draft goes in the shape asked for.
+            shaped = shaped_as(req.init_image, req.width, req.height)
+            data = encode_image(shaped, fmt="PNG", max_bytes=MAX_INLINE_BYTES, max_side=2048)
             body["image_urls"] = [f"data:image/png;base64,{b64encode(data)}"]
         return body
 

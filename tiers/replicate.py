@@ -30,7 +30,7 @@ from orchestrator.errors import (
 )
 from tiers._cloud import CloudEngine, paid_calls
 from tiers._http import RemoteClient, error_text
-from tiers._images import b64encode, encode_image, nearest_aspect, size_class
+from tiers._images import b64encode, encode_image, nearest_aspect, shaped_as, size_class
 from tiers.base import (
     CancelToken,
     Capabilities,
@@ -136,7 +136,9 @@ class ReplicateEngine(CloudEngine):
     def _input(self, req: RenderRequest) -> dict[str, Any]:
         image_uri = None
         if req.init_image is not None:
-            data = encode_image(req.init_image, fmt="PNG", max_bytes=MAX_INLINE_BYTES, max_side=2048)
+            # `match_input_image` (or FLUX's own aspect): the draft goes in the shape asked for.
+            shaped = shaped_as(req.init_image, req.width, req.height)
+            data = encode_image(shaped, fmt="PNG", max_bytes=MAX_INLINE_BYTES, max_side=2048)
             image_uri = f"data:image/png;base64,{b64encode(data)}"
         return model_input(self._model, req, instruction_prompt(req), image_uri)
 

@@ -3,7 +3,10 @@
 Which endpoint a request goes to:
 
 - bridge: `generate/sd3` (`mode=image-to-image`, `model=<stability_model>`), or `generate/ultra`
-  when `stability_model` is "ultra"; the draft is the `image`, `req.strength` its strength.
+  when `stability_model` is "ultra"; the draft is the `image`, `req.strength` its strength. These
+  take no size: they answer about 1 megapixel in the shape of the image sent. So a draft of another
+  shape is sent stretched to the one asked for, what comes back is resized to the size asked for,
+  and a size above 1 megapixel is refused before anything is sent (another engine can make it).
 - polish to the draft's own size (or smaller): a refine through the bridge endpoint above.
 - polish to a larger size (`req.scale`, or a `width`/`height` above the draft's): an upscale. The
   upscalers stop at about 4 megapixels, so a factor above 4 or an output above that is refused
@@ -37,7 +40,7 @@ from orchestrator.errors import (
 )
 from tiers._cloud import CloudEngine, paid_calls, reading_an_answer
 from tiers._http import RemoteClient
-from tiers._images import b64decode_tolerant, decode_image, encode_image
+from tiers._images import b64decode_tolerant, decode_image, encode_image, shaped_as
 from tiers.base import (
     CancelToken,
     Capabilities,
@@ -56,6 +59,8 @@ RATE_LIMIT_PAUSE = 60.0
 CREATIVE_MAX_SIDE = 1024
 MAX_SCALE = 4.0
 MAX_UPSCALE_PIXELS = 4 * 1024 * 1024
+# SD3.5 and Ultra answer about 1 megapixel (1024x1024, 1344x768, 1536x640, ...).
+MAX_GENERATE_PIXELS = 1024 * 1024
 CREATIVE_THRESHOLD = 0.35
 CONSERVATIVE_CREATIVITY = (0.2, 0.5)
 CREATIVE_CREATIVITY = (0.1, 0.5)
@@ -100,9 +105,9 @@ def operation(req: RenderRequest) -> Operation:
 
 
 def _sized_as_asked(image: Image.Image, req: RenderRequest) -> Image.Image:
-    """A polish's size is what was asked for; Stability's calls pick their own output size."""
+    """Stability's calls pick their own output size: what comes back is resized to the size asked for."""
     size = (req.width, req.height)
-    if req.stage != "polish" or image.size == size:
+    if image.size == size:
         return image
     return image.resize(size, Image.Resampling.LANCZOS)
 
@@ -145,6 +150,13 @@ class StabilityEngine(CloudEngine):
 
     def _check_reach(self, req: RenderRequest) -> None:
         factor = upscale_factor(req)
+        if operation(req) == "generate" and req.width * req.height > MAX_GENERATE_PIXELS:
+            # It would answer about 1 megapixel, paid, resized up to the size asked: not a render at that size.
+            raise BadEngineInput(
+                f"{self.name}: {self._model} image-to-image makes about 1 megapixel; {req.width}x{req.height} "
+                "is beyond it", details={"engine": self.name, "width": req.width, "height": req.height},
+                retryable=True,
+            )
         if operation(req) != "generate" and (factor > MAX_SCALE or req.width * req.height > MAX_UPSCALE_PIXELS):
             # Nothing was sent: let routing choose (or fall back to) an engine that can upscale that far.
             raise BadEngineInput(
@@ -161,7 +173,8 @@ class StabilityEngine(CloudEngine):
         self._check_reach(req)  # a job routed before a price or a limit changed
         op = operation(req)
         max_side = CREATIVE_MAX_SIDE if op == "upscale-creative" else None
-        draft = encode_image(req.init_image, fmt="PNG", max_bytes=MAX_UPLOAD_BYTES, max_side=max_side)
+        source = shaped_as(req.init_image, req.width, req.height) if op == "generate" else req.init_image
+        draft = encode_image(source, fmt="PNG", max_bytes=MAX_UPLOAD_BYTES, max_side=max_side)
         images: list[RenderedImage] = []
         request_ids: list[str] = []
         finish_reasons: list[str] = []

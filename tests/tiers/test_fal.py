@@ -86,7 +86,10 @@ async def test_success_sends_draft_as_data_uri(engine: FalEngine, output: respx.
     assert sent["num_images"] == 1 and sent["output_format"] == "png" and sent["resolution"] == "2K"
     prefix, _, data = sent["image_urls"][0].partition(",")
     assert prefix == "data:image/png;base64"
-    assert Image.open(io.BytesIO(base64.b64decode(data))).getpixel((0, 0)) == (255, 0, 0)
+    sent_image = Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB")
+    # The edit answers in its input's shape: the square draft goes as the 3:2 asked for.
+    assert abs(sent_image.width / sent_image.height - 1.5) < 0.03
+    assert sent_image.getpixel((sent_image.width // 2, sent_image.height // 2)) == (10, 120, 200)
     assert poll.calls.last.request.url.params["logs"] == "1"
     assert poll.calls.last.request.headers["authorization"] == "Key f-secret"
     assert result_route.calls.last.request.headers["authorization"] == "Key f-secret"

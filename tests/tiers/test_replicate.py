@@ -75,6 +75,16 @@ async def test_success_sends_draft_as_data_uri(engine: ReplicateEngine, output: 
 
 
 @respx.mock
+async def test_a_draft_of_another_shape_goes_in_the_shape_asked(engine: ReplicateEngine, output: respx.Route) -> None:
+    """`match_input_image` answers in the draft's shape: a square draft promoted to 3:2 came back square."""
+    route = respx.post(CREATE).mock(return_value=httpx.Response(201, json=prediction()))
+    await engine.run(bridge(width=1536, height=1024), NullProgress(), CancelToken())
+    _, _, data = json.loads(route.calls.last.request.content)["input"]["image_input"][0].partition(",")
+    sent = Image.open(io.BytesIO(base64.b64decode(data)))
+    assert abs(sent.width / sent.height - 1.5) < 0.03
+
+
+@respx.mock
 async def test_output_list_and_data_uri(engine: ReplicateEngine) -> None:
     uri = "data:image/png;base64," + base64.b64encode(png_bytes()).decode()
     respx.post(CREATE).mock(return_value=httpx.Response(201, json=prediction(output=[uri])))

@@ -96,10 +96,35 @@ async def test_bridge_sends_draft_to_sd3(engine: StabilityEngine) -> None:
     fields = assert_carries_draft(route.calls.last.request)
     assert fields == {"prompt": "a lighthouse", "output_format": "png", "negative_prompt": "fog", "seed": "7",
                       "strength": "0.6", "mode": "image-to-image", "model": "sd3.5-large", "cfg_scale": "4.5"}
-    assert len(result.images) == 1 and result.images[0].image.size == (64, 64)
+    # SD3 takes no size and answers in its own (here the fake's 64x64): resized to the one asked for.
+    assert len(result.images) == 1 and result.images[0].image.size == (1024, 1024)
     assert result.images[0].seed == 343940597
     assert result.model == "sd3.5-large" and result.cost_millicredits is None
     assert result.provider_request_id == "stab-req-1" and progress.request_ids == ["stab-req-1"]
+
+
+@respx.mock
+async def test_a_bridge_of_another_shape_sends_the_draft_in_the_shape_asked(engine: StabilityEngine) -> None:
+    """The output takes the input's shape: a square draft promoted to 1344x768 came back square."""
+    route = respx.post(SD3).mock(return_value=ok())
+    result = await engine.run(bridge(width=1344, height=768), NullProgress(), CancelToken())
+    _, files = multipart(route.calls.last.request)
+    sent = Image.open(io.BytesIO(files["image"])).size
+    assert abs(sent[0] / sent[1] - 1344 / 768) < 0.03 and abs(sent[0] * sent[1] - 64 * 64) < 200
+    assert result.images[0].image.size == (1344, 768)
+
+
+@pytest.mark.parametrize("stage", ["bridge", "polish"])
+async def test_a_render_above_a_megapixel_is_refused_before_sending(engine: StabilityEngine, stage: str) -> None:
+    # SD3.5 and Ultra answer about 1 megapixel: 2048x2048 would be one resized up, paid as a render.
+    req = bridge(stage=stage, width=2048, height=2048, init_image=draft_image((2048, 2048)),
+                 **({"scale": None, "creativity": 0.2} if stage == "polish" else {}))
+    with pytest.raises(BadEngineInput, match="about 1 megapixel") as info:
+        engine.estimate(req)
+    assert info.value.retryable
+    with pytest.raises(BadEngineInput):
+        await engine.run(req, NullProgress(), CancelToken())
+    assert engine.estimate(bridge(width=1344, height=768)) > 0
 
 
 @respx.mock
