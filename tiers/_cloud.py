@@ -19,6 +19,13 @@ if TYPE_CHECKING:
     from pydantic import SecretStr
 
 
+def prompt_tokens(prompt: str) -> int:
+    """An upper bound on a prompt's tokens for a hold: about four ASCII characters a token, but
+    one a character for other scripts (CJK takes about that), plus the request's framing."""
+    ascii_chars = sum(1 for c in prompt if c.isascii())
+    return ascii_chars // 4 + (len(prompt) - ascii_chars) + 64
+
+
 @contextmanager
 def reading_an_answer() -> Iterator[None]:
     """Around reading a generation call the provider answered with 2xx: it may have billed the call,

@@ -624,13 +624,18 @@ class RemoteClient:
         """The error for a final 4xx answer: the provider refused our input; never retried."""
         return BadEngineInput(
             f"{self.engine}: the provider refused the request (HTTP {response.status_code}): "
-            f"{message or error_text(response)}",
+            f"{without_credentials(message, response) if message else error_text(response)}",
             details={"engine": self.engine, "status": response.status_code},
         )
 
 
 def error_text(response: httpx.Response, limit: int = 300) -> str:
-    """A short, human description of a provider's error body, whatever its shape."""
+    """A short, human description of a provider's error body, whatever its shape, without the
+    credentials the request carried (a provider or a proxy may echo the request's headers)."""
+    return without_credentials(_described(response, limit), response)
+
+
+def _described(response: httpx.Response, limit: int) -> str:
     try:
         body: Any = response.json()
     except (ValueError, UnicodeDecodeError):
@@ -646,3 +651,22 @@ def error_text(response: httpx.Response, limit: int = 300) -> str:
                 value = body[key]
                 return (value if isinstance(value, str) else json.dumps(value))[:limit]
     return json.dumps(body)[:limit]
+
+
+def without_credentials(text: str, response: httpx.Response) -> str:
+    try:
+        headers = response.request.headers
+    except RuntimeError:  # an answer made without a request carries none
+        return text
+    secrets: set[str] = set()
+    for name in ("authorization", "proxy-authorization", *KEY_HEADERS):
+        value = headers.get(name, "").strip()
+        if value:
+            secrets.add(value)
+            scheme, _, token = value.partition(" ")
+            if token.strip() and scheme.lower() in ("bearer", "key", "basic", "token"):
+                secrets.add(token.strip())
+    # The longest first: a token inside "Bearer <token>" is replaced with the whole value.
+    for secret in sorted((s for s in secrets if len(s) >= 8), key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text

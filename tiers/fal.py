@@ -20,7 +20,7 @@ import httpx
 
 from orchestrator.errors import BadEngineInput, Canceled, ContentFiltered, EngineError, EngineTimeout
 from tiers._cloud import CloudEngine, reading_an_answer
-from tiers._http import RemoteClient, error_text
+from tiers._http import RemoteClient, error_text, without_credentials
 from tiers._images import b64encode, encode_image, shaped_as, size_class
 from tiers.base import (
     CancelToken,
@@ -262,7 +262,8 @@ class FalEngine(CloudEngine):
         if not isinstance(detail, list) or not detail:
             return self.http.fail(response)
         items = [d for d in detail if isinstance(d, dict)]
-        message = "; ".join(str(d.get("msg", "")) for d in items if d.get("msg")) or error_text(response)
+        message = without_credentials("; ".join(str(d.get("msg", "")) for d in items if d.get("msg")), response) \
+            or error_text(response)
         details = {"engine": self.name, "status": response.status_code,
                    "types": [d.get("type") for d in items]}
         if any(_filtered(d.get("type")) for d in items):

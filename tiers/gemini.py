@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 
 from orchestrator.errors import BadEngineInput, ContentFiltered, EngineError, EngineUnavailable, NoPrice, RateLimited
-from tiers._cloud import CloudEngine, paid_calls, reading_an_answer
+from tiers._cloud import CloudEngine, paid_calls, prompt_tokens, reading_an_answer
 from tiers._http import RemoteClient, error_text
 from tiers._images import b64decode_tolerant, b64encode, decode_image, encode_image, nearest_aspect, size_class
 from tiers.base import (
@@ -74,7 +74,7 @@ class GeminiEngine(CloudEngine):
                                  f"smaller than the {req.width}x{req.height} asked", retryable=True,
                                  details={"engine": self.name, "width": req.width, "height": req.height})
         per_image = self._prices.millicredits(self._model, size) + self._output_allowance()
-        input_tokens = INPUT_IMAGE_TOKENS + len(req.prompt) // 4 + 64
+        input_tokens = INPUT_IMAGE_TOKENS + prompt_tokens(req.prompt)
         per_input = math.ceil(input_tokens * self._token_rate("input_tokens_per_million") / 1e6)
         return req.n * (per_image + per_input)
 

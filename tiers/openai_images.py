@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 
 from orchestrator.errors import BadEngineInput, ContentFiltered, EngineError, EngineUnavailable, NoPrice
-from tiers._cloud import CloudEngine, paid_calls, reading_an_answer
+from tiers._cloud import CloudEngine, paid_calls, prompt_tokens, reading_an_answer
 from tiers._http import RemoteClient, error_text
 from tiers._images import b64decode_tolerant, decode_image, encode_image, nearest_aspect
 from tiers.base import (
@@ -33,8 +33,11 @@ from tiers.base import (
 
 SIZES = {"1:1": "1024x1024", "3:2": "1536x1024", "2:3": "1024x1536"}
 QUALITIES = frozenset({"low", "medium", "high"})
+# Error codes of an account that may not spend more (a 429 and a 400 respectively).
+SPENT_UP = frozenset({"insufficient_quota", "billing_hard_limit_reached"})
 MAX_N = 10  # the most images one edits call may return
-MAX_UPLOAD_BYTES = 50 * 1024 * 1024
+# providers.md: images under 50 MB (decimal); leave room for the multipart fields.
+MAX_UPLOAD_BYTES = 49_000_000
 # Credits (1 credit = $0.01) per output image by "quality-size", and per 1M tokens (providers.md, Nov 2026).
 PRICES_AS_OF = "2026-11"
 _GPT_IMAGE_1: dict[str, float] = {
@@ -106,7 +109,7 @@ class OpenAIImagesEngine(CloudEngine):
         except NoPrice:
             # The per-image price is known; only the small input surcharge is not.
             image_rate = text_rate = 0
-        text_tokens = len(req.prompt) // 4 + 64
+        text_tokens = prompt_tokens(req.prompt)
         per_call = math.ceil((INPUT_IMAGE_TOKENS[size] * image_rate + text_tokens * text_rate) / 1e6)
         # Input is paid per call: one for every MAX_N images, and another for each answer that
         # comes back short (the missing images are asked for again). The hold covers the worst
@@ -197,10 +200,11 @@ class OpenAIImagesEngine(CloudEngine):
             )
         if response.status_code == 404 or code == "model_not_found":
             return self.model_not_served(response)
-        if response.status_code == 429 and code == "insufficient_quota":
-            # Nothing was made; another engine may take the job while someone tops up the account.
+        if code in SPENT_UP:
+            # Nothing was made; another engine may take the job while someone tops up the account
+            # (a spending limit is a 400, which read as the request's own fault: no fallback).
             return EngineUnavailable(f"openai: the account's quota is used up: {error_text(response)}",
-                                     details={"engine": self.name, "status": 429, "reason": "insufficient_quota"})
+                                     details={"engine": self.name, "status": response.status_code, "reason": code})
         return self.http.fail(response)
 
     def _json(self, response: httpx.Response) -> dict[str, Any]:

@@ -214,3 +214,38 @@ def test_formats_no_provider_sends_are_not_handed_to_their_readers(fmt: str) -> 
         data = buf.getvalue()
     with pytest.raises(EngineError, match="not a PNG, JPEG or WebP image"):
         decode_image(data, "prov")
+
+
+@pytest.mark.parametrize(("prompt", "at_least"), [
+    ("a lighthouse at dusk " * 100, 2100 // 4),
+    # About one token a character in CJK: counted at a quarter, a 10,000-character prompt's hold fell short.
+    ("夕暮れの灯台" * 1000, 6000),
+    ("🙂" * 50 + "ok", 50)])
+def test_a_prompt_s_tokens_are_held_at_their_most(prompt: str, at_least: int) -> None:
+    from tiers._cloud import prompt_tokens
+
+    assert prompt_tokens(prompt) >= at_least
+    assert prompt_tokens(prompt) <= len(prompt) + 64
+
+
+@pytest.mark.parametrize(("cls", "prefix"), [(c[0], c[1]) for c in CASES], ids=[c[1] for c in CASES])
+@pytest.mark.parametrize("status", [400, 500])
+@respx.mock
+async def test_an_error_echoing_the_request_s_headers_does_not_carry_the_key(
+        make_ctx: Any, sleep: Any, cls: type[CloudEngine], prefix: str, status: int) -> None:
+    """Providers.md: keys never appear in job records; a proxy's error page may echo the headers."""
+    key = "k-secret-0123456789"
+    base = f"https://{prefix}.example"
+
+    def echo(request: httpx.Request) -> httpx.Response:
+        seen = "; ".join(f"{name}={value}" for name, value in request.headers.items())
+        return httpx.Response(status, json={"error": {"message": f"refused, your headers: {seen}"}})
+
+    respx.route(host=f"{prefix}.example").mock(side_effect=echo)
+    engine = cls(make_ctx(**{f"{prefix}_api_key": key, f"{prefix}_base_url": base}))
+    engine.http.sleep = sleep
+    with pytest.raises(EngineError) as info:
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    if "your headers" in info.value.message:  # (Replicate's 500 to a create says only that it may have billed)
+        assert "***" in info.value.message
+    assert key not in info.value.message and key not in str(info.value.details)

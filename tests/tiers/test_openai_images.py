@@ -193,14 +193,19 @@ async def test_a_model_it_no_longer_serves_lets_another_engine_try(engine: OpenA
     assert error.details["setting"] == "ORCH_OPENAI_MODEL" and "set ORCH_OPENAI_MODEL" in error.message
 
 
+@pytest.mark.parametrize(("status", "kind", "code"), [
+    (429, "insufficient_quota", "insufficient_quota"),
+    # An account at its spending limit: a 400 that read as the request's fault, so no fallback was tried.
+    (400, "invalid_request_error", "billing_hard_limit_reached")])
 @respx.mock
-async def test_a_used_up_quota_is_not_waited_out(engine: OpenAIImagesEngine, sleep: Any) -> None:
-    route = respx.post(URL).mock(return_value=httpx.Response(429, json={"error": {
-        "message": "You exceeded your current quota", "type": "insufficient_quota", "code": "insufficient_quota"}}))
+async def test_a_used_up_quota_is_not_waited_out(engine: OpenAIImagesEngine, sleep: Any, status: int, kind: str,
+                                                 code: str) -> None:
+    route = respx.post(URL).mock(return_value=httpx.Response(status, json={"error": {
+        "message": "You exceeded your current quota", "type": kind, "code": code}}))
     with pytest.raises(EngineUnavailable) as info:
         await engine.run(bridge(), NullProgress(), CancelToken())
     assert route.call_count == 1 and info.value.retryable and info.value.charged == "no"
-    assert "quota is used up" in info.value.message
+    assert "quota is used up" in info.value.message and info.value.details["reason"] == code
 
 
 @respx.mock
