@@ -98,16 +98,30 @@ def tell_prompt_overflow(pipe: Any, prompt: str, progress: Progress, notes: list
         progress.state("prompt_truncated", tokens=overflow[0], read=overflow[1])
 
 
-def negative_prompt_arguments(pipe: Any, negative_prompt: str, progress: Progress, notes: list[str]) -> dict[str, Any]:
-    """The pipeline call's `negative_prompt`, if it takes one. LCM's pipelines take none, and take
-    any keyword without a word: a negative prompt given to them changed nothing while the image's
-    record said it applied. Told in the notes and a `negative_prompt_ignored` state event instead."""
+def negative_prompt_arguments(pipe: Any, negative_prompt: str, guidance: float, progress: Progress,
+                              notes: list[str]) -> dict[str, Any]:
+    """The pipeline call's `negative_prompt`, if it has an effect there. A negative prompt works
+    through classifier-free guidance alone: LCM's pipelines take none (and any keyword without a
+    word), FLUX's only with a `true_cfg_scale` (not set here), and the others skip it at a guidance
+    of 1 or less (the SD-Turbo family's default) or with a guidance-distilled UNet. There it changed
+    nothing while the image's record said it applied: told in the notes and a
+    `negative_prompt_ignored` state event instead."""
     if not negative_prompt:
         return {}
-    if "negative_prompt" in inspect.signature(pipe.__call__).parameters:
+    params = inspect.signature(pipe.__call__).parameters
+    name = type(pipe).__name__
+    if "negative_prompt" not in params:
+        why = f"the model's pipeline ({name}) takes no negative prompt"
+    elif "true_cfg_scale" in params:
+        why = f"the model's pipeline ({name}) uses a negative prompt only with true classifier-free guidance"
+    elif getattr(getattr(getattr(pipe, "unet", None), "config", None), "time_cond_proj_dim", None) is not None:
+        why = "the model's guidance is distilled into its UNet, which runs without a negative prompt"
+    elif guidance <= 1:
+        why = f"at guidance {guidance:g} the model runs without classifier-free guidance"
+    else:
         return {"negative_prompt": negative_prompt}
-    notes.append(f"the model's pipeline ({type(pipe).__name__}) takes no negative prompt: it was not used")
-    progress.state("negative_prompt_ignored", pipeline=type(pipe).__name__)
+    notes.append(f"{why}: the negative prompt was not used")
+    progress.state("negative_prompt_ignored", pipeline=name, guidance_scale=guidance)
     return {}
 
 

@@ -68,7 +68,7 @@ class LiteEngine(LocalEngine):
         guidance = self.defaults.guidance_scale if req.guidance_scale is None else req.guidance_scale
         notes: list[str] = []
         tell_prompt_overflow(pipe, req.prompt, progress, notes)
-        negative = negative_prompt_arguments(pipe, req.negative_prompt, progress, notes)
+        negative = negative_prompt_arguments(pipe, req.negative_prompt, guidance, progress, notes)
         batch = self.settings.lite_max_batch
         chunks = [list(range(start, min(start + batch, req.n))) for start in range(0, req.n, batch)]
         images: list[RenderedImage] = []

@@ -106,7 +106,7 @@ class LocalHifiEngine(LocalEngine):
         seed = req.seed if req.seed is not None else 0
         notes: list[str] = []
         tell_prompt_overflow(pipe, req.prompt, progress, notes)
-        negative = negative_prompt_arguments(pipe, req.negative_prompt, progress, notes)
+        negative = negative_prompt_arguments(pipe, req.negative_prompt, guidance, progress, notes)
         images: list[RenderedImage] = []
         for index in range(req.n):
             canvas = self._refine(pipe, req, source, boxes, steps, strength, guidance, seed + index, negative,

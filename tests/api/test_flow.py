@@ -44,7 +44,8 @@ def test_drafts_flow_assets_and_png_metadata(server: httpx.Client) -> None:
     project = create_project(server)
     response = server.post(f"/v1/projects/{project['id']}/drafts",
                            json={"prompt": "a lighthouse at dusk", "negative_prompt": "fog", "n": 3, "seed": 1234,
-                                 "width": 64, "height": 64, "steps": 2, "tags": {"shot": "12"}})
+                                 "width": 64, "height": 64, "steps": 2, "guidance_scale": 2.0,
+                                 "tags": {"shot": "12"}})
     assert response.status_code == 202, response.text
     job = response.json()
     assert set(job) >= JOB_KEYS

@@ -598,23 +598,32 @@ def test_a_transformer_model_takes_sizes_in_multiples_of_16(make_settings: Setti
         lite.runtime.shutdown(timeout=30)
 
 
-@pytest.mark.parametrize("lcm", [True, False])
-async def test_a_negative_prompt_a_pipeline_cannot_take_is_told_not_recorded_as_used(
-        engines: EngineFactory, lcm: bool) -> None:
-    """LCM's pipelines take any keyword and drop `negative_prompt` without a word: the client is
-    told, in the notes and a state event. A pipeline that takes one uses it, and says nothing."""
+@pytest.mark.parametrize("case", ["lcm", "guidance-1", "guided"])
+async def test_a_negative_prompt_that_has_no_effect_is_told_not_recorded_as_used(
+        engines: EngineFactory, case: str) -> None:
+    """LCM's pipelines take any keyword and drop `negative_prompt` without a word, and the others
+    skip it without classifier-free guidance (a guidance of 1 or less, the turbo models' default):
+    the client is told, in the notes and a state event. A guided pipeline uses it, and says nothing."""
     lite, hifi = engines()
-    if lcm:
+    if case == "lcm":
         use_lcm(lite)
+    guidance = 2.0 if case == "guided" else 1.0
     told = []
-    for engine, req in ((lite, draft(n=1, negative_prompt="blurry")),
+    for engine, req in ((lite, draft(n=1, negative_prompt="blurry", guidance_scale=guidance)),
                         (hifi, RenderRequest(stage="bridge", prompt="a lighthouse", width=64, height=64, seed=1, n=1,
-                                             init_image=draft_image(), strength=0.5, negative_prompt="blurry"))):
+                                             init_image=draft_image(), strength=0.5, negative_prompt="blurry",
+                                             guidance_scale=guidance))):
         progress = RecordingProgress()
         result = await engine.run(req, progress, CancelToken())
         told.append((result.metadata.get(NOTES), progress.states))
         # What the image's record says was used (its PNG's infotext is read by other tools).
-        assert result.metadata["negative_prompt"] == ("" if lcm else "blurry")
-    pipelines = ("LatentConsistencyModelPipeline", "LatentConsistencyModelImg2ImgPipeline")
-    assert told == ([([f"the model's pipeline ({name}) takes no negative prompt: it was not used"],
-                      ["negative_prompt_ignored"]) for name in pipelines] if lcm else [(None, []), (None, [])])
+        assert result.metadata["negative_prompt"] == ("blurry" if case == "guided" else "")
+    if case == "guided":
+        assert told == [(None, []), (None, [])]
+    elif case == "lcm":
+        pipelines = ("LatentConsistencyModelPipeline", "LatentConsistencyModelImg2ImgPipeline")
+        assert told == [([f"the model's pipeline ({name}) takes no negative prompt: the negative prompt was not "
+                          "used"], ["negative_prompt_ignored"]) for name in pipelines]
+    else:
+        assert told == [(["at guidance 1 the model runs without classifier-free guidance: the negative prompt was "
+                          "not used"], ["negative_prompt_ignored"])] * 2
