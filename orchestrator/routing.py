@@ -204,7 +204,7 @@ class Router:
                                         details={"engine": name, "stage": req.stage})
         elif not (available := engine.availability())[0]:
             # Told to whoever asked, a project key's client too: the model by its name, not its path.
-            candidate.skipped = f"unavailable: {hide_paths(available[1] or 'not set up')}"
+            candidate.skipped = f"unavailable: {hide_paths(available[1] or 'not set up', name)}"
         elif not self.health.allow(name, holder):
             candidate.skipped = ("circuit half-open: its probe request is out" if self.health.probe_out(name)
                                  else "circuit open after repeated failures")

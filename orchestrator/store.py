@@ -43,6 +43,7 @@ from PIL import Image, PngImagePlugin
 
 from orchestrator.errors import ContentUnavailable, NotFound
 from orchestrator.ids import ID_RE
+from tiers.registry import HOSTED
 
 log = logging.getLogger(__name__)
 
@@ -101,21 +102,26 @@ _PATH = re.compile(r"(?<![\w.:/])(?:~|/)[^\s'\",;:]*")
 _QUOTED = re.compile(r"(?<!\w)'([^\n]+?)'(?!\w)")
 
 
-def hide_paths(text: str) -> str:
+def hide_paths(text: str, engine: str | None = None) -> str:
     """`text` with the server's file paths cut to their last part (a model, a workflow file): what
     clients read names files as `model_name` does; the operator's log keeps the whole path.
     Messages quote the paths they name ('/srv/studio x/flow.json'): unquoted, a path ends at a
     space."""
-    text = _QUOTED.sub(lambda found: f"'{model_name(found.group(1))}'", text)
+    text = _QUOTED.sub(lambda found: f"'{model_name(found.group(1), engine)}'", text)
     return _PATH.sub(lambda found: Path(found.group()).name, text)
 
 
 @functools.lru_cache(maxsize=256)
-def _is_path(model: str) -> bool:
+def _is_path(model: str, hosted: bool = False) -> bool:
     """Whether `model` names a file or folder rather than a Hub id (`org/name`): absolute, `~`- or
     `.`-relative, more than two parts (`models/acme-client/hifi`), or there, relative to the
-    working directory, as the loaders would take it."""
-    if Path(model).expanduser().is_absolute() or model.startswith(("~", ".")) or "\\" in model or model.count("/") > 1:
+    working directory, as the loaders would take it. A hosted provider's model (`hosted`) is an id
+    of its own, of any number of parts (`fal-ai/nano-banana-2/edit`), unless it is absolute or relative."""
+    if Path(model).expanduser().is_absolute() or model.startswith(("~", ".")) or "\\" in model:
+        return True
+    if hosted:
+        return False
+    if model.count("/") > 1:
         return True
     try:
         return Path(model).exists()
@@ -123,12 +129,11 @@ def _is_path(model: str) -> bool:
         return False
 
 
-def model_name(model: str | None) -> str | None:
+def model_name(model: str | None, engine: str | None = None) -> str | None:
     """The model as images name it: a local folder or file by its own name, never the server's
-    path to it (a Hub id such as `stabilityai/sd-turbo` is kept whole)."""
-    if not model:
-        return model
-    if not _is_path(model):
+    path to it (a Hub id such as `stabilityai/sd-turbo` is kept whole, and so is a hosted
+    provider's id of three parts: fal's `fal-ai/nano-banana-2/edit` was shown as `edit`)."""
+    if not model or not _is_path(model, engine in HOSTED):
         return model
     path = Path(model.replace("\\", "/")).expanduser()
     for part in reversed(path.parts):
@@ -179,7 +184,7 @@ def infotext(record: dict[str, Any]) -> str:
 
 def encode_png(image: Image.Image, record: dict[str, Any]) -> bytes:
     # The file travels (a client, a pipeline, a website): it names the model, not where it lives.
-    record = {**record, "model": model_name(record.get("model"))}
+    record = {**record, "model": model_name(record.get("model"), record.get("engine"))}
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", infotext(record))
     info.add_itxt(RECORD_CHUNK, json.dumps(record, sort_keys=True, separators=(",", ":")))

@@ -35,6 +35,8 @@ BUILTIN: dict[str, str] = {
 # Built-ins whose prices come from no prices file: the local engines' from
 # ORCH_LOCAL_GPU_SECOND_CREDITS, and the self-hosted servers bill nobody.
 PRICELESS = frozenset({"lite", "local-hifi", "comfyui", "a1111"})
+# The hosted providers' engines: their models are the providers' ids (`fal-ai/nano-banana-2/edit`), never files.
+HOSTED = frozenset(BUILTIN) - PRICELESS
 
 
 def known_names(extra_engines: Iterable[str] = ()) -> set[str]:

@@ -24,7 +24,7 @@ def list_engines(services: ServicesDep, caller: CallerDep) -> list[EnginePublic]
         defaults = getattr(engine, "defaults", None)  # the local engines'
         out.append(EnginePublic(
             name=engine.name, kind=engine.kind, stages=sorted(engine.stages), available=available,
-            health=services.health(engine.name), model=model_name(engine.model), note=why or note,
+            health=services.health(engine.name), model=model_name(engine.model, engine.name), note=why or note,
             prices=engine.prices(), capabilities=engine.capabilities.as_dict(),
             model_defaults=defaults.public() if isinstance(defaults, ModelDefaults) else None,
         ))
@@ -33,5 +33,5 @@ def list_engines(services: ServicesDep, caller: CallerDep) -> list[EnginePublic]
                                 model=None, note=broken.reason, prices={}, capabilities={}))
     if caller.project_id is not None:
         for listed in out:
-            listed.note = listed.note and hide_paths(listed.note)
+            listed.note = listed.note and hide_paths(listed.note, listed.name)
     return out

@@ -24,7 +24,7 @@ def job_public(job: Job, asset_ids: list[str], held: int = 0, charged: int = 0) 
     step = job.progress_step
     return JobPublic(
         id=job.id, project_id=job.project_id, stage=job.stage, engine=job.engine,
-        model=model_name(job.model), status=job.status,
+        model=model_name(job.model, job.engine), status=job.status,
         params={k: job.params[k] for k in _PUBLIC_PARAMS if k in job.params},
         progress=ProgressBody(step=step, total=total, fraction=round(step / total, 4) if total else 0.0),
         assets=asset_ids, source_asset_id=job.source_asset_id,
@@ -39,10 +39,10 @@ def job_public(job: Job, asset_ids: list[str], held: int = 0, charged: int = 0) 
 def asset_public(a: Asset) -> AssetPublic:
     return AssetPublic(
         id=a.id, project_id=a.project_id, job_id=a.job_id, stage=a.stage,
-        parent_id=a.parent_id, engine=a.engine, model=model_name(a.model) or "", prompt=a.prompt,
+        parent_id=a.parent_id, engine=a.engine, model=model_name(a.model, a.engine) or "", prompt=a.prompt,
         negative_prompt=a.negative_prompt, seed=a.seed, width=a.width, height=a.height, sha256=a.sha256,
         created_at=a.created_at, content_url=f"/v1/assets/{a.id}/content",
         # As the PNG holds it: the model by name, not by the server's path to it.
-        record={**a.record, "model": model_name(a.record.get("model"))} if a.record else {},
+        record={**a.record, "model": model_name(a.record.get("model"), a.engine)} if a.record else {},
         deleted_at=a.deleted_at,
     )

@@ -518,6 +518,19 @@ def test_models_are_named_without_the_server_s_path(model: str, named: str) -> N
     assert model_name(model) == named
 
 
+@pytest.mark.parametrize(("model", "engine", "named"), [
+    # A hosted provider's id of three parts was taken for a relative path: fal's model read `edit`.
+    ("fal-ai/nano-banana-2/edit", "fal", "fal-ai/nano-banana-2/edit"),
+    ("fal-ai/nano-banana-2/edit", "local-hifi", "edit"),
+    ("/srv/acme/wf.json", "fal", "wf.json"),
+])
+def test_a_hosted_provider_s_model_is_its_id_whatever_its_parts(model: str, engine: str, named: str) -> None:
+    from orchestrator.store import hide_paths, model_name
+
+    assert model_name(model, engine) == named
+    assert hide_paths(f"model '{model}' is not served", engine) == f"model '{named}' is not served"
+
+
 def test_a_two_part_relative_folder_that_is_there_is_named_as_a_folder(tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     from orchestrator.store import model_name
