@@ -44,6 +44,7 @@ from tiers._local import LocalRuntime
 from tiers.base import EngineContext
 from tiers.lite import LiteEngine
 from tiers.registry import PRICELESS, EngineRegistry, extra_engine_problems, known_names
+from tiers.tiny import NAME as TINY_MODEL
 
 log = logging.getLogger(__name__)
 # Seconds a stopping service waits for the inference thread before it lets the device go.
@@ -151,6 +152,8 @@ def startup_problems(settings: Settings, *, service: bool = True) -> list[str]:
     # `migrate` on a database of its own (PostgreSQL, a SQLite file elsewhere) writes nothing there.
     if service or not settings.database_url:
         problems.extend(_data_dir_problems(settings, assets=service))
+    if service and {settings.lite_model, settings.effective_hifi_model} & {"auto", TINY_MODEL}:
+        problems.extend(_cache_dir_problems(settings))
     if service:
         problems.extend(f"ORCH_ENGINES: {problem}" for problem in extra_engine_problems(settings.engines))
         try:
@@ -199,6 +202,17 @@ def _data_dir_problems(settings: Settings, *, assets: bool) -> list[str]:
         if left is not None:
             with contextlib.suppress(OSError):
                 left.unlink()
+    return []
+
+
+def _cache_dir_problems(settings: Settings) -> list[str]:
+    """The offline tiny model is built there (with `auto`, when no real model is at hand)."""
+    try:
+        settings.cache_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=settings.cache_dir):
+            pass
+    except OSError as exc:
+        return [f"ORCH_CACHE_DIR: cannot write in {settings.cache_dir} ({exc.strerror or exc})"]
     return []
 
 

@@ -60,10 +60,10 @@ def db(tmp_path: Path) -> Iterator[Database]:
     database.dispose()
 
 
-def settings_for(data_dir: Path, cache_dir: Path, **overrides: Any) -> Settings:
+def settings_for(data_dir: Path, tiny_cache: Path, **overrides: Any) -> Settings:
     # A stop leaves paid requests to recovery at once (tests/credits/test_stop.py waits).
     values: dict[str, Any] = {"data_dir": data_dir, "lite_model": tiny.NAME, "hifi_model": None,
-                              "cache_dir": cache_dir, "stop_grace": 0.0}
+                              "cache_dir": tiny_cache, "stop_grace": 0.0}
     values.update(overrides)
     return Settings(**values)
 

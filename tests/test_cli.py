@@ -397,6 +397,8 @@ def test_migrate_makes_a_new_data_dir(make_settings: SettingsFactory, monkeypatc
      "ORCH_DATABASE_URL: not a database URL"),  # a port that is not a number: once a traceback
     ("serve", "ORCH_PRICES_FILE", "{tmp}/missing.toml", "ORCH_PRICES_FILE: prices file {tmp}/missing.toml: [Errno 2]"),
     ("worker", "ORCH_DATA_DIR", "{tmp}/a-file", "ORCH_DATA_DIR: cannot write in {tmp}/a-file"),
+    # Where the offline tiny model is built: the service started, and each draft failed with a FileExistsError.
+    ("serve", "ORCH_CACHE_DIR", "{tmp}/a-file", "ORCH_CACHE_DIR: cannot write in {tmp}/a-file"),
     ("serve", "ORCH_CONFIG_FILE", "{tmp}/studio.toml", "ORCH_CONFIG_FILE: no such file: {tmp}/studio.toml"),
     # Once a traceback from inside the server's start-up (an entry without '=').
     ("serve", "ORCH_ENGINES", "flux=studio.flux:create,garbage", "ORCH_ENGINES: Value error, 'garbage' is not name="),

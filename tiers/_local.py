@@ -564,7 +564,16 @@ class LocalRuntime:
 
     def _source(self, model: str) -> Path:
         if model == tiny.NAME:
-            return tiny.save_tiny_pipeline(self.settings.cache_dir / "tiny-sd")
+            try:
+                return tiny.save_tiny_pipeline(self.settings.cache_dir / "tiny-sd")
+            except OSError as exc:
+                # Unavailable for a while, saying why, as a model that fails to load: it read available,
+                # and each job failed with an unexpected FileExistsError.
+                error = EngineUnavailable(f"could not build the offline tiny model in ORCH_CACHE_DIR "
+                                          f"({exc.strerror or type(exc).__name__})",
+                                          details={"model": model, "setting": "ORCH_CACHE_DIR"})
+                self._load_failures[model] = (time.monotonic(), error)
+                raise error from exc
         return Path(model).expanduser()
 
     def _load_single_file(self, path: Path) -> Any:

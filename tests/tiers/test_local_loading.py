@@ -200,6 +200,18 @@ async def test_a_model_that_failed_to_load_is_unavailable_until_a_later_load_suc
     assert lite.availability() == (True, None)  # the failure is forgotten once a load succeeds
 
 
+async def test_a_tiny_model_that_cannot_be_built_leaves_the_engine_unavailable_saying_why(
+        engines: EngineFactory, tmp_path: Path) -> None:
+    """A cache folder that is a file: the engine read available, and each draft failed with an
+    unexpected FileExistsError."""
+    (tmp_path / "a-file").write_text("not a folder")
+    lite, _ = engines(lite_model="builtin:tiny-sd", lite_device="cpu", cache_dir=tmp_path / "a-file")
+    with pytest.raises(EngineUnavailable, match="could not build the offline tiny model in ORCH_CACHE_DIR"):
+        await lite.run(draft(), RecordingProgress(), CancelToken())
+    available, reason = lite.availability()
+    assert not available and reason is not None and "ORCH_CACHE_DIR" in reason and str(tmp_path) not in reason
+
+
 def pixel(image: Any) -> tuple[int, int, int]:
     value = image.getpixel((0, 0))
     return (value[0], value[1], value[2])
