@@ -413,3 +413,11 @@ def test_an_enum_used_in_more_than_one_place_is_one_named_schema(spec: dict[str,
     schemas = spec["components"]["schemas"]
     assert schemas["Stage"]["enum"] == ["ideation", "bridge", "polish"]
     assert schemas["JobPublic"]["properties"]["status"] == {"$ref": "#/components/schemas/JobStatus"}
+
+
+def test_drafts_document_the_402_a_paid_draft_engine_can_answer(spec: dict[str, Any]) -> None:
+    """Drafts share the hold with promote and polish: a policy sending them to a paid plugin engine
+    answers 402, which the document left to `default`."""
+    answers = spec["paths"]["/v1/projects/{project_id}/drafts"]["post"]["responses"]
+    assert answers["402"]["content"]["application/json"]["schema"] == {"$ref": ERROR_REF}
+    assert "paid engine" in answers["402"]["description"]
