@@ -29,7 +29,9 @@ def list_engines(services: ServicesDep, caller: CallerDep) -> list[EnginePublic]
             model_defaults=defaults.public() if isinstance(defaults, ModelDefaults) else None,
         ))
     for broken in services.registry.broken.values():
-        out.append(EnginePublic(name=broken.name, kind="remote", stages=[], available=False, health="open",
+        # `open` is a circuit that failures tripped: one that never loaded says so in `available` and `note`.
+        out.append(EnginePublic(name=broken.name, kind="remote", stages=[], available=False,
+                                health=services.health(broken.name),
                                 model=None, note=broken.reason, prices={}, capabilities={}))
     if caller.project_id is not None:
         for listed in out:

@@ -194,7 +194,7 @@ def test_engines_endpoint_lists_plugins_and_broken_ones(new_settings: SettingsFa
     assert plugin["stages"] == ["bridge", "polish"]
     assert plugin["prices"]["credits_per_image"] == {"fake-1": {"image": 10.0}}
     broken = listed["broken-ep"]
-    assert broken["available"] is False
+    assert broken["available"] is False and broken["health"] == "ok"  # no circuit tripped: it never ran
     assert "licence server unreachable" in broken["note"]
     assert set(BUILTIN) <= set(listed)
 
