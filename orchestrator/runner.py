@@ -35,6 +35,7 @@ from orchestrator.db import Database, disk_full, transient
 from orchestrator.errors import (
     BudgetExceeded,
     Canceled,
+    Charged,
     ContentUnavailable,
     EngineError,
     Interrupted,
@@ -375,7 +376,9 @@ class JobRunner:
             # closed): a Canceled from it is a user's cancel (recorded in the row), which ends the
             # job now, with what it cost.
             if claim.shutdown and (not engine_returned or self._closed):
-                if exc.charged == "no":
+                # Work a provider accepted in this attempt is recovery's to follow (or take off a
+                # self-hosted server): queued again as unsent, the next run would send it afresh.
+                if exc.charged == "no" and not claim.accepted:
                     # Nothing reached a provider: queued again, with its hold, for the next start
                     # (recovery would fail a remote job as possibly billed).
                     try:
@@ -639,13 +642,19 @@ class JobRunner:
             nonlocal recorded
             # Both on the event loop, before any await: the runner's end of the attempt and this
             # ask to send are ordered, and whichever comes first decides what the other sees.
+            # An earlier request of this attempt may be out and billed: a cancel now is free only
+            # when none can be (a "no" for this request alone released a job whose first call was
+            # out, or queued it again on a stop, and the provider got that call twice).
+            earlier = claim.sending or bool(claim.accepted)
+            free: Charged = "unknown" if earlier else "no"
             if claim.ended:
-                raise Canceled("the job ended before this request was sent", charged="no")
+                raise Canceled("the job ended before this request was sent", charged=free)
             claim.sending = True
             # Bounded, and a cancel ends it (nothing of this request is out yet): a database that
             # stays away must not hold the send, or a cancel, for the save's two minutes of retries.
             with contextlib.suppress(TimeoutError):
-                await claim.cancel.race(asyncio.wait_for(progress.saved(), SAVE_WAIT_SECONDS), charged="no")
+                await claim.cancel.race(asyncio.wait_for(progress.saved(), SAVE_WAIT_SECONDS), charged=free)
+            claim.cancel.raise_if_cancelled(charged=free)  # the engine's own check after this would say "no"
             if claim.job.unsent_attempt != claim.attempt:
                 return  # an engine that does not announce its requests: recovery assumes it sent
             if recorded is None:

@@ -237,7 +237,10 @@ class Engine(Protocol):
 
     A remote engine's `Canceled` says what it cost (`charged=`); one that does not (the token's
     own, from `cancel.sleep` or `raise_if_cancelled`) is taken as free only while nothing of the
-    attempt can have been sent, and as `unknown` otherwise."""
+    attempt can have been sent, and as `unknown` otherwise. A `charged="no"` is taken as said: an
+    engine of several billable requests per job says it only while none of them is out (once one
+    is, a cancel costs at least `unknown`, as `tiers._cloud.paid_calls` does for the built-ins);
+    `billable_send()` raises a cancel of a later request so already."""
 
     name: str
     kind: Kind

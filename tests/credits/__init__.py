@@ -5,12 +5,16 @@ Helpers shared by the modules live here; the package's fixtures are in `conftest
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import httpx
+import pytest
+
+from orchestrator.runner import Claim, JobRunner
 
 # Shared with tests/api, re-exported for the credit modules.
 from tests.api import TERMINAL as TERMINAL
@@ -139,3 +143,18 @@ def wait_for_state(client: httpx.Client, job_id: str, state: str = "accepted") -
             if event.event == "state" and event.data.get("state") == state:
                 return
     raise AssertionError(f"job {job_id} ended before its engine reported '{state}'")
+
+
+def held_saves(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, threading.Event]:
+    """Saves of what providers accepted wait (as for the write lock) until `release` is set;
+    `waiting` is set once one does."""
+    real = JobRunner.save_provider_request
+    waiting, release = threading.Event(), threading.Event()
+
+    def held(self: JobRunner, claim: Claim, work: dict[str, Any]) -> None:
+        waiting.set()
+        release.wait(30)
+        real(self, claim, work)
+
+    monkeypatch.setattr(JobRunner, "save_provider_request", held)
+    return waiting, release

@@ -26,6 +26,7 @@ from tests.credits import (
     budget,
     create_project,
     get_json,
+    held_saves,
     iter_sse,
     kinds,
     ledger,
@@ -436,21 +437,6 @@ def saved_work(settings: Settings, job_id: str) -> tuple[str | None, Any]:
     return request_id, None if work is None else json.loads(work)
 
 
-def held_saves(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, threading.Event]:
-    """Saves of what providers accepted wait (as for the write lock) until `release` is set;
-    `waiting` is set once one does."""
-    real = JobRunner.save_provider_request
-    waiting, release = threading.Event(), threading.Event()
-
-    def held(self: JobRunner, claim: Claim, work: dict[str, Any]) -> None:
-        waiting.set()
-        release.wait(30)
-        real(self, claim, work)
-
-    monkeypatch.setattr(JobRunner, "save_provider_request", held)
-    return waiting, release
-
-
 def test_saving_the_provider_s_work_never_stalls_the_event_loop(api: httpx.Client, paid_settings: Settings,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     # The save waits for the database's write lock (another process writing, a slow disk): the
@@ -505,7 +491,9 @@ def test_a_request_that_can_bill_waits_for_the_work_accepted_before_it_to_be_sav
 
 def test_a_cancel_ends_the_wait_for_a_save_and_sends_nothing_more(
         api: httpx.Client, monkeypatch: pytest.MonkeyPatch) -> None:
-    _, asset_id = project_with_draft(api)
+    """The first call is out (and billed): the job's hold is captured for reconciliation. The
+    waiting second call's own "nothing was sent" released it, and the first call was paid by no one."""
+    project_id, asset_id = project_with_draft(api)
     waiting, release = held_saves(monkeypatch)  # a database that stays away
     prompt = "a lighthouse, canceled while its first call's id is being saved"
     job = promote_ok(api, asset_id, prompt=prompt, tags={"fake": "second-call"})
@@ -514,9 +502,12 @@ def test_a_cancel_ends_the_wait_for_a_save_and_sends_nothing_more(
         assert api.post(f"/v1/jobs/{job['id']}/cancel").status_code == 202
         done = wait_for_job(api, job["id"], timeout=10)  # not the save's wait
         assert done["status"] == "canceled", done
-        assert f"{prompt} (second call)" not in fakes.SENT
+        assert prompt in fakes.SENT and f"{prompt} (second call)" not in fakes.SENT
     finally:
         release.set()
+    settled = [(e["kind"], e["unreconciled"]) for e in ledger(api, project_id)
+               if e["job_id"] == job["id"] and e["kind"] != "hold"]
+    assert settled == [("capture", True)], settled
 
 
 def test_a_failed_save_of_the_provider_s_work_is_written_with_the_job_s_end(

@@ -16,7 +16,8 @@ import pytest
 
 from orchestrator.server import serve_in_thread
 from orchestrator.settings import Settings
-from tests.credits import PRICE, ledger, poll, project_with_draft, promote_ok, wait_for_job
+from tests import fakes
+from tests.credits import PRICE, held_saves, ledger, poll, project_with_draft, promote_ok, wait_for_job
 
 
 def test_a_stop_waits_for_a_sent_paid_request_and_stops_the_rest(
@@ -65,6 +66,37 @@ def test_without_grace_a_stop_leaves_a_sent_request_to_recovery(paid_settings_fo
                    if e["job_id"] == job["id"]]
     assert (done["status"], done["error"]["code"]) == ("failed", "interrupted")
     assert entries == [("hold", PRICE, False), ("capture", PRICE, True)]
+
+
+def test_a_stop_while_a_call_s_id_is_being_saved_does_not_send_that_call_again(
+        paid_settings_for: Callable[..., Settings], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A job of two paid calls, stopped while its first call's id waits for the write lock: the
+    second call's "nothing sent" queued the job again as unsent, and the restart sent the first
+    call twice. It is recovery's now, which never sends accepted work again."""
+    settings = paid_settings_for(tmp_path / "data", stop_grace=0)
+    prompt = "a lighthouse, stopped while its first call's id is being saved"
+    caplog.set_level(logging.INFO, logger="orchestrator.runner")
+    service = serve_in_thread(settings)
+    with httpx.Client(base_url=service.__enter__(), timeout=30) as client:
+        project_id, asset_id = project_with_draft(client)
+        waiting, release = held_saves(monkeypatch)
+        job = promote_ok(client, asset_id, prompt=prompt, tags={"fake": "second-call"})
+        assert waiting.wait(10)
+    stopper = threading.Thread(target=service.__exit__, args=(None, None, None))
+    stopper.start()
+    try:  # the save is let go once the stop has settled the job
+        poll(lambda: caplog.text, lambda text: f"job {job['id']} interrupted by shutdown" in text, what="the stop")
+    finally:
+        release.set()
+    stopper.join(60)
+    monkeypatch.undo()
+    with serve_in_thread(settings) as base, httpx.Client(base_url=base, timeout=30) as client:
+        done = wait_for_job(client, job["id"])
+        entries = [(e["kind"], e["unreconciled"]) for e in ledger(client, project_id) if e["job_id"] == job["id"]]
+    assert fakes.SENT.count(prompt) == 1, fakes.SENT
+    assert (done["status"], done["error"]["code"]) == ("failed", "interrupted"), done
+    assert entries == [("hold", False), ("capture", True)]
 
 
 def _row(settings: Settings, job_id: str) -> tuple[str, str | None, str | None]:
