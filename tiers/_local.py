@@ -125,6 +125,16 @@ def negative_prompt_arguments(pipe: Any, negative_prompt: str, guidance: float, 
     return {}
 
 
+def _identity(model: str) -> str:
+    """One key per model however its path is spelled (`/m/sd` and `/m/sd/`, through a link):
+    ORCH_LITE_MODEL and ORCH_HIFI_MODEL naming one folder two ways loaded its weights twice."""
+    path = Path(model).expanduser()
+    try:
+        return str(path.resolve()) if model != tiny.NAME and path.exists() else model
+    except (OSError, ValueError):  # a name too long for a file, a NUL
+        return model
+
+
 def hf_hub_cached(repo_id: str) -> bool:
     return snapshot_folder(repo_id) is not None
 
@@ -436,7 +446,7 @@ class LocalRuntime:
 
     def load_failure(self, model: str) -> EngineUnavailable | None:
         """Why the model could not be loaded, when it failed less than LOAD_RETRY_SECONDS ago."""
-        failure = self._load_failures.get(model)
+        failure = self._load_failures.get(_identity(model))
         if failure is None or time.monotonic() - failure[0] >= LOAD_RETRY_SECONDS:
             return None
         return failure[1]
@@ -445,13 +455,13 @@ class LocalRuntime:
 
     def text2img(self, model: str) -> Any:
         with self._load_lock:
-            key = (model, "text2img")
+            key = (_identity(model), "text2img")
             if key not in self._pipes:
                 self._pipes[key] = self._load(model)
             return self._pipes[key]
 
     def img2img(self, model: str) -> Any:
-        key = (model, "img2img")
+        key = (_identity(model), "img2img")
         if key in self._pipes:
             return self._pipes[key]
         if self._image_to_image_only(model):
@@ -496,9 +506,10 @@ class LocalRuntime:
             pipe = self._load_pipeline(model, image_to_image=image_to_image)
         except EngineUnavailable as exc:
             # A copy: the error's traceback would keep what the failed load had made in memory.
-            self._load_failures[model] = (time.monotonic(), EngineUnavailable(exc.message, details=exc.details))
+            self._load_failures[_identity(model)] = (time.monotonic(),
+                                                     EngineUnavailable(exc.message, details=exc.details))
             raise
-        self._load_failures.pop(model, None)
+        self._load_failures.pop(_identity(model), None)
         try:
             self._warm_up(pipe, model, image_to_image=image_to_image)
         except Exception as exc:  # an optimisation: the model is loaded; a job that fails alike says why
@@ -572,7 +583,7 @@ class LocalRuntime:
                 error = EngineUnavailable(f"could not build the offline tiny model in ORCH_CACHE_DIR "
                                           f"({exc.strerror or type(exc).__name__})",
                                           details={"model": model, "setting": "ORCH_CACHE_DIR"})
-                self._load_failures[model] = (time.monotonic(), error)
+                self._load_failures[_identity(model)] = (time.monotonic(), error)
                 raise error from exc
         return Path(model).expanduser()
 

@@ -212,6 +212,18 @@ async def test_a_tiny_model_that_cannot_be_built_leaves_the_engine_unavailable_s
     assert not available and reason is not None and "ORCH_CACHE_DIR" in reason and str(tmp_path) not in reason
 
 
+async def test_one_folder_named_two_ways_is_loaded_once(engines: EngineFactory,
+                                                        tiny_copy: Callable[[str], Path]) -> None:
+    folder = tiny_copy("sd15")
+    lite, hifi = engines(lite_model=str(folder), hifi_model=f"{folder}/", lite_device="cpu")
+    await lite.run(draft(), RecordingProgress(), CancelToken())
+    await hifi.run(RenderRequest(stage="bridge", prompt="a lighthouse", width=64, height=64, seed=1, n=1, steps=2,
+                                 init_image=draft_image(), strength=0.5), RecordingProgress(), CancelToken())
+    assert sorted(kind for _, kind in lite.runtime._pipes) == ["img2img", "text2img"]  # not a second text2img
+    text2img, img2img = (lite.runtime._pipes[(str(folder.resolve()), kind)] for kind in ("text2img", "img2img"))
+    assert img2img.unet is text2img.unet  # one copy of the weights
+
+
 def pixel(image: Any) -> tuple[int, int, int]:
     value = image.getpixel((0, 0))
     return (value[0], value[1], value[2])
