@@ -125,6 +125,21 @@ def negative_prompt_arguments(pipe: Any, negative_prompt: str, guidance: float, 
     return {}
 
 
+def _hub_fetch_failed(exc: BaseException) -> bool:
+    """Whether the Hugging Face Hub's client failed to fetch a file somewhere behind `exc`: a single
+    file lacking its text encoder's weights, its configuration cached, was blamed on an offline Hub."""
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    seen: BaseException | None = exc
+    for _ in range(20):  # a chain, not a cycle
+        if seen is None:
+            return False
+        if isinstance(seen, (LocalEntryNotFoundError, OfflineModeIsEnabled)):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def _identity(model: str) -> str:
     """One key per model however its path is spelled (`/m/sd` and `/m/sd/`, through a link):
     ORCH_LITE_MODEL and ORCH_HIFI_MODEL naming one folder two ways loaded its weights twice."""
@@ -541,7 +556,7 @@ class LocalRuntime:
                 # diffusers then blames a missing model_index.json: the cause is the network.
                 reason = ("it is not in the Hugging Face cache and the Hub did not answer "
                           "(offline? see HF_ENDPOINT, HF_HUB_OFFLINE; or give a local folder or file)")
-            elif source.is_file() and not isinstance(exc, SafetensorError) and not hf_hub_reachable():
+            elif source.is_file() and not isinstance(exc, SafetensorError) and _hub_fetch_failed(exc):
                 # from_single_file reads the model family's configuration from the Hub (or its cache).
                 reason = ("a single checkpoint file needs its model family's configuration from the Hugging "
                           "Face Hub or its cache, and the Hub did not answer (load it once online, or convert "

@@ -467,6 +467,32 @@ async def test_a_single_file_that_is_not_a_checkpoint_is_unavailable_saying_why(
     assert "needs its model family's configuration from the Hugging Face Hub" in info.value.message
 
 
+async def test_a_single_file_s_own_fault_offline_is_not_blamed_on_the_hub(
+        make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    """Its family's configuration in the cache, the file lacking its text encoder's weights: the
+    message said the Hub did not answer, hiding what to fix."""
+    import huggingface_hub.constants
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import save_file
+
+    def from_single_file(cls: Any, path: str, **kwargs: Any) -> Any:
+        raise ValueError("Failed to load CLIPTextModel. Weights for this component appear to be missing")
+
+    monkeypatch.setattr(StableDiffusionPipeline, "from_single_file", classmethod(from_single_file))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    checkpoint = tmp_path / "mymodel.safetensors"
+    save_file({"model.diffusion_model.out.0.weight": torch.zeros(4)}, str(checkpoint))
+    lite = LiteEngine(EngineContext(settings=make_settings(lite_model=str(checkpoint))))
+    try:
+        with pytest.raises(EngineUnavailable) as info:
+            await lite.run(draft(n=1), RecordingProgress(), CancelToken())
+    finally:
+        lite.runtime.shutdown(timeout=30)
+    assert info.value.message == ("could not load model 'mymodel.safetensors': Failed to load CLIPTextModel. "
+                                  "Weights for this component appear to be missing")
+
+
 async def test_a_model_without_an_image_to_image_pipeline_is_unavailable_for_bridge(
         engines: EngineFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     from diffusers import AutoPipelineForImage2Image
