@@ -171,10 +171,12 @@ def hf_hub_reachable(timeout: float = 1.5) -> bool:
     import httpx
 
     try:
-        httpx.head(os.environ.get("HF_ENDPOINT", "https://huggingface.co"), timeout=timeout)
+        answer = httpx.head(os.environ.get("HF_ENDPOINT", "https://huggingface.co"), timeout=timeout,
+                            follow_redirects=True)
     except (httpx.HTTPError, httpx.InvalidURL):  # a malformed HF_ENDPOINT is no Hub either
         return False
-    return True
+    # A proxy refusing the way out (403, 404) answers too: `auto` then chose a model it could not fetch.
+    return answer.is_success
 
 
 def _is_path(spec: str) -> bool:

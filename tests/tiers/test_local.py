@@ -13,7 +13,9 @@ import threading
 from types import SimpleNamespace
 from typing import Any
 
+import httpx
 import pytest
+import respx
 import torch
 
 from orchestrator.errors import BadEngineInput, Canceled, EngineError, EngineUnavailable
@@ -360,6 +362,17 @@ def test_a_malformed_hub_endpoint_is_an_unreachable_hub(monkeypatch: pytest.Monk
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setenv("HF_ENDPOINT", endpoint)
     assert hf_hub_reachable() is False
+
+
+@pytest.mark.parametrize(("status", "reachable"), [(200, True), (403, False), (404, False), (502, False)])
+@respx.mock
+def test_only_a_hub_that_answers_ok_is_reachable(monkeypatch: pytest.MonkeyPatch, status: int,
+                                                 reachable: bool) -> None:
+    # A proxy refusing the way out answers as well: `auto` chose SD-Turbo, and the first draft failed.
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.example")
+    respx.head("https://hub.example").mock(return_value=httpx.Response(status))
+    assert hf_hub_reachable() is reachable
 
 
 @pytest.mark.parametrize("spec", ["models/missing/sd-turbo", "my model", "org/model.git"])
