@@ -744,6 +744,11 @@ class JobRunner:
         accepted = _accepted_values(claim.accepted) if claim.accepted else {}
         accepted_ids = accepted.pop("provider_request_id", None)
         request_id = result.provider_request_id or accepted_ids
+        engine = self.registry.get(job.engine)
+        if job.cache_key:
+            # Keyed again by the model that rendered it: a job queued before a restart changed the
+            # engine's model was keyed by the old one, and served the new one's image as its hit.
+            accepted["cache_key"] = cache_key(job.engine, engine.model, job.params)
         self._guarded_update(s, claim, unless_canceled=True, status="succeeded", finished_at=now, lease_owner=None,
                              lease_expires_at=None, progress_step=job.progress_total or 1,
                              progress_total=job.progress_total or 1, model=result.model, **accepted,
@@ -756,7 +761,6 @@ class JobRunner:
         for row in rows:
             row.id = new_id("ast")
         s.add_all(rows)
-        engine = self.registry.get(job.engine)
         # Free local work holds nothing: the ledger's lookup is skipped on the hot path.
         if job.estimated > 0 or result.cost_millicredits or billed_by_provider(engine):
             self.ledger.charge_made(s, job, result.cost_millicredits)

@@ -79,6 +79,28 @@ def test_same_key_different_body_conflicts(api: httpx.Client) -> None:
     assert kinds(ledger(api, project_id))["hold"] == 1
 
 
+def test_a_job_that_ran_on_another_model_than_it_was_asked_is_a_hit_for_that_model_only(
+        api: httpx.Client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Queued under one model, run after the engine's model changed (a restart between): it was
+    keyed by the model asked for, and served the other model's image as that model's hit."""
+    from tests.fakes import FakePaidEngine
+
+    _, asset_id = project_with_draft(api, {"limit": 100, "period": "month"})
+    until = tmp_path / "model-changed"
+    body = {"cache": True, "seed": 11}
+    queued = promote_ok(api, asset_id, **body, tags={"fake": "wait-before-send", "until": str(until)})
+    monkeypatch.setattr(FakePaidEngine, "model", property(lambda self: "fake-2"))
+    monkeypatch.setattr(FakePaidEngine, "estimate", lambda self, req: req.n * round(PRICE * 1000))
+    until.write_text("")
+    assert wait_for_job(api, queued["id"])["status"] == "succeeded"
+    again = promote_ok(api, asset_id, **body)  # on fake-2 still: the same image
+    assert again["cost"]["cache_hit"], again
+    monkeypatch.undo()  # back on fake-1
+    other = promote_ok(api, asset_id, **body)
+    assert not other["cost"]["cache_hit"], other
+    assert wait_for_job(api, other["id"])["status"] == "succeeded"
+
+
 def test_identical_paid_request_is_served_from_the_cache(api: httpx.Client) -> None:
     project_id, asset_id = project_with_draft(api, {"limit": 100, "period": "month"})
     explain = {"stage": "bridge", "source_asset_id": asset_id, "cache": True, "seed": 5}
