@@ -41,7 +41,7 @@ from orchestrator.schemas import MAX_SEED, MAX_SIDE, MAX_TAGS, MIN_SIDE, DraftCr
 from orchestrator.store import ArtifactStore
 from orchestrator.workers import Presence
 from policies.schema import PRIVACY_LOCAL, PRIVACY_TAG, is_private
-from tiers.base import RenderRequest, billed_by_provider, to_credits, to_millicredits
+from tiers.base import Capabilities, RenderRequest, billed_by_provider, to_credits, to_millicredits
 
 Body = DraftCreate | PromoteCreate | PolishCreate
 # Retry-After for a request whose engine's half-open probe another request took while it was routed:
@@ -111,7 +111,7 @@ class JobService:
         params: dict[str, Any] = {
             "stage": "bridge", "prompt": body.prompt or source.prompt,
             "negative_prompt": source.negative_prompt if body.negative_prompt is None else body.negative_prompt,
-            "n": 1, "seed": _seed(body.seed, source),
+            "n": 1, **_seed(body.seed, source),
             "width": width, "height": height, "strength": body.strength, "quality": body.quality,
             "steps": body.steps, "tags": self._tags(source, body.tags), "source_sha256": source.sha256,
             "source_size": [source.width, source.height],
@@ -133,7 +133,7 @@ class JobService:
         width, height = self._size(source, body.width, body.height, scale or 1.0, self._multiple("polish"))
         params: dict[str, Any] = {
             "stage": "polish", "prompt": body.prompt or source.prompt, "negative_prompt": source.negative_prompt,
-            "n": 1, "seed": _seed(body.seed, source),
+            "n": 1, **_seed(body.seed, source),
             "width": width, "height": height, "scale": scale, "creativity": body.creativity,
             "tags": self._tags(source, body.tags), "source_sha256": source.sha256,
             "source_size": [source.width, source.height],
@@ -448,7 +448,7 @@ class JobService:
         paid = cache and decision.estimate > 0
         params = self.job_params(prepared, decision)
         return Job(
-            cache_key=cache_key(decision.chosen, engine.model, params) if paid else None,
+            cache_key=cache_key(decision.chosen, engine.model, params, engine.capabilities) if paid else None,
             id=new_id("job"), project_id=prepared.project_id, stage=prepared.stage, engine=decision.chosen,
             model=engine.model, status="queued", params=params,
             source_asset_id=prepared.source.id if prepared.source else None,
@@ -585,11 +585,14 @@ def _stored_tags(tags: dict[str, str]) -> dict[str, str]:
     return out
 
 
-def _seed(requested: int | None, source: Asset) -> int:
-    """The request's seed, else the source's (seed 0 included), else a fresh one."""
+def _seed(requested: int | None, source: Asset) -> dict[str, Any]:
+    """The request's seed, else the source's (seed 0 included), else a fresh one, marked drawn
+    (any seed answers such a request: the result cache leaves it out)."""
     if requested is not None:
-        return requested
-    return source.seed if source.seed is not None else secrets.randbelow(MAX_SEED + 1)
+        return {"seed": requested}
+    if source.seed is not None:
+        return {"seed": source.seed}
+    return {"seed": secrets.randbelow(MAX_SEED + 1), "seed_drawn": True}
 
 
 def _within_budget(decision: Decision, balance: Balance) -> bool:
@@ -612,10 +615,18 @@ def _within_budget(decision: Decision, balance: Balance) -> bool:
     return True
 
 
-def cache_key(engine: str, model: str, params: dict[str, Any]) -> str:
-    """Identifies an identical paid request: engine, model, parameters (source hash and seed
-    included); tags do not change the image, so they are left out."""
-    identity = {"engine": engine, "model": model, "params": {k: v for k, v in params.items() if k != "tags"}}
+def cache_key(engine: str, model: str, params: dict[str, Any], capabilities: Capabilities) -> str:
+    """Identifies an identical paid request: engine, model, parameters (source hash and a seed
+    asked for included). Left out, as they do not change what is asked: tags, a seed the request
+    left to the service (`seed_drawn`), and what the engine does not take (a seed, a negative
+    prompt). With them in, every polish of a Gemini, OpenAI or fal image drew a fresh seed those
+    engines ignore, and never found the earlier one."""
+    left_out = {"tags", "seed_drawn"}
+    if params.get("seed_drawn") or not capabilities.seeds:
+        left_out.add("seed")
+    if not capabilities.negative_prompt:
+        left_out.add("negative_prompt")
+    identity = {"engine": engine, "model": model, "params": {k: v for k, v in params.items() if k not in left_out}}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 

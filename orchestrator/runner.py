@@ -546,7 +546,8 @@ class JobRunner:
             self.ledger.settle_failure(s, job, error)
             self._guarded_update(s, claim, unless_canceled=True, status="queued", engine=engine, model=model,
                                  estimated=estimate,
-                                 cache_key=cache_key(engine, model, job.params) if job.cache_key else None,
+                                 cache_key=(cache_key(engine, model, job.params, self.registry.get(engine).capabilities)
+                                            if job.cache_key else None),
                                  provider_work=None,
                                  lease_owner=None, lease_expires_at=None, progress_step=0, progress_total=0,
                                  attempts=[*(job.attempts or []),
@@ -748,7 +749,7 @@ class JobRunner:
         if job.cache_key:
             # Keyed again by the model that rendered it: a job queued before a restart changed the
             # engine's model was keyed by the old one, and served the new one's image as its hit.
-            accepted["cache_key"] = cache_key(job.engine, engine.model, job.params)
+            accepted["cache_key"] = cache_key(job.engine, engine.model, job.params, engine.capabilities)
         self._guarded_update(s, claim, unless_canceled=True, status="succeeded", finished_at=now, lease_owner=None,
                              lease_expires_at=None, progress_step=job.progress_total or 1,
                              progress_total=job.progress_total or 1, model=result.model, **accepted,

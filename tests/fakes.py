@@ -124,7 +124,9 @@ class FakePaidEngine:
             colour = tuple(int(c) for c in ImageStat.Stat(req.init_image.convert("RGB")).mean)  # type: ignore[assignment]
         # "short": answered, one image missing; "extra": two more than asked (a plugin's bug).
         count = req.n - 1 if behaviour == "short" else req.n + 2 if behaviour == "extra" else req.n
-        images = [RenderedImage(Image.new("RGB", (req.width, req.height), colour), req.seed) for _ in range(count)]
+        # "seedless": images without a seed, as Gemini's, OpenAI's and fal's are.
+        seed = None if behaviour == "seedless" else req.seed
+        images = [RenderedImage(Image.new("RGB", (req.width, req.height), colour), seed) for _ in range(count)]
         progress.step(1, 1)
         cost = req.tags.get("cost")
         # A cost of no whole millicredits (or an infinite one) is reported as it is: a plugin's bug.

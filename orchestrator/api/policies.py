@@ -180,7 +180,16 @@ def explain(body: ExplainRequest, services: ServicesDep, caller: CallerDep) -> d
     return {"project_id": prepared.project_id, "stage": body.stage, "engine": decision.chosen,
             "estimate": 0.0 if cache_hit else to_credits(decision.estimate), "cache_hit": cache_hit,
             "routing": decision.as_dict(),
-            "params": {k: v for k, v in jobs.job_params(prepared, decision).items() if k != "source_sha256"}}
+            "params": _told(jobs.job_params(prepared, decision))}
+
+
+def _told(params: dict[str, Any]) -> dict[str, Any]:
+    """The job's params as explain tells them: a seed the service drew is none (a real job draws
+    its own: the one drawn here would mislead)."""
+    told = {k: v for k, v in params.items() if k not in ("source_sha256", "seed_drawn")}
+    if params.get("seed_drawn"):
+        told["seed"] = None
+    return told
 
 
 def _stage_body(model: type[StageBody], fields: dict[str, Any]) -> StageBody:

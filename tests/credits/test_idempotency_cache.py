@@ -101,6 +101,24 @@ def test_a_job_that_ran_on_another_model_than_it_was_asked_is_a_hit_for_that_mod
     assert wait_for_job(api, other["id"])["status"] == "succeeded"
 
 
+def test_a_seedless_polish_of_a_seedless_image_is_served_from_the_cache(api: httpx.Client) -> None:
+    """The fake engine, as Gemini, OpenAI and fal, takes no seed and makes images without one: each
+    polish of its bridge drew a fresh seed into the cache key, and paid again for the same image."""
+    project_id, asset_id = project_with_draft(api, {"limit": 100, "period": "month"})
+    bridge = wait_for_job(api, promote_ok(api, asset_id, cache=True, tags={"fake": "seedless"})["id"])
+    bridged = bridge["assets"][0]
+    assert get_json(api, f"/v1/assets/{bridged}")["seed"] is None
+    explain = {"stage": "polish", "source_asset_id": bridged, "cache": True, "scale": 2}
+    before = api.post("/v1/route/explain", json=explain).json()
+    assert (before["cache_hit"], before["params"]["seed"]) == (False, None)  # no drawn seed told
+    first = wait_for_job(api, api.post(f"/v1/assets/{bridged}/polish", json={"cache": True, "scale": 2}).json()["id"])
+    assert first["status"] == "succeeded" and not first["cost"]["cache_hit"]
+    assert api.post("/v1/route/explain", json=explain).json()["cache_hit"]
+    second = api.post(f"/v1/assets/{bridged}/polish", json={"cache": True, "scale": 2}).json()
+    assert second["cost"]["cache_hit"] and second["cost"]["charged"] == 0, second
+    assert get_json(api, f"/v1/projects/{project_id}/budget")["charged"] == 2 * PRICE  # the bridge and one polish
+
+
 def test_identical_paid_request_is_served_from_the_cache(api: httpx.Client) -> None:
     project_id, asset_id = project_with_draft(api, {"limit": 100, "period": "month"})
     explain = {"stage": "bridge", "source_asset_id": asset_id, "cache": True, "seed": 5}
@@ -183,7 +201,7 @@ def test_a_free_copy_is_served_under_a_max_credits_below_the_estimate(api: httpx
     # The copy costs nothing, as it needs no room in the budget; a new render is still capped.
     copy = promote_ok(api, asset_id, cache=True, seed=6, max_credits=5)
     assert copy["cost"]["cache_hit"] and copy["status"] == "succeeded"
-    refused = promote(api, asset_id, cache=True, seed=7, max_credits=5)
+    refused = promote(api, asset_id, cache=True, seed=6, strength=0.3, max_credits=5)
     assert refused.status_code == 402 and "above max_credits" in refused.json()["error"]["message"]
     assert kinds(ledger(api, project_id)) == {"hold": 1, "capture": 1}
 
@@ -276,3 +294,24 @@ def test_polish_s_default_scale_and_an_explicit_scale_of_2_are_one_request(api: 
                              .json()["id"])
         assert again["cost"]["cache_hit"] is True, (body, again["cost"])
     assert budget(api, project_id)["charged"] == 10
+
+
+def test_the_cache_key_holds_what_changes_the_image_on_that_engine() -> None:
+    from orchestrator.jobs import cache_key
+    from tiers.base import Capabilities
+
+    seeded = Capabilities(seeds=True, negative_prompt=True)
+    seedless = Capabilities()
+    base = {"stage": "polish", "prompt": "p", "negative_prompt": "", "seed": 1, "scale": 2.0, "tags": {}}
+
+    def same(a: dict[str, Any], b: dict[str, Any], caps: Capabilities) -> bool:
+        return cache_key("e", "m", {**base, **a}, caps) == cache_key("e", "m", {**base, **b}, caps)
+
+    assert not same({"seed": 1}, {"seed": 2}, seeded)
+    assert same({"seed": 1}, {"seed": 2}, seedless)  # an engine that takes no seed makes the same image
+    assert same({"seed": 1, "seed_drawn": True}, {"seed": 2, "seed_drawn": True}, seeded)  # any seed was asked for
+    assert not same({"seed": 1}, {"seed": 1, "seed_drawn": True}, seeded)
+    assert not same({"negative_prompt": "a"}, {"negative_prompt": "b"}, seeded)
+    assert same({"negative_prompt": "a"}, {"negative_prompt": "b"}, seedless)
+    assert same({"tags": {"a": "1"}}, {"tags": {"b": "2"}}, seeded)
+    assert not same({"scale": 2.0}, {"scale": 3.0}, seedless)
