@@ -106,11 +106,11 @@ class JobService:
         return Prepared(project_id, "ideation", params, render_request(params), None)
 
     def prepare_promote(self, asset_id: str, body: PromoteCreate) -> Prepared:
-        source = self._source(asset_id)
+        source, asked_negative = self._source(asset_id)
         width, height = self._size(source, body.width, body.height, 1.0, self._multiple("bridge"))
         params: dict[str, Any] = {
             "stage": "bridge", "prompt": body.prompt or source.prompt,
-            "negative_prompt": source.negative_prompt if body.negative_prompt is None else body.negative_prompt,
+            "negative_prompt": asked_negative if body.negative_prompt is None else body.negative_prompt,
             "n": 1, **_seed(body.seed, source),
             "width": width, "height": height, "strength": body.strength, "quality": body.quality,
             "steps": body.steps, "tags": self._tags(source, body.tags), "source_sha256": source.sha256,
@@ -119,7 +119,7 @@ class JobService:
         return Prepared(source.project_id, "bridge", params, render_request(params), source)
 
     def prepare_polish(self, asset_id: str, body: PolishCreate) -> Prepared:
-        source = self._source(asset_id)
+        source, asked_negative = self._source(asset_id)
         scale = body.scale if body.width is None and body.height is None else None
         if scale is not None and "scale" in body.model_fields_set:
             # Said of the scale sent, as the schema says of a width: an engine's refusal would name a
@@ -132,7 +132,7 @@ class JobService:
                     details={"scale": scale, "source_size": [source.width, source.height]}, loc=("body", "scale"))
         width, height = self._size(source, body.width, body.height, scale or 1.0, self._multiple("polish"))
         params: dict[str, Any] = {
-            "stage": "polish", "prompt": body.prompt or source.prompt, "negative_prompt": source.negative_prompt,
+            "stage": "polish", "prompt": body.prompt or source.prompt, "negative_prompt": asked_negative,
             "n": 1, **_seed(body.seed, source),
             "width": width, "height": height, "scale": scale, "creativity": body.creativity,
             "tags": self._tags(source, body.tags), "source_sha256": source.sha256,
@@ -185,11 +185,17 @@ class JobService:
             return _round_to(height * source.width / source.height, multiple), height
         return _round_to(source.width * scale, multiple), _round_to(source.height * scale, multiple)
 
-    def _source(self, asset_id: str) -> Asset:
+    def _source(self, asset_id: str) -> tuple[Asset, str]:
+        """The asset, and the negative prompt its job was asked for: the asset's own is the one that
+        shaped it, none where the model could not use it (a turbo draft at guidance 0), and a
+        promotion to an engine that can must not lose the artist's."""
         with self.db.session() as s:
             asset = s.get(Asset, asset_id)
+            asked = None if asset is None else s.scalar(select(Job.params).where(col(Job.id) == asset.job_id))
         if asset is None:
             raise NotFound(f"asset '{asset_id}' not found", details={"asset_id": asset_id})
+        negative = asked.get("negative_prompt") if isinstance(asked, dict) else None
+        negative = negative if isinstance(negative, str) else asset.negative_prompt
         if asset.deleted_at is not None:
             raise gone(asset)
         try:
@@ -201,7 +207,7 @@ class JobService:
             raise ContentUnavailable(f"asset '{asset_id}' has no content: its image file is {what} the store "
                                      "(restore it from a backup)",
                                      details={"asset_id": asset_id, **exc.details}) from None
-        return asset
+        return asset, negative
 
     def check_room(self, project_id: str) -> None:
         """Raise `TooManyJobs` when a submit to the project would be refused for its unfinished

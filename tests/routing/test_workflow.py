@@ -301,3 +301,16 @@ def test_a_polish_given_a_size_is_priced_as_the_upscale_it_is(new_settings: Sett
                 "stage": "polish", "source_asset_id": draft_id, "engine": "stability", **body})
             assert explained.status_code == 200, explained.text
             assert (explained.json()["engine"], explained.json()["estimate"]) == ("stability", estimate), body
+
+
+def test_an_unused_negative_prompt_still_reaches_the_bridge_and_the_polish(offline: httpx.Client) -> None:
+    """The tiny model's drafts run at guidance 0, where a negative prompt has no effect: the draft's
+    record leaves it out, and its promotion, reading the asset's, lost the artist's for good."""
+    project = create_project(offline, "negative")["id"]
+    draft = run_draft(offline, project, prompt=PROMPT, negative_prompt="blurry")
+    draft_asset = offline.get(f"/v1/assets/{draft['assets'][0]}").json()
+    assert draft_asset["negative_prompt"] == "" and draft["params"]["negative_prompt"] == "blurry"
+    bridge = wait_for_job(offline, promote(offline, draft_asset["id"])["id"])
+    assert bridge["params"]["negative_prompt"] == "blurry"
+    final = polish(offline, bridge["assets"][0])
+    assert final["params"]["negative_prompt"] == "blurry"
