@@ -43,6 +43,9 @@ RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504}) | frozenset(range(505
 # provider's origin: it strips only `Authorization` (and a client's `auth=` goes with the first
 # request only: see `_exchange`).
 KEY_HEADERS = frozenset({"x-goog-api-key", "x-api-key", "api-key", "x-key"})
+# How far past an error text's length it is read before the credentials are taken out: more than
+# any key's length, so none that starts within the text is cut.
+CUT_MARGIN = 4096
 # The least time an attempt admitted before the deadline is given to be answered.
 MIN_ATTEMPT_SECONDS = 1.0
 # The most an answer may hold once decompressed. The largest real answer is an image: a 4096x4096
@@ -631,8 +634,9 @@ class RemoteClient:
 
 def error_text(response: httpx.Response, limit: int = 300) -> str:
     """A short, human description of a provider's error body, whatever its shape, without the
-    credentials the request carried (a provider or a proxy may echo the request's headers)."""
-    return without_credentials(_described(response, limit), response)
+    credentials the request carried (a provider or a proxy may echo the request's headers).
+    Cut after the credentials are taken out: cut first, a key across the cut kept its first part."""
+    return without_credentials(_described(response, limit + CUT_MARGIN), response)[:limit]
 
 
 def _described(response: httpx.Response, limit: int) -> str:

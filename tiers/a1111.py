@@ -30,7 +30,7 @@ from typing import Any, Literal
 import httpx
 
 from orchestrator.errors import BadEngineInput, Canceled, EngineError, EngineTimeout, EngineUnavailable
-from tiers._http import RemoteClient, error_text
+from tiers._http import RemoteClient, error_text, without_credentials
 from tiers._images import b64decode_tolerant, b64encode, decode_image, encode_image
 from tiers.base import (
     CancelToken,
@@ -354,7 +354,7 @@ class A1111Engine:
             detail = json.dumps(detail)
         error = body.get("error")
         text = ": ".join(str(x) for x in (error if isinstance(error, str) else None, detail) if x)
-        return text[:500] or f"HTTP {response.status_code}"
+        return without_credentials(text, response)[:500] or f"HTTP {response.status_code}"
 
     async def aclose(self) -> None:
         await self.http.aclose()

@@ -43,7 +43,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from orchestrator.errors import BadEngineInput, Canceled, EngineError, EngineTimeout, EngineUnavailable
-from tiers._http import RemoteClient, error_text
+from tiers._http import RemoteClient, error_text, without_credentials
 from tiers._images import decode_image, encode_image
 from tiers.base import (
     CancelToken,
@@ -629,7 +629,7 @@ class ComfyUIEngine:
                 )
                 nodes.append(str(node_id))
                 parts.append(f"node {node_id} ({info.get('class_type', '?')}): {reasons or 'invalid'}")
-        told = " | ".join(p for p in parts if p)[:1000] or None
+        told = without_credentials(" | ".join(p for p in parts if p), response)[:1000] or None
         types = {error.get("type")} if isinstance(error, dict) else set()
         if isinstance(node_errors, dict):
             types |= {e.get("type") for info in node_errors.values() if isinstance(info, dict)
