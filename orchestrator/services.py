@@ -152,8 +152,12 @@ def startup_problems(settings: Settings, *, service: bool = True) -> list[str]:
     # `migrate` on a database of its own (PostgreSQL, a SQLite file elsewhere) writes nothing there.
     if service or not settings.database_url:
         problems.extend(_data_dir_problems(settings, assets=service))
-    if service and {settings.lite_model, settings.effective_hifi_model} & {"auto", TINY_MODEL}:
+    if service and TINY_MODEL in {settings.lite_model, settings.effective_hifi_model}:
         problems.extend(_cache_dir_problems(settings))
+    elif service and "auto" in {settings.lite_model, settings.effective_hifi_model}:
+        # `auto` builds it only when no real model is at hand: the start goes on, told.
+        for problem in _cache_dir_problems(settings):
+            log.warning("%s: the offline tiny model ORCH_LITE_MODEL=auto falls back to cannot be built", problem)
     if service:
         problems.extend(f"ORCH_ENGINES: {problem}" for problem in extra_engine_problems(settings.engines))
         try:
