@@ -165,18 +165,23 @@ def _is_hub_id(spec: str) -> bool:
             and not spec.endswith(".git"))
 
 
-def hf_hub_reachable(timeout: float = 1.5) -> bool:
+def hf_hub_reachable(timeout: float = 1.5, file: str | None = None) -> bool:
+    """Whether the Hub (HF_ENDPOINT) answers; given a `file` (`org/name/model_index.json`), whether
+    it serves that file: a proxy refusing the way out (403, 404) answers too, and `auto` then chose
+    a model it could not fetch. A mirror may refuse its root and serve files: the file is asked."""
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
         return False
     import httpx
 
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    if file is not None:
+        repo, _, name = file.rpartition("/")
+        endpoint = f"{endpoint}/{repo}/resolve/main/{name}"
     try:
-        answer = httpx.head(os.environ.get("HF_ENDPOINT", "https://huggingface.co"), timeout=timeout,
-                            follow_redirects=True)
+        answer = httpx.head(endpoint, timeout=timeout, follow_redirects=file is not None)
     except (httpx.HTTPError, httpx.InvalidURL):  # a malformed HF_ENDPOINT is no Hub either
         return False
-    # A proxy refusing the way out (403, 404) answers too: `auto` then chose a model it could not fetch.
-    return answer.is_success
+    return file is None or answer.is_success
 
 
 def _is_path(spec: str) -> bool:
@@ -189,7 +194,7 @@ def resolve_model(spec: str) -> str:
     """`auto` becomes SD-Turbo when it is cached or the Hub answers, else the offline tiny model."""
     if spec != "auto":
         return spec
-    if hf_hub_cached(AUTO_MODEL) or hf_hub_reachable():
+    if hf_hub_cached(AUTO_MODEL) or hf_hub_reachable(file=f"{AUTO_MODEL}/model_index.json"):
         return AUTO_MODEL
     log.warning("ORCH_LITE_MODEL=auto: %s is neither cached nor reachable; using %s (its images are noise)",
                 AUTO_MODEL, tiny.NAME)

@@ -341,7 +341,7 @@ def test_auto_is_sd_turbo_when_it_can_be_had_else_the_smoke_model(
     import tiers._local as local
 
     monkeypatch.setattr(local, "hf_hub_cached", lambda repo_id: cached)
-    monkeypatch.setattr(local, "hf_hub_reachable", lambda timeout=1.5: reachable)
+    monkeypatch.setattr(local, "hf_hub_reachable", lambda timeout=1.5, file=None: reachable)
     local.resolve_model.cache_clear()
     try:
         with caplog.at_level("WARNING", logger="tiers._local"):
@@ -366,13 +366,17 @@ def test_a_malformed_hub_endpoint_is_an_unreachable_hub(monkeypatch: pytest.Monk
 
 @pytest.mark.parametrize(("status", "reachable"), [(200, True), (403, False), (404, False), (502, False)])
 @respx.mock
-def test_only_a_hub_that_answers_ok_is_reachable(monkeypatch: pytest.MonkeyPatch, status: int,
-                                                 reachable: bool) -> None:
+def test_auto_counts_on_the_hub_only_where_it_serves_the_model(monkeypatch: pytest.MonkeyPatch, status: int,
+                                                               reachable: bool) -> None:
     # A proxy refusing the way out answers as well: `auto` chose SD-Turbo, and the first draft failed.
+    # A mirror refusing its root (401, 405) and serving files is reachable.
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setenv("HF_ENDPOINT", "https://hub.example")
-    respx.head("https://hub.example").mock(return_value=httpx.Response(status))
-    assert hf_hub_reachable() is reachable
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.example/")
+    respx.head("https://hub.example/stabilityai/sd-turbo/resolve/main/model_index.json").mock(
+        return_value=httpx.Response(status))
+    respx.head("https://hub.example/").mock(return_value=httpx.Response(405))
+    assert hf_hub_reachable(file="stabilityai/sd-turbo/model_index.json") is reachable
+    assert hf_hub_reachable() is True  # the Hub answers
 
 
 @pytest.mark.parametrize("spec", ["models/missing/sd-turbo", "my model", "org/model.git"])
