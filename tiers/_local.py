@@ -128,7 +128,8 @@ def negative_prompt_arguments(pipe: Any, negative_prompt: str, guidance: float, 
 def _hub_fetch_failed(exc: BaseException) -> bool:
     """Whether the Hugging Face Hub's client failed to fetch a file somewhere behind `exc`: a single
     file lacking its text encoder's weights, its configuration cached, was blamed on an offline Hub."""
-    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+    # Where every version the dependencies allow has them (`huggingface_hub.errors` only lately).
+    from huggingface_hub.utils import LocalEntryNotFoundError, OfflineModeIsEnabled  # type: ignore[attr-defined]
 
     seen: BaseException | None = exc
     for _ in range(20):  # a chain, not a cycle
