@@ -196,6 +196,20 @@ def test_0014_downgrade_is_refused_while_deleted_assets_exist(tmp_path: Path) ->
         engine.dispose()
 
 
+def test_0014_downgrade_writes_its_sql_offline() -> None:
+    """`alembic downgrade --sql` has no database to count deleted assets in (it once failed there)."""
+    import io
+
+    from alembic import command
+
+    from orchestrator.db import alembic_config
+
+    config = alembic_config("postgresql+psycopg://nobody@127.0.0.1:1/none")  # never connected to
+    config.output_buffer = io.StringIO()
+    command.downgrade(config, "0014:0013", sql=True)
+    assert "DROP COLUMN deleted_at" in config.output_buffer.getvalue()
+
+
 def check_holds_marked_settled_by_0010(url: str) -> None:
     """0010 marks every hold a capture or release names as settled, and no other: open holds are
     found by that flag from then on, so the upgrade must not leave one held forever or free one."""
