@@ -643,11 +643,11 @@ class JobRunner:
             nonlocal recorded
             # Both on the event loop, before any await: the runner's end of the attempt and this
             # ask to send are ordered, and whichever comes first decides what the other sees.
-            # An earlier request of this attempt may be out and billed: a cancel now is free only
-            # when none can be (a "no" for this request alone released a job whose first call was
-            # out, or queued it again on a stop, and the provider got that call twice).
-            earlier = claim.sending or bool(claim.accepted)
-            free: Charged = "unknown" if earlier else "no"
+            # A provider accepted an earlier request of this attempt (and may bill it): a cancel now
+            # is not free (a "no" for this request alone released a job whose first call was out,
+            # or queued it again on a stop, and the provider got that call twice). One refused
+            # before (a 429 being waited out) leaves it free.
+            free: Charged = "unknown" if claim.accepted else "no"
             if claim.ended:
                 raise Canceled("the job ended before this request was sent", charged=free)
             claim.sending = True

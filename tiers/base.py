@@ -240,7 +240,8 @@ class Engine(Protocol):
     attempt can have been sent, and as `unknown` otherwise. A `charged="no"` is taken as said: an
     engine of several billable requests per job says it only while none of them is out (once one
     is, a cancel costs at least `unknown`, as `tiers._cloud.paid_calls` does for the built-ins);
-    `billable_send()` raises a cancel of a later request so already."""
+    `billable_send()` raises a cancel of a later request so already once the provider accepted an
+    earlier one (`Progress.provider_request`)."""
 
     name: str
     kind: Kind
