@@ -79,13 +79,13 @@ def decode_image(data: bytes, engine: str) -> Image.Image:
     return img
 
 
-def shaped_as(image: Image.Image, width: int, height: int) -> Image.Image:
-    """`image` stretched to the aspect ratio of width x height, about as many pixels as it had, for
-    providers whose image-to-image output takes the input image's shape: a draft of another shape
-    came back in its own."""
+def shaped_as(image: Image.Image, width: int, height: int, min_side: int = 1) -> Image.Image:
+    """`image` stretched to the aspect ratio of width x height, about as many pixels as it had (and
+    no side under `min_side`), for providers whose image-to-image output takes the input image's
+    shape: a draft of another shape came back in its own."""
     if abs(image.width / image.height - width / height) <= 0.01 * width / height:
         return image
-    scale = math.sqrt(image.width * image.height / (width * height))
+    scale = max(math.sqrt(image.width * image.height / (width * height)), min_side / min(width, height))
     return image.resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.Resampling.LANCZOS)
 
 

@@ -59,6 +59,8 @@ RATE_LIMIT_PAUSE = 60.0
 CREATIVE_MAX_SIDE = 1024
 MAX_SCALE = 4.0
 MAX_UPSCALE_PIXELS = 4 * 1024 * 1024
+# The least side of an image Stability takes.
+MIN_SIDE = 64
 # SD3.5 and Ultra answer about 1 megapixel (1024x1024, 1344x768, 1536x640, ...).
 MAX_GENERATE_PIXELS = 1024 * 1024
 CREATIVE_THRESHOLD = 0.35
@@ -173,7 +175,7 @@ class StabilityEngine(CloudEngine):
         self._check_reach(req)  # a job routed before a price or a limit changed
         op = operation(req)
         max_side = CREATIVE_MAX_SIDE if op == "upscale-creative" else None
-        source = shaped_as(req.init_image, req.width, req.height) if op == "generate" else req.init_image
+        source = shaped_as(req.init_image, req.width, req.height, MIN_SIDE) if op == "generate" else req.init_image
         draft = encode_image(source, fmt="PNG", max_bytes=MAX_UPLOAD_BYTES, max_side=max_side)
         images: list[RenderedImage] = []
         request_ids: list[str] = []

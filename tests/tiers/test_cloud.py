@@ -252,3 +252,17 @@ async def test_an_error_echoing_the_request_s_headers_does_not_carry_the_key(
     if "your headers" in info.value.message:  # (Replicate's 500 to a create says only that it may have billed)
         assert "***" in info.value.message
     assert key[:8] not in info.value.message and key not in str(info.value.details)
+
+
+@pytest.mark.parametrize(("size", "asked", "min_side", "made"), [
+    ((512, 512), (1536, 1024), 1, (627, 418)),    # the draft's pixels, in the shape asked
+    ((512, 512), (1024, 1024), 1, (512, 512)),    # already that shape: untouched
+    ((64, 64), (1344, 768), 64, (112, 64)),       # no side under the provider's least
+])
+def test_a_draft_is_sent_in_the_shape_asked(size: tuple[int, int], asked: tuple[int, int], min_side: int,
+                                            made: tuple[int, int]) -> None:
+    from PIL import Image
+
+    from tiers._images import shaped_as
+
+    assert shaped_as(Image.new("RGB", size), *asked, min_side=min_side).size == made
