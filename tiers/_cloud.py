@@ -20,8 +20,9 @@ if TYPE_CHECKING:
 
 
 def prompt_tokens(prompt: str) -> int:
-    """An upper bound on a prompt's tokens for a hold: about four ASCII characters a token, but
-    one a character for other scripts (CJK takes about that), plus the request's framing."""
+    """A prompt's tokens as a hold counts them: about four ASCII characters a token, but one a
+    character for other scripts (CJK takes about that), plus the request's framing. An estimate,
+    not a bound (an emoji may take more): what the provider reports is what is charged."""
     ascii_chars = sum(1 for c in prompt if c.isascii())
     return ascii_chars // 4 + (len(prompt) - ascii_chars) + 64
 

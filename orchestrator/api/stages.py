@@ -33,7 +33,8 @@ PolishBody = Annotated[PolishCreate, Body(default_factory=PolishCreate)]
              responses={**ACCEPTED, **documented(
                  402, 404, 409, 413, 415, 429, 503,
                  said={402: "A policy routes drafts to a paid engine (a plugin's) and the project's budget cannot "
-                            "hold its estimate (`budget_exceeded`); drafts on the local Lite model cost nothing."})})
+                            "hold its estimate (`budget_exceeded`); drafts on the local Lite model hold nothing "
+                            "and are never refused for the budget."})})
 def create_drafts(project_id: str, body: DraftCreate, services: ServicesDep, caller: CallerDep, request: Request,
                   response: Response, idempotency_key: IdempotencyKey = None) -> JobPublic:
     """Ask for `n` drafts of a prompt (stage `ideation`), made on the local Lite model unless the
