@@ -41,7 +41,7 @@ from orchestrator.schemas import MAX_SEED, MAX_SIDE, MAX_TAGS, MIN_SIDE, DraftCr
 from orchestrator.store import ArtifactStore
 from orchestrator.workers import Presence
 from policies.schema import PRIVACY_LOCAL, PRIVACY_TAG, is_private
-from tiers.base import Capabilities, RenderRequest, billed_by_provider, to_credits, to_millicredits
+from tiers.base import RenderRequest, billed_by_provider, to_credits, to_millicredits
 
 Body = DraftCreate | PromoteCreate | PolishCreate
 # Retry-After for a request whose engine's half-open probe another request took while it was routed:
@@ -454,7 +454,7 @@ class JobService:
         paid = cache and decision.estimate > 0
         params = self.job_params(prepared, decision)
         return Job(
-            cache_key=cache_key(decision.chosen, engine.model, params, engine.capabilities) if paid else None,
+            cache_key=cache_key(decision.chosen, engine.model, params) if paid else None,
             id=new_id("job"), project_id=prepared.project_id, stage=prepared.stage, engine=decision.chosen,
             model=engine.model, status="queued", params=params,
             source_asset_id=prepared.source.id if prepared.source else None,
@@ -621,17 +621,13 @@ def _within_budget(decision: Decision, balance: Balance) -> bool:
     return True
 
 
-def cache_key(engine: str, model: str, params: dict[str, Any], capabilities: Capabilities) -> str:
+def cache_key(engine: str, model: str, params: dict[str, Any]) -> str:
     """Identifies an identical paid request: engine, model, parameters (source hash and a seed
-    asked for included). Left out, as they do not change what is asked: tags, a seed the request
-    left to the service (`seed_drawn`), and what the engine does not take (a seed, a negative
-    prompt). With them in, every polish of a Gemini, OpenAI or fal image drew a fresh seed those
-    engines ignore, and never found the earlier one."""
-    left_out = {"tags", "seed_drawn"}
-    if params.get("seed_drawn") or not capabilities.seeds:
-        left_out.add("seed")
-    if not capabilities.negative_prompt:
-        left_out.add("negative_prompt")
+    asked for included). Left out, as they do not change what is asked: tags, and a seed the
+    request left to the service (`seed_drawn`): with it in, every polish of a Gemini, OpenAI or fal
+    image (which carry no seed) drew a fresh one, and never found the earlier result. (A seed an
+    engine is said to ignore stays in: `Capabilities.seeds` is no promise, Replicate's FLUX takes one.)"""
+    left_out = {"tags", "seed_drawn"} | ({"seed"} if params.get("seed_drawn") else set())
     identity = {"engine": engine, "model": model, "params": {k: v for k, v in params.items() if k not in left_out}}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 

@@ -97,6 +97,8 @@ class Claim:
     # Set as the runner starts ending the attempt: no billable send may begin after it (an engine's
     # other concurrent requests, which its failure did not stop, would otherwise go out unbilled).
     ended: bool = False
+    # Set when this attempt follows work an earlier process sent (reattached or resumed).
+    inherited: bool = False
 
     def surely_unsent(self) -> bool:
         """Nothing of this attempt can have reached a provider: its engine announces its sends,
@@ -546,8 +548,7 @@ class JobRunner:
             self.ledger.settle_failure(s, job, error)
             self._guarded_update(s, claim, unless_canceled=True, status="queued", engine=engine, model=model,
                                  estimated=estimate,
-                                 cache_key=(cache_key(engine, model, job.params, self.registry.get(engine).capabilities)
-                                            if job.cache_key else None),
+                                 cache_key=cache_key(engine, model, job.params) if job.cache_key else None,
                                  provider_work=None,
                                  lease_owner=None, lease_expires_at=None, progress_step=0, progress_total=0,
                                  attempts=[*(job.attempts or []),
@@ -592,6 +593,7 @@ class JobRunner:
             if reattachable(engine, job):
                 # An earlier process died after the provider accepted this job: follow that work.
                 self.bus.publish(job.id, "state", {"state": "reattached", "handles": len(work["handles"])})
+                claim.inherited = True
                 try:
                     result = await engine.reattach(request, list(work["handles"]), progress, claim.cancel)
                 except EngineError as exc:
@@ -602,6 +604,7 @@ class JobRunner:
                 # kept (a server that keeps finished work), or else taken off the server first.
                 if isinstance(engine, Resumable):
                     self.bus.publish(job.id, "state", {"state": "resumed", "earlier": len(work["handles"])})
+                    claim.inherited = True
                     result = await engine.resume(request, list(work["handles"]), progress, claim.cancel)
                 else:
                     self.bus.publish(job.id, "state", {"state": "restarted", "forgotten": len(work["handles"])})
@@ -746,10 +749,11 @@ class JobRunner:
         accepted_ids = accepted.pop("provider_request_id", None)
         request_id = result.provider_request_id or accepted_ids
         engine = self.registry.get(job.engine)
-        if job.cache_key:
+        if job.cache_key and not claim.inherited:
             # Keyed again by the model that rendered it: a job queued before a restart changed the
             # engine's model was keyed by the old one, and served the new one's image as its hit.
-            accepted["cache_key"] = cache_key(job.engine, engine.model, job.params, engine.capabilities)
+            # Work an earlier process sent (reattached, resumed) was made by the model it was keyed by.
+            accepted["cache_key"] = cache_key(job.engine, engine.model, job.params)
         self._guarded_update(s, claim, unless_canceled=True, status="succeeded", finished_at=now, lease_owner=None,
                              lease_expires_at=None, progress_step=job.progress_total or 1,
                              progress_total=job.progress_total or 1, model=result.model, **accepted,

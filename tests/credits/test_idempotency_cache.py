@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -11,6 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
+from orchestrator.server import serve_in_thread
 from orchestrator.settings import Settings
 from tests.api import read_events
 from tests.credits import (
@@ -296,22 +299,50 @@ def test_polish_s_default_scale_and_an_explicit_scale_of_2_are_one_request(api: 
     assert budget(api, project_id)["charged"] == 10
 
 
-def test_the_cache_key_holds_what_changes_the_image_on_that_engine() -> None:
+def test_the_cache_key_holds_what_was_asked_for() -> None:
     from orchestrator.jobs import cache_key
-    from tiers.base import Capabilities
 
-    seeded = Capabilities(seeds=True, negative_prompt=True)
-    seedless = Capabilities()
     base = {"stage": "polish", "prompt": "p", "negative_prompt": "", "seed": 1, "scale": 2.0, "tags": {}}
 
-    def same(a: dict[str, Any], b: dict[str, Any], caps: Capabilities) -> bool:
-        return cache_key("e", "m", {**base, **a}, caps) == cache_key("e", "m", {**base, **b}, caps)
+    def same(a: dict[str, Any], b: dict[str, Any]) -> bool:
+        return cache_key("e", "m", {**base, **a}) == cache_key("e", "m", {**base, **b})
 
-    assert not same({"seed": 1}, {"seed": 2}, seeded)
-    assert same({"seed": 1}, {"seed": 2}, seedless)  # an engine that takes no seed makes the same image
-    assert same({"seed": 1, "seed_drawn": True}, {"seed": 2, "seed_drawn": True}, seeded)  # any seed was asked for
-    assert not same({"seed": 1}, {"seed": 1, "seed_drawn": True}, seeded)
-    assert not same({"negative_prompt": "a"}, {"negative_prompt": "b"}, seeded)
-    assert same({"negative_prompt": "a"}, {"negative_prompt": "b"}, seedless)
-    assert same({"tags": {"a": "1"}}, {"tags": {"b": "2"}}, seeded)
-    assert not same({"scale": 2.0}, {"scale": 3.0}, seedless)
+    assert not same({"seed": 1}, {"seed": 2})  # asked for: even an engine said to take none may (FLUX)
+    assert same({"seed": 1, "seed_drawn": True}, {"seed": 2, "seed_drawn": True})  # any seed was asked for
+    assert not same({"seed": 1}, {"seed": 1, "seed_drawn": True})
+    assert not same({"negative_prompt": "a"}, {"negative_prompt": "b"})
+    assert same({"tags": {"a": "1"}}, {"tags": {"b": "2"}})
+    assert not same({"scale": 2.0}, {"scale": 3.0})
+    # Keys of rows written before seed_drawn existed, with a seed asked for, are unchanged.
+    legacy = {"engine": "e", "model": "m", "params": {k: v for k, v in base.items() if k != "tags"}}
+    assert cache_key("e", "m", base) == hashlib.sha256(json.dumps(legacy, sort_keys=True).encode()).hexdigest()
+
+
+def test_reattached_work_stays_keyed_by_the_model_that_made_it(
+        paid_settings_for: Callable[..., Settings], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Accepted by the provider before a stop, followed after a restart on another model: the
+    image is the first model's, and is no hit for the second (it was re-keyed to the second)."""
+    import sqlite3
+
+    from tests.credits import poll
+    from tests.fakes import FakeQueueEngine
+
+    settings = paid_settings_for(tmp_path / "data", stop_grace=0)
+
+    def row(job_id: str) -> tuple[str, str | None]:
+        with sqlite3.connect(settings.data_dir / "orchestrator.db") as db:
+            found: tuple[str, str | None] = db.execute(
+                "SELECT status, provider_work FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return found
+
+    body = {"engine": "fake-queue", "cache": True, "seed": 3}
+    with serve_in_thread(settings) as base, httpx.Client(base_url=base, timeout=30) as client:
+        _, asset_id = project_with_draft(client)
+        job = promote_ok(client, asset_id, **body, tags={"fake": "hang"})
+        poll(lambda: row(job["id"]), lambda r: r[0] == "running" and r[1] is not None, what="the work accepted")
+    monkeypatch.setattr(FakeQueueEngine, "model", property(lambda self: "fake-2"))
+    monkeypatch.setattr(FakeQueueEngine, "estimate", lambda self, req: req.n * round(PRICE * 1000))
+    with serve_in_thread(settings) as base, httpx.Client(base_url=base, timeout=30) as client:
+        assert wait_for_job(client, job["id"])["status"] == "succeeded"  # reattached
+        again = promote_ok(client, asset_id, **body)
+        assert not again["cost"]["cache_hit"], again
