@@ -493,7 +493,26 @@ class JobService:
             out[job_id].append(asset_id)
         return out
 
-    def cancel_queued(self, job_id: str) -> bool:
+    def keep_local(self, project_id: str, policy: str) -> list[str]:
+        """A project moved to a policy that keeps everything on this machine: its queued jobs for
+        engines that send data off it are canceled (their holds released; returned), and the others
+        are made private, so that no fallback of theirs leaves either. They kept the routing they
+        were queued with, and a switch to `local-only` still sent queued prompts and images out."""
+        with self.db.session() as s:
+            queued = s.exec(select(Job).where(col(Job.project_id) == project_id, col(Job.status) == "queued")).all()
+        leaving = {job.id for job in queued if job.engine not in self.router.registry
+                   or self.router.registry.get(job.engine).capabilities.leaves_machine}
+        why = f"canceled before it started: the project's policy '{policy}' keeps its work on this machine"
+        canceled = [job.id for job in queued if job.id in leaving and self.cancel_queued(job.id, why=why)]
+        with self.db.transaction() as s:
+            for job in queued:
+                if job.id not in leaving and not is_private(job.params.get("tags") or {}):
+                    params = {**job.params, "tags": {**(job.params.get("tags") or {}), PRIVACY_TAG: PRIVACY_LOCAL}}
+                    s.execute(update(Job).where(col(Job.id) == job.id, col(Job.status) == "queued")
+                              .values(params=params))
+        return canceled
+
+    def cancel_queued(self, job_id: str, *, why: str = "canceled before it started") -> bool:
         """Cancel a job no worker holds; False when it is not queued any more."""
         with self.db.transaction() as s:
             now = utcnow()
@@ -505,13 +524,12 @@ class JobService:
             if job.status != "queued":
                 return False
             result = s.execute(update(Job).where(col(Job.id) == job_id, col(Job.status) == "queued").values(
-                status="canceled", finished_at=now,
-                error={"code": "canceled", "message": "canceled before it started", "details": {}}))
+                status="canceled", finished_at=now, error={"code": "canceled", "message": why, "details": {}}))
             if getattr(result, "rowcount", 0) != 1:
                 # Claimed after our read: serialised writes rule it out today, but should it happen
                 # the job runs, so its hold stays and the caller cancels it as a running job.
                 return False
-            self.ledger.settle_unstarted(s, job, note="canceled before it started")
+            self.ledger.settle_unstarted(s, job, note=why)
         # A half-open circuit's probe, canceled before it ran: no verdict, so the next may go (it
         # held the engine for the whole cooldown).
         self.router.health.finished(job.engine, job_id)

@@ -49,6 +49,7 @@ from orchestrator.ledger import Ledger
 from orchestrator.models import Asset, Job
 from orchestrator.routing import fallbacks, priced
 from orchestrator.store import ArtifactStore, PreviewFiles, encode_png
+from policies.schema import is_private
 from tiers.base import (
     DEVICE_SECONDS,
     NOTES,
@@ -467,11 +468,13 @@ class JobRunner:
         recorded = None if "max_credits" in routing else {
             c["engine"]: to_millicredits(c["estimate"]) for c in routing.get("candidates", [])
             if isinstance(c.get("estimate"), int | float)}
+        private = is_private(job.params.get("tags") or {})
         for name in fallbacks(job.routing, tried):
             if name not in self.registry:
                 continue
             engine = self.registry.get(name)
-            if not engine.availability()[0]:
+            # Made private after it was routed (its project moved to `local-only`, see `JobService.keep_local`).
+            if not engine.availability()[0] or (private and engine.capabilities.leaves_machine):
                 continue
             try:
                 estimate = priced(engine, request)

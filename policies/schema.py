@@ -213,6 +213,12 @@ class Policy(_Model):
         return self
 
     @property
+    def keeps_all_local(self) -> bool:
+        """Whether every request it routes stays on this machine (`local-only`): a project moved to
+        it has nothing more sent off the machine, its queued jobs included."""
+        return all(rule.engines is None or rule.private for rule in self.rules)
+
+    @property
     def source(self) -> str:
         """The file path, or "builtin" for a policy shipped in the package."""
         return self._source

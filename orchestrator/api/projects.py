@@ -139,6 +139,9 @@ def update_project(project_id: str, body: ProjectUpdate, services: ServicesDep, 
             if "period" in given:
                 project.budget_period = budget.period
         s.add(project)
+    if body.policy is not None and services.policies.get(body.policy).keeps_all_local:
+        # Nothing is sent off the machine from now on: the jobs queued under the earlier policy neither.
+        services.jobs.keep_local(project_id, body.policy)
     return project_public(project)
 
 

@@ -1,0 +1,80 @@
+"""A project moved to `local-only` sends nothing more off the machine: not even the jobs queued
+under its earlier policy, which kept the routing they were given."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+
+from orchestrator.server import serve_in_thread
+from orchestrator.settings import Settings
+from tests import fakes
+from tests.credits import DRAFT, ledger, project_with_draft, promote_ok, wait_for_job
+from tests.credits.conftest import POLICY_TOML
+
+
+def test_moving_to_local_only_cancels_queued_cloud_jobs_and_keeps_the_others_local(
+        paid_settings_for: Callable[..., Settings], tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    with serve_in_thread(paid_settings_for(data)) as base, httpx.Client(base_url=base, timeout=30) as client:
+        project_id, asset_id = project_with_draft(client)
+    prompt = "a lighthouse, queued before the project went local-only"
+    # Another process's API (no jobs run here): the jobs stay queued.
+    with serve_in_thread(paid_settings_for(data, run_jobs=False)) as base, \
+            httpx.Client(base_url=base, timeout=30) as client:
+        cloud = promote_ok(client, asset_id, prompt=prompt)
+        assert cloud["engine"] == "fake-paid" and cloud["status"] == "queued"
+        local = client.post(f"/v1/projects/{project_id}/drafts", json=DRAFT).json()
+        assert local["engine"] == "lite" and local["status"] == "queued"
+        moved = client.patch(f"/v1/projects/{project_id}", json={"policy": "local-only"})
+        assert moved.status_code == 200 and moved.json()["policy"] == "local-only"
+        canceled = client.get(f"/v1/jobs/{cloud['id']}").json()
+        assert canceled["status"] == "canceled"
+        assert "policy 'local-only' keeps its work on this machine" in canceled["error"]["message"]
+        assert [e["kind"] for e in ledger(client, project_id) if e["job_id"] == cloud["id"]] == ["hold", "release"]
+        kept = client.get(f"/v1/jobs/{local['id']}").json()
+        assert kept["status"] == "queued" and kept["params"]["tags"]["privacy"] == "local"
+    with serve_in_thread(paid_settings_for(data)) as base, httpx.Client(base_url=base, timeout=30) as client:
+        assert wait_for_job(client, local["id"])["status"] == "succeeded"
+    assert prompt not in " ".join(fakes.SENT)
+
+
+def test_a_job_made_private_in_the_queue_never_falls_back_off_the_machine(
+        paid_settings_for: Callable[..., Settings], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Queued on local-hifi with the cloud as its fallback, then its project went local-only: its
+    local engine failing, the fallback took it to the cloud all the same."""
+    from orchestrator.errors import EngineError
+    from tiers.local_hifi import LocalHifiEngine
+
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "credits-test.toml").write_text(POLICY_TOML)
+    (policies / "hifi-first.toml").write_text(
+        'name = "hifi-first"\n[[rules]]\nname = "drafts"\nmatch = { stage = "ideation" }\nengines = ["lite"]\n'
+        '[[rules]]\nname = "bridge"\nmatch = { stage = ["bridge", "polish"] }\n'
+        'engines = ["local-hifi", "fake-paid"]\n')
+    data = tmp_path / "data"
+    with serve_in_thread(paid_settings_for(data, policy_dir=policies)) as base, \
+            httpx.Client(base_url=base, timeout=30) as client:
+        project_id, asset_id = project_with_draft(client)
+        assert client.patch(f"/v1/projects/{project_id}", json={"policy": "hifi-first"}).status_code == 200
+    prompt = "a lighthouse, its local engine failing after the project went local-only"
+    with serve_in_thread(paid_settings_for(data, policy_dir=policies, run_jobs=False)) as base, \
+            httpx.Client(base_url=base, timeout=30) as client:
+        job = promote_ok(client, asset_id, prompt=prompt, engine=None)
+        assert job["engine"] == "local-hifi", job["routing"]
+        assert "fake-paid" in [c["engine"] for c in job["routing"]["candidates"]]
+        assert client.patch(f"/v1/projects/{project_id}", json={"policy": "local-only"}).status_code == 200
+
+    async def failing(self: LocalHifiEngine, *args: object, **kwargs: object) -> None:
+        raise EngineError("local-hifi: out of memory, try again", retryable=True, charged="no")
+
+    monkeypatch.setattr(LocalHifiEngine, "run", failing)
+    with serve_in_thread(paid_settings_for(data, policy_dir=policies)) as base, \
+            httpx.Client(base_url=base, timeout=30) as client:
+        done = wait_for_job(client, job["id"])
+    assert (done["status"], done["engine"]) == ("failed", "local-hifi"), done
+    assert prompt not in " ".join(fakes.SENT)
