@@ -379,9 +379,10 @@ class JobRunner:
             # closed): a Canceled from it is a user's cancel (recorded in the row), which ends the
             # job now, with what it cost.
             if claim.shutdown and (not engine_returned or self._closed):
-                # Work a provider accepted in this attempt is recovery's to follow (or take off a
-                # self-hosted server): queued again as unsent, the next run would send it afresh.
-                if exc.charged == "no" and not claim.accepted:
+                # Work a paid provider accepted in this attempt is recovery's to follow: queued again
+                # as unsent, the next run would send it afresh. A free self-hosted server's is kept
+                # with the job, queued again, for the next run to resume or take off the server.
+                if exc.charged == "no" and (not claim.accepted or restartable(self.registry.get(job.engine), job)):
                     # Nothing reached a provider: queued again, with its hold, for the next start
                     # (recovery would fail a remote job as possibly billed).
                     try:
@@ -538,9 +539,11 @@ class JobRunner:
         job = claim.job
         stopped = Interrupted(f"the service stopped {'while this job ran' if started else 'before this job started'}; "
                               "it was queued again", details={"engine": job.engine, "graceful": True})
+        # A free server's task this attempt started (see the stop above) goes with the job.
+        kept = _accepted_values(claim.accepted) if claim.accepted else {"provider_work": job.provider_work}
         with self.db.transaction() as s:
             self._guarded_update(s, claim, status="queued", lease_owner=None, lease_expires_at=None,
-                                 progress_step=0, progress_total=0, provider_work=job.provider_work,
+                                 progress_step=0, progress_total=0, **kept,
                                  attempts=[*(job.attempts or []), {"engine": job.engine, "status": "interrupted",
                                                                    "error": stopped.to_dict()}],
                                  unless_canceled=True)

@@ -103,6 +103,8 @@ class FakePaidEngine:
             SENT.append(f"{req.prompt} (second call)")
         if behaviour == "hang":
             await cancel.race(asyncio.sleep(3600))
+        if behaviour == "hang-free":  # as a free self-hosted server's render: a cancel says it cost nothing
+            await cancel.race(asyncio.sleep(3600), charged="no")
         if behaviour == "slow" or req.tags.get("then") == "slow":  # `then`: after a wait-before-send
             await cancel.sleep(float(req.tags.get("seconds", "1")))
         if behaviour == "odd-progress":  # a plugin's values of other types than the protocol's

@@ -5,6 +5,7 @@ runs stops at once: a job still preparing its request must not send it during th
 
 from __future__ import annotations
 
+import json
 import logging
 import sqlite3
 import threading
@@ -97,6 +98,24 @@ def test_a_stop_while_a_call_s_id_is_being_saved_does_not_send_that_call_again(
     assert fakes.SENT.count(prompt) == 1, fakes.SENT
     assert (done["status"], done["error"]["code"]) == ("failed", "interrupted"), done
     assert entries == [("hold", False), ("capture", True)]
+
+
+def test_a_stop_queues_a_free_server_s_job_again_with_its_task(
+        paid_settings_for: Callable[..., Settings], tmp_path: Path) -> None:
+    """A self-hosted server's task id is saved before its render is sent: left to recovery on a
+    stop, its job counted each restart as a crash and failed after three ("stopped 3 times")."""
+    settings = paid_settings_for(tmp_path / "data", stop_grace=0)
+    with serve_in_thread(settings) as base, httpx.Client(base_url=base, timeout=30) as client:
+        _, asset_id = project_with_draft(client)
+        job = promote_ok(client, asset_id, engine="fake-free", tags={"fake": "hang-free"})
+        poll(lambda: _row(settings, job["id"]), lambda row: row[0] == "running" and row[2] is not None,
+             what="the task id saved")
+    with sqlite3.connect(settings.data_dir / "orchestrator.db") as db:
+        status, work, attempts = db.execute("SELECT status, provider_work, attempts FROM jobs WHERE id = ?",
+                                            (job["id"],)).fetchone()
+    assert status == "queued"  # a stop, not a crash: the next start runs it
+    assert json.loads(work)["handles"][0]["id"].startswith("fake-")  # for the next run to take off the server
+    assert json.loads(attempts)[-1]["error"]["details"]["graceful"] is True
 
 
 def _row(settings: Settings, job_id: str) -> tuple[str, str | None, str | None]:
