@@ -100,6 +100,8 @@ class Claim:
     ended: bool = False
     # Set when this attempt follows work an earlier process sent (reattached or resumed).
     inherited: bool = False
+    # Requests of this attempt that went out and were not answered that nothing was made.
+    out: int = 0
 
     def surely_unsent(self) -> bool:
         """Nothing of this attempt can have reached a provider: its engine announces its sends,
@@ -380,9 +382,10 @@ class JobRunner:
             # job now, with what it cost.
             if claim.shutdown and (not engine_returned or self._closed):
                 # Work a paid provider accepted in this attempt is recovery's to follow: queued again
-                # as unsent, the next run would send it afresh. A free self-hosted server's is kept
-                # with the job, queued again, for the next run to resume or take off the server.
-                if exc.charged == "no" and (not claim.accepted or restartable(self.registry.get(job.engine), job)):
+                # as unsent, the next run would send it afresh. A free self-hosted server's job (which
+                # bills nobody, whatever its cancel says) is queued again with its task, for the next
+                # run to resume or take off the server.
+                if restartable(self.registry.get(job.engine), job) or (exc.charged == "no" and not claim.accepted):
                     # Nothing reached a provider: queued again, with its hold, for the next start
                     # (recovery would fail a remote job as possibly billed).
                     try:
@@ -595,7 +598,8 @@ class JobRunner:
         progress = JobProgress(self, claim)
         work = job.provider_work or {}
         # The engine's first request that can bill is recorded before it goes (see recovery).
-        with before_billable_sends(self._first_send_recorder(claim, progress)):
+        with before_billable_sends(self._first_send_recorder(claim, progress), self._send_refused(claim),
+                                   lambda: bool(claim.out or claim.accepted)):
             if reattachable(engine, job):
                 # An earlier process died after the provider accepted this job: follow that work.
                 self.bus.publish(job.id, "state", {"state": "reattached", "handles": len(work["handles"])})
@@ -652,11 +656,11 @@ class JobRunner:
             nonlocal recorded
             # Both on the event loop, before any await: the runner's end of the attempt and this
             # ask to send are ordered, and whichever comes first decides what the other sees.
-            # A provider accepted an earlier request of this attempt (and may bill it): a cancel now
-            # is not free (a "no" for this request alone released a job whose first call was out,
-            # or queued it again on a stop, and the provider got that call twice). One refused
-            # before (a 429 being waited out) leaves it free.
-            free: Charged = "unknown" if claim.accepted else "no"
+            # An earlier request of this attempt is out, or a provider accepted one (and may bill
+            # it): a cancel now is not free (a "no" for this request alone released a job whose
+            # first call was out, or queued it again on a stop, and the provider got that call
+            # twice). One answered that nothing was made (a 429 being waited out) leaves it free.
+            free: Charged = "unknown" if claim.accepted or claim.out else "no"
             if claim.ended:
                 raise Canceled("the job ended before this request was sent", charged=free)
             claim.sending = True
@@ -665,6 +669,7 @@ class JobRunner:
             with contextlib.suppress(TimeoutError):
                 await claim.cancel.race(asyncio.wait_for(progress.saved(), SAVE_WAIT_SECONDS), charged=free)
             claim.cancel.raise_if_cancelled(charged=free)  # the engine's own check after this would say "no"
+            claim.out += 1
             if claim.job.unsent_attempt != claim.attempt:
                 return  # an engine that does not announce its requests: recovery assumes it sent
             if recorded is None:
@@ -673,6 +678,13 @@ class JobRunner:
             await asyncio.shield(recorded)
 
         return record
+
+    @staticmethod
+    def _send_refused(claim: Claim) -> Callable[[], None]:
+        def refused() -> None:
+            claim.out = max(0, claim.out - 1)
+
+        return refused
 
     def _record_sending(self, claim: Claim) -> None:
         try:

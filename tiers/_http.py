@@ -32,7 +32,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 from tenacity.stop import stop_base
 
 from orchestrator.errors import BadEngineInput, EngineError, EngineTimeout, EngineUnavailable, RateLimited
-from tiers.base import billable_send
+from tiers.base import billable_send, billable_send_refused, billable_sends_out
 
 if TYPE_CHECKING:
     from orchestrator.settings import Settings
@@ -459,7 +459,8 @@ class RemoteClient:
     async def _send_once(self, method: str, url: str, *, idempotent: bool, cancel: CancelToken | None,
                          stop_at: float, **kwargs: Any) -> httpx.Response:
         if cancel is not None:
-            cancel.raise_if_cancelled(charged="no")  # nothing sent yet
+            # Nothing of this request is out; an earlier one of the job's may be (a second paid call).
+            cancel.raise_if_cancelled(charged="unknown" if billable_sends_out() else "no")
         if not idempotent and "timeout" not in kwargs:
             # A synchronous provider (Gemini, OpenAI, Stability) sends nothing until the image is
             # made: a read timeout shorter than the deadline would end a slow render, made and
@@ -480,6 +481,15 @@ class RemoteClient:
             await billable_send()
             if cancel is not None:
                 cancel.raise_if_cancelled(charged="no")  # asked while the send was being recorded: still nothing sent
+            try:
+                return await self._exchange_within(request, idempotent, cancel, stop_at)
+            except (_NotSent, _RetryableAnswer):
+                billable_send_refused()  # nothing made: a cancel while it is retried is free again
+                raise
+        return await self._exchange_within(request, idempotent, cancel, stop_at)
+
+    async def _exchange_within(self, request: httpx.Request, idempotent: bool, cancel: CancelToken | None,
+                               stop_at: float) -> httpx.Response:
         # The read timeout bounds each wait for bytes, not the whole answer: a server trickling its
         # body would hold the job forever. The deadline bounds the attempt (the floor leaves a
         # last attempt, admitted just before the deadline, time to be answered).

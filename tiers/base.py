@@ -285,14 +285,43 @@ async def billable_send() -> None:
         await hook()
 
 
+# What the runner does when a request `billable_send()` announced was answered that nothing was made.
+_send_refused: ContextVar[Callable[[], None] | None] = ContextVar("send_refused", default=None)
+
+
+def billable_send_refused() -> None:
+    """Call when a request `billable_send()` announced is known to have made nothing (a 429 or a
+    5xx to be retried, a connection never made): a cancel of the job is free again, as long as no
+    other request of it is out (`RemoteClient` does so). Outside a job it does nothing."""
+    hook = _send_refused.get()
+    if hook is not None:
+        hook()
+
+
+# Whether a request of the job `billable_send()` announced may be out and billed.
+_sends_out: ContextVar[Callable[[], bool] | None] = ContextVar("sends_out", default=None)
+
+
+def billable_sends_out() -> bool:
+    """Whether a request of this job announced by `billable_send()` may have been made and billed
+    (not answered that nothing was made): a cancel then costs at least `unknown`, whatever the
+    request at hand. Outside a job, False."""
+    out = _sends_out.get()
+    return out is not None and out()
+
+
 @contextmanager
-def before_billable_sends(hook: Callable[[], Awaitable[None]]) -> Iterator[None]:
-    """Run `hook` at each `billable_send()` of the engine call made inside this block."""
-    token = _before_send.set(hook)
+def before_billable_sends(hook: Callable[[], Awaitable[None]], refused: Callable[[], None] | None = None,
+                          out: Callable[[], bool] | None = None) -> Iterator[None]:
+    """Run `hook` at each `billable_send()` of the engine call made inside this block, `refused`
+    at each `billable_send_refused()`, and answer `billable_sends_out()` with `out`."""
+    tokens = (_before_send.set(hook), _send_refused.set(refused), _sends_out.set(out))
     try:
         yield
     finally:
-        _before_send.reset(token)
+        _sends_out.reset(tokens[2])
+        _send_refused.reset(tokens[1])
+        _before_send.reset(tokens[0])
 
 
 @runtime_checkable

@@ -249,6 +249,36 @@ async def test_a_cancel_while_the_send_is_being_recorded_sends_nothing(client: R
 
 
 @respx.mock
+async def test_a_cancel_before_a_second_paid_call_is_not_free_and_after_a_refusal_is(client: RemoteClient) -> None:
+    """A plugin's second paid call, canceled before it went: its own "nothing sent" released a job
+    whose first call was made and billed. A call answered that nothing was made (a 429) is no such call."""
+    route = respx.post(f"{BASE}/images").mock(side_effect=[httpx.Response(200, json={}), httpx.Response(400)])
+    out = 0
+
+    async def announced() -> None:
+        nonlocal out
+        out += 1
+
+    def refused() -> None:
+        nonlocal out
+        out -= 1
+
+    token = CancelToken()
+    with before_billable_sends(announced, refused, lambda: out > 0):
+        await client.request("POST", "/images", json={"call": 1}, cancel=token)
+        token.cancel()
+        with pytest.raises(Canceled) as info:
+            await client.request("POST", "/images", json={"call": 2}, cancel=token)
+    assert info.value.charged == "unknown" and route.call_count == 1
+
+    out = 0
+    respx.post(f"{BASE}/edits").mock(return_value=httpx.Response(503))
+    with before_billable_sends(announced, refused, lambda: out > 0), pytest.raises(EngineError):
+        await client.request("POST", "/edits", json={"call": 1}, deadline=client.clock() + 0.5)
+    assert out == 0  # every 503 said nothing was made
+
+
+@respx.mock
 @pytest.mark.parametrize(("retry_after", "sends"), [("20", 2), ("35", 1)])
 async def test_a_request_that_can_bill_is_not_resent_without_time_to_be_answered(
         sleep: Any, retry_after: str, sends: int) -> None:
