@@ -178,8 +178,11 @@ def hf_hub_reachable(timeout: float = 1.5, file: str | None = None) -> bool:
     if file is not None:
         repo, _, name = file.rpartition("/")
         endpoint = f"{endpoint}/{repo}/resolve/main/{name}"
+    # A mirror that wants the token refuses without it (401), as the Hub does a gated model.
+    token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
+    headers = {"authorization": f"Bearer {token}"} if token and file is not None else {}
     try:
-        answer = httpx.head(endpoint, timeout=timeout, follow_redirects=file is not None)
+        answer = httpx.head(endpoint, timeout=timeout, follow_redirects=file is not None, headers=headers)
     except (httpx.HTTPError, httpx.InvalidURL):  # a malformed HF_ENDPOINT is no Hub either
         return False
     return file is None or answer.is_success

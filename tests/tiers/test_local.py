@@ -375,7 +375,9 @@ def test_auto_counts_on_the_hub_only_where_it_serves_the_model(monkeypatch: pyte
     respx.head("https://hub.example/stabilityai/sd-turbo/resolve/main/model_index.json").mock(
         return_value=httpx.Response(status))
     respx.head("https://hub.example/").mock(return_value=httpx.Response(405))
+    monkeypatch.setenv("HF_TOKEN", "hf_test")
     assert hf_hub_reachable(file="stabilityai/sd-turbo/model_index.json") is reachable
+    assert respx.calls.last.request.headers["authorization"] == "Bearer hf_test"  # a mirror may want it
     assert hf_hub_reachable() is True  # the Hub answers
 
 
