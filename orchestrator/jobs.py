@@ -9,6 +9,7 @@ exists.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import secrets
@@ -36,7 +37,7 @@ from orchestrator.events import EventBus
 from orchestrator.ids import new_id
 from orchestrator.ledger import Balance, Ledger
 from orchestrator.models import Asset, Job, Project
-from orchestrator.routing import Decision, NoUsableEngine, Router
+from orchestrator.routing import Decision, NoUsableEngine, Router, leaves_machine
 from orchestrator.schemas import MAX_SEED, MAX_SIDE, MAX_TAGS, MIN_SIDE, DraftCreate, PolishCreate, PromoteCreate, Stage
 from orchestrator.store import ArtifactStore
 from orchestrator.workers import Presence
@@ -495,21 +496,28 @@ class JobService:
 
     def keep_local(self, project_id: str, policy: str) -> list[str]:
         """A project moved to a policy that keeps everything on this machine: its queued jobs for
-        engines that send data off it are canceled (their holds released; returned), and the others
-        are made private, so that no fallback of theirs leaves either. They kept the routing they
-        were queued with, and a switch to `local-only` still sent queued prompts and images out."""
+        engines that send data off it are canceled (their holds released; returned), and its other
+        unfinished jobs are made private, so that no fallback of theirs leaves either (the runner
+        reads that from the row). They kept the routing they were queued with, and a switch to
+        `local-only` still sent queued prompts and images out. A job that started meanwhile is
+        running: what it sends is out already."""
+        unfinished = (col(Job.project_id) == project_id, col(Job.status).in_(("queued", "running")))
         with self.db.session() as s:
-            queued = s.exec(select(Job).where(col(Job.project_id) == project_id, col(Job.status) == "queued")).all()
-        leaving = {job.id for job in queued if job.engine not in self.router.registry
-                   or self.router.registry.get(job.engine).capabilities.leaves_machine}
+            jobs = s.exec(select(Job).where(*unfinished)).all()
+        registry = self.router.registry
+        leaving = {job.id for job in jobs if job.engine not in registry or leaves_machine(registry.get(job.engine))}
         why = f"canceled before it started: the project's policy '{policy}' keeps its work on this machine"
-        canceled = [job.id for job in queued if job.id in leaving and self.cancel_queued(job.id, why=why)]
+        canceled = []
+        for job in jobs:
+            if job.id in leaving and job.status == "queued":
+                with contextlib.suppress(JobFinished, NotFound):  # ended meanwhile (a user's cancel, its run)
+                    if self.cancel_queued(job.id, why=why):
+                        canceled.append(job.id)
         with self.db.transaction() as s:
-            for job in queued:
+            for job in jobs:
                 if job.id not in leaving and not is_private(job.params.get("tags") or {}):
                     params = {**job.params, "tags": {**(job.params.get("tags") or {}), PRIVACY_TAG: PRIVACY_LOCAL}}
-                    s.execute(update(Job).where(col(Job.id) == job.id, col(Job.status) == "queued")
-                              .values(params=params))
+                    s.execute(update(Job).where(col(Job.id) == job.id, *unfinished).values(params=params))
         return canceled
 
     def cancel_queued(self, job_id: str, *, why: str = "canceled before it started") -> bool:

@@ -22,6 +22,12 @@ from tiers.base import Engine, RenderRequest, Stage, is_amount, to_credits
 from tiers.registry import EngineRegistry
 
 
+def leaves_machine(engine: Engine) -> bool:
+    """Whether the engine sends a request's data off this machine (every remote engine may: a
+    self-hosted server may run on another host)."""
+    return engine.kind == "remote" or engine.capabilities.leaves_machine
+
+
 def priced(engine: Engine, req: RenderRequest) -> int:
     """`engine.estimate(req)`, refusing one that is not a whole, non-negative number of
     millicredits (a third-party engine's bug) as no price: taken as money back, it would win every
@@ -194,7 +200,7 @@ class Router:
             return candidate
         engine: Engine = self.registry.get(name)
         caps = engine.capabilities
-        if rule is not None and rule.keeps_local(req.tags) and (engine.kind == "remote" or caps.leaves_machine):
+        if rule is not None and rule.keeps_local(req.tags) and leaves_machine(engine):
             candidate.skipped = "private request: this engine sends data off the machine"
             candidate.refusal = NoRoute(f"engine '{name}' sends data off the machine, and this request is private "
                                         "(tags.privacy=local)", details={"engine": name})

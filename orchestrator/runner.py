@@ -47,7 +47,7 @@ from orchestrator.ids import new_id
 from orchestrator.jobs import cache_key, render_request
 from orchestrator.ledger import Ledger
 from orchestrator.models import Asset, Job
-from orchestrator.routing import fallbacks, priced
+from orchestrator.routing import fallbacks, leaves_machine, priced
 from orchestrator.store import ArtifactStore, PreviewFiles, encode_png
 from policies.schema import is_private
 from tiers.base import (
@@ -472,13 +472,13 @@ class JobRunner:
         recorded = None if "max_credits" in routing else {
             c["engine"]: to_millicredits(c["estimate"]) for c in routing.get("candidates", [])
             if isinstance(c.get("estimate"), int | float)}
-        private = is_private(job.params.get("tags") or {})
+        # Read again: made private while it ran (its project moved to `local-only`, see `JobService.keep_local`).
+        private = is_private(await asyncio.to_thread(self._current_tags, job))
         for name in fallbacks(job.routing, tried):
             if name not in self.registry:
                 continue
             engine = self.registry.get(name)
-            # Made private after it was routed (its project moved to `local-only`, see `JobService.keep_local`).
-            if not engine.availability()[0] or (private and engine.capabilities.leaves_machine):
+            if not engine.availability()[0] or (private and leaves_machine(engine)):
                 continue
             try:
                 estimate = priced(engine, request)
@@ -532,6 +532,12 @@ class JobRunner:
             except StaleAttempt:
                 return
             self.bus.publish(claim.job.id, "canceled", {"job_id": claim.job.id, "status": "canceled"})
+
+    def _current_tags(self, job: Job) -> dict[str, str]:
+        with self.db.session() as s:
+            params = s.scalar(select(Job.params).where(col(Job.id) == job.id))
+        tags = (params if isinstance(params, dict) else job.params).get("tags")
+        return tags if isinstance(tags, dict) else {}
 
     def _requeue_unsent(self, claim: Claim, *, started: bool = True) -> None:
         # This attempt's engine says it sent nothing billable: its own saved work (if any) is

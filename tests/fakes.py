@@ -28,6 +28,7 @@ from tiers.base import (
     RenderResult,
     Stage,
     billable_send,
+    billable_sends_out,
 )
 
 FAKE_PRICE = 10.0  # credits per image
@@ -92,6 +93,13 @@ class FakePaidEngine:
             await asyncio.gather(other(), broken())
         await billable_send()
         SENT.append(req.prompt)
+        if behaviour == "second-call-no-id":  # a plugin's two paid calls, reporting no provider id
+            until = Path(req.tags["until"])
+            while not until.exists():  # preparing the second (not the token's wait, which tells no cost)
+                await asyncio.sleep(0.02)
+            cancel.raise_if_cancelled(charged="unknown" if billable_sends_out() else "no")
+            await billable_send()
+            SENT.append(f"{req.prompt} (second call)")
         if behaviour == "crash":  # a bug, not an EngineError: as reading an answer that lacks a field
             raise KeyError("images")
         progress.state("submitted")

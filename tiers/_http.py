@@ -453,7 +453,8 @@ class RemoteClient:
 
     def _sleep_unless(self, cancel: CancelToken) -> Sleep:
         async def sleep(seconds: float) -> None:
-            await cancel.race(self.sleep(seconds), charged="no")  # between attempts nothing is out
+            # Between attempts nothing of this request is out; another of the job's may be.
+            await cancel.race(self.sleep(seconds), charged="unknown" if billable_sends_out() else "no")
         return sleep
 
     async def _send_once(self, method: str, url: str, *, idempotent: bool, cancel: CancelToken | None,
@@ -479,8 +480,9 @@ class RemoteClient:
             ) from None
         if not idempotent:
             await billable_send()
-            if cancel is not None:
-                cancel.raise_if_cancelled(charged="no")  # asked while the send was being recorded: still nothing sent
+            if cancel is not None and cancel.cancelled:  # asked while the send was being recorded
+                billable_send_refused()  # this one is not sent; another of the job's may be out
+                cancel.raise_if_cancelled(charged="unknown" if billable_sends_out() else "no")
             try:
                 return await self._exchange_within(request, idempotent, cancel, stop_at)
             except (_NotSent, _RetryableAnswer):

@@ -3,6 +3,8 @@ under its earlier policy, which kept the routing they were given."""
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -78,3 +80,67 @@ def test_a_job_made_private_in_the_queue_never_falls_back_off_the_machine(
         done = wait_for_job(client, job["id"])
     assert (done["status"], done["engine"]) == ("failed", "local-hifi"), done
     assert prompt not in " ".join(fakes.SENT)
+
+
+HIFI_FIRST = ('name = "hifi-first"\n[[rules]]\nname = "drafts"\nmatch = { stage = "ideation" }\nengines = ["lite"]\n'
+              '[[rules]]\nname = "bridge"\nmatch = { stage = ["bridge", "polish"] }\n'
+              'engines = ["local-hifi", "fake-paid"]\n')
+
+
+def test_a_local_job_running_as_its_project_goes_local_only_never_falls_back_off_the_machine(
+        paid_settings_for: Callable[..., Settings], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only queued jobs were made private, and the fallback read the row it was claimed with."""
+    from orchestrator.errors import EngineError
+    from tiers.local_hifi import LocalHifiEngine
+
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "credits-test.toml").write_text(POLICY_TOML)
+    (policies / "hifi-first.toml").write_text(HIFI_FIRST)
+    started, moved = threading.Event(), threading.Event()
+
+    async def failing(self: LocalHifiEngine, *args: object, **kwargs: object) -> None:
+        started.set()
+        await asyncio.to_thread(moved.wait, 30)
+        raise EngineError("local-hifi: out of memory, try again", retryable=True, charged="no")
+
+    monkeypatch.setattr(LocalHifiEngine, "run", failing)
+    prompt = "a lighthouse, running locally as its project went local-only"
+    with serve_in_thread(paid_settings_for(tmp_path / "data", policy_dir=policies)) as base, \
+            httpx.Client(base_url=base, timeout=30) as client:
+        project_id, asset_id = project_with_draft(client)
+        assert client.patch(f"/v1/projects/{project_id}", json={"policy": "hifi-first"}).status_code == 200
+        job = promote_ok(client, asset_id, prompt=prompt, engine=None)
+        assert job["engine"] == "local-hifi" and started.wait(30)
+        assert client.patch(f"/v1/projects/{project_id}", json={"policy": "local-only"}).status_code == 200
+        moved.set()
+        done = wait_for_job(client, job["id"])
+    assert (done["status"], done["engine"]) == ("failed", "local-hifi"), done
+    assert prompt not in " ".join(fakes.SENT)
+
+
+def test_a_job_that_ended_meanwhile_does_not_stop_the_move(
+        paid_settings_for: Callable[..., Settings], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One queued job canceled by its user between the look and the cancel: the PATCH answered 409
+    with the policy changed, and the other queued cloud jobs were left to go out."""
+    from orchestrator.errors import JobFinished
+    from orchestrator.jobs import JobService
+
+    data = tmp_path / "data"
+    with serve_in_thread(paid_settings_for(data)) as base, httpx.Client(base_url=base, timeout=30) as client:
+        project_id, asset_id = project_with_draft(client)
+    with serve_in_thread(paid_settings_for(data, run_jobs=False)) as base, \
+            httpx.Client(base_url=base, timeout=30) as client:
+        first, second = (promote_ok(client, asset_id, seed=seed)["id"] for seed in (1, 2))
+        real = JobService.cancel_queued
+
+        def canceled_by_its_user_first(self: JobService, job_id: str, **kwargs: str) -> bool:
+            if job_id == first:
+                real(self, job_id)
+                raise JobFinished(f"job '{job_id}' already canceled")
+            return real(self, job_id, **kwargs)
+
+        monkeypatch.setattr(JobService, "cancel_queued", canceled_by_its_user_first)
+        moved = client.patch(f"/v1/projects/{project_id}", json={"policy": "local-only"})
+        assert moved.status_code == 200, moved.text
+        assert client.get(f"/v1/jobs/{second}").json()["status"] == "canceled"

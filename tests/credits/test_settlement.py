@@ -510,6 +510,24 @@ def test_a_cancel_ends_the_wait_for_a_save_and_sends_nothing_more(
     assert settled == [("capture", True)], settled
 
 
+def test_a_cancel_before_a_plugin_s_second_paid_call_captures_the_first(
+        api: httpx.Client, tmp_path: Path) -> None:
+    """Two paid calls reporting no provider id, canceled before the second: the engine's own check
+    said "nothing was sent" of the second, and the hold the first ran up was released."""
+    project_id, asset_id = project_with_draft(api)
+    until = tmp_path / "second-call-ready"
+    prompt = "a lighthouse, canceled between two paid calls"
+    job = promote_ok(api, asset_id, prompt=prompt, tags={"fake": "second-call-no-id", "until": str(until)})
+    poll(lambda: list(fakes.SENT), lambda sent: prompt in sent, what="the first call sent")
+    assert api.post(f"/v1/jobs/{job['id']}/cancel").status_code == 202
+    until.write_text("")
+    assert wait_for_job(api, job["id"])["status"] == "canceled"
+    assert f"{prompt} (second call)" not in fakes.SENT
+    settled = [(e["kind"], e["unreconciled"]) for e in ledger(api, project_id)
+               if e["job_id"] == job["id"] and e["kind"] != "hold"]
+    assert settled == [("capture", True)], settled
+
+
 def test_a_failed_save_of_the_provider_s_work_is_written_with_the_job_s_end(
         api: httpx.Client, paid_settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
     from sqlalchemy.exc import OperationalError
