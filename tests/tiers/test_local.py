@@ -312,6 +312,16 @@ def test_thread_count_follows_a_container_s_cpu_quota(tmp_path: Any, files: dict
     assert _usable_cpus(tmp_path) == (affinity if expected is None else min(affinity, expected))
 
 
+async def draft_refused(lite: LiteEngine) -> EngineUnavailable:
+    """What a draft on `lite` is refused with (the engine is shut down after)."""
+    try:
+        with pytest.raises(EngineUnavailable) as info:
+            await lite.run(draft(n=1), RecordingProgress(), CancelToken())
+    finally:
+        lite.runtime.shutdown(timeout=30)
+    return info.value
+
+
 # diffusers still passes huggingface_hub an argument it has deprecated; nothing of ours.
 @pytest.mark.filterwarnings("ignore:The `local_dir_use_symlinks` argument is deprecated")
 async def test_a_hub_model_that_cannot_be_fetched_says_the_hub_did_not_answer(
@@ -321,13 +331,9 @@ async def test_a_hub_model_that_cannot_be_fetched_says_the_hub_did_not_answer(
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # what hf_hub_reachable reads; the Hub client read it at import:
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no 20 s of retries
     lite = LiteEngine(EngineContext(settings=make_settings(lite_model="nobody/no-such-model")))
-    try:
-        with pytest.raises(EngineUnavailable) as info:
-            await lite.run(draft(n=1), RecordingProgress(), CancelToken())
-    finally:
-        lite.runtime.shutdown(timeout=30)
-    assert "could not load model 'nobody/no-such-model'" in info.value.message
-    assert "the Hub did not answer" in info.value.message
+    refused = await draft_refused(lite)
+    assert "could not load model 'nobody/no-such-model'" in refused.message
+    assert "the Hub did not answer" in refused.message
 
 
 @pytest.mark.parametrize(("cached", "reachable", "expected"), [
@@ -397,13 +403,9 @@ async def test_loading_a_model_that_is_no_hub_id_fails_as_an_unavailable_model(
         make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     lite = LiteEngine(EngineContext(settings=make_settings(lite_model="models/missing/sd-turbo")))
-    try:
-        with pytest.raises(EngineUnavailable) as info:  # not the Hub client's HFValidationError
-            await lite.run(draft(n=1), RecordingProgress(), CancelToken())
-    finally:
-        lite.runtime.shutdown(timeout=30)
+    refused = await draft_refused(lite)  # not the Hub client's HFValidationError
     # Named as clients read a relative path of more than two parts (see `store.model_name`): its last part.
-    assert "could not load model 'sd-turbo'" in info.value.message
+    assert "could not load model 'sd-turbo'" in refused.message
 
 
 def test_a_ckpt_file_is_unavailable_with_what_to_do(make_settings: SettingsFactory, tmp_path: Any) -> None:
@@ -422,15 +424,11 @@ async def test_a_device_torch_does_not_have_is_unavailable_before_any_load(
         pytest.skip(f"this machine has {device}")
     lite = LiteEngine(EngineContext(settings=make_settings(lite_device=device)))
     assert lite.availability() == (True, None)  # torch is not imported to answer this
-    try:
-        with pytest.raises(EngineUnavailable) as info:
-            await lite.run(draft(n=1), RecordingProgress(), CancelToken())
-    finally:
-        lite.runtime.shutdown(timeout=30)
-    assert info.value.message.startswith(f"ORCH_LITE_DEVICE={device} but torch sees no ")
-    assert "ORCH_LITE_DEVICE=auto" in info.value.message
+    refused = await draft_refused(lite)
+    assert refused.message.startswith(f"ORCH_LITE_DEVICE={device} but torch sees no ")
+    assert "ORCH_LITE_DEVICE=auto" in refused.message
     # Found out once: /v1/engines and routing say so, rather than each draft failing in turn.
-    assert lite.availability() == (False, info.value.message)
+    assert lite.availability() == (False, refused.message)
 
 
 @pytest.mark.parametrize(("name", "sampler"), [("sd_turbo.safetensors", "EulerDiscreteScheduler"),
@@ -476,14 +474,10 @@ async def test_a_single_file_that_is_not_a_checkpoint_is_unavailable_saying_why(
     lora = tmp_path / "lora.safetensors"
     save_file({"lora_unet_down_blocks_0_attentions_0.lora_down.weight": torch.zeros(4, 8)}, str(lora))
     lite = LiteEngine(EngineContext(settings=make_settings(lite_model=str(lora))))
-    try:
-        with pytest.raises(EngineUnavailable) as info:
-            await lite.run(draft(n=1), RecordingProgress(), CancelToken())
-    finally:
-        lite.runtime.shutdown(timeout=30)
-    assert info.value.message.startswith("could not load model 'lora.safetensors': ")  # its name, not its path
-    assert str(tmp_path) not in info.value.message and info.value.details == {"model": "lora.safetensors"}
-    assert "needs its model family's configuration from the Hugging Face Hub" in info.value.message
+    refused = await draft_refused(lite)
+    assert refused.message.startswith("could not load model 'lora.safetensors': ")  # its name, not its path
+    assert str(tmp_path) not in refused.message and refused.details == {"model": "lora.safetensors"}
+    assert "needs its model family's configuration from the Hugging Face Hub" in refused.message
 
 
 async def test_a_single_file_s_own_fault_offline_is_not_blamed_on_the_hub(
@@ -503,12 +497,8 @@ async def test_a_single_file_s_own_fault_offline_is_not_blamed_on_the_hub(
     checkpoint = tmp_path / "mymodel.safetensors"
     save_file({"model.diffusion_model.out.0.weight": torch.zeros(4)}, str(checkpoint))
     lite = LiteEngine(EngineContext(settings=make_settings(lite_model=str(checkpoint))))
-    try:
-        with pytest.raises(EngineUnavailable) as info:
-            await lite.run(draft(n=1), RecordingProgress(), CancelToken())
-    finally:
-        lite.runtime.shutdown(timeout=30)
-    assert info.value.message == ("could not load model 'mymodel.safetensors': Failed to load CLIPTextModel. "
+    refused = await draft_refused(lite)
+    assert refused.message == ("could not load model 'mymodel.safetensors': Failed to load CLIPTextModel. "
                                   "Weights for this component appear to be missing")
 
 
