@@ -502,22 +502,27 @@ class JobService:
         `local-only` still sent queued prompts and images out. A job that started meanwhile is
         running: what it sends is out already."""
         unfinished = (col(Job.project_id) == project_id, col(Job.status).in_(("queued", "running")))
-        with self.db.session() as s:
-            jobs = s.exec(select(Job).where(*unfinished)).all()
         registry = self.router.registry
-        leaving = {job.id for job in jobs if job.engine not in registry or leaves_machine(registry.get(job.engine))}
+
+        def leaving(job: Job) -> bool:
+            return job.engine not in registry or leaves_machine(registry.get(job.engine))
+
+        # Private first, then the look for what to cancel: a fallback moving a job off the machine
+        # meanwhile either sees it private (and does not move it) or is seen by the look.
+        with self.db.transaction() as s:
+            for job in s.exec(select(Job).where(*unfinished)).all():
+                if not leaving(job) and not is_private(job.params.get("tags") or {}):
+                    params = {**job.params, "tags": {**(job.params.get("tags") or {}), PRIVACY_TAG: PRIVACY_LOCAL}}
+                    s.execute(update(Job).where(col(Job.id) == job.id, *unfinished).values(params=params))
+        with self.db.session() as s:
+            queued = s.exec(select(Job).where(col(Job.project_id) == project_id, col(Job.status) == "queued")).all()
         why = f"canceled before it started: the project's policy '{policy}' keeps its work on this machine"
         canceled = []
-        for job in jobs:
-            if job.id in leaving and job.status == "queued":
+        for job in queued:
+            if leaving(job):
                 with contextlib.suppress(JobFinished, NotFound):  # ended meanwhile (a user's cancel, its run)
                     if self.cancel_queued(job.id, why=why):
                         canceled.append(job.id)
-        with self.db.transaction() as s:
-            for job in jobs:
-                if job.id not in leaving and not is_private(job.params.get("tags") or {}):
-                    params = {**job.params, "tags": {**(job.params.get("tags") or {}), PRIVACY_TAG: PRIVACY_LOCAL}}
-                    s.execute(update(Job).where(col(Job.id) == job.id, *unfinished).values(params=params))
         return canceled
 
     def cancel_queued(self, job_id: str, *, why: str = "canceled before it started") -> bool:

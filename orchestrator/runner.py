@@ -81,6 +81,10 @@ class StaleAttempt(Exception):
     """A newer claim owns the job: this attempt's results are discarded."""
 
 
+class MadePrivate(Exception):
+    """The job was made private after it was routed: a fallback off the machine is not taken."""
+
+
 @dataclass
 class Claim:
     job: Job
@@ -472,13 +476,11 @@ class JobRunner:
         recorded = None if "max_credits" in routing else {
             c["engine"]: to_millicredits(c["estimate"]) for c in routing.get("candidates", [])
             if isinstance(c.get("estimate"), int | float)}
-        # Read again: made private while it ran (its project moved to `local-only`, see `JobService.keep_local`).
-        private = is_private(await asyncio.to_thread(self._current_tags, job))
         for name in fallbacks(job.routing, tried):
             if name not in self.registry:
                 continue
             engine = self.registry.get(name)
-            if not engine.availability()[0] or (private and leaves_machine(engine)):
+            if not engine.availability()[0]:
                 continue
             try:
                 estimate = priced(engine, request)
@@ -506,8 +508,8 @@ class JobRunner:
             except Canceled as exc:
                 await self._end(claim, "canceled", exc)
                 return True
-            except BudgetExceeded:
-                continue  # nothing was written; a cheaper (or free) candidate may still fit
+            except (BudgetExceeded, MadePrivate):
+                continue  # nothing was written; a cheaper (or free, or local) candidate may still fit
             finally:
                 if moved:  # the job is the probe now, as a submitted one would be
                     self.health.adopt(name, token, job.id)
@@ -533,12 +535,6 @@ class JobRunner:
                 return
             self.bus.publish(claim.job.id, "canceled", {"job_id": claim.job.id, "status": "canceled"})
 
-    def _current_tags(self, job: Job) -> dict[str, str]:
-        with self.db.session() as s:
-            params = s.scalar(select(Job.params).where(col(Job.id) == job.id))
-        tags = (params if isinstance(params, dict) else job.params).get("tags")
-        return tags if isinstance(tags, dict) else {}
-
     def _requeue_unsent(self, claim: Claim, *, started: bool = True) -> None:
         # This attempt's engine says it sent nothing billable: its own saved work (if any) is
         # dropped, so the next run sends afresh. What earlier attempts got a provider to accept
@@ -560,6 +556,12 @@ class JobRunner:
     def _requeue_on(self, claim: Claim, error: EngineError, engine: str, model: str, estimate: int) -> None:
         job = claim.job
         with self.db.transaction() as s:
+            if leaves_machine(self.registry.get(engine)):
+                # Read in the move's own transaction: made private while it ran (its project moved
+                # to `local-only`, see `JobService.keep_local`), it goes nowhere off the machine.
+                params = s.scalar(select(Job.params).where(col(Job.id) == job.id))
+                if is_private((params if isinstance(params, dict) else job.params).get("tags") or {}):
+                    raise MadePrivate(job.id)
             self.ledger.settle_failure(s, job, error)
             self._guarded_update(s, claim, unless_canceled=True, status="queued", engine=engine, model=model,
                                  estimated=estimate,
@@ -666,15 +668,21 @@ class JobRunner:
             # it): a cancel now is not free (a "no" for this request alone released a job whose
             # first call was out, or queued it again on a stop, and the provider got that call
             # twice). One answered that nothing was made (a 429 being waited out) leaves it free.
-            free: Charged = "unknown" if claim.accepted or claim.out else "no"
+            def free() -> Charged:  # asked when the cancel comes: another request may go out meanwhile
+                return "unknown" if claim.accepted or claim.out else "no"
+
             if claim.ended:
-                raise Canceled("the job ended before this request was sent", charged=free)
+                raise Canceled("the job ended before this request was sent", charged=free())
             claim.sending = True
             # Bounded, and a cancel ends it (nothing of this request is out yet): a database that
             # stays away must not hold the send, or a cancel, for the save's two minutes of retries.
-            with contextlib.suppress(TimeoutError):
-                await claim.cancel.race(asyncio.wait_for(progress.saved(), SAVE_WAIT_SECONDS), charged=free)
-            claim.cancel.raise_if_cancelled(charged=free)  # the engine's own check after this would say "no"
+            try:
+                with contextlib.suppress(TimeoutError):
+                    await claim.cancel.race(asyncio.wait_for(progress.saved(), SAVE_WAIT_SECONDS), charged="no")
+            except Canceled as exc:
+                exc.at_least_charged(free())
+                raise
+            claim.cancel.raise_if_cancelled(charged=free())  # the engine's own check after this would say "no"
             claim.out += 1
             if claim.job.unsent_attempt != claim.attempt:
                 return  # an engine that does not announce its requests: recovery assumes it sent

@@ -31,7 +31,7 @@ import httpx
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 from tenacity.stop import stop_base
 
-from orchestrator.errors import BadEngineInput, EngineError, EngineTimeout, EngineUnavailable, RateLimited
+from orchestrator.errors import BadEngineInput, Canceled, EngineError, EngineTimeout, EngineUnavailable, RateLimited
 from tiers.base import billable_send, billable_send_refused, billable_sends_out
 
 if TYPE_CHECKING:
@@ -453,8 +453,12 @@ class RemoteClient:
 
     def _sleep_unless(self, cancel: CancelToken) -> Sleep:
         async def sleep(seconds: float) -> None:
-            # Between attempts nothing of this request is out; another of the job's may be.
-            await cancel.race(self.sleep(seconds), charged="unknown" if billable_sends_out() else "no")
+            try:  # between attempts nothing of this request is out
+                await cancel.race(self.sleep(seconds), charged="no")
+            except Canceled as exc:
+                if billable_sends_out():  # another of the job's may be, asked when the cancel came
+                    exc.at_least_charged("unknown")
+                raise
         return sleep
 
     async def _send_once(self, method: str, url: str, *, idempotent: bool, cancel: CancelToken | None,

@@ -278,6 +278,28 @@ async def test_a_cancel_before_a_second_paid_call_is_not_free_and_after_a_refusa
     assert out == 0  # every 503 said nothing was made
 
 
+async def test_a_cancel_while_waiting_out_a_429_is_judged_when_it_comes() -> None:
+    """Another paid request of the job went out during the wait: judged as the wait began, the
+    cancel said "nothing sent", and the hold that request ran up was released."""
+    http = RemoteClient("prov", base_url=BASE, key_setting="ORCH_PROV_API_KEY", deadline=60.0,
+                        sleep=asyncio.sleep)
+    out = 0
+
+    async def announced() -> None:
+        pass
+
+    token = CancelToken()
+    with before_billable_sends(announced, None, lambda: out > 0):
+        waiting = asyncio.create_task(http._sleep_unless(token)(5.0))
+        await asyncio.sleep(0.05)
+        out = 1  # the job's other request is sent meanwhile
+        token.cancel()
+        with pytest.raises(Canceled) as info:
+            await waiting
+    assert info.value.charged == "unknown"
+    await http.aclose()
+
+
 @respx.mock
 @pytest.mark.parametrize(("retry_after", "sends"), [("20", 2), ("35", 1)])
 async def test_a_request_that_can_bill_is_not_resent_without_time_to_be_answered(
