@@ -390,7 +390,7 @@ class JobRunner:
                 # bills nobody, whatever its cancel says) is queued again with its task, for the next
                 # run to resume or take off the server.
                 if restartable(self.registry.get(job.engine), job) or (exc.charged == "no" and not claim.accepted):
-                    # Nothing reached a provider: queued again, with its hold, for the next start
+                    # Nothing reached a paid provider: queued again, with its hold, for the next start
                     # (recovery would fail a remote job as possibly billed).
                     try:
                         await asyncio.to_thread(self._requeue_unsent, claim)
