@@ -291,8 +291,10 @@ class JobService:
                 # so it needs no room in the budget.
                 # So does a decision taken from a cached result that is gone now (its file damaged
                 # since): it skipped the caps, as a free copy may, and must meet them after all.
-                if not cached and decision.estimate > 0 and (project.budget_limit is not None
-                                                             or max_credits is not None):
+                # And a policy changed since (a PATCH to `local-only` committed meanwhile must not
+                # let this request be queued for the cloud).
+                if not cached and (decision.policy != project.policy or (
+                        decision.estimate > 0 and (project.budget_limit is not None or max_credits is not None))):
                     balance = None if project.budget_limit is None else self.ledger.balance(s, project)
                     fresh = self._route(project.policy, prepared, engine, max_credits, balance, cache=False,
                                         holder=token)

@@ -144,3 +144,28 @@ def test_a_job_that_ended_meanwhile_does_not_stop_the_move(
         moved = client.patch(f"/v1/projects/{project_id}", json={"policy": "local-only"})
         assert moved.status_code == 200, moved.text
         assert client.get(f"/v1/jobs/{second}").json()["status"] == "canceled"
+
+
+def test_a_request_routed_as_the_project_goes_local_only_is_routed_again(
+        paid_settings_for: Callable[..., Settings], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Routed under the old policy, committed after the PATCH (which no lock orders it with): the job
+    was queued for the cloud, after keep_local had looked."""
+    from sqlalchemy import update
+
+    from orchestrator.jobs import JobService
+    from orchestrator.models import Project
+
+    with serve_in_thread(paid_settings_for(tmp_path / "data")) as base, \
+            httpx.Client(base_url=base, timeout=30) as client:
+        project_id, asset_id = project_with_draft(client)
+        real = JobService._reserve
+
+        def moved_meanwhile(self: JobService, *args: object, **kwargs: object) -> object:
+            decision = real(self, *args, **kwargs)  # type: ignore[arg-type]
+            with self.db.transaction() as s:  # the PATCH, between the routing and the commit
+                s.execute(update(Project).where(Project.id == project_id).values(policy="local-only"))
+            return decision
+
+        monkeypatch.setattr(JobService, "_reserve", moved_meanwhile)
+        job = promote_ok(client, asset_id, engine=None)
+    assert job["engine"] == "local-hifi" and job["routing"]["policy"] == "local-only", job["routing"]
