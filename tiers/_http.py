@@ -678,15 +678,15 @@ def without_credentials(text: str, response: httpx.Response) -> str:
         headers = response.request.headers
     except RuntimeError:  # an answer made without a request carries none
         return text
-    secrets: set[str] = set()
+    found: set[str] = set()
     for name in ("authorization", "proxy-authorization", *KEY_HEADERS):
         value = headers.get(name, "").strip()
         if value:
-            secrets.add(value)
+            found.add(value)
             scheme, _, token = value.partition(" ")
             if token.strip() and scheme.lower() in ("bearer", "key", "basic", "token"):
-                secrets.add(token.strip())
+                found.add(token.strip())
     # The longest first: a token inside "Bearer <token>" is replaced with the whole value.
-    for secret in sorted((s for s in secrets if len(s) >= 8), key=len, reverse=True):
+    for secret in sorted((s for s in found if len(s) >= 8), key=len, reverse=True):
         text = text.replace(secret, "***")
     return text

@@ -268,10 +268,17 @@ class Engine(Protocol):
     async def aclose(self) -> None: ...
 
 
-# What the runner does before a request of the job it runs can bill (see `billable_send`). A
-# context variable: every task an engine starts for that job (a gather of per-image calls) sees
-# that job's hook, and no other job's.
-_before_send: ContextVar[Callable[[], Awaitable[None]] | None] = ContextVar("before_send", default=None)
+@dataclass(frozen=True)
+class _SendHooks:
+    before: Callable[[], Awaitable[None]]
+    refused: Callable[[], None] | None
+    out: Callable[[], bool] | None
+
+
+# What the runner does about the requests of the job it runs that can bill (see `billable_send`).
+# A context variable: every task an engine starts for that job (a gather of per-image calls) sees
+# that job's hooks, and no other job's.
+_send_hooks: ContextVar[_SendHooks | None] = ContextVar("send_hooks", default=None)
 
 
 async def billable_send() -> None:
@@ -280,34 +287,26 @@ async def billable_send() -> None:
     that had sent nothing is run again instead of being charged as possibly billed. Raises when
     the request must not go: `Canceled` (a cancel was asked; nothing was sent) or another
     exception when another process has taken the job over. Outside a job it does nothing."""
-    hook = _before_send.get()
-    if hook is not None:
-        await hook()
-
-
-# What the runner does when a request `billable_send()` announced was answered that nothing was made.
-_send_refused: ContextVar[Callable[[], None] | None] = ContextVar("send_refused", default=None)
+    hooks = _send_hooks.get()
+    if hooks is not None:
+        await hooks.before()
 
 
 def billable_send_refused() -> None:
     """Call when a request `billable_send()` announced is known to have made nothing (a 429 or a
     5xx to be retried, a connection never made): a cancel of the job is free again, as long as no
     other request of it is out (`RemoteClient` does so). Outside a job it does nothing."""
-    hook = _send_refused.get()
-    if hook is not None:
-        hook()
-
-
-# Whether a request of the job `billable_send()` announced may be out and billed.
-_sends_out: ContextVar[Callable[[], bool] | None] = ContextVar("sends_out", default=None)
+    hooks = _send_hooks.get()
+    if hooks is not None and hooks.refused is not None:
+        hooks.refused()
 
 
 def billable_sends_out() -> bool:
     """Whether a request of this job announced by `billable_send()` may have been made and billed
     (not answered that nothing was made): a cancel then costs at least `unknown`, whatever the
     request at hand. Outside a job, False."""
-    out = _sends_out.get()
-    return out is not None and out()
+    hooks = _send_hooks.get()
+    return hooks is not None and hooks.out is not None and hooks.out()
 
 
 @contextmanager
@@ -315,13 +314,11 @@ def before_billable_sends(hook: Callable[[], Awaitable[None]], refused: Callable
                           out: Callable[[], bool] | None = None) -> Iterator[None]:
     """Run `hook` at each `billable_send()` of the engine call made inside this block, `refused`
     at each `billable_send_refused()`, and answer `billable_sends_out()` with `out`."""
-    tokens = (_before_send.set(hook), _send_refused.set(refused), _sends_out.set(out))
+    token = _send_hooks.set(_SendHooks(hook, refused, out))
     try:
         yield
     finally:
-        _sends_out.reset(tokens[2])
-        _send_refused.reset(tokens[1])
-        _before_send.reset(tokens[0])
+        _send_hooks.reset(token)
 
 
 @runtime_checkable
