@@ -11,12 +11,13 @@ it to `{"error": {"code", "message", "details"}}` with `status` in exactly one p
     ├── Conflict                409 conflict
     │   ├── IdempotencyConflict 409 idempotency_conflict
     │   └── JobFinished         409 job_finished
-    ├── PayloadTooLarge         413 payload_too_large
+    ├── Gone                    410 gone          (a deleted asset)
     ├── BudgetExceeded          402 budget_exceeded
     ├── TooManyJobs             429 rate_limited  (ORCH_MAX_PENDING_JOBS unfinished jobs already)
     ├── NoRoute                 422 no_route
-    │   ├── NoUsableEngine      503 no_route (routing.py: a rule matched, none of its engines can take it now)
+    │   ├── NoUsableEngine      503 no_route (a rule matched, none of its engines can take it now)
     │   └── NoPrice             422 no_route (a priced engine without a price entry is not routable)
+    ├── Interrupted             interrupted (a crash or a stop under a job: a job's error, never an answer's)
     └── EngineError             job errors raised by engines; 503 when surfaced synchronously
         ├── EngineUnavailable   engine_unavailable (missing/invalid key or URL: not retryable)
         ├── RateLimited         rate_limited      (retries exhausted)
@@ -24,6 +25,9 @@ it to `{"error": {"code", "message", "details"}}` with `status` in exactly one p
         ├── EngineTimeout       timeout           (sent, no answer: outcome unknown)
         ├── BadEngineInput      invalid_request   (the provider refused our input: never retried)
         └── Canceled            canceled
+
+The answers no route reaches are the middlewares' (`api/request_limits.py`: 413 payload_too_large;
+`api/cross_site.py`), written with the same `error_response`.
 
 `OrchestratorError.retry_after` is the wait, in seconds, the API tells a client (`Retry-After`);
 `EngineError.retryable` says whether routing may fall back to the next engine;
@@ -113,10 +117,6 @@ class JobFinished(Conflict):
     code = "job_finished"
 
 
-class PayloadTooLarge(OrchestratorError):
-    code, status = "payload_too_large", 413
-
-
 class BudgetExceeded(OrchestratorError):
     code, status = "budget_exceeded", 402
 
@@ -130,6 +130,12 @@ class TooManyJobs(OrchestratorError):
 
 class NoRoute(OrchestratorError):
     code, status = "no_route", 422
+
+
+class NoUsableEngine(NoRoute):
+    """A rule matched but none of its engines can take the request right now."""
+
+    status = 503
 
 
 class NoPrice(NoRoute):

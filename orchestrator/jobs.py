@@ -29,6 +29,7 @@ from orchestrator.errors import (
     InvalidRequest,
     JobFinished,
     NotFound,
+    NoUsableEngine,
     OrchestratorError,
     TooManyJobs,
     gone,
@@ -37,7 +38,7 @@ from orchestrator.events import EventBus
 from orchestrator.ids import new_id
 from orchestrator.ledger import Balance, Ledger
 from orchestrator.models import Asset, Job, Project
-from orchestrator.routing import Decision, NoUsableEngine, Router, leaves_machine
+from orchestrator.routing import Decision, Router, leaves_machine
 from orchestrator.schemas import MAX_SEED, MAX_SIDE, MAX_TAGS, MIN_SIDE, DraftCreate, PolishCreate, PromoteCreate, Stage
 from orchestrator.store import ArtifactStore
 from orchestrator.workers import Presence

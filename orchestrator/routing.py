@@ -14,7 +14,7 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
-from orchestrator.errors import BadEngineInput, BudgetExceeded, NoPrice, NoRoute, NotFound
+from orchestrator.errors import BadEngineInput, BudgetExceeded, NoPrice, NoRoute, NotFound, NoUsableEngine
 from orchestrator.health import EngineHealth
 from orchestrator.store import hide_paths
 from policies import Policy, PolicyStore, RequestFacts, Rule, order_candidates
@@ -39,12 +39,6 @@ def priced(engine: Engine, req: RenderRequest) -> int:
         raise NoPrice(f"engine '{engine.name}' estimated {told}; a price is a whole, non-negative number of "
                       "millicredits", details={"engine": engine.name})
     return int(estimate)
-
-
-class NoUsableEngine(NoRoute):
-    """A rule matched but none of its engines can take the request right now."""
-
-    status = 503
 
 
 @dataclass

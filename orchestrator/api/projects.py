@@ -10,11 +10,10 @@ from orchestrator.api.errors import created, documented
 from orchestrator.api.json_body import StrictJSONRoute
 from orchestrator.api.query import Cursor, Limit, Order, paged
 from orchestrator.api.serialize import asset_public, project_public
-from orchestrator.errors import InvalidRequest, NotFound
+from orchestrator.errors import InvalidRequest, NotFound, NoUsableEngine
 from orchestrator.ids import id_cursor, new_id
 from orchestrator.models import Asset, Project
 from orchestrator.models import IdempotencyKey as IdempotencyKeyRow
-from orchestrator.routing import NoUsableEngine
 from orchestrator.schemas import AssetPublic, Budget, Page, ProjectCreate, ProjectPublic, ProjectUpdate, Stage
 from tiers.base import to_millicredits
 

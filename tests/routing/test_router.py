@@ -9,9 +9,9 @@ from typing import Any, Literal
 
 import pytest
 
-from orchestrator.errors import BadEngineInput, BudgetExceeded, NoPrice, NoRoute
+from orchestrator.errors import BadEngineInput, BudgetExceeded, NoPrice, NoRoute, NoUsableEngine
 from orchestrator.health import EngineHealth
-from orchestrator.routing import Decision, NoUsableEngine, Router, fallbacks, priced
+from orchestrator.routing import Decision, Router, fallbacks, priced
 from policies import PolicyStore
 from tiers.base import Capabilities, RenderRequest, RenderResult, Stage
 from tiers.registry import BrokenEngine, EngineRegistry
