@@ -4,13 +4,16 @@ Entries are append-only, in integer millicredits: `grant` (top-up), `hold` (an e
 before a paid job runs), `capture` (what was charged), `release` (what was not), `adjustment`
 (a correction, signed: what reconciling an `unreconciled` capture against the invoice adds). A
 capture, release or adjustment names its hold; a unique constraint makes a second one of a kind
-for one hold impossible. The only changes ever made to a written entry are clearing a capture's
+for one hold impossible. A capture of nothing held (`charge_usage`: metered local work, a cost
+reported for a job estimated free) is written with the job's end, and a partial unique index
+allows one per job. The only changes ever made to a written entry are clearing a capture's
 `unreconciled` flag, in the transaction that writes its adjustment, and marking a hold `settled`,
 in the transaction that writes its capture or release (so open holds are found by an index, not
 by looking for each hold's settlement in the whole ledger).
 
 Balances are derived from entries, never kept in a counter: a budget window is computed from
-calendar boundaries in UTC, and spend in the window is the sum of its captures. Nothing resets.
+calendar boundaries in UTC, and spend in the window is the sum of its captures and adjustments.
+Nothing resets.
 
     available = limit + grants(window) - charged(window) - held(open holds)
 

@@ -17,6 +17,8 @@ from sqlmodel import Field, SQLModel
 
 from orchestrator.clock import utcnow
 
+# The ledger's captures of nothing held; one per job (see `LedgerEntry`).
+HOLDLESS_CAPTURE = sa.text("kind = 'capture' AND hold_id IS NULL")
 
 class UTCDateTime(TypeDecorator[datetime]):
     """Always timezone-aware UTC in Python, whatever the database keeps (SQLite keeps naive)."""
@@ -158,11 +160,15 @@ class LedgerEntry(SQLModel, table=True):
 
     A capture or release names the hold it settles (`hold_id`), and an adjustment the hold of the
     capture it reconciles; the unique constraint on `(hold_id, kind)` makes a second one of a kind
-    impossible, whatever a retry, a crash or a duplicate worker tries.
+    impossible, whatever a retry, a crash or a duplicate worker tries. A capture without a hold
+    (metered local work, a cost reported for a job estimated free) is one per job: NULLs are never
+    equal in a unique constraint, so a partial unique index on `job_id` guards those.
     """
 
     __tablename__ = "ledger_entries"
     __table_args__ = (sa.UniqueConstraint("hold_id", "kind", name="uq_ledger_settlement"),
+                      sa.Index("uq_ledger_holdless_capture", "job_id", unique=True,
+                               sqlite_where=HOLDLESS_CAPTURE, postgresql_where=HOLDLESS_CAPTURE),
                       # Sums that must not read the whole ledger: open holds by project (the budget
                       # check of every paid submit) and a budget window's charges and grants. With
                       # `amount` in the index, SQLite sums without reading the rows.

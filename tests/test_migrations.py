@@ -6,12 +6,13 @@ import sys
 from datetime import UTC, datetime
 from importlib.resources import files
 from pathlib import Path
+from typing import Any
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import create_engine, inspect
+from sqlalchemy import create_engine, inspect, text
 from sqlmodel import SQLModel
 
 import orchestrator.models  # noqa: F401
@@ -267,3 +268,73 @@ def test_0013_mends_the_indexes_of_the_first_0009_and_0010(tmp_path: Path) -> No
     assert {"ix_jobs_status_project_created", "ix_assets_stage_size"} <= names and "ix_assets_stage" not in names
     upgrade(url)  # and on a database that had them all along, nothing
     engine.dispose()
+
+
+def _project_and_job(engine: Any) -> None:
+    from sqlmodel import Session
+
+    from orchestrator.models import Job, Project
+
+    with Session(engine) as s:
+        s.add(Project(id="prj_1", name="p", policy="balanced"))
+        s.flush()
+        s.add(Job(id="job_1", project_id="prj_1", stage="ideation", engine="lite", status="succeeded"))
+        s.commit()
+
+
+def _capture(conn: Any, hold_id: int | None = None) -> None:
+    from sqlalchemy import text
+
+    conn.execute(text("INSERT INTO ledger_entries (project_id, job_id, kind, amount, hold_id, unreconciled, settled, "
+                      "over_hold, created_at) VALUES ('prj_1', 'job_1', 'capture', 5, :hold, false, false, false, "
+                      "'2026-11-30 12:00:00')"), {"hold": hold_id})
+
+
+def test_a_job_has_one_capture_without_a_hold(tmp_path: Path) -> None:
+    """NULL hold ids never collide in `(hold_id, kind)`: metered local work charged twice was
+    stopped by nothing in the database."""
+    from sqlalchemy.exc import IntegrityError
+
+    url = f"sqlite:///{tmp_path / 'm.db'}"
+    upgrade(url)
+    engine = create_engine(url)
+    try:
+        _project_and_job(engine)
+        with engine.begin() as conn:
+            _capture(conn)
+        with pytest.raises(IntegrityError), engine.begin() as conn:
+            _capture(conn)
+        with engine.begin() as conn:  # a hold-less charge and captures of holds stay apart
+            conn.execute(text("INSERT INTO ledger_entries (project_id, job_id, kind, amount, unreconciled, settled, "
+                              "over_hold, created_at) VALUES ('prj_1', 'job_1', 'hold', 5, false, true, false, "
+                              "'2026-11-30 12:00:00')"))
+            _capture(conn, hold_id=conn.execute(text("SELECT max(id) FROM ledger_entries")).scalar())
+            assert conn.execute(text("SELECT count(*) FROM ledger_entries WHERE kind = 'capture'")).scalar() == 2
+    finally:
+        engine.dispose()
+
+
+def test_0015_names_jobs_already_charged_twice_and_changes_nothing(tmp_path: Path) -> None:
+    from alembic import command
+
+    from orchestrator.db import alembic_config
+
+    url = f"sqlite:///{tmp_path / 'm.db'}"
+    command.upgrade(alembic_config(url), "0014")
+    engine = create_engine(url)
+    try:
+        _project_and_job(engine)
+        with engine.begin() as conn:
+            _capture(conn)
+            _capture(conn)
+        with pytest.raises(RuntimeError, match=r"charged more than once without a hold: job_1"):
+            command.upgrade(alembic_config(url), "head")
+        with engine.connect() as conn:
+            assert MigrationContext.configure(conn).get_current_revision() == "0014"
+        with engine.begin() as conn:
+            conn.execute(text("DELETE FROM ledger_entries WHERE id = (SELECT max(id) FROM ledger_entries)"))
+        command.upgrade(alembic_config(url), "head")
+        with engine.connect() as conn:
+            assert "uq_ledger_holdless_capture" in {i["name"] for i in inspect(conn).get_indexes("ledger_entries")}
+    finally:
+        engine.dispose()
