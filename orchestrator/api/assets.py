@@ -144,8 +144,9 @@ def lineage(asset_id: str, services: ServicesDep, caller: CallerDep) -> Lineage:
         descendants: list[Asset] = []
         frontier = [asset.id]
         while frontier and len(descendants) <= MAX_DESCENDANTS:
+            # One past the bound says it is cut; a draft promoted 100,000 times is not read whole.
             children = list(s.exec(select(Asset).where(col(Asset.parent_id).in_(frontier))
-                                   .order_by(col(Asset.id))).all())
+                                   .order_by(col(Asset.id)).limit(MAX_DESCENDANTS + 1 - len(descendants))).all())
             descendants.extend(children)
             frontier = [c.id for c in children]
         if len(descendants) > MAX_DESCENDANTS:

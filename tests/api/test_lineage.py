@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import httpx
+from sqlalchemy import event
 
 from orchestrator.db import Database
 from orchestrator.models import Asset, Job, Project
@@ -46,3 +47,27 @@ def test_a_lineage_cut_at_its_bounds_says_it_is_truncated(
     root = client.get(f"/v1/assets/{chain[0]}/lineage").json()
     assert len(root["descendants"]) == 1000 and root["truncated"] is True
     assert client.get(f"/v1/assets/{chain[-1]}/lineage").json()["descendants"] == []
+
+
+def test_a_wide_tree_is_not_read_past_the_bound(
+        make_settings: Callable[..., Settings], start_server: Callable[[Settings], httpx.Client]) -> None:
+    """Each level's children are read up to what the answer can hold: a draft promoted thousands
+    of times (cache hits are free and instant) cost a lineage request every row of them."""
+    settings = make_settings()
+    client = start_server(settings)
+    add_assets(settings, [None], ["ast_root"])
+    children = [f"ast_{i:026d}" for i in range(3000)]
+    add_assets(settings, ["ast_root"] * len(children), children)
+    loaded: list[str] = []
+
+    def count(target: Asset, _context: object) -> None:
+        loaded.append(target.id)
+
+    event.listen(Asset, "load", count)
+    try:
+        root = client.get("/v1/assets/ast_root/lineage").json()
+    finally:
+        event.remove(Asset, "load", count)
+    assert len(root["descendants"]) == 1000 and root["truncated"] is True
+    assert root["descendants"][-1]["id"] == children[999]
+    assert len(loaded) <= 1002  # the asset, its children up to the bound, and one to know it is cut
