@@ -126,15 +126,18 @@ class CloudEngine:
     def prices(self) -> dict[str, Any]:
         return self._prices.as_dict()
 
-    async def fetch_outputs(self, urls: list[str], cancel: CancelToken, *, empty: str,
+    async def fetch_outputs(self, urls: list[str], cancel: CancelToken, *, wanted: int, empty: str,
                             details: dict[str, Any]) -> list[RenderedImage]:
-        """The output images at `urls` (the provider's CDN, or data URIs). The provider has billed
-        the job by now, so every failure from here on is a charged one. Only for engines whose
-        client carries no key (fal and replicate put it on each API call): CDN hosts never see it."""
+        """The first `wanted` output images at `urls` (the provider's CDN, or data URIs): an
+        answer listing hundreds of large images is not downloaded and decoded whole to keep a few.
+        The provider has billed the job by now, so every failure from here on is a charged one.
+        Only for engines whose client carries no key (fal and replicate put it on each API call):
+        CDN hosts never see it."""
         try:
             if not urls:
                 raise EngineError(f"{self.name}: {empty}", details={"engine": self.name, **details})
-            return [RenderedImage(decode_image(await self._download(url, cancel), self.name)) for url in urls]
+            return [RenderedImage(decode_image(await self._download(url, cancel), self.name))
+                    for url in urls[:wanted]]
         except EngineError as exc:
             exc.at_least_charged("yes")
             raise

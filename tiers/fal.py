@@ -179,7 +179,7 @@ class FalEngine(CloudEngine):
             # A deadline of its own: what the queue and the render left of the submit's could be
             # too little for one retry, and the image paid for would be lost.
             output = await self._result(str(urls["response_url"]), self.http.new_deadline(), cancel)
-        images = await self._images(output, cancel)
+        images = await self._images(output, req.n, cancel)
         progress.step(len(images), req.n)
         return RenderResult(
             images=images,
@@ -238,13 +238,14 @@ class FalEngine(CloudEngine):
             raise error
         return self._json(response)
 
-    async def _images(self, output: dict[str, Any], cancel: CancelToken) -> list[RenderedImage]:
+    async def _images(self, output: dict[str, Any], wanted: int, cancel: CancelToken) -> list[RenderedImage]:
         entries = output.get("images")
         if not isinstance(entries, list) and isinstance(output.get("image"), dict):
             entries = [output["image"]]  # a single-image app (an upscaler) answers `image`
         found = [e.get("url") for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
         urls = [u for u in found if isinstance(u, str) and u]
-        return await self.fetch_outputs(urls, cancel, empty="the request completed without an image", details={})
+        return await self.fetch_outputs(urls, cancel, wanted=wanted, empty="the request completed without an image",
+                                        details={})
 
     async def _cancel_remote(self, cancel_url: str) -> None:
         """Best effort: the job is over for us either way, so no failure here is surfaced."""

@@ -178,7 +178,7 @@ class OpenAIImagesEngine(CloudEngine):
                     raise self._error(response, request_id)
                 with reading_an_answer():
                     body = self._json(response)
-                    batch = self._images(body)
+                    batch = self._images(body, count)
                 images.extend(RenderedImage(img) for img in batch)
                 cost = self._actual_cost(body.get("usage"))
                 total_cost = None if cost is None or total_cost is None else total_cost + cost
@@ -217,13 +217,14 @@ class OpenAIImagesEngine(CloudEngine):
             raise EngineError("openai: unexpected response shape", details={"engine": self.name})
         return body
 
-    def _images(self, body: dict[str, Any]) -> list[Any]:
+    def _images(self, body: dict[str, Any], wanted: int) -> list[Any]:
         data = body.get("data")
         encoded = [d["b64_json"] for d in data if isinstance(d, dict) and d.get("b64_json")] \
             if isinstance(data, list) else []
         if not encoded:
             raise EngineError("openai returned no image", details={"engine": self.name})
-        return [decode_image(b64decode_tolerant(str(item)), self.name) for item in encoded]
+        # The `n` asked for, never more: each decoded image may be 16 MP.
+        return [decode_image(b64decode_tolerant(str(item)), self.name) for item in encoded[:wanted]]
 
 
 def factory(ctx: EngineContext) -> OpenAIImagesEngine:

@@ -282,7 +282,8 @@ class ReplicateEngine(CloudEngine):
         output = prediction.get("output")
         urls = [output] if isinstance(output, str) else output if isinstance(output, list) else []
         urls = [u for u in urls if isinstance(u, str) and u]
-        return await self.fetch_outputs(urls, cancel, empty="the prediction succeeded without an image",
+        # One prediction per image (each with its seed): a model that makes several keeps its first.
+        return await self.fetch_outputs(urls, cancel, wanted=1, empty="the prediction succeeded without an image",
                                         details={"prediction": prediction.get("id")})
 
     async def _cancel_remote(self, prediction_id: str) -> None:

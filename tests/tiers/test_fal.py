@@ -426,3 +426,17 @@ async def test_a_single_image_app_s_answer_is_read(engine: FalEngine, output: re
     respx.get(RESPONSE).mock(return_value=httpx.Response(200, json={"image": {"url": OUTPUT, "width": 64}}))
     result = await engine.run(bridge(), NullProgress(), CancelToken())
     assert len(result.images) == 1 and output.call_count == 1
+
+
+@respx.mock
+async def test_an_answer_with_more_images_than_asked_is_fetched_up_to_n(engine: FalEngine, output: respx.Route) -> None:
+    """A bad or hostile answer listing hundreds of 16 MP images is not downloaded and decoded whole."""
+    others = respx.get(url__startswith="https://v3.fal.media/files/other").mock(
+        return_value=httpx.Response(200, content=png_bytes()))
+    respx.post(SUBMIT).mock(return_value=httpx.Response(200, json=queued()))
+    respx.get(STATUS).mock(return_value=status("COMPLETED"))
+    respx.get(RESPONSE).mock(return_value=done([OUTPUT, *(f"https://v3.fal.media/files/other-{i}.png"
+                                                          for i in range(30))]))
+    result = await engine.run(bridge(n=1), NullProgress(), CancelToken())
+    assert len(result.images) == 1
+    assert output.call_count == 1 and others.call_count == 0

@@ -275,3 +275,22 @@ def test_unavailable_without_key(make_ctx: Any, monkeypatch: Any) -> None:
     monkeypatch.delenv("ORCH_OPENAI_API_KEY", raising=False)
     available, reason = OpenAIImagesEngine(make_ctx()).availability()
     assert not available and reason and "OPENAI_API_KEY" in reason
+
+
+@respx.mock
+async def test_an_answer_with_more_images_than_asked_keeps_n(engine: OpenAIImagesEngine,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the `n` asked for are decoded: each image of an answer may be 16 MP."""
+    import tiers.openai_images as module
+
+    decoded: list[bytes] = []
+    real = module.decode_image
+
+    def counting(data: bytes, engine: str) -> Image.Image:
+        decoded.append(data)
+        return real(data, engine)
+
+    monkeypatch.setattr(module, "decode_image", counting)
+    respx.post(URL).mock(return_value=ok(count=40))
+    result = await engine.run(bridge(n=2), NullProgress(), CancelToken())
+    assert len(result.images) == 2 and len(decoded) == 2

@@ -430,3 +430,16 @@ async def test_an_output_url_on_this_machine_is_not_fetched_and_the_prediction_i
         await engine.run(bridge(), NullProgress(), CancelToken())
     assert admin.call_count == 0 and info.value.charged == "yes"
     assert "http://127.0.0.1 to fetch" in info.value.message and "token" not in info.value.message
+
+
+@respx.mock
+async def test_a_prediction_answering_several_images_gives_its_first_and_downloads_no_more(
+        engine: ReplicateEngine, output: respx.Route) -> None:
+    """One prediction per image, each with its seed: the rest of a list is neither fetched nor decoded."""
+    others = respx.get(url__startswith="https://cdn.replicate.test/p-1/other").mock(
+        return_value=httpx.Response(200, content=png_bytes()))
+    listed = [OUTPUT, *(f"https://cdn.replicate.test/p-1/other-{i}.png" for i in range(20))]
+    respx.post(CREATE).mock(return_value=httpx.Response(201, json=prediction(output=listed)))
+    result = await engine.run(bridge(), NullProgress(), CancelToken())
+    assert len(result.images) == 1
+    assert output.call_count == 1 and others.call_count == 0
