@@ -48,7 +48,7 @@ from orchestrator.jobs import cache_key, render_request
 from orchestrator.ledger import Ledger
 from orchestrator.models import Asset, Job
 from orchestrator.routing import fallbacks, leaves_machine, priced
-from orchestrator.store import ArtifactStore, PreviewFiles, encode_png
+from orchestrator.store import ArtifactStore, PreviewFiles, encode_png, hide_paths
 from policies.schema import is_private
 from tiers.base import (
     DEVICE_SECONDS,
@@ -415,7 +415,8 @@ class JobRunner:
             # unless the engine announces its sends and had asked for none.
             remote = job.engine in self.registry and self.registry.get(job.engine).kind == "remote"
             # The first line: a database error's next ones hold its SQL and values (the log has them).
-            first = next(iter(str(exc).splitlines()), "")
+            # The server's paths are cut to their last part: the project's key reads the job.
+            first = hide_paths(next(iter(str(exc).splitlines()), ""), job.engine)
             claim.ended = True  # before the question below: no send of this attempt starts after it
             error = EngineError(f"engine '{job.engine}' failed unexpectedly: {type(exc).__name__}: {first}"[:500],
                                 retryable=False,

@@ -78,6 +78,8 @@ class FakePaidEngine:
             raise error
         if behaviour == "crash-before-send":  # a bug while building the request: nothing was sent
             raise KeyError("size")
+        if behaviour == "crash-on-a-file":  # a plugin's own file missing: its error names the server's path
+            raise FileNotFoundError(2, "No such file or directory", "/srv/acme-client/lora/weights.safetensors")
         if behaviour == "crash-beside-a-send":  # one request of two sent at once breaks before the other asks
             async def other() -> None:
                 # Encoding its image, say, until the job is ending (a timer raced the end on a busy machine).

@@ -69,10 +69,17 @@ def extra_engine_problems(entries: str) -> list[str]:
 
 @dataclass
 class BrokenEngine:
-    """An engine whose factory failed: listed, never routable, with the reason."""
+    """An engine whose factory failed: listed, never routable, with the reason clients may read
+    (the server's paths cut to their last part; the log has the whole error)."""
 
     name: str
     reason: str
+
+    def __post_init__(self) -> None:
+        # Imported here: orchestrator.store names hosted models by this module's HOSTED.
+        from orchestrator.store import hide_paths
+
+        self.reason = hide_paths(self.reason, self.name)
 
 
 class EngineRegistry:

@@ -126,6 +126,15 @@ def test_a_remote_engine_that_crashes_before_asking_to_send_releases_its_hold(bu
     assert ledger_of(services, job_id) == [("hold", HOLD, False), ("release", HOLD, False)]
 
 
+def test_a_crash_s_message_names_no_server_path(build: Build) -> None:
+    """The job's error is the project key's to read: a path is cut to its last part (the log keeps it)."""
+    services = build("fake-paid=tests.fakes:factory")
+    job_id = queue_job(services, "fake-paid", estimated=HOLD, params={**BRIDGE, "tags": {"fake": "crash-on-a-file"}})
+    job = claim_and_run(services, job_id)
+    assert job.error is not None and "FileNotFoundError" in job.error["message"], job.error
+    assert "weights.safetensors" in job.error["message"] and "/srv" not in job.error["message"], job.error
+
+
 def test_a_request_sent_beside_one_that_crashed_never_goes_out_once_the_hold_is_released(
         build: Build, monkeypatch: pytest.MonkeyPatch) -> None:
     # The engine's other request asked to send while the job was ending (its end waited for the

@@ -32,6 +32,10 @@ def raising_factory(ctx: EngineContext) -> FakePaidEngine:
     raise RuntimeError("licence server unreachable")
 
 
+def file_factory(ctx: EngineContext) -> FakePaidEngine:
+    raise FileNotFoundError(2, "No such file or directory", "/srv/acme-client/engine-config.json")
+
+
 def misnamed_factory(ctx: EngineContext) -> FakePaidEngine:
     return FakePaidEngine(ctx, name="something-else")
 
@@ -161,6 +165,18 @@ def test_failing_factory_is_listed_as_broken(load: Load, target: str, reason: st
     if "such" in reason:  # not installed here (hosts may differ in their engines): a line, no traceback
         [record] = [r for r in caplog.records if "broken-ep" in r.getMessage()]
         assert "is not installed here" in record.getMessage() and record.exc_info is None
+
+
+def test_a_broken_engine_s_reason_names_no_server_path(load: Load, caplog: pytest.LogCaptureFixture) -> None:
+    """Routing tells a project's key why an engine was skipped, and `/v1/engines` lists it: the
+    path is cut to its last part; the operator's log keeps it whole."""
+    registry = load(extra=[ep("broken-ep", f"{HERE}:file_factory")])
+    reason = registry.broken["broken-ep"].reason
+    assert "engine-config.json" in reason and "/srv" not in reason
+    with pytest.raises(NotFound) as info:
+        registry.get("broken-ep")
+    assert "/srv" not in info.value.message
+    assert any(r.exc_info and "/srv/acme-client/engine-config.json" in str(r.exc_info[1]) for r in caplog.records)
 
 
 def test_name_clashing_with_a_builtin_is_ignored(load: Load) -> None:
