@@ -29,11 +29,11 @@ from contextlib import contextmanager
 from datetime import datetime
 from importlib.resources import files
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event, inspect, text
+from sqlalchemy import CursorResult, Engine, Result, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 from sqlmodel import Session
@@ -44,6 +44,12 @@ from orchestrator.bells import Bell
 from orchestrator.clock import DatabaseClock
 
 log = logging.getLogger(__name__)
+
+
+def changed(result: Result[Any]) -> int:
+    """Rows an UPDATE or DELETE changed: `Session.execute` is typed as returning a plain `Result`,
+    which has no count (a DML statement's is a `CursorResult`)."""
+    return cast(CursorResult[Any], result).rowcount
 _IMMEDIATE = "orchestrator_immediate"
 # Any fixed number (not migrations/env.py's): the advisory lock every PostgreSQL write takes first.
 WRITE_LOCK = 7_202_611_281

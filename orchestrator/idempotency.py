@@ -20,7 +20,7 @@ from sqlalchemy import delete, or_
 from sqlmodel import Session, col, select
 
 from orchestrator.clock import utcnow
-from orchestrator.db import Database
+from orchestrator.db import Database, changed
 from orchestrator.errors import IdempotencyConflict
 from orchestrator.models import IdempotencyKey, Job
 
@@ -79,4 +79,4 @@ def forget_expired(db: Database, now: datetime | None = None) -> int:
         result = s.execute(delete(IdempotencyKey).where(
             col(IdempotencyKey.created_at) < cutoff,
             or_(col(IdempotencyKey.job_id).is_(None), col(IdempotencyKey.job_id).in_(finished))))
-    return int(getattr(result, "rowcount", 0) or 0)
+    return changed(result)

@@ -22,9 +22,10 @@ from sqlmodel import Session, col, select
 
 from orchestrator import idempotency
 from orchestrator.clock import shared_now, utcnow
-from orchestrator.db import Database
+from orchestrator.db import Database, changed
 from orchestrator.errors import (
     BudgetExceeded,
+    Canceled,
     ContentUnavailable,
     InvalidRequest,
     JobFinished,
@@ -541,7 +542,7 @@ class JobService:
                 return False
             result = s.execute(update(Job).where(col(Job.id) == job_id, col(Job.status) == "queued").values(
                 status="canceled", finished_at=now, error={"code": "canceled", "message": why, "details": {}}))
-            if getattr(result, "rowcount", 0) != 1:
+            if changed(result) != 1:
                 # Claimed after our read: serialised writes rule it out today, but should it happen
                 # the job runs, so its hold stays and the caller cancels it as a running job.
                 return False
@@ -559,7 +560,7 @@ class JobService:
         with self.db.transaction() as s:
             result = s.execute(update(Job).where(col(Job.id) == job_id, col(Job.status) == "running")
                                .values(cancel_requested_at=utcnow()))
-            return getattr(result, "rowcount", 0) == 1
+            return changed(result) == 1
 
     def ask_holder_to_cancel(self, job_id: str) -> bool:
         """Ask the live process that holds a running job (an `orchestrator worker`, another server)
@@ -574,34 +575,37 @@ class JobService:
                 return False
             result = s.execute(update(Job).where(col(Job.id) == job_id, col(Job.attempt) == job.attempt,
                                                  col(Job.status) == "running").values(cancel_requested_at=now))
-            return getattr(result, "rowcount", 0) == 1
+            return changed(result) == 1
 
     def cancel_orphan(self, job_id: str) -> bool:
         """Cancel a running job whose worker is gone; False when it is back in the queue (a
         recovery or a fallback moved it meanwhile)."""
-        values = {"status": "canceled", "finished_at": utcnow(), "lease_owner": None, "lease_expires_at": None,
-                  "error": {"code": "canceled", "message": "canceled; its worker was gone", "details": {}}}
+        error = Canceled("canceled; its worker was gone").to_dict()
         with self.db.transaction() as s:
             job = s.get(Job, job_id)
-            if (job is not None and job.status == "running" and job.lease_expires_at is not None
+            if job is None:
+                raise NotFound(f"job '{job_id}' not found", details={"job_id": job_id})
+            if (job.status == "running" and job.lease_expires_at is not None
                     and job.lease_expires_at > shared_now() and self.presence.alive(job.lease_owner)):
                 return False  # its holder renewed since the look: it is asked instead, at the next try
-            running = (col(Job.id) == job_id, col(Job.status) == "running",
-                       *([] if job is None else [col(Job.attempt) == job.attempt]))
-            result: Any = None
-            if job is not None and job.sent_nothing():
+            running = update(Job).where(col(Job.id) == job_id, col(Job.status) == "running",
+                                        col(Job.attempt) == job.attempt)
+            values = {"status": "canceled", "finished_at": utcnow(), "lease_owner": None, "lease_expires_at": None,
+                      "error": error, "attempts": [*(job.attempts or []),
+                                                   {"engine": job.engine, "status": "canceled", "error": error}]}
+            done = False
+            if job.sent_nothing():
                 # Its worker vanished before its first paid request: nothing to charge, unless it
                 # is alive after all and recording one right now (then the update below).
-                result = s.execute(update(Job).where(*running, col(Job.attempt) == job.attempt,
-                                                     col(Job.unsent_attempt) == job.attempt).values(**values))
-                if getattr(result, "rowcount", 0) == 1:
+                done = changed(s.execute(running.where(col(Job.unsent_attempt) == job.attempt).values(**values))) == 1
+                if done:
                     self.ledger.release(s, job, note="canceled before its worker sent anything")
-            if getattr(result, "rowcount", 0) != 1:
-                result = s.execute(update(Job).where(*running).values(**values))
-                if getattr(result, "rowcount", 0) == 1 and job is not None:
+            if not done:
+                done = changed(s.execute(running.values(**values))) == 1
+                if done:
                     # The worker may have reached the provider before it vanished.
                     self.ledger.capture(s, job, None, unreconciled=True, note="canceled while a worker held it")
-        if getattr(result, "rowcount", 0) == 1:
+        if done:
             self.bus.publish(job_id, "canceled", {"job_id": job_id, "status": "canceled"})
             return True
         job = self.get(job_id)

@@ -34,7 +34,7 @@ from sqlalchemy import func, update
 from sqlmodel import col, select
 
 from orchestrator.clock import shared_now, utcnow
-from orchestrator.db import Database
+from orchestrator.db import Database, changed
 from orchestrator.errors import Canceled, Interrupted, OrchestratorError
 from orchestrator.events import EventBus, on_loop
 from orchestrator.jobs import render_request
@@ -423,7 +423,7 @@ class Scheduler:
         with self.db.transaction() as s:
             result = s.execute(update(Job).where(col(Job.id) == job.id, col(Job.status) == "queued").values(
                 status="failed", finished_at=utcnow(), error=error))
-            if _rowcount(result) != 1:
+            if changed(result) != 1:
                 return
             self.ledger.settle_unstarted(s, job, note="engine not installed")
         log.warning("job %s failed: engine '%s' is not installed in any process that runs jobs", job.id, job.engine)
@@ -510,7 +510,7 @@ class Scheduler:
             for claim in claims:
                 result = s.execute(update(Job).where(col(Job.id) == claim.job.id, col(Job.attempt) == claim.attempt,
                                                      col(Job.status) == "running").values(lease_expires_at=expires))
-                if _rowcount(result) != 1:
+                if changed(result) != 1:
                     lost.append((claim, s.get(Job, claim.job.id)))
         # The row no longer waits for this attempt (canceled through another process, failed or
         # queued again by another's recovery after the lease ran out): whatever it finishes changes
@@ -720,7 +720,7 @@ class Scheduler:
                 # A worker whose lease ran out may be alive and sending now: once it has recorded
                 # its first request, this is no longer a job that sent nothing (next sweep).
                 stmt = stmt.where(col(Job.unsent_attempt) == job.attempt)
-            if _rowcount(s.execute(stmt.values(**values))) != 1:
+            if changed(s.execute(stmt.values(**values))) != 1:
                 return None
             if outcome == "failed":
                 # Sent to a provider that may have made and billed it: charge the estimate, flagged.
@@ -755,10 +755,6 @@ def _costs_nothing(engine: Engine, job: Job) -> bool:
         return engine.estimate(render_request(job.params)) == 0
     except Exception:  # an engine that cannot price the job now is not known to be free
         return False
-
-
-def _rowcount(result: Any) -> int:
-    return int(getattr(result, "rowcount", 0) or 0)
 
 
 def _same(column: Any, value: Any) -> Any:

@@ -31,7 +31,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, col, select
 
 from orchestrator.clock import utcnow
-from orchestrator.db import Database, disk_full, transient
+from orchestrator.db import Database, changed, disk_full, transient
 from orchestrator.errors import (
     BudgetExceeded,
     Canceled,
@@ -853,14 +853,14 @@ class JobRunner:
         return status, error
 
     @staticmethod
-    def _guarded_update(s: Any, claim: Claim, *, unless_canceled: bool = False, **values: Any) -> None:
+    def _guarded_update(s: Session, claim: Claim, *, unless_canceled: bool = False, **values: Any) -> None:
         """Update the job if this attempt still holds it; with `unless_canceled`, only if no cancel
         was asked either (raises `Canceled` then: the caller ends the job as canceled)."""
         held = (col(Job.id) == claim.job.id, col(Job.attempt) == claim.attempt, col(Job.status) == "running")
         stmt = update(Job).where(*held)
         if unless_canceled:
             stmt = stmt.where(col(Job.cancel_requested_at).is_(None))
-        if s.execute(stmt.values(**values)).rowcount == 1:
+        if changed(s.execute(stmt.values(**values))) == 1:
             return
         if unless_canceled and s.scalar(select(Job.id).where(*held)) is not None:
             raise Canceled("the job was canceled", charged="no")  # what it had cost is the caller's to say

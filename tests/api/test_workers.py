@@ -257,8 +257,12 @@ def test_a_cancel_of_a_job_whose_holder_is_dead_is_not_left_waiting(services: Se
     job_id = add_job(services, status="running", attempt=1, lease_owner=f"{socket.gethostname()}:{dead.pid}:0",
                      lease_expires_at=utcnow() + timedelta(minutes=5))
     assert not services.jobs.ask_holder_to_cancel(job_id)  # nobody would see the request
-    services.jobs.cancel_orphan(job_id)
-    assert row(services, job_id).status == "canceled"
+    assert services.jobs.cancel_orphan(job_id)
+    job = row(services, job_id)
+    assert job.status == "canceled"
+    # Told as recovery tells it: the error's shape, and the ended attempt in the job's history.
+    assert job.error == {"code": "canceled", "message": "canceled; its worker was gone", "details": {}}
+    assert job.attempts and job.attempts[-1] == {"engine": job.engine, "status": "canceled", "error": job.error}
 
 
 def test_recovery_ends_a_job_whose_worker_died_before_it_saw_the_cancel(services: Services) -> None:
