@@ -10,12 +10,13 @@ none, see `orchestrator.workers`) are found when their commit rings this process
 processes ask of the jobs this one holds.
 
 Recovery (at start-up, and by the periodic sweeper for leases that expired): a job left `running`
-by a dead process is re-queued when its engine is local (nothing was spent and the work is
-reproducible), when its remote engine costs nothing (a self-hosted server: it runs again), or
-when a queueing provider had accepted it and the engine can reattach to that work (the runner
-then follows it instead of sending anything); otherwise a remote job is failed
+by a dead process whose cancel had been asked ends `canceled`. Otherwise it is re-queued when its
+engine is local (nothing was spent and the work is reproducible), when its remote engine costs
+nothing (a self-hosted server: it runs again), when its attempt had sent no billable request yet
+(its hold kept), or when a queueing provider had accepted it and the engine can reattach to that
+work (the runner then follows it instead of sending anything); any other remote job is failed
 with `interrupted` (the provider may have made and billed the image; it is not sent twice). No job
-stays `running` forever: one re-queued by recovery `MAX_LOCAL_STOPS` times is failed.
+stays `running` forever: one its processes died under `MAX_RECOVERIES` times is failed.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ QUEUED_BATCH = 500  # queued jobs looked at per dispatch
 SERVED_REMEMBERED = 10_000  # projects whose last start a scheduler remembers for the turns
 # Seconds to the next try after a lease renewal failed (a database busy for a while).
 RENEW_RETRY_SECONDS = 2.0
-MAX_LOCAL_STOPS = 3  # a job re-queued by recovery (local, or reattaching) this often is failed instead
+MAX_RECOVERIES = 3  # a job its processes died under this often is failed, not run again
 REMOTE_LANE_LIMIT = 4
 # How long a stop waits for interrupted jobs to wind down (a job storing what its engine made is
 # waited for longer: see `stop`).
@@ -673,7 +674,7 @@ class Scheduler:
                       "attempts": [*(job.attempts or []),
                                    {"engine": job.engine, "status": "canceled", "error": error.to_dict()}]}
             outcome = "canceled"
-        elif rerun and stops < MAX_LOCAL_STOPS:
+        elif rerun and stops < MAX_RECOVERIES:
             died = Interrupted("the process running this job stopped without ending it (killed, out of memory, "
                                f"its host lost); {'its work is followed again' if reattach else 'it was queued again'}",
                                details={"engine": job.engine})

@@ -17,7 +17,7 @@ from typing import Any
 from orchestrator.errors import BadEngineInput, BudgetExceeded, NoPrice, NoRoute, NotFound, NoUsableEngine
 from orchestrator.health import EngineHealth
 from orchestrator.store import hide_paths
-from policies import Policy, PolicyStore, RequestFacts, Rule, order_candidates
+from policies import PolicyStore, RequestFacts, Rule, order_candidates
 from tiers.base import Engine, RenderRequest, Stage, is_amount, to_credits
 from tiers.registry import EngineRegistry
 
@@ -134,7 +134,7 @@ class Router:
             )
         names = [requested] if requested is not None else list(rule.engines)
         assessed = {name: self.assess(name, req, rule, holder=holder) for name in names}
-        ordered = self._order(policy, rule, req.stage, assessed)
+        ordered = self._order(rule, req.stage, assessed)
         usable = [c for c in ordered if c.skipped is None]
         if not usable:
             refusals = [c.refusal for c in ordered if c.refusal is not None]
@@ -172,7 +172,7 @@ class Router:
                         extra={"rule_index": index, "strategy": rule.strategy,
                                "max_credits": None if cap is None else to_credits(cap)})
 
-    def _order(self, policy: Policy, rule: Rule, stage: Stage, assessed: dict[str, Candidate]) -> list[Candidate]:
+    def _order(self, rule: Rule, stage: Stage, assessed: dict[str, Candidate]) -> list[Candidate]:
         if len(assessed) == 1:
             return list(assessed.values())
         remote = {n for n in assessed if n in self.registry and self.registry.get(n).kind == "remote"}

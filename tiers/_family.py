@@ -4,8 +4,8 @@ The name comes first (the last part of a Hub id or path): only a name tells a fe
 checkpoint (Turbo, Lightning, Hyper-SD) from its base model, as no configuration file does. A name
 that says nothing of its family (`/models/lite-v2`, `playground-v2.5-1024px-aesthetic`) is read
 from the model's files instead: a diffusers folder's `model_index.json` and component configs
-(in a Hub id's cached snapshot too), or a single file's safetensors header. Until then it got SD
-1.5's 25 steps at guidance 7.5 and 512 px, whatever it was.
+(in a Hub id's cached snapshot too), or a single file's safetensors header, so that it does not
+get SD 1.5's 25 steps at guidance 7.5 and 512 px whatever it is.
 """
 
 from __future__ import annotations

@@ -467,9 +467,6 @@ class LocalRuntime:
         uuid = getattr(torch.cuda.get_device_properties(torch.cuda.current_device()), "uuid", None)
         return f"cuda-{uuid}" if uuid else device
 
-    def describe_device(self) -> str:
-        return "auto" if self._device is None else self._device
-
     def load_failure(self, model: str) -> EngineUnavailable | None:
         """Why the model could not be loaded, when it failed less than LOAD_RETRY_SECONDS ago."""
         failure = self._load_failures.get(_identity(model))

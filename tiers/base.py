@@ -2,7 +2,9 @@
 
 An engine is anything with a name, a kind, the stages it serves, an `estimate()` in millicredits
 and an async `run()` that reports progress, honours a cancel token and returns images. The
-orchestrator never imports an engine module directly; it asks the registry.
+orchestrator reaches engines through the registry (`tiers.registry`); the few places that import
+one by name (the Lite engine's warm-up, the tiny model's build, the paid engines' prices files)
+are in `orchestrator.services`.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi import APIRouter, Header, Query, Response
 from fastapi.responses import StreamingResponse
 from sqlmodel import col, select
 
@@ -147,7 +147,7 @@ def _finished(services: Services, job_id: str) -> bool:
                 "current state first; comment lines keep an idle stream open.")},
                        204: {"description": "Last-Event-ID is the terminal event: nothing more will come."},
                        **documented(404)})
-async def job_events(job_id: str, services: ServicesDep, caller: CallerDep, request: Request,
+async def job_events(job_id: str, services: ServicesDep, caller: CallerDep,
                      last_event_id: Annotated[str | None, Header()] = None) -> Response:
     """Reconnecting with `Last-Event-ID` resumes after that event; once the client has the terminal
     event the answer is 204, which tells a browser's EventSource to stop reconnecting."""

@@ -20,7 +20,7 @@ from orchestrator.clock import utcnow
 from orchestrator.db import Database
 from orchestrator.ids import new_id
 from orchestrator.models import Job, Project
-from orchestrator.queue import MAX_LOCAL_STOPS
+from orchestrator.queue import MAX_RECOVERIES
 from orchestrator.settings import Settings
 from tests import fakes
 from tests.api import TERMINAL, create_project, iter_sse, read_events, serve_process, submit_draft, wait_for_job
@@ -116,7 +116,7 @@ def test_a_local_job_the_server_keeps_dying_under_is_given_up(
     db = Database(settings.resolved_database_url)
     db.migrate()
     # Keyed by the stops before this one; claims alone (fallbacks, graceful stops) do not count.
-    project_id, ids = new_id("prj"), {stops: new_id("job") for stops in (1, MAX_LOCAL_STOPS - 1)}
+    project_id, ids = new_id("prj"), {stops: new_id("job") for stops in (1, MAX_RECOVERIES - 1)}
     with db.transaction() as s:
         s.add(Project(id=project_id, name="crash loop", policy="balanced"))
         s.flush()
@@ -129,11 +129,11 @@ def test_a_local_job_the_server_keeps_dying_under_is_given_up(
     db.dispose()
 
     client = start_server(settings)
-    given_up = client.get(f"/v1/jobs/{ids[MAX_LOCAL_STOPS - 1]}").json()
+    given_up = client.get(f"/v1/jobs/{ids[MAX_RECOVERIES - 1]}").json()
     assert given_up["status"] == "failed" and given_up["error"]["code"] == "interrupted"
-    assert f"stopped {MAX_LOCAL_STOPS} times" in given_up["error"]["message"]
+    assert f"stopped {MAX_RECOVERIES} times" in given_up["error"]["message"]
     # Every stop is in its attempts, the last one with the error that ended it.
-    assert [a["status"] for a in given_up["attempts"]] == ["interrupted"] * MAX_LOCAL_STOPS
+    assert [a["status"] for a in given_up["attempts"]] == ["interrupted"] * MAX_RECOVERIES
     assert given_up["attempts"][-1]["error"]["code"] == "interrupted"
     assert [e.event for e in read_events(client, given_up["id"], timeout=10)][-1] == "failed"
     again = wait_for_job(client, ids[1])

@@ -439,10 +439,10 @@ def test_a_stopped_scheduler_s_jobs_are_recovered_without_waiting_for_the_lease(
 def test_a_job_a_stop_queues_again_lists_that_attempt_and_is_no_crash_loop(services: Services) -> None:
     """A job on its fourth attempt listed none of the three a stop (SIGTERM, a deploy) had queued
     again; and being stopped under is not crashing: stops never get a job given up."""
-    from orchestrator.queue import MAX_LOCAL_STOPS
+    from orchestrator.queue import MAX_RECOVERIES
 
     job_id = add_job(services)
-    for stop in range(1, MAX_LOCAL_STOPS + 1):
+    for stop in range(1, MAX_RECOVERIES + 1):
         [(claim, _lane)] = services.scheduler._claim_ready({})
         claim.shutdown = True  # what the scheduler's stop does to every running claim
         claim.cancel.cancel(abandon=True)
@@ -454,11 +454,11 @@ def test_a_job_a_stop_queues_again_lists_that_attempt_and_is_no_crash_loop(servi
         assert (job.attempts or [])[-1]["error"]["details"] == {"engine": "lite", "graceful": True}
     with services.db.transaction() as s:  # ...and the process dies under the next attempt
         s.execute(update(Job).where(col(Job.id) == job_id).values(
-            status="running", attempt=MAX_LOCAL_STOPS + 1, lease_owner="dead-host:1:0",
+            status="running", attempt=MAX_RECOVERIES + 1, lease_owner="dead-host:1:0",
             lease_expires_at=utcnow() - timedelta(seconds=1)))
     assert asyncio.run(services.scheduler.recover(all_foreign=False)) == [job_id]
     job = row(services, job_id)
-    assert job.status == "queued" and len(job.attempts or []) == MAX_LOCAL_STOPS + 1  # a first crash
+    assert job.status == "queued" and len(job.attempts or []) == MAX_RECOVERIES + 1  # a first crash
     crash = (job.attempts or [])[-1]["error"]
     assert crash["code"] == "interrupted" and crash["details"] == {"engine": "lite"}  # said, as a stop is
     assert "queued again" in crash["message"]
@@ -863,12 +863,12 @@ def test_an_old_attempt_writes_no_progress_into_a_row_queued_again(services: Ser
 
 def test_a_free_server_job_given_up_after_crashes_leaves_nothing_on_the_server(
         make_settings: SettingsFactory) -> None:
-    from orchestrator.queue import MAX_LOCAL_STOPS
+    from orchestrator.queue import MAX_RECOVERIES
     from tests import fakes
 
     built = Services.build(make_settings(engines="fake-free=tests.fakes:free_factory"))
-    crashed = [{"engine": "fake-free", "status": "interrupted", "error": None}] * (MAX_LOCAL_STOPS - 1)
-    job_id = add_job(built, engine="fake-free", estimated=0, status="running", attempt=MAX_LOCAL_STOPS,
+    crashed = [{"engine": "fake-free", "status": "interrupted", "error": None}] * (MAX_RECOVERIES - 1)
+    job_id = add_job(built, engine="fake-free", estimated=0, status="running", attempt=MAX_RECOVERIES,
                      lease_owner="dead-host:1:0", lease_expires_at=utcnow() - timedelta(seconds=1),
                      provider_work={"engine": "fake-free", "handles": [{"id": "prompt-given-up"}]},
                      attempts=crashed, params={**PARAMS, "stage": "bridge"})
