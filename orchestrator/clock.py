@@ -66,3 +66,9 @@ def utcnow() -> datetime:
 def shared_now() -> datetime:
     """The clock hosts sharing the database agree on (see the module docstring)."""
     return at(now_us())
+
+
+def iso(value: datetime) -> str:
+    """ISO 8601 with `Z` for UTC, as pydantic writes the API's other times."""
+    text = value.isoformat()
+    return text[:-6] + "Z" if text.endswith("+00:00") else text

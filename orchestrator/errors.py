@@ -40,6 +40,8 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+from orchestrator.clock import iso
+
 Charged = Literal["no", "unknown", "yes"]
 
 
@@ -105,8 +107,7 @@ class Gone(OrchestratorError):
 
 def gone(asset: Any) -> Gone:
     """The error for a deleted asset (an `orchestrator.models.Asset`)."""
-    when = asset.deleted_at.isoformat().replace("+00:00", "Z")
-    return Gone(f"asset '{asset.id}' was deleted", details={"asset_id": asset.id, "deleted_at": when})
+    return Gone(f"asset '{asset.id}' was deleted", details={"asset_id": asset.id, "deleted_at": iso(asset.deleted_at)})
 
 
 class IdempotencyConflict(Conflict):

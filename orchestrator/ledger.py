@@ -37,7 +37,7 @@ from sqlalchemy import and_, func, literal, update
 from sqlalchemy.orm import aliased
 from sqlmodel import Session, col, select
 
-from orchestrator.clock import utcnow
+from orchestrator.clock import iso, utcnow
 from orchestrator.errors import BudgetExceeded, Conflict, NotFound, OrchestratorError
 from orchestrator.models import Job, LedgerEntry, Project
 from tiers.base import is_amount, to_credits
@@ -351,8 +351,4 @@ class Ledger:
 
 
 def _iso(value: datetime | None) -> str | None:
-    """ISO 8601 with `Z` for UTC, as the API writes every other time."""
-    if value is None:
-        return None
-    text = value.isoformat()
-    return text[:-6] + "Z" if text.endswith("+00:00") else text
+    return None if value is None else iso(value)

@@ -17,6 +17,7 @@ from orchestrator.api.deps import CallerDep, IdempotencyKey, ServicesDep
 from orchestrator.api.errors import created, documented
 from orchestrator.api.json_body import StrictJSONRoute
 from orchestrator.api.query import Cursor, Limit, Order, paged
+from orchestrator.clock import iso
 from orchestrator.errors import InvalidRequest, NotFound
 from orchestrator.ids import MAX_INT_ID, int_cursor
 from orchestrator.models import LedgerEntry, Project
@@ -270,5 +271,5 @@ def get_spend(services: ServicesDep, caller: CallerDep,
     # Times as everywhere else in the API: UTC with a Z.
     for name in ("from", "to"):
         if report[name] is not None:
-            report[name] = report[name].isoformat().replace("+00:00", "Z")
+            report[name] = iso(report[name])
     return JSONResponse(jsonable_encoder(report))
