@@ -277,7 +277,7 @@ class Ledger:
         """A queued job ends before it runs: release its hold, unless a provider already accepted
         work for it (a job waiting to be reattached after a crash), which runs and bills on; then
         the estimate is captured for reconciliation."""
-        if (job.provider_work or {}).get("handles"):
+        if job.has_provider_work():
             self.capture(s, job, None, unreconciled=True, note=f"{note}; the provider had accepted its work")
         else:
             self.release(s, job, note=note)
@@ -289,7 +289,7 @@ class Ledger:
         (`provider_work`, saved before a crash) may be billed for that work whatever ended this
         attempt (a cancel, a missing source file): it is never released."""
         charged = getattr(error, "charged", "no")
-        if charged == "no" and (job.provider_work or {}).get("handles"):
+        if charged == "no" and job.has_provider_work():
             charged = "unknown"
         if charged == "no":
             self.release(s, job, note=f"{error.code}")
@@ -343,7 +343,7 @@ class Ledger:
         for _hold, job in rows:
             # Made, or accepted by a provider (which bills it whatever ended the job, as in
             # `settle_failure`): the estimate, for reconciliation. Otherwise nothing was billed.
-            if job.status == "succeeded" or (job.provider_work or {}).get("handles"):
+            if job.status == "succeeded" or job.has_provider_work():
                 self.capture(s, job, None, unreconciled=True, note="sweeper: job finished with an open hold")
             else:
                 self.release(s, job, note="sweeper: job finished with an open hold")

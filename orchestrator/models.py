@@ -104,12 +104,17 @@ class Job(SQLModel, table=True):
     started_at: datetime | None = _ts()
     finished_at: datetime | None = _ts()
 
+    def has_provider_work(self) -> bool:
+        """Whether a provider accepted work for this job (an attempt saved its handles): that
+        work is billed whatever ends the job."""
+        return bool((self.provider_work or {}).get("handles"))
+
     def sent_nothing(self) -> bool:
         """Whether the current attempt is known to have sent no request that can bill, and no
         earlier one left provider work to follow. Whoever acts on it must also make its update
         conditional on `unsent_attempt == attempt`: the attempt's worker may be sending now."""
         return (self.unsent_attempt is not None and self.unsent_attempt == self.attempt
-                and not (self.provider_work or {}).get("handles"))
+                and not self.has_provider_work())
 
 
 class Asset(SQLModel, table=True):
