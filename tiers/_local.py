@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-from orchestrator.errors import BadEngineInput, EngineError, EngineUnavailable
+from orchestrator.errors import BadEngineInput, Canceled, EngineError, EngineUnavailable
 from orchestrator.store import hide_paths, model_name
 from tiers import tiny
 from tiers._family import ModelDefaults, few_step_scheduler, model_defaults, snapshot_folder
@@ -633,6 +633,23 @@ class LocalRuntime:
         else:
             pipe(prompt="warm-up", num_inference_steps=1, guidance_scale=0.0, width=size, height=size,
                  output_type="latent")
+
+    def step_callback(self, progress: Progress, cancel: CancelToken, *, done: int, passes: int,
+                      planned: int) -> Callable[[Any, int, Any, dict[str, Any]], dict[str, Any]]:
+        """A pipeline's `callback_on_step_end` for its pass `done` (0-based) of `passes` (a batch's
+        chunks, a polish's tiles): a cancel stops it within the step (`_interrupt`), and each step
+        is reported with a preview. The steps of a pass are the pipeline's own count, `planned`
+        until it knows: some schedulers take one more than asked (PNDM), and strength decides an
+        img2img pass's, so a count made beforehand took the bar past 100% and then back."""
+        def on_step(pipeline: Any, i: int, _timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+            if cancel.cancelled:
+                pipeline._interrupt = True
+                raise Canceled("the job was canceled")
+            per_pass = max(getattr(pipeline, "num_timesteps", 0) or planned, i + 1)
+            progress.step(done * per_pass + i + 1, passes * per_pass, self.preview(kwargs["latents"], pipeline))
+            return kwargs
+
+        return on_step
 
     def preview(self, latents: Any, pipe: Any = None) -> Image | None:
         """A step's preview of `pipe`'s latents, or None. A preview is a nicety: a TAESD that cannot

@@ -12,9 +12,8 @@ next step boundary.
 from __future__ import annotations
 
 import time
-from typing import Any
 
-from orchestrator.errors import BadEngineInput, Canceled
+from orchestrator.errors import BadEngineInput
 from tiers._local import (
     LocalEngine,
     check_steps,
@@ -74,18 +73,8 @@ class LiteEngine(LocalEngine):
         images: list[RenderedImage] = []
         for chunk_index, chunk in enumerate(chunks):
             cancel.raise_if_cancelled()  # between chunks: not after the next chunk's first step
-
-            def on_step(pipeline: Any, i: int, t: Any, kwargs: dict[str, Any], done_chunks: int = chunk_index) -> Any:
-                if cancel.cancelled:
-                    pipeline._interrupt = True
-                    raise Canceled("the job was canceled")
-                # The pipeline's own count: some schedulers take one more step than asked (PNDM),
-                # so `steps` alone took the bar past 100% and then back.
-                per_chunk = max(getattr(pipeline, "num_timesteps", 0) or steps, i + 1)
-                progress.step(done_chunks * per_chunk + i + 1, len(chunks) * per_chunk,
-                              self.runtime.preview(kwargs["latents"], pipeline))
-                return kwargs
-
+            on_step = self.runtime.step_callback(progress, cancel, done=chunk_index, passes=len(chunks),
+                                                 planned=steps)
             # CPU generators: the same seed gives the same noise on every device.
             generators = [torch.Generator("cpu").manual_seed(seed + i) for i in chunk]
             with torch.inference_mode():

@@ -14,7 +14,7 @@ import math
 import time
 from typing import TYPE_CHECKING, Any
 
-from orchestrator.errors import BadEngineInput, Canceled
+from orchestrator.errors import BadEngineInput
 from tiers._local import (
     LocalEngine,
     check_steps,
@@ -137,19 +137,8 @@ class LocalHifiEngine(LocalEngine):
             cancel.raise_if_cancelled()  # between tiles: not after the next tile's first step
             tile_img = source.crop(box)
             size = {"width": tile_img.width, "height": tile_img.height} if sized else {}
-
-            def on_step(pipeline: Any, i: int, t: Any, kwargs: dict[str, Any],
-                        done_passes: int = first_pass + tile_index) -> Any:
-                if cancel.cancelled:
-                    pipeline._interrupt = True
-                    raise Canceled("the job was canceled")
-                # The pipeline's own count: strength and the scheduler decide how many steps a pass
-                # has (PNDM adds one), so a count made beforehand overshot 100%.
-                per_pass = max(getattr(pipeline, "num_timesteps", 0) or 1, i + 1)
-                progress.step(done_passes * per_pass + i + 1, passes * per_pass,
-                              self.runtime.preview(kwargs["latents"], pipeline))
-                return kwargs
-
+            on_step = self.runtime.step_callback(progress, cancel, done=first_pass + tile_index, passes=passes,
+                                                 planned=1)
             with torch.inference_mode():
                 out = pipe(
                     prompt=req.prompt,
