@@ -242,6 +242,16 @@ def test_a_retried_project_creation_makes_one_project(server: httpx.Client) -> N
     assert project_ids(server) == [*before, project_id]
 
 
+def test_a_project_s_default_policy_written_out_is_the_same_request(server: httpx.Client) -> None:
+    first = post_project(server, {"name": "defaults"}, "prj-key-defaults")
+    assert first.status_code == 201, first.text
+    again = post_project(server, {"name": "defaults", "policy": first.json()["policy"]}, "prj-key-defaults")
+    assert again.status_code == 201, again.text
+    assert again.headers["idempotent-replayed"] == "true" and again.json()["id"] == first.json()["id"]
+    assert_error(post_project(server, {"name": "defaults", "policy": "local-only"}, "prj-key-defaults"),
+                 409, "idempotency_conflict")
+
+
 def test_concurrent_project_creations_with_one_key_make_one_project(server: httpx.Client) -> None:
     before = set(project_ids(server))
     with ThreadPoolExecutor(max_workers=8) as pool:
