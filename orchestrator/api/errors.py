@@ -267,6 +267,10 @@ def install(app: FastAPI) -> None:
             if (refused := await denied(request)) is not None:
                 return refused
             detail = _unreadable_body(exc.__cause__)
+        if exc.status_code == 404 and detail == "Not Found":  # the router's: no route has this path
+            path = request.url.path
+            detail = f"no such path: {path[:200]}" + (" (the API's paths have no trailing slash)"
+                                                 if len(path) > 1 and path.endswith("/") else "")
         code = _HTTP_CODES.get(exc.status_code, "error")
         headers = getattr(exc, "headers", None)
         if exc.status_code == 405:

@@ -275,6 +275,16 @@ def test_unknown_ids(shared_server: httpx.Client, method: str, path: str) -> Non
     assert_error(shared_server.request(method, path.format(**MISSING)), 404, "not_found")
 
 
+@pytest.mark.parametrize(("method", "path", "told"), [
+    ("GET", "/v1/jobs/", "no such path: /v1/jobs/ (the API's paths have no trailing slash)"),
+    ("POST", "/v1/projects/", "no such path: /v1/projects/ (the API's paths have no trailing slash)"),
+    ("GET", "/v1/nothing", "no such path: /v1/nothing"),
+])
+def test_a_path_no_route_has_is_named(shared_server: httpx.Client, method: str, path: str, told: str) -> None:
+    """A bare 'Not Found' left a client to guess what was missing: a mistyped id, or the path."""
+    assert assert_error(shared_server.request(method, path, json={}), 404, "not_found")["message"] == told
+
+
 @pytest.mark.parametrize("path", ["/v1/assets/{ast}/promote", "/v1/assets/{ast}/polish"])
 def test_unknown_source_asset(shared_server: httpx.Client, path: str) -> None:
     before = job_count(shared_server)
