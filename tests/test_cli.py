@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import io
+import json
 import logging
 import os
 import socket
@@ -108,9 +109,12 @@ def test_the_demo_runs_the_three_stages_and_saves_their_images(
     client = start_server(make_settings(hifi_model="builtin:tiny-sd"))
     out = tmp_path / "out"
     assert main(["demo", "--url", str(client.base_url), "--out", str(out), "--size", "64"]) == 0
-    saved = {path.name: Image.open(path).size for path in out.iterdir()}
+    saved = {path.name: Image.open(path).size for path in out.iterdir() if path.suffix == ".png"}
     assert saved == {**{f"draft-{i}.png": (64, 64) for i in range(4)}, "contact-sheet.png": (152, 152),
                      "bridge.png": (64, 64), "final.png": (128, 128)}
+    lineage = json.loads((out / "lineage.json").read_text())  # as `--help` promises
+    assert [a["stage"] for a in [*lineage["ancestors"], lineage["asset"]]] == ["ideation", "bridge", "polish"]
+    assert sorted(path.name for path in out.iterdir() if path.suffix != ".png") == ["lineage.json"]
     told = capsys.readouterr().out
     # Not a terminal: each job's outcome on a line of its own, no bar redrawn with carriage returns.
     assert "\r" not in told
@@ -118,6 +122,28 @@ def test_the_demo_runs_the_three_stages_and_saves_their_images(
         "drafts", "bridge", "polish"]
     chain = told.split("lineage:\n", 1)[1].splitlines()[:3]
     assert [line.split()[0] for line in chain] == ["ideation", "bridge", "polish"]
+
+
+def test_a_demo_interrupted_cancels_the_job_it_was_following(
+        make_settings: SettingsFactory, start_server: Callable[[Settings], httpx.Client], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Ctrl-C left the drafts queued: the next demo on the data dir rendered them first, for nobody."""
+    import orchestrator.demo as demo
+
+    client = start_server(make_settings())
+
+    def interrupted(*_args: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "_follow", interrupted)
+    assert main(["demo", "--url", str(client.base_url), "--out", str(tmp_path / "out"), "--size", "64"]) == 130
+    [job] = client.get("/v1/jobs").json()["items"]
+    deadline = time.monotonic() + 30
+    while job["status"] in ("queued", "running") and time.monotonic() < deadline:
+        time.sleep(0.05)
+        job = client.get(f"/v1/jobs/{job['id']}").json()
+    assert job["status"] == "canceled", job
+    assert "interrupted" in capsys.readouterr().err
 
 
 def test_the_demo_s_own_service_runs_its_jobs_whatever_orch_run_jobs_says(
