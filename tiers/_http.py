@@ -31,7 +31,15 @@ import httpx
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 from tenacity.stop import stop_base
 
-from orchestrator.errors import BadEngineInput, Canceled, EngineError, EngineTimeout, EngineUnavailable, RateLimited
+from orchestrator.errors import (
+    BadEngineInput,
+    Canceled,
+    Charged,
+    EngineError,
+    EngineTimeout,
+    EngineUnavailable,
+    RateLimited,
+)
 from tiers.base import billable_send, billable_send_refused, billable_sends_out
 
 if TYPE_CHECKING:
@@ -646,6 +654,21 @@ class RemoteClient:
             f"{without_credentials(message, response) if message else error_text(response)}",
             details={"engine": self.engine, "status": response.status_code},
         )
+
+
+def json_object(response: httpx.Response, engine: str, what: str = "the provider", *,
+                charged: Charged = "no") -> dict[str, Any]:
+    """The JSON object `what` answered, or the engine's error saying it answered something else
+    (`charged`: whether the request that got this answer may have been billed)."""
+    try:
+        body = response.json()
+    except ValueError:
+        raise EngineError(f"{engine}: {what} answered {response.status_code} with a body that is not JSON",
+                          details={"engine": engine}, charged=charged) from None
+    if not isinstance(body, dict):
+        raise EngineError(f"{engine}: {what} answered {response.status_code} with an unexpected shape",
+                          details={"engine": engine}, charged=charged)
+    return body
 
 
 def error_text(response: httpx.Response, limit: int = 300) -> str:

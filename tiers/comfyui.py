@@ -43,7 +43,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from orchestrator.errors import BadEngineInput, Canceled, EngineError, EngineTimeout, EngineUnavailable
-from tiers._http import RemoteClient, error_text, without_credentials
+from tiers._http import RemoteClient, error_text, json_object, without_credentials
 from tiers._images import decode_image, encode_image
 from tiers.base import (
     CancelToken,
@@ -381,7 +381,7 @@ class ComfyUIEngine:
         )
         if response.status_code != 200:
             raise self._refused(response, "/upload/image")
-        body = self._json(response, "/upload/image")
+        body = json_object(response, self.name, "/upload/image")
         name = body.get("name")
         if not isinstance(name, str) or not name:
             raise EngineError("comfyui: /upload/image answered without a file name",
@@ -404,7 +404,7 @@ class ComfyUIEngine:
             )
             if response.status_code != 200:
                 raise self._prompt_refused(response)
-            answered = self._json(response, "/prompt").get("prompt_id")
+            answered = json_object(response, self.name, "/prompt").get("prompt_id")
         except EngineTimeout as exc:
             # The prompt may be queued or running with nobody left to collect it.
             await self._drop(prompt_id)
@@ -498,7 +498,7 @@ class ComfyUIEngine:
         )
         if response.status_code != 200:
             raise self.http.fail(response)
-        entry = self._json(response, "/history").get(prompt_id)
+        entry = json_object(response, self.name, "/history").get(prompt_id)
         return entry if isinstance(entry, dict) and entry else None
 
     async def _lost(self, prompt_id: str) -> bool:
@@ -650,17 +650,6 @@ class ComfyUIEngine:
             return EngineUnavailable(f"comfyui: the server has no {path} (HTTP 404): check {URL_SETTING}",
                                      details={"engine": self.name, "status": 404})
         return self.http.fail(response, error_text(response))
-
-    def _json(self, response: httpx.Response, path: str) -> dict[str, Any]:
-        try:
-            body = response.json()
-        except ValueError:
-            raise EngineError(f"comfyui: {path} answered with a body that is not JSON",
-                              details={"engine": self.name}) from None
-        if not isinstance(body, dict):
-            raise EngineError(f"comfyui: {path} answered with an unexpected shape",
-                              details={"engine": self.name})
-        return body
 
     async def aclose(self) -> None:
         await self.http.aclose()

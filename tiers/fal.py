@@ -20,7 +20,7 @@ import httpx
 
 from orchestrator.errors import BadEngineInput, Canceled, ContentFiltered, EngineError, EngineTimeout
 from tiers._cloud import CloudEngine, reading_an_answer
-from tiers._http import RemoteClient, error_text, without_credentials
+from tiers._http import RemoteClient, error_text, json_object, without_credentials
 from tiers._images import b64encode, encode_image, shaped_as, size_class
 from tiers.base import (
     CancelToken,
@@ -274,15 +274,7 @@ class FalEngine(CloudEngine):
 
     def _json(self, response: httpx.Response) -> dict[str, Any]:
         # Every call that parses JSON follows an accepted submit, so the bill is unknown.
-        try:
-            body = response.json()
-        except ValueError:
-            raise EngineError("fal: the provider answered with a body that is not JSON",
-                              details={"engine": self.name}, charged="unknown") from None
-        if not isinstance(body, dict):
-            raise EngineError("fal: unexpected response shape", details={"engine": self.name},
-                              charged="unknown")
-        return body
+        return json_object(response, self.name, charged="unknown")
 
 
 def factory(ctx: EngineContext) -> FalEngine:

@@ -170,7 +170,7 @@ class GeminiEngine(CloudEngine):
             metadata={"image_size": size_class(req.width, req.height)},
         )
 
-    def _json(self, response: Any) -> dict[str, Any]:
+    def _json(self, response: httpx.Response) -> dict[str, Any]:
         try:
             body = response.json()
         except ValueError:

@@ -19,7 +19,7 @@ import httpx
 
 from orchestrator.errors import BadEngineInput, ContentFiltered, EngineError, EngineUnavailable, NoPrice
 from tiers._cloud import CloudEngine, paid_calls, prompt_tokens, reading_an_answer
-from tiers._http import RemoteClient, error_text
+from tiers._http import RemoteClient, error_text, json_object
 from tiers._images import b64decode_tolerant, decode_image, encode_image, nearest_aspect
 from tiers.base import (
     CancelToken,
@@ -177,7 +177,7 @@ class OpenAIImagesEngine(CloudEngine):
                 if response.status_code != 200:
                     raise self._error(response, request_id)
                 with reading_an_answer():
-                    body = self._json(response)
+                    body = json_object(response, self.name)
                     batch = self._images(body, count)
                 images.extend(RenderedImage(img) for img in batch)
                 cost = self._actual_cost(body.get("usage"))
@@ -206,16 +206,6 @@ class OpenAIImagesEngine(CloudEngine):
             return EngineUnavailable(f"openai: the account's quota is used up: {error_text(response)}",
                                      details={"engine": self.name, "status": response.status_code, "reason": code})
         return self.http.fail(response)
-
-    def _json(self, response: httpx.Response) -> dict[str, Any]:
-        try:
-            body = response.json()
-        except ValueError:
-            raise EngineError("openai: the provider answered 200 with a body that is not JSON",
-                              details={"engine": self.name}) from None
-        if not isinstance(body, dict):
-            raise EngineError("openai: unexpected response shape", details={"engine": self.name})
-        return body
 
     def _images(self, body: dict[str, Any], wanted: int) -> list[Any]:
         data = body.get("data")

@@ -29,7 +29,7 @@ from orchestrator.errors import (
     EngineUnavailable,
 )
 from tiers._cloud import CloudEngine, paid_calls
-from tiers._http import RemoteClient, error_text
+from tiers._http import RemoteClient, error_text, json_object
 from tiers._images import b64encode, encode_image, nearest_aspect, shaped_as, size_class
 from tiers.base import (
     CancelToken,
@@ -300,12 +300,8 @@ class ReplicateEngine(CloudEngine):
 
     def _json(self, response: httpx.Response) -> dict[str, Any]:
         # A 2xx means Replicate accepted the prediction, so even an unreadable one may be billed.
-        try:
-            body = response.json()
-        except ValueError:
-            raise EngineError("replicate: the provider answered with a body that is not JSON",
-                              details={"engine": self.name}, charged="unknown") from None
-        if not isinstance(body, dict) or not body.get("id") or not isinstance(body.get("status"), str):
+        body = json_object(response, self.name, charged="unknown")
+        if not body.get("id") or not isinstance(body.get("status"), str):
             raise EngineError("replicate: the answer is not a prediction (no id or status)",
                               details={"engine": self.name}, charged="unknown")
         return body

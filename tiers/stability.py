@@ -39,7 +39,7 @@ from orchestrator.errors import (
     EngineUnavailable,
 )
 from tiers._cloud import CloudEngine, paid_calls, reading_an_answer
-from tiers._http import RemoteClient
+from tiers._http import RemoteClient, json_object
 from tiers._images import b64decode_tolerant, decode_image, encode_image, shaped_as
 from tiers.base import (
     CancelToken,
@@ -250,7 +250,7 @@ class StabilityEngine(CloudEngine):
         if created.status_code != 200:
             raise self._error(created)
         with reading_an_answer():
-            body = self._json(created)
+            body = json_object(created, self.name)
         job_id = body.get("id")
         if not isinstance(job_id, str) or not job_id:
             # Accepted but unnamed: the job may run and bill, and cannot be found again.
@@ -330,7 +330,7 @@ class StabilityEngine(CloudEngine):
                                            "status": 403}) from None
 
     def _result(self, response: httpx.Response) -> tuple[Any, int | None, str]:
-        body = self._json(response)
+        body = json_object(response, self.name)
         reason = str(body.get("finish_reason") or response.headers.get("finish-reason") or "SUCCESS")
         if FILTERED in (reason, response.headers.get("finish-reason")):
             # The provider made (and may bill) a blurred image.
@@ -360,16 +360,6 @@ class StabilityEngine(CloudEngine):
                                    details={"engine": self.name, "reason": "content_moderation",
                                             "status": response.status_code})
         return self.http.fail(response)
-
-    def _json(self, response: httpx.Response) -> dict[str, Any]:
-        try:
-            body = response.json()
-        except ValueError:
-            raise EngineError(f"{self.name}: the provider answered {response.status_code} with a body "
-                              "that is not JSON", details={"engine": self.name}) from None
-        if not isinstance(body, dict):
-            raise EngineError(f"{self.name}: unexpected response shape", details={"engine": self.name})
-        return body
 
 
 def factory(ctx: EngineContext) -> StabilityEngine:
