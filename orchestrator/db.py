@@ -21,7 +21,10 @@ not stall every writer for the two hours of the kernel's default.
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
+import math
+import numbers
 import os
 import urllib.parse
 from collections.abc import Iterator
@@ -36,6 +39,7 @@ from alembic.config import Config
 from sqlalchemy import CursorResult, Engine, Result, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlmodel import Session
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_delay, wait_exponential
 
@@ -127,7 +131,7 @@ class Database:
         else:
             kwargs.update(pool_pre_ping=True, isolation_level="READ COMMITTED", pool_size=POOL_SIZE,
                           max_overflow=POOL_OVERFLOW, connect_args=postgres_connect_args(url))
-        self.engine = create_engine(url, **kwargs)
+        self.engine = create_engine(url, json_serializer=stored_json, **kwargs)
         if self.is_sqlite:
             _sqlite_setup(self.engine)
         self._writer = self.engine.execution_options(**{_IMMEDIATE: True})
@@ -230,11 +234,42 @@ def disk_full(exc: BaseException) -> bool:
                                                   or getattr(orig, "sqlstate", None) == DISK_FULL_SQLSTATE)
 
 
+def stored_json(value: Any) -> str:
+    """A JSON column's text. A float that is not finite (an engine's NaN guidance, an infinite
+    ratio in an error's details) is written as null: PostgreSQL's json refuses `NaN`, which failed
+    the job's final write after its images were made (and billed), and SQLite kept text that no
+    strict JSON reader takes. A number type JSON lacks (numpy's) is its number, anything else its text."""
+    try:
+        return json.dumps(value, allow_nan=False, default=_json_default)
+    except ValueError:
+        return json.dumps(_finite(value), allow_nan=False, default=_json_default)
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return _finite(float(value))
+    return str(value)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(item) for item in value]
+    return value
+
+
 def transient(exc: BaseException) -> bool:
     """A database that may answer if asked again: a connection lost mid-transaction, none to be
-    had (no statement ran), a lock wait that timed out (a stalled writer), or a full disk. Not a
-    statement the database refused (no such table, a read-only file), which would fail the same
-    way again."""
+    had from the server or the pool (no statement ran), a lock wait that timed out (a stalled
+    writer), or a full disk. Not a statement the database refused (no such table, a read-only
+    file), which would fail the same way again."""
+    if isinstance(exc, PoolTimeout):
+        return True  # every connection of the pool busy (a burst of requests): no statement ran
     if not isinstance(exc, OperationalError):
         return False
     if exc.connection_invalidated or exc.statement is None or disk_full(exc):

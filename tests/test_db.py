@@ -154,3 +154,51 @@ def test_a_url_is_shown_without_its_password_wherever_it_is() -> None:
     assert shown_url("postgresql+psycopg://orch:s3cret@db/orch") == "postgresql+psycopg://orch:***@db/orch"
     shown = shown_url("postgresql+psycopg://orch@db/orch?password=s3cret&sslmode=require")
     assert "s3cret" not in shown and "sslmode=require" in shown
+
+
+def check_json_columns_take_what_engines_report(db: Database) -> None:
+    """A plugin's NaN guidance, an infinite ratio in an error's details, a numpy count: on
+    PostgreSQL the job's final write failed on NaN (its images lost, its estimate charged)."""
+    import numpy as np
+
+    from orchestrator.models import Job, Project
+
+    db.migrate()
+    with db.transaction() as s:
+        s.add(Project(id="prj_json", name="p", policy="balanced"))
+        s.flush()
+        s.add(Job(id="job_json", project_id="prj_json", stage="ideation", engine="lite", status="failed",
+                  params={"guidance_scale": float("nan"), "n": np.int64(4), "ratio": np.float32("inf")},
+                  error={"code": "x", "message": "m", "details": {"ratio": [1.5, float("inf"), -float("inf")]}}))
+    with db.session() as s:
+        job = s.get(Job, "job_json")
+        assert job is not None
+        assert job.params == {"guidance_scale": None, "n": 4, "ratio": None}
+        assert job.error == {"code": "x", "message": "m", "details": {"ratio": [1.5, None, None]}}
+
+
+def test_json_columns_take_what_engines_report(tmp_path: Path) -> None:
+    db = Database(f"sqlite:///{tmp_path / 'o.db'}")
+    try:
+        check_json_columns_take_what_engines_report(db)
+    finally:
+        db.dispose()
+
+
+def test_a_pool_with_no_connection_free_is_waited_for_by_writes_that_must_not_be_lost(tmp_path: Path) -> None:
+    """Every connection of the pool busy (a burst of requests) ran no statement: a job's end
+    tries again, as for a database that did not answer, rather than failing after its images."""
+    from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+    db = Database(f"sqlite:///{tmp_path / 'o.db'}")
+    made: list[int] = []
+    try:
+        for attempt in db.retrying(30):
+            with attempt:
+                made.append(1)
+                if len(made) < 3:
+                    raise PoolTimeout("QueuePool limit of size 10 overflow 30 reached")
+    finally:
+        db.dispose()
+    assert len(made) == 3
+

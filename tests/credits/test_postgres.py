@@ -45,6 +45,7 @@ from tests.credits import PRICE, ledger, project_with_draft, promote_ok
 from tests.credits.conftest import ENGINES, POLICY
 from tests.credits.test_budget import check_budget_race
 from tests.credits.test_check import check_ledger_findings
+from tests.test_db import check_json_columns_take_what_engines_report
 from tests.test_migrations import check_holds_marked_settled_by_0010
 
 psycopg = pytest.importorskip("psycopg")
@@ -98,6 +99,14 @@ def pg_api(postgres_url: str, tmp_path: Path, paid_settings_for: Callable[..., S
     assert settings.resolved_database_url == postgres_url
     with serve_in_thread(settings) as base, httpx.Client(base_url=base, timeout=30.0) as client:
         yield client
+
+
+def test_json_columns_take_what_engines_report_on_postgres(postgres_url: str) -> None:
+    db = Database(postgres_url)
+    try:
+        check_json_columns_take_what_engines_report(db)
+    finally:
+        db.dispose()
 
 
 def test_concurrent_promotions_never_overspend_on_postgres(pg_api: httpx.Client) -> None:
