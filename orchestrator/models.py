@@ -16,6 +16,7 @@ from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, SQLModel
 
 from orchestrator.clock import utcnow
+from tiers.base import MAX_ENGINE_CHARS, MAX_MODEL_CHARS
 
 # The ledger's captures of nothing held; one per job (see `LedgerEntry`).
 HOLDLESS_CAPTURE = sa.text("kind = 'capture' AND hold_id IS NULL")
@@ -70,8 +71,8 @@ class Job(SQLModel, table=True):
     id: str = Field(primary_key=True, max_length=40)
     project_id: str = Field(foreign_key="projects.id", index=True, max_length=40)
     stage: str = Field(max_length=20)
-    engine: str = Field(max_length=100)
-    model: str | None = Field(default=None, max_length=300)
+    engine: str = Field(max_length=MAX_ENGINE_CHARS)
+    model: str | None = Field(default=None, max_length=MAX_MODEL_CHARS)
     status: str = Field(default="queued", max_length=20)
     params: dict[str, Any] = Field(default_factory=dict, sa_type=sa.JSON, nullable=False)
     # No foreign key: assets already point at jobs, and a cycle would complicate every migration.
@@ -128,8 +129,8 @@ class Asset(SQLModel, table=True):
     index: int = 0
     stage: str = Field(max_length=20)
     parent_id: str | None = Field(default=None, foreign_key="assets.id", index=True, max_length=40)
-    engine: str = Field(max_length=100)
-    model: str = Field(max_length=300)
+    engine: str = Field(max_length=MAX_ENGINE_CHARS)
+    model: str = Field(max_length=MAX_MODEL_CHARS)
     prompt: str
     negative_prompt: str = ""
     seed: int | None = Field(default=None, sa_type=sa.BigInteger)

@@ -52,6 +52,7 @@ from orchestrator.store import ArtifactStore, PreviewFiles, encode_png, hide_pat
 from policies.schema import is_private
 from tiers.base import (
     DEVICE_SECONDS,
+    MAX_MODEL_CHARS,
     NOTES,
     CancelToken,
     Reattachable,
@@ -650,6 +651,11 @@ class JobRunner:
             log.warning("job %s: engine %s returned %d images for n=%d; the first %d are kept",
                         job.id, job.engine, len(result.images), request.n, request.n)
             result.images = result.images[:request.n]
+        if len(result.model) > MAX_MODEL_CHARS:
+            # What the job and its assets can store: made and maybe billed, the images are kept.
+            log.warning("job %s: engine %s named a model of %d characters; its first %d are stored",
+                        job.id, job.engine, len(result.model), MAX_MODEL_CHARS)
+            result.model = result.model[:MAX_MODEL_CHARS]
         return result
 
     def _first_send_recorder(self, claim: Claim, progress: JobProgress) -> Callable[[], Awaitable[None]]:

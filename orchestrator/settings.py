@@ -33,6 +33,8 @@ from pydantic_settings import (
 )
 from sqlalchemy.engine import URL
 
+from tiers.base import MAX_MODEL_CHARS
+
 log = logging.getLogger(__name__)
 PREFIX = "ORCH_"
 # Read with os.environ rather than as a setting: it names the file the settings come from.
@@ -186,6 +188,16 @@ class Settings(BaseSettings):
     def _home_in_model(cls, value: str | None) -> str | None:
         # A path there may start with ~ as well; a Hub id never does.
         return os.path.expanduser(value) if value is not None and value.startswith("~") else value
+
+    @field_validator("lite_model", "hifi_model", "gemini_model", "openai_model", "stability_model",
+                     "replicate_model", "fal_model")
+    @classmethod
+    def _stored_model(cls, value: str | None) -> str | None:
+        # Jobs and assets store it: refused at start, not by the first job's write on PostgreSQL.
+        if value is not None and len(value) > MAX_MODEL_CHARS:
+            raise ValueError(f"is {len(value)} characters long; at most {MAX_MODEL_CHARS} (a model's folder can "
+                             "be named by a shorter path, a symbolic link to it)")
+        return value
 
     @field_validator("admin_key")
     @classmethod

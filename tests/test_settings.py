@@ -84,6 +84,17 @@ def test_unknown_orch_variables_are_warned_about_and_known_ones_not(
     ]
 
 
+@pytest.mark.parametrize("variable", ["ORCH_LITE_MODEL", "ORCH_HIFI_MODEL", "ORCH_FAL_MODEL"])
+def test_a_model_longer_than_jobs_can_store_is_refused_at_start(variable: str, toml_file: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """PostgreSQL enforces the column's 300 characters: every job's write failed there, not the start."""
+    monkeypatch.setenv(variable, "/srv/" + "m" * 300)
+    with pytest.raises(ValidationError, match="is 305 characters long; at most 300"):
+        Settings()
+    monkeypatch.setenv(variable, "/srv/" + "m" * 295)
+    assert len(getattr(Settings(), variable.removeprefix("ORCH_").lower())) == 300
+
+
 @pytest.mark.parametrize("blank", ["", "   ", "\n"])
 def test_a_blank_admin_key_is_refused(blank: str, toml_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # An empty key would match an empty "Authorization: Bearer": admin for anyone.

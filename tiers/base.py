@@ -31,6 +31,9 @@ STAGES: tuple[Stage, ...] = ("ideation", "bridge", "polish")
 T = TypeVar("T")
 
 MILLI = 1000
+# The longest engine name and model the database stores (PostgreSQL enforces its VARCHARs;
+# SQLite does not, so a longer one worked there and failed the job's writes on PostgreSQL).
+MAX_ENGINE_CHARS, MAX_MODEL_CHARS = 100, 300
 
 
 def to_millicredits(credits: float) -> int:

@@ -10,6 +10,7 @@ from typing import Any, TypeVar, get_args
 
 from orchestrator.errors import Canceled, NoPrice, OrchestratorError
 from tiers.base import (
+    MAX_MODEL_CHARS,
     CancelToken,
     Capabilities,
     Engine,
@@ -66,7 +67,9 @@ class ThirdParty:
         except _FAULTS:
             log.exception("engine %s: its model failed", self.name)
             return "unknown"
-        return model if isinstance(model, str) else "unknown"
+        if not isinstance(model, str):
+            return "unknown"
+        return model[:MAX_MODEL_CHARS]  # as jobs store it (see the runner's cut of a result's)
 
     @property
     def note(self) -> str | None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
 
 from orchestrator.errors import NotFound
-from tiers.base import Engine, EngineContext, EngineFactory
+from tiers.base import MAX_ENGINE_CHARS, Engine, EngineContext, EngineFactory
 from tiers.guard import checked
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,9 @@ def extra_engine_problems(entries: str) -> list[str]:
     seen: set[str] = set()
     for item in (item.strip() for item in entries.split(",") if item.strip()):
         name = item.partition("=")[0].strip()
-        if name in BUILTIN:
+        if len(name) > MAX_ENGINE_CHARS:
+            problems.append(f"'{name[:40]}...' is longer than {MAX_ENGINE_CHARS} characters, which jobs store")
+        elif name in BUILTIN:
             problems.append(f"'{name}' is a built-in engine's name: give the engine another")
         elif name in seen:
             problems.append(f"'{name}' is given twice")
@@ -103,6 +105,10 @@ class EngineRegistry:
         engines: dict[str, Engine] = {}
         broken: dict[str, BrokenEngine] = {}
         for name, target in factories.items():
+            if len(name) > MAX_ENGINE_CHARS:  # jobs and the ledger store it
+                log.error("engine %s...: its name is longer than %d characters; it is not loaded", name[:40],
+                          MAX_ENGINE_CHARS)
+                continue
             try:
                 factory = _import(target) if isinstance(target, str) else target
             except (ImportError, AttributeError) as exc:  # not installed on this host: said in a line

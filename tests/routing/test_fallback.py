@@ -178,6 +178,15 @@ def test_images_beyond_the_n_asked_for_are_not_stored(paid_server: httpx.Client)
     assert done["status"] == "succeeded" and len(done["assets"]) == 1
 
 
+def test_a_model_name_longer_than_the_column_is_cut_not_a_lost_job(paid_server: httpx.Client) -> None:
+    _project_id, asset_id = draft_asset(paid_server)
+    job = promote(paid_server, asset_id, tags={"fake": "long-model"})
+    done = wait_for_job(paid_server, job["id"])
+    assert done["status"] == "succeeded", done
+    assert done["model"] == "m" * 300
+    assert paid_server.get(f"/v1/assets/{done['assets'][0]}").json()["model"] == "m" * 300
+
+
 def test_max_credits_bounds_the_fallbacks_too(paid_server: httpx.Client) -> None:
     # fake-paid (10) fails; fake-b (20) is above the client's cap of 15, so local-hifi runs instead.
     project_id, asset_id = draft_asset(paid_server)

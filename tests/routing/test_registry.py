@@ -179,6 +179,17 @@ def test_a_broken_engine_s_reason_names_no_server_path(load: Load, caplog: pytes
     assert any(r.exc_info and "/srv/acme-client/engine-config.json" in str(r.exc_info[1]) for r in caplog.records)
 
 
+def test_an_engine_name_longer_than_jobs_can_store_is_not_loaded(load: Load) -> None:
+    """Jobs and the ledger store the name (100 characters, which PostgreSQL enforces)."""
+    from tiers.registry import extra_engine_problems
+
+    long = "e" * 101
+    registry = load(extra=[ep(long, f"{HERE}:fake_ep_factory"), ep("fake-ep", f"{HERE}:fake_ep_factory")])
+    assert long not in registry.names() and "fake-ep" in registry
+    assert extra_engine_problems(f"{long}=x:y,ok=x:y") == [f"'{'e' * 40}...' is longer than 100 characters, "
+                                                           "which jobs store"]
+
+
 def test_name_clashing_with_a_builtin_is_ignored(load: Load) -> None:
     registry = load(extra=[ep("gemini", f"{HERE}:raising_factory"), ep("lite", "tests.fakes:factory")],
                     engines="local-hifi=tests.fakes:factory")
