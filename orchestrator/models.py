@@ -189,7 +189,7 @@ class LedgerEntry(SQLModel, table=True):
     kind: str = Field(max_length=12)  # grant | hold | capture | release | adjustment
     amount: int = Field(sa_type=sa.BigInteger)
     hold_id: int | None = Field(default=None, foreign_key="ledger_entries.id", index=True)
-    engine: str | None = Field(default=None, max_length=100)
+    engine: str | None = Field(default=None, max_length=MAX_ENGINE_CHARS)
     stage: str | None = Field(default=None, max_length=20)
     unreconciled: bool = False
     # On a hold: a capture or release names it. Set in the transaction that writes that entry (the
@@ -223,7 +223,7 @@ class EngineHealthRow(SQLModel, table=True):
 
     __tablename__ = "engine_health"
 
-    engine: str = Field(primary_key=True, max_length=100)
+    engine: str = Field(primary_key=True, max_length=MAX_ENGINE_CHARS)
     failures: int = 0
     opened_at: datetime | None = _ts()
     latencies: dict[str, list[float]] = Field(default_factory=dict, sa_type=sa.JSON, nullable=False)
