@@ -48,12 +48,6 @@ from orchestrator.bells import Bell
 from orchestrator.clock import DatabaseClock
 
 log = logging.getLogger(__name__)
-
-
-def changed(result: Result[Any]) -> int:
-    """Rows an UPDATE or DELETE changed: `Session.execute` is typed as returning a plain `Result`,
-    which has no count (a DML statement's is a `CursorResult`)."""
-    return cast(CursorResult[Any], result).rowcount
 _IMMEDIATE = "orchestrator_immediate"
 # Any fixed number (not migrations/env.py's): the advisory lock every PostgreSQL write takes first.
 WRITE_LOCK = 7_202_611_281
@@ -232,6 +226,12 @@ def disk_full(exc: BaseException) -> bool:
     orig = getattr(exc, "orig", None)
     return isinstance(exc, OperationalError) and (getattr(orig, "sqlite_errorname", None) == "SQLITE_FULL"
                                                   or getattr(orig, "sqlstate", None) == DISK_FULL_SQLSTATE)
+
+
+def changed(result: Result[Any]) -> int:
+    """Rows an UPDATE or DELETE changed: `Session.execute` is typed as returning a plain `Result`,
+    which has no count (a DML statement's is a `CursorResult`)."""
+    return cast(CursorResult[Any], result).rowcount
 
 
 def stored_json(value: Any) -> str:

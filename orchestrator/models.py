@@ -21,6 +21,7 @@ from tiers.base import MAX_ENGINE_CHARS, MAX_MODEL_CHARS
 # The ledger's captures of nothing held; one per job (see `LedgerEntry`).
 HOLDLESS_CAPTURE = sa.text("kind = 'capture' AND hold_id IS NULL")
 
+
 class UTCDateTime(TypeDecorator[datetime]):
     """Always timezone-aware UTC in Python, whatever the database keeps (SQLite keeps naive)."""
 
