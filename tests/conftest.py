@@ -61,9 +61,10 @@ def db(tmp_path: Path) -> Iterator[Database]:
 
 
 def settings_for(data_dir: Path, tiny_cache: Path, **overrides: Any) -> Settings:
-    # A stop leaves paid requests to recovery at once (tests/credits/test_stop.py waits).
+    # A stop leaves paid requests to recovery at once (tests/credits/test_stop.py waits). The CPU
+    # on any machine: tests that cancel mid-render count on its pace (`tests.api.SLOW`).
     values: dict[str, Any] = {"data_dir": data_dir, "lite_model": tiny.NAME, "hifi_model": None,
-                              "cache_dir": tiny_cache, "stop_grace": 0.0}
+                              "cache_dir": tiny_cache, "stop_grace": 0.0, "lite_device": "cpu"}
     values.update(overrides)
     return Settings(**values)
 

@@ -19,9 +19,9 @@ import pytest
 from orchestrator.server import serve_in_thread
 from orchestrator.settings import Settings
 from tests.api import launch_server
+from tests.conftest import VENDOR_KEYS, isolate, settings_for
 from tiers import tiny
 
-VENDOR_KEYS = ("GEMINI_API_KEY", "OPENAI_API_KEY", "STABILITY_API_KEY", "REPLICATE_API_TOKEN", "FAL_KEY")
 ENGINES = ("fake-paid=tests.fakes:factory,fake-unpriced=tests.fakes:unpriced_factory,"
            "fake-queue=tests.fakes:queue_factory,fake-free=tests.fakes:free_factory,"
            "fake-zero=tests.fakes:zero_priced_factory")
@@ -54,10 +54,7 @@ engines = ["fake-paid", "fake-unpriced", "fake-free", "fake-zero"]
 def isolated_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """No ORCH_* variable, vendor key or orchestrator.toml of the developer reaches the settings."""
     with pytest.MonkeyPatch.context() as mp:
-        for name in list(os.environ):
-            if name.startswith("ORCH_") or name in VENDOR_KEYS:
-                mp.delenv(name)
-        mp.setitem(Settings.model_config, "toml_file", tmp_path_factory.mktemp("no-config") / "absent.toml")
+        isolate(mp, tmp_path_factory.mktemp("no-config"))
         yield
 
 
@@ -74,11 +71,8 @@ def paid_settings_for(isolated_env: None, tiny_cache_dir: Path, policy_dir: Path
     policy. (Not `model_copy(update=...)`: it would keep a cached `resolved_database_url`.)"""
 
     def make(data_dir: Path, **overrides: Any) -> Settings:
-        # A stop leaves paid requests to recovery at once (tests/credits/test_stop.py waits).
-        values: dict[str, Any] = {"data_dir": data_dir, "lite_model": tiny.NAME, "hifi_model": None,
-                                  "cache_dir": tiny_cache_dir, "engines": ENGINES, "policy": POLICY,
-                                  "policy_dir": policy_dir, "stop_grace": 0.0}
-        return Settings(**{**values, **overrides})
+        return settings_for(data_dir, tiny_cache_dir, **{"engines": ENGINES, "policy": POLICY,
+                                                         "policy_dir": policy_dir, **overrides})
 
     return make
 

@@ -7,7 +7,6 @@ the package-scoped `new_settings` and the `running()` context manager.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,9 +17,8 @@ import pytest
 
 from orchestrator.server import serve_in_thread
 from orchestrator.settings import Settings
-from tiers import tiny
+from tests.conftest import isolate, settings_for
 
-VENDOR_KEYS = ("GEMINI_API_KEY", "OPENAI_API_KEY", "STABILITY_API_KEY", "REPLICATE_API_TOKEN", "FAL_KEY")
 FAKE_ENGINES = "fake-paid=tests.fakes:factory,fake-b=tests.routing:fake_b_factory"
 FALLBACK_POLICY = """
 name = "fallback-test"
@@ -52,10 +50,7 @@ def write_policies(folder: Path, files: dict[str, str]) -> Path:
 def routing_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """No ORCH_* variable, vendor key or orchestrator.toml of the developer reaches the settings."""
     with pytest.MonkeyPatch.context() as mp:
-        for name in list(os.environ):
-            if name.startswith("ORCH_") or name in VENDOR_KEYS:
-                mp.delenv(name)
-        mp.setitem(Settings.model_config, "toml_file", tmp_path_factory.mktemp("no-config") / "absent.toml")
+        isolate(mp, tmp_path_factory.mktemp("no-config"))
         yield
 
 
@@ -65,10 +60,7 @@ def new_settings(routing_env: None, tmp_path_factory: pytest.TempPathFactory,
     """`new_settings(**overrides)`: settings on a fresh data dir with the offline tiny model."""
 
     def make(**overrides: Any) -> Settings:
-        values: dict[str, Any] = {"data_dir": tmp_path_factory.mktemp("data"), "lite_model": tiny.NAME,
-                                  "hifi_model": None, "cache_dir": tiny_cache_dir, "stop_grace": 0.0}
-        values.update(overrides)
-        return Settings(**values)
+        return settings_for(tmp_path_factory.mktemp("data"), tiny_cache_dir, **overrides)
 
     return make
 

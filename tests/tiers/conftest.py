@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from orchestrator.settings import Settings
+from tests.conftest import isolate
 from tiers import tiny
 from tiers.base import EngineContext, NullProgress, RenderRequest
 from tiers.lite import LiteEngine
@@ -67,7 +68,11 @@ class NoAnswer:
 
 
 @pytest.fixture
-def make_ctx(tmp_path: Path) -> Callable[..., EngineContext]:
+def make_ctx(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[..., EngineContext]:
+    """`make_ctx(**settings)`: an engine's context, which the developer's environment (a real
+    ORCH_GEMINI_API_KEY, an orchestrator.toml) cannot reach."""
+    isolate(monkeypatch, tmp_path)
+
     def make(**overrides: Any) -> EngineContext:
         values: dict[str, Any] = {"data_dir": tmp_path, "remote_deadline": 60.0}
         values.update(overrides)
