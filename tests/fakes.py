@@ -34,6 +34,7 @@ from tiers.base import (
 FAKE_PRICE = 10.0  # credits per image
 SENT: list[str] = []  # the prompt of every request that passed `billable_send`, in this process
 ENDING = threading.Event()  # set by a test as the runner starts ending a "crash-beside-a-send" job
+ASKED = threading.Event()  # set once that job's other request has asked to send (and been answered)
 
 
 class FakePaidEngine:
@@ -86,8 +87,11 @@ class FakePaidEngine:
                 deadline = time.monotonic() + 10
                 while not ENDING.is_set() and time.monotonic() < deadline:
                     await asyncio.sleep(0.01)
-                await billable_send()
-                SENT.append(f"{req.prompt} (the other request)")
+                try:
+                    await billable_send()
+                    SENT.append(f"{req.prompt} (the other request)")
+                finally:
+                    ASKED.set()
 
             async def broken() -> None:
                 raise KeyError("size")

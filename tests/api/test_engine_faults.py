@@ -5,7 +5,6 @@ the right state and the right ledger, never leave it running and never send a pa
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any
@@ -143,13 +142,14 @@ def test_a_request_sent_beside_one_that_crashed_never_goes_out_once_the_hold_is_
     real_finish = JobRunner._finish
 
     def busy_finish(self: JobRunner, *args: Any) -> Any:
-        fakes.ENDING.set()  # the engine's other request asks to send now
-        time.sleep(0.3)  # the write lock is another transaction's for a moment
+        fakes.ENDING.set()  # the engine's other request asks to send now, while the end waits
+        assert fakes.ASKED.wait(30), "the other request never asked to send"
         return real_finish(self, *args)
 
     monkeypatch.setattr(JobRunner, "_finish", busy_finish)
     fakes.SENT.clear()
     fakes.ENDING.clear()
+    fakes.ASKED.clear()
     job_id = queue_job(services, "fake-paid", estimated=HOLD,
                        params={**BRIDGE, "tags": {"fake": "crash-beside-a-send"}})
     job = claim_and_run(services, job_id)
