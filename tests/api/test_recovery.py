@@ -306,9 +306,16 @@ def test_a_failed_lease_renewal_is_tried_again_within_seconds(make_settings: Set
     from orchestrator import queue
     from orchestrator.services import Services
 
-    monkeypatch.setattr(queue, "RENEW_RETRY_SECONDS", 0.05)
-    services = Services.build(make_settings(lease_seconds=3.0))  # a beat of 1 s
+    services = Services.build(make_settings(lease_seconds=60.0))  # a beat of 20 s
     tries: list[float] = []
+    waits: list[float] = []
+    real_sleep = asyncio.sleep
+
+    async def sleep(seconds: float) -> None:  # the heartbeat's waits, told and cut short
+        waits.append(seconds)
+        await real_sleep(min(seconds, 0.01))
+
+    monkeypatch.setattr(queue.asyncio, "sleep", sleep)
 
     def renew(claims: list[Any]) -> None:
         tries.append(time.monotonic())
@@ -321,15 +328,15 @@ def test_a_failed_lease_renewal_is_tried_again_within_seconds(make_settings: Set
         services.scheduler._running["job_x"] = (asyncio.current_task(), object())  # type: ignore[assignment]
         loop = asyncio.ensure_future(services.scheduler._heartbeat_loop())
         while len(tries) < 2:
-            await asyncio.sleep(0.01)
+            await real_sleep(0.01)
         loop.cancel()
         services.scheduler._running.clear()
 
     try:
-        asyncio.run(asyncio.wait_for(beat(), timeout=10))
+        asyncio.run(asyncio.wait_for(beat(), timeout=30))
     finally:
         asyncio.run(services.aclose())
-    assert tries[1] - tries[0] < 0.9  # not the beat's 1 s
+    assert len(tries) == 2 and waits[:2] == [20.0, queue.RENEW_RETRY_SECONDS]  # not another beat
 
 
 def test_a_cancel_does_not_take_a_job_from_a_holder_that_renewed_meanwhile(make_settings: SettingsFactory) -> None:

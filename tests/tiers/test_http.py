@@ -373,7 +373,7 @@ async def test_a_render_slower_than_the_read_timeout_is_waited_for_until_the_dea
     assert (await client.request("POST", "/images", json={"prompt": "a lighthouse"})).json() == {"ok": 1}
     # A poll is told apart by its silence: asked again, and given up at the deadline, not waited on.
     short = RemoteClient("prov", base_url=slow_renderer, key_setting="ORCH_PROV_API_KEY", deadline=1.2,
-                         read_timeout=0.5)
+                         read_timeout=0.3)
     with pytest.raises(EngineError) as info:
         await short.request("GET", "/results/1", idempotent=True)
     assert "ReadTimeout" in info.value.message
