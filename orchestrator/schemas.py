@@ -1,4 +1,4 @@
-"""Request and response bodies of the REST API (the contract in API.md)."""
+"""Request and response bodies of the REST API (README's *The API at a glance*)."""
 
 from __future__ import annotations
 

@@ -347,7 +347,7 @@ class _StrictTomlSource(TomlConfigSettingsSource):
     def __call__(self) -> dict[str, Any]:
         known = _input_names(self.settings_cls)
         fields = list(self.settings_cls.model_fields)
-        # A key may also be written as its variable is named (`ORCH_DATA_DIR`), as API.md lists them.
+        # A key may also be written as its variable is named (`ORCH_DATA_DIR`), as README's table lists them.
         as_variables = {key: bare for key in self.toml_data
                         if key.lower() not in known and (bare := key.lower().removeprefix(PREFIX.lower())) in fields}
         errors: list[InitErrorDetails] = []
