@@ -224,6 +224,7 @@ def test_json_subtype_is_json(shared_server: httpx.Client, project: str) -> None
     response = shared_server.post("/v1/projects", content=b'{"name": "typed"}',
                                   headers={"Content-Type": "application/vnd.studio+json; charset=utf-8"})
     assert response.status_code == 201, response.text
+    assert response.json()["name"] == "typed"
 
 
 def test_size_beyond_the_lite_engine(shared_server: httpx.Client, project: str) -> None:
@@ -564,6 +565,11 @@ def test_a_surrogate_pair_is_text(shared_server: httpx.Client, project: str) -> 
     response = shared_server.post("/v1/route/explain", content=body.encode(),
                                   headers={"Content-Type": "application/json"})
     assert response.status_code == 200, response.text
+    draft = '{"prompt": "a \\ud83d\\ude00", "n": 1, "width": 64, "height": 64}'
+    job = shared_server.post(f"/v1/projects/{project}/drafts", content=draft.encode(),
+                             headers={"Content-Type": "application/json"})
+    assert job.status_code == 202, job.text
+    assert job.json()["params"]["prompt"] == "a \U0001f600"  # one code point, stored and answered as such
 
 
 def test_an_error_echoing_unencodable_text_is_still_answered(make_settings: SettingsFactory) -> None:

@@ -21,7 +21,8 @@ from policies import (
 from tiers.base import STAGES, RenderRequest, Stage
 from tiers.registry import BUILTIN as BUILTIN_ENGINES
 
-REMOTE = frozenset({"gemini", "openai", "stability", "replicate", "fal", "comfyui", "a1111"})
+# Every built-in engine but the two on this machine sends its request off it (an engine added later too).
+REMOTE = frozenset(BUILTIN_ENGINES) - {"lite", "local-hifi"}
 BUILTINS = ("balanced", "local-only", "cloud-first", "budget-saver")
 
 
