@@ -238,7 +238,8 @@ def stored_json(value: Any) -> str:
     """A JSON column's text. A float that is not finite (an engine's NaN guidance, an infinite
     ratio in an error's details) is written as null: PostgreSQL's json refuses `NaN`, which failed
     the job's final write after its images were made (and billed), and SQLite kept text that no
-    strict JSON reader takes. A number type JSON lacks (numpy's) is its number, anything else its text."""
+    strict JSON reader takes. A value of a type JSON lacks is what it holds (numpy's scalars and
+    arrays as numbers, booleans and lists), anything else its text."""
     try:
         return json.dumps(value, allow_nan=False, default=_json_default)
     except ValueError:
@@ -246,10 +247,14 @@ def stored_json(value: Any) -> str:
 
 
 def _json_default(value: object) -> object:
+    tolist = getattr(value, "tolist", None)  # numpy's scalars (a bool_ too) and arrays, torch's tensors
+    if callable(tolist):
+        return _finite(tolist())
     if isinstance(value, numbers.Integral):
         return int(value)
     if isinstance(value, numbers.Real):
         return _finite(float(value))
+    # Anything else (a set, a datetime) as its text: kept, where refusing it failed the job's write.
     return str(value)
 
 

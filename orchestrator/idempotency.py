@@ -36,15 +36,21 @@ class Digest(str):
     # The same body as hashed with every default, as keys stored by earlier releases were (kept
     # 48 h): a retry across the upgrade is still the same request.
     legacy: str
+    # The hashes of the same request's other forms (`request_hash`'s `forms`), which keys stored
+    # by earlier releases may hold.
+    also: tuple[str, ...] = ()
 
 
 def _sha256(fields: dict[str, object]) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def request_hash(body: BaseModel) -> Digest:
+def request_hash(body: BaseModel, *forms: BaseModel) -> Digest:
+    """`body`'s digest; `forms` are the same request as written otherwise (a default that depends
+    on a setting, written out), whose hashes match too."""
     digest = Digest(_sha256(body.model_dump(mode="json", exclude_defaults=True)))
     digest.legacy = _sha256(body.model_dump(mode="json"))
+    digest.also = tuple(h for form in forms for h in (request_hash(form), request_hash(form).legacy))
     return digest
 
 
@@ -55,7 +61,8 @@ def recall(s: Session, key: str, scope: str, digest: str) -> IdempotencyKey | No
         # As a release that kept the header's bytes read as latin-1 stored it (`clÃ©`), for the
         # 48 h its keys live: a retry across the upgrade is the same request.
         row = s.get(IdempotencyKey, (key.encode().decode("latin-1"), scope))
-    if row is not None and row.request_hash not in (digest, getattr(digest, "legacy", digest)):
+    if row is not None and row.request_hash not in (digest, getattr(digest, "legacy", digest),
+                                                    *getattr(digest, "also", ())):
         raise IdempotencyConflict("this Idempotency-Key was used with a different request body",
                                   details={"idempotency_key": key})
     return row

@@ -651,7 +651,9 @@ class JobRunner:
             log.warning("job %s: engine %s returned %d images for n=%d; the first %d are kept",
                         job.id, job.engine, len(result.images), request.n, request.n)
             result.images = result.images[:request.n]
-        if len(result.model) > MAX_MODEL_CHARS:
+        if not isinstance(result.model, str):  # a plugin's bug: its images are kept all the same
+            result.model = "unknown"
+        elif len(result.model) > MAX_MODEL_CHARS:
             # What the job and its assets can store: made and maybe billed, the images are kept.
             log.warning("job %s: engine %s named a model of %d characters; its first %d are stored",
                         job.id, job.engine, len(result.model), MAX_MODEL_CHARS)

@@ -147,8 +147,10 @@ class FakePaidEngine:
         cost = req.tags.get("cost")
         # A cost of no whole millicredits (or an infinite one) is reported as it is: a plugin's bug.
         reported = None if cost is None else float(cost) * 1000
-        # "long-model": a model name longer than the database's column (PostgreSQL refused the write).
-        return RenderResult(images=images, model="m" * 400 if behaviour == "long-model" else self.model,
+        # "long-model": a model name longer than the database's column (PostgreSQL refused the write);
+        # "no-model": none at all (a plugin's bug).
+        model = {"long-model": "m" * 400, "no-model": None}.get(behaviour, self.model)
+        return RenderResult(images=images, model=model,  # type: ignore[arg-type]
                             cost_millicredits=int(reported) if reported is not None and reported.is_integer()
                             else reported,  # type: ignore[arg-type]
                             provider_request_id=f"fake-{self.calls}")

@@ -171,12 +171,14 @@ def check_json_columns_take_what_engines_report(db: Database) -> None:
         s.add(Project(id="prj_json", name="p", policy="balanced"))
         s.flush()
         s.add(Job(id="job_json", project_id="prj_json", stage="ideation", engine="lite", status="failed",
-                  params={"guidance_scale": float("nan"), "n": np.int64(4), "ratio": np.float32("inf")},
+                  params={"guidance_scale": float("nan"), "n": np.int64(4), "ratio": np.float32("inf"),
+                          "tiled": np.bool_(False), "size": np.array([64, 64]), "where": {"a", "b"} - {"b"}},
                   error={"code": "x", "message": "m", "details": {"ratio": [1.5, float("inf"), -float("inf")]}}))
     with db.session() as s:
         job = s.get(Job, "job_json")
         assert job is not None
-        assert job.params == {"guidance_scale": None, "n": 4, "ratio": None}
+        assert job.params == {"guidance_scale": None, "n": 4, "ratio": None, "tiled": False, "size": [64, 64],
+                              "where": "{'a'}"}
         assert job.error == {"code": "x", "message": "m", "details": {"ratio": [1.5, None, None]}}
 
 

@@ -327,7 +327,7 @@ def test_0015_names_jobs_already_charged_twice_and_changes_nothing(tmp_path: Pat
         with engine.begin() as conn:
             _capture(conn)
             _capture(conn)
-        with pytest.raises(RuntimeError, match=r"charged more than once without a hold: job_1"):
+        with pytest.raises(RuntimeError, match=r"charged more than once without a hold: job_1 \(keep entry 1\)"):
             command.upgrade(alembic_config(url), "head")
         with engine.connect() as conn:
             assert MigrationContext.configure(conn).get_current_revision() == "0014"

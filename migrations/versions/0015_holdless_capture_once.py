@@ -27,11 +27,13 @@ def upgrade() -> None:
     # A database that already holds a job charged twice is the operator's to mend (one of the two
     # entries is money taken twice): say which jobs rather than fail on the index.
     twice = [] if context.is_offline_mode() else op.get_bind().execute(sa.text(
-        "SELECT job_id FROM ledger_entries WHERE kind = 'capture' AND hold_id IS NULL AND job_id IS NOT NULL "
-        "GROUP BY job_id HAVING count(*) > 1 ORDER BY job_id LIMIT 20")).scalars().all()
+        "SELECT job_id, min(id) FROM ledger_entries WHERE kind = 'capture' AND hold_id IS NULL "
+        "AND job_id IS NOT NULL GROUP BY job_id HAVING count(*) > 1 ORDER BY job_id LIMIT 20")).all()
     if twice:
-        raise RuntimeError(f"jobs charged more than once without a hold: {', '.join(twice)}; keep one capture "
-                           "of each (a grant gives the other back to its project) before this upgrade")
+        named = ", ".join(f"{job_id} (keep entry {first})" for job_id, first in twice)
+        raise RuntimeError(f"jobs charged more than once without a hold: {named}; delete each one's other "
+                           "hold-less capture entries (that gives the money back; no grant is needed) "
+                           "before this upgrade")
     op.create_index('uq_ledger_holdless_capture', 'ledger_entries', ['job_id'], unique=True,
                     sqlite_where=WHERE, postgresql_where=WHERE)
 

@@ -252,6 +252,31 @@ def test_a_project_s_default_policy_written_out_is_the_same_request(server: http
                  409, "idempotency_conflict")
 
 
+def test_a_project_key_stored_with_the_default_policy_written_still_replays(
+        server: httpx.Client, make_settings: SettingsFactory) -> None:
+    """A release before the default was read out of the hash stored the body as written."""
+    from sqlalchemy import update
+    from sqlmodel import col
+
+    from orchestrator import idempotency
+    from orchestrator.db import Database
+    from orchestrator.models import IdempotencyKey
+    from orchestrator.schemas import ProjectCreate
+
+    body = {"name": "written", "policy": "balanced"}
+    first = post_project(server, body, "prj-key-written")
+    db = Database(make_settings().resolved_database_url)
+    try:
+        with db.transaction() as s:
+            s.execute(update(IdempotencyKey).where(col(IdempotencyKey.key) == "prj-key-written")
+                      .values(request_hash=idempotency.request_hash(ProjectCreate(**body))))
+    finally:
+        db.dispose()
+    again = post_project(server, body, "prj-key-written")
+    assert again.headers.get("idempotent-replayed") == "true" and again.json()["id"] == first.json()["id"]
+    assert post_project(server, {"name": "written"}, "prj-key-written").json()["id"] == first.json()["id"]
+
+
 def test_concurrent_project_creations_with_one_key_make_one_project(server: httpx.Client) -> None:
     before = set(project_ids(server))
     with ThreadPoolExecutor(max_workers=8) as pool:

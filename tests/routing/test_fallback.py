@@ -178,13 +178,15 @@ def test_images_beyond_the_n_asked_for_are_not_stored(paid_server: httpx.Client)
     assert done["status"] == "succeeded" and len(done["assets"]) == 1
 
 
-def test_a_model_name_longer_than_the_column_is_cut_not_a_lost_job(paid_server: httpx.Client) -> None:
+@pytest.mark.parametrize(("behaviour", "stored"), [("long-model", "m" * 300), ("no-model", "unknown")])
+def test_a_model_name_the_column_cannot_hold_is_mended_not_a_lost_job(paid_server: httpx.Client, behaviour: str,
+                                                                      stored: str) -> None:
     _project_id, asset_id = draft_asset(paid_server)
-    job = promote(paid_server, asset_id, tags={"fake": "long-model"})
+    job = promote(paid_server, asset_id, tags={"fake": behaviour})
     done = wait_for_job(paid_server, job["id"])
     assert done["status"] == "succeeded", done
-    assert done["model"] == "m" * 300
-    assert paid_server.get(f"/v1/assets/{done['assets'][0]}").json()["model"] == "m" * 300
+    assert done["model"] == stored
+    assert paid_server.get(f"/v1/assets/{done['assets'][0]}").json()["model"] == stored
 
 
 def test_max_credits_bounds_the_fallbacks_too(paid_server: httpx.Client) -> None:
