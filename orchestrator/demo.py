@@ -45,12 +45,6 @@ def watch(client: httpx.Client, job_id: str, label: str) -> dict[str, Any]:
     hint.start()
     try:
         _follow(client, job_id, label, live, hint)
-    except KeyboardInterrupt:
-        # The demo's job is nobody else's: left queued, the next demo on this data dir would
-        # render it first, for nobody.
-        with contextlib.suppress(httpx.HTTPError):
-            client.post(f"/v1/jobs/{job_id}/cancel", timeout=5)
-        raise
     finally:
         hint.cancel()
     job: dict[str, Any] = client.get(f"/v1/jobs/{job_id}").raise_for_status().json()
@@ -123,51 +117,68 @@ def run_demo(*, url: str | None, prompt: str, out: str, size: int) -> int:
     key = _admin_key()
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     with server as base, httpx.Client(base_url=base, headers=headers, timeout=600) as client:
-        print(f"orchestrator at {base}")
-        engines = {e["name"]: e for e in client.get("/v1/engines").raise_for_status().json()}
-        lite = engines["lite"]
-        if not lite["available"]:
-            raise SystemExit(f"the lite engine is unavailable: {lite.get('note') or 'no reason given'}")
-        print(f"lite model: {lite['model']}" + (f"\n  NOTE: {lite['note']}" if lite.get("note") else ""))
-
-        project = client.post("/v1/projects", json={"name": "demo"}).raise_for_status().json()
-        print(f"project {project['id']} (policy {project['policy']})")
-
-        print(f"1/3 ideation: 4 drafts of {prompt!r}")
-        job = client.post(f"/v1/projects/{project['id']}/drafts",
-                          json={"prompt": prompt, "n": 4, "seed": 42, "width": size, "height": size},
-                          headers={"Idempotency-Key": os.urandom(8).hex()}).raise_for_status().json()
-        job = watch(client, job["id"], "drafts")
-        drafts = []
-        for index, asset_id in enumerate(job["assets"]):
-            data = client.get(f"/v1/assets/{asset_id}/content").raise_for_status().content
-            (out_dir / f"draft-{index}.png").write_bytes(data)
-            drafts.append(Image.open(io.BytesIO(data)).convert("RGB"))
-        contact_sheet(drafts).save(out_dir / "contact-sheet.png")
-
-        first = job["assets"][0]
-        print(f"2/3 bridge: promoting draft 0 ({first})")
-        bridge = client.post(f"/v1/assets/{first}/promote", json={"strength": 0.55}).raise_for_status().json()
-        print(f"  routed to {bridge['engine']} (estimate {bridge['cost']['estimated']} credits)")
-        bridge = watch(client, bridge["id"], "bridge")
-        bridged = bridge["assets"][0]
-        (out_dir / "bridge.png").write_bytes(client.get(f"/v1/assets/{bridged}/content").raise_for_status().content)
-
-        print("3/3 polish: 2x with a light refine")
-        final = client.post(f"/v1/assets/{bridged}/polish", json={"scale": 2}).raise_for_status().json()
-        print(f"  routed to {final['engine']} (estimate {final['cost']['estimated']} credits)")
-        final = watch(client, final["id"], "polish")
-        final_id = final["assets"][0]
-        (out_dir / "final.png").write_bytes(client.get(f"/v1/assets/{final_id}/content").raise_for_status().content)
-
-        lineage = client.get(f"/v1/assets/{final_id}/lineage").raise_for_status().json()
-        (out_dir / "lineage.json").write_text(json.dumps(lineage, indent=2) + "\n")
-        chain = [*lineage["ancestors"], lineage["asset"]]
-        print("lineage:")
-        for asset in chain:
-            print(f"  {asset['stage']:<8} {asset['id']}  {asset['engine']:<10} {asset['width']}x{asset['height']}")
-        print(f"saved drafts, contact-sheet.png, bridge.png, final.png and lineage.json in {out_dir}")
-        if lite.get("note"):
-            print("(the built-in tiny model has random weights: the images are noise, the workflow is real)")
+        started: list[str] = []
+        try:
+            _stages(client, base, prompt, out_dir, size, started)
+        except KeyboardInterrupt:
+            # The demo's jobs are nobody else's: left queued, the next demo on this data dir would
+            # render them first, for nobody. (A finished one answers 409, which changes nothing.)
+            for job_id in started:
+                with contextlib.suppress(httpx.HTTPError):
+                    client.post(f"/v1/jobs/{job_id}/cancel", timeout=5)
+            raise
     sys.stdout.flush()
     return 0
+
+
+def _stages(client: httpx.Client, base: str, prompt: str, out_dir: Path, size: int, started: list[str]) -> None:
+    """The three stages; the id of each job is added to `started` as soon as it is known."""
+    print(f"orchestrator at {base}")
+    engines = {e["name"]: e for e in client.get("/v1/engines").raise_for_status().json()}
+    lite = engines["lite"]
+    if not lite["available"]:
+        raise SystemExit(f"the lite engine is unavailable: {lite.get('note') or 'no reason given'}")
+    print(f"lite model: {lite['model']}" + (f"\n  NOTE: {lite['note']}" if lite.get("note") else ""))
+
+    project = client.post("/v1/projects", json={"name": "demo"}).raise_for_status().json()
+    print(f"project {project['id']} (policy {project['policy']})")
+
+    print(f"1/3 ideation: 4 drafts of {prompt!r}")
+    job = client.post(f"/v1/projects/{project['id']}/drafts",
+                      json={"prompt": prompt, "n": 4, "seed": 42, "width": size, "height": size},
+                      headers={"Idempotency-Key": os.urandom(8).hex()}).raise_for_status().json()
+    started.append(job["id"])
+    job = watch(client, job["id"], "drafts")
+    drafts = []
+    for index, asset_id in enumerate(job["assets"]):
+        data = client.get(f"/v1/assets/{asset_id}/content").raise_for_status().content
+        (out_dir / f"draft-{index}.png").write_bytes(data)
+        drafts.append(Image.open(io.BytesIO(data)).convert("RGB"))
+    contact_sheet(drafts).save(out_dir / "contact-sheet.png")
+
+    first = job["assets"][0]
+    print(f"2/3 bridge: promoting draft 0 ({first})")
+    bridge = client.post(f"/v1/assets/{first}/promote", json={"strength": 0.55}).raise_for_status().json()
+    print(f"  routed to {bridge['engine']} (estimate {bridge['cost']['estimated']} credits)")
+    started.append(bridge["id"])
+    bridge = watch(client, bridge["id"], "bridge")
+    bridged = bridge["assets"][0]
+    (out_dir / "bridge.png").write_bytes(client.get(f"/v1/assets/{bridged}/content").raise_for_status().content)
+
+    print("3/3 polish: 2x with a light refine")
+    final = client.post(f"/v1/assets/{bridged}/polish", json={"scale": 2}).raise_for_status().json()
+    print(f"  routed to {final['engine']} (estimate {final['cost']['estimated']} credits)")
+    started.append(final["id"])
+    final = watch(client, final["id"], "polish")
+    final_id = final["assets"][0]
+    (out_dir / "final.png").write_bytes(client.get(f"/v1/assets/{final_id}/content").raise_for_status().content)
+
+    lineage = client.get(f"/v1/assets/{final_id}/lineage").raise_for_status().json()
+    (out_dir / "lineage.json").write_text(json.dumps(lineage, indent=2) + "\n")
+    chain = [*lineage["ancestors"], lineage["asset"]]
+    print("lineage:")
+    for asset in chain:
+        print(f"  {asset['stage']:<8} {asset['id']}  {asset['engine']:<10} {asset['width']}x{asset['height']}")
+    print(f"saved drafts, contact-sheet.png, bridge.png, final.png and lineage.json in {out_dir}")
+    if lite.get("note"):
+        print("(the built-in tiny model has random weights: the images are noise, the workflow is real)")

@@ -136,7 +136,8 @@ def test_a_demo_interrupted_cancels_the_job_it_was_following(
         raise KeyboardInterrupt
 
     monkeypatch.setattr(demo, "_follow", interrupted)
-    assert main(["demo", "--url", str(client.base_url), "--out", str(tmp_path / "out"), "--size", "64"]) == 130
+    # 512 px drafts: seconds of work on the tiny model, so the cancel comes while they render.
+    assert main(["demo", "--url", str(client.base_url), "--out", str(tmp_path / "out"), "--size", "512"]) == 130
     [job] = client.get("/v1/jobs").json()["items"]
     deadline = time.monotonic() + 30
     while job["status"] in ("queued", "running") and time.monotonic() < deadline:
