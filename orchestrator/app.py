@@ -22,11 +22,13 @@ from orchestrator.api.errors import install as install_errors
 from orchestrator.api.head import HeadAsGet
 from orchestrator.api.query import DropEmptyQueryValues, single_valued_query
 from orchestrator.api.request_limits import RequestLimits
+from orchestrator.errors import DatabaseUnavailable
 from orchestrator.schemas import Health
 from orchestrator.services import Services
 from orchestrator.settings import Settings
 
 log = logging.getLogger(__name__)
+READY_SECONDS = 2.0  # how long /readyz waits for the database's answer
 
 
 def create_app(settings: Settings | None = None, *, loopback_only: bool = False) -> FastAPI:
@@ -107,8 +109,23 @@ def create_app(settings: Settings | None = None, *, loopback_only: bool = False)
     # `security: []`: no key, even on a service with one (the document says so of every operation).
     @app.get("/healthz", response_model=Health, tags=["operations"], responses=documented(400),
              openapi_extra={"security": []})
-    def healthz() -> Health:
-        """Liveness, without auth: 200 while this process serves requests."""
+    async def healthz() -> Health:
+        """Liveness, without auth: 200 while this process serves requests. Answered on the event
+        loop: requests filling the thread pool (each waiting out a stalled database) must not
+        make a liveness probe fail and a healthy process be restarted."""
+        return Health(status="ok", version=__version__)
+
+    @app.get("/readyz", response_model=Health, tags=["operations"], responses=documented(400, 503),
+             openapi_extra={"security": []})
+    async def readyz(services: ServicesDep) -> Health:
+        """Readiness, without auth: 200 when the database answers a `SELECT 1` within
+        `READY_SECONDS`; otherwise 503 `database_unavailable`, and a load balancer sends the
+        requests elsewhere (every one would be answered 503 here)."""
+        try:
+            await asyncio.wait_for(asyncio.to_thread(services.db.ping), READY_SECONDS)
+        except Exception as exc:  # a timeout, a refused connection, a full pool: not ready, whatever it is
+            raise DatabaseUnavailable(f"the database did not answer within {READY_SECONDS:g} s "
+                                      f"({type(exc).__name__})") from None
         return Health(status="ok", version=__version__)
 
     @app.get("/metrics", response_class=Response, tags=["operations"], openapi_extra={"security": []}, responses={

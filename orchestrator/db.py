@@ -198,6 +198,11 @@ class Database:
                         wait=wait_exponential(multiplier=0.25, max=4), reraise=True,
                         before_sleep=_tell_retry)
 
+    def ping(self) -> None:
+        """A `SELECT 1`: whether the database answers (a connection from the pool, a round trip)."""
+        with self.engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+
     def ring(self) -> None:
         """Make the other processes look now, with no change of our own to tell (an empty write
         transaction rings as any commit does)."""

@@ -13,6 +13,7 @@ it to `{"error": {"code", "message", "details"}}` with `status` in exactly one p
     │   └── JobFinished         409 job_finished
     ├── Gone                    410 gone          (a deleted asset)
     ├── BudgetExceeded          402 budget_exceeded
+    ├── DatabaseUnavailable     503 database_unavailable (/readyz; SQLAlchemy's own errors map to it too)
     ├── TooManyJobs             429 rate_limited  (ORCH_MAX_PENDING_JOBS unfinished jobs already)
     ├── NoRoute                 422 no_route
     │   ├── NoUsableEngine      503 no_route (a rule matched, none of its engines can take it now)
@@ -116,6 +117,13 @@ class IdempotencyConflict(Conflict):
 
 class JobFinished(Conflict):
     code = "job_finished"
+
+
+class DatabaseUnavailable(OrchestratorError):
+    """The database did not answer in time: nothing was written, and asking again may work."""
+
+    code, status = "database_unavailable", 503
+    retry_after = 5
 
 
 class BudgetExceeded(OrchestratorError):

@@ -122,6 +122,7 @@ def test_operations_need_no_key(anon: httpx.Client) -> None:
     health = anon.get("/healthz")
     assert health.status_code == 200
     assert health.json()["status"] == "ok"
+    assert anon.get("/readyz").status_code == 200
     assert anon.get("/metrics").status_code == 200
     assert anon.get("/openapi.json").status_code == 200
 
