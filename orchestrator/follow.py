@@ -25,6 +25,7 @@ from sqlmodel import col, select
 from orchestrator.db import Database
 from orchestrator.events import TERMINAL, EventBus
 from orchestrator.models import Asset, Job
+from orchestrator.outage import Outage
 from orchestrator.store import PreviewFiles
 
 log = logging.getLogger(__name__)
@@ -100,14 +101,17 @@ class JobFollower:
             self._wake.set()
 
     async def _loop(self) -> None:
+        outage = Outage(log, "following jobs run elsewhere", f"trying again every {self.interval:g} s")
         while self._followed:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=self.interval)
             self._wake.clear()
             try:
                 await self.tick()
-            except Exception:  # a busy database: the next tick tries again
-                log.exception("following jobs run elsewhere failed; trying again in %s s", self.interval)
+            except Exception as exc:  # a busy database: the next tick tries again
+                outage.failed(exc)
+            else:
+                outage.recovered()
 
     async def tick(self) -> None:
         now = time.monotonic()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import threading
@@ -41,6 +42,7 @@ from orchestrator.events import EventBus, on_loop
 from orchestrator.jobs import render_request
 from orchestrator.ledger import Ledger
 from orchestrator.models import Job
+from orchestrator.outage import Outage
 from orchestrator.runner import FINAL_WRITE_SECONDS, Claim, JobRunner, reattachable, restartable
 from orchestrator.workers import DeviceLock, Presence, owner_id
 from tiers.base import CancelToken, Engine, Reattachable, Restartable
@@ -106,7 +108,7 @@ class Scheduler:
         self._hurried = asyncio.Event()
         self._cancel_watch: asyncio.Task[None] | None = None
         # More housekeeping for the sweeper (e.g. forgetting old idempotency keys).
-        self.sweepers: list[Callable[[], object]] = []
+        self.sweepers: list[tuple[str, Callable[[], object]]] = []  # more duties of the sweep: (what, duty)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -238,6 +240,7 @@ class Scheduler:
         return job_id in self._claimed or job_id in self._running
 
     async def _dispatch_loop(self) -> None:
+        outage = Outage(log, "dispatch", f"retrying every {DISPATCH_RETRY_SECONDS:g} s")
         while not self._stopping:
             # Woken by this process's submits and job ends, and by other processes' bells; the
             # timeout finds what a lost ring did not tell.
@@ -246,10 +249,12 @@ class Scheduler:
             self._wake.clear()
             try:
                 await self.dispatch()
-            except Exception:  # a database hiccup must not leave queued jobs waiting for a wake
-                log.exception("dispatch failed; retrying in %s s", DISPATCH_RETRY_SECONDS)
+            except Exception as exc:  # a database hiccup must not leave queued jobs waiting for a wake
+                outage.failed(exc)
                 await asyncio.sleep(DISPATCH_RETRY_SECONDS)
                 self._wake.set()
+            else:
+                outage.recovered()
 
     async def dispatch(self) -> None:
         # One worker-thread hop per wake-up: look for queued jobs and claim those that fit. Lanes
@@ -456,6 +461,7 @@ class Scheduler:
     async def _cancel_watch_loop(self) -> None:
         """Cancels asked through another process (`cancel_requested_at`) of jobs held here; a
         stop ends it once the paid requests it waits for have answered."""
+        outage = Outage(log, "looking for cancels asked elsewhere", f"trying again every {self.poll_interval:g} s")
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._cancel_wake.wait(), timeout=self.poll_interval)
@@ -465,9 +471,10 @@ class Scheduler:
                 continue
             try:
                 asked = await asyncio.to_thread(self._cancels_asked, list(held))
-            except Exception:
-                log.exception("looking for cancels failed; trying again in %s s", self.poll_interval)
+            except Exception as exc:
+                outage.failed(exc)
                 continue
+            outage.recovered()
             for job_id in asked:
                 log.info("job %s: canceled through another process", job_id)
                 held[job_id].cancel.cancel()
@@ -480,6 +487,7 @@ class Scheduler:
     # -- leases and recovery -----------------------------------------------------------------
 
     async def _heartbeat_loop(self) -> None:
+        outage = Outage(log, "lease renewal", f"trying again within {RENEW_RETRY_SECONDS:g} s")
         failing = False
         while not self._stopping or self._running:  # a stop waits for running jobs: see `stop`
             # After a failed renewal, soon again: one try can wait out the lock's timeout (30 s),
@@ -493,13 +501,10 @@ class Scheduler:
                 try:
                     await asyncio.to_thread(self._renew, claims)
                 except Exception as exc:  # one busy database must not end renewal: every lease would run out
-                    # The traceback once; then a line a beat (a full disk for minutes wrote thousands).
-                    log.error("lease renewal failed; trying again at the next beat: %s",
-                              next(iter(str(exc).splitlines()), type(exc).__name__)[:300], exc_info=not failing)
+                    outage.failed(exc)
                     failing = True
                 else:
-                    if failing:
-                        log.info("lease renewal works again")
+                    outage.recovered()
                     failing = False
 
     def _renew(self, claims: list[Claim]) -> None:
@@ -529,18 +534,27 @@ class Scheduler:
             claim.cancel.cancel(abandon=not canceled)
 
     async def _sweep_loop(self) -> None:
+        async def recover() -> None:
+            await self.recover(all_foreign=False)
+
+        duties: list[tuple[str, Callable[[], Awaitable[object]]]] = [
+            ("recovering orphaned jobs", recover),
+            *((what, functools.partial(asyncio.to_thread, duty)) for what, duty in (
+                ("failing jobs no worker serves", self._fail_unserved), ("settling holds", self._sweep_ledger),
+                ("forgetting gone workers", self._forget_owners), ("removing stale previews", self._sweep_previews),
+                *self.sweepers)),
+        ]
+        # Each on its own: one that keeps failing (a row it cannot take) leaves the others to run.
+        outages = {what: Outage(log, what, f"trying again every {self.sweep_interval:g} s") for what, _ in duties}
         while not self._stopping:
             await asyncio.sleep(self.sweep_interval)
-            try:
-                await self.recover(all_foreign=False)
-                await asyncio.to_thread(self._fail_unserved)
-                await asyncio.to_thread(self._sweep_ledger)
-                await asyncio.to_thread(self._forget_owners)
-                await asyncio.to_thread(self._sweep_previews)
-                for sweep in self.sweepers:
-                    await asyncio.to_thread(sweep)
-            except Exception:
-                log.exception("sweep failed")
+            for what, duty in duties:
+                try:
+                    await duty()
+                except Exception as exc:
+                    outages[what].failed(exc)
+                else:
+                    outages[what].recovered()
 
     def _sweep_ledger(self) -> None:
         with self.db.transaction() as s:

@@ -32,6 +32,7 @@ from orchestrator.jobs import JobService
 from orchestrator.ledger import Ledger
 from orchestrator.metrics import render as metrics_text
 from orchestrator.models import Asset
+from orchestrator.outage import Outage
 from orchestrator.queue import Scheduler
 from orchestrator.routing import Router
 from orchestrator.runner import JobRunner
@@ -304,7 +305,8 @@ class Services:
                               device=device, stop_grace=settings.stop_grace)
         jobs = JobService(db, router, ledger, bus, scheduler.notify, settings.policy, presence, store,
                           max_pending=settings.max_pending_jobs)
-        scheduler.sweepers.append(functools.partial(idempotency.forget_expired, db))
+        scheduler.sweepers.append(("forgetting expired idempotency keys",
+                                   functools.partial(idempotency.forget_expired, db)))
         follower = JobFollower(db, bus, scheduler.holds, settings.poll_interval, previews)
         bus.pinned = scheduler.holds
         return cls(settings, db, store, bus, registry, policies, health, router, ledger, runner, scheduler, jobs,
@@ -353,20 +355,16 @@ class Services:
                 log.exception("reloading the policy files failed; trying again at the next look")
 
     async def _share_health(self) -> None:
-        failing = False
+        outage = Outage(log, "sharing engine health", f"trying again every {self.settings.poll_interval:g} s",
+                        level=logging.WARNING)
         while True:
             await asyncio.sleep(self.settings.poll_interval)
             try:
                 await asyncio.to_thread(self.engine_health.sync, self.db)
-            except Exception:  # a busy or lost database: kept, and tried again at the next look
-                # Told once, not every poll interval for as long as the database is away.
-                log.log(logging.DEBUG if failing else logging.WARNING, "sharing engine health failed; "
-                        "trying again every %s s", self.settings.poll_interval, exc_info=not failing)
-                failing = True
+            except Exception as exc:  # a busy or lost database: kept, and tried again at the next look
+                outage.failed(exc)
             else:
-                if failing:
-                    log.info("sharing engine health works again")
-                failing = False
+                outage.recovered()
 
     def sweep_asset_files(self, older_than: float = ORPHAN_GRACE_SECONDS) -> int:
         """Remove the asset files no live asset names, deleted assets' among them; how many."""

@@ -355,3 +355,39 @@ def test_a_cancel_does_not_take_a_job_from_a_holder_that_renewed_meanwhile(make_
     finally:
         holder.kill()
         asyncio.run(services.aclose())
+
+
+def test_a_sweep_duty_that_keeps_failing_leaves_the_others_to_run(make_settings: SettingsFactory,
+                                                                   monkeypatch: pytest.MonkeyPatch,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """The duties ran in one try: a job recovery that kept failing (a row it cannot take) stopped
+    every hold of a finished job from being settled, and the idempotency keys from expiring."""
+    import asyncio
+    import logging
+
+    from orchestrator.services import Services
+
+    services = Services.build(make_settings(sweep_interval=0.05, run_jobs=True))
+    ran: list[str] = []
+
+    async def broken_recovery(*, all_foreign: bool) -> list[str]:
+        raise RuntimeError("a row recovery cannot take")
+
+    monkeypatch.setattr(services.scheduler, "recover", broken_recovery)
+    monkeypatch.setattr(services.scheduler, "_sweep_ledger", lambda: ran.append("ledger"))
+    services.scheduler.sweepers.append(("counting", lambda: ran.append("counting")))
+
+    async def scenario() -> None:
+        task = asyncio.ensure_future(services.scheduler._sweep_loop())
+        while ran.count("counting") < 3:
+            await asyncio.sleep(0.02)
+        task.cancel()
+
+    with caplog.at_level(logging.INFO, logger="orchestrator.queue"):
+        try:
+            asyncio.run(asyncio.wait_for(scenario(), timeout=30))
+        finally:
+            asyncio.run(services.aclose())
+    assert ran.count("ledger") >= 3
+    failed = [r for r in caplog.records if "recovering orphaned jobs" in r.getMessage()]
+    assert [r.getMessage() for r in failed] == ["recovering orphaned jobs failed; trying again every 0.05 s"]

@@ -1,0 +1,43 @@
+"""How a periodic duty tells of a failure that repeats (a database away for minutes, a full disk):
+the first with its traceback, then a line a minute while it lasts, and its end. A traceback per
+try, as the loops once wrote, filled the log (20 MB an hour from the dispatcher alone), often on
+the disk that had just filled."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+REMIND_SECONDS = 60.0
+
+
+class Outage:
+    """One duty's run of failures: `failed(exc)` after each failed try, `recovered()` after each
+    good one."""
+
+    def __init__(self, logger: logging.Logger, duty: str, retry: str, *, level: int = logging.ERROR,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.logger, self.duty, self.retry, self.level, self.clock = logger, duty, retry, level, clock
+        self._since: float | None = None
+        self._told = 0.0
+        self._tries = 0
+
+    def failed(self, exc: BaseException) -> None:
+        now = self.clock()
+        self._tries += 1
+        if self._since is None:
+            self._since = self._told = now
+            self.logger.log(self.level, "%s failed; %s", self.duty, self.retry, exc_info=exc)
+        elif now - self._told >= REMIND_SECONDS:
+            self._told = now
+            first = next(iter(str(exc).splitlines()), "") or type(exc).__name__
+            self.logger.log(self.level, "%s still failing (%d tries in %.0f s): %s", self.duty, self._tries,
+                            now - self._since, first[:300])
+        else:
+            self.logger.debug("%s failed again: %s", self.duty, exc)
+
+    def recovered(self) -> None:
+        if self._since is not None:
+            self.logger.info("%s works again (after %d failed tries)", self.duty, self._tries)
+        self._since, self._tries = None, 0

@@ -1,0 +1,32 @@
+"""A periodic duty's repeated failure is told once, reminded of a minute later, and its end told."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from orchestrator.outage import REMIND_SECONDS, Outage
+
+
+def test_a_failure_that_repeats_is_told_once_then_a_line_a_minute_then_its_end(
+        caplog: pytest.LogCaptureFixture) -> None:
+    now = [0.0]
+    outage = Outage(logging.getLogger("tests.outage"), "dispatch", "retrying every 1 s", clock=lambda: now[0])
+    error = RuntimeError("database is locked\nSQL: UPDATE jobs ...")
+    with caplog.at_level(logging.DEBUG, logger="tests.outage"):
+        for second in range(int(REMIND_SECONDS) + 5):  # a try a second for a minute and more
+            now[0] = float(second)
+            outage.failed(error)
+        outage.recovered()
+        outage.recovered()  # nothing more to tell
+    told = [(r.levelno, r.getMessage(), r.exc_info is not None) for r in caplog.records if r.levelno > logging.DEBUG]
+    assert told == [
+        (logging.ERROR, "dispatch failed; retrying every 1 s", True),  # the traceback, once
+        (logging.ERROR, "dispatch still failing (61 tries in 60 s): database is locked", False),
+        (logging.INFO, "dispatch works again (after 65 failed tries)", False)]
+    # A new outage is told whole again.
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="tests.outage"):
+        outage.failed(error)
+    assert [r.exc_info is not None for r in caplog.records] == [True]
