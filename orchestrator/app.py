@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -22,13 +23,63 @@ from orchestrator.api.errors import install as install_errors
 from orchestrator.api.head import HeadAsGet
 from orchestrator.api.query import DropEmptyQueryValues, single_valued_query
 from orchestrator.api.request_limits import RequestLimits
+from orchestrator.db import Database
 from orchestrator.errors import DatabaseUnavailable
+from orchestrator.outage import Outage
 from orchestrator.schemas import Health
 from orchestrator.services import Services
 from orchestrator.settings import Settings
 
 log = logging.getLogger(__name__)
 READY_SECONDS = 2.0  # how long /readyz waits for the database's answer
+
+
+class Readiness:
+    """/readyz's question to the database: one `SELECT 1` at a time, on a daemon thread of its
+    own. A probe per request on the shared thread pool held a thread (and a connection) for as
+    long as a stalled database took, and twenty of them starved the service's own work (a project
+    key's look-up waited 18 s); probes that come while one is out wait for its answer instead."""
+
+    def __init__(self) -> None:
+        self._pending: asyncio.Future[None] | None = None
+        self._outage = Outage(log, "the readiness check", "/readyz answers 503", level=logging.WARNING)
+
+    async def check(self, db: Database) -> None:
+        if self._pending is None or self._pending.done():
+            self._pending = self._ask(db)
+        try:
+            await asyncio.wait_for(asyncio.shield(self._pending), READY_SECONDS)
+        except Exception as exc:  # a timeout, a refused connection, a full pool: not ready, whatever it is
+            self._outage.failed(exc)
+            said = f"did not answer within {READY_SECONDS:g} s" if isinstance(exc, TimeoutError) else \
+                f"refused the check ({type(exc).__name__})"
+            raise DatabaseUnavailable(f"the database {said}") from None
+        self._outage.recovered()
+
+    @staticmethod
+    def _ask(db: Database) -> asyncio.Future[None]:
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[None] = loop.create_future()
+
+        def settle(error: BaseException | None) -> None:
+            if answer.done():
+                return
+            if error is None:
+                answer.set_result(None)
+            else:
+                answer.set_exception(error)
+
+        def ping() -> None:
+            error: BaseException | None = None
+            try:
+                db.ping()
+            except Exception as exc:
+                error = exc
+            with contextlib.suppress(RuntimeError):  # the loop closed while the database was away
+                loop.call_soon_threadsafe(settle, error)
+
+        threading.Thread(target=ping, name="readyz ping", daemon=True).start()
+        return answer
 
 
 def create_app(settings: Settings | None = None, *, loopback_only: bool = False) -> FastAPI:
@@ -115,17 +166,15 @@ def create_app(settings: Settings | None = None, *, loopback_only: bool = False)
         make a liveness probe fail and a healthy process be restarted."""
         return Health(status="ok", version=__version__)
 
-    @app.get("/readyz", response_model=Health, tags=["operations"], responses=documented(400, 503),
-             openapi_extra={"security": []})
+    readiness = Readiness()
+
+    @app.get("/readyz", response_model=Health, tags=["operations"], openapi_extra={"security": []},
+             responses=documented(400, 503, said={503: "The database did not answer a `SELECT 1` within 2 s "
+                                                       "(`database_unavailable`): send requests elsewhere."}))
     async def readyz(services: ServicesDep) -> Health:
-        """Readiness, without auth: 200 when the database answers a `SELECT 1` within
-        `READY_SECONDS`; otherwise 503 `database_unavailable`, and a load balancer sends the
-        requests elsewhere (every one would be answered 503 here)."""
-        try:
-            await asyncio.wait_for(asyncio.to_thread(services.db.ping), READY_SECONDS)
-        except Exception as exc:  # a timeout, a refused connection, a full pool: not ready, whatever it is
-            raise DatabaseUnavailable(f"the database did not answer within {READY_SECONDS:g} s "
-                                      f"({type(exc).__name__})") from None
+        """Readiness, without auth: 200 when the database answers a `SELECT 1` within 2 s;
+        otherwise 503 `database_unavailable`, and a load balancer sends requests elsewhere."""
+        await readiness.check(services.db)
         return Health(status="ok", version=__version__)
 
     @app.get("/metrics", response_class=Response, tags=["operations"], openapi_extra={"security": []}, responses={

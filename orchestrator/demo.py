@@ -2,7 +2,7 @@
 
 Creates a project, asks for 4 drafts with a progress bar from the event stream, saves them and a
 contact sheet, promotes the first draft (bridge), polishes the result, and prints and saves the
-lineage. Interrupted (Ctrl-C), it cancels the job it was following.
+lineage. Interrupted (Ctrl-C), it cancels the jobs it started.
 """
 
 from __future__ import annotations
@@ -159,16 +159,16 @@ def _stages(client: httpx.Client, base: str, prompt: str, out_dir: Path, size: i
     first = job["assets"][0]
     print(f"2/3 bridge: promoting draft 0 ({first})")
     bridge = client.post(f"/v1/assets/{first}/promote", json={"strength": 0.55}).raise_for_status().json()
-    print(f"  routed to {bridge['engine']} (estimate {bridge['cost']['estimated']} credits)")
     started.append(bridge["id"])
+    print(f"  routed to {bridge['engine']} (estimate {bridge['cost']['estimated']} credits)")
     bridge = watch(client, bridge["id"], "bridge")
     bridged = bridge["assets"][0]
     (out_dir / "bridge.png").write_bytes(client.get(f"/v1/assets/{bridged}/content").raise_for_status().content)
 
     print("3/3 polish: 2x with a light refine")
     final = client.post(f"/v1/assets/{bridged}/polish", json={"scale": 2}).raise_for_status().json()
-    print(f"  routed to {final['engine']} (estimate {final['cost']['estimated']} credits)")
     started.append(final["id"])
+    print(f"  routed to {final['engine']} (estimate {final['cost']['estimated']} credits)")
     final = watch(client, final["id"], "polish")
     final_id = final["assets"][0]
     (out_dir / "final.png").write_bytes(client.get(f"/v1/assets/{final_id}/content").raise_for_status().content)

@@ -14,7 +14,9 @@ REMIND_SECONDS = 60.0
 
 class Outage:
     """One duty's run of failures: `failed(exc)` after each failed try, `recovered()` after each
-    good one."""
+    good one, `reset()` when the duty had nothing to try (no outage is known to go on). A failure
+    of another kind than the one told is told whole too: a bug that follows a locked database is
+    not a reminder's first line."""
 
     def __init__(self, logger: logging.Logger, duty: str, retry: str, *, level: int = logging.ERROR,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -22,12 +24,15 @@ class Outage:
         self._since: float | None = None
         self._told = 0.0
         self._tries = 0
+        self._kind: type[BaseException] | None = None
 
     def failed(self, exc: BaseException) -> None:
         now = self.clock()
         self._tries += 1
-        if self._since is None:
-            self._since = self._told = now
+        if self._since is None or type(exc) is not self._kind:
+            if self._since is None:
+                self._since = now
+            self._told, self._kind = now, type(exc)
             self.logger.log(self.level, "%s failed; %s", self.duty, self.retry, exc_info=exc)
         elif now - self._told >= REMIND_SECONDS:
             self._told = now
@@ -40,4 +45,7 @@ class Outage:
     def recovered(self) -> None:
         if self._since is not None:
             self.logger.info("%s works again (after %d failed tries)", self.duty, self._tries)
-        self._since, self._tries = None, 0
+        self.reset()
+
+    def reset(self) -> None:
+        self._since, self._tries, self._kind = None, 0, None

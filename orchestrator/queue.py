@@ -468,6 +468,7 @@ class Scheduler:
             self._cancel_wake.clear()
             held = {job_id: claim for job_id, (_, claim) in self._running.items() if not claim.cancel.cancelled}
             if not held:
+                outage.reset()  # nothing asked: a failure after an idle hour is a new one
                 continue
             try:
                 asked = await asyncio.to_thread(self._cancels_asked, list(held))
@@ -497,7 +498,10 @@ class Scheduler:
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(self.presence.touch, self.owner)
             claims = [claim for _, claim in self._running.values()]
-            if claims:
+            if not claims:
+                outage.reset()  # nothing to renew: a failure after an idle hour is a new one
+                failing = False
+            else:
                 try:
                     await asyncio.to_thread(self._renew, claims)
                 except Exception as exc:  # one busy database must not end renewal: every lease would run out
@@ -534,27 +538,28 @@ class Scheduler:
             claim.cancel.cancel(abandon=not canceled)
 
     async def _sweep_loop(self) -> None:
-        async def recover() -> None:
-            await self.recover(all_foreign=False)
-
-        duties: list[tuple[str, Callable[[], Awaitable[object]]]] = [
-            ("recovering orphaned jobs", recover),
-            *((what, functools.partial(asyncio.to_thread, duty)) for what, duty in (
-                ("failing jobs no worker serves", self._fail_unserved), ("settling holds", self._sweep_ledger),
-                ("forgetting gone workers", self._forget_owners), ("removing stale previews", self._sweep_previews),
-                *self.sweepers)),
-        ]
-        # Each on its own: one that keeps failing (a row it cannot take) leaves the others to run.
-        outages = {what: Outage(log, what, f"trying again every {self.sweep_interval:g} s") for what, _ in duties}
+        outages: dict[str, Outage] = {}
         while not self._stopping:
             await asyncio.sleep(self.sweep_interval)
-            for what, duty in duties:
+            # Each on its own: one that keeps failing (a row it cannot take) leaves the others to run.
+            for what, duty in self._sweep_duties():
+                outage = outages.setdefault(what, Outage(log, what, f"trying again every {self.sweep_interval:g} s"))
                 try:
                     await duty()
                 except Exception as exc:
-                    outages[what].failed(exc)
+                    outage.failed(exc)
                 else:
-                    outages[what].recovered()
+                    outage.recovered()
+
+    def _sweep_duties(self) -> list[tuple[str, Callable[[], Awaitable[object]]]]:
+        async def recover() -> None:
+            await self.recover(all_foreign=False)
+
+        threaded = [("failing jobs no worker serves", self._fail_unserved), ("settling holds", self._sweep_ledger),
+                    ("forgetting gone workers", self._forget_owners), ("removing stale previews", self._sweep_previews),
+                    *self.sweepers]
+        return [("recovering orphaned jobs", recover),
+                *((what, functools.partial(asyncio.to_thread, duty)) for what, duty in threaded)]
 
     def _sweep_ledger(self) -> None:
         with self.db.transaction() as s:

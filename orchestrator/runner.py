@@ -652,6 +652,8 @@ class JobRunner:
                         job.id, job.engine, len(result.images), request.n, request.n)
             result.images = result.images[:request.n]
         if not isinstance(result.model, str):  # a plugin's bug: its images are kept all the same
+            log.warning("job %s: engine %s named no model (%r); 'unknown' is stored", job.id, job.engine,
+                        result.model)
             result.model = "unknown"
         elif len(result.model) > MAX_MODEL_CHARS:
             # What the job and its assets can store: made and maybe billed, the images are kept.

@@ -30,3 +30,21 @@ def test_a_failure_that_repeats_is_told_once_then_a_line_a_minute_then_its_end(
     with caplog.at_level(logging.INFO, logger="tests.outage"):
         outage.failed(error)
     assert [r.exc_info is not None for r in caplog.records] == [True]
+
+
+def test_a_failure_of_another_kind_is_told_whole_and_an_idle_spell_ends_an_outage(
+        caplog: pytest.LogCaptureFixture) -> None:
+    now = [0.0]
+    outage = Outage(logging.getLogger("tests.outage"), "dispatch", "retrying", clock=lambda: now[0])
+    with caplog.at_level(logging.INFO, logger="tests.outage"):
+        outage.failed(RuntimeError("database is locked"))
+        now[0] = 1.0
+        outage.failed(KeyError("size"))  # a bug behind the locked database: its traceback too
+        now[0] = 2.0
+        outage.failed(KeyError("size"))
+        outage.reset()  # nothing to try for an hour
+        now[0] = 3600.0
+        outage.failed(RuntimeError("database is locked"))
+    assert [(r.getMessage(), type(r.exc_info[1]).__name__ if r.exc_info else None) for r in caplog.records] == [
+        ("dispatch failed; retrying", "RuntimeError"), ("dispatch failed; retrying", "KeyError"),
+        ("dispatch failed; retrying", "RuntimeError")]  # a new outage, not "still failing for an hour"

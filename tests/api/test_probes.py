@@ -6,6 +6,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -24,14 +25,42 @@ def test_ready_while_the_database_answers_and_503_once_it_does_not(
     ready = client.get("/readyz")
     assert ready.status_code == 200 and ready.json()["status"] == "ok", ready.text
 
-    def stalled(self: Database) -> None:  # a writer holding the lock, a server gone quiet
-        time.sleep(2.5)
+    def stalled(self: Database) -> None:  # a server gone quiet, a pool with no connection free
+        time.sleep(6)  # past both probes below (2 s each), which share this one question
 
     monkeypatch.setattr(Database, "ping", stalled)
     error = assert_error(client.get("/readyz"), 503, "database_unavailable")
     assert "did not answer within 2 s" in error["message"]
     assert client.get("/readyz").headers["retry-after"] == "5"
     assert client.get("/healthz").status_code == 200  # alive all the same: not a process to restart
+
+
+def test_probes_while_the_database_is_away_share_one_question(
+        make_settings: SettingsFactory, start_server: Callable[[Settings], httpx.Client],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A probe each on the shared thread pool, each held as long as the database took: twenty of
+    them starved the service's own work (a project key's look-up waited 18 s)."""
+    client = start_server(make_settings())
+    asked: list[str] = []
+    answer = threading.Event()
+
+    def stalled(self: Database) -> None:
+        asked.append(threading.current_thread().name)
+        answer.wait(30)
+
+    monkeypatch.setattr(Database, "ping", stalled)
+    try:
+        with ThreadPoolExecutor(10) as pool:
+            probes = list(pool.map(lambda _: client.get("/readyz", timeout=30).status_code, range(10)))
+        assert probes == [503] * 10
+        assert asked == ["readyz ping"]  # one question, on a thread of its own
+    finally:
+        answer.set()
+    deadline = time.monotonic() + 30
+    while client.get("/readyz").status_code != 200 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert client.get("/readyz").status_code == 200  # the answer came: a later probe asks again
+    assert len(asked) >= 2 and set(asked) == {"readyz ping"}
 
 
 def test_liveness_is_answered_while_the_thread_pool_serves_nothing(
