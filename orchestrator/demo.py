@@ -158,20 +158,12 @@ def _stages(client: httpx.Client, base: str, prompt: str, out_dir: Path, size: i
 
     first = job["assets"][0]
     print(f"2/3 bridge: promoting draft 0 ({first})")
-    bridge = client.post(f"/v1/assets/{first}/promote", json={"strength": 0.55}).raise_for_status().json()
-    started.append(bridge["id"])
-    print(f"  routed to {bridge['engine']} (estimate {bridge['cost']['estimated']} credits)")
-    bridge = watch(client, bridge["id"], "bridge")
-    bridged = bridge["assets"][0]
-    (out_dir / "bridge.png").write_bytes(client.get(f"/v1/assets/{bridged}/content").raise_for_status().content)
+    bridged = _one_image(client, f"/v1/assets/{first}/promote", {"strength": 0.55}, "bridge",
+                         out_dir / "bridge.png", started)
 
     print("3/3 polish: 2x with a light refine")
-    final = client.post(f"/v1/assets/{bridged}/polish", json={"scale": 2}).raise_for_status().json()
-    started.append(final["id"])
-    print(f"  routed to {final['engine']} (estimate {final['cost']['estimated']} credits)")
-    final = watch(client, final["id"], "polish")
-    final_id = final["assets"][0]
-    (out_dir / "final.png").write_bytes(client.get(f"/v1/assets/{final_id}/content").raise_for_status().content)
+    final_id = _one_image(client, f"/v1/assets/{bridged}/polish", {"scale": 2}, "polish", out_dir / "final.png",
+                          started)
 
     lineage = client.get(f"/v1/assets/{final_id}/lineage").raise_for_status().json()
     (out_dir / "lineage.json").write_text(json.dumps(lineage, indent=2) + "\n")
@@ -182,3 +174,15 @@ def _stages(client: httpx.Client, base: str, prompt: str, out_dir: Path, size: i
     print(f"saved drafts, contact-sheet.png, bridge.png, final.png and lineage.json in {out_dir}")
     if lite.get("note"):
         print("(the built-in tiny model has random weights: the images are noise, the workflow is real)")
+
+
+def _one_image(client: httpx.Client, path: str, body: dict[str, Any], label: str, out: Path,
+               started: list[str]) -> str:
+    """A stage of one image (bridge, polish): submitted, followed and saved; its asset's id."""
+    job = client.post(path, json=body).raise_for_status().json()
+    started.append(job["id"])
+    print(f"  routed to {job['engine']} (estimate {job['cost']['estimated']} credits)")
+    job = watch(client, job["id"], label)
+    asset_id: str = job["assets"][0]
+    out.write_bytes(client.get(f"/v1/assets/{asset_id}/content").raise_for_status().content)
+    return asset_id
