@@ -78,6 +78,8 @@ class Readiness:
             with contextlib.suppress(RuntimeError):  # the loop closed while the database was away
                 loop.call_soon_threadsafe(settle, error)
 
+        # Its failure is read by the probes that wait for it, or by nobody once they timed out.
+        answer.add_done_callback(lambda done: done.cancelled() or done.exception())
         threading.Thread(target=ping, name="readyz ping", daemon=True).start()
         return answer
 

@@ -14,9 +14,9 @@ REMIND_SECONDS = 60.0
 
 class Outage:
     """One duty's run of failures: `failed(exc)` after each failed try, `recovered()` after each
-    good one, `reset()` when the duty had nothing to try (no outage is known to go on). A failure
-    of another kind than the one told is told whole too: a bug that follows a locked database is
-    not a reminder's first line."""
+    good one, `reset()` when the duty had nothing to try (no outage is known to go on). The first
+    failure of each kind is told whole: a bug that follows a locked database is not a reminder's
+    first line."""
 
     def __init__(self, logger: logging.Logger, duty: str, retry: str, *, level: int = logging.ERROR,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -24,21 +24,21 @@ class Outage:
         self._since: float | None = None
         self._told = 0.0
         self._tries = 0
-        self._kind: type[BaseException] | None = None
+        self._kinds: set[type[BaseException]] = set()  # told with a traceback in this outage
 
     def failed(self, exc: BaseException) -> None:
         now = self.clock()
         self._tries += 1
-        if self._since is None or type(exc) is not self._kind:
-            if self._since is None:
-                self._since = now
-            self._told, self._kind = now, type(exc)
+        since = self._since = now if self._since is None else self._since
+        if type(exc) not in self._kinds:
+            self._told = now
+            self._kinds.add(type(exc))
             self.logger.log(self.level, "%s failed; %s", self.duty, self.retry, exc_info=exc)
         elif now - self._told >= REMIND_SECONDS:
             self._told = now
             first = next(iter(str(exc).splitlines()), "") or type(exc).__name__
             self.logger.log(self.level, "%s still failing (%d tries in %.0f s): %s", self.duty, self._tries,
-                            now - self._since, first[:300])
+                            now - since, first[:300])
         else:
             self.logger.debug("%s failed again: %s", self.duty, exc)
 
@@ -48,4 +48,5 @@ class Outage:
         self.reset()
 
     def reset(self) -> None:
-        self._since, self._tries, self._kind = None, 0, None
+        self._since, self._tries = None, 0
+        self._kinds.clear()

@@ -48,3 +48,12 @@ def test_a_failure_of_another_kind_is_told_whole_and_an_idle_spell_ends_an_outag
     assert [(r.getMessage(), type(r.exc_info[1]).__name__ if r.exc_info else None) for r in caplog.records] == [
         ("dispatch failed; retrying", "RuntimeError"), ("dispatch failed; retrying", "KeyError"),
         ("dispatch failed; retrying", "RuntimeError")]  # a new outage, not "still failing for an hour"
+
+
+def test_failures_that_alternate_in_kind_are_each_told_whole_once(caplog: pytest.LogCaptureFixture) -> None:
+    outage = Outage(logging.getLogger("tests.outage"), "dispatch", "retrying", clock=lambda: 0.0)
+    with caplog.at_level(logging.INFO, logger="tests.outage"):
+        for _ in range(50):  # a timeout, then a locked database, and again
+            outage.failed(TimeoutError("no answer"))
+            outage.failed(RuntimeError("database is locked"))
+    assert [type(r.exc_info[1]).__name__ for r in caplog.records if r.exc_info] == ["TimeoutError", "RuntimeError"]
