@@ -50,7 +50,7 @@ def request_hash(body: BaseModel, *forms: BaseModel) -> Digest:
     on a setting, written out), whose hashes match too."""
     digest = Digest(_sha256(body.model_dump(mode="json", exclude_defaults=True)))
     digest.legacy = _sha256(body.model_dump(mode="json"))
-    digest.also = tuple(h for form in forms for h in (request_hash(form), request_hash(form).legacy))
+    digest.also = tuple(h for other in map(request_hash, forms) for h in (other, other.legacy))
     return digest
 
 

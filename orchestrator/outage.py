@@ -42,6 +42,11 @@ class Outage:
         else:
             self.logger.debug("%s failed again: %s", self.duty, exc)
 
+    @property
+    def ongoing(self) -> bool:
+        """Whether the last try failed (and nothing has reset it since)."""
+        return self._since is not None
+
     def recovered(self) -> None:
         if self._since is not None:
             self.logger.info("%s works again (after %d failed tries)", self.duty, self._tries)

@@ -489,27 +489,23 @@ class Scheduler:
 
     async def _heartbeat_loop(self) -> None:
         outage = Outage(log, "lease renewal", f"trying again within {RENEW_RETRY_SECONDS:g} s")
-        failing = False
         while not self._stopping or self._running:  # a stop waits for running jobs: see `stop`
             # After a failed renewal, soon again: one try can wait out the lock's timeout (30 s),
             # and another beat later (a third of the lease) the lease could be gone.
             beat = self.lease.total_seconds() / 3
-            await asyncio.sleep(min(beat, RENEW_RETRY_SECONDS) if failing else beat)
+            await asyncio.sleep(min(beat, RENEW_RETRY_SECONDS) if outage.ongoing else beat)
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(self.presence.touch, self.owner)
             claims = [claim for _, claim in self._running.values()]
             if not claims:
                 outage.reset()  # nothing to renew: a failure after an idle hour is a new one
-                failing = False
             else:
                 try:
                     await asyncio.to_thread(self._renew, claims)
                 except Exception as exc:  # one busy database must not end renewal: every lease would run out
                     outage.failed(exc)
-                    failing = True
                 else:
                     outage.recovered()
-                    failing = False
 
     def _renew(self, claims: list[Claim]) -> None:
         lost: list[tuple[Claim, Job | None]] = []
