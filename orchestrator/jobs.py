@@ -499,12 +499,13 @@ class JobService:
         return out
 
     def keep_local(self, project_id: str, policy: str) -> list[str]:
-        """A project moved to a policy that keeps everything on this machine: its queued jobs for
-        engines that send data off it are canceled (their holds released; returned), and its other
-        unfinished jobs are made private, so that no fallback of theirs leaves either (the runner
-        reads that from the row). They kept the routing they were queued with, and a switch to
-        `local-only` still sent queued prompts and images out. A job that started meanwhile is
-        running: what it sends is out already."""
+        """A project moved to a policy that keeps everything on this machine: its unfinished jobs
+        are made private and its queued jobs for engines that send data off it are canceled (their
+        holds released; returned). The runner reads the mark from the row: no fallback of a job
+        leaves the machine, and a job for such an engine that has sent nothing yet (claimed
+        meanwhile, or queued again after a stop) is canceled before its first request. They kept
+        the routing they were queued with, and a switch to `local-only` still sent prompts and
+        images out. What a running job sent before the switch is out already."""
         unfinished = (col(Job.project_id) == project_id, col(Job.status).in_(("queued", "running")))
         registry = self.router.registry
 
@@ -515,7 +516,7 @@ class JobService:
         # meanwhile either sees it private (and does not move it) or is seen by the look.
         with self.db.transaction() as s:
             for job in s.exec(select(Job).where(*unfinished)).all():
-                if not leaving(job) and not is_private(job.params.get("tags") or {}):
+                if not is_private(job.params.get("tags") or {}):
                     params = {**job.params, "tags": {**(job.params.get("tags") or {}), PRIVACY_TAG: PRIVACY_LOCAL}}
                     s.execute(update(Job).where(col(Job.id) == job.id, *unfinished).values(params=params))
         with self.db.session() as s:

@@ -633,6 +633,7 @@ class JobRunner:
                     except Exception:  # best effort: at worst the server renders the old one for nobody
                         log.warning("job %s: taking the dead attempt's work off %s failed", job.id, job.engine,
                                     exc_info=True)
+                    await asyncio.to_thread(self._kept_local_check, job)
                     result = await engine.run(request, progress, claim.cancel)
             elif work.get("handles") and work.get("engine") == job.engine:
                 # Recovery re-queues only work that can be followed; should any other reach here, the
@@ -641,6 +642,7 @@ class JobRunner:
                 raise EngineError(f"engine '{job.engine}' had accepted this job before an interruption and its "
                                   "work cannot be followed; it is not sent again", retryable=False, charged="unknown")
             else:
+                await asyncio.to_thread(self._kept_local_check, job)
                 result = await engine.run(request, progress, claim.cancel)
         if len(result.images) < request.n:
             # A remote engine answered, so what it made may be billed: no release, no fallback.
@@ -714,12 +716,31 @@ class JobRunner:
     def _record_sending(self, claim: Claim) -> None:
         try:
             with self.db.transaction() as s:
+                # In the transaction that marks the attempt as sending: a switch of its project to
+                # `local-only` committed first stops it here; one committed after finds it sending.
+                self._refuse_if_kept_local(s, claim.job)
                 self._guarded_update(s, claim, unless_canceled=True, unsent_attempt=None)
             claim.job.unsent_attempt = None
         except SQLAlchemyError as exc:
             log.exception("job %s: recording its first paid request failed", claim.job.id)
             raise EngineError(f"the job's database could not record the request before it was sent "
                               f"({type(exc).__name__}); nothing was sent", retryable=False, charged="no") from exc
+
+    def _kept_local_check(self, job: Job) -> None:
+        """Before a job's engine starts sending it off the machine: refused when the job was made
+        private since it was routed (`JobService.keep_local`), as one queued again after a stop or
+        a crash, or claimed as its project moved to `local-only`, would be."""
+        if leaves_machine(self.registry.get(job.engine)):  # a draft's local run reads nothing more
+            with self.db.session() as s:
+                self._refuse_if_kept_local(s, job)
+
+    def _refuse_if_kept_local(self, s: Session, job: Job) -> None:
+        if not leaves_machine(self.registry.get(job.engine)):
+            return
+        params = s.scalar(select(Job.params).where(col(Job.id) == job.id))
+        if is_private((params if isinstance(params, dict) else job.params).get("tags") or {}):
+            raise Canceled(f"canceled before it was sent: its project's policy now keeps its work on this machine, "
+                           f"and engine '{job.engine}' sends it off", details={"engine": job.engine}, charged="no")
 
     def _record(self, job: Job, result: RenderResult, seed: int | None) -> dict[str, Any]:
         p = job.params

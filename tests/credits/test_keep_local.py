@@ -7,6 +7,7 @@ import asyncio
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -14,7 +15,7 @@ import pytest
 from orchestrator.server import serve_in_thread
 from orchestrator.settings import Settings
 from tests import fakes
-from tests.credits import DRAFT, ledger, project_with_draft, promote_ok, wait_for_job
+from tests.credits import DRAFT, ledger, poll, project_with_draft, promote_ok, wait_for_job
 from tests.credits.conftest import POLICY_TOML
 
 
@@ -169,3 +170,91 @@ def test_a_request_routed_as_the_project_goes_local_only_is_routed_again(
         monkeypatch.setattr(JobService, "_reserve", moved_meanwhile)
         job = promote_ok(client, asset_id, engine=None)
     assert job["engine"] == "local-hifi" and job["routing"]["policy"] == "local-only", job["routing"]
+
+
+TWO_CLOUDS = ('name = "two-clouds"\n[[rules]]\nname = "drafts"\nmatch = { stage = "ideation" }\nengines = ["lite"]\n'
+              '[[rules]]\nname = "bridge"\nmatch = { stage = ["bridge", "polish"] }\n'
+              'engines = ["fake-paid", "fake-zero"]\n')
+
+
+def test_a_cloud_job_running_as_its_project_goes_local_only_never_falls_back_to_another_cloud(
+        paid_settings_for: Callable[..., Settings], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only jobs on engines that stay on the machine were made private: a running cloud job whose
+    call made nothing moved on to the next cloud engine, which got the prompt after the switch."""
+    from orchestrator.errors import EngineError
+
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "credits-test.toml").write_text(POLICY_TOML)
+    (policies / "two-clouds.toml").write_text(TWO_CLOUDS)
+    started, moved = threading.Event(), threading.Event()
+    real = fakes.FakePaidEngine.run
+
+    async def refused_on_fake_paid(self: fakes.FakePaidEngine, *args: Any) -> Any:
+        if self.name != "fake-paid":
+            return await real(self, *args)
+        started.set()
+        await asyncio.to_thread(moved.wait, 30)
+        raise EngineError("fake-paid: connection refused", retryable=True, charged="no")
+
+    monkeypatch.setattr(fakes.FakePaidEngine, "run", refused_on_fake_paid)
+    prompt = "a lighthouse, its cloud call refused after the project went local-only"
+    with serve_in_thread(paid_settings_for(tmp_path / "data", policy_dir=policies)) as base, \
+            httpx.Client(base_url=base, timeout=30) as client:
+        project_id, asset_id = project_with_draft(client)
+        assert client.patch(f"/v1/projects/{project_id}", json={"policy": "two-clouds"}).status_code == 200
+        job = promote_ok(client, asset_id, prompt=prompt, engine=None)
+        assert job["engine"] == "fake-paid" and started.wait(30)
+        assert [c["engine"] for c in job["routing"]["candidates"]][:2] == ["fake-paid", "fake-zero"]
+        assert client.patch(f"/v1/projects/{project_id}", json={"policy": "local-only"}).status_code == 200
+        moved.set()
+        done = wait_for_job(client, job["id"])
+        entries = [e["kind"] for e in ledger(client, project_id) if e["job_id"] == job["id"]]
+    assert (done["status"], done["engine"], done["params"]["tags"]) == ("failed", "fake-paid", {"privacy": "local"})
+    assert entries == ["hold", "release"]
+    assert prompt not in " ".join(fakes.SENT)
+
+
+def test_a_cloud_job_that_had_sent_nothing_as_its_project_goes_local_only_is_canceled_before_it_sends(
+        paid_settings_for: Callable[..., Settings], tmp_path: Path) -> None:
+    """Claimed, still preparing its request (its first send not yet asked) as the PATCH commits:
+    it sent the prompt all the same."""
+    until = tmp_path / "go"
+    prompt = "a lighthouse, prepared as its project went local-only"
+    with serve_in_thread(paid_settings_for(tmp_path / "data")) as base, \
+            httpx.Client(base_url=base, timeout=30) as client:
+        project_id, asset_id = project_with_draft(client)
+        job = promote_ok(client, asset_id, prompt=prompt, tags={"fake": "wait-before-send", "until": str(until)})
+        poll(lambda: client.get(f"/v1/jobs/{job['id']}").json(), lambda j: j["status"] == "running")
+        moved = client.patch(f"/v1/projects/{project_id}", json={"policy": "local-only"})
+        assert moved.status_code == 200, moved.text
+        until.write_text("go")
+        done = wait_for_job(client, job["id"])
+        entries = [e["kind"] for e in ledger(client, project_id) if e["job_id"] == job["id"]]
+    assert done["status"] == "canceled", done
+    assert "keeps its work on this machine" in done["error"]["message"]
+    assert entries == ["hold", "release"]
+    assert prompt not in " ".join(fakes.SENT)
+
+
+def test_a_cloud_job_queued_again_after_a_stop_is_canceled_when_its_project_went_local_only(
+        paid_settings_for: Callable[..., Settings], tmp_path: Path) -> None:
+    """Running but unsent when the project moved and the service stopped: queued again on its cloud
+    engine (keep_local had looked for queued jobs before), the next start sent it."""
+    data, until = tmp_path / "data", tmp_path / "go"
+    prompt = "a lighthouse, queued again after the project went local-only"
+    with serve_in_thread(paid_settings_for(data)) as base, httpx.Client(base_url=base, timeout=30) as client:
+        project_id, asset_id = project_with_draft(client)
+        job = promote_ok(client, asset_id, prompt=prompt, tags={"fake": "wait-before-send", "until": str(until)})
+        poll(lambda: client.get(f"/v1/jobs/{job['id']}").json(), lambda j: j["status"] == "running")
+        assert client.patch(f"/v1/projects/{project_id}", json={"policy": "local-only"}).status_code == 200
+    until.write_text("go")
+    with serve_in_thread(paid_settings_for(data)) as base, httpx.Client(base_url=base, timeout=30) as client:
+        done = wait_for_job(client, job["id"])
+        entries = [e["kind"] for e in ledger(client, project_id) if e["job_id"] == job["id"]]
+    assert [(a["engine"], a["status"]) for a in done["attempts"]] == [("fake-paid", "interrupted"),
+                                                                      ("fake-paid", "canceled")]
+    assert done["status"] == "canceled" and "keeps its work on this machine" in done["error"]["message"], done
+    assert entries == ["hold", "release"]
+    assert prompt not in " ".join(fakes.SENT)
+
