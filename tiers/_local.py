@@ -14,6 +14,7 @@ import asyncio
 import copy
 import dataclasses
 import functools
+import gc
 import inspect
 import json
 import logging
@@ -49,9 +50,14 @@ AUTO_MODEL = "stabilityai/sd-turbo"
 # can't allocate memory"), Windows ("not enough memory").
 OUT_OF_MEMORY = ("out of memory", "can't allocate memory", "not enough memory")
 
-# A TAESD preview is decoded at the image's size; it is shown small, and a 2048 px PNG would cost the
+# A TAESD preview is decoded at most this size: it is shown small, and a 2048 px PNG would cost the
 # inference thread half a second at each throttled write.
 PREVIEW_MAX_SIDE = 512
+TAESD_SCALE = 8  # pixels per latent pixel, each way
+# A preview VAE's decodes take at most 1 / (1 + this) of the inference thread's time: after one
+# that took t seconds, the steps of the next t x this seconds go without a preview (every step
+# with a fast GPU's decode, about one in a few seconds with a CPU's).
+PREVIEW_VAE_SPACING = 3.0
 
 # Linear map from SD 1.x/2.x latents to RGB: a free preview without running the VAE.
 _LATENT_RGB = ((0.298, 0.207, 0.208), (0.187, 0.286, 0.173), (-0.158, 0.189, 0.264), (-0.184, -0.271, -0.473))
@@ -257,6 +263,19 @@ def finite_images(images: Any, device: str) -> list[Image]:
     return list(VaeImageProcessor.numpy_to_pil(images))  # as the pipeline's "pil" output does
 
 
+def _out_of_memory(exc: BaseException) -> BaseException | None:
+    """The allocator's error among `exc` and its causes (a load that ran out of memory is the
+    model's failure, caused by one), or None."""
+    seen: BaseException | None = exc
+    for _ in range(5):
+        if seen is None:
+            return None
+        if isinstance(seen, RuntimeError) and any(words in str(seen).lower() for words in OUT_OF_MEMORY):
+            return seen
+        seen = seen.__cause__
+    return None
+
+
 def _first_line(exc: BaseException) -> str:
     """The first line of an exception's text that says anything: some start with a newline."""
     return next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
@@ -375,6 +394,7 @@ class LocalRuntime:
         # availability, and a job retries the load only after LOAD_RETRY_SECONDS.
         self._load_failures: dict[str, tuple[float, EngineUnavailable]] = {}
         self._previewer: Callable[..., Image | None] | None = None
+        self._vae_preview_after = 0.0  # monotonic time before which a step gets no preview VAE decode
 
     def _init_thread(self) -> None:
         import torch
@@ -400,23 +420,47 @@ class LocalRuntime:
     def _guarded(self, fn: Callable[..., T], *args: Any) -> T:
         try:
             return fn(*args)
-        except RuntimeError as exc:  # torch.OutOfMemoryError is one
-            if not any(words in str(exc).lower() for words in OUT_OF_MEMORY):
-                raise
+        except BaseException as exc:
+            failure = exc
+        # Outside the except block: its frames would keep what the failed call made alive.
+        self._restore_vaes()
+        out_of_memory = _out_of_memory(failure)
+        if out_of_memory is not None:
+            # What the failed step (or load) held on the device is referenced from the traceback's
+            # frames, and an exception refers to its own traceback: freed only by the cycle
+            # collector, some time after `empty_cache` had found nothing to give back.
+            for error in (failure, out_of_memory):
+                error.__traceback__ = None
+            gc.collect()
             if self._device == "cuda":
                 import torch
 
                 torch.cuda.empty_cache()  # what the failed job held, for the next one
-            # Nothing left the machine and nothing was charged: a smaller size or batch, or
-            # another engine, may well succeed.
-            error = EngineError(
-                f"the {self._device or 'device'} ran out of memory; try a smaller size or n, or a lower "
-                "ORCH_LITE_MAX_BATCH / ORCH_LOCAL_MAX_SIZE", details={"device": self._device or "unknown"},
-                retryable=True, charged="no")
-            # The request's size, not the engine's health: five large ones must not shut every
-            # project's drafts out for the circuit's cooldown.
-            error.engine_fault = False
-            raise error from exc
+        if out_of_memory is not failure:
+            raise failure  # a load that ran out of memory says so itself, as the model's failure
+        # Nothing left the machine and nothing was charged: a smaller size or batch, or
+        # another engine, may well succeed.
+        error = EngineError(
+            f"the {self._device or 'device'} ran out of memory; try a smaller size or n, or a lower "
+            "ORCH_LITE_MAX_BATCH / ORCH_LOCAL_MAX_SIZE", details={"device": self._device or "unknown"},
+            retryable=True, charged="no")
+        # The request's size, not the engine's health: five large ones must not shut every
+        # project's drafts out for the circuit's cooldown.
+        error.engine_fault = False
+        raise error from failure
+
+    def _restore_vaes(self) -> None:
+        """After a failed call: an SDXL pipeline casts its fp16 VAE to fp32 for the decode and back
+        only when the decode succeeds. Left in fp32 (the decode is where a large image runs out of
+        memory), the VAE refused the next job's fp16 latents ("Input type (c10::Half) and bias
+        type (float) should be the same"), and every later SDXL job failed until a restart."""
+        if self._device is None:
+            return  # nothing was loaded
+        dtype = self.dtype()
+        for pipe in self._pipes.values():
+            vae = getattr(pipe, "vae", None)
+            if vae is not None and getattr(vae, "dtype", dtype) != dtype:
+                vae.to(dtype=dtype)
 
     @property
     def device(self) -> str:
@@ -555,6 +599,12 @@ class LocalRuntime:
                 else:
                     pipe = auto.from_pretrained(str(source) if source.exists() else model, torch_dtype=self.dtype(),
                                                 **self._folder_options(model, source))
+            if getattr(pipe, "safety_checker", None) is not None:
+                pipe.safety_checker = None  # drafts are private sketches; the checker would black them out
+            # In the try: a model that does not fit on the device is a failure to load it, remembered
+            # for LOAD_RETRY_SECONDS. Taken as a request too large, every job read it from disk again
+            # on the inference thread (the drafts waiting) and ran out of memory again.
+            pipe = pipe.to(self.device)
         except Exception as exc:  # any failure to load is the model's, and told as one
             # OSError and ValueError mostly; SafetensorError for a .ckpt or a damaged file; diffusers'
             # own errors (a LoRA or VAE file given as a checkpoint) derive from Exception itself.
@@ -576,9 +626,6 @@ class LocalRuntime:
             reason = hide_paths(reason.replace(str(source), name).replace(model, name))
             raise EngineUnavailable(f"could not load model '{name}': {reason}"[:400],
                                     details={"model": name}) from exc
-        if getattr(pipe, "safety_checker", None) is not None:
-            pipe.safety_checker = None  # drafts are private sketches; the checker would black them out
-        pipe = pipe.to(self.device)
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
@@ -646,10 +693,24 @@ class LocalRuntime:
                 pipeline._interrupt = True
                 raise Canceled("the job was canceled")
             per_pass = max(getattr(pipeline, "num_timesteps", 0) or planned, i + 1)
-            progress.step(done * per_pass + i + 1, passes * per_pass, self.preview(kwargs["latents"], pipeline))
+            progress.step(done * per_pass + i + 1, passes * per_pass, self._step_preview(kwargs["latents"], pipeline))
             return kwargs
 
         return on_step
+
+    def _step_preview(self, latents: Any, pipe: Any) -> Image | None:
+        """A step's preview: every step's with the latent approximation; with a preview VAE, none
+        until the time its last decode took has been given back `PREVIEW_VAE_SPACING` times over
+        to the denoising (`preview_url` is optional in progress events)."""
+        if self._previewer in (None, latents_to_preview, _no_preview):
+            return self.preview(latents, pipe)
+        if time.monotonic() < self._vae_preview_after:
+            return None
+        began = time.monotonic()
+        preview = self.preview(latents, pipe)
+        ended = time.monotonic()
+        self._vae_preview_after = ended + (ended - began) * PREVIEW_VAE_SPACING
+        return preview
 
     def preview(self, latents: Any, pipe: Any = None) -> Image | None:
         """A step's preview of `pipe`'s latents, or None. A preview is a nicety: a TAESD that cannot
@@ -682,8 +743,14 @@ class LocalRuntime:
             import torch
             from PIL import Image as PILImage
 
+            first = latents[:1].to(vae.dtype)
+            # Shrunk before the decode, not after it: a full-size decode cost seconds a step on a CPU
+            # (1.2 s at 512 px, 13 s at 1024), more than the step itself, for a picture shown small.
+            shrink = math.ceil(max(first.shape[-2:]) * TAESD_SCALE / PREVIEW_MAX_SIDE)
             with torch.no_grad():
-                img = vae.decode(latents[:1].to(vae.dtype)).sample[0]
+                if shrink > 1:
+                    first = torch.nn.functional.avg_pool2d(first, shrink, ceil_mode=True)
+                img = vae.decode(first).sample[0]
             arr = ((img.float().clamp(-1, 1) + 1) * 127.5).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
             image = PILImage.fromarray(arr, mode="RGB")
             factor = math.ceil(max(image.size) / PREVIEW_MAX_SIDE)
