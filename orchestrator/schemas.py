@@ -21,7 +21,7 @@ from pydantic import (
     model_validator,
 )
 from pydantic.json_schema import JsonSchemaValue
-from pydantic_core import CoreSchema
+from pydantic_core import CoreSchema, PydanticUseDefault
 from typing_extensions import TypeAliasType
 
 # Named aliases: the OpenAPI document gets one schema for each (a generated client one type), not
@@ -43,8 +43,15 @@ def _visible(text: str) -> str:
     return text
 
 
+def _not_blank(value: Any) -> Any:
+    # Stripped first, "   " was told "String should have at least 1 character": three were sent.
+    if isinstance(value, str) and value and value.isspace():
+        raise ValueError("is only whitespace")
+    return value
+
+
 Prompt = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=10000),
-                   AfterValidator(_visible)]
+                   AfterValidator(_visible), BeforeValidator(_not_blank)]
 MAX_TAGS = 64
 V = TypeVar("V")
 
@@ -89,6 +96,18 @@ def _whole_number(value: Any) -> Any:
 
 
 Whole = BeforeValidator(_whole_number)
+
+
+def _null_is_default(value: Any) -> Any:
+    # Many clients send an optional field they never set as null: for a field whose null means
+    # nothing else, that is the default, as when it is left out (it was a 422 for some fields and
+    # not for others of the same body).
+    if value is None:
+        raise PydanticUseDefault()
+    return value
+
+
+NullIsDefault = BeforeValidator(_null_is_default)
 
 # Request-level bounds of width/height. An engine may take less: see `Side`'s description.
 MIN_SIDE, MAX_SIDE, SIDE_MULTIPLE = 8, 8192, 8
@@ -137,19 +156,33 @@ def _unstorable(text: str) -> str | None:
     return _NUL_MESSAGE if found.group() == "\x00" else _SURROGATE_MESSAGE
 
 
-def _unstorable_at(value: Any, path: str) -> tuple[str, str] | None:
-    """Where a JSON value holds text that cannot be stored ("" for the value itself) and why, or
-    None. The path never includes the offending text: the error message echoes it."""
+class UnstorableText(ValueError):
+    """Text a request body holds that cannot be stored, at `loc` (keys and indexes, () for the body
+    itself): found before the fields are read (pydantic's own check of a lone surrogate says
+    less), its error is placed there all the same (`orchestrator.api.errors`)."""
+
+    def __init__(self, loc: tuple[str | int, ...], why: str) -> None:
+        super().__init__(f"{_dotted(loc) or 'text'} {why}")
+        self.loc, self.why = loc, why
+
+
+def _dotted(loc: tuple[str | int, ...]) -> str:
+    return "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc).lstrip(".")
+
+
+def _unstorable_at(value: Any, loc: tuple[str | int, ...] = ()) -> tuple[tuple[str | int, ...], str] | None:
+    """Where a JSON value holds text that cannot be stored (() for the value itself) and why, or
+    None. The place never includes the offending text: the error message echoes it."""
     if isinstance(value, str):
-        return None if (why := _unstorable(value)) is None else (path, why)
-    children: list[tuple[Any, str]] = []
+        return None if (why := _unstorable(value)) is None else (loc, why)
+    children: list[tuple[Any, tuple[str | int, ...]]] = []
     if isinstance(value, dict):
         for key, item in value.items():
             if isinstance(key, str) and (why := _unstorable(key)) is not None:
-                return path, why  # the object whose key it is
-            children.append((item, f"{path}.{key}" if path else str(key)))
+                return loc, why  # the object whose key it is
+            children.append((item, (*loc, str(key))))
     elif isinstance(value, list):
-        children = [(item, f"{path}[{i}]") for i, item in enumerate(value)]
+        children = [(item, (*loc, i)) for i, item in enumerate(value)]
     for item, where in children:
         if (found := _unstorable_at(item, where)) is not None:
             return found
@@ -199,9 +232,8 @@ class Strict(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _storable_text(cls, data: Any) -> Any:
-        if (found := _unstorable_at(data, "")) is not None:
-            where, why = found
-            raise ValueError(f"{where or 'text'} {why}")
+        if (found := _unstorable_at(data)) is not None:
+            raise UnstorableText(*found)
         return data
 
 
@@ -221,7 +253,7 @@ def _printable(name: str) -> str:
 
 # Nothing but zero-width characters (U+200B, U+FEFF) lists as a project or key without a name.
 Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200),
-                 AfterValidator(_printable), AfterValidator(_visible)]
+                 AfterValidator(_printable), AfterValidator(_visible), BeforeValidator(_not_blank)]
 
 
 class Budget(Strict):
@@ -276,16 +308,16 @@ class ProjectPublic(BaseModel):
 
 class DraftCreate(Strict):
     prompt: Prompt
-    negative_prompt: Annotated[str, StringConstraints(max_length=10000)] = ""
-    n: Annotated[int, Whole, Field(ge=1, le=16)] = 4
+    negative_prompt: Annotated[str, StringConstraints(max_length=10000), NullIsDefault] = ""
+    n: Annotated[int, Whole, Field(ge=1, le=16), NullIsDefault] = 4
     seed: Seed | None = None
-    width: Side = 512
-    height: Side = 512
+    width: Annotated[Side, NullIsDefault] = 512
+    height: Annotated[Side, NullIsDefault] = 512
     steps: Steps | None = None
     guidance_scale: Annotated[float, NoBool, Field(ge=0, le=30)] | None = None
     engine: str | None = None
-    tags: Tags = Field(default_factory=dict)
-    cache: bool = True
+    tags: Annotated[Tags, NullIsDefault] = Field(default_factory=dict)
+    cache: Annotated[bool, NullIsDefault] = True
 
     @field_validator("seed")
     @classmethod
@@ -302,16 +334,16 @@ class DraftCreate(Strict):
 class PromoteCreate(Strict):
     prompt: Prompt | None = None
     negative_prompt: Annotated[str, StringConstraints(max_length=10000)] | None = None
-    strength: Annotated[float, NoBool, Field(ge=0.01, le=1)] = 0.55
+    strength: Annotated[float, NoBool, Field(ge=0.01, le=1), NullIsDefault] = 0.55
     width: Side | None = None
     height: Side | None = None
-    quality: Quality = "high"
+    quality: Annotated[Quality, NullIsDefault] = "high"
     seed: Seed | None = None
     steps: Steps | None = None
     engine: str | None = None
     max_credits: Credits | None = None
-    tags: Tags = Field(default_factory=dict)
-    cache: bool = True
+    tags: Annotated[Tags, NullIsDefault] = Field(default_factory=dict)
+    cache: Annotated[bool, NullIsDefault] = True
 
 
 class PolishCreate(Strict):
@@ -323,12 +355,12 @@ class PolishCreate(Strict):
     width: Side | None = None
     height: Side | None = None
     prompt: Prompt | None = None
-    creativity: Annotated[float, NoBool, Field(ge=0.01, le=1)] = 0.3
+    creativity: Annotated[float, NoBool, Field(ge=0.01, le=1), NullIsDefault] = 0.3
     seed: Seed | None = None
     engine: str | None = None
     max_credits: Credits | None = None
-    tags: Tags = Field(default_factory=dict)
-    cache: bool = True
+    tags: Annotated[Tags, NullIsDefault] = Field(default_factory=dict)
+    cache: Annotated[bool, NullIsDefault] = True
 
     @model_validator(mode="after")
     def _scale_or_size(self) -> PolishCreate:

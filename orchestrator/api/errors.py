@@ -20,7 +20,7 @@ from orchestrator.api.deps import authenticate
 from orchestrator.api.json_body import UnreadableJSON
 from orchestrator.db import disk_full, transient
 from orchestrator.errors import OrchestratorError
-from orchestrator.schemas import ErrorResponse
+from orchestrator.schemas import ErrorResponse, UnstorableText
 
 log = logging.getLogger(__name__)
 
@@ -129,8 +129,11 @@ def _clean(errors: Sequence[Any]) -> list[dict[str, Any]]:
     out = []
     for err in errors[:MAX_LISTED_ERRORS]:
         msg = str(err.get("msg", "")).removeprefix("Value error, ")  # our own validators' messages, as written
-        out.append({"loc": [str(p) for p in err.get("loc", ())], "msg": msg,
-                    "type": str(err.get("type", ""))})
+        loc = tuple(err.get("loc", ()))
+        cause = (err.get("ctx") or {}).get("error")
+        if isinstance(cause, UnstorableText):  # found by the body's own check, before its fields'
+            loc, msg = loc + cause.loc, cause.why
+        out.append({"loc": [str(p) for p in loc], "msg": msg, "type": str(err.get("type", ""))})
     return out
 
 

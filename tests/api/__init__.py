@@ -237,7 +237,9 @@ def check_nul_refused(client: httpx.Client, project: str) -> None:
     for path, body, field in NUL_BODIES:
         body = {k: (v.format(project=project) if k == "project_id" else v) for k, v in body.items()}
         error = assert_error(client.post(path.format(project=project), json=body), 422, "invalid_request")
-        assert f"{field} contains a NUL character" in error["message"], error
+        assert error["message"] == f"{field}: contains a NUL character (\\u0000)", error
+        # Placed at its field, as any other error of a field: a client marks that form field.
+        assert [e["loc"] for e in error["details"]["errors"]] == [["body", *field.split(".")]], error
     for url in NUL_URLS:
         assert_error(client.get(url.format(project=project)), 400, "invalid_request")
     assert before == (job_count(client), client.get(f"/v1/projects/{project}/ledger").json(),

@@ -544,7 +544,7 @@ def test_a_name_with_control_characters_is_refused(shared_server: httpx.Client, 
      "engine"),
     ("/v1/route/explain", '{"stage": "bridge", "source_asset_id": "\\udc00"}', "source_asset_id"),
     ("/v1/projects/{project}/drafts", '{"prompt": "x", "tags": {"\\ud800": "v"}}', "tags"),
-    ("/v1/projects/{project}/drafts", '{"prompt": "x", "tags": {"k": ["\\ud800"]}}', "tags.k[0]"),
+    ("/v1/projects/{project}/drafts", '{"prompt": "x", "tags": {"k": ["\\ud800"]}}', "tags.k.0"),
     ("/v1/projects/{project}/drafts", '{"prompt": "a\\ud83d b"}', "prompt"),
     ("/v1/projects/{project}/grants", '{"amount": 1, "note": "\\ud800"}', "note"),
 ])
@@ -555,7 +555,8 @@ def test_lone_surrogates_are_refused(shared_server: httpx.Client, project: str, 
     response = shared_server.post(path.format(project=project), content=body.replace("{project}", project).encode(),
                                   headers={"Content-Type": "application/json"})
     error = assert_error(response, 422, "invalid_request")
-    assert error["message"] == f"{field} contains a lone UTF-16 surrogate (\\ud800-\\udfff), which is not text"
+    assert error["message"] == f"{field}: contains a lone UTF-16 surrogate (\\ud800-\\udfff), which is not text"
+    assert [e["loc"] for e in error["details"]["errors"]] == [["body", *field.split(".")]]  # at the field
     assert before == (job_count(shared_server), shared_server.get(f"/v1/projects/{project}/ledger").json(),
                       len(shared_server.get("/v1/projects", params={"limit": 500}).json()["items"]))
 
@@ -703,6 +704,36 @@ def test_a_polish_scale_too_small_is_refused_as_the_scale(shared_server: httpx.C
     half = assert_error(shared_server.post(f"/v1/assets/{finished_job['assets'][0]}/polish", json={"scale": 0.5}),
                         422, "invalid_request")
     assert "(got 32)" in half["message"] and [e["loc"] for e in half["details"]["errors"]] == [[]]
+    assert job_count(shared_server) == before
+
+
+def test_null_for_a_field_whose_null_means_nothing_else_is_its_default(
+        shared_server: httpx.Client, project: str, finished_job: dict[str, Any]) -> None:
+    """Clients send optional fields they never set as null: some were a 422, others of the same
+    body were taken."""
+    nulls = {"negative_prompt": None, "n": None, "tags": None, "cache": None}
+    draft = shared_server.post(f"/v1/projects/{project}/drafts", json={**VALID, **nulls})
+    assert draft.status_code == 202, draft.text
+    params = draft.json()["params"]
+    assert (params["negative_prompt"], params["n"], params["tags"]) == ("", 4, {})
+    source = finished_job["assets"][0]
+    for stage, body, field, default in (
+            ("promote", {"tags": None, "strength": None, "quality": None}, "strength", 0.55),
+            ("polish", {"tags": None, "creativity": None}, "creativity", 0.3)):
+        response = shared_server.post(f"/v1/assets/{source}/{stage}", json=body)
+        assert response.status_code == 202, response.text
+        assert response.json()["params"][field] == default and response.json()["params"]["tags"] == {}
+    # Where null means something, it still does: a polish keeping the source's size.
+    kept = shared_server.post(f"/v1/assets/{source}/polish", json={"scale": None}).json()["params"]
+    assert kept["scale"] is None
+
+
+@pytest.mark.parametrize("text", ["   ", "\t\n"])
+def test_a_prompt_of_only_whitespace_is_told_so(shared_server: httpx.Client, project: str, text: str) -> None:
+    before = job_count(shared_server)
+    error = assert_error(shared_server.post(f"/v1/projects/{project}/drafts", json={**VALID, "prompt": text}),
+                         422, "invalid_request")
+    assert error["message"] == "prompt: is only whitespace"  # not "should have at least 1 character"
     assert job_count(shared_server) == before
 
 
