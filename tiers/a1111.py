@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import uuid
 from typing import Any, Literal
 
@@ -41,6 +42,7 @@ from tiers.base import (
     RenderRequest,
     RenderResult,
     Stage,
+    provider_seed,
 )
 
 IMG2IMG = "/sdapi/v1/img2img"
@@ -55,6 +57,8 @@ AUTH_SETTING = "ORCH_A1111_AUTH"
 SIDE_CALL_TIMEOUT = 5.0
 # A reverse proxy's "bad gateway" and "gateway timeout" (see `not_sent_again`).
 GATEWAY_STATUSES = frozenset({502, 504})
+# The longest sampler name kept from the server's answer (A1111's are under 30).
+MAX_SAMPLER_CHARS = 100
 
 
 def _json_dict(response: httpx.Response) -> dict[str, Any] | None:
@@ -63,6 +67,18 @@ def _json_dict(response: httpx.Response) -> dict[str, Any] | None:
     except ValueError:
         return None
     return body if isinstance(body, dict) else None
+
+
+def _finite(value: Any) -> float | None:
+    """`value` as a float when it is a finite number; JSON's NaN and Infinity, a bool and an
+    integer past a float's range are not."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
 
 
 def processing_failed(response: httpx.Response) -> bool:
@@ -316,17 +332,25 @@ class A1111Engine:
                                   details={"engine": self.name})
             # Some forks answer with a data URI rather than bare base64.
             raw = b64decode_tolerant(data.split(",", 1)[1] if data.startswith("data:") else data)
-            seed = seeds[i] if i < len(seeds) and isinstance(seeds[i], int) else None
+            seed = provider_seed(seeds[i]) if i < len(seeds) else None
             images.append(RenderedImage(decode_image(raw, self.name), seed=seed))
+        # What the server says it ran, else what was asked of it: the image's record and its PNG's
+        # `parameters` name them, so a value of another kind (text steps, a NaN scale) is not taken.
+        steps = info.get("steps")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
+            steps = req.steps or DEFAULT_STEPS
+        guidance = _finite(info.get("cfg_scale"))
+        if guidance is None:
+            guidance = DEFAULT_CFG if req.guidance_scale is None else req.guidance_scale
+        sampler = info.get("sampler_name")
+        if not isinstance(sampler, str) or not 0 < len(sampler) <= MAX_SAMPLER_CHARS:
+            sampler = SAMPLER
         return RenderResult(
             images=images,
             model=self.model,
             cost_millicredits=0,
-            # What the server says it ran, else what was asked of it: the image's record names them.
-            metadata={"checkpoint": info.get("sd_model_name"), "sampler": info.get("sampler_name", SAMPLER),
-                      "steps": info.get("steps", req.steps or DEFAULT_STEPS),
-                      "guidance_scale": info.get("cfg_scale", DEFAULT_CFG if req.guidance_scale is None
-                                                 else req.guidance_scale)},
+            metadata={"checkpoint": info.get("sd_model_name"), "sampler": sampler, "steps": steps,
+                      "guidance_scale": guidance},
         )
 
     @staticmethod

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar, runtime_checkable
 
 from orchestrator.errors import Canceled, Charged, NoPrice
+from orchestrator.schemas import MAX_SEED
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -49,6 +50,13 @@ def is_amount(value: object) -> bool:
     millicredits (a numpy integer too) that fits its 64-bit column, not a bool, a fraction or an
     infinity."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool) and 0 <= int(value) < 2**63
+
+
+def provider_seed(value: object) -> int | None:
+    """The seed a provider reports it used, or None: only a whole number a job could ask for again
+    (0..MAX_SEED) is kept. A larger one (or a float such as 1e30, made one by `int()`) failed the
+    asset's write, its 64-bit column refusing it, after the images were made (and paid for)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_SEED else None
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from tiers.base import (
     RenderRequest,
     RenderResult,
     instruction_prompt,
+    is_amount,
 )
 
 ASPECTS = ("1:1", "2:3", "3:2", "3:4", "4:3", "9:16", "16:9", "21:9")
@@ -94,19 +95,25 @@ class GeminiEngine(CloudEngine):
         except NoPrice:
             return 0
 
-    def _actual_cost(self, usage: dict[str, Any]) -> int | None:
+    def _actual_cost(self, usage: Any) -> int | None:
         """The cost by the answer's tokens, or None (the estimate is captured) when a price is
-        missing. Thinking tokens are billed as output at the model's text rate, which the image
-        rate would overstate: without a `thinking_tokens_per_million` price an answer that thought
-        is charged its estimate rather than a sum that leaves them out."""
+        missing or a token count is malformed. Thinking tokens are billed as output at the model's
+        text rate, which the image rate would overstate: without a `thinking_tokens_per_million`
+        price an answer that thought is charged its estimate rather than a sum that leaves them out."""
+        if not isinstance(usage, dict):
+            return None
+        counts: tuple[Any, ...] = (usage.get("candidatesTokenCount"), usage.get("promptTokenCount", 0),
+                                   usage.get("thoughtsTokenCount", 0))
+        # Whole, non-negative and within 64 bits, as an amount is: `1e400` reads as an infinity
+        # (int() raised OverflowError, failing a paid job), and a negative count made a negative cost.
+        if not all(is_amount(count) for count in counts):
+            return None
+        out_tokens, in_tokens, thoughts = (int(count) for count in counts)
         try:
             out_rate = self._prices.millicredits(self._model, "output_tokens_per_million")
             in_rate = self._prices.millicredits(self._model, "input_tokens_per_million")
-            out_tokens = int(usage["candidatesTokenCount"])
-            in_tokens = int(usage.get("promptTokenCount", 0))
-            thoughts = int(usage.get("thoughtsTokenCount", 0))
             thought_rate = self._prices.millicredits(self._model, "thinking_tokens_per_million") if thoughts else 0
-        except (KeyError, TypeError, ValueError, NoPrice):
+        except NoPrice:
             return None
         return math.ceil((out_tokens * out_rate + in_tokens * in_rate + thoughts * thought_rate) / 1e6)
 
@@ -183,25 +190,42 @@ class GeminiEngine(CloudEngine):
 
     def _image(self, body: dict[str, Any]) -> Any:
         feedback = body.get("promptFeedback") or {}
+        if not isinstance(feedback, dict):
+            raise self._malformed("promptFeedback")
         if feedback.get("blockReason"):
             raise ContentFiltered(f"gemini blocked the prompt ({feedback['blockReason']})",
                                   details={"engine": self.name, "reason": feedback["blockReason"]})
         candidates = body.get("candidates") or []
+        if not isinstance(candidates, list):
+            raise self._malformed("candidates")
         if not candidates:
             raise EngineError("gemini: the response has no candidates", details={"engine": self.name})
         candidate = candidates[0]
-        parts = (candidate.get("content") or {}).get("parts") or []
+        if not isinstance(candidate, dict):
+            raise self._malformed("candidates")
+        content = candidate.get("content") or {}
+        parts = (content.get("parts") or []) if isinstance(content, dict) else None
+        if not isinstance(parts, list):
+            raise self._malformed("content")
         images = [p for p in parts if isinstance(p, dict) and (p.get("inlineData") or p.get("inline_data"))
                   and not p.get("thought")]
         if images:
-            inline = images[-1].get("inlineData") or images[-1].get("inline_data") or {}
+            inline = images[-1].get("inlineData") or images[-1].get("inline_data")
+            if not isinstance(inline, dict):
+                raise self._malformed("inlineData")
             return decode_image(b64decode_tolerant(str(inline.get("data", ""))), self.name)
-        reason = candidate.get("finishReason", "")
+        reason = candidate.get("finishReason") or ""
+        if not isinstance(reason, str):  # a list or an object: no reason, and unhashable for the lookup
+            raise self._malformed("finishReason")
         if reason in FILTER_REASONS:
             raise ContentFiltered(f"gemini returned no image ({reason})",
                                   details={"engine": self.name, "reason": reason})
         raise EngineError(f"gemini returned no image (finishReason {reason or 'missing'})",
                           details={"engine": self.name, "reason": reason or None})
+
+    def _malformed(self, where: str) -> EngineError:
+        # Raised while reading a 200 (`reading_an_answer`): the call may have been billed.
+        return EngineError(f"gemini: unexpected response shape ({where})", details={"engine": self.name})
 
 
 def daily_quota_exhausted(response: Any) -> bool:

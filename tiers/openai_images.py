@@ -29,6 +29,7 @@ from tiers.base import (
     RenderedImage,
     RenderRequest,
     RenderResult,
+    is_amount,
 )
 
 SIZES = {"1:1": "1024x1024", "3:2": "1536x1024", "2:3": "1024x1536"}
@@ -119,19 +120,24 @@ class OpenAIImagesEngine(CloudEngine):
     def _actual_cost(self, usage: Any) -> int | None:
         if not isinstance(usage, dict):
             return None
+        out_tokens = usage.get("output_tokens")
+        details = usage.get("input_tokens_details")
+        if isinstance(details, dict):
+            image_tokens, text_tokens = details.get("image_tokens", 0), details.get("text_tokens", 0)
+        else:
+            # Without the split, bill every input token at the dearer image rate.
+            image_tokens, text_tokens = usage.get("input_tokens", 0), 0
+        # Whole, non-negative and within 64 bits, as an amount is: `1e400` reads as an infinity
+        # (int() raised OverflowError, failing a paid job), and a negative count made a negative cost.
+        counts: tuple[Any, ...] = (out_tokens, image_tokens, text_tokens)
+        if not all(is_amount(count) for count in counts):
+            return None
+        out_tokens, image_tokens, text_tokens = (int(count) for count in counts)
         try:
             out_rate = self._prices.millicredits(self._model, "output_image_tokens_per_million")
             image_rate = self._prices.millicredits(self._model, "input_image_tokens_per_million")
             text_rate = self._prices.millicredits(self._model, "input_text_tokens_per_million")
-            out_tokens = int(usage["output_tokens"])
-            details = usage.get("input_tokens_details")
-            if isinstance(details, dict):
-                image_tokens = int(details.get("image_tokens", 0))
-                text_tokens = int(details.get("text_tokens", 0))
-            else:
-                # Without the split, bill every input token at the dearer image rate.
-                image_tokens, text_tokens = int(usage.get("input_tokens", 0)), 0
-        except (KeyError, TypeError, ValueError, NoPrice):
+        except NoPrice:
             return None
         return math.ceil((out_tokens * out_rate + image_tokens * image_rate + text_tokens * text_rate) / 1e6)
 

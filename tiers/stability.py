@@ -49,6 +49,7 @@ from tiers.base import (
     RenderedImage,
     RenderRequest,
     RenderResult,
+    provider_seed,
 )
 
 # The 10 MiB limit is the whole multipart body's: leave room for the other fields.
@@ -345,10 +346,10 @@ class StabilityEngine(CloudEngine):
         image = decode_image(b64decode_tolerant(encoded), self.name)
         seed = body.get("seed", response.headers.get("seed"))
         try:
-            parsed_seed = int(seed) if seed is not None else None
-        except (TypeError, ValueError):
-            parsed_seed = None
-        return image, parsed_seed, reason
+            seed = int(seed) if isinstance(seed, str) else seed  # a header's text
+        except ValueError:
+            seed = None
+        return image, provider_seed(seed), reason
 
     def _error(self, response: httpx.Response) -> EngineError:
         try:

@@ -100,6 +100,46 @@ async def test_polish_uses_creativity_and_request_values(engine: A1111Engine) ->
 
 
 @respx.mock
+async def test_a_seed_no_job_could_ask_for_is_not_kept(engine: A1111Engine) -> None:
+    """Kept, it failed the asset's write (a 64-bit column) after the images were made."""
+    seeds = [2**63, 2**32, 1e30, True, -1, 5]
+    body = {**ok_body(count=len(seeds)), "info": json.dumps({"all_seeds": seeds})}
+    respx.post(URL).mock(return_value=httpx.Response(200, json=body))
+    result = await engine.run(bridge(n=len(seeds)), NullProgress(), CancelToken())
+    assert [img.seed for img in result.images] == [None, None, None, None, None, 5]
+
+
+@respx.mock
+@pytest.mark.parametrize("info", [
+    {"steps": "x" * 50, "cfg_scale": {"a": 1}, "sampler_name": ["Euler"]},
+    {"steps": True, "cfg_scale": float("nan"), "sampler_name": "x" * 101},
+    {"steps": 0, "cfg_scale": float("inf"), "sampler_name": ""},
+    {"steps": 20.5, "cfg_scale": True, "sampler_name": None},
+    {"steps": -3, "cfg_scale": "7", "sampler_name": 1},
+    {"steps": 10**400, "cfg_scale": 10**400},  # no float holds it
+])
+async def test_what_the_server_says_it_ran_is_taken_only_when_it_is_a_value(engine: A1111Engine,
+                                                                            info: dict[str, Any]) -> None:
+    """The image's record and its PNG's `parameters` name them: a server's text, object or NaN
+    there is replaced by what was asked. (The huge `steps` is a positive int, so it is kept.)"""
+    body = {**ok_body(), "info": json.dumps(info)}
+    respx.post(URL).mock(return_value=httpx.Response(200, json=body))
+    result = await engine.run(bridge(steps=12, guidance_scale=4.5), NullProgress(), CancelToken())
+    metadata = result.metadata
+    assert metadata["guidance_scale"] == 4.5 and metadata["sampler"] == "Euler a"
+    assert metadata["steps"] == (info["steps"] if info["steps"] == 10**400 else 12)
+
+
+@respx.mock
+async def test_what_the_server_says_it_ran_is_recorded(engine: A1111Engine) -> None:
+    info = {"steps": 20, "cfg_scale": 5, "sampler_name": "DPM++ 2M"}
+    respx.post(URL).mock(return_value=httpx.Response(200, json={**ok_body(), "info": json.dumps(info)}))
+    result = await engine.run(bridge(steps=12, guidance_scale=4.5), NullProgress(), CancelToken())
+    assert (result.metadata["steps"], result.metadata["guidance_scale"], result.metadata["sampler"]) == (
+        20, 5.0, "DPM++ 2M")
+
+
+@respx.mock
 async def test_a_guidance_scale_of_zero_is_sent_as_zero(engine: A1111Engine) -> None:
     route = respx.post(URL).mock(return_value=httpx.Response(200, json=ok_body()))
     await engine.run(bridge(guidance_scale=0.0), NullProgress(), CancelToken())

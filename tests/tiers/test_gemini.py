@@ -105,6 +105,46 @@ async def test_a_broken_answer_is_charged(engine: GeminiEngine, response: httpx.
 
 
 @respx.mock
+@pytest.mark.parametrize("body", [
+    {"candidates": "no"},
+    {"candidates": {"0": {}}},
+    {"candidates": ["no"]},
+    {"candidates": [{"content": [{"inlineData": {"data": "AAAA"}}]}]},
+    {"candidates": [{"content": {"parts": {"inlineData": {"data": "AAAA"}}}}]},
+    {"candidates": [{"content": {"parts": [{"inlineData": "AAAA"}]}}]},
+    {"candidates": [{"content": {"parts": []}, "finishReason": ["IMAGE_SAFETY"]}]},
+    {"promptFeedback": "SAFETY"},
+])
+async def test_an_answer_of_another_shape_is_charged(engine: GeminiEngine, body: dict[str, Any]) -> None:
+    """Once an AttributeError (a job failed "unexpectedly", with a traceback): the engine's error for
+    a 200 it cannot read, charged since Gemini may have billed it."""
+    route = respx.post(URL).mock(return_value=httpx.Response(200, json=body))
+    with pytest.raises(EngineError) as info:
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    assert not isinstance(info.value, ContentFiltered)
+    assert info.value.charged == "unknown" and route.call_count == 1
+
+
+@respx.mock
+@pytest.mark.parametrize(("key", "count"), [
+    ("candidatesTokenCount", "1e400"),  # an infinity to json.loads: int() raised OverflowError
+    ("candidatesTokenCount", "-5000000"),
+    ("candidatesTokenCount", "1290.5"),
+    ("candidatesTokenCount", '"1290"'),
+    ("promptTokenCount", "true"),
+    ("thoughtsTokenCount", "1e400"),
+])
+async def test_token_counts_that_are_not_counts_charge_the_estimate(engine: GeminiEngine, key: str,
+                                                                    count: str) -> None:
+    usage = {"promptTokenCount": 1300, "candidatesTokenCount": 1290, key: "COUNT"}
+    text = json.dumps({**ok_body(), "usageMetadata": usage}).replace('"COUNT"', count)
+    respx.post(URL).mock(return_value=httpx.Response(200, text=text, headers={"content-type": "application/json"}))
+    result = await engine.run(bridge(), NullProgress(), CancelToken())
+    # The image is kept, and the ledger captures the hold for the invoice to settle.
+    assert len(result.images) == 1 and result.cost_millicredits is None
+
+
+@respx.mock
 async def test_a_failure_after_a_paid_image_is_charged(engine: GeminiEngine) -> None:
     refused = httpx.Response(400, json={"error": {"code": 400, "status": "INVALID_ARGUMENT", "message": "no"}})
     respx.post(URL).mock(side_effect=[httpx.Response(200, json=ok_body()), refused])

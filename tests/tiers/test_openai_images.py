@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 from typing import Any
 
 import httpx
@@ -130,6 +131,30 @@ async def test_malformed_body(engine: OpenAIImagesEngine, response: httpx.Respon
     with pytest.raises(EngineError) as info:
         await engine.run(bridge(), NullProgress(), CancelToken())
     assert info.value.charged == "unknown" and route.call_count == 1  # answered 200: it may have billed
+
+
+@respx.mock
+@pytest.mark.parametrize(("where", "count"), [
+    ("output_tokens", "1e400"),  # an infinity to json.loads: int() raised OverflowError
+    ("output_tokens", "-99999999"),
+    ("output_tokens", "4160.5"),
+    ("output_tokens", '"4160"'),
+    ("image_tokens", "1e400"),
+    ("text_tokens", "true"),
+])
+async def test_token_counts_that_are_not_counts_charge_the_estimate(engine: OpenAIImagesEngine, where: str,
+                                                                    count: str) -> None:
+    usage: dict[str, Any] = {"input_tokens": 50, "input_tokens_details": {"image_tokens": 40, "text_tokens": 10},
+                             "output_tokens": 4160}
+    if where == "output_tokens":
+        usage[where] = "COUNT"
+    else:
+        usage["input_tokens_details"][where] = "COUNT"
+    text = json.dumps({**ok_body(), "usage": usage}).replace('"COUNT"', count)
+    respx.post(URL).mock(return_value=httpx.Response(200, text=text, headers={"content-type": "application/json"}))
+    result = await engine.run(bridge(), NullProgress(), CancelToken())
+    # The image is kept, and the ledger captures the hold for the invoice to settle.
+    assert len(result.images) == 1 and result.cost_millicredits is None
 
 
 @respx.mock

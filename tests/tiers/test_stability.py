@@ -230,6 +230,37 @@ async def test_malformed_body(engine: StabilityEngine, response: httpx.Response)
 
 
 @respx.mock
+@pytest.mark.parametrize(("body_seed", "header_seed"), [
+    (2**63, None),
+    (2**32, None),
+    (10**30, None),
+    (1e30, None),
+    (True, None),
+    (-1, None),
+    (None, str(2**64)),
+    (None, "1e30"),
+])
+async def test_a_seed_no_job_could_ask_for_is_not_kept(engine: StabilityEngine, body_seed: Any,
+                                                       header_seed: str | None) -> None:
+    """Kept, it failed the asset's write (a 64-bit column) after the images were made and billed."""
+    body: dict[str, Any] = {"image": base64.b64encode(png_bytes()).decode(), "finish_reason": "SUCCESS"}
+    if body_seed is not None:
+        body["seed"] = body_seed
+    respx.post(SD3).mock(return_value=httpx.Response(200, json=body,
+                                                     headers={"seed": header_seed} if header_seed else {}))
+    result = await engine.run(bridge(seed=7), NullProgress(), CancelToken())
+    assert len(result.images) == 1 and result.images[0].seed is None
+
+
+@respx.mock
+async def test_the_seed_header_is_read_when_the_body_has_none(engine: StabilityEngine) -> None:
+    body = {"image": base64.b64encode(png_bytes()).decode(), "finish_reason": "SUCCESS"}
+    respx.post(SD3).mock(return_value=httpx.Response(200, json=body, headers={"seed": "4294967295"}))
+    result = await engine.run(bridge(), NullProgress(), CancelToken())
+    assert result.images[0].seed == 4294967295
+
+
+@respx.mock
 @pytest.mark.parametrize("response", [
     ok(reason="CONTENT_FILTERED"),
     ok(headers={"finish-reason": "CONTENT_FILTERED"}),
