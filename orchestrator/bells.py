@@ -44,7 +44,6 @@ MIN_GAP_SECONDS = 0.01
 # How long the PostgreSQL listener waits for a notification before checking that it should stop.
 LISTEN_TIMEOUT_SECONDS = 1.0
 RECONNECT_SECONDS = 5.0
-CONNECT_TIMEOUT_SECONDS = 10
 # sun_path holds 108 bytes on Linux, its terminating NUL included.
 MAX_SOCKET_PATH = 107
 
@@ -200,6 +199,9 @@ class PostgresBell(Bell):
         super().__init__()
         # psycopg takes the URL without SQLAlchemy's driver name.
         self.conninfo = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+        from orchestrator.db import postgres_connect_args  # orchestrator.db imports this module
+
+        self.connect_args = postgres_connect_args(url)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -220,7 +222,10 @@ class PostgresBell(Bell):
             return
         while not self._stop.is_set():
             try:
-                with psycopg.connect(self.conninfo, autocommit=True, connect_timeout=CONNECT_TIMEOUT_SECONDS) as conn:
+                # The options every other connection has: keepalives notice a database that vanished
+                # without closing the socket (a failover), which `notifies` alone waited on forever,
+                # every process back on ORCH_POLL_INTERVAL; a connect_timeout of the URL's is kept.
+                with psycopg.connect(self.conninfo, autocommit=True, **self.connect_args) as conn:
                     conn.execute(f"LISTEN {CHANNEL}")
                     # Changes made while no connection listened are caught up by one look.
                     self._heard()

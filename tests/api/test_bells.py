@@ -293,3 +293,28 @@ def test_a_stopping_service_that_lets_the_device_go_rings_the_others(make_settin
         assert rang is held
     finally:
         peer.close()
+
+
+def test_the_postgresql_listener_connects_as_every_other_connection_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without keepalives, a listener whose database vanished without closing the socket (a
+    failover) waited on it forever, its process back on ORCH_POLL_INTERVAL until a restart; and a
+    fixed connect_timeout overrode the URL's."""
+    import psycopg
+
+    from orchestrator.bells import PostgresBell
+
+    bell = PostgresBell("postgresql+psycopg://orch@db.example:5432/orch?connect_timeout=3")
+    asked: list[tuple[str, dict[str, object]]] = []
+
+    def connect(conninfo: str, **kwargs: object) -> None:
+        asked.append((conninfo, kwargs))
+        bell._stop.set()  # one try is enough
+        raise psycopg.OperationalError("connection refused")
+
+    monkeypatch.setattr(psycopg, "connect", connect)
+    bell._listen()
+    [(conninfo, kwargs)] = asked
+    assert conninfo == "postgresql://orch@db.example:5432/orch?connect_timeout=3"
+    assert "connect_timeout" not in kwargs  # the URL's, kept in the conninfo
+    assert kwargs["autocommit"] is True and kwargs["keepalives"] == 1 and kwargs["keepalives_idle"] == 30
+    assert "tcp_keepalives_idle=30" in str(kwargs["options"])  # the server's side notices a vanished listener
