@@ -222,8 +222,9 @@ def _migrated(url: str, *, writable: bool = False) -> int | None:
             finally:
                 db.dispose()
     except CommandError as exc:  # a revision this version does not know: the database is newer
+        # A setup to fix, as `check` says of the same database (it exited 2, migrate and serve 1).
         return _fail(f"cannot migrate the database: {exc} (is it used by a newer orchestrator, or is it "
-                     "another application's?)")
+                     "another application's?)", status=2)
     except ForeignDatabase as exc:
         return _fail(f"ORCH_DATABASE_URL: {exc}", status=2)
     except OSError as exc:  # its folder, or the lock file beside it, cannot be made
