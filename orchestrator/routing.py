@@ -28,6 +28,12 @@ def leaves_machine(engine: Engine) -> bool:
     return engine.kind == "remote" or engine.capabilities.leaves_machine
 
 
+def policy_warnings(policies: PolicyStore, registry: EngineRegistry) -> list[str]:
+    """What the loaded policies name that fails every request it routes, with these engines."""
+    names = registry.names()
+    return policies.engine_warnings(names, [name for name in names if leaves_machine(registry.get(name))])
+
+
 def priced(engine: Engine, req: RenderRequest) -> int:
     """`engine.estimate(req)`, refusing one that is not a whole, non-negative number of
     millicredits (a third-party engine's bug) as no price: taken as money back, it would win every

@@ -34,7 +34,7 @@ from orchestrator.metrics import render as metrics_text
 from orchestrator.models import Asset
 from orchestrator.outage import Outage
 from orchestrator.queue import Scheduler
-from orchestrator.routing import Router
+from orchestrator.routing import Router, policy_warnings
 from orchestrator.runner import JobRunner
 from orchestrator.schemas import MAX_CREDITS
 from orchestrator.settings import CONFIG_FILE_VARIABLE, Settings
@@ -283,7 +283,7 @@ class Services:
         policies = PolicyStore(settings.policy_dir)
         for error in policies.errors:
             log.error("policy refused: %s", error.message)
-        for warning in policies.unknown_engines(registry.names()):
+        for warning in policy_warnings(policies, registry):
             log.warning("policy: %s", warning)
         if settings.policy not in policies:
             log.error("ORCH_POLICY names '%s', which is not loaded (known: %s): new projects must name a policy",

@@ -21,7 +21,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from orchestrator.errors import InvalidRequest, NotFound
-from policies.schema import Policy
+from policies.schema import PRIVACY_TAG, Policy, Rule, is_private
 
 BUILTIN = "builtin"
 
@@ -174,11 +174,13 @@ class PolicyStore:
         policies = self._policies
         return [policies[name] for name in sorted(policies)]
 
-    def unknown_engines(self, known: Iterable[str]) -> builtins.list[str]:
-        """A warning for each engine a loaded policy names that is not in `known` (the registry's
-        names). Policies are validated without the registry, so `engines = ["Gemini"]` loads; it is
-        not refused either, since an engine may be missing for a while (a plugin not installed yet)."""
-        known = set(known)
+    def engine_warnings(self, known: Iterable[str], leaving: Iterable[str] = ()) -> builtins.list[str]:
+        """Warnings about the engines loaded policies name, given the registry's names (`known`) and
+        those of them that send data off the machine (`leaving`). Policies are validated without the
+        registry, so `engines = ["Gemini"]` loads, and so does a private rule listing only cloud
+        engines; neither is refused (an engine may be missing for a while, a plugin not installed
+        yet), but each fails every request it routes: the warnings say so once, at load."""
+        known, leaving = set(known), set(leaving)
         warnings: builtins.list[str] = []
         for policy in self.list():
             label = f"policies/{policy.name}.toml" if policy.source == BUILTIN else policy.source
@@ -189,10 +191,22 @@ class PolicyStore:
                     for name in names or ():
                         if name not in known:
                             where.setdefault(name, []).append(f"{rule_label} {key}")
+                listed = [name for name in rule.engines or () if name in known]
+                if listed and all(name in leaving for name in listed) and _always_private(rule):
+                    warnings.append(f"{label}: {rule_label} keeps what it routes on this machine, and every engine "
+                                    f"it lists ({', '.join(listed)}) sends data off it: each request it matches is "
+                                    "refused")
             for name, places in where.items():
                 warnings.append(f"{label}: unknown engine '{name}'{_did_you_mean(name, known)} in "
                                 f"{', '.join(places)}: no request is routed to it (known: {', '.join(sorted(known))})")
         return warnings
+
+
+def _always_private(rule: Rule) -> bool:
+    """Whether every request the rule matches stays on the machine: it says `private`, or it
+    matches only privacy values that keep a request local."""
+    allowed = rule.match.tags.get(PRIVACY_TAG)
+    return rule.private or (allowed is not None and all(is_private({PRIVACY_TAG: value}) for value in allowed))
 
 
 def _builtin_loader(read: Callable[[], bytes], filename: str, stem: str) -> Callable[[], Policy]:

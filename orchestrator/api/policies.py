@@ -16,6 +16,7 @@ from orchestrator.api.errors import documented
 from orchestrator.api.json_body import StrictJSONRoute
 from orchestrator.api.query import Limit
 from orchestrator.errors import InvalidRequest
+from orchestrator.routing import policy_warnings
 from orchestrator.schemas import (
     DraftCreate,
     PolicyDetail,
@@ -81,7 +82,7 @@ def reload_policies(services: ServicesDep, caller: CallerDep) -> dict[str, Any]:
 
 def _warnings(services: Services) -> list[str]:
     # Only the service knows which engines exist; a typo ("Gemini") loads and then fails requests.
-    return services.policies.unknown_engines(services.registry.names())
+    return policy_warnings(services.policies, services.registry)
 
 
 _PROJECT_ID = Field(None, min_length=1, description="the project; a project key's own when left out")

@@ -435,7 +435,7 @@ def test_store_refuses_a_cap_it_could_not_apply(tmp_path: Path) -> None:
 # --- engines the registry does not know -----------------------------------------------------------
 
 def test_builtin_policies_name_only_builtin_engines(builtins: PolicyStore) -> None:
-    assert builtins.unknown_engines(BUILTIN_ENGINES) == []
+    assert builtins.engine_warnings(BUILTIN_ENGINES) == []
 
 
 def test_unknown_engines_are_warned_about_once_each(tmp_path: Path) -> None:
@@ -446,7 +446,7 @@ def test_unknown_engines_are_warned_about_once_each(tmp_path: Path) -> None:
                  '[[rules]]\nmatch = {}\nengines = ["lite", "my-plugin"]\n')
     store = PolicyStore(tmp_path, include_builtins=False)
     assert store.errors == [] and "typos" in store  # loaded: an engine may be missing only for a while
-    warnings = store.unknown_engines(BUILTIN_ENGINES)
+    warnings = store.engine_warnings(BUILTIN_ENGINES)
     known = ", ".join(sorted(BUILTIN_ENGINES))
     assert warnings == [
         f"{path}: unknown engine 'Gemini' (did you mean 'gemini'?) in rule 1 ('cloud') engines: "
@@ -457,7 +457,28 @@ def test_unknown_engines_are_warned_about_once_each(tmp_path: Path) -> None:
         f"no request is routed to it (known: {known})",
         f"{path}: unknown engine 'my-plugin' in rule 3 engines: no request is routed to it (known: {known})",
     ]
-    assert store.unknown_engines([*BUILTIN_ENGINES, "Gemini", "local_hifi", "stabilty", "my-plugin"]) == []
+    assert store.engine_warnings([*BUILTIN_ENGINES, "Gemini", "local_hifi", "stabilty", "my-plugin"]) == []
+
+
+def test_a_private_rule_that_lists_only_engines_that_leave_the_machine_is_warned_about(tmp_path: Path) -> None:
+    """It loaded without a word, and every request it matched was refused at routing."""
+    path = write(tmp_path, "locked", 'name = "locked"\n'
+                 '[[rules]]\nname = "secret"\nmatch = { stage = "bridge" }\n'
+                 'engines = ["gemini", "fal"]\nprivate = true\n'
+                 '[[rules]]\nmatch = { tags = { privacy = ["Local"] } }\nengines = ["openai", "my-plugin"]\n'
+                 '[[rules]]\nmatch = { stage = "polish" }\nengines = ["gemini", "local-hifi"]\nprivate = true\n'
+                 '[[rules]]\nmatch = { tags = { privacy = ["local", "cloud"] } }\nengines = ["openai"]\n'
+                 '[[rules]]\nmatch = {}\nengines = ["lite"]\n')
+    store = PolicyStore(tmp_path, include_builtins=False)
+    leaving = ["gemini", "fal", "openai", "stability", "replicate", "comfyui", "a1111"]
+    warnings = [w for w in store.engine_warnings(BUILTIN_ENGINES, leaving) if "unknown engine" not in w]
+    assert warnings == [
+        f"{path}: rule 1 ('secret') keeps what it routes on this machine, and every engine it lists (gemini, fal) "
+        "sends data off it: each request it matches is refused",
+        f"{path}: rule 2 keeps what it routes on this machine, and every engine it lists (openai) sends data off it: "
+        "each request it matches is refused",
+    ]  # rule 3 has a local engine, rule 4 also routes requests that may leave
+    assert [w for w in store.engine_warnings(BUILTIN_ENGINES) if "unknown engine" not in w] == []
 
 
 def test_the_readme_s_example_policy_loads(tmp_path: Path) -> None:
