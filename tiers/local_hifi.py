@@ -82,10 +82,13 @@ class LocalHifiEngine(LocalEngine):
             # The LCM pipelines hand `strength` to the scheduler, which runs every step asked for,
             # from its schedule shortened to int(schedule x strength).
             return min(base, int(schedule * strength))
-        # Other img2img pipelines run int(steps x strength) steps: make sure at least one happens
-        # (the API keeps strength >= 0.01, so this stays within 101 steps; the margin absorbs float
-        # rounding), within what an LCM scheduler on such a pipeline takes at all.
-        steps = max(base, math.ceil(1.0001 / strength))
+        # Other img2img pipelines run int(steps x strength) steps: add steps only where none would run
+        # (counted as diffusers counts, float rounding included: ceil(1 / strength) would add one to
+        # 2 steps at 0.5 and start from a later timestep than asked; the API keeps strength >= 0.01,
+        # so this stays within 100 steps), within what an LCM scheduler on such a pipeline takes at all.
+        steps = base if int(base * strength) >= 1 else math.floor(1 / strength)
+        while int(steps * strength) < 1:  # once or twice at most, from the floor
+            steps += 1
         return steps if schedule is None else min(steps, schedule)
 
     def _render(self, req: RenderRequest, progress: Progress, cancel: CancelToken) -> RenderResult:
@@ -115,6 +118,8 @@ class LocalHifiEngine(LocalEngine):
         return RenderResult(
             images=images,
             model=self._model,
+            # The steps scheduled, as img2img records them (A1111's "Steps" beside "Denoising strength"):
+            # sent back with the strength, they make the same image; int(steps x strength) of them ran.
             metadata={"steps": steps, "strength": strength, "guidance_scale": guidance, "tiles": len(boxes),
                       "sampler": type(pipe.scheduler).__name__, "device": self.runtime.device,
                       "negative_prompt": negative.get("negative_prompt", ""),
@@ -155,7 +160,7 @@ class LocalHifiEngine(LocalEngine):
                 )
             [made] = finite_images(out.images, self.runtime.device)
             rendered = np.asarray(made.convert("RGB").resize(tile_img.size), dtype=np.float64)
-            mask = _feather(tile_img.size, box, (req.width, req.height))
+            mask = _feather(box, boxes)
             left, top, right, bottom = box
             acc[top:bottom, left:right] += rendered * mask
             weight[top:bottom, left:right] += mask
@@ -163,24 +168,29 @@ class LocalHifiEngine(LocalEngine):
         blended = np.rint(acc / np.maximum(weight, 1e-8)).clip(0, 255).astype(np.uint8)
         return PILImage.fromarray(blended, mode="RGB")
 
-def _feather(size: tuple[int, int], box: tuple[int, int, int, int], full: tuple[int, int]) -> Any:
-    """Blend weights for a tile: a linear ramp over the overlap on every edge that borders another tile."""
+def _feather(box: tuple[int, int, int, int], boxes: list[tuple[int, int, int, int]]) -> Any:
+    """Blend weights for a tile: across the whole of each overlap with a neighbouring tile, a linear
+    ramp that mirrors the neighbour's, so the two cross-fade and their weights add up to 1 (where three
+    tiles overlap, on a short axis, the blend's division by the weights' sum still makes it 1)."""
     import numpy as np
 
-    width, height = size
     left, top, right, bottom = box
 
-    def ramp(length: int, ramp_start: bool, ramp_end: bool) -> Any:
-        w = np.ones(length)
-        n = min(TILE_OVERLAP, length // 2)
-        if ramp_start and n:
-            w[:n] = np.linspace(1.0 / (n + 1), 1.0, n)
-        if ramp_end and n:
-            w[-n:] = np.linspace(1.0, 1.0 / (n + 1), n)
+    def ramp(start: int, end: int, spans: list[tuple[int, int]]) -> Any:
+        # tile_boxes spaces the tiles evenly, so an overlap may be nearly a tile wide: a ramp of only
+        # TILE_OVERLAP left two tiles at full weight, averaged (ghosts), across the rest of it.
+        index = spans.index((start, end))
+        centres = np.arange(start, end) + 0.5  # at pixel centres: never 0 where a single tile lies
+        w = np.ones(end - start)
+        if index > 0 and spans[index - 1][1] > start:
+            w = np.minimum(w, (centres - start) / (spans[index - 1][1] - start))
+        if index + 1 < len(spans) and spans[index + 1][0] < end:
+            w = np.minimum(w, (end - centres) / (end - spans[index + 1][0]))
         return w
 
-    wx = ramp(width, left > 0, right < full[0])
-    wy = ramp(height, top > 0, bottom < full[1])
+    # tile_boxes lays a grid: every tile in a column spans the same columns, every tile in a row the same rows.
+    wx = ramp(left, right, sorted({(b[0], b[2]) for b in boxes}))
+    wy = ramp(top, bottom, sorted({(b[1], b[3]) for b in boxes}))
     return (wy[:, None] * wx[None, :])[:, :, None]
 
 
