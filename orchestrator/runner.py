@@ -730,9 +730,15 @@ class JobRunner:
         """Before a job's engine starts sending it off the machine: refused when the job was made
         private since it was routed (`JobService.keep_local`), as one queued again after a stop or
         a crash, or claimed as its project moved to `local-only`, would be."""
-        if leaves_machine(self.registry.get(job.engine)):  # a draft's local run reads nothing more
+        if not leaves_machine(self.registry.get(job.engine)):
+            return  # a draft's local run reads nothing more
+        try:
             with self.db.session() as s:
                 self._refuse_if_kept_local(s, job)
+        except SQLAlchemyError as exc:  # as `_record_sending`: not the engine's crash, and nothing went
+            log.exception("job %s: reading its privacy before its first request failed", job.id)
+            raise EngineError(f"the job's database could not be read before its request was sent "
+                              f"({type(exc).__name__}); nothing was sent", retryable=False, charged="no") from exc
 
     def _refuse_if_kept_local(self, s: Session, job: Job) -> None:
         if not leaves_machine(self.registry.get(job.engine)):

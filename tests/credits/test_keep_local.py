@@ -258,3 +258,25 @@ def test_a_cloud_job_queued_again_after_a_stop_is_canceled_when_its_project_went
     assert entries == ["hold", "release"]
     assert prompt not in " ".join(fakes.SENT)
 
+
+
+def test_a_database_error_reading_a_job_s_privacy_before_it_is_sent_fails_it_with_nothing_charged(
+        paid_settings_for: Callable[..., Settings], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not the engine's crash ('failed unexpectedly'), and nothing was sent: released."""
+    from sqlalchemy.exc import OperationalError
+
+    from orchestrator.runner import JobRunner
+
+    def unreadable(*args: object) -> None:
+        raise OperationalError("SELECT jobs.params", {}, Exception("database is locked"))
+
+    monkeypatch.setattr(JobRunner, "_refuse_if_kept_local", unreadable)
+    prompt = "a lighthouse, its privacy unreadable"
+    with serve_in_thread(paid_settings_for(tmp_path / "data")) as base, \
+            httpx.Client(base_url=base, timeout=30) as client:
+        project_id, asset_id = project_with_draft(client)
+        done = wait_for_job(client, promote_ok(client, asset_id, prompt=prompt)["id"])
+        entries = [e["kind"] for e in ledger(client, project_id) if e["job_id"] == done["id"]]
+    assert done["status"] == "failed" and "could not be read before its request was sent" in done["error"]["message"]
+    assert entries == ["hold", "release"]
+    assert prompt not in " ".join(fakes.SENT)
