@@ -88,35 +88,54 @@ HIFI_FIRST = ('name = "hifi-first"\n[[rules]]\nname = "drafts"\nmatch = { stage 
               'engines = ["local-hifi", "fake-paid"]\n')
 
 
-def test_a_local_job_running_as_its_project_goes_local_only_never_falls_back_off_the_machine(
-        paid_settings_for: Callable[..., Settings], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Only queued jobs were made private, and the fallback read the row it was claimed with."""
+TWO_CLOUDS = ('name = "two-clouds"\n[[rules]]\nname = "drafts"\nmatch = { stage = "ideation" }\nengines = ["lite"]\n'
+              '[[rules]]\nname = "bridge"\nmatch = { stage = ["bridge", "polish"] }\n'
+              'engines = ["fake-paid", "fake-zero"]\n')
+
+
+@pytest.mark.parametrize(("policy", "toml", "engine", "charged"), [
+    # Only queued jobs were made private, and the fallback read the row it was claimed with.
+    ("hifi-first", HIFI_FIRST, "local-hifi", []),
+    # Only jobs on engines that stay on the machine were made private: a running cloud job whose
+    # call made nothing moved on to the next cloud engine, which got the prompt after the switch.
+    ("two-clouds", TWO_CLOUDS, "fake-paid", ["hold", "release"]),
+], ids=["local", "cloud"])
+def test_a_job_running_as_its_project_goes_local_only_never_falls_back_off_the_machine(
+        paid_settings_for: Callable[..., Settings], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, policy: str,
+        toml: str, engine: str, charged: list[str]) -> None:
     from orchestrator.errors import EngineError
     from tiers.local_hifi import LocalHifiEngine
 
     policies = tmp_path / "policies"
     policies.mkdir()
     (policies / "credits-test.toml").write_text(POLICY_TOML)
-    (policies / "hifi-first.toml").write_text(HIFI_FIRST)
+    (policies / f"{policy}.toml").write_text(toml)
     started, moved = threading.Event(), threading.Event()
+    engine_class: Any = LocalHifiEngine if engine == "local-hifi" else fakes.FakePaidEngine
+    real = engine_class.run
 
-    async def failing(self: LocalHifiEngine, *args: object, **kwargs: object) -> None:
+    async def failing_once_moved(self: Any, *args: Any) -> Any:
+        if self.name != engine:  # the fallbacks
+            return await real(self, *args)
         started.set()
         await asyncio.to_thread(moved.wait, 30)
-        raise EngineError("local-hifi: out of memory, try again", retryable=True, charged="no")
+        raise EngineError(f"{engine}: connection refused, nothing made", retryable=True, charged="no")
 
-    monkeypatch.setattr(LocalHifiEngine, "run", failing)
-    prompt = "a lighthouse, running locally as its project went local-only"
+    monkeypatch.setattr(engine_class, "run", failing_once_moved)
+    prompt = f"a lighthouse, running on {engine} as its project went local-only"
     with serve_in_thread(paid_settings_for(tmp_path / "data", policy_dir=policies)) as base, \
             httpx.Client(base_url=base, timeout=30) as client:
         project_id, asset_id = project_with_draft(client)
-        assert client.patch(f"/v1/projects/{project_id}", json={"policy": "hifi-first"}).status_code == 200
+        assert client.patch(f"/v1/projects/{project_id}", json={"policy": policy}).status_code == 200
         job = promote_ok(client, asset_id, prompt=prompt, engine=None)
-        assert job["engine"] == "local-hifi" and started.wait(30)
+        assert job["engine"] == engine and started.wait(30)
+        assert any(c["engine"].startswith("fake") for c in job["routing"]["candidates"][1:])  # a cloud fallback
         assert client.patch(f"/v1/projects/{project_id}", json={"policy": "local-only"}).status_code == 200
         moved.set()
         done = wait_for_job(client, job["id"])
-    assert (done["status"], done["engine"]) == ("failed", "local-hifi"), done
+        entries = [e["kind"] for e in ledger(client, project_id) if e["job_id"] == job["id"]]
+    assert (done["status"], done["engine"], done["params"]["tags"]) == ("failed", engine, {"privacy": "local"}), done
+    assert entries == charged
     assert prompt not in " ".join(fakes.SENT)
 
 
@@ -170,49 +189,6 @@ def test_a_request_routed_as_the_project_goes_local_only_is_routed_again(
         monkeypatch.setattr(JobService, "_reserve", moved_meanwhile)
         job = promote_ok(client, asset_id, engine=None)
     assert job["engine"] == "local-hifi" and job["routing"]["policy"] == "local-only", job["routing"]
-
-
-TWO_CLOUDS = ('name = "two-clouds"\n[[rules]]\nname = "drafts"\nmatch = { stage = "ideation" }\nengines = ["lite"]\n'
-              '[[rules]]\nname = "bridge"\nmatch = { stage = ["bridge", "polish"] }\n'
-              'engines = ["fake-paid", "fake-zero"]\n')
-
-
-def test_a_cloud_job_running_as_its_project_goes_local_only_never_falls_back_to_another_cloud(
-        paid_settings_for: Callable[..., Settings], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Only jobs on engines that stay on the machine were made private: a running cloud job whose
-    call made nothing moved on to the next cloud engine, which got the prompt after the switch."""
-    from orchestrator.errors import EngineError
-
-    policies = tmp_path / "policies"
-    policies.mkdir()
-    (policies / "credits-test.toml").write_text(POLICY_TOML)
-    (policies / "two-clouds.toml").write_text(TWO_CLOUDS)
-    started, moved = threading.Event(), threading.Event()
-    real = fakes.FakePaidEngine.run
-
-    async def refused_on_fake_paid(self: fakes.FakePaidEngine, *args: Any) -> Any:
-        if self.name != "fake-paid":
-            return await real(self, *args)
-        started.set()
-        await asyncio.to_thread(moved.wait, 30)
-        raise EngineError("fake-paid: connection refused", retryable=True, charged="no")
-
-    monkeypatch.setattr(fakes.FakePaidEngine, "run", refused_on_fake_paid)
-    prompt = "a lighthouse, its cloud call refused after the project went local-only"
-    with serve_in_thread(paid_settings_for(tmp_path / "data", policy_dir=policies)) as base, \
-            httpx.Client(base_url=base, timeout=30) as client:
-        project_id, asset_id = project_with_draft(client)
-        assert client.patch(f"/v1/projects/{project_id}", json={"policy": "two-clouds"}).status_code == 200
-        job = promote_ok(client, asset_id, prompt=prompt, engine=None)
-        assert job["engine"] == "fake-paid" and started.wait(30)
-        assert [c["engine"] for c in job["routing"]["candidates"]][:2] == ["fake-paid", "fake-zero"]
-        assert client.patch(f"/v1/projects/{project_id}", json={"policy": "local-only"}).status_code == 200
-        moved.set()
-        done = wait_for_job(client, job["id"])
-        entries = [e["kind"] for e in ledger(client, project_id) if e["job_id"] == job["id"]]
-    assert (done["status"], done["engine"], done["params"]["tags"]) == ("failed", "fake-paid", {"privacy": "local"})
-    assert entries == ["hold", "release"]
-    assert prompt not in " ".join(fakes.SENT)
 
 
 def test_a_cloud_job_that_had_sent_nothing_as_its_project_goes_local_only_is_canceled_before_it_sends(
