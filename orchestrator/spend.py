@@ -102,6 +102,16 @@ def savings(s: Session, registry: EngineRegistry, start: datetime | None, end: d
             "compared_with": best[1] if best else None}
 
 
+# What a spreadsheet takes for the start of a formula in a cell it opens (quoting does not stop it).
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _text_cell(text: str) -> str:
+    """Text from users (a project's name; a plugin engine's) as a CSV cell a spreadsheet shows as
+    text: a name like `=HYPERLINK(...)` ran as a formula on whoever opened the export."""
+    return f"'{text}" if text.startswith(_FORMULA_STARTS) else text
+
+
 def to_csv(report: dict[str, Any]) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf)
@@ -109,7 +119,7 @@ def to_csv(report: dict[str, Any]) -> str:
     named = report["group_by"] == "project"
     writer.writerow(["key", "charged", "unreconciled", "jobs", "images"] + (["name"] if named else []))
     for g in report["groups"]:
-        writer.writerow([g["key"], f"{g['charged']:.3f}", f"{g['unreconciled']:.3f}", g["jobs"], g["images"]]
-                        + ([g.get("name") or ""] if named else []))
+        writer.writerow([_text_cell(str(g["key"])), f"{g['charged']:.3f}", f"{g['unreconciled']:.3f}", g["jobs"],
+                         g["images"]] + ([_text_cell(g.get("name") or "")] if named else []))
     writer.writerow(["total", f"{report['total']:.3f}", "", "", ""] + ([""] if named else []))
     return buf.getvalue()

