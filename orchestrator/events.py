@@ -233,15 +233,20 @@ class EventBus:
             for inbox in stream.subscribers:
                 inbox.put(None)
 
-    def publish(self, job_id: str, type_: str, data: dict[str, Any]) -> None:
-        """Publish an event; safe from any thread (sync API handlers run in a thread pool)."""
+    def publish(self, job_id: str, type_: str, data: dict[str, Any], *, known_only: bool = False) -> None:
+        """Publish an event; safe from any thread (sync API handlers run in a thread pool). With
+        `known_only`, only to a job this bus has a stream for: the end of a job another process
+        queued or ran (a cancel of a queued job sent here) made a stream of that one event, and a
+        client asking later got the end alone, not the story a stream rebuilt from the row tells."""
         loop = self._loop
         if loop is not None and not on_loop(loop):
-            loop.call_soon_threadsafe(self._publish, job_id, type_, data)
+            loop.call_soon_threadsafe(self._publish, job_id, type_, data, known_only)
             return
-        self._publish(job_id, type_, data)
+        self._publish(job_id, type_, data, known_only)
 
-    def _publish(self, job_id: str, type_: str, data: dict[str, Any]) -> None:
+    def _publish(self, job_id: str, type_: str, data: dict[str, Any], known_only: bool = False) -> None:
+        if known_only and job_id not in self._jobs:
+            return  # nobody follows it here; a stream asked for later is caught up from the row
         stream = self._stream(job_id)
         if stream.finished_at is not None:
             return  # exactly one terminal event, nothing after it

@@ -551,7 +551,7 @@ class JobService:
         # A half-open circuit's probe, canceled before it ran: no verdict, so the next may go (it
         # held the engine for the whole cooldown).
         self.router.health.finished(job.engine, job_id)
-        self.bus.publish(job_id, "canceled", {"job_id": job_id, "status": "canceled"})
+        self.bus.publish(job_id, "canceled", {"job_id": job_id, "status": "canceled"}, known_only=True)
         return True
 
     def record_cancel(self, job_id: str) -> bool:
@@ -607,7 +607,7 @@ class JobService:
                     # The worker may have reached the provider before it vanished.
                     self.ledger.capture(s, job, None, unreconciled=True, note="canceled while a worker held it")
         if done:
-            self.bus.publish(job_id, "canceled", {"job_id": job_id, "status": "canceled"})
+            self.bus.publish(job_id, "canceled", {"job_id": job_id, "status": "canceled"}, known_only=True)
             return True
         job = self.get(job_id)
         if job.status in ("queued", "running"):

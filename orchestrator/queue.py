@@ -433,7 +433,7 @@ class Scheduler:
                 return
             self.ledger.settle_unstarted(s, job, note="engine not installed")
         log.warning("job %s failed: engine '%s' is not installed in any process that runs jobs", job.id, job.engine)
-        self.bus.publish(job.id, "failed", {"job_id": job.id, "status": "failed", "error": error})
+        self.bus.publish(job.id, "failed", {"job_id": job.id, "status": "failed", "error": error}, known_only=True)
 
     async def _run(self, claim: Claim, lane: str) -> None:
         try:
@@ -579,7 +579,7 @@ class Scheduler:
                 self.forget_abandoned(job)
             if self.on_recovered is not None:
                 await self.on_recovered(job, outcome)
-            if error is not None and self.bus.knows(job.id):
+            if error is not None:
                 # What the runner's own end publishes: a stream this process already knows is
                 # not rebuilt from the row, so the event must carry the error. One it does not
                 # know is told whole (queued, started, the end) from the row when a client asks.
@@ -587,7 +587,7 @@ class Scheduler:
                 data: dict[str, Any] = {"job_id": job.id, "status": status}
                 if status == "failed":
                     data["error"] = error
-                self.bus.publish(job.id, status, data)
+                self.bus.publish(job.id, status, data, known_only=True)
         if recovered:
             self.notify()
         return recovered

@@ -219,6 +219,19 @@ def test_another_server_s_terminal_event_gets_204_before_this_one_has_heard(
         assert other.status_code == 200
 
 
+def test_a_job_another_server_queued_and_this_one_canceled_is_told_whole_here(
+        make_settings: Callable[..., Settings]) -> None:
+    """The cancel published its end on a bus that had never seen the job: that one event became the
+    job's stream here, and a client asking this server later got `canceled` alone, not `queued`."""
+    settings = make_settings(run_jobs=False, poll_interval=60)
+    with serve_in_thread(settings) as first, httpx.Client(base_url=first, timeout=30) as queuing:
+        job = submit_draft(queuing, create_project(queuing)["id"])
+        with serve_in_thread(settings) as other, httpx.Client(base_url=other, timeout=30) as client:
+            assert client.post(f"/v1/jobs/{job['id']}/cancel").status_code == 202
+            events = read_events(client, job["id"])
+    assert [e.event for e in events] == ["queued", "canceled"]
+
+
 def test_another_job_s_terminal_event_id_does_not_end_this_stream(server: httpx.Client) -> None:
     # A client reusing its Last-Event-ID header for another job of this server must still be told
     # that job's end, not a 204 that leaves it without one.
