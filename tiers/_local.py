@@ -422,8 +422,9 @@ class LocalRuntime:
             return fn(*args)
         except BaseException as exc:
             failure = exc
+        if not isinstance(failure, Exception):
+            raise failure  # KeyboardInterrupt, SystemExit: as they came
         # Outside the except block: its frames would keep what the failed call made alive.
-        self._restore_vaes()
         out_of_memory = _out_of_memory(failure)
         if out_of_memory is not None:
             # What the failed step (or load) held on the device is referenced from the traceback's
@@ -436,6 +437,11 @@ class LocalRuntime:
                 import torch
 
                 torch.cuda.empty_cache()  # what the failed job held, for the next one
+        try:  # after the memory is given back: the VAE's cast needs a new copy of it
+            self._restore_vaes()
+        except Exception as exc:  # out of memory again: the next job's failure mends it, or says why
+            log.warning("a VAE could not be put back to its dtype after a failed call: %s: %s", type(exc).__name__,
+                        _first_line(exc)[:200])
         if out_of_memory is not failure:
             raise failure  # a load that ran out of memory says so itself, as the model's failure
         # Nothing left the machine and nothing was charged: a smaller size or batch, or

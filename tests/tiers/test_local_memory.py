@@ -39,7 +39,7 @@ async def test_what_a_call_that_ran_out_of_memory_held_is_freed_at_once(runtime:
         held.append(weakref.ref(activations))
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    gc.disable()  # what the fix must not rely on
+    gc.disable()  # a collection by chance would free them too; the traceback must let go of them
     try:
         with pytest.raises(EngineError, match="ran out of memory") as info:
             await runtime.call(step)
@@ -83,6 +83,30 @@ async def test_a_vae_left_upcast_by_a_failed_decode_is_put_back(runtime: LocalRu
     assert pipe.vae.dtype == torch.float32
     img2img = await runtime.call(runtime.img2img, tiny.NAME)
     assert img2img.vae is pipe.vae  # shared with the image-to-image form, which is mended alike
+
+
+async def test_a_vae_that_cannot_be_put_back_leaves_the_failure_as_it_was(
+        runtime: LocalRuntime, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    await runtime.call(runtime.text2img, tiny.NAME)
+
+    def restore_out_of_memory(self: LocalRuntime) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 160.00 MiB")
+
+    def decode_out_of_memory() -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
+
+    monkeypatch.setattr(LocalRuntime, "_restore_vaes", restore_out_of_memory)
+    with caplog.at_level("WARNING", logger="tiers._local"), \
+            pytest.raises(EngineError, match="ran out of memory") as info:
+        await runtime.call(decode_out_of_memory)
+    assert "4.00 GiB" in str(info.value.__cause__)  # the job's own failure, not the mend's
+    assert any("could not be put back" in r.getMessage() for r in caplog.records)
+    with pytest.raises(KeyboardInterrupt):  # not made into anything else
+        await runtime.call(_interrupt)
+
+
+def _interrupt() -> None:
+    raise KeyboardInterrupt
 
 
 @pytest.fixture
