@@ -558,12 +558,9 @@ class JobRunner:
     def _requeue_on(self, claim: Claim, error: EngineError, engine: str, model: str, estimate: int) -> None:
         job = claim.job
         with self.db.transaction() as s:
-            if leaves_machine(self.registry.get(engine)):
-                # Read in the move's own transaction: made private while it ran (its project moved
-                # to `local-only`, see `JobService.keep_local`), it goes nowhere off the machine.
-                params = s.scalar(select(Job.params).where(col(Job.id) == job.id))
-                if is_private((params if isinstance(params, dict) else job.params).get("tags") or {}):
-                    raise MadePrivate(job.id)
+            # Read in the move's own transaction: made private while it ran, it goes nowhere off the machine.
+            if leaves_machine(self.registry.get(engine)) and self._made_private(s, job):
+                raise MadePrivate(job.id)
             self.ledger.settle_failure(s, job, error)
             self._guarded_update(s, claim, unless_canceled=True, status="queued", engine=engine, model=model,
                                  estimated=estimate,
@@ -623,6 +620,7 @@ class JobRunner:
                 # A free server's job run again after a crash: what the dead attempt made there is
                 # kept (a server that keeps finished work), or else taken off the server first.
                 if isinstance(engine, Resumable):
+                    await asyncio.to_thread(self._kept_local_check, job)  # a resume may send the rest again
                     self.bus.publish(job.id, "state", {"state": "resumed", "earlier": len(work["handles"])})
                     claim.inherited = True
                     result = await engine.resume(request, list(work["handles"]), progress, claim.cancel)
@@ -727,10 +725,13 @@ class JobRunner:
                               f"({type(exc).__name__}); nothing was sent", retryable=False, charged="no") from exc
 
     def _kept_local_check(self, job: Job) -> None:
-        """Before a job's engine starts sending it off the machine: refused when the job was made
-        private since it was routed (`JobService.keep_local`), as one queued again after a stop or
-        a crash, or claimed as its project moved to `local-only`, would be."""
-        if not leaves_machine(self.registry.get(job.engine)):
+        """Before an engine that leaves the machine starts a job: refused when the job was made
+        private since it was routed, as one queued again after a stop or a crash, or claimed as
+        its project moved to `local-only`, would be. An engine that announces its sends is asked
+        at its first one instead (`_record_sending`), in the transaction that records it: a switch
+        committed while it prepares its request stops it too."""
+        engine = self.registry.get(job.engine)
+        if not leaves_machine(engine) or getattr(engine, "announces_sends", False):
             return  # a draft's local run reads nothing more
         try:
             with self.db.session() as s:
@@ -741,12 +742,16 @@ class JobRunner:
                               f"({type(exc).__name__}); nothing was sent", retryable=False, charged="no") from exc
 
     def _refuse_if_kept_local(self, s: Session, job: Job) -> None:
-        if not leaves_machine(self.registry.get(job.engine)):
-            return
-        params = s.scalar(select(Job.params).where(col(Job.id) == job.id))
-        if is_private((params if isinstance(params, dict) else job.params).get("tags") or {}):
+        if leaves_machine(self.registry.get(job.engine)) and self._made_private(s, job):
             raise Canceled(f"canceled before it was sent: its project's policy now keeps its work on this machine, "
                            f"and engine '{job.engine}' sends it off", details={"engine": job.engine}, charged="no")
+
+    @staticmethod
+    def _made_private(s: Session, job: Job) -> bool:
+        """Whether the job's row is private now: its project moved to `local-only` since it was
+        routed (`JobService.keep_local`)."""
+        params = s.scalar(select(Job.params).where(col(Job.id) == job.id))
+        return is_private((params if isinstance(params, dict) else job.params).get("tags") or {})
 
     def _record(self, job: Job, result: RenderResult, seed: int | None) -> dict[str, Any]:
         p = job.params

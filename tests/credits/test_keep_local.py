@@ -238,7 +238,8 @@ def test_a_cloud_job_queued_again_after_a_stop_is_canceled_when_its_project_went
 
 def test_a_database_error_reading_a_job_s_privacy_before_it_is_sent_fails_it_with_nothing_charged(
         paid_settings_for: Callable[..., Settings], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Not the engine's crash ('failed unexpectedly'), and nothing was sent: released."""
+    """Not the engine's crash ('failed unexpectedly', charged 'unknown' for an engine that does not
+    announce its sends, as a self-hosted server's), and nothing was sent."""
     from sqlalchemy.exc import OperationalError
 
     from orchestrator.runner import JobRunner
@@ -247,12 +248,45 @@ def test_a_database_error_reading_a_job_s_privacy_before_it_is_sent_fails_it_wit
         raise OperationalError("SELECT jobs.params", {}, Exception("database is locked"))
 
     monkeypatch.setattr(JobRunner, "_refuse_if_kept_local", unreadable)
+    monkeypatch.setattr(fakes.FakeServerEngine, "announces_sends", False)  # as ComfyUI's and A1111's
     prompt = "a lighthouse, its privacy unreadable"
     with serve_in_thread(paid_settings_for(tmp_path / "data")) as base, \
             httpx.Client(base_url=base, timeout=30) as client:
-        project_id, asset_id = project_with_draft(client)
-        done = wait_for_job(client, promote_ok(client, asset_id, prompt=prompt)["id"])
-        entries = [e["kind"] for e in ledger(client, project_id) if e["job_id"] == done["id"]]
+        _, asset_id = project_with_draft(client)
+        done = wait_for_job(client, promote_ok(client, asset_id, prompt=prompt, engine="fake-free")["id"])
     assert done["status"] == "failed" and "could not be read before its request was sent" in done["error"]["message"]
-    assert entries == ["hold", "release"]
+    assert done["error"]["details"].get("charged", "no") == "no", done["error"]
     assert prompt not in " ".join(fakes.SENT)
+
+
+def test_a_job_resumed_on_a_self_hosted_server_after_its_project_went_local_only_is_canceled(
+        paid_settings_for: Callable[..., Settings], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Crashed on a server that keeps finished work (ComfyUI), its project moved meanwhile: the
+    resume sent the source image and the images still to make to the server again."""
+    from orchestrator.clock import utcnow
+    from orchestrator.db import Database
+    from orchestrator.ids import new_id
+    from orchestrator.models import Job, Project
+
+    settings = paid_settings_for(tmp_path / "data", engines="fake-free=tests.fakes:resuming_factory")
+    settings.data_dir.mkdir(parents=True)
+    db = Database(settings.resolved_database_url)
+    db.migrate()
+    project_id, job_id = new_id("prj"), new_id("job")
+    prompt = "a lighthouse, resumed after its project went local-only"
+    params = {"stage": "bridge", "prompt": prompt, "negative_prompt": "", "n": 1, "seed": 5, "width": 64,
+              "height": 64, "tags": {"privacy": "local"}}  # as keep_local left it
+    with db.transaction() as s:
+        s.add(Project(id=project_id, name="self-hosted", policy="local-only"))
+        s.flush()
+        s.add(Job(id=job_id, project_id=project_id, stage="bridge", engine="fake-free", model="fake-1", params=params,
+                  estimated=0, provider_request_id="fake-1",
+                  provider_work={"engine": "fake-free", "handles": [{"id": "fake-1"}]},
+                  status="running", attempt=1, lease_owner="dead-host:1:0", started_at=utcnow()))
+    db.dispose()
+    fakes.RESUMED.clear()
+    monkeypatch.setattr(fakes.FakeServerEngine, "announces_sends", False)  # as ComfyUI's
+    with serve_in_thread(settings) as base, httpx.Client(base_url=base, timeout=30) as client:
+        done = wait_for_job(client, job_id)
+    assert done["status"] == "canceled" and "keeps its work on this machine" in done["error"]["message"], done
+    assert fakes.RESUMED == [] and prompt not in " ".join(fakes.SENT)
