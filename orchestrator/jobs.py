@@ -40,11 +40,11 @@ from orchestrator.ids import new_id
 from orchestrator.ledger import Balance, Ledger
 from orchestrator.models import Asset, Job, Project
 from orchestrator.routing import Decision, Router, leaves_machine
-from orchestrator.schemas import MAX_SEED, MAX_SIDE, MAX_TAGS, MIN_SIDE, DraftCreate, PolishCreate, PromoteCreate, Stage
+from orchestrator.schemas import MAX_SIDE, MAX_TAGS, MIN_SIDE, DraftCreate, PolishCreate, PromoteCreate, Stage
 from orchestrator.store import ArtifactStore
 from orchestrator.workers import Presence
 from policies.schema import PRIVACY_LOCAL, PRIVACY_TAG, is_private
-from tiers.base import RenderRequest, billed_by_provider, to_credits, to_millicredits
+from tiers.base import MAX_SEED, RenderRequest, billed_by_provider, to_credits, to_millicredits
 
 Body = DraftCreate | PromoteCreate | PolishCreate
 # Retry-After for a request whose engine's half-open probe another request took while it was routed:

@@ -61,6 +61,7 @@ from tiers.base import (
     Resumable,
     before_billable_sends,
     billed_by_provider,
+    provider_seed,
     to_credits,
     to_millicredits,
 )
@@ -651,6 +652,12 @@ class JobRunner:
             log.warning("job %s: engine %s returned %d images for n=%d; the first %d are kept",
                         job.id, job.engine, len(result.images), request.n, request.n)
             result.images = result.images[:request.n]
+        for rendered in result.images:
+            if rendered.seed is not None and provider_seed(rendered.seed) is None:
+                # A plugin's 2**64 failed the asset's 64-bit column, after the images were made (and paid for).
+                log.warning("job %s: engine %s reported seed %r, not one a job could ask for; none is stored",
+                            job.id, job.engine, rendered.seed)
+                rendered.seed = None
         if not isinstance(result.model, str):  # a plugin's bug: its images are kept all the same
             log.warning("job %s: engine %s named no model (%r); 'unknown' is stored", job.id, job.engine,
                         result.model)

@@ -24,6 +24,8 @@ from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema, PydanticUseDefault
 from typing_extensions import TypeAliasType
 
+from tiers.base import MAX_SEED
+
 # Named aliases: the OpenAPI document gets one schema for each (a generated client one type), not
 # an inline enum at every use.
 Stage = TypeAliasType("Stage", Literal["ideation", "bridge", "polish"])
@@ -118,7 +120,6 @@ _SIDE_DESCRIPTION = (
     "and `max_height`. A size that no candidate engine takes is refused with 422."
 )
 
-MAX_SEED = 2**32 - 1
 Seed = Annotated[int, Whole, Field(ge=0, le=MAX_SEED)]
 Side = Annotated[int, Whole, Field(ge=MIN_SIDE, le=MAX_SIDE, multiple_of=SIDE_MULTIPLE),
                  Field(description=_SIDE_DESCRIPTION)]

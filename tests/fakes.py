@@ -140,8 +140,9 @@ class FakePaidEngine:
             colour = tuple(int(c) for c in ImageStat.Stat(req.init_image.convert("RGB")).mean)  # type: ignore[assignment]
         # "short": answered, one image missing; "extra": two more than asked (a plugin's bug).
         count = req.n - 1 if behaviour == "short" else req.n + 2 if behaviour == "extra" else req.n
-        # "seedless": images without a seed, as Gemini's, OpenAI's and fal's are.
-        seed = None if behaviour == "seedless" else req.seed
+        # "seedless": images without a seed, as Gemini's, OpenAI's and fal's are; "huge-seed": one no
+        # 64-bit column holds (a plugin's bug).
+        seed = None if behaviour == "seedless" else 2**64 + 5 if behaviour == "huge-seed" else req.seed
         images = [RenderedImage(Image.new("RGB", (req.width, req.height), colour), seed) for _ in range(count)]
         progress.step(1, 1)
         cost = req.tags.get("cost")

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar, runtime_checkable
 
 from orchestrator.errors import Canceled, Charged, NoPrice
-from orchestrator.schemas import MAX_SEED
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -50,6 +49,10 @@ def is_amount(value: object) -> bool:
     millicredits (a numpy integer too) that fits its 64-bit column, not a bool, a fraction or an
     infinity."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool) and 0 <= int(value) < 2**63
+
+
+# The seeds a job may ask for, and so the ones an image's record keeps: 32 bits, as most engines take.
+MAX_SEED = 2**32 - 1
 
 
 def provider_seed(value: object) -> int | None:

@@ -189,6 +189,15 @@ def test_a_model_name_the_column_cannot_hold_is_mended_not_a_lost_job(paid_serve
     assert paid_server.get(f"/v1/assets/{done['assets'][0]}").json()["model"] == stored
 
 
+def test_a_seed_no_job_could_ask_for_is_not_stored_and_the_images_are_kept(paid_server: httpx.Client) -> None:
+    # A plugin's 2**64 failed the asset's 64-bit column after the images were made and paid for.
+    _project_id, asset_id = draft_asset(paid_server)
+    done = wait_for_job(paid_server, promote(paid_server, asset_id, tags={"fake": "huge-seed"})["id"])
+    assert done["status"] == "succeeded", done
+    asset = paid_server.get(f"/v1/assets/{done['assets'][0]}").json()
+    assert asset["seed"] is None
+
+
 def test_max_credits_bounds_the_fallbacks_too(paid_server: httpx.Client) -> None:
     # fake-paid (10) fails; fake-b (20) is above the client's cap of 15, so local-hifi runs instead.
     project_id, asset_id = draft_asset(paid_server)
