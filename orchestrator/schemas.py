@@ -168,7 +168,7 @@ class UnstorableText(ValueError):
 
 
 def _dotted(loc: tuple[str | int, ...]) -> str:
-    return "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc).lstrip(".")
+    return ".".join(map(str, loc))  # as the API's messages name a place (`tags.k.0`)
 
 
 def _unstorable_at(value: Any, loc: tuple[str | int, ...] = ()) -> tuple[tuple[str | int, ...], str] | None:

@@ -131,8 +131,8 @@ def _clean(errors: Sequence[Any]) -> list[dict[str, Any]]:
         msg = str(err.get("msg", "")).removeprefix("Value error, ")  # our own validators' messages, as written
         loc = tuple(err.get("loc", ()))
         cause = (err.get("ctx") or {}).get("error")
-        if isinstance(cause, UnstorableText):  # found by the body's own check, before its fields'
-            loc, msg = loc + cause.loc, cause.why
+        if isinstance(cause, UnstorableText) and cause.loc:  # found by the body's check, before its fields'
+            loc, msg = loc + cause.loc, cause.why  # the message names the place as any field error does
         out.append({"loc": [str(p) for p in loc], "msg": msg, "type": str(err.get("type", ""))})
     return out
 

@@ -520,6 +520,13 @@ def test_nul_characters_are_refused(shared_server: httpx.Client, project: str) -
     check_nul_refused(shared_server, project)
 
 
+def test_a_nul_in_a_key_of_the_body_is_told_with_its_subject(shared_server: httpx.Client, project: str) -> None:
+    error = assert_error(shared_server.post(f"/v1/projects/{project}/drafts", json={"pro\x00mpt": "x"}),
+                         422, "invalid_request")
+    assert error["message"] == "text contains a NUL character (\\u0000)"  # not "contains ..." alone
+    assert [e["loc"] for e in error["details"]["errors"]] == [["body"]]
+
+
 @pytest.mark.parametrize(("method", "path", "text"), [
     ("post", "/v1/projects", "a\u202eb"), ("post", "/v1/projects", "ring\u0007"),
     ("patch", "/v1/projects/{project}", "x\u001b[31m"), ("post", "/v1/projects/{project}/keys", "k\u2066ey"),
