@@ -13,10 +13,19 @@ import httpx
 from orchestrator.errors import ContentFiltered, EngineError, EngineUnavailable
 from tiers._http import RemoteClient, error_text
 from tiers._images import b64decode_tolerant, decode_image
-from tiers.base import CancelToken, EngineContext, PriceTable, RenderedImage, Stage
+from tiers.base import CancelToken, EngineContext, PriceTable, RenderedImage, Stage, is_amount
 
 if TYPE_CHECKING:
     from pydantic import SecretStr
+
+
+def token_counts(*counts: Any) -> tuple[int, ...] | None:
+    """A provider's token counts (its usage block) as whole numbers, or None when any is not one:
+    whole, non-negative and within 64 bits, as an amount is. `1e400` reads as an infinity (`int()`
+    raised OverflowError, failing a paid job), and a negative count made a negative cost."""
+    if not all(is_amount(count) for count in counts):
+        return None
+    return tuple(int(count) for count in counts)
 
 
 def prompt_tokens(prompt: str) -> int:

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 
 from orchestrator.errors import BadEngineInput, ContentFiltered, EngineError, EngineUnavailable, NoPrice, RateLimited
-from tiers._cloud import CloudEngine, paid_calls, prompt_tokens, reading_an_answer
+from tiers._cloud import CloudEngine, paid_calls, prompt_tokens, reading_an_answer, token_counts
 from tiers._http import RemoteClient, error_text
 from tiers._images import b64decode_tolerant, b64encode, decode_image, encode_image, nearest_aspect, size_class
 from tiers.base import (
@@ -25,7 +25,6 @@ from tiers.base import (
     RenderRequest,
     RenderResult,
     instruction_prompt,
-    is_amount,
 )
 
 ASPECTS = ("1:1", "2:3", "3:2", "3:4", "4:3", "9:16", "16:9", "21:9")
@@ -102,13 +101,11 @@ class GeminiEngine(CloudEngine):
         price an answer that thought is charged its estimate rather than a sum that leaves them out."""
         if not isinstance(usage, dict):
             return None
-        counts: tuple[Any, ...] = (usage.get("candidatesTokenCount"), usage.get("promptTokenCount", 0),
-                                   usage.get("thoughtsTokenCount", 0))
-        # Whole, non-negative and within 64 bits, as an amount is: `1e400` reads as an infinity
-        # (int() raised OverflowError, failing a paid job), and a negative count made a negative cost.
-        if not all(is_amount(count) for count in counts):
+        counts = token_counts(usage.get("candidatesTokenCount"), usage.get("promptTokenCount", 0),
+                              usage.get("thoughtsTokenCount", 0))
+        if counts is None:
             return None
-        out_tokens, in_tokens, thoughts = (int(count) for count in counts)
+        out_tokens, in_tokens, thoughts = counts
         try:
             out_rate = self._prices.millicredits(self._model, "output_tokens_per_million")
             in_rate = self._prices.millicredits(self._model, "input_tokens_per_million")

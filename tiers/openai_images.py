@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 
 from orchestrator.errors import BadEngineInput, ContentFiltered, EngineError, EngineUnavailable, NoPrice
-from tiers._cloud import CloudEngine, paid_calls, prompt_tokens, reading_an_answer
+from tiers._cloud import CloudEngine, paid_calls, prompt_tokens, reading_an_answer, token_counts
 from tiers._http import RemoteClient, error_text, json_object
 from tiers._images import b64decode_tolerant, decode_image, encode_image, nearest_aspect
 from tiers.base import (
@@ -29,7 +29,6 @@ from tiers.base import (
     RenderedImage,
     RenderRequest,
     RenderResult,
-    is_amount,
 )
 
 SIZES = {"1:1": "1024x1024", "3:2": "1536x1024", "2:3": "1024x1536"}
@@ -127,12 +126,10 @@ class OpenAIImagesEngine(CloudEngine):
         else:
             # Without the split, bill every input token at the dearer image rate.
             image_tokens, text_tokens = usage.get("input_tokens", 0), 0
-        # Whole, non-negative and within 64 bits, as an amount is: `1e400` reads as an infinity
-        # (int() raised OverflowError, failing a paid job), and a negative count made a negative cost.
-        counts: tuple[Any, ...] = (out_tokens, image_tokens, text_tokens)
-        if not all(is_amount(count) for count in counts):
+        counts = token_counts(out_tokens, image_tokens, text_tokens)
+        if counts is None:
             return None
-        out_tokens, image_tokens, text_tokens = (int(count) for count in counts)
+        out_tokens, image_tokens, text_tokens = counts
         try:
             out_rate = self._prices.millicredits(self._model, "output_image_tokens_per_million")
             image_rate = self._prices.millicredits(self._model, "input_image_tokens_per_million")
