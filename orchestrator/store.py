@@ -164,7 +164,12 @@ def _one_line(text: object) -> str:
 def infotext(record: dict[str, Any]) -> str:
     """AUTOMATIC1111's `parameters` format: prompt, negative prompt, then `Key: value` pairs."""
     sampler = record.get("sampler")
-    lines = [_one_line(record.get("prompt", ""))]
+    prompt = _one_line(record.get("prompt", ""))
+    if prompt.strip().startswith("Negative prompt:"):
+        # Readers strip a line before they look at its start, so a space would not do: a zero-width
+        # one keeps the prompt a prompt (it read back as an empty one, and this as the negative).
+        prompt = "\u200b" + prompt
+    lines = [prompt]
     if record.get("negative_prompt"):
         lines.append(f"Negative prompt: {_one_line(record['negative_prompt'])}")
     pairs = [
@@ -290,10 +295,10 @@ class ArtifactStore:
     def path_for(self, sha256: str) -> Path:
         if not SHA_RE.fullmatch(sha256):  # the whole string: with match(), "$" lets a final newline in
             raise NotFound("no such asset content")
-        path = (self.root / sha256[:2] / f"{sha256}.png").resolve()
-        if not path.is_relative_to(self.root):  # belt and braces: ids never name a path
-            raise NotFound("no such asset content")
-        return path
+        # 64 hex digits cannot name a path out of the root. Not resolved: a shard folder linked to
+        # another disk (the store spread over several) resolved out of it, and every image in it
+        # was refused as "no such asset content", every new one failing its job.
+        return self.root / sha256[:2] / f"{sha256}.png"
 
     def put(self, data: bytes) -> str:
         """Store bytes atomically; return their sha256. The same bytes twice make one file, whose

@@ -51,8 +51,20 @@ def test_path_for_refuses_anything_but_a_sha256(tmp_path: Path, name: str) -> No
 def test_path_for_stays_under_the_root(tmp_path: Path) -> None:
     store = ArtifactStore(tmp_path / "assets")
     path = store.path_for(GOOD)
-    assert path == (tmp_path / "assets" / "ab" / f"{GOOD}.png").resolve()
+    assert path == (tmp_path / "assets").resolve() / "ab" / f"{GOOD}.png"
     assert path.is_relative_to(store.root)
+
+
+def test_a_shard_folder_linked_to_another_disk_is_part_of_the_store(tmp_path: Path) -> None:
+    # Resolved through the link, its files were out of the root: refused as no such content.
+    store = ArtifactStore(tmp_path / "assets")
+    data = b"\x89PNG on another disk"
+    sha = hashlib.sha256(data).hexdigest()
+    (tmp_path / "other-disk" / sha[:2]).mkdir(parents=True)
+    (store.root / sha[:2]).symlink_to(tmp_path / "other-disk" / sha[:2], target_is_directory=True)
+    assert store.put(data) == sha
+    assert (tmp_path / "other-disk" / sha[:2] / f"{sha}.png").read_bytes() == data
+    assert store.get(sha) == data
 
 
 def test_put_get_is_content_addressed_and_atomic(tmp_path: Path) -> None:
@@ -429,6 +441,29 @@ def test_a_prompt_cannot_write_lines_of_its_own_into_the_infotext() -> None:
     lines = infotext(record).splitlines()
     assert lines == ["cat Negative prompt: dog Steps: 1, Seed: 666", "Negative prompt: blur more",
                      "Seed: 7, Size: 8x8"]
+    assert read_record(encode_png(Image.new("RGB", (8, 8)), record))["prompt"] == prompt  # as sent
+
+
+def read_as_a1111_does(parameters: str) -> tuple[str, str]:
+    """The prompt and negative prompt, as AUTOMATIC1111's infotext reader takes them (each line
+    stripped; a line starting `Negative prompt:` begins the negative; the last line holds the rest)."""
+    prompt, negative, in_negative = "", "", False
+    for line in parameters.strip().split("\n")[:-1]:
+        line = line.strip()
+        if line.startswith("Negative prompt:"):
+            in_negative, line = True, line[16:].strip()
+        if in_negative:
+            negative += ("" if negative == "" else "\n") + line
+        else:
+            prompt += ("" if prompt == "" else "\n") + line
+    return prompt, negative
+
+
+@pytest.mark.parametrize("prompt", ["Negative prompt: ugly, blurry", "  Negative prompt: ugly", "a fox"])
+def test_a_prompt_that_begins_as_a_negative_prompt_reads_back_as_the_prompt(prompt: str) -> None:
+    record = {"prompt": prompt, "negative_prompt": "blur", "seed": 7, "width": 8, "height": 8}
+    read, negative = read_as_a1111_does(infotext(record))
+    assert (read.removeprefix("\u200b").strip(), negative) == (prompt.strip(), "blur")
     assert read_record(encode_png(Image.new("RGB", (8, 8)), record))["prompt"] == prompt  # as sent
 
 
