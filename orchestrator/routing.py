@@ -30,8 +30,9 @@ def leaves_machine(engine: Engine) -> bool:
 
 def policy_warnings(policies: PolicyStore, registry: EngineRegistry) -> list[str]:
     """What the loaded policies name that fails every request it routes, with these engines."""
-    names = registry.names()
-    return policies.engine_warnings(names, [name for name in names if leaves_machine(registry.get(name))])
+    names = registry.names()  # broken ones too: named by a policy, they are not unknown
+    return policies.engine_warnings(names, [name for name in names
+                                            if name in registry and leaves_machine(registry.get(name))])
 
 
 def priced(engine: Engine, req: RenderRequest) -> int:
