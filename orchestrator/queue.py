@@ -209,8 +209,12 @@ class Scheduler:
         self-hosted server's too, and work a provider accepted by id is reattached (or at least
         saved for that): those are left to recovery at once."""
         engine = self.registry.get(claim.job.engine) if claim.job.engine in self.registry else None
+        # Followable only when the work accepted covers the whole job: a Replicate job of n=2 with
+        # one prediction accepted was left to a recovery that could not follow it (failed, charged).
+        followed = (isinstance(engine, Reattachable) and claim.accepted is not None
+                    and engine.can_reattach(claim.accepted["handles"], render_request(claim.job.params)))
         return (engine is not None and engine.kind == "remote" and not isinstance(engine, Restartable)
-                and not (isinstance(engine, Reattachable) and claim.accepted) and not claim.surely_unsent()
+                and not followed and not claim.surely_unsent()
                 and claim.job.id not in self.runner.storing)  # answered: waited for as it stores, below
 
     def notify(self) -> None:

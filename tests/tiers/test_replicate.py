@@ -443,3 +443,24 @@ async def test_a_prediction_answering_several_images_gives_its_first_and_downloa
     result = await engine.run(bridge(), NullProgress(), CancelToken())
     assert len(result.images) == 1
     assert output.call_count == 1 and others.call_count == 0
+
+
+@pytest.mark.parametrize(("accepted", "awaited"), [(1, True), (2, False)])
+def test_a_stop_waits_for_a_job_whose_predictions_were_not_all_accepted(
+        engine: ReplicateEngine, accepted: int, awaited: bool) -> None:
+    """With 1 of 2 predictions accepted, the stop left the job to a recovery that cannot follow it
+    (the rest may or may not have been sent): failed, its estimate charged, its images lost."""
+    from types import SimpleNamespace
+
+    from orchestrator.models import Job
+    from orchestrator.queue import Scheduler
+    from orchestrator.runner import Claim
+    from tiers.registry import EngineRegistry
+
+    work = {"engine": "replicate", "handles": [{"id": f"p-{i}"} for i in range(accepted)]}
+    job = Job(id="job_1", project_id="prj_1", stage="bridge", engine="replicate", model="m", estimated=16_000,
+              params={"stage": "bridge", "prompt": "x", "n": 2, "width": 1024, "height": 1024}, attempt=1)
+    claim = Claim(job=job, attempt=1, cancel=CancelToken(), accepted=work)
+    scheduler: Any = SimpleNamespace(registry=EngineRegistry({"replicate": engine}),
+                                     runner=SimpleNamespace(storing=set()))
+    assert Scheduler._answer_awaited(scheduler, claim) is awaited
