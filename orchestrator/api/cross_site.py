@@ -65,8 +65,10 @@ class CrossSiteGuard:
             return
         origin = headers.get(b"origin")
         # A bearer key is never sent by a browser on its own: a request carrying one is its
-        # holder's, whatever page it came through (a dashboard's own backend).
-        if origin is not None and scope["method"] in UNSAFE and b"authorization" not in headers:
+        # holder's, whatever page it came through (a dashboard's own backend). Basic credentials
+        # are: a browser adds those it has cached for the host (a proxy asking for them in front).
+        bearer = headers.get(b"authorization", b"").lstrip().lower().startswith(b"bearer ")
+        if origin is not None and scope["method"] in UNSAFE and not bearer:
             page = origin.decode("latin-1")
             # Its own pages (/docs) by host alone: behind a proxy that ends TLS, the page is
             # https:// and the request reaches the service as http://.

@@ -121,6 +121,12 @@ def test_a_page_of_another_origin_cannot_change_anything(
     keyed = client.post("/v1/projects", json={"name": "z"},
                         headers={"Origin": "https://evil.example", "Authorization": "Bearer anything"})
     assert keyed.status_code == 201  # no ORCH_ADMIN_KEY here: any key is taken
+    # Basic credentials are: a browser adds those it has cached for the host (a proxy in front asks
+    # for them), so a foreign page's body-less cancel carried them and was taken.
+    for scheme in ("Basic dXNlcjpwYXNz", "Digest username=x", "Bearer"):
+        cached = client.post("/v1/jobs/job_0000000000zzzzzzzzzzzzzz/cancel",
+                             headers={"Origin": "https://evil.example", "Authorization": scheme})
+        assert cached.status_code == 403, scheme
 
 
 def test_a_service_open_to_this_machine_answers_to_its_own_names_only(
