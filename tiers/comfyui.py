@@ -467,6 +467,11 @@ class ComfyUIEngine:
             await self._drop(prompt_id)
             raise EngineTimeout(f"{exc.message} (asked the server to drop prompt {prompt_id})",
                                 details={**exc.details, "prompt_id": prompt_id}, charged="no") from None
+        except EngineError:
+            # Its history could not be read (a 5xx until the deadline, a proxy's page): the job ends
+            # or moves on, and the prompt would go on rendering on the shared GPU for nobody.
+            await self._let_go(prompt_id, cancel)
+            raise
 
     async def _let_go(self, prompt_id: str, cancel: CancelToken) -> None:
         """A canceled job's prompt is taken off the server; an abandoned one (this process stops,

@@ -203,6 +203,22 @@ async def test_read_timeout_on_prompt_is_not_resent_and_the_prompt_is_dropped(en
 
 
 @respx.mock
+@pytest.mark.parametrize("answer", [httpx.Response(500, text="boom"), httpx.Response(404, text="<html>proxy</html>")])
+async def test_a_history_that_cannot_be_read_takes_the_prompt_off_the_server(engine: ComfyUIEngine, sleep: Any,
+                                                                           answer: httpx.Response) -> None:
+    # The job failed (or fell back) and the prompt went on rendering on the shared GPU for nobody.
+    engine.http.clock = sleep.clock  # the 500s are retried until the deadline, which the waits reach
+    routes = mock_server()
+    routes["history"].mock(side_effect=None, return_value=answer)
+    progress = RecordingProgress()
+    with pytest.raises(EngineError) as info:
+        await engine.run(bridge(), progress, CancelToken())
+    assert not isinstance(info.value, EngineTimeout)
+    assert json.loads(routes["queue"].calls.last.request.content) == {"delete": [progress.request_ids[0]]}
+    assert routes["interrupt"].call_count == 1  # it was running: interrupted too
+
+
+@respx.mock
 async def test_malformed_prompt_answer(engine: ComfyUIEngine) -> None:
     mock_server(prompt=[httpx.Response(200, text="<html>")])
     with pytest.raises(EngineError, match="not JSON"):
