@@ -210,8 +210,8 @@ class ReplicateEngine(CloudEngine):
         with paid_calls(images):
             for i, handle in enumerate(handles):
                 deadline = self.http.new_deadline()
-                prediction = self._json(await self._get(str(handle["id"]), deadline, cancel))
-                prediction = await self._settle(prediction, deadline, progress, cancel)
+                # Read inside `_settle`: a cancel or a failure of that first read stops the prediction too.
+                prediction = await self._settle({"id": handle["id"]}, deadline, progress, cancel, read_first=True)
                 seed = base["seed"] + i if "seed" in base else None
                 images.extend(RenderedImage(out.image, seed=seed) for out in await self._outputs(prediction, cancel))
                 progress.step(len(images), req.n)
@@ -228,10 +228,13 @@ class ReplicateEngine(CloudEngine):
         return poll
 
     async def _settle(self, prediction: dict[str, Any], deadline: float, progress: Progress,
-                      cancel: CancelToken) -> dict[str, Any]:
-        """Poll an accepted prediction until it is no longer pending; return it if it succeeded."""
+                      cancel: CancelToken, *, read_first: bool = False) -> dict[str, Any]:
+        """Poll an accepted prediction until it is no longer pending; return it if it succeeded.
+        With `read_first`, `prediction` holds only its id, and it is read before anything else."""
         prediction_id = str(prediction["id"])
         try:
+            if read_first:
+                prediction = self._json(await self._get(prediction_id, deadline, cancel))
             while prediction.get("status") in PENDING:
                 progress.state(str(prediction["status"]))
                 remaining = deadline - self.http.clock()

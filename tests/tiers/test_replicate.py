@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -19,7 +20,7 @@ from orchestrator.errors import (
     EngineUnavailable,
     NoPrice,
 )
-from tests.tiers.conftest import RecordingProgress, bridge, png_bytes
+from tests.tiers.conftest import NoAnswer, RecordingProgress, bridge, png_bytes
 from tiers.base import CancelToken, NullProgress
 from tiers.replicate import ReplicateEngine
 
@@ -389,11 +390,26 @@ async def test_reattach_with_fewer_predictions_than_images_sends_nothing(engine:
 
 
 @respx.mock
-async def test_reattach_to_a_prediction_replicate_no_longer_has(engine: ReplicateEngine) -> None:
-    respx.get(POLL).mock(return_value=httpx.Response(404, json={"detail": "Not found."}))
+@pytest.mark.parametrize("first_read", ["canceled", "failed"])  # failed: Replicate no longer has it
+async def test_a_reattach_whose_first_read_ends_it_stops_the_prediction(engine: ReplicateEngine,
+                                                                        first_read: str) -> None:
+    """The first read was outside what stops a prediction we stop following: a cancel while it was
+    out, or its failure, ended the job and left the prediction running (and billing)."""
+    hang = NoAnswer()
+    if first_read == "canceled":
+        respx.get(POLL).mock(side_effect=hang)
+    else:
+        respx.get(POLL).mock(return_value=httpx.Response(404, json={"detail": "Not found."}))
+    stop = respx.post(CANCEL).mock(return_value=httpx.Response(200, json={}))
+    token = CancelToken()
+    task = asyncio.ensure_future(engine.reattach(bridge(), [{"id": "p-1"}], NullProgress(), token))
+    if first_read == "canceled":
+        await hang.sent.wait()
+        token.cancel()
     with pytest.raises(EngineError) as caught:
-        await engine.reattach(bridge(), [{"id": "p-1"}], NullProgress(), CancelToken())
-    assert caught.value.charged == "unknown"
+        await task
+    assert isinstance(caught.value, Canceled) == (first_read == "canceled")
+    assert caught.value.charged == "unknown" and stop.call_count == 1
 
 
 @respx.mock
