@@ -45,7 +45,7 @@ from orchestrator.models import Job
 from orchestrator.outage import Outage
 from orchestrator.runner import FINAL_WRITE_SECONDS, Claim, JobRunner, reattachable, restartable
 from orchestrator.workers import DeviceLock, Presence, owner_id
-from tiers.base import CancelToken, Engine, Reattachable, Restartable
+from tiers.base import CancelToken, Engine, Reattachable, Restartable, Withdrawable
 from tiers.registry import EngineRegistry
 
 log = logging.getLogger(__name__)
@@ -597,21 +597,26 @@ class Scheduler:
         return recovered
 
     def forget_abandoned(self, job: Job) -> None:
-        """A free job on a self-hosted server ended without running again (canceled after its
-        worker died, given up after repeated crashes): what the dead attempt left on the server
-        is taken off it, in the background and best effort. Safe from any thread."""
+        """A job ended while no process followed its work (canceled after its worker died or while
+        queued to be reattached, given up after repeated crashes): what a dead attempt left on a
+        self-hosted server is taken off it, and work a provider accepted is withdrawn there, in
+        the background and best effort. Safe from any thread."""
         engine = self.registry.get(job.engine) if job.engine in self.registry else None
         work = job.provider_work or {}
         loop = self._loop or self.bus.loop  # an API server that runs no jobs cancels orphans too
-        if (engine is None or loop is None or not restartable(engine, job) or not work.get("handles")
-                or work.get("engine") != job.engine):
+        if engine is None or loop is None or not work.get("handles") or work.get("engine") != job.engine:
             return
-        forget = cast(Restartable, engine).forget
+        if restartable(engine, job):
+            stop = cast(Restartable, engine).forget
+        elif isinstance(engine, Withdrawable):  # a paid provider's: it would run, and bill, for nobody
+            stop = engine.withdraw
+        else:
+            return
         handles = list(work["handles"])
 
         async def run() -> None:
             try:
-                await forget(handles)
+                await stop(handles)
             except Exception:  # best effort: the job's end is recorded already
                 log.warning("job %s: taking its work off %s failed", job.id, job.engine, exc_info=True)
 

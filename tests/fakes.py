@@ -160,6 +160,9 @@ class FakePaidEngine:
         return None
 
 
+WITHDRAWN: list[list[dict[str, Any]]] = []  # the handles fake-queue was asked to withdraw at its provider
+
+
 class FakeQueueEngine(FakePaidEngine):
     """fake-paid behind a provider that keeps work by id (as Replicate and fal do): a process that
     starts after a crash can reattach. Tag `reattach=gone` makes the saved work unfindable."""
@@ -170,6 +173,9 @@ class FakeQueueEngine(FakePaidEngine):
 
     def can_reattach(self, handles: list[dict[str, Any]], req: RenderRequest) -> bool:
         return len(handles) == 1
+
+    async def withdraw(self, handles: list[dict[str, Any]]) -> None:
+        WITHDRAWN.append(handles)
 
     async def reattach(self, req: RenderRequest, handles: list[dict[str, Any]], progress: Progress,
                        cancel: CancelToken) -> RenderResult:

@@ -367,6 +367,17 @@ class Restartable(Protocol):
         ...
 
 
+@runtime_checkable
+class Withdrawable(Protocol):
+    """An engine whose provider can be told to stop work it accepted by id (a Replicate
+    prediction, a fal queue request): a job that ends while no process follows its work (canceled
+    after its worker died or while queued to be reattached, given up after crashes) has it
+    withdrawn, best effort and never raising, rather than left to run and bill for nobody."""
+
+    async def withdraw(self, handles: list[dict[str, Any]]) -> None:
+        ...
+
+
 def billed_by_provider(engine: object) -> bool:
     """Whether a provider bills `engine`'s jobs whatever the prices file says: a cloud engine,
     that is a remote one other than a self-hosted `Restartable` server. A job priced 0 on one

@@ -247,6 +247,11 @@ class FalEngine(CloudEngine):
         return await self.fetch_outputs(urls, cancel, wanted=wanted, empty="the request completed without an image",
                                         details={})
 
+    async def withdraw(self, handles: list[dict[str, Any]]) -> None:
+        for handle in handles:
+            if self._keyed(handle.get("cancel_url")):  # the key goes only where a saved URL may take it
+                await self._cancel_remote(str(handle["cancel_url"]))
+
     async def _cancel_remote(self, cancel_url: str) -> None:
         """Best effort: the job is over for us either way, so no failure here is surfaced."""
         with contextlib.suppress(EngineError, httpx.HTTPError):

@@ -289,6 +289,10 @@ class ReplicateEngine(CloudEngine):
         return await self.fetch_outputs(urls, cancel, wanted=1, empty="the prediction succeeded without an image",
                                         details={"prediction": prediction.get("id")})
 
+    async def withdraw(self, handles: list[dict[str, Any]]) -> None:
+        for handle in handles:
+            await self._cancel_remote(str(handle.get("id")))
+
     async def _cancel_remote(self, prediction_id: str) -> None:
         """Best effort: the job is over for us either way, so no failure here is surfaced."""
         with contextlib.suppress(EngineError, httpx.HTTPError):

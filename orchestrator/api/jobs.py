@@ -92,7 +92,9 @@ def cancel_job(job_id: str, services: ServicesDep, caller: CallerDep) -> JobPubl
     # two of these looks (claimed, recovered, moved by a fallback): look again.
     for _ in range(CANCEL_TRIES):
         if services.jobs.cancel_queued(job_id):
-            return public(services, services.jobs.get(job_id))
+            job = services.jobs.get(job_id)
+            services.scheduler.forget_abandoned(job)  # queued to be reattached: its provider's work too
+            return public(services, job)
         if services.scheduler.holds(job_id):
             # Recorded while it runs, the cancel wins: the job's end yields to it, should the job end
             # before its token is reached. Not running any more (a fallback or a stop put it back

@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 from sqlmodel import select
 
+from orchestrator.db import Database
 from orchestrator.ids import new_id
 from orchestrator.models import Job, LedgerEntry, Project
 from orchestrator.server import serve_in_thread
@@ -29,7 +30,7 @@ from tests.credits import (
     wait_for_state,
 )
 from tests.credits.conftest import POLICY, Service
-from tests.fakes import SENT
+from tests.fakes import SENT, WITHDRAWN
 
 
 def test_kill_with_a_paid_call_in_flight(service_env: dict[str, str], tmp_path: Path,
@@ -208,3 +209,24 @@ def test_canceling_a_job_waiting_to_reattach_charges_its_accepted_work(
         assert settled == {jobs[0].id: ("capture", True), jobs[1].id: ("release", False)}
     finally:
         asyncio.run(services.aclose())
+
+
+def test_a_job_canceled_while_queued_to_be_reattached_has_its_work_withdrawn_at_the_provider(
+        paid_settings_for: Callable[..., Settings], tmp_path: Path) -> None:
+    """Charged for reconciliation (above), but left running: a fal request still in its queue ran,
+    and billed, after the user's cancel."""
+    settings = paid_settings_for(tmp_path / "data", run_jobs=False)
+    with serve_in_thread(settings) as base, httpx.Client(base_url=base, timeout=30) as client:
+        project_id = client.post("/v1/projects", json={"name": "withdraw", "policy": POLICY}).json()["id"]
+        db = Database(settings.resolved_database_url)
+        job_id = new_id("job")
+        try:
+            with db.transaction() as s:
+                s.add(Job(id=job_id, project_id=project_id, stage="bridge", engine="fake-queue", model="fake-1",
+                          params={"stage": "bridge", "prompt": "x", "n": 1}, estimated=10_000, status="queued",
+                          provider_work={"engine": "fake-queue", "handles": [{"id": "q-7"}]}))
+        finally:
+            db.dispose()
+        WITHDRAWN.clear()
+        assert client.post(f"/v1/jobs/{job_id}/cancel").status_code == 202
+        assert poll(lambda: list(WITHDRAWN), bool, what="the withdrawal") == [[{"id": "q-7"}]]

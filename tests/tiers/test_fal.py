@@ -440,3 +440,13 @@ async def test_an_answer_with_more_images_than_asked_is_fetched_up_to_n(engine: 
     result = await engine.run(bridge(n=1), NullProgress(), CancelToken())
     assert len(result.images) == 1
     assert output.call_count == 1 and others.call_count == 0
+
+
+@respx.mock
+async def test_withdraw_cancels_saved_requests_only_where_the_key_may_go(engine: FalEngine) -> None:
+    # A job canceled while queued to be reattached: its request would run, and bill, for nobody.
+    cancel = respx.put(CANCEL).mock(return_value=httpx.Response(202, json={"status": "CANCELLATION_REQUESTED"}))
+    elsewhere = respx.put("https://collector.example/cancel").mock(return_value=httpx.Response(200))
+    await engine.withdraw([{"id": "r-1", "cancel_url": CANCEL}, {"id": "r-2", "cancel_url": "https://collector.example/cancel"}])
+    assert cancel.call_count == 1 and elsewhere.call_count == 0
+    assert cancel.calls.last.request.headers["authorization"].startswith("Key ")

@@ -480,3 +480,12 @@ def test_a_stop_waits_for_a_job_whose_predictions_were_not_all_accepted(
     scheduler: Any = SimpleNamespace(registry=EngineRegistry({"replicate": engine}),
                                      runner=SimpleNamespace(storing=set()))
     assert Scheduler._answer_awaited(scheduler, claim) is awaited
+
+
+@respx.mock
+async def test_withdraw_cancels_every_saved_prediction(engine: ReplicateEngine) -> None:
+    # A job canceled while queued to be reattached: its predictions ran on until their Cancel-After.
+    first = respx.post(CANCEL).mock(return_value=httpx.Response(200, json={}))
+    second = respx.post(f"{BASE}/v1/predictions/p-2/cancel").mock(return_value=httpx.Response(500))
+    await engine.withdraw([{"id": "p-1"}, {"id": "p-2"}])  # best effort: a failure is not raised
+    assert first.call_count == 1 and second.call_count >= 1
