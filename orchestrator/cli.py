@@ -143,7 +143,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _field(loc: tuple[int | str, ...]) -> str:
-    return "_".join(str(p) for p in loc)
+    """The setting an error is about: an alias (`ORCH_GEMINI_API_KEY`) read as its field, or the
+    variable named was ORCH_ORCH_GEMINI_API_KEY and the value shown as not a secret."""
+    from orchestrator.settings import Settings, input_fields
+
+    name = "_".join(str(p) for p in loc)
+    return input_fields(Settings).get(name.lower(), name)
 
 
 def _shown_input(field: str, value: object) -> str:

@@ -45,6 +45,10 @@ DAY = 86_400.0
 Device = Literal["auto", "cpu", "cuda", "mps"]
 
 
+# The settings that name files or folders: relative in the config file, they are the file's folder's.
+FILE_RELATIVE = ("data_dir", "cache_dir", "policy_dir", "prices_file", "comfyui_workflow")
+
+
 def _alias(*names: str) -> AliasChoices:
     return AliasChoices(*names)
 
@@ -176,7 +180,7 @@ class Settings(BaseSettings):
             raise PydanticUseDefault()
         return value
 
-    @field_validator("data_dir", "cache_dir", "policy_dir", "prices_file", "comfyui_workflow")
+    @field_validator(*FILE_RELATIVE)
     @classmethod
     def _home(cls, value: Path | None) -> Path | None:
         # `~/orchdata` in a systemd unit, an env file or the TOML file (no shell to expand it)
@@ -293,15 +297,19 @@ def _origin(origin: str) -> str:
     return f"{scheme}://{host}" + (f":{port}" if port not in (None, default) else "")
 
 
-def _input_names(settings_cls: type[BaseSettings]) -> set[str]:
-    """Every name a field is read under (its name and its aliases), in lower case."""
-    names: set[str] = set()
+def input_fields(settings_cls: type[BaseSettings]) -> dict[str, str]:
+    """Every name a field is read under (its name and its aliases), in lower case, to the field."""
+    names: dict[str, str] = {}
     for field_name, field in settings_cls.model_fields.items():
-        names.add(field_name)
+        names[field_name] = field_name
         alias = field.validation_alias
         choices = alias.choices if isinstance(alias, AliasChoices) else [alias] if isinstance(alias, str) else []
-        names |= {choice.lower() for choice in choices if isinstance(choice, str)}
+        names |= {choice.lower(): field_name for choice in choices if isinstance(choice, str)}
     return names
+
+
+def _input_names(settings_cls: type[BaseSettings]) -> set[str]:
+    return set(input_fields(settings_cls))
 
 
 def _closest(name: str, candidates: Iterable[str]) -> str | None:
@@ -345,7 +353,7 @@ class _StrictTomlSource(TomlConfigSettingsSource):
             raise _config_file_error(file_path, "not valid TOML", str(exc)) from None
 
     def __call__(self) -> dict[str, Any]:
-        known = _input_names(self.settings_cls)
+        known = input_fields(self.settings_cls)
         fields = list(self.settings_cls.model_fields)
         # A key may also be written as its variable is named (`ORCH_DATA_DIR`), as README's table lists them.
         as_variables = {key: bare for key in self.toml_data
@@ -357,15 +365,29 @@ class _StrictTomlSource(TomlConfigSettingsSource):
                                         {"file": str(self.toml_file_path), "key": key, **context})
             errors.append(InitErrorDetails(type=error, loc=(key,), input=self.toml_data[key]))
 
+        first: dict[str, str] = {}  # each field's key in the file
         for key in self.toml_data:
-            if key.lower() not in known and key not in as_variables:
+            field = known.get(key.lower()) or as_variables.get(key)
+            if field is None:
                 match = _closest(key.lower().removeprefix(PREFIX.lower()), fields)
                 refuse(key, "unknown key '{key}'{hint}", hint=f" (did you mean '{match}'?)" if match else "")
+            elif field in first:
+                # `GEMINI_API_KEY` and `gemini_api_key` both: one was taken without a word.
+                refuse(key, "'{key}' sets '{field}' a second time (as '{other}' does)", field=field,
+                       other=first[field])
+            else:
+                first[field] = key
         values = dict(super().__call__())
         for key, field in as_variables.items():
-            if field in values:
-                refuse(key, "'{key}' sets '{field}' a second time", field=field)
-            values[field] = values.pop(key)
+            if key in values:
+                values[field] = values.pop(key)
+        # Taken from the file's own folder, as a compose file's are: from the working directory,
+        # `data_dir = "data"` in /etc/orchestrator/orchestrator.toml was /data under systemd.
+        folder = Path(str(self.toml_file_path)).parent
+        for field in FILE_RELATIVE:
+            value = values.get(field)
+            if isinstance(value, str) and value and not value.startswith("~") and not Path(value).is_absolute():
+                values[field] = str(folder / value)
         if errors:
             raise ValidationError.from_exception_data(self.settings_cls.__name__, errors)
         return values

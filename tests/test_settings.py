@@ -55,8 +55,41 @@ def test_a_toml_key_may_be_written_as_its_variable_is_named(toml_file: Path) -> 
     with pytest.raises(ValidationError) as info:
         Settings()
     assert sorted(error["msg"] for error in info.value.errors()) == [
-        f"{toml_file}: 'ORCH_LITE_MAX_BATCH' sets 'lite_max_batch' a second time",
+        f"{toml_file}: 'ORCH_LITE_MAX_BATCH' sets 'lite_max_batch' a second time (as 'lite_max_batch' does)",
         f"{toml_file}: unknown key 'ORCH_LITE_MAX_BACH' (did you mean 'lite_max_batch'?)"]
+    # A vendor's name for a key, beside ours: one of them was taken without a word.
+    for text in ('GEMINI_API_KEY = "a"\nORCH_GEMINI_API_KEY = "b"\n',
+                 'gemini_api_key = "c"\nFAL_KEY = "f"\nfal_api_key = "g"\n'):
+        toml_file.write_text(text)
+        with pytest.raises(ValidationError, match="a second time"):
+            Settings()
+
+
+def test_an_aliased_setting_s_error_names_it_once_and_shows_no_secret(
+        toml_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    toml_file.write_text("gemini_api_key = 5\n")
+    assert main(["migrate"]) == 2
+    err = capsys.readouterr().err  # was "ORCH_ORCH_GEMINI_API_KEY: ...", and the value shown
+    assert err == (f"orchestrator: invalid configuration:\n"
+                   f"  {toml_file}: gemini_api_key: Input should be a valid string\n")
+
+
+def test_relative_paths_in_the_file_are_taken_from_its_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """From the working directory, `data_dir = "data"` in /etc/orchestrator/orchestrator.toml was
+    /data for a service manager that starts it in /."""
+    isolate(monkeypatch, tmp_path)
+    folder = tmp_path / "etc" / "orchestrator"
+    folder.mkdir(parents=True)
+    config = folder / "orchestrator.toml"
+    config.write_text('data_dir = "data"\nprices_file = "prices.toml"\npolicy_dir = "/srv/policies"\n'
+                      'cache_dir = "~/cache"\n')
+    monkeypatch.setitem(Settings.model_config, "toml_file", config)
+    monkeypatch.chdir(tmp_path)
+    settings = Settings()
+    assert (settings.data_dir, settings.prices_file) == (folder / "data", folder / "prices.toml")
+    assert settings.policy_dir == Path("/srv/policies") and settings.cache_dir == Path("~/cache").expanduser()
+    monkeypatch.setenv("ORCH_DATA_DIR", "here")  # a variable's, as ever, from the working directory
+    assert Settings().data_dir == Path("here")
 
 
 def test_cli_reports_an_unknown_toml_key_in_one_line(toml_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
