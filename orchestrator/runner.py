@@ -621,7 +621,7 @@ class JobRunner:
                 # A free server's job run again after a crash: what the dead attempt made there is
                 # kept (a server that keeps finished work), or else taken off the server first.
                 if isinstance(engine, Resumable):
-                    await asyncio.to_thread(self._kept_local_check, job)  # a resume may send the rest again
+                    await self._kept_local_check(job)  # a resume may send the rest again
                     self.bus.publish(job.id, "state", {"state": "resumed", "earlier": len(work["handles"])})
                     claim.inherited = True
                     result = await engine.resume(request, list(work["handles"]), progress, claim.cancel)
@@ -632,7 +632,7 @@ class JobRunner:
                     except Exception:  # best effort: at worst the server renders the old one for nobody
                         log.warning("job %s: taking the dead attempt's work off %s failed", job.id, job.engine,
                                     exc_info=True)
-                    await asyncio.to_thread(self._kept_local_check, job)
+                    await self._kept_local_check(job)
                     result = await engine.run(request, progress, claim.cancel)
             elif work.get("handles") and work.get("engine") == job.engine:
                 # Recovery re-queues only work that can be followed; should any other reach here, the
@@ -641,7 +641,7 @@ class JobRunner:
                 raise EngineError(f"engine '{job.engine}' had accepted this job before an interruption and its "
                                   "work cannot be followed; it is not sent again", retryable=False, charged="unknown")
             else:
-                await asyncio.to_thread(self._kept_local_check, job)
+                await self._kept_local_check(job)
                 result = await engine.run(request, progress, claim.cancel)
         if len(result.images) < request.n:
             # A remote engine answered, so what it made may be billed: no release, no fallback.
@@ -731,7 +731,7 @@ class JobRunner:
             raise EngineError(f"the job's database could not record the request before it was sent "
                               f"({type(exc).__name__}); nothing was sent", retryable=False, charged="no") from exc
 
-    def _kept_local_check(self, job: Job) -> None:
+    async def _kept_local_check(self, job: Job) -> None:
         """Before an engine that leaves the machine starts a job: refused when the job was made
         private since it was routed, as one queued again after a stop or a crash, or claimed as
         its project moved to `local-only`, would be. An engine that announces its sends is asked
@@ -739,7 +739,10 @@ class JobRunner:
         committed while it prepares its request stops it too."""
         engine = self.registry.get(job.engine)
         if not leaves_machine(engine) or getattr(engine, "announces_sends", False):
-            return  # a draft's local run reads nothing more
+            return  # a draft's local run reads nothing more, nor takes a thread's hop
+        await asyncio.to_thread(self._read_kept_local, job)
+
+    def _read_kept_local(self, job: Job) -> None:
         try:
             with self.db.session() as s:
                 self._refuse_if_kept_local(s, job)
