@@ -45,10 +45,6 @@ DAY = 86_400.0
 Device = Literal["auto", "cpu", "cuda", "mps"]
 
 
-# The settings that name files or folders: relative in the config file, they are the file's folder's.
-FILE_RELATIVE = ("data_dir", "cache_dir", "policy_dir", "prices_file", "comfyui_workflow")
-
-
 def _alias(*names: str) -> AliasChoices:
     return AliasChoices(*names)
 
@@ -180,7 +176,7 @@ class Settings(BaseSettings):
             raise PydanticUseDefault()
         return value
 
-    @field_validator(*FILE_RELATIVE)
+    @field_validator("data_dir", "cache_dir", "policy_dir", "prices_file", "comfyui_workflow")
     @classmethod
     def _home(cls, value: Path | None) -> Path | None:
         # `~/orchdata` in a systemd unit, an env file or the TOML file (no shell to expand it)
@@ -381,13 +377,6 @@ class _StrictTomlSource(TomlConfigSettingsSource):
         for key, field in as_variables.items():
             if key in values:
                 values[field] = values.pop(key)
-        # Taken from the file's own folder, as a compose file's are: from the working directory,
-        # `data_dir = "data"` in /etc/orchestrator/orchestrator.toml was /data under systemd.
-        folder = Path(str(self.toml_file_path)).parent
-        for field in FILE_RELATIVE:
-            value = values.get(field)
-            if isinstance(value, str) and value and not value.startswith("~") and not Path(value).is_absolute():
-                values[field] = str(folder / value)
         if errors:
             raise ValidationError.from_exception_data(self.settings_cls.__name__, errors)
         return values

@@ -72,24 +72,9 @@ def test_an_aliased_setting_s_error_names_it_once_and_shows_no_secret(
     err = capsys.readouterr().err  # was "ORCH_ORCH_GEMINI_API_KEY: ...", and the value shown
     assert err == (f"orchestrator: invalid configuration:\n"
                    f"  {toml_file}: gemini_api_key: Input should be a valid string\n")
-
-
-def test_relative_paths_in_the_file_are_taken_from_its_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """From the working directory, `data_dir = "data"` in /etc/orchestrator/orchestrator.toml was
-    /data for a service manager that starts it in /."""
-    isolate(monkeypatch, tmp_path)
-    folder = tmp_path / "etc" / "orchestrator"
-    folder.mkdir(parents=True)
-    config = folder / "orchestrator.toml"
-    config.write_text('data_dir = "data"\nprices_file = "prices.toml"\npolicy_dir = "/srv/policies"\n'
-                      'cache_dir = "~/cache"\n')
-    monkeypatch.setitem(Settings.model_config, "toml_file", config)
-    monkeypatch.chdir(tmp_path)
-    settings = Settings()
-    assert (settings.data_dir, settings.prices_file) == (folder / "data", folder / "prices.toml")
-    assert settings.policy_dir == Path("/srv/policies") and settings.cache_dir == Path("~/cache").expanduser()
-    monkeypatch.setenv("ORCH_DATA_DIR", "here")  # a variable's, as ever, from the working directory
-    assert Settings().data_dir == Path("here")
+    toml_file.write_text("FAL_KEY = 5\n")  # a vendor's name for it: the file's key, not ORCH_FAL_API_KEY
+    assert main(["migrate"]) == 2
+    assert capsys.readouterr().err.endswith(f"  {toml_file}: FAL_KEY: Input should be a valid string\n")
 
 
 def test_cli_reports_an_unknown_toml_key_in_one_line(toml_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
