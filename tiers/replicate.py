@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 from typing import Any
 
 import httpx
@@ -51,6 +52,7 @@ DEFAULT_PRICES: dict[str, dict[str, float]] = {
     "black-forest-labs/flux-1.1-pro": {"image": 4.0},
 }
 PENDING = frozenset({"starting", "processing"})
+PREDICTION_ID = re.compile(r"[A-Za-z0-9_-]{1,100}")
 FILTER_WORDS = ("nsfw", "safety", "sensitive")
 FLUX_ASPECTS = ("1:1", "16:9", "3:2", "2:3", "4:5", "5:4", "9:16", "3:4", "4:3")
 PREFER_WAIT = 60
@@ -210,10 +212,17 @@ class ReplicateEngine(CloudEngine):
         with paid_calls(images):
             for i, handle in enumerate(handles):
                 deadline = self.http.new_deadline()
-                # Read inside `_settle`: a cancel or a failure of that first read stops the prediction too.
-                prediction = await self._settle({"id": handle["id"]}, deadline, progress, cancel, read_first=True)
+                try:
+                    # Read inside `_settle`: a cancel or a failure of that first read stops the prediction too.
+                    prediction = await self._settle({"id": handle["id"]}, deadline, progress, cancel,
+                                                    read_first=True)
+                    outputs = await self._outputs(prediction, cancel)
+                except EngineError:
+                    if not cancel.abandoned:  # the job ends: the predictions not read yet would run on for nobody
+                        await self.withdraw(handles[i + 1:])
+                    raise
                 seed = base["seed"] + i if "seed" in base else None
-                images.extend(RenderedImage(out.image, seed=seed) for out in await self._outputs(prediction, cancel))
+                images.extend(RenderedImage(out.image, seed=seed) for out in outputs)
                 progress.step(len(images), req.n)
         return RenderResult(images=images, model=self._model, cost_millicredits=None,
                             provider_request_id=",".join(str(h["id"]) for h in handles))
@@ -291,7 +300,10 @@ class ReplicateEngine(CloudEngine):
 
     async def withdraw(self, handles: list[dict[str, Any]]) -> None:
         for handle in handles:
-            await self._cancel_remote(str(handle.get("id")))
+            prediction_id = handle.get("id")
+            # Saved ids only, as Replicate writes them: a request carrying the token goes nowhere else.
+            if isinstance(prediction_id, str) and PREDICTION_ID.fullmatch(prediction_id):
+                await self._cancel_remote(prediction_id)
 
     async def _cancel_remote(self, prediction_id: str) -> None:
         """Best effort: the job is over for us either way, so no failure here is surfaced."""

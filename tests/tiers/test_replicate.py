@@ -487,5 +487,17 @@ async def test_withdraw_cancels_every_saved_prediction(engine: ReplicateEngine) 
     # A job canceled while queued to be reattached: its predictions ran on until their Cancel-After.
     first = respx.post(CANCEL).mock(return_value=httpx.Response(200, json={}))
     second = respx.post(f"{BASE}/v1/predictions/p-2/cancel").mock(return_value=httpx.Response(500))
-    await engine.withdraw([{"id": "p-1"}, {"id": "p-2"}])  # best effort: a failure is not raised
+    await engine.withdraw([{"id": "p-1"}, {"id": "p-2"}, {"id": "../account"}, {}])  # a failure is not raised
     assert first.call_count == 1 and second.call_count >= 1
+    assert len(respx.calls) == first.call_count + second.call_count  # nothing sent for odd ids
+
+
+@respx.mock
+async def test_a_reattach_that_fails_on_one_prediction_stops_the_ones_not_read_yet(engine: ReplicateEngine) -> None:
+    # n=2: the first one gone at Replicate ended the job, and the second ran on, billing, for nobody.
+    respx.get(POLL).mock(return_value=httpx.Response(404, json={"detail": "Not found."}))
+    stop_first = respx.post(CANCEL).mock(return_value=httpx.Response(200, json={}))
+    stop_second = respx.post(f"{BASE}/v1/predictions/p-2/cancel").mock(return_value=httpx.Response(200, json={}))
+    with pytest.raises(EngineError):
+        await engine.reattach(bridge(n=2), [{"id": "p-1"}, {"id": "p-2"}], NullProgress(), CancelToken())
+    assert stop_first.call_count == 1 and stop_second.call_count == 1
