@@ -598,9 +598,9 @@ class Scheduler:
 
     def forget_abandoned(self, job: Job) -> None:
         """A job ended while no process followed its work (canceled after its worker died or while
-        queued to be reattached, given up after repeated crashes): what a dead attempt left on a
-        self-hosted server is taken off it, and work a provider accepted is withdrawn there, in
-        the background and best effort. Safe from any thread."""
+        queued to be reattached; a free one given up after repeated crashes): what a dead attempt
+        left on a self-hosted server is taken off it, and work a provider accepted is withdrawn
+        there, in the background and best effort. Safe from any thread."""
         engine = self.registry.get(job.engine) if job.engine in self.registry else None
         work = job.provider_work or {}
         loop = self._loop or self.bus.loop  # an API server that runs no jobs cancels orphans too

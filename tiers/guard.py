@@ -22,6 +22,7 @@ from tiers.base import (
     Restartable,
     Resumable,
     Stage,
+    Withdrawable,
 )
 
 log = logging.getLogger(__name__)
@@ -186,6 +187,17 @@ class _Restarting(ThirdParty):
             log.warning("engine %s: forget() did not end within %g s; it was stopped", self.name, self.cancel_grace)
 
 
+class _Withdrawing(ThirdParty):
+    async def withdraw(self, handles: list[dict[str, Any]]) -> None:
+        """Best effort and bounded, as `forget`: its SystemExit would end the event loop."""
+        try:
+            async with asyncio.timeout(self.cancel_grace):
+                await self._contained(lambda: self._engine.withdraw(handles), None)  # type: ignore[attr-defined]
+        except TimeoutError:
+            log.warning("engine %s: withdraw() did not end within %g s; it was stopped", self.name,
+                        self.cancel_grace)
+
+
 class _Resuming(_Restarting):
     async def resume(self, req: RenderRequest, handles: list[dict[str, Any]], progress: Progress,
                      cancel: CancelToken) -> RenderResult:
@@ -196,7 +208,8 @@ class _Resuming(_Restarting):
 def _contain(engine: Engine) -> ThirdParty:
     """`engine` held in a `ThirdParty` that has the optional protocols it has, and no others."""
     bases = [cls for cls, protocol in ((_Reattaching, Reattachable), (_Resuming, Resumable),
-                                       (_Restarting, Restartable)) if isinstance(engine, protocol)]
+                                       (_Restarting, Restartable), (_Withdrawing, Withdrawable))
+             if isinstance(engine, protocol)]
     if _Resuming in bases and _Restarting in bases:
         bases.remove(_Restarting)
     cls: type[ThirdParty] = type("ThirdParty", tuple(bases), {}) if bases else ThirdParty

@@ -419,3 +419,22 @@ async def test_a_plugin_s_forget_that_hangs_is_stopped_after_the_grace() -> None
     plugin.cancel_grace = 0.05  # type: ignore[attr-defined]
     await asyncio.wait_for(plugin.forget([{"id": "p1"}]), 5)  # type: ignore[attr-defined]
     assert stopped == [True]
+
+
+@pytest.mark.parametrize("raised", [SystemExit(3), KeyboardInterrupt()], ids=["SystemExit", "KeyboardInterrupt"])
+async def test_a_plugin_s_withdraw_is_held_as_its_run_is(raised: BaseException) -> None:
+    """Called as it was, a SystemExit from it ended the event loop (and nothing held a hang)."""
+    from tests.fakes import FakePaidEngine, FakeQueueEngine
+    from tiers.base import Withdrawable
+    from tiers.guard import PluginFault
+
+    class Failing(FakeQueueEngine):
+        async def withdraw(self, handles: list[dict[str, Any]]) -> None:
+            raise raised
+
+    plugin = registry_module.checked(Failing(EngineContext(settings=None)), "tests:failing")  # type: ignore[arg-type]
+    assert isinstance(plugin, ThirdParty) and isinstance(plugin, Withdrawable)
+    with pytest.raises(PluginFault):
+        await plugin.withdraw([{"id": "q-1"}])
+    plain = registry_module.checked(FakePaidEngine(EngineContext(settings=None)), "tests:plain")  # type: ignore[arg-type]
+    assert not isinstance(plain, Withdrawable)  # only what the plugin has
