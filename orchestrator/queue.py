@@ -211,8 +211,12 @@ class Scheduler:
         engine = self.registry.get(claim.job.engine) if claim.job.engine in self.registry else None
         # Followable only when the work accepted covers the whole job: a Replicate job of n=2 with
         # one prediction accepted was left to a recovery that could not follow it (failed, charged).
-        followed = (isinstance(engine, Reattachable) and claim.accepted is not None
-                    and engine.can_reattach(claim.accepted["handles"], render_request(claim.job.params)))
+        try:
+            followed = (isinstance(engine, Reattachable) and claim.accepted is not None
+                        and engine.can_reattach(claim.accepted["handles"], render_request(claim.job.params)))
+        except Exception:  # one odd job's row must not stop the stop: waited for, as unfollowable
+            log.exception("job %s: whether its accepted work can be followed is unknown", claim.job.id)
+            followed = False
         return (engine is not None and engine.kind == "remote" and not isinstance(engine, Restartable)
                 and not followed and not claim.surely_unsent()
                 and claim.job.id not in self.runner.storing)  # answered: waited for as it stores, below

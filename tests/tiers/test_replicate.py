@@ -461,9 +461,9 @@ async def test_a_prediction_answering_several_images_gives_its_first_and_downloa
     assert output.call_count == 1 and others.call_count == 0
 
 
-@pytest.mark.parametrize(("accepted", "awaited"), [(1, True), (2, False)])
+@pytest.mark.parametrize(("accepted", "awaited"), [(1, True), (2, False), ("odd", True)])
 def test_a_stop_waits_for_a_job_whose_predictions_were_not_all_accepted(
-        engine: ReplicateEngine, accepted: int, awaited: bool) -> None:
+        engine: ReplicateEngine, accepted: int | str, awaited: bool) -> None:
     """With 1 of 2 predictions accepted, the stop left the job to a recovery that cannot follow it
     (the rest may or may not have been sent): failed, its estimate charged, its images lost."""
     from types import SimpleNamespace
@@ -473,9 +473,13 @@ def test_a_stop_waits_for_a_job_whose_predictions_were_not_all_accepted(
     from orchestrator.runner import Claim
     from tiers.registry import EngineRegistry
 
-    work = {"engine": "replicate", "handles": [{"id": f"p-{i}"} for i in range(accepted)]}
+    # "odd": a row the request cannot be rebuilt from (an older release's): waited for, not a failed stop.
+    work = {"engine": "replicate", "handles": [{"id": f"p-{i}"} for i in range(accepted if isinstance(accepted, int)
+                                                                             else 1)]}
     job = Job(id="job_1", project_id="prj_1", stage="bridge", engine="replicate", model="m", estimated=16_000,
               params={"stage": "bridge", "prompt": "x", "n": 2, "width": 1024, "height": 1024}, attempt=1)
+    if accepted == "odd":
+        job.params = {"stage": "bridge"}
     claim = Claim(job=job, attempt=1, cancel=CancelToken(), accepted=work)
     scheduler: Any = SimpleNamespace(registry=EngineRegistry({"replicate": engine}),
                                      runner=SimpleNamespace(storing=set()))
