@@ -166,7 +166,7 @@ def _source_of(field: str) -> str:
     """Where a setting's bad value came from: its ORCH_ variable, or else the config file's key."""
     import tomllib
 
-    from orchestrator.settings import PREFIX, Settings, input_fields
+    from orchestrator.settings import PREFIX, Settings, field_of_key
 
     variable = f"{PREFIX}{field.upper()}"
     # An empty one is not set (`orchestrator.settings._EnvSource`): the file's value was read.
@@ -177,9 +177,7 @@ def _source_of(field: str) -> str:
         keys = tomllib.loads(path.read_text())
     except (OSError, ValueError):
         return variable
-    names = input_fields(Settings)  # any of its names: FAL_KEY is fal_api_key's
-    key = next((k for k in keys if names.get(k.lower(), names.get(k.lower().removeprefix(PREFIX.lower()))) == field),
-               None)
+    key = next((k for k in keys if field_of_key(Settings, k) == field), None)  # FAL_KEY is fal_api_key's
     return f"{path}: {key}" if key else variable
 
 

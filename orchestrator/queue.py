@@ -43,9 +43,9 @@ from orchestrator.jobs import render_request
 from orchestrator.ledger import Ledger
 from orchestrator.models import Job
 from orchestrator.outage import Outage
-from orchestrator.runner import FINAL_WRITE_SECONDS, Claim, JobRunner, reattachable, restartable
+from orchestrator.runner import FINAL_WRITE_SECONDS, Claim, JobRunner, followable, reattachable, restartable
 from orchestrator.workers import DeviceLock, Presence, owner_id
-from tiers.base import CancelToken, Engine, Reattachable, Restartable, Withdrawable
+from tiers.base import CancelToken, Engine, Restartable, Withdrawable
 from tiers.registry import EngineRegistry
 
 log = logging.getLogger(__name__)
@@ -211,12 +211,7 @@ class Scheduler:
         engine = self.registry.get(claim.job.engine) if claim.job.engine in self.registry else None
         # Followable only when the work accepted covers the whole job: a Replicate job of n=2 with
         # one prediction accepted was left to a recovery that could not follow it (failed, charged).
-        try:
-            followed = (isinstance(engine, Reattachable) and claim.accepted is not None
-                        and engine.can_reattach(claim.accepted["handles"], render_request(claim.job.params)))
-        except Exception:  # one odd job's row must not stop the stop: waited for, as unfollowable
-            log.exception("job %s: whether its accepted work can be followed is unknown", claim.job.id)
-            followed = False
+        followed = claim.accepted is not None and followable(engine, claim.job, claim.accepted["handles"])
         return (engine is not None and engine.kind == "remote" and not isinstance(engine, Restartable)
                 and not followed and not claim.surely_unsent()
                 and claim.job.id not in self.runner.storing)  # answered: waited for as it stores, below
@@ -583,7 +578,7 @@ class Scheduler:
                 continue
             outcome, error = ended
             recovered.append(job.id)
-            if outcome in ("given up", "canceled"):
+            if outcome in ("given up", "canceled", "failed"):  # ended: nobody follows its work any more
                 self.forget_abandoned(job)
             if self.on_recovered is not None:
                 await self.on_recovered(job, outcome)

@@ -297,8 +297,20 @@ def reattachable(engine: object, job: Job) -> TypeGuard[Reattachable]:
     work = job.provider_work or {}
     handles = work.get("handles") or []
     # Checked on every render: the request is rebuilt only for the rare job with saved work.
-    return (bool(handles) and work.get("engine") == job.engine and isinstance(engine, Reattachable)
-            and engine.can_reattach(handles, render_request(job.params)))
+    return bool(handles) and work.get("engine") == job.engine and followable(engine, job, handles)
+
+
+def followable(engine: object, job: Job, handles: list[dict[str, Any]]) -> TypeGuard[Reattachable]:
+    """Whether `engine` can finish `job` from the work `handles` name. An engine's question that
+    raises (a row of an older release the request cannot be rebuilt from) is a no: asked by
+    recovery, it stopped the service from starting, and by a stop, the stop."""
+    if not isinstance(engine, Reattachable):
+        return False
+    try:
+        return bool(engine.can_reattach(handles, render_request(job.params)))
+    except Exception:
+        log.exception("job %s: whether its provider's work can be followed is unknown; taken as no", job.id)
+        return False
 
 
 class JobRunner:

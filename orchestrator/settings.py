@@ -308,6 +308,16 @@ def _input_names(settings_cls: type[BaseSettings]) -> set[str]:
     return set(input_fields(settings_cls))
 
 
+def field_of_key(settings_cls: type[BaseSettings], key: str) -> str | None:
+    """The setting a config file's key sets: under one of its names, or written as its variable
+    is named (`ORCH_DATA_DIR`, as README's table lists them); None for a key the file may not hold."""
+    known = input_fields(settings_cls)
+    if key.lower() in known:
+        return known[key.lower()]
+    bare = key.lower().removeprefix(PREFIX.lower())
+    return bare if bare in settings_cls.model_fields else None
+
+
 def _closest(name: str, candidates: Iterable[str]) -> str | None:
     found = difflib.get_close_matches(name.lower(), list(candidates), n=1)
     return found[0] if found else None
@@ -351,9 +361,10 @@ class _StrictTomlSource(TomlConfigSettingsSource):
     def __call__(self) -> dict[str, Any]:
         known = input_fields(self.settings_cls)
         fields = list(self.settings_cls.model_fields)
-        # A key may also be written as its variable is named (`ORCH_DATA_DIR`), as README's table lists them.
-        as_variables = {key: bare for key in self.toml_data
-                        if key.lower() not in known and (bare := key.lower().removeprefix(PREFIX.lower())) in fields}
+        # pydantic-settings reads a key under the field's names; one written as its variable is named
+        # is moved to its field below.
+        as_variables = {key: field for key in self.toml_data
+                        if key.lower() not in known and (field := field_of_key(self.settings_cls, key)) is not None}
         errors: list[InitErrorDetails] = []
 
         def refuse(key: str, message: str, **context: str) -> None:
@@ -363,7 +374,7 @@ class _StrictTomlSource(TomlConfigSettingsSource):
 
         first: dict[str, str] = {}  # each field's key in the file
         for key in self.toml_data:
-            field = known.get(key.lower()) or as_variables.get(key)
+            field = field_of_key(self.settings_cls, key)
             if field is None:
                 match = _closest(key.lower().removeprefix(PREFIX.lower()), fields)
                 refuse(key, "unknown key '{key}'{hint}", hint=f" (did you mean '{match}'?)" if match else "")

@@ -371,8 +371,8 @@ class Restartable(Protocol):
 class Withdrawable(Protocol):
     """An engine whose provider can be told to stop work it accepted by id (a Replicate
     prediction, a fal queue request): a job that ends while no process follows its work (canceled
-    after its worker died or while queued to be reattached) has it withdrawn, best effort and
-    never raising, rather than left to run and bill for nobody."""
+    after its worker died or while queued to be reattached; one that failed with it out) has it
+    withdrawn, best effort, rather than left to run and bill for nobody. What it raises is logged."""
 
     async def withdraw(self, handles: list[dict[str, Any]]) -> None:
         ...

@@ -230,3 +230,36 @@ def test_a_job_canceled_while_queued_to_be_reattached_has_its_work_withdrawn_at_
         WITHDRAWN.clear()
         assert client.post(f"/v1/jobs/{job_id}/cancel").status_code == 202
         assert poll(lambda: list(WITHDRAWN), bool, what="the withdrawal") == [[{"id": "q-7"}]]
+
+
+def test_a_job_recovery_fails_with_work_out_has_that_work_withdrawn_and_an_odd_row_does_not_stop_the_start(
+        paid_settings_for: Callable[..., Settings], tmp_path: Path) -> None:
+    """Its worker died with work it could not follow (2 requests for a job the engine follows only
+    whole): failed and charged for reconciliation, and its requests ran on for nobody. A row of an
+    older release whose request cannot be rebuilt stopped the service from starting."""
+    from orchestrator.clock import utcnow
+
+    settings = paid_settings_for(tmp_path / "data")
+    settings.data_dir.mkdir(parents=True)
+    db = Database(settings.resolved_database_url)
+    db.migrate()
+    project_id, unfollowable, odd = new_id("prj"), new_id("job"), new_id("job")
+    try:
+        with db.transaction() as s:
+            s.add(Project(id=project_id, name="withdraw", policy=POLICY))
+            s.flush()
+            for job_id, params in ((unfollowable, {"stage": "bridge", "prompt": "x", "n": 1}),
+                                   (odd, {"stage": "bridge"})):
+                work = {"engine": "fake-queue", "handles": [{"id": f"{job_id}-a"}, {"id": f"{job_id}-b"}]}
+                s.add(Job(id=job_id, project_id=project_id, stage="bridge", engine="fake-queue", model="fake-1",
+                          params=params, estimated=10_000, status="running", attempt=1, lease_owner="dead-host:1:0",
+                          started_at=utcnow(), provider_work=work))
+    finally:
+        db.dispose()
+    WITHDRAWN.clear()
+    with serve_in_thread(settings) as base, httpx.Client(base_url=base, timeout=30) as client:
+        for job_id in (unfollowable, odd):
+            assert wait_for_job(client, job_id)["status"] == "failed"
+        withdrawn = poll(lambda: sorted(h["id"] for handles in WITHDRAWN for h in handles), lambda ids: len(ids) == 4,
+                         what="the withdrawals")
+    assert withdrawn == sorted(f"{job_id}-{part}" for job_id in (unfollowable, odd) for part in "ab")

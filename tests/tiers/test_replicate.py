@@ -505,3 +505,21 @@ async def test_a_reattach_that_fails_on_one_prediction_stops_the_ones_not_read_y
     with pytest.raises(EngineError):
         await engine.reattach(bridge(n=2), [{"id": "p-1"}, {"id": "p-2"}], NullProgress(), CancelToken())
     assert stop_first.call_count == 1 and stop_second.call_count == 1
+
+
+@respx.mock
+@pytest.mark.parametrize("abandon", [False, True])
+async def test_a_reattach_canceled_on_its_first_prediction_withdraws_the_rest_unless_another_follows_them(
+        engine: ReplicateEngine, abandon: bool) -> None:
+    # Abandoned (a stop, or another process took the job over), the predictions are that one's to follow.
+    hang = NoAnswer()
+    respx.get(POLL).mock(side_effect=hang)
+    stop_first = respx.post(CANCEL).mock(return_value=httpx.Response(200, json={}))
+    stop_second = respx.post(f"{BASE}/v1/predictions/p-2/cancel").mock(return_value=httpx.Response(200, json={}))
+    token = CancelToken()
+    task = asyncio.ensure_future(engine.reattach(bridge(n=2), [{"id": "p-1"}, {"id": "p-2"}], NullProgress(), token))
+    await hang.sent.wait()
+    token.cancel(abandon=abandon)
+    with pytest.raises(Canceled):
+        await task
+    assert (stop_first.call_count, stop_second.call_count) == ((0, 0) if abandon else (1, 1))
