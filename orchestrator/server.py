@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import socket
 import threading
 import time
@@ -66,9 +67,11 @@ class Server(uvicorn.Server):
         super().__init__(uvicorn.Config(AnswerWhenStopped(app), lifespan="on",
                                         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS, **options))  # type: ignore[arg-type]
         self.app = app
+        self.interrupted = False  # a Ctrl-C (SIGINT) stopped it
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         again = self.should_exit
+        self.interrupted = self.interrupted or sig == signal.SIGINT
         super().handle_exit(sig, frame)
         self.end_streams()
         services = getattr(self.app.state, "services", None)
@@ -119,6 +122,11 @@ def serve(settings: Settings, *, host: str, port: int, log_level: str) -> None:
                     log_level=log_level)
     _log_uvicorn_to_files()  # after uvicorn has configured its loggers, which replaces their handlers
     server.run()
+    if server.interrupted:
+        # uvicorn raises the signal again once it has stopped, and it reaches asyncio.run's own SIGINT
+        # handler, which cancels a task that may be ending anyway: once, on a loaded machine, the
+        # process exited 0 after a Ctrl-C. Told here, every Ctrl-C ends the command as one (130).
+        raise KeyboardInterrupt
 
 
 def _log_uvicorn_to_files() -> None:
