@@ -143,8 +143,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _field(loc: tuple[int | str, ...]) -> str:
-    """The setting an error is about: an alias (`ORCH_GEMINI_API_KEY`) read as its field, or the
-    variable named was ORCH_ORCH_GEMINI_API_KEY and the value shown as not a secret."""
+    """The setting an error is about: an alias (`ORCH_GEMINI_API_KEY`) read as its field (the line
+    named ORCH_ORCH_GEMINI_API_KEY, and the value was hidden only as no field's)."""
     from orchestrator.settings import Settings, input_fields
 
     name = "_".join(str(p) for p in loc)
