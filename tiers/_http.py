@@ -47,6 +47,9 @@ if TYPE_CHECKING:
     from tiers.base import CancelToken
 
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504}) | frozenset(range(505, 600))
+# A reverse proxy's "bad gateway" and "gateway timeout": a self-hosted server behind one whose read
+# timeout is shorter than the server's answer may have taken the request all the same.
+GATEWAY_STATUSES = frozenset({502, 504})
 # Credentials httpx does not know to drop when a redirect (or an output download) leaves the
 # provider's origin: it strips only `Authorization` (and a client's `auth=` goes with the first
 # request only: see `_exchange`).

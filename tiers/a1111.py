@@ -31,7 +31,7 @@ from typing import Any, Literal
 import httpx
 
 from orchestrator.errors import BadEngineInput, Canceled, EngineError, EngineTimeout, EngineUnavailable
-from tiers._http import RemoteClient, error_text, without_credentials
+from tiers._http import GATEWAY_STATUSES, RemoteClient, error_text, without_credentials
 from tiers._images import b64decode_tolerant, b64encode, decode_image, encode_image
 from tiers.base import (
     CancelToken,
@@ -55,8 +55,6 @@ URL_SETTING = "ORCH_A1111_URL"
 AUTH_SETTING = "ORCH_A1111_AUTH"
 # Progress polls and the interrupt are side calls: they must never hold the job up for long.
 SIDE_CALL_TIMEOUT = 5.0
-# A reverse proxy's "bad gateway" and "gateway timeout" (see `not_sent_again`).
-GATEWAY_STATUSES = frozenset({502, 504})
 # The longest sampler name kept from the server's answer (A1111's are under 30).
 MAX_SAMPLER_CHARS = 100
 

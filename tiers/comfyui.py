@@ -43,7 +43,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from orchestrator.errors import BadEngineInput, Canceled, EngineError, EngineTimeout, EngineUnavailable
-from tiers._http import RemoteClient, error_text, json_object, without_credentials
+from tiers._http import GATEWAY_STATUSES, RemoteClient, error_text, json_object, without_credentials
 from tiers._images import decode_image, encode_image
 from tiers.base import (
     CancelToken,
@@ -97,6 +97,12 @@ PREVIEW_MAX_PIXELS = 1024 * 1024
 # The most steps an image counts for (ComfyUI's own limit on a sampler's): a larger `max` in a
 # frame is scaled down to it rather than stored as the job's step count.
 MAX_UNIT = 10_000
+
+
+def _queued_behind_a_gateway(response: httpx.Response) -> bool:
+    """A proxy's 502/504 to the POST of a prompt: not sent again (see `_execute`)."""
+    return (response.status_code in GATEWAY_STATUSES and response.request.method == "POST"
+            and response.request.url.path.endswith("/prompt"))
 
 
 class WorkflowError(Exception):
@@ -209,6 +215,7 @@ class ComfyUIEngine:
             # No auth of its own: a 401/403 comes from a proxy in front of it.
             key_setting=f"{URL_SETTING} (the proxy in front of ComfyUI refused the request)",
         )
+        self.http.final_answer = _queued_behind_a_gateway
 
     @property
     def model(self) -> str:
@@ -402,9 +409,14 @@ class ComfyUIEngine:
             response = await cancel.race(
                 self.http.request("POST", "/prompt", deadline=deadline, json=body), charged="no"
             )
-            if response.status_code != 200:
+            if response.status_code in GATEWAY_STATUSES:
+                # The proxy gave up waiting, not the server: the prompt may be queued under the id we
+                # chose. Sent again, it was rendered twice; followed, it is collected, or found lost.
+                answered = None
+            elif response.status_code != 200:
                 raise self._prompt_refused(response)
-            answered = json_object(response, self.name, "/prompt").get("prompt_id")
+            else:
+                answered = json_object(response, self.name, "/prompt").get("prompt_id")
         except EngineTimeout as exc:
             # The prompt may be queued or running with nobody left to collect it.
             await self._drop(prompt_id)

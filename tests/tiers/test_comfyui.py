@@ -175,7 +175,7 @@ def test_substitute_keeps_unknown_text_and_does_not_rescan() -> None:
 @respx.mock
 async def test_5xx_then_success(engine: ComfyUIEngine) -> None:
     ok = httpx.Response(200, json={"prompt_id": "x", "number": 1, "node_errors": {}})
-    routes = mock_server(prompt=[httpx.Response(502), ok])
+    routes = mock_server(prompt=[httpx.Response(503), ok])  # the server's own: a proxy's 502 is not resent
     routes["history"].side_effect = lambda request: httpx.Response(
         200, json=history(request.url.path.rsplit("/", 1)[1]))
     await engine.run(bridge(), NullProgress(), CancelToken())
@@ -216,6 +216,24 @@ async def test_a_history_that_cannot_be_read_takes_the_prompt_off_the_server(eng
     assert not isinstance(info.value, EngineTimeout)
     assert json.loads(routes["queue"].calls.last.request.content) == {"delete": [progress.request_ids[0]]}
     assert routes["interrupt"].call_count == 1  # it was running: interrupted too
+
+
+@respx.mock
+@pytest.mark.parametrize("status", [502, 504])
+async def test_a_proxy_s_gateway_error_to_the_prompt_is_not_resent_and_the_prompt_is_followed(
+        engine: ComfyUIEngine, status: int) -> None:
+    """The proxy gave up waiting, the server had queued the prompt: sent again, it was rendered
+    twice on the shared GPU. Followed under the id we chose, its image is collected."""
+    routes = mock_server()
+    real = routes["prompt"].side_effect
+
+    def queued_then_gateway(request: httpx.Request) -> httpx.Response:
+        real(request)  # the server queues it...
+        return httpx.Response(status, text="<html>bad gateway</html>")  # ...and the proxy answers
+
+    routes["prompt"].mock(side_effect=queued_then_gateway)
+    result = await engine.run(bridge(), RecordingProgress(), CancelToken())
+    assert routes["prompt"].call_count == 1 and len(result.images) == 1
 
 
 @respx.mock
