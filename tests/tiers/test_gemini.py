@@ -126,13 +126,11 @@ async def test_an_answer_of_another_shape_is_charged(engine: GeminiEngine, body:
 
 
 @respx.mock
+# Each count the engine reads; the values a count may not be are `token_counts`' (test_cloud.py).
 @pytest.mark.parametrize(("key", "count"), [
     ("candidatesTokenCount", "1e400"),  # an infinity to json.loads: int() raised OverflowError
-    ("candidatesTokenCount", "-5000000"),
-    ("candidatesTokenCount", "1290.5"),
-    ("candidatesTokenCount", '"1290"'),
     ("promptTokenCount", "true"),
-    ("thoughtsTokenCount", "1e400"),
+    ("thoughtsTokenCount", "-5"),
 ])
 async def test_token_counts_that_are_not_counts_charge_the_estimate(engine: GeminiEngine, key: str,
                                                                     count: str) -> None:

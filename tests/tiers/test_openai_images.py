@@ -134,12 +134,10 @@ async def test_malformed_body(engine: OpenAIImagesEngine, response: httpx.Respon
 
 
 @respx.mock
+# Each count the engine reads; the values a count may not be are `token_counts`' (test_cloud.py).
 @pytest.mark.parametrize(("where", "count"), [
     ("output_tokens", "1e400"),  # an infinity to json.loads: int() raised OverflowError
-    ("output_tokens", "-99999999"),
-    ("output_tokens", "4160.5"),
-    ("output_tokens", '"4160"'),
-    ("image_tokens", "1e400"),
+    ("image_tokens", "4160.5"),
     ("text_tokens", "true"),
 ])
 async def test_token_counts_that_are_not_counts_charge_the_estimate(engine: OpenAIImagesEngine, where: str,
