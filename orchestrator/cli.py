@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from sqlalchemy.exc import DatabaseError
 
 from orchestrator import __version__
+from orchestrator.errors import first_line
 
 if TYPE_CHECKING:
     from orchestrator.settings import Settings
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"cannot reach {exc.request.url.copy_with(path='/', query=None)}: {exc}")
     except DatabaseError as exc:
         # The database is down or refuses us: say so in a line (the URL's password never shows).
-        reason = next(iter(str(exc.orig or exc).strip().splitlines()), type(exc).__name__)
+        reason = first_line(exc.orig or exc, type(exc).__name__)
         return _fail(f"cannot use the database: {reason}")
 
 
@@ -450,7 +451,7 @@ def _check(*, no_hash: bool) -> int:
     except (ArgumentError, NoSuchModuleError) as exc:
         return _fail(f"ORCH_DATABASE_URL: not a database URL I can open ({exc})", status=2)
     except DatabaseError as exc:  # not there, not migrated, not a database at all
-        reason = next(iter(str(exc.orig or exc).strip().splitlines()), type(exc).__name__)
+        reason = first_line(exc.orig or exc, type(exc).__name__)
         return _fail(f"cannot use the database: {reason}", status=2)
     if wrong_store is not None:
         print(f"PROBLEMS: ORCH_DATA_DIR: {wrong_store}")

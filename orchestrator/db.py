@@ -46,6 +46,7 @@ from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_de
 from orchestrator import clock
 from orchestrator.bells import Bell
 from orchestrator.clock import DatabaseClock
+from orchestrator.errors import first_line
 
 log = logging.getLogger(__name__)
 _IMMEDIATE = "orchestrator_immediate"
@@ -218,7 +219,7 @@ class Database:
 
 def _tell_retry(state: RetryCallState) -> None:
     exc = state.outcome.exception() if state.outcome else None
-    first = next(iter(str(exc or "").splitlines()), "")
+    first = first_line(exc or "")
     if exc is not None and disk_full(exc):
         log.warning("the database's disk is full (%s); trying again", first)
     else:

@@ -46,6 +46,12 @@ from orchestrator.clock import iso
 Charged = Literal["no", "unknown", "yes"]
 
 
+def first_line(exc: BaseException | str, default: str = "") -> str:
+    """The first line of an error's text that says anything: a database error's next lines hold
+    its SQL and values, and some messages start with a newline. `default` when there is none."""
+    return next((line.strip() for line in str(exc).splitlines() if line.strip()), default)
+
+
 class OrchestratorError(Exception):
     code = "internal_error"
     status = 500

@@ -9,6 +9,8 @@ import logging
 import time
 from collections.abc import Callable
 
+from orchestrator.errors import first_line
+
 REMIND_SECONDS = 60.0
 
 
@@ -36,7 +38,7 @@ class Outage:
             self.logger.log(self.level, "%s failed; %s", self.duty, self.retry, exc_info=exc)
         elif now - self._told >= REMIND_SECONDS:
             self._told = now
-            first = next(iter(str(exc).splitlines()), "") or type(exc).__name__
+            first = first_line(exc, type(exc).__name__)
             self.logger.log(self.level, "%s still failing (%d tries in %.0f s): %s", self.duty, self._tries,
                             now - since, first[:300])
         else:

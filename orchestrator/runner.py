@@ -40,6 +40,7 @@ from orchestrator.errors import (
     EngineError,
     Interrupted,
     OrchestratorError,
+    first_line,
 )
 from orchestrator.events import EventBus
 from orchestrator.health import EngineHealth
@@ -388,7 +389,7 @@ class JobRunner:
                 # The first line says what failed; a database error's next lines hold its SQL and values,
                 # and a file error's text the server's paths (the log has them).
                 reason = (exc.strerror if isinstance(exc, OSError) and exc.strerror
-                          else next(iter(str(exc).splitlines()), ""))
+                          else first_line(exc))
                 raise EngineError(f"the images were made but could not be stored: {type(exc).__name__}: {reason}"[:500],
                                   retryable=False, charged="yes", cost_millicredits=result.cost_millicredits) from exc
         except StaleAttempt:
@@ -430,7 +431,7 @@ class JobRunner:
             remote = job.engine in self.registry and self.registry.get(job.engine).kind == "remote"
             # The first line: a database error's next ones hold its SQL and values (the log has them).
             # The server's paths are cut to their last part: the project's key reads the job.
-            first = hide_paths(next(iter(str(exc).splitlines()), ""), job.engine)
+            first = hide_paths(first_line(exc), job.engine)
             claim.ended = True  # before the question below: no send of this attempt starts after it
             error = EngineError(f"engine '{job.engine}' failed unexpectedly: {type(exc).__name__}: {first}"[:500],
                                 retryable=False,
@@ -953,7 +954,7 @@ class JobRunner:
                                             col(Job.status) == "running")
                           .values(progress_step=step, progress_total=total))
         except SQLAlchemyError as exc:
-            log.warning("job %s: writing its progress failed: %s", claim.job.id, str(exc).splitlines()[0][:200])
+            log.warning("job %s: writing its progress failed: %s", claim.job.id, first_line(exc)[:200])
 
     def save_provider_request(self, claim: Claim, work: dict[str, Any]) -> None:
         """Save what a provider accepted, so that a crash can find it again; waits out a database

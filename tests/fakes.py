@@ -108,6 +108,8 @@ class FakePaidEngine:
             SENT.append(f"{req.prompt} (second call)")
         if behaviour == "crash":  # a bug, not an EngineError: as reading an answer that lacks a field
             raise KeyError("images")
+        if behaviour == "crash-said-late":  # as CUDA's errors: their text starts with a newline
+            raise RuntimeError("\nCUDA error: an illegal memory access\nat /build/kernel.cu:12")
         progress.state("submitted")
         if behaviour == "hang-unsaved":  # as a synchronous provider's call: no id until it answers
             await cancel.race(asyncio.sleep(3600))

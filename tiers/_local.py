@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-from orchestrator.errors import BadEngineInput, Canceled, EngineError, EngineUnavailable
+from orchestrator.errors import BadEngineInput, Canceled, EngineError, EngineUnavailable, first_line
 from orchestrator.store import hide_paths, model_name
 from tiers import tiny
 from tiers._family import ModelDefaults, few_step_scheduler, model_defaults, snapshot_folder
@@ -276,11 +276,6 @@ def _out_of_memory(exc: BaseException) -> BaseException | None:
     return None
 
 
-def _first_line(exc: BaseException) -> str:
-    """The first line of an exception's text that says anything: some start with a newline."""
-    return next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
-
-
 def _fp16_only(folder: Path) -> bool:
     """Whether a component of a diffusers folder holds fp16-variant weights and no full-size ones:
     diffusers looks for the full-size names unless told the variant."""
@@ -441,7 +436,7 @@ class LocalRuntime:
             self._restore_vaes()
         except Exception as exc:  # out of memory again: the next job's failure mends it, or says why
             log.warning("a VAE could not be put back to its dtype after a failed call: %s: %s", type(exc).__name__,
-                        _first_line(exc)[:200])
+                        first_line(exc)[:200])
         if out_of_memory is not failure:
             raise failure  # a load that ran out of memory says so itself, as the model's failure
         # Nothing left the machine and nothing was charged: a smaller size or batch, or
@@ -587,7 +582,7 @@ class LocalRuntime:
             self._warm_up(pipe, model, image_to_image=image_to_image)
         except Exception as exc:  # an optimisation: the model is loaded; a job that fails alike says why
             log.warning("the warm-up of %s failed (the model stays loaded): %s: %s", model, type(exc).__name__,
-                        _first_line(exc)[:200])
+                        first_line(exc)[:200])
         return pipe
 
     def _load_pipeline(self, model: str, *, image_to_image: bool = False) -> Any:
@@ -614,7 +609,7 @@ class LocalRuntime:
         except Exception as exc:  # any failure to load is the model's, and told as one
             # OSError and ValueError mostly; SafetensorError for a .ckpt or a damaged file; diffusers'
             # own errors (a LoRA or VAE file given as a checkpoint) derive from Exception itself.
-            first = _first_line(exc)
+            first = first_line(exc)
             reason = f"{type(exc).__name__}: {first}" if not isinstance(exc, (OSError, ValueError)) else first
             if not source.exists() and not hf_hub_cached(model) and not hf_hub_reachable():
                 # diffusers then blames a missing model_index.json: the cause is the network.
@@ -728,12 +723,12 @@ class LocalRuntime:
             return self._previewer(latents, xl=pipe is not None and is_sdxl(pipe))
         except Exception as exc:
             if self._previewer is latents_to_preview:
-                log.warning("step previews are off: %s: %s", type(exc).__name__, _first_line(exc)[:200])
+                log.warning("step previews are off: %s: %s", type(exc).__name__, first_line(exc)[:200])
                 self._previewer = _no_preview
                 return None
             log.warning("ORCH_LITE_PREVIEW_VAE=%s cannot preview this model (%s: %s); using the latent "
                         "approximation", self.settings.lite_preview_vae, type(exc).__name__,
-                        _first_line(exc)[:200])
+                        first_line(exc)[:200])
             self._previewer = latents_to_preview
             return self.preview(latents, pipe)
 

@@ -19,7 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from orchestrator.api.deps import authenticate
 from orchestrator.api.json_body import UnreadableJSON
 from orchestrator.db import disk_full, transient
-from orchestrator.errors import OrchestratorError
+from orchestrator.errors import OrchestratorError, first_line
 from orchestrator.schemas import ErrorResponse, UnstorableText
 
 log = logging.getLogger(__name__)
@@ -291,12 +291,12 @@ def install(app: FastAPI) -> None:
             log.error("database error", exc_info=exc)
             return error_response(500, "internal_error", "internal server error")
         if disk_full(exc):
-            log.error("the database's disk is full: %s", next(iter(str(exc).splitlines()), "")[:300])
+            log.error("the database's disk is full: %s", first_line(exc)[:300])
             return error_response(503, "storage_full",
                                   "the server's disk is full; nothing was written, send the request again once "
                                   "its operator has made room (with the same Idempotency-Key for a POST)",
                                   headers={"Retry-After": "60"})
-        log.warning("database unavailable: %s", next(iter(str(exc).splitlines()), type(exc).__name__)[:300])
+        log.warning("database unavailable: %s", first_line(exc, type(exc).__name__)[:300])
         return error_response(503, "database_unavailable",
                               "the database did not answer in time; nothing was written, send the request again "
                               "(with the same Idempotency-Key for a POST)", headers={"Retry-After": "5"})

@@ -115,6 +115,14 @@ def test_a_priced_remote_engine_that_crashes_fails_the_job_charged_unknown(build
     assert event_types(services, job_id)[-1] == "failed"
 
 
+def test_a_crash_whose_text_starts_with_a_newline_is_told_by_its_first_line(build: Build) -> None:
+    services = build("fake-paid=tests.fakes:factory,fake-free=tests.fakes:free_factory")
+    job_id = queue_job(services, "fake-paid", estimated=HOLD, params={**BRIDGE, "tags": {"fake": "crash-said-late"}})
+    job = claim_and_run(services, job_id)
+    assert job.error is not None
+    assert job.error["message"].endswith("RuntimeError: CUDA error: an illegal memory access"), job.error
+
+
 def test_a_remote_engine_that_crashes_before_asking_to_send_releases_its_hold(build: Build) -> None:
     # The engine announces its sends (`billable_send`) and had asked for none: nothing reached the
     # provider, so nothing is left for reconciliation.
