@@ -18,7 +18,8 @@ from orchestrator import __version__
 from orchestrator.api import assets, credits, engines, jobs, keys, policies, projects, stages, workers
 from orchestrator.api.cross_site import UNSAFE, Cors, CrossSiteGuard
 from orchestrator.api.deps import ServicesDep, require_auth
-from orchestrator.api.errors import ANY_OTHER_ERROR, UnexpectedErrors, documented
+from orchestrator.api.docs import ANY_OTHER_ERROR, documented
+from orchestrator.api.errors import UnexpectedErrors
 from orchestrator.api.errors import install as install_errors
 from orchestrator.api.head import HeadAsGet
 from orchestrator.api.query import DropEmptyQueryValues, single_valued_query

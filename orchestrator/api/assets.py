@@ -9,7 +9,7 @@ from sqlalchemy import update
 from sqlmodel import Session, col, select
 
 from orchestrator.api.deps import Caller, CallerDep, ServicesDep
-from orchestrator.api.errors import documented
+from orchestrator.api.docs import documented
 from orchestrator.api.json_body import StrictJSONRoute
 from orchestrator.api.serialize import asset_public
 from orchestrator.clock import utcnow

@@ -14,7 +14,7 @@ from sqlmodel import col, select
 
 from orchestrator import idempotency
 from orchestrator.api.deps import CallerDep, IdempotencyKey, ServicesDep
-from orchestrator.api.errors import created, documented
+from orchestrator.api.docs import created, documented
 from orchestrator.api.json_body import StrictJSONRoute
 from orchestrator.api.query import Cursor, Limit, Order, paged
 from orchestrator.clock import iso

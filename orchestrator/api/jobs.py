@@ -11,7 +11,7 @@ from sqlmodel import col, select
 
 from orchestrator import keys
 from orchestrator.api.deps import CallerDep, ServicesDep, check_job
-from orchestrator.api.errors import documented
+from orchestrator.api.docs import documented
 from orchestrator.api.json_body import StrictJSONRoute
 from orchestrator.api.query import Cursor, Limit, Order, paged
 from orchestrator.api.serialize import job_public

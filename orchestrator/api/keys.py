@@ -9,7 +9,7 @@ from pydantic import BaseModel, Field
 
 from orchestrator import idempotency, keys
 from orchestrator.api.deps import CallerDep, IdempotencyKey, ServicesDep
-from orchestrator.api.errors import created, documented
+from orchestrator.api.docs import created, documented
 from orchestrator.api.json_body import StrictJSONRoute
 from orchestrator.api.query import Cursor, Limit
 from orchestrator.errors import Conflict, NotFound

@@ -12,7 +12,7 @@ from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema
 
 from orchestrator.api.deps import CallerDep, ServicesDep, check_asset
-from orchestrator.api.errors import documented
+from orchestrator.api.docs import documented
 from orchestrator.api.json_body import StrictJSONRoute
 from orchestrator.api.query import Limit
 from orchestrator.errors import InvalidRequest

@@ -6,7 +6,7 @@ from sqlmodel import Session, col, select
 
 from orchestrator import idempotency
 from orchestrator.api.deps import CallerDep, IdempotencyKey, ServicesDep
-from orchestrator.api.errors import created, documented
+from orchestrator.api.docs import created, documented
 from orchestrator.api.json_body import StrictJSONRoute
 from orchestrator.api.query import Cursor, Limit, Order, paged
 from orchestrator.api.serialize import asset_public, project_public

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Request, Response
 
 from orchestrator.api.deps import CallerDep, IdempotencyKey, ServicesDep, check_asset
-from orchestrator.api.errors import documented
+from orchestrator.api.docs import documented
 from orchestrator.api.jobs import public
 from orchestrator.api.json_body import StrictJSONRoute
 from orchestrator.api.serialize import job_public

@@ -7,7 +7,7 @@ from sqlalchemy import func
 from sqlmodel import col, select
 
 from orchestrator.api.deps import CallerDep, ServicesDep
-from orchestrator.api.errors import documented
+from orchestrator.api.docs import documented
 from orchestrator.api.json_body import StrictJSONRoute
 from orchestrator.models import Job
 from orchestrator.schemas import WorkerPublic, WorkersPublic
