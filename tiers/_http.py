@@ -511,14 +511,18 @@ class RemoteClient:
         # body would hold the job forever. The deadline bounds the attempt (the floor leaves a
         # last attempt, admitted just before the deadline, time to be answered).
         limit = max(stop_at - self.clock(), MIN_ATTEMPT_SECONDS)
+        heads: list[httpx.Response] = []
         try:
             async with asyncio.timeout(limit):
                 if cancel is None:
-                    response = await self._exchange(request, idempotent)
+                    response = await self._exchange(request, idempotent, heads)
                 else:
-                    response = await cancel.race(self._exchange(request, idempotent),
+                    response = await cancel.race(self._exchange(request, idempotent, heads),
                                                  charged="no" if idempotent else "unknown")
         except TimeoutError:
+            if heads and self._retryable(head := _read(heads[-1], b"", [])):
+                # Its status line said nothing was made (a 503, a 429); only its body stalled.
+                raise _RetryableAnswer(head) from None
             raise EngineTimeout(
                 f"{self.engine}: no complete answer before the deadline (ORCH_REMOTE_DEADLINE)"
                 + ("" if idempotent else "; the provider may have made and billed the image"),
@@ -560,14 +564,19 @@ class RemoteClient:
                 details={"engine": self.engine, "status": response.status_code}, retryable=False,
                 charged="unknown",
             )
-        if response.status_code in RETRY_STATUSES and not self.final_answer(response):
+        if self._retryable(response):
             raise _RetryableAnswer(response)
         return response
 
-    async def _exchange(self, request: httpx.Request, idempotent: bool) -> httpx.Response:
+    def _retryable(self, response: httpx.Response) -> bool:
+        return response.status_code in RETRY_STATUSES and not self.final_answer(response)
+
+    async def _exchange(self, request: httpx.Request, idempotent: bool,
+                        heads: list[httpx.Response]) -> httpx.Response:
         """Send `request` and read its answer, decompressed, up to `max_answer_bytes`. Redirects
         are followed here, their bodies never read (httpx reads each whole), and each hop goes
-        through the request hook (`_leaving_home`)."""
+        through the request hook (`_leaving_home`). The answer's head is put in `heads` as it
+        comes, for a caller whose deadline ends the body."""
         history: list[httpx.Response] = []
         while True:
             try:
@@ -597,18 +606,25 @@ class RemoteClient:
             if len(history) > self.client.max_redirects:
                 raise httpx.TooManyRedirects("Exceeded maximum allowed redirects.", request=request)
             request = response.next_request
+        heads.append(response)
+        body = bytearray()
         try:
-            if response.is_stream_consumed:
-                # An in-memory transport's answer (a mock) comes read and decoded already.
-                body = bytearray(response.content)
-                if len(body) > self.max_answer_bytes:
-                    raise _TooLarge
-            else:
-                inflater = _Inflater.for_answer(response, self.max_answer_bytes)
-                body = bytearray()
-                async for chunk in response.aiter_raw():
-                    body += inflater.feed(chunk)
-                body += inflater.end()
+            try:
+                if response.is_stream_consumed:
+                    # An in-memory transport's answer (a mock) comes read and decoded already.
+                    body = bytearray(response.content)
+                    if len(body) > self.max_answer_bytes:
+                        raise _TooLarge
+                else:
+                    inflater = _Inflater.for_answer(response, self.max_answer_bytes)
+                    async for chunk in response.aiter_raw():
+                        body += inflater.feed(chunk)
+                    body += inflater.end()
+            except (_Unreadable, _TooLarge, httpx.TransportError):
+                # A 503's or a 429's status line already said nothing was made: a body cut off
+                # after it (a gateway dropping the connection) only loses its explanation.
+                if not self._retryable(_read(response, b"", history)):
+                    raise
         except _Unreadable as exc:
             raise EngineError(
                 f"{self.engine}: the provider's answer is not read: {exc}"
@@ -625,14 +641,7 @@ class RemoteClient:
             ) from None
         finally:
             await response.aclose()
-        # The body as read: decompressed, so the answer no longer says how it was encoded.
-        headers = [(k, v) for k, v in response.headers.multi_items()
-                   if k.lower() not in ("content-encoding", "content-length", "transfer-encoding")]
-        read = httpx.Response(response.status_code, headers=headers, content=bytes(body), request=response.request,
-                              extensions=response.extensions, history=history)
-        with contextlib.suppress(RuntimeError):  # a transport's answer made whole has no time of its own
-            read.elapsed = response.elapsed
-        return read
+        return _read(response, body, history)
 
     def _give_up(self, response: httpx.Response) -> EngineError:
         details = {"engine": self.engine, "status": response.status_code}
@@ -657,6 +666,17 @@ class RemoteClient:
             f"{without_credentials(message, response) if message else error_text(response)}",
             details={"engine": self.engine, "status": response.status_code},
         )
+
+
+def _read(response: httpx.Response, body: bytes | bytearray, history: list[httpx.Response]) -> httpx.Response:
+    """`response` with `body` as read: decompressed, so the answer no longer says how it was encoded."""
+    headers = [(k, v) for k, v in response.headers.multi_items()
+               if k.lower() not in ("content-encoding", "content-length", "transfer-encoding")]
+    read = httpx.Response(response.status_code, headers=headers, content=bytes(body), request=response.request,
+                          extensions=response.extensions, history=history)
+    with contextlib.suppress(RuntimeError):  # a transport's answer made whole has no time of its own
+        read.elapsed = response.elapsed
+    return read
 
 
 def json_object(response: httpx.Response, engine: str, what: str = "the provider", *,

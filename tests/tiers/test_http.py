@@ -685,3 +685,62 @@ async def test_a_compressed_body_cut_short_is_not_taken_for_the_whole(client: Re
     respx.get(f"{BASE}/second").mock(return_value=in_pieces("gzip", body + body[:20]))
     with pytest.raises(EngineError, match="could not be read"):
         await client.request("GET", "/second", idempotent=True)
+
+
+@contextlib.asynccontextmanager
+async def first_answer_cut(head: str, then: str = "drop") -> AsyncIterator[tuple[str, list[int]]]:
+    """A server whose first answer is `head` and 10 of its 500 promised bytes, then a dropped
+    connection (`then="drop"`) or silence (`"stall"`); every later request gets a 200."""
+    calls: list[int] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        calls.append(1)
+        if len(calls) == 1:
+            writer.write(f"HTTP/1.1 {head}\r\nContent-Type: application/json\r\nContent-Length: 500\r\n\r\n"
+                         '{"error": '.encode())
+            await writer.drain()
+            if then == "stall":
+                await asyncio.sleep(30)
+        else:
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}")
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", calls
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("head", ["503 Service Unavailable", "429 Too Many Requests"])
+async def test_a_refusal_whose_body_is_cut_off_is_retried_as_a_refusal(head: str, sleep: Any) -> None:
+    # Its status line said nothing was made; only the explanation was lost.
+    async with first_answer_cut(head) as (url, calls):
+        client = RemoteClient("prov", base_url=url, key_setting="ORCH_PROV_API_KEY", deadline=60.0,
+                              sleep=sleep, clock=sleep.clock)
+        response = await client.request("POST", "/images", json={"prompt": "x"})
+        await client.aclose()
+    assert (response.status_code, len(calls)) == (200, 2)
+
+
+async def test_an_answer_cut_off_after_a_200_may_still_have_been_billed(sleep: Any) -> None:
+    async with first_answer_cut("200 OK") as (url, calls):
+        client = RemoteClient("prov", base_url=url, key_setting="ORCH_PROV_API_KEY", deadline=60.0,
+                              sleep=sleep, clock=sleep.clock)
+        with pytest.raises(EngineTimeout) as info:
+            await client.request("POST", "/images", json={"prompt": "x"})
+        await client.aclose()
+    assert (info.value.charged, len(calls)) == ("unknown", 1)
+
+
+async def test_a_refusal_whose_body_stalls_to_the_deadline_cost_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("tiers._http.MIN_ATTEMPT_SECONDS", 0.1)
+    async with first_answer_cut("503 Service Unavailable", then="stall") as (url, calls):
+        client = RemoteClient("prov", base_url=url, key_setting="ORCH_PROV_API_KEY", deadline=0.5,
+                              read_timeout=5.0)
+        with pytest.raises(EngineError) as info:
+            await client.request("POST", "/images", json={"prompt": "x"})
+        await client.aclose()
+    assert (info.value.charged, info.value.details.get("status"), len(calls)) == ("no", 503, 1)
