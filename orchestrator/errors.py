@@ -2,11 +2,14 @@
 it to `{"error": {"code", "message", "details"}}` with `status` in exactly one place (`api/errors.py`).
 
     OrchestratorError
-    ├── InvalidRequest          422 invalid_request   (bad input the schema could not catch;
-    │                                                  400 for a body that is not JSON, 415 for one not sent as it)
+    ├── InvalidRequest          422 invalid_request   (bad input the schema could not catch)
+    │   ├── BadRequest          400 invalid_request   (a body that is not JSON, a NUL in the URL, a foreign Host)
+    │   └── NotJSON             415 invalid_request   (a body not sent as JSON)
     ├── Unauthorized            401 unauthorized
     ├── Forbidden               403 forbidden
     ├── NotFound                404 not_found
+    ├── MethodNotAllowed        405 method_not_allowed
+    ├── PayloadTooLarge         413 payload_too_large (ORCH_MAX_BODY_BYTES)
     ├── ContentUnavailable      500 content_unavailable (an asset's file missing or damaged)
     ├── Conflict                409 conflict
     │   ├── IdempotencyConflict 409 idempotency_conflict
@@ -14,6 +17,8 @@ it to `{"error": {"code", "message", "details"}}` with `status` in exactly one p
     ├── Gone                    410 gone          (a deleted asset)
     ├── BudgetExceeded          402 budget_exceeded
     ├── DatabaseUnavailable     503 database_unavailable (/readyz; SQLAlchemy's own errors map to it too)
+    ├── StorageFull             503 storage_full  (the database's disk)
+    ├── ServerStopping          503 server_stopping (a request still open when a stop's wait ran out)
     ├── TooManyJobs             429 rate_limited  (ORCH_MAX_PENDING_JOBS unfinished jobs already)
     ├── NoRoute                 422 no_route
     │   ├── NoUsableEngine      503 no_route (a rule matched, none of its engines can take it now)
@@ -27,8 +32,8 @@ it to `{"error": {"code", "message", "details"}}` with `status` in exactly one p
         ├── BadEngineInput      invalid_request   (the provider refused our input: never retried)
         └── Canceled            canceled
 
-The answers no route reaches are the middlewares' (`api/request_limits.py`: 413 payload_too_large;
-`api/cross_site.py`), written with the same `error_response`.
+The middlewares (`api/request_limits.py`, `api/cross_site.py`, `server.AnswerWhenStopped`) answer
+before or after any route, with the same exceptions through the same `api.errors.answer`.
 
 `OrchestratorError.retry_after` is the wait, in seconds, the API tells a client (`Retry-After`);
 `EngineError.retryable` says whether routing may fall back to the next engine;
@@ -81,6 +86,17 @@ class InvalidRequest(OrchestratorError):
         super().__init__(message, details=details)
 
 
+class BadRequest(InvalidRequest):
+    """A request that could not be read as one: its body is not JSON, its URL holds a NUL, its
+    Host names another machine (a DNS rebinding page)."""
+
+    status = 400
+
+
+class NotJSON(InvalidRequest):
+    status = 415
+
+
 class Unauthorized(OrchestratorError):
     code, status = "unauthorized", 401
 
@@ -91,6 +107,14 @@ class Forbidden(OrchestratorError):
 
 class NotFound(OrchestratorError):
     code, status = "not_found", 404
+
+
+class MethodNotAllowed(OrchestratorError):
+    code, status = "method_not_allowed", 405
+
+
+class PayloadTooLarge(OrchestratorError):
+    code, status = "payload_too_large", 413
 
 
 class ContentUnavailable(OrchestratorError):
@@ -130,6 +154,22 @@ class DatabaseUnavailable(OrchestratorError):
 
     code, status = "database_unavailable", 503
     retry_after = 5
+
+
+class StorageFull(OrchestratorError):
+    """The database's disk is full: nothing was written, and nothing will be until its operator
+    makes room."""
+
+    code, status = "storage_full", 503
+    retry_after = 60
+
+
+class ServerStopping(OrchestratorError):
+    """The server stopped before the request was finished: sending it again is safe (with the same
+    Idempotency-Key for a POST)."""
+
+    code, status = "server_stopping", 503
+    retry_after = 1
 
 
 class BudgetExceeded(OrchestratorError):

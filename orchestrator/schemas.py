@@ -157,14 +157,18 @@ def _unstorable(text: str) -> str | None:
     return _NUL_MESSAGE if found.group() == "\x00" else _SURROGATE_MESSAGE
 
 
-class UnstorableText(ValueError):
-    """Text a request body holds that cannot be stored, at `loc` (keys and indexes, () for the body
-    itself): found before the fields are read (pydantic's own check of a lone surrogate says
-    less), its error is placed there all the same (`orchestrator.api.errors`)."""
+class FieldError(ValueError):
+    """A check of the whole body that found its problem at `loc` (keys and indexes, () for the body
+    itself): the error is listed there, as a field's own would be (`orchestrator.api.errors`)."""
 
     def __init__(self, loc: tuple[str | int, ...], why: str) -> None:
         super().__init__(f"{_dotted(loc) or 'text'} {why}")
         self.loc, self.why = loc, why
+
+
+class UnstorableText(FieldError):
+    """Text a request body holds that cannot be stored: found before the fields are read
+    (pydantic's own check of a lone surrogate says less)."""
 
 
 def _dotted(loc: tuple[str | int, ...]) -> str:
@@ -289,7 +293,7 @@ class ProjectUpdate(Strict):
     def _required_stay(self) -> ProjectUpdate:
         for name in ("name", "policy"):
             if name in self.model_fields_set and getattr(self, name) is None:
-                raise ValueError(f"{name} cannot be removed (null); send a new value or leave it out")
+                raise FieldError((name,), "cannot be removed (null); send a new value or leave it out")
         return self
 
 

@@ -18,8 +18,9 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from orchestrator.api.cross_site import is_loopback
-from orchestrator.api.errors import StartTracker, error_response
+from orchestrator.api.errors import StartTracker, answer
 from orchestrator.app import create_app
+from orchestrator.errors import ServerStopping
 from orchestrator.settings import Settings
 
 # Seconds uvicorn waits for open requests once told to stop, before it closes them: the event
@@ -49,10 +50,9 @@ class AnswerWhenStopped:
         except asyncio.CancelledError:
             if tracked.started:  # half an answer: only closing the connection is left
                 raise
-            message = ("the server stopped before this request was finished; send it again (with the same "
-                       "Idempotency-Key for a POST, so that it is not done twice)")
-            await error_response(503, "server_stopping", message, headers={"Connection": "close",
-                                                                           "Retry-After": "1"})(scope, receive, send)
+            stopped = ServerStopping("the server stopped before this request was finished; send it again (with "
+                                     "the same Idempotency-Key for a POST, so that it is not done twice)")
+            await answer(stopped, headers={"Connection": "close"})(scope, receive, send)
             # The answer is out and the task ends here: re-raising would only log a traceback.
 
 

@@ -23,7 +23,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from orchestrator.api.errors import denied, error_response
+from orchestrator.api.errors import answer, denied
+from orchestrator.errors import BadRequest, Forbidden
 
 UNSAFE = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
@@ -59,8 +60,8 @@ class CrossSiteGuard:
         host = headers.get(b"host", b"").decode("latin-1").lower()
         # No Host at all is a program's (an HTTP/1.0 probe): browsers always send one.
         if self.loopback_only and host and not is_loopback(_host_name(host)):
-            refused = error_response(400, "invalid_request", f"this service answers on this machine only, not as "
-                                     f"{host or 'a nameless host'!r} (set ORCH_ADMIN_KEY to serve other names)")
+            refused = answer(BadRequest(f"this service answers on this machine only, not as "
+                                        f"{host or 'a nameless host'!r} (set ORCH_ADMIN_KEY to serve other names)"))
             await refused(scope, receive, send)
             return
         origin = headers.get(b"origin")
@@ -76,9 +77,9 @@ class CrossSiteGuard:
             if not own and page not in self.allowed and "*" not in self.allowed:
                 # With ORCH_ADMIN_KEY set, such a request has no key: the 401 every /v1 request
                 # without one gets (only a service without a key tells it the 403's why).
-                refused = await denied(Request(scope)) or error_response(
-                    403, "forbidden", f"requests that change something are refused from web pages of {page}: "
-                    "list it in ORCH_CORS_ORIGINS to allow it")
+                refused = await denied(Request(scope)) or answer(Forbidden(
+                    f"requests that change something are refused from web pages of {page}: "
+                    "list it in ORCH_CORS_ORIGINS to allow it"))
                 await refused(scope, receive, send)
                 return
         await self.app(scope, receive, send)
@@ -94,7 +95,6 @@ class Cors(CORSMiddleware):
             return response
         what = bytes(response.body).decode(errors="replace").removeprefix("Disallowed CORS ")
         kept = {k: v for k, v in response.headers.items() if k.lower() not in ("content-length", "content-type")}
-        return error_response(400, "invalid_request",
-                              f"preflight refused: its {what} may not be used across origins (the pages that may "
-                              "call the service are ORCH_CORS_ORIGINS)", details={"refused": what.split(", ")},
-                              headers=kept)
+        return answer(BadRequest(f"preflight refused: its {what} may not be used across origins (the pages that "
+                                 "may call the service are ORCH_CORS_ORIGINS)", details={"refused": what.split(", ")}),
+                      headers=kept)

@@ -19,14 +19,30 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from orchestrator.api.deps import authenticate
 from orchestrator.api.json_body import UnreadableJSON
 from orchestrator.db import disk_full, transient
-from orchestrator.errors import OrchestratorError, first_line
-from orchestrator.schemas import UnstorableText
+from orchestrator.errors import (
+    BadRequest,
+    Conflict,
+    DatabaseUnavailable,
+    Forbidden,
+    InvalidRequest,
+    MethodNotAllowed,
+    NotFound,
+    NotJSON,
+    OrchestratorError,
+    PayloadTooLarge,
+    StorageFull,
+    Unauthorized,
+    first_line,
+)
+from orchestrator.schemas import FieldError
 
 log = logging.getLogger(__name__)
 
-_HTTP_CODES = {400: "invalid_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-               405: "method_not_allowed", 409: "conflict", 413: "payload_too_large", 415: "invalid_request",
-               422: "invalid_request", 429: "rate_limited"}
+# Starlette's own refusals (no route for the path, a method the path does not serve, a body it
+# could not decode), as the service's errors.
+_STARLETTE: dict[int, type[OrchestratorError]] = {
+    400: BadRequest, 401: Unauthorized, 403: Forbidden, 404: NotFound, 405: MethodNotAllowed, 409: Conflict,
+    413: PayloadTooLarge, 415: NotJSON, 422: InvalidRequest}
 
 
 class _ErrorJSON(JSONResponse):
@@ -50,10 +66,15 @@ def _encodable(value: Any) -> Any:
     return value
 
 
-def error_response(status: int, code: str, message: str, details: dict[str, Any] | None = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
-    return _ErrorJSON({"error": {"code": code, "message": message, "details": details or {}}},
-                      status_code=status, headers=headers)
+def answer(exc: OrchestratorError, *, details: dict[str, Any] | None = None,
+           headers: dict[str, str] | None = None) -> JSONResponse:
+    """The answer to `exc`: its status, the error body (with `details` in place of its own) and
+    the headers its kind calls for, `headers` added."""
+    sent = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {}
+    if exc.retry_after is not None:
+        sent["Retry-After"] = str(max(1, exc.retry_after))
+    body = {"code": exc.code, "message": exc.message, "details": exc.details if details is None else details}
+    return _ErrorJSON({"error": body}, status_code=exc.status, headers={**sent, **(headers or {})} or None)
 
 
 # Validation errors listed in one answer: one per field of a body with tens of thousands of
@@ -66,10 +87,15 @@ def _clean(errors: Sequence[Any]) -> list[dict[str, Any]]:
     out = []
     for err in errors[:MAX_LISTED_ERRORS]:
         msg = str(err.get("msg", "")).removeprefix("Value error, ")  # our own validators' messages, as written
-        loc = tuple(err.get("loc", ()))
+        loc: tuple[str | int, ...] = tuple(err.get("loc", ()))
         cause = (err.get("ctx") or {}).get("error")
-        if isinstance(cause, UnstorableText) and cause.loc:  # found by the body's check, before its fields'
+        if isinstance(cause, FieldError) and cause.loc:  # found by the body's check, before or after its fields'
             loc, msg = loc + cause.loc, cause.why  # the message names the place as any field error does
+        elif err.get("type") == "json_invalid" and len(loc) == 2 and isinstance(offset := loc[1], int):
+            # FastAPI places a JSON syntax error at its character offset, which is no field.
+            loc, msg = loc[:1], f"{cause or 'not valid JSON'} at character {offset}"
+        elif err.get("type") == "model_attributes_type" and loc == ("body",):
+            msg = "the request body must be a JSON object"
         out.append({"loc": [str(p) for p in loc], "msg": msg, "type": str(err.get("type", ""))})
     return out
 
@@ -119,7 +145,7 @@ async def denied(request: Request) -> JSONResponse | None:
     try:
         await authenticate(services, request.headers.getlist("authorization"))
     except OrchestratorError as refusal:
-        return error_response(refusal.status, refusal.code, refusal.message, headers={"WWW-Authenticate": "Bearer"})
+        return answer(refusal)
     return None
 
 
@@ -146,9 +172,6 @@ async def _body_fields(request: Request) -> set[str]:
 def install(app: FastAPI) -> None:
     @app.exception_handler(OrchestratorError)
     async def _orchestrator(request: Request, exc: OrchestratorError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {}
-        if exc.retry_after is not None:
-            headers["Retry-After"] = str(max(1, exc.retry_after))
         details = exc.details
         if exc.code == "invalid_request" and "errors" not in details:
             # A refusal found past the body's validation (an engine's size limit) lists itself as
@@ -159,7 +182,7 @@ def install(app: FastAPI) -> None:
             sent = isinstance(field, str) and field in await _body_fields(request)
             details = {**details, "errors": [{"loc": ["body", field] if sent else [],
                                               "msg": exc.message, "type": "value_error"}]}
-        return error_response(exc.status, exc.code, exc.message, details, headers or None)
+        return answer(exc, details=details)
 
     @app.exception_handler(ValidationError)
     async def _inner_validation(_: Request, exc: ValidationError) -> JSONResponse:
@@ -167,8 +190,7 @@ def install(app: FastAPI) -> None:
         errors = details["errors"]
         first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
         where = _where(first["loc"])
-        return error_response(422, "invalid_request", f"{where}: {first['msg']}" if where else str(first["msg"]),
-                              details)
+        return answer(InvalidRequest(f"{where}: {first['msg']}" if where else str(first["msg"]), details=details))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -178,21 +200,20 @@ def install(app: FastAPI) -> None:
             # FastAPI parses the body before it runs the route's dependencies, auth included.
             if (refused := await denied(request)) is not None:
                 return refused
-            return error_response(400, "invalid_request", "the request body is not valid JSON", {"errors": errors})
+            syntax = next(e["msg"] for e in errors if e["type"] == "json_invalid")
+            return answer(BadRequest(f"the request body is not valid JSON: {syntax}", details={"errors": errors}))
         whole_body = next((e for e in errors if e["loc"] == ["body"]), None)
         if whole_body is not None:
             # `curl -d` sends form encoding unless told otherwise: FastAPI then sees bytes, not an object.
             content_type = request.headers.get("content-type", "")
             if whole_body["type"] == "missing":
-                return error_response(422, "invalid_request", "this request needs a JSON body", {"errors": errors})
+                return answer(InvalidRequest("this request needs a JSON body", details={"errors": errors}))
             if not _is_json(content_type):
-                return error_response(415, "invalid_request",
-                                      "send the body as JSON, with 'Content-Type: application/json'",
-                                      {"content_type": content_type})
+                return answer(NotJSON("send the body as JSON, with 'Content-Type: application/json'",
+                                      details={"content_type": content_type}))
         first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
         where = _where([p for p in first["loc"] if p not in ("body", "query", "path", "header")])
-        message = f"{where}: {first['msg']}" if where else str(first["msg"])
-        return error_response(422, "invalid_request", message, details)
+        return answer(InvalidRequest(f"{where}: {first['msg']}" if where else str(first["msg"]), details=details))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -202,21 +223,28 @@ def install(app: FastAPI) -> None:
                 refused.headers["Connection"] = "close"
             return refused
         detail = str(exc.detail)
+        headers = getattr(exc, "headers", None)
+        details = getattr(exc, "details", None)
         if exc.status_code == 400 and detail == "There was an error parsing the body":
             # FastAPI's answer to a body it could not decode (not UTF-8), before any route's auth.
             if (refused := await denied(request)) is not None:
                 return refused
             detail = _unreadable_body(exc.__cause__)
+            details = {"errors": [{"loc": ["body"], "msg": detail, "type": "json_invalid"}]}
         if exc.status_code == 404 and detail == "Not Found":  # the router's: no route has this path
             path = request.url.path
             detail = f"no such path: {path[:200]}" + (" (the API's paths have no trailing slash)"
                                                  if len(path) > 1 and path.endswith("/") else "")
-        code = _HTTP_CODES.get(exc.status_code, "error")
-        headers = getattr(exc, "headers", None)
         if exc.status_code == 405:
             # Pages outside the document (/openapi.json, /docs) keep Starlette's list: theirs was empty.
-            headers = {**(headers or {}), "Allow": _allowed_methods(request) or (headers or {}).get("Allow", "")}
-        return error_response(exc.status_code, code, detail, getattr(exc, "details", None), headers=headers)
+            allowed = _allowed_methods(request) or (headers or {}).get("Allow", "")
+            headers = {**(headers or {}), "Allow": allowed}
+            detail = f"{request.method[:20]} is not allowed on {request.url.path[:200]}; it answers {allowed}"
+            details = {"allowed": allowed.split(", ")}
+        error = _STARLETTE.get(exc.status_code, OrchestratorError)(detail, details=details)
+        if type(error) is OrchestratorError:  # a status Starlette has no other use for here: told as it is
+            error.status, error.code = exc.status_code, "error"
+        return answer(error, headers=headers)
 
     @app.exception_handler(OperationalError)
     @app.exception_handler(PoolTimeout)
@@ -226,17 +254,14 @@ def install(app: FastAPI) -> None:
         # again. A statement it refused (no such table, a read-only file) is the server's fault.
         if isinstance(exc, OperationalError) and not transient(exc):
             log.error("database error", exc_info=exc)
-            return error_response(500, "internal_error", "internal server error")
+            return _internal_error()
         if disk_full(exc):
             log.error("the database's disk is full: %s", first_line(exc)[:300])
-            return error_response(503, "storage_full",
-                                  "the server's disk is full; nothing was written, send the request again once "
-                                  "its operator has made room (with the same Idempotency-Key for a POST)",
-                                  headers={"Retry-After": "60"})
+            return answer(StorageFull("the server's disk is full; nothing was written, send the request again once "
+                                      "its operator has made room (with the same Idempotency-Key for a POST)"))
         log.warning("database unavailable: %s", first_line(exc, type(exc).__name__)[:300])
-        return error_response(503, "database_unavailable",
-                              "the database did not answer in time; nothing was written, send the request again "
-                              "(with the same Idempotency-Key for a POST)", headers={"Retry-After": "5"})
+        return answer(DatabaseUnavailable("the database did not answer in time; nothing was written, send the "
+                                          "request again (with the same Idempotency-Key for a POST)"))
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
@@ -245,7 +270,7 @@ def install(app: FastAPI) -> None:
 
 
 def _internal_error() -> JSONResponse:
-    return error_response(500, "internal_error", "internal server error")
+    return answer(OrchestratorError("internal server error"))
 
 
 class StartTracker:

@@ -12,7 +12,8 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from orchestrator.api.errors import denied, error_response
+from orchestrator.api.errors import answer, denied
+from orchestrator.errors import BadRequest, PayloadTooLarge
 
 # What is read and thrown away of a body over the limit before the 413 is sent, and for how long.
 # A connection closed with bytes left unread is reset by the kernel, and a client still sending its
@@ -68,8 +69,7 @@ class RequestLimits:
             await self.app(scope, receive, send)
             return
         if "\x00" in scope["path"] or b"%00" in scope["query_string"]:
-            response = (await denied(Request(scope))
-                        or error_response(400, "invalid_request", "the URL contains a NUL character (%00)"))
+            response = await denied(Request(scope)) or answer(BadRequest("the URL contains a NUL character (%00)"))
             await response(scope, receive, send)
             return
         headers = Headers(scope=scope)
@@ -77,8 +77,8 @@ class RequestLimits:
         if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > self.max_bytes:
             if int(declared) <= DRAIN_BYTES and not _waits_to_send(headers):
                 await drain(receive)
-            response = await denied(Request(scope)) or error_response(
-                413, "payload_too_large", self._message(), {"max_bytes": self.max_bytes})
+            response = await denied(Request(scope)) or answer(
+                PayloadTooLarge(self._message(), details={"max_bytes": self.max_bytes}))
             response.headers["Connection"] = "close"
             await response(scope, receive, send)
             return

@@ -118,10 +118,16 @@ def test_a_drawn_seed_leaves_room_for_every_image(shared_server: httpx.Client, p
     assert wait_for_job(shared_server, response.json()["id"])["status"] == "succeeded"
 
 
-@pytest.mark.parametrize("body", [[{"prompt": "x"}], "prompt", None, 3])
-def test_body_not_an_object(shared_server: httpx.Client, project: str, body: Any) -> None:
+@pytest.mark.parametrize(("body", "told"), [
+    ([{"prompt": "x"}], "the request body must be a JSON object"),  # not pydantic's "... to extract fields from"
+    ("prompt", "the request body must be a JSON object"),
+    (3, "the request body must be a JSON object"),
+    (None, "this request needs a JSON body"),  # FastAPI takes a JSON null for no body
+])
+def test_body_not_an_object(shared_server: httpx.Client, project: str, body: Any, told: str) -> None:
     before = job_count(shared_server)
-    assert_error(post_drafts(shared_server, project, body), 422, "invalid_request")
+    error = assert_error(post_drafts(shared_server, project, body), 422, "invalid_request")
+    assert error["message"] == told
     assert job_count(shared_server) == before
 
 
@@ -131,9 +137,19 @@ def test_malformed_json(shared_server: httpx.Client, project: str, raw: bytes) -
     before = job_count(shared_server)
     response = shared_server.post(f"/v1/projects/{project}/drafts", content=raw,
                                   headers={"Content-Type": "application/json"})
-    assert_error(response, 400, "invalid_request")
-    assert response.json()["error"]["message"].startswith("the request body is not valid JSON")
+    error = assert_error(response, 400, "invalid_request")
+    assert error["message"].startswith("the request body is not valid JSON")
+    # Placed at the body, as every body error is (FastAPI placed a syntax error at "body", "<offset>").
+    assert [e["loc"] for e in error["details"]["errors"]] == [["body"]], error
     assert job_count(shared_server) == before
+
+
+def test_a_json_syntax_error_says_what_and_where(shared_server: httpx.Client, project: str) -> None:
+    response = shared_server.post(f"/v1/projects/{project}/drafts", content=b'{"prompt": "x",}',
+                                  headers={"Content-Type": "application/json"})
+    error = assert_error(response, 400, "invalid_request")
+    assert error["message"] == ("the request body is not valid JSON: Expecting property name enclosed in double "
+                                "quotes at character 15")
 
 
 @pytest.mark.parametrize(("raw", "told"), [
@@ -164,8 +180,11 @@ def test_json_is_read_strictly(shared_server: httpx.Client, project: str, raw: b
     before = job_count(shared_server)
     response = shared_server.post(f"/v1/projects/{project}/drafts", content=raw,
                                   headers={"Content-Type": "application/json"})
-    message = assert_error(response, 400, "invalid_request")["message"]
+    error = assert_error(response, 400, "invalid_request")
+    message = error["message"]
     assert message.startswith("the request body ") and told in message, message
+    [listed] = error["details"]["errors"]
+    assert (listed["loc"], listed["type"]) == (["body"], "json_invalid") and listed["msg"] in message
     assert job_count(shared_server) == before
 
 
@@ -641,8 +660,11 @@ def test_method_not_allowed(shared_server: httpx.Client, project: str) -> None:
     assert_error(response, 405, "method_not_allowed")
     assert response.headers["Allow"] == "GET, HEAD, PATCH"  # two routes share the path: both are named
     response = shared_server.put("/v1/projects")
-    assert_error(response, 405, "method_not_allowed")
+    error = assert_error(response, 405, "method_not_allowed")
     assert response.headers["Allow"] == "GET, HEAD, POST"
+    # A sentence, and the methods as a list for a program.
+    assert error["message"] == "PUT is not allowed on /v1/projects; it answers GET, HEAD, POST"
+    assert error["details"] == {"allowed": ["GET", "HEAD", "POST"]}
     for page in ("/openapi.json", "/docs"):  # outside the document: Allow was sent empty
         response = shared_server.post(page)
         assert_error(response, 405, "method_not_allowed")

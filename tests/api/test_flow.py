@@ -242,7 +242,8 @@ def test_patch_budget_is_a_merge(server: httpx.Client) -> None:
 def test_patch_cannot_remove_a_required_field(server: httpx.Client, field: str) -> None:
     project = create_project(server, "keep")
     error = assert_error(server.patch(f"/v1/projects/{project['id']}", json={field: None}), 422, "invalid_request")
-    assert f"{field} cannot be removed" in error["message"]
+    assert error["message"].startswith(f"{field}: cannot be removed")
+    assert [e["loc"] for e in error["details"]["errors"]] == [["body", field]]
     assert server.get(f"/v1/projects/{project['id']}").json() == project
 
 
