@@ -49,6 +49,7 @@ from orchestrator.jobs import cache_key, render_request
 from orchestrator.ledger import Ledger
 from orchestrator.models import Asset, Job
 from orchestrator.routing import fallbacks, leaves_machine, priced
+from orchestrator.schemas import storable
 from orchestrator.store import ArtifactStore, PreviewFiles, encode_png, hide_paths
 from policies.schema import is_private
 from tiers.base import (
@@ -283,7 +284,7 @@ class JobProgress:
 
 def _accepted_values(work: dict[str, Any]) -> dict[str, Any]:
     """The job row's record of what providers accepted: the handles, and their ids for people."""
-    ids = ",".join(str(h["id"]) for h in work["handles"])
+    ids = storable(",".join(str(h["id"]) for h in work["handles"]))
     return {"provider_request_id": ids[:500], "provider_work": work}
 
 
@@ -680,6 +681,10 @@ class JobRunner:
             log.warning("job %s: engine %s named a model of %d characters; its first %d are stored",
                         job.id, job.engine, len(result.model), MAX_MODEL_CHARS)
             result.model = result.model[:MAX_MODEL_CHARS]
+        # A NUL (PostgreSQL refuses it) or a lone surrogate (not UTF-8) failed the final write, made and billed.
+        result.model = storable(result.model)
+        if isinstance(result.provider_request_id, str):
+            result.provider_request_id = storable(result.provider_request_id)
         return result
 
     def _first_send_recorder(self, claim: Claim, progress: JobProgress) -> Callable[[], Awaitable[None]]:

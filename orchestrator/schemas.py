@@ -149,6 +149,12 @@ _NUL_MESSAGE = "contains a NUL character (\\u0000)"
 _SURROGATE_MESSAGE = "contains a lone UTF-16 surrogate (\\ud800-\\udfff), which is not text"
 
 
+def storable(text: str) -> str:
+    """`text` with what cannot be stored replaced (U+FFFD): for what a provider names, which no
+    one may refuse once its images are made."""
+    return _UNSTORABLE.sub("\ufffd", text)
+
+
 def _unstorable(text: str) -> str | None:
     """Why `text` cannot be stored or answered as it is, or None."""
     found = _UNSTORABLE.search(text)

@@ -152,11 +152,14 @@ class FakePaidEngine:
         reported = None if cost is None else float(cost) * 1000
         # "long-model": a model name longer than the database's column (PostgreSQL refused the write);
         # "no-model": none at all (a plugin's bug).
-        model = {"long-model": "m" * 400, "no-model": None}.get(behaviour, self.model)
+        # "unstorable-text": a NUL (PostgreSQL refuses it) and a lone surrogate (not UTF-8) in what it names.
+        model = {"long-model": "m" * 400, "no-model": None, "unstorable-text": "fake\x00one\ud800"}.get(
+            behaviour, self.model)
+        request_id = f"fake-{self.calls}" + ("\x00\udfff" if behaviour == "unstorable-text" else "")
         return RenderResult(images=images, model=model,  # type: ignore[arg-type]
                             cost_millicredits=int(reported) if reported is not None and reported.is_integer()
                             else reported,  # type: ignore[arg-type]
-                            provider_request_id=f"fake-{self.calls}")
+                            provider_request_id=request_id)
 
     async def aclose(self) -> None:
         return None

@@ -178,7 +178,8 @@ def test_images_beyond_the_n_asked_for_are_not_stored(paid_server: httpx.Client)
     assert done["status"] == "succeeded" and len(done["assets"]) == 1
 
 
-@pytest.mark.parametrize(("behaviour", "stored"), [("long-model", "m" * 300), ("no-model", "unknown")])
+@pytest.mark.parametrize(("behaviour", "stored"), [("long-model", "m" * 300), ("no-model", "unknown"),
+                                                  ("unstorable-text", "fake\ufffdone\ufffd")])
 def test_a_model_name_the_column_cannot_hold_is_mended_not_a_lost_job(paid_server: httpx.Client, behaviour: str,
                                                                       stored: str) -> None:
     _project_id, asset_id = draft_asset(paid_server)
@@ -187,6 +188,7 @@ def test_a_model_name_the_column_cannot_hold_is_mended_not_a_lost_job(paid_serve
     assert done["status"] == "succeeded", done
     assert done["model"] == stored
     assert paid_server.get(f"/v1/assets/{done['assets'][0]}").json()["model"] == stored
+    assert "\x00" not in (done["provider_request_id"] or "")
 
 
 def test_a_seed_no_job_could_ask_for_is_not_stored_and_the_images_are_kept(paid_server: httpx.Client) -> None:
