@@ -9,6 +9,7 @@ from sqlalchemy import Connection, Engine, create_engine, event, pool, text
 from sqlmodel import SQLModel
 
 import orchestrator.models  # noqa: F401  (registers the tables on SQLModel.metadata)
+from orchestrator.db import LOCK_TIMEOUT_SECONDS, postgres_connect_args
 
 config = context.config
 target_metadata = SQLModel.metadata
@@ -64,8 +65,9 @@ def _check_foreign_keys(connection: Connection) -> None:
 def run_migrations_online() -> None:
     url = _url()
     sqlite = url.startswith("sqlite")
-    # SQLite waits for a busy database as long as the service does, not pysqlite's 5 s.
-    connect_args = {"timeout": 30} if sqlite else {}
+    # Lock waits are bounded as the service's own: SQLite's not pysqlite's 5 s, PostgreSQL's not
+    # forever (an ALTER queued behind an open transaction also blocks every reader behind it).
+    connect_args = {"timeout": LOCK_TIMEOUT_SECONDS} if sqlite else postgres_connect_args(url)
     # READ COMMITTED whatever the server's default, as the service's own sessions (orchestrator.db).
     isolation = {} if sqlite else {"isolation_level": "READ COMMITTED"}
     connectable = create_engine(url, poolclass=pool.NullPool, connect_args=connect_args, **isolation)
@@ -78,8 +80,11 @@ def run_migrations_online() -> None:
                           render_as_batch=sqlite, compare_type=True)
         with context.begin_transaction():
             if connection.dialect.name == "postgresql":
-                # Two services starting together: the second waits, then finds the schema current.
+                # Two services starting together: the second waits, as long as the first's upgrade
+                # takes, then finds the schema current. Only this wait is unbounded.
+                connection.execute(text("SET LOCAL lock_timeout = 0"))
                 connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
+                connection.execute(text(f"SET LOCAL lock_timeout = {LOCK_TIMEOUT_SECONDS * 1000}"))
             heads = context.get_context().get_current_heads()
             context.run_migrations()
             # Only after a change: the check reads every referencing row, too slow for every start.

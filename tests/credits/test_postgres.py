@@ -283,6 +283,33 @@ def test_concurrent_migrations_on_postgres(postgres_url: str) -> None:
     upgrade_concurrently(postgres_url)
 
 
+def test_a_migration_waits_a_bounded_time_for_a_table_but_not_for_another_migration_on_postgres(
+        postgres_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An ALTER queued behind an open transaction waited forever, and every reader of its table
+    queued behind it (the service answered 503s); a second service waiting for the first's
+    upgrade must still wait as long as that takes."""
+    from sqlalchemy.exc import OperationalError
+
+    from orchestrator import db as db_module
+    from orchestrator.db import upgrade
+
+    monkeypatch.setattr(db_module, "LOCK_TIMEOUT_SECONDS", 1)
+    upgrade(postgres_url, "0013")
+    url = make_url(postgres_url)
+    with psycopg.connect(_libpq(url)) as reader:  # a transaction left open on `assets`
+        reader.execute("SELECT count(*) FROM assets")
+        started = time.monotonic()
+        with pytest.raises(OperationalError, match="lock timeout"):
+            upgrade(postgres_url)  # 0014 alters `assets`
+        assert time.monotonic() - started < 20
+    with psycopg.connect(_libpq(url), autocommit=True) as other:
+        assert other.execute("SELECT version_num FROM alembic_version").fetchone() == ("0013",)
+        other.execute("SELECT pg_advisory_lock(7202611280)")  # another process's upgrade, for 3 s
+        threading.Timer(3, lambda: other.execute("SELECT pg_advisory_unlock(7202611280)")).start()
+        upgrade(postgres_url)  # waits past its 1 s lock timeout, then upgrades
+        assert other.execute("SELECT version_num FROM alembic_version").fetchone() != ("0013",)
+
+
 def test_another_application_s_tables_refuse_a_first_migration_but_not_another_schema_s_on_postgres(
         postgres_url: str) -> None:
     """A database holding another application's tables is not filled with ours; tables in another
