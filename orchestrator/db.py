@@ -304,6 +304,11 @@ def shown_url(url: str) -> str:
     return (parsed.update_query_dict(secret) if secret else parsed).render_as_string(hide_password=True)
 
 
+class MigrationRefused(Exception):
+    """A revision that will not run on the data the database holds (it would lose or misread it);
+    the message says what to do. Nothing was changed: an upgrade is one transaction."""
+
+
 class ForeignDatabase(Exception):
     """The database holds tables and none of this service's migrations: another application's."""
 

@@ -16,7 +16,7 @@ from sqlalchemy import create_engine, inspect, text
 from sqlmodel import SQLModel
 
 import orchestrator.models  # noqa: F401
-from orchestrator.db import upgrade
+from orchestrator.db import MigrationRefused, upgrade
 
 
 def test_models_and_migrations_agree(tmp_path: Path) -> None:
@@ -184,7 +184,7 @@ def test_0014_downgrade_is_refused_while_deleted_assets_exist(tmp_path: Path) ->
             s.add(Asset(id="ast_1", project_id="prj_1", job_id="job_1", index=0, stage="ideation", engine="lite",
                         model="m", prompt="x", width=64, height=64, sha256="0" * 64, deleted_at=datetime.now(UTC)))
             s.commit()
-        with pytest.raises(RuntimeError, match=r"1 asset.*deleted.*refused"):
+        with pytest.raises(MigrationRefused, match=r"1 asset.*deleted.*refused"):
             command.downgrade(alembic_config(url), "0013")
         with engine.connect() as conn:
             assert conn.execute(text("SELECT deleted_at IS NOT NULL FROM assets")).scalar() == 1
@@ -327,7 +327,7 @@ def test_0015_names_jobs_already_charged_twice_and_changes_nothing(tmp_path: Pat
         with engine.begin() as conn:
             _capture(conn)
             _capture(conn)
-        with pytest.raises(RuntimeError, match=r"charged more than once without a hold: job_1 \(keep entry 1\)"):
+        with pytest.raises(MigrationRefused, match=r"charged more than once without a hold: job_1 \(keep entry 1\)"):
             command.upgrade(alembic_config(url), "head")
         with engine.connect() as conn:
             assert MigrationContext.configure(conn).get_current_revision() == "0014"
@@ -338,3 +338,44 @@ def test_0015_names_jobs_already_charged_twice_and_changes_nothing(tmp_path: Pat
             assert "uq_ledger_holdless_capture" in {i["name"] for i in inspect(conn).get_indexes("ledger_entries")}
     finally:
         engine.dispose()
+
+
+def test_downgrades_that_would_drop_what_is_in_use_are_refused_one_by_one(tmp_path: Path) -> None:
+    """0005's would forget work a provider still has (its hold released, the work billed), 0004's
+    drop keys in use, 0002's the ledger; each says what to do first, and changes nothing."""
+    from alembic import command
+
+    from orchestrator.db import alembic_config
+
+    url = f"sqlite:///{tmp_path / 'm.db'}"
+    upgrade(url)
+    engine = create_engine(url)
+    try:
+        _project_and_job(engine)
+        with engine.begin() as conn:
+            conn.execute(text("UPDATE jobs SET status = 'running', provider_work = :work"),
+                         {"work": '{"handles": [{"id": "p1"}]}'})
+            conn.execute(text("INSERT INTO api_keys (id, project_id, name, prefix, secret_sha256, created_at) "
+                              "VALUES ('key_1', 'prj_1', 'ci', 'ok_1', :sha, '2026-11-30 12:00:00')"),
+                         {"sha": "0" * 64})
+            _capture(conn)
+        head = _revision(engine)
+        for refusal, mend in [
+            (r"1 unfinished job\(s\) have work at a provider", "UPDATE jobs SET status = 'failed'"),
+            (r"1 project key\(s\) are in use.*revoke them first", "UPDATE api_keys SET revoked_at = created_at"),
+            (r"1 ledger entry\(ies\).*export them", "DELETE FROM ledger_entries"),
+        ]:
+            with pytest.raises(MigrationRefused, match=refusal):
+                command.downgrade(alembic_config(url), "base")
+            assert _revision(engine) == head  # the whole downgrade rolled back
+            with engine.begin() as conn:
+                conn.execute(text(mend))
+        command.downgrade(alembic_config(url), "base")
+        assert _revision(engine) is None
+    finally:
+        engine.dispose()
+
+
+def _revision(engine: Any) -> str | None:
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()

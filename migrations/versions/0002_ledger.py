@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
+from migrations.guard import refuse_while
+
 revision: str = '0002'
 down_revision: str | None = '0001'
 branch_labels: str | Sequence[str] | None = None
@@ -51,6 +53,9 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    refuse_while("SELECT count(*) FROM ledger_entries",
+                 "{n} ledger entry(ies) (holds, charges, grants) would be dropped with their table by this downgrade; "
+                 "export them (GET /v1/projects/{{id}}/ledger) and delete them first")
     with op.batch_alter_table('jobs', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_jobs_cache_key'))
         batch_op.drop_column('cache_key')

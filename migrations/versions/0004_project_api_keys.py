@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
+from migrations.guard import refuse_while
+
 revision: str = '0004'
 down_revision: str | None = '0003'
 branch_labels: str | Sequence[str] | None = None
@@ -36,6 +38,9 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    refuse_while("SELECT count(*) FROM api_keys WHERE revoked_at IS NULL",
+                 "{n} project key(s) are in use; this downgrade would drop them with their table (their "
+                 "holders would be refused): revoke them first (DELETE /v1/projects/{{id}}/keys/{{key_id}})")
     with op.batch_alter_table('api_keys', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_api_keys_project_id'))
     op.drop_table('api_keys')

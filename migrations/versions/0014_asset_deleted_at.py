@@ -10,7 +10,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import sqlalchemy as sa
-from alembic import context, op
+from alembic import op
+
+from migrations.guard import refuse_while
 
 revision: str = '0014'
 down_revision: str | None = '0013'
@@ -26,11 +28,8 @@ def upgrade() -> None:
 def downgrade() -> None:
     # Without the column a deleted asset reads as a live one whose file is gone: refuse rather
     # than show a studio's deleted images again.
-    # Offline (`--sql`) there is no database to ask: the script is read by whoever runs it.
-    deleted = 0 if context.is_offline_mode() else op.get_bind().execute(
-        sa.text("SELECT count(*) FROM assets WHERE deleted_at IS NOT NULL")).scalar()
-    if deleted:
-        raise RuntimeError(f"{deleted} asset(s) were deleted (DELETE /v1/assets/{{id}}); the schema before 0014 "
-                           "cannot tell them from live ones, so this downgrade is refused")
+    refuse_while("SELECT count(*) FROM assets WHERE deleted_at IS NOT NULL",
+                 "{n} asset(s) were deleted (DELETE /v1/assets/{{id}}); the schema before 0014 cannot tell them "
+                 "from live ones, so this downgrade is refused")
     with op.batch_alter_table('assets', schema=None) as batch_op:
         batch_op.drop_column('deleted_at')

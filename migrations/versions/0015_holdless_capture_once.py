@@ -15,6 +15,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import context, op
 
+from orchestrator.db import MigrationRefused
+
 revision: str = '0015'
 down_revision: str | None = '0014'
 branch_labels: str | Sequence[str] | None = None
@@ -31,7 +33,7 @@ def upgrade() -> None:
         "AND job_id IS NOT NULL GROUP BY job_id HAVING count(*) > 1 ORDER BY job_id LIMIT 20")).all()
     if twice:
         named = ", ".join(f"{job_id} (keep entry {first})" for job_id, first in twice)
-        raise RuntimeError(f"jobs charged more than once without a hold: {named}; delete each one's other "
+        raise MigrationRefused(f"jobs charged more than once without a hold: {named}; delete each one's other "
                            "hold-less capture entries (that gives the money back; no grant is needed) "
                            "before this upgrade")
     op.create_index('uq_ledger_holdless_capture', 'ledger_entries', ['job_id'], unique=True,
