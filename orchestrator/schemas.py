@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import re
 import unicodedata
 from datetime import datetime
@@ -24,7 +23,7 @@ from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema, PydanticUseDefault
 from typing_extensions import TypeAliasType
 
-from tiers.base import MAX_SEED
+from tiers.base import MAX_SEED, whole_thousandths
 
 # Named aliases: the OpenAPI document gets one schema for each (a generated client one type), not
 # an inline enum at every use.
@@ -128,8 +127,7 @@ Steps = Annotated[int, Whole, Field(ge=1, le=150)]
 
 def _whole_millicredits(value: float) -> float:
     # The ledger counts millicredits: 1.23456 would be stored as 1.235 and 0.0004 as nothing.
-    scaled = value * 1000
-    if abs(scaled - round(scaled)) > 4 * math.ulp(scaled):
+    if not whole_thousandths(value):
         raise ValueError("credits have at most 3 decimals (the ledger counts thousandths)")
     return value
 

@@ -42,7 +42,7 @@ from orchestrator.store import ORPHAN_GRACE_SECONDS, ArtifactStore, PreviewFiles
 from orchestrator.workers import DeviceLock, Presence
 from policies import PolicyStore
 from tiers._local import LocalRuntime
-from tiers.base import EngineContext
+from tiers.base import EngineContext, whole_thousandths
 from tiers.lite import LiteEngine
 from tiers.registry import PRICELESS, EngineRegistry, extra_engine_problems, known_names
 from tiers.tiny import NAME as TINY_MODEL
@@ -134,7 +134,7 @@ def _price_problems(overrides: dict[str, Any]) -> Iterator[str]:
                     yield f"{where} must be a number of credits (got {price!r})"
                 elif not math.isfinite(price) or not 0 <= price <= MAX_CREDITS:
                     yield f"{where} must be between 0 and {MAX_CREDITS} credits (got {price!r})"
-                elif abs(price * 1000 - round(price * 1000)) > 1e-6:
+                elif not whole_thousandths(price):
                     yield f"{where} must be a whole number of thousandths of a credit (got {price!r})"
 
 

@@ -10,6 +10,7 @@ are in `orchestrator.services`.
 from __future__ import annotations
 
 import asyncio
+import math
 import numbers
 import threading
 from collections.abc import Awaitable, Callable, Iterator, Mapping
@@ -38,6 +39,13 @@ MAX_ENGINE_CHARS, MAX_MODEL_CHARS = 100, 300
 
 def to_millicredits(credits: float) -> int:
     return round(credits * MILLI)
+
+
+def whole_thousandths(credits: float) -> bool:
+    """Whether `credits` is a whole number of thousandths, as the ledger counts them, within what
+    floating point makes of a decimal (1.001 * 1000 is 1000.9999999999999)."""
+    scaled = credits * MILLI
+    return abs(scaled - round(scaled)) <= 4 * math.ulp(scaled)
 
 
 def to_credits(millicredits: int) -> float:
