@@ -18,7 +18,13 @@ from orchestrator import __version__
 from orchestrator.api import assets, credits, engines, jobs, keys, policies, projects, stages, workers
 from orchestrator.api.cross_site import UNSAFE, Cors, CrossSiteGuard
 from orchestrator.api.deps import ServicesDep, require_auth
-from orchestrator.api.docs import ANY_OTHER_ERROR, documented
+from orchestrator.api.docs import (
+    ANY_OTHER_ERROR,
+    FOREIGN_PAGE_403,
+    clean_schema_names,
+    documented,
+    restore_examples,
+)
 from orchestrator.api.errors import UnexpectedErrors
 from orchestrator.api.errors import install as install_errors
 from orchestrator.api.head import HeadAsGet
@@ -141,28 +147,42 @@ def create_app(settings: Settings | None = None, *, loopback_only: bool = False)
                                            "Content-Disposition"],
                            max_age=600)
     v1 = [Depends(require_auth), Depends(single_valued_query)]
-    for module in (projects, stages, jobs, assets, engines, credits, policies, keys, workers):
-        app.include_router(module.router, prefix="/v1", dependencies=v1,
-                           responses={**documented(400, 401, 422, 503), **ANY_OTHER_ERROR})
+    # What every /v1 route can answer, whatever it reads: a URL with a NUL (or a rebound Host), no
+    # valid key, a database that does not answer (a project key is looked up in it). A route lists
+    # the rest itself, and its own sentence for one of these replaces this one (a body's 400).
+    routers = [module.router for module in (projects, stages, jobs, assets, engines, credits, policies, keys, workers)]
+    for router in routers:
+        app.include_router(router, prefix="/v1", dependencies=v1,
+                           responses={**documented(400, 401, 503), **ANY_OTHER_ERROR})
     built_openapi = app.openapi
+    finished: list[dict[str, Any]] = []  # the document FastAPI built, once this has finished it
 
     def openapi() -> dict[str, Any]:
-        # CrossSiteGuard answers a foreign page's 403 on every route that changes something, outside them.
-        if app.openapi_schema is None:
-            refused = documented(403)[403]
-            forbidden = {"description": refused["description"], "content": {"application/json": {
-                "schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
-            for operations in built_openapi()["paths"].values():
+        document = built_openapi()  # built once, and again only if the routes change
+        if not finished or finished[0] is not document:
+            # CrossSiteGuard answers a foreign page's 403 on every route that changes something,
+            # outside them: added to the route's own 403 (the admin key's) where it has one.
+            for operations in document["paths"].values():
                 for method, operation in operations.items():
-                    if method.upper() in UNSAFE:
-                        operation["responses"].setdefault("403", forbidden)
-        return app.openapi_schema or built_openapi()
+                    if method.upper() not in UNSAFE:
+                        continue
+                    own = operation["responses"].get("403")
+                    if own is None:
+                        operation["responses"]["403"] = {"description": FOREIGN_PAGE_403, "content": {
+                            "application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
+                    elif FOREIGN_PAGE_403[1:] not in own["description"]:
+                        own["description"] += f" Or {FOREIGN_PAGE_403[:1].lower()}{FOREIGN_PAGE_403[1:]}"
+            clean_schema_names(document)
+            for router in routers:
+                restore_examples(document, router.routes, prefix="/v1")
+            finished[:] = [document]
+        return document
 
     app.openapi = openapi  # type: ignore[method-assign]
 
     # `security: []`: no key, even on a service with one (the document says so of every operation).
-    @app.get("/healthz", response_model=Health, tags=["operations"], responses=documented(400),
-             openapi_extra={"security": []})
+    @app.get("/healthz", response_model=Health, tags=["operations"], summary="Check liveness",
+             responses={**documented(400), **ANY_OTHER_ERROR}, openapi_extra={"security": []})
     async def healthz() -> Health:
         """Liveness, without auth: 200 while this process serves requests. Answered on the event
         loop: requests filling the thread pool (each waiting out a stalled database) must not
@@ -171,18 +191,24 @@ def create_app(settings: Settings | None = None, *, loopback_only: bool = False)
 
     readiness = Readiness()
 
-    @app.get("/readyz", response_model=Health, tags=["operations"], openapi_extra={"security": []},
-             responses=documented(400, 503, said={503: "The database did not answer a `SELECT 1` within 2 s "
-                                                       "(`database_unavailable`): send requests elsewhere."}))
+    @app.get("/readyz", response_model=Health, tags=["operations"], summary="Check readiness",
+             openapi_extra={"security": []},
+             responses={**documented(400, 503, said={503: "The database did not answer a `SELECT 1` within 2 s "
+                                                          "(`database_unavailable`): send requests elsewhere."}),
+                        **ANY_OTHER_ERROR})
     async def readyz(services: ServicesDep) -> Health:
         """Readiness, without auth: 200 when the database answers a `SELECT 1` within 2 s;
         otherwise 503 `database_unavailable`, and a load balancer sends requests elsewhere."""
         await readiness.check(services.db)
         return Health(status="ok", version=__version__)
 
-    @app.get("/metrics", response_class=Response, tags=["operations"], openapi_extra={"security": []}, responses={
-        200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus text."},
-        **documented(400)})
+    @app.get("/metrics", response_class=Response, tags=["operations"], summary="Get Prometheus metrics",
+             openapi_extra={"security": []}, responses={
+                 200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus text."},
+                 **documented(400, 503, said={503: "The database did not answer in time (`database_unavailable`), "
+                                                   "or the server stopped before it answered (`server_stopping`): "
+                                                   "scrape again after `Retry-After`."}),
+                 **ANY_OTHER_ERROR})
     def metrics(services: ServicesDep) -> Response:
         """Prometheus text: jobs by stage, engine and status, assets by stage, and credits charged,
         held and waiting for reconciliation, by engine."""

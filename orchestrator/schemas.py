@@ -266,14 +266,23 @@ Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max
 
 
 class Budget(Strict):
-    limit: Credits | None = None
-    period: Period = "none"
+    """A budget: at most `limit` credits charged per `period`."""
+
+    limit: Credits | None = Field(None, description=(
+        "The most the project's jobs may cost in a window, in credits (at most 3 decimals); null: no limit."))
+    period: Period = Field("none", description=(
+        "The window the limit is for: a UTC calendar `day`, an ISO `week`, a calendar `month`, or `none` (one window "
+        "for all time)."))
 
 
 class ProjectCreate(Strict):
-    name: Name
-    policy: str | None = None
-    budget: Budget | None = None
+    """A new project: a name, and optionally its routing policy and budget."""
+
+    name: Name = Field(description="A label for lists, dashboards and exports: 1 to 200 characters, no control "
+                                   "characters.", examples=["Lighthouse campaign"])
+    policy: str | None = Field(None, description=(
+        "The routing policy its jobs are placed by (`GET /v1/policies`); null: the service's default (ORCH_POLICY)."))
+    budget: Budget | None = Field(None, description="Its budget; null: no limit.")
 
 
 def _value_only(schema: dict[str, Any]) -> None:
@@ -289,9 +298,12 @@ class ProjectUpdate(Strict):
     budget's limit keeps it monthly); `"budget": null` removes the budget."""
 
     # Null is refused below: the schema offers only a value (or leaving the field out).
-    name: Name | None = Field(None, json_schema_extra=_value_only)
-    policy: str | None = Field(None, json_schema_extra=_value_only)
-    budget: Budget | None = None
+    name: Name | None = Field(None, json_schema_extra=_value_only, description="A new name.")
+    policy: str | None = Field(None, json_schema_extra=_value_only, description=(
+        "Another routing policy (`GET /v1/policies`), for the project's next jobs (and its queued ones, for a "
+        "policy that keeps all work local)."))
+    budget: Budget | None = Field(None, description=(
+        "The budget's fields given replace its own (the others stay); null removes the budget (no limit)."))
 
     @model_validator(mode="after")
     def _required_stay(self) -> ProjectUpdate:
@@ -303,30 +315,51 @@ class ProjectUpdate(Strict):
 
 class ProjectBudget(BaseModel):
     """A project's budget as answered: both fields always there (`limit` null: no limit)."""
-    limit: float | None
-    period: Period
+    limit: float | None = Field(description="Credits its jobs may cost in a window; null: no limit.")
+    period: Period = Field(description="The window: a UTC calendar `day`, an ISO `week`, a calendar `month`, or "
+                                       "`none` (one window for all time).")
 
 
 class ProjectPublic(BaseModel):
-    id: str
-    name: str
-    policy: str
-    budget: ProjectBudget
-    created_at: datetime
+    """A project: its jobs, assets and ledger, one routing policy and one budget."""
+
+    id: str = Field(description="The project's id (`prj_...`).")
+    name: str = Field(description="Its label.")
+    policy: str = Field(description="The routing policy its jobs are placed by.")
+    budget: ProjectBudget = Field(description="Its budget (`GET .../budget`: what is left of it).")
+    created_at: datetime = Field(description="When it was made (RFC 3339, UTC).")
+
+
+_SEED_DESCRIPTION = "The first image's seed; null: a random one, recorded in the job's `params`."
+_STEPS_DESCRIPTION = "Denoising steps, 1 to 150; null: the engine's default (`model_defaults` in GET /v1/engines)."
+_ENGINE_DESCRIPTION = ("The engine to run on (GET /v1/engines), where the project's policy allows it; null: the "
+                       "policy decides.")
+_TAGS_DESCRIPTION = ("Labels kept with the job, at most 64: policy rules match on them, and `privacy: local` keeps "
+                     "the work on this machine.")
+_INHERITED_TAGS_DESCRIPTION = _TAGS_DESCRIPTION + " Added to the source's job's tags, which the job carries too."
+_CACHE_DESCRIPTION = ("For a paid engine: `true` answers a request identical to an earlier one of the project that "
+                      "succeeded with copies of its images, charging nothing; `false` always renders anew.")
+_MAX_CREDITS_DESCRIPTION = ("The most this job may cost, in credits: refused (402 `budget_exceeded`) when the "
+                            "estimate is higher; null: only the budget limits it.")
 
 
 class DraftCreate(Strict):
-    prompt: Prompt
-    negative_prompt: Annotated[str, StringConstraints(max_length=10000), NullIsDefault] = ""
-    n: Annotated[int, Whole, Field(ge=1, le=16), NullIsDefault] = 4
-    seed: Seed | None = None
+    """Drafts of a prompt (stage `ideation`); every field but `prompt` has a default."""
+
+    prompt: Prompt = Field(description="What to draw: 1 to 10,000 characters.", examples=["a lighthouse at dusk"])
+    negative_prompt: Annotated[str, StringConstraints(max_length=10000), NullIsDefault] = Field(
+        "", description="What to keep out of the image; empty: nothing.")
+    n: Annotated[int, Whole, Field(ge=1, le=16), NullIsDefault] = Field(
+        4, description="How many drafts, 1 to 16: image i is seeded `seed + i`.")
+    seed: Seed | None = Field(None, description=_SEED_DESCRIPTION)
     width: Annotated[Side, NullIsDefault] = 512
     height: Annotated[Side, NullIsDefault] = 512
-    steps: Steps | None = None
-    guidance_scale: Annotated[float, NoBool, Field(ge=0, le=30)] | None = None
-    engine: str | None = None
-    tags: Annotated[Tags, NullIsDefault] = Field(default_factory=dict)
-    cache: Annotated[bool, NullIsDefault] = True
+    steps: Steps | None = Field(None, description=_STEPS_DESCRIPTION)
+    guidance_scale: Annotated[float, NoBool, Field(ge=0, le=30)] | None = Field(None, description=(
+        "How closely to follow the prompt (classifier-free guidance), 0 to 30; null: the engine's default."))
+    engine: str | None = Field(None, description=_ENGINE_DESCRIPTION)
+    tags: Annotated[Tags, NullIsDefault] = Field(default_factory=dict, description=_TAGS_DESCRIPTION)
+    cache: Annotated[bool, NullIsDefault] = Field(True, description=_CACHE_DESCRIPTION)
 
     @field_validator("seed")
     @classmethod
@@ -341,21 +374,28 @@ class DraftCreate(Strict):
 
 
 class PromoteCreate(Strict):
-    prompt: Prompt | None = None
-    negative_prompt: Annotated[str, StringConstraints(max_length=10000)] | None = None
-    strength: Annotated[float, NoBool, Field(ge=0.01, le=1), NullIsDefault] = 0.55
+    """A promotion of an asset (stage `bridge`); every field has a default, and the body may be left out."""
+
+    prompt: Prompt | None = Field(None, description="What to draw; null: the source asset's prompt.")
+    negative_prompt: Annotated[str, StringConstraints(max_length=10000)] | None = Field(None, description=(
+        "What to keep out of the image; null: the one the source was asked with."))
+    strength: Annotated[float, NoBool, Field(ge=0.01, le=1), NullIsDefault] = Field(0.55, description=(
+        "How far the image may move from the source, 0.01 to 1 (image-to-image strength)."))
     width: Side | None = None
     height: Side | None = None
-    quality: Annotated[Quality, NullIsDefault] = "high"
-    seed: Seed | None = None
-    steps: Steps | None = None
-    engine: str | None = None
-    max_credits: Credits | None = None
-    tags: Annotated[Tags, NullIsDefault] = Field(default_factory=dict)
-    cache: Annotated[bool, NullIsDefault] = True
+    quality: Annotated[Quality, NullIsDefault] = Field("high", description=(
+        "`low`, `medium` or `high`, for engines that offer (and price) tiers of quality."))
+    seed: Seed | None = Field(None, description="The image's seed; null: the source's (or a random one, recorded).")
+    steps: Steps | None = Field(None, description=_STEPS_DESCRIPTION)
+    engine: str | None = Field(None, description=_ENGINE_DESCRIPTION)
+    max_credits: Credits | None = Field(None, description=_MAX_CREDITS_DESCRIPTION)
+    tags: Annotated[Tags, NullIsDefault] = Field(default_factory=dict, description=_INHERITED_TAGS_DESCRIPTION)
+    cache: Annotated[bool, NullIsDefault] = Field(True, description=_CACHE_DESCRIPTION)
 
 
 class PolishCreate(Strict):
+    """The final render of an asset (stage `polish`); every field has a default, and the body may be left out."""
+
     # 2.0, not 2: a default is not validated, and the int would make the result cache (which keys on
     # the request as JSON) tell a request without `scale` from one with `"scale": 2`, charging both.
     scale: Annotated[float, NoBool, Field(gt=0, le=8)] | None = Field(
@@ -363,13 +403,14 @@ class PolishCreate(Strict):
                        "(a refine without upscaling)")
     width: Side | None = None
     height: Side | None = None
-    prompt: Prompt | None = None
-    creativity: Annotated[float, NoBool, Field(ge=0.01, le=1), NullIsDefault] = 0.3
-    seed: Seed | None = None
-    engine: str | None = None
-    max_credits: Credits | None = None
-    tags: Annotated[Tags, NullIsDefault] = Field(default_factory=dict)
-    cache: Annotated[bool, NullIsDefault] = True
+    prompt: Prompt | None = Field(None, description="What to draw; null: the source asset's prompt.")
+    creativity: Annotated[float, NoBool, Field(ge=0.01, le=1), NullIsDefault] = Field(0.3, description=(
+        "How far the engine may stray from the source, 0.01 to 1."))
+    seed: Seed | None = Field(None, description="The image's seed; null: the source's (or a random one, recorded).")
+    engine: str | None = Field(None, description=_ENGINE_DESCRIPTION)
+    max_credits: Credits | None = Field(None, description=_MAX_CREDITS_DESCRIPTION)
+    tags: Annotated[Tags, NullIsDefault] = Field(default_factory=dict, description=_INHERITED_TAGS_DESCRIPTION)
+    cache: Annotated[bool, NullIsDefault] = Field(True, description=_CACHE_DESCRIPTION)
 
     @model_validator(mode="after")
     def _scale_or_size(self) -> PolishCreate:
@@ -380,19 +421,25 @@ class PolishCreate(Strict):
 
 
 class Progress(BaseModel):
-    step: int
-    total: int
-    fraction: float
+    """How far the job's engine has got: a progress bar's numbers."""
+
+    step: int = Field(description="Steps done.")
+    total: int = Field(description="Steps in all; 0 until the job starts.")
+    fraction: float = Field(description="`step / total`, 0 to 1 (0 until the job starts, 1 once it succeeded).")
 
 
 class Cost(BaseModel):
-    estimated: float
-    held: float
-    charged: float
-    cache_hit: bool
+    """What the job costs, in credits."""
+
+    estimated: float = Field(description="The routing's estimate, held against the budget when the job was made.")
+    held: float = Field(description="Still held for it: 0 once the job ended (the hold is captured or released).")
+    charged: float = Field(description="Charged: what it cost (0 for local work and for a cache hit).")
+    cache_hit: bool = Field(description="It copied an identical earlier job's result, for nothing.")
 
 
 class ErrorBody(BaseModel):
+    """An error: its code, a sentence, and facts."""
+
     code: str = Field(description=(
         "What went wrong, for code to act on: `invalid_request` (422, 400, 415), `unauthorized` (401), "
         "`forbidden` (403), `not_found` (404), `method_not_allowed` (405), `conflict`, `idempotency_conflict`, "
@@ -401,15 +448,18 @@ class ErrorBody(BaseModel):
         "`rate_limited` (429), `engine_unavailable`, `database_unavailable`, `storage_full`, `server_stopping` "
         "(503: send again), `content_unavailable` (500: an asset's file is missing or damaged), "
         "`internal_error` (500). A job's `error` also uses `content_filtered`, `engine_error`, `timeout`, "
-        "`canceled`, `interrupted`."))
-    message: str
-    details: dict[str, Any] = Field(default_factory=dict)
+        "`canceled`, `interrupted`. More may come: read one you do not know by the answer's HTTP status."))
+    message: str = Field(description="What went wrong and what to do, for people; its wording may change: act on "
+                                     "`code`.")
+    details: dict[str, Any] = Field(default_factory=dict, description=(
+        "Facts for code, by error: `errors` (each with `loc`, `msg` and `type`) for invalid input, `candidates` "
+        "when no engine may take a request, the ids, limits and amounts concerned."))
 
 
 class ErrorResponse(BaseModel):
     """Every error the API answers: `{"error": {"code", "message", "details"}}`."""
 
-    error: ErrorBody
+    error: ErrorBody = Field(description="What went wrong.")
 
 
 class RouteCandidate(BaseModel):
@@ -448,48 +498,56 @@ class Attempt(BaseModel):
 
     engine: str
     status: str = Field(description="`succeeded`, `failed`, `canceled` or `interrupted` (its process stopped)")
-    error: ErrorBody | None = None
+    error: ErrorBody | None = Field(None, description="why it did not succeed; null when it did")
 
 
 class JobPublic(BaseModel):
-    id: str
-    project_id: str
-    stage: Stage
-    engine: str
-    model: str | None
-    status: JobStatus
-    params: dict[str, Any]
-    progress: Progress
-    assets: list[str]
-    source_asset_id: str | None
-    error: ErrorBody | None
-    cost: Cost
-    routing: Routing | None
-    attempts: list[Attempt]
+    """A job: one stage's request, the engine it runs on, its progress, images and cost."""
+
+    id: str = Field(description="The job's id (`job_...`).")
+    project_id: str = Field(description="The project it belongs to.")
+    stage: Stage = Field(description="`ideation` (drafts), `bridge` (a promotion) or `polish`.")
+    engine: str = Field(description="The engine it runs on; after a fallback, the one it moved to.")
+    model: str | None = Field(description="The engine's model, by name; null where it names none.")
+    status: JobStatus = Field(description="`queued`, `running`, then one of `succeeded`, `failed` or `canceled`.")
+    params: dict[str, Any] = Field(description="The request as the job runs it: prompt, seed, size, steps, tags, ...")
+    progress: Progress = Field(description="How far it has got.")
+    assets: list[str] = Field(description="The ids of the images it made, in order (image i has seed `seed + i`).")
+    source_asset_id: str | None = Field(description="The asset a bridge or polish starts from; null for drafts.")
+    error: ErrorBody | None = Field(description="Why it failed or was canceled; null otherwise.")
+    cost: Cost = Field(description="What it is estimated to cost, holds and was charged, in credits.")
+    routing: Routing | None = Field(description="The routing decision that placed it: policy, rule, candidates.")
+    attempts: list[Attempt] = Field(description="Each engine's try, in order: more than one after a fallback.")
     # What the provider calls the request (its id, or ids for a job of several calls): for
     # reconciling an invoice or asking the provider about the job. Null for local work.
-    provider_request_id: str | None = None
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
+    provider_request_id: str | None = Field(None, description=(
+        "The provider's id of the request (ids, for several calls), for reconciling an invoice or asking the "
+        "provider about the job; null for local work."))
+    created_at: datetime = Field(description="When it was made (RFC 3339, UTC).")
+    started_at: datetime | None = Field(description="When an engine started it; null until then.")
+    finished_at: datetime | None = Field(description="When it ended; null until then.")
 
 
 class AssetPublic(BaseModel):
-    id: str
-    project_id: str
-    job_id: str
-    stage: Stage
-    parent_id: str | None
-    engine: str
-    model: str
-    prompt: str
-    negative_prompt: str
-    seed: int | None
-    width: int
-    height: int
-    sha256: str
-    created_at: datetime
-    content_url: str
+    """An image: what made it and from what (its lineage), and where its bytes are."""
+
+    id: str = Field(description="The asset's id (`ast_...`).")
+    project_id: str = Field(description="The project it belongs to.")
+    job_id: str = Field(description="The job that made it.")
+    stage: Stage = Field(description="The stage of that job.")
+    parent_id: str | None = Field(description="The asset it was made from (a bridge's or polish's source); null for "
+                                              "a draft.")
+    engine: str = Field(description="The engine that made it.")
+    model: str = Field(description="The engine's model, by name.")
+    prompt: str = Field(description="The prompt it was made with.")
+    negative_prompt: str = Field(description="The negative prompt the engine was given (empty: none).")
+    seed: int | None = Field(description="Its seed: the same request with it makes the same image on a local "
+                                         "engine; null where the engine takes none.")
+    width: int = Field(description="Pixels.")
+    height: int = Field(description="Pixels.")
+    sha256: str = Field(description="The SHA-256 of its PNG, in hex: also its content's ETag.")
+    created_at: datetime = Field(description="When it was made (RFC 3339, UTC).")
+    content_url: str = Field(description="Where its PNG is: `/v1/assets/{id}/content`.")
     record: dict[str, Any] = Field(description="the whole generation record (steps, guidance, sampler, "
                                    "strength, ...), as the PNG's `orchestrator` chunk holds it")
     deleted_at: datetime | None = Field(None, description="when it was deleted (`DELETE /v1/assets/{id}`): only "
@@ -497,16 +555,32 @@ class AssetPublic(BaseModel):
 
 
 class Lineage(BaseModel):
+    """An asset's chain: what it was made from, and what was made from it."""
+
     asset: AssetPublic = Field(description="the asset asked about: the chain is ancestors, it, descendants")
-    ancestors: list[AssetPublic]
-    descendants: list[AssetPublic]
+    ancestors: list[AssetPublic] = Field(description="What it was made from, root first (draft, bridge, ...).")
+    descendants: list[AssetPublic] = Field(description="What was made from it, breadth first.")
     truncated: bool = Field(False, description="true when the walk stopped at its bounds (100 ancestors, "
                                                "1000 descendants): the lists are not the whole lineage")
 
 
+def _page_title(model: type[BaseModel]) -> str:
+    """`AssetPage` for `Page[AssetPublic]`: its schema's title, and its name in the API document
+    (`orchestrator.api.docs.clean_schema_names`), in place of pydantic's `Page_AssetPublic_`."""
+    generic = model.__pydantic_generic_metadata__
+    if generic["origin"] is None or not generic["args"]:
+        return model.__name__
+    return "".join(getattr(arg, "__name__", str(arg)).removesuffix("Public") for arg in generic["args"]) + "Page"
+
+
 class Page(BaseModel, Generic[T]):
-    items: list[T]
-    next_cursor: str | None
+    """A page of a list: pass `next_cursor` back as `cursor` for the next one, until it is null."""
+
+    model_config = ConfigDict(model_title_generator=_page_title, json_schema_extra={
+        "description": "A page of a list: pass `next_cursor` back as `cursor` for the next one, until it is null."})
+
+    items: list[T] = Field(description="This page's items, in the list's order.")
+    next_cursor: str | None = Field(description="The `cursor` of the next page; null on the last one.")
 
 
 class PolicySummary(BaseModel):
@@ -544,15 +618,21 @@ class RouteExplanation(BaseModel):
 
 
 class EnginePublic(BaseModel):
-    name: str
-    kind: Literal["local", "remote"]
-    stages: list[Stage]
-    available: bool
-    health: Literal["ok", "degraded", "open"]
-    model: str | None
-    note: str | None
-    prices: dict[str, Any]
-    capabilities: dict[str, Any]
+    """An engine jobs can be routed to, and whether it can take them now."""
+
+    name: str = Field(description="What requests (`engine`) and policy rules call it.")
+    kind: Literal["local", "remote"] = Field(description="`local`: runs on this machine; `remote`: a provider's API "
+                                                         "or a self-hosted server.")
+    stages: list[Stage] = Field(description="The stages it serves.")
+    available: bool = Field(description="Whether it can take jobs: set up (a key, a URL, a model) and loaded.")
+    health: Literal["ok", "degraded", "open"] = Field(description=(
+        "`ok`; `degraded`: it failed lately; `open`: its circuit breaker sends it no jobs for now."))
+    model: str | None = Field(description="Its model, by name; null where it names none.")
+    note: str | None = Field(description="Why it is unavailable, or a word on its setup.")
+    prices: dict[str, Any] = Field(description="Its price table, in credits (`credits_per_image`, `as_of`); empty "
+                                               "for a free engine.")
+    capabilities: dict[str, Any] = Field(description=(
+        "What it can make: `max_width`, `max_height`, `size_multiple`, ..."))
     model_defaults: dict[str, Any] | None = Field(None, description=(
         "a local engine's: the `steps`, `guidance_scale` and `native_size` a job that names none gets "
         "(local-hifi's bridge takes twice the steps), whether the model is a `few_step` distilled one, and "
@@ -577,18 +657,22 @@ class WorkersPublic(BaseModel):
 
 
 class SpendGroup(BaseModel):
+    """One row of a spend report."""
+
     key: str = Field(description="the day (YYYY-MM-DD, UTC), engine, stage or project id of the row (`-` for none)")
     charged: float = Field(description="credits charged, adjustments included")
     unreconciled: float = Field(description="of which still waiting for reconciliation with the invoice (charged at "
                                 "the estimate when the outcome was unknown, or as reported when over twice it)")
     unreconciled_entries: int = Field(description="the captures waiting for it: an engine priced 0 has some to "
                                       "check while its `unreconciled` credits read 0")
-    jobs: int
-    images: int
+    jobs: int = Field(description="jobs charged in the row")
+    images: int = Field(description="images those jobs made")
     name: str | None = Field(None, description="with `group_by=project`: the project's name")
 
 
 class SpendSavings(BaseModel):
+    """What drafting on the local Lite model saved."""
+
     drafts: int = Field(description="drafts made in the period")
     credits: float = Field(description="what they would have cost on the cheapest available cloud engine")
     compared_with: str | None = Field(description="that engine; null when none could price them")
@@ -597,14 +681,14 @@ class SpendSavings(BaseModel):
 class SpendReport(BaseModel):
     """`GET /v1/spend` as JSON (`format=csv` answers the groups and the total as CSV)."""
 
-    group_by: GroupBy
-    from_: datetime | None = Field(alias="from")
-    to: datetime | None
-    groups: list[SpendGroup]
-    total: float
-    savings: SpendSavings
+    group_by: GroupBy = Field(description="what the rows are: days, engines, stages or projects")
+    from_: datetime | None = Field(alias="from", description="the window's start, as asked; null: the ledger's start")
+    to: datetime | None = Field(description="the window's end (exclusive), as asked; null: now")
+    groups: list[SpendGroup] = Field(description="the rows, by key")
+    total: float = Field(description="credits charged in the window, the groups' sum")
+    savings: SpendSavings = Field(description="what drafting locally saved in the window")
 
 
 class Health(BaseModel):
     status: Literal["ok"]
-    version: str
+    version: str = Field(description="The service's version.")

@@ -15,7 +15,7 @@ from orchestrator.api.serialize import asset_public
 from orchestrator.clock import utcnow
 from orchestrator.errors import Conflict, NotFound, gone
 from orchestrator.models import Asset, Job
-from orchestrator.schemas import AssetPublic, ErrorResponse, Lineage
+from orchestrator.schemas import AssetPublic, Lineage
 from orchestrator.services import Services
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,8 @@ def _get(s: Session, caller: Caller, asset_id: str) -> Asset:
     return asset
 
 
-@router.get("/assets/{asset_id}", response_model=AssetPublic, responses=documented(404, 410))
+@router.get("/assets/{asset_id}", response_model=AssetPublic, summary="Get an asset's metadata",
+            responses=documented(404, 410, said={404: "No such asset (`not_found`)."}))
 def get_asset(asset_id: str, services: ServicesDep, caller: CallerDep) -> AssetPublic:
     """An image's metadata: its project, job, stage, parent (lineage), engine, model, prompt,
     seed, size, sha256, the whole generation record (`record`) and where its bytes are (`content_url`)."""
@@ -44,10 +45,11 @@ def get_asset(asset_id: str, services: ServicesDep, caller: CallerDep) -> AssetP
         return asset_public(_get(s, caller, asset_id))
 
 
-@router.delete("/assets/{asset_id}", status_code=204, response_class=Response, responses={
-    204: {"description": "Deleted (or deleted already)."}, **documented(404),
-    409: {"model": ErrorResponse, "description": "`conflict`: unfinished jobs start from this asset "
-                                                 "(`details.jobs`); cancel them, or let them finish, first."}})
+@router.delete("/assets/{asset_id}", status_code=204, response_class=Response, summary="Delete an asset",
+               responses={204: {"description": "Deleted (or deleted already)."}, **documented(404, 409, said={
+                   404: "No such asset (`not_found`).",
+                   409: "Unfinished jobs start from this asset (`conflict`, `details.jobs`): cancel them, or let "
+                        "them finish, first."})})
 def delete_asset(asset_id: str, services: ServicesDep, caller: CallerDep) -> Response:
     """Delete an image: its metadata and content answer 410 `gone` from now on, it is no longer
     listed, promoted or polished, and its file leaves the disk at the next asset sweep once no
@@ -79,13 +81,14 @@ _CONTENT_HEADERS = {
     "Content-Disposition": {"description": "`inline; filename=\"<asset id>.png\"`", "schema": {"type": "string"}}}
 
 
-@router.get("/assets/{asset_id}/content", response_class=Response, responses={
+@router.get("/assets/{asset_id}/content", response_class=Response, summary="Get an asset's image", responses={
     200: {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}, "description": "The image.",
           "headers": _CONTENT_HEADERS},
-    304: {"description": "If-None-Match holds the ETag.", "headers": _CONTENT_HEADERS}, **documented(404, 410, 500)})
+    304: {"description": "If-None-Match holds the ETag.", "headers": _CONTENT_HEADERS},
+    **documented(404, 410, 500, said={404: "No such asset (`not_found`)."})})
 async def get_content(
     asset_id: str, services: ServicesDep, caller: CallerDep, request: Request,
-    if_none_match: Annotated[str | None, Header(description=(
+    if_none_match: Annotated[str | None, Header(alias="If-None-Match", description=(
         "ETags of copies the client has (`\"<sha256>\"`, weak or strong, or `*`): one of the image's "
         "gets a 304 without the bytes."))] = None,
 ) -> Response:
@@ -125,7 +128,11 @@ def _read_content(services: Services, asset_id: str, sha256: str) -> bytes:
     return data
 
 
-@router.get("/assets/{asset_id}/lineage", response_model=Lineage, responses=documented(404, 410))
+@router.get("/assets/{asset_id}/lineage", response_model=Lineage, summary="Get an asset's lineage",
+            operation_id="get_lineage",
+            responses=documented(404, 410, said={404: "No such asset (`not_found`).",
+                                                 410: "The asset was deleted (`gone`); its descendants' lineage "
+                                                      "still lists it, with its `deleted_at`."}))
 def lineage(asset_id: str, services: ServicesDep, caller: CallerDep) -> Lineage:
     """Ancestors root first (draft -> bridge -> ...), and every descendant, breadth first (all in
     the asset's project: promotions and polishes stay in their source's). Deleted ones are listed

@@ -14,7 +14,16 @@ from sqlmodel import col, select
 
 from orchestrator import idempotency
 from orchestrator.api.deps import CallerDep, IdempotencyKey, ServicesDep
-from orchestrator.api.docs import created, documented
+from orchestrator.api.docs import (
+    GRANT_EXAMPLES,
+    QUERY_422,
+    RECONCILE_EXAMPLES,
+    body_examples,
+    created,
+    documented,
+    with_body,
+    with_query,
+)
 from orchestrator.api.json_body import StrictJSONRoute
 from orchestrator.api.query import Cursor, Limit, Order, paged
 from orchestrator.clock import iso
@@ -26,41 +35,54 @@ from orchestrator.spend import savings, spend, to_csv
 from tiers.base import to_credits, to_millicredits
 
 router = APIRouter(tags=["credits"], route_class=StrictJSONRoute)
+_NO_PROJECT = "No such project (`not_found`)."
 
 
 class BudgetPublic(BaseModel):
-    limit: float | None
-    period: str
-    window_start: datetime | None
-    window_end: datetime | None
-    charged: float
-    held: float
-    granted: float
-    available: float | None
+    """A project's budget in its current window, in credits."""
+
+    limit: float | None = Field(description="Credits the project's jobs may cost in a window; null: no limit.")
+    period: str = Field(description="`day`, `week`, `month` (UTC calendar windows) or `none` (one window for all "
+                                    "time).")
+    window_start: datetime | None = Field(description="The current window's start (UTC); null for `none`.")
+    window_end: datetime | None = Field(description="Its end, exclusive; null for `none`.")
+    charged: float = Field(description="Charged in the window: captures and adjustments.")
+    held: float = Field(description="Reserved by open holds: the estimates of paid jobs not yet ended.")
+    granted: float = Field(description="Granted in the window (`POST .../grants`), on top of the limit.")
+    available: float | None = Field(description="`limit + granted - charged - held`: what new paid jobs may hold; "
+                                                "null: no limit.")
 
 
 class LedgerEntryPublic(BaseModel):
+    """An entry of a project's ledger: append-only, one movement of credits."""
+
     # Strings, as every id of the API (and the ledger's own next_cursor) is; integers inside.
-    id: str
-    project_id: str
-    job_id: str | None
-    kind: Literal["grant", "hold", "capture", "release", "adjustment"]
-    amount: float
-    engine: str | None
-    stage: str | None
-    hold_id: str | None
-    unreconciled: bool
-    over_hold: bool
+    id: str = Field(description="The entry's id, digits: the ledger's `cursor`.")
+    project_id: str = Field(description="The project whose budget it moves.")
+    job_id: str | None = Field(description="The job it is for; null for a grant.")
+    kind: Literal["grant", "hold", "capture", "release", "adjustment"] = Field(description=(
+        "`grant`: credits added; `hold`: a paid job's estimate, reserved when it was made; `capture`: what the job "
+        "cost, charged; `release`: a hold given back; `adjustment`: a reconciliation's difference."))
+    amount: float = Field(description="Credits, to the thousandth: positive, but for an adjustment (signed).")
+    engine: str | None = Field(description="The engine of its job; null for a grant.")
+    stage: str | None = Field(description="The stage of its job; null for a grant.")
+    hold_id: str | None = Field(description="The hold a capture or release settles (an adjustment: its capture's).")
+    unreconciled: bool = Field(description="A capture charged without the provider's word on the cost: it waits for "
+                                           "`POST .../ledger/{id}/reconcile`.")
+    over_hold: bool = Field(description="A capture above its hold: the provider charged more than the estimate.")
     settled: bool | None = Field(description="on a hold: whether its capture or release is written (false while "
                                              "its job runs); null on other kinds")
-    created_at: datetime
-    note: str | None
+    created_at: datetime = Field(description="When it was written (RFC 3339, UTC).")
+    note: str | None = Field(description="The note a grant or reconciliation came with, or the service's (why a "
+                                          "hold was released or captured: `rest of the hold`, an error's code).")
 
 
 class GrantCreate(Strict):
+    """Credits added to a project's budget in its current window."""
+
     amount: Annotated[float, NoBool, Field(gt=0, le=MAX_CREDITS, allow_inf_nan=False,
                                            description="Credits, to the thousandth: at most 3 decimals."), Thousandths]
-    note: Annotated[str, Field(max_length=500)] | None = None
+    note: Annotated[str, Field(max_length=500)] | None = Field(None, description="Why, for the ledger's readers.")
 
 
 def _entry(e: LedgerEntry) -> LedgerEntryPublic:
@@ -81,7 +103,8 @@ def _project(services: ServicesDep, project_id: str) -> Project:
     return project
 
 
-@router.get("/projects/{project_id}/budget", response_model=BudgetPublic, responses=documented(404))
+@router.get("/projects/{project_id}/budget", response_model=BudgetPublic, summary="Get a project's budget",
+            responses=documented(404, said={404: _NO_PROJECT}))
 def get_budget(project_id: str, services: ServicesDep, caller: CallerDep) -> dict[str, Any]:
     """The project's budget in its current window (UTC calendar day, ISO week or month): what was
     charged and granted in it, what open holds reserve, and what is available for new paid jobs."""
@@ -91,7 +114,8 @@ def get_budget(project_id: str, services: ServicesDep, caller: CallerDep) -> dic
         return services.ledger.balance(s, project).public()
 
 
-@router.get("/projects/{project_id}/ledger", response_model=Page[LedgerEntryPublic], responses=documented(404))
+@router.get("/projects/{project_id}/ledger", response_model=Page[LedgerEntryPublic],
+            summary="List a project's ledger entries", responses=with_query(404, said={404: _NO_PROJECT}))
 def get_ledger(project_id: str, services: ServicesDep, caller: CallerDep,
                limit: Limit = 50, cursor: Cursor = None,
                unreconciled: Annotated[bool | None, Query(description=(
@@ -116,7 +140,12 @@ def get_ledger(project_id: str, services: ServicesDep, caller: CallerDep,
 
 
 @router.post("/projects/{project_id}/grants", status_code=201, response_model=LedgerEntryPublic,
-             responses={**created(None, replayable=True), **documented(403, 404, 409, 413, 415)})
+             summary="Grant credits to a project", operation_id="grant_credits",
+             openapi_extra=body_examples(GRANT_EXAMPLES),
+             responses={**created(None, replayable=True), **with_body(403, 404, 409, idempotency_key=True, said={
+                 403: "Only the admin key may grant credits; the request came with a project key (`forbidden`).",
+                 404: _NO_PROJECT,
+                 409: "The Idempotency-Key was used with another body (`idempotency_conflict`)."})})
 def grant(project_id: str, body: GrantCreate, services: ServicesDep, caller: CallerDep, request: Request,
           response: Response, idempotency_key: IdempotencyKey = None) -> LedgerEntryPublic:
     """Top up the project's budget for the current window (an append-only `grant` entry; admin key
@@ -144,13 +173,22 @@ def grant(project_id: str, body: GrantCreate, services: ServicesDep, caller: Cal
 
 
 class Reconcile(Strict):
+    """What the provider's invoice says an unreconciled capture cost."""
+
     charged: Credits = Field(description="What the provider's invoice says the job cost, in credits (0: it charged "
                                          "nothing), to the thousandth: at most 3 decimals.")
-    note: Annotated[str, Field(max_length=500)] | None = None
+    note: Annotated[str, Field(max_length=500)] | None = Field(None, description="The invoice, for the ledger's "
+                                                                                 "readers.")
 
 
 @router.post("/projects/{project_id}/ledger/{entry_id}/reconcile", status_code=201, response_model=LedgerEntryPublic,
-             responses={**created(None, replayable=True), **documented(403, 404, 409, 413, 415)})
+             summary="Reconcile a capture with the provider's invoice", openapi_extra=body_examples(RECONCILE_EXAMPLES),
+             responses={**created(None, replayable=True), **with_body(403, 404, 409, idempotency_key=True, said={
+                 403: "Only the admin key may reconcile the ledger; the request came with a project key "
+                      "(`forbidden`).",
+                 404: "No such project, or no such entry in its ledger (`not_found`).",
+                 409: "The entry is not an unreconciled capture, or it was reconciled already (`conflict`); or the "
+                      "Idempotency-Key was used with another body (`idempotency_conflict`)."})})
 def reconcile(project_id: str, entry_id: str, body: Reconcile, services: ServicesDep, caller: CallerDep,
               request: Request, response: Response, idempotency_key: IdempotencyKey = None) -> LedgerEntryPublic:
     """Settle an `unreconciled` capture (a call whose outcome was unknown, charged at its estimate)
@@ -236,12 +274,15 @@ def _utc(name: str, value: datetime | None) -> datetime | None:
                              loc=("query", name)) from None
 
 
-@router.get("/spend", responses={
+@router.get("/spend", summary="Report spend", responses={
     200: {"model": SpendReport, "content": {"text/csv": {"schema": {"type": "string"}}},
           "description": "The report: JSON, or CSV with `format=csv`.", "headers": {
               "Content-Disposition": {"description": "With `format=csv`: `attachment; filename=\"spend-by-day-from-"
                                                      "20261101T000000Z-to-20261201T000000Z.csv\"` (the bounds given)",
-                                      "schema": {"type": "string"}}}}, **documented(404)})
+                                      "schema": {"type": "string"}}}},
+    **with_query(404, said={404: "`project_id` names no project (`not_found`).",
+                            422: QUERY_422 + " Or `from` or `to` is no RFC 3339 time with a zone, or `from` is after "
+                                             "`to`."})})
 def get_spend(services: ServicesDep, caller: CallerDep,
               group_by: Annotated[GroupBy, Query(description="How the charges are grouped: by UTC day, engine, "
                                                              "stage or project.")] = "day",

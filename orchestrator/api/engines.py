@@ -13,7 +13,7 @@ from tiers._family import ModelDefaults
 router = APIRouter(tags=["engines"], route_class=StrictJSONRoute)
 
 
-@router.get("/engines", response_model=list[EnginePublic])
+@router.get("/engines", response_model=list[EnginePublic], summary="List engines")
 def list_engines(services: ServicesDep, caller: CallerDep) -> list[EnginePublic]:
     """Every engine, available or not and why; a project key reads the notes with the server's
     file paths cut to their last part (a model, a workflow file), as it reads policy files."""

@@ -11,7 +11,7 @@ from sqlmodel import col, select
 
 from orchestrator import keys
 from orchestrator.api.deps import CallerDep, ServicesDep, check_job
-from orchestrator.api.docs import documented
+from orchestrator.api.docs import documented, with_query
 from orchestrator.api.json_body import StrictJSONRoute
 from orchestrator.api.query import Cursor, Limit, Order, paged
 from orchestrator.api.serialize import job_public
@@ -40,14 +40,16 @@ def publics(services: Services, jobs: list[Job]) -> list[JobPublic]:
     return [job_public(j, assets[j.id], *money.get(j.id, (0, 0))) for j in jobs]
 
 
-@router.get("/jobs/{job_id}", response_model=JobPublic, responses=documented(404))
+@router.get("/jobs/{job_id}", response_model=JobPublic, summary="Get a job",
+            responses=documented(404, said={404: "No such job (`not_found`)."}))
 def get_job(job_id: str, services: ServicesDep, caller: CallerDep) -> JobPublic:
     """A job: its status and progress, its assets, its cost (estimated, held, charged), the
     routing decision that placed it and every attempt (fallbacks included)."""
     return public(services, caller.job(services.jobs.get(job_id)))
 
 
-@router.get("/jobs", response_model=Page[JobPublic], responses=documented(404))
+@router.get("/jobs", response_model=Page[JobPublic], summary="List jobs",
+            responses=with_query(404, said={404: "`project_id` names no project (`not_found`)."}))
 def list_jobs(services: ServicesDep, caller: CallerDep, project_id: str | None = None, stage: Stage | None = None,
               status: JobStatus | None = None,
               engine: Annotated[str | None, Query(description=(
@@ -78,10 +80,14 @@ def list_jobs(services: ServicesDep, caller: CallerDep, project_id: str | None =
     return Page(items=publics(services, rows), next_cursor=rows[-1].id if more else None)
 
 
-@router.post("/jobs/{job_id}/cancel", status_code=202, response_model=JobPublic, responses={
-    202: {"description": "The cancel is recorded: the job as it is now (`canceled` at once when it was queued; "
-                         "a running one ends `canceled` on its event stream)."},
-    **documented(404, 409, said={409: "The job has already finished (`job_finished`)."})})
+@router.post("/jobs/{job_id}/cancel", status_code=202, response_model=JobPublic, summary="Cancel a job",
+             responses={
+                 202: {"description": "The cancel is recorded: the job as it is now (`canceled` at once when it was "
+                                      "queued; a running one ends `canceled` on its event stream)."},
+                 **documented(404, 409, said={
+                     404: "No such job (`not_found`).",
+                     409: "The job has already finished (`job_finished`, `details.status` says how), or it changed "
+                          "hands while it was being canceled (`conflict`: send the cancel again)."})})
 def cancel_job(job_id: str, services: ServicesDep, caller: CallerDep) -> JobPublic:
     """Cancel a queued or running job; it reaches `canceled` (a running local job within one
     denoising step). Its hold is released, unless a provider may already have billed the work
@@ -112,10 +118,11 @@ def cancel_job(job_id: str, services: ServicesDep, caller: CallerDep) -> JobPubl
     raise Conflict("the job changed hands while it was being canceled; ask again", details={"job_id": job_id})
 
 
-@router.get("/jobs/{job_id}/preview", response_class=Response,
+@router.get("/jobs/{job_id}/preview", response_class=Response, summary="Get a running job's preview",
             responses={200: {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
                              "description": "The latest step's preview."},
-                       **documented(404)})
+                       **with_query(404, said={404: "No such job, or no preview of it now: it is not denoising "
+                                                    "(`not_found`)."})})
 def job_preview(
     job_id: str, services: ServicesDep, caller: CallerDep,
     step: Annotated[int | None, Query(ge=0, description=(
@@ -140,7 +147,7 @@ def _finished(services: Services, job_id: str) -> bool:
         return s.exec(select(Job.status).where(col(Job.id) == job_id)).first() in TERMINAL
 
 
-@router.get("/jobs/{job_id}/events", response_class=StreamingResponse,
+@router.get("/jobs/{job_id}/events", response_class=StreamingResponse, summary="Follow a job's events",
             responses={200: {"content": {"text/event-stream": {}}, "description": (
                 "Server-sent events, each with an `id:` and a JSON `data:`: `queued`, `started`, `progress` "
                 "(`step`, `total`, `fraction`, `preview_url`), `state` (`state`: submitted, polling, accepted, "
@@ -148,9 +155,12 @@ def _finished(services: Services, job_id: str) -> bool:
                 "`succeeded`, `failed` (`error`) or `canceled`, and the stream closes. A late client gets the "
                 "current state first; comment lines keep an idle stream open.")},
                        204: {"description": "Last-Event-ID is the terminal event: nothing more will come."},
-                       **documented(404)})
+                       **documented(404, said={404: "No such job (`not_found`)."})})
 async def job_events(job_id: str, services: ServicesDep, caller: CallerDep,
-                     last_event_id: Annotated[str | None, Header()] = None) -> Response:
+                     last_event_id: Annotated[str | None, Header(
+                         alias="Last-Event-ID", description="The `id:` of the last event the client has: the "
+                         "stream resumes after it (a browser's EventSource sends it when it reconnects).")] = None,
+                     ) -> Response:
     """Reconnecting with `Last-Event-ID` resumes after that event; once the client has the terminal
     event the answer is 204, which tells a browser's EventSource to stop reconnecting."""
     if caller.project_id is not None:

@@ -9,7 +9,7 @@ from pydantic import BaseModel, Field
 
 from orchestrator import idempotency, keys
 from orchestrator.api.deps import CallerDep, IdempotencyKey, ServicesDep
-from orchestrator.api.docs import created, documented
+from orchestrator.api.docs import KEY_EXAMPLES, body_examples, created, documented, with_body, with_query
 from orchestrator.api.json_body import StrictJSONRoute
 from orchestrator.api.query import Cursor, Limit
 from orchestrator.errors import Conflict, NotFound
@@ -18,22 +18,31 @@ from orchestrator.models import ApiKey, Project
 from orchestrator.schemas import Name, Page, Strict
 
 router = APIRouter(tags=["keys"], route_class=StrictJSONRoute)
+_ADMIN_ONLY = "Only the admin key may manage API keys; the request came with a project key (`forbidden`)."
+_NO_PROJECT = "No such project (`not_found`)."
+_NO_KEY = "No such project, or no such key in it (`not_found`)."
 
 
 class KeyCreate(Strict):
-    name: Name
+    """A new project key."""
+
+    name: Name = Field(description="What the key is for: 1 to 200 characters, no control characters.")
 
 
 class KeyPublic(BaseModel):
-    id: str
-    project_id: str
-    name: str
+    """A project key, without its secret."""
+
+    id: str = Field(description="The key's id (`key_...`).")
+    project_id: str = Field(description="The one project it reaches.")
+    name: str = Field(description="What it is for.")
     prefix: str = Field(description="The secret's first characters, to tell keys apart.")
-    created_at: datetime
-    revoked_at: datetime | None
+    created_at: datetime = Field(description="When it was made (RFC 3339, UTC).")
+    revoked_at: datetime | None = Field(description="When it was revoked (it gets 401 since); null: it works.")
 
 
 class KeyCreated(KeyPublic):
+    """The key just made, with its secret: shown in this answer only."""
+
     key: str = Field(description="The secret, for `Authorization: Bearer`. Shown only in this answer.")
 
 
@@ -51,8 +60,14 @@ def _admin_project(services: ServicesDep, caller: CallerDep, project_id: str) ->
 
 
 @router.post("/projects/{project_id}/keys", status_code=201, response_model=KeyCreated,
+             summary="Make a project key", openapi_extra=body_examples(KEY_EXAMPLES),
              responses={**created("The key: `/v1/projects/{id}/keys/{key_id}`.", replayable=False),
-                        **documented(403, 404, 409, 413, 415)})
+                        **with_body(403, 404, 409, idempotency_key=True, said={
+                            403: _ADMIN_ONLY, 404: _NO_PROJECT,
+                            409: "The service has no ORCH_ADMIN_KEY, without which a project key would restrict "
+                                 "nothing (`conflict`); or this Idempotency-Key made a key already, whose secret "
+                                 "cannot be shown again (`conflict`, `details.key_id`: revoke it if the secret was "
+                                 "lost), or was used with another body (`idempotency_conflict`)."})})
 def create_key(project_id: str, body: KeyCreate, services: ServicesDep, caller: CallerDep, request: Request,
                response: Response, idempotency_key: IdempotencyKey = None) -> KeyCreated:
     """Make a key that reaches this project only. Its secret is in this answer and nowhere else:
@@ -69,7 +84,8 @@ def create_key(project_id: str, body: KeyCreate, services: ServicesDep, caller: 
     return KeyCreated(**_public(key).model_dump(), key=secret)
 
 
-@router.get("/projects/{project_id}/keys", response_model=Page[KeyPublic], responses=documented(403, 404))
+@router.get("/projects/{project_id}/keys", response_model=Page[KeyPublic], summary="List a project's keys",
+            responses=with_query(403, 404, said={403: _ADMIN_ONLY, 404: _NO_PROJECT}))
 def list_keys(project_id: str, services: ServicesDep, caller: CallerDep,
               limit: Limit = 50, cursor: Cursor = None) -> Page[KeyPublic]:
     """The project's keys, revoked ones included (without their secrets)."""
@@ -80,14 +96,16 @@ def list_keys(project_id: str, services: ServicesDep, caller: CallerDep,
     return Page(items=[_public(k) for k in rows], next_cursor=rows[-1].id if more else None)
 
 
-@router.get("/projects/{project_id}/keys/{key_id}", response_model=KeyPublic, responses=documented(403, 404))
+@router.get("/projects/{project_id}/keys/{key_id}", response_model=KeyPublic, summary="Get a project key",
+            responses=documented(403, 404, said={403: _ADMIN_ONLY, 404: _NO_KEY}))
 def get_key(project_id: str, key_id: str, services: ServicesDep, caller: CallerDep) -> KeyPublic:
     """One key (without its secret): whether it is revoked, and since when."""
     _admin_project(services, caller, project_id)
     return _public(keys.get(services.db, project_id, key_id))
 
 
-@router.delete("/projects/{project_id}/keys/{key_id}", response_model=KeyPublic, responses=documented(403, 404))
+@router.delete("/projects/{project_id}/keys/{key_id}", response_model=KeyPublic, summary="Revoke a project key",
+               responses=documented(403, 404, said={403: _ADMIN_ONLY, 404: _NO_KEY}))
 def revoke_key(project_id: str, key_id: str, services: ServicesDep, caller: CallerDep) -> KeyPublic:
     """Revoke a key: from now on it gets 401. Revoking a revoked key answers it unchanged."""
     _admin_project(services, caller, project_id)

@@ -12,7 +12,7 @@ from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema
 
 from orchestrator.api.deps import CallerDep, ServicesDep, check_asset
-from orchestrator.api.docs import documented
+from orchestrator.api.docs import EXPLAIN_EXAMPLES, body_examples, documented, with_body, with_query
 from orchestrator.api.json_body import StrictJSONRoute
 from orchestrator.api.query import Limit
 from orchestrator.errors import InvalidRequest
@@ -36,7 +36,7 @@ StageBody = TypeVar("StageBody", bound=Strict)
 router = APIRouter(tags=["routing"], route_class=StrictJSONRoute)
 
 
-@router.get("/policies", response_model=PolicyList)
+@router.get("/policies", response_model=PolicyList, summary="List routing policies", responses=with_query())
 def list_policies(services: ServicesDep, caller: CallerDep, limit: Limit = 50,
                   cursor: Annotated[str | None, Query(max_length=200)] = None) -> dict[str, Any]:
     """The loaded policies by name, paged like every list (`cursor` is the last name of the page
@@ -58,7 +58,8 @@ def list_policies(services: ServicesDep, caller: CallerDep, limit: Limit = 50,
             "warnings": _warnings(services) if admin else []}
 
 
-@router.get("/policies/{name}", response_model=PolicyDetail, responses=documented(404))
+@router.get("/policies/{name}", response_model=PolicyDetail, summary="Get a routing policy",
+            responses=documented(404, said={404: "No policy of that name is loaded (`not_found`)."}))
 def get_policy(name: str, services: ServicesDep, caller: CallerDep) -> dict[str, Any]:
     """The policy's rules as loaded; its file's path for the admin key, its name for a project key
     (as in the list: a project key learns nothing of the server's file system)."""
@@ -68,7 +69,9 @@ def get_policy(name: str, services: ServicesDep, caller: CallerDep) -> dict[str,
     return policy
 
 
-@router.post("/policies/reload", response_model=PolicyReload, responses=documented(403))
+@router.post("/policies/reload", response_model=PolicyReload, summary="Reload the policy files",
+             responses=documented(403, said={403: "Only the admin key may reload policies; the request came with "
+                                                  "a project key (`forbidden`)."}))
 def reload_policies(services: ServicesDep, caller: CallerDep) -> dict[str, Any]:
     """Re-read the policy files now, in the process that answers (admin key only; the service's
     other processes reload on their own once they see the files change). A bad file is refused with
@@ -130,8 +133,16 @@ class ExplainRequest(Strict):
         return handler(_EXPLAINED.core_schema)
 
 
-@router.post("/route/explain", response_model=RouteExplanation,
-             responses=documented(402, 404, 410, 413, 415, 429, 503))
+@router.post("/route/explain", response_model=RouteExplanation, summary="Explain a request's routing and cost",
+             operation_id="explain_route", openapi_extra=body_examples(EXPLAIN_EXAMPLES),
+             responses=with_body(402, 404, 410, 429, 500, routed=True, said={
+                 402: "A job would be refused for the budget: the project's budget cannot hold the estimate, or "
+                      "it is over `max_credits` or the policy rule's cap (`budget_exceeded`).",
+                 404: "No such project or source asset (`not_found`).",
+                 410: "The source asset was deleted (`gone`).",
+                 429: "A job would be refused now: the project already has ORCH_MAX_PENDING_JOBS unfinished jobs "
+                      "(`rate_limited`); `Retry-After` says when to try again.",
+                 500: "The source asset's image file is missing or damaged in the store (`content_unavailable`)."}))
 def explain(body: ExplainRequest, services: ServicesDep, caller: CallerDep) -> dict[str, Any]:
     """The routing decision and estimate for a request, without running or charging anything.
     With a project key, `project_id` may be left out: the key names the project."""

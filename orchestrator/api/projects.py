@@ -6,7 +6,17 @@ from sqlmodel import Session, col, select
 
 from orchestrator import idempotency
 from orchestrator.api.deps import CallerDep, IdempotencyKey, ServicesDep
-from orchestrator.api.docs import created, documented
+from orchestrator.api.docs import (
+    BODY_422,
+    IDEMPOTENCY_KEY_422,
+    PROJECT_EXAMPLES,
+    PROJECT_UPDATE_EXAMPLES,
+    body_examples,
+    created,
+    documented,
+    with_body,
+    with_query,
+)
 from orchestrator.api.json_body import StrictJSONRoute
 from orchestrator.api.query import Cursor, Limit, Order, paged
 from orchestrator.api.serialize import asset_public, project_public
@@ -20,9 +30,20 @@ from tiers.base import to_millicredits
 router = APIRouter(tags=["projects"], route_class=StrictJSONRoute)
 
 
-@router.post("/projects", status_code=201, response_model=ProjectPublic,
-             responses={**created("The project: `/v1/projects/{id}`.", replayable=True),
-                        **documented(403, 409, 413, 415, 503)})
+@router.post("/projects", status_code=201, response_model=ProjectPublic, summary="Create a project",
+             openapi_extra=body_examples(PROJECT_EXAMPLES),
+             responses={**created("The project: `/v1/projects/{id}`.", replayable=True), **with_body(
+                 403, 409, 503, idempotency_key=True,
+                 said={403: "Only the admin key may create projects; the request came with a project key "
+                            "(`forbidden`).",
+                       409: "The Idempotency-Key was used with another body (`idempotency_conflict`).",
+                       422: BODY_422 + " Or `policy` names no loaded policy (`details.known` lists them)."
+                            + IDEMPOTENCY_KEY_422,
+                       503: "The request names no policy and the default one (ORCH_POLICY) is not loaded "
+                            "(`no_route`: the operator's to fix); or the database did not answer in time "
+                            "(`database_unavailable`) or its disk is full (`storage_full`), or the server stopped "
+                            "before it finished the request (`server_stopping`): send it again (with the same "
+                            "Idempotency-Key) after `Retry-After`."})})
 def create_project(body: ProjectCreate, services: ServicesDep, caller: CallerDep, request: Request,
                    response: Response, idempotency_key: IdempotencyKey = None) -> ProjectPublic:
     """Create a project. With an `Idempotency-Key`, a retry answers with the project the first
@@ -87,7 +108,7 @@ def _project_of(s: Session, row: IdempotencyKeyRow | None) -> Project | None:
     return s.get(Project, row.project_id)
 
 
-@router.get("/projects", response_model=Page[ProjectPublic])
+@router.get("/projects", response_model=Page[ProjectPublic], summary="List projects", responses=with_query())
 def list_projects(services: ServicesDep, caller: CallerDep, limit: Limit = 50,
                   cursor: Cursor = None, order: Order = "asc") -> Page[ProjectPublic]:
     """Every project; for a project key, its own."""
@@ -116,14 +137,22 @@ def _get(services: ServicesDep, project_id: str) -> Project:
     return project
 
 
-@router.get("/projects/{project_id}", response_model=ProjectPublic, responses=documented(404))
+@router.get("/projects/{project_id}", response_model=ProjectPublic, summary="Get a project",
+            responses=documented(404, said={404: "No such project (`not_found`)."}))
 def get_project(project_id: str, services: ServicesDep, caller: CallerDep) -> ProjectPublic:
     """A project: its name, routing policy and budget (limit and period)."""
     caller.project(project_id)
     return project_public(_get(services, project_id))
 
 
-@router.patch("/projects/{project_id}", response_model=ProjectPublic, responses=documented(403, 404, 413, 415))
+@router.patch("/projects/{project_id}", response_model=ProjectPublic, summary="Update a project",
+              openapi_extra=body_examples(PROJECT_UPDATE_EXAMPLES),
+              responses=with_body(404, 403, said={
+                  403: "Only the admin key may change a project (a project key must not lift its own budget): "
+                       "`forbidden`.",
+                  404: "No such project (`not_found`).",
+                  422: BODY_422 + " Or `policy` names no loaded policy, or `name` or `policy` is null (they "
+                                  "cannot be removed)."}))
 def update_project(project_id: str, body: ProjectUpdate, services: ServicesDep, caller: CallerDep) -> ProjectPublic:
     """Change the name, policy or budget (admin key only: a project key must not lift its own budget)."""
     caller.project(project_id)
@@ -152,7 +181,8 @@ def update_project(project_id: str, body: ProjectUpdate, services: ServicesDep, 
     return project_public(project)
 
 
-@router.get("/projects/{project_id}/assets", response_model=Page[AssetPublic], responses=documented(404))
+@router.get("/projects/{project_id}/assets", response_model=Page[AssetPublic], summary="List a project's assets",
+            responses=with_query(404, said={404: "No such project (`not_found`)."}))
 def list_project_assets(project_id: str, services: ServicesDep, caller: CallerDep, stage: Stage | None = None,
                         limit: Limit = 50, cursor: Cursor = None, order: Order = "asc") -> Page[AssetPublic]:
     """The project's assets, oldest first (`order=desc`: newest first; `stage` filters), a page at

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Request, Response
 
 from orchestrator.api.deps import CallerDep, IdempotencyKey, ServicesDep, check_asset
-from orchestrator.api.docs import documented
+from orchestrator.api.docs import DRAFT_EXAMPLES, POLISH_EXAMPLES, PROMOTE_EXAMPLES, body_examples, with_body
 from orchestrator.api.jobs import public
 from orchestrator.api.json_body import StrictJSONRoute
 from orchestrator.api.serialize import job_public
@@ -23,18 +23,31 @@ _HEADERS = {
 }
 ACCEPTED: dict[int | str, dict[str, Any]] = {
     202: {"description": "The job, committed (its estimate held) before this answer.", "headers": _HEADERS}}
-PAID_ERRORS = {**ACCEPTED, **documented(402, 404, 409, 410, 413, 415, 429, 500, 503)}
+_IDEMPOTENCY_CONFLICT = "The Idempotency-Key was used with another body (`idempotency_conflict`)."
+PAID_ERRORS = {**ACCEPTED, **with_body(
+    402, 404, 409, 410, 429, 500, idempotency_key=True, routed=True,
+    said={402: "The project's budget cannot hold the estimate, or the estimate is over `max_credits` or the policy "
+               "rule's cap (`budget_exceeded`): nothing was made or held.",
+          404: "No such asset (`not_found`).",
+          409: _IDEMPOTENCY_CONFLICT,
+          410: "The source asset was deleted (`gone`).",
+          500: "The source asset's image file is missing or damaged in the store (`content_unavailable`): sending "
+               "the request again changes nothing until the operator restores it (`orchestrator check` lists such "
+               "files)."})}
 # Every field of promote and polish has a default, so their body may be left out (the same as `{}`).
 PromoteBody = Annotated[PromoteCreate, Body(default_factory=PromoteCreate)]
 PolishBody = Annotated[PolishCreate, Body(default_factory=PolishCreate)]
 
 
-@router.post("/projects/{project_id}/drafts", status_code=202, response_model=JobPublic,
-             responses={**ACCEPTED, **documented(
-                 402, 404, 409, 413, 415, 429, 503,
+@router.post("/projects/{project_id}/drafts", status_code=202, response_model=JobPublic, summary="Make drafts",
+             openapi_extra=body_examples(DRAFT_EXAMPLES),
+             responses={**ACCEPTED, **with_body(
+                 402, 404, 409, 429, idempotency_key=True, routed=True,
                  said={402: "A policy routes drafts to a paid engine (a plugin's) and the project's budget cannot "
-                            "hold its estimate (`budget_exceeded`); drafts on the local Lite model hold nothing "
-                            "and are never refused for the budget."})})
+                            "hold its estimate, or it is over the policy rule's cap (`budget_exceeded`); drafts on "
+                            "the local Lite model hold nothing and are never refused for the budget.",
+                       404: "No such project (`not_found`).",
+                       409: _IDEMPOTENCY_CONFLICT})})
 def create_drafts(project_id: str, body: DraftCreate, services: ServicesDep, caller: CallerDep, request: Request,
                   response: Response, idempotency_key: IdempotencyKey = None) -> JobPublic:
     """Ask for `n` drafts of a prompt (stage `ideation`), made on the local Lite model unless the
@@ -47,7 +60,9 @@ def create_drafts(project_id: str, body: DraftCreate, services: ServicesDep, cal
     return _answer(services, job, created, response)
 
 
-@router.post("/assets/{asset_id}/promote", status_code=202, response_model=JobPublic, responses=PAID_ERRORS)
+@router.post("/assets/{asset_id}/promote", status_code=202, response_model=JobPublic,
+             summary="Promote an asset to a high-fidelity engine", openapi_extra=body_examples(PROMOTE_EXAMPLES),
+             responses=PAID_ERRORS)
 def promote(asset_id: str, body: PromoteBody, services: ServicesDep, caller: CallerDep, request: Request,
             response: Response, idempotency_key: IdempotencyKey = None) -> JobPublic:
     """Promote an asset (a chosen draft) as the image-to-image seed of a high-fidelity engine
@@ -61,7 +76,9 @@ def promote(asset_id: str, body: PromoteBody, services: ServicesDep, caller: Cal
     return _answer(services, job, created, response)
 
 
-@router.post("/assets/{asset_id}/polish", status_code=202, response_model=JobPublic, responses=PAID_ERRORS)
+@router.post("/assets/{asset_id}/polish", status_code=202, response_model=JobPublic,
+             summary="Polish an asset (the final render)", openapi_extra=body_examples(POLISH_EXAMPLES),
+             responses=PAID_ERRORS)
 def polish(asset_id: str, body: PolishBody, services: ServicesDep, caller: CallerDep, request: Request,
            response: Response, idempotency_key: IdempotencyKey = None) -> JobPublic:
     """The final render of an asset (stage `polish`): `scale`, or `width`/`height`, sets the size,

@@ -16,7 +16,9 @@ from orchestrator.workers import device_holders
 router = APIRouter(tags=["operations"], route_class=StrictJSONRoute)
 
 
-@router.get("/workers", response_model=WorkersPublic, responses=documented(403))
+@router.get("/workers", response_model=WorkersPublic, summary="List the processes that run jobs",
+            responses=documented(403, said={403: "Only the admin key may list workers; the request came with a "
+                                                 "project key (`forbidden`)."}))
 def list_workers(services: ServicesDep, caller: CallerDep) -> WorkersPublic:
     """The live processes that run jobs (this server, when it does, and `orchestrator worker`s
     sharing its data dir), with the devices they hold and their running jobs (admin key only). An

@@ -4,21 +4,26 @@ Schema's keywords with the values validation enforces; each answer lists the med
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import json
+import re
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
 import pytest
 from pydantic import BaseModel, ValidationError
 
+from orchestrator.api.docs import EXAMPLE_ASSET_ID, EXAMPLE_PROJECT_ID
+from orchestrator.events import job_mark
 from orchestrator.schemas import DraftCreate, PolishCreate, PromoteCreate
-from tests.api import assert_error, create_project
+from orchestrator.settings import Settings
+from tests.api import assert_error, create_project, run_draft
 
 ERROR_REF = "#/components/schemas/ErrorResponse"
 MISSING_JOB, MISSING_ASSET = "job_0000000000zzzzzzzzzzzzzz", "ast_0000000000zzzzzzzzzzzzzz"
 JSON = {"Content-Type": "application/json"}
-CODES = {400: "invalid_request", 403: "forbidden", 404: "not_found", 413: "payload_too_large", 415: "invalid_request",
-         422: "invalid_request"}
+CODES = {400: "invalid_request", 403: "forbidden", 404: "not_found", 409: "conflict", 413: "payload_too_large",
+         415: "invalid_request", 422: "invalid_request"}
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +85,14 @@ CASES: list[tuple[str, str, str, dict[str, Any], int]] = [
      {"headers": {"Origin": "https://evil.example"}}, 403),
     ("post", "/v1/route/explain", "/v1/route/explain", {"json": {}, "headers": {"Origin": "https://evil.example"}},
      403),
+    ("post", "/v1/policies/reload", "/v1/policies/reload", {"headers": {"Origin": "https://evil.example"}}, 403),
+    # A GET's 422 is its query parameters'.
+    ("get", "/v1/projects", "/v1/projects", {"params": {"limit": 0}}, 422),
+    ("get", "/v1/jobs/{job_id}/preview", f"/v1/jobs/{MISSING_JOB}/preview", {"params": {"step": -1}}, 422),
+    ("get", "/v1/policies", "/v1/policies", {"params": {"cursor": "../x"}}, 422),
+    ("get", "/v1/projects/{project_id}/keys", "/v1/projects/{project}/keys", {"params": {"lmit": 5}}, 422),
+    # Project keys need an admin key, which this service lacks.
+    ("post", "/v1/projects/{project_id}/keys", "/v1/projects/{project}/keys", {"json": {"name": "k"}}, 409),
 ]
 
 
@@ -412,7 +425,7 @@ def test_an_enum_used_in_more_than_one_place_is_one_named_schema(spec: dict[str,
     assert {values: places for values, places in inline.items() if len(places) > 1} == {}
     schemas = spec["components"]["schemas"]
     assert schemas["Stage"]["enum"] == ["ideation", "bridge", "polish"]
-    assert schemas["JobPublic"]["properties"]["status"] == {"$ref": "#/components/schemas/JobStatus"}
+    assert schemas["JobPublic"]["properties"]["status"]["$ref"] == "#/components/schemas/JobStatus"
 
 
 def test_drafts_document_the_402_a_paid_draft_engine_can_answer(spec: dict[str, Any]) -> None:
@@ -421,3 +434,228 @@ def test_drafts_document_the_402_a_paid_draft_engine_can_answer(spec: dict[str, 
     answers = spec["paths"]["/v1/projects/{project_id}/drafts"]["post"]["responses"]
     assert answers["402"]["content"]["application/json"]["schema"] == {"$ref": ERROR_REF}
     assert "paid engine" in answers["402"]["description"]
+
+
+# -- each route lists the errors it can answer, each told as it is on that route -------------------
+
+# What every /v1 route can answer: a URL with a NUL (or a rebound Host), no valid key, a database
+# that does not answer (or a stopping server).
+ANY = {400, 401, 503}
+BODY = ANY | {413, 415, 422}  # and what a route that reads a JSON body can
+# operation -> the error statuses it answers (besides `default`): no more, no fewer. A route
+# changed to answer another must say so here and in its decorator.
+ERRORS: dict[tuple[str, str], set[int]] = {
+    ("get", "/healthz"): {400},
+    ("get", "/readyz"): {400, 503},
+    ("get", "/metrics"): {400, 503},
+    ("get", "/v1/projects"): ANY | {422},
+    ("post", "/v1/projects"): BODY | {403, 409},
+    ("get", "/v1/projects/{project_id}"): ANY | {404},
+    ("patch", "/v1/projects/{project_id}"): BODY | {403, 404},
+    ("get", "/v1/projects/{project_id}/assets"): ANY | {404, 422},
+    ("post", "/v1/projects/{project_id}/drafts"): BODY | {402, 403, 404, 409, 429},
+    ("post", "/v1/assets/{asset_id}/promote"): BODY | {402, 403, 404, 409, 410, 429, 500},
+    ("post", "/v1/assets/{asset_id}/polish"): BODY | {402, 403, 404, 409, 410, 429, 500},
+    ("get", "/v1/jobs"): ANY | {404, 422},
+    ("get", "/v1/jobs/{job_id}"): ANY | {404},
+    ("post", "/v1/jobs/{job_id}/cancel"): ANY | {403, 404, 409},
+    ("get", "/v1/jobs/{job_id}/preview"): ANY | {404, 422},
+    ("get", "/v1/jobs/{job_id}/events"): ANY | {404},
+    ("get", "/v1/assets/{asset_id}"): ANY | {404, 410},
+    ("delete", "/v1/assets/{asset_id}"): ANY | {403, 404, 409},
+    ("get", "/v1/assets/{asset_id}/content"): ANY | {404, 410, 500},
+    ("get", "/v1/assets/{asset_id}/lineage"): ANY | {404, 410},
+    ("get", "/v1/engines"): ANY,
+    ("get", "/v1/projects/{project_id}/budget"): ANY | {404},
+    ("get", "/v1/projects/{project_id}/ledger"): ANY | {404, 422},
+    ("post", "/v1/projects/{project_id}/grants"): BODY | {403, 404, 409},
+    ("post", "/v1/projects/{project_id}/ledger/{entry_id}/reconcile"): BODY | {403, 404, 409},
+    ("get", "/v1/spend"): ANY | {404, 422},
+    ("get", "/v1/policies"): ANY | {422},
+    ("get", "/v1/policies/{name}"): ANY | {404},
+    ("post", "/v1/policies/reload"): ANY | {403},
+    ("post", "/v1/route/explain"): BODY | {402, 403, 404, 410, 429, 500},
+    ("post", "/v1/projects/{project_id}/keys"): BODY | {403, 404, 409},
+    ("get", "/v1/projects/{project_id}/keys"): ANY | {403, 404, 422},
+    ("get", "/v1/projects/{project_id}/keys/{key_id}"): ANY | {403, 404},
+    ("delete", "/v1/projects/{project_id}/keys/{key_id}"): ANY | {403, 404},
+    ("get", "/v1/workers"): ANY | {403},
+}
+# The routes that route a request to an engine: the only ones whose 422 or 503 may be `no_route`
+# (creating a project: when the default policy is not loaded).
+ROUTED = {("post", "/v1/projects/{project_id}/drafts"), ("post", "/v1/assets/{asset_id}/promote"),
+          ("post", "/v1/assets/{asset_id}/polish"), ("post", "/v1/route/explain")}
+# The codes each status may be sent with.
+STATUS_CODES = {400: {"invalid_request"}, 401: {"unauthorized"}, 402: {"budget_exceeded"}, 403: {"forbidden"},
+                404: {"not_found"}, 409: {"conflict", "idempotency_conflict", "job_finished"}, 410: {"gone"},
+                413: {"payload_too_large"}, 415: {"invalid_request"}, 422: {"invalid_request", "no_route"},
+                429: {"rate_limited"}, 500: {"content_unavailable", "internal_error"},
+                503: {"no_route", "database_unavailable", "storage_full", "server_stopping"}}
+ALL_CODES = set().union(*STATUS_CODES.values()) | {"method_not_allowed", "engine_unavailable", "engine_error",
+                                                   "content_filtered", "timeout", "canceled", "interrupted", "error"}
+
+
+def operations(spec: dict[str, Any]) -> Iterator[tuple[str, str, dict[str, Any]]]:
+    for path, item in spec["paths"].items():
+        for method, operation in item.items():
+            yield method, path, operation
+
+
+def told_codes(description: str) -> set[str]:
+    """The error codes a sentence names (in backticks)."""
+    return set(re.findall(r"`([a-z_]+)`", description)) & ALL_CODES
+
+
+def test_each_route_lists_exactly_the_errors_it_can_answer(spec: dict[str, Any]) -> None:
+    listed = {(method, path): {int(status) for status in operation["responses"] if status[0] in "45"}
+              for method, path, operation in operations(spec)}
+    assert listed == ERRORS
+    assert all("default" in operation["responses"] for _, _, operation in operations(spec))
+
+
+def test_each_error_is_told_as_it_is_on_its_route(spec: dict[str, Any]) -> None:
+    """A body-less GET was told "the body is not valid JSON", "no engine may take the request",
+    "no engine is available": every route was given every route's sentences."""
+    for method, path, operation in operations(spec):
+        where = (method, path)
+        answers = {int(status): response["description"] for status, response in operation["responses"].items()
+                   if status[0] in "45"}
+        for status, description in answers.items():
+            assert told_codes(description) <= STATUS_CODES[status], (where, status, description)
+        if "requestBody" not in operation:
+            assert "JSON" not in answers[400] and "body" not in answers[400], where
+            assert "body" not in answers.get(422, ""), where
+        else:
+            assert "not valid JSON" in answers[400] and "body" in answers[422], where
+        if where not in ROUTED:
+            assert "no_route" not in answers.get(422, "") and "engine" not in answers.get(422, ""), where
+        else:
+            assert "no_route" in answers[422] and "no_route" in answers[503], where
+        if method == "get" and path.startswith("/v1/"):
+            assert told_codes(answers[503]) == {"database_unavailable", "storage_full", "server_stopping"}, where
+            if 422 in answers:  # a GET's 422 is its query's
+                assert "query parameter" in answers[422], where
+        if path.startswith("/v1/") and method in ("post", "patch", "delete"):
+            assert "ORCH_CORS_ORIGINS" in answers[403], where  # CrossSiteGuard's, on every route changing something
+        if method == "get":
+            assert "ORCH_CORS_ORIGINS" not in answers.get(403, ""), where
+
+
+# -- names: schemas, operations, headers --------------------------------------------------------
+
+def refs(node: Any) -> Iterator[str]:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "$ref":
+                yield value
+            else:
+                yield from refs(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from refs(item)
+
+
+def test_schema_names_are_clean_and_stable(spec: dict[str, Any]) -> None:
+    """A generator names a type after each schema: `Page_AssetPublic_` was pydantic's name for
+    `Page[AssetPublic]`, and it changed with the model's name."""
+    schemas = spec["components"]["schemas"]
+    assert [name for name in schemas if not re.fullmatch(r"[A-Z][A-Za-z0-9]*", name)] == []
+    assert {"AssetPage", "JobPage", "KeyPage", "LedgerEntryPage", "ProjectPage"} <= set(schemas)
+    for name in ("AssetPage", "JobPage", "ProjectPage"):
+        assert schemas[name]["title"] == name and schemas[name]["required"] == ["items", "next_cursor"]
+    ok = spec["paths"]["/v1/projects/{project_id}/assets"]["get"]["responses"]["200"]
+    assert ok["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/AssetPage"}
+    assert schemas["AssetPage"]["properties"]["items"]["items"] == {"$ref": "#/components/schemas/AssetPublic"}
+    dangling = {ref for ref in refs(spec) if ref.rsplit("/", 1)[1] not in schemas}
+    assert dangling == set()
+
+
+def test_every_operation_has_a_summary_of_its_own(spec: dict[str, Any]) -> None:
+    """Not FastAPI's from the function's name ("Lineage", "Grant", "Explain", "Healthz"): a
+    sentence-case phrase of more than one word, one per operation."""
+    summaries = [operation.get("summary", "") for _, _, operation in operations(spec)]
+    generated = [s for s in summaries if len(s.split()) < 2 or s == s.title()]
+    assert generated == [] and len(set(summaries)) == len(summaries)
+    ids = {operation["operationId"] for _, _, operation in operations(spec)}
+    assert {"get_lineage", "grant_credits", "explain_route"} <= ids
+
+
+CANONICAL_HEADERS = {"Idempotency-Key", "Last-Event-ID", "If-None-Match"}
+
+
+def test_header_parameters_are_named_as_http_writes_them(spec: dict[str, Any]) -> None:
+    names = {p["name"] for _, _, operation in operations(spec) for p in operation.get("parameters", [])
+             if p["in"] == "header"}
+    assert names == CANONICAL_HEADERS
+    events = spec["paths"]["/v1/jobs/{job_id}/events"]["get"]["parameters"]
+    assert "Last-Event-ID" in [p["name"] for p in events]
+
+
+# -- schemas say what their fields mean ---------------------------------------------------------
+
+DESCRIBED = ["DraftCreate", "PromoteCreate", "PolishCreate", "ProjectCreate", "ProjectUpdate", "Budget",
+             "ProjectBudget", "ProjectPublic", "JobPublic", "AssetPublic", "Cost", "Progress", "ErrorBody",
+             "ErrorResponse", "AssetPage", "JobPage", "Lineage", "BudgetPublic", "LedgerEntryPublic", "GrantCreate",
+             "Reconcile", "SpendReport", "SpendGroup", "SpendSavings", "KeyCreate", "KeyPublic", "EnginePublic"]
+
+
+@pytest.mark.parametrize("model", DESCRIBED)
+def test_main_models_describe_their_fields(spec: dict[str, Any], model: str) -> None:
+    schema = spec["components"]["schemas"][model]
+    assert schema.get("description"), model
+    bare = [name for name, field in schema["properties"].items()
+            if not field.get("description") and not any(o.get("description") for o in field.get("anyOf", []))]
+    assert bare == []
+
+
+def test_error_codes_are_listed_not_enumerated(spec: dict[str, Any]) -> None:
+    """`code` is open: new codes come with new releases (and a job's error has its own), so the
+    schema lists them in words, and a generated client does not refuse a code it does not know."""
+    code = spec["components"]["schemas"]["ErrorBody"]["properties"]["code"]
+    assert "enum" not in code and code["type"] == "string"
+    assert [c for c in sorted(ALL_CODES - {"error"}) if f"`{c}`" not in code["description"]] == []
+
+
+# -- request bodies' examples are requests the routes take ---------------------------------------
+
+def test_request_bodies_have_examples_the_routes_take(make_settings: Callable[..., Settings],
+                                                      start_server: Callable[[Settings], httpx.Client]) -> None:
+    """/docs's "Try it out" starts from the first example: each one, with real ids in place of the
+    made-up ones, is answered 2xx (a reconcile of a missing entry is a 404: the body was taken)."""
+    client = start_server(make_settings(admin_key="k"))
+    client.headers["Authorization"] = "Bearer k"
+    spec: dict[str, Any] = client.get("/openapi.json").json()
+    project = create_project(client, "examples")["id"]
+    draft = run_draft(client, project, n=1, steps=1)
+    asset = draft["assets"][0]
+    ids = {"project_id": project, "asset_id": asset, "entry_id": "999999", "job_id": draft["id"]}
+    jobs: list[str] = []
+    tried = 0
+    for method, path, operation in operations(spec):
+        if "requestBody" not in operation:
+            continue
+        examples = operation["requestBody"]["content"]["application/json"].get("examples")
+        assert examples, (method, path)
+        for name, example in examples.items():
+            assert example["summary"] and example["value"] is not None, (method, path, name)
+            body = json.loads(json.dumps(example["value"]).replace(EXAMPLE_PROJECT_ID, project)
+                              .replace(EXAMPLE_ASSET_ID, asset))
+            answer = client.request(method.upper(), path.format(**ids), json=body)
+            if path.endswith("/reconcile"):
+                assert_error(answer, 404, "not_found")  # of the entry: the body passed validation
+            else:
+                assert 200 <= answer.status_code < 300, (method, path, name, answer.text)
+            if str(answer.json().get("id", "") if answer.content else "").startswith("job_"):
+                jobs.append(answer.json()["id"])
+            tried += 1
+    assert tried >= 15 and len(jobs) >= 4
+    for job in jobs:  # the drafts' 512x512 images are not needed
+        client.post(f"/v1/jobs/{job}/cancel")
+
+    # The headers named as the document names them are read, and in any case (HTTP's are not cased).
+    etag = client.get(f"/v1/assets/{asset}/content").headers["etag"]
+    terminal = f"0badc0de-7-end.{job_mark(draft['id'])}"  # another server's terminal event of the job
+    for header in ("If-None-Match", "if-none-match"):
+        assert client.get(f"/v1/assets/{asset}/content", headers={header: etag}).status_code == 304
+    for header in ("Last-Event-ID", "last-event-id"):
+        assert client.get(f"/v1/jobs/{draft['id']}/events", headers={header: terminal}).status_code == 204
