@@ -105,6 +105,15 @@ SECOND_OPEN_HOLD = "open holds of a job that has another open hold"
 STRAY = "captures, releases or adjustments naming an entry that is not their job's hold"
 LOOSE_RELEASE = "releases naming no hold"
 EARLY_ADJUSTMENT = "adjustments of a capture still unreconciled, or of none"
+# Each of them, said of one entry ("1 hold whose ...").
+ONE = {
+    SETTLED_WITHOUT_ENTRY: "hold marked settled with no capture or release (neither held nor charged)",
+    AMOUNTS: "hold whose capture and release do not add up to the hold",
+    SECOND_OPEN_HOLD: "open hold of a job that has another open hold",
+    STRAY: "capture, release or adjustment naming an entry that is not its job's hold",
+    LOOSE_RELEASE: "release naming no hold",
+    EARLY_ADJUSTMENT: "adjustment of a capture still unreconciled, or of none",
+}
 
 
 def read_only_engine(url: str) -> Engine:

@@ -38,9 +38,19 @@ def _port(text: str) -> int:
     return port
 
 
-def _interrupted() -> int:
-    print("orchestrator: interrupted", file=sys.stderr)
+def _interrupted(detail: str = "") -> int:
+    """Ctrl-C's line; `detail`, what was done about it (the demo's jobs canceled)."""
+    print("orchestrator: interrupted" + (f"; {detail}" if detail else ""), file=sys.stderr)
     return 130
+
+
+class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's default in its help, but a flag's: "(default: False)" says nothing."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.nargs == 0:  # store_true and the like
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _demo_size(text: str) -> int:
@@ -68,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version=__version__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    defaults = argparse.ArgumentDefaultsHelpFormatter
+    defaults = _HelpWithDefaults
     serve = sub.add_parser("serve", help="run the HTTP service", formatter_class=defaults,
                            description="Run the HTTP service (settings: ORCH_* variables, see the README).")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
@@ -109,7 +119,14 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--size", type=_demo_size, default=512,
                       help="width and height of the drafts: 64-1024, a multiple of 8 (default: 512)")
 
-    args = parser.parse_args(argv)
+    given = sys.argv[1:] if argv is None else argv
+    args, unknown = parser.parse_known_args(given)
+    if unknown:
+        # argparse leaves what a subcommand does not know to the top parser, whose usage then named
+        # no option of the subcommand; the subcommand's is shown, unless it came before the subcommand.
+        before = given[:given.index(args.command)] if args.command in given else given
+        culprit = parser if any(arg in before for arg in unknown) else sub.choices[args.command]
+        culprit.error(f"unrecognized arguments: {' '.join(unknown)}")
     level = getattr(args, "log_level", "info").upper()
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -121,14 +138,15 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("alembic.runtime.migration").setLevel(logging.WARNING)
     try:
         return _run(args)
-    except KeyboardInterrupt:  # Ctrl-C: whatever was running has stopped (the server cleanly)
-        return _interrupted()
+    except KeyboardInterrupt as exc:  # Ctrl-C: whatever was running has stopped (the server cleanly)
+        return _interrupted(str(exc))  # the demo says which of its jobs it canceled
     except ValidationError as exc:
         if exc.title != "Settings":
             raise
         # Name the variable (or the file's key) to fix rather than print a traceback.
         problems = [f"  {e['msg']}" if e["type"] in ("unknown_setting", "config_file")  # name their file
-                    else f"  {_source_of(_field(e['loc']))}: {e['msg']}{_shown_input(_field(e['loc']), e['input'])}"
+                    else f"  {_source_of(_field(e['loc']))}: {_message(e['type'], e['msg'])}"
+                    f"{_shown_input(_field(e['loc']), e['input'], e['type'])}"
                     for e in exc.errors()]
         return _fail("invalid configuration:\n" + "\n".join(problems), status=2)
     except httpx.HTTPStatusError as exc:
@@ -152,11 +170,19 @@ def _field(loc: tuple[int | str, ...]) -> str:
     return input_fields(Settings).get(name.lower(), name)
 
 
-def _shown_input(field: str, value: object) -> str:
+def _message(kind: str, message: str) -> str:
+    """A setting's error without pydantic's "Value error, " before the settings' own validators' words."""
+    return message.removeprefix("Value error, ") if kind == "value_error" else message
+
+
+def _shown_input(field: str, value: object, kind: str = "") -> str:
     """The bad value, to help fix it, unless it may be a secret (a key, a password in an address):
-    the message goes to the terminal and the service manager's journal."""
+    the message goes to the terminal and the service manager's journal. The settings' own
+    validators (`value_error`) word their message whole: it names the bad part where it may."""
     from orchestrator.settings import Settings
 
+    if kind == "value_error":
+        return ""
     known = Settings.model_fields.get(field)
     if known is None or known.repr is False or "SecretStr" in str(known.annotation) or field.endswith("url"):
         return ""  # an address may carry user:password
@@ -201,9 +227,47 @@ def _checked(settings: Settings, *, service: bool = True) -> int | None:
     """Exit status 2 with what to fix, before anything starts; None when nothing is wrong."""
     from orchestrator.services import startup_problems
 
-    problems = startup_problems(settings, service=service)
+    problems = [_plainer(problem, settings) for problem in startup_problems(settings, service=service)]
     if problems:
         return _fail("invalid configuration:\n" + "\n".join(f"  {p}" for p in problems), status=2)
+    return None
+
+
+def _file_in_the_way(folder: Path) -> Path | None:
+    """What keeps `folder` from being a directory: itself or a folder above it that is something
+    else (a file); None when it is one or may be made (a permission is the write probe's to tell)."""
+    try:
+        for path in (folder, *folder.parents):
+            if path.exists():
+                return None if path.is_dir() else path
+    except OSError:  # a folder above that this user may not open
+        return None
+    return None
+
+
+def _not_a_directory(folder: Path, file: Path) -> str:
+    return f"{folder} is not a directory" if file == folder else f"cannot make {folder}: {file} is not a directory"
+
+
+def _plainer(problem: str, settings: Settings) -> str:
+    """A folder setting's "cannot write in X (File exists)" said as what it is: X is a file."""
+    for variable, folder in (("ORCH_DATA_DIR", settings.data_dir), ("ORCH_DATA_DIR", settings.assets_dir),
+                             ("ORCH_CACHE_DIR", settings.cache_dir)):
+        if problem.startswith(f"{variable}: cannot write in {folder} (") and (file := _file_in_the_way(folder)):
+            return f"{variable}: {_not_a_directory(folder, file)}"
+    return problem
+
+
+def _resolution_problem(host: str) -> str | None:
+    """Why `--host` names no address (a typo, a name no resolver knows); None when it names some."""
+    import socket
+
+    from orchestrator.server import bare_host
+
+    try:
+        socket.getaddrinfo(bare_host(host) or None, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as exc:
+        return f"--host {bare_host(host)}: {exc.strerror or exc}"  # as `check_listenable` says it
     return None
 
 
@@ -345,6 +409,8 @@ def _run(args: argparse.Namespace) -> int:
         settings = Settings()
         # Refused before anything is made: no data dir or database left behind by a start that is not one.
         if settings.admin_key is None and not is_loopback(args.host) and not args.allow_open:
+            if (unknown_host := _resolution_problem(args.host)) is not None:
+                return _fail(unknown_host, status=2)  # a name nothing listens on: the key is not the problem
             return _fail(f"refusing to listen on {args.host} without ORCH_ADMIN_KEY: anyone who reaches the port "
                          "could spend the budgets and grant credits. Set ORCH_ADMIN_KEY (or pass --allow-open "
                          "on a network you trust)", status=2)
@@ -392,15 +458,21 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "check":
         return _check(no_hash=args.no_hash)
-    from orchestrator.demo import run_demo
+    from orchestrator.demo import quiet_terminal_log, run_demo
 
+    out = Path(args.out)
+    if (file := _file_in_the_way(out)) is not None:  # said before anything is made
+        return _fail(f"cannot use {out} for the images: "
+                     + ("not a directory" if file == out else f"{file} is not a directory"), status=2)
     if args.url is None:  # the demo starts the service itself: the same checks as `serve`
         from orchestrator.settings import Settings
 
         settings = Settings()
+        # Its service's start and jobs log into the progress bars otherwise: on the terminal, only warnings.
+        quiet_terminal_log()
         if (failed := _checked(settings) or _bound(settings)) is not None:
             return failed
-    out = Path(args.out)
+        _log_to_data_dir(settings)  # the rest, as `serve` keeps it
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -417,6 +489,7 @@ def _check(*, no_hash: bool) -> int:
     from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
     from orchestrator.check import (
+        ONE,
         CannotCheck,
         StoreReport,
         check_identity,
@@ -435,6 +508,8 @@ def _check(*, no_hash: bool) -> int:
     settings = Settings()
     if problems := database_url_problems(settings.resolved_database_url):
         return _fail("\n".join(problems), status=2)
+    if (file := _file_in_the_way(settings.data_dir)) is not None:
+        return _fail(f"ORCH_DATA_DIR: {_not_a_directory(settings.data_dir, file)}", status=2)
     try:
         engine = read_only_engine(settings.resolved_database_url)
         try:
@@ -459,30 +534,37 @@ def _check(*, no_hash: bool) -> int:
         print(f"0 assets: nothing stored yet ({settings.assets_dir} is made at the service's first start)")
     else:
         how = "read and hashed" if report.hashed else "looked for (--no-hash: not read)"
-        print(f"{report.assets} assets, {report.reads} files {how} in {settings.assets_dir}")
-    for ids, what in ((report.missing, "missing"), (report.unreadable, "unreadable (the disk or a permission)"),
-                      (report.damaged, "damaged (the bytes do not match their sha256)"),
-                      (report.malformed, "with a malformed sha256 in their row")):
+        print(f"{_counted(report.assets, 'asset')}, {_counted(report.reads, 'file')} {how} in {settings.assets_dir}")
+    for ids, one, many in ((report.missing, "asset missing", "assets missing"),
+                           (report.unreadable, "asset unreadable (the disk or a permission)",
+                            "assets unreadable (the disk or a permission)"),
+                           (report.damaged, "asset damaged (the bytes do not match its sha256)",
+                            "assets damaged (the bytes do not match their sha256)"),
+                           (report.malformed, "asset with a malformed sha256 in its row",
+                            "assets with a malformed sha256 in their row")):
         if ids:
-            print(f"{len(ids)} assets {what}: {_shown(ids)}")
+            print(f"{_counted(len(ids), one, many)}: {_shown(ids)}")
     if report.set_aside:
-        print(f"{len(report.set_aside)} assets' files were set aside by a sweep that stopped mid-way (the "
-              f"service's next sweep, at its start or within the hour, puts them back): {_shown(report.set_aside)}")
+        files = "asset's file was" if len(report.set_aside) == 1 else "assets' files were"
+        print(f"{len(report.set_aside)} {files} set aside by a sweep that stopped mid-way (the service's next sweep, "
+              f"at its start or within the hour, puts {_them(report.set_aside)} back): {_shown(report.set_aside)}")
     if report.foreign:
-        print(f"{report.unnamed} of the {report.files} files in the store are named by no asset in this database")
+        print(f"{report.unnamed} of the {_counted(report.files, 'file')} in the store "
+              f"{'is' if report.unnamed == 1 else 'are'} named by no asset in this database")
     elif report.unnamed:
-        print(f"{report.unnamed} files no asset names (canceled jobs' images; the service removes them after an hour)")
-    print(f"ledger: {ledger.entries} entries, {ledger.holds} holds")
+        print(f"{_counted(report.unnamed, 'file')} no asset names (canceled jobs' images; the service removes them "
+              "after an hour)")
+    print(f"ledger: {_counted(ledger.entries, 'entry', 'entries')}, {_counted(ledger.holds, 'hold')}")
     for what, ids in ledger.problems.items():
-        print(f"{len(ids)} {what}: entries {_shown(ids)}")
+        print(f"{_counted(len(ids), ONE.get(what, what), what)}: {_entries(ids)}")
     if ledger.open_finished:
-        print(f"{len(ledger.open_finished)} open holds of finished jobs (a running service's sweep settles them): "
-              f"entries {_shown(ledger.open_finished)}")
+        print(f"{_counted(len(ledger.open_finished), 'open hold of a finished job', 'open holds of finished jobs')} "
+              f"(a running service's sweep settles {_them(ledger.open_finished)}): {_entries(ledger.open_finished)}")
     if ledger.unflagged:
-        print(f"{len(ledger.unflagged)} settled holds still marked open (settled by an older version; a running "
-              f"service's sweep marks them): entries {_shown(ledger.unflagged)}")
+        print(f"{_counted(len(ledger.unflagged), 'settled hold')} still marked open (settled by an older version; "
+              f"a running service's sweep marks {_them(ledger.unflagged)}): {_entries(ledger.unflagged)}")
     if ledger.unreconciled:
-        print(f"{ledger.unreconciled} captures wait to be reconciled against an invoice "
+        print(f"{_counted(ledger.unreconciled, 'capture waits', 'captures wait')} to be reconciled against an invoice "
               "(GET /v1/projects/{id}/ledger?unreconciled=true)")
     if report.ok and ledger.ok and wrong_store is None:
         print("ok")
@@ -496,6 +578,19 @@ def _check(*, no_hash: bool) -> int:
         print("PROBLEMS: the ledger entries above do not add up; budgets and spend are off by them "
               "until they are corrected (restore the database, or correct them by hand)")
     return 1
+
+
+def _counted(n: int, one: str, many: str | None = None) -> str:
+    """`1 asset`, `2 assets`: `many` where adding an s will not do."""
+    return f"{n} {one if n == 1 else many or one + 's'}"
+
+
+def _them(ids: list[str]) -> str:
+    return "it" if len(ids) == 1 else "them"
+
+
+def _entries(ids: list[str]) -> str:
+    return ("entry " if len(ids) == 1 else "entries ") + _shown(ids)
 
 
 def _shown(ids: list[str]) -> str:

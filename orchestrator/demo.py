@@ -2,12 +2,11 @@
 
 Creates a project, asks for 4 drafts with a progress bar from the event stream, saves them and a
 contact sheet, promotes the first draft (bridge), polishes the result, and prints and saves the
-lineage. Interrupted (Ctrl-C), it cancels the jobs it started.
+lineage. Interrupted (Ctrl-C), it cancels the jobs it started, and says so.
 """
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import logging
@@ -19,9 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
+from orchestrator.errors import first_line
 from orchestrator.settings import Settings
+from tiers import tiny
 
 # A job queued this long is told once: against a service whose API servers run no jobs
 # (ORCH_RUN_JOBS=false) with no `orchestrator worker` up, the demo otherwise waited in silence.
@@ -75,18 +76,47 @@ def _follow(client: httpx.Client, job_id: str, label: str, live: bool, hint: thr
                           + f"  {label:<8} {_bar(1.0 if event == 'succeeded' else 0.0)} {event}" + " " * 12)
 
 
-def contact_sheet(images: list[Image.Image], columns: int = 2, pad: int = 8) -> Image.Image:
+def contact_sheet(images: list[Image.Image], labels: list[str] | None = None, columns: int = 2,
+                  pad: int = 8) -> Image.Image:
+    """The images in a grid, each with its label (its index, then its seed) under it, on the
+    sheet's dark ground: drawn over the image, it was lost in the tiny model's noise. A label
+    wider than its image is cut to its first word, the index."""
+    labels = labels or [str(index) for index in range(len(images))]
+    font = ImageFont.load_default()
     w = max(i.width for i in images)
     h = max(i.height for i in images)
+    caption = int(font.getbbox("0123456789 seed")[3]) + 4
     rows = (len(images) + columns - 1) // columns
-    sheet = Image.new("RGB", (columns * (w + pad) + pad, rows * (h + pad) + pad), (24, 24, 24))
+    sheet = Image.new("RGB", (columns * (w + pad) + pad, rows * (h + caption + pad) + pad), (24, 24, 24))
     draw = ImageDraw.Draw(sheet)
-    for index, img in enumerate(images):
+    for index, (img, label) in enumerate(zip(images, labels, strict=True)):
         x = pad + (index % columns) * (w + pad)
-        y = pad + (index // columns) * (h + pad)
+        y = pad + (index // columns) * (h + caption + pad)
         sheet.paste(img, (x, y))
-        draw.text((x + 4, y + 4), str(index), fill=(255, 255, 255))
+        if draw.textlength(label, font=font) > w:
+            label = label.split()[0]
+        draw.text((x, y + h + 2), label, fill=(230, 230, 230), font=font)
     return sheet
+
+
+class _ToldByTheDemo(logging.Filter):
+    """The tiny model's notice, which the demo gives itself, once: its service and the model's
+    loader each logged it too, and a new user read it four times."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (tiny.NAME in message and "images are noise" in message)
+
+
+def quiet_terminal_log() -> None:
+    """While the demo runs its own service, the terminal's log shows warnings and errors only,
+    not the service's information (its lock files, model folders) between the progress bars;
+    the caller keeps all of it in the data dir's log file."""
+    for handler in logging.getLogger().handlers:
+        if (isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)
+                and handler.stream in (sys.stderr, sys.__stderr__)):
+            handler.setLevel(max(handler.level, logging.WARNING))
+            handler.addFilter(_ToldByTheDemo())
 
 
 def _admin_key() -> str | None:
@@ -104,41 +134,66 @@ def run_demo(*, url: str | None, prompt: str, out: str, size: int) -> int:
     out_dir = Path(out).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     server: AbstractContextManager[str]
+    lite_setting = None  # ORCH_LITE_MODEL, when the service is the demo's own
     if url:
         server = nullcontext(url)
     else:
         from orchestrator.server import serve_in_thread
 
-        # The demo tells each job's outcome itself; the runner's line would land inside its progress bar.
-        logging.getLogger("orchestrator.runner").setLevel(logging.WARNING)
+        settings = Settings()
+        lite_setting = settings.lite_model
         # Its own service runs its jobs, whatever ORCH_RUN_JOBS says for the studio's API servers:
         # with no worker of its own, the demo would wait on its first draft for ever.
-        server = serve_in_thread(Settings().model_copy(update={"run_jobs": True}))
+        server = serve_in_thread(settings.model_copy(update={"run_jobs": True}))
     key = _admin_key()
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     with server as base, httpx.Client(base_url=base, headers=headers, timeout=600) as client:
-        started: list[str] = []
+        started: list[tuple[str, str]] = []
         try:
-            _stages(client, base, prompt, out_dir, size, started)
+            _stages(client, base, prompt, out_dir, size, started, lite_setting)
         except KeyboardInterrupt:
+            if sys.stdout.isatty():
+                print(flush=True)  # off the progress bar's line, for the line that says so
             # The demo's jobs are nobody else's: left queued, the next demo on this data dir would
-            # render them first, for nobody. (A finished one answers 409, which changes nothing.)
-            for job_id in started:
-                with contextlib.suppress(httpx.HTTPError):
-                    client.post(f"/v1/jobs/{job_id}/cancel", timeout=5)
-            raise
+            # render them first, for nobody. (A finished one answers 409: nothing to tell.)
+            told = [told for label, job_id in started if (told := _cancel(client, label, job_id))]
+            raise KeyboardInterrupt("; ".join(told)) from None  # `orchestrator: interrupted; <told>`
     sys.stdout.flush()
     return 0
 
 
-def _stages(client: httpx.Client, base: str, prompt: str, out_dir: Path, size: int, started: list[str]) -> None:
-    """The three stages; the id of each job is added to `started` as soon as it is known."""
+def _cancel(client: httpx.Client, label: str, job_id: str) -> str:
+    """Cancel a job of the demo's; what to tell of it ("" for a job already finished)."""
+    try:
+        answer = client.post(f"/v1/jobs/{job_id}/cancel", timeout=5)
+    except httpx.HTTPError as exc:
+        return f"its {label} job {job_id} could not be canceled: {first_line(exc, type(exc).__name__)}"
+    if answer.status_code == 202:
+        return f"its {label} job {job_id} was canceled"
+    if answer.status_code == 409:
+        return ""
+    return f"its {label} job {job_id} could not be canceled: answered {answer.status_code}"
+
+
+def _stages(client: httpx.Client, base: str, prompt: str, out_dir: Path, size: int,
+            started: list[tuple[str, str]], lite_setting: str | None = None) -> None:
+    """The three stages; each job's label and id is added to `started` as soon as it is known.
+    `lite_setting`: ORCH_LITE_MODEL of the demo's own service (None for another's)."""
+    from tiers._local import AUTO_MODEL
+
     print(f"orchestrator at {base}")
     engines = {e["name"]: e for e in client.get("/v1/engines").raise_for_status().json()}
     lite = engines["lite"]
     if not lite["available"]:
         raise SystemExit(f"the lite engine is unavailable: {lite.get('note') or 'no reason given'}")
-    print(f"lite model: {lite['model']}" + (f"\n  NOTE: {lite['note']}" if lite.get("note") else ""))
+    # Why `auto` is the tiny model: its loader's warning said it, the demo's own log filter holds it back.
+    why = (f" (ORCH_LITE_MODEL=auto: {AUTO_MODEL} is neither cached nor reachable)"
+           if lite_setting == "auto" and lite["model"] == tiny.NAME else "")
+    print(f"lite model: {lite['model']}{why}")
+    # What to know of the engines it may use (an unavailable one's note is why): each note once,
+    # the Lite and local-hifi engines sharing the tiny model.
+    for note in dict.fromkeys(e["note"] for e in engines.values() if e["available"] and e.get("note")):
+        print(f"  NOTE: {note}")
 
     project = client.post("/v1/projects", json={"name": "demo"}).raise_for_status().json()
     print(f"project {project['id']} (policy {project['policy']})")
@@ -147,14 +202,17 @@ def _stages(client: httpx.Client, base: str, prompt: str, out_dir: Path, size: i
     job = client.post(f"/v1/projects/{project['id']}/drafts",
                       json={"prompt": prompt, "n": 4, "seed": 42, "width": size, "height": size},
                       headers={"Idempotency-Key": os.urandom(8).hex()}).raise_for_status().json()
-    started.append(job["id"])
+    started.append(("drafts", job["id"]))
     job = watch(client, job["id"], "drafts")
     drafts = []
+    labels = []
     for index, asset_id in enumerate(job["assets"]):
         data = client.get(f"/v1/assets/{asset_id}/content").raise_for_status().content
         (out_dir / f"draft-{index}.png").write_bytes(data)
         drafts.append(Image.open(io.BytesIO(data)).convert("RGB"))
-    contact_sheet(drafts).save(out_dir / "contact-sheet.png")
+        seed = client.get(f"/v1/assets/{asset_id}").raise_for_status().json().get("seed")
+        labels.append(f"{index}" + (f"  seed {seed}" if seed is not None else ""))
+    contact_sheet(drafts, labels).save(out_dir / "contact-sheet.png")
 
     first = job["assets"][0]
     print(f"2/3 bridge: promoting draft 0 ({first})")
@@ -172,15 +230,13 @@ def _stages(client: httpx.Client, base: str, prompt: str, out_dir: Path, size: i
     for asset in chain:
         print(f"  {asset['stage']:<8} {asset['id']}  {asset['engine']:<10} {asset['width']}x{asset['height']}")
     print(f"saved drafts, contact-sheet.png, bridge.png, final.png and lineage.json in {out_dir}")
-    if lite.get("note"):
-        print("(the built-in tiny model has random weights: the images are noise, the workflow is real)")
 
 
 def _one_image(client: httpx.Client, path: str, body: dict[str, Any], label: str, out: Path,
-               started: list[str]) -> str:
+               started: list[tuple[str, str]]) -> str:
     """A stage of one image (bridge, polish): submitted, followed and saved; its asset's id."""
     job = client.post(path, json=body).raise_for_status().json()
-    started.append(job["id"])
+    started.append((label, job["id"]))
     print(f"  routed to {job['engine']} (estimate {job['cost']['estimated']} credits)")
     job = watch(client, job["id"], label)
     asset_id: str = job["assets"][0]

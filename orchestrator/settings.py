@@ -393,6 +393,17 @@ class _StrictTomlSource(TomlConfigSettingsSource):
         return values
 
 
+# What a variable named like a command's option is given by instead: no setting's name is near
+# enough to suggest one (`ORCH_PORT` from another service's habit of `PORT`).
+_OPTIONS = {
+    "host": "the address is given by `orchestrator serve --host/--port`",
+    "port": "the address is given by `orchestrator serve --host/--port`",
+    "log_level": "the log level is given by `orchestrator serve --log-level` or `orchestrator worker --log-level`",
+    "allow_open": "that is `orchestrator serve --allow-open`",
+    "no_jobs": "that is ORCH_RUN_JOBS=false, or `orchestrator serve --no-jobs`",
+}
+
+
 def _warn_unknown_variables(settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> None:
     # Matched without regard to case, as pydantic-settings reads them.
     known = {f"{PREFIX}{field}".lower() for field in settings_cls.model_fields}
@@ -402,6 +413,7 @@ def _warn_unknown_variables(settings_cls: type[BaseSettings], environ: Mapping[s
     for variable in sorted(environ):
         if not variable.lower().startswith(PREFIX.lower()) or variable.lower() in known:
             continue
+        option = _OPTIONS.get(variable[len(PREFIX):].lower())
         match = _closest(variable[len(PREFIX):], suffixes)
-        hint = f" (did you mean {PREFIX}{match.upper()}?)" if match else ""
+        hint = f" ({option})" if option else f" (did you mean {PREFIX}{match.upper()}?)" if match else ""
         log.warning("%s is not a setting of this service and is ignored%s", variable, hint)

@@ -105,19 +105,32 @@ def test_demo_against_an_unreachable_service(tmp_path: Path, capsys: pytest.Capt
 
 def test_the_demo_runs_the_three_stages_and_saves_their_images(
         make_settings: SettingsFactory, start_server: Callable[[Settings], httpx.Client], tmp_path: Path,
-        capsys: pytest.CaptureFixture[str]) -> None:
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     client = start_server(make_settings(hifi_model="builtin:tiny-sd"))
     out = tmp_path / "out"
+    labels: list[list[str]] = []
+    drawn = demo_module.contact_sheet
+
+    def sheet(images: list[Image.Image], labelled: list[str]) -> Image.Image:
+        labels.append(labelled)
+        return drawn(images, labelled)
+
+    monkeypatch.setattr(demo_module, "contact_sheet", sheet)
     assert main(["demo", "--url", str(client.base_url), "--out", str(out), "--size", "64"]) == 0
     saved = {path.name: Image.open(path).size for path in out.iterdir() if path.suffix == ".png"}
-    assert saved == {**{f"draft-{i}.png": (64, 64) for i in range(4)}, "contact-sheet.png": (152, 152),
-                     "bridge.png": (64, 64), "final.png": (128, 128)}
+    sheet_size = saved.pop("contact-sheet.png")
+    assert saved == {**{f"draft-{i}.png": (64, 64) for i in range(4)}, "bridge.png": (64, 64), "final.png": (128, 128)}
+    assert sheet_size[0] == 152 and sheet_size[1] > 152  # each draft's label under it
+    [drafts] = labels
+    assert [label.split("  seed ")[0] for label in drafts] == ["0", "1", "2", "3"]
+    assert all(label.split("  seed ")[1].isdigit() for label in drafts), drafts
     lineage = json.loads((out / "lineage.json").read_text())  # as `--help` promises
     assert [a["stage"] for a in [*lineage["ancestors"], lineage["asset"]]] == ["ideation", "bridge", "polish"]
     assert sorted(path.name for path in out.iterdir() if path.suffix != ".png") == ["lineage.json"]
     told = capsys.readouterr().out
     # Not a terminal: each job's outcome on a line of its own, no bar redrawn with carriage returns.
     assert "\r" not in told
+    assert told.count("images are noise") == 1, told  # once, not again at the end
     assert [line.split()[0] for line in told.splitlines() if line.rstrip().endswith("succeeded")] == [
         "drafts", "bridge", "polish"]
     chain = told.split("lineage:\n", 1)[1].splitlines()[:3]
@@ -144,7 +157,8 @@ def test_a_demo_interrupted_cancels_the_job_it_was_following(
         time.sleep(0.05)
         job = client.get(f"/v1/jobs/{job['id']}").json()
     assert job["status"] == "canceled", job
-    assert "interrupted" in capsys.readouterr().err
+    # It said only "interrupted": whether its job went on rendering was the user's guess.
+    assert capsys.readouterr().err == f"orchestrator: interrupted; its drafts job {job['id']} was canceled\n"
 
 
 def test_the_demo_s_own_service_runs_its_jobs_whatever_orch_run_jobs_says(
@@ -250,13 +264,14 @@ def test_check_names_the_assets_whose_files_are_missing_or_damaged(
     assert main(["check"]) == 1
     out = capsys.readouterr().out
     assert out.startswith("3 assets, 2 files read and hashed")  # the missing one was looked for, not read
-    assert f"1 assets missing: {assets[0]}\n" in out
-    assert f"1 assets damaged (the bytes do not match their sha256): {assets[1]}\n" in out
-    assert "1 files no asset names" in out and "PROBLEMS" in out
+    # One of a kind in the singular ("1 assets missing" once).
+    assert f"1 asset missing: {assets[0]}\n" in out
+    assert f"1 asset damaged (the bytes do not match its sha256): {assets[1]}\n" in out
+    assert "1 file no asset names" in out and "PROBLEMS" in out
     # Without reading the files, only the missing one shows.
     assert main(["check", "--no-hash"]) == 1
     out = capsys.readouterr().out
-    assert f"1 assets missing: {assets[0]}\n" in out and "damaged" not in out
+    assert f"1 asset missing: {assets[0]}\n" in out and "damaged" not in out
 
 
 def test_check_tells_a_file_set_aside_by_an_interrupted_sweep_from_a_missing_one(
@@ -271,7 +286,8 @@ def test_check_tells_a_file_set_aside_by_an_interrupted_sweep_from_a_missing_one
     capsys.readouterr()
     assert main(["check"]) == 0
     out = capsys.readouterr().out
-    assert "1 assets' files were set aside by a sweep that stopped mid-way" in out and assets[0] in out
+    assert "1 asset's file was set aside by a sweep that stopped mid-way" in out and assets[0] in out
+    assert "puts it back" in out
     assert "missing" not in out and out.endswith("ok\n")
 
 
@@ -303,7 +319,7 @@ def test_check_reports_a_file_it_cannot_read_and_goes_on(
     monkeypatch.setattr(check_module, "_sha256", disk_error)
     assert main(["check"]) == 1
     out = capsys.readouterr().out
-    assert f"1 assets unreadable (the disk or a permission): {assets[1]}\n" in out
+    assert f"1 asset unreadable (the disk or a permission): {assets[1]}\n" in out
     assert "missing" not in out and "damaged" not in out
 
 
@@ -423,10 +439,10 @@ def test_migrate_makes_a_new_data_dir(make_settings: SettingsFactory, monkeypatc
     ("migrate", "ORCH_DATABASE_URL", "postgresql+psycopg://u:secret@db:5432x/orch",
      "ORCH_DATABASE_URL: not a database URL"),  # a port that is not a number: once a traceback
     ("serve", "ORCH_PRICES_FILE", "{tmp}/missing.toml", "ORCH_PRICES_FILE: prices file {tmp}/missing.toml: [Errno 2]"),
-    ("worker", "ORCH_DATA_DIR", "{tmp}/a-file", "ORCH_DATA_DIR: cannot write in {tmp}/a-file"),
+    ("worker", "ORCH_DATA_DIR", "{tmp}/a-file", "ORCH_DATA_DIR: {tmp}/a-file is not a directory"),
     ("serve", "ORCH_CONFIG_FILE", "{tmp}/studio.toml", "ORCH_CONFIG_FILE: no such file: {tmp}/studio.toml"),
     # Once a traceback from inside the server's start-up (an entry without '=').
-    ("serve", "ORCH_ENGINES", "flux=studio.flux:create,garbage", "ORCH_ENGINES: Value error, 'garbage' is not name="),
+    ("serve", "ORCH_ENGINES", "flux=studio.flux:create,garbage", "ORCH_ENGINES: 'garbage' is not name="),
     # A name twice or a built-in's: one was ignored with a warning.
     ("serve", "ORCH_ENGINES", "flux=tests.fakes:factory,flux=tests.fakes:factory",
      "ORCH_ENGINES: 'flux' is given twice"),
@@ -653,8 +669,44 @@ def test_a_demo_folder_that_cannot_be_made_is_one_line(make_settings: SettingsFa
     monkeypatch.setenv("ORCH_DATA_DIR", str(tmp_path / "data"))
     (tmp_path / "taken").write_text("a file")
     assert main(["demo", "--out", str(tmp_path / "taken")]) == 2
-    err = capsys.readouterr().err
-    assert f"cannot use {tmp_path / 'taken'} for the images" in err and "Traceback" not in err
+    # Not "File exists": it is the file that is in the way.
+    assert capsys.readouterr().err == f"orchestrator: cannot use {tmp_path / 'taken'} for the images: not a directory\n"
+    assert main(["demo", "--out", str(tmp_path / "taken" / "out")]) == 2
+    assert capsys.readouterr().err == (f"orchestrator: cannot use {tmp_path / 'taken' / 'out'} for the images: "
+                                       f"{tmp_path / 'taken'} is not a directory\n")
+    assert not (tmp_path / "data").exists()  # said before anything was made
+
+
+def test_a_data_dir_that_is_a_file_is_said_to_be_one(make_settings: SettingsFactory, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    # It said "cannot write in X (File exists)".
+    make_settings()  # keeps the developer's environment out
+    file = tmp_path / "a-file"
+    file.write_text("not a folder")
+    monkeypatch.setenv("ORCH_DATA_DIR", str(file))
+    for command in (["serve", "--port", str(free_port())], ["worker"], ["migrate"]):
+        assert main(command) == 2
+        assert capsys.readouterr().err == (f"orchestrator: invalid configuration:\n"
+                                           f"  ORCH_DATA_DIR: {file} is not a directory\n")
+    assert main(["check"]) == 2
+    assert capsys.readouterr().err == f"orchestrator: ORCH_DATA_DIR: {file} is not a directory\n"
+    monkeypatch.setenv("ORCH_DATA_DIR", str(file / "data"))
+    assert main(["migrate"]) == 2
+    told = capsys.readouterr().err
+    assert told.endswith(f"  ORCH_DATA_DIR: cannot make {file / 'data'}: {file} is not a directory\n")
+    # Its images' folder, where a file is.
+    monkeypatch.setenv("ORCH_DATA_DIR", str(tmp_path / "data"))
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "assets").write_text("not a folder")
+    assert main(["worker"]) == 2
+    assert capsys.readouterr().err.endswith(f"  ORCH_DATA_DIR: {tmp_path / 'data' / 'assets'} is not a directory\n")
+    # The tiny model's cache, likewise.
+    (tmp_path / "data" / "assets").unlink()
+    monkeypatch.setenv("ORCH_CACHE_DIR", str(file))
+    monkeypatch.setenv("ORCH_LITE_MODEL", "builtin:tiny-sd")
+    assert main(["worker"]) == 2
+    assert capsys.readouterr().err.endswith(f"  ORCH_CACHE_DIR: {file} is not a directory\n")
 
 
 def test_a_database_that_does_not_answer_is_one_line(make_settings: SettingsFactory, tmp_path: Path,
@@ -698,6 +750,12 @@ def test_a_database_newer_than_the_code_is_one_line(make_settings: SettingsFacto
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.0.2.7", "studio-box.local"])
 def test_serve_beyond_this_machine_needs_an_admin_key(make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch,
                                                       capsys: pytest.CaptureFixture[str], host: str) -> None:
+    real = socket.getaddrinfo
+
+    def resolved(name: str | None, *args: Any, **kwargs: Any) -> Any:  # a name of the studio's network
+        return real("192.0.2.7" if name == "studio-box.local" else name, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolved)
     settings = make_settings()
     monkeypatch.setenv("ORCH_DATA_DIR", str(settings.data_dir))
     monkeypatch.delenv("ORCH_ADMIN_KEY", raising=False)
@@ -705,6 +763,40 @@ def test_serve_beyond_this_machine_needs_an_admin_key(make_settings: SettingsFac
     err = capsys.readouterr().err
     assert f"refusing to listen on {host} without ORCH_ADMIN_KEY" in err and "--allow-open" in err
     assert not settings.data_dir.exists()  # nor is anything made: no data dir, no database
+
+
+def test_a_host_that_names_no_address_is_told_before_the_missing_admin_key(
+        make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    # It said "refusing to listen on nonexistent.invalid without ORCH_ADMIN_KEY": no key makes that name resolve.
+    settings = make_settings()
+    monkeypatch.setenv("ORCH_DATA_DIR", str(settings.data_dir))
+    monkeypatch.delenv("ORCH_ADMIN_KEY", raising=False)
+    assert main(["serve", "--host", "nonexistent.invalid"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("orchestrator: --host nonexistent.invalid: ") and err.count("\n") == 1, err
+    assert "ORCH_ADMIN_KEY" not in err and not settings.data_dir.exists()
+
+
+@pytest.mark.parametrize("command", ["serve", "worker", "demo"])
+def test_an_unknown_option_shows_its_subcommand_s_usage(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    # The top-level usage named no option of the subcommand.
+    with pytest.raises(SystemExit) as exited:
+        main([command, "--bogus"])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2
+    assert err.startswith(f"usage: orchestrator {command} ") and err.endswith(
+        f"orchestrator {command}: error: unrecognized arguments: --bogus\n"), err
+    with pytest.raises(SystemExit):  # before the subcommand, it is the top level's
+        main(["--bogus", command])
+    assert capsys.readouterr().err.startswith("usage: orchestrator [-h]")
+
+
+def test_help_shows_the_defaults_of_options_not_of_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    told = " ".join(capsys.readouterr().out.split())
+    assert "port to listen on (default: 8000)" in told
+    assert "(ORCH_RUN_JOBS=false) --allow-open" in told and "(default: False)" not in told
 
 
 def test_ctrl_c_is_one_line_and_status_130(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:

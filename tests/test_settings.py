@@ -102,6 +102,41 @@ def test_unknown_orch_variables_are_warned_about_and_known_ones_not(
     ]
 
 
+def test_a_variable_named_like_a_command_s_option_says_where_that_is_given(
+        toml_file: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    # No setting's name is near ORCH_PORT: it was "ignored", with no word of `serve --port`.
+    monkeypatch.setenv("ORCH_PORT", "abc")
+    monkeypatch.setenv("ORCH_HOST", "0.0.0.0")
+    monkeypatch.setenv("ORCH_LOG_LEVEL", "debug")
+    with caplog.at_level(logging.WARNING, logger="orchestrator.settings"):
+        Settings()
+    address = "the address is given by `orchestrator serve --host/--port`"
+    assert [r.getMessage() for r in caplog.records] == [
+        f"ORCH_HOST is not a setting of this service and is ignored ({address})",
+        "ORCH_LOG_LEVEL is not a setting of this service and is ignored (the log level is given by "
+        "`orchestrator serve --log-level` or `orchestrator worker --log-level`)",
+        f"ORCH_PORT is not a setting of this service and is ignored ({address})",
+    ]
+
+
+@pytest.mark.parametrize(("variable", "value", "told"), [
+    ("ORCH_ADMIN_KEY", "", "ORCH_ADMIN_KEY: must not be empty or blank: set a key, or leave the variable unset"),
+    ("ORCH_A1111_URL", "localhost:7860", "ORCH_A1111_URL: must be an http:// or https:// address with a host, "
+     "e.g. http://127.0.0.1:7860\n"),
+    # The origin named once: "... or * (got 'https://x.example/')" repeated it.
+    ("ORCH_CORS_ORIGINS", "https://x.example/", "ORCH_CORS_ORIGINS: 'https://x.example/' is not an origin: give "
+     "scheme://host[:port] with no path or trailing slash (e.g. https://dash.studio.example), or *\n"),
+])
+def test_a_setting_s_own_check_is_told_in_its_words_alone(
+        toml_file: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], variable: str,
+        value: str, told: str) -> None:
+    monkeypatch.setenv(variable, value)
+    assert main(["migrate"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"orchestrator: invalid configuration:\n  {told}") and err.count("\n") == 2, err
+    assert "Value error" not in err and "(got " not in err
+
+
 @pytest.mark.parametrize("variable", ["ORCH_LITE_MODEL", "ORCH_HIFI_MODEL", "ORCH_FAL_MODEL"])
 def test_a_model_longer_than_jobs_can_store_is_refused_at_start(variable: str, toml_file: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
@@ -241,7 +276,7 @@ def test_a_server_address_without_a_scheme_and_host_is_refused(
     monkeypatch.setenv(variable, value)
     assert main(["migrate"]) == 2
     err = capsys.readouterr().err
-    assert f"{variable}: Value error, must be an http:// or https:// address with a host" in err
+    assert f"{variable}: must be an http:// or https:// address with a host" in err
     assert "(got" not in err and "s3cret" not in err  # an address may hold a password: not repeated
 
 

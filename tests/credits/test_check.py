@@ -62,7 +62,7 @@ def test_settlements_the_service_writes_add_up(served: tuple[httpx.Client, Path]
     assert status == 0, out
     count = sum(len(kinds) for kinds in by_way.values())
     assert f"ledger: {count} entries, 5 holds\n" in out
-    assert "1 captures wait to be reconciled" in out  # the timeout not reconciled yet
+    assert "1 capture waits to be reconciled" in out  # the timeout not reconciled yet
     assert out.endswith("ok\n")
 
 
@@ -107,13 +107,14 @@ def check_ledger_findings(api: httpx.Client, url: str, capsys: pytest.CaptureFix
     status, out = run_check(capsys)
     assert status == 1, out
     lines = set(out.splitlines())
-    assert f"1 {check.AMOUNTS}: entries {entry('partial', 'hold')}" in lines
-    assert (f"1 settled holds still marked open (settled by an older version; a running service's sweep marks "
-            f"them): entries {entry('over', 'hold')}") in lines
-    assert f"1 {check.SETTLED_WITHOUT_ENTRY}: entries {entry('estimate', 'hold')}" in lines
-    assert f"1 {check.SECOND_OPEN_HOLD}: entries {added[4]}" in lines
-    assert f"1 {check.LOOSE_RELEASE}: entries {added[1]}" in lines
-    assert f"1 {check.STRAY}: entries {added[2]}" in lines
+    # One of a kind is said in the singular ("1 holds ...: entries 7" once).
+    assert f"1 {check.ONE[check.AMOUNTS]}: entry {entry('partial', 'hold')}" in lines
+    assert (f"1 settled hold still marked open (settled by an older version; a running service's sweep marks "
+            f"it): entry {entry('over', 'hold')}") in lines
+    assert f"1 {check.ONE[check.SETTLED_WITHOUT_ENTRY]}: entry {entry('estimate', 'hold')}" in lines
+    assert f"1 {check.ONE[check.SECOND_OPEN_HOLD]}: entry {added[4]}" in lines
+    assert f"1 {check.ONE[check.LOOSE_RELEASE]}: entry {added[1]}" in lines
+    assert f"1 {check.ONE[check.STRAY]}: entry {added[2]}" in lines
     assert f"2 {check.EARLY_ADJUSTMENT}: entries {added[0]}, {added[2]}" in lines
     # The open holds of the finished "over" job: informational, the service's sweep settles them.
     assert (f"2 open holds of finished jobs (a running service's sweep settles them): "
@@ -133,7 +134,7 @@ def test_the_sweep_mends_a_hold_settled_without_its_flag(served: tuple[httpx.Cli
         conn.execute("UPDATE ledger_entries SET settled = 0 WHERE id = ?", (int(str(hold["id"])),))
     assert api.get(f"/v1/projects/{project_id}/budget").json()["held"] == hold["amount"]
     status, out = run_check(capsys)
-    assert status == 0 and "1 settled holds still marked open" in out  # told, and mended by the sweep
+    assert status == 0 and "1 settled hold still marked open" in out  # told, and mended by the sweep
 
     database = Database(f"sqlite:///{db}")
     with database.transaction() as s:
