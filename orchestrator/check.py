@@ -186,7 +186,8 @@ def check_revision(engine: Engine) -> None:
         raise CannotCheck(f"the database is at revision {found}, this version expects {head}: run "
                           "`orchestrator migrate` first")
     raise CannotCheck(f"the database is at revision {found}, which this version does not know (it expects "
-                      f"{head}): it was migrated by a newer orchestrator; check it with that version")
+                      f"{head}): it was migrated by a newer orchestrator (check it with that version), or it is "
+                      "another application's (is ORCH_DATABASE_URL right?)")
 
 
 def check_identity(engine: Engine, store: ArtifactStore) -> str | None:

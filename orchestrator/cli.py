@@ -279,7 +279,7 @@ def _migrated(url: str, *, writable: bool = False) -> int | None:
     from alembic.util.exc import CommandError
     from sqlalchemy import text
 
-    from orchestrator.db import Database, ForeignDatabase, shown_url, upgrade
+    from orchestrator.db import Database, ForeignDatabase, MigrationRefused, shown_url, upgrade
 
     shown = shown_url(url)
     try:
@@ -297,6 +297,8 @@ def _migrated(url: str, *, writable: bool = False) -> int | None:
                      "another application's?)", status=2)
     except ForeignDatabase as exc:
         return _fail(f"ORCH_DATABASE_URL: {exc}", status=2)
+    except MigrationRefused as exc:  # the data is the operator's to mend first; nothing was changed
+        return _fail(f"cannot migrate the database: {exc}", status=2)
     except OSError as exc:  # its folder, or the lock file beside it, cannot be made
         return _fail(f"ORCH_DATABASE_URL: cannot write beside the database at {shown} ({exc.strerror or exc})",
                      status=2)

@@ -408,7 +408,9 @@ def test_check_on_an_older_or_a_newer_schema_says_which(make_settings: SettingsF
     with sqlite3.connect(data / "orchestrator.db") as db:
         db.execute("UPDATE alembic_version SET version_num = '0099'")
     assert main(["check"]) == 2
-    assert "revision 0099, which this version does not know" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "revision 0099, which this version does not know" in err
+    assert "or it is another application's" in err  # not only "a newer orchestrator's"
 
 
 def test_demo_refused_by_the_service_says_why(make_settings: SettingsFactory,
@@ -745,6 +747,32 @@ def test_a_database_newer_than_the_code_is_one_line(make_settings: SettingsFacto
     assert main(["migrate"]) == 2  # a setup to fix (once a 74-line Alembic traceback)
     err = capsys.readouterr().err
     assert err.startswith("orchestrator: cannot migrate the database: ") and "9999" in err and err.count("\n") == 1
+
+
+def test_a_migration_refused_by_the_data_is_one_line(make_settings: SettingsFactory, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    # 0015 on a database where a job was charged twice without a hold: a 17-frame traceback, exit 1.
+    make_settings()
+    monkeypatch.setenv("ORCH_DATA_DIR", str(tmp_path / "data"))
+    url = f"sqlite:///{tmp_path / 'data' / 'orchestrator.db'}"
+    (tmp_path / "data").mkdir()
+    upgrade(url, "0014")
+    from sqlalchemy import create_engine
+
+    from tests.test_migrations import _capture, _project_and_job
+
+    engine = create_engine(url)
+    _project_and_job(engine)
+    with engine.begin() as conn:
+        _capture(conn)
+        _capture(conn)
+    engine.dispose()
+    capsys.readouterr()
+    assert main(["migrate"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("orchestrator: cannot migrate the database: jobs charged more than once without a hold: "
+                          "job_1 (keep entry 1)") and err.count("\n") == 1, err
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.0.2.7", "studio-box.local"])
