@@ -592,8 +592,7 @@ class JobService:
             running = update(Job).where(col(Job.id) == job_id, col(Job.status) == "running",
                                         col(Job.attempt) == job.attempt)
             values = {"status": "canceled", "finished_at": utcnow(), "lease_owner": None, "lease_expires_at": None,
-                      "error": error, "attempts": [*(job.attempts or []),
-                                                   {"engine": job.engine, "status": "canceled", "error": error}]}
+                      "error": error, "attempts": job.with_attempt("canceled", error)}
             done = False
             if job.sent_nothing():
                 # Its worker vanished before its first paid request: nothing to charge, unless it

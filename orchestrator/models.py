@@ -111,6 +111,10 @@ class Job(SQLModel, table=True):
         work is billed whatever ends the job."""
         return bool((self.provider_work or {}).get("handles"))
 
+    def with_attempt(self, status: str, error: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        """`attempts` with this attempt's end added: its engine, how it ended and its error."""
+        return [*(self.attempts or []), {"engine": self.engine, "status": status, "error": error}]
+
     def sent_nothing(self) -> bool:
         """Whether the current attempt is known to have sent no request that can bill, and no
         earlier one left provider work to follow. Whoever acts on it must also make its update

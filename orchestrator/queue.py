@@ -694,8 +694,7 @@ class Scheduler:
                              details={"engine": job.engine})
             values = {"status": "canceled", "finished_at": utcnow(), "error": error.to_dict(),
                       "lease_owner": None, "lease_expires_at": None,
-                      "attempts": [*(job.attempts or []),
-                                   {"engine": job.engine, "status": "canceled", "error": error.to_dict()}]}
+                      "attempts": job.with_attempt("canceled", error.to_dict())}
             outcome = "canceled"
         elif rerun and stops < MAX_RECOVERIES:
             died = Interrupted("the process running this job stopped without ending it (killed, out of memory, "
@@ -703,8 +702,7 @@ class Scheduler:
                                details={"engine": job.engine})
             values = {"status": "queued", "lease_owner": None, "lease_expires_at": None,
                       "progress_step": 0, "progress_total": 0,
-                      "attempts": [*(job.attempts or []), {"engine": job.engine, "status": "interrupted",
-                                                           "error": died.to_dict()}]}
+                      "attempts": job.with_attempt("interrupted", died.to_dict())}
             outcome = "reattaching" if reattach else "requeued"
             if not reattach and not free:
                 values["provider_work"] = None  # run afresh (a free engine's earlier work is not followed)
@@ -716,8 +714,7 @@ class Scheduler:
             )
             values = {"status": "failed", "finished_at": utcnow(), "error": error.to_dict(),
                       "lease_owner": None, "lease_expires_at": None,
-                      "attempts": [*(job.attempts or []),
-                                   {"engine": job.engine, "status": "interrupted", "error": error.to_dict()}]}
+                      "attempts": job.with_attempt("interrupted", error.to_dict())}
             outcome = "given up"
         else:
             error = Interrupted(
@@ -727,8 +724,7 @@ class Scheduler:
             )
             values = {"status": "failed", "finished_at": utcnow(), "error": error.to_dict(),
                       "lease_owner": None, "lease_expires_at": None,
-                      "attempts": [*(job.attempts or []),
-                                   {"engine": job.engine, "status": "failed", "error": error.to_dict()}]}
+                      "attempts": job.with_attempt("failed", error.to_dict())}
             outcome = "failed"
         with self.db.transaction() as s:
             # The lease it was judged orphaned on, too: read before the write lock was ours, and

@@ -566,8 +566,7 @@ class JobRunner:
         with self.db.transaction() as s:
             self._guarded_update(s, claim, status="queued", lease_owner=None, lease_expires_at=None,
                                  progress_step=0, progress_total=0, **kept,
-                                 attempts=[*(job.attempts or []), {"engine": job.engine, "status": "interrupted",
-                                                                   "error": stopped.to_dict()}],
+                                 attempts=job.with_attempt("interrupted", stopped.to_dict()),
                                  unless_canceled=True)
 
     def _requeue_on(self, claim: Claim, error: EngineError, engine: str, model: str, estimate: int) -> None:
@@ -582,8 +581,7 @@ class JobRunner:
                                  cache_key=cache_key(engine, model, job.params) if job.cache_key else None,
                                  provider_work=None,
                                  lease_owner=None, lease_expires_at=None, progress_step=0, progress_total=0,
-                                 attempts=[*(job.attempts or []),
-                                           {"engine": job.engine, "status": "failed", "error": error.to_dict()}])
+                                 attempts=job.with_attempt("failed", error.to_dict()))
             project = self.ledger.lock_project(s, job.project_id)
             moved = s.get(Job, job.id)
             assert moved is not None
@@ -862,8 +860,7 @@ class JobRunner:
                              progress_total=job.progress_total or 1, model=result.model, **accepted,
                              # The column's size: n ids of a many-call job may be longer.
                              provider_request_id=(request_id or "")[:500] or None,
-                             attempts=[*(job.attempts or []), {"engine": job.engine, "status": "succeeded",
-                                                               "error": None}])
+                             attempts=job.with_attempt("succeeded"))
         # Ids made under the write lock (the update above took it) commit in id order: they
         # are list cursors, and a page must not step over an asset committed just after.
         for row in rows:
@@ -917,8 +914,7 @@ class JobRunner:
                 self._guarded_update(s, claim, status=status, finished_at=utcnow(), error=error.to_dict(),
                                      lease_owner=None, lease_expires_at=None, progress_step=job.progress_step,
                                      progress_total=job.progress_total, **accepted,
-                                     attempts=[*(job.attempts or []),
-                                               {"engine": job.engine, "status": status, "error": error.to_dict()}])
+                                     attempts=job.with_attempt(status, error.to_dict()))
                 self.ledger.settle_failure(s, job, bill)
         return status, error
 
