@@ -117,6 +117,18 @@ class PayloadTooLarge(OrchestratorError):
     code, status = "payload_too_large", 413
 
 
+# An id is echoed in its 404 up to this length: ours are far shorter, and a 5000-character one
+# sent back whole twice (message and details) only fills a client's log.
+MAX_SHOWN_ID = 100
+
+
+def not_found(what: str, field: str, value: str | int) -> NotFound:
+    """The 404 of an id that names nothing: `not_found("project", "project_id", project_id)`."""
+    text = str(value)
+    shown = text if len(text) <= MAX_SHOWN_ID else text[:MAX_SHOWN_ID] + "…"
+    return NotFound(f"{what} '{shown}' not found", details={field: value if shown == text else shown})
+
+
 class ContentUnavailable(OrchestratorError):
     """An asset's row is there but its image file is missing from the store, or damaged (its bytes
     do not hash to its sha256): the operator's to restore; `orchestrator check` lists every such file.

@@ -34,6 +34,7 @@ from orchestrator.errors import (
     OrchestratorError,
     TooManyJobs,
     gone,
+    not_found,
 )
 from orchestrator.events import EventBus
 from orchestrator.ids import new_id
@@ -196,7 +197,7 @@ class JobService:
             asset = s.get(Asset, asset_id)
             asked = None if asset is None else s.scalar(select(Job.params).where(col(Job.id) == asset.job_id))
         if asset is None:
-            raise NotFound(f"asset '{asset_id}' not found", details={"asset_id": asset_id})
+            raise not_found("asset", "asset_id", asset_id)
         negative = asked.get("negative_prompt") if isinstance(asked, dict) else None
         negative = negative if isinstance(negative, str) else asset.negative_prompt
         if asset.deleted_at is not None:
@@ -236,7 +237,7 @@ class JobService:
         """The project, or `NotFound`."""
         project = s.get(Project, project_id)
         if project is None:
-            raise NotFound(f"project '{project_id}' not found", details={"project_id": project_id})
+            raise not_found("project", "project_id", project_id)
         return project
 
     # -- submitting --------------------------------------------------------------------------
@@ -484,7 +485,7 @@ class JobService:
         with self.db.session() as s:
             job = s.get(Job, job_id)
         if job is None:
-            raise NotFound(f"job '{job_id}' not found", details={"job_id": job_id})
+            raise not_found("job", "job_id", job_id)
         return job
 
     def asset_ids(self, job_ids: list[str]) -> dict[str, list[str]]:
@@ -536,7 +537,7 @@ class JobService:
             now = utcnow()
             job = s.get(Job, job_id)
             if job is None:
-                raise NotFound(f"job '{job_id}' not found", details={"job_id": job_id})
+                raise not_found("job", "job_id", job_id)
             if job.status in ("succeeded", "failed", "canceled"):
                 raise JobFinished(f"job '{job_id}' already {job.status}", details={"status": job.status})
             if job.status != "queued":
@@ -585,7 +586,7 @@ class JobService:
         with self.db.transaction() as s:
             job = s.get(Job, job_id)
             if job is None:
-                raise NotFound(f"job '{job_id}' not found", details={"job_id": job_id})
+                raise not_found("job", "job_id", job_id)
             if (job.status == "running" and job.lease_expires_at is not None
                     and job.lease_expires_at > shared_now() and self.presence.alive(job.lease_owner)):
                 return False  # its holder renewed since the look: it is asked instead, at the next try

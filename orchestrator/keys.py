@@ -17,7 +17,7 @@ from sqlmodel import col, select
 from orchestrator import idempotency
 from orchestrator.clock import utcnow
 from orchestrator.db import Database
-from orchestrator.errors import Conflict, NotFound
+from orchestrator.errors import Conflict, not_found
 from orchestrator.ids import new_id
 from orchestrator.models import ApiKey
 
@@ -65,7 +65,7 @@ def get(db: Database, project_id: str, key_id: str) -> ApiKey:
     with db.session() as s:
         key = s.get(ApiKey, key_id)
     if key is None or key.project_id != project_id:
-        raise NotFound(f"key '{key_id}' not found", details={"key_id": key_id})
+        raise not_found("key", "key_id", key_id)
     return key
 
 
@@ -74,7 +74,7 @@ def revoke(db: Database, project_id: str, key_id: str) -> ApiKey:
     with db.transaction() as s:
         key = s.get(ApiKey, key_id)
         if key is None or key.project_id != project_id:
-            raise NotFound(f"key '{key_id}' not found", details={"key_id": key_id})
+            raise not_found("key", "key_id", key_id)
         if key.revoked_at is None:
             key.revoked_at = utcnow()
             s.add(key)

@@ -38,7 +38,7 @@ from sqlalchemy.orm import aliased
 from sqlmodel import Session, col, select
 
 from orchestrator.clock import iso, utcnow
-from orchestrator.errors import BudgetExceeded, Conflict, NotFound, OrchestratorError
+from orchestrator.errors import BudgetExceeded, Conflict, OrchestratorError, not_found
 from orchestrator.models import Job, LedgerEntry, Project
 from tiers.base import is_amount, to_credits
 
@@ -183,7 +183,7 @@ class Ledger:
             stmt = stmt.with_for_update()
         project = s.exec(stmt).first()
         if project is None:
-            raise NotFound(f"project '{project_id}' not found", details={"project_id": project_id})
+            raise not_found("project", "project_id", project_id)
         return project
 
     def hold(self, s: Session, project: Project, job: Job, amount: int, *,
@@ -306,7 +306,7 @@ class Ledger:
         The adjustment counts in the window it is made in, as a credit note does."""
         capture = s.get(LedgerEntry, entry_id)
         if capture is None or capture.project_id != project_id:
-            raise NotFound(f"ledger entry '{entry_id}' not found", details={"entry_id": str(entry_id)})
+            raise not_found("ledger entry", "entry_id", str(entry_id))
         if capture.kind != "capture" or not capture.unreconciled:
             raise Conflict("only an unreconciled capture can be reconciled; this entry is "
                            + (f"a {capture.kind}" if capture.kind != "capture"

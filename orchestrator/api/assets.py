@@ -13,7 +13,7 @@ from orchestrator.api.docs import documented
 from orchestrator.api.json_body import StrictJSONRoute
 from orchestrator.api.serialize import asset_public
 from orchestrator.clock import utcnow
-from orchestrator.errors import Conflict, NotFound, gone
+from orchestrator.errors import Conflict, gone, not_found
 from orchestrator.models import Asset, Job
 from orchestrator.schemas import AssetPublic, Lineage
 from orchestrator.services import Services
@@ -29,7 +29,7 @@ def _get(s: Session, caller: Caller, asset_id: str) -> Asset:
     """The caller's asset; 404 for an unknown one (or another project's), 410 for a deleted one."""
     asset = s.get(Asset, asset_id)
     if asset is None:
-        raise NotFound(f"asset '{asset_id}' not found", details={"asset_id": asset_id})
+        raise not_found("asset", "asset_id", asset_id)
     caller.asset(asset)
     if asset.deleted_at is not None:
         raise gone(asset)
@@ -59,7 +59,7 @@ def delete_asset(asset_id: str, services: ServicesDep, caller: CallerDep) -> Res
     with services.db.transaction() as s:
         asset = s.get(Asset, asset_id)
         if asset is None:
-            raise NotFound(f"asset '{asset_id}' not found", details={"asset_id": asset_id})
+            raise not_found("asset", "asset_id", asset_id)
         caller.asset(asset)
         if asset.deleted_at is None:
             # Under the write lock: a promote committing its job takes it too and checks the

@@ -27,7 +27,7 @@ from orchestrator.api.docs import (
 from orchestrator.api.json_body import StrictJSONRoute
 from orchestrator.api.query import Cursor, Limit, Order, paged
 from orchestrator.clock import iso
-from orchestrator.errors import InvalidRequest, NotFound
+from orchestrator.errors import InvalidRequest, not_found
 from orchestrator.ids import MAX_INT_ID, int_cursor
 from orchestrator.models import LedgerEntry, Project
 from orchestrator.schemas import MAX_CREDITS, Credits, GroupBy, NoBool, Page, SpendReport, Strict, Thousandths
@@ -99,7 +99,7 @@ def _project(services: ServicesDep, project_id: str) -> Project:
     with services.db.session() as s:
         project = s.get(Project, project_id)
     if project is None:
-        raise NotFound(f"project '{project_id}' not found", details={"project_id": project_id})
+        raise not_found("project", "project_id", project_id)
     return project
 
 
@@ -198,7 +198,7 @@ def reconcile(project_id: str, entry_id: str, body: Reconcile, services: Service
     caller.project(project_id)
     caller.admin("reconciling the ledger")
     if not _ENTRY_ID.fullmatch(entry_id) or int(entry_id) > MAX_INT_ID:
-        raise NotFound(f"ledger entry '{entry_id}' not found", details={"entry_id": entry_id})
+        raise not_found("ledger entry", "entry_id", entry_id)
     scope, digest = request.url.path, idempotency.request_hash(body)
     with services.db.transaction() as s:
         services.ledger.lock_project(s, project_id)
@@ -303,7 +303,7 @@ def get_spend(services: ServicesDep, caller: CallerDep,
         raise InvalidRequest("'from' must not be after 'to'", loc=("query", "from"))
     with services.db.snapshot() as s:
         if project_id and s.get(Project, project_id) is None:  # a mistyped id is not a project that spent nothing
-            raise NotFound(f"project '{project_id}' not found", details={"project_id": project_id})
+            raise not_found("project", "project_id", project_id)
         report = spend(s, group_by, from_, to, project_id)
         report["savings"] = savings(s, services.registry, from_, to, project_id)
     if format == "csv":

@@ -12,7 +12,7 @@ from fastapi import Depends, Header, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from orchestrator import keys
-from orchestrator.errors import Forbidden, InvalidRequest, NotFound, Unauthorized
+from orchestrator.errors import Forbidden, InvalidRequest, Unauthorized, not_found
 from orchestrator.models import Asset, Job
 from orchestrator.services import Services
 
@@ -47,16 +47,16 @@ class Caller:
 
     def project(self, project_id: str) -> None:
         if not self.sees(project_id):
-            raise NotFound(f"project '{project_id}' not found", details={"project_id": project_id})
+            raise not_found("project", "project_id", project_id)
 
     def job(self, job: Job) -> Job:
         if not self.sees(job.project_id):
-            raise NotFound(f"job '{job.id}' not found", details={"job_id": job.id})
+            raise not_found("job", "job_id", job.id)
         return job
 
     def asset(self, asset: Asset) -> Asset:
         if not self.sees(asset.project_id):
-            raise NotFound(f"asset '{asset.id}' not found", details={"asset_id": asset.id})
+            raise not_found("asset", "asset_id", asset.id)
         return asset
 
     def admin(self, action: str) -> None:
@@ -76,7 +76,7 @@ def check_asset(services: Services, caller: Caller, asset_id: str) -> None:
     with services.db.session() as s:
         asset = s.get(Asset, asset_id)
     if asset is None:
-        raise NotFound(f"asset '{asset_id}' not found", details={"asset_id": asset_id})
+        raise not_found("asset", "asset_id", asset_id)
     caller.asset(asset)
 
 

@@ -15,7 +15,7 @@ from orchestrator.api.docs import documented, with_query
 from orchestrator.api.json_body import StrictJSONRoute
 from orchestrator.api.query import Cursor, Limit, Order, paged
 from orchestrator.api.serialize import job_public
-from orchestrator.errors import Conflict, NotFound
+from orchestrator.errors import Conflict, NotFound, not_found
 from orchestrator.events import TERMINAL, Event
 from orchestrator.follow import catch_up
 from orchestrator.ids import id_cursor
@@ -65,7 +65,7 @@ def list_jobs(services: ServicesDep, caller: CallerDep, project_id: str | None =
         if project_id:
             caller.project(project_id)
             if s.get(Project, project_id) is None:  # a mistyped id is not a project without jobs
-                raise NotFound(f"project '{project_id}' not found", details={"project_id": project_id})
+                raise not_found("project", "project_id", project_id)
             stmt = stmt.where(col(Job.project_id) == project_id)
         if stage:
             stmt = stmt.where(col(Job.stage) == stage)

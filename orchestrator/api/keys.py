@@ -12,7 +12,7 @@ from orchestrator.api.deps import CallerDep, IdempotencyKey, ServicesDep
 from orchestrator.api.docs import KEY_EXAMPLES, body_examples, created, documented, with_body, with_query
 from orchestrator.api.json_body import StrictJSONRoute
 from orchestrator.api.query import Cursor, Limit
-from orchestrator.errors import Conflict, NotFound
+from orchestrator.errors import Conflict, not_found
 from orchestrator.ids import id_cursor
 from orchestrator.models import ApiKey, Project
 from orchestrator.schemas import Name, Page, Strict
@@ -56,7 +56,7 @@ def _admin_project(services: ServicesDep, caller: CallerDep, project_id: str) ->
     caller.admin("managing API keys")
     with services.db.session() as s:
         if s.get(Project, project_id) is None:
-            raise NotFound(f"project '{project_id}' not found", details={"project_id": project_id})
+            raise not_found("project", "project_id", project_id)
 
 
 @router.post("/projects/{project_id}/keys", status_code=201, response_model=KeyCreated,

@@ -20,7 +20,7 @@ from orchestrator.api.docs import (
 from orchestrator.api.json_body import StrictJSONRoute
 from orchestrator.api.query import Cursor, Limit, Order, paged
 from orchestrator.api.serialize import asset_public, project_public
-from orchestrator.errors import InvalidRequest, NotFound, NoUsableEngine
+from orchestrator.errors import InvalidRequest, NoUsableEngine, not_found
 from orchestrator.ids import id_cursor, new_id
 from orchestrator.models import Asset, Project
 from orchestrator.models import IdempotencyKey as IdempotencyKeyRow
@@ -133,7 +133,7 @@ def _get(services: ServicesDep, project_id: str) -> Project:
     with services.db.session() as s:
         project = s.get(Project, project_id)
     if project is None:
-        raise NotFound(f"project '{project_id}' not found", details={"project_id": project_id})
+        raise not_found("project", "project_id", project_id)
     return project
 
 
@@ -160,7 +160,7 @@ def update_project(project_id: str, body: ProjectUpdate, services: ServicesDep, 
     with services.db.transaction() as s:
         project = s.get(Project, project_id)
         if project is None:
-            raise NotFound(f"project '{project_id}' not found", details={"project_id": project_id})
+            raise not_found("project", "project_id", project_id)
         _check_policy(services, body.policy)
         if body.name is not None:
             project.name = body.name

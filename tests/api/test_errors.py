@@ -295,6 +295,14 @@ def test_unknown_ids(shared_server: httpx.Client, method: str, path: str) -> Non
     assert_error(shared_server.request(method, path.format(**MISSING)), 404, "not_found")
 
 
+@pytest.mark.parametrize("path", ["/v1/projects/{id}", "/v1/jobs/{id}", "/v1/assets/{id}", "/v1/jobs?project_id={id}"])
+def test_an_unknown_id_far_longer_than_ours_is_not_echoed_whole(shared_server: httpx.Client, path: str) -> None:
+    long_id = "prj_" + "x" * 5000
+    error = assert_error(shared_server.get(path.format(id=long_id)), 404, "not_found")
+    assert len(error["message"]) < 200 and long_id[:100] + "…" in error["message"], error["message"]
+    assert [len(str(value)) for value in error["details"].values()] == [101]
+
+
 @pytest.mark.parametrize(("method", "path", "told"), [
     ("GET", "/v1/jobs/", "no such path: /v1/jobs/ (the API's paths have no trailing slash)"),
     ("POST", "/v1/projects/", "no such path: /v1/projects/ (the API's paths have no trailing slash)"),
