@@ -344,16 +344,22 @@ def test_downgrades_that_would_drop_what_is_in_use_are_refused_one_by_one(tmp_pa
     """0005's would forget work a provider still has (its hold released, the work billed), 0004's
     drop keys in use, 0002's the ledger; each says what to do first, and changes nothing."""
     from alembic import command
+    from sqlmodel import Session
 
     from orchestrator.db import alembic_config
+    from orchestrator.models import Job
 
     url = f"sqlite:///{tmp_path / 'm.db'}"
     upgrade(url)
     engine = create_engine(url)
     try:
         _project_and_job(engine)
+        with Session(engine) as s:  # queued, with no work at a provider: in no downgrade's way
+            s.add(Job(id="job_2", project_id="prj_1", stage="ideation", engine="lite", status="queued"))
+            s.commit()
         with engine.begin() as conn:
-            conn.execute(text("UPDATE jobs SET status = 'running', provider_work = :work"),
+            assert conn.execute(text("SELECT provider_work FROM jobs WHERE id = 'job_2'")).scalar() == "null"
+            conn.execute(text("UPDATE jobs SET status = 'running', provider_work = :work WHERE id = 'job_1'"),
                          {"work": '{"handles": [{"id": "p1"}]}'})
             conn.execute(text("INSERT INTO api_keys (id, project_id, name, prefix, secret_sha256, created_at) "
                               "VALUES ('key_1', 'prj_1', 'ci', 'ok_1', :sha, '2026-11-30 12:00:00')"),
@@ -361,7 +367,7 @@ def test_downgrades_that_would_drop_what_is_in_use_are_refused_one_by_one(tmp_pa
             _capture(conn)
         head = _revision(engine)
         for refusal, mend in [
-            (r"1 unfinished job\(s\) have work at a provider", "UPDATE jobs SET status = 'failed'"),
+            (r"1 unfinished job\(s\) have work at a provider", "UPDATE jobs SET status = 'failed' WHERE id = 'job_1'"),
             (r"1 project key\(s\) are in use.*revoke them first", "UPDATE api_keys SET revoked_at = created_at"),
             (r"1 ledger entry\(ies\).*export them", "DELETE FROM ledger_entries"),
         ]:

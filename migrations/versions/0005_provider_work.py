@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-from migrations.guard import refuse_while
+from migrations.guard import refuse_while, with_handles
 
 revision: str = '0005'
 down_revision: str | None = '0004'
@@ -27,8 +27,8 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     # Without the record a recovery releases the hold of work a provider still has (and bills).
-    refuse_while("SELECT count(*) FROM jobs WHERE provider_work IS NOT NULL AND status IN ('queued', 'running')",
+    refuse_while("SELECT CAST(provider_work AS TEXT) FROM jobs WHERE status IN ('queued', 'running')",
                  "{n} unfinished job(s) have work at a provider that only their provider_work column finds again; "
-                 "let them finish (or cancel them) before this downgrade")
+                 "let them finish (or cancel them) before this downgrade", counted=with_handles)
     with op.batch_alter_table('jobs', schema=None) as batch_op:
         batch_op.drop_column('provider_work')
