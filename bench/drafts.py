@@ -112,7 +112,7 @@ def _init_direct_worker(folder: str, device: str, dtype_name: str, threads: int)
     dlogging.disable_progress_bar()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        pipe = AutoPipelineForText2Image.from_pretrained(folder, torch_dtype=getattr(torch, dtype_name))  # type: ignore[no-untyped-call]
+        pipe = AutoPipelineForText2Image.from_pretrained(folder, torch_dtype=getattr(torch, dtype_name))
     if getattr(pipe, "safety_checker", None) is not None:
         pipe.safety_checker = None
     pipe = pipe.to(device)

@@ -142,7 +142,7 @@ def main() -> None:
                                                 "held": balance.held, "charged": balance.charged}
     assert results["balance prj_big"]["held"] == 10_000 * args.open, results
 
-    results["metrics"] = timed(lambda: metrics.render(db, ["openai", "lite"]), args.repeats)
+    results["metrics"] = timed(lambda: metrics.render(db, {"openai": ["polish"], "lite": ["ideation"]}), args.repeats)
     month = window("month", datetime.now(UTC))
     with db.session() as s:
         results["spend: the big project's month by engine"] = timed(

@@ -129,7 +129,7 @@ class FakePaidEngine:
             import numpy as np
 
             progress.step(2.5, 4)  # type: ignore[arg-type]
-            progress.step(np.int64(3), np.int64(4), Image.new("CMYK", (8, 8)))
+            progress.step(np.int64(3), np.int64(4), Image.new("CMYK", (8, 8)))  # type: ignore[arg-type]
             progress.step("three", 4)  # type: ignore[arg-type]
             progress.state("polling", since=datetime.datetime(2026, 11, 30), ratio=float("nan"))
             progress.provider_request(f"fake-{self.calls}-odd", {"at": datetime.date(2026, 11, 30)})

@@ -138,8 +138,8 @@ def test_a_database_newer_than_this_version_is_one_line_not_a_traceback(
     monkeypatch.setenv("ORCH_DATA_DIR", str(settings.data_dir))
     for command in ("worker", "migrate", "check"):  # a setup to fix: exit status 2 from each alike
         assert main([command]) == 2, command
-        err = capsys.readouterr()
-        assert "Traceback" not in err.err + err.out
+        captured = capsys.readouterr()
+        assert "Traceback" not in captured.err + captured.out
     assert main(["migrate"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("orchestrator: cannot migrate the database: ") and "newer orchestrator" in err

@@ -239,7 +239,8 @@ def check_holds_marked_settled_by_0010(url: str) -> None:
                              {"id": entry_id, "kind": kind, "amount": amount, "hold_id": hold_id, "now": now})
         upgrade(url)
         with engine.connect() as conn:
-            settled = dict(conn.execute(text("SELECT id, settled FROM ledger_entries WHERE kind = 'hold'")).all())
+            settled: dict[int, Any] = dict(
+                conn.execute(text("SELECT id, settled FROM ledger_entries WHERE kind = 'hold'")).all())
         assert {k: bool(v) for k, v in settled.items()} == {1: True, 5: True, 7: False}
         with Session(engine) as s:
             project = s.get(Project, "prj_1")

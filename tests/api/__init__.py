@@ -12,13 +12,17 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import httpx
 
 from orchestrator.server import free_port
 from orchestrator.settings import Settings
 from tiers import tiny
+
+if TYPE_CHECKING:
+    # Starlette's TestClient is an httpx2 client: the helpers below take its answers too.
+    import httpx2
 
 TERMINAL = ("succeeded", "failed", "canceled")
 SMALL: dict[str, Any] = {"width": 64, "height": 64, "steps": 2}
@@ -77,7 +81,7 @@ def wait_for_job(client: httpx.Client, job_id: str, statuses: tuple[str, ...] = 
         time.sleep(0.02)  # poll interval, not a wait for a state
 
 
-def create_project(client: httpx.Client, name: str = "test project", **extra: Any) -> dict[str, Any]:
+def create_project(client: httpx.Client | httpx2.Client, name: str = "test project", **extra: Any) -> dict[str, Any]:
     response = client.post("/v1/projects", json={"name": name, **extra})
     assert response.status_code == 201, response.text
     project: dict[str, Any] = response.json()
@@ -104,7 +108,7 @@ def job_count(client: httpx.Client) -> int:
     return len(response.json()["items"])
 
 
-def assert_error(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
+def assert_error(response: httpx.Response | httpx2.Response, status: int, code: str) -> dict[str, Any]:
     """The documented error body: `{"error": {"code", "message", "details"}}` with a matching status."""
     assert response.status_code == status, response.text
     assert response.headers["content-type"].startswith("application/json")
@@ -218,7 +222,7 @@ def worker_process(settings: Settings, workdir: Path, log_name: str, env: dict[s
 
 # PostgreSQL refuses NUL in text (it once failed a finished job at the asset insert, and answered
 # 500 for a project name); tests/credits/test_postgres.py sends these to a PostgreSQL service.
-NUL_BODIES = [
+NUL_BODIES: list[tuple[str, dict[str, Any], str]] = [
     ("/v1/projects", {"name": "a\x00b"}, "name"),
     ("/v1/projects/{project}/drafts", {"prompt": "a\x00b"}, "prompt"),
     ("/v1/projects/{project}/drafts", {"prompt": "x", "negative_prompt": "\x00"}, "negative_prompt"),

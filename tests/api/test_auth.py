@@ -50,9 +50,9 @@ def test_right_key_is_accepted(anon: httpx.Client) -> None:
 @pytest.mark.parametrize("around", [b"\xa0", b"\x85"])
 def test_only_http_whitespace_around_a_key_is_not_part_of_it(anon: httpx.Client, around: bytes) -> None:
     # str.strip() took a trailing no-break space (or NEL) for whitespace: another key was accepted.
-    assert_error(anon.get("/v1/projects", headers={"Authorization": f"Bearer {KEY}".encode() + around}),
+    assert_error(anon.get("/v1/projects", headers={b"Authorization": f"Bearer {KEY}".encode() + around}),
                  401, "unauthorized")
-    assert anon.get("/v1/projects", headers={"Authorization": f"Bearer \t {KEY}".encode()}).status_code == 200
+    assert anon.get("/v1/projects", headers={b"Authorization": f"Bearer \t {KEY}".encode()}).status_code == 200
 
 
 @pytest.mark.parametrize("order", [[KEY, "wrong"], ["wrong", KEY], [KEY, KEY]])
@@ -156,7 +156,7 @@ def test_a_non_ascii_key_works_as_utf8(make_settings: Callable[..., Settings],
                                        start_server: Callable[[Settings], httpx.Client]) -> None:
     client = start_server(make_settings(admin_key="clé-ünïcode"))
     header = "Bearer clé-ünïcode".encode()  # the UTF-8 bytes a client sends
-    assert client.get("/v1/projects", headers={"Authorization": header}).status_code == 200
+    assert client.get("/v1/projects", headers={b"Authorization": header}).status_code == 200
     assert_error(client.get("/v1/projects", headers={"Authorization": "Bearer cle-unicode"}), 401, "unauthorized")
 
 

@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import pytest
@@ -33,6 +34,9 @@ from tests.api import (
     worker_process,
 )
 from tests.api.test_workers import add_job
+
+if TYPE_CHECKING:
+    from _typeshed import FileDescriptorLike
 
 SettingsFactory = Callable[..., Settings]
 # Longer than any wait below: what these tests see within their deadlines, a bell told.
@@ -115,7 +119,7 @@ def test_a_bell_closed_from_a_worker_thread_leaves_the_loop_clean(tmp_path: Path
             closed.wait(0.5)  # with the close done on the loop, this loop cannot see it yet
             drain()
 
-        def watched_remove_reader(fd: int) -> bool:
+        def watched_remove_reader(fd: FileDescriptorLike) -> bool:
             removed_on.append(threading.current_thread() is threading.main_thread())
             return remove_reader(fd)
 

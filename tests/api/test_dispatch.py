@@ -146,7 +146,7 @@ def test_a_cancel_between_claim_and_start_reaches_the_claim(services: Services) 
     lite = services.registry.get("lite")
     original = lite.run
 
-    async def watched(*args: object, **kwargs: object) -> object:
+    async def watched(*args: object, **kwargs: object) -> RenderResult:
         rendered.append(job_id)
         return await original(*args, **kwargs)  # type: ignore[arg-type]
 
@@ -166,7 +166,7 @@ def test_a_cancel_after_the_render_still_cancels(services: Services) -> None:
     lite = services.registry.get("lite")
     original = lite.run
 
-    async def cancel_when_done(*args: object, **kwargs: object) -> object:
+    async def cancel_when_done(*args: object, **kwargs: object) -> RenderResult:
         result = await original(*args, **kwargs)  # type: ignore[arg-type]
         assert services.scheduler.cancel(job_id)
         return result
@@ -218,9 +218,9 @@ def test_a_service_closing_while_a_job_is_stored_leaves_it_for_the_next_start(se
 
     record = runner._record
 
-    def close_meanwhile(*args: Any) -> dict[str, Any]:
+    def close_meanwhile(*args: Any, **kwargs: Any) -> dict[str, Any]:
         runner.close()  # between the cancel check and the encoding
-        return record(*args)
+        return record(*args, **kwargs)
 
     lite.run = returned_anyway  # type: ignore[method-assign]
     runner._record = close_meanwhile  # type: ignore[method-assign]

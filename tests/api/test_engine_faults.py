@@ -398,7 +398,7 @@ def test_a_step_count_past_what_the_row_holds_is_scaled_to_it() -> None:
     runner = type("Runner", (), {"bus": Bus(), "previews": {}})()
     claim = type("Claim", (), {"cancel": CancelToken(), "job": Job(id="job_1", project_id="prj_1", stage="bridge",
                                                                      engine="fake-paid")})()
-    progress = JobProgress(runner, claim)  # type: ignore[arg-type]
+    progress = JobProgress(runner, claim)
     progress.step(int(1.5e9), int(3e9))
     assert (told[-1]["step"], told[-1]["total"]) == (MAX_STEPS // 2, MAX_STEPS)
     assert (claim.job.progress_step, claim.job.progress_total) == (MAX_STEPS // 2, MAX_STEPS)

@@ -8,7 +8,7 @@ import pkgutil
 import socket
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
@@ -22,6 +22,9 @@ from orchestrator.app import create_app
 from orchestrator.errors import NotFound
 from tests.api import assert_error, check_nul_refused, create_project, job_count, run_draft, wait_for_job
 from tests.conftest import SettingsFactory
+
+if TYPE_CHECKING:
+    import httpx2
 
 MISSING = {"prj": "prj_0000000000zzzzzzzzzzzzzz", "job": "job_0000000000zzzzzzzzzzzzzz",
            "ast": "ast_0000000000zzzzzzzzzzzzzz"}
@@ -39,7 +42,7 @@ def finished_job(shared_server: httpx.Client, project: str) -> dict[str, Any]:
     return run_draft(shared_server, project)
 
 
-def post_drafts(client: httpx.Client, project: str, body: Any) -> httpx.Response:
+def post_drafts(client: httpx.Client | TestClient, project: str, body: Any) -> httpx.Response | httpx2.Response:
     return client.post(f"/v1/projects/{project}/drafts", json=body)
 
 

@@ -144,7 +144,7 @@ def test_keys_are_utf_8_text(server: httpx.Client) -> None:
 
 
 def post_key(client: httpx.Client, project: str, body: dict[str, Any], key: bytes) -> httpx.Response:
-    return client.post(f"/v1/projects/{project}/drafts", json=body, headers={"Idempotency-Key": key})
+    return client.post(f"/v1/projects/{project}/drafts", json=body, headers={b"Idempotency-Key": key})
 
 
 def test_a_field_added_with_a_default_keeps_the_hash_of_earlier_bodies() -> None:
@@ -263,7 +263,7 @@ def test_a_project_key_stored_with_the_default_policy_written_still_replays(
     from orchestrator.models import IdempotencyKey
     from orchestrator.schemas import ProjectCreate
 
-    body = {"name": "written", "policy": "balanced"}
+    body: dict[str, Any] = {"name": "written", "policy": "balanced"}
     first = post_project(server, body, "prj-key-written")
     db = Database(make_settings().resolved_database_url)
     try:

@@ -137,7 +137,7 @@ def test_numeric_limits_are_json_schema_keywords(spec: dict[str, Any]) -> None:
     found = [(where, sorted(PYDANTIC_LIMITS & set(s))) for where, s in schema_objects(spec, "")
              if PYDANTIC_LIMITS & set(s)]
     assert found == []
-    expected = [
+    expected: list[tuple[str, str, dict[str, float]]] = [
         ("DraftCreate", "n", {"minimum": 1, "maximum": 16}),
         ("DraftCreate", "seed", {"minimum": 0, "maximum": 2**32 - 1}),
         ("DraftCreate", "steps", {"minimum": 1, "maximum": 150}),
@@ -149,8 +149,9 @@ def test_numeric_limits_are_json_schema_keywords(spec: dict[str, Any]) -> None:
         ("Budget", "limit", {"minimum": 0, "maximum": 10**9}),
         ("GrantCreate", "amount", {"exclusiveMinimum": 0, "maximum": 10**9}),
         ("Reconcile", "charged", {"minimum": 0, "maximum": 10**9}),
-    ] + [(model, side, {"minimum": 8, "maximum": 8192, "multipleOf": 8})
-         for model in ("DraftCreate", "PromoteCreate", "PolishCreate") for side in ("width", "height")]
+    ]
+    expected += [(model, side, {"minimum": 8, "maximum": 8192, "multipleOf": 8})
+                 for model in ("DraftCreate", "PromoteCreate", "PolishCreate") for side in ("width", "height")]
     for model, name, limits in expected:
         schema = prop(spec, model, name)
         assert {k: schema.get(k) for k in limits} == limits, (model, name, schema)
@@ -257,8 +258,9 @@ def conforms(value: Any, schema: dict[str, Any], spec: dict[str, Any], where: st
                 failures.append(str(exc))
         raise AssertionError(f"{where}: {value!r} matches no option: {failures}")
     kind = schema.get("type")
-    types = {"object": dict, "array": list, "string": str, "integer": int, "number": (int, float),
-             "boolean": bool, "null": type(None)}
+    types: dict[str, type | tuple[type, ...]] = {
+        "object": dict, "array": list, "string": str, "integer": int, "number": (int, float), "boolean": bool,
+        "null": type(None)}
     if kind is not None:
         assert isinstance(value, types[kind]) and not (kind in ("integer", "number") and isinstance(value, bool)), \
             (where, value, kind)

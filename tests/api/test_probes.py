@@ -72,7 +72,7 @@ def test_liveness_is_answered_while_the_thread_pool_serves_nothing(
 
     client = start_server(make_settings())
     freed = threading.Event()
-    real = fastapi.routing.run_in_threadpool
+    real = fastapi.routing.run_in_threadpool  # type: ignore[attr-defined]
 
     async def full_pool(*args: Any, **kwargs: Any) -> Any:
         while not freed.is_set():  # no thread of the pool is free until the test ends

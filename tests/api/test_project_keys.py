@@ -172,7 +172,7 @@ def test_every_route_with_an_id_keeps_another_project_out(world: World) -> None:
         if not names or names == ["name"]:  # no id, or a policy's name: shared by all projects
             continue
         for method in operations:
-            body = {} if method in ("post", "patch") else None
+            body: dict[str, Any] | None = {} if method in ("post", "patch") else None
             response = world.mine.request(method.upper(), path.format(**{n: real[n] for n in names}), json=body)
             missing = world.mine.request(method.upper(), path.format(**{n: fake[n] for n in names}), json=body)
             assert response.status_code >= 400, (method, path, response.text)

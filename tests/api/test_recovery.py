@@ -221,8 +221,8 @@ def test_startup_leaves_a_live_process_its_jobs(make_settings: SettingsFactory,
         project_id, live_id, dead_id = new_id("prj"), new_id("job"), new_id("job")
         params = {"stage": "ideation", "prompt": "a lighthouse", "negative_prompt": "", "n": 1, "seed": 5,
                   "width": 64, "height": 64, "steps": 1, "tags": {}}
-        lease = {"status": "running", "attempt": 1, "started_at": utcnow(),
-                 "lease_expires_at": utcnow() + timedelta(minutes=10)}
+        lease: dict[str, Any] = {"status": "running", "attempt": 1, "started_at": utcnow(),
+                                 "lease_expires_at": utcnow() + timedelta(minutes=10)}
         with db.transaction() as s:
             s.add(Project(id=project_id, name="two processes", policy="balanced"))
             s.flush()
@@ -315,7 +315,7 @@ def test_a_failed_lease_renewal_is_tried_again_within_seconds(make_settings: Set
         waits.append(seconds)
         await real_sleep(min(seconds, 0.01))
 
-    monkeypatch.setattr(queue.asyncio, "sleep", sleep)
+    monkeypatch.setattr(queue.asyncio, "sleep", sleep)  # type: ignore[attr-defined]
 
     def renew(claims: list[Any]) -> None:
         tries.append(time.monotonic())

@@ -507,7 +507,7 @@ def test_recent_content_ages_out_and_keeps_deleted_assets_out(monkeypatch: pytes
     import orchestrator.store as store_module
 
     now = [1000.0]
-    monkeypatch.setattr(store_module.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(store_module.time, "monotonic", lambda: now[0])  # type: ignore[attr-defined]
     recent = RecentContent(max_bytes=100)
     recent.add("ast_a", "a" * 64, b"aaaa")
     now[0] += store_module.RECENT_SECONDS + 1
@@ -522,7 +522,7 @@ def test_recent_content_past_its_time_leaves_memory_as_new_content_comes(monkeyp
     import orchestrator.store as store_module
 
     now = [1000.0]
-    monkeypatch.setattr(store_module.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(store_module.time, "monotonic", lambda: now[0])  # type: ignore[attr-defined]
     recent = RecentContent(max_bytes=100)
     recent.add("ast_a", "a" * 64, b"aaaa")
     recent.add("ast_b", "b" * 64, b"bbbb")

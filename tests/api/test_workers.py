@@ -280,7 +280,7 @@ def test_the_sweeper_recovers_a_dead_worker_s_job_before_its_lease_ends(
         services: Services, other_process: subprocess.Popen[bytes]) -> None:
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    lease = {"status": "running", "attempt": 1, "lease_expires_at": utcnow() + timedelta(minutes=5)}
+    lease: dict[str, Any] = {"status": "running", "attempt": 1, "lease_expires_at": utcnow() + timedelta(minutes=5)}
     dead_id = add_job(services, lease_owner=f"{socket.gethostname()}:{dead.pid}:0", **lease)
     live_id = add_job(services, lease_owner=f"{socket.gethostname()}:{other_process.pid}:0", **lease)
     elsewhere_id = add_job(services, lease_owner="another-host:1:0", **lease)

@@ -168,8 +168,8 @@ def test_the_check_opens_a_database_on_a_read_only_mount(served: tuple[httpx.Cli
     # file is then read as immutable (nothing can be writing it there).
     api, db = served
     paid_jobs(api)
-    monkeypatch.setattr(check.os, "access", lambda path, mode: False)
-    monkeypatch.setattr(check.Path, "exists", lambda path: False)  # no -wal beside it
+    monkeypatch.setattr(check.os, "access", lambda path, mode: False)  # type: ignore[attr-defined]
+    monkeypatch.setattr(check.Path, "exists", lambda path: False)  # type: ignore[attr-defined]  # no -wal beside it
     engine = check.read_only_engine(f"sqlite:///{db}")
     try:
         assert "immutable=1" in str(engine.url)

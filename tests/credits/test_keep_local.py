@@ -171,6 +171,7 @@ def test_a_request_routed_as_the_project_goes_local_only_is_routed_again(
     """Routed under the old policy, committed after the PATCH (which no lock orders it with): the job
     was queued for the cloud, after keep_local had looked."""
     from sqlalchemy import update
+    from sqlmodel import col
 
     from orchestrator.jobs import JobService
     from orchestrator.models import Project
@@ -183,7 +184,7 @@ def test_a_request_routed_as_the_project_goes_local_only_is_routed_again(
         def moved_meanwhile(self: JobService, *args: object, **kwargs: object) -> object:
             decision = real(self, *args, **kwargs)  # type: ignore[arg-type]
             with self.db.transaction() as s:  # the PATCH, between the routing and the commit
-                s.execute(update(Project).where(Project.id == project_id).values(policy="local-only"))
+                s.execute(update(Project).where(col(Project.id) == project_id).values(policy="local-only"))
             return decision
 
         monkeypatch.setattr(JobService, "_reserve", moved_meanwhile)

@@ -29,7 +29,7 @@ from tests.credits import PRICE, ledger, poll, project_with_draft, promote_ok, w
 from tests.credits.conftest import POLICY, Service
 from tiers.base import CancelToken
 
-HOLD = PRICE * 1000
+HOLD = int(PRICE * 1000)  # millicredits
 
 
 @pytest.fixture

@@ -14,8 +14,9 @@ from orchestrator.models import Job, LedgerEntry, Project
 from orchestrator.spend import spend
 
 
-def utc(*args: int) -> datetime:
-    return datetime(*args, tzinfo=UTC)
+def utc(year: int, month: int, day: int, hour: int = 0, minute: int = 0, second: int = 0,
+        microsecond: int = 0) -> datetime:
+    return datetime(year, month, day, hour, minute, second, microsecond, tzinfo=UTC)
 
 
 @pytest.mark.parametrize(("period", "now", "start", "end"), [

@@ -220,7 +220,7 @@ def test_a_fallback_priced_above_the_cap_since_routing_is_skipped(paid_server: h
     (another prices file on a worker) must not hold, and charge, past them."""
     from orchestrator import runner as runner_module
 
-    real = runner_module.priced
+    real = runner_module.priced  # type: ignore[attr-defined]
     monkeypatch.setattr(runner_module, "priced",
                         lambda engine, req: 30_000 if engine.name == "fake-b" else real(engine, req))
     project_id, asset_id = draft_asset(paid_server)
@@ -242,7 +242,7 @@ def test_a_fallback_whose_price_rose_within_the_caps_is_tried_at_its_new_price(
     where a fallback was configured to save it."""
     from orchestrator import runner as runner_module
 
-    real = runner_module.priced
+    real = runner_module.priced  # type: ignore[attr-defined]
     monkeypatch.setattr(runner_module, "priced",
                         lambda engine, req: 22_000 if engine.name == "fake-b" else real(engine, req))
     project_id, asset_id = draft_asset(paid_server)
@@ -704,7 +704,7 @@ def test_a_source_whose_file_is_gone_is_refused_at_submit(new_settings: Settings
         services.store.path_for(sha).unlink()
         for prepare in (services.jobs.prepare_promote, services.jobs.prepare_polish):
             with pytest.raises(ContentUnavailable) as info:
-                prepare("ast_gone", PromoteCreate() if prepare == services.jobs.prepare_promote else PolishCreate())
+                prepare("ast_gone", PromoteCreate() if prepare == services.jobs.prepare_promote else PolishCreate())  # type: ignore[arg-type]
             # The asset is there (not a 404): its file is for the operator to restore.
             assert info.value.status == 500 and "file is missing" in info.value.message
     finally:

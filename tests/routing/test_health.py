@@ -162,7 +162,7 @@ def test_a_database_away_is_told_once_not_every_poll_interval(make_settings: Cal
     services = Services.build(make_settings(run_jobs=False, poll_interval=0.01))
     failures = 0
 
-    def unreachable(_db: Database) -> None:
+    def unreachable(db: Database) -> None:
         nonlocal failures
         failures += 1
         if failures <= 5:

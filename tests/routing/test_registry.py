@@ -414,10 +414,10 @@ async def test_a_plugin_s_forget_that_hangs_is_stopped_after_the_grace() -> None
             finally:
                 stopped.append(True)
 
-    plugin = registry_module.checked(Hanging(EngineContext(settings=None)), "tests:hanging")  # type: ignore[arg-type]
+    plugin = registry_module.checked(Hanging(EngineContext(settings=None)), "tests:hanging")  # type: ignore[arg-type, attr-defined]
     assert isinstance(plugin, ThirdParty)
-    plugin.cancel_grace = 0.05  # type: ignore[attr-defined]
-    await asyncio.wait_for(plugin.forget([{"id": "p1"}]), 5)  # type: ignore[attr-defined]
+    plugin.cancel_grace = 0.05
+    await asyncio.wait_for(plugin.forget([{"id": "p1"}]), 5)
     assert stopped == [True]
 
 
@@ -432,9 +432,9 @@ async def test_a_plugin_s_withdraw_is_held_as_its_run_is(raised: BaseException) 
         async def withdraw(self, handles: list[dict[str, Any]]) -> None:
             raise raised
 
-    plugin = registry_module.checked(Failing(EngineContext(settings=None)), "tests:failing")  # type: ignore[arg-type]
+    plugin = registry_module.checked(Failing(EngineContext(settings=None)), "tests:failing")  # type: ignore[arg-type, attr-defined]
     assert isinstance(plugin, ThirdParty) and isinstance(plugin, Withdrawable)
     with pytest.raises(PluginFault):
         await plugin.withdraw([{"id": "q-1"}])
-    plain = registry_module.checked(FakePaidEngine(EngineContext(settings=None)), "tests:plain")  # type: ignore[arg-type]
+    plain = registry_module.checked(FakePaidEngine(EngineContext(settings=None)), "tests:plain")  # type: ignore[arg-type, attr-defined]
     assert not isinstance(plain, Withdrawable)  # only what the plugin has

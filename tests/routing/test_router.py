@@ -189,7 +189,7 @@ def health(clock: Clock) -> EngineHealth:
 
 @pytest.fixture
 def router(policy_dir: Path, health: EngineHealth) -> Router:
-    registry = EngineRegistry({e.name: e for e in ENGINES},  # type: ignore[misc]
+    registry = EngineRegistry({e.name: e for e in ENGINES},
                               {"broken": BrokenEngine("broken", "could not be created: licence expired")})
     store = PolicyStore(extra_dir=policy_dir)
     assert store.errors == [], [e.message for e in store.errors]
@@ -477,7 +477,7 @@ def test_what_every_set_up_engine_refuses_is_refused_whatever_engines_lack_keys(
 def test_a_size_beyond_an_engine_s_capabilities_is_refused_even_when_it_charges_nothing(router: Router) -> None:
     free = StubEngine("free-server", "local", 0)  # estimates 0 for any size, as a self-hosted server does
     free.capabilities = Capabilities(max_width=1024, max_height=1024)
-    router.registry = EngineRegistry({**{e.name: e for e in ENGINES}, "free-server": free})  # type: ignore[dict-item]
+    router.registry = EngineRegistry({**{e.name: e for e in ENGINES}, "free-server": free})
     big = router.assess("free-server", RenderRequest(stage="polish", prompt="x", width=2048, height=1024))
     assert big.skipped is not None and "1024x1024 at most" in big.skipped
     assert isinstance(big.refusal, BadEngineInput)
@@ -576,7 +576,7 @@ def test_an_estimate_that_is_not_whole_millicredits_is_no_price(estimate: Any) -
     every later sum of the project fail."""
     engine = SimpleNamespace(name="odd", estimate=lambda req: estimate)
     with pytest.raises(NoPrice) as info:
-        priced(engine, RenderRequest(stage="bridge", prompt="x"))  # type: ignore[arg-type]
+        priced(engine, RenderRequest(stage="bridge", prompt="x"))
     assert "a price is a whole, non-negative number of millicredits" in info.value.message
 
 
@@ -584,5 +584,5 @@ def test_a_numpy_integer_estimate_is_a_price() -> None:
     import numpy as np
 
     engine = SimpleNamespace(name="np", estimate=lambda req: np.int64(2500))
-    estimate = priced(engine, RenderRequest(stage="bridge", prompt="x"))  # type: ignore[arg-type]
+    estimate = priced(engine, RenderRequest(stage="bridge", prompt="x"))
     assert estimate == 2500 and type(estimate) is int

@@ -23,8 +23,8 @@ from tests.routing.conftest import SettingsFactory, running
 
 API_KEY = "test-key"
 MODEL = "gemini-3.1-flash-image"
-USAGE = {"promptTokenCount": 1300, "candidatesTokenCount": 1000, "totalTokenCount": 2300,
-         "candidatesTokensDetails": [{"modality": "IMAGE", "tokenCount": 1000}]}
+USAGE: dict[str, Any] = {"promptTokenCount": 1300, "candidatesTokenCount": 1000, "totalTokenCount": 2300,
+                         "candidatesTokensDetails": [{"modality": "IMAGE", "tokenCount": 1000}]}
 # tiers/gemini.py defaults for gemini-3.1-flash-image, in credits per 1M tokens.
 OUTPUT_PER_MILLION, INPUT_PER_MILLION = 6000, 50
 PROMPT = "a lighthouse at dusk"

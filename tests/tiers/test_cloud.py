@@ -12,7 +12,7 @@ import respx
 
 from orchestrator.errors import Canceled, EngineError
 from tests.tiers.conftest import BlockingSleep, NoAnswer, bridge
-from tiers._cloud import CloudEngine, token_counts
+from tiers._cloud import token_counts
 from tiers.base import CancelToken, NullProgress, PriceTable, before_billable_sends
 from tiers.fal import FalEngine
 from tiers.gemini import GeminiEngine
@@ -20,6 +20,8 @@ from tiers.openai_images import OpenAIImagesEngine
 from tiers.replicate import ReplicateEngine
 from tiers.stability import StabilityEngine
 
+# The engines under test: built from the context alone, each with its `run` (CloudEngine, their base, has neither).
+CloudClass = type[GeminiEngine | OpenAIImagesEngine | StabilityEngine | ReplicateEngine | FalEngine]
 CASES = [
     (GeminiEngine, "gemini", "no API key: set ORCH_GEMINI_API_KEY or GEMINI_API_KEY"),
     (OpenAIImagesEngine, "openai", "no API key: set ORCH_OPENAI_API_KEY or OPENAI_API_KEY"),
@@ -30,7 +32,7 @@ CASES = [
 
 
 @pytest.mark.parametrize(("cls", "prefix", "reason"), CASES, ids=[c[1] for c in CASES])
-async def test_a_key_makes_the_engine_available(make_ctx: Any, cls: type[CloudEngine], prefix: str,
+async def test_a_key_makes_the_engine_available(make_ctx: Any, cls: CloudClass, prefix: str,
                                                 reason: str) -> None:
     without = cls(make_ctx(**{f"{prefix}_api_key": None}))
     assert without.availability() == (False, reason)
@@ -46,7 +48,7 @@ async def test_a_key_makes_the_engine_available(make_ctx: Any, cls: type[CloudEn
 @pytest.mark.parametrize(("cls", "prefix"), [(c[0], c[1]) for c in CASES], ids=[c[1] for c in CASES])
 @pytest.mark.parametrize("key", ["k\u2019secret", "k-se\ncret", "k-secret\u200b", "k secret"])
 async def test_a_key_no_header_can_carry_makes_the_engine_unavailable(
-        make_ctx: Any, cls: type[CloudEngine], prefix: str, key: str) -> None:
+        make_ctx: Any, cls: CloudClass, prefix: str, key: str) -> None:
     # Every request would fail before it left; routing must not pick the engine and hold credits.
     engine = cls(make_ctx(**{f"{prefix}_api_key": key}))
     available, reason = engine.availability()
@@ -58,14 +60,14 @@ async def test_a_key_no_header_can_carry_makes_the_engine_unavailable(
 
 @pytest.mark.parametrize(("cls", "prefix"), [(c[0], c[1]) for c in CASES], ids=[c[1] for c in CASES])
 async def test_a_byte_order_mark_and_surrounding_whitespace_are_dropped(
-        make_ctx: Any, cls: type[CloudEngine], prefix: str) -> None:
+        make_ctx: Any, cls: CloudClass, prefix: str) -> None:
     engine = cls(make_ctx(**{f"{prefix}_api_key": "\ufeff k-secret\r\n"}))
     assert engine.availability() == (True, None)
     await engine.aclose()
 
 
 @pytest.mark.parametrize(("cls", "prefix"), [(c[0], c[1]) for c in CASES], ids=[c[1] for c in CASES])
-async def test_model_and_prices_come_from_the_settings(make_ctx: Any, cls: type[CloudEngine], prefix: str) -> None:
+async def test_model_and_prices_come_from_the_settings(make_ctx: Any, cls: CloudClass, prefix: str) -> None:
     default = cls(make_ctx())
     model = default.model
     assert model and model in default.prices()["credits_per_image"]
@@ -81,7 +83,7 @@ async def test_model_and_prices_come_from_the_settings(make_ctx: Any, cls: type[
 
 
 @pytest.mark.parametrize(("cls", "prefix"), [(c[0], c[1]) for c in CASES], ids=[c[1] for c in CASES])
-async def test_a_job_canceled_before_it_is_sent_sends_nothing(make_ctx: Any, cls: type[CloudEngine],
+async def test_a_job_canceled_before_it_is_sent_sends_nothing(make_ctx: Any, cls: CloudClass,
                                                               prefix: str) -> None:
     engine = cls(make_ctx(**{f"{prefix}_api_key": "k-secret"}))
     token = CancelToken()
@@ -95,7 +97,7 @@ async def test_a_job_canceled_before_it_is_sent_sends_nothing(make_ctx: Any, cls
 
 
 @pytest.mark.parametrize(("cls", "prefix"), [(c[0], c[1]) for c in CASES], ids=[c[1] for c in CASES])
-async def test_a_cancel_while_rate_limited_releases_what_was_held(make_ctx: Any, cls: type[CloudEngine],
+async def test_a_cancel_while_rate_limited_releases_what_was_held(make_ctx: Any, cls: CloudClass,
                                                                   prefix: str) -> None:
     """Canceled in the wait after a 429: the provider made nothing, so the job owes nothing
     (`charged="no"`: the ledger releases the hold instead of capturing it unreconciled)."""
@@ -116,7 +118,7 @@ async def test_a_cancel_while_rate_limited_releases_what_was_held(make_ctx: Any,
 
 @pytest.mark.parametrize(("cls", "prefix"), [(c[0], c[1]) for c in CASES], ids=[c[1] for c in CASES])
 async def test_a_cancel_while_the_generation_call_is_out_may_have_been_charged(
-        make_ctx: Any, cls: type[CloudEngine], prefix: str) -> None:
+        make_ctx: Any, cls: CloudClass, prefix: str) -> None:
     engine = cls(make_ctx(**{f"{prefix}_api_key": "k-secret"}))
     provider = NoAnswer()
     token = CancelToken()
@@ -143,7 +145,7 @@ def test_token_rates_are_listed_apart_from_image_prices() -> None:
 
 @pytest.mark.parametrize(("cls", "prefix"), [(c[0], c[1]) for c in CASES], ids=[c[1] for c in CASES])
 @respx.mock
-async def test_every_paid_request_is_announced_before_it_is_sent(make_ctx: Any, cls: type[CloudEngine],
+async def test_every_paid_request_is_announced_before_it_is_sent(make_ctx: Any, cls: CloudClass,
                                                                  prefix: str) -> None:
     # The runner refuses the announcement (the job was canceled, or another process took it):
     # then nothing that can bill may leave, whichever engine it is.
@@ -232,7 +234,7 @@ def test_a_prompt_s_tokens_are_held_at_their_most(prompt: str, at_least: int) ->
 @pytest.mark.parametrize("status", [400, 500])
 @respx.mock
 async def test_an_error_echoing_the_request_s_headers_does_not_carry_the_key(
-        make_ctx: Any, sleep: Any, cls: type[CloudEngine], prefix: str, status: int) -> None:
+        make_ctx: Any, sleep: Any, cls: CloudClass, prefix: str, status: int) -> None:
     """Providers.md: keys never appear in job records; a proxy's error page may echo the headers."""
     key = "k-secret-0123456789"
     base = f"https://{prefix}.example"

@@ -4,8 +4,9 @@ import io
 import json
 import re
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -19,6 +20,8 @@ from tiers.base import CancelToken, NullProgress, RenderRequest, Restartable, Re
 from tiers.comfyui import ComfyUIEngine, substitute
 
 BASE = "http://comfy.test:8188"
+# A route's side effect as the functions here set it (respx types it as any of what it accepts).
+Handler = Callable[[httpx.Request], httpx.Response]
 
 WORKFLOW: dict[str, Any] = {
     "3": {"class_type": "KSampler", "inputs": {
@@ -225,7 +228,7 @@ async def test_a_proxy_s_gateway_error_to_the_prompt_is_not_resent_and_the_promp
     """The proxy gave up waiting, the server had queued the prompt: sent again, it was rendered
     twice on the shared GPU. Followed under the id we chose, its image is collected."""
     routes = mock_server()
-    real = routes["prompt"].side_effect
+    real = cast(Handler, routes["prompt"].side_effect)  # mock_server's on_prompt
 
     def queued_then_gateway(request: httpx.Request) -> httpx.Response:
         real(request)  # the server queues it...
@@ -540,24 +543,24 @@ async def test_a_prompt_the_restarted_server_forgot_fails_at_once(engine: ComfyU
     assert info.value.retryable and info.value.charged == "no"
 
 
-def earlier_server(finished: dict[str, list[dict[str, Any]]], running: list[str], *,
+def earlier_server(finished: dict[str, list[list[Any]]], running: list[str], *,
                    finish_after: int = 2) -> dict[str, respx.Route]:
     """A ComfyUI that still has a dead attempt's prompts: `finished` in its history (with their
     history entries' messages), `running` in its queue until each has been asked for
     `finish_after` times, anything else forgotten. New prompts go through `mock_server`'s flow."""
     routes = mock_server()
-    new_history = routes["history"].side_effect
+    new_history = cast(Handler, routes["history"].side_effect)  # mock_server's on_history
     asked: dict[str, int] = {}
 
     def on_history(request: httpx.Request) -> httpx.Response:
         prompt_id = request.url.path.rsplit("/", 1)[1]
         if prompt_id in finished:
-            return httpx.Response(200, json=history(prompt_id, **({"status": "error", "messages": finished[prompt_id]}
-                                                                  if finished[prompt_id] else {})))
+            return httpx.Response(200, json=history(prompt_id, status="error", messages=finished[prompt_id])
+                                  if finished[prompt_id] else history(prompt_id))
         if prompt_id in running:
             asked[prompt_id] = asked.get(prompt_id, 0) + 1
             return httpx.Response(200, json=history(prompt_id) if asked[prompt_id] > finish_after else {})
-        return new_history(request)  # type: ignore[no-any-return,operator]
+        return new_history(request)
 
     def on_queue(request: httpx.Request) -> httpx.Response:
         still = [p for p in running if asked.get(p, 0) <= finish_after]
@@ -584,6 +587,7 @@ async def test_after_a_crash_finished_and_running_prompts_are_kept_and_only_the_
     result = await engine.resume(bridge(n=3, seed=42), handles, progress, CancelToken())
     assert sent_seeds(routes) == [44]
     assert [img.seed for img in result.images] == [42, 43, 44]
+    assert result.provider_request_id is not None
     assert result.provider_request_id.split(",")[:2] == ["p-1", "p-2"]
     assert routes["upload"].call_count == 1 and routes["queue"].call_count == 0  # nothing to take off
     assert progress.steps == [(1, 3), (2, 3), (3, 3)]
@@ -618,12 +622,12 @@ async def test_a_failed_or_seedless_earlier_prompt_is_rendered_again(engine: Com
 async def test_a_cancel_while_waiting_for_an_earlier_prompt_takes_it_off_the_server(engine: ComfyUIEngine) -> None:
     routes = earlier_server({}, ["p-1"], finish_after=100)
     token = CancelToken()
-    waiting = routes["history"].side_effect
+    waiting = cast(Handler, routes["history"].side_effect)  # earlier_server's on_history
 
     def cancel_on_second_look(request: httpx.Request) -> httpx.Response:
         if routes["history"].call_count >= 2:
             token.cancel()
-        return waiting(request)  # type: ignore[no-any-return,operator]
+        return waiting(request)
 
     routes["history"].side_effect = cancel_on_second_look
     with pytest.raises(Canceled):

@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -290,7 +290,8 @@ async def test_a_cancel_while_waiting_out_a_429_is_judged_when_it_comes() -> Non
 
     token = CancelToken()
     with before_billable_sends(announced, None, lambda: out > 0):
-        waiting = asyncio.create_task(http._sleep_unless(token)(5.0))
+        # An async def: what it returns is a coroutine, where `Sleep` promises an awaitable.
+        waiting = asyncio.create_task(cast(Coroutine[Any, Any, None], http._sleep_unless(token)(5.0)))
         await asyncio.sleep(0.05)
         out = 1  # the job's other request is sent meanwhile
         token.cancel()

@@ -23,7 +23,7 @@ from tests.conftest import SettingsFactory
 from tests.tiers.conftest import EngineFactory, RecordingProgress, draft_image
 from tiers import tiny
 from tiers._local import _usable_cpus, hf_hub_reachable, latents_to_preview, prompt_overflow, runtime_for
-from tiers.base import NOTES, CancelToken, EngineContext, RenderRequest
+from tiers.base import NOTES, CancelToken, EngineContext, RenderRequest, Stage
 from tiers.lite import LiteEngine
 from tiers.local_hifi import tile_boxes
 
@@ -38,7 +38,7 @@ def use_pndm(lite: LiteEngine) -> None:
     from diffusers import PNDMScheduler
 
     pipe = lite.runtime.text2img(lite.model)
-    pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config, skip_prk_steps=True)  # type: ignore[no-untyped-call]
+    pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config, skip_prk_steps=True)
 
 
 async def test_progress_counts_the_steps_the_scheduler_really_takes(engines: EngineFactory) -> None:
@@ -229,7 +229,7 @@ def test_a_preview_vae_s_previews_are_small_whatever_the_image_size(
 
     folder = tmp_path / "taesd"
     channels = (8, 8, 8, 8)
-    AutoencoderTiny(encoder_block_out_channels=channels, decoder_block_out_channels=channels,  # type: ignore[no-untyped-call]
+    AutoencoderTiny(encoder_block_out_channels=channels, decoder_block_out_channels=channels,  # type: ignore[attr-defined]
                     num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1)).save_pretrained(folder)
     runtime = runtime_for(EngineContext(settings=make_settings(lite_preview_vae=str(folder))))
     try:
@@ -536,7 +536,7 @@ def save_tiny_sdxl_refiner(folder: Any, tokenizer: Any) -> None:
     text = CLIPTextModelWithProjection(CLIPTextConfig(
         bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=32, intermediate_size=37, projection_dim=32,
         layer_norm_eps=1e-5, num_attention_heads=4, num_hidden_layers=2, vocab_size=600, max_position_embeddings=77))
-    StableDiffusionXLImg2ImgPipeline(
+    StableDiffusionXLImg2ImgPipeline(  # type: ignore[attr-defined]
         vae=vae, text_encoder=None, text_encoder_2=text, tokenizer=None,
         tokenizer_2=CLIPTokenizer.from_pretrained(tokenizer), unet=unet, scheduler=EulerDiscreteScheduler(),
         requires_aesthetics_score=True, force_zeros_for_empty_prompt=False).save_pretrained(folder)
@@ -567,9 +567,9 @@ def use_lcm(lite: LiteEngine) -> None:
     )
 
     base = lite.runtime.text2img(lite.model)
-    unet = UNet2DConditionModel.from_config({**base.unet.config, "time_cond_proj_dim": 32})  # type: ignore[no-untyped-call]
+    unet = UNet2DConditionModel.from_config({**base.unet.config, "time_cond_proj_dim": 32})
     parts = {"vae": base.vae, "text_encoder": base.text_encoder, "tokenizer": base.tokenizer, "unet": unet,
-             "scheduler": LCMScheduler.from_config(base.scheduler.config),  # type: ignore[no-untyped-call]
+             "scheduler": LCMScheduler.from_config(base.scheduler.config),
              "safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
     lite.runtime._pipes[(lite.model, "text2img")] = LatentConsistencyModelPipeline(**parts)
     lite.runtime._pipes[(lite.model, "img2img")] = LatentConsistencyModelImg2ImgPipeline(**parts)
@@ -578,7 +578,7 @@ def use_lcm(lite: LiteEngine) -> None:
 @pytest.mark.parametrize(("stage", "strength", "runs"), [
     ("polish", 0.3, 4), ("polish", 0.1, 4), ("polish", 0.07, 3), ("bridge", 0.15, 7), ("bridge", 0.55, 8)])
 async def test_an_lcm_model_refines_at_any_strength_with_the_steps_its_schedule_holds(
-        engines: EngineFactory, stage: str, strength: float, runs: int) -> None:
+        engines: EngineFactory, stage: Stage, strength: float, runs: int) -> None:
     # LCM runs every step asked for (not steps x strength) and refuses more than int(50 x strength).
     lite, hifi = engines()
     use_lcm(lite)
@@ -599,7 +599,7 @@ async def test_an_lcm_scheduler_on_a_plain_img2img_pipeline_still_runs_a_step(
 
     lite, hifi = engines()
     pipe = lite.runtime.img2img(lite.model)
-    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)  # type: ignore[no-untyped-call]
+    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
     req = RenderRequest(stage="polish", prompt="a lighthouse", width=64, height=64, seed=1, n=1,
                         init_image=draft_image(), creativity=creativity)
     progress = RecordingProgress()

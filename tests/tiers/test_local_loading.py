@@ -139,7 +139,7 @@ def use_pndm_with_runge_kutta_steps(folder: Path) -> None:
 
     config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     (folder / "scheduler" / "scheduler_config.json").unlink()
-    PNDMScheduler.from_config(config, skip_prk_steps=False).save_pretrained(folder / "scheduler")  # type: ignore[no-untyped-call]
+    PNDMScheduler.from_config(config, skip_prk_steps=False).save_pretrained(folder / "scheduler")
     index = json.loads((folder / "model_index.json").read_text())
     index["scheduler"] = ["diffusers", "PNDMScheduler"]
     (folder / "model_index.json").write_text(json.dumps(index))

@@ -115,7 +115,7 @@ def taesd(tmp_path: Any) -> str:
 
     folder = tmp_path / "taesd"
     channels = (8, 8, 8, 8)
-    AutoencoderTiny(encoder_block_out_channels=channels, decoder_block_out_channels=channels,  # type: ignore[no-untyped-call]
+    AutoencoderTiny(encoder_block_out_channels=channels, decoder_block_out_channels=channels,  # type: ignore[attr-defined]
                     num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1)).save_pretrained(folder)
     return str(folder)
 

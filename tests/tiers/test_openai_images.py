@@ -307,7 +307,7 @@ async def test_an_answer_with_more_images_than_asked_keeps_n(engine: OpenAIImage
     import tiers.openai_images as module
 
     decoded: list[bytes] = []
-    real = module.decode_image
+    real = module.decode_image  # type: ignore[attr-defined]
 
     def counting(data: bytes, engine: str) -> Image.Image:
         decoded.append(data)
