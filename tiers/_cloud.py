@@ -6,14 +6,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sized
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import httpx
 
 from orchestrator.errors import ContentFiltered, EngineError, EngineUnavailable
 from tiers._http import RemoteClient, error_text
 from tiers._images import b64decode_tolerant, decode_image
-from tiers.base import CancelToken, EngineContext, PriceTable, RenderedImage, Stage, is_amount
+from tiers.base import CancelToken, EngineContext, Kind, PriceTable, RenderedImage, Stage, is_amount
 
 if TYPE_CHECKING:
     from pydantic import SecretStr
@@ -81,8 +81,8 @@ def _usable_key(key: SecretStr | None) -> tuple[str | None, str | None]:
 
 
 class CloudEngine:
-    name: ClassVar[str]
-    kind: Literal["remote"] = "remote"
+    name: str  # each engine's own; not a ClassVar, which `tiers.base.Engine`'s `name` would not match
+    kind: Kind = "remote"
     stages: frozenset[Stage] = frozenset({"bridge", "polish"})
     # The orchestrator's setting and the vendor's own variable that hold the key.
     key_settings: ClassVar[tuple[str, str]]

@@ -481,7 +481,7 @@ def test_a_stop_waits_for_a_job_whose_predictions_were_not_all_accepted(
     if accepted == "odd":
         job.params = {"stage": "bridge"}
     claim = Claim(job=job, attempt=1, cancel=CancelToken(), accepted=work)
-    scheduler: Any = SimpleNamespace(registry=EngineRegistry({"replicate": engine}),  # type: ignore[dict-item]
+    scheduler: Any = SimpleNamespace(registry=EngineRegistry({"replicate": engine}),
                                      runner=SimpleNamespace(storing=set()))
     assert Scheduler._answer_awaited(scheduler, claim) is awaited
 
