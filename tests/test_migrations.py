@@ -342,6 +342,10 @@ def test_0015_names_jobs_already_charged_twice_and_changes_nothing(tmp_path: Pat
 
 
 def test_downgrades_that_would_drop_what_is_in_use_are_refused_one_by_one(tmp_path: Path) -> None:
+    check_downgrades_refused_one_by_one(f"sqlite:///{tmp_path / 'm.db'}")
+
+
+def check_downgrades_refused_one_by_one(url: str) -> None:
     """0005's would forget work a provider still has (its hold released, the work billed), 0004's
     drop keys in use, 0002's the ledger; each says what to do first, and changes nothing."""
     from alembic import command
@@ -350,7 +354,6 @@ def test_downgrades_that_would_drop_what_is_in_use_are_refused_one_by_one(tmp_pa
     from orchestrator.db import alembic_config
     from orchestrator.models import Job
 
-    url = f"sqlite:///{tmp_path / 'm.db'}"
     upgrade(url)
     engine = create_engine(url)
     try:
@@ -359,7 +362,8 @@ def test_downgrades_that_would_drop_what_is_in_use_are_refused_one_by_one(tmp_pa
             s.add(Job(id="job_2", project_id="prj_1", stage="ideation", engine="lite", status="queued"))
             s.commit()
         with engine.begin() as conn:
-            assert conn.execute(text("SELECT provider_work FROM jobs WHERE id = 'job_2'")).scalar() == "null"
+            stored = conn.execute(text("SELECT CAST(provider_work AS TEXT) FROM jobs WHERE id = 'job_2'")).scalar()
+            assert stored == "null"  # a JSON null, which IS NOT NULL counts
             conn.execute(text("UPDATE jobs SET status = 'running', provider_work = :work WHERE id = 'job_1'"),
                          {"work": '{"handles": [{"id": "p1"}]}'})
             conn.execute(text("INSERT INTO api_keys (id, project_id, name, prefix, secret_sha256, created_at) "

@@ -434,6 +434,12 @@ def add_project_row(db: Database) -> None:
         s.add(Project(id=new_id("prj"), name="rung", policy="balanced"))
 
 
+def test_downgrades_that_would_drop_what_is_in_use_are_refused_on_postgres(postgres_url: str) -> None:
+    from tests.test_migrations import check_downgrades_refused_one_by_one
+
+    check_downgrades_refused_one_by_one(postgres_url)
+
+
 def test_0010_marks_settled_holds_on_postgres(postgres_url: str) -> None:
     check_holds_marked_settled_by_0010(postgres_url)
 
