@@ -50,6 +50,11 @@ RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504}) | frozenset(range(505
 # A reverse proxy's "bad gateway" and "gateway timeout": a self-hosted server behind one whose read
 # timeout is shorter than the server's answer may have taken the request all the same.
 GATEWAY_STATUSES = frozenset({502, 504})
+CUT_SHORT = "orchestrator.cut_short"  # the extension that marks an answer whose body was cut off
+# Refusals whose status line alone says nothing was made, so that a body cut off after it (a
+# gateway dropping the connection, or stalling) loses only its explanation. Not a 500: the
+# webui's "processing failed" (`tiers.a1111.not_sent_again`) is told by its body.
+CUT_SHORT_STATUSES = frozenset({408, 429, 502, 503, 504})
 # Credentials httpx does not know to drop when a redirect (or an output download) leaves the
 # provider's origin: it strips only `Authorization` (and a client's `auth=` goes with the first
 # request only: see `_exchange`).
@@ -511,7 +516,7 @@ class RemoteClient:
         # body would hold the job forever. The deadline bounds the attempt (the floor leaves a
         # last attempt, admitted just before the deadline, time to be answered).
         limit = max(stop_at - self.clock(), MIN_ATTEMPT_SECONDS)
-        heads: list[httpx.Response] = []
+        heads: list[tuple[httpx.Response, list[httpx.Response]]] = []
         try:
             async with asyncio.timeout(limit):
                 if cancel is None:
@@ -520,9 +525,8 @@ class RemoteClient:
                     response = await cancel.race(self._exchange(request, idempotent, heads),
                                                  charged="no" if idempotent else "unknown")
         except TimeoutError:
-            if heads and self._retryable(head := _read(heads[-1], b"", [])):
-                # Its status line said nothing was made (a 503, a 429); only its body stalled.
-                raise _RetryableAnswer(head) from None
+            if heads and self._refused_but_cut_short(head := _read(*heads[-1], body=b"", cut_short=True), idempotent):
+                raise _RetryableAnswer(head) from None  # only its body stalled
             raise EngineTimeout(
                 f"{self.engine}: no complete answer before the deadline (ORCH_REMOTE_DEADLINE)"
                 + ("" if idempotent else "; the provider may have made and billed the image"),
@@ -571,8 +575,14 @@ class RemoteClient:
     def _retryable(self, response: httpx.Response) -> bool:
         return response.status_code in RETRY_STATUSES and not self.final_answer(response)
 
+    def _refused_but_cut_short(self, head: httpx.Response, idempotent: bool) -> bool:
+        """Whether an answer whose body was cut off said by its status line alone that nothing was
+        made: not after a redirect of a billable request (see `_exchange_within`)."""
+        return (head.status_code in CUT_SHORT_STATUSES and self._retryable(head)
+                and not (head.history and not idempotent))
+
     async def _exchange(self, request: httpx.Request, idempotent: bool,
-                        heads: list[httpx.Response]) -> httpx.Response:
+                        heads: list[tuple[httpx.Response, list[httpx.Response]]]) -> httpx.Response:
         """Send `request` and read its answer, decompressed, up to `max_answer_bytes`. Redirects
         are followed here, their bodies never read (httpx reads each whole), and each hop goes
         through the request hook (`_leaving_home`). The answer's head is put in `heads` as it
@@ -606,8 +616,9 @@ class RemoteClient:
             if len(history) > self.client.max_redirects:
                 raise httpx.TooManyRedirects("Exceeded maximum allowed redirects.", request=request)
             request = response.next_request
-        heads.append(response)
+        heads.append((response, history))
         body = bytearray()
+        cut_short = False
         try:
             try:
                 if response.is_stream_consumed:
@@ -621,10 +632,9 @@ class RemoteClient:
                         body += inflater.feed(chunk)
                     body += inflater.end()
             except (_Unreadable, _TooLarge, httpx.TransportError):
-                # A 503's or a 429's status line already said nothing was made: a body cut off
-                # after it (a gateway dropping the connection) only loses its explanation.
-                if not self._retryable(_read(response, b"", history)):
+                if not self._refused_but_cut_short(_read(response, history, body=b""), idempotent):
                     raise
+                cut_short = True
         except _Unreadable as exc:
             raise EngineError(
                 f"{self.engine}: the provider's answer is not read: {exc}"
@@ -641,7 +651,7 @@ class RemoteClient:
             ) from None
         finally:
             await response.aclose()
-        return _read(response, body, history)
+        return _read(response, history, body=body, cut_short=cut_short)
 
     def _give_up(self, response: httpx.Response) -> EngineError:
         details = {"engine": self.engine, "status": response.status_code}
@@ -655,9 +665,8 @@ class RemoteClient:
                                details=details)
         if response.status_code == 408:
             return EngineTimeout(f"{self.engine}: the provider timed out (HTTP 408)", details=details, charged="no")
-        return EngineError(
-            f"{self.engine}: provider error HTTP {response.status_code}: {error_text(response)}", details=details
-        )
+        told = "(its body was cut off)" if response.extensions.get(CUT_SHORT) else error_text(response)
+        return EngineError(f"{self.engine}: provider error HTTP {response.status_code}: {told}", details=details)
 
     def fail(self, response: httpx.Response, message: str | None = None) -> EngineError:
         """The error for a final 4xx answer: the provider refused our input; never retried."""
@@ -668,12 +677,15 @@ class RemoteClient:
         )
 
 
-def _read(response: httpx.Response, body: bytes | bytearray, history: list[httpx.Response]) -> httpx.Response:
-    """`response` with `body` as read: decompressed, so the answer no longer says how it was encoded."""
+def _read(response: httpx.Response, history: list[httpx.Response], *, body: bytes | bytearray,
+          cut_short: bool = False) -> httpx.Response:
+    """`response` with `body` as read: decompressed, so the answer no longer says how it was encoded.
+    `cut_short`: the body ended early, and is not shown as the provider's explanation."""
     headers = [(k, v) for k, v in response.headers.multi_items()
                if k.lower() not in ("content-encoding", "content-length", "transfer-encoding")]
+    extensions = {**response.extensions, CUT_SHORT: True} if cut_short else response.extensions
     read = httpx.Response(response.status_code, headers=headers, content=bytes(body), request=response.request,
-                          extensions=response.extensions, history=history)
+                          extensions=extensions, history=history)
     with contextlib.suppress(RuntimeError):  # a transport's answer made whole has no time of its own
         read.elapsed = response.elapsed
     return read

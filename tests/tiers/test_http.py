@@ -689,13 +689,21 @@ async def test_a_compressed_body_cut_short_is_not_taken_for_the_whole(client: Re
 
 
 @contextlib.asynccontextmanager
-async def first_answer_cut(head: str, then: str = "drop") -> AsyncIterator[tuple[str, list[int]]]:
+async def first_answer_cut(head: str, then: str = "drop",
+                           redirect: bool = False) -> AsyncIterator[tuple[str, list[int]]]:
     """A server whose first answer is `head` and 10 of its 500 promised bytes, then a dropped
-    connection (`then="drop"`) or silence (`"stall"`); every later request gets a 200."""
+    connection (`then="drop"`) or silence (`"stall"`); every later request gets a 200. With
+    `redirect`, a 307 to /other comes first (not counted in the calls)."""
     calls: list[int] = []
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
+        request = await reader.readuntil(b"\r\n\r\n")
+        if redirect and not request.split(b" ", 2)[1].startswith(b"/other"):
+            await reader.readexactly(int(request.lower().split(b"content-length: ")[1].split(b"\r\n")[0]))
+            writer.write(b"HTTP/1.1 307 Temporary Redirect\r\nLocation: /other\r\nContent-Length: 0\r\n\r\n")
+            await writer.drain()
+            writer.close()
+            return
         calls.append(1)
         if len(calls) == 1:
             writer.write(f"HTTP/1.1 {head}\r\nContent-Type: application/json\r\nContent-Length: 500\r\n\r\n"
@@ -745,3 +753,34 @@ async def test_a_refusal_whose_body_stalls_to_the_deadline_cost_nothing(monkeypa
             await client.request("POST", "/images", json={"prompt": "x"})
         await client.aclose()
     assert (info.value.charged, info.value.details.get("status"), len(calls)) == ("no", 503, 1)
+    assert info.value.message.endswith("provider error HTTP 503: (its body was cut off)")
+
+
+@pytest.mark.parametrize("then", ["drop", "stall"])
+async def test_a_redirected_paid_request_whose_refusal_is_cut_off_may_have_been_billed(
+        then: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The provider answered the billable request (with a redirect): its target's 503 is not the
+    # provider saying nothing was made, whether its body is cut off or stalls.
+    monkeypatch.setattr("tiers._http.MIN_ATTEMPT_SECONDS", 0.1)
+    async with first_answer_cut("503 Service Unavailable", then=then, redirect=True) as (url, calls):
+        client = RemoteClient("prov", base_url=url, key_setting="ORCH_PROV_API_KEY", deadline=0.5,
+                              read_timeout=5.0)
+        with pytest.raises(EngineError) as info:
+            await client.request("POST", "/images", json={"prompt": "x"})
+        await client.aclose()
+    assert (info.value.charged, len(calls)) == ("unknown", 1), info.value.message
+
+
+async def test_a_500_whose_body_is_cut_off_is_not_taken_for_a_refusal(sleep: Any) -> None:
+    # A webui's "processing failed" is told by its body (`tiers.a1111.not_sent_again`): cut off,
+    # it must not be sent again for the webui to render once more.
+    from tiers.a1111 import not_sent_again
+
+    async with first_answer_cut("500 Internal Server Error") as (url, calls):
+        client = RemoteClient("prov", base_url=url, key_setting="ORCH_PROV_API_KEY", deadline=60.0,
+                              sleep=sleep, clock=sleep.clock)
+        client.final_answer = not_sent_again
+        with pytest.raises(EngineTimeout) as info:
+            await client.request("POST", "/sdapi/v1/img2img", json={"prompt": "x"})
+        await client.aclose()
+    assert (info.value.charged, len(calls)) == ("unknown", 1)
