@@ -258,16 +258,14 @@ def _plainer(problem: str, settings: Settings) -> str:
     return problem
 
 
-def _resolution_problem(host: str) -> str | None:
+def _resolution_problem(host: str, port: int) -> str | None:
     """Why `--host` names no address (a typo, a name no resolver knows); None when it names some."""
-    import socket
-
-    from orchestrator.server import bare_host
+    from orchestrator.server import CannotListen, listening_addresses
 
     try:
-        socket.getaddrinfo(bare_host(host) or None, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except OSError as exc:
-        return f"--host {bare_host(host)}: {exc.strerror or exc}"  # as `check_listenable` says it
+        listening_addresses(host, port)
+    except CannotListen as exc:
+        return str(exc)
     return None
 
 
@@ -411,7 +409,7 @@ def _run(args: argparse.Namespace) -> int:
         settings = Settings()
         # Refused before anything is made: no data dir or database left behind by a start that is not one.
         if settings.admin_key is None and not is_loopback(args.host) and not args.allow_open:
-            if (unknown_host := _resolution_problem(args.host)) is not None:
+            if (unknown_host := _resolution_problem(args.host, args.port)) is not None:
                 return _fail(unknown_host, status=2)  # a name nothing listens on: the key is not the problem
             return _fail(f"refusing to listen on {args.host} without ORCH_ADMIN_KEY: anyone who reaches the port "
                          "could spend the budgets and grant credits. Set ORCH_ADMIN_KEY (or pass --allow-open "

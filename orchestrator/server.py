@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
@@ -93,17 +94,22 @@ def bare_host(host: str) -> str:
     return host.removeprefix("[").removesuffix("]")
 
 
+def listening_addresses(host: str, port: int) -> list[tuple[Any, ...]]:
+    """The addresses `--host` names to listen on (`""`: every interface), as uvicorn resolves
+    them; `CannotListen` for a name no resolver knows."""
+    host = bare_host(host)
+    try:
+        return socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as exc:
+        raise CannotListen(f"--host {host}: {exc.strerror or exc}") from None
+
+
 def check_listenable(host: str, port: int) -> None:
     """Raise `CannotListen` unless every address `host` names can be bound on `port` now, before
     the service is built: uvicorn binds them only after the whole start-up (migrations, engines),
     then exits 3 with a message naming neither flag. (Bound and let go: uvicorn binds them again,
     each address, IPv6 ones IPv6-only, as it always has.)"""
-    host = bare_host(host)
-    try:
-        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except OSError as exc:
-        raise CannotListen(f"--host {host}: {exc.strerror or exc}") from None
-    for family, kind, proto, _, address in infos:
+    for family, kind, proto, _, address in listening_addresses(host, port):
         try:
             with socket.socket(family, kind, proto) as sock:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: TIME_WAIT is no obstacle
@@ -111,7 +117,7 @@ def check_listenable(host: str, port: int) -> None:
                     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
                 sock.bind(address)
         except OSError as exc:
-            raise CannotListen(f"--host {host} --port {port}: {exc.strerror or exc}") from None
+            raise CannotListen(f"--host {bare_host(host)} --port {port}: {exc.strerror or exc}") from None
 
 
 def serve(settings: Settings, *, host: str, port: int, log_level: str) -> None:

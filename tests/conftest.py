@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -33,6 +34,19 @@ def no_dns(monkeypatch: pytest.MonkeyPatch) -> None:
     async def unresolved(host: str, port: int) -> list[Any]:
         return []
     monkeypatch.setattr(_http, "resolve_host", unresolved)
+
+
+@pytest.fixture(autouse=True)
+def root_log_handlers_restored() -> Iterator[None]:
+    """`orchestrator.cli.main` run in-process (the demo, serve) adds a file handler into the test's
+    data dir and sets levels on the root logger: left there, every later test logged into it."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in [h for h in root.handlers if h not in handlers]:
+        root.removeHandler(handler)
+        handler.close()
+    root.setLevel(level)
 
 
 @pytest.fixture(scope="session")

@@ -775,7 +775,7 @@ def test_a_migration_refused_by_the_data_is_one_line(make_settings: SettingsFact
                           "job_1 (keep entry 1)") and err.count("\n") == 1, err
 
 
-@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.0.2.7", "studio-box.local"])
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.0.2.7", "studio-box.local", ""])  # "": every interface
 def test_serve_beyond_this_machine_needs_an_admin_key(make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch,
                                                       capsys: pytest.CaptureFixture[str], host: str) -> None:
     real = socket.getaddrinfo
