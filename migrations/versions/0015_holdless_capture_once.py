@@ -34,8 +34,8 @@ def upgrade() -> None:
     if twice:
         named = ", ".join(f"{job_id} (keep entry {first})" for job_id, first in twice)
         raise MigrationRefused(f"jobs charged more than once without a hold: {named}; delete each one's other "
-                           "hold-less capture entries (that gives the money back; no grant is needed) "
-                           "before this upgrade")
+                               "hold-less capture entries (that gives the money back; no grant is needed) "
+                               "before this upgrade")
     op.create_index('uq_ledger_holdless_capture', 'ledger_entries', ['job_id'], unique=True,
                     sqlite_where=WHERE, postgresql_where=WHERE)
 

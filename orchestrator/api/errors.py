@@ -31,6 +31,7 @@ from orchestrator.errors import (
     OrchestratorError,
     PayloadTooLarge,
     StorageFull,
+    TooManyJobs,
     Unauthorized,
     first_line,
 )
@@ -42,7 +43,7 @@ log = logging.getLogger(__name__)
 # could not decode), as the service's errors.
 _STARLETTE: dict[int, type[OrchestratorError]] = {
     400: BadRequest, 401: Unauthorized, 403: Forbidden, 404: NotFound, 405: MethodNotAllowed, 409: Conflict,
-    413: PayloadTooLarge, 415: NotJSON, 422: InvalidRequest}
+    413: PayloadTooLarge, 415: NotJSON, 422: InvalidRequest, 429: TooManyJobs}
 
 
 class _ErrorJSON(JSONResponse):
@@ -73,8 +74,10 @@ def answer(exc: OrchestratorError, *, details: dict[str, Any] | None = None,
     sent = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {}
     if exc.retry_after is not None:
         sent["Retry-After"] = str(max(1, exc.retry_after))
+    given = {name.lower() for name in headers or {}}
+    sent = {**{name: value for name, value in sent.items() if name.lower() not in given}, **(headers or {})}
     body = {"code": exc.code, "message": exc.message, "details": exc.details if details is None else details}
-    return _ErrorJSON({"error": body}, status_code=exc.status, headers={**sent, **(headers or {})} or None)
+    return _ErrorJSON({"error": body}, status_code=exc.status, headers=sent or None)
 
 
 # Validation errors listed in one answer: one per field of a body with tens of thousands of
@@ -92,8 +95,9 @@ def _clean(errors: Sequence[Any]) -> list[dict[str, Any]]:
         if isinstance(cause, FieldError) and cause.loc:  # found by the body's check, before or after its fields'
             loc, msg = loc + cause.loc, cause.why  # the message names the place as any field error does
         elif err.get("type") == "json_invalid" and len(loc) == 2 and isinstance(offset := loc[1], int):
-            # FastAPI places a JSON syntax error at its character offset, which is no field.
-            loc, msg = loc[:1], f"{cause or 'not valid JSON'} at character {offset}"
+            # FastAPI places a JSON syntax error at its character offset, which is no field; told
+            # counted from 1, as an editor's column on a one-line body.
+            loc, msg = loc[:1], f"{cause or 'not valid JSON'} at character {offset + 1}"
         elif err.get("type") == "model_attributes_type" and loc == ("body",):
             msg = "the request body must be a JSON object"
         out.append({"loc": [str(p) for p in loc], "msg": msg, "type": str(err.get("type", ""))})

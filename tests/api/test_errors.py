@@ -125,12 +125,15 @@ def test_a_drawn_seed_leaves_room_for_every_image(shared_server: httpx.Client, p
     ([{"prompt": "x"}], "the request body must be a JSON object"),  # not pydantic's "... to extract fields from"
     ("prompt", "the request body must be a JSON object"),
     (3, "the request body must be a JSON object"),
-    (None, "this request needs a JSON body"),  # FastAPI takes a JSON null for no body
+    (None, "this request needs a JSON body"),  # httpx sends no body for json=None
 ])
 def test_body_not_an_object(shared_server: httpx.Client, project: str, body: Any, told: str) -> None:
     before = job_count(shared_server)
     error = assert_error(post_drafts(shared_server, project, body), 422, "invalid_request")
     assert error["message"] == told
+    null = shared_server.post(f"/v1/projects/{project}/drafts", content=b"null",
+                              headers={"Content-Type": "application/json"})
+    assert assert_error(null, 422, "invalid_request")["message"] == "the request body must be a JSON object"
     assert job_count(shared_server) == before
 
 
@@ -152,7 +155,7 @@ def test_a_json_syntax_error_says_what_and_where(shared_server: httpx.Client, pr
                                   headers={"Content-Type": "application/json"})
     error = assert_error(response, 400, "invalid_request")
     assert error["message"] == ("the request body is not valid JSON: Expecting property name enclosed in double "
-                                "quotes at character 15")
+                                "quotes at character 16")  # the "}", counted from 1
 
 
 @pytest.mark.parametrize(("raw", "told"), [
