@@ -9,14 +9,18 @@ flag so a dead worker's job is found.
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 import sqlalchemy as sa
 from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, SQLModel
 
 from orchestrator.clock import utcnow
-from tiers.base import MAX_ENGINE_CHARS, MAX_MODEL_CHARS
+from tiers.base import MAX_ENGINE_CHARS, MAX_MODEL_CHARS, Stage
+
+# What the columns hold, for mypy to check every comparison and write against (stored as text).
+JobStatus = Literal["queued", "running", "succeeded", "failed", "canceled"]
+LedgerKind = Literal["grant", "hold", "capture", "release", "adjustment"]
 
 # The ledger's captures of nothing held; one per job (see `LedgerEntry`).
 HOLDLESS_CAPTURE = sa.text("kind = 'capture' AND hold_id IS NULL")
@@ -71,10 +75,10 @@ class Job(SQLModel, table=True):
 
     id: str = Field(primary_key=True, max_length=40)
     project_id: str = Field(foreign_key="projects.id", index=True, max_length=40)
-    stage: str = Field(max_length=20)
+    stage: Stage = Field(sa_type=sa.String(20))
     engine: str = Field(max_length=MAX_ENGINE_CHARS)
     model: str | None = Field(default=None, max_length=MAX_MODEL_CHARS)
-    status: str = Field(default="queued", max_length=20)
+    status: JobStatus = Field(default="queued", sa_type=sa.String(20))
     params: dict[str, Any] = Field(default_factory=dict, sa_type=sa.JSON, nullable=False)
     # No foreign key: assets already point at jobs, and a cycle would complicate every migration.
     source_asset_id: str | None = Field(default=None, index=True, max_length=40)
@@ -132,7 +136,7 @@ class Asset(SQLModel, table=True):
     project_id: str = Field(foreign_key="projects.id", index=True, max_length=40)
     job_id: str = Field(foreign_key="jobs.id", index=True, max_length=40)
     index: int = 0
-    stage: str = Field(max_length=20)
+    stage: Stage = Field(sa_type=sa.String(20))
     parent_id: str | None = Field(default=None, foreign_key="assets.id", index=True, max_length=40)
     engine: str = Field(max_length=MAX_ENGINE_CHARS)
     model: str = Field(max_length=MAX_MODEL_CHARS)
@@ -191,11 +195,11 @@ class LedgerEntry(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     project_id: str = Field(foreign_key="projects.id", index=True, max_length=40)
     job_id: str | None = Field(default=None, foreign_key="jobs.id", index=True, max_length=40)
-    kind: str = Field(max_length=12)  # grant | hold | capture | release | adjustment
+    kind: LedgerKind = Field(sa_type=sa.String(12))
     amount: int = Field(sa_type=sa.BigInteger)
     hold_id: int | None = Field(default=None, foreign_key="ledger_entries.id", index=True)
     engine: str | None = Field(default=None, max_length=MAX_ENGINE_CHARS)
-    stage: str | None = Field(default=None, max_length=20)
+    stage: Stage | None = Field(default=None, sa_type=sa.String(20))
     unreconciled: bool = False
     # On a hold: a capture or release names it. Set in the transaction that writes that entry (the
     # unique `(hold_id, kind)` stays the guard against settling twice); open holds are found by it.

@@ -16,7 +16,7 @@ from orchestrator import idempotency
 from orchestrator.clock import utcnow
 from orchestrator.errors import EngineError
 from orchestrator.ids import new_id
-from orchestrator.models import IdempotencyKey, Job, LedgerEntry, Project
+from orchestrator.models import IdempotencyKey, Job, JobStatus, LedgerEntry, Project
 from orchestrator.runner import JobRunner
 from orchestrator.services import Services
 from orchestrator.settings import Settings
@@ -315,7 +315,8 @@ def test_idempotency_keys_expire_by_age_whatever_they_made(build: Build) -> None
     with services.db.transaction() as s:
         s.add(Project(id=project_id, name="keys", policy="balanced"))
         s.flush()
-        for job_id, status in ((finished, "succeeded"), (unfinished, "queued")):
+        jobs: tuple[tuple[str, JobStatus], ...] = ((finished, "succeeded"), (unfinished, "queued"))
+        for job_id, status in jobs:
             s.add(Job(id=job_id, project_id=project_id, stage="ideation", engine="lite", model=tiny.NAME,
                       params=DRAFT, status=status))
         grant = services.ledger.grant(s, project_id, 1_000)

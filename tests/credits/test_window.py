@@ -10,7 +10,7 @@ from sqlmodel import col, select
 from orchestrator.db import Database
 from orchestrator.errors import BudgetExceeded
 from orchestrator.ledger import Balance, Ledger, window
-from orchestrator.models import Job, LedgerEntry, Project
+from orchestrator.models import Job, JobStatus, LedgerEntry, Project
 from orchestrator.spend import spend
 
 
@@ -170,7 +170,7 @@ def test_settlement_is_once_per_hold(db: Database) -> None:
     ("failed", {"engine": "fake-paid", "handles": [{"id": "req-1"}]}, ("capture", True)),
     ("canceled", {"engine": "fake-paid", "handles": [{"id": "req-1"}]}, ("capture", True)),
 ])
-def test_the_sweeper_settles_a_finished_jobs_open_hold(db: Database, status: str, work: dict[str, object] | None,
+def test_the_sweeper_settles_a_finished_jobs_open_hold(db: Database, status: JobStatus, work: dict[str, object] | None,
                                                        settled: tuple[str, bool]) -> None:
     clock = Clock(utc(2026, 6, 1, 12))
     ledger = Ledger(clock=clock)
