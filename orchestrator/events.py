@@ -58,6 +58,15 @@ def job_mark(job_id: str) -> str:
     return hashlib.sha256(job_id.encode()).hexdigest()[:8]
 
 
+def progress(job_id: str, step: int, total: int, *, preview: bool) -> dict[str, Any]:
+    """A `progress` event's data, from the process that runs the job or one following its row:
+    with `preview`, where the step's preview image is served."""
+    data: dict[str, Any] = {"step": step, "total": total, "fraction": round(step / total, 4) if total else 0}
+    if preview:
+        data["preview_url"] = f"/v1/jobs/{job_id}/preview?step={step}"
+    return data
+
+
 class EventRef(NamedTuple):
     """The parts of an event id a client sends back: its process tag, number, job mark (empty
     when missing) and whether it is a terminal event's."""

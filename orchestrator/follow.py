@@ -22,6 +22,7 @@ from typing import Any
 
 from sqlmodel import col, select
 
+from orchestrator import events
 from orchestrator.db import Database
 from orchestrator.events import TERMINAL, EventBus
 from orchestrator.models import Asset, Job
@@ -52,16 +53,13 @@ def catch_up(bus: EventBus, job: Job, asset_ids: list[str], *, preview: bool = F
         assert view is not None
     if job.status == "running":
         if job.progress_total and job.progress_step > view.step:
-            data: dict[str, Any] = {"step": job.progress_step, "total": job.progress_total,
-                                    "fraction": round(job.progress_step / job.progress_total, 4)}
-            if preview:
-                data["preview_url"] = f"/v1/jobs/{job.id}/preview?step={job.progress_step}"
-            bus.publish(job.id, "progress", data)
+            bus.publish(job.id, "progress", events.progress(job.id, job.progress_step, job.progress_total,
+                                                            preview=preview))
         return
     for index, asset_id in enumerate(asset_ids[view.assets:], start=view.assets):
         bus.publish(job.id, "asset", {"asset_id": asset_id, "index": index})
     if job.status in TERMINAL:
-        data = {"job_id": job.id, "status": job.status}
+        data: dict[str, Any] = {"job_id": job.id, "status": job.status}
         if job.status == "succeeded":
             data["assets"] = asset_ids
         elif job.status == "failed" and job.error:

@@ -30,6 +30,7 @@ from sqlalchemy import update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, col, select
 
+from orchestrator import events
 from orchestrator.clock import utcnow
 from orchestrator.db import Database, changed, disk_full, transient
 from orchestrator.errors import (
@@ -187,14 +188,12 @@ class JobProgress:
         if preview is not None and (not isinstance(preview, Image.Image) or preview.mode not in PREVIEW_MODES):
             # A mode PNG cannot hold (CMYK) failed the preview's every read.
             preview = preview.convert("RGB") if isinstance(preview, Image.Image) else None
-        data: dict[str, Any] = {"step": step, "total": total, "fraction": round(step / total, 4) if total else 0}
         if preview is not None:
             self.runner.previews[job_id] = preview
             if self.claim.cancel.cancelled:  # since the look above: the job's end may have cleared it
                 self.runner.previews.pop(job_id, None)
                 return
-            data["preview_url"] = f"/v1/jobs/{job_id}/preview?step={step}"
-        self.runner.bus.publish(job_id, "progress", data)
+        self.runner.bus.publish(job_id, "progress", events.progress(job_id, step, total, preview=preview is not None))
         self.claim.job.progress_step, self.claim.job.progress_total = step, total
         try:
             loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
