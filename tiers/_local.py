@@ -72,6 +72,13 @@ DEFAULTS_RECHECK_SECONDS = 10.0
 # still being copied into place may be whole by then).
 LOAD_RETRY_SECONDS = 60.0
 
+# diffusers' `low_cpu_mem_usage` load (accelerate's `init_empty_weights`) patches
+# `torch.nn.Module.register_parameter` for the whole process, not the thread: two runtimes of one
+# process (two services, a test's server and a module's shared one) loading at once left modules on
+# the meta device ("Cannot copy out of meta tensor") and the patch installed for good. One load at a
+# time per process; a build of the tiny model (which makes modules) takes it too.
+MODULE_BUILD_LOCK = tiny.MODULE_BUILD_LOCK
+
 # A variant's weight files (`diffusion_pytorch_model.fp16.safetensors`, or sharded
 # `model.fp16-00001-of-00002.safetensors`): what `variant="fp16"` downloads leave.
 _FP16_WEIGHTS = re.compile(r"\.fp16(?:-\d+-of-\d+)?\.(?:safetensors|bin)$")
@@ -586,6 +593,10 @@ class LocalRuntime:
         return pipe
 
     def _load_pipeline(self, model: str, *, image_to_image: bool = False) -> Any:
+        with MODULE_BUILD_LOCK:
+            return self._load_pipeline_locked(model, image_to_image=image_to_image)
+
+    def _load_pipeline_locked(self, model: str, *, image_to_image: bool = False) -> Any:
         from diffusers import AutoPipelineForImage2Image, AutoPipelineForText2Image
         from safetensors import SafetensorError
 
@@ -738,7 +749,8 @@ class LocalRuntime:
             return latents_to_preview
         from diffusers import AutoencoderTiny
 
-        vae = AutoencoderTiny.from_pretrained(taesd, torch_dtype=self.dtype()).to(self.device)
+        with MODULE_BUILD_LOCK:
+            vae = AutoencoderTiny.from_pretrained(taesd, torch_dtype=self.dtype()).to(self.device)
 
         def decode(latents: Any, *, xl: bool = False) -> Image:  # the TAESD named is for the model's family
             import torch

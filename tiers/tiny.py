@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,9 @@ log = logging.getLogger(__name__)
 NAME = "builtin:tiny-sd"
 NOTE = "builtin:tiny-sd has random weights: its images are noise (set ORCH_LITE_MODEL to a real model)"
 _VERSION = "2"
+# Held while torch modules are made, here and by a load in tiers._local (see its MODULE_BUILD_LOCK);
+# taken before the lock file, so a load building the model and a build on another thread cannot deadlock.
+MODULE_BUILD_LOCK = threading.RLock()
 
 
 def _vocab() -> tuple[dict[str, int], list[str]]:
@@ -44,7 +48,7 @@ def save_tiny_pipeline(folder: Path, seed: int = 0) -> Path:
     if _current(marker):
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
-    with open(folder.parent / f".{folder.name}.lock", "a") as lock:
+    with MODULE_BUILD_LOCK, open(folder.parent / f".{folder.name}.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         if _current(marker):  # built by another process while this one waited
             return folder

@@ -18,7 +18,7 @@ import torch
 from orchestrator.errors import BadEngineInput, EngineUnavailable
 from tests.conftest import SettingsFactory
 from tests.tiers.conftest import EngineFactory, RecordingProgress, draft_image
-from tiers import _local
+from tiers import _local, tiny
 from tiers._local import latents_to_preview, runtime_for
 from tiers.base import CancelToken, EngineContext, RenderRequest
 from tiers.lite import LiteEngine
@@ -258,3 +258,38 @@ async def test_a_draft_s_previews_are_made_for_its_pipeline(load: Engines, tiny_
     monkeypatch.setattr(lite.runtime, "preview", lambda latents, pipe=None: seen.append(pipe))
     await lite.run(draft(steps=2), RecordingProgress(), CancelToken())
     assert len(seen) == 2 and all(type(pipe).__name__ == "StableDiffusionPipeline" for pipe in seen)
+
+
+def test_two_runtimes_of_one_process_load_at_once(make_settings: SettingsFactory) -> None:
+    """diffusers' low-memory load patches torch's module constructor for the whole process: two
+    runtimes loading together (two devices, or a test's server beside a module's) left modules on
+    the meta device ("Cannot copy out of meta tensor") and the patch in place for good."""
+    import threading
+
+    original = torch.nn.Module.register_parameter
+    runtimes = [_local.LocalRuntime(make_settings(torch_threads=1)) for _ in range(2)]
+    errors: list[BaseException] = []
+    start = threading.Barrier(2)
+
+    def load(runtime: _local.LocalRuntime) -> None:
+        start.wait()
+        try:
+            runtime._executor.submit(runtime.text2img, tiny.NAME).result()
+        except BaseException as exc:
+            errors.append(exc)
+
+    try:
+        for _ in range(3):
+            threads = [threading.Thread(target=load, args=(runtime,)) for runtime in runtimes]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(120)
+            assert errors == []
+            assert torch.nn.Module.register_parameter is original
+            assert torch.nn.Linear(2, 2).weight.device.type == "cpu"
+            for runtime in runtimes:
+                runtime._pipes.clear()  # loaded again in the next round
+    finally:
+        for runtime in runtimes:
+            runtime.shutdown(5)
