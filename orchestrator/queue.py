@@ -30,7 +30,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
-from typing import Any, cast
+from typing import Any
 
 from sqlalchemy import func, update
 from sqlmodel import col, select
@@ -606,7 +606,7 @@ class Scheduler:
         if engine is None or loop is None or not work.get("handles") or work.get("engine") != job.engine:
             return
         if restartable(engine, job):
-            stop = cast(Restartable, engine).forget
+            stop = engine.forget
         elif isinstance(engine, Withdrawable):  # a paid provider's: it would run, and bill, for nobody
             stop = engine.withdraw
         else:

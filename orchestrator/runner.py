@@ -23,12 +23,13 @@ from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, TypeGuard, cast
+from typing import Any, TypeGuard
 
 from PIL import Image, UnidentifiedImageError
 from sqlalchemy import update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, col, select
+from typing_extensions import TypeIs
 
 from orchestrator import events
 from orchestrator.clock import utcnow
@@ -287,7 +288,7 @@ def _accepted_values(work: dict[str, Any]) -> dict[str, Any]:
     return {"provider_request_id": ids[:500], "provider_work": work}
 
 
-def restartable(engine: object, job: Job) -> bool:
+def restartable(engine: object, job: Job) -> TypeIs[Restartable]:
     """Whether `job` may simply run again on `engine` after a crash, once the engine has taken the
     dead attempt's work off its server: a free job on an engine that can do that."""
     return job.estimated == 0 and isinstance(engine, Restartable)
@@ -639,7 +640,7 @@ class JobRunner:
                 else:
                     self.bus.publish(job.id, "state", {"state": "restarted", "forgotten": len(work["handles"])})
                     try:
-                        await cast(Restartable, engine).forget(list(work["handles"]))
+                        await engine.forget(list(work["handles"]))
                     except Exception:  # best effort: at worst the server renders the old one for nobody
                         log.warning("job %s: taking the dead attempt's work off %s failed", job.id, job.engine,
                                     exc_info=True)
