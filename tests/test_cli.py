@@ -989,7 +989,8 @@ def test_prices_no_engine_reads_are_told_at_start(make_settings: SettingsFactory
                                                   caplog: pytest.LogCaptureFixture) -> None:
     """A misspelt model or size under a real engine was taken without a word, and the default
     price stayed in force."""
-    from orchestrator.services import Services, load_price_overrides, unread_prices
+    from orchestrator.prices import load_price_overrides, unread_prices
+    from orchestrator.services import Services
 
     (tmp_path / "prices.toml").write_text(
         '[gemini."gemini-3.1-flash-img"]\n"1K" = 9\n'

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
+from orchestrator.prices import _price_problems
 from orchestrator.schemas import Budget
-from orchestrator.services import _price_problems
 from tiers.base import whole_thousandths
 
 
