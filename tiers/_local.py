@@ -33,7 +33,15 @@ from orchestrator.errors import BadEngineInput, Canceled, EngineError, EngineUna
 from orchestrator.store import hide_paths, model_name
 from tiers import tiny
 from tiers._family import ModelDefaults, few_step_scheduler, model_defaults, snapshot_folder
-from tiers.base import CancelToken, Capabilities, EngineContext, Progress, RenderRequest, RenderResult
+from tiers.base import (
+    CancelToken,
+    Capabilities,
+    EngineContext,
+    Progress,
+    RenderRequest,
+    RenderResult,
+    says_out_of_memory,
+)
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -45,10 +53,6 @@ log = logging.getLogger(__name__)
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 T = TypeVar("T")
 AUTO_MODEL = "stabilityai/sd-turbo"
-
-# How an allocator says it ran out: CUDA and MPS ("out of memory"), the CPU ("DefaultCPUAllocator:
-# can't allocate memory"), Windows ("not enough memory").
-OUT_OF_MEMORY = ("out of memory", "can't allocate memory", "not enough memory")
 
 # A TAESD preview is decoded at most this size: it is shown small, and a 2048 px PNG would cost the
 # inference thread half a second at each throttled write.
@@ -277,7 +281,7 @@ def _out_of_memory(exc: BaseException) -> BaseException | None:
     for _ in range(5):
         if seen is None:
             return None
-        if isinstance(seen, RuntimeError) and any(words in str(seen).lower() for words in OUT_OF_MEMORY):
+        if isinstance(seen, RuntimeError) and says_out_of_memory(str(seen)):
             return seen
         seen = seen.__cause__
     return None

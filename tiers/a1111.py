@@ -43,6 +43,7 @@ from tiers.base import (
     RenderResult,
     Stage,
     provider_seed,
+    says_out_of_memory,
 )
 
 IMG2IMG = "/sdapi/v1/img2img"
@@ -303,8 +304,13 @@ class A1111Engine:
             )
         if processing_failed(response):
             # A failure of the render on the server, not of our request: another engine may do it.
-            raise EngineError(f"a1111: the render failed on the server (HTTP 500): {self._error_detail(response)}",
-                              details={"engine": self.name, "status": 500})
+            detail = self._error_detail(response)
+            error = EngineError(f"a1111: the render failed on the server (HTTP 500): {detail}",
+                                details={"engine": self.name, "status": 500})
+            # Out of memory is the request's size: counted, a project's five large renders would
+            # shut the shared server's circuit for every project (and move theirs to paid engines).
+            error.engine_fault = not says_out_of_memory(detail)
+            raise error
         if response.status_code in GATEWAY_STATUSES:
             raise EngineError(
                 f"a1111: a proxy in front of the server answered HTTP {response.status_code} (its timeout is "

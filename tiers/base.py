@@ -41,6 +41,18 @@ def to_millicredits(credits: float) -> int:
     return round(credits * MILLI)
 
 
+# How an allocator says it ran out: CUDA and MPS ("out of memory"), the CPU ("DefaultCPUAllocator:
+# can't allocate memory"), Windows ("not enough memory"); torch's error type by name.
+OUT_OF_MEMORY = ("out of memory", "can't allocate memory", "not enough memory", "outofmemoryerror")
+
+
+def says_out_of_memory(text: str) -> bool:
+    """Whether an error's text (ours, or a self-hosted server's) says a device ran out of memory:
+    the request's size, not the engine's health, so no circuit breaker counts it."""
+    lowered = text.lower()
+    return any(words in lowered for words in OUT_OF_MEMORY)
+
+
 def whole_thousandths(credits: float) -> bool:
     """Whether `credits` is a whole number of thousandths, as the ledger counts them, within what
     floating point makes of a decimal (1.001 * 1000 is 1000.9999999999999)."""

@@ -54,6 +54,7 @@ from tiers.base import (
     RenderRequest,
     RenderResult,
     Stage,
+    says_out_of_memory,
 )
 
 log = logging.getLogger(__name__)
@@ -539,8 +540,11 @@ class ComfyUIEngine:
         nodes ran in, which a server may change); only the marked nodes' when some are."""
         status: dict[str, Any] = entry["status"] if isinstance(entry.get("status"), dict) else {}
         if status.get("status_str") == "error":
-            raise EngineError(f"comfyui: the workflow failed: {self._execution_error(status)}",
-                              details={"engine": self.name, "prompt_id": prompt_id})
+            told = self._execution_error(status)
+            error = EngineError(f"comfyui: the workflow failed: {told}",
+                                details={"engine": self.name, "prompt_id": prompt_id})
+            error.engine_fault = not says_out_of_memory(told)  # the request's size (see a1111)
+            raise error
         refs: list[dict[str, str]] = []
         found = entry.get("outputs")
         outputs: dict[str, Any] = found if isinstance(found, dict) else {}

@@ -164,6 +164,20 @@ async def test_a_render_that_raised_on_the_server_is_not_sent_again(engine: A111
     assert route.call_count == 1
     # Another engine may still do it: the job may fall back, and nothing was charged.
     assert info.value.retryable and info.value.charged == "no" and info.value.code == "engine_error"
+    # The request's size, not the server's health: one project's large renders must not open the
+    # shared server's circuit for every project (their jobs then went to paid engines).
+    assert not info.value.engine_fault
+
+
+@respx.mock
+async def test_a_render_that_raised_for_another_reason_counts_against_the_server(engine: A1111Engine) -> None:
+    task_is("unknown")
+    nan = httpx.Response(500, json={"error": "NansException", "detail": "", "body": "",
+                                    "errors": "A tensor with all NaNs was produced in VAE."})
+    respx.post(URL).mock(return_value=nan)
+    with pytest.raises(EngineError, match="NansException") as info:
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    assert info.value.engine_fault
 
 
 @respx.mock
