@@ -557,9 +557,10 @@ class LocalRuntime:
                 try:
                     pipe = AutoPipelineForImage2Image.from_pipe(base)
                 except (ValueError, TypeError) as exc:  # a family diffusers has no img2img pipeline for
-                    raise EngineUnavailable(f"model '{model}' has no image-to-image pipeline in diffusers "
+                    name = model_name(model) or model  # a job's error: never the server's path
+                    raise EngineUnavailable(f"model '{name}' has no image-to-image pipeline in diffusers "
                                             f"({type(base).__name__}): choose another ORCH_HIFI_MODEL",
-                                            details={"model": model}) from exc
+                                            details={"model": name}) from exc
                 pipe.set_progress_bar_config(disable=True)
                 self._pipes[key] = pipe
             return self._pipes[key]

@@ -8,8 +8,10 @@ import asyncio
 import dataclasses
 import logging
 import os
+import shutil
 import socket
 import threading
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -503,18 +505,21 @@ async def test_a_single_file_s_own_fault_offline_is_not_blamed_on_the_hub(
 
 
 async def test_a_model_without_an_image_to_image_pipeline_is_unavailable_for_bridge(
-        engines: EngineFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+        engines: EngineFactory, monkeypatch: pytest.MonkeyPatch, tiny_cache_dir: Path, tmp_path: Path) -> None:
     from diffusers import AutoPipelineForImage2Image
 
     def no_img2img(pipe: Any, **_kwargs: Any) -> Any:
         raise ValueError(f"AutoPipeline can't find a pipeline linked to {type(pipe).__name__}")
 
     monkeypatch.setattr(AutoPipelineForImage2Image, "from_pipe", no_img2img)
-    _, hifi = engines()
+    folder = tmp_path / "srv" / "clientx" / "hifi-model"  # the server's path: no project key may read it
+    shutil.copytree(tiny_cache_dir / "tiny-sd", folder)
+    _, hifi = engines(hifi_model=str(folder))
     bridge = RenderRequest(stage="bridge", prompt="a lighthouse", width=64, height=64, steps=2, seed=1, n=1,
                            init_image=draft_image(), strength=0.5)
-    with pytest.raises(EngineUnavailable, match="has no image-to-image pipeline in diffusers"):
+    with pytest.raises(EngineUnavailable, match="'hifi-model' has no image-to-image pipeline in diffusers") as info:
         await hifi.run(bridge, RecordingProgress(), CancelToken())
+    assert "srv" not in info.value.message and info.value.details == {"model": "hifi-model"}
 
 
 def save_tiny_sdxl_refiner(folder: Any, tokenizer: Any) -> None:
