@@ -156,8 +156,10 @@ def free_port() -> int:
 @contextmanager
 def serve_in_thread(settings: Settings, *, port: int | None = None, timeout: float = 60.0) -> Iterator[str]:
     """Start the app with uvicorn in a background thread; yields its base URL. Without a `port`,
-    the server is handed a socket bound to a free one: no other process can take it meanwhile."""
-    app = create_app(settings)
+    the server is handed a socket bound to a free one: no other process can take it meanwhile.
+    It listens on this machine only, as `serve` on a loopback address: without an admin key, a
+    page under another name (DNS rebinding) is refused while it runs (the demo's own service)."""
+    app = create_app(settings, loopback_only=settings.admin_key is None)
     sock = None
     if port is None:
         sock = socket.socket()

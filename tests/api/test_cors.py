@@ -149,6 +149,20 @@ def test_a_service_open_to_this_machine_answers_to_its_own_names_only(
             assert "400" in client.get("/openapi.json").json()["paths"][path]["get"]["responses"]
 
 
+def test_a_service_run_in_a_thread_is_guarded_as_serve_on_this_machine(make_settings: Callable[..., Settings]) -> None:
+    # The demo's own service (serve_in_thread) was open to a rebound page while it ran.
+    from orchestrator.server import serve_in_thread
+
+    with serve_in_thread(make_settings()) as base, httpx.Client(base_url=base) as client:
+        assert client.get("/v1/projects").status_code == 200
+        rebound = client.post("/v1/projects", json={"name": "x"}, headers={"Host": "rebind.attacker.example"})
+        assert_error(rebound, 400, "invalid_request")
+        assert client.get("/v1/projects").json()["items"] == []
+    with serve_in_thread(make_settings(admin_key=KEY)) as base, httpx.Client(base_url=base) as client:
+        keyed = client.get("/v1/projects", headers={"Host": "studio-box.local", "Authorization": f"Bearer {KEY}"})
+        assert keyed.status_code == 200  # with a key, other names are the operator's to serve
+
+
 def test_every_page_may_not_drive_a_service_without_a_key(make_settings: Callable[..., Settings]) -> None:
     from orchestrator.services import startup_problems
 
