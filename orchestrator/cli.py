@@ -227,35 +227,10 @@ def _checked(settings: Settings, *, service: bool = True) -> int | None:
     """Exit status 2 with what to fix, before anything starts; None when nothing is wrong."""
     from orchestrator.services import startup_problems
 
-    problems = [_plainer(problem, settings) for problem in startup_problems(settings, service=service)]
+    problems = startup_problems(settings, service=service)
     if problems:
         return _fail("invalid configuration:\n" + "\n".join(f"  {p}" for p in problems), status=2)
     return None
-
-
-def _file_in_the_way(folder: Path) -> Path | None:
-    """What keeps `folder` from being a directory: itself or a folder above it that is something
-    else (a file); None when it is one or may be made (a permission is the write probe's to tell)."""
-    try:
-        for path in (folder, *folder.parents):
-            if path.exists():
-                return None if path.is_dir() else path
-    except OSError:  # a folder above that this user may not open
-        return None
-    return None
-
-
-def _not_a_directory(folder: Path, file: Path) -> str:
-    return f"{folder} is not a directory" if file == folder else f"cannot make {folder}: {file} is not a directory"
-
-
-def _plainer(problem: str, settings: Settings) -> str:
-    """A folder setting's "cannot write in X (File exists)" said as what it is: X is a file."""
-    for variable, folder in (("ORCH_DATA_DIR", settings.data_dir), ("ORCH_DATA_DIR", settings.assets_dir),
-                             ("ORCH_CACHE_DIR", settings.cache_dir)):
-        if problem.startswith(f"{variable}: cannot write in {folder} (") and (file := _file_in_the_way(folder)):
-            return f"{variable}: {_not_a_directory(folder, file)}"
-    return problem
 
 
 def _resolution_problem(host: str, port: int) -> str | None:
@@ -319,7 +294,9 @@ def _bound(settings: Settings) -> int | None:
     except WrongStore as exc:
         return _fail(f"ORCH_DATA_DIR: {exc}", status=2)
     except OSError as exc:  # the store's id could not be written
-        return _fail(f"ORCH_DATA_DIR: cannot write in {settings.assets_dir} ({exc.strerror or exc})", status=2)
+        from orchestrator.services import cannot_write
+
+        return _fail(f"ORCH_DATA_DIR: {cannot_write(settings.assets_dir, exc)}", status=2)
     finally:
         db.dispose()
     return None
@@ -459,9 +436,10 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "check":
         return _check(no_hash=args.no_hash)
     from orchestrator.demo import quiet_terminal_log, run_demo
+    from orchestrator.services import file_in_the_way
 
     out = Path(args.out)
-    if (file := _file_in_the_way(out)) is not None:  # said before anything is made
+    if (file := file_in_the_way(out)) is not None:  # said before anything is made
         return _fail(f"cannot use {out} for the images: "
                      + ("not a directory" if file == out else f"{file} is not a directory"), status=2)
     if args.url is None:  # the demo starts the service itself: the same checks as `serve`
@@ -499,7 +477,7 @@ def _check(*, no_hash: bool) -> int:
         open_store,
         read_only_engine,
     )
-    from orchestrator.services import database_url_problems
+    from orchestrator.services import database_url_problems, file_in_the_way, not_a_directory
     from orchestrator.settings import CONFIG_FILE_VARIABLE, Settings
 
     named = os.environ.get(CONFIG_FILE_VARIABLE)
@@ -508,8 +486,8 @@ def _check(*, no_hash: bool) -> int:
     settings = Settings()
     if problems := database_url_problems(settings.resolved_database_url):
         return _fail("\n".join(problems), status=2)
-    if (file := _file_in_the_way(settings.data_dir)) is not None:
-        return _fail(f"ORCH_DATA_DIR: {_not_a_directory(settings.data_dir, file)}", status=2)
+    if (file := file_in_the_way(settings.data_dir)) is not None:
+        return _fail(f"ORCH_DATA_DIR: {not_a_directory(settings.data_dir, file)}", status=2)
     try:
         engine = read_only_engine(settings.resolved_database_url)
         try:

@@ -87,6 +87,29 @@ def startup_problems(settings: Settings, *, service: bool = True) -> list[str]:
     return problems
 
 
+def file_in_the_way(folder: Path) -> Path | None:
+    """What keeps `folder` from being a directory: itself or a folder above it that is something
+    else (a file); None when it is one or may be made (a permission is the write probe's to tell)."""
+    try:
+        for path in (folder, *folder.parents):
+            if path.exists():
+                return None if path.is_dir() else path
+    except OSError:  # a folder above that this user may not open
+        return None
+    return None
+
+
+def not_a_directory(folder: Path, file: Path) -> str:
+    return f"{folder} is not a directory" if file == folder else f"cannot make {folder}: {file} is not a directory"
+
+
+def cannot_write(folder: Path, exc: OSError) -> str:
+    """Why `folder` cannot be written in; a file where it should be is said as such (the OSError
+    of making it says only "File exists")."""
+    file = file_in_the_way(folder)
+    return not_a_directory(folder, file) if file is not None else f"cannot write in {folder} ({exc.strerror or exc})"
+
+
 def _data_dir_problems(settings: Settings, *, assets: bool) -> list[str]:
     try:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -96,7 +119,7 @@ def _data_dir_problems(settings: Settings, *, assets: bool) -> list[str]:
             probe.write(bytes(64 * 1024))
             probe.flush()
     except OSError as exc:
-        return [f"ORCH_DATA_DIR: cannot write in {settings.data_dir} ({exc.strerror or exc})"]
+        return [f"ORCH_DATA_DIR: {cannot_write(settings.data_dir, exc)}"]
     if not assets:  # migrate stores no images
         return []
     # The images' folder too, the way they are stored (a file renamed into place): one restored
@@ -113,7 +136,7 @@ def _data_dir_problems(settings: Settings, *, assets: bool) -> list[str]:
         os.replace(left, left.with_name(left.name + "-renamed"))
         left = left.with_name(left.name + "-renamed")
     except OSError as exc:
-        return [f"ORCH_DATA_DIR: cannot write in {folder} ({exc.strerror or exc})"]
+        return [f"ORCH_DATA_DIR: {cannot_write(folder, exc)}"]
     finally:
         if left is not None:
             with contextlib.suppress(OSError):
@@ -128,7 +151,7 @@ def _cache_dir_problems(settings: Settings) -> list[str]:
         with tempfile.TemporaryFile(dir=settings.cache_dir):
             pass
     except OSError as exc:
-        return [f"ORCH_CACHE_DIR: cannot write in {settings.cache_dir} ({exc.strerror or exc})"]
+        return [f"ORCH_CACHE_DIR: {cannot_write(settings.cache_dir, exc)}"]
     return []
 
 
