@@ -13,6 +13,7 @@ from typing import Any
 
 from fastapi import Depends, FastAPI
 from fastapi.responses import PlainTextResponse, Response
+from fastapi_offline import FastAPIOffline
 
 from orchestrator import __version__
 from orchestrator.api import assets, credits, engines, jobs, keys, policies, projects, stages, workers
@@ -116,7 +117,10 @@ def create_app(settings: Settings | None = None, *, loopback_only: bool = False)
         finally:
             await services.aclose()
 
-    app = FastAPI(
+    # /docs and /redoc serve Swagger UI and ReDoc from the installed package, not a CDN: the
+    # service runs on studio machines with no way out, where a CDN's page stays blank.
+    app = FastAPIOffline(
+        static_url="/docs/static",
         # Starlette's trailing-slash redirect answers before any auth: '/v1/projects/' would tell
         # a caller without a key that '/v1/projects' exists.
         redirect_slashes=False,

@@ -125,15 +125,17 @@ def _is_json(content_type: str) -> bool:
     return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
 
 
-def _allowed_methods(request: Request) -> str:
-    # Starlette's 405 names only the methods of the first route on the path; a path served by
-    # several routes (GET and PATCH /v1/projects/{id}) must list them all. The OpenAPI document
-    # is the public, cached map of paths to methods.
+def _allowed_methods(request: Request, told: str) -> str:
+    # Starlette's 405 names only the methods of the first route on the path (`told`); a path served
+    # by several routes (GET and PATCH /v1/projects/{id}) must list them all. The OpenAPI document
+    # is the public, cached map of paths to methods; pages outside it (/docs) keep Starlette's.
     methods: set[str] = set()
     for template, operations in request.app.openapi()["paths"].items():
         pattern = re.sub(r"\\\{[^/]*?\\\}", "[^/]+", re.escape(template))
         if re.fullmatch(pattern, request.url.path):
             methods |= {method.upper() for method in operations}
+    if not methods:
+        methods = {method.strip() for method in told.split(",") if method.strip()}
     if "GET" in methods:
         methods.add("HEAD")  # served as the GET by orchestrator.api.head, and kept out of the document
     return ", ".join(sorted(methods))
@@ -241,7 +243,7 @@ def install(app: FastAPI) -> None:
                                                  if len(path) > 1 and path.endswith("/") else "")
         if exc.status_code == 405:
             # Pages outside the document (/openapi.json, /docs) keep Starlette's list: theirs was empty.
-            allowed = _allowed_methods(request) or (headers or {}).get("Allow", "")
+            allowed = _allowed_methods(request, (headers or {}).get("Allow", ""))
             headers = {**(headers or {}), "Allow": allowed}
             detail = f"{request.method[:20]} is not allowed on {request.url.path[:200]}; it answers {allowed}"
             details = {"allowed": allowed.split(", ")}

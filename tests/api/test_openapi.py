@@ -661,3 +661,22 @@ def test_request_bodies_have_examples_the_routes_take(make_settings: Callable[..
         assert client.get(f"/v1/assets/{asset}/content", headers={header: etag}).status_code == 304
     for header in ("Last-Event-ID", "last-event-id"):
         assert client.get(f"/v1/jobs/{draft['id']}/events", headers={header: terminal}).status_code == 204
+
+
+def test_the_docs_pages_need_nothing_from_outside_the_service(shared_server: httpx.Client) -> None:
+    """A studio machine with no way out still shows /docs and /redoc: each script, style sheet and
+    icon the pages name is one the service answers itself."""
+    for page in ("/docs", "/redoc"):
+        response = shared_server.get(page)
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/html")
+        links = re.findall(r"""(?:src|href|url)\s*[=:]\s*['"]([^'"]+)['"]""", response.text)
+        assets = [link for link in links if link.endswith((".js", ".css", ".png"))]
+        assert assets, f"{page} names no script"
+        for link in links:
+            assert not link.startswith(("http:", "https:", "//")), f"{page} loads {link} from outside"
+        for link in assets:
+            answer = shared_server.get(link)
+            assert answer.status_code == 200, link
+            assert len(answer.content) > 1000, link
+        assert "/openapi.json" in links
