@@ -419,9 +419,9 @@ class JobService:
             decision.extra["max_credits"] = to_credits(min(caps))
         if (balance is None and max_credits is None) or (cache and self.has_cached(prepared, decision)):
             return decision
-        if balance is not None:
-            _within_budget(decision, balance)
         if max_credits is not None:
+            # Checked on the policy's own choice, before the budget may move it: the cap refuses
+            # rather than reroutes, whatever the budget has left.
             # Told as the API tells credits (0.1 + 0.2 is 0.3, not 0.30000000000000004).
             cap = to_millicredits(max_credits)
             if decision.estimate > cap:
@@ -434,6 +434,8 @@ class JobService:
                 if candidate.skipped is None and (candidate.estimate or 0) > cap:
                     candidate.skipped = f"estimate above max_credits ({to_credits(cap)})"
             decision.candidates.sort(key=lambda c: c.skipped is not None)  # usable ones first, as ever
+        if balance is not None:
+            _within_budget(decision, balance)
         return decision
 
     def has_cached(self, prepared: Prepared, decision: Decision) -> bool:

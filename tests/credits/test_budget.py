@@ -95,6 +95,25 @@ def test_max_credits_below_the_estimate_writes_nothing(api: httpx.Client) -> Non
     assert promote(api, asset_id, max_credits=PRICE).status_code == 202
 
 
+def test_max_credits_refuses_whatever_the_budget_has_left(api: httpx.Client) -> None:
+    # The cap is the request's own "refuse rather than reroute": a nearly spent budget (which moves
+    # a request without a cap to the free engine) must not turn its 402 into a job elsewhere.
+    for limit in (100, PRICE - 2):
+        project_id, asset_id = project_with_draft(api, {"limit": limit, "period": "month"})
+        # The policy decides (its first engine is the paid one); no engine is named.
+        explained = api.post("/v1/route/explain", json={"stage": "bridge", "source_asset_id": asset_id,
+                                                        "max_credits": PRICE - 5})
+        response = promote(api, asset_id, engine=None, max_credits=PRICE - 5)
+        for answer in (explained, response):
+            assert answer.status_code == 402, (limit, answer.text)
+            assert answer.json()["error"]["details"] == {"estimate": PRICE, "max_credits": PRICE - 5}
+        assert jobs_of(api, project_id, "bridge") == []
+        # Without the cap, the small budget moves it to the free engine, as before.
+        if limit < PRICE:
+            moved = promote(api, asset_id, engine=None)
+            assert moved.status_code == 202 and moved.json()["cost"]["estimated"] == 0, moved.text
+
+
 def test_unpriced_engine_is_not_routable(api: httpx.Client) -> None:
     # Unknown never means free: a 422 naming the reason, and nothing written.
     project_id, asset_id = project_with_draft(api)
