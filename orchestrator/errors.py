@@ -39,7 +39,8 @@ before or after any route, with the same exceptions through the same `api.errors
 `EngineError.retryable` says whether routing may fall back to the next engine;
 `EngineError.charged` says whether the provider may have billed the call ("no", "unknown", "yes"),
 which decides between release and an unreconciled capture in the ledger; `cost_millicredits` is
-what the provider reported charging, when it answered before the job failed.
+what the provider reported charging, when it answered before the job failed, or (charged
+"unknown") the most it can have charged, for a job that failed before asking for all its images.
 """
 
 from __future__ import annotations
@@ -214,7 +215,8 @@ class EngineError(OrchestratorError):
     retryable: bool = True
     charged: Charged = "no"
     # The provider's reported cost of a call that finished before the job failed (images made,
-    # then not stored): the ledger captures it instead of the estimate.
+    # then not stored), or with charged "unknown" the most it can have billed: the ledger
+    # captures it instead of the estimate.
     cost_millicredits: int | None = None
     # Whether the failure says the engine is unwell (its circuit breaker counts it); a request too
     # large for the device's memory says nothing of the engine's health.

@@ -285,7 +285,8 @@ class Ledger:
     def settle_failure(self, s: Session, job: Job, error: OrchestratorError) -> None:
         """Release when the provider surely charged nothing; otherwise capture what it reported
         charging (`EngineError.cost_millicredits`) or else the estimate, marked unreconciled when
-        nobody knows whether it charged. A job an earlier attempt got a provider to accept
+        nobody knows whether it charged (then at most the error's ceiling, for a job that failed
+        before asking for all its images). A job an earlier attempt got a provider to accept
         (`provider_work`, saved before a crash) may be billed for that work whatever ended this
         attempt (a cancel, a missing source file): it is never released."""
         charged = getattr(error, "charged", "no")
@@ -297,7 +298,11 @@ class Ledger:
             # The provider finished and said what it charged: that is the bill, as on a success.
             self.charge_made(s, job, getattr(error, "cost_millicredits", None), note=error.code)
         else:
-            self.capture(s, job, None, unreconciled=True, note=f"{error.code}: outcome unknown")
+            ceiling = getattr(error, "cost_millicredits", None)
+            hold = self.open_hold(s, job.id)
+            if ceiling is not None and (hold is None or not is_amount(ceiling) or ceiling >= hold.amount):
+                ceiling = None  # the whole hold, as without one: a ceiling never adds to it
+            self.capture(s, job, ceiling, unreconciled=True, note=f"{error.code}: outcome unknown")
 
     def reconcile(self, s: Session, project_id: str, entry_id: int, charged: int, note: str | None) -> LedgerEntry:
         """Settle an `unreconciled` capture with what the provider's invoice says it charged: an

@@ -135,6 +135,8 @@ class FakePaidEngine:
             progress.provider_request(f"fake-{self.calls}-odd", {"at": datetime.date(2026, 11, 30)})
         if behaviour == "timeout":
             raise EngineTimeout("fake engine: sent, no answer")
+        if behaviour == "timeout-at-most":  # as `tiers._cloud.paid_calls`: asked for 4 credits' worth of it
+            raise EngineTimeout("fake engine: sent, no answer", cost_millicredits=4000)
         if behaviour == "filtered":
             raise ContentFiltered("fake engine filtered the image")
         colour = (128, 128, 128)

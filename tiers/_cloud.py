@@ -4,13 +4,13 @@ which setting to fill), a model from the settings, a dated price table, one `Rem
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sized
+from collections.abc import Callable, Iterator, Mapping, Sized
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import httpx
 
-from orchestrator.errors import ContentFiltered, EngineError, EngineUnavailable
+from orchestrator.errors import Canceled, ContentFiltered, EngineError, EngineUnavailable
 from tiers._http import RemoteClient, error_text
 from tiers._images import b64decode_tolerant, decode_image
 from tiers.base import CancelToken, EngineContext, Kind, PriceTable, RenderedImage, Stage, is_amount
@@ -51,15 +51,47 @@ def reading_an_answer() -> Iterator[None]:
         raise
 
 
+class Asked:
+    """How many of a job's `n` images a loop of paid calls has asked its provider for. A failure
+    part-way can have been billed for those, never for the ones not yet asked: the hold is then
+    captured for that share of the estimate, not the whole of it."""
+
+    def __init__(self, n: int, estimate: Callable[[], int]) -> None:
+        # The engine's `estimate`, asked only on a failure: a request routing would have refused
+        # (a size the engine cannot make) may still be run directly.
+        self.n, self.estimate, self.count = n, estimate, 0
+
+    def asking(self, count: int = 1) -> None:
+        """Called just before a call that asks for `count` images is sent."""
+        self.count += count
+
+    def share(self, images: int) -> int | None:
+        """The estimate's share for `images` (rounded up: never below their price), or None
+        (the whole hold) when the request has no estimate."""
+        try:
+            estimate = self.estimate()
+        except EngineError:
+            return None
+        return -(-estimate * min(images, self.n) // max(self.n, 1))
+
+
 @contextmanager
-def paid_calls(made: Sized) -> Iterator[None]:
+def paid_calls(made: Sized, asked: Asked | None = None) -> Iterator[None]:
     """Around a loop of paid calls that fills `made`: once one call has made an image, any later
-    failure (an error, a cancel) leaves that charge behind instead of releasing the whole hold."""
+    failure (an error, a cancel) leaves that charge behind instead of releasing the whole hold.
+    With `asked`, what that charge can be is bounded: the images made, and those of the failing
+    call unless it surely billed nothing."""
     try:
         yield
     except EngineError as exc:
+        # A cancel's "no" is the token's, which knows nothing of a call in flight (see
+        # `JobRunner.run`): only an engine's own refusal says its call billed nothing.
+        surely_free = exc.charged == "no" and not isinstance(exc, Canceled)
+        billed = len(made) if surely_free or asked is None else asked.count
         if len(made):
             exc.at_least_charged("unknown")
+        if asked is not None and billed < asked.n and exc.charged != "no" and exc.cost_millicredits is None:
+            exc.cost_millicredits = asked.share(billed)
         raise
 
 

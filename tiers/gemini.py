@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 
 from orchestrator.errors import BadEngineInput, ContentFiltered, EngineError, EngineUnavailable, NoPrice, RateLimited
-from tiers._cloud import CloudEngine, paid_calls, prompt_tokens, reading_an_answer, token_counts
+from tiers._cloud import Asked, CloudEngine, paid_calls, prompt_tokens, reading_an_answer, token_counts
 from tiers._http import RemoteClient, error_text
 from tiers._images import b64decode_tolerant, b64encode, decode_image, encode_image, nearest_aspect, size_class
 from tiers.base import (
@@ -132,10 +132,12 @@ class GeminiEngine(CloudEngine):
         images: list[RenderedImage] = []
         total_cost: int | None = 0
         request_ids: list[str] = []
-        with paid_calls(images):
+        asked = Asked(req.n, lambda: self.estimate(req))
+        with paid_calls(images, asked):
             for _ in range(req.n):
                 cancel.raise_if_cancelled()
                 progress.state("submitted")
+                asked.asking()
                 response = await self.http.request(
                     "POST", f"/v1beta/models/{self._model}:generateContent", json=self._body(req), cancel=cancel
                 )

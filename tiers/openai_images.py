@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 
 from orchestrator.errors import BadEngineInput, ContentFiltered, EngineError, EngineUnavailable, NoPrice
-from tiers._cloud import CloudEngine, paid_calls, prompt_tokens, reading_an_answer, token_counts
+from tiers._cloud import Asked, CloudEngine, paid_calls, prompt_tokens, reading_an_answer, token_counts
 from tiers._http import RemoteClient, error_text, json_object
 from tiers._images import b64decode_tolerant, decode_image, encode_image, nearest_aspect
 from tiers.base import (
@@ -154,7 +154,8 @@ class OpenAIImagesEngine(CloudEngine):
         images: list[RenderedImage] = []
         total_cost: int | None = 0
         request_ids: list[str] = []
-        with paid_calls(images):
+        asked = Asked(req.n, lambda: self.estimate(req))
+        with paid_calls(images, asked):
             while len(images) < req.n:
                 count = min(MAX_N, req.n - len(images))
                 cancel.raise_if_cancelled()
@@ -169,6 +170,7 @@ class OpenAIImagesEngine(CloudEngine):
                 }
                 if not self._model.endswith("-mini"):  # the mini models refuse the field (a 400)
                     fields["input_fidelity"] = "high"
+                asked.asking(count)
                 response = await self.http.request(
                     "POST", "/v1/images/edits", data=fields, files={"image": ("draft.png", draft, "image/png")},
                     cancel=cancel,

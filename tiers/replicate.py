@@ -29,7 +29,7 @@ from orchestrator.errors import (
     EngineTimeout,
     EngineUnavailable,
 )
-from tiers._cloud import CloudEngine, paid_calls
+from tiers._cloud import Asked, CloudEngine, paid_calls
 from tiers._http import RemoteClient, error_text, json_object
 from tiers._images import b64encode, encode_image, nearest_aspect, shaped_as, size_class
 from tiers.base import (
@@ -149,12 +149,14 @@ class ReplicateEngine(CloudEngine):
         prediction_ids: list[str] = []
         predict_time = 0.0
         base = self._input(req)
-        with paid_calls(images):  # earlier predictions were made and billed, whatever fails later
+        asked = Asked(req.n, lambda: self.estimate(req))
+        with paid_calls(images, asked):  # earlier predictions were made and billed, whatever fails later
             for i in range(req.n):
                 cancel.raise_if_cancelled()
                 # A model that takes a seed gets seed + i, like every engine: n different images.
                 seed = base["seed"] + i if "seed" in base else None
                 body = {"input": base if seed is None else {**base, "seed": seed}}
+                asked.asking()
                 prediction = await self._predict(body, progress, cancel)
                 prediction_ids.append(str(prediction["id"]))
                 images.extend(RenderedImage(out.image, seed=seed) for out in await self._outputs(prediction, cancel))

@@ -38,7 +38,7 @@ from orchestrator.errors import (
     EngineTimeout,
     EngineUnavailable,
 )
-from tiers._cloud import CloudEngine, paid_calls, reading_an_answer
+from tiers._cloud import Asked, CloudEngine, paid_calls, reading_an_answer
 from tiers._http import RemoteClient, json_object
 from tiers._images import b64decode_tolerant, decode_image, encode_image, shaped_as
 from tiers.base import (
@@ -181,11 +181,13 @@ class StabilityEngine(CloudEngine):
         images: list[RenderedImage] = []
         request_ids: list[str] = []
         finish_reasons: list[str] = []
-        with paid_calls(images):
+        asked = Asked(req.n, lambda: self.estimate(req))
+        with paid_calls(images, asked):
             for i in range(req.n):
                 cancel.raise_if_cancelled()
                 progress.state("submitted")
                 fields = self._fields(req, op, None if req.seed is None else (req.seed + i) % (MAX_SEED + 1))
+                asked.asking()
                 files = {"image": ("draft.png", draft, "image/png")}
                 if op == "upscale-creative":
                     response, request_id = await self._creative(fields, files, progress, cancel)

@@ -175,6 +175,22 @@ def test_timeout_captures_the_estimate_unreconciled(api: httpx.Client) -> None:
     assert report["total"] == PRICE
 
 
+def test_an_outcome_unknown_with_a_ceiling_captures_at_most_that(api: httpx.Client) -> None:
+    # A multi-call job that failed before asking for all its images: the rest were never billed.
+    project_id, asset_id = project_with_draft(api, {"limit": 100, "period": "month"})
+    job = wait_for_job(api, promote_ok(api, asset_id, tags={"fake": "timeout-at-most"})["id"])
+    assert job["status"] == "failed" and job["error"]["code"] == "timeout", job
+    assert job["cost"]["held"] == 0 and job["cost"]["charged"] == 4
+
+    entries = ledger(api, project_id)
+    assert kinds(entries) == {"hold": 1, "capture": 1, "release": 1}
+    capture = next(e for e in entries if e["kind"] == "capture")
+    assert capture["amount"] == 4 and capture["unreconciled"]  # still for a person to check
+    assert next(e for e in entries if e["kind"] == "release")["amount"] == PRICE - 4
+    assert_settled_once(entries)
+    assert budget(api, project_id)["available"] == 100 - 4
+
+
 def test_cancel_a_running_paid_job_settles_its_hold(api: httpx.Client) -> None:
     """Canceling while the provider works (`CancelToken.race`, charged "unknown"): the estimate is
     captured and flagged unreconciled (`Ledger.settle_failure`); nothing stays held."""

@@ -12,7 +12,7 @@ import respx
 
 from orchestrator.errors import Canceled, EngineError
 from tests.tiers.conftest import BlockingSleep, NoAnswer, bridge
-from tiers._cloud import token_counts
+from tiers._cloud import Asked, paid_calls, token_counts
 from tiers.base import CancelToken, NullProgress, PriceTable, before_billable_sends
 from tiers.fal import FalEngine
 from tiers.gemini import GeminiEngine
@@ -276,3 +276,37 @@ def test_token_counts_are_whole_non_negative_64_bit_numbers_or_none(bad: object)
     # the paid image was decoded; a negative count made a negative cost.
     assert token_counts(1300, 1290) == (1300, 1290)
     assert token_counts(1300, bad) is None
+
+
+@pytest.mark.parametrize(("made", "error", "expected"), [
+    # The third call was refused: the two made are the most it cost.
+    (2, EngineError("refused"), ("unknown", 2000)),
+    # Sent without an answer: the three asked for may all be billed, the fourth was never asked.
+    (2, EngineError("no answer", charged="unknown"), ("unknown", 3000)),
+    # A cancel while the third call was out: the token cannot tell whether it was sent.
+    (2, Canceled("canceled"), ("unknown", 3000)),
+    # Nothing made, refused: free, no ceiling needed.
+    (0, EngineError("refused"), ("no", None)),
+    # A cost the provider reported is kept.
+    (2, EngineError("made, not read", charged="yes", cost_millicredits=1234), ("yes", 1234)),
+])
+def test_a_loop_of_paid_calls_that_fails_part_way_costs_at_most_what_it_asked_for(
+        made: int, error: EngineError, expected: tuple[str, int | None]) -> None:
+    images: list[object] = []
+    asked = Asked(4, lambda: 4000)
+    with pytest.raises(EngineError) as info, paid_calls(images, asked):
+        for _ in range(4):
+            asked.asking()
+            if len(images) == made:
+                raise error
+            images.append(object())
+    assert (info.value.charged, info.value.cost_millicredits) == expected
+
+
+def test_every_image_asked_for_leaves_the_estimate_whole() -> None:
+    asked = Asked(2, lambda: 3001)
+    with pytest.raises(EngineError) as info, paid_calls([object()], asked):
+        asked.asking(2)  # one call for both, as OpenAI's edits call asks
+        raise EngineError("no answer", charged="unknown")
+    assert info.value.cost_millicredits is None  # the ledger captures the whole hold
+    assert Asked(3, lambda: 1000).share(1) == 334  # rounded up: a share is never below its price

@@ -149,6 +149,8 @@ async def test_a_failure_after_a_paid_image_is_charged(engine: GeminiEngine) -> 
     with pytest.raises(BadEngineInput) as info:
         await engine.run(bridge(n=2), NullProgress(), CancelToken())
     assert info.value.charged == "unknown"  # the first image was made and billed
+    # ... and the refused second was not: at most half the estimate is captured.
+    assert info.value.cost_millicredits == engine.estimate(bridge(n=2)) // 2
 
 
 @respx.mock

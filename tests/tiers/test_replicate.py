@@ -199,6 +199,17 @@ async def test_succeeded_without_output(engine: ReplicateEngine) -> None:
 
 
 @respx.mock
+async def test_an_output_lost_after_the_first_prediction_costs_that_prediction(engine: ReplicateEngine) -> None:
+    create = respx.post(CREATE).mock(return_value=httpx.Response(201, json=prediction()))
+    respx.get(OUTPUT).mock(return_value=httpx.Response(404))  # its CDN link had expired
+    with pytest.raises(EngineError) as info:
+        await engine.run(bridge(n=2), NullProgress(), CancelToken())
+    # Made and billed, the second never asked for: one prediction's price, not the two held.
+    assert create.call_count == 1
+    assert info.value.charged == "yes" and info.value.cost_millicredits == engine.estimate(bridge(n=1))
+
+
+@respx.mock
 async def test_content_filtered(engine: ReplicateEngine) -> None:
     respx.post(CREATE).mock(return_value=httpx.Response(201, json=prediction("processing")))
     respx.get(POLL).mock(return_value=httpx.Response(200, json=prediction(
