@@ -282,8 +282,7 @@ class ComfyUIEngine:
     async def _render_images(self, req: RenderRequest, template: dict[str, Any], earlier: list[dict[str, Any]],
                              follower: _Follower, progress: Progress, cancel: CancelToken) -> RenderResult:
         uses_seed = "seed" in placeholders(template)
-        deadline = self.http.new_deadline()
-        kept = await self._keep(earlier, template, progress, deadline, cancel)
+        kept = await self._keep(earlier, template, progress, cancel)
         # The dead attempt's first prompt had the base seed: a request without one keeps it.
         earlier_seeds = [h["seed"] for h in earlier if _seed(h) is not None]
         base_seed = (req.seed if req.seed is not None
@@ -306,16 +305,21 @@ class ComfyUIEngine:
                 prompt_id, outputs = kept.pop(seed)
             else:
                 if image_name is None:
-                    image_name = await self._upload(req, deadline, cancel)
+                    image_name = await self._upload(req, self.http.new_deadline(), cancel)
                 graph = substitute(template, self._values(req, image_name, seed))
                 prompt_id = str(uuid.uuid4())
                 follower.follow(prompt_id, image=len(images))
-                prompt_id, outputs = await self._execute(graph, prompt_id, seed, follower, progress, deadline,
-                                                         cancel)
+                # A deadline per prompt, as ORCH_REMOTE_DEADLINE is for one render: shared by the n
+                # of a job, a slow server ran out of it on a later image, within its time per image.
+                prompt_id, outputs = await self._execute(graph, prompt_id, seed, follower, progress,
+                                                         self.http.new_deadline(), cancel)
                 follower.follow(None)
             prompt_ids.append(prompt_id)
+            # The downloads' own deadline: what a render left of its deadline (1 s, if it finished
+            # near the end) could be too little for a large image that is already made.
+            fetch_by = self.http.new_deadline()
             for ref in outputs[: req.n - len(images)]:
-                images.append(RenderedImage(await self._download(ref, deadline, cancel),
+                images.append(RenderedImage(await self._download(ref, prompt_id, fetch_by, cancel),
                                             seed=seed if uses_seed else None))
             follower.steps.images(len(images))
         for prompt_id, _ in kept.values():
@@ -331,7 +335,7 @@ class ComfyUIEngine:
         )
 
     async def _keep(self, handles: list[dict[str, Any]], template: dict[str, Any], progress: Progress,
-                    deadline: float, cancel: CancelToken) -> dict[int, tuple[str, list[dict[str, str]]]]:
+                    cancel: CancelToken) -> dict[int, tuple[str, list[dict[str, str]]]]:
         """The outputs of the earlier prompts worth keeping, by seed: finished ones, and queued or
         running ones once they finish. The rest (forgotten by a restarted server, failed, or saved
         without a seed by an older version) are taken off the server and rendered again."""
@@ -343,6 +347,8 @@ class ComfyUIEngine:
             if seed is None or seed in kept:
                 await self._drop(prompt_id)
                 continue
+            # Each earlier prompt is waited for within a deadline of its own, as a new one is.
+            deadline = self.http.new_deadline()
             entry = await self._history(prompt_id, deadline, cancel)
             if entry is None and not await self._lost(prompt_id):  # still queued or running
                 progress.state("queued", prompt_id=prompt_id)
@@ -584,15 +590,27 @@ class ComfyUIEngine:
                 return "interrupted on the server"
         return "status error without details"
 
-    async def _download(self, ref: Mapping[str, str], deadline: float, cancel: CancelToken) -> Any:
-        response = await cancel.race(
-            self.http.request("GET", "/view", idempotent=True, deadline=deadline, params=dict(ref)),
-            charged="no",
-        )
-        if response.status_code != 200:
-            raise EngineError(f"comfyui: could not fetch {ref['filename']} (HTTP {response.status_code})",
-                              details={"engine": self.name, "status": response.status_code})
-        return decode_image(response.content, self.name)
+    async def _download(self, ref: Mapping[str, str], prompt_id: str, deadline: float, cancel: CancelToken) -> Any:
+        """One image prompt `prompt_id` made. Its failure is not retryable: the history says the
+        server made the image, and the job's next engine (a paid one, maybe) would make it again."""
+        try:
+            response = await cancel.race(
+                self.http.request("GET", "/view", idempotent=True, deadline=deadline, params=dict(ref)),
+                charged="no",
+            )
+            if response.status_code != 200:
+                raise EngineError(f"comfyui: could not fetch {ref['filename']} (HTTP {response.status_code})",
+                                  details={"engine": self.name, "status": response.status_code})
+            return decode_image(response.content, self.name)
+        except Canceled:
+            raise
+        except EngineError as exc:
+            # Still charged "no" (the server bills nobody); the operator is told where the image is.
+            exc.retryable = False
+            exc.message = (f"{exc.message} (prompt {prompt_id} made the image: it stays on the server "
+                           f"as {ref['filename']})")
+            exc.details = {**exc.details, "prompt_id": prompt_id}
+            raise
 
     async def forget(self, handles: list[dict[str, Any]]) -> None:
         """After a crash, before the job runs again: the prompts the dead attempt queued leave

@@ -636,3 +636,109 @@ async def test_a_cancel_while_waiting_for_an_earlier_prompt_takes_it_off_the_ser
     assert [json.loads(c.request.content) for c in routes["queue"].calls] == [{"delete": ["p-1"]}]
     assert routes["prompt"].call_count == 0
     assert isinstance(engine, Resumable)
+
+
+def timed_engine(make_ctx: Any, tmp_path: Path, sleep: Any) -> tuple[ComfyUIEngine, list[float]]:
+    """An engine with ORCH_REMOTE_DEADLINE at 300 s on a clock the test moves (`now[0]`)."""
+    eng = ComfyUIEngine(make_ctx(comfyui_url=BASE, comfyui_workflow=write_workflow(tmp_path), remote_deadline=300.0))
+    eng.http.sleep = sleep
+    eng.poll_interval = 0
+    eng.follow_progress = False
+    now = [1000.0]
+    eng.http.clock = lambda: now[0] + sum(sleep.waits)
+    return eng, now
+
+
+@respx.mock
+async def test_each_prompt_of_a_job_has_its_own_deadline(make_ctx: Any, tmp_path: Path, sleep: Any) -> None:
+    """Two images of 200 s each, within a 300 s ORCH_REMOTE_DEADLINE apiece: one deadline for both
+    timed the second out, retryable and free, and the job fell back to the next (maybe paid) engine
+    with the first image made."""
+    engine, now = timed_engine(make_ctx, tmp_path, sleep)
+    routes = mock_server()
+    polls: dict[str, int] = {}
+
+    def rendering(request: httpx.Request) -> httpx.Response:
+        prompt_id = request.url.path.rsplit("/", 1)[1]
+        polls[prompt_id] = polls.get(prompt_id, 0) + 1
+        now[0] += 50.0
+        return httpx.Response(200, json=history(prompt_id) if polls[prompt_id] >= 4 else {})
+
+    routes["history"].side_effect = rendering
+    result = await engine.run(bridge(n=2), NullProgress(), CancelToken())
+    assert [img.seed for img in result.images] == [42, 43]
+    assert list(polls.values()) == [4, 4] and routes["queue"].call_count == 0  # nothing dropped
+
+
+@respx.mock
+async def test_the_downloads_have_a_deadline_of_their_own(make_ctx: Any, tmp_path: Path, sleep: Any) -> None:
+    """A render that ends near its deadline left its download the 1 s floor, and a download
+    retried once found the deadline past: the image, made, was lost to a retryable timeout."""
+    engine, now = timed_engine(make_ctx, tmp_path, sleep)
+    routes = mock_server()
+
+    def long_render(request: httpx.Request) -> httpx.Response:
+        now[0] += 299.5
+        return httpx.Response(200, json=history(request.url.path.rsplit("/", 1)[1]))
+
+    fetches: list[float] = []
+
+    def slow_link_once(request: httpx.Request) -> httpx.Response:
+        fetches.append(now[0])
+        if len(fetches) == 1:
+            now[0] += 5.0
+            raise httpx.ReadTimeout("slow link")
+        return httpx.Response(200, content=png_bytes((1, 2, 3)))
+
+    routes["history"].side_effect = long_render
+    routes["view"].side_effect = slow_link_once
+    result = await engine.run(bridge(), NullProgress(), CancelToken())
+    assert len(result.images) == 1 and len(fetches) == 2
+
+
+@respx.mock
+@pytest.mark.parametrize("answer", [httpx.Response(404, text="gone"), httpx.Response(500, text="boom"),
+                                    httpx.Response(200, content=b"not an image")], ids=["404", "500", "garbage"])
+async def test_a_made_image_that_cannot_be_fetched_is_not_rendered_elsewhere(
+        engine: ComfyUIEngine, sleep: Any, answer: httpx.Response) -> None:
+    """The history says the server made the image: a retryable error would send the job to the
+    next engine, which could bill for an image the free server has."""
+    engine.http.clock = sleep.clock  # the 500s are retried until the deadline, which the waits reach
+    routes = mock_server()
+    routes["view"].mock(return_value=answer)
+    progress = RecordingProgress()
+    with pytest.raises(EngineError) as info:
+        await engine.run(bridge(), progress, CancelToken())
+    assert not info.value.retryable and info.value.charged == "no"
+    assert info.value.details["prompt_id"] == progress.request_ids[0]
+    assert "stays on the server as orch_00001_.png" in info.value.message
+    assert routes["queue"].call_count == 0  # it finished: nothing to take off
+
+
+@respx.mock
+async def test_after_a_crash_each_earlier_prompt_has_its_own_deadline(make_ctx: Any, tmp_path: Path,
+                                                                      sleep: Any) -> None:
+    # Both still running when the job is resumed, each taking 250 s more of a 300 s deadline.
+    engine, now = timed_engine(make_ctx, tmp_path, sleep)
+    routes = earlier_server({}, ["p-1", "p-2"], finish_after=4)
+    waiting = cast(Handler, routes["history"].side_effect)  # earlier_server's on_history
+
+    def rendering(request: httpx.Request) -> httpx.Response:
+        now[0] += 50.0
+        return waiting(request)
+
+    routes["history"].side_effect = rendering
+    result = await engine.resume(bridge(n=2, seed=42), [{"id": "p-1", "seed": 42}, {"id": "p-2", "seed": 43}],
+                                 NullProgress(), CancelToken())
+    assert [img.seed for img in result.images] == [42, 43] and routes["prompt"].call_count == 0
+
+
+@respx.mock
+async def test_after_a_crash_a_kept_image_that_cannot_be_fetched_is_not_rendered_elsewhere(
+        engine: ComfyUIEngine) -> None:
+    routes = earlier_server({"p-1": []}, [])
+    routes["view"].mock(return_value=httpx.Response(404, text="gone"))
+    with pytest.raises(EngineError) as info:
+        await engine.resume(bridge(seed=42), [{"id": "p-1", "seed": 42}], NullProgress(), CancelToken())
+    assert not info.value.retryable and info.value.details["prompt_id"] == "p-1"
+    assert routes["prompt"].call_count == 0
