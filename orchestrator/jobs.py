@@ -12,10 +12,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import func, update
 from sqlmodel import Session, col, select
@@ -41,7 +42,16 @@ from orchestrator.ids import new_id
 from orchestrator.ledger import Balance, Ledger
 from orchestrator.models import Asset, Job, Project
 from orchestrator.routing import Decision, Router, leaves_machine
-from orchestrator.schemas import MAX_SIDE, MAX_TAGS, MIN_SIDE, DraftCreate, PolishCreate, PromoteCreate, Stage
+from orchestrator.schemas import (
+    MAX_SIDE,
+    MAX_TAGS,
+    MIN_SIDE,
+    SIDE_MULTIPLE,
+    DraftCreate,
+    PolishCreate,
+    PromoteCreate,
+    Stage,
+)
 from orchestrator.store import ArtifactStore
 from orchestrator.workers import Presence
 from policies.schema import PRIVACY_LOCAL, PRIVACY_TAG, is_private
@@ -55,6 +65,61 @@ RESERVE_RETRY_SECONDS = 1
 
 def _round_to(value: float, multiple: int) -> int:
     return max(multiple, round(value / multiple) * multiple)
+
+
+# PolishCreate.scale's own bounds: the fitting scales a refusal tells are within them.
+_MAX_SCALE = 8
+
+
+def _fitting(source: Asset, field: str, least: int, max_width: int, max_height: int) -> tuple[float, float] | None:
+    """The values of `field` (scale, width or height) that keep both sides of the source's size
+    within `least`..`max_width` x `least`..`max_height`, as the request may give them (a side a
+    multiple of SIDE_MULTIPLE, a scale to 3 decimals); None when no value does."""
+    w, h = source.width, source.height
+    if field == "scale":
+        low = math.ceil(max(least / w, least / h) * 1000) / 1000
+        high = math.floor(min(max_width / w, max_height / h, _MAX_SCALE) * 1000) / 1000
+    else:
+        ratio = h / w if field == "width" else w / h  # the other side, per pixel of this one
+        mine, other = (max_width, max_height) if field == "width" else (max_height, max_width)
+        low = math.ceil(max(least, least / ratio, MIN_SIDE) / SIDE_MULTIPLE) * SIDE_MULTIPLE
+        high = math.floor(min(mine, other / ratio, MAX_SIDE) / SIDE_MULTIPLE) * SIDE_MULTIPLE
+    return (low, high) if 0 < low <= high else None
+
+
+def _hint(field: str, fits: tuple[float, float] | None) -> str:
+    if fits is None:
+        return f"no {field} fits it"
+    low, high = fits
+    return f"only a {field} of {low:g} fits it" if low == high else f"a {field} of {low:g} to {high:g} fits it"
+
+
+def _beyond(exact: tuple[float, float]) -> str:
+    """Which sides of a worked-out size are out of the API's bounds, without the size itself (a
+    `"width": 8192` on a 64x2048 source was told as 8192x262144, a height nobody asked for)."""
+    said = {axis: "under" if side < MIN_SIDE else "over" if side > MAX_SIDE else None
+            for axis, side in zip(("wide", "high"), exact, strict=True)}
+    bound = {"under": MIN_SIDE, "over": MAX_SIDE}
+    if said["wide"] == said["high"]:
+        return f"{said['wide']} {bound[said['wide'] or 'over']} pixels a side"
+    return " and ".join(f"{how} {bound[how]} pixels {axis}" for axis, how in said.items() if how)
+
+
+class _Sides(NamedTuple):
+    """The sides one engine makes, in pixels."""
+
+    engine: str
+    least: int
+    max_width: int
+    max_height: int
+
+    def takes(self, width: int, height: int) -> bool:
+        return self.least <= min(width, height) and width <= self.max_width and height <= self.max_height
+
+    def told(self) -> str:
+        if self.max_width == self.max_height:
+            return f"{self.least} to {self.max_width} pixels a side"
+        return f"widths of {self.least} to {self.max_width} and heights of {self.least} to {self.max_height} pixels"
 
 
 @dataclass
@@ -125,16 +190,9 @@ class JobService:
     def prepare_polish(self, asset_id: str, body: PolishCreate) -> Prepared:
         source, asked_negative = self._source(asset_id)
         scale = body.scale if body.width is None and body.height is None else None
-        if scale is not None and "scale" in body.model_fields_set:
-            # Said of the scale sent, as the schema says of a width: an engine's refusal would name a
-            # width the client never sent (`"scale": 0.001` was "width must be ... (got 8)").
-            sides = (source.width * scale, source.height * scale)
-            if not MIN_SIDE <= min(sides) <= max(sides) <= MAX_SIDE:
-                raise InvalidRequest(
-                    f"scale {scale:g} makes the {source.width}x{source.height} source "
-                    f"{sides[0]:.4g}x{sides[1]:.4g}; a side is {MIN_SIDE} to {MAX_SIDE} pixels",
-                    details={"scale": scale, "source_size": [source.width, source.height]}, loc=("body", "scale"))
-        width, height = self._size(source, body.width, body.height, scale or 1.0, self._multiple("polish"))
+        width, height = self._size(source, body.width, body.height, scale or 1.0, self._multiple("polish"),
+                                   limits=self._side_limits("polish", body.engine),
+                                   scale_sent="scale" in body.model_fields_set)
         params: dict[str, Any] = {
             "stage": "polish", "prompt": body.prompt or source.prompt, "negative_prompt": asked_negative,
             "n": 1, **_seed(body.seed, source),
@@ -177,17 +235,62 @@ class JobService:
         return max((engine.capabilities.size_multiple for engine in self.router.registry if stage in engine.stages),
                    default=8)
 
+    def _side_limits(self, stage: Stage, engine: str | None) -> list[_Sides]:
+        """The sides the engines that may take a request of the stage make: the requested engine's,
+        else those of the stage's engines that are set up (as routing, which does not count the
+        others in a refusal). None known (an unknown engine, none set up): routing says why."""
+        if engine is not None:
+            engines = [self.router.registry.get(engine)] if engine in self.router.registry else []
+        else:
+            engines = [e for e in self.router.registry if stage in e.stages and e.availability()[0]]
+        return [_Sides(e.name, e.capabilities.min_side, e.capabilities.max_width, e.capabilities.max_height)
+                for e in engines if stage in e.stages]
+
     @staticmethod
-    def _size(source: Asset, width: int | None, height: int | None, scale: float,
-              multiple: int) -> tuple[int, int]:
-        """An explicit width/height wins; one side alone keeps the source's aspect ratio."""
+    def _size(source: Asset, width: int | None, height: int | None, scale: float, multiple: int, *,
+              limits: list[_Sides] | None = None, scale_sent: bool = False) -> tuple[int, int]:
+        """An explicit width/height wins; one side alone keeps the source's aspect ratio.
+
+        A size worked out from what the client sent (one side, or a `scale_sent`) is checked here,
+        once it is known, and refused as that field: an engine's refusal would name a side the
+        client never sent (`"scale": 0.1` on a 512 px source was "... (got 48)", `"width": 8192` on
+        a 64x2048 one "8192x262144 is larger than this engine makes"). First against the API's
+        bounds, then against `limits` (see `_side_limits`): refused when none of those engines
+        makes it."""
         if width and height:
             return width, height
         if width:
-            return width, _round_to(width * source.height / source.width, multiple)
-        if height:
-            return _round_to(height * source.width / source.height, multiple), height
-        return _round_to(source.width * scale, multiple), _round_to(source.height * scale, multiple)
+            sent: tuple[str, float] | None = ("width", width)
+            exact: tuple[float, float] = (width, width * source.height / source.width)
+        elif height:
+            sent, exact = ("height", height), (height * source.width / source.height, height)
+        else:
+            sent = ("scale", scale) if scale_sent else None
+            exact = (source.width * scale, source.height * scale)
+        size = (width or _round_to(exact[0], multiple), height or _round_to(exact[1], multiple))
+        if sent is None:
+            return size
+        field, value = sent
+        said = f"{field} {value:g} makes the {source.width}x{source.height} source"
+        details: dict[str, Any] = {field: value, "source_size": [source.width, source.height]}
+        # The exact sides against the API's bounds: a rounded one is never under the multiple.
+        if not MIN_SIDE <= min(exact) <= max(exact) <= MAX_SIDE:
+            fits = _fitting(source, field, MIN_SIDE, MAX_SIDE, MAX_SIDE)
+            raise InvalidRequest(f"{said} {_beyond(exact)} ({_hint(field, fits)}); a side is {MIN_SIDE} to "
+                                 f"{MAX_SIDE} pixels", details={**details, "fits": fits}, loc=("body", field))
+        if limits and not any(lim.takes(*size) for lim in limits):
+            made = f"{said} {size[0]}x{size[1]}"
+            fits = None
+            if len(limits) == 1:
+                [lim] = limits
+                fits = _fitting(source, field, lim.least, lim.max_width, lim.max_height)
+                why = f"{made}; {lim.engine} takes {lim.told()} ({_hint(field, fits)})"
+            else:
+                each = "; ".join(f"{lim.engine}: {lim.told()}" for lim in limits)
+                why = f"{made}; no engine here takes that ({each})"
+            raise InvalidRequest(why, details={**details, "size": list(size), "fits": fits,
+                                               "limits": [lim._asdict() for lim in limits]}, loc=("body", field))
+        return size
 
     def _source(self, asset_id: str) -> tuple[Asset, str]:
         """The asset, and the negative prompt its job was asked for: the asset's own is the one that

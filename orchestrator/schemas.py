@@ -632,7 +632,7 @@ class EnginePublic(BaseModel):
     prices: dict[str, Any] = Field(description="Its price table, in credits (`credits_per_image`, `as_of`); empty "
                                                "for a free engine.")
     capabilities: dict[str, Any] = Field(description=(
-        "What it can make: `max_width`, `max_height`, `size_multiple`, ..."))
+        "What it can make: `min_side`, `max_width`, `max_height`, `size_multiple`, ..."))
     model_defaults: dict[str, Any] | None = Field(None, description=(
         "a local engine's: the `steps`, `guidance_scale` and `native_size` a job that names none gets "
         "(local-hifi's bridge takes twice the steps), whether the model is a `few_step` distilled one, and "

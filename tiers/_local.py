@@ -57,6 +57,9 @@ AUTO_MODEL = "stabilityai/sd-turbo"
 # A TAESD preview is decoded at most this size: it is shown small, and a 2048 px PNG would cost the
 # inference thread half a second at each throttled write.
 PREVIEW_MAX_SIDE = 512
+# The least side a local engine makes: the latent is an eighth of it, and UNets' down-sampling
+# needs 8 latent pixels.
+MIN_SIDE = 64
 TAESD_SCALE = 8  # pixels per latent pixel, each way
 # A preview VAE's decodes take at most 1 / (1 + this) of the inference thread's time: after one
 # that took t seconds, the steps of the next t x this seconds go without a preview (every step
@@ -820,7 +823,7 @@ class LocalEngine:
         self._defaults_read = time.monotonic()
         limit = ctx.settings.local_max_size
         self._capabilities = dataclasses.replace(capabilities, max_width=limit, max_height=limit,
-                                                 size_multiple=self._defaults.size_multiple)
+                                                 min_side=MIN_SIDE, size_multiple=self._defaults.size_multiple)
 
     @property
     def defaults(self) -> ModelDefaults:
@@ -884,9 +887,9 @@ class LocalEngine:
         """0 credits; raises `BadEngineInput` for a size local inference cannot take."""
         limit, multiple = self.settings.local_max_size, self.defaults.size_multiple
         for label, value in (("width", req.width), ("height", req.height)):
-            if value % multiple or not 64 <= value <= limit:
+            if value % multiple or not MIN_SIDE <= value <= limit:
                 raise BadEngineInput(
-                    f"{label} must be a multiple of {multiple} between 64 and {limit} for engine '{self.name}' "
+                    f"{label} must be a multiple of {multiple} between {MIN_SIDE} and {limit} for engine '{self.name}' "
                     f"(got {value})", details={"field": label, "value": value, "max": limit, "multiple": multiple},
                 )
         return 0

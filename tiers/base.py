@@ -92,6 +92,8 @@ class Capabilities:
     leaves_machine: bool = False
     max_width: int = 2048
     max_height: int = 2048
+    # The least side it makes (the API's own least by default).
+    min_side: int = 8
     size_multiple: int = 8
 
     def as_dict(self) -> dict[str, Any]:

@@ -743,11 +743,81 @@ def test_a_polish_scale_too_small_is_refused_as_the_scale(shared_server: httpx.C
     assert error["message"].startswith(f"scale {scale:g} makes the 64x64 source "), error["message"]
     assert error["message"].endswith("a side is 8 to 8192 pixels")
     assert [e["loc"] for e in error["details"]["errors"]] == [["body", "scale"]]
-    # One the schema's bounds allow goes on to the engines, as a width of that size would.
+    # One the API's bounds allow, but no engine here takes, is refused as the scale too, with the
+    # engine's limit (it was "width must be a multiple of 8 between 64 and 2048 ... (got 32)", on no field).
     half = assert_error(shared_server.post(f"/v1/assets/{finished_job['assets'][0]}/polish", json={"scale": 0.5}),
                         422, "invalid_request")
-    assert "(got 32)" in half["message"] and [e["loc"] for e in half["details"]["errors"]] == [[]]
+    assert half["message"].startswith("scale 0.5 makes the 64x64 source 32x32; local-hifi takes 64 to "), half
+    assert "(got 32)" not in half["message"] and [e["loc"] for e in half["details"]["errors"]] == [["body", "scale"]]
     assert job_count(shared_server) == before
+
+
+@pytest.fixture(scope="module")
+def square_asset(shared_server: httpx.Client, project: str) -> str:
+    asset: str = run_draft(shared_server, project, n=1, width=512, height=512, steps=1)["assets"][0]
+    return asset
+
+
+@pytest.fixture(scope="module")
+def tall_asset(shared_server: httpx.Client, project: str) -> str:
+    asset: str = run_draft(shared_server, project, n=1, width=64, height=2048, steps=1)["assets"][0]
+    return asset
+
+
+@pytest.mark.parametrize(("body", "says"), [
+    # Under the local engines' least side (64), though within the API's (8).
+    ({"scale": 0.1}, "scale 0.1 makes the 512x512 source 48x48; local-hifi takes 64 to "),
+    ({"scale": 0.1, "engine": "local-hifi"}, "scale 0.1 makes the 512x512 source 48x48; local-hifi takes 64 to "),
+    ({"scale": 8, "engine": "local-hifi"}, "scale 8 makes the 512x512 source 4096x4096; local-hifi takes 64 to "),
+])
+def test_a_polish_scale_no_engine_takes_is_refused_as_the_scale(shared_server: httpx.Client, square_asset: str,
+                                                                body: dict[str, Any], says: str) -> None:
+    """It was local-hifi's "width must be a multiple of 8 between 64 and 2048 ... (got 48)": a
+    width the client never sent."""
+    before = job_count(shared_server)
+    error = assert_error(shared_server.post(f"/v1/assets/{square_asset}/polish", json=body), 422, "invalid_request")
+    assert error["message"].startswith(says) and "(got " not in error["message"], error
+    assert "a scale of 0.125 to 4 fits it" in error["message"]  # with local-hifi's 2048 at most
+    assert [e["loc"] for e in error["details"]["errors"]] == [["body", "scale"]]
+    assert (error["details"]["scale"], error["details"]["source_size"]) == (body["scale"], [512, 512])
+    assert job_count(shared_server) == before
+    # The scales it names are taken.
+    for scale in (0.125, 4):
+        taken = shared_server.post("/v1/route/explain", json={"stage": "polish", "source_asset_id": square_asset,
+                                                              "scale": scale})
+        assert taken.status_code == 200, taken.text
+
+
+@pytest.mark.parametrize(("stage", "body", "says"), [
+    # The height worked out from the width (262144) is beyond the API's bounds: not named.
+    ("polish", {"width": 8192}, "width 8192 makes the 64x2048 source over 8192 pixels high (a width of 8 to 256 "
+                                "fits it); a side is 8 to 8192 pixels"),
+    ("promote", {"width": 8192}, "width 8192 makes the 64x2048 source over 8192 pixels high (a width of 8 to 256 "
+                                 "fits it); a side is 8 to 8192 pixels"),
+    ("polish", {"height": 16}, "height 16 makes the 64x2048 source under 8 pixels wide (a height of 256 to 8192 "
+                               "fits it); a side is 8 to 8192 pixels"),
+    # Within them, but beyond local-hifi's 2048 (once "local-hifi: 128x4096 is larger than this engine makes").
+    ("polish", {"width": 128}, "width 128 makes the 64x2048 source 128x4096; local-hifi takes 64 to "),
+])
+def test_one_side_whose_other_side_no_engine_takes_is_refused_as_that_side(
+        shared_server: httpx.Client, tall_asset: str, stage: str, body: dict[str, Any], says: str) -> None:
+    """One side alone keeps the source's aspect: the other side was never checked, and the engine
+    refused it as "8192x262144 is larger than this engine makes", a size the client never sent."""
+    before = job_count(shared_server)
+    error = assert_error(shared_server.post(f"/v1/assets/{tall_asset}/{stage}", json=body), 422, "invalid_request")
+    assert error["message"].startswith(says), error
+    assert "262144" not in error["message"] and "larger than this engine" not in error["message"]
+    [field] = body
+    assert [e["loc"] for e in error["details"]["errors"]] == [["body", field]]
+    assert error["details"][field] == body[field] and error["details"]["source_size"] == [64, 2048]
+    assert job_count(shared_server) == before
+
+
+def test_one_side_that_fits_keeps_the_source_aspect(shared_server: httpx.Client, tall_asset: str) -> None:
+    explained = shared_server.post("/v1/route/explain", json={"stage": "polish", "source_asset_id": tall_asset,
+                                                              "width": 64})
+    assert explained.status_code == 200, explained.text
+    assert (explained.json()["params"]["width"], explained.json()["params"]["height"]) == (64, 2048)
 
 
 def test_null_for_a_field_whose_null_means_nothing_else_is_its_default(
@@ -878,12 +948,12 @@ def test_a_whole_number_written_as_a_float_is_that_number(shared_server: httpx.C
     assert_error(post_drafts(shared_server, project, {"prompt": "x", "seed": 1e30}), 422, "invalid_request")
 
 
-def test_a_refused_size_the_client_did_not_send_is_placed_on_no_field(shared_server: httpx.Client,
-                                                                     project: str) -> None:
+def test_a_refused_size_the_client_did_not_send_is_placed_on_the_field_it_sent(shared_server: httpx.Client,
+                                                                             project: str) -> None:
     """A polish's size comes from its scale: `details.errors` must not point at a `width` the
-    body never had."""
+    body never had, but at the scale (it was on no field)."""
     [draft] = run_draft(shared_server, project, n=1, width=512, height=512, steps=1)["assets"]
     error = assert_error(shared_server.post(f"/v1/assets/{draft}/polish", json={"scale": 8, "engine": "local-hifi"}),
                          422, "invalid_request")
     assert "4096" in error["message"]
-    assert [e["loc"] for e in error["details"]["errors"]] == [[]]
+    assert [e["loc"] for e in error["details"]["errors"]] == [["body", "scale"]]
