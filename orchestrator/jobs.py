@@ -16,6 +16,7 @@ import math
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, NamedTuple
 
 from sqlalchemy import func, update
@@ -677,12 +678,20 @@ class JobService:
         with self.db.transaction() as s:
             now = shared_now()  # the clock leases are stamped by (the database's, on PostgreSQL)
             job = s.get(Job, job_id)
-            if (job is None or job.status != "running" or job.lease_expires_at is None or job.lease_expires_at <= now
-                    or not self.presence.alive(job.lease_owner)):
+            if job is None or job.status != "running" or not self._held_live(job, now):
                 return False
             result = s.execute(update(Job).where(col(Job.id) == job_id, col(Job.attempt) == job.attempt,
                                                  col(Job.status) == "running").values(cancel_requested_at=now))
             return changed(result) == 1
+
+    def _held_live(self, job: Job, now: datetime) -> bool:
+        """Whether a live process holds the running job: one whose lease runs and who lives, or
+        one of this machine whose owner lock is held, whatever its lease says (a wall clock's step
+        or a renewal waiting for the write lock runs a lease out; see `Scheduler._orphans`)."""
+        if self.presence.locked(job.lease_owner):
+            return True
+        return (job.lease_expires_at is not None and job.lease_expires_at > now
+                and self.presence.alive(job.lease_owner))
 
     def cancel_orphan(self, job_id: str) -> bool:
         """Cancel a running job whose worker is gone; False when it is back in the queue (a
@@ -692,8 +701,7 @@ class JobService:
             job = s.get(Job, job_id)
             if job is None:
                 raise not_found("job", "job_id", job_id)
-            if (job.status == "running" and job.lease_expires_at is not None
-                    and job.lease_expires_at > shared_now() and self.presence.alive(job.lease_owner)):
+            if job.status == "running" and self._held_live(job, shared_now()):
                 return False  # its holder renewed since the look: it is asked instead, at the next try
             running = update(Job).where(col(Job.id) == job_id, col(Job.status) == "running",
                                         col(Job.attempt) == job.attempt)

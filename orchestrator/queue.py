@@ -16,7 +16,10 @@ nothing (a self-hosted server: it runs again), when its attempt had sent no bill
 (its hold kept), or when a queueing provider had accepted it and the engine can reattach to that
 work (the runner then follows it instead of sending anything); any other remote job is failed
 with `interrupted` (the provider may have made and billed the image; it is not sent twice). No job
-stays `running` forever: one its processes died under `MAX_RECOVERIES` times is failed.
+stays `running` forever: one its processes died under `MAX_RECOVERIES` times is failed. A job of an
+engine this process lacks is left to the workers that have it, and for `unserved_grace` seconds
+after the last of them is gone (it may be restarting); a holder of this machine whose owner lock is
+held keeps its job past its lease, unless that lease stays unrenewed for `HUNG_HOLDER_LEASES` leases.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import math
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import func, update
@@ -55,6 +58,9 @@ SERVED_REMEMBERED = 10_000  # projects whose last start a scheduler remembers fo
 # Seconds to the next try after a lease renewal failed (a database busy for a while).
 RENEW_RETRY_SECONDS = 2.0
 MAX_RECOVERIES = 3  # a job its processes died under this often is failed, not run again
+# Leases a holder of this machine whose owner lock is held may leave its expired lease unrenewed
+# before it is taken for hung and its job recovered (see `_orphans`).
+HUNG_HOLDER_LEASES = 5
 REMOTE_LANE_LIMIT = 4
 # How long a stop waits for interrupted jobs to wind down (a job storing what its engine made is
 # waited for longer: see `stop`).
@@ -100,9 +106,14 @@ class Scheduler:
         self._claim_lock = threading.Lock()
         self._tasks: list[asyncio.Task[None]] = []
         self._heartbeat: asyncio.Task[None] | None = None
-        # Engines with queued jobs that no live process has, since when (see `_fail_unserved`).
+        # Engines with queued jobs that no live process has, since when (see `_fail_unserved`);
+        # and engines of running jobs this process lacks that no live process has (see `_orphans`).
         self._unserved_since: dict[str, float] = {}
+        self._orphans_unserved_since: dict[str, float] = {}
         self.unserved_grace = lease_seconds
+        # Expired leases of live holders of this machine: job id -> (the lease, since when it has
+        # been seen unchanged, monotonic), to tell a hung holder (see `_orphans`).
+        self._expired_leases: dict[str, tuple[tuple[int, str | None, datetime | None], float]] = {}
         self._forgetting: set[asyncio.Task[None]] = set()  # see `forget_abandoned`
         self._stopping = False
         self._hurried = asyncio.Event()
@@ -410,20 +421,27 @@ class Scheduler:
         first: its only worker may be restarting, or starting beside this one."""
         usable = [engine.name for engine in self.registry]
         with self.db.session() as s:
-            missing = list(s.exec(select(Job.engine).where(col(Job.status) == "queued",
-                                                            col(Job.engine).not_in(usable)).distinct()).all())
-        now = time.monotonic()
-        self._unserved_since = {engine: since for engine, since in self._unserved_since.items() if engine in missing}
-        for engine in missing:
-            if self.presence.serves(engine):
-                self._unserved_since.pop(engine, None)
-                continue
-            if now - self._unserved_since.setdefault(engine, now) < self.unserved_grace:
-                continue
+            missing = set(s.exec(select(Job.engine).where(col(Job.status) == "queued",
+                                                           col(Job.engine).not_in(usable)).distinct()).all())
+        for engine in self._unserved(missing, self._unserved_since):
             with self.db.session() as s:
                 jobs = list(s.exec(select(Job).where(col(Job.status) == "queued", col(Job.engine) == engine)).all())
             for job in jobs:
                 self._fail_unknown_engine(job)
+
+    def _unserved(self, engines: set[str], since: dict[str, float]) -> set[str]:
+        """Of `engines` (none of this process's), those no live process has had for
+        `unserved_grace` seconds; `since` keeps since when, and forgets the engines not asked about."""
+        now = time.monotonic()
+        for engine in set(since) - engines:
+            del since[engine]
+        unserved = set()
+        for engine in engines:
+            if self.presence.serves(engine):
+                since.pop(engine, None)
+            elif now - since.setdefault(engine, now) >= self.unserved_grace:
+                unserved.add(engine)
+        return unserved
 
     def _fail_unknown_engine(self, job: Job) -> None:
         error = {"code": "engine_unavailable",
@@ -499,7 +517,9 @@ class Scheduler:
             await asyncio.sleep(min(beat, RENEW_RETRY_SECONDS) if outage.ongoing else beat)
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(self.presence.touch, self.owner)
-            claims = [claim for _, claim in self._running.values()]
+            # Claims not yet started too: a dispatch starts its claims once all are made, and each
+            # of them may have waited for the write lock meanwhile.
+            claims = list({**self._claimed, **{job_id: claim for job_id, (_, claim) in self._running.items()}}.values())
             if not claims:
                 outage.reset()  # nothing to renew: a failure after an idle hour is a new one
             else:
@@ -646,15 +666,38 @@ class Scheduler:
         now = self.db.now()  # the clock leases are stamped by (`shared_now`): the database's, on PostgreSQL
         with self.db.session() as s:
             jobs = list(s.exec(select(Job).where(col(Job.status) == "running")).all())
+        # A job of an engine this process lacks is left to the workers that have it: one of them
+        # can follow its work or run it again, where this one could only fail it as possibly billed.
+        # Its only worker may also have just died (killed out of memory, restarted by its
+        # supervisor) and, back, would queue it again: so it is left alone until nobody has had
+        # the engine for `unserved_grace` seconds, as its queued jobs are (`_fail_unserved`).
+        unserved = self._unserved({job.engine for job in jobs if job.engine not in self.registry},
+                                  self._orphans_unserved_since)
+        moment = time.monotonic()
+        expired: dict[str, tuple[tuple[int, str | None, datetime | None], float]] = {}
+
+        def hung(job: Job) -> bool:
+            lease = (job.attempt, job.lease_owner, job.lease_expires_at)
+            seen = self._expired_leases.get(job.id)
+            since = seen[1] if seen is not None and seen[0] == lease else moment
+            expired[job.id] = (lease, since)
+            return moment - since >= HUNG_HOLDER_LEASES * self.lease.total_seconds()
 
         def orphaned(job: Job) -> bool:
             if job.id in self._running or job.id in self._claimed:
                 return False
-            if job.engine not in self.registry and self.presence.serves(job.engine):
-                # Another worker has its engine, and can follow its work or run it again.
+            if job.engine not in self.registry and job.engine not in unserved:
                 return False
             if job.lease_expires_at is None or job.lease_expires_at <= now:
-                return True
+                # A holder of this machine whose owner lock is held is alive, whatever its lease
+                # says: on SQLite leases are stamped by the wall clock, which a step forward runs
+                # out for every holder at once, and renewals may wait behind the write lock. Taken
+                # from it, a paid job was failed as possibly billed while the holder went on, made
+                # the image and threw it away. Only a lease left unchanged for several leases, by
+                # this process's own clock, tells a hung holder (its loop stuck) whose job must not
+                # stay running forever; an owner the locks cannot tell about has its lease alone.
+                return (job.lease_owner == self.owner or not self.presence.locked(job.lease_owner)
+                        or hung(job))
             if all_foreign:
                 # At start-up a live lease of another running process is not an orphan: that
                 # process is still working on it (and may be paying for it).
@@ -663,7 +706,9 @@ class Scheduler:
             # jobs need not wait out the lease.
             return self.presence.gone(job.lease_owner)
 
-        return [job for job in jobs if orphaned(job)]
+        orphans = [job for job in jobs if orphaned(job)]
+        self._expired_leases = expired  # forgets the leases renewed since, and the jobs that ended
+        return orphans
 
     def _recover_one(self, job: Job) -> tuple[str, dict[str, Any] | None] | None:
         """How the job was recovered (and the error it ended with), or None when it was not."""
@@ -717,9 +762,14 @@ class Scheduler:
                       "attempts": job.with_attempt("interrupted", error.to_dict())}
             outcome = "given up"
         else:
+            # No engine here: nobody has had it for `unserved_grace` seconds (see `_orphans`), and
+            # whether it sent anything is unknown.
+            stopped = (f"the server stopped while engine '{job.engine}' was working on this job"
+                       if engine is not None else
+                       f"the worker running this job on engine '{job.engine}' stopped and no live worker has "
+                       "that engine to run it again or follow its work")
             error = Interrupted(
-                f"the server stopped while engine '{job.engine}' was working on this job; it is not sent "
-                "again because the provider may already have made and billed the image",
+                f"{stopped}; it is not sent again because the provider may already have made and billed the image",
                 details={"engine": job.engine, "provider_request_id": job.provider_request_id},
             )
             values = {"status": "failed", "finished_at": utcnow(), "error": error.to_dict(),

@@ -24,6 +24,7 @@ process picks the device up at its next look at the queue.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import logging
@@ -75,11 +76,21 @@ def open_lock_file(path: Path) -> IO[str]:
     """A lock file, opened for reading and writing (made if absent), never through a symbolic
     link: the lock folder may be shared with other users of the data dir, and a link put there
     would have this process truncate and write the file it names (as root, any file)."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)  # the umask decides, as open() lets it
+    return _open_regular(path, os.O_RDWR | os.O_CREAT, "r+")
+
+
+def open_lock_file_to_read(path: Path) -> IO[str]:
+    """An existing lock file, opened for reading only: one another user's process made (0644 under
+    a umask of 022) locks all the same, since flock asks nothing of how its descriptor was opened."""
+    return _open_regular(path, os.O_RDONLY, "r")
+
+
+def _open_regular(path: Path, flags: int, mode: str) -> IO[str]:
+    fd = os.open(path, flags | os.O_NOFOLLOW, 0o666)  # the umask decides, as open() lets it
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise OSError(f"{path} is not a regular file")
-        return os.fdopen(fd, "r+")
+        return os.fdopen(fd, mode)
     except BaseException:
         os.close(fd)
         raise
@@ -163,6 +174,13 @@ class Presence:
             return True
         locked = self._locked(owner)
         return locked if locked is not None else _pid_alive(owner, other_hosts=self.shared_database)
+
+    def locked(self, owner: str | None) -> bool:
+        """Whether the owner is of this machine and its lock is held: it lives, whatever its lease
+        says (a lease is only a clock's word)."""
+        if not owner:
+            return False
+        return self._locked(owner) is True
 
     def gone(self, owner: str | None) -> bool:
         """Whether the owner is surely dead or stopped, so its jobs need not wait out the lease."""
@@ -284,15 +302,15 @@ class DeviceLock:
         self._device = device
         self._file: IO[str] | None = None
         self._told_busy = False
+        self._told_unusable = False
         self._closed = False
-        self._unlocked = False  # the lock could not be used at all: local jobs run without it
         # Two descriptors of one process conflict like two processes: takers go one at a time.
         self._taking = threading.Lock()
         self.holder = f"pid {os.getpid()} on {socket.gethostname()}"  # the scheduler names itself here
 
     @property
     def held(self) -> bool:
-        return self._file is not None or self._unlocked
+        return self._file is not None
 
     @property
     def path(self) -> Path:
@@ -312,16 +330,29 @@ class DeviceLock:
         try:
             return self._take()
         except Exception:
-            # A lock file that cannot be made (read-only data dir, a device that cannot be named):
-            # run local jobs as a single process would rather than never run them.
-            log.exception("the device lock cannot be used; this process runs local jobs without it")
-            self._unlocked = True
+            # No lock file can be opened at all (a data dir nobody may write to, a device that
+            # cannot be named): run this dispatch's local jobs as a single process would rather
+            # than never run them, and try again at the next one (the cause may pass, and until
+            # the lock is ours, another worker that has it must be seen).
+            if not self._told_unusable:
+                log.exception("the device lock cannot be used; this process runs local jobs without it "
+                              "and tries again at each look at the queue")
+                self._told_unusable = True
             return True
 
     def _take(self) -> bool:
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.path
-        file = open_lock_file(path)
+        try:
+            file = open_lock_file(path)
+            writable = True
+        except OSError as exc:
+            if not isinstance(exc, PermissionError) and exc.errno != errno.EROFS:
+                raise
+            # Made by another user's worker, or on a read-only mount: locked read-only all the same
+            # (going without, this process ran its local jobs beside the holder, on the same GPU).
+            file = open_lock_file_to_read(path)
+            writable = False
         try:
             fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -338,11 +369,12 @@ class DeviceLock:
         if self._closed:  # the service stopped while this was being taken (a preload thread)
             file.close()
             return False
-        file.seek(0)
-        file.truncate()
-        file.write(f"{self.holder}\n")
-        file.flush()
-        self._file, self._told_busy = file, False
+        if writable:  # read-only, the file keeps naming an earlier holder (`device_holders`)
+            file.seek(0)
+            file.truncate()
+            file.write(f"{self.holder}\n")
+            file.flush()
+        self._file, self._told_busy, self._told_unusable = file, False, False
         log.info("this process now runs the local jobs of device lock %s", path)
         return True
 

@@ -4,6 +4,7 @@ local device, and cancels and event streams across processes."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import signal
@@ -23,6 +24,7 @@ import pytest
 from sqlalchemy import update
 from sqlmodel import col, select
 
+from orchestrator import workers
 from orchestrator.clock import utcnow
 from orchestrator.events import EVICT_EVERY, HISTORY_TTL, EventBus
 from orchestrator.follow import catch_up
@@ -31,7 +33,7 @@ from orchestrator.models import Asset, Job, LedgerEntry, Project
 from orchestrator.runner import Claim
 from orchestrator.services import Services
 from orchestrator.settings import Settings
-from orchestrator.workers import DeviceLock, Presence, device_key
+from orchestrator.workers import DeviceLock, Presence, device_holders, device_key
 from tests.api import (
     SLOW,
     SSE,
@@ -356,6 +358,47 @@ def test_device_lock_is_exclusive_between_processes_and_named_per_gpu(tmp_path: 
     assert device_key(uuid, {"CUDA_VISIBLE_DEVICES": "3"}) == device_key(uuid, {})
     assert device_key("cpu", {"CUDA_VISIBLE_DEVICES": "0"}) == device_key("cpu", {})
     assert "/" not in device_key("cuda", {"CUDA_VISIBLE_DEVICES": "../x"})
+
+
+def refused(path: Path) -> Any:
+    """What opening a lock file for writing answers when another user's worker made it (0644)."""
+    raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+
+
+def test_a_device_lock_file_another_user_made_is_locked_read_only(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # A worker that could not open the file for writing ran its local jobs without the lock, for
+    # good, on the GPU another user's worker was running a pipeline on.
+    folder = tmp_path / "locks"
+    first = DeviceLock(folder, lambda: "cpu")
+    first.holder = "worker of user a"
+    assert first.try_acquire()
+    monkeypatch.setattr(workers, "open_lock_file", refused)
+    second = DeviceLock(folder, lambda: "cpu")
+    assert not second.try_acquire() and not second.held  # busy: left to its holder
+    first.close()
+    assert second.try_acquire() and second.held  # locked through a read-only descriptor
+    third = DeviceLock(folder, lambda: "cpu")
+    assert not third.try_acquire()  # ...which others see held
+    assert list(device_holders(folder).values()) == ["worker of user a"]  # a name it could not write
+    second.close()
+
+
+def test_a_device_lock_that_cannot_be_opened_is_tried_again_at_each_dispatch(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    # One failure ran local jobs without the lock until the process ended, even once another
+    # worker could be seen holding it.
+    lock = DeviceLock(tmp_path / "locks", lambda: "cpu")
+    monkeypatch.setattr(workers, "open_lock_file", refused)  # no file, and none may be made
+    with caplog.at_level(logging.ERROR, logger="orchestrator.workers"):
+        assert lock.try_acquire() and not lock.held  # this dispatch runs local jobs without it
+        assert lock.try_acquire() and not lock.held
+    assert len([r for r in caplog.records if "cannot be used" in r.getMessage()]) == 1  # told once
+    monkeypatch.undo()
+    with lock_held_elsewhere(lock.path):
+        assert not lock.try_acquire()  # usable again: the holder is seen
+    assert lock.try_acquire() and lock.held
+    lock.close()
 
 
 PRESENCE_HOLDER = """
