@@ -32,7 +32,7 @@ from sqlmodel import Session, col, select
 from typing_extensions import TypeIs
 
 from orchestrator import events
-from orchestrator.clock import utcnow
+from orchestrator.clock import shared_now, utcnow
 from orchestrator.db import Database, changed, disk_full, transient
 from orchestrator.errors import (
     BudgetExceeded,
@@ -862,9 +862,12 @@ class JobRunner:
                              provider_request_id=(request_id or "")[:500] or None,
                              attempts=job.with_attempt("succeeded"))
         # Ids made under the write lock (the update above took it) commit in id order: they
-        # are list cursors, and a page must not step over an asset committed just after.
+        # are list cursors, and a page must not step over an asset committed just after. Their
+        # times are stamped here too, by the clock ids take: stamped when the rows were built,
+        # before a wait for the lock, an asset listed after another could say it was made before.
+        stamp = shared_now()
         for row in rows:
-            row.id = new_id("ast")
+            row.id, row.created_at = new_id("ast"), stamp
         s.add_all(rows)
         # Free local work holds nothing: the ledger's lookup is skipped on the hot path.
         if job.estimated > 0 or result.cost_millicredits or billed_by_provider(engine):

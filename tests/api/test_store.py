@@ -15,7 +15,12 @@ import httpx
 import pytest
 from PIL import Image
 
+from orchestrator import runner
+from orchestrator.clock import utcnow
+from orchestrator.db import Database
 from orchestrator.errors import ContentUnavailable, NotFound
+from orchestrator.ids import new_id
+from orchestrator.models import Asset
 from orchestrator.server import serve_in_thread
 from orchestrator.store import ArtifactStore, RecentContent, SweepRefused, encode_png, infotext, read_record
 from tests.api import create_project, run_draft, submit_draft, wait_for_job
@@ -591,3 +596,31 @@ def test_messages_clients_read_name_files_not_paths(text: str, told: str) -> Non
     from orchestrator.store import hide_paths
 
     assert hide_paths(text) == told
+
+
+def test_assets_listed_oldest_first_say_so_by_their_times(make_settings: SettingsFactory,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client syncing on a `created_at` watermark skipped an asset: stamped when its rows were
+    built, before the final write waited for the lock, it listed after one another worker
+    committed meanwhile, yet said it was made first."""
+    settings = make_settings()
+    with serve_in_thread(settings) as base_url, httpx.Client(base_url=base_url, timeout=60) as client:
+        project = create_project(client)["id"]
+        other = run_draft(client, project, n=1, seed=1, width=64, height=64, steps=1)["assets"][0]
+        db = Database(settings.resolved_database_url)
+
+        def another_worker_commits_first() -> Any:
+            # Called by `_succeed` once the rows are built, before its transaction.
+            with db.transaction() as s:
+                source = s.get(Asset, other)
+                assert source is not None
+                s.add(Asset(**{**source.model_dump(), "id": new_id("ast"), "created_at": utcnow()}))
+            return utcnow()
+
+        monkeypatch.setattr(runner, "utcnow", another_worker_commits_first)
+        run_draft(client, project, n=1, seed=2, width=64, height=64, steps=1)
+        items = client.get(f"/v1/projects/{project}/assets").json()["items"]
+        db.dispose()
+    assert len(items) == 3
+    times = [item["created_at"] for item in items]
+    assert times == sorted(times), times
