@@ -118,16 +118,21 @@ class PayloadTooLarge(OrchestratorError):
     code, status = "payload_too_large", 413
 
 
-# An id is echoed in its 404 up to this length: ours are far shorter, and a 5000-character one
-# sent back whole twice (message and details) only fills a client's log.
+# An id (or a cursor) is echoed in its error up to this length: ours are far shorter, and a
+# 5000-character one sent back whole twice (message and details) only fills a client's log.
 MAX_SHOWN_ID = 100
+
+
+def shown(text: str) -> str:
+    """An id or cursor a client sent, as an error echoes it: cut to `MAX_SHOWN_ID` characters."""
+    return text if len(text) <= MAX_SHOWN_ID else text[:MAX_SHOWN_ID] + "…"
 
 
 def not_found(what: str, field: str, value: str | int) -> NotFound:
     """The 404 of an id that names nothing: `not_found("project", "project_id", project_id)`."""
     text = str(value)
-    shown = text if len(text) <= MAX_SHOWN_ID else text[:MAX_SHOWN_ID] + "…"
-    return NotFound(f"{what} '{shown}' not found", details={field: value if shown == text else shown})
+    told = shown(text)
+    return NotFound(f"{what} '{told}' not found", details={field: value if told == text else told})
 
 
 class ContentUnavailable(OrchestratorError):

@@ -8,7 +8,7 @@ import re
 import threading
 
 from orchestrator import clock
-from orchestrator.errors import InvalidRequest
+from orchestrator.errors import InvalidRequest, shown
 
 _ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"  # Crockford base32, lower case
 _lock = threading.Lock()
@@ -47,7 +47,7 @@ def new_id(prefix: str) -> str:
 
 def _malformed(cursor: str) -> InvalidRequest:
     return InvalidRequest("malformed cursor: pass back the 'next_cursor' of the previous page",
-                          details={"cursor": cursor}, loc=("query", "cursor"))
+                          details={"cursor": shown(cursor)}, loc=("query", "cursor"))
 
 
 def id_cursor(cursor: str | None, prefix: str) -> str | None:

@@ -53,10 +53,15 @@ def create(db: Database, project_id: str, name: str,
     return key, secret
 
 
-def listed(db: Database, project_id: str, *, after: str | None, limit: int) -> list[ApiKey]:
-    stmt = select(ApiKey).where(col(ApiKey.project_id) == project_id).order_by(col(ApiKey.id)).limit(limit)
-    if after:
-        stmt = stmt.where(col(ApiKey.id) > after)
+def listed(db: Database, project_id: str, *, after: str | None, limit: int, newest_first: bool = False) -> list[ApiKey]:
+    """A page of the project's keys in the order they were made (ids grow with time), or the
+    reverse, from past the cursor `after` in that order."""
+    column = col(ApiKey.id)
+    stmt = select(ApiKey).where(col(ApiKey.project_id) == project_id).limit(limit)
+    if newest_first:
+        stmt = stmt.order_by(column.desc()).where(column < after) if after else stmt.order_by(column.desc())
+    else:
+        stmt = stmt.order_by(column).where(column > after) if after else stmt.order_by(column)
     with db.session() as s:
         return list(s.exec(stmt).all())
 

@@ -11,7 +11,7 @@ from orchestrator import idempotency, keys
 from orchestrator.api.deps import CallerDep, IdempotencyKey, ServicesDep
 from orchestrator.api.docs import KEY_EXAMPLES, body_examples, created, documented, with_body, with_query
 from orchestrator.api.json_body import StrictJSONRoute
-from orchestrator.api.query import Cursor, Limit
+from orchestrator.api.query import Cursor, Limit, Order
 from orchestrator.errors import Conflict, not_found
 from orchestrator.ids import id_cursor
 from orchestrator.models import ApiKey, Project
@@ -87,10 +87,11 @@ def create_key(project_id: str, body: KeyCreate, services: ServicesDep, caller: 
 @router.get("/projects/{project_id}/keys", response_model=Page[KeyPublic], summary="List a project's keys",
             responses=with_query(403, 404, said={403: _ADMIN_ONLY, 404: _NO_PROJECT}))
 def list_keys(project_id: str, services: ServicesDep, caller: CallerDep,
-              limit: Limit = 50, cursor: Cursor = None) -> Page[KeyPublic]:
+              limit: Limit = 50, cursor: Cursor = None, order: Order = "asc") -> Page[KeyPublic]:
     """The project's keys, revoked ones included (without their secrets)."""
     _admin_project(services, caller, project_id)
-    rows = keys.listed(services.db, project_id, after=id_cursor(cursor, "key"), limit=limit + 1)
+    rows = keys.listed(services.db, project_id, after=id_cursor(cursor, "key"), limit=limit + 1,
+                       newest_first=order == "desc")
     more = len(rows) > limit
     rows = rows[:limit]
     return Page(items=[_public(k) for k in rows], next_cursor=rows[-1].id if more else None)

@@ -862,6 +862,9 @@ def test_a_cursor_of_another_list_is_refused(shared_server: httpx.Client, projec
     # An asset id given to the jobs list would start it somewhere arbitrary, without a word.
     assert_error(shared_server.get("/v1/jobs", params={"cursor": project}), 422, "invalid_request")
     assert shared_server.get("/v1/projects", params={"cursor": project}).status_code == 200
+    # Echoed as ids are, cut: an 8000-character one came back whole.
+    error = assert_error(shared_server.get("/v1/jobs", params={"cursor": "x" * 8000}), 422, "invalid_request")
+    assert error["details"]["cursor"] == "x" * 100 + "…"
 
 
 def test_listing_the_jobs_of_a_project_that_does_not_exist_is_a_404(shared_server: httpx.Client) -> None:

@@ -56,6 +56,14 @@ def test_a_key_is_shown_once_and_listed_without_its_secret(world: World) -> None
     assert [{**k, "key": key["key"]} for k in listed["items"]] == [key]
     assert "key" not in listed["items"][0]
     assert world.admin.get(f"/v1/projects/{world.b}/keys").json()["items"] == []
+    # Newest first, paged, as every other list can (`order` was ignored here).
+    other = world.admin.post("/v1/projects", json={"name": "key order"}).json()["id"]
+    made = [world.admin.post(f"/v1/projects/{other}/keys", json={"name": name}).json()["id"] for name in "ab"]
+    newest = world.admin.get(f"/v1/projects/{other}/keys", params={"order": "desc", "limit": 1}).json()
+    assert [k["id"] for k in newest["items"]] == [made[1]] and newest["next_cursor"] == made[1]
+    older = world.admin.get(f"/v1/projects/{other}/keys", params={"order": "desc", "cursor": made[1]}).json()
+    assert [k["id"] for k in older["items"]] == [made[0]] and older["next_cursor"] is None
+    assert world.admin.get(f"/v1/projects/{other}/keys", params={"order": "up"}).status_code == 422
 
 
 def test_a_retried_key_request_makes_no_second_key(world: World) -> None:
