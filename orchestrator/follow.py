@@ -81,6 +81,10 @@ class JobFollower:
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
 
+    def follows(self, job_id: str) -> bool:
+        """Whether the job's stream is being kept up to date from its row."""
+        return job_id in self._followed
+
     def follow(self, job_id: str) -> None:
         """Keep the job's stream up to date while clients watch it. Call it on the loop."""
         view = self.bus.view(job_id)

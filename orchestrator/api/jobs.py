@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
@@ -15,7 +16,8 @@ from orchestrator.api.docs import documented, with_query
 from orchestrator.api.json_body import StrictJSONRoute
 from orchestrator.api.query import Cursor, Limit, Order, paged
 from orchestrator.api.serialize import job_public
-from orchestrator.errors import Conflict, NotFound, not_found
+from orchestrator.db import transient
+from orchestrator.errors import Conflict, NotFound, first_line, not_found
 from orchestrator.events import TERMINAL, Event
 from orchestrator.follow import catch_up
 from orchestrator.ids import id_cursor
@@ -24,6 +26,7 @@ from orchestrator.schemas import JobPublic, JobStatus, Page, Stage
 from orchestrator.services import Services
 from orchestrator.store import encode_preview
 
+log = logging.getLogger(__name__)
 router = APIRouter(tags=["jobs"], route_class=StrictJSONRoute)
 KEEPALIVE_SECONDS = 15.0
 KEY_RECHECK_SECONDS = 5.0  # how long a revoked project key may still follow an open stream
@@ -165,12 +168,16 @@ async def job_events(job_id: str, services: ServicesDep, caller: CallerDep,
     event the answer is 204, which tells a browser's EventSource to stop reconnecting."""
     if caller.project_id is not None:
         await asyncio.to_thread(check_job, services, caller, job_id)
-    if not services.bus.keep(job_id):  # a job this process has published is known to exist
+    known = services.bus.keep(job_id)  # a job this process has published is known to exist
+    if not known or not (services.scheduler.holds(job_id) or services.follower.follows(job_id)):
+        # Unknown here, or known from a while ago and no longer kept up to date (another process
+        # runs it, and its last watcher left): a late client must first get the current state,
+        # not the progress of when it was last watched.
         job, asset_ids, preview = await asyncio.to_thread(_stored_state, services, job_id)
         if services.scheduler.holds(job_id):  # claimed here (checked after the read): its runner tells the rest
             if not services.bus.knows(job_id):
                 services.bus.publish(job_id, "queued", {"job_id": job_id, "status": "queued"})
-        elif not services.bus.knows(job_id):  # another client may have seeded it meanwhile
+        else:  # what the stream has not told (another client may have seeded it meanwhile)
             catch_up(services.bus, job, asset_ids, preview=preview)
     services.follower.follow(job_id)  # for as long as another process runs it
     if services.bus.ended_before(job_id, last_event_id) or (
@@ -188,7 +195,18 @@ async def job_events(job_id: str, services: ServicesDep, caller: CallerDep,
             while True:
                 if caller.key_id is not None and time.monotonic() - checked > KEY_RECHECK_SECONDS:
                     # A stream outlives its request: a key revoked meanwhile ends it.
-                    if not await asyncio.to_thread(keys.live, services.db, caller.key_id):
+                    try:
+                        live = await asyncio.to_thread(keys.live, services.db, caller.key_id)
+                    except Exception as exc:
+                        if not transient(exc):
+                            raise
+                        # A busy or restarting database: the key stays as it was last seen, and
+                        # is looked at again at the next check (cut here, the client's reconnect
+                        # would meet the same database, and a browser gives up on its 503).
+                        log.warning("job %s: the key of a stream could not be checked: %s", job_id,
+                                    first_line(exc, type(exc).__name__)[:200])
+                        live = True
+                    if not live:
                         return
                     checked = time.monotonic()
                 if pending is None:

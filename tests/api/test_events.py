@@ -12,6 +12,7 @@ from collections.abc import Callable
 import httpx
 import pytest
 
+from orchestrator import follow
 from orchestrator.events import HISTORY_TTL, EventBus, job_mark, split_id
 from orchestrator.server import serve_in_thread
 from orchestrator.settings import Settings
@@ -387,3 +388,30 @@ def test_the_terminal_event_s_number_without_its_end_mark_is_the_end() -> None:
     assert bus.ended_before("job_x", f"{body.removesuffix('-end')}.{mark}")
     assert not bus.ended_before("job_x", f"{body.removesuffix('-end')}.{job_mark('job_y')}")
     assert not bus.ended_before("job_x", sent_id(bus, "job_x", 0))
+
+
+def test_a_late_client_of_a_job_run_elsewhere_gets_its_state_now_not_when_last_watched(
+        make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once its last watcher left, this server stopped following the job but kept its stream: a
+    client connecting after the worker finished it was sent the progress of back then (its
+    preview gone) before the follower caught up."""
+    monkeypatch.setattr(follow, "SUBSCRIBE_GRACE_SECONDS", 0.0)
+    settings = make_settings(run_jobs=False, poll_interval=0.1)
+    database = settings.data_dir / "orchestrator.db"
+    with serve_in_thread(settings) as base, httpx.Client(base_url=base, timeout=30) as client:
+        job = submit_draft(client, create_project(client)["id"])
+        url = f"/v1/jobs/{job['id']}/events"
+        with client.stream("GET", url) as stream:  # a watcher sees it at step 2 of 4
+            events = iter_sse(stream)
+            assert next(events).event == "queued"
+            with sqlite3.connect(database) as db:  # as a worker running it writes
+                db.execute("UPDATE jobs SET status = 'running', attempt = 1, started_at = CURRENT_TIMESTAMP, "
+                           "progress_step = 2, progress_total = 4 WHERE id = ?", (job["id"],))
+            assert [next(events).event, next(events).event] == ["started", "progress"]
+        time.sleep(1.0)  # unwatched: no longer followed
+        with sqlite3.connect(database) as db:  # ...and the worker ends it
+            db.execute("UPDATE jobs SET status = 'failed', finished_at = CURRENT_TIMESTAMP, "
+                       "error = '{\"code\": \"engine_error\", \"message\": \"x\", \"details\": {}}' WHERE id = ?",
+                       (job["id"],))
+        late = read_events(client, job["id"])
+    assert [e.event for e in late] == ["queued", "started", "failed"], late

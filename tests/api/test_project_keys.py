@@ -12,7 +12,9 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy.exc import OperationalError
 
+from orchestrator import keys
 from orchestrator.settings import Settings
 from tests.api import SLOW, SMALL, assert_error, create_project, iter_sse, read_events, run_draft
 
@@ -259,6 +261,36 @@ def test_a_quiet_stream_of_a_revoked_key_ends_at_the_next_key_check(world: World
     assert time.monotonic() - revoked < 60 and not {e.event for e in rest} & {"succeeded", "failed", "canceled"}
     for job in (queued, blocker):
         world.admin.post(f"/v1/jobs/{job['id']}/cancel")
+
+
+def test_a_stream_outlives_a_database_blip_at_its_key_check(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    # One failed look-up of the key (a busy SQLite, a restarting PostgreSQL) cut the stream with no
+    # terminal event, where an admin's rode it out; a browser's reconnect then met a 503 and gave up.
+    monkeypatch.setattr("orchestrator.api.jobs.KEY_RECHECK_SECONDS", 0.2)
+    monkeypatch.setattr("orchestrator.api.jobs.KEEPALIVE_SECONDS", 120.0)
+    secret = world.admin.post(f"/v1/projects/{world.a}/keys", json={"name": "blip"}).json()["key"]
+    real, looked = keys.live, []
+
+    def once_busy(db: Any, key_id: str) -> bool:
+        looked.append(key_id)
+        if len(looked) == 1:
+            raise OperationalError("SELECT", {}, Exception("database is locked"))
+        return real(db, key_id)
+
+    monkeypatch.setattr(keys, "live", once_busy)
+    blocker = world.admin.post(f"/v1/projects/{world.a}/drafts", json={"prompt": "slow", **SLOW}).json()
+    headers = {"Authorization": f"Bearer {secret}"}
+    queued = world.admin.post(f"/v1/projects/{world.a}/drafts", json={"prompt": "waits", "n": 1}).json()
+    with world.admin.stream("GET", f"/v1/jobs/{queued['id']}/events", headers=headers) as stream:
+        events = iter_sse(stream)
+        assert next(events).event == "queued"
+        deadline = time.monotonic() + 30
+        while len(looked) < 2 and time.monotonic() < deadline:  # the failed check, then a good one
+            time.sleep(0.05)
+        assert world.admin.post(f"/v1/jobs/{queued['id']}/cancel").status_code == 202
+        rest = [e.event for e in events]
+    assert len(looked) >= 2 and rest[-1] == "canceled", rest
+    world.admin.post(f"/v1/jobs/{blocker['id']}/cancel")
 
 
 def test_keys_are_refused_on_an_open_service(server: httpx.Client) -> None:
