@@ -177,7 +177,8 @@ class JobService:
 
     def prepare_promote(self, asset_id: str, body: PromoteCreate) -> Prepared:
         source, asked_negative = self._source(asset_id)
-        width, height = self._size(source, body.width, body.height, 1.0, self._multiple("bridge"))
+        width, height = self._size(source, body.width, body.height, 1.0, self._multiple("bridge"),
+                                   limits=self._side_limits("bridge", body.engine))
         params: dict[str, Any] = {
             "stage": "bridge", "prompt": body.prompt or source.prompt,
             "negative_prompt": asked_negative if body.negative_prompt is None else body.negative_prompt,

@@ -798,6 +798,7 @@ def test_a_polish_scale_no_engine_takes_is_refused_as_the_scale(shared_server: h
                                "fits it); a side is 8 to 8192 pixels"),
     # Within them, but beyond local-hifi's 2048 (once "local-hifi: 128x4096 is larger than this engine makes").
     ("polish", {"width": 128}, "width 128 makes the 64x2048 source 128x4096; local-hifi takes 64 to "),
+    ("promote", {"width": 128}, "width 128 makes the 64x2048 source 128x4096; local-hifi takes 64 to "),
 ])
 def test_one_side_whose_other_side_no_engine_takes_is_refused_as_that_side(
         shared_server: httpx.Client, tall_asset: str, stage: str, body: dict[str, Any], says: str) -> None:
