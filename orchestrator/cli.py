@@ -406,6 +406,9 @@ def _run(args: argparse.Namespace) -> int:
         from orchestrator.worker import run_worker
 
         settings = Settings()
+        # SIGHUP reloads the policies once the worker runs; until then (a migration waiting for
+        # another's lock) it must not end the start, as it does not end `serve`'s.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
         if (failed := _checked(settings) or _bound(settings)) is not None:
             return failed
         _log_to_data_dir(settings)

@@ -146,7 +146,8 @@ def run_demo(*, url: str | None, prompt: str, out: str, size: int) -> int:
         # with no worker of its own, the demo would wait on its first draft for ever.
         server = serve_in_thread(settings.model_copy(update={"run_jobs": True}))
     key = _admin_key()
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    # As UTF-8 bytes: httpx sends a str header as ASCII only, and the service reads a key's UTF-8.
+    headers = {b"Authorization": f"Bearer {key}".encode()} if key else {}
     with server as base, httpx.Client(base_url=base, headers=headers, timeout=600) as client:
         started: list[tuple[str, str]] = []
         try:

@@ -23,7 +23,8 @@ def load_price_overrides(settings: Settings) -> dict[str, Any]:
     if settings.prices_file is None:
         return {}
     try:
-        overrides = tomllib.loads(settings.prices_file.read_text())
+        # Past a byte-order mark (as Windows editors write), as the policy files are read.
+        overrides = tomllib.loads(settings.prices_file.read_bytes().decode("utf-8-sig"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise InvalidRequest(f"prices file {settings.prices_file}: {exc}") from exc
     problems = [f"{settings.prices_file}: {problem}" for problem in _price_problems(overrides)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import importlib.util
 import logging
 import os
 import tempfile
@@ -173,6 +174,10 @@ def database_url_problems(text: str) -> list[str]:
     try:
         url.get_dialect().import_dbapi()
     except (ImportError, NoSuchModuleError) as exc:
+        if url.get_backend_name() == "postgresql" and importlib.util.find_spec("psycopg") is not None:
+            # `postgresql://` is psycopg2's to SQLAlchemy; the extra installs psycopg 3, here already.
+            return [f"ORCH_DATABASE_URL: the driver of {shown} is not installed ({exc}); psycopg 3 is: "
+                    "write the URL as postgresql+psycopg://..."]
         return [f"ORCH_DATABASE_URL: the driver of {shown} is not installed ({exc}); for "
                 "PostgreSQL: pip install 'tiered-orchestrator[postgres]'"]
     return []

@@ -208,7 +208,12 @@ class Settings(BaseSettings):
             raise ValueError("must not be empty or blank: set a key, or leave the variable unset for an open API")
         # A header's value has no whitespace at its ends (a client's token is read so): a key
         # written with a trailing space or a CRLF env file's \r locked every client out.
-        return None if value is None else SecretStr(value.get_secret_value().strip())
+        key = None if value is None else value.get_secret_value().strip()
+        if key is not None and any(char.isspace() or not char.isprintable() for char in key):
+            # No client can send it in a bearer token (a control character, a space inside):
+            # the service would start closed to everyone. (Non-ASCII letters are sent as UTF-8.)
+            raise ValueError("must not hold spaces or control characters: it is sent in an HTTP header")
+        return None if key is None else SecretStr(key)
 
     @field_validator("comfyui_url", "a1111_url", "gemini_base_url", "openai_base_url", "stability_base_url",
                      "replicate_base_url", "fal_base_url")
@@ -352,7 +357,10 @@ class _StrictTomlSource(TomlConfigSettingsSource):
     def _read_file(self, file_path: Any) -> dict[str, Any]:
         # A syntax error is a bad setting like any other: reported with its file, not a traceback.
         try:
-            return super()._read_file(file_path)
+            # A byte-order mark (as Windows editors write) is not TOML's, and a policy file may
+            # have one: read past it here too.
+            data: dict[str, Any] = tomllib.loads(file_path.read_bytes().decode("utf-8-sig"))
+            return data
         except OSError as exc:
             raise _config_file_error(file_path, "cannot be read", exc.strerror or str(exc)) from None
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:

@@ -106,7 +106,10 @@ def test_demo_against_an_unreachable_service(tmp_path: Path, capsys: pytest.Capt
 def test_the_demo_runs_the_three_stages_and_saves_their_images(
         make_settings: SettingsFactory, start_server: Callable[[Settings], httpx.Client], tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    client = start_server(make_settings(hifi_model="builtin:tiny-sd"))
+    # A key with a non-ASCII letter, which the service reads as UTF-8: the demo's own client
+    # crashed sending it (httpx sends a str header as ASCII only).
+    client = start_server(make_settings(hifi_model="builtin:tiny-sd", admin_key="clé-démo"))
+    monkeypatch.setenv("ORCH_ADMIN_KEY", "clé-démo")
     out = tmp_path / "out"
     labels: list[list[str]] = []
     drawn = demo_module.contact_sheet
@@ -854,7 +857,10 @@ def test_a_secret_setting_s_bad_value_is_not_echoed(make_settings: SettingsFacto
 @pytest.mark.parametrize(("url", "told"), [
     ("mysql://u:pw@db/orch", "ORCH_DATABASE_URL: mysql://u:***@db/orch is neither SQLite nor PostgreSQL"),
     ("postgresql+psycopg://u:pw@db:x/orch", "ORCH_DATABASE_URL: not a database URL"),
-    ("postgresql+psycopg2://u:pw@db/orch", "the driver of postgresql+psycopg2://u:***@db/orch is not installed"),
+    # The advice was to install the extra, whose psycopg 3 is installed: the URL names the other.
+    ("postgresql+psycopg2://u:pw@db/orch", "the driver of postgresql+psycopg2://u:***@db/orch is not installed "
+                                            "(No module named 'psycopg2'); psycopg 3 is: write the URL as "
+                                            "postgresql+psycopg://..."),
 ])
 def test_check_on_a_database_url_it_cannot_open_is_one_line(make_settings: SettingsFactory, tmp_path: Path,
                                                             monkeypatch: pytest.MonkeyPatch,
@@ -1010,3 +1016,33 @@ def test_prices_no_engine_reads_are_told_at_start(make_settings: SettingsFactory
         assert sum("ORCH_PRICES_FILE" in r.getMessage() for r in caplog.records) == 2
     finally:
         asyncio.run(services.aclose())
+
+
+def test_a_hup_while_a_worker_waits_to_migrate_does_not_end_it(make_settings: SettingsFactory, tmp_path: Path) -> None:
+    """A HUP sent to every unit to reload the policies (as README says) ended a worker still
+    waiting for another process's migration (the signal's default), where `serve` ignored it."""
+    import fcntl
+    import signal
+
+    settings = make_settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "ORCH_DATA_DIR": str(settings.data_dir), "ORCH_CACHE_DIR": str(settings.cache_dir),
+           "ORCH_LITE_MODEL": "builtin:tiny-sd", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    with open(f"{settings.data_dir / 'orchestrator.db'}.migrate-lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process migrating
+        worker = subprocess.Popen([sys.executable, "-m", "orchestrator", "worker"], cwd=tmp_path, env=env,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + 120
+            # Waiting for the lock: the kernel lists the wait ("->") under the worker's pid.
+            while not any(line.split()[1:2] == ["->"] and f" {worker.pid} " in line
+                          for line in Path("/proc/locks").read_text().splitlines()):
+                assert worker.poll() is None and time.monotonic() < deadline, "the worker never waited for the lock"
+                time.sleep(0.05)
+            worker.send_signal(signal.SIGHUP)
+            time.sleep(0.5)
+            assert worker.poll() is None, "a HUP ended the worker"
+        finally:
+            worker.terminate()
+            worker.wait(timeout=60)

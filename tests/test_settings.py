@@ -27,6 +27,19 @@ def toml_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return path
 
 
+def test_a_settings_file_and_a_prices_file_may_start_with_a_byte_order_mark(toml_file: Path) -> None:
+    # As a Windows editor saves them: "not valid TOML: Invalid statement (at line 1, column 1)",
+    # where a policy file with one loaded.
+    from orchestrator.prices import load_price_overrides
+
+    prices = toml_file.parent / "prices.toml"
+    prices.write_bytes(b'\xef\xbb\xbf[gemini."gemini-3.1-flash-image"]\n"1K" = 9\n')
+    toml_file.write_bytes(f'\ufeffpolicy = "local-only"\nprices_file = "{prices}"\n'.encode())
+    settings = Settings()
+    assert settings.policy == "local-only"
+    assert load_price_overrides(settings) == {"gemini": {"gemini-3.1-flash-image": {"1K": 9}}}
+
+
 def test_unknown_toml_key_is_an_error_naming_key_file_and_match(toml_file: Path) -> None:
     toml_file.write_text("max_body_byts = 2048\nlite_max_batch = 2\nzzz = 1\n")
     with pytest.raises(ValidationError) as info:
@@ -146,6 +159,16 @@ def test_a_model_longer_than_jobs_can_store_is_refused_at_start(variable: str, t
         Settings()
     monkeypatch.setenv(variable, "/srv/" + "m" * 295)
     assert len(getattr(Settings(), variable.removeprefix("ORCH_").lower())) == 300
+
+
+@pytest.mark.parametrize("key", ["two words-and-more", "tab\there", "bell\x07key", "del\x7fkey"])
+def test_an_admin_key_no_client_can_send_is_refused(key: str, toml_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # It started a service closed to every client: a bearer token carries no space or control character.
+    monkeypatch.setenv("ORCH_ADMIN_KEY", key)
+    with pytest.raises(ValidationError, match="must not hold spaces or control characters"):
+        Settings()
+    monkeypatch.setenv("ORCH_ADMIN_KEY", "clé-ünïcode-key")  # sent as UTF-8, as the service reads it
+    assert Settings().admin_key is not None
 
 
 @pytest.mark.parametrize("blank", ["", "   ", "\n"])
