@@ -143,9 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:
         if exc.title != "Settings":
             raise
+        from orchestrator.settings import source_of
+
         # Name the variable (or the file's key) to fix rather than print a traceback.
         problems = [f"  {e['msg']}" if e["type"] in ("unknown_setting", "config_file")  # name their file
-                    else f"  {_source_of(_field(e['loc']))}: {_message(e['type'], e['msg'])}"
+                    else f"  {source_of(_field(e['loc']))}: {_message(e['type'], e['msg'])}"
                     f"{_shown_input(_field(e['loc']), e['input'], e['type'])}"
                     for e in exc.errors()]
         return _fail("invalid configuration:\n" + "\n".join(problems), status=2)
@@ -187,25 +189,6 @@ def _shown_input(field: str, value: object, kind: str = "") -> str:
     if known is None or known.repr is False or "SecretStr" in str(known.annotation) or field.endswith("url"):
         return ""  # an address may carry user:password
     return f" (got {value!r})"
-
-
-def _source_of(field: str) -> str:
-    """Where a setting's bad value came from: its ORCH_ variable, or else the config file's key."""
-    import tomllib
-
-    from orchestrator.settings import PREFIX, Settings, field_of_key
-
-    variable = f"{PREFIX}{field.upper()}"
-    # An empty one is not set (`orchestrator.settings._EnvSource`): the file's value was read.
-    if any(name.upper() == variable and (value or field == "admin_key") for name, value in os.environ.items()):
-        return variable
-    path = Path(str(Settings.model_config.get("toml_file") or ""))
-    try:
-        keys = tomllib.loads(path.read_text())
-    except (OSError, ValueError):
-        return variable
-    key = next((k for k in keys if field_of_key(Settings, k) == field), None)  # FAL_KEY is fal_api_key's
-    return f"{path}: {key}" if key else variable
 
 
 def _fail(message: str, status: int = 1) -> int:

@@ -33,7 +33,7 @@ from orchestrator.prices import load_price_overrides, unread_prices
 from orchestrator.queue import Scheduler
 from orchestrator.routing import Router, policy_warnings
 from orchestrator.runner import JobRunner
-from orchestrator.settings import CONFIG_FILE_VARIABLE, Settings
+from orchestrator.settings import CONFIG_FILE_VARIABLE, Settings, source_of
 from orchestrator.store import ORPHAN_GRACE_SECONDS, ArtifactStore, PreviewFiles, SweepRefused
 from orchestrator.workers import DeviceLock, Presence
 from policies import PolicyStore
@@ -60,8 +60,9 @@ def startup_problems(settings: Settings, *, service: bool = True) -> list[str]:
         problems.append(f"{CONFIG_FILE_VARIABLE}: no such file: {named}")
     problems.extend(database_url_problems(settings.resolved_database_url))
     if "*" in settings.cors_origin_list and settings.admin_key is None:
-        problems.append("ORCH_CORS_ORIGINS: * without ORCH_ADMIN_KEY would let every web page its users open drive "
-                        "the service (and spend the budgets): set ORCH_ADMIN_KEY, or list the dashboards' origins")
+        problems.append(f"{source_of('cors_origins')}: * without ORCH_ADMIN_KEY would let every web page its users "
+                        "open drive the service (and spend the budgets): set ORCH_ADMIN_KEY, or list the "
+                        "dashboards' origins")
     # `migrate` on a database of its own (PostgreSQL, a SQLite file elsewhere) writes nothing there.
     if service or not settings.database_url:
         problems.extend(_data_dir_problems(settings, assets=service))
@@ -72,18 +73,18 @@ def startup_problems(settings: Settings, *, service: bool = True) -> list[str]:
         for problem in _cache_dir_problems(settings):
             log.warning("%s: the offline tiny model ORCH_LITE_MODEL=auto falls back to cannot be built", problem)
     if service:
-        problems.extend(f"ORCH_ENGINES: {problem}" for problem in extra_engine_problems(settings.engines))
+        problems.extend(f"{source_of('engines')}: {problem}" for problem in extra_engine_problems(settings.engines))
         try:
             load_price_overrides(settings)
         except InvalidRequest as exc:
-            problems.append(f"ORCH_PRICES_FILE: {exc.message}")
+            problems.append(f"{source_of('prices_file')}: {exc.message}")
         # A file refused at start would leave its policy absent, or worse, the built-in it meant to
         # override (a typo in a stricter `balanced.toml` routing to the cloud): refused here instead.
         # A reload of a running service keeps the last good version (see policies.loader).
         policies = PolicyStore(settings.policy_dir)
-        problems.extend(f"ORCH_POLICY_DIR: {error.message}" for error in policies.errors)
+        problems.extend(f"{source_of('policy_dir')}: {error.message}" for error in policies.errors)
         if settings.policy not in policies:
-            problems.append(f"ORCH_POLICY: '{settings.policy}' is not a loaded policy "
+            problems.append(f"{source_of('policy')}: '{settings.policy}' is not a loaded policy "
                             f"(known: {', '.join(policies.names())})")
     return problems
 
@@ -120,7 +121,7 @@ def _data_dir_problems(settings: Settings, *, assets: bool) -> list[str]:
             probe.write(bytes(64 * 1024))
             probe.flush()
     except OSError as exc:
-        return [f"ORCH_DATA_DIR: {cannot_write(settings.data_dir, exc)}"]
+        return [f"{source_of('data_dir')}: {cannot_write(settings.data_dir, exc)}"]
     if not assets:  # migrate stores no images
         return []
     # The images' folder too, the way they are stored (a file renamed into place): one restored
@@ -137,7 +138,7 @@ def _data_dir_problems(settings: Settings, *, assets: bool) -> list[str]:
         os.replace(left, left.with_name(left.name + "-renamed"))
         left = left.with_name(left.name + "-renamed")
     except OSError as exc:
-        return [f"ORCH_DATA_DIR: {cannot_write(folder, exc)}"]
+        return [f"{source_of('data_dir')}: {cannot_write(folder, exc)}"]
     finally:
         if left is not None:
             with contextlib.suppress(OSError):
@@ -152,33 +153,34 @@ def _cache_dir_problems(settings: Settings) -> list[str]:
         with tempfile.TemporaryFile(dir=settings.cache_dir):
             pass
     except OSError as exc:
-        return [f"ORCH_CACHE_DIR: {cannot_write(settings.cache_dir, exc)}"]
+        return [f"{source_of('cache_dir')}: {cannot_write(settings.cache_dir, exc)}"]
     return []
 
 
 def database_url_problems(text: str) -> list[str]:
     """What is wrong with `ORCH_DATABASE_URL` before any connection is tried (never showing its password)."""
+    told = source_of("database_url")
     try:
         url = make_url(text)
     except (ArgumentError, ValueError):  # a port that is not a number; the text may hold a password
-        return ["ORCH_DATABASE_URL: not a database URL (e.g. postgresql+psycopg://user@host/db)"]
+        return [f"{told}: not a database URL (e.g. postgresql+psycopg://user@host/db)"]
     shown = shown_url(text)
     if url.get_backend_name() == "postgres":  # the scheme Heroku and libpq write; SQLAlchemy knows no such name
-        return [f"ORCH_DATABASE_URL: {shown}: write postgresql+psycopg:// for PostgreSQL"]
+        return [f"{told}: {shown}: write postgresql+psycopg:// for PostgreSQL"]
     if url.get_backend_name() not in ("sqlite", "postgresql"):
-        return [f"ORCH_DATABASE_URL: {shown} is neither SQLite nor PostgreSQL, the databases supported"]
+        return [f"{told}: {shown} is neither SQLite nor PostgreSQL, the databases supported"]
     if url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:"):
         # Each connection would open its own empty database: the tables made at start vanish.
-        return ["ORCH_DATABASE_URL: an in-memory SQLite database cannot be shared between the service's "
+        return [f"{told}: an in-memory SQLite database cannot be shared between the service's "
                 "connections; give a file (sqlite:////srv/orchestrator/orchestrator.db), or leave it unset"]
     try:
         url.get_dialect().import_dbapi()
     except (ImportError, NoSuchModuleError) as exc:
         if url.get_backend_name() == "postgresql" and importlib.util.find_spec("psycopg") is not None:
-            # `postgresql://` is psycopg2's to SQLAlchemy; the extra installs psycopg 3, here already.
-            return [f"ORCH_DATABASE_URL: the driver of {shown} is not installed ({exc}); psycopg 3 is: "
+            # A URL naming another driver (+psycopg2): the extra installs psycopg 3, here already.
+            return [f"{told}: the driver of {shown} is not installed ({exc}); psycopg 3 is: "
                     "write the URL as postgresql+psycopg://..."]
-        return [f"ORCH_DATABASE_URL: the driver of {shown} is not installed ({exc}); for "
+        return [f"{told}: the driver of {shown} is not installed ({exc}); for "
                 "PostgreSQL: pip install 'tiered-orchestrator[postgres]'"]
     return []
 

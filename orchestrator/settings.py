@@ -313,6 +313,22 @@ def _input_names(settings_cls: type[BaseSettings]) -> set[str]:
     return set(input_fields(settings_cls))
 
 
+def source_of(field: str) -> str:
+    """Where a setting's value came from, as a problem with it is told: its ORCH_ variable, or
+    else the config file's key (`orchestrator.toml: data_dir`)."""
+    variable = f"{PREFIX}{field.upper()}"
+    # An empty one is not set (`_EnvSource`): the file's value was read.
+    if any(name.upper() == variable and (value or field == "admin_key") for name, value in os.environ.items()):
+        return variable
+    path = Path(str(Settings.model_config.get("toml_file") or ""))
+    try:
+        keys = tomllib.loads(path.read_bytes().decode("utf-8-sig"))
+    except (OSError, ValueError):
+        return variable
+    key = next((k for k in keys if field_of_key(Settings, k) == field), None)  # FAL_KEY is fal_api_key's
+    return f"{path}: {key}" if key else variable
+
+
 def field_of_key(settings_cls: type[BaseSettings], key: str) -> str | None:
     """The setting a config file's key sets: under one of its names, or written as its variable
     is named (`ORCH_DATA_DIR`, as README's table lists them); None for a key the file may not hold."""

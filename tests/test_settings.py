@@ -40,6 +40,22 @@ def test_a_settings_file_and_a_prices_file_may_start_with_a_byte_order_mark(toml
     assert load_price_overrides(settings) == {"gemini": {"gemini-3.1-flash-image": {"1K": 9}}}
 
 
+def test_a_start_up_problem_names_the_file_s_key_when_the_file_set_it(toml_file: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    # "ORCH_DATA_DIR: ... is not a directory" sent the operator to a variable nobody had set.
+    from orchestrator.services import startup_problems
+
+    monkeypatch.delenv("ORCH_DATA_DIR")
+    in_the_way = toml_file.parent / "a-file"
+    in_the_way.write_text("")
+    toml_file.write_text(f'data_dir = "{in_the_way}"\npolicy = "nope"\n')
+    problems = startup_problems(Settings())
+    assert f"{toml_file}: data_dir: {in_the_way} is not a directory" in problems
+    assert any(problem.startswith(f"{toml_file}: policy: 'nope' is not a loaded policy") for problem in problems)
+    monkeypatch.setenv("ORCH_POLICY", "nope-either")  # a variable wins, and is named
+    assert any(problem.startswith("ORCH_POLICY: 'nope-either'") for problem in startup_problems(Settings()))
+
+
 def test_unknown_toml_key_is_an_error_naming_key_file_and_match(toml_file: Path) -> None:
     toml_file.write_text("max_body_byts = 2048\nlite_max_batch = 2\nzzz = 1\n")
     with pytest.raises(ValidationError) as info:
