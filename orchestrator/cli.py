@@ -160,7 +160,18 @@ def main(argv: list[str] | None = None) -> int:
     except DatabaseError as exc:
         # The database is down or refuses us: say so in a line (the URL's password never shows).
         reason = first_line(exc.orig or exc, type(exc).__name__)
-        return _fail(f"cannot use the database: {reason}")
+        return _fail(f"cannot use the database ({_database_named()}): {reason}")
+
+
+def _database_named() -> str:
+    """Which database a failure is about, and where that was set: "unable to open database file"
+    said neither (the default is a file in ORCH_DATA_DIR)."""
+    from orchestrator.db import shown_url
+    from orchestrator.settings import Settings, source_of
+
+    settings = Settings()
+    told = source_of("database_url") if settings.database_url else f"in {source_of('data_dir')}"
+    return f"{told}: {shown_url(settings.resolved_database_url)}"
 
 
 def _field(loc: tuple[int | str, ...]) -> str:

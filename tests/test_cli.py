@@ -722,7 +722,8 @@ def test_a_database_that_does_not_answer_is_one_line(make_settings: SettingsFact
     monkeypatch.setenv("ORCH_DATABASE_URL", "postgresql+psycopg://studio:s3cret@127.0.0.1:9/orchestrator")
     assert main(["migrate"]) == 1  # once ~40 frames of SQLAlchemy traceback
     err = capsys.readouterr().err
-    assert err.startswith("orchestrator: cannot use the database: ") and err.count("\n") == 1
+    assert err.startswith("orchestrator: cannot use the database (ORCH_DATABASE_URL: "
+                          "postgresql+psycopg://studio:***@127.0.0.1:9/orchestrator): ") and err.count("\n") == 1
     assert "s3cret" not in err
 
 
@@ -953,7 +954,8 @@ def test_a_database_that_takes_no_writes_is_one_line_before_the_service_starts(
     capsys.readouterr()
     assert main(["serve", "--port", str(free_port())]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("orchestrator: cannot use the database: ") and "readonly" in err, err
+    assert err.startswith(f"orchestrator: cannot use the database (ORCH_DATABASE_URL: sqlite:///file:{path}?"), err
+    assert "readonly" in err, err
     assert err.count("\n") == 1
     assert list((tmp_path / "cwd").iterdir()) == []  # the URI's `file:` is no folder to make here
     # `check` reads it too (it looked for a file named `file:/...` and found no database).
