@@ -333,6 +333,13 @@ def _log_to_data_dir(settings: Settings) -> None:
         return
     handler.setFormatter(logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"))
     root.addHandler(handler)
+    # Told on stderr while the settings were read, before this file was open: a typo such as
+    # ORCH_ADMIN_KYE (an API left open) belongs in the log an operator reads later too.
+    from orchestrator.settings import Settings, unknown_variables
+
+    told_by = logging.getLogger("orchestrator.settings")
+    for sentence in unknown_variables(Settings, os.environ):
+        handler.handle(told_by.makeRecord(told_by.name, logging.WARNING, __file__, 0, sentence, (), None))
 
 
 def _log_what_it_uses(settings: Settings) -> None:

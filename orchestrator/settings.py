@@ -428,16 +428,25 @@ _OPTIONS = {
 }
 
 
-def _warn_unknown_variables(settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> None:
+def unknown_variables(settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> list[str]:
+    """A sentence for each ORCH_ variable that is no setting (a typo leaves the API open when it is
+    ORCH_ADMIN_KYE): logged at start, and again into the data dir's log once that is open."""
     # Matched without regard to case, as pydantic-settings reads them.
     known = {f"{PREFIX}{field}".lower() for field in settings_cls.model_fields}
     known |= {name for name in _input_names(settings_cls) if name.startswith(PREFIX.lower())}
     known.add(CONFIG_FILE_VARIABLE.lower())
     suffixes = sorted(name.removeprefix(PREFIX.lower()) for name in known)
+    told = []
     for variable in sorted(environ):
         if not variable.lower().startswith(PREFIX.lower()) or variable.lower() in known:
             continue
         option = _OPTIONS.get(variable[len(PREFIX):].lower())
         match = _closest(variable[len(PREFIX):], suffixes)
         hint = f" ({option})" if option else f" (did you mean {PREFIX}{match.upper()}?)" if match else ""
-        log.warning("%s is not a setting of this service and is ignored%s", variable, hint)
+        told.append(f"{variable} is not a setting of this service and is ignored{hint}")
+    return told
+
+
+def _warn_unknown_variables(settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> None:
+    for sentence in unknown_variables(settings_cls, environ):
+        log.warning("%s", sentence)
