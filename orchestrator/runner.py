@@ -353,71 +353,16 @@ class JobRunner:
         ran_on = job.engine  # a fallback moves the job (and its probe) to another engine
         try:
             claim.cancel.raise_if_cancelled()  # canceled between its claim and this start
-            self.health.assign(job.engine, job.id)
-            try:
-                result = await self._render(claim)
-            except Canceled as exc:
-                self._doubt_a_free_cancel(claim, exc)
-                raise
-            except EngineError as exc:
-                if exc.retryable and exc.engine_fault:
-                    self.health.failed(job.engine)
-                raise
-            finally:
-                self.health.finished(job.engine, job.id)  # whatever the verdict, this probe is over
+            result = await self._render_probed(claim)
             engine_returned = True
-            self.storing.add(job.id)
-            elapsed = time.monotonic() - started
-            self.health.succeeded(job.engine, job.stage, elapsed)
-            try:
-                asset_ids = await asyncio.to_thread(self._succeed, claim, result, elapsed)
-            except Canceled as exc:
-                # Canceled once the engine had finished: a remote engine's images are made and billed.
-                if self.registry.get(job.engine).kind == "remote":
-                    exc.at_least_charged("yes")
-                    exc.cost_millicredits = result.cost_millicredits
-                raise
-            except (StaleAttempt, OrchestratorError):
-                raise
-            except Exception as exc:  # disk full, permissions: the engine did its (billed) work
-                if transient(exc) and self.registry.get(job.engine).kind == "local":
-                    # The database stayed away for the whole final write: a local job is left to
-                    # recovery (its lease runs out, and it runs again), not failed for good.
-                    log.error("job %s: the database %s while its images were stored; it is left to recovery",
-                              job.id, "had no room left on its disk" if disk_full(exc) else "did not answer")
-                    return
-                log.exception("job %s: storing its images failed", job.id)
-                # The first line says what failed; a database error's next lines hold its SQL and values,
-                # and a file error's text the server's paths (the log has them).
-                reason = (exc.strerror if isinstance(exc, OSError) and exc.strerror
-                          else first_line(exc))
-                raise EngineError(f"the images were made but could not be stored: {type(exc).__name__}: {reason}"[:500],
-                                  retryable=False, charged="yes", cost_millicredits=result.cost_millicredits) from exc
+            asset_ids = await self._store(claim, result, started)
+            if asset_ids is None:
+                return
         except StaleAttempt:
             log.info("job %s attempt %s was superseded; its result is discarded", job.id, claim.attempt)
             return
         except Canceled as exc:
-            # After the engine returned, a stop does not interrupt `_succeed` (until the runner has
-            # closed): a Canceled from it is a user's cancel (recorded in the row), which ends the
-            # job now, with what it cost.
-            if claim.shutdown and (not engine_returned or self._closed):
-                # Work a paid provider accepted in this attempt is recovery's to follow: queued again
-                # as unsent, the next run would send it afresh. A free self-hosted server's job (which
-                # bills nobody, whatever its cancel says) is queued again with its task, for the next
-                # run to resume or take off the server.
-                if restartable(self.registry.get(job.engine), job) or (exc.charged == "no" and not claim.accepted):
-                    # Nothing reached a paid provider: queued again, with its hold, for the next start
-                    # (recovery would fail a remote job as possibly billed).
-                    try:
-                        await asyncio.to_thread(self._requeue_unsent, claim)
-                    except StaleAttempt:
-                        pass
-                    except Canceled as asked:  # through another process meanwhile: nothing was sent
-                        await self._end(claim, "canceled", asked)
-                        return
-                log.info("job %s interrupted by shutdown; the next start recovers it", job.id)
-                return
-            await self._end(claim, "canceled", exc)
+            await self._canceled(claim, exc, engine_returned)
         except EngineError as exc:
             # Only when the provider surely made (and billed) nothing: a request sent without an
             # answer is never repeated elsewhere, or the studio could pay twice.
@@ -426,18 +371,7 @@ class JobRunner:
         except OrchestratorError as exc:
             await self._end(claim, "failed", exc)
         except Exception as exc:  # an engine bug must fail the job, not leave it running
-            log.exception("job %s crashed in engine %s", job.id, job.engine)
-            # A remote engine may have sent the request before it broke: the charge is unknown,
-            # unless the engine announces its sends and had asked for none.
-            remote = job.engine in self.registry and self.registry.get(job.engine).kind == "remote"
-            # The first line: a database error's next ones hold its SQL and values (the log has them).
-            # The server's paths are cut to their last part: the project's key reads the job.
-            first = hide_paths(first_line(exc), job.engine)
-            claim.ended = True  # before the question below: no send of this attempt starts after it
-            error = EngineError(f"engine '{job.engine}' failed unexpectedly: {type(exc).__name__}: {first}"[:500],
-                                retryable=False,
-                                charged="unknown" if remote and not claim.surely_unsent() else "no")
-            await self._end(claim, "failed", error)
+            await self._crashed(claim, exc)
         else:
             log.info("job %s succeeded on %s: %d image(s) in %.1f s", job.id, job.engine, len(asset_ids),
                      time.monotonic() - started)
@@ -455,6 +389,94 @@ class JobRunner:
                     await asyncio.to_thread(self.preview_files.remove, job.id)
                 except OSError as exc:  # left for the sweeper: the job's end must not fail on it
                     log.warning("job %s: removing its step preview failed: %s", job.id, exc)
+
+    async def _render_probed(self, claim: Claim) -> RenderResult:
+        """The engine's result, with the engine's health told of how it went."""
+        job = claim.job
+        self.health.assign(job.engine, job.id)
+        try:
+            return await self._render(claim)
+        except Canceled as exc:
+            self._doubt_a_free_cancel(claim, exc)
+            raise
+        except EngineError as exc:
+            if exc.retryable and exc.engine_fault:
+                self.health.failed(job.engine)
+            raise
+        finally:
+            self.health.finished(job.engine, job.id)  # whatever the verdict, this probe is over
+
+    async def _store(self, claim: Claim, result: RenderResult, started: float) -> list[str] | None:
+        """The ids of the stored images, or None when the job is left to recovery."""
+        job = claim.job
+        self.storing.add(job.id)
+        elapsed = time.monotonic() - started
+        self.health.succeeded(job.engine, job.stage, elapsed)
+        try:
+            return await asyncio.to_thread(self._succeed, claim, result, elapsed)
+        except Canceled as exc:
+            # Canceled once the engine had finished: a remote engine's images are made and billed.
+            if self.registry.get(job.engine).kind == "remote":
+                exc.at_least_charged("yes")
+                exc.cost_millicredits = result.cost_millicredits
+            raise
+        except (StaleAttempt, OrchestratorError):
+            raise
+        except Exception as exc:  # disk full, permissions: the engine did its (billed) work
+            if transient(exc) and self.registry.get(job.engine).kind == "local":
+                # The database stayed away for the whole final write: a local job is left to
+                # recovery (its lease runs out, and it runs again), not failed for good.
+                log.error("job %s: the database %s while its images were stored; it is left to recovery",
+                          job.id, "had no room left on its disk" if disk_full(exc) else "did not answer")
+                return None
+            log.exception("job %s: storing its images failed", job.id)
+            # The first line says what failed; a database error's next lines hold its SQL and values,
+            # and a file error's text the server's paths (the log has them).
+            reason = (exc.strerror if isinstance(exc, OSError) and exc.strerror
+                      else first_line(exc))
+            raise EngineError(f"the images were made but could not be stored: {type(exc).__name__}: {reason}"[:500],
+                              retryable=False, charged="yes", cost_millicredits=result.cost_millicredits) from exc
+
+    async def _canceled(self, claim: Claim, exc: Canceled, engine_returned: bool) -> None:
+        """A user's cancel ends the job now, with what it cost; a stop leaves it to the next start."""
+        job = claim.job
+        # After the engine returned, a stop does not interrupt `_succeed` (until the runner has
+        # closed): a Canceled from it is a user's cancel (recorded in the row), which ends the
+        # job now, with what it cost.
+        if claim.shutdown and (not engine_returned or self._closed):
+            # Work a paid provider accepted in this attempt is recovery's to follow: queued again
+            # as unsent, the next run would send it afresh. A free self-hosted server's job (which
+            # bills nobody, whatever its cancel says) is queued again with its task, for the next
+            # run to resume or take off the server.
+            if restartable(self.registry.get(job.engine), job) or (exc.charged == "no" and not claim.accepted):
+                # Nothing reached a paid provider: queued again, with its hold, for the next start
+                # (recovery would fail a remote job as possibly billed).
+                try:
+                    await asyncio.to_thread(self._requeue_unsent, claim)
+                except StaleAttempt:
+                    pass
+                except Canceled as asked:  # through another process meanwhile: nothing was sent
+                    await self._end(claim, "canceled", asked)
+                    return
+            log.info("job %s interrupted by shutdown; the next start recovers it", job.id)
+            return
+        await self._end(claim, "canceled", exc)
+
+    async def _crashed(self, claim: Claim, exc: Exception) -> None:
+        """An engine's bug fails the job, possibly billed when a remote engine may have sent it."""
+        job = claim.job
+        log.exception("job %s crashed in engine %s", job.id, job.engine, exc_info=exc)
+        # A remote engine may have sent the request before it broke: the charge is unknown,
+        # unless the engine announces its sends and had asked for none.
+        remote = job.engine in self.registry and self.registry.get(job.engine).kind == "remote"
+        # The first line: a database error's next ones hold its SQL and values (the log has them).
+        # The server's paths are cut to their last part: the project's key reads the job.
+        first = hide_paths(first_line(exc), job.engine)
+        claim.ended = True  # before the question below: no send of this attempt starts after it
+        error = EngineError(f"engine '{job.engine}' failed unexpectedly: {type(exc).__name__}: {first}"[:500],
+                            retryable=False,
+                            charged="unknown" if remote and not claim.surely_unsent() else "no")
+        await self._end(claim, "failed", error)
 
     def close(self) -> None:
         self._closed = True
