@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
 
     sub.add_parser("migrate", help="apply database migrations and exit",
                    description="Bring the database of ORCH_DATABASE_URL (or ORCH_DATA_DIR's SQLite file) to this "
-                   "version's schema, and exit. serve, worker and demo also do this when they start.")
+                   "version's schema, and exit. serve, worker and demo (without --url) also do this when they start.")
     check = sub.add_parser("check", help=("verify that every asset's PNG is in the store, byte for byte, "
                                           "and that the ledger adds up (read-only)"),
                            description="Verify, writing nothing, that every asset's PNG is in the store byte for "
