@@ -49,13 +49,15 @@ def create_project(body: ProjectCreate, services: ServicesDep, caller: CallerDep
     """Create a project. With an `Idempotency-Key`, a retry answers with the project the first
     request made (as it is now) and creates nothing."""
     caller.admin("creating a project")
-    # The default policy written out is the same request as one that leaves it out; a key stored
-    # by a release that hashed it as written still matches.
+    # Defaults written out are the same request as one that leaves them out: a budget of no limit
+    # (`{}`, `{"limit": null, "period": "none"}`), and the default policy, whose key a release that
+    # hashed it as written stored.
+    hashed = body.model_copy(update={"budget": None}) if body.budget == Budget() else body
     if body.policy in (None, services.settings.policy):
-        digest = idempotency.request_hash(body.model_copy(update={"policy": None}),
-                                          body.model_copy(update={"policy": services.settings.policy}))
+        digest = idempotency.request_hash(hashed.model_copy(update={"policy": None}),
+                                          hashed.model_copy(update={"policy": services.settings.policy}))
     else:
-        digest = idempotency.request_hash(body)
+        digest = idempotency.request_hash(hashed)
     scope, key = request.url.path, idempotency_key
     # Before the checks: a retry answers as the first request did, even if the policy is gone since.
     if key and (earlier := _created_earlier(services, key, scope, digest)):

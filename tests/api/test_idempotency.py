@@ -192,6 +192,10 @@ def test_a_key_stored_by_an_earlier_release_still_replays(server: httpx.Client,
         db.dispose()
     assert post_key(server, project, BODY, "clé".encode()).json()["id"] == accented
     assert_error(post(server, project, {**BODY, "seed": 9}, "old-key"), 409, "idempotency_conflict")
+    # That stored form is also a key a client may send today: `clÃ©` is another request's key, so
+    # `clé` with another body is a new request, not a 409 for a key it never used.
+    other = post_key(server, project, {**BODY, "seed": 9}, "clé".encode())
+    assert other.status_code == 202 and other.json()["id"] != accented, other.text
 
 
 def test_concurrent_requests_with_one_key_make_one_job(server: httpx.Client) -> None:
@@ -250,6 +254,12 @@ def test_a_project_s_default_policy_written_out_is_the_same_request(server: http
     assert again.headers["idempotent-replayed"] == "true" and again.json()["id"] == first.json()["id"]
     assert_error(post_project(server, {"name": "defaults", "policy": "local-only"}, "prj-key-defaults"),
                  409, "idempotency_conflict")
+    # A budget of no limit written out, as a form that always sends the field does (it was a 409).
+    for budget in ({}, {"limit": None, "period": "none"}, None):
+        again = post_project(server, {"name": "defaults", "budget": budget}, "prj-key-defaults")
+        assert again.status_code == 201 and again.json()["id"] == first.json()["id"], (budget, again.text)
+    assert_error(post_project(server, {"name": "defaults", "budget": {"limit": 5, "period": "none"}},
+                              "prj-key-defaults"), 409, "idempotency_conflict")
 
 
 def test_a_project_key_stored_with_the_default_policy_written_still_replays(
