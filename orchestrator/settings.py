@@ -142,6 +142,8 @@ class Settings(BaseSettings):
     comfyui_workflow: Path | None = None
     a1111_url: str | None = Field(None, repr=False)
     a1111_auth: SecretStr | None = None  # "user:password" for --api-auth
+    # The checkpoint each render asks for (its title, name or hash); unset = whichever the server has loaded.
+    a1111_checkpoint: str | None = None
 
     # Total seconds a remote call may take, retries and polling included.
     remote_deadline: float = Field(300.0, gt=0, le=DAY, allow_inf_nan=False)
@@ -190,7 +192,7 @@ class Settings(BaseSettings):
         return os.path.expanduser(value) if value is not None and value.startswith("~") else value
 
     @field_validator("lite_model", "hifi_model", "gemini_model", "openai_model", "stability_model",
-                     "replicate_model", "fal_model")
+                     "replicate_model", "fal_model", "a1111_checkpoint")
     @classmethod
     def _stored_model(cls, value: str | None) -> str | None:
         # Jobs and assets store it: refused at start, not by the first job's write on PostgreSQL.

@@ -166,7 +166,7 @@ def test_a_setting_s_own_check_is_told_in_its_words_alone(
     assert "Value error" not in err and "(got " not in err
 
 
-@pytest.mark.parametrize("variable", ["ORCH_LITE_MODEL", "ORCH_HIFI_MODEL", "ORCH_FAL_MODEL"])
+@pytest.mark.parametrize("variable", ["ORCH_LITE_MODEL", "ORCH_HIFI_MODEL", "ORCH_FAL_MODEL", "ORCH_A1111_CHECKPOINT"])
 def test_a_model_longer_than_jobs_can_store_is_refused_at_start(variable: str, toml_file: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """PostgreSQL enforces the column's 300 characters: every job's write failed there, not the start."""

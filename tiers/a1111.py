@@ -15,6 +15,11 @@ answer does not tell from a finished one: such an image is stored. A 500 in the 
 shape (out of memory, NaN in the VAE) is final: re-sending it would re-run the same failure on a
 shared GPU.
 
+The server is shared, and its loaded checkpoint is whichever a client chose last: with
+`ORCH_A1111_CHECKPOINT` set, each render asks for that one (`override_settings`, restored after).
+A checkpoint the server does not know is dropped there and the loaded one renders, so the result
+names the checkpoint the server reports it rendered with (`sd_model_name`), not the one asked for.
+
 Self-hosted, so it costs no credits; `leaves_machine` is still True: `ORCH_A1111_URL` may point at
 any host, and the prompt and pixels go there. Optional HTTP Basic auth (`--api-auth`) comes from
 `ORCH_A1111_AUTH` as "user:password".
@@ -34,6 +39,7 @@ from orchestrator.errors import BadEngineInput, Canceled, EngineError, EngineTim
 from tiers._http import GATEWAY_STATUSES, RemoteClient, error_text, without_credentials
 from tiers._images import b64decode_tolerant, b64encode, decode_image, encode_image
 from tiers.base import (
+    MAX_MODEL_CHARS,
     CancelToken,
     Capabilities,
     EngineContext,
@@ -80,10 +86,16 @@ def _finite(value: Any) -> float | None:
     return number if math.isfinite(number) else None
 
 
+def webui_error(response: httpx.Response) -> bool:
+    """Whether the body is the webui's own error shape (`{"error","detail","body","errors"}`, from
+    its API's exception handler), not a bare framework's or a proxy's answer."""
+    body = _json_dict(response)
+    return body is not None and "error" in body and "errors" in body
+
+
 def processing_failed(response: httpx.Response) -> bool:
     """A 500 with the webui's own error body: the render raised on the server."""
-    body = _json_dict(response) if response.status_code == 500 else None
-    return body is not None and "error" in body and "errors" in body
+    return response.status_code == 500 and webui_error(response)
 
 
 def not_sent_again(response: httpx.Response) -> bool:
@@ -118,6 +130,9 @@ class A1111Engine:
     def __init__(self, ctx: EngineContext, client: RemoteClient | None = None) -> None:
         s = ctx.settings
         self._url = s.a1111_url
+        # An env file's stray space would name no checkpoint the server has (and it would render
+        # with its loaded one): taken as written without it.
+        self._checkpoint = (s.a1111_checkpoint or "").strip() or None
         self._auth_error: str | None = None
         auth: tuple[str, str] | None = None
         try:
@@ -137,7 +152,11 @@ class A1111Engine:
 
     @property
     def model(self) -> str:
-        return "a1111"
+        """What the operator configured, not what the server last rendered with: jobs are keyed
+        (cache_key) and listed (GET /v1/engines) by it before any render, and a key taken from a
+        shared server's loaded checkpoint would move with another client's choice. A result's
+        `model` names the checkpoint that made it."""
+        return self._checkpoint or "a1111"
 
     @property
     def configured(self) -> bool:
@@ -159,6 +178,12 @@ class A1111Engine:
 
     def _body(self, req: RenderRequest, task_id: str) -> dict[str, Any]:
         assert req.init_image is not None
+        # Another client of the shared server may have loaded any checkpoint: ask for ours, and
+        # have the server put its own back after (the other clients' renders expect theirs).
+        pinned: dict[str, Any] = {} if self._checkpoint is None else {
+            "override_settings": {"sd_model_checkpoint": self._checkpoint},
+            "override_settings_restore_afterwards": True,
+        }
         return {
             "force_task_id": task_id,
             "init_images": [b64encode(encode_image(req.init_image, fmt="PNG"))],
@@ -177,6 +202,7 @@ class A1111Engine:
             "batch_size": 1,
             # Saving would also make the server prepend a grid image to the answer.
             "save_images": False,
+            **pinned,
         }
 
     async def run(self, req: RenderRequest, progress: Progress, cancel: CancelToken) -> RenderResult:
@@ -297,7 +323,12 @@ class A1111Engine:
             return None
 
     def _result(self, req: RenderRequest, response: httpx.Response) -> RenderResult:
+        if response.status_code == 404 and webui_error(response):
+            # The API answered: something the request names is not on the server (`Sampler not
+            # found`). The request's, not the server's: it is not counted against its circuit.
+            raise self.http.fail(response, self._error_detail(response))
         if response.status_code == 404:
+            # A bare 404 (no API handler answered): the route is not there, the API is off.
             raise EngineUnavailable(
                 f"a1111: the server has no {IMG2IMG} (HTTP 404): start it with --api and check {URL_SETTING}",
                 details={"engine": self.name, "status": 404},
@@ -346,16 +377,26 @@ class A1111Engine:
         guidance = _finite(info.get("cfg_scale"))
         if guidance is None:
             guidance = DEFAULT_CFG if req.guidance_scale is None else req.guidance_scale
-        sampler = info.get("sampler_name")
-        if not isinstance(sampler, str) or not 0 < len(sampler) <= MAX_SAMPLER_CHARS:
-            sampler = SAMPLER
+        sampler = self._named(info.get("sampler_name"), MAX_SAMPLER_CHARS, response) or SAMPLER
+        # The checkpoint that rendered: a pinned one the server does not have is dropped there
+        # (the loaded one renders), and unpinned it is whichever another client loaded last.
+        checkpoint = self._named(info.get("sd_model_name"), MAX_MODEL_CHARS, response)
         return RenderResult(
             images=images,
-            model=self.model,
+            model=checkpoint or self.model,
             cost_millicredits=0,
-            metadata={"checkpoint": info.get("sd_model_name"), "sampler": sampler, "steps": steps,
-                      "guidance_scale": guidance},
+            metadata={"checkpoint": checkpoint, "sampler": sampler, "steps": steps, "guidance_scale": guidance},
         )
+
+    @staticmethod
+    def _named(value: Any, limit: int, response: httpx.Response) -> str | None:
+        """A name the server gives (a sampler, a checkpoint) as the image's record and its PNG may
+        keep it: text of 1 to `limit` printable characters (what jobs and assets store), with the
+        request's credentials taken out as from the server's other text; else None."""
+        if not isinstance(value, str):
+            return None
+        value = without_credentials(value.strip(), response)
+        return value if 0 < len(value) <= limit and value.isprintable() else None
 
     @staticmethod
     def _info(raw: Any) -> dict[str, Any]:

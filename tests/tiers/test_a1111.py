@@ -14,6 +14,8 @@ import respx
 from PIL import Image
 
 from orchestrator.errors import BadEngineInput, Canceled, EngineError, EngineTimeout, EngineUnavailable
+from orchestrator.runner import JobRunner
+from orchestrator.store import infotext
 from tests.tiers.conftest import RecordingProgress, png_bytes
 from tests.tiers.conftest import bridge as base_bridge
 from tiers.a1111 import A1111Engine
@@ -139,6 +141,89 @@ async def test_what_the_server_says_it_ran_is_recorded(engine: A1111Engine) -> N
         20, 5.0, "DPM++ 2M")
 
 
+def pinned(make_ctx: Any, sleep: Any, checkpoint: str | None, **settings: Any) -> A1111Engine:
+    eng = A1111Engine(make_ctx(a1111_url=BASE, a1111_checkpoint=checkpoint, **settings))
+    eng.http.sleep = sleep
+    eng.poll_interval = 0
+    return eng
+
+
+def served(checkpoint: Any) -> respx.Route:
+    """img2img answering that `checkpoint` rendered (`sd_model_name`); absent when it is ...."""
+    info: dict[str, Any] = {"all_seeds": [5]}
+    if checkpoint is not ...:
+        info["sd_model_name"] = checkpoint
+    return respx.post(URL).mock(return_value=httpx.Response(200, json={**ok_body(), "info": json.dumps(info)}))
+
+
+@respx.mock
+async def test_a_configured_checkpoint_is_asked_for_and_the_server_s_own_put_back(make_ctx: Any, sleep: Any) -> None:
+    """Another client of the shared server may have loaded any checkpoint: ours is asked for in
+    each render, and the server restores its own after it."""
+    eng = pinned(make_ctx, sleep, "dreamshaper_8.safetensors [879db523c3]")
+    route = served("dreamshaper_8")
+    result = await eng.run(bridge(), NullProgress(), CancelToken())
+    sent = json.loads(route.calls.last.request.content)
+    assert sent["override_settings"] == {"sd_model_checkpoint": "dreamshaper_8.safetensors [879db523c3]"}
+    assert sent["override_settings_restore_afterwards"] is True
+    # The image names what the server reports it rendered with; the engine what it is set to.
+    assert result.model == "dreamshaper_8" and result.metadata["checkpoint"] == "dreamshaper_8"
+    assert eng.model == "dreamshaper_8.safetensors [879db523c3]"
+
+
+@respx.mock
+async def test_without_a_checkpoint_setting_the_server_s_loaded_one_is_used_and_named(engine: A1111Engine) -> None:
+    route = served("sdxl_base")
+    result = await engine.run(bridge(), NullProgress(), CancelToken())
+    sent = json.loads(route.calls.last.request.content)
+    assert "override_settings" not in sent and "override_settings_restore_afterwards" not in sent
+    assert result.model == "sdxl_base"
+    # Jobs are keyed and listed by the engine's model before any render: never by whatever
+    # checkpoint another client happened to leave loaded.
+    assert engine.model == "a1111"
+
+
+@respx.mock
+async def test_the_checkpoint_that_rendered_is_in_the_asset_s_record_and_png(make_ctx: Any, sleep: Any) -> None:
+    """An unknown checkpoint is dropped by the webui, which renders with its loaded one: the
+    record must name that one (it once said `a1111` whatever rendered)."""
+    eng = pinned(make_ctx, sleep, "not_on_this_server")
+    served("sdxl_base")
+    result = await eng.run(bridge(seed=5), NullProgress(), CancelToken())
+    job = SimpleNamespace(params={"prompt": "a lighthouse", "negative_prompt": ""}, stage="bridge",
+                          engine="a1111", source_asset_id="ast_x")
+    record = JobRunner._record(None, job, result, result.images[0].seed)  # type: ignore[arg-type]
+    assert record["model"] == "sdxl_base"
+    assert "Model: sdxl_base," in infotext(record)
+
+
+@respx.mock
+@pytest.mark.parametrize("told", [..., None, "", "   ", 7, ["sdxl_base"], {"name": "x"}, "m" * 301,
+                                  "two\nlines", "nul\x00byte"])
+@pytest.mark.parametrize(("checkpoint", "expected"), [(None, "a1111"), ("dreamshaper_8", "dreamshaper_8")])
+async def test_a_checkpoint_name_the_server_gives_is_taken_only_when_it_is_one(
+        make_ctx: Any, sleep: Any, told: Any, checkpoint: str | None, expected: str) -> None:
+    """The asset's model is a 300-character column and a `Model:` line of the PNG: anything else
+    the server reports there gives way to the setting, else the engine's name."""
+    eng = pinned(make_ctx, sleep, checkpoint)
+    served(told)
+    result = await eng.run(bridge(), NullProgress(), CancelToken())
+    assert result.model == expected and result.metadata["checkpoint"] is None
+
+
+@respx.mock
+async def test_a_checkpoint_name_keeps_no_credentials(make_ctx: Any, sleep: Any) -> None:
+    eng = pinned(make_ctx, sleep, None, a1111_auth="artist:hunter2-long-pass")
+    served("model " + base64.b64encode(b"artist:hunter2-long-pass").decode())
+    result = await eng.run(bridge(), NullProgress(), CancelToken())
+    assert result.model == "model ***"
+
+
+def test_the_checkpoint_setting_is_taken_without_stray_spaces(make_ctx: Any) -> None:
+    assert A1111Engine(make_ctx(a1111_url=BASE, a1111_checkpoint=" sdxl_base \r")).model == "sdxl_base"
+    assert A1111Engine(make_ctx(a1111_url=BASE, a1111_checkpoint="  ")).model == "a1111"
+
+
 @respx.mock
 async def test_a_guidance_scale_of_zero_is_sent_as_zero(engine: A1111Engine) -> None:
     route = respx.post(URL).mock(return_value=httpx.Response(200, json=ok_body()))
@@ -260,10 +345,25 @@ async def test_401_with_basic_auth_names_the_setting(make_ctx: Any) -> None:
 
 
 @respx.mock
-async def test_404_means_api_not_enabled(engine: A1111Engine) -> None:
-    respx.post(URL).mock(return_value=httpx.Response(404, json={"detail": "Not Found"}))
+@pytest.mark.parametrize("response", [httpx.Response(404, json={"detail": "Not Found"}),
+                                      httpx.Response(404, text="<html>404 Not Found</html>")])
+async def test_404_means_api_not_enabled(engine: A1111Engine, response: httpx.Response) -> None:
+    respx.post(URL).mock(return_value=response)
     with pytest.raises(EngineUnavailable, match="--api"):
         await engine.run(bridge(), NullProgress(), CancelToken())
+
+
+@respx.mock
+async def test_a_404_in_the_webui_s_error_shape_is_the_request_s(engine: A1111Engine) -> None:
+    """The API answered (`HTTPException(404, "Sampler not found")`): the request named something
+    the server lacks. It was told as the API being off, and counted against the server's circuit."""
+    route = respx.post(URL).mock(return_value=httpx.Response(404, json={
+        "error": "HTTPException", "detail": "Sampler not found", "body": "SECRET-ECHO", "errors": ""}))
+    with pytest.raises(BadEngineInput) as info:
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    assert "Sampler not found" in info.value.message and "--api" not in info.value.message
+    assert "SECRET-ECHO" not in info.value.message
+    assert not info.value.retryable and info.value.details["status"] == 404 and route.call_count == 1
 
 
 @respx.mock
