@@ -126,6 +126,8 @@ class EngineHealth:
             if c.opened_at is None:
                 return True
             now = self.clock()
+            if c.probe == token and self._probe_out(c, now):
+                return True  # a retry of the request holding it (one Idempotency-Key, one token)
             if now - c.opened_at < self.cooldown or self._probe_out(c, now):
                 return False
             c.probe, c.probe_until = token, now + self.cooldown

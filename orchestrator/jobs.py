@@ -360,11 +360,14 @@ class JobService:
         cache = getattr(body, "cache", True)
         # The probe of a half-open circuit is taken with the routing, before the commit: requests
         # routed together once all became it. The reservation lapses unless the job made adopts it.
-        token = f"submit-{secrets.token_hex(8)}"
+        # Retries with one Idempotency-Key share it: they are one request, whose first to take the
+        # lock makes the job and the others replay it (with a token each, they were refused 503).
+        keyed = hashlib.sha256(f"{scope} {idempotency_key}".encode()).hexdigest()[:32] if idempotency_key else None
+        token = f"submit-{keyed or secrets.token_hex(8)}"
         try:
             prepared = prepare()
-            decision = self._reserve(self.decide(prepared, engine, max_credits, cache=cache), token, prepared,
-                                     engine, max_credits, cache=cache)
+            decision = self._reserve(self.decide(prepared, engine, max_credits, cache=cache, holder=token), token,
+                                     prepared, engine, max_credits, cache=cache)
         except OrchestratorError:
             # A request with this key may have committed since the look-up above, and its hold (or
             # its engine's failures, or its probe) can change the routing: the first request's answer is ours.
@@ -374,6 +377,7 @@ class JobService:
                     return replay, False
             raise
         reserved = decision.chosen
+        releases = True  # the reservation is this request's to give back
         try:
             job = self._new_job(prepared, decision, cache=cache)
             with self.db.transaction() as s:
@@ -383,6 +387,7 @@ class JobService:
                 if idempotency_key:
                     existing = self._replay_in(s, idempotency_key, scope, digest)
                     if existing is not None:
+                        releases = False  # the probe is the first request's (one token): not ours to release
                         return existing, False
                 # Deleted since it was read? (A delete looks for the jobs of its asset under this lock.)
                 if job.source_asset_id is not None:
@@ -444,7 +449,8 @@ class JobService:
                 self.notify()
             return job, True
         finally:
-            self.router.health.finished(reserved, token)
+            if releases:
+                self.router.health.finished(reserved, token)
 
     def _reserve(self, decision: Decision, token: str, prepared: Prepared, engine: str | None,
                  max_credits: float | None, *, cache: bool) -> Decision:
@@ -453,7 +459,7 @@ class JobService:
             if self.router.health.reserve(decision.chosen, token):
                 return decision
             # Another request took the probe since routing looked: routed again, it is skipped now.
-            decision = self.decide(prepared, engine, max_credits, cache=cache)
+            decision = self.decide(prepared, engine, max_credits, cache=cache, holder=token)
         raise NoUsableEngine(f"engine '{decision.chosen}' cannot take a job now; send the request again",
                              details={"engine": decision.chosen}, retry_after=RESERVE_RETRY_SECONDS)
 
@@ -503,15 +509,16 @@ class JobService:
                                                "cache_hit": True})
 
     def decide(self, prepared: Prepared, engine: str | None, max_credits: float | None, *,
-               cache: bool = True) -> Decision:
+               cache: bool = True, holder: str | None = None) -> Decision:
         """The routing decision for a prepared request under its project's policy and budget.
         With `cache`, a choice an earlier identical job already made (a free copy) is kept
-        whatever the budget has left or `max_credits` allows: the copy costs nothing."""
+        whatever the budget has left or `max_credits` allows: the copy costs nothing. `holder`:
+        the reservation of a half-open circuit's probe this request may hold (see `submit`)."""
         with self.db.snapshot() as s:
             project = self.project(s, prepared.project_id)
             # Without a budget there is no share of it to route on: skip the ledger's sums.
             balance = None if project.budget_limit is None else self.ledger.balance(s, project)
-        return self._route(project.policy, prepared, engine, max_credits, balance, cache=cache)
+        return self._route(project.policy, prepared, engine, max_credits, balance, cache=cache, holder=holder)
 
     def _route(self, policy: str, prepared: Prepared, engine: str | None, max_credits: float | None,
                balance: Balance | None, *, cache: bool, holder: str | None = None) -> Decision:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -346,3 +347,36 @@ def test_reattached_work_stays_keyed_by_the_model_that_made_it(
         assert wait_for_job(client, job["id"])["status"] == "succeeded"  # reattached
         again = promote_ok(client, asset_id, **body)
         assert not again["cost"]["cache_hit"], again
+
+
+def test_retries_with_one_key_while_an_engine_is_half_open_get_the_one_job(
+        paid_settings_for: Callable[..., Settings], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A half-open circuit lets one job through: of eight sends of one request (one key) the first
+    took that probe, and the seven others were refused 503 `no_route` instead of answered with its
+    job, as a retry of it is."""
+    from orchestrator import health
+
+    made = health.EngineHealth.__init__
+
+    def quick(self: health.EngineHealth, threshold: int = 5, cooldown: float = 60.0, **rest: Any) -> None:
+        made(self, 1, 1.0, **rest)  # one failure opens it; a second later it is half-open
+
+    monkeypatch.setattr(health.EngineHealth, "__init__", quick)
+    with serve_in_thread(paid_settings_for(tmp_path / "data")) as base, \
+            httpx.Client(base_url=base, timeout=60.0) as client:
+        _, asset_id = project_with_draft(client)
+        failed = promote_ok(client, asset_id, tags={"fake": "fail"})
+        assert wait_for_job(client, failed["id"])["status"] == "failed"
+        time.sleep(1.2)  # past the cooldown: half-open, one probe allowed
+        start = threading.Barrier(8)
+
+        def send(_: int) -> httpx.Response:
+            with httpx.Client(base_url=base, timeout=60.0) as own:
+                start.wait(timeout=30)
+                return promote(own, asset_id, key="one-request")
+
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(send, range(8)))
+    assert [a.status_code for a in answers] == [202] * 8, [a.text for a in answers]
+    assert len({a.json()["id"] for a in answers}) == 1
+    assert sorted(a.headers.get("idempotent-replayed", "") for a in answers) == [""] + ["true"] * 7
