@@ -272,11 +272,19 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         # No logging here: Starlette re-raises after this answer and the server logs the traceback.
-        return _internal_error()
+        return _bug_answer()
 
 
 def _internal_error() -> JSONResponse:
     return answer(OrchestratorError("internal server error"))
+
+
+def _bug_answer() -> JSONResponse:
+    """The 500 of a bug. The exception goes on up after it, and the server then closes the
+    connection: said, so a client's pool does not send its next request on it (ECONNRESET)."""
+    response = _internal_error()
+    response.headers["Connection"] = "close"
+    return response
 
 
 class StartTracker:
@@ -309,5 +317,5 @@ class UnexpectedErrors:
             await self.app(scope, receive, tracked)
         except Exception:
             if not tracked.started:
-                await _internal_error()(scope, receive, send)
+                await _bug_answer()(scope, receive, send)
             raise

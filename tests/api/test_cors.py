@@ -184,5 +184,6 @@ def test_a_bug_s_500_reaches_the_dashboard_in_the_error_shape(make_settings: Cal
         answer = client.get("/v1/boom", headers={"Origin": DASHBOARD})
     assert_error(answer, 500, "internal_error")
     assert answer.headers["access-control-allow-origin"] == DASHBOARD
+    assert answer.headers["connection"] == "close"  # the server closes it after a bug's answer
     with TestClient(app) as client, pytest.raises(RuntimeError, match="a bug"):
         client.get("/v1/boom", headers={"Origin": DASHBOARD})  # and on to the server's log, as before
