@@ -23,6 +23,7 @@ from orchestrator.models import Job, LedgerEntry, Project
 from orchestrator.services import Services
 from orchestrator.settings import Settings
 from orchestrator.workers import Presence
+from tests.api.test_workers import row
 
 SettingsFactory = Callable[..., Settings]
 PAID = "fake-paid=tests.fakes:factory"
@@ -64,13 +65,6 @@ def left_running(services: Services, *, engine: str, owner: str, lease_left: flo
         s.flush()
         s.add(LedgerEntry(project_id=project_id, job_id=job_id, kind="hold", amount=10_000, engine=engine))
     return job_id
-
-
-def row(services: Services, job_id: str) -> Job:
-    with services.db.session() as s:
-        job = s.get(Job, job_id)
-    assert job is not None
-    return job
 
 
 def entries(services: Services, job_id: str) -> list[tuple[str, bool]]:
