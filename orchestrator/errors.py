@@ -242,7 +242,7 @@ class EngineError(OrchestratorError):
         if charged is not None:
             self.charged = charged
         # Whether whoever raised it said what it cost, or left the class's default: a cancel token's
-        # own `Canceled` knows nothing of what an engine had sent (see `JobRunner.run`).
+        # own `Canceled` knows nothing of what an engine had sent (see `JobRunner._doubt_a_free_cancel`).
         self.charged_told = charged is not None
         self.cost_millicredits = cost_millicredits
 

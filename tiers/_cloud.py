@@ -60,10 +60,15 @@ class Asked:
         # The engine's `estimate`, asked only on a failure: a request routing would have refused
         # (a size the engine cannot make) may still be run directly.
         self.n, self.estimate, self.count = n, estimate, 0
+        self.reported = 0  # what the provider reported charging for the calls that finished
 
     def asking(self, count: int = 1) -> None:
         """Called just before a call that asks for `count` images is sent."""
         self.count += count
+
+    def charged(self, cost: int | None) -> None:
+        """A finished call's cost as the provider reported it (None: it did not say)."""
+        self.reported += cost or 0
 
     def share(self, images: int) -> int | None:
         """The estimate's share for `images` (rounded up: never below their price), or None
@@ -85,13 +90,16 @@ def paid_calls(made: Sized, asked: Asked | None = None) -> Iterator[None]:
         yield
     except EngineError as exc:
         # A cancel's "no" is the token's, which knows nothing of a call in flight (see
-        # `JobRunner.run`): only an engine's own refusal says its call billed nothing.
+        # `JobRunner._doubt_a_free_cancel`): only an engine's own refusal says its call billed nothing.
         surely_free = exc.charged == "no" and not isinstance(exc, Canceled)
         billed = len(made) if surely_free or asked is None else asked.count
         if len(made):
             exc.at_least_charged("unknown")
         if asked is not None and billed < asked.n and exc.charged != "no" and exc.cost_millicredits is None:
-            exc.cost_millicredits = asked.share(billed)
+            share = asked.share(billed)
+            # Never below what the provider already said it charged (an estimate is not a bound:
+            # a stale price table, a longer prompt than guessed).
+            exc.cost_millicredits = None if share is None else max(share, asked.reported)
         raise
 
 

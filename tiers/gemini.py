@@ -167,6 +167,7 @@ class GeminiEngine(CloudEngine):
                     images.append(RenderedImage(self._image(body)))
                 cost = self._actual_cost(body.get("usageMetadata") or {})
                 total_cost = None if cost is None or total_cost is None else total_cost + cost
+                asked.charged(cost)
                 progress.step(len(images), req.n)
         return RenderResult(
             images=images,

@@ -187,6 +187,7 @@ class OpenAIImagesEngine(CloudEngine):
                 images.extend(RenderedImage(img) for img in batch)
                 cost = self._actual_cost(body.get("usage"))
                 total_cost = None if cost is None or total_cost is None else total_cost + cost
+                asked.charged(cost)
                 progress.step(len(images), req.n)
         return RenderResult(
             images=images,

@@ -310,3 +310,17 @@ def test_every_image_asked_for_leaves_the_estimate_whole() -> None:
         raise EngineError("no answer", charged="unknown")
     assert info.value.cost_millicredits is None  # the ledger captures the whole hold
     assert Asked(3, lambda: 1000).share(1) == 334  # rounded up: a share is never below its price
+
+
+def test_a_ceiling_is_never_below_what_the_provider_reported_for_the_calls_made() -> None:
+    # An estimate is no bound (a stale price table, more tokens than guessed): the first call's
+    # reported cost was above its share, and the capture was cut below what was surely billed.
+    images: list[object] = []
+    asked = Asked(3, lambda: 3000)
+    with pytest.raises(EngineError) as info, paid_calls(images, asked):
+        asked.asking(2)
+        images.extend([object(), object()])
+        asked.charged(5000)
+        asked.asking(1)
+        raise EngineError("refused")
+    assert (info.value.charged, info.value.cost_millicredits) == ("unknown", 5000)
