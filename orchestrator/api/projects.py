@@ -53,11 +53,15 @@ def create_project(body: ProjectCreate, services: ServicesDep, caller: CallerDep
     # (`{}`, `{"limit": null, "period": "none"}`), and the default policy, whose key a release that
     # hashed it as written stored.
     hashed = body.model_copy(update={"budget": None}) if body.budget == Budget() else body
+    # As sent, too: a key stored before budgets were read so was hashed with it written out.
+    written = [body] if hashed is not body else []
     if body.policy in (None, services.settings.policy):
-        digest = idempotency.request_hash(hashed.model_copy(update={"policy": None}),
-                                          hashed.model_copy(update={"policy": services.settings.policy}))
+        policies: list[str | None] = [None, services.settings.policy]
+        first, *others = [form.model_copy(update={"policy": policy})
+                          for form in (hashed, *written) for policy in policies]
+        digest = idempotency.request_hash(first, *others)
     else:
-        digest = idempotency.request_hash(hashed)
+        digest = idempotency.request_hash(hashed, *written)
     scope, key = request.url.path, idempotency_key
     # Before the checks: a retry answers as the first request did, even if the policy is gone since.
     if key and (earlier := _created_earlier(services, key, scope, digest)):

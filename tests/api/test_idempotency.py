@@ -285,6 +285,18 @@ def test_a_project_key_stored_with_the_default_policy_written_still_replays(
     again = post_project(server, body, "prj-key-written")
     assert again.headers.get("idempotent-replayed") == "true" and again.json()["id"] == first.json()["id"]
     assert post_project(server, {"name": "written"}, "prj-key-written").json()["id"] == first.json()["id"]
+    # A budget of no limit written out, stored as sent before such budgets were read as none.
+    budgeted: dict[str, Any] = {"name": "written out", "budget": {}}
+    first = post_project(server, budgeted, "prj-key-budget")
+    db = Database(make_settings().resolved_database_url)
+    try:
+        with db.transaction() as s:
+            s.execute(update(IdempotencyKey).where(col(IdempotencyKey.key) == "prj-key-budget")
+                      .values(request_hash=idempotency.request_hash(ProjectCreate(**budgeted))))
+    finally:
+        db.dispose()
+    again = post_project(server, budgeted, "prj-key-budget")
+    assert again.status_code == 201 and again.json()["id"] == first.json()["id"], again.text
 
 
 def test_concurrent_project_creations_with_one_key_make_one_project(server: httpx.Client) -> None:
