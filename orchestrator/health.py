@@ -48,6 +48,8 @@ class _Circuit:
     # The job this process let through as the half-open probe, and when that lapses; never shared.
     probe: str | None = None
     probe_until: float = 0.0
+    # Requests holding a reservation `probe` names (retries of one request share it: see `reserve`).
+    holders: int = 0
     latencies: dict[str, deque[float]] = field(default_factory=dict)
 
 
@@ -127,10 +129,11 @@ class EngineHealth:
                 return True
             now = self.clock()
             if c.probe == token and self._probe_out(c, now):
-                return True  # a retry of the request holding it (one Idempotency-Key, one token)
+                c.holders += 1  # a retry of the request holding it (one Idempotency-Key, one token)
+                return True
             if now - c.opened_at < self.cooldown or self._probe_out(c, now):
                 return False
-            c.probe, c.probe_until = token, now + self.cooldown
+            c.probe, c.probe_until, c.holders = token, now + self.cooldown, 1
             return True
 
     def adopt(self, engine: str, token: str, job_id: str) -> None:
@@ -138,7 +141,7 @@ class EngineHealth:
         with self._lock:
             c = self._get(engine)
             if c.probe == token:
-                c.probe = job_id
+                c.probe, c.holders = job_id, 1
 
     def assign(self, engine: str, job_id: str) -> None:
         """A job starts on `engine`. Past the cooldown with no probe out, it is the probe: nobody
@@ -148,14 +151,17 @@ class EngineHealth:
             c = self._get(engine)
             now = self.clock()
             if c.opened_at is not None and not self._probe_out(c, now):
-                c.probe, c.probe_until = job_id, now + self.cooldown
+                c.probe, c.probe_until, c.holders = job_id, now + self.cooldown, 1
 
     def finished(self, engine: str, job_id: str) -> None:
         """A job's call ended, whatever its verdict: if it was the probe, the next may go."""
         with self._lock:
             c = self._get(engine)
             if c.probe == job_id:
-                c.probe = None
+                # A reservation retries share is given back by the last of them to end.
+                c.holders -= 1
+                if c.holders <= 0:
+                    c.probe = None
 
     def succeeded(self, engine: str, stage: str, seconds: float) -> None:
         with self._lock:

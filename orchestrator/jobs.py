@@ -377,7 +377,6 @@ class JobService:
                     return replay, False
             raise
         reserved = decision.chosen
-        releases = True  # the reservation is this request's to give back
         try:
             job = self._new_job(prepared, decision, cache=cache)
             with self.db.transaction() as s:
@@ -387,7 +386,6 @@ class JobService:
                 if idempotency_key:
                     existing = self._replay_in(s, idempotency_key, scope, digest)
                     if existing is not None:
-                        releases = False  # the probe is the first request's (one token): not ours to release
                         return existing, False
                 # Deleted since it was read? (A delete looks for the jobs of its asset under this lock.)
                 if job.source_asset_id is not None:
@@ -449,8 +447,7 @@ class JobService:
                 self.notify()
             return job, True
         finally:
-            if releases:
-                self.router.health.finished(reserved, token)
+            self.router.health.finished(reserved, token)
 
     def _reserve(self, decision: Decision, token: str, prepared: Prepared, engine: str | None,
                  max_credits: float | None, *, cache: bool) -> Decision:

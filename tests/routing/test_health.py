@@ -251,6 +251,24 @@ def test_a_probe_is_reserved_in_one_step_and_lapses_unless_adopted(clock: Clock)
     assert health.allow("gemini") and health.reserve("openai", "submit-c")  # a closed circuit: nothing held
 
 
+def test_retries_of_one_request_share_its_probe_until_the_last_lets_go(clock: Clock) -> None:
+    # One Idempotency-Key, one token: a retry that failed before its replay (the database away)
+    # gave back the probe the first request still held, and another request took a second one.
+    health = process(clock)
+    for _ in range(3):
+        health.failed("gemini")
+    clock.now += 31
+    assert health.reserve("gemini", "submit-key") and health.reserve("gemini", "submit-key")
+    assert not health.reserve("gemini", "submit-other")
+    health.finished("gemini", "submit-key")  # the retry ends: the first request still holds it
+    assert not health.reserve("gemini", "submit-other")
+    health.adopt("gemini", "submit-key", "job-k")  # the first request's job is the probe
+    health.finished("gemini", "submit-key")  # and its reservation's own release changes nothing
+    assert not health.reserve("gemini", "submit-other")
+    health.finished("gemini", "job-k")
+    assert health.reserve("gemini", "submit-other")
+
+
 def test_a_probe_that_never_reports_lapses_after_the_cooldown(clock: Clock) -> None:
     health = process(clock)
     for _ in range(3):
