@@ -44,6 +44,7 @@ from orchestrator.ledger import Balance, Ledger
 from orchestrator.models import Asset, Job, Project
 from orchestrator.routing import Decision, Router, leaves_machine
 from orchestrator.schemas import (
+    MAX_SCALE,
     MAX_SIDE,
     MAX_TAGS,
     MIN_SIDE,
@@ -68,10 +69,6 @@ def _round_to(value: float, multiple: int) -> int:
     return max(multiple, round(value / multiple) * multiple)
 
 
-# PolishCreate.scale's own bounds: the fitting scales a refusal tells are within them.
-_MAX_SCALE = 8
-
-
 def _fitting(source: Asset, field: str, least: int, max_width: int, max_height: int) -> tuple[float, float] | None:
     """The values of `field` (scale, width or height) that keep both sides of the source's size
     within `least`..`max_width` x `least`..`max_height`, as the request may give them (a side a
@@ -79,7 +76,8 @@ def _fitting(source: Asset, field: str, least: int, max_width: int, max_height: 
     w, h = source.width, source.height
     if field == "scale":
         low = math.ceil(max(least / w, least / h) * 1000) / 1000
-        high = math.floor(min(max_width / w, max_height / h, _MAX_SCALE) * 1000) / 1000
+        # Within PolishCreate.scale's own bounds: the fitting scales a refusal tells may be sent.
+        high = math.floor(min(max_width / w, max_height / h, MAX_SCALE) * 1000) / 1000
     else:
         ratio = h / w if field == "width" else w / h  # the other side, per pixel of this one
         mine, other = (max_width, max_height) if field == "width" else (max_height, max_width)

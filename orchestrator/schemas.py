@@ -112,6 +112,7 @@ NullIsDefault = BeforeValidator(_null_is_default)
 
 # Request-level bounds of width/height. An engine may take less: see `Side`'s description.
 MIN_SIDE, MAX_SIDE, SIDE_MULTIPLE = 8, 8192, 8
+MAX_SCALE = 8  # a polish's largest `scale`
 _SIDE_DESCRIPTION = (
     f"Pixels: a multiple of {SIDE_MULTIPLE} from {MIN_SIDE} to {MAX_SIDE}, the bounds every request is checked "
     "against. The engine that runs the job may take less: local engines (Lite, local-hifi) take 64 up to "
@@ -398,7 +399,7 @@ class PolishCreate(Strict):
 
     # 2.0, not 2: a default is not validated, and the int would make the result cache (which keys on
     # the request as JSON) tell a request without `scale` from one with `"scale": 2`, charging both.
-    scale: Annotated[float, NoBool, Field(gt=0, le=8)] | None = Field(
+    scale: Annotated[float, NoBool, Field(gt=0, le=MAX_SCALE)] | None = Field(
         2.0, description="the output size over the source's; null with no width/height keeps the source's size "
                        "(a refine without upscaling)")
     width: Side | None = None

@@ -152,10 +152,10 @@ class A1111Engine:
 
     @property
     def model(self) -> str:
-        """What the operator configured, not what the server last rendered with: jobs are keyed
-        (cache_key) and listed (GET /v1/engines) by it before any render, and a key taken from a
-        shared server's loaded checkpoint would move with another client's choice. A result's
-        `model` names the checkpoint that made it."""
+        """What the operator configured, not what the server last rendered with: a job names it
+        (and GET /v1/engines lists it) before any render, and one taken from a shared server's
+        loaded checkpoint would move with another client's choice. A result's `model` names the
+        checkpoint that made it."""
         return self._checkpoint or "a1111"
 
     @property
