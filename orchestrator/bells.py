@@ -214,12 +214,18 @@ class PostgresBell(Bell):
         self._thread.start()
 
     def _listen(self) -> None:
+        from orchestrator.outage import Outage  # here: it reads orchestrator.db, which imports this module
+
         try:
             import psycopg
         except ImportError:  # a psycopg2-only install: the timed looks still find everything
             log.warning("no bell without psycopg 3 (pip install 'tiered-orchestrator[postgres]'); other "
                         "processes' changes are seen every ORCH_POLL_INTERVAL")
             return
+        outage = Outage(log, "the bell's database connection",
+                        f"listening again every {RECONNECT_SECONDS:g} s (meanwhile other processes' changes are "
+                        "seen every ORCH_POLL_INTERVAL)", level=logging.WARNING,
+                        away=lambda exc: isinstance(exc, psycopg.OperationalError))
         while not self._stop.is_set():
             try:
                 # The options every other connection has: keepalives notice a database that vanished
@@ -227,6 +233,7 @@ class PostgresBell(Bell):
                 # every process back on ORCH_POLL_INTERVAL; a connect_timeout of the URL's is kept.
                 with psycopg.connect(self.conninfo, autocommit=True, **self.connect_args) as conn:
                     conn.execute(f"LISTEN {CHANNEL}")
+                    outage.recovered()
                     # Changes made while no connection listened are caught up by one look.
                     self._heard()
                     while not self._stop.is_set():
@@ -234,8 +241,7 @@ class PostgresBell(Bell):
                             if notice.payload != self.tag:
                                 self._heard()
             except Exception as exc:
-                log.warning("the bell lost its database connection (%s); listening again in %s s",
-                            exc, RECONNECT_SECONDS)
+                outage.failed(exc)
                 self._stop.wait(RECONNECT_SECONDS)
 
     def close(self) -> None:

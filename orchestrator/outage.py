@@ -1,7 +1,9 @@
 """How a periodic duty tells of a failure that repeats (a database away for minutes, a full disk):
 the first with its traceback, then a line a minute while it lasts, and its end. A traceback per
 try, as the loops once wrote, filled the log (20 MB an hour from the dispatcher alone), often on
-the disk that had just filled."""
+the disk that had just filled. A database that is away (restarting, its connections cut) is
+expected now and then: its first failure is a warning's line, and only an outage that lasts a
+minute is the duty's level."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import logging
 import time
 from collections.abc import Callable
 
+from orchestrator.db import transient
 from orchestrator.errors import first_line
 
 REMIND_SECONDS = 60.0
@@ -21,8 +24,11 @@ class Outage:
     first line."""
 
     def __init__(self, logger: logging.Logger, duty: str, retry: str, *, level: int = logging.ERROR,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 away: Callable[[BaseException], bool] = transient) -> None:
+        """`away`: whether a failure says the database is away (told as a line, not a traceback)."""
         self.logger, self.duty, self.retry, self.level, self.clock = logger, duty, retry, level, clock
+        self.away = away
         self._since: float | None = None
         self._told = 0.0
         self._tries = 0
@@ -32,7 +38,13 @@ class Outage:
         now = self.clock()
         self._tries += 1
         since = self._since = now if self._since is None else self._since
-        if type(exc) not in self._kinds:
+        if type(exc) not in self._kinds and self.away(exc):
+            # Every loop of every process meets the same blip: a line each, not a traceback each.
+            self._told = now
+            self._kinds.add(type(exc))
+            self.logger.warning("%s failed (the database is away: %s); %s", self.duty,
+                                first_line(exc, type(exc).__name__)[:300], self.retry)
+        elif type(exc) not in self._kinds:
             self._told = now
             self._kinds.add(type(exc))
             self.logger.log(self.level, "%s failed; %s", self.duty, self.retry, exc_info=exc)

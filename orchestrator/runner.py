@@ -50,6 +50,7 @@ from orchestrator.ids import new_id
 from orchestrator.jobs import cache_key, render_request
 from orchestrator.ledger import Ledger
 from orchestrator.models import Asset, Job
+from orchestrator.outage import Outage
 from orchestrator.routing import fallbacks, leaves_machine, priced
 from orchestrator.schemas import storable
 from orchestrator.store import ArtifactStore, PreviewFiles, encode_png, hide_paths
@@ -325,6 +326,10 @@ class JobRunner:
         self._encoder = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="png")
         # Local engines' progress writes (see `JobProgress`): one device, one job at a time.
         self._progress_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="progress")
+        # A database away for a while failed every job's every progress write: told once, then a
+        # line a minute, not a warning a second for as long as it lasts.
+        self._progress_outage = Outage(log, "writing jobs' progress", "pollers miss steps meanwhile (events do not)",
+                                       level=logging.WARNING)
         self.ledger = ledger
         self.health = health
         # Set by the scheduler: wakes it when a job goes back to the queue on another engine.
@@ -980,7 +985,9 @@ class JobRunner:
                                             col(Job.status) == "running")
                           .values(progress_step=step, progress_total=total))
         except SQLAlchemyError as exc:
-            log.warning("job %s: writing its progress failed: %s", claim.job.id, first_line(exc)[:200])
+            self._progress_outage.failed(exc)
+        else:
+            self._progress_outage.recovered()
 
     def save_provider_request(self, claim: Claim, work: dict[str, Any]) -> None:
         """Save what a provider accepted, so that a crash can find it again; waits out a database

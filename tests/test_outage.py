@@ -57,3 +57,26 @@ def test_failures_that_alternate_in_kind_are_each_told_whole_once(caplog: pytest
             outage.failed(TimeoutError("no answer"))
             outage.failed(RuntimeError("database is locked"))
     assert [type(r.exc_info[1]).__name__ for r in caplog.records if r.exc_info] == ["TimeoutError", "RuntimeError"]
+
+
+def test_a_database_that_is_away_is_a_warning_s_line_until_it_has_been_away_a_minute(
+        caplog: pytest.LogCaptureFixture) -> None:
+    # Cutting a PostgreSQL's connections once wrote a 40-line ERROR traceback from every loop of
+    # every process (48 tracebacks for a 30 s outage), for a blip each loop rode out.
+    from sqlalchemy.exc import OperationalError
+
+    now = [0.0]
+    outage = Outage(logging.getLogger("tests.outage"), "dispatch", "retrying every 1 s", clock=lambda: now[0])
+    away = OperationalError("SELECT 1", {}, Exception("server closed the connection unexpectedly\n\tThis probably"),
+                            connection_invalidated=True)
+    with caplog.at_level(logging.INFO, logger="tests.outage"):
+        for second in range(int(REMIND_SECONDS) + 1):
+            now[0] = float(second)
+            outage.failed(away)
+        outage.recovered()
+    told = [(r.levelno, r.getMessage().split(" (")[0], r.exc_info is not None) for r in caplog.records]
+    assert told == [(logging.WARNING, "dispatch failed", False),  # one line, no traceback
+                    (logging.ERROR, "dispatch still failing", False),  # a minute on: the duty's level
+                    (logging.INFO, "dispatch works again", False)]
+    assert "server closed the connection unexpectedly" in caplog.records[0].getMessage()
+    assert "\n" not in caplog.records[0].getMessage()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import threading
 import time
@@ -322,3 +323,46 @@ def test_the_postgresql_listener_connects_as_every_other_connection_does(monkeyp
     assert "connect_timeout" not in kwargs  # the URL's, kept in the conninfo
     assert kwargs["autocommit"] is True and kwargs["keepalives"] == 1 and kwargs["keepalives_idle"] == 30
     assert "tcp_keepalives_idle=30" in str(kwargs["options"])  # the server's side notices a vanished listener
+
+
+def test_a_listener_that_loses_its_database_says_so_in_a_line_and_when_it_listens_again(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Cut connections (a restart, pg_terminate_backend) were told every 5 s, each in psycopg's
+    three-line text, for as long as they lasted, and nothing said when the bell listened again."""
+    import psycopg
+
+    from orchestrator import bells
+    from orchestrator.bells import PostgresBell
+
+    monkeypatch.setattr(bells, "RECONNECT_SECONDS", 0.0)
+    bell = PostgresBell("postgresql+psycopg://orch@db.example:5432/orch")
+    tries: list[int] = []
+
+    class Listening:
+        def __enter__(self) -> Listening:
+            return self
+
+        def __exit__(self, *_: object) -> None:
+            return None
+
+        def execute(self, _: str) -> None:
+            return None
+
+        def notifies(self, timeout: float) -> list[object]:
+            bell._stop.set()  # listening again: enough
+            return []
+
+    def connect(conninfo: str, **kwargs: object) -> Listening:
+        tries.append(1)
+        if len(tries) <= 3:
+            raise psycopg.OperationalError("server closed the connection unexpectedly\n\tThis probably means")
+        return Listening()
+
+    monkeypatch.setattr(psycopg, "connect", connect)
+    with caplog.at_level(logging.INFO, logger="orchestrator.bells"):
+        bell._listen()
+    told = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert len(tries) == 4 and len(told) == 2, told
+    assert told[0][0] == "WARNING" and "server closed the connection unexpectedly" in told[0][1]
+    assert "\n" not in told[0][1] and caplog.records[0].exc_info is None
+    assert told[1] == ("INFO", "the bell's database connection works again (after 3 failed tries)")
