@@ -209,7 +209,7 @@ def create_app(settings: Settings | None = None, *, loopback_only: bool = False)
     @app.get("/metrics", response_class=Response, tags=["operations"], summary="Get Prometheus metrics",
              openapi_extra={"security": []}, responses={
                  200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus text."},
-                 **documented(400, 503, said={503: "The database did not answer in time (`database_unavailable`), "
+                 **documented(400, 503, said={503: "The database is unavailable for now (`database_unavailable`), "
                                                    "or the server stopped before it answered (`server_stopping`): "
                                                    "scrape again after `Retry-After`."}),
                  **ANY_OTHER_ERROR})

@@ -168,7 +168,8 @@ class JobFinished(Conflict):
 
 
 class DatabaseUnavailable(OrchestratorError):
-    """The database did not answer in time: nothing was written, and asking again may work."""
+    """The database is unavailable for now (busy, restarting, unreachable): nothing was written,
+    and asking again may work."""
 
     code, status = "database_unavailable", 503
     retry_after = 5

@@ -36,7 +36,7 @@ _DOCUMENTED = {
          "says when to try again.",
     500: "The asset's image file is missing or damaged in the store (`content_unavailable`): sending the "
          "request again changes nothing until the operator restores it (`orchestrator check` lists such files).",
-    503: "The database did not answer in time (`database_unavailable`) or its disk is full (`storage_full`), "
+    503: "The database is unavailable for now (`database_unavailable`) or its disk is full (`storage_full`), "
          "or the server stopped before it finished the request (`server_stopping`): send it again after "
          "`Retry-After`.",
 }
@@ -56,7 +56,7 @@ ROUTING_422 = (" Or no engine may ever take the request (`no_route`: an unknown 
                "(`invalid_request`: a size larger than each makes); `details.candidates` says why each engine "
                "was left out.")
 ROUTING_503 = ("No engine can take the request now (`no_route`: its engines' circuits are open or they are not set "
-               "up, `details.candidates` says why each was left out), or the database did not answer in time "
+               "up, `details.candidates` says why each was left out), or the database is unavailable for now "
                "(`database_unavailable`) or its disk is full (`storage_full`), or the server stopped before it "
                "finished the request (`server_stopping`): nothing was made or held; send it again (with the same "
                "Idempotency-Key) after `Retry-After`, when given.")

@@ -266,8 +266,10 @@ def install(app: FastAPI) -> None:
             return answer(StorageFull("the server's disk is full; nothing was written, send the request again once "
                                       "its operator has made room (with the same Idempotency-Key for a POST)"))
         log.warning("database unavailable: %s", first_line(exc, type(exc).__name__)[:300])
-        return answer(DatabaseUnavailable("the database did not answer in time; nothing was written, send the "
-                                          "request again (with the same Idempotency-Key for a POST)"))
+        # Said of what it is: refused, cut or busy alike (a refusal within 0.1 s did not "time out").
+        return answer(DatabaseUnavailable("the database is unavailable for now (busy, restarting or unreachable); "
+                                          "nothing was written, send the request again (with the same "
+                                          "Idempotency-Key for a POST)"))
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

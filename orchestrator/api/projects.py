@@ -40,7 +40,7 @@ router = APIRouter(tags=["projects"], route_class=StrictJSONRoute)
                        422: BODY_422 + " Or `policy` names no loaded policy (`details.known` lists them)."
                             + IDEMPOTENCY_KEY_422,
                        503: "The request names no policy and the default one (ORCH_POLICY) is not loaded "
-                            "(`no_route`: the operator's to fix); or the database did not answer in time "
+                            "(`no_route`: the operator's to fix); or the database is unavailable for now "
                             "(`database_unavailable`) or its disk is full (`storage_full`), or the server stopped "
                             "before it finished the request (`server_stopping`): send it again (with the same "
                             "Idempotency-Key) after `Retry-After`."})})
