@@ -551,8 +551,8 @@ class Scheduler:
             canceled = row is not None and row.status == "canceled"
             if row is not None and row.attempt == claim.attempt and _finished_by_its_worker(row):
                 continue  # finished by this very attempt since the heartbeat listed it
-            log.warning("job %s is %s elsewhere; stopping this worker's attempt %d", claim.job.id,
-                        "canceled" if canceled else "taken over", claim.attempt)
+            log.warning("job %s was %s while this worker held it; stopping this worker's attempt %d",
+                        claim.job.id, "canceled" if canceled else "recovered (its lease had run out)", claim.attempt)
             # Taken over: the new holder follows the provider work, which must be left running.
             claim.cancel.cancel(abandon=not canceled)
 
@@ -696,8 +696,16 @@ class Scheduler:
                 # the image and threw it away. Only a lease left unchanged for several leases, by
                 # this process's own clock, tells a hung holder (its loop stuck) whose job must not
                 # stay running forever; an owner the locks cannot tell about has its lease alone.
-                return (job.lease_owner == self.owner or not self.presence.locked(job.lease_owner)
-                        or hung(job))
+                if job.lease_owner == self.owner or not self.presence.locked(job.lease_owner):
+                    return True
+                if not hung(job):
+                    return False
+                # Alive by its lock, and holding whatever else it locked (its device: local jobs
+                # wait for it) until an operator stops it: said, since nothing else shows it.
+                log.warning("job %s: its holder %s has not renewed its lease for %d leases, though it lives (its "
+                            "lock is held): taken for hung, and its job recovered; stop that process (a local "
+                            "device it holds stays locked until then)", job.id, job.lease_owner, HUNG_HOLDER_LEASES)
+                return True
             if all_foreign:
                 # At start-up a live lease of another running process is not an orphan: that
                 # process is still working on it (and may be paying for it).
@@ -743,7 +751,8 @@ class Scheduler:
             outcome = "canceled"
         elif rerun and stops < MAX_RECOVERIES:
             died = Interrupted("the process running this job stopped without ending it (killed, out of memory, "
-                               f"its host lost); {'its work is followed again' if reattach else 'it was queued again'}",
+                               "hung, its host lost); "
+                               f"{'its work is followed again' if reattach else 'it was queued again'}",
                                details={"engine": job.engine})
             values = {"status": "queued", "lease_owner": None, "lease_expires_at": None,
                       "progress_step": 0, "progress_total": 0,

@@ -5,6 +5,7 @@ while after that worker died (it may be restarting), nor one whose holder of thi
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import subprocess
 import sys
@@ -108,7 +109,7 @@ def test_a_job_of_an_engine_nobody_has_had_for_a_lease_is_queued_again_when_it_s
 
 
 def test_a_live_holder_of_this_machine_keeps_its_job_though_its_lease_ran_out(
-        built: Callable[..., Services], monkeypatch: pytest.MonkeyPatch) -> None:
+        built: Callable[..., Services], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     # A clock step forward (leases are stamped by the wall clock on SQLite), or renewals behind the
     # write lock: the sweep failed the paid job and charged it, and the live holder threw its image away.
     services = built(engines=PAID)
@@ -134,7 +135,11 @@ def test_a_live_holder_of_this_machine_keeps_its_job_though_its_lease_ran_out(
         assert services.scheduler._orphans(False) == []
         # Not renewed for several leases: a hung holder, whose job must not stay running forever.
         clock[0] += lease
-        assert [job.id for job in services.scheduler._orphans(False)] == [job_id]
+        with caplog.at_level(logging.WARNING, logger="orchestrator.queue"):
+            assert [job.id for job in services.scheduler._orphans(False)] == [job_id]
+        # Said, naming it: it still holds what it locked (a device's local jobs wait for it).
+        [told] = [r.getMessage() for r in caplog.records if "taken for hung" in r.getMessage()]
+        assert owner in told and "stop that process" in told
     finally:
         holder.leave(owner)
     clock[0] += 1
