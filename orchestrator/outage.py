@@ -42,8 +42,8 @@ class Outage:
             # Every loop of every process meets the same blip: a line each, not a traceback each.
             self._told = now
             self._kinds.add(type(exc))
-            self.logger.warning("%s failed (the database is away: %s); %s", self.duty,
-                                first_line(exc, type(exc).__name__)[:300], self.retry)
+            self.logger.warning("%s failed; %s (the database is away: %s)", self.duty, self.retry,
+                                first_line(exc, type(exc).__name__)[:300])
         elif type(exc) not in self._kinds:
             self._told = now
             self._kinds.add(type(exc))

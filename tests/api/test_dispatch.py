@@ -341,7 +341,7 @@ def test_the_heartbeat_stops_an_attempt_canceled_through_another_process(
     services.jobs.cancel_orphan(jobs[0])  # what the other process's API does
     services.scheduler._renew([claim])
     assert claim.cancel.cancelled and not claim.cancel.abandoned  # a user's cancel: stop the provider too
-    assert f"job {jobs[0]} is canceled elsewhere" in caplog.text
+    assert f"job {jobs[0]} was canceled while this worker held it" in caplog.text
 
     # An attempt that finished by itself, or is being canceled here, is left alone and not reported.
     caplog.clear()
