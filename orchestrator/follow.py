@@ -32,6 +32,7 @@ from orchestrator.store import PreviewFiles
 log = logging.getLogger(__name__)
 # A stream subscribes once its response starts; until then a followed job counts as watched.
 SUBSCRIBE_GRACE_SECONDS = 10.0
+LAPSED_REMEMBERED = 10_000  # streams whose following lapsed, remembered (each a job id)
 
 
 def catch_up(bus: EventBus, job: Job, asset_ids: list[str], *, preview: bool = False) -> None:
@@ -78,12 +79,14 @@ class JobFollower:
         self.holds = holds
         self.interval = interval
         self._followed: dict[str, float] = {}  # job id -> when a client last asked
+        self._lapsed: dict[str, None] = {}  # no longer followed, unfinished: oldest first (see `lapsed`)
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
 
-    def follows(self, job_id: str) -> bool:
-        """Whether the job's stream is being kept up to date from its row."""
-        return job_id in self._followed
+    def lapsed(self, job_id: str) -> bool:
+        """Whether the job's stream was kept up to date from its row and no longer is (its last
+        watcher left before it ended): what it holds may be old news."""
+        return job_id in self._lapsed
 
     def follow(self, job_id: str) -> None:
         """Keep the job's stream up to date while clients watch it. Call it on the loop."""
@@ -94,6 +97,7 @@ class JobFollower:
             # Its state was read before this call: a ring in between was heard by nobody.
             self._wake.set()
         self._followed[job_id] = time.monotonic()
+        self._lapsed.pop(job_id, None)
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._loop(), name="job follower")
 
@@ -121,6 +125,10 @@ class JobFollower:
             view = self.bus.view(job_id)
             if view is None or view.finished or (not view.watched and now - asked > SUBSCRIBE_GRACE_SECONDS):
                 del self._followed[job_id]
+                if view is not None and not view.finished:
+                    self._lapsed[job_id] = None
+                    while len(self._lapsed) > LAPSED_REMEMBERED:  # the oldest first
+                        del self._lapsed[next(iter(self._lapsed))]
         # Jobs this process holds publish their own events, live.
         elsewhere = [job_id for job_id in self._followed if not self.holds(job_id)]
         if not elsewhere:

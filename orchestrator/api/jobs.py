@@ -169,10 +169,11 @@ async def job_events(job_id: str, services: ServicesDep, caller: CallerDep,
     if caller.project_id is not None:
         await asyncio.to_thread(check_job, services, caller, job_id)
     known = services.bus.keep(job_id)  # a job this process has published is known to exist
-    if not known or not (services.scheduler.holds(job_id) or services.follower.follows(job_id)):
+    if not known or services.follower.lapsed(job_id):
         # Unknown here, or known from a while ago and no longer kept up to date (another process
         # runs it, and its last watcher left): a late client must first get the current state,
-        # not the progress of when it was last watched.
+        # not the progress of when it was last watched. (A job known and live here costs no read:
+        # a draft's stream opens right after its submit.)
         job, asset_ids, preview = await asyncio.to_thread(_stored_state, services, job_id)
         if services.scheduler.holds(job_id):  # claimed here (checked after the read): its runner tells the rest
             if not services.bus.knows(job_id):
