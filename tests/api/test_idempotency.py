@@ -273,30 +273,28 @@ def test_a_project_key_stored_with_the_default_policy_written_still_replays(
     from orchestrator.models import IdempotencyKey
     from orchestrator.schemas import ProjectCreate
 
+    def stored_as_an_earlier_release_did(body: dict[str, Any], key: str) -> str:
+        """The project `body` makes, its key's hash as a release that hashed the body as sent kept it."""
+        made: str = post_project(server, body, key).json()["id"]
+        db = Database(make_settings().resolved_database_url)
+        try:
+            with db.transaction() as s:
+                s.execute(update(IdempotencyKey).where(col(IdempotencyKey.key) == key)
+                          .values(request_hash=idempotency.request_hash(ProjectCreate(**body))))
+        finally:
+            db.dispose()
+        return made
+
     body: dict[str, Any] = {"name": "written", "policy": "balanced"}
-    first = post_project(server, body, "prj-key-written")
-    db = Database(make_settings().resolved_database_url)
-    try:
-        with db.transaction() as s:
-            s.execute(update(IdempotencyKey).where(col(IdempotencyKey.key) == "prj-key-written")
-                      .values(request_hash=idempotency.request_hash(ProjectCreate(**body))))
-    finally:
-        db.dispose()
+    first = stored_as_an_earlier_release_did(body, "prj-key-written")
     again = post_project(server, body, "prj-key-written")
-    assert again.headers.get("idempotent-replayed") == "true" and again.json()["id"] == first.json()["id"]
-    assert post_project(server, {"name": "written"}, "prj-key-written").json()["id"] == first.json()["id"]
+    assert again.headers.get("idempotent-replayed") == "true" and again.json()["id"] == first
+    assert post_project(server, {"name": "written"}, "prj-key-written").json()["id"] == first
     # A budget of no limit written out, stored as sent before such budgets were read as none.
     budgeted: dict[str, Any] = {"name": "written out", "budget": {}}
-    first = post_project(server, budgeted, "prj-key-budget")
-    db = Database(make_settings().resolved_database_url)
-    try:
-        with db.transaction() as s:
-            s.execute(update(IdempotencyKey).where(col(IdempotencyKey.key) == "prj-key-budget")
-                      .values(request_hash=idempotency.request_hash(ProjectCreate(**budgeted))))
-    finally:
-        db.dispose()
+    first = stored_as_an_earlier_release_did(budgeted, "prj-key-budget")
     again = post_project(server, budgeted, "prj-key-budget")
-    assert again.status_code == 201 and again.json()["id"] == first.json()["id"], again.text
+    assert again.status_code == 201 and again.json()["id"] == first, again.text
 
 
 def test_concurrent_project_creations_with_one_key_make_one_project(server: httpx.Client) -> None:
