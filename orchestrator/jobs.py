@@ -176,7 +176,7 @@ class JobService:
     def prepare_promote(self, asset_id: str, body: PromoteCreate) -> Prepared:
         source, asked_negative = self._source(asset_id)
         width, height = self._size(source, body.width, body.height, 1.0, self._multiple("bridge"),
-                                   limits=self._side_limits("bridge", body.engine))
+                                   limits=lambda: self._side_limits("bridge", body.engine))
         params: dict[str, Any] = {
             "stage": "bridge", "prompt": body.prompt or source.prompt,
             "negative_prompt": asked_negative if body.negative_prompt is None else body.negative_prompt,
@@ -191,7 +191,7 @@ class JobService:
         source, asked_negative = self._source(asset_id)
         scale = body.scale if body.width is None and body.height is None else None
         width, height = self._size(source, body.width, body.height, scale or 1.0, self._multiple("polish"),
-                                   limits=self._side_limits("polish", body.engine),
+                                   limits=lambda: self._side_limits("polish", body.engine),
                                    scale_sent="scale" in body.model_fields_set)
         params: dict[str, Any] = {
             "stage": "polish", "prompt": body.prompt or source.prompt, "negative_prompt": asked_negative,
@@ -248,7 +248,7 @@ class JobService:
 
     @staticmethod
     def _size(source: Asset, width: int | None, height: int | None, scale: float, multiple: int, *,
-              limits: list[_Sides] | None = None, scale_sent: bool = False) -> tuple[int, int]:
+              limits: Callable[[], list[_Sides]] | None = None, scale_sent: bool = False) -> tuple[int, int]:
         """An explicit width/height wins; one side alone keeps the source's aspect ratio.
 
         A size worked out from what the client sent (one side, or a `scale_sent`) is checked here,
@@ -278,18 +278,21 @@ class JobService:
             fits = _fitting(source, field, MIN_SIDE, MAX_SIDE, MAX_SIDE)
             raise InvalidRequest(f"{said} {_beyond(exact)} ({_hint(field, fits)}); a side is {MIN_SIDE} to "
                                  f"{MAX_SIDE} pixels", details={**details, "fits": fits}, loc=("body", field))
-        if limits and not any(lim.takes(*size) for lim in limits):
+        # The engines' sides are asked only here, for a size worked out from what was sent (each
+        # engine's availability is a look at its setup): most requests send neither.
+        known = limits() if limits is not None else []
+        if known and not any(lim.takes(*size) for lim in known):
             made = f"{said} {size[0]}x{size[1]}"
             fits = None
-            if len(limits) == 1:
-                [lim] = limits
+            if len(known) == 1:
+                [lim] = known
                 fits = _fitting(source, field, lim.least, lim.max_width, lim.max_height)
                 why = f"{made}; {lim.engine} takes {lim.told()} ({_hint(field, fits)})"
             else:
-                each = "; ".join(f"{lim.engine}: {lim.told()}" for lim in limits)
+                each = "; ".join(f"{lim.engine}: {lim.told()}" for lim in known)
                 why = f"{made}; no engine here takes that ({each})"
             raise InvalidRequest(why, details={**details, "size": list(size), "fits": fits,
-                                               "limits": [lim._asdict() for lim in limits]}, loc=("body", field))
+                                               "limits": [lim._asdict() for lim in known]}, loc=("body", field))
         return size
 
     def _source(self, asset_id: str) -> tuple[Asset, str]:
