@@ -244,6 +244,11 @@ class FalEngine(CloudEngine):
             entries = [output["image"]]  # a single-image app (an upscaler) answers `image`
         found = [e.get("url") for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
         urls = [u for u in found if isinstance(u, str) and u]
+        if not urls:
+            # fal prices its image apps per output image: a result with none may have cost nothing.
+            # Captured for a person to reconcile, as an answer without an image is everywhere else.
+            raise EngineError("fal: the request completed without an image", details={"engine": self.name},
+                              charged="unknown")
         return await self.fetch_outputs(urls, cancel, wanted=wanted, empty="the request completed without an image",
                                         details={})
 

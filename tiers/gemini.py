@@ -164,8 +164,17 @@ class GeminiEngine(CloudEngine):
                     if body.get("responseId"):
                         request_ids.append(str(body["responseId"]))
                         progress.provider_request(str(body["responseId"]))
-                    images.append(RenderedImage(self._image(body)))
-                cost = self._actual_cost(body.get("usageMetadata") or {})
+                    cost = self._actual_cost(body.get("usageMetadata") or {})
+                    try:
+                        images.append(RenderedImage(self._image(body)))
+                    except ContentFiltered:
+                        raise
+                    except EngineError as exc:
+                        if cost is not None:
+                            # An answer without an image (text only, NO_IMAGE) is billed by its tokens as
+                            # one with: its usage says the cost, not the image's whole estimate.
+                            exc.charged, exc.cost_millicredits = "yes", asked.reported + cost
+                        raise
                 total_cost = None if cost is None or total_cost is None else total_cost + cost
                 asked.charged(cost)
                 progress.step(len(images), req.n)

@@ -178,8 +178,11 @@ async def test_malformed_result(engine: FalEngine) -> None:
 async def test_completed_without_images(engine: FalEngine) -> None:
     _, _, result = happy_queue()
     result.mock(return_value=httpx.Response(200, json={"images": []}))
-    with pytest.raises(EngineError, match="without an image"):
+    with pytest.raises(EngineError, match="without an image") as info:
         await engine.run(bridge(), NullProgress(), CancelToken())
+    # Priced per output image: none made may have cost nothing, so a person reconciles it (it was
+    # captured as a settled charge of the whole estimate).
+    assert info.value.charged == "unknown"
 
 
 @respx.mock

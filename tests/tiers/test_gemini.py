@@ -94,7 +94,7 @@ async def test_read_timeout_is_not_resent(engine: GeminiEngine) -> None:
 @pytest.mark.parametrize("response", [
     httpx.Response(200, text="<html>"),
     httpx.Response(200, json={"candidates": []}),
-    httpx.Response(200, json=ok_body(data=b"not a png")),
+    httpx.Response(200, json={**ok_body(data=b"not a png"), "usageMetadata": {}}),
 ])
 async def test_a_broken_answer_is_charged(engine: GeminiEngine, response: httpx.Response) -> None:
     # Gemini answered 200, so it may have billed: the hold is captured and nothing is re-sent.
@@ -102,6 +102,15 @@ async def test_a_broken_answer_is_charged(engine: GeminiEngine, response: httpx.
     with pytest.raises(EngineError) as info:
         await engine.run(bridge(), NullProgress(), CancelToken())
     assert info.value.charged == "unknown" and route.call_count == 1
+
+
+@respx.mock
+async def test_a_broken_image_is_charged_its_reported_tokens(engine: GeminiEngine) -> None:
+    respx.post(URL).mock(return_value=httpx.Response(200, json=ok_body(data=b"not a png")))
+    with pytest.raises(EngineError) as info:
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    assert info.value.charged == "yes"
+    assert info.value.cost_millicredits == engine._actual_cost(ok_body()["usageMetadata"])
 
 
 @respx.mock
@@ -123,6 +132,25 @@ async def test_an_answer_of_another_shape_is_charged(engine: GeminiEngine, body:
         await engine.run(bridge(), NullProgress(), CancelToken())
     assert not isinstance(info.value, ContentFiltered)
     assert info.value.charged == "unknown" and route.call_count == 1
+
+
+@respx.mock
+@pytest.mark.parametrize("parts", [
+    [{"text": "Here is a description of the image instead."}],
+    [{"inlineData": {"mimeType": "image/png", "data": "AAAA"}, "thought": True}],  # only its thought
+])
+async def test_an_answer_without_an_image_costs_its_tokens(engine: GeminiEngine, parts: list[Any]) -> None:
+    """Google bills an answer's tokens whether or not it holds an image: the usage block prices the
+    failed call (it was the image's whole estimate, 27 times this one's reported cost)."""
+    usage = {"promptTokenCount": 1300, "candidatesTokenCount": 40}
+    no_image = {"candidates": [{"content": {"parts": parts}, "finishReason": "STOP"}], "usageMetadata": usage}
+    respx.post(URL).mock(side_effect=[httpx.Response(200, json=ok_body()), httpx.Response(200, json=no_image)])
+    with pytest.raises(EngineError) as info:
+        await engine.run(bridge(n=2), NullProgress(), CancelToken())
+    first = engine._actual_cost(ok_body()["usageMetadata"])
+    second = engine._actual_cost(usage)
+    assert first and second and second < engine.estimate(bridge()) // 10
+    assert info.value.charged == "yes" and info.value.cost_millicredits == first + second
 
 
 @respx.mock
