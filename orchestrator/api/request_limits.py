@@ -1,7 +1,9 @@
 """What every request must satisfy before it is routed: a body within the size cap (every body
 this API takes is a small JSON document, so anything larger is refused with 413 and never
-buffered in memory) and a URL without NUL characters (no id or filter holds one, and PostgreSQL
-refuses them in queries)."""
+buffered in memory), a body not compressed (none is decoded: a gzipped one was "not valid JSON"),
+and a URL without NUL characters (no id or filter holds one, and PostgreSQL refuses them in
+queries) or encoded slashes (no id holds one either: `jobs/{id}%2Fcancel` was routed as the cancel,
+past a proxy rule that allows `POST /v1/jobs/*` alone)."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from orchestrator.api.errors import answer, denied
-from orchestrator.errors import BadRequest, PayloadTooLarge
+from orchestrator.errors import BadRequest, NotJSON, PayloadTooLarge
 
 # What is read and thrown away of a body over the limit before the 413 is sent, and for how long.
 # A connection closed with bytes left unread is reset by the kernel, and a client still sending its
@@ -43,6 +45,23 @@ def _waits_to_send(headers: Headers) -> bool:
     return "100-continue" in headers.get("expect", "").lower()
 
 
+def _refused_url(scope: Scope) -> BadRequest | None:
+    if "\x00" in scope["path"] or b"%00" in scope["query_string"]:
+        return BadRequest("the URL contains a NUL character (%00)")
+    if b"%2f" in scope.get("raw_path", b"").lower():
+        return BadRequest("the URL path contains an encoded slash (%2F); no id holds one")
+    return None
+
+
+def _refused_encoding(headers: Headers, declared: str | None) -> NotJSON | None:
+    encoding = headers.get("content-encoding", "").strip().lower()
+    has_body = declared not in (None, "0") or "transfer-encoding" in headers
+    if not has_body or encoding in ("", "identity"):
+        return None
+    return NotJSON(f"the body is sent with 'Content-Encoding: {encoding[:40]}', which is not supported: send the "
+                   "JSON uncompressed", details={"content_encoding": encoding[:100]})
+
+
 class BodyTooLarge(HTTPException):
     """An HTTPException (the one kind FastAPI lets out of reading a body) with the details a
     declared Content-Length over the limit is answered with."""
@@ -68,12 +87,16 @@ class RequestLimits:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if "\x00" in scope["path"] or b"%00" in scope["query_string"]:
-            response = await denied(Request(scope)) or answer(BadRequest("the URL contains a NUL character (%00)"))
-            await response(scope, receive, send)
-            return
         headers = Headers(scope=scope)
         declared = headers.get("content-length")
+        refusal = _refused_url(scope) or _refused_encoding(headers, declared)
+        if refusal is not None:
+            if declared is not None and declared.isascii() and declared.isdigit() and int(declared) <= DRAIN_BYTES \
+                    and not _waits_to_send(headers):
+                await drain(receive)
+            response = await denied(Request(scope)) or answer(refusal)
+            await response(scope, receive, send)
+            return
         if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > self.max_bytes:
             if int(declared) <= DRAIN_BYTES and not _waits_to_send(headers):
                 await drain(receive)

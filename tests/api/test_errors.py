@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import importlib
 import logging
 import pkgutil
@@ -551,6 +552,40 @@ def test_body_under_the_limit_is_read(shared_server: httpx.Client, project: str)
 
 def test_nul_characters_are_refused(shared_server: httpx.Client, project: str) -> None:
     check_nul_refused(shared_server, project)
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "br"])
+def test_a_compressed_body_is_refused_as_compressed(shared_server: httpx.Client, project: str,
+                                                    encoding: str) -> None:
+    # No body is decoded: a gzipped one was refused as "not valid JSON (JSON is sent as UTF-8)".
+    before = job_count(shared_server)
+    response = shared_server.post(f"/v1/projects/{project}/drafts", content=gzip.compress(b'{"prompt": "x"}'),
+                                  headers={"Content-Type": "application/json", "Content-Encoding": encoding})
+    error = assert_error(response, 415, "invalid_request")
+    assert f"Content-Encoding: {encoding}" in error["message"] and "uncompressed" in error["message"]
+    assert job_count(shared_server) == before
+
+
+def test_an_uncompressed_body_may_say_identity(shared_server: httpx.Client) -> None:
+    response = shared_server.post("/v1/projects", content=b'{"name": "plain"}',
+                                  headers={"Content-Type": "application/json", "Content-Encoding": "identity"})
+    assert response.status_code == 201, response.text
+
+
+@pytest.mark.parametrize("path", ["/v1/projects/{project}%2Fassets", "/v1/projects/{project}%2fassets",
+                                  "/v1/assets/{asset}%2Fcontent"])
+def test_an_encoded_slash_is_not_a_path_separator(shared_server: httpx.Client, project: str,
+                                                  finished_job: dict[str, Any], path: str) -> None:
+    # Routed as a slash, `{id}%2Fcancel` reached the cancel route past a proxy rule for `/v1/jobs/*`.
+    url = path.format(project=project, asset=finished_job["assets"][0])
+    error = assert_error(shared_server.get(url), 400, "invalid_request")
+    assert "encoded slash" in error["message"]
+
+
+def test_an_encoded_slash_does_not_reach_the_cancel_route(shared_server: httpx.Client, project: str) -> None:
+    job = shared_server.post(f"/v1/projects/{project}/drafts", json={"prompt": "x"}).json()
+    assert_error(shared_server.post(f"/v1/jobs/{job['id']}%2Fcancel"), 400, "invalid_request")
+    assert wait_for_job(shared_server, job["id"])["status"] == "succeeded"
 
 
 def test_a_nul_in_a_key_of_the_body_is_told_with_its_subject(shared_server: httpx.Client, project: str) -> None:
