@@ -23,7 +23,7 @@ from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema, PydanticUseDefault
 from typing_extensions import TypeAliasType
 
-from tiers.base import MAX_SEED, whole_thousandths
+from tiers.base import MAX_AMOUNT, MAX_SEED, MILLI, whole_thousandths
 
 # Named aliases: the OpenAPI document gets one schema for each (a generated client one type), not
 # an inline enum at every use.
@@ -133,7 +133,7 @@ def _whole_millicredits(value: float) -> float:
     return value
 
 
-MAX_CREDITS = 10**9  # a billion credits: far above any real budget, and its millicredits fit a BIGINT
+MAX_CREDITS = MAX_AMOUNT // MILLI  # a billion credits: far above any real budget; sums of them fit a BIGINT
 Thousandths = AfterValidator(_whole_millicredits)
 Credits = Annotated[float, NoBool, Field(ge=0, le=MAX_CREDITS, allow_inf_nan=False,
                                          description="Credits, to the thousandth: at most 3 decimals."), Thousandths]

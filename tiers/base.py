@@ -64,11 +64,18 @@ def to_credits(millicredits: int) -> float:
     return round(millicredits / MILLI, 3)
 
 
+# The most one amount may be, in millicredits: a billion credits (`orchestrator.schemas.MAX_CREDITS`).
+# Not the 64-bit column's limit: sums of amounts must fit it too, and be exact JSON numbers; two
+# costs of 2**62 reported by a plugin made every spend total overflow on SQLite (a 500 on spend,
+# budget, metrics and every new paid job of the project) and turn inexact on PostgreSQL.
+MAX_AMOUNT = 10**12
+
+
 def is_amount(value: object) -> bool:
     """Whether `value` is an amount the ledger can hold: a whole, non-negative number of
-    millicredits (a numpy integer too) that fits its 64-bit column, not a bool, a fraction or an
+    millicredits (a numpy integer too) of at most `MAX_AMOUNT`, not a bool, a fraction or an
     infinity."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and 0 <= int(value) < 2**63
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and 0 <= int(value) <= MAX_AMOUNT
 
 
 # The seeds a job may ask for, and so the ones an image's record keeps: 32 bits, as most engines take.

@@ -80,6 +80,8 @@ def test_provider_cost_above_the_hold_is_captured_and_flagged(api: httpx.Client)
     # A plugin's fraction was stored as a float the sums truncated; an infinity broke them for good.
     ("1.0005", PRICE, "reported cost 1000.5 millicredits is not a charge"),
     ("inf", PRICE, "reported cost inf millicredits is not a charge"),
+    # 2**62 millicredits fit the column, but two of them overflowed every spend total (SQLite).
+    ("4611686018427387.904", PRICE, "reported cost 4611686018427388.0 credits is not a charge"),
 ])
 def test_a_reported_cost_that_needs_a_look_is_flagged_for_reconciliation(
         api: httpx.Client, reported: str, charged: float, note: str) -> None:

@@ -13,7 +13,7 @@ import respx
 from orchestrator.errors import Canceled, EngineError
 from tests.tiers.conftest import BlockingSleep, NoAnswer, bridge
 from tiers._cloud import Asked, paid_calls, token_counts
-from tiers.base import CancelToken, NullProgress, PriceTable, before_billable_sends
+from tiers.base import MAX_AMOUNT, CancelToken, NullProgress, PriceTable, before_billable_sends
 from tiers.fal import FalEngine
 from tiers.gemini import GeminiEngine
 from tiers.openai_images import OpenAIImagesEngine
@@ -270,7 +270,7 @@ def test_a_draft_is_sent_in_the_shape_asked(size: tuple[int, int], asked: tuple[
     assert shaped_as(Image.new("RGB", size), *asked, min_side=min_side).size == made
 
 
-@pytest.mark.parametrize("bad", [float("inf"), -5, 1290.5, "1290", True, None, 2**63])
+@pytest.mark.parametrize("bad", [float("inf"), -5, 1290.5, "1290", True, None, 2**63, MAX_AMOUNT + 1])
 def test_token_counts_are_whole_non_negative_64_bit_numbers_or_none(bad: object) -> None:
     # A usage block's `1e400` (an infinity to json.loads) raised OverflowError out of the cost, after
     # the paid image was decoded; a negative count made a negative cost.
