@@ -266,8 +266,15 @@ class ComfyUIEngine:
 
     async def _render(self, req: RenderRequest, earlier: list[dict[str, Any]], progress: Progress,
                       cancel: CancelToken) -> RenderResult:
-        template = self._template()
-        cancel.raise_if_cancelled(charged="no")
+        try:
+            template = self._template()
+            cancel.raise_if_cancelled(charged="no")
+        except EngineError:
+            # Resumed, the job ends before it looked at the earlier attempt's prompts: they go too
+            # (with no server set, there is none to ask).
+            if self._url:
+                await self._let_go_of(earlier, cancel)
+            raise
         follower = _Follower(_Steps(progress, req.n))
         # In the background: the websocket must not hold up the upload and the first prompt.
         listening = (asyncio.create_task(self._listen(websocket_url(self._url, follower.client_id), follower))
@@ -340,7 +347,7 @@ class ComfyUIEngine:
         running ones once they finish. The rest (forgotten by a restarted server, failed, or saved
         without a seed by an older version) are taken off the server and rendered again."""
         kept: dict[int, tuple[str, list[dict[str, str]]]] = {}
-        for handle in handles:
+        for i, handle in enumerate(handles):
             prompt_id, seed = handle.get("id"), _seed(handle)
             if not isinstance(prompt_id, str) or not prompt_id:
                 continue
@@ -349,12 +356,23 @@ class ComfyUIEngine:
                 continue
             # Each earlier prompt is waited for within a deadline of its own, as a new one is.
             deadline = self.http.new_deadline()
-            entry = await self._history(prompt_id, deadline, cancel)
-            if entry is None and not await self._lost(prompt_id):  # still queued or running
-                progress.state("queued", prompt_id=prompt_id)
-                entry = await self._follow(prompt_id, deadline, cancel)
-            elif entry is None:  # or it finished between the two looks
+            followed = False
+            try:
                 entry = await self._history(prompt_id, deadline, cancel)
+                if entry is None and not await self._lost(prompt_id):  # still queued or running
+                    progress.state("queued", prompt_id=prompt_id)
+                    followed = True  # `_follow` takes it off the server itself if the wait fails
+                    entry = await self._follow(prompt_id, deadline, cancel)
+                elif entry is None:  # or it finished between the two looks
+                    entry = await self._history(prompt_id, deadline, cancel)
+            except EngineError:
+                # A cancel or a failure ends the job: this prompt (unless `_follow` let go of it)
+                # and those not looked at yet would render on the shared GPU for nobody. Those
+                # before it are finished, lost or dropped already.
+                rest = i + 1 if followed else i
+                visited = {h["id"] for h in handles[:rest] if isinstance(h.get("id"), str)}
+                await self._let_go_of(handles[rest:], cancel, skip=visited)
+                raise
             try:
                 outputs = self._outputs(entry, prompt_id, template) if entry is not None else None
             except EngineError as exc:
@@ -498,6 +516,20 @@ class ComfyUIEngine:
         the history instead of rendering it again."""
         if not cancel.abandoned:
             await self._drop(prompt_id)
+
+    async def _let_go_of(self, handles: list[dict[str, Any]], cancel: CancelToken, *,
+                         skip: frozenset[str] | set[str] = frozenset()) -> None:
+        """A resumed job that ends (canceled, or failed) before it read all the earlier attempt's
+        prompts takes them off the server, each once and best effort (ids in `skip` are not);
+        an abandoned one leaves them to the job's next attempt, as `_let_go` does."""
+        if cancel.abandoned:
+            return
+        done = set(skip)
+        for handle in handles:
+            prompt_id = handle.get("id")
+            if isinstance(prompt_id, str) and prompt_id and prompt_id not in done:
+                done.add(prompt_id)
+                await self._drop(prompt_id)
 
     async def _wait(self, prompt_id: str, deadline: float, cancel: CancelToken) -> dict[str, Any] | None:
         """Poll the history; None once the server's queue shows it does not have the prompt."""

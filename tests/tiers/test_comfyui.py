@@ -14,7 +14,7 @@ import respx
 from PIL import Image
 
 from orchestrator.errors import BadEngineInput, Canceled, EngineError, EngineTimeout, EngineUnavailable
-from tests.tiers.conftest import RecordingProgress, multipart, png_bytes
+from tests.tiers.conftest import NoAnswer, RecordingProgress, multipart, png_bytes
 from tests.tiers.conftest import bridge as base_bridge
 from tiers.base import CancelToken, NullProgress, RenderRequest, Restartable, Resumable
 from tiers.comfyui import ComfyUIEngine, substitute
@@ -636,6 +636,90 @@ async def test_a_cancel_while_waiting_for_an_earlier_prompt_takes_it_off_the_ser
     assert [json.loads(c.request.content) for c in routes["queue"].calls] == [{"delete": ["p-1"]}]
     assert routes["prompt"].call_count == 0
     assert isinstance(engine, Resumable)
+
+
+EARLIER = [{"id": "p-1", "seed": 42}, {"id": "p-2", "seed": 43}, {"id": "p-3", "seed": 44}]
+
+
+def dropped(routes: dict[str, respx.Route]) -> tuple[list[str], list[str]]:
+    """The prompts taken off the queue, in order, and those interrupted."""
+    return ([p for c in routes["queue"].calls for p in json.loads(c.request.content)["delete"]],
+            [json.loads(c.request.content)["prompt_id"] for c in routes["interrupt"].calls])
+
+
+@respx.mock
+@pytest.mark.parametrize("abandon", [False, True], ids=["canceled", "abandoned"])
+@pytest.mark.parametrize("at", ["before", "first-look", "following", "following-second"])
+async def test_a_canceled_resume_takes_every_earlier_prompt_not_read_off_the_server(
+        engine: ComfyUIEngine, at: str, abandon: bool) -> None:
+    """The earlier prompts were walked one at a time, and a cancel dropped at most the one being
+    followed: those not looked at yet rendered on the shared GPU for nobody. A stopping process
+    (abandon) leaves them all to the job's next attempt."""
+    # p-1 runs (or, for following-second, finished), the others wait in the queue.
+    second = at == "following-second"
+    routes = earlier_server({"p-1": []} if second else {}, ["p-2", "p-3"] if second else ["p-1", "p-2", "p-3"],
+                            finish_after=100)
+    token = CancelToken()
+    waiting = cast(Handler, routes["history"].side_effect)  # earlier_server's on_history
+    looks: dict[str, int] = {}
+    hang = NoAnswer()
+
+    async def cancel_there(request: httpx.Request) -> httpx.Response:
+        prompt_id = request.url.path.rsplit("/", 1)[1]
+        looks[prompt_id] = looks.get(prompt_id, 0) + 1
+        if at == "first-look":
+            token.cancel(abandon=abandon)
+            return await hang(request)  # canceled while the read is out
+        if looks[prompt_id] == 2 and prompt_id == ("p-2" if second else "p-1"):  # waiting for it
+            token.cancel(abandon=abandon)
+        return waiting(request)
+
+    routes["history"].side_effect = cancel_there
+    if at == "before":
+        token.cancel(abandon=abandon)
+    with pytest.raises(Canceled) as info:
+        await engine.resume(bridge(n=3, seed=42), EARLIER, NullProgress(), token)
+    assert info.value.charged == "no"
+    assert routes["prompt"].call_count == 0 and routes["upload"].call_count == 0
+    assert looks == {"before": {}, "first-look": {"p-1": 1}, "following": {"p-1": 2},
+                     "following-second": {"p-1": 1, "p-2": 2}}[at]
+    if abandon:
+        assert dropped(routes) == ([], [])
+    elif second:  # p-1 had finished and was read: nothing to take off
+        assert dropped(routes) == (["p-2", "p-3"], ["p-2"])
+    else:  # each once; only the running one interrupted
+        assert dropped(routes) == (["p-1", "p-2", "p-3"], ["p-1"])
+
+
+@respx.mock
+@pytest.mark.parametrize("failure", ["unreadable-at-first-look", "unreadable-while-following", "timeout"])
+async def test_a_resume_that_fails_on_an_earlier_prompt_takes_the_others_off_the_server(
+        make_ctx: Any, tmp_path: Path, sleep: Any, failure: str) -> None:
+    """A failure waiting for the first earlier prompt (its history a proxy's page, or its deadline
+    past) ends the job: the two queued behind it must not render for nobody."""
+    engine, now = timed_engine(make_ctx, tmp_path, sleep)
+    routes = earlier_server({}, ["p-1", "p-2", "p-3"], finish_after=100)
+    waiting = cast(Handler, routes["history"].side_effect)  # earlier_server's on_history
+    looks = [0]
+
+    def failing(request: httpx.Request) -> httpx.Response:
+        looks[0] += 1
+        first = looks[0] == 1
+        if failure == "timeout" and not first:
+            now[0] += 400.0  # past the 300 s deadline
+        elif failure == "unreadable-at-first-look" or (failure == "unreadable-while-following" and not first):
+            return httpx.Response(404, text="<html>proxy</html>")
+        return waiting(request)
+
+    routes["history"].side_effect = failing
+    with pytest.raises(EngineError) as info:
+        await engine.resume(bridge(n=3, seed=42), EARLIER, NullProgress(), CancelToken())
+    assert not isinstance(info.value, Canceled)
+    assert isinstance(info.value, EngineTimeout) == (failure == "timeout")
+    assert info.value.charged == "no"
+    assert looks[0] == (1 if failure == "unreadable-at-first-look" else 2)
+    assert dropped(routes) == (["p-1", "p-2", "p-3"], ["p-1"])
+    assert routes["prompt"].call_count == 0
 
 
 def timed_engine(make_ctx: Any, tmp_path: Path, sleep: Any) -> tuple[ComfyUIEngine, list[float]]:
