@@ -222,7 +222,7 @@ _ENTRY_ID = re.compile(r"[1-9][0-9]{0,9}")  # digits without leading zeros, at m
 
 def _rfc3339(value: Any) -> Any:
     # Pydantic reads a bare number as Unix seconds ("to=0.5" was 1970); the contract's times are RFC 3339.
-    if isinstance(value, str) and not _DATE.match(value):
+    if isinstance(value, str) and (not _DATE.match(value) or not value.isascii()):
         raise ValueError("expected an RFC 3339 time, e.g. 2026-11-01T00:00:00Z")
     if isinstance(value, str) and _UNENCODED_PLUS.search(value):
         # A query string reads `+` as a space: `...T01:00:00+01:00` arrives as `...T01:00:00 01:00`.
@@ -252,13 +252,16 @@ def _csv_name(report: dict[str, Any]) -> str:
     parts = [f"spend-by-{report['group_by']}"]
     for bound in ("from", "to"):
         if report[bound] is not None:
-            parts.append(f"{bound}-{report[bound].strftime('%Y%m%dT%H%M%SZ')}")
+            when = report[bound]  # the year by hand: `%Y` does not pad years before 1000 (glibc)
+            parts.append(f"{bound}-{when.year:04d}{when.strftime('%m%dT%H%M%SZ')}")
     return "-".join(parts) + ".csv"
 
 
-_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
-_UNENCODED_PLUS = re.compile(r"[Tt ]\d{2}:\d{2}(:\d{2}(\.\d+)?)? \d{2}:?\d{2}$")
-_BEYOND_MICROSECONDS = re.compile(r"[Tt ]\d{2}:\d{2}:\d{2}\.(\d{6})(\d+)")
+# ASCII digits only, as RFC 3339 has them (a time of other characters is refused before these):
+# `\d` alone took an Arabic zero past the microsecond and moved the bound a microsecond up.
+_DATE = re.compile(r"\d{4}-\d{2}-\d{2}", re.ASCII)
+_UNENCODED_PLUS = re.compile(r"[Tt ]\d{2}:\d{2}(:\d{2}(\.\d+)?)? \d{2}:?\d{2}$", re.ASCII)
+_BEYOND_MICROSECONDS = re.compile(r"[Tt ]\d{2}:\d{2}:\d{2}\.(\d{6})(\d+)", re.ASCII)
 Rfc3339 = Annotated[datetime, BeforeValidator(_rfc3339)]
 
 

@@ -345,6 +345,9 @@ def test_bad_list_parameters(shared_server: httpx.Client, project: str, path: st
     ({"from": "2026-01-01T00:00:00"}, "from"),                               # no timezone
     ({"from": "2026-02-01T00:00:00Z", "to": "2026-01-01T00:00:00Z"}, "from"),  # after 'to'
     ({"to": "0001-01-01T00:00:00+01:00"}, "to"),                              # before year 1 in UTC
+    # Digits of other scripts past the microsecond were read (an Arabic zero moved the bound up).
+    ({"from": "2026-04-01T00:00:00.000000\u0660Z"}, "from"),
+    ({"to": "2026-04-01T00:00:00.1234567\u0661Z"}, "to"),
 ])
 def test_bad_spend_bounds_name_their_parameter(shared_server: httpx.Client, params: dict[str, str], name: str) -> None:
     error = assert_error(shared_server.get("/v1/spend", params=params), 422, "invalid_request")

@@ -118,6 +118,8 @@ def test_csv(api: httpx.Client, spent: dict[str, Any]) -> None:
                                            "from": "2026-11-01T00:00:00Z"})
     assert bounded.headers["content-disposition"] == 'attachment; filename="spend-by-day-from-20261101T000000Z.csv"'
     assert response.headers["content-disposition"] == 'attachment; filename="spend-by-engine.csv"'
+    early = api.get("/v1/spend", params={"format": "csv", "from": "0001-01-01T00:00:00Z"})
+    assert early.headers["content-disposition"] == 'attachment; filename="spend-by-day-from-00010101T000000Z.csv"'
 
 
 def test_by_project_the_groups_name_their_projects(api: httpx.Client, spent: dict[str, Any]) -> None:
