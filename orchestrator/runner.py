@@ -543,6 +543,10 @@ class JobRunner:
             # Its half-open probe taken before the move, in one step (see `EngineHealth.reserve`).
             if not self.health.reserve(name, token):
                 continue
+            # The job is the probe (as a submitted one would be) before the move commits: a cancel
+            # of it queued there gives the probe back by the job's id. Adopted after the commit, a
+            # cancel in between found the probe still the token's, and the engine waited a cooldown.
+            self.health.adopt(name, token, job.id)
             moved = False
             try:
                 await asyncio.to_thread(self._requeue_on, claim, error, name, engine.model, estimate)
@@ -555,10 +559,8 @@ class JobRunner:
             except (BudgetExceeded, MadePrivate):
                 continue  # nothing was written; a cheaper (or free, or local) candidate may still fit
             finally:
-                if moved:  # the job is the probe now, as a submitted one would be
-                    self.health.adopt(name, token, job.id)
-                else:
-                    self.health.finished(name, token)
+                if not moved:
+                    self.health.finished(name, job.id)
             self.bus.publish(job.id, "state", {"state": "fallback", "from": job.engine, "to": name,
                                                "estimate": to_credits(estimate), "error": error.to_dict()})
             self.notify()

@@ -20,6 +20,7 @@ from orchestrator.errors import ContentUnavailable
 from orchestrator.health import EngineHealth
 from orchestrator.jobs import JobService
 from orchestrator.models import Asset, Job, LedgerEntry, Project
+from orchestrator.runner import JobRunner
 from orchestrator.schemas import PolishCreate, PromoteCreate
 from orchestrator.services import Services
 from tests.routing import assert_error, ledger, promote, run_draft, wait_for_job
@@ -523,6 +524,35 @@ def test_a_probe_canceled_while_queued_lets_the_next_one_through(
         for job in [*busy, after]:
             client.post(f"/v1/jobs/{job['id']}/cancel")
         assert after["engine"] == "fake-paid", after["routing"]["candidates"]
+
+
+def test_a_job_canceled_as_its_fallback_commits_leaves_the_next_engine_s_probe_free(
+        new_settings: SettingsFactory, fallback_policies: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Adopted as fake-b's probe only after the move committed: a cancel in between found the probe
+    # still the fallback's token, gave nothing back, and fake-b was refused for the whole cooldown.
+    clock, made = Clock(), []
+
+    def breaker(*args: Any, **kwargs: Any) -> EngineHealth:
+        made.append(EngineHealth(threshold=2, cooldown=60.0, clock=clock))
+        return made[-1]
+
+    monkeypatch.setattr("orchestrator.services.EngineHealth", breaker)
+    requeue_on, canceled = JobRunner._requeue_on, []
+
+    def requeue_then_cancel(self: JobRunner, claim: Any, *args: Any) -> None:
+        requeue_on(self, claim, *args)
+        with httpx.Client(base_url=str(client.base_url), timeout=30) as other:
+            canceled.append(other.post(f"/v1/jobs/{claim.job.id}/cancel").status_code)
+
+    monkeypatch.setattr(JobRunner, "_requeue_on", requeue_then_cancel)
+    with running(new_settings(engines=FAKE_ENGINES, policy="fallback-test", policy_dir=fallback_policies)) as client:
+        _, asset_id = draft_asset(client)
+        for _ in range(2):
+            made[0].failed("fake-b")
+        clock.now += 61  # fake-b half-open: the fallback takes its probe
+        job = wait_for_job(client, promote(client, asset_id, tags={"fake": "fail", "fake-b": "hang"})["id"])
+        assert (job["status"], job["engine"], canceled) == ("canceled", "fake-b", [202])
+        assert made[0].reserve("fake-b", "the next request")
 
 
 def test_fallback_result_is_not_a_cache_entry_for_the_first_engine(paid_server: httpx.Client) -> None:
