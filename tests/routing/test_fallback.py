@@ -537,7 +537,8 @@ def test_a_job_canceled_as_its_fallback_commits_leaves_the_next_engine_s_probe_f
         return made[-1]
 
     monkeypatch.setattr("orchestrator.services.EngineHealth", breaker)
-    requeue_on, canceled = JobRunner._requeue_on, []
+    requeue_on = JobRunner._requeue_on
+    canceled: list[int] = []
 
     def requeue_then_cancel(self: JobRunner, claim: Any, *args: Any) -> None:
         requeue_on(self, claim, *args)
