@@ -4,19 +4,24 @@ which setting to fill), a model from the settings, a dated price table, one `Rem
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sized
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sized
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import httpx
 
-from orchestrator.errors import Canceled, ContentFiltered, EngineError, EngineUnavailable
+from orchestrator.errors import Canceled, Charged, ContentFiltered, EngineError, EngineUnavailable
 from tiers._http import RemoteClient, error_text
 from tiers._images import b64decode_tolerant, decode_image
 from tiers.base import CancelToken, EngineContext, Kind, PriceTable, RenderedImage, Stage, is_amount
 
 if TYPE_CHECKING:
     from pydantic import SecretStr
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def token_counts(*counts: Any) -> tuple[int, ...] | None:
@@ -120,6 +125,28 @@ def _usable_key(key: SecretStr | None) -> tuple[str | None, str | None]:
     return value, None
 
 
+class _KeptOut(CancelToken):
+    """The token a request that can bill is sent with in place of the job's (see
+    `CloudEngine.send_withdrawable`), cancelled once the job's is. `RemoteClient` stops on it as
+    on the job's before the request is sent and in the waits between attempts (where it says what
+    the cancel cost), but a request that is out is never cut: its answer is awaited, within the
+    deadline, since it names the work the provider made, the only way to cancel that work."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.out = False  # a request is out, not yet answered
+
+    async def race(self, awaitable: Awaitable[T], *, charged: Charged = "unknown") -> T:
+        if charged == "no":  # a wait between attempts: nothing of the request is out
+            return await super().race(awaitable, charged=charged)
+        # The client's race of a request that can bill against the token: the request is awaited.
+        self.out = True
+        try:
+            return await awaitable
+        finally:
+            self.out = False
+
+
 class CloudEngine:
     name: str  # each engine's own; not a ClassVar, which `tiers.base.Engine`'s `name` would not match
     kind: Kind = "remote"
@@ -136,6 +163,8 @@ class CloudEngine:
         self._model = model
         self._key, self._key_problem = _usable_key(key)
         self._prices = PriceTable(self.name, prices, prices_as_of, ctx.price_overrides.get(self.name))
+        # Requests a cancel left out, each followed until answered to withdraw what it made.
+        self._withdrawing: set[asyncio.Task[None]] = set()
 
     def remote_client(self, ctx: EngineContext, client: RemoteClient | None, *, base_url: str,
                       headers: dict[str, str] | None = None) -> RemoteClient:
@@ -208,5 +237,71 @@ class CloudEngine:
                               details={"engine": self.name, "status": response.status_code})
         return response.content
 
+    async def send_withdrawable(self, method: str, url: str, *, cancel: CancelToken, deadline: float,
+                                withdraw: Callable[[httpx.Response], Awaitable[None]],
+                                **kwargs: Any) -> httpx.Response:
+        """`self.http.request(..., cancel=cancel)` for a request that can bill and whose answer
+        names the work it started (a prediction's id, a queue request's cancel URL). A user's
+        cancel while it is out ends the call at once with `Canceled` (`charged="unknown"`), as the
+        client's own race does; but the request is not dropped: it is left to be answered (within
+        `deadline`), and `withdraw` is then given the answer, in the background, to stop that
+        work at the provider, best effort. A cancel before the request is sent or between its
+        attempts, and one that abandons the job (another process follows the work on), are as the
+        client has them."""
+        if cancel.cancelled:  # nothing is out: the client says what that cost
+            return await self.http.request(method, url, deadline=deadline, cancel=cancel, **kwargs)
+        kept = _KeptOut()
+        sending = asyncio.create_task(self.http.request(method, url, deadline=deadline, cancel=kept, **kwargs))
+        followed = False
+        try:
+            try:
+                return await cancel.race(asyncio.shield(sending))
+            except Canceled:
+                if sending.done():  # its own (a send refused), or an answer in the same instant
+                    return sending.result()
+            # The job is canceled: the request sends nothing more, but one out is not cut (see `_KeptOut`).
+            kept.cancel(abandon=cancel.abandoned)
+            if kept.out and not cancel.abandoned:
+                follower = asyncio.create_task(self._withdraw_when_answered(sending, withdraw))
+                self._withdrawing.add(follower)
+                follower.add_done_callback(self._withdrawing.discard)
+                followed = True
+                raise Canceled("the job was canceled while the provider was working", charged="unknown")
+            if kept.out:  # abandoned: dropped, as ever; another process follows the job on
+                sending.cancel()
+            await asyncio.wait({sending})
+            if sending.cancelled():
+                raise Canceled("the job was canceled while the provider was working", charged="unknown")
+            # Not out: the client ended it on the cancel, saying what it cost (or it was just answered).
+            return sending.result()
+        finally:
+            if not followed and not sending.done():
+                sending.cancel()  # this call was itself cancelled (a timeout around it): so is the request
+
+    async def _withdraw_when_answered(self, sending: asyncio.Task[httpx.Response],
+                                      withdraw: Callable[[httpx.Response], Awaitable[None]]) -> None:
+        try:
+            response = await sending
+        except Canceled:  # answered that nothing was made, and not sent again
+            log.info("%s: a request left out by a cancel made nothing", self.name)
+            return
+        except Exception as exc:
+            log.warning("%s: a request left out by a cancel got no answer (%s); whatever it made is left "
+                        "to the provider", self.name, exc)
+            return
+        try:
+            await withdraw(response)
+        except Exception:  # best effort: the job has ended either way
+            log.warning("%s: withdrawing the work of a request left out by a cancel failed", self.name,
+                        exc_info=True)
+
     async def aclose(self) -> None:
+        pending = list(self._withdrawing)
+        if pending:
+            # Their answers would never be read: the work they started runs on until the provider ends it.
+            log.warning("%s: %d request(s) left out by a cancel still unanswered at close; their work is not "
+                        "withdrawn", self.name, len(pending))
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
         await self.http.aclose()

@@ -3,7 +3,8 @@
 The submit POST returns `status_url`, `response_url` and `cancel_url`; those absolute URLs are the
 only ones used afterwards, since fal's path layout for apps with sub-paths is its own business.
 The submit is never re-sent when it got no answer (the request may be queued and billed); status
-polls, the result fetch and output downloads are idempotent.
+polls, the result fetch and output downloads are idempotent. A cancel while the submit is out does
+not drop it: the job ends, and the request it queued is canceled once its answer comes.
 
 Once fal has accepted a request, a failure leaves the bill `unknown` (the ledger keeps the
 estimate unreconciled) and a result that was fetched is billed. fal reports no money amount, so
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import logging
 from typing import Any
 
 import httpx
@@ -32,6 +34,8 @@ from tiers.base import (
     RenderResult,
     instruction_prompt,
 )
+
+log = logging.getLogger(__name__)
 
 # Credits (1 credit = $0.01) per output image by resolution. Config defaults (providers.md, Nov 2026).
 PRICES_AS_OF = "2026-11"
@@ -129,8 +133,11 @@ class FalEngine(CloudEngine):
         cancel.raise_if_cancelled()
         deadline = self.http.new_deadline()
         progress.state("submitted")
-        response = await self.http.request(
+        # A cancel while the submit is out ends the job at once, but the submit is left to be
+        # answered, and the request it queued is then canceled (`_withdraw_submitted`).
+        response = await self.send_withdrawable(
             "POST", f"/{self._model}", json=self._body(req), deadline=deadline, headers=self._auth, cancel=cancel,
+            withdraw=self._withdraw_submitted,
         )
         if response.status_code == 404:  # no such model (retired, misspelt): another engine may serve
             raise self.model_not_served(response)
@@ -256,6 +263,26 @@ class FalEngine(CloudEngine):
         for handle in handles:
             if self._keyed(handle.get("cancel_url")):  # the key goes only where a saved URL may take it
                 await self._cancel_remote(str(handle["cancel_url"]))
+
+    async def _withdraw_submitted(self, response: httpx.Response) -> None:
+        """The answer to a submit the job's cancel left out: the request it queued is canceled.
+        Not saved with the job (`Progress.provider_request`), which has ended by now."""
+        if response.status_code not in (200, 201, 202):
+            log.info("fal: a submit left out by a cancel was refused (HTTP %d): nothing to cancel",
+                     response.status_code)
+            return
+        try:
+            queued = self._json(response)
+        except EngineError:
+            queued = {}
+        cancel_url = queued.get("cancel_url")
+        if not self._keyed(cancel_url):  # the key goes with it: only to fal's own queue URLs
+            log.warning("fal: a submit left out by a cancel was answered with no cancel URL on fal's own site; "
+                        "the request it may have queued is not canceled")
+            return
+        log.info("fal: request %s, queued after its job was canceled, is canceled",
+                 str(queued.get("request_id"))[:100])
+        await self._cancel_remote(str(cancel_url))
 
     async def _cancel_remote(self, cancel_url: str) -> None:
         """Best effort: the job is over for us either way, so no failure here is surfaced."""

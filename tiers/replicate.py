@@ -4,7 +4,8 @@ Each output image is one prediction: a create POST held open with `Prefer: wait`
 wait ran out, polling `GET /v1/predictions/{id}`. The create is never re-sent when it got no
 answer, nor after a 500, 502 or 504 (held open by the wait, the prediction may exist and be
 billed by then: providers.md says never re-POST a create; a 503 says the request was not handled);
-polls and output downloads are idempotent.
+polls and output downloads are idempotent. A cancel while the create is held open does not drop
+it: the job ends, and the prediction the create answers with is canceled once it comes.
 
 Once Replicate has accepted a prediction, a failure leaves the bill `unknown` unless the status
 says otherwise (`aborted` is free, `succeeded` is billed): the ledger keeps the estimate as
@@ -15,6 +16,7 @@ amount, so the actual cost is always `None`.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import re
 from typing import Any
@@ -42,6 +44,8 @@ from tiers.base import (
     RenderResult,
     instruction_prompt,
 )
+
+log = logging.getLogger(__name__)
 
 # Credits (1 credit = $0.01) per output image, by output resolution for the Nano Banana models.
 # Config defaults (providers.md, Nov 2026): Replicate does not publish nano-banana-2's prices in
@@ -175,13 +179,15 @@ class ReplicateEngine(CloudEngine):
     async def _predict(self, body: dict[str, Any], progress: Progress, cancel: CancelToken) -> dict[str, Any]:
         deadline = self.http.new_deadline()
         progress.state("submitted")
-        response = await self.http.request(
+        # A cancel while the create is held open ends the job at once, but the create is left to be
+        # answered, and the prediction it names is then canceled (`_withdraw_created`).
+        response = await self.send_withdrawable(
             "POST", f"/v1/models/{self._model}/predictions", json=body, deadline=deadline,
             headers={**self._auth, "Prefer": f"wait={self._wait}",
-                     # Replicate stops it by itself once nobody can be following it: a cancel while
-                     # the create is held open, or a crash, leaves no id to cancel it by.
+                     # Replicate stops it by itself once nobody can be following it: a crash, or a
+                     # shutdown while the create is held open, leaves no id to cancel it by.
                      "Cancel-After": f"{math.ceil(self.http.deadline_seconds + CANCEL_AFTER_MARGIN)}s"},
-            cancel=cancel,
+            cancel=cancel, withdraw=self._withdraw_created,
         )
         if response.status_code == 404:  # no such model (retired, misspelt): another engine may serve
             raise self.model_not_served(response)
@@ -306,6 +312,35 @@ class ReplicateEngine(CloudEngine):
             # Saved ids only, as Replicate writes them: a request carrying the token goes nowhere else.
             if isinstance(prediction_id, str) and PREDICTION_ID.fullmatch(prediction_id):
                 await self._cancel_remote(prediction_id)
+
+    async def _withdraw_created(self, response: httpx.Response) -> None:
+        """The answer to a create the job's cancel left out: the prediction it made is canceled.
+        Not saved with the job (`Progress.provider_request`), which has ended by now."""
+        if response.status_code not in (200, 201, 202):
+            if maybe_created(response):
+                log.warning("replicate: a create left out by a cancel was answered HTTP %d; a prediction it may "
+                            "have made has no id to cancel it by, and runs until its Cancel-After",
+                            response.status_code)
+            else:
+                log.info("replicate: a create left out by a cancel was refused (HTTP %d): nothing to cancel",
+                         response.status_code)
+            return
+        try:
+            prediction = self._json(response)
+        except EngineError:
+            log.warning("replicate: a create left out by a cancel was answered with no prediction to cancel; "
+                        "one it may have made runs until its Cancel-After")
+            return
+        prediction_id, status = str(prediction["id"]), prediction["status"]
+        if status in ("succeeded", "failed", "canceled", "aborted"):  # nothing left to stop
+            log.info("replicate: prediction %s, created after its job was canceled, had already ended (%s)",
+                     prediction_id[:100], status)
+        elif PREDICTION_ID.fullmatch(prediction_id):  # the key goes with it, only to such a path
+            log.info("replicate: prediction %s, created after its job was canceled, is canceled", prediction_id)
+            await self._cancel_remote(prediction_id)
+        else:
+            log.warning("replicate: a create left out by a cancel named prediction %r, not an id it is canceled "
+                        "by; it runs until its Cancel-After", prediction_id[:100])
 
     async def _cancel_remote(self, prediction_id: str) -> None:
         """Best effort: the job is over for us either way, so no failure here is surfaced."""
