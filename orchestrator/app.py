@@ -110,7 +110,7 @@ def create_app(settings: Settings | None = None, *, loopback_only: bool = False)
                      "and runs none itself")
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             # SIGHUP reloads the policy files (only possible when serving from the main thread).
-            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, lambda: services.reload_policies("SIGHUP"))
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, services.reload_policies_soon, "SIGHUP")
         services.log_engine_notes()
         try:
             yield

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
 from sqlmodel import col, select
 
 from orchestrator import idempotency, identity
@@ -27,7 +27,7 @@ from orchestrator.health import EngineHealth
 from orchestrator.jobs import JobService
 from orchestrator.ledger import Ledger
 from orchestrator.metrics import render as metrics_text
-from orchestrator.models import Asset
+from orchestrator.models import Asset, Project
 from orchestrator.outage import Outage
 from orchestrator.prices import load_price_overrides, unread_prices
 from orchestrator.queue import Scheduler
@@ -36,7 +36,7 @@ from orchestrator.runner import JobRunner
 from orchestrator.settings import CONFIG_FILE_VARIABLE, Settings, source_of
 from orchestrator.store import ORPHAN_GRACE_SECONDS, ArtifactStore, PreviewFiles, SweepRefused
 from orchestrator.workers import DeviceLock, Presence
-from policies import PolicyStore
+from policies import PolicyError, PolicyStore
 from tiers._local import LocalRuntime
 from tiers.base import EngineContext
 from tiers.lite import LiteEngine
@@ -267,13 +267,52 @@ class Services:
         if self.settings.policy_dir is not None:
             self.policy_watching = asyncio.create_task(self._watch_policies(), name="policy files")
 
-    def reload_policies(self, why: str) -> None:
-        """Read the policy files again (SIGHUP, or their change seen); what a reload refuses keeps
-        its last good version, and only the log can tell."""
+    def reload_policies(self, why: str) -> list[PolicyError]:
+        """Read the policy files again (SIGHUP, their change seen, `POST /v1/policies/reload`);
+        what a reload refuses keeps its last good version (returned, and logged). A policy the
+        new files make keep everything on this machine is applied to its projects' queued work
+        as a move to it would be (`JobService.keep_local`): the routing they were queued with
+        would send prompts and images off the machine. Blocking: not on the event loop."""
+        local_before = self._local_policies()
         errors = self.policies.reload()
         for error in errors:
             log.error("policy refused on reload (the last good version stays): %s", error.message)
         log.info("policies reloaded (%s): %s", why, ", ".join(self.policies.names()))
+        turned = self._local_policies() - local_before
+        if turned:
+            try:
+                self._keep_local(turned)
+            except SQLAlchemyError as exc:
+                log.error("policies %s now keep everything on this machine, but their projects' queued jobs could "
+                          "not be read (%s): jobs queued for engines off the machine may still run; cancel them, "
+                          "or set the projects' policy again (PATCH)", ", ".join(sorted(turned)), exc)
+        return errors
+
+    def reload_policies_soon(self, why: str) -> None:
+        """For a signal handler, on the event loop: the reload reads files (and may write the
+        database) in a thread."""
+        async def reload() -> None:
+            try:
+                await asyncio.to_thread(self.reload_policies, why)
+            except Exception:
+                log.exception("reloading the policy files (%s) failed", why)
+
+        self.background.append(asyncio.get_running_loop().create_task(reload(), name="policy reload"))
+        self.background = [task for task in self.background if not task.done()]
+
+    def _local_policies(self) -> set[str]:
+        return {name for name in self.policies.names() if self.policies.get(name).keeps_all_local}
+
+    def _keep_local(self, policies: set[str]) -> None:
+        with self.db.session() as s:
+            projects = s.exec(select(Project.id, Project.policy).where(col(Project.policy).in_(policies))).all()
+        for project_id, policy in projects:
+            canceled = self.jobs.keep_local(project_id, policy)
+            for job_id in canceled:
+                self.scheduler.forget_abandoned(self.jobs.get(job_id))  # one queued to be reattached
+            if canceled:
+                log.warning("policy '%s' now keeps everything on this machine: %d queued job(s) of project %s "
+                            "for engines off it canceled", policy, len(canceled), project_id)
 
     async def _watch_policies(self) -> None:
         """A reload asked of one process (`POST /v1/policies/reload`, SIGHUP) reached only it: the

@@ -47,7 +47,7 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> S
 
         def on_hup() -> None:
             if built:
-                built[0].reload_policies("SIGHUP")
+                built[0].reload_policies_soon("SIGHUP")
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_stop, sig)

@@ -76,9 +76,10 @@ def reload_policies(services: ServicesDep, caller: CallerDep) -> dict[str, Any]:
     """Re-read the policy files now, in the process that answers (admin key only; the service's
     other processes reload on their own once they see the files change). A bad file is refused with
     its message; the last good version of that policy stays in service. Projects pick up the new
-    rules on their next job."""
+    rules on their next job; a policy that now keeps everything on the machine cancels its projects'
+    queued jobs for engines off it, as moving a project to it does."""
     caller.admin("reloading policies")
-    errors = services.policies.reload()
+    errors = services.reload_policies("asked through the API")
     return {"loaded": services.policies.names(), "errors": [e.message for e in errors],
             "warnings": _warnings(services)}
 

@@ -16,7 +16,7 @@ from orchestrator.server import serve_in_thread
 from orchestrator.settings import Settings
 from tests import fakes
 from tests.credits import DRAFT, ledger, poll, project_with_draft, promote_ok, wait_for_job
-from tests.credits.conftest import POLICY_TOML
+from tests.credits.conftest import POLICY, POLICY_TOML
 
 
 def test_moving_to_local_only_cancels_queued_cloud_jobs_and_keeps_the_others_local(
@@ -291,3 +291,30 @@ def test_a_job_resumed_on_a_self_hosted_server_after_its_project_went_local_only
         done = wait_for_job(client, job_id)
     assert done["status"] == "canceled" and "keeps its work on this machine" in done["error"]["message"], done
     assert fakes.RESUMED == [] and prompt not in " ".join(fakes.SENT)
+
+
+def test_a_reload_that_makes_the_project_s_policy_keep_everything_local_cancels_its_queued_cloud_jobs(
+        paid_settings_for: Callable[..., Settings], tmp_path: Path) -> None:
+    """The README's promise for a policy change that keeps everything on the machine held for a
+    project moved to such a policy, but not for an edit of the policy it was on: reloaded, its
+    queued cloud job was sent all the same."""
+    folder = tmp_path / "policies"
+    folder.mkdir()
+    (folder / f"{POLICY}.toml").write_text(POLICY_TOML)
+    data = tmp_path / "data"
+    with serve_in_thread(paid_settings_for(data, policy_dir=folder)) as base, \
+            httpx.Client(base_url=base, timeout=30) as client:
+        project_id, asset_id = project_with_draft(client)
+    prompt = "a lighthouse, queued before its policy went private"
+    with serve_in_thread(paid_settings_for(data, policy_dir=folder, run_jobs=False)) as base, \
+            httpx.Client(base_url=base, timeout=30) as client:
+        cloud = promote_ok(client, asset_id, prompt=prompt)
+        assert cloud["engine"] == "fake-paid" and cloud["status"] == "queued"
+        (folder / f"{POLICY}.toml").write_text(POLICY_TOML.replace("engines = [", "private = true\nengines = ["))
+        reloaded = client.post("/v1/policies/reload").json()
+        assert reloaded["errors"] == [] and client.get(f"/v1/policies/{POLICY}").json()["rules"][-1]["private"]
+        canceled = client.get(f"/v1/jobs/{cloud['id']}").json()
+        assert canceled["status"] == "canceled", canceled
+        assert f"policy '{POLICY}' keeps its work on this machine" in canceled["error"]["message"]
+        assert [e["kind"] for e in ledger(client, project_id) if e["job_id"] == cloud["id"]] == ["hold", "release"]
+    assert prompt not in " ".join(fakes.SENT)
