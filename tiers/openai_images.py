@@ -29,6 +29,7 @@ from tiers.base import (
     RenderedImage,
     RenderRequest,
     RenderResult,
+    is_amount,
 )
 
 SIZES = {"1:1": "1024x1024", "3:2": "1536x1024", "2:3": "1024x1536"}
@@ -74,6 +75,13 @@ def _error_code(response: httpx.Response) -> str | None:
 def quota_exhausted(response: httpx.Response) -> bool:
     """A 429 that waiting does not cure: the account has no credit left (`insufficient_quota`)."""
     return response.status_code == 429 and _error_code(response) == "insufficient_quota"
+
+
+def _rest(total: Any, part: Any) -> Any:
+    """`total - part` when both are token counts; else `total`, for `token_counts` to judge."""
+    if is_amount(total) and is_amount(part):
+        return max(int(total) - int(part), 0)
+    return total
 
 
 def quality(req: RenderRequest) -> str:
@@ -122,7 +130,13 @@ class OpenAIImagesEngine(CloudEngine):
         out_tokens = usage.get("output_tokens")
         details = usage.get("input_tokens_details")
         if isinstance(details, dict):
-            image_tokens, text_tokens = details.get("image_tokens", 0), details.get("text_tokens", 0)
+            # A split that names one kind only: the rest of the input is the other (a missing
+            # `image_tokens` billed the image, most of the input, at nothing).
+            image_tokens, text_tokens = details.get("image_tokens"), details.get("text_tokens")
+            if image_tokens is None:
+                image_tokens = _rest(usage.get("input_tokens", 0), text_tokens or 0)
+            if text_tokens is None:
+                text_tokens = _rest(usage.get("input_tokens", 0), image_tokens)
         else:
             # Without the split, bill every input token at the dearer image rate.
             image_tokens, text_tokens = usage.get("input_tokens", 0), 0
@@ -176,11 +190,13 @@ class OpenAIImagesEngine(CloudEngine):
                     cancel=cancel,
                 )
                 request_id = response.headers.get("x-request-id")
+                if response.status_code != 200:
+                    # Refused: nothing the provider made is named by it, so it is not saved as
+                    # accepted work (a job with such work is never taken as surely unbilled).
+                    raise self._error(response, request_id)
                 if request_id:
                     request_ids.append(request_id)
                     progress.provider_request(request_id)
-                if response.status_code != 200:
-                    raise self._error(response, request_id)
                 with reading_an_answer():
                     body = json_object(response, self.name)
                     batch = self._images(body, count)
@@ -199,10 +215,10 @@ class OpenAIImagesEngine(CloudEngine):
 
     def _error(self, response: httpx.Response, request_id: str | None) -> EngineError:
         code = _error_code(response)
-        if response.status_code == 400 and code == "moderation_blocked":
+        if response.status_code == 400 and code in ("moderation_blocked", "content_policy_violation"):
             return ContentFiltered(
                 f"openai blocked the request (moderation): {error_text(response)}",
-                details={"engine": self.name, "reason": "moderation_blocked", "request_id": request_id},
+                details={"engine": self.name, "reason": code, "request_id": request_id},
             )
         if response.status_code == 404 or code == "model_not_found":
             return self.model_not_served(response)
@@ -211,7 +227,10 @@ class OpenAIImagesEngine(CloudEngine):
             # (a spending limit is a 400, which read as the request's own fault: no fallback).
             return EngineUnavailable(f"openai: the account's quota is used up: {error_text(response)}",
                                      details={"engine": self.name, "status": response.status_code, "reason": code})
-        return self.http.fail(response)
+        error = self.http.fail(response)
+        if request_id:  # for the provider's support, as a refusal's own message rarely says enough
+            error.details.setdefault("request_id", request_id)
+        return error
 
     def _images(self, body: dict[str, Any], wanted: int) -> list[Any]:
         data = body.get("data")

@@ -194,12 +194,14 @@ class StabilityEngine(CloudEngine):
                 else:
                     response = await self._send("POST", self._path(op), data=fields, files=files, cancel=cancel)
                     request_id = response.headers.get("x-request-id")
-                    if request_id:
+                    if request_id and response.status_code == 200:  # a refusal names no work made
                         progress.provider_request(request_id)
                 if request_id:
                     request_ids.append(request_id)
                 if response.status_code != 200:
                     error = self._error(response)
+                    if request_id:  # for the provider's support
+                        error.details.setdefault("request_id", request_id)
                     # A creative upscale's final poll failing comes after the provider took the job.
                     raise error.at_least_charged("unknown") if op == "upscale-creative" else error
                 with reading_an_answer():

@@ -169,14 +169,39 @@ async def test_an_answer_that_cannot_be_decoded_is_not_resent(engine: OpenAIImag
 
 
 @respx.mock
-async def test_moderation_blocked_is_content_filtered(engine: OpenAIImagesEngine) -> None:
+@pytest.mark.parametrize("code", ["moderation_blocked", "content_policy_violation"])
+async def test_moderation_blocked_is_content_filtered(engine: OpenAIImagesEngine, code: str) -> None:
     route = respx.post(URL).mock(return_value=httpx.Response(400, json={"error": {
         "message": "Your request was rejected by the safety system.", "type": "image_generation_user_error",
-        "param": None, "code": "moderation_blocked"}}, headers={"x-request-id": "req_mod"}))
+        "param": None, "code": code}}, headers={"x-request-id": "req_mod"}))
     with pytest.raises(ContentFiltered) as info:
         await engine.run(bridge(), NullProgress(), CancelToken())
     assert route.call_count == 1
-    assert info.value.details["request_id"] == "req_mod"
+    assert info.value.details["request_id"] == "req_mod" and info.value.details["reason"] == code
+
+
+@respx.mock
+@pytest.mark.parametrize(("status", "code"), [(400, "moderation_blocked"), (429, "insufficient_quota"),
+                                              (400, "invalid_value")])
+async def test_a_refused_call_is_not_saved_as_accepted_work(engine: OpenAIImagesEngine, status: int,
+                                                            code: str) -> None:
+    # Saved, the refusal's id made the failed job one with provider work: never taken as unbilled.
+    respx.post(URL).mock(return_value=httpx.Response(status, json={"error": {"message": "no", "code": code}},
+                                                     headers={"x-request-id": "req_refused"}))
+    progress = RecordingProgress()
+    with pytest.raises(EngineError) as info:
+        await engine.run(bridge(), progress, CancelToken())
+    assert progress.request_ids == [] and info.value.charged == "no"
+    assert info.value.details.get("request_id", "req_refused") == "req_refused"
+
+
+@pytest.mark.parametrize("details", [{"text_tokens": 10}, {"image_tokens": 4500}])
+def test_a_usage_split_naming_one_kind_bills_the_rest_as_the_other(engine: OpenAIImagesEngine,
+                                                                   details: dict[str, int]) -> None:
+    # A split without `image_tokens` billed the image, most of the input, at nothing.
+    whole = {"input_tokens": 4510, "output_tokens": 4160}
+    split = engine._actual_cost({**whole, "input_tokens_details": {"image_tokens": 4500, "text_tokens": 10}})
+    assert split is not None and engine._actual_cost({**whole, "input_tokens_details": details}) == split
 
 
 @respx.mock

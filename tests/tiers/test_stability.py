@@ -294,6 +294,17 @@ async def test_bad_request_is_not_retried(engine: StabilityEngine) -> None:
     assert route.call_count == 1
 
 
+@respx.mock
+async def test_a_refused_call_is_not_saved_as_accepted_work(engine: StabilityEngine) -> None:
+    # Saved, the refusal's id made the failed job one with provider work: never taken as unbilled.
+    respx.post(SD3).mock(return_value=httpx.Response(
+        400, json={"id": "x", "name": "bad_request", "errors": ["no"]}, headers={"x-request-id": "req_refused"}))
+    progress = RecordingProgress()
+    with pytest.raises(BadEngineInput) as info:
+        await engine.run(bridge(), progress, CancelToken())
+    assert progress.request_ids == [] and info.value.charged == "no"
+    assert info.value.details["request_id"] == "req_refused"
+
 
 # --- polish: upscales ---------------------------------------------------------------------------
 
