@@ -32,7 +32,8 @@ def policy_warnings(policies: PolicyStore, registry: EngineRegistry) -> list[str
     """What the loaded policies name that fails every request it routes, with these engines."""
     names = registry.names()  # broken ones too: named by a policy, they are not unknown
     return policies.engine_warnings(names, [name for name in names
-                                            if name in registry and leaves_machine(registry.get(name))])
+                                            if name in registry and leaves_machine(registry.get(name))],
+                                    {engine.name: engine.stages for engine in registry})
 
 
 def priced(engine: Engine, req: RenderRequest) -> int:

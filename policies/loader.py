@@ -13,7 +13,7 @@ import hashlib
 import os
 import threading
 import tomllib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,8 @@ from orchestrator.errors import InvalidRequest, NotFound
 from policies.schema import PRIVACY_TAG, Policy, Rule, is_private
 
 BUILTIN = "builtin"
+# (policy name, loader) pairs, in the order they are loaded.
+_Files = list[tuple[str, Callable[[], Policy]]]
 
 
 class PolicyError(InvalidRequest):
@@ -101,15 +103,17 @@ class PolicyStore:
             previous = self._policies
             fresh: dict[str, Policy] = {}
             errors: builtins.list[PolicyError] = []
-            for name, load in self._files(errors):
+            files, listed = self._files(errors)
+            for name, load in files:
                 try:
                     fresh[name] = load()
                 except PolicyError as exc:
                     errors.append(exc)
                     if name in previous:
                         fresh[name] = previous[name]
-            if self.extra_dir is not None and not self.extra_dir.is_dir():
-                # A directory that vanished for a moment (remount, deploy) should not drop policies.
+            if not listed:
+                # A directory that vanished for a moment (remount, deploy), or that this process may
+                # not read (a permission lost), should not drop policies: its files are not gone.
                 for name, policy in previous.items():
                     if policy.source != BUILTIN:
                         fresh[name] = policy
@@ -126,11 +130,13 @@ class PolicyStore:
         if self.extra_dir is None:
             return None
         try:
-            paths = [path for path in self.extra_dir.glob("*.toml") if not path.name.startswith(".")]
-        except OSError:  # gone for a moment (a remount): look again later
-            return self.loaded_fingerprint
+            paths = _policy_paths(self.extra_dir)
+        except PolicyError as exc:
+            # Gone or unreadable (a remount, a permission): a state of its own, which a reload reports
+            # (keeping the policies loaded), and whose end is a change again.
+            return ("not listed", exc.message)
         seen: builtins.list[tuple[str, int | None, int | None]] = []
-        for path in sorted(paths):
+        for path in paths:
             try:
                 stat = path.stat()
             except OSError:  # a dangling link, a file removed while listed: its name still counts
@@ -139,24 +145,24 @@ class PolicyStore:
                 seen.append((path.name, stat.st_mtime_ns, stat.st_size))
         return seen
 
-    def _files(self, errors: builtins.list[PolicyError]) -> Iterator[tuple[str, Callable[[], Policy]]]:
-        """(policy name, loader) in precedence order: built-ins first, so the extra directory wins."""
+    def _files(self, errors: builtins.list[PolicyError]) -> tuple[_Files, bool]:
+        """(policy name, loader) in precedence order: built-ins first, so the extra directory wins;
+        and whether the extra directory (if any) could be listed (when not, the error is in `errors`)."""
+        files: _Files = []
         if self.include_builtins:
             for entry in sorted(resources.files("policies").iterdir(), key=lambda e: e.name):
                 if entry.name.endswith(".toml") and entry.is_file():
                     stem = entry.name.removesuffix(".toml")
-                    yield stem, _builtin_loader(entry.read_bytes, entry.name, stem)
+                    files.append((stem, _builtin_loader(entry.read_bytes, entry.name, stem)))
         if self.extra_dir is None:
-            return
-        if not self.extra_dir.is_dir():
-            label = str(self.extra_dir)
-            why = ("is a file, not a directory of policy files" if self.extra_dir.exists()
-                   else "policy directory not found")
-            errors.append(PolicyError(f"{label}: {why}", file=label))
-            return
-        for path in sorted(self.extra_dir.glob("*.toml")):
-            if not path.name.startswith("."):  # editors' swap and backup files
-                yield path.stem, _file_loader(path)
+            return files, True
+        try:
+            paths = _policy_paths(self.extra_dir)
+        except PolicyError as exc:
+            errors.append(exc)
+            return files, False
+        files.extend((path.stem, _file_loader(path)) for path in paths)
+        return files, True
 
     def get(self, name: str) -> Policy:
         try:
@@ -174,32 +180,96 @@ class PolicyStore:
         policies = self._policies
         return [policies[name] for name in sorted(policies)]
 
-    def engine_warnings(self, known: Iterable[str], leaving: Iterable[str] = ()) -> builtins.list[str]:
-        """Warnings about the engines loaded policies name, given the registry's names (`known`) and
-        those of them that send data off the machine (`leaving`). Policies are validated without the
-        registry, so `engines = ["Gemini"]` loads, and so does a private rule listing only cloud
-        engines; neither is refused (an engine may be missing for a while, a plugin not installed
-        yet), but each fails every request it routes: the warnings say so once, at load."""
+    def engine_warnings(self, known: Iterable[str], leaving: Iterable[str] = (),
+                        stages: Mapping[str, Iterable[str]] | None = None) -> builtins.list[str]:
+        """Warnings about loaded policies' rules that fail or skip every request they would route,
+        given the registry's engine names (`known`), those of them that send data off the machine
+        (`leaving`) and the stages each serves (`stages`, by name; an engine left out is not judged).
+        Policies are validated without the registry, so `engines = ["Gemini"]` loads, and so does a
+        private rule listing only cloud engines, a rule none of whose engines serves its stages, or
+        one matching a requested engine it does not list; none is refused (an engine may be missing
+        for a while, a plugin not installed yet), but each fails every request it routes. A rule
+        after an earlier one that fits every request it fits never applies. The warnings say so
+        once, at load."""
         known, leaving = set(known), set(leaving)
+        served = {name: set(of) for name, of in (stages or {}).items()}
         warnings: builtins.list[str] = []
         for policy in self.list():
             label = f"policies/{policy.name}.toml" if policy.source == BUILTIN else policy.source
+            labels = [_rule_name(i, rule) for i, rule in enumerate(policy.rules, start=1)]
+            shadowed = dict(policy.shadowed())
             where: dict[str, builtins.list[str]] = {}
             for i, rule in enumerate(policy.rules, start=1):
-                rule_label = f"rule {i}" if rule.name == f"rule {i}" else f"rule {i} ('{rule.name}')"
+                rule_label = labels[i - 1]
+                if i in shadowed:
+                    earlier = policy.rules[shadowed[i] - 1]
+                    warnings.append(f"{label}: {rule_label} never applies: {labels[shadowed[i] - 1]}, before it, "
+                                    f"matches every request it matches{_what_goes_instead(rule, earlier)}")
                 for key, names in (("engines", rule.engines), ("match.engine", rule.match.engine)):
                     for name in names or ():
                         if name not in known:
                             where.setdefault(name, []).append(f"{rule_label} {key}")
-                listed = [name for name in rule.engines or () if name in known]
+                if rule.engines is None:
+                    continue
+                listed = [name for name in rule.engines if name in known]
                 if listed and all(name in leaving for name in listed) and _always_private(rule):
                     warnings.append(f"{label}: {rule_label} keeps what it routes on this machine, and every engine "
                                     f"it lists ({', '.join(listed)}) sends data off it: each request it matches is "
                                     "refused")
+                # An unknown name is refused before any rule is matched ("unknown engine"), and told above.
+                not_listed = [name for name in rule.match.engine or () if name in known and name not in rule.engines]
+                if not_listed:
+                    warnings.append(f"{label}: {rule_label} matches requests for {', '.join(not_listed)}, which "
+                                    f"its engines ({', '.join(rule.engines)}) do not list: each such request is "
+                                    "refused (engine not allowed here)")
+                # The engines a request it matches may go to: the one it asked for when the rule matches on it.
+                tried = [name for name in rule.engines if rule.match.engine is None or name in rule.match.engine]
+                wanted = rule.match.stages
+                if tried and all(name in served for name in tried) and not any(served[name] & wanted for name in tried):
+                    warnings.append(f"{label}: {rule_label} matches {', '.join(sorted(wanted))} requests, and none "
+                                    f"of its engines ({', '.join(tried)}) serves "
+                                    f"{'that stage' if len(wanted) == 1 else 'any of these stages'}: each request "
+                                    "it matches is refused")
             for name, places in where.items():
                 warnings.append(f"{label}: unknown engine '{name}'{_did_you_mean(name, known)} in "
                                 f"{', '.join(places)}: no request is routed to it (known: {', '.join(sorted(known))})")
         return warnings
+
+
+def _rule_name(i: int, rule: Rule) -> str:
+    return f"rule {i}" if rule.name == f"rule {i}" else f"rule {i} ('{rule.name}')"
+
+
+def _what_goes_instead(rule: Rule, earlier: Rule) -> str:
+    """What the shadowing changes, when it is more than a rule's engines: a refusal or privacy lost."""
+    if earlier.engines is None:
+        return ""
+    if rule.deny is not None:
+        return "; what it would refuse is routed by that rule instead"
+    if rule.private and not _always_private(earlier):
+        return "; what it would keep on this machine goes to that rule's engines, which may send it off"
+    return ""
+
+
+def _policy_paths(directory: Path) -> builtins.list[Path]:
+    """The policy files of `directory`, sorted; `PolicyError` when it cannot be listed. (`Path.glob`
+    finds nothing in a directory it may not open, which dropped its policies without a word.)"""
+    label = str(directory)
+    try:
+        with os.scandir(directory) as entries:
+            names = [entry.name for entry in entries]
+    except (FileNotFoundError, NotADirectoryError):
+        try:
+            there = directory.exists()
+        except OSError:
+            there = False
+        why = "is a file, not a directory of policy files" if there else "policy directory not found"
+        raise PolicyError(f"{label}: {why}", file=label) from None
+    except OSError as exc:
+        raise PolicyError(f"{label}: cannot list the policy directory: {exc.strerror or exc}",
+                          file=label) from None
+    # A leading dot: editors' swap and backup files.
+    return [directory / name for name in sorted(names) if name.endswith(".toml") and not name.startswith(".")]
 
 
 def _always_private(rule: Rule) -> bool:

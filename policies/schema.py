@@ -9,13 +9,13 @@ and the numbers (`order_candidates`) and keeps the final say on availability and
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, TypeVar, get_args
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
-from orchestrator.schemas import Credits, privacy_key
+from orchestrator.schemas import MIN_SIDE, Credits, privacy_key
 from tiers.base import RenderRequest, Stage, to_millicredits
 
 POLICY_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
@@ -102,6 +102,24 @@ class Match(_Model):
         return every_stage and not self.tags and all(
             getattr(self, key) is None for key in type(self).model_fields if key not in ("tags", "stage"))
 
+    @property
+    def stages(self) -> frozenset[Stage]:
+        """The stages of the requests it can fit."""
+        return frozenset(get_args(Stage) if self.stage is None else self.stage)
+
+    def covers(self, other: Match) -> bool:
+        """Whether it fits every request `other` fits (so a rule matching `other` after a rule
+        matching this never applies). Only what can be told for sure counts: a key this method
+        does not know how to compare means "no", so that no rule is warned about wrongly."""
+        for key in type(self).model_fields:
+            mine, theirs = getattr(self, key), getattr(other, key)
+            if mine is None or (key == "tags" and not mine):
+                continue  # not given: this key fits every request
+            compare = _COVERS.get(key)
+            if compare is None or not compare(mine, theirs):
+                return False
+        return True
+
     def matches(self, facts: RequestFacts) -> bool:
         if self.stage is not None and facts.stage not in self.stage:
             return False
@@ -123,6 +141,31 @@ class Match(_Model):
         # A project without a budget limit has no fraction to be over.
         return self.budget_used_over is None or (
             facts.budget_used is not None and facts.budget_used > self.budget_used_over)
+
+
+def _tag_values(key: str, values: list[str]) -> set[str]:
+    # As `Match.matches` reads them: the privacy tag's values loosely, others as written.
+    return {value.strip().lower() for value in values} if key == PRIVACY_TAG else set(values)
+
+
+def _over_covers(mine: Any, theirs: Any) -> bool:
+    # `width > mine` holds for every request when `mine` is under the least side a request may have.
+    return bool(mine < MIN_SIDE or (theirs is not None and theirs >= mine))
+
+
+# For each key of `Match` given in the earlier rule: whether every value of the key the later rule
+# fits (`theirs`; None or {} when the later rule leaves it out) fits the earlier one's (`mine`).
+_COVERS: dict[str, Callable[[Any, Any], bool]] = {
+    "stage": lambda mine, theirs: set(get_args(Stage) if theirs is None else theirs) <= set(mine),
+    "tags": lambda mine, theirs: all(key in theirs and _tag_values(key, theirs[key]) <= _tag_values(key, allowed)
+                                     for key, allowed in mine.items()),
+    "engine": lambda mine, theirs: theirs is not None and set(theirs) <= set(mine),
+    "width_over": _over_covers,
+    "height_over": _over_covers,
+    # A project without a budget limit fits no `budget_used_over`, however low, so it never covers
+    # a rule without one.
+    "budget_used_over": lambda mine, theirs: theirs is not None and theirs >= mine,
+}
 
 
 class Rule(_Model):
@@ -211,6 +254,17 @@ class Policy(_Model):
                     raise ValueError(f"rule {i} ('{rule.name}'): the {LOCAL_ONLY} policy keeps every request on "
                                      "this machine, so each rule with `engines` must say `private = true`")
         return self
+
+    def shadowed(self) -> list[tuple[int, int]]:
+        """(i, j), 1-based: rule i never applies, as the earlier rule j fits every request it fits
+        (the first such rule). Loaded all the same, as a catch-all only is refused: the loader warns."""
+        found: list[tuple[int, int]] = []
+        for i, rule in enumerate(self.rules, start=1):
+            for j, earlier in enumerate(self.rules[:i - 1], start=1):
+                if earlier.match.covers(rule.match):
+                    found.append((i, j))
+                    break
+        return found
 
     @property
     def keeps_all_local(self) -> bool:

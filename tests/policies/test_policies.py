@@ -457,7 +457,10 @@ def test_unknown_engines_are_warned_about_once_each(tmp_path: Path) -> None:
         f"no request is routed to it (known: {known})",
         f"{path}: unknown engine 'my-plugin' in rule 3 engines: no request is routed to it (known: {known})",
     ]
-    assert store.engine_warnings([*BUILTIN_ENGINES, "Gemini", "local_hifi", "stabilty", "my-plugin"]) == []
+    # Known, 'stabilty' is what rule 2 matches on without listing it (see test_policy_warnings.py).
+    assert store.engine_warnings([*BUILTIN_ENGINES, "Gemini", "local_hifi", "stabilty", "my-plugin"]) == [
+        f"{path}: rule 2 matches requests for stabilty, which its engines (local_hifi) do not list: each such "
+        "request is refused (engine not allowed here)"]
 
 
 def test_a_private_rule_that_lists_only_engines_that_leave_the_machine_is_warned_about(tmp_path: Path) -> None:

@@ -472,6 +472,17 @@ def test_unknown_engines_are_reported_as_warnings(reload_api: tuple[httpx.Client
     assert client.post("/v1/policies/reload").json()["warnings"] == []
 
 
+def test_a_rule_whose_engines_serve_none_of_its_stages_is_reported(reload_api: tuple[httpx.Client, Path]) -> None:
+    # The service tells the loader which stages each engine serves: lite makes no bridge or polish.
+    client, folder = reload_api
+    (folder / "custom.toml").write_text(CUSTOM_V1.replace('engines = ["local-hifi"]', 'engines = ["lite"]'))
+    body = client.post("/v1/policies/reload").json()
+    assert body["errors"] == [] and len(body["warnings"]) == 1, body
+    assert "rule 2 ('polish')" in body["warnings"][0] and "none of its engines (lite) serves" in body["warnings"][0]
+    (folder / "custom.toml").write_text(CUSTOM_V1)
+    assert client.post("/v1/policies/reload").json()["warnings"] == []
+
+
 def test_unknown_engines_are_logged_at_start_up(new_settings: SettingsFactory, tmp_path: Path,
                                                  caplog: pytest.LogCaptureFixture) -> None:
     folder = write_policies(tmp_path / "policy-files", {
