@@ -19,16 +19,18 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sqlite3
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from sqlalchemy import create_engine, event, func, or_
+from sqlalchemy import create_engine, event, func, inspect, or_
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import DatabaseError
 from sqlalchemy.orm import aliased
+from sqlalchemy.pool import QueuePool
 from sqlmodel import Session, col, select
 
 from orchestrator.db import postgres_connect_args, sqlite_file
@@ -131,8 +133,12 @@ def read_only_engine(url: str) -> Engine:
             # nothing can be writing the file, so it is read as immutable.
             options += "&immutable=1"
         # Not the service's set-up (WAL, a busy timeout for writers): that would change a restored file.
-        engine = create_engine(f"sqlite:///file:{quote(str(path.resolve()))}?{options}&uri=true",
-                               connect_args={"isolation_level": None})
+        # The URI straight to sqlite3: through a SQLAlchemy URL its escapes were decoded first, so a
+        # data dir named `a#b` or `q?x` opened (and made) the file `a` or `q`, read-write.
+        uri = f"file:{quote(str(path.resolve()))}?{options}"
+        # The pool of a file database, as the URL would have chosen (a bare `sqlite://` is one in memory).
+        engine = create_engine("sqlite://", poolclass=QueuePool, creator=lambda: sqlite3.connect(
+            uri, uri=True, isolation_level=None, check_same_thread=False))
 
         @event.listens_for(engine, "begin")
         def _snapshot(conn: Any) -> None:  # pysqlite begins no transaction for reads by itself
@@ -180,6 +186,13 @@ def check_revision(engine: Engine) -> None:
     if found == head:
         return
     if found is None:
+        # What `migrate` would refuse (another application's tables) is not advised to be migrated.
+        found_inspect = inspect(engine)
+        others = sorted(found_inspect.get_table_names(schema=found_inspect.default_schema_name))
+        if others:
+            shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+            raise CannotCheck(f"the database holds tables of another application ({shown}) and none of this "
+                              "service's: is ORCH_DATA_DIR or ORCH_DATABASE_URL right?")
         raise CannotCheck("the database has no tables of this service (run `orchestrator migrate`, or is "
                           "ORCH_DATABASE_URL right?)")
     if found in {script.revision for script in scripts.walk_revisions()}:

@@ -238,7 +238,20 @@ def _resolution_problem(host: str, port: int) -> str | None:
     return None
 
 
-def _migrated(url: str, *, writable: bool = False) -> int | None:
+def _database_setting(settings: Settings) -> tuple[str, str]:
+    """Where the database was named (the variable, or the config file's key), and what to point
+    elsewhere to use another: the default is a file in the data dir, not ORCH_DATABASE_URL."""
+    from orchestrator.settings import source_of
+
+    if settings.database_url:
+        where = source_of("database_url")
+        return where, f"point {where} at a database of its own"
+    where = source_of("data_dir")
+    return (f"{where} (its orchestrator.db)",
+            f"point {where} at a folder of its own, or ORCH_DATABASE_URL at a database of its own")
+
+
+def _migrated(settings: Settings, *, writable: bool = False) -> int | None:
     """Apply the migrations; with `writable`, also make sure the database takes writes (a
     read-only SQLite file migrates "up to date", and then the service failed at its first write
     with a traceback). None when it is ready; else the exit status, having said what is wrong.
@@ -248,7 +261,8 @@ def _migrated(url: str, *, writable: bool = False) -> int | None:
 
     from orchestrator.db import Database, ForeignDatabase, MigrationRefused, shown_url, upgrade
 
-    shown = shown_url(url)
+    url = settings.resolved_database_url
+    shown, (where, elsewhere) = shown_url(url), _database_setting(settings)
     try:
         upgrade(url)
         if writable:
@@ -263,12 +277,11 @@ def _migrated(url: str, *, writable: bool = False) -> int | None:
         return _fail(f"cannot migrate the database: {exc} (is it used by a newer orchestrator, or is it "
                      "another application's?)", status=2)
     except ForeignDatabase as exc:
-        return _fail(f"ORCH_DATABASE_URL: {exc}", status=2)
+        return _fail(f"{where}: {exc}: {elsewhere}", status=2)
     except MigrationRefused as exc:  # the data is the operator's to mend first; nothing was changed
         return _fail(f"cannot migrate the database: {exc}", status=2)
     except OSError as exc:  # its folder, or the lock file beside it, cannot be made
-        return _fail(f"ORCH_DATABASE_URL: cannot write beside the database at {shown} ({exc.strerror or exc})",
-                     status=2)
+        return _fail(f"{where}: cannot write beside the database at {shown} ({exc.strerror or exc})", status=2)
     return None
 
 
@@ -280,7 +293,7 @@ def _bound(settings: Settings) -> int | None:
     from orchestrator.identity import WrongStore, bind
     from orchestrator.store import ArtifactStore
 
-    if (failed := _migrated(settings.resolved_database_url, writable=True)) is not None:
+    if (failed := _migrated(settings, writable=True)) is not None:
         return failed
     db = Database(settings.resolved_database_url)
     try:
@@ -432,10 +445,9 @@ def _run(args: argparse.Namespace) -> int:
         settings = Settings()
         if (failed := _checked(settings, service=False)) is not None:
             return failed
-        url = settings.resolved_database_url
-        if (failed := _migrated(url)) is not None:
+        if (failed := _migrated(settings)) is not None:
             return failed
-        print(f"database at {shown_url(url)} is up to date")
+        print(f"database at {shown_url(settings.resolved_database_url)} is up to date")
         return 0
     if args.command == "check":
         return _check(no_hash=args.no_hash)
@@ -481,12 +493,11 @@ def _check(*, no_hash: bool) -> int:
         open_store,
         read_only_engine,
     )
-    from orchestrator.services import database_url_problems, file_in_the_way, not_a_directory
-    from orchestrator.settings import CONFIG_FILE_VARIABLE, Settings
+    from orchestrator.services import config_file_problem, database_url_problems, file_in_the_way, not_a_directory
+    from orchestrator.settings import Settings
 
-    named = os.environ.get(CONFIG_FILE_VARIABLE)
-    if named and not Path(os.path.expanduser(named)).is_file():  # else the folder's own .orchestrator was checked
-        return _fail(f"{CONFIG_FILE_VARIABLE}: no such file: {named}", status=2)
+    if (problem := config_file_problem()) is not None:
+        return _fail(problem, status=2)
     settings = Settings()
     if problems := database_url_problems(settings.resolved_database_url):
         return _fail("\n".join(problems), status=2)
@@ -552,9 +563,12 @@ def _check(*, no_hash: bool) -> int:
         print("ok")
         return 0
     if report.foreign:
-        print("PROBLEMS: is it the database this data dir belongs to? A copy of a running service's SQLite "
-              "file without its -wal file holds none of the recent rows: take backups as the README says")
-    if report.lost:
+        sqlite = settings.resolved_database_url.startswith("sqlite")
+        print("PROBLEMS: is it the database this data dir belongs to?" + (
+            " A copy of a running service's SQLite file without its -wal file holds none of the recent rows: take "
+            "backups as the README says" if sqlite and wrong_store is None else ""))
+    if report.lost and not report.foreign and wrong_store is None:
+        # Of another install's store, the files are not lost: the data dir is the wrong one.
         print("PROBLEMS: restore those assets' files from a backup (the ids above name them)")
     if not ledger.ok:
         print("PROBLEMS: the ledger entries above do not add up; budgets and spend are off by them "

@@ -330,8 +330,7 @@ def _refuse_foreign(url: str) -> None:
     if names and "alembic_version" not in names:
         shown = ", ".join(sorted(names)[:5]) + (", ..." if len(names) > 5 else "")
         raise ForeignDatabase(f"the database at {shown_url(url)} holds tables "
-                              f"of another application ({shown}) and none of this service's: point "
-                              "ORCH_DATABASE_URL at a database of its own")
+                              f"of another application ({shown}) and none of this service's")
 
 
 def upgrade(url: str, revision: str = "head") -> None:

@@ -50,14 +50,21 @@ DEVICE_IDLE_TIMEOUT = 30.0
 ORPHAN_SWEEP_SECONDS = 3600.0
 
 
+def config_file_problem() -> str | None:
+    """What is wrong with the configuration file `ORCH_CONFIG_FILE` names, if anything: the default
+    name may be absent, a named file must not."""
+    named = os.environ.get(CONFIG_FILE_VARIABLE)
+    path = Path(os.path.expanduser(named)) if named else None
+    if path is None or path.is_file():
+        return None
+    return f"{CONFIG_FILE_VARIABLE}: {'is a directory, not a TOML file' if path.is_dir() else 'no such file'}: {named}"
+
+
 def startup_problems(settings: Settings, *, service: bool = True) -> list[str]:
     """What would stop the service from starting, each naming the setting to fix: the CLI prints
     these instead of a traceback from inside the server's start-up. `service=False` (migrate)
     leaves out what only a running service reads: prices and policies."""
-    problems = []
-    named = os.environ.get(CONFIG_FILE_VARIABLE)
-    if named and not Path(os.path.expanduser(named)).is_file():  # the default name may be absent; a named file must not
-        problems.append(f"{CONFIG_FILE_VARIABLE}: no such file: {named}")
+    problems = [problem] if (problem := config_file_problem()) else []
     problems.extend(database_url_problems(settings.resolved_database_url))
     if "*" in settings.cors_origin_list and settings.admin_key is None:
         problems.append(f"{source_of('cors_origins')}: * without ORCH_ADMIN_KEY would let every web page its users "

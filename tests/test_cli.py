@@ -34,7 +34,7 @@ from orchestrator.services import startup_problems
 from orchestrator.settings import Settings
 from orchestrator.store import ArtifactStore
 from tests.api import create_project, run_draft
-from tests.conftest import SettingsFactory
+from tests.conftest import SettingsFactory, settings_for
 
 
 def test_invalid_setting_names_the_variable(make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch,
@@ -74,8 +74,29 @@ def test_another_application_s_database_is_not_filled_with_our_tables(
     assert main(["migrate"]) == 2
     err = capsys.readouterr().err
     assert "ORCH_DATABASE_URL: the database at sqlite:///" in err and "another application (users)" in err
+    assert "point ORCH_DATABASE_URL at a database of its own" in err
     with sqlite3.connect(other) as conn:
         assert [name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")] == ["users"]
+    # `check` does not advise a migrate that would refuse.
+    assert main(["check"]) == 2
+    err = capsys.readouterr().err
+    assert "tables of another application (users)" in err and "run `orchestrator migrate`" not in err
+
+
+def test_another_application_s_file_in_the_data_dir_names_the_data_dir(
+        make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    # It blamed ORCH_DATABASE_URL, which was not set: the default database is a file in the data dir.
+    import sqlite3
+
+    settings = make_settings()
+    settings.data_dir.mkdir(parents=True)
+    with sqlite3.connect(settings.data_dir / "orchestrator.db") as conn:
+        conn.execute("CREATE TABLE users (id INTEGER PRIMARY KEY)")
+    monkeypatch.setenv("ORCH_DATA_DIR", str(settings.data_dir))
+    assert main(["migrate"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("orchestrator: ORCH_DATA_DIR (its orchestrator.db): the database at") and \
+        "point ORCH_DATA_DIR at a folder of its own" in err, err
 
 
 def test_a_policy_file_refused_at_start_stops_the_service(make_settings: SettingsFactory, tmp_path: Path,
@@ -277,6 +298,23 @@ def test_check_names_the_assets_whose_files_are_missing_or_damaged(
     assert f"1 asset missing: {assets[0]}\n" in out and "damaged" not in out
 
 
+def test_check_reads_a_data_dir_whose_name_holds_uri_characters(
+        make_settings: SettingsFactory, start_server: Callable[[Settings], httpx.Client], tmp_path: Path,
+        tiny_cache_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    # Through a SQLAlchemy URL the escapes were decoded before SQLite read the `file:` URI: `#` and
+    # `?` cut the path short, and check opened (and made) the file `a`, read-write.
+    make_settings()  # the environment kept out
+    parent = tmp_path / "odd"
+    settings = settings_for(parent / "a#b?c%41 d", tiny_cache_dir)
+    client = start_server(settings)
+    run_draft(client, create_project(client)["id"], n=1)
+    monkeypatch.setenv("ORCH_DATA_DIR", str(settings.data_dir))
+    capsys.readouterr()
+    assert main(["check"]) == 0, capsys.readouterr()
+    assert capsys.readouterr().out.endswith("ok\n")
+    assert [p.name for p in parent.iterdir()] == ["a#b?c%41 d"]
+
+
 def test_check_tells_a_file_set_aside_by_an_interrupted_sweep_from_a_missing_one(
         make_settings: SettingsFactory, start_server: Callable[[Settings], httpx.Client],
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
@@ -364,6 +402,10 @@ def test_check_refuses_a_config_file_named_but_absent(
     monkeypatch.setenv("ORCH_CONFIG_FILE", str(tmp_path / "typo.toml"))
     assert main(["check"]) == 2
     assert f"ORCH_CONFIG_FILE: no such file: {tmp_path / 'typo.toml'}" in capsys.readouterr().err
+    monkeypatch.setenv("ORCH_CONFIG_FILE", str(tmp_path))
+    for command in ("check", "migrate"):
+        assert main([command]) == 2
+        assert f"ORCH_CONFIG_FILE: is a directory, not a TOML file: {tmp_path}" in capsys.readouterr().err
 
 
 def test_a_bad_value_in_the_config_file_names_the_file_and_its_key(
