@@ -430,6 +430,10 @@ class JobService:
                 if cached:
                     job.status, job.cache_hit, job.started_at, job.finished_at = "succeeded", True, utcnow(), utcnow()
                     job.progress_step = job.progress_total = 1  # finished: a progress bar shows 100%
+                    if job.params.get("seed_drawn"):
+                        # The seed drawn for it made nothing: the copy's is the one that did (none
+                        # where its engine takes none), as the job's params must say.
+                        job.params = {**job.params, "seed": cached[0].seed}
                 s.add(job)
                 s.flush()
                 if cached:

@@ -121,6 +121,8 @@ def test_a_seedless_polish_of_a_seedless_image_is_served_from_the_cache(api: htt
     second = api.post(f"/v1/assets/{bridged}/polish", json={"cache": True, "scale": 2}).json()
     assert second["cost"]["cache_hit"] and second["cost"]["charged"] == 0, second
     assert get_json(api, f"/v1/projects/{project_id}/budget")["charged"] == 2 * PRICE  # the bridge and one polish
+    # Its params say the seed its image was made with (none), not one drawn for a render that never ran.
+    assert second["params"]["seed"] is None and get_json(api, f"/v1/assets/{second['assets'][0]}")["seed"] is None
 
 
 def test_identical_paid_request_is_served_from_the_cache(api: httpx.Client) -> None:
