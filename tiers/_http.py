@@ -731,6 +731,13 @@ def _described(response: httpx.Response, limit: int) -> str:
     return json.dumps(body)[:limit]
 
 
+def header_request_id(response: httpx.Response, header: str = "x-request-id") -> str | None:
+    """The provider's id of the request, from its answer's header: stored in the job and shown to
+    its project, so without a key echoed in it (a proxy, a wrong base URL) and of a sane length."""
+    value = response.headers.get(header)
+    return without_credentials(value.strip(), response)[:200] or None if value else None
+
+
 def without_credentials(text: str, response: httpx.Response) -> str:
     try:
         headers = response.request.headers

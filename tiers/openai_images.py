@@ -19,7 +19,7 @@ import httpx
 
 from orchestrator.errors import BadEngineInput, ContentFiltered, EngineError, EngineUnavailable, NoPrice
 from tiers._cloud import Asked, CloudEngine, paid_calls, prompt_tokens, reading_an_answer, token_counts
-from tiers._http import RemoteClient, error_text, json_object
+from tiers._http import RemoteClient, error_text, header_request_id, json_object
 from tiers._images import b64decode_tolerant, decode_image, encode_image, nearest_aspect
 from tiers.base import (
     CancelToken,
@@ -189,7 +189,7 @@ class OpenAIImagesEngine(CloudEngine):
                     "POST", "/v1/images/edits", data=fields, files={"image": ("draft.png", draft, "image/png")},
                     cancel=cancel,
                 )
-                request_id = response.headers.get("x-request-id")
+                request_id = header_request_id(response)
                 if response.status_code != 200:
                     # Refused: nothing the provider made is named by it, so it is not saved as
                     # accepted work (a job with such work is never taken as surely unbilled).

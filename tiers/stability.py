@@ -39,7 +39,7 @@ from orchestrator.errors import (
     EngineUnavailable,
 )
 from tiers._cloud import Asked, CloudEngine, paid_calls, reading_an_answer
-from tiers._http import RemoteClient, json_object
+from tiers._http import RemoteClient, header_request_id, json_object
 from tiers._images import b64decode_tolerant, decode_image, encode_image, shaped_as
 from tiers.base import (
     CancelToken,
@@ -193,7 +193,7 @@ class StabilityEngine(CloudEngine):
                     response, request_id = await self._creative(fields, files, progress, cancel)
                 else:
                     response = await self._send("POST", self._path(op), data=fields, files=files, cancel=cancel)
-                    request_id = response.headers.get("x-request-id")
+                    request_id = header_request_id(response)
                     if request_id and response.status_code == 200:  # a refusal names no work made
                         progress.provider_request(request_id)
                 if request_id:

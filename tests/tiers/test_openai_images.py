@@ -195,6 +195,22 @@ async def test_a_refused_call_is_not_saved_as_accepted_work(engine: OpenAIImages
     assert info.value.details.get("request_id", "req_refused") == "req_refused"
 
 
+@respx.mock
+async def test_a_request_id_that_echoes_the_key_is_stored_without_it(engine: OpenAIImagesEngine) -> None:
+    # A proxy (or a wrong base URL) echoing the key in its request id: stored and shown to the project.
+    echoed = {"x-request-id": "req_Bearer sk-secret-and-more"}
+    respx.post(URL).mock(side_effect=[httpx.Response(400, json={"error": {"message": "no", "code": "x"}},
+                                                     headers=echoed),
+                                      httpx.Response(200, json=ok_body(), headers=echoed)])
+    with pytest.raises(EngineError) as info:
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    assert "sk-secret" not in info.value.details["request_id"]
+    progress = RecordingProgress()
+    result = await engine.run(bridge(), progress, CancelToken())
+    assert result.provider_request_id and "sk-secret" not in result.provider_request_id
+    assert progress.request_ids and not any("sk-secret" in r for r in progress.request_ids)
+
+
 @pytest.mark.parametrize("details", [{"text_tokens": 10}, {"image_tokens": 4500}])
 def test_a_usage_split_naming_one_kind_bills_the_rest_as_the_other(engine: OpenAIImagesEngine,
                                                                    details: dict[str, int]) -> None:
