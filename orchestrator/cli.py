@@ -87,8 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--no-jobs", action="store_true",
                        help="queue jobs for `orchestrator worker` processes and run none here (ORCH_RUN_JOBS=false)")
     serve.add_argument("--allow-open", action="store_true",
-                       help="listen beyond this machine without ORCH_ADMIN_KEY: anyone who reaches the port can "
-                       "spend the budgets and grant credits")
+                       help="listen beyond this machine without ORCH_ADMIN_KEY: anyone who reaches the port, and "
+                       "any web page a browser on that network opens, can spend the budgets and grant credits")
 
     worker = sub.add_parser("worker", help="run queued jobs from the database, without HTTP (one per GPU)",
                             formatter_class=defaults,
@@ -376,7 +376,8 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         return failed
     if settings.admin_key is None and not is_loopback(args.host):
         print(f"orchestrator: warning: listening on {args.host} without ORCH_ADMIN_KEY (--allow-open): "
-              "anyone who reaches the port can use the API", file=sys.stderr)
+              "anyone who reaches the port can use the API, and so can any web page a browser on that network "
+              "opens (DNS rebinding)", file=sys.stderr)
     if settings.admin_key is not None and len(settings.admin_key.get_secret_value()) < MIN_KEY_LENGTH:
         print(f"orchestrator: warning: ORCH_ADMIN_KEY has fewer than {MIN_KEY_LENGTH} characters and can be "
               "guessed; make one with: python -c 'import secrets; print(secrets.token_urlsafe(32))'",
