@@ -59,6 +59,7 @@ from tiers.base import (
     DEVICE_SECONDS,
     MAX_MODEL_CHARS,
     NOTES,
+    RECORDED_PARAMETERS,
     CancelToken,
     Reattachable,
     RenderResult,
@@ -809,24 +810,33 @@ class JobRunner:
         return is_private((params if isinstance(params, dict) else job.params).get("tags") or {})
 
     def _record(self, job: Job, result: RenderResult, seed: int | None) -> dict[str, Any]:
-        p = job.params
+        """What made the image, as the engine used it: a parameter its metadata names is recorded as
+        it says, and one it says is None (never sent, as the cloud models' negative prompt) is left
+        out, where the job's value would claim it shaped the image (`tiers.base.RECORDED_PARAMETERS`)."""
+        p, used = job.params, result.metadata
         record: dict[str, Any] = {
             "stage": job.stage, "engine": job.engine, "model": result.model, "prompt": p.get("prompt"),
-            # As used: an engine may report that it could not take one (an LCM pipeline), and the
-            # image's record, read by other tools, must not claim it shaped the image.
-            "negative_prompt": result.metadata.get("negative_prompt", p.get("negative_prompt")) or "",
-            "seed": seed, "width": None, "height": None,
-            "parent_id": job.source_asset_id, "steps": result.metadata.get("steps", p.get("steps")),
-            "guidance_scale": result.metadata.get("guidance_scale", p.get("guidance_scale")),
-            "sampler": result.metadata.get("sampler"),
+            "negative_prompt": "", "seed": seed, "width": None, "height": None, "parent_id": job.source_asset_id,
+            "steps": p.get("steps"), "guidance_scale": p.get("guidance_scale"), "sampler": None,
         }
-        for key in ("strength", "quality", "scale", "creativity"):
-            if p.get(key) is not None:
-                record[key] = p[key]
+        # Asked for only when the stage takes them (a bridge's strength, a polish's creativity).
+        record.update({key: p[key] for key in ("strength", "quality", "scale", "creativity") if p.get(key) is not None})
+        # An engine silent about it that takes no negative prompt (a plugin's) did not use one.
+        if job.engine not in self.registry or self.registry.get(job.engine).capabilities.negative_prompt:
+            record["negative_prompt"] = p.get("negative_prompt") or ""
+        for key in RECORDED_PARAMETERS:
+            if key not in used:
+                continue
+            if key == "negative_prompt":
+                record[key] = used[key] or ""  # as the asset's column has it: none is ""
+            elif used[key] is None:
+                record.pop(key, None)
+            else:
+                record[key] = used[key]
         # Not the provider's request id: it is the job's (GET /v1/jobs/{id}); in the file, which
         # leaves the studio, it would tie the image to the studio's account at the provider.
-        if result.metadata.get(NOTES):
-            record["notes"] = list(result.metadata[NOTES])
+        if used.get(NOTES):
+            record["notes"] = list(used[NOTES])
         return record
 
     def _succeed(self, claim: Claim, result: RenderResult, seconds: float) -> list[str]:

@@ -385,7 +385,11 @@ class A1111Engine:
             images=images,
             model=checkpoint or self.model,
             cost_millicredits=0,
-            metadata={"checkpoint": checkpoint, "sampler": sampler, "steps": steps, "guidance_scale": guidance},
+            # The denoise sent: a polish's is its creativity (`_body`); img2img has no quality.
+            metadata={"checkpoint": checkpoint, "sampler": sampler, "steps": steps, "guidance_scale": guidance,
+                      "negative_prompt": req.negative_prompt, "quality": None,
+                      "strength": None if req.stage == "polish" else req.strength,
+                      "creativity": req.creativity if req.stage == "polish" else None},
         )
 
     @staticmethod

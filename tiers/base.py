@@ -155,10 +155,21 @@ class RenderedImage:
     seed: int | None = None
 
 
+# The generation parameters each image's record names (`JobRunner._record`). `metadata[key]`, where
+# an engine sets it, is the value it sent or used (a clamped one as clamped), and None says it did
+# not use it: the record leaves the key out ("" for `negative_prompt`). Unset, the job's is recorded.
+RECORDED_PARAMETERS = ("negative_prompt", "steps", "guidance_scale", "sampler", "strength", "quality", "scale",
+                       "creativity")
+# What an engine sent a prompt and an image alone (Gemini, Replicate, fal) used of the rest: nothing
+# (`scale` stays: it says how the size asked for was worked out).
+PROMPT_AND_IMAGE_ONLY: dict[str, None] = dict.fromkeys(key for key in RECORDED_PARAMETERS if key != "scale")
+
+
 @dataclass
 class RenderResult:
     """`metadata[DEVICE_SECONDS]`, from a local engine: the seconds its work held the device, which
-    metered local use (`ORCH_LOCAL_GPU_SECOND_CREDITS`) charges; loading the model is not in it."""
+    metered local use (`ORCH_LOCAL_GPU_SECOND_CREDITS`) charges; loading the model is not in it.
+    `metadata[key]` for a key of `RECORDED_PARAMETERS`: what the image's record says of it."""
 
     images: list[RenderedImage]
     model: str

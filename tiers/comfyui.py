@@ -336,10 +336,21 @@ class ComfyUIEngine:
             model=self.model,
             cost_millicredits=0,
             provider_request_id=",".join(prompt_ids),
-            # Steps only when the workflow takes them from the request; its own are not known here.
-            metadata={"workflow": self._workflow.name if self._workflow else None,
-                      "steps": int(req.steps or DEFAULT_STEPS) if "steps" in placeholders(template) else None},
+            metadata={"workflow": self._workflow.name if self._workflow else None, **self._used(req, template)},
         )
+
+    @staticmethod
+    def _used(req: RenderRequest, template: dict[str, Any]) -> dict[str, Any]:
+        """What the image's record says of the request's parameters: those the template's placeholders
+        take, as substituted (`_values`); None for the rest, whose values are the workflow's own and
+        not known here (its sampler, its guidance, its steps without `{{steps}}`)."""
+        taken = placeholders(template)
+        sent = ComfyUIEngine._values(req, "", 0)
+        denoise = sent["strength"] if "strength" in taken else None
+        polish = req.stage == "polish"  # a polish's `{{strength}}` is its creativity
+        return {"negative_prompt": sent["negative_prompt"] if "negative_prompt" in taken else "",
+                "steps": sent["steps"] if "steps" in taken else None, "guidance_scale": None, "sampler": None,
+                "strength": None if polish else denoise, "creativity": denoise if polish else None, "quality": None}
 
     async def _keep(self, handles: list[dict[str, Any]], template: dict[str, Any], progress: Progress,
                     cancel: CancelToken) -> dict[int, tuple[str, list[dict[str, str]]]]:

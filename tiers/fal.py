@@ -25,6 +25,7 @@ from tiers._cloud import CloudEngine, reading_an_answer
 from tiers._http import RemoteClient, error_text, json_object, without_credentials
 from tiers._images import b64encode, encode_image, shaped_as, size_class
 from tiers.base import (
+    PROMPT_AND_IMAGE_ONLY,
     CancelToken,
     Capabilities,
     EngineContext,
@@ -193,7 +194,7 @@ class FalEngine(CloudEngine):
             model=self._model,
             cost_millicredits=None,
             provider_request_id=request_id,
-            metadata={"resolution": self._resolution(req)},
+            metadata={"resolution": self._resolution(req), **PROMPT_AND_IMAGE_ONLY},
         )
 
     async def _wait(self, request_id: str, status_url: str, deadline: float, progress: Progress,

@@ -17,6 +17,7 @@ from tiers._cloud import Asked, CloudEngine, paid_calls, prompt_tokens, reading_
 from tiers._http import RemoteClient, error_text
 from tiers._images import b64decode_tolerant, b64encode, decode_image, encode_image, nearest_aspect, size_class
 from tiers.base import (
+    PROMPT_AND_IMAGE_ONLY,
     CancelToken,
     Capabilities,
     EngineContext,
@@ -183,7 +184,7 @@ class GeminiEngine(CloudEngine):
             model=self._model,
             cost_millicredits=total_cost,
             provider_request_id=",".join(request_ids) or None,
-            metadata={"image_size": size_class(req.width, req.height)},
+            metadata={"image_size": size_class(req.width, req.height), **PROMPT_AND_IMAGE_ONLY},
         )
 
     def _json(self, response: httpx.Response) -> dict[str, Any]:

@@ -96,8 +96,10 @@ class LiteEngine(LocalEngine):
         return RenderResult(
             images=images,
             model=self._model,
+            # Text to image: no source for a strength or creativity to act on, no quality tiers.
             metadata={"steps": steps, "guidance_scale": guidance, "sampler": type(pipe.scheduler).__name__,
                       "negative_prompt": negative.get("negative_prompt", ""),
+                      **dict.fromkeys(("strength", "quality", "creativity")),
                       "device": self.runtime.device, DEVICE_SECONDS: time.monotonic() - began,
                       **({NOTES: notes} if notes else {})},
         )

@@ -126,7 +126,10 @@ class LocalHifiEngine(LocalEngine):
             model=self._model,
             # The steps scheduled, as img2img records them (A1111's "Steps" beside "Denoising strength"):
             # sent back with the strength, they make the same image; int(steps x strength) of them ran.
-            metadata={"steps": steps, "strength": strength, "guidance_scale": guidance, "tiles": len(boxes),
+            # A polish's strength is its creativity; no quality tiers here.
+            metadata={"steps": steps, "guidance_scale": guidance, "tiles": len(boxes), "quality": None,
+                      "strength": strength if req.stage == "bridge" else None,
+                      "creativity": strength if req.stage == "polish" else None,
                       "sampler": type(pipe.scheduler).__name__, "device": self.runtime.device,
                       "negative_prompt": negative.get("negative_prompt", ""),
                       DEVICE_SECONDS: time.monotonic() - began, **({NOTES: notes} if notes else {})},

@@ -22,6 +22,7 @@ from tiers._cloud import Asked, CloudEngine, paid_calls, prompt_tokens, reading_
 from tiers._http import RemoteClient, error_text, header_request_id, json_object
 from tiers._images import b64decode_tolerant, decode_image, encode_image, nearest_aspect
 from tiers.base import (
+    PROMPT_AND_IMAGE_ONLY,
     CancelToken,
     Capabilities,
     EngineContext,
@@ -210,7 +211,7 @@ class OpenAIImagesEngine(CloudEngine):
             model=self._model,
             cost_millicredits=total_cost,
             provider_request_id=",".join(request_ids) or None,
-            metadata={"size": size, "quality": quality(req)},
+            metadata={"size": size, **PROMPT_AND_IMAGE_ONLY, "quality": quality(req)},
         )
 
     def _error(self, response: httpx.Response, request_id: str | None) -> EngineError:

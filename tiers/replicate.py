@@ -35,6 +35,7 @@ from tiers._cloud import Asked, CloudEngine, paid_calls
 from tiers._http import RemoteClient, error_text, json_object
 from tiers._images import b64encode, encode_image, nearest_aspect, shaped_as, size_class
 from tiers.base import (
+    PROMPT_AND_IMAGE_ONLY,
     CancelToken,
     Capabilities,
     EngineContext,
@@ -173,7 +174,7 @@ class ReplicateEngine(CloudEngine):
             model=self._model,
             cost_millicredits=None,
             provider_request_id=",".join(prediction_ids) or None,
-            metadata={"predict_time": round(predict_time, 3)},
+            metadata={"predict_time": round(predict_time, 3), **PROMPT_AND_IMAGE_ONLY},
         )
 
     async def _predict(self, body: dict[str, Any], progress: Progress, cancel: CancelToken) -> dict[str, Any]:
@@ -233,7 +234,8 @@ class ReplicateEngine(CloudEngine):
                 images.extend(RenderedImage(out.image, seed=seed) for out in outputs)
                 progress.step(len(images), req.n)
         return RenderResult(images=images, model=self._model, cost_millicredits=None,
-                            provider_request_id=",".join(str(h["id"]) for h in handles))
+                            provider_request_id=",".join(str(h["id"]) for h in handles),
+                            metadata=dict(PROMPT_AND_IMAGE_ONLY))
 
     async def _get(self, prediction_id: str, deadline: float, cancel: CancelToken) -> httpx.Response:
         poll = await cancel.race(self.http.request(

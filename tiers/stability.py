@@ -189,6 +189,7 @@ class StabilityEngine(CloudEngine):
                 fields = self._fields(req, op, None if req.seed is None else (req.seed + i) % (MAX_SEED + 1))
                 asked.asking()
                 files = {"image": ("draft.png", draft, "image/png")}
+                request_id: str | None
                 if op == "upscale-creative":
                     response, request_id = await self._creative(fields, files, progress, cancel)
                 else:
@@ -214,7 +215,7 @@ class StabilityEngine(CloudEngine):
             model=self._priced_model(req),
             cost_millicredits=None,
             provider_request_id=",".join(request_ids) or None,
-            metadata={"endpoint": self._path(op), "finish_reasons": finish_reasons},
+            metadata={"endpoint": self._path(op), "finish_reasons": finish_reasons, **self._used(req, op)},
         )
 
     def _path(self, op: Operation) -> str:
@@ -245,6 +246,16 @@ class StabilityEngine(CloudEngine):
                 if req.guidance_scale is not None:
                     fields["cfg_scale"] = f"{req.guidance_scale:g}"
         return fields
+
+    def _used(self, req: RenderRequest, op: Operation) -> dict[str, Any]:
+        """What the image's record says of the request's parameters: the values sent, as sent (a
+        clamped `creativity`, a refine's `creativity` sent as its `strength`); None for those not sent."""
+        fields = self._fields(req, op, None)
+        sent = {key: float(fields[key]) if key in fields else None for key in ("strength", "creativity", "cfg_scale")}
+        if req.stage == "polish" and op == "generate":  # a refine: its denoise is the polish's creativity
+            sent["creativity"], sent["strength"] = sent["strength"], None
+        return {"negative_prompt": fields.get("negative_prompt", ""), "steps": None, "sampler": None, "quality": None,
+                "guidance_scale": sent["cfg_scale"], "strength": sent["strength"], "creativity": sent["creativity"]}
 
     async def _creative(self, fields: dict[str, str], files: dict[str, Any], progress: Progress,
                         cancel: CancelToken) -> tuple[httpx.Response, str]:
@@ -290,7 +301,8 @@ class StabilityEngine(CloudEngine):
                 progress.step(len(images), req.n)
         return RenderResult(images=images, model=self._priced_model(req), cost_millicredits=None,
                             provider_request_id=",".join(str(h["id"]) for h in handles),
-                            metadata={"endpoint": self._path("upscale-creative"), "finish_reasons": finish_reasons})
+                            metadata={"endpoint": self._path("upscale-creative"), "finish_reasons": finish_reasons,
+                                      **self._used(req, "upscale-creative")})
 
     async def _poll_creative(self, job_id: str, deadline: float, progress: Progress,
                              cancel: CancelToken) -> httpx.Response:

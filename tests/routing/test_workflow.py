@@ -221,7 +221,9 @@ def test_draft_bridge_on_gemini_polish_on_local_hifi(online: httpx.Client, gemin
         assert (record["width"], record["height"]) == (asset["width"], asset["height"])
         assert record["prompt"] == PROMPT
     _, bridge_record = chunks(bridge_png)
-    assert bridge_record["strength"] == 0.55 and bridge_record["quality"] == "high"
+    # Gemini is sent a prompt and an image alone: what else was asked did not make the image.
+    assert not {"strength", "quality", "steps", "guidance_scale", "sampler"} & set(bridge_record)
+    assert bridge_record["negative_prompt"] == ""
     # The provider's request id is the job's, not the file's (which leaves the studio).
     assert "provider_request_id" not in bridge_record and "resp-1" not in bridge_png.decode("latin-1")
     assert client.get(f"/v1/jobs/{assets['bridge']['job_id']}").json()["provider_request_id"] == "resp-1"

@@ -192,7 +192,8 @@ async def test_the_checkpoint_that_rendered_is_in_the_asset_s_record_and_png(mak
     result = await eng.run(bridge(seed=5), NullProgress(), CancelToken())
     job = SimpleNamespace(params={"prompt": "a lighthouse", "negative_prompt": ""}, stage="bridge",
                           engine="a1111", source_asset_id="ast_x")
-    record = JobRunner._record(None, job, result, result.images[0].seed)  # type: ignore[arg-type]
+    runner = SimpleNamespace(registry={"a1111": eng})  # what `_record` reads of it: the engine
+    record = JobRunner._record(runner, job, result, result.images[0].seed)  # type: ignore[arg-type]
     assert record["model"] == "sdxl_base"
     assert "Model: sdxl_base," in infotext(record)
 

@@ -77,7 +77,9 @@ async def test_success_sends_draft_as_multipart_and_costs_from_usage(engine: Ope
     # 4160 x 4 mc + 40 x 1 mc + 10 x 0.5 mc
     assert result.cost_millicredits == 16685
     assert result.provider_request_id == "req_123" and progress.request_ids == ["req_123"]
-    assert result.metadata == {"size": "1536x1024", "quality": "medium"}
+    # What the record says it used: the quality sent, and none of what the edits call has no field for.
+    assert result.metadata == {"size": "1536x1024", "quality": "medium", "negative_prompt": None, "steps": None,
+                               "guidance_scale": None, "sampler": None, "strength": None, "creativity": None}
 
 
 @respx.mock
