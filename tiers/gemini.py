@@ -171,10 +171,11 @@ class GeminiEngine(CloudEngine):
                     except ContentFiltered:
                         raise
                     except EngineError as exc:
-                        if cost is not None:
+                        if cost is not None and total_cost is not None:
                             # An answer without an image (text only, NO_IMAGE) is billed by its tokens as
-                            # one with: its usage says the cost, not the image's whole estimate.
-                            exc.charged, exc.cost_millicredits = "yes", asked.reported + cost
+                            # one with: its usage says the cost, not the image's whole estimate. Only
+                            # when every earlier call's is known too (else `paid_calls` captures a share).
+                            exc.charged, exc.cost_millicredits = "yes", total_cost + cost
                         raise
                 total_cost = None if cost is None or total_cost is None else total_cost + cost
                 asked.charged(cost)

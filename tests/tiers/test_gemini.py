@@ -154,6 +154,19 @@ async def test_an_answer_without_an_image_costs_its_tokens(engine: GeminiEngine,
 
 
 @respx.mock
+async def test_an_answer_without_an_image_after_one_of_unknown_cost_is_not_settled(engine: GeminiEngine) -> None:
+    # The first image's cost unreported: its usage alone would have settled the job for far less.
+    no_usage = {k: v for k, v in ok_body().items() if k != "usageMetadata"}
+    no_image = {"candidates": [{"content": {"parts": [{"text": "no"}]}, "finishReason": "STOP"}],
+                "usageMetadata": {"promptTokenCount": 1300, "candidatesTokenCount": 40}}
+    respx.post(URL).mock(side_effect=[httpx.Response(200, json=no_usage), httpx.Response(200, json=no_image)])
+    with pytest.raises(EngineError) as info:
+        await engine.run(bridge(n=2), NullProgress(), CancelToken())
+    assert info.value.charged == "unknown"  # for a person to reconcile: the whole estimate at most
+    assert info.value.cost_millicredits in (None, engine.estimate(bridge(n=2)))
+
+
+@respx.mock
 # Each count the engine reads; the values a count may not be are `token_counts`' (test_cloud.py).
 @pytest.mark.parametrize(("key", "count"), [
     ("candidatesTokenCount", "1e400"),  # an infinity to json.loads: int() raised OverflowError
