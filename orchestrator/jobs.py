@@ -403,9 +403,10 @@ class JobService:
                 # so it needs no room in the budget.
                 # So does a decision taken from a cached result that is gone now (its file damaged
                 # since): it skipped the caps, as a free copy may, and must meet them after all.
-                # And a policy changed since (a PATCH to `local-only` committed meanwhile must not
-                # let this request be queued for the cloud).
-                if not cached and (decision.policy != project.policy or (
+                # And a policy changed since (a PATCH to `local-only` committed meanwhile, or a reload
+                # that made the project's policy keep everything local, must not let this request be
+                # queued for the cloud: the reload's `keep_local` may have looked before this commit).
+                if not cached and (decision.policy != project.policy or self._reloaded_since(decision) or (
                         decision.estimate > 0 and (project.budget_limit is not None or max_credits is not None))):
                     balance = None if project.budget_limit is None else self.ledger.balance(s, project)
                     fresh = self._route(project.policy, prepared, engine, max_credits, balance, cache=False,
@@ -615,6 +616,15 @@ class JobService:
             out[job_id].append(asset_id)
         return out
 
+    def _reloaded_since(self, decision: Decision) -> bool:
+        """Whether the policy `decision` was routed by has been reloaded with other rules since."""
+        if decision.policy is None:  # not routed by a policy (every routed decision names one)
+            return False
+        try:
+            return self.router.policies.get(decision.policy).content_hash != decision.policy_hash
+        except NotFound:  # gone: routing again says so
+            return True
+
     def keep_local(self, project_id: str, policy: str) -> list[str]:
         """A project moved to a policy that keeps everything on this machine: its unfinished jobs
         are made private and its queued jobs for engines that send data off it are canceled (their
@@ -630,8 +640,10 @@ class JobService:
             return job.engine not in registry or leaves_machine(registry.get(job.engine))
 
         # Private first, then the look for what to cancel: a fallback moving a job off the machine
-        # meanwhile either sees it private (and does not move it) or is seen by the look.
+        # meanwhile either sees it private (and does not move it) or is seen by the look. After the
+        # project's lock: a submit routed by the policy before it changed, and committing now, is seen.
         with self.db.transaction() as s:
+            self.ledger.lock_project(s, project_id)
             for job in s.exec(select(Job).where(*unfinished)).all():
                 if not is_private(job.params.get("tags") or {}):
                     params = {**job.params, "tags": {**(job.params.get("tags") or {}), PRIVACY_TAG: PRIVACY_LOCAL}}

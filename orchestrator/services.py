@@ -288,12 +288,20 @@ class Services:
         turned = self._local_policies() - local_before
         if turned:
             try:
-                self._keep_local(turned)
+                self._keep_projects_local(turned)
             except SQLAlchemyError as exc:
                 log.error("policies %s now keep everything on this machine, but their projects' queued jobs could "
                           "not be read (%s): jobs queued for engines off the machine may still run; cancel them, "
                           "or set the projects' policy again (PATCH)", ", ".join(sorted(turned)), exc)
         return errors
+
+    def keep_local(self, project_id: str, policy: str) -> list[str]:
+        """`JobService.keep_local`, and the work of the jobs it cancels withdrawn (one queued to be
+        reattached had a provider's accepted work)."""
+        canceled = self.jobs.keep_local(project_id, policy)
+        for job_id in canceled:
+            self.scheduler.forget_abandoned(self.jobs.get(job_id))
+        return canceled
 
     def reload_policies_soon(self, why: str) -> None:
         """For a signal handler, on the event loop: the reload reads files (and may write the
@@ -308,16 +316,14 @@ class Services:
         self.background = [task for task in self.background if not task.done()]
 
     def _local_policies(self) -> set[str]:
-        return {name for name in self.policies.names() if self.policies.get(name).keeps_all_local}
+        # One look at the loaded set: another thread's reload may drop a name between two.
+        return {policy.name for policy in self.policies.list() if policy.keeps_all_local}
 
-    def _keep_local(self, policies: set[str]) -> None:
+    def _keep_projects_local(self, policies: set[str]) -> None:
         with self.db.session() as s:
             projects = s.exec(select(Project.id, Project.policy).where(col(Project.policy).in_(policies))).all()
         for project_id, policy in projects:
-            canceled = self.jobs.keep_local(project_id, policy)
-            for job_id in canceled:
-                self.scheduler.forget_abandoned(self.jobs.get(job_id))  # one queued to be reattached
-            if canceled:
+            if canceled := self.keep_local(project_id, policy):
                 log.warning("policy '%s' now keeps everything on this machine: %d queued job(s) of project %s "
                             "for engines off it canceled", policy, len(canceled), project_id)
 

@@ -182,8 +182,7 @@ def update_project(project_id: str, body: ProjectUpdate, services: ServicesDep, 
         s.add(project)
     if body.policy is not None and services.policies.get(body.policy).keeps_all_local:
         # Nothing is sent off the machine from now on: the jobs queued under the earlier policy neither.
-        for job_id in services.jobs.keep_local(project_id, body.policy):
-            services.scheduler.forget_abandoned(services.jobs.get(job_id))  # one queued to be reattached
+        services.keep_local(project_id, body.policy)
     return project_public(project)
 
 

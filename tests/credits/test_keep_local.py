@@ -318,3 +318,38 @@ def test_a_reload_that_makes_the_project_s_policy_keep_everything_local_cancels_
         assert f"policy '{POLICY}' keeps its work on this machine" in canceled["error"]["message"]
         assert [e["kind"] for e in ledger(client, project_id) if e["job_id"] == cloud["id"]] == ["hold", "release"]
     assert prompt not in " ".join(fakes.SENT)
+
+
+def test_a_submit_routed_before_such_a_reload_and_committed_after_it_is_routed_again(
+        paid_settings_for: Callable[..., Settings], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Routed by the old rules, then the reload (its keep_local found nothing queued yet), then the
+    commit: the job was queued for the cloud, never marked private, and sent its prompt out."""
+    from orchestrator.jobs import JobService
+
+    folder = tmp_path / "policies"
+    folder.mkdir()
+    (folder / f"{POLICY}.toml").write_text(POLICY_TOML)
+    data = tmp_path / "data"
+    with serve_in_thread(paid_settings_for(data, policy_dir=folder)) as base, \
+            httpx.Client(base_url=base, timeout=30) as client:
+        _project_id, asset_id = project_with_draft(client)
+    reserve = JobService._reserve
+    reloaded: list[list[str]] = []
+
+    def reload_between(self: JobService, *args: Any, **kwargs: Any) -> Any:
+        decision = reserve(self, *args, **kwargs)
+        if decision.chosen == "fake-paid" and not reloaded:
+            (folder / f"{POLICY}.toml").write_text(POLICY_TOML.replace("engines = [", "private = true\nengines = ["))
+            with httpx.Client(base_url=base, timeout=30) as other:
+                reloaded.append(other.post("/v1/policies/reload").json()["errors"])
+        return decision
+
+    monkeypatch.setattr(JobService, "_reserve", reload_between)
+    with serve_in_thread(paid_settings_for(data, policy_dir=folder, run_jobs=False)) as base, \
+            httpx.Client(base_url=base, timeout=30) as client:
+        answer = client.post(f"/v1/assets/{asset_id}/promote", json={"prompt": "routed before the reload"})
+        assert reloaded == [[]]
+        queued = [job for job in client.get("/v1/jobs", params={"stage": "bridge"}).json()["items"]
+                  if job["status"] == "queued"]
+        # Routed again by the private rules: none of whose engines keeps it here, so refused.
+        assert answer.status_code >= 400 and queued == [], (answer.text, queued)
