@@ -26,14 +26,14 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from sqlalchemy import create_engine, event, func, inspect, or_
+from sqlalchemy import create_engine, event, func, or_
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import DatabaseError
 from sqlalchemy.orm import aliased
 from sqlalchemy.pool import QueuePool
 from sqlmodel import Session, col, select
 
-from orchestrator.db import postgres_connect_args, sqlite_file
+from orchestrator.db import foreign_tables, postgres_connect_args, sqlite_file
 from orchestrator.errors import NotFound
 from orchestrator.events import TERMINAL
 from orchestrator.models import Asset, Job, LedgerEntry, StoreIdentity
@@ -187,11 +187,8 @@ def check_revision(engine: Engine) -> None:
         return
     if found is None:
         # What `migrate` would refuse (another application's tables) is not advised to be migrated.
-        found_inspect = inspect(engine)
-        others = sorted(found_inspect.get_table_names(schema=found_inspect.default_schema_name))
-        if others:
-            shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
-            raise CannotCheck(f"the database holds tables of another application ({shown}) and none of this "
+        if others := foreign_tables(engine):
+            raise CannotCheck(f"the database holds tables of another application ({others}) and none of this "
                               "service's: is ORCH_DATA_DIR or ORCH_DATABASE_URL right?")
         raise CannotCheck("the database has no tables of this service (run `orchestrator migrate`, or is "
                           "ORCH_DATABASE_URL right?)")

@@ -321,16 +321,24 @@ def _refuse_foreign(url: str) -> None:
     postgres = make_url(url).get_backend_name() == "postgresql"
     engine = create_engine(url, **({"connect_args": postgres_connect_args(url)} if postgres else {}))
     try:
-        found = inspect(engine)
-        # Where the migrations create their tables: another schema on the search path (an
-        # application's in `public`, PostGIS's) is not this one.
-        names = found.get_table_names(schema=found.default_schema_name)
+        others = foreign_tables(engine)
     finally:
         engine.dispose()
-    if names and "alembic_version" not in names:
-        shown = ", ".join(sorted(names)[:5]) + (", ..." if len(names) > 5 else "")
+    if others:
         raise ForeignDatabase(f"the database at {shown_url(url)} holds tables "
-                              f"of another application ({shown}) and none of this service's")
+                              f"of another application ({others}) and none of this service's")
+
+
+def foreign_tables(engine: Engine) -> str:
+    """Another application's tables in the database (some named, as a message shows them), or ""
+    when it holds none or holds this service's migration history (`alembic_version`, even empty)."""
+    found = inspect(engine)
+    # Where the migrations create their tables: another schema on the search path (an
+    # application's in `public`, PostGIS's) is not this one.
+    names = sorted(found.get_table_names(schema=found.default_schema_name))
+    if not names or "alembic_version" in names:
+        return ""
+    return ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
 
 
 def upgrade(url: str, revision: str = "head") -> None:

@@ -18,7 +18,7 @@ from orchestrator.errors import BadEngineInput, BudgetExceeded, NoPrice, NoRoute
 from orchestrator.health import EngineHealth
 from orchestrator.store import hide_paths
 from policies import PolicyStore, RequestFacts, Rule, order_candidates
-from tiers.base import Engine, RenderRequest, Stage, is_amount, to_credits
+from tiers.base import MAX_AMOUNT, Engine, RenderRequest, Stage, is_amount, to_credits
 from tiers.registry import EngineRegistry
 
 
@@ -45,7 +45,7 @@ def priced(engine: Engine, req: RenderRequest) -> int:
         told = (f"{to_credits(int(estimate))} credits" if isinstance(estimate, numbers.Integral)
                 else f"{estimate!r}"[:40])
         raise NoPrice(f"engine '{engine.name}' estimated {told}; a price is a whole, non-negative number of "
-                      "millicredits", details={"engine": engine.name})
+                      f"millicredits, at most {to_credits(MAX_AMOUNT):g} credits", details={"engine": engine.name})
     return int(estimate)
 
 

@@ -26,7 +26,7 @@ T = TypeVar("T")
 
 def token_counts(*counts: Any) -> tuple[int, ...] | None:
     """A provider's token counts (its usage block) as whole numbers, or None when any is not one:
-    whole, non-negative and within 64 bits, as an amount is. `1e400` reads as an infinity (`int()`
+    whole, non-negative and at most `MAX_AMOUNT`, as an amount is. `1e400` reads as an infinity (`int()`
     raised OverflowError, failing a paid job), and a negative count made a negative cost."""
     if not all(is_amount(count) for count in counts):
         return None

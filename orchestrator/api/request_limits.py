@@ -48,7 +48,7 @@ def _waits_to_send(headers: Headers) -> bool:
 def _refused_url(scope: Scope) -> BadRequest | None:
     if "\x00" in scope["path"] or b"%00" in scope["query_string"]:
         return BadRequest("the URL contains a NUL character (%00)")
-    if b"%2f" in scope.get("raw_path", b"").lower():
+    if b"%2f" in (scope.get("raw_path") or b"").lower():
         return BadRequest("the URL path contains an encoded slash (%2F); no id holds one")
     return None
 
@@ -91,8 +91,9 @@ class RequestLimits:
         declared = headers.get("content-length")
         refusal = _refused_url(scope) or _refused_encoding(headers, declared)
         if refusal is not None:
-            if declared is not None and declared.isascii() and declared.isdigit() and int(declared) <= DRAIN_BYTES \
-                    and not _waits_to_send(headers):
+            # What is sent of the body is read first (as a 413's is): a client still sending saw a reset.
+            small = declared is None or (declared.isascii() and declared.isdigit() and int(declared) <= DRAIN_BYTES)
+            if small and not _waits_to_send(headers):
                 await drain(receive)
             response = await denied(Request(scope)) or answer(refusal)
             await response(scope, receive, send)
