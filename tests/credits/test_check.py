@@ -6,6 +6,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -170,9 +171,17 @@ def test_the_check_opens_a_database_on_a_read_only_mount(served: tuple[httpx.Cli
     paid_jobs(api)
     monkeypatch.setattr(check.os, "access", lambda path, mode: False)  # type: ignore[attr-defined]
     monkeypatch.setattr(check.Path, "exists", lambda path: False)  # type: ignore[attr-defined]  # no -wal beside it
+    opened: list[str] = []
+    connect = sqlite3.connect
+
+    def recorded(database: str, **options: Any) -> sqlite3.Connection:
+        opened.append(database)
+        return connect(database, **options)
+
+    monkeypatch.setattr(sqlite3, "connect", recorded)
     engine = check.read_only_engine(f"sqlite:///{db}")
     try:
-        assert "immutable=1" in str(engine.url)
         assert check.check_ledger(engine).ok
+        assert opened and all(uri.startswith("file:") and "mode=ro&immutable=1" in uri for uri in opened), opened
     finally:
         engine.dispose()
