@@ -8,6 +8,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import httpx
 import pytest
@@ -396,6 +397,14 @@ def test_a_late_client_of_a_job_run_elsewhere_gets_its_state_now_not_when_last_w
     client connecting after the worker finished it was sent the progress of back then (its
     preview gone) before the follower caught up."""
     monkeypatch.setattr(follow, "SUBSCRIBE_GRACE_SECONDS", 0.0)
+    followers: list[follow.JobFollower] = []
+    init = follow.JobFollower.__init__
+
+    def kept(self: follow.JobFollower, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        followers.append(self)
+
+    monkeypatch.setattr(follow.JobFollower, "__init__", kept)
     settings = make_settings(run_jobs=False, poll_interval=0.1)
     database = settings.data_dir / "orchestrator.db"
     with serve_in_thread(settings) as base, httpx.Client(base_url=base, timeout=30) as client:
@@ -408,7 +417,10 @@ def test_a_late_client_of_a_job_run_elsewhere_gets_its_state_now_not_when_last_w
                 db.execute("UPDATE jobs SET status = 'running', attempt = 1, started_at = CURRENT_TIMESTAMP, "
                            "progress_step = 2, progress_total = 4 WHERE id = ?", (job["id"],))
             assert [next(events).event, next(events).event] == ["started", "progress"]
-        time.sleep(1.0)  # unwatched: no longer followed
+        deadline = time.monotonic() + 30
+        while not followers[-1].lapsed(job["id"]):  # unwatched: no longer followed
+            assert time.monotonic() < deadline, "the follower kept following an unwatched job"
+            time.sleep(0.02)
         with sqlite3.connect(database) as db:  # ...and the worker ends it
             db.execute("UPDATE jobs SET status = 'failed', finished_at = CURRENT_TIMESTAMP, "
                        "error = '{\"code\": \"engine_error\", \"message\": \"x\", \"details\": {}}' WHERE id = ?",
