@@ -83,16 +83,21 @@ def test_another_application_s_database_is_not_filled_with_our_tables(
     assert "tables of another application (users)" in err and "run `orchestrator migrate`" not in err
 
 
+def data_dir_database_with(settings: Settings, monkeypatch: pytest.MonkeyPatch, statement: str) -> None:
+    """The data dir's default database made by hand with `statement` (the CLI's ORCH_DATA_DIR)."""
+    import sqlite3
+
+    settings.data_dir.mkdir(parents=True)
+    with sqlite3.connect(settings.data_dir / "orchestrator.db") as conn:
+        conn.execute(statement)
+    monkeypatch.setenv("ORCH_DATA_DIR", str(settings.data_dir))
+
+
 def test_check_of_a_database_migrated_down_to_nothing_advises_migrate(
         make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     # An empty alembic_version (`alembic downgrade base`) is this service's history, as migrate reads it.
-    import sqlite3
-
-    settings = make_settings()
-    settings.data_dir.mkdir(parents=True)
-    with sqlite3.connect(settings.data_dir / "orchestrator.db") as conn:
-        conn.execute("CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL PRIMARY KEY)")
-    monkeypatch.setenv("ORCH_DATA_DIR", str(settings.data_dir))
+    data_dir_database_with(make_settings(), monkeypatch,
+                           "CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL PRIMARY KEY)")
     assert main(["check"]) == 2
     err = capsys.readouterr().err
     assert "run `orchestrator migrate`" in err and "another application" not in err, err
@@ -101,13 +106,7 @@ def test_check_of_a_database_migrated_down_to_nothing_advises_migrate(
 def test_another_application_s_file_in_the_data_dir_names_the_data_dir(
         make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     # It blamed ORCH_DATABASE_URL, which was not set: the default database is a file in the data dir.
-    import sqlite3
-
-    settings = make_settings()
-    settings.data_dir.mkdir(parents=True)
-    with sqlite3.connect(settings.data_dir / "orchestrator.db") as conn:
-        conn.execute("CREATE TABLE users (id INTEGER PRIMARY KEY)")
-    monkeypatch.setenv("ORCH_DATA_DIR", str(settings.data_dir))
+    data_dir_database_with(make_settings(), monkeypatch, "CREATE TABLE users (id INTEGER PRIMARY KEY)")
     assert main(["migrate"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("orchestrator: ORCH_DATA_DIR (its orchestrator.db): the database at") and \

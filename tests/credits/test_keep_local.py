@@ -293,18 +293,24 @@ def test_a_job_resumed_on_a_self_hosted_server_after_its_project_went_local_only
     assert fakes.RESUMED == [] and prompt not in " ".join(fakes.SENT)
 
 
+def own_policy_and_draft(paid_settings_for: Callable[..., Settings], tmp_path: Path) -> tuple[Path, Path, str, str]:
+    """A policy folder of the test's own (the test policy, to be edited), a data dir, and a project
+    with a draft made there: (folder, data dir, project id, asset id)."""
+    folder, data = tmp_path / "policies", tmp_path / "data"
+    folder.mkdir()
+    (folder / f"{POLICY}.toml").write_text(POLICY_TOML)
+    with serve_in_thread(paid_settings_for(data, policy_dir=folder)) as base, \
+            httpx.Client(base_url=base, timeout=30) as client:
+        project_id, asset_id = project_with_draft(client)
+    return folder, data, project_id, asset_id
+
+
 def test_a_reload_that_makes_the_project_s_policy_keep_everything_local_cancels_its_queued_cloud_jobs(
         paid_settings_for: Callable[..., Settings], tmp_path: Path) -> None:
     """The README's promise for a policy change that keeps everything on the machine held for a
     project moved to such a policy, but not for an edit of the policy it was on: reloaded, its
     queued cloud job was sent all the same."""
-    folder = tmp_path / "policies"
-    folder.mkdir()
-    (folder / f"{POLICY}.toml").write_text(POLICY_TOML)
-    data = tmp_path / "data"
-    with serve_in_thread(paid_settings_for(data, policy_dir=folder)) as base, \
-            httpx.Client(base_url=base, timeout=30) as client:
-        project_id, asset_id = project_with_draft(client)
+    folder, data, project_id, asset_id = own_policy_and_draft(paid_settings_for, tmp_path)
     prompt = "a lighthouse, queued before its policy went private"
     with serve_in_thread(paid_settings_for(data, policy_dir=folder, run_jobs=False)) as base, \
             httpx.Client(base_url=base, timeout=30) as client:
@@ -326,13 +332,7 @@ def test_a_submit_routed_before_such_a_reload_and_committed_after_it_is_routed_a
     commit: the job was queued for the cloud, never marked private, and sent its prompt out."""
     from orchestrator.jobs import JobService
 
-    folder = tmp_path / "policies"
-    folder.mkdir()
-    (folder / f"{POLICY}.toml").write_text(POLICY_TOML)
-    data = tmp_path / "data"
-    with serve_in_thread(paid_settings_for(data, policy_dir=folder)) as base, \
-            httpx.Client(base_url=base, timeout=30) as client:
-        _project_id, asset_id = project_with_draft(client)
+    folder, data, _project_id, asset_id = own_policy_and_draft(paid_settings_for, tmp_path)
     reserve = JobService._reserve
     reloaded: list[list[str]] = []
 

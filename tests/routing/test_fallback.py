@@ -498,16 +498,23 @@ def test_requests_routed_together_after_the_cooldown_send_one_probe(
         assert sorted(engines) == ["fake-b", "fake-b", "fake-b", "fake-paid"], engines
 
 
-def test_a_probe_canceled_while_queued_lets_the_next_one_through(
-        new_settings: SettingsFactory, fallback_policies: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Canceled before it ran, the probe was never released: the engine was skipped for the whole cooldown.
-    clock, made = Clock(), []
+def breakers(monkeypatch: pytest.MonkeyPatch, clock: Clock) -> list[EngineHealth]:
+    """The circuit breakers the services build from now on (threshold 2, cooldown 60 s on `clock`)."""
+    made: list[EngineHealth] = []
 
     def breaker(*args: Any, **kwargs: Any) -> EngineHealth:
         made.append(EngineHealth(threshold=2, cooldown=60.0, clock=clock))
         return made[-1]
 
     monkeypatch.setattr("orchestrator.services.EngineHealth", breaker)
+    return made
+
+
+def test_a_probe_canceled_while_queued_lets_the_next_one_through(
+        new_settings: SettingsFactory, fallback_policies: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Canceled before it ran, the probe was never released: the engine was skipped for the whole cooldown.
+    clock = Clock()
+    made = breakers(monkeypatch, clock)
     with running(new_settings(engines=FAKE_ENGINES, policy="fallback-test", policy_dir=fallback_policies)) as client:
         _, asset_id = draft_asset(client)
         busy = [promote(client, asset_id, engine="fake-paid", tags={"fake": "hang"}) for _ in range(4)]
@@ -530,13 +537,8 @@ def test_a_job_canceled_as_its_fallback_commits_leaves_the_next_engine_s_probe_f
         new_settings: SettingsFactory, fallback_policies: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Adopted as fake-b's probe only after the move committed: a cancel in between found the probe
     # still the fallback's token, gave nothing back, and fake-b was refused for the whole cooldown.
-    clock, made = Clock(), []
-
-    def breaker(*args: Any, **kwargs: Any) -> EngineHealth:
-        made.append(EngineHealth(threshold=2, cooldown=60.0, clock=clock))
-        return made[-1]
-
-    monkeypatch.setattr("orchestrator.services.EngineHealth", breaker)
+    clock = Clock()
+    made = breakers(monkeypatch, clock)
     requeue_on = JobRunner._requeue_on
     canceled: list[int] = []
 

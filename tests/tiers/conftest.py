@@ -4,6 +4,7 @@ no time, test images, a multipart parser, a recording Progress and a RenderReque
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email
 import email.policy
 import io
@@ -15,10 +16,11 @@ import httpx
 import pytest
 from PIL import Image
 
+from orchestrator.errors import Canceled
 from orchestrator.settings import Settings
 from tests.conftest import isolate
 from tiers import tiny
-from tiers.base import EngineContext, NullProgress, RenderRequest
+from tiers.base import CancelToken, EngineContext, NullProgress, RenderRequest
 from tiers.lite import LiteEngine
 from tiers.local_hifi import LocalHifiEngine
 
@@ -65,6 +67,53 @@ class NoAnswer:
         self.sent.set()
         await asyncio.Event().wait()
         raise AssertionError("unreachable")
+
+
+class HeldRequest:
+    """A respx side effect: the request is out (a create held open by `Prefer: wait`, a large
+    upload, a slow queue) until `answer` is set, then answered with `response`. `sent`: it is out;
+    `dropped`: it was cut before its answer; `answered`: it got one."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        self.response = response
+        self.sent, self.answer = asyncio.Event(), asyncio.Event()
+        self.dropped = self.answered = False
+
+    async def __call__(self, _request: httpx.Request) -> httpx.Response:
+        self.sent.set()
+        try:
+            await self.answer.wait()
+        except asyncio.CancelledError:
+            self.dropped = True
+            raise
+        self.answered = True
+        return self.response
+
+
+async def canceled_while_out(engine: Any, req: RenderRequest, held: HeldRequest, *,
+                             abandon: bool = False) -> Canceled:
+    """Run `req` on `engine`, cancel it while `held` is out, and return its `Canceled`: at once,
+    the request still out."""
+    token = CancelToken()
+    run = asyncio.create_task(engine.run(req, NullProgress(), token))
+    await asyncio.wait_for(held.sent.wait(), 5)
+    token.cancel(abandon=abandon)
+    with pytest.raises(Canceled) as info:
+        await asyncio.wait_for(run, 5)
+    assert not held.answer.is_set()
+    return info.value
+
+
+async def until(predicate: Callable[[], bool], within: float = 30.0, *, then: float = 0.0) -> None:
+    """Poll `predicate` until it holds, for `within` seconds at most (a bound for a loaded machine,
+    not a wait: the test's assertions then say what was missing); then let what follows it run for
+    `then` seconds (a second call that must not come)."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(within):
+            while not predicate():
+                await asyncio.sleep(0.005)
+    if then:
+        await asyncio.sleep(then)
 
 
 @pytest.fixture

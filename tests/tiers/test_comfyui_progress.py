@@ -23,7 +23,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from orchestrator.errors import Canceled
-from tests.tiers.conftest import RecordingProgress, png_bytes
+from tests.tiers.conftest import RecordingProgress, png_bytes, until
 from tests.tiers.test_comfyui import bridge, history, mock_server, write_workflow
 from tiers.base import CancelToken, NullProgress
 from tiers.comfyui import MAX_UNIT, ComfyUIEngine, _Steps, websocket_url
@@ -113,15 +113,6 @@ class Steps(RecordingProgress):
                 while len(self.steps) < count:
                     self._told.clear()
                     await self._told.wait()
-
-
-async def until(predicate: Callable[[], bool], within: float = 30.0) -> None:
-    """Poll `predicate` until it holds, for `within` seconds at most (each test's does hold: the
-    bound is for a loaded machine, not a wait)."""
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(within):
-            while not predicate():
-                await asyncio.sleep(0.005)
 
 
 def comfy_routes(base: str, fake: FakeComfy | None,

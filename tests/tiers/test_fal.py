@@ -2,10 +2,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import io
 import json
-from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -22,7 +20,7 @@ from orchestrator.errors import (
     EngineUnavailable,
     NoPrice,
 )
-from tests.tiers.conftest import RecordingProgress, png_bytes
+from tests.tiers.conftest import HeldRequest, RecordingProgress, canceled_while_out, png_bytes, until
 from tests.tiers.conftest import bridge as base_bridge
 from tiers.base import CancelToken, NullProgress, RenderRequest
 from tiers.fal import FalEngine
@@ -458,60 +456,18 @@ async def test_withdraw_cancels_saved_requests_only_where_the_key_may_go(engine:
     assert cancel.calls.last.request.headers["authorization"].startswith("Key ")
 
 
-class HeldSubmit:
-    """A respx side effect: the submit is out (a large draft uploading, a slow queue) until `answer`
-    is set, then answered with `response`. `dropped`: it was cut before its answer."""
-
-    def __init__(self, response: httpx.Response) -> None:
-        self.response = response
-        self.sent, self.answer = asyncio.Event(), asyncio.Event()
-        self.dropped = self.answered = False
-
-    async def __call__(self, _request: httpx.Request) -> httpx.Response:
-        self.sent.set()
-        try:
-            await self.answer.wait()
-        except asyncio.CancelledError:
-            self.dropped = True
-            raise
-        self.answered = True
-        return self.response
-
-
-async def until(predicate: Callable[[], bool], within: float = 5.0) -> None:
-    """Poll `predicate` until it holds, for `within` seconds at most; then let what follows it run."""
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(within):
-            while not predicate():
-                await asyncio.sleep(0.005)
-    await asyncio.sleep(0.05)
-
-
-async def canceled_while_submitting(engine: FalEngine, held: HeldSubmit, *, abandon: bool = False) -> Canceled:
-    """Run a job, cancel it while its submit is out, and return its `Canceled`: at once, the submit
-    still out."""
-    token = CancelToken()
-    run = asyncio.create_task(engine.run(bridge(), NullProgress(), token))
-    await asyncio.wait_for(held.sent.wait(), 5)
-    token.cancel(abandon=abandon)
-    with pytest.raises(Canceled) as info:
-        await asyncio.wait_for(run, 5)
-    assert not held.answer.is_set()
-    return info.value
-
-
 @respx.mock
 async def test_a_cancel_while_the_submit_is_out_cancels_the_request_it_queued(
         engine: FalEngine, caplog: pytest.LogCaptureFixture) -> None:
     # Racing the submit away lost its cancel_url: the queued request ran, and billed, for nobody.
     caplog.set_level("INFO", logger="tiers.fal")
-    held = HeldSubmit(httpx.Response(200, json=queued()))
+    held = HeldRequest(httpx.Response(200, json=queued()))
     submit = respx.post(SUBMIT).mock(side_effect=held)
     cancel = respx.put(CANCEL).mock(return_value=httpx.Response(202, json={"status": "CANCELLATION_REQUESTED"}))
-    error = await canceled_while_submitting(engine, held)
+    error = await canceled_while_out(engine, bridge(), held)
     assert error.charged == "unknown" and cancel.call_count == 0
     held.answer.set()
-    await until(lambda: cancel.call_count > 0)
+    await until(lambda: cancel.call_count > 0, then=0.05)
     assert held.answered and not held.dropped
     assert submit.call_count == 1 and cancel.call_count == 1
     assert cancel.calls.last.request.headers["authorization"] == "Key f-secret"
@@ -521,12 +477,12 @@ async def test_a_cancel_while_the_submit_is_out_cancels_the_request_it_queued(
 
 @respx.mock
 async def test_a_submit_left_out_by_a_cancel_sends_the_key_only_to_fal_s_own_cancel_url(engine: FalEngine) -> None:
-    held = HeldSubmit(httpx.Response(200, json={**queued(), "cancel_url": "https://collector.example/cancel"}))
+    held = HeldRequest(httpx.Response(200, json={**queued(), "cancel_url": "https://collector.example/cancel"}))
     respx.post(SUBMIT).mock(side_effect=held)
     elsewhere = respx.put("https://collector.example/cancel").mock(return_value=httpx.Response(200))
-    await canceled_while_submitting(engine, held)
+    await canceled_while_out(engine, bridge(), held)
     held.answer.set()
-    await until(lambda: held.answered)
+    await until(lambda: held.answered, then=0.05)
     assert held.answered and elsewhere.call_count == 0
     await engine.aclose()
 
@@ -535,10 +491,10 @@ async def test_a_submit_left_out_by_a_cancel_sends_the_key_only_to_fal_s_own_can
 async def test_a_shutdown_while_the_submit_is_out_leaves_the_request_to_whoever_follows_the_job(
         engine: FalEngine) -> None:
     # Abandoned (a stop, or another process took the job over): as before, nothing is canceled.
-    held = HeldSubmit(httpx.Response(200, json=queued()))
+    held = HeldRequest(httpx.Response(200, json=queued()))
     respx.post(SUBMIT).mock(side_effect=held)
     cancel = respx.put(CANCEL).mock(return_value=httpx.Response(202, json={"status": "CANCELLATION_REQUESTED"}))
-    error = await canceled_while_submitting(engine, held, abandon=True)
+    error = await canceled_while_out(engine, bridge(), held, abandon=True)
     assert error.charged == "unknown" and held.dropped
     held.answer.set()
     await asyncio.sleep(0.05)
@@ -548,10 +504,10 @@ async def test_a_shutdown_while_the_submit_is_out_leaves_the_request_to_whoever_
 
 @respx.mock
 async def test_closing_the_engine_ends_a_submit_left_out_by_a_cancel(engine: FalEngine) -> None:
-    held = HeldSubmit(httpx.Response(200, json=queued()))
+    held = HeldRequest(httpx.Response(200, json=queued()))
     respx.post(SUBMIT).mock(side_effect=held)
     cancel = respx.put(CANCEL).mock(return_value=httpx.Response(202, json={"status": "CANCELLATION_REQUESTED"}))
-    await canceled_while_submitting(engine, held)
+    await canceled_while_out(engine, bridge(), held)
     await asyncio.sleep(0.05)
     assert not held.dropped  # still out, followed
     await engine.aclose()

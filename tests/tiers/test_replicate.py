@@ -2,10 +2,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import io
 import json
-from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -22,7 +20,7 @@ from orchestrator.errors import (
     EngineUnavailable,
     NoPrice,
 )
-from tests.tiers.conftest import NoAnswer, RecordingProgress, bridge, png_bytes
+from tests.tiers.conftest import HeldRequest, NoAnswer, RecordingProgress, bridge, canceled_while_out, png_bytes, until
 from tiers.base import CancelToken, NullProgress
 from tiers.replicate import ReplicateEngine
 
@@ -538,61 +536,19 @@ async def test_a_reattach_canceled_on_its_first_prediction_withdraws_the_rest_un
     assert (stop_first.call_count, stop_second.call_count) == ((0, 0) if abandon else (1, 1))
 
 
-class HeldCreate:
-    """A respx side effect: Replicate holds the create open (`Prefer: wait`) until `answer` is set,
-    then answers with `response`. `sent`: the create is out; `dropped`: it was cut before its answer."""
-
-    def __init__(self, response: httpx.Response) -> None:
-        self.response = response
-        self.sent, self.answer = asyncio.Event(), asyncio.Event()
-        self.dropped = self.answered = False
-
-    async def __call__(self, _request: httpx.Request) -> httpx.Response:
-        self.sent.set()
-        try:
-            await self.answer.wait()
-        except asyncio.CancelledError:
-            self.dropped = True
-            raise
-        self.answered = True
-        return self.response
-
-
-async def canceled_while_held(engine: ReplicateEngine, held: HeldCreate, *, abandon: bool = False) -> Canceled:
-    """Run a job, cancel it while its create is held open, and return its `Canceled`: at once, the
-    create still held."""
-    token = CancelToken()
-    run = asyncio.create_task(engine.run(bridge(), NullProgress(), token))
-    await asyncio.wait_for(held.sent.wait(), 5)
-    token.cancel(abandon=abandon)
-    with pytest.raises(Canceled) as info:
-        await asyncio.wait_for(run, 5)
-    assert not held.answer.is_set()
-    return info.value
-
-
-async def until(predicate: Callable[[], bool], within: float = 5.0) -> None:
-    """Poll `predicate` until it holds, for `within` seconds at most; then let what follows it run."""
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(within):
-            while not predicate():
-                await asyncio.sleep(0.005)
-    await asyncio.sleep(0.05)
-
-
 @respx.mock
 async def test_a_cancel_while_the_create_is_held_cancels_the_prediction_it_answers_with(
         engine: ReplicateEngine, caplog: pytest.LogCaptureFixture) -> None:
     # Most cancels land while the create is held open: racing it away lost the prediction's id,
     # and the prediction ran (and billed) until its Cancel-After.
     caplog.set_level("INFO", logger="tiers.replicate")
-    held = HeldCreate(httpx.Response(201, json=prediction("processing")))
+    held = HeldRequest(httpx.Response(201, json=prediction("processing")))
     create = respx.post(CREATE).mock(side_effect=held)
     cancel = respx.post(CANCEL).mock(return_value=httpx.Response(200, json=prediction("canceled")))
-    error = await canceled_while_held(engine, held)
+    error = await canceled_while_out(engine, bridge(), held)
     assert error.charged == "unknown" and cancel.call_count == 0
     held.answer.set()
-    await until(lambda: cancel.call_count > 0)
+    await until(lambda: cancel.call_count > 0, then=0.05)
     assert held.answered and not held.dropped
     assert create.call_count == 1 and cancel.call_count == 1
     assert cancel.calls.last.request.headers["authorization"] == "Bearer r-secret"
@@ -604,10 +560,10 @@ async def test_a_cancel_while_the_create_is_held_cancels_the_prediction_it_answe
 async def test_a_shutdown_while_the_create_is_held_leaves_the_prediction_to_whoever_follows_the_job(
         engine: ReplicateEngine) -> None:
     # Abandoned (a stop, or another process took the job over): as before, nothing is canceled.
-    held = HeldCreate(httpx.Response(201, json=prediction("processing")))
+    held = HeldRequest(httpx.Response(201, json=prediction("processing")))
     respx.post(CREATE).mock(side_effect=held)
     cancel = respx.post(CANCEL).mock(return_value=httpx.Response(200, json=prediction("canceled")))
-    error = await canceled_while_held(engine, held, abandon=True)
+    error = await canceled_while_out(engine, bridge(), held, abandon=True)
     assert error.charged == "unknown" and held.dropped
     held.answer.set()
     await asyncio.sleep(0.05)
@@ -618,22 +574,22 @@ async def test_a_shutdown_while_the_create_is_held_leaves_the_prediction_to_whoe
 @respx.mock
 async def test_a_create_left_out_by_a_cancel_is_not_sent_again_after_a_503(engine: ReplicateEngine) -> None:
     # The create it was left to finish answers that nothing was made: nothing to cancel, and no retry.
-    held = HeldCreate(httpx.Response(503, json={"detail": "busy"}))
+    held = HeldRequest(httpx.Response(503, json={"detail": "busy"}))
     create = respx.post(CREATE).mock(side_effect=held)
     cancel = respx.post(CANCEL).mock(return_value=httpx.Response(200, json=prediction("canceled")))
-    await canceled_while_held(engine, held)
+    await canceled_while_out(engine, bridge(), held)
     held.answer.set()
-    await until(lambda: held.answered)
+    await until(lambda: held.answered, then=0.05)
     assert held.answered and create.call_count == 1 and cancel.call_count == 0
     await engine.aclose()
 
 
 @respx.mock
 async def test_closing_the_engine_ends_a_create_left_out_by_a_cancel(engine: ReplicateEngine) -> None:
-    held = HeldCreate(httpx.Response(201, json=prediction("processing")))
+    held = HeldRequest(httpx.Response(201, json=prediction("processing")))
     respx.post(CREATE).mock(side_effect=held)
     cancel = respx.post(CANCEL).mock(return_value=httpx.Response(200, json=prediction("canceled")))
-    await canceled_while_held(engine, held)
+    await canceled_while_out(engine, bridge(), held)
     await asyncio.sleep(0.05)
     assert not held.dropped  # still out, followed
     await engine.aclose()
