@@ -27,7 +27,7 @@ from orchestrator.health import EngineHealth
 from orchestrator.jobs import JobService
 from orchestrator.ledger import Ledger
 from orchestrator.metrics import render as metrics_text
-from orchestrator.models import Asset, Project
+from orchestrator.models import Asset, Job, Project
 from orchestrator.outage import Outage
 from orchestrator.prices import load_price_overrides, unread_prices
 from orchestrator.queue import Scheduler
@@ -285,15 +285,21 @@ class Services:
         for error in errors:
             log.error("policy refused on reload (the last good version stays): %s", error.message)
         log.info("policies reloaded (%s): %s", why, ", ".join(self.policies.names()))
-        turned = self._local_policies() - local_before
-        if turned:
-            try:
-                self._keep_projects_local(turned)
-            except SQLAlchemyError as exc:
-                log.error("policies %s now keep everything on this machine, but their projects' queued jobs could "
-                          "not be read (%s): jobs queued for engines off the machine may still run; cancel them, "
-                          "or set the projects' policy again (PATCH)", ", ".join(sorted(turned)), exc)
+        self._apply_local_policies("on reload", self._local_policies() - local_before)
         return errors
+
+    def _apply_local_policies(self, when: str, policies: set[str] | None = None) -> None:
+        """`keep_local` for the projects with unfinished work under `policies` (default: every loaded
+        policy that keeps everything on this machine); a database away is logged, not raised."""
+        policies = self._local_policies() if policies is None else policies
+        if not policies:
+            return
+        try:
+            self._keep_projects_local(policies)
+        except SQLAlchemyError as exc:
+            log.error("policies %s keep everything on this machine, but their projects' unfinished jobs could not be "
+                      "read %s (%s): jobs queued for engines off the machine may still run; cancel them, or set the "
+                      "projects' policy again (PATCH)", ", ".join(sorted(policies)), when, exc)
 
     def keep_local(self, project_id: str, policy: str) -> list[str]:
         """`JobService.keep_local`, and the work of the jobs it cancels withdrawn (one queued to be
@@ -320,8 +326,10 @@ class Services:
         return {policy.name for policy in self.policies.list() if policy.keeps_all_local}
 
     def _keep_projects_local(self, policies: set[str]) -> None:
-        with self.db.session() as s:
-            projects = s.exec(select(Project.id, Project.policy).where(col(Project.policy).in_(policies))).all()
+        with self.db.session() as s:  # only projects with unfinished work: keep_local has nothing else to do
+            projects = s.exec(select(Project.id, Project.policy).join(Job, col(Job.project_id) == col(Project.id))
+                              .where(col(Project.policy).in_(policies), col(Job.status).in_(("queued", "running")))
+                              .distinct()).all()
         for project_id, policy in projects:
             if canceled := self.keep_local(project_id, policy):
                 log.warning("policy '%s' now keeps everything on this machine: %d queued job(s) of project %s "
@@ -392,6 +400,9 @@ class Services:
         """Start running jobs (the scheduler) and, with ORCH_LITE_PRELOAD, load the Lite model in
         the background."""
         self.listen()
+        # Before any job is claimed: a policy made local while no process ran (edited during a
+        # stop, or a restart before the watcher's look) was never applied to the work queued under it.
+        await asyncio.to_thread(self._apply_local_policies, "at start")
         await self.scheduler.start()
         # Apart from the scheduler's sweep: listing a large store must not hold up job recovery.
         self.asset_sweeping = asyncio.create_task(self._sweep_assets(), name="asset sweep")
