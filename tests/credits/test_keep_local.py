@@ -294,6 +294,10 @@ def test_a_job_resumed_on_a_self_hosted_server_after_its_project_went_local_only
     assert fakes.RESUMED == [] and prompt not in " ".join(fakes.SENT)
 
 
+# The test policy with every rule private: it keeps everything on this machine.
+PRIVATE_POLICY_TOML = POLICY_TOML.replace("engines = [", "private = true\nengines = [")
+
+
 def own_policy_and_draft(paid_settings_for: Callable[..., Settings], tmp_path: Path) -> tuple[Path, Path, str, str]:
     """A policy folder of the test's own (the test policy, to be edited), a data dir, and a project
     with a draft made there: (folder, data dir, project id, asset id)."""
@@ -317,7 +321,7 @@ def test_a_reload_that_makes_the_project_s_policy_keep_everything_local_cancels_
             httpx.Client(base_url=base, timeout=30) as client:
         cloud = promote_ok(client, asset_id, prompt=prompt)
         assert cloud["engine"] == "fake-paid" and cloud["status"] == "queued"
-        (folder / f"{POLICY}.toml").write_text(POLICY_TOML.replace("engines = [", "private = true\nengines = ["))
+        (folder / f"{POLICY}.toml").write_text(PRIVATE_POLICY_TOML)
         reloaded = client.post("/v1/policies/reload").json()
         assert reloaded["errors"] == [] and client.get(f"/v1/policies/{POLICY}").json()["rules"][-1]["private"]
         canceled = client.get(f"/v1/jobs/{cloud['id']}").json()
@@ -340,7 +344,7 @@ def test_a_submit_routed_before_such_a_reload_and_committed_after_it_is_routed_a
     def reload_between(self: JobService, *args: Any, **kwargs: Any) -> Any:
         decision = reserve(self, *args, **kwargs)
         if decision.chosen == "fake-paid" and not reloaded:
-            (folder / f"{POLICY}.toml").write_text(POLICY_TOML.replace("engines = [", "private = true\nengines = ["))
+            (folder / f"{POLICY}.toml").write_text(PRIVATE_POLICY_TOML)
             with httpx.Client(base_url=base, timeout=30) as other:
                 reloaded.append(other.post("/v1/policies/reload").json()["errors"])
         return decision
@@ -366,7 +370,7 @@ def test_a_policy_made_local_while_no_service_ran_is_applied_at_the_next_start(
             httpx.Client(base_url=base, timeout=30) as client:
         cloud = promote_ok(client, asset_id, prompt=prompt)
         assert cloud["engine"] == "fake-paid" and cloud["status"] == "queued"
-    (folder / f"{POLICY}.toml").write_text(POLICY_TOML.replace("engines = [", "private = true\nengines = ["))
+    (folder / f"{POLICY}.toml").write_text(PRIVATE_POLICY_TOML)
     with serve_in_thread(paid_settings_for(data, policy_dir=folder)) as base, \
             httpx.Client(base_url=base, timeout=30) as client:
         done = wait_for_job(client, cloud["id"])
