@@ -640,10 +640,10 @@ class JobService:
             return job.engine not in registry or leaves_machine(registry.get(job.engine))
 
         # Private first, then the look for what to cancel: a fallback moving a job off the machine
-        # meanwhile either sees it private (and does not move it) or is seen by the look. After the
-        # project's lock: a submit routed by the policy before it changed, and committing now, is seen.
+        # meanwhile either sees it private (and does not move it) or is seen by the look. Writes are
+        # serialised (`Database.transaction`): a submit routed by the policy before it changed, and
+        # committing meanwhile, has committed before this reads.
         with self.db.transaction() as s:
-            self.ledger.lock_project(s, project_id)
             for job in s.exec(select(Job).where(*unfinished)).all():
                 if not is_private(job.params.get("tags") or {}):
                     params = {**job.params, "tags": {**(job.params.get("tags") or {}), PRIVACY_TAG: PRIVACY_LOCAL}}
