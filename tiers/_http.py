@@ -52,8 +52,8 @@ RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504}) | frozenset(range(505
 GATEWAY_STATUSES = frozenset({502, 504})
 CUT_SHORT = "orchestrator.cut_short"  # the extension that marks an answer whose body was cut off
 # Refusals whose status line alone says nothing was made, so that a body cut off after it (a
-# gateway dropping the connection, or stalling) loses only its explanation. Not a 500: the
-# webui's "processing failed" (`tiers.a1111.not_sent_again`) is told by its body.
+# gateway dropping the connection, or stalling) loses only its explanation. Not a 500: a webui
+# answers it after running the render (`tiers.a1111.not_sent_again`).
 CUT_SHORT_STATUSES = frozenset({408, 429, 502, 503, 504})
 # Credentials httpx does not know to drop when a redirect (or an output download) leaves the
 # provider's origin: it strips only `Authorization` (and a client's `auth=` goes with the first

@@ -2,18 +2,19 @@
 
 The call is synchronous: the POST answers only when every image is made, after any wait in the
 server's queue, so its read may take until `ORCH_REMOTE_DEADLINE` (not the read timeout). The job is
-sent under a task id of ours (`force_task_id`). While the server runs that task (its
-`/sdapi/v1/progress` names it `current_task`; older webuis tell through `/internal/progress`, which
-`--nowebui` servers lack), the progress it reports is ours; on a cancel or a timeout the engine asks
-it to `/interrupt` only then, since that endpoint stops whatever the server runs (another client's
-job, or another of ours queued on the same server). A job still waiting in the server's queue
-cannot be taken out of it: it runs there, and its images are dropped. A server that can tell
-neither shows no progress and is never interrupted.
+sent under a task id of ours (`force_task_id`). While the server runs that task (its UI's
+`/internal/progress` tells, which `--nowebui` servers lack; a fork whose `/sdapi/v1/progress` names
+the task as a `current_task` string is believed too: A1111's and Forge's response model drops that
+field), the progress it reports is ours; on a cancel or a timeout the engine asks it to
+`/interrupt` only then, since that endpoint stops whatever the server runs (another client's job,
+or another of ours queued on the same server). A job still waiting in the server's queue cannot be
+taken out of it: it runs there, and its images are dropped. A server that can tell neither (A1111
+or Forge started with `--nowebui`) shows no progress and is never interrupted.
 
 Another client's interrupt ends our render early with a 200 and unfinished images, which the
-answer does not tell from a finished one: such an image is stored. A 500 in the webui's error
-shape (out of memory, NaN in the VAE) is final: re-sending it would re-run the same failure on a
-shared GPU.
+answer does not tell from a finished one: such an image is stored. A 500 (out of memory, NaN in
+the VAE; in the webui's error shape, or Forge's bare "Internal Server Error", its API having no
+exception handler) is final: re-sending it would re-run the same failure on a shared GPU.
 
 The server is shared, and its loaded checkpoint is whichever a client chose last: with
 `ORCH_A1111_CHECKPOINT` set, each render asks for that one (`override_settings`, restored after).
@@ -94,8 +95,10 @@ def webui_error(response: httpx.Response) -> bool:
 
 
 def processing_failed(response: httpx.Response) -> bool:
-    """A 500 with the webui's own error body: the render raised on the server."""
-    return response.status_code == 500 and webui_error(response)
+    """A 500: the render raised on the server. The webui's API answers its own error body then,
+    Forge (whose API installs no exception handler) a bare "Internal Server Error"; either way the
+    server ran the render, and sent again, it runs the same failure again."""
+    return response.status_code == 500
 
 
 def not_sent_again(response: httpx.Response) -> bool:
@@ -275,9 +278,11 @@ class A1111Engine:
         if body is None:
             return None
         state = body.get("state") if isinstance(body.get("state"), dict) else {}
-        if "current_task" in body:
-            return state if body["current_task"] == task_id else None
-        # Webuis before `current_task`: their UI's own endpoint knows the task (not under --nowebui).
+        current = body.get("current_task")
+        if isinstance(current, str):
+            return state if current == task_id else None
+        # A1111's and Forge's answer has no `current_task` (their response model drops it): their
+        # UI's own endpoint knows the task (not under --nowebui).
         task = _json_object(await self._side_call(
             "POST", TASK_PROGRESS, idempotent=True,  # a read, though a POST
             json={"id_task": task_id, "id_live_preview": -1, "live_preview": False}))

@@ -31,12 +31,16 @@ TASK = f"{BASE}/internal/progress"
 OURS = f"orch-{uuid.UUID(int=7).hex}"  # the task id the engine sends (uuid4 fixed by the fixture)
 
 
+NULL = "<null>"  # `current_task: null`, as a fork may send when it cannot say
+
+
 def server_runs(task: str | None) -> respx.Route:
-    """`GET /sdapi/v1/progress` of a webui that names the task it runs (`current_task`): ours, or
-    another (None: a webui before `current_task`, which only `/internal/progress` can tell)."""
+    """`GET /sdapi/v1/progress` of a fork that names the task it runs (`current_task`): ours, or
+    another (None: A1111's and Forge's answer, whose response model drops the field, so that only
+    `/internal/progress` can tell)."""
     body: dict[str, Any] = {"state": {"sampling_step": 4, "sampling_steps": 10, "job_no": 1, "job_count": 2}}
     if task is not None:
-        body["current_task"] = task
+        body["current_task"] = None if task == NULL else task
     return respx.get(PROGRESS).mock(return_value=httpx.Response(200, json=body))
 
 
@@ -256,6 +260,19 @@ async def test_a_render_that_raised_on_the_server_is_not_sent_again(engine: A111
 
 
 @respx.mock
+async def test_forge_s_bare_500_is_not_sent_again(engine: A1111Engine) -> None:
+    # Forge's API installs no exception handler: a render that raised answers Starlette's plain
+    # text. The server ran it all the same, and would run the same failure again.
+    task_is("unknown")
+    route = respx.post(URL).mock(side_effect=[httpx.Response(500, text="Internal Server Error"),
+                                              httpx.Response(200, json=ok_body())])
+    with pytest.raises(EngineError, match=r"failed on the server \(HTTP 500\): Internal Server Error") as info:
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    assert route.call_count == 1
+    assert info.value.retryable and info.value.charged == "no" and info.value.engine_fault
+
+
+@respx.mock
 async def test_a_render_that_raised_for_another_reason_counts_against_the_server(engine: A1111Engine) -> None:
     task_is("unknown")
     nan = httpx.Response(500, json={"error": "NansException", "detail": "", "body": "",
@@ -413,11 +430,12 @@ async def test_progress_failures_do_not_fail_the_job(engine: A1111Engine) -> Non
 
 @respx.mock
 @pytest.mark.parametrize(("current", "legacy", "ours"), [
-    (OURS, None, True),               # a webui that names the task it runs: ours
+    (OURS, None, True),               # a fork that names the task it runs: ours
     ("task(other)", None, False),     # ... another client's, or another of our jobs queued before ours
-    (None, "active", True),           # older: only its UI's /internal/progress tells
+    (None, "active", True),           # A1111 and Forge: only their UI's /internal/progress tells
     (None, "queued", False),
-    (None, None, False),              # neither (--nowebui before current_task): never interrupted
+    (NULL, "active", True),           # a task that is not named is no answer: the UI is asked
+    (None, None, False),              # neither (--nowebui): never interrupted
 ])
 async def test_a_cancel_interrupts_the_server_only_while_it_runs_our_task(
         engine: A1111Engine, current: str | None, legacy: str | None, ours: bool) -> None:
