@@ -8,12 +8,12 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sized
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import httpx
 
-from orchestrator.errors import Canceled, Charged, ContentFiltered, EngineError, EngineUnavailable
-from tiers._http import RemoteClient, error_text
+from orchestrator.errors import Canceled, ContentFiltered, EngineError, EngineUnavailable
+from tiers._http import KeptOut, RemoteClient, error_text
 from tiers._images import b64decode_tolerant, decode_image
 from tiers.base import CancelToken, EngineContext, Kind, PriceTable, RenderedImage, Stage, is_amount
 
@@ -21,7 +21,6 @@ if TYPE_CHECKING:
     from pydantic import SecretStr
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 
 def token_counts(*counts: Any) -> tuple[int, ...] | None:
@@ -123,28 +122,6 @@ def _usable_key(key: SecretStr | None) -> tuple[str | None, str | None]:
     if not all(" " < char < "\x7f" for char in value):
         return None, "holds a character an HTTP header cannot carry (a space, a non-ASCII or control character)"
     return value, None
-
-
-class _KeptOut(CancelToken):
-    """The token a request that can bill is sent with in place of the job's (see
-    `CloudEngine.send_withdrawable`), cancelled once the job's is. `RemoteClient` stops on it as
-    on the job's before the request is sent and in the waits between attempts (where it says what
-    the cancel cost), but a request that is out is never cut: its answer is awaited, within the
-    deadline, since it names the work the provider made, the only way to cancel that work."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.out = False  # a request is out, not yet answered
-
-    async def race(self, awaitable: Awaitable[T], *, charged: Charged = "unknown") -> T:
-        if charged == "no":  # a wait between attempts: nothing of the request is out
-            return await super().race(awaitable, charged=charged)
-        # The client's race of a request that can bill against the token: the request is awaited.
-        self.out = True
-        try:
-            return await awaitable
-        finally:
-            self.out = False
 
 
 class CloudEngine:
@@ -250,7 +227,7 @@ class CloudEngine:
         client has them."""
         if cancel.cancelled:  # nothing is out: the client says what that cost
             return await self.http.request(method, url, deadline=deadline, cancel=cancel, **kwargs)
-        kept = _KeptOut()
+        kept = KeptOut()
         sending = asyncio.create_task(self.http.request(method, url, deadline=deadline, cancel=kept, **kwargs))
         followed = False
         try:
@@ -259,7 +236,7 @@ class CloudEngine:
             except Canceled:
                 if sending.done():  # its own (a send refused), or an answer in the same instant
                     return sending.result()
-            # The job is canceled: the request sends nothing more, but one out is not cut (see `_KeptOut`).
+            # The job is canceled: the request sends nothing more, but one out is not cut (see `KeptOut`).
             kept.cancel(abandon=cancel.abandoned)
             if kept.out and not cancel.abandoned:
                 follower = asyncio.create_task(self._withdraw_when_answered(sending, withdraw))

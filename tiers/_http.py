@@ -25,7 +25,7 @@ import socket
 import time
 import zlib
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
@@ -40,11 +40,12 @@ from orchestrator.errors import (
     EngineUnavailable,
     RateLimited,
 )
-from tiers.base import billable_send, billable_send_refused, billable_sends_out
+from tiers.base import CancelToken, billable_send, billable_send_refused, billable_sends_out
 
 if TYPE_CHECKING:
     from orchestrator.settings import Settings
-    from tiers.base import CancelToken
+
+T = TypeVar("T")
 
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504}) | frozenset(range(505, 600))
 # A reverse proxy's "bad gateway" and "gateway timeout": a self-hosted server behind one whose read
@@ -755,3 +756,26 @@ def without_credentials(text: str, response: httpx.Response) -> str:
     for secret in sorted((s for s in found if len(s) >= 8), key=len, reverse=True):
         text = text.replace(secret, "***")
     return text
+
+
+class KeptOut(CancelToken):
+    """The token a request whose answer names the work it started is sent with in place of the
+    job's (`tiers._cloud.CloudEngine.send_withdrawable`, ComfyUI's `/prompt`), cancelled once the
+    job's is. `RemoteClient` stops on it as on the job's before the request is sent and in the
+    waits between attempts (where it says what the cancel cost), but a request that is out is
+    never cut: its answer is awaited, within the deadline, since it names the work the server
+    made, the only way to cancel that work."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.out = False  # a request is out, not yet answered
+
+    async def race(self, awaitable: Awaitable[T], *, charged: Charged = "unknown") -> T:
+        if charged == "no":  # a wait between attempts: nothing of the request is out
+            return await super().race(awaitable, charged=charged)
+        # The client's race of a request that can bill against the token: the request is awaited.
+        self.out = True
+        try:
+            return await awaitable
+        finally:
+            self.out = False

@@ -43,7 +43,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from orchestrator.errors import BadEngineInput, Canceled, EngineError, EngineTimeout, EngineUnavailable
-from tiers._http import GATEWAY_STATUSES, RemoteClient, error_text, json_object, without_credentials
+from tiers._http import GATEWAY_STATUSES, KeptOut, RemoteClient, error_text, json_object, without_credentials
 from tiers._images import decode_image, encode_image
 from tiers.base import (
     CancelToken,
@@ -442,9 +442,7 @@ class ComfyUIEngine:
         progress.state("submitted", prompt_id=prompt_id)
         try:
             body = {"prompt": graph, "client_id": follower.client_id, "prompt_id": prompt_id}
-            response = await cancel.race(
-                self.http.request("POST", "/prompt", deadline=deadline, json=body), charged="no"
-            )
+            response = await self._queue_prompt(body, deadline, cancel)
             if response.status_code in GATEWAY_STATUSES:
                 # The proxy gave up waiting, not the server: the prompt may be queued under the id we
                 # chose. Sent again, it was rendered twice; followed, it is collected, or found lost.
@@ -452,7 +450,13 @@ class ComfyUIEngine:
             elif response.status_code != 200:
                 raise self._prompt_refused(response)
             else:
-                answered = json_object(response, self.name, "/prompt").get("prompt_id")
+                queued = json_object(response, self.name, "/prompt")
+                answered = queued.get("prompt_id")
+                if isinstance(queued.get("node_errors"), dict) and queued["node_errors"]:
+                    # Some outputs failed validation and the server queued the rest: what those
+                    # render is not the workflow's result (an intermediate save, or no image).
+                    await self._drop(answered if isinstance(answered, str) and answered else prompt_id)
+                    raise self._prompt_refused(response)
         except EngineTimeout as exc:
             # The prompt may be queued or running with nobody left to collect it.
             await self._drop(prompt_id)
@@ -475,6 +479,28 @@ class ComfyUIEngine:
                               "nothing of it will come back", details={"engine": self.name, "prompt_id": prompt_id},
                               retryable=True, charged="no")
         return prompt_id, self._outputs(entry, prompt_id, graph)
+
+    async def _queue_prompt(self, body: dict[str, Any], deadline: float, cancel: CancelToken) -> httpx.Response:
+        """`POST /prompt`. A cancel while it is out waits for its answer (`CLEANUP_TIMEOUT` at
+        most) before raising: the server queues the prompt only once it has validated it, whether
+        or not we are still connected, so a delete sent at once could come first and leave the
+        prompt to render for nobody. Nothing is sent again after the cancel."""
+        kept = KeptOut()
+        sending = asyncio.create_task(self.http.request("POST", "/prompt", deadline=deadline, cancel=kept, json=body))
+        try:
+            return await cancel.race(asyncio.shield(sending), charged="no")
+        except Canceled:
+            kept.cancel(abandon=cancel.abandoned)
+            if kept.out and not cancel.abandoned:
+                await asyncio.wait({sending}, timeout=CLEANUP_TIMEOUT)
+            answered = _queued_as(sending)
+            if answered is not None and answered != body["prompt_id"] and not cancel.abandoned:
+                await self._drop(answered)  # a server that queued it under an id of its own
+            raise
+        finally:
+            if not sending.done():
+                sending.cancel()
+            await asyncio.gather(sending, return_exceptions=True)
 
     async def _listen(self, url: str, follower: _Follower) -> None:
         """Hand the websocket's frames to `follower` until the render ends (this task is then
@@ -716,13 +742,18 @@ class ComfyUIEngine:
         if isinstance(node_errors, dict):
             types |= {e.get("type") for info in node_errors.values() if isinstance(info, dict)
                       for e in info.get("errors") or [] if isinstance(e, dict)}
+        # A 200 with node errors: the server queued the outputs that passed (and we dropped them).
+        status = f"HTTP {response.status_code}" if response.status_code != 200 else "some of its outputs"
         if types & SETUP_ERRORS:
             # The server lacks what the workflow names (a custom node, a checkpoint): no request
             # of ours can pass, and another engine may take it.
             return EngineUnavailable(
-                f"comfyui: the server cannot run the workflow (HTTP {response.status_code}): {told}; "
+                f"comfyui: the server cannot run the workflow ({status}): {told}; "
                 f"install what it lacks there, or change {WORKFLOW_SETTING}",
                 details={"engine": self.name, "status": response.status_code, "nodes": nodes})
+        if response.status_code == 200:
+            return BadEngineInput(f"comfyui: the server refused some of the workflow's outputs: {told}",
+                                  details={"engine": self.name, "status": 200, "nodes": nodes})
         exc = self.http.fail(response, told)
         exc.details["nodes"] = nodes
         return exc
@@ -735,6 +766,19 @@ class ComfyUIEngine:
 
     async def aclose(self) -> None:
         await self.http.aclose()
+
+
+def _queued_as(sending: asyncio.Task[httpx.Response]) -> str | None:
+    """The prompt id a finished `POST /prompt` was queued under, if it was."""
+    if not sending.done() or sending.cancelled() or sending.exception() is not None:
+        return None
+    response = sending.result()
+    try:
+        body = response.json() if response.status_code == 200 else None
+    except ValueError:
+        return None
+    answered = body.get("prompt_id") if isinstance(body, dict) else None
+    return answered if isinstance(answered, str) and answered else None
 
 
 def websocket_url(base: str, client_id: str) -> str:

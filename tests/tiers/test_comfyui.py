@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import re
@@ -14,7 +15,7 @@ import respx
 from PIL import Image
 
 from orchestrator.errors import BadEngineInput, Canceled, EngineError, EngineTimeout, EngineUnavailable
-from tests.tiers.conftest import NoAnswer, RecordingProgress, multipart, png_bytes
+from tests.tiers.conftest import HeldRequest, NoAnswer, RecordingProgress, multipart, png_bytes, until
 from tests.tiers.conftest import bridge as base_bridge
 from tiers.base import CancelToken, NullProgress, RenderRequest, Restartable, Resumable
 from tiers.comfyui import ComfyUIEngine, substitute
@@ -261,6 +262,27 @@ async def test_node_errors_are_bad_input_naming_the_nodes(engine: ComfyUIEngine)
     assert info.value.details["nodes"] == ["5"] and routes["prompt"].call_count == 1
 
 
+@respx.mock
+async def test_outputs_the_server_refused_while_queueing_the_rest_fail_the_job(engine: ComfyUIEngine) -> None:
+    """A 200 from /prompt still lists the outputs that failed validation: the server queued only
+    the others (a first pass's save), whose images are not the workflow's result."""
+    def partly(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={
+            "prompt_id": json.loads(request.content)["prompt_id"], "number": 3, "node_errors": {
+                "9": {"class_type": "SaveImage", "dependent_outputs": ["9"], "errors": [
+                    {"type": "value_bigger_than_max", "message": "Value 9000 bigger than max of 8192",
+                     "details": "width", "extra_info": {}}]}}})
+
+    routes = mock_server(prompt=partly)
+    with pytest.raises(BadEngineInput, match=r"refused some of the workflow's outputs: node 9 \(SaveImage\)") as info:
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    assert info.value.details["nodes"] == ["9"]
+    # What was queued is taken off the server, and nothing of it is collected.
+    sent = json.loads(routes["prompt"].calls[0].request.content)["prompt_id"]
+    assert json.loads(routes["queue"].calls[0].request.content) == {"delete": [sent]}
+    assert routes["history"].call_count == 0 and routes["view"].call_count == 0
+
+
 @pytest.mark.parametrize("refusal", [
     {"error": {"type": "prompt_outputs_failed_validation", "message": "Prompt outputs failed validation"},
      "node_errors": {"4": {"class_type": "CheckpointLoaderSimple", "errors": [
@@ -381,6 +403,54 @@ async def test_a_stopping_process_leaves_its_prompt_to_run_for_the_next_attempt(
     routes = mock_server()
     await cancel_while_polling(engine, routes, abandon=True)
     assert routes["interrupt"].call_count == 0 and routes["queue"].call_count == 0
+
+
+@respx.mock
+@pytest.mark.parametrize("own_ids", [False, True], ids=["our-id", "server-id"])
+async def test_a_cancel_while_the_prompt_is_being_queued_drops_it_once_queued(
+        engine: ComfyUIEngine, own_ids: bool) -> None:
+    """The server queues a prompt only after validating it, disconnected or not: a delete sent
+    while `POST /prompt` is out would come first and leave it to render for nobody."""
+    routes = mock_server()
+    held = HeldRequest(httpx.Response(200))
+    order: list[str] = []
+
+    async def queueing(request: httpx.Request) -> httpx.Response:
+        await held(request)
+        order.append("queued")
+        prompt_id = "server-7" if own_ids else json.loads(request.content)["prompt_id"]
+        return httpx.Response(200, json={"prompt_id": prompt_id, "number": 1, "node_errors": {}})
+
+    routes["prompt"].side_effect = queueing
+    routes["queue"].side_effect = lambda request: (order.append("delete"), httpx.Response(200, json={}))[1]
+    token = CancelToken()
+    run = asyncio.create_task(engine.run(bridge(), NullProgress(), token))
+    await asyncio.wait_for(held.sent.wait(), 5)
+    token.cancel()
+    await until(lambda: order != [], within=0.2)  # nothing is deleted while the request is out
+    held.answer.set()
+    with pytest.raises(Canceled):
+        await asyncio.wait_for(run, 10)
+    assert held.answered and order[0] == "queued" and "delete" in order
+    deleted = {json.loads(call.request.content)["delete"][0] for call in routes["queue"].calls}
+    assert ("server-7" in deleted) == own_ids
+    assert routes["prompt"].call_count == 1 and routes["history"].call_count == 0
+
+
+@respx.mock
+async def test_a_process_stopping_while_the_prompt_is_being_queued_does_not_wait_for_it(
+        engine: ComfyUIEngine) -> None:
+    routes = mock_server()
+    held = HeldRequest(httpx.Response(200, json={"prompt_id": "x", "number": 1, "node_errors": {}}))
+    routes["prompt"].side_effect = held
+    token = CancelToken()
+    run = asyncio.create_task(engine.run(bridge(), NullProgress(), token))
+    await asyncio.wait_for(held.sent.wait(), 5)
+    token.cancel(abandon=True)
+    with pytest.raises(Canceled):
+        await asyncio.wait_for(run, 5)
+    # The next attempt finds the prompt by its id: nothing is taken off the server.
+    assert held.dropped and routes["queue"].call_count == 0
 
 
 @respx.mock
