@@ -172,7 +172,34 @@ def _identity(model: str) -> str:
 
 
 def hf_hub_cached(repo_id: str) -> bool:
-    return snapshot_folder(repo_id) is not None
+    """Whether the Hugging Face cache holds the whole of a Hub model, so that it loads offline."""
+    folder = snapshot_folder(repo_id)
+    return folder is not None and not _snapshot_lacks(folder)
+
+
+def _snapshot_lacks(folder: Path) -> list[str]:
+    """The components model_index.json lists that a cached snapshot lacks, or holds without
+    weights (a model's folder, with a config.json); ["model_index.json"] when that cannot be read.
+    A first download cut short (a Ctrl-C in the first `make demo`) leaves model_index.json, and
+    maybe configs, without weights: `auto` took that for SD-Turbo cached, and offline every draft
+    then failed."""
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+        if not isinstance(index, dict):
+            return ["model_index.json"]
+        lacking = []
+        for name, value in index.items():
+            if (name.startswith("_") or not isinstance(value, list) or len(value) != 2
+                    or not all(isinstance(part, str) for part in value)):
+                continue  # metadata, or a component the pipeline goes without (a null safety checker)
+            part = folder / name
+            # A snapshot's files are links to blobs that are made only once downloaded whole.
+            files = [f.name for f in part.iterdir() if f.exists()] if part.is_dir() else []
+            if not files or ("config.json" in files and not any(f.endswith((".safetensors", ".bin")) for f in files)):
+                lacking.append(f"{name}/")
+        return lacking
+    except (OSError, ValueError):
+        return ["model_index.json"]
 
 
 # The Hub's rule for repository ids: `name` or `org/name`, each of word characters, `-` and `.`,
@@ -630,9 +657,13 @@ class LocalRuntime:
             # own errors (a LoRA or VAE file given as a checkpoint) derive from Exception itself.
             first = first_line(exc)
             reason = f"{type(exc).__name__}: {first}" if not isinstance(exc, (OSError, ValueError)) else first
-            if not source.exists() and not hf_hub_cached(model) and not hf_hub_reachable():
-                # diffusers then blames a missing model_index.json: the cause is the network.
-                reason = ("it is not in the Hugging Face cache and the Hub did not answer "
+            snapshot = None if source.exists() else snapshot_folder(model)
+            lacking = _snapshot_lacks(snapshot) if snapshot is not None else []
+            if not source.exists() and (snapshot is None or lacking) and not hf_hub_reachable():
+                # diffusers then blames a missing file: the cause is the network.
+                cached = (f"its download in the Hugging Face cache is incomplete ({', '.join(lacking)} missing)"
+                          if snapshot is not None else "it is not in the Hugging Face cache")
+                reason = (f"{cached} and the Hub did not answer "
                           "(offline? see HF_ENDPOINT, HF_HUB_OFFLINE; or give a local folder or file)")
             elif source.is_file() and not isinstance(exc, SafetensorError) and _hub_fetch_failed(exc):
                 # from_single_file reads the model family's configuration from the Hub (or its cache).
@@ -722,7 +753,7 @@ class LocalRuntime:
         """A step's preview: every step's with the latent approximation; with a preview VAE, none
         until the time its last decode took has been given back `PREVIEW_VAE_SPACING` times over
         to the denoising (`preview_url` is optional in progress events)."""
-        if self._previewer in (None, latents_to_preview, _no_preview):
+        if self._previewer in (None, latents_to_preview, _no_preview) or not self._lite_pipe(pipe):
             return self.preview(latents, pipe)
         if time.monotonic() < self._vae_preview_after:
             return None
@@ -735,7 +766,15 @@ class LocalRuntime:
     def preview(self, latents: Any, pipe: Any = None) -> Image | None:
         """A step's preview of `pipe`'s latents, or None. A preview is a nicety: a TAESD that cannot
         be loaded or does not fit the model's latents falls back to the approximation, and an
-        approximation that fails ends previews; neither ever fails the job."""
+        approximation that fails ends previews; neither ever fails the job. The preview VAE is
+        the Lite model's (`ORCH_LITE_PREVIEW_VAE`): another model's pipelines (`local-hifi`'s,
+        maybe of another latent family) get the approximation, and their failures end nothing."""
+        if not self._lite_pipe(pipe):
+            try:
+                return latents_to_preview(latents, xl=is_sdxl(pipe))
+            except Exception as exc:
+                log.debug("no step preview for this model: %s: %s", type(exc).__name__, first_line(exc)[:200])
+                return None
         try:
             if self._previewer is None:
                 self._previewer = self._make_previewer()
@@ -750,6 +789,14 @@ class LocalRuntime:
                         first_line(exc)[:200])
             self._previewer = latents_to_preview
             return self.preview(latents, pipe)
+
+    def _lite_pipe(self, pipe: Any) -> bool:
+        """Whether `pipe` (None: not said) may be one of the Lite model's pipelines: it is not
+        one this runtime loaded for another model."""
+        if pipe is None or not self.settings.lite_preview_vae:
+            return True
+        lite = _identity(resolve_model(self.settings.lite_model))
+        return not any(held is pipe and key[0] != lite for key, held in list(self._pipes.items()))
 
     def _make_previewer(self) -> Callable[..., Image | None]:
         taesd = self.settings.lite_preview_vae

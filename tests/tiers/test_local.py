@@ -361,6 +361,33 @@ def test_auto_is_sd_turbo_when_it_can_be_had_else_the_smoke_model(
     assert local.resolve_model("org/model") == "org/model"  # anything else is taken as given
 
 
+def test_a_hub_model_is_cached_only_when_its_snapshot_is_whole(
+        tiny_cache_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A first download cut short leaves model_index.json (fetched first) without weights: `auto`
+    took SD-Turbo for cached, and offline every draft failed instead of using the smoke model."""
+    import tiers._local as local
+
+    whole = shutil.copytree(tiny_cache_dir / "tiny-sd", tmp_path / "whole")
+    index_only = tmp_path / "index-only"
+    index_only.mkdir()
+    shutil.copy(whole / "model_index.json", index_only)
+    configs_only = shutil.copytree(whole, tmp_path / "configs-only",
+                                   ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    dangling = shutil.copytree(whole, tmp_path / "dangling")
+    for weights in (dangling / "unet").glob("*.safetensors"):
+        weights.unlink()
+        weights.symlink_to(tmp_path / "blobs" / "not-yet-downloaded")  # the cache links a blob once whole
+    for folder, cached in [(whole, True), (index_only, False), (configs_only, False), (dangling, False)]:
+        monkeypatch.setattr(local, "snapshot_folder", lambda repo_id, folder=folder: folder)
+        assert local.hf_hub_cached("stabilityai/sd-turbo") is cached, folder.name
+    monkeypatch.setattr(local, "hf_hub_reachable", lambda timeout=1.5, file=None: False)
+    local.resolve_model.cache_clear()
+    try:
+        assert local.resolve_model("auto") == tiny.NAME  # the last: weights missing, Hub offline
+    finally:
+        local.resolve_model.cache_clear()
+
+
 @pytest.mark.parametrize("endpoint", ["http://[not a host", "huggingface.co"])
 def test_a_malformed_hub_endpoint_is_an_unreachable_hub(monkeypatch: pytest.MonkeyPatch, endpoint: str) -> None:
     def no_lookup(*args: Any, **kwargs: Any) -> Any:  # as on a machine without DNS; and no test goes online

@@ -174,3 +174,24 @@ def test_a_slow_preview_vae_previews_only_some_steps(
         runtime.shutdown(timeout=30)
     # A decode of 1 s, then 3 s of steps without one, and so on.
     assert previews == [True, False, False, False, False, False, True, False, False, False]
+
+
+def test_another_model_s_latents_neither_use_nor_turn_off_the_lite_preview_vae(
+        make_settings: SettingsFactory, taesd: str, caplog: pytest.LogCaptureFixture) -> None:
+    """ORCH_LITE_PREVIEW_VAE is the Lite model's: a local-hifi model of another latent family
+    (FLUX packs its latents as tokens) made its decode fail, which turned Lite's previews to the
+    approximation until a restart."""
+    runtime = runtime_for(EngineContext(settings=make_settings(lite_model=tiny.NAME, hifi_model="/models/flux",
+                                                               lite_preview_vae=taesd)))
+    lite_pipe, hifi_pipe = object(), object()
+    runtime._pipes[(tiny.NAME, "text2img")] = lite_pipe
+    runtime._pipes[("/models/flux", "img2img")] = hifi_pipe
+    try:
+        assert runtime.preview(torch.zeros(1, 4096, 64), hifi_pipe) is None
+        assert runtime.preview(torch.zeros(1, 4, 8, 8), hifi_pipe).size == (8, 8)  # type: ignore[union-attr]
+        lite_preview = runtime.preview(torch.zeros(1, 4, 8, 8), lite_pipe)
+    finally:
+        runtime._pipes.clear()
+        runtime.shutdown(timeout=30)
+    assert lite_preview is not None and lite_preview.size == (64, 64)  # the preview VAE's, 8x the latents
+    assert "ORCH_LITE_PREVIEW_VAE" not in caplog.text
