@@ -379,37 +379,78 @@ def _no_preview(_latents: Any, *, xl: bool = False) -> None:
 
 
 CGROUP = Path("/sys/fs/cgroup")
+MEMBERSHIP = Path("/proc/self/cgroup")
 
 
-def _usable_cpus(cgroup: Path = CGROUP) -> int:
+def _usable_cpus(cgroup: Path = CGROUP, membership: Path = MEMBERSHIP) -> int:
     """The CPUs this process may run on (its `taskset` or cpuset), not all of the host's, and no
-    more than its CPU quota (a container's `--cpus`: cgroup v2's `cpu.max`, or v1's CFS quota):
-    more torch threads than the quota allows are throttled in turn, and run slower than fewer."""
+    more than its CPU quota (a container's `--cpus`, a systemd unit's `CPUQuota=`: cgroup v2's
+    `cpu.max`, or v1's CFS quota): more torch threads than the quota allows are throttled in turn,
+    and run slower than fewer."""
     try:
         cpus = max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):  # not Linux
         cpus = max(1, os.cpu_count() or 2)
-    quota = _cpu_quota(cgroup)
+    quota = _cpu_quota(cgroup, membership)
     return cpus if quota is None else min(cpus, quota)
 
 
-def _cpu_quota(cgroup: Path) -> int | None:
-    """The CPU quota of this process's cgroup, rounded up; None when it has none, or it cannot
-    be read (not Linux, a cgroup of another shape)."""
-    for read in (lambda: (cgroup / "cpu.max").read_text().split()[:2],  # v2: "<quota> <period>"
-                 lambda: [(cgroup / "cpu" / name).read_text().strip()  # v1
-                          for name in ("cpu.cfs_quota_us", "cpu.cfs_period_us")]):
-        try:
-            quota, period = read()
-        except (OSError, ValueError):
-            continue
-        if quota in ("max", "-1"):
-            return None
-        try:
-            return max(1, math.ceil(int(quota) / int(period)))
-        except (ValueError, ZeroDivisionError):
-            return None
-    return None
+def _cpu_quota(cgroup: Path, membership: Path = MEMBERSHIP) -> int | None:
+    """The tightest CPU quota of this process's cgroup and those above it, rounded up; None when
+    none has one, or none can be read (not Linux, a cgroup of another shape). In a container the
+    process's group is the mount's root; on a host it is a unit's (`system.slice/x.service`),
+    whose quota the root does not show."""
+    own = _own_cgroups(membership)
+    quotas = [_quota(folder / "cpu.max", None) for folder in _up_from(cgroup, own.get("v2", ""))]
+    quotas += [_quota(folder / "cpu.cfs_quota_us", folder / "cpu.cfs_period_us")
+               for folder in _up_from(cgroup / "cpu", own.get("cpu", ""))]
+    found = [quota for quota in quotas if quota is not None]
+    return min(found) if found else None
+
+
+def _own_cgroups(membership: Path) -> dict[str, str]:
+    """This process's cgroup paths from /proc/self/cgroup: "v2" for the unified hierarchy's
+    (`0::/path`), "cpu" for cgroup v1's cpu controller (`4:cpu,cpuacct:/path`)."""
+    try:
+        lines = membership.read_text().splitlines()
+    except (OSError, ValueError):
+        return {}
+    own: dict[str, str] = {}
+    for line in lines:
+        number, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        if number == "0" and not controllers:
+            own["v2"] = path
+        elif "cpu" in controllers.split(","):
+            own["cpu"] = path
+    return own
+
+
+def _up_from(root: Path, path: str) -> list[Path]:
+    """`root/path` and each folder above it up to `root` (a path that would leave `root` is read
+    as `root` alone)."""
+    parts = [part for part in path.split("/") if part and part != "."]
+    if ".." in parts:
+        parts = []
+    return [root.joinpath(*parts[:depth]) for depth in range(len(parts), -1, -1)]
+
+
+def _quota(quota_file: Path, period_file: Path | None) -> int | None:
+    """One cgroup's quota in CPUs, rounded up: v2's `cpu.max` ("<quota> <period>"), or v1's two
+    files; None for no quota ("max", -1) or none readable."""
+    try:
+        if period_file is None:
+            quota, period = quota_file.read_text().split()[:2]
+        else:
+            quota, period = quota_file.read_text().strip(), period_file.read_text().strip()
+    except (OSError, ValueError):
+        return None
+    if quota in ("max", "-1"):
+        return None
+    try:
+        return max(1, math.ceil(int(quota) / int(period)))
+    except (ValueError, ZeroDivisionError):
+        return None
 
 
 class LocalRuntime:

@@ -314,6 +314,29 @@ def test_thread_count_follows_a_container_s_cpu_quota(tmp_path: Any, files: dict
     assert _usable_cpus(tmp_path) == (affinity if expected is None else min(affinity, expected))
 
 
+@pytest.mark.parametrize(("files", "expected"), [
+    ({"system.slice/orch.service/cpu.max": "100000 100000"}, 1),       # a systemd unit's CPUQuota=100%
+    ({"system.slice/cpu.max": "50000 100000", "system.slice/orch.service/cpu.max": "max 100000"}, 1),
+    ({"cpu.max": "300000 100000", "system.slice/orch.service/cpu.max": "100000 100000"}, 1),  # the tightest
+    ({"cpu/system.slice/orch.service/cpu.cfs_quota_us": "50000",                             # cgroup v1
+      "cpu/system.slice/orch.service/cpu.cfs_period_us": "100000"}, 1),
+    ({"system.slice/orch.service/cpu.max": "max 100000"}, None)])
+def test_thread_count_follows_the_quota_of_the_process_s_own_cgroup(
+        tmp_path: Path, files: dict[str, str], expected: int | None) -> None:
+    """On a host (no cgroup namespace) the process's group is its unit's, below the mount's root,
+    which shows no quota: torch took every core while the unit could use one."""
+    root = tmp_path / "cgroup"
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text + "\n")
+    membership = tmp_path / "membership"
+    membership.write_text("12:cpu,cpuacct:/system.slice/orch.service\n0::/system.slice/orch.service\n")
+    affinity = len(os.sched_getaffinity(0))
+    assert _usable_cpus(root, membership) == (affinity if expected is None else min(affinity, expected))
+    membership.write_text("0::/../../system.slice/orch.service\n")  # never read outside the mount
+    assert _usable_cpus(root, membership) == (min(affinity, 3) if "cpu.max" in files else affinity)
+
+
 async def draft_refused(lite: LiteEngine) -> EngineUnavailable:
     """What a draft on `lite` is refused with (the engine is shut down after)."""
     try:
