@@ -176,7 +176,9 @@ def database_url_problems(text: str) -> list[str]:
         return [f"{told}: {shown}: write postgresql+psycopg:// for PostgreSQL"]
     if url.get_backend_name() not in ("sqlite", "postgresql"):
         return [f"{told}: {shown} is neither SQLite nor PostgreSQL, the databases supported"]
-    if url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:"):
+    if url.get_backend_name() == "sqlite" and (
+            url.database in (None, "", ":memory:") or url.query.get("mode") == "memory"
+            or (str(url.database).startswith("file::memory:") and url.query.get("uri") == "true")):
         # Each connection would open its own empty database: the tables made at start vanish.
         return [f"{told}: an in-memory SQLite database cannot be shared between the service's "
                 "connections; give a file (sqlite:////srv/orchestrator/orchestrator.db), or leave it unset"]

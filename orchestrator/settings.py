@@ -78,7 +78,9 @@ class Settings(BaseSettings):
     # first draft after a start or deploy does not wait for it.
     lite_preload: bool = False
     # Torch intra-op threads of the inference thread; 0 = every CPU this process may use.
-    torch_threads: int = Field(0, ge=0)
+    # At most 1024: torch's thread pool at 100000 crashed the process, and past 2**31 broke the
+    # inference thread for good.
+    torch_threads: int = Field(0, ge=0, le=1024)
     # Largest width/height a local engine accepts; guards memory on small machines.
     local_max_size: int = Field(2048, ge=64)
 
@@ -165,7 +167,8 @@ class Settings(BaseSettings):
         except (OSError, RuntimeError) as exc:  # a folder on its path this user may not open (is_file() raised)
             raise _config_file_error(settings_cls.model_config.get("toml_file"), "cannot be read",
                                      getattr(exc, "strerror", None) or str(exc)) from None
-        return (init_settings, _EnvSource(settings_cls), toml)
+        in_file = {field for key in toml.toml_data if (field := field_of_key(settings_cls, key)) is not None}
+        return (init_settings, _EnvSource(settings_cls, set_in_file=in_file), toml)
 
     # `policy_dir = ""` in the file (or `Settings(policy_dir="")`) would otherwise be Path(""), the
     # working directory: every *.toml there read as a policy. An empty path or name means what
@@ -177,6 +180,15 @@ class Settings(BaseSettings):
         if value == "" and name != "admin_key" and name is not None and cls.model_fields[name].default != "":
             raise PydanticUseDefault()
         return value
+
+    @field_validator("data_dir", "cache_dir", "policy_dir", "prices_file", "comfyui_workflow", "database_url",
+                     "gemini_model", "openai_model", "stability_model", "replicate_model", "fal_model",
+                     mode="before")
+    @classmethod
+    def _no_stray_spaces(cls, value: Any) -> Any:
+        # `ORCH_DATA_DIR=/srv/orch ` (an env file's trailing space) started on a new, empty data dir
+        # named with the space, the studio's own looking lost; a model named with one was unpriced.
+        return value.strip() if isinstance(value, str) else value
 
     @field_validator("data_dir", "cache_dir", "policy_dir", "prices_file", "comfyui_workflow")
     @classmethod
@@ -232,6 +244,17 @@ class Settings(BaseSettings):
             url = None
         if url is None or url.scheme not in ("http", "https") or not url.host:
             raise ValueError("must be an http:// or https:// address with a host, e.g. http://127.0.0.1:7860")
+        return value
+
+    @field_validator("gemini_base_url", "openai_base_url", "stability_base_url", "replicate_base_url")
+    @classmethod
+    def _without_api_version(cls, value: str) -> str:
+        # The engines add their API's version (`/v1/images/edits`): a base written as an SDK's
+        # (`https://api.openai.com/v1`) asked `/v1/v1/...`, and every paid job failed with a 404.
+        version = re.search(r"/(v\d+(?:beta|alpha)?\d*)/?$", httpx.URL(value).path)
+        if version:
+            raise ValueError(f"ends with /{version.group(1)}: give the address without it (the engine adds its "
+                             "API's version to each path)")
         return value
 
     @field_validator("engines")
@@ -352,12 +375,25 @@ class _EnvSource(EnvSettingsSource):
     replaced the file's value with the default: a file's PostgreSQL URL with a local SQLite file.)
     Not the admin key, whose blank value is refused rather than silently leaving the API open.
     Dropped before a field's names are tried in turn: an empty `ORCH_GEMINI_API_KEY=` hid the
-    vendor's `GEMINI_API_KEY`."""
+    vendor's `GEMINI_API_KEY`.
+
+    A vendor's variable (`OPENAI_API_KEY`) is a fallback: it is dropped too for a setting the
+    config file sets (`set_in_file`). Read as the environment, it outranked the file's
+    `ORCH_OPENAI_API_KEY`, and an operator's personal key exported in the shell paid for the
+    studio's renders. An `ORCH_` variable still outranks the file."""
+
+    def __init__(self, settings_cls: type[BaseSettings], *, set_in_file: set[str]) -> None:
+        # Before the base class's constructor, which loads the variables.
+        self._fallbacks_hidden = {
+            choice.lower() for field in set_in_file
+            if isinstance(alias := settings_cls.model_fields[field].validation_alias, AliasChoices)
+            for choice in alias.choices if isinstance(choice, str) and not choice.upper().startswith(PREFIX)}
+        super().__init__(settings_cls)
 
     def _load_env_vars(self) -> Mapping[str, str | None]:
         admin = f"{PREFIX}admin_key"
         return {name: value for name, value in super()._load_env_vars().items()
-                if value != "" or name.lower() == admin.lower()}
+                if (value != "" or name.lower() == admin.lower()) and name.lower() not in self._fallbacks_hidden}
 
 
 def _config_file_error(file_path: Any, what: str, error: str) -> ValidationError:

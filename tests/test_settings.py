@@ -235,6 +235,54 @@ def test_an_empty_variable_does_not_hide_the_vendor_s_own(toml_file: Path, monke
     assert key is not None and key.get_secret_value() == "AIza-from-the-vendor-variable"
 
 
+def test_the_config_file_s_key_outranks_a_vendor_s_variable(toml_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The vendor's variable is a fallback: read as the environment, an operator's own
+    # OPENAI_API_KEY exported in the shell replaced the studio's key in the file, and paid.
+    toml_file.write_text('ORCH_OPENAI_API_KEY = "sk-studio"\nfal_api_key = "fal-studio"\n')
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-personal")
+    monkeypatch.setenv("FAL_KEY", "fal-personal")
+    monkeypatch.setenv("GEMINI_API_KEY", "AIza-vendor")  # the file says nothing of it: still read
+    settings = Settings()
+    assert settings.openai_api_key is not None and settings.openai_api_key.get_secret_value() == "sk-studio"
+    assert settings.fal_api_key is not None and settings.fal_api_key.get_secret_value() == "fal-studio"
+    assert settings.gemini_api_key is not None and settings.gemini_api_key.get_secret_value() == "AIza-vendor"
+    monkeypatch.setenv("ORCH_OPENAI_API_KEY", "sk-deploy")  # ours outranks the file, as every ORCH_ one
+    key = Settings().openai_api_key
+    assert key is not None and key.get_secret_value() == "sk-deploy"
+
+
+def test_paths_urls_and_model_names_are_read_without_spaces_at_their_ends(
+        toml_file: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # An env file's `ORCH_DATA_DIR=/srv/orch ` started on a new, empty data dir named with the space.
+    monkeypatch.setenv("ORCH_DATA_DIR", f"{tmp_path}/data ")
+    monkeypatch.setenv("ORCH_DATABASE_URL", f" sqlite:///{tmp_path}/o.db\r")
+    monkeypatch.setenv("ORCH_OPENAI_MODEL", "gpt-image-1.5 ")
+    settings = Settings()
+    assert settings.data_dir == tmp_path / "data"
+    assert settings.database_url == f"sqlite:///{tmp_path}/o.db" and settings.openai_model == "gpt-image-1.5"
+
+
+@pytest.mark.parametrize(("variable", "value"), [
+    ("ORCH_OPENAI_BASE_URL", "https://api.openai.com/v1"), ("ORCH_REPLICATE_BASE_URL", "https://api.replicate.com/v1/"),
+    ("ORCH_GEMINI_BASE_URL", "https://generativelanguage.googleapis.com/v1beta"),
+    ("ORCH_STABILITY_BASE_URL", "https://api.stability.ai/v2beta")])
+def test_a_base_url_naming_the_api_s_version_is_refused(toml_file: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       variable: str, value: str) -> None:
+    # Written as an SDK's base URL, every request went to /v1/v1/... and every paid job failed.
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ValidationError, match="give the address without it"):
+        Settings()
+    monkeypatch.setenv(variable, "http://gateway.internal:4000/openai")  # a proxy's own path is taken
+    Settings()
+
+
+def test_a_torch_thread_count_past_any_machine_is_refused(toml_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # 100000 crashed the process at the first draft; past 2**31 the inference thread never started.
+    monkeypatch.setenv("ORCH_TORCH_THREADS", "100000")
+    with pytest.raises(ValidationError, match="less than or equal to 1024"):
+        Settings()
+
+
 @pytest.mark.parametrize(("variable", "value", "told"), [
     ("ORCH_LEASE_SECONDS", "inf", "finite number"),      # an OverflowError traceback at start
     ("ORCH_STOP_GRACE", "inf", "finite number"),         # a stop that waited forever

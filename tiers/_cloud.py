@@ -181,6 +181,16 @@ class CloudEngine:
     def prices(self) -> dict[str, Any]:
         return self._prices.as_dict()
 
+    @property
+    def note(self) -> str | None:
+        """Said at start-up and in `/v1/engines`: a model the price table does not name (a typo in
+        ORCH_<ENGINE>_MODEL, a new model) leaves the engine available but never routed, as an
+        unknown price never means free, and nothing else told why every job went elsewhere."""
+        if self._model in self._prices.table:
+            return None
+        return (f"no price for model '{self._model}' (ORCH_{self.name.upper()}_MODEL): routing skips it until "
+                "ORCH_PRICES_FILE names its prices, or the model is one priced here")
+
     async def fetch_outputs(self, urls: list[str], cancel: CancelToken, *, wanted: int, empty: str,
                             details: dict[str, Any]) -> list[RenderedImage]:
         """The first `wanted` output images at `urls` (the provider's CDN, or data URIs): an
