@@ -139,6 +139,10 @@ def negative_prompt_arguments(pipe: Any, negative_prompt: str, guidance: float, 
     elif guidance <= 1:
         why = f"at guidance {guidance:g} the model runs without classifier-free guidance"
     else:
+        overflow = prompt_overflow(pipe, negative_prompt)
+        if overflow is not None:  # cut as the prompt is, and as silently
+            notes.append(f"the negative prompt is {overflow[0]} tokens long; the model read the first {overflow[1]}")
+            progress.state("negative_prompt_truncated", tokens=overflow[0], read=overflow[1])
         return {"negative_prompt": negative_prompt}
     notes.append(f"{why}: the negative prompt was not used")
     progress.state("negative_prompt_ignored", pipeline=name, guidance_scale=guidance)

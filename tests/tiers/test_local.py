@@ -161,6 +161,13 @@ async def test_a_prompt_longer_than_the_text_encoder_reads_is_said_to_be_cut(eng
     result = await hifi.run(bridge, bridged, CancelToken())
     assert "prompt_truncated" in bridged.states and result.metadata["notes"] == [note]
 
+    # A negative prompt, where it has an effect (a guidance above 1), is cut alike.
+    negated = RecordingProgress()
+    result = await lite.run(draft(negative_prompt=long_prompt, guidance_scale=2.0, n=1, steps=1), negated,
+                            CancelToken())
+    assert "negative_prompt_truncated" in negated.states
+    assert result.metadata["notes"] == [f"the negative {note.removeprefix('the ')}"]
+
     clip = lite.runtime.text2img(lite.model).tokenizer
     T5TokenizerFast = type("T5TokenizerFast", (), {"model_max_length": 512})  # known by its name
     assert prompt_overflow(SimpleNamespace(tokenizer=None, tokenizer_2=clip), long_prompt) == (tokens, 75)  # a refiner
