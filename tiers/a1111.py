@@ -136,6 +136,7 @@ class A1111Engine:
         # An env file's stray space would name no checkpoint the server has (and it would render
         # with its loaded one): taken as written without it.
         self._checkpoint = (s.a1111_checkpoint or "").strip() or None
+        self._auth_given = s.a1111_auth is not None
         self._auth_error: str | None = None
         auth: tuple[str, str] | None = None
         try:
@@ -163,8 +164,9 @@ class A1111Engine:
 
     @property
     def configured(self) -> bool:
-        """Whether the operator set it up (a server given): unavailable without one is off by choice."""
-        return bool(self._url)
+        """Whether the operator set it up (a server, or a setting of its own, given): unavailable
+        without any is off by choice; `ORCH_A1111_AUTH` set without the URL is a mistake told at start."""
+        return bool(self._url or self._auth_given or self._checkpoint)
 
     def availability(self) -> tuple[bool, str | None]:
         if not self._url:

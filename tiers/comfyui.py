@@ -224,8 +224,9 @@ class ComfyUIEngine:
 
     @property
     def configured(self) -> bool:
-        """Whether the operator set it up (a server given): unavailable without one is off by choice."""
-        return bool(self._url)
+        """Whether the operator set it up (a server, or a workflow, given): unavailable without
+        either is off by choice; a workflow without the URL is a mistake told at start."""
+        return bool(self._url or self._workflow)
 
     def availability(self) -> tuple[bool, str | None]:
         if not self._url:

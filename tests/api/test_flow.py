@@ -322,6 +322,19 @@ def test_a_self_hosted_engine_set_up_wrong_is_told_at_start(
     assert not any(m.startswith(("gemini", "openai", "stability", "replicate", "fal")) for m in warned), warned
 
 
+def test_a_self_hosted_engine_s_settings_without_its_server_are_told_at_start(
+        make_settings: Callable[..., Settings], start_server: Callable[[Settings], httpx.Client],
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # A misspelt URL variable (ORCH_A1111_ADDRESS) left the password and the workflow set up for
+    # an engine that was off, without a word.
+    with caplog.at_level("WARNING", logger="orchestrator.services"):
+        start_server(make_settings(comfyui_workflow=str(tmp_path / "wf.json"), a1111_auth="render:pw"))
+    warned = [r.getMessage() for r in caplog.records if "unavailable" in r.getMessage()]
+    assert "comfyui: unavailable: no server: set ORCH_COMFYUI_URL" in warned, warned
+    assert "a1111: unavailable: no server: set ORCH_A1111_URL" in warned, warned
+    assert not any("pw" in m for m in warned)
+
+
 def test_a_model_path_to_nothing_is_told_at_start_not_at_the_first_draft(
         make_settings: Callable[..., Settings], start_server: Callable[[Settings], httpx.Client],
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
