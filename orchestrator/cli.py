@@ -521,7 +521,7 @@ def _check(*, no_hash: bool) -> int:
         return _fail(f"ORCH_DATABASE_URL: not a database URL I can open ({exc})", status=2)
     except DatabaseError as exc:  # not there, not migrated, not a database at all
         reason = first_line(exc.orig or exc, type(exc).__name__)
-        return _fail(f"cannot use the database: {reason}", status=2)
+        return _fail(f"cannot use the database ({_database_named()}): {reason}", status=2)
     if wrong_store is not None:
         print(f"PROBLEMS: ORCH_DATA_DIR: {wrong_store}")
     if store is None:

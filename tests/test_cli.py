@@ -804,6 +804,10 @@ def test_a_database_that_does_not_answer_is_one_line(make_settings: SettingsFact
     assert err.startswith("orchestrator: cannot use the database (ORCH_DATABASE_URL: "
                           "postgresql+psycopg://studio:***@127.0.0.1:9/orchestrator): ") and err.count("\n") == 1
     assert "s3cret" not in err
+    assert main(["check"]) == 2  # it named neither the setting nor the database
+    err = capsys.readouterr().err
+    assert err.startswith("orchestrator: cannot use the database (ORCH_DATABASE_URL: "
+                          "postgresql+psycopg://studio:***@127.0.0.1:9/orchestrator): ") and err.count("\n") == 1
 
 
 def test_migrate_shows_no_password(make_settings: SettingsFactory, tmp_path: Path,
