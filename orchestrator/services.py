@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
+from sqlalchemy.util import asbool
 from sqlmodel import col, select
 
 from orchestrator import idempotency, identity
@@ -164,6 +165,17 @@ def _cache_dir_problems(settings: Settings) -> list[str]:
     return []
 
 
+def _in_memory(url: URL) -> bool:
+    """Whether a SQLite URL names a database in memory: `:memory:`, or as a URI (`uri` read as
+    SQLAlchemy reads it) `file::memory:`, `mode=memory` or the `memdb` VFS."""
+    if url.database in (None, "", ":memory:"):
+        return True
+    if not asbool(url.query.get("uri", False)):
+        return False
+    return (str(url.database).startswith("file::memory:") or url.query.get("mode") == "memory"
+            or url.query.get("vfs") == "memdb")
+
+
 def database_url_problems(text: str) -> list[str]:
     """What is wrong with `ORCH_DATABASE_URL` before any connection is tried (never showing its password)."""
     told = source_of("database_url")
@@ -176,9 +188,7 @@ def database_url_problems(text: str) -> list[str]:
         return [f"{told}: {shown}: write postgresql+psycopg:// for PostgreSQL"]
     if url.get_backend_name() not in ("sqlite", "postgresql"):
         return [f"{told}: {shown} is neither SQLite nor PostgreSQL, the databases supported"]
-    if url.get_backend_name() == "sqlite" and (
-            url.database in (None, "", ":memory:") or url.query.get("mode") == "memory"
-            or (str(url.database).startswith("file::memory:") and url.query.get("uri") == "true")):
+    if url.get_backend_name() == "sqlite" and _in_memory(url):
         # Each connection would open its own empty database: the tables made at start vanish.
         return [f"{told}: an in-memory SQLite database cannot be shared between the service's "
                 "connections; give a file (sqlite:////srv/orchestrator/orchestrator.db), or leave it unset"]

@@ -49,6 +49,11 @@ def _alias(*names: str) -> AliasChoices:
     return AliasChoices(*names)
 
 
+# The API versions each engine puts before its paths (`tiers/*.py`), refused at a base URL's end.
+API_VERSIONS = {"openai_base_url": ("v1",), "replicate_base_url": ("v1",),
+                "gemini_base_url": ("v1beta", "v1", "v1alpha"), "stability_base_url": ("v2beta", "v1")}
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=PREFIX,
@@ -167,7 +172,9 @@ class Settings(BaseSettings):
         except (OSError, RuntimeError) as exc:  # a folder on its path this user may not open (is_file() raised)
             raise _config_file_error(settings_cls.model_config.get("toml_file"), "cannot be read",
                                      getattr(exc, "strerror", None) or str(exc)) from None
-        in_file = {field for key in toml.toml_data if (field := field_of_key(settings_cls, key)) is not None}
+        in_file = {field for key, value in toml.toml_data.items()  # an empty value is as if left out
+                   if not (isinstance(value, str) and not value.strip())
+                   and (field := field_of_key(settings_cls, key)) is not None}
         return (init_settings, _EnvSource(settings_cls, set_in_file=in_file), toml)
 
     # `policy_dir = ""` in the file (or `Settings(policy_dir="")`) would otherwise be Path(""), the
@@ -248,13 +255,15 @@ class Settings(BaseSettings):
 
     @field_validator("gemini_base_url", "openai_base_url", "stability_base_url", "replicate_base_url")
     @classmethod
-    def _without_api_version(cls, value: str) -> str:
+    def _without_api_version(cls, value: str, info: ValidationInfo) -> str:
         # The engines add their API's version (`/v1/images/edits`): a base written as an SDK's
         # (`https://api.openai.com/v1`) asked `/v1/v1/...`, and every paid job failed with a 404.
-        version = re.search(r"/(v\d+(?:beta|alpha)?\d*)/?$", httpx.URL(value).path)
-        if version:
-            raise ValueError(f"ends with /{version.group(1)}: give the address without it (the engine adds its "
-                             "API's version to each path)")
+        # Only the engine's own versions: a gateway's path may end in one of its own (`/api/v2`).
+        versions = API_VERSIONS[str(info.field_name)]
+        last = httpx.URL(value).path.rstrip("/").rpartition("/")[2]
+        if last.lower() in versions:
+            raise ValueError(f"ends with /{last}: give the address without it (the engine adds its API's "
+                             "version to each path)")
         return value
 
     @field_validator("engines")
@@ -392,8 +401,11 @@ class _EnvSource(EnvSettingsSource):
 
     def _load_env_vars(self) -> Mapping[str, str | None]:
         admin = f"{PREFIX}admin_key"
+        # Blank counts as empty: `ORCH_DATABASE_URL=\r` (a CRLF env file's empty line), stripped by a
+        # validator, would otherwise be read as set to nothing, the file's value replaced by the default.
         return {name: value for name, value in super()._load_env_vars().items()
-                if (value != "" or name.lower() == admin.lower()) and name.lower() not in self._fallbacks_hidden}
+                if (name.lower() == admin.lower() or (value is not None and value.strip()))
+                and name.lower() not in self._fallbacks_hidden}
 
 
 def _config_file_error(file_path: Any, what: str, error: str) -> ValidationError:

@@ -513,6 +513,8 @@ def test_migrate_makes_a_new_data_dir(make_settings: SettingsFactory, monkeypatc
     # The same, as a URI: `migrate` said "up to date" of a database gone once it exited.
     ("migrate", "ORCH_DATABASE_URL", "sqlite:///file::memory:?uri=true", "an in-memory SQLite database cannot"),
     ("migrate", "ORCH_DATABASE_URL", "sqlite:///file:x?mode=memory&uri=true", "an in-memory SQLite database cannot"),
+    ("migrate", "ORCH_DATABASE_URL", "sqlite:///file::memory:?uri=1", "an in-memory SQLite database cannot"),
+    ("migrate", "ORCH_DATABASE_URL", "sqlite:///file:x?vfs=memdb&uri=True", "an in-memory SQLite database cannot"),
     # The demo starts the service itself: the same checks, before it starts (once a uvicorn traceback).
     ("demo", "ORCH_PRICES_FILE", "{tmp}/prices.toml", "ORCH_PRICES_FILE: prices file {tmp}/prices.toml"),
 ])

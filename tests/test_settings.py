@@ -249,6 +249,10 @@ def test_the_config_file_s_key_outranks_a_vendor_s_variable(toml_file: Path, mon
     monkeypatch.setenv("ORCH_OPENAI_API_KEY", "sk-deploy")  # ours outranks the file, as every ORCH_ one
     key = Settings().openai_api_key
     assert key is not None and key.get_secret_value() == "sk-deploy"
+    monkeypatch.delenv("ORCH_OPENAI_API_KEY")
+    toml_file.write_text('openai_api_key = ""\n')  # an empty key in the file is as if left out
+    key = Settings().openai_api_key
+    assert key is not None and key.get_secret_value() == "sk-personal"
 
 
 def test_paths_urls_and_model_names_are_read_without_spaces_at_their_ends(
@@ -273,6 +277,8 @@ def test_a_base_url_naming_the_api_s_version_is_refused(toml_file: Path, monkeyp
     with pytest.raises(ValidationError, match="give the address without it"):
         Settings()
     monkeypatch.setenv(variable, "http://gateway.internal:4000/openai")  # a proxy's own path is taken
+    Settings()
+    monkeypatch.setenv(variable, "http://gateway.internal:4000/api/v3")  # a version not the engine's
     Settings()
 
 
@@ -324,6 +330,17 @@ def test_an_empty_variable_leaves_the_config_file_s_value(toml_file: Path, monke
     settings = Settings()
     assert (settings.database_url, settings.policy, settings.lite_max_batch) == (url, "local-only", 3)
     assert settings.resolved_database_url == url
+
+
+@pytest.mark.parametrize("blank", [" ", "\r", "\t \r"])
+def test_a_blank_variable_leaves_the_config_file_s_value(toml_file: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         blank: str) -> None:
+    # A CRLF env file's empty line: read as set to nothing, the file's PostgreSQL URL gave way to a
+    # local SQLite file.
+    url = "postgresql+psycopg://studio@db.internal/orchestrator"
+    toml_file.write_text(f'database_url = "{url}"\n')
+    monkeypatch.setenv("ORCH_DATABASE_URL", blank)
+    assert Settings().database_url == url
 
 
 def test_an_empty_config_file_variable_reads_the_default_file(tmp_path: Path) -> None:

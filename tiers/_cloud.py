@@ -185,11 +185,12 @@ class CloudEngine:
     def note(self) -> str | None:
         """Said at start-up and in `/v1/engines`: a model the price table does not name (a typo in
         ORCH_<ENGINE>_MODEL, a new model) leaves the engine available but never routed, as an
-        unknown price never means free, and nothing else told why every job went elsewhere."""
-        if self._model in self._prices.table:
+        unknown price never means free, and nothing else told why every job went elsewhere. An
+        engine not set up (no key) says nothing of its model."""
+        if not self.configured or self._model in self._prices.table:
             return None
-        return (f"no price for model '{self._model}' (ORCH_{self.name.upper()}_MODEL): routing skips it until "
-                "ORCH_PRICES_FILE names its prices, or the model is one priced here")
+        return (f"no price for model '{self._model}' (ORCH_{self.name.upper()}_MODEL): routing skips the requests "
+                "it would render until ORCH_PRICES_FILE names its prices, or the model is one priced here")
 
     async def fetch_outputs(self, urls: list[str], cancel: CancelToken, *, wanted: int, empty: str,
                             details: dict[str, Any]) -> list[RenderedImage]:

@@ -181,6 +181,17 @@ def hf_hub_cached(repo_id: str) -> bool:
     return folder is not None and not _snapshot_lacks(folder)
 
 
+def _shards(part: Path, files: list[str]) -> set[str]:
+    """The weight files a component's shard indexes (`*.safetensors.index.json`) name."""
+    shards: set[str] = set()
+    for index in (name for name in files if name.endswith(".index.json")):
+        found = json.loads((part / index).read_text())
+        weight_map = found.get("weight_map") if isinstance(found, dict) else None
+        if isinstance(weight_map, dict):
+            shards |= {str(shard) for shard in weight_map.values()}
+    return shards
+
+
 def _snapshot_lacks(folder: Path) -> list[str]:
     """The components model_index.json lists that a cached snapshot lacks, or holds without
     weights (a model's folder, with a config.json); ["model_index.json"] when that cannot be read.
@@ -201,6 +212,8 @@ def _snapshot_lacks(folder: Path) -> list[str]:
             files = [f.name for f in part.iterdir() if f.exists()] if part.is_dir() else []
             if not files or ("config.json" in files and not any(f.endswith((".safetensors", ".bin")) for f in files)):
                 lacking.append(f"{name}/")
+            elif not all((part / shard).exists() for shard in _shards(part, files)):
+                lacking.append(f"{name}/")  # sharded weights, some shards not downloaded yet
         return lacking
     except (OSError, ValueError):
         return ["model_index.json"]

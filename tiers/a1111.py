@@ -95,10 +95,11 @@ def webui_error(response: httpx.Response) -> bool:
 
 
 def processing_failed(response: httpx.Response) -> bool:
-    """A 500: the render raised on the server. The webui's API answers its own error body then,
-    Forge (whose API installs no exception handler) a bare "Internal Server Error"; either way the
-    server ran the render, and sent again, it runs the same failure again."""
-    return response.status_code == 500
+    """A 500 to the render: it raised on the server. The webui's API answers its own error body
+    then, Forge (whose API installs no exception handler) a bare "Internal Server Error"; either
+    way the server ran the render, and sent again, it runs the same failure again. (A side call's
+    500, a progress poll's, is retried as ever.)"""
+    return response.status_code == 500 and response.request.url.path.endswith(IMG2IMG)
 
 
 def not_sent_again(response: httpx.Response) -> bool:

@@ -453,7 +453,7 @@ class ComfyUIEngine:
             else:
                 queued = json_object(response, self.name, "/prompt")
                 answered = queued.get("prompt_id")
-                if isinstance(queued.get("node_errors"), dict) and queued["node_errors"]:
+                if _results_refused(queued.get("node_errors"), graph):
                     # Some outputs failed validation and the server queued the rest: what those
                     # render is not the workflow's result (an intermediate save, or no image).
                     await self._drop(answered if isinstance(answered, str) and answered else prompt_id)
@@ -486,6 +486,7 @@ class ComfyUIEngine:
         most) before raising: the server queues the prompt only once it has validated it, whether
         or not we are still connected, so a delete sent at once could come first and leave the
         prompt to render for nobody. Nothing is sent again after the cancel."""
+        cancel.raise_if_cancelled(charged="no")  # nothing is sent for a job already canceled
         kept = KeptOut()
         sending = asyncio.create_task(self.http.request("POST", "/prompt", deadline=deadline, cancel=kept, json=body))
         try:
@@ -767,6 +768,27 @@ class ComfyUIEngine:
 
     async def aclose(self) -> None:
         await self.http.aclose()
+
+
+def _results_refused(node_errors: Any, graph: Mapping[str, Any]) -> bool:
+    """Whether a `/prompt` answer's `node_errors` (listed with a 200 when other outputs passed,
+    and those queued) reach an output the job's result comes from: a node titled `orchestrator
+    output`, or when none is, any output but a preview. An unconnected PreviewImage left in the
+    workflow is not the job's concern."""
+    if not isinstance(node_errors, dict) or not node_errors:
+        return False
+    marked = set(output_nodes(graph))
+    for info in node_errors.values():
+        outputs = info.get("dependent_outputs") if isinstance(info, dict) else None
+        if not isinstance(outputs, list):
+            return True  # not told which outputs it stops: taken as the result's
+        for output in map(str, outputs):
+            node = graph.get(output)
+            kind = node.get("class_type") if isinstance(node, dict) else None
+            preview = isinstance(kind, str) and kind.startswith("Preview")
+            if (output in marked) if marked else not preview:
+                return True
+    return False
 
 
 def _queued_as(sending: asyncio.Task[httpx.Response]) -> str | None:

@@ -335,6 +335,18 @@ def test_a_self_hosted_engine_s_settings_without_its_server_are_told_at_start(
     assert not any("pw" in m for m in warned)
 
 
+def test_a_cloud_model_without_a_price_is_told_at_start_and_in_the_engine_list(
+        make_settings: Callable[..., Settings], start_server: Callable[[Settings], httpx.Client],
+        caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING", logger="orchestrator.services"):
+        client = start_server(make_settings(openai_api_key="sk-test", openai_model="gpt-image-typo",
+                                            gemini_model="gemini-typo"))  # gemini: no key, off by choice
+    warned = [r.getMessage() for r in caplog.records if "no price for model" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith("openai: no price for model 'gpt-image-typo'"), warned
+    engines = {e["name"]: e for e in client.get("/v1/engines").json()}
+    assert engines["openai"]["available"] is True and "no price" in engines["openai"]["note"]
+
+
 def test_a_model_path_to_nothing_is_told_at_start_not_at_the_first_draft(
         make_settings: Callable[..., Settings], start_server: Callable[[Settings], httpx.Client],
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -96,7 +96,9 @@ async def test_a_model_without_a_price_is_told_at_start_and_in_the_engine_list(
     ctx.price_overrides.update({prefix: {"acme/imagen-typo": {"1K": 4.0}}})
     priced = cls(ctx)
     assert priced.note is None
-    for engine in (default, typo, priced):
+    off = cls(make_ctx(**{f"{prefix}_api_key": None, f"{prefix}_model": "acme/imagen-typo"}))
+    assert off.note is None  # not set up: nothing to say of its model
+    for engine in (default, typo, priced, off):
         await engine.aclose()
 
 

@@ -18,7 +18,7 @@ from orchestrator.errors import BadEngineInput, Canceled, EngineError, EngineTim
 from tests.tiers.conftest import HeldRequest, NoAnswer, RecordingProgress, multipart, png_bytes, until
 from tests.tiers.conftest import bridge as base_bridge
 from tiers.base import CancelToken, NullProgress, RenderRequest, Restartable, Resumable
-from tiers.comfyui import ComfyUIEngine, substitute
+from tiers.comfyui import ComfyUIEngine, _results_refused, substitute
 
 BASE = "http://comfy.test:8188"
 # A route's side effect as the functions here set it (respx types it as any of what it accepts).
@@ -75,16 +75,18 @@ def history(prompt_id: str, images: list[dict[str, str]] | None = None, status: 
 
 
 def mock_server(upload: Any = None, prompt: Any = None, *, own_ids: bool = False,
-                running: bool = True, base: str = BASE) -> dict[str, respx.Route]:
+                running: bool = True, base: str = BASE,
+                node_errors: dict[str, Any] | None = None) -> dict[str, respx.Route]:
     """A ComfyUI at `base` that answers /history with nothing once, then with the queued prompt's
     outputs. `own_ids`: a server older than client-chosen prompt ids, which queues under an id of
-    its own. `running`: whether `GET /queue` shows the queued prompt running (else another one is)."""
+    its own. `running`: whether `GET /queue` shows the queued prompt running (else another one is).
+    `node_errors`: outputs that failed validation, listed in the 200 that queued the others."""
     queued: dict[str, str] = {}
 
     def on_prompt(request: httpx.Request) -> httpx.Response:
         body = json.loads(request.content)
         queued["id"] = str(uuid.uuid4()) if own_ids else body["prompt_id"]
-        return httpx.Response(200, json={"prompt_id": queued["id"], "number": 1, "node_errors": {}})
+        return httpx.Response(200, json={"prompt_id": queued["id"], "number": 1, "node_errors": node_errors or {}})
 
     polls = {"n": 0}
 
@@ -266,14 +268,9 @@ async def test_node_errors_are_bad_input_naming_the_nodes(engine: ComfyUIEngine)
 async def test_outputs_the_server_refused_while_queueing_the_rest_fail_the_job(engine: ComfyUIEngine) -> None:
     """A 200 from /prompt still lists the outputs that failed validation: the server queued only
     the others (a first pass's save), whose images are not the workflow's result."""
-    def partly(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, json={
-            "prompt_id": json.loads(request.content)["prompt_id"], "number": 3, "node_errors": {
-                "9": {"class_type": "SaveImage", "dependent_outputs": ["9"], "errors": [
-                    {"type": "value_bigger_than_max", "message": "Value 9000 bigger than max of 8192",
-                     "details": "width", "extra_info": {}}]}}})
-
-    routes = mock_server(prompt=partly)
+    routes = mock_server(node_errors={"9": {"class_type": "SaveImage", "dependent_outputs": ["9"], "errors": [
+        {"type": "value_bigger_than_max", "message": "Value 9000 bigger than max of 8192", "details": "width",
+         "extra_info": {}}]}})
     with pytest.raises(BadEngineInput, match=r"refused some of the workflow's outputs: node 9 \(SaveImage\)") as info:
         await engine.run(bridge(), NullProgress(), CancelToken())
     assert info.value.details["nodes"] == ["9"]
@@ -281,6 +278,36 @@ async def test_outputs_the_server_refused_while_queueing_the_rest_fail_the_job(e
     sent = json.loads(routes["prompt"].calls[0].request.content)["prompt_id"]
     assert json.loads(routes["queue"].calls[0].request.content) == {"delete": [sent]}
     assert routes["history"].call_count == 0 and routes["view"].call_count == 0
+
+
+@respx.mock
+async def test_a_preview_the_server_refused_does_not_fail_the_job(make_ctx: Any, sleep: Any, tmp_path: Path) -> None:
+    # An unconnected PreviewImage left in the workflow: the result's SaveImage passed and was queued.
+    graph = {**WORKFLOW, "20": {"class_type": "PreviewImage", "inputs": {}}}
+    eng = ComfyUIEngine(make_ctx(comfyui_url=BASE, comfyui_workflow=write_workflow(tmp_path, graph)))
+    eng.http.sleep, eng.poll_interval, eng.follow_progress = sleep, 0, False
+
+    routes = mock_server(node_errors={"20": {"class_type": "PreviewImage", "dependent_outputs": ["20"], "errors": [
+        {"type": "required_input_missing", "message": "Required input is missing", "details": "images"}]}})
+    result = await eng.run(bridge(), NullProgress(), CancelToken())
+    assert len(result.images) == 1 and routes["queue"].call_count == 0
+    await eng.aclose()
+
+
+def test_only_node_errors_that_reach_the_result_refuse_a_queued_prompt() -> None:
+    graph = {**WORKFLOW, "20": {"class_type": "PreviewImage", "inputs": {}},
+             "21": {"class_type": "SaveImage", "inputs": {}}}
+
+    def failed(*outputs: str) -> dict[str, Any]:
+        return {"5": {"class_type": "EmptyLatentImage", "dependent_outputs": list(outputs), "errors": []}}
+
+    assert not _results_refused({}, graph) and not _results_refused(None, graph)
+    assert not _results_refused(failed("20"), graph)                 # a preview only
+    assert _results_refused(failed("20", "9"), graph)                # a save: the result is cut short
+    assert _results_refused({"5": {"errors": []}}, graph)            # not told which: taken as the result's
+    marked = {**graph, "21": {**graph["21"], "_meta": {"title": "Orchestrator Output"}}}
+    assert not _results_refused(failed("9"), marked)                 # an intermediate save, not the result
+    assert _results_refused(failed("21"), marked)
 
 
 @pytest.mark.parametrize("refusal", [
@@ -421,8 +448,12 @@ async def test_a_cancel_while_the_prompt_is_being_queued_drops_it_once_queued(
         prompt_id = "server-7" if own_ids else json.loads(request.content)["prompt_id"]
         return httpx.Response(200, json={"prompt_id": prompt_id, "number": 1, "node_errors": {}})
 
+    def deleting(request: httpx.Request) -> httpx.Response:
+        order.append("delete")
+        return httpx.Response(200, json={})
+
     routes["prompt"].side_effect = queueing
-    routes["queue"].side_effect = lambda request: (order.append("delete"), httpx.Response(200, json={}))[1]
+    routes["queue"].side_effect = deleting
     token = CancelToken()
     run = asyncio.create_task(engine.run(bridge(), NullProgress(), token))
     await asyncio.wait_for(held.sent.wait(), 5)
@@ -435,6 +466,22 @@ async def test_a_cancel_while_the_prompt_is_being_queued_drops_it_once_queued(
     deleted = {json.loads(call.request.content)["delete"][0] for call in routes["queue"].calls}
     assert ("server-7" in deleted) == own_ids
     assert routes["prompt"].call_count == 1 and routes["history"].call_count == 0
+
+
+@respx.mock
+async def test_a_job_canceled_before_its_prompt_is_sent_sends_none(engine: ComfyUIEngine) -> None:
+    # The cancel landed as the upload answered: the prompt was sent, waited for, then deleted.
+    routes = mock_server()
+    token = CancelToken()
+
+    def uploaded_as_canceled(request: httpx.Request) -> httpx.Response:
+        token.cancel()
+        return httpx.Response(200, json={"name": "orch-draft.png", "subfolder": "", "type": "input"})
+
+    routes["upload"].side_effect = uploaded_as_canceled
+    with pytest.raises(Canceled) as info:
+        await engine.run(bridge(), NullProgress(), token)
+    assert routes["prompt"].call_count == 0 and info.value.charged == "no"
 
 
 @respx.mock

@@ -407,7 +407,14 @@ def test_a_hub_model_is_cached_only_when_its_snapshot_is_whole(
     for weights in (dangling / "unet").glob("*.safetensors"):
         weights.unlink()
         weights.symlink_to(tmp_path / "blobs" / "not-yet-downloaded")  # the cache links a blob once whole
-    for folder, cached in [(whole, True), (index_only, False), (configs_only, False), (dangling, False)]:
+    sharded = shutil.copytree(whole, tmp_path / "sharded")
+    for weights in (sharded / "unet").glob("*.safetensors"):  # a large UNet comes in shards
+        weights.rename(sharded / "unet" / "diffusion_pytorch_model-00001-of-00002.safetensors")
+    (sharded / "unet" / "diffusion_pytorch_model.safetensors.index.json").write_text(
+        '{"weight_map": {"a": "diffusion_pytorch_model-00001-of-00002.safetensors",'
+        ' "b": "diffusion_pytorch_model-00002-of-00002.safetensors"}}')
+    for folder, cached in [(whole, True), (index_only, False), (configs_only, False), (dangling, False),
+                           (sharded, False)]:
         monkeypatch.setattr(local, "snapshot_folder", lambda repo_id, folder=folder: folder)
         assert local.hf_hub_cached("stabilityai/sd-turbo") is cached, folder.name
     monkeypatch.setattr(local, "hf_hub_reachable", lambda timeout=1.5, file=None: False)
