@@ -382,6 +382,7 @@ class Scheduler:
         announces = job.engine in self.registry and getattr(self.registry.get(job.engine), "announces_sends", False)
         try:
             with self.db.transaction() as s:
+                taken = time.monotonic()  # before the lease is written: when it runs out, at the latest
                 # Once the write lock is ours: waiting for it must not shorten the lease.
                 claimed = s.scalars(update(Job).where(col(Job.id) == job.id, col(Job.status) == "queued").values(
                     status="running", attempt=Job.attempt + 1, lease_owner=self.owner,
@@ -389,7 +390,7 @@ class Scheduler:
                     unsent_attempt=Job.attempt + 1 if announces else None).returning(Job)).one_or_none()
                 if claimed is None:  # another worker, or a cancel, got there first
                     return None
-                claim = Claim(claimed, claimed.attempt, CancelToken())
+                claim = Claim(claimed, claimed.attempt, CancelToken(), lease=self.lease.total_seconds(), renewed=taken)
                 # Known before the commit makes the job 'running' for everyone else.
                 self._claimed[job.id] = claim
         except BaseException:
@@ -532,7 +533,9 @@ class Scheduler:
 
     def _renew(self, claims: list[Claim]) -> None:
         lost: list[tuple[Claim, Job | None]] = []
+        renewed: list[Claim] = []
         with self.db.transaction() as s:
+            began = time.monotonic()
             # Counted from when the write lock is ours: two long waits for it (each under its 30 s
             # timeout) must not let a live job's lease run out between beats.
             expires = shared_now() + self.lease
@@ -541,6 +544,10 @@ class Scheduler:
                                                      col(Job.status) == "running").values(lease_expires_at=expires))
                 if changed(result) != 1:
                     lost.append((claim, s.get(Job, claim.job.id)))
+                else:
+                    renewed.append(claim)
+        for claim in renewed:  # once committed
+            claim.renewed = began
         # The row no longer waits for this attempt (canceled through another process, failed or
         # queued again by another's recovery after the lease ran out): whatever it finishes changes
         # nothing, so stop spending the device. Cancelling an attempt that just finished by itself

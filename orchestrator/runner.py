@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeGuard
 
@@ -114,6 +114,12 @@ class Claim:
     inherited: bool = False
     # Requests of this attempt that went out and were not answered that nothing was made.
     out: int = 0
+    # The lease's length in seconds (0: not known) and when it was last taken or renewed
+    # (`time.monotonic()`, read before the write): until a lease from then has run out, no other
+    # process can have taken the job over. A process stopped past it (SIGSTOP, a paused VM)
+    # resumes before its heartbeat has looked, and must ask the database (`JobRunner.still_held`).
+    lease: float = 0.0
+    renewed: float = field(default_factory=time.monotonic)
 
     def surely_unsent(self) -> bool:
         """Nothing of this attempt can have reached a provider: its engine announces its sends,
@@ -649,7 +655,7 @@ class JobRunner:
         work = job.provider_work or {}
         # The engine's first request that can bill is recorded before it goes (see recovery).
         with before_billable_sends(self._first_send_recorder(claim, progress), self._send_refused(claim),
-                                   lambda: bool(claim.out or claim.accepted)):
+                                   lambda: bool(claim.out or claim.accepted), held=lambda: self.still_held(claim)):
             if reattachable(engine, job):
                 # An earlier process died after the provider accepted this job: follow that work.
                 self.bus.publish(job.id, "state", {"state": "reattached", "handles": len(work["handles"])})
@@ -747,6 +753,10 @@ class JobRunner:
                 exc.at_least_charged(free())
                 raise
             claim.cancel.raise_if_cancelled(charged=free())  # the engine's own check after this would say "no"
+            if claim.job.unsent_attempt != claim.attempt and not await self.still_held(claim):
+                # A later request (the first one's record checks this itself): an attempt another
+                # process took over must not pay a provider for what nobody keeps.
+                raise StaleAttempt(claim.job.id)
             claim.out += 1
             if claim.job.unsent_attempt != claim.attempt:
                 return  # an engine that does not announce its requests: recovery assumes it sent
@@ -756,6 +766,32 @@ class JobRunner:
             await asyncio.shield(recorded)
 
         return record
+
+    async def still_held(self, claim: Claim) -> bool:
+        """Whether this attempt still holds its job. Known without a read while the lease from its
+        last renewal runs (with half of it to spare); else read. When another process has taken
+        the job over, or it was canceled through another, the attempt's token is cancelled as the
+        heartbeat would, had it run: abandoned, unless canceled."""
+        if claim.lease and time.monotonic() - claim.renewed < claim.lease / 2:
+            return True
+        try:
+            row = await asyncio.to_thread(self._held_row, claim)
+        except SQLAlchemyError:
+            log.warning("job %s: could not read whether attempt %d still holds it; taken as held",
+                        claim.job.id, claim.attempt, exc_info=True)
+            return True  # as the heartbeat does: a database that hiccups takes no job away
+        if row is not None and row.attempt == claim.attempt and row.status == "running":
+            return True
+        if not claim.cancel.cancelled:
+            canceled = row is not None and row.status == "canceled"
+            log.warning("job %s was %s while this worker held it; stopping this worker's attempt %d",
+                        claim.job.id, "canceled" if canceled else "taken over", claim.attempt)
+            claim.cancel.cancel(abandon=not canceled)
+        return False
+
+    def _held_row(self, claim: Claim) -> Job | None:
+        with self.db.session() as s:
+            return s.get(Job, claim.job.id)
 
     @staticmethod
     def _send_refused(claim: Claim) -> Callable[[], None]:

@@ -329,6 +329,7 @@ class _SendHooks:
     before: Callable[[], Awaitable[None]]
     refused: Callable[[], None] | None
     out: Callable[[], bool] | None
+    held: Callable[[], Awaitable[bool]] | None = None
 
 
 # What the runner does about the requests of the job it runs that can bill (see `billable_send`).
@@ -365,12 +366,23 @@ def billable_sends_out() -> bool:
     return hooks is not None and hooks.out is not None and hooks.out()
 
 
+async def still_holds_the_job() -> bool:
+    """Whether this process still holds the job the engine call runs for. Await it before
+    withdrawing, on a failure, work a provider accepted for the job: a process stopped past its
+    lease (SIGSTOP, a paused VM) resumes with its deadline gone, while another process follows
+    that work on, which the withdrawal would cancel under it. Outside a job, True."""
+    hooks = _send_hooks.get()
+    return hooks is None or hooks.held is None or await hooks.held()
+
+
 @contextmanager
 def before_billable_sends(hook: Callable[[], Awaitable[None]], refused: Callable[[], None] | None = None,
-                          out: Callable[[], bool] | None = None) -> Iterator[None]:
+                          out: Callable[[], bool] | None = None,
+                          held: Callable[[], Awaitable[bool]] | None = None) -> Iterator[None]:
     """Run `hook` at each `billable_send()` of the engine call made inside this block, `refused`
-    at each `billable_send_refused()`, and answer `billable_sends_out()` with `out`."""
-    token = _send_hooks.set(_SendHooks(hook, refused, out))
+    at each `billable_send_refused()`, and answer `billable_sends_out()` with `out` and
+    `still_holds_the_job()` with `held`."""
+    token = _send_hooks.set(_SendHooks(hook, refused, out, held))
     try:
         yield
     finally:

@@ -55,6 +55,7 @@ from tiers.base import (
     RenderResult,
     Stage,
     says_out_of_memory,
+    still_holds_the_job,
 )
 
 log = logging.getLogger(__name__)
@@ -460,7 +461,7 @@ class ComfyUIEngine:
                     raise self._prompt_refused(response)
         except EngineTimeout as exc:
             # The prompt may be queued or running with nobody left to collect it.
-            await self._drop(prompt_id)
+            await self._let_go(prompt_id, cancel)
             raise EngineTimeout(f"{exc.message} (asked the server to drop prompt {prompt_id})",
                                 details={**exc.details, "prompt_id": prompt_id}, charged="no") from None
         except Canceled:
@@ -540,7 +541,7 @@ class ComfyUIEngine:
             raise Canceled("comfyui: the job was canceled",
                            details={"engine": self.name, "prompt_id": prompt_id}, charged="no") from None
         except EngineTimeout as exc:
-            await self._drop(prompt_id)
+            await self._let_go(prompt_id, cancel)
             raise EngineTimeout(f"{exc.message} (asked the server to drop prompt {prompt_id})",
                                 details={**exc.details, "prompt_id": prompt_id}, charged="no") from None
         except EngineError:
@@ -550,10 +551,10 @@ class ComfyUIEngine:
             raise
 
     async def _let_go(self, prompt_id: str, cancel: CancelToken) -> None:
-        """A canceled job's prompt is taken off the server; an abandoned one (this process stops,
-        or another took the job over) is left to run: the job's next attempt collects it from
-        the history instead of rendering it again."""
-        if not cancel.abandoned:
+        """A canceled (or timed out, or failed) job's prompt is taken off the server; an abandoned
+        one (this process stops, or another took the job over) is left to run: the job's next
+        attempt collects it from the history instead of rendering it again."""
+        if not await _abandoned(cancel):
             await self._drop(prompt_id)
 
     async def _let_go_of(self, handles: list[dict[str, Any]], cancel: CancelToken, *,
@@ -561,7 +562,7 @@ class ComfyUIEngine:
         """A resumed job that ends (canceled, or failed) before it read all the earlier attempt's
         prompts takes them off the server, each once and best effort (ids in `skip` are not);
         an abandoned one leaves them to the job's next attempt, as `_let_go` does."""
-        if cancel.abandoned:
+        if await _abandoned(cancel):
             return
         done = set(skip)
         for handle in handles:
@@ -768,6 +769,12 @@ class ComfyUIEngine:
 
     async def aclose(self) -> None:
         await self.http.aclose()
+
+
+async def _abandoned(cancel: CancelToken) -> bool:
+    """Whether the job's work is left to another attempt: this process let go of the job, or
+    was stopped past its lease and another took it over (its token not yet told)."""
+    return cancel.abandoned or not await still_holds_the_job()
 
 
 def _results_refused(node_errors: Any, graph: Mapping[str, Any]) -> bool:

@@ -34,6 +34,7 @@ from tiers.base import (
     RenderRequest,
     RenderResult,
     instruction_prompt,
+    still_holds_the_job,
 )
 
 log = logging.getLogger(__name__)
@@ -178,8 +179,10 @@ class FalEngine(CloudEngine):
                 await self._cancel_remote(str(urls["cancel_url"]))
             raise Canceled("the job was canceled while fal was working", charged="unknown") from None
         except EngineError as exc:
-            # We stop following a request that may still run and bill: stop it too.
-            await self._cancel_remote(str(urls["cancel_url"]))
+            # We stop following a request that may still run and bill: stop it too, unless another
+            # process follows it now (this one was stopped past its lease).
+            if await still_holds_the_job():
+                await self._cancel_remote(str(urls["cancel_url"]))
             exc.charged = "unknown"
             raise
         self._check_completed(request_id, completed)

@@ -44,6 +44,7 @@ from tiers.base import (
     RenderRequest,
     RenderResult,
     instruction_prompt,
+    still_holds_the_job,
 )
 
 log = logging.getLogger(__name__)
@@ -269,8 +270,10 @@ class ReplicateEngine(CloudEngine):
                 await self._cancel_remote(prediction_id)
             raise Canceled("the job was canceled while Replicate was working", charged="unknown") from None
         except EngineError as exc:
-            # We stop following a prediction that may still run and bill: stop it too.
-            await self._cancel_remote(prediction_id)
+            # We stop following a prediction that may still run and bill: stop it too, unless
+            # another process follows it now (this one was stopped past its lease).
+            if await still_holds_the_job():
+                await self._cancel_remote(prediction_id)
             exc.charged = "unknown"
             raise
         self._check_status(prediction)

@@ -904,6 +904,38 @@ def test_an_old_attempt_writes_no_progress_into_a_row_queued_again(services: Ser
 
 
 
+def test_an_attempt_stopped_past_its_lease_sends_nothing_more_once_taken_over(services: Services) -> None:
+    """A worker stopped (SIGSTOP) between two paid requests of a job resumes before its heartbeat
+    has looked: another process had taken the job over, and the old attempt's next request went
+    out, paid for by the studio and kept by nobody."""
+    from orchestrator.runner import StaleAttempt
+
+    job_id = add_job(services, status="running", attempt=1, lease_owner="stopped-host:1:0",
+                     lease_expires_at=utcnow() - timedelta(seconds=1))
+    old = Claim(row(services, job_id), 1, CancelToken(), lease=3.0, renewed=time.monotonic() - 10)
+    old.job.unsent_attempt = None  # its first request is out, and recorded
+    old.out = 1
+    class Saved:  # what the job's progress has saved: nothing is out to save
+        async def saved(self) -> None:
+            pass
+
+    recorder = services.runner._first_send_recorder(old, Saved())  # type: ignore[arg-type]
+
+    async def record() -> None:
+        await recorder()
+
+    fresh = Claim(row(services, job_id), 1, CancelToken(), lease=3.0)
+    assert asyncio.run(services.runner.still_held(fresh)) is True  # within its lease: no read needed
+    asyncio.run(record())  # still its own: the request may go
+    assert old.out == 2 and not old.cancel.cancelled
+    assert asyncio.run(services.scheduler.recover(all_foreign=False)) == [job_id]
+    with services.db.transaction() as s:  # another worker's attempt 2 now holds it
+        s.execute(update(Job).where(col(Job.id) == job_id).values(status="running", attempt=2))
+    with pytest.raises(StaleAttempt):
+        asyncio.run(record())
+    assert old.out == 2 and old.cancel.cancelled and old.cancel.abandoned  # the new holder follows the work on
+
+
 def test_a_free_server_job_given_up_after_crashes_leaves_nothing_on_the_server(
         make_settings: SettingsFactory) -> None:
     from orchestrator.queue import MAX_RECOVERIES

@@ -17,7 +17,7 @@ from PIL import Image
 from orchestrator.errors import BadEngineInput, Canceled, EngineError, EngineTimeout, EngineUnavailable
 from tests.tiers.conftest import HeldRequest, NoAnswer, RecordingProgress, multipart, png_bytes, until
 from tests.tiers.conftest import bridge as base_bridge
-from tiers.base import CancelToken, NullProgress, RenderRequest, Restartable, Resumable
+from tiers.base import CancelToken, NullProgress, RenderRequest, Restartable, Resumable, before_billable_sends
 from tiers.comfyui import ComfyUIEngine, _results_refused, substitute
 
 BASE = "http://comfy.test:8188"
@@ -869,6 +869,31 @@ async def test_each_prompt_of_a_job_has_its_own_deadline(make_ctx: Any, tmp_path
     result = await engine.run(bridge(n=2), NullProgress(), CancelToken())
     assert [img.seed for img in result.images] == [42, 43]
     assert list(polls.values()) == [4, 4] and routes["queue"].call_count == 0  # nothing dropped
+
+
+@respx.mock
+@pytest.mark.parametrize("held", [True, False], ids=["held", "taken-over"])
+async def test_a_deadline_takes_the_prompt_off_unless_another_process_follows_it(
+        make_ctx: Any, tmp_path: Path, sleep: Any, held: bool) -> None:
+    # Taken over: this process was stopped past its lease; the new attempt resumes by following
+    # the same prompt, which the old one's late timeout deleted under it.
+    engine, now = timed_engine(make_ctx, tmp_path, sleep)
+    routes = mock_server()
+
+    def never(request: httpx.Request) -> httpx.Response:
+        now[0] += 400.0  # past the 300 s deadline
+        return httpx.Response(200, json={})
+
+    async def send() -> None:
+        pass
+
+    async def still_held() -> bool:
+        return held
+
+    routes["history"].side_effect = never
+    with before_billable_sends(send, held=still_held), pytest.raises(EngineTimeout):
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    assert routes["queue"].call_count == (1 if held else 0)
 
 
 @respx.mock

@@ -22,7 +22,7 @@ from orchestrator.errors import (
 )
 from tests.tiers.conftest import HeldRequest, RecordingProgress, canceled_while_out, png_bytes, until
 from tests.tiers.conftest import bridge as base_bridge
-from tiers.base import CancelToken, NullProgress, RenderRequest
+from tiers.base import CancelToken, NullProgress, RenderRequest, before_billable_sends
 from tiers.fal import FalEngine
 
 BASE = "https://fal.test"
@@ -260,7 +260,11 @@ async def test_cancel_during_polling_cancels_the_request(engine: FalEngine, aban
 
 
 @respx.mock
-async def test_deadline_during_polling_cancels_the_request(engine: FalEngine) -> None:
+@pytest.mark.parametrize("held", [True, False], ids=["held", "taken-over"])
+async def test_deadline_during_polling_cancels_the_request_unless_another_process_follows_it(
+        engine: FalEngine, held: bool) -> None:
+    # Taken over: this process was stopped past its lease, and another follows the request on;
+    # cancelling it then failed (and charged) a job that would have succeeded.
     now = [0.0]
     engine.http.clock = lambda: now[0]
     _, poll, _ = happy_queue()
@@ -269,11 +273,17 @@ async def test_deadline_during_polling_cancels_the_request(engine: FalEngine) ->
         now[0] += 100.0
         return status("IN_QUEUE")
 
+    async def send() -> None:
+        pass
+
+    async def still_held() -> bool:
+        return held
+
     poll.mock(side_effect=in_queue)
     cancel = respx.put(CANCEL).mock(return_value=httpx.Response(202))
-    with pytest.raises(EngineTimeout) as info:
+    with before_billable_sends(send, held=still_held), pytest.raises(EngineTimeout) as info:
         await engine.run(bridge(), NullProgress(), CancelToken())
-    assert cancel.call_count == 1 and info.value.charged == "unknown"
+    assert cancel.call_count == (1 if held else 0) and info.value.charged == "unknown"
 
 
 

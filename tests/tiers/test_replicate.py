@@ -21,7 +21,7 @@ from orchestrator.errors import (
     NoPrice,
 )
 from tests.tiers.conftest import HeldRequest, NoAnswer, RecordingProgress, bridge, canceled_while_out, png_bytes, until
-from tiers.base import CancelToken, NullProgress
+from tiers.base import CancelToken, NullProgress, before_billable_sends
 from tiers.replicate import ReplicateEngine
 
 BASE = "https://replicate.test"
@@ -284,6 +284,30 @@ async def test_cancel_during_polling_cancels_the_prediction(engine: ReplicateEng
     assert cancel.call_count == (0 if abandon else 1)
     if not abandon:
         assert cancel.calls.last.request.headers["authorization"] == "Bearer r-secret"
+
+
+@respx.mock
+async def test_a_deadline_in_an_attempt_another_process_took_over_leaves_its_prediction(
+        engine: ReplicateEngine) -> None:
+    now = [0.0]
+    engine.http.clock = lambda: now[0]
+    respx.post(CREATE).mock(return_value=httpx.Response(201, json=prediction("starting")))
+
+    def poll(request: httpx.Request) -> httpx.Response:
+        now[0] += 100.0
+        return httpx.Response(200, json=prediction("processing"))
+
+    async def send() -> None:
+        pass
+
+    async def taken_over() -> bool:
+        return False
+
+    respx.get(POLL).mock(side_effect=poll)
+    cancel = respx.post(CANCEL).mock(return_value=httpx.Response(200, json=prediction("canceled")))
+    with before_billable_sends(send, held=taken_over), pytest.raises(EngineTimeout):
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    assert cancel.call_count == 0  # the process following it now would see it canceled under it
 
 
 @respx.mock
