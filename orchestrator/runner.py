@@ -460,7 +460,9 @@ class JobRunner:
             # as unsent, the next run would send it afresh. A free self-hosted server's job (which
             # bills nobody, whatever its cancel says) is queued again with its task, for the next
             # run to resume or take off the server.
-            if restartable(self.registry.get(job.engine), job) or (exc.charged == "no" and not claim.accepted):
+            engine = self.registry.get(job.engine)
+            work = claim.accepted or (job.provider_work if claim.inherited else None)
+            if restartable(engine, job) or (exc.charged == "no" and not claim.accepted):
                 # Nothing reached a paid provider: queued again, with its hold, for the next start
                 # (recovery would fail a remote job as possibly billed).
                 try:
@@ -470,6 +472,13 @@ class JobRunner:
                 except Canceled as asked:  # through another process meanwhile: nothing was sent
                     await self._end(claim, "canceled", asked)
                     return
+            elif work and work.get("engine") == job.engine and followable(engine, job, list(work.get("handles") or [])):
+                # Work a provider accepted: queued again to be followed, as recovery would, but as
+                # a stop, which no crash count sees (three rolling restarts during one long render
+                # failed the job, charged, and withdrew its work). A cancel asked meanwhile is
+                # recovery's to settle, with what the work cost.
+                with contextlib.suppress(StaleAttempt, Canceled):
+                    await asyncio.to_thread(self._requeue_to_follow, claim, work)
             log.info("job %s interrupted by shutdown; the next start recovers it", job.id)
             return
         await self._end(claim, "canceled", exc)
@@ -602,6 +611,16 @@ class JobRunner:
         with self.db.transaction() as s:
             self._guarded_update(s, claim, status="queued", lease_owner=None, lease_expires_at=None,
                                  progress_step=0, progress_total=0, **kept,
+                                 attempts=job.with_attempt("interrupted", stopped.to_dict()),
+                                 unless_canceled=True)
+
+    def _requeue_to_follow(self, claim: Claim, work: dict[str, Any]) -> None:
+        job = claim.job
+        stopped = Interrupted("the service stopped while the provider worked on this job; its work is followed "
+                              "again", details={"engine": job.engine, "graceful": True})
+        with self.db.transaction() as s:
+            self._guarded_update(s, claim, status="queued", lease_owner=None, lease_expires_at=None,
+                                 progress_step=0, progress_total=0, **_accepted_values(work),
                                  attempts=job.with_attempt("interrupted", stopped.to_dict()),
                                  unless_canceled=True)
 

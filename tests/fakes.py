@@ -189,6 +189,8 @@ class FakeQueueEngine(FakePaidEngine):
         self.reattached.append(handles)
         if req.tags.get("reattach") == "gone":
             raise EngineError("fake queue: the saved request is gone", charged="unknown")
+        if req.tags.get("reattach") == "hang":  # a long render, followed by each start in turn
+            await cancel.race(asyncio.sleep(3600))
         images = [RenderedImage(Image.new("RGB", (req.width, req.height), (1, 2, 3)), req.seed) for _ in range(req.n)]
         progress.step(1, 1)
         return RenderResult(images=images, model=self.model, cost_millicredits=7_000,

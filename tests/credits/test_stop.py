@@ -118,6 +118,36 @@ def test_a_stop_queues_a_free_server_s_job_again_with_its_task(
     assert json.loads(attempts)[-1]["error"]["details"]["graceful"] is True
 
 
+def test_rolling_restarts_during_accepted_paid_work_are_stops_not_crashes(
+        paid_settings_for: Callable[..., Settings], tmp_path: Path) -> None:
+    """A queueing provider's long render, and a deploy restarting the service three times while
+    it runs: each stop was left to recovery and counted as a crash, and the third failed the job,
+    captured its estimate and withdrew the work at the provider. Each is a stop now: the job is
+    queued again to follow its work, and no count sees it."""
+    settings = paid_settings_for(tmp_path / "data", stop_grace=0)
+    fakes.WITHDRAWN.clear()
+    with serve_in_thread(settings) as base, httpx.Client(base_url=base, timeout=30) as client:
+        project_id, asset_id = project_with_draft(client)
+        job = promote_ok(client, asset_id, engine="fake-queue", tags={"fake": "hang", "reattach": "hang"})
+        poll(lambda: _row(settings, job["id"]), lambda row: row[0] == "running" and row[2] is not None,
+             what="the provider's id saved")
+    for restart in range(3):
+        with sqlite3.connect(settings.data_dir / "orchestrator.db") as db:
+            status, work, attempts = db.execute("SELECT status, provider_work, attempts FROM jobs WHERE id = ?",
+                                                (job["id"],)).fetchone()
+        assert status == "queued", (restart, status)
+        assert json.loads(work)["handles"][0]["id"].startswith("fake-")
+        stops = [a for a in json.loads(attempts) if a["status"] == "interrupted"]
+        assert len(stops) == restart + 1 and all(a["error"]["details"]["graceful"] for a in stops)
+        with serve_in_thread(settings) as base, httpx.Client(base_url=base, timeout=30) as client:
+            poll(lambda: client.get(f"/v1/jobs/{job['id']}").json(),
+                 lambda got, stops=restart + 1: got["status"] == "running" and len(got["attempts"]) == stops,
+                 what="the work followed again")
+            entries = [e["kind"] for e in ledger(client, project_id) if e["job_id"] == job["id"]]
+        assert entries == ["hold"]  # nothing captured, nothing released: the work goes on
+    assert fakes.WITHDRAWN == []
+
+
 def _row(settings: Settings, job_id: str) -> tuple[str, str | None, str | None]:
     with sqlite3.connect(settings.data_dir / "orchestrator.db") as db:
         row: tuple[str, str | None, str | None] = db.execute(
