@@ -5,12 +5,14 @@ runs stops at once: a job still preparing its request must not send it during th
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import sqlite3
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -139,13 +141,17 @@ def test_rolling_restarts_during_accepted_paid_work_are_stops_not_crashes(
         assert json.loads(work)["handles"][0]["id"].startswith("fake-")
         stops = [a for a in json.loads(attempts) if a["status"] == "interrupted"]
         assert len(stops) == restart + 1 and all(a["error"]["details"]["graceful"] for a in stops)
+        followed = functools.partial(_following, attempts=restart + 1)
         with serve_in_thread(settings) as base, httpx.Client(base_url=base, timeout=30) as client:
-            poll(lambda: client.get(f"/v1/jobs/{job['id']}").json(),
-                 lambda got, stops=restart + 1: got["status"] == "running" and len(got["attempts"]) == stops,
-                 what="the work followed again")
+            poll(lambda: client.get(f"/v1/jobs/{job['id']}").json(), followed, what="the work followed again")
             entries = [e["kind"] for e in ledger(client, project_id) if e["job_id"] == job["id"]]
         assert entries == ["hold"]  # nothing captured, nothing released: the work goes on
     assert fakes.WITHDRAWN == []
+
+
+def _following(job: dict[str, Any], *, attempts: int) -> bool:
+    """Whether a new attempt runs the job, after `attempts` listed ones."""
+    return job["status"] == "running" and len(job["attempts"]) == attempts
 
 
 def _row(settings: Settings, job_id: str) -> tuple[str, str | None, str | None]:
