@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -19,7 +20,7 @@ import pytest
 from orchestrator.db import Database
 from orchestrator.server import serve_in_thread
 from orchestrator.settings import Settings
-from tiers import _http, tiny
+from tiers import _http, openai_images, tiny
 
 # The vendors' own variables also configure the remote engines (see settings.py).
 VENDOR_KEYS = ("GEMINI_API_KEY", "OPENAI_API_KEY", "STABILITY_API_KEY", "REPLICATE_API_TOKEN", "FAL_KEY")
@@ -34,6 +35,18 @@ def no_dns(monkeypatch: pytest.MonkeyPatch) -> None:
     async def unresolved(host: str, port: int) -> list[Any]:
         return []
     monkeypatch.setattr(_http, "resolve_host", unresolved)
+
+
+# The day the built-in price tables were dated: OpenAI's priced models shut down from 2026-12-01
+# (`tiers.openai_images.SHUT_DOWN`), and a test of that engine must not depend on the day it runs.
+PRICES_DAY = datetime.date(2026, 11, 28)
+
+
+@pytest.fixture(autouse=True)
+def openai_models_live(monkeypatch: pytest.MonkeyPatch) -> None:
+    """OpenAI's built-in models are live, as on the day their prices were dated (tests of the
+    shutdown set their own day)."""
+    monkeypatch.setattr(openai_images, "today", lambda: PRICES_DAY)
 
 
 @pytest.fixture(autouse=True)

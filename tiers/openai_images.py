@@ -12,6 +12,7 @@ comes from the `usage` tokens x the configured token prices when the answer has 
 
 from __future__ import annotations
 
+import datetime
 import math
 from typing import Any
 
@@ -56,6 +57,16 @@ DEFAULT_PRICES: dict[str, dict[str, float]] = {
     # NoPrice (never priced as free) until the prices file adds them.
     "gpt-image-1-mini": {"low-1024x1024": 0.5, "medium-1024x1024": 1.1, "high-1024x1024": 3.6},
 }
+# Models OpenAI shut down, and when (providers.md): from that day (UTC) a request for one fails,
+# so the engine says so and is not routed, rather than failing over job by job.
+SHUT_DOWN = {"gpt-image-1": datetime.date(2026, 10, 23), "gpt-image-1-mini": datetime.date(2026, 12, 1),
+             "gpt-image-1.5": datetime.date(2026, 12, 1)}
+
+
+def today() -> datetime.date:
+    return datetime.datetime.now(datetime.UTC).date()
+
+
 # Input image tokens billed for the draft at input_fidelity=high, by output size. Unverified and
 # deliberately on the high side: the estimate is a hold, the `usage` of the answer reconciles it.
 INPUT_IMAGE_TOKENS = {"1024x1024": 4500, "1536x1024": 6600, "1024x1536": 6600}
@@ -101,6 +112,14 @@ class OpenAIImagesEngine(CloudEngine):
         self.http = self.remote_client(ctx, client, base_url=s.openai_base_url,
                                        headers={"Authorization": f"Bearer {self._key or ''}"})
         self.http.final_answer = quota_exhausted
+
+    def availability(self) -> tuple[bool, str | None]:
+        available, why = super().availability()
+        ended = SHUT_DOWN.get(self._model)
+        if available and ended is not None and today() >= ended:
+            return False, (f"OpenAI shut '{self._model}' down on {ended.isoformat()}: set ORCH_OPENAI_MODEL to its "
+                           "successor (gpt-image-2.6-*), with its prices in ORCH_PRICES_FILE")
+        return available, why
 
     def estimate(self, req: RenderRequest) -> int:
         size = image_size(req.width, req.height)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import base64
+import datetime
 import io
 import json
 from typing import Any
@@ -19,6 +20,7 @@ from orchestrator.errors import (
     NoPrice,
 )
 from tests.tiers.conftest import RecordingProgress, bridge, multipart, png_bytes
+from tiers import openai_images
 from tiers.base import CancelToken, NullProgress
 from tiers.openai_images import OpenAIImagesEngine, factory
 
@@ -56,6 +58,24 @@ def assert_carries_draft(request: httpx.Request) -> dict[str, str]:
     assert pixels.convert("RGB").getpixel((0, 0)) == (255, 0, 0)
     assert pixels.convert("RGB").getpixel((1, 1)) == (10, 120, 200)
     return fields
+
+
+@pytest.mark.parametrize(("model", "day", "live"), [
+    ("gpt-image-1.5", datetime.date(2026, 11, 30), True),
+    ("gpt-image-1.5", datetime.date(2026, 12, 1), False),   # its shutdown day, UTC
+    ("gpt-image-1-mini", datetime.date(2027, 1, 1), False),
+    ("gpt-image-2.6", datetime.date(2027, 1, 1), True),     # a successor: routed once it has prices
+])
+async def test_a_model_openai_shut_down_is_not_routed_from_that_day(
+        make_ctx: Any, monkeypatch: pytest.MonkeyPatch, model: str, day: datetime.date, live: bool) -> None:
+    # The default's shutdown day came with nothing said: every job tried it, failed, and fell over.
+    monkeypatch.setattr(openai_images, "today", lambda: day)
+    engine = OpenAIImagesEngine(make_ctx(openai_api_key="sk-secret", openai_model=model))
+    available, why = engine.availability()
+    assert available is live
+    if not live:
+        assert why is not None and f"OpenAI shut '{model}' down on 2026-" in why and "ORCH_OPENAI_MODEL" in why
+    await engine.aclose()
 
 
 @respx.mock
