@@ -121,6 +121,9 @@ def create_app(settings: Settings | None = None, *, loopback_only: bool = False)
     # service runs on studio machines with no way out, where a CDN's page stays blank.
     app = FastAPIOffline(
         static_url="/docs/static",
+        # Swagger UI's default validator is validator.swagger.io: a page opened by a host name other
+        # than localhost sent it the document's URL (the service's internal address) as an image.
+        swagger_ui_parameters={"validatorUrl": None},
         # Starlette's trailing-slash redirect answers before any auth: '/v1/projects/' would tell
         # a caller without a key that '/v1/projects' exists.
         redirect_slashes=False,

@@ -680,3 +680,6 @@ def test_the_docs_pages_need_nothing_from_outside_the_service(shared_server: htt
             assert answer.status_code == 200, link
             assert len(answer.content) > 1000, link
         assert "/openapi.json" in links
+    # Swagger UI's own default sends the document's URL to validator.swagger.io, as an image, from
+    # any page not opened as localhost: the service's internal address, to the world.
+    assert re.search(r'"validatorUrl":\s*null', shared_server.get("/docs").text)
