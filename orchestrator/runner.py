@@ -577,6 +577,10 @@ class JobRunner:
             finally:
                 if not moved:
                     self.health.finished(name, job.id)
+            # Said in the log too: the job's success names only the engine that made it, and an
+            # engine failing every job in turn (a provider out of reach) showed nowhere else.
+            log.warning("job %s: %s failed (%s: %s); it moves to %s", job.id, job.engine, error.code,
+                        error.message, name)
             self.bus.publish(job.id, "state", {"state": "fallback", "from": job.engine, "to": name,
                                                "estimate": to_credits(estimate), "error": error.to_dict()})
             self.notify()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import logging
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -95,13 +96,18 @@ def kinds(entries: list[dict[str, Any]]) -> list[tuple[str, float, str | None]]:
     return [(e["kind"], e["amount"], e["engine"]) for e in entries]
 
 
-def test_retryable_failure_falls_back_to_the_next_candidate(paid_server: httpx.Client) -> None:
+def test_retryable_failure_falls_back_to_the_next_candidate(paid_server: httpx.Client,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
     project_id, asset_id = draft_asset(paid_server, budget={"limit": 100, "period": "month"})
     job = promote(paid_server, asset_id, tags={"fake": "fail"})
     assert job["engine"] == "fake-paid"
     assert [c["engine"] for c in job["routing"]["candidates"]] == ["fake-paid", "fake-b", "local-hifi"]
 
-    done = wait_for_job(paid_server, job["id"])
+    with caplog.at_level(logging.WARNING, logger="orchestrator.runner"):
+        done = wait_for_job(paid_server, job["id"])
+    # The operator's log says why (it named only the engine that made the image).
+    assert any(r.getMessage().startswith(f"job {job['id']}: fake-paid failed (engine_error: ")
+               and r.getMessage().endswith("it moves to fake-b") for r in caplog.records), caplog.text
     assert done["status"] == "succeeded", done["error"]
     assert done["engine"] == "fake-b"
     assert done["error"] is None
