@@ -566,9 +566,11 @@ class JobService:
         """The params the job records (and route explain shows): the request's, with privacy."""
         params = prepared.params
         tags = params.get("tags") or {}
-        if decision.private and not is_private(tags):
+        if (decision.private or is_private(tags)) and tags.get(PRIVACY_TAG) != PRIVACY_LOCAL:
             # Made under a rule that keeps it local: its images are private, as a tagged request's are,
-            # whatever rule or policy later routes their promotion or polish.
+            # whatever rule or policy later routes their promotion or polish. A tag spelled `Local`
+            # is recorded as `local`, which a dashboard filtering on it looks for (here, not in the
+            # request's model: a retry's Idempotency-Key compares the body as it was sent).
             params = {**params, "tags": {**tags, PRIVACY_TAG: PRIVACY_LOCAL}}
         return params
 

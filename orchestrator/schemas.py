@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import unicodedata
 from datetime import datetime
-from typing import Annotated, Any, Generic, Literal, TypeVar, cast
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import (
     AfterValidator,
@@ -59,18 +59,15 @@ V = TypeVar("V")
 
 def privacy_key(tags: dict[str, V]) -> dict[str, V]:
     """`Privacy` or ` privacy ` is the privacy tag, stored as `privacy`: a near miss must not send a
-    private image to the cloud (values are read loosely too, see `policies.schema.is_private`), and
-    `Local` is stored as `local`, which is what a dashboard filtering on the tag looks for.
+    private image to the cloud (values are already read loosely, see `policies.schema.is_private`).
     Requests' tags and policy rules' `match.tags` are read alike."""
-    from policies.schema import PRIVACY_LOCAL, PRIVACY_TAG  # policies.schema imports this module
+    from policies.schema import PRIVACY_TAG  # policies.schema imports this module
 
     out: dict[str, V] = {}
     for key, value in tags.items():
         name = PRIVACY_TAG if key.strip().lower() == PRIVACY_TAG else key
         if name in out:
             raise ValueError(f"the {PRIVACY_TAG} tag is given twice, spelled differently")
-        if name == PRIVACY_TAG and isinstance(value, str) and value.strip().lower() == PRIVACY_LOCAL:
-            value = cast(V, PRIVACY_LOCAL)
         out[name] = value
     return out
 
