@@ -382,7 +382,7 @@ class Scheduler:
         announces = job.engine in self.registry and getattr(self.registry.get(job.engine), "announces_sends", False)
         try:
             with self.db.transaction() as s:
-                taken = time.monotonic()  # before the lease is written: when it runs out, at the latest
+                taken, taken_wall = time.monotonic(), time.time()  # before the lease is written: it runs out later
                 # Once the write lock is ours: waiting for it must not shorten the lease.
                 claimed = s.scalars(update(Job).where(col(Job.id) == job.id, col(Job.status) == "queued").values(
                     status="running", attempt=Job.attempt + 1, lease_owner=self.owner,
@@ -390,7 +390,8 @@ class Scheduler:
                     unsent_attempt=Job.attempt + 1 if announces else None).returning(Job)).one_or_none()
                 if claimed is None:  # another worker, or a cancel, got there first
                     return None
-                claim = Claim(claimed, claimed.attempt, CancelToken(), lease=self.lease.total_seconds(), renewed=taken)
+                claim = Claim(claimed, claimed.attempt, CancelToken(), lease=self.lease.total_seconds(), renewed=taken,
+                              renewed_wall=taken_wall)
                 # Known before the commit makes the job 'running' for everyone else.
                 self._claimed[job.id] = claim
         except BaseException:
@@ -535,7 +536,7 @@ class Scheduler:
         lost: list[tuple[Claim, Job | None]] = []
         renewed: list[Claim] = []
         with self.db.transaction() as s:
-            began = time.monotonic()
+            began, began_wall = time.monotonic(), time.time()
             # Counted from when the write lock is ours: two long waits for it (each under its 30 s
             # timeout) must not let a live job's lease run out between beats.
             expires = shared_now() + self.lease
@@ -547,7 +548,7 @@ class Scheduler:
                 else:
                     renewed.append(claim)
         for claim in renewed:  # once committed
-            claim.renewed = began
+            claim.renewed, claim.renewed_wall = began, began_wall
         # The row no longer waits for this attempt (canceled through another process, failed or
         # queued again by another's recovery after the lease ran out): whatever it finishes changes
         # nothing, so stop spending the device. Cancelling an attempt that just finished by itself

@@ -115,11 +115,19 @@ class Claim:
     # Requests of this attempt that went out and were not answered that nothing was made.
     out: int = 0
     # The lease's length in seconds (0: not known) and when it was last taken or renewed
-    # (`time.monotonic()`, read before the write): until a lease from then has run out, no other
-    # process can have taken the job over. A process stopped past it (SIGSTOP, a paused VM)
-    # resumes before its heartbeat has looked, and must ask the database (`JobRunner.still_held`).
+    # (`time.monotonic()` and `time.time()`, read before the write): until a lease from then has
+    # run out, no other process can have taken the job over. A process stopped past it (SIGSTOP,
+    # a paused VM) resumes before its heartbeat has looked, and must ask the database
+    # (`JobRunner.still_held`).
     lease: float = 0.0
     renewed: float = field(default_factory=time.monotonic)
+    renewed_wall: float = field(default_factory=time.time)
+
+    def since_renewed(self) -> float:
+        """Seconds since the lease was last taken or renewed, by whichever clock says more: the
+        monotonic clock stands still while a VM is paused or its host suspended, and the wall
+        clock may be stepped back."""
+        return max(time.monotonic() - self.renewed, time.time() - self.renewed_wall)
 
     def surely_unsent(self) -> bool:
         """Nothing of this attempt can have reached a provider: its engine announces its sends,
@@ -678,7 +686,8 @@ class JobRunner:
         work = job.provider_work or {}
         # The engine's first request that can bill is recorded before it goes (see recovery).
         with before_billable_sends(self._first_send_recorder(claim, progress), self._send_refused(claim),
-                                   lambda: bool(claim.out or claim.accepted), held=lambda: self.still_held(claim)):
+                                   lambda: bool(claim.out or claim.accepted),
+                                   held=lambda: self._work_still_ours(claim)):
             if reattachable(engine, job):
                 # An earlier process died after the provider accepted this job: follow that work.
                 self.bus.publish(job.id, "state", {"state": "reattached", "handles": len(work["handles"])})
@@ -790,12 +799,12 @@ class JobRunner:
 
         return record
 
-    async def still_held(self, claim: Claim) -> bool:
-        """Whether this attempt still holds its job. Known without a read while the lease from its
-        last renewal runs (with half of it to spare); else read. When another process has taken
-        the job over, or it was canceled through another, the attempt's token is cancelled as the
-        heartbeat would, had it run: abandoned, unless canceled."""
-        if claim.lease and time.monotonic() - claim.renewed < claim.lease / 2:
+    async def still_held(self, claim: Claim, *, read: bool = False) -> bool:
+        """Whether this attempt still holds its job. Known without a read (unless `read`) while
+        the lease from its last renewal runs, with half of it to spare; else read. When another
+        process has taken the job over, or it was canceled through another, the attempt's token
+        is cancelled as the heartbeat would, had it run: abandoned, unless canceled."""
+        if not read and claim.lease and claim.since_renewed() < claim.lease / 2:
             return True
         try:
             row = await asyncio.to_thread(self._held_row, claim)
@@ -811,6 +820,14 @@ class JobRunner:
                         claim.job.id, "canceled" if canceled else "taken over", claim.attempt)
             claim.cancel.cancel(abandon=not canceled)
         return False
+
+    async def _work_still_ours(self, claim: Claim) -> bool:
+        """`still_holds_the_job()` for the engine: False when another attempt follows the job's
+        provider work on (which a withdrawal would cancel under it), True when the work is this
+        attempt's to end, the job canceled through another process included. Always read: it is
+        asked before a withdrawal, which is rare, and a paused VM's clocks may not tell."""
+        await self.still_held(claim, read=True)
+        return not claim.cancel.abandoned
 
     def _held_row(self, claim: Claim) -> Job | None:
         with self.db.session() as s:

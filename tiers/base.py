@@ -367,10 +367,11 @@ def billable_sends_out() -> bool:
 
 
 async def still_holds_the_job() -> bool:
-    """Whether this process still holds the job the engine call runs for. Await it before
-    withdrawing, on a failure, work a provider accepted for the job: a process stopped past its
-    lease (SIGSTOP, a paused VM) resumes with its deadline gone, while another process follows
-    that work on, which the withdrawal would cancel under it. Outside a job, True."""
+    """Whether the work a provider accepted for the job is still this engine call's to end:
+    False when another process has taken the job over and follows that work on. Await it before
+    withdrawing such work on a failure: a process stopped past its lease (SIGSTOP, a paused VM)
+    resumes with its deadline gone, and its withdrawal canceled the work under the new attempt.
+    Outside a job, True."""
     hooks = _send_hooks.get()
     return hooks is None or hooks.held is None or await hooks.held()
 

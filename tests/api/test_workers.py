@@ -934,6 +934,17 @@ def test_an_attempt_stopped_past_its_lease_sends_nothing_more_once_taken_over(se
     with pytest.raises(StaleAttempt):
         asyncio.run(record())
     assert old.out == 2 and old.cancel.cancelled and old.cancel.abandoned  # the new holder follows the work on
+    # A paused VM's monotonic clock stood still: the wall clock says the lease ran out, so it reads.
+    paused = Claim(row(services, job_id), 1, CancelToken(), lease=3.0, renewed_wall=time.time() - 10)
+    assert asyncio.run(services.runner.still_held(paused)) is False and paused.cancel.abandoned
+    # Before a withdrawal: the work is left to the new holder, but a job canceled through another
+    # process is this attempt's to withdraw.
+    assert asyncio.run(services.runner._work_still_ours(Claim(row(services, job_id), 1, CancelToken()))) is False
+    with services.db.transaction() as s:
+        s.execute(update(Job).where(col(Job.id) == job_id).values(status="canceled"))
+    canceled = Claim(row(services, job_id), 2, CancelToken(), lease=3.0)
+    assert asyncio.run(services.runner._work_still_ours(canceled)) is True
+    assert canceled.cancel.cancelled and not canceled.cancel.abandoned
 
 
 def test_a_free_server_job_given_up_after_crashes_leaves_nothing_on_the_server(
