@@ -461,8 +461,9 @@ class ComfyUIEngine:
                     raise self._prompt_refused(response)
         except EngineTimeout as exc:
             # The prompt may be queued or running with nobody left to collect it.
-            await self._let_go(prompt_id, cancel)
-            raise EngineTimeout(f"{exc.message} (asked the server to drop prompt {prompt_id})",
+            told = ("asked the server to drop" if await self._let_go(prompt_id, cancel)
+                    else "left to the job's next attempt")
+            raise EngineTimeout(f"{exc.message} ({told} prompt {prompt_id})",
                                 details={**exc.details, "prompt_id": prompt_id}, charged="no") from None
         except Canceled:
             await self._let_go(prompt_id, cancel)
@@ -541,8 +542,9 @@ class ComfyUIEngine:
             raise Canceled("comfyui: the job was canceled",
                            details={"engine": self.name, "prompt_id": prompt_id}, charged="no") from None
         except EngineTimeout as exc:
-            await self._let_go(prompt_id, cancel)
-            raise EngineTimeout(f"{exc.message} (asked the server to drop prompt {prompt_id})",
+            told = ("asked the server to drop" if await self._let_go(prompt_id, cancel)
+                    else "left to the job's next attempt")
+            raise EngineTimeout(f"{exc.message} ({told} prompt {prompt_id})",
                                 details={**exc.details, "prompt_id": prompt_id}, charged="no") from None
         except EngineError:
             # Its history could not be read (a 5xx until the deadline, a proxy's page): the job ends
@@ -550,12 +552,14 @@ class ComfyUIEngine:
             await self._let_go(prompt_id, cancel)
             raise
 
-    async def _let_go(self, prompt_id: str, cancel: CancelToken) -> None:
+    async def _let_go(self, prompt_id: str, cancel: CancelToken) -> bool:
         """A canceled (or timed out, or failed) job's prompt is taken off the server; an abandoned
         one (this process stops, or another took the job over) is left to run: the job's next
-        attempt collects it from the history instead of rendering it again."""
-        if not await _abandoned(cancel):
-            await self._drop(prompt_id)
+        attempt collects it from the history instead of rendering it again. True when dropped."""
+        if await _abandoned(cancel):
+            return False
+        await self._drop(prompt_id)
+        return True
 
     async def _let_go_of(self, handles: list[dict[str, Any]], cancel: CancelToken, *,
                          skip: frozenset[str] | set[str] = frozenset()) -> None:

@@ -891,9 +891,10 @@ async def test_a_deadline_takes_the_prompt_off_unless_another_process_follows_it
         return held
 
     routes["history"].side_effect = never
-    with before_billable_sends(send, held=still_held), pytest.raises(EngineTimeout):
+    with before_billable_sends(send, held=still_held), pytest.raises(EngineTimeout) as info:
         await engine.run(bridge(), NullProgress(), CancelToken())
     assert routes["queue"].call_count == (1 if held else 0)
+    assert ("asked the server to drop prompt" in info.value.message) == held
 
 
 @respx.mock
