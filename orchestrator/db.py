@@ -38,7 +38,7 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import CursorResult, Engine, Result, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlmodel import Session
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_delay, wait_exponential
@@ -281,6 +281,8 @@ def transient(exc: BaseException) -> bool:
     file), which would fail the same way again."""
     if isinstance(exc, PoolTimeout):
         return True  # every connection of the pool busy (a burst of requests): no statement ran
+    if isinstance(exc, DBAPIError) and (exc.connection_invalidated or _reset_of_a_lost_connection(exc)):
+        return True
     if not isinstance(exc, OperationalError):
         return False
     if exc.connection_invalidated or exc.statement is None or disk_full(exc):
@@ -288,6 +290,13 @@ def transient(exc: BaseException) -> bool:
     code = getattr(exc.orig, "sqlstate", None)  # psycopg's SQLSTATE
     text = str(exc.orig).lower()
     return code in LOCK_WAIT_SQLSTATES or "database is locked" in text or "database is busy" in text
+
+
+def _reset_of_a_lost_connection(exc: DBAPIError) -> bool:
+    """psycopg's refusal to reset a pooled connection whose socket closed under the pool's
+    pre-ping: the lost connection, raised as a ProgrammingError (a request got a 500 for it, where
+    a lost connection is a 503 to send again, and a job's end would not have waited it out)."""
+    return "can't change 'autocommit' now" in str(exc.orig)
 
 
 def alembic_config(url: str) -> Config:

@@ -80,6 +80,8 @@ PROGRESS_WRITE_INTERVAL = 1.0
 # Repeating it is safe: every attempt rolls back whole, and its update applies only while the
 # attempt still holds the job.
 FINAL_WRITE_SECONDS = 120.0
+# How long a job's first paid request waits for the database to record it before it goes.
+RECORD_SENDING_SECONDS = 15.0
 # How long a request that can bill waits for the saves of what was accepted before it (see
 # `_first_send_recorder`): a lock wait's worth.
 SAVE_WAIT_SECONDS = 30.0
@@ -842,11 +844,14 @@ class JobRunner:
 
     def _record_sending(self, claim: Claim) -> None:
         try:
-            with self.db.transaction() as s:
-                # In the transaction that marks the attempt as sending: a switch of its project to
-                # `local-only` committed first stops it here; one committed after finds it sending.
-                self._refuse_if_kept_local(s, claim.job)
-                self._guarded_update(s, claim, unless_canceled=True, unsent_attempt=None)
+            # A lost connection (a failover, one killed by the server) is tried again for a while:
+            # once, it failed the job for good, with nothing sent. The write is safe to repeat.
+            for attempt in self.db.retrying(RECORD_SENDING_SECONDS):
+                with attempt, self.db.transaction() as s:
+                    # In the transaction that marks the attempt as sending: a switch of its project to
+                    # `local-only` committed first stops it here; one committed after finds it sending.
+                    self._refuse_if_kept_local(s, claim.job)
+                    self._guarded_update(s, claim, unless_canceled=True, unsent_attempt=None)
             claim.job.unsent_attempt = None
         except SQLAlchemyError as exc:
             log.exception("job %s: recording its first paid request failed", claim.job.id)

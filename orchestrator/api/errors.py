@@ -11,7 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -252,13 +252,14 @@ def install(app: FastAPI) -> None:
             error.status, error.code = exc.status_code, "error"
         return answer(error, headers=headers)
 
-    @app.exception_handler(OperationalError)
+    @app.exception_handler(DBAPIError)
     @app.exception_handler(PoolTimeout)
     async def _database(_: Request, exc: Exception) -> JSONResponse:
         # A database that is restarting, unreachable, or held by a stalled writer past the lock
         # timeout: nothing was written (the transaction rolled back), and the request may be sent
         # again. A statement it refused (no such table, a read-only file) is the server's fault.
-        if isinstance(exc, OperationalError) and not transient(exc):
+        # (Any driver error: a lost connection may come as psycopg's ProgrammingError, see `transient`.)
+        if isinstance(exc, DBAPIError) and not transient(exc):
             log.error("database error", exc_info=exc)
             return _internal_error()
         if disk_full(exc):

@@ -970,6 +970,39 @@ def test_a_full_disk_is_a_503_that_says_so(tmp_path: Any) -> None:
     assert "disk is full" in response.json()["error"]["message"] and response.headers["retry-after"] == "60"
 
 
+def test_a_connection_lost_under_the_pool_s_pre_ping_is_a_503_to_send_again() -> None:
+    """psycopg cannot reset a pooled connection whose socket closed under SQLAlchemy's pre-ping,
+    and says so as a ProgrammingError: seen with connections killed on PostgreSQL, the request got
+    a 500 'internal_error' (a bug), and a job's end would not have waited it out."""
+    import psycopg
+    from fastapi import FastAPI
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
+
+    from orchestrator.api.errors import install
+    from orchestrator.db import transient
+
+    lost = ProgrammingError("SELECT 1", {}, psycopg.ProgrammingError(
+        "can't change 'autocommit' now: connection in transaction status ACTIVE"))
+    refused = ProgrammingError("SELECT x FROM nowhere", {},
+                               psycopg.ProgrammingError('relation "nowhere" does not exist'))
+    assert transient(lost) and not transient(refused)
+    assert not transient(IntegrityError("INSERT", {}, psycopg.IntegrityError("duplicate key")))
+    app = FastAPI()
+    install(app)
+
+    @app.get("/lost")
+    def lost_route() -> None:
+        raise lost
+
+    @app.get("/refused")
+    def refused_route() -> None:
+        raise refused
+
+    client = TestClient(app, raise_server_exceptions=False)
+    assert_error(client.get("/lost"), 503, "database_unavailable")
+    assert_error(client.get("/refused"), 500, "internal_error")
+
+
 @pytest.mark.parametrize("step", ["abc", "-1", "1.5"])
 def test_a_preview_s_step_is_a_step_number(shared_server: httpx.Client, finished_job: dict[str, Any],
                                            step: str) -> None:

@@ -4,6 +4,7 @@ it again with its hold, instead of failing it `interrupted` and charging it for 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable, Iterator
 from datetime import timedelta
@@ -115,6 +116,33 @@ def test_a_worker_that_records_its_send_after_recovery_looked_keeps_its_job(buil
     # Its worker still gone at the next sweep: now a job that may have been billed.
     assert asyncio.run(built.scheduler.recover(all_foreign=False)) == [ids["late"]]
     assert settled(built, ids["late"]) == [("hold", False), ("capture", True)]
+
+
+def test_a_connection_lost_while_recording_the_first_send_is_tried_again(
+        built: Services, monkeypatch: pytest.MonkeyPatch) -> None:
+    # One connection killed by the server failed the paid job for good, with nothing sent.
+    from sqlalchemy.exc import OperationalError
+
+    ids = left_running(built, job={"unsent_attempt": 1})
+    with built.db.session() as s:
+        job = s.get(Job, ids["job"])
+        assert job is not None
+    real, lost = built.db.transaction, [1]
+
+    @contextlib.contextmanager
+    def once_lost() -> Iterator[Any]:
+        if lost:
+            lost.pop()
+            raise OperationalError(None, None, Exception("server closed the connection unexpectedly"))
+        with real() as s:
+            yield s
+
+    monkeypatch.setattr(built.db, "transaction", once_lost)
+    monkeypatch.setattr("orchestrator.db.wait_exponential", lambda **_: lambda _state: 0)
+    built.runner._record_sending(Claim(job, 1, CancelToken()))
+    with built.db.session() as s:
+        after = s.get(Job, ids["job"])
+        assert after is not None and after.unsent_attempt is None and not lost
 
 
 def test_canceling_a_job_whose_gone_worker_sent_nothing_releases_its_hold(built: Services) -> None:
