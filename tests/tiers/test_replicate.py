@@ -287,8 +287,11 @@ async def test_cancel_during_polling_cancels_the_prediction(engine: ReplicateEng
 
 
 @respx.mock
-async def test_a_deadline_in_an_attempt_another_process_took_over_leaves_its_prediction(
-        engine: ReplicateEngine) -> None:
+@pytest.mark.parametrize("held", [True, False], ids=["held", "taken-over"])
+async def test_deadline_during_polling_cancels_the_prediction_unless_another_process_follows_it(
+        engine: ReplicateEngine, held: bool) -> None:
+    # Taken over: this process was stopped past its lease, and the process following the
+    # prediction now would see it canceled under it.
     now = [0.0]
     engine.http.clock = lambda: now[0]
     respx.post(CREATE).mock(return_value=httpx.Response(201, json=prediction("starting")))
@@ -300,31 +303,14 @@ async def test_a_deadline_in_an_attempt_another_process_took_over_leaves_its_pre
     async def send() -> None:
         pass
 
-    async def taken_over() -> bool:
-        return False
+    async def still_held() -> bool:
+        return held
 
     respx.get(POLL).mock(side_effect=poll)
     cancel = respx.post(CANCEL).mock(return_value=httpx.Response(200, json=prediction("canceled")))
-    with before_billable_sends(send, held=taken_over), pytest.raises(EngineTimeout):
+    with before_billable_sends(send, held=still_held), pytest.raises(EngineTimeout) as info:
         await engine.run(bridge(), NullProgress(), CancelToken())
-    assert cancel.call_count == 0  # the process following it now would see it canceled under it
-
-
-@respx.mock
-async def test_deadline_during_polling_cancels_the_prediction(engine: ReplicateEngine) -> None:
-    now = [0.0]
-    engine.http.clock = lambda: now[0]
-    respx.post(CREATE).mock(return_value=httpx.Response(201, json=prediction("starting")))
-
-    def poll(request: httpx.Request) -> httpx.Response:
-        now[0] += 100.0
-        return httpx.Response(200, json=prediction("processing"))
-
-    respx.get(POLL).mock(side_effect=poll)
-    cancel = respx.post(CANCEL).mock(return_value=httpx.Response(200, json=prediction("canceled")))
-    with pytest.raises(EngineTimeout) as info:
-        await engine.run(bridge(), NullProgress(), CancelToken())
-    assert cancel.call_count == 1 and info.value.charged == "unknown"
+    assert cancel.call_count == (1 if held else 0) and info.value.charged == "unknown"
 
 
 
