@@ -97,10 +97,13 @@ class Balance:
 
     def refusal(self, amount: int) -> BudgetExceeded:
         available = self.available or 0
+        window = "in all" if self.period == "none" else "today" if self.period == "day" else f"this {self.period}"
+        # Below zero (a limit lowered under what is held, a provider's charge over its estimate),
+        # said as the details say it: "0 available" read as the whole story.
+        room = (f"{to_credits(available)} credits available {window}" if available >= 0 else
+                f"none available {window}: {to_credits(-available)} credits over the limit")
         return BudgetExceeded(
-            f"the estimate ({to_credits(amount)} credits) does not fit the budget "
-            f"({to_credits(max(available, 0))} credits available "
-            f"{'in all' if self.period == 'none' else f'this {self.period}'})",
+            f"the estimate ({to_credits(amount)} credits) does not fit the budget ({room})",
             details={"estimate": to_credits(amount), "available": to_credits(available),
                      "window": {"period": self.period, "start": _iso(self.window_start),
                                 "end": _iso(self.window_end)}},

@@ -205,12 +205,22 @@ def test_used_fraction(limit: int | None, granted: int, spent: int, used: float 
     assert balance.used_fraction == used
 
 
-@pytest.mark.parametrize(("period", "said"), [("none", "available in all"), ("month", "available this month")])
+@pytest.mark.parametrize(("period", "said"), [("none", "available in all"), ("month", "available this month"),
+                                              ("day", "available today")])
 def test_a_refusal_says_which_window_is_short(period: str, said: str) -> None:
     # A lifetime budget's refusal read "7.475 credits available this none".
     balance = Balance(limit=10_000, period=period, window_start=None, window_end=None, charged=2_525, held=0,
                       granted=0)
     assert balance.refusal(8_000).message.endswith(f"(7.475 credits {said})")
+
+
+def test_a_refusal_over_the_limit_says_by_how_much_as_its_details_do() -> None:
+    # A limit lowered to 20 under 50 held: the message said "0.0 credits available", the details -30.
+    balance = Balance(limit=20_000, period="month", window_start=None, window_end=None, charged=0, held=50_000,
+                      granted=0)
+    refusal = balance.refusal(10_000)
+    assert refusal.message.endswith("(none available this month: 30.0 credits over the limit)")
+    assert refusal.details["available"] == -30.0
 
 
 def test_a_reconciliation_on_a_later_day_counts_money_there_but_not_the_job_again(db: Database) -> None:
