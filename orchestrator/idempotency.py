@@ -2,11 +2,13 @@
 first one made, and makes nothing new.
 
 A key is scoped by the request path, so one client key can serve several endpoints. The row keeps
-a hash of the body (the same key with another body is a 409) and what the request created: a job,
+a hash of the body (the same key with another body is a 409), what the request created: a job,
 a project, a grant's ledger entry, or a project key (whose secret cannot be shown again: its
-replay is a 409 that names it). The caller looks the key up a second time inside its write
-transaction, after the lock that serialises its kind of write; on PostgreSQL two first requests
-racing past that look-up meet at the primary key instead (`IntegrityError`: read it again).
+replay is a 409 that names it), and the body it was first answered with, which is what a replay
+answers (API.md: "the original response"), however the job or project has changed since. The
+caller looks the key up a second time inside its write transaction, after the lock that
+serialises its kind of write; on PostgreSQL two first requests racing past that look-up meet at
+the primary key instead (`IntegrityError`: read it again).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 from datetime import datetime, timedelta
+from typing import Any
 
 from pydantic import BaseModel
 from sqlalchemy import delete, or_
@@ -72,11 +75,21 @@ def recall(s: Session, key: str, scope: str, digest: str) -> IdempotencyKey | No
 
 def remember(s: Session, key: str, scope: str, digest: str, *, job_id: str | None = None,
              project_id: str | None = None, ledger_entry_id: int | None = None,
-             api_key_id: str | None = None) -> None:
+             api_key_id: str | None = None, response: BaseModel | None = None) -> None:
+    """Record the key in the transaction that makes its thing; `response` is the body the
+    request is answered with, kept for its replays."""
     if sum(x is not None for x in (job_id, project_id, ledger_entry_id, api_key_id)) != 1:
         raise ValueError("an idempotency key records exactly one created thing")
     s.add(IdempotencyKey(key=key, scope=scope, request_hash=digest, job_id=job_id, project_id=project_id,
-                         ledger_entry_id=ledger_entry_id, api_key_id=api_key_id))
+                         ledger_entry_id=ledger_entry_id, api_key_id=api_key_id,
+                         response=None if response is None else response.model_dump(mode="json")))
+
+
+def first_answer(db: Database, key: str, scope: str) -> dict[str, Any] | None:
+    """The body a replayed request was first answered with; None for a key stored without one."""
+    with db.session() as s:
+        row = s.get(IdempotencyKey, (key, scope))
+        return None if row is None else row.response
 
 
 def forget_expired(db: Database, now: datetime | None = None) -> int:

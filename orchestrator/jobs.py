@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, NamedTuple
 
+from pydantic import BaseModel
 from sqlalchemy import func, update
 from sqlmodel import Session, col, select
 
@@ -349,10 +350,13 @@ class JobService:
     # -- submitting --------------------------------------------------------------------------
 
     def submit(self, prepare: Callable[[], Prepared], body: Body, *, engine: str | None, max_credits: float | None,
-               idempotency_key: str | None, scope: str) -> tuple[Job, bool]:
+               idempotency_key: str | None, scope: str,
+               answer: Callable[[Job, list[Asset]], BaseModel] | None = None) -> tuple[Job, bool]:
         """Persist a new job; returns `(job, created)`. `created` is False for an idempotent replay.
         `prepare` runs after the key's look-up: a replay answers what the first request got, even
-        where the request could not be prepared now (its source file gone, an engine's limit lowered)."""
+        where the request could not be prepared now (its source file gone, an engine's limit lowered).
+        `answer` makes the body of the first answer from the job and its assets (a cache hit's),
+        kept with the key for replays."""
         digest = idempotency.request_hash(body)
         if idempotency_key:
             replay = self._replay(idempotency_key, scope, digest)
@@ -437,13 +441,15 @@ class JobService:
                         job.params = {**job.params, "seed": cached[0].seed}
                 s.add(job)
                 s.flush()
-                if cached:
-                    s.add_all(cached_copies(cached, job))
+                copies = cached_copies(cached, job) if cached else []
+                if copies:
+                    s.add_all(copies)
                 else:
                     self.ledger.hold(s, project, job, decision.estimate,
                                      billable=billed_by_provider(self.router.registry.get(job.engine)))
                 if idempotency_key:
-                    idempotency.remember(s, idempotency_key, scope, digest, job_id=job.id)
+                    idempotency.remember(s, idempotency_key, scope, digest, job_id=job.id,
+                                         response=answer(job, copies) if answer else None)
             if job.cache_hit:
                 self._publish_cached(job)
             else:

@@ -155,7 +155,9 @@ class Asset(SQLModel, table=True):
 
 class IdempotencyKey(SQLModel, table=True):
     """A creating POST's key: the body it came with and what it made, a job, a project, a grant or
-    a project key (one of the four columns; kept at least 48 h, see `orchestrator.idempotency`)."""
+    a project key (one of the four columns; kept at least 48 h, see `orchestrator.idempotency`),
+    and the body of its first answer, which a replay answers with (none for a grant, whose entry
+    never changes, a project key, whose secret is not kept, and keys stored before 0016)."""
 
     __tablename__ = "idempotency_keys"
 
@@ -166,6 +168,7 @@ class IdempotencyKey(SQLModel, table=True):
     project_id: str | None = Field(default=None, foreign_key="projects.id", max_length=40)
     ledger_entry_id: int | None = Field(default=None, foreign_key="ledger_entries.id")
     api_key_id: str | None = Field(default=None, foreign_key="api_keys.id", max_length=40)
+    response: dict[str, Any] | None = Field(default=None, sa_type=sa.JSON, nullable=True)
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime, nullable=False, index=True)
 
 

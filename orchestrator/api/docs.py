@@ -120,8 +120,8 @@ def created(location: str | None, *, replayable: bool) -> dict[int | str, dict[s
         headers["Location"] = {"description": location, "schema": {"type": "string"}}
     if replayable:
         headers["Idempotent-Replayed"] = {
-            "description": "`true` when the Idempotency-Key was seen with this body before: this answers with "
-                           "what that first request made; nothing new was made.", "schema": {"type": "string"}}
+            "description": "`true` when the Idempotency-Key was seen with this body before: this is that first "
+                           "request's response; nothing new was made.", "schema": {"type": "string"}}
     return {201: {"description": "Created.", "headers": headers}}
 
 

@@ -46,8 +46,8 @@ router = APIRouter(tags=["projects"], route_class=StrictJSONRoute)
                             "Idempotency-Key) after `Retry-After`."})})
 def create_project(body: ProjectCreate, services: ServicesDep, caller: CallerDep, request: Request,
                    response: Response, idempotency_key: IdempotencyKey = None) -> ProjectPublic:
-    """Create a project. With an `Idempotency-Key`, a retry answers with the project the first
-    request made (as it is now) and creates nothing."""
+    """Create a project. With an `Idempotency-Key`, a retry answers with the first request's
+    response (the project as it was created) and creates nothing."""
     caller.admin("creating a project")
     # Defaults written out are the same request as one that leaves them out: a budget of no limit
     # (`{}`, `{"limit": null, "period": "none"}`), and the default policy, whose key a release that
@@ -80,13 +80,13 @@ def create_project(body: ProjectCreate, services: ServicesDep, caller: CallerDep
     try:
         with services.db.transaction() as s:
             # SQLite: under the write lock, a second request with the key finds the first's row here.
-            if key and (earlier := _project_of(s, idempotency.recall(s, key, scope, digest))):
+            if key and (earlier := _answered(s, idempotency.recall(s, key, scope, digest))):
                 return _replayed(earlier, response)
             project.id = new_id("prj")  # made under the write lock: ids are the list's cursors
             s.add(project)
             if key:
                 s.flush()  # the key's row points at the project's
-                idempotency.remember(s, key, scope, digest, project_id=project.id)
+                idempotency.remember(s, key, scope, digest, project_id=project.id, response=project_public(project))
     except IntegrityError:
         # PostgreSQL: a request with the same key committed first (the key is the primary key).
         if key and (earlier := _created_earlier(services, key, scope, digest)):
@@ -96,22 +96,27 @@ def create_project(body: ProjectCreate, services: ServicesDep, caller: CallerDep
     return project_public(project)
 
 
-def _replayed(project: Project, response: Response) -> ProjectPublic:
+def _replayed(first: ProjectPublic, response: Response) -> ProjectPublic:
     response.headers["Idempotent-Replayed"] = "true"
-    response.headers["Location"] = f"/v1/projects/{project.id}"
-    return project_public(project)
+    response.headers["Location"] = f"/v1/projects/{first.id}"
+    return first
 
 
-def _created_earlier(services: ServicesDep, key: str, scope: str, digest: str) -> Project | None:
+def _created_earlier(services: ServicesDep, key: str, scope: str, digest: str) -> ProjectPublic | None:
     with services.db.session() as s:
-        return _project_of(s, idempotency.recall(s, key, scope, digest))
+        return _answered(s, idempotency.recall(s, key, scope, digest))
 
 
-def _project_of(s: Session, row: IdempotencyKeyRow | None) -> Project | None:
+def _answered(s: Session, row: IdempotencyKeyRow | None) -> ProjectPublic | None:
+    """The first answer to the key's request (the original response, however the project has
+    changed since); for a key stored by an earlier release, which kept none, the project now."""
     if row is None:
         return None
+    if row.response is not None:
+        return ProjectPublic.model_validate(row.response)
     assert row.project_id is not None  # the scope is this path: only projects
-    return s.get(Project, row.project_id)
+    project = s.get(Project, row.project_id)
+    return None if project is None else project_public(project)
 
 
 @router.get("/projects", response_model=Page[ProjectPublic], summary="List projects", responses=with_query())

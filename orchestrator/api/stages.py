@@ -6,12 +6,13 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Request, Response
 
+from orchestrator import idempotency
 from orchestrator.api.deps import CallerDep, IdempotencyKey, ServicesDep, check_asset
 from orchestrator.api.docs import DRAFT_EXAMPLES, POLISH_EXAMPLES, PROMOTE_EXAMPLES, body_examples, with_body
 from orchestrator.api.jobs import public
 from orchestrator.api.json_body import StrictJSONRoute
 from orchestrator.api.serialize import job_public
-from orchestrator.models import Job
+from orchestrator.models import Asset, Job
 from orchestrator.schemas import DraftCreate, JobPublic, PolishCreate, PromoteCreate
 
 router = APIRouter(tags=["stages"], route_class=StrictJSONRoute)
@@ -19,7 +20,8 @@ router = APIRouter(tags=["stages"], route_class=StrictJSONRoute)
 _HEADERS = {
     "Location": {"description": "The job: `/v1/jobs/{id}`.", "schema": {"type": "string"}},
     "Idempotent-Replayed": {"description": "`true` when the Idempotency-Key was seen with this body before: "
-                            "this is that first job, nothing new was made or held.", "schema": {"type": "string"}},
+                            "this is that first request's response; nothing new was made or held.",
+                            "schema": {"type": "string"}},
 }
 ACCEPTED: dict[int | str, dict[str, Any]] = {
     202: {"description": "The job, committed (its estimate held) before this answer.", "headers": _HEADERS}}
@@ -56,8 +58,8 @@ def create_drafts(project_id: str, body: DraftCreate, services: ServicesDep, cal
     caller.project(project_id)
     job, created = services.jobs.submit(lambda: services.jobs.prepare_draft(project_id, body), body, engine=body.engine,
                                         max_credits=None, idempotency_key=idempotency_key,
-                                        scope=request.url.path)
-    return _answer(services, job, created, response)
+                                        scope=request.url.path, answer=first_answer)
+    return _answer(services, job, created, response, idempotency_key, request.url.path)
 
 
 @router.post("/assets/{asset_id}/promote", status_code=202, response_model=JobPublic,
@@ -72,8 +74,8 @@ def promote(asset_id: str, body: PromoteBody, services: ServicesDep, caller: Cal
     check_asset(services, caller, asset_id)
     job, created = services.jobs.submit(lambda: services.jobs.prepare_promote(asset_id, body), body, engine=body.engine,
                                         max_credits=body.max_credits, idempotency_key=idempotency_key,
-                                        scope=request.url.path)
-    return _answer(services, job, created, response)
+                                        scope=request.url.path, answer=first_answer)
+    return _answer(services, job, created, response, idempotency_key, request.url.path)
 
 
 @router.post("/assets/{asset_id}/polish", status_code=202, response_model=JobPublic,
@@ -86,15 +88,27 @@ def polish(asset_id: str, body: PolishBody, services: ServicesDep, caller: Calle
     check_asset(services, caller, asset_id)
     job, created = services.jobs.submit(lambda: services.jobs.prepare_polish(asset_id, body), body, engine=body.engine,
                                         max_credits=body.max_credits, idempotency_key=idempotency_key,
-                                        scope=request.url.path)
-    return _answer(services, job, created, response)
+                                        scope=request.url.path, answer=first_answer)
+    return _answer(services, job, created, response, idempotency_key, request.url.path)
 
 
-def _answer(services: ServicesDep, job: Job, created: bool, response: Response) -> JobPublic:
+def first_answer(job: Job, copies: list[Asset]) -> JobPublic:
+    """A new job as its request is answered: just written, nothing has happened to it yet (a
+    cache hit is finished, its assets copies of an earlier result's), so the rows in hand say it all."""
+    if job.cache_hit:
+        return job_public(job, [a.id for a in copies])
+    return job_public(job, [], held=job.estimated, charged=0)
+
+
+def _answer(services: ServicesDep, job: Job, created: bool, response: Response, key: str | None,
+            scope: str) -> JobPublic:
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     if created and not job.cache_hit:
-        # Just written, nothing has happened to it yet: answer from the row in hand, no re-reads.
-        return job_public(job, [], held=job.estimated, charged=0)
+        return first_answer(job, [])
     if not created:
         response.headers["Idempotent-Replayed"] = "true"
+        # The original response (API.md), not the job as it is now; a key stored by an earlier
+        # release kept no answer, and gets the job as it is now.
+        if key and (first := idempotency.first_answer(services.db, key, scope)) is not None:
+            return JobPublic.model_validate(first)
     return public(services, services.jobs.get(job.id))

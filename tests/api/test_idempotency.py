@@ -68,12 +68,14 @@ def test_same_key_same_body_replays(server: httpx.Client) -> None:
     assert raw_post(server, f"/v1/projects/{project}/drafts", BODY, "key-1\t ")["id"] == job_id
     assert job_count(server) == 1
 
-    # After the job finished, the replay still answers with that job (its current state).
+    # After the job finished, the replay is still the original response (API.md), byte for byte
+    # as JSON: the job as it was accepted, queued; the job itself is read with a GET.
     wait_for_job(server, job_id, ("succeeded",))
     replay = post(server, project, BODY, "key-1")
     assert replay.status_code == 202
-    assert replay.json()["id"] == job_id
-    assert replay.json()["status"] == "succeeded"
+    assert replay.json() == first.json()
+    assert replay.json()["status"] == "queued" and replay.json()["assets"] == []
+    assert server.get(f"/v1/jobs/{job_id}").json()["status"] == "succeeded"
     assert job_count(server) == 1
 
 
@@ -175,13 +177,15 @@ def test_a_key_stored_by_an_earlier_release_still_replays(server: httpx.Client,
     job_id = post(server, project, BODY, "old-key").json()["id"]
     db = Database(make_settings().resolved_database_url)
     try:
-        with db.transaction() as s:  # as a release hashing every default kept it
+        with db.transaction() as s:  # as a release hashing every default, and keeping no answer, kept it
             s.execute(update(IdempotencyKey).where(col(IdempotencyKey.key) == "old-key")
-                      .values(request_hash=idempotency.request_hash(DraftCreate(**BODY)).legacy))
+                      .values(request_hash=idempotency.request_hash(DraftCreate(**BODY)).legacy, response=None))
     finally:
         db.dispose()
+    wait_for_job(server, job_id, ("succeeded",))
     again = post(server, project, BODY, "old-key")
     assert again.json()["id"] == job_id and again.headers["idempotent-replayed"] == "true"
+    assert again.json()["status"] == "succeeded"  # no first answer kept: the job as it is now
     # A key such a release kept as its bytes read as latin-1.
     accented = post_key(server, project, BODY, "clé".encode()).json()["id"]
     db = Database(make_settings().resolved_database_url)
@@ -230,13 +234,13 @@ def test_a_retried_project_creation_makes_one_project(server: httpx.Client) -> N
     assert "idempotent-replayed" not in first.headers
     project_id = first.json()["id"]
 
-    # Renamed since: the replay answers with the project as it is now, like a job's replay.
+    # Renamed since: the replay is still the original response, as a job's replay is.
     assert server.patch(f"/v1/projects/{project_id}", json={"name": "renamed"}).status_code == 200
     again = post_project(server, body, "prj-key-1")
     assert again.status_code == 201
     assert again.headers["idempotent-replayed"] == "true"
     assert again.headers["location"] == f"/v1/projects/{project_id}"
-    assert (again.json()["id"], again.json()["name"]) == (project_id, "renamed")
+    assert again.json() == first.json() and again.json()["name"] == "retried"
     assert project_ids(server) == [*before, project_id]
 
     error = assert_error(post_project(server, {**body, "name": "other"}, "prj-key-1"), 409, "idempotency_conflict")

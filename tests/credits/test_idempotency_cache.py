@@ -48,8 +48,9 @@ def test_same_key_same_body_replays_the_job(api: httpx.Client, stage: str) -> No
     assert second.json()["id"] == first.json()["id"]
     assert second.headers.get("idempotent-replayed") == "true"
     wait_for_job(api, first.json()["id"])
-    third = send()  # after it finished, still the same job
-    assert third.json()["id"] == first.json()["id"]
+    third = send()  # after it finished, still the same job, answered as it was first: held, not charged
+    assert third.json() == first.json()
+    assert third.json()["cost"]["held"] == PRICE and third.json()["cost"]["charged"] == 0
 
     assert len(jobs_of(api, project_id, stage)) == 1
     assert kinds(ledger(api, project_id)) == {"hold": 1, "capture": 1}
@@ -118,8 +119,15 @@ def test_a_seedless_polish_of_a_seedless_image_is_served_from_the_cache(api: htt
     first = wait_for_job(api, api.post(f"/v1/assets/{bridged}/polish", json={"cache": True, "scale": 2}).json()["id"])
     assert first["status"] == "succeeded" and not first["cost"]["cache_hit"]
     assert api.post("/v1/route/explain", json=explain).json()["cache_hit"]
-    second = api.post(f"/v1/assets/{bridged}/polish", json={"cache": True, "scale": 2}).json()
+    keyed = api.post(f"/v1/assets/{bridged}/polish", json={"cache": True, "scale": 2},
+                     headers={"Idempotency-Key": "seedless-copy"})
+    second = keyed.json()
     assert second["cost"]["cache_hit"] and second["cost"]["charged"] == 0, second
+    # A copy's first answer is finished, its assets listed: a replay says the same.
+    replay = api.post(f"/v1/assets/{bridged}/polish", json={"cache": True, "scale": 2},
+                      headers={"Idempotency-Key": "seedless-copy"})
+    assert replay.headers["idempotent-replayed"] == "true" and replay.json() == second
+    assert second["status"] == "succeeded" and len(second["assets"]) == 1
     assert get_json(api, f"/v1/projects/{project_id}/budget")["charged"] == 2 * PRICE  # the bridge and one polish
     # Its params say the seed its image was made with (none), not one drawn for a render that never ran.
     assert second["params"]["seed"] is None and get_json(api, f"/v1/assets/{second['assets'][0]}")["seed"] is None
