@@ -24,7 +24,7 @@ import random
 import socket
 import time
 import zlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
@@ -421,11 +421,13 @@ class RemoteClient:
         idempotent: bool = False,
         deadline: float | None = None,
         cancel: CancelToken | None = None,
+        answered: Collection[int] = (),
         **kwargs: Any,
     ) -> httpx.Response:
         """Send with retries; return the first answer that is not 408/429/5xx.
 
-        401/403 raise `EngineUnavailable` at once. Other 4xx are returned: the engine knows its
+        401/403 raise `EngineUnavailable` at once, unless listed in `answered` (a provider whose
+        403 may be about the request, not the key). Other 4xx are returned: the engine knows its
         provider's error body (moderation, validation) and calls `fail()` or maps it itself.
 
         With `cancel`, a cancel ends the call with `Canceled`, which says what it may have cost:
@@ -461,7 +463,7 @@ class RemoteClient:
                 f"{self.engine}: could not reach the provider ({exc}); nothing was sent",
                 details={"engine": self.engine},
             ) from None
-        if response.status_code in (401, 403):
+        if response.status_code in (401, 403) and response.status_code not in answered:
             raise EngineUnavailable(
                 f"{self.engine} refused the credentials (HTTP {response.status_code}): check {self.key_setting}",
                 details={"engine": self.engine, "status": response.status_code, "setting": self.key_setting},

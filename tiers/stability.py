@@ -39,7 +39,7 @@ from orchestrator.errors import (
     EngineUnavailable,
 )
 from tiers._cloud import Asked, CloudEngine, paid_calls, reading_an_answer
-from tiers._http import RemoteClient, header_request_id, json_object
+from tiers._http import RemoteClient, error_text, header_request_id, json_object
 from tiers._images import b64decode_tolerant, decode_image, encode_image, shaped_as
 from tiers.base import (
     CancelToken,
@@ -335,16 +335,9 @@ class StabilityEngine(CloudEngine):
             raise
 
     async def _send(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
-        try:
-            return await self.http.request(method, url, **kwargs)
-        except EngineUnavailable as exc:
-            # Stability answers a bad key with 401 and reserves 403 for content moderation, which
-            # the shared client reports as a credentials problem.
-            if exc.details.get("status") != 403:
-                raise
-            raise ContentFiltered(f"{self.name} refused the request (content moderation, HTTP 403)",
-                                  details={"engine": self.name, "reason": "content_moderation",
-                                           "status": 403}) from None
+        # Stability answers a bad key with 401 and content moderation with 403, which its body
+        # tells from the 403 of a permission or a blocked network (`_error`).
+        return await self.http.request(method, url, answered=(403,), **kwargs)
 
     def _result(self, response: httpx.Response) -> tuple[Any, int | None, str]:
         body = json_object(response, self.name)
@@ -372,10 +365,22 @@ class StabilityEngine(CloudEngine):
             body = response.json()
         except ValueError:
             body = None
+        status = response.status_code
         if isinstance(body, dict) and body.get("name") == "content_moderation":
             return ContentFiltered(f"{self.name} refused the request (content moderation)",
-                                   details={"engine": self.name, "reason": "content_moderation",
-                                            "status": response.status_code})
+                                   details={"engine": self.name, "reason": "content_moderation", "status": status})
+        # Refusals of the account, not of the request: another engine may well take the job.
+        details = {"engine": self.name, "status": status}
+        if status == 402:
+            return EngineUnavailable(f"{self.name} refused to bill the account (HTTP 402): {error_text(response)}; "
+                                     "check its credits", details=details)
+        if status == 403:
+            return EngineUnavailable(f"{self.name} refused the request (HTTP 403): {error_text(response)}; check "
+                                     f"{self.http.key_setting} and the account's permissions",
+                                     details={**details, "setting": self.http.key_setting})
+        if status == 404:
+            return EngineUnavailable(f"{self.name} has no such endpoint (HTTP 404, {response.request.url.path}): "
+                                     f"{error_text(response)}; check ORCH_STABILITY_BASE_URL", details=details)
         return self.http.fail(response)
 
 

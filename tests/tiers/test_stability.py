@@ -286,6 +286,29 @@ async def test_401_fails_at_once_naming_the_setting(engine: StabilityEngine, cap
 
 
 @respx.mock
+@pytest.mark.parametrize(("response", "said"), [
+    (httpx.Response(402, json={"id": "x", "name": "payment_required", "errors": ["You lack sufficient credits"]}),
+     "credits"),
+    (httpx.Response(403, json={"id": "x", "name": "forbidden", "errors": ["organization not permitted"]}),
+     "STABILITY_API_KEY"),
+    (httpx.Response(403, text="<html>Access denied | Cloudflare</html>", headers={"content-type": "text/html"}),
+     "STABILITY_API_KEY"),
+    (httpx.Response(404, json={"id": "x", "name": "not_found", "errors": ["no such route"]}), "BASE_URL"),
+])
+async def test_a_refusal_of_the_account_leaves_the_job_to_another_engine(
+        engine: StabilityEngine, response: httpx.Response, said: str) -> None:
+    # An account out of credits (or a 403 that is not moderation, or a retired endpoint) failed
+    # every job routed here as the request's fault, `invalid_request` or `content_filtered`, with
+    # no fallback to the next engine.
+    route = respx.post(SD3).mock(return_value=response)
+    with pytest.raises(EngineUnavailable, match=said) as info:
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    assert route.call_count == 1
+    assert info.value.retryable and info.value.charged == "no"
+    assert info.value.details["status"] == response.status_code
+
+
+@respx.mock
 async def test_bad_request_is_not_retried(engine: StabilityEngine) -> None:
     route = respx.post(SD3).mock(return_value=httpx.Response(
         400, json={"id": "x", "name": "bad_request", "errors": ["strength: must be between 0 and 1"]}))
