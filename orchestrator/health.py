@@ -1,9 +1,10 @@
 """Engine health: a circuit breaker per engine and observed latencies per engine and stage.
 
 After `threshold` consecutive failures an engine's circuit opens: routing skips it for
-`cooldown` seconds; then one job is let through as a probe (half-open): the first one routed (or
-fallen back) to it, reserved with its routing (`reserve`) and held from its commit (`adopt`) until
-its verdict, or one queued before the circuit opened that starts on it (`assign`). A success closes
+`cooldown` seconds, and jobs queued for it wait (or move to another candidate of their routing);
+then one job is let through as a probe (half-open): the first one routed (or fallen back) to it,
+reserved with its routing (`reserve`) and held from its commit (`adopt`) until its verdict, or the
+first queued one admitted to start (`admit`). A success closes
 the circuit; a failed probe opens it again; a probe that ends without a verdict (canceled, refused
 as bad input) lets the next one through, and one that never reports (its job deleted by a crash)
 after `cooldown` seconds.
@@ -143,10 +144,27 @@ class EngineHealth:
             if c.probe == token:
                 c.probe, c.holders = job_id, 1
 
+    def admit(self, engine: str, job_id: str) -> bool:
+        """May the queued job `job_id` start on `engine` now? Not while the circuit cools, nor
+        while another job's probe is out; past the cooldown with no probe out it becomes the probe
+        (in one step, as `reserve`). A job queued before the circuit opened waits for the verdict
+        rather than meet the failures that opened it (a provider that hangs bills each one)."""
+        with self._lock:
+            c = self._get(engine)
+            if c.opened_at is None:
+                return True
+            now = self.clock()
+            if self._probe_out(c, now):
+                return c.probe == job_id
+            if now - c.opened_at < self.cooldown:
+                return False
+            c.probe, c.probe_until, c.holders = job_id, now + self.cooldown, 1
+            return True
+
     def assign(self, engine: str, job_id: str) -> None:
         """A job starts on `engine`. Past the cooldown with no probe out, it is the probe: nobody
-        else is let through until it reports. A job queued before the circuit opened becomes the
-        probe when it starts, even while the circuit cools: what it finds is the verdict."""
+        else is let through until it reports. (Queued jobs are admitted first, see `admit`; one
+        that follows work a provider already has starts whatever the circuit says.)"""
         with self._lock:
             c = self._get(engine)
             now = self.clock()

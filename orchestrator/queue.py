@@ -33,7 +33,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import func, update
 from sqlmodel import col, select
@@ -46,6 +46,7 @@ from orchestrator.jobs import render_request
 from orchestrator.ledger import Ledger
 from orchestrator.models import Job
 from orchestrator.outage import Outage
+from orchestrator.routing import fallbacks
 from orchestrator.runner import FINAL_WRITE_SECONDS, Claim, JobRunner, followable, reattachable, restartable
 from orchestrator.workers import DeviceLock, Presence, owner_id
 from tiers.base import CancelToken, Engine, Restartable, Withdrawable
@@ -302,9 +303,17 @@ class Scheduler:
                     continue  # not an engine of this process (see `_fail_unserved`)
                 if lane_use.get(lane, 0) >= limit:
                     continue
-                claim = self._claim(job)
+                circuit = self._circuit(job)
+                if circuit == "wait":
+                    continue
+                try:
+                    claim = self._claim(job)
+                finally:
+                    if job.id not in self._claimed:  # not claimed: a probe admitted for it goes back
+                        self.runner.health.finished(job.engine, job.id)
                 if claim is None:
                     continue
+                claim.circuit_open = circuit == "move"
                 lane_use[lane] = lane_use.get(lane, 0) + 1
                 claims.append((claim, lane))
         except Exception:
@@ -331,14 +340,39 @@ class Scheduler:
             # Another process held the device a moment ago: until the next timed look, the bells
             # (every commit of that busy worker rings) wake this one for other work only.
             free = [name for name in free if name not in local]
-        jobs = self._oldest_queued(free)
+        jobs = self._oldest_of(free)
         # The device is taken only when there is local work for it, so that a process that never
         # runs a local job leaves it to the workers that do.
         if (device is not None and not device.held and any(j.engine in local for j in jobs)
                 and not device.try_acquire()):
             self._device_elsewhere_until = time.monotonic() + self.poll_interval
-            jobs = self._oldest_queued([name for name in free if name not in local])
+            jobs = self._oldest_of([name for name in free if name not in local])
         return jobs
+
+    def _oldest_of(self, engines: list[str]) -> list[Job]:
+        """`_oldest_queued`, the jobs of engines whose circuit is open after the others': most of
+        them wait (see `_circuit`), and a backlog of them must not crowd the rest out of the batch."""
+        cooling = [name for name in engines if not self.runner.health.allow(name)]
+        jobs = self._oldest_queued([name for name in engines if name not in cooling])
+        return jobs + self._oldest_queued(cooling) if cooling else jobs
+
+    def _circuit(self, job: Job) -> Literal["go", "move", "wait"]:
+        """What a queued job does as its engine's circuit breaker says: `go` when the engine may be
+        sent it (closed, or admitted as its half-open probe); else `move` to the next candidate of
+        its routing that may take it (the runner moves it, as a fallback that sent nothing), or
+        `wait` in the queue for the verdict. Sent to an engine failing every job, each would fail
+        too, and one that hangs bills each. Work a provider already has is followed regardless."""
+        work = job.provider_work or {}
+        if work.get("handles") and work.get("engine") == job.engine:
+            return "go"
+        health = self.runner.health
+        if health.admit(job.engine, job.id):
+            return "go"
+        tried = {a["engine"] for a in job.attempts or []} | {job.engine}
+        for name in fallbacks(job.routing, tried):
+            if name in self.registry and self.registry.get(name).availability()[0] and health.allow(name):
+                return "move"
+        return "wait"
 
     def _oldest_queued(self, engines: list[str]) -> list[Job]:
         """Queued jobs in turns by project: each project's oldest, then each one's next, and so on;

@@ -40,6 +40,7 @@ from orchestrator.errors import (
     Charged,
     ContentUnavailable,
     EngineError,
+    EngineUnavailable,
     Interrupted,
     OrchestratorError,
     first_line,
@@ -124,6 +125,8 @@ class Claim:
     lease: float = 0.0
     renewed: float = field(default_factory=time.monotonic)
     renewed_wall: float = field(default_factory=time.time)
+    # Claimed to be moved to another candidate without being sent: its engine's circuit is open.
+    circuit_open: bool = False
 
     def since_renewed(self) -> float:
         """Seconds since the lease was last taken or renewed, by whichever clock says more: the
@@ -375,6 +378,10 @@ class JobRunner:
         ran_on = job.engine  # a fallback moves the job (and its probe) to another engine
         try:
             claim.cancel.raise_if_cancelled()  # canceled between its claim and this start
+            if claim.circuit_open:  # falls back (as below), or fails when no candidate takes it
+                raise EngineUnavailable(f"engine '{job.engine}' is failing every job (its circuit is open), and no "
+                                        "other candidate of the job's routing could take it; it was not sent",
+                                        details={"engine": job.engine, "circuit": "open"}, charged="no")
             result = await self._render_probed(claim)
             engine_returned = True
             asset_ids = await self._store(claim, result, started)

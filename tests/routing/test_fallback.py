@@ -8,6 +8,7 @@ import json
 import logging
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -537,6 +538,43 @@ def test_a_probe_canceled_while_queued_lets_the_next_one_through(
         for job in [*busy, after]:
             client.post(f"/v1/jobs/{job['id']}/cancel")
         assert after["engine"] == "fake-paid", after["routing"]["candidates"]
+
+
+def test_jobs_queued_before_the_circuit_opened_are_not_sent_while_it_is_open(
+        new_settings: SettingsFactory, fallback_policies: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The breaker was asked only by routing: every job queued for the engine before it opened was
+    still sent to it, through the cooldown and beside the probe (a provider that hangs billed each).
+    Now a queued job moves to the next candidate of its routing, unsent, or, with none (an engine
+    asked for by name), waits in the queue until the cooldown has passed and goes as the probe."""
+    clock = Clock()
+    made = breakers(monkeypatch, clock)
+    with running(new_settings(engines=FAKE_ENGINES, policy="fallback-test", policy_dir=fallback_policies)) as client:
+        _, asset_id = draft_asset(client)
+        busy = [promote(client, asset_id, engine="fake-paid", tags={"fake": "hang"}) for _ in range(4)]
+        for job in busy:  # fake-paid's 4 lanes: the next jobs wait in the queue
+            wait_for_job(client, job["id"], ("running",))
+        routed = promote(client, asset_id)
+        named = promote(client, asset_id, engine="fake-paid")
+        assert routed["engine"] == named["engine"] == "fake-paid"
+        for _ in range(2):
+            made[0].failed("fake-paid")  # the circuit opens (other jobs failed meanwhile)
+        for job in busy:  # lanes free
+            assert client.post(f"/v1/jobs/{job['id']}/cancel").status_code == 202
+
+        moved = wait_for_job(client, routed["id"])
+        assert (moved["status"], moved["engine"]) == ("succeeded", "fake-b"), moved
+        first = moved["attempts"][0]
+        assert (first["engine"], first["error"]["code"]) == ("fake-paid", "engine_unavailable")
+        assert first["error"]["details"]["circuit"] == "open"
+        assert moved["cost"]["charged"] == 20.0  # fake-b's price alone: fake-paid was never sent it
+        time.sleep(1.5)  # dispatch looks again every poll interval
+        assert client.get(f"/v1/jobs/{named['id']}").json()["status"] == "queued"
+
+        clock.now += 61  # half-open: the waiting job is admitted as the probe, and closes the circuit
+        done = wait_for_job(client, named["id"])
+        assert (done["status"], done["engine"]) == ("succeeded", "fake-paid"), done
+        assert [a["engine"] for a in done["attempts"]] == ["fake-paid"]
+        assert health(client)["fake-paid"] == "ok"
 
 
 def test_a_job_canceled_as_its_fallback_commits_leaves_the_next_engine_s_probe_free(

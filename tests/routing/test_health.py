@@ -235,6 +235,20 @@ def test_one_probe_at_a_time_from_its_routing_to_its_verdict(clock: Clock) -> No
     assert health.allow("gemini") and health.state("gemini") == "ok"
 
 
+def test_a_queued_job_is_admitted_only_as_the_probe(clock: Clock) -> None:
+    health = process(clock)
+    assert health.admit("gemini", "job-a") and health.admit("gemini", "job-b")  # closed: all go
+    for _ in range(3):
+        health.failed("gemini")
+    assert not health.admit("gemini", "job-a")  # cooling: it waits, and takes no probe
+    clock.now += 31
+    assert health.admit("gemini", "job-a") and not health.admit("gemini", "job-b")
+    assert health.admit("gemini", "job-a")  # looked at again, it is still the probe
+    assert not health.reserve("gemini", "submit-c")  # nor may a new request take it
+    health.finished("gemini", "job-a")  # not claimed after all (another worker was first)
+    assert health.admit("gemini", "job-b")
+
+
 def test_a_probe_is_reserved_in_one_step_and_lapses_unless_adopted(clock: Clock) -> None:
     health = process(clock)
     for _ in range(3):
