@@ -32,21 +32,25 @@ class Outage:
         self._since: float | None = None
         self._told = 0.0
         self._tries = 0
-        self._kinds: set[type[BaseException]] = set()  # told with a traceback in this outage
+        # Kinds told in this outage: a type, and whether it said the database is away (a locked
+        # SQLite and a missing table are both an OperationalError, and only the first is a blip).
+        self._kinds: set[tuple[type[BaseException], bool]] = set()
 
     def failed(self, exc: BaseException) -> None:
         now = self.clock()
         self._tries += 1
         since = self._since = now if self._since is None else self._since
-        if type(exc) not in self._kinds and self.away(exc):
+        away = self.away(exc)
+        kind = (type(exc), away)
+        if kind not in self._kinds and away:
             # Every loop of every process meets the same blip: a line each, not a traceback each.
             self._told = now
-            self._kinds.add(type(exc))
+            self._kinds.add(kind)
             self.logger.warning("%s failed; %s (the database is away: %s)", self.duty, self.retry,
                                 first_line(exc, type(exc).__name__)[:300])
-        elif type(exc) not in self._kinds:
+        elif kind not in self._kinds:
             self._told = now
-            self._kinds.add(type(exc))
+            self._kinds.add(kind)
             self.logger.log(self.level, "%s failed; %s", self.duty, self.retry, exc_info=exc)
         elif now - self._told >= REMIND_SECONDS:
             self._told = now

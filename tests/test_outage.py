@@ -80,3 +80,21 @@ def test_a_database_that_is_away_is_a_warning_s_line_until_it_has_been_away_a_mi
                     (logging.INFO, "dispatch works again", False)]
     assert "server closed the connection unexpectedly" in caplog.records[0].getMessage()
     assert "\n" not in caplog.records[0].getMessage()
+
+
+def test_a_real_error_after_a_locked_database_of_the_same_type_is_told_whole(
+        caplog: pytest.LogCaptureFixture) -> None:
+    # Kinds were told apart by type alone: a missing table after a "database is locked" (both an
+    # OperationalError) was a debug line for a minute, then a reminder's first line, never its traceback.
+    from sqlalchemy.exc import OperationalError
+
+    outage = Outage(logging.getLogger("tests.outage"), "dispatch", "retrying", clock=lambda: 0.0)
+    locked = OperationalError("UPDATE jobs", {}, Exception("database is locked"))
+    missing = OperationalError("SELECT jobz", {}, Exception("no such table: jobz"))
+    with caplog.at_level(logging.INFO, logger="tests.outage"):
+        outage.failed(locked)
+        outage.failed(missing)
+        outage.failed(missing)
+    told = [(r.levelno, r.exc_info is not None) for r in caplog.records]
+    assert told == [(logging.WARNING, False), (logging.ERROR, True)]
+    assert "no such table" in str(caplog.records[1].exc_info[1])  # type: ignore[index]
