@@ -41,8 +41,10 @@ from typing import Any
 
 from PIL import Image, PngImagePlugin
 
+from orchestrator.db import stored_json
 from orchestrator.errors import ContentUnavailable, NotFound
 from orchestrator.ids import ID_RE
+from tiers._images import eight_bit
 from tiers.registry import HOSTED
 
 log = logging.getLogger(__name__)
@@ -189,11 +191,15 @@ def infotext(record: dict[str, Any]) -> str:
 
 def encode_png(image: Image.Image, record: dict[str, Any]) -> bytes:
     # The file travels (a client, a pipeline, a website): it names the model, not where it lives.
-    record = {**record, "model": model_name(record.get("model"), record.get("engine"))}
+    # Its values as the database keeps them (`stored_json`): a plugin's numpy guidance failed the
+    # job's store after its images were made (and billed), and a NaN made a chunk no strict JSON
+    # reader takes, saying otherwise than the API's record.
+    record = json.loads(stored_json({**record, "model": model_name(record.get("model"), record.get("engine"))}))
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", infotext(record))
-    info.add_itxt(RECORD_CHUNK, json.dumps(record, sort_keys=True, separators=(",", ":")))
+    info.add_itxt(RECORD_CHUNK, json.dumps(record, sort_keys=True, separators=(",", ":"), allow_nan=False))
     buf = io.BytesIO()
+    image = eight_bit(image)
     rgb = image if image.mode in ("RGB", "RGBA") else image.convert("RGB")
     rgb.save(buf, format="PNG", pnginfo=info, optimize=False, compress_level=PNG_COMPRESS_LEVEL)
     return buf.getvalue()
@@ -312,8 +318,18 @@ class ArtifactStore:
         except FileNotFoundError:
             self.write_atomic(path, data)
             return sha
-        except OSError:
-            same = True  # cannot be read: as before, the utime below decides
+        except OSError as exc:
+            # Cannot be read (a restore with the wrong owner or mode, a bad sector, a folder in
+            # its place): the bytes in hand replace it, so the new row and the earlier ones that
+            # name it are served again. Where none can be written, the file stays as it was.
+            log.warning("asset file %s cannot be read (%s): written again", path.name, exc.strerror or exc)
+            try:
+                self.write_atomic(path, data)
+            except OSError:
+                if path.is_file():
+                    return sha
+                raise
+            return sha
         if not same:
             # A damaged copy (cut short by a crash of the disk, rotted, or edited by hand): the new
             # row must not name it, and the earlier rows that do get their bytes back.
@@ -373,6 +389,15 @@ class ArtifactStore:
             raise ContentUnavailable(
                 f"the image file {sha256[:12]} is missing from the store: restore it from a backup "
                 "(`orchestrator check` lists every missing file)", details={"sha256": sha256, "reason": "missing"},
+            ) from None
+        except OSError as exc:
+            # Not a bug of ours (an internal_error), but the store's: its owner or mode after a
+            # restore, a disk's read error. `check` lists it as unreadable.
+            log.error("asset file %s cannot be read: %s", path, exc)
+            raise ContentUnavailable(
+                f"the image file {sha256[:12]} cannot be read from the store ({exc.strerror or type(exc).__name__}): "
+                "the operator must mend its file (`orchestrator check` lists every unreadable file)",
+                details={"sha256": sha256, "reason": "unreadable"},
             ) from None
         if hashlib.sha256(data).hexdigest() != sha256:
             log.error("asset file %s is damaged: its bytes do not hash to its name", path)

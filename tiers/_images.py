@@ -10,7 +10,8 @@ import math
 import warnings
 from collections.abc import Sequence
 
-from PIL import Image
+import numpy as np
+from PIL import Image, ImageOps
 
 from orchestrator.errors import EngineError
 
@@ -74,9 +75,26 @@ def decode_image(data: bytes, engine: str) -> Image.Image:
                           details={"width": width, "height": height})
     try:
         img.load()
+        # A camera-style JPEG says which way is up in its EXIF: stored as its pixels lie, it was sideways.
+        upright = ImageOps.exif_transpose(img)
     except Exception as exc:
         raise EngineError(f"{engine}: the provider returned bytes that are not an image") from exc
-    return img
+    return eight_bit(upright if upright is not None else img)
+
+
+SIXTEEN_BIT = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N"})
+
+
+def eight_bit(image: Image.Image) -> Image.Image:
+    """`image` in a mode a PNG of the store holds as it looks: 16-bit grey scaled to 8 bits (PIL's
+    own conversion clips it at 255, and a mid-grey image was stored white), and a palette's or a
+    grey image's transparency kept as an alpha channel (not a colour key other pixels may share)."""
+    if image.mode in SIXTEEN_BIT:
+        wide = np.asarray(image if image.mode == "I" else image.convert("I"), dtype=np.int64)
+        return Image.fromarray((np.clip(wide, 0, 65535) >> 8).astype(np.uint8)).convert("RGB")
+    if image.mode in ("LA", "PA", "La") or (image.mode in ("P", "L", "RGB") and "transparency" in image.info):
+        return image.convert("RGBA")
+    return image
 
 
 def shaped_as(image: Image.Image, width: int, height: int, min_side: int = 1) -> Image.Image:

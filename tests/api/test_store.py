@@ -124,6 +124,41 @@ def test_a_damaged_copy_of_the_same_bytes_is_written_again(tmp_path: Path) -> No
     assert store.get(sha) == data
 
 
+def test_an_unreadable_file_is_content_unavailable_and_the_same_bytes_mend_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Any read error but "missing" escaped as a bug (500 internal_error) from content, promote and
+    # polish; and the same image made again was pointed at the file it could not read.
+    store = ArtifactStore(tmp_path / "assets")
+    data = b"an image's bytes" * 64
+    sha = store.put(data)
+    path = store.path_for(sha)
+    restored, read_bytes = path.stat().st_ino, Path.read_bytes
+
+    def refused(self: Path) -> bytes:  # its owner's after a restore (the tests run as root)
+        if self == path and self.stat().st_ino == restored:
+            raise PermissionError(13, "Permission denied", str(self))
+        return read_bytes(self)
+
+    monkeypatch.setattr(Path, "read_bytes", refused)
+    with pytest.raises(ContentUnavailable) as info:
+        store.get(sha)
+    assert info.value.details == {"sha256": sha, "reason": "unreadable"}
+    assert "Permission denied" in info.value.message
+    assert store.put(data) == sha
+    assert store.get(sha) == data  # a new file in its place
+
+
+def test_a_folder_where_the_file_should_be_is_content_unavailable(tmp_path: Path) -> None:
+    store = ArtifactStore(tmp_path / "assets")
+    sha = store.put(b"bytes")
+    path = store.path_for(sha)
+    path.unlink()
+    path.mkdir()
+    with pytest.raises(ContentUnavailable) as info:
+        store.get(sha)
+    assert info.value.details["reason"] == "unreadable"
+
+
 def test_sweep_temp_removes_leftovers_of_a_crash(tmp_path: Path) -> None:
     store = ArtifactStore(tmp_path / "assets")
     sha = store.put(b"kept")
@@ -438,6 +473,43 @@ def test_png_carries_infotext_and_record() -> None:
     ]  # the sampler as AUTOMATIC1111 names it (its class name was written), the record keeps the class
     # Deterministic: the same image and record encode to the same bytes.
     assert encode_png(Image.new("RGB", (8, 8), (1, 2, 3)), dict(record)) == data
+
+
+def test_a_plugin_s_numpy_and_nan_values_are_stored_as_the_database_keeps_them() -> None:
+    # A numpy float failed the job's store after its images were made (and billed); a NaN made a
+    # chunk no strict JSON reader takes ("guidance_scale":NaN) and an infotext of "CFG scale: nan".
+    import numpy as np
+
+    record: dict[str, Any] = {"prompt": "a fox", "seed": np.int64(7), "guidance_scale": np.float32(2.5),
+                              "strength": float("nan"), "width": 8, "height": 8, "model": "m", "engine": "plugin"}
+    data = encode_png(Image.new("RGB", (8, 8)), record)
+    with Image.open(io.BytesIO(data)) as img:
+        chunk, parameters = img.info["orchestrator"], img.info["parameters"]
+    assert json.loads(chunk, parse_constant=lambda c: pytest.fail(f"{c} in the record")) == {
+        "prompt": "a fox", "seed": 7, "guidance_scale": 2.5, "strength": None, "width": 8, "height": 8,
+        "model": "m", "engine": "plugin"}
+    assert "CFG scale: 2.5" in parameters and "nan" not in parameters
+
+
+@pytest.mark.parametrize(("mode", "value", "stored"), [
+    ("I;16", 32896, (128, 128, 128)),  # mid grey of a 16-bit image: was stored white (clipped at 255)
+    ("I", 65535, (255, 255, 255)),
+])
+def test_a_16_bit_grey_image_is_scaled_to_8_bits_not_clipped(mode: str, value: int,
+                                                              stored: tuple[int, int, int]) -> None:
+    data = encode_png(Image.new(mode, (4, 4), value), {"prompt": "p", "width": 4, "height": 4})
+    with Image.open(io.BytesIO(data)) as img:
+        assert (img.mode, img.getpixel((0, 0))) == ("RGB", stored)
+
+
+def test_a_palette_s_transparency_is_kept_as_alpha() -> None:
+    palette = Image.new("P", (2, 1))
+    palette.putpalette([255, 0, 0, 0, 0, 255])
+    palette.putpixel((1, 0), 1)
+    palette.info["transparency"] = 1
+    with Image.open(io.BytesIO(encode_png(palette, {"prompt": "p"}))) as img:
+        assert img.mode == "RGBA"
+        assert (img.getpixel((0, 0)), img.getpixel((1, 0))) == ((255, 0, 0, 255), (0, 0, 255, 0))
 
 
 def test_a_prompt_cannot_write_lines_of_its_own_into_the_infotext() -> None:

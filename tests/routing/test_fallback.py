@@ -809,9 +809,9 @@ def test_a_copy_of_an_earlier_result_needs_no_room_in_the_budget(paid_server: ht
     assert [e["kind"] for e in ledger(paid_server, project_id)] == ["hold", "capture"]
 
 
-@pytest.mark.parametrize("loss", ["gone", "rotted"])
+@pytest.mark.parametrize("loss", ["gone", "rotted", "unreadable"])
 def test_a_copy_of_a_result_whose_file_is_gone_or_damaged_is_rendered_again(
-        new_settings: SettingsFactory, tmp_path: Path, loss: str) -> None:
+        new_settings: SettingsFactory, tmp_path: Path, loss: str, monkeypatch: pytest.MonkeyPatch) -> None:
     folder = write_policies(tmp_path / "policies", {"fallback-test": FALLBACK_POLICY})
     settings = new_settings(engines=FAKE_ENGINES, policy="fallback-test", policy_dir=folder)
     with running(settings) as client:
@@ -822,9 +822,21 @@ def test_a_copy_of_a_result_whose_file_is_gone_or_damaged_is_rendered_again(
         path = settings.assets_dir / sha[:2] / f"{sha}.png"
         if loss == "gone":
             path.unlink()  # removed by hand, a lost disk
-        else:  # one byte changed, the size kept: a free copy whose image could never be served
+        elif loss == "rotted":  # one byte changed, the size kept: a free copy whose image could never be served
             path.chmod(0o644)
             path.write_bytes(path.read_bytes()[:-1] + b"?")
+        else:
+            # Restored from a backup with the wrong owner (its reads refused; the tests run as root,
+            # whom a file's mode does not stop): every identical request was a 500 internal_error,
+            # the copy it found stopping it before it could render again.
+            restored, read_bytes = path.stat().st_ino, Path.read_bytes
+
+            def refused(self: Path) -> bytes:
+                if self == path and self.stat().st_ino == restored:
+                    raise PermissionError(13, "Permission denied", str(self))
+                return read_bytes(self)
+
+            monkeypatch.setattr(Path, "read_bytes", refused)
         again = promote(client, asset_id, **body)
         assert again["cost"]["cache_hit"] is False and again["cost"]["estimated"] == 10
         done = wait_for_job(client, again["id"])

@@ -219,6 +219,34 @@ def test_the_formats_providers_send_are_decoded(fmt: str) -> None:
     assert decode_image(buf.getvalue(), "prov").size == (16, 8)
 
 
+def test_a_jpeg_is_turned_upright_as_its_exif_says() -> None:
+    # Orientation 6 (rotate 90 degrees clockwise to view): stored as its pixels lay, it was sideways.
+    import io
+
+    from PIL import Image
+
+    from tiers._images import decode_image
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 8), (200, 10, 10)).save(buf, format="JPEG", exif=exif)
+    assert decode_image(buf.getvalue(), "prov").size == (8, 16)
+
+
+def test_a_16_bit_grey_png_is_decoded_to_8_bits_as_it_looks() -> None:
+    import io
+
+    from PIL import Image
+
+    from tiers._images import decode_image
+
+    buf = io.BytesIO()
+    Image.new("I;16", (4, 4), 32896).save(buf, format="PNG")
+    image = decode_image(buf.getvalue(), "prov")
+    assert (image.mode, image.getpixel((0, 0))) == ("RGB", (128, 128, 128))
+
+
 @pytest.mark.parametrize("fmt", ["EPS", "BMP", "GIF", "TIFF"])
 def test_formats_no_provider_sends_are_not_handed_to_their_readers(fmt: str) -> None:
     """Some of Pillow's readers run outside programs (EPS: Ghostscript) on what they open."""
