@@ -120,6 +120,17 @@ def nearest_aspect(width: int, height: int, choices: Sequence[str]) -> str:
 
 def size_class(width: int, height: int) -> str:
     """The Nano Banana family's output resolution for a size (Gemini's `imageSize`, fal's and
-    Replicate's `resolution`): the long side up to 1024, 2048, or beyond."""
-    side = max(width, height)
-    return "1K" if side <= 1024 else "2K" if side <= 2048 else "4K"
+    Replicate's `resolution`): the smallest whose image holds it. A class is about its side squared
+    in pixels at every aspect ratio (1K at 16:9 is 1376x768, at 21:9 1584x672): by the long side
+    alone, a 16:9 image of 1K's own size was asked for, and paid, at 2K."""
+    pixels, side = width * height, max(width, height)
+    for name, edge in (("1K", 1024), ("2K", 2048)):
+        if pixels <= CLASS_PIXELS_SLACK * edge * edge and side <= CLASS_SIDE_SLACK * edge:
+            return name
+    return "4K"
+
+
+# A class's pixels, as Google's sizes have them at every aspect (1584x672 is 1.02x 1024 squared);
+# and its long side at the widest (21:9: 1584 for 1K), past which a thin image needs the next one.
+CLASS_PIXELS_SLACK = 1.1
+CLASS_SIDE_SLACK = 1.56

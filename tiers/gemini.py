@@ -64,7 +64,7 @@ class GeminiEngine(CloudEngine):
         super().__init__(ctx, s.gemini_model, s.gemini_api_key, DEFAULT_PRICES, PRICES_AS_OF)
         self.http = self.remote_client(ctx, client, base_url=s.gemini_base_url,
                                        headers={"x-goog-api-key": self._key or ""})
-        self.http.final_answer = daily_quota_exhausted
+        self.http.final_answer = lambda response: daily_quota_exhausted(response) or credits_depleted(response)
 
     def estimate(self, req: RenderRequest) -> int:
         size = size_class(req.width, req.height)
@@ -144,6 +144,9 @@ class GeminiEngine(CloudEngine):
                 )
                 if response.status_code != 200:
                     text = response.text
+                    if credits_depleted(response):  # the account's, not a rate: another engine may serve
+                        raise EngineUnavailable(f"gemini: the account's prepaid credits are used up: "
+                                                f"{error_text(response)}", details={"engine": self.name, "status": 429})
                     if response.status_code == 429:  # a per-day quota: final until it resets
                         raise RateLimited(f"gemini: the daily quota is used up: {error_text(response)}",
                                           details={"engine": self.name, "status": 429, "daily_quota": True})
@@ -256,6 +259,17 @@ def daily_quota_exhausted(response: Any) -> bool:
             if "perday" in quota or "per_day" in quota:
                 return True
     return False
+
+
+def credits_depleted(response: Any) -> bool:
+    """A 429 saying the account's prepaid credits are spent ("Your prepayment credits are
+    depleted"): no wait cures it, and retried until half the deadline it held every job two
+    minutes before falling back, told as a rate limit."""
+    if response.status_code != 429:
+        return False
+    error = _google_error(response)
+    message = str(error.get("message", "")).lower() if error is not None else ""
+    return "credits are depleted" in message or "prepayment credits" in message
 
 
 def factory(ctx: EngineContext) -> GeminiEngine:

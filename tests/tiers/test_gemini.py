@@ -245,6 +245,23 @@ def test_estimate_by_size_and_unknown_model(make_ctx: Any) -> None:
         unknown.estimate(bridge())
 
 
+@respx.mock
+@pytest.mark.parametrize(("width", "height", "size"), [
+    (1344, 768, "1K"), (1584, 672, "1K"), (848, 1264, "1K"),  # Google's 1K sizes at 16:9, 21:9 and 2:3
+    (2048, 512, "2K"),  # thinner than 21:9: 1K's 1584 wide would be stretched to 2048
+    (2752, 1536, "2K"), (2048, 2048, "2K"), (4096, 2304, "4K"),
+])
+async def test_a_wide_image_is_asked_for_and_held_at_the_class_of_its_pixels(
+        engine: GeminiEngine, width: int, height: int, size: str) -> None:
+    # By its long side, a 16:9 image of 1K's own size was asked for, held and billed at 2K.
+    route = respx.post(URL).mock(return_value=httpx.Response(200, json=ok_body()))
+    await engine.run(bridge(width=width, height=height), NullProgress(), CancelToken())
+    assert json.loads(route.calls.last.request.content)["generationConfig"]["imageConfig"]["imageSize"] == size
+    square = {"1K": (1024, 1024), "2K": (2048, 2048), "4K": (4096, 4096)}[size]
+    assert engine.estimate(bridge(width=width, height=height)) == engine.estimate(bridge(width=square[0],
+                                                                                         height=square[1]))
+
+
 def test_the_2_5_model_is_not_asked_for_more_than_the_1k_it_makes(make_ctx: Any) -> None:
     # It takes no imageSize: a 2048 polish came back at about 1024, its source's size, and paid for.
     legacy = GeminiEngine(make_ctx(gemini_api_key="k", gemini_model="gemini-2.5-flash-image"))
@@ -295,6 +312,21 @@ async def test_a_daily_quota_is_final_at_once(engine: GeminiEngine, sleep: Any) 
         await engine.run(bridge(), NullProgress(), CancelToken())
     assert route.call_count == 1 and sleep.waits == []
     assert info.value.charged == "no" and info.value.retryable  # routing may use another engine
+
+
+@respx.mock
+async def test_prepaid_credits_used_up_are_final_and_leave_the_job_to_another_engine(
+        engine: GeminiEngine, sleep: Any) -> None:
+    # Retried as a rate limit until half the deadline (11 sends, 133 s) before each job fell back.
+    engine.http.clock = sleep.clock
+    body = {"error": {"code": 429, "status": "RESOURCE_EXHAUSTED", "message": (
+        "Your prepayment credits are depleted. Please go to AI Studio at https://ai.studio/projects to manage "
+        "your project and billing.")}}
+    route = respx.post(URL).mock(return_value=httpx.Response(429, json=body))
+    with pytest.raises(EngineUnavailable, match="prepaid credits are used up") as info:
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    assert route.call_count == 1 and sleep.waits == []
+    assert info.value.charged == "no" and info.value.retryable
 
 
 @respx.mock
