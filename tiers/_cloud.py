@@ -202,7 +202,7 @@ class CloudEngine:
         try:
             if not urls:
                 raise EngineError(f"{self.name}: {empty}", details={"engine": self.name, **details})
-            return [RenderedImage(decode_image(await self._download(url, cancel), self.name))
+            return [RenderedImage(await asyncio.to_thread(decode_image, await self._download(url, cancel), self.name))
                     for url in urls[:wanted]]
         except EngineError as exc:
             exc.at_least_charged("yes")

@@ -220,12 +220,14 @@ class A1111Engine:
                                  details={"engine": self.name})
         cancel.raise_if_cancelled(charged="no")
         task_id = f"orch-{uuid.uuid4().hex}"
+        body = await asyncio.to_thread(self._body, req, task_id)  # the draft's PNG, off the event loop
+        cancel.raise_if_cancelled(charged="no")
         deadline = self.http.new_deadline()
         # Before sending: should this process die mid-render, the next attempt can stop this task.
         progress.provider_request(task_id)
         progress.state("submitted", task_id=task_id)
         post: asyncio.Future[httpx.Response] = asyncio.ensure_future(self.http.request(
-            "POST", IMG2IMG, json=self._body(req, task_id), deadline=deadline,
+            "POST", IMG2IMG, json=body, deadline=deadline,
             timeout=httpx.Timeout(max(deadline - self.http.clock(), 1.0), connect=self.http.client.timeout.connect),
         ))
         try:
@@ -254,7 +256,7 @@ class A1111Engine:
             ) from None
         if response.status_code in GATEWAY_STATUSES:
             await self._interrupt(task_id)
-        return self._result(req, response)
+        return await asyncio.to_thread(self._result, req, response)  # decoding, off the event loop
 
     async def _watch(self, post: asyncio.Future[httpx.Response], task_id: str, progress: Progress,
                      cancel: CancelToken) -> None:

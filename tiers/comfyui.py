@@ -412,7 +412,7 @@ class ComfyUIEngine:
         if req.init_image is None:
             raise BadEngineInput(f"comfyui: the {req.stage} stage needs a draft image",
                                  details={"engine": self.name})
-        data = encode_image(req.init_image, fmt="PNG")
+        data = await asyncio.to_thread(encode_image, req.init_image, fmt="PNG")  # off the event loop
         # Named by content with overwrite=true: a repeat upload is a no-op, so it is safe to re-send
         # after a timeout, and the same draft does not pile up copies in ComfyUI's input folder.
         filename = f"orch-{hashlib.sha256(data).hexdigest()[:24]}.png"
@@ -677,7 +677,7 @@ class ComfyUIEngine:
             if response.status_code != 200:
                 raise EngineError(f"comfyui: could not fetch {ref['filename']} (HTTP {response.status_code})",
                                   details={"engine": self.name, "status": response.status_code})
-            return decode_image(response.content, self.name)
+            return await asyncio.to_thread(decode_image, response.content, self.name)
         except Canceled:
             raise
         except EngineError as exc:

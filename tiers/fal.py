@@ -13,6 +13,7 @@ the actual cost is always `None`.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ipaddress
 import logging
@@ -133,12 +134,14 @@ class FalEngine(CloudEngine):
 
     async def run(self, req: RenderRequest, progress: Progress, cancel: CancelToken) -> RenderResult:
         cancel.raise_if_cancelled()
+        body = await asyncio.to_thread(self._body, req)  # the draft's PNG, off the event loop
+        cancel.raise_if_cancelled()
         deadline = self.http.new_deadline()
         progress.state("submitted")
         # A cancel while the submit is out ends the job at once, but the submit is left to be
         # answered, and the request it queued is then canceled (`_withdraw_submitted`).
         response = await self.send_withdrawable(
-            "POST", f"/{self._model}", json=self._body(req), deadline=deadline, headers=self._auth, cancel=cancel,
+            "POST", f"/{self._model}", json=body, deadline=deadline, headers=self._auth, cancel=cancel,
             withdraw=self._withdraw_submitted,
         )
         if response.status_code == 404:  # no such model (retired, misspelt): another engine may serve

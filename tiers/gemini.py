@@ -7,6 +7,7 @@ been billed). Cost comes from `usageMetadata` tokens x the configured token pric
 
 from __future__ import annotations
 
+import asyncio
 import math
 from typing import Any
 
@@ -135,12 +136,15 @@ class GeminiEngine(CloudEngine):
         request_ids: list[str] = []
         asked = Asked(req.n, lambda: self.estimate(req))
         with paid_calls(images, asked):
+            # Encoded once, off the event loop: a 2048 draft's PNG took seconds, and the API, every
+            # event stream and the lease renewals stood still meanwhile.
+            sent = await asyncio.to_thread(self._body, req)
             for _ in range(req.n):
                 cancel.raise_if_cancelled()
                 progress.state("submitted")
                 asked.asking()
                 response = await self.http.request(
-                    "POST", f"/v1beta/models/{self._model}:generateContent", json=self._body(req), cancel=cancel
+                    "POST", f"/v1beta/models/{self._model}:generateContent", json=sent, cancel=cancel
                 )
                 if response.status_code != 200:
                     text = response.text
@@ -170,7 +174,7 @@ class GeminiEngine(CloudEngine):
                         progress.provider_request(str(body["responseId"]))
                     cost = self._actual_cost(body.get("usageMetadata") or {})
                     try:
-                        images.append(RenderedImage(self._image(body)))
+                        images.append(RenderedImage(await asyncio.to_thread(self._image, body)))
                     except ContentFiltered:
                         raise
                     except EngineError as exc:

@@ -12,6 +12,7 @@ comes from the `usage` tokens x the configured token prices when the answer has 
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import math
 from typing import Any
@@ -184,7 +185,7 @@ class OpenAIImagesEngine(CloudEngine):
                                  details={"engine": self.name})
         size = image_size(req.width, req.height)
         # Bytes, not a file object: a retried send must upload the whole image again.
-        draft = encode_image(req.init_image, fmt="PNG", max_bytes=MAX_UPLOAD_BYTES)
+        draft = await asyncio.to_thread(encode_image, req.init_image, fmt="PNG", max_bytes=MAX_UPLOAD_BYTES)
         images: list[RenderedImage] = []
         total_cost: int | None = 0
         request_ids: list[str] = []
@@ -219,7 +220,7 @@ class OpenAIImagesEngine(CloudEngine):
                     progress.provider_request(request_id)
                 with reading_an_answer():
                     body = json_object(response, self.name)
-                    batch = self._images(body, count)
+                    batch = await asyncio.to_thread(self._images, body, count)
                 images.extend(RenderedImage(img) for img in batch)
                 cost = self._actual_cost(body.get("usage"))
                 total_cost = None if cost is None or total_cost is None else total_cost + cost

@@ -15,6 +15,7 @@ amount, so the actual cost is always `None`.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import math
@@ -154,7 +155,7 @@ class ReplicateEngine(CloudEngine):
         images: list[RenderedImage] = []
         prediction_ids: list[str] = []
         predict_time = 0.0
-        base = self._input(req)
+        base = await asyncio.to_thread(self._input, req)  # the draft's PNG, off the event loop
         asked = Asked(req.n, lambda: self.estimate(req))
         with paid_calls(images, asked):  # earlier predictions were made and billed, whatever fails later
             for i in range(req.n):

@@ -25,6 +25,7 @@ may still be billed. Stability does not report what it charged, so `cost_millicr
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, Literal
 
 import httpx
@@ -176,8 +177,8 @@ class StabilityEngine(CloudEngine):
         self._check_reach(req)  # a job routed before a price or a limit changed
         op = operation(req)
         max_side = CREATIVE_MAX_SIDE if op == "upscale-creative" else None
-        source = shaped_as(req.init_image, req.width, req.height, MIN_SIDE) if op == "generate" else req.init_image
-        draft = encode_image(source, fmt="PNG", max_bytes=MAX_UPLOAD_BYTES, max_side=max_side)
+        # Off the event loop: a large draft's PNG takes seconds (see `tiers.gemini`).
+        draft = await asyncio.to_thread(self._draft, req.init_image, req, op, max_side)
         images: list[RenderedImage] = []
         request_ids: list[str] = []
         finish_reasons: list[str] = []
@@ -206,8 +207,8 @@ class StabilityEngine(CloudEngine):
                     # A creative upscale's final poll failing comes after the provider took the job.
                     raise error.at_least_charged("unknown") if op == "upscale-creative" else error
                 with reading_an_answer():
-                    image, seed, reason = self._result(response)
-                images.append(RenderedImage(_sized_as_asked(image, req), seed=seed))
+                    image, seed, reason = await asyncio.to_thread(self._result, response, req)
+                images.append(RenderedImage(image, seed=seed))
                 finish_reasons.append(reason)
                 progress.step(len(images), req.n)
         return RenderResult(
@@ -295,8 +296,8 @@ class StabilityEngine(CloudEngine):
                 if response.status_code != 200:
                     raise self._error(response).at_least_charged("unknown")
                 with reading_an_answer():
-                    image, seed, reason = self._result(response)
-                images.append(RenderedImage(_sized_as_asked(image, req), seed=seed))
+                    image, seed, reason = await asyncio.to_thread(self._result, response, req)
+                images.append(RenderedImage(image, seed=seed))
                 finish_reasons.append(reason)
                 progress.step(len(images), req.n)
         return RenderResult(images=images, model=self._priced_model(req), cost_millicredits=None,
@@ -339,7 +340,12 @@ class StabilityEngine(CloudEngine):
         # tells from the 403 of a permission or a blocked network (`_error`).
         return await self.http.request(method, url, answered=(403,), **kwargs)
 
-    def _result(self, response: httpx.Response) -> tuple[Any, int | None, str]:
+    def _draft(self, image: Image.Image, req: RenderRequest, op: Operation, max_side: int | None) -> bytes:
+        source = shaped_as(image, req.width, req.height, MIN_SIDE) if op == "generate" else image
+        return encode_image(source, fmt="PNG", max_bytes=MAX_UPLOAD_BYTES, max_side=max_side)
+
+    def _result(self, response: httpx.Response, req: RenderRequest) -> tuple[Any, int | None, str]:
+        """The image (at the size asked), its seed and the finish reason of an answer."""
         body = json_object(response, self.name)
         reason = str(body.get("finish_reason") or response.headers.get("finish-reason") or "SUCCESS")
         if FILTERED in (reason, response.headers.get("finish-reason")):
@@ -358,7 +364,7 @@ class StabilityEngine(CloudEngine):
             seed = int(seed) if isinstance(seed, str) else seed  # a header's text
         except ValueError:
             seed = None
-        return image, provider_seed(seed), reason
+        return _sized_as_asked(image, req), provider_seed(seed), reason
 
     def _error(self, response: httpx.Response) -> EngineError:
         try:

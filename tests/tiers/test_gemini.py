@@ -383,3 +383,31 @@ async def test_an_account_that_cannot_use_the_api_lets_another_engine_try(engine
         await engine.run(bridge(), NullProgress(), CancelToken())
     assert info.value.retryable and info.value.charged == "no"
     assert "User location is not supported" in info.value.message
+
+
+@respx.mock
+async def test_images_are_encoded_and_decoded_off_the_event_loop(engine: GeminiEngine,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    # A 2048 draft's PNG took seconds on the loop: the API, the event streams and the lease
+    # renewals stood still meanwhile (an audit measured a 6.8 s stall for one polish).
+    import asyncio
+
+    import tiers.gemini
+
+    on_loop: list[str] = []
+
+    def spying(name: str, real: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                asyncio.get_running_loop()
+                on_loop.append(name)
+            except RuntimeError:
+                pass  # a worker thread: no loop runs there
+            return real(*args, **kwargs)
+        return call
+
+    for name in ("encode_image", "decode_image"):
+        monkeypatch.setattr(tiers.gemini, name, spying(name, getattr(tiers.gemini, name)))
+    respx.post(URL).mock(return_value=httpx.Response(200, json=ok_body()))
+    result = await engine.run(bridge(n=2), NullProgress(), CancelToken())
+    assert len(result.images) == 2 and on_loop == []

@@ -542,3 +542,27 @@ def test_recovery_follows_only_saved_creative_upscales(engine: StabilityEngine) 
     assert not reattachable(engine, job([{"id": "stab-req-1"}]))  # a synchronous call's answer is gone
     assert not reattachable(engine, job([{"id": "job-42", "creative": True}], engine_name="replicate"))
     assert not reattachable(engine, job([]))
+
+
+@respx.mock
+async def test_images_are_encoded_resized_and_decoded_off_the_event_loop(
+        engine: StabilityEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    import tiers.stability
+
+    on_loop: list[str] = []
+
+    def spying(name: str, real: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                asyncio.get_running_loop()
+                on_loop.append(name)
+            except RuntimeError:
+                pass  # a worker thread: no loop runs there
+            return real(*args, **kwargs)
+        return call
+
+    for name in ("encode_image", "decode_image", "shaped_as", "_sized_as_asked"):
+        monkeypatch.setattr(tiers.stability, name, spying(name, getattr(tiers.stability, name)))
+    respx.post(SD3).mock(return_value=ok())
+    result = await engine.run(bridge(width=96, height=64), NullProgress(), CancelToken())
+    assert len(result.images) == 1 and on_loop == []
