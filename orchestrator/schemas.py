@@ -271,7 +271,7 @@ class Budget(Strict):
 
     limit: Credits | None = Field(None, description=(
         "The most the project's jobs may cost in a window, in credits (at most 3 decimals); null: no limit."))
-    period: Period = Field("none", description=(
+    period: Annotated[Period, NullIsDefault] = Field("none", description=(
         "The window the limit is for: a UTC calendar `day`, an ISO `week`, a calendar `month`, or `none` (one window "
         "for all time)."))
 

@@ -881,6 +881,15 @@ def test_null_for_a_field_whose_null_means_nothing_else_is_its_default(
     # Where null means something, it still does: a polish keeping the source's size.
     kept = shared_server.post(f"/v1/assets/{source}/polish", json={"scale": None}).json()["params"]
     assert kept["scale"] is None
+    # A budget's period (its default `none`), on creation and in a PATCH.
+    made = shared_server.post("/v1/projects", json={"name": "nulls", "budget": {"limit": 5, "period": None}})
+    assert made.status_code == 201, made.text
+    assert made.json()["budget"] == {"limit": 5.0, "period": "none"}
+    monthly = shared_server.patch(f"/v1/projects/{made.json()['id']}", json={"budget": {"limit": 5, "period": "month"}})
+    assert monthly.json()["budget"]["period"] == "month"
+    patched = shared_server.patch(f"/v1/projects/{made.json()['id']}", json={"budget": {"limit": 5, "period": None}})
+    assert patched.status_code == 200, patched.text
+    assert patched.json()["budget"] == {"limit": 5.0, "period": "none"}
 
 
 @pytest.mark.parametrize("text", ["   ", "\t\n"])
