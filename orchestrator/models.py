@@ -193,7 +193,9 @@ class LedgerEntry(SQLModel, table=True):
                       sa.Index("ix_ledger_open_holds", "kind", "settled", "project_id"),
                       sa.Index("ix_ledger_project_window", "project_id", "kind", "created_at", "amount"),
                       # /metrics' totals by engine, read from the index alone.
-                      sa.Index("ix_ledger_totals", "kind", "engine", "stage", "unreconciled", "amount"))
+                      sa.Index("ix_ledger_totals", "kind", "engine", "stage", "unreconciled", "amount"),
+                      # SQLite: an id is never given again (see migration 0017); PostgreSQL's never is.
+                      {"sqlite_autoincrement": True})
 
     id: int | None = Field(default=None, primary_key=True)
     project_id: str = Field(foreign_key="projects.id", index=True, max_length=40)

@@ -861,7 +861,7 @@ def test_a_migration_refused_by_the_data_is_one_line(make_settings: SettingsFact
     assert main(["migrate"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("orchestrator: cannot migrate the database: jobs charged more than once without a hold: "
-                          "job_1 (keep entry 1)") and err.count("\n") == 1, err
+                          "job_1 (keep entry 2)") and err.count("\n") == 1, err
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.0.2.7", "studio-box.local", ""])  # "": every interface

@@ -328,15 +328,38 @@ def test_0015_names_jobs_already_charged_twice_and_changes_nothing(tmp_path: Pat
         with engine.begin() as conn:
             _capture(conn)
             _capture(conn)
-        with pytest.raises(MigrationRefused, match=r"charged more than once without a hold: job_1 \(keep entry 1\)"):
+        # The newest is kept: deleting it, SQLite gave its id to the next entry (see 0017).
+        with pytest.raises(MigrationRefused, match=r"charged more than once without a hold: job_1 \(keep entry 2\)"):
             command.upgrade(alembic_config(url), "head")
         with engine.connect() as conn:
             assert MigrationContext.configure(conn).get_current_revision() == "0014"
         with engine.begin() as conn:
-            conn.execute(text("DELETE FROM ledger_entries WHERE id = (SELECT max(id) FROM ledger_entries)"))
+            conn.execute(text("DELETE FROM ledger_entries WHERE id = 1"))
         command.upgrade(alembic_config(url), "head")
         with engine.connect() as conn:
             assert "uq_ledger_holdless_capture" in {i["name"] for i in inspect(conn).get_indexes("ledger_entries")}
+    finally:
+        engine.dispose()
+
+
+def test_a_ledger_entry_id_is_never_given_again(tmp_path: Path) -> None:
+    """SQLite gave the next entry the largest id plus one: with the newest deleted by hand, its id
+    went to the next entry, which a client paging the ledger from that id never saw."""
+    url = f"sqlite:///{tmp_path / 'm.db'}"
+    upgrade(url)
+    engine = create_engine(url)
+    try:
+        _project_and_job(engine)
+        with engine.begin() as conn:
+            _capture(conn)
+            conn.execute(text("INSERT INTO ledger_entries (project_id, kind, amount, unreconciled, settled, "
+                              "over_hold, created_at) VALUES ('prj_1', 'grant', 5, false, false, false, "
+                              "'2026-11-30 12:00:00')"))
+            conn.execute(text("DELETE FROM ledger_entries WHERE id = 2"))
+            conn.execute(text("INSERT INTO ledger_entries (project_id, kind, amount, unreconciled, settled, "
+                              "over_hold, created_at) VALUES ('prj_1', 'grant', 7, false, false, false, "
+                              "'2026-11-30 12:00:01')"))
+            assert conn.execute(text("SELECT id FROM ledger_entries WHERE amount = 7")).scalar() == 3
     finally:
         engine.dispose()
 

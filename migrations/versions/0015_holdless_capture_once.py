@@ -28,13 +28,16 @@ WHERE = sa.text("kind = 'capture' AND hold_id IS NULL")
 def upgrade() -> None:
     # A database that already holds a job charged twice is the operator's to mend (one of the two
     # entries is money taken twice): say which jobs rather than fail on the index.
+    # The newest entry of each is the one kept: with the newest of the ledger deleted, SQLite (before
+    # 0017) gave its id to the next entry, which a client paging from that id never saw.
     twice = [] if context.is_offline_mode() else op.get_bind().execute(sa.text(
-        "SELECT job_id, min(id) FROM ledger_entries WHERE kind = 'capture' AND hold_id IS NULL "
-        "AND job_id IS NOT NULL GROUP BY job_id HAVING count(*) > 1 ORDER BY job_id LIMIT 20")).all()
+        "SELECT job_id, max(id) FROM ledger_entries WHERE kind = 'capture' AND hold_id IS NULL "
+        "AND job_id IS NOT NULL GROUP BY job_id HAVING count(*) > 1 ORDER BY job_id")).all()
     if twice:
-        named = ", ".join(f"{job_id} (keep entry {first})" for job_id, first in twice)
-        raise MigrationRefused(f"jobs charged more than once without a hold: {named}; delete each one's other "
-                               "hold-less capture entries (that gives the money back; no grant is needed) "
+        named = ", ".join(f"{job_id} (keep entry {kept})" for job_id, kept in twice[:20])
+        more = f" and {len(twice) - 20} more jobs" if len(twice) > 20 else ""
+        raise MigrationRefused(f"jobs charged more than once without a hold: {named}{more}; delete each one's "
+                               "other hold-less capture entries (that gives the money back; no grant is needed) "
                                "before this upgrade")
     op.create_index('uq_ledger_holdless_capture', 'ledger_entries', ['job_id'], unique=True,
                     sqlite_where=WHERE, postgresql_where=WHERE)
