@@ -116,6 +116,9 @@ class Scheduler:
         # been seen unchanged, monotonic), to tell a hung holder (see `_orphans`).
         self._expired_leases: dict[str, tuple[tuple[int, str | None, datetime | None], float]] = {}
         self._forgetting: set[asyncio.Task[None]] = set()  # see `forget_abandoned`
+        # Jobs a move off an open circuit found no candidate for: they wait for the verdict
+        # (see `_circuit`), rather than be claimed to be moved again at every dispatch.
+        self._waiting: set[str] = set()
         self._stopping = False
         self._hurried = asyncio.Event()
         self._cancel_watch: asyncio.Task[None] | None = None
@@ -354,7 +357,10 @@ class Scheduler:
         them wait (see `_circuit`), and a backlog of them must not crowd the rest out of the batch."""
         cooling = [name for name in engines if not self.runner.health.allow(name)]
         jobs = self._oldest_queued([name for name in engines if name not in cooling])
-        return jobs + self._oldest_queued(cooling) if cooling else jobs
+        if not cooling:
+            self._waiting.clear()  # nothing waits for a verdict any more
+            return jobs
+        return jobs + self._oldest_queued(cooling)
 
     def _circuit(self, job: Job) -> Literal["go", "move", "wait"]:
         """What a queued job does as its engine's circuit breaker says: `go` when the engine may be
@@ -367,10 +373,18 @@ class Scheduler:
             return "go"
         health = self.runner.health
         if health.admit(job.engine, job.id):
+            self._waiting.discard(job.id)
             return "go"
+        if job.id in self._waiting:  # no candidate took it a moment ago
+            return "wait"
         tried = {a["engine"] for a in job.attempts or []} | {job.engine}
         for name in fallbacks(job.routing, tried):
-            if name in self.registry and self.registry.get(name).availability()[0] and health.allow(name):
+            try:
+                usable = name in self.registry and self.registry.get(name).availability()[0] and health.allow(name)
+            except Exception:  # a plugin's look that breaks must not stop every dispatch: not this one
+                log.warning("engine %s: whether it is available is unknown; not moved to", name, exc_info=True)
+                usable = False
+            if usable:
                 return "move"
         return "wait"
 
@@ -500,6 +514,8 @@ class Scheduler:
         finally:
             if self._running.get(claim.job.id, (None, None))[1] is claim:
                 del self._running[claim.job.id]
+            if claim.waiting:
+                self._waiting.add(claim.job.id)
             self._lane_use[lane] -= 1
             self.notify()
 

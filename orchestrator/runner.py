@@ -127,6 +127,8 @@ class Claim:
     renewed_wall: float = field(default_factory=time.time)
     # Claimed to be moved to another candidate without being sent: its engine's circuit is open.
     circuit_open: bool = False
+    # Set when such a move found no candidate to take it after all: the job is queued again, to wait.
+    waiting: bool = False
 
     def since_renewed(self) -> float:
         """Seconds since the lease was last taken or renewed, by whichever clock says more: the
@@ -371,6 +373,9 @@ class JobRunner:
         job = claim.job
         if not self.bus.knows(job.id):  # queued before this process started (recovered after a restart)
             self.bus.publish(job.id, "queued", {"job_id": job.id, "status": "queued"})
+        if claim.circuit_open:
+            await self._move_off_open_circuit(claim)
+            return
         self.bus.publish(job.id, "started", {"job_id": job.id, "status": "running", "engine": job.engine,
                                              "attempt": claim.attempt})
         started = time.monotonic()
@@ -378,10 +383,6 @@ class JobRunner:
         ran_on = job.engine  # a fallback moves the job (and its probe) to another engine
         try:
             claim.cancel.raise_if_cancelled()  # canceled between its claim and this start
-            if claim.circuit_open:  # falls back (as below), or fails when no candidate takes it
-                raise EngineUnavailable(f"engine '{job.engine}' is failing every job (its circuit is open), and no "
-                                        "other candidate of the job's routing could take it; it was not sent",
-                                        details={"engine": job.engine, "circuit": "open"}, charged="no")
             result = await self._render_probed(claim)
             engine_returned = True
             asset_ids = await self._store(claim, result, started)
@@ -604,6 +605,33 @@ class JobRunner:
             return True
         return False
 
+    async def _move_off_open_circuit(self, claim: Claim) -> None:
+        """A queued job claimed to leave an engine whose circuit is open (see `Scheduler._circuit`):
+        moved, unsent, to the next candidate of its routing that takes it, as a fallback; or, when
+        none does after all (its price over the job's cap, the budget, another job's probe), back in
+        the queue as it was, to wait for the verdict (`claim.waiting`). Never failed for it."""
+        job = claim.job
+        error = EngineUnavailable(f"engine '{job.engine}' is failing its jobs (its circuit is open); "
+                                  "the job was not sent to it", details={"engine": job.engine, "circuit": "open"},
+                                  charged="no")
+        try:
+            if await self._fall_back(claim, error):
+                return
+            await asyncio.to_thread(self._requeue_waiting, claim)
+        except StaleAttempt:
+            return
+        except Canceled as asked:  # canceled meanwhile: nothing was sent
+            await self._end(claim, "canceled", asked)
+            return
+        claim.waiting = True
+        self.bus.publish(job.id, "state", {"state": "waiting", "engine": job.engine, "reason": "circuit open"})
+
+    def _requeue_waiting(self, claim: Claim) -> None:
+        # Nothing happened to it: no attempt is recorded, its hold stays.
+        with self.db.transaction() as s:
+            self._guarded_update(s, claim, status="queued", lease_owner=None, lease_expires_at=None,
+                                 started_at=None, unless_canceled=True)
+
     def give_back(self, claim: Claim) -> None:
         """A claim that never started (the service stopped first): back to the queue with its
         hold, or canceled with its hold released when a cancel was asked meanwhile."""
@@ -674,8 +702,10 @@ class JobRunner:
             image.load()
         except (ContentUnavailable, OSError, ValueError, Image.DecompressionBombError) as exc:
             if isinstance(exc, ContentUnavailable):  # gone from the store while the job waited, or damaged
-                why = ("its file is gone from the store" if exc.details.get("reason") == "missing"
-                       else "its file is damaged in the store (its bytes do not match its sha256)")
+                why = {"missing": "its file is gone from the store",
+                       "unreadable": "its file cannot be read from the store"}.get(
+                    exc.details.get("reason", ""),
+                    "its file is damaged in the store (its bytes do not match its sha256)")
             elif isinstance(exc, UnidentifiedImageError):  # its text names the BytesIO object, not the file
                 why = "it is not an image Pillow knows"
             else:

@@ -577,6 +577,56 @@ def test_jobs_queued_before_the_circuit_opened_are_not_sent_while_it_is_open(
         assert health(client)["fake-paid"] == "ok"
 
 
+TWO_PAID_POLICY = """
+name = "two-paid"
+description = "fake-paid, then fake-b: no free engine to fall back to."
+
+[[rules]]
+name = "drafts"
+match = { stage = "ideation" }
+engines = ["lite"]
+
+[[rules]]
+name = "paid"
+match = { stage = ["bridge", "polish"] }
+engines = ["fake-paid", "fake-b"]
+"""
+
+
+def test_a_job_no_candidate_takes_off_an_open_circuit_waits_rather_than_fails(
+        new_settings: SettingsFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Claimed to be moved, a job whose other candidate then refused it (its price over what the
+    budget had left, or another job's probe) was failed for good, never sent anywhere. It goes back
+    to the queue as it was, and runs on its engine once the circuit lets it."""
+    clock = Clock()
+    made = breakers(monkeypatch, clock)
+    folder = write_policies(tmp_path / "policies", {"two-paid": TWO_PAID_POLICY})
+    with running(new_settings(engines=FAKE_ENGINES, policy="two-paid", policy_dir=folder)) as client:
+        _, busy_asset = draft_asset(client)
+        busy = [promote(client, busy_asset, engine="fake-paid", tags={"fake": "hang"}) for _ in range(4)]
+        for job in busy:
+            wait_for_job(client, job["id"], ("running",))
+        project_id, asset_id = draft_asset(client, budget={"limit": 25, "period": "none"})
+        queued = [promote(client, asset_id) for _ in range(2)]  # 10 held each; fake-b's 20 will not fit
+        assert [job["engine"] for job in queued] == ["fake-paid", "fake-paid"]
+        for _ in range(2):
+            made[0].failed("fake-paid")
+        for job in busy:
+            client.post(f"/v1/jobs/{job['id']}/cancel")
+        time.sleep(1.5)
+        for job in queued:
+            now = client.get(f"/v1/jobs/{job['id']}").json()
+            assert (now["status"], now["engine"], now["attempts"]) == ("queued", "fake-paid", []), now
+        assert [(e["kind"], e["amount"]) for e in ledger(client, project_id)] == [("hold", 10.0), ("hold", 10.0)]
+
+        clock.now += 61  # half-open: the first is the probe; its success closes the circuit for the other
+        for job in queued:
+            done = wait_for_job(client, job["id"])
+            assert (done["status"], done["engine"]) == ("succeeded", "fake-paid"), done
+            assert [a["engine"] for a in done["attempts"]] == ["fake-paid"]
+            assert done["cost"]["charged"] == 10.0
+
+
 def test_a_job_canceled_as_its_fallback_commits_leaves_the_next_engine_s_probe_free(
         new_settings: SettingsFactory, fallback_policies: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Adopted as fake-b's probe only after the move committed: a cancel in between found the probe
