@@ -271,9 +271,18 @@ class Budget(Strict):
 
     limit: Credits | None = Field(None, description=(
         "The most the project's jobs may cost in a window, in credits (at most 3 decimals); null: no limit."))
-    period: Annotated[Period, NullIsDefault] = Field("none", description=(
+    period: Period = Field("none", description=(
         "The window the limit is for: a UTC calendar `day`, an ISO `week`, a calendar `month`, or `none` (one window "
         "for all time)."))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_period_is_left_out(cls, data: Any) -> Any:
+        # As left out, not as its default written: in a PATCH a left-out period keeps the
+        # budget's own (a monthly budget sent `"period": null` became an all-time one).
+        if isinstance(data, dict) and "period" in data and data["period"] is None:
+            return {key: value for key, value in data.items() if key != "period"}
+        return data
 
 
 class ProjectCreate(Strict):

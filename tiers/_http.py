@@ -464,8 +464,12 @@ class RemoteClient:
                 details={"engine": self.engine},
             ) from None
         if response.status_code in (401, 403) and response.status_code not in answered:
+            # What the provider said, which may be the account's rather than the key's ("User is
+            # locked. Reason: Exhausted balance"); not a gateway's HTML page.
+            said = "" if "html" in response.headers.get("content-type", "") else error_text(response, 200)
             raise EngineUnavailable(
-                f"{self.engine} refused the credentials (HTTP {response.status_code}): check {self.key_setting}",
+                f"{self.engine} refused the credentials (HTTP {response.status_code}{': ' + said if said else ''}): "
+                f"check {self.key_setting}",
                 details={"engine": self.engine, "status": response.status_code, "setting": self.key_setting},
             )
         return response

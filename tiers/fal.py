@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 
 from orchestrator.errors import BadEngineInput, Canceled, ContentFiltered, EngineError, EngineTimeout
-from tiers._cloud import CloudEngine, reading_an_answer
+from tiers._cloud import CloudEngine
 from tiers._http import RemoteClient, error_text, json_object, without_credentials
 from tiers._images import b64encode, encode_image, shaped_as, size_class
 from tiers.base import (
@@ -59,6 +59,23 @@ def _filtered(*texts: object) -> bool:
     return any(word in lowered for word in FILTER_WORDS)
 
 
+# fal's infrastructure failures (its "Request Error Types": the request timed out, no runner
+# could take it, the runner went away), said in `error_type` and the `X-Fal-Error-Type` header.
+# They are 5xx, and fal bills no 5xx: nothing was charged, and another engine may take the job.
+INFRA_ERRORS = frozenset({"request_timeout", "startup_timeout", "runner_scheduling_failure",
+                          "runner_connection_timeout", "runner_disconnected", "runner_connection_refused"})
+
+
+def unbilled(error_type: object) -> bool:
+    return error_type in INFRA_ERRORS
+
+
+def stored_failure(response: httpx.Response) -> bool:
+    """A 5xx naming its error type: the request's failure as fal stored it, which asking again
+    only repeats (retried as a passing outage, it held the job to a fresh deadline)."""
+    return response.status_code >= 500 and bool(response.headers.get("x-fal-error-type"))
+
+
 # fal's own domains: its queue answers name URLs there, whatever base URL the request went to.
 FAL_SITES = ("fal.run", "fal.ai", "fal.media")
 
@@ -86,6 +103,7 @@ class FalEngine(CloudEngine):
         # client from CDN hosts that must never see it.
         self._auth = {"Authorization": f"Key {self._key or ''}"}
         self.http = self.remote_client(ctx, client, base_url=s.fal_base_url)
+        self.http.final_answer = stored_failure
         self._base = httpx.URL(s.fal_base_url)
 
     def _keyed(self, url: object) -> bool:
@@ -189,10 +207,16 @@ class FalEngine(CloudEngine):
             exc.charged = "unknown"
             raise
         self._check_completed(request_id, completed)
-        with reading_an_answer():  # COMPLETED: fal has run (and billed) the request
+        try:
             # A deadline of its own: what the queue and the render left of the submit's could be
             # too little for one retry, and the image paid for would be lost.
             output = await self._result(str(urls["response_url"]), self.http.new_deadline(), cancel)
+        except EngineError as exc:
+            # COMPLETED: fal has run (and billed) the request, unless it failed as its own
+            # infrastructure's (a 5xx, which fal bills not).
+            if not (exc.charged == "no" and unbilled(exc.details.get("error_type"))):
+                exc.at_least_charged("unknown")
+            raise
         images = await self._images(output, req.n, cancel)
         progress.step(len(images), req.n)
         return RenderResult(
@@ -239,13 +263,18 @@ class FalEngine(CloudEngine):
         message = f"fal: the request failed ({error_type or 'error'}): {str(error or '')[:300]}"
         if _filtered(error_type, error):
             raise ContentFiltered(message, details=details, charged="unknown")
-        raise EngineError(message, details=details, charged="unknown")
+        raise EngineError(message, details=details, charged="no" if unbilled(error_type) else "unknown")
 
     async def _result(self, response_url: str, deadline: float, cancel: CancelToken) -> dict[str, Any]:
         response = await cancel.race(self.http.request(
             "GET", response_url, idempotent=True, deadline=deadline, headers=self._auth,
         ))
         if response.status_code != 200:
+            error_type = response.headers.get("x-fal-error-type")
+            if unbilled(error_type):
+                raise EngineError(f"fal: the request failed ({error_type}): {error_text(response)}",
+                                  details={"engine": self.name, "status": response.status_code,
+                                           "error_type": error_type}, charged="no")
             # fal reports model-side refusals (validation, content policy) on the result.
             error = self._refused(response)
             error.charged = "unknown"

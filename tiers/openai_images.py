@@ -37,8 +37,8 @@ from tiers.base import (
 
 SIZES = {"1:1": "1024x1024", "3:2": "1536x1024", "2:3": "1024x1536"}
 QUALITIES = frozenset({"low", "medium", "high"})
-# Error codes of an account that may not spend more (a 429 and a 400 respectively).
-SPENT_UP = frozenset({"insufficient_quota", "billing_hard_limit_reached"})
+# Error codes of an account that may not spend more (429s, and a spending limit's 400).
+SPENT_UP = frozenset({"insufficient_quota", "billing_not_active", "billing_hard_limit_reached"})
 MAX_N = 10  # the most images one edits call may return
 # providers.md: images under 50 MB (decimal); leave room for the multipart fields.
 MAX_UPLOAD_BYTES = 49_000_000
@@ -77,17 +77,23 @@ def image_size(width: int, height: int) -> str:
     return SIZES[nearest_aspect(width, height, tuple(SIZES))]
 
 
-def _error_code(response: httpx.Response) -> str | None:
+def _error(response: httpx.Response) -> dict[str, Any]:
     try:
         err = response.json().get("error")
     except (ValueError, AttributeError):
-        return None
-    return str(err.get("code")) if isinstance(err, dict) and err.get("code") else None
+        return {}
+    return err if isinstance(err, dict) else {}
+
+
+def _error_code(response: httpx.Response) -> str | None:
+    code = _error(response).get("code")
+    return str(code) if code else None
 
 
 def quota_exhausted(response: httpx.Response) -> bool:
-    """A 429 that waiting does not cure: the account has no credit left (`insufficient_quota`)."""
-    return response.status_code == 429 and _error_code(response) == "insufficient_quota"
+    """A 429 that waiting does not cure: the account has no credit left (`insufficient_quota`) or
+    its billing is off (`billing_not_active`: retried, each job waited 2.5 minutes, told "rate limited")."""
+    return response.status_code == 429 and _error_code(response) in SPENT_UP
 
 
 def _rest(total: Any, part: Any) -> Any:
@@ -241,7 +247,10 @@ class OpenAIImagesEngine(CloudEngine):
                 f"openai blocked the request (moderation): {error_text(response)}",
                 details={"engine": self.name, "reason": code, "request_id": request_id},
             )
-        if response.status_code == 404 or code == "model_not_found":
+        if response.status_code == 404 or code == "model_not_found" or (
+                response.status_code == 400 and _error(response).get("param") == "model"):
+            # A model the API does not take (retired, misspelt) answers 400 naming the `model`
+            # parameter too: another engine may take the job, which is not the request's fault.
             return self.model_not_served(response)
         if code in SPENT_UP:
             # Nothing was made; another engine may take the job while someone tops up the account

@@ -81,6 +81,7 @@ def create_key(project_id: str, body: KeyCreate, services: ServicesDep, caller: 
     idempotent = (idempotency_key, request.url.path, idempotency.request_hash(body)) if idempotency_key else None
     key, secret = keys.create(services.db, project_id, body.name, idempotent)
     response.headers["Location"] = f"/v1/projects/{project_id}/keys/{key.id}"
+    response.headers["Cache-Control"] = "no-store"  # the secret: no proxy or browser cache may keep it
     return KeyCreated(**_public(key).model_dump(), key=secret)
 
 

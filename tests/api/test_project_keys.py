@@ -66,6 +66,8 @@ def test_a_key_is_shown_once_and_listed_without_its_secret(world: World) -> None
     older = world.admin.get(f"/v1/projects/{other}/keys", params={"order": "desc", "cursor": made[1]}).json()
     assert [k["id"] for k in older["items"]] == [made[0]] and older["next_cursor"] is None
     assert world.admin.get(f"/v1/projects/{other}/keys", params={"order": "up"}).status_code == 422
+    # The answer holding a secret is kept by no cache on its way.
+    assert world.admin.post(f"/v1/projects/{other}/keys", json={"name": "c"}).headers["cache-control"] == "no-store"
 
 
 def test_a_retried_key_request_makes_no_second_key(world: World) -> None:

@@ -206,6 +206,33 @@ async def test_completed_with_other_error(engine: FalEngine) -> None:
 
 
 @respx.mock
+@pytest.mark.parametrize("error_type", ["request_timeout", "startup_timeout", "runner_scheduling_failure",
+                                        "runner_disconnected"])
+async def test_an_infrastructure_failure_fal_bills_nothing_for_leaves_the_job_to_another_engine(
+        engine: FalEngine, error_type: str) -> None:
+    # fal bills no 5xx, and its request errors are 5xx: captured as possibly billed, the job
+    # never fell back and its estimate waited for a person to reconcile it.
+    _, poll, _ = happy_queue()
+    poll.mock(return_value=status("COMPLETED", error="Request timed out", error_type=error_type))
+    with pytest.raises(EngineError) as info:
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    assert (info.value.charged, info.value.retryable) == ("no", True)
+
+
+@respx.mock
+async def test_a_failure_stored_on_the_result_is_not_fetched_again_until_the_deadline(
+        engine: FalEngine, sleep: Any) -> None:
+    # Retried as a passing outage, a stored 504 held the job to a fresh deadline (20 GETs, 282 s).
+    _, _, result = happy_queue()
+    result.mock(return_value=httpx.Response(504, json={"detail": "Request timed out", "error_type": "request_timeout"},
+                                            headers={"X-Fal-Error-Type": "request_timeout"}))
+    with pytest.raises(EngineError, match="request_timeout") as info:
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    assert result.call_count == 1 and sleep.waits == []
+    assert (info.value.charged, info.value.retryable) == ("no", True)
+
+
+@respx.mock
 async def test_content_policy_on_result(engine: FalEngine) -> None:
     _, _, result = happy_queue()
     result.mock(return_value=httpx.Response(422, json={"detail": [
@@ -523,3 +550,14 @@ async def test_closing_the_engine_ends_a_submit_left_out_by_a_cancel(engine: Fal
     await engine.aclose()
     assert held.dropped and cancel.call_count == 0
     assert [t for t in asyncio.all_tasks() if t is not asyncio.current_task() and not t.done()] == []
+
+
+@respx.mock
+async def test_a_refusal_of_the_key_says_what_the_provider_said(engine: FalEngine) -> None:
+    # A locked account (its balance spent) read as "check ORCH_FAL_API_KEY" alone.
+    respx.post(SUBMIT).mock(return_value=httpx.Response(
+        403, json={"detail": "User is locked. Reason: Exhausted balance. Top up your balance at fal.ai/dashboard"}))
+    with pytest.raises(EngineUnavailable) as info:
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    assert "Exhausted balance" in info.value.message and "ORCH_FAL_API_KEY" in info.value.message
+    assert info.value.retryable and info.value.charged == "no"

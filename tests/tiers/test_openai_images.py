@@ -267,6 +267,9 @@ async def test_bad_request_is_not_retried(engine: OpenAIImagesEngine) -> None:
 @pytest.mark.parametrize("response", [
     httpx.Response(404, json={"error": {"message": "The model `gpt-image-1.5` does not exist", "code": None}}),
     httpx.Response(400, json={"error": {"message": "Unknown model", "code": "model_not_found"}}),
+    # A 400 naming the `model` parameter: was invalid_request, the job failed with no fallback.
+    httpx.Response(400, json={"error": {"message": "Invalid value: 'gpt-image-1.5'. Supported values are: ...",
+                                        "type": "invalid_request_error", "param": "model", "code": "invalid_value"}}),
 ])
 async def test_a_model_it_no_longer_serves_lets_another_engine_try(engine: OpenAIImagesEngine,
                                                                    response: httpx.Response) -> None:
@@ -281,6 +284,8 @@ async def test_a_model_it_no_longer_serves_lets_another_engine_try(engine: OpenA
 
 @pytest.mark.parametrize(("status", "kind", "code"), [
     (429, "insufficient_quota", "insufficient_quota"),
+    # Billing switched off: retried as a rate limit, each job waited 2.5 minutes before falling back.
+    (429, "billing_not_active", "billing_not_active"),
     # An account at its spending limit: a 400 that read as the request's fault, so no fallback was tried.
     (400, "invalid_request_error", "billing_hard_limit_reached")])
 @respx.mock
