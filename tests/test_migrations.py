@@ -344,14 +344,22 @@ def test_0015_names_jobs_already_charged_twice_and_changes_nothing(tmp_path: Pat
 
 def test_a_ledger_entry_id_is_never_given_again(tmp_path: Path) -> None:
     """SQLite gave the next entry the largest id plus one: with the newest deleted by hand, its id
-    went to the next entry, which a client paging the ledger from that id never saw."""
+    went to the next entry, which a client paging the ledger from that id never saw. 0017 rebuilds
+    a ledger that has entries already, keeping them."""
+    from alembic import command
+
+    from orchestrator.db import alembic_config
+
     url = f"sqlite:///{tmp_path / 'm.db'}"
-    upgrade(url)
+    command.upgrade(alembic_config(url), "0016")
     engine = create_engine(url)
     try:
         _project_and_job(engine)
         with engine.begin() as conn:
             _capture(conn)
+        upgrade(url)
+        with engine.begin() as conn:
+            assert conn.execute(text("SELECT id, kind, amount FROM ledger_entries")).all() == [(1, "capture", 5)]
             conn.execute(text("INSERT INTO ledger_entries (project_id, kind, amount, unreconciled, settled, "
                               "over_hold, created_at) VALUES ('prj_1', 'grant', 5, false, false, false, "
                               "'2026-11-30 12:00:00')"))

@@ -130,7 +130,8 @@ def size_class(width: int, height: int) -> str:
     return "4K"
 
 
-# A class's pixels, as Google's sizes have them at every aspect (1584x672 is 1.02x 1024 squared);
-# and its long side at the widest (21:9: 1584 for 1K), past which a thin image needs the next one.
-CLASS_PIXELS_SLACK = 1.1
+# A class's pixels, as Google's sizes have them at every aspect (at most 1.025x its side squared:
+# 4:3's 1200x896); and its long side at the widest (21:9: 1584 for 1K), past which a thin image
+# needs the next one.
+CLASS_PIXELS_SLACK = 1.03
 CLASS_SIDE_SLACK = 1.56

@@ -247,7 +247,8 @@ def test_estimate_by_size_and_unknown_model(make_ctx: Any) -> None:
 
 @respx.mock
 @pytest.mark.parametrize(("width", "height", "size"), [
-    (1344, 768, "1K"), (1584, 672, "1K"), (848, 1264, "1K"),  # Google's 1K sizes at 16:9, 21:9 and 2:3
+    (1344, 768, "1K"), (1584, 672, "1K"), (848, 1264, "1K"), (1200, 896, "1K"),  # Google's 1K sizes
+    (1088, 1088, "2K"),  # more than 1K holds: 1K's 1024 would be stretched
     (2048, 512, "2K"),  # thinner than 21:9: 1K's 1584 wide would be stretched to 2048
     (2752, 1536, "2K"), (2048, 2048, "2K"), (4096, 2304, "4K"),
 ])
@@ -395,9 +396,11 @@ async def test_images_are_encoded_and_decoded_off_the_event_loop(engine: GeminiE
     import tiers.gemini
 
     on_loop: list[str] = []
+    called: set[str] = set()
 
     def spying(name: str, real: Any) -> Any:
         def call(*args: Any, **kwargs: Any) -> Any:
+            called.add(name)
             try:
                 asyncio.get_running_loop()
                 on_loop.append(name)
@@ -411,3 +414,4 @@ async def test_images_are_encoded_and_decoded_off_the_event_loop(engine: GeminiE
     respx.post(URL).mock(return_value=httpx.Response(200, json=ok_body()))
     result = await engine.run(bridge(n=2), NullProgress(), CancelToken())
     assert len(result.images) == 2 and on_loop == []
+    assert called == {"encode_image", "decode_image"}  # the spies saw the work

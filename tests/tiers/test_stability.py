@@ -550,9 +550,11 @@ async def test_images_are_encoded_resized_and_decoded_off_the_event_loop(
     import tiers.stability
 
     on_loop: list[str] = []
+    called: set[str] = set()
 
     def spying(name: str, real: Any) -> Any:
         def call(*args: Any, **kwargs: Any) -> Any:
+            called.add(name)
             try:
                 asyncio.get_running_loop()
                 on_loop.append(name)
@@ -566,3 +568,4 @@ async def test_images_are_encoded_resized_and_decoded_off_the_event_loop(
     respx.post(SD3).mock(return_value=ok())
     result = await engine.run(bridge(width=96, height=64), NullProgress(), CancelToken())
     assert len(result.images) == 1 and on_loop == []
+    assert called == {"encode_image", "decode_image", "shaped_as", "_sized_as_asked"}  # the spies saw the work
