@@ -109,9 +109,19 @@ async def authenticate(services: Services, authorization: Sequence[str]) -> Call
     raise Unauthorized("a valid 'Authorization: Bearer <key>' header is required")
 
 
-async def require_auth(services: ServicesDep, request: Request,
+async def caller_of(request: Request) -> Caller:
+    """The request's caller, authenticated once however many ask (`require_auth`, and the route
+    class before the body is read: see `orchestrator.api.json_body`)."""
+    caller: Caller | None = getattr(request.state, "caller", None)
+    if caller is None:
+        caller = request.state.caller = await authenticate(request.app.state.services,
+                                                           request.headers.getlist("authorization"))
+    return caller
+
+
+async def require_auth(request: Request,
                        _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Caller:
-    return await authenticate(services, request.headers.getlist("authorization"))
+    return await caller_of(request)
 
 
 # The routers depend on `require_auth` too; FastAPI runs it once per request and hands both the result.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -89,6 +90,29 @@ def test_auth_comes_before_validation_and_writes_nothing(anon: httpx.Client) -> 
         assert_error(client.get("/v1/projects?limit=1&limit=2"), 422, "invalid_request")
         assert client.get("/v1/jobs").json()["items"] == []
         assert [p["name"] for p in client.get("/v1/projects").json()["items"]] == ["p"]
+
+
+def test_a_body_is_not_parsed_before_its_sender_is_known(anon: httpx.Client,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    # FastAPI reads and parses a body before any dependency runs: anyone without a key had up to
+    # ORCH_MAX_BODY_BYTES of JSON parsed on the event loop (a few of them at once stalled /healthz).
+    from orchestrator.api import json_body
+
+    parsed: list[int] = []
+    loads = json_body.loads
+
+    def counted(body: bytes) -> Any:
+        parsed.append(len(body))
+        return loads(body)
+
+    monkeypatch.setattr(json_body, "loads", counted)
+    big = b"[" + b"1," * 400_000 + b"1]"
+    assert_error(anon.post("/v1/projects", content=big, headers={"content-type": "application/json"}),
+                 401, "unauthorized")
+    assert parsed == []
+    with authed(anon) as client:
+        assert client.post("/v1/projects", json={"name": "parsed"}).status_code == 201
+    assert parsed != []  # the spy sees a body once its sender is known
 
 
 def test_what_is_refused_before_routing_needs_the_key_too(anon: httpx.Client) -> None:
