@@ -13,7 +13,7 @@ from sqlmodel import Session, col, select
 
 from orchestrator.errors import OrchestratorError
 from orchestrator.ledger import charges
-from orchestrator.models import Asset, LedgerEntry, Project
+from orchestrator.models import Asset, Job, LedgerEntry, Project
 from orchestrator.schemas import GroupBy
 from tiers.base import RenderRequest, to_credits
 from tiers.registry import EngineRegistry
@@ -76,8 +76,12 @@ def _group_key(group_by: GroupBy, dialect: str) -> Any:
 
 def savings(s: Session, registry: EngineRegistry, start: datetime | None, end: datetime | None,
             project_id: str | None) -> dict[str, Any]:
-    """What the local drafts of the period would have cost on the cheapest available cloud engine."""
-    where: list[Any] = [col(Asset.stage) == "ideation"]
+    """What the local drafts of the period would have cost on the cheapest available cloud engine:
+    drafts a local engine rendered, not a paid engine's (which cost what they cost) nor copies of
+    an earlier result (which cost nothing either way)."""
+    local = [engine.name for engine in registry if engine.kind == "local"]
+    rendered = select(Job.id).where(col(Job.cache_hit).is_(False))
+    where: list[Any] = [col(Asset.stage) == "ideation", col(Asset.engine).in_(local), col(Asset.job_id).in_(rendered)]
     if start is not None:
         where.append(col(Asset.created_at) >= start)
     if end is not None:

@@ -281,6 +281,33 @@ def test_explain_draft_honours_the_project_s_cache_as_the_job_does(new_settings:
         assert client.get(f"/v1/assets/{done['assets'][0]}").json()["project_id"] == project_id
 
 
+def test_savings_count_the_drafts_a_local_engine_rendered_only(new_settings: SettingsFactory,
+                                                                 tmp_path: Path) -> None:
+    """A paid engine's drafts (which cost what they cost) and free copies of them were counted as
+    local drafts saved: a dashboard showed 40 credits saved on drafts that cost 40."""
+    policy = PAID_DRAFTS.replace('engines = ["paid-drafts"]', 'engines = ["lite", "paid-drafts"]')
+    folder = write_policies(tmp_path / "policies", {"paid-drafts": policy})
+    settings = new_settings(engines="paid-drafts=tests.routing:paid_drafts_factory", policy="paid-drafts",
+                            policy_dir=folder)
+    with running(settings) as client:
+        project_id = create_project(client, "savings", budget={"limit": 100, "period": "month"})["id"]
+        body = {"prompt": "a lighthouse", "n": 2, "width": 64, "height": 64, "steps": 1, "seed": 11}
+        local = submit(client, f"/v1/projects/{project_id}/drafts", {**body, "n": 1})
+        assert wait_for_job(client, local["id"])["engine"] == "lite"
+
+        def savings() -> dict[str, Any]:
+            found: dict[str, Any] = client.get("/v1/spend", params={"project_id": project_id}).json()["savings"]
+            return found
+
+        before = savings()
+        assert (before["drafts"], before["compared_with"]) == (1, "paid-drafts")
+        paid = submit(client, f"/v1/projects/{project_id}/drafts", {**body, "engine": "paid-drafts", "cache": True})
+        assert wait_for_job(client, paid["id"])["status"] == "succeeded"
+        copy = submit(client, f"/v1/projects/{project_id}/drafts", {**body, "engine": "paid-drafts", "cache": True})
+        assert copy["cost"]["cache_hit"] is True
+        assert savings() == before
+
+
 @pytest.mark.parametrize(("body", "status", "code"), [
     ({}, 422, "invalid_request"),
     ({"stage": "sideways", "project_id": "{project}"}, 422, "invalid_request"),
