@@ -323,12 +323,7 @@ class ArtifactStore:
             # its place): the bytes in hand replace it, so the new row and the earlier ones that
             # name it are served again. Where none can be written, the file stays as it was.
             log.warning("asset file %s cannot be read (%s): written again", path.name, exc.strerror or exc)
-            try:
-                self.write_atomic(path, data)
-            except OSError:
-                if path.is_file():
-                    return sha
-                raise
+            self._replace_or_keep(path, data)
             return sha
         if not same:
             # A damaged copy (cut short by a crash of the disk, rotted, or edited by hand): the new
@@ -346,15 +341,18 @@ class ArtifactStore:
         except OSError:
             # There, but not ours to touch (another user's 0644 file): a fresh copy replaces it,
             # for the same reason. Where none can be written (a read-only mount), the file serves.
-            try:
-                self.write_atomic(path, data)
-            except OSError:
-                if path.is_file():
-                    return sha
-                raise
+            self._replace_or_keep(path, data)
             return sha
         self.write_atomic(path, data)
         return sha
+
+    def _replace_or_keep(self, path: Path, data: bytes) -> None:
+        """`data` written over `path`; where nothing can be written, the file there is kept."""
+        try:
+            self.write_atomic(path, data)
+        except OSError:
+            if not path.is_file():
+                raise
 
     @staticmethod
     def write_atomic(path: Path, data: bytes) -> None:

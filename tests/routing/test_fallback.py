@@ -577,20 +577,8 @@ def test_jobs_queued_before_the_circuit_opened_are_not_sent_while_it_is_open(
         assert health(client)["fake-paid"] == "ok"
 
 
-TWO_PAID_POLICY = """
-name = "two-paid"
-description = "fake-paid, then fake-b: no free engine to fall back to."
-
-[[rules]]
-name = "drafts"
-match = { stage = "ideation" }
-engines = ["lite"]
-
-[[rules]]
-name = "paid"
-match = { stage = ["bridge", "polish"] }
-engines = ["fake-paid", "fake-b"]
-"""
+# fake-paid, then fake-b: no free engine to fall back to.
+TWO_PAID_POLICY = FALLBACK_POLICY.replace('"fallback-test"', '"two-paid"').replace(', "local-hifi"]', "]")
 
 
 def test_a_job_no_candidate_takes_off_an_open_circuit_waits_rather_than_fails(

@@ -159,6 +159,29 @@ def multipart(request: httpx.Request) -> tuple[dict[str, str], dict[str, bytes]]
     return fields, files
 
 
+class LoopSpy:
+    """Functions of an engine's module replaced by spies that note which were called, and which of
+    those on the event loop's thread (image work there stalls the API, every event stream and
+    the lease renewals)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, module: object, *names: str) -> None:
+        self.called: set[str] = set()
+        self.on_loop: list[str] = []
+        for name in names:
+            monkeypatch.setattr(module, name, self._spying(name, getattr(module, name)))
+
+    def _spying(self, name: str, real: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            self.called.add(name)
+            try:
+                asyncio.get_running_loop()
+                self.on_loop.append(name)
+            except RuntimeError:
+                pass  # a worker thread: no loop runs there
+            return real(*args, **kwargs)
+        return call
+
+
 class RecordingProgress(NullProgress):
     """A Progress that records the steps, states and provider request ids an engine reports."""
 

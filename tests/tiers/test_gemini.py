@@ -20,7 +20,7 @@ from orchestrator.errors import (
     NoPrice,
     RateLimited,
 )
-from tests.tiers.conftest import bridge, png_bytes
+from tests.tiers.conftest import LoopSpy, bridge, png_bytes
 from tiers.base import CancelToken, NullProgress
 from tiers.gemini import GeminiEngine
 
@@ -391,27 +391,10 @@ async def test_images_are_encoded_and_decoded_off_the_event_loop(engine: GeminiE
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     # A 2048 draft's PNG took seconds on the loop: the API, the event streams and the lease
     # renewals stood still meanwhile (an audit measured a 6.8 s stall for one polish).
-    import asyncio
-
     import tiers.gemini
 
-    on_loop: list[str] = []
-    called: set[str] = set()
-
-    def spying(name: str, real: Any) -> Any:
-        def call(*args: Any, **kwargs: Any) -> Any:
-            called.add(name)
-            try:
-                asyncio.get_running_loop()
-                on_loop.append(name)
-            except RuntimeError:
-                pass  # a worker thread: no loop runs there
-            return real(*args, **kwargs)
-        return call
-
-    for name in ("encode_image", "decode_image"):
-        monkeypatch.setattr(tiers.gemini, name, spying(name, getattr(tiers.gemini, name)))
+    spy = LoopSpy(monkeypatch, tiers.gemini, "encode_image", "decode_image")
     respx.post(URL).mock(return_value=httpx.Response(200, json=ok_body()))
     result = await engine.run(bridge(n=2), NullProgress(), CancelToken())
-    assert len(result.images) == 2 and on_loop == []
-    assert called == {"encode_image", "decode_image"}  # the spies saw the work
+    assert len(result.images) == 2 and spy.on_loop == []
+    assert spy.called == {"encode_image", "decode_image"}  # the spies saw the work

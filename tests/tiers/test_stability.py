@@ -20,7 +20,7 @@ from orchestrator.errors import (
     NoPrice,
     RateLimited,
 )
-from tests.tiers.conftest import RecordingProgress, draft_image, multipart, png_bytes
+from tests.tiers.conftest import LoopSpy, RecordingProgress, draft_image, multipart, png_bytes
 from tests.tiers.conftest import bridge as base_bridge
 from tiers.base import CancelToken, NullProgress, RenderRequest
 from tiers.stability import StabilityEngine, operation
@@ -549,23 +549,8 @@ async def test_images_are_encoded_resized_and_decoded_off_the_event_loop(
         engine: StabilityEngine, monkeypatch: pytest.MonkeyPatch) -> None:
     import tiers.stability
 
-    on_loop: list[str] = []
-    called: set[str] = set()
-
-    def spying(name: str, real: Any) -> Any:
-        def call(*args: Any, **kwargs: Any) -> Any:
-            called.add(name)
-            try:
-                asyncio.get_running_loop()
-                on_loop.append(name)
-            except RuntimeError:
-                pass  # a worker thread: no loop runs there
-            return real(*args, **kwargs)
-        return call
-
-    for name in ("encode_image", "decode_image", "shaped_as", "_sized_as_asked"):
-        monkeypatch.setattr(tiers.stability, name, spying(name, getattr(tiers.stability, name)))
+    spy = LoopSpy(monkeypatch, tiers.stability, "encode_image", "decode_image", "shaped_as", "_sized_as_asked")
     respx.post(SD3).mock(return_value=ok())
     result = await engine.run(bridge(width=96, height=64), NullProgress(), CancelToken())
-    assert len(result.images) == 1 and on_loop == []
-    assert called == {"encode_image", "decode_image", "shaped_as", "_sized_as_asked"}  # the spies saw the work
+    assert len(result.images) == 1 and spy.on_loop == []
+    assert spy.called == {"encode_image", "decode_image", "shaped_as", "_sized_as_asked"}  # the spies saw the work
