@@ -517,6 +517,14 @@ def breakers(monkeypatch: pytest.MonkeyPatch, clock: Clock) -> list[EngineHealth
     return made
 
 
+def fill_fake_paid(client: httpx.Client, asset_id: str) -> list[dict[str, Any]]:
+    """fake-paid's 4 lanes taken by jobs that hang until canceled: the next jobs wait in the queue."""
+    busy = [promote(client, asset_id, engine="fake-paid", tags={"fake": "hang"}) for _ in range(4)]
+    for job in busy:
+        wait_for_job(client, job["id"], ("running",))
+    return busy
+
+
 def test_a_probe_canceled_while_queued_lets_the_next_one_through(
         new_settings: SettingsFactory, fallback_policies: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Canceled before it ran, the probe was never released: the engine was skipped for the whole cooldown.
@@ -524,9 +532,7 @@ def test_a_probe_canceled_while_queued_lets_the_next_one_through(
     made = breakers(monkeypatch, clock)
     with running(new_settings(engines=FAKE_ENGINES, policy="fallback-test", policy_dir=fallback_policies)) as client:
         _, asset_id = draft_asset(client)
-        busy = [promote(client, asset_id, engine="fake-paid", tags={"fake": "hang"}) for _ in range(4)]
-        for job in busy:  # fake-paid's 4 lanes: the probe will wait in the queue
-            wait_for_job(client, job["id"], ("running",))
+        busy = fill_fake_paid(client, asset_id)  # the probe will wait in the queue
         for _ in range(2):
             made[0].failed("fake-paid")  # open (other jobs failed meanwhile) ...
         clock.now += 61  # ... and half-open
@@ -550,9 +556,7 @@ def test_jobs_queued_before_the_circuit_opened_are_not_sent_while_it_is_open(
     made = breakers(monkeypatch, clock)
     with running(new_settings(engines=FAKE_ENGINES, policy="fallback-test", policy_dir=fallback_policies)) as client:
         _, asset_id = draft_asset(client)
-        busy = [promote(client, asset_id, engine="fake-paid", tags={"fake": "hang"}) for _ in range(4)]
-        for job in busy:  # fake-paid's 4 lanes: the next jobs wait in the queue
-            wait_for_job(client, job["id"], ("running",))
+        busy = fill_fake_paid(client, asset_id)
         routed = promote(client, asset_id)
         named = promote(client, asset_id, engine="fake-paid")
         assert routed["engine"] == named["engine"] == "fake-paid"
@@ -591,9 +595,7 @@ def test_a_job_no_candidate_takes_off_an_open_circuit_waits_rather_than_fails(
     folder = write_policies(tmp_path / "policies", {"two-paid": TWO_PAID_POLICY})
     with running(new_settings(engines=FAKE_ENGINES, policy="two-paid", policy_dir=folder)) as client:
         _, busy_asset = draft_asset(client)
-        busy = [promote(client, busy_asset, engine="fake-paid", tags={"fake": "hang"}) for _ in range(4)]
-        for job in busy:
-            wait_for_job(client, job["id"], ("running",))
+        busy = fill_fake_paid(client, busy_asset)
         project_id, asset_id = draft_asset(client, budget={"limit": 25, "period": "none"})
         queued = [promote(client, asset_id) for _ in range(2)]  # 10 held each; fake-b's 20 will not fit
         assert [job["engine"] for job in queued] == ["fake-paid", "fake-paid"]
