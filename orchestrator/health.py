@@ -102,6 +102,11 @@ class EngineHealth:
             c = self._get(engine)
             return c.opened_at is not None and self._probe_out(c, self.clock())
 
+    def opened_at(self, engine: str) -> float | None:
+        """When `engine`'s circuit last opened (wall clock); None while it is closed."""
+        with self._lock:
+            return self._get(engine).opened_at
+
     def opens_in(self, engine: str) -> float:
         """Seconds until `engine` may be sent a job again, as far as its circuit says: the rest
         of the cooldown, or of its probe's time (it may report sooner); 0 when it may now."""

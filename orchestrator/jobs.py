@@ -314,7 +314,8 @@ class JobService:
             # later (it would also hold credits). A damaged file keeps its size and its name.
             self.store.get(asset.sha256)
         except ContentUnavailable as exc:
-            what = "missing from" if exc.details.get("reason") == "missing" else "damaged in"
+            what = {"missing": "missing from", "unreadable": "unreadable in"}.get(exc.details.get("reason", ""),
+                                                                                 "damaged in")
             raise ContentUnavailable(f"asset '{asset_id}' has no content: its image file is {what} the store "
                                      "(restore it from a backup)",
                                      details={"asset_id": asset_id, **exc.details}) from None

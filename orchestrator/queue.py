@@ -116,9 +116,10 @@ class Scheduler:
         # been seen unchanged, monotonic), to tell a hung holder (see `_orphans`).
         self._expired_leases: dict[str, tuple[tuple[int, str | None, datetime | None], float]] = {}
         self._forgetting: set[asyncio.Task[None]] = set()  # see `forget_abandoned`
-        # Jobs a move off an open circuit found no candidate for: they wait for the verdict
-        # (see `_circuit`), rather than be claimed to be moved again at every dispatch.
-        self._waiting: set[str] = set()
+        # Jobs a move off an open circuit found no candidate for, with their engine and when its
+        # circuit opened: they wait for its verdict (see `_circuit`) rather than be claimed to be
+        # moved again at every dispatch, until it closes or opens anew.
+        self._waiting: dict[str, tuple[str, float | None]] = {}
         self._stopping = False
         self._hurried = asyncio.Event()
         self._cancel_watch: asyncio.Task[None] | None = None
@@ -355,12 +356,13 @@ class Scheduler:
     def _oldest_of(self, engines: list[str]) -> list[Job]:
         """`_oldest_queued`, the jobs of engines whose circuit is open after the others': most of
         them wait (see `_circuit`), and a backlog of them must not crowd the rest out of the batch."""
-        cooling = [name for name in engines if not self.runner.health.allow(name)]
+        health = self.runner.health
+        if self._waiting:  # those whose engine's circuit has closed wait no more
+            self._waiting = {job_id: (engine, opened) for job_id, (engine, opened) in self._waiting.items()
+                             if health.opened_at(engine) is not None}
+        cooling = [name for name in engines if not health.allow(name)]
         jobs = self._oldest_queued([name for name in engines if name not in cooling])
-        if not cooling:
-            self._waiting.clear()  # nothing waits for a verdict any more
-            return jobs
-        return jobs + self._oldest_queued(cooling)
+        return jobs + self._oldest_queued(cooling) if cooling else jobs
 
     def _circuit(self, job: Job) -> Literal["go", "move", "wait"]:
         """What a queued job does as its engine's circuit breaker says: `go` when the engine may be
@@ -373,10 +375,10 @@ class Scheduler:
             return "go"
         health = self.runner.health
         if health.admit(job.engine, job.id):
-            self._waiting.discard(job.id)
+            self._waiting.pop(job.id, None)
             return "go"
-        if job.id in self._waiting:  # no candidate took it a moment ago
-            return "wait"
+        if self._waiting.get(job.id) == (job.engine, health.opened_at(job.engine)):
+            return "wait"  # no candidate took it since the circuit opened
         tried = {a["engine"] for a in job.attempts or []} | {job.engine}
         for name in fallbacks(job.routing, tried):
             try:
@@ -515,7 +517,7 @@ class Scheduler:
             if self._running.get(claim.job.id, (None, None))[1] is claim:
                 del self._running[claim.job.id]
             if claim.waiting:
-                self._waiting.add(claim.job.id)
+                self._waiting[claim.job.id] = (claim.job.engine, self.runner.health.opened_at(claim.job.engine))
             self._lane_use[lane] -= 1
             self.notify()
 

@@ -630,7 +630,7 @@ class JobRunner:
         # Nothing happened to it: no attempt is recorded, its hold stays.
         with self.db.transaction() as s:
             self._guarded_update(s, claim, status="queued", lease_owner=None, lease_expires_at=None,
-                                 started_at=None, unless_canceled=True)
+                                 unless_canceled=True)
 
     def give_back(self, claim: Claim) -> None:
         """A claim that never started (the service stopped first): back to the queue with its

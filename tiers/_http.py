@@ -47,6 +47,8 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
+# A request extension: the call's own test of a final answer (`RemoteClient.request`'s `final_if`).
+FINAL_IF = "orchestrator.final_if"
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504}) | frozenset(range(505, 600))
 # A reverse proxy's "bad gateway" and "gateway timeout": a self-hosted server behind one whose read
 # timeout is shorter than the server's answer may have taken the request all the same.
@@ -422,6 +424,7 @@ class RemoteClient:
         deadline: float | None = None,
         cancel: CancelToken | None = None,
         answered: Collection[int] = (),
+        final_if: Callable[[httpx.Response], bool] | None = None,
         **kwargs: Any,
     ) -> httpx.Response:
         """Send with retries; return the first answer that is not 408/429/5xx.
@@ -429,12 +432,15 @@ class RemoteClient:
         401/403 raise `EngineUnavailable` at once, unless listed in `answered` (a provider whose
         403 may be about the request, not the key). Other 4xx are returned: the engine knows its
         provider's error body (moderation, validation) and calls `fail()` or maps it itself.
+        `final_if` marks more of this call's 408/429/5xx answers as final (see `final_answer`).
 
         With `cancel`, a cancel ends the call with `Canceled`, which says what it may have cost:
         `charged="unknown"` while a request that can bill (not `idempotent`) is out without an
         answer, `"no"` before the first send and in the waits between attempts, when every answer
         so far said nothing was made. Racing the whole call from outside cannot tell the two apart.
         """
+        if final_if is not None:  # carried by the request to `_retryable`, which sees only the answer
+            kwargs["extensions"] = {**kwargs.get("extensions", {}), FINAL_IF: final_if}
         stop_at = deadline if deadline is not None else self.new_deadline()
         # A billable retry is sent only with half the deadline left, time for a slow render to be
         # answered (it waits until the deadline, not the read timeout: see `_send_once`).
@@ -580,7 +586,10 @@ class RemoteClient:
         return response
 
     def _retryable(self, response: httpx.Response) -> bool:
-        return response.status_code in RETRY_STATUSES and not self.final_answer(response)
+        if response.status_code not in RETRY_STATUSES or self.final_answer(response):
+            return False
+        final_if = response.request.extensions.get(FINAL_IF)
+        return not (final_if is not None and final_if(response))
 
     def _refused_but_cut_short(self, head: httpx.Response, idempotent: bool) -> bool:
         """Whether an answer whose body was cut off said by its status line alone that nothing was

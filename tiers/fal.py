@@ -60,10 +60,12 @@ def _filtered(*texts: object) -> bool:
 
 
 # fal's infrastructure failures (its "Request Error Types": the request timed out, no runner
-# could take it, the runner went away), said in `error_type` and the `X-Fal-Error-Type` header.
-# They are 5xx, and fal bills no 5xx: nothing was charged, and another engine may take the job.
+# could take it, the runner went away or broke), said in `error_type` and the `X-Fal-Error-Type`
+# header. They are 5xx, and fal bills no 5xx: nothing was charged, and another engine may take the job.
 INFRA_ERRORS = frozenset({"request_timeout", "startup_timeout", "runner_scheduling_failure",
-                          "runner_connection_timeout", "runner_disconnected", "runner_connection_refused"})
+                          "runner_connection_timeout", "runner_disconnected", "runner_connection_refused",
+                          "runner_connection_error", "runner_incomplete_response", "runner_server_error",
+                          "internal_error"})
 
 
 def unbilled(error_type: object) -> bool:
@@ -71,8 +73,9 @@ def unbilled(error_type: object) -> bool:
 
 
 def stored_failure(response: httpx.Response) -> bool:
-    """A 5xx naming its error type: the request's failure as fal stored it, which asking again
-    only repeats (retried as a passing outage, it held the job to a fresh deadline)."""
+    """A result fetched as a 5xx naming its error type: the request's failure as fal stored it,
+    which asking again only repeats (retried as a passing outage, it held the job to a fresh
+    deadline). Only the result's: a submit or a poll answered so is a passing outage, retried."""
     return response.status_code >= 500 and bool(response.headers.get("x-fal-error-type"))
 
 
@@ -103,7 +106,6 @@ class FalEngine(CloudEngine):
         # client from CDN hosts that must never see it.
         self._auth = {"Authorization": f"Key {self._key or ''}"}
         self.http = self.remote_client(ctx, client, base_url=s.fal_base_url)
-        self.http.final_answer = stored_failure
         self._base = httpx.URL(s.fal_base_url)
 
     def _keyed(self, url: object) -> bool:
@@ -212,9 +214,9 @@ class FalEngine(CloudEngine):
             # too little for one retry, and the image paid for would be lost.
             output = await self._result(str(urls["response_url"]), self.http.new_deadline(), cancel)
         except EngineError as exc:
-            # COMPLETED: fal has run (and billed) the request, unless it failed as its own
-            # infrastructure's (a 5xx, which fal bills not).
-            if not (exc.charged == "no" and unbilled(exc.details.get("error_type"))):
+            # COMPLETED: fal has run (and billed) the request, unless its result is a stored 5xx,
+            # which fal bills not.
+            if not (exc.charged == "no" and exc.details.get("error_type")):
                 exc.at_least_charged("unknown")
             raise
         images = await self._images(output, req.n, cancel)
@@ -267,11 +269,11 @@ class FalEngine(CloudEngine):
 
     async def _result(self, response_url: str, deadline: float, cancel: CancelToken) -> dict[str, Any]:
         response = await cancel.race(self.http.request(
-            "GET", response_url, idempotent=True, deadline=deadline, headers=self._auth,
+            "GET", response_url, idempotent=True, deadline=deadline, headers=self._auth, final_if=stored_failure,
         ))
         if response.status_code != 200:
             error_type = response.headers.get("x-fal-error-type")
-            if unbilled(error_type):
+            if stored_failure(response):  # a 5xx: fal bills none
                 raise EngineError(f"fal: the request failed ({error_type}): {error_text(response)}",
                                   details={"engine": self.name, "status": response.status_code,
                                            "error_type": error_type}, charged="no")

@@ -16,7 +16,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from orchestrator.api.deps import authenticate
+from orchestrator.api.deps import caller_of
 from orchestrator.api.json_body import UnreadableJSON
 from orchestrator.db import disk_full, transient
 from orchestrator.errors import (
@@ -149,7 +149,7 @@ async def denied(request: Request) -> JSONResponse | None:
     if services is None or not request.url.path.startswith("/v1/"):
         return None
     try:
-        await authenticate(services, request.headers.getlist("authorization"))
+        await caller_of(request)  # once per request: the route class may have asked already
     except OrchestratorError as refusal:
         return answer(refusal)
     return None

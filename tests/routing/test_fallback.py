@@ -25,7 +25,7 @@ from orchestrator.models import Asset, Job, LedgerEntry, Project
 from orchestrator.runner import JobRunner
 from orchestrator.schemas import PolishCreate, PromoteCreate
 from orchestrator.services import Services
-from tests.routing import assert_error, ledger, promote, run_draft, wait_for_job
+from tests.routing import assert_error, ledger, poll, promote, run_draft, wait_for_job
 from tests.routing.conftest import FAKE_ENGINES, FALLBACK_POLICY, SettingsFactory, running, write_policies
 
 SOFT_BUDGET_POLICY = """
@@ -615,6 +615,42 @@ def test_a_job_no_candidate_takes_off_an_open_circuit_waits_rather_than_fails(
             assert (done["status"], done["engine"]) == ("succeeded", "fake-paid"), done
             assert [a["engine"] for a in done["attempts"]] == ["fake-paid"]
             assert done["cost"]["charged"] == 10.0
+
+
+def test_jobs_waiting_for_a_verdict_are_not_claimed_again_while_the_probe_is_out(
+        new_settings: SettingsFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Their wait was forgotten whenever the circuit let a probe through (or the lane was full):
+    # each was claimed to be moved again at every cooldown, its attempt counted up, for nothing.
+    requeued: list[str] = []
+    requeue_waiting = JobRunner._requeue_waiting
+
+    def counted(self: JobRunner, claim: Any) -> None:
+        requeued.append(claim.job.id)
+        requeue_waiting(self, claim)
+
+    monkeypatch.setattr(JobRunner, "_requeue_waiting", counted)
+    clock = Clock()
+    made = breakers(monkeypatch, clock)
+    folder = write_policies(tmp_path / "policies", {"two-paid": TWO_PAID_POLICY})
+    with running(new_settings(engines=FAKE_ENGINES, policy="two-paid", policy_dir=folder)) as client:
+        _, busy_asset = draft_asset(client)
+        busy = fill_fake_paid(client, busy_asset)
+        _, asset_id = draft_asset(client, budget={"limit": 35, "period": "none"})
+        queued = [promote(client, asset_id, tags={"fake": "hang"}) for _ in range(3)]  # fake-b's 20 fits none
+        for _ in range(2):
+            made[0].failed("fake-paid")
+        for job in busy:
+            client.post(f"/v1/jobs/{job['id']}/cancel")
+        poll(lambda: len(requeued) == 3, what="the three to be queued again to wait")
+        clock.now += 61  # half-open: one is admitted as the probe, and hangs
+        poll(lambda: [client.get(f"/v1/jobs/{j['id']}").json()["status"] for j in queued].count("running") == 1,
+             what="the probe to start")
+        time.sleep(1.5)  # dispatch looks again every poll interval
+        assert sorted(requeued) == sorted(j["id"] for j in queued)  # none claimed to be moved again
+        statuses = [client.get(f"/v1/jobs/{j['id']}").json()["status"] for j in queued]
+        assert sorted(statuses) == ["queued", "queued", "running"]
+        for job in queued:
+            client.post(f"/v1/jobs/{job['id']}/cancel")
 
 
 def test_a_job_canceled_as_its_fallback_commits_leaves_the_next_engine_s_probe_free(

@@ -199,7 +199,8 @@ async def test_completed_with_content_policy_error(engine: FalEngine) -> None:
 @respx.mock
 async def test_completed_with_other_error(engine: FalEngine) -> None:
     _, poll, _ = happy_queue()
-    poll.mock(return_value=status("COMPLETED", error="worker crashed", error_type="internal_error"))
+    # A model's own failure (not one of fal's request errors, which are 5xx and never billed).
+    poll.mock(return_value=status("COMPLETED", error="worker crashed", error_type="model_error"))
     with pytest.raises(EngineError, match="worker crashed") as info:
         await engine.run(bridge(), NullProgress(), CancelToken())
     assert not isinstance(info.value, ContentFiltered) and info.value.charged == "unknown"
@@ -207,7 +208,7 @@ async def test_completed_with_other_error(engine: FalEngine) -> None:
 
 @respx.mock
 @pytest.mark.parametrize("error_type", ["request_timeout", "startup_timeout", "runner_scheduling_failure",
-                                        "runner_disconnected"])
+                                        "runner_disconnected", "internal_error"])
 async def test_an_infrastructure_failure_fal_bills_nothing_for_leaves_the_job_to_another_engine(
         engine: FalEngine, error_type: str) -> None:
     # fal bills no 5xx, and its request errors are 5xx: captured as possibly billed, the job
@@ -230,6 +231,20 @@ async def test_a_failure_stored_on_the_result_is_not_fetched_again_until_the_dea
         await engine.run(bridge(), NullProgress(), CancelToken())
     assert result.call_count == 1 and sleep.waits == []
     assert (info.value.charged, info.value.retryable) == ("no", True)
+
+
+@respx.mock
+async def test_a_passing_outage_of_the_submit_or_a_poll_is_retried_whatever_it_names(
+        engine: FalEngine, sleep: Any, output: respx.Route) -> None:
+    # The stored-failure test once held for every call: a submit answered 503 runner_scheduling_failure
+    # failed the job as bad input, and a poll's failed a running request, canceled and charged.
+    outage = httpx.Response(503, json={"detail": "no runner", "error_type": "runner_scheduling_failure"},
+                            headers={"X-Fal-Error-Type": "runner_scheduling_failure"})
+    submit, poll, _ = happy_queue()
+    submit.side_effect = [outage, httpx.Response(200, json=queued())]
+    poll.side_effect = [outage, status("COMPLETED")]
+    result = await engine.run(bridge(), NullProgress(), CancelToken())
+    assert len(result.images) == 1 and submit.call_count == 2 and poll.call_count == 2
 
 
 @respx.mock
