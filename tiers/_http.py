@@ -470,9 +470,11 @@ class RemoteClient:
                 details={"engine": self.engine},
             ) from None
         if response.status_code in (401, 403) and response.status_code not in answered:
-            # What the provider said, which may be the account's rather than the key's ("User is
-            # locked. Reason: Exhausted balance"); not a gateway's HTML page.
-            said = "" if "html" in response.headers.get("content-type", "") else error_text(response, 200)
+            # A 403's text, which may be about the account rather than the key ("User is locked.
+            # Reason: Exhausted balance"); not a gateway's HTML page, nor a 401's (it may show the
+            # key masked, `sk-...abcd`, which the job's error would show every project key holder).
+            said = ("" if response.status_code == 401 or "html" in response.headers.get("content-type", "")
+                    else error_text(response, 200))
             raise EngineUnavailable(
                 f"{self.engine} refused the credentials (HTTP {response.status_code}{': ' + said if said else ''}): "
                 f"check {self.key_setting}",

@@ -251,6 +251,12 @@ async def test_401_fails_at_once_naming_the_setting(engine: OpenAIImagesEngine, 
     assert route.call_count == 1
     assert "OPENAI_API_KEY" in info.value.message and "sk-secret" not in info.value.message
     assert "sk-secret" not in caplog.text
+    # Nor the key as the provider masks it, which the job's error shows every project key holder.
+    route.mock(return_value=httpx.Response(401, json={"error": {
+        "message": "Incorrect API key provided: sk-proj-****wxyz.", "code": "invalid_api_key"}}))
+    with pytest.raises(EngineUnavailable) as info:
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    assert "wxyz" not in info.value.message
 
 
 @respx.mock
