@@ -120,6 +120,7 @@ class Scheduler:
         # circuit opened: they wait for its verdict (see `_circuit`) rather than be claimed to be
         # moved again at every dispatch, until it closes or opens anew.
         self._waiting: dict[str, tuple[str, float | None]] = {}
+        self._waiting_lock = threading.Lock()  # read by the dispatch thread, written by job ends on the loop
         self._stopping = False
         self._hurried = asyncio.Event()
         self._cancel_watch: asyncio.Task[None] | None = None
@@ -357,9 +358,10 @@ class Scheduler:
         """`_oldest_queued`, the jobs of engines whose circuit is open after the others': most of
         them wait (see `_circuit`), and a backlog of them must not crowd the rest out of the batch."""
         health = self.runner.health
-        if self._waiting:  # those whose engine's circuit has closed wait no more
-            self._waiting = {job_id: (engine, opened) for job_id, (engine, opened) in self._waiting.items()
-                             if health.opened_at(engine) is not None}
+        with self._waiting_lock:  # those whose engine's circuit has closed wait no more
+            if self._waiting:
+                self._waiting = {job_id: (engine, opened) for job_id, (engine, opened) in self._waiting.items()
+                                 if health.opened_at(engine) is not None}
         cooling = [name for name in engines if not health.allow(name)]
         jobs = self._oldest_queued([name for name in engines if name not in cooling])
         return jobs + self._oldest_queued(cooling) if cooling else jobs
@@ -375,9 +377,13 @@ class Scheduler:
             return "go"
         health = self.runner.health
         if health.admit(job.engine, job.id):
-            self._waiting.pop(job.id, None)
+            with self._waiting_lock:
+                self._waiting.pop(job.id, None)
             return "go"
-        if self._waiting.get(job.id) == (job.engine, health.opened_at(job.engine)):
+        opened = health.opened_at(job.engine)
+        with self._waiting_lock:
+            waits = self._waiting.get(job.id) == (job.engine, opened)
+        if waits:
             return "wait"  # no candidate took it since the circuit opened
         tried = {a["engine"] for a in job.attempts or []} | {job.engine}
         for name in fallbacks(job.routing, tried):
@@ -517,7 +523,9 @@ class Scheduler:
             if self._running.get(claim.job.id, (None, None))[1] is claim:
                 del self._running[claim.job.id]
             if claim.waiting:
-                self._waiting[claim.job.id] = (claim.job.engine, self.runner.health.opened_at(claim.job.engine))
+                opened = self.runner.health.opened_at(claim.job.engine)
+                with self._waiting_lock:
+                    self._waiting[claim.job.id] = (claim.job.engine, opened)
             self._lane_use[lane] -= 1
             self.notify()
 
