@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import logging
@@ -585,17 +586,24 @@ def test_jobs_queued_before_the_circuit_opened_are_not_sent_while_it_is_open(
 TWO_PAID_POLICY = FALLBACK_POLICY.replace('"fallback-test"', '"two-paid"').replace(', "local-hifi"]', "]")
 
 
-def test_a_job_no_candidate_takes_off_an_open_circuit_waits_rather_than_fails(
-        new_settings: SettingsFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Claimed to be moved, a job whose other candidate then refused it (its price over what the
-    budget had left, or another job's probe) was failed for good, never sent anywhere. It goes back
-    to the queue as it was, and runs on its engine once the circuit lets it."""
+@contextlib.contextmanager
+def two_paid_and_full(new_settings: SettingsFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                      ) -> Iterator[tuple[httpx.Client, Clock, list[EngineHealth], list[dict[str, Any]]]]:
+    """A service on the two-paid policy, its breakers on a clock, fake-paid's lanes taken."""
     clock = Clock()
     made = breakers(monkeypatch, clock)
     folder = write_policies(tmp_path / "policies", {"two-paid": TWO_PAID_POLICY})
     with running(new_settings(engines=FAKE_ENGINES, policy="two-paid", policy_dir=folder)) as client:
         _, busy_asset = draft_asset(client)
-        busy = fill_fake_paid(client, busy_asset)
+        yield client, clock, made, fill_fake_paid(client, busy_asset)
+
+
+def test_a_job_no_candidate_takes_off_an_open_circuit_waits_rather_than_fails(
+        new_settings: SettingsFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Claimed to be moved, a job whose other candidate then refused it (its price over what the
+    budget had left, or another job's probe) was failed for good, never sent anywhere. It goes back
+    to the queue as it was, and runs on its engine once the circuit lets it."""
+    with two_paid_and_full(new_settings, tmp_path, monkeypatch) as (client, clock, made, busy):
         project_id, asset_id = draft_asset(client, budget={"limit": 25, "period": "none"})
         queued = [promote(client, asset_id) for _ in range(2)]  # 10 held each; fake-b's 20 will not fit
         assert [job["engine"] for job in queued] == ["fake-paid", "fake-paid"]
@@ -629,12 +637,7 @@ def test_jobs_waiting_for_a_verdict_are_not_claimed_again_while_the_probe_is_out
         requeue_waiting(self, claim)
 
     monkeypatch.setattr(JobRunner, "_requeue_waiting", counted)
-    clock = Clock()
-    made = breakers(monkeypatch, clock)
-    folder = write_policies(tmp_path / "policies", {"two-paid": TWO_PAID_POLICY})
-    with running(new_settings(engines=FAKE_ENGINES, policy="two-paid", policy_dir=folder)) as client:
-        _, busy_asset = draft_asset(client)
-        busy = fill_fake_paid(client, busy_asset)
+    with two_paid_and_full(new_settings, tmp_path, monkeypatch) as (client, clock, made, busy):
         _, asset_id = draft_asset(client, budget={"limit": 35, "period": "none"})
         queued = [promote(client, asset_id, tags={"fake": "hang"}) for _ in range(3)]  # fake-b's 20 fits none
         for _ in range(2):
