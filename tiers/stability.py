@@ -6,7 +6,8 @@ Which endpoint a request goes to:
   when `stability_model` is "ultra"; the draft is the `image`, `req.strength` its strength. These
   take no size: they answer about 1 megapixel in the shape of the image sent. So a draft of another
   shape is sent stretched to the one asked for, what comes back is resized to the size asked for,
-  and a size above 1 megapixel is refused before anything is sent (another engine can make it).
+  and a size above 1 megapixel is refused before anything is sent (another engine can make it),
+  as is an image Stability does not take (beyond 1:2.5 or 2.5:1, the draft's own for an upscale).
 - polish to the draft's own size (or smaller): a refine through the bridge endpoint above.
 - polish to a larger size (`req.scale`, or a `width`/`height` above the draft's): an upscale. The
   upscalers stop at about 4 megapixels, so a factor above 4 or an output above that is refused
@@ -65,6 +66,8 @@ MAX_UPSCALE_PIXELS = 4 * 1024 * 1024
 MIN_SIDE = 64
 # SD3.5 and Ultra answer about 1 megapixel (1024x1024, 1344x768, 1536x640, ...).
 MAX_GENERATE_PIXELS = 1024 * 1024
+# Every image Stability takes lies between 1:2.5 and 2.5:1 (its API reference, "Image Aspect Ratio").
+MAX_ASPECT = 2.5
 CREATIVE_THRESHOLD = 0.35
 CONSERVATIVE_CREATIVITY = (0.2, 0.5)
 CREATIVE_CREATIVITY = (0.1, 0.5)
@@ -96,10 +99,14 @@ def upscale_factor(req: RenderRequest) -> float:
     `width`/`height`) the larger ratio of the requested size to the draft's."""
     if req.scale is not None:
         return req.scale
-    source = req.source_size or (req.init_image.size if req.init_image is not None else None)
-    if source is None:
-        return 1.0
+    source = _source_size(req)
     return max(req.width / source[0], req.height / source[1])
+
+
+def _source_size(req: RenderRequest) -> tuple[int, int]:
+    """The draft's size (the size asked for when no draft is known yet)."""
+    source = req.source_size or (req.init_image.size if req.init_image is not None else None)
+    return (req.width, req.height) if source is None else (source[0], source[1])
 
 
 def operation(req: RenderRequest) -> Operation:
@@ -154,6 +161,15 @@ class StabilityEngine(CloudEngine):
 
     def _check_reach(self, req: RenderRequest) -> None:
         factor = upscale_factor(req)
+        # A bridge sends the draft stretched to the size asked; an upscale sends the draft as it is.
+        sent = (req.width, req.height) if operation(req) == "generate" else _source_size(req)
+        if max(sent) > MAX_ASPECT * min(sent):
+            # Stability would refuse it with a 400, read as the request's fault: let routing choose another.
+            raise BadEngineInput(
+                f"{self.name}: takes images between 1:{MAX_ASPECT:g} and {MAX_ASPECT:g}:1; "
+                f"{sent[0]}x{sent[1]} is beyond it",
+                details={"engine": self.name, "width": sent[0], "height": sent[1]}, retryable=True,
+            )
         if operation(req) == "generate" and req.width * req.height > MAX_GENERATE_PIXELS:
             # It would answer about 1 megapixel, paid, resized up to the size asked: not a render at that size.
             raise BadEngineInput(

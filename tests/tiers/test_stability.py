@@ -175,6 +175,28 @@ async def test_an_upscale_beyond_the_upscalers_is_refused_before_sending(
                                   height=draft[1] * 2)) > 0
 
 
+@pytest.mark.parametrize(("stage", "draft", "size"), [
+    ("bridge", (64, 64), (1024, 128)),   # the draft is sent stretched to 8:1
+    ("polish", (64, 192), (128, 384)),   # the draft itself is 1:3, sent as it is to the upscaler
+])
+@respx.mock
+async def test_a_shape_stability_refuses_is_refused_before_sending(
+        engine: StabilityEngine, stage: str, draft: tuple[int, int], size: tuple[int, int]) -> None:
+    # Stability takes images between 1:2.5 and 2.5:1; beyond, its 400 read as the request's fault
+    # would fail the job instead of leaving it to another engine.
+    route = respx.post(url__startswith=BASE).mock(return_value=ok())
+    req = (bridge(init_image=draft_image(draft), width=size[0], height=size[1]) if stage == "bridge"
+           else polish(scale=None, init_image=draft_image(draft), width=size[0], height=size[1]))
+    with pytest.raises(BadEngineInput, match=r"1:2\.5 and 2\.5:1") as info:
+        engine.estimate(req)
+    assert info.value.retryable
+    with pytest.raises(BadEngineInput):
+        await engine.run(req, NullProgress(), CancelToken())
+    assert route.call_count == 0
+    # At the edge it is taken: 640x256 is 2.5:1.
+    assert engine.estimate(bridge(init_image=draft_image((64, 64)), width=640, height=256)) > 0
+
+
 @respx.mock
 async def test_429_with_retry_after_then_success(engine: StabilityEngine, sleep: Any) -> None:
     throttled = httpx.Response(429, json={"id": "x", "name": "rate_limit_exceeded", "errors": ["slow down"]},
