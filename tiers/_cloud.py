@@ -93,9 +93,10 @@ def paid_calls(made: Sized, asked: Asked | None = None) -> Iterator[None]:
     try:
         yield
     except EngineError as exc:
-        # A cancel's "no" is the token's, which knows nothing of a call in flight (see
-        # `JobRunner._doubt_a_free_cancel`): only an engine's own refusal says its call billed nothing.
-        surely_free = exc.charged == "no" and not isinstance(exc, Canceled)
+        # A token's own cancel says "no" knowing nothing of a call in flight (see
+        # `JobRunner._doubt_a_free_cancel`): only an engine's refusal, or a cancel whose raiser
+        # said what it cost (the provider answered that the call never ran), says it billed nothing.
+        surely_free = exc.charged == "no" and (exc.charged_told or not isinstance(exc, Canceled))
         billed = len(made) if surely_free or asked is None else asked.count
         if len(made):
             exc.at_least_charged("unknown")

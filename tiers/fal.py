@@ -14,7 +14,6 @@ the actual cost is always `None`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import logging
 from typing import Any
@@ -89,6 +88,13 @@ def _is_address(host: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _taken_off_the_queue(seen: dict[str, Any], cancel_answer: str | None) -> bool:
+    """Whether a canceled request surely never ran: it was last seen waiting in the queue, and the
+    cancel answered that fal took it off (fal bills no time spent in its queue, and only outputs
+    made). A request that started in between is answered CANCELLATION_REQUESTED, and may bill."""
+    return seen.get("status") == "IN_QUEUE" and cancel_answer == "OK"
 
 
 class FalEngine(CloudEngine):
@@ -195,18 +201,21 @@ class FalEngine(CloudEngine):
     async def _follow(self, req: RenderRequest, request_id: str, urls: dict[str, Any], deadline: float,
                       progress: Progress, cancel: CancelToken) -> RenderResult:
         """From an accepted request to its images: poll, check, fetch the result and its images."""
+        seen: dict[str, Any] = {}
         try:
-            completed = await self._wait(request_id, str(urls["status_url"]), deadline, progress, cancel)
+            completed = await self._wait(request_id, str(urls["status_url"]), deadline, progress, cancel, seen)
         except Canceled:
-            if not cancel.abandoned:  # abandoned: another process follows the request on
-                await self._cancel_remote(str(urls["cancel_url"]))
+            # abandoned: another process follows the request on
+            if not cancel.abandoned and _taken_off_the_queue(seen, await self._cancel_remote(str(urls["cancel_url"]))):
+                raise Canceled("the job was canceled while its request waited in fal's queue",
+                               details={"engine": self.name, "request": request_id}, charged="no") from None
             raise Canceled("the job was canceled while fal was working", charged="unknown") from None
         except EngineError as exc:
             # We stop following a request that may still run and bill: stop it too, unless another
-            # process follows it now (this one was stopped past its lease).
-            if await still_holds_the_job():
-                await self._cancel_remote(str(urls["cancel_url"]))
-            exc.charged = "unknown"
+            # process follows it now (this one was stopped past its lease). One taken off the
+            # queue cost nothing, and another engine may take the job.
+            answer = await self._cancel_remote(str(urls["cancel_url"])) if await still_holds_the_job() else None
+            exc.charged = "no" if _taken_off_the_queue(seen, answer) else "unknown"
             raise
         self._check_completed(request_id, completed)
         try:
@@ -230,8 +239,8 @@ class FalEngine(CloudEngine):
         )
 
     async def _wait(self, request_id: str, status_url: str, deadline: float, progress: Progress,
-                    cancel: CancelToken) -> dict[str, Any]:
-        """Poll until COMPLETED and return that status."""
+                    cancel: CancelToken, seen: dict[str, Any]) -> dict[str, Any]:
+        """Poll until COMPLETED and return that status; `seen["status"]` is the last one read."""
         while True:
             response = await cancel.race(self.http.request(
                 "GET", status_url, params={"logs": "1"}, idempotent=True, deadline=deadline,
@@ -241,7 +250,7 @@ class FalEngine(CloudEngine):
                 raise EngineError(f"fal: polling {request_id} failed (HTTP {response.status_code}): "
                                   f"{error_text(response)}", details={"engine": self.name})
             status = self._json(response)
-            state = status.get("status")
+            state = seen["status"] = status.get("status")
             if state == "COMPLETED":
                 return status
             if state not in PENDING:
@@ -322,11 +331,28 @@ class FalEngine(CloudEngine):
                  str(queued.get("request_id"))[:100])
         await self._cancel_remote(str(cancel_url))
 
-    async def _cancel_remote(self, cancel_url: str) -> None:
-        """Best effort: the job is over for us either way, so no failure here is surfaced."""
-        with contextlib.suppress(EngineError, httpx.HTTPError):
-            await self.http.request("PUT", cancel_url, idempotent=True, deadline=self.http.clock() + 10,
-                                    headers=self._auth)
+    async def _cancel_remote(self, cancel_url: str) -> str | None:
+        """Best effort: the job is over for us either way, so a failure is only logged (the request
+        may run on, and bill). Returns the `status` fal answered (`OK`: taken off the queue;
+        `CANCELLATION_REQUESTED`: the running app is asked to stop), or None."""
+        try:
+            response = await self.http.request("PUT", cancel_url, idempotent=True, deadline=self.http.clock() + 10,
+                                               headers=self._auth)
+        except (EngineError, httpx.HTTPError) as exc:
+            log.warning("fal: canceling %s failed (%s); the request may run on, and bill", cancel_url[:200], exc)
+            return None
+        try:
+            answer = response.json()
+        except ValueError:
+            answer = None
+        status = answer.get("status") if isinstance(answer, dict) else None
+        if response.status_code not in (200, 202):
+            # ALREADY_COMPLETED (400) and NOT_FOUND (404) leave nothing running to stop.
+            level = logging.INFO if status in ("ALREADY_COMPLETED", "NOT_FOUND") else logging.WARNING
+            log.log(level, "fal: canceling %s was answered HTTP %d (%s)", cancel_url[:200], response.status_code,
+                    error_text(response)[:200])
+            return None
+        return status if isinstance(status, str) else None
 
     def _refused(self, response: httpx.Response) -> EngineError:
         """fal's validation body is `{"detail": [{"loc", "msg", "type"}]}`; a `type` of

@@ -16,7 +16,6 @@ amount, so the actual cost is always `None`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import re
@@ -106,6 +105,18 @@ def model_input(model: str, req: RenderRequest, prompt: str, image_uri: str | No
         body["image_input"] = [image_uri]
         body["aspect_ratio"] = "match_input_image"
     return body
+
+
+def _never_ran(prediction: dict[str, Any] | None) -> bool:
+    """Whether a cancel's answer shows a prediction that ended before it started: Replicate bills
+    the time a prediction runs (setup and queueing are free; "aborted (never started): no charge"),
+    and one that never started made no output to bill by."""
+    if prediction is None or prediction.get("status") not in ("canceled", "aborted"):
+        return False
+    metrics = prediction.get("metrics")
+    ran = isinstance(metrics, dict) and bool(metrics.get("predict_time"))
+    # Only an answer that says so: one without `started_at` says nothing of it.
+    return "started_at" in prediction and prediction["started_at"] is None and not ran
 
 
 def _filtered(text: str) -> bool:
@@ -267,15 +278,17 @@ class ReplicateEngine(CloudEngine):
                 await cancel.sleep(min(self.poll_interval, remaining))
                 prediction = self._json(await self._get(prediction_id, deadline, cancel))
         except Canceled:
-            if not cancel.abandoned:  # abandoned: another process follows the prediction on
-                await self._cancel_remote(prediction_id)
+            # abandoned: another process follows the prediction on
+            if not cancel.abandoned and _never_ran(await self._cancel_remote(prediction_id)):
+                raise Canceled("the job was canceled before Replicate started its prediction",
+                               details={"engine": self.name, "prediction": prediction_id}, charged="no") from None
             raise Canceled("the job was canceled while Replicate was working", charged="unknown") from None
         except EngineError as exc:
             # We stop following a prediction that may still run and bill: stop it too, unless
-            # another process follows it now (this one was stopped past its lease).
-            if await still_holds_the_job():
-                await self._cancel_remote(prediction_id)
-            exc.charged = "unknown"
+            # another process follows it now (this one was stopped past its lease). One stopped
+            # before it ran cost nothing, and another engine may take the job.
+            stopped = await self._cancel_remote(prediction_id) if await still_holds_the_job() else None
+            exc.charged = "no" if _never_ran(stopped) else "unknown"
             raise
         self._check_status(prediction)
         return prediction
@@ -348,11 +361,26 @@ class ReplicateEngine(CloudEngine):
             log.warning("replicate: a create left out by a cancel named prediction %r, not an id it is canceled "
                         "by; it runs until its Cancel-After", prediction_id[:100])
 
-    async def _cancel_remote(self, prediction_id: str) -> None:
-        """Best effort: the job is over for us either way, so no failure here is surfaced."""
-        with contextlib.suppress(EngineError, httpx.HTTPError):
-            await self.http.request("POST", f"/v1/predictions/{prediction_id}/cancel", idempotent=True,
-                                    deadline=self.http.clock() + 10, headers=self._auth)
+    async def _cancel_remote(self, prediction_id: str) -> dict[str, Any] | None:
+        """Best effort: the job is over for us either way, so a failure is only logged (the
+        prediction may run on, and bill, until its Cancel-After). Returns the prediction as the
+        cancel answered it, or None when it did not."""
+        try:
+            response = await self.http.request("POST", f"/v1/predictions/{prediction_id}/cancel", idempotent=True,
+                                               deadline=self.http.clock() + 10, headers=self._auth)
+        except (EngineError, httpx.HTTPError) as exc:
+            log.warning("replicate: canceling prediction %s failed (%s); it may run on, and bill, until its "
+                        "Cancel-After", prediction_id, exc)
+            return None
+        if response.status_code != 200:
+            log.warning("replicate: canceling prediction %s was answered HTTP %d (%s); it may run on, and bill, "
+                        "until its Cancel-After", prediction_id, response.status_code, error_text(response)[:200])
+            return None
+        try:
+            answer = response.json()
+        except ValueError:
+            return None
+        return answer if isinstance(answer, dict) else None
 
     def _refused(self, response: httpx.Response) -> EngineError:
         if response.status_code == 402:

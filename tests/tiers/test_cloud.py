@@ -333,6 +333,8 @@ def test_token_counts_are_whole_non_negative_64_bit_numbers_or_none(bad: object)
     (2, EngineError("no answer", charged="unknown"), ("unknown", 3000)),
     # A cancel while the third call was out: the token cannot tell whether it was sent.
     (2, Canceled("canceled"), ("unknown", 3000)),
+    # A cancel the provider answered for: the third call never ran (taken off its queue).
+    (2, Canceled("canceled before it ran", charged="no"), ("unknown", 2000)),
     # Nothing made, refused: free, no ceiling needed.
     (0, EngineError("refused"), ("no", None)),
     # A cost the provider reported is kept.

@@ -302,6 +302,66 @@ async def test_cancel_during_polling_cancels_the_request(engine: FalEngine, aban
 
 
 @respx.mock
+@pytest.mark.parametrize(("last_seen", "answer", "charged"), [
+    ("IN_QUEUE", httpx.Response(200, json={"status": "OK"}), "no"),
+    ("IN_QUEUE", httpx.Response(202, json={"status": "CANCELLATION_REQUESTED"}), "unknown"),  # started since
+    ("IN_PROGRESS", httpx.Response(200, json={"status": "OK"}), "unknown"),
+    ("IN_QUEUE", httpx.Response(400, json={"status": "ALREADY_COMPLETED"}), "unknown"),
+], ids=["taken-off-the-queue", "started-since", "running", "completed"])
+async def test_a_cancel_while_the_request_waits_in_the_queue_costs_nothing(
+        engine: FalEngine, last_seen: str, answer: httpx.Response, charged: str) -> None:
+    # fal bills no time in its queue, and only outputs made: a request it took off the queue
+    # was captured as possibly billed.
+    token = CancelToken()
+    _, poll, result = happy_queue()
+
+    def seen(request: httpx.Request) -> httpx.Response:
+        token.cancel()
+        return status(last_seen)
+
+    poll.mock(side_effect=seen)
+    cancel = respx.put(CANCEL).mock(return_value=answer)
+    with pytest.raises(Canceled) as info:
+        await engine.run(bridge(), NullProgress(), token)
+    assert cancel.call_count == 1 and result.call_count == 0
+    assert info.value.charged == charged
+    assert info.value.charged_told  # said by the engine: the runner does not doubt it
+
+
+@respx.mock
+async def test_a_deadline_in_the_queue_leaves_the_job_to_another_engine(engine: FalEngine) -> None:
+    now = [0.0]
+    engine.http.clock = lambda: now[0]
+    _, poll, _ = happy_queue()
+
+    def in_queue(request: httpx.Request) -> httpx.Response:
+        now[0] += 100.0
+        return status("IN_QUEUE")
+
+    poll.mock(side_effect=in_queue)
+    respx.put(CANCEL).mock(return_value=httpx.Response(200, json={"status": "OK"}))
+    with pytest.raises(EngineTimeout) as info:
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    assert info.value.charged == "no" and info.value.retryable
+
+
+@respx.mock
+async def test_a_failed_cancel_is_logged(engine: FalEngine, caplog: pytest.LogCaptureFixture) -> None:
+    token = CancelToken()
+    _, poll, _ = happy_queue()
+
+    def running(request: httpx.Request) -> httpx.Response:
+        token.cancel()
+        return status("IN_PROGRESS")
+
+    poll.mock(side_effect=running)
+    respx.put(CANCEL).mock(return_value=httpx.Response(401, json={"detail": "No user found for Key ID"}))
+    with caplog.at_level("WARNING", logger="tiers.fal"), pytest.raises(Canceled):
+        await engine.run(bridge(), NullProgress(), token)
+    assert any("canceling" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
+
+
+@respx.mock
 @pytest.mark.parametrize("held", [True, False], ids=["held", "taken-over"])
 async def test_deadline_during_polling_cancels_the_request_unless_another_process_follows_it(
         engine: FalEngine, held: bool) -> None:

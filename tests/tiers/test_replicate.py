@@ -286,6 +286,99 @@ async def test_cancel_during_polling_cancels_the_prediction(engine: ReplicateEng
         assert cancel.calls.last.request.headers["authorization"] == "Bearer r-secret"
 
 
+def never_started(status: str = "canceled") -> dict[str, Any]:
+    """What Replicate's cancel answers for a prediction that had not started running."""
+    return {**prediction(status), "started_at": None, "metrics": {}}
+
+
+@respx.mock
+@pytest.mark.parametrize(("answer", "charged"), [
+    (never_started(), "no"),
+    (never_started("aborted"), "no"),
+    ({**never_started(), "started_at": "2026-12-01T09:00:01Z", "metrics": {"predict_time": 0.4}}, "unknown"),
+    (prediction("canceled"), "unknown"),       # says nothing of when it started
+    (never_started("processing"), "unknown"),  # not stopped yet
+], ids=["canceled-before-start", "aborted", "ran", "silent", "still-running"])
+async def test_a_cancel_before_the_prediction_started_costs_nothing(
+        engine: ReplicateEngine, output: respx.Route, answer: dict[str, Any], charged: str) -> None:
+    # Replicate bills the time a prediction runs; one canceled while still starting never ran,
+    # and was captured as possibly billed. With n=2, the first image was made and paid for.
+    token = CancelToken()
+    made = {**prediction(), "id": "p-0", "urls": {"get": f"{BASE}/v1/predictions/p-0"}}
+    respx.post(CREATE).mock(side_effect=[httpx.Response(201, json=made),
+                                         httpx.Response(201, json=prediction("starting"))])
+
+    def poll(request: httpx.Request) -> httpx.Response:
+        token.cancel()
+        return httpx.Response(200, json=prediction("starting"))
+
+    respx.get(POLL).mock(side_effect=poll)
+    cancel = respx.post(CANCEL).mock(return_value=httpx.Response(200, json=answer))
+    req = bridge(n=2)
+    with pytest.raises(Canceled) as info:
+        await engine.run(req, NullProgress(), token)
+    assert cancel.call_count == 1
+    # The first image is billed either way; the second's share only when it may have run (None:
+    # the whole hold is captured).
+    assert info.value.charged == "unknown"
+    assert info.value.cost_millicredits == (engine.estimate(req) // 2 if charged == "no" else None)
+
+
+@respx.mock
+async def test_a_cancel_of_a_lone_prediction_before_it_started_is_free(engine: ReplicateEngine) -> None:
+    token = CancelToken()
+    respx.post(CREATE).mock(return_value=httpx.Response(201, json=prediction("starting")))
+
+    def poll(request: httpx.Request) -> httpx.Response:
+        token.cancel()
+        return httpx.Response(200, json=prediction("starting"))
+
+    respx.get(POLL).mock(side_effect=poll)
+    respx.post(CANCEL).mock(return_value=httpx.Response(200, json=never_started()))
+    with pytest.raises(Canceled) as info:
+        await engine.run(bridge(), NullProgress(), token)
+    assert info.value.charged == "no" and info.value.charged_told  # the runner releases the hold
+
+
+@respx.mock
+async def test_a_deadline_before_the_prediction_started_leaves_the_job_to_another_engine(
+        engine: ReplicateEngine) -> None:
+    now = [0.0]
+    engine.http.clock = lambda: now[0]
+    respx.post(CREATE).mock(return_value=httpx.Response(201, json=prediction("starting")))
+
+    def poll(request: httpx.Request) -> httpx.Response:
+        now[0] += 100.0
+        return httpx.Response(200, json=prediction("starting"))
+
+    respx.get(POLL).mock(side_effect=poll)
+    respx.post(CANCEL).mock(return_value=httpx.Response(200, json=never_started()))
+    with pytest.raises(EngineTimeout) as info:
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    assert info.value.charged == "no" and info.value.retryable
+
+
+@respx.mock
+@pytest.mark.parametrize("refusal", [httpx.Response(401, json={"detail": "bad token"}),
+                                     httpx.Response(422, json={"detail": "cannot cancel"})])
+async def test_a_failed_cancel_is_logged(engine: ReplicateEngine, caplog: pytest.LogCaptureFixture,
+                                         refusal: httpx.Response) -> None:
+    # Swallowed without a word, the prediction ran on and billed with nothing in the log.
+    token = CancelToken()
+    respx.post(CREATE).mock(return_value=httpx.Response(201, json=prediction("starting")))
+
+    def poll(request: httpx.Request) -> httpx.Response:
+        token.cancel()
+        return httpx.Response(200, json=prediction("processing"))
+
+    respx.get(POLL).mock(side_effect=poll)
+    respx.post(CANCEL).mock(return_value=refusal)
+    with caplog.at_level("WARNING", logger="tiers.replicate"), pytest.raises(Canceled) as info:
+        await engine.run(bridge(), NullProgress(), token)
+    assert info.value.charged == "unknown"
+    assert any("canceling prediction p-1" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
+
+
 @respx.mock
 @pytest.mark.parametrize("held", [True, False], ids=["held", "taken-over"])
 async def test_deadline_during_polling_cancels_the_prediction_unless_another_process_follows_it(
