@@ -73,8 +73,9 @@ URL_SETTING = "ORCH_COMFYUI_URL"
 WORKFLOW_SETTING = "ORCH_COMFYUI_WORKFLOW"
 # ComfyUI's validation errors that say the server cannot run the workflow at all, whatever the
 # request: a node class it does not have (a custom node not installed), a value not among those it
-# offers (a checkpoint or LoRA file it lacks). Others (a size past a node's maximum) are the request's.
-SETUP_ERRORS = frozenset({"missing_node_type", "invalid_prompt", "value_not_in_list"})
+# offers (a checkpoint or LoRA file it lacks), a workflow with no output node. Others (a size past a
+# node's maximum) are the request's.
+SETUP_ERRORS = frozenset({"missing_node_type", "invalid_prompt", "value_not_in_list", "prompt_no_outputs"})
 # Cleanup after a cancel must not hold the job up for a full read timeout.
 CLEANUP_TIMEOUT = 5.0
 # Empty history answers between looks at the queue for a prompt a restarted server has forgotten.

@@ -317,7 +317,10 @@ def test_only_node_errors_that_reach_the_result_refuse_a_queued_prompt() -> None
           "details": "ckpt_name: 'sdxl.safetensors' not in []"}]}}},
     {"error": {"type": "missing_node_type", "message": "Node 'UltimateSDUpscale' not found. "
                "The custom node may not be installed.", "details": "Node ID '#7'"}, "node_errors": {}},
-], ids=["checkpoint-missing", "custom-node-missing"])
+    # A workflow whose output node was deleted: ComfyUI's own 400 for it.
+    {"error": {"type": "prompt_no_outputs", "message": "Prompt has no outputs", "details": "",
+               "extra_info": {}}, "node_errors": {}},
+], ids=["checkpoint-missing", "custom-node-missing", "no-output-node"])
 @respx.mock
 async def test_a_server_lacking_what_the_workflow_names_is_unavailable_not_bad_input(
         engine: ComfyUIEngine, refusal: dict[str, Any]) -> None:
@@ -327,7 +330,7 @@ async def test_a_server_lacking_what_the_workflow_names_is_unavailable_not_bad_i
     with pytest.raises(EngineUnavailable) as info:
         await engine.run(bridge(), NullProgress(), CancelToken())
     assert info.value.retryable and "ORCH_COMFYUI_WORKFLOW" in info.value.message
-    assert "sdxl.safetensors" in info.value.message or "UltimateSDUpscale" in info.value.message
+    assert any(said in info.value.message for said in ("sdxl.safetensors", "UltimateSDUpscale", "has no outputs"))
 
 
 @respx.mock
