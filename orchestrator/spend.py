@@ -14,6 +14,7 @@ from sqlmodel import Session, col, select
 from orchestrator.errors import OrchestratorError
 from orchestrator.ledger import charges
 from orchestrator.models import Asset, Job, LedgerEntry, Project
+from orchestrator.routing import priced
 from orchestrator.schemas import GroupBy
 from tiers.base import RenderRequest, to_credits
 from tiers.registry import EngineRegistry
@@ -96,7 +97,7 @@ def savings(s: Session, registry: EngineRegistry, start: datetime | None, end: d
         if engine.kind != "remote" or not engine.availability()[0]:
             continue
         try:
-            cost = sum(engine.estimate(RenderRequest(stage="bridge", prompt="draft", width=w, height=h)) * int(n)
+            cost = sum(priced(engine, RenderRequest(stage="bridge", prompt="draft", width=w, height=h)) * int(n)
                        for w, h, n in sizes)
         except OrchestratorError:  # an engine that cannot price a size does not count
             continue

@@ -198,6 +198,35 @@ def test_a_job_moved_to_another_engine_counts_its_images_for_the_engine_that_mad
     assert [(g["key"], g["jobs"], g["images"]) for g in by_day] == [("2026-11-01", 1, 0), ("2026-11-02", 1, 2)]
 
 
+def test_savings_compare_only_with_an_engine_whose_estimate_is_a_price(tmp_path: Path) -> None:
+    """A plugin's estimate of a fraction of a millicredit (or a negative one) is no price to
+    routing, which never sends there for it; the savings figure compared the drafts with it."""
+    from types import SimpleNamespace
+
+    from orchestrator.db import Database
+    from orchestrator.models import Asset, Job, Project
+    from orchestrator.spend import savings
+
+    def engine(name: str, kind: str, estimate: object) -> SimpleNamespace:
+        return SimpleNamespace(name=name, kind=kind, availability=lambda: (True, None),
+                               estimate=lambda req: estimate)
+
+    db = Database(f"sqlite:///{tmp_path}/o.db")
+    db.migrate()
+    with db.transaction() as s:
+        s.add(Project(id="prj_saved", name="saved", policy=POLICY))
+        s.flush()
+        s.add(Job(id="job_draft", project_id="prj_saved", stage="ideation", engine="lite", status="succeeded"))
+        s.flush()
+        s.add(Asset(id="ast_draft", project_id="prj_saved", job_id="job_draft", index=0, stage="ideation",
+                    engine="lite", model="m", prompt="x", width=64, height=64, sha256="a" * 64))
+    registry = [engine("lite", "local", 0), engine("odd", "remote", 0.5), engine("paid", "remote", 4000)]
+    with db.snapshot() as s:
+        result = savings(s, registry, None, None, "prj_saved")  # type: ignore[arg-type]
+    db.dispose()
+    assert result == {"drafts": 1, "credits": 4.0, "compared_with": "paid"}
+
+
 def test_project_names_are_read_in_bounded_queries(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # A report across thousands of projects must not put them all in one IN list (SQLite's bound
     # parameters): read a few at a time here, two per query.
