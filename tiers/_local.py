@@ -102,8 +102,10 @@ def prompt_overflow(pipe: Any, prompt: str) -> tuple[int, int] | None:
     window = getattr(tokenizer, "model_max_length", None)
     if not isinstance(window, int) or window > 100_000:  # unset: transformers' "very large"
         return None
-    if len(prompt.encode()) + 2 <= window:
-        return None  # a byte-level BPE token covers at least one byte: no need to tokenize
+    if prompt.isascii() and len(prompt) + 2 <= window:
+        # A byte-level BPE token covers at least one byte: no need to tokenize. Only ASCII text,
+        # which the tokenizer's lowercasing and normalizing never lengthen ("İ", 2 bytes, is 3 lowered).
+        return None
     tokens = len(tokenizer(prompt, truncation=False).input_ids)
     return (tokens - 2, window - 2) if tokens > window else None
 

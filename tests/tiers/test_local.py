@@ -172,6 +172,10 @@ async def test_a_prompt_longer_than_the_text_encoder_reads_is_said_to_be_cut(eng
     T5TokenizerFast = type("T5TokenizerFast", (), {"model_max_length": 512})  # known by its name
     assert prompt_overflow(SimpleNamespace(tokenizer=None, tokenizer_2=clip), long_prompt) == (tokens, 75)  # a refiner
     assert prompt_overflow(SimpleNamespace(tokenizer=clip, tokenizer_3=T5TokenizerFast()), long_prompt) is None  # SD3
+    # Fewer bytes than the window, more tokens: the tokenizer lowercases "İ" (2 bytes) to 3.
+    dotted = "İ" * 37
+    assert len(dotted.encode()) + 2 <= 77 < len(clip(dotted, truncation=False).input_ids)
+    assert prompt_overflow(SimpleNamespace(tokenizer=clip), dotted) is not None
 
 
 async def test_a_cancel_between_chunks_stops_before_the_next_chunk(engines: EngineFactory) -> None:
