@@ -37,7 +37,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import IO
+from typing import IO, Literal
 
 log = logging.getLogger(__name__)
 
@@ -148,23 +148,31 @@ class Presence:
         if file is not None:
             file.close()
 
-    def _locked(self, owner: str) -> bool | None:
-        """True when the owner's lock is held, False when it is free, None when the locks cannot
-        tell: no file, an owner of another machine, or a lock that cannot be probed."""
+    def _probe(self, owner: str) -> Literal["held", "free", "elsewhere", "unknown"]:
+        """What the owner's lock file says: its lock held or free (an owner of this machine), an
+        owner of another machine ("elsewhere": its file names another boot id), or nothing (no
+        file, or a lock that cannot be probed)."""
         if owner in self._held:
-            return True
+            return "held"
         try:
             with self._path(owner).open("r") as file:
                 lines = file.read().splitlines()
-                if len(lines) < 2 or lines[1] != MACHINE:
-                    return None
+                if len(lines) < 2:
+                    return "unknown"
+                if lines[1] != MACHINE:
+                    return "elsewhere"
                 try:
                     fcntl.flock(file, fcntl.LOCK_SH | fcntl.LOCK_NB)
                 except BlockingIOError:
-                    return True
-                return False  # closing the file drops the probe's lock
+                    return "held"
+                return "free"  # closing the file drops the probe's lock
         except OSError:
-            return None
+            return "unknown"
+
+    def _locked(self, owner: str) -> bool | None:
+        """True when the owner's lock is held, False when it is free, None when the locks cannot
+        tell: no file, an owner of another machine, or a lock that cannot be probed."""
+        return {"held": True, "free": False}.get(self._probe(owner))
 
     def alive(self, owner: str | None) -> bool:
         """Whether the owner may still be running (and may be paying for its job)."""
@@ -172,8 +180,12 @@ class Presence:
             return False
         if owner in self._mine:
             return True
-        locked = self._locked(owner)
-        return locked if locked is not None else _pid_alive(owner, other_hosts=self.shared_database)
+        probe = self._probe(owner)
+        if probe == "elsewhere":
+            # Another machine's, whatever its host name says: two hosts may share one (containers
+            # given the same hostname, cloned VMs), and its pid means nothing here.
+            return self.shared_database
+        return probe == "held" if probe != "unknown" else _pid_alive(owner, other_hosts=self.shared_database)
 
     def locked(self, owner: str | None) -> bool:
         """Whether the owner is of this machine and its lock is held: it lives, whatever its lease
@@ -186,8 +198,10 @@ class Presence:
         """Whether the owner is surely dead or stopped, so its jobs need not wait out the lease."""
         if not owner or owner in self._mine:
             return False
-        locked = self._locked(owner)
-        return (not locked) if locked is not None else _pid_gone(owner)
+        probe = self._probe(owner)
+        if probe == "elsewhere":
+            return False  # only its lease can tell
+        return probe == "free" if probe != "unknown" else _pid_gone(owner)
 
     def touch(self, owner: str) -> None:
         """Say that `owner` still lives to processes its lock cannot speak to (another machine's)."""

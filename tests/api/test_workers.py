@@ -654,6 +654,22 @@ def test_an_owner_lock_speaks_only_for_its_own_machine(tmp_path: Path) -> None:
     assert on_postgres.forget([]) == 0 and on_postgres.live() == []
 
 
+def test_another_machine_s_owner_is_not_judged_by_a_pid_here_though_it_shares_our_host_name(
+        tmp_path: Path) -> None:
+    # Containers on two hosts given one `hostname:`, cloned VMs: the other machine's pid was looked
+    # up on this one, found missing, and its live worker's jobs were recovered (paid ones charged as
+    # interrupted, local ones run again) under it.
+    folder = tmp_path / "owners"
+    folder.mkdir()
+    owner = f"{socket.gethostname()}:999999:0badc0de"  # no such pid here
+    (folder / f"{owner.replace(':', '_')}.lock").write_text(f"{owner}\nanother-boot-id\n")
+    on_postgres = Presence(tmp_path, shared_database=True)
+    assert on_postgres.alive(owner) and not on_postgres.gone(owner)  # its lease decides
+    assert not Presence(tmp_path, shared_database=False).gone(owner)
+    # Without a file, a pid of this host is still looked up here.
+    assert Presence(tmp_path, shared_database=True).gone(f"{socket.gethostname()}:999999:feedf00d")
+
+
 def test_a_data_dir_without_usable_locks_still_runs_jobs(tmp_path: Path) -> None:
     (tmp_path / "owners").write_text("not a folder")  # stands for a filesystem without flock
     presence = Presence(tmp_path, shared_database=False)
