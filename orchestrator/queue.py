@@ -91,6 +91,9 @@ class Scheduler:
             device.holder = self.owner
         self.presence = presence
         self.on_recovered = on_recovered
+        # Lets the device go once this process's local work has stopped (set by the service): a
+        # stop waiting out paid requests need not hold up the drafts it queued again.
+        self.hand_over_device: Callable[[], Awaitable[None]] | None = None
         self._wake = asyncio.Event()
         self._cancel_wake = asyncio.Event()
         self._device_elsewhere_until = 0.0  # monotonic time; see `_queued`
@@ -163,6 +166,7 @@ class Scheduler:
         self._abandon(lambda task: task not in awaited)
         if awaited and self.stop_grace > 0:
             await asyncio.to_thread(self._give_back_unstarted)  # their leases are not renewed meanwhile
+            await self._hand_over_device(awaited)
             log.info("waiting up to %.0f s for %d paid requests already sent to answer before stopping "
                      "(stop again to leave them now)", self.stop_grace, len(awaited))
             await self._wait_unless_hurried(awaited, self.stop_grace)
@@ -197,6 +201,17 @@ class Scheduler:
             self._hurried.set()
         else:
             loop.call_soon_threadsafe(self._hurried.set)
+
+    async def _hand_over_device(self, awaited: set[asyncio.Task[None]]) -> None:
+        """Before a stop waits out paid requests: once the work it stopped has ended, another
+        process may take the device, and run the local jobs this one queued again, now rather
+        than after `stop_grace`."""
+        if self.device is None or not self.device.held or self.hand_over_device is None:
+            return
+        stopped = [task for task, _ in self._running.values() if task not in awaited]
+        if stopped:
+            await asyncio.wait(stopped, timeout=STOP_WAIT_SECONDS)
+        await self.hand_over_device()
 
     async def _wait_unless_hurried(self, tasks: set[asyncio.Task[None]], timeout: float) -> None:
         hurried = asyncio.ensure_future(self._hurried.wait())

@@ -464,6 +464,22 @@ class Services:
     # Set by `aclose`: the inference thread had not ended within DEVICE_IDLE_TIMEOUT.
     device_busy = False
 
+    def __post_init__(self) -> None:
+        self.scheduler.hand_over_device = self._hand_over_device
+
+    async def _hand_over_device(self) -> None:
+        """Let the device go once this process's model is off it (the inference thread ended): the
+        stop goes on waiting for paid requests, and another process runs the local jobs meanwhile."""
+        runtime = _local_runtime(self.registry)
+        idle = runtime is None or await asyncio.to_thread(runtime.shutdown, DEVICE_IDLE_TIMEOUT)
+        device = self.scheduler.device
+        if idle and device is not None and device.held:
+            device.close(release=True)
+            log.info("the device is idle: another process may run the local jobs while this one waits for "
+                     "paid requests")
+            with contextlib.suppress(Exception):  # a database gone at shutdown: their looks remain
+                await asyncio.to_thread(self.db.ring)
+
     async def aclose(self) -> None:
         tasks = [*self.background,
                  *(task for task in (self.health_sharing, self.asset_sweeping, self.policy_watching) if task)]

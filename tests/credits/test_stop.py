@@ -19,6 +19,7 @@ import pytest
 
 from orchestrator.server import serve_in_thread
 from orchestrator.settings import Settings
+from orchestrator.workers import device_holders
 from tests import fakes
 from tests.credits import PRICE, held_saves, ledger, poll, project_with_draft, promote_ok, wait_for_job
 
@@ -52,6 +53,31 @@ def test_a_stop_waits_for_a_sent_paid_request_and_stops_the_rest(
         assert job["status"] == "succeeded", job  # the second ran again after the restart, sent once
         assert [(e["kind"], e["amount"], e["unreconciled"]) for e in entries if e["job_id"] == job_id] == [
             ("hold", PRICE, False), ("capture", PRICE, False)]
+
+
+def test_a_stop_waiting_for_a_paid_request_lets_another_process_have_the_device(
+        paid_settings_for: Callable[..., Settings], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # The device lock was kept through the whole grace: in a rolling restart, the drafts the
+    # stopping worker queued again waited up to ORCH_STOP_GRACE for nobody's paid request.
+    settings = paid_settings_for(tmp_path / "data", stop_grace=60)
+    locks = settings.data_dir / "locks"
+    service = serve_in_thread(settings)
+    with httpx.Client(base_url=service.__enter__(), timeout=30) as client:
+        _project_id, asset_id = project_with_draft(client)  # a local job: this process holds the device
+        assert list(device_holders(locks)) != []
+        sent = promote_ok(client, asset_id, tags={"fake": "slow", "seconds": "8"})
+        poll(lambda: _row(settings, sent["id"]), lambda row: row[0] == "running" and row[2] is not None,
+             what="the request out")
+    caplog.set_level(logging.INFO, logger="orchestrator.queue")
+    stopper = threading.Thread(target=service.__exit__, args=(None, None, None))
+    stopper.start()
+    poll(lambda: caplog.text, lambda text: "waiting up to 60 s for 1 paid requests already sent" in text,
+         what="the stop to wait for the sent request")
+    assert device_holders(locks) == {}  # let go before the wait, the model off the device
+    assert _row(settings, sent["id"])[0] == "running"
+    stopper.join(90)
+    assert not stopper.is_alive()
+    assert _row(settings, sent["id"])[0] == "succeeded"
 
 
 def test_without_grace_a_stop_leaves_a_sent_request_to_recovery(paid_settings_for: Callable[..., Settings],
