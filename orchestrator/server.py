@@ -79,6 +79,14 @@ class Server(uvicorn.Server):
         if again and services is not None:
             services.scheduler.hurry()  # a second Ctrl-C: stop waiting for paid requests to answer
 
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().shutdown(sockets)
+        if self.force_exit:
+            # uvicorn skips the app's shutdown after a second Ctrl-C (its "force quit", offered while
+            # a connection stays open). Ours stops the scheduler, hurried by `handle_exit`: skipped,
+            # its running jobs were left for recovery as a crash's, and counted towards giving up.
+            await self.lifespan.shutdown()
+
     def end_streams(self) -> None:
         services = getattr(self.app.state, "services", None)  # set once the app has started
         if services is not None:

@@ -8,6 +8,7 @@ import asyncio
 import json
 import logging
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -77,6 +78,22 @@ def test_ctrl_c_stops_the_service_in_one_line(make_settings: Callable[..., Setti
     log = (tmp_path / "serve.log").read_text()
     assert "Traceback" not in log, log
     assert log.rstrip().endswith("orchestrator: interrupted")
+
+
+def test_a_second_ctrl_c_still_stops_the_scheduler(make_settings: Callable[..., Settings], tmp_path: Path) -> None:
+    # While a connection stays open uvicorn says "CTRL+C to force quit", and its force quit skipped
+    # the app's shutdown: the scheduler never stopped, and its running jobs were left as a crash's.
+    with serve_process(make_settings(), tmp_path, "serve.log") as (proc, base):
+        url = httpx.URL(base)
+        with socket.create_connection((url.host, url.port or 80), timeout=30) as held:
+            held.sendall(b"POST /v1/projects HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 100\r\n\r\n{")  # half a request, left open
+            proc.send_signal(signal.SIGINT)
+            time.sleep(1.0)  # uvicorn waits for the connection to close
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=30) == 130
+    text = (tmp_path / "serve.log").read_text()
+    assert "Traceback" not in text, text
 
 
 async def test_a_request_cut_off_by_the_stop_gets_a_503_in_the_error_shape() -> None:
