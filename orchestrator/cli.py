@@ -7,6 +7,7 @@ import io
 import logging
 import logging.handlers
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -74,6 +75,11 @@ def _service_url(text: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    given = sys.argv[1:] if argv is None else argv
+    if next((arg for arg in given if not arg.startswith("-")), None) in ("serve", "worker"):
+        # SIGHUP reloads the policies once the service runs; until then (settings read, a migration
+        # waiting for another's lock) it must not end the start: ignored before anything else.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     parser = argparse.ArgumentParser(prog="orchestrator", description="Tiered image-rendering orchestrator")
     parser.add_argument("--version", action="version", version=__version__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -119,7 +125,6 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--size", type=_demo_size, default=512,
                       help="width and height of the drafts: 64-1024, a multiple of 8 (default: 512)")
 
-    given = sys.argv[1:] if argv is None else argv
     args, unknown = parser.parse_known_args(given)
     if unknown:
         # argparse leaves what a subcommand does not know to the top parser, whose usage then named
@@ -392,8 +397,6 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "serve":
-        import signal
-
         from orchestrator.api.cross_site import is_loopback
         from orchestrator.server import CannotListen, check_listenable
         from orchestrator.settings import Settings
@@ -406,8 +409,6 @@ def _run(args: argparse.Namespace) -> int:
             return _fail(f"refusing to listen on {args.host} without ORCH_ADMIN_KEY: anyone who reaches the port "
                          "could spend the budgets and grant credits. Set ORCH_ADMIN_KEY (or pass --allow-open "
                          "on a network you trust)", status=2)
-        # SIGHUP reloads the policies once the service runs; until then it must not end the start.
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
         try:
             check_listenable(args.host, args.port)
         except CannotListen as exc:
@@ -415,15 +416,11 @@ def _run(args: argparse.Namespace) -> int:
         return _serve(args, settings)
     if args.command == "worker":
         import asyncio
-        import signal
 
         from orchestrator.settings import Settings
         from orchestrator.worker import run_worker
 
         settings = Settings()
-        # SIGHUP reloads the policies once the worker runs; until then (a migration waiting for
-        # another's lock) it must not end the start, as it does not end `serve`'s.
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
         if (failed := _checked(settings) or _bound(settings)) is not None:
             return failed
         _log_to_data_dir(settings)

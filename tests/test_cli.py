@@ -1133,3 +1133,19 @@ def test_a_hup_while_a_worker_waits_to_migrate_does_not_end_it(make_settings: Se
         finally:
             worker.terminate()
             worker.wait(timeout=60)
+
+
+@pytest.mark.parametrize(("argv", "ignored"), [(["worker", "--no-such-option"], True),
+                                               (["serve", "--port", "x"], True),
+                                               (["demo", "--size", "x"], False)])
+def test_a_start_ignores_sighup_before_reading_anything(monkeypatch: pytest.MonkeyPatch, argv: list[str],
+                                                        ignored: bool) -> None:
+    # A HUP sent to every unit (a log rotation's) in the first second of a start ended it: it was
+    # ignored only once the settings were read. A demo, a terminal's job, still ends with its terminal.
+    import signal
+
+    calls: list[tuple[int, Any]] = []
+    monkeypatch.setattr(signal, "signal", lambda signum, handler: calls.append((signum, handler)))
+    with pytest.raises(SystemExit):  # refused by the argument parser: nothing read yet
+        main(argv)
+    assert ((signal.SIGHUP, signal.SIG_IGN) in calls) == ignored
