@@ -627,10 +627,11 @@ class JobRunner:
         self.bus.publish(job.id, "state", {"state": "waiting", "engine": job.engine, "reason": "circuit open"})
 
     def _requeue_waiting(self, claim: Claim) -> None:
-        # Nothing happened to it: no attempt is recorded, its hold stays.
+        # Nothing happened to it: no attempt is recorded, its hold stays, and the claim is undone (a
+        # stream another process follows from the row told the job started, then started again).
         with self.db.transaction() as s:
             self._guarded_update(s, claim, status="queued", lease_owner=None, lease_expires_at=None,
-                                 unless_canceled=True)
+                                 attempt=claim.attempt - 1, started_at=None, unless_canceled=True)
 
     def give_back(self, claim: Claim) -> None:
         """A claim that never started (the service stopped first): back to the queue with its

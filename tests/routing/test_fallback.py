@@ -615,6 +615,7 @@ def test_a_job_no_candidate_takes_off_an_open_circuit_waits_rather_than_fails(
         for job in queued:
             now = client.get(f"/v1/jobs/{job['id']}").json()
             assert (now["status"], now["engine"], now["attempts"]) == ("queued", "fake-paid", []), now
+            assert now["started_at"] is None  # claimed only to be moved: it never started
         assert [(e["kind"], e["amount"]) for e in ledger(client, project_id)] == [("hold", 10.0), ("hold", 10.0)]
 
         clock.now += 61  # half-open: the first is the probe; its success closes the circuit for the other
