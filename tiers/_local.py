@@ -78,6 +78,9 @@ DEFAULTS_RECHECK_SECONDS = 10.0
 # How long a model that failed to load stays unavailable before a job may try it again (a file
 # still being copied into place may be whole by then).
 LOAD_RETRY_SECONDS = 60.0
+# How long a load of a Hub model that is not cached waits for the Hub to answer before failing
+# (diffusers itself retries it for about 25 s).
+HUB_CHECK_SECONDS = 5.0
 
 # diffusers' `low_cpu_mem_usage` load (accelerate's `init_empty_weights`) patches
 # `torch.nn.Module.register_parameter` for the whole process, not the thread: two runtimes of one
@@ -252,6 +255,16 @@ def hf_hub_reachable(timeout: float = 1.5, file: str | None = None) -> bool:
     except (httpx.HTTPError, httpx.InvalidURL):  # a malformed HF_ENDPOINT is no Hub either
         return False
     return file is None or answer.is_success
+
+
+def _hub_answers_if_needed(model: str, source: Path) -> None:
+    """Raise OSError for a Hub id that is neither in the cache whole nor fetchable: diffusers would
+    retry the Hub for about 25 s, its warnings on the terminal, before failing alike."""
+    if source.exists() or not _is_hub_id(model):
+        return
+    snapshot = snapshot_folder(model)
+    if (snapshot is None or _snapshot_lacks(snapshot)) and not hf_hub_reachable(timeout=HUB_CHECK_SECONDS):
+        raise OSError(f"{model} cannot be fetched: the Hugging Face Hub did not answer")
 
 
 def _is_path(spec: str) -> bool:
@@ -507,6 +520,16 @@ class LocalRuntime:
 
         tlogging.set_verbosity_error()
         tlogging.disable_progress_bar()
+        # The Hub client's own stderr handler beside ours printed each of its warnings twice (once
+        # without a name, outside the log file): they go through ours alone.
+        from huggingface_hub.utils import logging as hlogging
+
+        hub = hlogging.get_logger("huggingface_hub")
+        for handler in list(hub.handlers):
+            hub.removeHandler(handler)
+        # diffusers still passes the Hub client an argument it has deprecated: nothing a user can change.
+        warnings.filterwarnings("ignore", message="The `local_dir_use_symlinks` argument is deprecated",
+                                category=UserWarning)
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         """Run `fn` on the inference thread; the event loop stays free."""
@@ -704,6 +727,7 @@ class LocalRuntime:
                 if source.is_file():
                     pipe = self._load_single_file(source)
                 else:
+                    _hub_answers_if_needed(model, source)
                     pipe = auto.from_pretrained(str(source) if source.exists() else model, torch_dtype=self.dtype(),
                                                 **self._folder_options(model, source))
             if getattr(pipe, "safety_checker", None) is not None:

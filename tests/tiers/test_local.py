@@ -372,6 +372,27 @@ async def test_a_hub_model_that_cannot_be_fetched_says_the_hub_did_not_answer(
     assert "the Hub did not answer" in refused.message
 
 
+async def test_a_hub_model_not_cached_fails_at_once_when_the_hub_does_not_answer(
+        make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    # diffusers retried the Hub for ~25 s, each retry's warning printed twice on the terminal.
+    import logging
+
+    import diffusers
+    import huggingface_hub
+
+    import tiers._local as local
+
+    asked: list[str] = []
+    monkeypatch.setattr(local, "hf_hub_reachable", lambda timeout=1.5, file=None: False)
+    monkeypatch.setattr(diffusers.AutoPipelineForText2Image, "from_pretrained",
+                        classmethod(lambda cls, name, **kw: asked.append(name)))
+    lite = LiteEngine(EngineContext(settings=make_settings(lite_model="nobody/not-cached")))
+    refused = await draft_refused(lite)
+    assert "the Hub did not answer" in refused.message and asked == []
+    # The Hub client's warnings reach the log once, through ours: its own stderr handler is gone.
+    assert logging.getLogger(huggingface_hub.__name__).handlers == []
+
+
 @pytest.mark.parametrize(("cached", "reachable", "expected"), [
     (True, False, "stabilityai/sd-turbo"),   # in the Hugging Face cache: used offline
     (False, True, "stabilityai/sd-turbo"),   # the Hub answers: fetched at the first draft
