@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import difflib
 import logging
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, get_args
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -120,6 +121,35 @@ def _where(loc: Sequence[str]) -> str:
     return ".".join(loc)
 
 
+def _body_fields_at(request: Request, path: Sequence[Any]) -> list[str]:
+    """The names the route's body model takes at `path` (field names, list indexes), or none
+    when that is not known."""
+    body_field = getattr(request.scope.get("route"), "body_field", None)
+    model = _model_in(getattr(getattr(body_field, "field_info", None), "annotation", None))
+    for part in path:
+        if isinstance(part, int):  # an item of a list: the model it holds, already taken out
+            continue
+        if model is None or part not in model.model_fields:
+            return []
+        model = _model_in(model.model_fields[part].annotation)
+    return [] if model is None else [field.alias or name for name, field in model.model_fields.items()]
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model an annotation holds (`Budget | None`, `list[Rule]`), or None."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for inner in get_args(annotation):
+        if (found := _model_in(inner)) is not None:
+            return found
+    return None
+
+
+def _closest(given: str, names: list[str]) -> str | None:
+    found = difflib.get_close_matches(given.lower(), names, n=1, cutoff=0.7)
+    return found[0] if found else None
+
+
 def _is_json(content_type: str) -> bool:
     media = content_type.split(";", 1)[0].strip().lower()
     return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
@@ -217,8 +247,15 @@ def install(app: FastAPI) -> None:
             if not _is_json(content_type):
                 return answer(NotJSON("send the body as JSON, with 'Content-Type: application/json'",
                                       details={"content_type": content_type}))
-        first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
+        # A misspelt field explains the field it leaves missing: it leads, with the name meant.
+        first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0] if errors else
+                     {"loc": [], "msg": "invalid request", "type": ""})
         where = _where([p for p in first["loc"] if p not in ("body", "query", "path", "header")])
+        if first["type"] == "extra_forbidden" and first["loc"][:1] == ["body"]:
+            meant = _closest(str(first["loc"][-1]), _body_fields_at(request, first["loc"][1:-1]))
+            if meant is not None:
+                return answer(InvalidRequest(f"unknown field '{where[:200]}'; did you mean '{meant}'?",
+                                             details=details))
         return answer(InvalidRequest(f"{where}: {first['msg']}" if where else str(first["msg"]), details=details))
 
     @app.exception_handler(StarletteHTTPException)

@@ -195,6 +195,24 @@ def test_json_is_read_strictly(shared_server: httpx.Client, project: str, raw: b
     assert job_count(shared_server) == before
 
 
+@pytest.mark.parametrize(("path", "body", "told"), [
+    # The typo leads, not the field it left missing, and says what was meant.
+    ("/v1/projects/{project}/drafts", {"promt": "a lighthouse"}, "unknown field 'promt'; did you mean 'prompt'?"),
+    ("/v1/projects", {"name": "studio", "budjet": {"limit": 5}}, "unknown field 'budjet'; did you mean 'budget'?"),
+    ("/v1/projects", {"name": "studio", "budget": {"limt": 5}},
+     "unknown field 'budget.limt'; did you mean 'limit'?"),
+    # Nothing close: pydantic's own words.
+    ("/v1/projects/{project}/drafts", {"prompt": "x", "zzz": 1}, "zzz: Extra inputs are not permitted"),
+])
+def test_a_misspelt_field_is_told_with_the_name_meant(shared_server: httpx.Client, project: str, path: str,
+                                                      body: dict[str, Any], told: str) -> None:
+    before = job_count(shared_server)
+    error = assert_error(shared_server.post(path.format(project=project), json=body), 422, "invalid_request")
+    assert error["message"] == told
+    assert any(e["type"] == "extra_forbidden" for e in error["details"]["errors"])
+    assert job_count(shared_server) == before
+
+
 def test_many_validation_errors_are_listed_up_to_a_bound(shared_server: httpx.Client, project: str) -> None:
     before = job_count(shared_server)
     body = {"prompt": "x", **{f"f{i}": 0 for i in range(5000)}}
