@@ -135,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     level = getattr(args, "log_level", "info").upper()
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    # Its debug lines hold every response header (a provider's request id that echoes the key).
+    logging.getLogger("httpcore").setLevel(logging.WARNING)
     # Its debug lines hold every handshake header: ComfyUI's basic auth from ORCH_COMFYUI_URL.
     logging.getLogger("websockets").setLevel(logging.WARNING)
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)  # one line per plugin, every start

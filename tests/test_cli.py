@@ -1149,3 +1149,12 @@ def test_a_start_ignores_sighup_before_reading_anything(monkeypatch: pytest.Monk
     with pytest.raises(SystemExit):  # refused by the argument parser: nothing read yet
         main(argv)
     assert ((signal.SIGHUP, signal.SIG_IGN) in calls) == ignored
+
+
+def test_debug_logs_leave_out_the_http_libraries_headers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # At --log-level debug httpcore wrote every response header to the log: a provider's request
+    # id echoing the key went around the engines' own cleaning of it.
+    monkeypatch.setenv("ORCH_DATA_DIR", str(tmp_path / "nothing-here"))
+    main(["check"])
+    for name in ("httpx", "httpcore", "websockets"):
+        assert logging.getLogger(name).level >= logging.WARNING, name  # whatever the root's level

@@ -14,6 +14,7 @@ that arrived but cannot be read (a corrupt compressed body, a redirect loop), as
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import email.utils
 import functools
@@ -358,10 +359,23 @@ class RemoteClient:
             timeout=httpx.Timeout(read_timeout, connect=connect_timeout),
             transport=transport,
             follow_redirects=True,
-            event_hooks={"request": [self._leaving_home]},
+            event_hooks={"request": [self._remember_credentials, self._leaving_home]},
         )
         self._home = httpx.URL(base_url) if base_url else None
         self.max_answer_bytes = MAX_ANSWER_BYTES
+        self._credentials: frozenset[str] = frozenset()  # every credential a request of it has carried
+
+    async def _remember_credentials(self, request: httpx.Request) -> None:
+        # Seen here, once the client's auth has made its header: what `scrub` takes out.
+        found = _credentials_in(request.headers)
+        if not found <= self._credentials:
+            self._credentials |= found
+
+    def scrub(self, text: str) -> str:
+        """`text` without any credential this client has sent: a provider's failure text read from
+        a poll or a history (not an error answer, which `error_text` cleans by its own request)
+        may echo a request's headers."""
+        return _without(text, self._credentials)
 
     async def _leaving_home(self, request: httpx.Request) -> None:
         """Every request, redirects' included, to a host other than the base URL's: one the
@@ -761,16 +775,29 @@ def without_credentials(text: str, response: httpx.Response) -> str:
         headers = response.request.headers
     except RuntimeError:  # an answer made without a request carries none
         return text
+    return _without(text, _credentials_in(headers))
+
+
+def _credentials_in(headers: httpx.Headers) -> frozenset[str]:
     found: set[str] = set()
     for name in ("authorization", "proxy-authorization", *KEY_HEADERS):
         value = headers.get(name, "").strip()
         if value:
             found.add(value)
             scheme, _, token = value.partition(" ")
-            if token.strip() and scheme.lower() in ("bearer", "key", "basic", "token"):
-                found.add(token.strip())
+            token = token.strip()
+            if token and scheme.lower() in ("bearer", "key", "basic", "token"):
+                found.add(token)
+            if token and scheme.lower() == "basic":  # a server may echo the `user:password` it decoded
+                with contextlib.suppress(ValueError, UnicodeDecodeError):
+                    user, _, password = base64.b64decode(token, validate=True).decode().partition(":")
+                    found |= {f"{user}:{password}", password}
+    return frozenset(s for s in found if len(s) >= 8)
+
+
+def _without(text: str, credentials: Collection[str]) -> str:
     # The longest first: a token inside "Bearer <token>" is replaced with the whole value.
-    for secret in sorted((s for s in found if len(s) >= 8), key=len, reverse=True):
+    for secret in sorted(credentials, key=len, reverse=True):
         text = text.replace(secret, "***")
     return text
 

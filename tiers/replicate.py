@@ -299,7 +299,8 @@ class ReplicateEngine(CloudEngine):
         if status == "succeeded":
             return
         if status == "failed":
-            text = str(prediction.get("error") or "no reason given")
+            # Cleaned before it is cut (a key across the cut kept its first part).
+            text = self.http.scrub(str(prediction.get("error") or "no reason given"))
             if _filtered(text):
                 raise ContentFiltered(f"replicate filtered the request: {text[:300]}", details=details,
                                       charged="unknown")

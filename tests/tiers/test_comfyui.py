@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 import json
 import re
@@ -331,6 +332,27 @@ async def test_a_server_lacking_what_the_workflow_names_is_unavailable_not_bad_i
         await engine.run(bridge(), NullProgress(), CancelToken())
     assert info.value.retryable and "ORCH_COMFYUI_WORKFLOW" in info.value.message
     assert any(said in info.value.message for said in ("sdxl.safetensors", "UltimateSDUpscale", "has no outputs"))
+
+
+@respx.mock
+async def test_an_execution_error_echoing_the_server_s_credentials_does_not_carry_them(
+        make_ctx: Any, sleep: Any, tmp_path: Path) -> None:
+    # A custom node's exception that prints the request it got: the basic auth of ORCH_COMFYUI_URL
+    # reached the job's error, its events and the log.
+    eng = ComfyUIEngine(make_ctx(comfyui_url="http://render:pw-secret-2@comfy.test:8188",
+                                 comfyui_workflow=write_workflow(tmp_path)))
+    eng.http.sleep = sleep
+    eng.poll_interval = 0
+    routes = mock_server()
+    basic = base64.b64encode(b"render:pw-secret-2").decode()
+    routes["history"].side_effect = lambda request: httpx.Response(200, json=history(
+        request.url.path.rsplit("/", 1)[1], images=[], status="error", messages=[
+            ["execution_error", {"node_id": "3", "node_type": "Fetch", "exception_type": "RuntimeError",
+                                 "exception_message": f"got Authorization: Basic {basic} (render:pw-secret-2)"}]]))
+    with pytest.raises(EngineError) as info:
+        await eng.run(bridge(), NullProgress(), CancelToken())
+    assert routes["history"].calls.last.request.headers["authorization"] == f"Basic {basic}"
+    assert basic not in info.value.message and "pw-secret-2" not in info.value.message, info.value.message
 
 
 @respx.mock

@@ -197,6 +197,16 @@ async def test_completed_with_content_policy_error(engine: FalEngine) -> None:
 
 
 @respx.mock
+async def test_a_failure_text_echoing_the_key_does_not_carry_it(engine: FalEngine) -> None:
+    _, poll, _ = happy_queue()
+    poll.mock(return_value=status("COMPLETED", error="boom, sent with Authorization: Key f-secret",
+                                  error_type="runner_error"))
+    with pytest.raises(EngineError) as info:
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    assert "f-secret" not in info.value.message and "Authorization: ***" in info.value.message
+
+
+@respx.mock
 async def test_completed_with_other_error(engine: FalEngine) -> None:
     _, poll, _ = happy_queue()
     # A model's own failure (not one of fal's request errors, which are 5xx and never billed).

@@ -219,6 +219,18 @@ async def test_content_filtered(engine: ReplicateEngine) -> None:
 
 
 @respx.mock
+async def test_a_failure_text_echoing_the_token_does_not_carry_it(engine: ReplicateEngine) -> None:
+    # A model (or a proxy) that echoes the request's headers in the prediction's `error`: the job
+    # error, its events and the log showed the token to every project key.
+    respx.post(CREATE).mock(return_value=httpx.Response(201, json=prediction("processing")))
+    respx.get(POLL).mock(return_value=httpx.Response(200, json=prediction(
+        "failed", error="crashed; request was authorization=Bearer r-secret")))
+    with pytest.raises(EngineError) as info:
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    assert "r-secret" not in info.value.message and "authorization=***" in info.value.message
+
+
+@respx.mock
 async def test_failed_prediction(engine: ReplicateEngine) -> None:
     failed = prediction("failed", error="CUDA out of memory")
     respx.post(CREATE).mock(return_value=httpx.Response(201, json=failed))
