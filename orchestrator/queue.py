@@ -166,10 +166,16 @@ class Scheduler:
         self._abandon(lambda task: task not in awaited)
         if awaited and self.stop_grace > 0:
             await asyncio.to_thread(self._give_back_unstarted)  # their leases are not renewed meanwhile
-            await self._hand_over_device(awaited)
             log.info("waiting up to %.0f s for %d paid requests already sent to answer before stopping "
                      "(stop again to leave them now)", self.stop_grace, len(awaited))
-            await self._wait_unless_hurried(awaited, self.stop_grace)
+            # Beside the wait, not before it: a second stop signal is heard while the model unloads.
+            handing_over = asyncio.ensure_future(self._hand_over_device(awaited))
+            try:
+                await self._wait_unless_hurried(awaited, self.stop_grace)
+            finally:
+                handing_over.cancel()  # not done yet: the service lets the device go once it is idle
+                with contextlib.suppress(asyncio.CancelledError):
+                    await handing_over
         if self._cancel_watch is not None:
             self._cancel_watch.cancel()
         self._abandon(lambda task: True)

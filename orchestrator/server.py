@@ -81,7 +81,7 @@ class Server(uvicorn.Server):
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         await super().shutdown(sockets)
-        if self.force_exit:
+        if self.force_exit and not self.lifespan.shutdown_event.is_set():
             # uvicorn skips the app's shutdown after a second Ctrl-C (its "force quit", offered while
             # a connection stays open). Ours stops the scheduler, hurried by `handle_exit`: skipped,
             # its running jobs were left for recovery as a crash's, and counted towards giving up.

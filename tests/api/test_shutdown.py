@@ -11,8 +11,9 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -94,6 +95,42 @@ def test_a_second_ctrl_c_still_stops_the_scheduler(make_settings: Callable[..., 
             assert proc.wait(timeout=30) == 130
     text = (tmp_path / "serve.log").read_text()
     assert "Traceback" not in text, text
+
+
+async def test_a_second_ctrl_c_during_the_app_s_shutdown_does_not_run_it_again(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The documented way to hurry a stop: Ctrl-C again while it waits for paid requests. uvicorn had
+    # already run the app's shutdown then; running it again after the forced exit logged it twice.
+    import contextlib
+
+    import uvicorn.lifespan.on as lifespan_on
+    from fastapi import FastAPI
+
+    from orchestrator.server import Server
+
+    ran: list[str] = []
+    real = lifespan_on.LifespanOn.shutdown
+
+    async def counted(self: lifespan_on.LifespanOn) -> None:
+        ran.append("lifespan shutdown")
+        await real(self)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> Any:
+        asyncio.get_running_loop().call_later(0.2, server.handle_exit, signal.SIGINT, None)
+        yield
+        server.handle_exit(signal.SIGINT, None)  # the second Ctrl-C, while the app stops
+        await asyncio.sleep(0.1)
+
+    monkeypatch.setattr(lifespan_on.LifespanOn, "shutdown", counted)
+    @contextlib.contextmanager
+    def no_signal_capture(self: Server) -> Iterator[None]:  # uvicorn re-raises captured signals at exit
+        yield
+
+    monkeypatch.setattr(Server, "capture_signals", no_signal_capture)
+    server = Server(FastAPI(lifespan=lifespan), host="127.0.0.1", port=0, log_level="warning")
+    await asyncio.wait_for(server.serve(), 30)
+    assert server.force_exit and ran == ["lifespan shutdown"]
 
 
 async def test_a_request_cut_off_by_the_stop_gets_a_503_in_the_error_shape() -> None:

@@ -5,11 +5,13 @@ runs stops at once: a job still preparing its request must not send it during th
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import logging
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -71,13 +73,37 @@ def test_a_stop_waiting_for_a_paid_request_lets_another_process_have_the_device(
     caplog.set_level(logging.INFO, logger="orchestrator.queue")
     stopper = threading.Thread(target=service.__exit__, args=(None, None, None))
     stopper.start()
-    poll(lambda: caplog.text, lambda text: "waiting up to 60 s for 1 paid requests already sent" in text,
-         what="the stop to wait for the sent request")
-    assert device_holders(locks) == {}  # let go before the wait, the model off the device
+    # Let go while the stop waits, the model off the device, long before the request answers.
+    poll(lambda: device_holders(locks), lambda held: held == {}, what="the device to be let go")
+    assert "waiting up to 60 s for 1 paid requests already sent" in caplog.text
     assert _row(settings, sent["id"])[0] == "running"
     stopper.join(90)
     assert not stopper.is_alive()
     assert _row(settings, sent["id"])[0] == "succeeded"
+
+
+def test_a_second_stop_signal_is_heard_while_the_model_unloads(
+        paid_settings_for: Callable[..., Settings], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The hand-over (the inference thread's end awaited, up to 30 s inside a model load) ran before
+    # the wait for paid requests and heard no second Ctrl-C: "stop again to leave them now" did not.
+    from orchestrator.services import Services
+
+    async def busy_inference_thread(self: Services) -> None:
+        self.scheduler.hurry()  # the second signal, while the model is still on the device
+        await asyncio.sleep(60)
+
+    monkeypatch.setattr(Services, "_hand_over_device", busy_inference_thread)
+    settings = paid_settings_for(tmp_path / "data", stop_grace=60)
+    service = serve_in_thread(settings)
+    with httpx.Client(base_url=service.__enter__(), timeout=30) as client:
+        _project_id, asset_id = project_with_draft(client)
+        sent = promote_ok(client, asset_id, tags={"fake": "slow", "seconds": "40"})
+        poll(lambda: _row(settings, sent["id"]), lambda row: row[0] == "running" and row[2] is not None,
+             what="the request out")
+    started = time.monotonic()
+    service.__exit__(None, None, None)
+    assert time.monotonic() - started < 30  # neither the unload's 60 s nor the request's 40
+    assert _row(settings, sent["id"])[0] == "running"  # left to recovery, as a hurried stop does
 
 
 def test_without_grace_a_stop_leaves_a_sent_request_to_recovery(paid_settings_for: Callable[..., Settings],
