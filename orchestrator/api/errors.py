@@ -127,11 +127,13 @@ def _body_fields_at(request: Request, path: Sequence[Any]) -> list[str]:
     body_field = getattr(request.scope.get("route"), "body_field", None)
     model = _model_in(getattr(getattr(body_field, "field_info", None), "annotation", None))
     for part in path:
-        if isinstance(part, int):  # an item of a list: the model it holds, already taken out
-            continue
-        if model is None or part not in model.model_fields:
+        if model is None:
             return []
-        model = _model_in(model.model_fields[part].annotation)
+        by_name = {field.alias or name: field for name, field in model.model_fields.items()}
+        if str(part) in by_name:
+            model = _model_in(by_name[str(part)].annotation)
+        elif not str(part).isdigit():  # an item of a list is the model it holds, already taken out
+            return []
     return [] if model is None else [field.alias or name for name, field in model.model_fields.items()]
 
 
