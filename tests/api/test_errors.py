@@ -16,11 +16,13 @@ import pytest
 from fastapi import APIRouter
 from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
+from pydantic import Field
 
 from orchestrator import api
 from orchestrator.api.json_body import StrictJSONRoute
 from orchestrator.app import create_app
 from orchestrator.errors import NotFound
+from orchestrator.schemas import Strict
 from tests.api import assert_error, check_nul_refused, create_project, job_count, run_draft, wait_for_job
 from tests.conftest import SettingsFactory
 
@@ -1064,3 +1066,34 @@ def test_a_refused_size_the_client_did_not_send_is_placed_on_the_field_it_sent(s
                          422, "invalid_request")
     assert "4096" in error["message"]
     assert [e["loc"] for e in error["details"]["errors"]] == [["body", "scale"]]
+
+
+
+class _Rule(Strict):
+    limit: int = 0
+
+
+class _RulesBody(Strict):
+    """A body of a plug-in or a later version: models in a list, and under an alias."""
+    rules: list[_Rule] = []
+    first_rule: _Rule | None = Field(None, alias="firstRule")
+
+
+def test_a_misspelt_field_in_a_list_item_or_under_an_alias_is_told_with_the_name_meant() -> None:
+    # pydantic's locations reach the handler as strings: a list index or an alias stopped the search.
+    from fastapi import FastAPI
+
+    from orchestrator.api import errors
+
+    app = FastAPI()
+    errors.install(app)
+
+    @app.post("/rules")
+    def rules(body: _RulesBody) -> dict[str, str]:
+        return {}
+
+    cases = (({"rules": [{"limit": 1}, {"limt": 2}]}, "unknown field 'rules.1.limt'; did you mean 'limit'?"),
+             ({"firstRule": {"limt": 2}}, "unknown field 'firstRule.limt'; did you mean 'limit'?"))
+    with TestClient(app) as client:
+        for body, told in cases:
+            assert assert_error(client.post("/rules", json=body), 422, "invalid_request")["message"] == told
