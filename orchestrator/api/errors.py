@@ -121,11 +121,37 @@ def _where(loc: Sequence[str]) -> str:
     return ".".join(loc)
 
 
-def _body_fields_at(request: Request, path: Sequence[Any]) -> list[str]:
-    """The names the route's body model takes at `path` (field names, list indexes), or none
-    when that is not known."""
+class BodyValidationError(RequestValidationError):
+    """A body a route validates by hand against `model`, not its declared one (explain's stage
+    bodies): misspelt fields are matched against that model's names."""
+
+    def __init__(self, errors: Sequence[Any], *, model: type[BaseModel], body: Any) -> None:
+        super().__init__(errors, body=body)
+        self.model = model
+
+
+def _body_model(request: Request, exc: RequestValidationError) -> type[BaseModel] | None:
+    if isinstance(exc, BodyValidationError):
+        return exc.model
     body_field = getattr(request.scope.get("route"), "body_field", None)
-    model = _model_in(getattr(getattr(body_field, "field_info", None), "annotation", None))
+    return _model_in(getattr(getattr(body_field, "field_info", None), "annotation", None))
+
+
+def _meant(error: dict[str, Any], model: type[BaseModel] | None, body: Any) -> str | None:
+    """The field an unknown one of the body was meant to be: the closest name the model takes
+    there that the body does not give already."""
+    path = error["loc"][1:-1]
+    given = body
+    for part in path:
+        given = given.get(part) if isinstance(given, dict) else (
+            given[int(part)] if isinstance(given, list) and str(part).isdigit() and int(part) < len(given) else None)
+    taken = set(given) if isinstance(given, dict) else set()
+    return _closest(str(error["loc"][-1]), [name for name in _fields_at(model, path) if name not in taken])
+
+
+def _fields_at(model: type[BaseModel] | None, path: Sequence[Any]) -> list[str]:
+    """The names `model` takes at `path` (field names, list indexes), or none when that is not
+    known."""
     for part in path:
         if model is None:
             return []
@@ -250,14 +276,15 @@ def install(app: FastAPI) -> None:
                 return answer(NotJSON("send the body as JSON, with 'Content-Type: application/json'",
                                       details={"content_type": content_type}))
         # A misspelt field explains the field it leaves missing: it leads, with the name meant.
-        first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0] if errors else
-                     {"loc": [], "msg": "invalid request", "type": ""})
-        where = _where([p for p in first["loc"] if p not in ("body", "query", "path", "header")])
-        if first["type"] == "extra_forbidden" and first["loc"][:1] == ["body"]:
-            meant = _closest(str(first["loc"][-1]), _body_fields_at(request, first["loc"][1:-1]))
-            if meant is not None:
+        model = _body_model(request, exc)
+        unknown = [e for e in errors if e["type"] == "extra_forbidden" and e["loc"][:1] == ["body"]]
+        for error in unknown:
+            if (meant := _meant(error, model, exc.body)) is not None:
+                where = _where(error["loc"][1:])
                 return answer(InvalidRequest(f"unknown field '{where[:200]}'; did you mean '{meant}'?",
                                              details=details))
+        first = unknown[0] if unknown else errors[0] if errors else {"loc": [], "msg": "invalid request"}
+        where = _where([p for p in first["loc"] if p not in ("body", "query", "path", "header")])
         return answer(InvalidRequest(f"{where}: {first['msg']}" if where else str(first["msg"]), details=details))
 
     @app.exception_handler(StarletteHTTPException)

@@ -6,13 +6,13 @@ from pathlib import PurePath
 from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, Query
-from fastapi.exceptions import RequestValidationError
 from pydantic import ConfigDict, Field, GetJsonSchemaHandler, TypeAdapter, ValidationError
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema
 
 from orchestrator.api.deps import CallerDep, ServicesDep, check_asset
 from orchestrator.api.docs import EXPLAIN_EXAMPLES, body_examples, documented, with_body, with_query
+from orchestrator.api.errors import BodyValidationError
 from orchestrator.api.json_body import StrictJSONRoute
 from orchestrator.api.query import Limit
 from orchestrator.errors import InvalidRequest
@@ -211,4 +211,4 @@ def _stage_body(model: type[StageBody], fields: dict[str, Any]) -> StageBody:
         return model.model_validate(fields)
     except ValidationError as exc:
         errors = [{**error, "loc": ("body", *error["loc"])} for error in exc.errors()]
-        raise RequestValidationError(errors) from None
+        raise BodyValidationError(errors, model=model, body=fields) from None

@@ -205,10 +205,17 @@ def test_json_is_read_strictly(shared_server: httpx.Client, project: str, raw: b
      "unknown field 'budget.limt'; did you mean 'limit'?"),
     # Nothing close: pydantic's own words.
     ("/v1/projects/{project}/drafts", {"prompt": "x", "zzz": 1}, "zzz: Extra inputs are not permitted"),
+    # The unknown field with a name meant leads, and a name already given is not the one meant.
+    ("/v1/projects/{project}/drafts", {"zzz": 1, "promt": "x"}, "unknown field 'promt'; did you mean 'prompt'?"),
+    ("/v1/projects/{project}/drafts", {"prompt": "x", "promt": "y"}, "promt: Extra inputs are not permitted"),
+    # Explain checks the stage's own body: its names are the ones meant.
+    ("/v1/route/explain", {"stage": "ideation", "project_id": "{project}", "promt": "x"},
+     "unknown field 'promt'; did you mean 'prompt'?"),
 ])
 def test_a_misspelt_field_is_told_with_the_name_meant(shared_server: httpx.Client, project: str, path: str,
                                                       body: dict[str, Any], told: str) -> None:
     before = job_count(shared_server)
+    body = {key: value.format(project=project) if isinstance(value, str) else value for key, value in body.items()}
     error = assert_error(shared_server.post(path.format(project=project), json=body), 422, "invalid_request")
     assert error["message"] == told
     assert any(e["type"] == "extra_forbidden" for e in error["details"]["errors"])
