@@ -468,7 +468,7 @@ class Scheduler:
                 if claimed is None:  # another worker, or a cancel, got there first
                     return None
                 claim = Claim(claimed, claimed.attempt, CancelToken(), lease=self.lease.total_seconds(), renewed=taken,
-                              renewed_wall=taken_wall)
+                              renewed_wall=taken_wall, started_before=job.started_at)
                 # Known before the commit makes the job 'running' for everyone else.
                 self._claimed[job.id] = claim
         except BaseException:

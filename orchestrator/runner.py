@@ -127,6 +127,8 @@ class Claim:
     renewed_wall: float = field(default_factory=time.time)
     # Claimed to be moved to another candidate without being sent: its engine's circuit is open.
     circuit_open: bool = False
+    # The job's `started_at` before this claim wrote its own: a claim undone puts it back.
+    started_before: datetime | None = None
     # Set when such a move found no candidate to take it after all: the job is queued again, to wait.
     waiting: bool = False
 
@@ -631,7 +633,7 @@ class JobRunner:
         # stream another process follows from the row told the job started, then started again).
         with self.db.transaction() as s:
             self._guarded_update(s, claim, status="queued", lease_owner=None, lease_expires_at=None,
-                                 attempt=claim.attempt - 1, started_at=None, unless_canceled=True)
+                                 attempt=claim.attempt - 1, started_at=claim.started_before, unless_canceled=True)
 
     def give_back(self, claim: Claim) -> None:
         """A claim that never started (the service stopped first): back to the queue with its

@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -1009,3 +1009,18 @@ def test_a_free_server_job_canceled_after_its_worker_died_leaves_nothing_on_the_
     while not fakes.FORGOTTEN and time.monotonic() < deadline:
         threading.Event().wait(0.05)
     assert fakes.FORGOTTEN == [{"id": "prompt-orphaned"}]
+
+
+def test_a_claim_undone_to_wait_on_an_open_circuit_leaves_the_job_as_it_was(services: Services) -> None:
+    # A job claimed only to be moved off an open circuit, with nowhere to go, waits in the queue: it
+    # kept the claim's attempt and start, so GET showed a queued job that had started (an earlier
+    # attempt's start erased too) and another process's stream told 'started' twice.
+    earlier = datetime(2026, 11, 30, 9, 0, tzinfo=UTC)
+    job_id = add_job(services, engine="fake-paid", attempt=1, started_at=earlier)
+    queued = row(services, job_id)
+    claim = services.scheduler._claim(queued)
+    assert claim is not None and row(services, job_id).attempt == 2
+    services.runner._requeue_waiting(claim)
+    after = row(services, job_id)
+    assert (after.status, after.attempt, after.lease_owner) == ("queued", 1, None)
+    assert after.started_at is not None and after.started_at.replace(tzinfo=UTC) == earlier
