@@ -198,6 +198,17 @@ async def test_a_shape_stability_refuses_is_refused_before_sending(
 
 
 @respx.mock
+async def test_a_draft_just_past_the_edge_is_sent_in_the_shape_asked(engine: StabilityEngine) -> None:
+    # 1288x512 (2.516:1) is within 1% of the 1280x512 asked, so it went as it was: past 2.5:1.
+    route = respx.post(SD3).mock(return_value=ok())
+    await engine.run(bridge(init_image=draft_image((1288, 512)), width=1280, height=512), NullProgress(),
+                     CancelToken())
+    _, files = multipart(route.calls.last.request)
+    width, height = Image.open(io.BytesIO(files["image"])).size
+    assert width <= 2.5 * height
+
+
+@respx.mock
 async def test_429_with_retry_after_then_success(engine: StabilityEngine, sleep: Any) -> None:
     throttled = httpx.Response(429, json={"id": "x", "name": "rate_limit_exceeded", "errors": ["slow down"]},
                                headers={"retry-after": "12"})
