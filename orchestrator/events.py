@@ -138,12 +138,23 @@ class _Inbox:
         return len(self._events)
 
 
+# States that each tell something that happened once (a move to another engine, work followed
+# again), never a poll's news told again: two in a row are two events.
+EVENTFUL_STATES = frozenset({"fallback", "reattached", "resumed", "restarted"})
+
+
+def _repeats(event: Event, before: Event) -> bool:
+    """Whether `event` is `before`'s state told again (a provider's queue position at each poll),
+    so that only the latest need be kept."""
+    return (event.type == "state" and before.type == "state" and event.data.get("state") == before.data.get("state")
+            and event.data.get("state") not in EVENTFUL_STATES)
+
+
 def _supersedes(event: Event, before: Event) -> bool:
     """Whether a client that has not read `before` yet needs only `event` (see `_Inbox`)."""
     if event.type == "progress":
         return before.type == "progress"
-    return (event.type == "state" and before.type == "state"
-            and event.data.get("state") == before.data.get("state"))
+    return _repeats(event, before)
 
 
 @dataclass
@@ -268,10 +279,7 @@ class EventBus:
         if type_ == "progress":
             stream.latest_progress = event
         else:
-            last = stream.history[-1] if stream.history else None
-            repeated = (type_ == "state" and last is not None and last.type == "state"
-                        and last.data.get("state") == data.get("state"))
-            if repeated:
+            if stream.history and _repeats(event, stream.history[-1]):
                 stream.history[-1] = event  # the same state told again at a poll: only the latest is kept
             else:
                 stream.history.append(event)

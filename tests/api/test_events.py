@@ -427,3 +427,26 @@ def test_a_late_client_of_a_job_run_elsewhere_gets_its_state_now_not_when_last_w
                        (job["id"],))
         late = read_events(client, job["id"])
     assert [e.event for e in late] == ["queued", "started", "failed"], late
+
+
+def test_two_moves_in_a_row_are_both_told_a_poll_s_state_told_again_only_once() -> None:
+    # A job moved off one engine, then (claimed only to move it) off the next one's open circuit:
+    # the first fallback was taken for the same state told again and dropped from the story.
+    bus = EventBus()
+    bus.publish("job_x", "queued", {})
+    bus.publish("job_x", "started", {"attempt": 1})
+    bus.publish("job_x", "state", {"state": "fallback", "from": "fake-paid", "to": "fake-b"})
+    bus.publish("job_x", "state", {"state": "fallback", "from": "fake-b", "to": "local-hifi"})
+    bus.publish("job_x", "state", {"state": "queued", "position": 3})  # a provider's queue, at each poll
+    bus.publish("job_x", "state", {"state": "queued", "position": 2})
+
+    async def late_client() -> list[tuple[str, Any]]:
+        told = []
+        async for event in bus.subscribe("job_x"):
+            told.append((event.type, event.data.get("to", event.data.get("position"))))
+            if len(told) == 5:
+                break
+        return told
+
+    assert asyncio.run(asyncio.wait_for(late_client(), timeout=5)) == [
+        ("queued", None), ("started", None), ("state", "fake-b"), ("state", "local-hifi"), ("state", 2)]
