@@ -307,8 +307,8 @@ def install(app: FastAPI) -> None:
             path = request.url.path
             detail = f"no such path: {path[:200]}" + (" (the API's paths have no trailing slash)"
                                                  if len(path) > 1 and path.endswith("/") else
-                                                 " (the API is under /v1; its documentation at /docs)"
-                                                 if path == "/" else "")
+                                                 " (the API's paths are listed at /docs)"
+                                                 if path in ("/", "/v1") else "")
         if exc.status_code == 405:
             # Pages outside the document (/openapi.json, /docs) keep Starlette's list: theirs was empty.
             allowed = _allowed_methods(request, (headers or {}).get("Allow", ""))

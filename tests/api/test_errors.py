@@ -341,7 +341,8 @@ def test_an_unknown_id_far_longer_than_ours_is_not_echoed_whole(shared_server: h
     ("GET", "/v1/jobs/", "no such path: /v1/jobs/ (the API's paths have no trailing slash)"),
     ("POST", "/v1/projects/", "no such path: /v1/projects/ (the API's paths have no trailing slash)"),
     ("GET", "/v1/nothing", "no such path: /v1/nothing"),
-    ("GET", "/", "no such path: / (the API is under /v1; its documentation at /docs)"),  # a browser's first look
+    ("GET", "/", "no such path: / (the API's paths are listed at /docs)"),  # a browser's first look
+    ("GET", "/v1", "no such path: /v1 (the API's paths are listed at /docs)"),
 ])
 def test_a_path_no_route_has_is_named(shared_server: httpx.Client, method: str, path: str, told: str) -> None:
     """A bare 'Not Found' left a client to guess what was missing: a mistyped id, or the path."""
