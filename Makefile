@@ -1,4 +1,4 @@
-.PHONY: demo test lint typecheck bench serve clean
+.PHONY: demo test lint bench serve clean
 
 PYTHON ?= python3
 VENV := .venv
