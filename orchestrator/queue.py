@@ -333,13 +333,12 @@ class Scheduler:
                 if circuit == "wait":
                     continue
                 try:
-                    claim = self._claim(job)
+                    claim = self._claim(job, move=circuit == "move")
                 finally:
                     if job.id not in self._claimed:  # not claimed: a probe admitted for it goes back
                         self.runner.health.finished(job.engine, job.id)
                 if claim is None:
                     continue
-                claim.circuit_open = circuit == "move"
                 lane_use[lane] = lane_use.get(lane, 0) + 1
                 claims.append((claim, lane))
         except Exception:
@@ -453,13 +452,17 @@ class Scheduler:
                                       pair[1].id))
         return [job for _, job in ranked[:QUEUED_BATCH]]
 
-    def _claim(self, job: Job) -> Claim | None:
+    def _claim(self, job: Job, *, move: bool = False) -> Claim | None:
+        """Claim the queued job; `move`: only to move it off its engine's open circuit (see
+        `JobRunner._move_off_open_circuit`), a claim it may undo."""
         # For an engine that announces its paid requests, the new attempt starts as having sent
         # nothing (the runner clears it before the first one): see `_recover_one`.
         announces = job.engine in self.registry and getattr(self.registry.get(job.engine), "announces_sends", False)
         try:
             with self.db.transaction() as s:
                 taken, taken_wall = time.monotonic(), time.time()  # before the lease is written: it runs out later
+                # Read under the write lock: the row as it is, not as the dispatch's list saw it.
+                before = s.scalar(select(Job.started_at).where(col(Job.id) == job.id)) if move else None
                 # Once the write lock is ours: waiting for it must not shorten the lease.
                 claimed = s.scalars(update(Job).where(col(Job.id) == job.id, col(Job.status) == "queued").values(
                     status="running", attempt=Job.attempt + 1, lease_owner=self.owner,
@@ -468,7 +471,7 @@ class Scheduler:
                 if claimed is None:  # another worker, or a cancel, got there first
                     return None
                 claim = Claim(claimed, claimed.attempt, CancelToken(), lease=self.lease.total_seconds(), renewed=taken,
-                              renewed_wall=taken_wall, started_before=job.started_at)
+                              renewed_wall=taken_wall, circuit_open=move, started_before=before)
                 # Known before the commit makes the job 'running' for everyone else.
                 self._claimed[job.id] = claim
         except BaseException:

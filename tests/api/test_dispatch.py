@@ -117,11 +117,11 @@ def test_a_failing_claim_still_starts_the_jobs_already_claimed(services: Service
     real_claim = scheduler._claim
     calls: list[str] = []
 
-    def flaky_claim(job: Job) -> Claim | None:
+    def flaky_claim(job: Job, *, move: bool = False) -> Claim | None:
         calls.append(job.id)
         if len(calls) == 2:
             raise RuntimeError("database is locked")
-        return real_claim(job)
+        return real_claim(job, move=move)
 
     monkeypatch.setattr(scheduler, "_claim", flaky_claim)
     claims = scheduler._claim_ready({})

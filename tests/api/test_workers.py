@@ -1016,9 +1016,11 @@ def test_a_claim_undone_to_wait_on_an_open_circuit_leaves_the_job_as_it_was(serv
     # kept the claim's attempt and start, so GET showed a queued job that had started (an earlier
     # attempt's start erased too) and another process's stream told 'started' twice.
     earlier = datetime(2026, 11, 30, 9, 0, tzinfo=UTC)
-    job_id = add_job(services, engine="fake-paid", attempt=1, started_at=earlier)
-    queued = row(services, job_id)
-    claim = services.scheduler._claim(queued)
+    job_id = add_job(services, engine="fake-paid")
+    queued = row(services, job_id)  # as the dispatch's list read it: never started
+    with services.db.transaction() as s:  # meanwhile another worker ran it, and it failed over
+        s.exec(update(Job).where(col(Job.id) == job_id).values(attempt=1, started_at=earlier))
+    claim = services.scheduler._claim(queued, move=True)
     assert claim is not None and row(services, job_id).attempt == 2
     services.runner._requeue_waiting(claim)
     after = row(services, job_id)
