@@ -155,6 +155,11 @@ class CloudEngine:
     def model(self) -> str:
         return self._model
 
+    def said(self, value: object, limit: int = 100) -> str:
+        """A value of a provider's answer (a status, a reason) as an error quotes it: cut, and
+        without our credentials (a proxy may echo a request's headers anywhere)."""
+        return self.http.scrub(str(value))[:limit]
+
     def model_not_served(self, response: httpx.Response) -> EngineUnavailable:
         """The provider does not serve the configured model (retired, misspelt): nothing was made,
         and, unlike a refused input, another engine may well take the job."""

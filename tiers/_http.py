@@ -22,6 +22,7 @@ import ipaddress
 import json
 import math
 import random
+import re
 import socket
 import time
 import zlib
@@ -63,6 +64,10 @@ CUT_SHORT_STATUSES = frozenset({408, 429, 502, 503, 504})
 # provider's origin: it strips only `Authorization` (and a client's `auth=` goes with the first
 # request only: see `_exchange`).
 KEY_HEADERS = frozenset({"x-goog-api-key", "x-api-key", "api-key", "x-key"})
+# Credentials this long are taken out of a provider's text wherever they appear; shorter ones (a
+# self-hosted server's basic-auth password) only as a word of their own, down to MIN_WORD_SECRET.
+MIN_SECRET = 8
+MIN_WORD_SECRET = 4
 # How far past an error text's length it is read before the credentials are taken out: more than
 # any key's length, so none that starts within the text is cut.
 CUT_MARGIN = 4096
@@ -366,7 +371,11 @@ class RemoteClient:
         self._credentials: frozenset[str] = frozenset()  # every credential a request of it has carried
 
     async def _remember_credentials(self, request: httpx.Request) -> None:
-        # Seen here, once the client's auth has made its header: what `scrub` takes out.
+        # Seen here, once the client's auth has made its header: what `scrub` takes out. Only our
+        # own requests': an output URL's `user:pass@` (a provider's words) is no secret of ours.
+        home, url = self._home, request.url
+        if home is not None and (url.scheme, url.host, url.port) != (home.scheme, home.host, home.port):
+            return
         found = _credentials_in(request.headers)
         if not found <= self._credentials:
             self._credentials |= found
@@ -792,13 +801,16 @@ def _credentials_in(headers: httpx.Headers) -> frozenset[str]:
                 with contextlib.suppress(ValueError, UnicodeDecodeError):
                     user, _, password = base64.b64decode(token, validate=True).decode().partition(":")
                     found |= {f"{user}:{password}", password}
-    return frozenset(s for s in found if len(s) >= 8)
+    return frozenset(s for s in found if len(s) >= MIN_WORD_SECRET)
 
 
 def _without(text: str, credentials: Collection[str]) -> str:
     # The longest first: a token inside "Bearer <token>" is replaced with the whole value.
     for secret in sorted(credentials, key=len, reverse=True):
-        text = text.replace(secret, "***")
+        if len(secret) >= MIN_SECRET:
+            text = text.replace(secret, "***")
+        else:  # a short password: only as a word of its own, not inside every word that holds it
+            text = re.sub(rf"(?<!\w){re.escape(secret)}(?!\w)", "***", text)
     return text
 
 

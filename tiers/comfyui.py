@@ -623,10 +623,10 @@ class ComfyUIEngine:
         nodes ran in, which a server may change); only the marked nodes' when some are."""
         status: dict[str, Any] = entry["status"] if isinstance(entry.get("status"), dict) else {}
         if status.get("status_str") == "error":
-            told = self.http.scrub(self._execution_error(status))[:1000]
-            error = EngineError(f"comfyui: the workflow failed: {told}",
+            said = self._execution_error(status)
+            error = EngineError(f"comfyui: the workflow failed: {self.http.scrub(said)[:1000]}",
                                 details={"engine": self.name, "prompt_id": prompt_id})
-            error.engine_fault = not says_out_of_memory(told)  # the request's size (see a1111)
+            error.engine_fault = not says_out_of_memory(said)  # the request's size (see a1111)
             raise error
         refs: list[dict[str, str]] = []
         found = entry.get("outputs")

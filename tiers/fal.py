@@ -254,7 +254,7 @@ class FalEngine(CloudEngine):
             if state == "COMPLETED":
                 return status
             if state not in PENDING:
-                raise EngineError(f"fal: unexpected queue status {state!r}",
+                raise EngineError(f"fal: unexpected queue status {self.said(state)!r}",
                                   details={"engine": self.name, "request": request_id})
             if state == "IN_QUEUE":
                 progress.state("queued", position=status.get("queue_position"))

@@ -211,8 +211,9 @@ class GeminiEngine(CloudEngine):
         if not isinstance(feedback, dict):
             raise self._malformed("promptFeedback")
         if feedback.get("blockReason"):
-            raise ContentFiltered(f"gemini blocked the prompt ({feedback['blockReason']})",
-                                  details={"engine": self.name, "reason": feedback["blockReason"]})
+            blocked = self.said(feedback["blockReason"])
+            raise ContentFiltered(f"gemini blocked the prompt ({blocked})",
+                                  details={"engine": self.name, "reason": blocked})
         candidates = body.get("candidates") or []
         if not isinstance(candidates, list):
             raise self._malformed("candidates")
@@ -238,8 +239,9 @@ class GeminiEngine(CloudEngine):
         if reason in FILTER_REASONS:
             raise ContentFiltered(f"gemini returned no image ({reason})",
                                   details={"engine": self.name, "reason": reason})
-        raise EngineError(f"gemini returned no image (finishReason {reason or 'missing'})",
-                          details={"engine": self.name, "reason": reason or None})
+        told = self.said(reason)
+        raise EngineError(f"gemini returned no image (finishReason {told or 'missing'})",
+                          details={"engine": self.name, "reason": told or None})
 
     def _malformed(self, where: str) -> EngineError:
         # Raised while reading a 200 (`reading_an_answer`): the call may have been billed.

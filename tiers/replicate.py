@@ -295,13 +295,15 @@ class ReplicateEngine(CloudEngine):
 
     def _check_status(self, prediction: dict[str, Any]) -> None:
         status = prediction.get("status")
-        details = {"engine": self.name, "prediction": prediction.get("id"), "status": status}
+        details = {"engine": self.name, "prediction": prediction.get("id"),
+                   "status": self.said(status) if isinstance(status, str) else status}
         if status == "succeeded":
             return
         if status == "failed":
-            # Cleaned before it is cut (a key across the cut kept its first part).
-            text = self.http.scrub(str(prediction.get("error") or "no reason given"))
-            if _filtered(text):
+            said = str(prediction.get("error") or "no reason given")
+            # Cleaned before it is cut (a key across the cut kept its first part); judged as said.
+            text = self.http.scrub(said)
+            if _filtered(said):
                 raise ContentFiltered(f"replicate filtered the request: {text[:300]}", details=details,
                                       charged="unknown")
             raise EngineError(f"replicate: the prediction failed: {text[:300]}", details=details,
@@ -315,7 +317,7 @@ class ReplicateEngine(CloudEngine):
             # it on Replicate. A failure of the job, not the user's cancel; it may have run and billed.
             raise EngineError("replicate: the prediction was canceled on Replicate, not by this job",
                               details=details, retryable=False, charged="unknown")
-        raise EngineError(f"replicate: unexpected prediction status {status!r}", details=details,
+        raise EngineError(f"replicate: unexpected prediction status {self.said(status)!r}", details=details,
                           charged="unknown")
 
     async def _outputs(self, prediction: dict[str, Any], cancel: CancelToken) -> list[RenderedImage]:

@@ -376,8 +376,8 @@ class StabilityEngine(CloudEngine):
         # (`GET /v2beta/results/{id}`) answer `result`.
         encoded = body.get("image") or body.get("result")
         if not isinstance(encoded, str) or not encoded:
-            raise EngineError(f"{self.name} returned no image (finish_reason {reason})",
-                              details={"engine": self.name, "reason": reason})
+            raise EngineError(f"{self.name} returned no image (finish_reason {self.said(reason)})",
+                              details={"engine": self.name, "reason": self.said(reason)})
         image = decode_image(b64decode_tolerant(encoded), self.name)
         seed = body.get("seed", response.headers.get("seed"))
         try:

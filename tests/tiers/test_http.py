@@ -784,3 +784,25 @@ async def test_a_500_whose_body_is_cut_off_is_not_taken_for_a_refusal(sleep: Any
             await client.request("POST", "/sdapi/v1/img2img", json={"prompt": "x"})
         await client.aclose()
     assert (info.value.charged, len(calls)) == ("unknown", 1)
+
+
+
+async def test_scrub_takes_out_only_our_own_credentials_and_short_ones_as_words() -> None:
+    # An output URL's `user:pass@` is the provider's, not ours: remembered, "out of memory" in a
+    # failure text became "***", and a provider could change how a failure was judged. A
+    # self-hosted server's short password was left in.
+    seen: list[str] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers.get("authorization", ""))
+        return httpx.Response(200)
+
+    client = RemoteClient("comfyui", base_url="http://admin:hunter2@comfy.test:8188", key_setting="ORCH_COMFYUI_URL",
+                          transport=httpx.MockTransport(answer))
+    await client.request("GET", "/queue", idempotent=True)
+    await client.request("GET", "https://cdn:out%20of%20memory@cdn.example.com/o.png", idempotent=True)
+    assert seen[0].startswith("Basic ") and seen[1].startswith("Basic ")  # both sent one
+    assert client.scrub("bad login admin:hunter2; password hunter2, not hunter22") == (
+        "bad login ***; password ***, not hunter22")
+    assert client.scrub("CUDA out of memory") == "CUDA out of memory"
+    await client.aclose()

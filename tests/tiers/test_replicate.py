@@ -231,6 +231,17 @@ async def test_a_failure_text_echoing_the_token_does_not_carry_it(engine: Replic
 
 
 @respx.mock
+async def test_an_odd_status_echoing_the_token_is_quoted_cut_and_without_it(engine: ReplicateEngine) -> None:
+    respx.post(CREATE).mock(return_value=httpx.Response(201, json=prediction("processing")))
+    respx.get(POLL).mock(return_value=httpx.Response(200, json={
+        **prediction("processing"), "status": "proxy says: Bearer r-secret " + "x" * 5000}))
+    with pytest.raises(EngineError) as info:
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    assert "r-secret" not in info.value.message and "r-secret" not in str(info.value.details)
+    assert len(info.value.message) < 300
+
+
+@respx.mock
 async def test_failed_prediction(engine: ReplicateEngine) -> None:
     failed = prediction("failed", error="CUDA out of memory")
     respx.post(CREATE).mock(return_value=httpx.Response(201, json=failed))
