@@ -174,8 +174,9 @@ class Scheduler:
                 await self._wait_unless_hurried(awaited, self.stop_grace)
             finally:
                 handing_over.cancel()  # not done yet: the service lets the device go once it is idle
-                with contextlib.suppress(asyncio.CancelledError):
-                    await handing_over
+                await asyncio.wait({handing_over})  # a cancel of this stop itself still propagates
+                if not handing_over.cancelled() and (failed := handing_over.exception()) is not None:
+                    log.warning("letting the device go before waiting for paid requests failed: %s", failed)
         if self._cancel_watch is not None:
             self._cancel_watch.cancel()
         self._abandon(lambda task: True)

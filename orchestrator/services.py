@@ -47,6 +47,8 @@ from tiers.tiny import NAME as TINY_MODEL
 log = logging.getLogger(__name__)
 # Seconds a stopping service waits for the inference thread before it lets the device go.
 DEVICE_IDLE_TIMEOUT = 30.0
+# How long a stop waits for a ring still out (one short write) before the database goes.
+RING_WAIT_SECONDS = 5.0
 # The asset sweep lists the whole store: not at every scheduler sweep.
 ORPHAN_SWEEP_SECONDS = 3600.0
 
@@ -463,6 +465,8 @@ class Services:
 
     # Set by `aclose`: the inference thread had not ended within DEVICE_IDLE_TIMEOUT.
     device_busy = False
+    # The ring that told other processes the device is free (see `_hand_over_device`).
+    _ringing: asyncio.Future[None] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.scheduler.hand_over_device = self._hand_over_device
@@ -477,8 +481,14 @@ class Services:
             device.close(release=True)
             log.info("the device is idle: another process may run the local jobs while this one waits for "
                      "paid requests")
-            with contextlib.suppress(Exception):  # a database gone at shutdown: their looks remain
-                await asyncio.to_thread(self.db.ring)
+            # Shielded: a stop hurried meanwhile cancels the hand-over, not the ring's thread, which
+            # `aclose` lets end before the database goes.
+            self._ringing = asyncio.ensure_future(asyncio.to_thread(self._ring_quietly))
+            await asyncio.shield(self._ringing)
+
+    def _ring_quietly(self) -> None:
+        with contextlib.suppress(Exception):  # a database gone at shutdown: the others' looks remain
+            self.db.ring()
 
     async def aclose(self) -> None:
         tasks = [*self.background,
@@ -506,6 +516,8 @@ class Services:
             if held and idle:  # local jobs in the queue waited for it: the others may look now
                 with contextlib.suppress(Exception):  # a database gone at shutdown: their looks remain
                     await asyncio.to_thread(self.db.ring)
+        if self._ringing is not None:
+            await asyncio.wait({self._ringing}, timeout=RING_WAIT_SECONDS)
         # Last: the stop's own commits (claims given back to the queue) ring the other workers.
         await asyncio.to_thread(self.db.bell.close)
         self.db.dispose()

@@ -254,7 +254,7 @@ def install(app: FastAPI) -> None:
         errors = details["errors"]
         first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
         where = _where(first["loc"])
-        return answer(InvalidRequest(f"{where}: {first['msg']}" if where else str(first["msg"]), details=details))
+        return answer(InvalidRequest(f"{where[:200]}: {first['msg']}" if where else str(first["msg"]), details=details))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -285,7 +285,7 @@ def install(app: FastAPI) -> None:
                                              details=details))
         first = unknown[0] if unknown else errors[0] if errors else {"loc": [], "msg": "invalid request"}
         where = _where([p for p in first["loc"] if p not in ("body", "query", "path", "header")])
-        return answer(InvalidRequest(f"{where}: {first['msg']}" if where else str(first["msg"]), details=details))
+        return answer(InvalidRequest(f"{where[:200]}: {first['msg']}" if where else str(first["msg"]), details=details))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -1026,3 +1026,39 @@ def test_a_claim_undone_to_wait_on_an_open_circuit_leaves_the_job_as_it_was(serv
     after = row(services, job_id)
     assert (after.status, after.attempt, after.lease_owner) == ("queued", 1, None)
     assert after.started_at is not None and after.started_at.replace(tzinfo=UTC) == earlier
+
+
+def test_a_ring_a_hurried_stop_cut_short_ends_before_the_database_goes(make_settings: SettingsFactory,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    # The hand-over's ring runs in a thread: cancelling the hand-over (a second stop signal) left
+    # it to run after `aclose` had disposed of the database, opening it again at exit.
+    built = Services.build(make_settings(engines="fake-paid=tests.fakes:factory"))
+    order: list[str] = []
+    ring, dispose = built.db.ring, built.db.dispose
+
+    ringing = threading.Event()
+
+    def slow_ring() -> None:
+        ringing.set()
+        time.sleep(0.5)
+        ring()
+        order.append("rung")
+
+    def disposed() -> None:
+        order.append("disposed")
+        dispose()
+
+    monkeypatch.setattr(built.db, "ring", slow_ring)
+    monkeypatch.setattr(built.db, "dispose", disposed)
+    assert built.scheduler.device is not None and built.scheduler.device.try_acquire()
+
+    async def hurried_stop() -> None:
+        handing_over = asyncio.ensure_future(built._hand_over_device())
+        while not ringing.is_set():  # the ring is out
+            await asyncio.sleep(0.01)
+        handing_over.cancel()
+        await asyncio.wait({handing_over})
+        await built.aclose()
+
+    asyncio.run(hurried_stop())
+    assert order == ["rung", "disposed"]
