@@ -12,6 +12,9 @@ from typing import Any
 import httpx
 import pytest
 
+from orchestrator.db import Database
+from orchestrator.models import Job, Project
+from orchestrator.schemas import Stage
 from orchestrator.server import serve_in_thread
 from orchestrator.settings import Settings
 from tests.api import assert_error
@@ -162,20 +165,25 @@ def test_a_project_that_spent_nothing_has_an_empty_report_and_an_unknown_one_is_
     assert_error(missing, 404, "not_found")
 
 
-def test_a_job_moved_to_another_engine_counts_its_images_for_the_engine_that_made_them(tmp_path: Path) -> None:
-    """Captured on its first engine (which may have billed) and moved to another that made its two
-    images, the job counted them under both engines, and on both days when the move crossed midnight."""
-    from orchestrator.db import Database
-    from orchestrator.models import Asset, Job, LedgerEntry, Project
-    from orchestrator.spend import spend
-
+def _database_with_a_job(tmp_path: Path, project_id: str, job_id: str, *, stage: Stage, engine: str) -> Database:
+    """A migrated SQLite database holding one project with one succeeded job."""
     db = Database(f"sqlite:///{tmp_path}/o.db")
     db.migrate()
     with db.transaction() as s:
-        s.add(Project(id="prj_moved", name="moved", policy=POLICY))
+        s.add(Project(id=project_id, name=project_id, policy=POLICY))
         s.flush()
-        s.add(Job(id="job_moved", project_id="prj_moved", stage="bridge", engine="engine-b", status="succeeded"))
-        s.flush()
+        s.add(Job(id=job_id, project_id=project_id, stage=stage, engine=engine, status="succeeded"))
+    return db
+
+
+def test_a_job_moved_to_another_engine_counts_its_images_for_the_engine_that_made_them(tmp_path: Path) -> None:
+    """Captured on its first engine (which may have billed) and moved to another that made its two
+    images, the job counted them under both engines, and on both days when the move crossed midnight."""
+    from orchestrator.models import Asset, LedgerEntry
+    from orchestrator.spend import spend
+
+    db = _database_with_a_job(tmp_path, "prj_moved", "job_moved", stage="bridge", engine="engine-b")
+    with db.transaction() as s:
         for engine, amount, day in (("engine-a", 1000, 1), ("engine-b", 2000, 2)):
             hold = LedgerEntry(project_id="prj_moved", job_id="job_moved", kind="hold", amount=amount, engine=engine,
                                stage="bridge", settled=True)
@@ -203,21 +211,15 @@ def test_savings_compare_only_with_an_engine_whose_estimate_is_a_price(tmp_path:
     routing, which never sends there for it; the savings figure compared the drafts with it."""
     from types import SimpleNamespace
 
-    from orchestrator.db import Database
-    from orchestrator.models import Asset, Job, Project
+    from orchestrator.models import Asset
     from orchestrator.spend import savings
 
     def engine(name: str, kind: str, estimate: object) -> SimpleNamespace:
         return SimpleNamespace(name=name, kind=kind, availability=lambda: (True, None),
                                estimate=lambda req: estimate)
 
-    db = Database(f"sqlite:///{tmp_path}/o.db")
-    db.migrate()
+    db = _database_with_a_job(tmp_path, "prj_saved", "job_draft", stage="ideation", engine="lite")
     with db.transaction() as s:
-        s.add(Project(id="prj_saved", name="saved", policy=POLICY))
-        s.flush()
-        s.add(Job(id="job_draft", project_id="prj_saved", stage="ideation", engine="lite", status="succeeded"))
-        s.flush()
         s.add(Asset(id="ast_draft", project_id="prj_saved", job_id="job_draft", index=0, stage="ideation",
                     engine="lite", model="m", prompt="x", width=64, height=64, sha256="a" * 64))
     registry = [engine("lite", "local", 0), engine("odd", "remote", 0.5), engine("paid", "remote", 4000)]
@@ -231,8 +233,7 @@ def test_project_names_are_read_in_bounded_queries(tmp_path: Path, monkeypatch: 
     # A report across thousands of projects must not put them all in one IN list (SQLite's bound
     # parameters): read a few at a time here, two per query.
     from orchestrator import spend as spend_module
-    from orchestrator.db import Database
-    from orchestrator.models import LedgerEntry, Project
+    from orchestrator.models import LedgerEntry
 
     monkeypatch.setattr(spend_module, "NAMES_PER_QUERY", 2)
     db = Database(f"sqlite:///{tmp_path}/o.db")

@@ -116,6 +116,31 @@ async def until(predicate: Callable[[], bool], within: float = 30.0, *, then: fl
         await asyncio.sleep(then)
 
 
+Answer = Callable[[], httpx.Response]
+SideEffect = Callable[[httpx.Request], httpx.Response]
+
+
+def cancel_at_poll(token: CancelToken, answer: Answer) -> SideEffect:
+    """A poll's side effect: the job is canceled as the poll is answered with `answer()`."""
+    def poll(request: httpx.Request) -> httpx.Response:
+        token.cancel()
+        return answer()
+
+    return poll
+
+
+def deadline_at_poll(engine: Any, answer: Answer) -> SideEffect:
+    """A poll's side effect: the engine's clock jumps past its deadline at each poll."""
+    now = [0.0]
+    engine.http.clock = lambda: now[0]
+
+    def poll(request: httpx.Request) -> httpx.Response:
+        now[0] += 100.0
+        return answer()
+
+    return poll
+
+
 @pytest.fixture
 def make_ctx(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[..., EngineContext]:
     """`make_ctx(**settings)`: an engine's context, which the developer's environment (a real

@@ -20,7 +20,15 @@ from orchestrator.errors import (
     EngineUnavailable,
     NoPrice,
 )
-from tests.tiers.conftest import HeldRequest, RecordingProgress, canceled_while_out, png_bytes, until
+from tests.tiers.conftest import (
+    HeldRequest,
+    RecordingProgress,
+    cancel_at_poll,
+    canceled_while_out,
+    deadline_at_poll,
+    png_bytes,
+    until,
+)
 from tests.tiers.conftest import bridge as base_bridge
 from tiers.base import CancelToken, NullProgress, RenderRequest, before_billable_sends
 from tiers.fal import FalEngine
@@ -325,11 +333,7 @@ async def test_a_cancel_while_the_request_waits_in_the_queue_costs_nothing(
     token = CancelToken()
     _, poll, result = happy_queue()
 
-    def seen(request: httpx.Request) -> httpx.Response:
-        token.cancel()
-        return status(last_seen)
-
-    poll.mock(side_effect=seen)
+    poll.mock(side_effect=cancel_at_poll(token, lambda: status(last_seen)))
     cancel = respx.put(CANCEL).mock(return_value=answer)
     with pytest.raises(Canceled) as info:
         await engine.run(bridge(), NullProgress(), token)
@@ -340,15 +344,8 @@ async def test_a_cancel_while_the_request_waits_in_the_queue_costs_nothing(
 
 @respx.mock
 async def test_a_deadline_in_the_queue_leaves_the_job_to_another_engine(engine: FalEngine) -> None:
-    now = [0.0]
-    engine.http.clock = lambda: now[0]
     _, poll, _ = happy_queue()
-
-    def in_queue(request: httpx.Request) -> httpx.Response:
-        now[0] += 100.0
-        return status("IN_QUEUE")
-
-    poll.mock(side_effect=in_queue)
+    poll.mock(side_effect=deadline_at_poll(engine, lambda: status("IN_QUEUE")))
     respx.put(CANCEL).mock(return_value=httpx.Response(200, json={"status": "OK"}))
     with pytest.raises(EngineTimeout) as info:
         await engine.run(bridge(), NullProgress(), CancelToken())
@@ -360,11 +357,7 @@ async def test_a_failed_cancel_is_logged(engine: FalEngine, caplog: pytest.LogCa
     token = CancelToken()
     _, poll, _ = happy_queue()
 
-    def running(request: httpx.Request) -> httpx.Response:
-        token.cancel()
-        return status("IN_PROGRESS")
-
-    poll.mock(side_effect=running)
+    poll.mock(side_effect=cancel_at_poll(token, lambda: status("IN_PROGRESS")))
     respx.put(CANCEL).mock(return_value=httpx.Response(401, json={"detail": "No user found for Key ID"}))
     with caplog.at_level("WARNING", logger="tiers.fal"), pytest.raises(Canceled):
         await engine.run(bridge(), NullProgress(), token)

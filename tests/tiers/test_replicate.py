@@ -20,7 +20,17 @@ from orchestrator.errors import (
     EngineUnavailable,
     NoPrice,
 )
-from tests.tiers.conftest import HeldRequest, NoAnswer, RecordingProgress, bridge, canceled_while_out, png_bytes, until
+from tests.tiers.conftest import (
+    HeldRequest,
+    NoAnswer,
+    RecordingProgress,
+    bridge,
+    cancel_at_poll,
+    canceled_while_out,
+    deadline_at_poll,
+    png_bytes,
+    until,
+)
 from tiers.base import CancelToken, NullProgress, before_billable_sends
 from tiers.replicate import ReplicateEngine
 
@@ -331,11 +341,7 @@ async def test_a_cancel_before_the_prediction_started_costs_nothing(
     respx.post(CREATE).mock(side_effect=[httpx.Response(201, json=made),
                                          httpx.Response(201, json=prediction("starting"))])
 
-    def poll(request: httpx.Request) -> httpx.Response:
-        token.cancel()
-        return httpx.Response(200, json=prediction("starting"))
-
-    respx.get(POLL).mock(side_effect=poll)
+    respx.get(POLL).mock(side_effect=cancel_at_poll(token, lambda: httpx.Response(200, json=prediction("starting"))))
     cancel = respx.post(CANCEL).mock(return_value=httpx.Response(200, json=answer))
     req = bridge(n=2)
     with pytest.raises(Canceled) as info:
@@ -352,11 +358,7 @@ async def test_a_cancel_of_a_lone_prediction_before_it_started_is_free(engine: R
     token = CancelToken()
     respx.post(CREATE).mock(return_value=httpx.Response(201, json=prediction("starting")))
 
-    def poll(request: httpx.Request) -> httpx.Response:
-        token.cancel()
-        return httpx.Response(200, json=prediction("starting"))
-
-    respx.get(POLL).mock(side_effect=poll)
+    respx.get(POLL).mock(side_effect=cancel_at_poll(token, lambda: httpx.Response(200, json=prediction("starting"))))
     respx.post(CANCEL).mock(return_value=httpx.Response(200, json=never_started()))
     with pytest.raises(Canceled) as info:
         await engine.run(bridge(), NullProgress(), token)
@@ -366,15 +368,8 @@ async def test_a_cancel_of_a_lone_prediction_before_it_started_is_free(engine: R
 @respx.mock
 async def test_a_deadline_before_the_prediction_started_leaves_the_job_to_another_engine(
         engine: ReplicateEngine) -> None:
-    now = [0.0]
-    engine.http.clock = lambda: now[0]
     respx.post(CREATE).mock(return_value=httpx.Response(201, json=prediction("starting")))
-
-    def poll(request: httpx.Request) -> httpx.Response:
-        now[0] += 100.0
-        return httpx.Response(200, json=prediction("starting"))
-
-    respx.get(POLL).mock(side_effect=poll)
+    respx.get(POLL).mock(side_effect=deadline_at_poll(engine, lambda: httpx.Response(200, json=prediction("starting"))))
     respx.post(CANCEL).mock(return_value=httpx.Response(200, json=never_started()))
     with pytest.raises(EngineTimeout) as info:
         await engine.run(bridge(), NullProgress(), CancelToken())
@@ -390,11 +385,7 @@ async def test_a_failed_cancel_is_logged(engine: ReplicateEngine, caplog: pytest
     token = CancelToken()
     respx.post(CREATE).mock(return_value=httpx.Response(201, json=prediction("starting")))
 
-    def poll(request: httpx.Request) -> httpx.Response:
-        token.cancel()
-        return httpx.Response(200, json=prediction("processing"))
-
-    respx.get(POLL).mock(side_effect=poll)
+    respx.get(POLL).mock(side_effect=cancel_at_poll(token, lambda: httpx.Response(200, json=prediction("processing"))))
     respx.post(CANCEL).mock(return_value=refusal)
     with caplog.at_level("WARNING", logger="tiers.replicate"), pytest.raises(Canceled) as info:
         await engine.run(bridge(), NullProgress(), token)
