@@ -70,6 +70,8 @@ class Job(SQLModel, table=True):
                       sa.Index("ix_jobs_project_status", "project_id", "status"),
                       # Queued jobs numbered in turns by project, in index order (orchestrator.queue).
                       sa.Index("ix_jobs_status_project_created", "status", "project_id", "created_at", "id"),
+                      # Each lane's oldest queued jobs, and which engines have any (orchestrator.queue).
+                      sa.Index("ix_jobs_status_engine_created", "status", "engine", "created_at", "id"),
                       # /metrics counts jobs from the index alone, not by reading every row's JSON.
                       sa.Index("ix_jobs_totals", "stage", "engine", "status"))
 

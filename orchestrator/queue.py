@@ -54,7 +54,10 @@ from tiers.registry import EngineRegistry
 
 log = logging.getLogger(__name__)
 DISPATCH_RETRY_SECONDS = 1.0
-QUEUED_BATCH = 500  # queued jobs looked at per dispatch
+QUEUED_BATCH = 500  # queued jobs of a lane ranked per dispatch
+# Of those, the first ones read whole for claiming: a dispatch fills a few free slots, past a
+# job whose circuit makes it wait or another worker's claim.
+CANDIDATES = 64
 SERVED_REMEMBERED = 10_000  # projects whose last start a scheduler remembers for the turns
 # Seconds to the next try after a lease renewal failed (a database busy for a while).
 RENEW_RETRY_SECONDS = 2.0
@@ -97,9 +100,9 @@ class Scheduler:
         self._wake = asyncio.Event()
         self._cancel_wake = asyncio.Event()
         self._device_elsewhere_until = 0.0  # monotonic time; see `_queued`
-        # When this process last started a job of each project (monotonic): within a turn, the
-        # project served longest ago goes first (see `_oldest_queued`).
-        self._served: dict[str, float] = {}
+        # When this process last started a job of each project on each lane (monotonic): within a
+        # turn, the project served longest ago there goes first (see `_oldest_queued`).
+        self._served: dict[tuple[str, str], float] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._running: dict[str, tuple[asyncio.Task[None], Claim]] = {}
         # Claims committed by a worker thread and not yet started on the loop: a cancel in that
@@ -366,14 +369,29 @@ class Scheduler:
             # Another process held the device a moment ago: until the next timed look, the bells
             # (every commit of that busy worker rings) wake this one for other work only.
             free = [name for name in free if name not in local]
-        jobs = self._oldest_of(free)
+        jobs = self._by_lane(free)
         # The device is taken only when there is local work for it, so that a process that never
         # runs a local job leaves it to the workers that do.
         if (device is not None and not device.held and any(j.engine in local for j in jobs)
                 and not device.try_acquire()):
             self._device_elsewhere_until = time.monotonic() + self.poll_interval
-            jobs = self._oldest_of([name for name in free if name not in local])
+            jobs = [job for job in jobs if job.engine not in local]
         return jobs
+
+    def _by_lane(self, engines: list[str]) -> list[Job]:
+        """`_oldest_of` each lane's engines, lane after lane: ranked in one list, a project's paid
+        job newer than 500 of its drafts was not looked at while the local lane took a draft at
+        every dispatch, and the paid lane sat idle; and its drafts counted as its turns there."""
+        if not engines:
+            return []
+        with self.db.session() as s:  # from the index alone: lanes with nothing queued cost no look
+            waiting = set(s.exec(select(Job.engine).where(col(Job.status) == "queued", col(Job.engine).in_(engines))
+                                 .group_by(col(Job.engine))).all())
+        lanes: dict[str, list[str]] = {}
+        for name in engines:
+            if name in waiting:
+                lanes.setdefault(self.lane(name)[0], []).append(name)
+        return [job for names in lanes.values() for job in self._oldest_of(names)]
 
     def _oldest_of(self, engines: list[str]) -> list[Job]:
         """`_oldest_queued`, the jobs of engines whose circuit is open after the others': most of
@@ -435,23 +453,28 @@ class Scheduler:
         where = [col(Job.status) == "queued", col(Job.engine).in_(engines)]
         firsts = (select(col(Job.project_id).label("project_id"), func.min(Job.created_at).label("created_at"))
                   .where(*where).group_by(col(Job.project_id)).subquery())
+        # Ranked on three columns; only the candidates are read whole (a job's params, routing and
+        # attempts, for thousands of queued jobs, made each look at the queue cost 100 ms).
+        keys = (col(Job.id), col(Job.project_id), col(Job.created_at))
         with self.db.session() as s:
-            oldest = s.exec(select(Job).where(*where).order_by(col(Job.created_at), col(Job.id))
+            oldest = s.exec(select(*keys).where(*where).order_by(col(Job.created_at), col(Job.id))
                             .limit(QUEUED_BATCH)).all()
             # A batch that is not full is the whole queue, every project's oldest included.
-            heads = s.exec(select(Job).join(firsts, (col(Job.project_id) == firsts.c.project_id)
-                                            & (col(Job.created_at) == firsts.c.created_at)).where(*where)
+            heads = s.exec(select(*keys).join(firsts, (col(Job.project_id) == firsts.c.project_id)
+                                              & (col(Job.created_at) == firsts.c.created_at)).where(*where)
                            ).all() if len(oldest) == QUEUED_BATCH else []
-        jobs = sorted({job.id: job for job in [*oldest, *heads]}.values(), key=lambda j: (j.created_at, j.id))
-        turns: dict[str, int] = {}
-        ranked = []
-        for job in jobs:
-            turns[job.project_id] = turns.get(job.project_id, 0) + 1
-            ranked.append((turns[job.project_id], job))
-        served = self._served
-        ranked.sort(key=lambda pair: (pair[0], served.get(pair[1].project_id, -math.inf), pair[1].created_at,
-                                      pair[1].id))
-        return [job for _, job in ranked[:QUEUED_BATCH]]
+            jobs = sorted({row[0]: row for row in [*oldest, *heads]}.values(), key=lambda r: (r[2], r[0]))
+            turns: dict[str, int] = {}
+            ranked = []
+            for job_id, project_id, created_at in jobs:
+                turns[project_id] = turns.get(project_id, 0) + 1
+                ranked.append((turns[project_id], job_id, project_id, created_at))
+            lane = self.lane(engines[0])[0]  # one lane's engines (see `_by_lane`)
+            served = self._served
+            ranked.sort(key=lambda r: (r[0], served.get((r[2], lane), -math.inf), r[3], r[1]))
+            chosen = [r[1] for r in ranked[:min(QUEUED_BATCH, CANDIDATES)]]
+            rows = {job.id: job for job in s.exec(select(Job).where(col(Job.id).in_(chosen), *where)).all()}
+        return [rows[job_id] for job_id in chosen if job_id in rows]
 
     def _claim(self, job: Job, *, move: bool = False) -> Claim | None:
         """Claim the queued job; `move`: only to move it off its engine's open circuit (see
@@ -478,10 +501,11 @@ class Scheduler:
         except BaseException:
             self._claimed.pop(job.id, None)
             raise
-        self._served[job.project_id] = time.monotonic()
+        if job.engine in self.registry:
+            self._served[(job.project_id, self.lane(job.engine)[0])] = time.monotonic()
         if len(self._served) > SERVED_REMEMBERED:  # the projects served longest ago are forgotten first
-            for project_id in sorted(self._served, key=self._served.__getitem__)[:len(self._served) // 2]:
-                del self._served[project_id]
+            for key in sorted(self._served, key=self._served.__getitem__)[:len(self._served) // 2]:
+                del self._served[key]
         return claim
 
     def _give_back_unstarted(self) -> None:

@@ -277,6 +277,45 @@ def test_a_full_local_lane_does_not_hide_a_remote_job(services: Services, monkey
     assert statuses(services, drafts) == ["queued"] * 3
 
 
+def queued_paid(services: Services, project_id: str, count: int) -> list[str]:
+    """Paid jobs for `gemini` (its lane is all the dispatch looks at: nothing is sent)."""
+    ids = [new_id("job") for _ in range(count)]
+    for job_id in ids:  # one commit each: created one after another
+        with services.db.transaction() as s:
+            if s.get(Project, project_id) is None:
+                s.add(Project(id=project_id, name="dispatch", policy="balanced"))
+                s.flush()
+            s.add(Job(id=job_id, project_id=project_id, stage="bridge", engine="gemini", status="queued"))
+    return ids
+
+
+def test_a_project_s_paid_job_behind_many_of_its_drafts_takes_its_free_lane(
+        services: Services, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Ranked with the drafts, the paid job was not among the jobs a dispatch looked at while the
+    # local lane was free and took a draft each time: the paid lane sat idle behind them.
+    monkeypatch.setattr("orchestrator.queue.QUEUED_BATCH", 2)
+    project_id = new_id("prj")
+    drafts = queued_drafts_for(services, project_id, 3)
+    [paid] = queued_paid(services, project_id, 1)
+    claims = services.scheduler._claim_ready({})
+    assert sorted((c.job.id, lane) for c, lane in claims) == sorted([(drafts[0], "local"), (paid, "remote:gemini")])
+
+
+def test_a_project_served_on_one_lane_keeps_its_turn_on_another(services: Services) -> None:
+    # Its drafts counted as its turns on the paid lane too: a project drafting all along waited
+    # behind every paid job of another.
+    a, b = new_id("prj"), new_id("prj")
+    first_paid = queued_paid(services, a, 2)
+    drafts = queued_drafts_for(services, b, 2)
+    [b_paid] = queued_paid(services, b, 1)
+    lane, limit = services.scheduler.lane("gemini")
+    claims = services.scheduler._claim_ready({lane: limit - 1})  # one paid slot, the device free
+    assert sorted(c.job.id for c, _ in claims) == sorted([first_paid[0], drafts[0]])
+    # One paid slot again, the device busy: B has had no paid job yet, A has.
+    claims = services.scheduler._claim_ready({"local": 1, lane: limit - 1})
+    assert [c.job.id for c, _ in claims] == [b_paid]
+
+
 def test_a_job_committed_later_never_sorts_before_a_cursor(services: Services,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     # A paging client reads `id > cursor`. A submit that made its id, then waited for the write
