@@ -403,7 +403,9 @@ class Scheduler:
                                  if health.opened_at(engine) is not None}
         cooling = [name for name in engines if not health.allow(name)]
         jobs = self._oldest_queued([name for name in engines if name not in cooling])
-        return jobs + self._oldest_queued(cooling) if cooling else jobs
+        # All of those ranked: most wait, and one that may move (its routing has another engine)
+        # was never looked at behind the first CANDIDATES waiting ones.
+        return jobs + self._oldest_queued(cooling, candidates=QUEUED_BATCH) if cooling else jobs
 
     def _circuit(self, job: Job) -> Literal["go", "move", "wait"]:
         """What a queued job does as its engine's circuit breaker says: `go` when the engine may be
@@ -435,7 +437,7 @@ class Scheduler:
                 return "move"
         return "wait"
 
-    def _oldest_queued(self, engines: list[str]) -> list[Job]:
+    def _oldest_queued(self, engines: list[str], *, candidates: int = CANDIDATES) -> list[Job]:
         """Queued jobs in turns by project: each project's oldest, then each one's next, and so on;
         within a turn, the project this process served longest ago (or never) first, then the
         oldest job. A project that queued a hundred drafts delays another's next job by one job
@@ -451,8 +453,13 @@ class Scheduler:
         # Only this process's engines with a free lane: a job for an engine it does not have is
         # another worker's (or, when nobody has it, failed by `_fail_unserved`).
         where = [col(Job.status) == "queued", col(Job.engine).in_(engines)]
-        firsts = (select(col(Job.project_id).label("project_id"), func.min(Job.created_at).label("created_at"))
-                  .where(*where).group_by(col(Job.project_id)).subquery())
+        # Each project's oldest by numbering, not a join on each project's earliest time: with
+        # stale statistics PostgreSQL joined that as a nested loop over every queued job, twice.
+        numbered = (select(col(Job.id).label("id"), col(Job.project_id).label("project_id"),
+                           col(Job.created_at).label("created_at"),
+                           func.row_number().over(partition_by=col(Job.project_id),
+                                                  order_by=(col(Job.created_at), col(Job.id))).label("turn"))
+                    .where(*where).subquery())
         # Ranked on three columns; only the candidates are read whole (a job's params, routing and
         # attempts, for thousands of queued jobs, made each look at the queue cost 100 ms).
         keys = (col(Job.id), col(Job.project_id), col(Job.created_at))
@@ -460,9 +467,8 @@ class Scheduler:
             oldest = s.exec(select(*keys).where(*where).order_by(col(Job.created_at), col(Job.id))
                             .limit(QUEUED_BATCH)).all()
             # A batch that is not full is the whole queue, every project's oldest included.
-            heads = s.exec(select(*keys).join(firsts, (col(Job.project_id) == firsts.c.project_id)
-                                              & (col(Job.created_at) == firsts.c.created_at)).where(*where)
-                           ).all() if len(oldest) == QUEUED_BATCH else []
+            heads = s.exec(select(numbered.c.id, numbered.c.project_id, numbered.c.created_at)
+                           .where(numbered.c.turn == 1)).all() if len(oldest) == QUEUED_BATCH else []
             jobs = sorted({row[0]: row for row in [*oldest, *heads]}.values(), key=lambda r: (r[2], r[0]))
             turns: dict[str, int] = {}
             ranked = []
@@ -472,7 +478,7 @@ class Scheduler:
             lane = self.lane(engines[0])[0]  # one lane's engines (see `_by_lane`)
             served = self._served
             ranked.sort(key=lambda r: (r[0], served.get((r[2], lane), -math.inf), r[3], r[1]))
-            chosen = [r[1] for r in ranked[:min(QUEUED_BATCH, CANDIDATES)]]
+            chosen = [r[1] for r in ranked[:min(QUEUED_BATCH, candidates)]]
             rows = {job.id: job for job in s.exec(select(Job).where(col(Job.id).in_(chosen), *where)).all()}
         return [rows[job_id] for job_id in chosen if job_id in rows]
 
@@ -501,7 +507,7 @@ class Scheduler:
         except BaseException:
             self._claimed.pop(job.id, None)
             raise
-        if job.engine in self.registry:
+        if job.engine in self.registry and not move:  # a job moved is served on its next engine's lane
             self._served[(job.project_id, self.lane(job.engine)[0])] = time.monotonic()
         if len(self._served) > SERVED_REMEMBERED:  # the projects served longest ago are forgotten first
             for key in sorted(self._served, key=self._served.__getitem__)[:len(self._served) // 2]:

@@ -277,7 +277,7 @@ def test_a_full_local_lane_does_not_hide_a_remote_job(services: Services, monkey
     assert statuses(services, drafts) == ["queued"] * 3
 
 
-def queued_paid(services: Services, project_id: str, count: int) -> list[str]:
+def queued_paid(services: Services, project_id: str, count: int, routing: dict[str, Any] | None = None) -> list[str]:
     """Paid jobs for `gemini` (its lane is all the dispatch looks at: nothing is sent)."""
     ids = [new_id("job") for _ in range(count)]
     for job_id in ids:  # one commit each: created one after another
@@ -285,7 +285,8 @@ def queued_paid(services: Services, project_id: str, count: int) -> list[str]:
             if s.get(Project, project_id) is None:
                 s.add(Project(id=project_id, name="dispatch", policy="balanced"))
                 s.flush()
-            s.add(Job(id=job_id, project_id=project_id, stage="bridge", engine="gemini", status="queued"))
+            s.add(Job(id=job_id, project_id=project_id, stage="bridge", engine="gemini", status="queued",
+                      routing=routing))
     return ids
 
 
@@ -314,6 +315,20 @@ def test_a_project_served_on_one_lane_keeps_its_turn_on_another(services: Servic
     # One paid slot again, the device busy: B has had no paid job yet, A has.
     claims = services.scheduler._claim_ready({"local": 1, lane: limit - 1})
     assert [c.job.id for c, _ in claims] == [b_paid]
+
+
+def test_a_job_that_may_leave_an_open_circuit_is_looked_at_behind_many_that_wait(services: Services) -> None:
+    # Only the first 64 candidates of a lane were read: while gemini's circuit was open, 70 jobs
+    # with nowhere else to go (each waiting for the verdict) hid the one whose routing offers lite.
+    health = services.runner.health
+    for _ in range(health.threshold):
+        health.failed("gemini")
+    for _ in range(70):
+        queued_paid(services, new_id("prj"), 1)
+    [movable] = queued_paid(services, new_id("prj"), 1,
+                            routing={"candidates": [{"engine": "gemini"}, {"engine": "lite"}]})
+    claims = services.scheduler._claim_ready({"local": 1})
+    assert [(c.job.id, c.circuit_open) for c, _ in claims] == [(movable, True)]
 
 
 def test_a_job_committed_later_never_sorts_before_a_cursor(services: Services,
