@@ -438,16 +438,18 @@ class Scheduler:
         return "wait"
 
     def _oldest_queued(self, engines: list[str], *, candidates: int = CANDIDATES) -> list[Job]:
-        """Queued jobs in turns by project: each project's oldest, then each one's next, and so on;
-        within a turn, the project this process served longest ago (or never) first, then the
+        """One lane's queued jobs (`engines`: that lane's), the first `candidates` of them, in
+        turns by project: each project's oldest, then each one's next, and so on; within a turn,
+        the project this process served longest ago on the lane (or never) first, then the
         oldest job. A project that queued a hundred drafts delays another's next job by one job
         per project, not by its hundred: counted among the queued jobs alone, every dispatch found
         the busy project's next job in the first turn again, older than the other's, and served
         it first until its backlog was gone.
 
-        Two index reads, not a numbering of the whole queue: the oldest `QUEUED_BATCH` jobs, and
-        each project's oldest. Turns are counted among those, which orders every project's next
-        job exactly; past a dispatch's few free lanes the order is looked at again anyway."""
+        Two reads of three columns, not a numbering of the whole queue's turns: the oldest
+        `QUEUED_BATCH` jobs and, when there are more, each project's oldest. Turns are counted
+        among those, which orders every project's next job exactly; past a dispatch's few free
+        slots the order is looked at again anyway."""
         if not engines:
             return []
         # Only this process's engines with a free lane: a job for an engine it does not have is
