@@ -368,7 +368,7 @@ class RemoteClient:
         )
         self._home = httpx.URL(base_url) if base_url else None
         self.max_answer_bytes = MAX_ANSWER_BYTES
-        self._credentials: frozenset[str] = frozenset()  # every credential a request of it has carried
+        self._credentials: frozenset[str] = frozenset()  # every credential its requests home carried
 
     async def _remember_credentials(self, request: httpx.Request) -> None:
         # Seen here, once the client's auth has made its header: what `scrub` takes out. Only our
