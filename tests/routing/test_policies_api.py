@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from orchestrator.services import Services
+from orchestrator.settings import Settings
 from tests.api import serve_process, wait_for_log, worker_process
 from tests.routing import (
     FAKE_B_PRICE,
@@ -245,12 +246,16 @@ engines = ["paid-drafts"]
 """
 
 
+def paid_drafts_settings(new_settings: SettingsFactory, tmp_path: Path, policy: str) -> Settings:
+    """A service whose default policy, `policy`, drafts on the paid `paid-drafts` engine."""
+    folder = write_policies(tmp_path / "policies", {"paid-drafts": policy})
+    return new_settings(engines="paid-drafts=tests.routing:paid_drafts_factory", policy="paid-drafts",
+                        policy_dir=folder)
+
+
 def test_explain_draft_honours_the_project_s_cache_as_the_job_does(new_settings: SettingsFactory,
                                                                    tmp_path: Path) -> None:
-    folder = write_policies(tmp_path / "policies", {"paid-drafts": PAID_DRAFTS})
-    settings = new_settings(engines="paid-drafts=tests.routing:paid_drafts_factory", policy="paid-drafts",
-                            policy_dir=folder)
-    with running(settings) as client:
+    with running(paid_drafts_settings(new_settings, tmp_path, PAID_DRAFTS)) as client:
         project_id = create_project(client, "paid drafts", budget={"limit": 100, "period": "month"})["id"]
         body = {"prompt": "a lighthouse", "n": 1, "width": 64, "height": 64, "steps": 1, "seed": 11}
         first = submit(client, f"/v1/projects/{project_id}/drafts", body)
@@ -286,10 +291,7 @@ def test_savings_count_the_drafts_a_local_engine_rendered_only(new_settings: Set
     """A paid engine's drafts (which cost what they cost) and free copies of them were counted as
     local drafts saved: a dashboard showed 40 credits saved on drafts that cost 40."""
     policy = PAID_DRAFTS.replace('engines = ["paid-drafts"]', 'engines = ["lite", "paid-drafts"]')
-    folder = write_policies(tmp_path / "policies", {"paid-drafts": policy})
-    settings = new_settings(engines="paid-drafts=tests.routing:paid_drafts_factory", policy="paid-drafts",
-                            policy_dir=folder)
-    with running(settings) as client:
+    with running(paid_drafts_settings(new_settings, tmp_path, policy)) as client:
         project_id = create_project(client, "savings", budget={"limit": 100, "period": "month"})["id"]
         body = {"prompt": "a lighthouse", "n": 2, "width": 64, "height": 64, "steps": 1, "seed": 11}
         local = submit(client, f"/v1/projects/{project_id}/drafts", {**body, "n": 1})
