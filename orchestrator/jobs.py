@@ -78,7 +78,10 @@ def _fitting(source: Asset, field: str, least: int, max_width: int, max_height: 
     if field == "scale":
         low = math.ceil(max(least / w, least / h) * 1000) / 1000
         # Within PolishCreate.scale's own bounds: the fitting scales a refusal tells may be sent.
-        high = math.floor(min(max_width / w, max_height / h, MAX_SCALE) * 1000) / 1000
+        # Against the largest side a multiple of 8 reaches: a side is rounded to one (a 1022 px
+        # limit named 7.984 as fitting a 128 px source, which made it 1024 and was refused).
+        widest, highest = (max_width // SIDE_MULTIPLE * SIDE_MULTIPLE, max_height // SIDE_MULTIPLE * SIDE_MULTIPLE)
+        high = math.floor(min(widest / w, highest / h, MAX_SCALE) * 1000) / 1000
     else:
         ratio = h / w if field == "width" else w / h  # the other side, per pixel of this one
         mine, other = (max_width, max_height) if field == "width" else (max_height, max_width)

@@ -1111,3 +1111,16 @@ def test_a_misspelt_field_in_a_list_item_or_under_an_alias_is_told_with_the_name
     with TestClient(app) as client:
         for body, told in cases:
             assert assert_error(client.post("/rules", json=body), 422, "invalid_request")["message"] == told
+
+
+def test_the_scales_a_refusal_names_as_fitting_all_fit_a_limit_off_the_multiple_of_8() -> None:
+    # ORCH_LOCAL_MAX_SIZE=1022: 7.984 was named as fitting a 128 px source, which made it 1022 px
+    # exactly, rounded to 1024, and refused.
+    from types import SimpleNamespace
+
+    from orchestrator.jobs import _fitting, _round_to
+
+    source = SimpleNamespace(width=128, height=128)
+    fits = _fitting(source, "scale", 64, 1022, 1022)  # type: ignore[arg-type]
+    assert fits is not None
+    assert _round_to(128 * fits[1], 8) <= 1022 and fits[1] == 7.937
