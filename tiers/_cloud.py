@@ -156,8 +156,9 @@ class CloudEngine:
         return self._model
 
     def said(self, value: object, limit: int = 100) -> str:
-        """A value of a provider's answer (a status, a reason) as an error quotes it: cut, and
-        without our credentials (a proxy may echo a request's headers anywhere)."""
+        """A value of a provider's answer (a status, a reason, a failure's text) as an error quotes
+        it: without our credentials (a proxy may echo a request's headers anywhere), then cut (cut
+        first, a key across the cut kept its first part)."""
         return self.http.scrub(str(value))[:limit]
 
     def model_not_served(self, response: httpx.Response) -> EngineUnavailable:

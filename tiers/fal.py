@@ -271,7 +271,7 @@ class FalEngine(CloudEngine):
         if not error and not error_type:
             return
         details = {"engine": self.name, "request": request_id, "error_type": error_type}
-        said = self.http.scrub(f"({error_type or 'error'}): {error or ''}")[:400]
+        said = self.said(f"({error_type or 'error'}): {error or ''}", 400)
         message = f"fal: the request failed {said}"
         if _filtered(error_type, error):
             raise ContentFiltered(message, details=details, charged="unknown")

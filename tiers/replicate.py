@@ -301,12 +301,11 @@ class ReplicateEngine(CloudEngine):
             return
         if status == "failed":
             said = str(prediction.get("error") or "no reason given")
-            # Cleaned before it is cut (a key across the cut kept its first part); judged as said.
-            text = self.http.scrub(said)
+            text = self.said(said, 300)  # judged as said, quoted without our credentials
             if _filtered(said):
-                raise ContentFiltered(f"replicate filtered the request: {text[:300]}", details=details,
+                raise ContentFiltered(f"replicate filtered the request: {text}", details=details,
                                       charged="unknown")
-            raise EngineError(f"replicate: the prediction failed: {text[:300]}", details=details,
+            raise EngineError(f"replicate: the prediction failed: {text}", details=details,
                               charged="unknown")
         if status == "aborted":
             # Ended by Replicate before it started (not charged): another engine may take the job.
