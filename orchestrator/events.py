@@ -141,13 +141,17 @@ class _Inbox:
 # States that each tell something that happened once (a move to another engine, work followed
 # again), never a poll's news told again: two in a row are two events.
 EVENTFUL_STATES = frozenset({"fallback", "reattached", "resumed", "restarted"})
+# What a state is about: the same state of another of the provider's requests (Stability's
+# second image polled) is news, not the first one's told again.
+STATE_SUBJECTS = ("provider_id", "prompt_id", "task_id")
 
 
 def _repeats(event: Event, before: Event) -> bool:
     """Whether `event` is `before`'s state told again (a provider's queue position at each poll),
     so that only the latest need be kept."""
     return (event.type == "state" and before.type == "state" and event.data.get("state") == before.data.get("state")
-            and event.data.get("state") not in EVENTFUL_STATES)
+            and event.data.get("state") not in EVENTFUL_STATES
+            and all(event.data.get(key) == before.data.get(key) for key in STATE_SUBJECTS))
 
 
 def _supersedes(event: Event, before: Event) -> bool:

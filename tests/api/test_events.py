@@ -450,3 +450,25 @@ def test_two_moves_in_a_row_are_both_told_a_poll_s_state_told_again_only_once() 
 
     assert asyncio.run(asyncio.wait_for(late_client(), timeout=5)) == [
         ("queued", None), ("started", None), ("state", "fake-b"), ("state", "local-hifi"), ("state", 2)]
+
+
+def test_the_same_state_of_another_provider_request_is_told_not_taken_for_a_repeat() -> None:
+    # Stability polls each creative upscale of an n=2 job in turn: the second image's "polling"
+    # replaced the first's in the job's story.
+    bus = EventBus()
+    bus.publish("job_y", "queued", {})
+    bus.publish("job_y", "started", {"attempt": 1})
+    bus.publish("job_y", "state", {"state": "polling", "provider_id": "gen-1"})
+    bus.publish("job_y", "state", {"state": "polling", "provider_id": "gen-2"})
+    bus.publish("job_y", "state", {"state": "queued", "prompt_id": "p-1", "position": 2})
+    bus.publish("job_y", "state", {"state": "queued", "prompt_id": "p-1", "position": 1})
+
+    async def late_client() -> list[Any]:
+        told = []
+        async for event in bus.subscribe("job_y"):
+            told.append(event.data.get("provider_id", event.data.get("position")))
+            if len(told) == 5:
+                break
+        return told
+
+    assert asyncio.run(asyncio.wait_for(late_client(), timeout=5)) == [None, None, "gen-1", "gen-2", 1]
