@@ -1,7 +1,8 @@
 """OpenAI GPT image models through `POST /v1/images/edits` (multipart).
 
-Bridge and polish both send the draft as the `image` file with `input_fidelity=high` (not to the
-`-mini` models, which refuse it), so the composition survives; polish only changes the wording of
+Bridge and polish both send the draft as the `image` file, with `input_fidelity=high` to the
+gpt-image-1 family (not to the `-mini` models, which refuse it, nor to gpt-image-2 and later,
+for which OpenAI says to omit it), so the composition survives; polish only changes the wording of
 the prompt (the API tops out at 1536 pixels, it cannot upscale further). The requested size maps
 onto the nearest of the three sizes the API knows. Synchronous: a call that was sent but got no
 answer is never re-sent (it may have been billed). A 429 `insufficient_quota` is not retried
@@ -37,6 +38,7 @@ from tiers.base import (
 
 SIZES = {"1:1": "1024x1024", "3:2": "1536x1024", "2:3": "1024x1536"}
 QUALITIES = frozenset({"low", "medium", "high"})
+INPUT_RATES = ("input_image_tokens_per_million", "input_text_tokens_per_million")
 # Error codes of an account that may not spend more (429s, and a spending limit's 400).
 SPENT_UP = frozenset({"insufficient_quota", "billing_not_active", "billing_hard_limit_reached"})
 MAX_N = 10  # the most images one edits call may return
@@ -103,6 +105,12 @@ def _rest(total: Any, part: Any) -> Any:
     return total
 
 
+def takes_input_fidelity(model: str) -> bool:
+    """`input_fidelity=high` keeps a draft's composition on the gpt-image-1 family; the `-mini`
+    models refuse it, and OpenAI's reference says to omit it for gpt-image-2 and later."""
+    return model.startswith("gpt-image-1") and "-mini" not in model
+
+
 def quality(req: RenderRequest) -> str:
     return req.quality if req.quality in QUALITIES else "high"
 
@@ -128,6 +136,18 @@ class OpenAIImagesEngine(CloudEngine):
                            "successor (gpt-image-2.6-*), with its prices in ORCH_PRICES_FILE")
         return available, why
 
+    @property
+    def note(self) -> str | None:
+        """A model priced by the image alone (the README's successor set-up before token rates were
+        asked for) is never routed: said where the operator looks, not only in each job's routing."""
+        said = super().note
+        if said is None and self.configured:
+            missing = [key for key in INPUT_RATES if key not in self._prices.table.get(self._model, {})]
+            if missing:
+                return (f"no {' or '.join(missing)} for model '{self._model}' (the draft each call sends is billed "
+                        "as input tokens): routing skips it until ORCH_PRICES_FILE gives them")
+        return said
+
     def estimate(self, req: RenderRequest) -> int:
         size = image_size(req.width, req.height)
         made = tuple(int(side) for side in size.split("x"))
@@ -138,12 +158,10 @@ class OpenAIImagesEngine(CloudEngine):
                                  f"{req.width}x{req.height} asked", retryable=True,
                                  details={"engine": self.name, "width": req.width, "height": req.height})
         per_image = self._prices.millicredits(self._model, f"{quality(req)}-{size}")
-        try:
-            image_rate = self._prices.millicredits(self._model, "input_image_tokens_per_million")
-            text_rate = self._prices.millicredits(self._model, "input_text_tokens_per_million")
-        except NoPrice:
-            # The per-image price is known; only the small input surcharge is not.
-            image_rate = text_rate = 0
+        # The draft sent with every call is billed as input tokens, often more than a low-quality
+        # image itself (4,500 tokens at gpt-image-1's rate: 4.5 credits against 1.1): without its
+        # rate the estimate would hold a fraction of the bill, so the model is not priced.
+        image_rate, text_rate = (self._prices.millicredits(self._model, key) for key in INPUT_RATES)
         text_tokens = prompt_tokens(req.prompt)
         per_call = math.ceil((INPUT_IMAGE_TOKENS[size] * image_rate + text_tokens * text_rate) / 1e6)
         # Input is paid per call: one for every MAX_N images, and another for each answer that
@@ -209,7 +227,7 @@ class OpenAIImagesEngine(CloudEngine):
                     "n": str(count),
                     "output_format": "png",
                 }
-                if not self._model.endswith("-mini"):  # the mini models refuse the field (a 400)
+                if takes_input_fidelity(self._model):
                     fields["input_fidelity"] = "high"
                 asked.asking(count)
                 response = await self.http.request(

@@ -93,7 +93,9 @@ async def test_a_model_without_a_price_is_told_at_start_and_in_the_engine_list(
     assert typo.note is not None and "no price for model 'acme/imagen-typo'" in typo.note
     assert f"ORCH_{prefix.upper()}_MODEL" in typo.note and "ORCH_PRICES_FILE" in typo.note
     ctx = make_ctx(**{f"{prefix}_api_key": "k", f"{prefix}_model": "acme/imagen-typo"})
-    ctx.price_overrides.update({prefix: {"acme/imagen-typo": {"1K": 4.0}}})
+    # OpenAI's model needs its input token rates too (the draft each call sends is billed by them).
+    rates = {"input_image_tokens_per_million": 1000, "input_text_tokens_per_million": 500} if prefix == "openai" else {}
+    ctx.price_overrides.update({prefix: {"acme/imagen-typo": {"1K": 4.0, **rates}}})
     priced = cls(ctx)
     assert priced.note is None
     off = cls(make_ctx(**{f"{prefix}_api_key": None, f"{prefix}_model": "acme/imagen-typo"}))
