@@ -172,16 +172,18 @@ class GeminiEngine(CloudEngine):
                     if body.get("responseId"):
                         request_ids.append(str(body["responseId"]))
                         progress.provider_request(str(body["responseId"]))
-                    cost = self._actual_cost(body.get("usageMetadata") or {})
+                    usage = body.get("usageMetadata") or {}
+                    cost = self._actual_cost(usage)
                     try:
                         images.append(RenderedImage(await asyncio.to_thread(self._image, body)))
-                    except ContentFiltered:
-                        raise
                     except EngineError as exc:
-                        if cost is not None and total_cost is not None:
-                            # An answer without an image (text only, NO_IMAGE) is billed by its tokens as
-                            # one with: its usage says the cost, not the image's whole estimate. Only
-                            # when every earlier call's is known too (else `paid_calls` captures a share).
+                        # An answer without an image (text only, NO_IMAGE, an image its safety filter
+                        # withheld) is billed by its tokens as one with: its usage says the cost, not
+                        # the image's whole estimate. Only when every earlier call's is known too
+                        # (else `paid_calls` captures a share). A prompt blocked before anything was
+                        # generated reports no output tokens and is not billed.
+                        made = not isinstance(exc, ContentFiltered) or _generated(usage)
+                        if made and cost is not None and total_cost is not None:
                             exc.charged, exc.cost_millicredits = "yes", total_cost + cost
                         raise
                 total_cost = None if cost is None or total_cost is None else total_cost + cost
@@ -240,12 +242,23 @@ class GeminiEngine(CloudEngine):
             raise ContentFiltered(f"gemini returned no image ({reason})",
                                   details={"engine": self.name, "reason": reason})
         told = self.said(reason)
-        raise EngineError(f"gemini returned no image (finishReason {told or 'missing'})",
-                          details={"engine": self.name, "reason": told or None})
+        error = EngineError(f"gemini returned no image (finishReason {told or 'missing'})",
+                            details={"engine": self.name, "reason": told or None})
+        # The model's answer to this prompt (a refusal in words, NO_IMAGE), not the engine unwell:
+        # an artist retrying a borderline prompt opened its circuit for every project.
+        error.engine_fault = False
+        raise error
 
     def _malformed(self, where: str) -> EngineError:
         # Raised while reading a 200 (`reading_an_answer`): the call may have been billed.
         return EngineError(f"gemini: unexpected response shape ({where})", details={"engine": self.name})
+
+
+def _generated(usage: Any) -> bool:
+    """Whether an answer's usage reports output tokens: something was generated, and billed,
+    even if the safety filter withheld it."""
+    out = usage.get("candidatesTokenCount") if isinstance(usage, dict) else None
+    return isinstance(out, int) and not isinstance(out, bool) and out > 0
 
 
 def daily_quota_exhausted(response: Any) -> bool:

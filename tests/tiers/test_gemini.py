@@ -151,6 +151,29 @@ async def test_an_answer_without_an_image_costs_its_tokens(engine: GeminiEngine,
     second = engine._actual_cost(usage)
     assert first and second and second < engine.estimate(bridge()) // 10
     assert info.value.charged == "yes" and info.value.cost_millicredits == first + second
+    # The model's answer to this prompt, not the engine unwell: not counted by its circuit.
+    assert not info.value.engine_fault
+
+
+@respx.mock
+async def test_an_image_the_safety_filter_withheld_costs_the_tokens_it_reports(engine: GeminiEngine) -> None:
+    # Generated, then withheld: its usage reports the image's tokens, which Google bills; the
+    # hold was released as if nothing had been made.
+    usage = {"promptTokenCount": 1300, "candidatesTokenCount": 1290}
+    withheld = {"candidates": [{"content": {"parts": []}, "finishReason": "IMAGE_SAFETY"}], "usageMetadata": usage}
+    respx.post(URL).mock(return_value=httpx.Response(200, json=withheld))
+    with pytest.raises(ContentFiltered) as info:
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    assert info.value.charged == "yes" and info.value.cost_millicredits == engine._actual_cost(usage)
+
+
+@respx.mock
+async def test_a_prompt_blocked_before_anything_was_generated_costs_nothing(engine: GeminiEngine) -> None:
+    blocked = {"promptFeedback": {"blockReason": "SAFETY"}, "usageMetadata": {"promptTokenCount": 1300}}
+    respx.post(URL).mock(return_value=httpx.Response(200, json=blocked))
+    with pytest.raises(ContentFiltered) as info:
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    assert info.value.charged == "no" and info.value.cost_millicredits is None
 
 
 @respx.mock
