@@ -50,7 +50,7 @@ from orchestrator.health import EngineHealth
 from orchestrator.ids import new_id
 from orchestrator.jobs import cache_key, render_request
 from orchestrator.ledger import Ledger
-from orchestrator.models import Asset, Job
+from orchestrator.models import Asset, Job, Project
 from orchestrator.outage import Outage
 from orchestrator.routing import fallbacks, leaves_machine, priced
 from orchestrator.schemas import storable
@@ -358,6 +358,8 @@ class JobRunner:
         self.health = health
         # Set by the scheduler: wakes it when a job goes back to the queue on another engine.
         self.notify: Callable[[], None] = lambda: None
+        # Set by the services: whether a policy of this process keeps everything on this machine.
+        self.keeps_all_local: Callable[[str], bool] = lambda policy: False
         self.registry = registry
         self.store = store
         self.bus = bus
@@ -923,12 +925,18 @@ class JobRunner:
             raise Canceled(f"canceled before it was sent: its project's policy now keeps its work on this machine, "
                            f"and engine '{job.engine}' sends it off", details={"engine": job.engine}, charged="no")
 
-    @staticmethod
-    def _made_private(s: Session, job: Job) -> bool:
-        """Whether the job's row is private now: its project moved to `local-only` since it was
-        routed (`JobService.keep_local`)."""
-        params = s.scalar(select(Job.params).where(col(Job.id) == job.id))
-        return is_private((params if isinstance(params, dict) else job.params).get("tags") or {})
+    def _made_private(self, s: Session, job: Job) -> bool:
+        """Whether the job is private now: its row marked so since it was routed (its project
+        moved to `local-only`, `JobService.keep_local`), or its project's policy keeping everything
+        on this machine. The policy is read as well as the mark: the mark is written after the
+        move commits (in a transaction of its own, that a crash or a busy database may never
+        make), and after a reload that made a policy local (one that may fail the same way)."""
+        row = s.execute(select(Job.params, Project.policy).join(Project, col(Project.id) == col(Job.project_id))
+                        .where(col(Job.id) == job.id)).first()
+        params, policy = (row[0], row[1]) if row is not None else (job.params, None)
+        if is_private((params if isinstance(params, dict) else job.params).get("tags") or {}):
+            return True
+        return isinstance(policy, str) and self.keeps_all_local(policy)
 
     def _record(self, job: Job, result: RenderResult, seed: int | None) -> dict[str, Any]:
         """What made the image, as the engine used it: a parameter its metadata names is recorded as

@@ -21,7 +21,7 @@ from sqlmodel import col, select
 from orchestrator import idempotency, identity
 from orchestrator.bells import bell_for
 from orchestrator.db import Database, shown_url
-from orchestrator.errors import InvalidRequest, OrchestratorError
+from orchestrator.errors import InvalidRequest, NotFound, OrchestratorError
 from orchestrator.events import EventBus
 from orchestrator.follow import JobFollower
 from orchestrator.health import EngineHealth
@@ -257,6 +257,7 @@ class Services:
         previews = PreviewFiles(settings.data_dir / "previews")
         runner = JobRunner(db, registry, store, bus, ledger, health, settings.local_gpu_second_credits,
                            preview_files=previews)
+        runner.keeps_all_local = functools.partial(_keeps_all_local, policies)
         runtime = _local_runtime(registry)
         device = None if runtime is None else DeviceLock(settings.data_dir / "locks",
                                                          functools.partial(_device, runtime))
@@ -312,8 +313,8 @@ class Services:
             self._keep_projects_local(policies)
         except SQLAlchemyError as exc:
             log.error("policies %s keep everything on this machine, but their projects' unfinished jobs could not be "
-                      "read %s (%s): jobs queued for engines off the machine may still run; cancel them, or set the "
-                      "projects' policy again (PATCH)", ", ".join(sorted(policies)), when, exc)
+                      "read %s (%s): those queued for engines off the machine stay queued until a process that "
+                      "runs jobs claims them, and are canceled then, unsent", ", ".join(sorted(policies)), when, exc)
 
     def keep_local(self, project_id: str, policy: str) -> list[str]:
         """`JobService.keep_local`, and the work of the jobs it cancels withdrawn (one queued to be
@@ -546,3 +547,11 @@ def _device(runtime: LocalRuntime) -> str:
         return runtime.device_identity()
     except OrchestratorError:  # ORCH_LITE_DEVICE=cuda without CUDA: the job fails with that when it runs
         return runtime.settings.lite_device
+
+
+def _keeps_all_local(policies: PolicyStore, name: str) -> bool:
+    """Whether the loaded policy `name` keeps everything on this machine (one not loaded: no)."""
+    try:
+        return policies.get(name).keeps_all_local
+    except NotFound:
+        return False

@@ -20,11 +20,12 @@ from orchestrator.api.docs import (
 from orchestrator.api.json_body import StrictJSONRoute
 from orchestrator.api.query import Cursor, Limit, Order, paged
 from orchestrator.api.serialize import asset_public, project_public
-from orchestrator.errors import InvalidRequest, NoUsableEngine, not_found
+from orchestrator.errors import InvalidRequest, NotFound, NoUsableEngine, not_found
 from orchestrator.ids import id_cursor, new_id
 from orchestrator.models import Asset, Project
 from orchestrator.models import IdempotencyKey as IdempotencyKeyRow
 from orchestrator.schemas import AssetPublic, Budget, Page, ProjectCreate, ProjectPublic, ProjectUpdate, Stage
+from policies import Policy
 from tiers.base import to_millicredits
 
 router = APIRouter(tags=["projects"], route_class=StrictJSONRoute)
@@ -133,11 +134,17 @@ def list_projects(services: ServicesDep, caller: CallerDep, limit: Limit = 50,
     return Page(items=[project_public(p) for p in rows], next_cursor=rows[-1].id if more else None)
 
 
-def _check_policy(services: ServicesDep, policy: str | None) -> None:
-    if policy is not None and policy not in services.policies:
+def _check_policy(services: ServicesDep, policy: str | None) -> Policy | None:
+    """The loaded policy `policy` names (None for none): looked up once, as a reload meanwhile may
+    remove or change it."""
+    if policy is None:
+        return None
+    try:
+        return services.policies.get(policy)
+    except NotFound:
         raise InvalidRequest(f"unknown policy '{policy}'", details={"policy": policy,
                                                                     "known": services.policies.names()},
-                             loc=("body", "policy"))
+                             loc=("body", "policy")) from None
 
 
 def _get(services: ServicesDep, project_id: str) -> Project:
@@ -172,7 +179,7 @@ def update_project(project_id: str, body: ProjectUpdate, services: ServicesDep, 
         project = s.get(Project, project_id)
         if project is None:
             raise not_found("project", "project_id", project_id)
-        _check_policy(services, body.policy)
+        chosen = _check_policy(services, body.policy)
         if body.name is not None:
             project.name = body.name
         if body.policy is not None:
@@ -185,9 +192,9 @@ def update_project(project_id: str, body: ProjectUpdate, services: ServicesDep, 
             if "period" in given:
                 project.budget_period = budget.period
         s.add(project)
-    if body.policy is not None and services.policies.get(body.policy).keeps_all_local:
+    if chosen is not None and chosen.keeps_all_local:
         # Nothing is sent off the machine from now on: the jobs queued under the earlier policy neither.
-        services.keep_local(project_id, body.policy)
+        services.keep_local(project_id, chosen.name)
     return project_public(project)
 
 

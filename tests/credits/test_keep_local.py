@@ -378,3 +378,39 @@ def test_a_policy_made_local_while_no_service_ran_is_applied_at_the_next_start(
         assert f"policy '{POLICY}' keeps its work on this machine" in done["error"]["message"]
         assert [e["kind"] for e in ledger(client, project_id) if e["job_id"] == cloud["id"]] == ["hold", "release"]
     assert prompt not in " ".join(fakes.SENT)
+
+
+@pytest.mark.parametrize("how", ["moved", "reloaded"])
+def test_a_cloud_job_whose_project_went_local_is_not_sent_when_its_jobs_were_never_marked(
+        paid_settings_for: Callable[..., Settings], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str) -> None:
+    """The move (or the reload) commits first, and its jobs are marked private in a transaction of
+    their own: an API process that died in between, or a busy database there, left the queued
+    cloud job unmarked, and the next worker sent it."""
+    from orchestrator.jobs import JobService
+
+    folder, data, project_id, asset_id = own_policy_and_draft(paid_settings_for, tmp_path)
+    prompt = f"a lighthouse, queued as its project's policy went local ({how})"
+    unmarked = monkeypatch.context()
+    with unmarked as patch:
+        patch.setattr(JobService, "keep_local", lambda self, project_id, policy: [])
+        with serve_in_thread(paid_settings_for(data, policy_dir=folder, run_jobs=False)) as base, \
+                httpx.Client(base_url=base, timeout=30) as client:
+            cloud = promote_ok(client, asset_id, prompt=prompt)
+            if how == "moved":
+                moved = client.patch(f"/v1/projects/{project_id}", json={"policy": "local-only"})
+                assert moved.status_code == 200, moved.text
+            else:
+                (folder / f"{POLICY}.toml").write_text(PRIVATE_POLICY_TOML)
+                assert client.post("/v1/policies/reload").json()["errors"] == []
+            still = client.get(f"/v1/jobs/{cloud['id']}").json()
+            assert still["status"] == "queued" and "privacy" not in still["params"]["tags"]
+    # A start applies the local policies to their projects' jobs: this one's look finds nothing,
+    # as the API's did, and the job's claim must read the project's policy itself.
+    monkeypatch.setattr(JobService, "keep_local", lambda self, project_id, policy: [])
+    with serve_in_thread(paid_settings_for(data, policy_dir=folder)) as base, \
+            httpx.Client(base_url=base, timeout=30) as client:
+        done = wait_for_job(client, cloud["id"])
+        entries = [e["kind"] for e in ledger(client, project_id) if e["job_id"] == cloud["id"]]
+    assert done["status"] == "canceled" and "keeps its work on this machine" in done["error"]["message"], done
+    assert entries == ["hold", "release"]
+    assert prompt not in " ".join(fakes.SENT)
