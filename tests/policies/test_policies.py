@@ -488,9 +488,12 @@ def test_the_readme_s_example_policy_loads(tmp_path: Path) -> None:
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     example = readme.split("```toml\n# ORCH_POLICY_DIR/studio.toml\n", 1)[1].split("```", 1)[0]
     policy = load_policy_file(write(tmp_path, "studio", example))
-    assert [rule.name for rule in policy.rules] == ["drafts", "acme", "big-finals", "near-budget", "farm", "fallback"]
-    found = policy.match(facts("bridge", tags={"client": "acme"}))
-    assert found is not None and found[1].keeps_local({})
+    assert [rule.name for rule in policy.rules] == ["acme", "drafts", "big-finals", "near-budget", "farm", "fallback"]
+    # Acme's drafts too: below the drafts rule, they were routed as anyone's, and a promotion
+    # retagged "client": "other" left the machine.
+    for stage in ("ideation", "bridge", "polish"):
+        found = policy.match(facts(stage, tags={"client": "acme"}))
+        assert found is not None and found[1].name == "acme" and found[1].keeps_local({})
 
 
 def test_a_dangling_link_does_not_blind_the_watch_to_the_other_files(tmp_path: Path) -> None:
