@@ -113,6 +113,7 @@ NullIsDefault = BeforeValidator(_null_is_default)
 # Request-level bounds of width/height. An engine may take less: see `Side`'s description.
 MIN_SIDE, MAX_SIDE, SIDE_MULTIPLE = 8, 8192, 8
 MAX_SCALE = 8  # a polish's largest `scale`
+DEFAULT_SCALE = 2.0
 _SIDE_DESCRIPTION = (
     f"Pixels: a multiple of {SIDE_MULTIPLE} from {MIN_SIDE} to {MAX_SIDE}, the bounds every request is checked "
     "against. The engine that runs the job may take less: local engines (Lite, local-hifi) take 64 up to "
@@ -303,6 +304,23 @@ def _value_only(schema: dict[str, Any]) -> None:
     schema.pop("default", None)
 
 
+def _no_default(schema: dict[str, Any]) -> None:
+    schema.pop("default", None)
+
+
+class BudgetUpdate(Budget):
+    """A budget's fields to change: those left out keep their value. No default is offered (a
+    generated client writes defaults out, and `"period": "none"` sent with a new limit made a
+    monthly budget an all-time one)."""
+
+    limit: Credits | None = Field(None, json_schema_extra=_no_default, description=(
+        "The most the project's jobs may cost in a window, in credits (at most 3 decimals); null: no limit; left "
+        "out: unchanged."))
+    period: Period = Field("none", json_schema_extra=_value_only, description=(
+        "The window the limit is for: a UTC calendar `day`, an ISO `week`, a calendar `month`, or `none` (one window "
+        "for all time); left out (or null): unchanged."))
+
+
 class ProjectUpdate(Strict):
     """A merge patch: fields left out keep their value, also inside `budget` (changing a monthly
     budget's limit keeps it monthly); `"budget": null` removes the budget."""
@@ -312,7 +330,7 @@ class ProjectUpdate(Strict):
     policy: str | None = Field(None, json_schema_extra=_value_only, description=(
         "Another routing policy (`GET /v1/policies`), for the project's next jobs (and its queued ones, for a "
         "policy that keeps all work local)."))
-    budget: Budget | None = Field(None, description=(
+    budget: BudgetUpdate | None = Field(None, description=(
         "The budget's fields given replace its own (the others stay); null removes the budget (no limit)."))
 
     @model_validator(mode="after")
@@ -409,8 +427,9 @@ class PolishCreate(Strict):
     # 2.0, not 2: a default is not validated, and the int would make the result cache (which keys on
     # the request as JSON) tell a request without `scale` from one with `"scale": 2`, charging both.
     scale: Annotated[float, NoBool, Field(gt=0, le=MAX_SCALE)] | None = Field(
-        2.0, description="the output size over the source's; null with no width/height keeps the source's size "
-                       "(a refine without upscaling)")
+        DEFAULT_SCALE, description="the output size over the source's; null with no width/height keeps the source's "
+                                   "size (a refine without upscaling); with width/height, the size decides (only "
+                                   "this default may be sent beside them)")
     width: Side | None = None
     height: Side | None = None
     prompt: Prompt | None = Field(None, description="What to draw; null: the source asset's prompt.")
@@ -424,8 +443,10 @@ class PolishCreate(Strict):
 
     @model_validator(mode="after")
     def _scale_or_size(self) -> PolishCreate:
-        # Both given: one would be dropped without a word.
-        if "scale" in self.model_fields_set and self.scale is not None and (self.width or self.height):
+        # Both given: one would be dropped without a word. The default written out is the default
+        # left out (a generated client sends it with every body): the size decides.
+        if ("scale" in self.model_fields_set and self.scale not in (None, DEFAULT_SCALE)
+                and (self.width or self.height)):
             raise ValueError("give either scale or width/height, not both")
         return self
 

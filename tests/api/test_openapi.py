@@ -315,6 +315,38 @@ def test_a_field_a_patch_cannot_null_is_not_documented_as_nullable(shared_server
     assert {"type": "null"} in budget["anyOf"]  # null removes the budget: that one is documented
 
 
+def test_a_patch_s_budget_offers_no_default_a_generated_client_would_write_out(
+        shared_server: httpx.Client, spec: dict[str, Any]) -> None:
+    # `period` documented with its default `none`: a generated client changing the limit sent
+    # `"period": "none"` too, and a monthly budget became an all-time one.
+    ref = next(o["$ref"] for o in spec["components"]["schemas"]["ProjectUpdate"]["properties"]["budget"]["anyOf"]
+               if "$ref" in o)
+    budget = spec["components"]["schemas"][ref.rsplit("/", 1)[1]]["properties"]
+    assert "default" not in budget["limit"] and "default" not in budget["period"], budget
+    made = shared_server.post("/v1/projects", json={"name": "monthly", "budget": {"limit": 50, "period": "month"}})
+    patched = shared_server.patch(f"/v1/projects/{made.json()['id']}", json={"budget": {"limit": 20}})
+    assert patched.json()["budget"] == {"limit": 20.0, "period": "month"}
+    # Creating one still offers its defaults (no limit, one window for all time).
+    created = spec["components"]["schemas"]["Budget"]["properties"]
+    assert created["period"]["default"] == "none"
+
+
+def test_a_polish_body_with_its_default_scale_written_out_takes_a_size(
+        shared_server: httpx.Client, spec: dict[str, Any], project: str) -> None:
+    # The schema's (and API.md's) default `"scale": 2` written beside width/height was refused
+    # as both given: every sized polish of a generated client was a 422.
+    assert spec["components"]["schemas"]["PolishCreate"]["properties"]["scale"]["default"] == 2.0
+    source = run_draft(shared_server, project)["assets"][0]
+    sized = shared_server.post(f"/v1/assets/{source}/polish", json={"scale": 2, "width": 128, "height": 128})
+    assert sized.status_code == 202, sized.text
+    assert (sized.json()["params"]["width"], sized.json()["params"]["height"]) == (128, 128)
+    assert sized.json()["params"]["scale"] is None
+    explained = shared_server.post("/v1/route/explain", json={
+        "project_id": project, "stage": "polish", "source_asset_id": source,
+        "scale": 2.0, "width": 128})
+    assert explained.status_code == 200, explained.text
+
+
 def test_explain_documents_each_stage_s_own_body(shared_server: httpx.Client, spec: dict[str, Any],
                                                  project: str) -> None:
     # Once documented as three fields and "anything else": Swagger's example for it was refused.
