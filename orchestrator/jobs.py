@@ -277,20 +277,26 @@ class JobService:
         field, value = sent
         said = f"{field} {value:g} makes the {source.width}x{source.height} source"
         details: dict[str, Any] = {field: value, "source_size": [source.width, source.height]}
-        # The exact sides against the API's bounds: a rounded one is never under the multiple.
-        if not MIN_SIDE <= min(exact) <= max(exact) <= MAX_SIDE:
-            fits = _fitting(source, field, MIN_SIDE, MAX_SIDE, MAX_SIDE)
-            raise InvalidRequest(f"{said} {_beyond(exact)} ({_hint(field, fits)}); a side is {MIN_SIDE} to "
-                                 f"{MAX_SIDE} pixels", details={**details, "fits": fits}, loc=("body", field))
         # The engines' sides are asked only here, for a size worked out from what was sent (each
         # engine's availability is a look at its setup): most requests send neither.
         known = limits() if limits is not None else []
+        # What fits is told within the API's bounds and, with one engine to take it, that engine's
+        # too: a client sending the range a refusal gave must not be refused again for it.
+        bounds = _Sides("", MIN_SIDE, MAX_SIDE, MAX_SIDE)
+        if len(known) == 1:
+            bounds = _Sides(known[0].engine, max(MIN_SIDE, known[0].least), min(MAX_SIDE, known[0].max_width),
+                            min(MAX_SIDE, known[0].max_height))
+        # The exact sides against the API's bounds: a rounded one is never under the multiple.
+        if not MIN_SIDE <= min(exact) <= max(exact) <= MAX_SIDE:
+            fits = _fitting(source, field, bounds.least, bounds.max_width, bounds.max_height)
+            raise InvalidRequest(f"{said} {_beyond(exact)} ({_hint(field, fits)}); a side is {MIN_SIDE} to "
+                                 f"{MAX_SIDE} pixels", details={**details, "fits": fits}, loc=("body", field))
         if known and not any(lim.takes(*size) for lim in known):
             made = f"{said} {size[0]}x{size[1]}"
             fits = None
             if len(known) == 1:
                 [lim] = known
-                fits = _fitting(source, field, lim.least, lim.max_width, lim.max_height)
+                fits = _fitting(source, field, bounds.least, bounds.max_width, bounds.max_height)
                 why = f"{made}; {lim.engine} takes {lim.told()} ({_hint(field, fits)})"
             else:
                 each = "; ".join(f"{lim.engine}: {lim.told()}" for lim in known)

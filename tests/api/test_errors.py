@@ -797,7 +797,7 @@ def test_strength_too_small_to_denoise(shared_server: httpx.Client, finished_job
     assert job_count(shared_server) == before
 
 
-@pytest.mark.parametrize("body", [{"scale": 2, "width": 128}, {"scale": 1.5, "height": 64}])
+@pytest.mark.parametrize("body", [{"scale": 3, "width": 128}, {"scale": 1.5, "height": 64}])
 def test_polish_with_both_a_scale_and_a_size_is_refused(shared_server: httpx.Client, finished_job: dict[str, Any],
                                                          body: dict[str, Any]) -> None:
     before = job_count(shared_server)
@@ -865,12 +865,14 @@ def test_a_polish_scale_no_engine_takes_is_refused_as_the_scale(shared_server: h
 
 
 @pytest.mark.parametrize(("stage", "body", "says"), [
-    # The height worked out from the width (262144) is beyond the API's bounds: not named.
-    ("polish", {"width": 8192}, "width 8192 makes the 64x2048 source over 8192 pixels high (a width of 8 to 256 "
+    # The height worked out from the width (262144) is beyond the API's bounds: not named. What
+    # fits is told within local-hifi's sides too (64 to 2048), the one engine here to take it: the
+    # API's range alone (8 to 256) was refused again by it.
+    ("polish", {"width": 8192}, "width 8192 makes the 64x2048 source over 8192 pixels high (only a width of 64 "
                                 "fits it); a side is 8 to 8192 pixels"),
-    ("promote", {"width": 8192}, "width 8192 makes the 64x2048 source over 8192 pixels high (a width of 8 to 256 "
+    ("promote", {"width": 8192}, "width 8192 makes the 64x2048 source over 8192 pixels high (only a width of 64 "
                                  "fits it); a side is 8 to 8192 pixels"),
-    ("polish", {"height": 16}, "height 16 makes the 64x2048 source under 8 pixels wide (a height of 256 to 8192 "
+    ("polish", {"height": 16}, "height 16 makes the 64x2048 source under 8 pixels wide (only a height of 2048 "
                                "fits it); a side is 8 to 8192 pixels"),
     # Within them, but beyond local-hifi's 2048 (once "local-hifi: 128x4096 is larger than this engine makes").
     ("polish", {"width": 128}, "width 128 makes the 64x2048 source 128x4096; local-hifi takes 64 to "),
@@ -888,6 +890,11 @@ def test_one_side_whose_other_side_no_engine_takes_is_refused_as_that_side(
     assert [e["loc"] for e in error["details"]["errors"]] == [["body", field]]
     assert error["details"][field] == body[field] and error["details"]["source_size"] == [64, 2048]
     assert job_count(shared_server) == before
+    # What it names as fitting is taken.
+    for value in error["details"]["fits"]:
+        taken = shared_server.post("/v1/route/explain", json={
+            "stage": {"promote": "bridge"}.get(stage, stage), "source_asset_id": tall_asset, field: value})
+        assert taken.status_code == 200, taken.text
 
 
 def test_one_side_that_fits_keeps_the_source_aspect(shared_server: httpx.Client, tall_asset: str) -> None:
