@@ -73,6 +73,9 @@ MIN_WORD_SECRET = 4
 CUT_MARGIN = 4096
 # The least time an attempt admitted before the deadline is given to be answered.
 MIN_ATTEMPT_SECONDS = 1.0
+# Attempts in a row that could not connect before a request that makes an image gives up (see
+# `_StopWhenUnreachable`): a restart of the provider's edge is ridden out, a server down is not.
+UNREACHABLE_ATTEMPTS = 4
 # The most an answer may hold once decompressed. The largest real answer is an image: a 4096x4096
 # PNG, base64 in JSON, is some 70 MB. Without a cap, half a megabyte of gzip that inflates to
 # gigabytes is read whole into memory.
@@ -202,6 +205,23 @@ class _StopAtDeadline(stop_base):
     def __call__(self, retry_state: RetryCallState) -> bool:
         # tenacity computes the wait before asking whether to stop.
         return self.clock() + retry_state.upcoming_sleep + self.reserve > self.deadline
+
+
+class _StopWhenUnreachable(stop_base):
+    """Stop after `limit` attempts in a row that could not connect. For a request that makes an
+    image only: nothing was sent, and another engine may serve the job now, where a provider that
+    refuses connections held each job over two minutes of retries before it fell back. (A poll of
+    work the provider accepted keeps trying until the deadline: the work is paid for.)"""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_a_row = 0
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        exc = retry_state.outcome.exception() if retry_state.outcome else None
+        unreachable = isinstance(exc, _NotSent) and isinstance(exc.cause, (httpx.ConnectError, httpx.ConnectTimeout))
+        self.in_a_row = self.in_a_row + 1 if unreachable else 0
+        return self.in_a_row >= self.limit
 
 
 def _next_wait(retry_state: RetryCallState, rate_limit_pause: float | None = None) -> float:
@@ -468,10 +488,13 @@ class RemoteClient:
         # A billable retry is sent only with half the deadline left, time for a slow render to be
         # answered (it waits until the deadline, not the read timeout: see `_send_once`).
         reserve = 0.0 if idempotent else self.deadline_seconds / 2
+        stop: stop_base = _StopAtDeadline(stop_at, self.clock, reserve)
+        if not idempotent:
+            stop = stop | _StopWhenUnreachable(UNREACHABLE_ATTEMPTS)
         retrying = AsyncRetrying(
             retry=retry_if_exception_type((_RetryableAnswer, _NotSent)),
             wait=functools.partial(_next_wait, rate_limit_pause=self.rate_limit_pause),
-            stop=_StopAtDeadline(stop_at, self.clock, reserve),
+            stop=stop,
             sleep=self.sleep if cancel is None else self._sleep_unless(cancel),
             reraise=True,
         )

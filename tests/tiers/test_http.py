@@ -806,3 +806,30 @@ async def test_scrub_takes_out_only_our_own_credentials_and_short_ones_as_words(
         "bad login ***; password ***, not hunter22")
     assert client.scrub("CUDA out of memory") == "CUDA out of memory"
     await client.aclose()
+
+
+@respx.mock
+async def test_a_provider_that_refuses_connections_lets_the_job_fall_back_soon(client: RemoteClient,
+                                                                               sleep: Any) -> None:
+    # Retried until half the deadline (150 s by default): each job held over two minutes before
+    # another engine could take it, though nothing was ever sent.
+    route = respx.post(f"{BASE}/images").mock(side_effect=httpx.ConnectError("connection refused"))
+    with pytest.raises(EngineError) as info:
+        await client.request("POST", "/images", json={"prompt": "a lighthouse"})
+    assert "could not reach the provider" in info.value.message and "nothing was sent" in info.value.message
+    assert info.value.retryable and info.value.charged == "no"
+    assert route.call_count == 4 and sum(sleep.waits) < 10
+
+
+@respx.mock
+async def test_a_connection_refused_now_and_then_is_ridden_out(client: RemoteClient, sleep: Any) -> None:
+    # Refusals between other answers are not "in a row"; a poll is not held to the count at all.
+    route = respx.post(f"{BASE}/images").mock(side_effect=[
+        httpx.ConnectError("refused"), httpx.ConnectError("refused"), httpx.ConnectError("refused"),
+        httpx.Response(503), httpx.ConnectError("refused"), httpx.Response(200, json={"ok": 1})])
+    assert (await client.request("POST", "/images", json={})).json() == {"ok": 1}
+    assert route.call_count == 6
+    poll = respx.get(f"{BASE}/results/1").mock(
+        side_effect=[httpx.ConnectError("refused")] * 6 + [httpx.Response(200, json={"ok": 2})])
+    assert (await client.request("GET", "/results/1", idempotent=True)).json() == {"ok": 2}
+    assert poll.call_count == 7
