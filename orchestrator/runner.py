@@ -662,40 +662,46 @@ class JobRunner:
                               "it was queued again", details={"engine": job.engine, "graceful": True})
         # A free server's task this attempt started (see the stop above) goes with the job.
         kept = _accepted_values(claim.accepted) if claim.accepted else {"provider_work": job.provider_work}
-        with self.db.transaction() as s:
-            self._guarded_update(s, claim, status="queued", lease_owner=None, lease_expires_at=None,
-                                 progress_step=0, progress_total=0, **kept,
-                                 attempts=job.with_attempt("interrupted", stopped.to_dict()),
-                                 unless_canceled=True)
+        # As a job's end, a database restart or failover is waited out: a stop left to recovery
+        # would be counted as a crash.
+        for attempt in self.db.retrying(FINAL_WRITE_SECONDS, f"job {job.id} queued again"):
+            with attempt, self.db.transaction() as s:
+                self._guarded_update(s, claim, status="queued", lease_owner=None, lease_expires_at=None,
+                                     progress_step=0, progress_total=0, **kept,
+                                     attempts=job.with_attempt("interrupted", stopped.to_dict()),
+                                     unless_canceled=True)
 
     def _requeue_to_follow(self, claim: Claim, work: dict[str, Any]) -> None:
         job = claim.job
         stopped = Interrupted("the service stopped while the provider worked on this job; its work is followed "
                               "again", details={"engine": job.engine, "graceful": True})
-        with self.db.transaction() as s:
-            self._guarded_update(s, claim, status="queued", lease_owner=None, lease_expires_at=None,
-                                 progress_step=0, progress_total=0, **_accepted_values(work),
-                                 attempts=job.with_attempt("interrupted", stopped.to_dict()),
-                                 unless_canceled=True)
+        for attempt in self.db.retrying(FINAL_WRITE_SECONDS, f"job {job.id} queued again to be followed"):
+            with attempt, self.db.transaction() as s:
+                self._guarded_update(s, claim, status="queued", lease_owner=None, lease_expires_at=None,
+                                     progress_step=0, progress_total=0, **_accepted_values(work),
+                                     attempts=job.with_attempt("interrupted", stopped.to_dict()),
+                                     unless_canceled=True)
 
     def _requeue_on(self, claim: Claim, error: EngineError, engine: str, model: str, estimate: int) -> None:
         job = claim.job
-        with self.db.transaction() as s:
-            # Read in the move's own transaction: made private while it ran, it goes nowhere off the machine.
-            if leaves_machine(self.registry.get(engine)) and self._made_private(s, job):
-                raise MadePrivate(job.id)
-            self.ledger.settle_failure(s, job, error)
-            self._guarded_update(s, claim, unless_canceled=True, status="queued", engine=engine, model=model,
-                                 estimated=estimate,
-                                 cache_key=cache_key(engine, model, job.params) if job.cache_key else None,
-                                 provider_work=None,
-                                 lease_owner=None, lease_expires_at=None, progress_step=0, progress_total=0,
-                                 attempts=job.with_attempt("failed", error.to_dict()))
-            project = self.ledger.lock_project(s, job.project_id)
-            moved = s.get(Job, job.id)
-            assert moved is not None
-            self.ledger.hold(s, project, moved, estimate,
-                             billable=engine in self.registry and billed_by_provider(self.registry.get(engine)))
+        # A move left to recovery is failed, its hold captured.
+        for attempt in self.db.retrying(FINAL_WRITE_SECONDS, f"job {job.id} moved to {engine}"):
+            with attempt, self.db.transaction() as s:
+                # Read in the move's own transaction: made private while it ran, it goes nowhere off the machine.
+                if leaves_machine(self.registry.get(engine)) and self._made_private(s, job):
+                    raise MadePrivate(job.id)
+                self.ledger.settle_failure(s, job, error)
+                self._guarded_update(s, claim, unless_canceled=True, status="queued", engine=engine, model=model,
+                                     estimated=estimate,
+                                     cache_key=cache_key(engine, model, job.params) if job.cache_key else None,
+                                     provider_work=None,
+                                     lease_owner=None, lease_expires_at=None, progress_step=0, progress_total=0,
+                                     attempts=job.with_attempt("failed", error.to_dict()))
+                project = self.ledger.lock_project(s, job.project_id)
+                moved = s.get(Job, job.id)
+                assert moved is not None
+                self.ledger.hold(s, project, moved, estimate,
+                                 billable=engine in self.registry and billed_by_provider(self.registry.get(engine)))
 
     def _source_image(self, job: Job) -> Image.Image:
         """The draft a bridge or polish starts from. Nothing was sent yet: a file that cannot be
@@ -888,7 +894,7 @@ class JobRunner:
         try:
             # A lost connection (a failover, one killed by the server) is tried again for a while:
             # once, it failed the job for good, with nothing sent. The write is safe to repeat.
-            for attempt in self.db.retrying(RECORD_SENDING_SECONDS):
+            for attempt in self.db.retrying(RECORD_SENDING_SECONDS, f"job {claim.job.id}'s first paid request"):
                 with attempt, self.db.transaction() as s:
                     # In the transaction that marks the attempt as sending: a switch of its project to
                     # `local-only` committed first stops it here; one committed after finds it sending.
@@ -1001,7 +1007,7 @@ class JobRunner:
             for index, (rendered, record, sha) in enumerate(zip(result.images, records, shas, strict=True))
         ]
         now = utcnow()
-        for attempt in self.db.retrying(FINAL_WRITE_SECONDS):
+        for attempt in self.db.retrying(FINAL_WRITE_SECONDS, f"job {job.id}'s success"):
             with attempt, self.db.transaction() as s:
                 self._succeed_in(s, claim, result, rows, now, seconds)
         for row, (sha, data) in zip(rows, pngs, strict=True):
@@ -1074,7 +1080,7 @@ class JobRunner:
         charged is still what the ledger settles."""
         job = claim.job
         bill = error
-        for attempt in self.db.retrying(FINAL_WRITE_SECONDS):
+        for attempt in self.db.retrying(FINAL_WRITE_SECONDS, f"job {job.id}'s end"):
             with attempt, self.db.transaction() as s:
                 if status == "failed" and s.scalar(select(Job.cancel_requested_at).where(col(Job.id) == job.id)):
                     status = "canceled"
@@ -1133,7 +1139,7 @@ class JobRunner:
     def save_provider_request(self, claim: Claim, work: dict[str, Any]) -> None:
         """Save what a provider accepted, so that a crash can find it again; waits out a database
         that is away for a while (off the event loop: see `JobProgress`)."""
-        for attempt in self.db.retrying(FINAL_WRITE_SECONDS):
+        for attempt in self.db.retrying(FINAL_WRITE_SECONDS, f"the provider work of job {claim.job.id}"):
             with attempt, self.db.transaction() as s:
                 s.execute(update(Job).where(col(Job.id) == claim.job.id, col(Job.attempt) == claim.attempt,
                                             col(Job.status) == "running").values(**_accepted_values(work)))

@@ -470,3 +470,27 @@ def test_a_wait_for_the_write_lock_does_not_shorten_a_lease(services: Services,
     assert claim is not None and lease_left() == services.scheduler.lease
     services.scheduler._renew([claim])
     assert lease_left() == services.scheduler.lease
+
+
+def test_a_job_a_stop_gives_back_waits_out_a_lost_database_connection(services: Services,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # A stop during a database failover: the one write that queues the job again failed, the job
+    # was left to recovery and counted as a crash (three such restarts fail it `interrupted`).
+    [job_id] = queued_drafts(services, 1)
+    [(claim, _lane)] = services.scheduler._claim_ready({})
+    services.scheduler._claimed.pop(job_id)
+    runner = services.runner
+    update_job = runner._guarded_update
+    lost = [OperationalError("UPDATE jobs", {}, Exception("server closed the connection unexpectedly"),
+                             connection_invalidated=True)]
+
+    def first_write_lost(*args: Any, **kwargs: Any) -> Any:
+        if lost:
+            raise lost.pop()
+        return update_job(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "_guarded_update", first_write_lost)
+    runner.give_back(claim)
+    job = services.jobs.get(job_id)
+    assert lost == [] and job.status == "queued" and job.lease_owner is None
+    assert [(a["status"], a["error"]["details"]["graceful"]) for a in job.attempts] == [("interrupted", True)]
