@@ -21,6 +21,7 @@ not stall every writer for the two hours of the kernel's default.
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import logging
 import math
@@ -189,15 +190,16 @@ class Database:
                 self.bell.before_commit(session)
             self.bell.after_commit()
 
-    def retrying(self, within: float) -> Retrying:
+    def retrying(self, within: float, what: str = "a write") -> Retrying:
         """Attempts of a write that must not be lost to a database restart or failover (a job's
-        end): `for attempt in db.retrying(30): with attempt, db.transaction() as s: ...`. Only what
-        `transient` calls passing (a lost or refused connection, a lock wait that timed out) is
-        tried again, for up to `within` seconds; each attempt rolls back whole, so the work must be
-        safe to repeat."""
+        end): `for attempt in db.retrying(30, "job x's end"): with attempt, db.transaction() as s:
+        ...`. Only what `transient` calls passing (a lost or refused connection, a lock wait that
+        timed out) is tried again, for up to `within` seconds; each attempt rolls back whole, so the
+        work must be safe to repeat. Told at the first retry, then every RETRY_TOLD_EVERY tries:
+        one line per try was some 80 lines a worker in a 40 s outage, none saying what waited."""
         return Retrying(retry=retry_if_exception(transient), stop=stop_after_delay(within),
                         wait=wait_exponential(multiplier=0.25, max=4), reraise=True,
-                        before_sleep=_tell_retry)
+                        before_sleep=functools.partial(_tell_retry, what=what, within=within))
 
     def ping(self) -> None:
         """A `SELECT 1`: whether the database answers (a connection from the pool, a round trip)."""
@@ -217,13 +219,20 @@ class Database:
         self.engine.dispose()
 
 
-def _tell_retry(state: RetryCallState) -> None:
+RETRY_TOLD_EVERY = 10
+
+
+def _tell_retry(state: RetryCallState, *, what: str, within: float) -> None:
+    if state.attempt_number != 1 and state.attempt_number % RETRY_TOLD_EVERY:
+        return
     exc = state.outcome.exception() if state.outcome else None
     first = first_line(exc or "")
+    trying = (f"trying again for up to {within:.0f} s" if state.attempt_number == 1
+              else f"still trying ({state.attempt_number} tries in {state.seconds_since_start:.0f} s)")
     if exc is not None and disk_full(exc):
-        log.warning("the database's disk is full (%s); trying again", first)
+        log.warning("the database's disk is full (%s) writing %s; %s", first, what, trying)
     else:
-        log.warning("the database did not answer (%s); trying again", first)
+        log.warning("the database did not answer (%s) writing %s; %s", first, what, trying)
 
 
 def disk_full(exc: BaseException) -> bool:
