@@ -23,7 +23,7 @@ import httpx
 from orchestrator.errors import BadEngineInput, Canceled, ContentFiltered, EngineError, EngineTimeout
 from tiers._cloud import CloudEngine
 from tiers._http import RemoteClient, error_text, json_object, without_credentials
-from tiers._images import b64encode, encode_image, shaped_as, size_class
+from tiers._images import CLASS_PIXELS_SLACK, CLASS_SIDE_SLACK, b64encode, encode_image, shaped_as, size_class
 from tiers.base import (
     PROMPT_AND_IMAGE_ONLY,
     CancelToken,
@@ -140,8 +140,12 @@ class FalEngine(CloudEngine):
 
     def _resolution(self, req: RenderRequest) -> str:
         """The resolution tier asked for and paid: Nano Banana 2's 0.5K (three quarters of 1K's
-        price) for sides up to 512 where the model's prices name it, else 1K, 2K or 4K."""
-        if max(req.width, req.height) <= HALF_K_SIDE and HALF_K in self._prices.table.get(self._model, {}):
+        price) where the model's prices name it, for a size it holds as `size_class` judges the
+        others (Google's 0.5K at 16:9 is 688x384: by the long side alone it was asked, and paid, at 1K),
+        else 1K, 2K or 4K."""
+        if (HALF_K in self._prices.table.get(self._model, {})
+                and req.width * req.height <= CLASS_PIXELS_SLACK * HALF_K_SIDE ** 2
+                and max(req.width, req.height) <= CLASS_SIDE_SLACK * HALF_K_SIDE):
             return HALF_K
         return size_class(req.width, req.height)
 
@@ -228,12 +232,12 @@ class FalEngine(CloudEngine):
             if not (exc.charged == "no" and exc.details.get("error_type")):
                 exc.at_least_charged("unknown")
             raise
-        images = await self._images(output, req.n, cancel)
+        images, listed = await self._images(output, req.n, cancel)
         progress.step(len(images), req.n)
         return RenderResult(
             images=images,
             model=self._model,
-            cost_millicredits=None,
+            cost_millicredits=self._cost_of_surplus(req, listed),
             provider_request_id=request_id,
             metadata={"resolution": self._resolution(req), **PROMPT_AND_IMAGE_ONLY},
         )
@@ -273,9 +277,13 @@ class FalEngine(CloudEngine):
         details = {"engine": self.name, "request": request_id, "error_type": error_type}
         said = self.said(f"({error_type or 'error'}): {error or ''}", 400)
         message = f"fal: the request failed {said}"
+        # The type first: an infrastructure failure fal bills none of is one whatever its text says
+        # ("Safety checker failed to load" was told the artist as their content filtered, and captured).
+        if unbilled(error_type):
+            raise EngineError(message, details=details, charged="no")
         if _filtered(error_type, error):
             raise ContentFiltered(message, details=details, charged="unknown")
-        raise EngineError(message, details=details, charged="no" if unbilled(error_type) else "unknown")
+        raise EngineError(message, details=details, charged="unknown")
 
     async def _result(self, response_url: str, deadline: float, cancel: CancelToken) -> dict[str, Any]:
         response = await cancel.race(self.http.request(
@@ -293,7 +301,17 @@ class FalEngine(CloudEngine):
             raise error
         return self._json(response)
 
-    async def _images(self, output: dict[str, Any], wanted: int, cancel: CancelToken) -> list[RenderedImage]:
+    def _cost_of_surplus(self, req: RenderRequest, listed: int) -> int | None:
+        """What fal bills for an answer listing more images than asked (a prompt that asks for
+        several: the model may make them, and fal bills each it made), only the asked ones kept;
+        None otherwise (the estimate is the price). Captured as a charge past the hold, flagged."""
+        if listed <= req.n:
+            return None
+        return listed * self._prices.millicredits(self._model, self._resolution(req))
+
+    async def _images(self, output: dict[str, Any], wanted: int,
+                      cancel: CancelToken) -> tuple[list[RenderedImage], int]:
+        """The first `wanted` images of the answer, and how many it listed."""
         entries = output.get("images")
         if not isinstance(entries, list) and isinstance(output.get("image"), dict):
             entries = [output["image"]]  # a single-image app (an upscaler) answers `image`
@@ -302,10 +320,18 @@ class FalEngine(CloudEngine):
         if not urls:
             # fal prices its image apps per output image: a result with none may have cost nothing.
             # Captured for a person to reconcile, as an answer without an image is everywhere else.
-            raise EngineError("fal: the request completed without an image", details={"engine": self.name},
-                              charged="unknown")
-        return await self.fetch_outputs(urls, cancel, wanted=wanted, empty="the request completed without an image",
-                                        details={})
+            error = EngineError("fal: the request completed without an image", details={"engine": self.name},
+                                charged="unknown")
+            error.engine_fault = False  # the model's answer to this prompt: not a reason to stop routing to fal
+            raise error
+        flagged = output.get("has_nsfw_concepts")
+        if isinstance(flagged, list) and any(flag is True for flag in flagged[:wanted]):
+            # A model with a safety checker answers a flagged image blacked out: not a result.
+            raise ContentFiltered("fal: the model's safety checker flagged the image (has_nsfw_concepts)",
+                                  details={"engine": self.name}, charged="unknown")
+        images = await self.fetch_outputs(urls, cancel, wanted=wanted, empty="the request completed without an image",
+                                          details={})
+        return images, len(urls)
 
     async def withdraw(self, handles: list[dict[str, Any]]) -> None:
         for handle in handles:

@@ -192,6 +192,30 @@ async def test_completed_without_images(engine: FalEngine) -> None:
     # Priced per output image: none made may have cost nothing, so a person reconciles it (it was
     # captured as a settled charge of the whole estimate).
     assert info.value.charged == "unknown"
+    # The model's answer to this prompt: five retries of it opened fal's circuit for every project.
+    assert not info.value.engine_fault
+
+
+@respx.mock
+async def test_an_image_the_safety_checker_flagged_is_filtered_not_delivered(engine: FalEngine,
+                                                                           output: respx.Route) -> None:
+    # A flagged image comes back blacked out: it was stored and billed as the result.
+    _, _, result = happy_queue()
+    result.mock(return_value=httpx.Response(200, json={"images": [{"url": OUTPUT}], "has_nsfw_concepts": [True]}))
+    with pytest.raises(ContentFiltered, match="has_nsfw_concepts") as info:
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    assert info.value.charged == "unknown" and output.call_count == 0
+
+
+@respx.mock
+async def test_an_infrastructure_failure_whose_text_says_safety_is_not_content_filtered(engine: FalEngine) -> None:
+    # Its type says fal bills none of it; its words made it the artist's content, filtered and captured.
+    _, poll, _ = happy_queue()
+    poll.mock(return_value=status("COMPLETED", error="Safety checker failed to load", error_type="runner_server_error"))
+    with pytest.raises(EngineError) as info:
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    assert not isinstance(info.value, ContentFiltered)
+    assert (info.value.charged, info.value.retryable) == ("no", True)
 
 
 @respx.mock
@@ -428,7 +452,12 @@ async def test_sides_up_to_512_ask_and_pay_for_the_half_k_tier(engine: FalEngine
                                                                make_ctx: Any) -> None:
     # Once sent (and charged) as 1K: providers.md prices 0.5K at three quarters of it.
     assert engine.estimate(bridge(width=512, height=384)) == 6000
-    assert engine.estimate(bridge(width=520, height=384)) == 8000
+    # By its pixels, as the other tiers: Google's 0.5K at 16:9 is 688x384 (by the long side alone,
+    # asked and paid at 1K).
+    for width, height in ((688, 384), (640, 360), (576, 432), (384, 688)):
+        assert engine.estimate(bridge(width=width, height=height)) == 6000, (width, height)
+    for width, height in ((544, 544), (800, 384)):  # more pixels than 0.5K holds; thinner than 21:9
+        assert engine.estimate(bridge(width=width, height=height)) == 8000, (width, height)
     submit, _poll, _result = happy_queue()
     result = await engine.run(bridge(width=512, height=512), NullProgress(), CancelToken())
     assert json.loads(submit.calls.last.request.content)["resolution"] == "0.5K"
@@ -559,6 +588,16 @@ async def test_an_answer_with_more_images_than_asked_is_fetched_up_to_n(engine: 
     result = await engine.run(bridge(n=1), NullProgress(), CancelToken())
     assert len(result.images) == 1
     assert output.call_count == 1 and others.call_count == 0
+    # fal bills each image it made: charged for all 31 (the ledger flags a charge past the hold),
+    # where the estimate of one was captured as settled.
+    assert result.cost_millicredits == 31 * engine.estimate(bridge(n=1))
+
+
+@respx.mock
+async def test_an_answer_of_as_many_images_as_asked_is_charged_its_estimate(engine: FalEngine,
+                                                                           output: respx.Route) -> None:
+    happy_queue()
+    assert (await engine.run(bridge(), NullProgress(), CancelToken())).cost_millicredits is None
 
 
 @respx.mock
