@@ -208,7 +208,9 @@ class CloudEngine:
         CDN hosts never see it."""
         try:
             if not urls:
-                raise EngineError(f"{self.name}: {empty}", details={"engine": self.name, **details})
+                none = EngineError(f"{self.name}: {empty}", details={"engine": self.name, **details})
+                none.engine_fault = False  # the model's answer to this prompt, not the engine unwell
+                raise none
             return [RenderedImage(await asyncio.to_thread(decode_image, await self._download(url, cancel), self.name))
                     for url in urls[:wanted]]
         except EngineError as exc:

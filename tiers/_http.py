@@ -733,12 +733,17 @@ class RemoteClient:
         return EngineError(f"{self.engine}: provider error HTTP {response.status_code}: {told}", details=details)
 
     def fail(self, response: httpx.Response, message: str | None = None) -> EngineError:
-        """The error for a final 4xx answer: the provider refused our input; never retried."""
-        return BadEngineInput(
+        """The error for a final 4xx answer: the provider refused our input; never retried. A 413
+        refused the size of the body this engine built (the draft it inlined), not what the user
+        asked: another engine may take the job, and the engine is not unwell."""
+        error = BadEngineInput(
             f"{self.engine}: the provider refused the request (HTTP {response.status_code}): "
             f"{without_credentials(message, response) if message else error_text(response)}",
             details={"engine": self.engine, "status": response.status_code},
+            retryable=response.status_code == 413,
         )
+        error.engine_fault = False
+        return error
 
 
 def _read(response: httpx.Response, history: list[httpx.Response], *, body: bytes | bytearray,

@@ -108,10 +108,10 @@ def model_input(model: str, req: RenderRequest, prompt: str, image_uri: str | No
 
 
 def _never_ran(prediction: dict[str, Any] | None) -> bool:
-    """Whether a cancel's answer shows a prediction that ended before it started: Replicate bills
-    the time a prediction runs (setup and queueing are free; "aborted (never started): no charge"),
-    and one that never started made no output to bill by."""
-    if prediction is None or prediction.get("status") not in ("canceled", "aborted"):
+    """Whether a prediction (a cancel's answer, or one that failed) ended before it started:
+    Replicate bills the time a prediction runs (setup and queueing are free; "aborted (never
+    started): no charge"), and one that never started made no output to bill by."""
+    if prediction is None or prediction.get("status") not in ("canceled", "aborted", "failed"):
         return False
     metrics = prediction.get("metrics")
     ran = isinstance(metrics, dict) and bool(metrics.get("predict_time"))
@@ -306,7 +306,7 @@ class ReplicateEngine(CloudEngine):
                 raise ContentFiltered(f"replicate filtered the request: {text}", details=details,
                                       charged="unknown")
             raise EngineError(f"replicate: the prediction failed: {text}", details=details,
-                              charged="unknown")
+                              charged="no" if _never_ran(prediction) else "unknown")
         if status == "aborted":
             # Ended by Replicate before it started (not charged): another engine may take the job.
             raise EngineError("replicate: the prediction was aborted by the provider before it ran",

@@ -206,6 +206,7 @@ async def test_succeeded_without_output(engine: ReplicateEngine) -> None:
     with pytest.raises(EngineError, match="without an image") as info:
         await engine.run(bridge(), NullProgress(), CancelToken())
     assert info.value.charged == "yes"
+    assert not info.value.engine_fault  # the model's answer: not a reason to stop routing to Replicate
 
 
 @respx.mock
@@ -259,6 +260,26 @@ async def test_failed_prediction(engine: ReplicateEngine) -> None:
         await engine.run(bridge(), NullProgress(), CancelToken())
     assert not isinstance(info.value, ContentFiltered)
     assert info.value.charged == "unknown"
+
+
+@respx.mock
+async def test_a_prediction_that_failed_before_it_started_costs_nothing(engine: ReplicateEngine) -> None:
+    # Replicate bills a prediction's run: one that failed in setup, never started, made nothing to
+    # bill by; captured as possibly billed, its job could not fall back.
+    failed = {**prediction("failed", error="failed during setup"), "started_at": None, "metrics": {}}
+    respx.post(CREATE).mock(return_value=httpx.Response(201, json=failed))
+    with pytest.raises(EngineError, match="failed during setup") as info:
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    assert (info.value.charged, info.value.retryable) == ("no", True)
+
+
+@respx.mock
+async def test_a_create_too_large_for_replicate_lets_another_engine_take_the_job(engine: ReplicateEngine) -> None:
+    # The draft this engine inlined, not the user's input: failed as invalid_request, no fallback.
+    respx.post(CREATE).mock(return_value=httpx.Response(413, json={"detail": "Request Entity Too Large"}))
+    with pytest.raises(EngineError) as info:
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    assert (info.value.charged, info.value.retryable, info.value.engine_fault) == ("no", True, False)
 
 
 @respx.mock
