@@ -72,6 +72,13 @@ CREATIVE_THRESHOLD = 0.35
 CONSERVATIVE_CREATIVITY = (0.2, 0.5)
 CREATIVE_CREATIVITY = (0.1, 0.5)
 MAX_SEED = 4294967294
+
+
+def stability_seed(seed: int) -> int:
+    """The seed sent for `seed`: within Stability's 0..4294967294, and never 0, which Stability
+    reads as "random" (a job pinned to seed 0, or to 4294967295 wrapped to it, came out different
+    at each run). 0 goes as MAX_SEED, which that one seed shares with it."""
+    return seed % (MAX_SEED + 1) or MAX_SEED
 POLL_INTERVAL = 5.0
 FILTERED = "CONTENT_FILTERED"
 # Credits per output image (1 credit = $0.01; providers.md, Nov 2026). The upscalers are priced as
@@ -203,7 +210,7 @@ class StabilityEngine(CloudEngine):
             for i in range(req.n):
                 cancel.raise_if_cancelled()
                 progress.state("submitted")
-                fields = self._fields(req, op, None if req.seed is None else (req.seed + i) % (MAX_SEED + 1))
+                fields = self._fields(req, op, None if req.seed is None else stability_seed(req.seed + i))
                 asked.asking()
                 files = {"image": ("draft.png", draft, "image/png")}
                 request_id: str | None

@@ -142,6 +142,18 @@ async def test_ultra_uses_its_endpoint_with_strength(make_engine: Any) -> None:
 
 
 @respx.mock
+@pytest.mark.parametrize(("seed", "sent"), [(0, ["4294967294", "1"]), (4294967294, ["4294967294", "4294967294"]),
+                                            (4294967293, ["4294967293", "4294967294"])])
+async def test_a_pinned_seed_is_never_sent_as_stability_s_random_zero(make_engine: Any, seed: int,
+                                                                      sent: list[str]) -> None:
+    # Stability reads seed 0 as "random": a job pinned to 0 (or wrapping to it) differed at each run.
+    route = respx.post(ULTRA).mock(return_value=ok())
+    eng: StabilityEngine = make_engine(stability_model="ultra")
+    await eng.run(bridge(n=2, seed=seed), NullProgress(), CancelToken())
+    assert [multipart(call.request)[0]["seed"] for call in route.calls] == sent
+
+
+@respx.mock
 async def test_polish_at_the_drafts_size_is_a_same_size_refine(engine: StabilityEngine) -> None:
     route = respx.post(SD3).mock(return_value=ok())
     result = await engine.run(polish(scale=None, width=64, height=64, creativity=0.1), NullProgress(), CancelToken())
