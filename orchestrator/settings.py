@@ -54,6 +54,13 @@ API_VERSIONS = {"openai_base_url": ("v1",), "replicate_base_url": ("v1",),
                 "gemini_base_url": ("v1beta", "v1", "v1alpha"), "stability_base_url": ("v2beta", "v1")}
 
 
+def _refuse_quoted(value: Any) -> None:
+    """A value written in quotes that were kept (an env file read without a shell) is refused."""
+    if isinstance(value, str) and len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+        raise ValueError(f"is wrapped in {value[0]} quotes, which were kept as part of it (an env file read without "
+                         "a shell keeps them): write it without")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=PREFIX,
@@ -195,7 +202,11 @@ class Settings(BaseSettings):
     def _no_stray_spaces(cls, value: Any) -> Any:
         # `ORCH_DATA_DIR=/srv/orch ` (an env file's trailing space) started on a new, empty data dir
         # named with the space, the studio's own looking lost; a model named with one was unpriced.
-        return value.strip() if isinstance(value, str) else value
+        # Quotes an env file kept (`docker run --env-file` keeps them) did the same, in a folder
+        # named `"` of the working directory: refused, not guessed at.
+        value = value.strip() if isinstance(value, str) else value
+        _refuse_quoted(value)
+        return value
 
     @field_validator("data_dir", "cache_dir", "policy_dir", "prices_file", "comfyui_workflow")
     @classmethod
@@ -223,6 +234,8 @@ class Settings(BaseSettings):
     @field_validator("admin_key")
     @classmethod
     def _admin_key_not_blank(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            _refuse_quoted(value.get_secret_value().strip())  # every client's key was refused (401)
         # Blank would turn auth on with a key that an empty "Authorization: Bearer" matches; taking
         # it as unset would leave the API open to someone who meant to close it. Neither is safe.
         if value is not None and not value.get_secret_value().strip():

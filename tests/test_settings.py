@@ -267,6 +267,20 @@ def test_paths_urls_and_model_names_are_read_without_spaces_at_their_ends(
 
 
 @pytest.mark.parametrize(("variable", "value"), [
+    ("ORCH_DATA_DIR", '"/srv/orch"'), ("ORCH_DATA_DIR", "'/srv/orch'"), ("ORCH_POLICY_DIR", '"/srv/policies" '),
+    ("ORCH_OPENAI_MODEL", "'gpt-image-2.6-sunburst'"), ("ORCH_ADMIN_KEY", '"a-key-of-twenty-chars"')])
+def test_a_value_in_quotes_an_env_file_kept_is_refused(toml_file: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      variable: str, value: str) -> None:
+    # `docker run --env-file` keeps them: the data dir was a new, empty install in a folder named `"`
+    # of the working directory, and a quoted admin key refused every client.
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ValidationError, match=r"is wrapped in . quotes"):
+        Settings()
+    monkeypatch.setenv(variable, value.strip().strip("'\""))
+    Settings()
+
+
+@pytest.mark.parametrize(("variable", "value"), [
     ("ORCH_OPENAI_BASE_URL", "https://api.openai.com/v1"), ("ORCH_REPLICATE_BASE_URL", "https://api.replicate.com/v1/"),
     ("ORCH_GEMINI_BASE_URL", "https://generativelanguage.googleapis.com/v1beta"),
     ("ORCH_STABILITY_BASE_URL", "https://api.stability.ai/v2beta")])
