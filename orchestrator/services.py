@@ -185,7 +185,15 @@ def database_url_problems(text: str) -> list[str]:
         url = make_url(text)
     except (ArgumentError, ValueError):  # a port that is not a number; the text may hold a password
         return [f"{told}: not a database URL (e.g. postgresql+psycopg://user@host/db)"]
+    if "@" in (url.host or ""):
+        # A password with an @ not written as %40: the URL is split at the first one, the rest of
+        # the password read as the host, and shown (the driver's error named it) where none may be.
+        return [f"{told}: an @ in its user or password must be written %40 (percent-encoded); the URL is not "
+                "shown, as part of the password would be"]
     shown = shown_url(text)
+    if url.get_backend_name() == "postgresql" and not url.database:
+        # libpq then takes the user's own database (`postgres`): the tables went into the server's.
+        return [f"{told}: {shown} names no database: add it after the host (postgresql+psycopg://user@host/orchestrator)"]
     if url.get_backend_name() == "postgres":  # the scheme Heroku and libpq write; SQLAlchemy knows no such name
         return [f"{told}: {shown}: write postgresql+psycopg:// for PostgreSQL"]
     if url.get_backend_name() not in ("sqlite", "postgresql"):

@@ -499,6 +499,10 @@ def test_migrate_makes_a_new_data_dir(make_settings: SettingsFactory, monkeypatc
     ("migrate", "ORCH_DATABASE_URL", "postgres://u:secret@db/orch", "write postgresql+psycopg:// for PostgreSQL"),
     ("migrate", "ORCH_DATABASE_URL", "postgresql+psycopg://u:secret@db:5432x/orch",
      "ORCH_DATABASE_URL: not a database URL"),  # a port that is not a number: once a traceback
+    # A password's @ not written %40: the rest of it was read as the host, and shown in the error.
+    ("migrate", "ORCH_DATABASE_URL", "postgresql+psycopg://u:Pa@secret@db/orch", "must be written %40"),
+    # No database: libpq took the user's own (`postgres`), and the tables went into the server's.
+    ("migrate", "ORCH_DATABASE_URL", "postgresql+psycopg://u@127.0.0.1/", "names no database"),
     ("serve", "ORCH_PRICES_FILE", "{tmp}/missing.toml", "ORCH_PRICES_FILE: prices file {tmp}/missing.toml: [Errno 2]"),
     ("worker", "ORCH_DATA_DIR", "{tmp}/a-file", "ORCH_DATA_DIR: {tmp}/a-file is not a directory"),
     ("serve", "ORCH_CONFIG_FILE", "{tmp}/studio.toml", "ORCH_CONFIG_FILE: no such file: {tmp}/studio.toml"),
