@@ -301,9 +301,12 @@ def _hold_pages(s: Session) -> Iterator[tuple[list[LedgerEntry], dict[int, dict[
 def _stray(s: Session) -> list[int | None]:
     hold = aliased(LedgerEntry)
     entry = aliased(LedgerEntry)
-    return list(s.exec(select(entry.id).join(hold, col(hold.id) == col(entry.hold_id))
+    # Outer: a settlement whose hold is gone (deleted by hand, with SQLite's foreign keys off) is one.
+    return list(s.exec(select(entry.id).outerjoin(hold, col(hold.id) == col(entry.hold_id))
                        .where(col(entry.kind).in_(("capture", "release", "adjustment")),
-                              or_(col(hold.kind) != "hold", col(hold.project_id) != col(entry.project_id),
+                              col(entry.hold_id).is_not(None),
+                              or_(col(hold.id).is_(None), col(hold.kind) != "hold",
+                                  col(hold.project_id) != col(entry.project_id),
                                   ~col(hold.job_id).is_not_distinct_from(col(entry.job_id))))
                        .order_by(col(entry.id))).all())
 

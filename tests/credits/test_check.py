@@ -123,6 +123,20 @@ def check_ledger_findings(api: httpx.Client, url: str, capsys: pytest.CaptureFix
     assert "PROBLEMS: the ledger entries above do not add up" in out
 
 
+def test_a_capture_and_a_release_whose_hold_is_gone_are_named(served: tuple[httpx.Client, Path],
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    # The sqlite3 shell has foreign keys off: a hold deleted by hand left its capture and release
+    # naming nothing, and `check` said the ledger was fine.
+    api, db = served
+    _project_id, by_way = paid_jobs(api)
+    partial = by_way["partial"]
+    with sqlite3.connect(db) as conn:
+        conn.execute("DELETE FROM ledger_entries WHERE id = ?", (int(str(partial["hold"]["id"])),))
+    status, out = run_check(capsys)
+    assert status == 1, out
+    assert f"2 {check.STRAY}: entries {partial['capture']['id']}, {partial['release']['id']}" in out.splitlines()
+
+
 def test_the_sweep_mends_a_hold_settled_without_its_flag(served: tuple[httpx.Client, Path],
                                                          capsys: pytest.CaptureFixture[str]) -> None:
     # A process of a version before the `settled` flag, still running through an upgrade, writes
