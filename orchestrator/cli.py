@@ -74,6 +74,12 @@ def _service_url(text: str) -> str:
     return text
 
 
+
+def without_password(url: str | httpx.URL) -> str:
+    """A URL to print: a reverse proxy's Basic credentials in it (`demo --url http://u:pw@host/`) are not."""
+    parsed = httpx.URL(url)
+    return str(parsed.copy_with(username=parsed.username, password="***") if parsed.password else parsed)
+
 def main(argv: list[str] | None = None) -> int:
     given = sys.argv[1:] if argv is None else argv
     if next((arg for arg in given if not arg.startswith("-")), None) in ("serve", "worker"):
@@ -160,10 +166,10 @@ def main(argv: list[str] | None = None) -> int:
         return _fail("invalid configuration:\n" + "\n".join(problems), status=2)
     except httpx.HTTPStatusError as exc:
         hint = " (the demo sends ORCH_ADMIN_KEY from its environment)" if exc.response.status_code == 401 else ""
-        return _fail(f"{exc.request.method} {exc.request.url} answered {exc.response.status_code}: "
-                     f"{_error_message(exc.response)}{hint}")
+        return _fail(f"{exc.request.method} {without_password(exc.request.url)} answered "
+                     f"{exc.response.status_code}: {_error_message(exc.response)}{hint}")
     except httpx.TransportError as exc:
-        return _fail(f"cannot reach {exc.request.url.copy_with(path='/', query=None)}: {exc}")
+        return _fail(f"cannot reach {without_password(exc.request.url.copy_with(path='/', query=None))}: {exc}")
     except DatabaseError as exc:
         # The database is down or refuses us: say so in a line (the URL's password never shows).
         reason = first_line(exc.orig or exc, type(exc).__name__)

@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 from PIL import Image, ImageDraw, ImageFont
 
+from orchestrator.cli import without_password
 from orchestrator.errors import first_line
 from orchestrator.settings import Settings
 from tiers import tiny
@@ -182,7 +183,7 @@ def _stages(client: httpx.Client, base: str, prompt: str, out_dir: Path, size: i
     `lite_setting`: ORCH_LITE_MODEL of the demo's own service (None for another's)."""
     from tiers._local import AUTO_MODEL
 
-    print(f"orchestrator at {base}")
+    print(f"orchestrator at {without_password(base)}")
     engines = {e["name"]: e for e in client.get("/v1/engines").raise_for_status().json()}
     lite = engines["lite"]
     if not lite["available"]:

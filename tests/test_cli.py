@@ -138,6 +138,14 @@ def test_demo_against_an_unreachable_service(tmp_path: Path, capsys: pytest.Capt
     assert "Traceback" not in err
 
 
+def test_the_demo_does_not_print_a_proxy_s_password_in_its_url(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--url", "http://studio:s3cret-pw@127.0.0.1:9/", "--out", str(tmp_path)]) == 1
+    out, err = capsys.readouterr()
+    assert err.startswith("orchestrator: cannot reach http://studio:***@127.0.0.1:9/"), err
+    assert "orchestrator at http://studio:***@127.0.0.1:9/" in out and "s3cret-pw" not in out + err
+
+
 def test_the_demo_runs_the_three_stages_and_saves_their_images(
         make_settings: SettingsFactory, start_server: Callable[[Settings], httpx.Client], tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
