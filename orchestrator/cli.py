@@ -9,6 +9,7 @@ import logging.handlers
 import os
 import signal
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -337,9 +338,10 @@ class _NoFollowFileHandler(logging.handlers.WatchedFileHandler):
         return open(fd, "a", encoding=self.encoding, errors=self.errors)
 
 
-def _log_to_data_dir(settings: Settings) -> None:
+def _log_to_data_dir(settings: Settings, told: Sequence[str] = ()) -> None:
     """Also append this process's log to `ORCH_DATA_DIR/logs/orchestrator.log`, which every
-    process of the data dir shares (lines carry their pid). Reopened when moved, for logrotate."""
+    process of the data dir shares (lines carry their pid). Reopened when moved, for logrotate.
+    `told`: warnings already said on stderr, written to the file too."""
     path = (settings.data_dir / "logs").resolve() / "orchestrator.log"
     if path.is_symlink():
         # The logs folder may be shared with other users of the data dir: a link put there would
@@ -366,6 +368,10 @@ def _log_to_data_dir(settings: Settings) -> None:
     told_by = logging.getLogger("orchestrator.settings")
     for sentence in unknown_variables(Settings, os.environ):
         handler.handle(told_by.makeRecord(told_by.name, logging.WARNING, __file__, 0, sentence, (), None))
+    # The same for the start's own warnings (an API open beyond this machine, a short admin key).
+    said_by = logging.getLogger(__name__)
+    for sentence in told:
+        handler.handle(said_by.makeRecord(said_by.name, logging.WARNING, __file__, 0, sentence, (), None))
 
 
 def _log_what_it_uses(settings: Settings) -> None:
@@ -387,15 +393,17 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
 
     if (failed := _checked(settings) or _bound(settings)) is not None:
         return failed
+    warnings = []
     if settings.admin_key is None and not is_loopback(args.host):
-        print(f"orchestrator: warning: listening on {args.host} without ORCH_ADMIN_KEY (--allow-open): "
-              "anyone who reaches the port can use the API, and so can any web page a browser on that network "
-              "opens (DNS rebinding)", file=sys.stderr)
+        warnings.append(f"listening on {args.host} without ORCH_ADMIN_KEY (--allow-open): anyone who reaches the "
+                        "port can use the API, and so can any web page a browser on that network opens (DNS "
+                        "rebinding)")
     if settings.admin_key is not None and len(settings.admin_key.get_secret_value()) < MIN_KEY_LENGTH:
-        print(f"orchestrator: warning: ORCH_ADMIN_KEY has fewer than {MIN_KEY_LENGTH} characters and can be "
-              "guessed; make one with: python -c 'import secrets; print(secrets.token_urlsafe(32))'",
-              file=sys.stderr)
-    _log_to_data_dir(settings)
+        warnings.append(f"ORCH_ADMIN_KEY has fewer than {MIN_KEY_LENGTH} characters and can be guessed; make one "
+                        "with: python -c 'import secrets; print(secrets.token_urlsafe(32))'")
+    for warning in warnings:
+        print(f"orchestrator: warning: {warning}", file=sys.stderr)
+    _log_to_data_dir(settings, told=warnings)
     if args.no_jobs:
         settings = settings.model_copy(update={"run_jobs": False})
     _log_what_it_uses(settings)

@@ -1001,6 +1001,9 @@ def test_serve_hands_the_server_its_settings_and_warns_of_a_short_admin_key(
     [(given, host, bound)] = served
     assert (given.run_jobs, host, bound) == (runs_jobs, "127.0.0.1", port)
     assert ("ORCH_ADMIN_KEY has fewer than 16 characters" in capsys.readouterr().err) is warned
+    # In the data dir's log too, which an operator reads later (it was on stderr only).
+    log_file = (settings.data_dir / "logs" / "orchestrator.log").read_text()
+    assert ("WARNING orchestrator.cli: ORCH_ADMIN_KEY has fewer than 16 characters" in log_file) is warned
     # What it runs with, said once (the log named neither its data dir nor its database).
     [said] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("data dir ")]
     assert f"data dir {settings.data_dir.resolve()}, database sqlite:///" in said and "admin key on" in said
