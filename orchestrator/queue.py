@@ -69,6 +69,9 @@ REMOTE_LANE_LIMIT = 4
 # How long a stop waits for interrupted jobs to wind down (a job storing what its engine made is
 # waited for longer: see `stop`).
 STOP_WAIT_SECONDS = 10.0
+# How often a stop waiting for paid requests looks whether one was accepted meanwhile (then it is
+# followed after the restart, not waited for).
+AWAITED_RECHECK_SECONDS = 0.5
 
 
 class Scheduler:
@@ -232,9 +235,17 @@ class Scheduler:
                 left = deadline - asyncio.get_running_loop().time()
                 if left <= 0:
                     return
-                _done, pending = await asyncio.wait({*pending, hurried}, timeout=left,
+                _done, pending = await asyncio.wait({*pending, hurried}, timeout=min(left, AWAITED_RECHECK_SECONDS),
                                                     return_when=asyncio.FIRST_COMPLETED)
                 pending.discard(hurried)
+                # A submit the provider answered meanwhile (fal's, Replicate's): its work is followed
+                # after the restart, not waited for to the end of its render (a rolling restart took
+                # the render's whole time per worker).
+                followed = {task for task, claim in self._running.values()
+                            if task in pending and not claim.cancel.cancelled and self._followed(claim)}
+                if followed:
+                    self._abandon(followed.__contains__)
+                    pending -= followed
         finally:
             hurried.cancel()
 
@@ -251,12 +262,17 @@ class Scheduler:
         self-hosted server's too, and work a provider accepted by id is reattached (or at least
         saved for that): those are left to recovery at once."""
         engine = self.registry.get(claim.job.engine) if claim.job.engine in self.registry else None
-        # Followable only when the work accepted covers the whole job: a Replicate job of n=2 with
-        # one prediction accepted was left to a recovery that could not follow it (failed, charged).
-        followed = claim.accepted is not None and followable(engine, claim.job, claim.accepted["handles"])
         return (engine is not None and engine.kind == "remote" and not isinstance(engine, Restartable)
-                and not followed and not claim.surely_unsent()
+                and not self._followed(claim) and not claim.surely_unsent()
                 and claim.job.id not in self.runner.storing)  # answered: waited for as it stores, below
+
+    def _followed(self, claim: Claim) -> bool:
+        """Whether the work a provider accepted for this job covers it whole, and nothing is being
+        stored: a restart follows it. (A Replicate job of n=2 with one prediction accepted was left
+        to a recovery that could not follow it: failed, charged.)"""
+        engine = self.registry.get(claim.job.engine) if claim.job.engine in self.registry else None
+        return (claim.accepted is not None and claim.job.id not in self.runner.storing
+                and followable(engine, claim.job, claim.accepted["handles"]))
 
     def notify(self) -> None:
         """Wake the dispatcher; safe from any thread (API handlers run in a thread pool)."""

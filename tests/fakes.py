@@ -113,11 +113,13 @@ class FakePaidEngine:
         progress.state("submitted")
         if behaviour == "hang-unsaved":  # as a synchronous provider's call: no id until it answers
             await cancel.race(asyncio.sleep(3600))
+        if behaviour == "answer-late":  # a queueing provider slow to answer the submit (fal's, at times)
+            await asyncio.sleep(float(req.tags.get("seconds", "1")))
         progress.provider_request(f"fake-{self.calls}", {"queue": "https://fake.test/requests"})
         if behaviour == "second-call":  # a multi-call job: another paid request after the first's id
             await billable_send()
             SENT.append(f"{req.prompt} (second call)")
-        if behaviour == "hang":
+        if behaviour in ("hang", "answer-late"):
             await cancel.race(asyncio.sleep(3600))
         if behaviour == "hang-free":  # as a free self-hosted server's render: a cancel says it cost nothing
             await cancel.race(asyncio.sleep(3600), charged="no")

@@ -201,6 +201,30 @@ def test_rolling_restarts_during_accepted_paid_work_are_stops_not_crashes(
     assert fakes.WITHDRAWN == []
 
 
+def test_a_stop_waiting_for_a_submit_s_answer_follows_the_work_once_it_is_accepted(
+        paid_settings_for: Callable[..., Settings], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """SIGTERM while a queueing provider's submit was out: waited for as a synchronous request
+    is, the stop went on waiting once the provider answered with the work's id, to the end of its
+    render (up to ORCH_STOP_GRACE). Accepted, the work is followed after the restart instead."""
+    settings = paid_settings_for(tmp_path / "data", stop_grace=60)
+    service = serve_in_thread(settings)
+    with httpx.Client(base_url=service.__enter__(), timeout=30) as client:
+        _project_id, asset_id = project_with_draft(client)
+        job = promote_ok(client, asset_id, engine="fake-queue", tags={"fake": "answer-late", "seconds": "1.5",
+                                                                      "reattach": "hang"})
+        poll(lambda: _row(settings, job["id"])[0], lambda status: status == "running")
+    caplog.set_level(logging.INFO, logger="orchestrator.queue")
+    started = time.monotonic()
+    service.__exit__(None, None, None)
+    assert "waiting up to 60 s for 1 paid requests already sent" in caplog.text  # the submit was out
+    assert time.monotonic() - started < 20  # not the grace's 60 s, nor the render's hour
+    with sqlite3.connect(settings.data_dir / "orchestrator.db") as db:
+        status, work, attempts = db.execute("SELECT status, provider_work, attempts FROM jobs WHERE id = ?",
+                                            (job["id"],)).fetchone()
+    assert status == "queued" and json.loads(work)["handles"][0]["id"].startswith("fake-")
+    assert [(a["status"], a["error"]["details"]["graceful"]) for a in json.loads(attempts)] == [("interrupted", True)]
+
+
 def _following(job: dict[str, Any], *, attempts: int) -> bool:
     """Whether a new attempt runs the job, after `attempts` listed ones."""
     return job["status"] == "running" and len(job["attempts"]) == attempts
