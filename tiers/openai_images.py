@@ -38,6 +38,8 @@ from tiers.base import (
 
 SIZES = {"1:1": "1024x1024", "3:2": "1536x1024", "2:3": "1024x1536"}
 QUALITIES = frozenset({"low", "medium", "high"})
+# The fields of an edit this engine chooses, not the user (the prompt and image are theirs).
+CHOSEN_FIELDS = frozenset({"input_fidelity", "quality", "size", "output_format", "n"})
 INPUT_RATES = ("input_image_tokens_per_million", "input_text_tokens_per_million")
 # Error codes of an account that may not spend more (429s, and a spending limit's 400).
 SPENT_UP = frozenset({"insufficient_quota", "billing_not_active", "billing_hard_limit_reached"})
@@ -276,6 +278,12 @@ class OpenAIImagesEngine(CloudEngine):
             return EngineUnavailable(f"openai: the account's quota is used up: {error_text(response)}",
                                      details={"engine": self.name, "status": response.status_code, "reason": code})
         error = self.http.fail(response)
+        param = _error(response).get("param")
+        if response.status_code == 400 and param in CHOSEN_FIELDS:
+            # A field this engine chose for the model refused by it (a successor that takes another
+            # size or no `input_fidelity`): not the user's request, so another engine may take it.
+            error.retryable = True
+            error.message += f" (the field '{param}' was chosen for model '{self._model}', ORCH_OPENAI_MODEL)"
         if request_id:  # for the provider's support, as a refusal's own message rarely says enough
             error.details.setdefault("request_id", request_id)
         return error

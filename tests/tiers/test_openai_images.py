@@ -320,6 +320,26 @@ async def test_input_fidelity_goes_only_to_the_models_that_take_it(make_ctx: Any
     assert fields["model"] == model and ("input_fidelity" in fields) is sent
 
 
+@respx.mock
+async def test_a_field_the_engine_chose_refused_by_the_model_lets_another_engine_try(
+        engine: OpenAIImagesEngine) -> None:
+    # A successor refusing a field the engine sent it failed every job as the user's bad input.
+    route = respx.post(URL).mock(return_value=httpx.Response(400, json={"error": {
+        "message": "Unknown parameter: 'input_fidelity'.", "type": "invalid_request_error",
+        "param": "input_fidelity", "code": "unknown_parameter"}}))
+    with pytest.raises(BadEngineInput) as info:
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    error = info.value
+    assert route.call_count == 1 and error.retryable and error.charged == "no" and not error.engine_fault
+    assert "ORCH_OPENAI_MODEL" in error.message and "'input_fidelity'" in error.message
+    # The user's own prompt refused stays theirs: no other engine is tried.
+    respx.post(URL).mock(return_value=httpx.Response(400, json={"error": {
+        "message": "Prompt too long", "type": "invalid_request_error", "param": "prompt"}}))
+    with pytest.raises(BadEngineInput) as info:
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    assert not info.value.retryable
+
+
 def test_a_model_priced_per_image_only_is_not_priced(make_ctx: Any) -> None:
     # The draft each call sends is billed as input tokens, more than a low image itself: priced
     # by image alone, a successor's job held 1.1 credits against a bill of about 5.
