@@ -538,11 +538,14 @@ class Scheduler:
         than wait for recovery, which would fail a paid one as possibly billed."""
         with self._claim_lock:  # no claim is being made from here on
             unstarted = [claim for job_id, claim in self._claimed.items() if job_id not in self._running]
+        failed = False
         for claim in unstarted:
-            try:
-                self.runner.give_back(claim)
-            except Exception:  # the database is gone: recovery finds the claim later
-                log.exception("job %s: giving back its unstarted claim failed", claim.job.id)
+            if not failed:
+                try:
+                    self.runner.give_back(claim)
+                except Exception:  # the database is gone: recovery finds the claim later
+                    log.exception("job %s: giving back its unstarted claim failed", claim.job.id)
+                    failed = True  # the rest would wait it out in turn, past the stop's time
             self._claimed.pop(claim.job.id, None)
 
     def _fail_unserved(self) -> None:

@@ -83,6 +83,10 @@ PROGRESS_WRITE_INTERVAL = 1.0
 FINAL_WRITE_SECONDS = 120.0
 # How long a job's first paid request waits for the database to record it before it goes.
 RECORD_SENDING_SECONDS = 15.0
+# How long a stop's own writes (a job queued again) wait out a database that is away: shorter than
+# a job's end, as a stop must end within systemd's TimeoutStopSec (see the README); past it, the
+# job is left to recovery.
+STOP_WRITE_SECONDS = 30.0
 # How long a request that can bill waits for the saves of what was accepted before it (see
 # `_first_send_recorder`): a lock wait's worth.
 SAVE_WAIT_SECONDS = 30.0
@@ -662,9 +666,9 @@ class JobRunner:
                               "it was queued again", details={"engine": job.engine, "graceful": True})
         # A free server's task this attempt started (see the stop above) goes with the job.
         kept = _accepted_values(claim.accepted) if claim.accepted else {"provider_work": job.provider_work}
-        # As a job's end, a database restart or failover is waited out: a stop left to recovery
-        # would be counted as a crash.
-        for attempt in self.db.retrying(FINAL_WRITE_SECONDS, f"job {job.id} queued again"):
+        # A database restart or failover is waited out for a while: a stop left to recovery would
+        # be counted as a crash.
+        for attempt in self.db.retrying(STOP_WRITE_SECONDS, f"job {job.id} queued again"):
             with attempt, self.db.transaction() as s:
                 self._guarded_update(s, claim, status="queued", lease_owner=None, lease_expires_at=None,
                                      progress_step=0, progress_total=0, **kept,
@@ -675,7 +679,7 @@ class JobRunner:
         job = claim.job
         stopped = Interrupted("the service stopped while the provider worked on this job; its work is followed "
                               "again", details={"engine": job.engine, "graceful": True})
-        for attempt in self.db.retrying(FINAL_WRITE_SECONDS, f"job {job.id} queued again to be followed"):
+        for attempt in self.db.retrying(STOP_WRITE_SECONDS, f"job {job.id} queued again to be followed"):
             with attempt, self.db.transaction() as s:
                 self._guarded_update(s, claim, status="queued", lease_owner=None, lease_expires_at=None,
                                      progress_step=0, progress_total=0, **_accepted_values(work),

@@ -185,6 +185,8 @@ class GeminiEngine(CloudEngine):
                         made = not isinstance(exc, ContentFiltered) or _generated(usage)
                         if made and cost is not None and total_cost is not None:
                             exc.charged, exc.cost_millicredits = "yes", total_cost + cost
+                        elif made:  # billed, by how much unknown (thinking tokens unpriced, a count malformed)
+                            exc.at_least_charged("unknown")
                         raise
                 total_cost = None if cost is None or total_cost is None else total_cost + cost
                 asked.charged(cost)

@@ -58,8 +58,8 @@ _GPT_IMAGE_1: dict[str, float] = {
 DEFAULT_PRICES: dict[str, dict[str, float]] = {
     "gpt-image-1.5": dict(_GPT_IMAGE_1),
     "gpt-image-1": dict(_GPT_IMAGE_1),
-    # providers.md gives mini prices at 1024x1024 only and no token prices: other sizes raise
-    # NoPrice (never priced as free) until the prices file adds them.
+    # providers.md gives mini prices at 1024x1024 only and no token prices: it raises NoPrice
+    # (never priced as free) until the prices file adds its input token rates (and other sizes).
     "gpt-image-1-mini": {"low-1024x1024": 0.5, "medium-1024x1024": 1.1, "high-1024x1024": 3.6},
 }
 # Models OpenAI shut down, and when (providers.md): from that day (UTC) a request for one fails,
@@ -110,7 +110,7 @@ def _rest(total: Any, part: Any) -> Any:
 def takes_input_fidelity(model: str) -> bool:
     """`input_fidelity=high` keeps a draft's composition on the gpt-image-1 family; the `-mini`
     models refuse it, and OpenAI's reference says to omit it for gpt-image-2 and later."""
-    return model.startswith("gpt-image-1") and "-mini" not in model
+    return (model == "gpt-image-1" or model.startswith(("gpt-image-1.", "gpt-image-1-"))) and "-mini" not in model
 
 
 def quality(req: RenderRequest) -> str:
@@ -279,10 +279,11 @@ class OpenAIImagesEngine(CloudEngine):
                                      details={"engine": self.name, "status": response.status_code, "reason": code})
         error = self.http.fail(response)
         param = _error(response).get("param")
-        if response.status_code == 400 and param in CHOSEN_FIELDS:
+        if response.status_code == 400 and isinstance(param, str) and param in CHOSEN_FIELDS:
             # A field this engine chose for the model refused by it (a successor that takes another
-            # size or no `input_fidelity`): not the user's request, so another engine may take it.
-            error.retryable = True
+            # size or no `input_fidelity`): not the user's request, so another engine may take it;
+            # and the engine set up wrong for its model, which its circuit counts.
+            error.retryable = error.engine_fault = True
             error.message += f" (the field '{param}' was chosen for model '{self._model}', ORCH_OPENAI_MODEL)"
         if request_id:  # for the provider's support, as a refusal's own message rarely says enough
             error.details.setdefault("request_id", request_id)

@@ -75,10 +75,11 @@ MAX_SEED = 4294967294
 
 
 def stability_seed(seed: int) -> int:
-    """The seed sent for `seed`: within Stability's 0..4294967294, and never 0, which Stability
-    reads as "random" (a job pinned to seed 0, or to 4294967295 wrapped to it, came out different
-    at each run). 0 goes as MAX_SEED, which that one seed shares with it."""
-    return seed % (MAX_SEED + 1) or MAX_SEED
+    """The seed sent for `seed`: within 1..4294967294, never 0, which Stability reads as "random"
+    (a job pinned to seed 0, or a variation wrapping to it, came out different at each run). A
+    seed in that range goes as itself (so a recorded seed makes the image again); the rest wrap
+    within it, so that consecutive seeds (a job's variations) stay distinct."""
+    return (seed - 1) % MAX_SEED + 1
 POLL_INTERVAL = 5.0
 FILTERED = "CONTENT_FILTERED"
 # Credits per output image (1 credit = $0.01; providers.md, Nov 2026). The upscalers are priced as

@@ -168,6 +168,17 @@ async def test_an_image_the_safety_filter_withheld_costs_the_tokens_it_reports(e
 
 
 @respx.mock
+async def test_a_withheld_image_whose_cost_cannot_be_summed_is_possibly_billed(engine: GeminiEngine) -> None:
+    # Thinking tokens with no price for them: no sum, and the withheld image was released as free.
+    usage = {"promptTokenCount": 1300, "candidatesTokenCount": 1290, "thoughtsTokenCount": 200}
+    withheld = {"candidates": [{"content": {"parts": []}, "finishReason": "IMAGE_SAFETY"}], "usageMetadata": usage}
+    respx.post(URL).mock(return_value=httpx.Response(200, json=withheld))
+    with pytest.raises(ContentFiltered) as info:
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    assert info.value.charged == "unknown"
+
+
+@respx.mock
 async def test_a_prompt_blocked_before_anything_was_generated_costs_nothing(engine: GeminiEngine) -> None:
     blocked = {"promptFeedback": {"blockReason": "SAFETY"}, "usageMetadata": {"promptTokenCount": 1300}}
     respx.post(URL).mock(return_value=httpx.Response(200, json=blocked))

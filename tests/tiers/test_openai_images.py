@@ -309,7 +309,7 @@ async def test_a_used_up_quota_is_not_waited_out(engine: OpenAIImagesEngine, sle
     ("gpt-image-1", True), ("gpt-image-1.5", True), ("gpt-image-1.5-2025-12-16", True),
     # The mini models refuse the field; OpenAI's reference says to omit it from gpt-image-2 on,
     # and a 400 for it would have failed every job of the successor as the user's bad input.
-    ("gpt-image-1-mini", False), ("gpt-image-2", False), ("gpt-image-2.6-sunburst", False)])
+    ("gpt-image-1-mini", False), ("gpt-image-2", False), ("gpt-image-2.6-sunburst", False), ("gpt-image-10", False)])
 @respx.mock
 async def test_input_fidelity_goes_only_to_the_models_that_take_it(make_ctx: Any, sleep: Any, model: str,
                                                                     sent: bool) -> None:
@@ -330,8 +330,14 @@ async def test_a_field_the_engine_chose_refused_by_the_model_lets_another_engine
     with pytest.raises(BadEngineInput) as info:
         await engine.run(bridge(), NullProgress(), CancelToken())
     error = info.value
-    assert route.call_count == 1 and error.retryable and error.charged == "no" and not error.engine_fault
+    # The engine is set up wrong for its model: its circuit counts it, not every job trying it first.
+    assert route.call_count == 1 and error.retryable and error.charged == "no" and error.engine_fault
     assert "ORCH_OPENAI_MODEL" in error.message and "'input_fidelity'" in error.message
+    # A `param` of another type (a list) is no field of ours: refused as before, not a crash.
+    respx.post(URL).mock(return_value=httpx.Response(400, json={"error": {"message": "bad", "param": ["size"]}}))
+    with pytest.raises(BadEngineInput) as info:
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    assert not info.value.retryable
     # The user's own prompt refused stays theirs: no other engine is tried.
     respx.post(URL).mock(return_value=httpx.Response(400, json={"error": {
         "message": "Prompt too long", "type": "invalid_request_error", "param": "prompt"}}))
@@ -371,6 +377,8 @@ def test_estimate_by_quality_and_size_and_unknown_model(make_ctx: Any) -> None:
     # Input is paid per call, and an answer short of images makes another: held for each image.
     assert eng.estimate(bridge(n=2)) == 2 * (16700 + 4534)
     mini = OpenAIImagesEngine(make_ctx(openai_api_key="k", openai_model="gpt-image-1-mini"))
+    with pytest.raises(NoPrice, match="input_image_tokens_per_million"):  # the built-in table has none
+        mini.estimate(bridge())
     with pytest.raises(NoPrice):
         mini.estimate(bridge(width=1536, height=1024))
     unknown = OpenAIImagesEngine(make_ctx(openai_api_key="k", openai_model="gpt-image-9"))

@@ -142,11 +142,12 @@ async def test_ultra_uses_its_endpoint_with_strength(make_engine: Any) -> None:
 
 
 @respx.mock
-@pytest.mark.parametrize(("seed", "sent"), [(0, ["4294967294", "1"]), (4294967294, ["4294967294", "4294967294"]),
-                                            (4294967293, ["4294967293", "4294967294"])])
+@pytest.mark.parametrize(("seed", "sent"), [(0, ["4294967294", "1"]), (4294967294, ["4294967294", "1"]),
+                                            (4294967293, ["4294967293", "4294967294"]), (7, ["7", "8"])])
 async def test_a_pinned_seed_is_never_sent_as_stability_s_random_zero(make_engine: Any, seed: int,
                                                                       sent: list[str]) -> None:
-    # Stability reads seed 0 as "random": a job pinned to 0 (or wrapping to it) differed at each run.
+    # Stability reads seed 0 as "random": a job pinned to 0 (or wrapping to it) differed at each run;
+    # the variations of a job stay distinct, and a seed in range goes as itself.
     route = respx.post(ULTRA).mock(return_value=ok())
     eng: StabilityEngine = make_engine(stability_model="ultra")
     await eng.run(bridge(n=2, seed=seed), NullProgress(), CancelToken())
