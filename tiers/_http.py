@@ -369,6 +369,11 @@ class RemoteClient:
         # An engine may mark some 408/429/5xx answers as final (Gemini's per-day quota): they are
         # returned at once instead of being retried until the deadline.
         self.final_answer: Callable[[httpx.Response], bool] = lambda _response: False
+        # Whether a request that makes an image gives up after UNREACHABLE_ATTEMPTS that cannot
+        # connect (see `_StopWhenUnreachable`): a cloud provider that refuses connections is down,
+        # a self-hosted server (ComfyUI, AUTOMATIC1111) may be restarting, and waiting for it costs
+        # nothing where another engine may bill.
+        self.gives_up_unreachable = True
         # Seconds a provider locks a client out after a 429 that says nothing of when to come back
         # (Stability: 60); None backs off as after any other failure.
         self.rate_limit_pause: float | None = None
@@ -489,7 +494,7 @@ class RemoteClient:
         # answered (it waits until the deadline, not the read timeout: see `_send_once`).
         reserve = 0.0 if idempotent else self.deadline_seconds / 2
         stop: stop_base = _StopAtDeadline(stop_at, self.clock, reserve)
-        if not idempotent:
+        if not idempotent and self.gives_up_unreachable:
             stop = stop | _StopWhenUnreachable(UNREACHABLE_ATTEMPTS)
         retrying = AsyncRetrying(
             retry=retry_if_exception_type((_RetryableAnswer, _NotSent)),

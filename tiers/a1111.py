@@ -154,6 +154,7 @@ class A1111Engine:
             key_setting=f"{AUTH_SETTING} ('user:password' of the server's --api-auth)",
         )
         self.http.final_answer = not_sent_again
+        self.http.gives_up_unreachable = False  # a restart of the server is waited out: it bills nothing
 
     @property
     def model(self) -> str:

@@ -219,6 +219,7 @@ class ComfyUIEngine:
             key_setting=f"{URL_SETTING} (the proxy in front of ComfyUI refused the request)",
         )
         self.http.final_answer = _queued_behind_a_gateway
+        self.http.gives_up_unreachable = False  # a restart of the server is waited out: it bills nothing
 
     @property
     def model(self) -> str:

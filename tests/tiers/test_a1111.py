@@ -72,6 +72,17 @@ def bridge(**kw: Any) -> RenderRequest:
 
 
 @respx.mock
+async def test_a_server_restarting_is_waited_out_not_left_for_another_engine(engine: A1111Engine) -> None:
+    # A cloud engine that refuses connections gives up after a few tries (its job falls back); a
+    # self-hosted server refusing them is restarting, and waiting bills nothing.
+    task_is("unknown")
+    route = respx.post(URL).mock(side_effect=[httpx.ConnectError("refused")] * 6
+                                 + [httpx.Response(200, json=ok_body())])
+    result = await engine.run(bridge(), NullProgress(), CancelToken())
+    assert route.call_count == 7 and len(result.images) == 1
+
+
+@respx.mock
 async def test_success_sends_draft_and_takes_first_n_images(engine: A1111Engine) -> None:
     task_is("unknown")
     # Three images for n=1: the extras stand for ControlNet maps appended by the extension.
