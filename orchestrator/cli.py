@@ -71,9 +71,8 @@ def _service_url(text: str) -> str:
     except httpx.InvalidURL:
         raise argparse.ArgumentTypeError(f"{text!r} is not an http:// or https:// address") from None
     if url.scheme not in ("http", "https") or not url.host:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an http:// or https:// address")
+        raise argparse.ArgumentTypeError(f"{without_password(url)!r} is not an http:// or https:// address")
     return text
-
 
 
 def without_password(url: str | httpx.URL) -> str:

@@ -178,6 +178,13 @@ def _in_memory(url: URL) -> bool:
             or url.query.get("vfs") == "memdb")
 
 
+def _names_a_database(url: URL) -> bool:
+    """Whether a PostgreSQL URL names its database: in its path, its query (`dbname`, a
+    `service` of pg_service.conf), or libpq's environment (PGDATABASE, PGSERVICE)."""
+    return bool(url.database or url.query.get("dbname") or url.query.get("service")
+                or os.environ.get("PGDATABASE") or os.environ.get("PGSERVICE"))
+
+
 def database_url_problems(text: str) -> list[str]:
     """What is wrong with `ORCH_DATABASE_URL` before any connection is tried (never showing its password)."""
     told = source_of("database_url")
@@ -191,8 +198,9 @@ def database_url_problems(text: str) -> list[str]:
         return [f"{told}: an @ in its user or password must be written %40 (percent-encoded); the URL is not "
                 "shown, as part of the password would be"]
     shown = shown_url(text)
-    if url.get_backend_name() == "postgresql" and not url.database:
-        # libpq then takes the user's own database (`postgres`): the tables went into the server's.
+    if url.get_backend_name() == "postgresql" and not _names_a_database(url):
+        # libpq then takes the database named after the user (`postgres` for postgres): the
+        # tables went into the server's own.
         return [f"{told}: {shown} names no database: add it after the host (postgresql+psycopg://user@host/orchestrator)"]
     if url.get_backend_name() == "postgres":  # the scheme Heroku and libpq write; SQLAlchemy knows no such name
         return [f"{told}: {shown}: write postgresql+psycopg:// for PostgreSQL"]
@@ -321,8 +329,9 @@ class Services:
             self._keep_projects_local(policies)
         except SQLAlchemyError as exc:
             log.error("policies %s keep everything on this machine, but their projects' unfinished jobs could not be "
-                      "read %s (%s): those queued for engines off the machine stay queued until a process that "
-                      "runs jobs claims them, and are canceled then, unsent", ", ".join(sorted(policies)), when, exc)
+                      "read %s (%s): a process that runs jobs cancels those queued for engines off the machine "
+                      "when it claims them, once its own policies say the same (a worker reloads its policy files "
+                      "when they change)", ", ".join(sorted(policies)), when, exc)
 
     def keep_local(self, project_id: str, policy: str) -> list[str]:
         """`JobService.keep_local`, and the work of the jobs it cancels withdrawn (one queued to be

@@ -202,11 +202,8 @@ class Settings(BaseSettings):
     def _no_stray_spaces(cls, value: Any) -> Any:
         # `ORCH_DATA_DIR=/srv/orch ` (an env file's trailing space) started on a new, empty data dir
         # named with the space, the studio's own looking lost; a model named with one was unpriced.
-        # Quotes an env file kept (`docker run --env-file` keeps them) did the same, in a folder
-        # named `"` of the working directory: refused, not guessed at.
-        value = value.strip() if isinstance(value, str) else value
-        _refuse_quoted(value)
-        return value
+        # (Quotes an env file kept did the same, in a folder named `"`: see `_not_quoted`.)
+        return value.strip() if isinstance(value, str) else value
 
     @field_validator("data_dir", "cache_dir", "policy_dir", "prices_file", "comfyui_workflow")
     @classmethod
@@ -231,11 +228,17 @@ class Settings(BaseSettings):
                              "be named by a shorter path, a symbolic link to it)")
         return value
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _not_quoted(cls, value: Any) -> Any:
+        # Every setting: a quoted provider key was refused by its provider at every call, a quoted
+        # admin key refused every client, a quoted model name was a model nobody serves.
+        _refuse_quoted(value.strip() if isinstance(value, str) else value)
+        return value
+
     @field_validator("admin_key")
     @classmethod
     def _admin_key_not_blank(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is not None:
-            _refuse_quoted(value.get_secret_value().strip())  # every client's key was refused (401)
         # Blank would turn auth on with a key that an empty "Authorization: Bearer" matches; taking
         # it as unset would leave the API open to someone who meant to close it. Neither is safe.
         if value is not None and not value.get_secret_value().strip():

@@ -1173,3 +1173,15 @@ def test_debug_logs_leave_out_the_http_libraries_headers(tmp_path: Path, monkeyp
     main(["check"])
     for name in ("httpx", "httpcore", "websockets"):
         assert logging.getLogger(name).level >= logging.WARNING, name  # whatever the root's level
+
+
+@pytest.mark.parametrize("url", ["postgresql+psycopg://u@db/?dbname=orch", "postgresql+psycopg:///?service=orch"])
+def test_a_postgres_url_naming_its_database_in_its_query_is_taken(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from orchestrator.services import database_url_problems
+
+    monkeypatch.delenv("PGDATABASE", raising=False)
+    monkeypatch.delenv("PGSERVICE", raising=False)
+    assert database_url_problems(url) == []
+    assert "names no database" in database_url_problems("postgresql+psycopg://u@db/")[0]
+    monkeypatch.setenv("PGDATABASE", "orch")  # libpq's own variable names it
+    assert database_url_problems("postgresql+psycopg://u@db/") == []

@@ -7,8 +7,9 @@ polls, the result fetch and output downloads are idempotent. A cancel while the 
 not drop it: the job ends, and the request it queued is canceled once its answer comes.
 
 Once fal has accepted a request, a failure leaves the bill `unknown` (the ledger keeps the
-estimate unreconciled) and a result that was fetched is billed. fal reports no money amount, so
-the actual cost is always `None`.
+estimate unreconciled) and a result that was fetched is billed. fal reports no money amount: the
+actual cost is `None` (the estimate is captured), except for an answer listing more images than
+asked, charged for each (see `_cost_of_surplus`; past twice the hold, the ledger flags it for review).
 """
 
 from __future__ import annotations
