@@ -472,8 +472,9 @@ def test_a_wait_for_the_write_lock_does_not_shorten_a_lease(services: Services,
     assert lease_left() == services.scheduler.lease
 
 
-def test_a_job_a_stop_gives_back_waits_out_a_lost_database_connection(services: Services,
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("how", ["given back", "to be followed"])
+def test_a_job_a_stop_queues_again_waits_out_a_lost_database_connection(
+        services: Services, monkeypatch: pytest.MonkeyPatch, how: str) -> None:
     # A stop during a database failover: the one write that queues the job again failed, the job
     # was left to recovery and counted as a crash (three such restarts fail it `interrupted`).
     [job_id] = queued_drafts(services, 1)
@@ -490,7 +491,12 @@ def test_a_job_a_stop_gives_back_waits_out_a_lost_database_connection(services: 
         return update_job(*args, **kwargs)
 
     monkeypatch.setattr(runner, "_guarded_update", first_write_lost)
-    runner.give_back(claim)
+    work = {"engine": claim.job.engine, "handles": [{"id": "req-1"}]}
+    if how == "given back":
+        runner.give_back(claim)
+    else:
+        runner._requeue_to_follow(claim, work)
     job = services.jobs.get(job_id)
     assert lost == [] and job.status == "queued" and job.lease_owner is None
     assert [(a["status"], a["error"]["details"]["graceful"]) for a in job.attempts] == [("interrupted", True)]
+    assert (job.provider_work == work) is (how == "to be followed")
