@@ -268,8 +268,10 @@ def _policy_paths(directory: Path) -> builtins.list[Path]:
     except OSError as exc:
         raise PolicyError(f"{label}: cannot list the policy directory: {exc.strerror or exc}",
                           file=label) from None
-    # A leading dot: editors' swap and backup files.
-    return [directory / name for name in sorted(names) if name.endswith(".toml") and not name.startswith(".")]
+    # A leading dot: editors' swap and backup files. The suffix in any case: `studio.TOML` was
+    # skipped without a word.
+    return [directory / name for name in sorted(names)
+            if name.lower().endswith(".toml") and not name.startswith(".")]
 
 
 def _always_private(rule: Rule) -> bool:

@@ -504,3 +504,10 @@ def test_a_dangling_link_does_not_blind_the_watch_to_the_other_files(tmp_path: P
     assert store.fingerprint() == store.loaded_fingerprint
     write(tmp_path, "mine", GOOD.format(name="mine", description="version two"))
     assert store.fingerprint() != store.loaded_fingerprint
+
+
+def test_a_policy_file_with_an_upper_case_suffix_is_read(tmp_path: Path) -> None:
+    # `studio.TOML` was skipped without a word: its projects were told the policy is unknown.
+    (tmp_path / "studio.TOML").write_text(GOOD.format(name="studio", description="upper case"))
+    store = PolicyStore(tmp_path)
+    assert store.errors == [] and store.get("studio").description == "upper case"
