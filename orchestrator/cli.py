@@ -173,7 +173,28 @@ def main(argv: list[str] | None = None) -> int:
     except DatabaseError as exc:
         # The database is down or refuses us: say so in a line (the URL's password never shows).
         reason = first_line(exc.orig or exc, type(exc).__name__)
-        return _fail(f"cannot use the database ({_database_named()}): {reason}")
+        # One that is not there, refuses these credentials, or cannot be written is the setup's
+        # (2, as `check` says it): a restart changes nothing. One that does not answer may come back (1).
+        return _fail(f"cannot use the database ({_database_named()}): {reason}",
+                     status=2 if _set_up_wrong(exc) else 1)
+
+
+# PostgreSQL's SQLSTATEs of a setup to fix: no such database, credentials refused, no privilege.
+SETUP_SQLSTATES = frozenset({"3D000", "28P01", "28000", "42501"})
+# SQLite's words for a file that is not a database, cannot be opened, or cannot be written.
+SETUP_SQLITE = ("file is not a database", "unable to open database file", "readonly database")
+# libpq's, when the connection itself is refused so (its error then carries no SQLSTATE).
+SETUP_LIBPQ = ("does not exist", "password authentication failed", "no pg_hba.conf entry")
+
+
+def _set_up_wrong(exc: DatabaseError) -> bool:
+    orig = exc.orig
+    if getattr(orig, "sqlstate", None) in SETUP_SQLSTATES:
+        return True
+    said = str(orig or exc).lower()
+    if getattr(orig, "sqlite_errorname", None) is not None:
+        return any(words in said for words in SETUP_SQLITE)
+    return "fatal:" in said and any(words in said for words in SETUP_LIBPQ)
 
 
 def _database_named() -> str:

@@ -1052,7 +1052,8 @@ def test_a_database_that_takes_no_writes_is_one_line_before_the_service_starts(
     # Opened read-only, as a file the service's user may not write would be (root writes any file).
     monkeypatch.setenv("ORCH_DATABASE_URL", f"sqlite:///file:{path}?mode=ro&uri=true")
     capsys.readouterr()
-    assert main(["serve", "--port", str(free_port())]) == 1
+    # The setup's to fix (2, as `check` says it), not a database away a restart may find back (1).
+    assert main(["serve", "--port", str(free_port())]) == 2
     err = capsys.readouterr().err
     assert err.startswith("orchestrator: cannot use the database (ORCH_DATABASE_URL: sqlite:///file"), err
     assert "readonly" in err, err
@@ -1185,3 +1186,16 @@ def test_a_postgres_url_naming_its_database_in_its_query_is_taken(url: str, monk
     assert "names no database" in database_url_problems("postgresql+psycopg://u@db/")[0]
     monkeypatch.setenv("PGDATABASE", "orch")  # libpq's own variable names it
     assert database_url_problems("postgresql+psycopg://u@db/") == []
+
+
+def test_a_database_file_that_is_not_one_is_the_setup_s_to_fix(make_settings: SettingsFactory, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    # Exit 1 under systemd is a restart loop for something only a person can fix; `check` said 2.
+    make_settings()  # keeps the developer's environment out
+    (tmp_path / "notes.db").write_bytes(b"these are notes, not a database" * 100)
+    monkeypatch.setenv("ORCH_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("ORCH_DATABASE_URL", f"sqlite:///{tmp_path / 'notes.db'}")
+    for command in (["migrate"], ["check"]):
+        assert main(command) == 2, command
+        assert "file is not a database" in capsys.readouterr().err
