@@ -58,6 +58,19 @@ RECENT_BYTES = 32 * 2**20
 # How long a just-made asset's bytes are served from memory without asking the database: an asset
 # deleted through another process is served from here no longer than this.
 RECENT_SECONDS = 30.0
+
+
+def _umask() -> int:
+    """The process's umask, read once (setting it to read it is not safe among threads)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# The mode of the files the store writes: as any file this process creates (mkstemp's 0600 left
+# a backup job or another user of the group unable to read them; a fixed 0644 let every account
+# of a shared machine read every project's images, whatever umask the operator set).
+FILE_MODE = 0o666 & ~_umask()
 RECENT_REMOVED = 10_000
 # A temp preview file younger than this may be another process's write in progress.
 PREVIEW_TEMP_SECONDS = 60.0
@@ -357,14 +370,13 @@ class ArtifactStore:
     @staticmethod
     def write_atomic(path: Path, data: bytes) -> None:
         """Write `path` whole or not at all, durably (temp file, fsync, rename, folder fsync),
-        readable by others (0644)."""
+        with the mode the process's umask gives (`FILE_MODE`)."""
         if not path.parent.is_dir():
             path.parent.mkdir(parents=True, exist_ok=True)
             _fsync_dir(path.parent.parent)  # the new shard's name, as durable as what it will hold
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".png")
         try:
-            # mkstemp makes the file 0600: a backup job or a static file server must read it too.
-            os.fchmod(fd, 0o644)
+            os.fchmod(fd, FILE_MODE)  # mkstemp makes it 0600
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()
@@ -536,7 +548,7 @@ class PreviewFiles:
         self.root.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".tmp-", suffix=".png")
         try:
-            os.fchmod(fd, 0o644)  # served by API processes that may run as another user of the group
+            os.fchmod(fd, FILE_MODE)  # served by API processes that may run as another user of the group
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
             os.replace(tmp, path)

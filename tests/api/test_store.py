@@ -22,7 +22,15 @@ from orchestrator.errors import ContentUnavailable, NotFound
 from orchestrator.ids import new_id
 from orchestrator.models import Asset
 from orchestrator.server import serve_in_thread
-from orchestrator.store import ArtifactStore, RecentContent, SweepRefused, encode_png, infotext, read_record
+from orchestrator.store import (
+    FILE_MODE,
+    ArtifactStore,
+    RecentContent,
+    SweepRefused,
+    encode_png,
+    infotext,
+    read_record,
+)
 from tests.api import create_project, run_draft, submit_draft, wait_for_job
 from tests.conftest import SettingsFactory
 
@@ -80,7 +88,8 @@ def test_put_get_is_content_addressed_and_atomic(tmp_path: Path) -> None:
     assert store.get(sha) == data
     assert store.put(data) == sha  # the same bytes twice: one file
     assert [p.name for p in store.root.rglob("*") if p.is_file()] == [f"{sha}.png"]
-    assert store.path_for(sha).stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600: backups read it
+    # Not mkstemp's 0600 (backups read it): as the process's umask makes any file.
+    assert store.path_for(sha).stat().st_mode & 0o777 == FILE_MODE != 0o600
     with pytest.raises(ContentUnavailable, match="missing from the store"):
         store.get("0" * 64)  # well-formed, but never stored
     store.path_for(sha).write_bytes(b"\x89PNG damaged")
@@ -173,7 +182,7 @@ def test_sweep_temp_removes_leftovers_of_a_crash(tmp_path: Path) -> None:
     writing.unlink()
     assert store.get(sha) == b"kept"
     assert [p.name for p in store.root.rglob("*") if p.is_file()] == [f"{sha}.png"]
-    assert store.path_for(sha).stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600: backups read it
+    assert store.path_for(sha).stat().st_mode & 0o777 == FILE_MODE  # not mkstemp's 0600: backups read it
 
 
 def age(path: Path, seconds: float = 7200.0) -> None:
@@ -696,3 +705,17 @@ def test_assets_listed_oldest_first_say_so_by_their_times(make_settings: Setting
     assert len(items) == 3
     times = [item["created_at"] for item in items]
     assert times == sorted(times), times
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o027, 0o640), (0o077, 0o600)])
+def test_stored_files_take_the_mode_the_operator_s_umask_gives(tmp_path: Path, umask: int, mode: int) -> None:
+    # A fixed 0644 let every account of a shared machine read every project's images, whatever
+    # umask the operator set for the service.
+    import subprocess
+    import sys
+
+    code = (f"import os, pathlib; os.umask({umask}); from orchestrator.store import ArtifactStore; "
+            f"s = ArtifactStore(pathlib.Path({str(tmp_path / 'assets')!r})); "
+            "print(oct(s.path_for(s.put(b'x')).stat().st_mode & 0o777))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == oct(mode)
