@@ -10,6 +10,7 @@ are 256 random bits, not passwords that could be guessed.
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 
 from sqlmodel import col, select
@@ -23,6 +24,9 @@ from orchestrator.models import ApiKey
 
 # Recognisable in a leaked log or a secret scanner, and tells the admin key apart without a lookup.
 SECRET_PREFIX = "orch_pk_"
+# What every secret `create` makes looks like: a token of another shape is refused without the
+# database read a lookup costs (a flood of made-up ones would queue behind the real ones).
+SECRET_RE = re.compile(re.escape(SECRET_PREFIX) + r"[A-Za-z0-9_-]{43}")
 SHOWN_PREFIX = len(SECRET_PREFIX) + 6
 
 

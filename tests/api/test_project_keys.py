@@ -214,6 +214,24 @@ def test_only_the_admin_creates_changes_grants_reloads_and_manages_keys(world: W
     assert world.admin.get(f"/v1/projects/{a}").json()["budget"]["limit"] is None
 
 
+def test_a_token_no_key_could_be_costs_no_database_read(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Any token starting orch_pk_ was looked up: a flood of made-up ones queued behind real keys.
+    looked_up: list[str] = []
+    find = keys.find
+
+    def counting(db: Any, secret: str) -> Any:
+        looked_up.append(secret)
+        return find(db, secret)
+
+    monkeypatch.setattr(keys, "find", counting)
+    for token in ("orch_pk_", "orch_pk_short", "orch_pk_" + "a" * 42 + "!", "orch_pk_" + "a" * 44):
+        assert_error(world.mine.get(f"/v1/projects/{world.a}", headers={"Authorization": f"Bearer {token}"}),
+                     401, "unauthorized")
+    assert looked_up == []
+    assert world.mine.get(f"/v1/projects/{world.a}").status_code == 200  # a real key still is
+    assert looked_up == [world.key["key"]]
+
+
 def test_a_revoked_key_is_refused_at_once(world: World) -> None:
     url = f"/v1/projects/{world.a}/keys/{world.key['id']}"
     revoked = world.admin.delete(url)
