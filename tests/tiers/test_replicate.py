@@ -632,6 +632,7 @@ def test_a_stop_waits_for_a_job_whose_predictions_were_not_all_accepted(
     claim = Claim(job=job, attempt=1, cancel=CancelToken(), accepted=work)
     scheduler: Any = SimpleNamespace(registry=EngineRegistry({"replicate": engine}),
                                      runner=SimpleNamespace(storing=set()))
+    scheduler._followed = lambda claim: Scheduler._followed(scheduler, claim)
     assert Scheduler._answer_awaited(scheduler, claim) is awaited
 
 
