@@ -66,12 +66,14 @@ def _demo_size(text: str) -> int:
 
 
 def _service_url(text: str) -> str:
+    # Not echoed when it may hold credentials that could not be told apart from the rest.
+    said = repr(text) if "@" not in text else "the address given"
     try:
         url = httpx.URL(text)
     except httpx.InvalidURL:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an http:// or https:// address") from None
+        raise argparse.ArgumentTypeError(f"{said} is not an http:// or https:// address") from None
     if url.scheme not in ("http", "https") or not url.host:
-        raise argparse.ArgumentTypeError(f"{without_password(url)!r} is not an http:// or https:// address")
+        raise argparse.ArgumentTypeError(f"{said} is not an http:// or https:// address")
     return text
 
 
@@ -184,7 +186,8 @@ SETUP_SQLSTATES = frozenset({"3D000", "28P01", "28000", "42501"})
 # SQLite's words for a file that is not a database, cannot be opened, or cannot be written.
 SETUP_SQLITE = ("file is not a database", "unable to open database file", "readonly database")
 # libpq's, when the connection itself is refused so (its error then carries no SQLSTATE).
-SETUP_LIBPQ = ("does not exist", "password authentication failed", "no pg_hba.conf entry")
+SETUP_LIBPQ = ("does not exist", "password authentication failed", "no pg_hba.conf entry", "permission denied",
+               "not permitted to log in", "no password supplied")
 
 
 def _set_up_wrong(exc: DatabaseError) -> bool:

@@ -39,7 +39,7 @@ from sqlalchemy import func, update
 from sqlmodel import col, select
 
 from orchestrator.clock import shared_now, utcnow
-from orchestrator.db import Database, changed
+from orchestrator.db import Database, changed, transient
 from orchestrator.errors import Canceled, Interrupted, OrchestratorError
 from orchestrator.events import EventBus, on_loop
 from orchestrator.jobs import render_request
@@ -543,9 +543,9 @@ class Scheduler:
             if not failed:
                 try:
                     self.runner.give_back(claim)
-                except Exception:  # the database is gone: recovery finds the claim later
+                except Exception as exc:  # the database is gone: recovery finds the claim later
                     log.exception("job %s: giving back its unstarted claim failed", claim.job.id)
-                    failed = True  # the rest would wait it out in turn, past the stop's time
+                    failed = transient(exc)  # the rest would wait it out in turn, past the stop's time
             self._claimed.pop(claim.job.id, None)
 
     def _fail_unserved(self) -> None:

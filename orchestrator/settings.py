@@ -54,6 +54,10 @@ API_VERSIONS = {"openai_base_url": ("v1",), "replicate_base_url": ("v1",),
                 "gemini_base_url": ("v1beta", "v1", "v1alpha"), "stability_base_url": ("v2beta", "v1")}
 
 
+PROVIDER_KEYS = frozenset({"gemini_api_key", "openai_api_key", "stability_api_key", "replicate_api_key",
+                           "fal_api_key"})
+
+
 def _refuse_quoted(value: Any) -> None:
     """A value written in quotes that were kept (an env file read without a shell) is refused."""
     if isinstance(value, str) and len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
@@ -230,10 +234,12 @@ class Settings(BaseSettings):
 
     @field_validator("*", mode="before")
     @classmethod
-    def _not_quoted(cls, value: Any) -> Any:
-        # Every setting: a quoted provider key was refused by its provider at every call, a quoted
-        # admin key refused every client, a quoted model name was a model nobody serves.
-        _refuse_quoted(value.strip() if isinstance(value, str) else value)
+    def _not_quoted(cls, value: Any, info: ValidationInfo) -> Any:
+        # A quoted admin key refused every client, a quoted model name was a model nobody serves.
+        # (A provider's key, which may come from the vendor's own variable, leaves its engine
+        # unavailable, saying why, rather than stopping every command: see `tiers._cloud`.)
+        if info.field_name not in PROVIDER_KEYS:
+            _refuse_quoted(value.strip() if isinstance(value, str) else value)
         return value
 
     @field_validator("admin_key")

@@ -269,7 +269,7 @@ def test_paths_urls_and_model_names_are_read_without_spaces_at_their_ends(
 @pytest.mark.parametrize(("variable", "value"), [
     ("ORCH_DATA_DIR", '"/srv/orch"'), ("ORCH_DATA_DIR", "'/srv/orch'"), ("ORCH_POLICY_DIR", '"/srv/policies" '),
     ("ORCH_OPENAI_MODEL", "'gpt-image-2.6-sunburst'"), ("ORCH_ADMIN_KEY", '"a-key-of-twenty-chars"'),
-    ("ORCH_LITE_MODEL", '"stabilityai/sd-turbo"'), ("FAL_KEY", '"fal-key-1234"'), ("ORCH_A1111_AUTH", "'u:pw'")])
+    ("ORCH_LITE_MODEL", '"stabilityai/sd-turbo"'), ("ORCH_A1111_AUTH", "'u:pw'")])
 def test_a_value_in_quotes_an_env_file_kept_is_refused(toml_file: Path, monkeypatch: pytest.MonkeyPatch,
                                                       variable: str, value: str) -> None:
     # `docker run --env-file` keeps them: the data dir was a new, empty install in a folder named `"`

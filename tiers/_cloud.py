@@ -122,6 +122,8 @@ def _usable_key(key: SecretStr | None) -> tuple[str | None, str | None]:
         return None, None
     if not all(" " < char < "\x7f" for char in value):
         return None, "holds a character an HTTP header cannot carry (a space, a non-ASCII or control character)"
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+        return None, "is wrapped in quotes, which were kept as part of it (an env file read without a shell)"
     return value, None
 
 

@@ -76,6 +76,8 @@ MIN_ATTEMPT_SECONDS = 1.0
 # Attempts in a row that could not connect before a request that makes an image gives up (see
 # `_StopWhenUnreachable`): a restart of the provider's edge is ridden out, a server down is not.
 UNREACHABLE_ATTEMPTS = 4
+# A self-hosted server's: about a minute of backing off, a restart's time, not half the deadline.
+SELF_HOSTED_UNREACHABLE_ATTEMPTS = 8
 # The most an answer may hold once decompressed. The largest real answer is an image: a 4096x4096
 # PNG, base64 in JSON, is some 70 MB. Without a cap, half a megabyte of gzip that inflates to
 # gigabytes is read whole into memory.
@@ -369,11 +371,10 @@ class RemoteClient:
         # An engine may mark some 408/429/5xx answers as final (Gemini's per-day quota): they are
         # returned at once instead of being retried until the deadline.
         self.final_answer: Callable[[httpx.Response], bool] = lambda _response: False
-        # Whether a request that makes an image gives up after UNREACHABLE_ATTEMPTS that cannot
-        # connect (see `_StopWhenUnreachable`): a cloud provider that refuses connections is down,
-        # a self-hosted server (ComfyUI, AUTOMATIC1111) may be restarting, and waiting for it costs
-        # nothing where another engine may bill.
-        self.gives_up_unreachable = True
+        # Attempts in a row that cannot connect after which a request that makes an image gives
+        # up (see `_StopWhenUnreachable`): a cloud provider that refuses connections is down; a
+        # self-hosted server (ComfyUI, AUTOMATIC1111) may be restarting, and is given longer.
+        self.unreachable_attempts = UNREACHABLE_ATTEMPTS
         # Seconds a provider locks a client out after a 429 that says nothing of when to come back
         # (Stability: 60); None backs off as after any other failure.
         self.rate_limit_pause: float | None = None
@@ -494,8 +495,8 @@ class RemoteClient:
         # answered (it waits until the deadline, not the read timeout: see `_send_once`).
         reserve = 0.0 if idempotent else self.deadline_seconds / 2
         stop: stop_base = _StopAtDeadline(stop_at, self.clock, reserve)
-        if not idempotent and self.gives_up_unreachable:
-            stop = stop | _StopWhenUnreachable(UNREACHABLE_ATTEMPTS)
+        if not idempotent:
+            stop = stop | _StopWhenUnreachable(self.unreachable_attempts)
         retrying = AsyncRetrying(
             retry=retry_if_exception_type((_RetryableAnswer, _NotSent)),
             wait=functools.partial(_next_wait, rate_limit_pause=self.rate_limit_pause),

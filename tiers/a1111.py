@@ -37,7 +37,13 @@ from typing import Any, Literal
 import httpx
 
 from orchestrator.errors import BadEngineInput, Canceled, EngineError, EngineTimeout, EngineUnavailable
-from tiers._http import GATEWAY_STATUSES, RemoteClient, error_text, without_credentials
+from tiers._http import (
+    GATEWAY_STATUSES,
+    SELF_HOSTED_UNREACHABLE_ATTEMPTS,
+    RemoteClient,
+    error_text,
+    without_credentials,
+)
 from tiers._images import b64decode_tolerant, b64encode, decode_image, encode_image
 from tiers.base import (
     MAX_MODEL_CHARS,
@@ -154,7 +160,7 @@ class A1111Engine:
             key_setting=f"{AUTH_SETTING} ('user:password' of the server's --api-auth)",
         )
         self.http.final_answer = not_sent_again
-        self.http.gives_up_unreachable = False  # a restart of the server is waited out: it bills nothing
+        self.http.unreachable_attempts = SELF_HOSTED_UNREACHABLE_ATTEMPTS  # a restart is waited out
 
     @property
     def model(self) -> str:

@@ -43,7 +43,15 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from orchestrator.errors import BadEngineInput, Canceled, EngineError, EngineTimeout, EngineUnavailable
-from tiers._http import GATEWAY_STATUSES, KeptOut, RemoteClient, error_text, json_object, without_credentials
+from tiers._http import (
+    GATEWAY_STATUSES,
+    SELF_HOSTED_UNREACHABLE_ATTEMPTS,
+    KeptOut,
+    RemoteClient,
+    error_text,
+    json_object,
+    without_credentials,
+)
 from tiers._images import decode_image, encode_image
 from tiers.base import (
     CancelToken,
@@ -219,7 +227,7 @@ class ComfyUIEngine:
             key_setting=f"{URL_SETTING} (the proxy in front of ComfyUI refused the request)",
         )
         self.http.final_answer = _queued_behind_a_gateway
-        self.http.gives_up_unreachable = False  # a restart of the server is waited out: it bills nothing
+        self.http.unreachable_attempts = SELF_HOSTED_UNREACHABLE_ATTEMPTS  # a restart is waited out
 
     @property
     def model(self) -> str:

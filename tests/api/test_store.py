@@ -89,7 +89,7 @@ def test_put_get_is_content_addressed_and_atomic(tmp_path: Path) -> None:
     assert store.put(data) == sha  # the same bytes twice: one file
     assert [p.name for p in store.root.rglob("*") if p.is_file()] == [f"{sha}.png"]
     # Not mkstemp's 0600 (backups read it): as the process's umask makes any file.
-    assert store.path_for(sha).stat().st_mode & 0o777 == FILE_MODE != 0o600
+    assert store.path_for(sha).stat().st_mode & 0o777 == FILE_MODE
     with pytest.raises(ContentUnavailable, match="missing from the store"):
         store.get("0" * 64)  # well-formed, but never stored
     store.path_for(sha).write_bytes(b"\x89PNG damaged")

@@ -80,6 +80,11 @@ async def test_a_server_restarting_is_waited_out_not_left_for_another_engine(eng
                                  + [httpx.Response(200, json=ok_body())])
     result = await engine.run(bridge(), NullProgress(), CancelToken())
     assert route.call_count == 7 and len(result.images) == 1
+    # A server that stays off is not waited for until half the deadline (150 s): about a minute.
+    route.mock(side_effect=httpx.ConnectError("refused"))
+    with pytest.raises(EngineError, match="could not reach") as info:
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    assert route.call_count == 7 + 8 and info.value.retryable and info.value.charged == "no"
 
 
 @respx.mock

@@ -59,6 +59,18 @@ async def test_a_key_no_header_can_carry_makes_the_engine_unavailable(
 
 
 @pytest.mark.parametrize(("cls", "prefix"), [(c[0], c[1]) for c in CASES], ids=[c[1] for c in CASES])
+@pytest.mark.parametrize("key", ['"k-secret"', "'k-secret'"])
+async def test_a_key_in_quotes_an_env_file_kept_makes_the_engine_unavailable(
+        make_ctx: Any, cls: CloudClass, prefix: str, key: str) -> None:
+    # Every call was refused (401) by the provider; the start is not refused for it (the vendor's
+    # own variable, FAL_KEY say, may hold it), the engine says why it is off.
+    engine = cls(make_ctx(**{f"{prefix}_api_key": key}))
+    available, reason = engine.availability()
+    assert available is False and reason is not None and "wrapped in quotes" in reason and "secret" not in reason
+    await engine.aclose()
+
+
+@pytest.mark.parametrize(("cls", "prefix"), [(c[0], c[1]) for c in CASES], ids=[c[1] for c in CASES])
 async def test_a_byte_order_mark_and_surrounding_whitespace_are_dropped(
         make_ctx: Any, cls: CloudClass, prefix: str) -> None:
     engine = cls(make_ctx(**{f"{prefix}_api_key": "\ufeff k-secret\r\n"}))
