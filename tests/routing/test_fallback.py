@@ -678,6 +678,10 @@ def test_a_job_canceled_as_its_fallback_commits_leaves_the_next_engine_s_probe_f
             made[0].failed("fake-b")
         clock.now += 61  # fake-b half-open: the fallback takes its probe
         job = wait_for_job(client, promote(client, asset_id, tags={"fake": "fail", "fake-b": "hang"})["id"])
+        # The job may read as canceled before the cancel's own answer is back on the runner's thread.
+        deadline = time.monotonic() + 10
+        while not canceled and time.monotonic() < deadline:
+            time.sleep(0.02)
         assert (job["status"], job["engine"], canceled) == ("canceled", "fake-b", [202])
         assert made[0].reserve("fake-b", "the next request")
 
