@@ -82,6 +82,7 @@ def without_password(url: str | httpx.URL) -> str:
     parsed = httpx.URL(url)
     return str(parsed.copy_with(username=parsed.username, password="***") if parsed.password else parsed)
 
+
 def main(argv: list[str] | None = None) -> int:
     given = sys.argv[1:] if argv is None else argv
     if next((arg for arg in given if not arg.startswith("-")), None) in ("serve", "worker"):
