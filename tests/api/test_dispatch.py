@@ -498,5 +498,5 @@ def test_a_job_a_stop_queues_again_waits_out_a_lost_database_connection(
         runner._requeue_to_follow(claim, work)
     job = services.jobs.get(job_id)
     assert lost == [] and job.status == "queued" and job.lease_owner is None
-    assert [(a["status"], a["error"]["details"]["graceful"]) for a in job.attempts] == [("interrupted", True)]
+    assert [(a["status"], a["error"]["details"]["graceful"]) for a in job.attempts or []] == [("interrupted", True)]
     assert (job.provider_work == work) is (how == "to be followed")
