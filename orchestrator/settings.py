@@ -33,7 +33,7 @@ from pydantic_settings import (
 )
 from sqlalchemy.engine import URL
 
-from tiers.base import MAX_MODEL_CHARS
+from tiers.base import MAX_MODEL_CHARS, in_kept_quotes
 
 log = logging.getLogger(__name__)
 PREFIX = "ORCH_"
@@ -60,7 +60,7 @@ PROVIDER_KEYS = frozenset({"gemini_api_key", "openai_api_key", "stability_api_ke
 
 def _refuse_quoted(value: Any) -> None:
     """A value written in quotes that were kept (an env file read without a shell) is refused."""
-    if isinstance(value, str) and len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+    if isinstance(value, str) and in_kept_quotes(value):
         raise ValueError(f"is wrapped in {value[0]} quotes, which were kept as part of it (an env file read without "
                          "a shell keeps them): write it without")
 

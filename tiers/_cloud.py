@@ -15,7 +15,7 @@ import httpx
 from orchestrator.errors import Canceled, ContentFiltered, EngineError, EngineUnavailable
 from tiers._http import KeptOut, RemoteClient, error_text
 from tiers._images import b64decode_tolerant, decode_image
-from tiers.base import CancelToken, EngineContext, Kind, PriceTable, RenderedImage, Stage, is_amount
+from tiers.base import CancelToken, EngineContext, Kind, PriceTable, RenderedImage, Stage, in_kept_quotes, is_amount
 
 if TYPE_CHECKING:
     from pydantic import SecretStr
@@ -122,7 +122,7 @@ def _usable_key(key: SecretStr | None) -> tuple[str | None, str | None]:
         return None, None
     if not all(" " < char < "\x7f" for char in value):
         return None, "holds a character an HTTP header cannot carry (a space, a non-ASCII or control character)"
-    if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+    if in_kept_quotes(value):
         return None, "is wrapped in quotes, which were kept as part of it (an env file read without a shell)"
     return value, None
 

@@ -37,6 +37,12 @@ MILLI = 1000
 MAX_ENGINE_CHARS, MAX_MODEL_CHARS = 100, 300
 
 
+def in_kept_quotes(text: str) -> bool:
+    """Whether a setting's text is wrapped in matching quotes an env file read without a shell
+    kept as part of it (`docker run --env-file`)."""
+    return len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'"
+
+
 def to_millicredits(credits: float) -> int:
     return round(credits * MILLI)
 
