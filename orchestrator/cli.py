@@ -153,7 +153,14 @@ def main(argv: list[str] | None = None) -> int:
         # A new user's first `make demo` opened with 18 lines of revisions; a service's log keeps them.
         logging.getLogger("alembic.runtime.migration").setLevel(logging.WARNING)
     try:
-        return _run(args)
+        status = _run(args)
+        sys.stdout.flush()  # inside the try: a reader gone (`check | head`) is told here, not at exit
+        return status
+    except BrokenPipeError:
+        # The reader took what it wanted; the rest of the output goes nowhere, without a traceback
+        # (Python's own advice: point stdout at devnull so the exit's flush cannot fail again).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except KeyboardInterrupt as exc:  # Ctrl-C: whatever was running has stopped (the server cleanly)
         return _interrupted(str(exc))  # the demo says which of its jobs it canceled
     except ValidationError as exc:

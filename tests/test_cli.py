@@ -320,6 +320,25 @@ def test_check_names_the_assets_whose_files_are_missing_or_damaged(
     assert f"1 asset missing: {assets[0]}\n" in out and "damaged" not in out
 
 
+def test_check_into_a_reader_that_stopped_reading_ends_without_a_traceback(
+        make_settings: SettingsFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # `orchestrator check | head -1`: head has gone by the time the report is flushed.
+    settings = make_settings()
+    monkeypatch.setenv("ORCH_DATA_DIR", str(settings.data_dir))
+    assert main(["migrate"]) == 0
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ORCH_")}
+    env.update(ORCH_DATA_DIR=str(settings.data_dir))
+    read, write = os.pipe()
+    os.close(read)  # before the command has imported anything, so its first write meets no reader
+    try:
+        done = subprocess.run([sys.executable, "-m", "orchestrator", "check"], env=env, cwd=tmp_path,
+                              stdout=write, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write)
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr
+
+
 def test_check_reads_a_data_dir_whose_name_holds_uri_characters(
         make_settings: SettingsFactory, start_server: Callable[[Settings], httpx.Client], tmp_path: Path,
         tiny_cache_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
