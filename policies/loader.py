@@ -161,7 +161,12 @@ class PolicyStore:
         except PolicyError as exc:
             errors.append(exc)
             return files, False
-        files.extend((path.stem, _file_loader(path)) for path in paths)
+        by_name: dict[str, builtins.list[Path]] = {}
+        for path in paths:
+            by_name.setdefault(path.stem, []).append(path)
+        for name, same in by_name.items():
+            # `studio.toml` beside `studio.TOML`: one silently won. Neither does; the last good stays.
+            files.append((name, _file_loader(same[0]) if len(same) == 1 else _two_files(name, same)))
         return files, True
 
     def get(self, name: str) -> Policy:
@@ -287,6 +292,14 @@ def _builtin_loader(read: Callable[[], bytes], filename: str, stem: str) -> Call
 
 def _file_loader(path: Path) -> Callable[[], Policy]:
     return lambda: load_policy_file(path)
+
+
+def _two_files(name: str, paths: builtins.list[Path]) -> Callable[[], Policy]:
+    def refuse() -> Policy:
+        label = str(paths[0].parent)
+        raise PolicyError(f"{label}: policy '{name}' is in {len(paths)} files "
+                          f"({', '.join(p.name for p in paths)}); keep one", file=label)
+    return refuse
 
 
 def _did_you_mean(name: str, known: set[str]) -> str:

@@ -511,3 +511,15 @@ def test_a_policy_file_with_an_upper_case_suffix_is_read(tmp_path: Path) -> None
     (tmp_path / "studio.TOML").write_text(GOOD.format(name="studio", description="upper case"))
     store = PolicyStore(tmp_path)
     assert store.errors == [] and store.get("studio").description == "upper case"
+
+
+def test_one_policy_in_two_files_is_refused_and_its_last_good_version_kept(tmp_path: Path) -> None:
+    # `studio.toml` beside `studio.TOML` (a copy from another machine): one of them won, unsaid.
+    write(tmp_path, "studio", GOOD.format(name="studio", description="lower"))
+    store = PolicyStore(tmp_path)
+    (tmp_path / "studio.TOML").write_text(GOOD.format(name="studio", description="upper"))
+    errors = store.reload()
+    assert [e.message for e in errors] == [
+        f"{tmp_path}: policy 'studio' is in 2 files (studio.TOML, studio.toml); keep one"]
+    assert store.get("studio").description == "lower"
+    assert "studio" not in PolicyStore(tmp_path)  # a start with both has neither
