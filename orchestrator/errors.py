@@ -255,6 +255,13 @@ class EngineError(OrchestratorError):
         return self
 
 
+class NoImage(EngineError):
+    """The provider answered this prompt without an image (a refusal in words, an empty result):
+    the model's answer, not the engine unwell, so its circuit does not count it (an artist retrying
+    a borderline prompt opened it for every project)."""
+    engine_fault = False
+
+
 class EngineUnavailable(EngineError):
     code = "engine_unavailable"
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import httpx
 
-from orchestrator.errors import Canceled, ContentFiltered, EngineError, EngineUnavailable
+from orchestrator.errors import Canceled, ContentFiltered, EngineError, EngineUnavailable, NoImage
 from tiers._http import KeptOut, RemoteClient, error_text
 from tiers._images import b64decode_tolerant, decode_image
 from tiers.base import CancelToken, EngineContext, Kind, PriceTable, RenderedImage, Stage, in_kept_quotes, is_amount
@@ -210,9 +210,7 @@ class CloudEngine:
         CDN hosts never see it."""
         try:
             if not urls:
-                none = EngineError(f"{self.name}: {empty}", details={"engine": self.name, **details})
-                none.engine_fault = False  # the model's answer to this prompt, not the engine unwell
-                raise none
+                raise NoImage(f"{self.name}: {empty}", details={"engine": self.name, **details})
             return [RenderedImage(await asyncio.to_thread(decode_image, await self._download(url, cancel), self.name))
                     for url in urls[:wanted]]
         except EngineError as exc:

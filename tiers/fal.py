@@ -21,7 +21,7 @@ from typing import Any
 
 import httpx
 
-from orchestrator.errors import BadEngineInput, Canceled, ContentFiltered, EngineError, EngineTimeout
+from orchestrator.errors import BadEngineInput, Canceled, ContentFiltered, EngineError, EngineTimeout, NoImage
 from tiers._cloud import CloudEngine
 from tiers._http import RemoteClient, error_text, json_object, without_credentials
 from tiers._images import CLASS_PIXELS_SLACK, CLASS_SIDE_SLACK, b64encode, encode_image, shaped_as, size_class
@@ -321,10 +321,8 @@ class FalEngine(CloudEngine):
         if not urls:
             # fal prices its image apps per output image: a result with none may have cost nothing.
             # Captured for a person to reconcile, as an answer without an image is everywhere else.
-            error = EngineError("fal: the request completed without an image", details={"engine": self.name},
-                                charged="unknown")
-            error.engine_fault = False  # the model's answer to this prompt: not a reason to stop routing to fal
-            raise error
+            raise NoImage("fal: the request completed without an image", details={"engine": self.name},
+                          charged="unknown")
         flagged = output.get("has_nsfw_concepts")
         if isinstance(flagged, list) and any(flag is True for flag in flagged[:wanted]):
             # A model with a safety checker answers a flagged image blacked out: not a result.

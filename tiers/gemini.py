@@ -13,7 +13,15 @@ from typing import Any
 
 import httpx
 
-from orchestrator.errors import BadEngineInput, ContentFiltered, EngineError, EngineUnavailable, NoPrice, RateLimited
+from orchestrator.errors import (
+    BadEngineInput,
+    ContentFiltered,
+    EngineError,
+    EngineUnavailable,
+    NoImage,
+    NoPrice,
+    RateLimited,
+)
 from tiers._cloud import Asked, CloudEngine, paid_calls, prompt_tokens, reading_an_answer, token_counts
 from tiers._http import RemoteClient, error_text
 from tiers._images import b64decode_tolerant, b64encode, decode_image, encode_image, nearest_aspect, size_class
@@ -244,12 +252,8 @@ class GeminiEngine(CloudEngine):
             raise ContentFiltered(f"gemini returned no image ({reason})",
                                   details={"engine": self.name, "reason": reason})
         told = self.said(reason)
-        error = EngineError(f"gemini returned no image (finishReason {told or 'missing'})",
-                            details={"engine": self.name, "reason": told or None})
-        # The model's answer to this prompt (a refusal in words, NO_IMAGE), not the engine unwell:
-        # an artist retrying a borderline prompt opened its circuit for every project.
-        error.engine_fault = False
-        raise error
+        raise NoImage(f"gemini returned no image (finishReason {told or 'missing'})",
+                      details={"engine": self.name, "reason": told or None})
 
     def _malformed(self, where: str) -> EngineError:
         # Raised while reading a 200 (`reading_an_answer`): the call may have been billed.
