@@ -110,7 +110,7 @@ def processing_failed(response: httpx.Response) -> bool:
 
 def not_sent_again(response: httpx.Response) -> bool:
     """Answers after which the render is not sent again: the webui's own failure, and a gateway's
-    502/504 (a reverse proxy whose read timeout is shorter than the render): the webui may still
+    timeout (`GATEWAY_STATUSES`: a reverse proxy whose read timeout is shorter than the render): the webui may still
     be rendering it, and each copy sent would be rendered too."""
     return response.status_code in GATEWAY_STATUSES or processing_failed(response)
 

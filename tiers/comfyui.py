@@ -111,7 +111,7 @@ MAX_UNIT = 10_000
 
 
 def _queued_behind_a_gateway(response: httpx.Response) -> bool:
-    """A proxy's 502/504 to the POST of a prompt: not sent again (see `_execute`)."""
+    """A proxy's gateway timeout (`GATEWAY_STATUSES`) to the POST of a prompt: not sent again (see `_execute`)."""
     return (response.status_code in GATEWAY_STATUSES and response.request.method == "POST"
             and response.request.url.path.endswith("/prompt"))
 

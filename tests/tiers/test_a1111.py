@@ -300,7 +300,7 @@ async def test_a_render_that_raised_for_another_reason_counts_against_the_server
 
 
 @respx.mock
-@pytest.mark.parametrize("status", [502, 504])
+@pytest.mark.parametrize("status", [502, 504, 520, 524])
 async def test_a_gateway_s_timeout_does_not_send_the_render_again(engine: A1111Engine, status: int) -> None:
     # nginx gives up on a long render after 60 s; the webui renders on, and every copy sent
     # again would be rendered too.

@@ -226,7 +226,7 @@ async def test_a_history_that_cannot_be_read_takes_the_prompt_off_the_server(eng
 
 
 @respx.mock
-@pytest.mark.parametrize("status", [502, 504])
+@pytest.mark.parametrize("status", [502, 504, 520, 524])
 async def test_a_proxy_s_gateway_error_to_the_prompt_is_not_resent_and_the_prompt_is_followed(
         engine: ComfyUIEngine, status: int) -> None:
     """The proxy gave up waiting, the server had queued the prompt: sent again, it was rendered
