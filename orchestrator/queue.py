@@ -49,7 +49,7 @@ from orchestrator.outage import Outage
 from orchestrator.routing import fallbacks
 from orchestrator.runner import FINAL_WRITE_SECONDS, Claim, JobRunner, followable, reattachable, restartable
 from orchestrator.workers import DeviceLock, Presence, owner_id
-from tiers.base import CancelToken, Engine, Restartable, Withdrawable
+from tiers.base import REMOTE_CONCURRENCY, CancelToken, Engine, Restartable, Withdrawable
 from tiers.registry import EngineRegistry
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,6 @@ MAX_RECOVERIES = 3  # a job its processes died under this often is failed, not r
 # Leases a holder of this machine whose owner lock is held may leave its expired lease unrenewed
 # before it is taken for hung and its job recovered (see `_orphans`).
 HUNG_HOLDER_LEASES = 5
-REMOTE_LANE_LIMIT = 4
 # How long a stop waits for interrupted jobs to wind down (a job storing what its engine made is
 # waited for longer: see `stop`).
 STOP_WAIT_SECONDS = 10.0
@@ -294,7 +293,10 @@ class Scheduler:
         engine = self.registry.get(engine_name)
         if engine.kind == "local":
             return "local", 1
-        return f"remote:{engine_name}", REMOTE_LANE_LIMIT
+        limit = getattr(engine, "concurrency", REMOTE_CONCURRENCY)
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+            limit = REMOTE_CONCURRENCY  # a third-party engine's mistake: not a lane that never runs
+        return f"remote:{engine_name}", limit
 
     def holds(self, job_id: str) -> bool:
         """Whether this process has claimed the job and not yet published how it ended."""

@@ -162,6 +162,9 @@ class Settings(BaseSettings):
     a1111_auth: SecretStr | None = None  # "user:password" for --api-auth
     # The checkpoint each render asks for (its title, name or hash); unset = whichever the server has loaded.
     a1111_checkpoint: str | None = None
+    # Jobs one process sends at once to each of them: they render one at a time, and a job waiting
+    # in the server's own queue runs out its deadline there, out of reach of a cancel (A1111).
+    self_hosted_concurrency: int = Field(1, ge=1, le=64)
 
     # Total seconds a remote call may take, retries and polling included.
     remote_deadline: float = Field(300.0, gt=0, le=DAY, allow_inf_nan=False)

@@ -140,6 +140,7 @@ class A1111Engine:
     def __init__(self, ctx: EngineContext, client: RemoteClient | None = None) -> None:
         s = ctx.settings
         self._url = s.a1111_url
+        self.concurrency = s.self_hosted_concurrency
         # An env file's stray space would name no checkpoint the server has (and it would render
         # with its loaded one): taken as written without it.
         self._checkpoint = (s.a1111_checkpoint or "").strip() or None

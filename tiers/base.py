@@ -290,6 +290,10 @@ class CancelToken:
                 await self.sleep(3600)
 
 
+# Jobs of one remote engine a process runs at once unless the engine says (`Engine.concurrency`).
+REMOTE_CONCURRENCY = 4
+
+
 @runtime_checkable
 class Engine(Protocol):
     """An engine may also set `announces_sends = True`: it awaits `billable_send()` before every
@@ -303,7 +307,10 @@ class Engine(Protocol):
     engine of several billable requests per job says it only while none of them is out (once one
     is, a cancel costs at least `unknown`, as `tiers._cloud.paid_calls` does for the built-ins);
     `billable_send()` raises a cancel of a later request so already once the provider accepted an
-    earlier one (`Progress.provider_request`)."""
+    earlier one (`Progress.provider_request`).
+
+    A remote engine may set `concurrency`, how many of its jobs one process runs at once
+    (`REMOTE_CONCURRENCY` when it does not; a local engine's device runs one)."""
 
     name: str
     kind: Kind

@@ -209,6 +209,7 @@ class ComfyUIEngine:
     def __init__(self, ctx: EngineContext, client: RemoteClient | None = None) -> None:
         s = ctx.settings
         self._url = s.comfyui_url
+        self.concurrency = s.self_hosted_concurrency
         self._workflow = s.comfyui_workflow
         self._connect_timeout = s.remote_connect_timeout
         # Seconds between /history polls; tests set it to 0.

@@ -27,7 +27,7 @@ from orchestrator.runner import Claim
 from orchestrator.schemas import DraftCreate
 from orchestrator.services import Services
 from orchestrator.settings import Settings
-from tiers.base import RenderedImage, RenderResult
+from tiers.base import REMOTE_CONCURRENCY, RenderedImage, RenderResult
 
 SettingsFactory = Callable[..., Settings]
 
@@ -277,15 +277,16 @@ def test_a_full_local_lane_does_not_hide_a_remote_job(services: Services, monkey
     assert statuses(services, drafts) == ["queued"] * 3
 
 
-def queued_paid(services: Services, project_id: str, count: int, routing: dict[str, Any] | None = None) -> list[str]:
-    """Paid jobs for `gemini` (its lane is all the dispatch looks at: nothing is sent)."""
+def queued_paid(services: Services, project_id: str, count: int, routing: dict[str, Any] | None = None,
+                engine: str = "gemini") -> list[str]:
+    """Paid jobs for `engine` (its lane is all the dispatch looks at: nothing is sent)."""
     ids = [new_id("job") for _ in range(count)]
     for job_id in ids:  # one commit each: created one after another
         with services.db.transaction() as s:
             if s.get(Project, project_id) is None:
                 s.add(Project(id=project_id, name="dispatch", policy="balanced"))
                 s.flush()
-            s.add(Job(id=job_id, project_id=project_id, stage="bridge", engine="gemini", status="queued",
+            s.add(Job(id=job_id, project_id=project_id, stage="bridge", engine=engine, status="queued",
                       routing=routing))
     return ids
 
@@ -300,6 +301,25 @@ def test_a_project_s_paid_job_behind_many_of_its_drafts_takes_its_free_lane(
     [paid] = queued_paid(services, project_id, 1)
     claims = services.scheduler._claim_ready({})
     assert sorted((c.job.id, lane) for c, lane in claims) == sorted([(drafts[0], "local"), (paid, "remote:gemini")])
+
+
+@pytest.mark.parametrize(("setting", "sent"), [(None, 1), (3, 3)])
+def test_a_self_hosted_server_gets_one_job_at_a_time_unless_told(
+        make_settings: SettingsFactory, setting: int | None, sent: int) -> None:
+    # Four at once, as to a cloud engine: the webui renders one at a time, so three waited in its
+    # own queue, their deadlines running and (A1111) out of a cancel's reach.
+    told = {} if setting is None else {"self_hosted_concurrency": setting}
+    services = Services.build(make_settings(a1111_url="http://127.0.0.1:9", comfyui_url="http://127.0.0.1:9",
+                                            **told))
+    try:
+        project_id = new_id("prj")
+        for engine in ("a1111", "comfyui"):
+            queued = queued_paid(services, project_id, 5, engine=engine)
+            claims = services.scheduler._claim_ready({"local": 1})
+            assert [c.job.id for c, lane in claims if lane == f"remote:{engine}"] == queued[:sent]
+        assert services.scheduler.lane("gemini") == ("remote:gemini", REMOTE_CONCURRENCY)
+    finally:
+        asyncio.run(services.aclose())
 
 
 def test_a_project_served_on_one_lane_keeps_its_turn_on_another(services: Services) -> None:
