@@ -255,7 +255,26 @@ class ComfyUIEngine:
         return {"credits_per_image": 0}
 
     def estimate(self, req: RenderRequest) -> int:
+        if self._workflow is not None:
+            try:
+                template = load_workflow(self._workflow)
+            except WorkflowError:
+                return 0  # unavailable, and says why
+            self._check_size(req, template)
         return 0
+
+    def _check_size(self, req: RenderRequest, template: dict[str, Any]) -> None:
+        """A workflow without {{width}} and {{height}} makes the draft's own size: a polish asked
+        to upscale came back at the source's size, its record saying `scale` 2. Refused before
+        anything is sent; routing takes the rule's next engine."""
+        source = req.init_image.size if req.init_image is not None else req.source_size
+        if source is None or (req.width, req.height) == tuple(source) or {"width", "height"} <= placeholders(template):
+            return
+        raise BadEngineInput(
+            f"{self.name}: its workflow (ORCH_COMFYUI_WORKFLOW) has no {{{{width}}}} and {{{{height}}}} placeholders, "
+            f"so it makes the {source[0]}x{source[1]} of its source, not the {req.width}x{req.height} asked: put them "
+            "in the workflow's size inputs (an ImageScale node before the sampler)", retryable=True,
+            details={"engine": self.name, "setting": WORKFLOW_SETTING, "width": req.width, "height": req.height})
 
     def _template(self) -> dict[str, Any]:
         if not self._url or self._workflow is None:
@@ -281,6 +300,7 @@ class ComfyUIEngine:
                       cancel: CancelToken) -> RenderResult:
         try:
             template = self._template()
+            self._check_size(req, template)  # the file may have changed since routing
             cancel.raise_if_cancelled(charged="no")
         except EngineError:
             # Resumed, the job ends before it looked at the earlier attempt's prompts: they go too

@@ -994,3 +994,29 @@ async def test_after_a_crash_a_kept_image_that_cannot_be_fetched_is_not_rendered
         await engine.resume(bridge(seed=42), [{"id": "p-1", "seed": 42}], NullProgress(), CancelToken())
     assert not info.value.retryable and info.value.details["prompt_id"] == "p-1"
     assert routes["prompt"].call_count == 0
+
+
+@respx.mock
+async def test_a_workflow_without_size_placeholders_is_refused_a_size_other_than_its_source_s(
+        make_ctx: Any, tmp_path: Path) -> None:
+    # It makes its source's size: a polish asked to double came back as the draft, its record
+    # saying scale 2, and succeeded.
+    fixed = {node: spec for node, spec in WORKFLOW.items() if node != "11"}
+    fixed["12"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["10", 0], "vae": ["4", 2]}}
+    engine = ComfyUIEngine(make_ctx(comfyui_url=BASE, comfyui_workflow=write_workflow(tmp_path, fixed)))
+    engine.poll_interval, engine.follow_progress = 0, False
+    routes = mock_server()
+    draft = Image.new("RGB", (64, 48))
+    upscale = RenderRequest(stage="polish", prompt="a lighthouse", width=128, height=96, scale=2.0,
+                            init_image=draft, source_size=(64, 48))
+    said = r"no \{\{width\}\} and \{\{height\}\}.*the 64x48 of its source, not the 128x96 asked"
+    with pytest.raises(BadEngineInput, match=said) as caught:
+        engine.estimate(upscale)
+    assert caught.value.retryable  # routing goes on to the rule's next engine
+    with pytest.raises(BadEngineInput, match=said):  # the file changed since the job was routed
+        await engine.run(upscale, NullProgress(), CancelToken())
+    assert not routes["upload"].called and not routes["prompt"].called
+    at_its_size = RenderRequest(stage="polish", prompt="a lighthouse", width=64, height=48, init_image=draft,
+                                source_size=(64, 48))
+    assert engine.estimate(at_its_size) == 0
+    assert len((await engine.run(at_its_size, NullProgress(), CancelToken())).images) == 1
