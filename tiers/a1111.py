@@ -320,7 +320,7 @@ class A1111Engine:
         try:
             step, steps = int(state.get("sampling_step", 0)), int(state.get("sampling_steps", 0))
             job_no, job_count = int(state.get("job_no", 0)), int(state.get("job_count", 0))
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, OverflowError):  # a fork's null, text or Infinity
             return
         if steps <= 0:
             return

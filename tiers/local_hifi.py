@@ -2,8 +2,9 @@
 
 Bridge: the draft, resized to the target size, is the img2img seed; more steps than a draft.
 Polish: resize by `scale` (Lanczos), then img2img at low strength (`creativity`). When the target
-is larger than the model's native size, the refine pass runs tile by tile with feathered overlaps,
-so memory stays bounded and the model works at the scale it was trained for.
+is more than `ONE_PASS` times the model's native size on a side, the refine pass runs tile by tile
+with feathered overlaps, so memory stays bounded and the model works at the scale it was trained
+for. (A bridge runs in one pass, up to ORCH_LOCAL_MAX_SIZE.)
 This is the embedded default for bridge and polish: the whole workflow runs offline.
 """
 

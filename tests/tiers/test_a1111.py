@@ -576,3 +576,13 @@ async def test_a_dropped_connection_is_told_as_one_and_not_as_a_bill(engine: A11
         await engine.run(bridge(), NullProgress(), CancelToken())
     assert info.value.message.startswith("a1111: the connection to the server ended before its answer")
     assert "billed" not in info.value.message and info.value.charged == "no"
+
+
+@pytest.mark.parametrize("odd", [float("inf"), float("nan"), None, "4 of 10", [4]])
+def test_a_fork_s_odd_step_count_is_not_reported_and_does_not_end_the_job(odd: Any) -> None:
+    # `int(Infinity)` raised OverflowError: the job failed as an engine crash, its render left running.
+    progress = RecordingProgress()
+    A1111Engine._report(progress, {"sampling_step": odd, "sampling_steps": 10, "job_no": 0, "job_count": 1})
+    A1111Engine._report(progress, {"sampling_step": 4, "sampling_steps": odd, "job_no": 0, "job_count": 1})
+    A1111Engine._report(progress, {"sampling_step": 4, "sampling_steps": 10, "job_no": 0, "job_count": 1})
+    assert progress.steps == [(4, 10)]
