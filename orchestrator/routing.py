@@ -59,6 +59,9 @@ class Candidate:
     refusal: BadEngineInput | NoRoute | BudgetExceeded | None = field(default=None, repr=False)
     # Skipped for now only (an open circuit): the same request may be taken later.
     for_now: bool = False
+    # Not an engine of this stage (a rule naming `lite` for drafts and polish alike): its refusal
+    # is told only when no engine of the stage said why it cannot take the request.
+    off_stage: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return {"engine": self.engine,
@@ -145,7 +148,7 @@ class Router:
         ordered = self._order(rule, req.stage, assessed)
         usable = [c for c in ordered if c.skipped is None]
         if not usable:
-            refusals = [c.refusal for c in ordered if c.refusal is not None]
+            refusals = [c.refusal for c in sorted(ordered, key=lambda c: c.off_stage) if c.refusal is not None]
             if refusals and not any(c.for_now for c in ordered):
                 # Every engine that is set up refused the request itself: a 422 (402 for the
                 # rule's cap), not "try later". Engines not set up (no key) cannot change that.
@@ -208,6 +211,7 @@ class Router:
                                         "(tags.privacy=local)", details={"engine": name})
         elif req.stage not in engine.stages:
             candidate.skipped = f"does not serve the {req.stage} stage"
+            candidate.off_stage = True
             candidate.refusal = NoRoute(f"engine '{name}' does not serve the {req.stage} stage",
                                         details={"engine": name, "stage": req.stage})
         elif not (available := engine.availability())[0]:

@@ -124,6 +124,12 @@ POLICIES = {
         engines = ["cloud-a", "cloud-b", "cloud-c"]
         strategy = "fastest"
     """,
+    "one-rule": """
+        [[rules]]
+        name = "everything"
+        match = {}
+        engines = ["lite", "cloud-a"]
+    """,
     "capped": """
         [[rules]]
         name = "capped"
@@ -495,6 +501,17 @@ def test_a_requested_engine_the_rule_keeps_from_the_request_is_refused_not_try_l
     with pytest.raises(NoRoute) as private:
         decide("routes", "bridge", engine="cloud-a", tags={"privacy": "local"})
     assert private.value.status == 422 and "private" in private.value.message
+
+
+def test_a_refusal_names_the_engine_of_the_stage_not_one_the_rule_lists_for_another(decide: Decide) -> None:
+    # One rule for every stage names lite first: a polish too large for the only engine of its
+    # stage was answered "engine 'lite' does not serve the bridge stage", a no_route.
+    with pytest.raises(BadEngineInput) as large:
+        decide("one-rule", "bridge", width=4096)
+    assert large.value.message.startswith("cloud-a: 4096x64 is larger than")
+    assert [c["engine"] for c in large.value.details["candidates"]] == ["lite", "cloud-a"]
+    with pytest.raises(NoRoute, match="engine 'lite' does not serve the bridge stage"):  # none of the stage
+        decide("one-rule", "bridge", engine="lite")
 
 
 def test_bad_size_is_a_422_bad_engine_input(decide: Decide) -> None:
