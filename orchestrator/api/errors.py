@@ -283,7 +283,13 @@ def install(app: FastAPI) -> None:
                 where = _where(error["loc"][1:])
                 return answer(InvalidRequest(f"unknown field '{where[:200]}'; did you mean '{meant}'?",
                                              details=details))
-        first = unknown[0] if unknown else errors[0] if errors else {"loc": [], "msg": "invalid request"}
+        if unknown:
+            # Pydantic's "Extra inputs are not permitted" names no field the request could use.
+            error = unknown[0]
+            taken = _fields_at(model, error["loc"][1:-1])
+            told = f" (fields here: {', '.join(taken)})" if taken else ""
+            return answer(InvalidRequest(f"unknown field '{_where(error['loc'][1:])[:200]}'{told}", details=details))
+        first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
         where = _where([p for p in first["loc"] if p not in ("body", "query", "path", "header")])
         return answer(InvalidRequest(f"{where[:200]}: {first['msg']}" if where else str(first["msg"]), details=details))
 
