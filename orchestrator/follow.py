@@ -45,6 +45,10 @@ def catch_up(bus: EventBus, job: Job, asset_ids: list[str], *, preview: bool = F
         assert view is not None
     if view.finished or job.status == "queued":
         return
+    if view.attempt and job.attempt < view.attempt:
+        # Read before the job was claimed again, told after a newer read: its progress is the old
+        # attempt's, and would hide the new one's until it passed that step.
+        return
     # A job canceled or failed in the queue never started; one run again (recovered after its
     # worker died) starts again, and its progress counts from its new start.
     if job.started_at is not None and (not view.started or job.attempt > view.attempt):
@@ -57,13 +61,17 @@ def catch_up(bus: EventBus, job: Job, asset_ids: list[str], *, preview: bool = F
             bus.publish(job.id, "progress", events.progress(job.id, job.progress_step, job.progress_total,
                                                             preview=preview))
         return
+    if job.progress_total and job.progress_step > view.step:
+        # The row's progress is written at most once a second: a job that ended within one told a
+        # stream here no step at all, and a longer one stopped short of its last.
+        bus.publish(job.id, "progress", events.progress(job.id, job.progress_step, job.progress_total, preview=False))
     for index, asset_id in enumerate(asset_ids[view.assets:], start=view.assets):
         bus.publish(job.id, "asset", {"asset_id": asset_id, "index": index})
     if job.status in TERMINAL:
         data: dict[str, Any] = {"job_id": job.id, "status": job.status}
         if job.status == "succeeded":
             data["assets"] = asset_ids
-        elif job.status == "failed" and job.error:
+        elif job.error:  # failed, or canceled: why
             data["error"] = job.error
         bus.publish(job.id, job.status, data)
 

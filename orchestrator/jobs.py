@@ -688,8 +688,9 @@ class JobService:
                 raise JobFinished(f"job '{job_id}' already {job.status}", details={"status": job.status})
             if job.status != "queued":
                 return False
+            error = {"code": "canceled", "message": why, "details": {}}
             result = s.execute(update(Job).where(col(Job.id) == job_id, col(Job.status) == "queued").values(
-                status="canceled", finished_at=now, error={"code": "canceled", "message": why, "details": {}}))
+                status="canceled", finished_at=now, error=error))
             if changed(result) != 1:
                 # Claimed after our read: serialised writes rule it out today, but should it happen
                 # the job runs, so its hold stays and the caller cancels it as a running job.
@@ -698,7 +699,8 @@ class JobService:
         # A half-open circuit's probe, canceled before it ran: no verdict, so the next may go (it
         # held the engine for the whole cooldown).
         self.router.health.finished(job.engine, job_id)
-        self.bus.publish(job_id, "canceled", {"job_id": job_id, "status": "canceled"}, known_only=True)
+        self.bus.publish(job_id, "canceled", {"job_id": job_id, "status": "canceled", "error": error},
+                         known_only=True)
         return True
 
     def record_cancel(self, job_id: str) -> bool:
@@ -760,7 +762,8 @@ class JobService:
                     # The worker may have reached the provider before it vanished.
                     self.ledger.capture(s, job, None, unreconciled=True, note="canceled while a worker held it")
         if done:
-            self.bus.publish(job_id, "canceled", {"job_id": job_id, "status": "canceled"}, known_only=True)
+            self.bus.publish(job_id, "canceled", {"job_id": job_id, "status": "canceled", "error": error},
+                             known_only=True)
             return True
         job = self.get(job_id)
         if job.status in ("queued", "running"):

@@ -753,10 +753,8 @@ class Scheduler:
                 # not rebuilt from the row, so the event must carry the error. One it does not
                 # know is told whole (queued, started, the end) from the row when a client asks.
                 status = "canceled" if outcome == "canceled" else "failed"
-                data: dict[str, Any] = {"job_id": job.id, "status": status}
-                if status == "failed":
-                    data["error"] = error
-                self.bus.publish(job.id, status, data, known_only=True)
+                self.bus.publish(job.id, status, {"job_id": job.id, "status": status, "error": error},
+                                 known_only=True)
         if recovered:
             self.notify()
         return recovered

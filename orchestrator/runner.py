@@ -541,9 +541,9 @@ class JobRunner:
         except StaleAttempt:
             log.info("job %s attempt %s was superseded; its %s is discarded", claim.job.id, claim.attempt, status)
             return
-        data: dict[str, Any] = {"job_id": claim.job.id, "status": status}
+        # A cancel says why too: a user's, a stop's, a policy's move to local-only.
+        data: dict[str, Any] = {"job_id": claim.job.id, "status": status, "error": error.to_dict()}
         if status == "failed":
-            data["error"] = error.to_dict()
             log.warning("job %s failed on %s: %s: %s", claim.job.id, claim.job.engine, error.code, error.message)
         else:
             log.info("job %s canceled on %s", claim.job.id, claim.job.engine)
@@ -653,7 +653,8 @@ class JobRunner:
                 self._finish(claim, "canceled", asked)
             except StaleAttempt:
                 return
-            self.bus.publish(claim.job.id, "canceled", {"job_id": claim.job.id, "status": "canceled"})
+            self.bus.publish(claim.job.id, "canceled", {"job_id": claim.job.id, "status": "canceled",
+                                                        "error": asked.to_dict()})
 
     def _requeue_unsent(self, claim: Claim, *, started: bool = True) -> None:
         # This attempt's engine says it sent nothing billable: its own saved work (if any) is

@@ -17,7 +17,7 @@ from orchestrator.api.json_body import StrictJSONRoute
 from orchestrator.api.query import Cursor, Limit, Order, paged
 from orchestrator.api.serialize import job_public
 from orchestrator.db import transient
-from orchestrator.errors import Conflict, NotFound, first_line, not_found
+from orchestrator.errors import Conflict, NotFound, ServerStopping, first_line, not_found
 from orchestrator.events import TERMINAL, Event
 from orchestrator.follow import catch_up
 from orchestrator.ids import id_cursor
@@ -153,9 +153,10 @@ def _finished(services: Services, job_id: str) -> bool:
 @router.get("/jobs/{job_id}/events", response_class=StreamingResponse, summary="Follow a job's events",
             responses={200: {"content": {"text/event-stream": {}}, "description": (
                 "Server-sent events, each with an `id:` and a JSON `data:`: `queued`, `started`, `progress` "
-                "(`step`, `total`, `fraction`, `preview_url`), `state` (`state`: submitted, polling, accepted, "
-                "fallback, prompt_truncated, ...), `asset` (`asset_id`, `index`), then exactly one of "
-                "`succeeded`, `failed` (`error`) or `canceled`, and the stream closes. A late client gets the "
+                "(`step`, `total`, `fraction`, and `preview_url` when the step has a preview), `state` (`state`: "
+                "submitted, polling, accepted, fallback, prompt_truncated, ...), `asset` (`asset_id`, `index`), "
+                "then exactly one of `succeeded` (`assets`), `failed` (`error`) or `canceled` (`error`: why), and "
+                "the stream closes. A late client gets the "
                 "current state first; comment lines keep an idle stream open.")},
                        204: {"description": "Last-Event-ID is the terminal event: nothing more will come."},
                        **documented(404, said={404: "No such job (`not_found`)."})})
@@ -186,6 +187,10 @@ async def job_events(job_id: str, services: ServicesDep, caller: CallerDep,
         # The client has the terminal event; one from another process (a worker, another server)
         # is trusted once the row says the job ended, which this process may not have heard yet.
         return Response(status_code=204)
+    if services.bus.closed:
+        # The service is stopping and has ended its streams: an empty 200 read as the job's end.
+        raise ServerStopping("the server is stopping: follow the job again in a moment (another server, or "
+                             "this one once restarted)", details={"job_id": job_id})
     seen = services.bus.resume_after(last_event_id, job_id)
 
     async def stream() -> AsyncIterator[str]:

@@ -53,6 +53,7 @@ def test_cancel_running_job(server: httpx.Client) -> None:
     # Where it stopped, not a reset bar.
     assert 0 < steps[-1] <= done["progress"]["step"] < done["progress"]["total"]
     assert done["error"]["code"] == "canceled"
+    assert events[-1].data["error"] == done["error"]  # the stream says why, as the job does
     assert done["finished_at"] is not None
     assert server.get(f"/v1/projects/{project}/assets").json()["items"] == []
     assert server.get(f"/v1/jobs/{job['id']}/preview").status_code == 404
@@ -73,7 +74,9 @@ def test_cancel_queued_job_never_runs(server: httpx.Client) -> None:
     response = server.post(f"/v1/jobs/{queued['id']}/cancel")
     assert response.status_code == 202
     assert response.json()["status"] == "canceled"
-    assert [e.event for e in read_events(server, queued["id"], timeout=10)] == ["queued", "canceled"]
+    told = read_events(server, queued["id"], timeout=10)
+    assert [e.event for e in told] == ["queued", "canceled"]
+    assert told[-1].data["error"]["code"] == "canceled"
 
     assert server.post(f"/v1/jobs/{running['id']}/cancel").status_code == 202
     wait_for_job(server, running["id"], ("canceled",), timeout=30)

@@ -12,12 +12,25 @@ from typing import Any
 
 import httpx
 import pytest
+from fastapi.testclient import TestClient
 
 from orchestrator import follow
+from orchestrator.app import create_app
 from orchestrator.events import HISTORY_TTL, EventBus, job_mark, split_id
 from orchestrator.server import serve_in_thread
 from orchestrator.settings import Settings
-from tests.api import SLOW, SSE, TERMINAL, create_project, iter_sse, read_events, run_draft, submit_draft, wait_for_job
+from tests.api import (
+    SLOW,
+    SSE,
+    TERMINAL,
+    assert_error,
+    create_project,
+    iter_sse,
+    read_events,
+    run_draft,
+    submit_draft,
+    wait_for_job,
+)
 
 
 def count(event_id: str | None) -> int:
@@ -472,3 +485,17 @@ def test_the_same_state_of_another_provider_request_is_told_not_taken_for_a_repe
         return told
 
     assert asyncio.run(asyncio.wait_for(late_client(), timeout=5)) == [None, None, "gen-1", "gen-2", 1]
+
+
+def test_a_stream_asked_of_a_stopping_server_is_a_503_not_an_empty_end(make_settings: Callable[..., Settings]) -> None:
+    # Its streams ended, the bus closed: a stream asked for then was an empty 200, which a client
+    # reads as the job's end without a terminal event.
+    app = create_app(make_settings(run_jobs=False))
+    with TestClient(app) as client:
+        project = client.post("/v1/projects", json={"name": "stopping"}).json()["id"]
+        job = client.post(f"/v1/projects/{project}/drafts", json={"prompt": "a lighthouse", "width": 64,
+                                                                   "height": 64}).json()
+        app.state.services.bus.closed = True
+        error = assert_error(client.get(f"/v1/jobs/{job['id']}/events"), 503, "server_stopping")
+        assert error["details"] == {"job_id": job["id"]}
+        app.state.services.bus.closed = False

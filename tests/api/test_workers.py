@@ -571,6 +571,29 @@ def test_catching_up_tells_no_start_for_a_job_that_never_ran_and_a_new_one_for_a
         ("started", 2, None), ("progress", None, 3)]
 
 
+def test_a_row_read_before_a_rerun_tells_nothing_after_the_rerun_started() -> None:
+    # Two reads in flight (a client connecting while the follower reads): the older one, told
+    # last, showed attempt 1's step 30 and hid attempt 2's steps below it.
+    bus = EventBus()
+    bus.publish("job_x", "queued", {})
+    bus.publish("job_x", "started", {"attempt": 2})
+    old = Job(id="job_x", project_id="prj", stage="ideation", engine="lite", status="running", attempt=1,
+              started_at=utcnow(), progress_step=30, progress_total=40)
+    catch_up(bus, old, [])
+    catch_up(bus, Job(id="job_x", project_id="prj", stage="ideation", engine="lite", status="running", attempt=2,
+                      started_at=utcnow(), progress_step=5, progress_total=40), [])
+    told = bus._jobs["job_x"].snapshot()
+    assert [(e.type, e.data.get("step")) for e in told] == [("queued", None), ("started", None), ("progress", 5)]
+
+
+def test_a_cancel_told_from_the_row_says_why() -> None:
+    bus = EventBus()
+    why = {"code": "canceled", "message": "the project's policy 'local-only' keeps it on this machine", "details": {}}
+    catch_up(bus, Job(id="job_c", project_id="prj", stage="bridge", engine="gemini", status="canceled", attempt=0,
+                      error=why), [])
+    assert bus._jobs["job_c"].snapshot()[-1].data == {"job_id": "job_c", "status": "canceled", "error": why}
+
+
 def test_the_follower_tells_a_stream_what_another_process_did(services: Services) -> None:
     job_id = add_job(services)
 
@@ -605,9 +628,12 @@ def test_the_follower_tells_a_stream_what_another_process_did(services: Services
         return seen
 
     seen = asyncio.run(scenario())
-    assert [kind for kind, _ in seen] == ["queued", "started", "progress", "asset", "succeeded"]
+    # The row's last step comes before the assets: it is written once a second at most, so a
+    # short job's stream here showed no step, a longer one's stopped short of its last.
+    assert [kind for kind, _ in seen] == ["queued", "started", "progress", "progress", "asset", "succeeded"]
     assert seen[2][1] == {"step": 2, "total": 4, "fraction": 0.5}
-    assert seen[3][1]["index"] == 0 and seen[4][1]["assets"] == [seen[3][1]["asset_id"]]
+    assert seen[3][1] == {"step": 4, "total": 4, "fraction": 1.0}
+    assert seen[4][1]["index"] == 0 and seen[5][1]["assets"] == [seen[4][1]["asset_id"]]
 
 
 def test_the_follower_leaves_jobs_this_process_holds_to_their_runner(services: Services) -> None:
