@@ -17,7 +17,7 @@ from orchestrator.api.json_body import StrictJSONRoute
 from orchestrator.api.query import Cursor, Limit, Order, paged
 from orchestrator.api.serialize import job_public
 from orchestrator.db import transient
-from orchestrator.errors import Conflict, NotFound, ServerStopping, first_line, not_found
+from orchestrator.errors import Conflict, InvalidRequest, NotFound, ServerStopping, first_line, not_found
 from orchestrator.events import TERMINAL, Event
 from orchestrator.follow import catch_up
 from orchestrator.ids import id_cursor
@@ -56,8 +56,8 @@ def get_job(job_id: str, services: ServicesDep, caller: CallerDep) -> JobPublic:
 def list_jobs(services: ServicesDep, caller: CallerDep, project_id: str | None = None, stage: Stage | None = None,
               status: JobStatus | None = None,
               engine: Annotated[str | None, Query(description=(
-                  "The engine the job is on (after a fallback, the one it moved to); any name, as jobs of an "
-                  "engine since removed from the configuration keep it."))] = None,
+                  "The engine the job is on (after a fallback, the one it moved to): one this service has, or "
+                  "one a job was on (an engine since removed from the configuration); else 422."))] = None,
               limit: Limit = 50, cursor: Cursor = None, order: Order = "asc") -> Page[JobPublic]:
     """Every project's jobs, or one project's (404 for a project that does not exist, as its
     assets list answers); a project key sees its own project's only."""
@@ -76,6 +76,14 @@ def list_jobs(services: ServicesDep, caller: CallerDep, project_id: str | None =
             stmt = stmt.where(col(Job.status) == status)
         if engine:
             stmt = stmt.where(col(Job.engine) == engine)
+            ever = select(Job.id).where(col(Job.engine) == engine).limit(1)
+            if caller.project_id is not None:
+                ever = ever.where(col(Job.project_id) == caller.project_id)
+            if engine not in services.registry.names() and s.exec(ever).first() is None:
+                # A typo read as "no jobs" (a misspelt status or stage is refused).
+                known = sorted(services.registry.names())
+                raise InvalidRequest(f"unknown engine '{engine[:100]}' (known: {', '.join(known)})",
+                                     details={"engine": engine[:100], "known": known})
         stmt = paged(stmt, col(Job.id), id_cursor(cursor, "job") or None, order)
         rows = list(s.exec(stmt).all())
     more = len(rows) > limit

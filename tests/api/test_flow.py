@@ -7,6 +7,7 @@ import io
 import json
 import re
 import shutil
+import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
@@ -415,3 +416,17 @@ def test_sizes_the_service_works_out_fit_an_engine_taking_multiples_of_16(
         assert width % 16 == 0 and height % 16 == 0, (route, body, width, height)
     refused = client.post(f"/v1/assets/{odd}/promote", json={"engine": "local-hifi", "width": 96, "height": 72})
     assert_error(refused, 422, "invalid_request")  # a size the client sent is its own: refused, not changed
+
+
+def test_jobs_by_an_engine_name_no_job_was_ever_on_is_refused(
+        make_settings: Callable[..., Settings], start_server: Callable[[Settings], httpx.Client]) -> None:
+    # A typo was read as "no jobs" (a misspelt status or stage is refused); an engine a job was
+    # on, since removed from the configuration, is still a filter.
+    settings = make_settings()
+    server = start_server(settings)
+    job = run_draft(server, create_project(server)["id"], n=1)
+    typo = assert_error(server.get("/v1/jobs", params={"engine": "lte"}), 422, "invalid_request")
+    assert typo["message"].startswith("unknown engine 'lte' (known: ") and "lite" in typo["details"]["known"]
+    with sqlite3.connect(settings.data_dir / "orchestrator.db") as db:
+        db.execute("UPDATE jobs SET engine = 'retired' WHERE id = ?", (job["id"],))
+    assert [j["id"] for j in server.get("/v1/jobs", params={"engine": "retired"}).json()["items"]] == [job["id"]]
