@@ -149,8 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     # Its debug lines hold every handshake header: ComfyUI's basic auth from ORCH_COMFYUI_URL.
     logging.getLogger("websockets").setLevel(logging.WARNING)
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)  # one line per plugin, every start
-    if args.command in ("demo", "check"):
-        # A new user's first `make demo` opened with 18 lines of revisions; a service's log keeps them.
+    if args.command in ("demo", "check", "migrate"):
+        # A new user's first `make demo` opened with 18 lines of revisions (migrate says from which to
+        # which in a line); a service's log keeps them.
         logging.getLogger("alembic.runtime.migration").setLevel(logging.WARNING)
     try:
         status = _run(args)
@@ -484,15 +485,19 @@ def _run(args: argparse.Namespace) -> int:
             os._exit(status)
         return status
     if args.command == "migrate":
-        from orchestrator.db import shown_url
+        from orchestrator.db import shown_url, stored_revision
         from orchestrator.settings import Settings
 
         settings = Settings()
         if (failed := _checked(settings, service=False)) is not None:
             return failed
+        url = settings.resolved_database_url
+        before = stored_revision(url)
         if (failed := _migrated(settings)) is not None:
             return failed
-        print(f"database at {shown_url(settings.resolved_database_url)} is up to date")
+        after = stored_revision(url)
+        print(f"database at {shown_url(url)} " + (f"is up to date (revision {after})" if after == before else
+                                                  f"migrated from {before or 'nothing'} to revision {after}"))
         return 0
     if args.command == "check":
         return _check(no_hash=args.no_hash)

@@ -359,6 +359,23 @@ def foreign_tables(engine: Engine) -> str:
     return ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
 
 
+def stored_revision(url: str) -> str | None:
+    """The migration the database is at: None for one never migrated, or an SQLite file not made yet
+    (not made by this look)."""
+    from alembic.migration import MigrationContext
+
+    path = sqlite_file(url)
+    if path is not None and not path.exists():
+        return None
+    postgres = make_url(url).get_backend_name() == "postgresql"
+    engine = create_engine(url, **({"connect_args": postgres_connect_args(url)} if postgres else {}))
+    try:
+        with engine.connect() as connection:
+            return MigrationContext.configure(connection).get_current_revision()
+    finally:
+        engine.dispose()
+
+
 def upgrade(url: str, revision: str = "head") -> None:
     """Apply the migrations, one process at a time: two services starting together must not both
     create the tables (PostgreSQL takes an advisory lock in migrations/env.py). All pending

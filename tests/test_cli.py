@@ -516,7 +516,11 @@ def test_migrate_makes_a_new_data_dir(make_settings: SettingsFactory, monkeypatc
     monkeypatch.setenv("ORCH_DATA_DIR", str(data_dir))
     assert main(["migrate"]) == 0  # once a traceback: 'unable to open database file'
     assert (data_dir / "orchestrator.db").exists()
-    assert "is up to date" in capsys.readouterr().out
+    head = ScriptDirectory(str(files("migrations"))).get_current_head()
+    # It said "up to date" of a database it had just made.
+    assert capsys.readouterr().out.endswith(f"orchestrator.db migrated from nothing to revision {head}\n")
+    assert main(["migrate"]) == 0
+    assert capsys.readouterr().out.endswith(f"orchestrator.db is up to date (revision {head})\n")
 
 
 @pytest.mark.parametrize(("command", "variable", "value", "told"), [
@@ -850,9 +854,10 @@ def test_migrate_shows_no_password(make_settings: SettingsFactory, tmp_path: Pat
     monkeypatch.setenv("ORCH_DATABASE_URL", "postgresql+psycopg://studio:s3cret@db.example:5432/orchestrator")
     applied: list[str] = []
     monkeypatch.setattr("orchestrator.db.upgrade", applied.append)
+    monkeypatch.setattr("orchestrator.db.stored_revision", lambda url: "0007")
     assert main(["migrate"]) == 0
     out = capsys.readouterr().out
-    assert applied and "is up to date" in out and "s3cret" not in out and "studio:***@db.example" in out
+    assert applied and "is up to date (revision 0007)" in out and "s3cret" not in out and "studio:***@db.example" in out
 
 
 def test_a_database_newer_than_the_code_is_one_line(make_settings: SettingsFactory, tmp_path: Path,
