@@ -65,6 +65,9 @@ TAESD_SCALE = 8  # pixels per latent pixel, each way
 # that took t seconds, the steps of the next t x this seconds go without a preview (every step
 # with a fast GPU's decode, about one in a few seconds with a CPU's).
 PREVIEW_VAE_SPACING = 3.0
+# A preview VAE gives way to the approximation after this many failed decodes in a row: one that
+# ran out of memory once (a large batch's step) may well work at the next step.
+PREVIEW_VAE_FAILURES = 3
 
 # Linear map from SD 1.x/2.x latents to RGB: a free preview without running the VAE.
 _LATENT_RGB = ((0.298, 0.207, 0.208), (0.187, 0.286, 0.173), (-0.158, 0.189, 0.264), (-0.184, -0.271, -0.473))
@@ -270,6 +273,41 @@ def _hub_answers_if_needed(model: str, source: Path) -> None:
 def _is_path(spec: str) -> bool:
     """A local file or folder, as opposed to a Hub id (`org/name`) or a builtin."""
     return spec.startswith(("/", "./", "../", "~")) or spec.endswith((".safetensors", ".ckpt"))
+
+
+def _model_cached_whole(repo_id: str) -> bool:
+    """Whether the Hugging Face cache holds a single model's repository (a TAESD: config.json and
+    its weights, no model_index.json) with its weights downloaded."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(repo_id, "config.json")
+    except ValueError:  # not a Hub id
+        return False
+    if not isinstance(found, str):
+        return False
+    try:  # a snapshot's files are links to blobs that are made only once downloaded whole
+        return any(f.name.endswith((".safetensors", ".bin")) and f.exists() for f in Path(found).parent.iterdir())
+    except OSError:
+        return False
+
+
+def _single_model_options(spec: str) -> dict[str, Any]:
+    """`from_pretrained`'s options for a single model (the preview VAE) given as a folder or a Hub
+    id, loaded as the pipelines are: from the cache alone when it holds the model whole, and a Hub
+    id it does not hold only where the Hub answers. With the Hub silent, the Hub client retried it
+    for about 23 s even with the model cached. Raises OSError for one that cannot be had."""
+    if Path(spec).expanduser().exists():
+        return {}
+    if _is_path(spec):
+        raise OSError(f"'{spec}' is a path to nothing: no such file or folder")
+    if not _is_hub_id(spec):
+        raise OSError(f"'{spec}' is neither an existing folder nor a Hugging Face model id (org/name)")
+    if _model_cached_whole(spec):
+        return {"local_files_only": True}
+    if not hf_hub_reachable(timeout=HUB_CHECK_SECONDS):
+        raise OSError(f"{spec} is not in the Hugging Face cache and the Hub did not answer")
+    return {}
 
 
 @functools.lru_cache(maxsize=8)
@@ -494,6 +532,8 @@ class LocalRuntime:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference",
                                             initializer=self._init_thread)
         self._pipes: dict[tuple[str, str], Any] = {}
+        # What each model setting resolved to at its last use (see `_follow`).
+        self._resolved: dict[str, str] = {}
         self._load_lock = threading.Lock()
         self._device: str | None = None
         # Why the requested device cannot be used, once a job has found out (torch is imported on
@@ -502,7 +542,10 @@ class LocalRuntime:
         # A model's last failure to load (when, and the error): the engines say so in their
         # availability, and a job retries the load only after LOAD_RETRY_SECONDS.
         self._load_failures: dict[str, tuple[float, EngineUnavailable]] = {}
+        # The Lite model's preview: None until it is loaded (the approximation meanwhile), then the
+        # preview VAE's decode, or the approximation (`latents_to_preview`), or none (`_no_preview`).
         self._previewer: Callable[..., Image | None] | None = None
+        self._preview_failures = 0  # the preview VAE's decodes that failed in a row
         self._vae_preview_after = 0.0  # monotonic time before which a step gets no preview VAE decode
 
     def _init_thread(self) -> None:
@@ -647,13 +690,14 @@ class LocalRuntime:
 
     def text2img(self, model: str) -> Any:
         with self._load_lock:
-            key = (_identity(model), "text2img")
+            key = self._key(model, "text2img")
             if key not in self._pipes:
                 self._pipes[key] = self._load(model)
             return self._pipes[key]
 
     def img2img(self, model: str) -> Any:
-        key = (_identity(model), "img2img")
+        with self._load_lock:
+            key = self._key(model, "img2img")
         if key in self._pipes:
             return self._pipes[key]
         if self._image_to_image_only(model):
@@ -677,6 +721,38 @@ class LocalRuntime:
                 pipe.set_progress_bar_config(disable=True)
                 self._pipes[key] = pipe
             return self._pipes[key]
+
+    def _key(self, model: str, kind: str) -> tuple[str, str]:
+        identity = _identity(model)
+        self._follow(model, identity)
+        return identity, kind
+
+    def _follow(self, model: str, identity: str) -> None:
+        """Drop the pipelines `model` was loaded as when it resolves elsewhere now (a link moved to
+        deploy another model): kept, they held their memory beside the new model's for good. Kept
+        while the path leads nowhere (a share unmounted for a while: back, it needs no new load),
+        and while another setting still resolves there (ORCH_HIFI_MODEL naming the old target)."""
+        before = self._resolved.get(model)
+        if before == identity or (_is_path(model) and not Path(identity).expanduser().exists()):
+            return
+        self._resolved[model] = identity
+        if before is None or before in self._resolved.values():
+            return
+        dropped = [key for key in self._pipes if key[0] == before]
+        for key in dropped:
+            del self._pipes[key]
+        if dropped:
+            log.info("model %s now resolves to %s: %s is unloaded", model, identity, before)
+            self._free_device_memory()
+
+    def _free_device_memory(self) -> None:
+        # Pipelines hold reference cycles: freed only by the cycle collector, some time after
+        # `empty_cache` had found nothing to give back.
+        gc.collect()
+        if self._device == "cuda":
+            import torch
+
+            torch.cuda.empty_cache()
 
     def _image_to_image_only(self, model: str) -> bool:
         """Whether the model's folder (or Hub repository) holds an image-to-image pipeline."""
@@ -708,6 +784,11 @@ class LocalRuntime:
         except Exception as exc:  # an optimisation: the model is loaded; a job that fails alike says why
             log.warning("the warm-up of %s failed (the model stays loaded): %s: %s", model, type(exc).__name__,
                         first_line(exc)[:200])
+        if self._previewer is None and self.settings.lite_preview_vae and self._is_lite(model):
+            # With the model, not at its first step: the draft waited there with the device held
+            # (for the Hub's retries too), had the wait counted in its device-seconds, and a
+            # preload did not cover it.
+            self._load_previewer()
         return pipe
 
     def _load_pipeline(self, model: str, *, image_to_image: bool = False) -> Any:
@@ -724,6 +805,8 @@ class LocalRuntime:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)  # diffusers' torch_dtype -> dtype rename
+                if _is_path(model) and not source.exists():
+                    raise FileNotFoundError(model)  # told below, not as the Hub's failure
                 if source.is_file():
                     pipe = self._load_single_file(source)
                 else:
@@ -743,7 +826,11 @@ class LocalRuntime:
             reason = f"{type(exc).__name__}: {first}" if not isinstance(exc, (OSError, ValueError)) else first
             snapshot = None if source.exists() else snapshot_folder(model)
             lacking = _snapshot_lacks(snapshot) if snapshot is not None else []
-            if not source.exists() and (snapshot is None or lacking) and not hf_hub_reachable():
+            if _is_path(model) and not source.exists():
+                # There at start (else the engine says so), gone since: a share unmounted, a folder
+                # moved. It was blamed on the Hub, which a path never asks.
+                reason = "it is a path to nothing now: no such file or folder (moved, or on a share not mounted?)"
+            elif not source.exists() and (snapshot is None or lacking) and not hf_hub_reachable():
                 # diffusers then blames a missing file: the cause is the network.
                 cached = (f"its download in the Hugging Face cache is incomplete ({', '.join(lacking)} missing)"
                           if snapshot is not None else "it is not in the Hugging Face cache")
@@ -849,30 +936,46 @@ class LocalRuntime:
 
     def preview(self, latents: Any, pipe: Any = None) -> Image | None:
         """A step's preview of `pipe`'s latents, or None. A preview is a nicety: a TAESD that cannot
-        be loaded or does not fit the model's latents falls back to the approximation, and an
-        approximation that fails ends previews; neither ever fails the job. The preview VAE is
-        the Lite model's (`ORCH_LITE_PREVIEW_VAE`): another model's pipelines (`local-hifi`'s,
-        maybe of another latent family) get the approximation, and their failures end nothing."""
+        be loaded, or fails `PREVIEW_VAE_FAILURES` decodes in a row (it does not fit the model's
+        latents), gives way to the approximation (a single failed decode gets it for that step),
+        and an approximation that fails ends previews; neither ever fails the job. The preview VAE
+        is the Lite model's (`ORCH_LITE_PREVIEW_VAE`), loaded with it: another model's pipelines
+        (`local-hifi`'s, maybe of another latent family) get the approximation, and their failures
+        end nothing."""
         if not self._lite_pipe(pipe):
             try:
                 return latents_to_preview(latents, xl=is_sdxl(pipe))
             except Exception as exc:
                 log.debug("no step preview for this model: %s: %s", type(exc).__name__, first_line(exc)[:200])
                 return None
+        previewer = self._previewer
+        if previewer is _no_preview:
+            return None
+        if previewer is not None and previewer is not latents_to_preview:
+            try:
+                image = previewer(latents, xl=is_sdxl(pipe))
+            except Exception as exc:
+                self._preview_vae_failed(exc)
+            else:
+                self._preview_failures = 0
+                return image
         try:
-            if self._previewer is None:
-                self._previewer = self._make_previewer()
-            return self._previewer(latents, xl=pipe is not None and is_sdxl(pipe))
+            return latents_to_preview(latents, xl=is_sdxl(pipe))
         except Exception as exc:
-            if self._previewer is latents_to_preview:
-                log.warning("step previews are off: %s: %s", type(exc).__name__, first_line(exc)[:200])
-                self._previewer = _no_preview
-                return None
-            log.warning("ORCH_LITE_PREVIEW_VAE=%s cannot preview this model (%s: %s); using the latent "
-                        "approximation", self.settings.lite_preview_vae, type(exc).__name__,
-                        first_line(exc)[:200])
-            self._previewer = latents_to_preview
-            return self.preview(latents, pipe)
+            log.warning("step previews are off: %s: %s", type(exc).__name__, first_line(exc)[:200])
+            self._previewer = _no_preview
+            return None
+
+    def _preview_vae_failed(self, exc: Exception) -> None:
+        self._preview_failures += 1
+        if self._preview_failures < PREVIEW_VAE_FAILURES:
+            log.info("a decode of ORCH_LITE_PREVIEW_VAE failed (%d in a row; the step gets the latent approximation): "
+                     "%s: %s", self._preview_failures, type(exc).__name__, first_line(exc)[:200])
+            return
+        log.warning("ORCH_LITE_PREVIEW_VAE=%s cannot preview this model (%d decodes failed in a row, the last %s: %s); "
+                    "using the latent approximation", self.settings.lite_preview_vae, self._preview_failures,
+                    type(exc).__name__, first_line(exc)[:200])
+        self._previewer = latents_to_preview
 
     def _lite_pipe(self, pipe: Any) -> bool:
         """Whether `pipe` (None: not said) may be one of the Lite model's pipelines: it is not
@@ -882,14 +985,32 @@ class LocalRuntime:
         lite = _identity(resolve_model(self.settings.lite_model))
         return not any(held is pipe and key[0] != lite for key, held in list(self._pipes.items()))
 
+    def _is_lite(self, model: str) -> bool:
+        return _identity(model) == _identity(resolve_model(self.settings.lite_model))
+
+    def _load_previewer(self) -> None:
+        """Load the preview VAE (inference thread only); one that cannot be loaded leaves the
+        approximation, until a restart."""
+        try:
+            self._previewer = self._make_previewer()
+        except Exception as exc:
+            log.warning("ORCH_LITE_PREVIEW_VAE=%s cannot be loaded (%s: %s); using the latent approximation",
+                        self.settings.lite_preview_vae, type(exc).__name__, first_line(exc)[:200])
+            self._previewer = latents_to_preview
+        self._preview_failures = 0
+
     def _make_previewer(self) -> Callable[..., Image | None]:
         taesd = self.settings.lite_preview_vae
         if not taesd:
             return latents_to_preview
         from diffusers import AutoencoderTiny
 
-        with MODULE_BUILD_LOCK:
-            vae = AutoencoderTiny.from_pretrained(taesd, torch_dtype=self.dtype()).to(self.device)
+        options = _single_model_options(taesd)
+        source = Path(taesd).expanduser()
+        with MODULE_BUILD_LOCK, warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # diffusers' torch_dtype -> dtype rename
+            vae = AutoencoderTiny.from_pretrained(str(source) if source.exists() else taesd, torch_dtype=self.dtype(),
+                                                  **options).to(self.device)
 
         def decode(latents: Any, *, xl: bool = False) -> Image:  # the TAESD named is for the model's family
             import torch
@@ -923,10 +1044,8 @@ class LocalRuntime:
         if waiter.is_alive():
             return False
         self._pipes.clear()
-        if self._device == "cuda":
-            import torch
-
-            torch.cuda.empty_cache()
+        self._previewer = None  # its decode holds the preview VAE
+        self._free_device_memory()
         return True
 
 
@@ -952,6 +1071,7 @@ class LocalEngine:
         self._model = resolve_model(model_spec)
         self._defaults = model_defaults(self._model)
         self._defaults_read = time.monotonic()
+        self._defaults_of = _identity(self._model)  # what the model's path led to when they were read
         limit = ctx.settings.local_max_size
         self._capabilities = dataclasses.replace(capabilities, max_width=limit, max_height=limit,
                                                  min_side=MIN_SIDE, size_multiple=self._defaults.size_multiple)
@@ -959,12 +1079,14 @@ class LocalEngine:
     @property
     def defaults(self) -> ModelDefaults:
         """The model's defaults. Those its name and files do not tell yet (a Hub model before its
-        first load has downloaded it, a file still being copied) are read again, at most every
+        first load has downloaded it, a file still being copied), and those of a path that leads
+        elsewhere now (a link moved to deploy another model), are read again, at most every
         `DEFAULTS_RECHECK_SECONDS`: jobs ask on the event loop."""
-        if (self._defaults.told_by == "nothing"
-                and time.monotonic() - self._defaults_read >= DEFAULTS_RECHECK_SECONDS):
+        if time.monotonic() - self._defaults_read >= DEFAULTS_RECHECK_SECONDS:
             self._defaults_read = time.monotonic()
-            self._defaults = model_defaults(self._model)
+            identity = _identity(self._model)
+            if self._defaults.told_by == "nothing" or identity != self._defaults_of:
+                self._defaults, self._defaults_of = model_defaults(self._model), identity
         return self._defaults
 
     @property

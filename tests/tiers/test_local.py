@@ -245,6 +245,7 @@ def test_a_preview_vae_s_previews_are_small_whatever_the_image_size(
     AutoencoderTiny(encoder_block_out_channels=channels, decoder_block_out_channels=channels,  # type: ignore[attr-defined]
                     num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1)).save_pretrained(folder)
     runtime = runtime_for(EngineContext(settings=make_settings(lite_preview_vae=str(folder))))
+    runtime._load_previewer()  # as a load of the Lite model does
     try:
         small, large = (runtime.preview(torch.randn(1, 4, side // 8, side // 8)) for side in (256, 1024))
         assert small is not None and small.size == (256, 256)  # decoded at the image's size

@@ -294,3 +294,90 @@ def test_two_runtimes_of_one_process_load_at_once(make_settings: SettingsFactory
     finally:
         for runtime in runtimes:
             runtime.shutdown(5)
+
+
+async def test_a_model_link_moved_to_another_model_unloads_the_old_one(
+        load: Engines, tiny_copy: Callable[[str], Path], tmp_path: Path) -> None:
+    """Deploying a model by moving a link: the next draft loaded the new target, and the old one's
+    pipelines (text-to-image and image-to-image) stayed on the device for good."""
+    import weakref
+
+    old, new = tiny_copy("sd15-v1"), tiny_copy("sd15-v2")
+    link = tmp_path / "models" / "current"
+    link.symlink_to(old, target_is_directory=True)
+    lite, _ = load(str(link))
+    await lite.run(draft(), RecordingProgress(), CancelToken())
+    await lite.runtime.call(lite.runtime.img2img, str(link))  # local-hifi's, on the same setting
+    assert set(lite.runtime._pipes) == {(str(old.resolve()), "text2img"), (str(old.resolve()), "img2img")}
+    unloaded = weakref.ref(lite.runtime._pipes[(str(old.resolve()), "text2img")])
+    link.unlink()
+    link.symlink_to(new, target_is_directory=True)
+    result = await lite.run(draft(), RecordingProgress(), CancelToken())
+    assert set(lite.runtime._pipes) == {(str(new.resolve()), "text2img")} and unloaded() is None
+    assert result.model == str(link)  # as the job records it: the name the operator gave the model
+
+
+async def test_a_moved_link_keeps_the_old_model_another_setting_names(
+        engines: EngineFactory, tiny_copy: Callable[[str], Path], tmp_path: Path) -> None:
+    old, new = tiny_copy("sd15-v1"), tiny_copy("sd15-v2")
+    link = tmp_path / "models" / "current"
+    link.symlink_to(old, target_is_directory=True)
+    lite, hifi = engines(lite_model=str(link), hifi_model=str(old), lite_device="cpu")
+    await lite.run(draft(), RecordingProgress(), CancelToken())
+    await hifi.runtime.call(hifi.runtime.img2img, hifi.model)
+    link.unlink()
+    link.symlink_to(new, target_is_directory=True)
+    await lite.run(draft(), RecordingProgress(), CancelToken())
+    kept, loaded = str(old.resolve()), str(new.resolve())
+    assert set(lite.runtime._pipes) == {(kept, "text2img"), (kept, "img2img"), (loaded, "text2img")}
+
+
+def test_a_moved_link_s_model_defaults_are_read_again(
+        load: Engines, tiny_copy: Callable[[str], Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    old, new = tiny_copy("lite-v1"), tiny_copy("lite-v2")  # names that tell nothing: read from the files
+    index = json.loads((new / "model_index.json").read_text())
+    (new / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionXLPipeline"}))
+    link = tmp_path / "models" / "current"
+    link.symlink_to(old, target_is_directory=True)
+    lite, _ = load(str(link))
+    assert lite.defaults.told_by == "files" and lite.defaults.steps == 25
+    link.unlink()
+    link.symlink_to(new, target_is_directory=True)
+    monkeypatch.setattr(_local, "DEFAULTS_RECHECK_SECONDS", 0.0)  # a while later
+    assert lite.defaults.steps == 30 and lite.defaults.guidance_scale == 5.0  # SDXL's
+
+
+async def test_a_model_folder_gone_since_start_is_said_gone_not_blamed_on_the_hub(
+        load: Engines, tiny_copy: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tiny_copy("sd15-on-a-share")
+    lite, _ = load(str(folder))
+    assert lite.availability() == (True, None)
+    shutil.rmtree(folder)  # the share unmounted
+    asked: list[float] = []
+
+    def silent(timeout: float = 1.5, file: str | None = None) -> bool:
+        asked.append(timeout)
+        return False
+
+    monkeypatch.setattr(_local, "hf_hub_reachable", silent)
+    with pytest.raises(EngineUnavailable) as info:
+        await lite.run(draft(), RecordingProgress(), CancelToken())
+    assert info.value.message == ("could not load model 'sd15-on-a-share': it is a path to nothing now: no such "
+                                  "file or folder (moved, or on a share not mounted?)")
+    assert asked == []
+
+
+async def test_a_loaded_model_whose_path_is_gone_a_while_stays_loaded(
+        load: Engines, tiny_copy: Callable[[str], Path], tmp_path: Path) -> None:
+    folder = tiny_copy("sd15")
+    link = tmp_path / "models" / "mounted"
+    link.symlink_to(folder, target_is_directory=True)
+    lite, _ = load(str(link))
+    await lite.run(draft(), RecordingProgress(), CancelToken())
+    loaded = lite.runtime._pipes[(str(folder.resolve()), "text2img")]
+    link.unlink()  # unmounted a while
+    with pytest.raises(EngineUnavailable, match="a path to nothing now"):
+        await lite.run(draft(), RecordingProgress(), CancelToken())
+    link.symlink_to(folder, target_is_directory=True)
+    await lite.run(draft(), RecordingProgress(), CancelToken())  # back: no new load
+    assert lite.runtime._pipes[(str(folder.resolve()), "text2img")] is loaded

@@ -133,6 +133,7 @@ def test_a_preview_vae_decodes_latents_shrunk_to_the_preview_s_size(
 
     monkeypatch.setattr(AutoencoderTiny, "decode", recording)
     runtime = runtime_for(EngineContext(settings=make_settings(lite_preview_vae=taesd)))
+    runtime._load_previewer()  # as a load of the Lite model does
     try:
         small, large = (runtime.preview(torch.randn(2, 4, side // 8, side // 8)) for side in (256, 2048))
     finally:
@@ -149,7 +150,7 @@ def test_a_slow_preview_vae_previews_only_some_steps(
     now = [1000.0]
     monkeypatch.setattr(_local, "time", SimpleNamespace(monotonic=lambda: now[0]))
     runtime = runtime_for(EngineContext(settings=make_settings(lite_preview_vae=taesd)))
-    runtime.preview(torch.zeros(1, 4, 8, 8))  # the preview VAE loaded
+    runtime._load_previewer()
 
     def slow_decode(latents: Any, *, xl: bool = False) -> Any:
         from PIL import Image
@@ -186,6 +187,7 @@ def test_another_model_s_latents_neither_use_nor_turn_off_the_lite_preview_vae(
     lite_pipe, hifi_pipe = object(), object()
     runtime._pipes[(tiny.NAME, "text2img")] = lite_pipe
     runtime._pipes[("/models/flux", "img2img")] = hifi_pipe
+    runtime._load_previewer()  # as the load of lite_pipe would have
     try:
         assert runtime.preview(torch.zeros(1, 4096, 64), hifi_pipe) is None
         assert runtime.preview(torch.zeros(1, 4, 8, 8), hifi_pipe).size == (8, 8)  # type: ignore[union-attr]
