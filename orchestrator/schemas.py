@@ -369,6 +369,14 @@ _CACHE_DESCRIPTION = ("For a paid engine: `true` answers a request identical to 
                       "succeeded with copies of its images, charging nothing; `false` always renders anew.")
 _MAX_CREDITS_DESCRIPTION = ("The most this job may cost, in credits: refused (402 `budget_exceeded`) when the "
                             "estimate is higher; null: only the budget limits it.")
+_SIDE_BOUNDS = f"a multiple of {SIDE_MULTIPLE}, {MIN_SIDE} to {MAX_SIDE}, within the engine's limits"
+_KEEPS_ASPECT = "or the one that keeps the source's aspect ratio when only `{other}` is given"
+_PROMOTE_SIDE = "The image's {side} in pixels ({bounds}); null: the source's, {keeps}."
+_POLISH_SIDE = "The image's {side} in pixels ({bounds}), in place of `scale`; null: set by `scale`, {keeps}."
+
+
+def _side_description(template: str, side: str, other: str) -> str:
+    return template.format(side=side, bounds=_SIDE_BOUNDS, keeps=_KEEPS_ASPECT.format(other=other))
 
 
 class DraftCreate(Strict):
@@ -409,8 +417,8 @@ class PromoteCreate(Strict):
         "What to keep out of the image; null: the one the source was asked with."))
     strength: Annotated[float, NoBool, Field(ge=0.01, le=1), NullIsDefault] = Field(0.55, description=(
         "How far the image may move from the source, 0.01 to 1 (image-to-image strength)."))
-    width: Side | None = None
-    height: Side | None = None
+    width: Side | None = Field(None, description=_side_description(_PROMOTE_SIDE, "width", "height"))
+    height: Side | None = Field(None, description=_side_description(_PROMOTE_SIDE, "height", "width"))
     quality: Annotated[Quality, NullIsDefault] = Field("high", description=(
         "`low`, `medium` or `high`, for engines that offer (and price) tiers of quality."))
     seed: Seed | None = Field(None, description="The image's seed; null: the source's (or a random one, recorded).")
@@ -430,8 +438,8 @@ class PolishCreate(Strict):
         DEFAULT_SCALE, description="the output size over the source's; null with no width/height keeps the source's "
                                    "size (a refine without upscaling); with width/height, the size decides (only "
                                    "this default may be sent beside them)")
-    width: Side | None = None
-    height: Side | None = None
+    width: Side | None = Field(None, description=_side_description(_POLISH_SIDE, "width", "height"))
+    height: Side | None = Field(None, description=_side_description(_POLISH_SIDE, "height", "width"))
     prompt: Prompt | None = Field(None, description="What to draw; null: the source asset's prompt.")
     creativity: Annotated[float, NoBool, Field(ge=0.01, le=1), NullIsDefault] = Field(0.3, description=(
         "How far the engine may stray from the source, 0.01 to 1."))
@@ -496,7 +504,7 @@ class ErrorResponse(BaseModel):
 class RouteCandidate(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    engine: str
+    engine: str = Field(description="The engine's name, as `GET /v1/engines` lists it.")
     estimate: float | None = Field(None, description="credits it would hold; null where it could not be priced")
     skipped: str | None = Field(None, description="why it is left out; null: usable, tried in this order")
 
@@ -506,16 +514,19 @@ class Routing(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    policy: str | None = None
+    policy: str | None = Field(None, description="The routing policy that decided: the project's.")
     policy_hash: str | None = Field(None, description="the policy file's content hash when it decided")
     rule: str | None = Field(None, description="the policy rule that matched")
-    reason: str | None = None
+    reason: str | None = Field(None, description=(
+        "Why the first choice: the rule's `reason`, else its strategy's, or `requested by the client` when the "
+        "request named an engine."))
     private: bool | None = Field(None, description="the request was kept on this machine (a privacy tag)")
     chosen: str | None = Field(None, description="the engine it chose first")
     estimate: float | None = Field(None, description="credits the first choice would hold")
     candidates: list[RouteCandidate] = Field(default_factory=list,
                                              description="every engine the rule names, usable ones first")
-    rule_index: int | None = None
+    rule_index: int | None = Field(None, description=(
+        "The matched rule's position in the policy, counting from 1; null in a decision recorded without it."))
     strategy: str | None = Field(None, description="the rule's ordering: cheapest, fastest, ... (see README)")
     max_credits: float | None = Field(None, description=(
         "the most the job may hold: the lower of the request's max_credits and the rule's; a fallback "
@@ -527,7 +538,7 @@ class Attempt(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    engine: str
+    engine: str = Field(description="The engine that tried.")
     status: str = Field(description="`succeeded`, `failed`, `canceled` or `interrupted` (its process stopped)")
     error: ErrorBody | None = Field(None, description="why it did not succeed; null when it did")
 
@@ -615,10 +626,12 @@ class Page(BaseModel, Generic[T]):
 
 
 class PolicySummary(BaseModel):
-    name: str
-    description: str
+    name: str = Field(description="The policy's name: what a project's `policy` names.")
+    description: str = Field(description="What the policy is for, in its file's words (empty when it says none).")
     source: str = Field(description="the file it was read from, or `builtin`")
-    content_hash: str
+    content_hash: str = Field(description=(
+        "The first 16 hex digits of its file's SHA-256: it changes with the file, and a job's "
+        "`routing.policy_hash` records it."))
 
 
 class PolicyDetail(PolicySummary):
@@ -632,14 +645,18 @@ class PolicyList(Page[PolicySummary]):
 
 
 class PolicyReload(BaseModel):
-    loaded: list[str]
-    errors: list[str]
-    warnings: list[str]
+    loaded: list[str] = Field(description="The names of the policies in service after the reload, sorted.")
+    errors: list[str] = Field(description=(
+        "The policy files this reload refused, each with why; a refused policy keeps its last good version."))
+    warnings: list[str] = Field(description=(
+        "What loaded but may not route as written: an engine this service lacks, a rule that refuses every "
+        "request it matches, or one an earlier rule hides."))
 
 
 class RouteExplanation(BaseModel):
-    project_id: str
-    stage: Stage
+    project_id: str = Field(description=(
+        "The project the job would belong to: the request's, or the source asset's for `bridge` and `polish`."))
+    stage: Stage = Field(description="The stage explained, as the request named it.")
     engine: str = Field(description="the engine the job would run on first")
     estimate: float = Field(description="credits the job would hold (0 for a cache hit)")
     cache_hit: bool = Field(description="an identical earlier job's result would be copied, for nothing")
@@ -672,11 +689,11 @@ class EnginePublic(BaseModel):
 
 class WorkerPublic(BaseModel):
     owner: str = Field(description="`host:pid:tag`, as jobs' leases name it")
-    host: str
-    pid: int | None
-    this_process: bool
+    host: str = Field(description="The host name it runs on (the first part of `owner`).")
+    pid: int | None = Field(description="Its process id on that host; null when `owner` names none.")
+    this_process: bool = Field(description="Whether it is the process that answered this request.")
     devices: list[str] = Field(description="the local devices whose jobs it runs (device lock names)")
-    running_jobs: list[str]
+    running_jobs: list[str] = Field(description="The ids of the jobs it runs now.")
 
 
 class WorkersPublic(BaseModel):
@@ -721,5 +738,6 @@ class SpendReport(BaseModel):
 
 
 class Health(BaseModel):
-    status: Literal["ok"]
+    status: Literal["ok"] = Field(description=(
+        "Always `ok` in a 200: the process serves requests (for `/readyz`, its database answers too)."))
     version: str = Field(description="The service's version.")

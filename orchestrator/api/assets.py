@@ -11,6 +11,7 @@ from sqlmodel import Session, col, select
 from orchestrator.api.deps import Caller, CallerDep, ServicesDep
 from orchestrator.api.docs import documented
 from orchestrator.api.json_body import StrictJSONRoute
+from orchestrator.api.paths import AssetId
 from orchestrator.api.serialize import asset_public
 from orchestrator.clock import utcnow
 from orchestrator.errors import Conflict, gone, not_found
@@ -38,7 +39,7 @@ def _get(s: Session, caller: Caller, asset_id: str) -> Asset:
 
 @router.get("/assets/{asset_id}", response_model=AssetPublic, summary="Get an asset's metadata",
             responses=documented(404, 410, said={404: "No such asset (`not_found`)."}))
-def get_asset(asset_id: str, services: ServicesDep, caller: CallerDep) -> AssetPublic:
+def get_asset(asset_id: AssetId, services: ServicesDep, caller: CallerDep) -> AssetPublic:
     """An image's metadata: its project, job, stage, parent (lineage), engine, model, prompt,
     seed, size, sha256, the whole generation record (`record`) and where its bytes are (`content_url`)."""
     with services.db.session() as s:
@@ -50,7 +51,7 @@ def get_asset(asset_id: str, services: ServicesDep, caller: CallerDep) -> AssetP
                    404: "No such asset (`not_found`).",
                    409: "Unfinished jobs start from this asset (`conflict`, `details.jobs`): cancel them, or let "
                         "them finish, first."})})
-def delete_asset(asset_id: str, services: ServicesDep, caller: CallerDep) -> Response:
+def delete_asset(asset_id: AssetId, services: ServicesDep, caller: CallerDep) -> Response:
     """Delete an image: its metadata and content answer 410 `gone` from now on, it is no longer
     listed, promoted or polished, and its file leaves the disk at the next asset sweep once no
     other asset has the same bytes. Its row stays, for the job that made it, the ledger and the
@@ -87,7 +88,7 @@ _CONTENT_HEADERS = {
     304: {"description": "If-None-Match holds the ETag.", "headers": _CONTENT_HEADERS},
     **documented(404, 410, 500, said={404: "No such asset (`not_found`)."})})
 async def get_content(
-    asset_id: str, services: ServicesDep, caller: CallerDep, request: Request,
+    asset_id: AssetId, services: ServicesDep, caller: CallerDep, request: Request,
     if_none_match: Annotated[str | None, Header(alias="If-None-Match", description=(
         "ETags of copies the client has (`\"<sha256>\"`, weak or strong, or `*`): one of the image's "
         "gets a 304 without the bytes."))] = None,
@@ -133,7 +134,7 @@ def _read_content(services: Services, asset_id: str, sha256: str) -> bytes:
             responses=documented(404, 410, said={404: "No such asset (`not_found`).",
                                                  410: "The asset was deleted (`gone`); its descendants' lineage "
                                                       "still lists it, with its `deleted_at`."}))
-def lineage(asset_id: str, services: ServicesDep, caller: CallerDep) -> Lineage:
+def lineage(asset_id: AssetId, services: ServicesDep, caller: CallerDep) -> Lineage:
     """Ancestors root first (draft -> bridge -> ...), and every descendant, breadth first (all in
     the asset's project: promotions and polishes stay in their source's). Deleted ones are listed
     too, with their `deleted_at`: the chain has no gap."""

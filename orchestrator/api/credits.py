@@ -25,6 +25,7 @@ from orchestrator.api.docs import (
     with_query,
 )
 from orchestrator.api.json_body import StrictJSONRoute
+from orchestrator.api.paths import EntryId, ProjectId
 from orchestrator.api.query import Cursor, Limit, Order, paged
 from orchestrator.clock import iso
 from orchestrator.errors import InvalidRequest, not_found
@@ -105,7 +106,7 @@ def _project(services: ServicesDep, project_id: str) -> Project:
 
 @router.get("/projects/{project_id}/budget", response_model=BudgetPublic, summary="Get a project's budget",
             responses=documented(404, said={404: _NO_PROJECT}))
-def get_budget(project_id: str, services: ServicesDep, caller: CallerDep) -> dict[str, Any]:
+def get_budget(project_id: ProjectId, services: ServicesDep, caller: CallerDep) -> dict[str, Any]:
     """The project's budget in its current window (UTC calendar day, ISO week or month): what was
     charged and granted in it, what open holds reserve, and what is available for new paid jobs."""
     caller.project(project_id)
@@ -116,7 +117,7 @@ def get_budget(project_id: str, services: ServicesDep, caller: CallerDep) -> dic
 
 @router.get("/projects/{project_id}/ledger", response_model=Page[LedgerEntryPublic],
             summary="List a project's ledger entries", responses=with_query(404, said={404: _NO_PROJECT}))
-def get_ledger(project_id: str, services: ServicesDep, caller: CallerDep,
+def get_ledger(project_id: ProjectId, services: ServicesDep, caller: CallerDep,
                limit: Limit = 50, cursor: Cursor = None,
                unreconciled: Annotated[bool | None, Query(description=(
                    "`true`: only captures that wait for reconciliation with the provider's invoice (charged at "
@@ -146,7 +147,7 @@ def get_ledger(project_id: str, services: ServicesDep, caller: CallerDep,
                  403: "Only the admin key may grant credits; the request came with a project key (`forbidden`).",
                  404: _NO_PROJECT,
                  409: "The Idempotency-Key was used with another body (`idempotency_conflict`)."})})
-def grant(project_id: str, body: GrantCreate, services: ServicesDep, caller: CallerDep, request: Request,
+def grant(project_id: ProjectId, body: GrantCreate, services: ServicesDep, caller: CallerDep, request: Request,
           response: Response, idempotency_key: IdempotencyKey = None) -> LedgerEntryPublic:
     """Top up the project's budget for the current window (an append-only `grant` entry; admin key
     only). With an `Idempotency-Key`, a retried grant answers with the first one's entry and grants
@@ -189,7 +190,7 @@ class Reconcile(Strict):
                  404: "No such project, or no such entry in its ledger (`not_found`).",
                  409: "The entry is not an unreconciled capture, or it was reconciled already (`conflict`); or the "
                       "Idempotency-Key was used with another body (`idempotency_conflict`)."})})
-def reconcile(project_id: str, entry_id: str, body: Reconcile, services: ServicesDep, caller: CallerDep,
+def reconcile(project_id: ProjectId, entry_id: EntryId, body: Reconcile, services: ServicesDep, caller: CallerDep,
               request: Request, response: Response, idempotency_key: IdempotencyKey = None) -> LedgerEntryPublic:
     """Settle an `unreconciled` capture (a call whose outcome was unknown, charged at its estimate)
     with the invoiced cost: answers the `adjustment` entry of the difference (admin key only). A

@@ -14,7 +14,8 @@ from orchestrator import keys
 from orchestrator.api.deps import CallerDep, ServicesDep, check_job
 from orchestrator.api.docs import documented, with_query
 from orchestrator.api.json_body import StrictJSONRoute
-from orchestrator.api.query import Cursor, Limit, Order, paged
+from orchestrator.api.paths import JobId
+from orchestrator.api.query import Cursor, Limit, Order, StageFilter, paged
 from orchestrator.api.serialize import job_public
 from orchestrator.db import transient
 from orchestrator.errors import Conflict, InvalidRequest, NotFound, ServerStopping, first_line, not_found
@@ -22,7 +23,7 @@ from orchestrator.events import TERMINAL, Event
 from orchestrator.follow import catch_up
 from orchestrator.ids import id_cursor
 from orchestrator.models import Job, Project
-from orchestrator.schemas import JobPublic, JobStatus, Page, Stage
+from orchestrator.schemas import JobPublic, JobStatus, Page
 from orchestrator.services import Services
 from orchestrator.store import encode_preview
 
@@ -45,7 +46,7 @@ def publics(services: Services, jobs: list[Job]) -> list[JobPublic]:
 
 @router.get("/jobs/{job_id}", response_model=JobPublic, summary="Get a job",
             responses=documented(404, said={404: "No such job (`not_found`)."}))
-def get_job(job_id: str, services: ServicesDep, caller: CallerDep) -> JobPublic:
+def get_job(job_id: JobId, services: ServicesDep, caller: CallerDep) -> JobPublic:
     """A job: its status and progress, its assets, its cost (estimated, held, charged), the
     routing decision that placed it and every attempt (fallbacks included)."""
     return public(services, caller.job(services.jobs.get(job_id)))
@@ -53,8 +54,14 @@ def get_job(job_id: str, services: ServicesDep, caller: CallerDep) -> JobPublic:
 
 @router.get("/jobs", response_model=Page[JobPublic], summary="List jobs",
             responses=with_query(404, said={404: "`project_id` names no project (`not_found`)."}))
-def list_jobs(services: ServicesDep, caller: CallerDep, project_id: str | None = None, stage: Stage | None = None,
-              status: JobStatus | None = None,
+def list_jobs(services: ServicesDep, caller: CallerDep,
+              project_id: Annotated[str | None, Query(description=(
+                  "Only this project's jobs; a project that does not exist (or, for a project key, another "
+                  "project) is a 404; left out: the jobs of every project the caller can see."))] = None,
+              stage: StageFilter = None,
+              status: Annotated[JobStatus | None, Query(description=(
+                  "Only jobs in this status: `queued`, `running`, `succeeded`, `failed` or `canceled`; left out: "
+                  "any."))] = None,
               engine: Annotated[str | None, Query(description=(
                   "The engine the job is on (after a fallback, the one it moved to): one this service has, or "
                   "one a job was on (an engine since removed from the configuration); else 422."))] = None,
@@ -99,7 +106,7 @@ def list_jobs(services: ServicesDep, caller: CallerDep, project_id: str | None =
                      404: "No such job (`not_found`).",
                      409: "The job has already finished (`job_finished`, `details.status` says how), or it changed "
                           "hands while it was being canceled (`conflict`: send the cancel again)."})})
-def cancel_job(job_id: str, services: ServicesDep, caller: CallerDep) -> JobPublic:
+def cancel_job(job_id: JobId, services: ServicesDep, caller: CallerDep) -> JobPublic:
     """Cancel a queued or running job; it reaches `canceled` (a running local job within one
     denoising step). Its hold is released, unless a provider may already have billed the work
     (then the estimate is captured, flagged for reconciliation). 409 `job_finished` once it ended."""
@@ -135,7 +142,7 @@ def cancel_job(job_id: str, services: ServicesDep, caller: CallerDep) -> JobPubl
                        **with_query(404, said={404: "No such job, or no preview of it now: it is not denoising "
                                                     "(`not_found`)."})})
 def job_preview(
-    job_id: str, services: ServicesDep, caller: CallerDep,
+    job_id: JobId, services: ServicesDep, caller: CallerDep,
     step: Annotated[int | None, Query(ge=0, description=(
         "The step a `progress` event's `preview_url` names. It only makes each step's URL its "
         "own for caches: the latest preview is served, which may be a later step's."))] = None,
@@ -168,7 +175,7 @@ def _finished(services: Services, job_id: str) -> bool:
                 "current state first; comment lines keep an idle stream open.")},
                        204: {"description": "Last-Event-ID is the terminal event: nothing more will come."},
                        **documented(404, said={404: "No such job (`not_found`)."})})
-async def job_events(job_id: str, services: ServicesDep, caller: CallerDep,
+async def job_events(job_id: JobId, services: ServicesDep, caller: CallerDep,
                      last_event_id: Annotated[str | None, Header(
                          alias="Last-Event-ID", description="The `id:` of the last event the client has: the "
                          "stream resumes after it (a browser's EventSource sends it when it reconnects).")] = None,

@@ -11,6 +11,7 @@ from orchestrator import idempotency, keys
 from orchestrator.api.deps import CallerDep, IdempotencyKey, ServicesDep
 from orchestrator.api.docs import KEY_EXAMPLES, body_examples, created, documented, with_body, with_query
 from orchestrator.api.json_body import StrictJSONRoute
+from orchestrator.api.paths import KeyId, ProjectId
 from orchestrator.api.query import Cursor, Limit, Order
 from orchestrator.errors import Conflict, not_found
 from orchestrator.ids import id_cursor
@@ -68,7 +69,7 @@ def _admin_project(services: ServicesDep, caller: CallerDep, project_id: str) ->
                                  "nothing (`conflict`); or this Idempotency-Key made a key already, whose secret "
                                  "cannot be shown again (`conflict`, `details.key_id`: revoke it if the secret was "
                                  "lost), or was used with another body (`idempotency_conflict`)."})})
-def create_key(project_id: str, body: KeyCreate, services: ServicesDep, caller: CallerDep, request: Request,
+def create_key(project_id: ProjectId, body: KeyCreate, services: ServicesDep, caller: CallerDep, request: Request,
                response: Response, idempotency_key: IdempotencyKey = None) -> KeyCreated:
     """Make a key that reaches this project only. Its secret is in this answer and nowhere else:
     store it now. Sent again with its `Idempotency-Key`, the request makes no second key; as the
@@ -87,7 +88,7 @@ def create_key(project_id: str, body: KeyCreate, services: ServicesDep, caller: 
 
 @router.get("/projects/{project_id}/keys", response_model=Page[KeyPublic], summary="List a project's keys",
             responses=with_query(403, 404, said={403: _ADMIN_ONLY, 404: _NO_PROJECT}))
-def list_keys(project_id: str, services: ServicesDep, caller: CallerDep,
+def list_keys(project_id: ProjectId, services: ServicesDep, caller: CallerDep,
               limit: Limit = 50, cursor: Cursor = None, order: Order = "asc") -> Page[KeyPublic]:
     """The project's keys, revoked ones included (without their secrets)."""
     _admin_project(services, caller, project_id)
@@ -100,7 +101,7 @@ def list_keys(project_id: str, services: ServicesDep, caller: CallerDep,
 
 @router.get("/projects/{project_id}/keys/{key_id}", response_model=KeyPublic, summary="Get a project key",
             responses=documented(403, 404, said={403: _ADMIN_ONLY, 404: _NO_KEY}))
-def get_key(project_id: str, key_id: str, services: ServicesDep, caller: CallerDep) -> KeyPublic:
+def get_key(project_id: ProjectId, key_id: KeyId, services: ServicesDep, caller: CallerDep) -> KeyPublic:
     """One key (without its secret): whether it is revoked, and since when."""
     _admin_project(services, caller, project_id)
     return _public(keys.get(services.db, project_id, key_id))
@@ -108,7 +109,7 @@ def get_key(project_id: str, key_id: str, services: ServicesDep, caller: CallerD
 
 @router.delete("/projects/{project_id}/keys/{key_id}", response_model=KeyPublic, summary="Revoke a project key",
                responses=documented(403, 404, said={403: _ADMIN_ONLY, 404: _NO_KEY}))
-def revoke_key(project_id: str, key_id: str, services: ServicesDep, caller: CallerDep) -> KeyPublic:
+def revoke_key(project_id: ProjectId, key_id: KeyId, services: ServicesDep, caller: CallerDep) -> KeyPublic:
     """Revoke a key: from now on it gets 401. Revoking a revoked key answers it unchanged."""
     _admin_project(services, caller, project_id)
     return _public(keys.revoke(services.db, project_id, key_id))

@@ -14,6 +14,7 @@ from orchestrator.api.deps import CallerDep, ServicesDep, check_asset
 from orchestrator.api.docs import EXPLAIN_EXAMPLES, body_examples, documented, with_body, with_query
 from orchestrator.api.errors import BodyValidationError
 from orchestrator.api.json_body import StrictJSONRoute
+from orchestrator.api.paths import PolicyName
 from orchestrator.api.query import Limit
 from orchestrator.errors import InvalidRequest
 from orchestrator.routing import policy_warnings
@@ -38,7 +39,10 @@ router = APIRouter(tags=["routing"], route_class=StrictJSONRoute)
 
 @router.get("/policies", response_model=PolicyList, summary="List routing policies", responses=with_query())
 def list_policies(services: ServicesDep, caller: CallerDep, limit: Limit = 50,
-                  cursor: Annotated[str | None, Query(max_length=200)] = None) -> dict[str, Any]:
+                  cursor: Annotated[str | None, Query(max_length=200, description=(
+                      "Where the page starts: the previous page's `next_cursor`, the last policy name on it (empty "
+                      "or left out: the first page). A value that is not a policy name is a 422."))] = None,
+                  ) -> dict[str, Any]:
     """The loaded policies by name, paged like every list (`cursor` is the last name of the page
     before). `errors` are the files the last load refused, `warnings` what loaded but cannot route
     as written (an unknown engine): both for the admin key, as are the files' paths (a project key
@@ -60,7 +64,7 @@ def list_policies(services: ServicesDep, caller: CallerDep, limit: Limit = 50,
 
 @router.get("/policies/{name}", response_model=PolicyDetail, summary="Get a routing policy",
             responses=documented(404, said={404: "No policy of that name is loaded (`not_found`)."}))
-def get_policy(name: str, services: ServicesDep, caller: CallerDep) -> dict[str, Any]:
+def get_policy(name: PolicyName, services: ServicesDep, caller: CallerDep) -> dict[str, Any]:
     """The policy's rules as loaded; its file's path for the admin key, its name for a project key
     (as in the list: a project key learns nothing of the server's file system)."""
     policy = services.policies.get(name).as_dict()
@@ -95,23 +99,23 @@ _PROJECT_ID = Field(None, min_length=1, description="the project; a project key'
 class ExplainDraft(DraftCreate):
     """Explaining a draft: the body of `POST /v1/projects/{id}/drafts`, with its stage and project."""
 
-    stage: Literal["ideation"]
+    stage: Literal["ideation"] = Field(description="`ideation`: a draft request (`POST /v1/projects/{id}/drafts`).")
     project_id: str | None = _PROJECT_ID
 
 
 class ExplainPromote(PromoteCreate):
     """Explaining a bridge: the body of `POST /v1/assets/{id}/promote`, with its stage and asset."""
 
-    stage: Literal["bridge"]
-    source_asset_id: str
+    stage: Literal["bridge"] = Field(description="`bridge`: a promotion (`POST /v1/assets/{id}/promote`).")
+    source_asset_id: str = Field(description="The asset to promote: the `{id}` of `POST /v1/assets/{id}/promote`.")
     project_id: str | None = _PROJECT_ID
 
 
 class ExplainPolish(PolishCreate):
     """Explaining a polish: the body of `POST /v1/assets/{id}/polish`, with its stage and asset."""
 
-    stage: Literal["polish"]
-    source_asset_id: str
+    stage: Literal["polish"] = Field(description="`polish`: a final render (`POST /v1/assets/{id}/polish`).")
+    source_asset_id: str = Field(description="The asset to polish: the `{id}` of `POST /v1/assets/{id}/polish`.")
     project_id: str | None = _PROJECT_ID
 
 

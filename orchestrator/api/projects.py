@@ -18,13 +18,14 @@ from orchestrator.api.docs import (
     with_query,
 )
 from orchestrator.api.json_body import StrictJSONRoute
-from orchestrator.api.query import Cursor, Limit, Order, paged
+from orchestrator.api.paths import ProjectId
+from orchestrator.api.query import Cursor, Limit, Order, StageFilter, paged
 from orchestrator.api.serialize import asset_public, project_public
 from orchestrator.errors import InvalidRequest, NotFound, NoUsableEngine, not_found
 from orchestrator.ids import id_cursor, new_id
 from orchestrator.models import Asset, Project
 from orchestrator.models import IdempotencyKey as IdempotencyKeyRow
-from orchestrator.schemas import AssetPublic, Budget, Page, ProjectCreate, ProjectPublic, ProjectUpdate, Stage
+from orchestrator.schemas import AssetPublic, Budget, Page, ProjectCreate, ProjectPublic, ProjectUpdate
 from policies import Policy
 from tiers.base import to_millicredits
 
@@ -157,7 +158,7 @@ def _get(services: ServicesDep, project_id: str) -> Project:
 
 @router.get("/projects/{project_id}", response_model=ProjectPublic, summary="Get a project",
             responses=documented(404, said={404: "No such project (`not_found`)."}))
-def get_project(project_id: str, services: ServicesDep, caller: CallerDep) -> ProjectPublic:
+def get_project(project_id: ProjectId, services: ServicesDep, caller: CallerDep) -> ProjectPublic:
     """A project: its name, routing policy and budget (limit and period)."""
     caller.project(project_id)
     return project_public(_get(services, project_id))
@@ -171,7 +172,8 @@ def get_project(project_id: str, services: ServicesDep, caller: CallerDep) -> Pr
                   404: "No such project (`not_found`).",
                   422: BODY_422 + " Or `policy` names no loaded policy, or `name` or `policy` is null (they "
                                   "cannot be removed)."}))
-def update_project(project_id: str, body: ProjectUpdate, services: ServicesDep, caller: CallerDep) -> ProjectPublic:
+def update_project(project_id: ProjectId, body: ProjectUpdate, services: ServicesDep,
+                   caller: CallerDep) -> ProjectPublic:
     """Change the name, policy or budget (admin key only: a project key must not lift its own budget)."""
     caller.project(project_id)
     caller.admin("changing a project")
@@ -200,7 +202,7 @@ def update_project(project_id: str, body: ProjectUpdate, services: ServicesDep, 
 
 @router.get("/projects/{project_id}/assets", response_model=Page[AssetPublic], summary="List a project's assets",
             responses=with_query(404, said={404: "No such project (`not_found`)."}))
-def list_project_assets(project_id: str, services: ServicesDep, caller: CallerDep, stage: Stage | None = None,
+def list_project_assets(project_id: ProjectId, services: ServicesDep, caller: CallerDep, stage: StageFilter = None,
                         limit: Limit = 50, cursor: Cursor = None, order: Order = "asc") -> Page[AssetPublic]:
     """The project's assets, oldest first (`order=desc`: newest first; `stage` filters), a page at
     a time: pass `next_cursor` back as `cursor` until it is null."""

@@ -26,6 +26,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from typing_extensions import TypeAliasType
 
 from orchestrator.errors import InvalidRequest
+from orchestrator.schemas import Stage
 
 
 def _has_value(part: bytes) -> bool:
@@ -109,6 +110,8 @@ SortOrder = TypeAliasType("SortOrder", Literal["asc", "desc"])
 Order = Annotated[SortOrder, Query(
     description="`asc`: oldest first (the default); `desc`: newest first. A page's `next_cursor` goes on in the "
                 "same order.")]
+StageFilter = Annotated[Stage | None, Query(description=(
+    "Only those of this stage: `ideation` (drafts), `bridge` or `polish`; left out: every stage."))]
 
 
 def paged(stmt: Any, column: Any, after: Any, order: str) -> Any:

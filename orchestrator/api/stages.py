@@ -11,6 +11,7 @@ from orchestrator.api.deps import CallerDep, IdempotencyKey, ServicesDep, check_
 from orchestrator.api.docs import DRAFT_EXAMPLES, POLISH_EXAMPLES, PROMOTE_EXAMPLES, body_examples, with_body
 from orchestrator.api.jobs import public
 from orchestrator.api.json_body import StrictJSONRoute
+from orchestrator.api.paths import AssetId, ProjectId
 from orchestrator.api.serialize import job_public
 from orchestrator.models import Asset, Job
 from orchestrator.schemas import DraftCreate, JobPublic, PolishCreate, PromoteCreate
@@ -50,7 +51,7 @@ PolishBody = Annotated[PolishCreate, Body(default_factory=PolishCreate)]
                             "the local Lite model hold nothing and are never refused for the budget.",
                        404: "No such project (`not_found`).",
                        409: _IDEMPOTENCY_CONFLICT})})
-def create_drafts(project_id: str, body: DraftCreate, services: ServicesDep, caller: CallerDep, request: Request,
+def create_drafts(project_id: ProjectId, body: DraftCreate, services: ServicesDep, caller: CallerDep, request: Request,
                   response: Response, idempotency_key: IdempotencyKey = None) -> JobPublic:
     """Ask for `n` drafts of a prompt (stage `ideation`), made on the local Lite model unless the
     project's policy says otherwise: nothing leaves the machine. Variation i is seeded `seed + i`.
@@ -65,7 +66,7 @@ def create_drafts(project_id: str, body: DraftCreate, services: ServicesDep, cal
 @router.post("/assets/{asset_id}/promote", status_code=202, response_model=JobPublic,
              summary="Promote an asset to a high-fidelity engine", openapi_extra=body_examples(PROMOTE_EXAMPLES),
              responses=PAID_ERRORS)
-def promote(asset_id: str, body: PromoteBody, services: ServicesDep, caller: CallerDep, request: Request,
+def promote(asset_id: AssetId, body: PromoteBody, services: ServicesDep, caller: CallerDep, request: Request,
             response: Response, idempotency_key: IdempotencyKey = None) -> JobPublic:
     """Promote an asset (a chosen draft) as the image-to-image seed of a high-fidelity engine
     (stage `bridge`). The estimate is held against the project's budget in the transaction that
@@ -81,7 +82,7 @@ def promote(asset_id: str, body: PromoteBody, services: ServicesDep, caller: Cal
 @router.post("/assets/{asset_id}/polish", status_code=202, response_model=JobPublic,
              summary="Polish an asset (the final render)", openapi_extra=body_examples(POLISH_EXAMPLES),
              responses=PAID_ERRORS)
-def polish(asset_id: str, body: PolishBody, services: ServicesDep, caller: CallerDep, request: Request,
+def polish(asset_id: AssetId, body: PolishBody, services: ServicesDep, caller: CallerDep, request: Request,
            response: Response, idempotency_key: IdempotencyKey = None) -> JobPublic:
     """The final render of an asset (stage `polish`): `scale`, or `width`/`height`, sets the size,
     `creativity` how far the engine may stray from the source. Held and charged as a promotion."""

@@ -642,6 +642,28 @@ def test_main_models_describe_their_fields(spec: dict[str, Any], model: str) -> 
     assert bare == []
 
 
+# FastAPI's own schemas of its default 422, which it adds when a route has no 422 of its own (the
+# service documents its errors as ErrorResponse and removes them): their fields are FastAPI's words.
+FASTAPI_SCHEMAS = {"HTTPValidationError", "ValidationError"}
+
+
+def test_every_parameter_and_property_is_described(spec: dict[str, Any]) -> None:
+    """/docs shows a parameter or a field without a description as its bare name: `stage`, `pid`,
+    `rule_index` told a new client nothing of what they filter, hold or count. The description
+    must be the property's own, not only its non-null form's (an optional field's `anyOf`)."""
+    bare_parameters = [f"{method.upper()} {path} {p['in']} {p['name']}" for method, path, operation in operations(spec)
+                       for p in operation.get("parameters", []) if not str(p.get("description", "")).strip()]
+    bare_properties = [f"{model}.{name}" for model, schema in spec["components"]["schemas"].items()
+                       if model not in FASTAPI_SCHEMAS
+                       for name, field in schema.get("properties", {}).items()
+                       if not str(field.get("description", "")).strip()]
+    assert bare_parameters == [] and bare_properties == [], (bare_parameters, bare_properties)
+    # It looked at them all: every kind of parameter, and the schemas the audit found bare.
+    kinds = {p["in"] for _, _, operation in operations(spec) for p in operation.get("parameters", [])}
+    assert kinds == {"path", "query", "header"}
+    assert {"PolicyReload", "WorkerPublic", "Routing", "Health"} <= spec["components"]["schemas"].keys()
+
+
 def test_error_codes_are_listed_not_enumerated(spec: dict[str, Any]) -> None:
     """`code` is open: new codes come with new releases (and a job's error has its own), so the
     schema lists them in words, and a generated client does not refuse a code it does not know."""
