@@ -1,8 +1,9 @@
 """Two clocks. `utcnow()` is this host's: the times a row records for people (a job's start and
-end, a ledger entry), compared with other times of this host (a preview file's). `shared_now()` is
-the one every host sharing the database agrees on: inside a PostgreSQL write transaction the
-database server's, else this host's. Leases are stamped and judged by it, and ids made from it,
-whatever the hosts' own clocks say (a host running a minute ahead took live jobs as orphans)."""
+end), compared with other times of this host (a preview file's). `shared_now()` is the one every
+host sharing the database agrees on: inside a PostgreSQL write transaction the database server's,
+else this host's. Leases are stamped and judged by it, ids made from it, and ledger entries (whose
+times decide the budget window they count in), whatever the hosts' own clocks say (a host running
+a minute ahead took live jobs as orphans)."""
 
 from __future__ import annotations
 

@@ -37,10 +37,10 @@ from sqlalchemy import and_, func, literal, update
 from sqlalchemy.orm import aliased
 from sqlmodel import Session, col, select
 
-from orchestrator.clock import iso, utcnow
+from orchestrator.clock import iso, shared_now
 from orchestrator.errors import BudgetExceeded, Conflict, OrchestratorError, not_found
 from orchestrator.models import Job, LedgerEntry, Project
-from tiers.base import is_amount, to_credits
+from tiers.base import MAX_AMOUNT, is_amount, to_credits
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,10 @@ def charges() -> Any:
 
 
 class Ledger:
-    def __init__(self, clock: Callable[[], datetime] = utcnow) -> None:
+    def __init__(self, clock: Callable[[], datetime] = shared_now) -> None:
+        # The clock hosts sharing the database agree on: by each writer's own, a worker a minute
+        # slow stamped a capture just past midnight into the month before (its hold's own time
+        # after it), where the new month's budget never counted it.
         self.clock = clock
 
     # -- reading -----------------------------------------------------------------------------
@@ -262,6 +265,9 @@ class Ledger:
     def charge_usage(self, s: Session, job: Job, amount: int, note: str | None = None) -> None:
         """A capture without a hold: metered local work. It is never refused for budget (local
         engines keep working when a budget is exhausted) but it counts as spend."""
+        # At most what an entry may hold: hours at the highest rate would pass it (and the budget's
+        # sums the database's integers), however long the device was held.
+        amount = min(amount, MAX_AMOUNT)
         if amount > 0:
             s.add(LedgerEntry(project_id=job.project_id, job_id=job.id, kind="capture", amount=amount,
                               engine=job.engine, stage=job.stage, note=note, created_at=self.clock()))

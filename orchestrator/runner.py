@@ -1052,7 +1052,7 @@ class JobRunner:
         if job.estimated > 0 or result.cost_millicredits or billed_by_provider(engine):
             self.ledger.charge_made(s, job, result.cost_millicredits)
         elif self.local_rate and engine.kind == "local":
-            used = float(result.metadata.get(DEVICE_SECONDS, seconds))  # the engine's own count leaves out loading
+            used = device_seconds(result.metadata.get(DEVICE_SECONDS), seconds, engine=job.engine)
             self.ledger.charge_usage(s, job, round(used * self.local_rate * 1000),
                                      note=f"{used:.2f} device-seconds")
 
@@ -1148,3 +1148,17 @@ class JobRunner:
             with attempt, self.db.transaction() as s:
                 s.execute(update(Job).where(col(Job.id) == claim.job.id, col(Job.attempt) == claim.attempt,
                                             col(Job.status) == "running").values(**_accepted_values(work)))
+
+
+def device_seconds(reported: object, measured: float, *, engine: str) -> float:
+    """The seconds metered local work is charged: the engine's own count (it leaves out loading the
+    model), unless it is not a number of seconds within the attempt's (a plugin's NaN, -5 or 1e12
+    was charged as given, free or past what the ledger can hold), then the attempt's own."""
+    if reported is None:  # an engine that keeps no count of its own
+        return measured
+    if (isinstance(reported, (int, float)) and not isinstance(reported, bool)
+            and math.isfinite(reported) and 0 <= reported <= measured):
+        return float(reported)
+    log.warning("engine %s reported %r device-seconds for an attempt of %.2f s: charged for %.2f s",
+                engine, str(reported)[:40], measured, measured)
+    return measured

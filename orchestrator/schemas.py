@@ -731,7 +731,7 @@ class SpendReport(BaseModel):
 
     group_by: GroupBy = Field(description="what the rows are: days, engines, stages or projects")
     from_: datetime | None = Field(alias="from", description="the window's start, as asked; null: the ledger's start")
-    to: datetime | None = Field(description="the window's end (exclusive), as asked; null: now")
+    to: datetime | None = Field(description="the window's end (exclusive), as asked; null: no end")
     groups: list[SpendGroup] = Field(description="the rows, by key")
     total: float = Field(description="credits charged in the window, the groups' sum")
     savings: SpendSavings = Field(description="what drafting locally saved in the window")

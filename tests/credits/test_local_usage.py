@@ -7,11 +7,17 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlmodel import col, select
 
+from orchestrator.db import Database
+from orchestrator.ledger import Ledger
+from orchestrator.models import Job, LedgerEntry, Project
+from orchestrator.runner import device_seconds
 from orchestrator.settings import Settings
 from tests.api import create_project, run_draft
 from tests.conftest import SettingsFactory
 from tiers._local import LocalRuntime
+from tiers.base import MAX_AMOUNT
 
 LOAD_SECONDS = 1000.0
 
@@ -78,3 +84,27 @@ def test_local_work_is_free_by_default(server: httpx.Client) -> None:
     project = create_project(server, budget={"limit": 1, "period": "day"})["id"]
     run_draft(server, project, n=1, width=64, height=64, steps=1)
     assert server.get(f"/v1/projects/{project}/ledger").json()["items"] == []
+
+
+@pytest.mark.parametrize(("reported", "charged"), [
+    (2.5, 2.5), (0, 0.0), (None, 10.0),  # an engine that keeps no count: the attempt's own seconds
+    # A plugin's mistakes: free (-5), unstorable (NaN, inf) or past what an entry holds (1e12).
+    (-5, 10.0), (float("nan"), 10.0), (float("inf"), 10.0), (1e12, 10.0), ("2", 10.0), (True, 10.0),
+])
+def test_device_seconds_an_engine_reports_are_charged_only_within_its_attempt(reported: object,
+                                                                               charged: float) -> None:
+    assert device_seconds(reported, 10.0, engine="plugin") == charged
+
+
+def test_metered_use_past_what_an_entry_holds_is_charged_the_most_it_holds(db: Database) -> None:
+    # Hours at the highest rate: an amount the budget's sums overflowed (500 on budget and spend).
+    with db.transaction() as s:
+        s.add(Project(id="prj_meter", name="meter", policy="balanced"))
+        s.flush()
+        job = Job(id="job_meter", project_id="prj_meter", stage="ideation", engine="lite", params={})
+        s.add(job)
+        s.flush()
+        Ledger().charge_usage(s, job, MAX_AMOUNT * 9, note="a very long job")
+    with db.session() as s:
+        [entry] = s.exec(select(LedgerEntry).where(col(LedgerEntry.job_id) == "job_meter")).all()
+    assert entry.amount == MAX_AMOUNT

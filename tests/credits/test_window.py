@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlmodel import col, select
 
+from orchestrator import clock
 from orchestrator.db import Database
 from orchestrator.errors import BudgetExceeded
 from orchestrator.ledger import Balance, Ledger, window
@@ -243,3 +244,16 @@ def test_a_reconciliation_on_a_later_day_counts_money_there_but_not_the_job_agai
     assert [(g["key"], g["charged"], g["unreconciled"], g["jobs"]) for g in report["groups"]] == [
         ("2026-11-02", 10, 0, 1), ("2026-11-05", -6, 0, 0)]
     assert report["total"] == 4
+
+
+def test_entries_are_stamped_by_the_clock_hosts_share(db: Database) -> None:
+    # Each writer's own clock decided an entry's window: a worker a minute slow put a capture just
+    # past midnight into the month before. Inside a PostgreSQL write, the database's clock rules.
+    project = add_project(db, 100_000, "month")
+    database_now = utc(2027, 1, 1, 0, 0, 30)
+    with clock.using(lambda: int(database_now.timestamp()) * 1_000_000):
+        with db.transaction() as s:
+            entry = Ledger().grant(s, project.id, 5_000, note="top-up")
+        with db.session() as s:
+            assert Ledger().balance(s, project).window_start == utc(2027, 1, 1)
+    assert entry.created_at == database_now
