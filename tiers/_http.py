@@ -84,6 +84,11 @@ SELF_HOSTED_UNREACHABLE_ATTEMPTS = 8
 # PNG, base64 in JSON, is some 70 MB. Without a cap, half a megabyte of gzip that inflates to
 # gigabytes is read whole into memory.
 MAX_ANSWER_BYTES = 256 * 2**20
+# The most JSON objects and arrays an answer may open. Parsed, each costs some 80 bytes: 250 KB of
+# gzip inflating to 250 MB of `[{},{},...]` held 6.6 GB. Images come as long strings, and the
+# largest lists an engine reads (a ComfyUI queue of workflows) hold well under this.
+MAX_JSON_CONTAINERS = 1_000_000
+JSON_START = re.compile(rb"\s*[\[{]")
 # The content-codings asked for, and the only ones read (see `_Inflater`); answers in the others
 # are refused (other tokens, `utf-8` or `binary` as some servers send, are no compression).
 ACCEPT_ENCODING = "gzip, deflate"
@@ -723,6 +728,12 @@ class RemoteClient:
             ) from None
         finally:
             await response.aclose()
+        if len(body) > MAX_JSON_CONTAINERS and JSON_START.match(body) is not None and (
+                body.count(b"{") + body.count(b"[") > MAX_JSON_CONTAINERS):
+            raise EngineError(
+                f"{self.engine}: the provider's answer opens more than {MAX_JSON_CONTAINERS} JSON objects and "
+                "arrays; it is not read" + ("" if idempotent else ", and the provider may have billed the request"),
+                details={"engine": self.engine}, retryable=False, charged=None if idempotent else "unknown")
         return _read(response, history, body=body, cut_short=cut_short)
 
     def _give_up(self, response: httpx.Response) -> EngineError:

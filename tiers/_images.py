@@ -90,8 +90,12 @@ def eight_bit(image: Image.Image) -> Image.Image:
     own conversion clips it at 255, and a mid-grey image was stored white), and a palette's or a
     grey image's transparency kept as an alpha channel (not a colour key other pixels may share)."""
     if image.mode in SIXTEEN_BIT:
-        wide = np.asarray(image if image.mode == "I" else image.convert("I"), dtype=np.int64)
-        return Image.fromarray((np.clip(wide, 0, 65535) >> 8).astype(np.uint8)).convert("RGB")
+        # In 16 (or PIL's 32) bits, not widened to 64: an 8192x8192 grey PNG of 150 KB took 1.4 GB.
+        if image.mode == "I":
+            grey = (np.clip(np.asarray(image), 0, 65535) >> 8).astype(np.uint8)
+        else:
+            grey = (np.asarray(image) >> 8).astype(np.uint8)  # the 16-bit modes read as (either-endian) uint16
+        return Image.fromarray(grey).convert("RGB")
     if image.mode in ("LA", "PA", "La") or (image.mode in ("P", "L", "RGB") and "transparency" in image.info):
         return image.convert("RGBA")
     return image

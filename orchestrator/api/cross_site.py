@@ -16,6 +16,7 @@ A pure ASGI middleware: every request pays one header lookup, a program's nothin
 from __future__ import annotations
 
 import ipaddress
+import re
 
 from starlette.datastructures import Headers
 from starlette.middleware.cors import CORSMiddleware
@@ -39,11 +40,15 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+# A host (a name, an IPv4 address or a bracketed IPv6 one) and an optional port, and nothing else.
+HOST_HEADER = re.compile(r"(\[[0-9a-f:.]+\]|[^\s:\[\],/@]+)(:[0-9]{1,5})?")
+
+
 def _host_name(host: str) -> str:
-    """`Host` without its port: `127.0.0.1:8000` -> `127.0.0.1`, `[::1]:8000` -> `[::1]`."""
-    if host.startswith("["):
-        return host.partition("]")[0] + "]"
-    return host.rpartition(":")[0] if host.count(":") == 1 else host
+    """`Host` without its port: `127.0.0.1:8000` -> `127.0.0.1`, `[::1]:8000` -> `[::1]`; "" for
+    a header that is not one host (`127.0.0.1:8000, evil.test` was read as loopback)."""
+    found = HOST_HEADER.fullmatch(host)
+    return found.group(1) if found is not None else ""
 
 
 class CrossSiteGuard:

@@ -144,6 +144,10 @@ def test_a_service_open_to_this_machine_answers_to_its_own_names_only(
         assert_error(rebound, 400, "invalid_request")
         assert "ORCH_ADMIN_KEY" in rebound.json()["error"]["message"]
         assert client.get("/v1/projects").json()["items"] == []
+        # A header that is not one host was read by its last colon: this one as 127.0.0.1.
+        for odd in ("127.0.0.1:8000, rebind.attacker.example", "127.0.0.1:8000:80", "127.0.0.1 evil",
+                    "127.0.0.1:80x", "user@127.0.0.1"):
+            assert_error(client.get("/v1/projects", headers={"Host": odd}), 400, "invalid_request")
         for path in ("/healthz", "/metrics"):  # unauthenticated, but guarded alike: and documented so
             assert_error(client.get(path, headers={"Host": "rebind.attacker.example"}), 400, "invalid_request")
             assert "400" in client.get("/openapi.json").json()["paths"][path]["get"]["responses"]

@@ -261,6 +261,18 @@ def test_a_16_bit_grey_png_is_decoded_to_8_bits_as_it_looks() -> None:
     assert (image.mode, image.getpixel((0, 0))) == ("RGB", (128, 128, 128))
 
 
+@pytest.mark.parametrize("mode", ["I;16", "I;16B", "I;16L"])
+def test_every_16_bit_grey_mode_keeps_its_levels(mode: str) -> None:
+    from PIL import Image
+
+    from tiers._images import eight_bit
+
+    assert eight_bit(Image.new(mode, (2, 2), 32896)).getpixel((1, 1)) == (128, 128, 128)
+    wide = Image.new("I", (3, 1))
+    wide.putdata([70_000, -5, 32_896])  # PIL's 32-bit grey: clipped to 16 bits first
+    assert list(eight_bit(wide).getdata()) == [(255, 255, 255), (0, 0, 0), (128, 128, 128)]
+
+
 @pytest.mark.parametrize("fmt", ["EPS", "BMP", "GIF", "TIFF"])
 def test_formats_no_provider_sends_are_not_handed_to_their_readers(fmt: str) -> None:
     """Some of Pillow's readers run outside programs (EPS: Ghostscript) on what they open."""

@@ -512,6 +512,24 @@ async def test_an_answer_that_inflates_past_the_cap_is_not_read_or_resent(client
 
 
 @respx.mock
+async def test_an_answer_of_millions_of_json_objects_is_not_parsed(client: RemoteClient,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    # 250 KB of gzip inflating to 250 MB of `[{},{},...]`, within the byte cap, held 6.6 GB parsed.
+    monkeypatch.setattr("tiers._http.MAX_JSON_CONTAINERS", 1000)
+    route = respx.post(f"{BASE}/images").mock(return_value=httpx.Response(
+        200, content=b' {"pad": [' + b"{}," * 1000 + b"{}]}", headers={"content-type": "application/json"}))
+    with pytest.raises(EngineError) as info:
+        await client.request("POST", "/images", json={"prompt": "a lighthouse"})
+    assert route.call_count == 1 and info.value.charged == "unknown" and not info.value.retryable
+    assert "opens more than 1000 JSON objects and arrays" in info.value.message
+    # Within it, and an image's bytes however many braces they hold, read as sent.
+    respx.get(f"{BASE}/poll").mock(return_value=httpx.Response(200, json={"pad": [{}] * 900}))
+    assert len((await client.request("GET", "/poll", idempotent=True)).json()["pad"]) == 900
+    respx.get(f"{BASE}/out.png").mock(return_value=httpx.Response(200, content=b"\x89PNG" + b"{[" * 2000))
+    assert (await client.request("GET", "/out.png", idempotent=True)).content.startswith(b"\x89PNG")
+
+
+@respx.mock
 async def test_a_compressed_answer_within_the_cap_reads_as_sent(client: RemoteClient) -> None:
     client.max_answer_bytes = 1 << 20
     respx.get(f"{BASE}/out").mock(return_value=gzipped_zeros(1 << 19))
