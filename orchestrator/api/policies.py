@@ -10,13 +10,14 @@ from pydantic import ConfigDict, Field, GetJsonSchemaHandler, TypeAdapter, Valid
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema
 
-from orchestrator.api.deps import CallerDep, ServicesDep, check_asset
+from orchestrator.api.deps import Caller, CallerDep, ServicesDep, check_asset
 from orchestrator.api.docs import EXPLAIN_EXAMPLES, body_examples, documented, with_body, with_query
 from orchestrator.api.errors import BodyValidationError
 from orchestrator.api.json_body import StrictJSONRoute
 from orchestrator.api.paths import PolicyName
 from orchestrator.api.query import Limit
-from orchestrator.errors import InvalidRequest
+from orchestrator.errors import InvalidRequest, not_found
+from orchestrator.models import Project
 from orchestrator.routing import policy_warnings
 from orchestrator.schemas import (
     DraftCreate,
@@ -45,13 +46,15 @@ def list_policies(services: ServicesDep, caller: CallerDep, limit: Limit = 50,
                   ) -> dict[str, Any]:
     """The loaded policies by name, paged like every list (`cursor` is the last name of the page
     before). `errors` are the files the last load refused, `warnings` what loaded but cannot route
-    as written (an unknown engine): both for the admin key, as are the files' paths (a project key
-    sees a file's name)."""
+    as written (an unknown engine): both for the admin key, as are the files' paths. A project key
+    sees its project's policy only, by its file's name."""
     admin = caller.project_id is None
     if cursor and not POLICY_NAME.fullmatch(cursor):  # as other lists: it would start the list somewhere
         raise InvalidRequest("malformed cursor: pass back the 'next_cursor' of the previous page",
                              details={"cursor": cursor}, loc=("query", "cursor"))
-    rows = [p for p in services.policies.list() if not cursor or p.name > cursor][:limit + 1]
+    own = None if admin else _own_policy(services, caller)
+    rows = [p for p in services.policies.list()
+            if (not cursor or p.name > cursor) and (admin or p.name == own)][:limit + 1]
     more = len(rows) > limit
     rows = rows[:limit]
     return {"items": [{"name": p.name, "description": p.description,
@@ -63,14 +66,28 @@ def list_policies(services: ServicesDep, caller: CallerDep, limit: Limit = 50,
 
 
 @router.get("/policies/{name}", response_model=PolicyDetail, summary="Get a routing policy",
-            responses=documented(404, said={404: "No policy of that name is loaded (`not_found`)."}))
+            responses=documented(404, said={404: "No policy of that name is loaded, or (for a project key) it is "
+                                                 "not its project's (`not_found`)."}))
 def get_policy(name: PolicyName, services: ServicesDep, caller: CallerDep) -> dict[str, Any]:
-    """The policy's rules as loaded; its file's path for the admin key, its name for a project key
-    (as in the list: a project key learns nothing of the server's file system)."""
+    """The policy's rules as loaded; its file's path for the admin key. A project key reads its
+    project's policy only, with its file's name (as in the list: a project key learns nothing of
+    the server's file system)."""
+    if caller.project_id is None:
+        return services.policies.get(name).as_dict()
+    if name != _own_policy(services, caller) or name not in services.policies:
+        # Another client's rules name their tags (`client = "acme"`): a 404 as for no such policy,
+        # without the list of those loaded.
+        raise not_found("policy", "policy", name)
     policy = services.policies.get(name).as_dict()
-    if caller.project_id is not None:
-        policy["source"] = PurePath(policy["source"]).name
+    policy["source"] = PurePath(policy["source"]).name
     return policy
+
+
+def _own_policy(services: Services, caller: Caller) -> str | None:
+    assert caller.project_id is not None
+    with services.db.session() as s:
+        project = s.get(Project, caller.project_id)
+    return None if project is None else project.policy
 
 
 @router.post("/policies/reload", response_model=PolicyReload, summary="Reload the policy files",

@@ -332,7 +332,7 @@ def test_bad_key_requests(world: World) -> None:
         assert_error(fake.get("/v1/projects"), 401, "unauthorized")
 
 
-def test_a_project_key_sees_policies_without_the_server_s_paths_or_load_errors(
+def test_a_project_key_sees_its_project_s_policy_only_without_the_server_s_paths_or_load_errors(
         make_settings: Callable[..., Settings], start_server: Callable[[Settings], httpx.Client],
         tmp_path: Path) -> None:
     folder = tmp_path / "studio-policies"
@@ -341,15 +341,21 @@ def test_a_project_key_sees_policies_without_the_server_s_paths_or_load_errors(
     (folder / "broken.toml").write_text("this is not toml = [")
     base = start_server(make_settings(admin_key=ADMIN_KEY, policy_dir=folder)).base_url
     with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=30) as admin:
-        project = create_project(admin, "A")["id"]
+        project = admin.post("/v1/projects", json={"name": "A", "policy": "studio"}).json()["id"]
         secret = admin.post(f"/v1/projects/{project}/keys", json={"name": "pipeline"}).json()["key"]
         seen_by_admin = admin.get("/v1/policies").json()
         seen_by_key = admin.get("/v1/policies", headers={"Authorization": f"Bearer {secret}"}).json()
         one_by_admin = admin.get("/v1/policies/studio").json()
         one_by_key = admin.get("/v1/policies/studio", headers={"Authorization": f"Bearer {secret}"}).json()
+        # Another client's rules name their tags: not shown, nor the names of those loaded.
+        other = admin.get("/v1/policies/balanced", headers={"Authorization": f"Bearer {secret}"})
+        assert admin.get("/v1/policies/balanced").status_code == 200
+    error = assert_error(other, 404, "not_found")
+    assert "studio" not in str(error) and "known" not in error["details"]
     studio = {p["name"]: p for p in seen_by_admin["items"]}["studio"]
     assert studio["source"] == str(folder / "studio.toml") and seen_by_admin["errors"]
-    assert {p["name"]: p for p in seen_by_key["items"]}["studio"]["source"] == "studio.toml"
+    assert len(seen_by_admin["items"]) > 1 and [p["name"] for p in seen_by_key["items"]] == ["studio"]
+    assert seen_by_key["items"][0]["source"] == "studio.toml"
     assert seen_by_key["errors"] == [] and str(tmp_path) not in str(seen_by_key)
     assert one_by_admin["source"] == str(folder / "studio.toml")
     assert one_by_key["source"] == "studio.toml" and str(tmp_path) not in str(one_by_key)
