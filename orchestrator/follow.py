@@ -45,10 +45,10 @@ def catch_up(bus: EventBus, job: Job, asset_ids: list[str], *, preview: bool = F
         assert view is not None
     if view.finished or job.status == "queued":
         return
-    if view.attempt and job.attempt < view.attempt:
-        # Read before the job was claimed again, told after a newer read: its progress is the old
-        # attempt's, and would hide the new one's until it passed that step.
-        return
+    # A row of an attempt before the one told: read before the job was claimed again and told after
+    # a newer read (its progress would hide the new attempt's until it passed that step), or ended
+    # after a claim was handed back unstarted (`JobRunner._requeue_waiting`): only its end is told.
+    earlier = bool(view.attempt) and job.attempt < view.attempt
     # A job canceled or failed in the queue never started; one run again (recovered after its
     # worker died) starts again, and its progress counts from its new start.
     if job.started_at is not None and (not view.started or job.attempt > view.attempt):
@@ -57,13 +57,14 @@ def catch_up(bus: EventBus, job: Job, asset_ids: list[str], *, preview: bool = F
         view = bus.view(job.id)
         assert view is not None
     if job.status == "running":
-        if job.progress_total and job.progress_step > view.step:
+        if not earlier and job.progress_total and job.progress_step > view.step:
             bus.publish(job.id, "progress", events.progress(job.id, job.progress_step, job.progress_total,
                                                             preview=preview))
         return
-    if job.progress_total and job.progress_step > view.step:
+    if not earlier and job.progress_total and job.progress_step > view.step:
         # The row's progress is written at most once a second: a job that ended within one told a
-        # stream here no step at all, and a longer one stopped short of its last.
+        # stream here no step at all, and a longer one stopped short of its last. (An engine that
+        # counts no steps ends at 1 of 1, as `GET /v1/jobs/{id}` shows it.)
         bus.publish(job.id, "progress", events.progress(job.id, job.progress_step, job.progress_total, preview=False))
     for index, asset_id in enumerate(asset_ids[view.assets:], start=view.assets):
         bus.publish(job.id, "asset", {"asset_id": asset_id, "index": index})

@@ -586,6 +586,20 @@ def test_a_row_read_before_a_rerun_tells_nothing_after_the_rerun_started() -> No
     assert [(e.type, e.data.get("step")) for e in told] == [("queued", None), ("started", None), ("progress", 5)]
 
 
+def test_a_job_handed_back_unstarted_and_canceled_still_ends_its_stream() -> None:
+    # A claim handed back to the queue (its engine's circuit open) takes its attempt back: a row
+    # canceled after it says attempt 1 where the stream told attempt 2, and its end was never told.
+    bus = EventBus()
+    catch_up(bus, Job(id="job_w", project_id="prj", stage="bridge", engine="gemini", status="running", attempt=2,
+                      started_at=utcnow()), [])
+    catch_up(bus, Job(id="job_w", project_id="prj", stage="bridge", engine="gemini", status="canceled", attempt=1,
+                      started_at=utcnow(), progress_step=3, progress_total=4,
+                      error={"code": "canceled", "message": "canceled", "details": {}}), [])
+    view = bus.view("job_w")
+    assert view is not None and view.finished
+    assert [e.type for e in bus._jobs["job_w"].snapshot()] == ["queued", "started", "canceled"]
+
+
 def test_a_cancel_told_from_the_row_says_why() -> None:
     bus = EventBus()
     why = {"code": "canceled", "message": "the project's policy 'local-only' keeps it on this machine", "details": {}}
