@@ -86,7 +86,7 @@ class Balance:
             return None
         total = self.limit + self.granted
         if total <= 0:
-            return 1.0  # a zero budget is all spent: the rules for an exhausted budget apply
+            return 1.0  # a zero budget is all spent: every `budget_used_over` below 1 matches it
         return (self.charged + self.held) / total
 
     def fits(self, amount: int) -> bool:

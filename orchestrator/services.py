@@ -269,7 +269,9 @@ class Services:
         health = EngineHealth()
         health.sync(db)  # what the other processes of this database found, before the first route
         router = Router(registry, policies, health)
-        ledger = Ledger()
+        # The database's clock, in and out of write transactions: a budget window read by a host
+        # whose clock is behind was the month before the one its entries were stamped in.
+        ledger = Ledger(clock=db.now)
         previews = PreviewFiles(settings.data_dir / "previews")
         runner = JobRunner(db, registry, store, bus, ledger, health, settings.local_gpu_second_credits,
                            preview_files=previews)

@@ -498,6 +498,30 @@ def test_ids_made_in_write_transactions_follow_the_database_s_clock_on_postgres(
         db.dispose()
 
 
+def test_budget_windows_follow_the_database_s_clock_on_postgres(
+        postgres_url: str, tmp_path: Path, paid_settings_for: Callable[..., Settings],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # A host whose clock is off stamped entries into its own month, and read budgets by it: a
+    # worker a minute slow at midnight put a capture into the month before, where the new month
+    # never counted it. Here this host runs 40 days ahead, so its month is never the server's.
+    services = Services.build(paid_settings_for(tmp_path / "data", database_url=postgres_url))
+    try:
+        with services.db.transaction() as s:
+            project = Project(id="prj_window", name="window", policy=POLICY, budget_limit=100_000,
+                              budget_period="month")
+            s.add(project)
+        ahead = time.time_ns() // 1000 + 40 * 86_400 * 1_000_000
+        monkeypatch.setattr("orchestrator.clock._host_us", lambda: ahead + 0)
+        with services.db.transaction() as s:
+            entry = services.ledger.grant(s, "prj_window", 5_000, note="top-up")
+        with services.db.session() as s:  # a budget read, outside any write
+            balance = services.ledger.balance(s, project)
+        assert balance.window_start is not None and balance.window_end is not None
+        assert balance.window_start <= entry.created_at < balance.window_end and balance.granted == 5_000
+    finally:
+        asyncio.run(services.aclose())
+
+
 def test_leases_are_stamped_and_judged_by_the_database_s_clock_on_postgres(
         postgres_url: str, tmp_path: Path, paid_settings_for: Callable[..., Settings],
         monkeypatch: pytest.MonkeyPatch) -> None:
