@@ -688,7 +688,7 @@ class JobService:
                 raise JobFinished(f"job '{job_id}' already {job.status}", details={"status": job.status})
             if job.status != "queued":
                 return False
-            error = {"code": "canceled", "message": why, "details": {}}
+            error = Canceled(why).to_dict()
             result = s.execute(update(Job).where(col(Job.id) == job_id, col(Job.status) == "queued").values(
                 status="canceled", finished_at=now, error=error))
             if changed(result) != 1:

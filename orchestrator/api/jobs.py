@@ -83,14 +83,15 @@ def list_jobs(services: ServicesDep, caller: CallerDep,
             stmt = stmt.where(col(Job.status) == status)
         if engine:
             stmt = stmt.where(col(Job.engine) == engine)
-            ever = select(Job.id).where(col(Job.engine) == engine).limit(1)
-            if caller.project_id is not None:
-                ever = ever.where(col(Job.project_id) == caller.project_id)
-            if engine not in services.registry.names() and s.exec(ever).first() is None:
-                # A typo read as "no jobs" (a misspelt status or stage is refused).
-                known = sorted(services.registry.names())
-                raise InvalidRequest(f"unknown engine '{engine[:100]}' (known: {', '.join(known)})",
-                                     details={"engine": engine[:100], "known": known})
+            if engine not in services.registry.names():
+                ever = select(Job.id).where(col(Job.engine) == engine).limit(1)
+                if caller.project_id is not None:
+                    ever = ever.where(col(Job.project_id) == caller.project_id)
+                if s.exec(ever).first() is None:
+                    # A typo read as "no jobs" (a misspelt status or stage is refused).
+                    known = sorted(services.registry.names())
+                    raise InvalidRequest(f"unknown engine '{engine[:100]}' (known: {', '.join(known)})",
+                                         details={"engine": engine[:100], "known": known}, loc=("query", "engine"))
         stmt = paged(stmt, col(Job.id), id_cursor(cursor, "job") or None, order)
         rows = list(s.exec(stmt).all())
     more = len(rows) > limit
@@ -182,6 +183,12 @@ async def job_events(job_id: JobId, services: ServicesDep, caller: CallerDep,
                      ) -> Response:
     """Reconnecting with `Last-Event-ID` resumes after that event; once the client has the terminal
     event the answer is 204, which tells a browser's EventSource to stop reconnecting."""
+    if services.bus.closed:
+        # The service is stopping and has ended its streams: an empty 200 read as the job's end.
+        # (A stop between here and the subscription still ends the stream empty: the client's
+        # reconnect then meets this.)
+        raise ServerStopping("the server is stopping: follow the job again in a moment (another server, or "
+                             "this one once restarted)", details={"job_id": job_id})
     if caller.project_id is not None:
         await asyncio.to_thread(check_job, services, caller, job_id)
     known = services.bus.keep(job_id)  # a job this process has published is known to exist
@@ -202,10 +209,6 @@ async def job_events(job_id: JobId, services: ServicesDep, caller: CallerDep,
         # The client has the terminal event; one from another process (a worker, another server)
         # is trusted once the row says the job ended, which this process may not have heard yet.
         return Response(status_code=204)
-    if services.bus.closed:
-        # The service is stopping and has ended its streams: an empty 200 read as the job's end.
-        raise ServerStopping("the server is stopping: follow the job again in a moment (another server, or "
-                             "this one once restarted)", details={"job_id": job_id})
     seen = services.bus.resume_after(last_event_id, job_id)
 
     async def stream() -> AsyncIterator[str]:

@@ -496,6 +496,8 @@ def test_a_stream_asked_of_a_stopping_server_is_a_503_not_an_empty_end(make_sett
         job = client.post(f"/v1/projects/{project}/drafts", json={"prompt": "a lighthouse", "width": 64,
                                                                    "height": 64}).json()
         app.state.services.bus.closed = True
-        error = assert_error(client.get(f"/v1/jobs/{job['id']}/events"), 503, "server_stopping")
+        try:
+            error = assert_error(client.get(f"/v1/jobs/{job['id']}/events"), 503, "server_stopping")
+        finally:
+            app.state.services.bus.closed = False  # the app's own stop closes it again
         assert error["details"] == {"job_id": job["id"]}
-        app.state.services.bus.closed = False
