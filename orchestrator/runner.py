@@ -15,6 +15,7 @@ import io
 import json
 import logging
 import math
+import numbers
 import operator
 import os
 import threading
@@ -1156,9 +1157,10 @@ def device_seconds(reported: object, measured: float, *, engine: str) -> float:
     was charged as given, free or past what the ledger can hold), then the attempt's own."""
     if reported is None:  # an engine that keeps no count of its own
         return measured
-    if (isinstance(reported, (int, float)) and not isinstance(reported, bool)
-            and math.isfinite(reported) and 0 <= reported <= measured):
-        return float(reported)
-    log.warning("engine %s reported %r device-seconds for an attempt of %.2f s: charged for %.2f s",
-                engine, str(reported)[:40], measured, measured)
+    if isinstance(reported, numbers.Real) and not isinstance(reported, bool):  # a numpy count too
+        seconds = float(reported)
+        if math.isfinite(seconds) and 0 <= seconds <= measured:
+            return seconds
+    log.warning("engine %s reported %s device-seconds for an attempt of %.2f s: charged for %.2f s",
+                engine, repr(reported)[:40], measured, measured)
     return measured

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 from sqlmodel import col, select
 
@@ -90,6 +91,7 @@ def test_local_work_is_free_by_default(server: httpx.Client) -> None:
     (2.5, 2.5), (0, 0.0), (None, 10.0),  # an engine that keeps no count: the attempt's own seconds
     # A plugin's mistakes: free (-5), unstorable (NaN, inf) or past what an entry holds (1e12).
     (-5, 10.0), (float("nan"), 10.0), (float("inf"), 10.0), (1e12, 10.0), ("2", 10.0), (True, 10.0),
+    (np.float32(2.5), 2.5), (np.int64(3), 3.0),  # a numpy count: the engine's own, loading left out
 ])
 def test_device_seconds_an_engine_reports_are_charged_only_within_its_attempt(reported: object,
                                                                                charged: float) -> None:
