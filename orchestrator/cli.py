@@ -7,6 +7,7 @@ import io
 import logging
 import logging.handlers
 import os
+import select
 import signal
 import sys
 from collections.abc import Sequence
@@ -158,9 +159,13 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()  # inside the try: a reader gone (`check | head`) is told here, not at exit
         return status
     except BrokenPipeError:
+        if not _stdout_closed():
+            raise  # another pipe's (a socket's): not a reader that stopped reading
         # The reader took what it wanted; the rest of the output goes nowhere, without a traceback
         # (Python's own advice: point stdout at devnull so the exit's flush cannot fail again).
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
         return 1
     except KeyboardInterrupt as exc:  # Ctrl-C: whatever was running has stopped (the server cleanly)
         return _interrupted(str(exc))  # the demo says which of its jobs it canceled
@@ -188,6 +193,16 @@ def main(argv: list[str] | None = None) -> int:
         # (2, as `check` says it): a restart changes nothing. One that does not answer may come back (1).
         return _fail(f"cannot use the database ({_database_named()}): {reason}",
                      status=2 if _set_up_wrong(exc) else 1)
+
+
+def _stdout_closed() -> bool:
+    """Whether stdout is a pipe whose reader has gone: its end then polls as an error."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(event & select.POLLERR for _, event in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no descriptor (a test's capture), no poll
+        return False
 
 
 # PostgreSQL's SQLSTATEs of a setup to fix: no such database, credentials refused, no privilege.

@@ -339,6 +339,19 @@ def test_check_into_a_reader_that_stopped_reading_ends_without_a_traceback(
     assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr
 
 
+def test_a_broken_pipe_of_another_kind_is_not_taken_for_a_reader_gone(
+        make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A socket's (the demo's service going away) is a failure to see, not output nobody reads.
+    make_settings()
+
+    def broken(args: Any) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr("orchestrator.cli._run", broken)
+    with pytest.raises(BrokenPipeError):
+        main(["check"])
+
+
 def test_check_reads_a_data_dir_whose_name_holds_uri_characters(
         make_settings: SettingsFactory, start_server: Callable[[Settings], httpx.Client], tmp_path: Path,
         tiny_cache_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
