@@ -40,7 +40,7 @@ from sqlmodel import col, select
 
 from orchestrator.clock import shared_now, utcnow
 from orchestrator.db import Database, changed, transient
-from orchestrator.errors import Canceled, Interrupted, OrchestratorError
+from orchestrator.errors import Canceled, Interrupted, OrchestratorError, first_line
 from orchestrator.events import EventBus, on_loop
 from orchestrator.jobs import render_request
 from orchestrator.ledger import Ledger
@@ -110,6 +110,7 @@ class Scheduler:
         # Claims committed by a worker thread and not yet started on the loop: a cancel in that
         # gap must reach them, or it would be taken for a cancel of a worker that is gone.
         self._claimed: dict[str, Claim] = {}
+        self._limits: dict[str, int] = {}  # each remote engine's concurrency, read once
         self._lane_use: dict[str, int] = {}
         # Held while a worker thread claims: `stop` waits on it, so no claim commits after it.
         self._claim_lock = threading.Lock()
@@ -293,9 +294,9 @@ class Scheduler:
         engine = self.registry.get(engine_name)
         if engine.kind == "local":
             return "local", 1
-        limit = getattr(engine, "concurrency", REMOTE_CONCURRENCY)
-        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
-            limit = REMOTE_CONCURRENCY  # a third-party engine's mistake: not a lane that never runs
+        limit = self._limits.get(engine_name)
+        if limit is None:
+            limit = self._limits[engine_name] = _concurrency(engine)
         return f"remote:{engine_name}", limit
 
     def holds(self, job_id: str) -> bool:
@@ -989,3 +990,20 @@ def _graceful(attempt: dict[str, Any]) -> bool:
     """An attempt a stop (SIGTERM, Ctrl-C) queued again, as opposed to one its process died under."""
     details = (attempt.get("error") or {}).get("details") or {}
     return details.get("graceful") is True
+
+
+def _concurrency(engine: Engine) -> int:
+    """How many of a remote engine's jobs this process runs at once (`Engine.concurrency`). A
+    third-party engine's mistake (not a whole number above 0, or a property that raises) gets the
+    default: neither a lane that never runs nor a dispatch that fails for every engine."""
+    try:
+        limit = getattr(engine, "concurrency", REMOTE_CONCURRENCY)
+    except Exception as exc:
+        log.warning("engine %s: its concurrency cannot be read (%s: %s); %d jobs at once", engine.name,
+                    type(exc).__name__, first_line(exc)[:200], REMOTE_CONCURRENCY)
+        return REMOTE_CONCURRENCY
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+        log.warning("engine %s: concurrency %s is not a whole number above 0; %d jobs at once", engine.name,
+                    repr(limit)[:40], REMOTE_CONCURRENCY)
+        return REMOTE_CONCURRENCY
+    return limit

@@ -322,6 +322,27 @@ def test_a_self_hosted_server_gets_one_job_at_a_time_unless_told(
         asyncio.run(services.aclose())
 
 
+def test_a_plugin_s_bad_concurrency_gets_the_default_and_stops_no_dispatch(
+        services: Services, caplog: pytest.LogCaptureFixture) -> None:
+    # A property that raised went up through every dispatch: no job ran, drafts included.
+    class Raising:
+        name, kind = "raising", "remote"
+
+        @property
+        def concurrency(self) -> int:
+            raise RuntimeError("plugin bug")
+
+    class Zero:
+        name, kind, concurrency = "zero", "remote", 0
+
+    for engine in (Raising(), Zero()):
+        services.registry._engines[engine.name] = engine  # type: ignore[assignment]
+        with caplog.at_level(logging.WARNING, logger="orchestrator.queue"):
+            assert services.scheduler.lane(engine.name) == (f"remote:{engine.name}", REMOTE_CONCURRENCY)
+            assert services.scheduler.lane(engine.name) == (f"remote:{engine.name}", REMOTE_CONCURRENCY)
+        assert len([r for r in caplog.records if r.getMessage().startswith(f"engine {engine.name}:")]) == 1
+
+
 def test_a_project_served_on_one_lane_keeps_its_turn_on_another(services: Services) -> None:
     # Its drafts counted as its turns on the paid lane too: a project drafting all along waited
     # behind every paid job of another.
