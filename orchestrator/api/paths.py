@@ -1,7 +1,7 @@
 """Path parameters as the routes name them, each described once for the API document.
 
-Another project's resource is answered to a project key exactly as a missing one is (404), so
-each id is told as "one the caller can reach"."""
+Another project's resource is answered to a project key exactly as a missing one is (404), and
+the ids of a project's own things say so."""
 
 from __future__ import annotations
 

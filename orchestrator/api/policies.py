@@ -10,7 +10,7 @@ from pydantic import ConfigDict, Field, GetJsonSchemaHandler, TypeAdapter, Valid
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema
 
-from orchestrator.api.deps import Caller, CallerDep, ServicesDep, check_asset
+from orchestrator.api.deps import CallerDep, ServicesDep, check_asset
 from orchestrator.api.docs import EXPLAIN_EXAMPLES, body_examples, documented, with_body, with_query
 from orchestrator.api.errors import BodyValidationError
 from orchestrator.api.json_body import StrictJSONRoute
@@ -52,7 +52,7 @@ def list_policies(services: ServicesDep, caller: CallerDep, limit: Limit = 50,
     if cursor and not POLICY_NAME.fullmatch(cursor):  # as other lists: it would start the list somewhere
         raise InvalidRequest("malformed cursor: pass back the 'next_cursor' of the previous page",
                              details={"cursor": cursor}, loc=("query", "cursor"))
-    own = None if admin else _own_policy(services, caller)
+    own = None if caller.project_id is None else _own_policy(services, caller.project_id)
     rows = [p for p in services.policies.list()
             if (not cursor or p.name > cursor) and (admin or p.name == own)][:limit + 1]
     more = len(rows) > limit
@@ -74,7 +74,7 @@ def get_policy(name: PolicyName, services: ServicesDep, caller: CallerDep) -> di
     the server's file system)."""
     if caller.project_id is None:
         return services.policies.get(name).as_dict()
-    if name != _own_policy(services, caller) or name not in services.policies:
+    if name != _own_policy(services, caller.project_id) or name not in services.policies:
         # Another client's rules name their tags (`client = "acme"`): a 404 as for no such policy,
         # without the list of those loaded.
         raise not_found("policy", "policy", name)
@@ -83,10 +83,9 @@ def get_policy(name: PolicyName, services: ServicesDep, caller: CallerDep) -> di
     return policy
 
 
-def _own_policy(services: Services, caller: Caller) -> str | None:
-    assert caller.project_id is not None
+def _own_policy(services: Services, project_id: str) -> str | None:
     with services.db.session() as s:
-        project = s.get(Project, caller.project_id)
+        project = s.get(Project, project_id)
     return None if project is None else project.policy
 
 
