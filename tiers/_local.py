@@ -266,7 +266,9 @@ def _hub_answers_if_needed(model: str, source: Path) -> None:
     if source.exists() or not _is_hub_id(model):
         return
     snapshot = snapshot_folder(model)
-    if (snapshot is None or _snapshot_lacks(snapshot)) and not hf_hub_reachable(timeout=HUB_CHECK_SECONDS):
+    # The model's own file asked: a proxy refusing the way out (a 403) answers the Hub's root too.
+    if (snapshot is None or _snapshot_lacks(snapshot)) and not hf_hub_reachable(
+            timeout=HUB_CHECK_SECONDS, file=f"{model}/model_index.json"):
         raise OSError(f"{model} cannot be fetched: the Hugging Face Hub did not answer")
 
 
@@ -305,7 +307,7 @@ def _single_model_options(spec: str) -> dict[str, Any]:
         raise OSError(f"'{spec}' is neither an existing folder nor a Hugging Face model id (org/name)")
     if _model_cached_whole(spec):
         return {"local_files_only": True}
-    if not hf_hub_reachable(timeout=HUB_CHECK_SECONDS):
+    if not hf_hub_reachable(timeout=HUB_CHECK_SECONDS, file=f"{spec}/config.json"):
         raise OSError(f"{spec} is not in the Hugging Face cache and the Hub did not answer")
     return {}
 
@@ -731,12 +733,12 @@ class LocalRuntime:
         """Drop the pipelines `model` was loaded as when it resolves elsewhere now (a link moved to
         deploy another model): kept, they held their memory beside the new model's for good. Kept
         while the path leads nowhere (a share unmounted for a while: back, it needs no new load),
-        and while another setting still resolves there (ORCH_HIFI_MODEL naming the old target)."""
+        and while a model setting resolves there now (ORCH_HIFI_MODEL naming the old target)."""
         before = self._resolved.get(model)
-        if before == identity or (_is_path(model) and not Path(identity).expanduser().exists()):
+        if before == identity or self._gone(model):
             return
         self._resolved[model] = identity
-        if before is None or before in self._resolved.values():
+        if before is None or before in {_identity(m) for m in self._model_settings()}:
             return
         dropped = [key for key in self._pipes if key[0] == before]
         for key in dropped:
@@ -744,6 +746,16 @@ class LocalRuntime:
         if dropped:
             log.info("model %s now resolves to %s: %s is unloaded", model, identity, before)
             self._free_device_memory()
+
+    def _gone(self, model: str) -> bool:
+        """Whether `model` resolved to a file or folder here before and leads nowhere now."""
+        before = self._resolved.get(model)
+        return before is not None and Path(before).is_absolute() and not Path(model).expanduser().exists()
+
+    def _model_settings(self) -> set[str]:
+        """The models this runtime's engines name now, and every one it has loaded."""
+        named = {resolve_model(self.settings.lite_model), resolve_model(self.settings.effective_hifi_model)}
+        return named | set(self._resolved)
 
     def _free_device_memory(self) -> None:
         # Pipelines hold reference cycles: freed only by the cycle collector, some time after
@@ -805,7 +817,7 @@ class LocalRuntime:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)  # diffusers' torch_dtype -> dtype rename
-                if _is_path(model) and not source.exists():
+                if (_is_path(model) or self._gone(model)) and not source.exists():
                     raise FileNotFoundError(model)  # told below, not as the Hub's failure
                 if source.is_file():
                     pipe = self._load_single_file(source)
@@ -826,9 +838,9 @@ class LocalRuntime:
             reason = f"{type(exc).__name__}: {first}" if not isinstance(exc, (OSError, ValueError)) else first
             snapshot = None if source.exists() else snapshot_folder(model)
             lacking = _snapshot_lacks(snapshot) if snapshot is not None else []
-            if _is_path(model) and not source.exists():
+            if (_is_path(model) or self._gone(model)) and not source.exists():
                 # There at start (else the engine says so), gone since: a share unmounted, a folder
-                # moved. It was blamed on the Hub, which a path never asks.
+                # moved (`share/sd15` too, which reads like a Hub id). It was blamed on the Hub.
                 reason = "it is a path to nothing now: no such file or folder (moved, or on a share not mounted?)"
             elif not source.exists() and (snapshot is None or lacking) and not hf_hub_reachable():
                 # diffusers then blames a missing file: the cause is the network.

@@ -381,3 +381,54 @@ async def test_a_loaded_model_whose_path_is_gone_a_while_stays_loaded(
     link.symlink_to(folder, target_is_directory=True)
     await lite.run(draft(), RecordingProgress(), CancelToken())  # back: no new load
     assert lite.runtime._pipes[(str(folder.resolve()), "text2img")] is loaded
+
+
+async def test_a_model_no_setting_resolves_to_now_is_unloaded_though_another_setting_led_there_last(
+        engines: EngineFactory, tiny_copy: Callable[[str], Path], tmp_path: Path) -> None:
+    # Both links moved, and only the Lite model ran since: the old model was kept for the
+    # local-hifi setting's last look, which may never come again.
+    old, new = tiny_copy("sd15-v1"), tiny_copy("sd15-v2")
+    lite_link, hifi_link = tmp_path / "models" / "lite-current", tmp_path / "models" / "hifi-current"
+    for link in (lite_link, hifi_link):
+        link.symlink_to(old, target_is_directory=True)
+    lite, hifi = engines(lite_model=str(lite_link), hifi_model=str(hifi_link), lite_device="cpu")
+    await lite.run(draft(), RecordingProgress(), CancelToken())
+    await hifi.runtime.call(hifi.runtime.img2img, hifi.model)
+    for link in (lite_link, hifi_link):
+        link.unlink()
+        link.symlink_to(new, target_is_directory=True)
+    await lite.run(draft(), RecordingProgress(), CancelToken())
+    assert set(lite.runtime._pipes) == {(str(new.resolve()), "text2img")}
+
+
+async def test_a_moved_link_keeps_the_model_a_setting_names_before_its_first_job(
+        engines: EngineFactory, tiny_copy: Callable[[str], Path], tmp_path: Path) -> None:
+    old, new = tiny_copy("sd15-v1"), tiny_copy("sd15-v2")
+    link = tmp_path / "models" / "current"
+    link.symlink_to(old, target_is_directory=True)
+    lite, _ = engines(lite_model=str(link), hifi_model=str(old), lite_device="cpu")  # local-hifi not run yet
+    await lite.run(draft(), RecordingProgress(), CancelToken())
+    link.unlink()
+    link.symlink_to(new, target_is_directory=True)
+    await lite.run(draft(), RecordingProgress(), CancelToken())
+    assert (str(old.resolve()), "text2img") in lite.runtime._pipes  # its polish needs no new load
+
+
+async def test_a_relative_model_path_gone_is_said_gone_and_its_model_kept(
+        load: Engines, tiny_copy: Callable[[str], Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # `share/sd15` reads like a Hub id: unmounted, its model was unloaded and the Hub blamed.
+    folder = tiny_copy("sd15")
+    monkeypatch.chdir(tmp_path)
+    link = tmp_path / "share" / "sd15"
+    link.parent.mkdir()
+    link.symlink_to(folder, target_is_directory=True)
+    lite, _ = load("share/sd15")
+    await lite.run(draft(), RecordingProgress(), CancelToken())
+    loaded = lite.runtime._pipes[(str(folder.resolve()), "text2img")]
+    link.unlink()
+    monkeypatch.setattr(_local, "hf_hub_reachable", lambda timeout=1.5, file=None: False)
+    with pytest.raises(EngineUnavailable, match="a path to nothing now"):
+        await lite.run(draft(), RecordingProgress(), CancelToken())
+    link.symlink_to(folder, target_is_directory=True)
+    await lite.run(draft(), RecordingProgress(), CancelToken())
+    assert lite.runtime._pipes[(str(folder.resolve()), "text2img")] is loaded

@@ -67,17 +67,17 @@ class Loads:
 
 
 @pytest.fixture
-def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[float]]:
-    """An empty Hugging Face cache under tmp_path, and a Hub that does not answer: yields the
-    timeouts `hf_hub_reachable` was asked with."""
+def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[float, str | None]]]:
+    """An empty Hugging Face cache under tmp_path, and a Hub that does not answer: yields what
+    `hf_hub_reachable` was asked (its timeout, and the file)."""
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf-hub"))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    asked: list[float] = []
+    asked: list[tuple[float, str | None]] = []
 
     def silent(timeout: float = 1.5, file: str | None = None) -> bool:
-        asked.append(timeout)
+        asked.append((timeout, file))
         return False
 
     monkeypatch.setattr(_local, "hf_hub_reachable", silent)
@@ -100,7 +100,8 @@ def cache_taesd(tmp_path: Path, *, weights: bool = True) -> Path:
 
 
 async def test_the_preview_vae_loads_with_the_model_from_the_cache_without_asking_the_hub(
-        engines: EngineFactory, hub: list[float], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        engines: EngineFactory, hub: list[tuple[float, str | None]], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """It loaded inside the first draft's first step, out of a preload's reach; and by its Hub id,
     which the Hub client retried for about 23 s where the Hub did not answer, the model cached."""
     from diffusers import AutoencoderTiny
@@ -119,7 +120,7 @@ async def test_the_preview_vae_loads_with_the_model_from_the_cache_without_askin
 
 
 async def test_a_preview_vae_not_cached_is_not_asked_for_where_the_hub_does_not_answer(
-        engines: EngineFactory, hub: list[float], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        engines: EngineFactory, hub: list[tuple[float, str | None]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
     cache_taesd(tmp_path, weights=False)  # a download cut short: the Hub would be asked for the rest
     loads = Loads(monkeypatch)
@@ -127,7 +128,8 @@ async def test_a_preview_vae_not_cached_is_not_asked_for_where_the_hub_does_not_
     progress = PreviewLog()
     with caplog.at_level(logging.WARNING, logger="tiers._local"):
         await lite_engine.run(draft(), progress, CancelToken())
-    assert loads.asked == [] and hub == [_local.HUB_CHECK_SECONDS]
+    # The file, not the Hub's root: a proxy refusing the way out answers that too (then 23 s of retries).
+    assert loads.asked == [] and hub == [(_local.HUB_CHECK_SECONDS, f"{TAESD_ID}/config.json")]
     assert progress.sizes == [(8, 8), (8, 8)]  # the approximation
     assert sum("ORCH_LITE_PREVIEW_VAE" in r.getMessage() for r in caplog.records) == 1
 
