@@ -74,6 +74,9 @@ PLACEHOLDERS = frozenset(
 )
 # Bridge and polish are image-to-image: a template without these would silently ignore the request.
 REQUIRED_PLACEHOLDERS = ("prompt", "image")
+# How far a workflow without size placeholders may miss the size asked, per side: a fixed
+# upscaler's factor of the source against the size `scale` asked, rounded to a multiple of 8.
+SIZE_SLACK, SIZE_SLACK_PIXELS = 0.02, 8
 # ComfyUI's own KSampler default, used when the request leaves steps to the engine.
 DEFAULT_STEPS = 20
 SEED_RANGE = 2**32
@@ -255,26 +258,24 @@ class ComfyUIEngine:
         return {"credits_per_image": 0}
 
     def estimate(self, req: RenderRequest) -> int:
-        if self._workflow is not None:
-            try:
-                template = load_workflow(self._workflow)
-            except WorkflowError:
-                return 0  # unavailable, and says why
-            self._check_size(req, template)
         return 0
 
-    def _check_size(self, req: RenderRequest, template: dict[str, Any]) -> None:
-        """A workflow without {{width}} and {{height}} makes the draft's own size: a polish asked
-        to upscale came back at the source's size, its record saying `scale` 2. Refused before
-        anything is sent; routing takes the rule's next engine."""
-        source = req.init_image.size if req.init_image is not None else req.source_size
-        if source is None or (req.width, req.height) == tuple(source) or {"width", "height"} <= placeholders(template):
+    def _check_size(self, req: RenderRequest, template: dict[str, Any], image: Any) -> None:
+        """A workflow without {{width}} and {{height}} makes a size of its own (the source's, or a
+        fixed upscaler's factor of it): a polish asked to upscale came back at the source's size,
+        its record saying `scale` 2. One whose size is not the one asked is refused; routing
+        takes the rule's next engine (the server bills nobody)."""
+        if {"width", "height"} <= placeholders(template):
+            return  # the workflow decides what it makes of the size asked
+        width, height = image.size
+        if (abs(width - req.width) <= max(SIZE_SLACK_PIXELS, SIZE_SLACK * req.width)
+                and abs(height - req.height) <= max(SIZE_SLACK_PIXELS, SIZE_SLACK * req.height)):
             return
         raise BadEngineInput(
-            f"{self.name}: its workflow (ORCH_COMFYUI_WORKFLOW) has no {{{{width}}}} and {{{{height}}}} placeholders, "
-            f"so it makes the {source[0]}x{source[1]} of its source, not the {req.width}x{req.height} asked: put them "
-            "in the workflow's size inputs (an ImageScale node before the sampler)", retryable=True,
-            details={"engine": self.name, "setting": WORKFLOW_SETTING, "width": req.width, "height": req.height})
+            f"{self.name}: its workflow (ORCH_COMFYUI_WORKFLOW) made {width}x{height}, not the {req.width}x"
+            f"{req.height} asked, and has no {{{{width}}}} and {{{{height}}}} placeholders: put them in its size "
+            "inputs (an ImageScale node)", retryable=True,
+            details={"engine": self.name, "setting": WORKFLOW_SETTING, "width": width, "height": height})
 
     def _template(self) -> dict[str, Any]:
         if not self._url or self._workflow is None:
@@ -300,7 +301,6 @@ class ComfyUIEngine:
                       cancel: CancelToken) -> RenderResult:
         try:
             template = self._template()
-            self._check_size(req, template)  # the file may have changed since routing
             cancel.raise_if_cancelled(charged="no")
         except EngineError:
             # Resumed, the job ends before it looked at the earlier attempt's prompts: they go too
@@ -359,8 +359,9 @@ class ComfyUIEngine:
             # near the end) could be too little for a large image that is already made.
             fetch_by = self.http.new_deadline()
             for ref in outputs[: req.n - len(images)]:
-                images.append(RenderedImage(await self._download(ref, prompt_id, fetch_by, cancel),
-                                            seed=seed if uses_seed else None))
+                image = await self._download(ref, prompt_id, fetch_by, cancel)
+                self._check_size(req, template, image)
+                images.append(RenderedImage(image, seed=seed if uses_seed else None))
             follower.steps.images(len(images))
         for prompt_id, _ in kept.values():
             log.info("comfyui: prompt %s of an earlier attempt is not needed; its images are left", prompt_id)

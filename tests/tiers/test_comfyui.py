@@ -997,26 +997,26 @@ async def test_after_a_crash_a_kept_image_that_cannot_be_fetched_is_not_rendered
 
 
 @respx.mock
-async def test_a_workflow_without_size_placeholders_is_refused_a_size_other_than_its_source_s(
-        make_ctx: Any, tmp_path: Path) -> None:
-    # It makes its source's size: a polish asked to double came back as the draft, its record
-    # saying scale 2, and succeeded.
+async def test_a_workflow_without_size_placeholders_must_make_the_size_asked(make_ctx: Any, tmp_path: Path) -> None:
+    # It made its source's size: a polish asked to double came back as the draft, its record
+    # saying scale 2, and succeeded. A fixed 2x upscaler's output is the size asked, and is taken.
     fixed = {node: spec for node, spec in WORKFLOW.items() if node != "11"}
     fixed["12"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["10", 0], "vae": ["4", 2]}}
     engine = ComfyUIEngine(make_ctx(comfyui_url=BASE, comfyui_workflow=write_workflow(tmp_path, fixed)))
     engine.poll_interval, engine.follow_progress = 0, False
     routes = mock_server()
-    draft = Image.new("RGB", (64, 48))
     upscale = RenderRequest(stage="polish", prompt="a lighthouse", width=128, height=96, scale=2.0,
-                            init_image=draft, source_size=(64, 48))
-    said = r"no \{\{width\}\} and \{\{height\}\}.*the 64x48 of its source, not the 128x96 asked"
-    with pytest.raises(BadEngineInput, match=said) as caught:
-        engine.estimate(upscale)
-    assert caught.value.retryable  # routing goes on to the rule's next engine
-    with pytest.raises(BadEngineInput, match=said):  # the file changed since the job was routed
+                            init_image=Image.new("RGB", (64, 48)), source_size=(64, 48))
+    assert engine.estimate(upscale) == 0  # what it makes is known once it is made
+    routes["view"].mock(return_value=httpx.Response(200, content=png_bytes((1, 2, 3), size=(64, 48))))
+    with pytest.raises(BadEngineInput, match=r"made 64x48, not the 128x96 asked, and has no \{\{width\}\}") as caught:
         await engine.run(upscale, NullProgress(), CancelToken())
-    assert not routes["upload"].called and not routes["prompt"].called
-    at_its_size = RenderRequest(stage="polish", prompt="a lighthouse", width=64, height=48, init_image=draft,
-                                source_size=(64, 48))
-    assert engine.estimate(at_its_size) == 0
-    assert len((await engine.run(at_its_size, NullProgress(), CancelToken())).images) == 1
+    assert caught.value.retryable and caught.value.charged == "no"  # the next engine; the server bills nobody
+    routes["view"].mock(return_value=httpx.Response(200, content=png_bytes((1, 2, 3), size=(128, 96))))
+    assert [i.image.size for i in (await engine.run(upscale, NullProgress(), CancelToken())).images] == [(128, 96)]
+
+
+async def test_a_workflow_with_size_placeholders_makes_what_it_makes_of_them(engine: ComfyUIEngine) -> None:
+    with respx.mock:
+        mock_server()  # its image is smaller than the 1024x768 asked: the workflow's own business
+        assert len((await engine.run(bridge(), NullProgress(), CancelToken())).images) == 1
