@@ -28,6 +28,7 @@ it to `{"error": {"code", "message", "details"}}` with `status` in exactly one p
         ├── EngineUnavailable   engine_unavailable (missing/invalid key or URL: not retryable)
         ├── RateLimited         rate_limited      (retries exhausted)
         ├── ContentFiltered     content_filtered  (HTTP 200 without an image, moderation)
+        ├── NoImage             no_image          (HTTP 200 without an image, for no reason told)
         ├── EngineTimeout       timeout           (sent, no answer: outcome unknown)
         ├── BadEngineInput      invalid_request   (the provider refused our input: never retried)
         └── Canceled            canceled
@@ -259,6 +260,7 @@ class NoImage(EngineError):
     """The provider answered this prompt without an image (a refusal in words, an empty result):
     the model's answer, not the engine unwell, so its circuit does not count it (an artist retrying
     a borderline prompt opened it for every project)."""
+    code = "no_image"
     engine_fault = False
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import httpx
 
-from orchestrator.errors import BadEngineInput, ContentFiltered, EngineError, EngineUnavailable, NoPrice
+from orchestrator.errors import BadEngineInput, ContentFiltered, EngineError, EngineUnavailable, NoImage, NoPrice
 from tiers._cloud import Asked, CloudEngine, paid_calls, prompt_tokens, reading_an_answer, token_counts
 from tiers._http import RemoteClient, error_text, header_request_id, json_object
 from tiers._images import b64decode_tolerant, decode_image, encode_image, nearest_aspect
@@ -294,7 +294,7 @@ class OpenAIImagesEngine(CloudEngine):
         encoded = [d["b64_json"] for d in data if isinstance(d, dict) and d.get("b64_json")] \
             if isinstance(data, list) else []
         if not encoded:
-            raise EngineError("openai returned no image", details={"engine": self.name})
+            raise NoImage("openai returned no image", details={"engine": self.name})
         # The `n` asked for, never more: each decoded image may be 16 MP.
         return [decode_image(b64decode_tolerant(str(item)), self.name) for item in encoded[:wanted]]
 

@@ -39,6 +39,7 @@ from orchestrator.errors import (
     EngineError,
     EngineTimeout,
     EngineUnavailable,
+    NoImage,
 )
 from tiers._cloud import Asked, CloudEngine, paid_calls, reading_an_answer
 from tiers._http import RemoteClient, error_text, header_request_id, json_object
@@ -384,8 +385,8 @@ class StabilityEngine(CloudEngine):
         # (`GET /v2beta/results/{id}`) answer `result`.
         encoded = body.get("image") or body.get("result")
         if not isinstance(encoded, str) or not encoded:
-            raise EngineError(f"{self.name} returned no image (finish_reason {self.said(reason)})",
-                              details={"engine": self.name, "reason": self.said(reason)})
+            raise NoImage(f"{self.name} returned no image (finish_reason {self.said(reason)})",
+                          details={"engine": self.name, "reason": self.said(reason)})
         image = decode_image(b64decode_tolerant(encoded), self.name)
         seed = body.get("seed", response.headers.get("seed"))
         try:

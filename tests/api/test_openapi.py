@@ -526,7 +526,8 @@ STATUS_CODES = {400: {"invalid_request"}, 401: {"unauthorized"}, 402: {"budget_e
                 429: {"rate_limited"}, 500: {"content_unavailable", "internal_error"},
                 503: {"no_route", "database_unavailable", "storage_full", "server_stopping"}}
 ALL_CODES = set().union(*STATUS_CODES.values()) | {"method_not_allowed", "engine_unavailable", "engine_error",
-                                                   "content_filtered", "timeout", "canceled", "interrupted", "error"}
+                                                   "content_filtered", "no_image", "timeout", "canceled", "interrupted",
+                                                   "error"}
 
 
 def operations(spec: dict[str, Any]) -> Iterator[tuple[str, str, dict[str, Any]]]:
