@@ -53,10 +53,10 @@ T = TypeVar("T")
 FINAL_IF = "orchestrator.final_if"
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504}) | frozenset(range(505, 600))
 # A reverse proxy's "bad gateway" and "gateway timeout" (Cloudflare's 520 and 524, which a tunnel
-# answers at its 100 s limit, and the 598/599 of others): a self-hosted server behind one whose read
-# timeout is shorter than the server's answer may have taken the request all the same. (Cloudflare's
-# 521-523 say the server was never reached: sent again.)
-GATEWAY_STATUSES = frozenset({502, 504, 520, 524, 598, 599})
+# answers at its 100 s limit, and others' 598 read timeout): a self-hosted server behind one whose
+# read timeout is shorter than the server's answer may have taken the request all the same.
+# (Cloudflare's 521-523 and a 599 connect timeout say the server was never reached: sent again.)
+GATEWAY_STATUSES = frozenset({502, 504, 520, 524, 598})
 CUT_SHORT = "orchestrator.cut_short"  # the extension that marks an answer whose body was cut off
 # Refusals whose status line alone says nothing was made, so that a body cut off after it (a
 # gateway dropping the connection, or stalling) loses only its explanation. Not a 500: a webui

@@ -362,9 +362,9 @@ class A1111Engine:
             raise error
         if response.status_code in GATEWAY_STATUSES:
             raise EngineError(
-                f"a1111: a proxy in front of the server answered HTTP {response.status_code} (its timeout is "
-                "shorter than the render?); the render is not sent again (its task is stopped if the server "
-                "still runs it)", details={"engine": self.name, "status": response.status_code})
+                f"a1111: a proxy in front of the server answered HTTP {response.status_code} (its timeout shorter "
+                "than the render, or the server's answer cut off?); the render is not sent again (its task is "
+                "stopped if the server still runs it)", details={"engine": self.name, "status": response.status_code})
         if response.status_code != 200:
             raise self.http.fail(response, self._error_detail(response))
         try:
