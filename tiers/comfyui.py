@@ -271,11 +271,13 @@ class ComfyUIEngine:
         if (abs(width - req.width) <= max(SIZE_SLACK_PIXELS, SIZE_SLACK * req.width)
                 and abs(height - req.height) <= max(SIZE_SLACK_PIXELS, SIZE_SLACK * req.height)):
             return
-        raise BadEngineInput(
+        error = BadEngineInput(
             f"{self.name}: its workflow (ORCH_COMFYUI_WORKFLOW) made {width}x{height}, not the {req.width}x"
             f"{req.height} asked, and has no {{{{width}}}} and {{{{height}}}} placeholders: put them in its size "
             "inputs (an ImageScale node)", retryable=True,
-            details={"engine": self.name, "setting": WORKFLOW_SETTING, "width": width, "height": height})
+            details={"engine": self.name, "setting": WORKFLOW_SETTING, "made_width": width, "made_height": height})
+        error.engine_fault = False  # the workflow's answer to this size: the server is well for every other
+        raise error
 
     def _template(self) -> dict[str, Any]:
         if not self._url or self._workflow is None:

@@ -1012,6 +1012,7 @@ async def test_a_workflow_without_size_placeholders_must_make_the_size_asked(mak
     with pytest.raises(BadEngineInput, match=r"made 64x48, not the 128x96 asked, and has no \{\{width\}\}") as caught:
         await engine.run(upscale, NullProgress(), CancelToken())
     assert caught.value.retryable and caught.value.charged == "no"  # the next engine; the server bills nobody
+    assert not caught.value.engine_fault  # the workflow's answer to a size: no reason to stop routing to it
     routes["view"].mock(return_value=httpx.Response(200, content=png_bytes((1, 2, 3), size=(128, 96))))
     assert [i.image.size for i in (await engine.run(upscale, NullProgress(), CancelToken())).images] == [(128, 96)]
 
