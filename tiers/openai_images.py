@@ -294,7 +294,11 @@ class OpenAIImagesEngine(CloudEngine):
         encoded = [d["b64_json"] for d in data if isinstance(d, dict) and d.get("b64_json")] \
             if isinstance(data, list) else []
         if not encoded:
-            raise NoImage("openai returned no image", details={"engine": self.name})
+            error = NoImage("openai returned no image", details={"engine": self.name})
+            # OpenAI refuses a prompt with a 400 (moderation_blocked): a 200 without an image says the
+            # endpoint is not answering as OpenAI does (a gateway's `url`s), which the circuit counts.
+            error.engine_fault = True
+            raise error
         # The `n` asked for, never more: each decoded image may be 16 MP.
         return [decode_image(b64decode_tolerant(str(item)), self.name) for item in encoded[:wanted]]
 

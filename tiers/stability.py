@@ -385,8 +385,11 @@ class StabilityEngine(CloudEngine):
         # (`GET /v2beta/results/{id}`) answer `result`.
         encoded = body.get("image") or body.get("result")
         if not isinstance(encoded, str) or not encoded:
-            raise NoImage(f"{self.name} returned no image (finish_reason {self.said(reason)})",
-                          details={"engine": self.name, "reason": self.said(reason)})
+            error = NoImage(f"{self.name} returned no image (finish_reason {self.said(reason)})",
+                            details={"engine": self.name, "reason": self.said(reason)})
+            # Its filter says CONTENT_FILTERED: an empty 200 for no reason is the endpoint unwell.
+            error.engine_fault = True
+            raise error
         image = decode_image(b64decode_tolerant(encoded), self.name)
         seed = body.get("seed", response.headers.get("seed"))
         try:

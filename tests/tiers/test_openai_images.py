@@ -153,6 +153,10 @@ async def test_malformed_body(engine: OpenAIImagesEngine, response: httpx.Respon
     with pytest.raises(EngineError) as info:
         await engine.run(bridge(), NullProgress(), CancelToken())
     assert info.value.charged == "unknown" and route.call_count == 1  # answered 200: it may have billed
+    # OpenAI refuses a prompt with a 400: a 200 without an image is an endpoint unwell, counted.
+    assert info.value.engine_fault
+    if b"b64_json" not in response.content and response.headers.get("content-type") == "application/json":
+        assert info.value.code == "no_image"
 
 
 @respx.mock

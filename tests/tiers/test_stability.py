@@ -273,6 +273,9 @@ async def test_malformed_body(engine: StabilityEngine, response: httpx.Response)
     with pytest.raises(EngineError) as info:
         await engine.run(bridge(), NullProgress(), CancelToken())
     assert info.value.charged == "unknown" and route.call_count == 1  # answered 200: it may have billed
+    assert info.value.engine_fault  # its filter says so when it takes an image: an empty 200 is the endpoint's
+    if response.content == b'{"finish_reason":"SUCCESS"}':
+        assert info.value.code == "no_image"
 
 
 @respx.mock
