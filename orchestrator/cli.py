@@ -196,11 +196,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _stdout_closed() -> bool:
-    """Whether stdout is a pipe whose reader has gone: its end then polls as an error."""
+    """Whether stdout's reader has gone: a pipe's end then polls as an error on Linux, as a
+    hang-up on macOS and for a socket (a journal stream)."""
     try:
         poller = select.poll()
         poller.register(sys.stdout.fileno(), select.POLLOUT)
-        return any(event & select.POLLERR for _, event in poller.poll(0))
+        return any(event & (select.POLLERR | select.POLLHUP) for _, event in poller.poll(0))
     except (OSError, ValueError, AttributeError):  # no descriptor (a test's capture), no poll
         return False
 

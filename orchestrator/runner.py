@@ -1158,7 +1158,10 @@ def device_seconds(reported: object, measured: float, *, engine: str) -> float:
     if reported is None:  # an engine that keeps no count of its own
         return measured
     if isinstance(reported, numbers.Real) and not isinstance(reported, bool):  # a numpy count too
-        seconds = float(reported)
+        try:
+            seconds = float(reported)
+        except OverflowError:  # an integer past any float
+            seconds = math.inf
         if math.isfinite(seconds) and 0 <= seconds <= measured:
             return seconds
     log.warning("engine %s reported %s device-seconds for an attempt of %.2f s: charged for %.2f s",

@@ -266,9 +266,7 @@ def _hub_answers_if_needed(model: str, source: Path) -> None:
     if source.exists() or not _is_hub_id(model):
         return
     snapshot = snapshot_folder(model)
-    # The model's own file asked: a proxy refusing the way out (a 403) answers the Hub's root too.
-    if (snapshot is None or _snapshot_lacks(snapshot)) and not hf_hub_reachable(
-            timeout=HUB_CHECK_SECONDS, file=f"{model}/model_index.json"):
+    if (snapshot is None or _snapshot_lacks(snapshot)) and not hf_hub_reachable(timeout=HUB_CHECK_SECONDS):
         raise OSError(f"{model} cannot be fetched: the Hugging Face Hub did not answer")
 
 
@@ -307,8 +305,11 @@ def _single_model_options(spec: str) -> dict[str, Any]:
         raise OSError(f"'{spec}' is neither an existing folder nor a Hugging Face model id (org/name)")
     if _model_cached_whole(spec):
         return {"local_files_only": True}
+    # Its own file asked (a proxy refusing the way out answers the Hub's root): then the Hub's
+    # retries (23 s) are not waited for here.
     if not hf_hub_reachable(timeout=HUB_CHECK_SECONDS, file=f"{spec}/config.json"):
-        raise OSError(f"{spec} is not in the Hugging Face cache and the Hub did not answer")
+        raise OSError(f"{spec} is not in the Hugging Face cache, and the Hub does not serve it (offline, a proxy, "
+                      "or a misspelt or gated id)")
     return {}
 
 

@@ -92,6 +92,7 @@ def test_local_work_is_free_by_default(server: httpx.Client) -> None:
     # A plugin's mistakes: free (-5), unstorable (NaN, inf) or past what an entry holds (1e12).
     (-5, 10.0), (float("nan"), 10.0), (float("inf"), 10.0), (1e12, 10.0), ("2", 10.0), (True, 10.0),
     (np.float32(2.5), 2.5), (np.int64(3), 3.0),  # a numpy count: the engine's own, loading left out
+    (10**400, 10.0),  # an integer past any float
 ])
 def test_device_seconds_an_engine_reports_are_charged_only_within_its_attempt(reported: object,
                                                                                charged: float) -> None:
