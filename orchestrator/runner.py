@@ -638,9 +638,14 @@ class JobRunner:
     def _requeue_waiting(self, claim: Claim) -> None:
         # Nothing happened to it: no attempt is recorded, its hold stays, and the claim is undone (a
         # stream another process follows from the row told the job started, then started again).
-        with self.db.transaction() as s:
-            self._guarded_update(s, claim, status="queued", lease_owner=None, lease_expires_at=None,
-                                 attempt=claim.attempt - 1, started_at=claim.started_before, unless_canceled=True)
+        # A database that is briefly away is waited out: left to recovery, a job nothing was sent
+        # for counted as a crash, and one on an engine that does not announce its sends was failed
+        # and charged its estimate.
+        for attempt in self.db.retrying(FINAL_WRITE_SECONDS, f"job {claim.job.id} queued again to wait"):
+            with attempt, self.db.transaction() as s:
+                self._guarded_update(s, claim, status="queued", lease_owner=None, lease_expires_at=None,
+                                     attempt=claim.attempt - 1, started_at=claim.started_before,
+                                     unless_canceled=True)
 
     def give_back(self, claim: Claim) -> None:
         """A claim that never started (the service stopped first): back to the queue with its

@@ -17,6 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy.exc import OperationalError
 
 from orchestrator.clock import utcnow
 from orchestrator.errors import ContentUnavailable
@@ -624,6 +625,34 @@ def test_a_job_no_candidate_takes_off_an_open_circuit_waits_rather_than_fails(
             assert (done["status"], done["engine"]) == ("succeeded", "fake-paid"), done
             assert [a["engine"] for a in done["attempts"]] == ["fake-paid"]
             assert done["cost"]["charged"] == 10.0
+
+
+def test_a_job_put_back_to_wait_outlasts_a_database_that_is_briefly_away(
+        new_settings: SettingsFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One 'database is locked' as the job went back to the queue left it `running` to recovery,
+    which counted it as a crash (and fails and charges a job on an engine that does not announce
+    its sends) though nothing was sent."""
+    guarded_update = JobRunner._guarded_update
+    refused: list[str] = []
+
+    def locked_once(s: Any, claim: Any, **values: Any) -> None:
+        if "started_at" in values and not refused:  # the put-back only restores when it started
+            refused.append(claim.job.id)
+            raise OperationalError("UPDATE jobs", {}, Exception("database is locked"))
+        guarded_update(s, claim, **values)
+
+    monkeypatch.setattr(JobRunner, "_guarded_update", staticmethod(locked_once))
+    with two_paid_and_full(new_settings, tmp_path, monkeypatch) as (client, _clock, made, busy):
+        _, asset_id = draft_asset(client, budget={"limit": 15, "period": "none"})
+        job = promote(client, asset_id)  # its 10 fits; fake-b's 20 would not
+        for _ in range(2):
+            made[0].failed("fake-paid")
+        for other in busy:
+            client.post(f"/v1/jobs/{other['id']}/cancel")
+        poll(lambda: refused == [job["id"]], what="the put-back to meet the locked database")
+        poll(lambda: client.get(f"/v1/jobs/{job['id']}").json()["status"] == "queued", what="the job to wait")
+        now = client.get(f"/v1/jobs/{job['id']}").json()
+        assert (now["engine"], now["attempts"], now["started_at"]) == ("fake-paid", [], None), now
 
 
 def test_jobs_waiting_for_a_verdict_are_not_claimed_again_while_the_probe_is_out(
