@@ -741,7 +741,15 @@ class JobRunner:
         engine = self.registry.get(job.engine)
         init_image = None
         if job.params.get("source_sha256"):
-            init_image = await asyncio.to_thread(self._source_image, job)
+            try:
+                init_image = await asyncio.to_thread(self._source_image, job)
+            except EngineError:
+                if not reattachable(engine, job):
+                    raise
+                # Following accepted work sends nothing: failed here, the provider's work went on
+                # rendering (and billing), neither followed nor withdrawn, its estimate captured.
+                log.warning("job %s: its source image cannot be read; following the work %s accepted without it",
+                            job.id, job.engine)
         request = render_request(job.params, init_image)
         progress = JobProgress(self, claim)
         work = job.provider_work or {}
