@@ -22,6 +22,7 @@ from orchestrator import __version__
 from orchestrator.errors import first_line
 
 if TYPE_CHECKING:
+    from orchestrator.services import Stopped
     from orchestrator.settings import Settings
 
 
@@ -455,8 +456,29 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     if args.no_jobs:
         settings = settings.model_copy(update={"run_jobs": False})
     _log_what_it_uses(settings)
-    serve(settings, host=args.host, port=args.port, log_level=args.log_level)
-    return 0
+    stopped = serve(settings, host=args.host, port=args.port, log_level=args.log_level)
+    return _stopped(stopped)
+
+
+def _stopped(stopped: Stopped) -> int:
+    """The status of a service's command once it has stopped: 130 with its line after a Ctrl-C, as
+    every command ends on it; 0 after SIGTERM, a clean stop for a supervisor."""
+    return _ended(_interrupted() if stopped.signal == signal.SIGINT else 0, device_busy=stopped.device_busy)
+
+
+def _ended(status: int, *, device_busy: bool) -> int:
+    """`status`, or an exit with it at once when the service's inference thread is still busy.
+    Its jobs are settled or left for recovery, but a model load (minutes, for a download) or a
+    pipeline call holds that thread, which the interpreter's exit would wait for: past a
+    supervisor's stop timeout (and then SIGKILL), or a user's patience after Ctrl-C."""
+    if device_busy:
+        logging.getLogger(__name__).warning(
+            "the model is still loading or rendering on the inference thread; exiting without waiting for it")
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    return status
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -488,18 +510,7 @@ def _run(args: argparse.Namespace) -> int:
         if (failed := _checked(settings) or _bound(settings)) is not None:
             return failed
         _log_to_data_dir(settings)
-        stopped = asyncio.run(run_worker(settings))
-        status = _interrupted() if stopped.signal == signal.SIGINT else 0  # told as every command's Ctrl-C is
-        if stopped.device_busy:
-            logging.getLogger(__name__).warning(
-                "the model is still loading or rendering on the inference thread; exiting without waiting for it")
-            # Its jobs are settled or left for recovery, but a model load (minutes, for a download)
-            # or a pipeline call holds the inference thread, which the interpreter's exit would
-            # wait for: past a supervisor's stop timeout, and then SIGKILL.
-            logging.shutdown()
-            sys.stdout.flush()
-            os._exit(status)
-        return status
+        return _stopped(asyncio.run(run_worker(settings)))
     if args.command == "migrate":
         from orchestrator.db import shown_url, stored_revision
         from orchestrator.settings import Settings
@@ -537,7 +548,12 @@ def _run(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         return _fail(f"cannot use {out} for the images: {exc.strerror or exc}", status=2)
-    return run_demo(url=args.url, prompt=args.prompt, out=args.out, size=args.size)
+    stops: list[Stopped] = []  # its own service's, when it started one
+    try:
+        status = run_demo(url=args.url, prompt=args.prompt, out=args.out, size=args.size, on_stop=stops.append)
+    except KeyboardInterrupt as exc:
+        status = _interrupted(str(exc))  # it says which of its jobs it canceled
+    return _ended(status, device_busy=any(stop.device_busy for stop in stops))
 
 
 CHECK_SHOWN = 20

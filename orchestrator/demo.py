@@ -13,9 +13,10 @@ import logging
 import os
 import sys
 import threading
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 from PIL import Image, ImageDraw, ImageFont
@@ -24,6 +25,9 @@ from orchestrator.cli import without_password
 from orchestrator.errors import first_line
 from orchestrator.settings import Settings
 from tiers import tiny
+
+if TYPE_CHECKING:
+    from orchestrator.services import Stopped
 
 # A job queued this long is told once: against a service whose API servers run no jobs
 # (ORCH_RUN_JOBS=false) with no `orchestrator worker` up, the demo otherwise waited in silence.
@@ -131,7 +135,9 @@ def _admin_key() -> str | None:
     return key.get_secret_value() if key is not None else None
 
 
-def run_demo(*, url: str | None, prompt: str, out: str, size: int) -> int:
+def run_demo(*, url: str | None, prompt: str, out: str, size: int,
+             on_stop: Callable[[Stopped], None] | None = None) -> int:
+    """The demo's jobs, on the service at `url` or on its own (`on_stop` is told how that stopped)."""
     out_dir = Path(out).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     server: AbstractContextManager[str]
@@ -145,7 +151,7 @@ def run_demo(*, url: str | None, prompt: str, out: str, size: int) -> int:
         lite_setting = settings.lite_model
         # Its own service runs its jobs, whatever ORCH_RUN_JOBS says for the studio's API servers:
         # with no worker of its own, the demo would wait on its first draft for ever.
-        server = serve_in_thread(settings.model_copy(update={"run_jobs": True}))
+        server = serve_in_thread(settings.model_copy(update={"run_jobs": True}), on_stop=on_stop)
     key = _admin_key()
     # As UTF-8 bytes: httpx sends a str header as ASCII only, and the service reads a key's UTF-8.
     headers = {b"Authorization": f"Bearer {key}".encode()} if key else {}

@@ -9,7 +9,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
 from typing import Any
@@ -22,6 +22,7 @@ from orchestrator.api.cross_site import is_loopback
 from orchestrator.api.errors import StartTracker, answer
 from orchestrator.app import create_app
 from orchestrator.errors import ServerStopping
+from orchestrator.services import DEVICE_IDLE_TIMEOUT, Stopped
 from orchestrator.settings import Settings
 
 # Seconds uvicorn waits for open requests once told to stop, before it closes them: the event
@@ -31,6 +32,8 @@ GRACEFUL_SHUTDOWN_SECONDS = 10
 # 60 s): with uvicorn's 5 s, a client reusing a connection as the server closed it lost its request
 # ("server disconnected without sending a response") in a load audit.
 KEEP_ALIVE_SECONDS = 75
+# What a stop does besides waiting for paid requests and the inference thread (finishing jobs' writes).
+STOP_MARGIN_SECONDS = 15
 
 
 class AnswerWhenStopped:
@@ -87,6 +90,12 @@ class Server(uvicorn.Server):
             # its running jobs were left for recovery as a crash's, and counted towards giving up.
             await self.lifespan.shutdown()
 
+    @property
+    def device_busy(self) -> bool:
+        """Whether the app's inference thread was still busy when it stopped (see `Stopped`)."""
+        services = getattr(self.app.state, "services", None)
+        return services is not None and services.device_busy
+
     def end_streams(self) -> None:
         services = getattr(self.app.state, "services", None)  # set once the app has started
         if services is not None:
@@ -128,19 +137,23 @@ def check_listenable(host: str, port: int) -> None:
             raise CannotListen(f"--host {bare_host(host)} --port {port}: {exc.strerror or exc}") from None
 
 
-def serve(settings: Settings, *, host: str, port: int, log_level: str) -> None:
-    """Serve until SIGINT or SIGTERM (`orchestrator serve`)."""
+def serve(settings: Settings, *, host: str, port: int, log_level: str) -> Stopped:
+    """Serve until SIGINT or SIGTERM (`orchestrator serve`). uvicorn raises SIGTERM again once it
+    has stopped, which ends the process there; a Ctrl-C is returned (`Stopped.signal`)."""
     # Open to this machine only: its browsers' pages may not reach it under another name.
     loopback_only = settings.admin_key is None and is_loopback(host)
     server = Server(create_app(settings, loopback_only=loopback_only), host=bare_host(host), port=port,
                     log_level=log_level)
     _log_uvicorn_to_files()  # after uvicorn has configured its loggers, which replaces their handlers
-    server.run()
-    if server.interrupted:
-        # uvicorn raises the signal again once it has stopped, and it reaches asyncio.run's own SIGINT
-        # handler, which cancels a task that may be ending anyway: once, on a loaded machine, the
-        # process exited 0 after a Ctrl-C. Told here, every Ctrl-C ends the command as one (130).
-        raise KeyboardInterrupt
+    interrupted = False
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn's Ctrl-C raised again once it has stopped
+        interrupted = True
+    # Not only the KeyboardInterrupt: the raised signal reaches asyncio.run's own SIGINT handler,
+    # which cancels a task that may be ending anyway; once, on a loaded machine, the process
+    # exited 0 after a Ctrl-C.
+    return Stopped(signal.SIGINT if interrupted or server.interrupted else None, server.device_busy)
 
 
 def _log_uvicorn_to_files() -> None:
@@ -162,11 +175,13 @@ def free_port() -> int:
 
 
 @contextmanager
-def serve_in_thread(settings: Settings, *, port: int | None = None, timeout: float = 60.0) -> Iterator[str]:
+def serve_in_thread(settings: Settings, *, port: int | None = None, timeout: float = 60.0,
+                    on_stop: Callable[[Stopped], None] | None = None) -> Iterator[str]:
     """Start the app with uvicorn in a background thread; yields its base URL. Without a `port`,
     the server is handed a socket bound to a free one: no other process can take it meanwhile.
     It listens on this machine only, as `serve` on a loopback address: without an admin key, a
-    page under another name (DNS rebinding) is refused while it runs (the demo's own service)."""
+    page under another name (DNS rebinding) is refused while it runs (the demo's own service).
+    `on_stop` is told how it stopped, once it has."""
     app = create_app(settings, loopback_only=settings.admin_key is None)
     sock = None
     if port is None:
@@ -187,6 +202,11 @@ def serve_in_thread(settings: Settings, *, port: int | None = None, timeout: flo
     finally:
         server.should_exit = True
         server.end_streams()
-        thread.join(timeout=30)
+        # Its stop gives paid requests ORCH_STOP_GRACE and the inference thread DEVICE_IDLE_TIMEOUT:
+        # given up on sooner, the interpreter's exit went on under a stop still running (a traceback
+        # for the demo's Ctrl-C during a model load).
+        thread.join(timeout=settings.stop_grace + DEVICE_IDLE_TIMEOUT + STOP_MARGIN_SECONDS)
         if sock is not None:
             sock.close()
+        if on_stop is not None:
+            on_stop(Stopped(None, server.device_busy or thread.is_alive()))

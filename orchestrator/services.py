@@ -543,6 +543,14 @@ class Services:
         self.db.dispose()
 
 
+@dataclass
+class Stopped:
+    """How a service stopped (`orchestrator worker`, `serve`, the demo's own)."""
+
+    signal: int | None  # the signal that stopped it first (None: its command or a test did)
+    device_busy: bool  # its inference thread was still in a model load or a pipeline call
+
+
 def _set_up(engine: Any) -> bool:
     """Whether a remote engine says the operator set it up (`configured`, the built-ins'): one
     without a key or server is off by choice, and a plug-in that does not say is not judged."""

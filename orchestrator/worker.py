@@ -15,19 +15,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from dataclasses import dataclass
 
 from orchestrator.db import shown_url
-from orchestrator.services import Services
+from orchestrator.services import Services, Stopped
 from orchestrator.settings import Settings
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Stopped:
-    signal: int | None  # the signal that stopped it first (None: `stop` did)
-    device_busy: bool  # its inference thread was still in a model load or a pipeline call
 
 
 async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> Stopped:

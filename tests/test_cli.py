@@ -30,7 +30,7 @@ from orchestrator import demo as demo_module
 from orchestrator.cli import _bound, _log_to_data_dir, main
 from orchestrator.db import upgrade
 from orchestrator.server import free_port
-from orchestrator.services import startup_problems
+from orchestrator.services import Stopped, startup_problems
 from orchestrator.settings import Settings
 from orchestrator.store import ArtifactStore
 from tests.api import create_project, run_draft
@@ -1031,8 +1031,12 @@ def test_serve_hands_the_server_its_settings_and_warns_of_a_short_admin_key(
     monkeypatch.setenv("ORCH_LITE_MODEL", "builtin:tiny-sd")
     monkeypatch.setenv("ORCH_ADMIN_KEY", key)
     served: list[tuple[Settings, str, int]] = []
-    monkeypatch.setattr("orchestrator.server.serve", lambda s, *, host, port, log_level: served.append(
-        (s, host, port)))
+
+    def serve(s: Settings, *, host: str, port: int, log_level: str) -> Stopped:
+        served.append((s, host, port))
+        return Stopped(None, device_busy=False)
+
+    monkeypatch.setattr("orchestrator.server.serve", serve)
     port = free_port()
     assert main([*argv, "--port", str(port)]) == 0
     [(given, host, bound)] = served

@@ -7,8 +7,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -19,9 +22,9 @@ import httpx
 import pytest
 from starlette.types import Message, Receive, Scope, Send
 
-from orchestrator.server import AnswerWhenStopped, _log_uvicorn_to_files, serve_in_thread
+from orchestrator.server import AnswerWhenStopped, _log_uvicorn_to_files, free_port, serve_in_thread
 from orchestrator.settings import Settings
-from tests.api import create_project, iter_sse, serve_process, submit_draft
+from tests.api import create_project, iter_sse, serve_process, stop_process, submit_draft, wait_for_log
 
 
 def follow(base: str, job_id: str, seen: list[str], opened: threading.Event) -> None:
@@ -191,3 +194,37 @@ def test_uvicorn_s_own_log_reaches_the_data_dir_log_file(tmp_path: Path) -> None
         root.removeHandler(handler)
         server_log.removeHandler(handler)
         handler.close()
+
+
+@pytest.mark.parametrize("command", [["serve", "--log-level", "warning"], ["demo", "--size", "64"]])
+def test_a_ctrl_c_during_a_model_load_does_not_wait_for_it(command: list[str], make_settings: Callable[..., Settings],
+                                                          tmp_path: Path) -> None:
+    """Nothing interrupts a model load (minutes, for a first download): `serve` settled its jobs,
+    then waited for the load at the interpreter's exit, keeping the device from other workers all
+    along; the demo's own service was given up on while it still stopped, and a traceback ended it."""
+    settings = make_settings()
+    root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "ORCH_DATA_DIR": str(settings.data_dir), "ORCH_LITE_MODEL": "builtin:tiny-sd",
+           "ORCH_CACHE_DIR": str(settings.cache_dir), "HF_HUB_OFFLINE": "1", "ORCH_LITE_PRELOAD": "true",
+           "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    port = ["--port", str(free_port())] if command[0] == "serve" else ["--out", str(tmp_path / "drafts")]
+    code = ("import time, orchestrator.services, tiers._local\n"
+            "orchestrator.services.DEVICE_IDLE_TIMEOUT = 0.5\n"
+            "def load(*args, **kwargs):\n    print('load started', flush=True)\n    time.sleep(120)\n"
+            "tiers._local.LocalRuntime._load_pipeline = load\n"
+            f"from orchestrator.cli import main\nraise SystemExit(main({[*command, *port]!r}))")
+    log_path = tmp_path / "command.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, env=env, stdout=log,
+                                stderr=subprocess.STDOUT)
+        try:
+            wait_for_log(log_path, "load started", proc)
+            began = time.monotonic()
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=60) == 130
+            assert time.monotonic() - began < 30
+        finally:
+            stop_process(proc)
+    said = log_path.read_text()
+    assert "orchestrator: interrupted" in said and "exiting without waiting for it" in said
+    assert "Traceback" not in said, said
