@@ -11,14 +11,14 @@ the same hold: an entry breaking one of these is money counted twice or not at a
 settled by a process of a version before its `settled` flag is only counted: the service's sweep
 marks it.)
 
-Read-only, on a read-only mount too: the database is opened read-only (SQLite with `mode=ro`,
-PostgreSQL in read-only transactions) and nothing is created in the data dir.
+Read-only, on a read-only mount too: the database is opened read-only (SQLite with `mode=ro`, as
+immutable while no process has it open; PostgreSQL in read-only transactions) and nothing is
+created in the data dir.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 import sqlite3
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -118,19 +118,32 @@ ONE = {
 }
 
 
-def read_only_engine(url: str) -> Engine:
+def in_use(url: str) -> bool:
+    """Whether a process may have the database open: a SQLite file's -wal file lives as long as
+    a connection does (the service's are all WAL); a server's database, always."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return True
+    path = sqlite_file(url) or Path(parsed.database or "")
+    return path.with_name(path.name + "-wal").exists()
+
+
+def read_only_engine(url: str, *, immutable: bool = False) -> Engine:
     """An engine that cannot write, on a database that must exist already. Each session's reads
     share one snapshot: the ledger's holds and their settlements are read as of one moment, even
-    beside a running service (whose captures would otherwise land between two reads)."""
+    beside a running service (whose captures would otherwise land between two reads).
+    `immutable`: a SQLite file no process has open (`in_use`) is read as one that cannot change.
+    Read otherwise, SQLite makes the -wal and -shm files a WAL database is read with, which a
+    read-only connection cannot remove: left in the data dir, owned by whoever ran the check (the
+    service could not write the database until they were removed), and impossible to make on a
+    read-only mount. A service started meanwhile is for the caller to see (`in_use` again)."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         path = sqlite_file(url) or Path(parsed.database or "")  # a `file:` URI names its file after the scheme
         if not path.is_file():  # connecting would make an empty one
             raise CannotCheck(f"no database at {path} (is ORCH_DATA_DIR or ORCH_DATABASE_URL right?)")
         options = "mode=ro"
-        if not os.access(path.parent, os.W_OK) and not path.with_name(path.name + "-wal").exists():
-            # A read-only mount: SQLite cannot make the -shm file a WAL database is read with, and
-            # nothing can be writing the file, so it is read as immutable.
+        if immutable:
             options += "&immutable=1"
         # Not the service's set-up (WAL, a busy timeout for writers): that would change a restored file.
         # The URI straight to sqlite3: through a SQLAlchemy URL its escapes were decoded first, so a

@@ -572,6 +572,7 @@ def _check(*, no_hash: bool) -> int:
         check_ledger,
         check_revision,
         check_store,
+        in_use,
         open_store,
         read_only_engine,
     )
@@ -585,17 +586,24 @@ def _check(*, no_hash: bool) -> int:
         return _fail("\n".join(problems), status=2)
     if (file := file_in_the_way(settings.data_dir)) is not None:
         return _fail(f"ORCH_DATA_DIR: {not_a_directory(settings.data_dir, file)}", status=2)
+    url = settings.resolved_database_url
     try:
-        engine = read_only_engine(settings.resolved_database_url)
-        try:
-            check_revision(engine)
-            store = open_store(settings.assets_dir, engine)
-            wrong_store = None if store is None else check_identity(engine, store)
-            report = StoreReport(hashed=not no_hash) if store is None else check_store(engine, store,
-                                                                                        hashes=not no_hash)
-            ledger = check_ledger(engine)
-        finally:
-            engine.dispose()
+        closed = not in_use(url)
+        # Read as immutable while nothing has it open; again as a live database if a service
+        # opened it meanwhile (what it wrote could have been read half-way).
+        for immutable in (True, False) if closed else (False,):
+            engine = read_only_engine(url, immutable=immutable)
+            try:
+                check_revision(engine)
+                store = open_store(settings.assets_dir, engine)
+                wrong_store = None if store is None else check_identity(engine, store)
+                report = StoreReport(hashed=not no_hash) if store is None else check_store(engine, store,
+                                                                                            hashes=not no_hash)
+                ledger = check_ledger(engine)
+            finally:
+                engine.dispose()
+            if not in_use(url):
+                break
     except CannotCheck as exc:
         return _fail(str(exc), status=2)
     except (ArgumentError, NoSuchModuleError) as exc:

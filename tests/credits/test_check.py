@@ -177,25 +177,42 @@ def test_the_check_reads_the_ledger_as_of_one_moment(served: tuple[httpx.Client,
         engine.dispose()
 
 
-def test_the_check_opens_a_database_on_a_read_only_mount(served: tuple[httpx.Client, Path],
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    # SQLite cannot make the -shm file it reads a WAL database with where it may not write; the
-    # file is then read as immutable (nothing can be writing it there).
-    api, db = served
-    paid_jobs(api)
-    monkeypatch.setattr(check.os, "access", lambda path, mode: False)  # type: ignore[attr-defined]
-    monkeypatch.setattr(check.Path, "exists", lambda path: False)  # type: ignore[attr-defined]  # no -wal beside it
+@pytest.mark.parametrize("opened_meanwhile", [False, True])
+def test_the_check_of_a_database_nothing_has_open_leaves_no_file_beside_it(
+        paid_settings_for: Callable[..., Settings], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str], opened_meanwhile: bool) -> None:
+    """Read with `mode=ro` alone, a WAL database made the -wal and -shm files a read-only
+    connection cannot remove: left owned by whoever ran the check, they kept the service from
+    writing; on a read-only mount they cannot be made at all. It is read as immutable, and read
+    again as a live one should a service open it meanwhile."""
+    settings = paid_settings_for(tmp_path / "data")
+    monkeypatch.setenv("ORCH_DATA_DIR", str(settings.data_dir))
+    with serve_in_thread(settings) as base, httpx.Client(base_url=base, timeout=30.0) as client:
+        paid_jobs(client)
+    db = settings.data_dir / "orchestrator.db"
+    beside = [db.with_name(db.name + suffix) for suffix in ("-wal", "-shm")]
+    assert not any(path.exists() for path in beside)  # the service's last connection removed them
     opened: list[str] = []
     connect = sqlite3.connect
+    service: list[sqlite3.Connection] = []
 
     def recorded(database: str, **options: Any) -> sqlite3.Connection:
         opened.append(database)
+        if opened_meanwhile and not service:  # a service starts as the check reads
+            service.append(connect(db))
+            service[0].execute("PRAGMA journal_mode=WAL")
+            service[0].execute("UPDATE alembic_version SET version_num = version_num")
+            service[0].commit()
         return connect(database, **options)
 
     monkeypatch.setattr(sqlite3, "connect", recorded)
-    engine = check.read_only_engine(f"sqlite:///{db}")
     try:
-        assert check.check_ledger(engine).ok
-        assert opened and all(uri.startswith("file:") and "mode=ro&immutable=1" in uri for uri in opened), opened
+        status, out = run_check(capsys)
+        assert status == 0 and out.endswith("ok\n"), out
+        uris = [uri for uri in opened if uri.startswith("file:")]
+        assert uris and "mode=ro&immutable=1" in uris[0], opened
+        assert ("mode=ro&immutable=1" in uris[-1]) is not opened_meanwhile, uris  # read again, live
+        assert any(path.exists() for path in beside) is opened_meanwhile  # the service's own, if any
     finally:
-        engine.dispose()
+        for conn in service:
+            conn.close()
