@@ -17,8 +17,12 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 demo: $(BIN)/.installed
 	$(BIN)/orchestrator demo
 
+# Test processes (pytest-xdist). Most tests wait on servers, subprocesses and sleeps: two halve the
+# suite on a 2-core machine; four were slower there than two.
+TEST_WORKERS ?= 2
+
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check orchestrator tiers policies migrations tests bench
