@@ -118,25 +118,32 @@ ONE = {
 }
 
 
-def in_use(url: str) -> bool:
-    """Whether a process may have the database open: a SQLite file's -wal file lives as long as
-    a connection does (the service's are all WAL); a server's database, always."""
+def at_rest(url: str) -> tuple[int, int, int] | None:
+    """A SQLite file no process is writing (no -wal file beside it, which lives as long as a WAL
+    connection does, nor a -journal, a rollback's): its inode, size and modification time, to
+    tell whether it changed while it was read as immutable. None for any other database."""
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
-        return True
+        return None
     path = sqlite_file(url) or Path(parsed.database or "")
-    return path.with_name(path.name + "-wal").exists()
+    if any(path.with_name(path.name + suffix).exists() for suffix in ("-wal", "-journal")):
+        return None
+    try:
+        stat = path.stat()
+    except OSError:  # told by `read_only_engine`
+        return None
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
 def read_only_engine(url: str, *, immutable: bool = False) -> Engine:
     """An engine that cannot write, on a database that must exist already. Each session's reads
     share one snapshot: the ledger's holds and their settlements are read as of one moment, even
     beside a running service (whose captures would otherwise land between two reads).
-    `immutable`: a SQLite file no process has open (`in_use`) is read as one that cannot change.
-    Read otherwise, SQLite makes the -wal and -shm files a WAL database is read with, which a
-    read-only connection cannot remove: left in the data dir, owned by whoever ran the check (the
-    service could not write the database until they were removed), and impossible to make on a
-    read-only mount. A service started meanwhile is for the caller to see (`in_use` again)."""
+    `immutable`: a SQLite file no process is writing (`at_rest`) is read as one that cannot
+    change. Read otherwise, SQLite makes the -wal and -shm files a WAL database is read with,
+    which a read-only connection cannot remove: left in the data dir, owned by whoever ran the
+    check (the service could not write the database until they were removed), and impossible to
+    make on a read-only mount. A write meanwhile is for the caller to see (`at_rest` again)."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         path = sqlite_file(url) or Path(parsed.database or "")  # a `file:` URI names its file after the scheme

@@ -462,7 +462,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
 
 def _stopped(stopped: Stopped) -> int:
     """The status of a service's command once it has stopped: 130 with its line after a Ctrl-C, as
-    every command ends on it; 0 after SIGTERM, a clean stop for a supervisor."""
+    every command ends on it; else 0 (the worker's SIGTERM: `serve` is ended by it, 143)."""
     return _ended(_interrupted() if stopped.signal == signal.SIGINT else 0, device_busy=stopped.device_busy)
 
 
@@ -471,9 +471,7 @@ def _ended(status: int, *, device_busy: bool) -> int:
     Its jobs are settled or left for recovery, but a model load (minutes, for a download) or a
     pipeline call holds that thread, which the interpreter's exit would wait for: past a
     supervisor's stop timeout (and then SIGKILL), or a user's patience after Ctrl-C."""
-    if device_busy:
-        logging.getLogger(__name__).warning(
-            "the model is still loading or rendering on the inference thread; exiting without waiting for it")
+    if device_busy:  # the service said so as it stopped
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
@@ -568,11 +566,11 @@ def _check(*, no_hash: bool) -> int:
         ONE,
         CannotCheck,
         StoreReport,
+        at_rest,
         check_identity,
         check_ledger,
         check_revision,
         check_store,
-        in_use,
         open_store,
         read_only_engine,
     )
@@ -588,10 +586,12 @@ def _check(*, no_hash: bool) -> int:
         return _fail(f"ORCH_DATA_DIR: {not_a_directory(settings.data_dir, file)}", status=2)
     url = settings.resolved_database_url
     try:
-        closed = not in_use(url)
-        # Read as immutable while nothing has it open; again as a live database if a service
-        # opened it meanwhile (what it wrote could have been read half-way).
-        for immutable in (True, False) if closed else (False,):
+        # Read as immutable while nothing writes it, again if something wrote it meanwhile (a
+        # migration, a service that started), whose changes could have been read half-way; live
+        # while something has it open, or should it be written during a second read too.
+        for attempt in range(3):
+            before = at_rest(url)
+            immutable = before is not None and attempt < 2
             engine = read_only_engine(url, immutable=immutable)
             try:
                 check_revision(engine)
@@ -600,9 +600,13 @@ def _check(*, no_hash: bool) -> int:
                 report = StoreReport(hashed=not no_hash) if store is None else check_store(engine, store,
                                                                                             hashes=not no_hash)
                 ledger = check_ledger(engine)
+            except DatabaseError:
+                if not immutable:
+                    raise
+                continue  # torn by a write (or truly damaged: the live read says so)
             finally:
                 engine.dispose()
-            if not in_use(url):
+            if not immutable or at_rest(url) == before:
                 break
     except CannotCheck as exc:
         return _fail(str(exc), status=2)

@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import pytest
 from sqlalchemy import create_engine, func, text
+from sqlalchemy.exc import DatabaseError
 from sqlmodel import Session, select
 
 from orchestrator import check
@@ -177,14 +178,14 @@ def test_the_check_reads_the_ledger_as_of_one_moment(served: tuple[httpx.Client,
         engine.dispose()
 
 
-@pytest.mark.parametrize("opened_meanwhile", [False, True])
-def test_the_check_of_a_database_nothing_has_open_leaves_no_file_beside_it(
+@pytest.mark.parametrize("meanwhile", ["nothing", "a service opened it", "a migration wrote it", "a torn read"])
+def test_the_check_of_a_database_nothing_writes_leaves_no_file_beside_it(
         paid_settings_for: Callable[..., Settings], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-        capsys: pytest.CaptureFixture[str], opened_meanwhile: bool) -> None:
+        capsys: pytest.CaptureFixture[str], meanwhile: str) -> None:
     """Read with `mode=ro` alone, a WAL database made the -wal and -shm files a read-only
     connection cannot remove: left owned by whoever ran the check, they kept the service from
     writing; on a read-only mount they cannot be made at all. It is read as immutable, and read
-    again as a live one should a service open it meanwhile."""
+    again as a live one should anything write it meanwhile."""
     settings = paid_settings_for(tmp_path / "data")
     monkeypatch.setenv("ORCH_DATA_DIR", str(settings.data_dir))
     with serve_in_thread(settings) as base, httpx.Client(base_url=base, timeout=30.0) as client:
@@ -198,21 +199,42 @@ def test_the_check_of_a_database_nothing_has_open_leaves_no_file_beside_it(
 
     def recorded(database: str, **options: Any) -> sqlite3.Connection:
         opened.append(database)
-        if opened_meanwhile and not service:  # a service starts as the check reads
+        if meanwhile in ("a service opened it", "a migration wrote it") and not service:  # as the check reads
             service.append(connect(db))
             service[0].execute("PRAGMA journal_mode=WAL")
             service[0].execute("UPDATE alembic_version SET version_num = version_num")
             service[0].commit()
+            if meanwhile == "a migration wrote it":
+                service[0].close()  # its -wal goes with its last connection
         return connect(database, **options)
 
     monkeypatch.setattr(sqlite3, "connect", recorded)
+    passes: list[bool] = []  # each read of the database: as immutable?
+    read_only_engine = check.read_only_engine
+
+    def counted(url: str, *, immutable: bool = False) -> Any:
+        passes.append(immutable)
+        return read_only_engine(url, immutable=immutable)
+
+    monkeypatch.setattr(check, "read_only_engine", counted)
+    if meanwhile == "a torn read":
+        check_ledger = check.check_ledger
+        torn: list[bool] = []
+
+        def torn_once(engine: Any) -> check.LedgerReport:
+            if not torn:
+                torn.append(True)
+                raise DatabaseError("SELECT", {}, sqlite3.DatabaseError("database disk image is malformed"))
+            return check_ledger(engine)
+
+        monkeypatch.setattr(check, "check_ledger", torn_once)
     try:
         status, out = run_check(capsys)
         assert status == 0 and out.endswith("ok\n"), out
+        assert passes == {"nothing": [True], "a service opened it": [True, False]}.get(meanwhile, [True, True])
         uris = [uri for uri in opened if uri.startswith("file:")]
-        assert uris and "mode=ro&immutable=1" in uris[0], opened
-        assert ("mode=ro&immutable=1" in uris[-1]) is not opened_meanwhile, uris  # read again, live
-        assert any(path.exists() for path in beside) is opened_meanwhile  # the service's own, if any
+        assert uris and uris[0].endswith("?mode=ro&immutable=1"), uris  # what SQLite is told
+        assert any(path.exists() for path in beside) is (meanwhile == "a service opened it")  # its own
     finally:
         for conn in service:
             conn.close()
