@@ -22,7 +22,7 @@ from orchestrator.api.cross_site import is_loopback
 from orchestrator.api.errors import StartTracker, answer
 from orchestrator.app import create_app
 from orchestrator.errors import ServerStopping
-from orchestrator.services import DEVICE_IDLE_TIMEOUT, Stopped
+from orchestrator.services import Stopped
 from orchestrator.settings import Settings
 
 # Seconds uvicorn waits for open requests once told to stop, before it closes them: the event
@@ -32,8 +32,9 @@ GRACEFUL_SHUTDOWN_SECONDS = 10
 # 60 s): with uvicorn's 5 s, a client reusing a connection as the server closed it lost its request
 # ("server disconnected without sending a response") in a load audit.
 KEEP_ALIVE_SECONDS = 75
-# What a stop does besides waiting for paid requests and the inference thread (finishing jobs' writes).
-STOP_MARGIN_SECONDS = 15
+# How long a stop may take beyond ORCH_STOP_GRACE: jobs storing their images, their writes waiting
+# out a database that is away, the inference thread (the README's advice for systemd's TimeoutStopSec).
+STOP_BEYOND_GRACE_SECONDS = 200
 
 
 class AnswerWhenStopped:
@@ -202,11 +203,12 @@ def serve_in_thread(settings: Settings, *, port: int | None = None, timeout: flo
     finally:
         server.should_exit = True
         server.end_streams()
-        # Its stop gives paid requests ORCH_STOP_GRACE and the inference thread DEVICE_IDLE_TIMEOUT:
-        # given up on sooner, the interpreter's exit went on under a stop still running (a traceback
-        # for the demo's Ctrl-C during a model load).
-        thread.join(timeout=settings.stop_grace + DEVICE_IDLE_TIMEOUT + STOP_MARGIN_SECONDS)
-        if sock is not None:
-            sock.close()
-        if on_stop is not None:
-            on_stop(Stopped(None, server.device_busy or thread.is_alive()))
+        try:
+            # Given up on sooner than a stop may take, the interpreter's exit went on under a stop
+            # still running (a traceback, for the demo's Ctrl-C during a model load).
+            thread.join(timeout=settings.stop_grace + STOP_BEYOND_GRACE_SECONDS)
+        finally:  # a second Ctrl-C during the wait is told too
+            if sock is not None:
+                sock.close()
+            if on_stop is not None:
+                on_stop(Stopped(None, server.device_busy))

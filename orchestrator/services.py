@@ -525,8 +525,11 @@ class Services:
         runtime = _local_runtime(self.registry)
         idle = runtime is None or await asyncio.to_thread(runtime.shutdown, DEVICE_IDLE_TIMEOUT)
         # Still inside a model load or a pipeline call, which nothing can interrupt: the process
-        # should end without waiting for it (see `orchestrator worker`).
+        # should end without waiting for it (see `orchestrator.cli`; serve's SIGTERM ends it anyway).
         self.device_busy = not idle
+        if self.device_busy:
+            log.warning("the model is still loading or rendering on the inference thread; the process ends "
+                        "without waiting for it")
         device = self.scheduler.device
         if device is not None:
             held = device.held
