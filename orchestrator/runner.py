@@ -739,12 +739,14 @@ class JobRunner:
     async def _render(self, claim: Claim) -> RenderResult:
         job = claim.job
         engine = self.registry.get(job.engine)
+        # Asked once: a plug-in's answer could change between two asks (sending the job afresh).
+        follow: Reattachable | None = engine if reattachable(engine, job) else None
         init_image = None
         if job.params.get("source_sha256"):
             try:
                 init_image = await asyncio.to_thread(self._source_image, job)
             except EngineError:
-                if not reattachable(engine, job):
+                if follow is None:
                     raise
                 # Following accepted work sends nothing: failed here, the provider's work went on
                 # rendering (and billing), neither followed nor withdrawn, its estimate captured.
@@ -757,12 +759,12 @@ class JobRunner:
         with before_billable_sends(self._first_send_recorder(claim, progress), self._send_refused(claim),
                                    lambda: bool(claim.out or claim.accepted),
                                    held=lambda: self._work_still_ours(claim)):
-            if reattachable(engine, job):
+            if follow is not None:
                 # An earlier process died after the provider accepted this job: follow that work.
                 self.bus.publish(job.id, "state", {"state": "reattached", "handles": len(work["handles"])})
                 claim.inherited = True
                 try:
-                    result = await engine.reattach(request, list(work["handles"]), progress, claim.cancel)
+                    result = await follow.reattach(request, list(work["handles"]), progress, claim.cancel)
                 except EngineError as exc:
                     exc.at_least_charged("unknown")  # accepted work: never released, never sent again
                     raise

@@ -418,7 +418,8 @@ class Reattachable(Protocol):
         """Finish `req` from the work `handles` name (each `{"id": ..., **handle}` as given to
         `Progress.provider_request`, oldest first) without sending any new paid request. Raises
         an `EngineError` when they do not cover the whole request: whether the rest was sent is
-        unknown, so it must not be sent again."""
+        unknown, so it must not be sent again. `req.init_image` may be None for a bridge or
+        polish whose source image can no longer be read: following work sends no image."""
         ...
 
 
