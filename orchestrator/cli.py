@@ -601,9 +601,11 @@ def _check(*, no_hash: bool) -> int:
                                                                                             hashes=not no_hash)
                 ledger = check_ledger(engine)
             except DatabaseError:
-                if not immutable:
+                # Read again if a write may have torn it; a file that fails twice unchanged is
+                # damaged (read live, SQLite would leave its -wal and -shm files beside it).
+                if not immutable or (attempt == 1 and at_rest(url) == before):
                     raise
-                continue  # torn by a write (or truly damaged: the live read says so)
+                continue
             finally:
                 engine.dispose()
             if not immutable or at_rest(url) == before:

@@ -238,3 +238,20 @@ def test_the_check_of_a_database_nothing_writes_leaves_no_file_beside_it(
     finally:
         for conn in service:
             conn.close()
+
+
+def test_the_check_of_a_damaged_database_says_so_and_leaves_no_file_beside_it(
+        paid_settings_for: Callable[..., Settings], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # Read again live after two failed immutable reads, SQLite left its -wal and -shm files there.
+    settings = paid_settings_for(tmp_path / "data")
+    monkeypatch.setenv("ORCH_DATA_DIR", str(settings.data_dir))
+    with serve_in_thread(settings) as base, httpx.Client(base_url=base, timeout=30.0) as client:
+        paid_jobs(client)
+    db = settings.data_dir / "orchestrator.db"
+    with db.open("r+b") as file:  # the page after the schema's
+        file.seek(4096)
+        file.write(b"\xff" * 4096)
+    assert main(["check"]) == 2
+    assert "malformed" in capsys.readouterr().err
+    assert not any(db.with_name(db.name + suffix).exists() for suffix in ("-wal", "-shm"))
