@@ -145,13 +145,14 @@ def run_demo(*, url: str | None, prompt: str, out: str, size: int,
     if url:
         server = nullcontext(url)
     else:
-        from orchestrator.server import serve_in_thread
+        from orchestrator.server import STOP_BEYOND_GRACE_SECONDS, serve_in_thread
 
         settings = Settings()
         lite_setting = settings.lite_model
         # Its own service runs its jobs, whatever ORCH_RUN_JOBS says for the studio's API servers:
         # with no worker of its own, the demo would wait on its first draft for ever.
-        server = serve_in_thread(settings.model_copy(update={"run_jobs": True}), on_stop=on_stop)
+        server = serve_in_thread(settings.model_copy(update={"run_jobs": True}), on_stop=on_stop,
+                                 stop_timeout=settings.stop_grace + STOP_BEYOND_GRACE_SECONDS)
     key = _admin_key()
     # As UTF-8 bytes: httpx sends a str header as ASCII only, and the service reads a key's UTF-8.
     headers = {b"Authorization": f"Bearer {key}".encode()} if key else {}

@@ -177,12 +177,14 @@ def free_port() -> int:
 
 @contextmanager
 def serve_in_thread(settings: Settings, *, port: int | None = None, timeout: float = 60.0,
-                    on_stop: Callable[[Stopped], None] | None = None) -> Iterator[str]:
+                    stop_timeout: float = 30.0, on_stop: Callable[[Stopped], None] | None = None) -> Iterator[str]:
     """Start the app with uvicorn in a background thread; yields its base URL. Without a `port`,
     the server is handed a socket bound to a free one: no other process can take it meanwhile.
     It listens on this machine only, as `serve` on a loopback address: without an admin key, a
     page under another name (DNS rebinding) is refused while it runs (the demo's own service).
-    `on_stop` is told how it stopped, once it has."""
+    `on_stop` is told how it stopped, once it has or `stop_timeout` seconds have passed (a
+    stop may take ORCH_STOP_GRACE + STOP_BEYOND_GRACE_SECONDS: given up on sooner, the
+    interpreter's exit goes on under a stop still running, with a traceback)."""
     app = create_app(settings, loopback_only=settings.admin_key is None)
     sock = None
     if port is None:
@@ -203,12 +205,12 @@ def serve_in_thread(settings: Settings, *, port: int | None = None, timeout: flo
     finally:
         server.should_exit = True
         server.end_streams()
+        ended = False
         try:
-            # Given up on sooner than a stop may take, the interpreter's exit went on under a stop
-            # still running (a traceback, for the demo's Ctrl-C during a model load).
-            thread.join(timeout=settings.stop_grace + STOP_BEYOND_GRACE_SECONDS)
-        finally:  # a second Ctrl-C during the wait is told too
+            thread.join(timeout=stop_timeout)
+            ended = not thread.is_alive()  # not asked after a join a Ctrl-C broke: it would say so
+        finally:  # a second Ctrl-C during the wait is told too: the stop may be waiting for the device
             if sock is not None:
                 sock.close()
             if on_stop is not None:
-                on_stop(Stopped(None, server.device_busy))
+                on_stop(Stopped(None, server.device_busy or not ended))

@@ -196,12 +196,15 @@ def test_uvicorn_s_own_log_reaches_the_data_dir_log_file(tmp_path: Path) -> None
         handler.close()
 
 
-@pytest.mark.parametrize("command", [["serve", "--log-level", "warning"], ["demo", "--size", "64"]])
-def test_a_ctrl_c_during_a_model_load_does_not_wait_for_it(command: list[str], make_settings: Callable[..., Settings],
+@pytest.mark.parametrize(("command", "twice"), [(["serve", "--log-level", "warning"], False),
+                                                (["demo", "--size", "64"], False), (["demo", "--size", "64"], True)])
+def test_a_ctrl_c_during_a_model_load_does_not_wait_for_it(command: list[str], twice: bool,
+                                                          make_settings: Callable[..., Settings],
                                                           tmp_path: Path) -> None:
     """Nothing interrupts a model load (minutes, for a first download): `serve` settled its jobs,
     then waited for the load at the interpreter's exit, keeping the device from other workers all
-    along; the demo's own service was given up on while it still stopped, and a traceback ended it."""
+    along; the demo's own service was given up on while it still stopped, and a traceback ended it.
+    `twice`: a second Ctrl-C while the stop waits for the inference thread ends the demo at once."""
     settings = make_settings()
     root = str(Path(__file__).resolve().parents[2])
     env = {**os.environ, "ORCH_DATA_DIR": str(settings.data_dir), "ORCH_LITE_MODEL": "builtin:tiny-sd",
@@ -209,7 +212,7 @@ def test_a_ctrl_c_during_a_model_load_does_not_wait_for_it(command: list[str], m
            "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
     port = ["--port", str(free_port())] if command[0] == "serve" else ["--out", str(tmp_path / "drafts")]
     code = ("import time, orchestrator.services, tiers._local\n"
-            "orchestrator.services.DEVICE_IDLE_TIMEOUT = 0.5\n"
+            f"orchestrator.services.DEVICE_IDLE_TIMEOUT = {120 if twice else 0.5}\n"
             "def load(*args, **kwargs):\n    print('load started', flush=True)\n    time.sleep(120)\n"
             "tiers._local.LocalRuntime._load_pipeline = load\n"
             f"from orchestrator.cli import main\nraise SystemExit(main({[*command, *port]!r}))")
@@ -221,11 +224,14 @@ def test_a_ctrl_c_during_a_model_load_does_not_wait_for_it(command: list[str], m
             wait_for_log(log_path, "load started", proc)
             began = time.monotonic()
             proc.send_signal(signal.SIGINT)
+            if twice:
+                time.sleep(2)  # the stop is waiting for the inference thread
+                proc.send_signal(signal.SIGINT)
             assert proc.wait(timeout=60) == 130
             assert time.monotonic() - began < 30
         finally:
             stop_process(proc)
     said = log_path.read_text()
     assert said.rstrip().splitlines()[-1].startswith("orchestrator: interrupted"), said  # the last line, as ever
-    assert "without waiting for it" in said
+    assert ("without waiting for it" in said) is not twice  # said by a stop that gave up on the thread
     assert "Traceback" not in said, said
