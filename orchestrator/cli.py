@@ -43,7 +43,10 @@ def _port(text: str) -> int:
 
 
 def _interrupted(detail: str = "") -> int:
-    """Ctrl-C's line; `detail`, what was done about it (the demo's jobs canceled)."""
+    """Ctrl-C's line; `detail`, what was done about it (the demo's jobs canceled). The command has
+    stopped: another Ctrl-C in its last moments raised a KeyboardInterrupt nobody caught, and the
+    process ended killed by SIGINT, not with 130 (seen once for serve's double Ctrl-C, in CI)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     print("orchestrator: interrupted" + (f"; {detail}" if detail else ""), file=sys.stderr)
     return 130
 

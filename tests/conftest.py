@@ -6,6 +6,7 @@ import contextlib
 import datetime
 import logging
 import os
+import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,15 @@ def root_log_handlers_restored() -> Iterator[None]:
         root.removeHandler(handler)
         handler.close()
     root.setLevel(level)
+
+
+@pytest.fixture(autouse=True)
+def ctrl_c_restored() -> Iterator[None]:
+    """`orchestrator.cli.main` run in-process ignores Ctrl-C once it has told one: left so, the
+    test run could not be interrupted any more."""
+    handler = signal.getsignal(signal.SIGINT)
+    yield
+    signal.signal(signal.SIGINT, handler)
 
 
 @pytest.fixture(scope="session")
