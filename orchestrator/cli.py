@@ -474,7 +474,7 @@ def _ended(status: int, *, device_busy: bool) -> int:
     Its jobs are settled or left for recovery, but a model load (minutes, for a download) or a
     pipeline call holds that thread, which the interpreter's exit would wait for: past a
     supervisor's stop timeout (and then SIGKILL), or a user's patience after Ctrl-C."""
-    if device_busy:  # the service said so as it stopped
+    if device_busy:  # the service said so as it stopped (unless a second Ctrl-C cut the demo's wait short)
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
