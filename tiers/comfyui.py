@@ -77,6 +77,8 @@ REQUIRED_PLACEHOLDERS = ("prompt", "image")
 # How far a workflow without size placeholders may miss the size asked, per side: a fixed
 # upscaler's factor of the source against the size `scale` asked, rounded to a multiple of 8.
 SIZE_SLACK, SIZE_SLACK_PIXELS = 0.02, 8
+# Far deeper than any API export (node, inputs, a [node, output] link: four levels).
+MAX_WORKFLOW_DEPTH = 64
 # ComfyUI's own KSampler default, used when the request leaves steps to the engine.
 DEFAULT_STEPS = 20
 SEED_RANGE = 2**32
@@ -126,18 +128,46 @@ class WorkflowError(Exception):
     past `store.hide_paths`)."""
 
 
+def _depth(node: Any) -> int:
+    """How deeply lists and objects nest in `node`, counted without recursion (a hostile file must
+    not exhaust the stack here either)."""
+    deepest, stack = 0, [(node, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict):
+            item = list(item.values())
+        if isinstance(item, list):
+            deepest = max(deepest, level)
+            stack.extend((child, level + 1) for child in item)
+    return deepest
+
+
 def load_workflow(path: Path) -> dict[str, Any]:
     try:
-        text = path.read_text(encoding="utf-8")
+        # utf-8-sig: Notepad's "UTF-8" writes a byte-order mark, which json.loads refuses.
+        text = path.read_text(encoding="utf-8-sig")
     except OSError as exc:
         why = exc.strerror or type(exc).__name__  # str(exc) names the whole path
         raise WorkflowError(f"cannot read the workflow file '{path.name}': {why}") from None
+    except UnicodeDecodeError as exc:
+        # PowerShell's `>` writes UTF-16; an old editor, a legacy code page.
+        raise WorkflowError(
+            f"the workflow file '{path.name}' is not UTF-8 text (byte {exc.start}); save it as UTF-8"
+        ) from None
     try:
         graph = json.loads(text)
     except json.JSONDecodeError as exc:
         raise WorkflowError(
             f"the workflow file '{path.name}' is not valid JSON (line {exc.lineno}: {exc.msg})"
         ) from None
+    except RecursionError:
+        graph = None
+    if graph is None or _depth(graph) > MAX_WORKFLOW_DEPTH:
+        # Placeholders are found and filled by recursion; an API export nests a handful of levels.
+        raise WorkflowError(
+            f"the workflow file '{path.name}' nests deeper than {MAX_WORKFLOW_DEPTH} levels; "
+            "export it with 'Export (API)'"
+        )
     if isinstance(graph, dict) and isinstance(graph.get("nodes"), list):
         # The most common mistake: "Save" writes the UI format, which /prompt cannot run.
         raise WorkflowError(

@@ -628,6 +628,44 @@ def test_unavailable_with_missing_workflow_file(make_ctx: Any, tmp_path: Path, f
     assert folder not in reason and str(tmp_path) not in reason
 
 
+def nested(levels: int) -> Any:
+    value: Any = "x"
+    for _ in range(levels):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize(("data", "why"), [
+    (json.dumps(WORKFLOW).encode("utf-16"), "not UTF-8"),  # PowerShell's `>`
+    (json.dumps({**WORKFLOW, "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "café {{prompt}}"}}},
+                ensure_ascii=False).encode("latin-1"), "not UTF-8"),
+    (("[" * 100_000 + "]" * 100_000).encode(), "nests deeper"),  # past json's own recursion
+    (json.dumps({**WORKFLOW, "99": {"class_type": "X", "inputs": {"v": nested(70)}}}).encode(), "nests deeper"),
+], ids=["utf16", "latin1", "past-json", "deep"])
+def test_unavailable_with_an_unreadable_workflow(make_ctx: Any, tmp_path: Path, data: bytes, why: str) -> None:
+    # These once raised out of availability() (UnicodeDecodeError, RecursionError), which the
+    # service's start calls for every engine: it did not start at all.
+    path = tmp_path / "broken.json"
+    path.write_bytes(data)
+    available, reason = ComfyUIEngine(make_ctx(comfyui_url=BASE, comfyui_workflow=path)).availability()
+    assert not available and reason and "'broken.json'" in reason and why in reason
+
+
+def test_a_workflow_with_a_byte_order_mark_loads(make_ctx: Any, tmp_path: Path) -> None:
+    path = tmp_path / "notepad.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(WORKFLOW).encode())
+    assert ComfyUIEngine(make_ctx(comfyui_url=BASE, comfyui_workflow=path)).availability() == (True, None)
+
+
+def test_the_service_starts_beside_a_utf16_workflow(
+        make_settings: Any, start_server: Any, tmp_path: Path) -> None:
+    path = tmp_path / "wf.json"
+    path.write_bytes(json.dumps(WORKFLOW).encode("utf-16"))
+    client = start_server(make_settings(comfyui_url=BASE, comfyui_workflow=path))
+    engines = {e["name"]: e for e in client.get("/v1/engines").json()}
+    assert engines["comfyui"]["available"] is False and "not UTF-8" in engines["comfyui"]["note"]
+
+
 async def test_run_with_bad_workflow_is_unavailable(make_ctx: Any, tmp_path: Path) -> None:
     path = write_workflow(tmp_path, "{", name="broken.json")
     eng = ComfyUIEngine(make_ctx(comfyui_url=BASE, comfyui_workflow=path))
