@@ -4,6 +4,7 @@ bugs fail their own work, never the service or another engine's. Built-ins are n
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, get_args
@@ -39,7 +40,7 @@ class PluginFault(Exception):
 
 # What a plugin's synchronous calls may raise and still be only its own failure: KeyboardInterrupt
 # is left out, as there it is more likely the operator's Ctrl-C than the plugin's.
-_FAULTS = (Exception, SystemExit, GeneratorExit)
+FAULTS = (Exception, SystemExit, GeneratorExit)
 
 
 class ThirdParty:
@@ -65,7 +66,7 @@ class ThirdParty:
     def model(self) -> str:
         try:
             model = self._engine.model
-        except _FAULTS:
+        except FAULTS:
             log.exception("engine %s: its model failed", self.name)
             return "unknown"
         if not isinstance(model, str):
@@ -76,7 +77,7 @@ class ThirdParty:
     def note(self) -> str | None:
         try:
             note = getattr(self._engine, "note", None)
-        except _FAULTS:
+        except FAULTS:
             log.exception("engine %s: its note failed", self.name)
             return None
         return note if isinstance(note, str) else None
@@ -84,7 +85,7 @@ class ThirdParty:
     def availability(self) -> tuple[bool, str | None]:
         try:
             answer = self._engine.availability()
-        except _FAULTS as exc:
+        except FAULTS as exc:
             log.exception("engine %s: availability() failed", self.name)
             return False, f"its availability check failed: {type(exc).__name__}: {exc}"[:500]
         if (not isinstance(answer, tuple) or len(answer) != 2 or not isinstance(answer[0], bool)
@@ -95,7 +96,7 @@ class ThirdParty:
     def prices(self) -> dict[str, Any]:
         try:
             prices = self._engine.prices()
-        except _FAULTS:
+        except FAULTS:
             log.exception("engine %s: prices() failed", self.name)
             return {}
         if not isinstance(prices, dict):
@@ -108,7 +109,7 @@ class ThirdParty:
             return self._engine.estimate(req)
         except OrchestratorError:
             raise
-        except _FAULTS as exc:
+        except FAULTS as exc:
             log.exception("engine %s: estimate() failed", self.name)
             raise NoPrice(f"engine '{self.name}': its estimate failed: {type(exc).__name__}: {exc}"[:500],
                           details={"engine": self.name}) from None
@@ -166,7 +167,7 @@ class _Reattaching(ThirdParty):
     def can_reattach(self, handles: list[dict[str, Any]], req: RenderRequest) -> bool:
         try:
             return bool(self._engine.can_reattach(handles, req))  # type: ignore[attr-defined]
-        except _FAULTS:
+        except FAULTS:
             log.exception("engine %s: can_reattach() failed", self.name)
             return False
 
@@ -224,6 +225,17 @@ def checked(engine: Engine, target: str) -> Engine:
     stages = getattr(engine, "stages", None)
     if not isinstance(stages, frozenset | set) or not stages or not stages <= set(get_args(Stage)):
         raise ValueError(f"{target}: stages {stages!r} must be a non-empty set of {', '.join(get_args(Stage))}")
-    if not isinstance(engine.capabilities, Capabilities):
+    capabilities = engine.capabilities
+    if not isinstance(capabilities, Capabilities):
         raise TypeError(f"{target}: capabilities must be a tiers.base.Capabilities")
+    for field in dataclasses.fields(capabilities):
+        value = getattr(capabilities, field.name)
+        # Routing compares these with each request: a None there was a 500 for every request
+        # whose rule names the engine, though the rule's next engine could serve it.
+        if field.type in (bool, "bool") and not isinstance(value, bool):
+            raise TypeError(f"{target}: capabilities.{field.name} is {value!r}, not a bool")
+        if field.type in (int, "int") and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{target}: capabilities.{field.name} is {value!r}, not a positive int")
+    if capabilities.min_side > min(capabilities.max_width, capabilities.max_height):
+        raise ValueError(f"{target}: capabilities.min_side {capabilities.min_side} is past its max_width/max_height")
     return _contain(engine)

@@ -12,10 +12,11 @@ import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
+from typing import Any
 
 from orchestrator.errors import NotFound
 from tiers.base import MAX_ENGINE_CHARS, Engine, EngineContext, EngineFactory
-from tiers.guard import checked
+from tiers.guard import FAULTS, checked
 
 log = logging.getLogger(__name__)
 GROUP = "orchestrator.engines"
@@ -46,8 +47,12 @@ def known_names(extra_engines: Iterable[str] = ()) -> set[str]:
 
 
 def _import(target: str) -> EngineFactory:
+    # An entry point's object may be dotted (`module:Class.factory`), as importlib.metadata reads it.
     module, _, attr = target.partition(":")
-    factory: EngineFactory = getattr(importlib.import_module(module), attr)
+    found: Any = importlib.import_module(module)
+    for part in attr.split("."):
+        found = getattr(found, part)
+    factory: EngineFactory = found
     return factory
 
 
@@ -116,7 +121,7 @@ class EngineRegistry:
                             type(exc).__name__, exc)
                 broken[name] = BrokenEngine(name, f"not installed in this process: {exc}")
                 continue
-            except Exception as exc:  # its module fails as it is imported (a bug, a syntax error)
+            except FAULTS as exc:  # its module fails as it is imported (a bug, a syntax error, a sys.exit())
                 log.exception("engine %s could not be imported", name)
                 broken[name] = BrokenEngine(name, f"could not be imported: {type(exc).__name__}: {exc}")
                 continue
@@ -128,9 +133,11 @@ class EngineRegistry:
                     raise ValueError(f"factory {target} built engine {engine.name!r}, registered as {name!r}")
                 if name not in BUILTIN:
                     engine = checked(engine, str(target))
-            except Exception as exc:
+            except FAULTS as exc:
                 log.exception("engine %s could not be created", name)
-                broken[name] = BrokenEngine(name, f"could not be created: {exc}")
+                # A bare sys.exit(2) or an empty message tells nothing without its type.
+                why = str(exc) if isinstance(exc, Exception) and str(exc) else f"{type(exc).__name__}: {exc}"
+                broken[name] = BrokenEngine(name, f"could not be created: {why}")
                 continue
             engines[name] = engine
         return cls(engines, broken)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Callable, Iterable, Iterator
 from importlib.metadata import EntryPoint
 from pathlib import Path
@@ -54,6 +55,34 @@ def no_stages_factory(ctx: EngineContext) -> FakePaidEngine:
     engine = FakePaidEngine(ctx, name="broken-ep")
     engine.stages = frozenset()
     return engine
+
+
+def exiting_factory(ctx: EngineContext) -> FakePaidEngine:
+    raise SystemExit(2)  # a licence check that calls sys.exit(): once it ended the service's start
+
+
+def capable(**capabilities: Any) -> Callable[[EngineContext], FakePaidEngine]:
+    def factory(ctx: EngineContext) -> FakePaidEngine:
+        engine = FakePaidEngine(ctx, name="broken-ep")
+        engine.capabilities = dataclasses.replace(engine.capabilities, **capabilities)
+        return engine
+    return factory
+
+
+# Routing compares these with every request: each was a 500 for whatever the rule naming it routed.
+no_size_factory = capable(max_width=None)
+float_size_factory = capable(max_height=1024.0)
+zero_multiple_factory = capable(size_multiple=0)
+string_flag_factory = capable(img2img="yes")
+min_past_max_factory = capable(min_side=4096)
+
+
+class Acme:
+    """`module:Acme.factory` is an entry point's object as importlib.metadata reads it."""
+
+    @staticmethod
+    def factory(ctx: EngineContext) -> FakePaidEngine:
+        return FakePaidEngine(ctx, name="acme")
 
 
 class Faulty(FakePaidEngine):
@@ -147,6 +176,13 @@ def test_installed_entry_points_are_read(load: Load, monkeypatch: pytest.MonkeyP
     ("tests.no_such_module:factory", "No module named"),
     ("tests.routing.boom_engine:factory", "a module that fails as it is imported"),  # once a failed start
     (f"{HERE}:no_such_attribute", "no_such_attribute"),
+    (f"{HERE}:exiting_factory", "SystemExit"),
+    ("tests.routing.exiting_engine:factory", "SystemExit"),
+    (f"{HERE}:no_size_factory", "capabilities.max_width is None, not a positive int"),
+    (f"{HERE}:float_size_factory", "capabilities.max_height is 1024.0, not a positive int"),
+    (f"{HERE}:zero_multiple_factory", "capabilities.size_multiple is 0"),
+    (f"{HERE}:string_flag_factory", "capabilities.img2img is 'yes', not a bool"),
+    (f"{HERE}:min_past_max_factory", "min_side 4096 is past its max_width/max_height"),
 ])
 def test_failing_factory_is_listed_as_broken(load: Load, target: str, reason: str,
                                              caplog: pytest.LogCaptureFixture) -> None:
@@ -165,6 +201,11 @@ def test_failing_factory_is_listed_as_broken(load: Load, target: str, reason: st
     if "such" in reason:  # not installed here (hosts may differ in their engines): a line, no traceback
         [record] = [r for r in caplog.records if "broken-ep" in r.getMessage()]
         assert "is not installed here" in record.getMessage() and record.exc_info is None
+
+
+def test_an_entry_point_naming_a_class_s_attribute_loads(load: Load) -> None:
+    registry = load(extra=[ep("acme", f"{HERE}:Acme.factory")])
+    assert "acme" in registry and registry.broken == {}
 
 
 def test_a_broken_engine_s_reason_names_no_server_path(load: Load, caplog: pytest.LogCaptureFixture) -> None:
