@@ -57,6 +57,10 @@ RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504}) | frozenset(range(505
 # read timeout is shorter than the server's answer may have taken the request all the same.
 # (Cloudflare's 521-523 and a 599 connect timeout say the server was never reached: sent again.)
 GATEWAY_STATUSES = frozenset({502, 504, 520, 524, 598})
+# Of those, the ones no provider answers itself: a CDN in front of it saying the origin took the
+# request and gave no usable answer in time. To a billable request (a cloud provider's, whose own
+# 5xx say nothing was made) one is a send without an answer, never sent again (providers.md).
+ORIGIN_UNANSWERED = frozenset({520, 524, 598})
 CUT_SHORT = "orchestrator.cut_short"  # the extension that marks an answer whose body was cut off
 # Refusals whose status line alone says nothing was made, so that a body cut off after it (a
 # gateway dropping the connection, or stalling) loses only its explanation. Not a 500: a webui
@@ -643,6 +647,13 @@ class RemoteClient:
                 charged="unknown",
             )
         if self._retryable(response):
+            if not idempotent and response.status_code in ORIGIN_UNANSWERED:
+                raise EngineTimeout(
+                    f"{self.engine}: a gateway in front of the provider answered HTTP {response.status_code} "
+                    "(the provider took the request and did not answer in time); it is not re-sent because "
+                    "the provider may have made and billed the image",
+                    details={"engine": self.engine, "status": response.status_code}, charged="unknown",
+                )
             raise _RetryableAnswer(response)
         return response
 

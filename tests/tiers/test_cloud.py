@@ -167,6 +167,20 @@ async def test_a_cancel_while_the_generation_call_is_out_may_have_been_charged(
     await engine.aclose()
 
 
+@pytest.mark.parametrize(("cls", "prefix"), [(c[0], c[1]) for c in CASES], ids=[c[1] for c in CASES])
+async def test_a_cdn_s_origin_timeout_to_the_paid_call_is_not_resent(
+        make_ctx: Any, sleep: Any, cls: CloudClass, prefix: str) -> None:
+    # Cloudflare's 524: the provider took the call and did not answer within the CDN's 100 s.
+    engine = cls(make_ctx(**{f"{prefix}_api_key": "k-secret"}))
+    engine.http.sleep = sleep
+    with respx.mock(assert_all_called=False) as mock:
+        paid = mock.route(method="POST").mock(return_value=httpx.Response(524, text="A timeout occurred"))
+        with pytest.raises(EngineError) as info:
+            await engine.run(bridge(), NullProgress(), CancelToken())
+    await engine.aclose()
+    assert paid.call_count == 1 and info.value.code == "timeout" and info.value.charged == "unknown"
+
+
 def test_token_rates_are_listed_apart_from_image_prices() -> None:
     # `/v1/engines` once showed "output_tokens_per_million: 6000" among the credits per image.
     table = PriceTable("gemini", {"m": {"1K": 6.7, "output_tokens_per_million": 6000,

@@ -60,6 +60,33 @@ async def test_a_redirect_loop_on_a_post_is_not_resent_and_may_be_billed(client:
 
 
 @respx.mock
+@pytest.mark.parametrize("status", [520, 524, 598])
+async def test_a_gateway_s_origin_timeout_to_a_post_is_not_resent_and_may_be_billed(
+        client: RemoteClient, sleep: Any, status: int) -> None:
+    # Cloudflare's 524 comes at its 100 s limit, well within ORCH_REMOTE_DEADLINE: a second edit was a
+    # second bill, and one too late to retry was given up on as an unbilled 5xx (hold released).
+    route = respx.post(f"{BASE}/images").mock(
+        side_effect=[httpx.Response(status, text="<html>A timeout occurred</html>"), httpx.Response(200, json={})])
+    with pytest.raises(EngineTimeout) as info:
+        await client.request("POST", "/images", json={"prompt": "a lighthouse"})
+    assert route.call_count == 1 and sleep.waits == []
+    assert info.value.charged == "unknown" and info.value.details["status"] == status
+    assert "not re-sent" in info.value.message
+
+
+@respx.mock
+@pytest.mark.parametrize("status", [502, 503, 504, 524])
+async def test_a_provider_s_own_5xx_is_retried_and_a_poll_s_gateway_timeout_too(
+        client: RemoteClient, sleep: Any, status: int) -> None:
+    # providers.md: a provider's 5xx says nothing was made; a poll may be asked again whatever it met.
+    method, idempotent = ("GET", True) if status == 524 else ("POST", False)
+    route = respx.route(method=method, url=f"{BASE}/images").mock(
+        side_effect=[httpx.Response(status), httpx.Response(200, json={"ok": 1})])
+    response = await client.request(method, "/images", idempotent=idempotent)
+    assert response.json() == {"ok": 1} and route.call_count == 2 and len(sleep.waits) == 1
+
+
+@respx.mock
 async def test_an_unreadable_answer_to_a_poll_is_asked_again(client: RemoteClient, sleep: Any) -> None:
     route = respx.get(f"{BASE}/results/1").mock(side_effect=[corrupt_gzip(), httpx.Response(200, json={"ok": 1})])
     response = await client.request("GET", "/results/1", idempotent=True)
