@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import httpx
 
-from orchestrator.errors import Canceled, ContentFiltered, EngineError, EngineUnavailable, NoImage
+from orchestrator.errors import Canceled, ContentFiltered, EngineError, EngineUnavailable, NoImage, NoPrice
 from tiers._http import KeptOut, RemoteClient, error_text
 from tiers._images import b64decode_tolerant, decode_image
 from tiers.base import CancelToken, EngineContext, Kind, PriceTable, RenderedImage, Stage, in_kept_quotes, is_amount
@@ -79,7 +79,9 @@ class Asked:
         (the whole hold) when the request has no estimate."""
         try:
             estimate = self.estimate()
-        except EngineError:
+        except (EngineError, NoPrice):
+            # No price here now (a prices file or model another process routed with): a failure
+            # after a paid send must not become this one, which says nothing was billed.
             return None
         return -(-estimate * min(images, self.n) // max(self.n, 1))
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import httpx
 
-from orchestrator.errors import BadEngineInput, Canceled, ContentFiltered, EngineError, EngineTimeout, NoImage
+from orchestrator.errors import BadEngineInput, Canceled, ContentFiltered, EngineError, EngineTimeout, NoImage, NoPrice
 from tiers._cloud import CloudEngine
 from tiers._http import RemoteClient, error_text, json_object, without_credentials
 from tiers._images import CLASS_PIXELS_SLACK, CLASS_SIDE_SLACK, b64encode, encode_image, shaped_as, size_class
@@ -69,7 +69,7 @@ INFRA_ERRORS = frozenset({"request_timeout", "startup_timeout", "runner_scheduli
 
 
 def unbilled(error_type: object) -> bool:
-    return error_type in INFRA_ERRORS
+    return isinstance(error_type, str) and error_type in INFRA_ERRORS
 
 
 def stored_failure(response: httpx.Response) -> bool:
@@ -258,7 +258,7 @@ class FalEngine(CloudEngine):
             state = seen["status"] = status.get("status")
             if state == "COMPLETED":
                 return status
-            if state not in PENDING:
+            if not isinstance(state, str) or state not in PENDING:  # an object is unhashable: a TypeError
                 raise EngineError(f"fal: unexpected queue status {self.said(state)!r}",
                                   details={"engine": self.name, "request": request_id})
             if state == "IN_QUEUE":
@@ -308,7 +308,10 @@ class FalEngine(CloudEngine):
         None otherwise (the estimate is the price). Captured as a charge past the hold, flagged."""
         if listed <= req.n:
             return None
-        return listed * self._prices.millicredits(self._model, self._resolution(req))
+        try:
+            return listed * self._prices.millicredits(self._model, self._resolution(req))
+        except NoPrice:  # unpriced here now: the images were made, so the hold is what is charged
+            return None
 
     async def _images(self, output: dict[str, Any], wanted: int,
                       cancel: CancelToken) -> tuple[list[RenderedImage], int]:

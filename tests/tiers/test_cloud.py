@@ -10,7 +10,7 @@ import httpx
 import pytest
 import respx
 
-from orchestrator.errors import Canceled, EngineError
+from orchestrator.errors import Canceled, EngineError, EngineTimeout, NoPrice
 from tests.tiers.conftest import BlockingSleep, NoAnswer, bridge
 from tiers._cloud import Asked, paid_calls, token_counts
 from tiers.base import MAX_AMOUNT, CancelToken, NullProgress, PriceTable, before_billable_sends
@@ -400,6 +400,19 @@ def test_every_image_asked_for_leaves_the_estimate_whole() -> None:
         raise EngineError("no answer", charged="unknown")
     assert info.value.cost_millicredits is None  # the ledger captures the whole hold
     assert Asked(3, lambda: 1000).share(1) == 334  # rounded up: a share is never below its price
+
+
+def test_a_failure_after_a_paid_send_stays_itself_when_the_request_has_no_price_here() -> None:
+    # A worker whose prices file (or model) differs from the router's: the share's estimate raised
+    # NoPrice, which replaced the timeout and, saying nothing was billed, released the hold.
+    def unpriced() -> int:
+        raise NoPrice("gemini has no price for gemini-3.1-flash-lite-image at 2K")
+
+    asked = Asked(2, unpriced)
+    with pytest.raises(EngineTimeout) as info, paid_calls([], asked):
+        asked.asking()
+        raise EngineTimeout("no answer")
+    assert (info.value.charged, info.value.cost_millicredits) == ("unknown", None)  # the whole hold
 
 
 def test_a_ceiling_is_never_below_what_the_provider_reported_for_the_calls_made() -> None:

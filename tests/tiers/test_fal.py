@@ -30,7 +30,7 @@ from tests.tiers.conftest import (
     until,
 )
 from tests.tiers.conftest import bridge as base_bridge
-from tiers.base import CancelToken, NullProgress, RenderRequest, before_billable_sends
+from tiers.base import CancelToken, NullProgress, PriceTable, RenderRequest, before_billable_sends
 from tiers.fal import FalEngine
 
 BASE = "https://fal.test"
@@ -591,6 +591,37 @@ async def test_an_answer_with_more_images_than_asked_is_fetched_up_to_n(engine: 
     # fal bills each image it made: charged for all 31 (the ledger flags a charge past the hold),
     # where the estimate of one was captured as settled.
     assert result.cost_millicredits == 31 * engine.estimate(bridge(n=1))
+
+
+@respx.mock
+async def test_more_images_than_asked_with_no_price_here_keep_the_render(
+        engine: FalEngine, output: respx.Route, monkeypatch: pytest.MonkeyPatch) -> None:
+    # This process's prices name the model no longer (another routed the job): pricing the
+    # surplus raised NoPrice, which failed a job whose images fal had made and billed as free.
+    respx.post(SUBMIT).mock(return_value=httpx.Response(200, json=queued()))
+    respx.get(STATUS).mock(return_value=status("COMPLETED"))
+    respx.get(RESPONSE).mock(return_value=done([OUTPUT, "https://v3.fal.media/files/other-1.png"]))
+    monkeypatch.setattr(engine, "_prices", PriceTable("fal", {}, "2026-11"))
+    result = await engine.run(bridge(n=1), NullProgress(), CancelToken())
+    assert len(result.images) == 1 and result.cost_millicredits is None  # the hold is captured
+
+
+@respx.mock
+@pytest.mark.parametrize("answer", [
+    {"status": {"code": "IN_QUEUE"}},
+    {"status": "COMPLETED", "error": "boom", "error_type": {"type": "runner_server_error"}},
+], ids=["status", "error_type"])
+async def test_a_status_of_another_shape_is_an_engine_error_and_the_request_withdrawn(
+        engine: FalEngine, answer: dict[str, Any]) -> None:
+    # An object there raised TypeError (unhashable) past the engine's own handling: the job failed
+    # as a crash, and the queued request was left running, and billing, at fal.
+    respx.post(SUBMIT).mock(return_value=httpx.Response(200, json=queued()))
+    respx.get(STATUS).mock(return_value=httpx.Response(200, json=answer))
+    withdraw = respx.put(CANCEL).mock(return_value=httpx.Response(202, json={"status": "CANCELLATION_REQUESTED"}))
+    with pytest.raises(EngineError) as info:
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    assert info.value.charged == "unknown"
+    assert withdraw.call_count == (1 if answer["status"] != "COMPLETED" else 0)  # a completed one has nothing to stop
 
 
 @respx.mock
