@@ -194,6 +194,12 @@ def load_workflow(path: Path) -> dict[str, Any]:
     return graph
 
 
+def _errors_of(node: object) -> list[dict[str, Any]]:
+    """A node's `errors` in ComfyUI's answer, the entries of another shape left out."""
+    errors = node.get("errors") if isinstance(node, dict) else None
+    return [e for e in errors if isinstance(e, dict)] if isinstance(errors, list) else []
+
+
 def output_nodes(graph: Mapping[str, Any]) -> list[str]:
     """The ids of the nodes titled `orchestrator output` (any case), in the template's order."""
     marked = []
@@ -718,7 +724,8 @@ class ComfyUIEngine:
 
     @staticmethod
     def _execution_error(status: Mapping[str, Any]) -> str:
-        for message in status.get("messages") or []:
+        messages = status.get("messages")
+        for message in messages if isinstance(messages, list) else []:
             if not (isinstance(message, list) and len(message) == 2 and isinstance(message[1], dict)):
                 continue
             kind, data = message
@@ -804,15 +811,14 @@ class ComfyUIEngine:
                 info = info if isinstance(info, dict) else {}
                 reasons = "; ".join(
                     ": ".join(str(x) for x in (e.get("message"), e.get("details")) if x)
-                    for e in info.get("errors") or [] if isinstance(e, dict)
+                    for e in _errors_of(info)
                 )
                 nodes.append(str(node_id))
                 parts.append(f"node {node_id} ({info.get('class_type', '?')}): {reasons or 'invalid'}")
         told = without_credentials(" | ".join(p for p in parts if p), response)[:1000] or None
-        types = {error.get("type")} if isinstance(error, dict) else set()
+        types = {str(error.get("type"))} if isinstance(error, dict) else set()
         if isinstance(node_errors, dict):
-            types |= {e.get("type") for info in node_errors.values() if isinstance(info, dict)
-                      for e in info.get("errors") or [] if isinstance(e, dict)}
+            types |= {str(e.get("type")) for info in node_errors.values() for e in _errors_of(info)}
         # A 200 with node errors: the server queued the outputs that passed (and we dropped them).
         status = f"HTTP {response.status_code}" if response.status_code != 200 else "some of its outputs"
         if types & SETUP_ERRORS:

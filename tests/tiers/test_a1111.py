@@ -111,6 +111,16 @@ async def test_success_sends_draft_and_takes_first_n_images(engine: A1111Engine)
 
 
 @respx.mock
+@pytest.mark.parametrize("image", ["data:image/png;base64", "data:image/png;base64,"])
+async def test_a_data_uri_without_its_data_is_an_engine_error(engine: A1111Engine, image: str) -> None:
+    # One without a comma raised IndexError: the job "failed unexpectedly".
+    task_is("unknown")
+    respx.post(URL).mock(return_value=httpx.Response(200, json={"images": [image], "info": "{}"}))
+    with pytest.raises(EngineError):
+        await engine.run(bridge(), NullProgress(), CancelToken())
+
+
+@respx.mock
 async def test_polish_uses_creativity_and_request_values(engine: A1111Engine) -> None:
     route = respx.post(URL).mock(return_value=httpx.Response(200, json=ok_body(count=2, seeds=[5, 6])))
     result = await engine.run(bridge(stage="polish", creativity=0.2, seed=5, steps=12, guidance_scale=4.5, n=2),

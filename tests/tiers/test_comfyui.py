@@ -369,6 +369,27 @@ async def test_execution_error_in_history(engine: ComfyUIEngine) -> None:
 
 
 @respx.mock
+async def test_an_error_status_whose_messages_are_of_another_shape_is_an_engine_error(engine: ComfyUIEngine) -> None:
+    # A number there raised TypeError: the job "failed unexpectedly", never moving to the next engine.
+    routes = mock_server()
+    routes["history"].side_effect = lambda request: httpx.Response(200, json={
+        (pid := request.url.path.rsplit("/", 1)[1]): {**history(pid, images=[], status="error")[pid],
+                                                      "status": {"status_str": "error", "messages": 5}}})
+    with pytest.raises(EngineError, match="status error without details") as info:
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    assert info.value.retryable
+
+
+@pytest.mark.parametrize("errors", [7, [{"type": {"odd": 1}, "message": "m"}], None])
+@respx.mock
+async def test_node_errors_of_another_shape_are_a_refusal(engine: ComfyUIEngine, errors: Any) -> None:
+    mock_server(prompt=[httpx.Response(400, json={"error": {"type": ["x"], "message": "invalid prompt"},
+                                                  "node_errors": {"9": {"class_type": "SaveImage", "errors": errors}}})])
+    with pytest.raises(BadEngineInput, match=r"node 9 \(SaveImage\)"):
+        await engine.run(bridge(), NullProgress(), CancelToken())
+
+
+@respx.mock
 async def test_no_output_images_is_a_failure(engine: ComfyUIEngine) -> None:
     routes = mock_server()
     routes["history"].side_effect = lambda request: httpx.Response(
