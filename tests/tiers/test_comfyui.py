@@ -383,8 +383,9 @@ async def test_an_error_status_whose_messages_are_of_another_shape_is_an_engine_
 @pytest.mark.parametrize("errors", [7, [{"type": {"odd": 1}, "message": "m"}], None])
 @respx.mock
 async def test_node_errors_of_another_shape_are_a_refusal(engine: ComfyUIEngine, errors: Any) -> None:
-    mock_server(prompt=[httpx.Response(400, json={"error": {"type": ["x"], "message": "invalid prompt"},
-                                                  "node_errors": {"9": {"class_type": "SaveImage", "errors": errors}}})])
+    refusal = {"error": {"type": ["x"], "message": "invalid prompt"},
+               "node_errors": {"9": {"class_type": "SaveImage", "errors": errors}}}
+    mock_server(prompt=[httpx.Response(400, json=refusal)])
     with pytest.raises(BadEngineInput, match=r"node 9 \(SaveImage\)"):
         await engine.run(bridge(), NullProgress(), CancelToken())
 
