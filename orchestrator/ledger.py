@@ -27,6 +27,7 @@ safe in a transaction made some other way.
 from __future__ import annotations
 
 import logging
+import math
 import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -85,9 +86,12 @@ class Balance:
         if self.limit is None:
             return None
         total = self.limit + self.granted
+        used = self.charged + self.held
         if total <= 0:
-            return 1.0  # a zero budget is all spent: every `budget_used_over` below 1 matches it
-        return (self.charged + self.held) / total
+            # A zero budget is all spent (every `budget_used_over` below 1 matches it), and one
+            # charged anyway (metered local work) is overspent: past 1.0 as well.
+            return 1.0 if used <= 0 else math.inf
+        return used / total
 
     def fits(self, amount: int) -> bool:
         """Whether a hold of `amount` fits. Nothing always does, even in an overspent window (a

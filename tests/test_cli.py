@@ -1135,6 +1135,16 @@ def test_an_assets_folder_that_cannot_be_written_is_named_before_the_service_sta
     assert startup_problems(settings) == []
 
 
+def test_a_prices_file_nested_too_deeply_is_a_problem_told_at_start(make_settings: SettingsFactory,
+                                                                      tmp_path: Path) -> None:
+    # tomllib recurses: a RecursionError went past the check, and `serve` ended in a traceback.
+    from orchestrator.services import startup_problems
+
+    (tmp_path / "prices.toml").write_text("x = " + "[" * 3000 + "]" * 3000 + "\n")
+    problems = startup_problems(make_settings(prices_file=tmp_path / "prices.toml"))
+    assert any("prices.toml: nested too deeply to read" in problem for problem in problems), problems
+
+
 def test_prices_no_engine_reads_are_told_at_start(make_settings: SettingsFactory, tmp_path: Path,
                                                   caplog: pytest.LogCaptureFixture) -> None:
     """A misspelt model or size under a real engine was taken without a word, and the default

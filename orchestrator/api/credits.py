@@ -223,8 +223,10 @@ _ENTRY_ID = re.compile(r"[1-9][0-9]{0,9}")  # digits without leading zeros, at m
 
 def _rfc3339(value: Any) -> Any:
     # Pydantic reads a bare number as Unix seconds ("to=0.5" was 1970); the contract's times are RFC 3339.
-    if isinstance(value, str) and (not _DATE.match(value) or not value.isascii()):
-        raise ValueError("expected an RFC 3339 time, e.g. 2026-11-01T00:00:00Z")
+    if isinstance(value, str) and (not _DATE.match(value) or not value.isascii() or "," in value):
+        # A decimal comma (ISO 8601 allows one, RFC 3339 does not) passed pydantic, and its digits
+        # past the microsecond were cut where a point's are rounded up: the bound moved back.
+        raise ValueError("expected an RFC 3339 time, e.g. 2026-11-01T00:00:00Z (a fraction after a '.')")
     if isinstance(value, str) and _UNENCODED_PLUS.search(value):
         # A query string reads `+` as a space: `...T01:00:00+01:00` arrives as `...T01:00:00 01:00`.
         raise ValueError("a '+' in a query string reads as a space: URL-encode the zone's '+' as %2B")

@@ -97,6 +97,7 @@ def test_time_filter(api: httpx.Client, spent: dict[str, Any]) -> None:
     {"from": "0001-01-01T00:00:00+01:00"},  # before year 1 once in UTC (was a 500)
     {"to": "9999-12-31T23:59:59-01:00"},
     {"from": "9999-12-31T23:59:59.9999999Z"},  # rounded up to the next microsecond: past the last one (was a 500)
+    {"from": "2026-11-01T00:00:00,1234567Z"},  # ISO 8601's decimal comma: cut back, not rounded up as a point's
     {"group_by": "week"},
     {"format": "xml"},
 ])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -199,6 +200,9 @@ def test_the_sweeper_settles_a_finished_jobs_open_hold(db: Database, status: Job
     (10_000, 0, 2_500, 0.25),
     (0, 0, 0, 1.0),  # a zero budget is all spent (it once read as "no budget")
     (0, 5_000, 1_000, 0.2),  # a zero limit topped up by a grant
+    # Charged anyway (metered local work): overspent, past a rule's `budget_used_over = 1.0`
+    # as a limit of 1 with the same charge is (it read as exactly 1.0, matching none).
+    (0, 0, 5_000, math.inf),
 ])
 def test_used_fraction(limit: int | None, granted: int, spent: int, used: float | None) -> None:
     balance = Balance(limit=limit, period="month", window_start=None, window_end=None, charged=spent, held=0,
