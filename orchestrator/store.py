@@ -45,6 +45,7 @@ from orchestrator.db import stored_json
 from orchestrator.errors import ContentUnavailable, NotFound
 from orchestrator.ids import ID_RE
 from tiers._images import eight_bit
+from tiers.base import home_expanded
 from tiers.registry import HOSTED
 
 log = logging.getLogger(__name__)
@@ -132,7 +133,7 @@ def _is_path(model: str, hosted: bool = False) -> bool:
     `.`-relative, more than two parts (`models/acme-client/hifi`), or there, relative to the
     working directory, as the loaders would take it. A hosted provider's model (`hosted`) is an id
     of its own, of any number of parts (`fal-ai/nano-banana-2/edit`), unless it is absolute or relative."""
-    if Path(model).expanduser().is_absolute() or model.startswith(("~", ".")) or "\\" in model:
+    if home_expanded(model).is_absolute() or model.startswith(("~", ".")) or "\\" in model:
         return True
     if hosted:
         return False
@@ -150,7 +151,7 @@ def model_name(model: str | None, engine: str | None = None) -> str | None:
     provider's id of three parts: fal's `fal-ai/nano-banana-2/edit` was shown as `edit`)."""
     if not model or not _is_path(model, engine in HOSTED):
         return model
-    path = Path(model.replace("\\", "/")).expanduser()
+    path = home_expanded(model.replace("\\", "/"))
     for part in reversed(path.parts):
         # A Hugging Face cache folder (`models--org--name/snapshots/<hash>`) is its Hub id.
         if part.startswith("models--") and part.count("--") == 2:

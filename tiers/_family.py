@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from tiers import tiny
+from tiers.base import home_expanded
 
 # Configuration files are a few kB; anything larger is not one.
 MAX_CONFIG_BYTES = 1 << 20
@@ -108,7 +109,7 @@ def _by_files(model: str) -> ModelDefaults | None:
     """The family a diffusers folder or a single safetensors file says it is; None when there is
     nothing to read yet, or it cannot be read (the load says why)."""
     try:
-        path = Path(model).expanduser()
+        path = home_expanded(model)
         if path.is_file():
             return _single_file(path)
         folder = path if path.is_dir() else snapshot_folder(model)

@@ -40,6 +40,7 @@ from tiers.base import (
     Progress,
     RenderRequest,
     RenderResult,
+    home_expanded,
     says_out_of_memory,
 )
 
@@ -176,7 +177,7 @@ def _hub_fetch_failed(exc: BaseException) -> bool:
 def _identity(model: str) -> str:
     """One key per model however its path is spelled (`/m/sd` and `/m/sd/`, through a link):
     ORCH_LITE_MODEL and ORCH_HIFI_MODEL naming one folder two ways loaded its weights twice."""
-    path = Path(model).expanduser()
+    path = home_expanded(model)
     try:
         return str(path.resolve()) if model != tiny.NAME and path.exists() else model
     except (OSError, ValueError):  # a name too long for a file, a NUL
@@ -297,7 +298,7 @@ def _single_model_options(spec: str) -> dict[str, Any]:
     id, loaded as the pipelines are: from the cache alone when it holds the model whole, and a Hub
     id it does not hold only where the Hub answers. With the Hub silent, the Hub client retried it
     for about 23 s even with the model cached. Raises OSError for one that cannot be had."""
-    if Path(spec).expanduser().exists():
+    if home_expanded(spec).exists():
         return {}
     if _is_path(spec):
         raise OSError(f"'{spec}' is a path to nothing: no such file or folder")
@@ -751,7 +752,7 @@ class LocalRuntime:
     def _gone(self, model: str) -> bool:
         """Whether `model` resolved to a file or folder here before and leads nowhere now."""
         before = self._resolved.get(model)
-        return before is not None and Path(before).is_absolute() and not Path(model).expanduser().exists()
+        return before is not None and Path(before).is_absolute() and not home_expanded(model).exists()
 
     def _model_settings(self) -> set[str]:
         """The models this runtime's engines name now, and every one it has loaded."""
@@ -890,7 +891,7 @@ class LocalRuntime:
                                           details={"model": model, "setting": "ORCH_CACHE_DIR"})
                 self._load_failures[_identity(model)] = (time.monotonic(), error)
                 raise error from exc
-        return Path(model).expanduser()
+        return home_expanded(model)
 
     def _load_single_file(self, path: Path) -> Any:
         from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
@@ -1019,7 +1020,7 @@ class LocalRuntime:
         from diffusers import AutoencoderTiny
 
         options = _single_model_options(taesd)
-        source = Path(taesd).expanduser()
+        source = home_expanded(taesd)
         with MODULE_BUILD_LOCK, warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # diffusers' torch_dtype -> dtype rename
             vae = AutoencoderTiny.from_pretrained(str(source) if source.exists() else taesd, torch_dtype=self.dtype(),
@@ -1134,11 +1135,11 @@ class LocalEngine:
         if self._model.lower().endswith(".ckpt"):
             # A pickle can run code when loaded; the loader reads safetensors only.
             return False, f"model '{self._model}' is a .ckpt file: convert it to .safetensors"
-        if _is_path(self._model) and not Path(self._model).expanduser().exists():
+        if _is_path(self._model) and not home_expanded(self._model).exists():
             # Else the loader takes it for a Hub id, and the first draft fails with a Hub error.
             return False, f"model '{self._model}' is a path to nothing: no such file or folder"
         if (self._model != tiny.NAME and not _is_hub_id(self._model)
-                and not Path(self._model).expanduser().exists()):
+                and not home_expanded(self._model).exists()):
             # `models/missing/sd-turbo` or `my model`: the loader would fail on the first draft
             # with a Hub validation error; say what is wrong before any job is taken. (A two-part
             # relative path, `models/sd-turbo`, reads as a Hub id: `./models/sd-turbo` is a path.)

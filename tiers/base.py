@@ -13,6 +13,7 @@ import asyncio
 import math
 import numbers
 import threading
+from pathlib import Path
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from contextvars import ContextVar
@@ -41,6 +42,17 @@ def in_kept_quotes(text: str) -> bool:
     """Whether a setting's text is wrapped in matching quotes an env file read without a shell
     kept as part of it (`docker run --env-file`)."""
     return len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'"
+
+
+def home_expanded(path: str) -> Path:
+    """`path` with a leading `~` or `~user` expanded, or as given when that home is unknown (no
+    such user, no HOME): pathlib raises there, which failed a model's loading with "Could not
+    determine home directory" where the model is only a path to nothing (the settings expand
+    what they can, and leave the rest as given)."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:
+        return Path(path)
 
 
 def to_millicredits(credits: float) -> int:

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from orchestrator.errors import BadEngineInput, EngineUnavailable
+from orchestrator.store import model_name
 from tests.conftest import SettingsFactory
 from tests.tiers.conftest import EngineFactory, RecordingProgress, draft_image
 from tiers import _local, tiny
@@ -107,6 +108,16 @@ async def test_a_load_error_names_the_model_never_the_server_s_hub_cache(
     assert str(tmp_path) not in message and snapshot.name not in message and "models--" not in message
     reason = lite.availability()[1]
     assert reason is not None and str(tmp_path) not in reason
+
+
+async def test_a_model_under_the_home_of_no_user_is_a_path_to_nothing(engines: EngineFactory) -> None:
+    # pathlib raised "Could not determine home directory" as the engines were made: local-hifi was
+    # listed broken with that, naming no setting, and the preview VAE's the same under a model.
+    lite, hifi = engines(hifi_model="~nosuchuser-orch/models/sd15", lite_preview_vae="~nosuchuser-orch/taesd")
+    assert hifi.availability() == (False, "model '~nosuchuser-orch/models/sd15' is a path to nothing: "
+                                          "no such file or folder")
+    assert lite.availability() == (True, None)
+    assert model_name("~nosuchuser-orch/models/sd15") == "sd15"
 
 
 async def test_a_folder_lacking_a_component_says_which(load: Engines, tiny_copy: Callable[[str], Path],
