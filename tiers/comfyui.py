@@ -161,9 +161,11 @@ def load_workflow(path: Path) -> dict[str, Any]:
             f"the workflow file '{path.name}' is not valid JSON (line {exc.lineno}: {exc.msg})"
         ) from None
     except RecursionError:
-        graph = None
-    if graph is None or _depth(graph) > MAX_WORKFLOW_DEPTH:
+        too_deep = True
+    else:
         # Placeholders are found and filled by recursion; an API export nests a handful of levels.
+        too_deep = _depth(graph) > MAX_WORKFLOW_DEPTH
+    if too_deep:
         raise WorkflowError(
             f"the workflow file '{path.name}' nests deeper than {MAX_WORKFLOW_DEPTH} levels; "
             "export it with 'Export (API)'"

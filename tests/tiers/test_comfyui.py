@@ -630,6 +630,7 @@ def test_unavailable_without_workflow(make_ctx: Any) -> None:
     ("{not json", "not valid JSON"),
     ({"nodes": [], "links": []}, "UI format"),
     ([1, 2], "JSON object"),
+    ("null", "JSON object"),
     ({"1": {"inputs": {}}}, "class_type"),
     ({**WORKFLOW, "99": {"class_type": "X", "inputs": {"v": "{{promt}}"}}}, "{{promt}}"),
     ({k: v for k, v in WORKFLOW.items() if k != "10"}, "{{image}}"),
