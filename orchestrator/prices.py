@@ -27,7 +27,7 @@ def load_price_overrides(settings: Settings) -> dict[str, Any]:
         overrides = tomllib.loads(settings.prices_file.read_bytes().decode("utf-8-sig"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise InvalidRequest(f"prices file {settings.prices_file}: {exc}") from exc
-    except RecursionError:  # arrays nested thousands deep: tomllib recurses (as the policy loader says)
+    except RecursionError:  # arrays nested some hundreds deep: tomllib recurses (as the policy loader says)
         raise InvalidRequest(f"prices file {settings.prices_file}: nested too deeply to read") from None
     problems = [f"{settings.prices_file}: {problem}" for problem in _price_problems(overrides)]
     known = known_names(settings.extra_engines)

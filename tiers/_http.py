@@ -7,8 +7,10 @@ never left), or an answer of 408, 429 or 5xx. It honours `Retry-After` (seconds 
 
 A request that was sent and got no answer (read timeout, dropped connection) is not re-sent
 unless the caller marks it `idempotent` (a GET poll): the provider may already have made, and
-billed, the image. That surfaces as `EngineTimeout` with `charged="unknown"`. So does an answer
-that arrived but cannot be read (a corrupt compressed body, a redirect loop), as an `EngineError`.
+billed, the image. That surfaces as `EngineTimeout` with `charged="unknown"`, and so does a CDN's
+520, 524 or 598 (`ORIGIN_UNANSWERED`: the provider took the request and did not answer in time).
+An answer that arrived but cannot be read (a corrupt compressed body, a redirect loop) is an
+`EngineError` with `charged="unknown"`.
 """
 
 from __future__ import annotations
@@ -487,7 +489,8 @@ class RemoteClient:
         final_if: Callable[[httpx.Response], bool] | None = None,
         **kwargs: Any,
     ) -> httpx.Response:
-        """Send with retries; return the first answer that is not 408/429/5xx.
+        """Send with retries; return the first answer that is not 408/429/5xx. A CDN's 520/524/598
+        to a request that is not `idempotent` raises `EngineTimeout` (`charged="unknown"`) at once.
 
         401/403 raise `EngineUnavailable` at once, unless listed in `answered` (a provider whose
         403 may be about the request, not the key). Other 4xx are returned: the engine knows its

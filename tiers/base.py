@@ -13,11 +13,11 @@ import asyncio
 import math
 import numbers
 import threading
-from pathlib import Path
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar, runtime_checkable
 
 from orchestrator.errors import Canceled, Charged, NoPrice

@@ -230,8 +230,9 @@ def checked(engine: Engine, target: str) -> Engine:
         raise TypeError(f"{target}: capabilities must be a tiers.base.Capabilities")
     for field in dataclasses.fields(capabilities):
         value = getattr(capabilities, field.name)
-        # Routing compares these with each request: a None there was a 500 for every request
-        # whose rule names the engine, though the rule's next engine could serve it.
+        # Routing compares the sizes with each request: a None there was a 500 for every request
+        # whose rule names the engine, though the rule's next engine could serve it. The flags
+        # are held to what they say (`leaves_machine` decides privacy), as the README tells.
         if field.type in (bool, "bool") and not isinstance(value, bool):
             raise TypeError(f"{target}: capabilities.{field.name} is {value!r}, not a bool")
         if field.type in (int, "int") and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
