@@ -13,7 +13,7 @@ from pydantic import BaseModel, BeforeValidator, Field
 from sqlmodel import col, select
 
 from orchestrator import idempotency
-from orchestrator.api.deps import CallerDep, IdempotencyKey, ServicesDep
+from orchestrator.api.deps import CallerDep, IdempotencyKey, ServicesDep, admin_only
 from orchestrator.api.docs import (
     GRANT_EXAMPLES,
     QUERY_422,
@@ -141,19 +141,18 @@ def get_ledger(project_id: ProjectId, services: ServicesDep, caller: CallerDep,
 
 
 @router.post("/projects/{project_id}/grants", status_code=201, response_model=LedgerEntryPublic,
+             dependencies=[admin_only("granting credits")],
              summary="Grant credits to a project", operation_id="grant_credits",
              openapi_extra=body_examples(GRANT_EXAMPLES),
              responses={**created(None, replayable=True), **with_body(403, 404, 409, idempotency_key=True, said={
                  403: "Only the admin key may grant credits; the request came with a project key (`forbidden`).",
                  404: _NO_PROJECT,
                  409: "The Idempotency-Key was used with another body (`idempotency_conflict`)."})})
-def grant(project_id: ProjectId, body: GrantCreate, services: ServicesDep, caller: CallerDep, request: Request,
+def grant(project_id: ProjectId, body: GrantCreate, services: ServicesDep, request: Request,
           response: Response, idempotency_key: IdempotencyKey = None) -> LedgerEntryPublic:
     """Top up the project's budget for the current window (an append-only `grant` entry; admin key
     only). With an `Idempotency-Key`, a retried grant answers with the first one's entry and grants
     nothing."""
-    caller.project(project_id)
-    caller.admin("granting credits")
     scope, digest = request.url.path, idempotency.request_hash(body)
     with services.db.transaction() as s:
         # Under the project's lock: of two requests with one key, the second finds the first's row.
@@ -183,6 +182,7 @@ class Reconcile(Strict):
 
 
 @router.post("/projects/{project_id}/ledger/{entry_id}/reconcile", status_code=201, response_model=LedgerEntryPublic,
+             dependencies=[admin_only("reconciling the ledger")],
              summary="Reconcile a capture with the provider's invoice", openapi_extra=body_examples(RECONCILE_EXAMPLES),
              responses={**created(None, replayable=True), **with_body(403, 404, 409, idempotency_key=True, said={
                  403: "Only the admin key may reconcile the ledger; the request came with a project key "
@@ -190,14 +190,12 @@ class Reconcile(Strict):
                  404: "No such project, or no such entry in its ledger (`not_found`).",
                  409: "The entry is not an unreconciled capture, or it was reconciled already (`conflict`); or the "
                       "Idempotency-Key was used with another body (`idempotency_conflict`)."})})
-def reconcile(project_id: ProjectId, entry_id: EntryId, body: Reconcile, services: ServicesDep, caller: CallerDep,
+def reconcile(project_id: ProjectId, entry_id: EntryId, body: Reconcile, services: ServicesDep,
               request: Request, response: Response, idempotency_key: IdempotencyKey = None) -> LedgerEntryPublic:
     """Settle an `unreconciled` capture (a call whose outcome was unknown, charged at its estimate)
     with the invoiced cost: answers the `adjustment` entry of the difference (admin key only). A
     capture is reconciled once; again is 409, unless sent with the first one's `Idempotency-Key`
     (and body), which answers with its entry: a client whose answer was lost learns it succeeded."""
-    caller.project(project_id)
-    caller.admin("reconciling the ledger")
     if not _ENTRY_ID.fullmatch(entry_id) or int(entry_id) > MAX_INT_ID:
         raise not_found("ledger entry", "entry_id", entry_id)
     scope, digest = request.url.path, idempotency.request_hash(body)

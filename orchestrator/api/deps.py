@@ -6,7 +6,7 @@ import asyncio
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Header, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -126,6 +126,20 @@ async def require_auth(request: Request,
 
 # The routers depend on `require_auth` too; FastAPI runs it once per request and hands both the result.
 CallerDep = Annotated[Caller, Depends(require_auth)]
+
+
+def admin_only(action: str) -> Any:
+    """A route's dependency: only the admin key may do `action`. Dependencies run before the body
+    and the parameters are checked, so a project key is answered 403, not told what is wrong with
+    a body it may not send (it was a 422); another project's id is 404, as its other resources are."""
+
+    async def check(request: Request, caller: CallerDep) -> None:
+        project_id = request.path_params.get("project_id")
+        if isinstance(project_id, str):
+            caller.project(project_id)
+        caller.admin(action)
+
+    return Depends(check)
 
 
 MAX_KEY = 255  # characters, as the column keeps them

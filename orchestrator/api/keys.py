@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, Field
 
 from orchestrator import idempotency, keys
-from orchestrator.api.deps import CallerDep, IdempotencyKey, ServicesDep
+from orchestrator.api.deps import IdempotencyKey, ServicesDep, admin_only
 from orchestrator.api.docs import KEY_EXAMPLES, body_examples, created, documented, with_body, with_query
 from orchestrator.api.json_body import StrictJSONRoute
 from orchestrator.api.paths import KeyId, ProjectId
@@ -18,7 +18,8 @@ from orchestrator.ids import id_cursor
 from orchestrator.models import ApiKey, Project
 from orchestrator.schemas import Name, Page, Strict
 
-router = APIRouter(tags=["keys"], route_class=StrictJSONRoute)
+# Every route here is the admin's; checked before the body and the parameters (`admin_only`).
+router = APIRouter(tags=["keys"], route_class=StrictJSONRoute, dependencies=[admin_only("managing API keys")])
 _ADMIN_ONLY = "Only the admin key may manage API keys; the request came with a project key (`forbidden`)."
 _NO_PROJECT = "No such project (`not_found`)."
 _NO_KEY = "No such project, or no such key in it (`not_found`)."
@@ -52,9 +53,7 @@ def _public(key: ApiKey) -> KeyPublic:
                      created_at=key.created_at, revoked_at=key.revoked_at)
 
 
-def _admin_project(services: ServicesDep, caller: CallerDep, project_id: str) -> None:
-    caller.project(project_id)  # another project's keys are as missing as its other resources
-    caller.admin("managing API keys")
+def _existing_project(services: ServicesDep, project_id: str) -> None:
     with services.db.session() as s:
         if s.get(Project, project_id) is None:
             raise not_found("project", "project_id", project_id)
@@ -69,13 +68,13 @@ def _admin_project(services: ServicesDep, caller: CallerDep, project_id: str) ->
                                  "nothing (`conflict`); or this Idempotency-Key made a key already, whose secret "
                                  "cannot be shown again (`conflict`, `details.key_id`: revoke it if the secret was "
                                  "lost), or was used with another body (`idempotency_conflict`)."})})
-def create_key(project_id: ProjectId, body: KeyCreate, services: ServicesDep, caller: CallerDep, request: Request,
+def create_key(project_id: ProjectId, body: KeyCreate, services: ServicesDep, request: Request,
                response: Response, idempotency_key: IdempotencyKey = None) -> KeyCreated:
     """Make a key that reaches this project only. Its secret is in this answer and nowhere else:
     store it now. Sent again with its `Idempotency-Key`, the request makes no second key; as the
     secret cannot be shown again, the answer is a 409 naming the key made (revoke it if the secret
     was lost)."""
-    _admin_project(services, caller, project_id)
+    _existing_project(services, project_id)
     if services.settings.admin_key is None:
         raise Conflict("project keys need ORCH_ADMIN_KEY: without it the API is open to everyone, and a "
                        "project key would restrict nothing")
@@ -88,10 +87,10 @@ def create_key(project_id: ProjectId, body: KeyCreate, services: ServicesDep, ca
 
 @router.get("/projects/{project_id}/keys", response_model=Page[KeyPublic], summary="List a project's keys",
             responses=with_query(403, 404, said={403: _ADMIN_ONLY, 404: _NO_PROJECT}))
-def list_keys(project_id: ProjectId, services: ServicesDep, caller: CallerDep,
+def list_keys(project_id: ProjectId, services: ServicesDep,
               limit: Limit = 50, cursor: Cursor = None, order: Order = "asc") -> Page[KeyPublic]:
     """The project's keys, revoked ones included (without their secrets)."""
-    _admin_project(services, caller, project_id)
+    _existing_project(services, project_id)
     rows = keys.listed(services.db, project_id, after=id_cursor(cursor, "key"), limit=limit + 1,
                        newest_first=order == "desc")
     more = len(rows) > limit
@@ -101,15 +100,15 @@ def list_keys(project_id: ProjectId, services: ServicesDep, caller: CallerDep,
 
 @router.get("/projects/{project_id}/keys/{key_id}", response_model=KeyPublic, summary="Get a project key",
             responses=documented(403, 404, said={403: _ADMIN_ONLY, 404: _NO_KEY}))
-def get_key(project_id: ProjectId, key_id: KeyId, services: ServicesDep, caller: CallerDep) -> KeyPublic:
+def get_key(project_id: ProjectId, key_id: KeyId, services: ServicesDep) -> KeyPublic:
     """One key (without its secret): whether it is revoked, and since when."""
-    _admin_project(services, caller, project_id)
+    _existing_project(services, project_id)
     return _public(keys.get(services.db, project_id, key_id))
 
 
 @router.delete("/projects/{project_id}/keys/{key_id}", response_model=KeyPublic, summary="Revoke a project key",
                responses=documented(403, 404, said={403: _ADMIN_ONLY, 404: _NO_KEY}))
-def revoke_key(project_id: ProjectId, key_id: KeyId, services: ServicesDep, caller: CallerDep) -> KeyPublic:
+def revoke_key(project_id: ProjectId, key_id: KeyId, services: ServicesDep) -> KeyPublic:
     """Revoke a key: from now on it gets 401. Revoking a revoked key answers it unchanged."""
-    _admin_project(services, caller, project_id)
+    _existing_project(services, project_id)
     return _public(keys.revoke(services.db, project_id, key_id))

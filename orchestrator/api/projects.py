@@ -5,7 +5,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from orchestrator import idempotency
-from orchestrator.api.deps import CallerDep, IdempotencyKey, ServicesDep
+from orchestrator.api.deps import CallerDep, IdempotencyKey, ServicesDep, admin_only
 from orchestrator.api.docs import (
     BODY_422,
     IDEMPOTENCY_KEY_422,
@@ -33,6 +33,7 @@ router = APIRouter(tags=["projects"], route_class=StrictJSONRoute)
 
 
 @router.post("/projects", status_code=201, response_model=ProjectPublic, summary="Create a project",
+             dependencies=[admin_only("creating a project")],
              openapi_extra=body_examples(PROJECT_EXAMPLES),
              responses={**created("The project: `/v1/projects/{id}`.", replayable=True), **with_body(
                  403, 409, 503, idempotency_key=True,
@@ -46,11 +47,10 @@ router = APIRouter(tags=["projects"], route_class=StrictJSONRoute)
                             "(`database_unavailable`) or its disk is full (`storage_full`), or the server stopped "
                             "before it finished the request (`server_stopping`): send it again (with the same "
                             "Idempotency-Key) after `Retry-After`."})})
-def create_project(body: ProjectCreate, services: ServicesDep, caller: CallerDep, request: Request,
+def create_project(body: ProjectCreate, services: ServicesDep, request: Request,
                    response: Response, idempotency_key: IdempotencyKey = None) -> ProjectPublic:
     """Create a project. With an `Idempotency-Key`, a retry answers with the first request's
     response (the project as it was created) and creates nothing."""
-    caller.admin("creating a project")
     # Defaults written out are the same request as one that leaves them out: a budget of no limit
     # (`{}`, `{"limit": null, "period": "none"}`), and the default policy, whose key a release that
     # hashed it as written stored.
@@ -165,6 +165,7 @@ def get_project(project_id: ProjectId, services: ServicesDep, caller: CallerDep)
 
 
 @router.patch("/projects/{project_id}", response_model=ProjectPublic, summary="Update a project",
+              dependencies=[admin_only("changing a project")],
               openapi_extra=body_examples(PROJECT_UPDATE_EXAMPLES),
               responses=with_body(404, 403, said={
                   403: "Only the admin key may change a project (a project key must not lift its own budget): "
@@ -172,11 +173,8 @@ def get_project(project_id: ProjectId, services: ServicesDep, caller: CallerDep)
                   404: "No such project (`not_found`).",
                   422: BODY_422 + " Or `policy` names no loaded policy, or `name` or `policy` is null (they "
                                   "cannot be removed)."}))
-def update_project(project_id: ProjectId, body: ProjectUpdate, services: ServicesDep,
-                   caller: CallerDep) -> ProjectPublic:
+def update_project(project_id: ProjectId, body: ProjectUpdate, services: ServicesDep) -> ProjectPublic:
     """Change the name, policy or budget (admin key only: a project key must not lift its own budget)."""
-    caller.project(project_id)
-    caller.admin("changing a project")
     with services.db.transaction() as s:
         project = s.get(Project, project_id)
         if project is None:

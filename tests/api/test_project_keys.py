@@ -214,6 +214,24 @@ def test_only_the_admin_creates_changes_grants_reloads_and_manages_keys(world: W
     assert world.admin.get(f"/v1/projects/{a}").json()["budget"]["limit"] is None
 
 
+def test_an_admin_only_request_is_refused_before_its_body_is_judged(world: World) -> None:
+    # The check was in the handlers, which run after FastAPI validates the body and parameters: a
+    # project key was told what was wrong with a body it may not send (422), not that it may not.
+    mine, a, b = world.mine, world.a, world.b
+    for method, url, body in [("POST", "/v1/projects", {}),
+                              ("PATCH", f"/v1/projects/{a}", {"budget": {"limit": -1}}),
+                              ("POST", f"/v1/projects/{a}/grants", {"amount": -5}),
+                              ("POST", f"/v1/projects/{a}/ledger/1/reconcile", {"charged": "all"}),
+                              ("POST", f"/v1/projects/{a}/keys", {}),
+                              ("GET", f"/v1/projects/{a}/keys?limit=0", None)]:
+        assert_error(mine.request(method, url, json=body), 403, "forbidden")
+    # Another project's stay as missing as its other resources.
+    assert_error(mine.post(f"/v1/projects/{b}/grants", json={"amount": -5}), 404, "not_found")
+    assert_error(mine.post(f"/v1/projects/{b}/keys", json={}), 404, "not_found")
+    # The admin is still told what is wrong with the body.
+    assert_error(world.admin.post(f"/v1/projects/{a}/grants", json={"amount": -5}), 422, "invalid_request")
+
+
 def test_a_token_no_key_could_be_costs_no_database_read(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
     # Any token starting orch_pk_ was looked up: a flood of made-up ones queued behind real keys.
     looked_up: list[str] = []
