@@ -8,7 +8,8 @@ never left), or an answer of 408, 429 or 5xx. It honours `Retry-After` (seconds 
 A request that was sent and got no answer (read timeout, dropped connection) is not re-sent
 unless the caller marks it `idempotent` (a GET poll): the provider may already have made, and
 billed, the image. That surfaces as `EngineTimeout` with `charged="unknown"`, and so does a CDN's
-520, 524 or 598 (`ORIGIN_UNANSWERED`: the provider took the request and did not answer in time).
+520, 524 or 598 (`ORIGIN_UNANSWERED`: the provider took the request and did not answer in time),
+unless the engine takes such answers itself (`final_answer`: AUTOMATIC1111 and ComfyUI).
 An answer that arrived but cannot be read (a corrupt compressed body, a redirect loop) is an
 `EngineError` with `charged="unknown"`.
 """
@@ -490,7 +491,8 @@ class RemoteClient:
         **kwargs: Any,
     ) -> httpx.Response:
         """Send with retries; return the first answer that is not 408/429/5xx. A CDN's 520/524/598
-        to a request that is not `idempotent` raises `EngineTimeout` (`charged="unknown"`) at once.
+        to a request that is not `idempotent` raises `EngineTimeout` (`charged="unknown"`) at once,
+        unless `final_answer` or `final_if` marks it final (then it is returned).
 
         401/403 raise `EngineUnavailable` at once, unless listed in `answered` (a provider whose
         403 may be about the request, not the key). Other 4xx are returned: the engine knows its

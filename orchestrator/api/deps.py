@@ -129,9 +129,10 @@ CallerDep = Annotated[Caller, Depends(require_auth)]
 
 
 def admin_only(action: str) -> Any:
-    """A route's dependency: only the admin key may do `action`. Dependencies run before the body
-    and the parameters are checked, so a project key is answered 403, not told what is wrong with
-    a body it may not send (it was a 422); another project's id is 404, as its other resources are."""
+    """A route's dependency: only the admin key may do `action`. It runs before the body and the
+    route's parameters are validated, so a project key is answered 403, not told what is wrong with
+    a body it may not send (it was a 422); another project's id is 404, as its other resources are.
+    (A body that is not JSON at all, and a query parameter given twice, are refused before it.)"""
 
     async def check(request: Request, caller: CallerDep) -> None:
         project_id = request.path_params.get("project_id")

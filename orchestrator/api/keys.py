@@ -18,7 +18,7 @@ from orchestrator.ids import id_cursor
 from orchestrator.models import ApiKey, Project
 from orchestrator.schemas import Name, Page, Strict
 
-# Every route here is the admin's; checked before the body and the parameters (`admin_only`).
+# Every route here is the admin's; checked before the body and the parameters are validated (`admin_only`).
 router = APIRouter(tags=["keys"], route_class=StrictJSONRoute, dependencies=[admin_only("managing API keys")])
 _ADMIN_ONLY = "Only the admin key may manage API keys; the request came with a project key (`forbidden`)."
 _NO_PROJECT = "No such project (`not_found`)."
