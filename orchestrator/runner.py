@@ -408,7 +408,7 @@ class JobRunner:
             if not (exc.retryable and exc.charged == "no" and await self._fall_back(claim, exc)):
                 await self._end(claim, "failed", exc)
         except OrchestratorError as exc:
-            await self._end(claim, "failed", exc)
+            await self._end(claim, "failed", self._doubted(claim, exc))
         except Exception as exc:  # an engine bug must fail the job, not leave it running
             await self._crashed(claim, exc)
         else:
@@ -525,6 +525,18 @@ class JobRunner:
                             retryable=False,
                             charged="unknown" if remote and not claim.surely_unsent() else "no")
         await self._end(claim, "failed", error)
+
+    def _doubted(self, claim: Claim, exc: OrchestratorError) -> OrchestratorError:
+        """An error that is not an engine's says nothing of what a provider billed, and the ledger
+        reads it as nothing: raised after a remote engine's request went out (a plugin pricing its
+        answer with a price its file lacks), it fails the job with the charge unknown."""
+        job = claim.job
+        remote = job.engine in self.registry and self.registry.get(job.engine).kind == "remote"
+        claim.ended = True  # before the question below, as in `_crashed`
+        if not remote or claim.surely_unsent():
+            return exc
+        return EngineError(f"engine '{job.engine}' failed after its request went out: {exc.code}: {exc.message}"[:500],
+                           details=exc.details, retryable=False, charged="unknown")
 
     def close(self) -> None:
         self._closed = True

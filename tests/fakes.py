@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from PIL import Image, ImageStat
 
-from orchestrator.errors import ContentFiltered, EngineError, EngineTimeout
+from orchestrator.errors import ContentFiltered, EngineError, EngineTimeout, NoPrice
 from tiers.base import (
     CancelToken,
     Capabilities,
@@ -79,6 +79,8 @@ class FakePaidEngine:
             raise error
         if behaviour == "crash-before-send":  # a bug while building the request: nothing was sent
             raise KeyError("size")
+        if behaviour == "no-price-before-send":  # its prices file names no price for the model: nothing was sent
+            raise NoPrice("fake engine: no price for this model")
         if behaviour == "crash-on-a-file":  # a plugin's own file missing: its error names the server's path
             raise FileNotFoundError(2, "No such file or directory", "/srv/acme-client/lora/weights.safetensors")
         if behaviour == "crash-beside-a-send":  # one request of two sent at once breaks before the other asks
@@ -106,6 +108,8 @@ class FakePaidEngine:
             cancel.raise_if_cancelled(charged="unknown" if billable_sends_out() else "no")
             await billable_send()
             SENT.append(f"{req.prompt} (second call)")
+        if behaviour == "no-price-after-send":  # pricing the answer (a surplus image) with a price it lacks
+            raise NoPrice("fake engine: no price for what it answered")
         if behaviour == "crash":  # a bug, not an EngineError: as reading an answer that lacks a field
             raise KeyError("images")
         if behaviour == "crash-said-late":  # as CUDA's errors: their text starts with a newline

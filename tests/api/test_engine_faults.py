@@ -133,6 +133,31 @@ def test_a_remote_engine_that_crashes_before_asking_to_send_releases_its_hold(bu
     assert ledger_of(services, job_id) == [("hold", HOLD, False), ("release", HOLD, False)]
 
 
+def test_an_orchestrator_error_a_remote_engine_raises_after_its_send_leaves_the_charge_unknown(build: Build) -> None:
+    # A NoPrice (or any error that is not an engine's) says nothing of what the provider billed:
+    # the ledger read it as nothing, and released the hold of a request that went out.
+    services = build("fake-paid=tests.fakes:factory")
+    job_id = queue_job(services, "fake-paid", estimated=HOLD,
+                       params={**BRIDGE, "tags": {"fake": "no-price-after-send"}})
+    job = claim_and_run(services, job_id)
+    assert job.status == "failed" and job.error is not None, job.error
+    assert job.error["code"] == "engine_error", job.error
+    assert job.error["message"] == ("engine 'fake-paid' failed after its request went out: no_route: "
+                                    "fake engine: no price for what it answered"), job.error
+    assert ledger_of(services, job_id) == [("hold", HOLD, False), ("capture", HOLD, True)]
+    assert event_types(services, job_id)[-1] == "failed"
+
+
+def test_an_orchestrator_error_a_remote_engine_raises_before_any_send_stays_as_it_is(build: Build) -> None:
+    services = build("fake-paid=tests.fakes:factory")
+    job_id = queue_job(services, "fake-paid", estimated=HOLD,
+                       params={**BRIDGE, "tags": {"fake": "no-price-before-send"}})
+    job = claim_and_run(services, job_id)
+    assert job.status == "failed" and job.error is not None, job.error
+    assert (job.error["code"], job.error["message"]) == ("no_route", "fake engine: no price for this model")
+    assert ledger_of(services, job_id) == [("hold", HOLD, False), ("release", HOLD, False)]
+
+
 def test_a_crash_s_message_names_no_server_path(build: Build) -> None:
     """The job's error is the project key's to read: a path is cut to its last part (the log keeps it)."""
     services = build("fake-paid=tests.fakes:factory")
