@@ -20,7 +20,7 @@ from orchestrator.ids import new_id
 from orchestrator.jobs import JobService, Prepared
 from orchestrator.models import Job, Project
 from orchestrator.routing import Decision
-from orchestrator.schemas import DraftCreate
+from orchestrator.schemas import DraftCreate, PromoteCreate
 from orchestrator.services import Services
 from orchestrator.settings import Settings
 from orchestrator.store import ArtifactStore
@@ -162,6 +162,17 @@ def test_a_field_added_with_a_default_keeps_the_hash_of_earlier_bodies() -> None
     assert before == after
     assert idempotency.request_hash(DraftCreate(**body, negative_prompt="")) == before  # a default written out
     assert before.legacy != before
+
+
+def test_negative_zero_is_zero() -> None:
+    # -0.0 passed `ge=0` and was kept: hashed apart from 0.0 (a retry's 409) and recorded as "-0.0".
+    from orchestrator import idempotency
+
+    body = {"prompt": "a lighthouse", "n": 1, "seed": 3, **SMALL}
+    negative = DraftCreate(**body, guidance_scale=-0.0)
+    assert str(negative.guidance_scale) == "0.0"
+    assert idempotency.request_hash(negative) == idempotency.request_hash(DraftCreate(**body, guidance_scale=0))
+    assert str(PromoteCreate(max_credits=-0.0).max_credits) == "0.0"
 
 
 def test_a_key_stored_by_an_earlier_release_still_replays(server: httpx.Client,
