@@ -507,8 +507,10 @@ class Scheduler:
         """Claim the queued job; `move`: only to move it off its engine's open circuit (see
         `JobRunner._move_off_open_circuit`), a claim it may undo."""
         # For an engine that announces its paid requests, the new attempt starts as having sent
-        # nothing (the runner clears it before the first one): see `_recover_one`.
-        announces = job.engine in self.registry and getattr(self.registry.get(job.engine), "announces_sends", False)
+        # nothing (the runner clears it before the first one): see `_recover_one`. A move sends
+        # nothing on any engine: one that died moving a plugin's job was failed as possibly billed.
+        announces = move or (job.engine in self.registry
+                             and getattr(self.registry.get(job.engine), "announces_sends", False))
         try:
             with self.db.transaction() as s:
                 taken, taken_wall = time.monotonic(), time.time()  # before the lease is written: it runs out later
@@ -562,9 +564,14 @@ class Scheduler:
                                                            col(Job.engine).not_in(usable)).distinct()).all())
         for engine in self._unserved(missing, self._unserved_since):
             with self.db.session() as s:
-                jobs = list(s.exec(select(Job).where(col(Job.status) == "queued", col(Job.engine) == engine)).all())
-            for job in jobs:
-                self._fail_unknown_engine(job)
+                jobs = list(s.exec(select(Job.id).where(col(Job.status) == "queued", col(Job.engine) == engine)
+                                   .order_by(col(Job.created_at), col(Job.id))).all())
+            for job_id in jobs:
+                # Asked again as the backlog is failed (each job a write that may wait for the lock):
+                # the engine's worker may be back, and takes the rest.
+                if self.presence.serves(engine):
+                    break
+                self._fail_unknown_engine(job_id)
 
     def _unserved(self, engines: set[str], since: dict[str, float]) -> set[str]:
         """Of `engines` (none of this process's), those no live process has had for
@@ -580,11 +587,16 @@ class Scheduler:
                 unserved.add(engine)
         return unserved
 
-    def _fail_unknown_engine(self, job: Job) -> None:
-        error = {"code": "engine_unavailable",
-                 "message": f"engine '{job.engine}' is not installed in any process that runs jobs",
-                 "details": {"engine": job.engine}}
+    def _fail_unknown_engine(self, job_id: str) -> None:
         with self.db.transaction() as s:
+            # Read under the write lock, as it is settled: a job the engine's worker took meanwhile
+            # and a stop queued again with work a provider accepted must capture its hold, not release it.
+            job = s.get(Job, job_id)
+            if job is None or job.status != "queued":
+                return
+            error = {"code": "engine_unavailable",
+                     "message": f"engine '{job.engine}' is not installed in any process that runs jobs",
+                     "details": {"engine": job.engine}}
             result = s.execute(update(Job).where(col(Job.id) == job.id, col(Job.status) == "queued").values(
                 status="failed", finished_at=utcnow(), error=error))
             if changed(result) != 1:
@@ -740,7 +752,11 @@ class Scheduler:
         orphans = await asyncio.to_thread(self._orphans, all_foreign)
         recovered = []
         for job in orphans:
-            ended = await asyncio.to_thread(self._recover_one, job)
+            try:
+                ended = await asyncio.to_thread(self._recover_one, job)
+            except Exception:  # one job's failure (a lock wait that timed out) must not keep the rest running
+                log.exception("job %s: recovering it failed; the next sweep tries again", job.id)
+                continue
             if ended is None:
                 continue
             outcome, error = ended

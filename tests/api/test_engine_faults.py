@@ -10,6 +10,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from sqlalchemy import update
 from sqlmodel import col, select
 
 from orchestrator import idempotency
@@ -254,6 +255,45 @@ def test_a_queued_job_whose_engine_was_removed_fails_and_releases_its_hold(
     assert services.scheduler._claim_ready({}) == []
     services.scheduler._fail_unserved()
     assert ledger_of(services, job_id) == [("hold", HOLD, False), ("release", HOLD, False)]
+
+
+def test_failing_an_unserved_backlog_reads_each_job_as_it_is_and_stops_when_its_worker_is_back(
+        build: Build, make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    from orchestrator.queue import Scheduler
+
+    before = Services.build(make_settings(engines="fake-paid=tests.fakes:factory"))
+    try:
+        accepted, first, later = (queue_job(before, "fake-paid", estimated=HOLD, params=BRIDGE) for _ in range(3))
+    finally:
+        asyncio.run(before.aclose())
+    services = build("fake-free=tests.fakes:free_factory")
+    services.scheduler.unserved_grace = 0
+    real_fail = Scheduler._fail_unknown_engine
+    back = False
+
+    def fail(self: Scheduler, job: Any) -> None:
+        nonlocal back
+        job_id = job if isinstance(job, str) else job.id
+        if job_id == accepted:
+            # Since the backlog was listed, the engine's worker ran it, the provider accepted its
+            # work, and a stop queued it again to be followed.
+            with services.db.transaction() as s:
+                s.execute(update(Job).where(col(Job.id) == accepted).values(
+                    provider_work={"engine": "fake-paid", "handles": [{"id": "accepted"}]}))
+        real_fail(self, job)
+        back = job_id == first  # and the worker is back now, to take the rest
+
+    monkeypatch.setattr(Scheduler, "_fail_unknown_engine", fail)
+    monkeypatch.setattr(services.scheduler.presence, "serves", lambda engine: back)
+    with services.db.transaction() as s:  # the backlog is listed in this order
+        for minute, job_id in enumerate((accepted, first, later)):
+            s.execute(update(Job).where(col(Job.id) == job_id).values(created_at=utcnow() + timedelta(minutes=minute)))
+    services.scheduler._fail_unserved()
+    assert ledger_of(services, accepted) == [("hold", HOLD, False), ("capture", HOLD, True)]
+    assert read_job(services, first).status == "failed"
+    assert ledger_of(services, first) == [("hold", HOLD, False), ("release", HOLD, False)]
+    assert read_job(services, later).status == "queued"
+    assert ledger_of(services, later) == [("hold", HOLD, False)]
 
 
 def test_a_queued_job_of_an_engine_that_could_not_be_created_fails(build: Build) -> None:

@@ -53,8 +53,8 @@ def left_running(services: Services, **rows: dict[str, Any]) -> dict[str, str]:
         for label, values in rows.items():
             job = Job(id=ids[label], project_id=project.id, stage="bridge", engine="fake-paid", model="fake-1",
                       params={"stage": "bridge", "prompt": label, "n": 1}, estimated=HOLD,
-                      lease_owner="dead-host:1:0", lease_expires_at=utcnow() - timedelta(seconds=1),
-                      started_at=utcnow(), **{"status": "running", "attempt": 1, **values})
+                      **{"status": "running", "attempt": 1, "lease_owner": "dead-host:1:0",
+                         "lease_expires_at": utcnow() - timedelta(seconds=1), "started_at": utcnow(), **values})
             s.add(job)
             s.flush()
             services.ledger.hold(s, project, job, HOLD)
@@ -97,6 +97,45 @@ def test_recovery_runs_again_only_an_attempt_known_to_have_sent_nothing(built: S
     canceled = jobs["unsent_canceled"]
     assert canceled is not None and canceled.status == "canceled"
     assert settled(built, ids["unsent_canceled"]) == [("hold", False), ("release", False)]
+
+
+def test_a_claim_to_move_a_job_off_an_open_circuit_sends_nothing_on_any_engine(
+        built: Services, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plugin that does not announce its sends: a process that died moving its job (a claim that
+    never reaches the engine) left it failed `interrupted` and its estimate captured."""
+    monkeypatch.setattr(fakes.FakePaidEngine, "announces_sends", False)
+    ids = left_running(built, moving={"status": "queued", "attempt": 0, "lease_owner": None,
+                                      "lease_expires_at": None, "started_at": None})
+    with built.db.session() as s:
+        queued = s.get(Job, ids["moving"])
+        assert queued is not None
+    claim = built.scheduler._claim(queued, move=True)
+    assert claim is not None and claim.surely_unsent()
+    built.scheduler._claimed.clear()  # the process dies before the move is written
+    with built.db.transaction() as s:
+        s.execute(update(Job).where(col(Job.id) == ids["moving"]).values(
+            lease_owner="dead-host:1:0", lease_expires_at=utcnow() - timedelta(seconds=1)))
+    assert asyncio.run(built.scheduler.recover(all_foreign=False)) == [ids["moving"]]
+    with built.db.session() as s:
+        after = s.get(Job, ids["moving"])
+        assert after is not None and (after.status, after.error) == ("queued", None)
+    assert settled(built, ids["moving"]) == [("hold", False)]
+
+
+def test_one_job_recovery_fails_on_leaves_the_others_recovered(built: Services,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    ids = left_running(built, broken={"unsent_attempt": 1}, fine={"unsent_attempt": 1})
+    real = built.scheduler._recover_one
+
+    def recover_one(job: Job) -> Any:
+        if job.id == ids["broken"]:
+            raise TimeoutError("the database's lock was not had in time")
+        return real(job)
+
+    monkeypatch.setattr(built.scheduler, "_recover_one", recover_one)
+    assert asyncio.run(built.scheduler.recover(all_foreign=False)) == [ids["fine"]]
+    monkeypatch.setattr(built.scheduler, "_recover_one", real)  # the next sweep
+    assert asyncio.run(built.scheduler.recover(all_foreign=False)) == [ids["broken"]]
 
 
 def test_a_worker_that_records_its_send_after_recovery_looked_keeps_its_job(built: Services) -> None:
