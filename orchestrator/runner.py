@@ -995,16 +995,19 @@ class JobRunner:
         for key in RECORDED_PARAMETERS:
             if key not in used:
                 continue
+            # A plugin's text as it can be stored: a NUL (PostgreSQL refuses it) or a lone surrogate
+            # (not UTF-8) failed the final write of images made and paid for.
+            value = storable(used[key]) if isinstance(used[key], str) else used[key]
             if key == "negative_prompt":
-                record[key] = used[key] or ""  # as the asset's column has it: none is ""
-            elif used[key] is None:
+                record[key] = value or ""  # as the asset's column has it: none is ""
+            elif value is None:
                 record.pop(key, None)
             else:
-                record[key] = used[key]
+                record[key] = value
         # Not the provider's request id: it is the job's (GET /v1/jobs/{id}); in the file, which
         # leaves the studio, it would tie the image to the studio's account at the provider.
         if used.get(NOTES):
-            record["notes"] = list(used[NOTES])
+            record["notes"] = [storable(note) if isinstance(note, str) else note for note in used[NOTES]]
         return record
 
     def _succeed(self, claim: Claim, result: RenderResult, seconds: float) -> list[str]:

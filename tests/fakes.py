@@ -18,6 +18,7 @@ from PIL import Image, ImageStat
 
 from orchestrator.errors import ContentFiltered, EngineError, EngineTimeout, NoPrice
 from tiers.base import (
+    NOTES,
     CancelToken,
     Capabilities,
     EngineContext,
@@ -164,10 +165,12 @@ class FakePaidEngine:
         model = {"long-model": "m" * 400, "no-model": None, "unstorable-text": "fake\x00one\ud800"}.get(
             behaviour, self.model)
         request_id = f"fake-{self.calls}" + ("\x00\udfff" if behaviour == "unstorable-text" else "")
+        used = ({"negative_prompt": "blurry\x00ugly\ud800", "sampler": "euler\ud800", NOTES: ["a\x00note"]}
+                if behaviour == "unstorable-text" else {})
         return RenderResult(images=images, model=model,  # type: ignore[arg-type]
                             cost_millicredits=int(reported) if reported is not None and reported.is_integer()
                             else reported,  # type: ignore[arg-type]
-                            provider_request_id=request_id)
+                            provider_request_id=request_id, metadata=used)
 
     async def aclose(self) -> None:
         return None

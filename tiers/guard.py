@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, get_args
 
 from orchestrator.errors import Canceled, NoPrice, OrchestratorError
+from orchestrator.schemas import storable
 from tiers.base import (
     MAX_MODEL_CHARS,
     CancelToken,
@@ -71,7 +72,8 @@ class ThirdParty:
             return "unknown"
         if not isinstance(model, str):
             return "unknown"
-        return model[:MAX_MODEL_CHARS]  # as jobs store it (see the runner's cut of a result's)
+        # As jobs store it (see the runner's cut of a result's); a NUL failed every submit's write on PostgreSQL.
+        return storable(model[:MAX_MODEL_CHARS])
 
     @property
     def note(self) -> str | None:

@@ -411,7 +411,7 @@ class Odd(FakePaidEngine):
     def model(self) -> str:
         if ODD_FAULT["fault"] == "model":
             raise RuntimeError("licence server unreachable")
-        return "odd-1"
+        return "odd\x00one" if ODD_FAULT["fault"] == "nul" else "odd-1"
 
     def availability(self) -> Any:
         return False if ODD_FAULT["fault"] == "availability" else super().availability()
@@ -428,6 +428,7 @@ def odd_factory(ctx: EngineContext) -> Odd:
     ("model", {"model": "unknown", "available": True}),
     ("availability", {"available": False, "note": "its availability check answered False, not (bool, reason)"}),
     ("prices", {"prices": {}, "available": True}),
+    ("nul", {"model": "odd\ufffdone"}),  # PostgreSQL refused every submit's job row
 ])
 def test_a_plugin_answering_the_wrong_shape_is_listed_as_it_can_be(
         new_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch, fault: str, seen: dict[str, Any]) -> None:
