@@ -54,6 +54,10 @@ _IMMEDIATE = "orchestrator_immediate"
 # Any fixed number (not migrations/env.py's): the advisory lock every PostgreSQL write takes first.
 WRITE_LOCK = 7_202_611_281
 LOCK_TIMEOUT_SECONDS = 30  # SQLite's busy timeout too
+# A process alive but stopped inside a transaction (SIGSTOP, a paused container, a frozen VM) keeps
+# its connection, which keepalives never end, and so the write lock every process's writes wait for.
+# No transaction here waits on anything but the database: one idle this long is such a process.
+IDLE_IN_TRANSACTION_SECONDS = 300
 # A server that takes the connection and never answers (or a host that drops packets) would hold
 # a start, a request or `check` for minutes: libpq waits without limit unless told.
 CONNECT_TIMEOUT_SECONDS = 10
@@ -68,11 +72,14 @@ def postgres_connect_args(url: str) -> dict[str, Any]:
     """psycopg connection options (libpq's): lock waits bounded, and dead peers noticed on both
     ends (the client's keepalives find a vanished server; the server's, set for this session,
     find a vanished client and end its transaction, releasing its locks). Options the URL or
-    PGOPTIONS already give (a search_path, say) are kept: connect_args would replace them."""
+    PGOPTIONS already give (a search_path, a longer lock_timeout) are kept: connect_args would
+    replace them."""
     given = make_url(url).query.get("options") or os.environ.get("PGOPTIONS", "")
     ours = (f"-c lock_timeout={LOCK_TIMEOUT_SECONDS * 1000} -c tcp_keepalives_idle=30 "
-            "-c tcp_keepalives_interval=10 -c tcp_keepalives_count=3")
-    options = " ".join(part for part in (given if isinstance(given, str) else " ".join(given), ours) if part)
+            "-c tcp_keepalives_interval=10 -c tcp_keepalives_count=3 "
+            f"-c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_SECONDS * 1000}")
+    # The URL's last: of an option given twice, libpq takes the last, and a setting the URL makes is the studio's.
+    options = " ".join(part for part in (ours, given if isinstance(given, str) else " ".join(given)) if part)
     args: dict[str, Any] = {"options": options, "keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10,
                             "keepalives_count": 3}
     if "connect_timeout" not in make_url(url).query and not os.environ.get("PGCONNECT_TIMEOUT"):

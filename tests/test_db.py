@@ -208,3 +208,14 @@ def test_a_write_waiting_out_an_outage_says_what_it_is_now_and_then_not_at_every
     assert tries == 25 and len(told) == 3, told
     assert all("writing job job_x's end" in line for line in told)
     assert "trying again for up to 30 s" in told[0] and "still trying (10 tries in" in told[1]
+
+
+def test_session_settings_the_operator_gives_win_over_the_service_s(monkeypatch: pytest.MonkeyPatch) -> None:
+    # libpq takes the last of an option given twice: the service's came last, so a longer
+    # lock_timeout set in the URL was quietly 30 s.
+    monkeypatch.delenv("PGOPTIONS", raising=False)
+    url = "postgresql+psycopg://u@db.internal/orchestrator"
+    ours = str(postgres_connect_args(url)["options"])
+    assert "-c lock_timeout=30000" in ours and "-c idle_in_transaction_session_timeout=300000" in ours
+    given = str(postgres_connect_args(url + "?options=-c%20lock_timeout%3D90000")["options"])
+    assert given.startswith(ours) and given.endswith("-c lock_timeout=90000")

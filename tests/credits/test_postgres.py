@@ -127,9 +127,10 @@ def test_budgets_hold_whatever_the_server_s_default_isolation_on_postgres(
     db = Database(url.update_query_dict({"options": "-csearch_path=studio"}).render_as_string(hide_password=False))
     with db.session() as s:
         shown = {name: s.exec(text(f"SHOW {name}")).one()[0]  # type: ignore[call-overload]
-                 for name in ("transaction_isolation", "lock_timeout", "tcp_keepalives_idle", "search_path")}
+                 for name in ("transaction_isolation", "lock_timeout", "tcp_keepalives_idle", "search_path",
+                              "idle_in_transaction_session_timeout")}
     assert shown == {"transaction_isolation": "read committed", "lock_timeout": "30s", "tcp_keepalives_idle": "30",
-                     "search_path": "studio"}
+                     "search_path": "studio", "idle_in_transaction_session_timeout": "5min"}
     db.dispose()
     settings = paid_settings_for(tmp_path / "data", database_url=postgres_url)
     with serve_in_thread(settings) as base, httpx.Client(base_url=base, timeout=30.0) as client:
