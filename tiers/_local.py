@@ -874,10 +874,18 @@ class LocalRuntime:
             missing = _missing_components(folder)
             if missing:
                 raise OSError(f"the model folder lacks {', '.join(f'{name}/' for name in missing)}")
-        elif _is_hub_id(model):
+        options: dict[str, Any] = {}
+        if folder is None and _is_hub_id(model):
             folder = snapshot_folder(model)
+            if folder is not None and not _snapshot_lacks(folder):
+                # From the cache alone, as the preview VAE is: asked first, a Hub (or a proxy, a
+                # mirror) that takes the connection and never answers held the inference thread,
+                # and every later draft behind it, for good. A draft needs nothing from the network.
+                options["local_files_only"] = True
         # The weights are cast to the run's dtype all the same.
-        return {"variant": "fp16"} if folder is not None and _fp16_only(folder) else {}
+        if folder is not None and _fp16_only(folder):
+            options["variant"] = "fp16"
+        return options
 
     def _source(self, model: str) -> Path:
         if model == tiny.NAME:
@@ -900,7 +908,11 @@ class LocalRuntime:
         with safe_open(str(path), framework="pt") as f:
             is_xl = any(k.startswith("conditioner.embedders.1") for k in f.keys())  # noqa: SIM118
         cls = StableDiffusionXLPipeline if is_xl else StableDiffusionPipeline
-        pipe = cls.from_single_file(str(path), torch_dtype=self.dtype())
+        # Its family's configuration is read from the Hub, or from the cache alone when the Hub does
+        # not answer: asked anyway, one that takes the connection and never answers (a proxy, a
+        # mirror) held the inference thread for good, the Hub client waiting without a timeout.
+        options = {} if hf_hub_reachable(timeout=HUB_CHECK_SECONDS) else {"local_files_only": True}
+        pipe = cls.from_single_file(str(path), torch_dtype=self.dtype(), **options)
         if model_defaults(str(path)).few_step:
             pipe.scheduler = few_step_scheduler(pipe.scheduler, str(path))
         return pipe

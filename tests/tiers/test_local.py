@@ -553,6 +553,34 @@ async def test_a_few_step_single_file_denoises_from_noise(
         ("trailing", "epsilon") if sampler == "EulerDiscreteScheduler" else ("leading", "v_prediction"))
 
 
+@pytest.mark.parametrize("reachable", [True, False])
+async def test_a_single_file_reads_its_family_s_configuration_from_the_cache_alone_when_the_hub_is_silent(
+        make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch, tmp_path: Any, tiny_cache_dir: Any,
+        reachable: bool) -> None:
+    """Asked anyway, a Hub that took the connection and never answered held the inference thread for good."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import save_file
+
+    import tiers._local as local
+
+    asked: list[dict[str, Any]] = []
+
+    def from_single_file(cls: Any, path: str, **kwargs: Any) -> Any:
+        asked.append(kwargs)
+        return StableDiffusionPipeline.from_pretrained(tiny_cache_dir / "tiny-sd", **kwargs)
+
+    monkeypatch.setattr(StableDiffusionPipeline, "from_single_file", classmethod(from_single_file))
+    monkeypatch.setattr(local, "hf_hub_reachable", lambda timeout=1.5, file=None: reachable)
+    checkpoint = tmp_path / "mymodel.safetensors"
+    save_file({"model.diffusion_model.out.0.weight": torch.zeros(4)}, str(checkpoint))
+    lite = LiteEngine(EngineContext(settings=make_settings(lite_model=str(checkpoint))))
+    try:
+        await lite.run(draft(n=1, steps=1), RecordingProgress(), CancelToken())
+    finally:
+        lite.runtime.shutdown(timeout=30)
+    assert [kwargs.get("local_files_only", False) for kwargs in asked] == [not reachable]
+
+
 @pytest.mark.filterwarnings("ignore:The `local_dir_use_symlinks` argument is deprecated")
 async def test_a_single_file_that_is_not_a_checkpoint_is_unavailable_saying_why(
         make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:

@@ -92,6 +92,22 @@ async def test_a_hub_cache_snapshot_of_fp16_weights_only_loads_as_that_variant(
     assert len(result.images) == 1 and result.model == "acme/tiny-turbo"
 
 
+def test_a_hub_model_cached_whole_loads_from_the_cache_alone(
+        load: Engines, tiny_copy: Callable[[str], Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loaded with the Hub asked first, a Hub (a proxy, a mirror) that took the connection and never
+    answered held the inference thread for good (the Hub client waits without a timeout)."""
+    import huggingface_hub.constants
+
+    hub_cache(tmp_path, "acme/tiny-turbo", tiny_copy("whole"), monkeypatch)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    lite, _ = load("acme/tiny-turbo")
+    assert lite.runtime._folder_options("acme/tiny-turbo", Path("acme/tiny-turbo")) == {"local_files_only": True}
+    lacking = tiny_copy("lacking")
+    shutil.rmtree(lacking / "unet")
+    hub_cache(tmp_path / "other", "acme/tiny-lacking", lacking, monkeypatch)
+    assert lite.runtime._folder_options("acme/tiny-lacking", Path("acme/tiny-lacking")) == {}  # the Hub asked
+
+
 @pytest.mark.filterwarnings("ignore:The `local_dir_use_symlinks` argument is deprecated")
 async def test_a_load_error_names_the_model_never_the_server_s_hub_cache(
         load: Engines, tiny_copy: Callable[[str], Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
