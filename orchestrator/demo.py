@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import threading
+import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
@@ -32,6 +33,8 @@ if TYPE_CHECKING:
 # A job queued this long is told once: against a service whose API servers run no jobs
 # (ORCH_RUN_JOBS=false) with no `orchestrator worker` up, the demo otherwise waited in silence.
 QUEUED_HINT_SECONDS = 20.0
+# A job's event stream that ended before the job is asked again after each of these waits (seconds).
+STREAM_RETRY_SECONDS = (1.0, 2.0, 4.0, 8.0, 8.0)
 
 
 def _bar(fraction: float, width: int = 30) -> str:
@@ -50,10 +53,18 @@ def watch(client: httpx.Client, job_id: str, label: str) -> dict[str, Any]:
     hint.daemon = True
     hint.start()
     try:
-        _follow(client, job_id, label, live, hint)
+        ended = _follow(client, job_id, label, live, hint)
     finally:
         hint.cancel()
-    job: dict[str, Any] = client.get(f"/v1/jobs/{job_id}").raise_for_status().json()
+    try:
+        job: dict[str, Any] = client.get(f"/v1/jobs/{job_id}").raise_for_status().json()
+    except httpx.TransportError:
+        if ended:
+            raise
+        job = {"status": "unknown"}  # the service is gone
+    if not ended and job["status"] in ("queued", "running", "unknown"):
+        raise StreamEnded(f"the service's event stream of its {label} job {job_id} ended before the job did "
+                          "(is the service stopping?)")
     if job["status"] != "succeeded":
         error = job.get("error") or {}
         raise SystemExit(f"{label} job {job_id} {job['status']}: {error.get('message', 'no reason given')}"
@@ -61,24 +72,44 @@ def watch(client: httpx.Client, job_id: str, label: str) -> dict[str, Any]:
     return job
 
 
-def _follow(client: httpx.Client, job_id: str, label: str, live: bool, hint: threading.Timer) -> None:
-    with client.stream("GET", f"/v1/jobs/{job_id}/events", timeout=None) as response:
-        event = ""
-        for line in response.iter_lines():
-            if line.startswith("event: "):
-                event = line[7:]
-                if event != "queued":
-                    hint.cancel()
-            elif line.startswith("data: "):
-                data = json.loads(line[6:])
-                if event == "progress" and live:
-                    print(f"\r  {label:<8} {_bar(data['fraction'])} step {data['step']}/{data['total']}",
-                          end="", flush=True)
-                elif event == "state" and live:
-                    print(f"\r  {label:<8} {data.get('state')}", end="", flush=True)
-                elif event in ("succeeded", "failed", "canceled"):
-                    print(("\r" if live else "")
-                          + f"  {label:<8} {_bar(1.0 if event == 'succeeded' else 0.0)} {event}" + " " * 12)
+class StreamEnded(Exception):
+    """A job's event stream ended, and stayed away, before the job did: its service stopping."""
+
+
+def _follow(client: httpx.Client, job_id: str, label: str, live: bool, hint: threading.Timer) -> bool:
+    """Draw the job's events until its end; whether that came. A stream that ends first (a
+    service restarting) is asked again after the last event it told, a few times."""
+    last_id: str | None = None
+    for wait in (0.0, *STREAM_RETRY_SECONDS):
+        time.sleep(wait)
+        headers = {"Last-Event-ID": last_id} if last_id is not None else {}
+        try:
+            with client.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers, timeout=None) as response:
+                if response.status_code == 503:  # a service stopping: another may answer soon
+                    continue
+                response.raise_for_status()  # not read as a stream that told nothing
+                event = ""
+                for line in response.iter_lines():
+                    if line.startswith("id: "):
+                        last_id = line[4:]
+                    elif line.startswith("event: "):
+                        event = line[7:]
+                        if event != "queued":
+                            hint.cancel()
+                    elif line.startswith("data: "):
+                        data = json.loads(line[6:])
+                        if event == "progress" and live:
+                            print(f"\r  {label:<8} {_bar(data['fraction'])} step {data['step']}/{data['total']}",
+                                  end="", flush=True)
+                        elif event == "state" and live:
+                            print(f"\r  {label:<8} {data.get('state')}", end="", flush=True)
+                        elif event in ("succeeded", "failed", "canceled"):
+                            print(("\r" if live else "")
+                                  + f"  {label:<8} {_bar(1.0 if event == 'succeeded' else 0.0)} {event}" + " " * 12)
+                            return True
+        except httpx.TransportError:  # refused or reset while the service restarts
+            continue
+    return False
 
 
 def contact_sheet(images: list[Image.Image], labels: list[str] | None = None, columns: int = 2,
@@ -160,12 +191,14 @@ def run_demo(*, url: str | None, prompt: str, out: str, size: int,
         started: list[tuple[str, str]] = []
         try:
             _stages(client, base, prompt, out_dir, size, started, lite_setting)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, StreamEnded) as exc:
             if sys.stdout.isatty():
                 print(flush=True)  # off the progress bar's line, for the line that says so
             # The demo's jobs are nobody else's: left queued, the next demo on this data dir would
             # render them first, for nobody. (A finished one answers 409: nothing to tell.)
             told = [told for label, job_id in started if (told := _cancel(client, label, job_id))]
+            if isinstance(exc, StreamEnded):
+                raise SystemExit("; ".join([str(exc), *told])) from None
             raise KeyboardInterrupt("; ".join(told)) from None  # `orchestrator: interrupted; <told>`
     sys.stdout.flush()
     return 0

@@ -207,6 +207,40 @@ def test_a_demo_interrupted_cancels_the_job_it_was_following(
     assert capsys.readouterr().err == f"orchestrator: interrupted; its drafts job {job['id']} was canceled\n"
 
 
+def test_the_demo_follows_a_job_s_stream_again_after_the_last_event_it_told(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stream that ended before its job (a service restarting) was read as the job's end: the
+    demo said 'drafts job ... running: no reason given' and exited, its job left to run for nobody."""
+    asked: list[str | None] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/jobs/job_1":
+            return httpx.Response(200, json={"id": "job_1", "status": "succeeded", "assets": ["ast_1"]})
+        asked.append(request.headers.get("last-event-id"))
+        if len(asked) == 1:
+            return httpx.Response(200, text='id: 1\nevent: queued\ndata: {"status": "queued"}\n\n')
+        if len(asked) == 2:
+            return httpx.Response(503, json={"error": {"code": "server_stopping", "message": "", "details": {}}})
+        return httpx.Response(200, text='id: 2\nevent: started\ndata: {}\n\nid: 3\nevent: succeeded\n'
+                                        'data: {"status": "succeeded"}\n\n')
+
+    monkeypatch.setattr(demo_module, "STREAM_RETRY_SECONDS", (0.0, 0.0))
+    with httpx.Client(base_url="http://studio.test", transport=httpx.MockTransport(answer)) as client:
+        assert demo_module.watch(client, "job_1", "drafts")["status"] == "succeeded"
+    assert asked == [None, "1", "1"]
+
+
+def test_a_demo_whose_job_s_stream_ends_for_good_says_so_and_cancels_it(
+        make_settings: SettingsFactory, start_server: Callable[[Settings], httpx.Client], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    client = start_server(make_settings())
+    monkeypatch.setattr(demo_module, "_follow", lambda *_args: False)  # as a service that stopped
+    with pytest.raises(SystemExit) as info:
+        main(["demo", "--url", str(client.base_url), "--out", str(tmp_path / "out"), "--size", "512"])
+    [job] = client.get("/v1/jobs").json()["items"]
+    assert str(info.value) == (f"the service's event stream of its drafts job {job['id']} ended before the job did "
+                               f"(is the service stopping?); its drafts job {job['id']} was canceled")
+
+
 def test_the_demo_s_own_service_runs_its_jobs_whatever_orch_run_jobs_says(
         make_settings: SettingsFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
