@@ -64,9 +64,16 @@ def save_tiny_pipeline(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+# What a load reads that a damaged copy (a file deleted, a disk cleaner) may lack: with the marker
+# alone trusted, it failed every load after every restart, naming no folder to delete.
+_WEIGHTS = ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
+            "text_encoder/model.safetensors")
+
+
 def _current(marker: Path) -> bool:
     try:
-        return marker.read_text() == _VERSION
+        return (marker.read_text() == _VERSION and (marker.parent / "model_index.json").is_file()
+                and all((marker.parent / weights).is_file() for weights in _WEIGHTS))
     except OSError:
         return False
 

@@ -26,6 +26,9 @@ def test_two_builders_at_once_build_once_and_keep_the_copy(tmp_path: Path, monke
         built.append(threading.current_thread().name)
         assert second_looked.wait(30), "the second builder never looked"
         (folder / "model_index.json").write_text("{}")
+        for weights in tiny._WEIGHTS:
+            (folder / weights).parent.mkdir(exist_ok=True)
+            (folder / weights).write_bytes(b"")
         (folder / ".tiny-sd-version").write_text(tiny._VERSION)
 
     monkeypatch.setattr(tiny, "_current", current)
@@ -41,3 +44,15 @@ def test_two_builders_at_once_build_once_and_keep_the_copy(tmp_path: Path, monke
     assert built == ["builder-1"]
     assert (folder / "model_index.json").exists() and tiny._current(folder / ".tiny-sd-version")
     assert sorted(p.name for p in tmp_path.iterdir()) == [".tiny-sd.lock", "tiny-sd"]  # no staging left
+
+
+def test_a_damaged_copy_is_built_again(tmp_path: Path, tiny_cache_dir: Path) -> None:
+    """Its weights deleted, the marker still read current: every load failed, after every restart."""
+    import shutil
+
+    folder = shutil.copytree(tiny_cache_dir / "tiny-sd", tmp_path / "tiny-sd")
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    assert not tiny._current(folder / ".tiny-sd-version")
+    assert tiny.save_tiny_pipeline(folder) == folder
+    assert (folder / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert tiny._current(folder / ".tiny-sd-version")
