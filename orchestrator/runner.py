@@ -166,6 +166,17 @@ def _whole(value: object) -> int | None:
     return int(value) if isinstance(value, float) and math.isfinite(value) else None
 
 
+def _storable_values(value: Any) -> Any:
+    """`value` with each text in it, however deep in lists and mappings, as it can be stored (`storable`)."""
+    if isinstance(value, str):
+        return storable(value)
+    if isinstance(value, (list, tuple)):
+        return [_storable_values(item) for item in value]
+    if isinstance(value, dict):
+        return {_storable_values(k): _storable_values(v) for k, v in value.items()}
+    return value
+
+
 def plain(details: dict[str, Any]) -> dict[str, Any]:
     """`details` as JSON can carry them: an event's data is encoded for every stream that sends
     it, and a value that cannot be (a datetime, a numpy number) broke each of them for good."""
@@ -514,29 +525,32 @@ class JobRunner:
         """An engine's bug fails the job, possibly billed when a remote engine may have sent it."""
         job = claim.job
         log.exception("job %s crashed in engine %s", job.id, job.engine, exc_info=exc)
-        # A remote engine may have sent the request before it broke: the charge is unknown,
-        # unless the engine announces its sends and had asked for none.
-        remote = job.engine in self.registry and self.registry.get(job.engine).kind == "remote"
         # The first line: a database error's next ones hold its SQL and values (the log has them).
         # The server's paths are cut to their last part: the project's key reads the job.
         first = hide_paths(first_line(exc), job.engine)
-        claim.ended = True  # before the question below: no send of this attempt starts after it
+        # A remote engine may have sent the request before it broke: the charge is unknown then.
         error = EngineError(f"engine '{job.engine}' failed unexpectedly: {type(exc).__name__}: {first}"[:500],
-                            retryable=False,
-                            charged="unknown" if remote and not claim.surely_unsent() else "no")
+                            retryable=False, charged="unknown" if self._may_have_sent(claim) else "no")
         await self._end(claim, "failed", error)
 
     def _doubted(self, claim: Claim, exc: OrchestratorError) -> OrchestratorError:
         """An error that is not an engine's says nothing of what a provider billed, and the ledger
-        reads it as nothing: raised after a remote engine's request went out (a plugin pricing its
-        answer with a price its file lacks), it fails the job with the charge unknown."""
+        reads it as nothing: raised once a remote engine's request may have gone out (a plugin
+        pricing its answer with a price its file lacks), it fails the job with the charge unknown."""
+        if not self._may_have_sent(claim):
+            return exc
+        return EngineError(f"engine '{claim.job.engine}' failed once its request may have gone out: "
+                           f"{exc.code}: {exc.message}"[:500],
+                           details={**exc.details, "cause": exc.code}, retryable=False, charged="unknown")
+
+    def _may_have_sent(self, claim: Claim) -> bool:
+        """Whether a remote engine's request of this attempt may have reached its provider (unless
+        the engine announces its sends and had asked for none). Ends the attempt's sends first:
+        none starts after the answer."""
+        claim.ended = True
         job = claim.job
         remote = job.engine in self.registry and self.registry.get(job.engine).kind == "remote"
-        claim.ended = True  # before the question below, as in `_crashed`
-        if not remote or claim.surely_unsent():
-            return exc
-        return EngineError(f"engine '{job.engine}' failed after its request went out: {exc.code}: {exc.message}"[:500],
-                           details=exc.details, retryable=False, charged="unknown")
+        return remote and not claim.surely_unsent()
 
     def close(self) -> None:
         self._closed = True
@@ -997,7 +1011,7 @@ class JobRunner:
                 continue
             # A plugin's text as it can be stored: a NUL (PostgreSQL refuses it) or a lone surrogate
             # (not UTF-8) failed the final write of images made and paid for.
-            value = storable(used[key]) if isinstance(used[key], str) else used[key]
+            value = _storable_values(used[key])
             if key == "negative_prompt":
                 record[key] = value or ""  # as the asset's column has it: none is ""
             elif value is None:
@@ -1007,7 +1021,7 @@ class JobRunner:
         # Not the provider's request id: it is the job's (GET /v1/jobs/{id}); in the file, which
         # leaves the studio, it would tie the image to the studio's account at the provider.
         if used.get(NOTES):
-            record["notes"] = [storable(note) if isinstance(note, str) else note for note in used[NOTES]]
+            record["notes"] = _storable_values(list(used[NOTES]))
         return record
 
     def _succeed(self, claim: Claim, result: RenderResult, seconds: float) -> list[str]:
@@ -1092,10 +1106,9 @@ class JobRunner:
         plugin waiting on `cancel.sleep` while its provider works raises) is free only when nothing
         of the attempt can have reached a provider: released as "no" otherwise, a request out and
         billed would be paid by no one, or sent again after a stop."""
-        if exc.charged != "no" or exc.charged_told or self.registry.get(claim.job.engine).kind != "remote":
+        if exc.charged != "no" or exc.charged_told:
             return
-        claim.ended = True  # before the question below: no send of this attempt starts after it
-        if not claim.surely_unsent():
+        if self._may_have_sent(claim):
             exc.at_least_charged("unknown")
 
     def _raise_if_user_canceled(self, claim: Claim) -> None:

@@ -165,7 +165,7 @@ class FakePaidEngine:
         model = {"long-model": "m" * 400, "no-model": None, "unstorable-text": "fake\x00one\ud800"}.get(
             behaviour, self.model)
         request_id = f"fake-{self.calls}" + ("\x00\udfff" if behaviour == "unstorable-text" else "")
-        used = ({"negative_prompt": "blurry\x00ugly\ud800", "sampler": "euler\ud800", NOTES: ["a\x00note"]}
+        used = ({"negative_prompt": "blurry\x00ugly\ud800", "sampler": "euler\ud800", NOTES: ("a\x00note",)}
                 if behaviour == "unstorable-text" else {})
         return RenderResult(images=images, model=model,  # type: ignore[arg-type]
                             cost_millicredits=int(reported) if reported is not None and reported.is_integer()

@@ -143,8 +143,9 @@ def test_an_orchestrator_error_a_remote_engine_raises_after_its_send_leaves_the_
     job = claim_and_run(services, job_id)
     assert job.status == "failed" and job.error is not None, job.error
     assert job.error["code"] == "engine_error", job.error
-    assert job.error["message"] == ("engine 'fake-paid' failed after its request went out: no_route: "
+    assert job.error["message"] == ("engine 'fake-paid' failed once its request may have gone out: no_route: "
                                     "fake engine: no price for what it answered"), job.error
+    assert job.error["details"] == {"cause": "no_route"}
     assert ledger_of(services, job_id) == [("hold", HOLD, False), ("capture", HOLD, True)]
     assert event_types(services, job_id)[-1] == "failed"
 
@@ -468,3 +469,11 @@ def test_a_step_count_past_what_the_row_holds_is_scaled_to_it() -> None:
     progress.step(int(1.5e9), int(3e9))
     assert (told[-1]["step"], told[-1]["total"]) == (MAX_STEPS // 2, MAX_STEPS)
     assert (claim.job.progress_step, claim.job.progress_total) == (MAX_STEPS // 2, MAX_STEPS)
+
+
+def test_what_a_plugin_says_it_used_is_stored_as_it_can_be_however_deep() -> None:
+    from orchestrator.runner import _storable_values
+
+    said = {"lora": [{"name": "ink\x00wash", "weight": 0.8}], "sampler": ("euler\ud800", 2), "\x00key": None}
+    assert _storable_values(said) == {"lora": [{"name": "ink\ufffdwash", "weight": 0.8}],
+                                      "sampler": ["euler\ufffd", 2], "\ufffdkey": None}

@@ -202,6 +202,7 @@ def test_a_model_name_the_column_cannot_hold_is_mended_not_a_lost_job(paid_serve
     assert "\x00" not in (done["provider_request_id"] or "")
     if behaviour == "unstorable-text":  # and what it says it used: a lone surrogate failed the write anywhere
         assert asset["negative_prompt"] == "blurry\ufffdugly\ufffd"
+        assert (asset["record"]["sampler"], asset["record"]["notes"]) == ("euler\ufffd", ["a\ufffdnote"])
 
 
 def test_a_seed_no_job_could_ask_for_is_not_stored_and_the_images_are_kept(paid_server: httpx.Client) -> None:
