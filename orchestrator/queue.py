@@ -754,7 +754,10 @@ class Scheduler:
         for job in orphans:
             try:
                 ended = await asyncio.to_thread(self._recover_one, job)
-            except Exception:  # one job's failure (a lock wait that timed out) must not keep the rest running
+            except Exception as exc:
+                if transient(exc):  # the database's, not the job's: every other job would wait it out in turn
+                    raise
+                # One job's own failure must not leave every orphan after it running.
                 log.exception("job %s: recovering it failed; the next sweep tries again", job.id)
                 continue
             if ended is None:

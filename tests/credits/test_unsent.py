@@ -124,16 +124,23 @@ def test_a_claim_to_move_a_job_off_an_open_circuit_sends_nothing_on_any_engine(
 
 def test_one_job_recovery_fails_on_leaves_the_others_recovered(built: Services,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from sqlalchemy.exc import OperationalError
+
     ids = left_running(built, broken={"unsent_attempt": 1}, fine={"unsent_attempt": 1})
     real = built.scheduler._recover_one
+    raised: list[Exception] = [TypeError("a plugin's answer of another shape")]
 
     def recover_one(job: Job) -> Any:
         if job.id == ids["broken"]:
-            raise TimeoutError("the database's lock was not had in time")
+            raise raised[0]
         return real(job)
 
     monkeypatch.setattr(built.scheduler, "_recover_one", recover_one)
     assert asyncio.run(built.scheduler.recover(all_foreign=False)) == [ids["fine"]]
+    # The database's own trouble is every job's: the sweep ends, as its loop reports (not a line per job).
+    raised[0] = OperationalError("UPDATE jobs", {}, Exception("database is locked"))
+    with pytest.raises(OperationalError):
+        asyncio.run(built.scheduler.recover(all_foreign=False))
     monkeypatch.setattr(built.scheduler, "_recover_one", real)  # the next sweep
     assert asyncio.run(built.scheduler.recover(all_foreign=False)) == [ids["broken"]]
 
