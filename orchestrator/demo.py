@@ -33,8 +33,13 @@ if TYPE_CHECKING:
 # A job queued this long is told once: against a service whose API servers run no jobs
 # (ORCH_RUN_JOBS=false) with no `orchestrator worker` up, the demo otherwise waited in silence.
 QUEUED_HINT_SECONDS = 20.0
-# A job's event stream that ended before the job is asked again after each of these waits (seconds).
-STREAM_RETRY_SECONDS = (1.0, 2.0, 4.0, 8.0, 8.0)
+# A job's event stream that ended before the job is asked again after these waits (seconds; the
+# last repeats), until it has told nothing for STREAM_GIVE_UP_SECONDS: a service restarting takes
+# up to its stop's grace (ORCH_STOP_GRACE, 120 s by default) and a model load.
+STREAM_RETRY_WAITS = (1.0, 2.0, 4.0, 8.0)
+STREAM_GIVE_UP_SECONDS = 240.0
+# A service stopping or restarting, or the reverse proxy in front of it meanwhile.
+STREAM_RETRY_STATUSES = frozenset({502, 503, 504})
 
 
 def _bar(fraction: float, width: int = 30) -> str:
@@ -78,20 +83,24 @@ class StreamEnded(Exception):
 
 def _follow(client: httpx.Client, job_id: str, label: str, live: bool, hint: threading.Timer) -> bool:
     """Draw the job's events until its end; whether that came. A stream that ends first (a
-    service restarting) is asked again after the last event it told, a few times."""
+    service restarting) is asked again after the last event it told, until it has told nothing
+    for STREAM_GIVE_UP_SECONDS."""
     last_id: str | None = None
-    for wait in (0.0, *STREAM_RETRY_SECONDS):
-        time.sleep(wait)
-        headers = {"Last-Event-ID": last_id} if last_id is not None else {}
+    failures, waited = 0, 0.0  # since the stream last told something
+    while True:
         try:
-            with client.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers, timeout=None) as response:
-                if response.status_code == 503:  # a service stopping: another may answer soon
-                    continue
+            with client.stream("GET", f"/v1/jobs/{job_id}/events", timeout=None,
+                               headers={"Last-Event-ID": last_id} if last_id is not None else {}) as response:
+                if response.status_code == 204:  # the service says the client has the job's end
+                    return True
+                if response.status_code in STREAM_RETRY_STATUSES:
+                    raise httpx.TransportError(f"answered {response.status_code}")
                 response.raise_for_status()  # not read as a stream that told nothing
                 event = ""
                 for line in response.iter_lines():
                     if line.startswith("id: "):
                         last_id = line[4:]
+                        failures, waited = 0, 0.0
                     elif line.startswith("event: "):
                         event = line[7:]
                         if event != "queued":
@@ -108,8 +117,12 @@ def _follow(client: httpx.Client, job_id: str, label: str, live: bool, hint: thr
                                   + f"  {label:<8} {_bar(1.0 if event == 'succeeded' else 0.0)} {event}" + " " * 12)
                             return True
         except httpx.TransportError:  # refused or reset while the service restarts
-            continue
-    return False
+            pass
+        if waited >= STREAM_GIVE_UP_SECONDS:
+            return False
+        wait = STREAM_RETRY_WAITS[min(failures, len(STREAM_RETRY_WAITS) - 1)]
+        failures, waited = failures + 1, waited + wait
+        time.sleep(wait)
 
 
 def contact_sheet(images: list[Image.Image], labels: list[str] | None = None, columns: int = 2,

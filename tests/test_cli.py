@@ -220,13 +220,31 @@ def test_the_demo_follows_a_job_s_stream_again_after_the_last_event_it_told(monk
             return httpx.Response(200, text='id: 1\nevent: queued\ndata: {"status": "queued"}\n\n')
         if len(asked) == 2:
             return httpx.Response(503, json={"error": {"code": "server_stopping", "message": "", "details": {}}})
-        return httpx.Response(200, text='id: 2\nevent: started\ndata: {}\n\nid: 3\nevent: succeeded\n'
-                                        'data: {"status": "succeeded"}\n\n')
+        if len(asked) == 3:  # the reverse proxy in front of it, while it restarts
+            return httpx.Response(502, text="Bad Gateway")
+        if len(asked) == 4:
+            return httpx.Response(200, text='id: 2\nevent: started\ndata: {}\n\n')
+        return httpx.Response(200, text='id: 3\nevent: succeeded\ndata: {"status": "succeeded"}\n\n')
 
-    monkeypatch.setattr(demo_module, "STREAM_RETRY_SECONDS", (0.0, 0.0))
+    monkeypatch.setattr(demo_module, "STREAM_RETRY_WAITS", (0.0,))
     with httpx.Client(base_url="http://studio.test", transport=httpx.MockTransport(answer)) as client:
         assert demo_module.watch(client, "job_1", "drafts")["status"] == "succeeded"
-    assert asked == [None, "1", "1"]
+    assert asked == [None, "1", "1", "1", "2"]
+
+
+def test_the_demo_gives_up_on_a_stream_that_tells_nothing_for_long(monkeypatch: pytest.MonkeyPatch) -> None:
+    asked: list[str | None] = []
+    monkeypatch.setattr(demo_module, "STREAM_RETRY_WAITS", (0.0, 0.1))
+    monkeypatch.setattr(demo_module, "STREAM_GIVE_UP_SECONDS", 0.25)
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        asked.append(request.headers.get("last-event-id"))
+        return httpx.Response(503)
+
+    timer = threading.Timer(3600, lambda: None)
+    with httpx.Client(base_url="http://studio.test", transport=httpx.MockTransport(answer)) as client:
+        assert demo_module._follow(client, "job_1", "drafts", False, timer) is False
+    assert len(asked) == 5  # waits of 0, 0.1, 0.1 and 0.1: more than 0.25 s told nothing
 
 
 def test_a_demo_whose_job_s_stream_ends_for_good_says_so_and_cancels_it(
