@@ -825,8 +825,7 @@ class LocalRuntime:
                     pipe = self._load_single_file(source)
                 else:
                     _hub_answers_if_needed(model, source)
-                    pipe = auto.from_pretrained(str(source) if source.exists() else model, torch_dtype=self.dtype(),
-                                                **self._folder_options(model, source))
+                    pipe = self._from_pretrained(auto, model, source)
             if getattr(pipe, "safety_checker", None) is not None:
                 pipe.safety_checker = None  # drafts are private sketches; the checker would black them out
             # In the try: a model that does not fit on the device is a failure to load it, remembered
@@ -864,6 +863,19 @@ class LocalRuntime:
                                     details={"model": name}) from exc
         pipe.set_progress_bar_config(disable=True)
         return pipe
+
+    def _from_pretrained(self, auto: Any, model: str, source: Path) -> Any:
+        """A diffusers folder or Hub id's pipeline. A snapshot whose weights are all cached, loaded
+        from the cache alone, may still lack a small file (a tokenizer's, a scheduler's): fetched
+        then, where the Hub answers for the model."""
+        options = self._folder_options(model, source)
+        try:
+            return auto.from_pretrained(str(source) if source.exists() else model, torch_dtype=self.dtype(), **options)
+        except Exception as exc:
+            if not (options.pop("local_files_only", False) and _hub_fetch_failed(exc)
+                    and hf_hub_reachable(timeout=HUB_CHECK_SECONDS, file=f"{model}/model_index.json")):
+                raise
+        return auto.from_pretrained(model, torch_dtype=self.dtype(), **options)
 
     def _folder_options(self, model: str, source: Path) -> dict[str, Any]:
         """`from_pretrained`'s options for a diffusers folder or a Hub id: the fp16 variant when
@@ -908,11 +920,15 @@ class LocalRuntime:
         with safe_open(str(path), framework="pt") as f:
             is_xl = any(k.startswith("conditioner.embedders.1") for k in f.keys())  # noqa: SIM118
         cls = StableDiffusionXLPipeline if is_xl else StableDiffusionPipeline
-        # Its family's configuration is read from the Hub, or from the cache alone when the Hub does
-        # not answer: asked anyway, one that takes the connection and never answers (a proxy, a
-        # mirror) held the inference thread for good, the Hub client waiting without a timeout.
-        options = {} if hf_hub_reachable(timeout=HUB_CHECK_SECONDS) else {"local_files_only": True}
-        pipe = cls.from_single_file(str(path), torch_dtype=self.dtype(), **options)
+        # Its family's configuration is read from the cache, and fetched only when it is not there
+        # and the Hub answers: asked first, a Hub that takes the connection and never answers (a
+        # proxy, a mirror) held the inference thread for good, its client waiting without a timeout.
+        try:
+            pipe = cls.from_single_file(str(path), torch_dtype=self.dtype(), local_files_only=True)
+        except Exception as exc:
+            if not _hub_fetch_failed(exc) or not hf_hub_reachable(timeout=HUB_CHECK_SECONDS):
+                raise
+            pipe = cls.from_single_file(str(path), torch_dtype=self.dtype())
         if model_defaults(str(path)).few_step:
             pipe.scheduler = few_step_scheduler(pipe.scheduler, str(path))
         return pipe

@@ -553,20 +553,27 @@ async def test_a_few_step_single_file_denoises_from_noise(
         ("trailing", "epsilon") if sampler == "EulerDiscreteScheduler" else ("leading", "v_prediction"))
 
 
-@pytest.mark.parametrize("reachable", [True, False])
-async def test_a_single_file_reads_its_family_s_configuration_from_the_cache_alone_when_the_hub_is_silent(
+@pytest.mark.parametrize(("cached", "reachable", "asked"), [
+    (True, True, [True]),           # the cache alone: the Hub is not asked
+    (False, True, [True, False]),   # not cached: fetched, the Hub answering
+    (False, False, [True]),         # not cached, the Hub silent: not asked again, without a timeout
+])
+async def test_a_single_file_reads_its_family_s_configuration_from_the_cache_first(
         make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch, tmp_path: Any, tiny_cache_dir: Any,
-        reachable: bool) -> None:
-    """Asked anyway, a Hub that took the connection and never answered held the inference thread for good."""
+        cached: bool, reachable: bool, asked: list[bool]) -> None:
+    """Asked first, a Hub that took the connection and never answered held the inference thread for good."""
     from diffusers import StableDiffusionPipeline
+    from huggingface_hub.utils import LocalEntryNotFoundError  # type: ignore[attr-defined]
     from safetensors.torch import save_file
 
     import tiers._local as local
 
-    asked: list[dict[str, Any]] = []
+    calls: list[bool] = []
 
-    def from_single_file(cls: Any, path: str, **kwargs: Any) -> Any:
-        asked.append(kwargs)
+    def from_single_file(cls: Any, path: str, local_files_only: bool = False, **kwargs: Any) -> Any:
+        calls.append(local_files_only)
+        if local_files_only and not cached:
+            raise LocalEntryNotFoundError("the family's configuration is not in the cache")
         return StableDiffusionPipeline.from_pretrained(tiny_cache_dir / "tiny-sd", **kwargs)
 
     monkeypatch.setattr(StableDiffusionPipeline, "from_single_file", classmethod(from_single_file))
@@ -575,10 +582,13 @@ async def test_a_single_file_reads_its_family_s_configuration_from_the_cache_alo
     save_file({"model.diffusion_model.out.0.weight": torch.zeros(4)}, str(checkpoint))
     lite = LiteEngine(EngineContext(settings=make_settings(lite_model=str(checkpoint))))
     try:
-        await lite.run(draft(n=1, steps=1), RecordingProgress(), CancelToken())
+        if cached or reachable:
+            await lite.run(draft(n=1, steps=1), RecordingProgress(), CancelToken())
+        else:
+            assert "needs its model family's configuration" in (await draft_refused(lite)).message
     finally:
         lite.runtime.shutdown(timeout=30)
-    assert [kwargs.get("local_files_only", False) for kwargs in asked] == [not reachable]
+    assert calls == asked
 
 
 @pytest.mark.filterwarnings("ignore:The `local_dir_use_symlinks` argument is deprecated")

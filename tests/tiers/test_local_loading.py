@@ -108,6 +108,39 @@ def test_a_hub_model_cached_whole_loads_from_the_cache_alone(
     assert lite.runtime._folder_options("acme/tiny-lacking", Path("acme/tiny-lacking")) == {}  # the Hub asked
 
 
+@pytest.mark.parametrize("reachable", [True, False])
+async def test_a_cached_snapshot_lacking_a_small_file_fetches_it_where_the_hub_answers(
+        load: Engines, tiny_copy: Callable[[str], Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        reachable: bool) -> None:
+    """Its weights all cached, a snapshot lacking a tokenizer's file was loaded from the cache alone and failed."""
+    import huggingface_hub.constants
+    from diffusers import AutoPipelineForText2Image
+    from huggingface_hub.utils import LocalEntryNotFoundError  # type: ignore[attr-defined]
+
+    hub_cache(tmp_path, "acme/tiny-turbo", tiny_copy("whole"), monkeypatch)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    real = AutoPipelineForText2Image.from_pretrained.__func__  # type: ignore[attr-defined]
+    calls: list[tuple[str, bool]] = []
+
+    def from_pretrained(cls: Any, name: str, local_files_only: bool = False, **kwargs: Any) -> Any:
+        calls.append((str(name), local_files_only))
+        if local_files_only:
+            raise OSError("Can't load tokenizer") from LocalEntryNotFoundError("tokenizer/vocab.json")
+        return real(cls, tiny_copy("fetched"), **kwargs)
+
+    monkeypatch.setattr(AutoPipelineForText2Image, "from_pretrained", classmethod(from_pretrained))
+    monkeypatch.setattr(_local, "hf_hub_reachable", lambda timeout=1.5, file=None: reachable)
+    lite, _ = load("acme/tiny-turbo")
+    if reachable:
+        result = await lite.run(draft(), RecordingProgress(), CancelToken())
+        assert len(result.images) == 1
+        assert calls == [("acme/tiny-turbo", True), ("acme/tiny-turbo", False)]
+    else:
+        with pytest.raises(EngineUnavailable):
+            await lite.run(draft(), RecordingProgress(), CancelToken())
+        assert calls == [("acme/tiny-turbo", True)]
+
+
 @pytest.mark.filterwarnings("ignore:The `local_dir_use_symlinks` argument is deprecated")
 async def test_a_load_error_names_the_model_never_the_server_s_hub_cache(
         load: Engines, tiny_copy: Callable[[str], Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
