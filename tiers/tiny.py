@@ -55,6 +55,7 @@ def save_tiny_pipeline(folder: Path, seed: int = 0) -> Path:
         staging = Path(tempfile.mkdtemp(prefix=".tiny-sd-", dir=folder.parent))
         try:
             _build(staging, seed)
+            (staging / ".tiny-sd-version").write_text(_manifest(staging))
             if folder.exists():
                 shutil.rmtree(folder, ignore_errors=True)  # an older version
             os.replace(staging, folder)
@@ -64,18 +65,26 @@ def save_tiny_pipeline(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
-# What a load reads that a damaged copy (a file deleted, a disk cleaner) may lack: with the marker
-# alone trusted, it failed every load after every restart, naming no folder to delete.
-_WEIGHTS = ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
-            "text_encoder/model.safetensors")
-
-
 def _current(marker: Path) -> bool:
+    """Whether the copy is of this version and whole: the marker lists each file and its size. With
+    the version alone trusted, a copy missing or cutting short a file (a disk cleaner, a full disk)
+    failed every load after every restart, naming no folder to delete."""
     try:
-        return (marker.read_text() == _VERSION and (marker.parent / "model_index.json").is_file()
-                and all((marker.parent / weights).is_file() for weights in _WEIGHTS))
-    except OSError:
+        version, *files = marker.read_text().splitlines()
+        if version != _VERSION or not files:
+            return False
+        for line in files:
+            name, _, size = line.rpartition("\t")
+            if (marker.parent / name).stat().st_size != int(size):
+                return False
+    except (OSError, ValueError):
         return False
+    return True
+
+
+def _manifest(folder: Path) -> str:
+    files = sorted(path for path in folder.rglob("*") if path.is_file() and path.name != ".tiny-sd-version")
+    return "\n".join([_VERSION, *(f"{path.relative_to(folder)}\t{path.stat().st_size}" for path in files)]) + "\n"
 
 
 def _build(folder: Path, seed: int) -> None:
@@ -128,4 +137,3 @@ def _build(folder: Path, seed: int) -> None:
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     pipe.save_pretrained(folder, safe_serialization=True)
-    (folder / ".tiny-sd-version").write_text(_VERSION)

@@ -26,10 +26,6 @@ def test_two_builders_at_once_build_once_and_keep_the_copy(tmp_path: Path, monke
         built.append(threading.current_thread().name)
         assert second_looked.wait(30), "the second builder never looked"
         (folder / "model_index.json").write_text("{}")
-        for weights in tiny._WEIGHTS:
-            (folder / weights).parent.mkdir(exist_ok=True)
-            (folder / weights).write_bytes(b"")
-        (folder / ".tiny-sd-version").write_text(tiny._VERSION)
 
     monkeypatch.setattr(tiny, "_current", current)
     monkeypatch.setattr(tiny, "_build", build)
@@ -50,9 +46,15 @@ def test_a_damaged_copy_is_built_again(tmp_path: Path, tiny_cache_dir: Path) -> 
     """Its weights deleted, the marker still read current: every load failed, after every restart."""
     import shutil
 
-    folder = shutil.copytree(tiny_cache_dir / "tiny-sd", tmp_path / "tiny-sd")
-    (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()
-    assert not tiny._current(folder / ".tiny-sd-version")
-    assert tiny.save_tiny_pipeline(folder) == folder
-    assert (folder / "unet" / "diffusion_pytorch_model.safetensors").is_file()
-    assert tiny._current(folder / ".tiny-sd-version")
+    whole = shutil.copytree(tiny_cache_dir / "tiny-sd", tmp_path / "whole")
+    assert tiny._current(whole / ".tiny-sd-version")
+    for damage in ("unet/diffusion_pytorch_model.safetensors", "tokenizer/tokenizer.json", "vae/config.json"):
+        folder = shutil.copytree(whole, tmp_path / damage.replace("/", "-"))
+        if damage.endswith(".json"):
+            (folder / damage).unlink()
+        else:  # cut short
+            (folder / damage).write_bytes((folder / damage).read_bytes()[:100])
+        assert not tiny._current(folder / ".tiny-sd-version"), damage
+        assert tiny.save_tiny_pipeline(folder) == folder
+        assert tiny._current(folder / ".tiny-sd-version"), damage
+        assert (folder / damage).stat().st_size == (whole / damage).stat().st_size, damage
