@@ -78,7 +78,8 @@ def postgres_connect_args(url: str) -> dict[str, Any]:
     ours = (f"-c lock_timeout={LOCK_TIMEOUT_SECONDS * 1000} -c tcp_keepalives_idle=30 "
             "-c tcp_keepalives_interval=10 -c tcp_keepalives_count=3 "
             f"-c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_SECONDS * 1000}")
-    # The URL's last: of an option given twice, libpq takes the last, and a setting the URL makes is the studio's.
+    # The URL's last: the server applies `-c` switches in order, so of one given twice the last wins,
+    # and a setting the URL makes is the studio's.
     options = " ".join(part for part in (ours, given if isinstance(given, str) else " ".join(given)) if part)
     args: dict[str, Any] = {"options": options, "keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10,
                             "keepalives_count": 3}
