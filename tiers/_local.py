@@ -920,15 +920,11 @@ class LocalRuntime:
         with safe_open(str(path), framework="pt") as f:
             is_xl = any(k.startswith("conditioner.embedders.1") for k in f.keys())  # noqa: SIM118
         cls = StableDiffusionXLPipeline if is_xl else StableDiffusionPipeline
-        # Its family's configuration is read from the cache, and fetched only when it is not there
-        # and the Hub answers: asked first, a Hub that takes the connection and never answers (a
-        # proxy, a mirror) held the inference thread for good, its client waiting without a timeout.
-        try:
-            pipe = cls.from_single_file(str(path), torch_dtype=self.dtype(), local_files_only=True)
-        except Exception as exc:
-            if not _hub_fetch_failed(exc) or not hf_hub_reachable(timeout=HUB_CHECK_SECONDS):
-                raise
-            pipe = cls.from_single_file(str(path), torch_dtype=self.dtype())
+        # Its family's configuration is read from the cache, where diffusers otherwise asks the Hub
+        # first: a Hub that takes the connection and never answers (a proxy, a mirror) held the
+        # inference thread for good, its client waiting without a timeout. (Not in the cache, the
+        # configuration is fetched all the same: diffusers does so itself.)
+        pipe = cls.from_single_file(str(path), torch_dtype=self.dtype(), local_files_only=True)
         if model_defaults(str(path)).few_step:
             pipe.scheduler = few_step_scheduler(pipe.scheduler, str(path))
         return pipe
