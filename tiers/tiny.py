@@ -44,18 +44,18 @@ def save_tiny_pipeline(folder: Path, seed: int = 0) -> Path:
 
     It is built in a temporary folder and renamed into place, under a lock file: two processes
     starting at once never load a half-written model, nor remove the copy the other just made."""
-    marker = folder / ".tiny-sd-version"
-    if _current(marker):
+    if _current(folder):
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
     with MODULE_BUILD_LOCK, open(folder.parent / f".{folder.name}.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        if _current(marker):  # built by another process while this one waited
+        if _current(folder):  # built by another process while this one waited
             return folder
         staging = Path(tempfile.mkdtemp(prefix=".tiny-sd-", dir=folder.parent))
         try:
             _build(staging, seed)
-            (staging / ".tiny-sd-version").write_text(_manifest(staging))
+            (staging / _FILES).write_text(_manifest(staging))
+            (staging / _MARKER).write_text(_VERSION)  # last: what older releases read as the copy being there
             if folder.exists():
                 shutil.rmtree(folder, ignore_errors=True)  # an older version
             os.replace(staging, folder)
@@ -65,26 +65,32 @@ def save_tiny_pipeline(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
-def _current(marker: Path) -> bool:
-    """Whether the copy is of this version and whole: the marker lists each file and its size. With
-    the version alone trusted, a copy missing or cutting short a file (a disk cleaner, a full disk)
-    failed every load after every restart, naming no folder to delete."""
+# The version, alone in its file as releases before the list read it (a rolling upgrade sharing
+# ORCH_CACHE_DIR must not have each release take the other's copy for stale and build it again
+# under the other's load), and the list of every file and its size.
+_MARKER, _FILES = ".tiny-sd-version", ".tiny-sd-files"
+
+
+def _current(folder: Path) -> bool:
+    """Whether the copy is of this version and whole. With the version alone trusted, a copy
+    missing or cutting short a file (a disk cleaner, a full disk) failed every load after every
+    restart, naming no folder to delete."""
     try:
-        version, *files = marker.read_text().splitlines()
-        if version != _VERSION or not files:
+        if (folder / _MARKER).read_text() != _VERSION:
             return False
+        files = (folder / _FILES).read_text().splitlines()
         for line in files:
             name, _, size = line.rpartition("\t")
-            if (marker.parent / name).stat().st_size != int(size):
+            if (folder / name).stat().st_size != int(size):
                 return False
     except (OSError, ValueError):
         return False
-    return True
+    return bool(files)
 
 
 def _manifest(folder: Path) -> str:
-    files = sorted(path for path in folder.rglob("*") if path.is_file() and path.name != ".tiny-sd-version")
-    return "\n".join([_VERSION, *(f"{path.relative_to(folder)}\t{path.stat().st_size}" for path in files)]) + "\n"
+    files = sorted(path for path in folder.rglob("*") if path.is_file() and path.name not in (_MARKER, _FILES))
+    return "".join(f"{path.relative_to(folder)}\t{path.stat().st_size}\n" for path in files)
 
 
 def _build(folder: Path, seed: int) -> None:

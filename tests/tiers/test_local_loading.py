@@ -39,7 +39,7 @@ def tiny_copy(tiny_cache_dir: Path, tmp_path: Path) -> Callable[[str], Path]:
     """A copy of the tiny pipeline's diffusers folder, to change."""
     def copy(name: str) -> Path:
         folder = tmp_path / "models" / name
-        shutil.copytree(tiny_cache_dir / "tiny-sd", folder, ignore=shutil.ignore_patterns(".tiny-sd-version"))
+        shutil.copytree(tiny_cache_dir / "tiny-sd", folder, ignore=shutil.ignore_patterns(".tiny-sd-*"))
         return folder
 
     return copy

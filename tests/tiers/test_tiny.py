@@ -17,10 +17,10 @@ def test_two_builders_at_once_build_once_and_keep_the_copy(tmp_path: Path, monke
     built: list[str] = []
     real_current = tiny._current
 
-    def current(marker: Path) -> bool:
+    def current(folder: Path) -> bool:
         if threading.current_thread().name == "builder-2":
             second_looked.set()
-        return real_current(marker)
+        return real_current(folder)
 
     def build(folder: Path, seed: int) -> None:
         built.append(threading.current_thread().name)
@@ -38,8 +38,9 @@ def test_two_builders_at_once_build_once_and_keep_the_copy(tmp_path: Path, monke
     for thread in threads:
         thread.join(30)
     assert built == ["builder-1"]
-    assert (folder / "model_index.json").exists() and tiny._current(folder / ".tiny-sd-version")
+    assert (folder / "model_index.json").exists() and tiny._current(folder)
     assert sorted(p.name for p in tmp_path.iterdir()) == [".tiny-sd.lock", "tiny-sd"]  # no staging left
+    assert (folder / ".tiny-sd-version").read_text() == tiny._VERSION  # as releases before the file list read it
 
 
 def test_a_damaged_copy_is_built_again(tmp_path: Path, tiny_cache_dir: Path) -> None:
@@ -47,14 +48,14 @@ def test_a_damaged_copy_is_built_again(tmp_path: Path, tiny_cache_dir: Path) -> 
     import shutil
 
     whole = shutil.copytree(tiny_cache_dir / "tiny-sd", tmp_path / "whole")
-    assert tiny._current(whole / ".tiny-sd-version")
+    assert tiny._current(whole)
     for damage in ("unet/diffusion_pytorch_model.safetensors", "tokenizer/tokenizer.json", "vae/config.json"):
         folder = shutil.copytree(whole, tmp_path / damage.replace("/", "-"))
         if damage.endswith(".json"):
             (folder / damage).unlink()
         else:  # cut short
             (folder / damage).write_bytes((folder / damage).read_bytes()[:100])
-        assert not tiny._current(folder / ".tiny-sd-version"), damage
+        assert not tiny._current(folder), damage
         assert tiny.save_tiny_pipeline(folder) == folder
-        assert tiny._current(folder / ".tiny-sd-version"), damage
+        assert tiny._current(folder), damage
         assert (folder / damage).stat().st_size == (whole / damage).stat().st_size, damage
