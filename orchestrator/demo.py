@@ -40,6 +40,9 @@ STREAM_RETRY_WAITS = (1.0, 2.0, 4.0, 8.0)
 STREAM_GIVE_UP_SECONDS = 240.0
 # A service stopping or restarting, or the reverse proxy in front of it meanwhile.
 STREAM_RETRY_STATUSES = frozenset({502, 503, 504})
+# A stream tells a comment line every 15 s when nothing happens: one silent for a minute is a
+# connection lost without a word (a host gone), asked again like one refused.
+STREAM_TIMEOUT = httpx.Timeout(10.0, read=60.0)
 
 
 def _bar(fraction: float, width: int = 30) -> str:
@@ -63,10 +66,11 @@ def watch(client: httpx.Client, job_id: str, label: str) -> dict[str, Any]:
         hint.cancel()
     try:
         job: dict[str, Any] = client.get(f"/v1/jobs/{job_id}").raise_for_status().json()
-    except httpx.TransportError:
-        if ended:
+    except (httpx.TransportError, httpx.HTTPStatusError) as exc:
+        gone = isinstance(exc, httpx.TransportError) or exc.response.status_code in STREAM_RETRY_STATUSES
+        if ended or not gone:
             raise
-        job = {"status": "unknown"}  # the service is gone
+        job = {"status": "unknown"}  # the service is gone, or stopping
     if not ended and job["status"] in ("queued", "running", "unknown"):
         raise StreamEnded(f"the service's event stream of its {label} job {job_id} ended before the job did "
                           "(is the service stopping?)")
@@ -84,12 +88,12 @@ class StreamEnded(Exception):
 def _follow(client: httpx.Client, job_id: str, label: str, live: bool, hint: threading.Timer) -> bool:
     """Draw the job's events until its end; whether that came. A stream that ends first (a
     service restarting) is asked again after the last event it told, until it has told nothing
-    for STREAM_GIVE_UP_SECONDS."""
+    (not even a keep-alive) for STREAM_GIVE_UP_SECONDS."""
     last_id: str | None = None
-    failures, waited = 0, 0.0  # since the stream last told something
+    failures, told = 0, time.monotonic()  # since the stream last told anything
     while True:
         try:
-            with client.stream("GET", f"/v1/jobs/{job_id}/events", timeout=None,
+            with client.stream("GET", f"/v1/jobs/{job_id}/events", timeout=STREAM_TIMEOUT,
                                headers={"Last-Event-ID": last_id} if last_id is not None else {}) as response:
                 if response.status_code == 204:  # the service says the client has the job's end
                     return True
@@ -98,9 +102,9 @@ def _follow(client: httpx.Client, job_id: str, label: str, live: bool, hint: thr
                 response.raise_for_status()  # not read as a stream that told nothing
                 event = ""
                 for line in response.iter_lines():
+                    failures, told = 0, time.monotonic()  # an event or a keep-alive: the service is there
                     if line.startswith("id: "):
                         last_id = line[4:]
-                        failures, waited = 0, 0.0
                     elif line.startswith("event: "):
                         event = line[7:]
                         if event != "queued":
@@ -116,13 +120,12 @@ def _follow(client: httpx.Client, job_id: str, label: str, live: bool, hint: thr
                             print(("\r" if live else "")
                                   + f"  {label:<8} {_bar(1.0 if event == 'succeeded' else 0.0)} {event}" + " " * 12)
                             return True
-        except httpx.TransportError:  # refused or reset while the service restarts
+        except httpx.TransportError:  # refused, reset or silent while the service restarts
             pass
-        if waited >= STREAM_GIVE_UP_SECONDS:
+        if time.monotonic() - told >= STREAM_GIVE_UP_SECONDS:
             return False
-        wait = STREAM_RETRY_WAITS[min(failures, len(STREAM_RETRY_WAITS) - 1)]
-        failures, waited = failures + 1, waited + wait
-        time.sleep(wait)
+        time.sleep(STREAM_RETRY_WAITS[min(failures, len(STREAM_RETRY_WAITS) - 1)])
+        failures += 1
 
 
 def contact_sheet(images: list[Image.Image], labels: list[str] | None = None, columns: int = 2,
