@@ -55,7 +55,7 @@ def save_tiny_pipeline(folder: Path, seed: int = 0) -> Path:
         try:
             _build(staging, seed)
             (staging / _FILES).write_text(_manifest(staging))
-            (staging / _MARKER).write_text(_VERSION)  # last: what older releases read as the copy being there
+            (staging / _MARKER).write_text(_VERSION)
             if folder.exists():
                 shutil.rmtree(folder, ignore_errors=True)  # an older version
             os.replace(staging, folder)
