@@ -1083,7 +1083,11 @@ class LocalRuntime:
             return False
         self._pipes.clear()
         self._previewer = None  # its decode holds the preview VAE
-        self._free_device_memory()
+        if self._device not in (None, "cpu"):
+            # A GPU's cache is given back for the next process. Nothing was loaded, or only into
+            # RAM, which the process's end (or the collector's next pass) frees: a full collection
+            # of a process holding torch took a second and more, at every stop.
+            self._free_device_memory()
         return True
 
 

@@ -197,3 +197,17 @@ def test_another_model_s_latents_neither_use_nor_turn_off_the_lite_preview_vae(
         runtime.shutdown(timeout=30)
     assert lite_preview is not None and lite_preview.size == (64, 64)  # the preview VAE's, 8x the latents
     assert "ORCH_LITE_PREVIEW_VAE" not in caplog.text
+
+
+@pytest.mark.parametrize(("device", "collected"), [(None, False), ("cpu", False), ("cuda", True)])
+def test_a_stop_runs_a_full_collection_only_to_give_a_gpu_s_cache_back(
+        make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch, device: str | None, collected: bool) -> None:
+    """Every stop ran a full collection, which in a process holding torch took a second and more:
+    it only matters where `empty_cache` gives the device's memory back for the next process."""
+    runtime = runtime_for(EngineContext(settings=make_settings()))
+    runtime._device = device  # what the first job found (None: no job used the device)
+    freed: list[bool] = []
+    monkeypatch.setattr(runtime, "_free_device_memory", lambda: freed.append(True))
+    runtime._pipes[(tiny.NAME, "text2img")] = object()
+    assert runtime.shutdown(timeout=30)
+    assert runtime._pipes == {} and freed == ([True] if collected else [])
