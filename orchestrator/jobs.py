@@ -146,6 +146,13 @@ def render_request(params: dict[str, Any], init_image: Any = None) -> RenderRequ
                          source_size=(int(source_size[0]), int(source_size[1])) if source_size else None)
 
 
+def _set(**values: Any) -> dict[str, Any]:
+    """The values a request set, of parameters a stage took later: left out of the params when
+    not set, a request that sets none is the same request as before, and copies (`cache_key`)
+    the result of an identical earlier one instead of paying for it again."""
+    return {name: value for name, value in values.items() if value is not None}
+
+
 # Earlier identical jobs a paid request may copy, oldest first, then the newest: one whose file was
 # lost is passed over for the next (a render made after it would otherwise never be copied).
 CACHE_CANDIDATES = 5
@@ -186,8 +193,8 @@ class JobService:
             "negative_prompt": asked_negative if body.negative_prompt is None else body.negative_prompt,
             "n": 1, **_seed(body.seed, source),
             "width": width, "height": height, "strength": body.strength, "quality": body.quality,
-            "steps": body.steps, "tags": self._tags(source, body.tags), "source_sha256": source.sha256,
-            "source_size": [source.width, source.height],
+            "steps": body.steps, **_set(guidance_scale=body.guidance_scale), "tags": self._tags(source, body.tags),
+            "source_sha256": source.sha256, "source_size": [source.width, source.height],
         }
         return Prepared(source.project_id, "bridge", params, render_request(params), source)
 
@@ -201,6 +208,7 @@ class JobService:
             "stage": "polish", "prompt": body.prompt or source.prompt, "negative_prompt": asked_negative,
             "n": 1, **_seed(body.seed, source),
             "width": width, "height": height, "scale": scale, "creativity": body.creativity,
+            **_set(steps=body.steps, guidance_scale=body.guidance_scale),
             "tags": self._tags(source, body.tags), "source_sha256": source.sha256,
             "source_size": [source.width, source.height],
         }

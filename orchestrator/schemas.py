@@ -127,6 +127,7 @@ Seed = Annotated[int, Whole, Field(ge=0, le=MAX_SEED)]
 Side = Annotated[int, Whole, Field(ge=MIN_SIDE, le=MAX_SIDE, multiple_of=SIDE_MULTIPLE),
                  Field(description=_SIDE_DESCRIPTION)]
 Steps = Annotated[int, Whole, Field(ge=1, le=150)]
+Guidance = Annotated[float, NoBool, Field(ge=0, le=30)]
 
 
 def _whole_millicredits(value: float) -> float:
@@ -362,6 +363,11 @@ class ProjectPublic(BaseModel):
 
 _SEED_DESCRIPTION = "The first image's seed; null: a random one, recorded in the job's `params`."
 _STEPS_DESCRIPTION = "Denoising steps, 1 to 150; null: the engine's default (`model_defaults` in GET /v1/engines)."
+_GUIDANCE_DESCRIPTION = ("How closely to follow the prompt (classifier-free guidance), 0 to 30; null: the engine's "
+                         "default.")
+# Of the engines a bridge or polish may run on, local-hifi and AUTOMATIC1111 take both, ComfyUI the
+# steps its workflow has a placeholder for, Stability's image-to-image the guidance.
+_TAKEN_BY = " Engines that take none (the cloud ones, mostly) leave it out of the image's record."
 _ENGINE_DESCRIPTION = ("The engine to run on (GET /v1/engines), where the project's policy allows it; null: the "
                        "policy decides.")
 _TAGS_DESCRIPTION = ("Labels kept with the job, at most 64: policy rules match on them, and `privacy: local` keeps "
@@ -393,8 +399,7 @@ class DraftCreate(Strict):
     width: Annotated[Side, NullIsDefault] = 512
     height: Annotated[Side, NullIsDefault] = 512
     steps: Steps | None = Field(None, description=_STEPS_DESCRIPTION)
-    guidance_scale: Annotated[float, NoBool, Field(ge=0, le=30)] | None = Field(None, description=(
-        "How closely to follow the prompt (classifier-free guidance), 0 to 30; null: the engine's default."))
+    guidance_scale: Guidance | None = Field(None, description=_GUIDANCE_DESCRIPTION)
     engine: str | None = Field(None, description=_ENGINE_DESCRIPTION)
     tags: Annotated[Tags, NullIsDefault] = Field(default_factory=dict, description=_TAGS_DESCRIPTION)
     cache: Annotated[bool, NullIsDefault] = Field(True, description=_CACHE_DESCRIPTION)
@@ -424,7 +429,8 @@ class PromoteCreate(Strict):
     quality: Annotated[Quality, NullIsDefault] = Field("high", description=(
         "`low`, `medium` or `high`, for engines that offer (and price) tiers of quality."))
     seed: Seed | None = Field(None, description="The image's seed; null: the source's (or a random one, recorded).")
-    steps: Steps | None = Field(None, description=_STEPS_DESCRIPTION)
+    steps: Steps | None = Field(None, description=_STEPS_DESCRIPTION + _TAKEN_BY)
+    guidance_scale: Guidance | None = Field(None, description=_GUIDANCE_DESCRIPTION + _TAKEN_BY)
     engine: str | None = Field(None, description=_ENGINE_DESCRIPTION)
     max_credits: Credits | None = Field(None, description=_MAX_CREDITS_DESCRIPTION)
     tags: Annotated[Tags, NullIsDefault] = Field(default_factory=dict, description=_INHERITED_TAGS_DESCRIPTION)
@@ -446,6 +452,8 @@ class PolishCreate(Strict):
     creativity: Annotated[float, NoBool, Field(ge=0.01, le=1), NullIsDefault] = Field(0.3, description=(
         "How far the engine may stray from the source, 0.01 to 1."))
     seed: Seed | None = Field(None, description="The image's seed; null: the source's (or a random one, recorded).")
+    steps: Steps | None = Field(None, description=_STEPS_DESCRIPTION + _TAKEN_BY)
+    guidance_scale: Guidance | None = Field(None, description=_GUIDANCE_DESCRIPTION + _TAKEN_BY)
     engine: str | None = Field(None, description=_ENGINE_DESCRIPTION)
     max_credits: Credits | None = Field(None, description=_MAX_CREDITS_DESCRIPTION)
     tags: Annotated[Tags, NullIsDefault] = Field(default_factory=dict, description=_INHERITED_TAGS_DESCRIPTION)

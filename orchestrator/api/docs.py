@@ -157,6 +157,9 @@ POLISH_EXAMPLES: Examples = {
     "upscale": {"summary": "Twice the source's size",
                 "value": {"scale": 2, "width": None, "height": None, "prompt": None, "creativity": 0.3,
                           "engine": None, "max_credits": None, "tags": {}}},
+    "refine": {"summary": "A refine at the source's size on local-hifi, with its own steps and guidance",
+               "value": {"scale": None, "creativity": 0.25, "steps": 30, "guidance_scale": 6.0,
+                         "engine": "local-hifi"}},
 }
 EXPLAIN_EXAMPLES: Examples = {
     "ideation": {"summary": "Drafts (stage `ideation`): the project's id and the drafts' body",

@@ -803,6 +803,21 @@ def test_strength_too_small_to_denoise(shared_server: httpx.Client, finished_job
     assert job_count(shared_server) == before
 
 
+@pytest.mark.parametrize("stage", ["promote", "polish"])
+@pytest.mark.parametrize(("body", "field"), [
+    ({"steps": 0}, "steps"), ({"steps": 151}, "steps"), ({"steps": 2.5}, "steps"), ({"steps": "4"}, "steps"),
+    ({"guidance_scale": -0.5}, "guidance_scale"), ({"guidance_scale": 30.5}, "guidance_scale"),
+    ({"guidance_scale": True}, "guidance_scale"), ({"guidance_scale": "7"}, "guidance_scale"),
+])
+def test_bad_steps_or_guidance_of_a_bridge_or_polish(shared_server: httpx.Client, finished_job: dict[str, Any],
+                                                    stage: str, body: dict[str, Any], field: str) -> None:
+    before = job_count(shared_server)
+    response = shared_server.post(f"/v1/assets/{finished_job['assets'][0]}/{stage}", json=body)
+    error = assert_error(response, 422, "invalid_request")
+    assert error["details"]["errors"][0]["loc"] == ["body", field] and error["message"].startswith(field)
+    assert job_count(shared_server) == before
+
+
 @pytest.mark.parametrize("body", [{"scale": 3, "width": 128}, {"scale": 1.5, "height": 64}])
 def test_polish_with_both_a_scale_and_a_size_is_refused(shared_server: httpx.Client, finished_job: dict[str, Any],
                                                          body: dict[str, Any]) -> None:

@@ -316,3 +316,25 @@ def test_an_unused_negative_prompt_still_reaches_the_bridge_and_the_polish(offli
     assert bridge["params"]["negative_prompt"] == "blurry"
     final = polish(offline, bridge["assets"][0])
     assert final["params"]["negative_prompt"] == "blurry"
+
+
+def test_a_bridge_and_a_polish_run_with_the_steps_and_guidance_asked(offline: httpx.Client) -> None:
+    """A bridge took steps but no guidance, a polish neither: local-hifi ran the model's defaults
+    whatever the artist asked for. Left out, they are still the model's (4 steps, guidance 0 for
+    the tiny one), and a polish that sets none stores neither, as before."""
+    project = create_project(offline, "steps")["id"]
+    draft_id = run_draft(offline, project, prompt=PROMPT)["assets"][0]
+    bridge = wait_for_job(offline, promote(offline, draft_id, steps=6, guidance_scale=2.5)["id"])
+    assert bridge["status"] == "succeeded", bridge["error"]
+    assert (bridge["params"]["steps"], bridge["params"]["guidance_scale"]) == (6, 2.5)
+    final = wait_for_job(offline, polish(offline, bridge["assets"][0], steps=7, guidance_scale=1.5)["id"])
+    assert final["status"] == "succeeded", final["error"]
+    assert (final["params"]["steps"], final["params"]["guidance_scale"]) == (7, 1.5)
+    plain = wait_for_job(offline, polish(offline, bridge["assets"][0])["id"])
+    assert "steps" not in plain["params"] and "guidance_scale" not in plain["params"]
+    told = {}
+    for job in (bridge, final, plain):
+        infotext, record = chunks(content(offline, job["assets"][0]))
+        told[job["id"]] = (record["steps"], record["guidance_scale"])
+        assert f"Steps: {record['steps']}" in infotext and f"CFG scale: {record['guidance_scale']:g}" in infotext
+    assert [told[job["id"]] for job in (bridge, final, plain)] == [(6, 2.5), (7, 1.5), (4, 0.0)]
