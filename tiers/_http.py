@@ -364,9 +364,10 @@ class _Unreadable(Exception):
 
 @functools.cache
 def _verifying_context() -> ssl.SSLContext:
-    """One TLS context (httpx's default: certifi's CAs, or SSL_CERT_FILE / SSL_CERT_DIR) for every
-    engine's client: each client making its own read the CA bundle again, 20 ms per engine at
-    every start."""
+    """One TLS context (httpx's default: certifi's CAs, or SSL_CERT_FILE / SSL_CERT_DIR as the
+    process first read them) for every engine's client: each client making its own read the CA
+    bundle again, 20 ms per engine at every start. httpcore sets the context's ALPN at each
+    connect, to HTTP/1.1 for every client here: one client given HTTP/2 would change it for all."""
     return httpx.create_ssl_context()
 
 

@@ -767,6 +767,10 @@ class LocalRuntime:
             import torch
 
             torch.cuda.empty_cache()
+        elif self._device == "mps":
+            import torch
+
+            torch.mps.empty_cache()
 
     def _image_to_image_only(self, model: str) -> bool:
         """Whether the model's folder (or Hub repository) holds an image-to-image pipeline."""

@@ -72,6 +72,9 @@ MAX_ASPECT = 2.5
 CREATIVE_THRESHOLD = 0.35
 CONSERVATIVE_CREATIVITY = (0.2, 0.5)
 CREATIVE_CREATIVITY = (0.1, 0.5)
+# What SD3 takes as `cfg_scale`: a request's guidance beyond it (ours go 0 to 30, a local model's
+# range) got a 400, which no fallback follows.
+SD3_CFG_SCALE = (1.0, 10.0)
 MAX_SEED = 4294967294
 
 
@@ -270,7 +273,7 @@ class StabilityEngine(CloudEngine):
                 fields["mode"] = "image-to-image"
                 fields["model"] = self._model
                 if req.guidance_scale is not None:
-                    fields["cfg_scale"] = f"{req.guidance_scale:g}"
+                    fields["cfg_scale"] = f"{_clamp(req.guidance_scale, SD3_CFG_SCALE):g}"
         return fields
 
     def _used(self, req: RenderRequest, op: Operation) -> dict[str, Any]:

@@ -44,7 +44,8 @@ def test_a_cancel_that_meets_the_end_of_a_race_leaves_no_exception_unretrieved(t
 
     # What the suite made before is frozen out of the collections, for good, as conftest.py froze
     # what the collection made: only this trial's objects are looked at (a full collection of a
-    # whole suite's heap took about 3 s, each). Collected first, or its garbage stayed for good.
+    # whole suite's heap took about 3 s, each). Collected first, or its garbage stayed for good;
+    # what earlier tests left alive stays so (never unfrozen: that would undo conftest.py's freeze).
     gc.collect()
     gc.freeze()
     asyncio.run(trial())

@@ -199,7 +199,7 @@ def test_another_model_s_latents_neither_use_nor_turn_off_the_lite_preview_vae(
     assert "ORCH_LITE_PREVIEW_VAE" not in caplog.text
 
 
-@pytest.mark.parametrize(("device", "collected"), [(None, False), ("cpu", False), ("cuda", True)])
+@pytest.mark.parametrize(("device", "collected"), [(None, False), ("cpu", False), ("cuda", True), ("mps", True)])
 def test_a_stop_runs_a_full_collection_only_to_give_a_gpu_s_cache_back(
         make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch, device: str | None, collected: bool) -> None:
     """Every stop ran a full collection, which in a process holding torch took a second and more:

@@ -103,6 +103,18 @@ async def test_bridge_sends_draft_to_sd3(engine: StabilityEngine) -> None:
     assert result.provider_request_id == "stab-req-1" and progress.request_ids == ["stab-req-1"]
 
 
+@pytest.mark.parametrize(("guidance", "sent"), [(0.0, "1"), (15.0, "10"), (10.0, "10")])
+@respx.mock
+async def test_a_guidance_beyond_sd3_s_range_is_sent_within_it_and_recorded_as_sent(
+        engine: StabilityEngine, guidance: float, sent: str) -> None:
+    """A bridge's guidance goes 0 to 30 (a local model's range); SD3's `cfg_scale` takes 1 to 10, and
+    refused the rest with a 400 that failed the job."""
+    route = respx.post(SD3).mock(return_value=ok())
+    result = await engine.run(bridge(guidance_scale=guidance), NullProgress(), CancelToken())
+    fields, _ = multipart(route.calls.last.request)
+    assert fields["cfg_scale"] == sent and result.metadata["guidance_scale"] == float(sent)
+
+
 @respx.mock
 async def test_a_bridge_of_another_shape_sends_the_draft_in_the_shape_asked(engine: StabilityEngine) -> None:
     """The output takes the input's shape: a square draft promoted to 1344x768 came back square."""
