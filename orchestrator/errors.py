@@ -20,6 +20,7 @@ it to `{"error": {"code", "message", "details"}}` with `status` in exactly one p
     ├── StorageFull             503 storage_full  (the database's disk)
     ├── ServerStopping          503 server_stopping (a request still open when a stop's wait ran out)
     ├── TooManyJobs             429 rate_limited  (ORCH_MAX_PENDING_JOBS unfinished jobs already)
+    ├── TooManyStreams          429 rate_limited  (ORCH_MAX_STREAMS_PER_KEY event streams open already)
     ├── NoRoute                 422 no_route
     │   ├── NoUsableEngine      503 no_route (a rule matched, none of its engines can take it now)
     │   └── NoPrice             422 no_route (a priced engine without a price entry is not routable)
@@ -201,6 +202,13 @@ class TooManyJobs(OrchestratorError):
 
     code, status = "rate_limited", 429
     retry_after = 5  # a guess at how soon some of the project's jobs finish
+
+
+class TooManyStreams(OrchestratorError):
+    """The project key already has as many event streams open as `ORCH_MAX_STREAMS_PER_KEY` allows."""
+
+    code, status = "rate_limited", 429
+    retry_after = 5
 
 
 class NoRoute(OrchestratorError):

@@ -36,6 +36,7 @@ from orchestrator.routing import Router, policy_warnings
 from orchestrator.runner import JobRunner
 from orchestrator.settings import CONFIG_FILE_VARIABLE, Settings, source_of
 from orchestrator.store import ORPHAN_GRACE_SECONDS, ArtifactStore, PreviewFiles, SweepRefused
+from orchestrator.stream_slots import StreamSlots
 from orchestrator.workers import DeviceLock, Presence
 from policies import PolicyError, PolicyStore
 from tiers._local import LocalRuntime
@@ -237,6 +238,7 @@ class Services:
     scheduler: Scheduler
     jobs: JobService
     follower: JobFollower
+    streams: StreamSlots
     background: list[asyncio.Task[None]] = field(default_factory=list)
     # Runs as long as the service: kept apart from `background`, whose tasks finish.
     health_sharing: asyncio.Task[None] | None = None
@@ -291,7 +293,7 @@ class Services:
         follower = JobFollower(db, bus, scheduler.holds, settings.poll_interval, previews)
         bus.pinned = scheduler.holds
         return cls(settings, db, store, bus, registry, policies, health, router, ledger, runner, scheduler, jobs,
-                   follower)
+                   follower, StreamSlots(settings.max_streams_per_key))
 
     def listen(self) -> None:
         """Look at once when another process sharing the database commits (`orchestrator.bells`):

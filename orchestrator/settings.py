@@ -117,6 +117,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(1 << 20, ge=1024)
     # Unfinished (queued or running) jobs a project may have; more are refused with 429 (0: no limit).
     max_pending_jobs: int = Field(200, ge=0)
+    # Event streams one project key may hold open on a server at once; more are refused with 429
+    # (0: no limit). The admin key's, and a service's without keys, are not counted.
+    max_streams_per_key: int = Field(64, ge=0)
 
     # Seconds a running job's lease lasts without a heartbeat before the sweeper recovers it.
     lease_seconds: float = Field(60.0, gt=0, le=DAY, allow_inf_nan=False)

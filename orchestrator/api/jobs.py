@@ -3,12 +3,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Response
 from fastapi.responses import StreamingResponse
 from sqlmodel import col, select
+from starlette.types import Receive, Scope, Send
 
 from orchestrator import keys
 from orchestrator.api.deps import CallerDep, ServicesDep, check_job
@@ -175,7 +176,10 @@ def _finished(services: Services, job_id: str) -> bool:
                 "the stream closes. A late client gets the "
                 "current state first; comment lines keep an idle stream open.")},
                        204: {"description": "Last-Event-ID is the terminal event: nothing more will come."},
-                       **documented(404, said={404: "No such job (`not_found`)."})})
+                       **documented(404, 429, said={
+                           404: "No such job (`not_found`).",
+                           429: "This project key already has ORCH_MAX_STREAMS_PER_KEY event streams open on this "
+                                "server (`rate_limited`); `Retry-After` says when to try again."})})
 async def job_events(job_id: JobId, services: ServicesDep, caller: CallerDep,
                      last_event_id: Annotated[str | None, Header(
                          alias="Last-Event-ID", description="The `id:` of the last event the client has: the "
@@ -210,6 +214,8 @@ async def job_events(job_id: JobId, services: ServicesDep, caller: CallerDep,
         # is trusted once the row says the job ended, which this process may not have heard yet.
         return Response(status_code=204)
     seen = services.bus.resume_after(last_event_id, job_id)
+    # Last, once nothing left can refuse the request: the answer gives the slot back as it ends.
+    release = services.streams.take(caller.key_id) if caller.key_id is not None else _nothing
 
     async def stream() -> AsyncIterator[str]:
         events = aiter(services.bus.subscribe(job_id, after=seen))
@@ -262,8 +268,27 @@ async def job_events(job_id: JobId, services: ServicesDep, caller: CallerDep,
             finally:  # even when that wait is itself canceled: the subscriber must go
                 await events.aclose()  # type: ignore[attr-defined]
 
-    return StreamingResponse(stream(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return HeldStream(stream(), release=release, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+class HeldStream(StreamingResponse):
+    """A stream that gives its slot back once its answer ends, however it ends: the client leaving,
+    the job's end, a stop, or a client gone before its first byte (whose body never starts, so a
+    `finally` in the body would never run)."""
+
+    def __init__(self, content: AsyncIterator[str], *, release: Callable[[], None], headers: dict[str, str]) -> None:
+        super().__init__(content, media_type="text/event-stream", headers=headers)
+        self._release = release
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._release()
+
+
+def _nothing() -> None:
+    return None
 
 
 def _retrieved(task: asyncio.Future[Any]) -> None:

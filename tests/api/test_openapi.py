@@ -494,7 +494,7 @@ ERRORS: dict[tuple[str, str], set[int]] = {
     ("get", "/v1/jobs/{job_id}"): ANY | {404},
     ("post", "/v1/jobs/{job_id}/cancel"): ANY | {403, 404, 409},
     ("get", "/v1/jobs/{job_id}/preview"): ANY | {404, 422},
-    ("get", "/v1/jobs/{job_id}/events"): ANY | {404},
+    ("get", "/v1/jobs/{job_id}/events"): ANY | {404, 429},
     ("get", "/v1/assets/{asset_id}"): ANY | {404, 410},
     ("delete", "/v1/assets/{asset_id}"): ANY | {403, 404, 409},
     ("get", "/v1/assets/{asset_id}/content"): ANY | {404, 410, 500},

@@ -3,6 +3,7 @@ exactly as missing ones, cannot do what only the admin may, and stops working wh
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -394,3 +395,52 @@ def test_a_project_key_reads_engine_notes_without_the_server_s_paths(
     assert str(secret) in told["local-hifi"]  # the operator sees where to look
     assert seen["local-hifi"] == "model 'acme-finetune.ckpt' is a .ckpt file: convert it to .safetensors"
     assert str(tmp_path) not in str(seen)
+
+
+def test_a_key_holds_at_most_orch_max_streams_per_key_event_streams(
+        make_settings: Callable[..., Settings], start_server: Callable[[Settings], httpx.Client]) -> None:
+    """A client reconnecting in a loop without closing, or following a whole batch at once, held a
+    connection, a subscription and a key check every few seconds per stream, without bound."""
+    # Without a scheduler the job stays queued: its streams stay open, saying nothing after `queued`.
+    base = start_server(make_settings(admin_key=ADMIN_KEY, max_streams_per_key=2, run_jobs=False)).base_url
+    with contextlib.ExitStack() as stack:
+        def client(secret: str) -> httpx.Client:
+            return stack.enter_context(httpx.Client(base_url=base, headers={"Authorization": f"Bearer {secret}"},
+                                                    timeout=30))
+
+        admin = client(ADMIN_KEY)
+        project = create_project(admin, "streams")["id"]
+        one, two = (client(admin.post(f"/v1/projects/{project}/keys", json={"name": name}).json()["key"])
+                    for name in ("one", "two"))
+        job = one.post(f"/v1/projects/{project}/drafts", json={"prompt": "waits", "n": 1, **SMALL}).json()["id"]
+
+        followed: list[Iterator[Any]] = []  # a stream's events, kept: a parser let go of closes its stream
+
+        def follow(by: httpx.Client) -> tuple[contextlib.AbstractContextManager[httpx.Response], httpx.Response]:
+            opening = by.stream("GET", f"/v1/jobs/{job}/events")
+            response = opening.__enter__()
+            if response.status_code == 200:
+                followed.append(iter_sse(response))
+                assert next(followed[-1]).event == "queued"
+            else:
+                response.read()
+                opening.__exit__(None, None, None)
+            return opening, response
+
+        first, second = follow(one), follow(one)
+        assert first[1].status_code == second[1].status_code == 200
+        refused = follow(one)[1]
+        error = assert_error(refused, 429, "rate_limited")
+        assert refused.headers["Retry-After"] == "5" and "ORCH_MAX_STREAMS_PER_KEY" in error["message"]
+        assert error["details"] == {"open": 2, "limit": 2}
+        # Another key of the project counts its own; the admin's are not counted.
+        for other in (two, admin, admin, admin):
+            assert follow(other)[1].status_code == 200
+        first[0].__exit__(None, None, None)  # the client leaves: its slot comes back
+        deadline = time.monotonic() + 10
+        while (again := follow(one))[1].status_code != 200:
+            assert time.monotonic() < deadline, "the slot of a closed stream was not given back"
+            time.sleep(0.05)
+        assert follow(one)[1].status_code == 429
+        for opening in (second[0], again[0]):
+            opening.__exit__(None, None, None)
