@@ -18,15 +18,19 @@ class StreamSlots:
         self.limit = limit  # 0: no limit
         self._open: dict[str, int] = {}
 
-    def take(self, key_id: str) -> Callable[[], None]:
-        """A slot for one more stream of `key_id`, or `TooManyStreams`; returns what gives it back
-        (once, however often it is called)."""
+    def check(self, key_id: str) -> None:
+        """`TooManyStreams` when `key_id` holds every slot it may."""
         held = self._open.get(key_id, 0)
         if self.limit and held >= self.limit:
             raise TooManyStreams(
                 f"this key already has {held} event streams open on this server (ORCH_MAX_STREAMS_PER_KEY): "
                 "close one, or poll GET /v1/jobs/{id}", details={"open": held, "limit": self.limit})
-        self._open[key_id] = held + 1
+
+    def take(self, key_id: str) -> Callable[[], None]:
+        """A slot for one more stream of `key_id`, or `TooManyStreams`; returns what gives it back
+        (once, however often it is called)."""
+        self.check(key_id)
+        self._open[key_id] = self._open.get(key_id, 0) + 1
         given_back = False
 
         def give_back() -> None:

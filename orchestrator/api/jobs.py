@@ -193,6 +193,10 @@ async def job_events(job_id: JobId, services: ServicesDep, caller: CallerDep,
         # reconnect then meets this.)
         raise ServerStopping("the server is stopping: follow the job again in a moment (another server, or "
                              "this one once restarted)", details={"job_id": job_id})
+    if caller.key_id is not None:
+        # Before any read: a key at its limit reconnecting in a loop costs nothing (the answer is the
+        # same for any job id, so it tells nothing of the job).
+        services.streams.check(caller.key_id)
     if caller.project_id is not None:
         await asyncio.to_thread(check_job, services, caller, job_id)
     known = services.bus.keep(job_id)  # a job this process has published is known to exist
@@ -214,7 +218,9 @@ async def job_events(job_id: JobId, services: ServicesDep, caller: CallerDep,
         # is trusted once the row says the job ended, which this process may not have heard yet.
         return Response(status_code=204)
     seen = services.bus.resume_after(last_event_id, job_id)
-    # Last, once nothing left can refuse the request: the answer gives the slot back as it ends.
+    # Last, once nothing left can refuse the request (the check above was before awaits other
+    # streams may have used): the answer gives the slot back as it ends. No await may come between
+    # here and the return, nor a dependency's teardown that can raise: the slot would stay taken.
     release = services.streams.take(caller.key_id) if caller.key_id is not None else _nothing
 
     async def stream() -> AsyncIterator[str]:

@@ -433,6 +433,8 @@ def test_a_key_holds_at_most_orch_max_streams_per_key_event_streams(
         error = assert_error(refused, 429, "rate_limited")
         assert refused.headers["Retry-After"] == "5" and "ORCH_MAX_STREAMS_PER_KEY" in error["message"]
         assert error["details"] == {"open": 2, "limit": 2}
+        # Refused before any read: a key at its limit reconnecting in a loop costs no look-up.
+        assert_error(one.get("/v1/jobs/job_0000000000zzzzzzzzzzzzzz/events"), 429, "rate_limited")
         # Another key of the project counts its own; the admin's are not counted.
         for other in (two, admin, admin, admin):
             assert follow(other)[1].status_code == 200
