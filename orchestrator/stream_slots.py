@@ -23,8 +23,9 @@ class StreamSlots:
         held = self._open.get(key_id, 0)
         if self.limit and held >= self.limit:
             raise TooManyStreams(
-                f"this key already has {held} event streams open on this server (ORCH_MAX_STREAMS_PER_KEY): "
-                "close one, or poll GET /v1/jobs/{id}", details={"open": held, "limit": self.limit})
+                f"this key already has {held} event stream{'' if held == 1 else 's'} open on this server "
+                "(ORCH_MAX_STREAMS_PER_KEY): close one, or poll GET /v1/jobs/{id}",
+                details={"open": held, "limit": self.limit})
 
     def take(self, key_id: str) -> Callable[[], None]:
         """A slot for one more stream of `key_id`, or `TooManyStreams`; returns what gives it back
