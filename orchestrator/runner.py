@@ -166,6 +166,15 @@ def _whole(value: object) -> int | None:
     return int(value) if isinstance(value, float) and math.isfinite(value) else None
 
 
+def _smaller_than_asked(params: dict[str, Any], size: tuple[int, int]) -> str | None:
+    """A note for an image narrower or lower than the job asked for: stored as made (and paid for
+    as asked), a client reading only `width`/`height` would not know that it is not what was asked."""
+    width, height = params.get("width"), params.get("height")
+    if not isinstance(width, int) or not isinstance(height, int) or (size[0] >= width and size[1] >= height):
+        return None
+    return f"the engine made {size[0]}x{size[1]}, smaller than the {width}x{height} asked"
+
+
 def _storable_values(value: Any) -> Any:
     """`value` with each text in it, however deep in lists and mappings, as it can be stored (`storable`)."""
     if isinstance(value, str):
@@ -1035,6 +1044,9 @@ class JobRunner:
         for rendered in result.images:
             record = self._record(job, result, rendered.seed)
             record["width"], record["height"] = rendered.image.size
+            short = _smaller_than_asked(job.params, rendered.image.size)
+            if short is not None:
+                record["notes"] = [*record.get("notes", []), short]
             records.append(record)
         # PNG encoding (zlib) releases the GIL: n images encode and fsync in parallel.
         try:

@@ -154,7 +154,9 @@ class FakePaidEngine:
         # "seedless": images without a seed, as Gemini's, OpenAI's and fal's are; "huge-seed": one no
         # 64-bit column holds (a plugin's bug).
         seed = None if behaviour == "seedless" else 2**64 + 5 if behaviour == "huge-seed" else req.seed
-        images = [RenderedImage(Image.new("RGB", (req.width, req.height), colour), seed) for _ in range(count)]
+        # "smaller": half the width asked, as a provider that makes less than it was paid for.
+        size = (req.width // 2, req.height) if behaviour == "smaller" else (req.width, req.height)
+        images = [RenderedImage(Image.new("RGB", size, colour), seed) for _ in range(count)]
         progress.step(1, 1)
         cost = req.tags.get("cost")
         # A cost of no whole millicredits (or an infinite one) is reported as it is: a plugin's bug.

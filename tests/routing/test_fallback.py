@@ -205,6 +205,22 @@ def test_a_model_name_the_column_cannot_hold_is_mended_not_a_lost_job(paid_serve
         assert (asset["record"]["sampler"], asset["record"]["notes"]) == ("euler\ufffd", ["a\ufffdnote"])
 
 
+def test_an_image_smaller_than_asked_is_kept_as_made_and_says_so(paid_server: httpx.Client) -> None:
+    """fal and Replicate answer images of their own size, and were stored smaller than the size paid
+    for without a word but the asset's `width`."""
+    _project_id, asset_id = draft_asset(paid_server)
+    source = paid_server.get(f"/v1/assets/{asset_id}").json()
+    done = wait_for_job(paid_server, promote(paid_server, asset_id, tags={"fake": "smaller"})["id"])
+    assert done["status"] == "succeeded", done
+    asset = paid_server.get(f"/v1/assets/{done['assets'][0]}").json()
+    made = (source["width"] // 2, source["height"])
+    assert (asset["width"], asset["height"]) == made and done["cost"]["charged"] == 10.0
+    assert asset["record"]["notes"] == [f"the engine made {made[0]}x{made[1]}, smaller than the "
+                                        f"{source['width']}x{source['height']} asked"]
+    exact = wait_for_job(paid_server, promote(paid_server, asset_id)["id"])
+    assert "notes" not in paid_server.get(f"/v1/assets/{exact['assets'][0]}").json()["record"]
+
+
 def test_a_seed_no_job_could_ask_for_is_not_stored_and_the_images_are_kept(paid_server: httpx.Client) -> None:
     # A plugin's 2**64 failed the asset's 64-bit column after the images were made and paid for.
     _project_id, asset_id = draft_asset(paid_server)
