@@ -170,9 +170,12 @@ def _smaller_than_asked(params: dict[str, Any], size: tuple[int, int]) -> str | 
     """A note for an image narrower or lower than the job asked for: stored as made (and paid for
     as asked), a client reading only `width`/`height` would not know that it is not what was asked."""
     width, height = params.get("width"), params.get("height")
-    if not isinstance(width, int) or not isinstance(height, int) or (size[0] >= width and size[1] >= height):
+    if not isinstance(width, int) or not isinstance(height, int):
         return None
-    return f"the engine made {size[0]}x{size[1]}, smaller than the {width}x{height} asked"
+    short = [side for side, made, asked in (("narrower", size[0], width), ("lower", size[1], height)) if made < asked]
+    if not short:
+        return None
+    return f"the engine made {size[0]}x{size[1]}, {' and '.join(short)} than the {width}x{height} asked"
 
 
 def _storable_values(value: Any) -> Any:

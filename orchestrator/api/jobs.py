@@ -193,9 +193,10 @@ async def job_events(job_id: JobId, services: ServicesDep, caller: CallerDep,
         # reconnect then meets this.)
         raise ServerStopping("the server is stopping: follow the job again in a moment (another server, or "
                              "this one once restarted)", details={"job_id": job_id})
-    if caller.key_id is not None:
-        # Before any read: a key at its limit reconnecting in a loop costs nothing (the answer is the
-        # same for any job id, so it tells nothing of the job).
+    if caller.key_id is not None and last_event_id is None:
+        # Before the job is read: a key at its limit reconnecting in a loop costs no job read (the
+        # answer is the same for any job id, so it tells nothing of the job). A reconnect with
+        # Last-Event-ID goes on: once it has the terminal event its answer is 204, limit or not.
         services.streams.check(caller.key_id)
     if caller.project_id is not None:
         await asyncio.to_thread(check_job, services, caller, job_id)

@@ -444,5 +444,11 @@ def test_a_key_holds_at_most_orch_max_streams_per_key_event_streams(
             assert time.monotonic() < deadline, "the slot of a closed stream was not given back"
             time.sleep(0.05)
         assert follow(one)[1].status_code == 429
+        # At its limit, a reconnect that has a job's terminal event still learns that it is over.
+        ended = one.post(f"/v1/projects/{project}/drafts", json={"prompt": "no", "n": 1, **SMALL}).json()["id"]
+        assert admin.post(f"/v1/jobs/{ended}/cancel").status_code == 202
+        last = read_events(admin, ended)[-1]
+        assert last.event == "canceled" and last.id is not None
+        assert one.get(f"/v1/jobs/{ended}/events", headers={"Last-Event-ID": last.id}).status_code == 204
         for opening in (second[0], again[0]):
             opening.__exit__(None, None, None)

@@ -215,7 +215,7 @@ def test_an_image_smaller_than_asked_is_kept_as_made_and_says_so(paid_server: ht
     asset = paid_server.get(f"/v1/assets/{done['assets'][0]}").json()
     made = (source["width"] // 2, source["height"])
     assert (asset["width"], asset["height"]) == made and done["cost"]["charged"] == 10.0
-    assert asset["record"]["notes"] == [f"the engine made {made[0]}x{made[1]}, smaller than the "
+    assert asset["record"]["notes"] == [f"the engine made {made[0]}x{made[1]}, narrower than the "
                                         f"{source['width']}x{source['height']} asked"]
     exact = wait_for_job(paid_server, promote(paid_server, asset_id)["id"])
     assert "notes" not in paid_server.get(f"/v1/assets/{exact['assets'][0]}").json()["record"]
