@@ -365,8 +365,8 @@ _SEED_DESCRIPTION = "The first image's seed; null: a random one, recorded in the
 _STEPS_DESCRIPTION = "Denoising steps, 1 to 150; null: the engine's default (`model_defaults` in GET /v1/engines)."
 _GUIDANCE_DESCRIPTION = ("How closely to follow the prompt (classifier-free guidance), 0 to 30; null: the engine's "
                          "default.")
-# Of the engines a bridge or polish may run on, local-hifi and AUTOMATIC1111 take both, ComfyUI the
-# steps its workflow has a placeholder for, Stability's image-to-image the guidance.
+# Of the engines a bridge or polish may run on, local-hifi and AUTOMATIC1111 take both, ComfyUI those
+# its workflow has a placeholder for, Stability's image-to-image the guidance.
 _TAKEN_BY = " Engines that take none (the cloud ones, mostly) leave it out of the image's record."
 _ENGINE_DESCRIPTION = ("The engine to run on (GET /v1/engines), where the project's policy allows it; null: the "
                        "policy decides.")

@@ -2,10 +2,10 @@
 
 The template (`ORCH_COMFYUI_WORKFLOW`) is a graph exported with "Export (API)" whose string inputs
 may hold placeholders: `{{prompt}}`, `{{negative_prompt}}`, `{{seed}}`, `{{strength}}` (denoise),
-`{{image}}` (the uploaded draft), `{{width}}`, `{{height}}`, `{{steps}}`. A value that is exactly a
-placeholder becomes the typed value (ComfyUI rejects `"42"` where it wants `42`); one inside a
-longer string is replaced as text. The graph is walked as parsed JSON, so prompt text never needs
-escaping.
+`{{image}}` (the uploaded draft), `{{width}}`, `{{height}}`, `{{steps}}`, `{{guidance_scale}}` (a
+sampler's `cfg`). A value that is exactly a placeholder becomes the typed value (ComfyUI rejects
+`"42"` where it wants `42`); one inside a longer string is replaced as text. The graph is walked
+as parsed JSON, so prompt text never needs escaping.
 
 Flow: upload the draft, queue the graph under a prompt id we choose (so a crash can find the work
 again before the server answers, and a restarted job can keep what it made), poll `/history/{id}`
@@ -70,7 +70,7 @@ log = logging.getLogger(__name__)
 
 PLACEHOLDER = re.compile(r"\{\{\s*(\w+)\s*\}\}")
 PLACEHOLDERS = frozenset(
-    {"prompt", "negative_prompt", "seed", "strength", "image", "width", "height", "steps"}
+    {"prompt", "negative_prompt", "seed", "strength", "image", "width", "height", "steps", "guidance_scale"}
 )
 # Bridge and polish are image-to-image: a template without these would silently ignore the request.
 REQUIRED_PLACEHOLDERS = ("prompt", "image")
@@ -79,8 +79,9 @@ REQUIRED_PLACEHOLDERS = ("prompt", "image")
 SIZE_SLACK, SIZE_SLACK_PIXELS = 0.02, 8
 # Far deeper than any API export (node, inputs, a [node, output] link: four levels).
 MAX_WORKFLOW_DEPTH = 64
-# ComfyUI's own KSampler default, used when the request leaves steps to the engine.
+# ComfyUI's own KSampler defaults, used when the request leaves steps or guidance to the engine.
 DEFAULT_STEPS = 20
+DEFAULT_CFG = 8.0
 SEED_RANGE = 2**32
 URL_SETTING = "ORCH_COMFYUI_URL"
 WORKFLOW_SETTING = "ORCH_COMFYUI_WORKFLOW"
@@ -417,13 +418,14 @@ class ComfyUIEngine:
     def _used(req: RenderRequest, template: dict[str, Any]) -> dict[str, Any]:
         """What the image's record says of the request's parameters: those the template's placeholders
         take, as substituted (`_values`); None for the rest, whose values are the workflow's own and
-        not known here (its sampler, its guidance, its steps without `{{steps}}`)."""
+        not known here (its sampler, its steps without `{{steps}}`, its guidance without `{{guidance_scale}}`)."""
         taken = placeholders(template)
         sent = ComfyUIEngine._values(req, "", 0)
         denoise = sent["strength"] if "strength" in taken else None
         polish = req.stage == "polish"  # a polish's `{{strength}}` is its creativity
         return {"negative_prompt": sent["negative_prompt"] if "negative_prompt" in taken else "",
-                "steps": sent["steps"] if "steps" in taken else None, "guidance_scale": None, "sampler": None,
+                "steps": sent["steps"] if "steps" in taken else None,
+                "guidance_scale": sent["guidance_scale"] if "guidance_scale" in taken else None, "sampler": None,
                 "strength": None if polish else denoise, "creativity": denoise if polish else None, "quality": None}
 
     async def _keep(self, handles: list[dict[str, Any]], template: dict[str, Any], progress: Progress,
@@ -478,6 +480,8 @@ class ComfyUIEngine:
             "width": int(req.width),
             "height": int(req.height),
             "steps": int(req.steps or DEFAULT_STEPS),
+            # 0 is a guidance the sampler takes: only None means the default.
+            "guidance_scale": float(DEFAULT_CFG if req.guidance_scale is None else req.guidance_scale),
         }
 
     async def _upload(self, req: RenderRequest, deadline: float, cancel: CancelToken) -> str:

@@ -162,6 +162,23 @@ async def test_success_uploads_draft_and_queues_typed_graph(engine: ComfyUIEngin
     assert result.metadata["steps"] == 20  # the template takes {{steps}}: ComfyUI's default was sent
 
 
+@pytest.mark.parametrize(("guidance", "sent"), [(4.5, 4.5), (0.0, 0.0), (None, 8.0)])
+@respx.mock
+async def test_a_guidance_placeholder_takes_the_request_s_guidance_or_comfyui_s_default(
+        make_ctx: Any, tmp_path: Path, guidance: float | None, sent: float) -> None:
+    """A workflow could take a bridge's steps but not its guidance: the sampler's `cfg` stayed the
+    template's whatever the request asked."""
+    graph = json.loads(json.dumps(WORKFLOW))
+    graph["3"]["inputs"]["cfg"] = "{{guidance_scale}}"
+    engine = ComfyUIEngine(make_ctx(comfyui_url=BASE, comfyui_workflow=write_workflow(tmp_path, graph)))
+    engine.poll_interval, engine.follow_progress = 0, False
+    routes = mock_server()
+    result = await engine.run(bridge(guidance_scale=guidance), NullProgress(), CancelToken())
+    cfg = json.loads(routes["prompt"].calls.last.request.content)["prompt"]["3"]["inputs"]["cfg"]
+    assert cfg == sent and isinstance(cfg, float)
+    assert result.metadata["guidance_scale"] == sent
+
+
 @respx.mock
 async def test_polish_uses_creativity_and_n_queues_one_prompt_per_image(engine: ComfyUIEngine) -> None:
     routes = mock_server()
