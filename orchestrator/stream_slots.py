@@ -46,6 +46,3 @@ class StreamSlots:
                 del self._open[key_id]
 
         return give_back
-
-    def open(self, key_id: str) -> int:
-        return self._open.get(key_id, 0)

@@ -33,10 +33,9 @@ SettingsFactory = Callable[..., Settings]
 def pytest_collection_finish(session: pytest.Session) -> None:
     """What the imports and the collection made (torch, diffusers, 2,500 tests: half a million
     objects) lives as long as the run: frozen, the cycle collector no longer walks it at each full
-    collection, which took 0.3 s and more, each, and a service's stop asks for one once it has used
-    the device. The libraries a model load imports (on the inference thread, by the first job that
-    needs it) are imported here, to be frozen with the rest. Collected first: garbage frozen would
-    stay for good."""
+    collection, which took 0.3 s and more, each. The libraries a model load imports (on the
+    inference thread, by the first job that needs it) are imported here, to be frozen with the
+    rest. Collected first: garbage frozen would stay for good."""
     import diffusers
     import torch  # noqa: F401
     import transformers

@@ -22,7 +22,6 @@ def test_slots_are_counted_per_key_and_given_back_once() -> None:
     slots.take("key_b")  # another key's own count
     first()
     first()  # twice: still one slot back, not two
-    assert slots.open("key_a") == 1
     slots.take("key_a")
     with pytest.raises(TooManyStreams):
         slots.take("key_a")
@@ -31,8 +30,7 @@ def test_slots_are_counted_per_key_and_given_back_once() -> None:
 def test_no_limit_takes_every_stream() -> None:
     slots = StreamSlots(limit=0)
     for _ in range(1000):
-        slots.take("key_a")
-    assert slots.open("key_a") == 1000
+        slots.take("key_a")  # never refused
 
 
 @pytest.mark.parametrize("spec_version", ["2.3", "2.4"])
@@ -40,11 +38,9 @@ def test_no_limit_takes_every_stream() -> None:
 async def test_a_stream_whose_client_left_before_its_first_byte_gives_its_slot_back(spec_version: str,
                                                                                     sending: str) -> None:
     """Its body may never start, so a `finally` in the body would never run: the answer itself gives it back."""
-    started: list[bool] = []
     released: list[bool] = []
 
     async def body() -> Any:
-        started.append(True)
         yield "never sent"
 
     async def receive() -> dict[str, Any]:
