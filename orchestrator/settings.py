@@ -41,6 +41,8 @@ PREFIX = "ORCH_"
 CONFIG_FILE_VARIABLE = "ORCH_CONFIG_FILE"
 # The longest a duration setting may be: past that, a typo (or `inf`) rather than a wish.
 DAY = 86_400.0
+# The longest `ORCH_A1111_UPSCALER` taken (the webui's names are under 40 characters).
+MAX_UPSCALER_CHARS = 100
 
 Device = Literal["auto", "cpu", "cuda", "mps"]
 
@@ -165,6 +167,8 @@ class Settings(BaseSettings):
     a1111_auth: SecretStr | None = None  # "user:password" for --api-auth
     # The checkpoint each render asks for (its title, name or hash); unset = whichever the server has loaded.
     a1111_checkpoint: str | None = None
+    # What img2img enlarges a draft with before it denoises (a polish); unset = the server's setting.
+    a1111_upscaler: str | None = None
     # Jobs one process sends at once to each of them: they render one at a time, and a job waiting
     # in the server's own queue runs out its deadline there, out of reach of a cancel (A1111).
     self_hosted_concurrency: int = Field(1, ge=1, le=64)
@@ -197,6 +201,17 @@ class Settings(BaseSettings):
     # `policy_dir = ""` in the file (or `Settings(policy_dir="")`) would otherwise be Path(""), the
     # working directory: every *.toml there read as a policy. An empty path or name means what
     # leaving it out means. (Empty variables never get here: `_EnvSource` drops them.)
+    @field_validator("a1111_upscaler")
+    @classmethod
+    def _upscaler_name(cls, value: str | None) -> str | None:
+        # The image's record keeps it: a name as the webui lists them ("R-ESRGAN 4x+"), one line,
+        # taken without an env file's stray spaces (with them it names no upscaler the server has).
+        value = value.strip() or None if value is not None else None
+        if value is not None and (len(value) > MAX_UPSCALER_CHARS or not value.isprintable()):
+            raise ValueError(f"must be an upscaler's name as the webui lists it (one line, at most "
+                             f"{MAX_UPSCALER_CHARS} characters), such as 'R-ESRGAN 4x+'")
+        return value
+
     @field_validator("*", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: Any, info: ValidationInfo) -> Any:

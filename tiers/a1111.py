@@ -20,6 +20,8 @@ The server is shared, and its loaded checkpoint is whichever a client chose last
 `ORCH_A1111_CHECKPOINT` set, each render asks for that one (`override_settings`, restored after).
 A checkpoint the server does not know is dropped there and the loaded one renders, so the result
 names the checkpoint the server reports it rendered with (`sd_model_name`), not the one asked for.
+`ORCH_A1111_UPSCALER` is asked for the same way: the webui's "Upscaler for img2img", which enlarges
+the draft to a polish's larger size before it is denoised (else a Lanczos resize).
 
 Self-hosted, so it costs no credits; `leaves_machine` is still True: `ORCH_A1111_URL` may point at
 any host, and the prompt and pixels go there. Optional HTTP Basic auth (`--api-auth`) comes from
@@ -144,6 +146,7 @@ class A1111Engine:
         # An env file's stray space would name no checkpoint the server has (and it would render
         # with its loaded one): taken as written without it.
         self._checkpoint = (s.a1111_checkpoint or "").strip() or None
+        self._upscaler = s.a1111_upscaler
         self._auth_given = s.a1111_auth is not None
         self._auth_error: str | None = None
         auth: tuple[str, str] | None = None
@@ -175,7 +178,7 @@ class A1111Engine:
     def configured(self) -> bool:
         """Whether the operator set it up (a server, or a setting of its own, given): unavailable
         without any is off by choice; `ORCH_A1111_AUTH` set without the URL is a mistake told at start."""
-        return bool(self._url or self._auth_given or self._checkpoint)
+        return bool(self._url or self._auth_given or self._checkpoint or self._upscaler)
 
     def availability(self) -> tuple[bool, str | None]:
         if not self._url:
@@ -194,10 +197,12 @@ class A1111Engine:
         assert req.init_image is not None
         # Another client of the shared server may have loaded any checkpoint: ask for ours, and
         # have the server put its own back after (the other clients' renders expect theirs).
-        pinned: dict[str, Any] = {} if self._checkpoint is None else {
-            "override_settings": {"sd_model_checkpoint": self._checkpoint},
-            "override_settings_restore_afterwards": True,
-        }
+        # The upscaler is the webui's "Upscaler for img2img": what enlarges the draft to the size
+        # asked before it is denoised (unset on the server, a plain Lanczos resize).
+        overrides = {key: value for key, value in (("sd_model_checkpoint", self._checkpoint),
+                                                   ("upscaler_for_img2img", self._upscaler)) if value is not None}
+        pinned: dict[str, Any] = {"override_settings": overrides,
+                                  "override_settings_restore_afterwards": True} if overrides else {}
         return {
             "force_task_id": task_id,
             "init_images": [b64encode(encode_image(req.init_image, fmt="PNG"))],
@@ -407,8 +412,16 @@ class A1111Engine:
             metadata={"checkpoint": checkpoint, "sampler": sampler, "steps": steps, "guidance_scale": guidance,
                       "negative_prompt": req.negative_prompt, "quality": None,
                       "strength": None if req.stage == "polish" else req.strength,
-                      "creativity": req.creativity if req.stage == "polish" else None},
+                      "creativity": req.creativity if req.stage == "polish" else None,
+                      "upscaler": self._upscaler if self._enlarges(req) else None},
         )
+
+    @staticmethod
+    def _enlarges(req: RenderRequest) -> bool:
+        """Whether the webui enlarged the draft to the size asked: its img2img upscaler runs only
+        then (a smaller or equal size is a plain resize)."""
+        assert req.init_image is not None
+        return req.width > req.init_image.width or req.height > req.init_image.height
 
     @staticmethod
     def _named(value: Any, limit: int, response: httpx.Response) -> str | None:

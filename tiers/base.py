@@ -175,12 +175,14 @@ class RenderedImage:
 
 # The generation parameters each image's record names (`JobRunner._record`). `metadata[key]`, where
 # an engine sets it, is the value it sent or used (a clamped one as clamped), and None says it did
-# not use it: the record leaves the key out ("" for `negative_prompt`). Unset, the job's is recorded.
+# not use it: the record leaves the key out ("" for `negative_prompt`). Unset, the job's is recorded
+# (`upscaler`, what enlarged the source before it was denoised, is no job's: only an engine names it).
 RECORDED_PARAMETERS = ("negative_prompt", "steps", "guidance_scale", "sampler", "strength", "quality", "scale",
-                       "creativity")
+                       "creativity", "upscaler")
 # What an engine sent a prompt and an image alone (Gemini, Replicate, fal) used of the rest: nothing
-# (`scale` stays: it says how the size asked for was worked out).
-PROMPT_AND_IMAGE_ONLY: dict[str, None] = dict.fromkeys(key for key in RECORDED_PARAMETERS if key != "scale")
+# (`scale` stays: it says how the size asked for was worked out; no job asks for an upscaler).
+PROMPT_AND_IMAGE_ONLY: dict[str, None] = dict.fromkeys(key for key in RECORDED_PARAMETERS
+                                                       if key not in ("scale", "upscaler"))
 
 
 @dataclass

@@ -256,6 +256,66 @@ def test_the_checkpoint_setting_is_taken_without_stray_spaces(make_ctx: Any) -> 
 
 
 @respx.mock
+@pytest.mark.parametrize("checkpoint", [None, "dreamshaper_8"])
+async def test_a_configured_upscaler_enlarges_a_polish_and_is_recorded(make_ctx: Any, sleep: Any,
+                                                                      checkpoint: str | None) -> None:
+    """The webui's "Upscaler for img2img" enlarges the draft to the size asked before it is
+    denoised (else a Lanczos resize): asked for in each render, beside a pinned checkpoint, the
+    server's own setting put back after, and named in the image's record and PNG."""
+    eng = pinned(make_ctx, sleep, checkpoint, a1111_upscaler="R-ESRGAN 4x+")
+    route = served("sdxl_base")
+    polish = bridge(stage="polish", creativity=0.3, scale=2.0, width=128, height=128, seed=5)
+    result = await eng.run(polish, NullProgress(), CancelToken())
+    sent = json.loads(route.calls.last.request.content)
+    asked = {"upscaler_for_img2img": "R-ESRGAN 4x+"}
+    assert sent["override_settings"] == (asked if checkpoint is None else {**asked, "sd_model_checkpoint": checkpoint})
+    assert sent["override_settings_restore_afterwards"] is True
+    assert (sent["width"], sent["height"]) == (128, 128) and result.metadata["upscaler"] == "R-ESRGAN 4x+"
+    job = SimpleNamespace(params={"prompt": "a lighthouse", "negative_prompt": "", "scale": 2.0, "creativity": 0.3},
+                          stage="polish", engine="a1111", source_asset_id="ast_x")
+    runner = SimpleNamespace(registry={"a1111": eng})
+    record = JobRunner._record(runner, job, result, result.images[0].seed)  # type: ignore[arg-type]
+    assert record["upscaler"] == "R-ESRGAN 4x+"
+
+
+@respx.mock
+@pytest.mark.parametrize("size", [(64, 64), (48, 64), (64, 32)])
+async def test_an_upscaler_is_not_claimed_where_the_draft_was_not_enlarged(make_ctx: Any, sleep: Any,
+                                                                          size: tuple[int, int]) -> None:
+    """The webui runs it only to enlarge (the 64x64 draft here); a size no larger is resized."""
+    eng = pinned(make_ctx, sleep, None, a1111_upscaler="R-ESRGAN 4x+")
+    route = served("sdxl_base")
+    result = await eng.run(bridge(width=size[0], height=size[1]), NullProgress(), CancelToken())
+    assert json.loads(route.calls.last.request.content)["override_settings"] == {
+        "upscaler_for_img2img": "R-ESRGAN 4x+"}
+    assert result.metadata["upscaler"] is None
+    job = SimpleNamespace(params={"prompt": "a lighthouse", "negative_prompt": ""}, stage="bridge",
+                          engine="a1111", source_asset_id="ast_x")
+    record = JobRunner._record(SimpleNamespace(registry={"a1111": eng}), job, result, 5)  # type: ignore[arg-type]
+    assert "upscaler" not in record
+
+
+@respx.mock
+async def test_without_an_upscaler_setting_the_server_s_own_is_used_and_none_named(engine: A1111Engine) -> None:
+    route = served("sdxl_base")
+    result = await engine.run(bridge(stage="polish", creativity=0.3), NullProgress(), CancelToken())
+    assert "override_settings" not in json.loads(route.calls.last.request.content)
+    assert result.metadata["upscaler"] is None
+
+
+@pytest.mark.parametrize(("given", "taken"), [(" R-ESRGAN 4x+ \r", "R-ESRGAN 4x+"), ("  ", None), (None, None)])
+def test_the_upscaler_setting_is_taken_without_stray_spaces(make_ctx: Any, given: str | None,
+                                                            taken: str | None) -> None:
+    assert make_ctx(a1111_url=BASE, a1111_upscaler=given).settings.a1111_upscaler == taken
+
+
+@pytest.mark.parametrize("given", ["x" * 101, "R-ESRGAN\n4x+", "nul\x00"])
+def test_an_upscaler_setting_that_names_none_is_refused_at_start(make_ctx: Any, given: str) -> None:
+    with pytest.raises(ValueError, match="upscaler's name as the webui lists it"):
+        make_ctx(a1111_url=BASE, a1111_upscaler=given)
+
+
+@respx.mock
 async def test_a_guidance_scale_of_zero_is_sent_as_zero(engine: A1111Engine) -> None:
     route = respx.post(URL).mock(return_value=httpx.Response(200, json=ok_body()))
     await engine.run(bridge(guidance_scale=0.0), NullProgress(), CancelToken())

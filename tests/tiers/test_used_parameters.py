@@ -34,9 +34,10 @@ NONE_TAKEN = dict.fromkeys(("steps", "guidance_scale", "sampler", "strength", "q
 
 
 def said(metadata: dict[str, Any]) -> dict[str, Any]:
-    """What the metadata says of the recorded parameters; `scale` stays the job's everywhere."""
+    """What the metadata says of the recorded parameters; `scale` stays the job's everywhere, and
+    an upscaler is named only by the engine that used one (`test_a1111`)."""
     assert "scale" not in metadata
-    return {key: metadata[key] for key in RECORDED_PARAMETERS if key != "scale"}
+    return {key: metadata[key] for key in RECORDED_PARAMETERS if key not in ("scale", "upscaler")}
 
 
 def polish(**kw: Any) -> RenderRequest:
