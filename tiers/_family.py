@@ -41,6 +41,9 @@ class ModelDefaults:
     # Distilled to denoise in a few steps from pure noise (Turbo, Lightning, Hyper-SD): its
     # schedule must start at the last timestep ("trailing" spacing), see `few_step_scheduler`.
     few_step: bool = False
+    # A latent-consistency model, which runs on LCM's scheduler (a single file is given its base
+    # family's, see `tiers._local`).
+    lcm: bool = False
     # What told the family: "nothing" is a guess, worth another look once the model is whole on
     # disk (a Hub model is downloaded at its first load; a file may still be being copied).
     told_by: Told = field(default="name", compare=False)
@@ -56,8 +59,12 @@ SDXL = ModelDefaults(steps=30, guidance_scale=5.0, native_size=1024)
 SD2 = ModelDefaults(steps=25, guidance_scale=7.5, native_size=768)  # 2.x-base models are 512
 TRANSFORMER = ModelDefaults(steps=28, guidance_scale=3.5, native_size=1024, size_multiple=16)
 TRANSFORMER_FAST = ModelDefaults(steps=4, guidance_scale=0.0, native_size=1024, size_multiple=16)
-# Latent consistency pipelines embed the guidance (w = guidance - 1): 0 would be w = -1.
-LCM = ModelDefaults(steps=4, guidance_scale=8.5, native_size=512)
+# Latent consistency pipelines, and a UNet distilled with LCM's guidance embedding, embed the
+# guidance (w = guidance - 1): 0 would be w = -1.
+LCM = ModelDefaults(steps=4, guidance_scale=8.5, native_size=512, lcm=True)
+# A model merged with LCM-LoRA keeps its UNet, with no such embedding: its pipeline applies the
+# guidance as classifier-free guidance, which at 8.5 burns the image (LCM-LoRA takes 1 to 2; 1 is none).
+LCM_MERGED = replace(LCM, guidance_scale=1.0)
 
 
 def own_name(model: str) -> str:
@@ -75,7 +82,40 @@ def model_defaults(model: str) -> ModelDefaults:
     by its files, else SD 1.5's (`told_by="nothing"`)."""
     if model == tiny.NAME:
         return ModelDefaults(steps=4, guidance_scale=0.0, native_size=512)
-    return _by_name(own_name(model)) or _by_files(model) or replace(SD15, told_by="nothing")
+    named = _by_name(own_name(model))
+    if named is not None and named.lcm:
+        return _lcm_guidance(model, named)
+    return named or _by_files(model) or replace(SD15, told_by="nothing")
+
+
+def _lcm_guidance(model: str, named: ModelDefaults) -> ModelDefaults:
+    """An LCM model by its name: whether its guidance is embedded only its files tell. A single
+    file is loaded into its base family's UNet, which has no guidance embedding (LCM checkpoints
+    shared as one file are LCM-LoRA merges); a folder says it in its configuration; a Hub model
+    not downloaded yet gets the latent-consistency pipelines' 8.5 until it is."""
+    try:
+        path = home_expanded(model)
+        if path.is_file():
+            return replace(named, guidance_scale=LCM_MERGED.guidance_scale)
+        folder = path if path.is_dir() else snapshot_folder(model)
+        embedded = _guidance_embedded(folder) if folder is not None else None
+    except (OSError, ValueError, RecursionError):
+        embedded = None
+    if embedded is None:
+        return replace(named, told_by="nothing")
+    return replace(named, guidance_scale=(LCM if embedded else LCM_MERGED).guidance_scale)
+
+
+def _guidance_embedded(folder: Path) -> bool | None:
+    """Whether a diffusers folder's UNet takes LCM's guidance embedding (`time_cond_proj_dim`), or
+    its pipeline is a latent-consistency one; None while its configuration is not there to read."""
+    index = _config(folder / "model_index.json")
+    unet = _config(folder / "unet" / "config.json")
+    if str(index.get("_class_name") or "").startswith("LatentConsistencyModel"):
+        return True
+    if not unet:
+        return None
+    return unet.get("time_cond_proj_dim") is not None
 
 
 def _by_name(name: str) -> ModelDefaults | None:
@@ -164,8 +204,10 @@ def _folder(folder: Path) -> ModelDefaults | None:
     sample_size = configs["unet"].get("sample_size")
     native = (sample_size * LATENT_SCALE if isinstance(sample_size, int) and 32 <= sample_size <= 256
               else 1024 if xl else 512)
-    if pipeline.startswith("LatentConsistencyModel") or configs["scheduler"].get("_class_name") == "LCMScheduler":
-        return replace(LCM, native_size=native, told_by=told)
+    consistency = pipeline.startswith("LatentConsistencyModel")
+    if consistency or configs["scheduler"].get("_class_name") == "LCMScheduler":
+        embedded = consistency or configs["unet"].get("time_cond_proj_dim") is not None
+        return replace(LCM if embedded else LCM_MERGED, native_size=native, told_by=told)
     return replace(SDXL if xl else SD15, native_size=native, told_by=told)
 
 

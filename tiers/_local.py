@@ -929,8 +929,14 @@ class LocalRuntime:
         # inference thread for good, its client waiting without a timeout. (Not in the cache, the
         # configuration is fetched all the same: diffusers does so itself.)
         pipe = cls.from_single_file(str(path), torch_dtype=self.dtype(), local_files_only=True)
-        if model_defaults(str(path)).few_step:
+        defaults = model_defaults(str(path))
+        if defaults.few_step:
             pipe.scheduler = few_step_scheduler(pipe.scheduler, str(path))
+        elif defaults.lcm:
+            # Given its base family's scheduler, 4 steps of an LCM-LoRA merge came out as noise.
+            from diffusers import LCMScheduler
+
+            pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
         return pipe
 
     def _warm_up(self, pipe: Any, model: str, *, image_to_image: bool = False) -> None:

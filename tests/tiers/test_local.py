@@ -553,6 +553,32 @@ async def test_a_few_step_single_file_denoises_from_noise(
         ("trailing", "epsilon") if sampler == "EulerDiscreteScheduler" else ("leading", "v_prediction"))
 
 
+async def test_an_lcm_single_file_runs_on_lcm_s_scheduler_without_classifier_free_guidance(
+        make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch, tmp_path: Any, tiny_cache_dir: Any) -> None:
+    """An LCM checkpoint shared as one file is an LCM-LoRA merge, which diffusers gives its base
+    family's scheduler (DDIM here) and a UNet without LCM's guidance embedding: 4 DDIM steps at
+    classifier-free guidance 8.5 came out as noise. It gets LCM's scheduler and guidance 1 (none)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from safetensors.torch import save_file
+
+    def from_single_file(cls: Any, path: str, **kwargs: Any) -> Any:  # what diffusers builds, offline
+        pipe = StableDiffusionPipeline.from_pretrained(tiny_cache_dir / "tiny-sd", **kwargs)
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        return pipe
+
+    monkeypatch.setattr(StableDiffusionPipeline, "from_single_file", classmethod(from_single_file))
+    checkpoint = tmp_path / "dreamshaper_8_lcm.safetensors"
+    save_file({"model.diffusion_model.out.0.weight": torch.zeros(4)}, str(checkpoint))
+    lite = LiteEngine(EngineContext(settings=make_settings(lite_model=str(checkpoint))))
+    try:
+        result = await lite.run(draft(n=1, negative_prompt="blurry"), RecordingProgress(), CancelToken())
+    finally:
+        lite.runtime.shutdown(timeout=30)
+    assert result.metadata["sampler"] == "LCMScheduler"
+    assert (result.metadata["steps"], result.metadata["guidance_scale"]) == (4, 1.0)
+    assert any("negative prompt was not used" in note for note in result.metadata["notes"])
+
+
 async def test_a_single_file_reads_its_family_s_configuration_from_the_cache_first(
         make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch, tmp_path: Any, tiny_cache_dir: Any) -> None:
     """Asked first, a Hub that took the connection and never answered held the inference thread for

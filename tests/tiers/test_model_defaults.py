@@ -26,7 +26,9 @@ TURBO = ModelDefaults(steps=2, guidance_scale=0.0, native_size=512, few_step=Tru
     ("stabilityai/sdxl-turbo", TURBO),  # trained at 512
     ("ByteDance/SDXL-Lightning", ModelDefaults(steps=4, guidance_scale=0.0, native_size=1024, few_step=True)),
     # Latent consistency pipelines compute w = guidance - 1: guidance 0 would be w = -1.
-    ("SimianLuo/LCM_Dreamshaper_v7", ModelDefaults(steps=4, guidance_scale=8.5, native_size=512)),
+    ("SimianLuo/LCM_Dreamshaper_v7", ModelDefaults(steps=4, guidance_scale=8.5, native_size=512, lcm=True)),
+    # One file is loaded into its family's UNet, without LCM's guidance embedding (an LCM-LoRA
+    # merge): guidance 1, no classifier-free guidance, which at 8.5 burnt the image.
     ("stabilityai/stable-diffusion-xl-base-1.0", ModelDefaults(steps=30, guidance_scale=5.0, native_size=1024)),
     ("stabilityai/stable-diffusion-2-1", ModelDefaults(steps=25, guidance_scale=7.5, native_size=768)),
     # Only the model's own name counts: "alexl" in the folder is not "xl".
@@ -123,9 +125,15 @@ def safetensors_file(path: Path, keys: list[str]) -> Path:
     # SD 2.1's 768 px v-prediction model: its UNet works on 96x96 latents.
     ("StableDiffusionPipeline", {"unet__config.json": {"sample_size": 96}}, ModelDefaults(25, 7.5, 768)),
     ("StableDiffusionPipeline", {"unet__config.json": {"sample_size": 64}}, SD15),
-    ("StableDiffusionXLPipeline", {"scheduler__scheduler_config.json": {"_class_name": "LCMScheduler"}},
-     ModelDefaults(steps=4, guidance_scale=8.5, native_size=1024)),
-    ("LatentConsistencyModelPipeline", {}, ModelDefaults(steps=4, guidance_scale=8.5, native_size=512)),
+    # LCM-SDXL: LCM's scheduler and a UNet distilled with its guidance embedding.
+    ("StableDiffusionXLPipeline", {"scheduler__scheduler_config.json": {"_class_name": "LCMScheduler"},
+                                   "unet__config.json": {"time_cond_proj_dim": 256}},
+     ModelDefaults(steps=4, guidance_scale=8.5, native_size=1024, lcm=True)),
+    # Merged with LCM-LoRA: LCM's scheduler, the base UNet; its guidance is classifier-free.
+    ("StableDiffusionXLPipeline", {"scheduler__scheduler_config.json": {"_class_name": "LCMScheduler"},
+                                   "unet__config.json": {"sample_size": 128, "time_cond_proj_dim": None}},
+     ModelDefaults(steps=4, guidance_scale=1.0, native_size=1024, lcm=True)),
+    ("LatentConsistencyModelPipeline", {}, ModelDefaults(steps=4, guidance_scale=8.5, native_size=512, lcm=True)),
     ("StableDiffusion3Pipeline", {}, TRANSFORMER),
     ("FluxPipeline", {"transformer__config.json": {"guidance_embeds": True}}, TRANSFORMER),  # FLUX.1-dev
     ("FluxPipeline", {"transformer__config.json": {"guidance_embeds": False}}, TRANSFORMER_FAST),  # schnell
@@ -137,6 +145,38 @@ def test_a_folder_whose_name_says_nothing_is_read_from_its_configuration(
     defaults = model_defaults(str(diffusers_folder("lite-v2", pipeline, **configs)))
     assert defaults == expected
     assert defaults.told_by == "files"
+
+
+@pytest.mark.parametrize(("pipeline", "unet", "guidance"), [
+    ("LatentConsistencyModelPipeline", {}, 8.5),  # SimianLuo's LCM_Dreamshaper_v7
+    ("StableDiffusionPipeline", {"time_cond_proj_dim": 256}, 8.5),  # an LCM-distilled UNet
+    ("StableDiffusionPipeline", {"sample_size": 64}, 1.0),  # merged with LCM-LoRA
+])
+def test_an_lcm_model_by_its_name_has_its_guidance_read_from_its_unet(
+        diffusers_folder: Folder, pipeline: str, unet: dict[str, Any], guidance: float) -> None:
+    """The name says LCM; only the files say whether the guidance is embedded (8.5, w = 7.5) or
+    classifier-free, where 8.5 burns the image."""
+    folder = diffusers_folder("dreamshaper-8-lcm", pipeline, **{"unet__config.json": unet})
+    defaults = model_defaults(str(folder))
+    assert defaults == ModelDefaults(steps=4, guidance_scale=guidance, native_size=512, lcm=True)
+    assert defaults.told_by == "name"
+
+
+@pytest.mark.parametrize(("name", "native"), [("dreamshaper_8_lcm.safetensors", 512),
+                                              ("juggernautXL_lcm.safetensors", 1024)])
+def test_an_lcm_single_file_is_a_merge_without_guidance(tmp_path: Path, name: str, native: int) -> None:
+    checkpoint = safetensors_file(tmp_path / name, ["model.diffusion_model.out.0.weight"])
+    assert model_defaults(str(checkpoint)) == ModelDefaults(steps=4, guidance_scale=1.0, native_size=native, lcm=True)
+
+
+def test_an_lcm_model_whose_unet_is_not_there_yet_is_read_again(diffusers_folder: Folder) -> None:
+    folder = diffusers_folder("lcm-house", "StableDiffusionPipeline", **{"unet__config.json": {}})
+    (folder / "unet" / "config.json").unlink()
+    defaults = model_defaults(str(folder))
+    assert defaults.guidance_scale == 8.5 and defaults.told_by == "nothing"
+    (folder / "unet" / "config.json").write_text(json.dumps({"sample_size": 64}))
+    defaults = model_defaults(str(folder))
+    assert defaults.guidance_scale == 1.0 and defaults.told_by == "name"
 
 
 def test_the_name_comes_before_the_files(diffusers_folder: Folder) -> None:
