@@ -1065,6 +1065,9 @@ class LocalRuntime:
             from PIL import Image as PILImage
 
             first = latents[:1].to(vae.dtype)
+            height, width = (side * TAESD_SCALE for side in first.shape[-2:])
+            fits = min(1.0, PREVIEW_MAX_SIDE / max(height, width))
+            size = (max(1, round(width * fits)), max(1, round(height * fits)))
             # Shrunk before the decode, not after it: a full-size decode cost seconds a step on a CPU
             # (1.2 s at 512 px, 13 s at 1024), more than the step itself, for a picture shown small.
             shrink = math.ceil(max(first.shape[-2:]) * TAESD_SCALE / PREVIEW_MAX_SIDE)
@@ -1074,8 +1077,8 @@ class LocalRuntime:
                 img = vae.decode(first).sample[0]
             arr = ((img.float().clamp(-1, 1) + 1) * 127.5).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
             image = PILImage.fromarray(arr, mode="RGB")
-            factor = math.ceil(max(image.size) / PREVIEW_MAX_SIDE)
-            return image.reduce(factor) if factor > 1 else image
+            # The pooling rounds each side up: a few latents across (a 1032x64 strip) came out squashed.
+            return image if image.size == size else image.resize(size, PILImage.Resampling.BILINEAR)
 
         return decode
 

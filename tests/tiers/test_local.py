@@ -250,6 +250,10 @@ def test_a_preview_vae_s_previews_are_small_whatever_the_image_size(
         small, large = (runtime.preview(torch.randn(1, 4, side // 8, side // 8)) for side in (256, 1024))
         assert small is not None and small.size == (256, 256)  # decoded at the image's size
         assert large is not None and large.size == (512, 512)
+        # The image's shape, a narrow strip's too (pooled 3 latents high, it came out 344x24).
+        wide, tall = runtime.preview(torch.randn(1, 4, 8, 129)), runtime.preview(torch.randn(1, 4, 144, 96))
+        assert wide is not None and wide.size == (512, 32)
+        assert tall is not None and tall.size == (341, 512)
     finally:
         runtime.shutdown(timeout=30)
 
