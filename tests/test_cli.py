@@ -176,7 +176,9 @@ def test_the_demo_runs_the_three_stages_and_saves_their_images(
     told = capsys.readouterr().out
     # Not a terminal: each job's outcome on a line of its own, no bar redrawn with carriage returns.
     assert "\r" not in told
-    assert told.count("images are noise") == 1, told  # once, not again at the end
+    # Once each, not again at the end: Lite's, and local-hifi's tiny model set by ORCH_HIFI_MODEL.
+    assert told.count("images are noise (set ORCH_LITE_MODEL") == 1, told
+    assert told.count("images are noise (set ORCH_HIFI_MODEL") == 1, told
     assert [line.split()[0] for line in told.splitlines() if line.rstrip().endswith("succeeded")] == [
         "drafts", "bridge", "polish"]
     chain = told.split("lineage:\n", 1)[1].splitlines()[:3]

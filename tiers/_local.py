@@ -1164,8 +1164,13 @@ class LocalEngine:
         return await cancel.race(self.runtime.call(fn, req, progress, cancel), charged="no")
 
     @property
+    def model_setting(self) -> str:
+        """The setting that names this engine's model."""
+        return "ORCH_LITE_MODEL"
+
+    @property
     def note(self) -> str | None:
-        return tiny.NOTE if self._model == tiny.NAME else None
+        return tiny.note(self.model_setting) if self._model == tiny.NAME else None
 
     def availability(self) -> tuple[bool, str | None]:
         if self.runtime.device_problem:

@@ -70,6 +70,11 @@ class LocalHifiEngine(LocalEngine):
         super().__init__(ctx, ctx.settings.effective_hifi_model,
                          Capabilities(img2img=True, upscale=True, seeds=True, negative_prompt=True))
 
+    @property
+    def model_setting(self) -> str:
+        # Unset, it is the Lite model's: ORCH_LITE_MODEL changes both.
+        return "ORCH_HIFI_MODEL" if self.settings.hifi_model else "ORCH_LITE_MODEL"
+
     async def run(self, req: RenderRequest, progress: Progress, cancel: CancelToken) -> RenderResult:
         self.estimate(req)  # size limits
         if req.init_image is None:

@@ -21,11 +21,16 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 NAME = "builtin:tiny-sd"
-NOTE = "builtin:tiny-sd has random weights: its images are noise (set ORCH_LITE_MODEL to a real model)"
+
 _VERSION = "2"
 # Held while torch modules are made, here and by a load in tiers._local (see its MODULE_BUILD_LOCK);
 # taken before the lock file, so a load building the model and a build on another thread cannot deadlock.
 MODULE_BUILD_LOCK = threading.RLock()
+
+
+def note(setting: str) -> str:
+    """What an engine on the tiny model says of it: `setting` is the one that chose it."""
+    return f"{NAME} has random weights: its images are noise (set {setting} to a real model)"
 
 
 def _vocab() -> tuple[dict[str, int], list[str]]:

@@ -299,14 +299,22 @@ def test_engines(server: httpx.Client) -> None:
     assert "API key" in engines["gemini"]["note"] or "GEMINI" in engines["gemini"]["note"]
 
 
-def test_the_smoke_model_s_note_is_logged_once_for_the_engines_sharing_it(
+@pytest.mark.parametrize("hifi_model", [None, "builtin:tiny-sd"])
+def test_the_smoke_model_s_note_names_the_setting_that_chose_it(
         make_settings: Callable[..., Settings], start_server: Callable[[Settings], httpx.Client],
-        caplog: pytest.LogCaptureFixture) -> None:
+        caplog: pytest.LogCaptureFixture, hifi_model: str | None) -> None:
+    """Said once for the engines sharing it through ORCH_LITE_MODEL; local-hifi's own
+    ORCH_HIFI_MODEL is named where that one chose it (it told the operator to change the other)."""
     with caplog.at_level("WARNING", logger="orchestrator.services"):
-        start_server(make_settings(hifi_model="builtin:tiny-sd"))
+        client = start_server(make_settings(hifi_model=hifi_model))
     notes = [r.getMessage() for r in caplog.records if "random weights" in r.getMessage()]
-    assert notes == ["lite, local-hifi: builtin:tiny-sd has random weights: its images are noise "
-                     "(set ORCH_LITE_MODEL to a real model)"]
+    said = "builtin:tiny-sd has random weights: its images are noise (set {} to a real model)"
+    if hifi_model is None:
+        assert notes == [f"lite, local-hifi: {said.format('ORCH_LITE_MODEL')}"]
+    else:
+        assert notes == [f"lite: {said.format('ORCH_LITE_MODEL')}", f"local-hifi: {said.format('ORCH_HIFI_MODEL')}"]
+    engines = {e["name"]: e for e in client.get("/v1/engines").json()}
+    assert engines["local-hifi"]["note"] == said.format("ORCH_HIFI_MODEL" if hifi_model else "ORCH_LITE_MODEL")
 
 
 def test_a_self_hosted_engine_set_up_wrong_is_told_at_start(
