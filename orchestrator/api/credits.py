@@ -221,13 +221,17 @@ _ENTRY_ID = re.compile(r"[1-9][0-9]{0,9}")  # digits without leading zeros, at m
 
 def _rfc3339(value: Any) -> Any:
     # Pydantic reads a bare number as Unix seconds ("to=0.5" was 1970); the contract's times are RFC 3339.
-    if isinstance(value, str) and (not _DATE.match(value) or not value.isascii() or "," in value):
+    if isinstance(value, str) and (not _DATE.match(value) or not value.isascii()):
+        raise ValueError("expected an RFC 3339 time, e.g. 2026-11-01T00:00:00Z")
+    if isinstance(value, str) and "," in value:
         # A decimal comma (ISO 8601 allows one, RFC 3339 does not) passed pydantic, and its digits
         # past the microsecond were cut where a point's are rounded up: the bound moved back.
-        raise ValueError("expected an RFC 3339 time, e.g. 2026-11-01T00:00:00Z (a fraction after a '.')")
+        raise ValueError("expected an RFC 3339 time, e.g. 2026-11-01T00:00:00.5Z (a fraction after a '.', not a ',')")
     if isinstance(value, str) and _UNENCODED_PLUS.search(value):
         # A query string reads `+` as a space: `...T01:00:00+01:00` arrives as `...T01:00:00 01:00`.
         raise ValueError("a '+' in a query string reads as a space: URL-encode the zone's '+' as %2B")
+    if isinstance(value, str):
+        _in_range(value)
     fraction = _BEYOND_MICROSECONDS.search(value) if isinstance(value, str) else None
     if fraction is not None:
         # RFC 3339 allows any number of digits (Go and .NET send 7 to 9); pydantic drops those past
@@ -245,6 +249,20 @@ def _rfc3339(value: Any) -> Any:
         except OverflowError:  # past 9999-12-31T23:59:59.999999: not a ValueError, it was a 500
             raise ValueError("is out of range (after 9999-12-31T23:59:59.999999)") from None
     return value
+
+
+def _in_range(value: str) -> None:
+    """Raise ValueError naming the part of a time that is out of range (hour 24, second 60, a
+    zone 25 hours off, 30 February): pydantic said "unexpected extra characters" of them. A
+    value Python cannot read for another reason is left to pydantic to describe."""
+    try:
+        datetime.fromisoformat(value.upper())  # RFC 3339 allows a lower-case t and z; Python does not
+    except ValueError as exc:
+        said = str(exc)
+        if said.startswith("offset must be"):
+            raise ValueError("is out of range: a zone's offset is less than 24 hours (-23:59 to +23:59)") from None
+        if " must be in " in said or "out of range" in said:
+            raise ValueError(f"is out of range: {said}") from None
 
 
 def _csv_name(report: dict[str, Any]) -> str:

@@ -107,6 +107,23 @@ def test_bad_parameters(api: httpx.Client, params: dict[str, str]) -> None:
     assert response.json()["error"]["code"] == "invalid_request"
 
 
+@pytest.mark.parametrize(("value", "said"), [
+    ("yesterday", "from: expected an RFC 3339 time, e.g. 2026-11-01T00:00:00Z"),
+    ("2026-11-01T00:00:00,5Z", "from: expected an RFC 3339 time, e.g. 2026-11-01T00:00:00.5Z (a fraction after "
+                               "a '.', not a ',')"),
+    ("2026-11-01T24:00:00Z", "from: is out of range: hour must be in 0..23"),
+    ("2026-11-01T00:00:60.5Z", "from: is out of range: second must be in 0..59"),
+    ("2026-02-30T00:00:00Z", "from: is out of range: day is out of range for month"),
+    ("2026-11-01T00:00:00+25:00", "from: is out of range: a zone's offset is less than 24 hours (-23:59 to +23:59)"),
+])
+def test_a_bad_time_is_told_what_is_wrong_with_it(api: httpx.Client, value: str, said: str) -> None:
+    """An hour 24 or a second 60 was "unexpected extra characters at the end of the input", and
+    every malformed time was told about a decimal point it did not have."""
+    response = api.get("/v1/spend", params={"from": value})
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["message"] == said
+
+
 def test_csv(api: httpx.Client, spent: dict[str, Any]) -> None:
     response = api.get("/v1/spend", params={"project_id": spent["project_id"], "group_by": "engine",
                                              "format": "csv"})
