@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 # transformers warns at import time about optional image processors a diffusion pipeline never uses.
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 T = TypeVar("T")
+PipelineKind = Literal["text2img", "img2img"]
 AUTO_MODEL = "stabilityai/sd-turbo"
 
 # A TAESD preview is decoded at most this size: it is shown small, and a 2048 px PNG would cost the
@@ -546,6 +547,9 @@ class LocalRuntime:
         # A model's last failure to load (when, and the error): the engines say so in their
         # availability, and a job retries the load only after LOAD_RETRY_SECONDS.
         self._load_failures: dict[str, tuple[float, EngineUnavailable]] = {}
+        # A model that loads but cannot serve one kind of pipeline (a refiner's drafts, PixArt's
+        # img2img): said by that kind's engine only, the other one using the model as ever.
+        self._unfit: dict[tuple[str, PipelineKind], tuple[float, EngineUnavailable]] = {}
         # The Lite model's preview: None until it is loaded (the approximation meanwhile), then the
         # preview VAE's decode, or the approximation (`latents_to_preview`), or none (`_no_preview`).
         self._previewer: Callable[..., Image | None] | None = None
@@ -683,12 +687,21 @@ class LocalRuntime:
         uuid = getattr(torch.cuda.get_device_properties(torch.cuda.current_device()), "uuid", None)
         return f"cuda-{uuid}" if uuid else device
 
-    def load_failure(self, model: str) -> EngineUnavailable | None:
-        """Why the model could not be loaded, when it failed less than LOAD_RETRY_SECONDS ago."""
-        failure = self._load_failures.get(_identity(model))
-        if failure is None or time.monotonic() - failure[0] >= LOAD_RETRY_SECONDS:
-            return None
-        return failure[1]
+    def load_failure(self, model: str, kind: PipelineKind | None = None) -> EngineUnavailable | None:
+        """Why the model could not be loaded (or, given a `kind`, made that kind of pipeline), when
+        it failed less than LOAD_RETRY_SECONDS ago."""
+        identity = _identity(model)
+        for failure in (self._load_failures.get(identity), self._unfit.get((identity, kind)) if kind else None):
+            if failure is not None and time.monotonic() - failure[0] < LOAD_RETRY_SECONDS:
+                return failure[1]
+        return None
+
+    def _unfit_for(self, model: str, kind: PipelineKind, message: str) -> EngineUnavailable:
+        """The error for a model that cannot make `kind` pipelines, remembered for that kind's engine."""
+        name = model_name(model) or model  # a job's error: never the server's path
+        error = EngineUnavailable(message.format(name=name), details={"model": name})
+        self._unfit[(_identity(model), kind)] = (time.monotonic(), error)
+        return error
 
     # -- loading (inference thread only) -------------------------------------------------------
 
@@ -696,8 +709,27 @@ class LocalRuntime:
         with self._load_lock:
             key = self._key(model, "text2img")
             if key not in self._pipes:
-                self._pipes[key] = self._load(model)
+                self._refuse_image_to_image_only(model)
+                pipe = self._load(model)
+                self._refuse_image_to_image_only(model)  # a Hub model's files are on disk only now
+                self._pipes[key] = pipe
             return self._pipes[key]
+
+    def _refuse_image_to_image_only(self, model: str) -> None:
+        """Raise for a model whose folder (or cached snapshot) holds an image-to-image pipeline (an
+        SDXL refiner): diffusers loads it as its family's text-to-image pipeline all the same, and
+        every draft failed with "Model expects an added time embedding vector of length ..."."""
+        source = self._source(model)
+        folder = source if source.is_dir() else None if source.exists() else snapshot_folder(model)
+        try:
+            index = json.loads((folder / "model_index.json").read_text(encoding="utf-8")) if folder else None
+        except (OSError, ValueError, RecursionError):
+            return  # the load says what is wrong with it
+        pipeline = index.get("_class_name") if isinstance(index, dict) else None
+        if isinstance(pipeline, str) and "Img2Img" in pipeline:
+            raise self._unfit_for(model, "text2img", f"model '{{name}}' is an image-to-image pipeline ({pipeline}): "
+                                  "it makes no drafts; set ORCH_LITE_MODEL to a text-to-image model (it may "
+                                  "still serve bridges and polishes as ORCH_HIFI_MODEL)")
 
     def img2img(self, model: str) -> Any:
         with self._load_lock:
@@ -718,10 +750,10 @@ class LocalRuntime:
                 try:
                     pipe = AutoPipelineForImage2Image.from_pipe(base)
                 except (ValueError, TypeError) as exc:  # a family diffusers has no img2img pipeline for
-                    name = model_name(model) or model  # a job's error: never the server's path
-                    raise EngineUnavailable(f"model '{name}' has no image-to-image pipeline in diffusers "
-                                            f"({type(base).__name__}): choose another ORCH_HIFI_MODEL",
-                                            details={"model": name}) from exc
+                    # Remembered: local-hifi said it was available, and every bridge was routed to it.
+                    raise self._unfit_for(model, "img2img", f"model '{{name}}' has no image-to-image pipeline in "
+                                          f"diffusers ({type(base).__name__}): choose another "
+                                          "ORCH_HIFI_MODEL") from exc
                 pipe.set_progress_bar_config(disable=True)
                 self._pipes[key] = pipe
             return self._pipes[key]
@@ -1119,6 +1151,8 @@ class LocalEngine:
 
     name: str
     kind: Literal["local"] = "local"
+    # The pipeline its jobs run: a model unfit for it (`LocalRuntime.load_failure`) makes it unavailable.
+    pipeline_kind: PipelineKind = "text2img"
 
     def __init__(self, ctx: EngineContext, model_spec: str, capabilities: Capabilities) -> None:
         self.settings = ctx.settings
@@ -1175,7 +1209,7 @@ class LocalEngine:
     def availability(self) -> tuple[bool, str | None]:
         if self.runtime.device_problem:
             return False, self.runtime.device_problem
-        failed = self.runtime.load_failure(self._model)
+        failed = self.runtime.load_failure(self._model, self.pipeline_kind)
         if failed is not None:  # told with the model's name, never the server's paths
             return False, f"{failed.message} (a job tries again {LOAD_RETRY_SECONDS:.0f} s after the failure)"
         if self._model.lower().endswith(".ckpt"):

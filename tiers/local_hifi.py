@@ -65,6 +65,7 @@ def tile_boxes(width: int, height: int, tile: int, overlap: int = TILE_OVERLAP) 
 class LocalHifiEngine(LocalEngine):
     name = "local-hifi"
     stages: frozenset[Stage] = frozenset({"bridge", "polish"})
+    pipeline_kind = "img2img"
 
     def __init__(self, ctx: EngineContext) -> None:
         super().__init__(ctx, ctx.settings.effective_hifi_model,

@@ -658,12 +658,19 @@ async def test_a_model_without_an_image_to_image_pipeline_is_unavailable_for_bri
     monkeypatch.setattr(AutoPipelineForImage2Image, "from_pipe", no_img2img)
     folder = tmp_path / "srv" / "clientx" / "hifi-model"  # the server's path: no project key may read it
     shutil.copytree(tiny_cache_dir / "tiny-sd", folder)
-    _, hifi = engines(hifi_model=str(folder))
     bridge = RenderRequest(stage="bridge", prompt="a lighthouse", width=64, height=64, steps=2, seed=1, n=1,
                            init_image=draft_image(), strength=0.5)
+    lite, hifi = engines(lite_model=str(folder), hifi_model=str(folder))
+    assert hifi.availability() == (True, None)
     with pytest.raises(EngineUnavailable, match="'hifi-model' has no image-to-image pipeline in diffusers") as info:
         await hifi.run(bridge, RecordingProgress(), CancelToken())
     assert "srv" not in info.value.message and info.value.details == {"model": "hifi-model"}
+    # Said by the engine, as a model that fails to load is: every bridge was routed to it. The
+    # same model's drafts are made as ever.
+    available, why = hifi.availability()
+    assert not available and why is not None and why.startswith(info.value.message)
+    assert lite.availability() == (True, None)
+    assert len((await lite.run(draft(n=1, steps=1), RecordingProgress(), CancelToken())).images) == 1
 
 
 def save_tiny_sdxl_refiner(folder: Any, tokenizer: Any) -> None:
@@ -703,6 +710,27 @@ async def test_an_image_to_image_only_model_is_loaded_as_one(engines: EngineFact
     assert result.images[0].image.size == (96, 64) and result.model == str(tmp_path / "refiner")
     pipe = await hifi.runtime.call(hifi.runtime.img2img, hifi.model)
     assert type(pipe).__name__ == "StableDiffusionXLImg2ImgPipeline"
+
+
+async def test_an_image_to_image_only_model_makes_no_drafts_and_says_so(engines: EngineFactory, tiny_cache_dir: Any,
+                                                                       tmp_path: Any) -> None:
+    """As the Lite model, a refiner was loaded as SDXL's text-to-image pipeline, read available,
+    and every draft failed with diffusers' "Model expects an added time embedding vector of length
+    72"; as the same service's local-hifi model it serves bridges."""
+    save_tiny_sdxl_refiner(tmp_path / "refiner", tiny_cache_dir / "tiny-sd" / "tokenizer")
+    lite, hifi = engines(lite_model=str(tmp_path / "refiner"), hifi_model=str(tmp_path / "refiner"),
+                         local_max_size=256)
+    with pytest.raises(EngineUnavailable) as refused:
+        await lite.run(draft(n=1, steps=1), RecordingProgress(), CancelToken())
+    assert refused.value.message == (
+        "model 'refiner' is an image-to-image pipeline (StableDiffusionXLImg2ImgPipeline): it makes no drafts; set "
+        "ORCH_LITE_MODEL to a text-to-image model (it may still serve bridges and polishes as ORCH_HIFI_MODEL)")
+    available, why = lite.availability()
+    assert not available and why is not None and why.startswith(refused.value.message)
+    assert hifi.availability() == (True, None)
+    bridge = RenderRequest(stage="bridge", prompt="a lighthouse", width=64, height=64, steps=2, seed=1, n=1,
+                           init_image=draft_image(), strength=0.5)
+    assert len((await hifi.run(bridge, RecordingProgress(), CancelToken())).images) == 1
 
 
 def use_lcm(lite: LiteEngine) -> None:
