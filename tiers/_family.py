@@ -85,6 +85,12 @@ def model_defaults(model: str) -> ModelDefaults:
     named = _by_name(own_name(model))
     if named is not None and named.lcm:
         return _lcm_guidance(model, named)
+    if named == TRANSFORMER:
+        # FLUX dev and schnell share a folder name often enough (`~/models/flux`), and distillation
+        # shows in the transformer's config (`guidance_embeds`): what the files say comes first.
+        read = _by_files(model)
+        if read is not None and read.told_by == "files" and read.size_multiple == TRANSFORMER.size_multiple:
+            return read
     return named or _by_files(model) or replace(SD15, told_by="nothing")
 
 

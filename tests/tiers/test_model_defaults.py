@@ -179,6 +179,18 @@ def test_an_lcm_model_whose_unet_is_not_there_yet_is_read_again(diffusers_folder
     assert defaults.guidance_scale == 1.0 and defaults.told_by == "name"
 
 
+@pytest.mark.parametrize(("name", "guided", "expected"), [
+    ("flux", False, TRANSFORMER_FAST), ("FLUX.1-dev-local", False, TRANSFORMER_FAST), ("flux", True, TRANSFORMER),
+    ("flux-schnell", True, TRANSFORMER_FAST),  # the name says schnell: taken as said
+])
+def test_a_flux_folder_is_told_dev_or_schnell_by_its_transformer(diffusers_folder: Folder, name: str, guided: bool,
+                                                                  expected: ModelDefaults) -> None:
+    """`~/models/flux` holding FLUX.1-schnell got dev's 28 steps at guidance 3.5 (7x the work, and a
+    guidance the pipeline never passes recorded)."""
+    folder = diffusers_folder(name, "FluxPipeline", **{"transformer__config.json": {"guidance_embeds": guided}})
+    assert model_defaults(str(folder)) == expected
+
+
 def test_the_name_comes_before_the_files(diffusers_folder: Folder) -> None:
     """Only the name tells a distilled model from its base: SDXL-Turbo's folder says SDXL."""
     folder = diffusers_folder("sdxl-turbo", "StableDiffusionXLPipeline", **{"unet__config.json": {"sample_size": 128}})
