@@ -128,6 +128,22 @@ def tell_prompt_overflow(pipe: Any, prompt: str, progress: Progress, notes: list
         progress.state("prompt_truncated", tokens=overflow[0], read=overflow[1])
 
 
+def step_arguments(pipe: Any, on_step: Callable[[Any, int, Any, dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:
+    """The pipeline call's arguments that run `on_step` (`LocalRuntime.step_callback`) after each
+    denoising step: `callback_on_step_end`, else the older `callback` of the pipelines that have
+    only that (PixArt), else none. PixArt takes any keyword and dropped `callback_on_step_end`
+    without a word: its drafts showed no step, and a cancel did not stop them."""
+    params = inspect.signature(pipe.__call__).parameters
+    if "callback_on_step_end" in params:
+        return {"callback_on_step_end": on_step, "callback_on_step_end_tensor_inputs": ["latents"]}
+    if "callback" in params and "callback_steps" in params:
+        def legacy(i: int, timestep: Any, latents: Any) -> None:
+            on_step(pipe, i, timestep, {"latents": latents})
+
+        return {"callback": legacy, "callback_steps": 1}
+    return {}  # no step is shown, and a cancel ends the job while its render runs on (as a load does)
+
+
 def negative_prompt_arguments(pipe: Any, negative_prompt: str, guidance: float, progress: Progress,
                               notes: list[str]) -> dict[str, Any]:
     """The pipeline call's `negative_prompt`, if it has an effect there. A negative prompt works

@@ -20,6 +20,7 @@ from tiers._local import (
     finite_images,
     lcm_schedule,
     negative_prompt_arguments,
+    step_arguments,
     tell_prompt_overflow,
 )
 from tiers.base import (
@@ -87,8 +88,7 @@ class LiteEngine(LocalEngine):
                     height=req.height,
                     num_images_per_prompt=len(chunk),
                     generator=generators,
-                    callback_on_step_end=on_step,
-                    callback_on_step_end_tensor_inputs=["latents"],
+                    **step_arguments(pipe, on_step),
                     output_type="np",
                 )
             made = finite_images(out.images, self.runtime.device)

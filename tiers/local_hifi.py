@@ -22,6 +22,7 @@ from tiers._local import (
     finite_images,
     lcm_schedule,
     negative_prompt_arguments,
+    step_arguments,
     tell_prompt_overflow,
 )
 from tiers.base import (
@@ -169,8 +170,7 @@ class LocalHifiEngine(LocalEngine):
                     num_inference_steps=steps,
                     guidance_scale=guidance,
                     generator=torch.Generator("cpu").manual_seed(seed),
-                    callback_on_step_end=on_step,
-                    callback_on_step_end_tensor_inputs=["latents"],
+                    **step_arguments(pipe, on_step),
                     output_type="np",
                     **size,
                 )

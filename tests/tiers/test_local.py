@@ -733,6 +733,63 @@ async def test_an_image_to_image_only_model_makes_no_drafts_and_says_so(engines:
     assert len((await hifi.run(bridge, RecordingProgress(), CancelToken())).images) == 1
 
 
+def with_legacy_callback(pipe: Any) -> Any:
+    """`pipe` as PixArt's pipelines are called: `callback(i, t, latents)` every `callback_steps`,
+    no `callback_on_step_end`, and any other keyword taken (and dropped) without a word."""
+    class Legacy(type(pipe)):  # type: ignore[misc]
+        def __call__(self, *args: Any, callback: Any = None, callback_steps: int = 1, **kwargs: Any) -> Any:
+            kwargs.pop("callback_on_step_end", None)  # what PixArt's **kwargs swallowed
+            kwargs.pop("callback_on_step_end_tensor_inputs", None)
+
+            def on_step_end(pipeline: Any, i: int, t: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+                if callback is not None and i % callback_steps == 0:
+                    callback(i, t, tensors["latents"])
+                return tensors
+
+            return super().__call__(*args, callback_on_step_end=on_step_end, **kwargs)
+
+    legacy = Legacy(**pipe.components)
+    legacy.set_progress_bar_config(disable=True)
+    return legacy
+
+
+async def test_a_pipeline_with_only_the_older_step_callback_shows_its_steps_and_stops_on_cancel(
+        engines: EngineFactory) -> None:
+    """PixArt's pipelines take `callback`, not `callback_on_step_end`, which their **kwargs
+    dropped: a draft showed no step, and a canceled one ran on to its end on the device."""
+    lite, _ = engines()
+    key = (lite.model, "text2img")
+    lite.runtime._pipes[key] = with_legacy_callback(await lite.runtime.call(lite.runtime.text2img, lite.model))
+    progress = RecordingProgress()
+    await lite.run(draft(n=1, steps=3), progress, CancelToken())
+    assert progress.steps == [(1, 3), (2, 3), (3, 3)]
+
+    cancel = CancelToken()
+
+    class CancelAtFirstStep(RecordingProgress):
+        def step(self, step: int, total: int, preview: Any = None) -> None:
+            super().step(step, total, preview)
+            cancel.cancel()
+
+    stopped = CancelAtFirstStep()
+    with pytest.raises(Canceled):
+        await lite.run(draft(n=1, steps=3), stopped, cancel)
+    await lite.runtime.call(lambda: None)  # the inference thread is done with the job
+    assert stopped.steps == [(1, 3)]
+
+
+def test_a_pipeline_that_takes_no_step_callback_is_called_without_one() -> None:
+    from tiers._local import step_arguments
+
+    class Plain:
+        def __call__(self, prompt: str, num_inference_steps: int = 4) -> None: ...
+
+    def on_step(*_args: Any) -> dict[str, Any]:
+        return {}
+
+    assert step_arguments(Plain(), on_step) == {}  # IF, Kandinsky's combined pipelines: a keyword was a TypeError
+
+
 def use_lcm(lite: LiteEngine) -> None:
     """A latent-consistency model: the tiny components, a UNet that takes LCM's guidance embedding,
     and its scheduler (trained on a 50-step schedule)."""
