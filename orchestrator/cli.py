@@ -10,6 +10,7 @@ import os
 import select
 import signal
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -71,14 +72,15 @@ def _demo_size(text: str) -> int:
 
 
 def _service_url(text: str) -> str:
+    from orchestrator.settings import http_address
+
     # Not echoed when it may hold credentials that could not be told apart from the rest.
     said = repr(text) if "@" not in text else "the address given"
     try:
-        url = httpx.URL(text)
-    except httpx.InvalidURL:
-        raise argparse.ArgumentTypeError(f"{said} is not an http:// or https:// address") from None
-    if url.scheme not in ("http", "https") or not url.host:
-        raise argparse.ArgumentTypeError(f"{said} is not an http:// or https:// address")
+        http_address(text, example="http://127.0.0.1:8000")
+    except ValueError as exc:
+        told = str(exc) if str(exc).startswith("has port") else "is not an http:// or https:// address"
+        raise argparse.ArgumentTypeError(f"{said} {told}") from None
     return text
 
 
@@ -521,7 +523,8 @@ def _run(args: argparse.Namespace) -> int:
             return failed
         url = settings.resolved_database_url
         before = stored_revision(url)
-        if (failed := _migrated(settings)) is not None:
+        # Written to as well: a read-only file was "up to date", exit 0, and `serve` then refused it.
+        if (failed := _migrated(settings, writable=True)) is not None:
             return failed
         after = stored_revision(url)
         print(f"database at {shown_url(url)} " + (f"is up to date (revision {after})" if after == before else
@@ -547,6 +550,8 @@ def _run(args: argparse.Namespace) -> int:
         _log_to_data_dir(settings)  # the rest, as `serve` keeps it
     try:
         out.mkdir(parents=True, exist_ok=True)
+        # Written to once: a folder that takes no files failed with a traceback after the drafts.
+        tempfile.TemporaryFile(dir=out).close()
     except OSError as exc:
         return _fail(f"cannot use {out} for the images: {exc.strerror or exc}", status=2)
     stops: list[Stopped] = []  # its own service's, when it started one

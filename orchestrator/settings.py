@@ -47,6 +47,23 @@ MAX_UPSCALER_CHARS = 100
 Device = Literal["auto", "cpu", "cuda", "mps"]
 
 
+def http_address(value: str, *, example: str) -> httpx.URL:
+    """`value` as an http:// or https:// URL with a host and a TCP port; ValueError saying what is
+    wrong otherwise (not repeating the value, which may hold a password)."""
+    try:
+        url = httpx.URL(value)
+    except httpx.InvalidURL:
+        url = None
+    # A bracket left open (`http://[bad`) became the host "%5Bbad"; an IPv6 zone's % has colons beside it.
+    if (url is None or url.scheme not in ("http", "https") or not url.host
+            or ("%" in url.host and ":" not in url.host)):
+        raise ValueError(f"must be an http:// or https:// address with a host, e.g. {example}")
+    if url.port is not None and not 0 < url.port < 65536:
+        # The socket layer takes it modulo 65536: 99999 connected to port 34463 without a word.
+        raise ValueError(f"has port {url.port}, which is not a TCP port (1-65535)")
+    return url
+
+
 def _alias(*names: str) -> AliasChoices:
     return AliasChoices(*names)
 
@@ -288,12 +305,7 @@ class Settings(BaseSettings):
         if value is None:
             return None
         value = value.strip()  # httpx would send " http://..." as a relative path
-        try:
-            url = httpx.URL(value)
-        except httpx.InvalidURL:
-            url = None
-        if url is None or url.scheme not in ("http", "https") or not url.host:
-            raise ValueError("must be an http:// or https:// address with a host, e.g. http://127.0.0.1:7860")
+        http_address(value, example="http://127.0.0.1:7860")
         return value
 
     @field_validator("gemini_base_url", "openai_base_url", "stability_base_url", "replicate_base_url")

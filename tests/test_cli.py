@@ -854,6 +854,10 @@ def test_a_mistyped_variable_is_told_in_the_log_file_too(make_settings: Settings
     (["demo", "--size", "100"], "100: drafts are 64-1024 px, a multiple of 8"),
     (["demo", "--size", "abc"], "'abc' is not a whole number of pixels"),
     (["demo", "--url", "localhost:8781"], "'localhost:8781' is not an http:// or https:// address"),
+    # The socket layer takes a port modulo 65536: 99999 asked whatever listened on 34463.
+    (["demo", "--url", "http://127.0.0.1:99999"], "'http://127.0.0.1:99999' has port 99999, which is not a TCP port"),
+    (["demo", "--url", "http://127.0.0.1:0/"], "has port 0, which is not a TCP port (1-65535)"),
+    (["demo", "--url", "http://u:secret@[bad"], "the address given is not an http:// or https:// address"),
 ])
 def test_a_bad_argument_is_refused_before_anything_runs(argv: list[str], told: str,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
@@ -876,6 +880,29 @@ def test_a_demo_folder_that_cannot_be_made_is_one_line(make_settings: SettingsFa
     assert capsys.readouterr().err == (f"orchestrator: cannot use {tmp_path / 'taken' / 'out'} for the images: "
                                        f"{tmp_path / 'taken'} is not a directory\n")
     assert not (tmp_path / "data").exists()  # said before anything was made
+
+
+def test_a_demo_folder_that_takes_no_files_is_one_line_before_the_drafts(
+        make_settings: SettingsFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A folder the demo cannot write (another owner's, a read-only mount; /proc here, which even
+    root cannot add a file to): its drafts ran, and then saving them was a traceback."""
+    make_settings()  # keeps the developer's environment out
+    monkeypatch.setenv("ORCH_DATA_DIR", str(tmp_path / "data"))
+    assert main(["demo", "--out", "/proc", "--size", "64"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("orchestrator: cannot use /proc for the images: ") and err.count("\n") == 1, err
+    from sqlmodel import select
+
+    from orchestrator.db import Database
+    from orchestrator.models import Job
+
+    db = Database(Settings().resolved_database_url)
+    try:
+        with db.session() as s:
+            assert s.exec(select(Job)).all() == []  # no draft was asked for
+    finally:
+        db.dispose()
 
 
 def test_a_data_dir_that_is_a_file_is_said_to_be_one(make_settings: SettingsFactory, tmp_path: Path,
@@ -1167,6 +1194,9 @@ def test_a_database_that_takes_no_writes_is_one_line_before_the_service_starts(
     assert "readonly" in err, err
     assert err.count("\n") == 1
     assert list((tmp_path / "cwd").iterdir()) == []  # the URI's `file:` is no folder to make here
+    # Nor is it "up to date" to `migrate` (exit 0, and the service refused it).
+    assert main(["migrate"]) == 2
+    assert "readonly" in capsys.readouterr().err
     # `check` reads it too (it looked for a file named `file:/...` and found no database).
     assert main(["check"]) == 0, capsys.readouterr().err
 

@@ -385,7 +385,7 @@ def test_urls_that_may_hold_a_password_stay_out_of_the_settings_repr(tmp_path: P
 @pytest.mark.parametrize(("variable", "value"), [
     ("ORCH_A1111_URL", "localhost:7860"), ("ORCH_COMFYUI_URL", "ftp://studio:8188"),
     ("ORCH_OPENAI_BASE_URL", "user:s3cret@api.example"), ("ORCH_FAL_BASE_URL", "https://"),
-    ("ORCH_A1111_URL", "http://:7860"),
+    ("ORCH_A1111_URL", "http://:7860"), ("ORCH_COMFYUI_URL", "http://[studio:8188"),
 ])
 def test_a_server_address_without_a_scheme_and_host_is_refused(
         toml_file: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
@@ -397,6 +397,19 @@ def test_a_server_address_without_a_scheme_and_host_is_refused(
     err = capsys.readouterr().err
     assert f"{variable}: must be an http:// or https:// address with a host" in err
     assert "(got" not in err and "s3cret" not in err  # an address may hold a password: not repeated
+
+
+@pytest.mark.parametrize(("variable", "value", "port"), [
+    ("ORCH_A1111_URL", "http://127.0.0.1:99999", 99999), ("ORCH_COMFYUI_URL", "http://127.0.0.1:0", 0),
+    ("ORCH_OPENAI_BASE_URL", "https://api.openai.com:70000", 70000),
+])
+def test_a_server_address_with_no_tcp_port_is_refused(
+        toml_file: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        variable: str, value: str, port: int) -> None:
+    """The socket layer takes a port modulo 65536: 99999 sent the render to whatever listens on 34463."""
+    monkeypatch.setenv(variable, value)
+    assert main(["migrate"]) == 2
+    assert f"{variable}: has port {port}, which is not a TCP port (1-65535)" in capsys.readouterr().err
 
 
 def test_server_addresses_with_credentials_or_a_path_are_taken(toml_file: Path,
