@@ -106,6 +106,7 @@ def create_app(settings: Settings | None = None, *, loopback_only: bool = False)
             await services.start()
         else:
             services.listen()
+            services.scheduler.sweep_only()  # the jobs of a worker that died are recovered here too
             log.info("ORCH_RUN_JOBS is off: this server queues jobs for `orchestrator worker` processes "
                      "and runs none itself")
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):

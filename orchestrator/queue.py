@@ -131,6 +131,7 @@ class Scheduler:
         self._waiting: dict[str, tuple[str, float | None]] = {}
         self._waiting_lock = threading.Lock()  # read by the dispatch thread, written by job ends on the loop
         self._stopping = False
+        self._runs_jobs = True  # see `sweep_only`
         self._hurried = asyncio.Event()
         self._cancel_watch: asyncio.Task[None] | None = None
         # More housekeeping for the sweeper (e.g. forgetting old idempotency keys).
@@ -150,6 +151,14 @@ class Scheduler:
         self._tasks = [asyncio.create_task(self._dispatch_loop(), name="scheduler"),
                        asyncio.create_task(self._sweep_loop(), name="sweeper"), self._heartbeat, self._cancel_watch]
         self.notify()
+
+    def sweep_only(self) -> None:
+        """For a process that runs no jobs (`serve --no-jobs`): the sweep, without failing queued
+        jobs of engines this process lacks (the workers' to judge). Behind such a server alone, a
+        killed worker's job read `running` until a worker started again. Call it on the loop."""
+        self._loop = asyncio.get_running_loop()
+        self._runs_jobs = False
+        self._tasks.append(asyncio.create_task(self._sweep_loop(), name="sweeper"))
 
     async def stop(self) -> None:
         """Stop claiming and interrupt running work without finishing it: the jobs stay `running`
@@ -733,9 +742,9 @@ class Scheduler:
         async def recover() -> None:
             await self.recover(all_foreign=False)
 
-        threaded = [("failing jobs no worker serves", self._fail_unserved), ("settling holds", self._sweep_ledger),
-                    ("forgetting gone workers", self._forget_owners), ("removing stale previews", self._sweep_previews),
-                    *self.sweepers]
+        threaded = [*([("failing jobs no worker serves", self._fail_unserved)] if self._runs_jobs else []),
+                    ("settling holds", self._sweep_ledger), ("forgetting gone workers", self._forget_owners),
+                    ("removing stale previews", self._sweep_previews), *self.sweepers]
         return [("recovering orphaned jobs", recover),
                 *((what, functools.partial(asyncio.to_thread, duty)) for what, duty in threaded)]
 

@@ -209,6 +209,25 @@ def test_a_cancel_through_the_api_server_stops_the_worker_s_job(
         assert_error(client.post(f"/v1/jobs/{job['id']}/cancel"), 409, "job_finished")
 
 
+def test_an_api_server_that_runs_no_jobs_recovers_a_killed_worker_s_job(
+        make_settings: SettingsFactory, tmp_path: Path, start_server: Callable[[Settings], httpx.Client]) -> None:
+    """Behind `serve --no-jobs` alone, a killed worker's draft read `running` until a worker
+    started again, and `GET /v1/workers` showed no worker and nothing queued: nothing told an
+    operator it waited. The server's own sweep puts it back in the queue."""
+    settings = make_settings(run_jobs=False, poll_interval=0.1, sweep_interval=0.2)
+    client = start_server(settings)
+    project = create_project(client)["id"]
+    with worker_process(settings, tmp_path, "worker.log") as worker:
+        job = submit_draft(client, project, **SLOW)
+        wait_for_job(client, job["id"], ("running",), timeout=60)
+        worker.kill()
+        worker.wait(timeout=30)
+        queued = wait_for_job(client, job["id"], ("queued",), timeout=30)
+    assert queued["attempts"][-1]["status"] != "succeeded"
+    listed = client.get("/v1/workers").json()
+    assert (listed["items"], listed["queued"]) == ([], 1)
+
+
 def test_a_cancel_asked_of_a_live_holder_wins_over_its_success(
         services: Services, other_process: subprocess.Popen[bytes]) -> None:
     job_id = add_job(services)
