@@ -368,6 +368,8 @@ def _verdict(store: ArtifactStore, sha: str, hashes: bool) -> str | None:
         return "malformed"
     try:
         if not path.is_file():
+            if path.exists():  # a folder or a device in its place: there, and not readable as the image
+                return "unreadable"
             return "set_aside" if any(path.parent.glob(f".gc-{sha}-*.png")) else "missing"
         if hashes and _sha256(path) != sha:
             return "damaged"

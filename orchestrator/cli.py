@@ -71,6 +71,13 @@ def _demo_size(text: str) -> int:
     return size
 
 
+def _demo_prompt(text: str) -> str:
+    # Refused here, not by the service's 422 after the demo had made its project.
+    if not text.strip():
+        raise argparse.ArgumentTypeError("a prompt says what to draw: it cannot be empty")
+    return text
+
+
 def _service_url(text: str) -> str:
     from orchestrator.settings import http_address
 
@@ -135,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
                           "and the lineage in --out.")
     demo.add_argument("--url", type=_service_url,
                       help="use a running service instead of starting one (its key: ORCH_ADMIN_KEY)")
-    demo.add_argument("--prompt", default="a lighthouse on a cliff at dusk, volumetric light",
+    demo.add_argument("--prompt", type=_demo_prompt, default="a lighthouse on a cliff at dusk, volumetric light",
                       help="what to draw (default: %(default)s)")
     demo.add_argument("--out", default="demo-output", help="folder for the images (default: demo-output)")
     demo.add_argument("--size", type=_demo_size, default=512,

@@ -685,8 +685,9 @@ class JobService:
                         canceled.append(job.id)
         return canceled
 
-    def cancel_queued(self, job_id: str, *, why: str = "canceled before it started") -> bool:
-        """Cancel a job no worker holds; False when it is not queued any more."""
+    def cancel_queued(self, job_id: str, *, why: str | None = None) -> bool:
+        """Cancel a job no worker holds; False when it is not queued any more. `why` (the error's
+        message) says by default whether it had run before (queued again after a stop or a crash)."""
         with self.db.transaction() as s:
             now = utcnow()
             job = s.get(Job, job_id)
@@ -696,6 +697,9 @@ class JobService:
                 raise JobFinished(f"job '{job_id}' already {job.status}", details={"status": job.status})
             if job.status != "queued":
                 return False
+            if why is None:
+                # Queued again after its worker stopped or died: it had started, maybe more than once.
+                why = "canceled while queued to run again" if job.attempt > 0 else "canceled before it started"
             error = Canceled(why).to_dict()
             result = s.execute(update(Job).where(col(Job.id) == job_id, col(Job.status) == "queued").values(
                 status="canceled", finished_at=now, error=error))

@@ -25,7 +25,13 @@ def load_price_overrides(settings: Settings) -> dict[str, Any]:
     try:
         # Past a byte-order mark (as Windows editors write), as the policy files are read.
         overrides = tomllib.loads(settings.prices_file.read_bytes().decode("utf-8-sig"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+    except IsADirectoryError:
+        raise InvalidRequest(f"prices file {settings.prices_file}: is a directory, not a TOML file") from None
+    except FileNotFoundError:
+        raise InvalidRequest(f"prices file {settings.prices_file}: no such file") from None
+    except OSError as exc:  # a permission, the disk: said as the config file's are, without Python's [Errno n]
+        raise InvalidRequest(f"prices file {settings.prices_file}: cannot read it ({exc.strerror or exc})") from exc
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise InvalidRequest(f"prices file {settings.prices_file}: {exc}") from exc
     except RecursionError:  # arrays nested some hundreds deep: tomllib recurses (as the policy loader says)
         raise InvalidRequest(f"prices file {settings.prices_file}: nested too deeply to read") from None

@@ -154,6 +154,15 @@ def _data_dir_problems(settings: Settings, *, assets: bool) -> list[str]:
         if left is not None:
             with contextlib.suppress(OSError):
                 left.unlink()
+    # Its locks: without them the service started all the same, a traceback on the terminal, its
+    # jobs run without the device's lock, and `GET /v1/workers` listed no process.
+    locks = settings.data_dir / "locks"
+    try:
+        locks.mkdir(exist_ok=True)
+        with tempfile.TemporaryFile(dir=locks):
+            pass
+    except OSError as exc:
+        return [f"{source_of('data_dir')}: {cannot_write(locks, exc)}"]
     return []
 
 

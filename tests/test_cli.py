@@ -485,6 +485,20 @@ def test_check_reports_a_file_it_cannot_read_and_goes_on(
     assert "missing" not in out and "damaged" not in out
 
 
+def test_check_reports_a_folder_in_place_of_a_file_as_unreadable(
+        make_settings: SettingsFactory, start_server: Callable[[Settings], httpx.Client],
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """It is there, and not the image: it was reported "missing", and an operator looked for a lost file."""
+    settings, client, assets = drafted(make_settings, start_server, monkeypatch, n=2)
+    sha = client.get(f"/v1/assets/{assets[0]}").json()["sha256"]
+    [path] = settings.assets_dir.glob(f"*/{sha}.png")
+    path.unlink()
+    path.mkdir()
+    assert main(["check", "--no-hash"]) == 1
+    out = capsys.readouterr().out
+    assert f"1 asset unreadable (the disk or a permission): {assets[0]}\n" in out and "missing" not in out
+
+
 def test_check_without_a_database_or_a_store_changes_nothing(
         make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
         capsys: pytest.CaptureFixture[str]) -> None:
@@ -614,7 +628,9 @@ def test_migrate_makes_a_new_data_dir(make_settings: SettingsFactory, monkeypatc
     ("migrate", "ORCH_DATABASE_URL", "postgresql+psycopg://u:Pa@secret@db/orch", "must be written %40"),
     # No database: libpq took the user's own (`postgres`), and the tables went into the server's.
     ("migrate", "ORCH_DATABASE_URL", "postgresql+psycopg://u@127.0.0.1/", "names no database"),
-    ("serve", "ORCH_PRICES_FILE", "{tmp}/missing.toml", "ORCH_PRICES_FILE: prices file {tmp}/missing.toml: [Errno 2]"),
+    ("serve", "ORCH_PRICES_FILE", "{tmp}/missing.toml", "ORCH_PRICES_FILE: prices file {tmp}/missing.toml: no such "
+     "file\n"),
+    ("serve", "ORCH_PRICES_FILE", "{tmp}", "ORCH_PRICES_FILE: prices file {tmp}: is a directory, not a TOML file\n"),
     ("worker", "ORCH_DATA_DIR", "{tmp}/a-file", "ORCH_DATA_DIR: {tmp}/a-file is not a directory"),
     ("serve", "ORCH_CONFIG_FILE", "{tmp}/studio.toml", "ORCH_CONFIG_FILE: no such file: {tmp}/studio.toml"),
     # Once a traceback from inside the server's start-up (an entry without '=').
@@ -854,6 +870,7 @@ def test_a_mistyped_variable_is_told_in_the_log_file_too(make_settings: Settings
     (["demo", "--size", "100"], "100: drafts are 64-1024 px, a multiple of 8"),
     (["demo", "--size", "abc"], "'abc' is not a whole number of pixels"),
     (["demo", "--url", "localhost:8781"], "'localhost:8781' is not an http:// or https:// address"),
+    (["demo", "--prompt", " "], "a prompt says what to draw: it cannot be empty"),  # once: after its project
     # The socket layer takes a port modulo 65536: 99999 asked whatever listened on 34463.
     (["demo", "--url", "http://127.0.0.1:99999"], "'http://127.0.0.1:99999' has port 99999, which is not a TCP port"),
     (["demo", "--url", "http://127.0.0.1:0/"], "has port 0, which is not a TCP port (1-65535)"),
@@ -1230,6 +1247,20 @@ def test_an_assets_folder_that_cannot_be_written_is_named_before_the_service_sta
     assert [p.name for p in settings.assets_dir.iterdir()] == []  # the probe is not left behind
     monkeypatch.setattr("orchestrator.services.os.replace", real)
     assert startup_problems(settings) == []
+
+
+def test_a_locks_folder_that_cannot_be_written_is_named_before_the_service_starts(
+        make_settings: SettingsFactory) -> None:
+    """The service started without its locks (a traceback on the terminal): its jobs ran without
+    the device's lock, and `GET /v1/workers` listed no process."""
+    settings = make_settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    (settings.data_dir / "locks").write_text("a file where the folder goes")
+    assert startup_problems(settings) == [
+        f"ORCH_DATA_DIR: {settings.data_dir / 'locks'} is not a directory"]
+    (settings.data_dir / "locks").unlink()
+    assert startup_problems(settings) == []
+    assert (settings.data_dir / "locks").is_dir()
 
 
 def test_a_prices_file_nested_too_deeply_is_a_problem_told_at_start(make_settings: SettingsFactory,

@@ -110,6 +110,16 @@ def row(services: Services, job_id: str) -> Job:
     return job
 
 
+@pytest.mark.parametrize(("attempt", "said"), [(0, "canceled before it started"),
+                                               (3, "canceled while queued to run again")])
+def test_a_queued_job_s_cancel_says_whether_it_had_run(services: Services, attempt: int, said: str) -> None:
+    """A draft queued again after its worker stopped three times was "canceled before it started"."""
+    job_id = add_job(services, status="queued", attempt=attempt)
+    assert services.jobs.cancel_queued(job_id)
+    job = row(services, job_id)
+    assert job.status == "canceled" and job.error is not None and job.error["message"] == said
+
+
 def test_a_worker_stopped_during_a_model_load_does_not_wait_for_it(
         make_settings: SettingsFactory, tmp_path: Path, start_server: Callable[[Settings], httpx.Client]) -> None:
     """Nothing interrupts a model load (minutes, for a first download): the worker settled its
