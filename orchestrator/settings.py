@@ -215,20 +215,22 @@ class Settings(BaseSettings):
                    and (field := field_of_key(settings_cls, key)) is not None}
         return (init_settings, _EnvSource(settings_cls, set_in_file=in_file), toml)
 
-    # `policy_dir = ""` in the file (or `Settings(policy_dir="")`) would otherwise be Path(""), the
-    # working directory: every *.toml there read as a policy. An empty path or name means what
-    # leaving it out means. (Empty variables never get here: `_EnvSource` drops them.)
     @field_validator("a1111_upscaler")
     @classmethod
     def _upscaler_name(cls, value: str | None) -> str | None:
         # The image's record keeps it: a name as the webui lists them ("R-ESRGAN 4x+"), one line,
         # taken without an env file's stray spaces (with them it names no upscaler the server has).
-        value = value.strip() or None if value is not None else None
-        if value is not None and (len(value) > MAX_UPSCALER_CHARS or not value.isprintable()):
+        if value is None or not value.strip():
+            return None
+        value = value.strip()
+        if len(value) > MAX_UPSCALER_CHARS or not value.isprintable():
             raise ValueError(f"must be an upscaler's name as the webui lists it (one line, at most "
                              f"{MAX_UPSCALER_CHARS} characters), such as 'R-ESRGAN 4x+'")
         return value
 
+    # `policy_dir = ""` in the file (or `Settings(policy_dir="")`) would otherwise be Path(""), the
+    # working directory: every *.toml there read as a policy. An empty path or name means what
+    # leaving it out means. (Empty variables never get here: `_EnvSource` drops them.)
     @field_validator("*", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: Any, info: ValidationInfo) -> Any:

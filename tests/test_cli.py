@@ -4,6 +4,7 @@ stderr and a non-zero exit, never a traceback."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import io
 import json
@@ -18,6 +19,7 @@ import time
 from collections.abc import Callable
 from importlib.resources import files
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -979,6 +981,16 @@ def test_migrate_shows_no_password(make_settings: SettingsFactory, tmp_path: Pat
     applied: list[str] = []
     monkeypatch.setattr("orchestrator.db.upgrade", applied.append)
     monkeypatch.setattr("orchestrator.db.stored_revision", lambda url: "0007")
+
+    class Writable:  # the write `migrate` checks the database takes, without a server at db.example
+        def __init__(self, url: str) -> None: ...
+
+        def transaction(self) -> Any:
+            return contextlib.nullcontext(SimpleNamespace(execute=lambda statement: None))
+
+        def dispose(self) -> None: ...
+
+    monkeypatch.setattr("orchestrator.db.Database", Writable)
     assert main(["migrate"]) == 0
     out = capsys.readouterr().out
     assert applied and "is up to date (revision 0007)" in out and "s3cret" not in out and "studio:***@db.example" in out

@@ -715,7 +715,7 @@ class LocalRuntime:
     def _unfit_for(self, model: str, kind: PipelineKind, message: str) -> EngineUnavailable:
         """The error for a model that cannot make `kind` pipelines, remembered for that kind's engine."""
         name = model_name(model) or model  # a job's error: never the server's path
-        error = EngineUnavailable(message.format(name=name), details={"model": name})
+        error = EngineUnavailable(message.replace("{name}", name), details={"model": name})
         self._unfit[(_identity(model), kind)] = (time.monotonic(), error)
         return error
 
@@ -736,7 +736,9 @@ class LocalRuntime:
         SDXL refiner): diffusers loads it as its family's text-to-image pipeline all the same, and
         every draft failed with "Model expects an added time embedding vector of length ..."."""
         source = self._source(model)
-        folder = source if source.is_dir() else None if source.exists() else snapshot_folder(model)
+        if source.is_file():
+            return
+        folder = source if source.is_dir() else snapshot_folder(model)  # a Hub id's, once downloaded
         try:
             index = json.loads((folder / "model_index.json").read_text(encoding="utf-8")) if folder else None
         except (OSError, ValueError, RecursionError):
