@@ -16,7 +16,7 @@ from orchestrator.api.deps import CallerDep, ServicesDep, check_job
 from orchestrator.api.docs import documented, with_query
 from orchestrator.api.json_body import StrictJSONRoute
 from orchestrator.api.paths import JobId
-from orchestrator.api.query import Cursor, Limit, Order, StageFilter, paged
+from orchestrator.api.query import Cursor, Limit, Order, StageFilter, WholeNumber, paged
 from orchestrator.api.serialize import job_public
 from orchestrator.db import transient
 from orchestrator.errors import Conflict, InvalidRequest, NotFound, ServerStopping, first_line, not_found
@@ -147,7 +147,7 @@ def job_preview(
     job_id: JobId, services: ServicesDep, caller: CallerDep,
     step: Annotated[int | None, Query(ge=0, description=(
         "The step a `progress` event's `preview_url` names. It only makes each step's URL its "
-        "own for caches: the latest preview is served, which may be a later step's."))] = None,
+        "own for caches: the latest preview is served, which may be a later step's.")), WholeNumber] = None,
 ) -> Response:
     """Served by any process: the process that runs the job also keeps its latest preview (at
     most a second old) in the data dir."""

@@ -22,6 +22,7 @@ from typing import Annotated, Any, Literal
 from fastapi import Query, Request
 from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
+from pydantic import BeforeValidator
 from starlette.types import ASGIApp, Receive, Scope, Send
 from typing_extensions import TypeAliasType
 
@@ -102,7 +103,16 @@ def _query_names(dependant: Dependant) -> set[str]:
     return names
 
 
-Limit = Annotated[int, Query(ge=1, le=500, description="Items per page, 1 to 500 (default 50).")]
+def _digits(value: Any) -> Any:
+    """A count in a query string as digits alone: pydantic read `10.0`, `1_0`, ` 10 ` and `+10` as
+    10, so a client's formatting slip (a float, a padded template) went unseen."""
+    if isinstance(value, str) and not (value.isascii() and value.isdigit()):
+        raise ValueError("must be a whole number written in digits, e.g. 50")
+    return value
+
+
+WholeNumber = BeforeValidator(_digits)
+Limit = Annotated[int, Query(ge=1, le=500, description="Items per page, 1 to 500 (default 50)."), WholeNumber]
 Cursor = Annotated[str | None, Query(description=(
     "Where the page starts: the previous page's `next_cursor` (empty or left out: the first page). Any other "
     "value is a 422."))]

@@ -372,6 +372,8 @@ def test_unknown_source_asset(shared_server: httpx.Client, path: str) -> None:
     {"cursor": "bad cursor!"}, {"cursor": "../../etc"}, {"cursor": "x" * 65}, {"cursor": "prj_\u00e9t\u00e9"},
     {"cursor": "garbage"}, {"cursor": "zzz_01m8hgspa67kvff4rbtb7pkd34"},  # once silently the first page
     {"limit": 0}, {"limit": 501}, {"limit": -1}, {"limit": "ten"},
+    # Read as 10: a float or a padded template went unseen.
+    {"limit": "10.0"}, {"limit": " 10"}, {"limit": "1_0"}, {"limit": "+10"}, {"limit": "\u0661\u0660"},
 ])
 @pytest.mark.parametrize("path", ["/v1/projects", "/v1/jobs", "/v1/projects/{project}/assets",
                                   "/v1/projects/{project}/ledger"])
