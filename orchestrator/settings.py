@@ -33,7 +33,7 @@ from pydantic_settings import (
 )
 from sqlalchemy.engine import URL
 
-from tiers.base import MAX_MODEL_CHARS, in_kept_quotes
+from tiers.base import MAX_MODEL_CHARS, MAX_UPSCALER_CHARS, in_kept_quotes
 
 log = logging.getLogger(__name__)
 PREFIX = "ORCH_"
@@ -41,8 +41,6 @@ PREFIX = "ORCH_"
 CONFIG_FILE_VARIABLE = "ORCH_CONFIG_FILE"
 # The longest a duration setting may be: past that, a typo (or `inf`) rather than a wish.
 DAY = 86_400.0
-# The longest `ORCH_A1111_UPSCALER` taken (the webui's names are under 40 characters).
-MAX_UPSCALER_CHARS = 100
 
 Device = Literal["auto", "cpu", "cuda", "mps"]
 

@@ -49,6 +49,7 @@ from tiers._http import (
 from tiers._images import b64decode_tolerant, b64encode, decode_image, encode_image
 from tiers.base import (
     MAX_MODEL_CHARS,
+    MAX_UPSCALER_CHARS,
     CancelToken,
     Capabilities,
     EngineContext,
@@ -62,6 +63,9 @@ from tiers.base import (
 )
 
 IMG2IMG = "/sdapi/v1/img2img"
+UPSCALERS = "/sdapi/v1/upscalers"
+# How long the server's list of upscalers is believed: an operator may add one to a running server.
+UPSCALERS_SECONDS = 300.0
 PROGRESS = "/sdapi/v1/progress"
 TASK_PROGRESS = "/internal/progress"
 DEFAULT_STEPS = 30
@@ -117,6 +121,17 @@ def not_sent_again(response: httpx.Response) -> bool:
     return response.status_code in GATEWAY_STATUSES or processing_failed(response)
 
 
+def _json_list(response: httpx.Response | None) -> list[Any] | None:
+    """A side call's JSON array, or None (no answer, an error, a proxy's page)."""
+    if response is None or response.status_code != 200:
+        return None
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    return body if isinstance(body, list) else None
+
+
 def _json_object(response: httpx.Response | None) -> dict[str, Any] | None:
     """A side call's JSON object, or None (no answer, an error, a proxy's page)."""
     return _json_dict(response) if response is not None and response.status_code == 200 else None
@@ -147,6 +162,8 @@ class A1111Engine:
         # with its loaded one): taken as written without it.
         self._checkpoint = (s.a1111_checkpoint or "").strip() or None
         self._upscaler = s.a1111_upscaler
+        # When the server last listed its upscalers, and their names (None: it did not say).
+        self._upscalers: tuple[float, frozenset[str] | None] | None = None
         self._auth_given = s.a1111_auth is not None
         self._auth_error: str | None = None
         auth: tuple[str, str] | None = None
@@ -232,6 +249,7 @@ class A1111Engine:
             raise BadEngineInput(f"a1111: the {req.stage} stage needs a draft image",
                                  details={"engine": self.name})
         cancel.raise_if_cancelled(charged="no")
+        await self._refuse_unknown_upscaler(req)
         task_id = f"orch-{uuid.uuid4().hex}"
         body = await asyncio.to_thread(self._body, req, task_id)  # the draft's PNG, off the event loop
         cancel.raise_if_cancelled(charged="no")
@@ -333,6 +351,29 @@ class A1111Engine:
         jobs = max(job_count, 1)
         total = steps * jobs
         progress.step(min(min(max(job_no, 0), jobs - 1) * steps + step, total), total)
+
+    async def _refuse_unknown_upscaler(self, req: RenderRequest) -> None:
+        """Raise `EngineUnavailable` when a draft is to be enlarged with `ORCH_A1111_UPSCALER` and
+        the server lists no upscaler of that name: the webui falls back to its first one (a plain
+        resize) with a line on its own console, and the image's record would name one never used.
+        A server that does not list them (an older fork, a failed call) is believed to have it."""
+        assert req.init_image is not None
+        if self._upscaler is None or not self._enlarges(req):
+            return
+        now = self.http.clock()
+        if self._upscalers is None or now - self._upscalers[0] >= UPSCALERS_SECONDS:
+            response = await self._side_call("GET", UPSCALERS)
+            body = _json_list(response)
+            names = None if body is None else frozenset(
+                name for item in body if isinstance(item, dict) and isinstance(name := item.get("name"), str)
+                and 0 < len(name) <= MAX_UPSCALER_CHARS and name.isprintable())
+            self._upscalers = (now, names or None)
+        names = self._upscalers[1]
+        if names is not None and self._upscaler not in names:
+            listed = ", ".join(sorted(names)[:20])
+            raise EngineUnavailable(f"a1111: ORCH_A1111_UPSCALER '{self._upscaler}' is not an upscaler this server "
+                                    f"has (it lists: {listed})"[:500],
+                                    details={"engine": self.name, "setting": "ORCH_A1111_UPSCALER"})
 
     async def _side_call(self, method: str, url: str, *, idempotent: bool | None = None,
                          **kwargs: Any) -> httpx.Response | None:

@@ -264,6 +264,7 @@ async def test_a_configured_upscaler_enlarges_a_polish_and_is_recorded(make_ctx:
     server's own setting put back after, and named in the image's record and PNG."""
     eng = pinned(make_ctx, sleep, checkpoint, a1111_upscaler="R-ESRGAN 4x+")
     route = served("sdxl_base")
+    upscalers = listed("None", "Lanczos", "R-ESRGAN 4x+")
     polish = bridge(stage="polish", creativity=0.3, scale=2.0, width=128, height=128, seed=5)
     result = await eng.run(polish, NullProgress(), CancelToken())
     sent = json.loads(route.calls.last.request.content)
@@ -276,6 +277,36 @@ async def test_a_configured_upscaler_enlarges_a_polish_and_is_recorded(make_ctx:
     runner = SimpleNamespace(registry={"a1111": eng})
     record = JobRunner._record(runner, job, result, result.images[0].seed)  # type: ignore[arg-type]
     assert record["upscaler"] == "R-ESRGAN 4x+"
+    await eng.run(polish, NullProgress(), CancelToken())
+    assert upscalers.call_count == 1  # the server's list is asked once in a while, not at each render
+
+
+def listed(*names: Any) -> respx.Route:
+    """`GET /sdapi/v1/upscalers` answering these names (as the webui lists them, with their models)."""
+    body = [{"name": name, "model_name": None, "model_path": None, "scale": 4} for name in names]
+    return respx.get(f"{BASE}/sdapi/v1/upscalers").mock(return_value=httpx.Response(200, json=body))
+
+
+@respx.mock
+async def test_an_upscaler_the_server_does_not_list_makes_the_engine_unavailable_for_the_job(
+        make_ctx: Any, sleep: Any) -> None:
+    """The webui enlarges with its first upscaler (a plain resize) when it has no such one, saying
+    so only on its console: the record would name an upscaler never used. Refused before the
+    render (another engine may take the polish); a server that does not list them is believed."""
+    eng = pinned(make_ctx, sleep, None, a1111_upscaler="4x-UltraSharp")
+    route = served("sdxl_base")
+    listed("None", "Lanczos", "R-ESRGAN 4x+")
+    polish = bridge(stage="polish", creativity=0.3, scale=2.0, width=128, height=128)
+    with pytest.raises(EngineUnavailable, match=r"ORCH_A1111_UPSCALER '4x-UltraSharp' is not an upscaler this "
+                                                r"server has \(it lists: Lanczos, None, R-ESRGAN 4x\+\)") as refused:
+        await eng.run(polish, NullProgress(), CancelToken())
+    assert refused.value.details["setting"] == "ORCH_A1111_UPSCALER" and route.call_count == 0
+    # Not enlarged, the upscaler is not used: nothing to refuse.
+    await eng.run(bridge(width=64, height=64), NullProgress(), CancelToken())
+    eng._upscalers = None
+    respx.get(f"{BASE}/sdapi/v1/upscalers").mock(return_value=httpx.Response(404, json={"detail": "Not Found"}))
+    result = await eng.run(polish, NullProgress(), CancelToken())
+    assert result.metadata["upscaler"] == "4x-UltraSharp"
 
 
 @respx.mock
