@@ -698,8 +698,11 @@ class JobService:
             if job.status != "queued":
                 return False
             if why is None:
-                # Queued again after its worker stopped or died: it had started, maybe more than once.
-                why = "canceled while queued to run again" if job.attempt > 0 else "canceled before it started"
+                # Queued again after its worker stopped or died, or moved to another engine: it had
+                # started. (A claim a stop gave back before it started is an attempt that did not.)
+                ran = any(((a.get("error") or {}).get("details") or {}).get("started") is not False
+                          for a in job.attempts or [])
+                why = "canceled while queued to run again" if ran else "canceled before it started"
             error = Canceled(why).to_dict()
             result = s.execute(update(Job).where(col(Job.id) == job_id, col(Job.status) == "queued").values(
                 status="canceled", finished_at=now, error=error))

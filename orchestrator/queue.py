@@ -859,7 +859,9 @@ class Scheduler:
         def orphaned(job: Job) -> bool:
             if job.id in self._running or job.id in self._claimed:
                 return False
-            if job.engine not in self.registry and job.engine not in unserved:
+            if job.engine not in self.registry and (job.engine not in unserved or not self._runs_jobs):
+                # A server that runs no jobs has no say over them: a plugin it lacks may be one
+                # whose only worker restarts (and would follow its billed work again).
                 return False
             if job.lease_expires_at is None or job.lease_expires_at <= now:
                 # A holder of this machine whose owner lock is held is alive, whatever its lease

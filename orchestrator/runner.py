@@ -708,7 +708,8 @@ class JobRunner:
         # stop: stops are no crash loop, and never make the job given up.
         job = claim.job
         stopped = Interrupted(f"the service stopped {'while this job ran' if started else 'before this job started'}; "
-                              "it was queued again", details={"engine": job.engine, "graceful": True})
+                              "it was queued again", details={"engine": job.engine, "graceful": True,
+                                                              "started": started})
         # A free server's task this attempt started (see the stop above) goes with the job.
         kept = _accepted_values(claim.accepted) if claim.accepted else {"provider_work": job.provider_work}
         # A database restart or failover is waited out for a while: a stop left to recovery would

@@ -87,9 +87,12 @@ def model_defaults(model: str) -> ModelDefaults:
         return _lcm_guidance(model, named)
     if named == TRANSFORMER:
         # FLUX dev and schnell share a folder name often enough (`~/models/flux`), and distillation
-        # shows in the transformer's config (`guidance_embeds`): what the files say comes first.
+        # shows in the transformer's config (`guidance_embeds`): what the files say comes first,
+        # and until they can say it (a download, a copy under way) the name's is a guess.
         read = _by_files(model)
-        if read is not None and read.told_by == "files" and read.size_multiple == TRANSFORMER.size_multiple:
+        if read is None or read.told_by == "nothing":
+            return replace(named, told_by="nothing")
+        if read.size_multiple == TRANSFORMER.size_multiple:
             return read
     return named or _by_files(model) or replace(SD15, told_by="nothing")
 

@@ -128,6 +128,17 @@ def tell_prompt_overflow(pipe: Any, prompt: str, progress: Progress, notes: list
         progress.state("prompt_truncated", tokens=overflow[0], read=overflow[1])
 
 
+def _on_lcm_scheduler(pipe: Any, model: str) -> Any:
+    """`pipe` on LCM's scheduler when its defaults are an LCM model's: a single file gets its base
+    family's (DDIM, Euler), and an LCM-LoRA merge saved as a folder may keep its base's; on those,
+    its 4 steps came out as noise."""
+    if model_defaults(model).lcm and type(pipe.scheduler).__name__ != "LCMScheduler":
+        from diffusers import LCMScheduler
+
+        pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    return pipe
+
+
 def step_arguments(pipe: Any, on_step: Callable[[Any, int, Any, dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:
     """The pipeline call's arguments that run `on_step` (`LocalRuntime.step_callback`) after each
     denoising step: `callback_on_step_end`, else the older `callback` of the pipelines that have
@@ -715,9 +726,10 @@ class LocalRuntime:
     def _unfit_for(self, model: str, kind: PipelineKind, message: str) -> EngineUnavailable:
         """The error for a model that cannot make `kind` pipelines, remembered for that kind's engine."""
         name = model_name(model) or model  # a job's error: never the server's path
-        error = EngineUnavailable(message.replace("{name}", name), details={"model": name})
-        self._unfit[(_identity(model), kind)] = (time.monotonic(), error)
-        return error
+        message = message.replace("{name}", name)
+        # A copy is kept: the raised one's traceback holds the frames, and the pipeline they loaded.
+        self._unfit[(_identity(model), kind)] = (time.monotonic(), EngineUnavailable(message, details={"model": name}))
+        return EngineUnavailable(message, details={"model": name})
 
     # -- loading (inference thread only) -------------------------------------------------------
 
@@ -879,7 +891,7 @@ class LocalRuntime:
                     pipe = self._load_single_file(source)
                 else:
                     _hub_answers_if_needed(model, source)
-                    pipe = self._from_pretrained(auto, model, source)
+                    pipe = _on_lcm_scheduler(self._from_pretrained(auto, model, source), model)
             if getattr(pipe, "safety_checker", None) is not None:
                 pipe.safety_checker = None  # drafts are private sketches; the checker would black them out
             # In the try: a model that does not fit on the device is a failure to load it, remembered
@@ -979,15 +991,9 @@ class LocalRuntime:
         # inference thread for good, its client waiting without a timeout. (Not in the cache, the
         # configuration is fetched all the same: diffusers does so itself.)
         pipe = cls.from_single_file(str(path), torch_dtype=self.dtype(), local_files_only=True)
-        defaults = model_defaults(str(path))
-        if defaults.few_step:
+        if model_defaults(str(path)).few_step:
             pipe.scheduler = few_step_scheduler(pipe.scheduler, str(path))
-        elif defaults.lcm:
-            # Given its base family's scheduler, 4 steps of an LCM-LoRA merge came out as noise.
-            from diffusers import LCMScheduler
-
-            pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
-        return pipe
+        return _on_lcm_scheduler(pipe, str(path))
 
     def _warm_up(self, pipe: Any, model: str, *, image_to_image: bool = False) -> None:
         # One tiny step compiles kernels and allocates buffers before the first user waits on it.
@@ -1116,8 +1122,6 @@ class LocalRuntime:
 
             first = latents[:1].to(vae.dtype)
             height, width = (side * TAESD_SCALE for side in first.shape[-2:])
-            fits = min(1.0, PREVIEW_MAX_SIDE / max(height, width))
-            size = (max(1, round(width * fits)), max(1, round(height * fits)))
             # Shrunk before the decode, not after it: a full-size decode cost seconds a step on a CPU
             # (1.2 s at 512 px, 13 s at 1024), more than the step itself, for a picture shown small.
             shrink = math.ceil(max(first.shape[-2:]) * TAESD_SCALE / PREVIEW_MAX_SIDE)
@@ -1128,6 +1132,9 @@ class LocalRuntime:
             arr = ((img.float().clamp(-1, 1) + 1) * 127.5).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
             image = PILImage.fromarray(arr, mode="RGB")
             # The pooling rounds each side up: a few latents across (a 1032x64 strip) came out squashed.
+            # The image's shape, at the size decoded (enlarged, a 520 px draft's 264 px would be 512).
+            fits = min(PREVIEW_MAX_SIDE, max(image.size)) / max(height, width)
+            size = (max(1, round(width * fits)), max(1, round(height * fits)))
             return image if image.size == size else image.resize(size, PILImage.Resampling.BILINEAR)
 
         return decode

@@ -89,6 +89,18 @@ def test_a_job_whose_only_worker_died_is_left_for_that_worker_to_restart(built: 
     assert entries(restarted, job_id) == [("hold", False)]
 
 
+def test_a_server_that_runs_no_jobs_leaves_a_job_of_an_engine_it_lacks_to_the_workers(
+        built: Callable[..., Services]) -> None:
+    """`serve --no-jobs` sweeps (a killed worker's draft is queued again), but a job of an engine it
+    lacks is not its to fail as possibly billed: that engine's only worker may be restarting."""
+    api = built(engines=PAID, run_jobs=False)
+    api.scheduler._runs_jobs = False  # as `sweep_only` leaves it
+    api.scheduler.unserved_grace = 0  # nobody has had the engine for a lease
+    job_id = left_running(api, engine="fake-queue", owner=dead_owner(), lease_left=-1, provider_work=WORK)
+    assert asyncio.run(api.scheduler.recover(all_foreign=False)) == []
+    assert row(api, job_id).status == "running" and entries(api, job_id) == [("hold", False)]
+
+
 def test_a_job_of_an_engine_nobody_has_had_for_a_lease_is_queued_again_when_it_sent_nothing(
         built: Callable[..., Services]) -> None:
     without = built(engines=PAID)

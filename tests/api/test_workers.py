@@ -110,11 +110,22 @@ def row(services: Services, job_id: str) -> Job:
     return job
 
 
-@pytest.mark.parametrize(("attempt", "said"), [(0, "canceled before it started"),
-                                               (3, "canceled while queued to run again")])
-def test_a_queued_job_s_cancel_says_whether_it_had_run(services: Services, attempt: int, said: str) -> None:
+def stopped_attempt(*, started: bool) -> dict[str, Any]:
+    """An attempt a stop ended, as the runner records it (`_requeue_unsent`)."""
+    return {"engine": "lite", "status": "interrupted", "error": {"code": "interrupted", "message": "stopped",
+                                                                 "details": {"graceful": True, "started": started}}}
+
+
+@pytest.mark.parametrize(("attempts", "said"), [
+    ([], "canceled before it started"),
+    ([stopped_attempt(started=False)], "canceled before it started"),  # a claim a stop gave back unstarted
+    ([stopped_attempt(started=False), stopped_attempt(started=True)], "canceled while queued to run again"),
+    ([{"engine": "lite", "status": "interrupted", "error": None}], "canceled while queued to run again"),  # a crash
+])
+def test_a_queued_job_s_cancel_says_whether_it_had_run(services: Services, attempts: list[dict[str, Any]],
+                                                       said: str) -> None:
     """A draft queued again after its worker stopped three times was "canceled before it started"."""
-    job_id = add_job(services, status="queued", attempt=attempt)
+    job_id = add_job(services, status="queued", attempt=len(attempts), attempts=attempts)
     assert services.jobs.cancel_queued(job_id)
     job = row(services, job_id)
     assert job.status == "canceled" and job.error is not None and job.error["message"] == said
@@ -523,7 +534,7 @@ def test_a_job_a_stop_queues_again_lists_that_attempt_and_is_no_crash_loop(servi
         job = row(services, job_id)
         assert job.status == "queued" and job.attempt == stop
         assert [a["status"] for a in job.attempts or []] == ["interrupted"] * stop
-        assert (job.attempts or [])[-1]["error"]["details"] == {"engine": "lite", "graceful": True}
+        assert (job.attempts or [])[-1]["error"]["details"] == {"engine": "lite", "graceful": True, "started": True}
     with services.db.transaction() as s:  # ...and the process dies under the next attempt
         s.execute(update(Job).where(col(Job.id) == job_id).values(
             status="running", attempt=MAX_RECOVERIES + 1, lease_owner="dead-host:1:0",

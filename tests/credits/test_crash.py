@@ -130,7 +130,7 @@ def test_a_stop_before_anything_was_sent_queues_the_paid_job_again(
         assert again["error"] is None
         # The stopped attempt is listed, as a stop's, not a crash's.
         assert [(a["status"], a["error"]["details"]) for a in again["attempts"]] == [
-            ("interrupted", {"engine": "fake-paid", "graceful": True})]
+            ("interrupted", {"engine": "fake-paid", "graceful": True, "started": True})]
         assert client.post(f"/v1/jobs/{job['id']}/cancel").status_code == 202
         done = wait_for_job(client, job["id"])
         assert done["status"] == "canceled"

@@ -250,10 +250,13 @@ def test_a_preview_vae_s_previews_are_small_whatever_the_image_size(
         small, large = (runtime.preview(torch.randn(1, 4, side // 8, side // 8)) for side in (256, 1024))
         assert small is not None and small.size == (256, 256)  # decoded at the image's size
         assert large is not None and large.size == (512, 512)
-        # The image's shape, a narrow strip's too (pooled 3 latents high, it came out 344x24).
+        # The image's shape, a narrow strip's too (pooled 3 latents high, it came out 344x24, not
+        # 344x21), at the size decoded (not enlarged: a 520 px image's preview is decoded at 264).
         wide, tall = runtime.preview(torch.randn(1, 4, 8, 129)), runtime.preview(torch.randn(1, 4, 144, 96))
-        assert wide is not None and wide.size == (512, 32)
-        assert tall is not None and tall.size == (341, 512)
+        assert wide is not None and wide.size == (344, 21)
+        assert tall is not None and tall.size == (256, 384)
+        odd = runtime.preview(torch.randn(1, 4, 65, 65))
+        assert odd is not None and odd.size == (264, 264)
     finally:
         runtime.shutdown(timeout=30)
 
@@ -727,10 +730,24 @@ async def test_an_image_to_image_only_model_makes_no_drafts_and_says_so(engines:
         "ORCH_LITE_MODEL to a text-to-image model (it may still serve bridges and polishes as ORCH_HIFI_MODEL)")
     available, why = lite.availability()
     assert not available and why is not None and why.startswith(refused.value.message)
+    # What is kept is a copy without a traceback: the raised one's frames held what they loaded.
+    assert all(error.__traceback__ is None for _, error in lite.runtime._unfit.values())
     assert hifi.availability() == (True, None)
     bridge = RenderRequest(stage="bridge", prompt="a lighthouse", width=64, height=64, steps=2, seed=1, n=1,
                            init_image=draft_image(), strength=0.5)
     assert len((await hifi.run(bridge, RecordingProgress(), CancelToken())).images) == 1
+
+
+async def test_an_lcm_lora_merge_saved_as_a_folder_runs_on_lcm_s_scheduler(
+        engines: EngineFactory, tiny_cache_dir: Path, tmp_path: Path) -> None:
+    """Merged with LCM-LoRA and saved with its base's scheduler (Euler here), 4 steps at guidance 1
+    came out as noise: it gets LCM's scheduler, as a single file does."""
+    folder = tmp_path / "dreamshaper-8-lcm"
+    shutil.copytree(tiny_cache_dir / "tiny-sd", folder)
+    lite, _ = engines(lite_model=str(folder))
+    result = await lite.run(draft(n=1), RecordingProgress(), CancelToken())
+    assert result.metadata["sampler"] == "LCMScheduler"
+    assert (result.metadata["steps"], result.metadata["guidance_scale"]) == (4, 1.0)
 
 
 def with_legacy_callback(pipe: Any) -> Any:

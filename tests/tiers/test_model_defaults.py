@@ -191,6 +191,16 @@ def test_a_flux_folder_is_told_dev_or_schnell_by_its_transformer(diffusers_folde
     assert model_defaults(str(folder)) == expected
 
 
+def test_a_flux_folder_whose_files_are_not_there_yet_is_read_again(diffusers_folder: Folder) -> None:
+    """Read as dev by its name while a copy was under way, a schnell folder kept 28 steps."""
+    folder = diffusers_folder("flux", "FluxPipeline", **{"transformer__config.json": {}})
+    (folder / "transformer" / "config.json").unlink()
+    assert model_defaults(str(folder)).told_by == "nothing"
+    (folder / "transformer" / "config.json").write_text(json.dumps({"guidance_embeds": False}))
+    defaults = model_defaults(str(folder))
+    assert defaults == TRANSFORMER_FAST and defaults.told_by == "files"
+
+
 def test_the_name_comes_before_the_files(diffusers_folder: Folder) -> None:
     """Only the name tells a distilled model from its base: SDXL-Turbo's folder says SDXL."""
     folder = diffusers_folder("sdxl-turbo", "StableDiffusionXLPipeline", **{"unet__config.json": {"sample_size": 128}})
