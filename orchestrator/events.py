@@ -104,6 +104,7 @@ class StreamView:
 
     started: bool
     attempt: int  # of the latest `started` (0: none, or not known)
+    queued: bool  # told queued now: no `started` since the latest `queued` (see `catch_up`)
     assets: int
     step: int  # of the latest `progress` since that `started`
     finished: bool
@@ -144,6 +145,12 @@ EVENTFUL_STATES = frozenset({"fallback", "reattached", "resumed", "restarted"})
 # What a state is about: the same state of another of the provider's requests (Stability's
 # second image polled) is news, not the first one's told again.
 STATE_SUBJECTS = ("provider_id", "prompt_id", "task_id")
+
+
+def _told_queued(history: list[Event]) -> bool:
+    """Whether the stream tells the job queued now: no `started` since its latest `queued`."""
+    told = [e.type for e in history if e.type in ("queued", "started")]
+    return bool(told) and told[-1] == "queued"
 
 
 def _repeats(event: Event, before: Event) -> bool:
@@ -274,8 +281,10 @@ class EventBus:
         stream = self._stream(job_id)
         if stream.finished_at is not None:
             return  # exactly one terminal event, nothing after it
-        if type_ == "queued" and any(e.type == "queued" for e in stream.history):
+        if type_ == "queued" and (_told_queued(stream.history) if data.get("requeued")
+                                  else any(e.type == "queued" for e in stream.history)):
             # The submit's own event, late: the runner claimed the job first and told it already.
+            # (Queued again after it started, its worker gone, is news once: `follow.catch_up`.)
             return
         self._last_id += 1
         event = Event(self._last_id, type_, data, self.tag, job_id)
@@ -318,6 +327,7 @@ class EventBus:
         step = int(progress.data.get("step", 0)) if progress is not None and since_start else 0
         return StreamView(started=last_start is not None,
                           attempt=int(last_start.data.get("attempt", 0)) if last_start else 0,
+                          queued=_told_queued(stream.history),
                           assets=sum(1 for e in stream.history if e.type == "asset"), step=step,
                           finished=stream.finished_at is not None, watched=bool(stream.subscribers))
 

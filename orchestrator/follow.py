@@ -43,7 +43,15 @@ def catch_up(bus: EventBus, job: Job, asset_ids: list[str], *, preview: bool = F
         bus.publish(job.id, "queued", {"job_id": job.id, "status": "queued"})
         view = bus.view(job.id)
         assert view is not None
-    if view.finished or job.status == "queued":
+    if view.finished:
+        return
+    if job.status == "queued":
+        # Back in the queue after the stream told it started (its worker stopped or died, a
+        # fallback moved it): a stream that went on showing its last step said it still ran. Not
+        # a row read before the claim the stream told (an older attempt).
+        if view.started and not view.queued and job.attempt >= view.attempt:
+            bus.publish(job.id, "queued", {"job_id": job.id, "status": "queued", "attempt": view.attempt,
+                                           "requeued": True})
         return
     # A row of an attempt before the one told: read before the job was claimed again and told after
     # a newer read (its progress would hide the new attempt's until it passed that step), or ended

@@ -169,7 +169,8 @@ def _finished(services: Services, job_id: str) -> bool:
 
 @router.get("/jobs/{job_id}/events", response_class=StreamingResponse, summary="Follow a job's events",
             responses={200: {"content": {"text/event-stream": {}}, "description": (
-                "Server-sent events, each with an `id:` and a JSON `data:`: `queued`, `started`, `progress` "
+                "Server-sent events, each with an `id:` and a JSON `data:`: `queued` (again, with `requeued: "
+                "true`, when a job that started goes back to the queue), `started` (with its `attempt`), `progress` "
                 "(`step`, `total`, `fraction`, and `preview_url` when the step has a preview), `state` (`state`: "
                 "submitted, polling, accepted, fallback, prompt_truncated, ...), `asset` (`asset_id`, `index`), "
                 "then exactly one of `succeeded` (`assets`), `failed` (`error`) or `canceled` (`error`: why), and "

@@ -442,6 +442,50 @@ def test_a_late_client_of_a_job_run_elsewhere_gets_its_state_now_not_when_last_w
     assert [e.event for e in late] == ["queued", "started", "failed"], late
 
 
+def test_a_job_run_elsewhere_that_goes_back_to_the_queue_is_told_queued_again(
+        make_settings: Callable[..., Settings]) -> None:
+    """Its worker killed (or stopped), the job went back to the queue and its stream here went on
+    showing its last step, a late client's too, while `GET /v1/jobs/{id}` said queued."""
+    settings = make_settings(run_jobs=False, poll_interval=0.1)
+    database = settings.data_dir / "orchestrator.db"
+
+    def row(values: str, job_id: str) -> None:  # as the worker, and then the recovery, write it
+        with sqlite3.connect(database) as db:
+            db.execute(f"UPDATE jobs SET {values} WHERE id = ?", (job_id,))
+
+    with serve_in_thread(settings) as base, httpx.Client(base_url=base, timeout=30) as client:
+        job = submit_draft(client, create_project(client)["id"])
+        with client.stream("GET", f"/v1/jobs/{job['id']}/events") as stream:
+            events = iter_sse(stream)
+            assert next(events).event == "queued"
+            row("status = 'running', attempt = 1, started_at = CURRENT_TIMESTAMP, progress_step = 2, "
+                "progress_total = 4", job["id"])
+            assert [next(events).event, next(events).event] == ["started", "progress"]
+            row("status = 'queued', lease_owner = NULL, progress_step = 0, progress_total = 0", job["id"])
+            again = next(events)
+            assert (again.event, again.data) == ("queued", {"job_id": job["id"], "status": "queued", "attempt": 1,
+                                                            "requeued": True})
+            late = read_events_until(client, job["id"], "queued", count=2)
+            assert [e.event for e in late] == ["queued", "started", "progress", "queued"]
+            row("status = 'running', attempt = 2, progress_step = 1, progress_total = 4", job["id"])
+            started = next(events)
+            assert (started.event, started.data["attempt"]) == ("started", 2)
+            row("status = 'failed', finished_at = CURRENT_TIMESTAMP, error = '{\"code\": \"engine_error\", "
+                "\"message\": \"x\", \"details\": {}}'", job["id"])
+            assert [e.event for e in events] == ["progress", "failed"]
+
+
+def read_events_until(client: httpx.Client, job_id: str, event: str, count: int) -> list[SSE]:
+    """A job's stream read until its `count`th `event` (the stream of an unfinished job goes on)."""
+    seen: list[SSE] = []
+    with client.stream("GET", f"/v1/jobs/{job_id}/events", timeout=30) as response:
+        for sse in iter_sse(response):
+            seen.append(sse)
+            if sum(e.event == event for e in seen) == count:
+                return seen
+    raise AssertionError(f"the stream ended before its {count}th {event}: {seen}")
+
+
 def test_two_moves_in_a_row_are_both_told_a_poll_s_state_told_again_only_once() -> None:
     # A job moved off one engine, then (claimed only to move it) off the next one's open circuit:
     # the first fallback was taken for the same state told again and dropped from the story.
