@@ -79,11 +79,16 @@ SIDE_CALL_TIMEOUT = 5.0
 MAX_SAMPLER_CHARS = 100
 
 
-def _json_dict(response: httpx.Response) -> dict[str, Any] | None:
+def _json_body(response: httpx.Response) -> Any:
+    """The answer's JSON, or None when it is none."""
     try:
-        body = response.json()
+        return response.json()
     except ValueError:
         return None
+
+
+def _json_dict(response: httpx.Response) -> dict[str, Any] | None:
+    body = _json_body(response)
     return body if isinstance(body, dict) else None
 
 
@@ -123,12 +128,7 @@ def not_sent_again(response: httpx.Response) -> bool:
 
 def _json_list(response: httpx.Response | None) -> list[Any] | None:
     """A side call's JSON array, or None (no answer, an error, a proxy's page)."""
-    if response is None or response.status_code != 200:
-        return None
-    try:
-        body = response.json()
-    except ValueError:
-        return None
+    body = _json_body(response) if response is not None and response.status_code == 200 else None
     return body if isinstance(body, list) else None
 
 
