@@ -371,9 +371,13 @@ class A1111Engine:
         names = self._upscalers[1]
         if names is not None and self._upscaler not in names:
             listed = ", ".join(sorted(names)[:20])
-            raise EngineUnavailable(f"a1111: ORCH_A1111_UPSCALER '{self._upscaler}' is not an upscaler this server "
-                                    f"has (it lists: {listed})"[:500],
-                                    details={"engine": self.name, "setting": "ORCH_A1111_UPSCALER"})
+            error = EngineUnavailable(f"a1111: ORCH_A1111_UPSCALER '{self._upscaler}' is not an upscaler this server "
+                                      f"has (it lists: {listed})"[:500],
+                                      details={"engine": self.name, "setting": "ORCH_A1111_UPSCALER"})
+            # The setting's answer to an enlargement: the server is well for every render that needs
+            # none (counted against its circuit, five polishes closed it to every bridge).
+            error.engine_fault = False
+            raise error
 
     async def _side_call(self, method: str, url: str, *, idempotent: bool | None = None,
                          **kwargs: Any) -> httpx.Response | None:

@@ -301,6 +301,9 @@ async def test_an_upscaler_the_server_does_not_list_makes_the_engine_unavailable
                                                 r"server has \(it lists: Lanczos, None, R-ESRGAN 4x\+\)") as refused:
         await eng.run(polish, NullProgress(), CancelToken())
     assert refused.value.details["setting"] == "ORCH_A1111_UPSCALER" and route.call_count == 0
+    # The setting's, not the server's: counted against its circuit, five polishes closed it to
+    # every bridge, which needs no upscaler.
+    assert refused.value.engine_fault is False
     # Not enlarged, the upscaler is not used: nothing to refuse.
     await eng.run(bridge(width=64, height=64), NullProgress(), CancelToken())
     eng._upscalers = None
