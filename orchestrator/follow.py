@@ -56,7 +56,8 @@ def catch_up(bus: EventBus, job: Job, asset_ids: list[str], *, preview: bool = F
     # A row of an attempt before the one told: read before the job was claimed again and told after
     # a newer read (its progress would hide the new attempt's until it passed that step), or ended
     # after a claim was handed back unstarted (`JobRunner._requeue_waiting`): only its end is told.
-    earlier = bool(view.attempt) and job.attempt < view.attempt
+    # Told queued again, a row of the attempt that ended is older news too (the next claim is a new one).
+    earlier = bool(view.attempt) and (job.attempt < view.attempt or (view.queued and job.attempt == view.attempt))
     # A job canceled or failed in the queue never started; one run again (recovered after its
     # worker died) starts again, and its progress counts from its new start.
     if job.started_at is not None and (not view.started or job.attempt > view.attempt):

@@ -626,6 +626,27 @@ def test_a_row_read_before_a_rerun_tells_nothing_after_the_rerun_started() -> No
     assert [(e.type, e.data.get("step")) for e in told] == [("queued", None), ("started", None), ("progress", 5)]
 
 
+def test_a_row_read_before_a_requeue_tells_no_step_after_the_queued_again() -> None:
+    """The route's read of a running row, told after the follower's newer read had told the job
+    queued again: its step said the job ran again while it waited in the queue."""
+    bus = EventBus()
+    running = Job(id="job_r", project_id="prj", stage="ideation", engine="lite", status="running", attempt=1,
+                  started_at=utcnow(), progress_step=2, progress_total=4)
+    catch_up(bus, running, [])
+    stale = Job(id="job_r", project_id="prj", stage="ideation", engine="lite", status="running", attempt=1,
+                started_at=utcnow(), progress_step=3, progress_total=4)
+    catch_up(bus, Job(id="job_r", project_id="prj", stage="ideation", engine="lite", status="queued", attempt=1,
+                      started_at=utcnow()), [])
+    catch_up(bus, stale, [])
+    told = [(e.type, e.data.get("step"), e.data.get("requeued")) for e in bus._jobs["job_r"].snapshot()]
+    assert told == [("queued", None, None), ("started", None, None), ("progress", 2, None), ("queued", None, True)]
+    # Claimed again, the next attempt is told from its start.
+    catch_up(bus, Job(id="job_r", project_id="prj", stage="ideation", engine="lite", status="running", attempt=2,
+                      started_at=utcnow(), progress_step=1, progress_total=4), [])
+    told = [(e.type, e.data.get("attempt"), e.data.get("step")) for e in bus._jobs["job_r"].snapshot()]
+    assert told[-2:] == [("started", 2, None), ("progress", None, 1)]
+
+
 def test_a_job_handed_back_unstarted_and_canceled_still_ends_its_stream() -> None:
     # A claim handed back to the queue (its engine's circuit open) takes its attempt back: a row
     # canceled after it says attempt 1 where the stream told attempt 2, and its end was never told.
