@@ -61,12 +61,6 @@ def recall(s: Session, key: str, scope: str, digest: str) -> IdempotencyKey | No
     """The earlier request with this key, or None; 409 when it came with another body."""
     same = (digest, getattr(digest, "legacy", digest), *getattr(digest, "also", ()))
     row = s.get(IdempotencyKey, (key, scope))
-    if row is None and not key.isascii():
-        # As a release that kept the header's bytes read as latin-1 stored it (`clÃ©`), for the
-        # 48 h its keys live: a retry across the upgrade is the same request. Only with the same
-        # body: that form is also a key a client may send today (`Ã©`), whose request it is not.
-        earlier = s.get(IdempotencyKey, (key.encode().decode("latin-1"), scope))
-        return earlier if earlier is not None and earlier.request_hash in same else None
     if row is not None and row.request_hash not in same:
         raise IdempotencyConflict("this Idempotency-Key was used with a different request body",
                                   details={"idempotency_key": key})

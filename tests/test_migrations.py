@@ -421,3 +421,36 @@ def check_downgrades_refused_one_by_one(url: str) -> None:
 def _revision(engine: Any) -> str | None:
     with engine.connect() as conn:
         return MigrationContext.configure(conn).get_current_revision()
+
+
+def test_0019_stores_keys_misread_as_latin_1_as_they_were_sent(tmp_path: Path) -> None:
+    """Releases before 0019 kept `clé` as `clÃ©`, and looked keys up in that form too, for good:
+    `é` then found the request of a client that had sent `Ã©`."""
+    from sqlmodel import Session
+
+    from orchestrator.models import IdempotencyKey
+
+    url = f"sqlite:///{tmp_path / 'm.db'}"
+    upgrade(url, "0018")
+    engine = create_engine(url)
+    stored = {"cl\u00c3\u00a9": "misread", "\u00c3\u00a9": "sent so since", "\u00e9": "the other",
+              "\u00c3": "no UTF-8 in it", "\u4e2d": "past latin-1", "plain": "ASCII"}
+    try:
+        _project_and_job(engine)
+        with Session(engine) as s:
+            for key in stored:
+                s.add(IdempotencyKey(key=key, scope="/v1/projects", request_hash=stored[key], project_id="prj_1"))
+            s.add(IdempotencyKey(key="cl\u00c3\u00a9", scope="/v1/other", request_hash="misread too",
+                                 project_id="prj_1"))
+            s.commit()
+        upgrade(url)
+        with engine.connect() as conn:
+            rows = {(key, scope): h for key, scope, h in
+                    conn.execute(text("SELECT key, scope, request_hash FROM idempotency_keys")).all()}
+    finally:
+        engine.dispose()
+    assert rows == {("cl\u00e9", "/v1/projects"): "misread", ("cl\u00e9", "/v1/other"): "misread too",
+                    # Where both forms are stored, the sent one is a client's own since: both stay.
+                    ("\u00c3\u00a9", "/v1/projects"): "sent so since", ("\u00e9", "/v1/projects"): "the other",
+                    ("\u00c3", "/v1/projects"): "no UTF-8 in it", ("\u4e2d", "/v1/projects"): "past latin-1",
+                    ("plain", "/v1/projects"): "ASCII"}

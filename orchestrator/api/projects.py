@@ -51,22 +51,9 @@ def create_project(body: ProjectCreate, services: ServicesDep, request: Request,
                    response: Response, idempotency_key: IdempotencyKey = None) -> ProjectPublic:
     """Create a project. With an `Idempotency-Key`, a retry answers with the first request's
     response (the project as it was created) and creates nothing."""
-    # Defaults written out are the same request as one that leaves them out: a budget of no limit
-    # (`{}`, `{"limit": null, "period": "none"}`), and the default policy, whose key a release that
-    # hashed it as written stored.
-    hashed = body.model_copy(update={"budget": None}) if body.budget == Budget() else body
-    # As sent, too: a key stored before budgets were read so was hashed with it written out.
-    written = [body] if hashed is not body else []
-    if body.policy in (None, services.settings.policy):
-        policies: list[str | None] = [None, services.settings.policy]
-        first, *others = [form.model_copy(update={"policy": policy})
-                          for form in (hashed, *written) for policy in policies]
-        digest = idempotency.request_hash(first, *others)
-    else:
-        digest = idempotency.request_hash(hashed, *written)
     scope, key = request.url.path, idempotency_key
     # Before the checks: a retry answers as the first request did, even if the policy is gone since.
-    if key and (earlier := _created_earlier(services, key, scope, digest)):
+    if key and (earlier := _created_earlier(services, key, scope, body)):
         return _replayed(earlier, response)
     _check_policy(services, body.policy)
     if body.policy is None and services.settings.policy not in services.policies:
@@ -82,16 +69,17 @@ def create_project(body: ProjectCreate, services: ServicesDep, request: Request,
     try:
         with services.db.transaction() as s:
             # SQLite: under the write lock, a second request with the key finds the first's row here.
-            if key and (earlier := _answered(s, idempotency.recall(s, key, scope, digest))):
+            if key and (earlier := _recalled(s, services, key, scope, body)):
                 return _replayed(earlier, response)
             project.id = new_id("prj")  # made under the write lock: ids are the list's cursors
             s.add(project)
             if key:
                 s.flush()  # the key's row points at the project's
-                idempotency.remember(s, key, scope, digest, project_id=project.id, response=project_public(project))
+                idempotency.remember(s, key, scope, _digest(services, body, None), project_id=project.id,
+                                     response=project_public(project))
     except IntegrityError:
         # PostgreSQL: a request with the same key committed first (the key is the primary key).
-        if key and (earlier := _created_earlier(services, key, scope, digest)):
+        if key and (earlier := _created_earlier(services, key, scope, body)):
             return _replayed(earlier, response)
         raise
     response.headers["Location"] = f"/v1/projects/{project.id}"
@@ -104,9 +92,42 @@ def _replayed(first: ProjectPublic, response: Response) -> ProjectPublic:
     return first
 
 
-def _created_earlier(services: ServicesDep, key: str, scope: str, digest: str) -> ProjectPublic | None:
+def _digest(services: ServicesDep, body: ProjectCreate, earlier: IdempotencyKeyRow | None) -> idempotency.Digest:
+    """The body's digest, with the forms of the same request that a key `earlier` stored may hold.
+
+    Defaults written out are the same request as one that leaves them out: a budget of no limit
+    (`{}`, `{"limit": null, "period": "none"}`), and the default policy, stored as left out. Which
+    policy that was is what the first request made, not today's ORCH_POLICY: naming it in a retry
+    after the setting changed is the same request, and naming today's default where the first
+    request got another is not."""
+    hashed = body.model_copy(update={"budget": None}) if body.budget == Budget() else body
+    # As sent, too: a key stored before budgets were read so was hashed with it written out.
+    forms = (hashed, *([body] if hashed is not body else []))
+
+    def named(policy: str | None) -> list[ProjectCreate]:
+        return [form.model_copy(update={"policy": policy}) for form in forms]
+
+    made = services.settings.policy  # what a request leaving it out makes (or made: see below)
+    if earlier is not None and earlier.response is not None:
+        made = str(earlier.response.get("policy", made))
+    if body.policy is None:
+        # With the default written out as well: a release that hashed it as written stored that.
+        first, *others = [*named(None), *named(services.settings.policy)]
+    elif body.policy == made:
+        first, *others = [*named(None), *named(body.policy)]
+    else:
+        first, *others = named(body.policy)
+    return idempotency.request_hash(first, *others)
+
+
+def _recalled(s: Session, services: ServicesDep, key: str, scope: str, body: ProjectCreate) -> ProjectPublic | None:
+    earlier = s.get(IdempotencyKeyRow, (key, scope))
+    return _answered(s, idempotency.recall(s, key, scope, _digest(services, body, earlier)))
+
+
+def _created_earlier(services: ServicesDep, key: str, scope: str, body: ProjectCreate) -> ProjectPublic | None:
     with services.db.session() as s:
-        return _answered(s, idempotency.recall(s, key, scope, digest))
+        return _recalled(s, services, key, scope, body)
 
 
 def _answered(s: Session, row: IdempotencyKeyRow | None) -> ProjectPublic | None:

@@ -1,0 +1,54 @@
+"""idempotency_keys: keys stored as their UTF-8 bytes read as latin-1 are stored as sent
+
+Releases before 2026-11-30 kept a non-ASCII `Idempotency-Key` as the header's bytes read as
+latin-1 (`clé` as `clÃ©`). The service looked such keys up in that form too, for good, so a key
+sent today that happens to be another's misread form (`Ã©` and `é`) replayed that other request.
+Rewritten once here, at the upgrade, the fallback goes: keys live 48 h, so what this rewrites is
+only what a release before then stored.
+
+Revision ID: 0019
+Revises: 0018
+Create Date: 2026-12-02 09:00:00.000000
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import context, op
+
+revision: str = '0019'
+down_revision: str | None = '0018'
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+KEYS = sa.table('idempotency_keys', sa.column('key', sa.String), sa.column('scope', sa.String))
+
+
+def as_sent(stored: str) -> str | None:
+    """The key a client sent, for a key stored in its misread form; None for any other key."""
+    if stored.isascii():
+        return None
+    try:
+        sent = stored.encode("latin-1").decode("utf-8")
+    except (UnicodeEncodeError, UnicodeDecodeError):  # `é` itself, or a character past latin-1
+        return None
+    return sent if sent != stored else None
+
+
+def upgrade() -> None:
+    if context.is_offline_mode():  # no rows to read: `alembic upgrade --sql` writes only the schema
+        return
+    bind = op.get_bind()
+    stored = set(bind.execute(sa.select(KEYS.c.key, KEYS.c.scope)).tuples())
+    for key, scope in sorted(stored):
+        sent = as_sent(key)
+        # Where the sent form is stored too, both stay: that one was sent so by a client since.
+        if sent is not None and (sent, scope) not in stored:
+            bind.execute(KEYS.update().where(KEYS.c.key == key, KEYS.c.scope == scope).values(key=sent))
+
+
+def downgrade() -> None:
+    # The releases before read both forms: keys stored as sent are found as they are.
+    pass
