@@ -483,9 +483,12 @@ class Progress(BaseModel):
 class Cost(BaseModel):
     """What the job costs, in credits."""
 
-    estimated: float = Field(description="The routing's estimate, held against the budget when the job was made.")
+    estimated: float = Field(description="The estimate of the engine it runs on, held against the budget: the "
+                             "routing's when the job was made, the fallback's after it moved to another engine "
+                             "(the ledger keeps each hold).")
     held: float = Field(description="Still held for it: 0 once the job ended (the hold is captured or released).")
-    charged: float = Field(description="Charged: what it cost (0 for local work and for a cache hit).")
+    charged: float = Field(description="Charged: what it cost (0 for a cache hit, and for local work unless "
+                           "ORCH_LOCAL_GPU_SECOND_CREDITS meters it).")
     cache_hit: bool = Field(description="It copied an identical earlier job's result, for nothing.")
 
 

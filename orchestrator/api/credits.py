@@ -265,14 +265,16 @@ def _in_range(value: str) -> None:
             raise ValueError(f"is out of range: {said}") from None
 
 
-def _csv_name(report: dict[str, Any]) -> str:
-    """`spend-by-day-from-20261101T000000Z-to-20261201T000000Z.csv`: files saved from several
-    windows do not overwrite one another, and each says what it holds."""
-    parts = [f"spend-by-{report['group_by']}"]
+def _csv_name(report: dict[str, Any], project_id: str | None) -> str:
+    """`spend-by-day-from-20261101T000000Z-to-20261201T000000Z.csv`, with the project's id after
+    `spend-` for one project's: files saved from several windows or projects do not overwrite one
+    another, and each says what it holds (fractions of a second included: they move a bound)."""
+    parts = ["spend", *([project_id] if project_id else []), f"by-{report['group_by']}"]
     for bound in ("from", "to"):
         if report[bound] is not None:
             when = report[bound]  # the year by hand: `%Y` does not pad years before 1000 (glibc)
-            parts.append(f"{bound}-{when.year:04d}{when.strftime('%m%dT%H%M%SZ')}")
+            fraction = f".{when.microsecond:06d}".rstrip("0") if when.microsecond else ""
+            parts.append(f"{bound}-{when.year:04d}{when.strftime('%m%dT%H%M%S')}{fraction}Z")
     return "-".join(parts) + ".csv"
 
 
@@ -300,7 +302,8 @@ def _utc(name: str, value: datetime | None) -> datetime | None:
     200: {"model": SpendReport, "content": {"text/csv": {"schema": {"type": "string"}}},
           "description": "The report: JSON, or CSV with `format=csv`.", "headers": {
               "Content-Disposition": {"description": "With `format=csv`: `attachment; filename=\"spend-by-day-from-"
-                                                     "20261101T000000Z-to-20261201T000000Z.csv\"` (the bounds given)",
+                                                     "20261101T000000Z-to-20261201T000000Z.csv\"` (the bounds given; "
+                                                     "one project's has its id after `spend-`)",
                                       "schema": {"type": "string"}}}},
     **with_query(404, said={404: "`project_id` names no project (`not_found`).",
                             422: QUERY_422 + " Or `from` or `to` is no RFC 3339 time with a zone, or `from` is after "
@@ -329,8 +332,9 @@ def get_spend(services: ServicesDep, caller: CallerDep,
         report = spend(s, group_by, from_, to, project_id)
         report["savings"] = savings(s, services.registry, from_, to, project_id)
     if format == "csv":
+        named = _csv_name(report, project_id)
         return PlainTextResponse(to_csv(report), media_type="text/csv",
-                                 headers={"Content-Disposition": f'attachment; filename="{_csv_name(report)}"'})
+                                 headers={"Content-Disposition": f'attachment; filename="{named}"'})
     # Times as everywhere else in the API: UTC with a Z.
     for name in ("from", "to"):
         if report[name] is not None:

@@ -137,10 +137,18 @@ def test_csv(api: httpx.Client, spent: dict[str, Any]) -> None:
     # Saved from several windows, the files do not overwrite one another.
     bounded = api.get("/v1/spend", params={"project_id": spent["project_id"], "format": "csv",
                                            "from": "2026-11-01T00:00:00Z"})
-    assert bounded.headers["content-disposition"] == 'attachment; filename="spend-by-day-from-20261101T000000Z.csv"'
-    assert response.headers["content-disposition"] == 'attachment; filename="spend-by-engine.csv"'
+    project = spent["project_id"]
+    assert bounded.headers["content-disposition"] == \
+        f'attachment; filename="spend-{project}-by-day-from-20261101T000000Z.csv"'
+    # Nor do those of several projects (grouped by engine, no row says whose it is).
+    assert response.headers["content-disposition"] == f'attachment; filename="spend-{project}-by-engine.csv"'
     early = api.get("/v1/spend", params={"format": "csv", "from": "0001-01-01T00:00:00Z"})
     assert early.headers["content-disposition"] == 'attachment; filename="spend-by-day-from-00010101T000000Z.csv"'
+    # Nor those of bounds half a second apart: the fraction moves the bound.
+    half = api.get("/v1/spend", params={"format": "csv", "from": "2026-12-01T00:00:00.5Z",
+                                        "to": "2026-12-02T00:00:00.000001Z"})
+    assert half.headers["content-disposition"] == \
+        'attachment; filename="spend-by-day-from-20261201T000000.5Z-to-20261202T000000.000001Z.csv"'
 
 
 def test_by_project_the_groups_name_their_projects(api: httpx.Client, spent: dict[str, Any]) -> None:
