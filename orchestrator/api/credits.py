@@ -51,7 +51,9 @@ class BudgetPublic(BaseModel):
     held: float = Field(description="Reserved by open holds: the estimates of paid jobs not yet ended.")
     granted: float = Field(description="Granted in the window (`POST .../grants`), on top of the limit.")
     available: float | None = Field(description="`limit + granted - charged - held`: what new paid jobs may hold; "
-                                                "null: no limit.")
+                                                "negative when the window is over its limit (a limit lowered under "
+                                                "what was charged, metered local work, a charge over its "
+                                                "estimate); null: no limit.")
 
 
 class LedgerEntryPublic(BaseModel):
