@@ -176,6 +176,8 @@ class Scheduler:
                 task.cancel()
         awaited = {task for task, claim in self._running.values()
                    if not claim.cancel.cancelled and self._answer_awaited(claim)}
+        for task, claim in self._running.values():
+            claim.stopping = task in awaited
         # Everything else stops now, before it can send a paid request that the wait below would
         # then abandon (a job still preparing its request is run again after the restart).
         self._abandon(lambda task: task not in awaited)
@@ -250,8 +252,12 @@ class Scheduler:
                 # A submit the provider answered meanwhile (fal's, Replicate's): its work is followed
                 # after the restart, not waited for to the end of its render (a rolling restart took
                 # the render's whole time per worker).
+                # And one whose request was answered that nothing was made (a 429 waited out): its
+                # retry would go out for the end of the wait to abandon, made and billed for nobody.
                 followed = {task for task, claim in self._running.values()
-                            if task in pending and not claim.cancel.cancelled and self._followed(claim)}
+                            if task in pending and not claim.cancel.cancelled
+                            and (self._followed(claim) or not self._answer_awaited(claim))
+                            and claim.job.id not in self.runner.storing}
                 if followed:
                     self._abandon(followed.__contains__)
                     pending -= followed
@@ -272,7 +278,7 @@ class Scheduler:
         saved for that): those are left to recovery at once."""
         engine = self.registry.get(claim.job.engine) if claim.job.engine in self.registry else None
         return (engine is not None and engine.kind == "remote" and not isinstance(engine, Restartable)
-                and not self._followed(claim) and not claim.surely_unsent()
+                and not self._followed(claim) and claim.may_have_paid_out()
                 and claim.job.id not in self.runner.storing)  # answered: waited for as it stores, below
 
     def _followed(self, claim: Claim) -> bool:

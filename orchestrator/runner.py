@@ -118,6 +118,10 @@ class Claim:
     # Set as the runner starts ending the attempt: no billable send may begin after it (an engine's
     # other concurrent requests, which its failure did not stop, would otherwise go out unbilled).
     ended: bool = False
+    # Set when a stop waits for this attempt's paid request: a request may still go out beside one
+    # that is out (a job's second call), but not once none is (a 429 waited out: the end of the
+    # wait would abandon it unanswered, made and billed for nobody).
+    stopping: bool = False
     # Set when this attempt follows work an earlier process sent (reattached or resumed).
     inherited: bool = False
     # Requests of this attempt that went out and were not answered that nothing was made.
@@ -147,6 +151,15 @@ class Claim:
         """Nothing of this attempt can have reached a provider: its engine announces its sends,
         and it has asked for none. Call it once `ended` is set, so that none can start after."""
         return (self.job.unsent_attempt == self.attempt and not self.sending and not self.accepted)
+
+    def may_have_paid_out(self) -> bool:
+        """Whether a paid request of this attempt may be out now, or made: not when its engine
+        announces its requests and each one was answered that nothing was made (a 429 or a 5xx
+        being waited out) or none was sent; always for an engine that does not announce them."""
+        if self.surely_unsent():
+            return False
+        announces = self.sending or self.job.unsent_attempt == self.attempt
+        return not announces or self.out > 0 or self.accepted is not None
 
 
 # The most steps the job row holds (a 32-bit column on PostgreSQL): a larger count is scaled down.
@@ -885,6 +898,10 @@ class JobRunner:
 
             if claim.ended:
                 raise Canceled("the job ended before this request was sent", charged=free())
+            if claim.stopping and not (claim.out or claim.accepted):
+                claim.shutdown = True  # left for the restart, queued again: nothing of it is out
+                claim.cancel.cancel(abandon=True)
+                claim.cancel.raise_if_cancelled(charged="no")
             claim.sending = True
             # Bounded, and a cancel ends it (nothing of this request is out yet): a database that
             # stays away must not hold the send, or a cancel, for the save's two minutes of retries.
@@ -899,6 +916,7 @@ class JobRunner:
                 # A later request (the first one's record checks this itself): an attempt another
                 # process took over must not pay a provider for what nobody keeps.
                 raise StaleAttempt(claim.job.id)
+            claim.cancel.raise_if_cancelled(charged=free())  # asked (a stop's abandon) during that read
             claim.out += 1
             if claim.job.unsent_attempt != claim.attempt:
                 return  # an engine that does not announce its requests: recovery assumes it sent

@@ -29,6 +29,7 @@ from tiers.base import (
     RenderResult,
     Stage,
     billable_send,
+    billable_send_refused,
     billable_sends_out,
 )
 
@@ -100,6 +101,13 @@ class FakePaidEngine:
                 raise KeyError("size")
 
             await asyncio.gather(other(), broken())
+        if behaviour == "rate-limited":  # as `RemoteClient`: answered 429 (nothing made), its Retry-After waited out
+            await billable_send()
+            SENT.append(f"{req.prompt} (refused)")
+            await cancel.race(asyncio.sleep(float(req.tags.get("answer_after", "0"))))  # out, until answered
+            billable_send_refused()
+            await cancel.race(asyncio.sleep(float(req.tags.get("retry_after", "1"))),
+                              charged="unknown" if billable_sends_out() else "no")
         await billable_send()
         SENT.append(req.prompt)
         if behaviour == "second-call-no-id":  # a plugin's two paid calls, reporting no provider id

@@ -57,6 +57,41 @@ def test_a_stop_waits_for_a_sent_paid_request_and_stops_the_rest(
             ("hold", PRICE, False), ("capture", PRICE, False)]
 
 
+@pytest.mark.parametrize(("answer_after", "retry_after"), [(0.0, 30.0), (1.5, 0.0)],
+                         ids=["refused-before-the-stop", "refused-during-its-wait"])
+def test_a_stop_does_not_wait_for_a_request_answered_that_nothing_was_made(
+        paid_settings_for: Callable[..., Settings], tmp_path: Path, caplog: pytest.LogCaptureFixture,
+        answer_after: float, retry_after: float) -> None:
+    """A 429 being waited out (nothing made) when the stop came, or coming during its wait: the
+    stop waited for the job all the same, its retry went out during the wait, and the end of the
+    wait abandoned it unanswered: failed `interrupted`, its estimate captured, a render made for
+    nobody. Nothing of it is out: it is queued again at once, as a job that sent nothing is."""
+    settings = paid_settings_for(tmp_path / "data", stop_grace=6)
+    prompt = f"a lighthouse, refused after {answer_after} s, retried after {retry_after} s"
+    service = serve_in_thread(settings)
+    with httpx.Client(base_url=service.__enter__(), timeout=30) as client:
+        project_id, asset_id = project_with_draft(client)
+        refused = promote_ok(client, asset_id, prompt=prompt,
+                             tags={"fake": "rate-limited", "answer_after": str(answer_after),
+                                   "retry_after": str(retry_after), "then": "slow", "seconds": "30"})
+        poll(lambda: list(fakes.SENT), lambda sent: f"{prompt} (refused)" in sent, what="the first request")
+    caplog.set_level(logging.INFO, logger="orchestrator.queue")
+    started = time.monotonic()
+    service.__exit__(None, None, None)
+    assert time.monotonic() - started < 6  # not the grace: nothing of it is out once refused
+    # Waited for only while its first request was out.
+    assert ("waiting up to 6 s for 1 paid requests" in caplog.text) == (answer_after > 0)
+    assert prompt not in fakes.SENT  # its retry did not go out during the stop
+    with sqlite3.connect(settings.data_dir / "orchestrator.db") as db:
+        status, attempts = db.execute("SELECT status, attempts FROM jobs WHERE id = ?", (refused["id"],)).fetchone()
+    assert status == "queued", json.loads(attempts)
+    assert [(a["status"], a["error"]["details"]["graceful"]) for a in json.loads(attempts)] == [("interrupted", True)]
+    with serve_in_thread(settings) as base, httpx.Client(base_url=base, timeout=30) as client:
+        entries = [(e["kind"], e["amount"]) for e in ledger(client, project_id) if e["job_id"] == refused["id"]]
+        client.post(f"/v1/jobs/{refused['id']}/cancel")
+    assert entries[:1] == [("hold", PRICE)] and ("capture", PRICE) not in entries
+
+
 def test_a_stop_waiting_for_a_paid_request_lets_another_process_have_the_device(
         paid_settings_for: Callable[..., Settings], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     # The device lock was kept through the whole grace: in a rolling restart, the drafts the
