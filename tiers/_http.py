@@ -61,6 +61,8 @@ RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504}) | frozenset(range(505
 # read timeout is shorter than the server's answer may have taken the request all the same.
 # (Cloudflare's 521-523 and a 599 connect timeout say the server was never reached: sent again.)
 GATEWAY_STATUSES = frozenset({502, 504, 520, 524, 598})
+# What a reverse proxy answers for a server behind it that is down (nginx, Caddy, Traefik).
+PROXY_DOWN_STATUSES = frozenset({502, 503, 504})
 # Of those, the ones no provider answers itself: a CDN in front of it saying the origin took the
 # request and gave no usable answer in time. To a billable request (a cloud provider's, whose own
 # 5xx say nothing was made) one is a send without an answer, never sent again (providers.md).
@@ -230,13 +232,18 @@ class _StopWhenUnreachable(stop_base):
     refuses connections held each job over two minutes of retries before it fell back. (A poll of
     work the provider accepted keeps trying until the deadline: the work is paid for.)"""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, *, proxied: bool = False) -> None:
         self.limit = limit
         self.in_a_row = 0
+        # A proxy's 502/503/504 counts as a refusal too: said for the first request of a job to a
+        # self-hosted server (nothing was made), it is how such a server behind one is down.
+        self.proxied = proxied
 
     def __call__(self, retry_state: RetryCallState) -> bool:
         exc = retry_state.outcome.exception() if retry_state.outcome else None
-        unreachable = isinstance(exc, _NotSent) and isinstance(exc.cause, (httpx.ConnectError, httpx.ConnectTimeout))
+        unreachable = ((isinstance(exc, _NotSent) and isinstance(exc.cause, (httpx.ConnectError, httpx.ConnectTimeout)))
+                       or (self.proxied and isinstance(exc, _RetryableAnswer)
+                           and exc.response.status_code in PROXY_DOWN_STATUSES))
         self.in_a_row = self.in_a_row + 1 if unreachable else 0
         return self.in_a_row >= self.limit
 
@@ -499,6 +506,7 @@ class RemoteClient:
         cancel: CancelToken | None = None,
         answered: Collection[int] = (),
         final_if: Callable[[httpx.Response], bool] | None = None,
+        starts_work: bool = False,
         **kwargs: Any,
     ) -> httpx.Response:
         """Send with retries; return the first answer that is not 408/429/5xx. A CDN's 520/524/598
@@ -509,6 +517,11 @@ class RemoteClient:
         403 may be about the request, not the key). Other 4xx are returned: the engine knows its
         provider's error body (moderation, validation) and calls `fail()` or maps it itself.
         `final_if` marks more of this call's 408/429/5xx answers as final (see `final_answer`).
+
+        A request that is not `idempotent` stops after `unreachable_attempts` in a row that could
+        not connect (another engine may take the job). `starts_work` holds an `idempotent` one to
+        that too, counting a proxy's 502/503/504 as such: the first request of a job, which made
+        nothing (ComfyUI's upload of the draft), to a server that is down.
 
         With `cancel`, a cancel ends the call with `Canceled`, which says what it may have cost:
         `charged="unknown"` while a request that can bill (not `idempotent`) is out without an
@@ -522,8 +535,8 @@ class RemoteClient:
         # answered (it waits until the deadline, not the read timeout: see `_send_once`).
         reserve = 0.0 if idempotent else self.deadline_seconds / 2
         stop: stop_base = _StopAtDeadline(stop_at, self.clock, reserve)
-        if not idempotent:
-            stop = stop | _StopWhenUnreachable(self.unreachable_attempts)
+        if not idempotent or starts_work:
+            stop = stop | _StopWhenUnreachable(self.unreachable_attempts, proxied=idempotent)
         retrying = AsyncRetrying(
             retry=retry_if_exception_type((_RetryableAnswer, _NotSent)),
             wait=functools.partial(_next_wait, rate_limit_pause=self.rate_limit_pause),

@@ -493,8 +493,10 @@ class ComfyUIEngine:
         # after a timeout, and the same draft does not pile up copies in ComfyUI's input folder.
         filename = f"orch-{hashlib.sha256(data).hexdigest()[:24]}.png"
         response = await cancel.race(
+            # The job's first request: a server down (or a proxy answering for it) is waited for
+            # as a restart is, about a minute, not until the deadline, before another engine may take it.
             self.http.request(
-                "POST", "/upload/image", idempotent=True, deadline=deadline,
+                "POST", "/upload/image", idempotent=True, starts_work=True, deadline=deadline,
                 files={"image": (filename, data, "image/png")},
                 data={"type": "input", "overwrite": "true"},
             ),

@@ -215,6 +215,32 @@ async def test_429_with_retry_after_then_success(engine: ComfyUIEngine, sleep: A
     assert routes["upload"].call_count == 2 and sleep.waits == [7.0]
 
 
+@pytest.mark.parametrize("down", [httpx.ConnectError("refused"), httpx.Response(502), httpx.Response(503)],
+                         ids=["refused", "proxy-502", "proxy-503"])
+@respx.mock
+async def test_a_server_down_is_waited_for_about_a_minute_not_the_deadline(
+        engine: ComfyUIEngine, sleep: Any, down: Any) -> None:
+    """The draft's upload is the job's first request: a ComfyUI down (or a proxy answering for it)
+    held each job for the whole ORCH_REMOTE_DEADLINE (300 s) before another engine could take it,
+    where AUTOMATIC1111 gives a restart 8 tries."""
+    routes = mock_server(upload=[down] * 5 + [httpx.Response(200, json={"name": "orch-draft.png"})])
+    await engine.run(bridge(), NullProgress(), CancelToken())  # a restart: ridden out
+    assert routes["upload"].call_count == 6
+
+    def stays_down(request: httpx.Request) -> httpx.Response:
+        if isinstance(down, Exception):
+            raise down
+        return down
+
+    routes["upload"].mock(side_effect=stays_down)
+    sleep.waits.clear()
+    with pytest.raises(EngineError) as info:
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    assert routes["upload"].call_count == 6 + 8 and sum(sleep.waits) < 90, sleep.waits
+    assert info.value.retryable and info.value.charged == "no"
+    assert routes["prompt"].call_count == 1  # the first job's only
+
+
 @respx.mock
 async def test_read_timeout_on_prompt_is_not_resent_and_the_prompt_is_dropped(engine: ComfyUIEngine) -> None:
     routes = mock_server(prompt=httpx.ReadTimeout("slow"))
