@@ -132,12 +132,9 @@ class FalEngine(CloudEngine):
             return True
         if host == base.host:
             return True
-        if _is_address(base.host):
-            return False
-        # queue.fal.run's siblings under fal.run; a two-label host (fal.test) its own subdomains.
-        labels = base.host.split(".")
-        anchor = ".".join(labels[1:]) if len(labels) > 2 else base.host
-        return host.endswith(f".{anchor}")
+        # Not its siblings: the base's parent may be a host shared by many (`studio-fal.herokuapp.com`'s
+        # `herokuapp.com`), whose other tenants then collected the key.
+        return not _is_address(base.host) and host.endswith(f".{base.host}")
 
     def _resolution(self, req: RenderRequest) -> str:
         """The resolution tier asked for and paid: Nano Banana 2's 0.5K (three quarters of 1K's

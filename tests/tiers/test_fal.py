@@ -554,8 +554,10 @@ async def test_queue_urls_off_fal_s_https_site_never_get_the_key(engine: FalEngi
     ("https://queue.fal.run", "https://rest.fal.run/x", True),
     ("https://queue.fal.run", "http://queue.fal.run/x", False),  # never the key in clear
     ("https://fal-proxy.studio.co.uk", "https://queue.fal.run/x", True),  # a proxy passing fal's URLs on
-    ("https://fal-proxy.studio.co.uk", "https://other.studio.co.uk/x", True),
+    ("https://fal-proxy.studio.co.uk", "https://queue.fal-proxy.studio.co.uk/x", True),  # its own subdomains
     ("https://fal-proxy.studio.co.uk", "https://evil.co.uk/x", False),
+    # Not its siblings: another tenant of a shared host.
+    ("https://studio-fal.herokuapp.com", "https://other-tenant.herokuapp.com/x", False),
     ("https://queue.fal.run", "https://fal.run.evil.example/x", False),
     ("http://127.0.0.1:9000", "http://127.0.0.1:9000/requests/1", True),  # a local stand-in
     ("http://127.0.0.1:9000", "http://127.0.0.2:9000/requests/1", False),
