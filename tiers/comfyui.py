@@ -530,7 +530,13 @@ class ComfyUIEngine:
             elif response.status_code != 200:
                 raise self._prompt_refused(response)
             else:
-                queued = json_object(response, self.name, "/prompt")
+                try:
+                    queued = json_object(response, self.name, "/prompt")
+                except EngineError as exc:
+                    # A 200: queued (under the id we chose, on a server of 2025 on). Failed here, it
+                    # rendered for nobody; followed, it is collected, or found lost.
+                    log.warning("%s; following prompt %s by its id", exc.message, prompt_id)
+                    queued = {}
                 answered = queued.get("prompt_id")
                 if _results_refused(queued.get("node_errors"), graph):
                     # Some outputs failed validation and the server queued the rest: what those

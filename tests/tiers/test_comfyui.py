@@ -242,6 +242,22 @@ async def test_a_server_down_is_waited_for_about_a_minute_not_the_deadline(
 
 
 @respx.mock
+async def test_a_prompt_queued_with_an_answer_that_cannot_be_read_is_followed(engine: ComfyUIEngine) -> None:
+    # The job failed on the 200's body and left the queued prompt to render for nobody.
+    routes = mock_server()
+    queue_it: Callable[[httpx.Request], httpx.Response] = routes["prompt"].side_effect  # type: ignore[assignment]
+
+    def garbled(request: httpx.Request) -> httpx.Response:
+        queue_it(request)  # queued, as the server does before it answers
+        return httpx.Response(200, content=b"\xff<html>cut sh")
+
+    routes["prompt"].side_effect = garbled
+    result = await engine.run(bridge(), NullProgress(), CancelToken())
+    assert len(result.images) == 1 and routes["prompt"].call_count == 1
+    assert routes["queue"].call_count == 0 and routes["interrupt"].call_count == 0
+
+
+@respx.mock
 async def test_read_timeout_on_prompt_is_not_resent_and_the_prompt_is_dropped(engine: ComfyUIEngine) -> None:
     routes = mock_server(prompt=httpx.ReadTimeout("slow"))
     progress = RecordingProgress()
@@ -288,9 +304,11 @@ async def test_a_proxy_s_gateway_error_to_the_prompt_is_not_resent_and_the_promp
 
 @respx.mock
 async def test_malformed_prompt_answer(engine: ComfyUIEngine) -> None:
+    # A 200 that queued nothing after all (a proxy's page): followed by its id, found nowhere.
     mock_server(prompt=[httpx.Response(200, text="<html>")])
-    with pytest.raises(EngineError, match="not JSON"):
+    with pytest.raises(EngineError, match="no longer knows prompt") as info:
         await engine.run(bridge(), NullProgress(), CancelToken())
+    assert info.value.charged == "no"
 
 
 @respx.mock
