@@ -354,6 +354,10 @@ def resolve_model(spec: str) -> str:
     return tiny.NAME
 
 
+# The length of an LCM training schedule where its scheduler's configuration names none.
+LCM_SCHEDULE = 50
+
+
 def lcm_schedule(pipe: Any) -> int | None:
     """The length of the pipeline's LCM training schedule (`original_inference_steps`); None for
     other schedulers.
@@ -364,7 +368,7 @@ def lcm_schedule(pipe: Any) -> int | None:
     scheduler: Any = getattr(pipe, "scheduler", None)
     if type(scheduler).__name__ != "LCMScheduler":
         return None
-    return int(getattr(scheduler.config, "original_inference_steps", None) or 50)
+    return int(getattr(scheduler.config, "original_inference_steps", None) or LCM_SCHEDULE)
 
 
 def check_steps(pipe: Any, steps: int) -> None:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from orchestrator.errors import BadEngineInput
 from tiers._local import (
+    LCM_SCHEDULE,
     LocalEngine,
     check_steps,
     finite_images,
@@ -77,6 +78,23 @@ class LocalHifiEngine(LocalEngine):
         # Unset, it is the Lite model's: ORCH_LITE_MODEL changes both.
         return "ORCH_HIFI_MODEL" if self.settings.hifi_model else "ORCH_LITE_MODEL"
 
+    def estimate(self, req: RenderRequest) -> int:
+        """0 credits; raises `BadEngineInput` for a size, or an LCM model's strength, it cannot take:
+        at submit, a 422 with nothing queued, rather than a job failed once the model has loaded."""
+        cost = super().estimate(req)
+        if self.defaults.lcm:  # the schedule's usual length: the loaded scheduler's is checked at the run
+            self._refuse_too_weak(req, LCM_SCHEDULE)
+        return cost
+
+    @staticmethod
+    def _refuse_too_weak(req: RenderRequest, schedule: int) -> None:
+        field = "strength" if req.stage == "bridge" else "creativity"
+        strength = req.strength if req.stage == "bridge" else req.creativity
+        if int(schedule * strength) < 1:
+            least = round(1 / schedule, 4)
+            raise BadEngineInput(f"{field}: this LCM model needs at least {least} (got {strength})",
+                                 details={"field": field, "value": strength, "min": least})
+
     async def run(self, req: RenderRequest, progress: Progress, cancel: CancelToken) -> RenderResult:
         self.estimate(req)  # size limits
         if req.init_image is None:
@@ -86,12 +104,9 @@ class LocalHifiEngine(LocalEngine):
 
     def _steps(self, req: RenderRequest, strength: float, pipe: Any) -> int:
         base = req.steps or (self.defaults.steps * 2 if req.stage == "bridge" else self.defaults.steps)
-        field = "strength" if req.stage == "bridge" else "creativity"
         schedule = lcm_schedule(pipe)
-        if schedule is not None and int(schedule * strength) < 1:
-            least = round(1 / schedule, 4)
-            raise BadEngineInput(f"{field}: this LCM model needs at least {least} (got {strength})",
-                                 details={"field": field, "value": strength, "min": least})
+        if schedule is not None:
+            self._refuse_too_weak(req, schedule)
         if schedule is not None and type(pipe).__name__.startswith("LatentConsistencyModel"):
             # The LCM pipelines hand `strength` to the scheduler, which runs every step asked for,
             # from its schedule shortened to int(schedule x strength).

@@ -11,6 +11,7 @@ import os
 import shutil
 import socket
 import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -868,6 +869,18 @@ async def test_an_lcm_model_says_what_it_cannot_take(engines: EngineFactory) -> 
         await hifi.run(low, RecordingProgress(), CancelToken())
     with pytest.raises(BadEngineInput, match="steps: this LCM model takes at most 50"):
         await lite.run(draft(steps=60, n=1), RecordingProgress(), CancelToken())
+
+
+def test_an_lcm_model_refuses_a_strength_too_weak_when_the_job_is_asked_for(engines: EngineFactory) -> None:
+    # Known from the model's files before it loads: a 422 at submit, not a job failed once loaded.
+    _lite, hifi = engines()
+    weak = RenderRequest(stage="bridge", prompt="a lighthouse", width=64, height=64, seed=1, n=1, strength=0.019)
+    assert hifi.estimate(weak) == 0  # not an LCM model: it runs a step more
+    hifi._defaults, hifi._defaults_read = dataclasses.replace(hifi._defaults, lcm=True), time.monotonic()
+    with pytest.raises(BadEngineInput, match=r"strength: this LCM model needs at least 0\.02") as info:
+        hifi.estimate(weak)
+    assert info.value.details == {"field": "strength", "value": 0.019, "min": 0.02}
+    assert hifi.estimate(dataclasses.replace(weak, strength=0.02)) == 0
 
 
 def test_a_transformer_model_takes_sizes_in_multiples_of_16(make_settings: SettingsFactory) -> None:
