@@ -117,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
                        help="queue jobs for `orchestrator worker` processes and run none here (ORCH_RUN_JOBS=false)")
     serve.add_argument("--allow-open", action="store_true",
                        help="listen beyond this machine without ORCH_ADMIN_KEY: anyone who reaches the port, and "
-                       "any web page a browser on that network opens, can spend the budgets and grant credits")
+                       "any web page a browser on that network opens that rebinds its own name to this address "
+                       "(others are refused changes), can spend the budgets and grant credits")
 
     worker = sub.add_parser("worker", help="run queued jobs from the database, without HTTP (one per GPU)",
                             formatter_class=defaults,

@@ -177,7 +177,12 @@ def _admin_key() -> str | None:
 
     try:
         key = Settings().admin_key
-    except ValidationError:  # with --url, the other service's settings are not this machine's to judge
+    except ValidationError as exc:
+        # With --url, the other service's settings are not this machine's to judge; but the config
+        # file is this one's, and may hold the key: one it cannot read (a typo of a key) is refused
+        # as every command refuses it, not read around into a 401 from the service.
+        if any(e["type"] in ("unknown_setting", "config_file") for e in exc.errors()):
+            raise
         return os.environ.get("ORCH_ADMIN_KEY") or None
     return key.get_secret_value() if key is not None else None
 

@@ -306,6 +306,25 @@ def test_the_demo_sends_the_admin_key_the_config_file_sets(
     assert (tmp_path / "out" / "final.png").exists()
 
 
+def test_the_demo_on_another_service_refuses_a_config_file_it_cannot_read(
+        make_settings: SettingsFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The file may hold the admin key the demo sends: with a key misspelled, `demo --url` read
+    around the file (its key too: a 401 from the service) where every other command says so."""
+    make_settings()
+    config = tmp_path / "orchestrator.toml"
+    config.write_text('admin_kye = "secret"\n')
+    monkeypatch.setitem(Settings.model_config, "toml_file", config)
+    assert main(["demo", "--url", "http://127.0.0.1:9", "--out", str(tmp_path / "out"), "--size", "64"]) == 2
+    err = capsys.readouterr().err
+    assert "invalid configuration:" in err and "admin_kye" in err and "admin_key" in err
+    # A setting only the service reads, invalid here, is the other service's to judge: not refused.
+    config.unlink()
+    monkeypatch.setenv("ORCH_LITE_MAX_BATCH", "99")
+    assert main(["demo", "--url", "http://127.0.0.1:9", "--out", str(tmp_path / "out"), "--size", "64"]) == 1
+    assert "cannot reach http://127.0.0.1:9/" in capsys.readouterr().err
+
+
 def test_a_service_url_that_is_no_url_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exited:
         main(["demo", "--url", "http://[::1"])

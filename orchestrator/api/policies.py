@@ -42,7 +42,8 @@ router = APIRouter(tags=["routing"], route_class=StrictJSONRoute)
 def list_policies(services: ServicesDep, caller: CallerDep, limit: Limit = 50,
                   cursor: Annotated[str | None, Query(max_length=200, description=(
                       "Where the page starts: the previous page's `next_cursor`, the last policy name on it (empty "
-                      "or left out: the first page). A value that is not a policy name is a 422."))] = None,
+                      "or left out: the first page). A value that cannot be a policy name is a 422; a name no loaded "
+                      "policy has still places the page (a policy removed by a reload between two pages)."))] = None,
                   ) -> dict[str, Any]:
     """The loaded policies by name, paged like every list (`cursor` is the last name of the page
     before). `errors` are the files the last load refused, `warnings` what loaded but cannot route
