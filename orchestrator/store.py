@@ -21,6 +21,7 @@ process runs.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import io
@@ -37,7 +38,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Collection
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from PIL import Image, PngImagePlugin
 
@@ -395,7 +396,10 @@ class ArtifactStore:
         in memory, nor sent to an engine) as the image it was."""
         path = self.path_for(sha256)
         try:
-            data = path.read_bytes()
+            # Its bytes are checked against its name below, so a link may lead to them (a store
+            # moved by links); a FIFO put in its place would hold the request for ever.
+            with open_regular(path) as f:
+                data = f.read()
         except FileNotFoundError:
             raise ContentUnavailable(
                 f"the image file {sha256[:12]} is missing from the store: restore it from a backup "
@@ -523,6 +527,20 @@ def encode_preview(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
+def open_regular(path: Path, *, follow: bool = True) -> BinaryIO:
+    """`path` opened to read if it is a regular file (`OSError` otherwise, without blocking on a
+    FIFO); with `follow=False`, not through a symbolic link either."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | (0 if follow else os.O_NOFOLLOW))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 class PreviewFiles:
     """The latest step preview of each running job as `<root>/<job_id>.png` (root: the data dir's
     `previews` folder), written by the process that runs the job and read by any process.
@@ -564,11 +582,17 @@ class PreviewFiles:
         if path is None:
             return None
         try:
-            with path.open("rb") as f:
+            # Never through a link, nor anything but a file: the folder may be shared with other users
+            # of the data dir's group, and a link put there served the file it named to any key of
+            # the job's project (the server's own /proc/<pid>/environ: its keys), a FIFO held the request.
+            with open_regular(path, follow=False) as f:
                 if since is not None and os.fstat(f.fileno()).st_mtime < since.timestamp() - PREVIEW_CLOCK_SLACK:
                     return None
                 return f.read()
         except (FileNotFoundError, NotADirectoryError):  # the job ended between its row's read and this
+            return None
+        except OSError as exc:
+            log.warning("the preview file %s is not read: %s", path, exc.strerror or exc)
             return None
 
     def exists(self, job_id: str, since: datetime | None = None) -> bool:
@@ -576,7 +600,7 @@ class PreviewFiles:
         if path is None:
             return False
         try:
-            found = path.stat()
+            found = path.lstat()  # as `read` opens it: a link is not the job's preview
         except (FileNotFoundError, NotADirectoryError):
             return False
         return stat.S_ISREG(found.st_mode) and (since is None

@@ -25,6 +25,7 @@ from orchestrator import runner as runner_module
 from orchestrator.clock import utcnow
 from orchestrator.errors import Canceled
 from orchestrator.follow import catch_up
+from orchestrator.ids import new_id
 from orchestrator.models import Job
 from orchestrator.services import Services
 from orchestrator.settings import Settings
@@ -332,6 +333,27 @@ def test_a_preview_file_is_named_only_by_a_job_id(tmp_path: Path) -> None:
         files.write(name, preview_of(1))
         assert files.read(name) is None and not files.exists(name)
     assert not files.root.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_a_preview_is_never_read_through_a_link_nor_from_a_fifo(tmp_path: Path) -> None:
+    """The folder may be shared with other users of the data dir's group: a link named as a job's
+    preview served the file it led to (the server's /proc/<pid>/environ, its keys) to any key of
+    the job's project, and a FIFO held the request for ever."""
+    files = PreviewFiles(tmp_path / "previews")
+    files.root.mkdir()
+    secret = tmp_path / "environ"
+    secret.write_bytes(b"ORCH_ADMIN_KEY=hunter2")
+    linked, fifo = new_id("job"), new_id("job")
+    path = files.path_for(linked)
+    assert path is not None
+    path.symlink_to(secret)
+    assert files.read(linked) is None and not files.exists(linked)
+    fifo_path = files.path_for(fifo)
+    assert fifo_path is not None
+    os.mkfifo(fifo_path)
+    assert files.read(fifo) is None and not files.exists(fifo)  # at once: no writer is waited for
+    files.write(linked, preview_of(2))  # the job's own preview replaces the link
+    assert files.read(linked) == path.read_bytes() and not path.is_symlink()
 
 
 def test_a_crashed_attempt_s_preview_is_not_shown_for_the_next_one(

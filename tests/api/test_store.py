@@ -168,6 +168,18 @@ def test_a_folder_where_the_file_should_be_is_content_unavailable(tmp_path: Path
     assert info.value.details["reason"] == "unreadable"
 
 
+def test_a_fifo_where_the_file_should_be_is_content_unavailable_at_once(tmp_path: Path) -> None:
+    # Put there by another user of the data dir's group, it held the request (and its thread) for ever.
+    store = ArtifactStore(tmp_path / "assets")
+    sha = store.put(b"bytes")
+    path = store.path_for(sha)
+    path.unlink()
+    os.mkfifo(path)
+    with pytest.raises(ContentUnavailable) as info:
+        store.get(sha)
+    assert info.value.details["reason"] == "unreadable" and "not a regular file" in info.value.message
+
+
 def test_sweep_temp_removes_leftovers_of_a_crash(tmp_path: Path) -> None:
     store = ArtifactStore(tmp_path / "assets")
     sha = store.put(b"kept")
