@@ -57,6 +57,7 @@ from orchestrator.routing import fallbacks, leaves_machine, priced
 from orchestrator.schemas import storable
 from orchestrator.store import ArtifactStore, PreviewFiles, encode_png, hide_paths
 from policies.schema import is_private
+from tiers._http import SendsCredentials
 from tiers.base import (
     DEVICE_SECONDS,
     MAX_MODEL_CHARS,
@@ -470,7 +471,13 @@ class JobRunner:
         job = claim.job
         self.health.assign(job.engine, job.id)
         try:
-            return await self._render(claim)
+            try:
+                return await self._render(claim)
+            except OrchestratorError as exc:
+                # Before the job keeps it: its message and details are its project's keys' to read.
+                if isinstance(engine := self.registry.get(job.engine), SendsCredentials):
+                    engine.without_credentials(exc)
+                raise
         except Canceled as exc:
             self._doubt_a_free_cancel(claim, exc)
             raise

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import httpx
 
 from orchestrator.errors import Canceled, ContentFiltered, EngineError, EngineUnavailable, NoImage, NoPrice
-from tiers._http import KeptOut, RemoteClient, error_text
+from tiers._http import KeptOut, RemoteClient, SendsCredentials, error_text
 from tiers._images import b64decode_tolerant, decode_image
 from tiers.base import CancelToken, EngineContext, Kind, PriceTable, RenderedImage, Stage, in_kept_quotes, is_amount
 
@@ -129,7 +129,7 @@ def _usable_key(key: SecretStr | None) -> tuple[str | None, str | None]:
     return value, None
 
 
-class CloudEngine:
+class CloudEngine(SendsCredentials):
     name: str  # each engine's own; not a ClassVar, which `tiers.base.Engine`'s `name` would not match
     kind: Kind = "remote"
     stages: frozenset[Stage] = frozenset({"bridge", "polish"})

@@ -44,6 +44,7 @@ from orchestrator.errors import (
     EngineError,
     EngineTimeout,
     EngineUnavailable,
+    OrchestratorError,
     RateLimited,
 )
 from tiers.base import CancelToken, billable_send, billable_send_refused, billable_sends_out
@@ -444,6 +445,23 @@ class RemoteClient:
         may echo a request's headers."""
         return _without(text, self._credentials)
 
+    def scrub_error(self, error: OrchestratorError) -> None:
+        """`error`'s message and every text in its details without this client's credentials,
+        in place: an engine quotes a provider's answer in both (fal's `error_type`, a proxy
+        echoing the request's headers), and the job's record shows them to its project's keys."""
+        error.message = self.scrub(error.message)
+        error.args = (error.message, *error.args[1:])
+        error.details = self._scrubbed(error.details)
+
+    def _scrubbed(self, value: Any) -> Any:
+        if isinstance(value, str):
+            return self.scrub(value)
+        if isinstance(value, dict):
+            return {key: self._scrubbed(item) for key, item in value.items()}
+        if isinstance(value, list | tuple):
+            return [self._scrubbed(item) for item in value]
+        return value
+
     async def _leaving_home(self, request: httpx.Request) -> None:
         """Every request, redirects' included, to a host other than the base URL's: one the
         provider's answer named (an output URL, a redirect). A key sent there is a leaked key; and
@@ -803,6 +821,16 @@ class RemoteClient:
         )
         error.engine_fault = False
         return error
+
+
+class SendsCredentials:
+    """An engine whose requests carry a key or a password (`http`): `without_credentials` takes
+    them out of an error it raised, as the runner asks of every such error before it is kept."""
+
+    http: RemoteClient
+
+    def without_credentials(self, error: OrchestratorError) -> None:
+        self.http.scrub_error(error)
 
 
 def _read(response: httpx.Response, history: list[httpx.Response], *, body: bytes | bytearray,

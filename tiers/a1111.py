@@ -43,6 +43,7 @@ from tiers._http import (
     GATEWAY_STATUSES,
     SELF_HOSTED_UNREACHABLE_ATTEMPTS,
     RemoteClient,
+    SendsCredentials,
     error_text,
     without_credentials,
 )
@@ -146,7 +147,7 @@ def parse_auth(value: str | None) -> tuple[str, str] | None:
     return user, password
 
 
-class A1111Engine:
+class A1111Engine(SendsCredentials):
     name = "a1111"
     kind: Literal["remote"] = "remote"
     stages: frozenset[Stage] = frozenset({"bridge", "polish"})

@@ -48,6 +48,7 @@ from tiers._http import (
     SELF_HOSTED_UNREACHABLE_ATTEMPTS,
     KeptOut,
     RemoteClient,
+    SendsCredentials,
     error_text,
     json_object,
     without_credentials,
@@ -240,7 +241,7 @@ def substitute(node: Any, values: Mapping[str, Any]) -> Any:
     return node
 
 
-class ComfyUIEngine:
+class ComfyUIEngine(SendsCredentials):
     name = "comfyui"
     kind: Literal["remote"] = "remote"
     stages: frozenset[Stage] = frozenset({"bridge", "polish"})

@@ -338,3 +338,24 @@ def test_a_bridge_and_a_polish_run_with_the_steps_and_guidance_asked(offline: ht
         told[job["id"]] = (record["steps"], record["guidance_scale"])
         assert f"Steps: {record['steps']}" in infotext and f"CFG scale: {record['guidance_scale']:g}" in infotext
     assert [told[job["id"]] for job in (bridge, final, plain)] == [(6, 2.5), (7, 1.5), (4, 0.0)]
+
+
+def test_an_engine_s_error_that_quotes_the_key_is_kept_without_it(
+        online: httpx.Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An engine quotes its provider's answer in an error's message and details (fal's
+    `error_type`, a proxy echoing the request's headers): the job's record showed the key to every
+    key of the project. Whatever an engine quotes, the key is taken out before the job keeps it."""
+    from orchestrator.errors import EngineError
+    from tiers.gemini import GeminiEngine
+
+    def echoing(self: GeminiEngine, body: dict[str, Any]) -> Any:
+        raise EngineError(f"gemini: the proxy said 'x-goog-api-key: {API_KEY}'", retryable=False, charged="no",
+                          details={"engine": "gemini", "echo": {"headers": [f"x-goog-api-key: {API_KEY}"]}})
+
+    monkeypatch.setattr(GeminiEngine, "_image", echoing)
+    project = create_project(online, "quoting")
+    draft_id = run_draft(online, project["id"], prompt=PROMPT)["assets"][0]
+    job = wait_for_job(online, promote(online, draft_id, engine="gemini")["id"])
+    assert job["status"] == "failed" and job["error"]["message"] == "gemini: the proxy said 'x-goog-api-key: ***'"
+    assert job["error"]["details"]["echo"] == {"headers": ["x-goog-api-key: ***"]}
+    assert API_KEY not in json.dumps(job)
