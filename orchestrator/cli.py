@@ -7,6 +7,7 @@ import io
 import logging
 import logging.handlers
 import os
+import re
 import select
 import signal
 import sys
@@ -157,7 +158,9 @@ def main(argv: list[str] | None = None) -> int:
         culprit = parser if any(arg in before for arg in unknown) else sub.choices[args.command]
         culprit.error(f"unrecognized arguments: {' '.join(unknown)}")
     level = getattr(args, "log_level", "info").upper()
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    console = logging.StreamHandler()
+    console.setFormatter(OneLineFormatter("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[console])
     logging.getLogger("httpx").setLevel(logging.WARNING)
     # Its debug lines hold every response header (a provider's request id that echoes the key).
     logging.getLogger("httpcore").setLevel(logging.WARNING)
@@ -385,6 +388,20 @@ def _bound(settings: Settings) -> int | None:
     return None
 
 
+# Line breaks and other control characters (C0, DEL, C1, and Unicode's line and paragraph separators).
+_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+class OneLineFormatter(logging.Formatter):
+    """Each record's message on one line, its control characters escaped: a message quotes text
+    from outside (a provider's error body, an id its answer named), and a line break there wrote
+    a forged line of its own into the log (`... ERROR orchestrator.api: admin key rotated`). A
+    traceback after it stays as Python writes it."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return _CONTROL.sub(lambda found: repr(found.group())[1:-1], super().formatMessage(record))
+
+
 class _NoFollowFileHandler(logging.handlers.WatchedFileHandler):
     """Reopened by name after a logrotate, as its base is, but never through a symbolic link put
     there meanwhile (the file is then not written: logging's own error report says so)."""
@@ -421,7 +438,7 @@ def _log_to_data_dir(settings: Settings, told: Sequence[str] = ()) -> None:
         logging.getLogger(__name__).warning("cannot write the log file %s (%s); logging to stderr only", path,
                                             exc.strerror or exc)
         return
-    handler.setFormatter(logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(OneLineFormatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"))
     root.addHandler(handler)
     # Told on stderr while the settings were read, before this file was open: a typo such as
     # ORCH_ADMIN_KYE (an API left open) belongs in the log an operator reads later too.

@@ -884,6 +884,34 @@ def test_a_mistyped_variable_is_told_in_the_log_file_too(make_settings: Settings
     assert "a-key-meant-for-the-api" not in logged
 
 
+def test_a_message_quoting_a_line_break_stays_one_line_in_the_log_file(make_settings: SettingsFactory) -> None:
+    """A provider's error body quoted in a job's failure wrote a forged line of its own into the
+    log (`... ERROR orchestrator.api: admin key rotated`)."""
+    settings = make_settings()
+    root = logging.getLogger()
+    before = list(root.handlers)
+    try:
+        _log_to_data_dir(settings)
+        failing = logging.getLogger("orchestrator.runner")
+        failing.warning("job %s failed: %s", "job_1", "bad request\n2026-12-02 09:00:00,000 1 ERROR orchestrator.api: "
+                        "FORGED\r\x1b[2J\u2028tail\tend \u00e9")
+        try:
+            raise ValueError("two\nlines")
+        except ValueError:
+            failing.exception("crashed")
+    finally:
+        for handler in [h for h in root.handlers if h not in before]:
+            root.removeHandler(handler)
+            handler.close()
+    lines = (settings.data_dir / "logs" / "orchestrator.log").read_text().splitlines()
+    [told] = [line for line in lines if "job_1" in line]
+    assert told.endswith("WARNING orchestrator.runner: job job_1 failed: bad request\\n2026-12-02 09:00:00,000 1 "
+                         "ERROR orchestrator.api: FORGED\\r\\x1b[2J\\u2028tail\tend \u00e9")
+    assert not any(line.startswith("2026-12-02 09:00:00,000") for line in lines)
+    assert "Traceback (most recent call last):" in lines  # a traceback is still Python's own lines
+    assert "ValueError: two" in lines
+
+
 @pytest.mark.parametrize(("argv", "told"), [
     (["serve", "--port", "74320"], "74320 is not a TCP port"),  # once: listened on 8784 without a word
     (["serve", "--port", "abc"], "'abc' is not a TCP port"),  # once: "invalid _port value"
