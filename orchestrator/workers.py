@@ -86,10 +86,13 @@ def open_lock_file_to_read(path: Path) -> IO[str]:
 
 
 def _open_regular(path: Path, flags: int, mode: str) -> IO[str]:
-    fd = os.open(path, flags | os.O_NOFOLLOW, 0o666)  # the umask decides, as open() lets it
+    # Not blocking while it is opened: a FIFO put in its place would hold the open (and the sweep,
+    # the dispatch, `GET /v1/workers`) until someone wrote to it.
+    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK, 0o666)  # the umask decides, as open() lets it
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(f"{path} is not a regular file")
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        os.set_blocking(fd, True)
         return os.fdopen(fd, mode)
     except BaseException:
         os.close(fd)
@@ -155,7 +158,7 @@ class Presence:
         if owner in self._held:
             return "held"
         try:
-            with self._path(owner).open("r") as file:
+            with open_lock_file_to_read(self._path(owner)) as file:
                 lines = file.read().splitlines()
                 if len(lines) < 2:
                     return "unknown"
@@ -215,8 +218,8 @@ class Presence:
         nobody has, not for one this process lacks. An owner of this machine lives while its lock
         is held; another machine's while it touches its file (a host that is gone leaves it)."""
         for path in sorted(self.folder.glob("*.lock")) if self.folder.is_dir() else []:
-            with contextlib.suppress(OSError):
-                lines = path.read_text().splitlines()
+            with contextlib.suppress(OSError), open_lock_file_to_read(path) as file:
+                lines = file.read().splitlines()
                 owner = lines[0].strip() if lines else ""
                 if not owner or owner in self._mine or len(lines) < 3 or engine not in lines[2].split(","):
                     continue
@@ -239,8 +242,8 @@ class Presence:
         """The owners of this machine whose lock is held now, as their files name them."""
         owners = []
         for path in sorted(self.folder.glob("*.lock")) if self.folder.is_dir() else []:
-            with contextlib.suppress(OSError):
-                owner = path.read_text().partition("\n")[0].strip()
+            with contextlib.suppress(OSError), open_lock_file_to_read(path) as file:
+                owner = file.read().partition("\n")[0].strip()
                 if owner and self._locked(owner):
                     owners.append(owner)
         return owners
@@ -253,7 +256,7 @@ class Presence:
         for path in self.folder.glob("*.lock") if self.folder.is_dir() else []:
             if path.name in kept:
                 continue
-            with contextlib.suppress(OSError), path.open("r") as file:
+            with contextlib.suppress(OSError), open_lock_file_to_read(path) as file:
                 if file.read().splitlines()[1:2] != [MACHINE]:
                     continue  # another machine's lock tells this one nothing
                 try:
@@ -407,7 +410,7 @@ def device_holders(folder: Path) -> dict[str, str]:
     """Device lock name -> the owner that holds it, for the devices held now."""
     held = {}
     for path in sorted(folder.glob("*.lock")) if folder.is_dir() else []:
-        with contextlib.suppress(OSError), path.open("r") as file:
+        with contextlib.suppress(OSError), open_lock_file_to_read(path) as file:
             try:
                 fcntl.flock(file, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:

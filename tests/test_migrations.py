@@ -454,3 +454,15 @@ def test_0019_stores_keys_misread_as_latin_1_as_they_were_sent(tmp_path: Path) -
                     ("\u00c3\u00a9", "/v1/projects"): "sent so since", ("\u00e9", "/v1/projects"): "the other",
                     ("\u00c3", "/v1/projects"): "no UTF-8 in it", ("\u4e2d", "/v1/projects"): "past latin-1",
                     ("plain", "/v1/projects"): "ASCII"}
+
+
+def test_the_migration_lock_is_never_opened_through_a_link(tmp_path: Path) -> None:
+    """The data dir may be shared with other users of its group: a link named as the lock had
+    the migration create (as root, anywhere) the file it named."""
+    victim = tmp_path / "elsewhere" / "made-by-the-migration"
+    victim.parent.mkdir()
+    url = f"sqlite:///{tmp_path / 'm.db'}"
+    (tmp_path / "m.db.migrate-lock").symlink_to(victim)
+    with pytest.raises(OSError):
+        upgrade(url)
+    assert not victim.exists()

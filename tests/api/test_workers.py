@@ -377,6 +377,26 @@ def test_lock_files_are_never_opened_through_a_symbolic_link(tmp_path: Path) -> 
     assert victim.read_text() == "IMPORTANT\n"
 
 
+def test_a_fifo_in_the_lock_folder_holds_nothing_up(tmp_path: Path) -> None:
+    """Put there by another user of a shared data dir, a FIFO named as a lock held each probe's
+    open (the sweep, the dispatch, `GET /v1/workers`) until someone wrote to it."""
+    folder = tmp_path / "locks"
+    (folder / "owners").mkdir(parents=True)
+    os.mkfifo(folder / "cuda.lock")
+    presence = Presence(folder, shared_database=False)
+    os.mkfifo(presence._path("ghost"))
+    done = threading.Event()
+
+    def look() -> None:
+        assert device_holders(folder) == {}
+        assert not presence.alive("ghost") and presence.live() == [] and not presence.serves("lite")
+        presence.forget(keep=())
+        done.set()
+
+    threading.Thread(target=look, daemon=True).start()
+    assert done.wait(10), "a FIFO held the lock folder's readers"
+
+
 def test_device_lock_is_exclusive_between_processes_and_named_per_gpu(tmp_path: Path) -> None:
     first, second = DeviceLock(tmp_path, lambda: "cuda"), DeviceLock(tmp_path, lambda: "cuda")
     code = ("import sys\nfrom pathlib import Path\nfrom orchestrator.workers import DeviceLock\n"
