@@ -668,6 +668,10 @@ class JobRunner:
                         error.message, name)
             self.bus.publish(job.id, "state", {"state": "fallback", "from": job.engine, "to": name,
                                                "estimate": to_credits(estimate), "error": error.to_dict()})
+            # Back in the queue, as a stream following the job from another process tells it
+            # (`follow.catch_up`): a stream here went on telling it started until the next start.
+            self.bus.publish(job.id, "queued", {"job_id": job.id, "status": "queued", "attempt": claim.attempt,
+                                                "requeued": True})
             self.notify()
             return True
         return False

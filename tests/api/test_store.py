@@ -9,7 +9,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import httpx
 import pytest
@@ -141,14 +141,22 @@ def test_an_unreadable_file_is_content_unavailable_and_the_same_bytes_mend_it(
     data = b"an image's bytes" * 64
     sha = store.put(data)
     path = store.path_for(sha)
-    restored, read_bytes = path.stat().st_ino, Path.read_bytes
+    from orchestrator import store as store_module
+
+    restored, read_bytes, open_regular = path.stat().st_ino, Path.read_bytes, store_module.open_regular
 
     def refused(self: Path) -> bytes:  # its owner's after a restore (the tests run as root)
         if self == path and self.stat().st_ino == restored:
             raise PermissionError(13, "Permission denied", str(self))
         return read_bytes(self)
 
+    def refused_open(opened: Path, *, follow: bool = True) -> BinaryIO:
+        if opened == path and opened.stat().st_ino == restored:
+            raise PermissionError(13, "Permission denied", str(opened))
+        return open_regular(opened, follow=follow)
+
     monkeypatch.setattr(Path, "read_bytes", refused)
+    monkeypatch.setattr(store_module, "open_regular", refused_open)
     with pytest.raises(ContentUnavailable) as info:
         store.get(sha)
     assert info.value.details == {"sha256": sha, "reason": "unreadable"}

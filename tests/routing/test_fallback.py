@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import httpx
 import pytest
@@ -27,6 +27,7 @@ from orchestrator.models import Asset, Job, LedgerEntry, Project
 from orchestrator.runner import JobRunner
 from orchestrator.schemas import PolishCreate, PromoteCreate
 from orchestrator.services import Services
+from tests.api import read_events
 from tests.routing import assert_error, ledger, poll, promote, run_draft, wait_for_job
 from tests.routing.conftest import FAKE_ENGINES, FALLBACK_POLICY, SettingsFactory, running, write_policies
 
@@ -137,6 +138,12 @@ def test_retryable_failure_falls_back_to_the_next_candidate(paid_server: httpx.C
     assert not capture["unreconciled"]
     budget = paid_server.get(f"/v1/projects/{project_id}/budget").json()
     assert (budget["charged"], budget["held"], budget["available"]) == (20.0, 0, 80.0)
+    # The stream tells it queued again between the two starts (it told it started until the next).
+    told = [(e.event, e.data.get("state"), e.data.get("attempt"), e.data.get("requeued"))
+            for e in read_events(paid_server, job["id"]) if e.event in ("queued", "started", "state")]
+    assert [t for t in told if t[1] in (None, "fallback")] == [
+        ("queued", None, None, None), ("started", None, 1, None), ("state", "fallback", None, None),
+        ("queued", None, 1, True), ("started", None, 2, None)], told
 
 
 def test_fallback_runs_down_the_whole_list(paid_server: httpx.Client) -> None:
@@ -962,14 +969,22 @@ def test_a_copy_of_a_result_whose_file_is_gone_or_damaged_is_rendered_again(
             # Restored from a backup with the wrong owner (its reads refused; the tests run as root,
             # whom a file's mode does not stop): every identical request was a 500 internal_error,
             # the copy it found stopping it before it could render again.
-            restored, read_bytes = path.stat().st_ino, Path.read_bytes
+            from orchestrator import store
+
+            restored, read_bytes, open_regular = path.stat().st_ino, Path.read_bytes, store.open_regular
 
             def refused(self: Path) -> bytes:
                 if self == path and self.stat().st_ino == restored:
                     raise PermissionError(13, "Permission denied", str(self))
                 return read_bytes(self)
 
+            def refused_open(opened: Path, *, follow: bool = True) -> BinaryIO:
+                if opened == path and opened.stat().st_ino == restored:
+                    raise PermissionError(13, "Permission denied", str(opened))
+                return open_regular(opened, follow=follow)
+
             monkeypatch.setattr(Path, "read_bytes", refused)
+            monkeypatch.setattr(store, "open_regular", refused_open)
         again = promote(client, asset_id, **body)
         assert again["cost"]["cache_hit"] is False and again["cost"]["estimated"] == 10
         done = wait_for_job(client, again["id"])
