@@ -475,7 +475,8 @@ class JobRunner:
                 return await self._render(claim)
             except OrchestratorError as exc:
                 # Before the job keeps it: its message and details are its project's keys' to read.
-                if isinstance(engine := self.registry.get(job.engine), SendsCredentials):
+                engine = self.registry.get(job.engine) if job.engine in self.registry else None
+                if isinstance(engine, SendsCredentials):
                     engine.without_credentials(exc)
                 raise
         except Canceled as exc:
