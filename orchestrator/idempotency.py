@@ -26,6 +26,7 @@ from orchestrator.clock import utcnow
 from orchestrator.db import Database, changed
 from orchestrator.errors import IdempotencyConflict
 from orchestrator.models import IdempotencyKey, Job
+from policies.schema import PRIVACY_LOCAL, PRIVACY_TAG, is_private
 
 # Kept at least this long; a key whose job has not finished is kept until it has.
 TTL = timedelta(hours=48)
@@ -51,10 +52,22 @@ def _sha256(fields: dict[str, object]) -> str:
 def request_hash(body: BaseModel, *forms: BaseModel) -> Digest:
     """`body`'s digest; `forms` are the same request as written otherwise (a default that depends
     on a setting, written out), whose hashes match too."""
-    digest = Digest(_sha256(body.model_dump(mode="json", exclude_defaults=True)))
+    fields = body.model_dump(mode="json", exclude_defaults=True)
+    digest = Digest(_sha256(_private_as_one(fields)))
     digest.legacy = _sha256(body.model_dump(mode="json"))
-    digest.also = tuple(h for other in map(request_hash, forms) for h in (other, other.legacy))
+    # As sent, as keys stored before the privacy tag's value was read as one were hashed.
+    sent = (_sha256(fields),) if _private_as_one(fields) != fields else ()
+    digest.also = sent + tuple(h for other in map(request_hash, forms) for h in (other, other.legacy, *other.also))
     return digest
+
+
+def _private_as_one(fields: dict[str, Any]) -> dict[str, Any]:
+    """`fields` with the privacy tag's value as the job records it: `Local` and ` local ` make
+    the same job as `local`, so they are the same request (a retry spelled otherwise was a 409)."""
+    tags = fields.get("tags")
+    if not isinstance(tags, dict) or not isinstance(tags.get(PRIVACY_TAG), str) or not is_private(tags):
+        return fields
+    return {**fields, "tags": {**tags, PRIVACY_TAG: PRIVACY_LOCAL}}
 
 
 def recall(s: Session, key: str, scope: str, digest: str) -> IdempotencyKey | None:

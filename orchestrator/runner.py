@@ -475,9 +475,7 @@ class JobRunner:
                 return await self._render(claim)
             except OrchestratorError as exc:
                 # Before the job keeps it: its message and details are its project's keys' to read.
-                engine = self.registry.get(job.engine) if job.engine in self.registry else None
-                if isinstance(engine, SendsCredentials):
-                    engine.without_credentials(exc)
+                self._without_credentials(job.engine, exc)
                 raise
         except Canceled as exc:
             self._doubt_a_free_cancel(claim, exc)
@@ -554,9 +552,17 @@ class JobRunner:
             return
         await self._end(claim, "canceled", exc)
 
+    def _without_credentials(self, engine_name: str, exc: BaseException) -> None:
+        """`exc` without the credentials of the engine that raised it (see `SendsCredentials`),
+        a third party's built on a built-in engine included."""
+        engine = self.registry.get(engine_name) if engine_name in self.registry else None
+        if isinstance(engine := getattr(engine, "wrapped", engine), SendsCredentials):
+            engine.without_credentials(exc)
+
     async def _crashed(self, claim: Claim, exc: Exception) -> None:
         """An engine's bug fails the job, possibly billed when a remote engine may have sent it."""
         job = claim.job
+        self._without_credentials(job.engine, exc)  # its text goes to the log and the job
         log.exception("job %s crashed in engine %s", job.id, job.engine, exc_info=exc)
         # The first line: a database error's next ones hold its SQL and values (the log has them).
         # The server's paths are cut to their last part: the project's key reads the job.

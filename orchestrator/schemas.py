@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import unicodedata
 from datetime import datetime
-from typing import Annotated, Any, Generic, Literal, TypeVar, cast
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import (
     AfterValidator,
@@ -61,17 +61,14 @@ def privacy_key(tags: dict[str, V]) -> dict[str, V]:
     """`Privacy` or ` privacy ` is the privacy tag, stored as `privacy`: a near miss must not send a
     private image to the cloud (values are already read loosely, see `policies.schema.is_private`).
     Requests' tags and policy rules' `match.tags` are read alike."""
-    from policies.schema import PRIVACY_LOCAL, PRIVACY_TAG, is_private  # policies.schema imports this module
+    from policies.schema import PRIVACY_TAG  # policies.schema imports this module
 
     out: dict[str, V] = {}
     for key, value in tags.items():
         name = PRIVACY_TAG if key.strip().lower() == PRIVACY_TAG else key
         if name in out:
             raise ValueError(f"the {PRIVACY_TAG} tag is given twice, spelled differently")
-        # Its value too: `Local` and `local` make the same job, so they are the same request (one
-        # Idempotency-Key's retry spelled otherwise was a 409).
-        private = name == PRIVACY_TAG and isinstance(value, str) and is_private({PRIVACY_TAG: value})
-        out[name] = cast(V, PRIVACY_LOCAL) if private else value
+        out[name] = value
     return out
 
 

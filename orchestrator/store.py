@@ -328,8 +328,9 @@ class ArtifactStore:
         path = self.path_for(sha)
         try:
             # Compared whole, not by size: a flipped bit keeps the size. Only a repeated image
-            # (a seed made again) pays this read.
-            same = path.read_bytes() == data
+            # (a seed made again) pays this read, never of a FIFO in its place (it held the job).
+            with open_regular(path) as f:
+                same = f.read() == data
         except FileNotFoundError:
             self.write_atomic(path, data)
             return sha

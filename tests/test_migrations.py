@@ -426,22 +426,31 @@ def _revision(engine: Any) -> str | None:
 def test_0019_stores_keys_misread_as_latin_1_as_they_were_sent(tmp_path: Path) -> None:
     """Releases before 0019 kept `clé` as `clÃ©`, and looked keys up in that form too, for good:
     `é` then found the request of a client that had sent `Ã©`."""
+    check_0019(f"sqlite:///{tmp_path / 'm.db'}")
+
+
+def check_0019(url: str) -> None:
+    """0019 on the empty database at `url` (tests/credits/test_postgres.py runs it on PostgreSQL)."""
     from sqlmodel import Session
 
     from orchestrator.models import IdempotencyKey
 
-    url = f"sqlite:///{tmp_path / 'm.db'}"
     upgrade(url, "0018")
     engine = create_engine(url)
     stored = {"cl\u00c3\u00a9": "misread", "\u00c3\u00a9": "sent so since", "\u00e9": "the other",
               "\u00c3": "no UTF-8 in it", "\u4e2d": "past latin-1", "plain": "ASCII"}
+    before = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)  # by a release that misread keys
     try:
         _project_and_job(engine)
         with Session(engine) as s:
             for key in stored:
-                s.add(IdempotencyKey(key=key, scope="/v1/projects", request_hash=stored[key], project_id="prj_1"))
+                s.add(IdempotencyKey(key=key, scope="/v1/projects", request_hash=stored[key], project_id="prj_1",
+                                     created_at=before))
             s.add(IdempotencyKey(key="cl\u00c3\u00a9", scope="/v1/other", request_hash="misread too",
-                                 project_id="prj_1"))
+                                 project_id="prj_1", created_at=before))
+            # Stored by a release that kept keys as sent: `Ã©` is what its client sent.
+            s.add(IdempotencyKey(key="\u00c3\u00a9-since", scope="/v1/projects", request_hash="as sent",
+                                 project_id="prj_1", created_at=datetime(2026, 11, 30, 6, 0, tzinfo=UTC)))
             s.commit()
         upgrade(url)
         with engine.connect() as conn:
@@ -453,7 +462,7 @@ def test_0019_stores_keys_misread_as_latin_1_as_they_were_sent(tmp_path: Path) -
                     # Where both forms are stored, the sent one is a client's own since: both stay.
                     ("\u00c3\u00a9", "/v1/projects"): "sent so since", ("\u00e9", "/v1/projects"): "the other",
                     ("\u00c3", "/v1/projects"): "no UTF-8 in it", ("\u4e2d", "/v1/projects"): "past latin-1",
-                    ("plain", "/v1/projects"): "ASCII"}
+                    ("plain", "/v1/projects"): "ASCII", ("\u00c3\u00a9-since", "/v1/projects"): "as sent"}
 
 
 def test_the_migration_lock_is_never_opened_through_a_link(tmp_path: Path) -> None:

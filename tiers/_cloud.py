@@ -152,8 +152,11 @@ class CloudEngine(SendsCredentials):
                       headers: dict[str, str] | None = None) -> RemoteClient:
         """`client` (tests pass one), else one for `base_url` with the `ORCH_REMOTE_*` timeouts."""
         ours, vendors = self.key_settings
-        return client or RemoteClient.for_settings(self.name, ctx.settings, base_url=base_url, headers=headers,
+        http = client or RemoteClient.for_settings(self.name, ctx.settings, base_url=base_url, headers=headers,
                                                    key_setting=f"{ours} (or {vendors})")
+        if self._key:
+            http.remember_secret(self._key)
+        return http
 
     @property
     def model(self) -> str:

@@ -439,6 +439,13 @@ class RemoteClient:
         if not found <= self._credentials:
             self._credentials |= found
 
+    def remember_secret(self, secret: str) -> None:
+        """A credential `scrub` takes out before this client has sent it: a process that follows
+        work an earlier one started polls URLs the provider named, not the base URL, whose requests
+        teach it nothing (fal's queue on a host of its own)."""
+        if len(secret) >= MIN_WORD_SECRET:
+            self._credentials |= {secret}
+
     def scrub(self, text: str) -> str:
         """`text` without any credential this client has sent: a provider's failure text read from
         a poll or a history (not an error answer, which `error_text` cleans by its own request)
@@ -825,12 +832,22 @@ class RemoteClient:
 
 class SendsCredentials:
     """An engine whose requests carry a key or a password (`http`): `without_credentials` takes
-    them out of an error it raised, as the runner asks of every such error before it is kept."""
+    them out of an exception it raised, as the runner asks of every one before the job keeps it."""
 
     http: RemoteClient
 
-    def without_credentials(self, error: OrchestratorError) -> None:
-        self.http.scrub_error(error)
+    def without_credentials(self, error: BaseException) -> None:
+        """In place: an `OrchestratorError`'s message and details, and any exception's text (its
+        arguments), the exceptions it was raised from included, as a traceback shows them."""
+        seen: set[int] = set()
+        current: BaseException | None = error
+        while current is not None and id(current) not in seen:
+            seen.add(id(current))
+            if isinstance(current, OrchestratorError):
+                self.http.scrub_error(current)
+            else:
+                current.args = tuple(self.http.scrub(a) if isinstance(a, str) else a for a in current.args)
+            current = current.__cause__ or current.__context__
 
 
 def _read(response: httpx.Response, history: list[httpx.Response], *, body: bytes | bytearray,

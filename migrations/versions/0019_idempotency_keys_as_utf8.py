@@ -1,10 +1,10 @@
 """idempotency_keys: keys stored as their UTF-8 bytes read as latin-1 are stored as sent
 
-Releases before 2026-11-30 kept a non-ASCII `Idempotency-Key` as the header's bytes read as
-latin-1 (`clé` as `clÃ©`). The service looked such keys up in that form too, for good, so a key
-sent today that happens to be another's misread form (`Ã©` and `é`) replayed that other request.
-Rewritten once here, at the upgrade, the fallback goes: keys live 48 h, so what this rewrites is
-only what a release before then stored.
+Releases before 2026-11-30 05:39 UTC kept a non-ASCII `Idempotency-Key` as the header's bytes
+read as latin-1 (`clé` as `clÃ©`). The service looked such keys up in that form too, for good,
+so a key sent since that happens to be another's misread form (`Ã©` and `é`) replayed that other
+request. Rewritten once here, at the upgrade, the fallback goes. Only keys stored before the
+releases that read keys as sent existed: one stored since is as its client sent it (`Ã©` itself).
 
 Revision ID: 0019
 Revises: 0018
@@ -14,6 +14,7 @@ Create Date: 2026-12-02 09:00:00.000000
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import UTC, datetime
 
 import sqlalchemy as sa
 from alembic import context, op
@@ -23,7 +24,10 @@ down_revision: str | None = '0018'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-KEYS = sa.table('idempotency_keys', sa.column('key', sa.String), sa.column('scope', sa.String))
+KEYS = sa.table('idempotency_keys', sa.column('key', sa.String), sa.column('scope', sa.String),
+                sa.column('created_at', sa.DateTime(timezone=True)))
+# The first release that kept keys as sent (commit 94ccff5): no key stored since was misread.
+READ_AS_SENT_FROM = datetime(2026, 11, 30, 5, 39, 15, tzinfo=UTC)
 
 
 def as_sent(stored: str) -> str | None:
@@ -41,8 +45,9 @@ def upgrade() -> None:
     if context.is_offline_mode():  # no rows to read: `alembic upgrade --sql` writes only the schema
         return
     bind = op.get_bind()
-    stored = set(bind.execute(sa.select(KEYS.c.key, KEYS.c.scope)).tuples())
-    for key, scope in sorted(stored):
+    stored = {(key, scope) for key, scope in bind.execute(sa.select(KEYS.c.key, KEYS.c.scope)).all()}
+    misread = bind.execute(sa.select(KEYS.c.key, KEYS.c.scope).where(KEYS.c.created_at < READ_AS_SENT_FROM)).all()
+    for key, scope in sorted(misread):
         sent = as_sent(key)
         # Where the sent form is stored too, both stay: that one was sent so by a client since.
         if sent is not None and (sent, scope) not in stored:

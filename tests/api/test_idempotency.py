@@ -214,6 +214,32 @@ def test_the_privacy_tag_spelled_otherwise_is_the_same_request(server: httpx.Cli
     assert job_count(server) == 1
 
 
+def test_a_privacy_tag_key_stored_as_spelled_by_an_earlier_release_still_replays(
+        server: httpx.Client, make_settings: SettingsFactory) -> None:
+    """Releases before the value was read as one hashed it as sent: a byte-identical retry across
+    the upgrade must not be a 409."""
+    from sqlalchemy import update
+    from sqlmodel import col
+
+    from orchestrator import idempotency
+    from orchestrator.db import Database
+    from orchestrator.models import IdempotencyKey
+
+    project = create_project(server)["id"]
+    body = {**BODY, "tags": {"privacy": "Local"}}
+    first = post(server, project, body, "private-old").json()["id"]
+    as_sent = idempotency._sha256(DraftCreate(**body).model_dump(mode="json", exclude_defaults=True))
+    db = Database(make_settings().resolved_database_url)
+    try:
+        with db.transaction() as s:
+            s.execute(update(IdempotencyKey).where(col(IdempotencyKey.key) == "private-old")
+                      .values(request_hash=as_sent))
+    finally:
+        db.dispose()
+    again = post(server, project, body, "private-old")
+    assert again.status_code == 202 and again.json()["id"] == first, again.text
+
+
 def test_a_key_that_reads_as_another_keys_misread_form_is_its_own(server: httpx.Client) -> None:
     """`Ã©` is `é`'s UTF-8 read as latin-1, as releases before migration 0019 stored keys: the
     look-up in that form found a request `é` never made (one job for two clients' keys)."""

@@ -186,6 +186,8 @@ def test_a_fifo_where_the_file_should_be_is_content_unavailable_at_once(tmp_path
     with pytest.raises(ContentUnavailable) as info:
         store.get(sha)
     assert info.value.details["reason"] == "unreadable" and "not a regular file" in info.value.message
+    # The same image made again (how the error says to mend it) replaces it, without waiting on it.
+    assert store.put(b"bytes") == sha and store.get(sha) == b"bytes"
 
 
 def test_sweep_temp_removes_leftovers_of_a_crash(tmp_path: Path) -> None:

@@ -669,3 +669,12 @@ def test_a_job_s_cost_is_read_as_of_one_moment_on_postgres(postgres_url: str) ->
         assert JobService.money(jobs, [job_id])[job_id] == (0, 10_000)  # type: ignore[arg-type]
     finally:
         db.dispose()
+
+
+def test_0019_rewrites_misread_keys_on_postgres_whatever_its_time_zone(postgres_url: str) -> None:
+    # A naive bound on `timestamptz` is read in the session's zone: keys an hour either side of
+    # the cut-off would be rewritten or kept by the server's TimeZone, not by when they were stored.
+    from tests.test_migrations import check_0019
+
+    check_0019(make_url(postgres_url).update_query_dict({"options": "-c TimeZone=America/Los_Angeles"})
+               .render_as_string(hide_password=False))

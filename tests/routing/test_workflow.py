@@ -7,19 +7,24 @@ from __future__ import annotations
 import base64
 import io
 import json
+import logging
 import math
 import re
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from PIL import Image
 
+from orchestrator.errors import EngineError
 from tests.routing import create_project, ledger, promote, run_draft, submit, wait_for_job
-from tests.routing.conftest import SettingsFactory, running
+from tests.routing.conftest import SettingsFactory, running, write_policies
+from tiers.base import EngineContext
+from tiers.gemini import GeminiEngine
 
 API_KEY = "test-key"
 MODEL = "gemini-3.1-flash-image"
@@ -340,22 +345,59 @@ def test_a_bridge_and_a_polish_run_with_the_steps_and_guidance_asked(offline: ht
     assert [told[job["id"]] for job in (bridge, final, plain)] == [(6, 2.5), (7, 1.5), (4, 0.0)]
 
 
+ACME_POLICY = """
+name = "acme-test"
+description = "Drafts on Lite; bridges on the engine asked for."
+
+[[rules]]
+name = "drafts"
+match = { stage = "ideation" }
+engines = ["lite"]
+
+[[rules]]
+name = "bridges"
+match = { stage = ["bridge", "polish"] }
+engines = ["gemini", "acme"]
+"""
+
+
+class AcmeGemini(GeminiEngine):
+    """A third party's engine built on a built-in one (README: plugins may subclass them)."""
+
+    name = "acme"
+
+
+def acme_factory(ctx: EngineContext) -> AcmeGemini:
+    return AcmeGemini(ctx)
+
+
+@pytest.mark.parametrize("raised", [EngineError, ValueError])
 def test_an_engine_s_error_that_quotes_the_key_is_kept_without_it(
-        online: httpx.Client, monkeypatch: pytest.MonkeyPatch) -> None:
+        new_settings: SettingsFactory, gemini: FakeGemini, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture, tmp_path: Path, raised: type[Exception]) -> None:
     """An engine quotes its provider's answer in an error's message and details (fal's
-    `error_type`, a proxy echoing the request's headers): the job's record showed the key to every
-    key of the project. Whatever an engine quotes, the key is taken out before the job keeps it."""
-    from orchestrator.errors import EngineError
-    from tiers.gemini import GeminiEngine
+    `error_type`, a proxy echoing the request's headers), or a bug's exception does: the job's
+    record showed the key to every key of the project. Whatever an engine quotes, the key is taken
+    out before the job (and the log) keeps it; a third party's engine built on a built-in too."""
 
     def echoing(self: GeminiEngine, body: dict[str, Any]) -> Any:
-        raise EngineError(f"gemini: the proxy said 'x-goog-api-key: {API_KEY}'", retryable=False, charged="no",
-                          details={"engine": "gemini", "echo": {"headers": [f"x-goog-api-key: {API_KEY}"]}})
+        said = f"the proxy said 'x-goog-api-key: {API_KEY}'"
+        if raised is EngineError:
+            raise EngineError(f"gemini: {said}", retryable=False, charged="no",
+                              details={"engine": "gemini", "echo": {"headers": [f"x-goog-api-key: {API_KEY}"]}})
+        raise ValueError(said) from KeyError(f"x-goog-api-key: {API_KEY}")
 
     monkeypatch.setattr(GeminiEngine, "_image", echoing)
-    project = create_project(online, "quoting")
-    draft_id = run_draft(online, project["id"], prompt=PROMPT)["assets"][0]
-    job = wait_for_job(online, promote(online, draft_id, engine="gemini")["id"])
-    assert job["status"] == "failed" and job["error"]["message"] == "gemini: the proxy said 'x-goog-api-key: ***'"
-    assert job["error"]["details"]["echo"] == {"headers": ["x-goog-api-key: ***"]}
-    assert API_KEY not in json.dumps(job)
+    policies = write_policies(tmp_path / "policies", {"acme-test": ACME_POLICY})
+    settings = new_settings(gemini_api_key=API_KEY, gemini_base_url=gemini.url, policy="acme-test",
+                            policy_dir=policies, engines="acme=tests.routing.test_workflow:acme_factory")
+    with running(settings) as client, caplog.at_level(logging.WARNING):
+        project = create_project(client, "quoting")
+        draft_id = run_draft(client, project["id"], prompt=PROMPT)["assets"][0]
+        for engine in ("gemini", "acme"):
+            job = wait_for_job(client, promote(client, draft_id, engine=engine)["id"])
+            assert job["status"] == "failed" and "x-goog-api-key: ***" in job["error"]["message"], job["error"]
+            if raised is EngineError:
+                assert job["error"]["details"]["echo"] == {"headers": ["x-goog-api-key: ***"]}
+            assert API_KEY not in json.dumps(job), engine
+    assert "x-goog-api-key: ***" in caplog.text and API_KEY not in caplog.text

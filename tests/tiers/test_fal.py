@@ -711,3 +711,10 @@ async def test_a_refusal_of_the_key_says_what_the_provider_said(engine: FalEngin
         await engine.run(bridge(), NullProgress(), CancelToken())
     assert "Exhausted balance" in info.value.message and "ORCH_FAL_API_KEY" in info.value.message
     assert info.value.retryable and info.value.charged == "no"
+
+
+def test_the_key_is_taken_out_of_what_a_provider_says_before_any_request_carried_it(make_ctx: Any) -> None:
+    # A process following work an earlier one started polls the queue URLs it saved, never the base
+    # URL, whose requests taught the scrub the key: a status echoing it was kept in the job as sent.
+    engine = FalEngine(make_ctx(fal_api_key="falkeyid-1234:falsecret-abcdef", fal_base_url="https://fal-proxy.test"))
+    assert engine.said("proxy_error: Key falkeyid-1234:falsecret-abcdef") == "proxy_error: Key ***"
