@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import hashlib
 import json
 import secrets
@@ -52,6 +53,16 @@ def on_loop(loop: asyncio.AbstractEventLoop) -> bool:
         return asyncio.get_running_loop() is loop
     except RuntimeError:
         return False
+
+
+async def woken(event: asyncio.Event, seconds: float) -> None:
+    """Return once `event` is set or `seconds` have passed. Not `asyncio.wait_for`: on Python 3.11
+    it swallows a cancel that comes just as the event is set, and a loop woken so ran on (a
+    worker's stop waited for its cancel watch for ever, the device lock held, a second SIGTERM
+    unheard)."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await event.wait()
 
 
 def job_mark(job_id: str) -> str:

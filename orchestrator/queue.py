@@ -41,7 +41,7 @@ from sqlmodel import col, select
 from orchestrator.clock import shared_now, utcnow
 from orchestrator.db import Database, changed, transient
 from orchestrator.errors import Canceled, Interrupted, OrchestratorError, first_line
-from orchestrator.events import EventBus, on_loop
+from orchestrator.events import EventBus, on_loop, woken
 from orchestrator.jobs import render_request
 from orchestrator.ledger import Ledger
 from orchestrator.models import Job
@@ -209,9 +209,13 @@ class Scheduler:
                 await asyncio.wait(storing, timeout=FINAL_WRITE_SECONDS + STOP_WAIT_SECONDS)
         if self._heartbeat is not None:
             self._heartbeat.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(BaseException):
-                await task
+        # Bounded: a loop that did not hear its cancel must not hold the stop (and the device and
+        # owner locks, which go only after it) for ever.
+        if tasks := [task for task in self._tasks if task.get_loop() is asyncio.get_running_loop()]:
+            _, stuck = await asyncio.wait(tasks, timeout=STOP_WAIT_SECONDS)
+            for task in stuck:
+                log.warning("the %s task did not stop when asked; stopping without it", task.get_name())
+                task.cancel()
         await asyncio.to_thread(self._give_back_unstarted)
         # From here the jobs left running are known to be an orphan's: the next start (or another
         # process's sweep) recovers them without waiting for their leases.
@@ -323,8 +327,7 @@ class Scheduler:
         while not self._stopping:
             # Woken by this process's submits and job ends, and by other processes' bells; the
             # timeout finds what a lost ring did not tell.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=self.poll_interval)
+            await woken(self._wake, self.poll_interval)
             self._wake.clear()
             try:
                 await self.dispatch()
@@ -652,8 +655,7 @@ class Scheduler:
         stop ends it once the paid requests it waits for have answered."""
         outage = Outage(log, "looking for cancels asked elsewhere", f"trying again every {self.poll_interval:g} s")
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._cancel_wake.wait(), timeout=self.poll_interval)
+            await woken(self._cancel_wake, self.poll_interval)
             self._cancel_wake.clear()
             held = {job_id: claim for job_id, (_, claim) in self._running.items() if not claim.cancel.cancelled}
             if not held:

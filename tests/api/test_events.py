@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 
 from orchestrator import follow
 from orchestrator.app import create_app
-from orchestrator.events import HISTORY_TTL, EventBus, job_mark, split_id
+from orchestrator.events import HISTORY_TTL, EventBus, job_mark, split_id, woken
 from orchestrator.server import serve_in_thread
 from orchestrator.settings import Settings
 from tests.api import (
@@ -545,3 +545,19 @@ def test_a_stream_asked_of_a_stopping_server_is_a_503_not_an_empty_end(make_sett
         finally:
             app.state.services.bus.closed = False  # the app's own stop closes it again
         assert error["details"] == {"job_id": job["id"]}
+
+
+async def test_a_cancel_that_comes_as_the_wake_is_set_is_not_lost() -> None:
+    """On Python 3.11 `asyncio.wait_for` returned instead: a worker's cancel watch, woken by a bell
+    as its stop cancelled it, looped on, and the stop waited for it for ever."""
+    wake = asyncio.Event()
+    waiting = asyncio.create_task(woken(wake, 60))
+    await asyncio.sleep(0)
+    wake.set()
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    wake.clear()
+    started = asyncio.get_running_loop().time()
+    await woken(wake, 0.05)  # the time passing wakes it too, without an error
+    assert asyncio.get_running_loop().time() - started >= 0.05
