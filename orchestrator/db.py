@@ -20,7 +20,6 @@ not stall every writer for the two hours of the kernel's default.
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import functools
 import json
@@ -28,7 +27,6 @@ import logging
 import math
 import numbers
 import os
-import stat
 import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -50,6 +48,7 @@ from orchestrator import clock
 from orchestrator.bells import Bell
 from orchestrator.clock import DatabaseClock
 from orchestrator.errors import first_line
+from orchestrator.workers import open_regular_file
 
 log = logging.getLogger(__name__)
 _IMMEDIATE = "orchestrator_immediate"
@@ -400,10 +399,7 @@ def upgrade(url: str, revision: str = "head") -> None:
     path.parent.mkdir(parents=True, exist_ok=True)  # `orchestrator migrate` on a new data dir
     # Never through a link, nor into a FIFO: the data dir may be shared with other users of its group,
     # and a link put there had the migration create (as root, anywhere) the file it named.
-    fd = os.open(f"{path}.migrate-lock", os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o666)
-    with os.fdopen(fd, "a") as lock:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file", f"{path}.migrate-lock")
+    with open_regular_file(Path(f"{path}.migrate-lock"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         _refuse_foreign(url)
         command.upgrade(alembic_config(url), revision)

@@ -21,7 +21,6 @@ process runs.
 from __future__ import annotations
 
 import contextlib
-import errno
 import functools
 import hashlib
 import io
@@ -38,13 +37,14 @@ from collections import OrderedDict
 from collections.abc import Callable, Collection
 from datetime import datetime
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 from PIL import Image, PngImagePlugin
 
 from orchestrator.db import stored_json
 from orchestrator.errors import ContentUnavailable, NotFound
 from orchestrator.ids import ID_RE
+from orchestrator.workers import open_regular_file
 from tiers._images import eight_bit
 from tiers.base import home_expanded
 from tiers.registry import HOSTED
@@ -531,15 +531,7 @@ def encode_preview(image: Image.Image) -> bytes:
 def open_regular(path: Path, *, follow: bool = True) -> BinaryIO:
     """`path` opened to read if it is a regular file (`OSError` otherwise, without blocking on a
     FIFO); with `follow=False`, not through a symbolic link either."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | (0 if follow else os.O_NOFOLLOW))
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file", str(path))
-        os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
+    return cast(BinaryIO, open_regular_file(path, os.O_RDONLY, "rb", follow=follow))
 
 
 class PreviewFiles:

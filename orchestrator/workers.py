@@ -37,7 +37,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import IO, Literal
+from typing import IO, Any, Literal
 
 log = logging.getLogger(__name__)
 
@@ -76,19 +76,21 @@ def open_lock_file(path: Path) -> IO[str]:
     """A lock file, opened for reading and writing (made if absent), never through a symbolic
     link: the lock folder may be shared with other users of the data dir, and a link put there
     would have this process truncate and write the file it names (as root, any file)."""
-    return _open_regular(path, os.O_RDWR | os.O_CREAT, "r+")
+    return open_regular_file(path, os.O_RDWR | os.O_CREAT, "r+")
 
 
 def open_lock_file_to_read(path: Path) -> IO[str]:
     """An existing lock file, opened for reading only: one another user's process made (0644 under
     a umask of 022) locks all the same, since flock asks nothing of how its descriptor was opened."""
-    return _open_regular(path, os.O_RDONLY, "r")
+    return open_regular_file(path, os.O_RDONLY, "r")
 
 
-def _open_regular(path: Path, flags: int, mode: str) -> IO[str]:
-    # Not blocking while it is opened: a FIFO put in its place would hold the open (and the sweep,
-    # the dispatch, `GET /v1/workers`) until someone wrote to it.
-    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK, 0o666)  # the umask decides, as open() lets it
+def open_regular_file(path: Path, flags: int, mode: str, *, follow: bool = False) -> IO[Any]:
+    """`path` opened with `flags` if it is a regular file (`OSError` otherwise), not through a
+    symbolic link unless `follow`: the data dir may be shared with other users of its group, and
+    a link or a FIFO put there would have this process write or serve the file it names, or wait
+    on the FIFO (the sweep, the dispatch, a request) until someone wrote to it."""
+    fd = os.open(path, flags | os.O_NONBLOCK | (0 if follow else os.O_NOFOLLOW), 0o666)  # the umask decides
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise OSError(errno.EINVAL, "not a regular file", str(path))
