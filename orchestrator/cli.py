@@ -98,12 +98,25 @@ def without_password(url: str | httpx.URL) -> str:
     return str(parsed.copy_with(username=parsed.username, password="***") if parsed.password else parsed)
 
 
+class _StoppedBeforeStart(BaseException):
+    """SIGTERM to a worker before its loop takes its signals. Not an `Exception`: nothing on the way
+    out of the start may take it for a failure and carry on."""
+
+
+def _stop_before_start(signum: int, frame: object) -> None:
+    raise _StoppedBeforeStart
+
+
 def main(argv: list[str] | None = None) -> int:
     given = sys.argv[1:] if argv is None else argv
     if next((arg for arg in given if not arg.startswith("-")), None) in ("serve", "worker"):
         # SIGHUP reloads the policies once the service runs; until then (settings read, a migration
         # waiting for another's lock) it must not end the start: ignored before anything else.
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    if next((arg for arg in given if not arg.startswith("-")), None) == "worker":
+        # A supervisor's stop in the worker's first second (imports, settings, waiting for another's
+        # migration or in its own, which is one transaction) ended it with 143, not a clean stop.
+        signal.signal(signal.SIGTERM, _stop_before_start)
     parser = argparse.ArgumentParser(prog="orchestrator", description="Tiered image-rendering orchestrator")
     parser.add_argument("--version", action="version", version=__version__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -184,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
         return 1
+    except _StoppedBeforeStart:
+        return 0  # nothing had started: a clean stop, as a supervisor asked
     except KeyboardInterrupt as exc:  # Ctrl-C: whatever was running has stopped (the server cleanly)
         return _interrupted(str(exc))  # the demo says which of its jobs it canceled
     except ValidationError as exc:
@@ -538,7 +553,11 @@ def _run(args: argparse.Namespace) -> int:
         if (failed := _checked(settings) or _bound(settings)) is not None:
             return failed
         _log_to_data_dir(settings)
-        return _stopped(asyncio.run(run_worker(settings)))
+        stopped = asyncio.run(run_worker(settings))
+        # Its stop is done: the loop's close put back SIGTERM's default, and one more (a
+        # supervisor's second, a process group's) would have ended the exit itself with 143.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        return _stopped(stopped)
     if args.command == "migrate":
         from orchestrator.db import shown_url, stored_revision
         from orchestrator.settings import Settings
