@@ -236,6 +236,7 @@ class EngineError(OrchestratorError):
     # Whether the failure says the engine is unwell (its circuit breaker counts it); a request too
     # large for the device's memory says nothing of the engine's health.
     engine_fault: bool = True
+    _said_unbilled: bool = False
 
     def __init__(
         self,
@@ -255,6 +256,19 @@ class EngineError(OrchestratorError):
         # own `Canceled` knows nothing of what an engine had sent (see `JobRunner._doubt_a_free_cancel`).
         self.charged_told = charged is not None
         self.cost_millicredits = cost_millicredits
+
+    def unbilled(self) -> EngineError:
+        """The provider answered that the job's work there never ran or is a failure it bills not
+        (a prediction canceled or aborted before it started, a request taken off its queue): believed
+        even of work an earlier process sent, which any other failure leaves charged."""
+        self.charged, self.charged_told, self._said_unbilled = "no", True, True
+        return self
+
+    @property
+    def work_unbilled(self) -> bool:
+        """Whether the provider said so (`unbilled`), and nothing since said otherwise (an image of
+        the job made before it, `at_least_charged`)."""
+        return self._said_unbilled and self.charged == "no"
 
     def at_least_charged(self, charged: Charged) -> EngineError:
         """Raise what the error says about billing, never lower it ("no" < "unknown" < "yes")."""

@@ -301,9 +301,10 @@ class Ledger:
         nobody knows whether it charged (then at most the error's ceiling, for a job that failed
         before asking for all its images). A job an earlier attempt got a provider to accept
         (`provider_work`, saved before a crash) may be billed for that work whatever ended this
-        attempt (a cancel, a missing source file): it is never released."""
+        attempt (a cancel, a missing source file): it is never released, unless the provider said
+        that work billed nothing (`EngineError.unbilled`)."""
         charged = getattr(error, "charged", "no")
-        if charged == "no" and job.has_provider_work():
+        if charged == "no" and job.has_provider_work() and not getattr(error, "work_unbilled", False):
             charged = "unknown"
         if charged == "no":
             self.release(s, job, note=f"{error.code}")

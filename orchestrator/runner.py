@@ -836,7 +836,10 @@ class JobRunner:
                 try:
                     result = await follow.reattach(request, list(work["handles"]), progress, claim.cancel)
                 except EngineError as exc:
-                    exc.at_least_charged("unknown")  # accepted work: never released, never sent again
+                    # Accepted work: never released, never sent again, unless the provider said it
+                    # billed nothing (a request's own "no", such as a poll that timed out, is not that).
+                    if not exc.work_unbilled:
+                        exc.at_least_charged("unknown")
                     raise
             elif work.get("handles") and work.get("engine") == job.engine and restartable(engine, job):
                 # A free server's job run again after a crash: what the dead attempt made there is

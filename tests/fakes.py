@@ -208,6 +208,10 @@ class FakeQueueEngine(FakePaidEngine):
         self.reattached.append(handles)
         if req.tags.get("reattach") == "gone":
             raise EngineError("fake queue: the saved request is gone", charged="unknown")
+        if req.tags.get("reattach") == "aborted":  # as Replicate's `aborted`: ended before it ran, not billed
+            raise EngineError("fake queue: the provider aborted the request before it ran").unbilled()
+        if req.tags.get("reattach") == "polls-timed-out":  # each poll billed nothing; the work may have
+            raise EngineTimeout("fake queue: no answer to the polls before the deadline", charged="no")
         if req.tags.get("reattach") == "hang":  # a long render, followed by each start in turn
             await cancel.race(asyncio.sleep(3600))
         images = [RenderedImage(Image.new("RGB", (req.width, req.height), (1, 2, 3)), req.seed) for _ in range(req.n)]

@@ -210,14 +210,17 @@ class FalEngine(CloudEngine):
             # abandoned: another process follows the request on
             if not cancel.abandoned and _taken_off_the_queue(seen, await self._cancel_remote(str(urls["cancel_url"]))):
                 raise Canceled("the job was canceled while its request waited in fal's queue",
-                               details={"engine": self.name, "request": request_id}, charged="no") from None
+                               details={"engine": self.name, "request": request_id}).unbilled() from None
             raise Canceled("the job was canceled while fal was working", charged="unknown") from None
         except EngineError as exc:
             # We stop following a request that may still run and bill: stop it too, unless another
             # process follows it now (this one was stopped past its lease). One taken off the
             # queue cost nothing, and another engine may take the job.
             answer = await self._cancel_remote(str(urls["cancel_url"])) if await still_holds_the_job() else None
-            exc.charged = "no" if _taken_off_the_queue(seen, answer) else "unknown"
+            if _taken_off_the_queue(seen, answer):
+                exc.unbilled()
+            else:
+                exc.charged = "unknown"
             raise
         self._check_completed(request_id, completed)
         try:
@@ -227,7 +230,7 @@ class FalEngine(CloudEngine):
         except EngineError as exc:
             # COMPLETED: fal has run (and billed) the request, unless its result is a stored 5xx,
             # which fal bills not.
-            if not (exc.charged == "no" and exc.details.get("error_type")):
+            if not exc.work_unbilled:
                 exc.at_least_charged("unknown")
             raise
         images, listed = await self._images(output, req.n, cancel)
@@ -278,7 +281,7 @@ class FalEngine(CloudEngine):
         # The type first: an infrastructure failure fal bills none of is one whatever its text says
         # ("Safety checker failed to load" was told the artist as their content filtered, and captured).
         if unbilled(error_type):
-            raise EngineError(message, details=details, charged="no")
+            raise EngineError(message, details=details).unbilled()
         if _filtered(error_type, error):
             raise ContentFiltered(message, details=details, charged="unknown")
         raise EngineError(message, details=details, charged="unknown")
@@ -292,7 +295,7 @@ class FalEngine(CloudEngine):
             if stored_failure(response):  # a 5xx: fal bills none
                 raise EngineError(f"fal: the request failed ({error_type}): {error_text(response)}",
                                   details={"engine": self.name, "status": response.status_code,
-                                           "error_type": error_type}, charged="no")
+                                           "error_type": error_type}).unbilled()
             # fal reports model-side refusals (validation, content policy) on the result.
             error = self._refused(response)
             error.charged = "unknown"

@@ -281,14 +281,17 @@ class ReplicateEngine(CloudEngine):
             # abandoned: another process follows the prediction on
             if not cancel.abandoned and _never_ran(await self._cancel_remote(prediction_id)):
                 raise Canceled("the job was canceled before Replicate started its prediction",
-                               details={"engine": self.name, "prediction": prediction_id}, charged="no") from None
+                               details={"engine": self.name, "prediction": prediction_id}).unbilled() from None
             raise Canceled("the job was canceled while Replicate was working", charged="unknown") from None
         except EngineError as exc:
             # We stop following a prediction that may still run and bill: stop it too, unless
             # another process follows it now (this one was stopped past its lease). One stopped
             # before it ran cost nothing, and another engine may take the job.
             stopped = await self._cancel_remote(prediction_id) if await still_holds_the_job() else None
-            exc.charged = "no" if _never_ran(stopped) else "unknown"
+            if _never_ran(stopped):
+                exc.unbilled()
+            else:
+                exc.charged = "unknown"
             raise
         self._check_status(prediction)
         return prediction
@@ -305,12 +308,12 @@ class ReplicateEngine(CloudEngine):
             if _filtered(said):
                 raise ContentFiltered(f"replicate filtered the request: {text}", details=details,
                                       charged="unknown")
-            raise EngineError(f"replicate: the prediction failed: {text}", details=details,
-                              charged="no" if _never_ran(prediction) else "unknown")
+            failed = EngineError(f"replicate: the prediction failed: {text}", details=details, charged="unknown")
+            raise failed.unbilled() if _never_ran(prediction) else failed
         if status == "aborted":
             # Ended by Replicate before it started (not charged): another engine may take the job.
             raise EngineError("replicate: the prediction was aborted by the provider before it ran",
-                              details=details, charged="no")
+                              details=details).unbilled()
         if status == "canceled":
             # Not by this job's cancel, which never reads the prediction again: someone canceled
             # it on Replicate. A failure of the job, not the user's cancel; it may have run and billed.

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from sqlmodel import select
 
 from orchestrator.db import Database
@@ -114,6 +115,25 @@ def test_reattaching_to_work_the_provider_lost_is_charged_unreconciled(
         assert done["cost"]["charged"] == PRICE and done["cost"]["held"] == 0
         entries = [e for e in ledger(client, project_id) if e["job_id"] == job["id"]]
         assert [(e["kind"], e["unreconciled"]) for e in entries] == [("hold", False), ("capture", True)]
+
+
+@pytest.mark.parametrize(("outcome", "captured"), [("aborted", False), ("polls-timed-out", True)])
+def test_work_followed_after_a_restart_is_released_only_when_the_provider_says_it_billed_nothing(
+        paid_settings_for: Callable[..., Settings], tmp_path: Path, outcome: str, captured: bool) -> None:
+    """Followed by the next start, a prediction Replicate aborted before it ran (a request fal took
+    off its queue, a cancel before it started) was captured "outcome unknown", where the same
+    answer without the restart released it. A poll's own "nothing billed" says nothing of the work."""
+    settings = paid_settings_for(tmp_path / "data")
+    with serve_in_thread(settings) as base, httpx.Client(base_url=base, timeout=30) as client:
+        project_id, asset_id = project_with_draft(client)
+        job = promote_ok(client, asset_id, engine="fake-queue", tags={"fake": "hang", "reattach": outcome})
+        wait_for_state(client, job["id"])
+    with serve_in_thread(settings) as base, httpx.Client(base_url=base, timeout=30) as client:
+        done = wait_for_job(client, job["id"])
+        assert done["status"] == "failed", done
+        entries = [e for e in ledger(client, project_id) if e["job_id"] == job["id"]]
+        assert [e["kind"] for e in entries] == ["hold", "capture" if captured else "release"], entries
+        assert done["cost"]["charged"] == (PRICE if captured else 0) and done["cost"]["held"] == 0
 
 
 def test_a_stop_before_anything_was_sent_queues_the_paid_job_again(

@@ -259,7 +259,7 @@ async def test_an_infrastructure_failure_fal_bills_nothing_for_leaves_the_job_to
     poll.mock(return_value=status("COMPLETED", error="Request timed out", error_type=error_type))
     with pytest.raises(EngineError) as info:
         await engine.run(bridge(), NullProgress(), CancelToken())
-    assert (info.value.charged, info.value.retryable) == ("no", True)
+    assert (info.value.charged, info.value.retryable, info.value.work_unbilled) == ("no", True, True)
 
 
 @respx.mock
@@ -272,7 +272,7 @@ async def test_a_failure_stored_on_the_result_is_not_fetched_again_until_the_dea
     with pytest.raises(EngineError, match="request_timeout") as info:
         await engine.run(bridge(), NullProgress(), CancelToken())
     assert result.call_count == 1 and sleep.waits == []
-    assert (info.value.charged, info.value.retryable) == ("no", True)
+    assert (info.value.charged, info.value.retryable, info.value.work_unbilled) == ("no", True, True)
 
 
 @respx.mock
@@ -364,6 +364,7 @@ async def test_a_cancel_while_the_request_waits_in_the_queue_costs_nothing(
     assert cancel.call_count == 1 and result.call_count == 0
     assert info.value.charged == charged
     assert info.value.charged_told  # said by the engine: the runner does not doubt it
+    assert info.value.work_unbilled == (charged == "no")  # nor after a restart, following it
 
 
 @respx.mock
@@ -373,7 +374,7 @@ async def test_a_deadline_in_the_queue_leaves_the_job_to_another_engine(engine: 
     respx.put(CANCEL).mock(return_value=httpx.Response(200, json={"status": "OK"}))
     with pytest.raises(EngineTimeout) as info:
         await engine.run(bridge(), NullProgress(), CancelToken())
-    assert info.value.charged == "no" and info.value.retryable
+    assert info.value.charged == "no" and info.value.retryable and info.value.work_unbilled
 
 
 @respx.mock

@@ -293,6 +293,8 @@ async def test_a_prediction_ended_by_the_provider_is_a_failure_not_a_cancel(
         await engine.run(bridge(), NullProgress(), CancelToken())
     assert not isinstance(info.value, Canceled) and info.value.code == "engine_error"
     assert (info.value.charged, info.value.retryable) == (charged, retryable)
+    # Replicate's word, believed of a prediction an earlier process made too (see the runner).
+    assert info.value.work_unbilled == (charged == "no")
 
 
 @respx.mock
@@ -383,7 +385,7 @@ async def test_a_cancel_of_a_lone_prediction_before_it_started_is_free(engine: R
     respx.post(CANCEL).mock(return_value=httpx.Response(200, json=never_started()))
     with pytest.raises(Canceled) as info:
         await engine.run(bridge(), NullProgress(), token)
-    assert info.value.charged == "no" and info.value.charged_told  # the runner releases the hold
+    assert info.value.charged == "no" and info.value.work_unbilled  # the runner releases the hold, after a restart too
 
 
 @respx.mock
@@ -394,7 +396,7 @@ async def test_a_deadline_before_the_prediction_started_leaves_the_job_to_anothe
     respx.post(CANCEL).mock(return_value=httpx.Response(200, json=never_started()))
     with pytest.raises(EngineTimeout) as info:
         await engine.run(bridge(), NullProgress(), CancelToken())
-    assert info.value.charged == "no" and info.value.retryable
+    assert info.value.charged == "no" and info.value.retryable and info.value.work_unbilled
 
 
 @respx.mock
