@@ -50,7 +50,7 @@ from orchestrator.routing import fallbacks
 from orchestrator.runner import FINAL_WRITE_SECONDS, Claim, JobRunner, followable, reattachable, restartable
 from orchestrator.workers import DeviceLock, Presence, owner_id
 from tiers.base import REMOTE_CONCURRENCY, CancelToken, Engine, Restartable, Withdrawable
-from tiers.registry import EngineRegistry
+from tiers.registry import EngineRegistry, left_off
 
 log = logging.getLogger(__name__)
 DISPATCH_RETRY_SECONDS = 1.0
@@ -141,7 +141,7 @@ class Scheduler:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        await asyncio.to_thread(self.presence.enter, self.owner, [engine.name for engine in self.registry])
+        await asyncio.to_thread(self.presence.enter, self.owner, self.engines())
         await self.recover(all_foreign=True)
         await asyncio.to_thread(self._fail_unserved)
         await asyncio.to_thread(self._sweep_ledger)
@@ -293,6 +293,16 @@ class Scheduler:
         return (claim.accepted is not None and claim.job.id not in self.runner.storing
                 and followable(engine, claim.job, claim.accepted["handles"]))
 
+    def engines(self) -> list[str]:
+        """The engines whose jobs this process runs: not a remote one the operator left off here
+        (no key, no server), whose jobs, work to follow again included, are left to a process
+        that has it, as those of an engine not installed here are (README, *Separate workers*):
+        run here, they failed at once, and work a provider had accepted was written off."""
+        return [engine.name for engine in self.registry if not left_off(engine)]
+
+    def has_engine(self, name: str) -> bool:
+        return name in self.registry and not left_off(self.registry.get(name))
+
     def notify(self) -> None:
         """Wake the dispatcher; safe from any thread (API handlers run in a thread pool)."""
         loop = self._loop
@@ -396,6 +406,8 @@ class Scheduler:
         free = []
         local = []
         for engine in self.registry:
+            if left_off(engine):
+                continue
             lane, limit = self.lane(engine.name)
             if engine.kind == "local":
                 local.append(engine.name)
@@ -576,7 +588,7 @@ class Scheduler:
         plugin uninstalled, a factory that failed): they would wait forever. An engine another
         live worker runs is left to it, and one nobody has is given `unserved_grace` seconds
         first: its only worker may be restarting, or starting beside this one."""
-        usable = [engine.name for engine in self.registry]
+        usable = self.engines()
         with self.db.session() as s:
             missing = set(s.exec(select(Job.engine).where(col(Job.status) == "queued",
                                                            col(Job.engine).not_in(usable)).distinct()).all())
@@ -613,14 +625,16 @@ class Scheduler:
             if job is None or job.status != "queued":
                 return
             error = {"code": "engine_unavailable",
-                     "message": f"engine '{job.engine}' is not installed in any process that runs jobs",
+                     "message": f"engine '{job.engine}' is not installed, or not set up (its key, its server), in "
+                                "any process that runs jobs",
                      "details": {"engine": job.engine}}
             result = s.execute(update(Job).where(col(Job.id) == job.id, col(Job.status) == "queued").values(
                 status="failed", finished_at=utcnow(), error=error))
             if changed(result) != 1:
                 return
             self.ledger.settle_unstarted(s, job, note="engine not installed")
-        log.warning("job %s failed: engine '%s' is not installed in any process that runs jobs", job.id, job.engine)
+        log.warning("job %s failed: engine '%s' is not installed, or not set up, in any process that runs jobs",
+                    job.id, job.engine)
         self.bus.publish(job.id, "failed", {"job_id": job.id, "status": "failed", "error": error}, known_only=True)
 
     async def _run(self, claim: Claim, lane: str) -> None:
@@ -806,6 +820,10 @@ class Scheduler:
         loop = self._loop or self.bus.loop  # an API server that runs no jobs cancels orphans too
         if engine is None or loop is None or not work.get("handles") or work.get("engine") != job.engine:
             return
+        if left_off(engine):  # asked without a key, the provider would refuse (or the request not be sent)
+            log.warning("job %s: its work at %s is not withdrawn: this process has no key or server for it",
+                        job.id, job.engine)
+            return
         if restartable(engine, job):
             stop = engine.forget
         elif isinstance(engine, Withdrawable):  # a paid provider's: it would run, and bill, for nobody
@@ -852,7 +870,7 @@ class Scheduler:
         # Its only worker may also have just died (killed out of memory, restarted by its
         # supervisor) and, back, would queue it again: so it is left alone until nobody has had
         # the engine for `unserved_grace` seconds, as its queued jobs are (`_fail_unserved`).
-        unserved = self._unserved({job.engine for job in jobs if job.engine not in self.registry},
+        unserved = self._unserved({job.engine for job in jobs if not self.has_engine(job.engine)},
                                   self._orphans_unserved_since)
         moment = time.monotonic()
         expired: dict[str, tuple[tuple[int, str | None, datetime | None], float]] = {}
@@ -867,7 +885,7 @@ class Scheduler:
         def orphaned(job: Job) -> bool:
             if job.id in self._running or job.id in self._claimed:
                 return False
-            if job.engine not in self.registry and (job.engine not in unserved or not self._runs_jobs):
+            if not self.has_engine(job.engine) and (job.engine not in unserved or not self._runs_jobs):
                 # A server that runs no jobs has no say over them: a plugin it lacks may be one
                 # whose only worker restarts (and would follow its billed work again).
                 return False
@@ -903,7 +921,7 @@ class Scheduler:
 
     def _recover_one(self, job: Job) -> tuple[str, dict[str, Any] | None] | None:
         """How the job was recovered (and the error it ended with), or None when it was not."""
-        engine = self.registry.get(job.engine) if job.engine in self.registry else None
+        engine = self.registry.get(job.engine) if self.has_engine(job.engine) else None
         local = engine is not None and engine.kind == "local"
         # Work a queueing provider accepted is followed again rather than written off (the runner
         # reattaches instead of sending): the hold stays until that work's outcome is known.

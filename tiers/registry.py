@@ -74,6 +74,17 @@ def extra_engine_problems(entries: str) -> list[str]:
     return problems
 
 
+def left_off(engine: Engine) -> bool:
+    """A remote engine the operator did not set up in this process (`configured` False: no key, no
+    server): listed, unavailable, and no job of it runs here. A plug-in that does not say is not judged."""
+    if engine.kind != "remote":
+        return False
+    try:
+        return getattr(engine, "configured", None) is False
+    except Exception:  # a plug-in's property that raises
+        return False
+
+
 @dataclass
 class BrokenEngine:
     """An engine whose factory failed: listed, never routable, with the reason clients may read

@@ -101,6 +101,28 @@ def test_a_server_that_runs_no_jobs_leaves_a_job_of_an_engine_it_lacks_to_the_wo
     assert row(api, job_id).status == "running" and entries(api, job_id) == [("hold", False)]
 
 
+def test_a_process_without_an_engine_s_key_leaves_its_jobs_to_a_process_with_it(
+        built: Callable[..., Services]) -> None:
+    """A worker started without REPLICATE's key claimed its queued jobs and failed them at once,
+    and followed the work of one whose worker died with an empty key: failed, written off, and
+    its cancel at Replicate refused, the prediction rendering on for nobody."""
+    work = {"engine": "replicate", "handles": [{"id": "p-1"}]}
+    keyless = built(engines=PAID)
+    assert "replicate" not in keyless.scheduler.engines() and "fake-paid" in keyless.scheduler.engines()
+    left = left_running(keyless, engine="replicate", owner=dead_owner(), lease_left=-1, provider_work=work)
+    queued = left_running(keyless, engine="replicate", owner=dead_owner(), lease_left=-1)
+    with keyless.db.transaction() as s:
+        s.get(Job, queued).status = "queued"  # type: ignore[union-attr]
+    assert asyncio.run(keyless.scheduler.recover(all_foreign=True)) == []
+    assert row(keyless, left).status == "running" and entries(keyless, left) == [("hold", False)]
+    assert queued not in {job.id for job in keyless.scheduler._queued({})}
+    keyed = built(engines=PAID, replicate_api_key="r8-key")
+    assert "replicate" in keyed.scheduler.engines()
+    assert asyncio.run(keyed.scheduler.recover(all_foreign=True)) == [left]
+    assert row(keyed, left).status == "queued" and row(keyed, left).provider_work == work  # to be followed
+    assert queued in {job.id for job in keyed.scheduler._queued({})}
+
+
 def test_a_job_of_an_engine_nobody_has_had_for_a_lease_is_queued_again_when_it_sent_nothing(
         built: Callable[..., Services]) -> None:
     without = built(engines=PAID)
