@@ -70,8 +70,9 @@ def test_killed_server_requeues_local_job_and_finishes_it(make_settings: Setting
 def test_startup_recovery_fails_remote_and_requeues_local(make_settings: SettingsFactory,
                                                           start_server: Callable[[Settings], httpx.Client]) -> None:
     """Rows as a dead process left them: one job running on a remote engine, one on Lite (its lease
-    not even expired: at start-up every running job belongs to a dead process)."""
-    settings = make_settings()
+    not even expired: at start-up every running job belongs to a dead process). Gemini has its key,
+    as it had for the dead process: a process without it leaves its jobs to one with it."""
+    settings = make_settings(gemini_api_key="g-key")
     settings.data_dir.mkdir(parents=True)
     db = Database(settings.resolved_database_url)
     db.migrate()
