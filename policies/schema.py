@@ -111,14 +111,7 @@ class Match(_Model):
         """Whether it fits every request `other` fits (so a rule matching `other` after a rule
         matching this never applies). Only what can be told for sure counts: a key this method
         does not know how to compare means "no", so that no rule is warned about wrongly."""
-        for key in type(self).model_fields:
-            mine, theirs = getattr(self, key), getattr(other, key)
-            if mine is None or (key == "tags" and not mine):
-                continue  # not given: this key fits every request
-            compare = _COVERS.get(key)
-            if compare is None or not compare(mine, theirs):
-                return False
-        return True
+        return _covers(_cover_form(self), _cover_form(other))
 
     def matches(self, facts: RequestFacts) -> bool:
         if self.stage is not None and facts.stage not in self.stage:
@@ -153,13 +146,40 @@ def _over_covers(mine: Any, theirs: Any) -> bool:
     return bool(mine < MIN_SIDE or (theirs is not None and theirs >= mine))
 
 
-# For each key of `Match` given in the earlier rule: whether every value of the key the later rule
-# fits (`theirs`; None or {} when the later rule leaves it out) fits the earlier one's (`mine`).
+def _cover_form(match: Match) -> dict[str, Any]:
+    """The keys `match` gives, each as `_COVERS` compares it (made once per rule: a policy's rules
+    are compared pairwise, and a studio's may be thousands, one per client)."""
+    form: dict[str, Any] = {}
+    for key in type(match).model_fields:
+        value = getattr(match, key)
+        if value is None or (key == "tags" and not value):
+            continue  # not given: this key fits every request
+        if key == "tags":
+            form[key] = {tag: frozenset(_tag_values(tag, allowed)) for tag, allowed in value.items()}
+        elif isinstance(value, list):
+            form[key] = frozenset(value)
+        else:
+            form[key] = value
+    return form
+
+
+def _covers(mine: dict[str, Any], theirs: dict[str, Any]) -> bool:
+    for key, given in mine.items():
+        compare = _COVERS.get(key)
+        if compare is None or not compare(given, theirs.get(key)):
+            return False
+    return True
+
+
+_EVERY_STAGE = frozenset(get_args(Stage))
+
+# For each key of `Match` given in the earlier rule (`mine`, in `_cover_form`'s form): whether every
+# value of the key the later rule fits (`theirs`; None when the later rule leaves it out) fits mine.
 _COVERS: dict[str, Callable[[Any, Any], bool]] = {
-    "stage": lambda mine, theirs: set(get_args(Stage) if theirs is None else theirs) <= set(mine),
-    "tags": lambda mine, theirs: all(key in theirs and _tag_values(key, theirs[key]) <= _tag_values(key, allowed)
-                                     for key, allowed in mine.items()),
-    "engine": lambda mine, theirs: theirs is not None and set(theirs) <= set(mine),
+    "stage": lambda mine, theirs: (_EVERY_STAGE if theirs is None else theirs) <= mine,
+    "tags": lambda mine, theirs: theirs is not None and all(key in theirs and theirs[key] <= allowed
+                                                            for key, allowed in mine.items()),
+    "engine": lambda mine, theirs: theirs is not None and theirs <= mine,
     "width_over": _over_covers,
     "height_over": _over_covers,
     # A project without a budget limit fits no `budget_used_over`, however low, so it never covers
@@ -258,12 +278,27 @@ class Policy(_Model):
     def shadowed(self) -> list[tuple[int, int]]:
         """(i, j), 1-based: rule i never applies, as the earlier rule j fits every request it fits
         (the first such rule). Loaded all the same, as a catch-all only is refused: the loader warns."""
+        forms = [_cover_form(rule.match) for rule in self.rules]
+        # Not every pair: a rule with tags covers only rules giving each of its tag keys with values
+        # among its own, so it is looked up by its first key and each of that key's values; one
+        # per client made 2,000 rules 2 million comparisons, and `GET /v1/policies` took 18 s.
+        untagged: list[int] = []
+        by_tag: dict[tuple[str, str], list[int]] = {}
         found: list[tuple[int, int]] = []
-        for i, rule in enumerate(self.rules, start=1):
-            for j, earlier in enumerate(self.rules[:i - 1], start=1):
-                if earlier.match.covers(rule.match):
-                    found.append((i, j))
-                    break
+        for i, form in enumerate(forms, start=1):
+            tags: dict[str, frozenset[str]] = form.get("tags", {})
+            candidates = set(untagged)
+            for key, values in tags.items():
+                candidates.update(by_tag.get((key, min(values)), ()))
+            covering = next((j for j in sorted(candidates) if _covers(forms[j - 1], form)), None)
+            if covering is not None:
+                found.append((i, covering))
+            if tags:
+                first = min(tags)
+                for value in tags[first]:
+                    by_tag.setdefault((first, value), []).append(i)
+            else:
+                untagged.append(i)
         return found
 
     @property
