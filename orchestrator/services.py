@@ -38,7 +38,7 @@ from orchestrator.settings import CONFIG_FILE_VARIABLE, Settings, source_of
 from orchestrator.store import ORPHAN_GRACE_SECONDS, ArtifactStore, PreviewFiles, SweepRefused
 from orchestrator.stream_slots import StreamSlots
 from orchestrator.workers import DeviceLock, Presence
-from policies import PolicyError, PolicyStore
+from policies import BUILTIN, PolicyError, PolicyStore
 from tiers._local import LocalRuntime
 from tiers.base import EngineContext
 from tiers.lite import LiteEngine
@@ -325,12 +325,37 @@ class Services:
         as a move to it would be (`JobService.keep_local`): the routing they were queued with
         would send prompts and images off the machine. Blocking: not on the event loop."""
         local_before = self._local_policies()
+        sources = {policy.name: policy.source for policy in self.policies.list()}
+        warned = set(policy_warnings(self.policies, self.registry))
         errors = self.policies.reload()
         for error in errors:
-            log.error("policy refused on reload (the last good version stays): %s", error.message)
+            log.error("policy refused on reload (%s): %s", self._what_stays(error), error.message)
         log.info("policies reloaded (%s): %s", why, ", ".join(self.policies.names()))
+        # Said as at start-up: a typo ("Gemini") told only to the API's reader failed every request
+        # its rule routed; and what a removed file changes, which the list of names did not say.
+        for warning in policy_warnings(self.policies, self.registry):
+            if warning not in warned:
+                log.warning("policy: %s", warning)
+        for name, source in sorted(sources.items()):
+            now = self.policies.get(name).source if name in self.policies else None
+            if now is None:
+                log.warning("policy '%s' is no longer loaded (%s is gone): its projects' new jobs are refused "
+                            "(no_route) until a policy of that name is back or they move to another", name, source)
+            elif now == BUILTIN and source != BUILTIN:
+                log.warning("policy '%s': %s is gone, and the built-in policy of that name routes its projects "
+                            "again", name, source)
         self._apply_local_policies("on reload", self._local_policies() - local_before)
         return errors
+
+    def _what_stays(self, refused: PolicyError) -> str:
+        """What serves in place of a refused file: its last good version, a built-in, or nothing."""
+        file = Path(refused.file)
+        if file.suffix.lower() != ".toml":  # the folder itself, unreadable: nothing read from it is dropped
+            return "the policies read from it before stay"
+        kept = self.policies.get(file.stem).source if file.stem in self.policies else None
+        if kept is None:
+            return "not loaded"
+        return "the built-in policy of that name stays" if kept == BUILTIN else "the last good version stays"
 
     def _apply_local_policies(self, when: str, policies: set[str] | None = None) -> None:
         """`keep_local` for the projects with unfinished work under `policies` (default: every loaded

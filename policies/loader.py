@@ -21,6 +21,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from orchestrator.errors import InvalidRequest, NotFound
+from orchestrator.workers import open_regular_file
 from policies.schema import PRIVACY_TAG, Policy, Rule, is_private
 
 BUILTIN = "builtin"
@@ -34,6 +35,9 @@ class PolicyError(InvalidRequest):
     def __init__(self, message: str, *, file: str) -> None:
         super().__init__(message, details={"file": file})
         self.file = file
+
+
+MAX_POLICY_BYTES = 1024 * 1024
 
 
 def content_hash(data: bytes) -> str:
@@ -69,9 +73,15 @@ def load_policy_file(path: str | os.PathLike[str]) -> Policy:
     """Load one policy file; raises `PolicyError` when it cannot be used."""
     file = Path(path)
     try:
-        data = file.read_bytes()
+        # Not a FIFO (a read would wait for a writer, holding every reload) nor a file of any size
+        # (a 50 MB one took 9 s a reload, and `GET /v1/policies` sent it whole).
+        with open_regular_file(file, os.O_RDONLY, "rb", follow=True) as opened:
+            data = opened.read(MAX_POLICY_BYTES + 1)
     except OSError as exc:
         raise PolicyError(f"{file}: cannot read: {exc.strerror or exc}", file=str(file)) from None
+    if len(data) > MAX_POLICY_BYTES:
+        raise PolicyError(f"{file}: larger than {MAX_POLICY_BYTES // 1024 // 1024} MiB, which no policy needs "
+                          "(is it the file meant?)", file=str(file))
     return parse_policy(data, label=str(file), source=str(file), expect_name=file.stem)
 
 

@@ -381,6 +381,21 @@ def test_reload_keeps_last_good_version(tmp_path: Path) -> None:
     assert store.get("studio").description == "v2"
 
 
+def test_a_fifo_or_a_huge_file_is_refused_not_read(tmp_path: Path) -> None:
+    """A FIFO named `*.toml` held every reload (and the start) until something wrote to it; a 50 MB
+    description took 9 s a reload and went whole to every `GET /v1/policies`."""
+    import os
+
+    os.mkfifo(tmp_path / "waiting.toml")
+    write(tmp_path, "huge", GOOD.format(name="huge", description="x" * (1024 * 1024)))
+    write(tmp_path, "studio", GOOD.format(name="studio", description="fine"))
+    store = PolicyStore(tmp_path, include_builtins=False)
+    assert store.names() == ["studio"]
+    said = sorted(error.message for error in store.errors)
+    assert len(said) == 2
+    assert "huge.toml: larger than 1 MiB" in said[0] and "waiting.toml: cannot read" in said[1]
+
+
 def test_bad_override_falls_back_to_builtin_then_keeps_last_good(tmp_path: Path) -> None:
     path = write(tmp_path, "balanced", "name = [oops\n")
     store = PolicyStore(tmp_path)

@@ -523,6 +523,41 @@ def test_unknown_engines_are_logged_at_start_up(new_settings: SettingsFactory, t
     assert len(logged) == 1 and "unknown engine 'local_hifi'" in logged[0]
 
 
+def test_a_reload_logs_what_it_changed_as_a_start_does(new_settings: SettingsFactory, tmp_path: Path,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """A reload logged the names it loaded: a typo in an engine's name, a policy gone with its file,
+    a built-in back in place of an override went unsaid; and a refused new file "kept its last
+    good version", which it never had."""
+    folder = write_policies(tmp_path / "policy-files", {"custom": CUSTOM_V1, "alt": ALT,
+                                                        "balanced": CUSTOM_V1.replace('"custom"', '"balanced"')})
+    services = Services.build(new_settings(policy_dir=folder))
+    try:
+        (folder / "custom.toml").write_text(CUSTOM_V1.replace('engines = ["local-hifi"]', 'engines = ["local_hifi"]'))
+        (folder / "alt.toml").unlink()
+        (folder / "balanced.toml").unlink()
+        (folder / "typo.toml").write_text(TYPO)
+        with caplog.at_level(logging.INFO, logger="orchestrator.services"):
+            services.reload_policies("a test")
+        said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert len([m for m in said if "unknown engine 'local_hifi'" in m]) == 1, said
+        assert any(m.startswith("policy 'alt' is no longer loaded") for m in said), said
+        assert any(m.startswith("policy 'balanced'") and "the built-in policy of that name routes" in m
+                   for m in said), said
+        assert any("refused on reload (not loaded)" in m and "typo.toml" in m for m in said), said
+
+        caplog.clear()
+        (folder / "custom.toml").write_text(CUSTOM_BAD)
+        (folder / "balanced.toml").write_text(CUSTOM_BAD.replace('"custom"', '"balanced"'))
+        with caplog.at_level(logging.INFO, logger="orchestrator.services"):
+            services.reload_policies("a test")
+        said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert any("(the last good version stays)" in m and "custom.toml" in m for m in said), said
+        assert any("(the built-in policy of that name stays)" in m and "balanced.toml" in m for m in said), said
+        assert not any("unknown engine" in m for m in said), said  # told once, not at each reload
+    finally:
+        asyncio.run(services.aclose())
+
+
 def test_sighup_reloads_the_policy_files(new_settings: SettingsFactory, tmp_path: Path) -> None:
     # Not named `policies`: the server runs with `python -m` in tmp_path, where such a folder would
     # shadow the package of that name.
