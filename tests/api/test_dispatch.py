@@ -34,7 +34,8 @@ SettingsFactory = Callable[..., Settings]
 
 @pytest.fixture
 def services(make_settings: SettingsFactory) -> Iterator[Services]:
-    built = Services.build(make_settings())
+    # Gemini's key, or its jobs would be another process's (nothing is sent: dispatches only claim).
+    built = Services.build(make_settings(gemini_api_key="g-key"))
     try:
         yield built
     finally:
