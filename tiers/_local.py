@@ -437,18 +437,42 @@ def _fp16_only(folder: Path) -> bool:
     return False
 
 
+# What a tokenizer folder holds besides its config: transformers builds a tokenizer of two tokens
+# from a folder without them, and every prompt then failed ("int too big to convert").
+_VOCABULARY_FILES = ("tokenizer.json", "vocab.json", "spiece.model", "tokenizer.model", "vocab.txt")
+
+
 def _missing_components(folder: Path) -> list[str]:
-    """The components model_index.json lists that the folder has no subfolder for (diffusers then
-    says only "no file named config.json found in directory <the folder>")."""
+    """The components model_index.json lists that the folder lacks, each as `name/`, with why when
+    its subfolder is there: empty, a config without weights, a tokenizer without its vocabulary
+    (a copy cut short). diffusers says only "no file named config.json found in directory <the
+    folder>" of a missing one, and loads an empty tokenizer folder as a tokenizer that fails
+    every prompt."""
     try:
         index = json.loads((folder / "model_index.json").read_text())
     except (OSError, ValueError):
         return []  # no diffusers folder: the load says so
     if not isinstance(index, dict):
         return []
-    return [name for name, value in index.items()
-            if not name.startswith("_") and isinstance(value, list) and len(value) == 2
-            and all(isinstance(part, str) for part in value) and not (folder / name).is_dir()]
+    missing = []
+    for name, value in index.items():
+        if (name.startswith("_") or not isinstance(value, list) or len(value) != 2
+                or not all(isinstance(part, str) for part in value)):
+            continue  # metadata, or a component the pipeline goes without (a null safety checker)
+        part = folder / name
+        try:
+            files = [f.name for f in part.iterdir()] if part.is_dir() else None
+        except OSError:
+            continue  # unreadable: the load says why
+        if files is None:
+            missing.append(f"{name}/")
+        elif not files:
+            missing.append(f"{name}/ (an empty folder)")
+        elif "config.json" in files and not any(f.endswith((".safetensors", ".bin")) for f in files):
+            missing.append(f"{name}/ (its weights: a config.json alone)")
+        elif name.startswith("tokenizer") and not any(f in files for f in _VOCABULARY_FILES):
+            missing.append(f"{name}/ (its vocabulary: none of {', '.join(_VOCABULARY_FILES)})")
+    return missing
 
 
 def is_sdxl(pipe: Any) -> bool:
@@ -955,7 +979,7 @@ class LocalRuntime:
         if folder is not None:
             missing = _missing_components(folder)
             if missing:
-                raise OSError(f"the model folder lacks {', '.join(f'{name}/' for name in missing)}")
+                raise OSError(f"the model folder lacks {', '.join(missing)}")
         options: dict[str, Any] = {}
         if folder is None and _is_hub_id(model):
             folder = snapshot_folder(model)

@@ -179,6 +179,24 @@ async def test_a_folder_lacking_a_component_says_which(load: Engines, tiny_copy:
     assert info.value.message == "could not load model 'sd15-novae': the model folder lacks vae/"
 
 
+@pytest.mark.parametrize(("emptied", "said"), [
+    ("tokenizer", "tokenizer/ (an empty folder)"),
+    ("unet", "unet/ (its weights: a config.json alone)"),
+])
+async def test_a_component_copied_in_part_is_named_not_loaded(load: Engines, tiny_copy: Callable[[str], Path],
+                                                              emptied: str, said: str) -> None:
+    # A copy cut short: an empty tokenizer folder loaded as a tokenizer of two tokens, the engine
+    # said available, and every draft failed "OverflowError: int too big to convert".
+    folder = tiny_copy(f"sd15-no-{emptied}")
+    for file in (folder / emptied).iterdir():
+        if file.name != "config.json":
+            file.unlink()
+    lite, _ = load(str(folder))
+    with pytest.raises(EngineUnavailable) as info:
+        await lite.run(draft(), RecordingProgress(), CancelToken())
+    assert info.value.message == f"could not load model 'sd15-no-{emptied}': the model folder lacks {said}"
+
+
 async def test_a_load_error_that_starts_with_a_newline_keeps_its_reason(
         load: Engines, tiny_copy: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch) -> None:
     from diffusers import AutoPipelineForText2Image
