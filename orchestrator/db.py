@@ -182,22 +182,31 @@ class Database:
         """One write transaction, committed on success, rolled back on any error. The database's
         write lock (SQLite's, or the advisory one on PostgreSQL) is held from the start: ids made
         in it (list cursors) then commit in the order they were made."""
-        with Session(self._writer, expire_on_commit=False) as session:
-            with session.begin():
-                connection = session.connection()  # BEGIN now; SQLAlchemy would wait for the first statement
-                if self.is_sqlite:  # one host: its clock orders the ids
-                    yield session
-                else:
-                    # The lock, then the server's clock once it is ours (a subquery with a volatile
-                    # function is run first, never folded into the outer query): one round trip.
-                    now = connection.execute(text(
-                        "SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::bigint "
-                        "FROM (SELECT pg_advisory_xact_lock(:key)) AS locked"), {"key": WRITE_LOCK}).scalar_one()
-                    self._clock = DatabaseClock(int(now))
-                    with clock.using(self._clock):
+        committing = False
+        try:
+            with Session(self._writer, expire_on_commit=False) as session:
+                with session.begin():
+                    connection = session.connection()  # BEGIN now; SQLAlchemy would wait for the first statement
+                    if self.is_sqlite:  # one host: its clock orders the ids
                         yield session
-                self.bell.before_commit(session)
-            self.bell.after_commit()
+                    else:
+                        # The lock, then the server's clock once it is ours (a subquery with a volatile
+                        # function is run first, never folded into the outer query): one round trip.
+                        now = connection.execute(text(
+                            "SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::bigint "
+                            "FROM (SELECT pg_advisory_xact_lock(:key)) AS locked"), {"key": WRITE_LOCK}).scalar_one()
+                        self._clock = DatabaseClock(int(now))
+                        with clock.using(self._clock):
+                            yield session
+                    self.bell.before_commit(session)
+                    committing = True
+                self.bell.after_commit()
+        except DBAPIError as exc:
+            # A connection lost as the COMMIT went out: the server may have committed (its answer
+            # was what got lost). SQLite's commit is this process's own: it happened or it did not.
+            if committing and not self.is_sqlite and transient(exc):
+                setattr(exc, _COMMIT_IN_DOUBT, True)
+            raise
 
     def retrying(self, within: float, what: str = "a write") -> Retrying:
         """Attempts of a write that must not be lost to a database restart or failover (a job's
@@ -290,6 +299,16 @@ def _finite(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_finite(item) for item in value]
     return value
+
+
+_COMMIT_IN_DOUBT = "orchestrator_commit_in_doubt"
+
+
+def commit_in_doubt(exc: BaseException) -> bool:
+    """Whether `exc` ended a write transaction as it committed, on a connection lost then (see
+    `Database.transaction`): the write may be in the database. Such an error is still `transient`,
+    and a write retried after it must hold if done twice (the job machinery's writes are guarded)."""
+    return getattr(exc, _COMMIT_IN_DOUBT, False) is True
 
 
 def transient(exc: BaseException) -> bool:

@@ -19,7 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from orchestrator.api.deps import caller_of
 from orchestrator.api.json_body import UnreadableJSON
-from orchestrator.db import disk_full, transient
+from orchestrator.db import commit_in_doubt, disk_full, transient
 from orchestrator.errors import (
     BadRequest,
     Conflict,
@@ -340,6 +340,14 @@ def install(app: FastAPI) -> None:
             log.error("the database's disk is full: %s", first_line(exc)[:300])
             return answer(StorageFull("the server's disk is full; nothing was written, send the request again once "
                                       "its operator has made room (with the same Idempotency-Key for a POST)"))
+        if commit_in_doubt(exc):
+            log.warning("database connection lost as a write committed; it may have been written: %s",
+                        first_line(exc, type(exc).__name__)[:300])
+            return answer(DatabaseUnavailable(
+                "the connection to the database was lost as the write was committed: it may have been written. "
+                "Send the request again with the same Idempotency-Key, which answers with what was written; "
+                "without one, look first (list the project's jobs, its grants): sent again, it may be done twice",
+                details={"written": "unknown"}))
         log.warning("database unavailable: %s", first_line(exc, type(exc).__name__)[:300])
         # Said of what it is: refused, cut or busy alike (a refusal within 0.1 s did not "time out").
         return answer(DatabaseUnavailable("the database is unavailable for now (busy, restarting or unreachable); "

@@ -209,6 +209,37 @@ def test_one_idempotency_key_on_two_racing_project_creations_on_postgres(
     assert [p["name"] for p in pg_api.get("/v1/projects").json()["items"]] == ["race"]
 
 
+def test_a_connection_lost_as_a_write_commits_is_not_told_as_nothing_written_on_postgres(
+        pg_api: httpx.Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The COMMIT reached PostgreSQL and its answer was lost: the 503 said "nothing was written,
+    send the request again", and a client without a key doing so paid for the job twice."""
+    import psycopg
+    from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
+
+    commit = PGDialect_psycopg.do_commit
+    cut: list[bool] = [True]
+
+    def answer_lost(self: PGDialect_psycopg, connection: Any) -> None:
+        doomed = cut and connection.execute("SELECT count(*) FROM projects WHERE name = 'in doubt'").fetchone()[0]
+        commit(self, connection)  # committed on the server...
+        if doomed:
+            cut.clear()
+            raise psycopg.OperationalError("server closed the connection unexpectedly")  # ...its answer lost
+
+    monkeypatch.setattr(PGDialect_psycopg, "do_commit", answer_lost)
+    key = {"Idempotency-Key": "in-doubt-1"}
+    first = pg_api.post("/v1/projects", json={"name": "in doubt"}, headers=key)
+    assert first.status_code == 503, first.text
+    error = first.json()["error"]
+    assert error["code"] == "database_unavailable" and error["details"] == {"written": "unknown"}
+    assert "may have been written" in error["message"] and "nothing was written" not in error["message"]
+    made = [p["id"] for p in pg_api.get("/v1/projects").json()["items"] if p["name"] == "in doubt"]
+    assert len(made) == 1  # it was
+    again = pg_api.post("/v1/projects", json={"name": "in doubt"}, headers=key)
+    assert again.status_code == 201 and again.json()["id"] == made[0]
+    assert again.headers.get("idempotent-replayed") == "true"
+
+
 def test_a_claim_waits_for_a_cancel_that_read_the_job_first_on_postgres(
         postgres_url: str, tmp_path: Path, paid_settings_for: Callable[..., Settings]) -> None:
     """Under READ COMMITTED the dispatcher could claim a job between the cancel's read and its
