@@ -46,6 +46,11 @@ def _float(text: str) -> float:
     if not math.isfinite(value):
         raise UnreadableJSON(f"the request body is not valid JSON: the number {text[:40]} is beyond what a "
                              "64-bit float holds")
+    if value == 0 and any(digit in "123456789" for digit in text.lower().partition("e")[0]):
+        # 1e-400 read as 0: a budget's limit of "1e-400" became 0 where 0.0001 was refused (credits
+        # have at most 3 decimals), and a grant of it was told "must be greater than 0".
+        raise UnreadableJSON(f"the request body is not valid JSON: the number {text[:40]} is too close to 0 for "
+                             "a 64-bit float, which reads it as 0")
     return value
 
 

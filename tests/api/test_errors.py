@@ -181,6 +181,9 @@ def test_json_too_large_to_read_says_why(shared_server: httpx.Client, project: s
     (b'{"prompt": "x", "guidance_scale": NaN}', "NaN is not a JSON number"),
     (b'{"prompt": "x", "guidance_scale": -Infinity}', "-Infinity is not a JSON number"),
     (b'{"prompt": "x", "guidance_scale": 1e400}', "beyond what a 64-bit float holds"),
+    # Read as 0 (a budget's limit of 1e-400 became 0, where 0.0001 was refused).
+    (b'{"prompt": "x", "guidance_scale": 1e-400}', "too close to 0 for a 64-bit float"),
+    (b'{"prompt": "x", "guidance_scale": 0.5E-999}', "too close to 0 for a 64-bit float"),
     # UTF-16, which `json.loads` detects and reads: JSON is UTF-8.
     ('{"prompt": "x"}'.encode("utf-16"), "JSON is sent as UTF-8"),
     ('{"prompt": "x"}'.encode("utf-32-le"), "not valid JSON"),
