@@ -24,7 +24,7 @@ from sqlmodel import col, select
 
 from orchestrator import events
 from orchestrator.db import Database
-from orchestrator.events import TERMINAL, EventBus
+from orchestrator.events import TERMINAL, EventBus, woken
 from orchestrator.models import Asset, Job
 from orchestrator.outage import Outage
 from orchestrator.store import PreviewFiles
@@ -127,8 +127,7 @@ class JobFollower:
     async def _loop(self) -> None:
         outage = Outage(log, "following jobs run elsewhere", f"trying again every {self.interval:g} s")
         while self._followed:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=self.interval)
+            await woken(self._wake, self.interval)
             self._wake.clear()
             try:
                 await self.tick()

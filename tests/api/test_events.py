@@ -409,7 +409,8 @@ def test_a_late_client_of_a_job_run_elsewhere_gets_its_state_now_not_when_last_w
     """Once its last watcher left, this server stopped following the job but kept its stream: a
     client connecting after the worker finished it was sent the progress of back then (its
     preview gone) before the follower caught up."""
-    monkeypatch.setattr(follow, "SUBSCRIBE_GRACE_SECONDS", 0.0)
+    # Short, not none: a stream is followed (`follow`) a moment before its client is counted watching.
+    monkeypatch.setattr(follow, "SUBSCRIBE_GRACE_SECONDS", 0.5)
     followers: list[follow.JobFollower] = []
     init = follow.JobFollower.__init__
 
