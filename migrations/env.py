@@ -86,6 +86,8 @@ def run_migrations_online() -> None:
                 connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
                 connection.execute(text(f"SET LOCAL lock_timeout = {LOCK_TIMEOUT_SECONDS * 1000}"))
             heads = context.get_context().get_current_heads()
+            # What the database was before: a revision may tell which releases wrote its rows (0019).
+            context.config.attributes["upgraded_from"] = heads
             context.run_migrations()
             # Only after a change: the check reads every referencing row, too slow for every start.
             if sqlite and context.get_context().get_current_heads() != heads:

@@ -465,6 +465,39 @@ def check_0019(url: str) -> None:
                     ("plain", "/v1/projects"): "ASCII", ("\u00c3\u00a9-since", "/v1/projects"): "as sent"}
 
 
+def test_0019_from_a_database_only_misreading_releases_served_rewrites_keys_of_any_date(tmp_path: Path) -> None:
+    """Keys were told misread by their date: a studio that kept a release of 0012 running past the
+    fix's date had its later keys left misread, and a retry sent as `cl\u00e9` made a second job."""
+    check_0019_from_0012(f"sqlite:///{tmp_path / 'm.db'}")
+
+
+def check_0019_from_0012(url: str) -> None:
+    """0019 on a database at 0012 (tests/credits/test_postgres.py runs it on PostgreSQL)."""
+    import sqlalchemy as sa
+
+    from orchestrator.models import UTCDateTime
+
+    upgrade(url, "0012")
+    keys = sa.table("idempotency_keys", sa.column("key", sa.String), sa.column("scope", sa.String),
+                    sa.column("request_hash", sa.String), sa.column("created_at", UTCDateTime))
+    engine = create_engine(url)
+    try:
+        with engine.begin() as conn:
+            for key, when in [("cl\u00c3\u00a9", datetime(2026, 11, 29, tzinfo=UTC)),
+                              ("cl\u00c3\u00a9-later", datetime(2026, 12, 1, tzinfo=UTC)),  # by that release still
+                              ("\u00c3\u00a9", datetime(2026, 12, 1, tzinfo=UTC)),
+                              ("\u00e9", datetime(2026, 12, 1, tzinfo=UTC))]:
+                conn.execute(keys.insert().values(key=key, scope="/v1/projects", request_hash=key, created_at=when))
+        upgrade(url)
+        with engine.connect() as conn:
+            rows = dict(conn.execute(text("SELECT key, request_hash FROM idempotency_keys")).all())
+    finally:
+        engine.dispose()
+    assert rows == {"cl\u00e9": "cl\u00c3\u00a9", "cl\u00e9-later": "cl\u00c3\u00a9-later",
+                    # Both forms stored: the rewrite would make one key of two requests; both stay.
+                    "\u00c3\u00a9": "\u00c3\u00a9", "\u00e9": "\u00e9"}
+
+
 def test_the_migration_lock_is_never_opened_through_a_link(tmp_path: Path) -> None:
     """The data dir may be shared with other users of its group: a link named as the lock had
     the migration create (as root, anywhere) the file it named."""

@@ -3,8 +3,10 @@
 Releases before 2026-11-30 05:39 UTC kept a non-ASCII `Idempotency-Key` as the header's bytes
 read as latin-1 (`clé` as `clÃ©`). The service looked such keys up in that form too, for good,
 so a key sent since that happens to be another's misread form (`Ã©` and `é`) replayed that other
-request. Rewritten once here, at the upgrade, the fallback goes. Only keys stored before the
-releases that read keys as sent existed: one stored since is as its client sent it (`Ã©` itself).
+request. Rewritten once here, at the upgrade, the fallback goes. From a database at 0012 or before,
+every such key (only releases that misread keys ran on it, whatever the date); from 0013 to 0018,
+only keys stored before the releases that read keys as sent existed: one stored since is as its
+client sent it (`Ã©` itself).
 
 Revision ID: 0019
 Revises: 0018
@@ -28,6 +30,9 @@ KEYS = sa.table('idempotency_keys', sa.column('key', sa.String), sa.column('scop
                 sa.column('created_at', sa.DateTime(timezone=True)))
 # The first release that kept keys as sent (commit 94ccff5): no key stored since was misread.
 READ_AS_SENT_FROM = datetime(2026, 11, 30, 5, 39, 15, tzinfo=UTC)
+# That release's schema: a database still before it was served only by releases that misread keys
+# (a studio that kept one running past that date stored misread keys after it too).
+FIRST_REVISION_READ_AS_SENT = 13
 
 
 def as_sent(stored: str) -> str | None:
@@ -46,7 +51,11 @@ def upgrade() -> None:
         return
     bind = op.get_bind()
     stored = {(key, scope) for key, scope in bind.execute(sa.select(KEYS.c.key, KEYS.c.scope)).all()}
-    misread = bind.execute(sa.select(KEYS.c.key, KEYS.c.scope).where(KEYS.c.created_at < READ_AS_SENT_FROM)).all()
+    before = context.config.attributes.get("upgraded_from") or ()  # set by migrations/env.py
+    only_misreading = bool(before) and all(head.isdigit() and int(head) < FIRST_REVISION_READ_AS_SENT
+                                           for head in before)
+    query = sa.select(KEYS.c.key, KEYS.c.scope)
+    misread = bind.execute(query if only_misreading else query.where(KEYS.c.created_at < READ_AS_SENT_FROM)).all()
     for key, scope in sorted(misread):
         sent = as_sent(key)
         # Where the sent form is stored too, both stay: that one was sent so by a client since.

@@ -709,3 +709,9 @@ def test_0019_rewrites_misread_keys_on_postgres_whatever_its_time_zone(postgres_
 
     check_0019(make_url(postgres_url).update_query_dict({"options": "-c TimeZone=America/Los_Angeles"})
                .render_as_string(hide_password=False))
+
+
+def test_0019_from_a_database_at_0012_rewrites_misread_keys_of_any_date_on_postgres(postgres_url: str) -> None:
+    from tests.test_migrations import check_0019_from_0012
+
+    check_0019_from_0012(postgres_url)
