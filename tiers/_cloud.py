@@ -110,6 +110,11 @@ def paid_calls(made: Sized, asked: Asked | None = None) -> Iterator[None]:
         raise
 
 
+# Status answers in a row that cannot be read (a proxy's error page with a 200, a body cut short)
+# before the work they report on is given up, and so withdrawn: a poll costs nothing, the work may.
+UNREADABLE_POLLS = 3
+
+
 def _usable_key(key: SecretStr | None) -> tuple[str | None, str | None]:
     """The key as a header can carry it, or why it cannot be used.
 

@@ -31,7 +31,7 @@ from orchestrator.errors import (
     EngineTimeout,
     EngineUnavailable,
 )
-from tiers._cloud import Asked, CloudEngine, paid_calls
+from tiers._cloud import UNREADABLE_POLLS, Asked, CloudEngine, paid_calls
 from tiers._http import RemoteClient, error_text, json_object
 from tiers._images import b64encode, encode_image, nearest_aspect, shaped_as, size_class
 from tiers.base import (
@@ -250,6 +250,19 @@ class ReplicateEngine(CloudEngine):
                             provider_request_id=",".join(str(h["id"]) for h in handles),
                             metadata=dict(PROMPT_AND_IMAGE_ONLY))
 
+    async def _read(self, prediction_id: str, deadline: float, cancel: CancelToken) -> dict[str, Any]:
+        """The prediction as a poll reads it, asked again when its answer cannot be read (a one-off
+        gateway page ended a prediction about to succeed, and cancelled it, paid)."""
+        for attempt in range(1, UNREADABLE_POLLS + 1):
+            response = await self._get(prediction_id, deadline, cancel)
+            try:
+                return self._json(response)
+            except EngineError:
+                if attempt == UNREADABLE_POLLS or self.http.clock() >= deadline:
+                    raise
+            await cancel.sleep(min(self.poll_interval, max(deadline - self.http.clock(), 0)))
+        raise AssertionError("unreachable")
+
     async def _get(self, prediction_id: str, deadline: float, cancel: CancelToken) -> httpx.Response:
         poll = await cancel.race(self.http.request(
             "GET", f"/v1/predictions/{prediction_id}", idempotent=True, deadline=deadline, headers=self._auth,
@@ -266,7 +279,7 @@ class ReplicateEngine(CloudEngine):
         prediction_id = str(prediction["id"])
         try:
             if read_first:
-                prediction = self._json(await self._get(prediction_id, deadline, cancel))
+                prediction = await self._read(prediction_id, deadline, cancel)
             while prediction.get("status") in PENDING:
                 progress.state(str(prediction["status"]))
                 remaining = deadline - self.http.clock()
@@ -276,7 +289,7 @@ class ReplicateEngine(CloudEngine):
                         details={"engine": self.name, "prediction": prediction_id},
                     )
                 await cancel.sleep(min(self.poll_interval, remaining))
-                prediction = self._json(await self._get(prediction_id, deadline, cancel))
+                prediction = await self._read(prediction_id, deadline, cancel)
         except Canceled:
             # abandoned: another process follows the prediction on
             if not cancel.abandoned and _never_ran(await self._cancel_remote(prediction_id)):

@@ -83,6 +83,24 @@ def happy_queue() -> tuple[respx.Route, respx.Route, respx.Route]:
 
 
 @respx.mock
+@pytest.mark.parametrize("unreadable", [2, 3])
+async def test_a_status_answered_with_what_cannot_be_read_is_asked_again_twice(
+        engine: FalEngine, output: respx.Route, unreadable: int) -> None:
+    # One gateway page with a 200 ended a request about to complete, and withdrew it.
+    _, poll, result = happy_queue()
+    poll.mock(side_effect=[httpx.Response(200, text="<html>gateway</html>")] * unreadable + [status("COMPLETED")])
+    cancel = respx.put(CANCEL).mock(return_value=httpx.Response(400, json={"status": "ALREADY_COMPLETED"}))
+    if unreadable < 3:
+        made = await engine.run(bridge(), NullProgress(), CancelToken())
+        assert len(made.images) == 1 and cancel.call_count == 0
+    else:
+        with pytest.raises(EngineError, match="not JSON"):
+            await engine.run(bridge(), NullProgress(), CancelToken())
+        assert cancel.call_count == 1 and result.call_count == 0
+    assert poll.call_count == unreadable + (unreadable < 3)
+
+
+@respx.mock
 async def test_success_sends_draft_as_data_uri(engine: FalEngine, output: respx.Route) -> None:
     submit, poll, result_route = happy_queue()
     progress = RecordingProgress()

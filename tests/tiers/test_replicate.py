@@ -144,6 +144,25 @@ async def test_a_gateway_error_on_a_poll_is_asked_again(engine: ReplicateEngine,
 
 
 @respx.mock
+@pytest.mark.parametrize("unreadable", [1, 3])
+async def test_a_poll_answered_with_what_cannot_be_read_is_asked_again_twice(
+        engine: ReplicateEngine, output: respx.Route, unreadable: int) -> None:
+    # One gateway page with a 200 ended a prediction about to succeed, and cancelled it, paid.
+    respx.post(CREATE).mock(return_value=httpx.Response(201, json=prediction(status="processing")))
+    poll = respx.get(POLL).mock(side_effect=[httpx.Response(200, text="<html>gateway</html>")] * unreadable
+                                + [httpx.Response(200, json=prediction())])
+    cancel = respx.post(CANCEL).mock(return_value=httpx.Response(200, json=prediction("canceled")))
+    if unreadable < 3:
+        result = await engine.run(bridge(), NullProgress(), CancelToken())
+        assert len(result.images) == 1 and cancel.call_count == 0
+    else:
+        with pytest.raises(EngineError, match="not JSON"):
+            await engine.run(bridge(), NullProgress(), CancelToken())
+        assert cancel.call_count == 1  # given up: withdrawn
+    assert poll.call_count == unreadable + (unreadable < 3)
+
+
+@respx.mock
 async def test_read_timeout_on_create_is_not_resent(engine: ReplicateEngine) -> None:
     route = respx.post(CREATE).mock(side_effect=httpx.ReadTimeout("slow"))
     with pytest.raises(EngineTimeout) as info:
