@@ -109,14 +109,23 @@ def _stop_before_start(signum: int, frame: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     given = sys.argv[1:] if argv is None else argv
-    if next((arg for arg in given if not arg.startswith("-")), None) in ("serve", "worker"):
+    command = next((arg for arg in given if not arg.startswith("-")), None)
+    if command in ("serve", "worker"):
         # SIGHUP reloads the policies once the service runs; until then (settings read, a migration
         # waiting for another's lock) it must not end the start: ignored before anything else.
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    if next((arg for arg in given if not arg.startswith("-")), None) == "worker":
-        # A supervisor's stop in the worker's first second (imports, settings, waiting for another's
-        # migration or in its own, which is one transaction) ended it with 143, not a clean stop.
-        signal.signal(signal.SIGTERM, _stop_before_start)
+    if command != "worker":
+        return _main(given)
+    # A supervisor's stop in the worker's first second (its arguments, imports, settings, waiting
+    # for another's migration or in its own, which is one transaction) ended it with 143.
+    signal.signal(signal.SIGTERM, _stop_before_start)
+    try:
+        return _main(given)
+    except _StoppedBeforeStart:
+        return 0  # nothing had started: a clean stop, as a supervisor asked
+
+
+def _main(given: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="orchestrator", description="Tiered image-rendering orchestrator")
     parser.add_argument("--version", action="version", version=__version__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -197,8 +206,6 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
         return 1
-    except _StoppedBeforeStart:
-        return 0  # nothing had started: a clean stop, as a supervisor asked
     except KeyboardInterrupt as exc:  # Ctrl-C: whatever was running has stopped (the server cleanly)
         return _interrupted(str(exc))  # the demo says which of its jobs it canceled
     except ValidationError as exc:

@@ -307,8 +307,9 @@ def _file_loader(path: Path) -> Callable[[], Policy]:
 def _two_files(name: str, paths: builtins.list[Path]) -> Callable[[], Policy]:
     def refuse() -> Policy:
         label = str(paths[0].parent)
+        # Its file is the first of them: a reload says what serves in their place (`Services._what_stays`).
         raise PolicyError(f"{label}: policy '{name}' is in {len(paths)} files "
-                          f"({', '.join(p.name for p in paths)}); keep one", file=label)
+                          f"({', '.join(p.name for p in paths)}); keep one", file=str(paths[0]))
     return refuse
 
 

@@ -1391,21 +1391,22 @@ def test_a_hup_while_a_worker_waits_to_migrate_does_not_end_it(make_settings: Se
             worker.wait(timeout=60)
 
 
-@pytest.mark.parametrize("patched", ["_bound", "_stopped"])
+@pytest.mark.parametrize("patched", ["argparse.ArgumentParser.parse_known_args", "cli._bound", "cli._stopped"])
 def test_a_worker_told_to_stop_as_it_starts_or_ends_exits_cleanly(make_settings: SettingsFactory, tmp_path: Path,
                                                                    patched: str) -> None:
-    """A SIGTERM before the worker's loop took its signals (imports, settings, the migration) or
-    after the loop had closed (its last moments) ended it with 143: a supervisor saw a failed stop."""
+    """A SIGTERM before the worker's loop took its signals (its arguments, settings, the migration)
+    or after the loop had closed (its last moments) ended it with 143: a supervisor saw a failed stop."""
     settings = make_settings()
     env = {**os.environ, "ORCH_DATA_DIR": str(settings.data_dir), "ORCH_CACHE_DIR": str(settings.cache_dir),
            "ORCH_LITE_MODEL": "builtin:tiny-sd", "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     # The signal is sent from inside the step, as a supervisor's would arrive during it; for the
     # last moments, a first SIGTERM stops the worker once it runs, the second comes as it exits.
-    code = (f"import os, signal, orchestrator.cli as cli, orchestrator.services as services\nreal = cli.{patched}\n"
+    code = ("import argparse, os, signal, orchestrator.cli as cli, orchestrator.services as services\n"
+            f"real = {patched}\n"
             "def step(*args, **kwargs):\n    os.kill(os.getpid(), signal.SIGTERM)\n    return real(*args, **kwargs)\n"
-            f"cli.{patched} = step\n")
-    if patched == "_stopped":
+            f"{patched} = step\n")
+    if patched == "cli._stopped":
         code += ("start = services.Services.start\nasync def started(self):\n    await start(self)\n"
                  "    os.kill(os.getpid(), signal.SIGTERM)\nservices.Services.start = started\n")
     code += "raise SystemExit(cli.main(['worker', '--log-level', 'info']))"
@@ -1415,7 +1416,7 @@ def test_a_worker_told_to_stop_as_it_starts_or_ends_exits_cleanly(make_settings:
     assert "Traceback" not in done.stderr
     # Its stop came before (or after) its jobs: it either never ran them, or stopped as it does.
     log = settings.data_dir / "logs" / "orchestrator.log"
-    assert (log.exists() and "stopping" in log.read_text()) == (patched == "_stopped")
+    assert (log.exists() and "stopping" in log.read_text()) == (patched == "cli._stopped")
 
 
 @pytest.mark.parametrize(("argv", "ignored"), [(["worker", "--no-such-option"], True),

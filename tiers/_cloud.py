@@ -189,6 +189,11 @@ class CloudEngine(SendsCredentials):
         """Whether the operator set it up (a key given): unavailable without one is off by choice."""
         return bool(self._key or self._key_problem)
 
+    @property
+    def reachable(self) -> bool:
+        """Whether this process has a key a request can carry (see `tiers.registry.left_off`)."""
+        return self._key is not None
+
     def availability(self) -> tuple[bool, str | None]:
         ours, vendors = self.key_settings
         if self._key_problem:

@@ -437,9 +437,11 @@ def _fp16_only(folder: Path) -> bool:
     return False
 
 
-# What a tokenizer folder holds besides its config: transformers builds a tokenizer of two tokens
-# from a folder without them, and every prompt then failed ("int too big to convert").
-_VOCABULARY_FILES = ("tokenizer.json", "vocab.json", "spiece.model", "tokenizer.model", "vocab.txt")
+# A tokenizer folder's files that are not its vocabulary (whose names vary by tokenizer): from a
+# folder holding only these, transformers builds a tokenizer of two tokens, and every prompt then
+# failed ("int too big to convert").
+_NOT_VOCABULARY = frozenset({"tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                             "chat_template.jinja", "chat_template.json"})
 
 
 def _missing_components(folder: Path) -> list[str]:
@@ -470,8 +472,8 @@ def _missing_components(folder: Path) -> list[str]:
             missing.append(f"{name}/ (an empty folder)")
         elif "config.json" in files and not any(f.endswith((".safetensors", ".bin")) for f in files):
             missing.append(f"{name}/ (its weights: a config.json alone)")
-        elif name.startswith("tokenizer") and not any(f in files for f in _VOCABULARY_FILES):
-            missing.append(f"{name}/ (its vocabulary: none of {', '.join(_VOCABULARY_FILES)})")
+        elif name.startswith("tokenizer") and set(files) <= _NOT_VOCABULARY:
+            missing.append(f"{name}/ (its vocabulary: only {', '.join(sorted(files))})")
     return missing
 
 

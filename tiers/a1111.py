@@ -198,6 +198,11 @@ class A1111Engine(SendsCredentials):
         without any is off by choice; `ORCH_A1111_AUTH` set without the URL is a mistake told at start."""
         return bool(self._url or self._auth_given or self._checkpoint or self._upscaler)
 
+    @property
+    def reachable(self) -> bool:
+        """Whether this process has the server's URL (see `tiers.registry.left_off`)."""
+        return bool(self._url)
+
     def availability(self) -> tuple[bool, str | None]:
         if not self._url:
             return False, f"no server: set {URL_SETTING}"

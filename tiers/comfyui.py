@@ -283,6 +283,11 @@ class ComfyUIEngine(SendsCredentials):
         either is off by choice; a workflow without the URL is a mistake told at start."""
         return bool(self._url or self._workflow)
 
+    @property
+    def reachable(self) -> bool:
+        """Whether this process has the server's URL (see `tiers.registry.left_off`)."""
+        return bool(self._url)
+
     def availability(self) -> tuple[bool, str | None]:
         if not self._url:
             return False, f"no server: set {URL_SETTING}"

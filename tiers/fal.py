@@ -297,6 +297,19 @@ class FalEngine(CloudEngine):
         raise EngineError(message, details=details, charged="unknown")
 
     async def _result(self, response_url: str, deadline: float, cancel: CancelToken) -> dict[str, Any]:
+        """The completed request's answer; one that cannot be read is fetched again, as a status is
+        (the images were paid for, and a second GET would have had them)."""
+        for attempt in range(1, UNREADABLE_POLLS + 1):
+            response = await self._fetch_result(response_url, deadline, cancel)
+            try:
+                return self._json(response)
+            except EngineError:
+                if attempt == UNREADABLE_POLLS or self.http.clock() >= deadline:
+                    raise
+            await cancel.sleep(min(self.poll_interval, max(deadline - self.http.clock(), 0)))
+        raise AssertionError("unreachable")
+
+    async def _fetch_result(self, response_url: str, deadline: float, cancel: CancelToken) -> httpx.Response:
         response = await cancel.race(self.http.request(
             "GET", response_url, idempotent=True, deadline=deadline, headers=self._auth, final_if=stored_failure,
         ))
@@ -310,7 +323,7 @@ class FalEngine(CloudEngine):
             error = self._refused(response)
             error.charged = "unknown"
             raise error
-        return self._json(response)
+        return response
 
     def _cost_of_surplus(self, req: RenderRequest, listed: int) -> int | None:
         """What fal bills for an answer listing more images than asked (a prompt that asks for

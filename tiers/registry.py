@@ -75,12 +75,13 @@ def extra_engine_problems(entries: str) -> list[str]:
 
 
 def left_off(engine: Engine) -> bool:
-    """A remote engine the operator did not set up in this process (`configured` False: no key, no
-    server): listed, unavailable, and no job of it runs here. A plug-in that does not say is not judged."""
+    """A remote engine this process cannot send to (`reachable` False: no usable key, no server's
+    URL): listed, unavailable, and no job of it runs here, nor is its accepted work followed or
+    withdrawn from here. A plug-in that does not say is not judged."""
     if engine.kind != "remote":
         return False
     try:
-        return getattr(engine, "configured", None) is False
+        return getattr(engine, "reachable", None) is False
     except Exception:  # a plug-in's property that raises
         return False
 

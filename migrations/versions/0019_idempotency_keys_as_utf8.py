@@ -6,7 +6,8 @@ so a key sent since that happens to be another's misread form (`Ã©` and `é`) 
 request. Rewritten once here, at the upgrade, the fallback goes. From a database at 0012 or before,
 every such key (only releases that misread keys ran on it, whatever the date); from 0013 to 0018,
 only keys stored before the releases that read keys as sent existed: one stored since is as its
-client sent it (`Ã©` itself).
+client sent it (`Ã©` itself). (0013 was served by releases of both kinds, so its date decides: a
+release that misread keys kept running past that date at 0013 left keys this does not mend.)
 
 Revision ID: 0019
 Revises: 0018

@@ -123,6 +123,18 @@ def test_a_process_without_an_engine_s_key_leaves_its_jobs_to_a_process_with_it(
     assert queued in {job.id for job in keyed.scheduler._queued({})}
 
 
+def test_an_engine_is_this_process_s_only_where_it_can_send_to_it(built: Callable[..., Services]) -> None:
+    """`configured` said "set up": a checkpoint named for AUTOMATIC1111 without its URL, a key kept in
+    its quotes. Such a process claimed the engine's jobs and failed them at once, or followed work
+    with no usable key."""
+    elsewhere = built(engines=PAID, a1111_checkpoint="sd_xl_base_1.0.safetensors",
+                      fal_api_key='"fal-key-in-its-quotes"', openai_api_key="sk-usable")
+    mine = elsewhere.scheduler.engines()
+    assert "a1111" not in mine and "fal" not in mine and "comfyui" not in mine
+    assert "openai" in mine and "fake-paid" in mine and "lite" in mine
+    assert built(engines=PAID, a1111_url="http://127.0.0.1:7860").scheduler.has_engine("a1111")
+
+
 def test_a_job_of_an_engine_nobody_has_had_for_a_lease_is_queued_again_when_it_sent_nothing(
         built: Callable[..., Services]) -> None:
     without = built(engines=PAID)

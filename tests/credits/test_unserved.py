@@ -52,6 +52,7 @@ def test_a_job_waits_for_the_worker_with_its_engine(paid_settings_for: Callable[
         finally:
             gpu.leave("gpu-host:4242:cafe")
         assert job["status"] == "failed" and job["error"]["code"] == "engine_unavailable", job
-        assert "not installed in any process that runs jobs" in job["error"]["message"]
+        assert "not installed, or not set up (its key, its server), in any process that runs jobs" in \
+            job["error"]["message"]
         entries = [(e["kind"], e["amount"]) for e in ledger(api, project_id) if e["job_id"] == job_id]
         assert entries == [("hold", PRICE), ("release", PRICE)]

@@ -101,6 +101,16 @@ async def test_a_status_answered_with_what_cannot_be_read_is_asked_again_twice(
 
 
 @respx.mock
+async def test_a_result_answered_with_what_cannot_be_read_is_fetched_again(engine: FalEngine,
+                                                                          output: respx.Route) -> None:
+    # Completed, so paid: one unreadable 200 lost the images a second GET would have had.
+    _, _, result = happy_queue()
+    result.mock(side_effect=[httpx.Response(200, text="<html>gateway</html>"), done()])
+    made = await engine.run(bridge(), NullProgress(), CancelToken())
+    assert len(made.images) == 1 and result.call_count == 2
+
+
+@respx.mock
 async def test_success_sends_draft_as_data_uri(engine: FalEngine, output: respx.Route) -> None:
     submit, poll, result_route = happy_queue()
     progress = RecordingProgress()

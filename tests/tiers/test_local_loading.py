@@ -182,14 +182,16 @@ async def test_a_folder_lacking_a_component_says_which(load: Engines, tiny_copy:
 @pytest.mark.parametrize(("emptied", "said"), [
     ("tokenizer", "tokenizer/ (an empty folder)"),
     ("unet", "unet/ (its weights: a config.json alone)"),
+    ("tokenizer-config", "tokenizer/ (its vocabulary: only tokenizer_config.json)"),
 ])
 async def test_a_component_copied_in_part_is_named_not_loaded(load: Engines, tiny_copy: Callable[[str], Path],
                                                               emptied: str, said: str) -> None:
     # A copy cut short: an empty tokenizer folder loaded as a tokenizer of two tokens, the engine
     # said available, and every draft failed "OverflowError: int too big to convert".
     folder = tiny_copy(f"sd15-no-{emptied}")
-    for file in (folder / emptied).iterdir():
-        if file.name != "config.json":
+    component, _, kept = emptied.partition("-")
+    for file in (folder / component).iterdir():
+        if file.name not in ("config.json", "tokenizer_config.json" if kept else ""):
             file.unlink()
     lite, _ = load(str(folder))
     with pytest.raises(EngineUnavailable) as info:
