@@ -41,7 +41,7 @@ from orchestrator.errors import (
     EngineUnavailable,
     NoImage,
 )
-from tiers._cloud import Asked, CloudEngine, paid_calls, reading_an_answer
+from tiers._cloud import UNREADABLE_POLLS, Asked, CloudEngine, paid_calls, reading_an_answer
 from tiers._http import RemoteClient, error_text, header_request_id, json_object
 from tiers._images import b64decode_tolerant, decode_image, encode_image, shaped_as
 from tiers.base import (
@@ -125,6 +125,13 @@ def operation(req: RenderRequest) -> Operation:
     if req.stage != "polish" or upscale_factor(req) <= 1.0:
         return "generate"
     return "upscale-creative" if req.creativity > CREATIVE_THRESHOLD else "upscale-conservative"
+
+
+def _readable(response: httpx.Response) -> bool:
+    try:
+        return isinstance(response.json(), dict)
+    except ValueError:
+        return False
 
 
 def _sized_as_asked(image: Image.Image, req: RenderRequest) -> Image.Image:
@@ -337,6 +344,7 @@ class StabilityEngine(CloudEngine):
                              cancel: CancelToken) -> httpx.Response:
         """Poll a creative upscale the provider accepted until it answers with its result."""
         progress.state("polling", provider_id=job_id)
+        unreadable = 0
         try:
             while True:
                 if self.http.clock() >= deadline:
@@ -353,6 +361,10 @@ class StabilityEngine(CloudEngine):
                 if response.status_code == 404:
                     raise EngineError(f"{self.name}: creative upscale {job_id} is unknown or expired",
                                       details={"engine": self.name, "provider_id": job_id}, charged="unknown")
+                if response.status_code == 200 and not _readable(response) and unreadable < UNREADABLE_POLLS - 1:
+                    # Asked again (kept 24 h): one gateway page lost an upscale made, and paid for.
+                    unreadable += 1
+                    continue
                 return response
         except Canceled as exc:
             # The provider has the job and no way to stop it: it may finish and bill.

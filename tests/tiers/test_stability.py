@@ -442,6 +442,24 @@ async def test_creative_upscale_polls_until_done(engine: StabilityEngine) -> Non
 
 
 @respx.mock
+@pytest.mark.parametrize("unreadable", [2, 3])
+async def test_a_creative_result_that_cannot_be_read_is_asked_again_twice(engine: StabilityEngine,
+                                                                          unreadable: int) -> None:
+    # The result is kept 24 h: one gateway page with a 200 lost an upscale made, and paid for.
+    respx.post(CREATIVE).mock(return_value=httpx.Response(200, json={"id": "job-42"}))
+    poll = respx.get(RESULT).mock(side_effect=[httpx.Response(200, text="<html>gateway</html>")] * unreadable
+                                  + [done(seed=5)])
+    if unreadable < 3:
+        result = await engine.run(polish(creativity=0.45), RecordingProgress(), CancelToken())
+        assert result.images[0].seed == 5
+    else:
+        with pytest.raises(EngineError, match="not JSON") as info:
+            await engine.run(polish(creativity=0.45), RecordingProgress(), CancelToken())
+        assert info.value.charged == "unknown"
+    assert poll.call_count == unreadable + (unreadable < 3)
+
+
+@respx.mock
 async def test_creative_create_timeout_is_not_resent(engine: StabilityEngine) -> None:
     create = respx.post(CREATIVE).mock(side_effect=httpx.ReadTimeout("slow"))
     with pytest.raises(EngineTimeout) as info:
