@@ -490,7 +490,7 @@ def check_0019_from_0012(url: str) -> None:
                 conn.execute(keys.insert().values(key=key, scope="/v1/projects", request_hash=key, created_at=when))
         upgrade(url)
         with engine.connect() as conn:
-            rows = dict(conn.execute(text("SELECT key, request_hash FROM idempotency_keys")).all())
+            rows: dict[str, str] = dict(conn.execute(text("SELECT key, request_hash FROM idempotency_keys")).all())
     finally:
         engine.dispose()
     assert rows == {"cl\u00e9": "cl\u00c3\u00a9", "cl\u00e9-later": "cl\u00c3\u00a9-later",
