@@ -8,7 +8,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sized
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import httpx
 
@@ -114,6 +114,8 @@ def paid_calls(made: Sized, asked: Asked | None = None) -> Iterator[None]:
 # before the work they report on is given up, and so withdrawn: a poll costs nothing, the work may.
 UNREADABLE_POLLS = 3
 
+T = TypeVar("T")
+
 
 def _usable_key(key: SecretStr | None) -> tuple[str | None, str | None]:
     """The key as a header can carry it, or why it cannot be used.
@@ -144,6 +146,7 @@ class CloudEngine(SendsCredentials):
     # Every paid request goes through `self.http`, which announces it (`tiers.base.billable_send`).
     announces_sends: ClassVar[bool] = True
     http: RemoteClient
+    poll_interval: float = 1.0  # seconds between looks at work a provider accepted
 
     def __init__(self, ctx: EngineContext, model: str, key: SecretStr | None,
                  prices: Mapping[str, Mapping[str, float]], prices_as_of: str) -> None:
@@ -193,6 +196,23 @@ class CloudEngine(SendsCredentials):
     def reachable(self) -> bool:
         """Whether this process has a key a request can carry (see `tiers.registry.left_off`)."""
         return self._key is not None
+
+    async def read_again_if_unreadable(self, fetch: Callable[[], Awaitable[httpx.Response]],
+                                       read: Callable[[httpx.Response], T], deadline: float,
+                                       cancel: CancelToken) -> T:
+        """`read(await fetch())` for an idempotent look at accepted work (a status, a finished
+        result), fetched again when `read` cannot read the answer, up to `UNREADABLE_POLLS`
+        answers within `deadline`: one gateway page with a 200 gave up paid work about to succeed.
+        What `fetch` raises (a refusal, an outage its retries did not outlast) is not asked again here."""
+        for attempt in range(1, UNREADABLE_POLLS + 1):
+            response = await fetch()
+            try:
+                return read(response)
+            except EngineError:
+                if attempt == UNREADABLE_POLLS or self.http.clock() >= deadline:
+                    raise
+            await cancel.sleep(min(self.poll_interval, max(deadline - self.http.clock(), 0)))
+        raise AssertionError("unreachable")
 
     def availability(self) -> tuple[bool, str | None]:
         ours, vendors = self.key_settings

@@ -229,21 +229,32 @@ def _shards(part: Path, files: list[str]) -> set[str]:
     return shards
 
 
+def _components(folder: Path) -> list[str] | None:
+    """The components model_index.json lists (None when it cannot be read as an index): not its
+    metadata (`_class_name`), nor one the pipeline goes without (a null safety checker)."""
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(index, dict):
+        return None
+    return [name for name, value in index.items()
+            if not name.startswith("_") and isinstance(value, list) and len(value) == 2
+            and all(isinstance(part, str) for part in value)]
+
+
 def _snapshot_lacks(folder: Path) -> list[str]:
     """The components model_index.json lists that a cached snapshot lacks, or holds without
     weights (a model's folder, with a config.json); ["model_index.json"] when that cannot be read.
     A first download cut short (a Ctrl-C in the first `make demo`) leaves model_index.json, and
     maybe configs, without weights: `auto` took that for SD-Turbo cached, and offline every draft
     then failed."""
+    components = _components(folder)
+    if components is None:
+        return ["model_index.json"]
     try:
-        index = json.loads((folder / "model_index.json").read_text())
-        if not isinstance(index, dict):
-            return ["model_index.json"]
         lacking = []
-        for name, value in index.items():
-            if (name.startswith("_") or not isinstance(value, list) or len(value) != 2
-                    or not all(isinstance(part, str) for part in value)):
-                continue  # metadata, or a component the pipeline goes without (a null safety checker)
+        for name in components:
             part = folder / name
             # A snapshot's files are links to blobs that are made only once downloaded whole.
             files = [f.name for f in part.iterdir() if f.exists()] if part.is_dir() else []
@@ -450,17 +461,8 @@ def _missing_components(folder: Path) -> list[str]:
     (a copy cut short). diffusers says only "no file named config.json found in directory <the
     folder>" of a missing one, and loads an empty tokenizer folder as a tokenizer that fails
     every prompt."""
-    try:
-        index = json.loads((folder / "model_index.json").read_text())
-    except (OSError, ValueError):
-        return []  # no diffusers folder: the load says so
-    if not isinstance(index, dict):
-        return []
     missing = []
-    for name, value in index.items():
-        if (name.startswith("_") or not isinstance(value, list) or len(value) != 2
-                or not all(isinstance(part, str) for part in value)):
-            continue  # metadata, or a component the pipeline goes without (a null safety checker)
+    for name in _components(folder) or ():  # none: no diffusers folder, which the load says
         part = folder / name
         try:
             files = [f.name for f in part.iterdir()] if part.is_dir() else None

@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 
 from orchestrator.errors import BadEngineInput, Canceled, ContentFiltered, EngineError, EngineTimeout, NoImage, NoPrice
-from tiers._cloud import UNREADABLE_POLLS, CloudEngine
+from tiers._cloud import CloudEngine
 from tiers._http import RemoteClient, error_text, json_object, without_credentials
 from tiers._images import CLASS_PIXELS_SLACK, CLASS_SIDE_SLACK, b64encode, encode_image, shaped_as, size_class
 from tiers.base import (
@@ -246,8 +246,7 @@ class FalEngine(CloudEngine):
     async def _wait(self, request_id: str, status_url: str, deadline: float, progress: Progress,
                     cancel: CancelToken, seen: dict[str, Any]) -> dict[str, Any]:
         """Poll until COMPLETED and return that status; `seen["status"]` is the last one read."""
-        unreadable = 0
-        while True:
+        async def poll() -> httpx.Response:
             response = await cancel.race(self.http.request(
                 "GET", status_url, params={"logs": "1"}, idempotent=True, deadline=deadline,
                 headers=self._auth,
@@ -255,16 +254,10 @@ class FalEngine(CloudEngine):
             if response.status_code not in (200, 202):
                 raise EngineError(f"fal: polling {request_id} failed (HTTP {response.status_code}): "
                                   f"{error_text(response)}", details={"engine": self.name})
-            try:
-                status = self._json(response)
-            except EngineError:
-                # Asked again (a one-off gateway page ended a request about to complete, and withdrew it).
-                unreadable += 1
-                if unreadable == UNREADABLE_POLLS or self.http.clock() >= deadline:
-                    raise
-                await cancel.sleep(min(self.poll_interval, max(deadline - self.http.clock(), 0)))
-                continue
-            unreadable = 0
+            return response
+
+        while True:
+            status = await self.read_again_if_unreadable(poll, self._json, deadline, cancel)
             state = seen["status"] = status.get("status")
             if state == "COMPLETED":
                 return status
@@ -299,15 +292,8 @@ class FalEngine(CloudEngine):
     async def _result(self, response_url: str, deadline: float, cancel: CancelToken) -> dict[str, Any]:
         """The completed request's answer; one that cannot be read is fetched again, as a status is
         (the images were paid for, and a second GET would have had them)."""
-        for attempt in range(1, UNREADABLE_POLLS + 1):
-            response = await self._fetch_result(response_url, deadline, cancel)
-            try:
-                return self._json(response)
-            except EngineError:
-                if attempt == UNREADABLE_POLLS or self.http.clock() >= deadline:
-                    raise
-            await cancel.sleep(min(self.poll_interval, max(deadline - self.http.clock(), 0)))
-        raise AssertionError("unreachable")
+        return await self.read_again_if_unreadable(lambda: self._fetch_result(response_url, deadline, cancel),
+                                                   self._json, deadline, cancel)
 
     async def _fetch_result(self, response_url: str, deadline: float, cancel: CancelToken) -> httpx.Response:
         response = await cancel.race(self.http.request(

@@ -31,7 +31,7 @@ from orchestrator.errors import (
     EngineTimeout,
     EngineUnavailable,
 )
-from tiers._cloud import UNREADABLE_POLLS, Asked, CloudEngine, paid_calls
+from tiers._cloud import Asked, CloudEngine, paid_calls
 from tiers._http import RemoteClient, error_text, json_object
 from tiers._images import b64encode, encode_image, nearest_aspect, shaped_as, size_class
 from tiers.base import (
@@ -253,15 +253,8 @@ class ReplicateEngine(CloudEngine):
     async def _read(self, prediction_id: str, deadline: float, cancel: CancelToken) -> dict[str, Any]:
         """The prediction as a poll reads it, asked again when its answer cannot be read (a one-off
         gateway page ended a prediction about to succeed, and cancelled it, paid)."""
-        for attempt in range(1, UNREADABLE_POLLS + 1):
-            response = await self._get(prediction_id, deadline, cancel)
-            try:
-                return self._json(response)
-            except EngineError:
-                if attempt == UNREADABLE_POLLS or self.http.clock() >= deadline:
-                    raise
-            await cancel.sleep(min(self.poll_interval, max(deadline - self.http.clock(), 0)))
-        raise AssertionError("unreachable")
+        return await self.read_again_if_unreadable(lambda: self._get(prediction_id, deadline, cancel), self._json,
+                                                   deadline, cancel)
 
     async def _get(self, prediction_id: str, deadline: float, cancel: CancelToken) -> httpx.Response:
         poll = await cancel.race(self.http.request(
