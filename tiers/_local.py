@@ -455,6 +455,13 @@ _NOT_VOCABULARY = frozenset({"tokenizer_config.json", "special_tokens_map.json",
                              "chat_template.jinja", "chat_template.json"})
 
 
+def _holds_content(name: str) -> bool:
+    """Whether a file of a component's folder may be part of the component: not a file a copy or a
+    desktop leaves beside it (.DS_Store, .gitattributes, a README.md or a LICENSE), which made a
+    tokenizer folder without its vocabulary, or one holding nothing else, pass for whole."""
+    return not name.startswith(".") and not name.lower().endswith(".md") and not name.upper().startswith("LICENSE")
+
+
 def _missing_components(folder: Path) -> list[str]:
     """The components model_index.json lists that the folder lacks, each as `name/`, with why when
     its subfolder is there: empty, a config without weights, a tokenizer without its vocabulary
@@ -465,7 +472,7 @@ def _missing_components(folder: Path) -> list[str]:
     for name in _components(folder) or ():  # none: no diffusers folder, which the load says
         part = folder / name
         try:
-            files = [f.name for f in part.iterdir()] if part.is_dir() else None
+            files = [f.name for f in part.iterdir() if _holds_content(f.name)] if part.is_dir() else None
         except OSError:
             continue  # unreadable: the load says why
         if files is None:
