@@ -34,7 +34,7 @@ from typing_extensions import TypeIs
 
 from orchestrator import events
 from orchestrator.clock import shared_now, utcnow
-from orchestrator.db import Database, changed, disk_full, transient
+from orchestrator.db import Database, changed, commit_in_doubt, disk_full, transient
 from orchestrator.errors import (
     BudgetExceeded,
     Canceled,
@@ -765,24 +765,28 @@ class JobRunner:
 
     def _requeue_on(self, claim: Claim, error: EngineError, engine: str, model: str, estimate: int) -> None:
         job = claim.job
+
+        def move(s: Session) -> None:
+            # Read in the move's own transaction: made private while it ran, it goes nowhere off the machine.
+            if leaves_machine(self.registry.get(engine)) and self._made_private(s, job):
+                raise MadePrivate(job.id)
+            self.ledger.settle_failure(s, job, error)
+            self._guarded_update(s, claim, unless_canceled=True, status="queued", engine=engine, model=model,
+                                 estimated=estimate,
+                                 cache_key=cache_key(engine, model, job.params) if job.cache_key else None,
+                                 provider_work=None,
+                                 lease_owner=None, lease_expires_at=None, progress_step=0, progress_total=0,
+                                 attempts=job.with_attempt("failed", error.to_dict()))
+            project = self.ledger.lock_project(s, job.project_id)
+            moved = s.get(Job, job.id)
+            assert moved is not None
+            self.ledger.hold(s, project, moved, estimate,
+                             billable=engine in self.registry and billed_by_provider(self.registry.get(engine)))
+
         # A move left to recovery is failed, its hold captured.
-        for attempt in self.db.retrying(FINAL_WRITE_SECONDS, f"job {job.id} moved to {engine}"):
-            with attempt, self.db.transaction() as s:
-                # Read in the move's own transaction: made private while it ran, it goes nowhere off the machine.
-                if leaves_machine(self.registry.get(engine)) and self._made_private(s, job):
-                    raise MadePrivate(job.id)
-                self.ledger.settle_failure(s, job, error)
-                self._guarded_update(s, claim, unless_canceled=True, status="queued", engine=engine, model=model,
-                                     estimated=estimate,
-                                     cache_key=cache_key(engine, model, job.params) if job.cache_key else None,
-                                     provider_work=None,
-                                     lease_owner=None, lease_expires_at=None, progress_step=0, progress_total=0,
-                                     attempts=job.with_attempt("failed", error.to_dict()))
-                project = self.ledger.lock_project(s, job.project_id)
-                moved = s.get(Job, job.id)
-                assert moved is not None
-                self.ledger.hold(s, project, moved, estimate,
-                                 billable=engine in self.registry and billed_by_provider(self.registry.get(engine)))
+        self._end_write(claim, f"job {job.id} moved to {engine}", move,
+                        lambda row: row.status == "queued" and row.engine == engine
+                        and _last_attempt(row, claim, "failed", error))
 
     def _source_image(self, job: Job) -> Image.Image:
         """The draft a bridge or polish starts from. Nothing was sent yet: a file that cannot be
@@ -1112,9 +1116,9 @@ class JobRunner:
             for index, (rendered, record, sha) in enumerate(zip(result.images, records, shas, strict=True))
         ]
         now = utcnow()
-        for attempt in self.db.retrying(FINAL_WRITE_SECONDS, f"job {job.id}'s success"):
-            with attempt, self.db.transaction() as s:
-                self._succeed_in(s, claim, result, rows, now, seconds)
+        self._end_write(claim, f"job {job.id}'s success",
+                        lambda s: self._succeed_in(s, claim, result, rows, now, seconds),
+                        lambda row: row.status == "succeeded" and _last_attempt(row, claim, "succeeded", None))
         for row, (sha, data) in zip(rows, pngs, strict=True):
             self.store.recent.add(row.id, sha, data)
         return [r.id for r in rows]
@@ -1184,20 +1188,53 @@ class JobRunner:
         charged is still what the ledger settles."""
         job = claim.job
         bill = error
-        for attempt in self.db.retrying(FINAL_WRITE_SECONDS, f"job {job.id}'s end"):
-            with attempt, self.db.transaction() as s:
-                if status == "failed" and s.scalar(select(Job.cancel_requested_at).where(col(Job.id) == job.id)):
-                    status = "canceled"
-                    error = Canceled(f"the job was canceled (it was failing: {error.message})"[:500])
-                # The progress it reached stays (a fast job's row was never written a step before).
-                # What providers accepted, in case its own save is still out (or failed).
-                accepted = _accepted_values(claim.accepted) if claim.accepted else {}
-                self._guarded_update(s, claim, status=status, finished_at=utcnow(), error=error.to_dict(),
-                                     lease_owner=None, lease_expires_at=None, progress_step=job.progress_step,
-                                     progress_total=job.progress_total, **accepted,
-                                     attempts=job.with_attempt(status, error.to_dict()))
-                self.ledger.settle_failure(s, job, bill)
+
+        def end(s: Session) -> None:
+            nonlocal status, error
+            if status == "failed" and s.scalar(select(Job.cancel_requested_at).where(col(Job.id) == job.id)):
+                status = "canceled"
+                error = Canceled(f"the job was canceled (it was failing: {error.message})"[:500])
+            # The progress it reached stays (a fast job's row was never written a step before).
+            # What providers accepted, in case its own save is still out (or failed).
+            accepted = _accepted_values(claim.accepted) if claim.accepted else {}
+            self._guarded_update(s, claim, status=status, finished_at=utcnow(), error=error.to_dict(),
+                                 lease_owner=None, lease_expires_at=None, progress_step=job.progress_step,
+                                 progress_total=job.progress_total, **accepted,
+                                 attempts=job.with_attempt(status, error.to_dict()))
+            self.ledger.settle_failure(s, job, bill)
+
+        self._end_write(claim, f"job {job.id}'s end", end,
+                        lambda row: row.status == status and _last_attempt(row, claim, status, error))
         return status, error
+
+    def _end_write(self, claim: Claim, what: str, write: Callable[[Session], None],
+                   landed: Callable[[Job], bool]) -> None:
+        """`write`, which ends this attempt (guarded by `_guarded_update`), in a transaction tried
+        again through a database outage. A COMMIT whose answer was lost (`commit_in_doubt`) may
+        have ended the job already: the next try then finds the row no longer this attempt's and
+        raises `StaleAttempt`. When the row reads as `landed` says this write leaves it, the write
+        is done: it was logged "superseded; its result is discarded" (the result stored and
+        charged) and its stream told nothing until a follower read the row, up to
+        ORCH_POLL_INTERVAL later."""
+        doubted = False
+        for attempt in self.db.retrying(FINAL_WRITE_SECONDS, what):
+            with attempt:
+                try:
+                    with self.db.transaction() as s:
+                        write(s)
+                except StaleAttempt:
+                    if doubted and self._reads_as(claim, landed):
+                        log.info("%s: its COMMIT's answer was lost, and the database holds it", what)
+                        return
+                    raise
+                except SQLAlchemyError as exc:
+                    doubted = doubted or commit_in_doubt(exc)
+                    raise
+
+    def _reads_as(self, claim: Claim, landed: Callable[[Job], bool]) -> bool:
+        with self.db.session() as s:
+            row = s.get(Job, claim.job.id)
+            return row is not None and row.attempt == claim.attempt and row.lease_owner is None and landed(row)
 
     @staticmethod
     def _guarded_update(s: Session, claim: Claim, *, unless_canceled: bool = False, **values: Any) -> None:
@@ -1247,6 +1284,17 @@ class JobRunner:
             with attempt, self.db.transaction() as s:
                 s.execute(update(Job).where(col(Job.id) == claim.job.id, col(Job.attempt) == claim.attempt,
                                             col(Job.status) == "running").values(**_accepted_values(work)))
+
+
+def _last_attempt(row: Job, claim: Claim, status: str, error: OrchestratorError | None) -> bool:
+    """Whether the row's attempts are the claim's with one more ended `status` with `error`'s code:
+    what this attempt's end wrote, not recovery's `interrupted` nor a later attempt's."""
+    tried = row.attempts or []
+    if len(tried) != len(claim.job.attempts or []) + 1 or not isinstance(tried[-1], dict):
+        return False
+    told = tried[-1].get("error")
+    return tried[-1].get("status") == status and (told.get("code") if isinstance(told, dict) else None) == (
+        error.code if error is not None else None)
 
 
 def device_seconds(reported: object, measured: float, *, engine: str) -> float:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import threading
 import time
@@ -36,12 +37,13 @@ from tests.api import (
     TERMINAL,
     check_nul_refused,
     create_project,
+    iter_sse,
     read_events,
     submit_draft,
     wait_for_job,
     worker_process,
 )
-from tests.credits import PRICE, ledger, project_with_draft, promote_ok
+from tests.credits import PRICE, assert_settled_once, ledger, project_with_draft, promote_ok
 from tests.credits.conftest import ENGINES, POLICY
 from tests.credits.test_budget import check_budget_race
 from tests.credits.test_check import check_ledger_findings
@@ -238,6 +240,58 @@ def test_a_connection_lost_as_a_write_commits_is_not_told_as_nothing_written_on_
     again = pg_api.post("/v1/projects", json={"name": "in doubt"}, headers=key)
     assert again.status_code == 201 and again.json()["id"] == made[0]
     assert again.headers.get("idempotent-replayed") == "true"
+
+
+@pytest.mark.parametrize(("tags", "doomed", "ends"), [
+    ({"fake": "slow", "seconds": "0.2"}, "status = 'succeeded'", "succeeded"),
+    ({"fake": "timeout"}, "status = 'failed'", "failed"),
+    ({"fake": "fail"}, "status = 'queued' AND engine <> 'fake-paid'", "failed"),  # moved to a fallback first
+])
+def test_a_job_s_end_whose_commit_answer_was_lost_is_told_as_it_was_written_on_postgres(
+        postgres_url: str, tmp_path: Path, paid_settings_for: Callable[..., Settings],
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        tags: dict[str, str], doomed: str, ends: str) -> None:
+    """The COMMIT of a job's end (its success, its failure, its move to a fallback) reached
+    PostgreSQL and its answer was lost: the write's retry found the row no longer the attempt's and
+    took the attempt for superseded ("its result is discarded", the result stored and charged), its
+    stream told nothing more until a follower read the row ORCH_POLL_INTERVAL later."""
+    from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
+
+    commit = PGDialect_psycopg.do_commit
+    armed: list[bool] = []
+
+    def answer_lost(self: PGDialect_psycopg, connection: Any) -> None:
+        cut = bool(armed) and connection.execute(
+            f"SELECT count(*) FROM jobs WHERE stage <> 'ideation' AND {doomed}").fetchone()[0] > 0
+        commit(self, connection)  # committed on the server...
+        if cut:
+            armed.clear()
+            raise psycopg.OperationalError("server closed the connection unexpectedly")  # ...its answer lost
+
+    monkeypatch.setattr(PGDialect_psycopg, "do_commit", answer_lost)
+    # No follower's read of the row to make up for a stream told nothing within the test.
+    settings = paid_settings_for(tmp_path / "data", database_url=postgres_url, poll_interval=60)
+    caplog.set_level(logging.INFO, logger="orchestrator.runner")
+    with serve_in_thread(settings) as base, httpx.Client(base_url=base, timeout=30.0) as client:
+        project_id, asset_id = project_with_draft(client)
+        armed.append(True)
+        job = promote_ok(client, asset_id, engine=None if tags["fake"] == "fail" else "fake-paid", tags=tags)
+        with client.stream("GET", f"/v1/jobs/{job['id']}/events", timeout=httpx.Timeout(30, read=15)) as response:
+            events = list(iter_sse(response))  # a stream left without its end times out here
+        done = wait_for_job(client, job["id"])
+        entries = [e for e in ledger(client, project_id) if e["job_id"] == job["id"]]
+    assert not armed  # the answer was lost
+    assert done["status"] == ends and events[-1].event == ends, [e.event for e in events]
+    assert_settled_once(entries)
+    assert "superseded" not in caplog.text
+    if ends == "succeeded":
+        assert [e.data["asset_id"] for e in events if e.event == "asset"] == done["assets"] == events[-1].data["assets"]
+    else:
+        assert events[-1].data["error"]["code"] == done["error"]["code"]
+    if tags["fake"] == "fail":
+        moved = [e.data for e in events if e.event == "state" and e.data.get("state") == "fallback"]
+        assert moved and moved[0]["from"] == "fake-paid" and len(done["attempts"]) >= 2
+        assert any(e.event == "queued" and e.data.get("requeued") for e in events)
 
 
 def test_a_claim_waits_for_a_cancel_that_read_the_job_first_on_postgres(
