@@ -61,6 +61,11 @@ def catch_up(bus: EventBus, job: Job, asset_ids: list[str], *, preview: bool = F
     # A job canceled or failed in the queue never started; one run again (recovered after its
     # worker died) starts again, and its progress counts from its new start.
     if job.started_at is not None and (not view.started or job.attempt > view.attempt):
+        if view.started and not view.queued:
+            # Queued again and claimed again between two reads (another worker took it within
+            # the poll): told as a stream that read the queued row tells it, or servers differ.
+            bus.publish(job.id, "queued", {"job_id": job.id, "status": "queued", "attempt": view.attempt,
+                                           "requeued": True})
         bus.publish(job.id, "started", {"job_id": job.id, "status": "running", "engine": job.engine,
                                         "attempt": job.attempt})
         view = bus.view(job.id)

@@ -625,10 +625,10 @@ def test_catching_up_tells_no_start_for_a_job_that_never_ran_and_a_new_one_for_a
     bus.publish("job_rerun", "queued", {})
     bus.publish("job_rerun", "started", {"attempt": 1})
     bus.publish("job_rerun", "progress", {"step": 10, "total": 30})
-    catch_up(bus, rerun, [])  # its first worker died at step 10; another runs it from the start
+    catch_up(bus, rerun, [])  # its first worker died at step 10; another took it before the next read
     events = bus._jobs["job_rerun"].snapshot()
-    assert [(e.type, e.data.get("attempt"), e.data.get("step")) for e in events][-2:] == [
-        ("started", 2, None), ("progress", None, 3)]
+    assert [(e.type, e.data.get("attempt"), e.data.get("step"), e.data.get("requeued")) for e in events][-3:] == [
+        ("queued", 1, None, True), ("started", 2, None, None), ("progress", None, 3, None)]
 
 
 def test_a_row_read_before_a_rerun_tells_nothing_after_the_rerun_started() -> None:
