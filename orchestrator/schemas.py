@@ -23,7 +23,7 @@ from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema, PydanticUseDefault
 from typing_extensions import TypeAliasType
 
-from tiers.base import MAX_AMOUNT, MAX_SEED, MILLI, whole_thousandths
+from tiers.base import MAX_AMOUNT, MAX_SEED, MILLI, to_credits, to_millicredits, whole_thousandths
 
 # Named aliases: the OpenAPI document gets one schema for each (a generated client one type), not
 # an inline enum at every use.
@@ -134,7 +134,9 @@ def _whole_millicredits(value: float) -> float:
     # The ledger counts millicredits: 1.23456 would be stored as 1.235 and 0.0004 as nothing.
     if not whole_thousandths(value):
         raise ValueError("credits have at most 3 decimals (the ledger counts thousandths)")
-    return value
+    # As the ledger counts it: a grant of 0.1 + 0.2 retried with its key as 0.3 was hashed as
+    # another request (409), and echoed as 0.30000000000000004.
+    return to_credits(to_millicredits(value))
 
 
 MAX_CREDITS = MAX_AMOUNT // MILLI  # a billion credits: far above any real budget; sums of them fit a BIGINT

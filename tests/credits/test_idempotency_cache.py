@@ -279,6 +279,11 @@ def test_a_retried_grant_grants_once(api: httpx.Client) -> None:
     assert "idempotent-replayed" not in grant(api, project_id, {"amount": 25}, "grant-2").headers
     assert kinds(ledger(api, project_id)).get("grant") == 2
     assert get_json(api, f"/v1/projects/{project_id}/budget")["granted"] == 50
+    # One amount, whatever float error it was sent with (README: 0.1 + 0.2 is 0.3): a 409 before.
+    first = grant(api, project_id, {"amount": 0.3}, "grant-3")
+    again = grant(api, project_id, {"amount": 0.1 + 0.2}, "grant-3")
+    assert again.status_code == 201 and again.headers["idempotent-replayed"] == "true", again.text
+    assert again.json() == first.json() and first.json()["amount"] == 0.3
 
 
 def test_concurrent_grants_with_one_key_grant_once(api: httpx.Client) -> None:
