@@ -872,9 +872,12 @@ class JobRunner:
                 await self._kept_local_check(job)
                 result = await engine.run(request, progress, claim.cancel)
         if len(result.images) < request.n:
-            # A remote engine answered, so what it made may be billed: no release, no fallback.
+            # A remote engine answered, so what it made may be billed: no release, no fallback. What
+            # it said it charged for them is the bill (it was the estimate for n, "outcome unknown").
+            reported = result.cost_millicredits if engine.kind == "remote" else None
             raise EngineError(f"engine '{job.engine}' returned {len(result.images)} of {request.n} images",
-                              charged="unknown" if engine.kind == "remote" else "no")
+                              charged="no" if engine.kind != "remote" else "unknown" if reported is None else "yes",
+                              cost_millicredits=reported)
         if len(result.images) > request.n:
             # The job asked for n (and a client counts on n assets); the built-ins return n.
             log.warning("job %s: engine %s returned %d images for n=%d; the first %d are kept",

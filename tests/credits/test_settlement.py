@@ -319,6 +319,21 @@ def test_images_not_stored_are_charged_what_the_provider_reported(
 
 
 @REPORTED_7_5
+def test_an_answer_short_of_an_image_is_charged_what_the_provider_reported(
+        api: httpx.Client, engine: str, settled: Entries) -> None:
+    """The provider answered without the image asked for and said what it charged: that is the
+    bill, known (the estimate was captured "outcome unknown", left to reconcile)."""
+    project_id, asset_id = project_with_draft(api)
+    done = wait_for_job(api, promote_ok(api, asset_id, engine=engine, tags={"fake": "short", "cost": "7.5"})["id"])
+    assert done["status"] == "failed" and "returned 0 of 1 images" in done["error"]["message"]
+    entries = [e for e in ledger(api, project_id) if e["job_id"] == done["id"]]
+    assert [(e["kind"], e["amount"], e["unreconciled"]) for e in entries] == settled
+    if engine == "fake-paid":
+        assert_settled_once(entries)
+    assert done["cost"]["charged"] == 7.5
+
+
+@REPORTED_7_5
 def test_a_cancel_after_the_engine_finished_charges_what_the_provider_reported(
         api: httpx.Client, monkeypatch: pytest.MonkeyPatch, engine: str, settled: Entries) -> None:
     """A cancel that lands while the images are being stored wins (answered 202), but the provider
