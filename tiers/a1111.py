@@ -255,7 +255,7 @@ class A1111Engine(SendsCredentials):
             raise BadEngineInput(f"a1111: the {req.stage} stage needs a draft image",
                                  details={"engine": self.name})
         cancel.raise_if_cancelled(charged="no")
-        await self._refuse_unknown_upscaler(req)
+        await self._refuse_unknown_upscaler(req, cancel)
         task_id = f"orch-{uuid.uuid4().hex}"
         body = await asyncio.to_thread(self._body, req, task_id)  # the draft's PNG, off the event loop
         cancel.raise_if_cancelled(charged="no")
@@ -358,21 +358,32 @@ class A1111Engine(SendsCredentials):
         total = steps * jobs
         progress.step(min(min(max(job_no, 0), jobs - 1) * steps + step, total), total)
 
-    async def _refuse_unknown_upscaler(self, req: RenderRequest) -> None:
+    async def _refuse_unknown_upscaler(self, req: RenderRequest, cancel: CancelToken) -> None:
         """Raise `EngineUnavailable` when a draft is to be enlarged with `ORCH_A1111_UPSCALER` and
         the server lists no upscaler of that name: the webui falls back to its first one (a plain
         resize) with a line on its own console, and the image's record would name one never used.
-        A server that does not list them (an older fork, a failed call) is believed to have it."""
+        A server that answers without a list (an older fork's 404) is believed to have it."""
         assert req.init_image is not None
         if self._upscaler is None or not self._enlarges(req):
             return
         now = self.http.clock()
         if self._upscalers is None or now - self._upscalers[0] >= UPSCALERS_SECONDS:
             response = await self._side_call("GET", UPSCALERS)
+            if response is None or response.status_code not in (200, 404):
+                # Down or restarting (a 5xx): asked with the patience the render's request has, as
+                # the server it waits for is the one asked. Taken for "no list" and kept 5 minutes,
+                # each render meanwhile named an upscaler the webui did not have in its record.
+                response = await self.http.request("GET", UPSCALERS, idempotent=True, starts_work=True,
+                                                   cancel=cancel, deadline=self.http.new_deadline())
             body = _json_list(response)
             names = None if body is None else frozenset(
                 name for item in body if isinstance(item, dict) and isinstance(name := item.get("name"), str)
                 and 0 < len(name) <= MAX_UPSCALER_CHARS and name.isprintable())
+            if response.status_code not in (200, 404):
+                raise EngineUnavailable(
+                    f"a1111: the server did not list its upscalers (GET {UPSCALERS}: HTTP {response.status_code}), "
+                    f"so ORCH_A1111_UPSCALER '{self._upscaler}' could not be checked; nothing was sent"[:500],
+                    details={"engine": self.name, "status": response.status_code})
             self._upscalers = (now, names or None)
         names = self._upscalers[1]
         if names is not None and self._upscaler not in names:

@@ -313,6 +313,39 @@ async def test_an_upscaler_the_server_does_not_list_makes_the_engine_unavailable
 
 
 @respx.mock
+@pytest.mark.parametrize("proxied", [False, True])
+async def test_a_server_that_cannot_list_its_upscalers_now_sends_nothing_and_is_asked_again(
+        make_ctx: Any, sleep: Any, proxied: bool) -> None:
+    """A webui restarting (its port closed, or its proxy's 502) was taken for one that lists no
+    upscalers, believed for 5 minutes: renders named in their record an upscaler it lacked. It is
+    waited for as a render's request would; still without its list, the job sends nothing."""
+    eng = pinned(make_ctx, sleep, None, a1111_upscaler="4x-UltraSharp")
+    eng.http.clock = sleep.clock  # the waits between tries pass the side call's 5 s
+    route = served("sdxl_base")
+    down = [True]
+
+    def upscalers(request: httpx.Request) -> httpx.Response:
+        if down[0] and not proxied:
+            raise httpx.ConnectError("connection refused", request=request)
+        if down[0]:
+            return httpx.Response(502, text="Bad Gateway")
+        return httpx.Response(200, json=[{"name": name} for name in ("None", "Lanczos")])
+
+    asked = respx.get(f"{BASE}/sdapi/v1/upscalers").mock(side_effect=upscalers)
+    polish = bridge(stage="polish", creativity=0.3, scale=2.0, width=128, height=128)
+    with pytest.raises(EngineError, match="did not list its upscalers" if proxied else "could not reach") as unchecked:
+        await eng.run(polish, NullProgress(), CancelToken())
+    assert unchecked.value.charged == "no" and route.call_count == 0
+    down[0] = False
+    for _ in range(2):
+        with pytest.raises(EngineUnavailable, match="'4x-UltraSharp' is not an upscaler this server has"):
+            await eng.run(polish, NullProgress(), CancelToken())
+    assert route.call_count == 0 and asked.calls.last.response.status_code == 200
+    listed = [c for c in asked.calls if c.optional_response is not None and c.optional_response.status_code == 200]
+    assert len(listed) == 1
+
+
+@respx.mock
 @pytest.mark.parametrize("size", [(64, 64), (48, 64), (64, 32)])
 async def test_an_upscaler_is_not_claimed_where_the_draft_was_not_enlarged(make_ctx: Any, sleep: Any,
                                                                           size: tuple[int, int]) -> None:
