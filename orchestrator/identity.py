@@ -87,8 +87,12 @@ def mismatch(s: Session, store: ArtifactStore, found: str | None, *,
             return None
         return (f"{where} holds none of this database's latest images: point ORCH_DATA_DIR at the data dir "
                 "they are in (a shared folder not mounted?); start first a process that has it")
-    if found is not None and any(store.root.glob("*/*.png")):
-        return (f"{where} holds another database's images (store {found}) and this database has none: point "
+    # Images without a marker: another install's from before stores had ids, unless this database
+    # named them once (its assets all deleted since, their files not swept yet). Taken, the orphan
+    # sweep removed them once this install had made an image of its own.
+    if any(store.root.glob("*/*.png")) and (found is not None or s.exec(select(Asset.id).limit(1)).first() is None):
+        whose = f"store {found}" if found is not None else f"no {MARKER}: made by a version before stores had ids"
+        return (f"{where} holds another database's images ({whose}) and this database has none: point "
                 "ORCH_DATABASE_URL at that database, or ORCH_DATA_DIR elsewhere (to start afresh, move that "
                 "folder away)")
     return None

@@ -68,6 +68,12 @@ def test_a_new_database_on_a_data_dir_full_of_another_s_images_is_refused(tmp_pa
     with pytest.raises(WrongStore) as info:
         bind(fresh, store)
     assert "holds another database's images" in str(info.value) and "this database has none" in str(info.value)
+    # The same from before stores had ids (no marker): taken, the sweep removed its images.
+    (store.root / MARKER).unlink()
+    with pytest.raises(WrongStore) as info:
+        bind(fresh, store)
+    assert "holds another database's images (no .store-id" in str(info.value)
+    assert not (store.root / MARKER).exists()
     # A store without images yet (a first start that failed before its commit) is simply taken.
     empty = ArtifactStore(tmp_path / "empty" / "assets")
     (empty.root / MARKER).write_text("0123abcd\n")
