@@ -699,6 +699,9 @@ def _check(*, no_hash: bool) -> int:
     if report.foreign:
         print(f"{report.unnamed} of the {_counted(report.files, 'file')} in the store "
               f"{'is' if report.unnamed == 1 else 'are'} named by no asset in this database")
+    elif report.unnamed and report.malformed:
+        print(f"{_counted(report.unnamed, 'file')} no asset names, some maybe the files of the malformed rows above: "
+              "mend those rows first, as the service removes files no asset names after an hour")
     elif report.unnamed:
         print(f"{_counted(report.unnamed, 'file')} no asset names (canceled jobs' images; the service removes them "
               "after an hour)")

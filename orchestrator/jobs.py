@@ -331,10 +331,12 @@ class JobService:
             # later (it would also hold credits). A damaged file keeps its size and its name.
             self.store.get(asset.sha256)
         except ContentUnavailable as exc:
-            what = {"missing": "missing from", "unreadable": "unreadable in"}.get(exc.details.get("reason", ""),
-                                                                                 "damaged in")
-            raise ContentUnavailable(f"asset '{asset_id}' has no content: its image file is {what} the store "
-                                     "(restore it from a backup)",
+            reason = exc.details.get("reason", "")
+            what = ("its row holds a malformed sha256, which names no file (mend the row: `orchestrator check` "
+                    "lists it)" if reason == "malformed" else
+                    "its image file is " + {"missing": "missing from", "unreadable": "unreadable in"}.get(
+                        reason, "damaged in") + " the store (restore it from a backup)")
+            raise ContentUnavailable(f"asset '{asset_id}' has no content: {what}",
                                      details={"asset_id": asset_id, **exc.details}) from None
         return asset, negative
 

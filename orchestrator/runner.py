@@ -799,7 +799,8 @@ class JobRunner:
         except (ContentUnavailable, OSError, ValueError, Image.DecompressionBombError) as exc:
             if isinstance(exc, ContentUnavailable):  # gone from the store while the job waited, or damaged
                 why = {"missing": "its file is gone from the store",
-                       "unreadable": "its file cannot be read from the store"}.get(
+                       "unreadable": "its file cannot be read from the store",
+                       "malformed": "its row holds a malformed sha256, which names no file"}.get(
                     exc.details.get("reason", ""),
                     "its file is damaged in the store (its bytes do not match its sha256)")
             elif isinstance(exc, UnidentifiedImageError):  # its text names the BytesIO object, not the file

@@ -395,6 +395,11 @@ class ArtifactStore:
     def get(self, sha256: str) -> bytes:
         """The file's bytes, checked against their name: a damaged file is never served (nor kept
         in memory, nor sent to an engine) as the image it was."""
+        if not SHA_RE.fullmatch(sha256):  # a row mended by hand: the asset is there, its file is not named
+            raise ContentUnavailable(
+                "the asset's row holds a malformed sha256, which names no file: the operator must mend the row "
+                "(`orchestrator check` lists every malformed one)",
+                details={"sha256": sha256[:80], "reason": "malformed"})
         path = self.path_for(sha256)
         try:
             # Its bytes are checked against its name below, so a link may lead to them (a store

@@ -4,6 +4,7 @@ both answer conditional requests by their sha256 ETag."""
 from __future__ import annotations
 
 import hashlib
+import sqlite3
 from collections.abc import Callable
 
 import httpx
@@ -105,3 +106,22 @@ def test_content_answers_if_none_match_with_304(
         other = api.get(url, headers={"If-None-Match": f'"{"0" * 64}"'})
         assert other.status_code == 200
         assert other.content == full.content
+
+
+def test_an_asset_whose_row_names_no_file_is_unavailable_not_missing(
+        make_settings: SettingsFactory, start_server: Callable[[Settings], httpx.Client]) -> None:
+    """A sha256 mended by hand (upper-cased) names no file: its content and its promotion said 404
+    "no such asset content" of an asset its metadata showed."""
+    settings = make_settings()
+    client = start_server(settings)
+    project = create_project(client)["id"]
+    asset = client.get(f"/v1/assets/{run_draft(client, project, n=1, seed=4, **SMALL)['assets'][0]}").json()
+    with sqlite3.connect(settings.data_dir / "orchestrator.db") as db:
+        db.execute("UPDATE assets SET sha256 = upper(sha256) WHERE id = ?", (asset["id"],))
+    restarted = start_server(settings)  # nothing of it in memory
+    for answer in (restarted.get(asset["content_url"]),
+                   restarted.post(f"/v1/assets/{asset['id']}/promote", json={"engine": "local-hifi"})):
+        assert answer.status_code == 500, answer.text
+        error = answer.json()["error"]
+        assert error["code"] == "content_unavailable" and error["details"]["reason"] == "malformed"
+        assert "orchestrator check" in error["message"]
