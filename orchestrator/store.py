@@ -364,6 +364,13 @@ class ArtifactStore:
 
     def _replace_or_keep(self, path: Path, data: bytes) -> None:
         """`data` written over `path`; where nothing can be written, the file there is kept."""
+        if path.is_dir() and not path.is_symlink():
+            # No rename replaces a folder: each job that made this image again failed "the images
+            # were made but could not be stored". Moved aside under a dot-name, which no sweep
+            # reads as an image, for the operator to look at; nothing in it is removed.
+            aside = path.with_name(f".broken-{path.name}-{secrets.token_hex(4)}")
+            log.warning("asset file %s is a folder: moved aside to %s", path, aside.name)
+            path.rename(aside)
         try:
             self.write_atomic(path, data)
         except OSError:
