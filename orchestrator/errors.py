@@ -32,6 +32,7 @@ it to `{"error": {"code", "message", "details"}}` with `status` in exactly one p
         ├── NoImage             no_image          (HTTP 200 without an image, for no reason told)
         ├── EngineTimeout       timeout           (sent, no answer: outcome unknown)
         ├── BadEngineInput      invalid_request   (the provider refused our input: never retried)
+        ├── ImagesNotStored     storage_full      (made, and the data dir's disk had no room for them)
         └── Canceled            canceled
 
 The middlewares (`api/request_limits.py`, `api/cross_site.py`, `server.AnswerWhenStopped`) answer
@@ -307,6 +308,15 @@ class EngineTimeout(EngineError):
 class BadEngineInput(EngineError):
     code, status = "invalid_request", 422
     retryable = False
+
+
+class ImagesNotStored(EngineError):
+    """The engine made the images and the data dir's disk had no room for them (full, over its
+    quota, or mounted read-only): the operator's to mend, not the engine's failure."""
+
+    code, status = "storage_full", 503
+    retryable = False
+    engine_fault = False
 
 
 class Canceled(EngineError):

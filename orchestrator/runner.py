@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import io
 import json
 import logging
@@ -42,6 +43,7 @@ from orchestrator.errors import (
     ContentUnavailable,
     EngineError,
     EngineUnavailable,
+    ImagesNotStored,
     Interrupted,
     OrchestratorError,
     first_line,
@@ -83,6 +85,8 @@ PROGRESS_WRITE_INTERVAL = 1.0
 # Repeating it is safe: every attempt rolls back whole, and its update applies only while the
 # attempt still holds the job.
 FINAL_WRITE_SECONDS = 120.0
+# A store's disk that takes nothing more: full, over its user's quota, mounted read-only.
+NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
 # How long a job's first paid request waits for the database to record it before it goes.
 RECORD_SENDING_SECONDS = 15.0
 # How long a stop's own writes (a job queued again) wait out a database that is away: shorter than
@@ -515,8 +519,13 @@ class JobRunner:
             # and a file error's text the server's paths (the log has them).
             reason = (exc.strerror if isinstance(exc, OSError) and exc.strerror
                       else first_line(exc))
-            raise EngineError(f"the images were made but could not be stored: {type(exc).__name__}: {reason}"[:500],
-                              retryable=False, charged="yes", cost_millicredits=result.cost_millicredits) from exc
+            said = f"the images were made but could not be stored: {type(exc).__name__}: {reason}"
+            if isinstance(exc, OSError) and exc.errno in NO_ROOM:
+                # Told as what it is (it read as the engine's `engine_error`): the operator's to mend.
+                raise ImagesNotStored(f"{said} (the data dir has no room for them: its operator must make some)"[:500],
+                                      charged="yes", cost_millicredits=result.cost_millicredits) from exc
+            raise EngineError(said[:500], retryable=False, charged="yes",
+                              cost_millicredits=result.cost_millicredits) from exc
 
     async def _canceled(self, claim: Claim, exc: Canceled, engine_returned: bool) -> None:
         """A user's cancel ends the job now, with what it cost; a stop leaves it to the next start."""

@@ -240,8 +240,9 @@ def test_images_made_but_not_stored_are_charged(api: httpx.Client, monkeypatch: 
     done = wait_for_job(api, job["id"])
     assert done["status"] == "failed"
     # The server's paths stay in its log.
-    assert done["error"]["message"] == ("the images were made but could not be stored: "
-                                        "OSError: No space left on device")
+    assert done["error"]["message"] == ("the images were made but could not be stored: OSError: No space left on "
+                                        "device (the data dir has no room for them: its operator must make some)")
+    assert done["error"]["code"] == "storage_full"  # the operator's, not the engine's ("engine_error")
     entries = [e for e in ledger(api, project_id) if e["job_id"] == job["id"]]
     assert [(e["kind"], e["amount"], e["unreconciled"]) for e in entries] == [
         ("hold", 10.0, False), ("capture", 10.0, False)]
