@@ -951,9 +951,7 @@ class Scheduler:
                       "attempts": job.with_attempt("canceled", error.to_dict())}
             outcome = "canceled"
         elif rerun and stops < MAX_RECOVERIES:
-            died = Interrupted("the process running this job stopped without ending it (killed, out of memory, "
-                               "hung, its host lost); "
-                               f"{'its work is followed again' if reattach else 'it was queued again'}",
+            died = Interrupted(f"{ENDLESS}; {'its work is followed again' if reattach else 'it was queued again'}",
                                details={"engine": job.engine})
             values = {"status": "queued", "lease_owner": None, "lease_expires_at": None,
                       "progress_step": 0, "progress_total": 0,
@@ -962,9 +960,10 @@ class Scheduler:
             if not reattach and not free:
                 values["provider_work"] = None  # run afresh (a free engine's earlier work is not followed)
         elif rerun and not reattach:
+            # Only local work is this machine's to make smaller: a remote engine renders on its server.
             error = Interrupted(
-                f"the server stopped {stops} times while this job was running on '{job.engine}'; "
-                "it is not started again (try fewer or smaller images)",
+                f"the process running this job on '{job.engine}' stopped without ending it {stops} times; it is not "
+                f"started again{' (try fewer or smaller images)' if local else ''}",
                 details={"engine": job.engine, "interruptions": stops},
             )
             values = {"status": "failed", "finished_at": utcnow(), "error": error.to_dict(),
@@ -974,12 +973,12 @@ class Scheduler:
         else:
             # No engine here: nobody has had it for `unserved_grace` seconds (see `_orphans`), and
             # whether it sent anything is unknown.
-            stopped = (f"the server stopped while engine '{job.engine}' was working on this job"
-                       if engine is not None else
+            stopped = (f"{ENDLESS} while engine '{job.engine}' worked on it" if engine is not None else
                        f"the worker running this job on engine '{job.engine}' stopped and no live worker has "
                        "that engine to run it again or follow its work")
             error = Interrupted(
-                f"{stopped}; it is not sent again because the provider may already have made and billed the image",
+                f"{stopped}; it is not sent again, as the engine may already have made the image (and a paid "
+                "provider billed it)",
                 details={"engine": job.engine, "provider_request_id": job.provider_request_id},
             )
             values = {"status": "failed", "finished_at": utcnow(), "error": error.to_dict(),
@@ -1019,6 +1018,12 @@ class Scheduler:
         with contextlib.suppress(OSError):
             self.runner.preview_files.remove(job.id)
         return outcome, values.get("error")
+
+
+# What recovery knows of a job left running: its lease ran out without an end, whether its process
+# died or lived on without a database to record the end in (its final write waits two minutes).
+ENDLESS = ("the process running this job stopped without ending it (killed, out of memory, hung, its host lost, "
+           "or its database away when the job ended)")
 
 
 def _finished_by_its_worker(job: Job) -> bool:

@@ -151,6 +151,8 @@ def test_a_job_of_an_engine_nobody_has_had_for_a_lease_is_queued_again_when_it_s
     assert failed.status == "failed" and failed.error is not None and failed.error["code"] == "interrupted"
     assert "engine 'fake-queue'" in failed.error["message"]
     assert "no live worker has that engine" in failed.error["message"]
+    assert failed.error["message"].endswith("it is not sent again, as the engine may already have made the image "
+                                            "(and a paid provider billed it)")
     assert entries(without, sent) == [("hold", False), ("capture", True)]
 
 

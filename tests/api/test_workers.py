@@ -1109,8 +1109,12 @@ def test_a_free_server_job_given_up_after_crashes_leaves_nothing_on_the_server(
         asyncio.run(scenario())
     finally:
         asyncio.run(built.aclose())
-    assert row(built, job_id).status == "failed"
+    given_up = row(built, job_id)
+    assert given_up.status == "failed" and given_up.error is not None
     assert fakes.FORGOTTEN == [{"id": "prompt-given-up"}]
+    # Rendered on its server, not this machine: no advice to ask for fewer or smaller images.
+    assert given_up.error["message"] == (f"the process running this job on 'fake-free' stopped without ending it "
+                                         f"{MAX_RECOVERIES} times; it is not started again")
 
 
 def test_a_free_server_job_canceled_after_its_worker_died_leaves_nothing_on_the_server(
