@@ -254,7 +254,7 @@ class CloudEngine(SendsCredentials):
 
     async def _download(self, url: str, cancel: CancelToken) -> bytes:
         if url.startswith("data:"):
-            return b64decode_tolerant(url.partition(",")[2])
+            return b64decode_tolerant(url.partition(",")[2], self.name)
         try:
             response = await cancel.race(self.http.request("GET", url, idempotent=True), charged="yes")
         except EngineUnavailable as exc:

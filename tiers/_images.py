@@ -40,14 +40,15 @@ def b64encode(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def b64decode_tolerant(data: str) -> bytes:
+def b64decode_tolerant(data: str, engine: str) -> bytes:
     """Decode standard or URL-safe base64, with or without padding (Google's SDK sends URL-safe)."""
     cleaned = "".join(data.split()).replace("-", "+").replace("_", "/")
     cleaned += "=" * (-len(cleaned) % 4)
     try:
         return base64.b64decode(cleaned, validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise EngineError("the provider returned image data that is not valid base64") from exc
+        raise EngineError(f"{engine}: the provider returned image data that is not valid base64",
+                          details={"engine": engine}) from exc
 
 
 # The largest image an engine may return: a request's largest side (8192) squared. A few hundred

@@ -451,7 +451,7 @@ class A1111Engine(SendsCredentials):
                 raise EngineError("a1111: the server returned an image that is not base64 text",
                                   details={"engine": self.name})
             # Some forks answer with a data URI rather than bare base64.
-            raw = b64decode_tolerant(data.partition(",")[2] if data.startswith("data:") else data)
+            raw = b64decode_tolerant(data.partition(",")[2] if data.startswith("data:") else data, self.name)
             seed = provider_seed(seeds[i]) if i < len(seeds) else None
             images.append(RenderedImage(decode_image(raw, self.name), seed=seed))
         # What the server says it ran, else what was asked of it: the image's record and its PNG's

@@ -244,7 +244,7 @@ class GeminiEngine(CloudEngine):
             inline = images[-1].get("inlineData") or images[-1].get("inline_data")
             if not isinstance(inline, dict):
                 raise self._malformed("inlineData")
-            return decode_image(b64decode_tolerant(str(inline.get("data", ""))), self.name)
+            return decode_image(b64decode_tolerant(str(inline.get("data", "")), self.name), self.name)
         reason = candidate.get("finishReason") or ""
         if not isinstance(reason, str):  # a list or an object: no reason, and unhashable for the lookup
             raise self._malformed("finishReason")

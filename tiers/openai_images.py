@@ -300,7 +300,7 @@ class OpenAIImagesEngine(CloudEngine):
             error.engine_fault = True
             raise error
         # The `n` asked for, never more: each decoded image may be 16 MP.
-        return [decode_image(b64decode_tolerant(str(item)), self.name) for item in encoded[:wanted]]
+        return [decode_image(b64decode_tolerant(str(item), self.name), self.name) for item in encoded[:wanted]]
 
 
 def factory(ctx: EngineContext) -> OpenAIImagesEngine:

@@ -405,7 +405,7 @@ class StabilityEngine(CloudEngine):
             # Its filter says CONTENT_FILTERED: an empty 200 for no reason is the endpoint unwell.
             error.engine_fault = True
             raise error
-        image = decode_image(b64decode_tolerant(encoded), self.name)
+        image = decode_image(b64decode_tolerant(encoded, self.name), self.name)
         seed = body.get("seed", response.headers.get("seed"))
         try:
             seed = int(seed) if isinstance(seed, str) else seed  # a header's text

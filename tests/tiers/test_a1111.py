@@ -121,6 +121,17 @@ async def test_a_data_uri_without_its_data_is_an_engine_error(engine: A1111Engin
 
 
 @respx.mock
+async def test_image_data_that_is_not_base64_names_the_engine(engine: A1111Engine) -> None:
+    # The job's error said only "the provider returned image data that is not valid base64".
+    task_is("unknown")
+    respx.post(URL).mock(return_value=httpx.Response(200, json={"images": ["not*base64!"], "info": "{}"}))
+    with pytest.raises(EngineError) as info:
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    assert info.value.message == "a1111: the provider returned image data that is not valid base64"
+    assert info.value.details == {"engine": "a1111"}
+
+
+@respx.mock
 async def test_polish_uses_creativity_and_request_values(engine: A1111Engine) -> None:
     route = respx.post(URL).mock(return_value=httpx.Response(200, json=ok_body(count=2, seeds=[5, 6])))
     result = await engine.run(bridge(stage="polish", creativity=0.2, seed=5, steps=12, guidance_scale=4.5, n=2),
