@@ -703,8 +703,8 @@ def _check(*, no_hash: bool) -> int:
         print(f"{_counted(report.unnamed, 'file')} no asset names, some maybe the files of the malformed rows above: "
               "mend those rows first, as the service removes files no asset names after an hour")
     elif report.unnamed:
-        print(f"{_counted(report.unnamed, 'file')} no asset names (canceled jobs' images; the service removes them "
-              "after an hour)")
+        print(f"{_counted(report.unnamed, 'file')} no asset names (jobs' images left by a crash; the service "
+              "removes them after an hour)")
     print(f"ledger: {_counted(ledger.entries, 'entry', 'entries')}, {_counted(ledger.holds, 'hold')}")
     for what, ids in ledger.problems.items():
         print(f"{_counted(len(ids), ONE.get(what, what), what)}: {_entries(ids)}")

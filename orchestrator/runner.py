@@ -10,8 +10,10 @@ transaction that inserts their rows and finishes the job, so a row never points 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import errno
+import hashlib
 import io
 import json
 import logging
@@ -1109,17 +1111,55 @@ class JobRunner:
                 record["notes"] = [*record.get("notes", []), short]
             records.append(record)
         # PNG encoding (zlib) releases the GIL: n images encode and fsync in parallel.
+        pngs = self._store_pngs(job, [r.image for r in result.images], records)
         try:
-            pngs = list(self._encoder.map(lambda pair: self._store_png(*pair),
-                                          zip((r.image for r in result.images), records, strict=True)))
+            return self._finish_success(claim, result, records, pngs, seconds)
+        except BaseException:
+            # Canceled meanwhile (its 202 wins), taken over, or never recorded: no row names what
+            # this attempt wrote. Left to the sweep, a few canceled n=16 jobs were enough for it to
+            # take the database for another store's, and to remove nothing more.
+            self._discard(pngs)
+            raise
+
+    def _store_pngs(self, job: Job, images: list[Image.Image],
+                    records: list[dict[str, Any]]) -> list[tuple[str, bytes, int | None]]:
+        """Each image encoded and stored: its sha256, its bytes, and its file's modification time
+        when this put made the file (see `ArtifactStore.discard`). When one fails, what the others
+        wrote is discarded."""
+        futures = []
+        try:
+            for image, record in zip(images, records, strict=True):
+                futures.append(self._encoder.submit(self._store_png, image, record))
         except RuntimeError:
             if not self._closed:
                 raise
+        concurrent.futures.wait(futures)
+        stored = [f.result() for f in futures if f.exception() is None]
+        failed = next((f.exception() for f in futures if f.exception() is not None), None)
+        if failed is not None or len(futures) < len(images):
+            self._discard(stored)
+            if failed is not None:
+                raise failed
             # The service closed since the check above (its stop stopped waiting): as a stop that
             # came before, the job is left for the next start, not failed for good.
             raise Canceled("the service stopped before the images were stored",
-                           details={"engine": job.engine}, charged="no") from None
-        shas = [sha for sha, _ in pngs]
+                           details={"engine": job.engine}, charged="no")
+        return stored
+
+    def _discard(self, written: list[tuple[str, bytes, int | None]]) -> None:
+        def named(sha256: str) -> bool:
+            with self.db.session() as s:
+                return s.exec(select(Asset.id).where(col(Asset.sha256) == sha256,
+                                                     col(Asset.deleted_at).is_(None)).limit(1)).first() is not None
+
+        for sha, _, written_ns in written:
+            if written_ns is not None:
+                self.store.discard(sha, written_ns, named)
+
+    def _finish_success(self, claim: Claim, result: RenderResult, records: list[dict[str, Any]],
+                        pngs: list[tuple[str, bytes, int | None]], seconds: float) -> list[str]:
+        job = claim.job
+        shas = [sha for sha, _, _ in pngs]
         rows = [
             Asset(id=new_id("ast"), project_id=job.project_id, job_id=job.id, index=index, stage=job.stage,
                   parent_id=job.source_asset_id, engine=job.engine, model=result.model,
@@ -1132,7 +1172,7 @@ class JobRunner:
         self._end_write(claim, f"job {job.id}'s success",
                         lambda s: self._succeed_in(s, claim, result, rows, now, seconds),
                         lambda row: row.status == "succeeded" and _last_attempt(row, claim, "succeeded", None))
-        for row, (sha, data) in zip(rows, pngs, strict=True):
+        for row, (sha, data, _) in zip(rows, pngs, strict=True):
             self.store.recent.add(row.id, sha, data)
         return [r.id for r in rows]
 
@@ -1190,9 +1230,15 @@ class JobRunner:
         if not claim.shutdown or self._closed:
             claim.cancel.raise_if_cancelled()
 
-    def _store_png(self, image: Image.Image, record: dict[str, Any]) -> tuple[str, bytes]:
+    def _store_png(self, image: Image.Image, record: dict[str, Any]) -> tuple[str, bytes, int | None]:
         data = encode_png(image, record)
-        return self.store.put(data), data
+        fresh = not self.store.path_for(hashlib.sha256(data).hexdigest()).exists()
+        sha = self.store.put(data)
+        written = None
+        if fresh:  # this put made the file: no row could name it before (see `ArtifactStore.discard`)
+            with contextlib.suppress(OSError):
+                written = self.store.path_for(sha).stat().st_mtime_ns
+        return sha, data, written
 
     def _finish(self, claim: Claim, status: str, error: OrchestratorError) -> tuple[str, OrchestratorError]:
         """End the job; returns the status and error it ended with. A failure that meets a cancel

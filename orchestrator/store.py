@@ -42,7 +42,7 @@ from typing import Any, BinaryIO, cast
 from PIL import Image, PngImagePlugin
 
 from orchestrator.db import stored_json
-from orchestrator.errors import ContentUnavailable, NotFound
+from orchestrator.errors import ContentUnavailable, NotFound, first_line
 from orchestrator.ids import ID_RE
 from orchestrator.workers import open_regular_file
 from tiers._images import eight_bit
@@ -84,7 +84,8 @@ PREVIEW_CLOCK_SLACK = 1.0
 # retries for two minutes at most): the orphan sweep leaves it.
 ORPHAN_GRACE_SECONDS = 3600.0
 ORPHAN_BATCH = 500
-# Orphans are the files of jobs canceled while storing them: rare. More than this many, and more
+# Orphans are the files of jobs canceled while storing them (removed at once, `discard`) and of
+# processes that died in between: rare. More than this many, and more
 # than this share of the store, say the database is the wrong one (see `sweep_orphans`).
 ORPHAN_ALARM_FILES = 20
 ORPHAN_ALARM_SHARE = 0.05
@@ -434,6 +435,34 @@ class ArtifactStore:
                 "restore it from a backup (`orchestrator check` lists every damaged file)",
                 details={"sha256": sha256, "reason": "damaged"})
         return data
+
+    def discard(self, sha256: str, written_ns: int, named: Callable[[str], bool]) -> bool:
+        """Remove the file a `put` wrote (it was not there before) for a job that then ended
+        without a row naming it (canceled while its images were stored); True when removed. Left
+        to the sweep, a few canceled n=16 jobs made more orphans than the sweep takes for a store
+        of its own database, and it refused to remove any ("is it the database this data dir
+        belongs to?").
+
+        Renamed aside first, as the sweep does: a `put` of the same bytes since the write touched
+        the file (its modification time is not the write's) or a row naming it (a file re-made
+        for an older asset) puts it back, and a `put` after the rename writes a file of its own."""
+        home = self.path_for(sha256)
+        aside = home.with_name(f".gc-{sha256}-{secrets.token_hex(4)}.png")
+        try:
+            os.rename(home, aside)
+        except OSError:  # gone already, or a folder it may not change: the sweep's then
+            return False
+        try:
+            if aside.stat().st_mtime_ns == written_ns and not named(sha256):
+                aside.unlink()
+                return True
+        except Exception as exc:  # the database away: kept, as the next sweep settles `.gc-` files
+            log.warning("asset file %s of a canceled job is kept: %s", home.name, first_line(exc))
+        try:
+            os.replace(aside, home)
+        except OSError as exc:
+            log.warning("asset file %s: cannot put it back from %s: %s", home.name, aside.name, exc)
+        return False
 
     def sweep_orphans(self, referenced: Callable[[list[str]], Collection[str]],
                       older_than: float = ORPHAN_GRACE_SECONDS, *,

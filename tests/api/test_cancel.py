@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
-import httpx
+import threading
+from collections.abc import Callable
 
+import httpx
+import pytest
+
+from orchestrator.settings import Settings
+from orchestrator.store import ArtifactStore
 from tests.api import (
     SLOW,
+    SMALL,
     SSE,
     TERMINAL,
     assert_error,
     create_project,
     iter_sse,
     read_events,
+    run_draft,
     submit_draft,
     wait_for_job,
 )
@@ -92,3 +100,39 @@ def test_cancel_queued_job_never_runs(server: httpx.Client) -> None:
     assert job["assets"] == []
     assert job["attempts"] == []
     assert_error(server.post(f"/v1/jobs/{queued['id']}/cancel"), 409, "job_finished")
+
+
+def test_a_cancel_while_the_images_are_stored_leaves_no_file(
+        make_settings: Callable[..., Settings], start_server: Callable[[Settings], httpx.Client],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cancel won (202) after the job's files were written: they stayed, named by no asset, and
+    a few such jobs made the sweep take the database for another store's and remove nothing."""
+    settings = make_settings(lite_max_batch=1)  # image i the same bytes in any job of seed `seed`
+    client = start_server(settings)
+    project = create_project(client)["id"]
+    kept = run_draft(client, project, n=1, seed=11, **SMALL)["assets"][0]  # an image a row names
+    store = ArtifactStore(settings.assets_dir)
+    before = {p.name for p in store.root.glob("*/*.png")}
+    real_put = ArtifactStore.put
+    canceled: list[str] = []
+    shas: list[str] = []
+
+    once = threading.Lock()
+
+    def put_then_cancel(self: ArtifactStore, data: bytes) -> str:
+        sha = real_put(self, data)
+        shas.append(sha)
+        if once.acquire(blocking=False):  # once its first file is written: the others are written meanwhile
+            running = client.get("/v1/jobs", params={"project_id": project, "status": "running"}).json()["items"]
+            canceled.append(running[0]["id"])
+            assert client.post(f"/v1/jobs/{running[0]['id']}/cancel").status_code == 202
+        return sha
+
+    monkeypatch.setattr(ArtifactStore, "put", put_then_cancel)
+    # Seed 11 again: its first image is the kept asset's, whose file this job's put finds, not makes.
+    job = submit_draft(client, project, n=3, seed=11, **SMALL)
+    assert wait_for_job(client, job["id"])["status"] == "canceled" and canceled == [job["id"]]
+    assert len(set(shas)) == 3 and before & {f"{sha}.png" for sha in shas}  # seed 11: the kept asset's bytes
+    assert {p.name for p in store.root.glob("*/*.png")} == before  # the kept one too
+    assert not list(store.root.glob("*/.gc-*"))
+    assert client.get(client.get(f"/v1/assets/{kept}").json()["content_url"]).status_code == 200

@@ -434,7 +434,7 @@ def test_a_dead_sweeps_leftover_is_settled(tmp_path: Path) -> None:
     assert [p.name for p in store.root.rglob("*") if p.is_file()] == [f"{named}.png"]
 
 
-def test_a_service_sweeps_the_files_of_a_job_canceled_while_storing(make_settings: SettingsFactory,
+def test_a_service_sweeps_the_files_a_crash_left_of_a_job_canceled_while_storing(make_settings: SettingsFactory,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     settings = make_settings(sweep_interval=0.1)
     real_put = ArtifactStore.put
@@ -455,9 +455,13 @@ def test_a_service_sweeps_the_files_of_a_job_canceled_while_storing(make_setting
         kept = run_draft(api, project, seed=1)["assets"][0]
         kept_sha = api.get(f"/v1/assets/{kept}").json()["sha256"]
         monkeypatch.setattr(ArtifactStore, "put", cancel_then_put)
+        # As a process that died before its job discarded the files it wrote (see the next test).
+        real_discard = ArtifactStore.discard
+        monkeypatch.setattr(ArtifactStore, "discard", lambda *_args: False)
         job = submit_draft(api, project, n=2, seed=7)
         assert wait_for_job(api, job["id"])["status"] == "canceled"
         monkeypatch.setattr(ArtifactStore, "put", real_put)
+        monkeypatch.setattr(ArtifactStore, "discard", real_discard)
 
     files = list(settings.assets_dir.glob("*/*.png"))
     orphans = [path for path in files if path.stem != kept_sha]
@@ -748,3 +752,27 @@ def test_stored_files_take_the_mode_the_operator_s_umask_gives(tmp_path: Path, u
             "print(oct(s.path_for(s.put(b'x')).stat().st_mode & 0o777))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == oct(mode)
+
+
+def test_discard_removes_only_a_file_no_put_touched_since_and_no_row_names(tmp_path: Path) -> None:
+    store = ArtifactStore(tmp_path / "assets")
+
+    def written(data: bytes) -> tuple[str, int]:
+        sha = store.put(data)
+        return sha, store.path_for(sha).stat().st_mtime_ns
+
+    sha, ns = written(b"a canceled job's image")
+    assert store.discard(sha, ns, lambda _: False) and not store.path_for(sha).exists()
+    # Named by a row (a file made again for an older asset): kept.
+    sha, ns = written(b"an older asset's image")
+    assert not store.discard(sha, ns, lambda named: named == sha) and store.get(sha) == b"an older asset's image"
+    # Put again since (another job made the same bytes, its row not committed yet): kept.
+    os.utime(store.path_for(sha), ns=(ns + 10**9, ns + 10**9))
+    assert not store.discard(sha, ns, lambda _: False) and store.path_for(sha).exists()
+
+    def away(_: str) -> bool:
+        raise OSError("database away")
+
+    sha, ns = written(b"not known")  # nothing is removed on a guess
+    assert not store.discard(sha, ns, away) and store.path_for(sha).exists()
+    assert not list(store.root.glob("*/.gc-*")) and not store.discard("0" * 64, 0, lambda _: False)
