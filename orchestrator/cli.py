@@ -228,6 +228,8 @@ def _main(given: list[str]) -> int:
     except DatabaseError as exc:
         # The database is down or refuses us: say so in a line (the URL's password never shows).
         reason = first_line(exc.orig or exc, type(exc).__name__)
+        if "no password supplied" in reason:
+            reason += " (the server asks for one: put it in the URL, PGPASSWORD or ~/.pgpass)"
         # One that is not there, refuses these credentials, or cannot be written is the setup's
         # (2, as `check` says it): a restart changes nothing. One that does not answer may come back (1).
         return _fail(f"cannot use the database ({_database_named()}): {reason}",
@@ -246,12 +248,19 @@ def _stdout_closed() -> bool:
 
 
 # PostgreSQL's SQLSTATEs of a setup to fix: no such database, credentials refused, no privilege.
-SETUP_SQLSTATES = frozenset({"3D000", "28P01", "28000", "42501"})
+# No such database, credentials refused, no right to it, a search path naming no schema, a server
+# that takes no writes (a hot standby, default_transaction_read_only).
+SETUP_SQLSTATES = frozenset({"3D000", "28P01", "28000", "42501", "3F000", "25006"})
 # SQLite's words for a file that is not a database, cannot be opened, or cannot be written.
 SETUP_SQLITE = ("file is not a database", "unable to open database file", "readonly database")
 # libpq's, when the connection itself is refused so (its error then carries no SQLSTATE).
 SETUP_LIBPQ = ("does not exist", "password authentication failed", "no pg_hba.conf entry", "permission denied",
-               "not permitted to log in", "no password supplied")
+               "not permitted to log in")
+# libpq's own refusals before or without a server's word (no "FATAL:"): a password the server asks
+# for and the URL lacks, an option it does not know or a value it cannot take, SSL asked of a server
+# without it.
+SETUP_CLIENT = ("no password supplied", "invalid connection option", "invalid uri query parameter",
+                "invalid sslmode value", "invalid integer value", "bad value for", "server does not support ssl")
 
 
 def _set_up_wrong(exc: DatabaseError) -> bool:
@@ -261,7 +270,8 @@ def _set_up_wrong(exc: DatabaseError) -> bool:
     said = str(orig or exc).lower()
     if getattr(orig, "sqlite_errorname", None) is not None:
         return any(words in said for words in SETUP_SQLITE)
-    return "fatal:" in said and any(words in said for words in SETUP_LIBPQ)
+    return ("fatal:" in said and any(words in said for words in SETUP_LIBPQ)) or any(
+        words in said for words in SETUP_CLIENT)
 
 
 def _database_named() -> str:

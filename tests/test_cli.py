@@ -1475,3 +1475,36 @@ def test_a_database_file_that_is_not_one_is_the_setup_s_to_fix(make_settings: Se
     for command in (["migrate"], ["check"]):
         assert main(command) == 2, command
         assert "file is not a database" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("said", "sqlstate", "setup"), [
+    # libpq's own, with no "FATAL:" from a server: a restart loop under systemd fixed none of them.
+    ("connection failed: fe_sendauth: no password supplied", None, True),
+    ('invalid URI query parameter: "bogus"', None, True),
+    ('connection is bad: invalid sslmode value: "bogus"', None, True),
+    ("bad value for connect_timeout: 'abc'", None, True),
+    ('connection to server at "db", port 5432 failed: server does not support SSL, but SSL was required', None, True),
+    ("no schema has been selected to create in", "3F000", True),  # a search path naming no schema
+    ("cannot execute UPDATE in a read-only transaction", "25006", True),  # a hot standby
+    ('connection failed: FATAL:  password authentication failed for user "studio"', None, True),
+    # A server away, or one out of connections for now: a restart may find it back.
+    ('connection to server at "db", port 5432 failed: Connection refused', None, False),
+    ("FATAL:  sorry, too many clients already", "53300", False),
+    ("server closed the connection unexpectedly", None, False),
+])
+def test_a_postgres_setup_mistake_exits_2_and_an_outage_1(said: str, sqlstate: str | None, setup: bool) -> None:
+    from sqlalchemy.exc import OperationalError
+
+    from orchestrator.cli import _set_up_wrong
+
+    orig = Exception(said)
+    orig.sqlstate = sqlstate  # type: ignore[attr-defined]  # as psycopg's errors carry it
+    assert _set_up_wrong(OperationalError("connect", {}, orig)) is setup
+
+
+def test_an_unknown_option_in_a_postgres_url_is_the_setup_s_to_fix(
+        make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    make_settings()  # keeps the developer's environment out
+    monkeypatch.setenv("ORCH_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:1/test?bogus=1")
+    assert main(["migrate"]) == 2  # refused before any connection: no server is needed
+    assert 'invalid connection option "bogus"' in capsys.readouterr().err
