@@ -13,7 +13,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import errno
-import hashlib
 import io
 import json
 import logging
@@ -59,7 +58,7 @@ from orchestrator.models import Asset, Job, Project
 from orchestrator.outage import Outage
 from orchestrator.routing import fallbacks, leaves_machine, priced
 from orchestrator.schemas import storable
-from orchestrator.store import ArtifactStore, PreviewFiles, encode_png, hide_paths
+from orchestrator.store import ArtifactStore, PreviewFiles, Put, encode_png, hide_paths
 from policies.schema import is_private
 from tiers._http import SendsCredentials
 from tiers.base import (
@@ -1122,10 +1121,9 @@ class JobRunner:
             raise
 
     def _store_pngs(self, job: Job, images: list[Image.Image],
-                    records: list[dict[str, Any]]) -> list[tuple[str, bytes, int | None]]:
-        """Each image encoded and stored: its sha256, its bytes, and its file's modification time
-        when this put made the file (see `ArtifactStore.discard`). When one fails, what the others
-        wrote is discarded."""
+                    records: list[dict[str, Any]]) -> list[tuple[Put, bytes]]:
+        """Each image encoded and stored (what its put did, its bytes). When one fails, what the
+        others wrote is discarded."""
         futures = []
         try:
             for image, record in zip(images, records, strict=True):
@@ -1146,20 +1144,19 @@ class JobRunner:
                            details={"engine": job.engine}, charged="no")
         return stored
 
-    def _discard(self, written: list[tuple[str, bytes, int | None]]) -> None:
+    def _discard(self, written: list[tuple[Put, bytes]]) -> None:
         def named(sha256: str) -> bool:
             with self.db.session() as s:
                 return s.exec(select(Asset.id).where(col(Asset.sha256) == sha256,
                                                      col(Asset.deleted_at).is_(None)).limit(1)).first() is not None
 
-        for sha, _, written_ns in written:
-            if written_ns is not None:
-                self.store.discard(sha, written_ns, named)
+        for put, _ in written:
+            self.store.discard(put, named)
 
     def _finish_success(self, claim: Claim, result: RenderResult, records: list[dict[str, Any]],
-                        pngs: list[tuple[str, bytes, int | None]], seconds: float) -> list[str]:
+                        pngs: list[tuple[Put, bytes]], seconds: float) -> list[str]:
         job = claim.job
-        shas = [sha for sha, _, _ in pngs]
+        shas = [put.sha256 for put, _ in pngs]
         rows = [
             Asset(id=new_id("ast"), project_id=job.project_id, job_id=job.id, index=index, stage=job.stage,
                   parent_id=job.source_asset_id, engine=job.engine, model=result.model,
@@ -1172,8 +1169,8 @@ class JobRunner:
         self._end_write(claim, f"job {job.id}'s success",
                         lambda s: self._succeed_in(s, claim, result, rows, now, seconds),
                         lambda row: row.status == "succeeded" and _last_attempt(row, claim, "succeeded", None))
-        for row, (sha, data, _) in zip(rows, pngs, strict=True):
-            self.store.recent.add(row.id, sha, data)
+        for row, (put, data) in zip(rows, pngs, strict=True):
+            self.store.recent.add(row.id, put.sha256, data)
         return [r.id for r in rows]
 
     def _succeed_in(self, s: Session, claim: Claim, result: RenderResult, rows: list[Asset], now: datetime,
@@ -1230,15 +1227,9 @@ class JobRunner:
         if not claim.shutdown or self._closed:
             claim.cancel.raise_if_cancelled()
 
-    def _store_png(self, image: Image.Image, record: dict[str, Any]) -> tuple[str, bytes, int | None]:
+    def _store_png(self, image: Image.Image, record: dict[str, Any]) -> tuple[Put, bytes]:
         data = encode_png(image, record)
-        fresh = not self.store.path_for(hashlib.sha256(data).hexdigest()).exists()
-        sha = self.store.put(data)
-        written = None
-        if fresh:  # this put made the file: no row could name it before (see `ArtifactStore.discard`)
-            with contextlib.suppress(OSError):
-                written = self.store.path_for(sha).stat().st_mtime_ns
-        return sha, data, written
+        return self.store.put_file(data), data
 
     def _finish(self, claim: Claim, status: str, error: OrchestratorError) -> tuple[str, OrchestratorError]:
         """End the job; returns the status and error it ended with. A failure that meets a cancel

@@ -35,6 +35,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Collection
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, BinaryIO, cast
@@ -308,6 +309,16 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+@dataclass(frozen=True)
+class Put:
+    """What `ArtifactStore.put_file` did: the bytes' sha256, and `made`, the inode and modification
+    time of the file it wrote where none was (None when it found the bytes there, or rewrote a
+    damaged or unreadable copy, which rows may name)."""
+
+    sha256: str
+    made: tuple[int, int] | None
+
+
 class ArtifactStore:
     def __init__(self, root: Path, recent_bytes: int = RECENT_BYTES) -> None:
         self.root = root.resolve()
@@ -325,43 +336,50 @@ class ArtifactStore:
     def put(self, data: bytes) -> str:
         """Store bytes atomically; return their sha256. The same bytes twice make one file, whose
         modification time the second `put` renews."""
+        return self.put_file(data).sha256
+
+    def put_file(self, data: bytes) -> Put:
+        """`put`, saying whether this call made the file (see `Put.made`)."""
         sha = hashlib.sha256(data).hexdigest()
         path = self.path_for(sha)
         try:
             # Compared whole, not by size: a flipped bit keeps the size. Only a repeated image
             # (a seed made again) pays this read, never of a FIFO in its place (it held the job).
             with open_regular(path) as f:
+                seen = os.fstat(f.fileno()).st_mtime_ns
                 same = f.read() == data
         except FileNotFoundError:
-            self.write_atomic(path, data)
-            return sha
+            return Put(sha, self.write_atomic(path, data))
         except OSError as exc:
             # Cannot be read (a restore with the wrong owner or mode, a bad sector, a folder in
             # its place): the bytes in hand replace it, so the new row and the earlier ones that
             # name it are served again. Where none can be written, the file stays as it was.
             log.warning("asset file %s cannot be read (%s): written again", path.name, exc.strerror or exc)
             self._replace_or_keep(path, data)
-            return sha
+            return Put(sha, None)
         if not same:
             # A damaged copy (cut short by a crash of the disk, rotted, or edited by hand): the new
             # row must not name it, and the earlier rows that do get their bytes back.
             log.warning("asset file %s does not hold its image's bytes (damaged): written again", path.name)
             self.write_atomic(path, data)
-            return sha
+            return Put(sha, None)
         try:
             # Fresh again, as a new file would be: an old orphan with these bytes (a canceled job's,
             # now made again) is about to be named by a row, and the orphan sweep must see that.
-            os.utime(path)
-            return sha
+            # Later than it was in any case: a job that made the file and is discarding it (see
+            # `discard`) must see it touched, whatever the clock's grain.
+            os.utime(path)  # "now": what a writer that does not own the file may still set
+            if path.stat().st_mtime_ns <= seen:  # within the clock's grain of the last write
+                os.utime(path, ns=(time.time_ns(), seen + 1))
+            return Put(sha, None)
         except FileNotFoundError:
             pass
         except OSError:
             # There, but not ours to touch (another user's 0644 file): a fresh copy replaces it,
             # for the same reason. Where none can be written (a read-only mount), the file serves.
             self._replace_or_keep(path, data)
-            return sha
-        self.write_atomic(path, data)
-        return sha
+            return Put(sha, None)
+        return Put(sha, self.write_atomic(path, data))
 
     def _replace_or_keep(self, path: Path, data: bytes) -> None:
         """`data` written over `path`; where nothing can be written, the file there is kept."""
@@ -371,7 +389,8 @@ class ArtifactStore:
             # reads as an image, for the operator to look at; nothing in it is removed.
             aside = path.with_name(f".broken-{path.name}-{secrets.token_hex(4)}")
             log.warning("asset file %s is a folder: moved aside to %s", path, aside.name)
-            path.rename(aside)
+            with contextlib.suppress(FileNotFoundError):  # another put of these bytes moved it
+                path.rename(aside)
         try:
             self.write_atomic(path, data)
         except OSError:
@@ -379,9 +398,10 @@ class ArtifactStore:
                 raise
 
     @staticmethod
-    def write_atomic(path: Path, data: bytes) -> None:
+    def write_atomic(path: Path, data: bytes) -> tuple[int, int]:
         """Write `path` whole or not at all, durably (temp file, fsync, rename, folder fsync),
-        with the mode the process's umask gives (`FILE_MODE`)."""
+        with the mode the process's umask gives (`FILE_MODE`); the file's inode and modification
+        time as written."""
         if not path.parent.is_dir():
             path.parent.mkdir(parents=True, exist_ok=True)
             _fsync_dir(path.parent.parent)  # the new shard's name, as durable as what it will hold
@@ -392,6 +412,7 @@ class ArtifactStore:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
+                written = os.fstat(f.fileno())
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -399,6 +420,7 @@ class ArtifactStore:
         # The rename itself, before the row naming the file commits: after a power loss the
         # file's bytes alone (fsynced above) could sit under the temporary name.
         _fsync_dir(path.parent)
+        return written.st_ino, written.st_mtime_ns
 
     def get(self, sha256: str) -> bytes:
         """The file's bytes, checked against their name: a damaged file is never served (nor kept
@@ -436,30 +458,37 @@ class ArtifactStore:
                 details={"sha256": sha256, "reason": "damaged"})
         return data
 
-    def discard(self, sha256: str, written_ns: int, named: Callable[[str], bool]) -> bool:
-        """Remove the file a `put` wrote (it was not there before) for a job that then ended
-        without a row naming it (canceled while its images were stored); True when removed. Left
-        to the sweep, a few canceled n=16 jobs made more orphans than the sweep takes for a store
-        of its own database, and it refused to remove any ("is it the database this data dir
-        belongs to?").
+    def discard(self, put: Put, named: Callable[[str], bool]) -> bool:
+        """Remove the file `put` made (there was none before) for a job that then ended without a
+        row naming it (canceled while its images were stored); True when removed. Left to the
+        sweep, a few canceled n=16 jobs made more orphans than the sweep takes for a store of its
+        own database, and it refused to remove any ("is it the database this data dir belongs to?").
 
-        Renamed aside first, as the sweep does: a `put` of the same bytes since the write touched
-        the file (its modification time is not the write's) or a row naming it (a file re-made
-        for an older asset) puts it back, and a `put` after the rename writes a file of its own."""
-        home = self.path_for(sha256)
-        aside = home.with_name(f".gc-{sha256}-{secrets.token_hex(4)}.png")
+        Renamed aside first, as the sweep does, then judged where no `put` can reach it: kept
+        (renamed back) when it is not the file that put wrote (another put of the same bytes
+        replaced it, or touched it, which makes its modification time later) or a row names it (a
+        file made again for an older asset). A `put` after the rename writes a file of its own."""
+        if put.made is None:
+            return False
+        home = self.path_for(put.sha256)
+        aside = home.with_name(f".gc-{put.sha256}-{secrets.token_hex(4)}.png")
         try:
             os.rename(home, aside)
-        except OSError:  # gone already, or a folder it may not change: the sweep's then
+        except OSError:  # gone already (a sweep's), or a folder it may not change: the sweep's then
             return False
         try:
-            if aside.stat().st_mtime_ns == written_ns and not named(sha256):
+            found = aside.stat()
+            if (found.st_ino, found.st_mtime_ns) == put.made and not named(put.sha256):
                 aside.unlink()
                 return True
+        except FileNotFoundError:  # a sweep in another process put it back meanwhile
+            return False
         except Exception as exc:  # the database away: kept, as the next sweep settles `.gc-` files
             log.warning("asset file %s of a canceled job is kept: %s", home.name, first_line(exc))
         try:
             os.replace(aside, home)
+        except FileNotFoundError:
+            pass  # put back by a sweep
         except OSError as exc:
             log.warning("asset file %s: cannot put it back from %s: %s", home.name, aside.name, exc)
         return False

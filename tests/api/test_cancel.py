@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from orchestrator.settings import Settings
-from orchestrator.store import ArtifactStore
+from orchestrator.store import ArtifactStore, Put
 from tests.api import (
     SLOW,
     SMALL,
@@ -113,22 +113,22 @@ def test_a_cancel_while_the_images_are_stored_leaves_no_file(
     kept = run_draft(client, project, n=1, seed=11, **SMALL)["assets"][0]  # an image a row names
     store = ArtifactStore(settings.assets_dir)
     before = {p.name for p in store.root.glob("*/*.png")}
-    real_put = ArtifactStore.put
+    real_put = ArtifactStore.put_file
     canceled: list[str] = []
     shas: list[str] = []
 
     once = threading.Lock()
 
-    def put_then_cancel(self: ArtifactStore, data: bytes) -> str:
-        sha = real_put(self, data)
-        shas.append(sha)
+    def put_then_cancel(self: ArtifactStore, data: bytes) -> Put:
+        put = real_put(self, data)
+        shas.append(put.sha256)
         if once.acquire(blocking=False):  # once its first file is written: the others are written meanwhile
             running = client.get("/v1/jobs", params={"project_id": project, "status": "running"}).json()["items"]
             canceled.append(running[0]["id"])
             assert client.post(f"/v1/jobs/{running[0]['id']}/cancel").status_code == 202
-        return sha
+        return put
 
-    monkeypatch.setattr(ArtifactStore, "put", put_then_cancel)
+    monkeypatch.setattr(ArtifactStore, "put_file", put_then_cancel)
     # Seed 11 again: its first image is the kept asset's, whose file this job's put finds, not makes.
     job = submit_draft(client, project, n=3, seed=11, **SMALL)
     assert wait_for_job(client, job["id"])["status"] == "canceled" and canceled == [job["id"]]

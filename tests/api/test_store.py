@@ -25,6 +25,7 @@ from orchestrator.server import serve_in_thread
 from orchestrator.store import (
     FILE_MODE,
     ArtifactStore,
+    Put,
     RecentContent,
     SweepRefused,
     encode_png,
@@ -437,12 +438,12 @@ def test_a_dead_sweeps_leftover_is_settled(tmp_path: Path) -> None:
 def test_a_service_sweeps_the_files_a_crash_left_of_a_job_canceled_while_storing(make_settings: SettingsFactory,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     settings = make_settings(sweep_interval=0.1)
-    real_put = ArtifactStore.put
+    real_put = ArtifactStore.put_file
     canceled: list[str] = []
 
     once = threading.Lock()  # the images are stored side by side
 
-    def cancel_then_put(self: ArtifactStore, data: bytes) -> str:
+    def cancel_then_put(self: ArtifactStore, data: bytes) -> Put:
         with once:
             if not canceled:
                 running = api.get("/v1/jobs", params={"project_id": project, "status": "running"}).json()["items"]
@@ -454,13 +455,13 @@ def test_a_service_sweeps_the_files_a_crash_left_of_a_job_canceled_while_storing
         project = create_project(api)["id"]
         kept = run_draft(api, project, seed=1)["assets"][0]
         kept_sha = api.get(f"/v1/assets/{kept}").json()["sha256"]
-        monkeypatch.setattr(ArtifactStore, "put", cancel_then_put)
+        monkeypatch.setattr(ArtifactStore, "put_file", cancel_then_put)
         # As a process that died before its job discarded the files it wrote (see the next test).
         real_discard = ArtifactStore.discard
         monkeypatch.setattr(ArtifactStore, "discard", lambda *_args: False)
         job = submit_draft(api, project, n=2, seed=7)
         assert wait_for_job(api, job["id"])["status"] == "canceled"
-        monkeypatch.setattr(ArtifactStore, "put", real_put)
+        monkeypatch.setattr(ArtifactStore, "put_file", real_put)
         monkeypatch.setattr(ArtifactStore, "discard", real_discard)
 
     files = list(settings.assets_dir.glob("*/*.png"))
@@ -754,25 +755,37 @@ def test_stored_files_take_the_mode_the_operator_s_umask_gives(tmp_path: Path, u
     assert out.strip() == oct(mode)
 
 
-def test_discard_removes_only_a_file_no_put_touched_since_and_no_row_names(tmp_path: Path) -> None:
+def test_discard_removes_only_the_file_its_put_made_and_no_row_names(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     store = ArtifactStore(tmp_path / "assets")
-
-    def written(data: bytes) -> tuple[str, int]:
-        sha = store.put(data)
-        return sha, store.path_for(sha).stat().st_mtime_ns
-
-    sha, ns = written(b"a canceled job's image")
-    assert store.discard(sha, ns, lambda _: False) and not store.path_for(sha).exists()
+    put = store.put_file(b"a canceled job's image")
+    assert put.made is not None and store.discard(put, lambda _: False)
+    assert not store.path_for(put.sha256).exists()
     # Named by a row (a file made again for an older asset): kept.
-    sha, ns = written(b"an older asset's image")
-    assert not store.discard(sha, ns, lambda named: named == sha) and store.get(sha) == b"an older asset's image"
-    # Put again since (another job made the same bytes, its row not committed yet): kept.
-    os.utime(store.path_for(sha), ns=(ns + 10**9, ns + 10**9))
-    assert not store.discard(sha, ns, lambda _: False) and store.path_for(sha).exists()
+    put = store.put_file(b"an older asset's image")
+    assert not store.discard(put, lambda named: named == put.sha256)
+    assert store.get(put.sha256) == b"an older asset's image"
+    # Another job's put of the same bytes found it (its row not committed yet): touched, later
+    # whatever the clock's grain, it is kept; that put made nothing of its own to discard.
+    again = store.put_file(b"an older asset's image")
+    assert again.made is None and not store.discard(again, lambda _: False)
+    assert not store.discard(put, lambda _: False) and store.path_for(put.sha256).exists()
+    # The same within the clock's grain (a touch that left the time as the write set it).
+    real_utime = os.utime
+    monkeypatch.setattr("orchestrator.store.os.utime",
+                        lambda path, *args, **kwargs: real_utime(path, *args, **kwargs) if args or kwargs else None)
+    put = store.put_file(b"touched in the same tick")
+    assert store.put_file(b"touched in the same tick").made is None
+    assert not store.discard(put, lambda _: False) and store.path_for(put.sha256).exists()
+    monkeypatch.undo()
+    # Replaced by another's write of the same bytes (both found none): not the file this put made.
+    put = store.put_file(b"written twice")
+    store.write_atomic(store.path_for(put.sha256), b"written twice")
+    assert not store.discard(put, lambda _: False) and store.path_for(put.sha256).exists()
 
     def away(_: str) -> bool:
         raise OSError("database away")
 
-    sha, ns = written(b"not known")  # nothing is removed on a guess
-    assert not store.discard(sha, ns, away) and store.path_for(sha).exists()
-    assert not list(store.root.glob("*/.gc-*")) and not store.discard("0" * 64, 0, lambda _: False)
+    put = store.put_file(b"not known")  # nothing is removed on a guess
+    assert not store.discard(put, away) and store.path_for(put.sha256).exists()
+    assert not list(store.root.glob("*/.gc-*"))

@@ -16,7 +16,7 @@ import pytest
 from orchestrator.runner import Claim, JobRunner
 from orchestrator.server import serve_in_thread
 from orchestrator.settings import Settings
-from orchestrator.store import ArtifactStore
+from orchestrator.store import ArtifactStore, Put
 from orchestrator.workers import Presence
 from tests import fakes
 from tests.credits import (
@@ -232,10 +232,10 @@ def test_images_made_but_not_stored_are_charged(api: httpx.Client, monkeypatch: 
     """The provider made (and billed) the image; a full disk must not turn that into a free job."""
     project_id, asset_id = project_with_draft(api)
 
-    def disk_full(self: object, data: bytes) -> str:
+    def disk_full(self: object, data: bytes) -> Put:
         raise OSError(28, "No space left on device", "/srv/orchestrator/assets/ab/tmp-1")
 
-    monkeypatch.setattr("orchestrator.store.ArtifactStore.put", disk_full)
+    monkeypatch.setattr("orchestrator.store.ArtifactStore.put_file", disk_full)
     job = promote_ok(api, asset_id, engine="fake-paid")
     done = wait_for_job(api, job["id"])
     assert done["status"] == "failed"
@@ -305,10 +305,10 @@ def test_images_not_stored_are_charged_what_the_provider_reported(
     """The provider said what it charged before the disk filled up: that, not the estimate, is the bill."""
     project_id, asset_id = project_with_draft(api)
 
-    def disk_full(self: object, data: bytes) -> str:
+    def disk_full(self: object, data: bytes) -> Put:
         raise OSError(28, "No space left on device", "/srv/orchestrator/assets/ab/tmp-1")
 
-    monkeypatch.setattr("orchestrator.store.ArtifactStore.put", disk_full)
+    monkeypatch.setattr("orchestrator.store.ArtifactStore.put_file", disk_full)
     job = promote_ok(api, asset_id, engine=engine, tags={"cost": "7.5"})
     done = wait_for_job(api, job["id"])
     assert done["status"] == "failed"
@@ -340,17 +340,17 @@ def test_a_cancel_after_the_engine_finished_charges_what_the_provider_reported(
     """A cancel that lands while the images are being stored wins (answered 202), but the provider
     already made and billed them: its reported cost is captured."""
     project_id, asset_id = project_with_draft(api)
-    real_put = ArtifactStore.put
+    real_put = ArtifactStore.put_file
     asked: list[int] = []
 
-    def cancel_then_put(self: ArtifactStore, data: bytes) -> str:
+    def cancel_then_put(self: ArtifactStore, data: bytes) -> Put:
         if not asked:
             asked.append(1)
             running = get_json(api, "/v1/jobs", project_id=project_id, status="running")["items"]
             assert api.post(f"/v1/jobs/{running[0]['id']}/cancel").status_code == 202
         return real_put(self, data)
 
-    monkeypatch.setattr(ArtifactStore, "put", cancel_then_put)
+    monkeypatch.setattr(ArtifactStore, "put_file", cancel_then_put)
     job = promote_ok(api, asset_id, engine=engine, tags={"cost": "7.5"})
     done = wait_for_job(api, job["id"])
     assert done["status"] == "canceled" and asked
