@@ -329,6 +329,17 @@ def transient(exc: BaseException) -> bool:
     return code in LOCK_WAIT_SQLSTATES or "database is locked" in text or "database is busy" in text
 
 
+def tables_missing(exc: BaseException) -> bool:
+    """Whether a statement found no such table: a database made anew or emptied under a running
+    service (the first step of a restore: drop, create, then load), the setup's to fix with
+    `orchestrator migrate` or the restore's end, not a bug."""
+    if not isinstance(exc, DBAPIError):
+        return False
+    orig = exc.orig
+    return getattr(orig, "sqlstate", None) == "42P01" or (
+        getattr(orig, "sqlite_errorname", None) == "SQLITE_ERROR" and "no such table" in str(orig))
+
+
 def _reset_of_a_lost_connection(exc: DBAPIError) -> bool:
     """psycopg's refusal to reset a pooled connection whose socket closed under the pool's
     pre-ping: the lost connection, raised as a ProgrammingError (a request got a 500 for it, where

@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from orchestrator.db import transient
+from orchestrator.db import tables_missing, transient
 from orchestrator.errors import first_line
 
 REMIND_SECONDS = 60.0
@@ -48,6 +48,12 @@ class Outage:
             self._kinds.add(kind)
             self.logger.warning("%s failed; %s (the database is away: %s)", self.duty, self.retry,
                                 first_line(exc, type(exc).__name__)[:300])
+        elif kind not in self._kinds and tables_missing(exc):
+            self._told = now
+            self._kinds.add(kind)
+            self.logger.log(self.level, "%s failed; %s (the database has none of this service's tables, made anew "
+                            "or emptied for a restore: finish the restore or run `orchestrator migrate`): %s",
+                            self.duty, self.retry, first_line(exc, type(exc).__name__)[:300])
         elif kind not in self._kinds:
             self._told = now
             self._kinds.add(kind)

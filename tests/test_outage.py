@@ -98,3 +98,31 @@ def test_a_real_error_after_a_locked_database_of_the_same_type_is_told_whole(
     told = [(r.levelno, r.exc_info is not None) for r in caplog.records]
     assert told == [(logging.WARNING, False), (logging.ERROR, True)]
     assert "no such table" in str(caplog.records[1].exc_info[1])  # type: ignore[index]
+
+
+def test_a_database_without_its_tables_is_one_line_that_says_what_to_run(caplog: pytest.LogCaptureFixture) -> None:
+    # Emptied for a restore under a running service: every loop of every process logged a traceback.
+    import sqlite3
+
+    from sqlalchemy.exc import OperationalError
+
+    with sqlite3.connect(":memory:") as db:
+        try:
+            db.execute("SELECT * FROM jobs")
+        except sqlite3.OperationalError as exc:
+            missing = OperationalError("SELECT * FROM jobs", {}, exc)
+    outage = Outage(logging.getLogger("tests.outage"), "dispatch", "retrying", clock=lambda: 0.0)
+    with caplog.at_level(logging.INFO, logger="tests.outage"):
+        outage.failed(missing)
+    [told] = caplog.records
+    assert told.levelno == logging.ERROR and told.exc_info is None
+    assert "orchestrator migrate" in told.getMessage() and "no such table: jobs" in told.getMessage()
+    # PostgreSQL's, by its SQLSTATE (undefined_table); not a statement's other refusals.
+    import psycopg
+    from sqlalchemy.exc import ProgrammingError
+
+    from orchestrator.db import tables_missing
+
+    undefined = psycopg.errors.UndefinedTable('relation "jobs" does not exist')
+    assert tables_missing(ProgrammingError("SELECT", {}, undefined))
+    assert not tables_missing(ProgrammingError("SELECT", {}, psycopg.errors.UndefinedColumn('no column "x"')))

@@ -19,7 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from orchestrator.api.deps import caller_of
 from orchestrator.api.json_body import UnreadableJSON
-from orchestrator.db import commit_in_doubt, disk_full, transient
+from orchestrator.db import commit_in_doubt, disk_full, tables_missing, transient
 from orchestrator.errors import (
     BadRequest,
     Conflict,
@@ -333,6 +333,12 @@ def install(app: FastAPI) -> None:
         # timeout: nothing was written (the transaction rolled back), and the request may be sent
         # again. A statement it refused (no such table, a read-only file) is the server's fault.
         # (Any driver error: a lost connection may come as psycopg's ProgrammingError, see `transient`.)
+        if tables_missing(exc):
+            log.error("the database has none of this service's tables (made anew, or emptied for a restore): %s",
+                      first_line(exc, type(exc).__name__)[:300])
+            return answer(DatabaseUnavailable(
+                "the database has none of this service's tables (made anew, or a restore under way): nothing "
+                "was written; its operator must finish the restore or run `orchestrator migrate`"))
         if isinstance(exc, DBAPIError) and not transient(exc):
             log.error("database error", exc_info=exc)
             return _internal_error()

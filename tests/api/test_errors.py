@@ -7,8 +7,9 @@ import importlib
 import logging
 import pkgutil
 import socket
+import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -23,6 +24,7 @@ from orchestrator.api.json_body import StrictJSONRoute
 from orchestrator.app import create_app
 from orchestrator.errors import NotFound
 from orchestrator.schemas import Strict
+from orchestrator.settings import Settings
 from tests.api import assert_error, check_nul_refused, create_project, job_count, run_draft, wait_for_job
 from tests.conftest import SettingsFactory
 
@@ -997,8 +999,6 @@ def test_listing_the_jobs_of_a_project_that_does_not_exist_is_a_404(shared_serve
 
 def test_a_database_held_by_another_writer_is_a_503_to_retry_not_a_500(
         make_settings: SettingsFactory, start_server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    import sqlite3
-
     monkeypatch.setattr("orchestrator.db.LOCK_TIMEOUT_SECONDS", 1)  # read as each connection opens
     settings = make_settings()
     client = start_server(settings)
@@ -1157,3 +1157,20 @@ def test_the_scales_a_refusal_names_as_fitting_all_fit_a_limit_off_the_multiple_
     fits = _fitting(source, "scale", 64, 1022, 1022)  # type: ignore[arg-type]
     assert fits is not None
     assert _round_to(128 * fits[1], 8) <= 1022 and fits[1] == 7.937
+
+
+def test_a_database_emptied_under_the_service_says_so_not_internal_error(
+        make_settings: SettingsFactory, start_server: Callable[[Settings], httpx.Client],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The first step of a restore (drop, create, load) under a running service: each request was
+    a 500 'internal_error' (a bug) with a traceback in the log."""
+    settings = make_settings()
+    client = start_server(settings)
+    with sqlite3.connect(settings.data_dir / "orchestrator.db") as db:
+        db.execute("DROP TABLE idempotency_keys")
+    with caplog.at_level(logging.ERROR, logger="orchestrator.api.errors"):
+        response = client.post("/v1/projects", json={"name": "after the drop"}, headers={"Idempotency-Key": "k1"})
+    error = assert_error(response, 503, "database_unavailable")
+    assert "none of this service's tables" in error["message"] and "orchestrator migrate" in error["message"]
+    told = [r for r in caplog.records if "none of this service's tables" in r.getMessage()]
+    assert told and all(r.exc_info is None for r in told)
