@@ -1508,3 +1508,28 @@ def test_an_unknown_option_in_a_postgres_url_is_the_setup_s_to_fix(
     monkeypatch.setenv("ORCH_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:1/test?bogus=1")
     assert main(["migrate"]) == 2  # refused before any connection: no server is needed
     assert 'invalid connection option "bogus"' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("argv", "sent", "code"), [(["serve", "--port", "x"], "SIGHUP", 2),
+                                                   (["worker", "--no-such-option"], "SIGHUP", 2),
+                                                   (["worker"], "SIGTERM", 0)])
+def test_the_command_takes_a_supervisor_s_signals_before_its_imports(tmp_path: Path, argv: list[str], sent: str,
+                                                                    code: int) -> None:
+    """The command's imports take half a second: a reload (SIGHUP) in it ended a starting `serve`
+    or `worker` (129), a stop (SIGTERM) a starting worker (143)."""
+    script = ("import builtins, os, signal, sys\n"
+              "real = builtins.__import__\n"
+              "def importing(name, *args, **kwargs):\n"
+              "    if name == 'orchestrator.cli':\n"
+              f"        os.kill(os.getpid(), signal.{sent})\n"
+              "    return real(name, *args, **kwargs)\n"
+              "builtins.__import__ = importing\n"
+              f"sys.argv = ['orchestrator', *{argv!r}]\n"
+              "from orchestrator.entry import main\n"
+              "raise SystemExit(main())\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+           "ORCH_DATA_DIR": str(tmp_path / "data")}
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == code, done.stderr
+    assert "Traceback" not in done.stderr
