@@ -37,6 +37,7 @@ from orchestrator.db import foreign_tables, postgres_connect_args, sqlite_file
 from orchestrator.errors import NotFound
 from orchestrator.events import TERMINAL
 from orchestrator.models import Asset, Job, LedgerEntry, StoreIdentity
+from orchestrator.settings import source_of
 from orchestrator.store import ORPHAN_ALARM_FILES, ORPHAN_ALARM_SHARE, ORPHAN_BATCH, ArtifactStore, stored_sha
 
 PAGE = 1000
@@ -148,7 +149,8 @@ def read_only_engine(url: str, *, immutable: bool = False) -> Engine:
     if parsed.get_backend_name() == "sqlite":
         path = sqlite_file(url) or Path(parsed.database or "")  # a `file:` URI names its file after the scheme
         if not path.is_file():  # connecting would make an empty one
-            raise CannotCheck(f"no database at {path} (is ORCH_DATA_DIR or ORCH_DATABASE_URL right?)")
+            raise CannotCheck(f"no database at {path} "
+                              f"(is {source_of('data_dir')} or {source_of('database_url')} right?)")
         options = "mode=ro"
         if immutable:
             options += "&immutable=1"
@@ -176,7 +178,7 @@ def open_store(assets_dir: Path, engine: Engine) -> ArtifactStore | None:
     if not assets_dir.is_dir():  # ArtifactStore would make it, and every asset would be "missing"
         if _stores_nothing(engine):
             return None
-        raise CannotCheck(f"no asset store at {assets_dir} (is ORCH_DATA_DIR right?)")
+        raise CannotCheck(f"no asset store at {assets_dir} (is {source_of('data_dir')} right?)")
     return ArtifactStore(assets_dir)
 
 

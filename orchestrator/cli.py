@@ -402,6 +402,7 @@ def _bound(settings: Settings) -> int | None:
     inside the server's start-up; None when they are one install."""
     from orchestrator.db import Database
     from orchestrator.identity import WrongStore, bind
+    from orchestrator.settings import source_of
     from orchestrator.store import ArtifactStore
 
     if (failed := _migrated(settings, writable=True)) is not None:
@@ -410,11 +411,11 @@ def _bound(settings: Settings) -> int | None:
     try:
         bind(db, ArtifactStore(settings.assets_dir))
     except WrongStore as exc:
-        return _fail(f"ORCH_DATA_DIR: {exc}", status=2)
+        return _fail(f"{source_of('data_dir')}: {exc}", status=2)
     except OSError as exc:  # the store's id could not be written
         from orchestrator.services import cannot_write
 
-        return _fail(f"ORCH_DATA_DIR: {cannot_write(settings.assets_dir, exc)}", status=2)
+        return _fail(f"{source_of('data_dir')}: {cannot_write(settings.assets_dir, exc)}", status=2)
     finally:
         db.dispose()
     return None
@@ -644,7 +645,7 @@ def _check(*, no_hash: bool) -> int:
         read_only_engine,
     )
     from orchestrator.services import config_file_problem, database_url_problems, file_in_the_way, not_a_directory
-    from orchestrator.settings import Settings
+    from orchestrator.settings import Settings, source_of
 
     if (problem := config_file_problem()) is not None:
         return _fail(problem, status=2)
@@ -652,7 +653,7 @@ def _check(*, no_hash: bool) -> int:
     if problems := database_url_problems(settings.resolved_database_url):
         return _fail("\n".join(problems), status=2)
     if (file := file_in_the_way(settings.data_dir)) is not None:
-        return _fail(f"ORCH_DATA_DIR: {not_a_directory(settings.data_dir, file)}", status=2)
+        return _fail(f"{source_of('data_dir')}: {not_a_directory(settings.data_dir, file)}", status=2)
     url = settings.resolved_database_url
     try:
         # Read as immutable while nothing writes it, again if something wrote it meanwhile (a
@@ -682,12 +683,12 @@ def _check(*, no_hash: bool) -> int:
     except CannotCheck as exc:
         return _fail(str(exc), status=2)
     except (ArgumentError, NoSuchModuleError) as exc:
-        return _fail(f"ORCH_DATABASE_URL: not a database URL I can open ({exc})", status=2)
+        return _fail(f"{source_of('database_url')}: not a database URL I can open ({exc})", status=2)
     except DatabaseError as exc:  # not there, not migrated, not a database at all
         reason = first_line(exc.orig or exc, type(exc).__name__)
         return _fail(f"cannot use the database ({_database_named()}): {reason}", status=2)
     if wrong_store is not None:
-        print(f"PROBLEMS: ORCH_DATA_DIR: {wrong_store}")
+        print(f"PROBLEMS: {source_of('data_dir')}: {wrong_store}")
     if store is None:
         print(f"0 assets: nothing stored yet ({settings.assets_dir} is made at the service's first start)")
     else:

@@ -421,3 +421,16 @@ def test_server_addresses_with_credentials_or_a_path_are_taken(toml_file: Path,
     assert settings.a1111_url == "http://artist:pw@10.0.0.7:7860/"
     assert settings.openai_base_url == "https://gateway.studio.example/openai"
     assert settings.comfyui_url == "HTTP://[::1]:8188"
+
+
+def test_a_data_dir_set_in_the_file_is_named_as_the_file_s_key(toml_file: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    # "is ORCH_DATA_DIR right?" sent an operator whose setting is in the file after a variable never set.
+    monkeypatch.delenv("ORCH_DATA_DIR")
+    (toml_file.parent / "a-file").write_text("not a folder")
+    toml_file.write_text(f'data_dir = "{toml_file.parent / "a-file"}"\n')
+    assert main(["check"]) == 2
+    assert f"orchestrator: {toml_file}: data_dir: " in capsys.readouterr().err
+    toml_file.write_text(f'data_dir = "{toml_file.parent / "nothing-here"}"\n')
+    assert main(["check"]) == 2
+    assert f"(is {toml_file}: data_dir or ORCH_DATABASE_URL right?)" in capsys.readouterr().err
