@@ -379,9 +379,11 @@ class A1111Engine(SendsCredentials):
             names = None if body is None else frozenset(
                 name for item in body if isinstance(item, dict) and isinstance(name := item.get("name"), str)
                 and 0 < len(name) <= MAX_UPSCALER_CHARS and name.isprintable())
-            if response.status_code not in (200, 404):
+            if response.status_code not in (200, 404) or (response.status_code == 200 and body is None):
+                # A 200 that is no list is a page in front of the server (a proxy's sign-in), not an older fork.
+                said = f"HTTP {response.status_code}" + (", not a list" if response.status_code == 200 else "")
                 raise EngineUnavailable(
-                    f"a1111: the server did not list its upscalers (GET {UPSCALERS}: HTTP {response.status_code}), "
+                    f"a1111: the server did not list its upscalers (GET {UPSCALERS}: {said}), "
                     f"so ORCH_A1111_UPSCALER '{self._upscaler}' could not be checked; nothing was sent"[:500],
                     details={"engine": self.name, "status": response.status_code})
             self._upscalers = (now, names or None)

@@ -324,6 +324,19 @@ async def test_an_upscaler_the_server_does_not_list_makes_the_engine_unavailable
 
 
 @respx.mock
+async def test_a_page_in_front_of_the_server_is_not_a_server_without_upscalers(make_ctx: Any, sleep: Any) -> None:
+    eng = pinned(make_ctx, sleep, None, a1111_upscaler="4x-UltraSharp")
+    route = served("sdxl_base")
+    respx.get(f"{BASE}/sdapi/v1/upscalers").mock(return_value=httpx.Response(
+        200, text="<html>Sign in</html>", headers={"content-type": "text/html"}))
+    polish = bridge(stage="polish", creativity=0.3, scale=2.0, width=128, height=128)
+    with pytest.raises(EngineUnavailable, match=r"did not list its upscalers \(GET /sdapi/v1/upscalers: HTTP 200, "
+                                                r"not a list\)"):
+        await eng.run(polish, NullProgress(), CancelToken())
+    assert route.call_count == 0 and eng._upscalers is None  # asked again by the next job
+
+
+@respx.mock
 @pytest.mark.parametrize("proxied", [False, True])
 async def test_a_server_that_cannot_list_its_upscalers_now_sends_nothing_and_is_asked_again(
         make_ctx: Any, sleep: Any, proxied: bool) -> None:
