@@ -777,10 +777,17 @@ def test_discard_removes_only_the_file_its_put_made_and_no_row_names(tmp_path: P
     put = store.put_file(b"touched in the same tick")
     assert store.put_file(b"touched in the same tick").made is None
     assert not store.discard(put, lambda _: False) and store.path_for(put.sha256).exists()
+    # A filesystem that keeps whole seconds takes no time a nanosecond later: written anew instead.
+    monkeypatch.setattr("orchestrator.store.os.utime", lambda *args, **kwargs: None)
+    put = store.put_file(b"on a filesystem of whole seconds")
+    assert store.put_file(b"on a filesystem of whole seconds").made is None
+    assert not store.discard(put, lambda _: False) and store.path_for(put.sha256).exists()
     monkeypatch.undo()
     # Replaced by another's write of the same bytes (both found none): not the file this put made.
     put = store.put_file(b"written twice")
+    assert put.made is not None
     store.write_atomic(store.path_for(put.sha256), b"written twice")
+    os.utime(store.path_for(put.sha256), ns=(put.made[1], put.made[1]))  # within one tick of the first
     assert not store.discard(put, lambda _: False) and store.path_for(put.sha256).exists()
 
     def away(_: str) -> bool:
