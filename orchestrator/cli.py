@@ -248,9 +248,10 @@ def _stdout_closed() -> bool:
 
 
 # PostgreSQL's SQLSTATEs of a setup to fix: no such database, credentials refused, no privilege.
-# No such database, credentials refused, no right to it, a search path naming no schema, a server
-# that takes no writes (a hot standby, default_transaction_read_only).
-SETUP_SQLSTATES = frozenset({"3D000", "28P01", "28000", "42501", "3F000", "25006"})
+# No such database, credentials refused, no right to it. Not a server that takes no writes (25006)
+# nor a search path naming no schema (3F000): a standby being promoted in a failover, a restore
+# recreating its schema, are over within minutes, and a service exiting 2 then was never restarted.
+SETUP_SQLSTATES = frozenset({"3D000", "28P01", "28000", "42501"})
 # SQLite's words for a file that is not a database, cannot be opened, or cannot be written.
 SETUP_SQLITE = ("file is not a database", "unable to open database file", "readonly database")
 # libpq's, when the connection itself is refused so (its error then carries no SQLSTATE).
