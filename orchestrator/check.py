@@ -211,15 +211,15 @@ def check_revision(engine: Engine) -> None:
         # What `migrate` would refuse (another application's tables) is not advised to be migrated.
         if others := foreign_tables(engine):
             raise CannotCheck(f"the database holds tables of another application ({others}) and none of this "
-                              "service's: is ORCH_DATA_DIR or ORCH_DATABASE_URL right?")
+                              f"service's: is {source_of('data_dir')} or {source_of('database_url')} right?")
         raise CannotCheck("the database has no tables of this service (run `orchestrator migrate`, or is "
-                          "ORCH_DATABASE_URL right?)")
+                          f"{source_of('database_url')} right?)")
     if found in {script.revision for script in scripts.walk_revisions()}:
         raise CannotCheck(f"the database is at revision {found}, this version expects {head}: run "
                           "`orchestrator migrate` first")
     raise CannotCheck(f"the database is at revision {found}, which this version does not know (it expects "
                       f"{head}): it was migrated by a newer orchestrator (check it with that version), or it is "
-                      "another application's (is ORCH_DATABASE_URL right?)")
+                      f"another application's (is {source_of('database_url')} right?)")
 
 
 def check_identity(engine: Engine, store: ArtifactStore) -> str | None:

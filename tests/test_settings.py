@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -434,3 +435,7 @@ def test_a_data_dir_set_in_the_file_is_named_as_the_file_s_key(toml_file: Path, 
     toml_file.write_text(f'data_dir = "{toml_file.parent / "nothing-here"}"\n')
     assert main(["check"]) == 2
     assert f"(is {toml_file}: data_dir or ORCH_DATABASE_URL right?)" in capsys.readouterr().err
+    sqlite3.connect(toml_file.parent / "empty.db").close()
+    toml_file.write_text(f'database_url = "sqlite:///{toml_file.parent / "empty.db"}"\n')
+    assert main(["check"]) == 2
+    assert f"or is {toml_file}: database_url right?)" in capsys.readouterr().err
