@@ -336,8 +336,10 @@ def tables_missing(exc: BaseException) -> bool:
     if not isinstance(exc, DBAPIError):
         return False
     orig = exc.orig
-    return getattr(orig, "sqlstate", None) == "42P01" or (
-        getattr(orig, "sqlite_errorname", None) == "SQLITE_ERROR" and "no such table" in str(orig))
+    said = str(orig)
+    # 42P01 also says a query's own mistake ("missing FROM-clause entry"): a bug, not a table missing.
+    return (getattr(orig, "sqlstate", None) == "42P01" and "does not exist" in said) or (
+        getattr(orig, "sqlite_errorname", None) == "SQLITE_ERROR" and "no such table" in said)
 
 
 def _reset_of_a_lost_connection(exc: DBAPIError) -> bool:

@@ -51,8 +51,8 @@ class Outage:
         elif kind not in self._kinds and tables_missing(exc):
             self._told = now
             self._kinds.add(kind)
-            self.logger.log(self.level, "%s failed; %s (the database has none of this service's tables, made anew "
-                            "or emptied for a restore: finish the restore or run `orchestrator migrate`): %s",
+            self.logger.log(self.level, "%s failed; %s (the database lacks some or all of this service's tables, "
+                            "made anew or emptied for a restore: finish the restore or run `orchestrator migrate`): %s",
                             self.duty, self.retry, first_line(exc, type(exc).__name__)[:300])
         elif kind not in self._kinds:
             self._told = now

@@ -126,3 +126,5 @@ def test_a_database_without_its_tables_is_one_line_that_says_what_to_run(caplog:
     undefined = psycopg.errors.UndefinedTable('relation "jobs" does not exist')
     assert tables_missing(ProgrammingError("SELECT", {}, undefined))
     assert not tables_missing(ProgrammingError("SELECT", {}, psycopg.errors.UndefinedColumn('no column "x"')))
+    bug = psycopg.errors.UndefinedTable('missing FROM-clause entry for table "j"')  # 42P01 too: a query's own
+    assert not tables_missing(ProgrammingError("SELECT", {}, bug))

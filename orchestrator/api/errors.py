@@ -334,10 +334,10 @@ def install(app: FastAPI) -> None:
         # again. A statement it refused (no such table, a read-only file) is the server's fault.
         # (Any driver error: a lost connection may come as psycopg's ProgrammingError, see `transient`.)
         if tables_missing(exc):
-            log.error("the database has none of this service's tables (made anew, or emptied for a restore): %s",
-                      first_line(exc, type(exc).__name__)[:300])
+            log.error("the database lacks some or all of this service's tables (made anew, or emptied for a "
+                      "restore): %s", first_line(exc, type(exc).__name__)[:300])
             return answer(DatabaseUnavailable(
-                "the database has none of this service's tables (made anew, or a restore under way): nothing "
+                "the database lacks some or all of this service's tables (made anew, or a restore under way): nothing "
                 "was written; its operator must finish the restore or run `orchestrator migrate`"))
         if isinstance(exc, DBAPIError) and not transient(exc):
             log.error("database error", exc_info=exc)
