@@ -315,8 +315,8 @@ class Services:
 
         self.db.bell.listen(heard)
         self.health_sharing = asyncio.create_task(self._share_health(), name="engine health")
-        if self.settings.policy_dir is not None:
-            self.policy_watching = asyncio.create_task(self._watch_policies(), name="policy files")
+        # The shipped files too (edited in a checkout), with or without ORCH_POLICY_DIR.
+        self.policy_watching = asyncio.create_task(self._watch_policies(), name="policy files")
 
     def reload_policies(self, why: str) -> list[PolicyError]:
         """Read the policy files again (SIGHUP, their change seen, `POST /v1/policies/reload`);

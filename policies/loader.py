@@ -134,26 +134,27 @@ class PolicyStore:
             return builtins.list(errors)
 
     def fingerprint(self) -> object:
-        """The extra directory's files as their names, times and sizes: one that differs from
-        `loaded_fingerprint` was added, removed or rewritten since the last load (a service's
-        other processes reload on this, as the one asked to did)."""
+        """The policy files (the shipped ones and the extra directory's) as their names and what
+        their status tells of their content: one that differs from `loaded_fingerprint` was added,
+        removed or rewritten since the last load (a service's other processes reload on this, as
+        the one asked to did). Not the time and size alone: a file made readable (chmod), or a
+        directory of files of fixed times swapped for another (a Nix or image generation), kept
+        both, and a project made local-only by the new file went on sending to the cloud."""
+        seen: builtins.list[object] = []
+        if self.include_builtins:
+            # Edited in a checkout (an editable install): each process reloads them too.
+            shipped = Path(str(resources.files("policies")))
+            seen.append(("shipped", [_status(path) for path in sorted(shipped.glob("*.toml"))]
+                         if shipped.is_dir() else None))
         if self.extra_dir is None:
-            return None
+            return seen
         try:
             paths = _policy_paths(self.extra_dir)
         except PolicyError as exc:
             # Gone or unreadable (a remount, a permission): a state of its own, which a reload reports
             # (keeping the policies loaded), and whose end is a change again.
-            return ("not listed", exc.message)
-        seen: builtins.list[tuple[str, int | None, int | None]] = []
-        for path in paths:
-            try:
-                stat = path.stat()
-            except OSError:  # a dangling link, a file removed while listed: its name still counts
-                seen.append((path.name, None, None))
-            else:
-                seen.append((path.name, stat.st_mtime_ns, stat.st_size))
-        return seen
+            return [*seen, ("not listed", exc.message)]
+        return [*seen, *(_status(path) for path in paths)]
 
     def _files(self, errors: builtins.list[PolicyError]) -> tuple[_Files, bool]:
         """(policy name, loader) in precedence order: built-ins first, so the extra directory wins;
@@ -264,6 +265,16 @@ def _what_goes_instead(rule: Rule, earlier: Rule) -> str:
     if rule.private and not _always_private(earlier):
         return "; what it would keep on this machine goes to that rule's engines, which may send it off"
     return ""
+
+
+def _status(path: Path) -> tuple[str, int | None, int | None, int | None, int | None]:
+    """A file's name, and its modification time, size, inode and change time (a chmod, a chown,
+    any write; a rename or a link's new target is another inode)."""
+    try:
+        stat = path.stat()
+    except OSError:  # a dangling link, a file removed while listed: its name still counts
+        return path.name, None, None, None, None
+    return path.name, stat.st_mtime_ns, stat.st_size, stat.st_ino, stat.st_ctime_ns
 
 
 def _policy_paths(directory: Path) -> builtins.list[Path]:

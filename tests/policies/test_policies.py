@@ -538,3 +538,34 @@ def test_one_policy_in_two_files_is_refused_and_its_last_good_version_kept(tmp_p
         f"{tmp_path}: policy 'studio' is in 2 files (studio.TOML, studio.toml); keep one"]
     assert store.get("studio").description == "lower"
     assert "studio" not in PolicyStore(tmp_path)  # a start with both has neither
+
+
+def test_a_change_that_keeps_a_file_s_time_and_size_is_seen(tmp_path: Path) -> None:
+    """A file made readable (chmod), or a folder of files of fixed times swapped for another (a Nix
+    or image generation), kept each file's time and size: no process reloaded, and a project the
+    new file made local-only went on sending to the cloud."""
+    import os
+
+    path = write(tmp_path, "mine", GOOD.format(name="mine", description="v1"))
+    store = PolicyStore(tmp_path)
+    before = path.stat()
+    path.chmod(0o600)
+    assert store.fingerprint() != store.loaded_fingerprint  # its change time
+    store.reload()
+    swapped = tmp_path / "next.toml"
+    swapped.write_text(GOOD.format(name="mine", description="v2"))  # the same size
+    os.utime(swapped, ns=(before.st_atime_ns, before.st_mtime_ns))
+    swapped.rename(path)  # another inode under the same name, time and size
+    assert store.fingerprint() != store.loaded_fingerprint
+
+
+def test_the_shipped_policy_files_are_watched_too(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # Edited in a checkout, they were reloaded only by a process asked to: the others kept the old rules.
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    write(shipped, "balanced", GOOD.format(name="balanced", description="v1"))
+    monkeypatch.setattr("policies.loader.resources.files", lambda package: shipped if package == "policies" else None)
+    store = PolicyStore(None)
+    assert store.get("balanced").description == "v1" and store.fingerprint() == store.loaded_fingerprint
+    write(shipped, "balanced", GOOD.format(name="balanced", description="version two"))
+    assert store.fingerprint() != store.loaded_fingerprint
