@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass, field
+from pathlib import PurePath
 from typing import Any
 
 from orchestrator.errors import BadEngineInput, BudgetExceeded, NoPrice, NoRoute, NotFound, NoUsableEngine
@@ -115,9 +116,15 @@ class Router:
         except NotFound:
             # The project's policy is gone (a file removed, a mistyped ORCH_POLICY): the service's
             # setup is at fault, not the request or the project.
-            raise NoUsableEngine(f"the project's policy '{policy_name}' is not loaded; set the project's policy "
-                                 "(PATCH) or restore the policy file",
-                                 details={"policy": policy_name, "known": self.policies.names()}) from None
+            # Its file there but refused (a syntax error): "restore the policy file" sent the operator
+            # looking for a file that was in its place. (Why is in GET /v1/policies: the error names
+            # the server's path.)
+            refused = any(PurePath(error.file).stem == policy_name for error in self.policies.errors)
+            fix = ("its file was refused (GET /v1/policies says why): mend it, or set the project's policy (PATCH)"
+                   if refused else "set the project's policy (PATCH) or restore the policy file")
+            raise NoUsableEngine(f"the project's policy '{policy_name}' is not loaded; {fix}",
+                                 details={"policy": policy_name, "known": self.policies.names(),
+                                          "file_refused": refused}) from None
         if requested is not None and requested not in self.registry and requested not in self.registry.broken:
             known = sorted([engine.name for engine in self.registry] + list(self.registry.broken))
             raise NoRoute(f"unknown engine '{requested}' (known: {', '.join(known)})",
