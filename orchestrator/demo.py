@@ -258,6 +258,12 @@ def _stages(client: httpx.Client, base: str, prompt: str, out_dir: Path, size: i
     for note in dict.fromkeys(e["note"] for e in engines.values() if e["available"] and e.get("note")):
         print(f"  NOTE: {note}")
 
+    # Refused before the project is made: a server that takes smaller drafts (ORCH_LOCAL_MAX_SIZE)
+    # answered the drafts 422 and left an empty "demo" project behind.
+    largest = min(int(lite.get("capabilities", {}).get(side, size)) for side in ("max_width", "max_height"))
+    if size > largest:
+        raise SystemExit(f"--size {size} is larger than the lite engine at {without_password(base)} makes "
+                         f"({largest} px, its ORCH_LOCAL_MAX_SIZE): pass --size {largest // 8 * 8} or less")
     project = client.post("/v1/projects", json={"name": "demo"}).raise_for_status().json()
     print(f"project {project['id']} (policy {project['policy']})")
 

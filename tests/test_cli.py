@@ -372,6 +372,16 @@ def test_the_demo_does_not_start_on_a_lite_engine_that_cannot_run(
     assert client.get("/v1/projects").json()["items"] == []  # nothing made for a run that cannot be
 
 
+def test_the_demo_does_not_start_drafts_larger_than_the_server_makes(
+        make_settings: SettingsFactory, start_server: Callable[[Settings], httpx.Client], tmp_path: Path) -> None:
+    # Its drafts were answered 422, and an empty "demo" project was left behind.
+    client = start_server(make_settings(local_max_size=128))
+    with pytest.raises(SystemExit, match=r"--size 256 is larger than the lite engine at .* makes \(128 px, its "
+                                         r"ORCH_LOCAL_MAX_SIZE\): pass --size 128 or less"):
+        main(["demo", "--url", str(client.base_url), "--size", "256", "--out", str(tmp_path / "out")])
+    assert client.get("/v1/projects").json()["items"] == []
+
+
 def drafted(make_settings: SettingsFactory, start_server: Callable[[Settings], httpx.Client],
             monkeypatch: pytest.MonkeyPatch, n: int) -> tuple[Settings, httpx.Client, list[str]]:
     """A running service with one draft job of `n` images, and the CLI's environment on its data dir."""
