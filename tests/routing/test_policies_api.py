@@ -469,6 +469,22 @@ def test_every_process_of_a_service_takes_a_changed_policy_file(new_settings: Se
         assert create_project(second, "alt", policy="alt")["policy"] == "alt"
 
 
+def test_a_service_without_a_policy_dir_takes_a_changed_shipped_file(
+        new_settings: SettingsFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Edited in a checkout (an editable install), the shipped files were watched by no process
+    # without ORCH_POLICY_DIR: each kept the old rules until asked to reload.
+    shipped = write_policies(tmp_path / "shipped", {"custom": CUSTOM_V1})
+    monkeypatch.setattr("policies.loader.resources.files", lambda package: shipped)
+    with running(new_settings(policy="custom", poll_interval=0.1)) as client:
+        project = create_project(client, "shipped")
+        assert explain_draft(client, project["id"])["reason"] == "version one"
+        (shipped / "custom.toml").write_text(CUSTOM_V2)
+        deadline = time.monotonic() + 30
+        while explain_draft(client, project["id"])["reason"] != "version two":  # no reload asked
+            assert time.monotonic() < deadline, "the service never took the changed shipped file"
+            time.sleep(0.05)
+
+
 def test_a_cap_no_amount_can_reach_is_refused_on_reload(reload_api: tuple[httpx.Client, Path]) -> None:
     # `max_credits = inf` once loaded (GET showed `"max_credits": null`) and then answered every bridge
     # and polish request of its projects with 500.
