@@ -68,18 +68,16 @@ def mismatch(s: Session, store: ArtifactStore, found: str | None, *,
     database's binding as read before the marker, where the caller read it."""
     bound = s.get(StoreIdentity, 1) if isinstance(row, str) else row
     where, marker = store.root, store.root / MARKER
-    # As the operator set them: a variable, or the config file's key.
-    data_dir, database_url = source_of("data_dir"), source_of("database_url")
     if bound is not None:
         if found == bound.store_id:
             return None
         if found is None:
             return (f"{where} is not where this database's images are: it has no {MARKER}, and the database's "
-                    f"store is {bound.store_id}. Point {data_dir} at the data dir the other processes use (a "
-                    f"shared folder not mounted?); to move a store, copy its whole assets folder, {MARKER} "
-                    f"included (if this folder does hold the images, write {bound.store_id} into {marker})")
+                    f"store is {bound.store_id}. Point {source_of('data_dir')} at the data dir the other "
+                    f"processes use (a shared folder not mounted?); to move a store, copy its whole assets folder, "
+                    f"{MARKER} included (if this folder does hold the images, write {bound.store_id} into {marker})")
         return (f"{where} is another database's store ({found}); this database's images are in store "
-                f"{bound.store_id}. Point {data_dir} and {database_url} at one install")
+                f"{bound.store_id}. Point {source_of('data_dir')} and {source_of('database_url')} at one install")
     # Not bound yet (a new install, or one from before stores had ids): the folder is taken if it
     # holds the database's latest images, or if neither has any.
     recent = [sha for sha in s.exec(select(col(Asset.sha256)).where(col(Asset.deleted_at).is_(None))  # files swept
@@ -88,16 +86,16 @@ def mismatch(s: Session, store: ArtifactStore, found: str | None, *,
     if recent:
         if any(store.path_for(sha).is_file() for sha in recent):
             return None
-        return (f"{where} holds none of this database's latest images: point {data_dir} at the data dir "
-                "they are in (a shared folder not mounted?); start first a process that has it")
+        return (f"{where} holds none of this database's latest images: point {source_of('data_dir')} at the "
+                "data dir they are in (a shared folder not mounted?); start first a process that has it")
     # Images without a marker: another install's from before stores had ids, unless this database
     # named them once (its assets all deleted since, their files not swept yet). Taken, the orphan
     # sweep removed them once this install had made an image of its own.
     if any(store.root.glob("*/*.png")) and (found is not None or s.exec(select(Asset.id).limit(1)).first() is None):
         whose = f"store {found}" if found is not None else f"no {MARKER}: made by a version before stores had ids"
         return (f"{where} holds another database's images ({whose}) and this database has none: point "
-                f"{database_url} at that database, or {data_dir} elsewhere (to start afresh, move that "
-                "folder away)")
+                f"{source_of('database_url')} at that database, or {source_of('data_dir')} elsewhere (to start "
+                "afresh, move that folder away)")
     return None
 
 
