@@ -720,11 +720,15 @@ class JobRunner:
         # A database that is briefly away is waited out: left to recovery, a job nothing was sent
         # for counted as a crash, and one on an engine that does not announce its sends was failed
         # and charged its estimate.
-        for attempt in self.db.retrying(FINAL_WRITE_SECONDS, f"job {claim.job.id} queued again to wait"):
-            with attempt, self.db.transaction() as s:
-                self._guarded_update(s, claim, status="queued", lease_owner=None, lease_expires_at=None,
-                                     attempt=claim.attempt - 1, started_at=claim.started_before,
-                                     unless_canceled=True)
+        # A COMMIT whose answer was lost is read back: taken for superseded, the job was left
+        # unmarked as waiting, and this process could claim it again before the circuit's verdict.
+        def undo(s: Session) -> None:
+            self._guarded_update(s, claim, status="queued", lease_owner=None, lease_expires_at=None,
+                                 attempt=claim.attempt - 1, started_at=claim.started_before, unless_canceled=True)
+
+        self._end_write(claim, f"job {claim.job.id} queued again to wait", undo,
+                        lambda row: row.status == "queued" and (row.attempts or []) == (claim.job.attempts or []),
+                        attempt=claim.attempt - 1)
 
     def give_back(self, claim: Claim) -> None:
         """A claim that never started (the service stopped first): back to the queue with its
@@ -1258,22 +1262,23 @@ class JobRunner:
         return status, error
 
     def _end_write(self, claim: Claim, what: str, write: Callable[[Session], None],
-                   landed: Callable[[Job], bool]) -> None:
+                   landed: Callable[[Job], bool], *, attempt: int | None = None) -> None:
         """`write`, which ends this attempt (guarded by `_guarded_update`), in a transaction tried
         again through a database outage. A COMMIT whose answer was lost (`commit_in_doubt`) may
         have ended the job already: the next try then finds the row no longer this attempt's and
         raises `StaleAttempt`. When the row reads as `landed` says this write leaves it, the write
         is done: it was logged "superseded; its result is discarded" (the result stored and
         charged) and its stream told nothing until a follower read the row, up to
-        ORCH_POLL_INTERVAL later."""
+        ORCH_POLL_INTERVAL later. `attempt` is the attempt number the write leaves (the claim's
+        unless told)."""
         doubted = False
-        for attempt in self.db.retrying(FINAL_WRITE_SECONDS, what):
-            with attempt:
+        for tried in self.db.retrying(FINAL_WRITE_SECONDS, what):
+            with tried:
                 try:
                     with self.db.transaction() as s:
                         write(s)
                 except StaleAttempt:
-                    if doubted and self._reads_as(claim, landed):
+                    if doubted and self._reads_as(claim, landed, claim.attempt if attempt is None else attempt):
                         log.info("%s: its COMMIT's answer was lost, and the database holds it", what)
                         return
                     raise
@@ -1281,10 +1286,10 @@ class JobRunner:
                     doubted = doubted or commit_in_doubt(exc)
                     raise
 
-    def _reads_as(self, claim: Claim, landed: Callable[[Job], bool]) -> bool:
+    def _reads_as(self, claim: Claim, landed: Callable[[Job], bool], attempt: int) -> bool:
         with self.db.session() as s:
             row = s.get(Job, claim.job.id)
-            return row is not None and row.attempt == claim.attempt and row.lease_owner is None and landed(row)
+            return row is not None and row.attempt == attempt and row.lease_owner is None and landed(row)
 
     @staticmethod
     def _guarded_update(s: Session, claim: Claim, *, unless_canceled: bool = False, **values: Any) -> None:

@@ -333,6 +333,48 @@ def test_a_claim_waits_for_a_cancel_that_read_the_job_first_on_postgres(
         asyncio.run(services.aclose())
 
 
+def test_a_job_queued_again_to_wait_whose_commit_answer_was_lost_is_taken_as_written_on_postgres(
+        postgres_url: str, tmp_path: Path, paid_settings_for: Callable[..., Settings],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job claimed off an open circuit goes back to the queue to wait for the verdict; that
+    write's COMMIT reached PostgreSQL and its answer was lost. Its retry found the row no longer
+    the claim's and took it for superseded: the job was not marked waiting, and this process
+    could claim it again before the circuit's verdict."""
+    from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
+
+    services = Services.build(paid_settings_for(tmp_path / "data", database_url=postgres_url))
+    try:
+        with services.db.transaction() as s:
+            s.add(Project(id="prj_wait", name="wait", policy=POLICY))
+        body = DraftCreate(prompt="wait", n=1, width=64, height=64, steps=1, seed=1)
+        job, _ = services.jobs.submit(lambda: services.jobs.prepare_draft("prj_wait", body), body, engine=None,
+                                      max_credits=None, idempotency_key=None, scope="/wait")
+        with services.db.session() as s:
+            queued = s.get(Job, job.id)
+        assert queued is not None
+        claim = services.scheduler._claim(queued, move=True)
+        assert claim is not None and claim.attempt == queued.attempt + 1
+
+        commit = PGDialect_psycopg.do_commit
+        armed = [True]
+
+        def answer_lost(self: PGDialect_psycopg, connection: Any) -> None:
+            cut = bool(armed) and connection.execute(
+                f"SELECT count(*) FROM jobs WHERE id = '{job.id}' AND status = 'queued'").fetchone()[0] > 0
+            commit(self, connection)  # committed on the server...
+            if cut:
+                armed.clear()
+                raise psycopg.OperationalError("server closed the connection unexpectedly")  # ...its answer lost
+
+        monkeypatch.setattr(PGDialect_psycopg, "do_commit", answer_lost)
+        services.runner._requeue_waiting(claim)  # raised StaleAttempt
+        assert not armed  # the answer was lost
+        row = services.jobs.get(job.id)
+        assert (row.status, row.attempt, row.attempts) == ("queued", queued.attempt, queued.attempts)
+    finally:
+        asyncio.run(services.aclose())
+
+
 def test_write_transactions_commit_one_at_a_time_on_postgres(postgres_url: str) -> None:
     """Ids made at the top of a write transaction are list cursors: a second writer waits from the
     moment the first one starts, so it cannot commit a smaller id after a larger one is seen."""
