@@ -156,7 +156,8 @@ def _main(given: list[str]) -> int:
                                           "and that the ledger adds up (read-only)"),
                            description="Verify, writing nothing, that every asset's PNG is in the store byte for "
                            "byte and that the ledger adds up. Exit 0: all good; 1: problems, listed; 2: nothing to "
-                           "check where the settings point.")
+                           "check where the settings point; 3: the database did not answer for now (down, or a "
+                           "table locked by a migration): try again.")
     check.add_argument("--no-hash", action="store_true",
                        help="only look that each file is there, without reading it (fast on a large store)")
 
@@ -227,9 +228,7 @@ def _main(given: list[str]) -> int:
         return _fail(f"cannot reach {without_password(exc.request.url.copy_with(path='/', query=None))}: {exc}")
     except DatabaseError as exc:
         # The database is down or refuses us: say so in a line (the URL's password never shows).
-        reason = first_line(exc.orig or exc, type(exc).__name__)
-        if "no password supplied" in reason:
-            reason += " (the server asks for one: put it in the URL, PGPASSWORD or ~/.pgpass)"
+        reason = _database_reason(exc)
         # One that is not there, refuses these credentials, or cannot be written is the setup's
         # (2, as `check` says it): a restart changes nothing. One that does not answer may come back (1).
         return _fail(f"cannot use the database ({_database_named()}): {reason}",
@@ -262,6 +261,17 @@ SETUP_LIBPQ = ("does not exist", "password authentication failed", "no pg_hba.co
 # without it.
 SETUP_CLIENT = ("no password supplied", "invalid connection option", "invalid uri query parameter",
                 "invalid sslmode value", "invalid integer value", "bad value for", "server does not support ssl")
+
+
+def _database_reason(exc: DatabaseError) -> str:
+    """The database's refusal in a line, with what to do where the words alone do not say it."""
+    reason = first_line(exc.orig or exc, type(exc).__name__)
+    if "no password supplied" in reason:
+        reason += " (the server asks for one: put it in the URL, PGPASSWORD or ~/.pgpass)"
+    elif getattr(exc.orig, "sqlstate", None) == "55P03":  # lock_not_available
+        reason += (" (a table stayed locked past the lock timeout: a `migrate` running, or another session's "
+                   "long transaction)")
+    return reason
 
 
 def _set_up_wrong(exc: DatabaseError) -> bool:
@@ -629,8 +639,8 @@ CHECK_SHOWN = 20
 
 
 def _check(*, no_hash: bool) -> int:
-    """Exit 0 when every asset's file is sound and the ledger adds up, 1 when not, 2 when nothing
-    could be checked."""
+    """Exit 0 when every asset's file is sound and the ledger adds up, 1 when not, 2 when there is
+    nothing to check where the settings point, 3 when the database did not answer for now."""
     from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
     from orchestrator.check import (
@@ -686,7 +696,14 @@ def _check(*, no_hash: bool) -> int:
     except (ArgumentError, NoSuchModuleError) as exc:
         return _fail(f"{source_of('database_url')}: not a database URL I can open ({exc})", status=2)
     except DatabaseError as exc:  # not there, not migrated, not a database at all
-        reason = first_line(exc.orig or exc, type(exc).__name__)
+        from orchestrator.db import transient
+
+        reason = _database_reason(exc)
+        if transient(exc) and not _set_up_wrong(exc):
+            # Down, restarting, or a table locked by a migration: nothing is known of the data (1
+            # says problems were found in it, 2 that there is none where the settings point).
+            return _fail(f"could not check: the database did not answer for now ({_database_named()}): {reason}; "
+                         "nothing was checked, try again", status=3)
         return _fail(f"cannot use the database ({_database_named()}): {reason}", status=2)
     if wrong_store is not None:
         print(f"PROBLEMS: {source_of('data_dir')}: {wrong_store}")

@@ -1032,10 +1032,12 @@ def test_a_database_that_does_not_answer_is_one_line(make_settings: SettingsFact
     assert err.startswith("orchestrator: cannot use the database (ORCH_DATABASE_URL: "
                           "postgresql+psycopg://studio:***@127.0.0.1:9/orchestrator): ") and err.count("\n") == 1
     assert "s3cret" not in err
-    assert main(["check"]) == 2  # it named neither the setting nor the database
+    # It named neither the setting nor the database, and exited 2: nothing to check there, for good.
+    assert main(["check"]) == 3
     err = capsys.readouterr().err
-    assert err.startswith("orchestrator: cannot use the database (ORCH_DATABASE_URL: "
+    assert err.startswith("orchestrator: could not check: the database did not answer for now (ORCH_DATABASE_URL: "
                           "postgresql+psycopg://studio:***@127.0.0.1:9/orchestrator): ") and err.count("\n") == 1
+    assert err.rstrip().endswith("nothing was checked, try again")
 
 
 def test_migrate_shows_no_password(make_settings: SettingsFactory, tmp_path: Path,

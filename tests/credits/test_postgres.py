@@ -43,6 +43,7 @@ from tests.api import (
     wait_for_job,
     worker_process,
 )
+from tests.conftest import isolate
 from tests.credits import PRICE, assert_settled_once, ledger, project_with_draft, promote_ok
 from tests.credits.conftest import ENGINES, POLICY
 from tests.credits.test_budget import check_budget_race
@@ -373,6 +374,29 @@ def test_a_job_queued_again_to_wait_whose_commit_answer_was_lost_is_taken_as_wri
         assert (row.status, row.attempt, row.attempts) == ("queued", queued.attempt, queued.attempts)
     finally:
         asyncio.run(services.aclose())
+
+
+def test_check_of_a_database_a_migration_keeps_locked_says_try_again_on_postgres(
+        postgres_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A `migrate` holding its tables past the lock timeout: `check` exited 2 ("nothing to check
+    where the settings point", a setup to fix) with a bare "canceling statement due to lock timeout"."""
+    from orchestrator.cli import main
+
+    isolate(monkeypatch, tmp_path)
+    Database(postgres_url).migrate()
+    monkeypatch.setenv("ORCH_DATA_DIR", str(tmp_path / "data"))
+    # Its lock timeout shortened through the URL's options, which the service keeps (see `postgres_connect_args`).
+    monkeypatch.setenv("ORCH_DATABASE_URL", postgres_url + "?options=-c%20lock_timeout%3D300")
+    locker = psycopg.connect(make_url(postgres_url).set(drivername="postgresql").render_as_string(hide_password=False))
+    try:
+        locker.execute("LOCK TABLE alembic_version, jobs, assets, ledger_entries IN ACCESS EXCLUSIVE MODE")
+        assert main(["check"]) == 3
+    finally:
+        locker.close()
+    err = capsys.readouterr().err
+    assert "could not check: the database did not answer for now" in err and "try again" in err
+    assert "lock timeout (a table stayed locked past the lock timeout: a `migrate` running" in err
+    assert main(["check"]) == 0  # once the lock is gone
 
 
 def test_write_transactions_commit_one_at_a_time_on_postgres(postgres_url: str) -> None:
