@@ -638,6 +638,9 @@ class JobRunner:
         recorded = None if "max_credits" in routing else {
             c["engine"]: to_millicredits(c["estimate"]) for c in routing.get("candidates", [])
             if isinstance(c.get("estimate"), int | float)}
+        # Candidates passed over for money or privacy, told with the job's end when none is left:
+        # it failed with its engine's error alone, and the budget that kept it there showed nowhere.
+        skipped: list[dict[str, Any]] = []
         for name in fallbacks(job.routing, tried):
             if name not in self.registry:
                 continue
@@ -657,6 +660,7 @@ class JobRunner:
             if limit is not None and estimate > limit:
                 log.warning("job %s: fallback %s skipped: its estimate (%s credits) is above the %s credits "
                             "the job may hold", job.id, name, to_credits(estimate), to_credits(limit))
+                skipped.append({"engine": name, "reason": "max_credits", "estimate": to_credits(estimate)})
                 continue
             # Its half-open probe taken before the move, in one step (see `EngineHealth.reserve`).
             if not self.health.reserve(name, token):
@@ -674,8 +678,14 @@ class JobRunner:
             except Canceled as exc:
                 await self._end(claim, "canceled", exc)
                 return True
-            except (BudgetExceeded, MadePrivate):
-                continue  # nothing was written; a cheaper (or free, or local) candidate may still fit
+            except BudgetExceeded as exc:  # nothing was written; a cheaper (or free) candidate may still fit
+                log.warning("job %s: fallback %s skipped: %s", job.id, name, exc.message)
+                skipped.append({"engine": name, "reason": "budget", "estimate": to_credits(estimate)})
+                continue
+            except MadePrivate:  # nothing was written; a local candidate may still take it
+                log.info("job %s: fallback %s skipped: the job was made private", job.id, name)
+                skipped.append({"engine": name, "reason": "private"})
+                continue
             finally:
                 if not moved:
                     self.health.finished(name, job.id)
@@ -684,13 +694,16 @@ class JobRunner:
             log.warning("job %s: %s failed (%s: %s); it moves to %s", job.id, job.engine, error.code,
                         error.message, name)
             self.bus.publish(job.id, "state", {"state": "fallback", "from": job.engine, "to": name,
-                                               "estimate": to_credits(estimate), "error": error.to_dict()})
+                                               "estimate": to_credits(estimate), "error": error.to_dict(),
+                                               **({"skipped": skipped} if skipped else {})})
             # Back in the queue, as a stream following the job from another process tells it
             # (`follow.catch_up`): a stream here went on telling it started until the next start.
             self.bus.publish(job.id, "queued", {"job_id": job.id, "status": "queued", "attempt": claim.attempt,
                                                 "requeued": True})
             self.notify()
             return True
+        if skipped:
+            error.details = {**error.details, "fallbacks_skipped": skipped}
         return False
 
     async def _move_off_open_circuit(self, claim: Claim) -> None:
@@ -700,7 +713,8 @@ class JobRunner:
         the queue as it was, to wait for the verdict (`claim.waiting`). Never failed for it."""
         job = claim.job
         error = EngineUnavailable(f"engine '{job.engine}' is failing its jobs (its circuit is open); "
-                                  "the job was not sent to it", details={"engine": job.engine, "circuit": "open"},
+                                  "the job was not sent to it",
+                                  details={"engine": job.engine, "circuit": "open", "started": False},
                                   charged="no")
         try:
             if await self._fall_back(claim, error):

@@ -72,6 +72,9 @@ match = { stage = ["bridge", "polish"] }
 engines = ["fake-paid", "local-hifi"]
 """
 
+PAID_ONLY_POLICY = FALLBACK_POLICY.replace('"fallback-test"', '"paid-only-test"').replace(
+    '"fake-b", "local-hifi"]', '"fake-b"]')
+
 
 @pytest.fixture(scope="module")
 def paid_server(new_settings: SettingsFactory, tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
@@ -80,7 +83,8 @@ def paid_server(new_settings: SettingsFactory, tmp_path_factory: pytest.TempPath
     1000): one test's failures must not change another's routing."""
     folder = write_policies(tmp_path_factory.mktemp("policies"), {"fallback-test": FALLBACK_POLICY,
                                                                    "soft-budget-test": SOFT_BUDGET_POLICY,
-                                                                   "client-private-test": CLIENT_PRIVATE_POLICY})
+                                                                   "client-private-test": CLIENT_PRIVATE_POLICY,
+                                                                   "paid-only-test": PAID_ONLY_POLICY})
     settings = new_settings(engines=FAKE_ENGINES, policy="fallback-test", policy_dir=folder)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr("orchestrator.services.EngineHealth", functools.partial(EngineHealth, threshold=1000))
@@ -598,7 +602,8 @@ def test_jobs_queued_before_the_circuit_opened_are_not_sent_while_it_is_open(
         assert (moved["status"], moved["engine"]) == ("succeeded", "fake-b"), moved
         first = moved["attempts"][0]
         assert (first["engine"], first["error"]["code"]) == ("fake-paid", "engine_unavailable")
-        assert first["error"]["details"]["circuit"] == "open"
+        # Never started there: a cancel while queued on fake-b says "canceled before it started".
+        assert (first["error"]["details"]["circuit"], first["error"]["details"]["started"]) == ("open", False)
         assert moved["cost"]["charged"] == 20.0  # fake-b's price alone: fake-paid was never sent it
         time.sleep(1.5)  # dispatch looks again every poll interval
         assert client.get(f"/v1/jobs/{named['id']}").json()["status"] == "queued"
@@ -775,11 +780,27 @@ def test_fallback_over_budget_settles_the_failed_attempt_by_its_own_error(paid_s
     assert (settled["kind"], settled["engine"], settled["unreconciled"]) == ("capture", "fake-paid", True)
 
 
-def test_fallback_skips_a_candidate_the_budget_cannot_hold(paid_server: httpx.Client) -> None:
+def test_fallback_skips_a_candidate_the_budget_cannot_hold(paid_server: httpx.Client,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    # Skipped without a word: the fallback event named only where the job went.
+    caplog.set_level(logging.WARNING, logger="orchestrator.runner")
     _, asset_id = draft_asset(paid_server, budget={"limit": 15, "period": "month"})
-    done = wait_for_job(paid_server, promote(paid_server, asset_id, tags={"fake": "fail"})["id"])
+    job = promote(paid_server, asset_id, tags={"fake": "fail"})
+    moved = [e.data for e in read_events(paid_server, job["id"]) if e.data.get("state") == "fallback"]
+    done = wait_for_job(paid_server, job["id"])
     assert done["attempts"][0]["error"]["code"] == "engine_error"
     assert (done["status"], done["engine"]) == ("succeeded", "local-hifi")
+    assert [(m["from"], m["to"], m["skipped"]) for m in moved] == [
+        ("fake-paid", "local-hifi", [{"engine": "fake-b", "reason": "budget", "estimate": 20.0}])]
+    assert f"job {job['id']}: fallback fake-b skipped:" in caplog.text
+
+
+def test_a_job_no_fallback_fits_says_which_were_skipped(paid_server: httpx.Client) -> None:
+    """Failed with its engine's error alone, the job did not say the budget kept it from the next."""
+    _, asset_id = draft_asset(paid_server, policy="paid-only-test", budget={"limit": 15, "period": "month"})
+    done = wait_for_job(paid_server, promote(paid_server, asset_id, tags={"fake": "fail"})["id"])
+    assert (done["status"], done["error"]["code"]) == ("failed", "engine_error")
+    assert done["error"]["details"]["fallbacks_skipped"] == [{"engine": "fake-b", "reason": "budget", "estimate": 20.0}]
 
 
 def test_probe_that_ends_without_a_verdict_frees_the_circuit(new_settings: SettingsFactory, fallback_policies: Path,
