@@ -172,6 +172,10 @@ def _main(given: list[str]) -> int:
     demo.add_argument("--out", default="demo-output", help="folder for the images (default: demo-output)")
     demo.add_argument("--size", type=_demo_size, default=512,
                       help="width and height of the drafts: 64-1024, a multiple of 8 (default: 512)")
+    demo.add_argument("--policy", default="local-only",
+                      help="the demo project's routing policy (default: %(default)s, which sends nothing off this "
+                      "machine; name one such as balanced to let its bridge and polish use the paid engines "
+                      "configured)")
 
     args, unknown = parser.parse_known_args(given)
     if unknown:
@@ -629,7 +633,8 @@ def _run(args: argparse.Namespace) -> int:
         return _fail(f"cannot use {out} for the images: {exc.strerror or exc}", status=2)
     stops: list[Stopped] = []  # its own service's, when it started one
     try:
-        status = run_demo(url=args.url, prompt=args.prompt, out=args.out, size=args.size, on_stop=stops.append)
+        status = run_demo(url=args.url, prompt=args.prompt, out=args.out, size=args.size, policy=args.policy,
+                          on_stop=stops.append)
     except KeyboardInterrupt as exc:
         status = _interrupted(str(exc))  # it says which of its jobs it canceled
     return _ended(status, device_busy=any(stop.device_busy for stop in stops))

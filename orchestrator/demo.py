@@ -187,7 +187,13 @@ def _admin_key() -> str | None:
     return key.get_secret_value() if key is not None else None
 
 
-def run_demo(*, url: str | None, prompt: str, out: str, size: int,
+# The demo's project keeps its work on this machine unless told otherwise (`--policy`): under the
+# service's default policy, a vendor's key exported in the shell (GEMINI_API_KEY) or a studio's
+# service behind --url sent its bridge and polish to a paid engine, unasked.
+DEMO_POLICY = "local-only"
+
+
+def run_demo(*, url: str | None, prompt: str, out: str, size: int, policy: str = DEMO_POLICY,
              on_stop: Callable[[Stopped], None] | None = None) -> int:
     """The demo's jobs, on the service at `url` or on its own (`on_stop` is told how that stopped)."""
     out_dir = Path(out).resolve()
@@ -211,7 +217,7 @@ def run_demo(*, url: str | None, prompt: str, out: str, size: int,
     with server as base, httpx.Client(base_url=base, headers=headers, timeout=600) as client:
         started: list[tuple[str, str]] = []
         try:
-            _stages(client, base, prompt, out_dir, size, started, lite_setting)
+            _stages(client, base, prompt, out_dir, size, started, lite_setting, policy=policy)
         except (KeyboardInterrupt, StreamEnded) as exc:
             if sys.stdout.isatty():
                 print(flush=True)  # off the progress bar's line, for the line that says so
@@ -239,7 +245,7 @@ def _cancel(client: httpx.Client, label: str, job_id: str) -> str:
 
 
 def _stages(client: httpx.Client, base: str, prompt: str, out_dir: Path, size: int,
-            started: list[tuple[str, str]], lite_setting: str | None = None) -> None:
+            started: list[tuple[str, str]], lite_setting: str | None = None, *, policy: str = DEMO_POLICY) -> None:
     """The three stages; each job's label and id is added to `started` as soon as it is known.
     `lite_setting`: ORCH_LITE_MODEL of the demo's own service (None for another's)."""
     from tiers._local import AUTO_MODEL
@@ -264,7 +270,7 @@ def _stages(client: httpx.Client, base: str, prompt: str, out_dir: Path, size: i
     if size > largest:
         raise SystemExit(f"--size {size} is larger than the lite engine at {without_password(base)} makes "
                          f"({largest} px, its ORCH_LOCAL_MAX_SIZE): pass --size {largest // 8 * 8} or less")
-    project = client.post("/v1/projects", json={"name": "demo"}).raise_for_status().json()
+    project = client.post("/v1/projects", json={"name": "demo", "policy": policy}).raise_for_status().json()
     print(f"project {project['id']} (policy {project['policy']})")
 
     print(f"1/3 ideation: 4 drafts of {prompt!r}")

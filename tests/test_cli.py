@@ -178,6 +178,9 @@ def test_the_demo_runs_the_three_stages_and_saves_their_images(
     told = capsys.readouterr().out
     # Not a terminal: each job's outcome on a line of its own, no bar redrawn with carriage returns.
     assert "\r" not in told
+    # Nothing sent off the machine unasked: under the service's default policy (balanced), a vendor's
+    # key in the shell sent the bridge and the polish to a paid engine.
+    assert "(policy local-only)" in told and told.count("  routed to local-hifi (estimate 0.0 credits)") == 2, told
     # Once each, not again at the end: Lite's, and local-hifi's tiny model set by ORCH_HIFI_MODEL.
     assert told.count("images are noise (set ORCH_LITE_MODEL") == 1, told
     assert told.count("images are noise (set ORCH_HIFI_MODEL") == 1, told
