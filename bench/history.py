@@ -110,7 +110,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from orchestrator import metrics
-    from orchestrator.db import Database
+    from orchestrator.db import Database, shown_url
     from orchestrator.ledger import Ledger, window
     from orchestrator.models import Project
     from orchestrator.settings import Settings
@@ -121,6 +121,10 @@ def main() -> None:
     settings = Settings(data_dir=data_dir, database_url=args.database_url)
     db = Database(settings.resolved_database_url)
     db.migrate()
+    with db.session() as s:
+        if s.get(Project, "prj_big") is not None:  # a second run on the same database
+            parser.error(f"{shown_url(settings.resolved_database_url)} holds an earlier run's rows: give an empty "
+                         "database")
     start = time.perf_counter()
     fill(db, args.entries, args.open, timedelta(minutes=args.spacing_minutes))
     fill_drafts(db, args.jobs)
