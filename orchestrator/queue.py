@@ -36,10 +36,11 @@ from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from sqlalchemy import func, update
+from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import col, select
 
 from orchestrator.clock import shared_now, utcnow
-from orchestrator.db import Database, changed, transient
+from orchestrator.db import Database, changed, commit_in_doubt, transient
 from orchestrator.errors import Canceled, Interrupted, OrchestratorError, first_line
 from orchestrator.events import EventBus, on_loop, woken
 from orchestrator.jobs import render_request
@@ -541,6 +542,7 @@ class Scheduler:
         # nothing on any engine: one that died moving a plugin's job was failed as possibly billed.
         announces = move or (job.engine in self.registry
                              and getattr(self.registry.get(job.engine), "announces_sends", False))
+        before: datetime | None = None
         try:
             with self.db.transaction() as s:
                 taken, taken_wall = time.monotonic(), time.time()  # before the lease is written: it runs out later
@@ -557,6 +559,16 @@ class Scheduler:
                               renewed_wall=taken_wall, circuit_open=move, started_before=before)
                 # Known before the commit makes the job 'running' for everyone else.
                 self._claimed[job.id] = claim
+        except SQLAlchemyError as exc:
+            self._claimed.pop(job.id, None)
+            # A COMMIT whose answer was lost may have made the job ours: left so, it waited `running`
+            # for its lease to run out, and recovery then failed a plugin's paid job as possibly billed.
+            landed = self._claim_landed(job.id, taken, taken_wall, move, before) if commit_in_doubt(exc) else None
+            if landed is None:
+                raise
+            claim = landed
+            log.info("job %s: its claim's COMMIT answer was lost, and the database holds it", job.id)
+            self._claimed[job.id] = claim
         except BaseException:
             self._claimed.pop(job.id, None)
             raise
@@ -566,6 +578,17 @@ class Scheduler:
             for key in sorted(self._served, key=self._served.__getitem__)[:len(self._served) // 2]:
                 del self._served[key]
         return claim
+
+    def _claim_landed(self, job_id: str, taken: float, taken_wall: float, move: bool,
+                      before: datetime | None) -> Claim | None:
+        """The claim a COMMIT in doubt made, read back: the row running under this process's lease
+        (no other claim of this process holds it: a job running here is never claimed again)."""
+        with self.db.session() as s:
+            row = s.get(Job, job_id)
+        if row is None or row.status != "running" or row.lease_owner != self.owner:
+            return None
+        return Claim(row, row.attempt, CancelToken(), lease=self.lease.total_seconds(), renewed=taken,
+                     renewed_wall=taken_wall, circuit_open=move, started_before=before)
 
     def _give_back_unstarted(self) -> None:
         """Claims committed while the service was stopping that no task started: nothing of them

@@ -376,6 +376,46 @@ def test_a_job_queued_again_to_wait_whose_commit_answer_was_lost_is_taken_as_wri
         asyncio.run(services.aclose())
 
 
+def test_a_claim_whose_commit_answer_was_lost_is_taken_as_made_on_postgres(
+        postgres_url: str, tmp_path: Path, paid_settings_for: Callable[..., Settings],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The claim's COMMIT reached PostgreSQL and its answer was lost: the dispatch raised, and the job
+    waited `running` under this process's lease, run by nobody, until recovery found the lease out
+    (a plugin's paid job then failed as possibly billed)."""
+    from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
+
+    services = Services.build(paid_settings_for(tmp_path / "data", database_url=postgres_url))
+    try:
+        with services.db.transaction() as s:
+            s.add(Project(id="prj_claim", name="claim", policy=POLICY))
+        body = DraftCreate(prompt="claim", n=1, width=64, height=64, steps=1, seed=1)
+        job, _ = services.jobs.submit(lambda: services.jobs.prepare_draft("prj_claim", body), body, engine=None,
+                                      max_credits=None, idempotency_key=None, scope="/claim")
+        with services.db.session() as s:
+            queued = s.get(Job, job.id)
+        assert queued is not None
+        commit = PGDialect_psycopg.do_commit
+        armed = [True]
+
+        def answer_lost(self: PGDialect_psycopg, connection: Any) -> None:
+            cut = bool(armed) and connection.execute(
+                f"SELECT count(*) FROM jobs WHERE id = '{job.id}' AND status = 'running'").fetchone()[0] > 0
+            commit(self, connection)  # committed on the server...
+            if cut:
+                armed.clear()
+                raise psycopg.OperationalError("server closed the connection unexpectedly")  # ...its answer lost
+
+        monkeypatch.setattr(PGDialect_psycopg, "do_commit", answer_lost)
+        claim = services.scheduler._claim(queued)  # raised
+        assert not armed  # the answer was lost
+        assert claim is not None and (claim.job.id, claim.attempt) == (job.id, queued.attempt + 1)
+        assert services.scheduler._claimed[job.id] is claim  # a cancel finds it
+        row = services.jobs.get(job.id)
+        assert (row.status, row.attempt) == ("running", claim.attempt)
+    finally:
+        asyncio.run(services.aclose())
+
+
 def test_check_of_a_database_a_migration_keeps_locked_says_try_again_on_postgres(
         postgres_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """A `migrate` holding its tables past the lock timeout: `check` exited 2 ("nothing to check
