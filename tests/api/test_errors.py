@@ -166,6 +166,13 @@ def test_a_json_syntax_error_says_what_and_where(shared_server: httpx.Client, pr
 @pytest.mark.parametrize(("raw", "told"), [
     (b'{"prompt": "x", "seed": 1' + b"0" * 5000 + b"}", "a number with too many digits"),
     (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+    # Parsed, then too deep for the text check after it: a 500 (the band moves with the stack).
+    *[(b'{"prompt": "x", "zz": ' + b"[" * depth + b"1" + b"]" * depth + b"}", "nested too deeply")
+      for depth in range(940, 970, 3)],
+    # Read and checked on the event loop: 60,000 unknown keys held every request for seconds.
+    (b'{"prompt": "x", ' + b", ".join(b'"k%d": 1' % i for i in range(60_000)) + b"}",
+     "an object of 60001 members"),
+    (b'{"prompt": "x", "zz": [' + b",".join([b"1"] * 20_000) + b"]}", "more than 10000 values"),
 ])
 def test_json_too_large_to_read_says_why(shared_server: httpx.Client, project: str, raw: bytes, told: str) -> None:
     before = job_count(shared_server)
