@@ -248,12 +248,12 @@ def test_a_huge_unknown_field_is_named_cut(shared_server: httpx.Client, project:
 
 def test_many_validation_errors_are_listed_up_to_a_bound(shared_server: httpx.Client, project: str) -> None:
     before = job_count(shared_server)
-    body = {"prompt": "x", **{f"f{i}": 0 for i in range(5000)}}
+    body = {"prompt": "x", **{f"f{i}": 0 for i in range(250)}}  # within the 256 members an object may have
     response = post_drafts(shared_server, project, body)
     error = assert_error(response, 422, "invalid_request")
     assert error["message"].startswith("unknown field 'f0' (fields here: prompt,")
     assert len(error["details"]["errors"]) == 50
-    assert error["details"]["errors_not_listed"] == 4950
+    assert error["details"]["errors_not_listed"] == 200
     assert len(response.content) < 10_000
     # Under the bound, all are listed and nothing says more.
     few = assert_error(post_drafts(shared_server, project, {"prompt": "", "n": 0, "width": 7}), 422, "invalid_request")
