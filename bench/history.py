@@ -6,7 +6,8 @@ Every paid submit checks the project's budget inside the write transaction (`Led
 charged and granted in the budget window, held by open holds), so its cost is paid by every paid
 request and, under the write lock, by everyone waiting behind it. `/metrics` totals jobs, assets
 and the whole ledger by engine on every scrape, and a cost dashboard asks `/v1/spend` for its
-report (with its `savings`, the period's drafts counted by size). All are timed here on a
+report (with its `savings`, the period's drafts counted by size), and a client pages through a
+project's jobs and assets (each job shown with what it held and charged). All are timed here on a
 database (a fresh SQLite file by default, or `--database-url`, migrated to head) holding one
 project with `--entries`
 ledger entries (settled holds, each with its capture, one every `--spacing-minutes` back from
@@ -145,6 +146,23 @@ def main() -> None:
             results[f"balance {project_id}"] = {**timed(functools.partial(ledger.balance, s, project), args.repeats),
                                                 "held": balance.held, "charged": balance.charged}
     assert results["balance prj_big"]["held"] == 10_000 * args.open, results
+
+    from sqlmodel import col, select
+
+    from orchestrator.api.query import paged
+    from orchestrator.models import Asset, Job
+
+    with db.session() as s:
+        listed = [f"job_d{i}" for i in range(50)]
+        results["credits of a page of 50 jobs"] = timed(functools.partial(ledger.job_totals, s, listed),
+                                                         args.repeats)
+        # As /v1/jobs and /v1/projects/{id}/assets read a page.
+        jobs = paged(select(Job).where(col(Job.project_id) == "prj_big").limit(51), col(Job.id), None, "desc")
+        assets = paged(select(Asset).where(col(Asset.project_id) == "prj_big", col(Asset.deleted_at).is_(None))
+                       .limit(51), col(Asset.id), None, "desc")
+        for name, page in (("jobs", jobs), ("assets", assets)):
+            results[f"a page of the big project's {name}, newest first"] = timed(
+                functools.partial(lambda stmt: s.exec(stmt).all(), page), args.repeats)
 
     results["metrics"] = timed(lambda: metrics.render(db, {"openai": ["polish"], "lite": ["ideation"]}), args.repeats)
     month = window("month", datetime.now(UTC))

@@ -67,7 +67,10 @@ class Project(SQLModel, table=True):
 class Job(SQLModel, table=True):
     __tablename__ = "jobs"
     __table_args__ = (sa.Index("ix_jobs_status_created", "status", "created_at"),
-                      sa.Index("ix_jobs_project_status", "project_id", "status"),
+                      # A project's jobs a page at a time, in id order (/v1/jobs): with the project
+                      # alone in the index, each page sorted all of a big project's jobs.
+                      sa.Index("ix_jobs_project_id", "project_id", "id"),
+                      sa.Index("ix_jobs_project_status", "project_id", "status", "id"),
                       # Queued jobs numbered in turns by project, in index order (orchestrator.queue).
                       sa.Index("ix_jobs_status_project_created", "status", "project_id", "created_at", "id"),
                       # Each lane's oldest queued jobs, and which engines have any (orchestrator.queue).
@@ -76,7 +79,7 @@ class Job(SQLModel, table=True):
                       sa.Index("ix_jobs_totals", "stage", "engine", "status"))
 
     id: str = Field(primary_key=True, max_length=40)
-    project_id: str = Field(foreign_key="projects.id", index=True, max_length=40)
+    project_id: str = Field(foreign_key="projects.id", max_length=40)
     stage: Stage = Field(sa_type=sa.String(20))
     engine: str = Field(max_length=MAX_ENGINE_CHARS)
     model: str | None = Field(default=None, max_length=MAX_MODEL_CHARS)
@@ -132,10 +135,12 @@ class Job(SQLModel, table=True):
 class Asset(SQLModel, table=True):
     __tablename__ = "assets"
     # /metrics counts assets by stage, and /v1/spend's savings its drafts by size, from the index alone.
-    __table_args__ = (sa.Index("ix_assets_stage_size", "stage", "width", "height", "project_id", "created_at"),)
+    __table_args__ = (sa.Index("ix_assets_stage_size", "stage", "width", "height", "project_id", "created_at"),
+                      # A project's assets a page at a time, in id order.
+                      sa.Index("ix_assets_project_id", "project_id", "id"))
 
     id: str = Field(primary_key=True, max_length=40)
-    project_id: str = Field(foreign_key="projects.id", index=True, max_length=40)
+    project_id: str = Field(foreign_key="projects.id", max_length=40)
     job_id: str = Field(foreign_key="jobs.id", index=True, max_length=40)
     index: int = 0
     stage: Stage = Field(sa_type=sa.String(20))
@@ -193,6 +198,10 @@ class LedgerEntry(SQLModel, table=True):
                       # check of every paid submit) and a budget window's charges and grants. With
                       # `amount` in the index, SQLite sums without reading the rows.
                       sa.Index("ix_ledger_open_holds", "kind", "settled", "project_id"),
+                      # What a page of jobs shows each job held and charged, from the index alone:
+                      # with the job alone in it, SQLite summed 50 jobs' charges by walking every
+                      # capture of the ledger (its kind was the better-looking index).
+                      sa.Index("ix_ledger_entries_job_id", "job_id", "kind", "settled", "amount"),
                       sa.Index("ix_ledger_project_window", "project_id", "kind", "created_at", "amount"),
                       # /metrics' totals by engine, read from the index alone.
                       sa.Index("ix_ledger_totals", "kind", "engine", "stage", "unreconciled", "amount"),
@@ -201,7 +210,7 @@ class LedgerEntry(SQLModel, table=True):
 
     id: int | None = Field(default=None, primary_key=True)
     project_id: str = Field(foreign_key="projects.id", index=True, max_length=40)
-    job_id: str | None = Field(default=None, foreign_key="jobs.id", index=True, max_length=40)
+    job_id: str | None = Field(default=None, foreign_key="jobs.id", max_length=40)
     kind: LedgerKind = Field(sa_type=sa.String(12))
     amount: int = Field(sa_type=sa.BigInteger)
     hold_id: int | None = Field(default=None, foreign_key="ledger_entries.id", index=True)
