@@ -582,7 +582,8 @@ def test_a_shutdown_that_meets_a_cancel_from_another_process_releases_the_hold(s
     asyncio.run(services.runner.run(claim))
     assert row(services, job_id).status == "canceled"
     with services.db.session() as s:
-        kinds = [e.kind for e in s.exec(select(LedgerEntry).where(col(LedgerEntry.job_id) == job_id)).all()]
+        kinds = [e.kind for e in s.exec(select(LedgerEntry).where(col(LedgerEntry.job_id) == job_id)
+                                        .order_by(col(LedgerEntry.id))).all()]
     assert kinds == ["hold", "release"]
 
 
@@ -814,7 +815,8 @@ def test_claims_made_while_stopping_go_back_to_the_queue(services: Services) -> 
     services.scheduler._give_back_unstarted()
     assert row(services, paid_id).status == "queued" and row(services, asked_id).status == "canceled"
     with services.db.session() as s:
-        kinds = {job_id: [e.kind for e in s.exec(select(LedgerEntry).where(col(LedgerEntry.job_id) == job_id))]
+        kinds = {job_id: [e.kind for e in s.exec(select(LedgerEntry).where(col(LedgerEntry.job_id) == job_id)
+                                                    .order_by(col(LedgerEntry.id)))]
                  for job_id in (paid_id, asked_id)}
     assert kinds == {paid_id: ["hold"], asked_id: ["hold", "release"]}  # nothing was sent for either
     assert not services.scheduler.holds(paid_id)
@@ -850,7 +852,8 @@ def test_canceling_an_unstarted_reattach_claim_charges_the_accepted_work(service
     services.scheduler._give_back_unstarted()
     assert row(services, job_id).status == "canceled"
     with services.db.session() as s:
-        entries = s.exec(select(LedgerEntry).where(col(LedgerEntry.job_id) == job_id)).all()
+        entries = s.exec(select(LedgerEntry).where(col(LedgerEntry.job_id) == job_id)
+                         .order_by(col(LedgerEntry.id))).all()
     assert [(e.kind, e.unreconciled) for e in entries] == [("hold", False), ("capture", True)]
     assert not services.jobs.record_cancel(job_id)  # finished: nothing to record
 
@@ -925,7 +928,8 @@ def test_work_a_provider_had_accepted_is_followed_though_the_job_s_source_is_gon
     assert (job.status, job.error) == ("succeeded", None)
     assert services.registry.get("fake-queue").reattached == [work["handles"]]  # type: ignore[attr-defined]
     with services.db.session() as s:
-        entries = s.exec(select(LedgerEntry).where(col(LedgerEntry.job_id) == job_id)).all()
+        entries = s.exec(select(LedgerEntry).where(col(LedgerEntry.job_id) == job_id)
+                         .order_by(col(LedgerEntry.id))).all()
     assert [e.kind for e in entries][:2] == ["hold", "capture"] and not any(e.unreconciled for e in entries)
 
 
