@@ -146,6 +146,13 @@ class Claim:
     started_before: datetime | None = None
     # Set when such a move found no candidate to take it after all: the job is queued again, to wait.
     waiting: bool = False
+    # Set once the attempt's first request that can bill was recorded (`JobRunner._record_sending`).
+    recorded_send: bool = False
+    # The write that marks the attempt unsent again once every request of it was answered that
+    # nothing was made (see `JobRunner._send_refused`), and how many such writes landed: the next
+    # request waits for it, then records its send anew.
+    unmarking: asyncio.Future[None] | None = None
+    unmarked: int = 0
 
     def since_renewed(self) -> float:
         """Seconds since the lease was last taken or renewed, by whichever clock says more: the
@@ -941,9 +948,10 @@ class JobRunner:
         the job and no cancel was asked; otherwise nothing may be sent. One recording per attempt:
         concurrent requests share it, and later ones only see its outcome."""
         recorded: asyncio.Future[None] | None = None
+        recorded_at = 0  # `claim.unmarked` when `recorded` was made
 
         async def record() -> None:
-            nonlocal recorded
+            nonlocal recorded, recorded_at
             # Both on the event loop, before any await: the runner's end of the attempt and this
             # ask to send are ordered, and whichever comes first decides what the other sees.
             # An earlier request of this attempt is out, or a provider accepted one (and may bill
@@ -974,10 +982,17 @@ class JobRunner:
                 # process took over must not pay a provider for what nobody keeps.
                 raise StaleAttempt(claim.job.id)
             claim.cancel.raise_if_cancelled(charged=free())  # asked (a stop's abandon) during that read
+            # The mark "sent nothing", written back as the last request out was refused, lands
+            # before this one is recorded as sending: landing after, it would tell recovery that an
+            # attempt with a request out had sent nothing, and the job would be sent again.
+            while claim.unmarking is not None and not claim.unmarking.done():
+                await asyncio.shield(claim.unmarking)
+            claim.cancel.raise_if_cancelled(charged=free())
             claim.out += 1
             if claim.job.unsent_attempt != claim.attempt:
                 return  # an engine that does not announce its requests: recovery assumes it sent
-            if recorded is None:
+            if recorded is None or recorded_at != claim.unmarked:
+                recorded_at = claim.unmarked
                 recorded = asyncio.ensure_future(asyncio.to_thread(self._record_sending, claim))
             # Shielded: the request that asked first may be canceled while the others still wait.
             await asyncio.shield(recorded)
@@ -1018,12 +1033,34 @@ class JobRunner:
         with self.db.session() as s:
             return s.get(Job, claim.job.id)
 
-    @staticmethod
-    def _send_refused(claim: Claim) -> Callable[[], None]:
+    def _send_refused(self, claim: Claim) -> Callable[[], None]:
+        """The hook of `billable_send_refused()`. When no request of the attempt is out any more and
+        no provider accepted any, the attempt is marked in the database as having sent nothing
+        again: a crash while a 429 or a 503 is waited out (up to half the remote deadline) then
+        runs the job again with its hold, instead of failing it and charging its estimate for a
+        provider that made nothing."""
+
         def refused() -> None:
             claim.out = max(0, claim.out - 1)
+            if (claim.out == 0 and claim.recorded_send and claim.accepted is None and not claim.ended
+                    and not claim.cancel.cancelled and not claim.job.has_provider_work()):
+                claim.recorded_send = False
+                claim.unmarking = asyncio.ensure_future(asyncio.to_thread(self._record_unsent, claim))
 
         return refused
+
+    def _record_unsent(self, claim: Claim) -> None:
+        """Marks the attempt as having sent nothing again (see `_send_refused`). Best effort: a row
+        left marked as sending is the careful side (recovery charges it for reconciliation)."""
+        try:
+            with self.db.transaction() as s:
+                self._guarded_update(s, claim, unless_canceled=True, unsent_attempt=claim.attempt)
+        except (SQLAlchemyError, Canceled, StaleAttempt) as exc:  # a cancel or a new holder is told elsewhere
+            log.info("job %s: could not mark attempt %d as having sent nothing again (%s)",
+                     claim.job.id, claim.attempt, type(exc).__name__)
+            return
+        claim.job.unsent_attempt = claim.attempt
+        claim.unmarked += 1
 
     def _record_sending(self, claim: Claim) -> None:
         try:
@@ -1036,6 +1073,7 @@ class JobRunner:
                     self._refuse_if_kept_local(s, claim.job)
                     self._guarded_update(s, claim, unless_canceled=True, unsent_attempt=None)
             claim.job.unsent_attempt = None
+            claim.recorded_send = True
         except SQLAlchemyError as exc:
             log.exception("job %s: recording its first paid request failed", claim.job.id)
             raise EngineError(f"the job's database could not record the request before it was sent "

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -21,7 +22,7 @@ from orchestrator.db import Database
 from orchestrator.errors import Canceled
 from orchestrator.ids import new_id
 from orchestrator.models import Job, LedgerEntry, Project
-from orchestrator.runner import Claim, StaleAttempt
+from orchestrator.runner import Claim, JobProgress, StaleAttempt
 from orchestrator.server import serve_in_thread
 from orchestrator.services import Services
 from orchestrator.settings import Settings
@@ -225,6 +226,46 @@ def test_the_first_send_is_recorded_only_for_the_claim_holding_the_job(built: Se
         assert [s.get(Job, ids[label]).unsent_attempt for label in ("canceled", "taken")] == [1, 2]  # type: ignore[union-attr]
 
 
+def test_a_request_after_a_refused_one_waits_for_the_mark_that_nothing_was_sent(
+        built: Services, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The mark "sent nothing", written as the only request out is answered 429, must land before
+    the next request is recorded as sending: landing after, it would tell recovery that an attempt
+    with a request out had sent nothing, and a crash would send the job twice."""
+    ids = left_running(built, job={"unsent_attempt": 1})
+    with built.db.session() as s:
+        job = s.get(Job, ids["job"])
+        assert job is not None
+    claim = Claim(job, 1, CancelToken())
+    go = threading.Event()
+    unmark = built.runner._record_unsent
+
+    def slow_unmark(claim: Claim) -> None:
+        assert go.wait(10)
+        unmark(claim)
+
+    monkeypatch.setattr(built.runner, "_record_unsent", slow_unmark)
+
+    def unsent() -> int | None:
+        with built.db.session() as s:
+            return s.get(Job, ids["job"]).unsent_attempt  # type: ignore[union-attr]
+
+    async def scenario() -> None:
+        record = built.runner._first_send_recorder(claim, JobProgress(built.runner, claim))
+        refused = built.runner._send_refused(claim)
+        await record()
+        assert (claim.out, unsent()) == (1, None)
+        refused()  # answered 429: nothing out, the mark is being written back
+        second = asyncio.ensure_future(record())
+        await asyncio.sleep(0.2)
+        assert not second.done() and claim.out == 0
+        go.set()
+        await asyncio.wait_for(second, 10)
+        assert claim.out == 1
+
+    asyncio.run(scenario())
+    assert unsent() is None  # the second request's send is what the row says last
+
+
 def test_an_attempt_another_process_took_over_sends_nothing(paid_settings_for: Callable[..., Settings],
                                                             tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     settings = paid_settings_for(tmp_path / "data")
@@ -271,12 +312,32 @@ def test_a_cancel_from_another_process_met_by_the_first_send_releases_the_hold(
             == [("hold", False), ("release", False)]
 
 
-@pytest.mark.parametrize("behaviour", ["wait-before-send", "hang-unsaved"])
+def wait_for_a_refused_send(settings: Settings, job_id: str, attempt: int) -> None:
+    """Until the attempt's request was recorded as sent (out for `answer_after`), then answered 429
+    and the attempt marked as having sent nothing again, while its Retry-After is waited out."""
+    db = Database(settings.resolved_database_url)
+
+    def row() -> tuple[str, int, int | None]:
+        with db.session() as s:
+            job = s.get(Job, job_id)
+            assert job is not None
+            return job.status, job.attempt, job.unsent_attempt
+
+    try:
+        poll(row, lambda r: r == ("running", attempt, None), what=f"attempt {attempt}'s request recorded as sent")
+        poll(row, lambda r: r == ("running", attempt, attempt),
+             what=f"attempt {attempt} marked as having sent nothing again")
+    finally:
+        db.dispose()
+
+
+@pytest.mark.parametrize("behaviour", ["wait-before-send", "hang-unsaved", "rate-limited"])
 def test_a_killed_paid_job_runs_again_only_if_its_request_had_not_gone(
         behaviour: str, service_env: dict[str, str], tmp_path: Path, paid_settings_for: Callable[..., Settings],
         services: list[Service]) -> None:
-    """Killed before it sent (its draft still being prepared): run again with its hold. Killed with
-    a synchronous call out (no provider id saved, so nothing to follow): failed, charged for
+    """Killed before it sent (its draft still being prepared), or while the provider's 429 is
+    waited out (its one request answered that nothing was made): run again with its hold. Killed
+    with a synchronous call out (no provider id saved, so nothing to follow): failed, charged for
     reconciliation, never sent twice."""
     settings = paid_settings_for(Path(service_env["ORCH_DATA_DIR"]))
     with serve_in_thread(settings) as base, httpx.Client(base_url=base, timeout=30.0) as client:
@@ -284,9 +345,12 @@ def test_a_killed_paid_job_runs_again_only_if_its_request_had_not_gone(
 
     services.append(Service(service_env, tmp_path, tmp_path / "first.log"))
     with httpx.Client(base_url=services[0].url, timeout=30.0) as client:
-        job_id = promote_ok(client, asset_id, tags={"fake": behaviour, "seconds": "3600"})["id"]
+        tags = {"fake": behaviour, "seconds": "3600", "answer_after": "1", "retry_after": "3600"}
+        job_id = promote_ok(client, asset_id, tags=tags)["id"]
         if behaviour == "hang-unsaved":
             wait_for_state(client, job_id, "submitted")
+        elif behaviour == "rate-limited":
+            wait_for_a_refused_send(settings, job_id, attempt=1)
         else:
             poll(lambda: client.get(f"/v1/jobs/{job_id}").json(), lambda j: j["status"] == "running")
     services[0].kill()
@@ -307,6 +371,8 @@ def test_a_killed_paid_job_runs_again_only_if_its_request_had_not_gone(
                      lambda j: j["status"] == "running" and j["attempts"] != [])
         assert again["error"] is None and [a["status"] for a in again["attempts"]] == ["interrupted"]
         assert again["cost"]["held"] == PRICE and again["cost"]["charged"] == 0
+        if behaviour == "rate-limited":  # canceled while none of its requests is out: free
+            wait_for_a_refused_send(settings, job_id, attempt=2)
         assert client.post(f"/v1/jobs/{job_id}/cancel").status_code == 202
         done = poll(lambda: client.get(f"/v1/jobs/{job_id}").json(), lambda j: j["status"] == "canceled")
         assert done["cost"]["held"] == 0 and done["cost"]["charged"] == 0
