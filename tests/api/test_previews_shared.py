@@ -242,9 +242,17 @@ def test_a_preview_written_behind_a_job_that_ended_meanwhile_is_not_left(worker:
     assert runner.preview_files.exists(job_id)
 
 
-def test_the_follower_names_the_preview_when_the_running_process_wrote_one(worker: Services) -> None:
+def test_the_follower_names_the_preview_when_the_running_process_wrote_one(
+        worker: Services, monkeypatch: pytest.MonkeyPatch) -> None:
     job_id = add_job(worker)
     files = worker.runner.preview_files
+
+    async def no_loop() -> None:
+        pass
+
+    # The test tells each tick: the follower's own loop, reading a row in its thread while the test
+    # wrote that row and then its file, told step 2 without its preview under a loaded CI.
+    monkeypatch.setattr(worker.follower, "_loop", no_loop)
 
     async def scenario() -> list[dict[str, Any]]:
         bus, follower = worker.bus, worker.follower
