@@ -494,18 +494,19 @@ class JobService:
 
     def _cached(self, s: Session, job: Job) -> list[Asset]:
         """The assets of an earlier identical paid job of the same project from the same source
-        asset that succeeded, if any. The same project: a draft has no source, and one studio's
-        client must not get another's image. The same source: a copy's PNG (shared,
-        content-addressed) names its parent, and another asset with the same bytes may belong to
-        another project."""
+        asset that succeeded (a render, or a copy of one), if any. The same project: a draft has
+        no source, and one studio's client must not get another's image. The same source: a
+        copy's PNG (shared, content-addressed) names its parent, and another asset with the same
+        bytes may belong to another project."""
         # Not a job one of whose images was deleted: its file is the sweep's, and a copy's row does
         # not refresh it. The render made instead is the next request's copy (taking the first job
         # whatever became of its images made every later identical request pay again).
+        # An earlier copy is a candidate too: its live rows keep the file, and the original deleted
+        # while a copy lived made the next identical request pay again for bytes it still held.
         deleted = select(Asset.id).where(col(Asset.job_id) == Job.id, col(Asset.deleted_at).is_not(None)).exists()
         same = select(Job).where(col(Job.cache_key) == job.cache_key, col(Job.status) == "succeeded",
                                  col(Job.project_id) == job.project_id,
-                                 col(Job.source_asset_id) == job.source_asset_id,
-                                 col(Job.cache_hit).is_(False), ~deleted)
+                                 col(Job.source_asset_id) == job.source_asset_id, ~deleted)
         oldest = s.exec(same.order_by(col(Job.id)).limit(CACHE_CANDIDATES)).all()
         # And the newest: the render made after them all, should every one of them be lost.
         newest = s.exec(same.order_by(col(Job.id).desc()).limit(1)).all()

@@ -100,6 +100,23 @@ def test_a_cached_copy_of_a_deleted_image_is_rendered_again(api: httpx.Client) -
         get_json(api, f"/v1/assets/{again['assets'][0]}")["sha256"]
 
 
+def test_a_live_copy_is_copied_again_when_the_image_it_copied_was_deleted(api: httpx.Client) -> None:
+    project_id = create_project(api)
+    draft = make_draft(api, project_id)
+    first = wait_for_job(api, promote_ok(api, draft, cache=True)["id"])
+    copy = wait_for_job(api, promote_ok(api, draft, cache=True)["id"])
+    assert copy["cost"]["cache_hit"]
+    assert delete(api, first["assets"][0]).status_code == 204
+    # The copy's row keeps the file: the next identical request copies it, for nothing.
+    third = wait_for_job(api, promote_ok(api, draft, cache=True)["id"])
+    assert third["cost"]["cache_hit"] and third["cost"]["charged"] == 0
+    made = get_json(api, f"/v1/assets/{third['assets'][0]}")
+    assert made["sha256"] == get_json(api, f"/v1/assets/{copy['assets'][0]}")["sha256"]
+    assert made["parent_id"] == draft
+    assert api.get(f"/v1/assets/{third['assets'][0]}/content").status_code == 200
+    assert get_json(api, f"/v1/projects/{project_id}/budget")["charged"] == first["cost"]["charged"] > 0
+
+
 def test_the_sweep_removes_a_deleted_asset_s_file_unless_a_live_asset_has_its_bytes(
         paid_settings_for: Callable[..., Settings], tmp_path: Path) -> None:
     from orchestrator.server import serve_in_thread
