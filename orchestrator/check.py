@@ -63,14 +63,17 @@ class StoreReport:
     set_aside: list[str] = field(default_factory=list)
     unnamed: int = 0  # files in the store no asset names
     files: int = 0  # files in the store
+    deleted: int = 0  # deleted assets (their files the sweep's)
     hashed: bool = True
 
     @property
     def foreign(self) -> bool:
         """The database names none (or few) of the store's files: the sweep's rule for "is it this
         data dir's database?" (a running service's SQLite file copied without its `-wal` has none
-        of the recent rows, and was once said to be ok)."""
-        return bool(self.unnamed) and (self.unnamed == self.files or (
+        of the recent rows, and was once said to be ok). Not a database whose assets were all
+        deleted: it names no file, and the few a crash left are no sign of another database."""
+        emptied = not self.assets and bool(self.deleted)
+        return bool(self.unnamed) and ((self.unnamed == self.files and not emptied) or (
             self.unnamed > ORPHAN_ALARM_FILES and self.unnamed > self.files * ORPHAN_ALARM_SHARE))
 
     @property
@@ -253,6 +256,9 @@ def check_store(engine: Engine, store: ArtifactStore, *, hashes: bool = True) ->
             if verdict is not None:
                 getattr(report, verdict).append(asset_id)
     report.unnamed, report.files = _unnamed(engine, store)
+    with Session(engine) as s:
+        report.deleted = s.exec(select(func.count()).select_from(Asset)
+                                .where(col(Asset.deleted_at).is_not(None))).one()
     return report
 
 

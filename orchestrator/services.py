@@ -444,8 +444,12 @@ class Services:
                 gone = col(Asset.deleted_at).is_not(None) if deleted else col(Asset.deleted_at).is_(None)
                 return set(s.exec(select(Asset.sha256).where(col(Asset.sha256).in_(shas), gone).distinct()))
 
+        with self.db.session() as s:
+            # Every asset deleted (and its file swept): no file is named, a crash's orphan included.
+            emptied = s.exec(select(Asset.id).limit(1)).first() is not None and \
+                s.exec(select(Asset.id).where(col(Asset.deleted_at).is_(None)).limit(1)).first() is None
         return self.store.sweep_orphans(lambda shas: named(shas, False), older_than,
-                                        deleted=lambda shas: named(shas, True))
+                                        deleted=lambda shas: named(shas, True), emptied=emptied)
 
     async def _sweep_assets(self) -> None:
         """Asset files no row names (`ArtifactStore.sweep_orphans`) and old temp files: at start,

@@ -499,7 +499,8 @@ class ArtifactStore:
 
     def sweep_orphans(self, referenced: Callable[[list[str]], Collection[str]],
                       older_than: float = ORPHAN_GRACE_SECONDS, *,
-                      deleted: Callable[[list[str]], Collection[str]] | None = None) -> int:
+                      deleted: Callable[[list[str]], Collection[str]] | None = None,
+                      emptied: bool = False) -> int:
         """Remove asset files that no asset row names and that were last written (or `put`) more
         than `older_than` seconds ago; returns how many. `referenced` gets a batch of sha256s and
         answers those some live row names; `deleted`, those only deleted assets' rows name (files
@@ -512,7 +513,9 @@ class ArtifactStore:
 
         Raises `SweepRefused`, removing nothing, when the rows name none of the files, or many
         of the old ones are orphans: a database that is not this store's (a new one, another
-        install's) would otherwise make every file an orphan."""
+        install's) would otherwise make every file an orphan. `emptied`: the database has asset
+        rows and every one is deleted, so it names no file, and a few orphans (a crash's) are no
+        sign of another database (its swept files were the ones it named)."""
         cutoff = time.time() - older_than
         candidates: dict[str, list[Path]] = {}
         young: list[str] = []  # a few of the files too new to sweep, to tell a young install
@@ -550,7 +553,7 @@ class ArtifactStore:
             # An install younger than the grace: its rows name its new files, not its old orphans
             # (an error was logged, and nothing removed, on a healthy install).
             named_any = bool(referenced(young))
-        if orphans and (not named_any or (len(orphans) > ORPHAN_ALARM_FILES
+        if orphans and ((not named_any and not emptied) or (len(orphans) > ORPHAN_ALARM_FILES
                                           and len(orphans) > total * ORPHAN_ALARM_SHARE)):
             raise SweepRefused(f"{len(orphans)} of the {total} files in {self.root} are named by no asset in this "
                                "database: is it the database this data dir belongs to? Nothing was removed")

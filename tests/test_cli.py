@@ -32,7 +32,7 @@ from orchestrator import demo as demo_module
 from orchestrator.cli import _bound, _log_to_data_dir, main
 from orchestrator.db import upgrade
 from orchestrator.server import free_port
-from orchestrator.services import Stopped, startup_problems
+from orchestrator.services import Services, Stopped, startup_problems
 from orchestrator.settings import Settings
 from orchestrator.store import ArtifactStore
 from tests.api import create_project, run_draft
@@ -506,6 +506,31 @@ def test_check_refuses_a_database_that_names_none_of_the_store_s_files(
     out = capsys.readouterr().out
     assert "2 of the 2 files in the store are named by no asset in this database" in out
     assert "is it the database this data dir belongs to?" in out and "restore those assets" not in out
+
+
+def test_a_crash_s_file_after_every_asset_was_deleted_is_an_orphan_not_a_foreign_database(
+        make_settings: SettingsFactory, start_server: Callable[[Settings], httpx.Client],
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    # Every asset deleted and its file swept, then a job's image left by a crash: the sweep refused
+    # every hour ("is it the database this data dir belongs to?"), and check said the same.
+    settings, client, assets = drafted(make_settings, start_server, monkeypatch, n=2)
+    for asset_id in assets:
+        assert client.delete(f"/v1/assets/{asset_id}").status_code == 204
+    services = Services.build(settings)
+    try:
+        assert services.sweep_asset_files(older_than=0) == 2
+        store = ArtifactStore(settings.assets_dir)
+        orphan = store.path_for(store.put(b"a crashed job's image"))
+        old = time.time() - 2 * 3600
+        os.utime(orphan, (old, old))
+        capsys.readouterr()
+        assert main(["check"]) == 0
+        out = capsys.readouterr().out
+        assert "1 file no asset names (jobs' images left by a crash" in out and out.endswith("ok\n")
+        assert services.sweep_asset_files() == 1
+        assert not orphan.exists()
+    finally:
+        asyncio.run(services.aclose())
 
 
 def test_check_reports_a_file_it_cannot_read_and_goes_on(
