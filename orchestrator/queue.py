@@ -58,6 +58,8 @@ DISPATCH_RETRY_SECONDS = 1.0
 QUEUED_BATCH = 500  # queued jobs of a lane ranked per dispatch
 # Of those, the first ones read whole for claiming: a dispatch fills a few free slots, past a
 # job whose circuit makes it wait or another worker's claim.
+# The pseudo-lane of the jobs moved off an engine no process has (see `_move_unserved`).
+MOVES_LANE = "moves"
 CANDIDATES = 64
 SERVED_REMEMBERED = 10_000  # projects whose last start a scheduler remembers for the turns
 # Seconds to the next try after a lease renewal failed (a database busy for a while).
@@ -122,6 +124,10 @@ class Scheduler:
         self._unserved_since: dict[str, float] = {}
         self._orphans_unserved_since: dict[str, float] = {}
         self.unserved_grace = lease_seconds
+        # Queued jobs of such engines claimed by the sweep's thread to be moved to another candidate
+        # of their routing (see `_move_unserved`), for the dispatcher to start on the loop.
+        self._moves: list[Claim] = []
+        self._moves_lock = threading.Lock()  # not the claim lock: the loop takes it
         # Expired leases of live holders of this machine: job id -> (the lease, since when it has
         # been seen unchanged, monotonic), to tell a hung holder (see `_orphans`).
         self._expired_leases: dict[str, tuple[tuple[int, str | None, datetime | None], float]] = {}
@@ -353,6 +359,10 @@ class Scheduler:
         # One worker-thread hop per wake-up: look for queued jobs and claim those that fit. Lanes
         # freed meanwhile are not lost: every job's end wakes the dispatcher again.
         claims = await asyncio.to_thread(self._claim_ready, dict(self._lane_use))
+        with self._moves_lock:
+            moves, self._moves = self._moves, []
+        # A move sends nothing: it takes no lane of the engines (its job is queued on its next one's).
+        claims += [(claim, MOVES_LANE) for claim in moves]
         for claim, lane in claims:
             self._lane_use[lane] = self._lane_use.get(lane, 0) + 1
             task = asyncio.create_task(self._run(claim, lane), name=f"job {claim.job.id}")
@@ -476,6 +486,11 @@ class Scheduler:
             waits = self._waiting.get(job.id) == (job.engine, opened)
         if waits:
             return "wait"  # no candidate took it since the circuit opened
+        return "move" if self._movable(job) else "wait"
+
+    def _movable(self, job: Job) -> bool:
+        """Whether a candidate of the job's routing not tried yet may take it here now."""
+        health = self.runner.health
         tried = {a["engine"] for a in job.attempts or []} | {job.engine}
         for name in fallbacks(job.routing, tried):
             try:
@@ -484,8 +499,8 @@ class Scheduler:
                 log.warning("engine %s: whether it is available is unknown; not moved to", name, exc_info=True)
                 usable = False
             if usable:
-                return "move"
-        return "wait"
+                return True
+        return False
 
     def _oldest_queued(self, engines: list[str], *, candidates: int = CANDIDATES) -> list[Job]:
         """One lane's queued jobs (`engines`: that lane's), the first `candidates` of them, in
@@ -534,9 +549,10 @@ class Scheduler:
             rows = {job.id: job for job in s.exec(select(Job).where(col(Job.id).in_(chosen), *where)).all()}
         return [rows[job_id] for job_id in chosen if job_id in rows]
 
-    def _claim(self, job: Job, *, move: bool = False) -> Claim | None:
+    def _claim(self, job: Job, *, move: bool = False, unserved: bool = False) -> Claim | None:
         """Claim the queued job; `move`: only to move it off its engine's open circuit (see
-        `JobRunner._move_off_open_circuit`), a claim it may undo."""
+        `JobRunner._move_off_open_circuit`), a claim it may undo; `unserved`: off an engine no
+        process has (with `move`), unless a provider has its work (that work is the engine's)."""
         # For an engine that announces its paid requests, the new attempt starts as having sent
         # nothing (the runner clears it before the first one): see `_recover_one`. A move sends
         # nothing on any engine: one that died moving a plugin's job was failed as possibly billed.
@@ -548,6 +564,10 @@ class Scheduler:
                 taken, taken_wall = time.monotonic(), time.time()  # before the lease is written: it runs out later
                 # Read under the write lock: the row as it is, not as the dispatch's list saw it.
                 before = s.scalar(select(Job.started_at).where(col(Job.id) == job.id)) if move else None
+                if unserved:
+                    work = s.scalar(select(Job.provider_work).where(col(Job.id) == job.id)) or {}
+                    if work.get("handles") and work.get("engine") == job.engine:
+                        return None
                 # Once the write lock is ours: waiting for it must not shorten the lease.
                 claimed = s.scalars(update(Job).where(col(Job.id) == job.id, col(Job.status) == "queued").values(
                     status="running", attempt=Job.attempt + 1, lease_owner=self.owner,
@@ -556,7 +576,7 @@ class Scheduler:
                 if claimed is None:  # another worker, or a cancel, got there first
                     return None
                 claim = Claim(claimed, claimed.attempt, CancelToken(), lease=self.lease.total_seconds(), renewed=taken,
-                              renewed_wall=taken_wall, circuit_open=move, started_before=before)
+                              renewed_wall=taken_wall, circuit_open=move, started_before=before, unserved=unserved)
                 # Known before the commit makes the job 'running' for everyone else.
                 self._claimed[job.id] = claim
         except SQLAlchemyError as exc:
@@ -564,6 +584,8 @@ class Scheduler:
             # A COMMIT whose answer was lost may have made the job ours: left so, it waited `running`
             # for its lease to run out, and recovery then failed a plugin's paid job as possibly billed.
             landed = self._claim_landed(job.id, taken, taken_wall, move, before) if commit_in_doubt(exc) else None
+            if landed is not None:
+                landed.unserved = unserved
             if landed is None:
                 raise
             claim = landed
@@ -607,10 +629,11 @@ class Scheduler:
             self._claimed.pop(claim.job.id, None)
 
     def _fail_unserved(self) -> None:
-        """Fail the queued jobs of engines no process has (one removed from the configuration, a
-        plugin uninstalled, a factory that failed): they would wait forever. An engine another
-        live worker runs is left to it, and one nobody has is given `unserved_grace` seconds
-        first: its only worker may be restarting, or starting beside this one."""
+        """Move the queued jobs of engines no process has (one removed from the configuration, its
+        key removed, a plugin uninstalled, a factory that failed) to another candidate of their
+        routing, or fail them: they would wait forever. An engine another live worker runs is left
+        to it, and one nobody has is given `unserved_grace` seconds first: its only worker may be
+        restarting, or starting beside this one."""
         usable = self.engines()
         with self.db.session() as s:
             missing = set(s.exec(select(Job.engine).where(col(Job.status) == "queued",
@@ -624,7 +647,27 @@ class Scheduler:
                 # the engine's worker may be back, and takes the rest.
                 if self.presence.serves(engine):
                     break
-                self._fail_unknown_engine(job_id)
+                if not self._move_unserved(job_id):
+                    self._fail_unknown_engine(job_id)
+        if self._moves:
+            self.notify()
+
+    def _move_unserved(self, job_id: str) -> bool:
+        """Claim the queued job to move it to another candidate of its routing that this process
+        has (`JobRunner._move_off_open_circuit` moves it, as a fallback that sent nothing); False
+        when none may take it, or it is not to be moved (`_claim`)."""
+        with self.db.session() as s:
+            job = s.get(Job, job_id)
+        if job is None or job.status != "queued" or not self._movable(job):
+            return False
+        with self._claim_lock:
+            if self._stopping:
+                return True  # left queued: the next start looks again
+            claim = self._claim(job, move=True, unserved=True)
+            if claim is not None:
+                with self._moves_lock:
+                    self._moves.append(claim)
+        return claim is not None
 
     def _unserved(self, engines: set[str], since: dict[str, float]) -> set[str]:
         """Of `engines` (none of this process's), those no live process has had for

@@ -146,6 +146,8 @@ class Claim:
     started_before: datetime | None = None
     # Set when such a move found no candidate to take it after all: the job is queued again, to wait.
     waiting: bool = False
+    # Claimed (with `circuit_open`) to be moved off an engine no process has (`Scheduler._fail_unserved`).
+    unserved: bool = False
     # Set once the attempt's first request that can bill was recorded (`JobRunner._record_sending`).
     recorded_send: bool = False
     # The write that marks the attempt unsent again once every request of it was answered that
@@ -717,14 +719,29 @@ class JobRunner:
         """A queued job claimed to leave an engine whose circuit is open (see `Scheduler._circuit`):
         moved, unsent, to the next candidate of its routing that takes it, as a fallback; or, when
         none does after all (its price over the job's cap, the budget, another job's probe), back in
-        the queue as it was, to wait for the verdict (`claim.waiting`). Never failed for it."""
+        the queue as it was, to wait for the verdict (`claim.waiting`). Never failed for it.
+        Off an engine no process has (`claim.unserved`), one that no candidate may take for money
+        or privacy fails, as it would have without candidates."""
         job = claim.job
-        error = EngineUnavailable(f"engine '{job.engine}' is failing its jobs (its circuit is open); "
-                                  "the job was not sent to it",
-                                  details={"engine": job.engine, "circuit": "open", "started": False},
-                                  charged="no")
+        if claim.unserved:
+            error = EngineUnavailable(f"engine '{job.engine}' is not installed, or not set up (its key, its server), "
+                                      "in any process that runs jobs; the job was not sent to it",
+                                      details={"engine": job.engine, "started": False}, charged="no")
+        else:
+            error = EngineUnavailable(f"engine '{job.engine}' is failing its jobs (its circuit is open); "
+                                      "the job was not sent to it",
+                                      details={"engine": job.engine, "circuit": "open", "started": False},
+                                      charged="no")
         try:
             if await self._fall_back(claim, error):
+                return
+            if claim.unserved:
+                if error.details.get("fallbacks_skipped"):
+                    # Its candidates were passed over for money or privacy: it can run nowhere.
+                    await self._end(claim, "failed", error)
+                    return
+                # Another job took a candidate's probe meanwhile: queued as it was, for the next sweep.
+                await asyncio.to_thread(self._requeue_waiting, claim)
                 return
             await asyncio.to_thread(self._requeue_waiting, claim)
         except StaleAttempt:

@@ -5,10 +5,12 @@ the right state and the right ledger, never leave it running and never send a pa
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any
 
+import httpx
 import pytest
 from sqlalchemy import update
 from sqlmodel import col, select
@@ -256,6 +258,78 @@ def test_a_queued_job_whose_engine_was_removed_fails_and_releases_its_hold(
     assert services.scheduler._claim_ready({}) == []
     services.scheduler._fail_unserved()
     assert ledger_of(services, job_id) == [("hold", HOLD, False), ("release", HOLD, False)]
+
+
+def test_a_queued_job_whose_engine_was_removed_moves_to_the_next_candidate_of_its_routing(
+        build: Build, make_settings: SettingsFactory) -> None:
+    # Its key removed before a restart: the job was failed, though its routing named an engine
+    # this process has. One a provider has work of stays its engine's (failed, and captured).
+    before = Services.build(make_settings(engines="fake-paid=tests.fakes:factory,fake-free=tests.fakes:free_factory"))
+    routing = {"candidates": [{"engine": "fake-paid"}, {"engine": "fake-free"}]}
+    try:
+        moved = queue_job(before, "fake-paid", estimated=HOLD, params=BRIDGE, routing=routing)
+        accepted = queue_job(before, "fake-paid", estimated=HOLD, params=BRIDGE, routing=routing,
+                             provider_work={"engine": "fake-paid", "handles": [{"id": "accepted"}]})
+    finally:
+        asyncio.run(before.aclose())
+    services = build("fake-free=tests.fakes:free_factory")
+    services.scheduler._fail_unserved()  # its only worker may be restarting: given a lease's time
+    assert read_job(services, moved).status == "queued" and not services.scheduler._moves
+    services.scheduler.unserved_grace = 0
+    services.scheduler._fail_unserved()
+    assert read_job(services, accepted).status == "failed"
+    assert ledger_of(services, accepted) == [("hold", HOLD, False), ("capture", HOLD, True)]
+    [claim] = services.scheduler._moves  # claimed, for the dispatcher to move
+    assert claim.job.id == moved and read_job(services, moved).status == "running"
+    asyncio.run(services.runner.run(claim))
+    job = read_job(services, moved)
+    assert (job.status, job.engine) == ("queued", "fake-free")
+    assert job.attempts is not None and job.attempts[-1]["engine"] == "fake-paid"
+    assert job.attempts[-1]["error"]["code"] == "engine_unavailable", job.attempts
+    assert "not installed, or not set up" in job.attempts[-1]["error"]["message"]
+    assert ledger_of(services, moved) == [("hold", HOLD, False), ("release", HOLD, False)]
+    assert "fallback" in states(services, moved)
+    job = claim_and_run(services, moved)
+    assert (job.status, job.engine) == ("succeeded", "fake-free"), job.error
+
+
+def test_a_service_restarted_without_a_job_s_engine_runs_it_on_the_next_candidate(
+        make_settings: SettingsFactory, start_server: Callable[[Settings], httpx.Client]) -> None:
+    before = Services.build(make_settings(engines="fake-paid=tests.fakes:factory,fake-free=tests.fakes:free_factory"))
+    try:
+        job_id = queue_job(before, "fake-paid", estimated=HOLD, params=BRIDGE,
+                           routing={"candidates": [{"engine": "fake-paid"}, {"engine": "fake-free"}]})
+    finally:
+        asyncio.run(before.aclose())
+    api = start_server(make_settings(engines="fake-free=tests.fakes:free_factory", lease_seconds=0.5,
+                                     sweep_interval=0.1))
+    deadline = time.monotonic() + 30
+    while (job := api.get(f"/v1/jobs/{job_id}").json())["status"] in ("queued", "running"):
+        assert time.monotonic() < deadline, job
+        time.sleep(0.05)
+    assert (job["status"], job["engine"], len(job["assets"])) == ("succeeded", "fake-free", 1), job
+
+
+def test_a_queued_job_whose_engine_was_removed_fails_when_no_candidate_may_take_it(
+        build: Build, make_settings: SettingsFactory) -> None:
+    # Its one other candidate costs more than the job may hold.
+    before = Services.build(make_settings(engines="fake-paid=tests.fakes:factory"))
+    try:
+        job_id = queue_job(before, "fake-free", estimated=0, params=BRIDGE, routing={
+            "candidates": [{"engine": "fake-free"}, {"engine": "fake-paid"}], "max_credits": 0.001})
+    finally:
+        asyncio.run(before.aclose())
+    services = build("fake-paid=tests.fakes:factory")
+    services.scheduler.unserved_grace = 0
+    services.scheduler._fail_unserved()
+    [claim] = services.scheduler._moves
+    asyncio.run(services.runner.run(claim))
+    job = read_job(services, job_id)
+    assert (job.status, job.engine) == ("failed", "fake-free")
+    assert job.error is not None and job.error["code"] == "engine_unavailable", job.error
+    assert job.error["details"]["fallbacks_skipped"] == [
+        {"engine": "fake-paid", "reason": "max_credits", "estimate": fakes.FAKE_PRICE}]
+    assert ledger_of(services, job_id) == []
 
 
 def test_failing_an_unserved_backlog_reads_each_job_as_it_is_and_stops_when_its_worker_is_back(
