@@ -58,9 +58,9 @@ DISPATCH_RETRY_SECONDS = 1.0
 QUEUED_BATCH = 500  # queued jobs of a lane ranked per dispatch
 # Of those, the first ones read whole for claiming: a dispatch fills a few free slots, past a
 # job whose circuit makes it wait or another worker's claim.
+CANDIDATES = 64
 # The pseudo-lane of the jobs moved off an engine no process has (see `_move_unserved`).
 MOVES_LANE = "moves"
-CANDIDATES = 64
 SERVED_REMEMBERED = 10_000  # projects whose last start a scheduler remembers for the turns
 # Seconds to the next try after a lease renewal failed (a database busy for a while).
 RENEW_RETRY_SECONDS = 2.0
@@ -584,11 +584,10 @@ class Scheduler:
             # A COMMIT whose answer was lost may have made the job ours: left so, it waited `running`
             # for its lease to run out, and recovery then failed a plugin's paid job as possibly billed.
             landed = self._claim_landed(job.id, taken, taken_wall, move, before) if commit_in_doubt(exc) else None
-            if landed is not None:
-                landed.unserved = unserved
             if landed is None:
                 raise
             claim = landed
+            claim.unserved = unserved
             log.info("job %s: its claim's COMMIT answer was lost, and the database holds it", job.id)
             self._claimed[job.id] = claim
         except BaseException:

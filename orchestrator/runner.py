@@ -735,15 +735,13 @@ class JobRunner:
         try:
             if await self._fall_back(claim, error):
                 return
-            if claim.unserved:
-                if error.details.get("fallbacks_skipped"):
-                    # Its candidates were passed over for money or privacy: it can run nowhere.
-                    await self._end(claim, "failed", error)
-                    return
-                # Another job took a candidate's probe meanwhile: queued as it was, for the next sweep.
-                await asyncio.to_thread(self._requeue_waiting, claim)
+            if claim.unserved and error.details.get("fallbacks_skipped"):
+                # Its candidates were passed over for money or privacy: it can run nowhere.
+                await self._end(claim, "failed", error)
                 return
             await asyncio.to_thread(self._requeue_waiting, claim)
+            if claim.unserved:  # another job took a candidate's probe meanwhile: the next sweep looks again
+                return
         except StaleAttempt:
             return
         except Canceled as asked:  # canceled meanwhile: nothing was sent
