@@ -111,6 +111,8 @@ SECOND_OPEN_HOLD = "open holds of a job that has another open hold"
 STRAY = "captures, releases or adjustments naming an entry that is not their job's hold"
 LOOSE_RELEASE = "releases naming no hold"
 EARLY_ADJUSTMENT = "adjustments of a capture still unreconciled, or of none"
+SECOND_CHARGE = "captures naming no hold of a job also charged on its hold"
+JOBLESS_HOLD = "open holds of no job (nothing will settle them)"
 # Each of them, said of one entry ("1 hold whose ...").
 ONE = {
     SETTLED_WITHOUT_ENTRY: "hold marked settled with no capture or release (neither held nor charged)",
@@ -119,6 +121,8 @@ ONE = {
     STRAY: "capture, release or adjustment naming an entry that is not its job's hold",
     LOOSE_RELEASE: "release naming no hold",
     EARLY_ADJUSTMENT: "adjustment of a capture still unreconciled, or of none",
+    SECOND_CHARGE: "capture naming no hold of a job also charged on its hold",
+    JOBLESS_HOLD: "open hold of no job (nothing will settle it)",
 }
 
 
@@ -286,13 +290,17 @@ def _check_ledger(s: Session, report: LedgerReport) -> None:
             if mine and not _adds_up(hold.amount, capture, release):
                 report.flag(AMOUNTS, hold.id)
             if not hold.settled and not mine:
-                if hold.job_id in open_jobs:
+                # The sweep settles the holds of finished jobs: one whose job is gone (deleted by
+                # hand, restored from another backup), or names none, holds its credits for good.
+                if hold.job_id not in statuses:
+                    report.flag(JOBLESS_HOLD, hold.id)
+                elif hold.job_id in open_jobs:
                     report.flag(SECOND_OPEN_HOLD, hold.id)
                 open_jobs.add(hold.job_id or "")
                 if statuses.get(hold.job_id or "") in TERMINAL:
                     report.open_finished.append(str(hold.id))
     for problem, ids in ((STRAY, _stray(s)), (LOOSE_RELEASE, _loose_releases(s)),
-                         (EARLY_ADJUSTMENT, _early_adjustments(s))):
+                         (EARLY_ADJUSTMENT, _early_adjustments(s)), (SECOND_CHARGE, _second_charges(s))):
         for entry_id in ids:
             report.flag(problem, entry_id)
 
@@ -337,6 +345,17 @@ def _stray(s: Session) -> list[int | None]:
                                   col(hold.project_id) != col(entry.project_id),
                                   ~col(hold.job_id).is_not_distinct_from(col(entry.job_id))))
                        .order_by(col(entry.id))).all())
+
+
+def _second_charges(s: Session) -> list[int | None]:
+    """Captures without a hold (metered local work, estimated free) of jobs a capture of a hold
+    charged too: the service writes one or the other, so both is the job charged twice."""
+    held = aliased(LedgerEntry)
+    charged_on_hold = select(held.id).where(col(held.kind) == "capture", col(held.hold_id).is_not(None),
+                                            col(held.job_id) == col(LedgerEntry.job_id)).exists()
+    return list(s.exec(select(LedgerEntry.id).where(col(LedgerEntry.kind) == "capture",
+                                                    col(LedgerEntry.hold_id).is_(None), charged_on_hold)
+                       .order_by(col(LedgerEntry.id))).all())
 
 
 def _loose_releases(s: Session) -> list[int | None]:

@@ -98,7 +98,9 @@ def check_ledger_findings(api: httpx.Client, url: str, capsys: pytest.CaptureFix
         for kind, hold_id, job_id in (("adjustment", entry("unknown", "hold"), job("unknown")),
                                       ("release", None, job("unknown")),
                                       ("adjustment", entry("partial", "capture"), job("partial")),
-                                      ("hold", None, job("over")), ("hold", None, job("over"))):
+                                      ("hold", None, job("over")), ("hold", None, job("over")),
+                                      # charged twice: on its hold, and as metered work; a hold of no job
+                                      ("capture", None, job("partial")), ("hold", None, None)):
             added.append(conn.execute(text(
                 "INSERT INTO ledger_entries (project_id, job_id, kind, amount, hold_id, unreconciled, settled, "
                 "over_hold, created_at) VALUES (:project, :job, :kind, 1000, :hold, :no, :no, :no, CURRENT_TIMESTAMP) "
@@ -118,6 +120,8 @@ def check_ledger_findings(api: httpx.Client, url: str, capsys: pytest.CaptureFix
     assert f"1 {check.ONE[check.LOOSE_RELEASE]}: entry {added[1]}" in lines
     assert f"1 {check.ONE[check.STRAY]}: entry {added[2]}" in lines
     assert f"2 {check.EARLY_ADJUSTMENT}: entries {added[0]}, {added[2]}" in lines
+    assert f"1 {check.ONE[check.SECOND_CHARGE]}: entry {added[5]}" in lines
+    assert f"1 {check.ONE[check.JOBLESS_HOLD]}: entry {added[6]}" in lines
     # The open holds of the finished "over" job: informational, the service's sweep settles them.
     assert (f"2 open holds of finished jobs (a running service's sweep settles them): "
             f"entries {added[3]}, {added[4]}") in lines
