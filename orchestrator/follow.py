@@ -66,8 +66,10 @@ def catch_up(bus: EventBus, job: Job, asset_ids: list[str], *, preview: bool = F
             # the poll): told as a stream that read the queued row tells it, or servers differ.
             bus.publish(job.id, "queued", {"job_id": job.id, "status": "queued", "attempt": view.attempt,
                                            "requeued": True})
+        # A copy's events say so as its own process told them (`JobService._publish_cached`).
+        copy: dict[str, Any] = {"cache_hit": True} if job.cache_hit else {}
         bus.publish(job.id, "started", {"job_id": job.id, "status": "running", "engine": job.engine,
-                                        "attempt": job.attempt})
+                                        "attempt": job.attempt, **copy})
         view = bus.view(job.id)
         assert view is not None
     if job.status == "running":
@@ -86,6 +88,8 @@ def catch_up(bus: EventBus, job: Job, asset_ids: list[str], *, preview: bool = F
         data: dict[str, Any] = {"job_id": job.id, "status": job.status}
         if job.status == "succeeded":
             data["assets"] = asset_ids
+            if job.cache_hit:
+                data["cache_hit"] = True
         elif job.error:  # failed, or canceled: why
             data["error"] = job.error
         bus.publish(job.id, job.status, data)

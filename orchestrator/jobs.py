@@ -204,6 +204,8 @@ class JobService:
         width, height = self._size(source, body.width, body.height, scale or 1.0, self._multiple("polish"),
                                    limits=lambda: self._side_limits("polish", body.engine),
                                    scale_sent="scale" in body.model_fields_set)
+        if scale == 1 and (width, height) == (source.width, source.height):
+            scale = None  # the source's size, as no scale asks it: one request, one cache key
         params: dict[str, Any] = {
             "stage": "polish", "prompt": body.prompt or source.prompt, "negative_prompt": asked_negative,
             "n": 1, **_seed(body.seed, source),
@@ -391,8 +393,9 @@ class JobService:
         token = f"submit-{keyed or secrets.token_hex(8)}"
         try:
             prepared = prepare()
-            decision = self._reserve(self.decide(prepared, engine, max_credits, cache=cache, holder=token), token,
-                                     prepared, engine, max_credits, cache=cache)
+            decision = self.decide(prepared, engine, max_credits, cache=cache, holder=token)
+            if not decision.copy:  # a copy sends nothing: no probe of a half-open circuit is its to take
+                decision = self._reserve(decision, token, prepared, engine, max_credits, cache=cache)
         except OrchestratorError:
             # A request with this key may have committed since the look-up above, and its hold (or
             # its engine's failures, or its probe) can change the routing: the first request's answer is ours.
@@ -401,7 +404,7 @@ class JobService:
                 if replay is not None:
                     return replay, False
             raise
-        reserved = decision.chosen
+        reserved: str | None = None if decision.copy else decision.chosen
         try:
             job = self._new_job(prepared, decision, cache=cache)
             with self.db.transaction() as s:
@@ -430,24 +433,25 @@ class JobService:
                 # And a policy changed since (a PATCH to `local-only` committed meanwhile, or a reload
                 # that made the project's policy keep everything local, must not let this request be
                 # queued for the cloud: the reload's `keep_local` may have looked before this commit).
-                if not cached and (decision.policy != project.policy or self._reloaded_since(decision) or (
-                        decision.estimate > 0 and (project.budget_limit is not None or max_credits is not None))):
+                # And a copy's decision, which no engine's circuit breaker was asked about.
+                if not cached and (decision.copy or decision.policy != project.policy
+                                   or self._reloaded_since(decision) or (decision.estimate > 0 and (
+                                       project.budget_limit is not None or max_credits is not None))):
                     balance = None if project.budget_limit is None else self.ledger.balance(s, project)
                     fresh = self._route(project.policy, prepared, engine, max_credits, balance, cache=False,
                                         holder=token)
-                    if (fresh.chosen, fresh.rule) == (decision.chosen, decision.rule):
-                        decision = fresh  # its candidates as the caps and the balance now leave them
-                        job = self._new_job(prepared, decision, cache=cache)
-                    else:
-                        if fresh.chosen != reserved:  # its probe too, taken as the first choice's was
-                            if not self.router.health.reserve(fresh.chosen, token):
-                                raise NoUsableEngine(f"engine '{fresh.chosen}' cannot take a job now; send "
-                                                     "the request again", details={"engine": fresh.chosen},
-                                                     retry_after=RESERVE_RETRY_SECONDS)
+                    if fresh.chosen != reserved:  # its probe too, taken as the first choice's was (a copy took none)
+                        if not self.router.health.reserve(fresh.chosen, token):
+                            raise NoUsableEngine(f"engine '{fresh.chosen}' cannot take a job now; send "
+                                                 "the request again", details={"engine": fresh.chosen},
+                                                 retry_after=RESERVE_RETRY_SECONDS)
+                        if reserved is not None:
                             self.router.health.finished(reserved, token)
-                            reserved = fresh.chosen
-                        decision = fresh
-                        job = self._new_job(prepared, decision, cache=cache)
+                        reserved = fresh.chosen
+                    same = (fresh.chosen, fresh.rule) == (decision.chosen, decision.rule)
+                    decision = fresh  # its candidates as the caps and the balance now leave them
+                    job = self._new_job(prepared, decision, cache=cache)
+                    if not same:
                         cached = self._cached(s, job) if job.cache_key else None
                 # Ids are the list cursors: made under the write lock, they commit in id order, so a
                 # client paging with `id > cursor` cannot step over a job committed just after.
@@ -474,12 +478,14 @@ class JobService:
                 self._publish_cached(job)
             else:
                 # Routed to a half-open circuit, this job is its probe now.
-                self.router.health.adopt(reserved, token, job.id)
+                if reserved is not None:
+                    self.router.health.adopt(reserved, token, job.id)
                 self.bus.publish(job.id, "queued", {"job_id": job.id, "status": "queued"})
                 self.notify()
             return job, True
         finally:
-            self.router.health.finished(reserved, token)
+            if reserved is not None:
+                self.router.health.finished(reserved, token)
 
     def _reserve(self, decision: Decision, token: str, prepared: Prepared, engine: str | None,
                  max_credits: float | None, *, cache: bool) -> Decision:
@@ -510,13 +516,18 @@ class JobService:
         oldest = s.exec(same.order_by(col(Job.id)).limit(CACHE_CANDIDATES)).all()
         # And the newest: the render made after them all, should every one of them be lost.
         newest = s.exec(same.order_by(col(Job.id).desc()).limit(1)).all()
+        # Copies name the same files: each is read once.
+        intact: dict[str, bool] = {}
         for candidate in {j.id: j for j in [*oldest, *newest]}.values():
             assets = list(s.exec(select(Asset).where(col(Asset.job_id) == candidate.id)
                                  .order_by(col(Asset.index))).all())
             # A copy of a file that is gone (removed by hand, a lost disk) or damaged would be
             # charged nothing and serve nothing: the next such job's, or a render (whose bytes
             # then mend the file, or are the next request's copy).
-            if all(self._intact(asset.sha256) for asset in assets):
+            for asset in assets:
+                if asset.sha256 not in intact:
+                    intact[asset.sha256] = self._intact(asset.sha256)
+            if all(intact[asset.sha256] for asset in assets):
                 return assets
         return []
 
@@ -552,8 +563,21 @@ class JobService:
 
     def _route(self, policy: str, prepared: Prepared, engine: str | None, max_credits: float | None,
                balance: Balance | None, *, cache: bool, holder: str | None = None) -> Decision:
-        decision = self.router.decide(policy, prepared.request, engine,
-                                      None if balance is None else balance.used_fraction, holder=holder)
+        used = None if balance is None else balance.used_fraction
+        try:
+            decision = self.router.decide(policy, prepared.request, engine, used, holder=holder)
+        except NoUsableEngine:
+            # Every engine's circuit open (or the one asked for): an earlier result is still copied.
+            copy = self._copy_past_circuits(policy, prepared, engine, used) if cache else None
+            if copy is None:
+                raise
+            return copy
+        if cache and any(c.for_now for c in decision.candidates):
+            # The policy's choice passed over for its circuit: a paid render elsewhere of what a
+            # copy from it gives for nothing (during a provider's outage, the studio paid twice).
+            copy = self._copy_past_circuits(policy, prepared, engine, used)
+            if copy is not None and copy.chosen != decision.chosen:
+                return copy
         if max_credits is not None:
             # Recorded for the fallbacks with the rule's own cap (see `JobRunner._fall_back`).
             rule_cap = decision.extra.get("max_credits")
@@ -579,6 +603,19 @@ class JobService:
         if balance is not None:
             _within_budget(decision, balance)
         return decision
+
+    def _copy_past_circuits(self, policy: str, prepared: Prepared, engine: str | None,
+                            used: float | None) -> Decision | None:
+        """The decision the policy makes with no engine skipped for its circuit breaker, when an
+        earlier identical job of its choice has a result to copy; else None."""
+        try:
+            copy = self.router.decide(policy, prepared.request, engine, used, circuits=False)
+        except OrchestratorError:
+            return None
+        if not self.has_cached(prepared, copy):
+            return None
+        copy.copy = True
+        return copy
 
     def has_cached(self, prepared: Prepared, decision: Decision) -> bool:
         """Whether an identical earlier job's result would be copied (for nothing) instead."""

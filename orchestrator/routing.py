@@ -84,6 +84,9 @@ class Decision:
     # what the job makes is private too, so its promotions and polishes stay local.
     private: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    # Taken to copy an earlier identical job's result, its engine's circuit breaker not asked: a
+    # copy sends nothing (see `JobService._route`). Not recorded.
+    copy: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return {"policy": self.policy, "policy_hash": self.policy_hash, "rule": self.rule,
@@ -107,9 +110,10 @@ class Router:
         self.health = health
 
     def decide(self, policy_name: str, req: RenderRequest, requested: str | None,
-               budget_used: float | None, *, holder: str | None = None) -> Decision:
+               budget_used: float | None, *, holder: str | None = None, circuits: bool = True) -> Decision:
         """`holder`: the reservation of a half-open circuit's probe this request already holds
-        (see `EngineHealth.reserve`); that engine is not skipped as "its probe is out"."""
+        (see `EngineHealth.reserve`); that engine is not skipped as "its probe is out".
+        `circuits=False`: no engine is skipped for its circuit breaker (for a copy, which sends nothing)."""
         try:
             # Read once: a reload between a look and a read could take the policy away in between.
             policy = self.policies.get(policy_name)
@@ -151,7 +155,7 @@ class Router:
                 details={**base, "engine": requested, "allowed": rule.engines},
             )
         names = [requested] if requested is not None else list(rule.engines)
-        assessed = {name: self.assess(name, req, rule, holder=holder) for name in names}
+        assessed = {name: self.assess(name, req, rule, holder=holder, circuits=circuits) for name in names}
         ordered = self._order(rule, req.stage, assessed)
         usable = [c for c in ordered if c.skipped is None]
         if not usable:
@@ -203,7 +207,7 @@ class Router:
         return [c for c in candidates if c.skipped is None] + [c for c in candidates if c.skipped is not None]
 
     def assess(self, name: str, req: RenderRequest, rule: Rule | None = None, *,
-               holder: str | None = None) -> Candidate:
+               holder: str | None = None, circuits: bool = True) -> Candidate:
         """Whether engine `name` can take `req` under `rule`, with its estimate or why not."""
         candidate = Candidate(name)
         if name not in self.registry:
@@ -224,7 +228,7 @@ class Router:
         elif not (available := engine.availability())[0]:
             # Told to whoever asked, a project key's client too: the model by its name, not its path.
             candidate.skipped = f"unavailable: {hide_paths(available[1] or 'not set up', name)}"
-        elif not self.health.allow(name, holder):
+        elif circuits and not self.health.allow(name, holder):
             candidate.skipped = ("circuit half-open: its probe request is out" if self.health.probe_out(name)
                                  else "circuit open after repeated failures")
             candidate.for_now = True

@@ -632,6 +632,22 @@ def test_catching_up_tells_no_start_for_a_job_that_never_ran_and_a_new_one_for_a
         ("queued", 1, None, True), ("started", 2, None, None), ("progress", None, 3, None)]
 
 
+def test_a_copy_s_stream_told_from_its_row_says_it_is_a_copy() -> None:
+    # Another API process, or this one after a restart: the copy read as a paid render.
+    now = utcnow()
+    copy = Job(id="job_copy", project_id="prj", stage="bridge", engine="fake-paid", status="succeeded", attempt=0,
+               cache_hit=True, started_at=now, finished_at=now, progress_step=1, progress_total=1)
+    bus = EventBus()
+    catch_up(bus, copy, ["ast_copy"])
+    told = {e.type: e.data for e in bus._jobs["job_copy"].snapshot()}
+    assert told["started"]["cache_hit"] is True and told["succeeded"]["cache_hit"] is True
+    assert told["succeeded"]["assets"] == ["ast_copy"]
+    render = Job(id="job_render", project_id="prj", stage="bridge", engine="fake-paid", status="succeeded",
+                 attempt=1, started_at=now, finished_at=now, progress_step=1, progress_total=1)
+    catch_up(bus, render, ["ast_render"])
+    assert not any("cache_hit" in e.data for e in bus._jobs["job_render"].snapshot())
+
+
 def test_a_row_read_before_a_rerun_tells_nothing_after_the_rerun_started() -> None:
     # Two reads in flight (a client connecting while the follower reads): the older one, told
     # last, showed attempt 1's step 30 and hid attempt 2's steps below it.

@@ -315,6 +315,18 @@ def test_polish_s_default_scale_and_an_explicit_scale_of_2_are_one_request(api: 
     assert budget(api, project_id)["charged"] == 10
 
 
+def test_a_polish_at_scale_1_and_one_at_no_scale_are_one_request(api: httpx.Client) -> None:
+    # Both keep the source's size and make the same call: `scale` 1.0 in one key, null in the other.
+    project_id, asset_id = project_with_draft(api, {"limit": 100, "period": "month"})
+    first = wait_for_job(api, api.post(f"/v1/assets/{asset_id}/polish", json={"engine": "fake-paid", "scale": 1})
+                         .json()["id"])
+    assert first["status"] == "succeeded" and first["params"]["scale"] is None
+    again = wait_for_job(api, api.post(f"/v1/assets/{asset_id}/polish", json={"engine": "fake-paid", "scale": None})
+                         .json()["id"])
+    assert again["cost"]["cache_hit"] is True, again["cost"]
+    assert budget(api, project_id)["charged"] == 10
+
+
 def test_the_cache_key_holds_what_was_asked_for() -> None:
     from orchestrator.jobs import cache_key
 

@@ -1023,3 +1023,37 @@ def test_the_privacy_tag_is_known_however_its_key_is_spelled(paid_server: httpx.
     twice = paid_server.post(f"/v1/assets/{draft['assets'][0]}/promote",
                              json={"tags": {"privacy": "local", "PRIVACY": "cloud"}})
     assert_error(twice, 422, "invalid_request")
+
+
+def test_a_result_is_copied_while_its_engine_s_circuit_is_open(
+        new_settings: SettingsFactory, fallback_policies: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A copy sends nothing: during a provider's outage, the request for a result the studio has
+    was rendered again on the next engine and paid for (or, naming the engine, refused 503)."""
+    clock = Clock()
+    made = breakers(monkeypatch, clock)
+    with running(new_settings(engines=FAKE_ENGINES, policy="fallback-test", policy_dir=fallback_policies)) as client:
+        project_id, asset_id = draft_asset(client)
+        first = wait_for_job(client, promote(client, asset_id, cache=True)["id"])
+        assert (first["status"], first["engine"], first["cost"]["charged"]) == ("succeeded", "fake-paid", 10.0)
+        for _ in range(2):
+            made[0].failed("fake-paid")  # its circuit opens (other jobs failed)
+        body = {"project_id": project_id, "stage": "bridge", "source_asset_id": asset_id, "steps": 2}
+        explained = client.post("/v1/route/explain", json=body)
+        assert explained.status_code == 200, explained.text
+        assert (explained.json()["engine"], explained.json()["cache_hit"]) == ("fake-paid", True)
+        for engine in (None, "fake-paid"):
+            copy = promote(client, asset_id, cache=True, **({"engine": engine} if engine else {}))
+            assert (copy["status"], copy["engine"], copy["cost"]["cache_hit"]) == ("succeeded", "fake-paid", True)
+            assert copy["cost"]["charged"] == 0
+        # A render is still kept off the open circuit.
+        render = promote(client, asset_id)
+        assert render["engine"] == "fake-b"
+        client.post(f"/v1/jobs/{render['id']}/cancel")
+        named = client.post(f"/v1/assets/{asset_id}/promote", json={"steps": 2, "cache": False, "engine": "fake-paid"})
+        assert_error(named, 503, "no_route")
+        # Nor did a copy take the half-open circuit's probe.
+        clock.now += 61
+        assert promote(client, asset_id, cache=True)["cost"]["cache_hit"]
+        probe = promote(client, asset_id, tags={"fake": "hang"})
+        assert probe["engine"] == "fake-paid", probe["routing"]["candidates"]
+        client.post(f"/v1/jobs/{probe['id']}/cancel")
