@@ -7,6 +7,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -81,13 +82,19 @@ def test_an_asset_an_unfinished_job_starts_from_cannot_be_deleted(api: httpx.Cli
     assert delete(api, draft).status_code == 204
 
 
-def test_a_cached_copy_of_a_deleted_image_is_rendered_again(api: httpx.Client) -> None:
+def render_and_copy_then_delete_the_render(api: httpx.Client) -> tuple[str, str, dict[str, Any], dict[str, Any]]:
+    """(project, draft, the render's job, its copy's job), the render's image deleted."""
     project_id = create_project(api)
     draft = make_draft(api, project_id)
     first = wait_for_job(api, promote_ok(api, draft, cache=True)["id"])
     copy = wait_for_job(api, promote_ok(api, draft, cache=True)["id"])
     assert copy["cost"]["cache_hit"]
     assert delete(api, first["assets"][0]).status_code == 204
+    return project_id, draft, first, copy
+
+
+def test_a_cached_copy_of_a_deleted_image_is_rendered_again(api: httpx.Client) -> None:
+    _project_id, draft, _first, copy = render_and_copy_then_delete_the_render(api)
     assert delete(api, copy["assets"][0]).status_code == 204
     again = wait_for_job(api, promote_ok(api, draft, cache=True)["id"])
     assert again["status"] == "succeeded" and not again["cost"]["cache_hit"]
@@ -101,12 +108,7 @@ def test_a_cached_copy_of_a_deleted_image_is_rendered_again(api: httpx.Client) -
 
 
 def test_a_live_copy_is_copied_again_when_the_image_it_copied_was_deleted(api: httpx.Client) -> None:
-    project_id = create_project(api)
-    draft = make_draft(api, project_id)
-    first = wait_for_job(api, promote_ok(api, draft, cache=True)["id"])
-    copy = wait_for_job(api, promote_ok(api, draft, cache=True)["id"])
-    assert copy["cost"]["cache_hit"]
-    assert delete(api, first["assets"][0]).status_code == 204
+    project_id, draft, first, copy = render_and_copy_then_delete_the_render(api)
     # The copy's row keeps the file: the next identical request copies it, for nothing.
     third = wait_for_job(api, promote_ok(api, draft, cache=True)["id"])
     assert third["cost"]["cache_hit"] and third["cost"]["charged"] == 0
