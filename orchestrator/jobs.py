@@ -491,7 +491,8 @@ class JobService:
                  max_credits: float | None, *, cache: bool) -> Decision:
         """The decision whose engine `token` may be sent a job on (its probe, when half-open)."""
         for _ in range(3):
-            if self.router.health.reserve(decision.chosen, token):
+            # Routed again, a copy of an earlier result: it sends nothing, and takes no probe.
+            if decision.copy or self.router.health.reserve(decision.chosen, token):
                 return decision
             # Another request took the probe since routing looked: routed again, it is skipped now.
             decision = self.decide(prepared, engine, max_credits, cache=cache, holder=token)

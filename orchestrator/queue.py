@@ -488,6 +488,13 @@ class Scheduler:
             return "wait"  # no candidate took it since the circuit opened
         return "move" if self._movable(job) else "wait"
 
+    def _available(self, name: str) -> bool:
+        """Whether this process has engine `name`, set up (its circuit breaker not asked)."""
+        try:
+            return name in self.registry and self.registry.get(name).availability()[0]
+        except Exception:  # a plugin's look that breaks: taken as not available, as `_movable` does
+            return False
+
     def _movable(self, job: Job) -> bool:
         """Whether a candidate of the job's routing not tried yet may take it here now."""
         health = self.runner.health
@@ -569,7 +576,8 @@ class Scheduler:
                     if work.get("handles") and work.get("engine") == job.engine:
                         return None
                 # Once the write lock is ours: waiting for it must not shorten the lease.
-                claimed = s.scalars(update(Job).where(col(Job.id) == job.id, col(Job.status) == "queued").values(
+                claimed = s.scalars(update(Job).where(col(Job.id) == job.id, col(Job.status) == "queued",
+                                                      *([col(Job.engine) == job.engine] if unserved else [])).values(
                     status="running", attempt=Job.attempt + 1, lease_owner=self.owner,
                     lease_expires_at=shared_now() + self.lease, started_at=utcnow(), error=None,
                     unsent_attempt=Job.attempt + 1 if announces else None).returning(Job)).one_or_none()
@@ -646,19 +654,28 @@ class Scheduler:
                 # the engine's worker may be back, and takes the rest.
                 if self.presence.serves(engine):
                     break
-                if not self._move_unserved(job_id):
-                    self._fail_unknown_engine(job_id)
+                if not self._move_unserved(job_id, engine):
+                    self._fail_unknown_engine(job_id, engine)
         if self._moves:
             self.notify()
 
-    def _move_unserved(self, job_id: str) -> bool:
+    def _move_unserved(self, job_id: str, engine: str) -> bool:
         """Claim the queued job to move it to another candidate of its routing that this process
-        has (`JobRunner._move_off_open_circuit` moves it, as a fallback that sent nothing); False
-        when none may take it, or it is not to be moved (`_claim`)."""
+        has (`JobRunner._move_off_open_circuit` moves it, as a fallback that sent nothing), or
+        leave it queued while one may take it later; False when none may, or it is not to be
+        moved (`_claim`)."""
         with self.db.session() as s:
             job = s.get(Job, job_id)
-        if job is None or job.status != "queued" or not self._movable(job):
+        if job is not None and job.engine != engine:
+            return True  # moved meanwhile (by another process): no longer this engine's
+        if job is None or job.status != "queued":
             return False
+        if not self._movable(job):
+            # A candidate kept off only by its circuit breaker takes it once that lets it; one
+            # another live worker has is that worker's to move it to (its sweep does). Failed,
+            # the job was lost to a minute's outage, or to the worker that happened to look first.
+            tried = {a["engine"] for a in job.attempts or []} | {job.engine}
+            return any(self._available(name) or self.presence.serves(name) for name in fallbacks(job.routing, tried))
         with self._claim_lock:
             if self._stopping:
                 return True  # left queued: the next start looks again
@@ -682,18 +699,19 @@ class Scheduler:
                 unserved.add(engine)
         return unserved
 
-    def _fail_unknown_engine(self, job_id: str) -> None:
+    def _fail_unknown_engine(self, job_id: str, engine: str) -> None:
         with self.db.transaction() as s:
             # Read under the write lock, as it is settled: a job the engine's worker took meanwhile
             # and a stop queued again with work a provider accepted must capture its hold, not release it.
             job = s.get(Job, job_id)
-            if job is None or job.status != "queued":
+            if job is None or job.status != "queued" or job.engine != engine:
                 return
             error = {"code": "engine_unavailable",
                      "message": f"engine '{job.engine}' is not installed, or not set up (its key, its server), in "
                                 "any process that runs jobs",
                      "details": {"engine": job.engine}}
-            result = s.execute(update(Job).where(col(Job.id) == job.id, col(Job.status) == "queued").values(
+            result = s.execute(update(Job).where(col(Job.id) == job.id, col(Job.status) == "queued",
+                                                 col(Job.engine) == engine).values(
                 status="failed", finished_at=utcnow(), error=error))
             if changed(result) != 1:
                 return

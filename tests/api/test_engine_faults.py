@@ -293,6 +293,38 @@ def test_a_queued_job_whose_engine_was_removed_moves_to_the_next_candidate_of_it
     assert (job.status, job.engine) == ("succeeded", "fake-free"), job.error
 
 
+def test_a_job_of_an_unserved_engine_waits_while_a_candidate_may_take_it_later(
+        build: Build, make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Failed at once, though its candidate here had a circuit open for a minute, or another live
+    # worker had its candidate (and the first process to look failed the job); and one another
+    # process had moved since the backlog was listed was moved again, or failed.
+    before = Services.build(make_settings(engines="fake-paid=tests.fakes:factory"))
+    try:
+        cooling, elsewhere, moved = (
+            queue_job(before, "fake-paid", estimated=HOLD, params=BRIDGE,
+                      routing={"candidates": [{"engine": "fake-paid"}, {"engine": candidate}]})
+            for candidate in ("fake-free", "fake-b", "fake-free"))
+    finally:
+        asyncio.run(before.aclose())
+    services = build("fake-free=tests.fakes:free_factory")
+    health = services.runner.health
+    while health.opened_at("fake-free") is None:
+        health.failed("fake-free")
+    monkeypatch.setattr(services.scheduler.presence, "serves", lambda engine: engine == "fake-b")
+    with services.db.transaction() as s:  # another worker moved it after the backlog was listed
+        s.execute(update(Job).where(col(Job.id) == moved).values(engine="fake-free"))
+    assert services.scheduler._move_unserved(moved, "fake-paid")
+    services.scheduler._fail_unknown_engine(moved, "fake-paid")
+    services.scheduler.unserved_grace = 0
+    services.scheduler._fail_unserved()
+    assert [read_job(services, j).status for j in (cooling, elsewhere, moved)] == ["queued"] * 3
+    assert not services.scheduler._moves
+    assert read_job(services, moved).attempts in (None, [])
+    health.succeeded("fake-free", "bridge", 1.0)  # its circuit closes: the job moves there
+    services.scheduler._fail_unserved()
+    assert [claim.job.id for claim in services.scheduler._moves] == [cooling]
+
+
 def test_a_service_restarted_without_a_job_s_engine_runs_it_on_the_next_candidate(
         make_settings: SettingsFactory, start_server: Callable[[Settings], httpx.Client]) -> None:
     before = Services.build(make_settings(engines="fake-paid=tests.fakes:factory,fake-free=tests.fakes:free_factory"))
@@ -346,7 +378,7 @@ def test_failing_an_unserved_backlog_reads_each_job_as_it_is_and_stops_when_its_
     real_fail = Scheduler._fail_unknown_engine
     back = False
 
-    def fail(self: Scheduler, job: Any) -> None:
+    def fail(self: Scheduler, job: Any, engine: str) -> None:
         nonlocal back
         job_id = job if isinstance(job, str) else job.id
         if job_id == accepted:
@@ -355,7 +387,7 @@ def test_failing_an_unserved_backlog_reads_each_job_as_it_is_and_stops_when_its_
             with services.db.transaction() as s:
                 s.execute(update(Job).where(col(Job.id) == accepted).values(
                     provider_work={"engine": "fake-paid", "handles": [{"id": "accepted"}]}))
-        real_fail(self, job)
+        real_fail(self, job, engine)
         back = job_id == first  # and the worker is back now, to take the rest
 
     monkeypatch.setattr(Scheduler, "_fail_unknown_engine", fail)
