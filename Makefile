@@ -33,7 +33,7 @@ bench: $(BIN)/.installed
 	$(BIN)/python bench/history.py
 
 serve: $(BIN)/.installed
-	$(BIN)/orchestrator serve
+	$(BIN)/orchestrator serve $(SERVE_ARGS)
 
 clean:
 	rm -rf $(VENV) .orchestrator .pytest_cache .mypy_cache .ruff_cache

@@ -335,8 +335,14 @@ def _fail(message: str, status: int = 1) -> int:
 
 def _error_message(response: httpx.Response) -> str:
     try:
-        return str(response.json()["error"]["message"])
-    except (ValueError, KeyError, TypeError):
+        error = response.json()["error"]
+        message = str(error["message"])
+        known = (error.get("details") or {}).get("known")
+        # A policy or engine name mistyped: the names there are belong on the line (`demo --policy`).
+        if isinstance(known, list) and known and "known:" not in message:
+            message += f" (known: {', '.join(map(str, known))})"
+        return message
+    except (ValueError, KeyError, TypeError, AttributeError):
         return response.text[:200] or response.reason_phrase
 
 

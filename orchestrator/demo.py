@@ -314,6 +314,8 @@ def _one_image(client: httpx.Client, path: str, body: dict[str, Any], label: str
     started.append((label, job["id"]))
     print(f"  routed to {job['engine']} (estimate {job['cost']['estimated']} credits)")
     job = watch(client, job["id"], label)
+    if job["cost"]["charged"]:  # metered device time on a local engine, or a cloud engine's price
+        print(f"  charged {job['cost']['charged']} credits")
     asset_id: str = job["assets"][0]
     out.write_bytes(client.get(f"/v1/assets/{asset_id}/content").raise_for_status().content)
     return asset_id

@@ -178,7 +178,9 @@ class Router:
             # Open circuits tell when to ask again; an engine that is not set up does not come back by waiting.
             waits = [self.health.opens_in(c.engine) for c in ordered if c.for_now]
             raise NoUsableEngine(
-                f"no engine can take this request now (policy '{policy.name}', rule '{rule.name}'): {why}"[:1000],
+                # "now" only where waiting helps (an open circuit): an engine not set up stays so.
+                f"no engine can take this request{' now' if waits else ''} (policy '{policy.name}', "
+                f"rule '{rule.name}'): {why}"[:1000],
                 details={**base, "candidates": [c.as_dict() for c in ordered]},
                 retry_after=math.ceil(min(waits)) if waits else None,
             )

@@ -509,7 +509,7 @@ class _StrictTomlSource(TomlConfigSettingsSource):
                 refuse(key, "unknown key '{key}'{hint}", hint=f" (did you mean '{match}'?)" if match else "")
             elif field in first:
                 # `GEMINI_API_KEY` and `gemini_api_key` both: one was taken without a word.
-                refuse(key, "'{key}' sets '{field}' a second time (as '{other}' does)", field=field,
+                refuse(key, "'{key}' and '{other}' set the same setting ({field}): keep one", field=field,
                        other=first[field])
             else:
                 first[field] = key

@@ -1574,3 +1574,16 @@ def test_the_command_takes_a_supervisor_s_signals_before_its_imports(tmp_path: P
                           timeout=60)
     assert done.returncode == code, done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_an_answer_naming_the_known_names_says_them() -> None:
+    from orchestrator.cli import _error_message
+
+    # `demo --policy nosuch` started a service, then said only "unknown policy 'nosuch'".
+    unknown = httpx.Response(422, json={"error": {"code": "invalid_request", "message": "unknown policy 'nosuch'",
+                                                  "details": {"known": ["balanced", "local-only"]}}})
+    assert _error_message(unknown) == "unknown policy 'nosuch' (known: balanced, local-only)"
+    said = httpx.Response(422, json={"error": {"code": "no_route", "message": "unknown engine 'x' (known: a, b)",
+                                               "details": {"known": ["a", "b"]}}})
+    assert _error_message(said) == "unknown engine 'x' (known: a, b)"
+    assert _error_message(httpx.Response(502, text="bad gateway")) == "bad gateway"

@@ -1057,3 +1057,21 @@ def test_a_result_is_copied_while_its_engine_s_circuit_is_open(
         probe = promote(client, asset_id, tags={"fake": "hang"})
         assert probe["engine"] == "fake-paid", probe["routing"]["candidates"]
         client.post(f"/v1/jobs/{probe['id']}/cancel")
+
+
+def test_a_request_only_engines_not_set_up_could_take_is_not_told_to_wait(
+        new_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    # "no engine can take this request now" on a 503 read as an outage to wait out; no key comes by waiting.
+    clock = Clock()
+    made = breakers(monkeypatch, clock)
+    with running(new_settings(policy="balanced")) as client:
+        _, asset_id = draft_asset(client)
+        error = assert_error(client.post(f"/v1/assets/{asset_id}/promote", json={"engine": "stability"}),
+                             503, "no_route")
+        assert error["message"].startswith("no engine can take this request (policy"), error["message"]
+        for _ in range(2):
+            made[0].failed("local-hifi")
+        waited = client.post(f"/v1/assets/{asset_id}/promote", json={"engine": "local-hifi"})
+        error = assert_error(waited, 503, "no_route")
+        assert error["message"].startswith("no engine can take this request now"), error["message"]
+        assert "retry-after" in waited.headers
