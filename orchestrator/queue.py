@@ -492,22 +492,15 @@ class Scheduler:
         """Whether this process has engine `name`, set up (its circuit breaker not asked)."""
         try:
             return name in self.registry and self.registry.get(name).availability()[0]
-        except Exception:  # a plugin's look that breaks: taken as not available, as `_movable` does
+        except Exception:  # a plugin's look that breaks must not stop every dispatch: not this one
+            log.warning("engine %s: whether it is available is unknown; not moved to", name, exc_info=True)
             return False
 
     def _movable(self, job: Job) -> bool:
         """Whether a candidate of the job's routing not tried yet may take it here now."""
-        health = self.runner.health
         tried = {a["engine"] for a in job.attempts or []} | {job.engine}
-        for name in fallbacks(job.routing, tried):
-            try:
-                usable = name in self.registry and self.registry.get(name).availability()[0] and health.allow(name)
-            except Exception:  # a plugin's look that breaks must not stop every dispatch: not this one
-                log.warning("engine %s: whether it is available is unknown; not moved to", name, exc_info=True)
-                usable = False
-            if usable:
-                return True
-        return False
+        return any(self._available(name) and self.runner.health.allow(name)
+                   for name in fallbacks(job.routing, tried))
 
     def _oldest_queued(self, engines: list[str], *, candidates: int = CANDIDATES) -> list[Job]:
         """One lane's queued jobs (`engines`: that lane's), the first `candidates` of them, in
