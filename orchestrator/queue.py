@@ -87,6 +87,7 @@ class Scheduler:
         self.registry = registry
         self.runner = runner
         runner.notify = self.notify
+        runner.served_elsewhere = presence.serves
         self.bus = bus
         self.lease = timedelta(seconds=lease_seconds)
         self.sweep_interval = sweep_interval

@@ -68,6 +68,7 @@ from tiers.base import (
     RECORDED_PARAMETERS,
     CancelToken,
     Reattachable,
+    RenderRequest,
     RenderResult,
     Restartable,
     Resumable,
@@ -77,7 +78,7 @@ from tiers.base import (
     to_credits,
     to_millicredits,
 )
-from tiers.registry import EngineRegistry
+from tiers.registry import EngineRegistry, left_off
 
 log = logging.getLogger(__name__)
 PROGRESS_WRITE_INTERVAL = 1.0
@@ -414,6 +415,8 @@ class JobRunner:
         self.health = health
         # Set by the scheduler: wakes it when a job goes back to the queue on another engine.
         self.notify: Callable[[], None] = lambda: None
+        # Set by the scheduler: whether another live worker runs jobs of an engine (`Presence.serves`).
+        self.served_elsewhere: Callable[[str], bool] = lambda engine: False
         # Set by the services: whether a policy of this process keeps everything on this machine.
         self.keeps_all_local: Callable[[str], bool] = lambda policy: False
         self.registry = registry
@@ -651,15 +654,10 @@ class JobRunner:
         # it failed with its engine's error alone, and the budget that kept it there showed nowhere.
         skipped: list[dict[str, Any]] = []
         for name in fallbacks(job.routing, tried):
-            if name not in self.registry:
+            target = await self._fallback_target(job, name, request)
+            if target is None:
                 continue
-            engine = self.registry.get(name)
-            if not engine.availability()[0]:
-                continue
-            try:
-                estimate = priced(engine, request)
-            except OrchestratorError:
-                continue
+            estimate, model, here = target
             # Priced now, not as routed (a price may have changed since, or another process reads
             # another prices file): the caps, the request's max_credits and the rule's, still hold.
             if recorded is not None:
@@ -671,16 +669,18 @@ class JobRunner:
                             "the job may hold", job.id, name, to_credits(estimate), to_credits(limit))
                 skipped.append({"engine": name, "reason": "max_credits", "estimate": to_credits(estimate)})
                 continue
-            # Its half-open probe taken before the move, in one step (see `EngineHealth.reserve`).
-            if not self.health.reserve(name, token):
+            # Its half-open probe taken before the move, in one step (see `EngineHealth.reserve`);
+            # another worker's engine has its circuit there, asked when that worker claims the job.
+            if here and not self.health.reserve(name, token):
                 continue
             # The job is the probe (as a submitted one would be) before the move commits: a cancel
             # of it queued there gives the probe back by the job's id. Adopted after the commit, a
             # cancel in between found the probe still the token's, and the engine waited a cooldown.
-            self.health.adopt(name, token, job.id)
+            if here:
+                self.health.adopt(name, token, job.id)
             moved = False
             try:
-                await asyncio.to_thread(self._requeue_on, claim, error, name, engine.model, estimate)
+                await asyncio.to_thread(self._requeue_on, claim, error, name, model, estimate)
                 moved = True
             except StaleAttempt:
                 return True
@@ -696,14 +696,15 @@ class JobRunner:
                 skipped.append({"engine": name, "reason": "private"})
                 continue
             finally:
-                if not moved:
+                if not moved and here:
                     self.health.finished(name, job.id)
             # Said in the log too: the job's success names only the engine that made it, and an
             # engine failing every job in turn (a provider out of reach) showed nowhere else.
-            log.warning("job %s: %s failed (%s: %s); it moves to %s", job.id, job.engine, error.code,
-                        error.message, name)
+            log.warning("job %s: %s failed (%s: %s); it moves to %s%s", job.id, job.engine, error.code,
+                        error.message, name, "" if here else ", which another worker runs")
             self.bus.publish(job.id, "state", {"state": "fallback", "from": job.engine, "to": name,
                                                "estimate": to_credits(estimate), "error": error.to_dict(),
+                                               **({} if here else {"worker": "another"}),
                                                **({"skipped": skipped} if skipped else {})})
             # Back in the queue, as a stream following the job from another process tells it
             # (`follow.catch_up`): a stream here went on telling it started until the next start.
@@ -714,6 +715,30 @@ class JobRunner:
         if skipped:
             error.details = {**error.details, "fallbacks_skipped": skipped}
         return False
+
+    async def _fallback_target(self, job: Job, name: str,
+                               request: RenderRequest) -> tuple[int, str | None, bool] | None:
+        """Whether the job may move to candidate `name`: its estimate, its model (None when unknown
+        here) and whether this process runs it; None when it may not. An engine this process lacks
+        (not installed here, its key or server's URL given to other hosts only) is taken when another
+        live worker runs it, priced here when this process knows its prices, else as it was routed:
+        left out, a retryable failure ended the job though another worker could have made it."""
+        engine = self.registry.get(name) if name in self.registry else None
+        here = engine is not None and not left_off(engine)
+        if engine is not None and here and not engine.availability()[0]:
+            return None
+        if not here and not await asyncio.to_thread(self.served_elsewhere, name):
+            return None
+        if engine is None:
+            routed = next((c.get("estimate") for c in (job.routing or {}).get("candidates", [])
+                           if c.get("engine") == name), None)
+            if not isinstance(routed, int | float) or isinstance(routed, bool) or routed < 0:
+                return None
+            return to_millicredits(routed), None, False
+        try:
+            return priced(engine, request), engine.model, here
+        except OrchestratorError:
+            return None
 
     async def _move_off_open_circuit(self, claim: Claim) -> None:
         """A queued job claimed to leave an engine whose circuit is open (see `Scheduler._circuit`):
@@ -813,17 +838,24 @@ class JobRunner:
                                      attempts=job.with_attempt("interrupted", stopped.to_dict()),
                                      unless_canceled=True)
 
-    def _requeue_on(self, claim: Claim, error: EngineError, engine: str, model: str, estimate: int) -> None:
+    def _requeue_on(self, claim: Claim, error: EngineError, engine: str, model: str | None, estimate: int) -> None:
         job = claim.job
+
+        # An engine only another worker has: the router that listed it for a private request judged
+        # it local; otherwise it may leave the machine, for all this process knows.
+        leaves = (leaves_machine(self.registry.get(engine)) if engine in self.registry
+                  else not (job.routing or {}).get("private"))
 
         def move(s: Session) -> None:
             # Read in the move's own transaction: made private while it ran, it goes nowhere off the machine.
-            if leaves_machine(self.registry.get(engine)) and self._made_private(s, job):
+            if leaves and self._made_private(s, job):
                 raise MadePrivate(job.id)
             self.ledger.settle_failure(s, job, error)
             self._guarded_update(s, claim, unless_canceled=True, status="queued", engine=engine, model=model,
                                  estimated=estimate,
-                                 cache_key=cache_key(engine, model, job.params) if job.cache_key else None,
+                                 # Keyed again by the model that renders it when it succeeds (unknown here
+                                 # for another worker's engine): only a success is looked up.
+                                 cache_key=cache_key(engine, model or "", job.params) if job.cache_key else None,
                                  provider_work=None,
                                  lease_owner=None, lease_expires_at=None, progress_step=0, progress_total=0,
                                  attempts=job.with_attempt("failed", error.to_dict()))

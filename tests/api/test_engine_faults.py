@@ -364,6 +364,71 @@ def test_a_queued_job_whose_engine_was_removed_fails_when_no_candidate_may_take_
     assert ledger_of(services, job_id) == []
 
 
+def test_a_retryable_failure_moves_the_job_to_an_engine_only_another_live_worker_has(build: Build) -> None:
+    # Workers differing in engines: the job failed on its engine's error, its hold released,
+    # though a live worker had the next candidate of its routing. Priced as routed (this process
+    # knows nothing of fake-b), its hold taken, and left to that worker.
+    from tests.routing import FAKE_B_PRICE
+
+    here = build("fake-paid=tests.fakes:factory")
+    there = build("fake-b=tests.routing:fake_b_factory")
+    routing: dict[str, Any] = {"candidates": [{"engine": "fake-paid", "estimate": fakes.FAKE_PRICE},
+                                              {"engine": "fake-b", "estimate": FAKE_B_PRICE}]}
+    failing = {**BRIDGE, "tags": {"fake": "fail"}}
+    alone = queue_job(here, "fake-paid", estimated=HOLD, params=failing, routing=routing)
+    job = claim_and_run(here, alone)  # no live worker has fake-b: it ends, as before
+    assert (job.status, job.engine) == ("failed", "fake-paid") and job.error is not None
+    assert ledger_of(here, alone) == [("hold", HOLD, False), ("release", HOLD, False)]
+
+    there.scheduler.presence.enter(there.scheduler.owner, there.scheduler.engines())
+    job_id = queue_job(here, "fake-paid", estimated=HOLD, params=failing, routing=routing)
+    job = claim_and_run(here, job_id)
+    assert (job.status, job.engine, job.model) == ("queued", "fake-b", None)
+    assert job.attempts is not None and job.attempts[-1]["engine"] == "fake-paid"
+    b_hold = int(FAKE_B_PRICE * 1000)
+    assert ledger_of(here, job_id) == [("hold", HOLD, False), ("release", HOLD, False), ("hold", b_hold, False)]
+    [fallback] = [e.data for e in here.bus._jobs[job_id].snapshot() if e.data.get("state") == "fallback"]
+    assert (fallback["to"], fallback["estimate"], fallback["worker"]) == ("fake-b", FAKE_B_PRICE, "another")
+    assert here.scheduler._claim_ready({}) == []  # not this process's to run
+    job = claim_and_run(there, job_id)
+    assert (job.status, job.engine, job.model) == ("succeeded", "fake-b", "fake-1"), job.error
+    assert ledger_of(there, job_id)[-1] == ("capture", b_hold, False)
+
+    # Made private since it was routed: an engine this process cannot judge may send it off the
+    # machine. Routed private, the router that listed it judged it local.
+    private = {**BRIDGE, "tags": {"fake": "fail", "privacy": "local"}}
+    kept = queue_job(here, "fake-paid", estimated=HOLD, params=private, routing={**routing, "private": False})
+    job = claim_and_run(here, kept)
+    assert job.status == "failed" and job.error is not None
+    assert job.error["details"]["fallbacks_skipped"] == [{"engine": "fake-b", "reason": "private"}]
+    routed_private = queue_job(here, "fake-paid", estimated=HOLD, params=private, routing={**routing, "private": True})
+    assert (claim_and_run(here, routed_private).status, read_job(here, routed_private).engine) == ("queued", "fake-b")
+
+
+def test_a_fallback_to_an_engine_left_off_here_is_priced_here_and_left_to_its_worker(build: Build) -> None:
+    # fake-b's key given to the other host only: this process prices it (its prices file may have
+    # changed since the routing), and neither runs it nor takes its half-open probe.
+    from tests.routing import FAKE_B_PRICE
+
+    here = build("fake-paid=tests.fakes:factory,fake-b=tests.routing:fake_b_factory")
+    there = build("fake-b=tests.routing:fake_b_factory")
+    engine: Any = here.registry.get("fake-b")
+    engine = getattr(engine, "wrapped", engine)
+    engine.reachable = False
+    engine.availability = lambda: (False, "no key")
+    assert "fake-b" not in here.scheduler.engines()
+    while here.runner.health.opened_at("fake-b") is None:  # it failed here before its key was taken away
+        here.runner.health.failed("fake-b")
+    there.scheduler.presence.enter(there.scheduler.owner, there.scheduler.engines())
+    routing = {"candidates": [{"engine": "fake-paid", "estimate": fakes.FAKE_PRICE},
+                              {"engine": "fake-b", "estimate": 99.0}]}
+    job_id = queue_job(here, "fake-paid", estimated=HOLD, params={**BRIDGE, "tags": {"fake": "fail"}}, routing=routing)
+    job = claim_and_run(here, job_id)
+    assert (job.status, job.engine, job.model, job.estimated) == ("queued", "fake-b", "fake-1", FAKE_B_PRICE * 1000)
+    assert ledger_of(here, job_id)[-1] == ("hold", FAKE_B_PRICE * 1000, False)
+    assert (claim_and_run(there, job_id).status, read_job(there, job_id).engine) == ("succeeded", "fake-b")
+
+
 def test_failing_an_unserved_backlog_reads_each_job_as_it_is_and_stops_when_its_worker_is_back(
         build: Build, make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     from orchestrator.queue import Scheduler
