@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import math
 import secrets
 from collections.abc import Callable
@@ -23,7 +22,8 @@ from pydantic import BaseModel
 from sqlalchemy import func, update
 from sqlmodel import Session, col, select
 
-from orchestrator import idempotency
+from orchestrator import cache, idempotency
+from orchestrator.cache import cache_key, cached_copies
 from orchestrator.clock import shared_now, utcnow
 from orchestrator.db import Database, changed
 from orchestrator.errors import (
@@ -151,11 +151,6 @@ def _set(**values: Any) -> dict[str, Any]:
     not set, a request that sets none is the same request as before, and copies (`cache_key`)
     the result of an identical earlier one instead of paying for it again."""
     return {name: value for name, value in values.items() if value is not None}
-
-
-# Earlier identical jobs a paid request may copy, oldest first, then the newest: one whose file was
-# lost is passed over for the next (a render made after it would otherwise never be copied).
-CACHE_CANDIDATES = 5
 
 
 class JobService:
@@ -500,44 +495,8 @@ class JobService:
                              details={"engine": decision.chosen}, retry_after=RESERVE_RETRY_SECONDS)
 
     def _cached(self, s: Session, job: Job) -> list[Asset]:
-        """The assets of an earlier identical paid job of the same project from the same source
-        asset that succeeded (a render, or a copy of one), if any. The same project: a draft has
-        no source, and one studio's client must not get another's image. The same source: a
-        copy's PNG (shared, content-addressed) names its parent, and another asset with the same
-        bytes may belong to another project."""
-        # Not a job one of whose images was deleted: its file is the sweep's, and a copy's row does
-        # not refresh it. The render made instead is the next request's copy (taking the first job
-        # whatever became of its images made every later identical request pay again).
-        # An earlier copy is a candidate too: its live rows keep the file, and the original deleted
-        # while a copy lived made the next identical request pay again for bytes it still held.
-        deleted = select(Asset.id).where(col(Asset.job_id) == Job.id, col(Asset.deleted_at).is_not(None)).exists()
-        same = select(Job).where(col(Job.cache_key) == job.cache_key, col(Job.status) == "succeeded",
-                                 col(Job.project_id) == job.project_id,
-                                 col(Job.source_asset_id) == job.source_asset_id, ~deleted)
-        oldest = s.exec(same.order_by(col(Job.id)).limit(CACHE_CANDIDATES)).all()
-        # And the newest: the render made after them all, should every one of them be lost.
-        newest = s.exec(same.order_by(col(Job.id).desc()).limit(1)).all()
-        # Copies name the same files: each is read once.
-        intact: dict[str, bool] = {}
-        for candidate in {j.id: j for j in [*oldest, *newest]}.values():
-            assets = list(s.exec(select(Asset).where(col(Asset.job_id) == candidate.id)
-                                 .order_by(col(Asset.index))).all())
-            # A copy of a file that is gone (removed by hand, a lost disk) or damaged would be
-            # charged nothing and serve nothing: the next such job's, or a render (whose bytes
-            # then mend the file, or are the next request's copy).
-            for asset in assets:
-                if asset.sha256 not in intact:
-                    intact[asset.sha256] = self._intact(asset.sha256)
-            if all(intact[asset.sha256] for asset in assets):
-                return assets
-        return []
-
-    def _intact(self, sha256: str) -> bool:
-        try:
-            self.store.get(sha256)
-        except ContentUnavailable:
-            return False
-        return True
+        assert job.cache_key is not None
+        return cache.find(s, self.store, job.cache_key, job.project_id, job.source_asset_id)
 
     def _publish_cached(self, job: Job) -> None:
         # The events a run publishes (`orchestrator.runner`), with `cache_hit`: clients read both alike.
@@ -871,19 +830,3 @@ def _within_budget(decision: Decision, balance: Balance) -> bool:
     decision.candidates.sort(key=lambda c: c.skipped is not None)
     return True
 
-
-def cache_key(engine: str, model: str, params: dict[str, Any]) -> str:
-    """Identifies an identical paid request: engine, model, parameters (source hash and a seed
-    asked for included). Left out, as they do not change what is asked: tags, and a seed the
-    request left to the service (`seed_drawn`): with it in, every polish of a Gemini, OpenAI or fal
-    image (which carry no seed) drew a fresh one, and never found the earlier result. (A seed an
-    engine is said to ignore stays in: `Capabilities.seeds` is no promise, Replicate's FLUX takes one.)"""
-    left_out = {"tags", "seed_drawn"} | ({"seed"} if params.get("seed_drawn") else set())
-    identity = {"engine": engine, "model": model, "params": {k: v for k, v in params.items() if k not in left_out}}
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
-
-
-def cached_copies(assets: list[Asset], job: Job) -> list[Asset]:
-    """New asset rows for a cache hit: same content (same file), new ids, owned by the new job."""
-    return [Asset(**{**a.model_dump(), "id": new_id("ast"), "job_id": job.id, "project_id": job.project_id,
-                     "parent_id": job.source_asset_id, "created_at": utcnow()}) for a in assets]

@@ -34,7 +34,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, col, select
 from typing_extensions import TypeIs
 
-from orchestrator import events
+from orchestrator import cache, events
+from orchestrator.cache import cache_key, cached_copies
 from orchestrator.clock import shared_now, utcnow
 from orchestrator.db import Database, changed, commit_in_doubt, disk_full, transient
 from orchestrator.errors import (
@@ -52,7 +53,7 @@ from orchestrator.errors import (
 from orchestrator.events import EventBus
 from orchestrator.health import EngineHealth
 from orchestrator.ids import new_id
-from orchestrator.jobs import cache_key, render_request
+from orchestrator.jobs import render_request
 from orchestrator.ledger import Ledger
 from orchestrator.models import Asset, Job, Project
 from orchestrator.outage import Outage
@@ -658,6 +659,27 @@ class JobRunner:
             if target is None:
                 continue
             estimate, model, here = target
+            # An identical request's images made there earlier: copied, as a submit routed there
+            # would have (a copy sends nothing, so no cap, budget or circuit keeps it off).
+            if job.cache_key and model is not None:
+                try:
+                    copied = await asyncio.to_thread(self._copy_on, claim, error, name, model, estimate)
+                except StaleAttempt:
+                    return True
+                except Canceled as exc:
+                    await self._end(claim, "canceled", exc)
+                    return True
+                if copied is not None:
+                    log.warning("job %s: %s failed (%s: %s); an identical job's images on %s are copied", job.id,
+                                job.engine, error.code, error.message, name)
+                    self.bus.publish(job.id, "state", {"state": "fallback", "from": job.engine, "to": name,
+                                                       "estimate": to_credits(estimate), "error": error.to_dict(),
+                                                       "cache_hit": True})
+                    for index, asset_id in enumerate(copied):
+                        self.bus.publish(job.id, "asset", {"asset_id": asset_id, "index": index})
+                    self.bus.publish(job.id, "succeeded", {"job_id": job.id, "status": "succeeded",
+                                                           "assets": copied, "cache_hit": True})
+                    return True
             # Priced now, not as routed (a price may have changed since, or another process reads
             # another prices file): the caps, the request's max_credits and the rule's, still hold.
             if recorded is not None:
@@ -869,6 +891,39 @@ class JobRunner:
         self._end_write(claim, f"job {job.id} moved to {engine}", move,
                         lambda row: row.status == "queued" and row.engine == engine
                         and _last_attempt(row, claim, "failed", error))
+
+    def _copy_on(self, claim: Claim, error: EngineError, engine: str, model: str, estimate: int) -> list[str] | None:
+        """End the job as a copy of an earlier identical job's images on `engine` (see
+        `orchestrator.cache`): its hold settled as its failure says, nothing held anew. The
+        copies' asset ids, or None when there is nothing to copy (the job is left as it was)."""
+        job = claim.job
+        key = cache_key(engine, model, job.params)
+        copying = False
+
+        def copy(s: Session) -> None:
+            nonlocal copying
+            found = cache.find(s, self.store, key, job.project_id, job.source_asset_id)
+            copying = bool(found)
+            if not found:
+                return
+            self.ledger.settle_failure(s, job, error)
+            # A seed drawn for it made nothing: the copy's is the one that did, as at a submit.
+            params = {**job.params, "seed": found[0].seed} if job.params.get("seed_drawn") else job.params
+            self._guarded_update(s, claim, unless_canceled=True, status="succeeded", engine=engine, model=model,
+                                 estimated=estimate, cache_key=key, cache_hit=True, params=params,
+                                 provider_work=None, finished_at=utcnow(), lease_owner=None, lease_expires_at=None,
+                                 progress_step=1, progress_total=1, attempts=attempts)
+            s.add_all(cached_copies(found, job))
+
+        # The failed attempt, and the copy's, as a render's success adds its own.
+        attempts = [*job.with_attempt("failed", error.to_dict()),
+                    {"engine": engine, "status": "succeeded", "error": None}]
+        self._end_write(claim, f"job {job.id} copied from an identical job on {engine}", copy,
+                        lambda row: row.status == "succeeded" and row.engine == engine and row.attempts == attempts)
+        if not copying:
+            return None
+        with self.db.session() as s:  # the rows that landed (a retried write made its own ids)
+            return list(s.exec(select(Asset.id).where(col(Asset.job_id) == job.id).order_by(col(Asset.index))).all())
 
     def _source_image(self, job: Job) -> Image.Image:
         """The draft a bridge or polish starts from. Nothing was sent yet: a file that cannot be

@@ -328,7 +328,7 @@ def test_a_polish_at_scale_1_and_one_at_no_scale_are_one_request(api: httpx.Clie
 
 
 def test_the_cache_key_holds_what_was_asked_for() -> None:
-    from orchestrator.jobs import cache_key
+    from orchestrator.cache import cache_key
 
     base = {"stage": "polish", "prompt": "p", "negative_prompt": "", "seed": 1, "scale": 2.0, "tags": {}}
 

@@ -104,6 +104,31 @@ def kinds(entries: list[dict[str, Any]]) -> list[tuple[str, float, str | None]]:
     return [(e["kind"], e["amount"], e["engine"]) for e in entries]
 
 
+def test_a_fallback_copies_an_identical_earlier_job_s_images_on_the_next_engine(paid_server: httpx.Client) -> None:
+    # The cache was looked up only as the request was routed: falling back to fake-b, the job paid
+    # fake-b again for the images an identical request had bought there.
+    project_id, asset_id = draft_asset(paid_server, budget={"limit": 100, "period": "month"})
+    bought = wait_for_job(paid_server, promote(paid_server, asset_id, engine="fake-b", cache=True, seed=3)["id"])
+    assert (bought["status"], bought["engine"], bought["cost"]["cache_hit"]) == ("succeeded", "fake-b", False)
+    job = promote(paid_server, asset_id, cache=True, seed=3, tags={"fake": "fail"})
+    assert job["engine"] == "fake-paid"
+    done = wait_for_job(paid_server, job["id"])
+    assert (done["status"], done["engine"], done["cost"]["cache_hit"]) == ("succeeded", "fake-b", True), done
+    assert [a["engine"] for a in done["attempts"]] == ["fake-paid", "fake-b"]
+    assert done["cost"]["charged"] == 0 and done["cost"]["held"] == 0
+    assert kinds(ledger(paid_server, project_id, job["id"])) == [("hold", 10.0, "fake-paid"),
+                                                                  ("release", 10.0, "fake-paid")]
+    assert len(done["assets"]) == 1 and done["assets"] != bought["assets"]
+    copy, original = (paid_server.get(f"/v1/assets/{a}").json() for a in (done["assets"][0], bought["assets"][0]))
+    assert copy["sha256"] == original["sha256"] and copy["parent_id"] == asset_id
+    told = [(e.event, e.data.get("state"), e.data.get("cache_hit")) for e in read_events(paid_server, job["id"])
+            if e.event != "progress"]
+    assert told[-3:] == [("state", "fallback", True), ("asset", None, None), ("succeeded", None, True)], told
+    # Asked not to be copied, it renders there.
+    fresh = wait_for_job(paid_server, promote(paid_server, asset_id, seed=3, tags={"fake": "fail"})["id"])
+    assert (fresh["engine"], fresh["cost"]["cache_hit"], fresh["cost"]["charged"]) == ("fake-b", False, 20.0)
+
+
 def test_retryable_failure_falls_back_to_the_next_candidate(paid_server: httpx.Client,
                                                            caplog: pytest.LogCaptureFixture) -> None:
     project_id, asset_id = draft_asset(paid_server, budget={"limit": 100, "period": "month"})
