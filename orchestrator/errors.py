@@ -13,7 +13,8 @@ it to `{"error": {"code", "message", "details"}}` with `status` in exactly one p
     ├── ContentUnavailable      500 content_unavailable (an asset's file missing or damaged)
     ├── Conflict                409 conflict
     │   ├── IdempotencyConflict 409 idempotency_conflict
-    │   └── JobFinished         409 job_finished
+    │   ├── JobFinished         409 job_finished
+    │   └── ProjectArchived     409 project_archived
     ├── Gone                    410 gone          (a deleted asset)
     ├── BudgetExceeded          402 budget_exceeded
     ├── DatabaseUnavailable     503 database_unavailable (/readyz; SQLAlchemy's own errors map to it too)
@@ -168,6 +169,11 @@ class IdempotencyConflict(Conflict):
 
 class JobFinished(Conflict):
     code = "job_finished"
+
+
+class ProjectArchived(Conflict):
+    """A new job asked of an archived project (`PATCH /v1/projects/{id}` with `"archived": true`)."""
+    code = "project_archived"
 
 
 class DatabaseUnavailable(OrchestratorError):

@@ -24,7 +24,7 @@ from sqlmodel import Session, col, select
 
 from orchestrator import cache, idempotency
 from orchestrator.cache import cache_key, cached_copies
-from orchestrator.clock import shared_now, utcnow
+from orchestrator.clock import iso, shared_now, utcnow
 from orchestrator.db import Database, changed
 from orchestrator.errors import (
     BudgetExceeded,
@@ -35,6 +35,7 @@ from orchestrator.errors import (
     NotFound,
     NoUsableEngine,
     OrchestratorError,
+    ProjectArchived,
     TooManyJobs,
     gone,
     not_found,
@@ -410,6 +411,7 @@ class JobService:
                     existing = self._replay_in(s, idempotency_key, scope, digest)
                     if existing is not None:
                         return existing, False
+                refuse_if_archived(project)  # archived since it was routed
                 # Deleted since it was read? (A delete looks for the jobs of its asset under this lock.)
                 if job.source_asset_id is not None:
                     source = s.get(Asset, job.source_asset_id)
@@ -517,6 +519,7 @@ class JobService:
         the reservation of a half-open circuit's probe this request may hold (see `submit`)."""
         with self.db.snapshot() as s:
             project = self.project(s, prepared.project_id)
+            refuse_if_archived(project)
             # Without a budget there is no share of it to route on: skip the ledger's sums.
             balance = None if project.budget_limit is None else self.ledger.balance(s, project)
         return self._route(project.policy, prepared, engine, max_credits, balance, cache=cache, holder=holder)
@@ -830,3 +833,11 @@ def _within_budget(decision: Decision, balance: Balance) -> bool:
     decision.candidates.sort(key=lambda c: c.skipped is not None)
     return True
 
+
+def refuse_if_archived(project: Project) -> None:
+    """A new job for an archived project is refused: an archive is the studio's word that its
+    spending is over (a script still running against it must not go on paying)."""
+    if project.archived_at is not None:
+        raise ProjectArchived(f"project '{project.id}' is archived and takes no new job; take it back with "
+                              "PATCH /v1/projects/{id} {\"archived\": false}",
+                              details={"project_id": project.id, "archived_at": iso(project.archived_at)})

@@ -62,6 +62,8 @@ class Project(SQLModel, table=True):
     budget_limit: int | None = Field(default=None, sa_type=sa.BigInteger)  # millicredits
     budget_period: str = Field(default="none", max_length=10)
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime, nullable=False)
+    # Archived through the API: it takes no new job; its jobs, assets and ledger stay as they are.
+    archived_at: datetime | None = _ts()
 
 
 class Job(SQLModel, table=True):

@@ -337,10 +337,14 @@ class ProjectUpdate(Strict):
         "policy that keeps all work local)."))
     budget: BudgetUpdate | None = Field(None, description=(
         "The budget's fields given replace its own (the others stay); null removes the budget (no limit)."))
+    archived: bool | None = Field(None, json_schema_extra=_value_only, description=(
+        "`true` archives the project: it takes no new job (409 `project_archived`) and `GET /v1/projects` leaves "
+        "it out unless asked; its queued and running jobs finish, and its jobs, assets, ledger and spend stay. "
+        "`false` takes it back."))
 
     @model_validator(mode="after")
     def _required_stay(self) -> ProjectUpdate:
-        for name in ("name", "policy"):
+        for name in ("name", "policy", "archived"):
             if name in self.model_fields_set and getattr(self, name) is None:
                 raise FieldError((name,), "cannot be removed (null); send a new value or leave it out")
         return self
@@ -361,6 +365,8 @@ class ProjectPublic(BaseModel):
     policy: str = Field(description="The routing policy its jobs are placed by.")
     budget: ProjectBudget = Field(description="Its budget (`GET .../budget`: what is left of it).")
     created_at: datetime = Field(description="When it was made (RFC 3339, UTC).")
+    archived_at: datetime | None = Field(None, description="When it was archived (it takes no new job); null: "
+                                                           "it is not.")
 
 
 _SEED_DESCRIPTION = "The first image's seed; null: a random one, recorded in the job's `params`."
@@ -497,8 +503,8 @@ class ErrorBody(BaseModel):
     code: str = Field(description=(
         "What went wrong, for code to act on: `invalid_request` (422, 400, 415), `unauthorized` (401), "
         "`forbidden` (403), `not_found` (404), `method_not_allowed` (405), `conflict`, `idempotency_conflict`, "
-        "`job_finished` (409), `gone` (410: a deleted asset), `payload_too_large` (413), `budget_exceeded` (402), "
-        "`no_route` (422, 503), "
+        "`job_finished`, `project_archived` (409), `gone` (410: a deleted asset), `payload_too_large` (413), "
+        "`budget_exceeded` (402), `no_route` (422, 503), "
         "`rate_limited` (429), `engine_unavailable`, `database_unavailable`, `storage_full`, `server_stopping` "
         "(503: send again), `content_unavailable` (500: an asset's file is missing or damaged), "
         "`internal_error` (500). A job's `error` also uses `content_filtered`, `no_image`, `engine_error`, `timeout`, "

@@ -197,6 +197,34 @@ def test_0014_downgrade_is_refused_while_deleted_assets_exist(tmp_path: Path) ->
         engine.dispose()
 
 
+def test_0021_downgrade_is_refused_while_archived_projects_exist(tmp_path: Path) -> None:
+    """Before 0021 an archived project would take new jobs, and spend, again."""
+    from alembic import command
+    from sqlalchemy import text
+    from sqlmodel import Session
+
+    from orchestrator.db import alembic_config
+    from orchestrator.models import Project
+
+    url = f"sqlite:///{tmp_path / 'm.db'}"
+    upgrade(url)
+    engine = create_engine(url)
+    try:
+        with Session(engine) as s:
+            s.add(Project(id="prj_1", name="p", policy="balanced", archived_at=datetime.now(UTC)))
+            s.commit()
+        with pytest.raises(MigrationRefused, match=r"1 project.*archived.*refused"):
+            command.downgrade(alembic_config(url), "0020")
+        with engine.begin() as conn:
+            conn.execute(text("UPDATE projects SET archived_at = NULL"))
+        command.downgrade(alembic_config(url), "0020")
+        with engine.connect() as conn:
+            assert "archived_at" not in {c["name"] for c in inspect(conn).get_columns("projects")}
+            assert conn.execute(text("SELECT count(*) FROM projects")).scalar() == 1
+    finally:
+        engine.dispose()
+
+
 def test_0014_downgrade_writes_its_sql_offline() -> None:
     """`alembic downgrade --sql` has no database to count deleted assets in (it once failed there)."""
     import io
@@ -272,13 +300,16 @@ def test_0013_mends_the_indexes_of_the_first_0009_and_0010(tmp_path: Path) -> No
 
 
 def _project_and_job(engine: Any) -> None:
+    """A project and a job in a schema of before the head (the project as a row of its own: the
+    model's columns of later revisions are not there yet)."""
+    from sqlalchemy import text
     from sqlmodel import Session
 
-    from orchestrator.models import Job, Project
+    from orchestrator.models import Job
 
     with Session(engine) as s:
-        s.add(Project(id="prj_1", name="p", policy="balanced"))
-        s.flush()
+        s.execute(text("INSERT INTO projects (id, name, policy, budget_period, created_at) "
+                       "VALUES ('prj_1', 'p', 'balanced', 'none', '2026-11-28 00:00:00')"))
         s.add(Job(id="job_1", project_id="prj_1", stage="ideation", engine="lite", status="succeeded"))
         s.commit()
 

@@ -157,10 +157,11 @@ class ExplainRequest(Strict):
 
 @router.post("/route/explain", response_model=RouteExplanation, summary="Explain a request's routing and cost",
              operation_id="explain_route", openapi_extra=body_examples(EXPLAIN_EXAMPLES),
-             responses=with_body(402, 404, 410, 429, 500, routed=True, said={
+             responses=with_body(402, 404, 409, 410, 429, 500, routed=True, said={
                  402: "A job would be refused for the budget: the project's budget cannot hold the estimate, or "
                       "it is over `max_credits` or the policy rule's cap (`budget_exceeded`).",
                  404: "No such project or source asset (`not_found`).",
+                 409: "A job would be refused: the project is archived (`project_archived`).",
                  410: "The source asset was deleted (`gone`).",
                  429: "A job would be refused now: the project already has ORCH_MAX_PENDING_JOBS unfinished jobs "
                       "(`rate_limited`); `Retry-After` says when to try again.",

@@ -19,8 +19,9 @@ from orchestrator.api.docs import (
 )
 from orchestrator.api.json_body import StrictJSONRoute
 from orchestrator.api.paths import ProjectId
-from orchestrator.api.query import Cursor, Limit, Order, StageFilter, paged
+from orchestrator.api.query import Archived, Cursor, Limit, Order, StageFilter, paged
 from orchestrator.api.serialize import asset_public, project_public
+from orchestrator.clock import shared_now
 from orchestrator.errors import InvalidRequest, NotFound, NoUsableEngine, not_found
 from orchestrator.ids import id_cursor, new_id
 from orchestrator.models import Asset, Project
@@ -144,10 +145,12 @@ def _answered(s: Session, row: IdempotencyKeyRow | None) -> ProjectPublic | None
 
 @router.get("/projects", response_model=Page[ProjectPublic], summary="List projects", responses=with_query())
 def list_projects(services: ServicesDep, caller: CallerDep, limit: Limit = 50,
-                  cursor: Cursor = None, order: Order = "asc") -> Page[ProjectPublic]:
-    """Every project; for a project key, its own."""
+                  cursor: Cursor = None, order: Order = "asc", archived: Archived = False) -> Page[ProjectPublic]:
+    """Every project not archived (`archived=true`: the archived ones too); for a project key, its own."""
     with services.db.session() as s:
         stmt = paged(select(Project), col(Project.id), id_cursor(cursor, "prj"), order).limit(limit + 1)
+        if not archived:
+            stmt = stmt.where(col(Project.archived_at).is_(None))
         if caller.project_id is not None:
             stmt = stmt.where(col(Project.id) == caller.project_id)
         rows = list(s.exec(stmt).all())
@@ -197,14 +200,16 @@ def get_project(project_id: ProjectId, services: ServicesDep, caller: CallerDep)
 def update_project(project_id: ProjectId, body: ProjectUpdate, services: ServicesDep) -> ProjectPublic:
     """Change the name, policy or budget (admin key only: a project key must not lift its own budget)."""
     with services.db.transaction() as s:
-        project = s.get(Project, project_id)
-        if project is None:
-            raise not_found("project", "project_id", project_id)
+        project = services.ledger.lock_project(s, project_id)  # 404 when there is none
         chosen = _check_policy(services, body.policy)
         if body.name is not None:
             project.name = body.name
         if body.policy is not None:
             project.policy = body.policy
+        if body.archived is not None and body.archived != (project.archived_at is not None):
+            # Under the write lock (SQLite) or the project's row lock, which a submit takes before it
+            # looks: no job is queued for a project once its archive has committed.
+            project.archived_at = shared_now() if body.archived else None
         if "budget" in body.model_fields_set:
             given = body.budget.model_fields_set if body.budget is not None else {"limit", "period"}
             budget = body.budget or Budget()  # null: no budget at all

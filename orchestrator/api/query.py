@@ -122,6 +122,8 @@ Order = Annotated[SortOrder, Query(
                 "same order.")]
 StageFilter = Annotated[Stage | None, Query(description=(
     "Only those of this stage: `ideation` (drafts), `bridge` or `polish`; left out: every stage."))]
+Archived = Annotated[bool, Query(description=(
+    "`true`: archived projects are listed too; `false` (the default): only those not archived."))]
 
 
 def paged(stmt: Any, column: Any, after: Any, order: str) -> Any:

@@ -26,7 +26,8 @@ _HEADERS = {
 }
 ACCEPTED: dict[int | str, dict[str, Any]] = {
     202: {"description": "The job, committed (its estimate held) before this answer.", "headers": _HEADERS}}
-_IDEMPOTENCY_CONFLICT = "The Idempotency-Key was used with another body (`idempotency_conflict`)."
+_IDEMPOTENCY_CONFLICT = ("The Idempotency-Key was used with another body (`idempotency_conflict`), or the project is "
+                         "archived (`project_archived`): nothing was made or held.")
 PAID_ERRORS = {**ACCEPTED, **with_body(
     402, 404, 409, 410, 429, 500, idempotency_key=True, routed=True,
     said={402: "The project's budget cannot hold the estimate, or the estimate is over `max_credits` or the policy "

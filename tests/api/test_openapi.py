@@ -508,7 +508,7 @@ ERRORS: dict[tuple[str, str], set[int]] = {
     ("get", "/v1/policies"): ANY | {422},
     ("get", "/v1/policies/{name}"): ANY | {404},
     ("post", "/v1/policies/reload"): ANY | {403},
-    ("post", "/v1/route/explain"): BODY | {402, 403, 404, 410, 429, 500},
+    ("post", "/v1/route/explain"): BODY | {402, 403, 404, 409, 410, 429, 500},
     ("post", "/v1/projects/{project_id}/keys"): BODY | {403, 404, 409},
     ("get", "/v1/projects/{project_id}/keys"): ANY | {403, 404, 422},
     ("get", "/v1/projects/{project_id}/keys/{key_id}"): ANY | {403, 404},
@@ -521,7 +521,8 @@ ROUTED = {("post", "/v1/projects/{project_id}/drafts"), ("post", "/v1/assets/{as
           ("post", "/v1/assets/{asset_id}/polish"), ("post", "/v1/route/explain")}
 # The codes each status may be sent with.
 STATUS_CODES = {400: {"invalid_request"}, 401: {"unauthorized"}, 402: {"budget_exceeded"}, 403: {"forbidden"},
-                404: {"not_found"}, 409: {"conflict", "idempotency_conflict", "job_finished"}, 410: {"gone"},
+                404: {"not_found"}, 409: {"conflict", "idempotency_conflict", "job_finished", "project_archived"},
+                410: {"gone"},
                 413: {"payload_too_large"}, 415: {"invalid_request"}, 422: {"invalid_request", "no_route"},
                 429: {"rate_limited"}, 500: {"content_unavailable", "internal_error"},
                 503: {"no_route", "database_unavailable", "storage_full", "server_stopping"}}
