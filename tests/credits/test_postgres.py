@@ -116,6 +116,13 @@ def test_concurrent_promotions_never_overspend_on_postgres(pg_api: httpx.Client)
     check_budget_race(pg_api, total=20, fits=5)
 
 
+def test_an_archived_project_takes_no_new_job_on_postgres(pg_api: httpx.Client) -> None:
+    # The PATCH takes the project's row lock there, as a submit does.
+    from tests.credits.test_archive import test_an_archived_project_takes_no_new_job_and_keeps_its_history
+
+    test_an_archived_project_takes_no_new_job_and_keeps_its_history(pg_api)
+
+
 def test_budgets_hold_whatever_the_server_s_default_isolation_on_postgres(
         postgres_url: str, tmp_path: Path, paid_settings_for: Callable[..., Settings]) -> None:
     # Under REPEATABLE READ a writer that waited for the write lock read the balance from before the
