@@ -77,10 +77,10 @@ def catch_up(bus: EventBus, job: Job, asset_ids: list[str], *, preview: bool = F
             bus.publish(job.id, "progress", events.progress(job.id, job.progress_step, job.progress_total,
                                                             preview=preview))
         return
-    if not earlier and job.progress_total and job.progress_step > view.step:
+    if not earlier and not job.cache_hit and job.progress_total and job.progress_step > view.step:
         # The row's progress is written at most once a second: a job that ended within one told a
         # stream here no step at all, and a longer one stopped short of its last. (An engine that
-        # counts no steps ends at 1 of 1, as `GET /v1/jobs/{id}` shows it.)
+        # counts no steps ends at 1 of 1, as `GET /v1/jobs/{id}` shows it; a copy renders nothing.)
         bus.publish(job.id, "progress", events.progress(job.id, job.progress_step, job.progress_total, preview=False))
     for index, asset_id in enumerate(asset_ids[view.assets:], start=view.assets):
         bus.publish(job.id, "asset", {"asset_id": asset_id, "index": index})

@@ -675,6 +675,11 @@ class JobRunner:
                     self.bus.publish(job.id, "state", {"state": "fallback", "from": job.engine, "to": name,
                                                        "estimate": to_credits(estimate), "error": error.to_dict(),
                                                        "cache_hit": True})
+                    # As a fallback's next attempt is told, and a stream on another process tells it.
+                    self.bus.publish(job.id, "queued", {"job_id": job.id, "status": "queued",
+                                                        "attempt": claim.attempt, "requeued": True})
+                    self.bus.publish(job.id, "started", {"job_id": job.id, "status": "running", "engine": name,
+                                                         "attempt": claim.attempt + 1, "cache_hit": True})
                     for index, asset_id in enumerate(copied):
                         self.bus.publish(job.id, "asset", {"asset_id": asset_id, "index": index})
                     self.bus.publish(job.id, "succeeded", {"job_id": job.id, "status": "succeeded",
@@ -798,8 +803,11 @@ class JobRunner:
         self.bus.publish(job.id, "state", {"state": "waiting", "engine": job.engine, "reason": "circuit open"})
 
     def _requeue_waiting(self, claim: Claim) -> None:
-        # Nothing happened to it: no attempt is recorded, its hold stays, and the claim is undone (a
-        # stream another process follows from the row told the job started, then started again).
+        # Nothing happened to it: no attempt is recorded, its hold stays, and the claim is undone,
+        # but for its number: a stream another process follows from the row may have told the
+        # claim as a start, and then tells the job queued again and its next claim as a new start
+        # (given back its number, that claim read as the one already told, and the stream said
+        # the job ran for the whole cooldown while it waited).
         # A database that is briefly away is waited out: left to recovery, a job nothing was sent
         # for counted as a crash, and one on an engine that does not announce its sends was failed
         # and charged its estimate.
@@ -807,11 +815,10 @@ class JobRunner:
         # unmarked as waiting, and this process could claim it again before the circuit's verdict.
         def undo(s: Session) -> None:
             self._guarded_update(s, claim, status="queued", lease_owner=None, lease_expires_at=None,
-                                 attempt=claim.attempt - 1, started_at=claim.started_before, unless_canceled=True)
+                                 started_at=claim.started_before, unless_canceled=True)
 
         self._end_write(claim, f"job {claim.job.id} queued again to wait", undo,
-                        lambda row: row.status == "queued" and (row.attempts or []) == (claim.job.attempts or []),
-                        attempt=claim.attempt - 1)
+                        lambda row: row.status == "queued" and (row.attempts or []) == (claim.job.attempts or []))
 
     def give_back(self, claim: Claim) -> None:
         """A claim that never started (the service stopped first): back to the queue with its
@@ -909,9 +916,14 @@ class JobRunner:
             self.ledger.settle_failure(s, job, error)
             # A seed drawn for it made nothing: the copy's is the one that did, as at a submit.
             params = {**job.params, "seed": found[0].seed} if job.params.get("seed_drawn") else job.params
+            # An attempt of its own, as a move's next claim would be: a stream following the row from
+            # another process tells it started again, on the engine whose images it has (told by the
+            # engine alone, nothing it compares changed, and the image read as the first engine's).
+            now = utcnow()
             self._guarded_update(s, claim, unless_canceled=True, status="succeeded", engine=engine, model=model,
                                  estimated=estimate, cache_key=key, cache_hit=True, params=params,
-                                 provider_work=None, finished_at=utcnow(), lease_owner=None, lease_expires_at=None,
+                                 attempt=claim.attempt + 1, started_at=now, finished_at=now,
+                                 provider_work=None, lease_owner=None, lease_expires_at=None,
                                  progress_step=1, progress_total=1, attempts=attempts)
             s.add_all(cached_copies(found, job))
 
@@ -919,7 +931,8 @@ class JobRunner:
         attempts = [*job.with_attempt("failed", error.to_dict()),
                     {"engine": engine, "status": "succeeded", "error": None}]
         self._end_write(claim, f"job {job.id} copied from an identical job on {engine}", copy,
-                        lambda row: row.status == "succeeded" and row.engine == engine and row.attempts == attempts)
+                        lambda row: row.status == "succeeded" and row.engine == engine and row.attempts == attempts,
+                        attempt=claim.attempt + 1)
         if not copying:
             return None
         with self.db.session() as s:  # the rows that landed (a retried write made its own ids)

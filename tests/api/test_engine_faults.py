@@ -429,6 +429,30 @@ def test_a_fallback_to_an_engine_left_off_here_is_priced_here_and_left_to_its_wo
     assert (claim_and_run(there, job_id).status, read_job(there, job_id).engine) == ("succeeded", "fake-b")
 
 
+def test_a_claim_undone_to_wait_for_a_circuit_reads_on_another_process_as_queued_again(build: Build) -> None:
+    # The undo gave the claim's number back: the job's real start then read as the start already
+    # told, and a stream on another process said it ran for the whole cooldown while it waited.
+    from orchestrator.events import EventBus
+    from orchestrator.follow import catch_up
+
+    services = build("fake-paid=tests.fakes:factory")
+    job_id = queue_job(services, "fake-paid", estimated=HOLD, params=BRIDGE)
+    bus = EventBus()
+    catch_up(bus, read_job(services, job_id), [])
+    move = services.scheduler._claim(read_job(services, job_id), move=True)
+    assert move is not None
+    catch_up(bus, read_job(services, job_id), [])  # a claim to move reads as any claim
+    services.runner._requeue_waiting(move)
+    waiting = read_job(services, job_id)
+    assert (waiting.status, waiting.started_at, waiting.attempts or []) == ("queued", None, [])
+    assert ledger_of(services, job_id) == [("hold", HOLD, False)]
+    catch_up(bus, waiting, [])
+    assert services.scheduler._claim(waiting) is not None  # the circuit let it through
+    catch_up(bus, read_job(services, job_id), [])
+    told = [(e.type, e.data.get("attempt"), e.data.get("requeued")) for e in bus._jobs[job_id].snapshot()]
+    assert told == [("queued", None, None), ("started", 1, None), ("queued", 1, True), ("started", 2, None)], told
+
+
 def test_failing_an_unserved_backlog_reads_each_job_as_it_is_and_stops_when_its_worker_is_back(
         build: Build, make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     from orchestrator.queue import Scheduler

@@ -648,6 +648,24 @@ def test_a_copy_s_stream_told_from_its_row_says_it_is_a_copy() -> None:
     assert not any("cache_hit" in e.data for e in bus._jobs["job_render"].snapshot())
 
 
+def test_a_fallback_ending_as_a_copy_is_told_from_its_row_as_a_start_on_the_engine_it_copied() -> None:
+    # Told by its engine and cache_hit alone, the copy read on another process as the first
+    # engine's image, after a render step that made nothing.
+    now = utcnow()
+    bus = EventBus()
+    bus.publish("job_fb", "queued", {})
+    catch_up(bus, Job(id="job_fb", project_id="prj", stage="bridge", engine="fake-paid", status="running", attempt=1,
+                      started_at=now), [])
+    copied = Job(id="job_fb", project_id="prj", stage="bridge", engine="fake-b", status="succeeded", attempt=2,
+                 cache_hit=True, started_at=now, finished_at=now, progress_step=1, progress_total=1)
+    catch_up(bus, copied, ["ast_copy"])
+    told = [(e.type, e.data.get("engine"), e.data.get("attempt"), e.data.get("cache_hit"))
+            for e in bus._jobs["job_fb"].snapshot()]
+    assert told == [("queued", None, None, None), ("started", "fake-paid", 1, None), ("queued", None, 1, None),
+                    ("started", "fake-b", 2, True), ("asset", None, None, None), ("succeeded", None, None, True)], told
+    assert bus._jobs["job_fb"].latest_progress is None  # a live client was told a step of a render never made
+
+
 def test_a_row_read_before_a_rerun_tells_nothing_after_the_rerun_started() -> None:
     # Two reads in flight (a client connecting while the follower reads): the older one, told
     # last, showed attempt 1's step 30 and hid attempt 2's steps below it.
@@ -1159,8 +1177,9 @@ def test_a_free_server_job_canceled_after_its_worker_died_leaves_nothing_on_the_
 
 def test_a_claim_undone_to_wait_on_an_open_circuit_leaves_the_job_as_it_was(services: Services) -> None:
     # A job claimed only to be moved off an open circuit, with nowhere to go, waits in the queue: it
-    # kept the claim's attempt and start, so GET showed a queued job that had started (an earlier
-    # attempt's start erased too) and another process's stream told 'started' twice.
+    # kept the claim's start, so GET showed a queued job that had started (an earlier attempt's
+    # start erased too). The claim's number stays taken: a stream on another process may have told
+    # the claim as a start, and must tell the job's next claim as a new one.
     earlier = datetime(2026, 11, 30, 9, 0, tzinfo=UTC)
     job_id = add_job(services, engine="fake-paid")
     queued = row(services, job_id)  # as the dispatch's list read it: never started
@@ -1170,7 +1189,7 @@ def test_a_claim_undone_to_wait_on_an_open_circuit_leaves_the_job_as_it_was(serv
     assert claim is not None and row(services, job_id).attempt == 2
     services.runner._requeue_waiting(claim)
     after = row(services, job_id)
-    assert (after.status, after.attempt, after.lease_owner) == ("queued", 1, None)
+    assert (after.status, after.attempt, after.lease_owner) == ("queued", 2, None)
     assert after.started_at is not None and after.started_at.replace(tzinfo=UTC) == earlier
 
 

@@ -123,7 +123,8 @@ def test_a_fallback_copies_an_identical_earlier_job_s_images_on_the_next_engine(
     assert copy["sha256"] == original["sha256"] and copy["parent_id"] == asset_id
     told = [(e.event, e.data.get("state"), e.data.get("cache_hit")) for e in read_events(paid_server, job["id"])
             if e.event != "progress"]
-    assert told[-3:] == [("state", "fallback", True), ("asset", None, None), ("succeeded", None, True)], told
+    assert told[-5:] == [("state", "fallback", True), ("queued", None, None), ("started", None, True),
+                         ("asset", None, None), ("succeeded", None, True)], told
     # Asked not to be copied, it renders there.
     fresh = wait_for_job(paid_server, promote(paid_server, asset_id, seed=3, tags={"fake": "fail"})["id"])
     assert (fresh["engine"], fresh["cost"]["cache_hit"], fresh["cost"]["charged"]) == ("fake-b", False, 20.0)
