@@ -891,8 +891,11 @@ class JobRunner:
             project = self.ledger.lock_project(s, job.project_id)
             moved = s.get(Job, job.id)
             assert moved is not None
-            self.ledger.hold(s, project, moved, estimate,
-                             billable=engine in self.registry and billed_by_provider(self.registry.get(engine)))
+            # An engine only another worker has may be a cloud one priced 0: its hold of 0 is what
+            # flags an outcome nobody knows for the invoice (taken for a free engine too, it only
+            # adds such a flag of 0 credits).
+            billable = billed_by_provider(self.registry.get(engine)) if engine in self.registry else True
+            self.ledger.hold(s, project, moved, estimate, billable=billable)
 
         # A move left to recovery is failed, its hold captured.
         self._end_write(claim, f"job {job.id} moved to {engine}", move,

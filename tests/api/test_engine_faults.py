@@ -404,6 +404,13 @@ def test_a_retryable_failure_moves_the_job_to_an_engine_only_another_live_worker
     routed_private = queue_job(here, "fake-paid", estimated=HOLD, params=private, routing={**routing, "private": True})
     assert (claim_and_run(here, routed_private).status, read_job(here, routed_private).engine) == ("queued", "fake-b")
 
+    # Priced 0 there (a prices file): a cloud engine for all this process knows, its provider may
+    # bill all the same, so its hold of 0 is taken, to flag an outcome nobody knows.
+    free = {"candidates": [routing["candidates"][0], {"engine": "fake-b", "estimate": 0.0}]}
+    zero = queue_job(here, "fake-paid", estimated=HOLD, params=failing, routing=free)
+    assert claim_and_run(here, zero).status == "queued"
+    assert ledger_of(here, zero) == [("hold", HOLD, False), ("release", HOLD, False), ("hold", 0, False)]
+
 
 def test_a_fallback_to_an_engine_left_off_here_is_priced_here_and_left_to_its_worker(build: Build) -> None:
     # fake-b's key given to the other host only: this process prices it (its prices file may have
