@@ -909,22 +909,31 @@ class JobRunner:
         job = claim.job
         key = cache_key(engine, model, job.params)
         copying = False
+        leaves = leaves_machine(self.registry.get(engine))
 
         def copy(s: Session) -> None:
             nonlocal copying
+            copying = False
             found = cache.find(s, self.store, key, job.project_id, job.source_asset_id)
-            copying = bool(found)
-            if not found:
+            # Made private since it was routed: it takes no image of an engine off the machine, as
+            # it would not move there (the move refuses it next, and the job goes on to the next).
+            if not found or (leaves and self._made_private(s, job)):
                 return
+            copying = True
             self.ledger.settle_failure(s, job, error)
-            # A seed drawn for it made nothing: the copy's is the one that did, as at a submit.
-            params = {**job.params, "seed": found[0].seed} if job.params.get("seed_drawn") else job.params
+            # A seed drawn for it made nothing: the copy's is the one that did, as at a submit. Into
+            # the params as the row has them now: the claim's copy lacks a privacy mark written since.
+            params: dict[str, Any] = {}
+            if job.params.get("seed_drawn"):
+                now_params = s.scalar(select(Job.params).where(col(Job.id) == job.id))
+                params["params"] = {**(now_params if isinstance(now_params, dict) else job.params),
+                                    "seed": found[0].seed}
             # An attempt of its own, as a move's next claim would be: a stream following the row from
             # another process tells it started again, on the engine whose images it has (told by the
             # engine alone, nothing it compares changed, and the image read as the first engine's).
             now = utcnow()
             self._guarded_update(s, claim, unless_canceled=True, status="succeeded", engine=engine, model=model,
-                                 estimated=estimate, cache_key=key, cache_hit=True, params=params,
+                                 estimated=estimate, cache_key=key, cache_hit=True, **params,
                                  attempt=claim.attempt + 1, started_at=now, finished_at=now,
                                  provider_work=None, lease_owner=None, lease_expires_at=None,
                                  progress_step=1, progress_total=1, attempts=attempts)

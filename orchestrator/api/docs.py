@@ -140,6 +140,7 @@ PROJECT_UPDATE_EXAMPLES: Examples = {
     "limit": {"summary": "Raise the budget's limit (its period stays)", "value": {"budget": {"limit": 8000}}},
     "rename": {"summary": "Rename the project", "value": {"name": "Lighthouse campaign, final"}},
     "no_budget": {"summary": "Remove the budget", "value": {"budget": None}},
+    "archive": {"summary": "Archive the project: it takes no new job", "value": {"archived": True}},
 }
 DRAFT_EXAMPLES: Examples = {
     "drafts": {"summary": "Four 512x512 drafts of a prompt, seeds 42 to 45",

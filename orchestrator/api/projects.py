@@ -195,10 +195,11 @@ def get_project(project_id: ProjectId, services: ServicesDep, caller: CallerDep)
                   403: "Only the admin key may change a project (a project key must not lift its own budget): "
                        "`forbidden`.",
                   404: "No such project (`not_found`).",
-                  422: BODY_422 + " Or `policy` names no loaded policy, or `name` or `policy` is null (they "
-                                  "cannot be removed)."}))
+                  422: BODY_422 + " Or `policy` names no loaded policy, or `name`, `policy` or `archived` is null "
+                                  "(they cannot be removed)."}))
 def update_project(project_id: ProjectId, body: ProjectUpdate, services: ServicesDep) -> ProjectPublic:
-    """Change the name, policy or budget (admin key only: a project key must not lift its own budget)."""
+    """Change the name, policy or budget, or archive the project (`"archived": true`: it takes no new
+    job; `false` takes it back). Admin key only: a project key must not lift its own budget."""
     with services.db.transaction() as s:
         project = services.ledger.lock_project(s, project_id)  # 404 when there is none
         chosen = _check_policy(services, body.policy)

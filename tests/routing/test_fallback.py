@@ -130,6 +130,29 @@ def test_a_fallback_copies_an_identical_earlier_job_s_images_on_the_next_engine(
     assert (fresh["engine"], fresh["cost"]["cache_hit"], fresh["cost"]["charged"]) == ("fake-b", False, 20.0)
 
 
+def test_a_job_made_private_as_it_fails_takes_no_copy_of_a_cloud_engine_s_images(
+        paid_server: httpx.Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Its project moved to local-only while it ran: the copy wrote the claim's params back over the
+    # privacy mark, and the job ended as fake-b's, its images free to go to the cloud next.
+    _, asset_id = draft_asset(paid_server, budget={"limit": 100, "period": "month"})
+    bought = wait_for_job(paid_server, promote(paid_server, asset_id, engine="fake-b", cache=True, seed=4)["id"])
+    assert bought["status"] == "succeeded", bought
+    copy_on = JobRunner._copy_on
+
+    def made_private_first(self: JobRunner, claim: Any, *args: Any) -> Any:
+        with self.db.transaction() as s:  # as `JobService.keep_local` marks it
+            row = s.get(Job, claim.job.id)
+            assert row is not None
+            row.params = {**row.params, "tags": {**row.params["tags"], "privacy": "local"}}
+            s.add(row)
+        return copy_on(self, claim, *args)
+
+    monkeypatch.setattr(JobRunner, "_copy_on", made_private_first)
+    done = wait_for_job(paid_server, promote(paid_server, asset_id, cache=True, seed=4, tags={"fake": "fail"})["id"])
+    assert (done["status"], done["engine"], done["cost"]["cache_hit"]) == ("succeeded", "local-hifi", False), done
+    assert done["params"]["tags"]["privacy"] == "local"
+
+
 def test_retryable_failure_falls_back_to_the_next_candidate(paid_server: httpx.Client,
                                                            caplog: pytest.LogCaptureFixture) -> None:
     project_id, asset_id = draft_asset(paid_server, budget={"limit": 100, "period": "month"})
