@@ -713,12 +713,17 @@ class WorkerPublic(BaseModel):
     host: str = Field(description="The host name it runs on (the first part of `owner`).")
     pid: int | None = Field(description="Its process id on that host; null when `owner` names none.")
     this_process: bool = Field(description="Whether it is the process that answered this request.")
-    devices: list[str] = Field(description="the local devices whose jobs it runs (device lock names)")
+    this_machine: bool = Field(description="Whether it runs on the machine that answered (another machine's, on a "
+                                           "shared data dir, is listed while it touches its lock file).")
+    engines: list[str] = Field(description="The engines whose jobs it runs.")
+    devices: list[str] = Field(description="the local devices whose jobs it runs (device lock names; this machine's "
+                                           "workers only)")
     running_jobs: list[str] = Field(description="The ids of the jobs it runs now.")
 
 
 class WorkersPublic(BaseModel):
-    items: list[WorkerPublic] = Field(description="processes that run jobs, alive now")
+    items: list[WorkerPublic] = Field(description="processes that run jobs, alive now, of every machine on the "
+                                                  "data dir")
     # The list shape every list answers with; the workers of an install are few, so one page holds them.
     next_cursor: None = Field(None, description="always null: every live worker is in this one answer")
     runs_jobs_here: bool = Field(description="whether this API server also runs jobs (ORCH_RUN_JOBS)")

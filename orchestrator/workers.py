@@ -36,6 +36,7 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Literal
 
@@ -99,6 +100,15 @@ def open_regular_file(path: Path, flags: int, mode: str, *, follow: bool = False
     except BaseException:
         os.close(fd)
         raise
+
+
+@dataclass(frozen=True)
+class LiveOwner:
+    """A scheduler that lives, as its owner file tells it (see `Presence.workers`)."""
+
+    owner: str
+    engines: list[str]
+    this_machine: bool
 
 
 class Presence:
@@ -249,6 +259,22 @@ class Presence:
                 if owner and self._locked(owner):
                     owners.append(owner)
         return owners
+
+    def workers(self) -> list[LiveOwner]:
+        """Every owner that lives, as `serves` judges them: this machine's while their lock is held,
+        another machine's (a shared data dir) while they touch their file, with the engines they run."""
+        found = []
+        for path in sorted(self.folder.glob("*.lock")) if self.folder.is_dir() else []:
+            with contextlib.suppress(OSError), open_lock_file_to_read(path) as file:
+                lines = file.read().splitlines()
+            if not lines or not (owner := lines[0].strip()):
+                continue
+            with contextlib.suppress(OSError):
+                locked = self._locked(owner)
+                if locked if locked is not None else self._fresh(path):
+                    engines = [e for e in lines[2].split(",") if e] if len(lines) > 2 else []
+                    found.append(LiveOwner(owner, engines, this_machine=len(lines) < 2 or lines[1] == MACHINE))
+        return found
 
     def forget(self, keep: Iterable[str]) -> int:
         """Remove this machine's files of stopped owners that hold no job any more (`keep`: owners

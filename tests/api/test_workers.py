@@ -488,8 +488,11 @@ def test_another_machine_s_worker_serves_its_engines_while_it_touches_its_file(
     assert presence.serves("comfyui") and not presence.serves("gemini")  # first seen: may have just touched it
     clock[0] += 59
     assert presence.serves("comfyui")
+    assert [(w.owner, w.engines, w.this_machine) for w in presence.workers()] == [
+        ("gpu-host:9:ab", ["lite", "comfyui"], False)]
     clock[0] += 2
     assert not presence.serves("comfyui")  # not touched for a minute: its host is gone
+    assert presence.workers() == []
     os.utime(elsewhere, (6, 6))  # ...or back, touching it again
     assert presence.serves("comfyui")
     old = time.time() - 120
@@ -793,6 +796,14 @@ def test_workers_lists_this_server_to_the_admin_only(make_settings: SettingsFact
     listed = client.get("/v1/workers", headers=admin).json()
     [me] = listed["items"]
     assert me["this_process"] and me["devices"] == [] and listed["runs_jobs_here"]  # no local job yet
+    assert me["this_machine"] and "lite" in me["engines"]
+    # Another machine's worker on the shared data dir, while it touches its lock file (it was
+    # listed nowhere: an operator of several hosts could not tell which of them ran what).
+    other = make_settings(admin_key="admin-secret").data_dir / "locks" / "owners" / "gpu-host_9_ab.lock"
+    other.write_text("gpu-host:9:ab\nanother-boot-id\nlite,comfyui\n")
+    listed = client.get("/v1/workers", headers=admin).json()
+    assert [(w["owner"], w["this_machine"], w["engines"]) for w in listed["items"] if not w["this_process"]] == [
+        ("gpu-host:9:ab", False, ["lite", "comfyui"])]
     key = client.post(f"/v1/projects/{project}/keys", json={"name": "pipeline"}, headers=admin).json()["key"]
     assert_error(client.get("/v1/workers", headers={"Authorization": f"Bearer {key}"}), 403, "forbidden")
     assert_error(client.get("/v1/workers"), 401, "unauthorized")
