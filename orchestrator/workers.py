@@ -265,6 +265,7 @@ class Presence:
         another machine's (a shared data dir) while they touch their file, with the engines they run."""
         found = []
         for path in sorted(self.folder.glob("*.lock")) if self.folder.is_dir() else []:
+            lines: list[str] = []  # a file removed meanwhile (a stopped owner's) is none
             with contextlib.suppress(OSError), open_lock_file_to_read(path) as file:
                 lines = file.read().splitlines()
             if not lines or not (owner := lines[0].strip()):

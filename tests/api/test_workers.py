@@ -493,6 +493,9 @@ def test_another_machine_s_worker_serves_its_engines_while_it_touches_its_file(
     clock[0] += 2
     assert not presence.serves("comfyui")  # not touched for a minute: its host is gone
     assert presence.workers() == []
+    (tmp_path / "owners" / "a-fifo.lock").mkdir()  # a file that cannot be read is passed over
+    assert presence.workers() == []
+    (tmp_path / "owners" / "a-fifo.lock").rmdir()
     os.utime(elsewhere, (6, 6))  # ...or back, touching it again
     assert presence.serves("comfyui")
     old = time.time() - 120
