@@ -120,6 +120,7 @@ class StreamView:
     step: int  # of the latest `progress` since that `started`
     finished: bool
     watched: bool
+    fallbacks: int = 0  # `state` events `fallback` told (see `Job.moves`)
 
 
 class _Inbox:
@@ -340,7 +341,9 @@ class EventBus:
                           attempt=int(last_start.data.get("attempt", 0)) if last_start else 0,
                           queued=_told_queued(stream.history),
                           assets=sum(1 for e in stream.history if e.type == "asset"), step=step,
-                          finished=stream.finished_at is not None, watched=bool(stream.subscribers))
+                          finished=stream.finished_at is not None, watched=bool(stream.subscribers),
+                          fallbacks=sum(1 for e in stream.history
+                                        if e.type == "state" and e.data.get("state") == "fallback"))
 
     async def subscribe(self, job_id: str, after: int = 0) -> AsyncIterator[Event]:
         """The job's current state, then live events, ending after the terminal event; events up

@@ -5,7 +5,8 @@ in front of separate workers (`ORCH_RUN_JOBS=false`, `orchestrator worker`). The
 a job publishes its events live; every other process learns what happened from the job's row
 (status, progress, assets), which the follower reads when another process's commit rings the bell
 (`orchestrator.bells`) and every `ORCH_POLL_INTERVAL`, one query for all the jobs its clients
-watch, and turns into the same events: `started`, `progress`, `asset`, and the terminal one.
+watch, and turns into the same events: `started`, `progress`, `asset`, the `state` event
+`fallback` of each move to another engine its attempts record, and the terminal one.
 A `progress` event names the step's preview (`preview_url`) when the running process has written
 its preview file (`orchestrator.store.PreviewFiles`, at most once a second, as the row's progress):
 every process serves those files.
@@ -28,6 +29,7 @@ from orchestrator.events import TERMINAL, EventBus, woken
 from orchestrator.models import Asset, Job
 from orchestrator.outage import Outage
 from orchestrator.store import PreviewFiles
+from tiers.base import to_credits
 
 log = logging.getLogger(__name__)
 # A stream subscribes once its response starts; until then a followed job counts as watched.
@@ -45,6 +47,19 @@ def catch_up(bus: EventBus, job: Job, asset_ids: list[str], *, preview: bool = F
         assert view is not None
     if view.finished:
         return
+    # Its moves to other engines, as the worker told them (`JobRunner._fall_back`), before the
+    # queued again and the start on the engine moved to: the stream said only that the engine
+    # changed. The row keeps no `skipped` or `worker` of the live event, and the estimate of the
+    # latest move alone (the job's hold now).
+    moves = job.moves()
+    for index in range(view.fallbacks, len(moves)):
+        source, target, error = moves[index]
+        told: dict[str, Any] = {"state": "fallback", "from": source, "to": target, "error": error}
+        if index == len(moves) - 1:
+            told["estimate"] = to_credits(job.estimated)
+            if job.cache_hit:
+                told["cache_hit"] = True
+        bus.publish(job.id, "state", told)
     if job.status == "queued":
         # Back in the queue after the stream told it started (its worker stopped or died, a
         # fallback moved it): a stream that went on showing its last step said it still ran. Not

@@ -126,6 +126,20 @@ class Job(SQLModel, table=True):
         """`attempts` with this attempt's end added: its engine, how it ended and its error."""
         return [*(self.attempts or []), {"engine": self.engine, "status": status, "error": error}]
 
+    def moves(self) -> list[tuple[str, str, dict[str, Any] | None]]:
+        """The fallbacks its attempts record, oldest first: (engine left, engine moved to, the
+        error that moved it). A failed attempt another engine's followed is one; a failed last
+        attempt ended the job, and one ended by a crash or a stop ran again on the same engine."""
+        attempts = [a for a in self.attempts or [] if isinstance(a, dict)]
+        moves: list[tuple[str, str, dict[str, Any] | None]] = []
+        for index, attempt in enumerate(attempts):
+            after = attempts[index + 1].get("engine") if index + 1 < len(attempts) else self.engine
+            source, error = attempt.get("engine"), attempt.get("error")
+            if (attempt.get("status") == "failed" and isinstance(source, str) and isinstance(after, str)
+                    and after != source):
+                moves.append((source, after, error if isinstance(error, dict) else None))
+        return moves
+
     def sent_nothing(self) -> bool:
         """Whether the current attempt is known to have sent no request that can bill, and no
         earlier one left provider work to follow. Whoever acts on it must also make its update

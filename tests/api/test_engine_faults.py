@@ -460,6 +460,40 @@ def test_a_claim_undone_to_wait_for_a_circuit_reads_on_another_process_as_queued
     assert told == [("queued", None, None), ("started", 1, None), ("queued", 1, True), ("started", 2, None)], told
 
 
+def test_a_fallback_is_told_on_another_process_from_the_job_s_attempts(build: Build) -> None:
+    # An API server in front of separate workers follows every job from its row: the move showed
+    # there only as a start on another engine, with nothing to say why or what it now holds.
+    from orchestrator.events import EventBus
+    from orchestrator.follow import catch_up
+    from tests.routing import FAKE_B_PRICE
+
+    here = build("fake-paid=tests.fakes:factory,fake-b=tests.routing:fake_b_factory")
+    routing = {"candidates": [{"engine": "fake-paid", "estimate": fakes.FAKE_PRICE},
+                              {"engine": "fake-b", "estimate": FAKE_B_PRICE}]}
+    job_id = queue_job(here, "fake-paid", estimated=HOLD, params={**BRIDGE, "tags": {"fake": "fail"}},
+                       routing=routing)
+    api = EventBus()
+    catch_up(api, read_job(here, job_id), [])
+    assert claim_and_run(here, job_id).status == "queued"
+    moved = read_job(here, job_id)
+    catch_up(api, moved, [])
+    catch_up(api, moved, [])  # read again: told once
+    # The process that moved it, following it from the row (another worker's to run), tells it once.
+    catch_up(here.bus, moved, [])
+    assert [e.data.get("state") for e in here.bus._jobs[job_id].snapshot()].count("fallback") == 1
+    assert claim_and_run(here, job_id).status == "succeeded"
+    done = read_job(here, job_id)
+    assets = [a for a in (e.data.get("asset_id") for e in here.bus._jobs[job_id].snapshot()) if a]
+    catch_up(api, done, assets)
+    told = [(e.type, e.data.get("state"), e.data.get("engine")) for e in api._jobs[job_id].snapshot()]
+    assert told == [("queued", None, None), ("state", "fallback", None), ("started", None, "fake-b"),
+                    ("asset", None, None), ("succeeded", None, None)], told
+    [fallback] = [e.data for e in api._jobs[job_id].snapshot() if e.type == "state"]
+    [live] = [e.data for e in here.bus._jobs[job_id].snapshot() if e.data.get("state") == "fallback"]
+    assert (fallback["from"], fallback["to"], fallback["estimate"]) == ("fake-paid", "fake-b", FAKE_B_PRICE)
+    assert fallback["error"] == live["error"] and fallback["error"]["code"]
+
+
 def test_failing_an_unserved_backlog_reads_each_job_as_it_is_and_stops_when_its_worker_is_back(
         build: Build, make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     from orchestrator.queue import Scheduler

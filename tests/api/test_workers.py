@@ -672,6 +672,36 @@ def test_a_fallback_ending_as_a_copy_is_told_from_its_row_as_a_start_on_the_engi
     assert bus._jobs["job_fb"].latest_progress is None  # a live client was told a step of a render never made
 
 
+def test_a_stream_told_from_its_row_tells_each_move_to_another_engine_once_and_before_its_start() -> None:
+    failed = {"code": "engine_error", "message": "it broke", "retryable": True}
+    moved = [{"engine": "fake-paid", "status": "failed", "error": failed}]
+    bus = EventBus()
+    bus.publish("job_m", "queued", {})
+    bus.publish("job_m", "started", {"engine": "fake-paid", "attempt": 1})
+    queued = Job(id="job_m", project_id="prj", stage="bridge", engine="fake-b", status="queued", attempt=1,
+                 estimated=2500, attempts=moved)
+    catch_up(bus, queued, [])
+    catch_up(bus, queued, [])
+    # Moved on again before the next read, and running on its third engine.
+    third = [*moved, {"engine": "fake-b", "status": "failed", "error": failed}]
+    running = Job(id="job_m", project_id="prj", stage="bridge", engine="fake-c", status="running", attempt=3,
+                  estimated=1000, attempts=third, started_at=utcnow())
+    catch_up(bus, running, [])
+    told = [(e.type, e.data.get("from"), e.data.get("to"), e.data.get("estimate"), e.data.get("attempt"))
+            for e in bus._jobs["job_m"].snapshot()]
+    assert told == [("queued", None, None, None, None), ("started", None, None, None, 1),
+                    ("state", "fake-paid", "fake-b", 2.5, None), ("queued", None, None, None, 1),
+                    ("state", "fake-b", "fake-c", 1.0, None), ("started", None, None, None, 3)], told
+
+    # A crash run again on its engine, and a failure that ended the job, moved nothing.
+    again = Job(id="job_i", project_id="prj", stage="ideation", engine="lite", status="failed", attempt=2,
+                started_at=utcnow(), attempts=[{"engine": "lite", "status": "interrupted", "error": None},
+                                               {"engine": "lite", "status": "failed", "error": failed}],
+                error=failed)
+    catch_up(bus, again, [])
+    assert not any(e.type == "state" for e in bus._jobs["job_i"].snapshot())
+
+
 def test_a_row_read_before_a_rerun_tells_nothing_after_the_rerun_started() -> None:
     # Two reads in flight (a client connecting while the follower reads): the older one, told
     # last, showed attempt 1's step 30 and hid attempt 2's steps below it.
