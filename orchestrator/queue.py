@@ -498,10 +498,19 @@ class Scheduler:
             return False
 
     def _movable(self, job: Job) -> bool:
-        """Whether a candidate of the job's routing not tried yet may take it here now."""
+        """Whether a candidate of the job's routing not tried yet may take it now: one this process
+        runs whose circuit lets it through, or, as `JobRunner._fallback_target` takes them, one only
+        another live worker runs (its circuit is that worker's to ask). Judged by this process's
+        engines alone, a job whose next candidate was another worker's waited for the failing
+        engine's cooldown and was then sent there as its probe."""
         tried = {a["engine"] for a in job.attempts or []} | {job.engine}
-        return any(self._available(name) and self.runner.health.allow(name)
-                   for name in fallbacks(job.routing, tried))
+        for name in fallbacks(job.routing, tried):
+            if self.has_engine(name):
+                if self._available(name) and self.runner.health.allow(name):
+                    return True
+            elif self.runner.served_elsewhere(name):
+                return True
+        return False
 
     def _oldest_queued(self, engines: list[str], *, candidates: int = CANDIDATES) -> list[Job]:
         """One lane's queued jobs (`engines`: that lane's), the first `candidates` of them, in
@@ -573,7 +582,10 @@ class Scheduler:
                 claimed = s.scalars(update(Job).where(col(Job.id) == job.id, col(Job.status) == "queued",
                                                       *([col(Job.engine) == job.engine] if unserved else [])).values(
                     status="running", attempt=Job.attempt + 1, lease_owner=self.owner,
-                    lease_expires_at=shared_now() + self.lease, started_at=utcnow(), error=None,
+                    lease_expires_at=shared_now() + self.lease, error=None,
+                    # A move starts no engine: told as a start from the row, a job never sent to the
+                    # engine it left read on other processes as having run there.
+                    **({} if move else {"started_at": utcnow()}),
                     unsent_attempt=Job.attempt + 1 if announces else None).returning(Job)).one_or_none()
                 if claimed is None:  # another worker, or a cancel, got there first
                     return None
