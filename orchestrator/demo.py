@@ -279,6 +279,8 @@ def _stages(client: httpx.Client, base: str, prompt: str, out_dir: Path, size: i
                       headers={"Idempotency-Key": os.urandom(8).hex()}).raise_for_status().json()
     started.append(("drafts", job["id"]))
     job = watch(client, job["id"], "drafts")
+    if job["cost"]["charged"]:  # a service that meters device time charges drafts too
+        print(f"  charged {job['cost']['charged']} credits")
     drafts = []
     labels = []
     for index, asset_id in enumerate(job["assets"]):

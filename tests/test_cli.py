@@ -190,6 +190,18 @@ def test_the_demo_runs_the_three_stages_and_saves_their_images(
     assert [line.split()[0] for line in chain] == ["ideation", "bridge", "polish"]
 
 
+def test_the_demo_prints_what_a_metering_service_charged_for_its_drafts(
+        make_settings: SettingsFactory, start_server: Callable[[Settings], httpx.Client], tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # It printed the bridge's and the polish's charges, not the drafts', often the largest.
+    client = start_server(make_settings(hifi_model="builtin:tiny-sd", local_gpu_second_credits=1000.0))
+    assert main(["demo", "--url", str(client.base_url), "--out", str(tmp_path / "out"), "--size", "64"]) == 0
+    told = capsys.readouterr().out.splitlines()
+    drafts = next(i for i, line in enumerate(told) if line.split()[:1] == ["drafts"] and "succeeded" in line)
+    assert told[drafts + 1].startswith("  charged ") and told[drafts + 1].endswith(" credits"), told
+    assert float(told[drafts + 1].split()[1]) > 0
+
+
 def test_a_demo_interrupted_cancels_the_job_it_was_following(
         make_settings: SettingsFactory, start_server: Callable[[Settings], httpx.Client], tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
