@@ -18,7 +18,7 @@ from sqlmodel import col, select
 from orchestrator import idempotency
 from orchestrator.clock import utcnow
 from orchestrator.db import Database
-from orchestrator.errors import Conflict, not_found
+from orchestrator.errors import Conflict, NotFound, not_found
 from orchestrator.ids import new_id
 from orchestrator.models import ApiKey
 
@@ -28,6 +28,23 @@ SECRET_PREFIX = "orch_pk_"
 # database read a lookup costs (a flood of made-up ones would queue behind the real ones).
 SECRET_RE = re.compile(re.escape(SECRET_PREFIX) + r"[A-Za-z0-9_-]{43}")
 SHOWN_PREFIX = len(SECRET_PREFIX) + 6
+# Anything that starts like a secret, whole or cut short, where text is shown or logged.
+_SECRET_LIKE = re.compile(re.escape(SECRET_PREFIX) + r"[A-Za-z0-9_-]+")
+
+
+def mask_secrets(text: str) -> str:
+    """`text` with every key's secret in it cut to its prefix (an access log's URL, a message)."""
+    return _SECRET_LIKE.sub(SECRET_PREFIX + "…", text)
+
+
+def _no_key(key_id: str) -> NotFound:
+    if key_id.startswith(SECRET_PREFIX):
+        # The secret sent for the id (`.../keys/{key_id}`): echoed, it landed in the client's
+        # logs and tickets as well as the server's.
+        return NotFound("no key has that id: the path takes the key's id (`key_...`, from its creation "
+                        "or the project's key list), not its secret, which is not repeated here",
+                        details={"key_id": mask_secrets(key_id)})
+    return not_found("key", "key_id", key_id)
 
 
 def sha256(secret: str) -> str:
@@ -74,7 +91,7 @@ def get(db: Database, project_id: str, key_id: str) -> ApiKey:
     with db.session() as s:
         key = s.get(ApiKey, key_id)
     if key is None or key.project_id != project_id:
-        raise not_found("key", "key_id", key_id)
+        raise _no_key(key_id)
     return key
 
 
@@ -83,7 +100,7 @@ def revoke(db: Database, project_id: str, key_id: str) -> ApiKey:
     with db.transaction() as s:
         key = s.get(ApiKey, key_id)
         if key is None or key.project_id != project_id:
-            raise not_found("key", "key_id", key_id)
+            raise _no_key(key_id)
         if key.revoked_at is None:
             key.revoked_at = utcnow()
             s.add(key)

@@ -18,6 +18,7 @@ import uvicorn
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from orchestrator import keys
 from orchestrator.api.cross_site import is_loopback
 from orchestrator.api.errors import StartTracker, answer
 from orchestrator.app import create_app
@@ -73,6 +74,9 @@ class Server(uvicorn.Server):
                                         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS, **options))  # type: ignore[arg-type]
         self.app = app
         self.interrupted = False  # a Ctrl-C (SIGINT) stopped it
+        access = logging.getLogger("uvicorn.access")  # configured by the `Config` made above
+        if not any(isinstance(f, _MaskSecrets) for f in access.filters):
+            access.addFilter(_MaskSecrets())
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         again = self.should_exit
@@ -155,6 +159,16 @@ def serve(settings: Settings, *, host: str, port: int, log_level: str) -> Stoppe
     # which cancels a task that may be ending anyway; once, on a loaded machine, the process
     # exited 0 after a Ctrl-C.
     return Stopped(signal.SIGINT if interrupted or server.interrupted else None, server.device_busy)
+
+
+class _MaskSecrets(logging.Filter):
+    """A key's secret in a request's URL (sent for a key's id, `DELETE .../keys/{key_id}`) is
+    cut to its prefix in the access log, a line that goes to journals and log collectors."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(keys.mask_secrets(a) if isinstance(a, str) else a for a in record.args)
+        return True
 
 
 def _log_uvicorn_to_files() -> None:

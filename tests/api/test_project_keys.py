@@ -269,6 +269,27 @@ def test_a_revoked_key_is_refused_at_once(world: World) -> None:
     assert_error(world.admin.delete(f"/v1/projects/{world.a}/keys/key_nope"), 404, "not_found")
 
 
+def test_a_key_s_secret_sent_for_its_id_is_never_repeated(world: World, caplog: pytest.LogCaptureFixture) -> None:
+    # `DELETE .../keys/{key}` read as the key itself: the 404 repeated the whole secret, and
+    # uvicorn's access line (stderr, the journal) held it too.
+    import logging
+
+    secret = world.key["key"]
+    with caplog.at_level(logging.INFO, logger="uvicorn.access"):
+        for method in ("GET", "DELETE"):
+            response = world.admin.request(method, f"/v1/projects/{world.a}/keys/{secret}")
+            error = assert_error(response, 404, "not_found")
+            assert secret not in response.text and secret[len(keys.SECRET_PREFIX):] not in response.text
+            assert "not its secret" in error["message"] and error["details"] == {"key_id": "orch_pk_…"}
+    assert world.mine.get(f"/v1/projects/{world.a}").status_code == 200  # nothing was revoked
+    lines = [r.getMessage() for r in caplog.records if r.name == "uvicorn.access"]
+    assert any(f"/v1/projects/{world.a}/keys/orch_pk_…" in line for line in lines), lines
+    assert not any(secret[len(keys.SECRET_PREFIX):] in line for line in lines), lines
+    # Another id is echoed as any missing id is.
+    assert "key_nope" in assert_error(world.admin.get(f"/v1/projects/{world.a}/keys/key_nope"), 404,
+                                      "not_found")["message"]
+
+
 def test_a_revoked_key_loses_its_open_event_stream(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("orchestrator.api.jobs.KEY_RECHECK_SECONDS", 0.0)
     monkeypatch.setattr("orchestrator.api.jobs.KEEPALIVE_SECONDS", 0.05)
