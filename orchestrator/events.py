@@ -120,7 +120,7 @@ class StreamView:
     step: int  # of the latest `progress` since that `started`
     finished: bool
     watched: bool
-    fallbacks: int = 0  # `state` events `fallback` told (see `Job.moves`)
+    moved_from: frozenset[str] = frozenset()  # the engines its `fallback` events told it left
 
 
 class _Inbox:
@@ -342,8 +342,8 @@ class EventBus:
                           queued=_told_queued(stream.history),
                           assets=sum(1 for e in stream.history if e.type == "asset"), step=step,
                           finished=stream.finished_at is not None, watched=bool(stream.subscribers),
-                          fallbacks=sum(1 for e in stream.history
-                                        if e.type == "state" and e.data.get("state") == "fallback"))
+                          moved_from=frozenset(str(e.data.get("from")) for e in stream.history
+                                               if e.type == "state" and e.data.get("state") == "fallback"))
 
     async def subscribe(self, job_id: str, after: int = 0) -> AsyncIterator[Event]:
         """The job's current state, then live events, ending after the terminal event; events up

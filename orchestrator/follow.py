@@ -47,19 +47,7 @@ def catch_up(bus: EventBus, job: Job, asset_ids: list[str], *, preview: bool = F
         assert view is not None
     if view.finished:
         return
-    # Its moves to other engines, as the worker told them (`JobRunner._fall_back`), before the
-    # queued again and the start on the engine moved to: the stream said only that the engine
-    # changed. The row keeps no `skipped` or `worker` of the live event, and the estimate of the
-    # latest move alone (the job's hold now).
-    moves = job.moves()
-    for index in range(view.fallbacks, len(moves)):
-        source, target, error = moves[index]
-        told: dict[str, Any] = {"state": "fallback", "from": source, "to": target, "error": error}
-        if index == len(moves) - 1:
-            told["estimate"] = to_credits(job.estimated)
-            if job.cache_hit:
-                told["cache_hit"] = True
-        bus.publish(job.id, "state", told)
+    tell_moves(bus, job)
     if job.status == "queued":
         # Back in the queue after the stream told it started (its worker stopped or died, a
         # fallback moved it): a stream that went on showing its last step said it still ran. Not
@@ -108,6 +96,31 @@ def catch_up(bus: EventBus, job: Job, asset_ids: list[str], *, preview: bool = F
         elif job.error:  # failed, or canceled: why
             data["error"] = job.error
         bus.publish(job.id, job.status, data)
+
+
+def tell_moves(bus: EventBus, job: Job) -> None:
+    """Publish the job's moves to other engines that its stream has not told, as the worker told
+    them (`JobRunner._fall_back`), before the queued again and the start on the engine moved to:
+    a stream told from the row, or one a process started when it claimed a job other processes
+    had moved, said only that the engine changed. Each engine is left once (a fallback goes to
+    an engine not tried yet), so a move is known by the engine it left, however its stream's
+    moves were told (live by this process, from the row by its follower). The row keeps no
+    `skipped` or `worker` of the live event, and the estimate of the latest move alone (the
+    job's hold now). Call it on the loop, on a stream that exists."""
+    moves = job.moves()
+    if not moves:
+        return
+    view = bus.view(job.id)
+    told = view.moved_from if view is not None else frozenset()
+    for index, (source, target, error) in enumerate(moves):
+        if source in told:
+            continue
+        data: dict[str, Any] = {"state": "fallback", "from": source, "to": target, "error": error}
+        if index == len(moves) - 1:
+            data["estimate"] = to_credits(job.estimated)
+            if job.cache_hit:
+                data["cache_hit"] = True
+        bus.publish(job.id, "state", data)
 
 
 class JobFollower:

@@ -377,6 +377,9 @@ class Scheduler:
 
     def _claim_under_lock(self, lane_use: dict[str, int]) -> list[tuple[Claim, str]]:
         claims: list[tuple[Claim, str]] = []
+        # Whether another live worker runs an engine, asked once per engine and dispatch: asked for
+        # each job of a backlog on an open circuit, it read every lock file 500 times.
+        elsewhere: dict[str, bool] = {}
         try:
             for job in self._queued(lane_use):
                 if self._stopping:
@@ -392,7 +395,7 @@ class Scheduler:
                     continue  # not an engine of this process (see `_fail_unserved`)
                 if lane_use.get(lane, 0) >= limit:
                     continue
-                circuit = self._circuit(job)
+                circuit = self._circuit(job, elsewhere)
                 if circuit == "wait":
                     continue
                 try:
@@ -468,7 +471,7 @@ class Scheduler:
         # was never looked at behind the first CANDIDATES waiting ones.
         return jobs + self._oldest_queued(cooling, candidates=QUEUED_BATCH) if cooling else jobs
 
-    def _circuit(self, job: Job) -> Literal["go", "move", "wait"]:
+    def _circuit(self, job: Job, elsewhere: dict[str, bool]) -> Literal["go", "move", "wait"]:
         """What a queued job does as its engine's circuit breaker says: `go` when the engine may be
         sent it (closed, or admitted as its half-open probe); else `move` to the next candidate of
         its routing that may take it (the runner moves it, as a fallback that sent nothing), or
@@ -487,7 +490,7 @@ class Scheduler:
             waits = self._waiting.get(job.id) == (job.engine, opened)
         if waits:
             return "wait"  # no candidate took it since the circuit opened
-        return "move" if self._movable(job) else "wait"
+        return "move" if self._movable(job, elsewhere) else "wait"
 
     def _available(self, name: str) -> bool:
         """Whether this process has engine `name`, set up (its circuit breaker not asked)."""
@@ -497,18 +500,22 @@ class Scheduler:
             log.warning("engine %s: whether it is available is unknown; not moved to", name, exc_info=True)
             return False
 
-    def _movable(self, job: Job) -> bool:
+    def _movable(self, job: Job, elsewhere: dict[str, bool]) -> bool:
         """Whether a candidate of the job's routing not tried yet may take it now: one this process
         runs whose circuit lets it through, or, as `JobRunner._fallback_target` takes them, one only
         another live worker runs (its circuit is that worker's to ask). Judged by this process's
         engines alone, a job whose next candidate was another worker's waited for the failing
-        engine's cooldown and was then sent there as its probe."""
+        engine's cooldown and was then sent there as its probe. `elsewhere`: the dispatch's answers
+        of `served_elsewhere` so far, by engine."""
         tried = {a["engine"] for a in job.attempts or []} | {job.engine}
         for name in fallbacks(job.routing, tried):
             if self.has_engine(name):
                 if self._available(name) and self.runner.health.allow(name):
                     return True
-            elif self.runner.served_elsewhere(name):
+                continue
+            if name not in elsewhere:
+                elsewhere[name] = self.runner.served_elsewhere(name)
+            if elsewhere[name]:
                 return True
         return False
 
@@ -583,9 +590,10 @@ class Scheduler:
                                                       *([col(Job.engine) == job.engine] if unserved else [])).values(
                     status="running", attempt=Job.attempt + 1, lease_owner=self.owner,
                     lease_expires_at=shared_now() + self.lease, error=None,
-                    # A move starts no engine: told as a start from the row, a job never sent to the
-                    # engine it left read on other processes as having run there.
-                    **({} if move else {"started_at": utcnow()}),
+                    # A move starts no engine: told as a start from the row (the new one, or one an
+                    # earlier attempt left), a job never sent to the engine it left read on other
+                    # processes as having run there. Its end gives the row's back (`_guarded_update`).
+                    started_at=None if move else utcnow(),
                     unsent_attempt=Job.attempt + 1 if announces else None).returning(Job)).one_or_none()
                 if claimed is None:  # another worker, or a cancel, got there first
                     return None
@@ -667,19 +675,18 @@ class Scheduler:
 
     def _move_unserved(self, job_id: str, engine: str) -> bool:
         """Claim the queued job to move it to another candidate of its routing that this process
-        has (`JobRunner._move_off_open_circuit` moves it, as a fallback that sent nothing), or
-        leave it queued while one may take it later; False when none may, or it is not to be
-        moved (`_claim`)."""
+        or another live worker has (`JobRunner._move_off_open_circuit` moves it, as a fallback
+        that sent nothing), or leave it queued while one may take it later; False when none may,
+        or it is not to be moved (`_claim`)."""
         with self.db.session() as s:
             job = s.get(Job, job_id)
         if job is not None and job.engine != engine:
             return True  # moved meanwhile (by another process): no longer this engine's
         if job is None or job.status != "queued":
             return False
-        if not self._movable(job):
-            # A candidate kept off only by its circuit breaker takes it once that lets it; one
-            # another live worker has is that worker's to move it to (its sweep does). Failed,
-            # the job was lost to a minute's outage, or to the worker that happened to look first.
+        if not self._movable(job, {}):
+            # A candidate kept off only by its circuit breaker takes it once that lets it. Failed,
+            # the job was lost to a minute's outage.
             tried = {a["engine"] for a in job.attempts or []} | {job.engine}
             return any(self._available(name) or self.presence.serves(name) for name in fallbacks(job.routing, tried))
         with self._claim_lock:

@@ -51,6 +51,7 @@ from orchestrator.errors import (
     first_line,
 )
 from orchestrator.events import EventBus
+from orchestrator.follow import tell_moves
 from orchestrator.health import EngineHealth
 from orchestrator.ids import new_id
 from orchestrator.jobs import render_request
@@ -437,6 +438,7 @@ class JobRunner:
         job = claim.job
         if not self.bus.knows(job.id):  # queued before this process started (recovered after a restart)
             self.bus.publish(job.id, "queued", {"job_id": job.id, "status": "queued"})
+        tell_moves(self.bus, job)  # made by other processes, before this claim
         if claim.circuit_open:
             await self._move_off_open_circuit(claim)
             return
@@ -1475,6 +1477,9 @@ class JobRunner:
         """Update the job if this attempt still holds it; with `unless_canceled`, only if no cancel
         was asked either (raises `Canceled` then: the caller ends the job as canceled)."""
         held = (col(Job.id) == claim.job.id, col(Job.attempt) == claim.attempt, col(Job.status) == "running")
+        if claim.circuit_open and "status" in values and "started_at" not in values:
+            # A claim to move wrote no start (`Scheduler._claim`): its end gives back the row's.
+            values["started_at"] = claim.started_before
         stmt = update(Job).where(*held)
         if unless_canceled:
             stmt = stmt.where(col(Job.cancel_requested_at).is_(None))

@@ -424,9 +424,9 @@ def test_a_queued_job_moves_off_an_open_circuit_to_an_engine_only_another_live_w
     job_id = queue_job(here, "fake-paid", estimated=HOLD, params=BRIDGE, routing=routing)
     while here.runner.health.opened_at("fake-paid") is None:
         here.runner.health.failed("fake-paid")
-    assert here.scheduler._circuit(read_job(here, job_id)) == "wait"  # nobody else has fake-b
+    assert here.scheduler._circuit(read_job(here, job_id), {}) == "wait"  # nobody else has fake-b
     there.scheduler.presence.enter(there.scheduler.owner, there.scheduler.engines())
-    assert here.scheduler._circuit(read_job(here, job_id)) == "move"
+    assert here.scheduler._circuit(read_job(here, job_id), {}) == "move"
     job = claim_and_run(here, job_id)
     assert (job.status, job.engine, job.started_at) == ("queued", "fake-b", None)  # never started anywhere
     assert [(a["engine"], a["status"]) for a in job.attempts or []] == [("fake-paid", "failed")]
@@ -519,6 +519,92 @@ def test_a_fallback_is_told_on_another_process_from_the_job_s_attempts(build: Bu
     [live] = [e.data for e in here.bus._jobs[job_id].snapshot() if e.data.get("state") == "fallback"]
     assert (fallback["from"], fallback["to"], fallback["estimate"]) == ("fake-paid", "fake-b", FAKE_B_PRICE)
     assert fallback["error"] == live["error"] and fallback["error"]["code"]
+
+
+def test_a_claim_to_move_a_job_that_ran_before_reads_as_no_start_and_gives_its_start_back(build: Build) -> None:
+    # Its row kept the earlier attempt's start: told from the row, the claim to move read as a
+    # start on the engine it was leaving (found by review).
+    from orchestrator.events import EventBus
+    from orchestrator.follow import catch_up
+    from tests.routing import FAKE_B_PRICE
+
+    here = build("fake-paid=tests.fakes:factory,fake-b=tests.routing:fake_b_factory")
+    routing = {"candidates": [{"engine": "fake-paid", "estimate": fakes.FAKE_PRICE},
+                              {"engine": "fake-b", "estimate": FAKE_B_PRICE}]}
+    job_id = queue_job(here, "fake-paid", estimated=HOLD, params=BRIDGE, routing=routing)
+    api = EventBus()
+    first = here.scheduler._claim(read_job(here, job_id))
+    assert first is not None
+    catch_up(api, read_job(here, job_id), [])
+    here.runner._requeue_unsent(first)  # a stop before it sent anything
+    here.scheduler._claimed.pop(job_id, None)
+    started = read_job(here, job_id).started_at
+    assert started is not None
+    catch_up(api, read_job(here, job_id), [])
+    move = here.scheduler._claim(read_job(here, job_id), move=True)
+    assert move is not None
+    catch_up(api, read_job(here, job_id), [])
+    here.runner._requeue_waiting(move)
+    assert read_job(here, job_id).started_at == started
+    catch_up(api, read_job(here, job_id), [])
+    told = [(e.type, e.data.get("attempt")) for e in api._jobs[job_id].snapshot()]
+    assert told == [("queued", None), ("started", 1), ("queued", 1)], told
+
+    # Moved for good: the job queued on the next engine keeps the start it had.
+    while here.runner.health.opened_at("fake-paid") is None:
+        here.runner.health.failed("fake-paid")
+    move = here.scheduler._claim(read_job(here, job_id), move=True)
+    assert move is not None
+    asyncio.run(here.runner.run(move))
+    moved = read_job(here, job_id)
+    assert (moved.status, moved.engine, moved.started_at) == ("queued", "fake-b", started)
+    catch_up(api, moved, [])
+    assert [e.type for e in api._jobs[job_id].snapshot()][3:] == ["state"]
+
+
+def test_a_stream_a_worker_starts_tells_the_moves_other_workers_made_once_and_in_order(build: Build) -> None:
+    # P1 moves the job to P2's engine; P2's runner started its stream at its claim without that
+    # move, and its follower, counting the moves told, told P2's own move twice and P1's never.
+    from orchestrator.follow import catch_up
+    from tests.routing import FAKE_B_PRICE
+
+    p1 = build("fake-paid=tests.fakes:factory,fake-free=tests.fakes:free_factory")
+    p2 = build("fake-b=tests.routing:fake_b_factory")
+    for services in (p1, p2):
+        services.scheduler.presence.enter(services.scheduler.owner, services.scheduler.engines())
+    routing = {"candidates": [{"engine": "fake-paid", "estimate": fakes.FAKE_PRICE},
+                              {"engine": "fake-b", "estimate": FAKE_B_PRICE}, {"engine": "fake-free", "estimate": 0}]}
+    job_id = queue_job(p1, "fake-paid", estimated=HOLD, params={**BRIDGE, "tags": {"fake": "fail", "fake-b": "fail"}},
+                       routing=routing)
+    assert claim_and_run(p1, job_id).engine == "fake-b"
+    row = claim_and_run(p2, job_id)
+    assert (row.status, row.engine) == ("queued", "fake-free")
+    catch_up(p2.bus, row, [])  # P2's follower: the job is no longer P2's
+    told = [(e.type, e.data.get("from"), e.data.get("engine")) for e in p2.bus._jobs[job_id].snapshot()
+            if e.type in ("state", "started") and e.data.get("state", "fallback") == "fallback"]
+    assert told == [("state", "fake-paid", None), ("started", None, "fake-b"), ("state", "fake-b", None)], told
+
+
+def test_a_dispatch_asks_once_per_engine_whether_another_worker_runs_it(build: Build) -> None:
+    # Asked for each of a backlog's jobs on an open circuit, every dispatch read every worker's
+    # lock file hundreds of times, under the claim lock.
+    here = build("fake-paid=tests.fakes:factory")
+    routing = {"candidates": [{"engine": "fake-paid", "estimate": fakes.FAKE_PRICE},
+                              {"engine": "fake-b", "estimate": 20.0}]}
+    for _ in range(20):
+        queue_job(here, "fake-paid", estimated=HOLD, params=BRIDGE, routing=routing)
+    while here.runner.health.opened_at("fake-paid") is None:
+        here.runner.health.failed("fake-paid")
+    asked: list[str] = []
+
+    def nobody_runs(name: str) -> bool:
+        asked.append(name)
+        return False
+
+    here.runner.served_elsewhere = nobody_runs
+    for dispatch in range(1, 4):
+        assert here.scheduler._claim_ready({}) == []
+        assert asked == ["fake-b"] * dispatch
 
 
 def test_failing_an_unserved_backlog_reads_each_job_as_it_is_and_stops_when_its_worker_is_back(

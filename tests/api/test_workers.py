@@ -702,6 +702,24 @@ def test_a_stream_told_from_its_row_tells_each_move_to_another_engine_once_and_b
     assert not any(e.type == "state" for e in bus._jobs["job_i"].snapshot())
 
 
+def test_a_stream_told_moves_out_of_order_tells_the_missing_one_not_a_repeat() -> None:
+    # A stream a worker started at its claim, then told its own move live: moves are known by the
+    # engine they left, not counted from the row's first.
+    failed = {"code": "engine_error", "message": "it broke", "retryable": True}
+    bus = EventBus()
+    bus.publish("job_x", "queued", {})
+    bus.publish("job_x", "started", {"engine": "fake-b", "attempt": 2})
+    bus.publish("job_x", "state", {"state": "fallback", "from": "fake-b", "to": "fake-c", "error": failed})
+    row = Job(id="job_x", project_id="prj", stage="bridge", engine="fake-c", status="queued", attempt=2,
+              estimated=1000, started_at=utcnow(),
+              attempts=[{"engine": "fake-paid", "status": "failed", "error": failed},
+                        {"engine": "fake-b", "status": "failed", "error": failed}])
+    catch_up(bus, row, [])
+    catch_up(bus, row, [])
+    moves = [(e.data["from"], e.data["to"]) for e in bus._jobs["job_x"].snapshot() if e.type == "state"]
+    assert moves == [("fake-b", "fake-c"), ("fake-paid", "fake-b")], moves
+
+
 def test_a_row_read_before_a_rerun_tells_nothing_after_the_rerun_started() -> None:
     # Two reads in flight (a client connecting while the follower reads): the older one, told
     # last, showed attempt 1's step 30 and hid attempt 2's steps below it.
