@@ -281,6 +281,14 @@ def test_a_key_s_secret_sent_for_its_id_is_never_repeated(world: World, caplog: 
             error = assert_error(response, 404, "not_found")
             assert secret not in response.text and secret[len(keys.SECRET_PREFIX):] not in response.text
             assert "not its secret" in error["message"] and error["details"] == {"key_id": "orch_pk_…"}
+        # Nor in the router's own answers: a path with a trailing slash, a method the route lacks.
+        for method, path, status, code in (("DELETE", f"/v1/projects/{world.a}/keys/{secret}/", 404, "not_found"),
+                                           ("DELETE", f"/v1/keys/{secret}", 404, "not_found"),
+                                           ("PATCH", f"/v1/projects/{world.a}/keys/{secret}", 405,
+                                            "method_not_allowed")):
+            response = world.admin.request(method, path)
+            assert_error(response, status, code)
+            assert secret[len(keys.SECRET_PREFIX):] not in response.text and "orch_pk_…" in response.text
     assert world.mine.get(f"/v1/projects/{world.a}").status_code == 200  # nothing was revoked
     lines = [r.getMessage() for r in caplog.records if r.name == "uvicorn.access"]
     assert any(f"/v1/projects/{world.a}/keys/orch_pk_…" in line for line in lines), lines
