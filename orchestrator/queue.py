@@ -586,8 +586,10 @@ class Scheduler:
                     if work.get("handles") and work.get("engine") == job.engine:
                         return None
                 # Once the write lock is ours: waiting for it must not shorten the lease.
+                # On the engine it was read on: moved meanwhile by another process, it is no longer
+                # this lane's (an engine this process may not have, or whose circuit is closed).
                 claimed = s.scalars(update(Job).where(col(Job.id) == job.id, col(Job.status) == "queued",
-                                                      *([col(Job.engine) == job.engine] if unserved else [])).values(
+                                                      col(Job.engine) == job.engine).values(
                     status="running", attempt=Job.attempt + 1, lease_owner=self.owner,
                     lease_expires_at=shared_now() + self.lease, error=None,
                     # A move starts no engine: told as a start from the row (the new one, or one an

@@ -442,6 +442,12 @@ class JobRunner:
         if claim.circuit_open:
             await self._move_off_open_circuit(claim)
             return
+        told = self.bus.view(job.id)
+        if told is not None and told.started and not told.queued and claim.attempt > told.attempt:
+            # Its stream told an earlier attempt's start (followed here while another process ran
+            # it), and not its end: queued again, as `follow.catch_up` tells it, then this start.
+            self.bus.publish(job.id, "queued", {"job_id": job.id, "status": "queued", "attempt": told.attempt,
+                                                "requeued": True})
         self.bus.publish(job.id, "started", {"job_id": job.id, "status": "running", "engine": job.engine,
                                              "attempt": claim.attempt})
         started = time.monotonic()

@@ -585,6 +585,45 @@ def test_a_stream_a_worker_starts_tells_the_moves_other_workers_made_once_and_in
     assert told == [("state", "fake-paid", None), ("started", None, "fake-b"), ("state", "fake-b", None)], told
 
 
+def test_a_worker_whose_stream_told_another_s_attempt_started_tells_it_queued_again(build: Build) -> None:
+    # P2 followed the job running on P1, then claimed it (moved to its engine) before its follower
+    # read the move: its stream told a second start with no end of the first (found by review).
+    from orchestrator.follow import catch_up
+    from tests.routing import FAKE_B_PRICE
+
+    p1 = build("fake-paid=tests.fakes:factory")
+    p2 = build("fake-b=tests.routing:fake_b_factory")
+    for services in (p1, p2):
+        services.scheduler.presence.enter(services.scheduler.owner, services.scheduler.engines())
+    routing = {"candidates": [{"engine": "fake-paid", "estimate": fakes.FAKE_PRICE},
+                              {"engine": "fake-b", "estimate": FAKE_B_PRICE}]}
+    job_id = queue_job(p1, "fake-paid", estimated=HOLD, params={**BRIDGE, "tags": {"fake": "fail"}}, routing=routing)
+    [(claim, _lane)] = p1.scheduler._claim_ready({})
+    catch_up(p2.bus, read_job(p1, job_id), [])
+    asyncio.run(p1.runner.run(claim))
+    assert claim_and_run(p2, job_id).status == "succeeded"
+    told = [(e.type, e.data.get("state"), e.data.get("attempt")) for e in p2.bus._jobs[job_id].snapshot()
+            if e.type in ("queued", "started", "state")]
+    assert told[:5] == [("queued", None, None), ("started", None, 1), ("state", "fallback", None),
+                        ("queued", None, 1), ("started", None, 2)], told
+
+
+def test_a_claim_from_a_read_made_before_another_process_moved_the_job_takes_nothing(build: Build) -> None:
+    # Claimed on the engine it had moved to: one this process lacks failed it `not_found`, and a
+    # claim to move took it off an engine whose circuit was closed (found by review).
+    from sqlalchemy import update as sql_update
+
+    here = build("fake-paid=tests.fakes:factory")
+    job_id = queue_job(here, "fake-paid", estimated=HOLD, params=BRIDGE)
+    stale = read_job(here, job_id)  # the dispatch's list
+    with here.db.transaction() as s:
+        s.execute(sql_update(Job).where(col(Job.id) == job_id).values(
+            engine="fake-b", attempts=[{"engine": "fake-paid", "status": "failed", "error": None}]))
+    assert here.scheduler._claim(stale) is None
+    assert here.scheduler._claim(stale, move=True) is None
+    assert (read_job(here, job_id).status, read_job(here, job_id).attempt) == ("queued", 0)
+
+
 def test_a_dispatch_asks_once_per_engine_whether_another_worker_runs_it(build: Build) -> None:
     # Asked for each of a backlog's jobs on an open circuit, every dispatch read every worker's
     # lock file hundreds of times, under the claim lock.
