@@ -69,6 +69,14 @@ def queue_job(services: Services, engine: str, *, estimated: int, params: dict[s
     return job_id
 
 
+def live_workers(build: Build, *engines: str) -> list[Services]:
+    """Services on one data dir, one per `engines` (their ORCH_ENGINES), each a live worker to the others."""
+    workers = [build(names) for names in engines]
+    for services in workers:
+        services.scheduler.presence.enter(services.scheduler.owner, services.scheduler.engines())
+    return workers
+
+
 def claim_and_run(services: Services, job_id: str) -> Job:
     """Claim the queued job as the dispatcher does, run it to its end, and read its row back."""
     claims = services.scheduler._claim_ready({})
@@ -568,10 +576,8 @@ def test_a_stream_a_worker_starts_tells_the_moves_other_workers_made_once_and_in
     from orchestrator.follow import catch_up
     from tests.routing import FAKE_B_PRICE
 
-    p1 = build("fake-paid=tests.fakes:factory,fake-free=tests.fakes:free_factory")
-    p2 = build("fake-b=tests.routing:fake_b_factory")
-    for services in (p1, p2):
-        services.scheduler.presence.enter(services.scheduler.owner, services.scheduler.engines())
+    p1, p2 = live_workers(build, "fake-paid=tests.fakes:factory,fake-free=tests.fakes:free_factory",
+                          "fake-b=tests.routing:fake_b_factory")
     routing = {"candidates": [{"engine": "fake-paid", "estimate": fakes.FAKE_PRICE},
                               {"engine": "fake-b", "estimate": FAKE_B_PRICE}, {"engine": "fake-free", "estimate": 0}]}
     job_id = queue_job(p1, "fake-paid", estimated=HOLD, params={**BRIDGE, "tags": {"fake": "fail", "fake-b": "fail"}},
@@ -591,10 +597,7 @@ def test_a_worker_whose_stream_told_another_s_attempt_started_tells_it_queued_ag
     from orchestrator.follow import catch_up
     from tests.routing import FAKE_B_PRICE
 
-    p1 = build("fake-paid=tests.fakes:factory")
-    p2 = build("fake-b=tests.routing:fake_b_factory")
-    for services in (p1, p2):
-        services.scheduler.presence.enter(services.scheduler.owner, services.scheduler.engines())
+    p1, p2 = live_workers(build, "fake-paid=tests.fakes:factory", "fake-b=tests.routing:fake_b_factory")
     routing = {"candidates": [{"engine": "fake-paid", "estimate": fakes.FAKE_PRICE},
                               {"engine": "fake-b", "estimate": FAKE_B_PRICE}]}
     job_id = queue_job(p1, "fake-paid", estimated=HOLD, params={**BRIDGE, "tags": {"fake": "fail"}}, routing=routing)
