@@ -229,16 +229,7 @@ class Presence:
         same engines (a plugin installed on the GPU hosts only), and a job is failed for an engine
         nobody has, not for one this process lacks. An owner of this machine lives while its lock
         is held; another machine's while it touches its file (a host that is gone leaves it)."""
-        for path in sorted(self.folder.glob("*.lock")) if self.folder.is_dir() else []:
-            with contextlib.suppress(OSError), open_lock_file_to_read(path) as file:
-                lines = file.read().splitlines()
-                owner = lines[0].strip() if lines else ""
-                if not owner or owner in self._mine or len(lines) < 3 or engine not in lines[2].split(","):
-                    continue
-                locked = self._locked(owner)
-                if locked if locked is not None else self._fresh(path):
-                    return True
-        return False
+        return any(live.owner not in self._mine and engine in live.engines for live in self.workers())
 
     def _fresh(self, path: Path) -> bool:
         """Whether the file was touched within `stale_after` seconds, by this process's clock: a
