@@ -340,6 +340,19 @@ class Ledger:
         s.add(adjustment)
         return adjustment
 
+    def void_withdrawn(self, s: Session, job: Job, note: str) -> list[LedgerEntry]:
+        """The provider said the work of an ended job, withdrawn there, never ran
+        (`tiers.base.Withdrawable`): the estimate its engine's attempt was charged for
+        reconciliation is reconciled at 0, as a person would from the invoice. A capture
+        reconciled meanwhile is left alone (locked on PostgreSQL, so a concurrent reconcile waits)."""
+        stmt = select(LedgerEntry).where(col(LedgerEntry.job_id) == job.id, col(LedgerEntry.kind) == "capture",
+                                         col(LedgerEntry.engine) == job.engine,
+                                         col(LedgerEntry.unreconciled).is_(True))
+        if s.get_bind().dialect.name != "sqlite":
+            stmt = stmt.with_for_update()
+        return [self.reconcile(s, capture.project_id, int(capture.id or 0), 0, note)
+                for capture in s.exec(stmt).all()]
+
     def grant(self, s: Session, project_id: str, amount: int, note: str | None = None) -> LedgerEntry:
         entry = LedgerEntry(project_id=project_id, kind="grant", amount=amount, note=note, created_at=self.clock())
         s.add(entry)

@@ -200,8 +200,11 @@ class FakeQueueEngine(FakePaidEngine):
     def can_reattach(self, handles: list[dict[str, Any]], req: RenderRequest) -> bool:
         return len(handles) == 1
 
-    async def withdraw(self, handles: list[dict[str, Any]]) -> None:
+    async def withdraw(self, handles: list[dict[str, Any]]) -> bool:
+        """Handles saved with `"queued": true` were taken off the provider's queue, as fal answers
+        a cancel `OK`: nothing ran."""
         WITHDRAWN.append(handles)
+        return bool(handles) and all(handle.get("queued") is True for handle in handles)
 
     async def reattach(self, req: RenderRequest, handles: list[dict[str, Any]], progress: Progress,
                        cancel: CancelToken) -> RenderResult:

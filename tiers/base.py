@@ -456,9 +456,14 @@ class Withdrawable(Protocol):
     """An engine whose provider can be told to stop work it accepted by id (a Replicate
     prediction, a fal queue request): a job that ends while no process follows its work (canceled
     after its worker died or while queued to be reattached; one that failed with it out) has it
-    withdrawn, best effort, rather than left to run and bill for nobody. What it raises is logged."""
+    withdrawn, best effort, rather than left to run and bill for nobody. What it raises is logged.
 
-    async def withdraw(self, handles: list[dict[str, Any]]) -> None:
+    It returns True only when the provider said that none of the work ran (fal took every
+    request off its queue; Replicate canceled every prediction before it started): the job's
+    charge for reconciliation is then settled at 0 (`Ledger.void_withdrawn`). False when any of
+    it may have run and billed, or the provider's answer cannot tell."""
+
+    async def withdraw(self, handles: list[dict[str, Any]]) -> bool:
         ...
 
 

@@ -344,10 +344,17 @@ class FalEngine(CloudEngine):
                                           details={})
         return images, len(urls)
 
-    async def withdraw(self, handles: list[dict[str, Any]]) -> None:
+    async def withdraw(self, handles: list[dict[str, Any]]) -> bool:
+        """True when fal took every request off its queue: fal answers a cancel `OK` only for a
+        request it removed from the queue, which never ran (its queue time is not billed). A
+        running one is answered CANCELLATION_REQUESTED, and its app may have made, and billed, images."""
+        unbilled = bool(handles)
         for handle in handles:
-            if self._keyed(handle.get("cancel_url")):  # the key goes only where a saved URL may take it
-                await self._cancel_remote(str(handle["cancel_url"]))
+            if not self._keyed(handle.get("cancel_url")):  # the key goes only where a saved URL may take it
+                unbilled = False
+                continue
+            unbilled = await self._cancel_remote(str(handle["cancel_url"])) == "OK" and unbilled
+        return unbilled
 
     async def _withdraw_submitted(self, response: httpx.Response) -> None:
         """The answer to a submit the job's cancel left out: the request it queued is canceled.

@@ -191,14 +191,17 @@ class _Restarting(ThirdParty):
 
 
 class _Withdrawing(ThirdParty):
-    async def withdraw(self, handles: list[dict[str, Any]]) -> None:
-        """Best effort and bounded, as `forget`: its SystemExit would end the event loop."""
+    async def withdraw(self, handles: list[dict[str, Any]]) -> bool:
+        """Best effort and bounded, as `forget`: its SystemExit would end the event loop. Only a
+        plain True says nothing ran: what a plugin answers otherwise (or raises) may have billed."""
         try:
             async with asyncio.timeout(self.cancel_grace):
-                await self._contained(lambda: self._engine.withdraw(handles), None)  # type: ignore[attr-defined]
+                answer = await self._contained(lambda: self._engine.withdraw(handles), None)  # type: ignore[attr-defined]
         except TimeoutError:
             log.warning("engine %s: withdraw() did not end within %g s; it was stopped", self.name,
                         self.cancel_grace)
+            return False
+        return answer is True
 
 
 class _Resuming(_Restarting):

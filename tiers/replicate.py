@@ -336,12 +336,17 @@ class ReplicateEngine(CloudEngine):
         return await self.fetch_outputs(urls, cancel, wanted=1, empty="the prediction succeeded without an image",
                                         details={"prediction": prediction.get("id")})
 
-    async def withdraw(self, handles: list[dict[str, Any]]) -> None:
+    async def withdraw(self, handles: list[dict[str, Any]]) -> bool:
+        """True when every prediction's cancel answered that it never started (`_never_ran`)."""
+        unbilled = bool(handles)
         for handle in handles:
             prediction_id = handle.get("id")
             # Saved ids only, as Replicate writes them: a request carrying the token goes nowhere else.
-            if isinstance(prediction_id, str) and PREDICTION_ID.fullmatch(prediction_id):
-                await self._cancel_remote(prediction_id)
+            if not (isinstance(prediction_id, str) and PREDICTION_ID.fullmatch(prediction_id)):
+                unbilled = False
+                continue
+            unbilled = _never_ran(await self._cancel_remote(prediction_id)) and unbilled
+        return unbilled
 
     async def _withdraw_created(self, response: httpx.Response) -> None:
         """The answer to a create the job's cancel left out: the prediction it made is canceled.

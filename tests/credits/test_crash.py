@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from sqlmodel import select
 
 from orchestrator.db import Database
 from orchestrator.ids import new_id
+from orchestrator.ledger import Ledger
 from orchestrator.models import Job, LedgerEntry, Project
 from orchestrator.server import serve_in_thread
 from orchestrator.services import Services
@@ -250,6 +252,54 @@ def test_a_job_canceled_while_queued_to_be_reattached_has_its_work_withdrawn_at_
         WITHDRAWN.clear()
         assert client.post(f"/v1/jobs/{job_id}/cancel").status_code == 202
         assert poll(lambda: list(WITHDRAWN), bool, what="the withdrawal") == [[{"id": "q-7"}]]
+
+
+@pytest.mark.parametrize("taken_off_the_queue", [True, False])
+def test_withdrawn_work_the_provider_never_ran_is_reconciled_at_nothing(
+        paid_settings_for: Callable[..., Settings], tmp_path: Path, taken_off_the_queue: bool) -> None:
+    """Its worker gone, the job is canceled and its estimate charged for reconciliation; the
+    withdrawal then learns the provider took the request off its queue (fal's `OK`): that charge
+    stayed, for work nobody billed, until a person reconciled it from the invoice."""
+    settings = paid_settings_for(tmp_path / "data", run_jobs=False)
+    with serve_in_thread(settings) as base, httpx.Client(base_url=base, timeout=30) as client:
+        project_id = client.post("/v1/projects", json={"name": "withdraw", "policy": POLICY,
+                                                       "budget": {"limit": 100, "period": "month"}}).json()["id"]
+        db = Database(settings.resolved_database_url)
+        job_id = new_id("job")
+        try:
+            with db.transaction() as s:
+                project = s.get(Project, project_id)
+                assert project is not None
+                job = Job(id=job_id, project_id=project_id, stage="bridge", engine="fake-queue", model="fake-1",
+                          params={"stage": "bridge", "prompt": "x", "n": 1}, estimated=10_000, status="queued",
+                          provider_work={"engine": "fake-queue",
+                                         "handles": [{"id": "q-9", "queued": taken_off_the_queue}]})
+                s.add(job)
+                s.flush()
+                Ledger().hold(s, project, job, 10_000)
+        finally:
+            db.dispose()
+        WITHDRAWN.clear()
+        assert client.post(f"/v1/jobs/{job_id}/cancel").status_code == 202
+        poll(lambda: list(WITHDRAWN), bool, what="the withdrawal")
+
+        def entries() -> list[dict[str, Any]]:
+            return [e for e in client.get(f"/v1/projects/{project_id}/ledger").json()["items"]
+                    if e["kind"] != "hold"]
+
+        if taken_off_the_queue:
+            settled = poll(entries, lambda found: any(e["kind"] == "adjustment" for e in found),
+                           what="the charge reconciled")
+            capture = next(e for e in settled if e["kind"] == "capture")
+            adjustment = next(e for e in settled if e["kind"] == "adjustment")
+            assert capture["amount"] == 10 and capture["unreconciled"] is False
+            assert adjustment["amount"] == -10 and "withdrawn before it ran" in adjustment["note"]
+            assert client.get(f"/v1/jobs/{job_id}").json()["cost"]["charged"] == 0
+            assert client.get(f"/v1/projects/{project_id}/budget").json()["charged"] == 0
+        else:
+            time.sleep(0.5)  # what the withdrawal would do, it does right after the provider's answer
+            assert [(e["kind"], e["amount"], e["unreconciled"]) for e in entries()] == [("capture", 10, True)]
+            assert client.get(f"/v1/jobs/{job_id}").json()["cost"]["charged"] == 10
 
 
 def test_a_job_recovery_fails_with_work_out_has_that_work_withdrawn_and_an_odd_row_does_not_stop_the_start(

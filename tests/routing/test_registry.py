@@ -471,7 +471,7 @@ async def test_a_plugin_s_withdraw_is_held_as_its_run_is(raised: BaseException) 
     from tiers.guard import PluginFault
 
     class Failing(FakeQueueEngine):
-        async def withdraw(self, handles: list[dict[str, Any]]) -> None:
+        async def withdraw(self, handles: list[dict[str, Any]]) -> bool:
             raise raised
 
     plugin = registry_module.checked(Failing(EngineContext(settings=None)), "tests:failing")  # type: ignore[arg-type, attr-defined]
@@ -480,3 +480,32 @@ async def test_a_plugin_s_withdraw_is_held_as_its_run_is(raised: BaseException) 
         await plugin.withdraw([{"id": "q-1"}])
     plain = registry_module.checked(FakePaidEngine(EngineContext(settings=None)), "tests:plain")  # type: ignore[arg-type, attr-defined]
     assert not isinstance(plain, Withdrawable)  # only what the plugin has
+
+
+@pytest.mark.parametrize(("answer", "unbilled"), [(True, True), (1, False), ("yes", False), (None, False)])
+async def test_only_a_plugin_s_plain_true_says_its_withdrawn_work_never_ran(answer: object, unbilled: bool) -> None:
+    """What else a plugin answers may have billed: its job's charge must wait for the invoice."""
+    from tests.fakes import FakeQueueEngine
+    from tiers.base import Withdrawable
+
+    class Answering(FakeQueueEngine):
+        async def withdraw(self, handles: list[dict[str, Any]]) -> Any:
+            return answer
+
+    plugin = registry_module.checked(Answering(EngineContext(settings=None)), "tests:answering")  # type: ignore[arg-type, attr-defined]
+    assert isinstance(plugin, ThirdParty) and isinstance(plugin, Withdrawable)
+    assert await plugin.withdraw([{"id": "q-1"}]) is unbilled
+
+
+async def test_a_plugin_s_withdraw_that_hangs_is_stopped_and_says_it_may_have_billed() -> None:
+    from tests.fakes import FakeQueueEngine
+
+    class Hanging(FakeQueueEngine):
+        async def withdraw(self, handles: list[dict[str, Any]]) -> bool:
+            await asyncio.sleep(60)
+            return True
+
+    plugin = registry_module.checked(Hanging(EngineContext(settings=None)), "tests:hanging")  # type: ignore[arg-type, attr-defined]
+    assert isinstance(plugin, ThirdParty)
+    plugin.cancel_grace = 0.05
+    assert await asyncio.wait_for(plugin.withdraw([{"id": "q-1"}]), 5) is False

@@ -667,9 +667,33 @@ async def test_withdraw_cancels_saved_requests_only_where_the_key_may_go(engine:
     # A job canceled while queued to be reattached: its request would run, and bill, for nobody.
     cancel = respx.put(CANCEL).mock(return_value=httpx.Response(202, json={"status": "CANCELLATION_REQUESTED"}))
     elsewhere = respx.put("https://collector.example/cancel").mock(return_value=httpx.Response(200))
-    await engine.withdraw([{"id": "r-1", "cancel_url": CANCEL}, {"id": "r-2", "cancel_url": "https://collector.example/cancel"}])
+    unbilled = await engine.withdraw([{"id": "r-1", "cancel_url": CANCEL},
+                                      {"id": "r-2", "cancel_url": "https://collector.example/cancel"}])
     assert cancel.call_count == 1 and elsewhere.call_count == 0
     assert cancel.calls.last.request.headers["authorization"].startswith("Key ")
+    assert unbilled is False  # a request running at fal, and one whose fate this process cannot ask
+
+
+SECOND_CANCEL = CANCEL.replace("r-1", "r-2")
+
+
+@respx.mock
+@pytest.mark.parametrize(("answers", "unbilled"), [
+    ([httpx.Response(200, json={"status": "OK"})] * 2, True),
+    ([httpx.Response(200, json={"status": "OK"}), httpx.Response(202, json={"status": "CANCELLATION_REQUESTED"})],
+     False),
+    ([httpx.Response(200, json={"status": "OK"}), httpx.Response(400, json={"status": "ALREADY_COMPLETED"})], False),
+    ([httpx.Response(200, json={"status": "OK"}), httpx.Response(200, json={"status": "ok"})], False),
+], ids=["both-off-the-queue", "one-running", "one-completed", "odd-answer"])
+async def test_withdraw_says_unbilled_only_when_fal_took_every_request_off_its_queue(
+        engine: FalEngine, answers: list[httpx.Response], unbilled: bool) -> None:
+    # Its job's estimate stayed charged for reconciliation although fal never ran the request.
+    first = respx.put(CANCEL).mock(return_value=answers[0])
+    second = respx.put(SECOND_CANCEL).mock(return_value=answers[1])
+    assert await engine.withdraw([{"id": "r-1", "cancel_url": CANCEL}, {"id": "r-2", "cancel_url": SECOND_CANCEL}]) \
+        is unbilled
+    assert first.call_count == 1 and second.call_count == 1  # the second is withdrawn whatever the first said
+    assert await engine.withdraw([]) is False
 
 
 @respx.mock

@@ -662,9 +662,28 @@ async def test_withdraw_cancels_every_saved_prediction(engine: ReplicateEngine) 
     # A job canceled while queued to be reattached: its predictions ran on until their Cancel-After.
     first = respx.post(CANCEL).mock(return_value=httpx.Response(200, json={}))
     second = respx.post(f"{BASE}/v1/predictions/p-2/cancel").mock(return_value=httpx.Response(500))
-    await engine.withdraw([{"id": "p-1"}, {"id": "p-2"}, {"id": "../account"}, {}])  # a failure is not raised
+    # A failure is not raised:
+    unbilled = await engine.withdraw([{"id": "p-1"}, {"id": "p-2"}, {"id": "../account"}, {}])
     assert first.call_count == 1 and second.call_count >= 1
     assert len(respx.calls) == first.call_count + second.call_count  # nothing sent for odd ids
+    assert unbilled is False
+
+
+@respx.mock
+@pytest.mark.parametrize(("second", "unbilled"), [
+    ({"status": "canceled", "started_at": None}, True),
+    ({"status": "canceled", "started_at": "2026-12-04T10:00:00Z"}, False),
+    ({"status": "canceled"}, False),  # says nothing of a start
+    ({"status": "succeeded", "started_at": None}, False),
+], ids=["never-started", "started", "unsaid", "succeeded"])
+async def test_withdraw_says_unbilled_only_when_every_prediction_never_started(
+        engine: ReplicateEngine, second: dict[str, Any], unbilled: bool) -> None:
+    # Its job's estimate stayed charged for reconciliation although Replicate never ran the prediction.
+    respx.post(CANCEL).mock(return_value=httpx.Response(200, json={"id": "p-1", "status": "canceled",
+                                                                   "started_at": None}))
+    respx.post(f"{BASE}/v1/predictions/p-2/cancel").mock(return_value=httpx.Response(200, json={"id": "p-2", **second}))
+    assert await engine.withdraw([{"id": "p-1"}, {"id": "p-2"}]) is unbilled
+    assert await engine.withdraw([{"id": "p-1"}, {"id": "../account"}]) is False  # one not withdrawn
 
 
 @respx.mock
