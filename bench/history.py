@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from sqlalchemy import insert
@@ -116,7 +117,6 @@ def main() -> None:
     from orchestrator.models import Project
     from orchestrator.settings import Settings
     from orchestrator.spend import savings, spend
-    from tiers.registry import EngineRegistry
 
     data_dir = Path(tempfile.mkdtemp(prefix="bench-ledger-"))
     settings = Settings(data_dir=data_dir, database_url=args.database_url)
@@ -170,9 +170,12 @@ def main() -> None:
         results["spend: the big project's month by engine"] = timed(
             functools.partial(spend, s, "engine", *month, "prj_big"), args.repeats)
         results["spend: everything by day"] = timed(functools.partial(spend, s, "day", None, None, None), args.repeats)
-        no_engines = EngineRegistry({}, {})  # the draft counts are what is timed, not the pricing
+        # The draft counts are what is timed, not the pricing: one local engine, none to compare with.
+        lite_only: Any = [SimpleNamespace(name="lite", kind="local")]
         results["savings: the big project's month"] = timed(
-            functools.partial(savings, s, no_engines, *month, "prj_big"), args.repeats)
+            functools.partial(savings, s, lite_only, *month, "prj_big"), args.repeats)
+        results["savings: everything"] = timed(
+            functools.partial(savings, s, lite_only, None, None, None), args.repeats)
 
     import sqlalchemy
 

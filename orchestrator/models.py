@@ -24,6 +24,9 @@ LedgerKind = Literal["grant", "hold", "capture", "release", "adjustment"]
 
 # The ledger's captures of nothing held; one per job (see `LedgerEntry`).
 HOLDLESS_CAPTURE = sa.text("kind = 'capture' AND hold_id IS NULL")
+# A job that copied an earlier result, as each database writes `WHERE jobs.cache_hit` (SQLite, then
+# PostgreSQL): SQLite uses a partial index only for a query that says its condition as it is written.
+CACHE_HIT = (sa.text("cache_hit = 1"), sa.text("cache_hit"))
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -78,7 +81,10 @@ class Job(SQLModel, table=True):
                       # Each lane's oldest queued jobs, and which engines have any (orchestrator.queue).
                       sa.Index("ix_jobs_status_engine_created", "status", "engine", "created_at", "id"),
                       # /metrics counts jobs from the index alone, not by reading every row's JSON.
-                      sa.Index("ix_jobs_totals", "stage", "engine", "status"))
+                      sa.Index("ix_jobs_totals", "stage", "engine", "status"),
+                      # The few copies of earlier results, which /v1/spend's savings leaves out:
+                      # asked of every job instead, each report read the whole table.
+                      sa.Index("ix_jobs_cache_hits", "id", sqlite_where=CACHE_HIT[0], postgresql_where=CACHE_HIT[1]))
 
     id: str = Field(primary_key=True, max_length=40)
     project_id: str = Field(foreign_key="projects.id", max_length=40)
@@ -150,8 +156,10 @@ class Job(SQLModel, table=True):
 
 class Asset(SQLModel, table=True):
     __tablename__ = "assets"
-    # /metrics counts assets by stage, and /v1/spend's savings its drafts by size, from the index alone.
-    __table_args__ = (sa.Index("ix_assets_stage_size", "stage", "width", "height", "project_id", "created_at"),
+    # /metrics counts assets by stage, and /v1/spend's savings its drafts by size, from the index
+    # alone: the engine and job that made them are in it too, or each draft's row was read.
+    __table_args__ = (sa.Index("ix_assets_stage_size", "stage", "width", "height", "project_id", "created_at",
+                               "engine", "job_id"),
                       # A project's assets a page at a time, in id order.
                       sa.Index("ix_assets_project_id", "project_id", "id"))
 

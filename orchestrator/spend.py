@@ -81,8 +81,10 @@ def savings(s: Session, registry: EngineRegistry, start: datetime | None, end: d
     drafts a local engine rendered, not a paid engine's (which cost what they cost) nor copies of
     an earlier result (which cost nothing either way)."""
     local = [engine.name for engine in registry if engine.kind == "local"]
-    rendered = select(Job.id).where(col(Job.cache_hit).is_(False))
-    where: list[Any] = [col(Asset.stage) == "ideation", col(Asset.engine).in_(local), col(Asset.job_id).in_(rendered)]
+    # Written as the partial index `ix_jobs_cache_hits` says it (see `models.CACHE_HIT`): the few copies,
+    # not every job rendered, and the drafts read from their index alone.
+    copies = select(Job.id).where(col(Job.cache_hit))
+    where: list[Any] = [col(Asset.stage) == "ideation", col(Asset.engine).in_(local), col(Asset.job_id).not_in(copies)]
     if start is not None:
         where.append(col(Asset.created_at) >= start)
     if end is not None:

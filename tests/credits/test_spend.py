@@ -255,6 +255,71 @@ def test_savings_compare_only_with_an_engine_whose_estimate_is_a_price(tmp_path:
     assert result == {"drafts": 1, "credits": 4.0, "compared_with": "paid"}
 
 
+def test_a_csv_report_does_not_count_the_drafts_it_has_no_column_for(
+        api: httpx.Client, spent: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    from orchestrator.api import credits
+
+    counted: list[str | None] = []
+
+    def savings(*args: Any) -> dict[str, Any]:
+        counted.append(args[-1])
+        return {"drafts": 0, "credits": 0.0, "compared_with": None}
+
+    monkeypatch.setattr(credits, "savings", savings)
+    assert api.get("/v1/spend", params={"project_id": spent["project_id"], "format": "csv"}).status_code == 200
+    assert counted == []
+    assert report(api, spent["project_id"])["savings"]["drafts"] == 0  # the JSON still has them
+    assert counted == [spent["project_id"]]
+
+
+def test_savings_count_rendered_drafts_from_indexes_alone(tmp_path: Path) -> None:
+    """Copies of an earlier result and a paid engine's drafts are left out. The drafts are counted
+    from `ix_assets_stage_size` and the copies looked up in `ix_jobs_cache_hits`: reading each
+    draft's row and every job's, a report took 35 ms at 100k drafts (bench/history.py), and
+    grew with the studio's history."""
+    import sqlite3
+    from types import SimpleNamespace
+
+    from sqlalchemy import event
+
+    from orchestrator.models import Asset
+    from orchestrator.spend import savings
+
+    def engine(name: str, kind: str, estimate: int) -> SimpleNamespace:
+        return SimpleNamespace(name=name, kind=kind, availability=lambda: (True, None),
+                               estimate=lambda req: estimate)
+
+    db = _database_with_a_job(tmp_path, "prj_saved", "job_drawn", stage="ideation", engine="lite")
+    with db.transaction() as s:
+        s.add(Job(id="job_copy", project_id="prj_saved", stage="ideation", engine="lite", status="succeeded",
+                  cache_hit=True))
+        s.add(Job(id="job_paid", project_id="prj_saved", stage="ideation", engine="paid", status="succeeded"))
+        s.flush()
+        for n, (job_id, engine_name) in enumerate((("job_drawn", "lite"), ("job_drawn", "lite"),
+                                                   ("job_copy", "lite"), ("job_paid", "paid"))):
+            s.add(Asset(id=f"ast_{n}", project_id="prj_saved", job_id=job_id, index=n, stage="ideation",
+                        engine=engine_name, model="m", prompt="x", width=64, height=64, sha256=f"{n:064x}"))
+    registry = [engine("lite", "local", 0), engine("paid", "remote", 4000)]
+    seen: list[tuple[str, Any]] = []
+
+    def before(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool) -> None:
+        seen.append((statement, parameters))
+
+    event.listen(db.engine, "before_cursor_execute", before)
+    try:
+        with db.snapshot() as s:
+            result = savings(s, registry, None, None, None)  # type: ignore[arg-type]
+    finally:
+        event.remove(db.engine, "before_cursor_execute", before)
+        db.dispose()
+    assert result == {"drafts": 2, "credits": 8.0, "compared_with": "paid"}
+    statement, parameters = next((q, p) for q, p in seen if "FROM assets" in q)
+    with sqlite3.connect(tmp_path / "o.db") as conn:
+        plan = "\n".join(row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {statement}", parameters))
+    assert "COVERING INDEX ix_assets_stage_size" in plan and "ix_jobs_cache_hits" in plan, plan
+    assert "SCAN jobs\n" not in plan + "\n", plan
+
+
 def test_project_names_are_read_in_bounded_queries(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # A report across thousands of projects must not put them all in one IN list (SQLite's bound
     # parameters): read a few at a time here, two per query.
