@@ -11,10 +11,11 @@ project's jobs and assets (each job shown with what it held and charged). All ar
 database (a fresh SQLite file by default, or `--database-url`, migrated to head) holding one
 project with `--entries`
 ledger entries (settled holds, each with its capture, one every `--spacing-minutes` back from
-now, so most lie before the current monthly window), `--open` open holds, and `--jobs` finished
-draft jobs with one asset each; a second, empty project shows the floor.
+now, so most lie before the current monthly window), `--open` open holds, `--jobs` finished
+draft jobs with one asset each, and `--copies` jobs that copied an earlier result; a second, empty
+project shows the floor.
 
-Run: `.venv/bin/python bench/history.py [--entries 200000] [--jobs 100000] [--open 10] [--repeats 20]`
+Run: `.venv/bin/python bench/history.py [--entries 200000] [--jobs 100000] [--copies 50000] [--open 10] [--repeats 20]`
 """
 
 from __future__ import annotations
@@ -101,11 +102,26 @@ def fill_drafts(db: Any, jobs: int) -> None:
                                       for i in batch])
 
 
+def fill_copies(db: Any, copies: int) -> None:
+    """Finished bridge jobs that copied an earlier result (`cache_hit`): the savings leave every
+    copy out, whatever its stage, so their number is what that look-up grows with."""
+    from orchestrator.models import Job
+
+    now = datetime.now(UTC)
+    for first in range(0, copies, 10_000):
+        with db.transaction() as s:
+            s.execute(insert(Job), [{"id": f"job_c{i}", "project_id": "prj_big", "stage": "bridge", "engine": "openai",
+                                     "model": "gpt-image-1", "status": "succeeded", "params": {}, "cache_hit": True,
+                                     "created_at": now} for i in range(first, min(first + 10_000, copies))])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--entries", type=int, default=200_000, help="ledger entries of the big project")
     parser.add_argument("--open", type=int, default=10, help="open holds (queued paid jobs) among them")
     parser.add_argument("--jobs", type=int, default=100_000, help="finished draft jobs, one asset each")
+    parser.add_argument("--copies", type=int, default=50_000,
+                        help="finished jobs that copied an earlier result (left out of the savings)")
     parser.add_argument("--spacing-minutes", type=float, default=2.0, help="time between settled holds")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--database-url", help="an empty database (default: a fresh SQLite file)")
@@ -129,6 +145,7 @@ def main() -> None:
     start = time.perf_counter()
     fill(db, args.entries, args.open, timedelta(minutes=args.spacing_minutes))
     fill_drafts(db, args.jobs)
+    fill_copies(db, args.copies)
     filled = time.perf_counter() - start
     if db.engine.dialect.name == "postgresql":
         # What autovacuum does to a table that grew: statistics, and the visibility map that lets
@@ -180,7 +197,7 @@ def main() -> None:
     import sqlalchemy
 
     print(json.dumps({
-        "config": {"entries": args.entries, "open_holds": args.open, "draft_jobs": args.jobs,
+        "config": {"entries": args.entries, "open_holds": args.open, "draft_jobs": args.jobs, "copies": args.copies,
                    "spacing_minutes": args.spacing_minutes, "repeats": args.repeats,
                    "database": db.engine.dialect.name, "python": platform.python_version(),
                    "sqlalchemy": sqlalchemy.__version__, "fill_s": round(filled, 1)},

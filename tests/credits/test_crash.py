@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlmodel import select
+from sqlmodel import col, select
 
 from orchestrator.db import Database
 from orchestrator.ids import new_id
@@ -300,6 +300,44 @@ def test_withdrawn_work_the_provider_never_ran_is_reconciled_at_nothing(
             time.sleep(0.5)  # what the withdrawal would do, it does right after the provider's answer
             assert [(e["kind"], e["amount"], e["unreconciled"]) for e in entries()] == [("capture", 10, True)]
             assert client.get(f"/v1/jobs/{job_id}").json()["cost"]["charged"] == 10
+
+
+def test_only_the_withdrawn_engine_s_charge_of_an_ended_job_is_reconciled_at_nothing(
+        paid_settings_for: Callable[..., Settings], tmp_path: Path) -> None:
+    """A job that fell back from fake-paid (which may have billed: captured for reconciliation) to
+    fake-queue, whose request was then taken off the queue: only fake-queue's charge is nothing.
+    A job that is not over (run again meanwhile) keeps its charges as they are."""
+    services = Services.build(paid_settings_for(tmp_path / "data"))
+    try:
+        with services.db.transaction() as s:
+            project = Project(id=new_id("prj"), name="moved", policy=POLICY)
+            s.add(project)
+            s.flush()
+            jobs = [Job(id=new_id("job"), project_id=project.id, stage="bridge", engine="fake-paid", model="fake-1",
+                        params={"stage": "bridge", "prompt": "x", "n": 1}, estimated=10_000, status=status)
+                    for status in ("canceled", "running")]
+            s.add_all(jobs)
+            s.flush()
+            for job in jobs:
+                for engine in ("fake-paid", "fake-queue"):
+                    job.engine = engine
+                    services.ledger.hold(s, project, job, 10_000)
+                    s.flush()
+                    services.ledger.capture(s, job, None, unreconciled=True, note=f"{engine}: outcome unknown")
+                    s.flush()
+        for job in jobs:
+            services.scheduler._void_withdrawn(job)
+        with services.db.session() as s:
+            entries = s.exec(select(LedgerEntry).where(col(LedgerEntry.kind).in_(("capture", "adjustment")))).all()
+            settled = {(e.job_id, e.engine, e.kind, e.amount, e.unreconciled) for e in entries}
+        ended, running = (job.id for job in jobs)
+        assert settled == {(ended, "fake-paid", "capture", 10_000, True),
+                           (ended, "fake-queue", "capture", 10_000, False),
+                           (ended, "fake-queue", "adjustment", -10_000, False),
+                           (running, "fake-paid", "capture", 10_000, True),
+                           (running, "fake-queue", "capture", 10_000, True)}
+    finally:
+        asyncio.run(services.aclose())
 
 
 def test_a_job_recovery_fails_with_work_out_has_that_work_withdrawn_and_an_odd_row_does_not_stop_the_start(

@@ -883,3 +883,45 @@ def test_0019_from_a_database_at_0012_rewrites_misread_keys_of_any_date_on_postg
     from tests.test_migrations import check_0019_from_0012
 
     check_0019_from_0012(postgres_url)
+
+
+def test_savings_leave_copies_out_by_an_anti_join_on_postgres(postgres_url: str) -> None:
+    """`NOT IN (copies)` is hashed by PostgreSQL only while the copies' ids fit `work_mem`: past
+    about 200k of them it reread the list for every draft, and a spend report ran for minutes."""
+    from types import SimpleNamespace
+
+    from sqlalchemy import event
+
+    from orchestrator.db import Database
+    from orchestrator.models import Asset, Job, Project
+    from orchestrator.spend import savings
+
+    db = Database(postgres_url)
+    db.migrate()
+    seen: list[tuple[str, Any]] = []
+    try:
+        with db.transaction() as s:
+            s.add(Project(id="prj_saved", name="saved", policy="balanced"))
+            s.flush()
+            for job_id, copy in (("job_drawn", False), ("job_copy", True)):
+                s.add(Job(id=job_id, project_id="prj_saved", stage="ideation", engine="lite", status="succeeded",
+                          cache_hit=copy))
+            s.flush()
+            for n, job_id in enumerate(("job_drawn", "job_drawn", "job_copy")):
+                s.add(Asset(id=f"ast_{n}", project_id="prj_saved", job_id=job_id, index=n, stage="ideation",
+                            engine="lite", model="m", prompt="x", width=64, height=64, sha256=f"{n:064x}"))
+
+        def before(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool) -> None:
+            seen.append((statement, parameters))
+
+        event.listen(db.engine, "before_cursor_execute", before)
+        with db.snapshot() as s:
+            result = savings(s, [SimpleNamespace(name="lite", kind="local")], None, None, None)  # type: ignore[arg-type]
+        event.remove(db.engine, "before_cursor_execute", before)
+        assert result["drafts"] == 2  # the copy's draft left out
+        statement, parameters = next((q, p) for q, p in seen if "FROM assets" in q)
+        with db.engine.connect() as conn:
+            plan = "\n".join(row[0] for row in conn.exec_driver_sql(f"EXPLAIN {statement}", parameters))
+    finally:
+        db.dispose()
+    assert "Anti Join" in plan and "SubPlan" not in plan, plan
