@@ -2,7 +2,7 @@
 and a partial index of the jobs that copied an earlier result
 
 Each spend report counted the period's drafts by size reading every draft's row (for its engine
-and job) and every job's (to leave out copies): 35 ms at 100k drafts, growing with the history.
+and job) and every job's (to leave out copies): about 100 ms at 100k drafts, growing with the history.
 
 Revision ID: 0022
 Revises: 0021
