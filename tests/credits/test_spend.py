@@ -275,7 +275,7 @@ def test_a_csv_report_does_not_count_the_drafts_it_has_no_column_for(
 def test_savings_count_rendered_drafts_from_indexes_alone(tmp_path: Path) -> None:
     """Copies of an earlier result and a paid engine's drafts are left out. The drafts are counted
     from `ix_assets_stage_size` and the copies looked up in `ix_jobs_cache_hits`: reading each
-    draft's row and every job's, a report took 35 ms at 100k drafts (bench/history.py), and
+    draft's row and every job's, a report took about 100 ms at 100k drafts (bench/history.py), and
     grew with the studio's history."""
     import sqlite3
     from types import SimpleNamespace
