@@ -260,7 +260,12 @@ def test_withdrawn_work_the_provider_never_ran_is_reconciled_at_nothing(
     """Its worker gone, the job is canceled and its estimate charged for reconciliation; the
     withdrawal then learns the provider took the request off its queue (fal's `OK`): that charge
     stayed, for work nobody billed, until a person reconciled it from the invoice."""
-    settings = paid_settings_for(tmp_path / "data", run_jobs=False)
+    check_withdrawn_work_reconciled(paid_settings_for(tmp_path / "data", run_jobs=False), taken_off_the_queue)
+
+
+def check_withdrawn_work_reconciled(settings: Settings, taken_off_the_queue: bool) -> None:
+    """A job queued to follow fake-queue's accepted work is canceled (see the test above); on a
+    service that runs no jobs, so that nothing follows the work first."""
     with serve_in_thread(settings) as base, httpx.Client(base_url=base, timeout=30) as client:
         project_id = client.post("/v1/projects", json={"name": "withdraw", "policy": POLICY,
                                                        "budget": {"limit": 100, "period": "month"}}).json()["id"]

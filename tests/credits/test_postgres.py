@@ -925,3 +925,12 @@ def test_savings_leave_copies_out_by_an_anti_join_on_postgres(postgres_url: str)
     finally:
         db.dispose()
     assert "Anti Join" in plan and "SubPlan" not in plan, plan
+
+
+def test_withdrawn_work_the_provider_never_ran_is_reconciled_at_nothing_on_postgres(
+        postgres_url: str, tmp_path: Path, paid_settings_for: Callable[..., Settings]) -> None:
+    """The capture is read FOR UPDATE there, so that a person's reconcile and this one wait in turn."""
+    from tests.credits.test_crash import check_withdrawn_work_reconciled
+
+    check_withdrawn_work_reconciled(paid_settings_for(tmp_path / "data", database_url=postgres_url, run_jobs=False),
+                                    True)
