@@ -20,8 +20,9 @@ terminal event twice. (Ids of versions before the mark get the whole state again
 
 A stream nobody watches is dropped after `HISTORY_TTL` without an event (unless `pinned`: a job
 this process runs), looked for as events are published (a service gone idle keeps its last
-`HISTORY_TTL` of streams, a few MB at most, until its next event), and rebuilt from the job's row when asked for, with new numbers: a client
-resuming it then gets its state again (queued, started, assets), but never its end twice.
+`HISTORY_TTL` of streams, a few MB at most, until its next event), and rebuilt from the job's
+row when asked for, with new numbers: a client resuming it then gets its state again (queued,
+started, assets), but never its end twice.
 """
 
 from __future__ import annotations
