@@ -579,8 +579,9 @@ class Scheduler:
         try:
             with self.db.transaction() as s:
                 taken, taken_wall = time.monotonic(), time.time()  # before the lease is written: it runs out later
-                # Read under the write lock: the row as it is, not as the dispatch's list saw it.
-                before = s.scalar(select(Job.started_at).where(col(Job.id) == job.id)) if move else None
+                # Read under the write lock: the row as it is, not as the dispatch's list saw it. A
+                # claim undone (a move's, or one given back unstarted at a stop) puts it back.
+                before = s.scalar(select(Job.started_at).where(col(Job.id) == job.id))
                 if unserved:
                     work = s.scalar(select(Job.provider_work).where(col(Job.id) == job.id)) or {}
                     if work.get("handles") and work.get("engine") == job.engine:

@@ -859,9 +859,11 @@ class JobRunner:
         # be counted as a crash.
         for attempt in self.db.retrying(STOP_WRITE_SECONDS, f"job {job.id} queued again"):
             with attempt, self.db.transaction() as s:
+                # Unstarted, no engine started it: `started_at` says so again (an earlier attempt's stays).
                 self._guarded_update(s, claim, status="queued", lease_owner=None, lease_expires_at=None,
                                      progress_step=0, progress_total=0, **kept,
                                      attempts=job.with_attempt("interrupted", stopped.to_dict()),
+                                     **({} if started else {"started_at": claim.started_before}),
                                      unless_canceled=True)
 
     def _requeue_to_follow(self, claim: Claim, work: dict[str, Any]) -> None:

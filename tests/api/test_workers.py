@@ -921,6 +921,22 @@ def test_claims_made_while_stopping_go_back_to_the_queue(services: Services) -> 
     assert services.scheduler._claim_ready({}) == []
 
 
+def test_a_claim_given_back_unstarted_says_no_engine_started_it(services: Services) -> None:
+    # Its claim wrote `started_at`; given back before a task started it, the job read as queued
+    # with a start no engine made (`started_at`: "null until then").
+    fresh_id = add_job(services, engine="fake-paid")
+    earlier = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    again_id = add_job(services, engine="fake-paid", started_at=earlier, attempts=[stopped_attempt(started=True)])
+    claims = services.scheduler._claim_ready({})
+    assert sorted(c.job.id for c, _lane in claims) == sorted([fresh_id, again_id])
+    assert row(services, fresh_id).started_at is not None  # the claim's, until it is given back
+    services.scheduler._give_back_unstarted()
+    fresh, again = row(services, fresh_id), row(services, again_id)
+    assert (fresh.status, fresh.started_at) == ("queued", None)
+    assert (again.status, again.started_at) == ("queued", earlier)  # the attempt that did start
+    assert [a["error"]["details"]["started"] for a in fresh.attempts or []] == [False]
+
+
 def test_a_claim_given_back_keeps_the_work_a_provider_accepted_before(services: Services) -> None:
     # Queued to reattach after a crash, claimed, then the service stopped before it started: the
     # saved work must survive, or the next run sends (and pays for) the job a second time.
