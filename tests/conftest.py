@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import gc
+import ipaddress
 import logging
 import os
 import signal
@@ -52,11 +53,11 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 
 @pytest.fixture(autouse=True)
 def no_dns(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Hosts a provider's answer names (output URLs) resolve to nothing, as on a machine offline:
+    """Hosts a provider's answer names (output URLs) resolve to a public address, as a CDN's do:
     tests must not depend on the machine's DNS. Tests of the address check set their own."""
-    async def unresolved(host: str, port: int) -> list[Any]:
-        return []
-    monkeypatch.setattr(_http, "resolve_host", unresolved)
+    async def public(host: str, port: int) -> list[Any]:
+        return [ipaddress.ip_address("93.184.216.34")]
+    monkeypatch.setattr(_http, "resolve_host", public)
 
 
 # The day the built-in price tables were dated: OpenAI's priced models shut down from 2026-12-01

@@ -29,6 +29,7 @@ import re
 import socket
 import ssl
 import time
+import urllib.request
 import zlib
 from collections.abc import Awaitable, Callable, Collection
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -134,6 +135,15 @@ async def resolve_host(host: str, port: int) -> list[Address]:
     except (OSError, TimeoutError):
         return []
     return [ipaddress.ip_address(str(info[4][0]).partition("%")[0]) for info in infos]
+
+
+def _through_proxy(url: httpx.URL) -> bool:
+    """Whether httpx sends a request for `url` through a proxy of the environment (`HTTPS_PROXY`,
+    `ALL_PROXY`, not `NO_PROXY`'s): the proxy resolves its name, which this machine may not."""
+    proxies = urllib.request.getproxies_environment()
+    if not (proxies.get(url.scheme) or proxies.get("all")):
+        return False
+    return not urllib.request.proxy_bypass(url.raw_host.decode("ascii"))
 
 
 # IPv6 prefixes whose last 32 bits are an IPv4 address: NAT64's well-known prefix, the old
@@ -433,7 +443,7 @@ class RemoteClient:
         # Seen here, once the client's auth has made its header: what `scrub` takes out. Only our
         # own requests': an output URL's `user:pass@` (a provider's words) is no secret of ours.
         home, url = self._home, request.url
-        if home is not None and (url.scheme, url.host, url.port) != (home.scheme, home.host, home.port):
+        if home is not None and (url.scheme, url.raw_host, url.port) != (home.scheme, home.raw_host, home.port):
             return
         found = _credentials_in(request.headers)
         if not found <= self._credentials:
@@ -477,27 +487,35 @@ class RemoteClient:
         cloud's metadata address, would otherwise have the service fetch it and store the answer
         as an image the project can read."""
         home, url = self._home, request.url
-        if home is not None and (url.scheme, url.host, url.port) == (home.scheme, home.host, home.port):
+        if home is not None and (url.scheme, url.raw_host, url.port) == (home.scheme, home.raw_host, home.port):
             return
         for name in KEY_HEADERS:
             request.headers.pop(name, None)
-        if home is not None and url.host == home.host:
+        if home is not None and url.raw_host == home.raw_host:
             return
+        # The name connected to (IDNA 2008, punycode), not `url.host`'s Unicode form: the resolver
+        # encodes that one by IDNA 2003, another name (straße -> strasse), which may resolve to a
+        # public address while the one connected to is this machine.
+        host = url.raw_host.decode("ascii")
         why = None
+        name = host.rstrip(".").lower()
         if url.scheme != "https":
             why = "it is not https"
+        elif name == "localhost" or name.endswith(".localhost"):
+            why = "it is this machine"
         else:
             try:
-                addresses: list[Address] = [ipaddress.ip_address(url.host)]
+                addresses: list[Address] = [ipaddress.ip_address(host)]
             except ValueError:
                 # Checked once here: a name that resolves anew to another address when connecting
                 # (DNS rebinding) is not caught; the https certificate still has to match the name.
-                addresses = await resolve_host(url.host, url.port or 443)
+                addresses = await resolve_host(host, url.port or 443)
+                if not addresses and not _through_proxy(url):
+                    # Let through, httpx resolves it again, and may get the private address this
+                    # lookup failed to see. As a connection that failed: retried, checked again.
+                    raise httpx.ConnectError(f"{host} does not resolve", request=request) from None
             private = next((a for a in addresses if not _public(a)), None)
-            name = url.host.rstrip(".").lower()
-            if name == "localhost" or name.endswith(".localhost"):
-                why = "it is this machine"
-            elif private is not None:
+            if private is not None:
                 why = f"{url.host} is a private or local address ({private})"
         if why is not None:
             raise EngineError(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import time
 from collections.abc import AsyncIterator, Coroutine
 from typing import Any, cast
@@ -15,6 +16,7 @@ import respx
 
 from orchestrator.errors import Canceled, EngineError, EngineTimeout, EngineUnavailable, RateLimited
 from tests.tiers.conftest import BlockingSleep, NoAnswer
+from tiers import _http
 from tiers._http import RemoteClient, retry_after
 from tiers.base import CancelToken, before_billable_sends
 
@@ -450,6 +452,57 @@ async def test_a_host_an_answer_names_is_fetched_only_if_public_and_https(
         await client.request("GET", url, idempotent=True)
     assert fetched.call_count == 0 and not info.value.retryable
     assert "is not fetched" in info.value.message and "only public https hosts" in info.value.message
+
+
+@pytest.mark.parametrize("url", ["https://straße.evil.test/x.png", "https://xn--strae-oqa.evil.test/x.png"])
+@respx.mock
+async def test_an_international_name_is_checked_as_the_name_connected_to(
+        client: RemoteClient, monkeypatch: pytest.MonkeyPatch, url: str) -> None:
+    # httpx connects to the punycode name (IDNA 2008); its Unicode form, resolved, became
+    # another name (IDNA 2003: straße -> strasse), public, while the one connected to was local.
+    resolving(monkeypatch, {"strasse.evil.test": "93.184.216.34", "xn--strae-oqa.evil.test": "127.0.0.1"})
+    fetched = respx.get("https://xn--strae-oqa.evil.test/x.png").mock(return_value=httpx.Response(200))
+    with pytest.raises(EngineError, match="is a private or local address") as info:
+        await client.request("GET", url, idempotent=True)
+    assert fetched.call_count == 0 and not info.value.retryable
+
+
+@respx.mock
+async def test_a_name_that_does_not_resolve_is_not_connected_to(
+        client: RemoteClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Let through, httpx resolved it again on its own, and a second answer could be this machine.
+    resolving(monkeypatch, {})
+    fetched = respx.get("https://cdn.flaky.test/x.png").mock(return_value=httpx.Response(200, content=b"a"))
+    with pytest.raises(EngineError, match=r"could not reach the provider \(cdn.flaky.test does not resolve\)"):
+        await client.request("GET", "https://cdn.flaky.test/x.png", idempotent=True)
+    assert fetched.call_count == 0
+    # Once it resolves (a lookup that failed for a while), it is fetched: a failure like any
+    # connection's, retried.
+    lookups: list[str] = []
+
+    async def later(host: str, port: int) -> list[Any]:
+        lookups.append(host)
+        return [ipaddress.ip_address("93.184.216.34")] if len(lookups) > 1 else []
+    monkeypatch.setattr(_http, "resolve_host", later)
+    assert (await client.request("GET", "https://cdn.flaky.test/x.png", idempotent=True)).content == b"a"
+    assert lookups == ["cdn.flaky.test"] * 2 and fetched.call_count == 1
+
+
+@pytest.mark.parametrize(("env", "through"), [
+    ({}, False),
+    ({"HTTPS_PROXY": "http://proxy.studio:3128"}, True),
+    ({"ALL_PROXY": "http://proxy.studio:3128"}, True),
+    ({"HTTP_PROXY": "http://proxy.studio:3128"}, False),  # not for https
+    ({"HTTPS_PROXY": "http://proxy.studio:3128", "NO_PROXY": ".flaky.test"}, False),
+])
+def test_a_name_a_proxy_resolves_is_left_to_it(
+        monkeypatch: pytest.MonkeyPatch, env: dict[str, str], through: bool) -> None:
+    for name in ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY", "NO_PROXY", "https_proxy", "http_proxy", "all_proxy",
+                 "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert _http._through_proxy(httpx.URL("https://cdn.flaky.test/x.png")) is through
 
 
 @respx.mock
