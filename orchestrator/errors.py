@@ -4,6 +4,7 @@ it to `{"error": {"code", "message", "details"}}` with `status` in exactly one p
     OrchestratorError
     ├── InvalidRequest          422 invalid_request   (bad input the schema could not catch)
     │   ├── BadRequest          400 invalid_request   (a body that is not JSON, a NUL in the URL, a foreign Host)
+    │   │   └── HeadTooLarge    431 invalid_request   (a request line and headers over 32 KiB: `http_protocol`)
     │   └── NotJSON             415 invalid_request   (a body not sent as JSON)
     ├── Unauthorized            401 unauthorized
     ├── Forbidden               403 forbidden
@@ -96,6 +97,12 @@ class BadRequest(InvalidRequest):
     Host names another machine (a DNS rebinding page)."""
 
     status = 400
+
+
+class HeadTooLarge(BadRequest):
+    """A request line and headers too long to be read (`http_protocol.MAX_HEAD_BYTES`)."""
+
+    status = 431
 
 
 class NotJSON(InvalidRequest):

@@ -23,6 +23,7 @@ from orchestrator.api.cross_site import is_loopback
 from orchestrator.api.errors import StartTracker, answer
 from orchestrator.app import create_app
 from orchestrator.errors import ServerStopping
+from orchestrator.http_protocol import BoundedHttpToolsProtocol
 from orchestrator.services import Stopped
 from orchestrator.settings import Settings
 
@@ -69,7 +70,7 @@ class Server(uvicorn.Server):
     long as it stays connected."""
 
     def __init__(self, app: FastAPI, **options: object) -> None:
-        options = {"timeout_keep_alive": KEEP_ALIVE_SECONDS, **options}
+        options = {"timeout_keep_alive": KEEP_ALIVE_SECONDS, "http": BoundedHttpToolsProtocol, **options}
         super().__init__(uvicorn.Config(AnswerWhenStopped(app), lifespan="on",
                                         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS, **options))  # type: ignore[arg-type]
         self.app = app
