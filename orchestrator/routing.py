@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import PurePath
 from typing import Any
 
-from orchestrator.errors import BadEngineInput, BudgetExceeded, NoPrice, NoRoute, NotFound, NoUsableEngine
+from orchestrator.errors import BadEngineInput, BudgetExceeded, NoPrice, NoRoute, NotFound, NoUsableEngine, shown
 from orchestrator.health import EngineHealth
 from orchestrator.store import hide_paths
 from policies import PolicyStore, RequestFacts, Rule, order_candidates
@@ -131,8 +131,8 @@ class Router:
                                           "file_refused": refused}) from None
         if requested is not None and requested not in self.registry and requested not in self.registry.broken:
             known = sorted([engine.name for engine in self.registry] + list(self.registry.broken))
-            raise NoRoute(f"unknown engine '{requested}' (known: {', '.join(known)})",
-                          details={"engine": requested, "known": known})
+            raise NoRoute(f"unknown engine '{shown(requested)}' (known: {', '.join(known)})",
+                          details={"engine": shown(requested), "known": known})
         facts = RequestFacts.from_request(req, engine=requested, budget_used=budget_used)
         matched = policy.match(facts)
         if matched is None:

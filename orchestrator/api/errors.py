@@ -36,6 +36,7 @@ from orchestrator.errors import (
     TooManyJobs,
     Unauthorized,
     first_line,
+    shown,
 )
 from orchestrator.schemas import FieldError
 
@@ -102,7 +103,8 @@ def _clean(errors: Sequence[Any]) -> list[dict[str, Any]]:
             loc, msg = loc[:1], f"{cause or 'not valid JSON'} at character {offset + 1}"
         elif err.get("type") == "model_attributes_type" and loc == ("body",):
             msg = "the request body must be a JSON object"
-        out.append({"loc": [str(p) for p in loc], "msg": msg, "type": str(err.get("type", ""))})
+        # A place is a field's name the client may have made up (an unknown one): cut as an id is.
+        out.append({"loc": [shown(str(p)) for p in loc], "msg": msg, "type": str(err.get("type", ""))})
     return out
 
 

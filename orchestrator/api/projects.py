@@ -22,7 +22,7 @@ from orchestrator.api.paths import ProjectId
 from orchestrator.api.query import Archived, Cursor, Limit, Order, StageFilter, paged
 from orchestrator.api.serialize import asset_public, project_public
 from orchestrator.clock import shared_now
-from orchestrator.errors import InvalidRequest, NotFound, NoUsableEngine, not_found
+from orchestrator.errors import InvalidRequest, NotFound, NoUsableEngine, not_found, shown
 from orchestrator.ids import id_cursor, new_id
 from orchestrator.models import Asset, Project
 from orchestrator.models import IdempotencyKey as IdempotencyKeyRow
@@ -167,7 +167,7 @@ def _check_policy(services: ServicesDep, policy: str | None) -> Policy | None:
     try:
         return services.policies.get(policy)
     except NotFound:
-        raise InvalidRequest(f"unknown policy '{policy}'", details={"policy": policy,
+        raise InvalidRequest(f"unknown policy '{shown(policy)}'", details={"policy": shown(policy),
                                                                     "known": services.policies.names()},
                              loc=("body", "policy")) from None
 

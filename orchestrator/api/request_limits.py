@@ -3,7 +3,8 @@ this API takes is a small JSON document, so anything larger is refused with 413 
 buffered in memory), a body not compressed (none is decoded: a gzipped one was "not valid JSON"),
 and a URL without NUL characters (no id or filter holds one, and PostgreSQL refuses them in
 queries) or encoded slashes (no id holds one either: `jobs/{id}%2Fcancel` was routed as the cancel,
-past a proxy rule that allows `POST /v1/jobs/*` alone)."""
+past a proxy rule that allows `POST /v1/jobs/*` alone), and one `Content-Type` (of two, the first was
+read: a proxy reading the last one saw `text/plain` where the service ran a job)."""
 
 from __future__ import annotations
 
@@ -53,6 +54,12 @@ def _refused_url(scope: Scope) -> BadRequest | None:
     return None
 
 
+def _refused_content_type(headers: Headers) -> BadRequest | None:
+    if len(headers.getlist("content-type")) > 1:
+        return BadRequest("send one Content-Type header, not several")
+    return None
+
+
 def _refused_encoding(headers: Headers, declared: str | None) -> NotJSON | None:
     encoding = headers.get("content-encoding", "").strip().lower()
     has_body = declared not in (None, "0") or "transfer-encoding" in headers
@@ -89,7 +96,7 @@ class RequestLimits:
             return
         headers = Headers(scope=scope)
         declared = headers.get("content-length")
-        refusal = _refused_url(scope) or _refused_encoding(headers, declared)
+        refusal = _refused_url(scope) or _refused_content_type(headers) or _refused_encoding(headers, declared)
         if refusal is not None:
             # What is sent of the body is read first (as a 413's is): a client still sending saw a reset.
             small = declared is None or (declared.isascii() and declared.isdigit() and int(declared) <= DRAIN_BYTES)

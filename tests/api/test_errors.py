@@ -1182,3 +1182,32 @@ def test_a_database_emptied_under_the_service_says_so_not_internal_error(
     assert "orchestrator migrate" in error["message"]
     told = [r for r in caplog.records if "lacks some or all of this service's tables" in r.getMessage()]
     assert told and all(r.exc_info is None for r in told)
+
+
+def test_an_error_echoes_a_made_up_name_cut_short(shared_server: httpx.Client, project: str) -> None:
+    # An unknown policy, engine or field was sent back whole, up to three times: a 900 KB name
+    # made a 2.7 MB answer.
+    long, jobs = "p" * 50_000, job_count(shared_server)
+    for response, echoed in [
+        (shared_server.post("/v1/projects", json={"name": "x", "policy": long}), "policy"),
+        (post_drafts(shared_server, project, {"prompt": "a lighthouse", "engine": long}), "engine"),
+        (post_drafts(shared_server, project, {"prompt": "a lighthouse", long: 1}), None),
+    ]:
+        assert response.status_code == 422 and len(response.content) < 3_000, response.content[:300]
+        error = response.json()["error"]
+        assert "p" * 100 + "…" in error["message"] + str(error["details"].get("errors"))
+        if echoed is not None:
+            assert error["details"][echoed] == "p" * 100 + "…"
+    assert job_count(shared_server) == jobs
+
+
+@pytest.mark.parametrize("types", [("application/json", "text/plain"), ("text/plain", "application/json"),
+                                   ("application/json", "application/json")])
+def test_a_request_with_two_content_types_is_refused(
+        shared_server: httpx.Client, project: str, types: tuple[str, str]) -> None:
+    # The first was read: a proxy or log reading the last one saw text/plain where a job ran.
+    jobs = job_count(shared_server)
+    response = shared_server.post(f"/v1/projects/{project}/drafts", content=b'{"prompt": "a lighthouse"}',
+                                  headers=[("Content-Type", types[0]), ("Content-Type", types[1])])
+    assert "one Content-Type header" in assert_error(response, 400, "invalid_request")["message"]
+    assert job_count(shared_server) == jobs
