@@ -71,7 +71,7 @@ def unread_prices(settings: Settings, overrides: dict[str, Any]) -> list[str]:
         defaults: dict[str, dict[str, float]] = module.DEFAULT_PRICES
         configured = str(getattr(settings, setting) or "")
         configured = configured.strip("/") if engine == "fal" else configured  # as `tiers.fal` reads it
-        keys = set().union(*defaults.values(), getattr(module, "OPTIONAL_PRICES", ()))
+        keys = set().union(*defaults.values(), getattr(module, "OPTIONAL_PRICES", ()))  # as `PriceTable` reads
         for model, variants in models.items():
             if model not in defaults and model != configured:
                 told.append(f'{engine}."{model}" is neither a model {engine} has prices for nor the one '

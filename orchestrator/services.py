@@ -82,7 +82,8 @@ def startup_problems(settings: Settings, *, service: bool = True) -> list[str]:
     elif service and "auto" in {settings.lite_model, settings.effective_hifi_model}:
         # `auto` builds it only when no real model is at hand: the start goes on, told.
         for problem in _cache_dir_problems(settings):
-            log.warning("%s: the offline tiny model ORCH_LITE_MODEL=auto falls back to cannot be built", problem)
+            log.warning("%s: with ORCH_LITE_MODEL=auto and no real model at hand, the offline tiny model it falls "
+                        "back to cannot be built there", problem)
     if service:
         problems.extend(f"{source_of('engines')}: {problem}" for problem in extra_engine_problems(settings.engines))
         try:

@@ -754,7 +754,8 @@ def test_a_cache_dir_the_tiny_model_cannot_be_built_in_is_named_before_the_servi
     problems = startup_problems(settings)
     told = f"ORCH_CACHE_DIR: {tmp_path}/a-file is not a directory"  # also in auto's warning, not "File exists"
     if model == "auto":
-        assert problems == [] and told in caplog.text
+        assert problems == [] and f"{told}: with ORCH_LITE_MODEL=auto and no real model at hand, the offline tiny " \
+            "model it falls back to cannot be built there" in caplog.text
     else:
         assert len(problems) == 1 and problems[0].startswith(told)
 
@@ -1415,6 +1416,12 @@ def test_prices_no_engine_reads_are_told_at_start(make_settings: SettingsFactory
     services = Services.build(settings)
     try:
         assert sum("ORCH_PRICES_FILE" in r.getMessage() for r in caplog.records) == 2
+        # Read by nobody, a key is no price: `/v1/engines` listed "1k" beside "1K" as if it were one.
+        gemini = services.registry.get("gemini").prices()
+        assert gemini["credits_per_image"]["gemini-3.1-flash-image"] == {"1K": 6.7, "2K": 11.0, "4K": 15.1}
+        assert gemini["credits_per_million_tokens"]["gemini-3.1-flash-image"]["thinking"] == 9000
+        openai = services.registry.get("openai").prices()["credits_per_image"]["gpt-image-1-mini"]
+        assert openai["low-1536x1024"] == 0.7
     finally:
         asyncio.run(services.aclose())
 

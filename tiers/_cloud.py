@@ -147,12 +147,16 @@ class CloudEngine(SendsCredentials):
     announces_sends: ClassVar[bool] = True
     http: RemoteClient
     poll_interval: float = 1.0  # seconds between looks at work a provider accepted
+    # Price keys read beyond those of the default table's models (`PriceTable`'s `optional`); None
+    # for a plugin's engine, whose prices file keys are its own.
+    optional_prices: ClassVar[frozenset[str] | None] = None
 
     def __init__(self, ctx: EngineContext, model: str, key: SecretStr | None,
                  prices: Mapping[str, Mapping[str, float]], prices_as_of: str) -> None:
         self._model = model
         self._key, self._key_problem = _usable_key(key)
-        self._prices = PriceTable(self.name, prices, prices_as_of, ctx.price_overrides.get(self.name))
+        self._prices = PriceTable(self.name, prices, prices_as_of, ctx.price_overrides.get(self.name),
+                                  optional=self.optional_prices)
         # Requests a cancel left out, each followed until answered to withdraw what it made.
         self._withdrawing: set[asyncio.Task[None]] = set()
 

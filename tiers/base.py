@@ -13,7 +13,7 @@ import asyncio
 import math
 import numbers
 import threading
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -508,13 +508,21 @@ class PriceTable:
     from each engine file; the prices file overrides them per engine."""
 
     def __init__(self, engine: str, defaults: Mapping[str, Mapping[str, float]], as_of: str,
-                 overrides: Mapping[str, Any] | None = None) -> None:
+                 overrides: Mapping[str, Any] | None = None, *, optional: Collection[str] | None = None) -> None:
+        """`optional`: the price keys the engine reads beyond its defaults' (Gemini's thinking
+        tokens), for an engine that reads no others (a built-in one); None: a plugin's, whose keys
+        are its own."""
         self.engine = engine
         self.as_of = as_of
         table: dict[str, dict[str, float]] = {m: dict(v) for m, v in defaults.items()}
+        # A key none of the engine's models has (`"1k"` for `"1K"`) is read by nobody: warned of
+        # at start (`orchestrator.prices.unread_prices`), and left out, or `/v1/engines` listed it
+        # beside the real prices as if it were one.
+        reads = None if optional is None else set().union(*defaults.values(), optional)
         for model, variants in (overrides or {}).items():
             if isinstance(variants, Mapping):
-                table.setdefault(model, {}).update({k: float(v) for k, v in variants.items()})
+                table.setdefault(model, {}).update({k: float(v) for k, v in variants.items()
+                                                    if reads is None or k in reads})
         self.table = table
 
     def millicredits(self, model: str, variant: str) -> int:

@@ -101,6 +101,7 @@ def _taken_off_the_queue(seen: dict[str, Any], cancel_answer: str | None) -> boo
 class FalEngine(CloudEngine):
     name = "fal"
     key_settings = ("ORCH_FAL_API_KEY", "FAL_KEY")
+    optional_prices = frozenset[str]()  # it reads its defaults' keys only
     capabilities = Capabilities(img2img=True, upscale=True, seeds=False, negative_prompt=False,
                                 leaves_machine=True, max_width=4096, max_height=4096, size_multiple=1)
     # Seconds between status polls; tests set it to 0.

@@ -65,6 +65,7 @@ MAX_INLINE_BYTES = 7 * 1024 * 1024
 class GeminiEngine(CloudEngine):
     name = "gemini"
     key_settings = ("ORCH_GEMINI_API_KEY", "GEMINI_API_KEY")
+    optional_prices = OPTIONAL_PRICES
     capabilities = Capabilities(img2img=True, upscale=True, seeds=False, negative_prompt=False,
                                 leaves_machine=True, max_width=4096, max_height=4096, size_multiple=1)
 

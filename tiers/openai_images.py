@@ -120,6 +120,7 @@ def quality(req: RenderRequest) -> str:
 class OpenAIImagesEngine(CloudEngine):
     name = "openai"
     key_settings = ("ORCH_OPENAI_API_KEY", "OPENAI_API_KEY")
+    optional_prices = frozenset[str]()  # it reads its defaults' keys only
     capabilities = Capabilities(img2img=True, upscale=False, seeds=False, negative_prompt=False,
                                 leaves_machine=True, max_width=1536, max_height=1536, size_multiple=1)
 

@@ -127,6 +127,7 @@ def _filtered(text: str) -> bool:
 class ReplicateEngine(CloudEngine):
     name = "replicate"
     key_settings = ("ORCH_REPLICATE_API_KEY", "REPLICATE_API_TOKEN")
+    optional_prices = frozenset[str]()  # it reads its defaults' keys only
     key_noun = "API token"
     capabilities = Capabilities(img2img=True, upscale=True, seeds=False, negative_prompt=False,
                                 leaves_machine=True, max_width=4096, max_height=4096, size_multiple=1)

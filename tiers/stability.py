@@ -149,6 +149,7 @@ def _clamp(value: float, bounds: tuple[float, float]) -> float:
 class StabilityEngine(CloudEngine):
     name = "stability"
     key_settings = ("ORCH_STABILITY_API_KEY", "STABILITY_API_KEY")
+    optional_prices = frozenset[str]()  # it reads its defaults' keys only
     capabilities = Capabilities(img2img=True, upscale=True, seeds=True, negative_prompt=True,
                                 leaves_machine=True, max_width=4096, max_height=4096, size_multiple=1)
 
