@@ -1,4 +1,5 @@
-"""A priced fake engine for tests: register it with ORCH_ENGINES="fake-paid=tests.fakes:factory".
+"""A priced fake engine for tests: register it with ORCH_ENGINES="fake-paid=tests.fakes:factory" (and
+PYTHONPATH set to the checkout: `tests` is not an installed package).
 
 It costs `FAKE_PRICE` credits per image, renders a flat image from the source's mean colour, and
 can be told to fail, to hang, to wait before it sends, to crash, or to report its own cost, through
