@@ -243,7 +243,7 @@ def test_a_misspelt_field_is_told_with_the_name_meant(shared_server: httpx.Clien
 def test_a_huge_unknown_field_is_named_cut(shared_server: httpx.Client, project: str) -> None:
     error = assert_error(post_drafts(shared_server, project, {"prompt": "x", "q" * 200_000: 1}), 422,
                          "invalid_request")
-    assert error["message"].startswith("unknown field '" + "q" * 200 + "' (fields here: prompt,")
+    assert error["message"].startswith("unknown field '" + "q" * 100 + "…' (fields here: prompt,")
 
 
 def test_many_validation_errors_are_listed_up_to_a_bound(shared_server: httpx.Client, project: str) -> None:

@@ -83,12 +83,15 @@ async def test_model_and_prices_come_from_the_settings(make_ctx: Any, cls: Cloud
     default = cls(make_ctx())
     model = default.model
     assert model and model in default.prices()["credits_per_image"]
-    overrides = {prefix: {model: {"custom-variant": 1.5}}}
+    variant = next(iter(default.prices()["credits_per_image"][model]))
+    # A key the engine reads is the prices file's; one it does not is read by nobody, and not listed.
+    overrides = {prefix: {model: {variant: 1.5, "custom-variant": 2.5}}}
     ctx = make_ctx(**{f"{prefix}_model": model})
     ctx.price_overrides.update(overrides)
     priced = cls(ctx)
     table = priced.prices()
-    assert table["credits_per_image"][model]["custom-variant"] == 1.5
+    assert table["credits_per_image"][model][variant] == 1.5
+    assert "custom-variant" not in table["credits_per_image"][model]
     assert table["as_of"] == default.prices()["as_of"]
     await default.aclose()
     await priced.aclose()
