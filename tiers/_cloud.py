@@ -65,6 +65,7 @@ class Asked:
         # (a size the engine cannot make) may still be run directly.
         self.n, self.estimate, self.count = n, estimate, 0
         self.reported = 0  # what the provider reported charging for the calls that finished
+        self.finished, self.unreported = 0, 0  # calls that finished, and those of them that said no cost
 
     def asking(self, count: int = 1) -> None:
         """Called just before a call that asks for `count` images is sent."""
@@ -73,6 +74,14 @@ class Asked:
     def charged(self, cost: int | None) -> None:
         """A finished call's cost as the provider reported it (None: it did not say)."""
         self.reported += cost or 0
+        self.finished += 1
+        self.unreported += cost is None
+
+    @property
+    def known(self) -> int | None:
+        """What every call that finished cost, when each said (None when none finished, or one
+        did not say)."""
+        return self.reported if self.finished and not self.unreported else None
 
     def share(self, images: int) -> int | None:
         """The estimate's share for `images` (rounded up: never below their price), or None
@@ -100,6 +109,12 @@ def paid_calls(made: Sized, asked: Asked | None = None) -> Iterator[None]:
         # said what it cost (the provider answered that the call never ran), says it billed nothing.
         surely_free = exc.charged == "no" and (exc.charged_told or not isinstance(exc, Canceled))
         billed = len(made) if surely_free or asked is None else asked.count
+        if surely_free and asked is not None and asked.known is not None and exc.cost_millicredits is None:
+            # Billed nothing for the failing call, and every call before it said what it cost: the
+            # bill is known, not a share of the estimate for a person to reconcile.
+            exc.at_least_charged("yes")
+            exc.cost_millicredits = asked.known
+            raise
         if len(made):
             exc.at_least_charged("unknown")
         if asked is not None and billed < asked.n and exc.charged != "no" and exc.cost_millicredits is None:

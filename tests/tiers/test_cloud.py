@@ -424,9 +424,35 @@ def test_a_ceiling_is_never_below_what_the_provider_reported_for_the_calls_made(
     images: list[object] = []
     asked = Asked(3, lambda: 3000)
     with pytest.raises(EngineError) as info, paid_calls(images, asked):
-        asked.asking(2)
-        images.extend([object(), object()])
+        asked.asking(1)
+        images.append(object())
         asked.charged(5000)
+        asked.asking(1)
+        images.append(object())
+        asked.charged(None)  # the second said nothing of its cost: the bill is not known
         asked.asking(1)
         raise EngineError("refused")
     assert (info.value.charged, info.value.cost_millicredits) == ("unknown", 5000)
+
+
+@pytest.mark.parametrize(("error", "expected"), [
+    # Refused, or withdrawn with the provider's word that it never ran: the calls made are the bill.
+    (EngineError("refused"), ("yes", 2500)),
+    (Canceled("canceled before it ran", charged="no"), ("yes", 2500)),
+    # The failing call may have billed too, or the token's own cancel knows nothing of it: the share
+    # of the three asked for.
+    (EngineError("no answer", charged="unknown"), ("unknown", 3375)),
+    (Canceled("canceled"), ("unknown", 3375)),
+])
+def test_a_failure_after_calls_that_each_said_their_cost_charges_that_cost(
+        error: EngineError, expected: tuple[str, int | None]) -> None:
+    images: list[object] = []
+    asked = Asked(4, lambda: 4500)
+    with pytest.raises(EngineError) as info, paid_calls(images, asked):
+        for cost in (1000, 1500):
+            asked.asking(1)
+            images.append(object())
+            asked.charged(cost)
+        asked.asking(1)
+        raise error
+    assert (info.value.charged, info.value.cost_millicredits) == expected

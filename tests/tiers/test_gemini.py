@@ -223,7 +223,20 @@ async def test_a_failure_after_a_paid_image_is_charged(engine: GeminiEngine) -> 
     respx.post(URL).mock(side_effect=[httpx.Response(200, json=ok_body()), refused])
     with pytest.raises(BadEngineInput) as info:
         await engine.run(bridge(n=2), NullProgress(), CancelToken())
-    assert info.value.charged == "unknown"  # the first image was made and billed
+    # The first image was made and billed, its usage says for how much; the refused second was
+    # not billed: that is the bill, no share of the estimate captured for a person to reconcile.
+    assert info.value.charged == "yes"
+    assert info.value.cost_millicredits == engine._actual_cost(ok_body()["usageMetadata"])
+
+
+@respx.mock
+async def test_a_failure_after_a_paid_image_of_unknown_cost_captures_a_share(engine: GeminiEngine) -> None:
+    no_usage = {k: v for k, v in ok_body().items() if k != "usageMetadata"}
+    refused = httpx.Response(400, json={"error": {"code": 400, "status": "INVALID_ARGUMENT", "message": "no"}})
+    respx.post(URL).mock(side_effect=[httpx.Response(200, json=no_usage), refused])
+    with pytest.raises(BadEngineInput) as info:
+        await engine.run(bridge(n=2), NullProgress(), CancelToken())
+    assert info.value.charged == "unknown"  # the first image was made and billed, for how much unsaid
     # ... and the refused second was not: at most half the estimate is captured.
     assert info.value.cost_millicredits == engine.estimate(bridge(n=2)) // 2
 
