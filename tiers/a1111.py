@@ -38,7 +38,7 @@ from typing import Any, Literal
 
 import httpx
 
-from orchestrator.errors import BadEngineInput, Canceled, EngineError, EngineTimeout, EngineUnavailable
+from orchestrator.errors import BadEngineInput, Canceled, EngineError, EngineTimeout, EngineUnavailable, NoImage
 from tiers._http import (
     GATEWAY_STATUSES,
     SELF_HOSTED_UNREACHABLE_ATTEMPTS,
@@ -442,8 +442,10 @@ class A1111Engine(SendsCredentials):
             raise EngineError("a1111: the server answered 200 with a body that is not JSON",
                               details={"engine": self.name}) from None
         encoded = body.get("images") if isinstance(body, dict) else None
-        if not isinstance(encoded, list) or not encoded:
-            raise EngineError("a1111: the server returned no image", details={"engine": self.name})
+        if isinstance(encoded, list) and not encoded:  # an empty result, said with a 200 (providers.md)
+            raise NoImage("a1111: the server returned no image", details={"engine": self.name})
+        if not isinstance(encoded, list):
+            raise EngineError("a1111: the server's answer has no list of images", details={"engine": self.name})
         info = self._info(body.get("info"))
         seeds: list[Any] = info["all_seeds"] if isinstance(info.get("all_seeds"), list) else []
         images: list[RenderedImage] = []

@@ -230,8 +230,9 @@ class GeminiEngine(CloudEngine):
         candidates = body.get("candidates") or []
         if not isinstance(candidates, list):
             raise self._malformed("candidates")
-        if not candidates:
-            raise EngineError("gemini: the response has no candidates", details={"engine": self.name})
+        if not candidates:  # an empty result, said with a 200: the model's answer (providers.md)
+            raise NoImage("gemini returned no image (the response has no candidates)",
+                          details={"engine": self.name, "reason": None})
         candidate = candidates[0]
         if not isinstance(candidate, dict):
             raise self._malformed("candidates")

@@ -13,7 +13,7 @@ import pytest
 import respx
 from PIL import Image
 
-from orchestrator.errors import BadEngineInput, Canceled, EngineError, EngineTimeout, EngineUnavailable
+from orchestrator.errors import BadEngineInput, Canceled, EngineError, EngineTimeout, EngineUnavailable, NoImage
 from orchestrator.runner import JobRunner
 from orchestrator.store import infotext
 from tests.tiers.conftest import RecordingProgress, png_bytes
@@ -508,6 +508,15 @@ async def test_malformed_body(engine: A1111Engine, response: httpx.Response) -> 
     respx.post(URL).mock(return_value=response)
     with pytest.raises(EngineError):
         await engine.run(bridge(), NullProgress(), CancelToken())
+
+
+@respx.mock
+async def test_an_answer_with_no_image_is_no_image(engine: A1111Engine) -> None:
+    # "HTTP 200 without an image is a failure (content_filtered or no_image)" (providers.md).
+    respx.post(URL).mock(return_value=httpx.Response(200, json={"images": [], "info": "{}"}))
+    with pytest.raises(NoImage) as info:
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    assert info.value.code == "no_image"
 
 
 @respx.mock

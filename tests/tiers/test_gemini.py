@@ -17,6 +17,7 @@ from orchestrator.errors import (
     EngineError,
     EngineTimeout,
     EngineUnavailable,
+    NoImage,
     NoPrice,
     RateLimited,
 )
@@ -102,6 +103,17 @@ async def test_a_broken_answer_is_charged(engine: GeminiEngine, response: httpx.
     with pytest.raises(EngineError) as info:
         await engine.run(bridge(), NullProgress(), CancelToken())
     assert info.value.charged == "unknown" and route.call_count == 1
+
+
+@respx.mock
+@pytest.mark.parametrize("body", [{"candidates": []}, {"usageMetadata": {"promptTokenCount": 1300}}])
+async def test_an_answer_without_candidates_is_no_image(engine: GeminiEngine, body: dict[str, Any]) -> None:
+    # "HTTP 200 without an image is a failure (content_filtered or no_image)" (providers.md): as
+    # engine_error it counted against the engine's circuit, as an engine unwell.
+    respx.post(URL).mock(return_value=httpx.Response(200, json=body))
+    with pytest.raises(NoImage) as info:
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    assert info.value.code == "no_image" and not info.value.engine_fault and info.value.charged != "no"
 
 
 @respx.mock
