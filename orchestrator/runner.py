@@ -837,7 +837,7 @@ class JobRunner:
             return
         except Canceled as asked:
             try:
-                self._finish(claim, "canceled", asked)
+                self._finish(claim, "canceled", asked, unstarted=True)
             except StaleAttempt:
                 return
             self.bus.publish(claim.job.id, "canceled", {"job_id": claim.job.id, "status": "canceled",
@@ -1424,11 +1424,13 @@ class JobRunner:
         data = encode_png(image, record)
         return self.store.put_file(data), data
 
-    def _finish(self, claim: Claim, status: str, error: OrchestratorError) -> tuple[str, OrchestratorError]:
+    def _finish(self, claim: Claim, status: str, error: OrchestratorError, *,
+                unstarted: bool = False) -> tuple[str, OrchestratorError]:
         """End the job; returns the status and error it ended with. A failure that meets a cancel
         already asked (answered 202, through another process, so the token here may not be set
         yet) ends the job canceled, as a success that meets one does; what the failure says was
-        charged is still what the ledger settles."""
+        charged is still what the ledger settles. `unstarted`: no task started the claim (given
+        back at a stop), so no engine did: its `started_at` is put back."""
         job = claim.job
         bill = error
 
@@ -1443,6 +1445,7 @@ class JobRunner:
             self._guarded_update(s, claim, status=status, finished_at=utcnow(), error=error.to_dict(),
                                  lease_owner=None, lease_expires_at=None, progress_step=job.progress_step,
                                  progress_total=job.progress_total, **accepted,
+                                 **({"started_at": claim.started_before} if unstarted else {}),
                                  attempts=job.with_attempt(status, error.to_dict()))
             self.ledger.settle_failure(s, job, bill)
 

@@ -935,6 +935,11 @@ def test_a_claim_given_back_unstarted_says_no_engine_started_it(services: Servic
     assert (fresh.status, fresh.started_at) == ("queued", None)
     assert (again.status, again.started_at) == ("queued", earlier)  # the attempt that did start
     assert [a["error"]["details"]["started"] for a in fresh.attempts or []] == [False]
+    # Canceled meanwhile, it ends canceled, still never started.
+    services.scheduler._claim_ready({})
+    services.jobs.record_cancel(fresh_id)
+    services.scheduler._give_back_unstarted()
+    assert (row(services, fresh_id).status, row(services, fresh_id).started_at) == ("canceled", None)
 
 
 def test_a_claim_given_back_keeps_the_work_a_provider_accepted_before(services: Services) -> None:
