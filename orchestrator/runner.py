@@ -1442,11 +1442,11 @@ class JobRunner:
             # The progress it reached stays (a fast job's row was never written a step before).
             # What providers accepted, in case its own save is still out (or failed).
             accepted = _accepted_values(claim.accepted) if claim.accepted else {}
+            unstarted_values: dict[str, Any] = {"started_at": claim.started_before} if unstarted else {}
             self._guarded_update(s, claim, status=status, finished_at=utcnow(), error=error.to_dict(),
                                  lease_owner=None, lease_expires_at=None, progress_step=job.progress_step,
                                  progress_total=job.progress_total, **accepted,
-                                 **({"started_at": claim.started_before} if unstarted else {}),
-                                 attempts=job.with_attempt(status, error.to_dict()))
+                                 **unstarted_values, attempts=job.with_attempt(status, error.to_dict()))
             self.ledger.settle_failure(s, job, bill)
 
         self._end_write(claim, f"job {job.id}'s end", end,
