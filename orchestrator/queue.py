@@ -903,6 +903,12 @@ class Scheduler:
                 # not rebuilt from the row, so the event must carry the error. One it does not
                 # know is told whole (queued, started, the end) from the row when a client asks.
                 status = "canceled" if outcome == "canceled" else "failed"
+                view = self.bus.view(job.id)
+                if view is not None and not view.finished and not view.started and job.started_at is not None:
+                    # Known here only as submitted (a worker elsewhere ran it, unwatched): its start
+                    # comes first, as a stream built from the row tells it, or servers differ.
+                    self.bus.publish(job.id, "started", {"job_id": job.id, "status": "running", "engine": job.engine,
+                                                         "attempt": job.attempt})
                 self.bus.publish(job.id, status, {"job_id": job.id, "status": status, "error": error},
                                  known_only=True)
         if recovered:

@@ -1134,6 +1134,24 @@ def test_a_job_recovery_fails_tells_its_error_to_a_stream_already_open(services:
     assert events[-1][1]["error"] == row(services, job_id).error
 
 
+def test_a_job_submitted_here_and_recovered_here_is_told_started_before_its_end(services: Services) -> None:
+    # Submitted on this API server (told queued), run by a worker elsewhere that died: the
+    # server's recovery told its end only, and its stream said it never started, while every
+    # other server's, built from the row, told queued, started, failed (the SQLite chaos audit).
+    job_id = add_job(services, engine="fake-paid", status="running", attempt=1, lease_owner="dead-host:1:0",
+                     started_at=utcnow() - timedelta(seconds=30), lease_expires_at=utcnow() - timedelta(seconds=1))
+
+    async def scenario() -> list[tuple[str, dict[str, Any]]]:
+        services.bus.bind(asyncio.get_running_loop())
+        services.bus.publish(job_id, "queued", {"job_id": job_id, "status": "queued"})
+        assert await services.scheduler.recover(all_foreign=False) == [job_id]
+        return [(e.type, e.data) async for e in services.bus.subscribe(job_id)]
+
+    events = asyncio.run(scenario())
+    assert [kind for kind, _data in events] == ["queued", "started", "failed"]
+    assert events[1][1]["attempt"] == 1 and events[1][1]["engine"] == "fake-paid"
+
+
 def test_a_late_queued_event_and_repeated_states_are_not_replayed() -> None:
     bus = EventBus()
     bus.publish("job_1", "queued", {"status": "queued"})
