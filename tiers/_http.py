@@ -29,7 +29,6 @@ import re
 import socket
 import ssl
 import time
-import urllib.request
 import zlib
 from collections.abc import Awaitable, Callable, Collection
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -135,15 +134,6 @@ async def resolve_host(host: str, port: int) -> list[Address]:
     except (OSError, TimeoutError):
         return []
     return [ipaddress.ip_address(str(info[4][0]).partition("%")[0]) for info in infos]
-
-
-def _through_proxy(url: httpx.URL) -> bool:
-    """Whether httpx sends a request for `url` through a proxy of the environment (`HTTPS_PROXY`,
-    `ALL_PROXY`, not `NO_PROXY`'s): the proxy resolves its name, which this machine may not."""
-    proxies = urllib.request.getproxies_environment()
-    if not (proxies.get(url.scheme) or proxies.get("all")):
-        return False
-    return not urllib.request.proxy_bypass(url.raw_host.decode("ascii"))
 
 
 # IPv6 prefixes whose last 32 bits are an IPv4 address: NAT64's well-known prefix, the old
@@ -510,7 +500,7 @@ class RemoteClient:
                 # Checked once here: a name that resolves anew to another address when connecting
                 # (DNS rebinding) is not caught; the https certificate still has to match the name.
                 addresses = await resolve_host(host, url.port or 443)
-                if not addresses and not _through_proxy(url):
+                if not addresses and not self._through_proxy(url):
                     # Let through, httpx resolves it again, and may get the private address this
                     # lookup failed to see. As a connection that failed: retried, checked again.
                     raise httpx.ConnectError(f"{host} does not resolve", request=request) from None
@@ -523,6 +513,13 @@ class RemoteClient:
                 f"fetched: {why} (only public https hosts, or the base URL's own host)",
                 details={"engine": self.engine, "host": url.host}, retryable=False,
             )
+
+    def _through_proxy(self, url: httpx.URL) -> bool:
+        """Whether the client sends a request for `url` through a proxy (of the environment:
+        `HTTPS_PROXY`, `ALL_PROXY`, less `NO_PROXY`'s, as httpx reads them): the proxy resolves its
+        name, which this machine may not. Asked of httpx itself: urllib's reading of `NO_PROXY`
+        differs (`*` among other names)."""
+        return self.client._transport_for_url(url) is not self.client._transport
 
     @classmethod
     def for_settings(cls, engine: str, settings: Settings, *, base_url: str, key_setting: str,

@@ -494,15 +494,18 @@ async def test_a_name_that_does_not_resolve_is_not_connected_to(
     ({"ALL_PROXY": "http://proxy.studio:3128"}, True),
     ({"HTTP_PROXY": "http://proxy.studio:3128"}, False),  # not for https
     ({"HTTPS_PROXY": "http://proxy.studio:3128", "NO_PROXY": ".flaky.test"}, False),
+    ({"HTTPS_PROXY": "http://proxy.studio:3128", "NO_PROXY": "localhost,*"}, False),  # httpx: no proxy at all
 ])
-def test_a_name_a_proxy_resolves_is_left_to_it(
+async def test_a_name_a_proxy_resolves_is_left_to_it(
         monkeypatch: pytest.MonkeyPatch, env: dict[str, str], through: bool) -> None:
     for name in ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY", "NO_PROXY", "https_proxy", "http_proxy", "all_proxy",
                  "no_proxy"):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    assert _http._through_proxy(httpx.URL("https://cdn.flaky.test/x.png")) is through
+    client = RemoteClient("prov", base_url=BASE, key_setting="ORCH_PROV_API_KEY")  # reads the environment
+    assert client._through_proxy(httpx.URL("https://cdn.flaky.test/x.png")) is through
+    await client.aclose()
 
 
 @respx.mock
