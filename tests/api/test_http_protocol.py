@@ -5,6 +5,7 @@ HTTP client would refuse to send these."""
 from __future__ import annotations
 
 import json
+import re
 import socket
 import time
 from collections.abc import Iterator
@@ -102,3 +103,38 @@ def test_keep_alive_requests_each_get_their_own_head_count(address: tuple[str, i
         while part := sock.recv(65536):
             received += part
     assert received.count(b"HTTP/1.1 200 OK") == 3 and b"431" not in received
+
+
+def test_chunked_trailers_past_the_limit_are_refused_431(address: tuple[str, int]) -> None:
+    # httptools keeps trailers as headers, read after the head was counted: a keyless client grew
+    # the process by the megabytes of trailers it sent, with no answer.
+    start = [b"POST /v1/projects HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+             b"Transfer-Encoding: chunked\r\n\r\n", b"2\r\n{}\r\n0\r\n"]
+    trailers = [b"X-T: " + b"a" * 8000 + b"\r\n" for _ in range(2000)]  # 16 MB, never ended
+    status, headers, body, sent = exchange(address, start + trailers)
+    assert status == 431 and headers["connection"] == "close" and body["error"]["code"] == "invalid_request"
+    assert sent < 8_000_000
+
+
+def test_a_chunked_body_of_many_small_chunks_is_read(address: tuple[str, int]) -> None:
+    # Chunk size lines are no body: many of them, each with its bytes, are no trailers either.
+    payload = b'{"name": "chunked"' + b" " * 30_000 + b"}"  # 10,000 chunks: 50 KB of size lines
+    chunks = b"".join(b"%x\r\n%s\r\n" % (len(payload[i:i + 3]), payload[i:i + 3]) for i in range(0, len(payload), 3))
+    head = (b"POST /v1/projects HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Type: application/json\r\n"
+            b"Authorization: Bearer " + KEY.encode() + b"\r\nTransfer-Encoding: chunked\r\n\r\n")
+    status, _headers, body, _sent = exchange(address, [head, chunks, b"0\r\n\r\n"])
+    assert status == 201 and body["name"] == "chunked"
+
+
+def test_a_refusal_after_a_pipelined_request_comes_after_its_answer(address: tuple[str, int]) -> None:
+    # The refusal was written at once, in place of the first request's answer, which ran all the same.
+    first = (b"POST /v1/projects HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+             b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: 25\r\n\r\n" + b'{"name": "pipelined-one"}')
+    second = b"GET /v1/projects HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Pad: " + b"a" * 40_000 + b"\r\n\r\n"
+    with socket.create_connection(address, timeout=10) as sock:
+        sock.sendall(first + second)
+        received = b""
+        while part := sock.recv(65536):
+            received += part
+    answers = re.findall(rb"HTTP/1\.1 \d{3} [^\r]*", received)  # a status line follows the last body directly
+    assert answers == [b"HTTP/1.1 201 Created", b"HTTP/1.1 431 Request Header Fields Too Large"]
