@@ -129,7 +129,8 @@ def test_a_chunked_body_of_many_small_chunks_is_read(address: tuple[str, int]) -
 def test_a_refusal_after_a_pipelined_request_comes_after_its_answer(address: tuple[str, int]) -> None:
     # The refusal was written at once, in place of the first request's answer, which ran all the same.
     first = (b"POST /v1/projects HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-             b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: 25\r\n\r\n" + b'{"name": "pipelined-one"}')
+             b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: 25\r\n\r\n"
+             b'{"name": "pipelined-one"}')
     second = b"GET /v1/projects HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Pad: " + b"a" * 40_000 + b"\r\n\r\n"
     with socket.create_connection(address, timeout=10) as sock:
         sock.sendall(first + second)
