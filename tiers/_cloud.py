@@ -65,11 +65,12 @@ class Asked:
         # (a size the engine cannot make) may still be run directly.
         self.n, self.estimate, self.count = n, estimate, 0
         self.reported = 0  # what the provider reported charging for the calls that finished
-        self.finished, self.unreported = 0, 0  # calls that finished, and those of them that said no cost
+        self.calls, self.finished, self.unreported = 0, 0, 0  # calls sent, finished, and finished saying no cost
 
     def asking(self, count: int = 1) -> None:
         """Called just before a call that asks for `count` images is sent."""
         self.count += count
+        self.calls += 1
 
     def charged(self, cost: int | None) -> None:
         """A finished call's cost as the provider reported it (None: it did not say)."""
@@ -108,6 +109,8 @@ def paid_calls(made: Sized, asked: Asked | None = None) -> Iterator[None]:
         # `JobRunner._doubt_a_free_cancel`): only an engine's refusal, or a cancel whose raiser
         # said what it cost (the provider answered that the call never ran), says it billed nothing.
         surely_free = exc.charged == "no" and (exc.charged_told or not isinstance(exc, Canceled))
+        # ... or a cancel between two calls: none was out.
+        surely_free = surely_free or (exc.charged == "no" and asked is not None and asked.calls == asked.finished)
         billed = len(made) if surely_free or asked is None else asked.count
         if surely_free and asked is not None and asked.known is not None and exc.cost_millicredits is None:
             # Billed nothing for the failing call, and every call before it said what it cost: the

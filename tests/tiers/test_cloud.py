@@ -435,6 +435,19 @@ def test_a_ceiling_is_never_below_what_the_provider_reported_for_the_calls_made(
     assert (info.value.charged, info.value.cost_millicredits) == ("unknown", 5000)
 
 
+def test_a_cancel_between_calls_that_each_said_their_cost_charges_that_cost() -> None:
+    # The token's own cancel, raised before the next call was sent: none was out, so nothing is unknown.
+    images: list[object] = []
+    asked = Asked(4, lambda: 4500)
+    with pytest.raises(Canceled) as info, paid_calls(images, asked):
+        for cost in (1000, 1500):
+            asked.asking(1)
+            images.append(object())
+            asked.charged(cost)
+        raise Canceled("canceled")
+    assert (info.value.charged, info.value.cost_millicredits) == ("yes", 2500)
+
+
 @pytest.mark.parametrize(("error", "expected"), [
     # Refused, or withdrawn with the provider's word that it never ran: the calls made are the bill.
     (EngineError("refused"), ("yes", 2500)),
