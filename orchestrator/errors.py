@@ -50,9 +50,12 @@ what the provider reported charging, when it answered before the job failed, or 
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from orchestrator.clock import iso
+
+if TYPE_CHECKING:
+    from tiers.base import RenderResult
 
 Charged = Literal["no", "unknown", "yes"]
 
@@ -250,6 +253,9 @@ class EngineError(OrchestratorError):
     # Whether the failure says the engine is unwell (its circuit breaker counts it); a request too
     # large for the device's memory says nothing of the engine's health.
     engine_fault: bool = True
+    # What the job's earlier calls made before this failure, made and paid for (a job of n images
+    # asked for one call at a time): the runner keeps them as the failed or canceled job's assets.
+    made: RenderResult | None = None
     _said_unbilled: bool = False
 
     def __init__(

@@ -197,7 +197,8 @@ class JobFollower:
     def _read(self, job_ids: list[str]) -> tuple[list[Job], dict[str, list[str]], set[str]]:
         with self.db.session() as s:
             jobs = list(s.exec(select(Job).where(col(Job.id).in_(job_ids))).all())
-            done = [j.id for j in jobs if j.status == "succeeded"]
+            # A failed or canceled job keeps the images its engine made and billed before it ended.
+            done = [j.id for j in jobs if j.status in TERMINAL]
             assets: dict[str, list[str]] = {}
             if done:
                 rows = s.exec(select(Asset.job_id, Asset.id).where(col(Asset.job_id).in_(done))

@@ -634,10 +634,12 @@ class JobRunner:
     async def _end(self, claim: Claim, status: str, error: OrchestratorError) -> None:
         claim.ended = True
         try:
-            status, error = await asyncio.to_thread(self._finish, claim, status, error)
+            status, error, kept = await asyncio.to_thread(self._finish, claim, status, error)
         except StaleAttempt:
             log.info("job %s attempt %s was superseded; its %s is discarded", claim.job.id, claim.attempt, status)
             return
+        for index, asset_id in enumerate(kept):
+            self.bus.publish(claim.job.id, "asset", {"asset_id": asset_id, "index": index})
         # A cancel says why too: a user's, a stop's, a policy's move to local-only.
         data: dict[str, Any] = {"job_id": claim.job.id, "status": status, "error": error.to_dict()}
         if status == "failed":
@@ -1294,14 +1296,7 @@ class JobRunner:
         only fail the job and charge its estimate."""
         job = claim.job
         self._raise_if_user_canceled(claim)
-        records = []
-        for rendered in result.images:
-            record = self._record(job, result, rendered.seed)
-            record["width"], record["height"] = rendered.image.size
-            short = _smaller_than_asked(job.params, rendered.image.size)
-            if short is not None:
-                record["notes"] = [*record.get("notes", []), short]
-            records.append(record)
+        records = self._records(job, result)
         # PNG encoding (zlib) releases the GIL: n images encode and fsync in parallel.
         pngs = self._store_pngs(job, [r.image for r in result.images], records)
         try:
@@ -1312,6 +1307,18 @@ class JobRunner:
             # take the database for another store's, and to remove nothing more.
             self._discard(pngs)
             raise
+
+    def _records(self, job: Job, result: RenderResult, *, note: str | None = None) -> list[dict[str, Any]]:
+        """Each image's record (`_record`) with its size, and `note` when one is given."""
+        records = []
+        for rendered in result.images:
+            record = self._record(job, result, rendered.seed)
+            record["width"], record["height"] = rendered.image.size
+            notes = [_smaller_than_asked(job.params, rendered.image.size), note]
+            if any(notes):
+                record["notes"] = [*record.get("notes", []), *(n for n in notes if n)]
+            records.append(record)
+        return records
 
     def _store_pngs(self, job: Job, images: list[Image.Image],
                     records: list[dict[str, Any]]) -> list[tuple[Put, bytes]]:
@@ -1349,19 +1356,15 @@ class JobRunner:
     def _finish_success(self, claim: Claim, result: RenderResult, records: list[dict[str, Any]],
                         pngs: list[tuple[Put, bytes]], seconds: float) -> list[str]:
         job = claim.job
-        shas = [put.sha256 for put, _ in pngs]
-        rows = [
-            Asset(id=new_id("ast"), project_id=job.project_id, job_id=job.id, index=index, stage=job.stage,
-                  parent_id=job.source_asset_id, engine=job.engine, model=result.model,
-                  prompt=str(record["prompt"]), negative_prompt=str(record["negative_prompt"]),
-                  seed=rendered.seed, width=rendered.image.width, height=rendered.image.height, sha256=sha,
-                  record=record)
-            for index, (rendered, record, sha) in enumerate(zip(result.images, records, shas, strict=True))
-        ]
+        rows = _asset_rows(job, result, records, pngs)
         now = utcnow()
         self._end_write(claim, f"job {job.id}'s success",
                         lambda s: self._succeed_in(s, claim, result, rows, now, seconds),
                         lambda row: row.status == "succeeded" and _last_attempt(row, claim, "succeeded", None))
+        return self._served(rows, pngs)
+
+    def _served(self, rows: list[Asset], pngs: list[tuple[Put, bytes]]) -> list[str]:
+        """The ids of the committed `rows`, whose bytes the store serves from memory for a while."""
         for row, (put, data) in zip(rows, pngs, strict=True):
             self.store.recent.add(row.id, put.sha256, data)
         return [r.id for r in rows]
@@ -1387,14 +1390,7 @@ class JobRunner:
                              # The column's size: n ids of a many-call job may be longer.
                              provider_request_id=(request_id or "")[:500] or None,
                              attempts=job.with_attempt("succeeded"))
-        # Ids made under the write lock (the update above took it) commit in id order: they
-        # are list cursors, and a page must not step over an asset committed just after. Their
-        # times are stamped here too, by the clock ids take: stamped when the rows were built,
-        # before a wait for the lock, an asset listed after another could say it was made before.
-        stamp = shared_now()
-        for row in rows:
-            row.id, row.created_at = new_id("ast"), stamp
-        s.add_all(rows)
+        _add_assets(s, rows)
         # Free local work holds nothing: the ledger's lookup is skipped on the hot path.
         if job.estimated > 0 or result.cost_millicredits or billed_by_provider(engine):
             self.ledger.charge_made(s, job, result.cost_millicredits)
@@ -1425,14 +1421,17 @@ class JobRunner:
         return self.store.put_file(data), data
 
     def _finish(self, claim: Claim, status: str, error: OrchestratorError, *,
-                unstarted: bool = False) -> tuple[str, OrchestratorError]:
-        """End the job; returns the status and error it ended with. A failure that meets a cancel
-        already asked (answered 202, through another process, so the token here may not be set
-        yet) ends the job canceled, as a success that meets one does; what the failure says was
-        charged is still what the ledger settles. `unstarted`: no task started the claim (given
-        back at a stop), so no engine did: its `started_at` is put back."""
+                unstarted: bool = False) -> tuple[str, OrchestratorError, list[str]]:
+        """End the job; returns the status and error it ended with, and the ids of the images it
+        keeps. A failure that meets a cancel already asked (answered 202, through another process,
+        so the token here may not be set yet) ends the job canceled, as a success that meets one
+        does; what the failure says was charged is still what the ledger settles. `unstarted`: no
+        task started the claim (given back at a stop), so no engine did: its `started_at` is put
+        back. The images an engine made before it failed (`EngineError.made`) were paid for: they
+        are stored, and the job ends with them as its assets."""
         job = claim.job
         bill = error
+        rows, pngs = self._kept_images(job, error)
 
         def end(s: Session) -> None:
             nonlocal status, error
@@ -1447,11 +1446,34 @@ class JobRunner:
                                  lease_owner=None, lease_expires_at=None, progress_step=job.progress_step,
                                  progress_total=job.progress_total, **accepted,
                                  **unstarted_values, attempts=job.with_attempt(status, error.to_dict()))
+            _add_assets(s, rows)
             self.ledger.settle_failure(s, job, bill)
 
-        self._end_write(claim, f"job {job.id}'s end", end,
-                        lambda row: row.status == status and _last_attempt(row, claim, status, error))
-        return status, error
+        try:
+            self._end_write(claim, f"job {job.id}'s end", end,
+                            lambda row: row.status == status and _last_attempt(row, claim, status, error))
+        except BaseException:
+            self._discard(pngs)  # no row names them
+            raise
+        return status, error, self._served(rows, pngs)
+
+    def _kept_images(self, job: Job, error: OrchestratorError) -> tuple[list[Asset], list[tuple[Put, bytes]]]:
+        """The asset rows of the images the engine made before `error` ended the job, and their
+        stored files. Storing them is not the job's end: when it fails, the job ends without them
+        (their cost is charged all the same), and the log says why."""
+        made = error.made if isinstance(error, EngineError) else None
+        if made is None or not made.images:
+            return [], []
+        asked = job.params.get("n")
+        note = f"made before the job ended early ({error.code}): {len(made.images)} of the {asked} images asked"
+        try:
+            records = self._records(job, made, note=note)
+            pngs = self._store_pngs(job, [r.image for r in made.images], records)
+        except Exception as exc:  # disk full, a closed service: the end must still be written
+            log.error("job %s: the %d image(s) made before it ended could not be kept: %s: %s", job.id,
+                      len(made.images), type(exc).__name__, first_line(exc))
+            return [], []
+        return _asset_rows(job, made, records, pngs), pngs
 
     def _end_write(self, claim: Claim, what: str, write: Callable[[Session], None],
                    landed: Callable[[Job], bool], *, attempt: int | None = None) -> None:
@@ -1534,6 +1556,30 @@ class JobRunner:
             with attempt, self.db.transaction() as s:
                 s.execute(update(Job).where(col(Job.id) == claim.job.id, col(Job.attempt) == claim.attempt,
                                             col(Job.status) == "running").values(**_accepted_values(work)))
+
+
+def _asset_rows(job: Job, result: RenderResult, records: list[dict[str, Any]],
+                pngs: list[tuple[Put, bytes]]) -> list[Asset]:
+    return [
+        Asset(id=new_id("ast"), project_id=job.project_id, job_id=job.id, index=index, stage=job.stage,
+              parent_id=job.source_asset_id, engine=job.engine, model=result.model,
+              prompt=str(record["prompt"]), negative_prompt=str(record["negative_prompt"]),
+              seed=rendered.seed, width=rendered.image.width, height=rendered.image.height, sha256=put.sha256,
+              record=record)
+        for index, (rendered, record, (put, _)) in enumerate(zip(result.images, records, pngs, strict=True))
+    ]
+
+
+def _add_assets(s: Session, rows: list[Asset]) -> None:
+    """Add the job's asset rows, in the transaction that ends it (after its update took the write
+    lock). Ids made under the lock commit in id order: they are list cursors, and a page must not
+    step over an asset committed just after. Their times are stamped here too, by the clock ids
+    take: stamped when the rows were built, before a wait for the lock, an asset listed after
+    another could say it was made before."""
+    stamp = shared_now()
+    for row in rows:
+        row.id, row.created_at = new_id("ast"), stamp
+    s.add_all(rows)
 
 
 def _last_attempt(row: Job, claim: Claim, status: str, error: OrchestratorError | None) -> bool:

@@ -15,7 +15,17 @@ import httpx
 from orchestrator.errors import Canceled, ContentFiltered, EngineError, EngineUnavailable, NoImage, NoPrice
 from tiers._http import KeptOut, RemoteClient, SendsCredentials, error_text
 from tiers._images import b64decode_tolerant, decode_image
-from tiers.base import CancelToken, EngineContext, Kind, PriceTable, RenderedImage, Stage, in_kept_quotes, is_amount
+from tiers.base import (
+    CancelToken,
+    EngineContext,
+    Kind,
+    PriceTable,
+    RenderedImage,
+    RenderResult,
+    Stage,
+    in_kept_quotes,
+    is_amount,
+)
 
 if TYPE_CHECKING:
     from pydantic import SecretStr
@@ -97,14 +107,18 @@ class Asked:
 
 
 @contextmanager
-def paid_calls(made: Sized, asked: Asked | None = None) -> Iterator[None]:
+def paid_calls(made: Sized, asked: Asked | None = None,
+               kept: Callable[[], RenderResult] | None = None) -> Iterator[None]:
     """Around a loop of paid calls that fills `made`: once one call has made an image, any later
     failure (an error, a cancel) leaves that charge behind instead of releasing the whole hold.
     With `asked`, what that charge can be is bounded: the images made, and those of the failing
-    call unless it surely billed nothing."""
+    call unless it surely billed nothing. With `kept`, the result of the images made so far: the
+    error carries it (`EngineError.made`), and the job keeps them, as they were paid for."""
     try:
         yield
     except EngineError as exc:
+        if kept is not None and len(made) and exc.made is None:
+            exc.made = kept()
         # A token's own cancel says "no" knowing nothing of a call in flight (see
         # `JobRunner._doubt_a_free_cancel`): only an engine's refusal, or a cancel whose raiser
         # said what it cost (the provider answered that the call never ran), says it billed nothing.

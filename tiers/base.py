@@ -324,7 +324,9 @@ class Engine(Protocol):
     engine of several billable requests per job says it only while none of them is out (once one
     is, a cancel costs at least `unknown`, as `tiers._cloud.paid_calls` does for the built-ins);
     `billable_send()` raises a cancel of a later request so already once the provider accepted an
-    earlier one (`Progress.provider_request`).
+    earlier one (`Progress.provider_request`). An engine whose earlier requests made images before
+    a later one failed or was canceled sets them on the error (`EngineError.made`, a `RenderResult`):
+    they were paid for, and the job keeps them as its assets.
 
     A remote engine may set `concurrency`, how many of its jobs one process runs at once
     (`REMOTE_CONCURRENCY` when it does not; a local engine's device runs one)."""

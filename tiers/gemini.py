@@ -144,7 +144,17 @@ class GeminiEngine(CloudEngine):
         total_cost: int | None = 0
         request_ids: list[str] = []
         asked = Asked(req.n, lambda: self.estimate(req))
-        with paid_calls(images, asked):
+
+        def result() -> RenderResult:
+            return RenderResult(
+                images=list(images),
+                model=self._model,
+                cost_millicredits=total_cost,
+                provider_request_id=",".join(request_ids) or None,
+                metadata={"image_size": size_class(req.width, req.height), **PROMPT_AND_IMAGE_ONLY},
+            )
+
+        with paid_calls(images, asked, result):
             # Encoded once, off the event loop: a 2048 draft's PNG took seconds, and the API, every
             # event stream and the lease renewals stood still meanwhile.
             sent = await asyncio.to_thread(self._body, req)
@@ -200,13 +210,7 @@ class GeminiEngine(CloudEngine):
                 total_cost = None if cost is None or total_cost is None else total_cost + cost
                 asked.charged(cost)
                 progress.step(len(images), req.n)
-        return RenderResult(
-            images=images,
-            model=self._model,
-            cost_millicredits=total_cost,
-            provider_request_id=",".join(request_ids) or None,
-            metadata={"image_size": size_class(req.width, req.height), **PROMPT_AND_IMAGE_ONLY},
-        )
+        return result()
 
     def _json(self, response: httpx.Response) -> dict[str, Any]:
         try:

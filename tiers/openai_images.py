@@ -217,7 +217,17 @@ class OpenAIImagesEngine(CloudEngine):
         total_cost: int | None = 0
         request_ids: list[str] = []
         asked = Asked(req.n, lambda: self.estimate(req))
-        with paid_calls(images, asked):
+
+        def result() -> RenderResult:
+            return RenderResult(
+                images=list(images),
+                model=self._model,
+                cost_millicredits=total_cost,
+                provider_request_id=",".join(request_ids) or None,
+                metadata={"size": size, **PROMPT_AND_IMAGE_ONLY, "quality": quality(req)},
+            )
+
+        with paid_calls(images, asked, result):
             while len(images) < req.n:
                 count = min(MAX_N, req.n - len(images))
                 cancel.raise_if_cancelled()
@@ -253,13 +263,7 @@ class OpenAIImagesEngine(CloudEngine):
                 total_cost = None if cost is None or total_cost is None else total_cost + cost
                 asked.charged(cost)
                 progress.step(len(images), req.n)
-        return RenderResult(
-            images=images,
-            model=self._model,
-            cost_millicredits=total_cost,
-            provider_request_id=",".join(request_ids) or None,
-            metadata={"size": size, **PROMPT_AND_IMAGE_ONLY, "quality": quality(req)},
-        )
+        return result()
 
     def _error(self, response: httpx.Response, request_id: str | None) -> EngineError:
         code = _error_code(response)

@@ -169,7 +169,17 @@ class ReplicateEngine(CloudEngine):
         predict_time = 0.0
         base = await asyncio.to_thread(self._input, req)  # the draft's PNG, off the event loop
         asked = Asked(req.n, lambda: self.estimate(req))
-        with paid_calls(images, asked):  # earlier predictions were made and billed, whatever fails later
+
+        def result() -> RenderResult:
+            return RenderResult(
+                images=list(images),
+                model=self._model,
+                cost_millicredits=None,
+                provider_request_id=",".join(prediction_ids) or None,
+                metadata={"predict_time": round(predict_time, 3), **PROMPT_AND_IMAGE_ONLY},
+            )
+
+        with paid_calls(images, asked, result):  # earlier predictions were made and billed, whatever fails later
             for i in range(req.n):
                 cancel.raise_if_cancelled()
                 # A model that takes a seed gets seed + i, like every engine: n different images.
@@ -183,13 +193,7 @@ class ReplicateEngine(CloudEngine):
                 if isinstance(metrics, dict) and isinstance(metrics.get("predict_time"), int | float):
                     predict_time += float(metrics["predict_time"])
                 progress.step(len(images), req.n)
-        return RenderResult(
-            images=images,
-            model=self._model,
-            cost_millicredits=None,
-            provider_request_id=",".join(prediction_ids) or None,
-            metadata={"predict_time": round(predict_time, 3), **PROMPT_AND_IMAGE_ONLY},
-        )
+        return result()
 
     async def _predict(self, body: dict[str, Any], progress: Progress, cancel: CancelToken) -> dict[str, Any]:
         deadline = self.http.new_deadline()
@@ -232,7 +236,13 @@ class ReplicateEngine(CloudEngine):
                               charged="unknown")
         base = model_input(self._model, req, "", None)  # only for the seed the model takes, if any
         images: list[RenderedImage] = []
-        with paid_calls(images):
+
+        def result() -> RenderResult:
+            return RenderResult(images=list(images), model=self._model, cost_millicredits=None,
+                                provider_request_id=",".join(str(h["id"]) for h in handles),
+                                metadata=dict(PROMPT_AND_IMAGE_ONLY))
+
+        with paid_calls(images, kept=result):
             for i, handle in enumerate(handles):
                 deadline = self.http.new_deadline()
                 try:
@@ -247,9 +257,7 @@ class ReplicateEngine(CloudEngine):
                 seed = base["seed"] + i if "seed" in base else None
                 images.extend(RenderedImage(out.image, seed=seed) for out in outputs)
                 progress.step(len(images), req.n)
-        return RenderResult(images=images, model=self._model, cost_millicredits=None,
-                            provider_request_id=",".join(str(h["id"]) for h in handles),
-                            metadata=dict(PROMPT_AND_IMAGE_ONLY))
+        return result()
 
     async def _read(self, prediction_id: str, deadline: float, cancel: CancelToken) -> dict[str, Any]:
         """The prediction as a poll reads it, asked again when its answer cannot be read (a one-off

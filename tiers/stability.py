@@ -219,7 +219,17 @@ class StabilityEngine(CloudEngine):
         request_ids: list[str] = []
         finish_reasons: list[str] = []
         asked = Asked(req.n, lambda: self.estimate(req))
-        with paid_calls(images, asked):
+
+        def result() -> RenderResult:
+            return RenderResult(
+                images=list(images),
+                model=self._priced_model(req),
+                cost_millicredits=None,
+                provider_request_id=",".join(request_ids) or None,
+                metadata={"endpoint": self._path(op), "finish_reasons": list(finish_reasons), **self._used(req, op)},
+            )
+
+        with paid_calls(images, asked, result):
             for i in range(req.n):
                 cancel.raise_if_cancelled()
                 progress.state("submitted")
@@ -247,13 +257,7 @@ class StabilityEngine(CloudEngine):
                 images.append(RenderedImage(image, seed=seed))
                 finish_reasons.append(reason)
                 progress.step(len(images), req.n)
-        return RenderResult(
-            images=images,
-            model=self._priced_model(req),
-            cost_millicredits=None,
-            provider_request_id=",".join(request_ids) or None,
-            metadata={"endpoint": self._path(op), "finish_reasons": finish_reasons, **self._used(req, op)},
-        )
+        return result()
 
     def _path(self, op: Operation) -> str:
         if op == "upscale-conservative":
@@ -325,7 +329,15 @@ class StabilityEngine(CloudEngine):
                               details={"engine": self.name}, charged="unknown")
         images: list[RenderedImage] = []
         finish_reasons: list[str] = []
-        with paid_calls(images):
+
+        def result() -> RenderResult:
+            return RenderResult(images=list(images), model=self._priced_model(req), cost_millicredits=None,
+                                provider_request_id=",".join(str(h["id"]) for h in handles),
+                                metadata={"endpoint": self._path("upscale-creative"),
+                                          "finish_reasons": list(finish_reasons),
+                                          **self._used(req, "upscale-creative")})
+
+        with paid_calls(images, kept=result):
             for handle in handles:
                 job_id = str(handle["id"])
                 response = await self._poll_creative(job_id, self.http.new_deadline(), progress, cancel)
@@ -336,10 +348,7 @@ class StabilityEngine(CloudEngine):
                 images.append(RenderedImage(image, seed=seed))
                 finish_reasons.append(reason)
                 progress.step(len(images), req.n)
-        return RenderResult(images=images, model=self._priced_model(req), cost_millicredits=None,
-                            provider_request_id=",".join(str(h["id"]) for h in handles),
-                            metadata={"endpoint": self._path("upscale-creative"), "finish_reasons": finish_reasons,
-                                      **self._used(req, "upscale-creative")})
+        return result()
 
     async def _poll_creative(self, job_id: str, deadline: float, progress: Progress,
                              cancel: CancelToken) -> httpx.Response:

@@ -193,7 +193,7 @@ def test_a_cancel_whose_job_ends_meanwhile_is_answered_202(services: Services,
 
     def record_then_the_job_ends(recorded_id: str) -> bool:
         recorded = record(recorded_id)
-        status, _ = services.runner._finish(claim, "failed", EngineError("boom", retryable=False, charged="no"))
+        status, _, _ = services.runner._finish(claim, "failed", EngineError("boom", retryable=False, charged="no"))
         assert status == "canceled"  # the runner's end yields to the recorded cancel
         del services.scheduler._running[job_id]
         return recorded

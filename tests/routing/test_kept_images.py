@@ -1,0 +1,208 @@
+"""A paid job of n images that ends early keeps the images its earlier calls made: they were paid
+for. Drafts on Gemini through a plugin built on the built-in engine (the built-in takes bridge and
+polish alone, one image each), against a fake Gemini on loopback that answers some calls and
+refuses or holds the next."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from PIL import Image
+
+from orchestrator.settings import Settings
+from tests.api import read_events, worker_process
+from tests.routing import create_project, ledger, poll, submit, wait_for_job
+from tests.routing.conftest import SettingsFactory, running, write_policies
+from tiers.base import EngineContext, Stage
+from tiers.gemini import GeminiEngine
+
+USAGE = {"promptTokenCount": 100, "candidatesTokenCount": 1000, "totalTokenCount": 1100,
+         "candidatesTokensDetails": [{"modality": "IMAGE", "tokenCount": 1000}]}
+POLICY = """
+name = "gemini-drafts"
+description = "Drafts on Gemini."
+
+[[rules]]
+name = "everything"
+match = {}
+engines = ["gemini-drafts"]
+"""
+
+
+class GeminiDrafts(GeminiEngine):
+    """A studio's plugin: the built-in Gemini engine, drafting too."""
+
+    name = "gemini-drafts"
+    stages: frozenset[Stage] = frozenset({"ideation", "bridge", "polish"})
+
+
+def factory(ctx: EngineContext) -> GeminiDrafts:
+    return GeminiDrafts(ctx)
+
+
+def provider_png(shade: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (shade, 40, 200)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class FakeGemini:
+    """Answers the first `answered` calls with an image each (a different shade per call); the next
+    is refused with a 400 INVALID_ARGUMENT, after `release` is set when `hold` is."""
+
+    def __init__(self, answered: int) -> None:
+        self.calls = 0
+        self.hold = False
+        self.release = threading.Event()
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("content-length", "0")))
+                fake.calls += 1
+                if fake.calls > answered:
+                    if fake.hold:
+                        fake.release.wait(30)
+                    self._send(400, {"error": {"code": 400, "message": "Request contains an invalid argument.",
+                                               "status": "INVALID_ARGUMENT"}})
+                    return
+                data = base64.b64encode(provider_png(40 * fake.calls)).decode()
+                self._send(200, {
+                    "candidates": [{"content": {"role": "model", "parts": [
+                        {"inlineData": {"mimeType": "image/png", "data": data}}]},
+                        "finishReason": "STOP", "index": 0}],
+                    "usageMetadata": USAGE, "responseId": f"resp-{fake.calls}"})
+
+            def _send(self, status: int, payload: dict[str, Any]) -> None:
+                body = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                return None
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, name="fake-gemini", daemon=True)
+
+    @property
+    def url(self) -> str:
+        host, port = self.server.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    def __enter__(self) -> FakeGemini:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=10)
+
+
+ENGINES = "gemini-drafts=tests.routing.test_kept_images:factory"
+
+
+def drafting_settings(new_settings: SettingsFactory, tmp_path: Path, gemini: FakeGemini, **extra: Any) -> Settings:
+    folder = write_policies(tmp_path / "policies", {"gemini-drafts": POLICY})
+    return new_settings(engines=ENGINES, policy="gemini-drafts", policy_dir=folder, gemini_api_key="test-key",
+                        gemini_base_url=gemini.url, **extra)
+
+
+@pytest.fixture
+def drafting(new_settings: SettingsFactory, tmp_path: Path) -> Iterator[tuple[httpx.Client, FakeGemini]]:
+    with FakeGemini(answered=2) as gemini, running(drafting_settings(new_settings, tmp_path, gemini)) as client:
+        yield client, gemini
+
+
+def draft(client: httpx.Client, n: int) -> tuple[str, dict[str, Any]]:
+    project = create_project(client, "kept", budget={"limit": 100, "period": "month"})
+    job = submit(client, f"/v1/projects/{project['id']}/drafts",
+                 {"prompt": "a lighthouse", "n": n, "width": 64, "height": 64, "cache": False})
+    assert job["engine"] == "gemini-drafts"
+    return project["id"], job
+
+
+def kept_pngs(client: httpx.Client, asset_ids: list[str]) -> list[tuple[dict[str, Any], dict[str, Any], bytes]]:
+    out = []
+    for asset_id in asset_ids:
+        asset = client.get(f"/v1/assets/{asset_id}").json()
+        content = client.get(f"/v1/assets/{asset_id}/content")
+        assert content.status_code == 200
+        with Image.open(io.BytesIO(content.content)) as img:
+            record = json.loads(img.info["orchestrator"])
+            pixels = img.convert("RGB").tobytes()
+        out.append((asset, record, pixels))
+    return out
+
+
+def test_a_job_refused_part_way_keeps_the_images_made_and_charges_them_exactly(
+        drafting: tuple[httpx.Client, FakeGemini]) -> None:
+    client, gemini = drafting
+    project_id, job = draft(client, n=4)
+    events = read_events(client, job["id"])
+    job = wait_for_job(client, job["id"])
+    assert job["status"] == "failed" and gemini.calls == 3  # the fourth image was never asked for
+    assert len(job["assets"]) == 2
+    # Told as a stream tells them: each image, then the one end.
+    told = [(e.event, e.data.get("index")) for e in events if e.event in ("asset", "failed")]
+    assert told == [("asset", 0), ("asset", 1), ("failed", None)]
+    assert [e.data["asset_id"] for e in events if e.event == "asset"] == job["assets"]
+
+    kept = kept_pngs(client, job["assets"])
+    assert [p for _, _, p in kept] == [Image.open(io.BytesIO(provider_png(s))).convert("RGB").tobytes()
+                                       for s in (40, 80)]
+    for asset, record, _ in kept:
+        assert (asset["job_id"], asset["engine"], asset["stage"]) == (job["id"], "gemini-drafts", "ideation")
+        assert record["notes"] == ["made before the job ended early (invalid_request): 2 of the 4 images asked"]
+    listed = client.get(f"/v1/projects/{project_id}/assets").json()["items"]
+    assert {a["id"] for a in listed} == set(job["assets"])
+
+    # Two calls said their cost; the refused one billed nothing: that is the bill, nothing to reconcile.
+    entries = ledger(client, project_id, job["id"])
+    captures = [e for e in entries if e["kind"] == "capture"]
+    assert len(captures) == 1 and not captures[0]["unreconciled"]
+    assert captures[0]["amount"] == job["cost"]["charged"] > 0 and job["cost"]["held"] == 0
+
+
+def test_a_cancel_while_a_later_call_is_out_keeps_the_images_made(
+        drafting: tuple[httpx.Client, FakeGemini]) -> None:
+    client, gemini = drafting
+    gemini.hold = True
+    _, job = draft(client, n=3)
+    poll(lambda: gemini.calls == 3, what="the third call out")
+    assert client.post(f"/v1/jobs/{job['id']}/cancel").status_code == 202
+    job = wait_for_job(client, job["id"])
+    assert job["status"] == "canceled" and len(job["assets"]) == 2
+    assert [a["job_id"] for a, _, _ in kept_pngs(client, job["assets"])] == [job["id"]] * 2
+    # A stream opened after the end tells the kept images too, from the row.
+    told = [e.event for e in read_events(client, job["id"]) if e.event in ("asset", "canceled")]
+    assert told == ["asset", "asset", "canceled"]
+
+
+def test_a_stream_told_from_the_row_tells_the_images_a_worker_kept(new_settings: SettingsFactory,
+                                                                  tmp_path: Path) -> None:
+    # The API server runs no jobs: it tells the stream from the row the worker writes.
+    with FakeGemini(answered=1) as gemini:
+        settings = drafting_settings(new_settings, tmp_path, gemini, run_jobs=False, poll_interval=0.1)
+        env = {"ORCH_ENGINES": ENGINES, "ORCH_POLICY": "gemini-drafts", "ORCH_POLICY_DIR": str(settings.policy_dir),
+               "ORCH_GEMINI_API_KEY": "test-key", "ORCH_GEMINI_BASE_URL": gemini.url}
+        with running(settings) as client, worker_process(settings, tmp_path, "worker.log", env=env):
+            _, job = draft(client, n=2)
+            events = read_events(client, job["id"], timeout=120)
+            job = wait_for_job(client, job["id"])
+    assert job["status"] == "failed" and len(job["assets"]) == 1
+    told = [(e.event, e.data.get("asset_id")) for e in events if e.event in ("asset", "failed")]
+    assert told == [("asset", job["assets"][0]), ("failed", None)]
