@@ -4,20 +4,37 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import sqlalchemy as sa
 from alembic import context, op
 
 from orchestrator.db import MigrationRefused
 
+# How long the service replays an idempotency key's request (`orchestrator.idempotency.TTL`, kept
+# here as it was when these revisions were written): an older row replays nothing, and is dropped.
+KEY_LIFETIME = timedelta(hours=48)
+# The first release that kept a non-ASCII key as sent (commit 94ccff5, at 0013): the releases
+# before kept it, and look it up, as its UTF-8 bytes read as latin-1 (`clé` as `clÃ©`).
+READ_AS_SENT_FROM = datetime(2026, 11, 30, 5, 39, 15, tzinfo=UTC)
+KEYS = sa.table("idempotency_keys", sa.column("key", sa.String), sa.column("job_id", sa.String),
+                sa.column("api_key_id", sa.String), sa.column("created_at", sa.DateTime(timezone=True)))
 
-def refuse_while(sql: str, why: str, counted: Callable[[list[object]], int] | None = None) -> None:
+
+def live_keys(*where: Any, what: Any = None) -> sa.Select[Any]:
+    """The idempotency keys (`what`: a count of them unless told) a retry could still replay."""
+    return (sa.select(sa.func.count() if what is None else what).select_from(KEYS)
+            .where(KEYS.c.created_at >= datetime.now(UTC) - KEY_LIFETIME, *where))
+
+
+def refuse_while(sql: str | sa.Executable, why: str, counted: Callable[[list[object]], int] | None = None) -> None:
     """Refuse the revision while `sql` finds anything: a count (`SELECT count(*) ...`), or the rows
     `counted` counts. `why` (with `{n}`, the count) says what would be lost and what to do.
     Offline (`--sql`) there is no database to ask: the script is read by whoever runs it."""
     if context.is_offline_mode():
         return
-    result = op.get_bind().execute(sa.text(sql))
+    result = op.get_bind().execute(sa.text(sql) if isinstance(sql, str) else sql)
     found = result.scalar() if counted is None else counted(list(result.scalars()))
     if found:
         raise MigrationRefused(why.format(n=found))

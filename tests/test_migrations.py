@@ -3,7 +3,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -408,13 +408,17 @@ def test_downgrades_that_would_drop_what_is_in_use_are_refused_one_by_one(tmp_pa
 
 
 def check_downgrades_refused_one_by_one(url: str) -> None:
-    """0005's would forget work a provider still has (its hold released, the work billed), 0004's
-    drop keys in use, 0002's the ledger; each says what to do first, and changes nothing."""
+    """0013's would leave keys stored as sent where the releases before look them up misread (and
+    the upgrade back rewrites them), 0012's and 0003's drop keys a retry could still replay, 0006's
+    a cancel asked of a running job, 0005's forget work a provider still has (its hold released,
+    the work billed), 0004's drop keys in use, 0002's the ledger, 0001's every project; each says
+    what to do first, and changes nothing."""
     from alembic import command
     from sqlmodel import Session
 
+    from orchestrator.clock import utcnow
     from orchestrator.db import alembic_config
-    from orchestrator.models import Job
+    from orchestrator.models import IdempotencyKey, Job
 
     upgrade(url)
     engine = create_engine(url)
@@ -432,17 +436,37 @@ def check_downgrades_refused_one_by_one(url: str) -> None:
                               "VALUES ('key_1', 'prj_1', 'ci', 'ok_1', :sha, '2026-11-30 12:00:00')"),
                          {"sha": "0" * 64})
             _capture(conn)
+            conn.execute(text("UPDATE jobs SET status = 'queued', cancel_requested_at = created_at WHERE id = 'job_2'"))
+        with Session(engine) as s:  # retried within 48 h, each replays what the first made
+            made: list[tuple[str, dict[str, Any]]] = [("cl\u00e9", {"job_id": "job_1"}),
+                                                      ("key", {"api_key_id": "key_1"}),
+                                                      ("grant", {"project_id": "prj_1"})]
+            for key, what in made:
+                s.add(IdempotencyKey(key=key, scope="/v1/x", request_hash="h", created_at=utcnow(), **what))
+            s.add(IdempotencyKey(key="\u00e9-old", scope="/v1/x", request_hash="h", job_id="job_1",
+                                 created_at=utcnow() - timedelta(hours=49)))  # replays nothing any more
+            s.commit()
         head = _revision(engine)
         for refusal, mend in [
+            (r"1 Idempotency-Key\(s\) with non-ASCII.*wait until",
+             "DELETE FROM idempotency_keys WHERE key = 'cl\u00e9'"),
+            (r"1 request\(s\) made with a project key within the last 48 h",
+             "DELETE FROM idempotency_keys WHERE key = 'key'"),
+            (r"1 unfinished job\(s\) have a cancel asked", "UPDATE jobs SET status = 'canceled' WHERE id = 'job_2'"),
             (r"1 unfinished job\(s\) have work at a provider", "UPDATE jobs SET status = 'failed' WHERE id = 'job_1'"),
             (r"1 project key\(s\) are in use.*revoke them first", "UPDATE api_keys SET revoked_at = created_at"),
+            (r"1 project creation\(s\) or grant\(s\) within the last 48 h",
+             "DELETE FROM idempotency_keys WHERE key = 'grant'"),
             (r"1 ledger entry\(ies\).*export them", "DELETE FROM ledger_entries"),
+            (r"1 project\(s\), with their jobs and assets",
+             "DELETE FROM idempotency_keys; DELETE FROM api_keys; DELETE FROM jobs; DELETE FROM projects"),
         ]:
             with pytest.raises(MigrationRefused, match=refusal):
                 command.downgrade(alembic_config(url), "base")
             assert _revision(engine) == head  # the whole downgrade rolled back
             with engine.begin() as conn:
-                conn.execute(text(mend))
+                for statement in mend.split("; "):
+                    conn.execute(text(statement))
         command.downgrade(alembic_config(url), "base")
         assert _revision(engine) is None
     finally:

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
+from migrations.guard import refuse_while
+
 revision: str = '0001'
 down_revision: str | None = None
 branch_labels: str | Sequence[str] | None = None
@@ -102,6 +104,9 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    refuse_while("SELECT count(*) FROM projects",
+                 "{n} project(s), with their jobs and assets, would be dropped with their tables by this downgrade; "
+                 "it is refused while the database holds any")
     with op.batch_alter_table('idempotency_keys', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_idempotency_keys_created_at'))
 

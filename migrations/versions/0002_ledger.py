@@ -55,7 +55,8 @@ def upgrade() -> None:
 def downgrade() -> None:
     refuse_while("SELECT count(*) FROM ledger_entries",
                  "{n} ledger entry(ies) (holds, charges, grants) would be dropped with their table by this downgrade; "
-                 "export them (GET /v1/projects/{{id}}/ledger) and delete them first")
+                 "export them (GET /v1/projects/{{id}}/ledger) and delete them first, after the idempotency keys "
+                 "that name them (DELETE FROM idempotency_keys WHERE ledger_entry_id IS NOT NULL)")
     with op.batch_alter_table('jobs', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_jobs_cache_key'))
         batch_op.drop_column('cache_key')

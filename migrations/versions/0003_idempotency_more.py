@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
+from migrations.guard import KEY_LIFETIME, KEYS, live_keys, refuse_while
+
 revision: str = '0003'
 down_revision: str | None = '0002'
 branch_labels: str | Sequence[str] | None = None
@@ -32,6 +34,10 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    refuse_while(live_keys(KEYS.c.job_id.is_(None)),
+                 f"{{n}} project creation(s) or grant(s) within the last {KEY_LIFETIME.total_seconds() / 3600:g} h "
+                 "can still be retried with their Idempotency-Key, and this downgrade would drop them (a retry would "
+                 "create or grant again); wait until they are that old")
     # Keys of projects and grants have no job to point at: they go.
     op.execute("DELETE FROM idempotency_keys WHERE job_id IS NULL")
     with op.batch_alter_table('idempotency_keys', schema=None) as batch_op:

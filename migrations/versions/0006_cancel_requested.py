@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
+from migrations.guard import refuse_while
+
 revision: str = '0006'
 down_revision: str | None = '0005'
 branch_labels: str | Sequence[str] | None = None
@@ -24,5 +26,9 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    # Without the column the job runs on (and may be billed) though its client was told it would stop.
+    refuse_while("SELECT count(*) FROM jobs WHERE cancel_requested_at IS NOT NULL AND status IN ('queued', 'running')",
+                 "{n} unfinished job(s) have a cancel asked that the schema before 0006 cannot record; let them "
+                 "end before this downgrade")
     with op.batch_alter_table('jobs', schema=None) as batch_op:
         batch_op.drop_column('cancel_requested_at')

@@ -17,10 +17,11 @@ Create Date: 2026-12-02 09:00:00.000000
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import UTC, datetime
 
 import sqlalchemy as sa
 from alembic import context, op
+
+from migrations.guard import READ_AS_SENT_FROM
 
 revision: str = '0019'
 down_revision: str | None = '0018'
@@ -29,8 +30,7 @@ depends_on: str | Sequence[str] | None = None
 
 KEYS = sa.table('idempotency_keys', sa.column('key', sa.String), sa.column('scope', sa.String),
                 sa.column('created_at', sa.DateTime(timezone=True)))
-# The first release that kept keys as sent (commit 94ccff5): no key stored since was misread.
-READ_AS_SENT_FROM = datetime(2026, 11, 30, 5, 39, 15, tzinfo=UTC)
+# No key stored since READ_AS_SENT_FROM (`migrations.guard`) was misread.
 # That release's schema: a database still before it was served only by releases that misread keys
 # (a studio that kept one running past that date stored misread keys after it too).
 FIRST_REVISION_READ_AS_SENT = 13
