@@ -126,9 +126,10 @@ class Router:
             refused = any(PurePath(error.file).stem == policy_name for error in self.policies.errors)
             fix = ("its file was refused (GET /v1/policies says why): mend it, or set the project's policy (PATCH)"
                    if refused else "set the project's policy (PATCH) or restore the policy file")
+            # Not the policies loaded: a project key is told this too, and another studio client's
+            # policy is named for it (GET /v1/policies lists them for the admin key).
             raise NoUsableEngine(f"the project's policy '{policy_name}' is not loaded; {fix}",
-                                 details={"policy": policy_name, "known": self.policies.names(),
-                                          "file_refused": refused}) from None
+                                 details={"policy": policy_name, "file_refused": refused}) from None
         if requested is not None and requested not in self.registry and requested not in self.registry.broken:
             known = sorted([engine.name for engine in self.registry] + list(self.registry.broken))
             raise NoRoute(f"unknown engine '{shown(requested)}' (known: {', '.join(known)})",

@@ -620,7 +620,9 @@ def test_a_policy_that_is_not_loaded_is_a_setup_error_not_a_missing_project(
         refused = client.post(f"/v1/projects/{project['id']}/drafts", json=body)
         error = assert_error(refused, 503, "no_route")
         assert "policy 'custom' is not loaded" in error["message"]
-        assert "restore the policy file" in error["message"] and error["details"]["file_refused"] is False
+        assert "restore the policy file" in error["message"]
+        # The policies loaded are not listed: a project key is answered so too.
+        assert error["details"] == {"policy": "custom", "file_refused": False}
         assert "retry-after" not in refused.headers  # the operator's to fix: waiting changes nothing
         # Put back with a mistake: not "restore the policy file", which is there.
         (folder / "custom.toml").write_text("rules = [\n")
