@@ -241,11 +241,21 @@ class PolicyStore:
                 # The engines a request it matches may go to: the one it asked for when the rule matches on it.
                 tried = [name for name in rule.engines if rule.match.engine is None or name in rule.match.engine]
                 wanted = rule.match.stages
-                if tried and all(name in served for name in tried) and not any(served[name] & wanted for name in tried):
-                    warnings.append(f"{label}: {rule_label} matches {', '.join(sorted(wanted))} requests, and none "
+                if not tried or not all(name in served for name in tried):
+                    continue
+                unserved = sorted(stage for stage in wanted if not any(stage in served[name] for name in tried))
+                if len(unserved) == len(wanted):
+                    warnings.append(f"{label}: {rule_label} matches {', '.join(unserved)} requests, and none "
                                     f"of its engines ({', '.join(tried)}) serves "
                                     f"{'that stage' if len(wanted) == 1 else 'any of these stages'}: each request "
                                     "it matches is refused")
+                elif unserved and rule.match.stage is not None:
+                    # Only where its stages are listed: a rule matching any stage (a catch-all) is
+                    # often reached by the stages its engines serve alone, earlier rules taking the rest.
+                    warnings.append(f"{label}: {rule_label} matches {', '.join(unserved)} requests too, and none "
+                                    f"of its engines ({', '.join(tried)}) serves "
+                                    f"{'that stage' if len(unserved) == 1 else 'these stages'}: each such request "
+                                    "that reaches it is refused")
             for name, places in where.items():
                 warnings.append(f"{label}: unknown engine '{name}'{_did_you_mean(name, known)} in "
                                 f"{', '.join(places)}: no request is routed to it (known: {', '.join(sorted(known))})")

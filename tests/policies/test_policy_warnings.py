@@ -265,6 +265,8 @@ def test_rules_whose_engines_serve_none_of_their_stages_are_warned_about(tmp_pat
         'name = "mixed"\nmatch = { stage = "bridge", tags = { client = "beta" } }\nengines = ["lite", "local-hifi"]',
         'name = "plugin"\nmatch = { stage = "bridge", tags = { client = "gamma" } }\nengines = ["lite", "my-plugin"]',
         'name = "finals"\nmatch = { stage = ["bridge", "polish"] }\nengines = ["lite"]',
+        'name = "part"\nmatch = { stage = ["ideation", "bridge"], tags = { client = "delta" } }\nengines = ["lite"]',
+        'name = "any"\nmatch = { tags = { client = "eps" } }\nengines = ["lite"]',
         'match = {}\ndeny = "no"'))
     store = PolicyStore(tmp_path, include_builtins=False)
     known = [*BUILTIN_ENGINES, "my-plugin"]  # known, but its stages are not told: not judged
@@ -273,7 +275,10 @@ def test_rules_whose_engines_serve_none_of_their_stages_are_warned_about(tmp_pat
         "that stage: each request it matches is refused",
         f"{path}: rule 5 ('finals') matches bridge, polish requests, and none of its engines (lite) serves any of "
         "these stages: each request it matches is refused",
-    ]  # rule 2 matches only requests for lite, of any stage: its ideation ones are served
+        f"{path}: rule 6 ('part') matches bridge requests too, and none of its engines (lite) serves that stage: "
+        "each such request that reaches it is refused",
+    ]  # rule 2 matches only requests for lite, of any stage: its ideation ones are served; rule 7
+    # lists no stage: its bridge and polish requests may all be taken by the rules before it
     # Without the engines' stages, nothing is said about them.
     assert store.engine_warnings(known, LEAVING) == []
 
