@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import unicodedata
 from datetime import datetime
@@ -83,6 +84,9 @@ def _not_a_bool(value: Any) -> Any:
     # Lax pydantic reads true/false as 1/0: `"guidance_scale": false` would quietly become 0.0.
     if isinstance(value, bool):
         raise ValueError("expected a number, not true/false")
+    # Before the bounds: NaN fails every comparison, and was refused as "greater than or equal to 0".
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"expected a finite number, not {value}")
     # -0.0 passes `ge=0`: kept, it was recorded as "CFG scale: -0.0" and made a retry of the same
     # request under its Idempotency-Key (0 or 0.0 the first time) a different one (409).
     return 0.0 if isinstance(value, float) and value == 0 else value

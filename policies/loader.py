@@ -365,4 +365,7 @@ def _rule_label(raw: dict[str, Any], index: int) -> str:
     rules = raw.get("rules")
     rule = rules[index] if isinstance(rules, builtins.list) and index < len(rules) else None
     name = rule.get("name") if isinstance(rule, dict) else None
-    return f"rule {index + 1} ('{name}')" if isinstance(name, str) and name else f"rule {index + 1}"
+    if not isinstance(name, str) or not name:
+        return f"rule {index + 1}"
+    # A name refused for its control characters is shown escaped, as its value is ("got").
+    return f"rule {index + 1} ('{name}')" if name.isprintable() else f"rule {index + 1} ({name!r})"

@@ -9,12 +9,22 @@ and the numbers (`order_candidates`) and keeps the final say on availability and
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, TypeVar, get_args
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from orchestrator.schemas import MIN_SIDE, Credits, privacy_key
 from tiers.base import RenderRequest, Stage, to_millicredits
@@ -79,7 +89,7 @@ class Match(_Model):
     engine: OneOrMany[str] | None = Field(default=None, min_length=1)
     width_over: int | None = Field(default=None, ge=0)
     height_over: int | None = Field(default=None, ge=0)
-    budget_used_over: float | None = Field(default=None, ge=0.0, le=1.0)
+    budget_used_over: float | None = Field(default=None, ge=0.0, le=1.0, allow_inf_nan=False)
 
     @field_validator("tags")
     @classmethod
@@ -205,6 +215,21 @@ class Rule(_Model):
     private: bool = False
     deny: str | None = Field(default=None, min_length=1)
     reason: str | None = None
+
+    @field_validator("name", "deny", "reason")
+    @classmethod
+    def _text(cls, value: str | None, info: ValidationInfo) -> str | None:
+        # Copied into every job's `routing` and into error messages: a NUL (PostgreSQL refuses it,
+        # and the API refuses it in requests) or, in a name, a line break or nothing but spaces.
+        if value is None:
+            return None
+        allowed = "" if info.field_name == "name" else "\n\t"
+        controls = [c for c in value if unicodedata.category(c) == "Cc" and c not in allowed]
+        if controls:
+            raise ValueError(f"control characters are not allowed (found {controls[0]!a})")
+        if info.field_name == "name" and value and not value.strip():
+            raise ValueError("a name of spaces alone names nothing")
+        return value
 
     @field_validator("engines")
     @classmethod

@@ -296,6 +296,20 @@ RULES_OK = '[[rules]]\nname = "drafts"\nmatch = { stage = "ideation" }\nengines 
        ["rule 2 ('cap')", "max_credits", f"(got {got})"])
       for cap, got in [("inf", "inf"), ("-inf", "-inf"), ("nan", "nan"), ("1e300", "1e+300"),
                        ("2_000_000_000", "2000000000")]],
+    # NaN fails every bound: it was refused as "greater than or equal to 0".
+    ('name = "bad"\n' + RULES_OK + '[[rules]]\nname = "cap"\nmatch = {}\nengines = ["x"]\nmax_credits = nan\n',
+     ["rule 2 ('cap')", "max_credits", "finite number"]),
+    ('name = "bad"\n' + RULES_OK + '[[rules]]\nname = "b"\nmatch = { budget_used_over = nan }\nengines = ["x"]\n',
+     ["rule 2 ('b')", "match.budget_used_over", "finite number"]),
+    # Copied into every job's routing: a NUL failed its write on PostgreSQL.
+    ('name = "bad"\n' + RULES_OK + '[[rules]]\nname = "a\\u0000b"\nmatch = {}\nengines = ["x"]\n',
+     ["rule 2 ('a\\x00b'): name:", "control characters", "'\\x00'"]),
+    ('name = "bad"\n' + RULES_OK + '[[rules]]\nname = "two\\nlines"\nmatch = {}\nengines = ["x"]\n',
+     ["rule 2 ('two\\nlines'): name:", "control characters"]),
+    ('name = "bad"\n' + RULES_OK + '[[rules]]\nname = "   "\nmatch = {}\nengines = ["x"]\n',
+     ["rule 2 ('   '): name:", "spaces alone"]),
+    ('name = "bad"\n' + RULES_OK + '[[rules]]\nname = "r"\nmatch = {}\nengines = ["x"]\nreason = "a\\u0000"\n',
+     ["rule 2 ('r')", "reason", "control characters"]),
     ('name = "bad"\n' + RULES_OK + '[[rules]]\nname = "cap"\nmatch = {}\nengines = ["x"]\nmax_credits = 1.2345\n',
      ["rule 2 ('cap')", "max_credits", "at most 3 decimals"]),
     ('name = "bad"\n' + RULES_OK + '[[rules]]\nname = "cap"\nmatch = {}\nengines = ["x"]\nmax_credits = true\n',
