@@ -231,9 +231,12 @@ class JobService:
         out = {**inherited, **tags}
         if privacy and is_private({PRIVACY_TAG: privacy}):
             out[PRIVACY_TAG] = privacy
-        if len(out) > MAX_TAGS:
+        # Not the privacy tag: the service adds it to work it keeps local (`job_params`), to a draft of
+        # 64 tags too, whose images could then be promoted by no request at all.
+        counted = len(out) - (PRIVACY_TAG in out)
+        if counted > MAX_TAGS:
             why = (f"with the {len(inherited)} tags asset '{source.id}' passes on, this job would have "
-                   f"{len(out)} (at most {MAX_TAGS})")
+                   f"{counted} besides {PRIVACY_TAG} (at most {MAX_TAGS})")
             raise InvalidRequest(why, details={
                 "source_asset_id": source.id,
                 "errors": [{"loc": ["body", "tags"], "msg": why, "type": "too_long"}]})

@@ -421,6 +421,23 @@ def test_a_promotion_carries_its_draft_s_tags_to_the_rules(paid_server: httpx.Cl
                  422, "invalid_request")
 
 
+def test_a_draft_of_64_tags_kept_local_can_still_be_promoted_and_polished(paid_server: httpx.Client) -> None:
+    # The privacy tag the service adds made its job's tags 65, and every promotion of its images
+    # was refused (at most 64), whatever the request said.
+    project_id = paid_server.post("/v1/projects", json={"name": "many tags", "policy": "local-only"}).json()["id"]
+    tags = {f"t{i}": "x" for i in range(64)}
+    draft = run_draft(paid_server, project_id, tags=tags)
+    asset_id = draft["assets"][0]
+    assert paid_server.get(f"/v1/jobs/{draft['id']}").json()["params"]["tags"] == {**tags, "privacy": "local"}
+    job = promote(paid_server, asset_id)
+    assert job["params"]["tags"] == {**tags, "privacy": "local"}
+    polish = paid_server.post(f"/v1/assets/{asset_id}/polish", json={"cache": False})
+    assert polish.status_code == 202, polish.text
+    # A 65th tag of its own is one too many still.
+    assert_error(paid_server.post(f"/v1/assets/{asset_id}/promote", json={"cache": False, "tags": {"t64": "x"}}),
+                 422, "invalid_request")
+
+
 def test_drafts_made_under_local_only_stay_local_after_a_policy_change(paid_server: httpx.Client) -> None:
     project_id, asset_id = draft_asset(paid_server, policy="local-only")
     assert paid_server.patch(f"/v1/projects/{project_id}", json={"policy": "fallback-test"}).status_code == 200
