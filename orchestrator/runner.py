@@ -47,6 +47,7 @@ from orchestrator.errors import (
     EngineUnavailable,
     ImagesNotStored,
     Interrupted,
+    NoRoute,
     OrchestratorError,
     first_line,
 )
@@ -608,6 +609,11 @@ class JobRunner:
         reads it as nothing: raised once a remote engine's request may have gone out (a plugin
         pricing its answer with a price its file lacks), it fails the job with the charge unknown."""
         if not self._may_have_sent(claim):
+            if isinstance(exc, NoRoute):
+                # Routing's code, not a job's (a plugin with no price for the model it was routed to):
+                # told as the engine unable to take the job, which is what it is.
+                return EngineUnavailable(f"engine '{claim.job.engine}' cannot take this job: {exc.message}"[:500],
+                                         details={**exc.details, "cause": exc.code}, retryable=False, charged="no")
             return exc
         return EngineError(f"engine '{claim.job.engine}' failed once its request may have gone out: "
                            f"{exc.code}: {exc.message}"[:500],

@@ -160,13 +160,15 @@ def test_an_orchestrator_error_a_remote_engine_raises_after_its_send_leaves_the_
     assert event_types(services, job_id)[-1] == "failed"
 
 
-def test_an_orchestrator_error_a_remote_engine_raises_before_any_send_stays_as_it_is(build: Build) -> None:
+def test_a_missing_price_a_remote_engine_raises_before_any_send_is_the_engine_unavailable(build: Build) -> None:
+    # Its code was routing's `no_route`, which no job's error is documented to have.
     services = build("fake-paid=tests.fakes:factory")
     job_id = queue_job(services, "fake-paid", estimated=HOLD,
                        params={**BRIDGE, "tags": {"fake": "no-price-before-send"}})
     job = claim_and_run(services, job_id)
     assert job.status == "failed" and job.error is not None, job.error
-    assert (job.error["code"], job.error["message"]) == ("no_route", "fake engine: no price for this model")
+    assert job.error == {"code": "engine_unavailable", "details": {"cause": "no_route"},
+                         "message": "engine 'fake-paid' cannot take this job: fake engine: no price for this model"}
     assert ledger_of(services, job_id) == [("hold", HOLD, False), ("release", HOLD, False)]
 
 
