@@ -109,7 +109,9 @@ def with_query(*statuses: int, said: dict[int, str] | None = None) -> dict[int |
 ANY_OTHER_ERROR: dict[int | str, dict[str, Any]] = {"default": {
     "model": ErrorResponse, "description": "Any other error, in the same shape: `internal_error` (500, a bug: "
     "the log has its traceback), `method_not_allowed` (405, with `Allow`), `payload_too_large` (413: a body over "
-    "ORCH_MAX_BODY_BYTES, even to a route that reads none), and the codes listed for other statuses."}}
+    "ORCH_MAX_BODY_BYTES, even to a route that reads none), `invalid_request` (415: a body sent with a "
+    "`Content-Encoding`, which no route reads, even one that reads no body), and the codes listed for other "
+    "statuses."}}
 
 
 def created(location: str | None, *, replayable: bool) -> dict[int | str, dict[str, Any]]:

@@ -55,6 +55,16 @@ def test_every_error_response_uses_the_error_shape(spec: dict[str, Any]) -> None
     assert checked > 40
 
 
+@pytest.mark.parametrize(("path", "url"), [("/v1/jobs/{job_id}/cancel", f"/v1/jobs/{MISSING_JOB}/cancel"),
+                                          ("/v1/policies/reload", "/v1/policies/reload")])
+def test_a_route_that_reads_no_body_documents_its_refusal_of_an_encoded_one(
+        shared_server: httpx.Client, spec: dict[str, Any], path: str, url: str) -> None:
+    answer = shared_server.post(url, content=b"\x1f\x8b", headers={"content-encoding": "gzip"})
+    assert answer.status_code == 415 and answer.json()["error"]["code"] == "invalid_request", answer.text
+    responses = spec["paths"][path]["post"]["responses"]
+    assert "415" in responses or "415: a body sent with a `Content-Encoding`" in responses["default"]["description"]
+
+
 # (method, route as in the document, concrete URL, request options, the status it answers)
 CASES: list[tuple[str, str, str, dict[str, Any], int]] = [
     ("get", "/v1/jobs/{job_id}", f"/v1/jobs/{MISSING_JOB}", {}, 404),
