@@ -199,7 +199,8 @@ class JobService:
         scale = body.scale if body.width is None and body.height is None else None
         width, height = self._size(source, body.width, body.height, scale or 1.0, self._multiple("polish"),
                                    limits=lambda: self._side_limits("polish", body.engine),
-                                   scale_sent="scale" in body.model_fields_set)
+                                   # Its default too: a body leaving it out is the one writing it out.
+                                   scale_sent=scale is not None)
         if scale == 1 and (width, height) == (source.width, source.height):
             scale = None  # the source's size, as no scale asks it: one request, one cache key
         params: dict[str, Any] = {

@@ -932,6 +932,17 @@ def test_one_side_whose_other_side_no_engine_takes_is_refused_as_that_side(
         assert taken.status_code == 200, taken.text
 
 
+def test_a_polish_s_default_scale_no_engine_takes_is_refused_as_the_scale_written_out_is(
+        shared_server: httpx.Client, tall_asset: str) -> None:
+    # Left out, the default scale (2) was the engine's "128x4096 is larger than this engine makes",
+    # naming a width the client never sent, and no scale that fits.
+    written_out = assert_error(shared_server.post(f"/v1/assets/{tall_asset}/polish", json={"scale": 2}),
+                               422, "invalid_request")
+    left_out = assert_error(shared_server.post(f"/v1/assets/{tall_asset}/polish", json={}), 422, "invalid_request")
+    assert left_out == written_out
+    assert left_out["message"].startswith("scale 2 makes the 64x2048 source 128x4096; local-hifi takes 64 to ")
+
+
 def test_one_side_that_fits_keeps_the_source_aspect(shared_server: httpx.Client, tall_asset: str) -> None:
     explained = shared_server.post("/v1/route/explain", json={"stage": "polish", "source_asset_id": tall_asset,
                                                               "width": 64})
