@@ -180,9 +180,23 @@ def _one_line(text: object) -> str:
     return " ".join(str(text).splitlines())
 
 
+def a1111_sampler(sampler: object, settings: object) -> tuple[object, str | None]:
+    """The sampler and the schedule type as AUTOMATIC1111 names them, for a diffusers scheduler's
+    class and its `sampler_settings` (see `tiers._local.sampler_used`)."""
+    if not isinstance(sampler, str):
+        return sampler, None
+    given = settings if isinstance(settings, dict) else {}
+    name = A1111_SAMPLERS.get(sampler, sampler)
+    if sampler == "DPMSolverMultistepScheduler" and str(given.get("algorithm_type", "")).startswith("sde-"):
+        name = "DPM++ 3M SDE" if given.get("solver_order") == 3 else "DPM++ 2M SDE"
+    schedule = next((told for key, told in (("use_karras_sigmas", "Karras"), ("use_exponential_sigmas", "Exponential"),
+                                            ("use_beta_sigmas", "Beta")) if given.get(key) is True), None)
+    return name, schedule
+
+
 def infotext(record: dict[str, Any]) -> str:
     """AUTOMATIC1111's `parameters` format: prompt, negative prompt, then `Key: value` pairs."""
-    sampler = record.get("sampler")
+    sampler, schedule = a1111_sampler(record.get("sampler"), record.get("sampler_settings"))
     prompt = _one_line(record.get("prompt", ""))
     if prompt.strip().startswith("Negative prompt:"):
         # Readers strip a line before they look at its start, so a space would not do: a zero-width
@@ -193,7 +207,8 @@ def infotext(record: dict[str, Any]) -> str:
         lines.append(f"Negative prompt: {_one_line(record['negative_prompt'])}")
     pairs = [
         ("Steps", record.get("steps")),
-        ("Sampler", A1111_SAMPLERS.get(sampler, sampler) if isinstance(sampler, str) else sampler),
+        ("Sampler", sampler),
+        ("Schedule type", schedule),
         ("CFG scale", record.get("guidance_scale")),
         ("Seed", record.get("seed")),
         ("Size", f"{record.get('width')}x{record.get('height')}"),

@@ -139,6 +139,21 @@ def _on_lcm_scheduler(pipe: Any, model: str) -> Any:
     return pipe
 
 
+# What of a scheduler's config makes another sampler than its class alone names (a fine-tune's
+# DPMSolverMultistepScheduler with `algorithm_type = "sde-dpmsolver++"` and Karras sigmas is
+# AUTOMATIC1111's "DPM++ 2M SDE" with the Karras schedule): recorded, to run it again as it ran.
+SAMPLER_SETTINGS = ("algorithm_type", "solver_order", "use_karras_sigmas", "use_exponential_sigmas",
+                    "use_beta_sigmas", "timestep_spacing")
+
+
+def sampler_used(pipe: Any) -> dict[str, Any]:
+    """The record's `sampler` (the scheduler's class) and `sampler_settings` (its config's values
+    of `SAMPLER_SETTINGS` that it has)."""
+    config = getattr(pipe.scheduler, "config", {})
+    return {"sampler": type(pipe.scheduler).__name__,
+            "sampler_settings": {key: config[key] for key in SAMPLER_SETTINGS if key in config}}
+
+
 def step_arguments(pipe: Any, on_step: Callable[[Any, int, Any, dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:
     """The pipeline call's arguments that run `on_step` (`LocalRuntime.step_callback`) after each
     denoising step: `callback_on_step_end`, else the older `callback` of the pipelines that have

@@ -179,13 +179,15 @@ class RenderedImage:
 # The generation parameters each image's record names (`JobRunner._record`). `metadata[key]`, where
 # an engine sets it, is the value it sent or used (a clamped one as clamped), and None says it did
 # not use it: the record leaves the key out ("" for `negative_prompt`). Unset, the job's is recorded
-# (`upscaler`, what enlarged the source before it was denoised, is no job's: only an engine names it).
-RECORDED_PARAMETERS = ("negative_prompt", "steps", "guidance_scale", "sampler", "strength", "quality", "scale",
-                       "creativity", "upscaler")
+# (`upscaler`, what enlarged the source before it was denoised, is no job's: only an engine names it,
+# as `sampler_settings`, what of its scheduler's config makes another sampler than `sampler` names).
+RECORDED_PARAMETERS = ("negative_prompt", "steps", "guidance_scale", "sampler", "sampler_settings", "strength",
+                       "quality", "scale", "creativity", "upscaler")
 # What an engine sent a prompt and an image alone (Gemini, Replicate, fal) used of the rest: nothing
-# (`scale` stays: it says how the size asked for was worked out; no job asks for an upscaler).
+# (`scale` stays: it says how the size asked for was worked out; no job asks for an upscaler or
+# sampler settings).
 PROMPT_AND_IMAGE_ONLY: dict[str, None] = dict.fromkeys(key for key in RECORDED_PARAMETERS
-                                                       if key not in ("scale", "upscaler"))
+                                                       if key not in ("scale", "upscaler", "sampler_settings"))
 
 
 @dataclass

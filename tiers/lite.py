@@ -20,6 +20,7 @@ from tiers._local import (
     finite_images,
     lcm_schedule,
     negative_prompt_arguments,
+    sampler_used,
     step_arguments,
     tell_prompt_overflow,
 )
@@ -97,7 +98,7 @@ class LiteEngine(LocalEngine):
             images=images,
             model=self._model,
             # Text to image: no source for a strength or creativity to act on, no quality tiers.
-            metadata={"steps": steps, "guidance_scale": guidance, "sampler": type(pipe.scheduler).__name__,
+            metadata={"steps": steps, "guidance_scale": guidance, **sampler_used(pipe),
                       "negative_prompt": negative.get("negative_prompt", ""),
                       **dict.fromkeys(("strength", "quality", "creativity")),
                       "device": self.runtime.device, DEVICE_SECONDS: time.monotonic() - began,

@@ -23,6 +23,7 @@ from tiers._local import (
     finite_images,
     lcm_schedule,
     negative_prompt_arguments,
+    sampler_used,
     step_arguments,
     tell_prompt_overflow,
 )
@@ -153,7 +154,7 @@ class LocalHifiEngine(LocalEngine):
             metadata={"steps": steps, "guidance_scale": guidance, "tiles": len(boxes), "quality": None,
                       "strength": strength if req.stage == "bridge" else None,
                       "creativity": strength if req.stage == "polish" else None,
-                      "sampler": type(pipe.scheduler).__name__, "device": self.runtime.device,
+                      **sampler_used(pipe), "device": self.runtime.device,
                       "negative_prompt": negative.get("negative_prompt", ""),
                       DEVICE_SECONDS: time.monotonic() - began, **({NOTES: notes} if notes else {})},
         )

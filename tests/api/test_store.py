@@ -587,6 +587,23 @@ def test_a_prompt_that_begins_as_a_negative_prompt_reads_back_as_the_prompt(prom
     assert read_record(encode_png(Image.new("RGB", (8, 8)), record))["prompt"] == prompt  # as sent
 
 
+@pytest.mark.parametrize(("settings", "told"), [
+    ({"algorithm_type": "dpmsolver++", "use_karras_sigmas": False}, "Sampler: DPM++ 2M, Seed"),
+    ({"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True}, "Sampler: DPM++ 2M SDE, Schedule type: Karras"),
+    ({"algorithm_type": "sde-dpmsolver++", "solver_order": 3, "use_exponential_sigmas": True},
+     "Sampler: DPM++ 3M SDE, Schedule type: Exponential"),
+    ({"use_beta_sigmas": True}, "Sampler: DPM++ 2M, Schedule type: Beta"),
+])
+def test_a_scheduler_s_settings_name_the_sampler_and_schedule_as_a1111_does(settings: dict[str, Any],
+                                                                             told: str) -> None:
+    # A fine-tune's SDE scheduler with Karras sigmas was told as plain "DPM++ 2M": run again from the
+    # infotext, it made another image.
+    record = {"prompt": "a fox", "seed": 7, "width": 8, "height": 8, "model": "m", "engine": "lite",
+              "sampler": "DPMSolverMultistepScheduler", "sampler_settings": settings}
+    assert told in infotext(record).splitlines()[-1]
+    assert read_record(encode_png(Image.new("RGB", (8, 8)), record))["sampler_settings"] == settings
+
+
 def test_png_metadata_quotes_separators_and_names_no_server_path() -> None:
     # A1111's readers split on ", " and ": ": a model named `my,sd` lost its second half, and the
     # server's folder went out with every image.

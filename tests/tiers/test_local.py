@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -749,6 +750,27 @@ async def test_an_lcm_lora_merge_saved_as_a_folder_runs_on_lcm_s_scheduler(
     result = await lite.run(draft(n=1), RecordingProgress(), CancelToken())
     assert result.metadata["sampler"] == "LCMScheduler"
     assert (result.metadata["steps"], result.metadata["guidance_scale"]) == (4, 1.0)
+
+
+async def test_a_model_s_scheduler_settings_are_recorded_with_its_sampler(
+        engines: EngineFactory, tiny_cache_dir: Path, tmp_path: Path) -> None:
+    """A fine-tune shipping DPM++ with SDE and Karras sigmas was recorded as its class alone, plain
+    "DPM++ 2M" in the infotext: the image could not be made again from its own file."""
+    folder = tmp_path / "fine-tune"
+    shutil.copytree(tiny_cache_dir / "tiny-sd", folder)
+    config_file = folder / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_file.read_text())
+    config.update({"_class_name": "DPMSolverMultistepScheduler", "algorithm_type": "sde-dpmsolver++",
+                   "use_karras_sigmas": True})
+    config_file.write_text(json.dumps(config))
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "scheduler": ["diffusers", config["_class_name"]]}))
+    lite, _ = engines(lite_model=str(folder))
+    result = await lite.run(draft(n=1), RecordingProgress(), CancelToken())
+    assert result.metadata["sampler"] == "DPMSolverMultistepScheduler"
+    settings = result.metadata["sampler_settings"]
+    assert (settings["algorithm_type"], settings["use_karras_sigmas"]) == ("sde-dpmsolver++", True)
+    assert settings["timestep_spacing"] == config.get("timestep_spacing", "linspace")
 
 
 def with_legacy_callback(pipe: Any) -> Any:

@@ -34,10 +34,11 @@ NONE_TAKEN = dict.fromkeys(("steps", "guidance_scale", "sampler", "strength", "q
 
 
 def said(metadata: dict[str, Any]) -> dict[str, Any]:
-    """What the metadata says of the recorded parameters; `scale` stays the job's everywhere, and
-    an upscaler is named only by the engine that used one (`test_a1111`)."""
+    """What the metadata says of the recorded parameters; `scale` stays the job's everywhere, an
+    upscaler is named only by the engine that used one (`test_a1111`), and sampler settings by the
+    local engines (`test_the_local_engines_record_what_their_pipelines_were_given`)."""
     assert "scale" not in metadata
-    return {key: metadata[key] for key in RECORDED_PARAMETERS if key not in ("scale", "upscaler")}
+    return {key: metadata[key] for key in RECORDED_PARAMETERS if key not in ("scale", "upscaler", "sampler_settings")}
 
 
 def polish(**kw: Any) -> RenderRequest:
@@ -244,6 +245,9 @@ async def test_the_local_engines_record_what_their_pipelines_were_given(engines:
     sampler = drafted.metadata["sampler"]
     assert said(drafted.metadata) == {**NONE_TAKEN, "negative_prompt": "blurry", "steps": 2, "guidance_scale": 2.0,
                                       "sampler": sampler}
+    # The tiny model's Euler with its "trailing" spacing, as its scheduler config has it.
+    assert drafted.metadata["sampler_settings"] == {"timestep_spacing": "trailing", "use_karras_sigmas": False,
+                                                    "use_exponential_sigmas": False, "use_beta_sigmas": False}
     stages: list[tuple[Stage, dict[str, float]]] = [("bridge", {"strength": 0.5}), ("polish", {"creativity": 0.5})]
     for stage, denoise in stages:
         req = RenderRequest(stage=stage, prompt="a lighthouse", **asked, init_image=draft_image(), strength=0.5,
