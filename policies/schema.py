@@ -26,7 +26,7 @@ from pydantic import (
     model_validator,
 )
 
-from orchestrator.schemas import MIN_SIDE, Credits, privacy_key
+from orchestrator.schemas import MAX_SIDE, MIN_SIDE, Credits, privacy_key
 from tiers.base import RenderRequest, Stage, to_millicredits
 
 POLICY_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
@@ -87,9 +87,18 @@ class Match(_Model):
     stage: OneOrMany[Stage] | None = Field(default=None, min_length=1)
     tags: dict[str, OneOrMany[str]] = Field(default_factory=dict)
     engine: OneOrMany[str] | None = Field(default=None, min_length=1)
-    width_over: int | None = Field(default=None, ge=0)
-    height_over: int | None = Field(default=None, ge=0)
+    # Below the largest side a request may ask: a rule over it could never apply (nor warn it).
+    width_over: int | None = Field(default=None, ge=0, lt=MAX_SIDE)
+    height_over: int | None = Field(default=None, ge=0, lt=MAX_SIDE)
     budget_used_over: float | None = Field(default=None, ge=0.0, le=1.0, allow_inf_nan=False)
+
+    @field_validator("stage", "engine")
+    @classmethod
+    def _listed_once(cls, values: list[str] | None) -> list[str] | None:
+        repeated = sorted({value for value in values or () if (values or []).count(value) > 1})
+        if repeated:
+            raise ValueError(f"listed more than once: {', '.join(repeated)}")
+        return values
 
     @field_validator("tags")
     @classmethod

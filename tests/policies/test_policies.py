@@ -296,6 +296,11 @@ RULES_OK = '[[rules]]\nname = "drafts"\nmatch = { stage = "ideation" }\nengines 
        ["rule 2 ('cap')", "max_credits", f"(got {got})"])
       for cap, got in [("inf", "inf"), ("-inf", "-inf"), ("nan", "nan"), ("1e300", "1e+300"),
                        ("2_000_000_000", "2000000000")]],
+    # A rule that could never apply, loaded without a word.
+    ('name = "bad"\n' + RULES_OK + '[[rules]]\nname = "w"\nmatch = { width_over = 8192 }\nengines = ["x"]\n',
+     ["rule 2 ('w')", "match.width_over", "less than 8192"]),
+    ('name = "bad"\n' + RULES_OK + '[[rules]]\nname = "s"\nmatch = { stage = ["bridge", "bridge"] }\nengines = ["x"]\n',
+     ["rule 2 ('s')", "match.stage", "listed more than once: bridge"]),
     # NaN fails every bound: it was refused as "greater than or equal to 0".
     ('name = "bad"\n' + RULES_OK + '[[rules]]\nname = "cap"\nmatch = {}\nengines = ["x"]\nmax_credits = nan\n',
      ["rule 2 ('cap')", "max_credits", "finite number"]),
