@@ -828,11 +828,14 @@ def _within_budget(decision: Decision, balance: Balance) -> bool:
         raise balance.refusal(min(c.estimate or 0 for c in usable))
     if fitting.engine == decision.chosen:
         return False
-    available = to_credits(max(balance.available or 0, 0))
+    left = balance.available or 0
+    # Said as a refusal says it (`Balance.refusal`): "0.0 available" hid a window over its limit.
+    available = (f"{to_credits(left)} credits available" if left >= 0 else
+                 f"none available: {to_credits(-left)} credits over the limit")
     for candidate in usable[:usable.index(fitting)]:
-        candidate.skipped = f"does not fit the budget ({available} credits available)"
+        candidate.skipped = f"does not fit the budget ({available})"
     decision.chosen, decision.estimate = fitting.engine, fitting.estimate or 0
-    decision.reason = f"the first candidate the project's budget can hold ({available} credits available)"
+    decision.reason = f"the first candidate the project's budget can hold ({available})"
     # As the router leaves them: usable ones first, in the order the runner falls back through.
     decision.candidates.sort(key=lambda c: c.skipped is not None)
     return True

@@ -365,6 +365,17 @@ def test_a_budget_too_small_for_the_first_candidate_routes_to_one_it_can_hold(pa
     assert ledger(paid_server, project_id, job["id"]) == []
 
 
+def test_a_window_over_its_limit_is_said_so_where_the_choice_moved_for_the_budget(paid_server: httpx.Client) -> None:
+    # It read "(0.0 credits available)", while the 402 for the same window said how far over it was.
+    project_id, asset_id = draft_asset(paid_server, budget={"limit": 15, "period": "month"})
+    assert wait_for_job(paid_server, promote(paid_server, asset_id, engine="fake-paid")["id"])["status"] == "succeeded"
+    assert paid_server.patch(f"/v1/projects/{project_id}", json={"budget": {"limit": 5}}).status_code == 200
+    explained = paid_server.post("/v1/route/explain", json={"stage": "bridge", "source_asset_id": asset_id})
+    assert explained.status_code == 200 and explained.json()["engine"] == "local-hifi"
+    assert explained.json()["routing"]["reason"] == (
+        "the first candidate the project's budget can hold (none available: 5.0 credits over the limit)")
+
+
 def test_a_private_draft_keeps_its_promotion_local(paid_server: httpx.Client) -> None:
     # The draft was made with privacy=local: its promotion, though not tagged, must not become a
     # cloud engine's img2img seed.
