@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, TypeGuard
 
@@ -523,10 +523,12 @@ class JobRunner:
         try:
             return await asyncio.to_thread(self._succeed, claim, result, elapsed)
         except Canceled as exc:
-            # Canceled once the engine had finished: a remote engine's images are made and billed.
+            # Canceled once the engine had finished: a remote engine's images are made and billed,
+            # and the canceled job keeps them (`_kept_images`).
             if self.registry.get(job.engine).kind == "remote":
                 exc.at_least_charged("yes")
                 exc.cost_millicredits = result.cost_millicredits
+                exc.made = result
             raise
         except (StaleAttempt, OrchestratorError):
             raise
@@ -1056,14 +1058,23 @@ class JobRunner:
             # A remote engine answered, so what it made may be billed: no release, no fallback. What
             # it said it charged for them is the bill (it was the estimate for n, "outcome unknown").
             reported = result.cost_millicredits if engine.kind == "remote" else None
-            raise EngineError(f"engine '{job.engine}' returned {len(result.images)} of {request.n} images",
-                              charged="no" if engine.kind != "remote" else "unknown" if reported is None else "yes",
-                              cost_millicredits=reported)
+            short = EngineError(f"engine '{job.engine}' returned {len(result.images)} of {request.n} images",
+                                charged="no" if engine.kind != "remote" else "unknown" if reported is None else "yes",
+                                cost_millicredits=reported)
+            if engine.kind == "remote":  # made, and maybe billed: kept (`_kept_images`)
+                short.made = result
+            raise short
         if len(result.images) > request.n:
             # The job asked for n (and a client counts on n assets); the built-ins return n.
             log.warning("job %s: engine %s returned %d images for n=%d; the first %d are kept",
                         job.id, job.engine, len(result.images), request.n, request.n)
             result.images = result.images[:request.n]
+        return self._storable(job, result)
+
+    @staticmethod
+    def _storable(job: Job, result: RenderResult) -> RenderResult:
+        """`result` as the job and its assets can store it (a plugin's seed, model or request id
+        that failed the final write, after the images were made and maybe billed)."""
         for rendered in result.images:
             if rendered.seed is not None and provider_seed(rendered.seed) is None:
                 # A plugin's 2**64 failed the asset's 64-bit column, after the images were made (and paid for).
@@ -1470,16 +1481,19 @@ class JobRunner:
         made = error.made if isinstance(error, EngineError) else None
         if made is None or not made.images:
             return [], []
+        made = self._storable(job, replace(made, images=made.images[:job.params.get("n") or 1]))
         asked = job.params.get("n")
         note = f"made before the job ended early ({error.code}): {len(made.images)} of the {asked} images asked"
+        pngs: list[tuple[Put, bytes]] = []
         try:
             records = self._records(job, made, note=note)
             pngs = self._store_pngs(job, [r.image for r in made.images], records)
-        except Exception as exc:  # disk full, a closed service: the end must still be written
+            return _asset_rows(job, made, records, pngs), pngs
+        except Exception as exc:  # disk full, a closed service, a plugin's odd image: the end must still be written
             log.error("job %s: the %d image(s) made before it ended could not be kept: %s: %s", job.id,
                       len(made.images), type(exc).__name__, first_line(exc))
+            self._discard(pngs)
             return [], []
-        return _asset_rows(job, made, records, pngs), pngs
 
     def _end_write(self, claim: Claim, what: str, write: Callable[[Session], None],
                    landed: Callable[[Job], bool], *, attempt: int | None = None) -> None:

@@ -389,7 +389,8 @@ def test_a_stop_after_the_engine_finished_keeps_the_paid_result(api: httpx.Clien
 
 def test_a_users_cancel_during_a_stop_still_wins(api: httpx.Client, monkeypatch: pytest.MonkeyPatch) -> None:
     """A stop lets `_succeed` go on, but a user's cancel (in the row's `cancel_requested_at`) still
-    ends the job canceled, at once and charged what the provider reported."""
+    ends the job canceled, at once and charged what the provider reported, with the image it paid
+    for kept."""
     project_id, asset_id = project_with_draft(api)
 
     def user_cancels(claim: Claim) -> None:
@@ -398,7 +399,8 @@ def test_a_users_cancel_during_a_stop_still_wins(api: httpx.Client, monkeypatch:
     stop_while_storing(monkeypatch, user_cancels)
     job = promote_ok(api, asset_id, tags={"cost": "7.5", "stop": "1"})
     done = wait_for_job(api, job["id"], timeout=10)
-    assert done["status"] == "canceled" and done["assets"] == []
+    assert done["status"] == "canceled" and len(done["assets"]) == 1
+    assert api.get(f"/v1/assets/{done['assets'][0]}/content").status_code == 200
     entries = [e for e in ledger(api, project_id) if e["job_id"] == job["id"]]
     assert [(e["kind"], e["amount"], e["unreconciled"]) for e in entries] == [
         ("hold", PRICE, False), ("capture", 7.5, False), ("release", 2.5, False)]

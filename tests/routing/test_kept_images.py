@@ -10,6 +10,7 @@ import io
 import json
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -18,11 +19,12 @@ import httpx
 import pytest
 from PIL import Image
 
+from orchestrator.errors import EngineError
 from orchestrator.settings import Settings
 from tests.api import read_events, worker_process
-from tests.routing import create_project, ledger, poll, submit, wait_for_job
+from tests.routing import FAKE_B_PRICE, PaidDraftEngine, create_project, ledger, poll, submit, wait_for_job
 from tests.routing.conftest import SettingsFactory, running, write_policies
-from tiers.base import EngineContext, Stage
+from tiers.base import CancelToken, EngineContext, Progress, RenderRequest, RenderResult, Stage
 from tiers.gemini import GeminiEngine
 
 USAGE = {"promptTokenCount": 100, "candidatesTokenCount": 1000, "totalTokenCount": 1100,
@@ -47,6 +49,37 @@ class GeminiDrafts(GeminiEngine):
 
 def factory(ctx: EngineContext) -> GeminiDrafts:
     return GeminiDrafts(ctx)
+
+
+class MadeThenFailed(PaidDraftEngine):
+    """A plugin whose first call made an image, with a seed no job can ask for, before a later one
+    failed: it says so on the error, as `tiers._cloud.paid_calls` does."""
+
+    async def run(self, req: RenderRequest, progress: Progress, cancel: CancelToken) -> RenderResult:
+        result = await super().run(replace(req, n=1), progress, cancel)
+        result.images[0].seed = 2**64
+        failed = EngineError("the second call was refused", retryable=False, charged="yes")
+        failed.made = result
+        raise failed
+
+
+def plugins_factory(ctx: EngineContext) -> PaidDraftEngine:
+    return PaidDraftEngine(ctx, "paid-drafts", FAKE_B_PRICE)
+
+
+def made_then_failed_factory(ctx: EngineContext) -> MadeThenFailed:
+    return MadeThenFailed(ctx, "made-then-failed", FAKE_B_PRICE)
+
+
+PLUGINS = """
+name = "plugins"
+description = "Drafts on the paid fakes."
+
+[[rules]]
+name = "everything"
+match = {}
+engines = ["paid-drafts", "made-then-failed"]
+"""
 
 
 def provider_png(shade: int) -> bytes:
@@ -206,3 +239,35 @@ def test_a_stream_told_from_the_row_tells_the_images_a_worker_kept(new_settings:
     assert job["status"] == "failed" and len(job["assets"]) == 1
     told = [(e.event, e.data.get("asset_id")) for e in events if e.event in ("asset", "failed")]
     assert told == [("asset", job["assets"][0]), ("failed", None)]
+
+
+@pytest.fixture
+def plugins(new_settings: SettingsFactory, tmp_path: Path) -> Iterator[httpx.Client]:
+    folder = write_policies(tmp_path / "policies", {"plugins": PLUGINS})
+    engines = ("paid-drafts=tests.routing.test_kept_images:plugins_factory,"
+               "made-then-failed=tests.routing.test_kept_images:made_then_failed_factory")
+    with running(new_settings(engines=engines, policy="plugins", policy_dir=folder)) as client:
+        yield client
+
+
+def plugin_draft(client: httpx.Client, engine: str, tags: dict[str, str] | None = None) -> dict[str, Any]:
+    project = create_project(client, "plugins", budget={"limit": 1000, "period": "month"})
+    job = submit(client, f"/v1/projects/{project['id']}/drafts",
+                 {"prompt": "a lighthouse", "n": 3, "width": 64, "height": 64, "cache": False, "engine": engine,
+                  "tags": tags or {}})
+    return wait_for_job(client, job["id"])
+
+
+def test_an_answer_short_of_images_keeps_those_it_has(plugins: httpx.Client) -> None:
+    # Charged as made (the provider answered), and none of them was kept. (The fake reads the tag
+    # named after itself.)
+    job = plugin_draft(plugins, "paid-drafts", {"paid-drafts": "short"})
+    assert job["status"] == "failed" and "returned 2 of 3 images" in job["error"]["message"]
+    assert len(job["assets"]) == 2 and job["cost"]["charged"] > 0
+
+
+def test_images_a_plugin_made_with_a_seed_no_job_can_ask_for_are_kept_without_it(plugins: httpx.Client) -> None:
+    # Its 2**64 failed the kept rows' insert, and with it the job's end: left running for recovery.
+    job = plugin_draft(plugins, "made-then-failed")
+    assert job["status"] == "failed" and len(job["assets"]) == 1
+    assert plugins.get(f"/v1/assets/{job['assets'][0]}").json()["seed"] is None
