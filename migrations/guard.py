@@ -20,12 +20,20 @@ KEY_LIFETIME = timedelta(hours=48)
 READ_AS_SENT_FROM = datetime(2026, 11, 30, 5, 39, 15, tzinfo=UTC)
 KEYS = sa.table("idempotency_keys", sa.column("key", sa.String), sa.column("job_id", sa.String),
                 sa.column("api_key_id", sa.String), sa.column("created_at", sa.DateTime(timezone=True)))
+# Said of the keys `live_keys` finds, and what to wait for.
+LIVE = (f"within the last {KEY_LIFETIME.total_seconds() / 3600:g} h, or for a job still queued or running,")
+UNTIL_DEAD = f"wait until they are {KEY_LIFETIME.total_seconds() / 3600:g} h old and their jobs have ended"
+JOBS = sa.table("jobs", sa.column("id", sa.String), sa.column("status", sa.String))
 
 
 def live_keys(*where: Any, what: Any = None) -> sa.Select[Any]:
-    """The idempotency keys (`what`: a count of them unless told) a retry could still replay."""
+    """The idempotency keys (`what`: a count of them unless told) a retry could still replay: those
+    of the last 48 h, and any of a job still queued or running, which the service keeps as long
+    (a retry during a long backlog must not make a second job)."""
+    unfinished = sa.select(JOBS.c.id).where(JOBS.c.status.in_(("queued", "running")))
+    recent = KEYS.c.created_at >= datetime.now(UTC) - KEY_LIFETIME
     return (sa.select(sa.func.count() if what is None else what).select_from(KEYS)
-            .where(KEYS.c.created_at >= datetime.now(UTC) - KEY_LIFETIME, *where))
+            .where(sa.or_(recent, KEYS.c.job_id.in_(unfinished)), *where))
 
 
 def refuse_while(sql: str | sa.Executable, why: str, counted: Callable[[list[object]], int] | None = None) -> None:

@@ -443,13 +443,16 @@ def check_downgrades_refused_one_by_one(url: str) -> None:
                                                       ("grant", {"project_id": "prj_1"})]
             for key, what in made:
                 s.add(IdempotencyKey(key=key, scope="/v1/x", request_hash="h", created_at=utcnow(), **what))
-            s.add(IdempotencyKey(key="\u00e9-old", scope="/v1/x", request_hash="h", job_id="job_1",
+            s.add(IdempotencyKey(key="\u00e9-old", scope="/v1/x", request_hash="h", project_id="prj_1",
                                  created_at=utcnow() - timedelta(hours=49)))  # replays nothing any more
+            # Older, but its job is still queued: the service replays it as long (a backlog's retry).
+            s.add(IdempotencyKey(key="\u00e9-queued", scope="/v1/x", request_hash="h", job_id="job_2",
+                                 created_at=utcnow() - timedelta(hours=49)))
             s.commit()
         head = _revision(engine)
         for refusal, mend in [
-            (r"1 Idempotency-Key\(s\) with non-ASCII.*wait until",
-             "DELETE FROM idempotency_keys WHERE key = 'cl\u00e9'"),
+            (r"2 Idempotency-Key\(s\) with non-ASCII.*wait until",
+             "DELETE FROM idempotency_keys WHERE key IN ('cl\u00e9', '\u00e9-queued')"),
             (r"1 request\(s\) made with a project key within the last 48 h",
              "DELETE FROM idempotency_keys WHERE key = 'key'"),
             (r"1 unfinished job\(s\) have a cancel asked", "UPDATE jobs SET status = 'canceled' WHERE id = 'job_2'"),

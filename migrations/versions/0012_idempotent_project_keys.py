@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-from migrations.guard import KEY_LIFETIME, KEYS, live_keys, refuse_while
+from migrations.guard import KEYS, LIVE, UNTIL_DEAD, live_keys, refuse_while
 
 revision: str = '0012'
 down_revision: str | None = '0011'
@@ -33,9 +33,8 @@ def downgrade() -> None:
     # They go (the schema before cannot tell which project key made them): a retry of one would run
     # again, a second project key made whose secret nobody sees.
     refuse_while(live_keys(KEYS.c.api_key_id.is_not(None)),
-                 f"{{n}} request(s) made with a project key within the last {KEY_LIFETIME.total_seconds() / 3600:g} h "
-                 "can still be retried with their Idempotency-Key, and this downgrade would drop them (a retry would "
-                 "run again); wait until they are that old")
+                 f"{{n}} request(s) made with a project key {LIVE} can still be retried with their "
+                 f"Idempotency-Key, and this downgrade would drop them (a retry would run again); {UNTIL_DEAD}")
     op.execute("DELETE FROM idempotency_keys WHERE api_key_id IS NOT NULL")
     with op.batch_alter_table('idempotency_keys', schema=None) as batch_op:
         batch_op.drop_constraint(_FK_API_KEY, type_='foreignkey')

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 from alembic import op
 
-from migrations.guard import KEY_LIFETIME, KEYS, READ_AS_SENT_FROM, live_keys, refuse_while
+from migrations.guard import KEYS, LIVE, READ_AS_SENT_FROM, UNTIL_DEAD, live_keys, refuse_while
 
 revision: str = '0013'
 down_revision: str | None = '0012'
@@ -37,7 +37,6 @@ def downgrade() -> None:
     # a non-ASCII key up as misread, and the upgrade back (0019) rewrites every key it finds so: a
     # key stored as sent since would no longer replay its request (a retry ran again).
     refuse_while(live_keys(KEYS.c.created_at >= READ_AS_SENT_FROM, what=KEYS.c.key),
-                 f"{{n}} Idempotency-Key(s) with non-ASCII characters, stored within the last "
-                 f"{KEY_LIFETIME.total_seconds() / 3600:g} h, are kept as sent, which the releases before 0013 do "
-                 "not find (a retry would run again); wait until they are that old",
+                 f"{{n}} Idempotency-Key(s) with non-ASCII characters, stored {LIVE} are kept as sent, which the "
+                 f"releases before 0013 do not find (a retry would run again); {UNTIL_DEAD}",
                  counted=lambda keys: sum(1 for key in keys if isinstance(key, str) and not key.isascii()))
