@@ -638,11 +638,25 @@ def _run(args: argparse.Namespace) -> int:
     except OSError as exc:
         return _fail(f"cannot use {out} for the images: {exc.strerror or exc}", status=2)
     stops: list[Stopped] = []  # its own service's, when it started one
+    # A stop (`timeout`, a CI's cancel, a closed terminal) ends the demo as Ctrl-C does: killed at
+    # once, it left its job running, rendered later for nobody (a paid one under --policy balanced).
+    terminated: list[int] = []
+
+    def stop_as_ctrl_c(signum: int, _frame: object) -> None:
+        terminated.append(signum)
+        raise KeyboardInterrupt
+
+    handlers = {stopping: signal.signal(stopping, stop_as_ctrl_c) for stopping in (signal.SIGTERM, signal.SIGHUP)}
     try:
         status = run_demo(url=args.url, prompt=args.prompt, out=args.out, size=args.size, policy=args.policy,
                           on_stop=stops.append)
     except KeyboardInterrupt as exc:
         status = _interrupted(str(exc))  # it says which of its jobs it canceled
+        if terminated:  # as a process the signal ended: 128 + its number
+            status = 128 + terminated[0]
+    finally:
+        for stopping, handler in handlers.items():
+            signal.signal(stopping, handler)
     return _ended(status, device_busy=any(stop.device_busy for stop in stops))
 
 

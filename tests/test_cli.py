@@ -10,6 +10,7 @@ import io
 import json
 import logging
 import os
+import signal
 import socket
 import sqlite3
 import subprocess
@@ -223,6 +224,28 @@ def test_a_demo_interrupted_cancels_the_job_it_was_following(
         job = client.get(f"/v1/jobs/{job['id']}").json()
     assert job["status"] == "canceled", job
     # It said only "interrupted": whether its job went on rendering was the user's guess.
+    assert capsys.readouterr().err == f"orchestrator: interrupted; its drafts job {job['id']} was canceled\n"
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGHUP])
+def test_a_demo_stopped_by_a_signal_cancels_its_job_as_ctrl_c_does(
+        make_settings: SettingsFactory, start_server: Callable[[Settings], httpx.Client], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], stop: signal.Signals) -> None:
+    """`timeout`, a CI's cancel or a closed terminal killed the demo at once, its job left running,
+    rendered later for nobody."""
+    import orchestrator.demo as demo
+
+    client = start_server(make_settings())
+    kept = signal.getsignal(stop)
+    monkeypatch.setattr(demo, "_follow", lambda *_args: os.kill(os.getpid(), stop))
+    assert main(["demo", "--url", str(client.base_url), "--out", str(tmp_path / "out"), "--size", "512"]) == 128 + stop
+    assert signal.getsignal(stop) == kept  # the process's own handling, back
+    [job] = client.get("/v1/jobs").json()["items"]
+    deadline = time.monotonic() + 30
+    while job["status"] in ("queued", "running") and time.monotonic() < deadline:
+        time.sleep(0.05)
+        job = client.get(f"/v1/jobs/{job['id']}").json()
+    assert job["status"] == "canceled", job
     assert capsys.readouterr().err == f"orchestrator: interrupted; its drafts job {job['id']} was canceled\n"
 
 
