@@ -343,7 +343,9 @@ def _error_message(response: httpx.Response) -> str:
             message += f" (known: {', '.join(map(str, known))})"
         return message
     except (ValueError, KeyError, TypeError, AttributeError):
-        return response.text[:200] or response.reason_phrase
+        # Not the service's error body (a web server's page): its first line, not a page of HTML.
+        lines = [line.strip() for line in response.text[:200].splitlines() if line.strip()]
+        return lines[0] if lines else response.reason_phrase
 
 
 MIN_KEY_LENGTH = 16

@@ -251,14 +251,21 @@ def _stages(client: httpx.Client, base: str, prompt: str, out_dir: Path, size: i
     from tiers._local import AUTO_MODEL
 
     print(f"orchestrator at {without_password(base)}")
-    engines = {e["name"]: e for e in client.get("/v1/engines").raise_for_status().json()}
-    lite = engines["lite"]
-    if not lite["available"]:
+    listed = client.get("/v1/engines").raise_for_status()
+    try:
+        engines = {e["name"]: e for e in listed.json()}
+        lite = engines["lite"]
+        available, model = lite["available"], lite["model"]
+    except (ValueError, TypeError, KeyError) as exc:
+        # Another web server at the URL (a page, a proxy's default answer): a traceback said nothing of it.
+        raise SystemExit(f"{without_password(base)} does not answer as an orchestrator: GET /v1/engines lists "
+                         f"no lite engine ({type(exc).__name__})") from None
+    if not available:
         raise SystemExit(f"the lite engine is unavailable: {lite.get('note') or 'no reason given'}")
     # Why `auto` is the tiny model: its loader's warning said it, the demo's own log filter holds it back.
     why = (f" (ORCH_LITE_MODEL=auto: {AUTO_MODEL} is neither cached nor reachable)"
-           if lite_setting == "auto" and lite["model"] == tiny.NAME else "")
-    print(f"lite model: {lite['model']}{why}")
+           if lite_setting == "auto" and model == tiny.NAME else "")
+    print(f"lite model: {model}{why}")
     # What to know of the engines it may use (an unavailable one's note is why): each note once,
     # the Lite and local-hifi engines sharing the tiny model.
     for note in dict.fromkeys(e["note"] for e in engines.values() if e["available"] and e.get("note")):

@@ -1618,6 +1618,39 @@ def test_the_command_takes_a_supervisor_s_signals_before_its_imports(tmp_path: P
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.parametrize(("body", "content_type"), [(b"<html>\n<body>It works!</body>\n</html>", "text/html"),
+                                                   (b'{"ok": true}', "application/json"),
+                                                   (b'[{"name": "x"}]', "application/json")])
+def test_a_demo_pointed_at_another_web_server_says_so_in_one_line(
+        tmp_path: Path, body: bytes, content_type: str) -> None:
+    # Each gave a JSONDecodeError's or a TypeError's traceback.
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Anything(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("content-type", content_type)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            return None
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Anything)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        with pytest.raises(SystemExit) as ended:  # its message is the line Python prints, exit 1
+            main(["demo", "--url", url, "--out", str(tmp_path / "out")])
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert str(ended.value).startswith(f"{url} does not answer as an orchestrator: GET /v1/engines lists no lite "
+                                       "engine ("), ended.value
+
+
 def test_an_answer_naming_the_known_names_says_them() -> None:
     from orchestrator.cli import _error_message
 
@@ -1629,3 +1662,5 @@ def test_an_answer_naming_the_known_names_says_them() -> None:
                                                "details": {"known": ["a", "b"]}}})
     assert _error_message(said) == "unknown engine 'x' (known: a, b)"
     assert _error_message(httpx.Response(502, text="bad gateway")) == "bad gateway"
+    # A web server's page: its first line, not the page.
+    assert _error_message(httpx.Response(404, text="<html>\n  <title>404 Not Found</title>\n</html>")) == "<html>"
