@@ -277,6 +277,14 @@ def _stages(client: httpx.Client, base: str, prompt: str, out_dir: Path, size: i
     if size > largest:
         raise SystemExit(f"--size {size} is larger than the lite engine at {without_password(base)} makes "
                          f"({largest} px, its ORCH_LOCAL_MAX_SIZE): pass --size {largest // 8 * 8} or less")
+    # The polish doubles it: refused by every engine that polishes, it failed after the drafts and
+    # the bridge were made (and maybe charged).
+    polishing = [min(int(e.get("capabilities", {}).get(side, 2 * size)) for side in ("max_width", "max_height"))
+                 for e in engines.values() if e.get("available") and "polish" in e.get("stages", ())]
+    if polishing and 2 * size > max(polishing):
+        raise SystemExit(f"--size {size} is polished to {2 * size} px, larger than any engine at "
+                         f"{without_password(base)} polishes to ({max(polishing)} px at most): pass --size "
+                         f"{max(polishing) // 2 // 8 * 8} or less")
     project = client.post("/v1/projects", json={"name": "demo", "policy": policy}).raise_for_status().json()
     print(f"project {project['id']} (policy {project['policy']})")
 
