@@ -12,6 +12,7 @@ import select
 import signal
 import sys
 import tempfile
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -648,7 +649,10 @@ def _run(args: argparse.Namespace) -> int:
         terminated.append(signum)
         raise KeyboardInterrupt
 
-    handlers = {stopping: signal.signal(stopping, stop_as_ctrl_c) for stopping in (signal.SIGTERM, signal.SIGHUP)}
+    # Only the main thread takes signals (a program running the demo in a thread keeps its own).
+    on_main = threading.current_thread() is threading.main_thread()
+    handlers = {stopping: signal.signal(stopping, stop_as_ctrl_c)
+                for stopping in (signal.SIGTERM, signal.SIGHUP) if on_main}
     try:
         status = run_demo(url=args.url, prompt=args.prompt, out=args.out, size=args.size, policy=args.policy,
                           on_stop=stops.append)
