@@ -19,7 +19,7 @@ import urllib.parse
 from collections.abc import Iterable, Mapping
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import httpx
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, ValidationInfo, field_validator
@@ -140,7 +140,8 @@ class Settings(BaseSettings):
 
     # Seconds a running job's lease lasts without a heartbeat before the sweeper recovers it.
     lease_seconds: float = Field(60.0, gt=0, le=DAY, allow_inf_nan=False)
-    sweep_interval: float = Field(15.0, gt=0, le=DAY, allow_inf_nan=False)
+    # Floored: 1e-9 kept an idle service's core busy (for the poll below too).
+    sweep_interval: float = Field(15.0, ge=0.05, le=DAY, allow_inf_nan=False)
     # Seconds a stop waits for paid requests already sent to a provider that nothing could follow
     # after a restart (a synchronous call): they answer and their images are kept and charged,
     # instead of being failed `interrupted` with their estimate captured unreconciled.
@@ -150,7 +151,7 @@ class Settings(BaseSettings):
     # Seconds between looks at what other processes changed: jobs they queued (for a worker),
     # cancels they asked for (for a job's holder), progress of jobs they run (for an event stream).
     # Their commits ring a bell that makes a process look at once; this look is the fallback.
-    poll_interval: float = Field(0.5, gt=0, le=60, allow_inf_nan=False)
+    poll_interval: float = Field(0.5, ge=0.01, le=60, allow_inf_nan=False)
 
     gemini_api_key: SecretStr | None = Field(None, validation_alias=_alias("ORCH_GEMINI_API_KEY", "GEMINI_API_KEY"))
     gemini_base_url: str = "https://generativelanguage.googleapis.com"
@@ -268,6 +269,17 @@ class Settings(BaseSettings):
         if value is not None and len(value) > MAX_MODEL_CHARS:
             raise ValueError(f"is {len(value)} characters long; at most {MAX_MODEL_CHARS} (a model's folder can "
                              "be named by a shorter path, a symbolic link to it)")
+        return value
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        # The TOML file's `max_pending_jobs = false` read as 0 (no limit), silently; an environment
+        # variable's "false" is refused, as this is now.
+        if isinstance(value, bool) and info.field_name is not None:
+            annotation = cls.model_fields[info.field_name].annotation
+            if annotation is not bool and bool not in get_args(annotation):
+                raise ValueError("expected a number, not true/false")
         return value
 
     @field_validator("*", mode="before")

@@ -57,6 +57,28 @@ def test_a_start_up_problem_names_the_file_s_key_when_the_file_set_it(toml_file:
     assert any(problem.startswith("ORCH_POLICY: 'nope-either'") for problem in startup_problems(Settings()))
 
 
+@pytest.mark.parametrize("line", ["max_pending_jobs = false", "max_streams_per_key = false", "lite_max_batch = true",
+                                  "max_body_bytes = true", "poll_interval = true"])
+def test_true_or_false_for_a_number_in_the_file_is_refused(toml_file: Path, line: str) -> None:
+    # Read as 1 or 0: `false` lifted two documented limits (0 is "no limit"), where the same value
+    # in an environment variable was refused.
+    toml_file.write_text(line + "\n")
+    with pytest.raises(ValidationError, match="expected a number, not true/false"):
+        Settings()
+    toml_file.write_text("run_jobs = false\nlite_preload = true\n")  # a switch takes them
+    assert (Settings().run_jobs, Settings().lite_preload) == (False, True)
+
+
+@pytest.mark.parametrize(("name", "floor"), [("poll_interval", 0.01), ("sweep_interval", 0.05)])
+def test_an_interval_too_short_to_wait_is_refused(toml_file: Path, name: str, floor: float) -> None:
+    # 1e-9 kept an idle service's core busy with looks that find nothing.
+    toml_file.write_text(f"{name} = 1e-9\n")
+    with pytest.raises(ValidationError, match=f"greater than or equal to {floor}"):
+        Settings()
+    toml_file.write_text(f"{name} = {floor}\n")
+    assert getattr(Settings(), name) == floor
+
+
 def test_unknown_toml_key_is_an_error_naming_key_file_and_match(toml_file: Path) -> None:
     toml_file.write_text("max_body_byts = 2048\nlite_max_batch = 2\nzzz = 1\n")
     with pytest.raises(ValidationError) as info:
