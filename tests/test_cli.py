@@ -203,6 +203,17 @@ def test_the_demo_prints_what_a_metering_service_charged_for_its_drafts(
     assert float(told[drafts + 1].split()[1]) > 0
 
 
+def the_one_job_ended(client: httpx.Client) -> dict[str, Any]:
+    """The service's one job, once it has ended (or as it is after 30 s)."""
+    [job] = client.get("/v1/jobs").json()["items"]
+    deadline = time.monotonic() + 30
+    while job["status"] in ("queued", "running") and time.monotonic() < deadline:
+        time.sleep(0.05)
+        job = client.get(f"/v1/jobs/{job['id']}").json()
+    ended: dict[str, Any] = job
+    return ended
+
+
 def test_a_demo_interrupted_cancels_the_job_it_was_following(
         make_settings: SettingsFactory, start_server: Callable[[Settings], httpx.Client], tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
@@ -217,11 +228,7 @@ def test_a_demo_interrupted_cancels_the_job_it_was_following(
     monkeypatch.setattr(demo, "_follow", interrupted)
     # 512 px drafts: seconds of work on the tiny model, so the cancel comes while they render.
     assert main(["demo", "--url", str(client.base_url), "--out", str(tmp_path / "out"), "--size", "512"]) == 130
-    [job] = client.get("/v1/jobs").json()["items"]
-    deadline = time.monotonic() + 30
-    while job["status"] in ("queued", "running") and time.monotonic() < deadline:
-        time.sleep(0.05)
-        job = client.get(f"/v1/jobs/{job['id']}").json()
+    job = the_one_job_ended(client)
     assert job["status"] == "canceled", job
     # It said only "interrupted": whether its job went on rendering was the user's guess.
     assert capsys.readouterr().err == f"orchestrator: interrupted; its drafts job {job['id']} was canceled\n"
@@ -240,11 +247,7 @@ def test_a_demo_stopped_by_a_signal_cancels_its_job_as_ctrl_c_does(
     monkeypatch.setattr(demo, "_follow", lambda *_args: os.kill(os.getpid(), stop))
     assert main(["demo", "--url", str(client.base_url), "--out", str(tmp_path / "out"), "--size", "512"]) == 128 + stop
     assert signal.getsignal(stop) == kept  # the process's own handling, back
-    [job] = client.get("/v1/jobs").json()["items"]
-    deadline = time.monotonic() + 30
-    while job["status"] in ("queued", "running") and time.monotonic() < deadline:
-        time.sleep(0.05)
-        job = client.get(f"/v1/jobs/{job['id']}").json()
+    job = the_one_job_ended(client)
     assert job["status"] == "canceled", job
     assert capsys.readouterr().err == f"orchestrator: interrupted; its drafts job {job['id']} was canceled\n"
 

@@ -5,13 +5,10 @@ refuses or holds the next."""
 
 from __future__ import annotations
 
-import base64
 import io
 import json
-import threading
 from collections.abc import Iterator
 from dataclasses import replace
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +21,7 @@ from orchestrator.settings import Settings
 from tests.api import read_events, worker_process
 from tests.routing import FAKE_B_PRICE, PaidDraftEngine, create_project, ledger, poll, submit, wait_for_job
 from tests.routing.conftest import SettingsFactory, running, write_policies
+from tests.routing.fake_gemini import FakeGemini
 from tiers.base import CancelToken, EngineContext, Progress, RenderRequest, RenderResult, Stage
 from tiers.gemini import GeminiEngine
 
@@ -88,61 +86,9 @@ def provider_png(shade: int) -> bytes:
     return buf.getvalue()
 
 
-class FakeGemini:
-    """Answers the first `answered` calls with an image each (a different shade per call); the next
-    is refused with a 400 INVALID_ARGUMENT, after `release` is set when `hold` is."""
-
-    def __init__(self, answered: int) -> None:
-        self.calls = 0
-        self.hold = False
-        self.release = threading.Event()
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                self.rfile.read(int(self.headers.get("content-length", "0")))
-                fake.calls += 1
-                if fake.calls > answered:
-                    if fake.hold:
-                        fake.release.wait(30)
-                    self._send(400, {"error": {"code": 400, "message": "Request contains an invalid argument.",
-                                               "status": "INVALID_ARGUMENT"}})
-                    return
-                data = base64.b64encode(provider_png(40 * fake.calls)).decode()
-                self._send(200, {
-                    "candidates": [{"content": {"role": "model", "parts": [
-                        {"inlineData": {"mimeType": "image/png", "data": data}}]},
-                        "finishReason": "STOP", "index": 0}],
-                    "usageMetadata": USAGE, "responseId": f"resp-{fake.calls}"})
-
-            def _send(self, status: int, payload: dict[str, Any]) -> None:
-                body = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                return None
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, name="fake-gemini", daemon=True)
-
-    @property
-    def url(self) -> str:
-        host, port = self.server.server_address[:2]
-        return f"http://{host!s}:{port}"
-
-    def __enter__(self) -> FakeGemini:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release.set()
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=10)
+def provider_png_of_call(call: int) -> bytes:
+    """A shade of its own for each call's image: the kept images are told apart."""
+    return provider_png(40 * call)
 
 
 ENGINES = "gemini-drafts=tests.routing.test_kept_images:factory"
@@ -156,7 +102,8 @@ def drafting_settings(new_settings: SettingsFactory, tmp_path: Path, gemini: Fak
 
 @pytest.fixture
 def drafting(new_settings: SettingsFactory, tmp_path: Path) -> Iterator[tuple[httpx.Client, FakeGemini]]:
-    with FakeGemini(answered=2) as gemini, running(drafting_settings(new_settings, tmp_path, gemini)) as client:
+    with FakeGemini(provider_png_of_call, USAGE, answered=2) as gemini, \
+            running(drafting_settings(new_settings, tmp_path, gemini)) as client:
         yield client, gemini
 
 
@@ -228,7 +175,7 @@ def test_a_cancel_while_a_later_call_is_out_keeps_the_images_made(
 def test_a_stream_told_from_the_row_tells_the_images_a_worker_kept(new_settings: SettingsFactory,
                                                                   tmp_path: Path) -> None:
     # The API server runs no jobs: it tells the stream from the row the worker writes.
-    with FakeGemini(answered=1) as gemini:
+    with FakeGemini(provider_png_of_call, USAGE, answered=1) as gemini:
         settings = drafting_settings(new_settings, tmp_path, gemini, run_jobs=False, poll_interval=0.1)
         env = {"ORCH_ENGINES": ENGINES, "ORCH_POLICY": "gemini-drafts", "ORCH_POLICY_DIR": str(settings.policy_dir),
                "ORCH_GEMINI_API_KEY": "test-key", "ORCH_GEMINI_BASE_URL": gemini.url}

@@ -9,10 +9,7 @@ import io
 import json
 import logging
 import math
-import re
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +20,7 @@ from PIL import Image
 from orchestrator.errors import EngineError
 from tests.routing import create_project, ledger, promote, run_draft, submit, wait_for_job
 from tests.routing.conftest import SettingsFactory, running, write_policies
+from tests.routing.fake_gemini import FakeGemini
 from tiers.base import EngineContext
 from tiers.gemini import GeminiEngine
 
@@ -60,65 +58,10 @@ def pixels(data: bytes) -> tuple[tuple[int, int], bytes]:
         return rgb.size, rgb.tobytes()
 
 
-class FakeGemini:
-    """`POST /v1beta/models/{model}:generateContent` on 127.0.0.1, recording what it receives."""
-
-    PATH = re.compile(r"^/v1beta/models/(?P<model>[^/:]+):generateContent$")
-
-    def __init__(self) -> None:
-        self.received: list[dict[str, Any]] = []
-        self.image = png(provider_image())
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                length = int(self.headers.get("content-length", "0"))
-                body = json.loads(self.rfile.read(length) or b"null")
-                fake.received.append({"path": self.path, "headers": dict(self.headers.items()), "body": body})
-                match = fake.PATH.match(self.path)
-                if match is None:
-                    self._send(404, {"error": {"code": 404, "message": "not found", "status": "NOT_FOUND"}})
-                    return
-                self._send(200, {
-                    "candidates": [{"content": {"role": "model", "parts": [
-                        {"text": "Here is the render."},
-                        {"inlineData": {"mimeType": "image/png", "data": base64.b64encode(fake.image).decode()}},
-                    ]}, "finishReason": "STOP", "index": 0}],
-                    "usageMetadata": USAGE, "modelVersion": match["model"], "responseId": f"resp-{len(fake.received)}",
-                })
-
-            def _send(self, status: int, payload: dict[str, Any]) -> None:
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                return None
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, name="fake-gemini", daemon=True)
-
-    @property
-    def url(self) -> str:
-        host, port = self.server.server_address[:2]
-        return f"http://{host!s}:{port}"
-
-    def __enter__(self) -> FakeGemini:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=10)
-
-
 @pytest.fixture(scope="module")
 def gemini() -> Iterator[FakeGemini]:
-    with FakeGemini() as fake:
+    image = png(provider_image())
+    with FakeGemini(lambda _call: image, USAGE) as fake:
         yield fake
 
 
@@ -178,7 +121,7 @@ def test_draft_bridge_on_gemini_polish_on_local_hifi(online: httpx.Client, gemin
 
     # What it made is the bridge asset; the charge is the usage-based cost, captured from the hold.
     bridge_png = content(client, bridge_id)
-    assert pixels(bridge_png) == pixels(gemini.image)
+    assert pixels(bridge_png) == pixels(png(provider_image()))
     expected = usage_cost()
     assert bridge_job["cost"]["charged"] == expected
     assert bridge_job["cost"]["held"] == 0
