@@ -1483,7 +1483,7 @@ class JobRunner:
             return [], []
         made = self._storable(job, replace(made, images=made.images[:job.params.get("n") or 1]))
         asked = job.params.get("n")
-        note = f"made before the job ended early ({error.code}): {len(made.images)} of the {asked} images asked"
+        note = f"made before the job ended {error.code}: {len(made.images)} of the {asked} images asked were made"
         pngs: list[tuple[Put, bytes]] = []
         try:
             records = self._records(job, made, note=note)

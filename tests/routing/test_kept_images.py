@@ -146,7 +146,7 @@ def test_a_job_refused_part_way_keeps_the_images_made_and_charges_them_exactly(
                                        for s in (40, 80)]
     for asset, record, _ in kept:
         assert (asset["job_id"], asset["engine"], asset["stage"]) == (job["id"], "gemini-drafts", "ideation")
-        assert record["notes"] == ["made before the job ended early (invalid_request): 2 of the 4 images asked"]
+        assert record["notes"] == ["made before the job ended invalid_request: 2 of the 4 images asked were made"]
     listed = client.get(f"/v1/projects/{project_id}/assets").json()["items"]
     assert {a["id"] for a in listed} == set(job["assets"])
 
