@@ -343,6 +343,15 @@ class Canceled(EngineError):
     retryable = False
 
 
+class StoppedPartWay(EngineError):
+    """A stop that did not wait ended a job of several paid calls part-way, a later request out
+    that nothing can follow: a job's error, told as `Interrupted` is. The images the earlier calls
+    made are kept (`made`)."""
+
+    code = "interrupted"
+    retryable = False
+
+
 class Interrupted(OrchestratorError):
     """A job's process stopped under it (a crash, or a stop that queued it again): a job's error
     and an attempt's, never an answer's."""

@@ -49,6 +49,7 @@ from orchestrator.errors import (
     Interrupted,
     NoRoute,
     OrchestratorError,
+    StoppedPartWay,
     first_line,
 )
 from orchestrator.events import EventBus
@@ -582,6 +583,18 @@ class JobRunner:
                 # recovery's to settle, with what the work cost.
                 with contextlib.suppress(StaleAttempt, Canceled):
                     await asyncio.to_thread(self._requeue_to_follow, claim, work)
+            elif not engine_returned and exc.made is not None and exc.made.images:
+                # Images its earlier calls made (and billed), and a later request out that nothing
+                # can follow: recovery would fail it `interrupted` too, with those images lost and
+                # the whole estimate captured. Ended so now, keeping them, charged what they may
+                # cost. (A whole result that came after the runner closed is left to recovery.)
+                made = len(exc.made.images)
+                stopped = StoppedPartWay(f"the service stopped without waiting for the job's request out; the {made} "
+                                         f"image(s) its earlier requests made are kept", details={"engine": job.engine},
+                                         charged=exc.charged, cost_millicredits=exc.cost_millicredits)
+                stopped.made = exc.made
+                await self._end(claim, "failed", stopped)
+                return
             log.info("job %s interrupted by shutdown; the next start recovers it", job.id)
             return
         await self._end(claim, "canceled", exc)

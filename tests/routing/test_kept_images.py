@@ -218,3 +218,23 @@ def test_images_a_plugin_made_with_a_seed_no_job_can_ask_for_are_kept_without_it
     job = plugin_draft(plugins, "made-then-failed")
     assert job["status"] == "failed" and len(job["assets"]) == 1
     assert plugins.get(f"/v1/assets/{job['assets'][0]}").json()["seed"] is None
+
+
+def test_a_stop_that_does_not_wait_ends_the_job_keeping_the_images_made(new_settings: SettingsFactory,
+                                                                         tmp_path: Path) -> None:
+    # Left to the next start, it was failed `interrupted` with the image of its first call lost and
+    # the whole estimate captured.
+    with FakeGemini(provider_png_of_call, USAGE, answered=1) as gemini:
+        gemini.hold = True  # the second call is out when the service stops
+        settings = drafting_settings(new_settings, tmp_path, gemini, stop_grace=0)
+        with running(settings) as client:
+            project_id, job = draft(client, n=3)
+            poll(lambda: gemini.calls == 2, what="the second call out")
+        with running(settings) as client:
+            job = wait_for_job(client, job["id"])
+            entries = ledger(client, project_id, job["id"])
+    assert (job["status"], job["error"]["code"]) == ("failed", "interrupted"), job["error"]
+    assert len(job["assets"]) == 1 and "1 image(s) its earlier requests made are kept" in job["error"]["message"]
+    # Two of the three images were asked for: their share of the estimate, for a person to reconcile.
+    [capture] = [e for e in entries if e["kind"] == "capture"]
+    assert capture["unreconciled"] and capture["amount"] < job["cost"]["estimated"]
