@@ -1494,8 +1494,8 @@ class JobRunner:
         made = error.made if isinstance(error, EngineError) else None
         if made is None or not made.images:
             return [], []
-        made = self._storable(job, replace(made, images=made.images[:job.params.get("n") or 1]))
-        asked = job.params.get("n")
+        asked = job.params.get("n") or 1
+        made = self._storable(job, replace(made, images=made.images[:asked]))
         note = f"made before the job ended {error.code}: {len(made.images)} of the {asked} images asked were made"
         pngs: list[tuple[Put, bytes]] = []
         try:

@@ -72,6 +72,11 @@ def _as_list(value: Any) -> Any:
     return value
 
 
+def _repeated(values: list[str]) -> list[str]:
+    """The values given more than once, sorted."""
+    return sorted({value for value in values if values.count(value) > 1})
+
+
 T = TypeVar("T")
 OneOrMany = Annotated[list[T], BeforeValidator(_as_list)]
 
@@ -95,8 +100,7 @@ class Match(_Model):
     @field_validator("stage", "engine")
     @classmethod
     def _listed_once(cls, values: list[str] | None) -> list[str] | None:
-        repeated = sorted({value for value in values or () if (values or []).count(value) > 1})
-        if repeated:
+        if values is not None and (repeated := _repeated(values)):
             raise ValueError(f"listed more than once: {', '.join(repeated)}")
         return values
 
@@ -247,8 +251,7 @@ class Rule(_Model):
             return None
         if any(not name for name in engines):
             raise ValueError("engine names must not be empty")
-        repeated = sorted({name for name in engines if engines.count(name) > 1})
-        if repeated:
+        if repeated := _repeated(engines):
             raise ValueError(f"engine listed more than once: {', '.join(repeated)}")
         return engines
 
