@@ -577,7 +577,8 @@ def _run(args: argparse.Namespace) -> int:
         if settings.admin_key is None and not is_loopback(args.host) and not args.allow_open:
             if (unknown_host := _resolution_problem(args.host, args.port)) is not None:
                 return _fail(unknown_host, status=2)  # a name nothing listens on: the key is not the problem
-            return _fail(f"refusing to listen on {args.host} without ORCH_ADMIN_KEY: anyone who reaches the port "
+            where = args.host or "every interface (--host '')"
+            return _fail(f"refusing to listen on {where} without ORCH_ADMIN_KEY: anyone who reaches the port "
                          "could spend the budgets and grant credits. Set ORCH_ADMIN_KEY (or pass --allow-open "
                          "on a network you trust)", status=2)
         try:
@@ -618,7 +619,7 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "check":
         return _check(no_hash=args.no_hash)
-    from orchestrator.demo import quiet_terminal_log, run_demo
+    from orchestrator.demo import quiet_terminal_log
     from orchestrator.services import file_in_the_way
 
     out = Path(args.out)
@@ -634,6 +635,22 @@ def _run(args: argparse.Namespace) -> int:
         if (failed := _checked(settings) or _bound(settings)) is not None:
             return failed
         _log_to_data_dir(settings)  # the rest, as `serve` keeps it
+    # Made before anything runs, so that a folder that cannot be is refused first; removed again, with
+    # the folders made for it, by a run that ends with nothing saved there (a service unreachable).
+    made = [folder for folder in (out.resolve(), *out.resolve().parents) if not folder.exists()]
+    try:
+        return _demo(args, out)
+    finally:
+        for folder in made:  # innermost first; one holding anything stops the removal
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+
+
+def _demo(args: argparse.Namespace, out: Path) -> int:
+    from orchestrator.demo import run_demo
+
     try:
         out.mkdir(parents=True, exist_ok=True)
         # Written to once: a folder that takes no files failed with a traceback after the drafts.

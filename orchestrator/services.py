@@ -58,6 +58,8 @@ def config_file_problem() -> str | None:
     """What is wrong with the configuration file `ORCH_CONFIG_FILE` names, if anything: the default
     name may be absent, a named file must not."""
     named = os.environ.get(CONFIG_FILE_VARIABLE)
+    if named and not named.strip():  # told as "no such file: " and a name that could not be seen
+        return f"{CONFIG_FILE_VARIABLE}: is blank ({named!r}): name a TOML file, or unset it for ./orchestrator.toml"
     path = Path(os.path.expanduser(named)) if named else None
     if path is None or path.is_file():
         return None

@@ -135,10 +135,16 @@ def test_a_policy_file_refused_at_start_stops_the_service(make_settings: Setting
 
 
 def test_demo_against_an_unreachable_service(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["demo", "--url", "http://127.0.0.1:9", "--out", str(tmp_path)]) == 1
+    assert main(["demo", "--url", "http://127.0.0.1:9", "--out", str(tmp_path / "renders" / "today")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("orchestrator: cannot reach http://127.0.0.1:9/")
     assert "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []  # the folders made for its output, nothing in them, are gone
+    # A folder that was there stays, and so does one holding something of the user's.
+    (tmp_path / "renders" / "notes.txt").parent.mkdir()
+    (tmp_path / "renders" / "notes.txt").write_text("mine")
+    assert main(["demo", "--url", "http://127.0.0.1:9", "--out", str(tmp_path / "renders" / "today")]) == 1
+    assert [p.name for p in tmp_path.rglob("*")] == ["renders", "notes.txt"]
 
 
 def test_the_demo_does_not_print_a_proxy_s_password_in_its_url(tmp_path: Path,
@@ -744,6 +750,7 @@ def test_migrate_makes_a_new_data_dir(make_settings: SettingsFactory, monkeypatc
     ("serve", "ORCH_PRICES_FILE", "{tmp}", "ORCH_PRICES_FILE: prices file {tmp}: is a directory, not a TOML file\n"),
     ("worker", "ORCH_DATA_DIR", "{tmp}/a-file", "ORCH_DATA_DIR: {tmp}/a-file is not a directory"),
     ("serve", "ORCH_CONFIG_FILE", "{tmp}/studio.toml", "ORCH_CONFIG_FILE: no such file: {tmp}/studio.toml"),
+    ("migrate", "ORCH_CONFIG_FILE", " ", "ORCH_CONFIG_FILE: is blank (' '): name a TOML file, or unset it for"),
     # Once a traceback from inside the server's start-up (an entry without '=').
     ("serve", "ORCH_ENGINES", "flux=studio.flux:create,garbage", "ORCH_ENGINES: 'garbage' is not name="),
     # A name twice or a built-in's: one was ignored with a warning.
@@ -1190,7 +1197,8 @@ def test_serve_beyond_this_machine_needs_an_admin_key(make_settings: SettingsFac
     monkeypatch.delenv("ORCH_ADMIN_KEY", raising=False)
     assert main(["serve", "--host", host]) == 2  # returned before anything listens
     err = capsys.readouterr().err
-    assert f"refusing to listen on {host} without ORCH_ADMIN_KEY" in err and "--allow-open" in err
+    where = host or "every interface (--host '')"
+    assert f"refusing to listen on {where} without ORCH_ADMIN_KEY" in err and "--allow-open" in err
     assert not settings.data_dir.exists()  # nor is anything made: no data dir, no database
 
 
