@@ -186,6 +186,9 @@ def main() -> None:
     with db.session() as s:
         results["spend: the big project's month by engine"] = timed(
             functools.partial(spend, s, "engine", *month, "prj_big"), args.repeats)
+        # A dashboard's month of every project (no project filter): read by the charges' window index.
+        results["spend: every project's month by engine"] = timed(
+            functools.partial(spend, s, "engine", *month, None), args.repeats)
         results["spend: everything by day"] = timed(functools.partial(spend, s, "day", None, None, None), args.repeats)
         # The draft counts are what is timed, not the pricing: one local engine, none to compare with.
         lite_only: Any = [SimpleNamespace(name="lite", kind="local")]

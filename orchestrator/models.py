@@ -227,6 +227,10 @@ class LedgerEntry(SQLModel, table=True):
                       # capture of the ledger (its kind was the better-looking index).
                       sa.Index("ix_ledger_entries_job_id", "job_id", "kind", "settled", "amount"),
                       sa.Index("ix_ledger_project_window", "project_id", "kind", "created_at", "amount"),
+                      # A spend report's window of every project, read from the index alone: with
+                      # the kind alone, SQLite walked every capture ever written (migration 0023).
+                      sa.Index("ix_ledger_charges_window", "kind", "created_at", "project_id", "engine", "stage",
+                               "job_id", "unreconciled", "amount"),
                       # /metrics' totals by engine, read from the index alone.
                       sa.Index("ix_ledger_totals", "kind", "engine", "stage", "unreconciled", "amount"),
                       # SQLite: an id is never given again (see migration 0017); PostgreSQL's never is.

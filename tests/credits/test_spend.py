@@ -371,3 +371,38 @@ def test_metrics_tell_credits_charged_held_and_unreconciled(paid_settings_for: C
     assert 'orchestrator_jobs{stage="polish",engine="fake-queue",status="canceled"} 0' in after
     assert 'orchestrator_credits_charged{engine="fake-queue",stage="polish"} 0.0' in after
     assert 'orchestrator_assets{stage="polish"} 0' in after
+
+
+def test_a_window_of_every_project_is_read_by_its_time(tmp_path: Path) -> None:
+    """A dashboard's "this month, every project" on SQLite walked every capture ever written (the
+    kind's equality on another index): 790 ms at 100k captures over three years, for one month."""
+    import sqlite3
+
+    from sqlalchemy import event
+
+    from orchestrator.models import LedgerEntry
+    from orchestrator.spend import spend
+
+    db = _database_with_a_job(tmp_path, "prj_window", "job_window", stage="bridge", engine="e")
+    with db.transaction() as s:
+        s.add(LedgerEntry(project_id="prj_window", job_id="job_window", kind="capture", amount=1000, engine="e",
+                          stage="bridge", created_at=datetime(2026, 6, 2, tzinfo=UTC)))
+    seen: list[tuple[str, Any]] = []
+
+    def before(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool) -> None:
+        seen.append((statement, parameters))
+
+    event.listen(db.engine, "before_cursor_execute", before)
+    try:
+        with db.snapshot() as s:
+            report = spend(s, "engine", datetime(2026, 6, 1, tzinfo=UTC), datetime(2026, 7, 1, tzinfo=UTC), None)
+    finally:
+        event.remove(db.engine, "before_cursor_execute", before)
+        db.dispose()
+    assert report["total"] == 1.0
+    ledger_reads = [(q, p) for q, p in seen if "FROM ledger_entries" in q]
+    assert len(ledger_reads) == 3  # the sums, the unreconciled entries, the images' jobs
+    with sqlite3.connect(tmp_path / "o.db") as conn:
+        for statement, parameters in ledger_reads:
+            plan = "\n".join(row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {statement}", parameters))
+            assert "COVERING INDEX ix_ledger_charges_window (kind=? AND created_at>? AND created_at<?)" in plan, plan
