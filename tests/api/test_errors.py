@@ -641,7 +641,9 @@ def test_an_encoded_slash_is_not_a_path_separator(shared_server: httpx.Client, p
 
 
 def test_an_encoded_slash_does_not_reach_the_cancel_route(shared_server: httpx.Client, project: str) -> None:
-    job = shared_server.post(f"/v1/projects/{project}/drafts", json={"prompt": "x"}).json()
+    # A small draft: a default one (4 at 512 px) ran past the wait on a CI machine under load.
+    job = shared_server.post(f"/v1/projects/{project}/drafts",
+                             json={"prompt": "x", "width": 64, "height": 64, "n": 1}).json()
     assert_error(shared_server.post(f"/v1/jobs/{job['id']}%2Fcancel"), 400, "invalid_request")
     assert wait_for_job(shared_server, job["id"])["status"] == "succeeded"
 
