@@ -71,6 +71,7 @@ from tiers.base import (
     NOTES,
     RECORDED_PARAMETERS,
     CancelToken,
+    Engine,
     Reattachable,
     RenderRequest,
     RenderResult,
@@ -512,6 +513,12 @@ class JobRunner:
             if exc.retryable and exc.engine_fault:
                 self.health.failed(job.engine)
             raise
+        except (OrchestratorError, SQLAlchemyError):  # the request's or the service's, not the engine's
+            raise
+        except Exception:
+            # An engine's bug: a plugin that fails every job so stayed `ok`, and routing sent it the next.
+            self.health.failed(job.engine)
+            raise
         finally:
             self.health.finished(job.engine, job.id)  # whatever the verdict, this probe is over
 
@@ -783,7 +790,9 @@ class JobRunner:
         left out, a retryable failure ended the job though another worker could have made it."""
         engine = self.registry.get(name) if name in self.registry else None
         here = engine is not None and not left_off(engine)
-        if engine is not None and here and not engine.availability()[0]:
+        # A plugin's availability and price may ask its server: in a thread, as on the submit path
+        # (on the event loop, one that took 8 s held every request of the service as long).
+        if engine is not None and here and not (await asyncio.to_thread(engine.availability))[0]:
             return None
         if not here and not await asyncio.to_thread(self.served_elsewhere, name):
             return None
@@ -793,10 +802,7 @@ class JobRunner:
             if not isinstance(routed, int | float) or isinstance(routed, bool) or routed < 0:
                 return None
             return to_millicredits(routed), None, False
-        try:
-            return priced(engine, request), engine.model, here
-        except OrchestratorError:
-            return None
+        return await asyncio.to_thread(_priced_here, engine, request, here)
 
     async def _move_off_open_circuit(self, claim: Claim) -> None:
         """A queued job claimed to leave an engine whose circuit is open (see `Scheduler._circuit`):
@@ -1642,3 +1648,11 @@ def device_seconds(reported: object, measured: float, *, engine: str) -> float:
     log.warning("engine %s reported %s device-seconds for an attempt of %.2f s: charged for %.2f s",
                 engine, repr(reported)[:40], measured, measured)
     return measured
+
+
+def _priced_here(engine: Engine, request: RenderRequest, here: bool) -> tuple[int, str | None, bool] | None:
+    """`JobRunner._fallback_target`'s answer for an engine this process knows: None when it cannot price the job."""
+    try:
+        return priced(engine, request), engine.model, here
+    except OrchestratorError:
+        return None

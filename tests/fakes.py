@@ -36,6 +36,19 @@ from tiers.base import (
 
 FAKE_PRICE = 10.0  # credits per image
 SENT: list[str] = []  # the prompt of every request that passed `billable_send`, in this process
+# "engine.method" of each look at an engine's availability or price made on an event loop's thread:
+# a plugin's may ask its server, and every request of the service waits meanwhile.
+ON_THE_LOOP: list[str] = []
+
+
+def _on_the_loop(what: str) -> None:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    ON_THE_LOOP.append(what)
+
+
 ENDING = threading.Event()  # set by a test as the runner starts ending a "crash-beside-a-send" job
 ASKED = threading.Event()  # set once that job's other request has asked to send (and been answered)
 
@@ -57,12 +70,14 @@ class FakePaidEngine:
         return "fake-1"
 
     def availability(self) -> tuple[bool, str | None]:
+        _on_the_loop(f"{self.name}.availability")
         return True, None
 
     def prices(self) -> dict[str, Any]:
         return self._prices.as_dict()
 
     def estimate(self, req: RenderRequest) -> int:
+        _on_the_loop(f"{self.name}.estimate")
         return req.n * self._prices.millicredits(self.model, "image")
 
     async def run(self, req: RenderRequest, progress: Progress, cancel: CancelToken) -> RenderResult:

@@ -27,6 +27,7 @@ from orchestrator.models import Asset, Job, LedgerEntry, Project
 from orchestrator.runner import JobRunner
 from orchestrator.schemas import PolishCreate, PromoteCreate
 from orchestrator.services import Services
+from tests import fakes
 from tests.api import read_events
 from tests.routing import assert_error, ledger, poll, promote, run_draft, wait_for_job
 from tests.routing.conftest import FAKE_ENGINES, FALLBACK_POLICY, SettingsFactory, running, write_policies
@@ -197,6 +198,17 @@ def test_retryable_failure_falls_back_to_the_next_candidate(paid_server: httpx.C
     assert [t for t in told if t[1] in (None, "fallback")] == [
         ("queued", None, None, None), ("started", None, 1, None), ("state", "fallback", None, None),
         ("queued", None, 1, True), ("started", None, 2, None)], told
+
+
+def test_a_fallback_looks_at_the_next_engine_off_the_event_loop(paid_server: httpx.Client) -> None:
+    # A plugin's availability() that asked its server for 8 s held every request of the service
+    # (healthz waited 7.98 s) when a job fell back onto it; on the submit path it runs in a thread.
+    _, asset_id = draft_asset(paid_server)
+    fakes.ON_THE_LOOP.clear()
+    job = promote(paid_server, asset_id, tags={"fake": "fail"})
+    done = wait_for_job(paid_server, job["id"])
+    assert done["status"] == "succeeded" and done["engine"] == "fake-b", done["error"]
+    assert fakes.ON_THE_LOOP == []
 
 
 def test_fallback_runs_down_the_whole_list(paid_server: httpx.Client) -> None:
@@ -518,6 +530,21 @@ def test_circuit_breaker_shows_in_engines_and_routing(breaker_server: httpx.Clie
     filtered = wait_for_job(client, promote(client, asset_id, engine="fake-b", tags={"fake-b": "filtered"})["id"])
     assert filtered["status"] == "failed"
     assert health(client)["fake-b"] == "ok"
+
+
+def test_an_engine_that_crashes_on_every_job_has_its_circuit_opened(breaker_server: httpx.Client) -> None:
+    # A plugin failing every job with a bug (a ValueError, a None returned) stayed `ok`, and routing
+    # sent it each next job: only an EngineError said retryable counted.
+    client = breaker_server
+    _, asset_id = draft_asset(client)
+    for told in ("degraded", "open"):
+        crashed = wait_for_job(client, promote(client, asset_id, tags={"fake": "crash-before-send"})["id"])
+        assert crashed["status"] == "failed" and crashed["error"]["code"] == "engine_error", crashed
+        assert "failed unexpectedly" in crashed["error"]["message"]
+        assert health(client)["fake-paid"] == told
+    moved = promote(client, asset_id)
+    assert moved["engine"] == "fake-b"
+    assert wait_for_job(client, moved["id"])["status"] == "succeeded"
 
 
 class Clock:
