@@ -31,7 +31,7 @@ from orchestrator.api.errors import install as install_errors
 from orchestrator.api.head import HeadAsGet
 from orchestrator.api.query import DropEmptyQueryValues, single_valued_query
 from orchestrator.api.request_limits import RequestLimits
-from orchestrator.db import Database
+from orchestrator.db import Database, tables_missing
 from orchestrator.errors import DatabaseUnavailable
 from orchestrator.outage import Outage
 from orchestrator.schemas import Health
@@ -43,7 +43,7 @@ READY_SECONDS = 2.0  # how long /readyz waits for the database's answer
 
 
 class Readiness:
-    """/readyz's question to the database: one `SELECT 1` at a time, on a daemon thread of its
+    """/readyz's question to the database (`Database.ping`): one at a time, on a daemon thread of its
     own. A probe per request on the shared thread pool held a thread (and a connection) for as
     long as a stalled database took, and twenty of them starved the service's own work (a project
     key's look-up waited 18 s); probes that come while one is out wait for its answer instead."""
@@ -59,8 +59,12 @@ class Readiness:
             await asyncio.wait_for(asyncio.shield(self._pending), READY_SECONDS)
         except Exception as exc:  # a timeout, a refused connection, a full pool: not ready, whatever it is
             self._outage.failed(exc)
-            said = f"did not answer within {READY_SECONDS:g} s" if isinstance(exc, TimeoutError) else \
-                f"refused the check ({type(exc).__name__})"
+            if isinstance(exc, TimeoutError):
+                said = f"did not answer within {READY_SECONDS:g} s"
+            elif tables_missing(exc):
+                said = "lacks some or all of this service's tables (made anew, or a restore under way)"
+            else:
+                said = f"refused the check ({type(exc).__name__})"
             raise DatabaseUnavailable(f"the database {said}") from None
         self._outage.recovered()
 
@@ -201,12 +205,13 @@ def create_app(settings: Settings | None = None, *, loopback_only: bool = False)
 
     @app.get("/readyz", response_model=Health, tags=["operations"], summary="Check readiness",
              openapi_extra={"security": []},
-             responses={**documented(400, 503, said={503: "The database did not answer a `SELECT 1` within 2 s "
-                                                          "(`database_unavailable`): send requests elsewhere."}),
+             responses={**documented(400, 503, said={503: "The database did not answer within 2 s, or lacks the "
+                                                          "service's tables (`database_unavailable`): send requests "
+                                                          "elsewhere."}),
                         **ANY_OTHER_ERROR})
     async def readyz(services: ServicesDep) -> Health:
-        """Readiness, without auth: 200 when the database answers a `SELECT 1` within 2 s;
-        otherwise 503 `database_unavailable`, and a load balancer sends requests elsewhere."""
+        """Readiness, without auth: 200 when the database answers within 2 s and holds the
+        service's tables; otherwise 503 `database_unavailable`, and a load balancer sends requests elsewhere."""
         await readiness.check(services.db)
         return Health(status="ok", version=__version__)
 

@@ -37,7 +37,7 @@ from typing import Any, cast
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import CursorResult, Engine, Result, create_engine, event, inspect, text
+from sqlalchemy import CursorResult, Engine, Result, TextClause, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -220,9 +220,11 @@ class Database:
                         before_sleep=functools.partial(_tell_retry, what=what, within=within))
 
     def ping(self) -> None:
-        """A `SELECT 1`: whether the database answers (a connection from the pool, a round trip)."""
+        """Whether the database answers and holds this service's tables (a connection from the pool,
+        one statement that reads none of their rows). A `SELECT 1` alone was answered by a database
+        made anew or emptied for a restore, while every request of the service failed on it."""
         with self.engine.connect() as connection:
-            connection.execute(text("SELECT 1"))
+            connection.execute(_tables_read())
 
     def ring(self) -> None:
         """Make the other processes look now, with no change of our own to tell (an empty write
@@ -238,6 +240,16 @@ class Database:
 
 
 RETRY_TOLD_EVERY = 10
+
+
+@functools.cache
+def _tables_read() -> TextClause:
+    """The service's tables, none of their rows: a missing one fails it as a request would (`tables_missing`)."""
+    from sqlmodel import SQLModel
+
+    import orchestrator.models  # noqa: F401  (its tables are SQLModel's once defined)
+
+    return text(" UNION ALL ".join(f"SELECT 1 FROM {name} WHERE 1 = 0" for name in sorted(SQLModel.metadata.tables)))
 
 
 def _tell_retry(state: RetryCallState, *, what: str, within: float) -> None:

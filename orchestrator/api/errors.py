@@ -5,7 +5,8 @@ from __future__ import annotations
 import difflib
 import logging
 import re
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Any, get_args
 
 from fastapi import FastAPI, Request
@@ -38,6 +39,7 @@ from orchestrator.errors import (
     first_line,
     shown,
 )
+from orchestrator.outage import REMIND_SECONDS, Outage
 from orchestrator.schemas import FieldError
 
 log = logging.getLogger(__name__)
@@ -236,7 +238,28 @@ async def _body_fields(request: Request) -> set[str]:
     return set(body) if isinstance(body, dict) else set()
 
 
+class RequestsOutage:
+    """Requests failed by the database (away, or without this service's tables), told as a duty's
+    failures are (`Outage`): once for each kind, then a line a minute while they go on. A line each
+    was a hundred of the same warning for a hundred requests (a scrape every 15 s, clients polling).
+    No request tells of a recovery: a minute without a failure ends the outage."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._outage = Outage(log, "requests", "each is answered 503 while it lasts", clock=clock)
+        self._clock = clock
+        self._last: float | None = None
+
+    def failed(self, exc: BaseException) -> None:
+        now = self._clock()
+        if self._last is not None and now - self._last >= REMIND_SECONDS:
+            self._outage.reset()
+        self._last = now
+        self._outage.failed(exc)
+
+
 def install(app: FastAPI) -> None:
+    outage = RequestsOutage()
+
     @app.exception_handler(OrchestratorError)
     async def _orchestrator(request: Request, exc: OrchestratorError) -> JSONResponse:
         details = exc.details
@@ -338,8 +361,7 @@ def install(app: FastAPI) -> None:
         # again. A statement it refused (no such table, a read-only file) is the server's fault.
         # (Any driver error: a lost connection may come as psycopg's ProgrammingError, see `transient`.)
         if tables_missing(exc):
-            log.error("the database lacks some or all of this service's tables (made anew, or emptied for a "
-                      "restore): %s", first_line(exc, type(exc).__name__)[:300])
+            outage.failed(exc)
             return answer(DatabaseUnavailable(
                 "the database lacks some or all of this service's tables (made anew, or a restore under way): nothing "
                 "was written; its operator must finish the restore or run `orchestrator migrate`"))
@@ -358,7 +380,7 @@ def install(app: FastAPI) -> None:
                 "Send the request again with the same Idempotency-Key, which answers with what was written; "
                 "without one, look first (list the project's jobs, its grants): sent again, it may be done twice",
                 details={"written": "unknown"}))
-        log.warning("database unavailable: %s", first_line(exc, type(exc).__name__)[:300])
+        outage.failed(exc)
         # Said of what it is: refused, cut or busy alike (a refusal within 0.1 s did not "time out").
         return answer(DatabaseUnavailable("the database is unavailable for now (busy, restarting or unreachable); "
                                           "nothing was written, send the request again (with the same "

@@ -1193,8 +1193,41 @@ def test_a_database_emptied_under_the_service_says_so_not_internal_error(
     error = assert_error(response, 503, "database_unavailable")
     assert "lacks some or all of this service's tables" in error["message"]
     assert "orchestrator migrate" in error["message"]
+    with caplog.at_level(logging.ERROR, logger="orchestrator.api.errors"):
+        for n in range(5):  # clients sending again: told once, not a line each
+            assert_error(client.post("/v1/projects", json={"name": "again"}, headers={"Idempotency-Key": f"k{n}"}),
+                         503, "database_unavailable")
     told = [r for r in caplog.records if "lacks some or all of this service's tables" in r.getMessage()]
-    assert told and all(r.exc_info is None for r in told)
+    assert len(told) == 1 and told[0].exc_info is None, [r.getMessage() for r in told]
+    # Nor is it ready: it serves nothing (a `SELECT 1` said it was).
+    not_ready = assert_error(client.get("/readyz"), 503, "database_unavailable")
+    assert not_ready["message"] == ("the database lacks some or all of this service's tables (made anew, "
+                                    "or a restore under way)")
+
+
+def test_requests_failed_by_the_database_are_told_once_then_a_line_a_minute(
+        caplog: pytest.LogCaptureFixture) -> None:
+    from sqlalchemy.exc import OperationalError
+
+    from orchestrator.api.errors import RequestsOutage
+
+    now = [1000.0]
+    outage = RequestsOutage(clock=lambda: now[0])
+    away = OperationalError("SELECT 1", {}, Exception("database is locked"))
+    with caplog.at_level(logging.DEBUG, logger="orchestrator.api.errors"):
+        for _ in range(100):
+            outage.failed(away)
+            now[0] += 0.5  # 50 s of requests failing
+        warned = [r for r in caplog.records if r.levelno >= logging.WARNING]
+        assert len(warned) == 1 and "the database is away: " in warned[0].getMessage()
+        now[0] += 10
+        outage.failed(away)  # a minute on: a reminder that counts them
+        warned = [r for r in caplog.records if r.levelno >= logging.WARNING]
+        assert len(warned) == 2 and "still failing (101 tries in 60 s)" in warned[1].getMessage(), warned[1]
+        now[0] += 61  # a quiet minute: the outage was over, the next failure is a new one's first
+        outage.failed(away)
+        warned = [r for r in caplog.records if r.levelno >= logging.WARNING]
+        assert len(warned) == 3 and "the database is away" in warned[2].getMessage()
 
 
 def test_an_error_echoes_a_made_up_name_cut_short(shared_server: httpx.Client, project: str) -> None:
