@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import math
 import secrets
 from collections.abc import Callable
@@ -65,6 +66,8 @@ Body = DraftCreate | PromoteCreate | PolishCreate
 # Retry-After for a request whose engine's half-open probe another request took while it was routed:
 # routed again a moment later, it goes to the next candidate.
 RESERVE_RETRY_SECONDS = 1
+
+log = logging.getLogger(__name__)
 
 
 def _round_to(value: float, multiple: int) -> int:
@@ -718,6 +721,8 @@ class JobService:
                 # the job runs, so its hold stays and the caller cancels it as a running job.
                 return False
             self.ledger.settle_unstarted(s, job, note=why)
+        # Its end in the service's log as a running job's is: only the access log had it.
+        log.info("job %s canceled while queued for %s: %s", job_id, job.engine, why)
         # A half-open circuit's probe, canceled before it ran: no verdict, so the next may go (it
         # held the engine for the whole cooldown).
         self.router.health.finished(job.engine, job_id)
@@ -784,6 +789,7 @@ class JobService:
                     # The worker may have reached the provider before it vanished.
                     self.ledger.capture(s, job, None, unreconciled=True, note="canceled while a worker held it")
         if done:
+            log.info("job %s canceled; its worker %s was gone", job_id, job.lease_owner)
             self.bus.publish(job_id, "canceled", {"job_id": job_id, "status": "canceled", "error": error},
                              known_only=True)
             return True

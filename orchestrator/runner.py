@@ -555,7 +555,9 @@ class JobRunner:
             said = f"the images were made but could not be stored: {type(exc).__name__}: {reason}"
             if isinstance(exc, OSError) and exc.errno in NO_ROOM:
                 # Told as what it is (it read as the engine's `engine_error`): the operator's to mend.
-                raise ImagesNotStored(f"{said} (the data dir has no room for them: its operator must make some)"[:500],
+                mend = ("the data dir is read-only: its operator must make it writable" if exc.errno == errno.EROFS
+                        else "the data dir has no room for them: its operator must make some")
+                raise ImagesNotStored(f"{said} ({mend})"[:500],
                                       charged="yes", cost_millicredits=result.cost_millicredits) from exc
             raise EngineError(said[:500], retryable=False, charged="yes",
                               cost_millicredits=result.cost_millicredits) from exc
@@ -1230,9 +1232,12 @@ class JobRunner:
         try:
             with self.db.transaction() as s:
                 self._guarded_update(s, claim, unless_canceled=True, unsent_attempt=claim.attempt)
-        except (SQLAlchemyError, Canceled, StaleAttempt) as exc:  # a cancel or a new holder is told elsewhere
-            log.info("job %s: could not mark attempt %d as having sent nothing again (%s)",
-                     claim.job.id, claim.attempt, type(exc).__name__)
+        except (SQLAlchemyError, Canceled, StaleAttempt) as exc:
+            # A cancel, a new holder or the job's end (which may come first: the mark is written in a
+            # thread) is told elsewhere; said at INFO, it read as a problem after the job's last line.
+            log.log(logging.INFO if isinstance(exc, SQLAlchemyError) else logging.DEBUG,
+                    "job %s: could not mark attempt %d as having sent nothing again (%s)",
+                    claim.job.id, claim.attempt, type(exc).__name__)
             return
         claim.job.unsent_attempt = claim.attempt
         claim.unmarked += 1

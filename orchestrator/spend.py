@@ -119,8 +119,9 @@ _FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 def _text_cell(text: str) -> str:
     """Text from users (a project's name; a plugin engine's) as a CSV cell a spreadsheet shows as
-    text: a name like `=HYPERLINK(...)` ran as a formula on whoever opened the export."""
-    return f"'{text}" if text.startswith(_FORMULA_STARTS) else text
+    text: a name like `=HYPERLINK(...)` ran as a formula on whoever opened the export. A lone `-`
+    (a charge without an engine or stage, as the JSON says it) is no formula."""
+    return f"'{text}" if text.startswith(_FORMULA_STARTS) and text != "-" else text
 
 
 def to_csv(report: dict[str, Any]) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 
@@ -71,7 +72,7 @@ def test_cancel_running_job(server: httpx.Client) -> None:
     assert error["details"]["status"] == "canceled"
 
 
-def test_cancel_queued_job_never_runs(server: httpx.Client) -> None:
+def test_cancel_queued_job_never_runs(server: httpx.Client, caplog: pytest.LogCaptureFixture) -> None:
     project = create_project(server)["id"]
     running = submit_draft(server, project, **SLOW)
     wait_for_job(server, running["id"], ("running",))
@@ -79,8 +80,11 @@ def test_cancel_queued_job_never_runs(server: httpx.Client) -> None:
     queued = submit_draft(server, project, n=2)
     assert server.get(f"/v1/jobs/{queued['id']}").json()["status"] == "queued"
 
-    response = server.post(f"/v1/jobs/{queued['id']}/cancel")
+    with caplog.at_level(logging.INFO, logger="orchestrator.jobs"):
+        response = server.post(f"/v1/jobs/{queued['id']}/cancel")
     assert response.status_code == 202
+    # In the service's log, as a running job's end is (only the access log had it).
+    assert f"job {queued['id']} canceled while queued for lite: canceled before it started" in caplog.text
     assert response.json()["status"] == "canceled"
     told = read_events(server, queued["id"], timeout=10)
     assert [e.event for e in told] == ["queued", "canceled"]

@@ -228,20 +228,25 @@ def test_cancel_a_running_paid_job_settles_its_hold(api: httpx.Client) -> None:
     assert api.post(f"/v1/jobs/{job_id}/cancel").json()["error"]["code"] == "job_finished"
 
 
-def test_images_made_but_not_stored_are_charged(api: httpx.Client, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(("errno", "said"), [
+    (28, "No space left on device (the data dir has no room for them: its operator must make some)"),
+    # Once told as a full disk too.
+    (30, "Read-only file system (the data dir is read-only: its operator must make it writable)"),
+])
+def test_images_made_but_not_stored_are_charged(api: httpx.Client, monkeypatch: pytest.MonkeyPatch,
+                                                errno: int, said: str) -> None:
     """The provider made (and billed) the image; a full disk must not turn that into a free job."""
     project_id, asset_id = project_with_draft(api)
 
     def disk_full(self: object, data: bytes) -> Put:
-        raise OSError(28, "No space left on device", "/srv/orchestrator/assets/ab/tmp-1")
+        raise OSError(errno, said.split(" (")[0], "/srv/orchestrator/assets/ab/tmp-1")
 
     monkeypatch.setattr("orchestrator.store.ArtifactStore.put_file", disk_full)
     job = promote_ok(api, asset_id, engine="fake-paid")
     done = wait_for_job(api, job["id"])
     assert done["status"] == "failed"
     # The server's paths stay in its log.
-    assert done["error"]["message"] == ("the images were made but could not be stored: OSError: No space left on "
-                                        "device (the data dir has no room for them: its operator must make some)")
+    assert done["error"]["message"] == f"the images were made but could not be stored: OSError: {said}"
     assert done["error"]["code"] == "storage_full"  # the operator's, not the engine's ("engine_error")
     entries = [e for e in ledger(api, project_id) if e["job_id"] == job["id"]]
     assert [(e["kind"], e["amount"], e["unreconciled"]) for e in entries] == [

@@ -174,6 +174,16 @@ def test_a_name_a_spreadsheet_would_run_as_a_formula_is_exported_as_text(
     assert report(api, spent["project_id"], group_by="project")["groups"][0]["name"] == name  # the JSON as it is
 
 
+def test_a_charge_without_an_engine_reads_as_in_the_json() -> None:
+    from orchestrator.spend import to_csv
+
+    # A lone "-" (no engine, no stage) is no formula: it was exported as "'-".
+    exported = to_csv({"group_by": "engine", "total": 1.0, "groups": [
+        {"key": "-", "charged": 1.0, "unreconciled": 0.0, "jobs": 1, "images": 0},
+        {"key": "-x", "charged": 0.0, "unreconciled": 0.0, "jobs": 0, "images": 0}]})
+    assert [row[0] for row in csv.reader(io.StringIO(exported))] == ["key", "-", "'-x", "total"]
+
+
 def test_savings(api: httpx.Client, spent: dict[str, Any]) -> None:
     savings = report(api, spent["project_id"])["savings"]
     # Two 64x64 drafts, priced on the only priced remote engine (fake-unpriced cannot be priced).

@@ -226,6 +226,22 @@ def test_the_first_send_is_recorded_only_for_the_claim_holding_the_job(built: Se
         assert [s.get(Job, ids[label]).unsent_attempt for label in ("canceled", "taken")] == [1, 2]  # type: ignore[union-attr]
 
 
+def test_the_mark_that_nothing_was_sent_after_the_job_ended_is_not_told_as_a_problem(
+        built: Services, caplog: pytest.LogCaptureFixture) -> None:
+    # Written in a thread after a refused request, it often comes after the job's end: its INFO
+    # line then followed the job's last one, read as something wrong.
+    ids = left_running(built, job={"status": "failed", "attempt": 1})
+    with built.db.session() as s:
+        job = s.get(Job, ids["job"])
+        assert job is not None
+    claim = Claim(job, 1, CancelToken())
+    with caplog.at_level(logging.DEBUG, logger="orchestrator.runner"):
+        built.runner._record_unsent(claim)
+    told = [r for r in caplog.records if "as having sent nothing again" in r.getMessage()]
+    assert [r.levelno for r in told] == [logging.DEBUG], told
+    assert claim.unmarked == 0
+
+
 def test_a_request_after_a_refused_one_waits_for_the_mark_that_nothing_was_sent(
         built: Services, monkeypatch: pytest.MonkeyPatch) -> None:
     """The mark "sent nothing", written as the only request out is answered 429, must land before
