@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import csv
 import io
+import sqlite3
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import pytest
+from sqlalchemy import event
+from sqlmodel import Session
 
 from orchestrator.db import Database
 from orchestrator.models import Job, Project
@@ -20,6 +23,8 @@ from orchestrator.settings import Settings
 from tests.api import assert_error
 from tests.credits import PRICE, get_json, ledger, make_draft, project_with_draft, promote_ok, wait_for_job
 from tests.credits.conftest import POLICY
+
+T = TypeVar("T")
 
 
 @pytest.fixture(scope="module")
@@ -287,10 +292,7 @@ def test_savings_count_rendered_drafts_from_indexes_alone(tmp_path: Path) -> Non
     from `ix_assets_stage_size` and the copies looked up in `ix_jobs_cache_hits`: reading each
     draft's row and every job's, a report took about 100 ms at 100k drafts (bench/history.py), and
     grew with the studio's history."""
-    import sqlite3
     from types import SimpleNamespace
-
-    from sqlalchemy import event
 
     from orchestrator.models import Asset
     from orchestrator.spend import savings
@@ -310,22 +312,9 @@ def test_savings_count_rendered_drafts_from_indexes_alone(tmp_path: Path) -> Non
             s.add(Asset(id=f"ast_{n}", project_id="prj_saved", job_id=job_id, index=n, stage="ideation",
                         engine=engine_name, model="m", prompt="x", width=64, height=64, sha256=f"{n:064x}"))
     registry = [engine("lite", "local", 0), engine("paid", "remote", 4000)]
-    seen: list[tuple[str, Any]] = []
-
-    def before(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool) -> None:
-        seen.append((statement, parameters))
-
-    event.listen(db.engine, "before_cursor_execute", before)
-    try:
-        with db.snapshot() as s:
-            result = savings(s, registry, None, None, None)  # type: ignore[arg-type]
-    finally:
-        event.remove(db.engine, "before_cursor_execute", before)
-        db.dispose()
+    result, seen = _read_with_statements(db, lambda s: savings(s, registry, None, None, None))  # type: ignore[arg-type]
     assert result == {"drafts": 2, "credits": 8.0, "compared_with": "paid"}
-    statement, parameters = next((q, p) for q, p in seen if "FROM assets" in q)
-    with sqlite3.connect(tmp_path / "o.db") as conn:
-        plan = "\n".join(row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {statement}", parameters))
+    plan = _plan(tmp_path, *next((q, p) for q, p in seen if "FROM assets" in q))
     assert "COVERING INDEX ix_assets_stage_size" in plan and "ix_jobs_cache_hits" in plan, plan
     assert "SCAN jobs\n" not in plan + "\n", plan
 
@@ -386,10 +375,6 @@ def test_metrics_tell_credits_charged_held_and_unreconciled(paid_settings_for: C
 def test_a_window_of_every_project_is_read_by_its_time(tmp_path: Path) -> None:
     """A dashboard's "this month, every project" on SQLite walked every capture ever written (the
     kind's equality on another index): 790 ms at 100k captures over three years, for one month."""
-    import sqlite3
-
-    from sqlalchemy import event
-
     from orchestrator.models import LedgerEntry
     from orchestrator.spend import spend
 
@@ -397,6 +382,18 @@ def test_a_window_of_every_project_is_read_by_its_time(tmp_path: Path) -> None:
     with db.transaction() as s:
         s.add(LedgerEntry(project_id="prj_window", job_id="job_window", kind="capture", amount=1000, engine="e",
                           stage="bridge", created_at=datetime(2026, 6, 2, tzinfo=UTC)))
+    month = (datetime(2026, 6, 1, tzinfo=UTC), datetime(2026, 7, 1, tzinfo=UTC))
+    report, seen = _read_with_statements(db, lambda s: spend(s, "engine", *month, None))
+    assert report["total"] == 1.0
+    ledger_reads = [(q, p) for q, p in seen if "FROM ledger_entries" in q]
+    assert len(ledger_reads) == 3  # the sums, the unreconciled entries, the images' jobs
+    for statement, parameters in ledger_reads:
+        plan = _plan(tmp_path, statement, parameters)
+        assert "COVERING INDEX ix_ledger_charges_window (kind=? AND created_at>? AND created_at<?)" in plan, plan
+
+
+def _read_with_statements(db: Database, read: Callable[[Session], T]) -> tuple[T, list[tuple[str, Any]]]:
+    """What `read` answers on a snapshot of `db` (disposed of after), and the statements it ran."""
     seen: list[tuple[str, Any]] = []
 
     def before(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool) -> None:
@@ -405,14 +402,13 @@ def test_a_window_of_every_project_is_read_by_its_time(tmp_path: Path) -> None:
     event.listen(db.engine, "before_cursor_execute", before)
     try:
         with db.snapshot() as s:
-            report = spend(s, "engine", datetime(2026, 6, 1, tzinfo=UTC), datetime(2026, 7, 1, tzinfo=UTC), None)
+            return read(s), seen
     finally:
         event.remove(db.engine, "before_cursor_execute", before)
         db.dispose()
-    assert report["total"] == 1.0
-    ledger_reads = [(q, p) for q, p in seen if "FROM ledger_entries" in q]
-    assert len(ledger_reads) == 3  # the sums, the unreconciled entries, the images' jobs
+
+
+def _plan(tmp_path: Path, statement: str, parameters: Any) -> str:
+    """SQLite's plan of a statement on the test's database (`_database_with_a_job`'s)."""
     with sqlite3.connect(tmp_path / "o.db") as conn:
-        for statement, parameters in ledger_reads:
-            plan = "\n".join(row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {statement}", parameters))
-            assert "COVERING INDEX ix_ledger_charges_window (kind=? AND created_at>? AND created_at<?)" in plan, plan
+        return "\n".join(row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {statement}", parameters))
