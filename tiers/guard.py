@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import inspect
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, get_args
@@ -42,6 +43,16 @@ class PluginFault(Exception):
 # What a plugin's synchronous calls may raise and still be only its own failure: KeyboardInterrupt
 # is left out, as there it is more likely the operator's Ctrl-C than the plugin's.
 FAULTS = (Exception, SystemExit, GeneratorExit)
+
+
+def conforms(engine: object, protocol: type) -> bool:
+    """Whether `engine` has every member of `protocol`, looked up as Python 3.12's `isinstance`
+    does (`inspect.getattr_static`): on 3.11 `isinstance` ran each property, and a plugin whose
+    `model` raised was listed as broken, though the guard reads that `model` as unknown."""
+    members = {name for cls in protocol.__mro__ if cls.__module__ not in ("typing", "builtins")
+               for name in (*inspect.get_annotations(cls), *vars(cls)) if not name.startswith("_")}
+    missing = object()
+    return all(inspect.getattr_static(engine, name, missing) is not missing for name in members)
 
 
 class ThirdParty:
@@ -215,7 +226,7 @@ def _contain(engine: Engine) -> ThirdParty:
     """`engine` held in a `ThirdParty` that has the optional protocols it has, and no others."""
     bases = [cls for cls, protocol in ((_Reattaching, Reattachable), (_Resuming, Resumable),
                                        (_Restarting, Restartable), (_Withdrawing, Withdrawable))
-             if isinstance(engine, protocol)]
+             if conforms(engine, protocol)]
     if _Resuming in bases and _Restarting in bases:
         bases.remove(_Restarting)
     cls: type[ThirdParty] = type("ThirdParty", tuple(bases), {}) if bases else ThirdParty

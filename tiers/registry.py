@@ -16,7 +16,7 @@ from typing import Any
 
 from orchestrator.errors import NotFound
 from tiers.base import MAX_ENGINE_CHARS, Engine, EngineContext, EngineFactory
-from tiers.guard import FAULTS, checked
+from tiers.guard import FAULTS, checked, conforms
 
 log = logging.getLogger(__name__)
 GROUP = "orchestrator.engines"
@@ -139,7 +139,7 @@ class EngineRegistry:
                 continue
             try:
                 engine = factory(ctx)
-                if not isinstance(engine, Engine):
+                if not conforms(engine, Engine):
                     raise TypeError(f"{target} did not return an Engine")
                 if engine.name != name:
                     raise ValueError(f"factory {target} built engine {engine.name!r}, registered as {name!r}")

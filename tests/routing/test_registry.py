@@ -509,3 +509,13 @@ async def test_a_plugin_s_withdraw_that_hangs_is_stopped_and_says_it_may_have_bi
     assert isinstance(plugin, ThirdParty)
     plugin.cancel_grace = 0.05
     assert await asyncio.wait_for(plugin.withdraw([{"id": "q-1"}]), 5) is False
+
+
+def test_a_plugin_whose_model_raises_at_start_is_loaded(load: Load, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On Python 3.11 `isinstance` against the Engine protocol ran the property: the plugin was
+    listed broken ("could not be created"), though its model reads as unknown once loaded."""
+    monkeypatch.setitem(ODD_FAULT, "fault", "model")
+    registry = load(extra=[ep("odd", f"{HERE}:odd_factory")])
+    assert registry.broken == {}
+    assert registry.get("odd").model == "unknown"
+
