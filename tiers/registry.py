@@ -56,18 +56,29 @@ def _import(target: str) -> EngineFactory:
     return factory
 
 
+def _source(ep: EntryPoint) -> str:
+    """The package that registers `ep`, as pip names it (an entry point made by hand has none)."""
+    dist = getattr(ep, "dist", None)
+    return f"package {dist.name} ({ep.value})" if dist is not None else ep.value
+
+
 def extra_engine_problems(entries: str) -> list[str]:
-    """What is wrong with ORCH_ENGINES' entries (`name=module:factory,...`) on any host: a name
-    given twice, or taken by a built-in engine (the entry was ignored with a warning). A module
-    not installed here is not one: hosts may share the setting and differ in their engines."""
+    """What is wrong with ORCH_ENGINES' entries (`name=module:factory,...`): a name given twice, or
+    taken by a built-in engine (the entry was ignored with a warning) or by a plugin installed here
+    (which of the two the name meant is a guess). A module not installed here is not one: hosts
+    may share the setting and differ in their engines."""
     problems: list[str] = []
     seen: set[str] = set()
+    installed = {ep.name: ep for ep in entry_points(group=GROUP)}
     for item in (item.strip() for item in entries.split(",") if item.strip()):
         name = item.partition("=")[0].strip()
         if len(name) > MAX_ENGINE_CHARS:
             problems.append(f"'{name[:40]}...' is longer than {MAX_ENGINE_CHARS} characters, which jobs store")
         elif name in BUILTIN:
             problems.append(f"'{name}' is a built-in engine's name: give the engine another")
+        elif name in installed:
+            problems.append(f"'{name}' is the name of an installed plugin's engine ({_source(installed[name])}): "
+                            "give the engine another, or uninstall the plugin")
         elif name in seen:
             problems.append(f"'{name}' is given twice")
         seen.add(name)
@@ -109,18 +120,31 @@ class EngineRegistry:
     @classmethod
     def load(cls, ctx: EngineContext, extra: Iterable[EntryPoint] | None = None) -> EngineRegistry:
         factories: dict[str, EngineFactory | str] = dict(BUILTIN)
+        plugins: dict[str, dict[tuple[str, str], EntryPoint]] = {}
         for ep in extra if extra is not None else entry_points(group=GROUP):
-            if ep.name in factories:
+            if ep.name in BUILTIN:
                 log.warning("engine entry point %r ignored: the name is taken by a built-in engine", ep.name)
                 continue
-            factories[ep.name] = ep.value
+            plugins.setdefault(ep.name, {})[_source(ep), ep.value] = ep
+        broken: dict[str, BrokenEngine] = {}
+        for name, registered in plugins.items():
+            if len(registered) == 1:
+                factories[name] = next(iter(registered.values())).value
+                continue
+            # Which one won was the order importlib.metadata lists packages in: jobs meant for one
+            # engine would have run on another, and its prices charged.
+            sources = " and ".join(sorted(source for source, _ in registered))
+            each, none = ("both", "neither") if len(registered) == 2 else ("all", "none")
+            log.error("engine %s: %s %s register it; %s is loaded (uninstall all but one)", name, sources, each, none)
+            broken[name] = BrokenEngine(name, f"{sources} {each} register this name: {none} is loaded; "
+                                              "uninstall all but one")
         for name, spec in ctx.settings.extra_engines.items():
-            if name in BUILTIN:
-                log.warning("ORCH_ENGINES entry %r ignored: the name is taken by a built-in engine", name)
+            if name in BUILTIN or name in plugins:  # refused at start (`extra_engine_problems`)
+                log.warning("ORCH_ENGINES entry %r ignored: the name is taken by a %s engine", name,
+                            "built-in" if name in BUILTIN else "plugin's")
                 continue
             factories[name] = spec
         engines: dict[str, Engine] = {}
-        broken: dict[str, BrokenEngine] = {}
         for name, target in factories.items():
             if len(name) > MAX_ENGINE_CHARS:  # jobs and the ledger store it
                 log.error("engine %s...: its name is longer than %d characters; it is not loaded", name[:40],

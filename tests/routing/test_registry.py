@@ -519,3 +519,56 @@ def test_a_plugin_whose_model_raises_at_start_is_loaded(load: Load, monkeypatch:
     assert registry.broken == {}
     assert registry.get("odd").model == "unknown"
 
+def chaos_a_factory(ctx: EngineContext) -> FakePaidEngine:
+    return FakePaidEngine(ctx, name="chaos")
+
+
+chaos_b_factory = chaos_a_factory
+
+
+def installed(tmp_path: Path, packages: dict[str, str]) -> list[EntryPoint]:
+    """The `orchestrator.engines` entry points of `packages` (`{distribution: "name = module:attr"}`),
+    as importlib.metadata reads them from installed packages' metadata."""
+    from importlib.metadata import distributions
+
+    for dist, line in packages.items():
+        info = tmp_path / f"{dist.replace('-', '_')}-1.0.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0\n")
+        (info / "entry_points.txt").write_text(f"[{GROUP}]\n{line}\n")
+    return [e for d in distributions(path=[str(tmp_path)]) for e in d.entry_points if e.group == GROUP]
+
+
+def test_a_name_two_installed_packages_register_is_refused(load: Load, tmp_path: Path,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    """Whichever importlib.metadata listed first won, and the log said the other's name was a built-in's."""
+    found = installed(tmp_path, {"chaos-a": f"chaos = {HERE}:chaos_a_factory",
+                                 "chaos-b": f"chaos = {HERE}:chaos_b_factory",
+                                 "acme-engine": f"acme = {HERE}:Acme.factory"})
+    assert len(found) == 3
+    registry = load(extra=found)
+    assert "chaos" not in registry and "acme" in registry
+    reason = registry.broken["chaos"].reason
+    assert reason == (f"package chaos-a ({HERE}:chaos_a_factory) and package chaos-b ({HERE}:chaos_b_factory) "
+                      "both register this name: neither is loaded; uninstall all but one")
+    with pytest.raises(NotFound) as info:
+        registry.get("chaos")
+    assert "chaos-a" in info.value.message and "chaos-b" in info.value.message
+    assert not any("built-in" in r.getMessage() for r in caplog.records)
+
+
+def test_an_orch_engines_entry_named_as_an_installed_plugin_is_refused(load: Load, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ORCH_ENGINES entry silently took the plugin's place."""
+    from tiers.registry import extra_engine_problems
+
+    found = installed(tmp_path, {"chaos-a": f"chaos = {HERE}:chaos_a_factory"})
+    monkeypatch.setattr(registry_module, "entry_points", lambda *, group: found)
+    assert extra_engine_problems("chaos=tests.fakes:factory, fake-b=tests.routing:fake_b_factory") == [
+        f"'chaos' is the name of an installed plugin's engine (package chaos-a ({HERE}:chaos_a_factory)): "
+        "give the engine another, or uninstall the plugin"]
+    # Past that check (a registry built by hand), the plugin keeps its name, as a built-in does.
+    registry = load(engines="chaos=tests.routing:fake_b_factory")
+    assert isinstance(registry.get("chaos").wrapped, FakePaidEngine)  # type: ignore[attr-defined]
+    assert registry.get("chaos").estimate(RenderRequest(stage="bridge", prompt="x")) == 10_000
+
