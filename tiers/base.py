@@ -353,7 +353,13 @@ class Engine(Protocol):
         """Millicredits this request will cost; raises `NoPrice` when it cannot say."""
         ...
 
-    async def run(self, req: RenderRequest, progress: Progress, cancel: CancelToken) -> RenderResult: ...
+    async def run(self, req: RenderRequest, progress: Progress, cancel: CancelToken) -> RenderResult:
+        """Make the images. It runs on the service's event loop, so it must never block it: no
+        `time.sleep`, no synchronous HTTP client (`requests`), no heavy work between two awaits;
+        do blocking work in `asyncio.to_thread` (or await an async client). Meanwhile every request
+        and every other job of the service waits; a plugin's step that holds the loop longer than
+        `tiers.guard.LOOP_HOLD_LIMIT` is named in the log and in its `/v1/engines` note."""
+        ...
 
     async def aclose(self) -> None: ...
 

@@ -7,8 +7,10 @@ import asyncio
 import dataclasses
 import inspect
 import logging
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar, get_args
+import time
+from collections.abc import Awaitable, Callable, Generator
+from datetime import UTC, datetime
+from typing import Any, Generic, TypeVar, get_args
 
 from orchestrator.errors import Canceled, NoPrice, OrchestratorError
 from orchestrator.schemas import storable
@@ -34,6 +36,12 @@ T = TypeVar("T")
 # Seconds a third-party engine has, once its job is canceled, to end on its own before its task
 # is stopped: long enough to take its work off a provider, short enough not to hold a job forever.
 PLUGIN_CANCEL_GRACE = 30.0
+# Seconds one step of a third-party engine's coroutine (its code between two awaits) may hold the
+# event loop before the log and `/v1/engines` say so: meanwhile every request, health check and
+# other job of the service waits. A `time.sleep` or a blocking HTTP client in `async def run` does it.
+LOOP_HOLD_LIMIT = 0.5
+# Seconds between two warnings of one engine's holds: one that blocks does so on every job.
+LOOP_HOLD_WARN_EVERY = 600.0
 
 
 class PluginFault(Exception):
@@ -55,6 +63,47 @@ def conforms(engine: object, protocol: type) -> bool:
     return all(inspect.getattr_static(engine, name, missing) is not missing for name in members)
 
 
+class _Timed(Generic[T]):
+    """Awaits `awaitable` as `await awaitable` does (what it sends, returns and raises, and what is
+    thrown into it, a cancel too, pass through unchanged), timing each of its steps: each runs the
+    plugin's code on the event loop until its next await, and `held(seconds)` hears of every step
+    longer than `limit`. Only told, never stopped: nothing can take the loop back from it."""
+
+    def __init__(self, awaitable: Awaitable[T], limit: float, held: Callable[[float], None]) -> None:
+        self._awaitable, self._limit, self._held = awaitable, limit, held
+
+    def __await__(self) -> Generator[Any, Any, T]:
+        # `yield from` (PEP 380) spelled out, with a clock around each step.
+        inner = self._awaitable.__await__()
+        sent: Any = None
+        thrown: BaseException | None = None
+        while True:
+            started = time.monotonic()
+            try:
+                if thrown is not None:
+                    throw = getattr(inner, "throw", None)
+                    if throw is None:
+                        raise thrown
+                    yielded = throw(thrown)
+                else:
+                    yielded = next(inner) if sent is None else inner.send(sent)
+            except StopIteration as stop:
+                return stop.value  # type: ignore[no-any-return]
+            finally:
+                thrown = None  # the exception's traceback holds this frame
+                if (seconds := time.monotonic() - started) > self._limit:
+                    self._held(seconds)
+            try:
+                sent = yield yielded
+            except GeneratorExit:
+                close = getattr(inner, "close", None)
+                if close is not None:
+                    close()
+                raise
+            except BaseException as exc:
+                sent, thrown = None, exc
+
+
 class ThirdParty:
     """A third-party engine, held so that its bugs fail its own work, never the service or another
     engine's: an `availability()` that raises, or answers something other than `(bool, reason)`,
@@ -63,13 +112,18 @@ class ThirdParty:
     `model` as none; a `run()` that ignores its cancel is stopped after `cancel_grace` seconds,
     and one that raises `CancelledError`, `SystemExit`, `KeyboardInterrupt` or any other
     `BaseException` of its own fails its job (asyncio lets those end the event loop itself).
-    Everything else is the engine's own (`__getattr__`)."""
+    One whose code holds the event loop longer than `loop_hold_limit` seconds between two awaits
+    (a blocking call in `run()`) is told in the log and in its note (`/v1/engines`): it cannot be
+    stopped, and every request waits meanwhile. Everything else is the engine's own (`__getattr__`)."""
 
     def __init__(self, engine: Engine) -> None:
         self.wrapped = self._engine = engine
         self.name, self.kind, self.stages = engine.name, engine.kind, engine.stages
         self.capabilities: Capabilities = engine.capabilities  # checked at load (`checked`)
         self.cancel_grace = PLUGIN_CANCEL_GRACE
+        self.loop_hold_limit = LOOP_HOLD_LIMIT
+        self._loop_held: str | None = None  # said in its note until the service stops
+        self._loop_hold_warned = -LOOP_HOLD_WARN_EVERY
 
     def __getattr__(self, attr: str) -> Any:
         return getattr(self._engine, attr)
@@ -92,8 +146,20 @@ class ThirdParty:
             note = getattr(self._engine, "note", None)
         except FAULTS:
             log.exception("engine %s: its note failed", self.name)
-            return None
-        return note if isinstance(note, str) else None
+            note = None
+        notes = [text for text in (self._loop_held, note) if isinstance(text, str) and text]
+        return " ".join(notes) if notes else None
+
+    def _held_loop(self, method: str, seconds: float) -> None:
+        at = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+        self._loop_held = (f"Its {method}() held the service's event loop for {seconds:.1f} s (the last time at {at}): "
+                           "every request waited; a plugin must do its blocking work in asyncio.to_thread.")
+        now = time.monotonic()
+        if now - self._loop_hold_warned >= LOOP_HOLD_WARN_EVERY:
+            self._loop_hold_warned = now
+            log.warning("engine %s held the service's event loop for %.1f s in %s(): every request waited; do "
+                        "blocking work in asyncio.to_thread (said at most every %.0f minutes)", self.name, seconds,
+                        method, LOOP_HOLD_WARN_EVERY / 60)
 
     def availability(self) -> tuple[bool, str | None]:
         try:
@@ -128,12 +194,12 @@ class ThirdParty:
                           details={"engine": self.name}) from None
 
     async def run(self, req: RenderRequest, progress: Progress, cancel: CancelToken) -> RenderResult:
-        return await self._contained(lambda: self._engine.run(req, progress, cancel), cancel)
+        return await self._contained("run", lambda: self._engine.run(req, progress, cancel), cancel)
 
-    async def _contained(self, call: Callable[[], Awaitable[T]], cancel: CancelToken | None) -> T:
+    async def _contained(self, method: str, call: Callable[[], Awaitable[T]], cancel: CancelToken | None) -> T:
         """`call()`'s result, its task stopped `cancel_grace` seconds after a cancel it ignores,
         and whenever this task is (a timeout around it, a stop)."""
-        work = asyncio.ensure_future(self._guarded(call))
+        work = asyncio.ensure_future(self._guarded(method, call))
         try:
             if cancel is None:
                 return await work
@@ -153,10 +219,9 @@ class ThirdParty:
             if not work.done():
                 work.cancel()
 
-    @staticmethod
-    async def _guarded(call: Callable[[], Awaitable[T]]) -> T:
+    async def _guarded(self, method: str, call: Callable[[], Awaitable[T]]) -> T:
         try:
-            return await call()
+            return await _Timed(call(), self.loop_hold_limit, lambda seconds: self._held_loop(method, seconds))
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
@@ -187,7 +252,7 @@ class _Reattaching(ThirdParty):
     async def reattach(self, req: RenderRequest, handles: list[dict[str, Any]], progress: Progress,
                        cancel: CancelToken) -> RenderResult:
         return await self._contained(
-            lambda: self._engine.reattach(req, handles, progress, cancel), cancel)  # type: ignore[attr-defined]
+            "reattach", lambda: self._engine.reattach(req, handles, progress, cancel), cancel)  # type: ignore[attr-defined]
 
 
 class _Restarting(ThirdParty):
@@ -196,7 +261,7 @@ class _Restarting(ThirdParty):
         or it would hold its job (and a user's cancel of it) for as long as it likes."""
         try:
             async with asyncio.timeout(self.cancel_grace):
-                await self._contained(lambda: self._engine.forget(handles), None)  # type: ignore[attr-defined]
+                await self._contained("forget", lambda: self._engine.forget(handles), None)  # type: ignore[attr-defined]
         except TimeoutError:
             log.warning("engine %s: forget() did not end within %g s; it was stopped", self.name, self.cancel_grace)
 
@@ -207,7 +272,7 @@ class _Withdrawing(ThirdParty):
         plain True says nothing ran: what a plugin answers otherwise (or raises) may have billed."""
         try:
             async with asyncio.timeout(self.cancel_grace):
-                answer = await self._contained(lambda: self._engine.withdraw(handles), None)  # type: ignore[attr-defined]
+                answer = await self._contained("withdraw", lambda: self._engine.withdraw(handles), None)  # type: ignore[attr-defined]
         except TimeoutError:
             log.warning("engine %s: withdraw() did not end within %g s; it was stopped", self.name,
                         self.cancel_grace)
@@ -219,7 +284,7 @@ class _Resuming(_Restarting):
     async def resume(self, req: RenderRequest, handles: list[dict[str, Any]], progress: Progress,
                      cancel: CancelToken) -> RenderResult:
         return await self._contained(
-            lambda: self._engine.resume(req, handles, progress, cancel), cancel)  # type: ignore[attr-defined]
+            "resume", lambda: self._engine.resume(req, handles, progress, cancel), cancel)  # type: ignore[attr-defined]
 
 
 def _contain(engine: Engine) -> ThirdParty:
