@@ -13,7 +13,7 @@ import pytest
 
 from orchestrator.errors import NotFound
 from tests.fakes import FakePaidEngine
-from tests.routing import run_draft
+from tests.routing import run_draft, wait_for_job
 from tests.routing.conftest import SettingsFactory, running, write_policies
 from tiers import registry as registry_module
 from tiers.base import EngineContext, RenderRequest
@@ -519,6 +519,7 @@ def test_a_plugin_whose_model_raises_at_start_is_loaded(load: Load, monkeypatch:
     assert registry.broken == {}
     assert registry.get("odd").model == "unknown"
 
+
 def chaos_a_factory(ctx: EngineContext) -> FakePaidEngine:
     return FakePaidEngine(ctx, name="chaos")
 
@@ -572,3 +573,43 @@ def test_an_orch_engines_entry_named_as_an_installed_plugin_is_refused(load: Loa
     assert isinstance(registry.get("chaos").wrapped, FakePaidEngine)  # type: ignore[attr-defined]
     assert registry.get("chaos").estimate(RenderRequest(stage="bridge", prompt="x")) == 10_000
 
+
+def blocking_chaos_factory(ctx: EngineContext) -> FakePaidEngine:
+    import time
+
+    class Chaos(FakePaidEngine):
+        async def run(self, req: RenderRequest, progress: Any, cancel: Any) -> Any:
+            from tiers.guard import LOOP_HOLD_LIMIT
+
+            time.sleep(LOOP_HOLD_LIMIT * 1.2)  # as a `requests.post` in `async def run`
+            return await super().run(req, progress, cancel)
+
+    return Chaos(ctx, name="chaos")
+
+
+def test_the_readme_s_plugin_policy_routes_to_it_and_a_blocking_run_is_told(
+        new_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Under a shipped policy a plugin's engine is refused (the README said nothing of it); the
+    README's policy routes to it. Its run blocking the loop is said in the log and `/v1/engines`."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    example = readme.split("```toml\n# ORCH_POLICY_DIR/with-chaos.toml\n", 1)[1].split("```", 1)[0]
+    plugin = ep("chaos", f"{HERE}:blocking_chaos_factory")
+    monkeypatch.setattr(registry_module, "entry_points", lambda *, group: [plugin])
+    policies = write_policies(tmp_path / "policies", {"with-chaos": example})
+    with running(new_settings(policy_dir=policies)) as client:
+        balanced = client.post("/v1/projects", json={"name": "b", "policy": "balanced"}).json()["id"]
+        mine = client.post("/v1/projects", json={"name": "c", "policy": "with-chaos"}).json()["id"]
+        [refused_draft] = run_draft(client, balanced)["assets"]
+        refused = client.post(f"/v1/assets/{refused_draft}/promote", json={"engine": "chaos"})
+        [draft] = run_draft(client, mine)["assets"]
+        routed = client.post("/v1/route/explain", json={"stage": "bridge", "source_asset_id": draft})
+        promoted = client.post(f"/v1/assets/{draft}/promote", json={"engine": "chaos"})
+        assert promoted.status_code == 202, promoted.text
+        wait_for_job(client, promoted.json()["id"], ("succeeded",))
+        listed = {e["name"]: e for e in client.get("/v1/engines").json()}["chaos"]
+    assert refused.status_code == 422 and refused.json()["error"]["code"] == "no_route", refused.text
+    assert routed.status_code == 200 and routed.json()["engine"] == "chaos", routed.text
+    assert listed["available"] is True and "Its run() held the service's event loop for " in listed["note"]
+    assert any(r.levelname == "WARNING" and "engine chaos held the service's event loop" in r.getMessage()
+               for r in caplog.records)
