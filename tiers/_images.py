@@ -66,20 +66,23 @@ def decode_image(data: bytes, engine: str) -> Image.Image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data), formats=OUTPUT_FORMATS)  # reads the header only
     except Image.DecompressionBombError as exc:
-        raise EngineError(f"{engine}: the provider returned an image too large to decode ({exc})") from exc
+        raise EngineError(f"{engine}: the provider returned an image too large to decode ({exc})",
+                          details={"engine": engine}) from exc
     except Exception as exc:
-        raise EngineError(f"{engine}: the provider returned bytes that are not a PNG, JPEG or WebP image") from exc
+        raise EngineError(f"{engine}: the provider returned bytes that are not a PNG, JPEG or WebP image",
+                          details={"engine": engine}) from exc
     width, height = img.size
     if width * height > MAX_OUTPUT_PIXELS:
         raise EngineError(f"{engine}: the provider returned a {width}x{height} image, more than "
                           f"{MAX_OUTPUT_PIXELS} pixels; it is not decoded",
-                          details={"width": width, "height": height})
+                          details={"engine": engine, "width": width, "height": height})
     try:
         img.load()
         # A camera-style JPEG says which way is up in its EXIF: stored as its pixels lie, it was sideways.
         upright = ImageOps.exif_transpose(img)
     except Exception as exc:
-        raise EngineError(f"{engine}: the provider returned bytes that are not an image") from exc
+        raise EngineError(f"{engine}: the provider returned bytes that are not an image",
+                          details={"engine": engine}) from exc
     return eight_bit(upright if upright is not None else img)
 
 
