@@ -407,6 +407,9 @@ class RemoteClient:
         # up (see `_StopWhenUnreachable`): a cloud provider that refuses connections is down; a
         # self-hosted server (ComfyUI, AUTOMATIC1111) may be restarting, and is given longer.
         self.unreachable_attempts = UNREACHABLE_ATTEMPTS
+        # Whether the provider bills its requests. A self-hosted server (ComfyUI, AUTOMATIC1111)
+        # does not: its errors then say a request may have made an image, never billed one.
+        self.bills = True
         # Seconds a provider locks a client out after a 429 that says nothing of when to come back
         # (Stability: 60); None backs off as after any other failure.
         self.rate_limit_pause: float | None = None
@@ -532,6 +535,17 @@ class RemoteClient:
 
     async def aclose(self) -> None:
         await self.client.aclose()
+
+    @property
+    def _made(self) -> str:
+        """What a request sent without a usable answer may have done with the image: "made and
+        billed" it, or only "made" it where the provider bills nothing (`bills`)."""
+        return "made and billed" if self.bills else "made"
+
+    @property
+    def _billed(self) -> str:
+        """The same, said of the request: "billed" it, or only "run" it."""
+        return "billed" if self.bills else "run"
 
     def new_deadline(self) -> float:
         return self.clock() + self.deadline_seconds
@@ -676,7 +690,7 @@ class RemoteClient:
                 raise _RetryableAnswer(head) from None  # only its body stalled
             raise EngineTimeout(
                 f"{self.engine}: no complete answer before the deadline (ORCH_REMOTE_DEADLINE)"
-                + ("" if idempotent else "; the provider may have made and billed the image"),
+                + ("" if idempotent else f"; the provider may have {self._made} the image"),
                 details={"engine": self.engine}, charged="no" if idempotent else "unknown",
             ) from None
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
@@ -686,7 +700,7 @@ class RemoteClient:
                 raise _NotSent(exc) from exc
             raise EngineTimeout(
                 f"{self.engine}: the request was sent but no answer came ({type(exc).__name__}); "
-                "it is not re-sent because the provider may have made and billed the image",
+                f"it is not re-sent because the provider may have {self._made} the image",
                 details={"engine": self.engine},
             ) from exc
         except (httpx.DecodingError, httpx.TooManyRedirects) as exc:
@@ -695,7 +709,7 @@ class RemoteClient:
                 raise _NotSent(exc) from exc
             raise EngineError(
                 f"{self.engine}: the provider answered but its answer could not be read ({type(exc).__name__}); "
-                "it is not re-sent because the provider may have made and billed the image",
+                f"it is not re-sent because the provider may have {self._made} the image",
                 details={"engine": self.engine}, charged="unknown",
             ) from exc
         except httpx.HTTPError as exc:
@@ -711,7 +725,7 @@ class RemoteClient:
             # is not the provider saying nothing was made, so it is neither retried nor mapped.
             raise EngineError(
                 f"{self.engine}: the provider answered with a redirect, and its target answered HTTP "
-                f"{response.status_code}; the request is not sent again, since the provider may have billed it",
+                f"{response.status_code}; the request is not sent again, since the provider may have {self._billed} it",
                 details={"engine": self.engine, "status": response.status_code}, retryable=False,
                 charged="unknown",
             )
@@ -720,7 +734,7 @@ class RemoteClient:
                 raise EngineTimeout(
                     f"{self.engine}: a gateway in front of the provider answered HTTP {response.status_code} "
                     "(the provider took the request and did not answer in time); it is not re-sent because "
-                    "the provider may have made and billed the image",
+                    f"the provider may have {self._made} the image",
                     details={"engine": self.engine, "status": response.status_code}, charged="unknown",
                 )
             raise _RetryableAnswer(response)
@@ -763,7 +777,7 @@ class RemoteClient:
                     raise EngineError(
                         f"{self.engine}: the provider answered with a redirect, and following it failed "
                         f"({type(exc).__name__}); the request is not sent again, since the provider may "
-                        "have billed it", details={"engine": self.engine}, retryable=False, charged="unknown",
+                        f"have {self._billed} it", details={"engine": self.engine}, retryable=False, charged="unknown",
                     ) from None
                 raise
             if response.next_request is None:
@@ -795,14 +809,14 @@ class RemoteClient:
         except _Unreadable as exc:
             raise EngineError(
                 f"{self.engine}: the provider's answer is not read: {exc}"
-                + ("" if idempotent else "; the provider may have billed the request"),
+                + ("" if idempotent else f"; the provider may have {self._billed} the request"),
                 details={"engine": self.engine}, retryable=False, charged=None if idempotent else "unknown",
             ) from None
         except _TooLarge:
             raise EngineError(
                 f"{self.engine}: the provider's answer is larger than {self.max_answer_bytes >> 20} MiB "
                 "once decompressed; it is not read" + ("" if idempotent else
-                                                         ", and the provider may have billed the request"),
+                                                         f", and the provider may have {self._billed} the request"),
                 details={"engine": self.engine, "max_bytes": self.max_answer_bytes},
                 retryable=False, charged=None if idempotent else "unknown",
             ) from None
@@ -812,7 +826,8 @@ class RemoteClient:
                 body.count(b"{") + body.count(b"[") > MAX_JSON_CONTAINERS):
             raise EngineError(
                 f"{self.engine}: the provider's answer opens more than {MAX_JSON_CONTAINERS} JSON objects and "
-                "arrays; it is not read" + ("" if idempotent else ", and the provider may have billed the request"),
+                "arrays; it is not read"
+                + ("" if idempotent else f", and the provider may have {self._billed} the request"),
                 details={"engine": self.engine}, retryable=False, charged=None if idempotent else "unknown")
         return _read(response, history, body=body, cut_short=cut_short)
 

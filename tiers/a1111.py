@@ -183,6 +183,7 @@ class A1111Engine(SendsCredentials):
         )
         self.http.final_answer = not_sent_again
         self.http.unreachable_attempts = SELF_HOSTED_UNREACHABLE_ATTEMPTS  # a restart is waited out
+        self.http.bills = False  # its errors say what a request may have made, never what it billed
 
     @property
     def model(self) -> str:

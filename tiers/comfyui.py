@@ -272,6 +272,7 @@ class ComfyUIEngine(SendsCredentials):
         )
         self.http.final_answer = _queued_behind_a_gateway
         self.http.unreachable_attempts = SELF_HOSTED_UNREACHABLE_ATTEMPTS  # a restart is waited out
+        self.http.bills = False  # its errors say what a request may have made, never what it billed
 
     @property
     def model(self) -> str:

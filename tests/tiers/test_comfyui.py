@@ -269,6 +269,21 @@ async def test_read_timeout_on_prompt_is_not_resent_and_the_prompt_is_dropped(en
 
 
 @respx.mock
+@pytest.mark.parametrize("answer", ["read-timeout", "deadline"])
+async def test_a_prompt_sent_without_an_answer_is_not_told_as_billed(make_ctx: Any, tmp_path: Path,
+                                                                    answer: str) -> None:
+    # The server bills nothing: its timeout said it "may have made and billed the image".
+    engine = ComfyUIEngine(make_ctx(comfyui_url=BASE, comfyui_workflow=write_workflow(tmp_path),
+                                    remote_deadline=0.1))  # an attempt is still given a second
+    engine.follow_progress = False
+    mock_server(prompt=httpx.ReadTimeout("slow") if answer == "read-timeout" else NoAnswer())
+    with pytest.raises(EngineTimeout) as info:
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    assert "may have made the image" in info.value.message and "billed" not in info.value.message
+    assert "asked the server to drop prompt" in info.value.message and info.value.charged == "no"
+
+
+@respx.mock
 @pytest.mark.parametrize("answer", [httpx.Response(500, text="boom"), httpx.Response(404, text="<html>proxy</html>")])
 async def test_a_history_that_cannot_be_read_takes_the_prompt_off_the_server(engine: ComfyUIEngine, sleep: Any,
                                                                            answer: httpx.Response) -> None:

@@ -50,6 +50,24 @@ async def test_an_unreadable_answer_to_a_post_is_not_resent_and_may_be_billed(cl
 
 
 @respx.mock
+@pytest.mark.parametrize("bills", [True, False])
+async def test_a_server_that_bills_nothing_is_not_said_to_have_billed(client: RemoteClient, bills: bool) -> None:
+    # ComfyUI's and AUTOMATIC1111's errors said the image may have been "made and billed".
+    client.bills = bills
+    respx.post(f"{BASE}/images").mock(side_effect=[corrupt_gzip(), httpx.ReadTimeout("slow"),
+                                                   httpx.Response(307, headers={"location": "https://elsewhere.test/"})])
+    respx.post("https://elsewhere.test/").mock(return_value=httpx.Response(404))
+    said = []
+    for _ in range(3):
+        with pytest.raises(EngineError) as info:
+            await client.request("POST", "/images", json={"prompt": "a lighthouse"})
+        said.append(info.value.message)
+    assert [("billed" in text) for text in said] == [bills] * 3
+    assert ["may have made the image" in said[0], "may have made the image" in said[1],
+            "may have run it" in said[2]] == [not bills] * 3
+
+
+@respx.mock
 async def test_a_redirect_loop_on_a_post_is_not_resent_and_may_be_billed(client: RemoteClient) -> None:
     route = respx.post(f"{BASE}/images").mock(
         return_value=httpx.Response(307, headers={"location": f"{BASE}/images"}))
