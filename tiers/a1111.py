@@ -9,7 +9,9 @@ field), the progress it reports is ours; on a cancel or a timeout the engine ask
 `/interrupt` only then, since that endpoint stops whatever the server runs (another client's job,
 or another of ours queued on the same server). A job still waiting in the server's queue cannot be
 taken out of it: it runs there, and its images are dropped. A server that can tell neither (A1111
-or Forge started with `--nowebui`) shows no progress and is never interrupted.
+or Forge started with `--nowebui`) shows no progress and is never interrupted, and neither is one
+whose progress polls have gone unanswered when the job ends: the polls are raced with the render
+and the cancel, so a server slow to answer them holds up neither.
 
 Another client's interrupt ends our render early with a 200 and unfinished images, which the
 answer does not tell from a finished one: such an image is stored. A 500 (out of memory, NaN in
@@ -34,6 +36,7 @@ import asyncio
 import json
 import math
 import uuid
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import httpx
@@ -76,6 +79,9 @@ URL_SETTING = "ORCH_A1111_URL"
 AUTH_SETTING = "ORCH_A1111_AUTH"
 # Progress polls and the interrupt are side calls: they must never hold the job up for long.
 SIDE_CALL_TIMEOUT = 5.0
+# How long a poll's word on whether the server runs our task is believed: a few polls' worth (one
+# a second). Older, the polls since have gone unanswered.
+VERDICT_SECONDS = 3.0
 # The longest sampler name kept from the server's answer (A1111's are under 30).
 MAX_SAMPLER_CHARS = 100
 
@@ -136,6 +142,16 @@ def _json_list(response: httpx.Response | None) -> list[Any] | None:
 def _json_object(response: httpx.Response | None) -> dict[str, Any] | None:
     """A side call's JSON object, or None (no answer, an error, a proxy's page)."""
     return _json_dict(response) if response is not None and response.status_code == 200 else None
+
+
+@dataclass
+class _Verdict:
+    """What one render's progress polls last said: whether the server ran our task (None: no poll
+    has answered yet) and when; `asked`: whether a poll was sent at all."""
+
+    ours: bool | None = None
+    at: float = 0.0
+    asked: bool = False
 
 
 def parse_auth(value: str | None) -> tuple[str, str] | None:
@@ -268,10 +284,11 @@ class A1111Engine(SendsCredentials):
             "POST", IMG2IMG, json=body, deadline=deadline,
             timeout=httpx.Timeout(max(deadline - self.http.clock(), 1.0), connect=self.http.client.timeout.connect),
         ))
+        verdict = _Verdict()
         try:
-            await self._watch(post, task_id, progress, cancel)
+            await self._watch(post, task_id, progress, cancel, verdict)
         except Canceled:
-            await self._interrupt(task_id)
+            await self._interrupt(task_id, verdict)
             raise Canceled("a1111: the job was canceled", details={"engine": self.name, "task_id": task_id},
                            charged="no") from None
         finally:
@@ -282,7 +299,7 @@ class A1111Engine(SendsCredentials):
         try:
             response = post.result()
         except EngineTimeout as exc:
-            await self._interrupt(task_id)
+            await self._interrupt(task_id, verdict)
             # Free, so nothing was billed whatever the HTTP layer says of paid providers.
             timed_out = (isinstance(exc.__cause__, httpx.TimeoutException) or "ORCH_REMOTE_DEADLINE" in exc.message
                          or self.http.clock() >= deadline)
@@ -293,12 +310,15 @@ class A1111Engine(SendsCredentials):
                 details={**exc.details, "task_id": task_id}, charged="no",
             ) from None
         if response.status_code in GATEWAY_STATUSES:
-            await self._interrupt(task_id)
+            await self._interrupt(task_id, verdict)
         return await asyncio.to_thread(self._result, req, response)  # decoding, off the event loop
 
     async def _watch(self, post: asyncio.Future[httpx.Response], task_id: str, progress: Progress,
-                     cancel: CancelToken) -> None:
-        """Report progress until `post` is done; raise `Canceled` as soon as the token is set."""
+                     cancel: CancelToken, verdict: _Verdict) -> None:
+        """Report progress until `post` is done; raise `Canceled` as soon as the token is set.
+        What the polls say of our task is kept in `verdict`. Each poll is raced with the render
+        and the cancel: one the server is slow to answer (or a proxy holds) is dropped as soon as
+        either comes, as awaited it held a cancel up to two side calls' timeouts."""
         while not post.done():
             nap: asyncio.Future[Any] = asyncio.ensure_future(cancel.sleep(self.poll_interval))
             try:
@@ -309,10 +329,23 @@ class A1111Engine(SendsCredentials):
                 await asyncio.gather(nap, return_exceptions=True)
             if not nap.cancelled() and nap.exception() is not None:
                 raise Canceled("a1111: the job was canceled", charged="no")
-            if not post.done():
-                state = await self._running_ours(task_id)
-                if state is not None:
-                    self._report(progress, state)
+            if post.done():
+                break
+            verdict.asked = True
+            check: asyncio.Future[dict[str, Any] | None] = asyncio.ensure_future(self._running_ours(task_id))
+            either: list[asyncio.Future[Any]] = [post, check]
+            try:
+                await cancel.race(asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED), charged="no")
+            finally:
+                if not check.done():
+                    check.cancel()
+                await asyncio.gather(check, return_exceptions=True)
+            if check.cancelled():  # the render answered first
+                break
+            state = check.result()
+            verdict.ours, verdict.at = state is not None, self.http.clock()
+            if state is not None:
+                self._report(progress, state)
 
     async def _running_ours(self, task_id: str) -> dict[str, Any] | None:
         """The server's progress state while it runs our task; None while it runs something else,
@@ -338,9 +371,21 @@ class A1111Engine(SendsCredentials):
             if isinstance(handle.get("id"), str):
                 await self._interrupt(handle["id"])
 
-    async def _interrupt(self, task_id: str) -> None:
-        """Stop our render, and nothing else the server runs."""
-        if await self._running_ours(task_id) is not None:
+    async def _interrupt(self, task_id: str, verdict: _Verdict | None = None) -> None:
+        """Stop our render, and nothing else the server runs. `verdict`: what the render's polls
+        said of it, taken while recent instead of asking again; without one (after a crash, or a
+        render that ended before its first poll) the server is asked."""
+        if verdict is not None and verdict.ours is not None and self.http.clock() - verdict.at <= VERDICT_SECONDS:
+            ours = verdict.ours
+        elif verdict is not None and verdict.asked:
+            # The polls go unanswered (a server too busy to, a proxy holding them): asked again,
+            # the server held the job's end up as long, and then said nothing. Not knowing what it
+            # runs, it is not interrupted, as a server that cannot tell is not: our render runs on
+            # for nobody, where /interrupt could stop another client's.
+            return
+        else:
+            ours = await self._running_ours(task_id) is not None
+        if ours:
             # Sent as a request that bills nothing (it stops a render): after a cancel, the
             # runner's hook refuses every billable send, and the render went on for nobody.
             await self._side_call("POST", "/sdapi/v1/interrupt", idempotent=True)

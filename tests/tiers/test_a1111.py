@@ -16,7 +16,7 @@ from PIL import Image
 from orchestrator.errors import BadEngineInput, Canceled, EngineError, EngineTimeout, EngineUnavailable, NoImage
 from orchestrator.runner import JobRunner
 from orchestrator.store import infotext
-from tests.tiers.conftest import RecordingProgress, png_bytes
+from tests.tiers.conftest import HeldRequest, NoAnswer, RecordingProgress, png_bytes
 from tests.tiers.conftest import bridge as base_bridge
 from tiers.a1111 import A1111Engine
 from tiers.base import CancelToken, NullProgress, RenderRequest, Restartable, before_billable_sends
@@ -680,6 +680,83 @@ async def test_a_cancel_in_a_job_interrupts_though_no_billable_request_may_leave
         with pytest.raises(Canceled):
             await asyncio.wait_for(run, 30)
     assert interrupt.call_count == 1
+
+
+@pytest.fixture
+def hung_polls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A poll that is never answered is never given up on either: the render's result and a
+    cancel cannot wait it out (two side calls' timeouts held a cancel 10 s)."""
+    monkeypatch.setattr("tiers.a1111.SIDE_CALL_TIMEOUT", 3600.0)
+
+
+def progress_then_hangs(*answers: dict[str, Any]) -> tuple[list[httpx.Request], HeldRequest]:
+    """`GET /sdapi/v1/progress` answering `answers` in turn, then held open for good; the polls
+    sent (respx records a call only once it is answered)."""
+    hung = HeldRequest(httpx.Response(200, json={}))
+    given = iter(answers)
+    polls: list[httpx.Request] = []
+
+    async def answer(request: httpx.Request) -> httpx.Response:
+        polls.append(request)
+        body = next(given, None)
+        return httpx.Response(200, json=body) if body is not None else await hung(request)
+
+    respx.get(PROGRESS).mock(side_effect=answer)
+    return polls, hung
+
+
+@respx.mock
+async def test_a_cancel_ends_the_render_at_once_though_the_progress_poll_hangs(
+        engine: A1111Engine, hung_polls: None) -> None:
+    # The server never said it runs our task: /interrupt, which stops whatever it runs (another
+    # client's render), is not sent, as to a server that cannot tell.
+    respx.post(URL).mock(side_effect=NoAnswer())
+    _, poll = progress_then_hangs()
+    interrupt = respx.post(INTERRUPT).mock(return_value=httpx.Response(200, json={}))
+    token = CancelToken()
+    run = asyncio.ensure_future(engine.run(bridge(), NullProgress(), token))
+    await asyncio.wait_for(poll.sent.wait(), 10)
+    token.cancel()
+    with pytest.raises(Canceled) as info:
+        await asyncio.wait_for(run, 10)
+    assert info.value.charged == "no" and poll.dropped and interrupt.call_count == 0
+
+
+@respx.mock
+async def test_a_render_finished_while_the_progress_poll_hangs_is_returned_at_once(
+        engine: A1111Engine, hung_polls: None) -> None:
+    _, poll = progress_then_hangs()
+
+    async def done_once_polled(request: httpx.Request) -> httpx.Response:
+        await poll.sent.wait()
+        return httpx.Response(200, json=ok_body())
+
+    respx.post(URL).mock(side_effect=done_once_polled)
+    result = await asyncio.wait_for(engine.run(bridge(), NullProgress(), CancelToken()), 10)
+    assert len(result.images) == 1 and poll.dropped
+
+
+@respx.mock
+@pytest.mark.parametrize(("aged", "interrupted"), [(0.0, True), (10.0, False)], ids=["recent", "stale"])
+async def test_a_cancel_acts_on_what_a_recent_poll_said_without_asking_again(
+        engine: A1111Engine, hung_polls: None, aged: float, interrupted: bool) -> None:
+    # The first poll said the server runs our task; the next hangs. Asked again, the cancel waited
+    # for it (and then, unanswered, interrupted nothing). A word older than a few polls is no word.
+    now = [1000.0]
+    engine.http.clock = lambda: now[0]
+    respx.post(URL).mock(side_effect=NoAnswer())
+    polls, poll = progress_then_hangs({"current_task": OURS, "state": {"sampling_step": 4, "sampling_steps": 10}})
+    interrupt = respx.post(INTERRUPT).mock(return_value=httpx.Response(200, json={}))
+    token = CancelToken()
+    recorded = RecordingProgress()
+    run = asyncio.ensure_future(engine.run(bridge(), recorded, token))
+    await asyncio.wait_for(poll.sent.wait(), 10)
+    now[0] += aged
+    token.cancel()
+    with pytest.raises(Canceled):
+        await asyncio.wait_for(run, 10)
+    assert recorded.steps == [(4, 10)] and len(polls) == 2 and poll.dropped
+    assert interrupt.call_count == (1 if interrupted else 0)
 
 
 async def test_cancel_before_send(engine: A1111Engine) -> None:
