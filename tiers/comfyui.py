@@ -453,7 +453,7 @@ class ComfyUIEngine(SendsCredentials):
             followed = False
             try:
                 entry = await self._history(prompt_id, deadline, cancel)
-                if entry is None and not await self._lost(prompt_id):  # still queued or running
+                if entry is None and not await self._lost(prompt_id, cancel):  # still queued or running
                     progress.state("queued", prompt_id=prompt_id)
                     followed = True  # `_follow` takes it off the server itself if the wait fails
                     entry = await self._follow(prompt_id, deadline, cancel)
@@ -674,7 +674,7 @@ class ComfyUIEngine(SendsCredentials):
             if entry is not None:
                 return entry
             polls += 1
-            if polls % QUEUE_CHECK_POLLS == 0 and await self._lost(prompt_id):
+            if polls % QUEUE_CHECK_POLLS == 0 and await self._lost(prompt_id, cancel):
                 # The history is read once more, as the prompt may have finished between the two looks.
                 return await self._history(prompt_id, deadline, cancel)
             if self.http.clock() >= deadline:
@@ -692,12 +692,15 @@ class ComfyUIEngine(SendsCredentials):
         entry = json_object(response, self.name, "/history").get(prompt_id)
         return entry if isinstance(entry, dict) and entry else None
 
-    async def _lost(self, prompt_id: str) -> bool:
+    async def _lost(self, prompt_id: str, cancel: CancelToken) -> bool:
         """Whether the server's queue, read successfully, holds the prompt neither running nor
-        pending. Anything unreadable counts as not lost: the deadline still ends the wait."""
+        pending. Anything unreadable counts as not lost: the deadline still ends the wait. A cancel
+        does not wait for the answer (`CLEANUP_TIMEOUT` of a server slow to give it)."""
         try:
-            response = await self._cleanup("GET", "/queue")
+            response = await cancel.race(self._cleanup("GET", "/queue"), charged="no")
             body = response.json() if response.status_code == 200 else None
+        except Canceled:
+            raise
         except (EngineError, httpx.HTTPError, ValueError):
             return False
         if not isinstance(body, dict):

@@ -546,6 +546,37 @@ async def test_cancel_during_polling_drops_and_interrupts(engine: ComfyUIEngine)
     assert routes["view"].call_count == 0
 
 
+def queue_hangs_once(routes: dict[str, respx.Route], monkeypatch: pytest.MonkeyPatch) -> HeldRequest:
+    """`GET /queue` held open the first time, and never given up on (`CLEANUP_TIMEOUT` held a
+    cancel 5 s); answered as before after that, when the canceled job takes its prompt off."""
+    monkeypatch.setattr("tiers.comfyui.CLEANUP_TIMEOUT", 3600.0)
+    hung = HeldRequest(httpx.Response(200, json={}))
+    answer = cast(Handler, routes["queue_state"].side_effect)
+
+    async def first_hangs(request: httpx.Request) -> httpx.Response:
+        return await hung(request) if not hung.sent.is_set() else answer(request)
+
+    routes["queue_state"].side_effect = first_hangs
+    return hung
+
+
+@respx.mock
+async def test_a_cancel_does_not_wait_for_a_look_at_the_queue(engine: ComfyUIEngine,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    routes = mock_server()
+    routes["history"].mock(side_effect=None, return_value=httpx.Response(200, json={}))  # still rendering
+    look = queue_hangs_once(routes, monkeypatch)
+    token = CancelToken()
+    run = asyncio.ensure_future(engine.run(bridge(), NullProgress(), token))
+    await asyncio.wait_for(look.sent.wait(), 10)
+    token.cancel()
+    with pytest.raises(Canceled) as info:
+        await asyncio.wait_for(run, 10)
+    prompt_id = json.loads(routes["prompt"].calls.last.request.content)["prompt_id"]
+    assert info.value.charged == "no" and look.dropped
+    assert dropped(routes) == ([prompt_id], [prompt_id])
+
+
 @respx.mock
 async def test_a_stopping_process_leaves_its_prompt_to_run_for_the_next_attempt(engine: ComfyUIEngine) -> None:
     """A deploy's restart must not throw away a render in progress: the job's next attempt
@@ -924,6 +955,20 @@ def dropped(routes: dict[str, respx.Route]) -> tuple[list[str], list[str]]:
     """The prompts taken off the queue, in order, and those interrupted."""
     return ([p for c in routes["queue"].calls for p in json.loads(c.request.content)["delete"]],
             [json.loads(c.request.content)["prompt_id"] for c in routes["interrupt"].calls])
+
+
+@respx.mock
+async def test_a_cancel_of_a_resume_does_not_wait_for_a_look_at_the_queue(engine: ComfyUIEngine,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    routes = earlier_server({}, ["p-1", "p-2"], finish_after=100)
+    look = queue_hangs_once(routes, monkeypatch)
+    token = CancelToken()
+    run = asyncio.ensure_future(engine.resume(bridge(n=2, seed=42), EARLIER[:2], NullProgress(), token))
+    await asyncio.wait_for(look.sent.wait(), 10)  # p-1 has no history yet: is it still queued?
+    token.cancel()
+    with pytest.raises(Canceled):
+        await asyncio.wait_for(run, 10)
+    assert look.dropped and dropped(routes) == (["p-1", "p-2"], ["p-1"])
 
 
 @respx.mock
