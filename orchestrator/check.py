@@ -44,6 +44,7 @@ PAGE = 1000
 CHUNK = 1 << 20
 # Verdicts kept for files several assets share (identical images): bounded, as assets are paged.
 REMEMBERED = 10 * PAGE
+UNNAMED_LISTED = 50  # files no asset names, listed by path when the database is taken for another's
 
 
 class CannotCheck(Exception):
@@ -62,6 +63,9 @@ class StoreReport:
     # service's start or while it runs, puts the file back. Not lost, and no backup needed.
     set_aside: list[str] = field(default_factory=list)
     unnamed: int = 0  # files in the store no asset names
+    # Where the first of them lie (UNNAMED_LISTED at most): an operator's to look at when the sweep
+    # refuses, and to move out of the store once sure they are a crash's leftovers.
+    unnamed_paths: list[str] = field(default_factory=list)
     files: int = 0  # files in the store
     deleted: int = 0  # deleted assets (their files the sweep's)
     hashed: bool = True
@@ -259,7 +263,7 @@ def check_store(engine: Engine, store: ArtifactStore, *, hashes: bool = True) ->
             verdict = verdicts[sha]
             if verdict is not None:
                 getattr(report, verdict).append(asset_id)
-    report.unnamed, report.files = _unnamed(engine, store)
+    report.unnamed, report.files, report.unnamed_paths = _unnamed(engine, store)
     with Session(engine) as s:
         report.deleted = s.exec(select(func.count()).select_from(Asset)
                                 .where(col(Asset.deleted_at).is_not(None))).one()
@@ -413,16 +417,19 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _unnamed(engine: Engine, store: ArtifactStore) -> tuple[int, int]:
-    """(files no asset names, files) in the store."""
+def _unnamed(engine: Engine, store: ArtifactStore) -> tuple[int, int, list[str]]:
+    """(files no asset names, files, the paths of the first UNNAMED_LISTED of the former) in the store."""
     unnamed = files = 0
+    paths: list[str] = []
     for batch in _batches(sha for path in store.root.glob("*/*.png")
                           if not path.name.startswith(".") and (sha := stored_sha(path)) is not None):
         with Session(engine) as s:
             named = set(s.exec(select(Asset.sha256).where(col(Asset.sha256).in_(batch))))
-        unnamed += sum(1 for sha in batch if sha not in named)
+        unnamed_here = [sha for sha in batch if sha not in named]
+        unnamed += len(unnamed_here)
+        paths += [str(store.path_for(sha)) for sha in unnamed_here[:UNNAMED_LISTED - len(paths)]]
         files += len(batch)
-    return unnamed, files
+    return unnamed, files, paths
 
 
 def _batches(items: Iterable[Any]) -> Iterator[list[Any]]:

@@ -775,7 +775,10 @@ def _check(*, no_hash: bool) -> int:
               f"at its start or within the hour, puts {_them(report.set_aside)} back): {_shown(report.set_aside)}")
     if report.foreign:
         print(f"{report.unnamed} of the {_counted(report.files, 'file')} in the store "
-              f"{'is' if report.unnamed == 1 else 'are'} named by no asset in this database")
+              f"{'is' if report.unnamed == 1 else 'are'} named by no asset in this database"
+              + (f"; the first {len(report.unnamed_paths)}:" if len(report.unnamed_paths) < report.unnamed else ":"))
+        for path in report.unnamed_paths:
+            print(f"  {path}")
     elif report.unnamed and report.malformed:
         print(f"{_counted(report.unnamed, 'file')} no asset names, some maybe the files of the malformed rows above: "
               "mend those rows first, as the service removes files no asset names after an hour")
@@ -801,7 +804,10 @@ def _check(*, no_hash: bool) -> int:
         sqlite = settings.resolved_database_url.startswith("sqlite")
         print("PROBLEMS: is it the database this data dir belongs to?" + (
             " A copy of a running service's SQLite file without its -wal file holds none of the recent rows: take "
-            "backups as the README says" if sqlite and wrong_store is None else ""))
+            "backups as the README says" if sqlite and wrong_store is None else "")
+              + (" If it is, the files listed are images of jobs killed as they stored them: once sure, move them "
+                 "out of the store, and the sweep, which removes nothing meanwhile, goes on" if wrong_store is None
+                 else ""))
     if report.lost and not report.foreign and wrong_store is None:
         # Of another install's store, the files are not lost: the data dir is the wrong one.
         print("PROBLEMS: restore those assets' files from a backup (the ids above name them)")

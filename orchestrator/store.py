@@ -456,10 +456,14 @@ class ArtifactStore:
             with open_regular(path) as f:
                 data = f.read()
         except FileNotFoundError:
-            raise ContentUnavailable(
-                f"the image file {sha256[:12]} is missing from the store: restore it from a backup "
-                "(`orchestrator check` lists every missing file)", details={"sha256": sha256, "reason": "missing"},
-            ) from None
+            # Renamed aside by a sweep that stopped mid-way (or is judging it now): served from
+            # there, as the next sweep puts it back. It was told to be restored from a backup.
+            if (aside := self._set_aside_copy(path)) is None:
+                raise ContentUnavailable(
+                    f"the image file {sha256[:12]} is missing from the store: restore it from a backup "
+                    "(`orchestrator check` lists every missing file)", details={"sha256": sha256, "reason": "missing"},
+                ) from None
+            data = aside
         except OSError as exc:
             # Not a bug of ours (an internal_error), but the store's: its owner or mode after a
             # restore, a disk's read error. `check` lists it as unreadable.
@@ -476,6 +480,17 @@ class ArtifactStore:
                 "restore it from a backup (`orchestrator check` lists every damaged file)",
                 details={"sha256": sha256, "reason": "damaged"})
         return data
+
+    @staticmethod
+    def _set_aside_copy(home: Path) -> bytes | None:
+        """The bytes of a file renamed aside from `home` (`.gc-<sha>-*.png`), if one can be read."""
+        for aside in home.parent.glob(f".gc-{home.stem}-*.png"):
+            try:
+                with open_regular(aside) as f:
+                    return f.read()
+            except OSError:  # settled meanwhile (back home, or removed): the next one, if any
+                continue
+        return None
 
     def discard(self, put: Put, named: Callable[[str], bool]) -> bool:
         """Remove the file `put` made (there was none before) for a job that then ended without a
@@ -571,7 +586,9 @@ class ArtifactStore:
         if orphans and ((not named_any and not emptied) or (len(orphans) > ORPHAN_ALARM_FILES
                                           and len(orphans) > total * ORPHAN_ALARM_SHARE)):
             raise SweepRefused(f"{len(orphans)} of the {total} files in {self.root} are named by no asset in this "
-                               "database: is it the database this data dir belongs to? Nothing was removed")
+                               "database: is it the database this data dir belongs to? Nothing was removed. If "
+                               "it is, they are images of jobs killed as they stored them: `orchestrator check` "
+                               "lists them, to move out of the store once you are sure")
         for path in leftovers:
             self._set_aside(path, keep=True, cutoff=cutoff)
         return sum(self._set_aside(path, keep=False, cutoff=cutoff) for path in [*let_go, *orphans])

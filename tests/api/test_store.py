@@ -402,9 +402,11 @@ def test_a_database_that_names_too_few_files_removes_nothing(tmp_path: Path, nam
     shas = [store.put(f"image {i}".encode()) for i in range(named + orphans)]
     for sha in shas:
         age(store.path_for(sha))
-    with pytest.raises(SweepRefused, match=f"{orphans} of the {named + orphans} files"):
+    with pytest.raises(SweepRefused, match=f"{orphans} of the {named + orphans} files") as refused:
         store.sweep_orphans(Rows(*shas[:named]))
     assert all(store.path_for(sha).exists() for sha in shas)
+    # A crash's leftovers stop it too: the log says how to go on.
+    assert "`orchestrator check` lists them, to move out of the store once you are sure" in str(refused.value)
 
 
 def test_a_young_install_s_old_orphan_is_swept(tmp_path: Path) -> None:
@@ -430,6 +432,12 @@ def test_a_dead_sweeps_leftover_is_settled(tmp_path: Path) -> None:
         aside = path.with_name(f".gc-{sha}-0a1b2c3d.png")
         os.rename(path, aside)
         age(aside)
+    # Served meanwhile, from where it lies: it was "missing from the store: restore it from a backup".
+    assert store.get(named) == b"named"
+    with pytest.raises(ContentUnavailable, match="damaged"):
+        store.path_for(named).with_name(f".gc-{named}-0a1b2c3d.png").write_bytes(b"not it")
+        store.get(named)
+    store.path_for(named).with_name(f".gc-{named}-0a1b2c3d.png").write_bytes(b"named")
     assert store.sweep_orphans(Rows(named)) == 1
     assert store.get(named) == b"named"
     assert [p.name for p in store.root.rglob("*") if p.is_file()] == [f"{named}.png"]
