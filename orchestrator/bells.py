@@ -197,8 +197,7 @@ class PostgresBell(Bell):
 
     def __init__(self, url: str) -> None:
         super().__init__()
-        # psycopg takes the URL without SQLAlchemy's driver name.
-        self.conninfo = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+        self.conninfo = conninfo(url)
         from orchestrator.db import postgres_connect_args  # orchestrator.db imports this module
 
         self.connect_args = postgres_connect_args(url)
@@ -250,6 +249,20 @@ class PostgresBell(Bell):
         thread, self._thread = self._thread, None
         if thread is not None:
             thread.join(timeout=LISTEN_TIMEOUT_SECONDS + 1)
+
+
+def conninfo(url: str) -> str:
+    """libpq's `key='value' ...` for a SQLAlchemy URL, each value quoted. The URL rendered back
+    (`postgresql://...`) left a space in a password raw, which libpq refused quoting the password
+    (logged, once a minute, and no bell), and read a space in a query value as `+`."""
+    parsed = make_url(url)
+    params: dict[str, Any] = parsed.translate_connect_args(username="user", database="dbname")
+    params.update({key: value[-1] if isinstance(value, tuple) else value for key, value in parsed.query.items()})
+    return " ".join(f"{key}='{_escaped(str(value))}'" for key, value in params.items() if value is not None)
+
+
+def _escaped(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("'", "\\'")
 
 
 def bell_for(url: str, locks: Path) -> Bell:

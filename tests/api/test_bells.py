@@ -181,7 +181,20 @@ def test_each_database_gets_the_bell_that_reaches_its_other_processes(tmp_path: 
     assert isinstance(bell_for(f"sqlite:///{tmp_path / 'o.db'}", tmp_path), SocketBell)
     assert type(bell_for("sqlite:///:memory:", tmp_path)) is Bell
     pg = bell_for("postgresql+psycopg://user:secret@db.example:5433/orch?sslmode=require", tmp_path)
-    assert pg.conninfo == "postgresql://user:secret@db.example:5433/orch?sslmode=require"  # type: ignore[attr-defined]
+    assert pg.conninfo == ("host='db.example' dbname='orch' user='user' password='secret' port='5433' "  # type: ignore[attr-defined]
+                           "sslmode='require'")
+
+
+def test_a_password_with_a_space_reaches_the_listener_as_it_is() -> None:
+    # Rendered back as a URL, libpq refused it, quoting the password in the log every minute, and
+    # the process had no bell; a query value's space became "+".
+    from psycopg.conninfo import conninfo_to_dict
+
+    from orchestrator.bells import PostgresBell
+
+    bell = PostgresBell("postgresql+psycopg://orch:correct%20horse%27s%5C@db.example/my%20db?application_name=my%20app")
+    assert conninfo_to_dict(bell.conninfo) == {"host": "db.example", "dbname": "my db", "user": "orch",
+                                               "password": "correct horse's\\", "application_name": "my app"}
 
 
 def test_a_worker_hears_a_draft_queued_and_a_cancel_asked_through_the_api_server(
@@ -319,7 +332,7 @@ def test_the_postgresql_listener_connects_as_every_other_connection_does(monkeyp
     monkeypatch.setattr(psycopg, "connect", connect)
     bell._listen()
     [(conninfo, kwargs)] = asked
-    assert conninfo == "postgresql://orch@db.example:5432/orch?connect_timeout=3"
+    assert conninfo == "host='db.example' dbname='orch' user='orch' port='5432' connect_timeout='3'"
     assert "connect_timeout" not in kwargs  # the URL's, kept in the conninfo
     assert kwargs["autocommit"] is True and kwargs["keepalives"] == 1 and kwargs["keepalives_idle"] == 30
     assert "tcp_keepalives_idle=30" in str(kwargs["options"])  # the server's side notices a vanished listener
