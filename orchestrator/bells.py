@@ -70,6 +70,9 @@ class Bell:
         self._loop = asyncio.get_running_loop()
         self._on_ring = on_ring
 
+    def look(self) -> None:
+        """Called on the loop at each timed look: mend what a ring needs, if it can."""
+
     def close(self) -> None:
         self._on_ring = None
 
@@ -105,6 +108,7 @@ class SocketBell(Bell):
         self._sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._sender.setblocking(False)
         self._receiver: socket.socket | None = None
+        self._bound: tuple[int, int] | None = None
 
     def after_commit(self) -> None:
         try:
@@ -128,10 +132,14 @@ class SocketBell(Bell):
             log.info("ORCH_DATA_DIR is too long a path for a bell socket; other processes' changes are "
                      "seen every ORCH_POLL_INTERVAL")
             return
+        self._bind()
+
+    def _bind(self) -> None:
         receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             receiver.bind(str(self.path))
+            self._bound = _identity(self.path)
         except OSError as exc:
             receiver.close()
             log.warning("no bell socket at %s (%s); other processes' changes are seen every ORCH_POLL_INTERVAL",
@@ -141,6 +149,17 @@ class SocketBell(Bell):
         self._receiver = receiver
         assert self._loop is not None
         self._loop.add_reader(receiver.fileno(), self._drain)
+
+    def look(self) -> None:
+        """Bind again when the socket's file is gone (its folder cleared by an operator, a restore):
+        the process stayed deaf, back on ORCH_POLL_INTERVAL until a restart, and said nothing."""
+        if self._receiver is None or _identity(self.path) == self._bound:
+            return
+        log.warning("the bell socket %s was removed; bound again (other processes' changes meanwhile are looked "
+                    "at now)", self.path)
+        self._close_receiver()
+        self._bind()
+        self._schedule()  # what was rung while nobody heard
 
     def _drain(self) -> None:
         receiver = self._receiver
@@ -249,6 +268,14 @@ class PostgresBell(Bell):
         thread, self._thread = self._thread, None
         if thread is not None:
             thread.join(timeout=LISTEN_TIMEOUT_SECONDS + 1)
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        found = os.stat(path)
+    except OSError:
+        return None
+    return found.st_dev, found.st_ino
 
 
 def conninfo(url: str) -> str:

@@ -433,6 +433,7 @@ class Services:
                         level=logging.WARNING)
         while True:
             await asyncio.sleep(self.settings.poll_interval)
+            self.db.bell.look()  # a bell socket removed under the process is bound again
             try:
                 await asyncio.to_thread(self.engine_health.sync, self.db)
             except Exception as exc:  # a busy or lost database: kept, and tried again at the next look

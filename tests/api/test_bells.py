@@ -161,6 +161,39 @@ def test_a_socket_left_by_a_dead_process_is_removed_at_the_next_ring(tmp_path: P
     assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
 
 
+def test_a_bell_whose_socket_was_removed_binds_again_at_the_next_look(tmp_path: Path,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    # An operator clearing locks/ (a restore, a tmp cleaner): every process stayed deaf, back on
+    # ORCH_POLL_INTERVAL until a restart, and nothing said so.
+    folder = tmp_path / "locks" / "bells"
+
+    async def scenario() -> int:
+        heard: list[int] = []
+        listener, ringer = SocketBell(folder), SocketBell(folder)
+        listener.listen(lambda: heard.append(1))
+        try:
+            for sock in folder.iterdir():
+                sock.unlink()
+            folder.rmdir()
+            listener.look()  # the timed look, on the loop
+            await asyncio.sleep(0.2)
+            heard.clear()  # the catch-up look after binding again
+            ringer.after_commit()
+            for _ in range(50):
+                if heard:
+                    break
+                await asyncio.sleep(0.05)
+            listener.look()  # bound: nothing more to do, nor to say
+            return len(heard)
+        finally:
+            listener.close()
+            ringer.close()
+
+    with caplog.at_level("WARNING", logger="orchestrator.bells"):
+        assert asyncio.run(scenario()) == 1
+    assert caplog.text.count("was removed; bound again") == 1
+
+
 def test_a_data_dir_too_long_for_a_socket_runs_without_a_bell(tmp_path: Path,
                                                              caplog: pytest.LogCaptureFixture) -> None:
     folder = tmp_path / ("x" * 120) / "bells"
