@@ -216,27 +216,6 @@ async def test_every_paid_request_is_announced_before_it_is_sent(make_ctx: Any, 
     assert [call.request.method for call in provider.calls if call.request.method not in ("GET", "HEAD")] == []
 
 
-def png_declaring(width: int, height: int) -> bytes:
-    """A few bytes of PNG whose header says width x height: what decoding would have to allocate."""
-    import struct
-    import zlib
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
-            + chunk(b"IEND", b""))
-
-
-@pytest.mark.parametrize("side", [12_000, 30_000])  # over our cap; over PIL's own bomb limit
-def test_an_image_declaring_more_pixels_than_any_request_is_not_decoded(side: int) -> None:
-    from tiers._images import decode_image
-
-    with pytest.raises(EngineError, match=r"too large|more than 67108864 pixels"):
-        decode_image(png_declaring(side, side), "prov")
-
-
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP"])
 def test_the_formats_providers_send_are_decoded(fmt: str) -> None:
     import io
