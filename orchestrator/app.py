@@ -31,7 +31,7 @@ from orchestrator.api.errors import install as install_errors
 from orchestrator.api.head import HeadAsGet
 from orchestrator.api.query import DropEmptyQueryValues, single_valued_query
 from orchestrator.api.request_limits import RequestLimits
-from orchestrator.db import Database, tables_missing
+from orchestrator.db import Database, WriteLockHeld, tables_missing, transient
 from orchestrator.errors import DatabaseUnavailable
 from orchestrator.outage import Outage
 from orchestrator.schemas import Health
@@ -50,7 +50,9 @@ class Readiness:
 
     def __init__(self) -> None:
         self._pending: asyncio.Future[None] | None = None
-        self._outage = Outage(log, "the readiness check", "/readyz answers 503", level=logging.WARNING)
+        # A held write lock is told as a line, as a database away is: not a bug's traceback.
+        self._outage = Outage(log, "the readiness check", "/readyz answers 503", level=logging.WARNING,
+                              away=lambda exc: transient(exc) or isinstance(exc, WriteLockHeld))
 
     async def check(self, db: Database) -> None:
         if self._pending is None or self._pending.done():
@@ -61,6 +63,9 @@ class Readiness:
             self._outage.failed(exc)
             if isinstance(exc, TimeoutError):
                 said = f"did not answer within {READY_SECONDS:g} s"
+            elif isinstance(exc, WriteLockHeld):
+                said = (f"lets no write start: its write lock has been held for over {exc.waited:g} s (a process "
+                        "stopped mid-transaction, or another program's long write), and every write waits for it")
             elif tables_missing(exc):
                 said = "lacks some or all of this service's tables (made anew, or a restore under way)"
             else:
@@ -205,13 +210,14 @@ def create_app(settings: Settings | None = None, *, loopback_only: bool = False)
 
     @app.get("/readyz", response_model=Health, tags=["operations"], summary="Check readiness",
              openapi_extra={"security": []},
-             responses={**documented(400, 503, said={503: "The database did not answer within 2 s, or lacks the "
-                                                          "service's tables (`database_unavailable`): send requests "
-                                                          "elsewhere."}),
+             responses={**documented(400, 503, said={503: "The database did not answer within 2 s, lacks the "
+                                                          "service's tables, or its write lock has been held for over "
+                                                          "1 s (`database_unavailable`): send requests elsewhere."}),
                         **ANY_OTHER_ERROR})
     async def readyz(services: ServicesDep) -> Health:
-        """Readiness, without auth: 200 when the database answers within 2 s and holds the
-        service's tables; otherwise 503 `database_unavailable`, and a load balancer sends requests elsewhere."""
+        """Readiness, without auth: 200 when the database answers within 2 s, holds the service's
+        tables and lets a write start within 1 s (no stalled process holds its write lock); otherwise
+        503 `database_unavailable`, and a load balancer sends requests elsewhere."""
         await readiness.check(services.db)
         return Health(status="ok", version=__version__)
 

@@ -27,6 +27,7 @@ import logging
 import math
 import numbers
 import os
+import sqlite3
 import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -37,7 +38,7 @@ from typing import Any, cast
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import CursorResult, Engine, Result, TextClause, create_engine, event, inspect, text
+from sqlalchemy import Connection, CursorResult, Engine, Result, TextClause, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -65,6 +66,12 @@ CONNECT_TIMEOUT_SECONDS = 10
 # lock_not_available (lock_timeout), query_canceled, and the two a retry resolves.
 LOCK_WAIT_SQLSTATES = frozenset({"55P03", "57014", "40001", "40P01"})
 DISK_FULL_SQLSTATE = "53100"
+LOCK_NOT_AVAILABLE_SQLSTATE = "55P03"
+# How long /readyz's probe waits for the write lock (`Database.ping`): far longer than any write
+# here holds it (milliseconds), so a busy service stays ready; far shorter than a write's own wait
+# (`LOCK_TIMEOUT_SECONDS`), so a stalled writer is seen before the writes fail; and under the
+# probe's own deadline (`app.READY_SECONDS`), so its answer names the cause.
+WRITE_PROBE_SECONDS = 1.0
 # Connections of one process: a request thread each (anyio's pool of 40) and the job machinery.
 POOL_SIZE, POOL_OVERFLOW = 10, 30
 
@@ -221,10 +228,42 @@ class Database:
 
     def ping(self) -> None:
         """Whether the database answers and holds this service's tables (a connection from the pool,
-        one statement that reads none of their rows). A `SELECT 1` alone was answered by a database
-        made anew or emptied for a restore, while every request of the service failed on it."""
+        one statement that reads none of their rows), and whether a write could start (raises
+        `WriteLockHeld`). A `SELECT 1` alone was answered by a database made anew or emptied for a
+        restore, while every request of the service failed on it; and by one whose write lock a
+        stalled process held, while every write waited out `LOCK_TIMEOUT_SECONDS` and failed."""
         with self.engine.connect() as connection:
             connection.execute(_tables_read())
+            connection.rollback()
+            self._probe_write_lock(connection)
+
+    def _probe_write_lock(self, connection: Connection) -> None:
+        """Take the write lock every write transaction takes first, waiting `WRITE_PROBE_SECONDS` at
+        most, and give it back at once: nothing is written."""
+        if self.is_sqlite:
+            # On the driver's connection: SQLAlchemy's would BEGIN (deferred) before the pragma.
+            raw = cast(sqlite3.Connection, connection.connection.driver_connection)
+            raw.execute(f"PRAGMA busy_timeout={round(WRITE_PROBE_SECONDS * 1000)}")
+            try:
+                raw.execute("BEGIN IMMEDIATE")
+                raw.execute("ROLLBACK")
+            except sqlite3.OperationalError as exc:
+                if exc.sqlite_errorname == "SQLITE_BUSY":
+                    raise WriteLockHeld(WRITE_PROBE_SECONDS) from exc
+                raise
+            finally:
+                raw.execute(f"PRAGMA busy_timeout={LOCK_TIMEOUT_SECONDS * 1000}")
+            return
+        connection.execute(text("SELECT set_config('lock_timeout', :ms, true)"),
+                           {"ms": str(round(WRITE_PROBE_SECONDS * 1000))})
+        try:
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": WRITE_LOCK})
+        except OperationalError as exc:
+            if getattr(exc.orig, "sqlstate", None) == LOCK_NOT_AVAILABLE_SQLSTATE:
+                raise WriteLockHeld(WRITE_PROBE_SECONDS) from exc
+            raise
+        finally:
+            connection.rollback()  # the lock, and the transaction's lock_timeout, given back
 
     def ring(self) -> None:
         """Make the other processes look now, with no change of our own to tell (an empty write
@@ -373,6 +412,16 @@ def shown_url(url: str) -> str:
     parsed = make_url(url)
     secret = {key: "***" for key in parsed.query if key.lower() in ("password", "passfile", "sslpassword")}
     return (parsed.update_query_dict(secret) if secret else parsed).render_as_string(hide_password=True)
+
+
+class WriteLockHeld(Exception):
+    """The database's write lock stayed held for the whole of a short wait (`Database.ping`): a
+    process stalled in a write transaction (stopped, a debugger's breakpoint, another program's long
+    write), and every write waits for it, then fails."""
+
+    def __init__(self, waited: float) -> None:
+        super().__init__(f"the database's write lock has been held for over {waited:g} s")
+        self.waited = waited
 
 
 class MigrationRefused(Exception):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlmodel import select
 
-from orchestrator.db import Database, postgres_connect_args
+from orchestrator.db import LOCK_TIMEOUT_SECONDS, Database, WriteLockHeld, postgres_connect_args
 from orchestrator.models import Job
 from orchestrator.settings import Settings
 
@@ -100,6 +101,48 @@ def test_reads_do_not_queue_behind_writers_waiting_for_the_lock(tmp_path: Path) 
             for done in waiting:
                 done.result(timeout=60)
     finally:
+        other.close()
+        db.dispose()
+
+
+def test_ping_finds_a_write_lock_a_stalled_writer_holds_and_takes_none_itself(tmp_path: Path) -> None:
+    path = tmp_path / "o.db"
+    db = Database(f"sqlite:///{path}")
+    db.migrate()
+    db.ring()  # the service's first connection made the file WAL
+    other = sqlite3.connect(path, timeout=0, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")  # another process stopped inside its write
+        with pytest.raises(WriteLockHeld, match="held for over 1 s"):
+            db.ping()
+        other.execute("ROLLBACK")
+        db.ping()
+        # The probe gave the lock back, and its connection waits as long as any write's again.
+        other.execute("BEGIN IMMEDIATE")
+        other.execute("ROLLBACK")
+        with db.engine.connect() as connection:
+            assert connection.exec_driver_sql("PRAGMA busy_timeout").scalar_one() == LOCK_TIMEOUT_SECONDS * 1000
+    finally:
+        other.close()
+        db.dispose()
+
+
+def test_ping_waits_out_a_write_that_holds_the_lock_briefly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A busy service's writes hold the lock for milliseconds: the probe waits for it, not fails."""
+    path = tmp_path / "o.db"
+    db = Database(f"sqlite:///{path}")
+    db.migrate()
+    db.ring()
+    # A wait far past the write's, so that a loaded machine cannot make the test fail.
+    monkeypatch.setattr("orchestrator.db.WRITE_PROBE_SECONDS", 30.0)
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    release = threading.Timer(0.2, lambda: other.execute("ROLLBACK"))
+    try:
+        release.start()
+        db.ping()
+    finally:
+        release.join()
         other.close()
         db.dispose()
 

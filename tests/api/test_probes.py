@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -12,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from orchestrator.db import Database
+from orchestrator.db import Database, sqlite_file
 from orchestrator.settings import Settings
 from tests.api import assert_error
 from tests.conftest import SettingsFactory
@@ -33,6 +34,26 @@ def test_ready_while_the_database_answers_and_503_once_it_does_not(
     assert "did not answer within 2 s" in error["message"]
     assert client.get("/readyz").headers["retry-after"] == "5"
     assert client.get("/healthz").status_code == 200  # alive all the same: not a process to restart
+
+
+def test_not_ready_while_another_process_holds_the_write_lock(
+        make_settings: SettingsFactory, start_server: Callable[[Settings], httpx.Client]) -> None:
+    """A stalled writer (another process stopped inside `BEGIN IMMEDIATE`) left /readyz at 200 while
+    every write waited out the lock timeout and answered 503."""
+    settings = make_settings()
+    client = start_server(settings)
+    assert client.get("/readyz").status_code == 200
+    path = sqlite_file(settings.resolved_database_url)
+    assert path is not None
+    other = sqlite3.connect(path, timeout=0, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        error = assert_error(client.get("/readyz"), 503, "database_unavailable")
+        assert "write lock has been held for over 1 s" in error["message"], error
+        other.execute("ROLLBACK")
+        assert client.get("/readyz").status_code == 200
+    finally:
+        other.close()
 
 
 def test_probes_while_the_database_is_away_share_one_question(

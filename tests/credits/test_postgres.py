@@ -24,7 +24,7 @@ from sqlmodel import Session, col, select
 
 from orchestrator import idempotency
 from orchestrator.bells import CHANNEL, PostgresBell
-from orchestrator.db import Database
+from orchestrator.db import WRITE_LOCK, Database, WriteLockHeld
 from orchestrator.ids import new_id
 from orchestrator.jobs import JobService
 from orchestrator.ledger import Ledger
@@ -474,6 +474,29 @@ def test_write_transactions_commit_one_at_a_time_on_postgres(postgres_url: str) 
             names = [p.name for p in s.exec(select(Project).order_by(col(Project.id))).all()]
         assert names == ["first", "second"]
     finally:
+        db.dispose()
+
+
+def test_ping_finds_the_write_lock_a_stalled_writer_holds_on_postgres(postgres_url: str) -> None:
+    """Every write transaction takes the advisory lock first: one stopped while holding it stalls
+    every write (for up to `IDLE_IN_TRANSACTION_SECONDS`), and /readyz must say so."""
+    db = Database(postgres_url)
+    db.migrate()
+    stalled = psycopg.connect(_libpq(make_url(postgres_url)), autocommit=True)
+    try:
+        stalled.execute("BEGIN")
+        stalled.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
+        with pytest.raises(WriteLockHeld, match="held for over 1 s"):
+            db.ping()
+        stalled.execute("ROLLBACK")
+        db.ping()
+        # The probe gave the lock back, and its connection's lock wait is a write's again.
+        assert stalled.execute("SELECT pg_try_advisory_lock(%s)", (WRITE_LOCK,)).fetchone() == (True,)
+        stalled.execute("SELECT pg_advisory_unlock(%s)", (WRITE_LOCK,))
+        with db.engine.connect() as connection:
+            assert connection.execute(text("SHOW lock_timeout")).scalar_one() == "30s"
+    finally:
+        stalled.close()
         db.dispose()
 
 
