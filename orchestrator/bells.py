@@ -11,7 +11,9 @@ a spurious one a query; the looks on a timer stay as the fallback.
 
 - SQLite (processes of one machine): a Unix datagram socket per process,
   `ORCH_DATA_DIR/locks/bells/<tag>.sock`; a ring is an empty datagram to every other socket there.
-  A socket left by a dead process refuses it and is removed.
+  A socket left by a dead process refuses it and is removed. Processes of several users (a shared
+  group) ring each other when the data dir or its `locks/` folder is group-writable: the bells'
+  folder and sockets are then made group-writable too, whatever the umask.
 - PostgreSQL (processes on several hosts): `NOTIFY` inside the committing transaction, so it is
   delivered on commit only and never on a rollback, and one `LISTEN` connection per process.
 """
@@ -24,6 +26,7 @@ import logging
 import os
 import secrets
 import socket
+import stat
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -109,6 +112,8 @@ class SocketBell(Bell):
         self._sender.setblocking(False)
         self._receiver: socket.socket | None = None
         self._bound: tuple[int, int] | None = None
+        # Sockets that refused a ring for want of permission, told once each (see `after_commit`).
+        self._refused: set[str] = set()
 
     def after_commit(self) -> None:
         try:
@@ -123,6 +128,13 @@ class SocketBell(Bell):
             except ConnectionRefusedError:  # nobody bound: a socket its process left behind
                 with contextlib.suppress(OSError):
                     os.unlink(entry.path)
+            except PermissionError as exc:  # another user's, not writable by this one: never heard, so said
+                if entry.name not in self._refused:
+                    self._refused.add(entry.name)
+                    log.warning("the bell socket %s refuses this process's ring (%s): its process runs as another "
+                                "user and sees this one's changes only every ORCH_POLL_INTERVAL. Run both users in "
+                                "one group, with ORCH_DATA_DIR and its locks/ folder group-writable and setgid "
+                                "(chmod 2775), then restart that process", entry.path, exc)
             except OSError:  # gone meanwhile, or its queue is full (it has a ring to hear already)
                 pass
 
@@ -136,12 +148,21 @@ class SocketBell(Bell):
 
     def _bind(self) -> None:
         receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        # Bound under a name no ring is sent to, made writable, then moved into place: a ring sent
+        # between the bind and the chmod would be refused, and told as a setup to fix. (No longer
+        # than the socket's own name: `listen` measured that one.)
+        binding = self.folder / f"{self.tag}.new"
         try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            receiver.bind(str(self.path))
+            self._make_folder()
+            receiver.bind(str(binding))
+            shared = _group_write(self.folder, *self.folder.parents[:2])
+            os.chmod(binding, stat.S_IMODE(os.stat(binding).st_mode) | shared)
+            os.rename(binding, self.path)
             self._bound = _identity(self.path)
         except OSError as exc:
             receiver.close()
+            with contextlib.suppress(OSError):
+                binding.unlink()
             log.warning("no bell socket at %s (%s); other processes' changes are seen every ORCH_POLL_INTERVAL",
                         self.path, exc)
             return
@@ -149,6 +170,19 @@ class SocketBell(Bell):
         self._receiver = receiver
         assert self._loop is not None
         self._loop.add_reader(receiver.fileno(), self._drain)
+
+    def _make_folder(self) -> None:
+        """The sockets' folder, made as writable by the group as the data dir or its locks/ folder
+        (the umask's mode left it the first user's alone: no other user's process could bind a
+        socket there, nor remove one a dead process left)."""
+        self.folder.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.folder.mkdir()
+        except FileExistsError:
+            return
+        shared = _group_write(*self.folder.parents[:2])
+        if shared:
+            os.chmod(self.folder, stat.S_IMODE(os.stat(self.folder).st_mode) | shared)
 
     def look(self) -> None:
         """Bind again when the socket's file is gone (its folder cleared by an operator, a restore):
@@ -268,6 +302,16 @@ class PostgresBell(Bell):
         thread, self._thread = self._thread, None
         if thread is not None:
             thread.join(timeout=LISTEN_TIMEOUT_SECONDS + 1)
+
+
+def _group_write(*folders: Path) -> int:
+    """`stat.S_IWGRP` when any of `folders` is group-writable (shared with a group's other users),
+    else 0. Only the group's bit: a ring from every account of the machine is no setup's intent."""
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            if os.stat(folder).st_mode & stat.S_IWGRP:
+                return stat.S_IWGRP
+    return 0
 
 
 def _identity(path: Path) -> tuple[int, int] | None:

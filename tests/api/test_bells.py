@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -192,6 +194,76 @@ def test_a_bell_whose_socket_was_removed_binds_again_at_the_next_look(tmp_path: 
     with caplog.at_level("WARNING", logger="orchestrator.bells"):
         assert asyncio.run(scenario()) == 1
     assert caplog.text.count("was removed; bound again") == 1
+
+
+@pytest.mark.parametrize("shared", ["data_dir", "locks", None])
+def test_bells_are_writable_by_the_group_the_data_dir_is_shared_with(tmp_path: Path, shared: str | None) -> None:
+    """Under the usual umask (022) a socket was its user's alone: a worker running as another user of
+    the data dir's group could not ring the service. chmod'ed after the bind, as no umask gives it."""
+    data_dir, locks = tmp_path / "data", tmp_path / "data" / "locks"
+    mask = os.umask(0o022)
+    try:
+        locks.mkdir(parents=True)
+        if shared is not None:
+            (data_dir if shared == "data_dir" else locks).chmod(0o2775)
+
+        async def scenario() -> tuple[int, int]:
+            bell = SocketBell(locks / "bells")
+            bell.listen(lambda: None)
+            try:
+                return stat.S_IMODE(bell.folder.stat().st_mode), stat.S_IMODE(bell.path.stat().st_mode)
+            finally:
+                bell.close()
+
+        folder_mode, socket_mode = asyncio.run(scenario())
+    finally:
+        os.umask(mask)
+    if shared is None:  # the umask's, as before: nobody else was meant to ring
+        assert (folder_mode, socket_mode) == (0o755, 0o755)
+    else:  # the setgid bit the folder inherits (on Linux) keeps the sockets in the group
+        assert folder_mode & 0o775 == 0o775 and socket_mode == 0o775, (oct(folder_mode), oct(socket_mode))
+    assert [p.name for p in (locks / "bells").iterdir()] == []  # nothing left under the name bound first
+
+
+class RefusingSender:
+    """A sender whose rings to one socket are refused as another user's socket of mode 0755 refuses
+    them (the tests may run as root, whom no mode refuses)."""
+
+    def __init__(self, real: socket.socket, refused: Path) -> None:
+        self.real, self.refused = real, str(refused)
+
+    def sendto(self, data: bytes, address: str) -> int:
+        if address == self.refused:
+            raise PermissionError(13, "Permission denied")
+        return self.real.sendto(data, address)
+
+    def close(self) -> None:
+        self.real.close()
+
+
+def test_a_ring_another_user_s_socket_refuses_is_told_once_with_what_to_do(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    folder = tmp_path / "locks" / "bells"
+
+    async def scenario() -> None:
+        theirs, ours, ringer = SocketBell(folder), SocketBell(folder), SocketBell(folder)
+        for bell in (theirs, ours):
+            bell.listen(lambda: None)
+        ringer._sender = RefusingSender(ringer._sender, theirs.path)  # type: ignore[assignment]
+        try:
+            for _ in range(3):
+                ringer.after_commit()
+            assert pending(ours)  # the others are rung all the same
+            assert theirs.path.exists()  # a live process's socket: not taken for a dead one's
+        finally:
+            for bell in (theirs, ours, ringer):
+                bell.close()
+
+    with caplog.at_level("WARNING", logger="orchestrator.bells"):
+        asyncio.run(scenario())
+    told = [r.getMessage() for r in caplog.records if "refuses this process's ring" in r.getMessage()]
+    assert len(told) == 1, told
+    assert str(folder) in told[0] and "group-writable" in told[0] and "ORCH_POLL_INTERVAL" in told[0]
 
 
 def test_a_data_dir_too_long_for_a_socket_runs_without_a_bell(tmp_path: Path,
