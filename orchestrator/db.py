@@ -28,9 +28,11 @@ import math
 import numbers
 import os
 import sqlite3
+import threading
 import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from datetime import datetime
 from importlib.resources import files
 from pathlib import Path
@@ -48,7 +50,7 @@ from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_de
 from orchestrator import clock
 from orchestrator.bells import Bell
 from orchestrator.clock import DatabaseClock
-from orchestrator.errors import first_line
+from orchestrator.errors import ServerStopping, first_line
 from orchestrator.workers import open_regular_file
 
 log = logging.getLogger(__name__)
@@ -125,6 +127,36 @@ def sqlite_file(url: str) -> Path | None:
             return None
         database = urllib.parse.unquote(database.removeprefix("file:").partition("?")[0])
     return None if database in ("", ":memory:") else Path(database)
+
+
+class RequestGate:
+    """Whether a request's writes may still commit. A request still open when a stop's graceful
+    wait runs out is answered 503 `server_stopping` (`orchestrator.server.AnswerWhenStopped`), but
+    the thread running its route cannot be stopped: waiting for the write lock, it went on to commit
+    its job and hold (or its grant) after that answer had told the client nothing was made. Closed
+    by the answer, the gate turns such a commit into a rollback; and the answer says whether one of
+    the request's writes had begun to commit before (then it may have been written)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._closed = False
+        self._committing = False
+
+    def before_commit(self) -> None:
+        with self._lock:
+            if self._closed:
+                raise ServerStopping("the request was answered 503 server_stopping before this write committed")
+            self._committing = True
+
+    def close(self) -> bool:
+        """No write of the request commits from now on; whether one had begun to before."""
+        with self._lock:
+            self._closed = True
+            return self._committing
+
+
+# The gate of the request being served (copied into the thread that runs a sync route).
+REQUEST_GATE: ContextVar[RequestGate | None] = ContextVar("request_gate", default=None)
 
 
 class Database:
@@ -205,6 +237,8 @@ class Database:
                         self._clock = DatabaseClock(int(now))
                         with clock.using(self._clock):
                             yield session
+                    if (gate := REQUEST_GATE.get()) is not None:
+                        gate.before_commit()  # a request answered already: rolled back
                     self.bell.before_commit(session)
                     committing = True
                 self.bell.after_commit()

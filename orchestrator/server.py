@@ -22,6 +22,7 @@ from orchestrator import keys
 from orchestrator.api.cross_site import is_loopback
 from orchestrator.api.errors import StartTracker, answer
 from orchestrator.app import create_app
+from orchestrator.db import REQUEST_GATE, RequestGate
 from orchestrator.errors import ServerStopping
 from orchestrator.http_protocol import BoundedHttpToolsProtocol
 from orchestrator.services import Stopped
@@ -52,14 +53,27 @@ class AnswerWhenStopped:
             await self.app(scope, receive, send)
             return
         tracked = StartTracker(send)
+        # The route's thread goes on after a cancel: its writes must not commit once we answered.
+        gate = RequestGate()
+        token = REQUEST_GATE.set(gate)
         try:
             await self.app(scope, receive, tracked)
         except asyncio.CancelledError:
             if tracked.started:  # half an answer: only closing the connection is left
+                gate.close()
                 raise
-            stopped = ServerStopping("the server stopped before this request was finished; send it again (with "
-                                     "the same Idempotency-Key for a POST, so that it is not done twice)")
+            if gate.close():
+                stopped = ServerStopping(
+                    "the server stopped before this request was finished, after it had begun to write: it may "
+                    "have been written. Send it again with the same Idempotency-Key, which answers with what was "
+                    "written; without one, look first (the project's jobs, its grants): sent again, it may be "
+                    "done twice", details={"written": "unknown"})
+            else:
+                stopped = ServerStopping("the server stopped before this request was finished, and nothing was "
+                                         "written; send it again (with the same Idempotency-Key for a POST)")
             await answer(stopped, headers={"Connection": "close"})(scope, receive, send)
+        finally:
+            REQUEST_GATE.reset(token)
             # The answer is out and the task ends here: re-raising would only log a traceback.
 
 

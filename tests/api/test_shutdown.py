@@ -20,8 +20,11 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import text
+from starlette.concurrency import run_in_threadpool
 from starlette.types import Message, Receive, Scope, Send
 
+from orchestrator.db import Database
 from orchestrator.server import AnswerWhenStopped, _log_uvicorn_to_files, free_port, serve_in_thread
 from orchestrator.settings import Settings
 from tests.api import create_project, iter_sse, serve_process, stop_process, submit_draft, wait_for_log
@@ -235,3 +238,75 @@ def test_a_ctrl_c_during_a_model_load_does_not_wait_for_it(command: list[str], t
     assert said.rstrip().splitlines()[-1].startswith("orchestrator: interrupted"), said  # the last line, as ever
     assert ("without waiting for it" in said) is not twice  # said by a stop that gave up on the thread
     assert "Traceback" not in said, said
+
+
+
+async def _cut_off(db: Database, *, committed_first: bool = False) -> tuple[dict[str, Any], threading.Event]:
+    """A write request, run in a worker thread as FastAPI runs a sync route, that uvicorn cuts off
+    (cancels) once its graceful wait is over: the error it was answered, and an event that lets its
+    thread go on to its write. `committed_first`: it committed another write before it waited."""
+    sent: list[Message] = []
+    waiting, go = threading.Event(), threading.Event()
+
+    def write() -> None:
+        if committed_first:
+            with db.transaction() as s:
+                s.execute(text("INSERT INTO cut_off (n) VALUES (0)"))
+        waiting.set()
+        go.wait(10)  # as for the write lock, which another process holds
+        with db.transaction() as s:
+            s.execute(text("INSERT INTO cut_off (n) VALUES (1)"))
+
+    async def route(scope: Scope, receive: Receive, send: Send) -> None:
+        await run_in_threadpool(write)
+
+    async def record(message: Message) -> None:
+        sent.append(message)
+
+    async def nothing() -> Message:
+        return {"type": "http.disconnect"}
+
+    task = asyncio.create_task(AnswerWhenStopped(route)({"type": "http", "method": "POST", "path": "/v1/projects",
+                                                         "headers": []}, nothing, record))
+    await asyncio.to_thread(waiting.wait, 10)
+    task.cancel()
+    await task
+    assert sent[0]["status"] == 503
+    return json.loads(b"".join(m.get("body", b"") for m in sent[1:]))["error"], go
+
+
+def _cut_off_table(tmp_path: Path) -> Database:
+    db = Database(f"sqlite:///{tmp_path / 'cut.db'}")
+    with db.transaction() as s:
+        s.execute(text("CREATE TABLE cut_off (n INTEGER)"))
+    return db
+
+
+def _written(db: Database) -> list[int]:
+    with db.session() as s:
+        return list(s.execute(text("SELECT n FROM cut_off ORDER BY n")).scalars())
+
+
+async def test_a_request_answered_503_when_cut_off_writes_nothing_afterwards(tmp_path: Path) -> None:
+    # Its thread went on after the 503: a promote or a grant waiting for the write lock as the stop's
+    # wait ran out committed its job and hold (or its grant) once the lock came, though the answer
+    # said that nothing was made or held and to send it again: a client without an Idempotency-Key
+    # that did was charged (or granted) twice.
+    db = _cut_off_table(tmp_path)
+    error, go = await _cut_off(db)
+    assert error["code"] == "server_stopping" and error["details"] == {}
+    go.set()
+    await asyncio.sleep(0.5)  # the thread's commit, were it to happen
+    assert _written(db) == []
+    db.dispose()
+
+
+async def test_a_request_cut_off_after_a_commit_is_told_it_may_have_been_written(tmp_path: Path) -> None:
+    db = _cut_off_table(tmp_path)
+    error, go = await _cut_off(db, committed_first=True)
+    assert error["code"] == "server_stopping" and error["details"] == {"written": "unknown"}
+    assert "Idempotency-Key" in error["message"]
+    go.set()
+    await asyncio.sleep(0.5)
+    assert _written(db) == [0]
+    db.dispose()
