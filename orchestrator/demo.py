@@ -193,6 +193,20 @@ def _admin_key() -> str | None:
 DEMO_POLICY = "local-only"
 
 
+def _policy_engines(client: httpx.Client, policy: str, stage: str) -> set[str] | None:
+    """The engines a rule of `policy` may send the stage's requests to; None when the service does
+    not say (an unknown policy is refused when the project is made)."""
+    answer = client.get(f"/v1/policies/{policy}")
+    if answer.status_code != 200:
+        return None
+    routable: set[str] = set()
+    for rule in answer.json().get("rules", []):
+        stages = (rule.get("match") or {}).get("stage")
+        if rule.get("engines") and (stages is None or stage in stages):
+            routable.update(rule["engines"])
+    return routable
+
+
 def run_demo(*, url: str | None, prompt: str, out: str, size: int, policy: str = DEMO_POLICY,
              on_stop: Callable[[Stopped], None] | None = None) -> int:
     """The demo's jobs, on the service at `url` or on its own (`on_stop` is told how that stopped)."""
@@ -279,8 +293,12 @@ def _stages(client: httpx.Client, base: str, prompt: str, out_dir: Path, size: i
                          f"({largest} px, its ORCH_LOCAL_MAX_SIZE): pass --size {largest // 8 * 8} or less")
     # The polish doubles it: refused by every engine that polishes, it failed after the drafts and
     # the bridge were made (and maybe charged).
+    # Only the engines the project's policy may polish on: a vendor's key in the shell made an engine
+    # available that `local-only` never sends to, and its larger sides let the size through.
+    routable = _policy_engines(client, policy, "polish")
     polishing = [min(int(e.get("capabilities", {}).get(side, 2 * size)) for side in ("max_width", "max_height"))
-                 for e in engines.values() if e.get("available") and "polish" in e.get("stages", ())]
+                 for name, e in engines.items() if e.get("available") and "polish" in e.get("stages", ())
+                 and (routable is None or name in routable)]
     if polishing and 2 * size > max(polishing):
         raise SystemExit(f"--size {size} is polished to {2 * size} px, larger than any engine at "
                          f"{without_password(base)} polishes to ({max(polishing)} px at most): pass --size "

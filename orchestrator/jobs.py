@@ -186,7 +186,7 @@ class JobService:
     def prepare_promote(self, asset_id: str, body: PromoteCreate) -> Prepared:
         source, asked_negative = self._source(asset_id)
         width, height = self._size(source, body.width, body.height, 1.0, self._multiple("bridge"),
-                                   limits=lambda: self._side_limits("bridge", body.engine))
+                                   limits=lambda: self._side_limits("bridge", body.engine, source.project_id))
         params: dict[str, Any] = {
             "stage": "bridge", "prompt": body.prompt or source.prompt,
             "negative_prompt": asked_negative if body.negative_prompt is None else body.negative_prompt,
@@ -201,7 +201,7 @@ class JobService:
         source, asked_negative = self._source(asset_id)
         scale = body.scale if body.width is None and body.height is None else None
         width, height = self._size(source, body.width, body.height, scale or 1.0, self._multiple("polish"),
-                                   limits=lambda: self._side_limits("polish", body.engine),
+                                   limits=lambda: self._side_limits("polish", body.engine, source.project_id),
                                    # Its default too: a body leaving it out is the one writing it out.
                                    scale_sent=scale is not None)
         if scale == 1 and (width, height) == (source.width, source.height):
@@ -252,14 +252,30 @@ class JobService:
         return max((engine.capabilities.size_multiple for engine in self.router.registry if stage in engine.stages),
                    default=8)
 
-    def _side_limits(self, stage: Stage, engine: str | None) -> list[_Sides]:
+    def _routable(self, project_id: str, stage: Stage) -> set[str] | None:
+        """The engines any rule of the project's policy may send a request of the stage to; None when
+        its policy is not loaded (routing says why)."""
+        with self.db.session() as s:
+            name = s.scalar(select(Project.policy).where(col(Project.id) == project_id))
+        try:
+            policy = self.router.policies.get(name or "")
+        except NotFound:  # routing tells it, in its own words
+            return None
+        return {engine for rule in policy.rules if rule.engines is not None and stage in rule.match.stages
+                for engine in rule.engines}
+
+    def _side_limits(self, stage: Stage, engine: str | None, project_id: str) -> list[_Sides]:
         """The sides the engines that may take a request of the stage make: the requested engine's,
         else those of the stage's engines that are set up (as routing, which does not count the
         others in a refusal). None known (an unknown engine, none set up): routing says why."""
         if engine is not None:
             engines = [self.router.registry.get(engine)] if engine in self.router.registry else []
         else:
-            engines = [e for e in self.router.registry if stage in e.stages and e.availability()[0]]
+            # Only those the project's policy can route the stage to: a cloud engine it never sends
+            # to let a size through that the local one then refused by a side the client never sent.
+            routable = self._routable(project_id, stage)
+            engines = [e for e in self.router.registry if stage in e.stages and e.availability()[0]
+                       and (routable is None or e.name in routable)]
         return [_Sides(e.name, e.capabilities.min_side, e.capabilities.max_width, e.capabilities.max_height)
                 for e in engines if stage in e.stages]
 

@@ -435,6 +435,18 @@ def test_the_demo_does_not_start_drafts_larger_than_the_server_makes(
     assert client.get("/v1/projects").json()["items"] == []
 
 
+def test_the_demo_sizes_its_polish_by_the_engines_its_policy_polishes_on(
+        make_settings: SettingsFactory, start_server: Callable[[Settings], httpx.Client], tmp_path: Path) -> None:
+    # A vendor's key in the shell made Gemini available (4096 px) though `local-only` never sends to
+    # it: the demo made its drafts and bridge, then local-hifi refused the polish.
+    client = start_server(make_settings(local_max_size=128, gemini_api_key="never-sent",
+                                        gemini_base_url="http://127.0.0.1:9"))
+    with pytest.raises(SystemExit, match=r"--size 128 is polished to 256 px, larger than any engine at .* polishes "
+                                         r"to \(128 px at most\): pass --size 64 or less"):
+        main(["demo", "--url", str(client.base_url), "--size", "128", "--out", str(tmp_path / "out")])
+    assert client.get("/v1/projects").json()["items"] == []
+
+
 def drafted(make_settings: SettingsFactory, start_server: Callable[[Settings], httpx.Client],
             monkeypatch: pytest.MonkeyPatch, n: int) -> tuple[Settings, httpx.Client, list[str]]:
     """A running service with one draft job of `n` images, and the CLI's environment on its data dir."""

@@ -901,6 +901,19 @@ def test_a_polish_scale_no_engine_takes_is_refused_as_the_scale(shared_server: h
         assert taken.status_code == 200, taken.text
 
 
+def test_a_polish_scale_is_refused_as_the_scale_when_only_an_engine_the_policy_skips_takes_it(
+        make_settings: SettingsFactory, start_server: Callable[[Settings], httpx.Client]) -> None:
+    """Gemini (4096 px) is set up but `local-only` never routes to it: the size passed the check of
+    every engine, and local-hifi then refused "4096x4096", on a width the client never sent."""
+    client = start_server(make_settings(gemini_api_key="never-sent", gemini_base_url="http://127.0.0.1:9"))
+    project = create_project(client, policy="local-only")["id"]
+    asset = run_draft(client, project, n=1, width=512, height=512, steps=1)["assets"][0]
+    error = assert_error(client.post(f"/v1/assets/{asset}/polish", json={"scale": 8}), 422, "invalid_request")
+    assert error["message"].startswith("scale 8 makes the 512x512 source 4096x4096; local-hifi takes 64 to "), error
+    assert "a scale of 0.125 to 4 fits it" in error["message"]
+    assert [e["loc"] for e in error["details"]["errors"]] == [["body", "scale"]]
+
+
 @pytest.mark.parametrize(("stage", "body", "says"), [
     # The height worked out from the width (262144) is beyond the API's bounds: not named. What
     # fits is told within local-hifi's sides too (64 to 2048), the one engine here to take it: the
