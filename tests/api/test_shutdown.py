@@ -240,7 +240,6 @@ def test_a_ctrl_c_during_a_model_load_does_not_wait_for_it(command: list[str], t
     assert "Traceback" not in said, said
 
 
-
 async def _cut_off(db: Database, *, committed_first: bool = False) -> tuple[dict[str, Any], threading.Event]:
     """A write request, run in a worker thread as FastAPI runs a sync route, that uvicorn cuts off
     (cancels) once its graceful wait is over: the error it was answered, and an event that lets its
