@@ -121,6 +121,9 @@ class SocketBell(Bell):
         except OSError:
             return
         for entry in entries:
+            if entry.name.endswith(".new"):
+                self._sweep_binding(entry.path)
+                continue
             if not entry.name.endswith(".sock") or entry.name == self.path.name:
                 continue
             try:
@@ -137,6 +140,17 @@ class SocketBell(Bell):
                                 "(chmod 2775), then restart that process", entry.path, exc)
             except OSError:  # gone meanwhile, or its queue is full (it has a ring to hear already)
                 pass
+
+    def _sweep_binding(self, path: str) -> None:
+        """Remove a half-made socket (see `_bind`) whose process was killed before moving it into
+        place: nothing else ever would. A live one takes the empty datagram as one more ring."""
+        try:
+            self._sender.sendto(b"", path)
+        except ConnectionRefusedError:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        except OSError:  # another user's, mid-bind, or gone: its own process moves or removes it
+            pass
 
     def listen(self, on_ring: Callable[[], None]) -> None:
         super().listen(on_ring)

@@ -154,13 +154,19 @@ def test_a_socket_left_by_a_dead_process_is_removed_at_the_next_ring(tmp_path: P
     dead = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     dead.bind(str(folder / "dead.sock"))
     dead.close()  # what a killed process leaves behind
+    half_made = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    half_made.bind(str(folder / "killed.new"))
+    half_made.close()  # a process killed between its bind and its rename
+    binding = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    binding.bind(str(folder / "alive.new"))  # another process between its bind and its rename
     (folder / "notes.txt").write_text("not a bell")
     ringer = SocketBell(folder)
     try:
         ringer.after_commit()
     finally:
         ringer.close()
-    assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
+        binding.close()
+    assert sorted(p.name for p in folder.iterdir()) == ["alive.new", "notes.txt"]
 
 
 def test_a_bell_whose_socket_was_removed_binds_again_at_the_next_look(tmp_path: Path,
