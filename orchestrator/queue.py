@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import logging
 import math
@@ -947,7 +948,10 @@ class Scheduler:
                 log.warning("job %s: taking its work off %s failed", job.id, job.engine, exc_info=True)
 
         def spawn() -> None:
-            task = loop.create_task(run(), name=f"forget {job.id}")
+            # In a context of its own: the caller's (copied by `call_soon_threadsafe`) may be a
+            # request's, whose gate a stop closes once it answers 503 `server_stopping`; the
+            # withdrawal outlives the request, and its charge voided would be rolled back with it.
+            task = loop.create_task(run(), name=f"forget {job.id}", context=contextvars.Context())
             self._forgetting.add(task)
             task.add_done_callback(self._forgetting.discard)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -11,12 +12,14 @@ from typing import Any
 import httpx
 import pytest
 from sqlmodel import col, select
+from starlette.concurrency import run_in_threadpool
+from starlette.types import Message, Receive, Scope, Send
 
 from orchestrator.db import Database
 from orchestrator.ids import new_id
 from orchestrator.ledger import Ledger
 from orchestrator.models import Job, LedgerEntry, Project
-from orchestrator.server import serve_in_thread
+from orchestrator.server import AnswerWhenStopped, serve_in_thread
 from orchestrator.services import Services
 from orchestrator.settings import Settings
 from tests.credits import (
@@ -343,6 +346,69 @@ def test_only_the_withdrawn_engine_s_charge_of_an_ended_job_is_reconciled_at_not
                            (running, "fake-queue", "capture", 10_000, True)}
     finally:
         asyncio.run(services.aclose())
+
+
+async def test_a_withdrawal_begun_by_a_cancel_cut_off_at_a_stop_still_reconciles_its_charge(
+        paid_settings_for: Callable[..., Settings], tmp_path: Path) -> None:
+    """A cancel of a job queued to follow fake-queue's accepted work is cut off by a stop (answered
+    503 `server_stopping`, its gate closed) after the cancel committed; its thread goes on to
+    withdraw the work. The withdrawal, a task of the event loop, copied the request's context and so
+    its closed gate: the provider's answer that nothing ran was rolled back, and the estimate stayed
+    charged for a job canceled before it ran."""
+    services = Services.build(paid_settings_for(tmp_path / "data", run_jobs=False))
+    services.bus.bind(asyncio.get_running_loop())  # as the service does: the withdrawal runs on it
+    try:
+        with services.db.transaction() as s:
+            project = Project(id=new_id("prj"), name="cut off", policy=POLICY)
+            s.add(project)
+            s.flush()
+            job = Job(id=new_id("job"), project_id=project.id, stage="bridge", engine="fake-queue", model="fake-1",
+                      params={"stage": "bridge", "prompt": "x", "n": 1}, estimated=10_000, status="queued",
+                      provider_work={"engine": "fake-queue", "handles": [{"id": "q-cut", "queued": True}]})
+            s.add(job)
+            s.flush()
+            services.ledger.hold(s, project, job, 10_000)
+        sent: list[Message] = []
+        waiting, go, done = threading.Event(), threading.Event(), threading.Event()
+
+        def cancel() -> None:  # what `POST /v1/jobs/{id}/cancel` runs, cut off between its two steps
+            try:
+                assert services.jobs.cancel_queued(job.id)
+                waiting.set()
+                go.wait(10)
+                services.scheduler.forget_abandoned(services.jobs.get(job.id))
+            finally:
+                done.set()
+
+        async def route(scope: Scope, receive: Receive, send: Send) -> None:
+            await run_in_threadpool(cancel)
+
+        async def record(message: Message) -> None:
+            sent.append(message)
+
+        async def nothing() -> Message:
+            return {"type": "http.disconnect"}
+
+        request = asyncio.create_task(AnswerWhenStopped(route)(
+            {"type": "http", "method": "POST", "path": f"/v1/jobs/{job.id}/cancel", "headers": []}, nothing, record))
+        assert await asyncio.to_thread(waiting.wait, 10)
+        request.cancel()
+        await request
+        assert sent[0]["status"] == 503
+        WITHDRAWN.clear()
+        go.set()
+        assert await asyncio.to_thread(done.wait, 10)
+        await asyncio.sleep(0)  # the spawn, handed to the loop before `done`, has run
+        assert services.scheduler._forgetting, "the withdrawal was not started"
+        await asyncio.wait_for(asyncio.gather(*services.scheduler._forgetting), 10)
+        assert WITHDRAWN == [[{"id": "q-cut", "queued": True}]]
+        with services.db.session() as s:
+            entries = s.exec(select(LedgerEntry).where(col(LedgerEntry.job_id) == job.id,
+                                                       col(LedgerEntry.kind) != "hold")).all()
+            settled = sorted((e.kind, e.amount, e.unreconciled) for e in entries)
+        assert settled == [("adjustment", -10_000, False), ("capture", 10_000, False)]
+    finally:
+        await services.aclose()
 
 
 def test_a_job_recovery_fails_with_work_out_has_that_work_withdrawn_and_an_odd_row_does_not_stop_the_start(
