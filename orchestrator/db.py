@@ -98,6 +98,10 @@ def postgres_connect_args(url: str) -> dict[str, Any]:
     return args
 
 
+# What a checkpoint truncates the WAL to once a long reader let it grow past it.
+WAL_SIZE_LIMIT = 16 * 1024 * 1024
+
+
 def _sqlite_setup(engine: Engine) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
@@ -107,6 +111,9 @@ def _sqlite_setup(engine: Engine) -> None:
         cur.execute("PRAGMA foreign_keys=ON")
         cur.execute(f"PRAGMA busy_timeout={LOCK_TIMEOUT_SECONDS * 1000}")
         cur.execute("PRAGMA synchronous=NORMAL")
+        # Without a limit the WAL is reused but never shrunk: a long reader (a backup, an open
+        # sqlite3 shell) let it grow to hundreds of MB, kept on disk until a clean stop.
+        cur.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
         cur.close()
 
     @event.listens_for(engine, "begin")

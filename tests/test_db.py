@@ -14,7 +14,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlmodel import select
 
-from orchestrator.db import LOCK_TIMEOUT_SECONDS, Database, WriteLockHeld, postgres_connect_args
+from orchestrator.db import LOCK_TIMEOUT_SECONDS, WAL_SIZE_LIMIT, Database, WriteLockHeld, postgres_connect_args
 from orchestrator.models import Job
 from orchestrator.settings import Settings
 
@@ -33,6 +33,33 @@ def test_a_write_transaction_holds_the_write_lock_before_its_first_statement(tmp
         other.execute("ROLLBACK")
     finally:
         other.close()
+        db.dispose()
+
+
+def test_the_wal_a_long_reader_let_grow_shrinks_back_at_the_next_checkpoint(tmp_path: Path) -> None:
+    path = tmp_path / "o.db"
+    db = Database(f"sqlite:///{path}")
+    db.migrate()
+    reader = sqlite3.connect(path, timeout=5, isolation_level=None)
+    writer = sqlite3.connect(path, timeout=5, isolation_level=None)
+    try:
+        writer.execute("PRAGMA journal_mode=WAL")  # as the service's own connections run
+        writer.execute("CREATE TABLE filler (b BLOB)")
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM jobs").fetchall()  # a snapshot no checkpoint may pass
+        for _ in range(40):
+            writer.execute("INSERT INTO filler VALUES (randomblob(1048576))")
+        wal = Path(f"{path}-wal")
+        assert wal.stat().st_size > 2 * WAL_SIZE_LIMIT
+        reader.execute("COMMIT")
+        with db.engine.connect() as conn:  # the service's own connection, with its pragmas
+            conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")
+            conn.exec_driver_sql("INSERT INTO filler VALUES (x'00')")
+            conn.commit()
+        assert wal.stat().st_size <= WAL_SIZE_LIMIT
+    finally:
+        reader.close()
+        writer.close()
         db.dispose()
 
 
