@@ -408,11 +408,14 @@ class Scheduler:
                     continue
                 lane_use[lane] = lane_use.get(lane, 0) + 1
                 claims.append((claim, lane))
-        except Exception:
+        except Exception as exc:
             if not claims:
                 raise
             # Committed claims must run: dropped here, they would wait `running` for their lease.
-            log.exception("dispatch stopped early; starting the %d jobs already claimed", len(claims))
+            # A database blip (a killed connection, a lock wait) is no bug: no traceback for it.
+            log.log(logging.WARNING if transient(exc) else logging.ERROR,
+                    "dispatch stopped early (%s); starting the %d jobs already claimed", first_line(exc),
+                    len(claims), exc_info=not transient(exc))
         return claims
 
     def _queued(self, lane_use: dict[str, int]) -> list[Job]:

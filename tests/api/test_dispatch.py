@@ -265,6 +265,35 @@ def test_a_failed_dispatch_is_retried_without_another_wake(services: Services,
     assert len(calls) >= 2
 
 
+@pytest.mark.parametrize(("error", "level", "traceback"), [
+    (OperationalError("UPDATE jobs", {}, Exception("terminating connection due to administrator command"),
+                      connection_invalidated=True), logging.WARNING, False),
+    (RuntimeError("a bug"), logging.ERROR, True)])
+def test_a_dispatch_cut_short_starts_its_claims_and_logs_a_database_blip_without_a_traceback(
+        services: Services, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        error: Exception, level: int, traceback: bool) -> None:
+    # A PostgreSQL backend killed mid-dispatch (pg_terminate_backend, a failover) was logged as an
+    # ERROR with a traceback, as a bug would be.
+    project_id = new_id("prj")
+    [draft] = queued_drafts_for(services, project_id, 1)
+    queued_paid(services, project_id, 1)
+    scheduler = services.scheduler
+    real = scheduler._claim
+
+    def second_fails(job: Job, **kwargs: Any) -> Claim | None:
+        if job.engine == "gemini":
+            raise error
+        return real(job, **kwargs)
+
+    monkeypatch.setattr(scheduler, "_claim", second_fails)
+    with caplog.at_level(logging.WARNING, logger="orchestrator.queue"):
+        claims = scheduler._claim_ready({})
+    assert [c.job.id for c, _lane in claims] == [draft]
+    [record] = [r for r in caplog.records if "dispatch stopped early" in r.getMessage()]
+    assert (record.levelno, bool(record.exc_info)) == (level, traceback)
+    assert "1 jobs already claimed" in record.getMessage()
+
+
 def test_a_full_local_lane_does_not_hide_a_remote_job(services: Services, monkeypatch: pytest.MonkeyPatch) -> None:
     # More drafts than one dispatch looks at wait for the busy local device; a later job for a
     # remote engine, whose lane is free, must still be claimed.
