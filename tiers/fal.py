@@ -186,7 +186,10 @@ class FalEngine(CloudEngine):
                               details={"engine": self.name, "urls": urls}, charged="unknown")
         request_id = str(request_id)
         progress.provider_request(request_id, urls)
-        return await self._follow(req, request_id, urls, deadline, progress, cancel)
+        # The submit's answer is the request's place in fal's queue (`queue_position`): it waits
+        # there until a poll says otherwise, so a cancel answered `OK` before any poll was answered
+        # took it off unrun, as after a poll that saw it IN_QUEUE.
+        return await self._follow(req, request_id, urls, deadline, progress, cancel, {"status": "IN_QUEUE"})
 
     def can_reattach(self, handles: list[dict[str, Any]], req: RenderRequest) -> bool:
         """One queue request holds all the job's images, followed through the URLs fal gave."""
@@ -199,12 +202,13 @@ class FalEngine(CloudEngine):
             raise EngineError("fal: the saved request cannot be followed (no single request with its queue URLs)",
                               details={"engine": self.name}, charged="unknown")
         urls = {k: handles[0][k] for k in ("status_url", "response_url", "cancel_url")}
-        return await self._follow(req, str(handles[0]["id"]), urls, self.http.new_deadline(), progress, cancel)
+        # Nothing is known of where it is now: the dead attempt may have seen it start.
+        return await self._follow(req, str(handles[0]["id"]), urls, self.http.new_deadline(), progress, cancel, {})
 
     async def _follow(self, req: RenderRequest, request_id: str, urls: dict[str, Any], deadline: float,
-                      progress: Progress, cancel: CancelToken) -> RenderResult:
-        """From an accepted request to its images: poll, check, fetch the result and its images."""
-        seen: dict[str, Any] = {}
+                      progress: Progress, cancel: CancelToken, seen: dict[str, Any]) -> RenderResult:
+        """From an accepted request to its images: poll, check, fetch the result and its images.
+        `seen["status"]`: the request's state as last known, before any poll."""
         try:
             completed = await self._wait(request_id, str(urls["status_url"]), deadline, progress, cancel, seen)
         except Canceled:

@@ -10,7 +10,9 @@ import httpx
 import pytest
 import respx
 from PIL import Image
+from sqlmodel import col, select
 
+from orchestrator.db import Database
 from orchestrator.errors import (
     BadEngineInput,
     Canceled,
@@ -20,6 +22,8 @@ from orchestrator.errors import (
     EngineUnavailable,
     NoPrice,
 )
+from orchestrator.ledger import Ledger
+from orchestrator.models import Job, LedgerEntry, Project
 from tests.tiers.conftest import (
     HeldRequest,
     RecordingProgress,
@@ -393,6 +397,41 @@ async def test_a_cancel_while_the_request_waits_in_the_queue_costs_nothing(
     assert info.value.charged == charged
     assert info.value.charged_told  # said by the engine: the runner does not doubt it
     assert info.value.work_unbilled == (charged == "no")  # nor after a restart, following it
+
+
+@respx.mock
+async def test_a_cancel_before_any_poll_is_answered_releases_the_hold_when_fal_takes_the_request_off_its_queue(
+        engine: FalEngine, db: Database) -> None:
+    # The submit's answer is all that was seen of the request: fal's `OK` to the cancel was read
+    # as "outcome unknown", and the estimate captured for a person to reconcile, where the same
+    # answer to a withdrawal (`withdraw`) settled it at 0.
+    token, progress = CancelToken(), RecordingProgress()
+    _, poll, result = happy_queue()
+    held = HeldRequest(status("IN_QUEUE"))
+    poll.mock(side_effect=held)
+    cancel = respx.put(CANCEL).mock(return_value=httpx.Response(200, json={"status": "OK"}))
+    run = asyncio.create_task(engine.run(bridge(), progress, token))
+    await asyncio.wait_for(held.sent.wait(), 5)
+    token.cancel()
+    with pytest.raises(Canceled) as info:
+        await asyncio.wait_for(run, 5)
+    assert not held.answered and cancel.call_count == 1 and result.call_count == 0
+
+    # Settled as the runner ends the job: its accepted request saved, so only fal's word frees it.
+    ledger = Ledger()
+    project = Project(id="prj_fal", name="fal", policy="balanced", budget_limit=None, budget_period="none")
+    job = Job(id="job_fal", project_id=project.id, stage="bridge", engine="fal", params={},
+              provider_work={"engine": "fal", "handles": progress.handles})
+    with db.transaction() as s:
+        s.add(project)
+    with db.transaction() as s:
+        s.add(job)
+        ledger.hold(s, ledger.lock_project(s, project.id), job, engine.estimate(bridge()))
+    with db.transaction() as s:
+        ledger.settle_failure(s, job, info.value)
+    with db.session() as s:
+        entries = s.exec(select(LedgerEntry).where(col(LedgerEntry.job_id) == job.id)).all()
+    assert sorted((e.kind, e.unreconciled) for e in entries) == [("hold", False), ("release", False)]
 
 
 @respx.mock
