@@ -836,18 +836,9 @@ class Scheduler:
             claim.renewed, claim.renewed_wall = began, began_wall
         # The row no longer waits for this attempt (canceled through another process, failed or
         # queued again by another's recovery after the lease ran out): whatever it finishes changes
-        # nothing, so stop spending the device. Cancelling an attempt that just finished by itself
-        # changes nothing either.
+        # nothing, so stop spending the device.
         for claim, row in lost:
-            if claim.cancel.cancelled:
-                continue  # already stopping: a cancel through this process
-            canceled = row is not None and row.status == "canceled"
-            if row is not None and row.attempt == claim.attempt and _finished_by_its_worker(row):
-                continue  # finished by this very attempt since the heartbeat listed it
-            log.warning("job %s was %s while this worker held it; stopping this worker's attempt %d",
-                        claim.job.id, "canceled" if canceled else "recovered (its lease had run out)", claim.attempt)
-            # Taken over: the new holder follows the provider work, which must be left running.
-            claim.cancel.cancel(abandon=not canceled)
+            self.runner.let_go(claim, row, "recovered (its lease had run out)")
 
     async def _sweep_loop(self) -> None:
         outages: dict[str, Outage] = {}
@@ -1152,12 +1143,6 @@ class Scheduler:
 # died or lived on without a database to record the end in (its final write waits two minutes).
 ENDLESS = ("the process running this job stopped without ending it (killed, out of memory, hung, its host lost, "
            "or its database away when the job ended)")
-
-
-def _finished_by_its_worker(job: Job) -> bool:
-    """Succeeded or failed by the runner, not failed by another process's recovery (which fails a
-    job `interrupted` without a new attempt)."""
-    return job.status == "succeeded" or (job.status == "failed" and (job.error or {}).get("code") != "interrupted")
 
 
 def _costs_nothing(engine: Engine, job: Job) -> bool:

@@ -52,7 +52,7 @@ from orchestrator.errors import (
     StoppedPartWay,
     first_line,
 )
-from orchestrator.events import EventBus
+from orchestrator.events import TERMINAL, EventBus
 from orchestrator.follow import tell_moves
 from orchestrator.health import EngineHealth
 from orchestrator.ids import new_id
@@ -1179,8 +1179,8 @@ class JobRunner:
     async def still_held(self, claim: Claim, *, read: bool = False) -> bool:
         """Whether this attempt still holds its job. Known without a read (unless `read`) while
         the lease from its last renewal runs, with half of it to spare; else read. When another
-        process has taken the job over, or it was canceled through another, the attempt's token
-        is cancelled as the heartbeat would, had it run: abandoned, unless canceled."""
+        process has taken the job over, or it was ended through another, the attempt's token
+        is cancelled as the heartbeat would, had it run (`let_go`)."""
         if not read and claim.lease and claim.since_renewed() < claim.lease / 2:
             return True
         try:
@@ -1191,17 +1191,29 @@ class JobRunner:
             return True  # as the heartbeat does: a database that hiccups takes no job away
         if row is not None and row.attempt == claim.attempt and row.status == "running":
             return True
-        if not claim.cancel.cancelled:
-            canceled = row is not None and row.status == "canceled"
-            log.warning("job %s was %s while this worker held it; stopping this worker's attempt %d",
-                        claim.job.id, "canceled" if canceled else "taken over", claim.attempt)
-            claim.cancel.cancel(abandon=not canceled)
+        self.let_go(claim, row)
         return False
+
+    @staticmethod
+    def let_go(claim: Claim, row: Job | None, taken: str = "taken over") -> None:
+        """Stops an attempt whose job is no longer its own, `row` as read since (None: deleted).
+        Its provider work is abandoned (left running) only for a job queued again or held by
+        another attempt, which follows that work on. A job that has ended (failed or canceled by
+        another process's recovery while its worker was stopped past its lease) is followed by
+        nobody: its work is withdrawn, or it renders, and bills, for nobody."""
+        if claim.cancel.cancelled:
+            return  # already stopping: a cancel through this process
+        if row is not None and row.attempt == claim.attempt and _finished_by_its_worker(row):
+            return  # ended by this very attempt since the caller looked
+        canceled = row is not None and row.status == "canceled"
+        log.warning("job %s was %s while this worker held it; stopping this worker's attempt %d",
+                    claim.job.id, "canceled" if canceled else taken, claim.attempt)
+        claim.cancel.cancel(abandon=row is not None and row.status not in TERMINAL)
 
     async def _work_still_ours(self, claim: Claim) -> bool:
         """`still_holds_the_job()` for the engine: False when another attempt follows the job's
         provider work on (which a withdrawal would cancel under it), True when the work is this
-        attempt's to end, the job canceled through another process included. Always read: it is
+        attempt's to end, a job ended through another process included. Always read: it is
         asked before a withdrawal, which is rare, and a paused VM's clocks may not tell."""
         await self.still_held(claim, read=True)
         return not claim.cancel.abandoned
@@ -1598,8 +1610,14 @@ class JobRunner:
         that is away for a while (off the event loop: see `JobProgress`)."""
         for attempt in self.db.retrying(FINAL_WRITE_SECONDS, f"the provider work of job {claim.job.id}"):
             with attempt, self.db.transaction() as s:
-                s.execute(update(Job).where(col(Job.id) == claim.job.id, col(Job.attempt) == claim.attempt,
-                                            col(Job.status) == "running").values(**_accepted_values(work)))
+                if changed(s.execute(update(Job).where(col(Job.id) == claim.job.id, col(Job.attempt) == claim.attempt,
+                                                       col(Job.status) == "running")
+                                     .values(**_accepted_values(work)))) == 1:
+                    return
+                row = s.get(Job, claim.job.id)
+        # Taken from this attempt while the provider accepted it (its worker stopped past its
+        # lease): known now, before the heartbeat's next look, the work is withdrawn before it runs.
+        self.let_go(claim, row)
 
 
 def _asset_rows(job: Job, result: RenderResult, records: list[dict[str, Any]],
@@ -1624,6 +1642,12 @@ def _add_assets(s: Session, rows: list[Asset]) -> None:
     for row in rows:
         row.id, row.created_at = new_id("ast"), stamp
     s.add_all(rows)
+
+
+def _finished_by_its_worker(job: Job) -> bool:
+    """Succeeded or failed by the runner, not failed by another process's recovery (which fails a
+    job `interrupted` without a new attempt)."""
+    return job.status == "succeeded" or (job.status == "failed" and (job.error or {}).get("code") != "interrupted")
 
 
 def _last_attempt(row: Job, claim: Claim, status: str, error: OrchestratorError | None) -> bool:

@@ -478,17 +478,20 @@ def test_the_heartbeat_stops_an_attempt_canceled_through_another_process(
     assert "elsewhere" not in caplog.text
 
 
-def test_the_heartbeat_lets_go_of_an_attempt_another_process_recovered(services: Services) -> None:
+@pytest.mark.parametrize("recovered", ["failed", "queued"])
+def test_the_heartbeat_lets_go_of_an_attempt_another_process_recovered(services: Services, recovered: str) -> None:
     # The lease ran out while this process was still working (a stalled event loop); another
-    # process's recovery failed the job 'interrupted' without a new attempt. This attempt must stop
-    # and leave any provider work running for whoever follows it.
+    # process's recovery failed the job 'interrupted' without a new attempt, or queued it again.
+    # This attempt must stop, and leave its provider work running only for an attempt that follows
+    # it: a failed job's is followed by nobody, and rendered and billed for nobody.
     [job_id] = queued_drafts(services, 1)
     [(claim, _lane)] = services.scheduler._claim_ready({})
     error = {"code": "interrupted", "message": "the server stopped", "details": {}}
     with services.db.transaction() as s:
-        s.execute(update(Job).where(col(Job.id) == job_id).values(status="failed", error=error))
+        s.execute(update(Job).where(col(Job.id) == job_id).values(
+            status=recovered, error=error if recovered == "failed" else None))
     services.scheduler._renew([claim])
-    assert claim.cancel.cancelled and claim.cancel.abandoned
+    assert claim.cancel.cancelled and claim.cancel.abandoned == (recovered == "queued")
 
 
 def test_a_progress_write_that_fails_does_not_fail_the_render(services: Services, monkeypatch: pytest.MonkeyPatch,

@@ -21,6 +21,7 @@ from typing import Any
 
 import httpx
 import pytest
+import respx
 from sqlalchemy import update
 from sqlmodel import col, select
 
@@ -47,6 +48,7 @@ from tests.api import (
     wait_for_log,
     worker_process,
 )
+from tests.tiers.conftest import HeldRequest, until
 from tiers import tiny
 from tiers.base import CancelToken
 from tiers.lite import LiteEngine
@@ -1222,6 +1224,60 @@ def test_an_attempt_stopped_past_its_lease_sends_nothing_more_once_taken_over(se
     canceled = Claim(row(services, job_id), 2, CancelToken(), lease=3.0)
     assert asyncio.run(services.runner._work_still_ours(canceled)) is True
     assert canceled.cancel.cancelled and not canceled.cancel.abandoned
+
+
+@pytest.mark.parametrize("first", ["heartbeat", "answer"])
+def test_an_attempt_stopped_past_its_lease_withdraws_the_prediction_of_a_job_recovery_ended(
+        make_settings: SettingsFactory, first: str) -> None:
+    """A worker stopped (SIGSTOP) past its lease while Replicate's create was held open: another
+    process's recovery failed the job `interrupted`, no prediction id saved. Resumed, the attempt
+    let go of the job as if a new holder followed its work; the row had ended and nobody did, and
+    the prediction rendered, and billed, for nobody. Whichever comes first: the heartbeat finding
+    the row not its own, or the create's answer, whose id the save could no longer write."""
+    base = "https://replicate.test"
+    # Answer first: no beat comes before the create is answered (the first is a third of the lease
+    # away), so only the save of its id can tell.
+    built = Services.build(make_settings(replicate_api_key="r8-key", replicate_base_url=base, poll_interval=0.1,
+                                         sweep_interval=60, lease_seconds=1.5 if first == "heartbeat" else 60))
+    params = {**PARAMS, "stage": "bridge", "width": 1024, "height": 1024}
+    project_id, job_id = new_id("prj"), new_id("job")
+    with built.db.transaction() as s:
+        project = Project(id=project_id, name="workers", policy="balanced")
+        s.add(project)
+        s.flush()
+        job = Job(id=job_id, project_id=project_id, stage="bridge", engine="replicate",
+                  model=built.scheduler.registry.get("replicate").model, params=params, attempts=[],
+                  estimated=39_000)
+        s.add(job)
+        s.flush()
+        built.ledger.hold(s, project, job, job.estimated)
+    held = HeldRequest(httpx.Response(201, json={"id": "p-1", "status": "starting"}))
+    scheduler = built.scheduler
+
+    async def scenario() -> int:
+        built.bus.bind(asyncio.get_running_loop())
+        with respx.mock(base_url=base, assert_all_called=False) as replicate:
+            replicate.post(path__regex=r"^/v1/models/.+/predictions$").mock(side_effect=held)
+            replicate.get("/v1/predictions/p-1").mock(return_value=httpx.Response(200, json={
+                "id": "p-1", "status": "starting"}))
+            withdrawn = replicate.post("/v1/predictions/p-1/cancel").mock(return_value=httpx.Response(200, json={
+                "id": "p-1", "status": "canceled", "started_at": None}))
+            await built.start()
+            try:
+                await until(held.sent.is_set)
+                while await asyncio.to_thread(scheduler._recover_one, row(built, job_id)) is None:
+                    pass  # renewed between the read and the write: as the next sweep, read again
+                if first == "heartbeat":
+                    _, claim = scheduler._running[job_id]
+                    await until(lambda: claim.cancel.cancelled)
+                held.answer.set()
+                await until(lambda: withdrawn.called or job_id not in scheduler._running, within=10, then=0.2)
+                return withdrawn.call_count
+            finally:
+                await built.aclose()
+
+    assert asyncio.run(scenario()) == 1
+    assert row(built, job_id).status == "failed"
 
 
 def test_a_free_server_job_given_up_after_crashes_leaves_nothing_on_the_server(
