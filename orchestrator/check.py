@@ -258,8 +258,9 @@ def check_store(engine: Engine, store: ArtifactStore, *, hashes: bool = True) ->
                     verdicts.clear()
                 verdicts[sha] = _verdict(store, sha, hashes)
                 # Files found and read: a missing one was looked for, not read ("41 files read",
-                # then "41 assets missing", on a data dir that is not the database's).
-                report.reads += verdicts[sha] not in ("missing", "set_aside")
+                # then "41 assets missing", on a data dir that is not the database's); an
+                # unreadable one, or a malformed row's that names no file, was not read either.
+                report.reads += verdicts[sha] in (None, "damaged")
             verdict = verdicts[sha]
             if verdict is not None:
                 getattr(report, verdict).append(asset_id)

@@ -488,6 +488,7 @@ def test_check_names_the_assets_whose_files_are_missing_or_damaged(
     assert main(["check", "--no-hash"]) == 1
     out = capsys.readouterr().out
     assert f"1 asset with a malformed sha256 in its row: {assets[2]}\n" in out
+    assert out.startswith("3 assets, 1 file looked for")  # the missing one, and none for the malformed row
     assert "2 files no asset names, some maybe the files of the malformed rows above: mend those rows first" in out
 
 
@@ -617,6 +618,7 @@ def test_check_reports_a_file_it_cannot_read_and_goes_on(
     out = capsys.readouterr().out
     assert f"1 asset unreadable (the disk or a permission): {assets[1]}\n" in out
     assert "missing" not in out and "damaged" not in out
+    assert out.startswith("2 assets, 1 file read and hashed")  # the unreadable one is not counted read
 
 
 def test_check_reports_a_folder_in_place_of_a_file_as_unreadable(
