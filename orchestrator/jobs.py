@@ -341,8 +341,12 @@ class JobService:
         with self.db.session() as s:
             asset = s.get(Asset, asset_id)
             asked = None if asset is None else s.scalar(select(Job.params).where(col(Job.id) == asset.job_id))
+            project = None if asset is None else s.get(Project, asset.project_id)
         if asset is None:
             raise not_found("asset", "asset_id", asset_id)
+        if project is not None:
+            # Refused whatever its source: not 500 "restore its file" for a request never to be run.
+            refuse_if_archived(project)
         negative = asked.get("negative_prompt") if isinstance(asked, dict) else None
         negative = negative if isinstance(negative, str) else asset.negative_prompt
         if asset.deleted_at is not None:

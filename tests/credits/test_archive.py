@@ -7,6 +7,8 @@ from typing import Any
 
 import httpx
 
+from orchestrator.settings import Settings
+from orchestrator.store import ArtifactStore
 from tests.api import wait_for_job
 from tests.credits import DRAFT, get_json, jobs_of, kinds, ledger, project_with_draft, promote, promote_ok
 
@@ -76,3 +78,18 @@ def test_archived_null_is_refused(api: httpx.Client) -> None:
     response = api.patch(f"/v1/projects/{project_id}", json={"archived": None})
     assert response.status_code == 422 and response.json()["error"]["code"] == "invalid_request", response.text
     assert get_json(api, f"/v1/projects/{project_id}")["archived_at"] is None
+
+
+def test_an_archived_project_refuses_a_request_whose_source_file_is_gone(api: httpx.Client,
+                                                                         paid_settings: Settings) -> None:
+    # A source whose file had gone answered 500 "restore it from a backup", and a deleted one 410,
+    # where the request would be refused anyway: the archive is the answer.
+    project_id, asset_id = project_with_draft(api, {"limit": 100, "period": "month"})
+    ArtifactStore(paid_settings.assets_dir).path_for(get_json(api, f"/v1/assets/{asset_id}")["sha256"]).unlink()
+    assert promote(api, asset_id).json()["error"]["code"] == "content_unavailable"  # still this while open
+    assert api.patch(f"/v1/projects/{project_id}", json={"archived": True}).status_code == 200
+    before = ledger(api, project_id)
+    for answer in (promote(api, asset_id), api.post(f"/v1/assets/{asset_id}/polish", json={"engine": "fake-paid"}),
+                   api.post("/v1/route/explain", json={"stage": "bridge", "source_asset_id": asset_id})):
+        assert answer.status_code == 409 and answer.json()["error"]["code"] == "project_archived", answer.text
+    assert ledger(api, project_id) == before
