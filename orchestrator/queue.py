@@ -43,7 +43,7 @@ from sqlmodel import col, select
 from orchestrator.clock import shared_now, utcnow
 from orchestrator.db import Database, changed, commit_in_doubt, transient
 from orchestrator.errors import Canceled, Interrupted, OrchestratorError, first_line
-from orchestrator.events import TERMINAL, EventBus, on_loop, woken
+from orchestrator.events import EventBus, on_loop, woken
 from orchestrator.jobs import render_request
 from orchestrator.ledger import Ledger
 from orchestrator.models import Job
@@ -51,7 +51,7 @@ from orchestrator.outage import Outage
 from orchestrator.routing import fallbacks
 from orchestrator.runner import FINAL_WRITE_SECONDS, Claim, JobRunner, followable, reattachable, restartable
 from orchestrator.workers import DeviceLock, Presence, owner_id
-from tiers.base import REMOTE_CONCURRENCY, CancelToken, Engine, Restartable, Withdrawable, to_credits
+from tiers.base import REMOTE_CONCURRENCY, CancelToken, Engine, Restartable, Withdrawable
 from tiers.registry import EngineRegistry, left_off
 
 log = logging.getLogger(__name__)
@@ -937,7 +937,7 @@ class Scheduler:
             try:
                 unbilled = await stop(handles)
                 if unbilled is True and isinstance(engine, Withdrawable):
-                    await asyncio.to_thread(self._void_withdrawn, job)
+                    await asyncio.to_thread(self.runner.void_withdrawn, job)
             except Exception:  # best effort: the job's end is recorded already
                 log.warning("job %s: taking its work off %s failed", job.id, job.engine, exc_info=True)
 
@@ -950,19 +950,6 @@ class Scheduler:
             task.add_done_callback(self._forgetting.discard)
 
         loop.call_soon_threadsafe(spawn)
-
-    def _void_withdrawn(self, job: Job) -> None:
-        """The provider said the withdrawn work never ran: the job's charge for reconciliation is
-        settled at 0 (`Ledger.void_withdrawn`), while the job is still the one that ended with it."""
-        note = f"{job.engine}: its work was withdrawn before it ran; nothing was billed"
-        with self.db.transaction() as s:
-            row = s.get(Job, job.id)
-            if row is None or row.status not in TERMINAL or row.engine != job.engine:
-                return
-            voided = self.ledger.void_withdrawn(s, row, note)
-        if voided:
-            log.info("job %s: %s took its work back before it ran; its charge of %s credits is reconciled at 0",
-                     job.id, job.engine, to_credits(-sum(entry.amount for entry in voided)))
 
     def _sweep_previews(self) -> None:
         """Preview files of jobs that no longer run: their process died (a killed worker's jobs,

@@ -138,6 +138,9 @@ class Claim:
     inherited: bool = False
     # Requests of this attempt that went out and were not answered that nothing was made.
     out: int = 0
+    # Of those, the ones its cancel left out whose work the provider, asked to withdraw it, said
+    # never ran (`Progress.withdrawn`): all of them, and the job's charge was for nothing.
+    withdrawn: int = 0
     # The lease's length in seconds (0: not known) and when it was last taken or renewed
     # (`time.monotonic()` and `time.time()`, read before the write): until a lease from then has
     # run out, no other process can have taken the job over. A process stopped past it (SIGSTOP,
@@ -344,6 +347,11 @@ class JobProgress:
             except RuntimeError:  # the loop's executor is shut down (the service is stopping)
                 pass
         self._save()
+
+    async def withdrawn(self, handles: list[dict[str, Any]]) -> None:
+        self.claim.withdrawn += 1
+        # Told before the job's end is written, the end settles it (`JobRunner._end`).
+        await self.runner.void_if_all_withdrawn(self.claim)
 
     async def saved(self) -> None:
         """Until what providers accepted so far is saved (or its save has failed, logged)."""
@@ -667,7 +675,9 @@ class JobRunner:
             status, error, kept = await asyncio.to_thread(self._finish, claim, status, error)
         except StaleAttempt:
             log.info("job %s attempt %s was superseded; its %s is discarded", claim.job.id, claim.attempt, status)
+            await self.void_if_all_withdrawn(claim)  # ended elsewhere (recovery's charge of this attempt), or not
             return
+        await self.void_if_all_withdrawn(claim)  # told before this end's charge was written
         for index, asset_id in enumerate(kept):
             self.bus.publish(claim.job.id, "asset", {"asset_id": asset_id, "index": index})
         # A cancel says why too: a user's, a stop's, a policy's move to local-only.
@@ -677,6 +687,31 @@ class JobRunner:
         else:
             log.info("job %s canceled on %s", claim.job.id, claim.job.engine)
         self.bus.publish(claim.job.id, status, data)
+
+    async def void_if_all_withdrawn(self, claim: Claim) -> None:
+        """The job's charge settled at 0 (`void_withdrawn`) once its provider said the work of
+        every request of the attempt that may have billed never ran: not while another may have
+        (an earlier image's prediction, work an earlier attempt sent), nor before the job's end."""
+        if not claim.withdrawn or claim.withdrawn < claim.out or claim.accepted or claim.inherited:
+            return
+        try:
+            await asyncio.to_thread(self.void_withdrawn, claim.job)
+        except Exception:  # the charge stays for a person to reconcile, as it was
+            log.warning("job %s: settling the charge of its withdrawn work failed", claim.job.id, exc_info=True)
+
+    def void_withdrawn(self, job: Job) -> None:
+        """The provider said the withdrawn work never ran: the job's charge for reconciliation is
+        settled at 0 (`Ledger.void_withdrawn`), while the job is still the one that ended with it
+        (the same attempt, ended, on the same engine): not one run again since."""
+        note = f"{job.engine}: its work was withdrawn before it ran; nothing was billed"
+        with self.db.transaction() as s:
+            row = s.get(Job, job.id)
+            if row is None or row.status not in TERMINAL or row.engine != job.engine or row.attempt != job.attempt:
+                return
+            voided = self.ledger.void_withdrawn(s, row, note)
+        if voided:
+            log.info("job %s: %s took its work back before it ran; its charge of %s credits is reconciled at 0",
+                     job.id, job.engine, to_credits(-sum(entry.amount for entry in voided)))
 
     async def _fall_back(self, claim: Claim, error: EngineError) -> bool:
         """Move the job to the next usable candidate of its routing decision: settle the old hold,

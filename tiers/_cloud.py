@@ -20,6 +20,7 @@ from tiers.base import (
     EngineContext,
     Kind,
     PriceTable,
+    Progress,
     RenderedImage,
     RenderResult,
     Stage,
@@ -306,16 +307,18 @@ class CloudEngine(SendsCredentials):
         return response.content
 
     async def send_withdrawable(self, method: str, url: str, *, cancel: CancelToken, deadline: float,
-                                withdraw: Callable[[httpx.Response], Awaitable[None]],
+                                progress: Progress,
+                                withdraw: Callable[[httpx.Response], Awaitable[list[dict[str, Any]]]],
                                 **kwargs: Any) -> httpx.Response:
         """`self.http.request(..., cancel=cancel)` for a request that can bill and whose answer
         names the work it started (a prediction's id, a queue request's cancel URL). A user's
         cancel while it is out ends the call at once with `Canceled` (`charged="unknown"`), as the
         client's own race does; but the request is not dropped: it is left to be answered (within
         `deadline`), and `withdraw` is then given the answer, in the background, to stop that
-        work at the provider, best effort. A cancel before the request is sent or between its
-        attempts, and one that abandons the job (another process follows the work on), are as the
-        client has them."""
+        work at the provider, best effort. It returns the handles of the work the provider said
+        never ran, which `progress.withdrawn` is told: the job's charge for it is then nothing.
+        A cancel before the request is sent or between its attempts, and one that abandons the
+        job (another process follows the work on), are as the client has them."""
         if cancel.cancelled:  # nothing is out: the client says what that cost
             return await self.http.request(method, url, deadline=deadline, cancel=cancel, **kwargs)
         kept = KeptOut()
@@ -330,7 +333,7 @@ class CloudEngine(SendsCredentials):
             # The job is canceled: the request sends nothing more, but one out is not cut (see `KeptOut`).
             kept.cancel(abandon=cancel.abandoned)
             if kept.out and not cancel.abandoned:
-                follower = asyncio.create_task(self._withdraw_when_answered(sending, withdraw))
+                follower = asyncio.create_task(self._withdraw_when_answered(sending, withdraw, progress))
                 self._withdrawing.add(follower)
                 follower.add_done_callback(self._withdrawing.discard)
                 followed = True
@@ -347,7 +350,8 @@ class CloudEngine(SendsCredentials):
                 sending.cancel()  # this call was itself cancelled (a timeout around it): so is the request
 
     async def _withdraw_when_answered(self, sending: asyncio.Task[httpx.Response],
-                                      withdraw: Callable[[httpx.Response], Awaitable[None]]) -> None:
+                                      withdraw: Callable[[httpx.Response], Awaitable[list[dict[str, Any]]]],
+                                      progress: Progress) -> None:
         try:
             response = await sending
         except Canceled:  # answered that nothing was made, and not sent again
@@ -358,7 +362,9 @@ class CloudEngine(SendsCredentials):
                         "to the provider", self.name, exc)
             return
         try:
-            await withdraw(response)
+            never_ran = await withdraw(response)
+            if never_ran:
+                await progress.withdrawn(never_ran)
         except Exception:  # best effort: the job has ended either way
             log.warning("%s: withdrawing the work of a request left out by a cancel failed", self.name,
                         exc_info=True)

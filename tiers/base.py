@@ -218,6 +218,13 @@ class Progress(Protocol):
         id and the handle are saved with the job, in the order they came."""
         ...
 
+    async def withdrawn(self, handles: list[dict[str, Any]]) -> None:
+        """Awaited once work a provider accepted after the job had ended (a create its cancel left
+        out, `tiers._cloud.CloudEngine.send_withdrawable`) was withdrawn and the provider said none
+        of it ran (by `Withdrawable.withdraw`'s rules): it billed nothing, so the charge the job
+        ended with for it is settled at 0, as for an ended job's saved work (`Ledger.void_withdrawn`)."""
+        ...
+
 
 class NullProgress:
     def step(self, step: int, total: int, preview: Image | None = None) -> None:
@@ -227,6 +234,9 @@ class NullProgress:
         pass
 
     def provider_request(self, request_id: str, handle: Mapping[str, Any] | None = None) -> None:
+        pass
+
+    async def withdrawn(self, handles: list[dict[str, Any]]) -> None:
         pass
 
 

@@ -171,7 +171,7 @@ class FalEngine(CloudEngine):
         # answered, and the request it queued is then canceled (`_withdraw_submitted`).
         response = await self.send_withdrawable(
             "POST", f"/{self._model}", json=body, deadline=deadline, headers=self._auth, cancel=cancel,
-            withdraw=self._withdraw_submitted,
+            progress=progress, withdraw=self._withdraw_submitted,
         )
         if response.status_code == 404:  # no such model (retired, misspelt): another engine may serve
             raise self.model_not_served(response)
@@ -361,13 +361,14 @@ class FalEngine(CloudEngine):
             unbilled = await self._cancel_remote(str(handle["cancel_url"])) == "OK" and unbilled
         return unbilled
 
-    async def _withdraw_submitted(self, response: httpx.Response) -> None:
+    async def _withdraw_submitted(self, response: httpx.Response) -> list[dict[str, Any]]:
         """The answer to a submit the job's cancel left out: the request it queued is canceled.
-        Not saved with the job (`Progress.provider_request`), which has ended by now."""
+        Not saved with the job (`Progress.provider_request`), which has ended by now. Returns its
+        handle when fal took it off its queue, as `withdraw` judges."""
         if response.status_code not in (200, 201, 202):
             log.info("fal: a submit left out by a cancel was refused (HTTP %d): nothing to cancel",
                      response.status_code)
-            return
+            return []
         try:
             queued = self._json(response)
         except EngineError:
@@ -376,10 +377,11 @@ class FalEngine(CloudEngine):
         if not self._keyed(cancel_url):  # the key goes with it: only to fal's own queue URLs
             log.warning("fal: a submit left out by a cancel was answered with no cancel URL on fal's own site; "
                         "the request it may have queued is not canceled")
-            return
+            return []
         log.info("fal: request %s, queued after its job was canceled, is canceled",
                  str(queued.get("request_id"))[:100])
-        await self._cancel_remote(str(cancel_url))
+        handles = [{"id": str(queued.get("request_id")), "cancel_url": cancel_url}]
+        return handles if await self.withdraw(handles) else []
 
     async def _cancel_remote(self, cancel_url: str) -> str | None:
         """Best effort: the job is over for us either way, so a failure is only logged (the request

@@ -48,8 +48,9 @@ from tests.api import (
     wait_for_log,
     worker_process,
 )
-from tests.tiers.conftest import HeldRequest, until
+from tests.tiers.conftest import HeldRequest, png_bytes, until
 from tiers import tiny
+from tiers._cloud import CloudEngine
 from tiers.base import CancelToken
 from tiers.lite import LiteEngine
 
@@ -1278,6 +1279,106 @@ def test_an_attempt_stopped_past_its_lease_withdraws_the_prediction_of_a_job_rec
 
     assert asyncio.run(scenario()) == 1
     assert row(built, job_id).status == "failed"
+
+
+@pytest.mark.parametrize(("engine", "outcome"), [
+    *((engine, outcome) for engine in ("replicate", "fal")
+      for outcome in ("never ran, told after the end", "never ran, told before the end", "started")),
+    ("replicate", "never ran, after an image was made")])
+def test_a_cancel_while_the_create_is_out_settles_at_nothing_when_the_provider_says_its_work_never_ran(
+        make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch, engine: str, outcome: str) -> None:
+    """A job canceled while Replicate's create (fal's submit) is out ends at once, its estimate
+    captured for reconciliation; the create's answer then names the work, which is withdrawn. The
+    provider said it never ran (canceled, never started; taken off fal's queue), and the charge
+    stayed for a person to clear, where a withdrawal after a dead worker's cancel settles it at 0.
+    Whether that word comes after the job's end is written or before; work that started keeps it,
+    as does a job whose earlier prediction made (and billed) an image."""
+    never_ran, made = outcome != "started", "image" in outcome
+    built = Services.build(make_settings(replicate_api_key="r8-key", replicate_base_url="https://replicate.test",
+                                         fal_api_key="fal-key", fal_base_url="https://fal.test", poll_interval=0.1,
+                                         sweep_interval=60))
+    provider = built.scheduler.registry.get(engine)
+    assert isinstance(provider, CloudEngine)
+    params = {**PARAMS, "stage": "bridge", "width": 1024, "height": 1024, "n": 2 if made else 1}
+    project_id, job_id = new_id("prj"), new_id("job")
+    with built.db.transaction() as s:
+        project = Project(id=project_id, name="workers", policy="balanced")
+        s.add(project)
+        s.flush()
+        job = Job(id=job_id, project_id=project_id, stage="bridge", engine=engine, model=provider.model,
+                  params=params, attempts=[], estimated=params["n"] * 8_000)
+        s.add(job)
+        s.flush()
+        built.ledger.hold(s, project, job, job.estimated)
+    if engine == "replicate":
+        held = HeldRequest(httpx.Response(201, json={"id": "p-1", "status": "starting"}))
+        create, cancel_url, method = r"^https://replicate\.test/v1/models/.+/predictions$", \
+            "https://replicate.test/v1/predictions/p-1/cancel", "POST"
+        answer = httpx.Response(200, json={"id": "p-1", "status": "canceled", "started_at": None} if never_ran else
+                                {"id": "p-1", "status": "canceled", "started_at": "2026-11-02T10:00:00Z",
+                                 "metrics": {"predict_time": 1.5}})
+    else:
+        queue = "https://queue.fal.test/fal-ai/nano-banana-2/requests/r-1"
+        held = HeldRequest(httpx.Response(200, json={"request_id": "r-1", "status_url": f"{queue}/status",
+                                                     "response_url": queue, "cancel_url": f"{queue}/cancel"}))
+        create, cancel_url, method = r"^https://fal\.test/.+$", f"{queue}/cancel", "PUT"
+        answer = (httpx.Response(200, json={"status": "OK"}) if never_ran else
+                  httpx.Response(202, json={"status": "CANCELLATION_REQUESTED"}))
+    cdn = "https://cdn.replicate.test"
+    ending = threading.Event()  # the runner is ending the job: the engine has let the create go
+    if outcome == "never ran, told before the end":
+        finish = built.runner._finish
+
+        def finish_once_withdrawn(*args: Any, **kwargs: Any) -> Any:
+            # In its thread: the job's end is written only once the withdrawal has had its answer.
+            ending.set()
+            deadline = time.monotonic() + 10
+            while provider._withdrawing and time.monotonic() < deadline:
+                time.sleep(0.01)
+            return finish(*args, **kwargs)
+
+        monkeypatch.setattr(built.runner, "_finish", finish_once_withdrawn)
+
+    def charges() -> list[tuple[str, int, bool]]:
+        with built.db.session() as s:
+            return [(e.kind, e.amount, e.unreconciled) for e in s.exec(select(LedgerEntry).where(
+                col(LedgerEntry.job_id) == job_id, col(LedgerEntry.kind).in_(("capture", "adjustment")))
+                .order_by(col(LedgerEntry.id))).all()]
+
+    async def scenario() -> None:
+        built.bus.bind(asyncio.get_running_loop())
+        with respx.mock(assert_all_called=False) as mock:
+
+            async def created(request: httpx.Request) -> httpx.Response:
+                if made and not mock.calls:  # the first image's prediction is made (and billed) at once
+                    return httpx.Response(201, json={"id": "p-0", "status": "succeeded", "output": f"{cdn}/p-0.png"})
+                return await held(request)
+
+            mock.post(url__regex=create).mock(side_effect=created)
+            mock.get(f"{cdn}/p-0.png").mock(return_value=httpx.Response(200, content=png_bytes(size=(1024, 1024))))
+            withdrawn = mock.request(method, cancel_url).mock(return_value=answer)
+            await built.start()
+            try:
+                await until(held.sent.is_set)
+                assert built.jobs.record_cancel(job_id) and built.scheduler.cancel(job_id)
+                if outcome == "never ran, told before the end":
+                    await until(ending.is_set)
+                else:
+                    await until(lambda: row(built, job_id).status == "canceled")
+                held.answer.set()
+                await until(lambda: withdrawn.called and not provider._withdrawing
+                            and job_id not in built.scheduler._running)
+                assert withdrawn.call_count == 1
+                await until(lambda: len(charges()) > 1, within=2 if never_ran else 0.3)
+            finally:
+                await built.aclose()
+
+    asyncio.run(scenario())
+    assert row(built, job_id).status == "canceled"
+    if never_ran and not made:
+        assert charges() == [("capture", 8_000, False), ("adjustment", -8_000, False)]
+    else:
+        assert charges() == [("capture", params["n"] * 8_000, True)]
 
 
 def test_a_free_server_job_given_up_after_crashes_leaves_nothing_on_the_server(

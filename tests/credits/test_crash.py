@@ -18,7 +18,7 @@ from starlette.types import Message, Receive, Scope, Send
 from orchestrator.db import Database
 from orchestrator.ids import new_id
 from orchestrator.ledger import Ledger
-from orchestrator.models import Job, LedgerEntry, Project
+from orchestrator.models import Job, JobStatus, LedgerEntry, Project
 from orchestrator.server import AnswerWhenStopped, serve_in_thread
 from orchestrator.services import Services
 from orchestrator.settings import Settings
@@ -314,16 +314,18 @@ def test_only_the_withdrawn_engine_s_charge_of_an_ended_job_is_reconciled_at_not
         paid_settings_for: Callable[..., Settings], tmp_path: Path) -> None:
     """A job that fell back from fake-paid (which may have billed: captured for reconciliation) to
     fake-queue, whose request was then taken off the queue: only fake-queue's charge is nothing.
-    A job that is not over (run again meanwhile) keeps its charges as they are."""
+    A job that is not over (run again meanwhile), or that a later attempt ended, keeps its charges
+    as they are: they are not the withdrawn attempt's."""
     services = Services.build(paid_settings_for(tmp_path / "data"))
+    ends: list[tuple[JobStatus, int]] = [("canceled", 1), ("running", 1), ("canceled", 2)]
     try:
         with services.db.transaction() as s:
             project = Project(id=new_id("prj"), name="moved", policy=POLICY)
             s.add(project)
             s.flush()
             jobs = [Job(id=new_id("job"), project_id=project.id, stage="bridge", engine="fake-paid", model="fake-1",
-                        params={"stage": "bridge", "prompt": "x", "n": 1}, estimated=10_000, status=status)
-                    for status in ("canceled", "running")]
+                        params={"stage": "bridge", "prompt": "x", "n": 1}, estimated=10_000, status=status,
+                        attempt=attempt) for status, attempt in ends]
             s.add_all(jobs)
             s.flush()
             for job in jobs:
@@ -333,17 +335,18 @@ def test_only_the_withdrawn_engine_s_charge_of_an_ended_job_is_reconciled_at_not
                     s.flush()
                     services.ledger.capture(s, job, None, unreconciled=True, note=f"{engine}: outcome unknown")
                     s.flush()
+        jobs[2].attempt = 1  # the attempt whose work was withdrawn; the row is attempt 2's end
         for job in jobs:
-            services.scheduler._void_withdrawn(job)
+            services.runner.void_withdrawn(job)
         with services.db.session() as s:
             entries = s.exec(select(LedgerEntry).where(col(LedgerEntry.kind).in_(("capture", "adjustment")))).all()
             settled = {(e.job_id, e.engine, e.kind, e.amount, e.unreconciled) for e in entries}
-        ended, running = (job.id for job in jobs)
+        ended, running, ended_again = (job.id for job in jobs)
         assert settled == {(ended, "fake-paid", "capture", 10_000, True),
                            (ended, "fake-queue", "capture", 10_000, False),
                            (ended, "fake-queue", "adjustment", -10_000, False),
-                           (running, "fake-paid", "capture", 10_000, True),
-                           (running, "fake-queue", "capture", 10_000, True)}
+                           *{(job_id, engine, "capture", 10_000, True) for job_id in (running, ended_again)
+                             for engine in ("fake-paid", "fake-queue")}}
     finally:
         asyncio.run(services.aclose())
 
