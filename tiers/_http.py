@@ -849,7 +849,14 @@ class RemoteClient:
     def fail(self, response: httpx.Response, message: str | None = None) -> EngineError:
         """The error for a final 4xx answer: the provider refused our input; never retried. A 413
         refused the size of the body this engine built (the draft it inlined), not what the user
-        asked: another engine may take the job, and the engine is not unwell."""
+        asked: another engine may take the job, and the engine is not unwell. An answer that is no
+        refusal (a redirect not followed, say) tells nothing of the request's fate: it may be billed."""
+        if response.status_code < 400:
+            # Its body is not quoted: it is no explanation, and may be an image's base64.
+            return EngineError(f"{self.engine}: the provider answered HTTP {response.status_code}, neither an "
+                               f"answer nor a refusal; it may have {self._billed} the request",
+                               details={"engine": self.engine, "status": response.status_code}, retryable=False,
+                               charged="unknown")
         error = BadEngineInput(
             f"{self.engine}: the provider refused the request (HTTP {response.status_code}): "
             f"{without_credentials(message, response) if message else error_text(response)}",

@@ -165,7 +165,7 @@ class GeminiEngine(CloudEngine):
                 response = await self.http.request(
                     "POST", f"/v1beta/models/{self._model}:generateContent", json=sent, cancel=cancel
                 )
-                if response.status_code != 200:
+                if not response.is_success:  # any 2xx is its answer, and may have been billed
                     text = response.text
                     if credits_depleted(response):  # the account's, not a rate: another engine may serve
                         raise EngineUnavailable(f"gemini: the account's prepaid credits are used up: "
@@ -216,11 +216,13 @@ class GeminiEngine(CloudEngine):
         try:
             body = response.json()
         except ValueError:
-            raise EngineError("gemini: the provider answered 200 with a body that is not JSON") from None
+            raise EngineError(f"gemini: the provider answered {response.status_code} with a body that is not JSON",
+                              details={"engine": self.name, "status": response.status_code}) from None
         if isinstance(body, list) and body:
             body = body[0]
         if not isinstance(body, dict):
-            raise EngineError("gemini: unexpected response shape")
+            raise EngineError("gemini: unexpected response shape",
+                              details={"engine": self.name, "status": response.status_code})
         return body
 
     def _image(self, body: dict[str, Any]) -> Any:

@@ -248,7 +248,7 @@ class OpenAIImagesEngine(CloudEngine):
                     cancel=cancel,
                 )
                 request_id = header_request_id(response)
-                if response.status_code != 200:
+                if not response.is_success:  # any 2xx is its answer, and may have been billed
                     # Refused: nothing the provider made is named by it, so it is not saved as
                     # accepted work (a job with such work is never taken as surely unbilled).
                     raise self._error(response, request_id)

@@ -242,11 +242,11 @@ class StabilityEngine(CloudEngine):
                 else:
                     response = await self._send("POST", self._path(op), data=fields, files=files, cancel=cancel)
                     request_id = header_request_id(response)
-                    if request_id and response.status_code == 200:  # a refusal names no work made
+                    if request_id and response.is_success:  # a refusal names no work made
                         progress.provider_request(request_id)
                 if request_id:
                     request_ids.append(request_id)
-                if response.status_code != 200:
+                if not response.is_success:  # any 2xx is its answer, and may have been billed
                     error = self._error(response)
                     if request_id:  # for the provider's support
                         error.details.setdefault("request_id", request_id)
@@ -304,7 +304,7 @@ class StabilityEngine(CloudEngine):
         created = await self._send(
             "POST", self._path("upscale-creative"), data=fields, files=files, deadline=deadline, cancel=cancel
         )
-        if created.status_code != 200:
+        if not created.is_success:
             raise self._error(created)
         with reading_an_answer():
             body = json_object(created, self.name)
@@ -341,7 +341,7 @@ class StabilityEngine(CloudEngine):
             for handle in handles:
                 job_id = str(handle["id"])
                 response = await self._poll_creative(job_id, self.http.new_deadline(), progress, cancel)
-                if response.status_code != 200:
+                if not response.is_success:
                     raise self._error(response).at_least_charged("unknown")
                 with reading_an_answer():
                     image, seed, reason = await asyncio.to_thread(self._result, response, req)

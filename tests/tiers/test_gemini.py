@@ -106,6 +106,26 @@ async def test_a_broken_answer_is_charged(engine: GeminiEngine, response: httpx.
 
 
 @respx.mock
+@pytest.mark.parametrize("status", [201, 203])
+async def test_any_2xx_is_read_as_the_answer(engine: GeminiEngine, status: int) -> None:
+    # Taken for a refusal, an image made (and billed) was dropped and its hold released.
+    respx.post(URL).mock(return_value=httpx.Response(status, json=ok_body()))
+    result = await engine.run(bridge(), NullProgress(), CancelToken())
+    assert len(result.images) == 1 and result.cost_millicredits == 7805
+
+
+@respx.mock
+@pytest.mark.parametrize("response", [httpx.Response(202), httpx.Response(304, json=ok_body())])
+async def test_an_answer_neither_read_nor_refused_is_charged(engine: GeminiEngine, response: httpx.Response) -> None:
+    route = respx.post(URL).mock(return_value=response)
+    with pytest.raises(EngineError) as info:
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    assert info.value.charged == "unknown" and route.call_count == 1
+    assert info.value.details == {"engine": "gemini", "status": response.status_code}
+    assert base64.b64encode(png_bytes()).decode()[:40] not in str(info.value)  # no image quoted as the reason
+
+
+@respx.mock
 @pytest.mark.parametrize("body", [{"candidates": []}, {"usageMetadata": {"promptTokenCount": 1300}}])
 async def test_an_answer_without_candidates_is_no_image(engine: GeminiEngine, body: dict[str, Any]) -> None:
     # "HTTP 200 without an image is a failure (content_filtered or no_image)" (providers.md): as

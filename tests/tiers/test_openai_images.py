@@ -222,6 +222,26 @@ async def test_a_refused_call_is_not_saved_as_accepted_work(engine: OpenAIImages
 
 
 @respx.mock
+async def test_any_2xx_is_read_as_the_answer(engine: OpenAIImagesEngine) -> None:
+    # Taken for a refusal, an image made (and billed) was dropped and its hold released.
+    respx.post(URL).mock(return_value=httpx.Response(201, json=ok_body(), headers={"x-request-id": "req_201"}))
+    progress = RecordingProgress()
+    result = await engine.run(bridge(), progress, CancelToken())
+    assert len(result.images) == 1 and progress.request_ids == ["req_201"]
+
+
+@respx.mock
+@pytest.mark.parametrize("response", [httpx.Response(204), httpx.Response(302, json=ok_body())])
+async def test_an_answer_neither_read_nor_refused_is_charged(engine: OpenAIImagesEngine,
+                                                            response: httpx.Response) -> None:
+    route = respx.post(URL).mock(return_value=response)
+    with pytest.raises(EngineError) as info:
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    assert info.value.charged == "unknown" and route.call_count == 1
+    assert base64.b64encode(png_bytes()).decode()[:40] not in str(info.value)  # no image quoted as the reason
+
+
+@respx.mock
 async def test_a_request_id_that_echoes_the_key_is_stored_without_it(engine: OpenAIImagesEngine) -> None:
     # A proxy (or a wrong base URL) echoing the key in its request id: stored and shown to the project.
     echoed = {"x-request-id": "req_Bearer sk-secret-and-more"}

@@ -83,6 +83,27 @@ def assert_carries_draft(request: httpx.Request) -> dict[str, str]:
     return fields
 
 
+@respx.mock
+async def test_any_2xx_is_read_as_the_answer(engine: StabilityEngine) -> None:
+    # Taken for a refusal, an image made (and billed) was dropped and its hold released.
+    body = ok().json()
+    respx.post(SD3).mock(return_value=httpx.Response(201, json=body, headers={"x-request-id": "stab-201"}))
+    progress = RecordingProgress()
+    result = await engine.run(bridge(), progress, CancelToken())
+    assert len(result.images) == 1 and progress.request_ids == ["stab-201"]
+
+
+@respx.mock
+@pytest.mark.parametrize("response", [httpx.Response(204), httpx.Response(307, json=ok().json())])
+async def test_an_answer_neither_read_nor_refused_is_charged(engine: StabilityEngine,
+                                                            response: httpx.Response) -> None:
+    route = respx.post(SD3).mock(return_value=response)
+    with pytest.raises(EngineError) as info:
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    assert info.value.charged == "unknown" and route.call_count == 1
+    assert base64.b64encode(png_bytes()).decode()[:40] not in str(info.value)  # no image quoted as the reason
+
+
 # --- bridge -------------------------------------------------------------------------------------
 
 
