@@ -308,7 +308,7 @@ class CloudEngine(SendsCredentials):
 
     async def send_withdrawable(self, method: str, url: str, *, cancel: CancelToken, deadline: float,
                                 progress: Progress,
-                                withdraw: Callable[[httpx.Response], Awaitable[list[dict[str, Any]]]],
+                                withdraw: Callable[[httpx.Response], Awaitable[list[dict[str, Any]] | None]],
                                 **kwargs: Any) -> httpx.Response:
         """`self.http.request(..., cancel=cancel)` for a request that can bill and whose answer
         names the work it started (a prediction's id, a queue request's cancel URL). A user's
@@ -316,7 +316,8 @@ class CloudEngine(SendsCredentials):
         client's own race does; but the request is not dropped: it is left to be answered (within
         `deadline`), and `withdraw` is then given the answer, in the background, to stop that
         work at the provider, best effort. It returns the handles of the work the provider said
-        never ran, which `progress.withdrawn` is told: the job's charge for it is then nothing.
+        never ran ([] for a request refused, which made none; None where work may have run),
+        which `progress.withdrawn` is told: the job's charge for it is then nothing.
         A cancel before the request is sent or between its attempts, and one that abandons the
         job (another process follows the work on), are as the client has them."""
         if cancel.cancelled:  # nothing is out: the client says what that cost
@@ -350,12 +351,14 @@ class CloudEngine(SendsCredentials):
                 sending.cancel()  # this call was itself cancelled (a timeout around it): so is the request
 
     async def _withdraw_when_answered(self, sending: asyncio.Task[httpx.Response],
-                                      withdraw: Callable[[httpx.Response], Awaitable[list[dict[str, Any]]]],
+                                      withdraw: Callable[[httpx.Response], Awaitable[list[dict[str, Any]] | None]],
                                       progress: Progress) -> None:
         try:
             response = await sending
-        except Canceled:  # answered that nothing was made, and not sent again
-            log.info("%s: a request left out by a cancel made nothing", self.name)
+        except Canceled as exc:
+            if exc.charged == "no":  # answered that nothing was made, and not sent again
+                log.info("%s: a request left out by a cancel made nothing", self.name)
+                await self._told_withdrawn(progress, [])
             return
         except Exception as exc:
             log.warning("%s: a request left out by a cancel got no answer (%s); whatever it made is left "
@@ -363,11 +366,18 @@ class CloudEngine(SendsCredentials):
             return
         try:
             never_ran = await withdraw(response)
-            if never_ran:
-                await progress.withdrawn(never_ran)
         except Exception:  # best effort: the job has ended either way
             log.warning("%s: withdrawing the work of a request left out by a cancel failed", self.name,
                         exc_info=True)
+            return
+        if never_ran is not None:
+            await self._told_withdrawn(progress, never_ran)
+
+    async def _told_withdrawn(self, progress: Progress, handles: list[dict[str, Any]]) -> None:
+        try:
+            await progress.withdrawn(handles)
+        except Exception:  # the charge stays for a person to reconcile, as it was
+            log.warning("%s: settling the charge of work withdrawn unrun failed", self.name, exc_info=True)
 
     async def aclose(self) -> None:
         pending = list(self._withdrawing)

@@ -219,10 +219,11 @@ class Progress(Protocol):
         ...
 
     async def withdrawn(self, handles: list[dict[str, Any]]) -> None:
-        """Awaited once work a provider accepted after the job had ended (a create its cancel left
-        out, `tiers._cloud.CloudEngine.send_withdrawable`) was withdrawn and the provider said none
-        of it ran (by `Withdrawable.withdraw`'s rules): it billed nothing, so the charge the job
-        ended with for it is settled at 0, as for an ended job's saved work (`Ledger.void_withdrawn`)."""
+        """Awaited once a request the job's cancel left out (a create, see
+        `tiers._cloud.CloudEngine.send_withdrawable`) is known to have billed nothing: refused
+        (`handles` empty), or its work withdrawn and the provider said none of it ran (by
+        `Withdrawable.withdraw`'s rules). The charge the job ended with for it is settled at 0, as
+        for an ended job's saved work (`Ledger.void_withdrawn`)."""
         ...
 
 

@@ -361,14 +361,15 @@ class FalEngine(CloudEngine):
             unbilled = await self._cancel_remote(str(handle["cancel_url"])) == "OK" and unbilled
         return unbilled
 
-    async def _withdraw_submitted(self, response: httpx.Response) -> list[dict[str, Any]]:
+    async def _withdraw_submitted(self, response: httpx.Response) -> list[dict[str, Any]] | None:
         """The answer to a submit the job's cancel left out: the request it queued is canceled.
         Not saved with the job (`Progress.provider_request`), which has ended by now. Returns its
-        handle when fal took it off its queue, as `withdraw` judges."""
+        handle when fal took it off its queue, as `withdraw` judges, [] when the submit was
+        refused (nothing queued), and None when the request may have run."""
         if response.status_code not in (200, 201, 202):
-            log.info("fal: a submit left out by a cancel was refused (HTTP %d): nothing to cancel",
+            log.info("fal: a submit left out by a cancel was answered HTTP %d: nothing to cancel",
                      response.status_code)
-            return []
+            return [] if 400 <= response.status_code < 500 else None
         try:
             queued = self._json(response)
         except EngineError:
@@ -377,11 +378,11 @@ class FalEngine(CloudEngine):
         if not self._keyed(cancel_url):  # the key goes with it: only to fal's own queue URLs
             log.warning("fal: a submit left out by a cancel was answered with no cancel URL on fal's own site; "
                         "the request it may have queued is not canceled")
-            return []
+            return None
         log.info("fal: request %s, queued after its job was canceled, is canceled",
                  str(queued.get("request_id"))[:100])
         handles = [{"id": str(queued.get("request_id")), "cancel_url": cancel_url}]
-        return handles if await self.withdraw(handles) else []
+        return handles if await self.withdraw(handles) else None
 
     async def _cancel_remote(self, cancel_url: str) -> str | None:
         """Best effort: the job is over for us either way, so a failure is only logged (the request

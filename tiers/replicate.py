@@ -357,37 +357,38 @@ class ReplicateEngine(CloudEngine):
             unbilled = _never_ran(await self._cancel_remote(prediction_id)) and unbilled
         return unbilled
 
-    async def _withdraw_created(self, response: httpx.Response) -> list[dict[str, Any]]:
+    async def _withdraw_created(self, response: httpx.Response) -> list[dict[str, Any]] | None:
         """The answer to a create the job's cancel left out: the prediction it made is canceled.
         Not saved with the job (`Progress.provider_request`), which has ended by now. Returns its
-        handle when Replicate said it never ran, as `withdraw` judges (`_never_ran`)."""
+        handle when Replicate said it never ran, as `withdraw` judges (`_never_ran`), [] when the
+        create was refused (no prediction made), and None when one may have run."""
         if response.status_code not in (200, 201, 202):
             if maybe_created(response):
                 log.warning("replicate: a create left out by a cancel was answered HTTP %d; a prediction it may "
                             "have made has no id to cancel it by, and runs until its Cancel-After",
                             response.status_code)
             else:
-                log.info("replicate: a create left out by a cancel was refused (HTTP %d): nothing to cancel",
+                log.info("replicate: a create left out by a cancel was answered HTTP %d: nothing to cancel",
                          response.status_code)
-            return []
+            return [] if 400 <= response.status_code < 500 else None
         try:
             prediction = self._json(response)
         except EngineError:
             log.warning("replicate: a create left out by a cancel was answered with no prediction to cancel; "
                         "one it may have made runs until its Cancel-After")
-            return []
+            return None
         prediction_id, status = str(prediction["id"]), prediction["status"]
         if status in ("succeeded", "failed", "canceled", "aborted"):  # nothing left to stop
             log.info("replicate: prediction %s, created after its job was canceled, had already ended (%s)",
                      prediction_id[:100], status)
-        elif PREDICTION_ID.fullmatch(prediction_id):  # the key goes with it, only to such a path
+            return [{"id": prediction_id}] if _never_ran(prediction) else None
+        if PREDICTION_ID.fullmatch(prediction_id):  # the key goes with it, only to such a path
             log.info("replicate: prediction %s, created after its job was canceled, is canceled", prediction_id)
             handles = [{"id": prediction_id}]
-            return handles if await self.withdraw(handles) else []
-        else:
-            log.warning("replicate: a create left out by a cancel named prediction %r, not an id it is canceled "
-                        "by; it runs until its Cancel-After", prediction_id[:100])
-        return []
+            return handles if await self.withdraw(handles) else None
+        log.warning("replicate: a create left out by a cancel named prediction %r, not an id it is canceled "
+                    "by; it runs until its Cancel-After", prediction_id[:100])
+        return None
 
     async def _cancel_remote(self, prediction_id: str) -> dict[str, Any] | None:
         """Best effort: the job is over for us either way, so a failure is only logged (the
