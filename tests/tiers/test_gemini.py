@@ -96,6 +96,7 @@ async def test_read_timeout_is_not_resent(engine: GeminiEngine) -> None:
     httpx.Response(200, text="<html>"),
     httpx.Response(200, json={"candidates": []}),
     httpx.Response(200, json={**ok_body(data=b"not a png"), "usageMetadata": {}}),
+    httpx.Response(200, json="an image"),
 ])
 async def test_a_broken_answer_is_charged(engine: GeminiEngine, response: httpx.Response) -> None:
     # Gemini answered 200, so it may have billed: the hold is captured and nothing is re-sent.
@@ -103,6 +104,7 @@ async def test_a_broken_answer_is_charged(engine: GeminiEngine, response: httpx.
     with pytest.raises(EngineError) as info:
         await engine.run(bridge(), NullProgress(), CancelToken())
     assert info.value.charged == "unknown" and route.call_count == 1
+    assert info.value.details["engine"] == "gemini"  # which engine's answer a person reconciles
 
 
 @respx.mock

@@ -463,6 +463,15 @@ async def test_creative_upscale_polls_until_done(engine: StabilityEngine) -> Non
 
 
 @respx.mock
+async def test_a_creative_upscale_answered_with_any_2xx_is_read(engine: StabilityEngine) -> None:
+    # Taken for a refusal, an upscale the provider took (and billed) was dropped and its hold released.
+    respx.post(CREATIVE).mock(return_value=httpx.Response(201, json={"id": "job-42"}))
+    respx.get(RESULT).mock(return_value=httpx.Response(203, json=done(seed=5).json()))
+    result = await engine.run(polish(creativity=0.45), RecordingProgress(), CancelToken())
+    assert result.provider_request_id == "job-42" and result.images[0].seed == 5
+
+
+@respx.mock
 @pytest.mark.parametrize("unreadable", [2, 3])
 async def test_a_creative_result_that_cannot_be_read_is_asked_again_twice(engine: StabilityEngine,
                                                                           unreadable: int) -> None:
