@@ -371,7 +371,7 @@ class StabilityEngine(CloudEngine):
                 if response.status_code == 404:
                     raise EngineError(f"{self.name}: creative upscale {job_id} is unknown or expired",
                                       details={"engine": self.name, "provider_id": job_id}, charged="unknown")
-                if response.status_code == 200 and not _readable(response) and unreadable < UNREADABLE_POLLS - 1:
+                if response.is_success and not _readable(response) and unreadable < UNREADABLE_POLLS - 1:
                     # Asked again (kept 24 h): one gateway page lost an upscale made, and paid for.
                     unreadable += 1
                     continue

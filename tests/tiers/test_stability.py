@@ -472,12 +472,12 @@ async def test_a_creative_upscale_answered_with_any_2xx_is_read(engine: Stabilit
 
 
 @respx.mock
-@pytest.mark.parametrize("unreadable", [2, 3])
+@pytest.mark.parametrize(("unreadable", "status"), [(2, 200), (3, 200), (2, 203)])
 async def test_a_creative_result_that_cannot_be_read_is_asked_again_twice(engine: StabilityEngine,
-                                                                          unreadable: int) -> None:
-    # The result is kept 24 h: one gateway page with a 200 lost an upscale made, and paid for.
+                                                                          unreadable: int, status: int) -> None:
+    # The result is kept 24 h: one gateway page with a 200 (any 2xx) lost an upscale made, and paid for.
     respx.post(CREATIVE).mock(return_value=httpx.Response(200, json={"id": "job-42"}))
-    poll = respx.get(RESULT).mock(side_effect=[httpx.Response(200, text="<html>gateway</html>")] * unreadable
+    poll = respx.get(RESULT).mock(side_effect=[httpx.Response(status, text="<html>gateway</html>")] * unreadable
                                   + [done(seed=5)])
     if unreadable < 3:
         result = await engine.run(polish(creativity=0.45), RecordingProgress(), CancelToken())
