@@ -266,6 +266,8 @@ class OpenAIImagesEngine(CloudEngine):
         return result()
 
     def _error(self, response: httpx.Response, request_id: str | None) -> EngineError:
+        if response.status_code < 400:  # no refusal, whatever its body says: it may have billed
+            return self.http.fail(response)
         code = _error_code(response)
         if response.status_code == 400 and code in ("moderation_blocked", "content_policy_violation"):
             return ContentFiltered(

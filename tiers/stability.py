@@ -424,6 +424,8 @@ class StabilityEngine(CloudEngine):
         return _sized_as_asked(image, req), provider_seed(seed), reason
 
     def _error(self, response: httpx.Response) -> EngineError:
+        if response.status_code < 400:  # no refusal, whatever its body says: it may have billed
+            return self.http.fail(response)
         try:
             body = response.json()
         except ValueError:

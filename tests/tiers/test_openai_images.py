@@ -231,7 +231,8 @@ async def test_any_2xx_is_read_as_the_answer(engine: OpenAIImagesEngine) -> None
 
 
 @respx.mock
-@pytest.mark.parametrize("response", [httpx.Response(204), httpx.Response(302, json=ok_body())])
+@pytest.mark.parametrize("response", [httpx.Response(204), httpx.Response(302, json=ok_body()),
+                                      httpx.Response(302, json={"error": {"code": "insufficient_quota"}})])
 async def test_an_answer_neither_read_nor_refused_is_charged(engine: OpenAIImagesEngine,
                                                             response: httpx.Response) -> None:
     route = respx.post(URL).mock(return_value=response)

@@ -94,7 +94,8 @@ async def test_any_2xx_is_read_as_the_answer(engine: StabilityEngine) -> None:
 
 
 @respx.mock
-@pytest.mark.parametrize("response", [httpx.Response(204), httpx.Response(307, json=ok().json())])
+@pytest.mark.parametrize("response", [httpx.Response(204), httpx.Response(307, json=ok().json()),
+                                      httpx.Response(307, json={"name": "content_moderation"})])
 async def test_an_answer_neither_read_nor_refused_is_charged(engine: StabilityEngine,
                                                             response: httpx.Response) -> None:
     route = respx.post(SD3).mock(return_value=response)
