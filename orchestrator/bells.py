@@ -16,6 +16,9 @@ a spurious one a query; the looks on a timer stay as the fallback.
   folder and sockets are then made group-writable too, whatever the umask.
 - PostgreSQL (processes on several hosts): `NOTIFY` inside the committing transaction, so it is
   delivered on commit only and never on a rollback, and one `LISTEN` connection per process.
+  A listener that stops reading (its process SIGSTOPped, a paused VM) holds every notification
+  since in the server's queue; full, it would fail every commit. So the bells go quiet while the
+  queue is over half full, and the looks on a timer carry on until it drains.
 """
 
 from __future__ import annotations
@@ -23,11 +26,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import secrets
 import socket
 import stat
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -47,6 +52,10 @@ MIN_GAP_SECONDS = 0.01
 # How long the PostgreSQL listener waits for a notification before checking that it should stop.
 LISTEN_TIMEOUT_SECONDS = 1.0
 RECONNECT_SECONDS = 5.0
+# The share of PostgreSQL's notification queue (8 GB by default) over which no process rings: a
+# commit whose NOTIFY finds it full fails. How often the listener looks at it, in seconds.
+QUEUE_QUIET_ABOVE = 0.5
+QUEUE_LOOK_SECONDS = 10.0
 # sun_path holds 108 bytes on Linux, its terminating NUL included.
 MAX_SOCKET_PATH = 107
 
@@ -270,9 +279,21 @@ class PostgresBell(Bell):
         self.connect_args = postgres_connect_args(url)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.quiet = False  # the server's notification queue is too full to ring (see the module docstring)
 
     def before_commit(self, session: Any) -> None:
-        session.execute(text("SELECT pg_notify(:channel, :tag)"), {"channel": CHANNEL, "tag": self.tag})
+        if not self.quiet:
+            session.execute(text("SELECT pg_notify(:channel, :tag)"), {"channel": CHANNEL, "tag": self.tag})
+
+    def _look_at_the_queue(self, conn: Any) -> None:
+        usage = float(conn.execute("SELECT pg_notification_queue_usage()").fetchone()[0])
+        if usage > QUEUE_QUIET_ABOVE and not self.quiet:
+            log.warning("PostgreSQL's notification queue is %.0f%% full: a process listening on this database "
+                        "has stopped reading (SIGSTOPped, paused; the server's log names its pid). Bells are "
+                        "quiet until it drains, and changes are seen every ORCH_POLL_INTERVAL", usage * 100)
+        elif usage <= QUEUE_QUIET_ABOVE and self.quiet:
+            log.info("PostgreSQL's notification queue has drained; bells ring again")
+        self.quiet = usage > QUEUE_QUIET_ABOVE
 
     def listen(self, on_ring: Callable[[], None]) -> None:
         super().listen(on_ring)
@@ -302,7 +323,11 @@ class PostgresBell(Bell):
                     outage.recovered()
                     # Changes made while no connection listened are caught up by one look.
                     self._heard()
+                    looked = -math.inf
                     while not self._stop.is_set():
+                        if time.monotonic() - looked >= QUEUE_LOOK_SECONDS:
+                            self._look_at_the_queue(conn)
+                            looked = time.monotonic()
                         for notice in conn.notifies(timeout=LISTEN_TIMEOUT_SECONDS):
                             if notice.payload != self.tag:
                                 self._heard()

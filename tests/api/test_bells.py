@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
@@ -469,8 +469,8 @@ def test_a_listener_that_loses_its_database_says_so_in_a_line_and_when_it_listen
         def __exit__(self, *_: object) -> None:
             return None
 
-        def execute(self, _: str) -> None:
-            return None
+        def execute(self, _: str) -> Any:
+            return Rows([(0.0,)])
 
         def notifies(self, timeout: float) -> list[object]:
             bell._stop.set()  # listening again: enough
@@ -490,3 +490,47 @@ def test_a_listener_that_loses_its_database_says_so_in_a_line_and_when_it_listen
     assert told[0][0] == "WARNING" and "server closed the connection unexpectedly" in told[0][1]
     assert "\n" not in told[0][1] and caplog.records[0].exc_info is None
     assert told[1] == ("INFO", "the bell's database connection works again (after 3 failed tries)")
+
+
+class Rows:
+    def __init__(self, rows: list[tuple[object, ...]]) -> None:
+        self.rows = rows
+
+    def fetchone(self) -> tuple[object, ...]:
+        return self.rows[0]
+
+
+def test_bells_go_quiet_while_postgresql_s_notification_queue_is_over_half_full(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A listener that stopped reading (a SIGSTOPped worker) holds every notification since; the
+    queue full, every commit's NOTIFY would fail it, and the service with it."""
+    from orchestrator.bells import PostgresBell
+
+    bell = PostgresBell("postgresql+psycopg://orch@db.example:5432/orch")
+    usage = [0.7, 0.8, 0.2]
+
+    class Connection:
+        def execute(self, sql: str) -> Rows:
+            assert sql == "SELECT pg_notification_queue_usage()"
+            return Rows([(usage.pop(0),)])
+
+    class Session:
+        def __init__(self) -> None:
+            self.sent: list[dict[str, object]] = []
+
+        def execute(self, _: object, values: dict[str, object]) -> None:
+            self.sent.append(values)
+
+    session = Session()
+    with caplog.at_level(logging.INFO, logger="orchestrator.bells"):
+        bell.before_commit(session)
+        bell._look_at_the_queue(Connection())
+        bell.before_commit(session)  # quiet: nothing added to the queue
+        bell._look_at_the_queue(Connection())  # still full: told once
+        bell.before_commit(session)
+        bell._look_at_the_queue(Connection())
+        bell.before_commit(session)  # drained: rings again
+    assert len(session.sent) == 2
+    told = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert [level for level, _ in told] == ["WARNING", "INFO"], told
+    assert "70% full" in told[0][1] and "ORCH_POLL_INTERVAL" in told[0][1]
