@@ -304,7 +304,7 @@ class FalEngine(CloudEngine):
         response = await cancel.race(self.http.request(
             "GET", response_url, idempotent=True, deadline=deadline, headers=self._auth, final_if=stored_failure,
         ))
-        if response.status_code != 200:
+        if not response.is_success:  # any 2xx is the result, made and billed
             error_type = response.headers.get("x-fal-error-type")
             if stored_failure(response):  # a 5xx: fal bills none
                 raise EngineError(f"fal: the request failed ({error_type}): {error_text(response)}",

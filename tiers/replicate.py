@@ -269,7 +269,7 @@ class ReplicateEngine(CloudEngine):
         poll = await cancel.race(self.http.request(
             "GET", f"/v1/predictions/{prediction_id}", idempotent=True, deadline=deadline, headers=self._auth,
         ))
-        if poll.status_code != 200:
+        if not poll.is_success:  # any 2xx is the prediction as it stands
             raise EngineError(f"replicate: polling {prediction_id} failed (HTTP {poll.status_code}): "
                               f"{error_text(poll)}", details={"engine": self.name}, charged="unknown")
         return poll

@@ -115,6 +115,15 @@ async def test_a_result_answered_with_what_cannot_be_read_is_fetched_again(engin
 
 
 @respx.mock
+async def test_a_result_answered_with_any_2xx_is_read(engine: FalEngine, output: respx.Route) -> None:
+    # Read as a refusal, the images made (and billed) were lost.
+    _, _, result = happy_queue()
+    result.mock(return_value=httpx.Response(203, json=done().json()))
+    made = await engine.run(bridge(), NullProgress(), CancelToken())
+    assert len(made.images) == 1 and result.call_count == 1
+
+
+@respx.mock
 async def test_success_sends_draft_as_data_uri(engine: FalEngine, output: respx.Route) -> None:
     submit, poll, result_route = happy_queue()
     progress = RecordingProgress()

@@ -189,7 +189,7 @@ async def test_polls_through_several_states(engine: ReplicateEngine, output: res
         httpx.Response(200, json=prediction("starting")),
         httpx.Response(200, json=prediction("processing")),
         httpx.Response(200, json=prediction("processing")),
-        httpx.Response(200, json=prediction()),
+        httpx.Response(203, json=prediction()),  # any 2xx is the prediction: read as an error, its image was lost
     ])
     progress = RecordingProgress()
     result = await engine.run(bridge(), progress, CancelToken())
