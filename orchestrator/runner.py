@@ -138,9 +138,11 @@ class Claim:
     inherited: bool = False
     # Requests of this attempt that went out and were not answered that nothing was made.
     out: int = 0
-    # Of those, the ones its cancel left out whose work the provider, asked to withdraw it, said
-    # never ran (`Progress.withdrawn`): all of them, and the job's charge was for nothing.
+    # Of those, the ones whose work the provider, asked to withdraw it, said never ran, or that made
+    # none (`Progress.withdrawn`), and the ids of that work: all of them, every accepted one
+    # included, and the job's charge was for nothing.
     withdrawn: int = 0
+    withdrawn_ids: set[str] = field(default_factory=set)
     # The lease's length in seconds (0: not known) and when it was last taken or renewed
     # (`time.monotonic()` and `time.time()`, read before the write): until a lease from then has
     # run out, no other process can have taken the job over. A process stopped past it (SIGSTOP,
@@ -350,6 +352,7 @@ class JobProgress:
 
     async def withdrawn(self, handles: list[dict[str, Any]]) -> None:
         self.claim.withdrawn += 1
+        self.claim.withdrawn_ids.update(str(handle.get("id")) for handle in handles)
         # Told before the job's end is written, the end settles it (`JobRunner._end`).
         await self.runner.void_if_all_withdrawn(self.claim)
 
@@ -690,9 +693,11 @@ class JobRunner:
 
     async def void_if_all_withdrawn(self, claim: Claim) -> None:
         """The job's charge settled at 0 (`void_withdrawn`) once its provider said the work of
-        every request of the attempt that may have billed never ran: not while another may have
-        (an earlier image's prediction, work an earlier attempt sent), nor before the job's end."""
-        if not claim.withdrawn or claim.withdrawn < claim.out or claim.accepted or claim.inherited:
+        every request of the attempt that may have billed never ran, each it accepted included:
+        not while another may have (an earlier image's prediction, work an earlier attempt sent),
+        nor before the job's end."""
+        accepted = {str(handle.get("id")) for handle in (claim.accepted or {}).get("handles", [])}
+        if not claim.withdrawn or claim.withdrawn < claim.out or claim.inherited or not accepted <= claim.withdrawn_ids:
             return
         try:
             await asyncio.to_thread(self.void_withdrawn, claim.job)

@@ -219,10 +219,10 @@ class Progress(Protocol):
         ...
 
     async def withdrawn(self, handles: list[dict[str, Any]]) -> None:
-        """Awaited once a request the job's cancel left out (a create, see
-        `tiers._cloud.CloudEngine.send_withdrawable`) is known to have billed nothing: refused
-        (`handles` empty), or its work withdrawn and the provider said none of it ran (by
-        `Withdrawable.withdraw`'s rules). The charge the job ended with for it is settled at 0, as
+        """Awaited once a request of the job's is known to have billed nothing: one its cancel left
+        out (a create, see `tiers._cloud.CloudEngine.send_withdrawable`) refused (`handles`
+        empty), or work withdrawn, after its answer or while it was followed, that the provider
+        said never ran (by `Withdrawable.withdraw`'s rules). The charge the job ended with for it is settled at 0, as
         for an ended job's saved work (`Ledger.void_withdrawn`)."""
         ...
 

@@ -214,6 +214,9 @@ class FalEngine(CloudEngine):
         except Canceled:
             # abandoned: another process follows the request on
             if not cancel.abandoned and _taken_off_the_queue(seen, await self._cancel_remote(str(urls["cancel_url"]))):
+                # The job may have ended already, charged as if it ran (recovery's, when this
+                # worker was stopped past its lease): fal's word settles that charge.
+                await progress.withdrawn([{"id": request_id}])
                 raise Canceled("the job was canceled while its request waited in fal's queue",
                                details={"engine": self.name, "request": request_id}).unbilled() from None
             raise Canceled("the job was canceled while fal was working", charged="unknown") from None
@@ -223,6 +226,7 @@ class FalEngine(CloudEngine):
             # queue cost nothing, and another engine may take the job.
             answer = await self._cancel_remote(str(urls["cancel_url"])) if await still_holds_the_job() else None
             if _taken_off_the_queue(seen, answer):
+                await progress.withdrawn([{"id": request_id}])
                 exc.unbilled()
             else:
                 exc.charged = "unknown"

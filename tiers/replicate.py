@@ -295,6 +295,9 @@ class ReplicateEngine(CloudEngine):
         except Canceled:
             # abandoned: another process follows the prediction on
             if not cancel.abandoned and _never_ran(await self._cancel_remote(prediction_id)):
+                # The job may have ended already, charged as if it ran (recovery's, when this
+                # worker was stopped past its lease): the provider's word settles that charge.
+                await progress.withdrawn([{"id": prediction_id}])
                 raise Canceled("the job was canceled before Replicate started its prediction",
                                details={"engine": self.name, "prediction": prediction_id}).unbilled() from None
             raise Canceled("the job was canceled while Replicate was working", charged="unknown") from None
@@ -304,6 +307,7 @@ class ReplicateEngine(CloudEngine):
             # before it ran cost nothing, and another engine may take the job.
             stopped = await self._cancel_remote(prediction_id) if await still_holds_the_job() else None
             if _never_ran(stopped):
+                await progress.withdrawn([{"id": prediction_id}])
                 exc.unbilled()
             else:
                 exc.charged = "unknown"

@@ -1227,42 +1227,57 @@ def test_an_attempt_stopped_past_its_lease_sends_nothing_more_once_taken_over(se
     assert canceled.cancel.cancelled and not canceled.cancel.abandoned
 
 
-@pytest.mark.parametrize("first", ["heartbeat", "answer"])
+@pytest.mark.parametrize(("engine", "first"), [(engine, first) for engine in ("replicate", "fal")
+                                                for first in ("heartbeat", "answer")])
 def test_an_attempt_stopped_past_its_lease_withdraws_the_prediction_of_a_job_recovery_ended(
-        make_settings: SettingsFactory, first: str) -> None:
-    """A worker stopped (SIGSTOP) past its lease while Replicate's create was held open: another
-    process's recovery failed the job `interrupted`, no prediction id saved. Resumed, the attempt
-    let go of the job as if a new holder followed its work; the row had ended and nobody did, and
-    the prediction rendered, and billed, for nobody. Whichever comes first: the heartbeat finding
-    the row not its own, or the create's answer, whose id the save could no longer write."""
-    base = "https://replicate.test"
+        make_settings: SettingsFactory, engine: str, first: str) -> None:
+    """A worker stopped (SIGSTOP) past its lease while Replicate's create (fal's submit) was held
+    open: another process's recovery failed the job `interrupted`, no prediction id saved, and
+    captured its estimate for reconciliation. Resumed, the attempt let go of the job as if a new
+    holder followed its work; the row had ended and nobody did, and the prediction rendered, and
+    billed, for nobody. Whichever comes first: the heartbeat finding the row not its own, or the
+    create's answer, whose id the save could no longer write. Withdrawn unrun, its charge is
+    settled at 0, whether the cancel came before its answer or while it was followed."""
     # Answer first: no beat comes before the create is answered (the first is a third of the lease
     # away), so only the save of its id can tell.
-    built = Services.build(make_settings(replicate_api_key="r8-key", replicate_base_url=base, poll_interval=0.1,
+    built = Services.build(make_settings(replicate_api_key="r8-key", replicate_base_url="https://replicate.test",
+                                         fal_api_key="fal-key", fal_base_url="https://fal.test", poll_interval=0.1,
                                          sweep_interval=60, lease_seconds=1.5 if first == "heartbeat" else 60))
+    provider = built.scheduler.registry.get(engine)
+    assert isinstance(provider, CloudEngine)
     params = {**PARAMS, "stage": "bridge", "width": 1024, "height": 1024}
     project_id, job_id = new_id("prj"), new_id("job")
     with built.db.transaction() as s:
         project = Project(id=project_id, name="workers", policy="balanced")
         s.add(project)
         s.flush()
-        job = Job(id=job_id, project_id=project_id, stage="bridge", engine="replicate",
-                  model=built.scheduler.registry.get("replicate").model, params=params, attempts=[],
-                  estimated=39_000)
+        job = Job(id=job_id, project_id=project_id, stage="bridge", engine=engine,
+                  model=provider.model, params=params, attempts=[], estimated=8_000)
         s.add(job)
         s.flush()
         built.ledger.hold(s, project, job, job.estimated)
-    held = HeldRequest(httpx.Response(201, json={"id": "p-1", "status": "starting"}))
+    if engine == "replicate":
+        held = HeldRequest(httpx.Response(201, json={"id": "p-1", "status": "starting"}))
+        create, poll, cancel_url, method = (r"^https://replicate\.test/v1/models/.+/predictions$",
+                                            "https://replicate.test/v1/predictions/p-1",
+                                            "https://replicate.test/v1/predictions/p-1/cancel", "POST")
+        polled = httpx.Response(200, json={"id": "p-1", "status": "starting"})
+        unrun = httpx.Response(200, json={"id": "p-1", "status": "canceled", "started_at": None})
+    else:
+        queue = "https://queue.fal.test/fal-ai/nano-banana-2/requests/r-1"
+        held = HeldRequest(httpx.Response(200, json={"request_id": "r-1", "status_url": f"{queue}/status",
+                                                     "response_url": queue, "cancel_url": f"{queue}/cancel"}))
+        create, poll, cancel_url, method = r"^https://fal\.test/.+$", f"{queue}/status", f"{queue}/cancel", "PUT"
+        polled = httpx.Response(202, json={"status": "IN_QUEUE"})
+        unrun = httpx.Response(200, json={"status": "OK"})
     scheduler = built.scheduler
 
     async def scenario() -> int:
         built.bus.bind(asyncio.get_running_loop())
-        with respx.mock(base_url=base, assert_all_called=False) as replicate:
-            replicate.post(path__regex=r"^/v1/models/.+/predictions$").mock(side_effect=held)
-            replicate.get("/v1/predictions/p-1").mock(return_value=httpx.Response(200, json={
-                "id": "p-1", "status": "starting"}))
-            withdrawn = replicate.post("/v1/predictions/p-1/cancel").mock(return_value=httpx.Response(200, json={
-                "id": "p-1", "status": "canceled", "started_at": None}))
+        with respx.mock(assert_all_called=False) as mock:
+            mock.post(url__regex=create).mock(side_effect=held)
+            mock.get(poll).mock(return_value=polled)
+            withdrawn = mock.request(method, cancel_url).mock(return_value=unrun)
             await built.start()
             try:
                 await until(held.sent.is_set)
@@ -1272,13 +1287,19 @@ def test_an_attempt_stopped_past_its_lease_withdraws_the_prediction_of_a_job_rec
                     _, claim = scheduler._running[job_id]
                     await until(lambda: claim.cancel.cancelled)
                 held.answer.set()
-                await until(lambda: withdrawn.called or job_id not in scheduler._running, within=10, then=0.2)
+                await until(lambda: withdrawn.called and job_id not in scheduler._running
+                            and not provider._withdrawing, within=10, then=0.2)
                 return withdrawn.call_count
             finally:
                 await built.aclose()
 
     assert asyncio.run(scenario()) == 1
     assert row(built, job_id).status == "failed"
+    with built.db.session() as s:
+        settled = [(e.kind, e.amount, e.unreconciled) for e in s.exec(select(LedgerEntry).where(
+            col(LedgerEntry.job_id) == job_id, col(LedgerEntry.kind).in_(("capture", "adjustment")))
+            .order_by(col(LedgerEntry.id))).all()]
+    assert settled == [("capture", 8_000, False), ("adjustment", -8_000, False)]
 
 
 @pytest.mark.parametrize(("engine", "outcome"), [
