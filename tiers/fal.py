@@ -175,7 +175,7 @@ class FalEngine(CloudEngine):
         )
         if response.status_code == 404:  # no such model (retired, misspelt): another engine may serve
             raise self.model_not_served(response)
-        if response.status_code not in (200, 201, 202):
+        if not response.is_success:  # any 2xx is the request queued
             raise self._refused(response)
         queued = self._json(response)
         request_id = queued.get("request_id")
@@ -370,7 +370,7 @@ class FalEngine(CloudEngine):
         Not saved with the job (`Progress.provider_request`), which has ended by now. Returns its
         handle when fal took it off its queue, as `withdraw` judges, [] when the submit was
         refused (nothing queued), and None when the request may have run."""
-        if response.status_code not in (200, 201, 202):
+        if not response.is_success:
             log.info("fal: a submit left out by a cancel was answered HTTP %d: nothing to cancel",
                      response.status_code)
             return [] if 400 <= response.status_code < 500 else None
@@ -414,6 +414,8 @@ class FalEngine(CloudEngine):
     def _refused(self, response: httpx.Response) -> EngineError:
         """fal's validation body is `{"detail": [{"loc", "msg", "type"}]}`; a `type` of
         `content_policy_violation` is moderation, not bad input."""
+        if response.status_code < 400:  # no refusal, whatever its body says: it may have billed
+            return self.http.fail(response)
         try:
             detail = response.json().get("detail")
         except (ValueError, AttributeError):

@@ -215,7 +215,7 @@ class ReplicateEngine(CloudEngine):
                 f"replicate: the create was answered HTTP {response.status_code} while it was held open; the "
                 "prediction may exist and be billed, so it is not created again",
                 details={"engine": self.name, "status": response.status_code}, charged="unknown")
-        if response.status_code not in (200, 201, 202):
+        if not response.is_success:  # any 2xx is the prediction made
             raise self._refused(response)
         prediction = self._json(response)
         progress.provider_request(str(prediction["id"]))
@@ -366,7 +366,7 @@ class ReplicateEngine(CloudEngine):
         Not saved with the job (`Progress.provider_request`), which has ended by now. Returns its
         handle when Replicate said it never ran, as `withdraw` judges (`_never_ran`), [] when the
         create was refused (no prediction made), and None when one may have run."""
-        if response.status_code not in (200, 201, 202):
+        if not response.is_success:
             if maybe_created(response):
                 log.warning("replicate: a create left out by a cancel was answered HTTP %d; a prediction it may "
                             "have made has no id to cancel it by, and runs until its Cancel-After",

@@ -115,6 +115,23 @@ async def test_a_result_answered_with_what_cannot_be_read_is_fetched_again(engin
 
 
 @respx.mock
+async def test_a_submit_answered_with_any_2xx_is_followed(engine: FalEngine, output: respx.Route) -> None:
+    # Read as a refusal, the request queued (and billed once run) was left to run for nobody.
+    submit, _, _ = happy_queue()
+    submit.mock(return_value=httpx.Response(203, json=queued()))
+    made = await engine.run(bridge(), NullProgress(), CancelToken())
+    assert len(made.images) == 1
+
+
+@respx.mock
+async def test_a_redirect_naming_a_validation_error_is_no_refusal(engine: FalEngine) -> None:
+    respx.post(SUBMIT).mock(return_value=httpx.Response(307, json={"detail": [{"msg": "bad", "type": "x"}]}))
+    with pytest.raises(EngineError) as info:
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    assert info.value.charged == "unknown"
+
+
+@respx.mock
 async def test_a_result_answered_with_any_2xx_is_read(engine: FalEngine, output: respx.Route) -> None:
     # Read as a refusal, the images made (and billed) were lost.
     _, _, result = happy_queue()

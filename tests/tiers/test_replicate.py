@@ -184,7 +184,8 @@ async def test_read_timeout_on_poll_is_retried(
 
 @respx.mock
 async def test_polls_through_several_states(engine: ReplicateEngine, output: respx.Route) -> None:
-    respx.post(CREATE).mock(return_value=httpx.Response(201, json=prediction("starting")))
+    # Any 2xx is the prediction: read as a refusal, it ran, and billed, for nobody.
+    respx.post(CREATE).mock(return_value=httpx.Response(203, json=prediction("starting")))
     poll = respx.get(POLL).mock(side_effect=[
         httpx.Response(200, json=prediction("starting")),
         httpx.Response(200, json=prediction("processing")),
