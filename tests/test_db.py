@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -166,8 +167,10 @@ def test_ping_waits_out_a_write_that_holds_the_lock_briefly(tmp_path: Path, monk
     other.execute("BEGIN IMMEDIATE")
     release = threading.Timer(0.2, lambda: other.execute("ROLLBACK"))
     try:
+        started = time.monotonic()
         release.start()
         db.ping()
+        assert time.monotonic() - started >= 0.15  # it waited for the write, and did not fail
     finally:
         release.join()
         other.close()
