@@ -4,13 +4,15 @@ bugs fail their own work, never the service or another engine's. Built-ins are n
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import dataclasses
 import inspect
 import logging
+import threading
 import time
 from collections.abc import Awaitable, Callable, Generator
 from datetime import UTC, datetime
-from typing import Any, Generic, TypeVar, get_args
+from typing import Any, Generic, TypeVar, cast, get_args
 
 from orchestrator.errors import Canceled, NoPrice, OrchestratorError
 from orchestrator.schemas import storable
@@ -42,10 +44,19 @@ PLUGIN_CANCEL_GRACE = 30.0
 LOOP_HOLD_LIMIT = 0.5
 # Seconds between two warnings of one engine's holds: one that blocks does so on every job.
 LOOP_HOLD_WARN_EVERY = 600.0
+# Seconds a third-party engine's `availability()` or `estimate()` may take. Both are asked while a
+# request waits, and a submit asks them again under the database's write lock (see
+# `JobService.submit`): one blocked on a licence server or a price list held every write of the
+# service (job ends, claims, heartbeats) until it answered.
+PLUGIN_CALL_LIMIT = 2.0
 
 
 class PluginFault(Exception):
     """A third-party engine broke a rule no built-in breaks; the job fails as on any engine bug."""
+
+
+class Overdue(Exception):
+    """A third-party engine's synchronous call did not answer within its limit (`PLUGIN_CALL_LIMIT`)."""
 
 
 # What a plugin's synchronous calls may raise and still be only its own failure: KeyboardInterrupt
@@ -108,10 +119,11 @@ class ThirdParty:
     """A third-party engine, held so that its bugs fail its own work, never the service or another
     engine's: an `availability()` that raises, or answers something other than `(bool, reason)`,
     reads as unavailable (the service still starts, and routing goes on to the rule's next
-    engine), an `estimate()` that raises as no price (unknown is never free), `prices()` and
-    `model` as none; a `run()` that ignores its cancel is stopped after `cancel_grace` seconds,
-    and one that raises `CancelledError`, `SystemExit`, `KeyboardInterrupt` or any other
-    `BaseException` of its own fails its job (asyncio lets those end the event loop itself).
+    engine), an `estimate()` that raises as no price (unknown is never free), and either one that
+    does not answer within `call_limit` seconds so too; `prices()` and `model` that raise as none;
+    a `run()` that ignores its cancel is stopped after `cancel_grace` seconds, and one that raises
+    `CancelledError`, `SystemExit`, `KeyboardInterrupt` or any other `BaseException` of its own
+    fails its job (asyncio lets those end the event loop itself).
     One whose code holds the event loop longer than `loop_hold_limit` seconds between two awaits
     (a blocking call in `run()`) is told in the log and in its note (`/v1/engines`): it cannot be
     stopped, and every request waits meanwhile. Everything else is the engine's own (`__getattr__`)."""
@@ -124,6 +136,9 @@ class ThirdParty:
         self.loop_hold_limit = LOOP_HOLD_LIMIT
         self._loop_held: str | None = None  # said in its note until the service stops
         self._loop_hold_warned = -LOOP_HOLD_WARN_EVERY
+        self.call_limit = PLUGIN_CALL_LIMIT
+        self._overdue: dict[str, tuple[object, float]] = {}  # by method: the call past its limit, and its start
+        self._overdue_lock = threading.Lock()
 
     def __getattr__(self, attr: str) -> Any:
         return getattr(self._engine, attr)
@@ -161,9 +176,52 @@ class ThirdParty:
                         "blocking work in asyncio.to_thread (said at most every %.0f minutes)", self.name, seconds,
                         method, LOOP_HOLD_WARN_EVERY / 60)
 
+    def _limited(self, method: str, call: Callable[[], T]) -> T:
+        """`call()` on a thread of its own, given `call_limit` seconds; `Overdue` past them. While
+        a call of `method` is past its limit and still running, the next ones are refused at once:
+        a plugin that hangs holds one thread, and one request's wait, not every request's."""
+        with self._overdue_lock:
+            hung = self._overdue.get(method)
+        if hung is not None:
+            raise Overdue(f"its {method}() has not answered for {time.monotonic() - hung[1]:.0f} s")
+        token, started = object(), time.monotonic()
+        outcome: list[tuple[bool, Any]] = []
+        done = threading.Event()
+        context = contextvars.copy_context()
+
+        def target() -> None:
+            try:
+                outcome.append((True, context.run(call)))
+            except BaseException as exc:  # raised again on the caller's thread, as a direct call raised it
+                outcome.append((False, exc))
+            finally:
+                done.set()
+                with self._overdue_lock:
+                    if self._overdue.get(method, (None,))[0] is token:
+                        del self._overdue[method]
+                        log.info("engine %s: its %s() answered after %.1f s", self.name, method,
+                                 time.monotonic() - started)
+
+        threading.Thread(target=target, name=f"{self.name}.{method}", daemon=True).start()
+        if not done.wait(self.call_limit):
+            with self._overdue_lock:
+                late = not done.is_set()
+                if late:
+                    self._overdue[method] = (token, started)
+            if late:
+                log.warning("engine %s: its %s() did not answer within %g s; it is asked again once it has",
+                            self.name, method, self.call_limit)
+                raise Overdue(f"its {method}() did not answer within {self.call_limit:g} s")
+        ok, value = outcome[0]
+        if not ok:
+            raise value
+        return cast(T, value)
+
     def availability(self) -> tuple[bool, str | None]:
         try:
-            answer = self._engine.availability()
+            answer = self._limited("availability", self._engine.availability)
+        except Overdue as exc:
+            return False, str(exc)
         except FAULTS as exc:
             log.exception("engine %s: availability() failed", self.name)
             return False, f"its availability check failed: {type(exc).__name__}: {exc}"[:500]
@@ -185,7 +243,9 @@ class ThirdParty:
 
     def estimate(self, req: RenderRequest) -> int:
         try:
-            return self._engine.estimate(req)
+            return self._limited("estimate", lambda: self._engine.estimate(req))
+        except Overdue as exc:
+            raise NoPrice(f"engine '{self.name}': {exc}", details={"engine": self.name}) from None
         except OrchestratorError:
             raise
         except FAULTS as exc:

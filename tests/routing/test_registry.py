@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from importlib.metadata import EntryPoint
 from pathlib import Path
@@ -15,6 +17,7 @@ from orchestrator.errors import NotFound
 from tests.fakes import FakePaidEngine
 from tests.routing import run_draft, wait_for_job
 from tests.routing.conftest import SettingsFactory, running, write_policies
+from tiers import guard
 from tiers import registry as registry_module
 from tiers.base import EngineContext, RenderRequest
 from tiers.gemini import GeminiEngine
@@ -296,6 +299,72 @@ def test_a_plugin_that_raises_is_unavailable_or_unpriced_and_the_service_runs_on
         assert explained.json()["error"]["code"] == "no_route", explained.text
         if fault == "estimate":
             assert "its estimate failed: ZeroDivisionError" in explained.text
+
+
+# Set: the hanging plugin's calls answer (each waits for it, a licence server that never replies).
+ANSWER = threading.Event()
+
+
+class Hanging(FakePaidEngine):
+    def __init__(self, ctx: EngineContext, method: str) -> None:
+        super().__init__(ctx, name="hanging")
+        self.method = method
+
+    def availability(self) -> tuple[bool, str | None]:
+        if self.method == "availability":
+            ANSWER.wait(60)
+        return super().availability()
+
+    def estimate(self, req: RenderRequest) -> int:
+        if self.method == "estimate":
+            ANSWER.wait(60)
+        return super().estimate(req)
+
+
+def hanging_availability(ctx: EngineContext) -> Hanging:
+    return Hanging(ctx, "availability")
+
+
+def hanging_estimate(ctx: EngineContext) -> Hanging:
+    return Hanging(ctx, "estimate")
+
+
+@pytest.mark.parametrize("method", ["availability", "estimate"])
+def test_a_plugin_whose_check_hangs_is_passed_over_after_its_limit_and_used_again_once_it_answers(
+        new_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, method: str) -> None:
+    """Both are asked while a request waits, and again by a submit under the database's write
+    lock: one that blocked held every request, and every write of the service, for as long."""
+    monkeypatch.setattr(guard, "PLUGIN_CALL_LIMIT", 0.3)
+    monkeypatch.setattr(registry_module, "entry_points", lambda *, group: [ep("hanging", f"{HERE}:hanging_{method}")])
+    policies = write_policies(tmp_path / "policies", {"studio": (
+        'name = "studio"\n[[rules]]\nname = "all"\nmatch = {}\nengines = ["hanging", "lite", "local-hifi"]\n')})
+    ANSWER.set()
+    try:
+        with running(new_settings(policy_dir=policies, policy="studio")) as client:
+            project = client.post("/v1/projects", json={"name": "p"}).json()["id"]
+            [draft] = run_draft(client, project)["assets"]
+            ANSWER.clear()  # from here on, its licence server is away
+            body = {"stage": "bridge", "source_asset_id": draft}
+            late = client.post("/v1/route/explain", json=body)
+            again = client.post("/v1/route/explain", json=body)
+            ANSWER.set()
+            deadline = time.monotonic() + 30
+            while (answered := client.post("/v1/route/explain", json=body)).json().get("engine") != "hanging":
+                assert time.monotonic() < deadline, answered.text
+                time.sleep(0.05)
+    finally:
+        ANSWER.set()
+
+    def skipped(response: Any) -> str:
+        assert response.status_code == 200, response.text
+        assert response.json()["engine"] == "local-hifi", response.text  # the rule's next engine took it
+        [hanging] = [c for c in response.json()["routing"]["candidates"] if c["engine"] == "hanging"]
+        return str(hanging["skipped"])
+
+    told = "unavailable" if method == "availability" else "unpriced"
+    assert skipped(late).startswith(f"{told}: ") and f"its {method}() did not answer within 0.3 s" in skipped(late)
+    # While that call still hangs, the next is refused at once, not made to wait (and a thread spent) again.
+    assert f"its {method}() has not answered for " in skipped(again)
 
 
 class Stubborn(FakePaidEngine):
