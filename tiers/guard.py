@@ -139,6 +139,7 @@ class ThirdParty:
         self.call_limit = PLUGIN_CALL_LIMIT
         self._overdue: dict[str, tuple[object, float]] = {}  # by method: the call past its limit, and its start
         self._overdue_lock = threading.Lock()
+        self._overdue_warned: dict[str, float] = {}  # by method: when its last late call was warned of
 
     def __getattr__(self, attr: str) -> Any:
         return getattr(self._engine, attr)
@@ -209,8 +210,15 @@ class ThirdParty:
                 if late:
                     self._overdue[method] = (token, started)
             if late:
-                log.warning("engine %s: its %s() did not answer within %g s; it is asked again once it has",
-                            self.name, method, self.call_limit)
+                # One that is always slow is late on every call: said once every LOOP_HOLD_WARN_EVERY.
+                now = time.monotonic()
+                warn = now - self._overdue_warned.get(method, -LOOP_HOLD_WARN_EVERY) >= LOOP_HOLD_WARN_EVERY
+                if warn:
+                    self._overdue_warned[method] = now
+                log.log(logging.WARNING if warn else logging.DEBUG,
+                        "engine %s: its %s() did not answer within %g s; it is asked again once it has "
+                        "(said at most every %.0f minutes)", self.name, method, self.call_limit,
+                        LOOP_HOLD_WARN_EVERY / 60)
                 raise Overdue(f"its {method}() did not answer within {self.call_limit:g} s")
         ok, value = outcome[0]
         if not ok:

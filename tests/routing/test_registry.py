@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -365,6 +366,30 @@ def test_a_plugin_whose_check_hangs_is_passed_over_after_its_limit_and_used_agai
     assert skipped(late).startswith(f"{told}: ") and f"its {method}() did not answer within 0.3 s" in skipped(late)
     # While that call still hangs, the next is refused at once, not made to wait (and a thread spent) again.
     assert f"its {method}() has not answered for " in skipped(again)
+
+
+def test_a_plugin_late_on_every_call_is_warned_of_once_and_a_late_answer_is_told(
+        caplog: pytest.LogCaptureFixture) -> None:
+    plugin = ThirdParty(Hanging(EngineContext(settings=None), "availability"))  # type: ignore[arg-type]
+    plugin.call_limit = 0.05
+    caplog.set_level(logging.DEBUG, logger="tiers.guard")
+    ANSWER.set()
+    assert plugin.availability() == (True, None)
+    try:
+        for _ in range(2):  # two late calls, each answered after its limit
+            ANSWER.clear()
+            available, why = plugin.availability()
+            assert available is False and why == "its availability() did not answer within 0.05 s"
+            ANSWER.set()
+            deadline = time.monotonic() + 10
+            while plugin.availability() != (True, None):  # asked again once the late one has answered
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+    finally:
+        ANSWER.set()
+    told = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "tiers.guard"]
+    assert [level for level, _ in told if "did not answer" in _] == ["WARNING", "DEBUG"]
+    assert sum("its availability() answered after" in message for _, message in told) == 2
 
 
 class Stubborn(FakePaidEngine):
