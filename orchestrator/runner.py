@@ -1245,9 +1245,16 @@ class JobRunner:
             return  # already stopping: a cancel through this process
         if row is not None and row.attempt == claim.attempt and _finished_by_its_worker(row):
             return  # ended by this very attempt since the caller looked
-        canceled = row is not None and row.status == "canceled"
+        if row is None:
+            what = "deleted"
+        elif row.status == "canceled":
+            what = "canceled"
+        elif row.status in TERMINAL:  # recovery failed it while this worker was stopped past its lease
+            what = f"ended ({row.status}) by another process"
+        else:
+            what = taken
         log.warning("job %s was %s while this worker held it; stopping this worker's attempt %d",
-                    claim.job.id, "canceled" if canceled else taken, claim.attempt)
+                    claim.job.id, what, claim.attempt)
         claim.cancel.cancel(abandon=row is not None and row.status not in TERMINAL)
 
     async def _work_still_ours(self, claim: Claim) -> bool:

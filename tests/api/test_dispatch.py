@@ -479,7 +479,8 @@ def test_the_heartbeat_stops_an_attempt_canceled_through_another_process(
 
 
 @pytest.mark.parametrize("recovered", ["failed", "queued"])
-def test_the_heartbeat_lets_go_of_an_attempt_another_process_recovered(services: Services, recovered: str) -> None:
+def test_the_heartbeat_lets_go_of_an_attempt_another_process_recovered(services: Services, recovered: str,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
     # The lease ran out while this process was still working (a stalled event loop); another
     # process's recovery failed the job 'interrupted' without a new attempt, or queued it again.
     # This attempt must stop, and leave its provider work running only for an attempt that follows
@@ -492,6 +493,9 @@ def test_the_heartbeat_lets_go_of_an_attempt_another_process_recovered(services:
             status=recovered, error=error if recovered == "failed" else None))
     services.scheduler._renew([claim])
     assert claim.cancel.cancelled and claim.cancel.abandoned == (recovered == "queued")
+    told = ("ended (failed) by another process" if recovered == "failed"
+            else "recovered (its lease had run out)")  # a failed job is taken over by nobody
+    assert f"job {job_id} was {told} while this worker held it" in caplog.text
 
 
 def test_a_progress_write_that_fails_does_not_fail_the_render(services: Services, monkeypatch: pytest.MonkeyPatch,
