@@ -44,10 +44,10 @@ PLUGIN_CANCEL_GRACE = 30.0
 LOOP_HOLD_LIMIT = 0.5
 # Seconds between two warnings of one engine's holds: one that blocks does so on every job.
 LOOP_HOLD_WARN_EVERY = 600.0
-# Seconds a third-party engine's `availability()` or `estimate()` may take. Both are asked while a
-# request waits, and a submit asks them again under the database's write lock (see
-# `JobService.submit`): one blocked on a licence server or a price list held every write of the
-# service (job ends, claims, heartbeats) until it answered.
+# Seconds a third-party engine's `availability()`, `estimate()` or `prices()` may take. All are
+# asked while a request waits, and a submit asks the first two again under the database's write
+# lock (see `JobService.submit`): one blocked on a licence server or a price list held every write
+# of the service (job ends, claims, heartbeats) until it answered.
 PLUGIN_CALL_LIMIT = 2.0
 
 
@@ -120,7 +120,8 @@ class ThirdParty:
     engine's: an `availability()` that raises, or answers something other than `(bool, reason)`,
     reads as unavailable (the service still starts, and routing goes on to the rule's next
     engine), an `estimate()` that raises as no price (unknown is never free), and either one that
-    does not answer within `call_limit` seconds so too; `prices()` and `model` that raise as none;
+    does not answer within `call_limit` seconds so too; `prices()` and `model` that raise as none,
+    and `prices()` that does not answer in time too;
     a `run()` that ignores its cancel is stopped after `cancel_grace` seconds, and one that raises
     `CancelledError`, `SystemExit`, `KeyboardInterrupt` or any other `BaseException` of its own
     fails its job (asyncio lets those end the event loop itself).
@@ -240,7 +241,9 @@ class ThirdParty:
 
     def prices(self) -> dict[str, Any]:
         try:
-            prices = self._engine.prices()
+            prices = self._limited("prices", self._engine.prices)
+        except Overdue:
+            return {}  # said in the log; every GET /v1/engines waited, and held a request thread, as long
         except FAULTS:
             log.exception("engine %s: prices() failed", self.name)
             return {}

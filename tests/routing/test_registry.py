@@ -321,6 +321,11 @@ class Hanging(FakePaidEngine):
             ANSWER.wait(60)
         return super().estimate(req)
 
+    def prices(self) -> dict[str, Any]:
+        if self.method == "prices":
+            ANSWER.wait(60)
+        return super().prices()
+
 
 def hanging_availability(ctx: EngineContext) -> Hanging:
     return Hanging(ctx, "availability")
@@ -390,6 +395,23 @@ def test_a_plugin_late_on_every_call_is_warned_of_once_and_a_late_answer_is_told
     told = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "tiers.guard"]
     assert [level for level, _ in told if "did not answer" in _] == ["WARNING", "DEBUG"]
     assert sum("its availability() answered after" in message for _, message in told) == 2
+
+
+def test_a_plugin_whose_price_list_hangs_lists_no_prices_until_it_answers() -> None:
+    """`GET /v1/engines` asks it: each dashboard's poll held a request thread for as long."""
+    plugin = ThirdParty(Hanging(EngineContext(settings=None), "prices"))  # type: ignore[arg-type]
+    plugin.call_limit = 0.05
+    ANSWER.clear()
+    try:
+        assert plugin.prices() == {}
+        assert plugin.prices() == {}  # at once, while the first still hangs
+    finally:
+        ANSWER.set()
+    deadline = time.monotonic() + 10
+    while not plugin.prices():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert plugin.prices() == plugin.wrapped.prices()
 
 
 class Stubborn(FakePaidEngine):
