@@ -120,11 +120,11 @@ class ThirdParty:
     engine's: an `availability()` that raises, or answers something other than `(bool, reason)`,
     reads as unavailable (the service still starts, and routing goes on to the rule's next
     engine), an `estimate()` that raises as no price (unknown is never free), and either one that
-    does not answer within `call_limit` seconds so too; `prices()` and `model` that raise as none,
-    and `prices()` that does not answer in time too;
-    a `run()` that ignores its cancel is stopped after `cancel_grace` seconds, and one that raises
-    `CancelledError`, `SystemExit`, `KeyboardInterrupt` or any other `BaseException` of its own
-    fails its job (asyncio lets those end the event loop itself).
+    does not answer within `call_limit` seconds so too; `prices()` and `model` that raise read as
+    none, as does a `prices()` that does not answer in time; a `run()` that ignores its cancel is
+    stopped after `cancel_grace` seconds, and one that raises `CancelledError`, `SystemExit`,
+    `KeyboardInterrupt` or any other `BaseException` of its own fails its job (asyncio lets those
+    end the event loop itself).
     One whose code holds the event loop longer than `loop_hold_limit` seconds between two awaits
     (a blocking call in `run()`) is told in the log and in its note (`/v1/engines`): it cannot be
     stopped, and every request waits meanwhile. Everything else is the engine's own (`__getattr__`)."""
