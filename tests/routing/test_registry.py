@@ -376,7 +376,7 @@ def test_a_plugin_whose_check_hangs_is_passed_over_after_its_limit_and_used_agai
 def test_a_plugin_late_on_every_call_is_warned_of_once_and_a_late_answer_is_told(
         caplog: pytest.LogCaptureFixture) -> None:
     plugin = ThirdParty(Hanging(EngineContext(settings=None), "availability"))  # type: ignore[arg-type]
-    plugin.call_limit = 0.05
+    plugin.call_limit = 0.5  # a call that answers at once is never late, even on a loaded machine
     caplog.set_level(logging.DEBUG, logger="tiers.guard")
     ANSWER.set()
     assert plugin.availability() == (True, None)
@@ -384,7 +384,7 @@ def test_a_plugin_late_on_every_call_is_warned_of_once_and_a_late_answer_is_told
         for _ in range(2):  # two late calls, each answered after its limit
             ANSWER.clear()
             available, why = plugin.availability()
-            assert available is False and why == "its availability() did not answer within 0.05 s"
+            assert available is False and why == "its availability() did not answer within 0.5 s"
             ANSWER.set()
             deadline = time.monotonic() + 10
             while plugin.availability() != (True, None):  # asked again once the late one has answered
@@ -400,7 +400,7 @@ def test_a_plugin_late_on_every_call_is_warned_of_once_and_a_late_answer_is_told
 def test_a_plugin_whose_price_list_hangs_lists_no_prices_until_it_answers() -> None:
     """`GET /v1/engines` asks it: each dashboard's poll held a request thread for as long."""
     plugin = ThirdParty(Hanging(EngineContext(settings=None), "prices"))  # type: ignore[arg-type]
-    plugin.call_limit = 0.05
+    plugin.call_limit = 0.5
     ANSWER.clear()
     try:
         assert plugin.prices() == {}
