@@ -12,7 +12,6 @@ from typing import Any
 from sqlmodel import Session, col, select
 
 from orchestrator.clock import utcnow
-from orchestrator.errors import ContentUnavailable
 from orchestrator.ids import new_id
 from orchestrator.models import Asset, Job
 from orchestrator.store import ArtifactStore
@@ -66,15 +65,9 @@ def find(s: Session, store: ArtifactStore, key: str, project_id: str, source_ass
         # then mend the file, or are the next request's copy).
         for asset in assets:
             if asset.sha256 not in intact:
-                intact[asset.sha256] = _intact(store, asset.sha256)
+                intact[asset.sha256] = store.intact(asset.sha256)
         if all(intact[asset.sha256] for asset in assets):
             return assets
     return []
 
 
-def _intact(store: ArtifactStore, sha256: str) -> bool:
-    try:
-        store.get(sha256)
-    except ContentUnavailable:
-        return False
-    return True

@@ -24,6 +24,7 @@ from orchestrator.models import Asset
 from orchestrator.server import serve_in_thread
 from orchestrator.store import (
     FILE_MODE,
+    VERIFIED_SECONDS,
     ArtifactStore,
     Put,
     RecentContent,
@@ -133,6 +134,38 @@ def test_a_damaged_copy_of_the_same_bytes_is_written_again(tmp_path: Path) -> No
     path.write_bytes(data[:-1] + b"?")  # rotted: the same size (was taken as the image)
     assert store.put(data) == sha
     assert store.get(sha) == data
+
+
+def test_intact_hashes_a_file_again_only_once_its_stat_has_changed_or_its_word_is_old(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A submit of an identical paid request looks for its copy twice, once under the write lock:
+    each look read and hashed every image of the earlier result while every writer waited."""
+    store = ArtifactStore(tmp_path / "assets")
+    data = b"an image's bytes" * 64
+    sha = store.put(data)
+    reads: list[str] = []
+    get = store.get
+
+    def counted(asked: str) -> bytes:
+        reads.append(asked)
+        return get(asked)
+
+    monkeypatch.setattr(store, "get", counted)
+    assert store.intact(sha) and store.intact(sha)
+    assert len(reads) == 1  # unchanged since: the first look's word stands
+    path = store.path_for(sha)
+    before = path.stat()
+    path.write_bytes(data[:-1] + b"?")  # rotted in place, the same size
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns + 10**6))  # whatever the clock's grain
+    assert not store.intact(sha) and len(reads) == 2
+    assert not store.intact(sha) and len(reads) == 3  # a damaged file's word is never kept
+    assert store.put(data) == sha  # mended
+    assert store.intact(sha) and len(reads) == 4
+    now = time.monotonic()
+    monkeypatch.setattr(time, "monotonic", lambda: now + VERIFIED_SECONDS)
+    assert store.intact(sha) and len(reads) == 5  # its word is too old
+    path.unlink()
+    assert not store.intact(sha) and len(reads) == 6
 
 
 def test_an_unreadable_file_is_content_unavailable_and_the_same_bytes_mend_it(

@@ -169,6 +169,29 @@ def test_identical_paid_request_is_served_from_the_cache(api: httpx.Client) -> N
     assert get_json(api, f"/v1/projects/{project_id}/budget")["charged"] == 2 * PRICE
 
 
+def test_a_copy_under_a_budget_reads_the_earlier_result_s_file_once(api: httpx.Client,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Looked for before the submit's transaction and again under its write lock, the earlier
+    result's images were each read and hashed twice, once while every writer waited."""
+    from orchestrator.store import ArtifactStore
+
+    _project_id, asset_id = project_with_draft(api, {"limit": 100, "period": "month"})
+    first = wait_for_job(api, promote_ok(api, asset_id, cache=True, seed=5)["id"])
+    [made] = first["assets"]
+    sha = get_json(api, f"/v1/assets/{made}")["sha256"]
+    reads: list[str] = []
+    get = ArtifactStore.get
+
+    def counted(store: ArtifactStore, asked: str) -> bytes:
+        reads.append(asked)
+        return get(store, asked)
+
+    monkeypatch.setattr(ArtifactStore, "get", counted)
+    second = promote_ok(api, asset_id, cache=True, seed=5)
+    assert second["cost"]["cache_hit"] is True
+    assert reads.count(sha) == 1
+
+
 def test_a_copy_is_made_of_the_next_identical_job_when_the_first_s_file_is_lost(
         paid_settings_for: Callable[..., Settings], tmp_path: Path) -> None:
     """Only the first earlier job was looked at: its file lost (and an engine that does not make
