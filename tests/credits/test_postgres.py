@@ -48,6 +48,7 @@ from tests.credits import PRICE, assert_settled_once, ledger, project_with_draft
 from tests.credits.conftest import ENGINES, POLICY
 from tests.credits.test_budget import check_budget_race
 from tests.credits.test_check import check_ledger_findings
+from tests.credits.test_random_outcomes import SEEDS, run_the_mix
 from tests.test_db import check_json_columns_take_what_engines_report
 from tests.test_migrations import check_holds_marked_settled_by_0010
 
@@ -114,6 +115,11 @@ def test_json_columns_take_what_engines_report_on_postgres(postgres_url: str) ->
 
 def test_concurrent_promotions_never_overspend_on_postgres(pg_api: httpx.Client) -> None:
     check_budget_race(pg_api, total=20, fits=5)
+
+
+@pytest.mark.parametrize("seed", SEEDS[:1])
+def test_a_random_mix_of_outcomes_leaves_every_account_agreeing_on_postgres(pg_api: httpx.Client, seed: int) -> None:
+    run_the_mix(pg_api, seed)
 
 
 def test_an_archived_project_takes_no_new_job_on_postgres(pg_api: httpx.Client) -> None:
