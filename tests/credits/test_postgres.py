@@ -45,10 +45,10 @@ from tests.api import (
 )
 from tests.conftest import isolate
 from tests.credits import PRICE, assert_settled_once, ledger, project_with_draft, promote_ok
-from tests.credits.conftest import ENGINES, POLICY
+from tests.credits.conftest import ENGINES, POLICY, Service
 from tests.credits.test_budget import check_budget_race
 from tests.credits.test_check import check_ledger_findings
-from tests.credits.test_random_outcomes import SEEDS, run_the_mix
+from tests.credits.test_random_outcomes import KILL_SEEDS, SEEDS, kill_in_the_mix, run_the_mix
 from tests.test_db import check_json_columns_take_what_engines_report
 from tests.test_migrations import check_holds_marked_settled_by_0010
 
@@ -120,6 +120,14 @@ def test_concurrent_promotions_never_overspend_on_postgres(pg_api: httpx.Client)
 @pytest.mark.parametrize("seed", SEEDS[:1])
 def test_a_random_mix_of_outcomes_leaves_every_account_agreeing_on_postgres(pg_api: httpx.Client, seed: int) -> None:
     run_the_mix(pg_api, seed)
+
+
+@pytest.mark.parametrize("seed", KILL_SEEDS[:1])
+def test_a_kill_in_the_middle_of_a_random_mix_leaves_every_hold_settled_once_on_postgres(
+        seed: int, postgres_url: str, service_env: dict[str, str], tmp_path: Path,
+        paid_settings_for: Callable[..., Settings], services: list[Service], monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    kill_in_the_mix(seed, service_env, tmp_path, paid_settings_for, services, monkeypatch, capsys, postgres_url)
 
 
 def test_an_archived_project_takes_no_new_job_on_postgres(pg_api: httpx.Client) -> None:

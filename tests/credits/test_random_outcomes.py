@@ -202,9 +202,19 @@ def test_a_kill_in_the_middle_of_a_random_mix_leaves_every_hold_settled_once(
     """The mix again, with the service SIGKILLed while it runs: the next start's recovery (failed
     `interrupted`, reattached, run again) leaves the accounts agreeing, and `orchestrator check`
     finds nothing to say."""
+    kill_in_the_mix(seed, service_env, tmp_path, paid_settings_for, services, monkeypatch, capsys)
+
+
+def kill_in_the_mix(seed: int, service_env: dict[str, str], tmp_path: Path, paid_settings_for: Callable[..., Settings],
+                    services: list[Service], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+                    database_url: str | None = None) -> None:
+    if database_url is not None:
+        service_env["ORCH_DATABASE_URL"] = database_url
+        monkeypatch.setenv("ORCH_DATABASE_URL", database_url)  # for the check at the end
     # The draft in this process, where torch is imported already; the children share its data dir.
     data_dir = Path(service_env["ORCH_DATA_DIR"])
-    with serve_in_thread(paid_settings_for(data_dir)) as base, httpx.Client(base_url=base, timeout=30.0) as client:
+    settings = paid_settings_for(data_dir, database_url=database_url)
+    with serve_in_thread(settings) as base, httpx.Client(base_url=base, timeout=30.0) as client:
         project_id, asset_id = project_with_draft(client, {"limit": PRICE * FITS, "period": "month"})
     planned = plan(seed)
     by_prompt = {job.prompt: job for job in planned}
