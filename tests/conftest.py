@@ -31,6 +31,12 @@ VENDOR_KEYS = ("GEMINI_API_KEY", "OPENAI_API_KEY", "STABILITY_API_KEY", "REPLICA
 SettingsFactory = Callable[..., Settings]
 
 
+def random_runs(default: int) -> int:
+    """How many seeds a seeded random test runs: `default`, or `TEST_RANDOM_RUNS` to sweep more
+    (`TEST_RANDOM_RUNS=50 make test`); a failing run names its seed, which replays its plan."""
+    return int(os.environ.get("TEST_RANDOM_RUNS") or default)
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
     """What the imports and the collection made (torch, diffusers, 2,500 tests: half a million
     objects) lives as long as the run: frozen, the cycle collector no longer walks it at each full

@@ -28,10 +28,11 @@ from orchestrator import identity
 from orchestrator.settings import Settings
 from orchestrator.store import read_record
 from tests.api import TERMINAL, create_project, read_events, wait_for_job
-from tests.conftest import SettingsFactory
+from tests.conftest import SettingsFactory, random_runs
 
 JOBS_PER_RUN = 16
-SEEDS = (1, 2)
+RUNS = 2  # unless TEST_RANDOM_RUNS says
+SEEDS = tuple(range(1, random_runs(RUNS) + 1))
 
 
 @dataclass
@@ -130,7 +131,7 @@ def test_a_random_mix_of_drafts_and_cancels_leaves_jobs_events_and_store_agreein
 
 
 def test_the_draft_mix_cancels_some_and_leaves_others() -> None:
-    drafts = [d for seed in SEEDS for d in plan(seed)]
+    drafts = [d for seed in range(1, RUNS + 1) for d in plan(seed)]
     assert 6 <= sum(d.cancel_after is not None for d in drafts) <= len(drafts) - 6
     assert {d.body["n"] for d in drafts} == {1, 2, 3, 4}
     assert len({(d.body["width"], d.body["height"]) for d in drafts}) >= 3

@@ -25,6 +25,7 @@ from orchestrator.cli import main
 from orchestrator.server import serve_in_thread
 from orchestrator.settings import Settings
 from tests import fakes
+from tests.conftest import random_runs
 from tests.credits import (
     PRICE,
     TERMINAL,
@@ -50,8 +51,6 @@ BEHAVIOURS: list[tuple[str, dict[str, str]]] = [
 ]
 JOBS_PER_RUN = 24
 FITS = 12  # the budget takes this many holds at once: later submits meet a 402 until some settle
-SEEDS = (1, 2, 3)
-KILL_SEEDS = (4, 11)  # each with a hanging job on each engine
 ENGINES = ("fake-paid", "fake-queue")  # fake-queue's work is found again after a kill (tests/fakes.py)
 
 
@@ -80,6 +79,23 @@ def plan(seed: int) -> list[Planned]:
                                tags={"fake": behaviour, **tags} if behaviour else {}, delay=rng.uniform(0, 0.1),
                                cancel_after=rng.uniform(0, 0.3) if cancel else None))
     return planned
+
+
+def kill_seeds(count: int) -> tuple[int, ...]:
+    """The first `count` seeds whose plan hangs a job on each engine: a kill that found no work at
+    a provider would test little of recovery."""
+    seeds: list[int] = []
+    seed = 1
+    while len(seeds) < count:
+        if {job.engine for job in plan(seed) if job.behaviour == "hang"} == set(ENGINES):
+            seeds.append(seed)
+        seed += 1
+    return tuple(seeds)
+
+
+RUNS, KILL_RUNS = 2, 1  # unless TEST_RANDOM_RUNS says
+SEEDS = tuple(range(1, random_runs(RUNS) + 1))
+KILL_SEEDS = kill_seeds(random_runs(KILL_RUNS))
 
 
 def carry_out(base_url: str, asset_id: str, job: Planned, *, killed: bool = False) -> None:
@@ -270,14 +286,12 @@ def kill_in_the_mix(seed: int, service_env: dict[str, str], tmp_path: Path, paid
 
 
 def test_the_mix_covers_the_ways_a_paid_job_ends() -> None:
-    # The runs above only mean something if their plans reach these; a change to BEHAVIOURS or the
-    # seeds that loses one shows here, not as a quietly weaker test.
-    planned = [job for seed in SEEDS + KILL_SEEDS for job in plan(seed)]
+    # The suite's runs above only mean something if their plans reach these; a change to BEHAVIOURS
+    # or the seeds that loses one shows here, not as a quietly weaker test.
+    planned = [job for seed in (*range(1, RUNS + 1), *kill_seeds(KILL_RUNS)) for job in plan(seed)]
     behaviours = {job.behaviour for job in planned}
     for needed in ("", "fail", "crash-before-send", "timeout", "crash", "hang", "slow", "wait-before-send"):
         assert needed in behaviours, needed
     assert sum(job.cancel_after is not None and job.behaviour != "hang" for job in planned) >= 10
     assert {job.stage for job in planned} == {"promote", "polish"}
     assert {job.engine for job in planned} == set(ENGINES)
-    for seed in KILL_SEEDS:  # a kill that finds no work at a provider tests little of recovery
-        assert {job.engine for job in plan(seed) if job.behaviour == "hang"} == set(ENGINES), seed
