@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import random
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,9 +83,9 @@ def store_files(data_dir: Path) -> tuple[set[str], list[Path]]:
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_a_random_mix_of_drafts_and_cancels_leaves_jobs_events_and_store_agreeing(
-        seed: int, make_settings: SettingsFactory, start_server: Any) -> None:
+        seed: int, make_settings: SettingsFactory, start_server: Callable[[Settings], httpx.Client]) -> None:
     settings: Settings = make_settings()
-    client: httpx.Client = start_server(settings)
+    client = start_server(settings)
     project_id = create_project(client)["id"]
     drafts = plan(seed)
 
@@ -102,7 +103,7 @@ def test_a_random_mix_of_drafts_and_cancels_leaves_jobs_events_and_store_agreein
         outcomes.append(job["status"])
         if job["status"] == "succeeded":
             assert len(job["assets"]) == draft.body["n"], context
-        else:  # a draft ends otherwise only by its cancel, and keeps nothing (a local cancel costs nothing)
+        else:  # a draft ends otherwise only by its cancel, and keeps no image
             assert job["status"] == "canceled" and draft.canceled, context
             assert job["assets"] == [], context
 

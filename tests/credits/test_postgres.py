@@ -43,7 +43,7 @@ from tests.api import (
     wait_for_job,
     worker_process,
 )
-from tests.conftest import isolate
+from tests.conftest import isolate, random_runs
 from tests.credits import PRICE, assert_settled_once, ledger, project_with_draft, promote_ok
 from tests.credits.conftest import ENGINES, POLICY, Service
 from tests.credits.test_budget import check_budget_race
@@ -117,12 +117,12 @@ def test_concurrent_promotions_never_overspend_on_postgres(pg_api: httpx.Client)
     check_budget_race(pg_api, total=20, fits=5)
 
 
-@pytest.mark.parametrize("seed", SEEDS if os.environ.get("TEST_RANDOM_RUNS") else SEEDS[:1])
+@pytest.mark.parametrize("seed", SEEDS[:random_runs(1)])
 def test_a_random_mix_of_outcomes_leaves_every_account_agreeing_on_postgres(pg_api: httpx.Client, seed: int) -> None:
     run_the_mix(pg_api, seed)
 
 
-@pytest.mark.parametrize("seed", KILL_SEEDS if os.environ.get("TEST_RANDOM_RUNS") else KILL_SEEDS[:1])
+@pytest.mark.parametrize("seed", KILL_SEEDS[:random_runs(1)])
 def test_a_kill_in_the_middle_of_a_random_mix_leaves_every_hold_settled_once_on_postgres(
         seed: int, postgres_url: str, service_env: dict[str, str], tmp_path: Path,
         paid_settings_for: Callable[..., Settings], services: list[Service], monkeypatch: pytest.MonkeyPatch,
