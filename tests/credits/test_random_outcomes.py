@@ -126,9 +126,9 @@ def check_answers(planned: list[Planned]) -> dict[str, Planned]:
         if job.answer.status_code == 202:
             accepted[job.answer.json()["id"]] = job
         else:  # refused whole: the budget is full for now, or failures opened the engine's circuit
-            code = job.answer.json()["error"]["code"]
-            assert (job.answer.status_code, code) in ((402, "budget_exceeded"), (503, "no_route")), job.answer.text
-        assert all(code in (202, 409) for code in job.canceled), (job, job.canceled)
+            refusal = (job.answer.status_code, job.answer.json()["error"]["code"])
+            assert refusal in ((402, "budget_exceeded"), (503, "no_route")), job.answer.text
+        assert all(status in (202, 409) for status in job.canceled), (job, job.canceled)
     assert accepted, "every submit was refused: the run tests nothing"
     return accepted
 
