@@ -15,18 +15,23 @@ from orchestrator.clock import utcnow
 from orchestrator.ids import new_id
 from orchestrator.models import Asset, Job
 from orchestrator.store import ArtifactStore
+from tiers.base import UNKNOWN_MODEL
 
 # Earlier identical jobs a paid request may copy, oldest first, then the newest: one whose file was
 # lost is passed over for the next (a render made after it would otherwise never be copied).
 CACHE_CANDIDATES = 5
 
 
-def cache_key(engine: str, model: str, params: dict[str, Any]) -> str:
+def cache_key(engine: str, model: str, params: dict[str, Any]) -> str | None:
     """Identifies an identical paid request: engine, model, parameters (source hash and a seed
     asked for included). Left out, as they do not change what is asked: tags, and a seed the
     request left to the service (`seed_drawn`): with it in, every polish of a Gemini, OpenAI or fal
     image (which carry no seed) drew a fresh one, and never found the earlier result. (A seed an
-    engine is said to ignore stays in: `Capabilities.seeds` is no promise, Replicate's FLUX takes one.)"""
+    engine is said to ignore stays in: `Capabilities.seeds` is no promise, Replicate's FLUX takes one.)
+    None for a model its engine could not name (`UNKNOWN_MODEL`): another job's images kept under
+    that name may be another checkpoint's."""
+    if model == UNKNOWN_MODEL:
+        return None
     left_out = {"tags", "seed_drawn"} | ({"seed"} if params.get("seed_drawn") else set())
     identity = {"engine": engine, "model": model, "params": {k: v for k, v in params.items() if k not in left_out}}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()

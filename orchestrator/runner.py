@@ -70,6 +70,7 @@ from tiers.base import (
     MAX_MODEL_CHARS,
     NOTES,
     RECORDED_PARAMETERS,
+    UNKNOWN_MODEL,
     CancelToken,
     Engine,
     Reattachable,
@@ -989,6 +990,8 @@ class JobRunner:
         copies' asset ids, or None when there is nothing to copy (the job is left as it was)."""
         job = claim.job
         key = cache_key(engine, model, job.params)
+        if key is None:
+            return None
         copying = False
         leaves = leaves_machine(self.registry.get(engine))
 
@@ -1145,7 +1148,7 @@ class JobRunner:
         if not isinstance(result.model, str):  # a plugin's bug: its images are kept all the same
             log.warning("job %s: engine %s named no model (%r); 'unknown' is stored", job.id, job.engine,
                         result.model)
-            result.model = "unknown"
+            result.model = UNKNOWN_MODEL
         elif len(result.model) > MAX_MODEL_CHARS:
             # What the job and its assets can store: made and maybe billed, the images are kept.
             log.warning("job %s: engine %s named a model of %d characters; its first %d are stored",

@@ -36,6 +36,9 @@ MILLI = 1000
 # The longest engine name and model the database stores (PostgreSQL enforces its VARCHARs;
 # SQLite does not, so a longer one worked there and failed the job's writes on PostgreSQL).
 MAX_ENGINE_CHARS, MAX_MODEL_CHARS = 100, 300
+# What a job and its images record for a model their engine could not name (a plugin's `model`
+# that raised or hung): such a result is never copied for a later request (`orchestrator.cache`).
+UNKNOWN_MODEL = "unknown"
 # The longest upscaler name an AUTOMATIC1111 image's record keeps (`ORCH_A1111_UPSCALER`; the webui's
 # are under 40 characters).
 MAX_UPSCALER_CHARS = 100

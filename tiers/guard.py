@@ -18,6 +18,7 @@ from orchestrator.errors import Canceled, NoPrice, OrchestratorError
 from orchestrator.schemas import storable
 from tiers.base import (
     MAX_MODEL_CHARS,
+    UNKNOWN_MODEL,
     CancelToken,
     Capabilities,
     Engine,
@@ -44,11 +45,16 @@ PLUGIN_CANCEL_GRACE = 30.0
 LOOP_HOLD_LIMIT = 0.5
 # Seconds between two warnings of one engine's holds: one that blocks does so on every job.
 LOOP_HOLD_WARN_EVERY = 600.0
-# Seconds a third-party engine's `availability()`, `estimate()` or `prices()` may take. All are
-# asked while a request waits, and a submit asks the first two again under the database's write
-# lock (see `JobService.submit`): one blocked on a licence server or a price list held every write
-# of the service (job ends, claims, heartbeats) until it answered.
+# Seconds a third-party engine's `availability()`, `estimate()`, `prices()`, `can_reattach()`,
+# `model` or `note` may take. All are asked while a request or a recovery waits, and a submit asks
+# some again under the database's write lock (see `JobService.submit`), as a job's end reads its
+# model: one blocked on a licence server or a price list held every write of the service (job
+# ends, claims, heartbeats) until it answered.
 PLUGIN_CALL_LIMIT = 2.0
+
+
+# What `_limited` names as a property ("its model did not answer"), not as a call.
+PROPERTIES = frozenset({"model", "note"})
 
 
 class PluginFault(Exception):
@@ -148,19 +154,23 @@ class ThirdParty:
     @property
     def model(self) -> str:
         try:
-            model = self._engine.model
+            model = self._limited("model", lambda: self._engine.model)
+        except Overdue:
+            return UNKNOWN_MODEL  # said in the log
         except FAULTS:
             log.exception("engine %s: its model failed", self.name)
-            return "unknown"
+            return UNKNOWN_MODEL
         if not isinstance(model, str):
-            return "unknown"
+            return UNKNOWN_MODEL
         # As jobs store it (see the runner's cut of a result's); a NUL failed every submit's write on PostgreSQL.
         return storable(model[:MAX_MODEL_CHARS])
 
     @property
     def note(self) -> str | None:
         try:
-            note = getattr(self._engine, "note", None)
+            note = self._limited("note", lambda: getattr(self._engine, "note", None))
+        except Overdue as exc:
+            note = str(exc)
         except FAULTS:
             log.exception("engine %s: its note failed", self.name)
             note = None
@@ -180,12 +190,14 @@ class ThirdParty:
 
     def _limited(self, method: str, call: Callable[[], T]) -> T:
         """`call()` on a thread of its own, given `call_limit` seconds; `Overdue` past them. While
-        a call of `method` is past its limit and still running, the next ones are refused at once:
-        a plugin that hangs holds one thread, and one request's wait, not every request's."""
+        a call of `method` (or read of the property) is past its limit and still running, the next
+        ones are refused at once: a plugin that hangs holds one thread, and one request's wait, not
+        every request's."""
+        shown = method if method in PROPERTIES else f"{method}()"
         with self._overdue_lock:
             hung = self._overdue.get(method)
         if hung is not None:
-            raise Overdue(f"its {method}() has not answered for {time.monotonic() - hung[1]:.0f} s")
+            raise Overdue(f"its {shown} has not answered for {time.monotonic() - hung[1]:.0f} s")
         token, started = object(), time.monotonic()
         outcome: list[tuple[bool, Any]] = []
         done = threading.Event()
@@ -201,7 +213,7 @@ class ThirdParty:
                 with self._overdue_lock:
                     if self._overdue.get(method, (None,))[0] is token:
                         del self._overdue[method]
-                        log.info("engine %s: its %s() answered after %.1f s", self.name, method,
+                        log.info("engine %s: its %s answered after %.1f s", self.name, shown,
                                  time.monotonic() - started)
 
         threading.Thread(target=target, name=f"{self.name}.{method}", daemon=True).start()
@@ -217,10 +229,10 @@ class ThirdParty:
                 if warn:
                     self._overdue_warned[method] = now
                 log.log(logging.WARNING if warn else logging.DEBUG,
-                        "engine %s: its %s() did not answer within %g s; it is asked again once it has "
-                        "(said at most every %.0f minutes)", self.name, method, self.call_limit,
+                        "engine %s: its %s did not answer within %g s; it is asked again once it has "
+                        "(said at most every %.0f minutes)", self.name, shown, self.call_limit,
                         LOOP_HOLD_WARN_EVERY / 60)
-                raise Overdue(f"its {method}() did not answer within {self.call_limit:g} s")
+                raise Overdue(f"its {shown} did not answer within {self.call_limit:g} s")
         ok, value = outcome[0]
         if not ok:
             raise value
@@ -315,7 +327,10 @@ class _Reattaching(ThirdParty):
 
     def can_reattach(self, handles: list[dict[str, Any]], req: RenderRequest) -> bool:
         try:
-            return bool(self._engine.can_reattach(handles, req))  # type: ignore[attr-defined]
+            return bool(self._limited("can_reattach", lambda: self._engine.can_reattach(handles, req)))  # type: ignore[attr-defined]
+        except Overdue as exc:
+            log.warning("engine %s: whether it can follow its saved work is taken as no: %s", self.name, exc)
+            return False
         except FAULTS:
             log.exception("engine %s: can_reattach() failed", self.name)
             return False

@@ -13,14 +13,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from PIL import Image
 
 from orchestrator.errors import NotFound
-from tests.fakes import FakePaidEngine
+from tests.fakes import FakePaidEngine, FakeQueueEngine
 from tests.routing import run_draft, wait_for_job
 from tests.routing.conftest import SettingsFactory, running, write_policies
 from tiers import guard
 from tiers import registry as registry_module
-from tiers.base import EngineContext, RenderRequest
+from tiers.base import CancelToken, EngineContext, Progress, RenderedImage, RenderRequest, RenderResult
 from tiers.gemini import GeminiEngine
 from tiers.guard import ThirdParty
 from tiers.lite import LiteEngine
@@ -371,6 +372,125 @@ def test_a_plugin_whose_check_hangs_is_passed_over_after_its_limit_and_used_agai
     assert skipped(late).startswith(f"{told}: ") and f"its {method}() did not answer within 0.3 s" in skipped(late)
     # While that call still hangs, the next is refused at once, not made to wait (and a thread spent) again.
     assert f"its {method}() has not answered for " in skipped(again)
+
+
+class HangingProperty(FakeQueueEngine):
+    """A plugin whose `model`, `note` or `can_reattach()` asks a server that does not answer
+    (`ANSWER`) before it answers: the loaded checkpoint, a licence's state."""
+
+    def __init__(self, ctx: EngineContext, method: str) -> None:
+        super().__init__(ctx)
+        self.method = method
+
+    @property
+    def model(self) -> str:
+        if self.method == "model":
+            ANSWER.wait(60)
+        return "queue-1"
+
+    @property
+    def note(self) -> str | None:
+        if self.method == "note":
+            ANSWER.wait(60)
+        return "licensed"
+
+    def can_reattach(self, handles: list[dict[str, Any]], req: RenderRequest) -> bool:
+        if self.method == "can_reattach":
+            ANSWER.wait(60)
+        return True
+
+
+@pytest.mark.parametrize(("method", "late", "answered"), [
+    ("model", "unknown", "queue-1"),
+    ("note", "its note did not answer within 0.3 s", "licensed"),
+    ("can_reattach", False, True),
+])
+def test_a_plugin_whose_model_note_or_reattach_check_hangs_answers_as_unknown_after_its_limit(
+        method: str, late: object, answered: object) -> None:
+    """Each is read while a request or a recovery waits, the model by a submit and by a job's end
+    under the database's write lock: one that blocked held every write of the service as long."""
+    plugin = registry_module.checked(HangingProperty(EngineContext(settings=None), method),  # type: ignore[arg-type]
+                                     "tests:hanging")
+    assert isinstance(plugin, ThirdParty)
+    plugin.call_limit = 0.3
+
+    def ask() -> object:
+        if method == "can_reattach":
+            return plugin.can_reattach([{"id": "q-1"}], RenderRequest(stage="bridge", prompt="x"))  # type: ignore[attr-defined]
+        return getattr(plugin, method)
+
+    ANSWER.clear()
+    try:
+        started = time.monotonic()
+        assert ask() == late
+        again = ask()  # at once, while the first still hangs
+        assert time.monotonic() - started < 5
+        if method == "note":
+            assert str(again).startswith("its note has not answered for "), again
+        else:
+            assert again == late
+    finally:
+        ANSWER.set()
+    deadline = time.monotonic() + 10
+    while ask() != answered:  # asked again once the late one has answered
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
+class Nameless(FakePaidEngine):
+    """A plugin that asks a server for its loaded checkpoint, which may be away (`ODD_FAULT`
+    "model"); its price and its results do not need it."""
+
+    def __init__(self, ctx: EngineContext) -> None:
+        super().__init__(ctx, name="nameless")
+
+    @property
+    def model(self) -> str:
+        if ODD_FAULT["fault"] == "model":
+            raise RuntimeError("checkpoint server unreachable")
+        return "fake-1"
+
+    def estimate(self, req: RenderRequest) -> int:
+        return req.n * self._prices.millicredits("fake-1", "image")
+
+    async def run(self, req: RenderRequest, progress: Progress, cancel: CancelToken) -> RenderResult:
+        self.calls += 1
+        progress.step(1, 1)
+        images = [RenderedImage(Image.new("RGB", (req.width, req.height), (9, 9, 9)), req.seed)
+                  for _ in range(req.n)]
+        return RenderResult(images=images, model="fake-1", provider_request_id=f"nameless-{self.calls}")
+
+
+def nameless_factory(ctx: EngineContext) -> Nameless:
+    return Nameless(ctx)
+
+
+def test_a_paid_job_whose_plugin_could_not_name_its_model_is_never_copied(
+        new_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A copy is found by engine, model and request: with the model unknown, an earlier job's
+    images may be another checkpoint's, and the second request was charged nothing for them."""
+    monkeypatch.setattr(registry_module, "entry_points",
+                        lambda *, group: [ep("nameless", f"{HERE}:nameless_factory")])
+    policies = write_policies(tmp_path / "policies", {"studio": (
+        'name = "studio"\n[[rules]]\nname = "all"\nmatch = {}\nengines = ["nameless", "lite"]\n')})
+    with running(new_settings(policy_dir=policies, policy="studio")) as client:
+        project = client.post("/v1/projects", json={"name": "p"}).json()["id"]
+        [draft] = run_draft(client, project)["assets"]
+        monkeypatch.setitem(ODD_FAULT, "fault", "model")
+        jobs = []
+        for _ in range(2):
+            submitted = client.post(f"/v1/assets/{draft}/promote", json={"engine": "nameless", "prompt": "a barn"})
+            assert submitted.status_code == 202, submitted.text
+            jobs.append(wait_for_job(client, submitted.json()["id"]))
+        monkeypatch.setitem(ODD_FAULT, "fault", "")
+        named = [client.post(f"/v1/assets/{draft}/promote", json={"engine": "nameless", "prompt": "a barn"}).json()
+                 for _ in range(2)]
+        named = [wait_for_job(client, job["id"]) for job in named]
+    def outcome(job: dict[str, Any]) -> tuple[str, bool, float]:
+        return job["status"], job["cost"]["cache_hit"], job["cost"]["charged"]
+
+    assert [outcome(j) for j in jobs] == [("succeeded", False, 10.0)] * 2  # each rendered, and paid for
+    assert [outcome(j) for j in named] == [("succeeded", False, 10.0), ("succeeded", True, 0)]  # named: copied
 
 
 def test_a_plugin_late_on_every_call_is_warned_of_once_and_a_late_answer_is_told(
