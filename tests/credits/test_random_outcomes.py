@@ -128,6 +128,9 @@ def check_answers(planned: list[Planned]) -> dict[str, Planned]:
         else:  # refused whole: the budget is full for now, or failures opened the engine's circuit
             refusal = (job.answer.status_code, job.answer.json()["error"]["code"])
             assert refusal in ((402, "budget_exceeded"), (503, "no_route")), job.answer.text
+            if refusal[0] == 503:  # an open circuit says when its engine may be tried again
+                wait = job.answer.headers.get("Retry-After", "")
+                assert wait.isdigit() and int(wait) >= 1, (job.answer.headers, job.answer.text)
         assert all(status in (202, 409) for status in job.canceled), (job, job.canceled)
     assert accepted, "every submit was refused: the run tests nothing"
     return accepted
