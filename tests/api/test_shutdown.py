@@ -5,6 +5,7 @@ server alive, and claiming jobs, for as long as it stayed connected."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -214,7 +215,9 @@ def test_a_ctrl_c_during_a_model_load_does_not_wait_for_it(command: list[str], t
            "ORCH_CACHE_DIR": str(settings.cache_dir), "HF_HUB_OFFLINE": "1", "ORCH_LITE_PRELOAD": "true",
            "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
     port = ["--port", str(free_port())] if command[0] == "serve" else ["--out", str(tmp_path / "drafts")]
-    code = ("import time, orchestrator.services, tiers._local\n"
+    # SIGUSR1 writes every thread's stack to the log: a stop that hangs says where.
+    code = ("import faulthandler, signal, time, orchestrator.services, tiers._local\n"
+            "faulthandler.register(signal.SIGUSR1, all_threads=True)\n"
             f"orchestrator.services.DEVICE_IDLE_TIMEOUT = {120 if twice else 0.5}\n"
             "def load(*args, **kwargs):\n    print('load started', flush=True)\n    time.sleep(120)\n"
             "tiers._local.LocalRuntime._load_pipeline = load\n"
@@ -230,7 +233,15 @@ def test_a_ctrl_c_during_a_model_load_does_not_wait_for_it(command: list[str], t
             if twice:
                 time.sleep(2)  # the stop is waiting for the inference thread
                 proc.send_signal(signal.SIGINT)
-            assert proc.wait(timeout=60) == 130
+            try:
+                ended = proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.send_signal(signal.SIGUSR1)
+                with contextlib.suppress(AssertionError):
+                    wait_for_log(log_path, "(most recent call first)", proc, timeout=10)
+                said = log_path.read_text()[-8000:]
+                raise AssertionError(f"it did not end within 60 s of the Ctrl-C: {said}") from None
+            assert ended == 130
             assert time.monotonic() - began < 30
         finally:
             stop_process(proc)
