@@ -1,14 +1,14 @@
 """Drafts under a mix of sizes, batch sizes, steps and cancels at any moment: seeded random runs.
 
 The targeted tests cancel a job at one chosen point (queued, denoising, storing). Here many drafts
-of the tiny model are submitted at once and a third are canceled at random moments, which land
-wherever a busy machine's timing puts them: before the claim, between steps, after the last one,
-or too late. Whatever the order, what a client and the store see must agree: each job ends once,
-as its event stream says; a finished job has all its images and a canceled one none; every image
-is whole, carries the record of its variation, and is a file of the store; and the store keeps no
-file no asset names, nor a temporary one, nor a preview of a finished job. (At these sizes storing
-takes milliseconds, so a cancel seldom lands in it: `test_a_cancel_while_the_images_are_stored_leaves_no_file`
-pins that case.)
+of the tiny model are submitted at once and a third are canceled at random delays after their
+submit, their start or their last step, which land wherever a busy machine's timing puts them:
+before the claim, between steps, in the final decode, while the images are stored (slowed here as
+a busy disk's fsync, `store_delay`), or too late. Whatever the order, what a client and the store
+see must agree: each job ends once, as its event stream says; a finished job has all its images
+and a canceled one none; every image is whole, carries the record of its variation, and is a file
+of the store; and the store keeps no file no asset names, nor a temporary one, nor a preview of a
+finished job.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ import pytest
 
 from orchestrator import identity
 from orchestrator.settings import Settings
-from orchestrator.store import read_record
-from tests.api import TERMINAL, create_project, read_events, wait_for_job
+from orchestrator.store import ArtifactStore, Put, read_record
+from tests.api import TERMINAL, create_project, iter_sse, read_events, wait_for_job
 from tests.conftest import SettingsFactory, random_runs
 
 JOBS_PER_RUN = 16
@@ -36,13 +36,27 @@ RUNS = 2  # unless TEST_RANDOM_RUNS says
 SEEDS = tuple(range(1, random_runs(RUNS) + 1))
 
 
+# What a planned cancel is timed from: the submit's answer (it lands while queued, mostly), the
+# job's `started` event (while it denoises), or its last step's `progress` (while the last
+# latents are decoded, or the images stored).
+MOMENTS = ("submit", "started", "last step")
+
+
 @dataclass
 class Draft:
     body: dict[str, Any]
     delay: float  # before the submit
-    cancel_after: float | None  # after the submit
+    cancel_at: str | None  # one of MOMENTS: from when `cancel_after` counts
+    cancel_after: float
     job_id: str | None = None
     canceled: list[int] = field(default_factory=list)  # the cancel's status code, when one was sent
+
+
+def store_delay(seed: int) -> float:
+    """Seconds each image's store takes beyond its write, as a slow or busy disk's fsync: a cancel
+    timed from the last step then often lands while the job's images are stored (at these sizes
+    storing takes milliseconds), where a job canceled must remove the files it wrote."""
+    return random.Random(f"store {seed}").uniform(0.02, 0.1)
 
 
 def plan(seed: int) -> list[Draft]:
@@ -52,9 +66,26 @@ def plan(seed: int) -> list[Draft]:
         size = rng.choice((64, 64, 96))
         body = {"prompt": f"random drafts {seed} job {k}", "n": rng.randint(1, 4), "steps": rng.randint(1, 4),
                 "width": size, "height": rng.choice((64, size)), "seed": rng.randrange(2**32)}
-        cancel = rng.random() < 0.35
-        drafts.append(Draft(body, delay=rng.uniform(0, 0.2), cancel_after=rng.uniform(0, 0.4) if cancel else None))
+        moment = rng.choice(MOMENTS) if rng.random() < 0.35 else None
+        drafts.append(Draft(body, delay=rng.uniform(0, 0.2), cancel_at=moment,
+                            cancel_after=rng.uniform(0, 0.4 if moment == "submit" else 0.15)))
     return drafts
+
+
+def wait_for_moment(client: httpx.Client, draft: Draft) -> None:
+    """Until the draft's job reaches its cancel's moment (or has ended)."""
+    assert draft.job_id is not None
+    if draft.cancel_at == "submit":
+        return
+    with client.stream("GET", f"/v1/jobs/{draft.job_id}/events") as response:
+        for event in iter_sse(response):
+            if event.event in TERMINAL:
+                return
+            if draft.cancel_at == "started" and event.event == "started":
+                return
+            if (draft.cancel_at == "last step" and event.event == "progress"
+                    and event.data["step"] == event.data["total"]):
+                return
 
 
 def carry_out(base_url: str, project_id: str, draft: Draft) -> None:
@@ -63,7 +94,8 @@ def carry_out(base_url: str, project_id: str, draft: Draft) -> None:
         answer = client.post(f"/v1/projects/{project_id}/drafts", json=draft.body)
         assert answer.status_code == 202, answer.text
         draft.job_id = answer.json()["id"]
-        if draft.cancel_after is not None:
+        if draft.cancel_at is not None:
+            wait_for_moment(client, draft)
             time.sleep(draft.cancel_after)
             draft.canceled.append(client.post(f"/v1/jobs/{draft.job_id}/cancel").status_code)
 
@@ -83,7 +115,16 @@ def store_files(data_dir: Path) -> tuple[set[str], list[Path]]:
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_a_random_mix_of_drafts_and_cancels_leaves_jobs_events_and_store_agreeing(
-        seed: int, make_settings: SettingsFactory, start_server: Callable[[Settings], httpx.Client]) -> None:
+        seed: int, make_settings: SettingsFactory, start_server: Callable[[Settings], httpx.Client],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    real_put, delay = ArtifactStore.put_file, store_delay(seed)
+
+    def slow_put(store: ArtifactStore, data: bytes) -> Put:
+        put = real_put(store, data)
+        time.sleep(delay)
+        return put
+
+    monkeypatch.setattr(ArtifactStore, "put_file", slow_put)
     settings: Settings = make_settings()
     client = start_server(settings)
     project_id = create_project(client)["id"]
@@ -133,6 +174,7 @@ def test_a_random_mix_of_drafts_and_cancels_leaves_jobs_events_and_store_agreein
 
 def test_the_draft_mix_cancels_some_and_leaves_others() -> None:
     drafts = [d for seed in range(1, RUNS + 1) for d in plan(seed)]
-    assert 6 <= sum(d.cancel_after is not None for d in drafts) <= len(drafts) - 6
+    assert 6 <= sum(d.cancel_at is not None for d in drafts) <= len(drafts) - 6
+    assert {d.cancel_at for d in drafts} == {None, *MOMENTS}
     assert {d.body["n"] for d in drafts} == {1, 2, 3, 4}
     assert len({(d.body["width"], d.body["height"]) for d in drafts}) >= 3
