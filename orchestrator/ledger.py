@@ -106,9 +106,12 @@ class Balance:
         # said as the details say it: "0 available" read as the whole story.
         room = (f"{to_credits(available)} credits available {window}" if available >= 0 else
                 f"none available {window}: {to_credits(-available)} credits over the limit")
+        if self.held > 0:  # the project's own jobs in flight: a failure or a cancel among them frees room
+            room = f"{room}; {to_credits(self.held)} credits held by unfinished jobs"
         return BudgetExceeded(
             f"the estimate ({to_credits(amount)} credits) does not fit the budget ({room})",
             details={"estimate": to_credits(amount), "available": to_credits(available),
+                     "held": to_credits(self.held),
                      "window": {"period": self.period, "start": _iso(self.window_start),
                                 "end": _iso(self.window_end)}},
         )

@@ -224,8 +224,22 @@ def test_a_refusal_over_the_limit_says_by_how_much_as_its_details_do() -> None:
     balance = Balance(limit=20_000, period="month", window_start=None, window_end=None, charged=0, held=50_000,
                       granted=0)
     refusal = balance.refusal(10_000)
-    assert refusal.message.endswith("(none available this month: 30.0 credits over the limit)")
-    assert refusal.details["available"] == -30.0
+    assert refusal.message.endswith("(none available this month: 30.0 credits over the limit; "
+                                    "50.0 credits held by unfinished jobs)")
+    assert (refusal.details["available"], refusal.details["held"]) == (-30.0, 50.0)
+
+
+@pytest.mark.parametrize(("held", "said"), [(0, "(2.0 credits available this month)"),
+                                            (6_500, "(2.0 credits available this month; 6.5 credits held by "
+                                                    "unfinished jobs)")])
+def test_a_refusal_says_what_unfinished_jobs_hold(held: int, said: str) -> None:
+    """A client refused while its own jobs run learns that their ends may free room (a failure or
+    a cancel releases its hold), which `available` alone did not say."""
+    balance = Balance(limit=10_000, period="month", window_start=None, window_end=None, charged=8_000 - held,
+                      held=held, granted=0)
+    refusal = balance.refusal(5_000)
+    assert refusal.message.endswith(said)
+    assert (refusal.details["available"], refusal.details["held"]) == (2.0, held / 1000)
 
 
 def test_a_reconciliation_on_a_later_day_counts_money_there_but_not_the_job_again(db: Database) -> None:
