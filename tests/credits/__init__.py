@@ -135,6 +135,15 @@ def assert_settled_once(entries: list[dict[str, Any]]) -> None:
             assert round(sum(e["amount"] for e in mine), 3) == hold["amount"], mine
 
 
+def charges(entries: list[dict[str, Any]]) -> dict[str, float]:
+    """What the ledger charged each job: its captures and adjustments."""
+    charged: dict[str, float] = {}
+    for entry in entries:
+        if entry["kind"] in ("capture", "adjustment"):
+            charged[entry["job_id"]] = round(charged.get(entry["job_id"], 0) + entry["amount"], 3)
+    return charged
+
+
 def wait_for_state(client: httpx.Client, job_id: str, state: str = "accepted") -> None:
     """Until the job's engine reports `state`: `submitted` (the fake engine's call is in flight) or
     `accepted` (what the provider accepted is saved with the job, for a crash to find)."""

@@ -31,6 +31,7 @@ from tests.credits import (
     TERMINAL,
     assert_settled_once,
     budget,
+    charges,
     get_json,
     jobs_of,
     ledger,
@@ -128,21 +129,12 @@ def check_answers(planned: list[Planned]) -> dict[str, Planned]:
         else:  # refused whole: the budget is full for now, or failures opened the engine's circuit
             refusal = (job.answer.status_code, job.answer.json()["error"]["code"])
             assert refusal in ((402, "budget_exceeded"), (503, "no_route")), job.answer.text
-            if refusal[0] == 503:  # an open circuit says when its engine may be tried again
+            if job.answer.status_code == 503:  # an open circuit says when its engine may be tried again
                 wait = job.answer.headers.get("Retry-After", "")
                 assert wait.isdigit() and int(wait) >= 1, (job.answer.headers, job.answer.text)
         assert all(status in (202, 409) for status in job.canceled), (job, job.canceled)
     assert accepted, "every submit was refused: the run tests nothing"
     return accepted
-
-
-def charges(entries: list[dict[str, Any]]) -> dict[str, float]:
-    """What the ledger charged each job: its captures and adjustments."""
-    charged: dict[str, float] = {}
-    for entry in entries:
-        if entry["kind"] in ("capture", "adjustment"):
-            charged[entry["job_id"]] = round(charged.get(entry["job_id"], 0) + entry["amount"], 3)
-    return charged
 
 
 def check_accounts(client: httpx.Client, project_id: str, ended: dict[str, dict[str, Any]],
