@@ -483,9 +483,10 @@ def test_a_paid_job_whose_plugin_could_not_name_its_model_is_never_copied(
             assert submitted.status_code == 202, submitted.text
             jobs.append(wait_for_job(client, submitted.json()["id"]))
         monkeypatch.setitem(ODD_FAULT, "fault", "")
-        named = [client.post(f"/v1/assets/{draft}/promote", json={"engine": "nameless", "prompt": "a barn"}).json()
-                 for _ in range(2)]
-        named = [wait_for_job(client, job["id"]) for job in named]
+        named = []
+        for _ in range(2):  # one after the other: the second finds the first's result
+            submitted = client.post(f"/v1/assets/{draft}/promote", json={"engine": "nameless", "prompt": "a barn"})
+            named.append(wait_for_job(client, submitted.json()["id"]))
     def outcome(job: dict[str, Any]) -> tuple[str, bool, float]:
         return job["status"], job["cost"]["cache_hit"], job["cost"]["charged"]
 
