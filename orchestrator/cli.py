@@ -619,8 +619,11 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "check":
         return _check(no_hash=args.no_hash)
-    from orchestrator.demo import quiet_terminal_log
-    from orchestrator.services import file_in_the_way
+    from orchestrator.signals import signals_held_back
+
+    with signals_held_back():  # the threads these imports start (numpy's) leave a Ctrl-C to this one
+        from orchestrator.demo import quiet_terminal_log
+        from orchestrator.services import file_in_the_way
 
     out = Path(args.out)
     if (file := file_in_the_way(out)) is not None:  # said before anything is made

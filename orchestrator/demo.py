@@ -25,6 +25,7 @@ from PIL import Image, ImageDraw, ImageFont
 from orchestrator.cli import without_password
 from orchestrator.errors import first_line
 from orchestrator.settings import Settings
+from orchestrator.signals import leave_signals_to_the_main_thread, signals_held_back
 from tiers import tiny
 
 if TYPE_CHECKING:
@@ -55,7 +56,7 @@ def watch(client: httpx.Client, job_id: str, label: str) -> dict[str, Any]:
     only the outcome: a bar redrawn with carriage returns is one endless line there); returns
     the finished job."""
     live = sys.stdout.isatty()
-    hint = threading.Timer(QUEUED_HINT_SECONDS, lambda: print(
+    hint = _Hint(QUEUED_HINT_SECONDS, lambda: print(
         f"{chr(13) if live else ''}  {label:<8} still queued after {QUEUED_HINT_SECONDS:g} s: the service runs it "
         "when a worker for its engine is free (is `orchestrator worker` running?)", flush=True))
     hint.daemon = True
@@ -79,6 +80,14 @@ def watch(client: httpx.Client, job_id: str, label: str) -> dict[str, Any]:
         raise SystemExit(f"{label} job {job_id} {job['status']}: {error.get('message', 'no reason given')}"
                          + (f" ({error['code']})" if error.get("code") else ""))
     return job
+
+
+class _Hint(threading.Timer):
+    """The queued hint's timer, whose thread leaves a Ctrl-C to the main thread."""
+
+    def run(self) -> None:
+        leave_signals_to_the_main_thread()
+        super().run()
 
 
 class StreamEnded(Exception):
@@ -217,7 +226,8 @@ def run_demo(*, url: str | None, prompt: str, out: str, size: int, policy: str =
     if url:
         server = nullcontext(url)
     else:
-        from orchestrator.server import STOP_BEYOND_GRACE_SECONDS, serve_in_thread
+        with signals_held_back():  # its modules' imports start threads (numpy's): see orchestrator.signals
+            from orchestrator.server import STOP_BEYOND_GRACE_SECONDS, serve_in_thread
 
         settings = Settings()
         lite_setting = settings.lite_model

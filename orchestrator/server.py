@@ -27,6 +27,7 @@ from orchestrator.errors import ServerStopping
 from orchestrator.http_protocol import BoundedHttpToolsProtocol
 from orchestrator.services import Stopped
 from orchestrator.settings import Settings
+from orchestrator.signals import leave_signals_to_the_main_thread, signals_held_back
 
 # Seconds uvicorn waits for open requests once told to stop, before it closes them: the event
 # streams end at once (below); this bounds anything else, such as a client reading slowly.
@@ -214,15 +215,20 @@ def serve_in_thread(settings: Settings, *, port: int | None = None, timeout: flo
     `on_stop` is told how it stopped, once it has or `stop_timeout` seconds have passed (a
     stop may take ORCH_STOP_GRACE + STOP_BEYOND_GRACE_SECONDS: given up on sooner, the
     interpreter's exit goes on under a stop still running, with a traceback)."""
-    app = create_app(settings, loopback_only=settings.admin_key is None)
+    with signals_held_back():
+        app = create_app(settings, loopback_only=settings.admin_key is None)
     sock = None
     if port is None:
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         port = int(sock.getsockname()[1])
     server = Server(app, host="127.0.0.1", port=port, log_level="warning")
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock] if sock else None},
-                              name="orchestrator-server", daemon=True)
+
+    def run() -> None:
+        leave_signals_to_the_main_thread()  # its program's, with the threads the service starts
+        server.run(sockets=[sock] if sock else None)
+
+    thread = threading.Thread(target=run, name="orchestrator-server", daemon=True)
     thread.start()
     try:
         deadline = time.monotonic() + timeout
