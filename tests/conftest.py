@@ -94,10 +94,13 @@ def root_log_handlers_restored() -> Iterator[None]:
 @pytest.fixture(autouse=True)
 def ctrl_c_restored() -> Iterator[None]:
     """`orchestrator.cli.main` run in-process ignores Ctrl-C once it has told one: left so, the
-    test run could not be interrupted any more."""
-    handler = signal.getsignal(signal.SIGINT)
+    test run could not be interrupted any more. `serve` and `worker` ignore SIGHUP and SIGTERM as
+    they start or stop: left so, every process a later test starts inherited it."""
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM)}
     yield
-    signal.signal(signal.SIGINT, handler)
+    for sig, handler in handlers.items():
+        if handler is not None:  # None: set outside Python, nothing to put back
+            signal.signal(sig, handler)
 
 
 @pytest.fixture(scope="session")
