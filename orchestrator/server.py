@@ -215,7 +215,7 @@ def serve_in_thread(settings: Settings, *, port: int | None = None, timeout: flo
     `on_stop` is told how it stopped, once it has or `stop_timeout` seconds have passed (a
     stop may take ORCH_STOP_GRACE + STOP_BEYOND_GRACE_SECONDS: given up on sooner, the
     interpreter's exit goes on under a stop still running, with a traceback)."""
-    with signals_held_back():
+    with signals_held_back():  # the threads its making starts leave a Ctrl-C to this program's main thread
         app = create_app(settings, loopback_only=settings.admin_key is None)
     sock = None
     if port is None:
