@@ -409,14 +409,14 @@ def test_a_plugin_whose_model_note_or_reattach_check_hangs_answers_as_unknown_af
         method: str, late: object, answered: object) -> None:
     """Each is read while a request or a recovery waits, the model by a submit and by a job's end
     under the database's write lock: one that blocked held every write of the service as long."""
-    plugin = registry_module.checked(HangingProperty(EngineContext(settings=None), method),  # type: ignore[arg-type]
-                                     "tests:hanging")
+    hanging = HangingProperty(EngineContext(settings=None), method)  # type: ignore[arg-type]
+    plugin = registry_module.checked(hanging, "tests:hanging")  # type: ignore[arg-type, attr-defined]
     assert isinstance(plugin, ThirdParty)
     plugin.call_limit = 0.3
 
     def ask() -> object:
         if method == "can_reattach":
-            return plugin.can_reattach([{"id": "q-1"}], RenderRequest(stage="bridge", prompt="x"))  # type: ignore[attr-defined]
+            return plugin.can_reattach([{"id": "q-1"}], RenderRequest(stage="bridge", prompt="x"))
         return getattr(plugin, method)
 
     ANSWER.clear()
