@@ -27,7 +27,7 @@ from orchestrator.errors import ServerStopping
 from orchestrator.http_protocol import BoundedHttpToolsProtocol
 from orchestrator.services import Stopped
 from orchestrator.settings import Settings
-from orchestrator.signals import leave_signals_to_the_main_thread, signals_held_back
+from orchestrator.signals import leave_signals_to_the_main_thread
 
 # Seconds uvicorn waits for open requests once told to stop, before it closes them: the event
 # streams end at once (below); this bounds anything else, such as a client reading slowly.
@@ -215,8 +215,7 @@ def serve_in_thread(settings: Settings, *, port: int | None = None, timeout: flo
     `on_stop` is told how it stopped, once it has or `stop_timeout` seconds have passed (a
     stop may take ORCH_STOP_GRACE + STOP_BEYOND_GRACE_SECONDS: given up on sooner, the
     interpreter's exit goes on under a stop still running, with a traceback)."""
-    with signals_held_back():  # the threads its making starts leave a Ctrl-C to this program's main thread
-        app = create_app(settings, loopback_only=settings.admin_key is None)
+    app = create_app(settings, loopback_only=settings.admin_key is None)
     sock = None
     if port is None:
         sock = socket.socket()
