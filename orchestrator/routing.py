@@ -231,10 +231,6 @@ class Router:
         elif not (available := engine.availability())[0]:
             # Told to whoever asked, a project key's client too: the model by its name, not its path.
             candidate.skipped = f"unavailable: {hide_paths(available[1] or 'not set up', name)}"
-        elif circuits and not self.health.allow(name, holder):
-            candidate.skipped = ("circuit half-open: its probe request is out" if self.health.probe_out(name)
-                                 else "circuit open after repeated failures")
-            candidate.for_now = True
         elif req.width > caps.max_width or req.height > caps.max_height:
             # Checked here for every engine: an estimate of 0 (a self-hosted server) says nothing of size.
             candidate.refusal = BadEngineInput(
@@ -262,4 +258,10 @@ class Router:
                 f"engine '{name}': the estimate ({to_credits(candidate.estimate)} credits) is over the rule's "
                 f"max_credits ({to_credits(limit)})",
                 details={"engine": name, "estimate": to_credits(candidate.estimate), "max_credits": to_credits(limit)})
+        # The circuit last: a request the engine refuses (size, price, the rule's cap) is refused
+        # whatever its health, and "try later" would only defer that answer by the cooldown.
+        if candidate.skipped is None and circuits and not self.health.allow(name, holder):
+            candidate.skipped = ("circuit half-open: its probe request is out" if self.health.probe_out(name)
+                                 else "circuit open after repeated failures")
+            candidate.for_now = True
         return candidate

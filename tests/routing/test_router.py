@@ -480,6 +480,28 @@ def test_what_every_set_up_engine_refuses_is_refused_whatever_engines_lack_keys(
     assert {c["engine"] for c in large.value.details["candidates"]} == {"offline", "unpriced", "cloud-b"}
 
 
+def test_an_open_circuit_does_not_turn_a_request_its_engine_can_never_take_into_try_later(
+        decide: Decide, health: EngineHealth) -> None:
+    """A request over the rule's cap, or too large, for every engine that could serve it is refused
+    for good: an open circuit on those engines was a 503 with Retry-After, and a client that
+    waited got the 402 or 422 only after the cooldown."""
+    for engine in ("cloud-b", "cloud-c"):
+        for _ in range(health.threshold):
+            health.failed(engine)
+    with pytest.raises(BudgetExceeded) as capped:
+        decide("capped", "bridge", engine="cloud-c")  # 20 credits, the rule allows 8
+    assert capped.value.status == 402 and capped.value.retry_after is None
+    with pytest.raises(BadEngineInput) as large:
+        decide("unusable", "bridge", width=4096)
+    assert large.value.status == 422
+    reasons = {c["engine"]: c["skipped"] for c in large.value.details["candidates"]}
+    assert reasons["cloud-b"].startswith("cannot take this request")
+    # One it could take later still waits for its circuit.
+    with pytest.raises(NoUsableEngine) as later:
+        decide("unusable", "bridge")
+    assert later.value.retry_after == 30
+
+
 def test_a_size_beyond_an_engine_s_capabilities_is_refused_even_when_it_charges_nothing(router: Router) -> None:
     free = StubEngine("free-server", "local", 0)  # estimates 0 for any size, as a self-hosted server does
     free.capabilities = Capabilities(max_width=1024, max_height=1024)
