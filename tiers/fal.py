@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 
 from orchestrator.errors import BadEngineInput, Canceled, ContentFiltered, EngineError, EngineTimeout, NoImage, NoPrice
-from tiers._cloud import CloudEngine
+from tiers._cloud import CloudEngine, paid_calls
 from tiers._http import RemoteClient, error_text, json_object, without_credentials
 from tiers._images import CLASS_PIXELS_SLACK, CLASS_SIDE_SLACK, b64encode, encode_image, shaped_as, size_class
 from tiers.base import (
@@ -242,15 +242,19 @@ class FalEngine(CloudEngine):
             if not exc.work_unbilled:
                 exc.at_least_charged("unknown")
             raise
-        images, listed = await self._images(output, req.n, cancel)
+        images: list[RenderedImage] = []
+
+        def result(cost: int | None = None) -> RenderResult:
+            return RenderResult(images=list(images), model=self._model, cost_millicredits=cost,
+                                provider_request_id=request_id,
+                                metadata={"resolution": self._resolution(req), **PROMPT_AND_IMAGE_ONLY})
+
+        # The request made (and fal billed) every image it lists: one flagged, or one whose download
+        # fails, leaves the others to the job, as a later call's failure does on the other engines.
+        with paid_calls(images, kept=result):
+            listed = await self._images(output, req.n, images, cancel)
         progress.step(len(images), req.n)
-        return RenderResult(
-            images=images,
-            model=self._model,
-            cost_millicredits=self._cost_of_surplus(req, listed),
-            provider_request_id=request_id,
-            metadata={"resolution": self._resolution(req), **PROMPT_AND_IMAGE_ONLY},
-        )
+        return result(self._cost_of_surplus(req, listed))
 
     async def _wait(self, request_id: str, status_url: str, deadline: float, progress: Progress,
                     cancel: CancelToken, seen: dict[str, Any]) -> dict[str, Any]:
@@ -331,9 +335,10 @@ class FalEngine(CloudEngine):
         except NoPrice:  # unpriced here now: the images were made, so the hold is what is charged
             return None
 
-    async def _images(self, output: dict[str, Any], wanted: int,
-                      cancel: CancelToken) -> tuple[list[RenderedImage], int]:
-        """The first `wanted` images of the answer, and how many it listed."""
+    async def _images(self, output: dict[str, Any], wanted: int, images: list[RenderedImage],
+                      cancel: CancelToken) -> int:
+        """Fetch the first `wanted` images of the answer into `images`, one by one; returns how
+        many it listed."""
         entries = output.get("images")
         if not isinstance(entries, list) and isinstance(output.get("image"), dict):
             entries = [output["image"]]  # a single-image app (an upscaler) answers `image`
@@ -344,14 +349,19 @@ class FalEngine(CloudEngine):
             # Captured for a person to reconcile, as an answer without an image is everywhere else.
             raise NoImage("fal: the request completed without an image", details={"engine": self.name},
                           charged="unknown")
-        flagged = output.get("has_nsfw_concepts")
-        if isinstance(flagged, list) and any(flag is True for flag in flagged[:wanted]):
-            # A model with a safety checker answers a flagged image blacked out: not a result.
-            raise ContentFiltered("fal: the model's safety checker flagged the image (has_nsfw_concepts)",
-                                  details={"engine": self.name}, charged="unknown")
-        images = await self.fetch_outputs(urls, cancel, wanted=wanted, empty="the request completed without an image",
-                                          details={})
-        return images, len(urls)
+        flags = output.get("has_nsfw_concepts")
+        # Flags are per image, in the images' order. A model with a safety checker answers a flagged
+        # image blacked out: not a result, and not fetched.
+        flagged = [isinstance(flags, list) and i < len(flags) and flags[i] is True for i in range(len(urls))]
+        for url, bad in zip(urls[:wanted], flagged, strict=False):
+            if not bad:
+                images.extend(await self.fetch_outputs([url], cancel, wanted=1, empty="", details={}))
+        if any(flagged[:wanted]):
+            told = sum(flagged[:wanted])
+            raise ContentFiltered(f"fal: the model's safety checker flagged {told} of the {min(wanted, len(urls))} "
+                                  "image(s) (has_nsfw_concepts)", details={"engine": self.name, "flagged": told},
+                                  charged="unknown")
+        return len(urls)
 
     async def withdraw(self, handles: list[dict[str, Any]]) -> bool:
         """True when fal took every request off its queue: fal answers a cancel `OK` only for a

@@ -265,6 +265,37 @@ async def test_an_image_the_safety_checker_flagged_is_filtered_not_delivered(eng
     assert info.value.charged == "unknown" and output.call_count == 0
 
 
+OUTPUTS = [f"https://v3.fal.media/files/out{i}.png" for i in range(3)]
+
+
+@respx.mock
+async def test_one_flagged_image_of_several_leaves_the_others_to_the_job(engine: FalEngine) -> None:
+    """fal makes every image of a request, and bills each: a flag on one threw away the good ones."""
+    _, _, result = happy_queue()
+    result.mock(return_value=httpx.Response(200, json={"images": [{"url": u} for u in OUTPUTS],
+                                                       "has_nsfw_concepts": [False, True, False]}))
+    fetched = [respx.get(u).mock(return_value=httpx.Response(200, content=png_bytes())) for u in OUTPUTS]
+    with pytest.raises(ContentFiltered, match="flagged 1 of the 3 image") as info:
+        await engine.run(bridge(n=3), NullProgress(), CancelToken())
+    assert info.value.charged == "unknown" and info.value.details["flagged"] == 1
+    made = info.value.made
+    assert made is not None and len(made.images) == 2 and made.provider_request_id == "r-1"
+    assert [route.call_count for route in fetched] == [1, 0, 1]  # the blacked-out one is not fetched
+
+
+@respx.mock
+async def test_a_failed_download_leaves_the_images_already_fetched_to_the_job(engine: FalEngine) -> None:
+    _, _, result = happy_queue()
+    result.mock(return_value=done(OUTPUTS[:2]))
+    respx.get(OUTPUTS[0]).mock(return_value=httpx.Response(200, content=png_bytes()))
+    respx.get(OUTPUTS[1]).mock(return_value=httpx.Response(404))
+    with pytest.raises(EngineError, match="HTTP 404") as info:
+        await engine.run(bridge(n=2), NullProgress(), CancelToken())
+    assert info.value.charged == "yes"
+    made = info.value.made
+    assert made is not None and len(made.images) == 1
+
+
 @respx.mock
 async def test_an_infrastructure_failure_whose_text_says_safety_is_not_content_filtered(engine: FalEngine) -> None:
     # Its type says fal bills none of it; its words made it the artist's content, filtered and captured.
