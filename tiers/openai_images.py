@@ -257,8 +257,7 @@ class OpenAIImagesEngine(CloudEngine):
                     progress.provider_request(request_id)
                 with reading_an_answer():
                     body = json_object(response, self.name)
-                    batch = await asyncio.to_thread(self._images, body, count)
-                images.extend(RenderedImage(img) for img in batch)
+                    await asyncio.to_thread(self._images, body, count, images)
                 cost = self._actual_cost(body.get("usage"))
                 total_cost = None if cost is None or total_cost is None else total_cost + cost
                 asked.charged(cost)
@@ -296,7 +295,9 @@ class OpenAIImagesEngine(CloudEngine):
             error.details.setdefault("request_id", request_id)
         return error
 
-    def _images(self, body: dict[str, Any], wanted: int) -> list[Any]:
+    def _images(self, body: dict[str, Any], wanted: int, images: list[RenderedImage]) -> None:
+        """Decode the answer's images into `images`: one that cannot be read is raised after the
+        others of its batch are in, which the job keeps (`paid_calls`), as they were made and billed."""
         data = body.get("data")
         encoded = [d["b64_json"] for d in data if isinstance(d, dict) and d.get("b64_json")] \
             if isinstance(data, list) else []
@@ -307,7 +308,14 @@ class OpenAIImagesEngine(CloudEngine):
             error.engine_fault = True
             raise error
         # The `n` asked for, never more: each decoded image may be 16 MP.
-        return [decode_image(b64decode_tolerant(str(item), self.name), self.name) for item in encoded[:wanted]]
+        unreadable: EngineError | None = None
+        for item in encoded[:wanted]:
+            try:
+                images.append(RenderedImage(decode_image(b64decode_tolerant(str(item), self.name), self.name)))
+            except EngineError as exc:
+                unreadable = unreadable or exc
+        if unreadable is not None:
+            raise unreadable
 
 
 def factory(ctx: EngineContext) -> OpenAIImagesEngine:

@@ -195,6 +195,18 @@ async def test_an_answer_that_cannot_be_decoded_is_not_resent(engine: OpenAIImag
 
 
 @respx.mock
+async def test_an_image_of_a_batch_that_cannot_be_decoded_leaves_the_others_to_the_job(
+        engine: OpenAIImagesEngine) -> None:
+    body = ok_body(3)
+    body["data"][1]["b64_json"] = base64.b64encode(b"not a png").decode()
+    respx.post(URL).mock(return_value=httpx.Response(200, json=body, headers={"x-request-id": "req_1"}))
+    with pytest.raises(EngineError) as info:
+        await engine.run(bridge(n=3), NullProgress(), CancelToken())
+    assert info.value.charged in ("unknown", "yes")
+    made = info.value.made
+    assert made is not None and len(made.images) == 2  # the ones before and after it
+
+@respx.mock
 @pytest.mark.parametrize("code", ["moderation_blocked", "content_policy_violation"])
 async def test_moderation_blocked_is_content_filtered(engine: OpenAIImagesEngine, code: str) -> None:
     route = respx.post(URL).mock(return_value=httpx.Response(400, json={"error": {
