@@ -356,7 +356,7 @@ class ComfyUIEngine(SendsCredentials):
             if self._url:
                 await self._let_go_of(earlier, cancel)
             raise
-        follower = _Follower(_Steps(progress, req.n))
+        follower = _Follower(_Steps(progress, req.n), not_samplers(template))
         # In the background: the websocket must not hold up the upload and the first prompt.
         listening = (asyncio.create_task(self._listen(websocket_url(self._url, follower.client_id), follower))
                      if self.follow_progress and self._url else None)
@@ -980,11 +980,12 @@ class _Follower:
     """What a render's websocket listens for: the progress frames of the prompt it follows (none
     between prompts), and the preview sent after each step told."""
 
-    def __init__(self, steps: _Steps) -> None:
+    def __init__(self, steps: _Steps, quiet: frozenset[str] = frozenset()) -> None:
         # A client id per render: ComfyUI sends a client's messages to the websocket opened last
         # with its id, so jobs sharing one would take each other's.
         self.client_id = uuid.uuid4().hex
         self.steps = steps
+        self._quiet = quiet  # nodes whose frames are not steps (see `not_samplers`)
         self._prompt_id: str | None = None
         self._image = 0
         self._preview_due = False
@@ -1005,6 +1006,8 @@ class _Follower:
         data = frame.get("data") if isinstance(frame, dict) and frame.get("type") == "progress" else None
         if not isinstance(data, dict) or self._prompt_id is None or data.get("prompt_id") != self._prompt_id:
             return
+        if str(data.get("node")) in self._quiet:
+            return
         value, maximum = data.get("value"), data.get("max")
         if _count(value) and _count(maximum) and 0 <= value <= maximum and maximum > 0:
             self._preview_due = self.steps.sampled(self._image, value, maximum)
@@ -1018,6 +1021,17 @@ class _Follower:
         image = _preview(message)
         if image is not None:
             self.steps.preview(image)
+
+
+def not_samplers(graph: Mapping[str, Any]) -> frozenset[str]:
+    """The nodes of a workflow whose progress frames are not a sampler's steps. ComfyUI reports
+    the progress of any node that has a bar (a model upscaler's tiles, a tiled VAE): one that ran
+    before the sampler set the scale to its own count, and the sampler's steps then never moved it.
+    Empty when no node's class names a sampler (a custom node that samples): every frame counts.
+    Nodes the graph does not name (expanded at run time) count."""
+    kinds = {str(node_id): node.get("class_type") for node_id, node in graph.items() if isinstance(node, dict)}
+    samplers = {node_id for node_id, kind in kinds.items() if isinstance(kind, str) and "sampler" in kind.lower()}
+    return frozenset(kinds) - samplers if samplers else frozenset()
 
 
 def _count(value: Any) -> TypeGuard[int]:

@@ -24,9 +24,9 @@ from websockets.http11 import Request, Response
 
 from orchestrator.errors import Canceled
 from tests.tiers.conftest import RecordingProgress, png_bytes, until
-from tests.tiers.test_comfyui import bridge, history, mock_server, write_workflow
+from tests.tiers.test_comfyui import WORKFLOW, bridge, history, mock_server, write_workflow
 from tiers.base import CancelToken, NullProgress
-from tiers.comfyui import MAX_UNIT, ComfyUIEngine, _Steps, websocket_url
+from tiers.comfyui import MAX_UNIT, ComfyUIEngine, _Steps, not_samplers, websocket_url
 
 Frame = str | bytes
 Script = Callable[[str, int], list[Frame]]
@@ -377,6 +377,42 @@ async def test_previews_come_with_their_step(make_ctx: Any, tmp_path: Path) -> N
     assert isinstance(red, tuple) and red[0] > 200 and red[1] < 60 and green == (0, 255, 0)
     assert await tasks_left(fake) == []
     await engine.aclose()
+
+
+@respx.mock
+async def test_an_upscaler_s_progress_before_the_sampler_does_not_hide_its_steps(make_ctx: Any,
+                                                                                 tmp_path: Path) -> None:
+    """An upscale-then-refine polish: the model upscaler's tile frames came first and set the scale
+    to its 4 tiles, and the sampler's steps then never moved it, nor showed a preview."""
+    graph = {**WORKFLOW,
+             "30": {"class_type": "UpscaleModelLoader", "inputs": {"model_name": "4x-UltraSharp.pth"}},
+             "31": {"class_type": "ImageUpscaleWithModel", "inputs": {"upscale_model": ["30", 0], "image": ["10", 0]}}}
+
+    def script(prompt_id: str, index: int) -> list[Frame]:
+        frames: list[Frame] = [progress_frame(prompt_id, v, 4, node="31") for v in (1, 2, 3, 4)]
+        for v in range(1, 6):
+            frames += [progress_frame(prompt_id, v, 5, node="3"), preview_frame(jpeg_bytes((v, v, v)), fmt=1)]
+        return frames
+
+    fake = FakeComfy(script)
+    base = f"http://127.0.0.1:{await fake.start()}"
+    progress = Steps()
+    comfy_routes(base, fake, lambda k: progress.reach(8))  # 4 steps told, each with its preview
+    engine = ComfyUIEngine(make_ctx(comfyui_url=base, comfyui_workflow=write_workflow(tmp_path, graph)))
+    engine.poll_interval = 0
+
+    await engine.run(bridge(stage="polish", creativity=0.3), progress, CancelToken())
+
+    assert sorted(set(progress.steps)) == [(1, 5), (2, 5), (3, 5), (4, 5), (5, 5)]
+    assert [step for step, _ in progress.previews] == [1, 2, 3, 4]
+    assert await tasks_left(fake) == []
+    await engine.aclose()
+
+
+def test_a_workflow_without_a_node_named_sampler_counts_every_node_s_frames() -> None:
+    assert not_samplers({"1": {"class_type": "UltimateSDUpscale", "inputs": {}}}) == frozenset()
+    assert not_samplers({"1": {"class_type": "SamplerCustomAdvanced", "inputs": {}},
+                         "2": {"class_type": "VAEDecodeTiled", "inputs": {}}}) == {"2"}
 
 
 @respx.mock
