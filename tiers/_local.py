@@ -227,6 +227,17 @@ def _identity(model: str) -> str:
         return model
 
 
+def _pipeline_class(folder: Path) -> str | None:
+    """The pipeline class a model folder's model_index.json names; None when it cannot be read
+    (the load says what is wrong with it)."""
+    try:
+        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    pipeline = index.get("_class_name") if isinstance(index, dict) else None
+    return pipeline if isinstance(pipeline, str) else None
+
+
 def hf_hub_cached(repo_id: str) -> bool:
     """Whether the Hugging Face cache holds the whole of a Hub model, so that it loads offline."""
     folder = snapshot_folder(repo_id)
@@ -805,12 +816,8 @@ class LocalRuntime:
         if source.is_file():
             return
         folder = source if source.is_dir() else snapshot_folder(model)  # a Hub id's, once downloaded
-        try:
-            index = json.loads((folder / "model_index.json").read_text(encoding="utf-8")) if folder else None
-        except (OSError, ValueError, RecursionError):
-            return  # the load says what is wrong with it
-        pipeline = index.get("_class_name") if isinstance(index, dict) else None
-        if isinstance(pipeline, str) and "Img2Img" in pipeline:
+        pipeline = _pipeline_class(folder) if folder is not None else None
+        if pipeline is not None and "Img2Img" in pipeline:
             raise self._unfit_for(model, "text2img", f"model '{{name}}' is an image-to-image pipeline ({pipeline}): "
                                   "it makes no drafts; set ORCH_LITE_MODEL to a text-to-image model (it may "
                                   "still serve bridges and polishes as ORCH_HIFI_MODEL)")
@@ -893,10 +900,17 @@ class LocalRuntime:
         source = self._source(model)
         if source.is_file():
             return False
+        # A Hub id's cached snapshot is read as it is: asked through diffusers, the Hub was asked
+        # for a newer revision first, which held the inference thread (10 s, or for good) where the
+        # Hub took the connection and did not answer, and once answered moved the cache's `main` to
+        # a snapshot of that one file, which then read as a download cut short and loaded offline no more.
+        folder = source if source.is_dir() else snapshot_folder(model)
+        if folder is not None:
+            return "Img2Img" in (_pipeline_class(folder) or "")
         from diffusers import DiffusionPipeline
 
-        try:
-            config = DiffusionPipeline.load_config(str(source) if source.exists() else model)
+        try:  # not downloaded yet: the load that follows downloads it from the Hub anyway
+            config = DiffusionPipeline.load_config(model)
         except (OSError, ValueError):  # not there, or not reachable: the normal load says why
             return False
         return "Img2Img" in str(config.get("_class_name", ""))

@@ -108,6 +108,30 @@ def test_a_hub_model_cached_whole_loads_from_the_cache_alone(
     assert lite.runtime._folder_options("acme/tiny-lacking", Path("acme/tiny-lacking")) == {}  # the Hub asked
 
 
+async def test_a_bridge_on_a_hub_model_in_the_cache_asks_the_hub_nothing(
+        load: Engines, tiny_copy: Callable[[str], Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whether the model is image-to-image only was asked of the Hub (a newer revision's
+    model_index.json): a Hub that took the connection held the inference thread 10 s, and one that
+    answered moved the cache's `main` to a snapshot of that file alone, which loaded offline no more."""
+    import huggingface_hub.constants
+    import huggingface_hub.file_download
+
+    hub_cache(tmp_path, "acme/tiny-turbo", tiny_copy("whole"), monkeypatch)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    asked: list[Any] = []
+
+    def metadata(*args: Any, **kwargs: Any) -> Any:
+        asked.append(args)
+        raise OSError("the test's Hub does not answer")
+
+    monkeypatch.setattr(huggingface_hub.file_download, "get_hf_file_metadata", metadata)
+    _, hifi = load("acme/tiny-turbo")
+    request = RenderRequest(stage="bridge", prompt="a lighthouse", width=64, height=64, steps=2, strength=0.5,
+                            seed=1, n=1, init_image=draft_image())
+    result = await hifi.run(request, RecordingProgress(), CancelToken())
+    assert len(result.images) == 1 and asked == []
+
+
 @pytest.mark.parametrize("reachable", [True, False])
 async def test_a_cached_snapshot_lacking_a_small_file_fetches_it_where_the_hub_answers(
         load: Engines, tiny_copy: Callable[[str], Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
