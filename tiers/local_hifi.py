@@ -116,6 +116,10 @@ class LocalHifiEngine(LocalEngine):
         # (counted as diffusers counts, float rounding included: ceil(1 / strength) would add one to
         # 2 steps at 0.5 and start from a later timestep than asked; the API keeps strength >= 0.01,
         # so this stays within 100 steps), within what an LCM scheduler on such a pipeline takes at all.
+        # Flow-matching img2img (SD3, FLUX) counts otherwise: one step runs at any strength, but where
+        # steps x strength < 1 it starts at the schedule's last sigma (nearly nothing changes) or, for
+        # 1 step, its first (the image made anew). Padded alike, it starts nearer the strength asked
+        # (2 steps at 0.3: from sigma 0.33, not 0.001; 1 step at 0.01: from 0.001, not 1).
         steps = base if int(base * strength) >= 1 else math.floor(1 / strength)
         while int(steps * strength) < 1:  # once or twice at most, from the floor
             steps += 1
