@@ -402,12 +402,28 @@ def _verdict(store: ArtifactStore, sha: str, hashes: bool) -> str | None:
         if not path.is_file():
             if path.exists():  # a folder or a device in its place: there, and not readable as the image
                 return "unreadable"
-            return "set_aside" if any(path.parent.glob(f".gc-{sha}-*.png")) else "missing"
+            asides = list(path.parent.glob(f".gc-{sha}-*.png"))
+            return _aside_verdict(asides, sha) if hashes and asides else "set_aside" if asides else "missing"
         if hashes and _sha256(path) != sha:
             return "damaged"
     except OSError:  # a disk error, a permission: this file, not the whole check
         return "unreadable"
     return None
+
+
+def _aside_verdict(asides: list[Path], sha: str) -> str:
+    """A set-aside file is the asset's image only if its bytes are (the API serves it, and the
+    next sweep puts it back): "set_aside" when one of them hashes to its name, else as a file at
+    home would read."""
+    read = False
+    for aside in asides:
+        try:
+            if _sha256(aside) == sha:
+                return "set_aside"
+            read = True
+        except OSError:
+            continue
+    return "damaged" if read else "unreadable"
 
 
 def _sha256(path: Path) -> str:

@@ -102,6 +102,11 @@ class SweepRefused(Exception):
     """The orphan sweep found too many files no row names to trust the database it asked."""
 
 
+def _hashes_to(path: Path, sha: str) -> bool:
+    with open_regular(path) as f:
+        return hashlib.sha256(f.read()).hexdigest() == sha
+
+
 def stored_sha(path: Path) -> str | None:
     """The sha256 of a store file (`<sha>.png`, or `.gc-<sha>-<tag>.png` set aside by a sweep)
     in its own shard folder; None for any other file."""
@@ -525,14 +530,19 @@ class ArtifactStore:
 
     @staticmethod
     def _set_aside_copy(home: Path) -> bytes | None:
-        """The bytes of a file renamed aside from `home` (`.gc-<sha>-*.png`), if one can be read."""
+        """The bytes of a file renamed aside from `home` (`.gc-<sha>-*.png`), if one can be read:
+        one whose bytes hash to its name before any other (a damaged copy beside a sound one)."""
+        found: bytes | None = None
         for aside in home.parent.glob(f".gc-{home.stem}-*.png"):
             try:
                 with open_regular(aside) as f:
-                    return f.read()
+                    data = f.read()
             except OSError:  # settled meanwhile (back home, or removed): the next one, if any
                 continue
-        return None
+            if hashlib.sha256(data).hexdigest() == home.stem:
+                return data
+            found = found if found is not None else data
+        return found
 
     def discard(self, put: Put, named: Callable[[str], bool]) -> bool:
         """Remove the file `put` made (there was none before) for a job that then ended without a
@@ -648,7 +658,12 @@ class ArtifactStore:
                 aside = path
             if keep or aside.stat().st_mtime >= cutoff:
                 # Named after all, or refreshed by a `put` since the listing. A file a `put` wrote
-                # at home meanwhile has the same bytes: replacing it changes nothing.
+                # at home meanwhile has the same bytes: replacing it changes nothing. A dead sweep's
+                # copy that is damaged does not replace one there (a sound copy beside it, a put).
+                if keep and path != home and home.exists() and not _hashes_to(aside, sha):
+                    log.warning("asset sweep: %s is damaged and %s is there: the damaged copy is removed", aside, home)
+                    aside.unlink()
+                    return 0
                 os.replace(aside, home)
                 return 0
             aside.unlink()

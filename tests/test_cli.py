@@ -556,6 +556,12 @@ def test_check_tells_a_file_set_aside_by_an_interrupted_sweep_from_a_missing_one
     assert "1 asset's file was set aside by a sweep that stopped mid-way" in out and assets[0] in out
     assert "puts it back" in out
     assert "missing" not in out and out.endswith("ok\n")
+    # Only a copy whose bytes are the image's: a damaged one was "set aside, ok" where the API
+    # answered 500 damaged, and the next sweep put it back as it was.
+    home.with_name(f".gc-{sha}-0badc0de.png").write_bytes(b"rotted")
+    assert main(["check"]) == 1
+    out = capsys.readouterr().out
+    assert "damaged" in out and assets[0] in out and "set aside" not in out
 
 
 def test_check_refuses_a_database_that_names_none_of_the_store_s_files(

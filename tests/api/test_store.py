@@ -470,8 +470,16 @@ def test_a_dead_sweeps_leftover_is_settled(tmp_path: Path) -> None:
     with pytest.raises(ContentUnavailable, match="damaged"):
         store.path_for(named).with_name(f".gc-{named}-0a1b2c3d.png").write_bytes(b"not it")
         store.get(named)
-    store.path_for(named).with_name(f".gc-{named}-0a1b2c3d.png").write_bytes(b"named")
-    assert store.sweep_orphans(Rows(named)) == 1
+    # A damaged copy beside a sound one (two sweeps that died) does not hide it, though read first.
+    store.path_for(named).with_name(f".gc-{named}-00000000.png").write_bytes(b"not it")
+    store.path_for(named).with_name(f".gc-{named}-ffffffff.png").write_bytes(b"named")
+    listed = Path.glob
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Path, "glob", lambda self, pattern: iter(sorted(listed(self, pattern))))
+        assert store.get(named) == b"named"
+        # Put back, the damaged one, settled after the sound one, no longer replaces it.
+        patch.setattr(Path, "glob", lambda self, pattern: iter(sorted(listed(self, pattern), reverse=True)))
+        assert store.sweep_orphans(Rows(named)) == 1
     assert store.get(named) == b"named"
     assert [p.name for p in store.root.rglob("*") if p.is_file()] == [f"{named}.png"]
 
