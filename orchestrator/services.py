@@ -219,6 +219,11 @@ def database_url_problems(text: str) -> list[str]:
         return [f"{told}: {shown}: write postgresql+psycopg:// for PostgreSQL"]
     if url.get_backend_name() not in ("sqlite", "postgresql"):
         return [f"{told}: {shown} is neither SQLite nor PostgreSQL, the databases supported"]
+    if url.get_backend_name() == "sqlite" and (url.host or url.port or url.username or url.password):
+        # `sqlite://srv/x.db` for `sqlite:////srv/x.db`: SQLAlchemy refuses it with a traceback, and
+        # `check` read it as the relative path `x.db` under another folder.
+        return [f"{told}: {shown} names a host, which a SQLite URL does not: a file is "
+                "sqlite:////absolute/path.db (four slashes) or sqlite:///relative/path.db (three)"]
     if url.get_backend_name() == "sqlite" and _in_memory(url):
         # Each connection would open its own empty database: the tables made at start vanish.
         return [f"{told}: an in-memory SQLite database cannot be shared between the service's "

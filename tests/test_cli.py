@@ -789,6 +789,10 @@ def test_migrate_makes_a_new_data_dir(make_settings: SettingsFactory, monkeypatc
     ("migrate", "ORCH_DATABASE_URL", "sqlite:///file:x?mode=memory&uri=true", "an in-memory SQLite database cannot"),
     ("migrate", "ORCH_DATABASE_URL", "sqlite:///file::memory:?uri=1", "an in-memory SQLite database cannot"),
     ("migrate", "ORCH_DATABASE_URL", "sqlite:///file:x?vfs=memdb&uri=True", "an in-memory SQLite database cannot"),
+    # Two slashes where four were meant: a traceback (exit 1, "restart") from migrate, serve and worker.
+    ("migrate", "ORCH_DATABASE_URL", "sqlite://srv/x.db", "sqlite://srv/x.db names a host, which a SQLite URL"),
+    ("serve", "ORCH_DATABASE_URL", "sqlite://u:secret@/x.db", "sqlite://u:***@/x.db names a host"),
+    ("worker", "ORCH_DATABASE_URL", "sqlite://srv/x.db", "four slashes"),
     # The demo starts the service itself: the same checks, before it starts (once a uvicorn traceback).
     ("demo", "ORCH_PRICES_FILE", "{tmp}/prices.toml", "ORCH_PRICES_FILE: prices file {tmp}/prices.toml"),
 ])
