@@ -240,11 +240,12 @@ class Settings(BaseSettings):
 
     @field_validator("data_dir", "cache_dir", "policy_dir", "prices_file", "comfyui_workflow", "database_url",
                      "gemini_model", "openai_model", "stability_model", "replicate_model", "fal_model",
-                     mode="before")
+                     "lite_model", "hifi_model", "lite_preview_vae", "a1111_checkpoint", mode="before")
     @classmethod
     def _no_stray_spaces(cls, value: Any) -> Any:
         # `ORCH_DATA_DIR=/srv/orch ` (an env file's trailing space) started on a new, empty data dir
-        # named with the space, the studio's own looking lost; a model named with one was unpriced.
+        # named with the space, the studio's own looking lost; a model named with one was unpriced,
+        # and a local one (`builtin:tiny-sd `) left both local engines unavailable.
         # (Quotes an env file kept did the same, in a folder named `"`: see `_not_quoted`.)
         return value.strip() if isinstance(value, str) else value
 

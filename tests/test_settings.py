@@ -284,9 +284,15 @@ def test_paths_urls_and_model_names_are_read_without_spaces_at_their_ends(
     monkeypatch.setenv("ORCH_DATA_DIR", f"{tmp_path}/data ")
     monkeypatch.setenv("ORCH_DATABASE_URL", f" sqlite:///{tmp_path}/o.db\r")
     monkeypatch.setenv("ORCH_OPENAI_MODEL", "gpt-image-1.5 ")
+    monkeypatch.setenv("ORCH_LITE_MODEL", "builtin:tiny-sd ")
+    monkeypatch.setenv("ORCH_HIFI_MODEL", "\tstabilityai/sd-turbo")
+    monkeypatch.setenv("ORCH_LITE_PREVIEW_VAE", "madebyollin/taesd ")
+    monkeypatch.setenv("ORCH_A1111_CHECKPOINT", "sdxl.safetensors ")
     settings = Settings()
     assert settings.data_dir == tmp_path / "data"
     assert settings.database_url == f"sqlite:///{tmp_path}/o.db" and settings.openai_model == "gpt-image-1.5"
+    assert (settings.lite_model, settings.hifi_model) == ("builtin:tiny-sd", "stabilityai/sd-turbo")
+    assert (settings.lite_preview_vae, settings.a1111_checkpoint) == ("madebyollin/taesd", "sdxl.safetensors")
 
 
 @pytest.mark.parametrize(("variable", "value"), [
