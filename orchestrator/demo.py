@@ -192,7 +192,17 @@ def _admin_key() -> str | None:
         # as every command refuses it, not read around into a 401 from the service.
         if any(e["type"] in ("unknown_setting", "config_file") for e in exc.errors()):
             raise
-        return os.environ.get("ORCH_ADMIN_KEY") or None
+        # Read around the settings refused (their defaults in their place), from where the service
+        # reads the key: taken from the environment alone, the file's key was dropped for a bad
+        # ORCH_LEASE_SECONDS, and the service answered 401.
+        refused = {str(e["loc"][0]) for e in exc.errors() if e["loc"]}
+        fields = Settings.model_fields
+        if not refused or "admin_key" in refused or not refused <= fields.keys():
+            return os.environ.get("ORCH_ADMIN_KEY") or None
+        try:
+            key = Settings(**{name: fields[name].get_default(call_default_factory=True) for name in refused}).admin_key
+        except ValidationError:
+            return os.environ.get("ORCH_ADMIN_KEY") or None
     return key.get_secret_value() if key is not None else None
 
 

@@ -372,6 +372,22 @@ def test_the_demo_on_another_service_refuses_a_config_file_it_cannot_read(
     assert "cannot reach http://127.0.0.1:9/" in capsys.readouterr().err
 
 
+def test_the_demo_on_another_service_sends_the_file_s_key_whatever_else_is_refused_here(
+        make_settings: SettingsFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A setting only the service reads, invalid here, made the demo read the key from the
+    environment alone: the file's key was dropped, and the service answered 401."""
+    from orchestrator.demo import _admin_key
+
+    make_settings()
+    config = tmp_path / "orchestrator.toml"
+    config.write_text(f'admin_key = "{"k" * 32}"\nlease_seconds = -1\n')
+    monkeypatch.setitem(Settings.model_config, "toml_file", config)
+    monkeypatch.setenv("ORCH_LITE_MAX_BATCH", "99")
+    assert _admin_key() == "k" * 32
+    monkeypatch.setenv("ORCH_ADMIN_KEY", "e" * 32)  # the environment's first, as the service reads it
+    assert _admin_key() == "e" * 32
+
+
 def test_a_service_url_that_is_no_url_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exited:
         main(["demo", "--url", "http://[::1"])
