@@ -100,7 +100,9 @@ def savings(s: Session, registry: EngineRegistry, start: datetime | None, end: d
     drafts = sum(int(n) for _, _, n in sizes)
     best: tuple[int, str] | None = None
     for engine in registry:
-        if engine.kind != "remote" or not engine.availability()[0]:
+        # Compared with what would have made them the paid way: a bridge (a polish-only upscaler
+        # may price a bridge all the same, at a figure that means nothing).
+        if engine.kind != "remote" or "bridge" not in engine.stages or not engine.availability()[0]:
             continue
         try:
             cost = sum(priced(engine, RenderRequest(stage="bridge", prompt="draft", width=w, height=h)) * int(n)

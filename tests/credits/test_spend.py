@@ -256,7 +256,7 @@ def test_savings_compare_only_with_an_engine_whose_estimate_is_a_price(tmp_path:
     from orchestrator.spend import savings
 
     def engine(name: str, kind: str, estimate: object) -> SimpleNamespace:
-        return SimpleNamespace(name=name, kind=kind, availability=lambda: (True, None),
+        return SimpleNamespace(name=name, kind=kind, stages=frozenset({"bridge"}), availability=lambda: (True, None),
                                estimate=lambda req: estimate)
 
     db = _database_with_a_job(tmp_path, "prj_saved", "job_draft", stage="ideation", engine="lite")
@@ -298,7 +298,7 @@ def test_savings_count_rendered_drafts_from_indexes_alone(tmp_path: Path) -> Non
     from orchestrator.spend import savings
 
     def engine(name: str, kind: str, estimate: int) -> SimpleNamespace:
-        return SimpleNamespace(name=name, kind=kind, availability=lambda: (True, None),
+        return SimpleNamespace(name=name, kind=kind, stages=frozenset({"bridge"}), availability=lambda: (True, None),
                                estimate=lambda req: estimate)
 
     db = _database_with_a_job(tmp_path, "prj_saved", "job_drawn", stage="ideation", engine="lite")
@@ -412,3 +412,27 @@ def _plan(tmp_path: Path, statement: str, parameters: Any) -> str:
     """SQLite's plan of a statement on the test's database (`_database_with_a_job`'s)."""
     with sqlite3.connect(tmp_path / "o.db") as conn:
         return "\n".join(row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {statement}", parameters))
+
+
+def test_savings_compare_the_drafts_with_engines_that_take_them_on(tmp_path: Path) -> None:
+    """Priced as bridges, the drafts were compared with a remote engine of another stage (a
+    polish-only upscaler) that still answered a bridge's estimate, at a meaningless price."""
+    from types import SimpleNamespace
+
+    from orchestrator.models import Asset
+    from orchestrator.spend import savings
+
+    db = _database_with_a_job(tmp_path, "prj_saved", "job_drawn", stage="ideation", engine="lite")
+    with db.transaction() as s:
+        s.add(Asset(id="ast_0", project_id="prj_saved", job_id="job_drawn", stage="ideation", engine="lite",
+                    model="m", prompt="x", width=64, height=64, sha256="0" * 64))
+
+    def remote(name: str, stages: set[str], price: int) -> SimpleNamespace:
+        return SimpleNamespace(name=name, kind="remote", stages=frozenset(stages), availability=lambda: (True, None),
+                               estimate=lambda req: price)
+
+    engines = [SimpleNamespace(name="lite", kind="local", stages=frozenset({"ideation"})),
+               remote("upscaler", {"polish"}, 500), remote("bridger", {"bridge", "polish"}, 4000)]
+    with db.snapshot() as s:
+        result = savings(s, engines, None, None, None)  # type: ignore[arg-type]
+    assert result == {"drafts": 1, "credits": 4.0, "compared_with": "bridger"}
