@@ -1117,6 +1117,7 @@ class JobRunner:
                                   "work cannot be followed; it is not sent again", retryable=False, charged="unknown")
             else:
                 await self._kept_local_check(job)
+                await self._still_available(job, engine)
                 result = await engine.run(request, progress, claim.cancel)
         if len(result.images) < request.n:
             # A remote engine answered, so what it made may be billed: no release, no fallback. What
@@ -1331,6 +1332,29 @@ class JobRunner:
         if not leaves_machine(engine) or getattr(engine, "announces_sends", False):
             return  # a draft's local run reads nothing more, nor takes a thread's hop
         await asyncio.to_thread(self._read_kept_local, job)
+
+    async def _still_available(self, job: Job, engine: Engine) -> None:
+        """Before a remote engine is sent a job: refused, unsent, when the engine became unavailable
+        since the job was routed (its key refused since, its model past its shut-down date, a
+        plugin's server gone). The job then moves to its next candidate as a fallback, or fails
+        `engine_unavailable` with the reason `/v1/engines` gives; sent anyway, it failed there, or
+        was answered by a model retired since. A local engine says so when it loads: a draft's
+        path takes no thread's hop for it."""
+        if engine.kind != "remote":
+            return
+        try:
+            available, why = await asyncio.to_thread(engine.availability)
+        except Exception:  # a plugin's look that breaks: as routing would not know either, it is sent
+            log.warning("job %s: whether engine %s is available is unknown; it is sent", job.id, job.engine,
+                        exc_info=True)
+            return
+        if available:
+            return
+        error = EngineUnavailable(f"engine '{job.engine}' became unavailable after the job was routed to it "
+                                  f"({why or 'no reason given'}); the job was not sent to it"[:500],
+                                  details={"engine": job.engine, "started": False}, retryable=True, charged="no")
+        error.engine_fault = False  # the set-up's, told in /v1/engines: not failures its circuit counts
+        raise error
 
     def _read_kept_local(self, job: Job) -> None:
         try:

@@ -211,6 +211,46 @@ def test_a_fallback_looks_at_the_next_engine_off_the_event_loop(paid_server: htt
     assert fakes.ON_THE_LOOP == []
 
 
+def test_a_job_whose_engine_became_unavailable_while_it_waited_moves_on_unsent(
+        new_settings: SettingsFactory, fallback_policies: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Routed while fake-paid was available, claimed after it was not (its key refused since, its
+    # model past its shut-down date, a plugin's server gone): it was sent there all the same.
+    settings = new_settings(engines=FAKE_ENGINES, policy="fallback-test", policy_dir=fallback_policies)
+    with running(settings) as client:
+        project_id, asset_id = draft_asset(client, budget={"limit": 100, "period": "month"})
+    with running(settings.model_copy(update={"run_jobs": False})) as client:
+        routed = promote(client, asset_id)
+        named = promote(client, asset_id, engine="fake-paid")  # asked for by name: no candidate after it
+    assert routed["engine"] == named["engine"] == "fake-paid"
+    sent: list[str] = []
+    run = fakes.FakePaidEngine.run
+
+    async def recorded(self: fakes.FakePaidEngine, *args: Any) -> Any:
+        sent.append(self.name)
+        return await run(self, *args)
+
+    monkeypatch.setattr(fakes.FakePaidEngine, "run", recorded)
+    monkeypatch.setattr(fakes.FakePaidEngine, "availability",
+                        lambda self: (False, "its key was refused") if self.name == "fake-paid" else (True, None))
+    with running(settings) as client:
+        moved, failed = (wait_for_job(client, job["id"]) for job in (routed, named))
+        assert (moved["status"], moved["engine"]) == ("succeeded", "fake-b"), moved
+        assert moved["attempts"][0]["engine"] == "fake-paid"
+        assert moved["attempts"][0]["error"]["code"] == "engine_unavailable"
+        assert "its key was refused" in moved["attempts"][0]["error"]["message"]
+        assert (failed["status"], failed["error"]["code"]) == ("failed", "engine_unavailable"), failed
+        assert failed["error"]["details"]["started"] is False
+        assert failed["cost"]["charged"] == 0 and failed["cost"]["held"] == 0
+        assert kinds(ledger(client, project_id, routed["id"])) == [
+            ("hold", 10.0, "fake-paid"), ("release", 10.0, "fake-paid"), ("hold", 20.0, "fake-b"),
+            ("capture", 20.0, "fake-b")]
+        assert kinds(ledger(client, project_id, named["id"])) == [("hold", 10.0, "fake-paid"),
+                                                                  ("release", 10.0, "fake-paid")]
+        # Not failures of the engine's: its circuit breaker counts neither.
+        assert next(e for e in client.get("/v1/engines").json() if e["name"] == "fake-paid")["health"] == "ok"
+    assert sent == ["fake-b"]
+
+
 def test_fallback_runs_down_the_whole_list(paid_server: httpx.Client) -> None:
     project_id, asset_id = draft_asset(paid_server)
     job = promote(paid_server, asset_id, tags={"fake": "fail", "fake-b": "fail"})
