@@ -58,6 +58,7 @@ DEFAULT_PRICES: dict[str, dict[str, float]] = {
     "black-forest-labs/flux-1.1-pro": {"image": 4.0},
 }
 PENDING = frozenset({"starting", "processing"})
+SETTLED = frozenset({"succeeded", "failed", "aborted", "canceled"})
 PREDICTION_ID = re.compile(r"[A-Za-z0-9_-]{1,100}")
 FILTER_WORDS = ("nsfw", "safety", "sensitive")
 FLUX_ASPECTS = ("1:1", "16:9", "3:2", "2:3", "4:5", "5:4", "9:16", "3:4", "4:3")
@@ -236,13 +237,16 @@ class ReplicateEngine(CloudEngine):
                               charged="unknown")
         base = model_input(self._model, req, "", None)  # only for the seed the model takes, if any
         images: list[RenderedImage] = []
+        # Every prediction was asked for: a failure of one that never ran bills the images made only.
+        asked = Asked(req.n, lambda: self.estimate(req))
+        asked.asking(len(handles))
 
         def result() -> RenderResult:
             return RenderResult(images=list(images), model=self._model, cost_millicredits=None,
                                 provider_request_id=",".join(str(h["id"]) for h in handles),
                                 metadata=dict(PROMPT_AND_IMAGE_ONLY))
 
-        with paid_calls(images, kept=result):
+        with paid_calls(images, asked, result):
             for i, handle in enumerate(handles):
                 deadline = self.http.new_deadline()
                 try:
@@ -292,6 +296,10 @@ class ReplicateEngine(CloudEngine):
                     )
                 await cancel.sleep(min(self.poll_interval, remaining))
                 prediction = await self._read(prediction_id, deadline, cancel)
+            if prediction.get("status") not in SETTLED:
+                # A status this code does not know (one Replicate added): the prediction may still run
+                # and bill, and nobody follows it now. Raised here to be stopped as a failed poll's.
+                self._check_status(prediction)
         except Canceled:
             # abandoned: another process follows the prediction on
             if not cancel.abandoned and _never_ran(await self._cancel_remote(prediction_id)):
@@ -335,9 +343,12 @@ class ReplicateEngine(CloudEngine):
                               details=details).unbilled()
         if status == "canceled":
             # Not by this job's cancel, which never reads the prediction again: someone canceled
-            # it on Replicate. A failure of the job, not the user's cancel; it may have run and billed.
-            raise EngineError("replicate: the prediction was canceled on Replicate, not by this job",
-                              details=details, retryable=False, charged="unknown")
+            # it on Replicate, or its `Cancel-After` ran out while it waited for a machine (the
+            # service was down meanwhile). A failure of the job, not the user's cancel; it may have
+            # run and billed, unless it never started.
+            canceled = EngineError("replicate: the prediction was canceled on Replicate, not by this job",
+                                   details=details, retryable=False, charged="unknown")
+            raise canceled.unbilled() if _never_ran(prediction) else canceled
         raise EngineError(f"replicate: unexpected prediction status {self.said(status)!r}", details=details,
                           charged="unknown")
 

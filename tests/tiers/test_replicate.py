@@ -266,10 +266,12 @@ async def test_an_odd_status_echoing_the_token_is_quoted_cut_and_without_it(engi
     respx.post(CREATE).mock(return_value=httpx.Response(201, json=prediction("processing")))
     respx.get(POLL).mock(return_value=httpx.Response(200, json={
         **prediction("processing"), "status": "proxy says: Bearer r-secret " + "x" * 5000}))
+    cancel = respx.post(CANCEL).mock(return_value=httpx.Response(200, json=prediction("canceled")))
     with pytest.raises(EngineError) as info:
         await engine.run(bridge(), NullProgress(), CancelToken())
     assert "r-secret" not in info.value.message and "r-secret" not in str(info.value.details)
     assert len(info.value.message) < 300
+    assert cancel.call_count == 1  # a status not known to be settled: the prediction may run on
 
 
 @respx.mock
@@ -303,12 +305,17 @@ async def test_a_create_too_large_for_replicate_lets_another_engine_take_the_job
 
 
 @respx.mock
-@pytest.mark.parametrize(("status", "charged", "retryable"), [("aborted", "no", True), ("canceled", "unknown", False)])
+@pytest.mark.parametrize(("answer", "charged", "retryable"), [
+    (prediction("aborted"), "no", True),
+    (prediction("canceled"), "unknown", False),
+    # Its `Cancel-After` ran out while it waited for a machine: Replicate bills no time it never ran.
+    ({**prediction("canceled"), "started_at": None, "metrics": {}}, "no", False),
+], ids=["aborted", "canceled", "canceled-before-it-started"])
 async def test_a_prediction_ended_by_the_provider_is_a_failure_not_a_cancel(
-        engine: ReplicateEngine, status: str, charged: str, retryable: bool) -> None:
+        engine: ReplicateEngine, answer: dict[str, Any], charged: str, retryable: bool) -> None:
     # Nobody canceled the job: it must not end `canceled`. Aborted (never ran, not charged) may
     # fall back to another engine; canceled on Replicate may have run and billed.
-    respx.post(CREATE).mock(return_value=httpx.Response(201, json=prediction(status)))
+    respx.post(CREATE).mock(return_value=httpx.Response(201, json=answer))
     with pytest.raises(EngineError) as info:
         await engine.run(bridge(), NullProgress(), CancelToken())
     assert not isinstance(info.value, Canceled) and info.value.code == "engine_error"
@@ -775,3 +782,32 @@ async def test_closing_the_engine_ends_a_create_left_out_by_a_cancel(engine: Rep
     await engine.aclose()
     assert held.dropped and cancel.call_count == 0
     assert [t for t in asyncio.all_tasks() if t is not asyncio.current_task() and not t.done()] == []
+
+
+@respx.mock
+async def test_a_reattach_whose_later_prediction_never_ran_charges_the_images_made(
+        engine: ReplicateEngine, output: respx.Route) -> None:
+    # n=2 followed after a restart: p-1 made its image, p-2 failed before it started (unbilled).
+    # The whole estimate was captured, as `run` would never have for the same answers.
+    respx.get(POLL).mock(return_value=httpx.Response(200, json=prediction()))
+    respx.get(f"{BASE}/v1/predictions/p-2").mock(return_value=httpx.Response(200, json={
+        **prediction("failed", error="no capacity"), "id": "p-2", "started_at": None, "metrics": {}}))
+    req = bridge(n=2)
+    with pytest.raises(EngineError) as info:
+        await engine.reattach(req, [{"id": "p-1"}, {"id": "p-2"}], NullProgress(), CancelToken())
+    assert info.value.charged == "unknown"
+    assert info.value.cost_millicredits == engine.estimate(req) // 2
+    assert info.value.made is not None and len(info.value.made.images) == 1
+
+
+@respx.mock
+async def test_a_reattach_whose_prediction_reads_an_unknown_status_stops_it(engine: ReplicateEngine) -> None:
+    # A status Replicate added (neither pending nor settled as this code knows them): the job fails,
+    # and nobody follows the prediction after it, which ran on and billed until its Cancel-After.
+    respx.get(POLL).mock(return_value=httpx.Response(200, json={**prediction("booting"), "started_at": None}))
+    cancel = respx.post(CANCEL).mock(return_value=httpx.Response(200, json={**prediction("canceled"),
+                                                                            "started_at": "2026-12-06T01:00:00Z"}))
+    with pytest.raises(EngineError) as info:
+        await engine.reattach(bridge(), [{"id": "p-1"}], NullProgress(), CancelToken())
+    assert "unexpected prediction status 'booting'" in info.value.message
+    assert info.value.charged == "unknown" and cancel.call_count == 1
