@@ -318,6 +318,14 @@ class FalEngine(CloudEngine):
                 raise EngineError(f"fal: the request failed ({error_type}): {error_text(response)}",
                                   details={"engine": self.name, "status": response.status_code,
                                            "error_type": error_type}).unbilled()
+            if response.status_code in (404, 410):
+                # The request completed (its status said so), but its result is gone: kept a while
+                # only, it expired while the job was away (a service down past fal's keeping). Not
+                # the request's fault, as `_refused` reads a 4xx without fal's validation body.
+                raise EngineError(f"fal: the request completed, but its result is no longer kept "
+                                  f"(HTTP {response.status_code}): {error_text(response)}"[:500],
+                                  details={"engine": self.name, "status": response.status_code},
+                                  retryable=False, charged="unknown")
             # fal reports model-side refusals (validation, content policy) on the result.
             error = self._refused(response)
             error.charged = "unknown"

@@ -651,6 +651,21 @@ async def test_reattach_to_a_failed_request_is_charged_unknown(engine: FalEngine
 
 
 @respx.mock
+@pytest.mark.parametrize("code", [404, 410])
+async def test_reattach_to_a_result_fal_no_longer_keeps_is_no_fault_of_the_request(engine: FalEngine,
+                                                                                    code: int) -> None:
+    # Completed while the service was down, its result expired since: told as the user's bad
+    # request (`invalid_request`), which it never was.
+    respx.get(STATUS).mock(return_value=status("COMPLETED"))
+    respx.get(RESPONSE).mock(return_value=httpx.Response(code, json={"detail": "Request not found"}))
+    handles = [{"id": "r-1", "status_url": STATUS, "response_url": RESPONSE, "cancel_url": CANCEL}]
+    with pytest.raises(EngineError) as caught:
+        await engine.reattach(bridge(), handles, NullProgress(), CancelToken())
+    assert (caught.value.code, caught.value.charged, caught.value.retryable) == ("engine_error", "unknown", False)
+    assert "no longer kept" in caught.value.message
+
+
+@respx.mock
 async def test_a_model_it_does_not_serve_lets_another_engine_try(engine: FalEngine) -> None:
     route = respx.post(SUBMIT).mock(return_value=httpx.Response(404, json={"detail": "Application not found"}))
     with pytest.raises(EngineUnavailable) as info:
