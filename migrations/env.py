@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+from collections import Counter
 from typing import Any
 
 from alembic import context
@@ -9,8 +11,9 @@ from sqlalchemy import Connection, Engine, create_engine, event, pool, text
 from sqlmodel import SQLModel
 
 import orchestrator.models  # noqa: F401  (registers the tables on SQLModel.metadata)
-from orchestrator.db import LOCK_TIMEOUT_SECONDS, postgres_connect_args
+from orchestrator.db import LOCK_TIMEOUT_SECONDS, MigrationRefused, postgres_connect_args
 
+log = logging.getLogger("orchestrator.migrations")
 config = context.config
 target_metadata = SQLModel.metadata
 
@@ -56,10 +59,34 @@ def _sqlite_transactions(engine: Engine) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
-def _check_foreign_keys(connection: Connection) -> None:
-    broken = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
-    if broken:  # raised inside the transaction: the whole upgrade rolls back
-        raise RuntimeError(f"the migration leaves rows with dangling foreign keys: {broken[:10]}")
+def _dangling(connection: Connection) -> Counter[tuple[str, str]]:
+    """Rows whose foreign key names no row, counted by (table, the table it names). Counted, not
+    listed: a table rebuild may give a row another rowid."""
+    return Counter((row[0], row[2]) for row in connection.exec_driver_sql("PRAGMA foreign_key_check"))
+
+
+def _check_foreign_keys(connection: Connection, before: Counter[tuple[str, str]]) -> None:
+    """Refuse a change of revision that leaves more dangling references than the database held
+    before it (raised inside the transaction: the whole upgrade rolls back). Those it held already
+    (a hand fix in the sqlite3 shell, which leaves foreign keys off; a restore mixing backups) are
+    the operator's to mend, not the upgrade's fault: said, and migrated over."""
+    after = _dangling(connection)
+    made = after - before
+    if made:
+        raise MigrationRefused(
+            "the migration would leave rows whose references name no row ("
+            + ", ".join(f"{table} -> {parent}: {count}" for (table, parent), count in sorted(made.items()))
+            + "); nothing was changed. This is a bug of the migration: please report it")
+    if after:
+        log.warning("the database holds rows whose references name no row (%s), from before this migration: "
+                    "`PRAGMA foreign_key_check` in the sqlite3 shell lists them",
+                    ", ".join(f"{table} -> {parent}: {count}" for (table, parent), count in sorted(after.items())))
+
+
+def _nothing_to_do(heads: tuple[str, ...]) -> bool:
+    """Whether the database is at the head it is upgraded to (every service's start)."""
+    return (context.get_revision_argument() in ("head", "heads")
+            and set(heads) == set(context.script.get_heads()))
 
 
 def run_migrations_online() -> None:
@@ -88,10 +115,12 @@ def run_migrations_online() -> None:
             heads = context.get_context().get_current_heads()
             # What the database was before: a revision may tell which releases wrote its rows (0019).
             context.config.attributes["upgraded_from"] = heads
+            # Only around a change: the check reads every referencing row, too slow for every start.
+            changing = sqlite and not _nothing_to_do(heads)
+            before = _dangling(connection) if changing else Counter()
             context.run_migrations()
-            # Only after a change: the check reads every referencing row, too slow for every start.
-            if sqlite and context.get_context().get_current_heads() != heads:
-                _check_foreign_keys(connection)
+            if changing and context.get_context().get_current_heads() != heads:
+                _check_foreign_keys(connection, before)
 
 
 if context.is_offline_mode():

@@ -386,10 +386,11 @@ def _database_setting(settings: Settings) -> tuple[str, str]:
             f"point {where} at a folder of its own, or ORCH_DATABASE_URL at a database of its own")
 
 
-def _migrated(settings: Settings, *, writable: bool = False) -> int | None:
+def _migrated(settings: Settings, *, writable: bool = False, found: list[str | None] | None = None) -> int | None:
     """Apply the migrations; with `writable`, also make sure the database takes writes (a
     read-only SQLite file migrates "up to date", and then the service failed at its first write
     with a traceback). None when it is ready; else the exit status, having said what is wrong.
+    `found`, when given, gets the revision the upgrade found the database at.
     A database that refuses (down, read-only) raises `DatabaseError`, told in a line by `main`."""
     from alembic.util.exc import CommandError
     from sqlalchemy import text
@@ -399,7 +400,9 @@ def _migrated(settings: Settings, *, writable: bool = False) -> int | None:
     url = settings.resolved_database_url
     shown, (where, elsewhere) = shown_url(url), _database_setting(settings)
     try:
-        upgrade(url)
+        before = upgrade(url)
+        if found is not None:
+            found.append(before)
         if writable:
             db = Database(url)
             try:
@@ -609,11 +612,11 @@ def _run(args: argparse.Namespace) -> int:
         if (failed := _checked(settings, service=False)) is not None:
             return failed
         url = settings.resolved_database_url
-        before = stored_revision(url)
+        found: list[str | None] = []  # as the upgrade found it: read before, another's upgrade was told as ours
         # Written to as well: a read-only file was "up to date", exit 0, and `serve` then refused it.
-        if (failed := _migrated(settings, writable=True)) is not None:
+        if (failed := _migrated(settings, writable=True, found=found)) is not None:
             return failed
-        after = stored_revision(url)
+        before, after = found[0], stored_revision(url)
         print(f"database at {shown_url(url)} " + (f"is up to date (revision {after})" if after == before else
                                                   f"migrated from {before or 'nothing'} to revision {after}"))
         return 0

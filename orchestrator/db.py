@@ -519,21 +519,35 @@ def stored_revision(url: str) -> str | None:
         engine.dispose()
 
 
-def upgrade(url: str, revision: str = "head") -> None:
+def upgrade(url: str, revision: str = "head") -> str | None:
     """Apply the migrations, one process at a time: two services starting together must not both
     create the tables (PostgreSQL takes an advisory lock in migrations/env.py). All pending
     revisions are one transaction on both databases, so an upgrade that fails or is killed
     leaves the revision it started from (see migrations/env.py). Raises `ForeignDatabase` for
-    another application's database."""
+    another application's database. Returns the revision the upgrade found, under that lock
+    (None: a database never migrated): read before it, another process's upgrade was told as this one's."""
+    config = alembic_config(url)
     path = sqlite_file(url)
     if path is None:
         _refuse_foreign(url)
-        command.upgrade(alembic_config(url), revision)
-        return
+        command.upgrade(config, revision)
+        return _found(config)
     path.parent.mkdir(parents=True, exist_ok=True)  # `orchestrator migrate` on a new data dir
     # Never through a link, nor into a FIFO: the data dir may be shared with other users of its group,
     # and a link put there had the migration create (as root, anywhere) the file it named.
     with open_regular_file(Path(f"{path}.migrate-lock"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            # Waited for without a word, a holder that stopped (Ctrl-Z) left a start silent forever.
+            log.warning("waiting for another process's migration of %s to end (it holds %s.migrate-lock)",
+                        shown_url(url), path.name)
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         _refuse_foreign(url)
-        command.upgrade(alembic_config(url), revision)
+        command.upgrade(config, revision)
+        return _found(config)
+
+
+def _found(config: Config) -> str | None:
+    heads = config.attributes.get("upgraded_from") or ()
+    return str(heads[0]) if heads else None

@@ -775,6 +775,24 @@ def test_migrate_makes_a_new_data_dir(make_settings: SettingsFactory, monkeypatc
     assert capsys.readouterr().out.endswith(f"orchestrator.db is up to date (revision {head})\n")
 
 
+def test_migrate_tells_what_its_own_upgrade_found(make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch,
+                                                  tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Three started together each said "migrated from nothing": the revision was read before the
+    # migrations' lock, and two of them had found the database migrated by the first.
+    make_settings()
+    monkeypatch.setenv("ORCH_DATA_DIR", str(tmp_path / "data"))
+    real = upgrade
+
+    def another_first(url: str, revision: str = "head") -> str | None:
+        real(url)  # another process's, done while this one waited for the lock
+        return real(url, revision)
+
+    monkeypatch.setattr("orchestrator.db.upgrade", another_first)
+    assert main(["migrate"]) == 0
+    head = ScriptDirectory(str(files("migrations"))).get_current_head()
+    assert capsys.readouterr().out.endswith(f"orchestrator.db is up to date (revision {head})\n")
+
+
 @pytest.mark.parametrize(("command", "variable", "value", "told"), [
     ("serve", "ORCH_DATABASE_URL", "bogus://x", "bogus://x is neither SQLite nor PostgreSQL"),
     ("migrate", "ORCH_DATABASE_URL", "mysql://studio:secret@db/orch", "mysql://studio:***@db/orch is neither"),
@@ -1171,7 +1189,12 @@ def test_migrate_shows_no_password(make_settings: SettingsFactory, tmp_path: Pat
     monkeypatch.setenv("ORCH_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("ORCH_DATABASE_URL", "postgresql+psycopg://studio:s3cret@db.example:5432/orchestrator")
     applied: list[str] = []
-    monkeypatch.setattr("orchestrator.db.upgrade", applied.append)
+
+    def applies(url: str) -> str:
+        applied.append(url)
+        return "0007"
+
+    monkeypatch.setattr("orchestrator.db.upgrade", applies)
     monkeypatch.setattr("orchestrator.db.stored_revision", lambda url: "0007")
 
     class Writable:  # the write `migrate` checks the database takes, without a server at db.example

@@ -1,8 +1,13 @@
 from __future__ import annotations
 
+import fcntl
+import logging
 import shutil
+import sqlite3
 import subprocess
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from importlib.resources import files
 from pathlib import Path
@@ -124,6 +129,85 @@ def test_a_failed_sqlite_upgrade_leaves_the_database_as_it_was(tmp_path: Path, f
         assert "half_done" not in tables | job_columns
         assert not any(t.startswith("_alembic_tmp") for t in tables)
     upgrade(url)  # nothing is left half made in the way of the next upgrade
+
+
+DANGLING = """INSERT INTO projects (id, name, policy, budget_period, created_at)
+    VALUES ('prj_1', 'p', 'balanced', 'none', '2026-11-28 00:00:00');
+INSERT INTO jobs (id, project_id, stage, engine, status, params, progress_step, progress_total, estimated,
+    cache_hit, attempt, created_at)
+    VALUES ('job_1', 'prj_1', 'ideation', 'lite', 'succeeded', '{}', 0, 0, 0, 0, 0, '2026-11-28 00:00:00');
+INSERT INTO ledger_entries (project_id, job_id, kind, amount, hold_id, unreconciled, over_hold, settled, created_at)
+    VALUES ('prj_1', 'job_1', 'capture', 5, 999, 0, 0, 0, '2026-11-28 00:00:00');"""
+
+
+def dangling_rows(path: Path) -> int:
+    with sqlite3.connect(path) as db:
+        return len(db.execute("PRAGMA foreign_key_check").fetchall())
+
+
+def test_a_dangling_reference_the_database_held_before_does_not_block_an_upgrade(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # Made with the sqlite3 shell, whose foreign keys are off (a hand fix the refusals invite):
+    # every later upgrade failed, blaming itself, with a traceback and exit 1.
+    path = tmp_path / "m.db"
+    url = f"sqlite:///{path}"
+    upgrade(url, "0022")
+    with sqlite3.connect(path) as db:
+        db.executescript(DANGLING)
+    with caplog.at_level(logging.WARNING, logger="orchestrator.migrations"):
+        assert upgrade(url) == "0022"
+    assert "ledger_entries -> ledger_entries: 1), from before this migration" in caplog.text
+    assert dangling_rows(path) == 1
+    assert upgrade(url) == ScriptDirectory(str(files("migrations"))).get_current_head()
+
+
+def test_a_migration_that_would_leave_a_dangling_reference_is_refused_whole(tmp_path: Path) -> None:
+    scripts = tmp_path / "migrations"
+    shutil.copytree(str(files("migrations")), scripts, ignore=shutil.ignore_patterns("__pycache__"))
+    head = ScriptDirectory(str(scripts)).get_current_head()
+    dangles = f"""
+    for statement in {DANGLING!r}.split(";"):
+        op.execute(statement)"""
+    (scripts / "versions" / "9999_fails.py").write_text(FAILING_REVISION.format(head=head, failure=dangles))
+    path = tmp_path / "m.db"
+    url = f"sqlite:///{path}"
+    upgrade(url)
+    run = subprocess.run([sys.executable, "-c", UPGRADE_WITH_SCRIPTS, url, str(scripts)],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0
+    assert ("MigrationRefused: the migration would leave rows whose references name no row "
+            "(ledger_entries -> ledger_entries: 1); nothing was changed") in run.stderr, run.stderr[-800:]
+    assert dangling_rows(path) == 0
+    assert upgrade(url) == head
+
+
+def test_an_upgrade_says_what_it_found_and_waits_for_another_in_a_word(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # A holder that stopped (Ctrl-Z on `orchestrator migrate`) left every start waiting silently; and
+    # `migrate` said "migrated from" the revision it read before another process's upgrade.
+    from alembic import command
+
+    from orchestrator.db import alembic_config
+
+    path = tmp_path / "m.db"
+    url = f"sqlite:///{path}"
+    head = ScriptDirectory(str(files("migrations"))).get_current_head()
+    pool = ThreadPoolExecutor(1)
+    with open(f"{path}.migrate-lock", "a") as held:  # another process's migration
+        fcntl.flock(held, fcntl.LOCK_EX)
+        try:
+            with caplog.at_level(logging.WARNING, logger="orchestrator.db"):
+                waiting = pool.submit(upgrade, url)
+                deadline = time.monotonic() + 30
+                while "waiting for another process's migration" not in caplog.text and time.monotonic() < deadline:
+                    time.sleep(0.02)
+            assert "m.db.migrate-lock" in caplog.text and not waiting.done()
+            command.upgrade(alembic_config(url), "0001")  # what the other process did while it held the lock
+        finally:  # never left waiting, whatever failed
+            fcntl.flock(held, fcntl.LOCK_UN)
+            pool.shutdown(wait=True)
+    assert waiting.result() == "0001"  # as found once the lock was its own
+    assert upgrade(url) == head
 
 
 def test_0003_keeps_the_keys_of_jobs_and_its_downgrade_drops_only_the_others(tmp_path: Path) -> None:
