@@ -29,7 +29,7 @@ lint: $(BIN)/.installed
 	$(BIN)/mypy
 
 bench: $(BIN)/.installed
-	$(BIN)/python bench/drafts.py
+	$(BIN)/python bench/drafts.py --server-process
 	$(BIN)/python bench/history.py
 
 serve: $(BIN)/.installed

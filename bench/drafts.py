@@ -68,6 +68,10 @@ from typing import Any
 
 import httpx
 
+# The vendors' own variables, which the remote engines read too (orchestrator/settings.py).
+JOB_DEADLINE = 600  # seconds; a draft job the benchmark makes ends far sooner
+VENDOR_KEYS = ("GEMINI_API_KEY", "OPENAI_API_KEY", "STABILITY_API_KEY", "REPLICATE_API_TOKEN", "FAL_KEY")
+
 TARGET = 1.05
 TERMINAL = {"succeeded", "failed", "canceled"}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -169,9 +173,12 @@ def follow_events(client: httpx.Client, job_id: str) -> list[str]:
     """Read the job's SSE stream until its terminal event; the asset ids, in order."""
     event = ""
     assets: list[str] = []
+    deadline = time.monotonic() + JOB_DEADLINE
     with client.stream("GET", f"/v1/jobs/{job_id}/events") as response:
         response.raise_for_status()
         for line in response.iter_lines():
+            if time.monotonic() > deadline:  # the stream's keep-alives would wait for ever
+                raise RuntimeError(f"job {job_id} did not end within {JOB_DEADLINE} s")
             if line.startswith("event:"):
                 event = line[6:].strip()
             elif line.startswith("data:"):
@@ -371,6 +378,24 @@ def default_model_folder() -> Path:
     return cache / "bench-tiny-sd"
 
 
+def without_the_users_settings(config_file: Path) -> list[str]:
+    """Drop the `ORCH_*` variables and the vendors' keys from this process's environment (a
+    service process started from it inherits it), and read `config_file` (empty) rather than an
+    `orchestrator.toml`: the benchmark measures its own temporary install. With the user's, its
+    service process ran on the user's database (and bound it to the benchmark's data dir, which
+    the user's own service then refused), `run_jobs = false` left it waiting for ever, and a
+    preview VAE added work on the API's side only. Returns the names dropped."""
+    from orchestrator.settings import CONFIG_FILE_VARIABLE, Settings
+
+    dropped = sorted(name for name in os.environ if name.startswith("ORCH_") or name in VENDOR_KEYS)
+    for name in dropped:
+        del os.environ[name]
+    config_file.write_text("")
+    os.environ[CONFIG_FILE_VARIABLE] = str(config_file)
+    Settings.model_config["toml_file"] = str(config_file)  # read once, as the class was made
+    return dropped + (["./orchestrator.toml"] if Path("orchestrator.toml").is_file() else [])
+
+
 @contextlib.contextmanager
 def service(settings: Any, *, separate_process: bool = False) -> Iterator[httpx.Client]:
     """The service in this process (a thread), or as `orchestrator serve` in its own process: the
@@ -385,8 +410,10 @@ def service(settings: Any, *, separate_process: bool = False) -> Iterator[httpx.
     env = {**os.environ, "ORCH_DATA_DIR": str(settings.data_dir), "ORCH_LITE_MODEL": settings.lite_model,
            "ORCH_LITE_DEVICE": settings.lite_device, "ORCH_TORCH_THREADS": str(settings.torch_threads),
            "ORCH_LITE_MAX_BATCH": str(settings.lite_max_batch), "ORCH_LOCAL_MAX_SIZE": str(settings.local_max_size)}
-    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "serve", "--port", str(port),
-                             "--log-level", "warning"], env=env, stderr=subprocess.DEVNULL)
+    log_file = settings.data_dir.parent / "service.log"
+    with open(log_file, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "serve", "--port", str(port),
+                                 "--log-level", "warning"], env=env, stderr=log)
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120.0) as client:
             deadline = time.monotonic() + 60
@@ -396,7 +423,9 @@ def service(settings: Any, *, separate_process: bool = False) -> Iterator[httpx.
                     break
                 except httpx.HTTPError:
                     if proc.poll() is not None or time.monotonic() > deadline:
-                        raise RuntimeError("the orchestrator service did not start") from None
+                        said = log_file.read_text(errors="replace").strip()[-2000:]
+                        raise RuntimeError(f"the orchestrator service did not start: {said or 'it said nothing'}"
+                                           ) from None
                     time.sleep(0.1)
             yield client
     finally:
@@ -409,7 +438,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from orchestrator.settings import Settings
-    from tiers._local import LocalRuntime
+    from tiers._local import LocalRuntime, _usable_cpus
     from tiers.tiny import save_tiny_pipeline
 
     if args.model:
@@ -418,15 +447,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     else:
         folder = save_tiny_pipeline(default_model_folder())
         model_label = f"tiny-sd (random weights) at {folder}"
-    threads = args.threads or max(1, os.cpu_count() or 2)
+    threads = args.threads or _usable_cpus()  # as the service's ORCH_TORCH_THREADS=0 takes them
     max_batch = min(16, max(4, args.n))
     size, steps, n = args.size, args.steps, args.n
 
     if args.profile:
         PROFILER.install()
 
-    with tempfile.TemporaryDirectory(prefix="bench-drafts-", dir=args.data_dir) as data_dir:
-        settings = Settings(data_dir=Path(data_dir), database_url=None, admin_key=None, lite_model=str(folder),
+    with tempfile.TemporaryDirectory(prefix="bench-drafts-", dir=args.data_dir) as temporary:
+        if dropped := without_the_users_settings(Path(temporary) / "empty.toml"):
+            print(f"bench: not read, the benchmark runs its own install: {', '.join(dropped)}")
+        data_dir = Path(temporary) / "data"
+        settings = Settings(data_dir=data_dir, database_url=None, admin_key=None, lite_model=str(folder),
                             lite_device=args.device, torch_threads=threads, lite_max_batch=max_batch,
                             local_max_size=max(2048, size))
         probe = LocalRuntime(settings)
@@ -507,7 +539,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--n", type=int, default=4, help="images per draft job")
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads; 0 = os.cpu_count()")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch intra-op threads; 0 = the CPUs this process may use, as the service counts them")
     parser.add_argument("--model", default=None, help="diffusers model folder; default: the tiny model, built once")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     parser.add_argument("--data-dir", default=None, help="parent of the service's temporary data dir")
@@ -519,6 +552,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--size must be a multiple of 8, at least 64")
     if args.repeats < 1 or args.n < 1 or args.steps < 1 or args.n > 16:
         parser.error("--repeats, --n and --steps must be >= 1, and --n <= 16")
+    if args.profile and args.server_process:
+        # Its timers wrap the service's functions in this process: the other process's run untimed.
+        parser.error("--profile times a service in this process: leave out --server-process")
     return args
 
 
