@@ -7,7 +7,7 @@ import logging
 import re
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, get_args
+from typing import Any, cast, get_args
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -215,6 +215,11 @@ async def denied(request: Request) -> JSONResponse | None:
         await caller_of(request)  # once per request: the route class may have asked already
     except OrchestratorError as refusal:
         return answer(refusal)
+    except (DBAPIError, PoolTimeout) as exc:
+        # A project key looked up while the database is away, from inside another handler or a
+        # middleware, where the database's own handler is never reached: its 503, not a bug's 500.
+        handler = request.app.exception_handlers[DBAPIError if isinstance(exc, DBAPIError) else PoolTimeout]
+        return cast(JSONResponse, await handler(request, exc))
     return None
 
 

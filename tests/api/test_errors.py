@@ -1030,6 +1030,33 @@ def test_listing_the_jobs_of_a_project_that_does_not_exist_is_a_404(shared_serve
     assert page.status_code == 200 and page.json() == {"items": [], "next_cursor": None}
 
 
+def test_a_project_key_looked_up_while_the_database_is_away_is_a_503_on_every_answer(
+        make_settings: SettingsFactory, start_server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Answers made before any route ran (no route, a refused body, an encoded slash) look the key up
+    # from an exception handler or a middleware, out of reach of the database's handler: each was a
+    # 500 `internal_error` with a traceback, while the routes themselves answered 503.
+    from sqlalchemy.exc import OperationalError
+
+    client = start_server(make_settings(admin_key="secret"))
+
+    def away(*_: Any) -> None:
+        raise OperationalError("SELECT api_keys", {}, sqlite3.OperationalError("database is locked"))
+
+    monkeypatch.setattr("orchestrator.keys.find", away)
+    key = {"Authorization": "Bearer orch_pk_" + "a" * 43}
+    answers = {
+        "route": client.get("/v1/projects", headers=key),
+        "no route": client.get("/v1/nosuch", headers=key),
+        "method": client.delete("/v1/projects", headers=key),
+        "encoded slash": client.get("/v1/jobs/a%2Fb", headers=key),
+        "too large": client.post("/v1/projects", headers=key, content=b"{" + b" " * (2 << 20) + b"}"),
+    }
+    for why, response in answers.items():
+        assert response.status_code == 503, (why, response.text)
+        assert response.json()["error"]["code"] == "database_unavailable", why
+        assert response.headers["retry-after"] == "5", why
+
+
 def test_a_database_held_by_another_writer_is_a_503_to_retry_not_a_500(
         make_settings: SettingsFactory, start_server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("orchestrator.db.LOCK_TIMEOUT_SECONDS", 1)  # read as each connection opens
