@@ -157,6 +157,15 @@ def _set(**values: Any) -> dict[str, Any]:
     return {name: value for name, value in values.items() if value is not None}
 
 
+def raise_if_deleted_since(db: Database, asset_id: str) -> None:
+    """`gone` for an asset deleted since its row was read live: its file, read next, had been swept
+    meanwhile, and the request was told to restore it from a backup (a 500) rather than of the delete."""
+    with db.session() as s:
+        asset = s.get(Asset, asset_id)
+    if asset is not None and asset.deleted_at is not None:
+        raise gone(asset) from None
+
+
 class JobService:
     def __init__(self, db: Database, router: Router, ledger: Ledger, bus: EventBus, notify: Callable[[], None],
                  default_policy: str, presence: Presence, store: ArtifactStore, max_pending: int = 0) -> None:
@@ -356,6 +365,7 @@ class JobService:
             # later (it would also hold credits). A damaged file keeps its size and its name.
             self.store.get(asset.sha256)
         except ContentUnavailable as exc:
+            raise_if_deleted_since(self.db, asset_id)
             reason = exc.details.get("reason", "")
             what = ("its row holds a malformed sha256, which names no file (mend the row: `orchestrator check` "
                     "lists it)" if reason == "malformed" else

@@ -14,7 +14,8 @@ from orchestrator.api.json_body import StrictJSONRoute
 from orchestrator.api.paths import AssetId
 from orchestrator.api.serialize import asset_public
 from orchestrator.clock import utcnow
-from orchestrator.errors import Conflict, gone, not_found
+from orchestrator.errors import Conflict, ContentUnavailable, gone, not_found
+from orchestrator.jobs import raise_if_deleted_since
 from orchestrator.models import Asset, Job
 from orchestrator.schemas import AssetPublic, Lineage
 from orchestrator.services import Services
@@ -124,7 +125,11 @@ def _sha256(services: Services, caller: Caller, asset_id: str) -> str:
 
 
 def _read_content(services: Services, asset_id: str, sha256: str) -> bytes:
-    data = services.store.get(sha256)  # checked against its sha256: a damaged file is refused
+    try:
+        data = services.store.get(sha256)  # checked against its sha256: a damaged file is refused
+    except ContentUnavailable:
+        raise_if_deleted_since(services.db, asset_id)
+        raise
     services.store.recent.add(asset_id, sha256, data)
     return data
 

@@ -8,6 +8,7 @@ import sqlite3
 from collections.abc import Callable
 
 import httpx
+import pytest
 
 from orchestrator.settings import Settings
 from orchestrator.store import ArtifactStore
@@ -125,3 +126,35 @@ def test_an_asset_whose_row_names_no_file_is_unavailable_not_missing(
         error = answer.json()["error"]
         assert error["code"] == "content_unavailable" and error["details"]["reason"] == "malformed"
         assert "orchestrator check" in error["message"]
+
+
+def test_an_asset_deleted_and_swept_between_its_row_and_its_file_is_gone_not_lost(
+        make_settings: SettingsFactory, start_server: Callable[[Settings], httpx.Client],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reader found the row live, then the asset was deleted and the sweep took its file before
+    the reader opened it: the content and a promotion were a 500 asking for a restore from backup."""
+    settings = make_settings()
+    client = start_server(settings)
+    project = create_project(client)["id"]
+    asset_ids = run_draft(client, project, n=2, seed=5, **SMALL)["assets"]
+    restarted = start_server(settings)  # nothing in memory: the row is read, then the file
+    store = ArtifactStore(settings.assets_dir)
+    read = ArtifactStore.get
+    swept: list[str] = []
+
+    def deleted_meanwhile(self: ArtifactStore, sha256: str) -> bytes:
+        asset = next(a for a in asset_ids if a not in swept)
+        swept.append(asset)
+        with httpx.Client(base_url=str(restarted.base_url)) as other:  # another client's delete
+            assert other.delete(f"/v1/assets/{asset}").status_code == 204
+        store.path_for(sha256).unlink()  # and the sweep, as the file was no other asset's
+        return read(self, sha256)
+
+    monkeypatch.setattr(ArtifactStore, "get", deleted_meanwhile)
+    content = restarted.get(f"/v1/assets/{asset_ids[0]}/content")
+    promoted = restarted.post(f"/v1/assets/{asset_ids[1]}/promote", json={"engine": "local-hifi"})
+    assert swept == asset_ids
+    for answer, asset_id in ((content, asset_ids[0]), (promoted, asset_ids[1])):
+        assert answer.status_code == 410, answer.text
+        error = answer.json()["error"]
+        assert error["code"] == "gone" and error["details"]["asset_id"] == asset_id
