@@ -508,6 +508,29 @@ def test_check_names_the_assets_whose_files_are_missing_or_damaged(
     assert "2 files no asset names, some maybe the files of the malformed rows above: mend those rows first" in out
 
 
+def test_check_beside_a_service_does_not_call_an_asset_deleted_meanwhile_lost(
+        make_settings: SettingsFactory, start_server: Callable[[Settings], httpx.Client],
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    # Its page of rows was read live; then the asset was deleted and the sweep took its file before
+    # `check` looked: "1 asset missing", exit 1, for a store as it should be.
+    settings, client, assets = drafted(make_settings, start_server, monkeypatch, n=2)
+    store = ArtifactStore(settings.assets_dir)
+    shas = [client.get(f"/v1/assets/{a}").json()["sha256"] for a in assets]
+    looked = check_module._verdict
+
+    def deleted_meanwhile(store_: ArtifactStore, sha: str, hashes: bool) -> str | None:
+        if sha == shas[0]:
+            assert client.delete(f"/v1/assets/{assets[0]}").status_code == 204
+            store.path_for(sha).unlink()  # the sweep's
+        return looked(store_, sha, hashes)
+
+    monkeypatch.setattr(check_module, "_verdict", deleted_meanwhile)
+    assert main(["check"]) == 0
+    out = capsys.readouterr().out
+    assert "missing" not in out and out.endswith("ok\n"), out
+    assert out.startswith("1 asset, 1 file read and hashed"), out
+
+
 def test_check_into_a_reader_that_stopped_reading_ends_without_a_traceback(
         make_settings: SettingsFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # `orchestrator check | head -1`: head has gone by the time the report is flushed.
