@@ -230,6 +230,21 @@ class Scheduler:
         # process's sweep) recovers them without waiting for their leases.
         self.presence.leave(self.owner)
 
+    def stop_claiming(self) -> None:
+        """The stop is asked: claim nothing more, at once. The server's stop runs `stop` only once
+        its connections have drained (up to 10 s), and a job claimed meanwhile (a submit answered
+        then, a lane freed) could send a paid request that `stop` then abandoned, charged unknown
+        for an image nobody kept; queued, it runs after the restart. Safe from any thread."""
+        self._stopping = True  # read by each claim (`_claim_under_lock`): no claim after this line
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        if on_loop(loop):
+            self._wake.set()  # the dispatch loop ends now, not at its next poll
+        else:
+            with contextlib.suppress(RuntimeError):  # closed meanwhile: nothing left to wake
+                loop.call_soon_threadsafe(self._wake.set)
+
     def hurry(self) -> None:
         """A second stop signal: leave the paid requests the stop is waiting for to recovery now.
         Safe from any thread."""

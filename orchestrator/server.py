@@ -118,9 +118,11 @@ class Server(uvicorn.Server):
         return services is not None and services.device_busy
 
     def end_streams(self) -> None:
+        """The stop is asked: event streams end, and no job starts (see `Scheduler.stop_claiming`)."""
         services = getattr(self.app.state, "services", None)  # set once the app has started
         if services is not None:
             services.bus.close()
+            services.scheduler.stop_claiming()
 
 
 class CannotListen(Exception):

@@ -560,6 +560,7 @@ class Services:
             self.db.ring()
 
     async def aclose(self) -> None:
+        self.scheduler.stop_claiming()  # before the waits below: nothing starts that `stop` abandons
         tasks = [*self.background,
                  *(task for task in (self.health_sharing, self.asset_sweeping, self.policy_watching) if task)]
         for task in tasks:

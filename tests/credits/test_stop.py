@@ -270,3 +270,45 @@ def _row(settings: Settings, job_id: str) -> tuple[str, str | None, str | None]:
         row: tuple[str, str | None, str | None] = db.execute(
             "SELECT status, error, provider_request_id FROM jobs WHERE id = ?", (job_id,)).fetchone()
     return row
+
+
+def test_a_job_submitted_as_the_stop_began_stays_queued_for_the_restart(
+        paid_settings_for: Callable[..., Settings], tmp_path: Path) -> None:
+    # The server stops the scheduler only once its connections have drained: a submit answered
+    # meanwhile was claimed and its paid request sent, which the stop (no grace) then abandoned,
+    # charged unreconciled for an image nobody kept.
+    import socket
+
+    settings = paid_settings_for(tmp_path / "data", stop_grace=0)
+    service = serve_in_thread(settings)
+    base = service.__enter__()
+    with httpx.Client(base_url=base, timeout=30) as client:
+        project_id, asset_id = project_with_draft(client)
+    prompt = "a lighthouse, submitted as the server stops"
+    body = json.dumps({"engine": "fake-paid", "cache": False, "prompt": prompt}).encode()
+    port = int(base.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        # A request in flight when the stop comes: a slow client's body still arriving.
+        sock.sendall(f"POST /v1/assets/{asset_id}/promote HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                     f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body[:10])
+        time.sleep(0.3)
+        stopper = threading.Thread(target=service.__exit__, args=(None, None, None))  # as a SIGTERM
+        stopper.start()
+        time.sleep(0.5)
+        sock.sendall(body[10:])
+        answer = b""
+        while b"}" not in answer:
+            chunk = sock.recv(65536)
+            assert chunk, answer
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 202"), answer  # answered, as a request in flight is
+    job_id = json.loads(answer[answer.index(b"{"):])["id"]
+    stopper.join(60)
+    assert not stopper.is_alive()
+    assert prompt not in fakes.SENT
+    with serve_in_thread(settings) as restarted, httpx.Client(base_url=restarted, timeout=30) as client:
+        job = wait_for_job(client, job_id)
+        assert job["status"] == "succeeded", job["error"]
+        assert [(e["kind"], e["unreconciled"]) for e in ledger(client, project_id) if e["job_id"] == job_id] == [
+            ("hold", False), ("capture", False)]
+    assert fakes.SENT.count(prompt) == 1
