@@ -435,7 +435,7 @@ class JobRunner:
         # Set by the scheduler: whether another live worker runs jobs of an engine (`Presence.serves`).
         self.served_elsewhere: Callable[[str], bool] = lambda engine: False
         # Set by the services: whether a policy of this process keeps everything on this machine.
-        self.keeps_all_local: Callable[[str], bool] = lambda policy: False
+        self.keeps_all_local: Callable[[str, str | None], bool] = lambda policy, routed: False
         self.registry = registry
         self.store = store
         self.bus = bus
@@ -1381,7 +1381,12 @@ class JobRunner:
         params, policy = (row[0], row[1]) if row is not None else (job.params, None)
         if is_private((params if isinstance(params, dict) else job.params).get("tags") or {}):
             return True
-        return isinstance(policy, str) and self.keeps_all_local(policy)
+        if not isinstance(policy, str):
+            return False
+        routing = job.routing or {}
+        # The version it was routed by, when routed by the project's policy (not one it left since).
+        routed = routing.get("policy_hash") if routing.get("policy") == policy else None
+        return self.keeps_all_local(policy, routed if isinstance(routed, str) else None)
 
     def _record(self, job: Job, result: RenderResult, seed: int | None) -> dict[str, Any]:
         """What made the image, as the engine used it: a parameter its metadata names is recorded as

@@ -629,9 +629,18 @@ def _device(runtime: LocalRuntime) -> str:
         return runtime.settings.lite_device
 
 
-def _keeps_all_local(policies: PolicyStore, name: str) -> bool:
-    """Whether the loaded policy `name` keeps everything on this machine (one not loaded: no)."""
+def _keeps_all_local(policies: PolicyStore, name: str, routed: str | None = None) -> bool:
+    """Whether policy `name` keeps everything on this machine (one not loaded: no), for a job routed
+    by the version whose hash is `routed` (None: not known). When this process's version keeps it
+    local and the job was routed by another, another process has loaded an edit this one has not
+    looked at yet (it does within two poll intervals): the file is judged as it reads now. A job
+    routed after the policy was loosened was canceled by a worker still on the local version; one
+    routed before it was made local is still refused, as is any while the file is refused."""
     try:
-        return policies.get(name).keeps_all_local
+        loaded = policies.get(name)
     except NotFound:
         return False
+    if not loaded.keeps_all_local or routed is None or routed == loaded.content_hash:
+        return loaded.keeps_all_local
+    now = policies.as_it_reads_now(name)
+    return now is None or now.keeps_all_local

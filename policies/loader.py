@@ -180,6 +180,19 @@ class PolicyStore:
             files.append((name, _file_loader(same[0]) if len(same) == 1 else _two_files(name, same)))
         return files, True
 
+    def as_it_reads_now(self, name: str) -> Policy | None:
+        """Policy `name` as its file reads now, not kept (this process's loaded version stays):
+        None when the file is refused, gone, or cannot be listed."""
+        errors: builtins.list[PolicyError] = []
+        files, listed = self._files(errors)
+        found = [load for stem, load in files if stem == name]  # in precedence order: the last wins
+        if not found or not listed:
+            return None
+        try:
+            return found[-1]()
+        except PolicyError:
+            return None
+
     def get(self, name: str) -> Policy:
         try:
             return self._policies[name]

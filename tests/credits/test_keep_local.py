@@ -414,3 +414,82 @@ def test_a_cloud_job_whose_project_went_local_is_not_sent_when_its_jobs_were_nev
     assert done["status"] == "canceled" and "keeps its work on this machine" in done["error"]["message"], done
     assert entries == ["hold", "release"]
     assert prompt not in " ".join(fakes.SENT)
+
+
+STUDIO_CLOUD = """
+name = "studio"
+description = "Drafts here, the rest on the paid engine."
+
+[[rules]]
+name = "drafts"
+match = { stage = "ideation" }
+engines = ["lite"]
+
+[[rules]]
+name = "paid"
+match = { stage = ["bridge", "polish"] }
+engines = ["fake-paid"]
+"""
+
+STUDIO_LOCAL = """
+name = "studio"
+description = "Everything here, for a while."
+
+[[rules]]
+name = "drafts"
+match = { stage = "ideation" }
+engines = ["lite"]
+private = true
+
+[[rules]]
+name = "local"
+match = { stage = ["bridge", "polish"] }
+engines = ["local-hifi"]
+private = true
+"""
+
+
+def test_a_job_routed_after_a_policy_was_loosened_is_not_refused_by_a_worker_still_on_the_local_version(
+        paid_settings_for: Callable[..., Settings], tmp_path: Path) -> None:
+    # The API server reloaded the loosened file; the process running jobs had not looked yet (it
+    # does within two poll intervals), and canceled the cloud job as its policy kept work local.
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "studio.toml").write_text(STUDIO_CLOUD)
+    data = tmp_path / "data"
+    runs = paid_settings_for(data, policy="studio", policy_dir=policies, poll_interval=60)
+    routes = paid_settings_for(data, policy="studio", policy_dir=policies, run_jobs=False)
+    with serve_in_thread(runs) as run_base, httpx.Client(base_url=run_base, timeout=30) as runner, \
+            serve_in_thread(routes) as api_base, httpx.Client(base_url=api_base, timeout=30) as api:
+        project_id, asset_id = project_with_draft(runner)
+        (policies / "studio.toml").write_text(STUDIO_LOCAL)
+        for process in (api, runner):
+            assert process.post("/v1/policies/reload").json()["errors"] == []
+        (policies / "studio.toml").write_text(STUDIO_CLOUD)
+        assert api.post("/v1/policies/reload").json()["errors"] == []  # this process only
+        response = api.post(f"/v1/assets/{asset_id}/promote", json={"cache": False})
+        assert response.status_code == 202, response.text
+        job = response.json()
+        assert job["engine"] == "fake-paid", job
+        done = wait_for_job(runner, job["id"])
+        assert done["status"] == "succeeded", done["error"]
+        assert [e["kind"] for e in ledger(runner, project_id) if e["job_id"] == job["id"]] == ["hold", "capture"]
+
+
+def test_a_job_routed_by_another_version_is_judged_by_the_file_as_it_reads_now(tmp_path: Path) -> None:
+    from orchestrator.services import _keeps_all_local
+    from policies.loader import PolicyStore, content_hash
+
+    file = tmp_path / "studio.toml"
+    file.write_text(STUDIO_LOCAL)
+    store = PolicyStore(tmp_path, include_builtins=False)
+    loaded = content_hash(STUDIO_LOCAL.encode())
+    cloud = content_hash(STUDIO_CLOUD.encode())
+    assert _keeps_all_local(store, "studio", loaded) and _keeps_all_local(store, "studio", None)
+    # Routed before the policy was made local (the file still says local): refused.
+    assert _keeps_all_local(store, "studio", cloud)
+    file.write_text(STUDIO_CLOUD)  # loosened since this process loaded it, routed by the new version
+    assert not _keeps_all_local(store, "studio", cloud)
+    file.write_text(STUDIO_CLOUD.replace("[[rules]]", "[[rules", 1))  # a typo: nothing to judge by
+    assert _keeps_all_local(store, "studio", cloud)
+    assert _keeps_all_local(store, "nowhere", cloud) is False
