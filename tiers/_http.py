@@ -130,8 +130,10 @@ async def resolve_host(host: str, port: int) -> list[Address]:
     loop = asyncio.get_running_loop()
     try:
         async with asyncio.timeout(RESOLVE_SECONDS):
-            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except (OSError, TimeoutError):
+            # As bytes, as anyio passes the name it connects to: a str goes through CPython's IDNA
+            # 2003 codec first, which raises UnicodeError for an empty or 64-character label.
+            infos = await loop.getaddrinfo(host.encode("ascii"), port, type=socket.SOCK_STREAM)
+    except (OSError, TimeoutError, UnicodeError):
         return []
     return [ipaddress.ip_address(str(info[4][0]).partition("%")[0]) for info in infos]
 
@@ -155,6 +157,8 @@ def _public(address: Address) -> bool:
             carried.append(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
         if any(v4 is not None and not _public(v4) for v4 in carried):
             return False
+    if isinstance(address, ipaddress.IPv6Address) and address.is_site_local:  # fec0::/10: global to Python 3.11
+        return False
     return address.is_global and not address.is_multicast
 
 

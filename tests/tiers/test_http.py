@@ -17,7 +17,7 @@ import respx
 from orchestrator.errors import Canceled, EngineError, EngineTimeout, EngineUnavailable, RateLimited
 from tests.tiers.conftest import BlockingSleep, NoAnswer
 from tiers import _http
-from tiers._http import RemoteClient, retry_after
+from tiers._http import RemoteClient, resolve_host, retry_after
 from tiers.base import CancelToken, before_billable_sends
 
 BASE = "https://provider.test"
@@ -459,12 +459,15 @@ def resolving(monkeypatch: pytest.MonkeyPatch, names: dict[str, str]) -> None:
     "https://[64:ff9b:1::7f00:1]/x.png",      # a local network's own NAT64,
     "https://[::ffff:0:7f00:1]/x.png",        # IPv4-translated
     "https://cdn.internal.test/x.png",        # a name that resolves to a LAN address
+    "https://[fec0::7]/x.png",                # IPv6 site-local (a LAN's), global to Python 3.11
+    "https://cdn.sitelocal.test/x.png",       # a name that resolves to one
     "http://cdn.public.test/x.png",           # a public host, in clear
 ])
 @respx.mock
 async def test_a_host_an_answer_names_is_fetched_only_if_public_and_https(
         client: RemoteClient, monkeypatch: pytest.MonkeyPatch, url: str) -> None:
-    resolving(monkeypatch, {"cdn.internal.test": "10.1.2.3", "cdn.public.test": "93.184.216.34"})
+    resolving(monkeypatch, {"cdn.internal.test": "10.1.2.3", "cdn.public.test": "93.184.216.34",
+                            "cdn.sitelocal.test": "fec0::7"})
     fetched = respx.get(url).mock(return_value=httpx.Response(200, content=b"secret"))
     with pytest.raises(EngineError) as info:
         await client.request("GET", url, idempotent=True)
@@ -504,6 +507,25 @@ async def test_a_name_that_does_not_resolve_is_not_connected_to(
     monkeypatch.setattr(_http, "resolve_host", later)
     assert (await client.request("GET", "https://cdn.flaky.test/x.png", idempotent=True)).content == b"a"
     assert lookups == ["cdn.flaky.test"] * 2 and fetched.call_count == 1
+
+
+@pytest.mark.parametrize("host", ["a..b.example", "x" * 64 + ".example", "cdn.example.."])
+async def test_a_name_python_s_idna_codec_refuses_is_looked_up_as_it_is_connected_to(
+        monkeypatch: pytest.MonkeyPatch, host: str) -> None:
+    # Given as str, the name went through CPython's IDNA 2003 codec first, whose UnicodeError for an
+    # empty or 64-character label escaped the guard: the job "crashed in its engine", charged unknown,
+    # and a fal job's images fetched before it, paid for, were lost. (No real lookup is made here.)
+    asked: list[object] = []
+
+    async def getaddrinfo(name: object, port: int, **_: Any) -> list[Any]:
+        asked.append(name)
+        if isinstance(name, str):
+            name.encode("idna")  # what CPython does with a str: raises for these names
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(asyncio.get_running_loop(), "getaddrinfo", getaddrinfo)
+    assert await resolve_host(host, 443) == []  # the real one (not `no_dns`): does not resolve
+    assert asked == [host.encode("ascii")]  # the bytes httpx connects to
 
 
 @pytest.mark.parametrize(("env", "through"), [
