@@ -255,13 +255,15 @@ class Ledger:
                               note="rest of the hold", created_at=now))
         return amount
 
-    def charge_made(self, s: Session, job: Job, actual: int | None, note: str | None = None) -> None:
+    def charge_made(self, s: Session, job: Job, actual: int | None, note: str | None = None,
+                    unread: str | None = None) -> None:
         """A job whose provider made (and billed) its work, kept or not: its hold captured
         (`actual` when the provider reported it, else the estimate). Estimated free, so nothing
         was held, a reported cost is spend all the same; a paid job whose hold is settled already
-        is not charged again."""
+        is not charged again. `unread`: why the provider's report of its cost could not be read
+        (the estimate captured then is flagged for reconciliation, as a cost that is no charge is)."""
         if self.open_hold(s, job.id) is not None:
-            self.capture(s, job, actual, note=note)
+            self.capture(s, job, actual, note=unread or note, unreconciled=unread is not None)
         elif job.estimated <= 0 and actual and not is_amount(actual):
             log.warning("job %s: its engine reported a cost of %s millicredits, which is not a charge; nothing "
                         "was held, so nothing is charged", job.id, str(actual)[:40])

@@ -1525,7 +1525,8 @@ class JobRunner:
         _add_assets(s, rows)
         # Free local work holds nothing: the ledger's lookup is skipped on the hot path.
         if job.estimated > 0 or result.cost_millicredits or billed_by_provider(engine):
-            self.ledger.charge_made(s, job, result.cost_millicredits)
+            self.ledger.charge_made(s, job, result.cost_millicredits,
+                                    unread=result.cost_unread if result.cost_millicredits is None else None)
         elif self.local_rate and engine.kind == "local":
             used = device_seconds(result.metadata.get(DEVICE_SECONDS), seconds, engine=job.engine)
             self.ledger.charge_usage(s, job, round(used * self.local_rate * 1000),

@@ -196,6 +196,8 @@ class FakePaidEngine:
         return RenderResult(images=images, model=model,  # type: ignore[arg-type]
                             cost_millicredits=int(reported) if reported is not None and reported.is_integer()
                             else reported,  # type: ignore[arg-type]
+                            # As Gemini's and OpenAI's usage with counts that are not counts.
+                            cost_unread="usage unreadable" if behaviour == "unreadable-usage" else None,
                             provider_request_id=request_id, metadata=used)
 
     async def aclose(self) -> None:

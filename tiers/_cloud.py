@@ -43,6 +43,19 @@ def token_counts(*counts: Any) -> tuple[int, ...] | None:
     return tuple(int(count) for count in counts)
 
 
+def unreadable_usage(usage: Any, counted: Callable[[dict[str, Any]], tuple[Any, ...]]) -> str | None:
+    """Why a usage block the provider did give cannot be read as token counts (`counted` picks
+    them out), or None: readable, or none given. Its cost is then the estimate, which the ledger
+    flags for reconciliation: the provider said what it billed, in a form that says nothing."""
+    if not isinstance(usage, dict) or not usage:
+        return None
+    counts = counted(usage)
+    if token_counts(*counts) is not None:
+        return None
+    odd = ", ".join(repr(count)[:20] for count in counts if not is_amount(count))
+    return f"the provider's usage holds token counts that are not counts ({odd}); the estimate is captured"
+
+
 def prompt_tokens(prompt: str) -> int:
     """A prompt's tokens as a hold counts them: about four ASCII characters a token, but one a
     character for other scripts (CJK takes about that), plus the request's framing. An estimate,

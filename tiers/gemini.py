@@ -22,7 +22,15 @@ from orchestrator.errors import (
     NoPrice,
     RateLimited,
 )
-from tiers._cloud import Asked, CloudEngine, paid_calls, prompt_tokens, reading_an_answer, token_counts
+from tiers._cloud import (
+    Asked,
+    CloudEngine,
+    paid_calls,
+    prompt_tokens,
+    reading_an_answer,
+    token_counts,
+    unreadable_usage,
+)
 from tiers._http import RemoteClient, error_text
 from tiers._images import b64decode_tolerant, b64encode, decode_image, encode_image, nearest_aspect, size_class
 from tiers.base import (
@@ -107,13 +115,13 @@ class GeminiEngine(CloudEngine):
 
     def _actual_cost(self, usage: Any) -> int | None:
         """The cost by the answer's tokens, or None (the estimate is captured) when a price is
-        missing or a token count is malformed. Thinking tokens are billed as output at the model's
-        text rate, which the image rate would overstate: without a `thinking_tokens_per_million`
-        price an answer that thought is charged its estimate rather than a sum that leaves them out."""
+        missing or a token count is malformed (`unreadable_usage`). Thinking tokens are billed as
+        output at the model's text rate, which the image rate would overstate: without a
+        `thinking_tokens_per_million` price an answer that thought is charged its estimate rather
+        than a sum that leaves them out."""
         if not isinstance(usage, dict):
             return None
-        counts = token_counts(usage.get("candidatesTokenCount"), usage.get("promptTokenCount", 0),
-                              usage.get("thoughtsTokenCount", 0))
+        counts = token_counts(*_counted(usage))
         if counts is None:
             return None
         out_tokens, in_tokens, thoughts = counts
@@ -142,6 +150,7 @@ class GeminiEngine(CloudEngine):
     async def run(self, req: RenderRequest, progress: Progress, cancel: CancelToken) -> RenderResult:
         images: list[RenderedImage] = []
         total_cost: int | None = 0
+        unread: str | None = None
         request_ids: list[str] = []
         asked = Asked(req.n, lambda: self.estimate(req))
 
@@ -150,6 +159,7 @@ class GeminiEngine(CloudEngine):
                 images=list(images),
                 model=self._model,
                 cost_millicredits=total_cost,
+                cost_unread=unread if total_cost is None else None,
                 provider_request_id=",".join(request_ids) or None,
                 metadata={"image_size": size_class(req.width, req.height), **PROMPT_AND_IMAGE_ONLY},
             )
@@ -193,6 +203,7 @@ class GeminiEngine(CloudEngine):
                         progress.provider_request(str(body["responseId"]))
                     usage = body.get("usageMetadata") or {}
                     cost = self._actual_cost(usage)
+                    unread = unread or unreadable_usage(usage, _counted)
                     try:
                         images.append(RenderedImage(await asyncio.to_thread(self._image, body)))
                     except EngineError as exc:
@@ -266,6 +277,11 @@ class GeminiEngine(CloudEngine):
     def _malformed(self, where: str) -> EngineError:
         # Raised while reading a 200 (`reading_an_answer`): the call may have been billed.
         return EngineError(f"gemini: unexpected response shape ({where})", details={"engine": self.name})
+
+
+def _counted(usage: dict[str, Any]) -> tuple[Any, ...]:
+    """The token counts a usage block gives, as given: output, prompt, thinking."""
+    return usage.get("candidatesTokenCount"), usage.get("promptTokenCount", 0), usage.get("thoughtsTokenCount", 0)
 
 
 def _generated(usage: Any) -> bool:

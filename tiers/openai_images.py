@@ -21,7 +21,15 @@ from typing import Any
 import httpx
 
 from orchestrator.errors import BadEngineInput, ContentFiltered, EngineError, EngineUnavailable, NoImage, NoPrice
-from tiers._cloud import Asked, CloudEngine, paid_calls, prompt_tokens, reading_an_answer, token_counts
+from tiers._cloud import (
+    Asked,
+    CloudEngine,
+    paid_calls,
+    prompt_tokens,
+    reading_an_answer,
+    token_counts,
+    unreadable_usage,
+)
 from tiers._http import RemoteClient, error_text, header_request_id, json_object
 from tiers._images import b64decode_tolerant, decode_image, encode_image, nearest_aspect
 from tiers.base import (
@@ -100,6 +108,23 @@ def quota_exhausted(response: httpx.Response) -> bool:
     return response.status_code == 429 and _error_code(response) in SPENT_UP
 
 
+def _counted(usage: dict[str, Any]) -> tuple[Any, ...]:
+    """The token counts a usage block gives: output, input image, input text."""
+    details = usage.get("input_tokens_details")
+    if isinstance(details, dict):
+        # A split that names one kind only: the rest of the input is the other (a missing
+        # `image_tokens` billed the image, most of the input, at nothing).
+        image_tokens, text_tokens = details.get("image_tokens"), details.get("text_tokens")
+        if image_tokens is None:
+            image_tokens = _rest(usage.get("input_tokens", 0), text_tokens or 0)
+        if text_tokens is None:
+            text_tokens = _rest(usage.get("input_tokens", 0), image_tokens)
+    else:
+        # Without the split, bill every input token at the dearer image rate.
+        image_tokens, text_tokens = usage.get("input_tokens", 0), 0
+    return usage.get("output_tokens"), image_tokens, text_tokens
+
+
 def _rest(total: Any, part: Any) -> Any:
     """`total - part` when both are token counts; else `total`, for `token_counts` to judge."""
     if is_amount(total) and is_amount(part):
@@ -173,22 +198,11 @@ class OpenAIImagesEngine(CloudEngine):
         return req.n * (per_image + per_call)
 
     def _actual_cost(self, usage: Any) -> int | None:
+        """The cost by the answer's tokens, or None (the estimate is captured) when a price is
+        missing or a token count is malformed (`unreadable_usage`)."""
         if not isinstance(usage, dict):
             return None
-        out_tokens = usage.get("output_tokens")
-        details = usage.get("input_tokens_details")
-        if isinstance(details, dict):
-            # A split that names one kind only: the rest of the input is the other (a missing
-            # `image_tokens` billed the image, most of the input, at nothing).
-            image_tokens, text_tokens = details.get("image_tokens"), details.get("text_tokens")
-            if image_tokens is None:
-                image_tokens = _rest(usage.get("input_tokens", 0), text_tokens or 0)
-            if text_tokens is None:
-                text_tokens = _rest(usage.get("input_tokens", 0), image_tokens)
-        else:
-            # Without the split, bill every input token at the dearer image rate.
-            image_tokens, text_tokens = usage.get("input_tokens", 0), 0
-        counts = token_counts(out_tokens, image_tokens, text_tokens)
+        counts = token_counts(*_counted(usage))
         if counts is None:
             return None
         out_tokens, image_tokens, text_tokens = counts
@@ -215,6 +229,7 @@ class OpenAIImagesEngine(CloudEngine):
         draft = await asyncio.to_thread(encode_image, req.init_image, fmt="PNG", max_bytes=MAX_UPLOAD_BYTES)
         images: list[RenderedImage] = []
         total_cost: int | None = 0
+        unread: str | None = None
         request_ids: list[str] = []
         asked = Asked(req.n, lambda: self.estimate(req))
 
@@ -223,6 +238,7 @@ class OpenAIImagesEngine(CloudEngine):
                 images=list(images),
                 model=self._model,
                 cost_millicredits=total_cost,
+                cost_unread=unread if total_cost is None else None,
                 provider_request_id=",".join(request_ids) or None,
                 metadata={"size": size, **PROMPT_AND_IMAGE_ONLY, "quality": quality(req)},
             )
@@ -259,6 +275,7 @@ class OpenAIImagesEngine(CloudEngine):
                     body = json_object(response, self.name)
                     await asyncio.to_thread(self._images, body, count, images)
                 cost = self._actual_cost(body.get("usage"))
+                unread = unread or unreadable_usage(body.get("usage"), _counted)
                 total_cost = None if cost is None or total_cost is None else total_cost + cost
                 asked.charged(cost)
                 progress.step(len(images), req.n)

@@ -58,6 +58,18 @@ def test_provider_cost_below_the_hold_releases_the_rest(api: httpx.Client) -> No
         "charged": 7.5, "held": 0, "granted": 0, "available": 92.5}
 
 
+def test_a_cost_the_provider_reported_unreadably_is_the_estimate_flagged(api: httpx.Client) -> None:
+    # Gemini's or OpenAI's usage with a negative or infinite count: the estimate was captured as if
+    # the provider had said nothing, and nobody was asked to check it against the invoice.
+    project_id, asset_id = project_with_draft(api, {"limit": 100, "period": "month"})
+    job = wait_for_job(api, promote_ok(api, asset_id, tags={"fake": "unreadable-usage"})["id"])
+    assert job["status"] == "succeeded", job
+    capture = next(e for e in ledger(api, project_id) if e["kind"] == "capture")
+    assert capture["amount"] == PRICE and capture["unreconciled"] and capture["note"] == "usage unreadable"
+    flagged = api.get(f"/v1/projects/{project_id}/ledger", params={"unreconciled": "true"}).json()["items"]
+    assert [e["id"] for e in flagged] == [capture["id"]]
+
+
 def test_provider_cost_above_the_hold_is_captured_and_flagged(api: httpx.Client) -> None:
     project_id, asset_id = project_with_draft(api, {"limit": 100, "period": "month"})
     job = wait_for_job(api, promote_ok(api, asset_id, tags={"cost": "12"})["id"])

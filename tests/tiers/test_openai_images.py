@@ -177,8 +177,9 @@ async def test_token_counts_that_are_not_counts_charge_the_estimate(engine: Open
     text = json.dumps({**ok_body(), "usage": usage}).replace('"COUNT"', count)
     respx.post(URL).mock(return_value=httpx.Response(200, text=text, headers={"content-type": "application/json"}))
     result = await engine.run(bridge(), NullProgress(), CancelToken())
-    # The image is kept, and the ledger captures the hold for the invoice to settle.
+    # The image is kept, and the ledger captures the hold, flagged for the invoice to settle.
     assert len(result.images) == 1 and result.cost_millicredits is None
+    assert result.cost_unread is not None and "not counts" in result.cost_unread
 
 
 @respx.mock
