@@ -1344,7 +1344,7 @@ class JobRunner:
             return
         try:
             available, why = await asyncio.to_thread(engine.availability)
-        except Exception:  # a plugin's look that breaks: as routing would not know either, it is sent
+        except Exception:  # a plugin's look that breaks tells nothing of the engine: routed to it, it is sent
             log.warning("job %s: whether engine %s is available is unknown; it is sent", job.id, job.engine,
                         exc_info=True)
             return

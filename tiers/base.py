@@ -203,11 +203,12 @@ class RenderResult:
     model: str
     # What the provider says it charged, when it says so; `None` means "use the estimate".
     cost_millicredits: int | None = None
-    # Why the estimate stands for a cost the provider did report, in a form that could not be read
-    # (a usage block's malformed counts): the estimate is then captured flagged `unreconciled`.
-    cost_unread: str | None = None
     provider_request_id: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    # Why the estimate stands for a cost the provider did report, in a form that could not be read
+    # (a usage block's malformed counts): the estimate is then captured flagged `unreconciled`.
+    # Last: a plugin's positional arguments keep their places.
+    cost_unread: str | None = None
 
 
 class Progress(Protocol):
