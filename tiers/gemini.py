@@ -203,7 +203,8 @@ class GeminiEngine(CloudEngine):
                         progress.provider_request(str(body["responseId"]))
                     usage = body.get("usageMetadata") or {}
                     cost = self._actual_cost(usage)
-                    unread = unread or unreadable_usage(usage, _counted)
+                    if cost is None:  # only then: a readable block was read once already
+                        unread = unread or unreadable_usage(usage, _counted)
                     try:
                         images.append(RenderedImage(await asyncio.to_thread(self._image, body)))
                     except EngineError as exc:

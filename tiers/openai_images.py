@@ -275,7 +275,8 @@ class OpenAIImagesEngine(CloudEngine):
                     body = json_object(response, self.name)
                     await asyncio.to_thread(self._images, body, count, images)
                 cost = self._actual_cost(body.get("usage"))
-                unread = unread or unreadable_usage(body.get("usage"), _counted)
+                if cost is None:  # only then: a readable block was read once already
+                    unread = unread or unreadable_usage(body.get("usage"), _counted)
                 total_cost = None if cost is None or total_cost is None else total_cost + cost
                 asked.charged(cost)
                 progress.step(len(images), req.n)
