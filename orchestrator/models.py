@@ -292,3 +292,19 @@ class StoreIdentity(SQLModel, table=True):
     id: int = Field(default=1, primary_key=True)
     store_id: str = Field(max_length=64)
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime, nullable=False)
+
+
+class PolicyVersion(SQLModel, table=True):
+    """The newest good version of each policy file of `ORCH_POLICY_DIR` that a process of this
+    database read, or the file's removal (`content` None): what every process serves while the
+    file is refused (see `orchestrator.policy_versions`)."""
+
+    __tablename__ = "policy_versions"
+
+    name: str = Field(primary_key=True, max_length=64)
+    source: str = Field(sa_type=sa.Text)  # the file's path, as `Policy.source` reports it
+    content: bytes | None = Field(default=None, sa_type=sa.LargeBinary, nullable=True)
+    content_hash: str | None = Field(default=None, max_length=16)
+    # The file's status change time (ns) when it was read; for a removal, its directory's.
+    changed_ns: int = Field(sa_type=sa.BigInteger)
+    recorded_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime, nullable=False)

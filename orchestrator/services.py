@@ -30,6 +30,7 @@ from orchestrator.ledger import Ledger
 from orchestrator.metrics import render as metrics_text
 from orchestrator.models import Asset, Job, Project
 from orchestrator.outage import Outage
+from orchestrator.policy_versions import PolicyVersions
 from orchestrator.prices import load_price_overrides, unread_prices
 from orchestrator.queue import Scheduler
 from orchestrator.routing import Router, policy_warnings
@@ -277,7 +278,7 @@ class Services:
             log.warning("ORCH_PRICES_FILE %s: %s", settings.prices_file, told)
         ctx = EngineContext(settings=settings, price_overrides=overrides)
         registry = EngineRegistry.load(ctx)
-        policies = PolicyStore(settings.policy_dir)
+        policies = PolicyStore(settings.policy_dir, shared=PolicyVersions(db))
         for error in policies.errors:
             log.error("policy refused: %s", error.message)
         for warning in policy_warnings(policies, registry):

@@ -4,7 +4,7 @@
 `PolicyStore`. The built-in policies are the `*.toml` files next to this module.
 """
 
-from policies.loader import BUILTIN, PolicyError, PolicyStore, load_policy_file, parse_policy
+from policies.loader import BUILTIN, PolicyError, PolicyStore, Seen, SharedVersions, load_policy_file, parse_policy
 from policies.schema import Match, Policy, RequestFacts, Rule, Strategy, is_private, order_candidates
 
 __all__ = [
@@ -15,6 +15,8 @@ __all__ = [
     "PolicyStore",
     "RequestFacts",
     "Rule",
+    "Seen",
+    "SharedVersions",
     "Strategy",
     "is_private",
     "load_policy_file",

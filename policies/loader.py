@@ -3,6 +3,8 @@
 A policy file is named after its policy (`balanced.toml` holds `name = "balanced"`), so a name
 always points at one file. A file that fails to load is reported and refused; the store keeps
 serving the last good version of that policy, so a typo saved mid-edit never takes routing down.
+With a `SharedVersions` (the database's, for a service of several processes) that version is the
+service's: the newest any of its processes read, not the one this process happened to read last.
 """
 
 from __future__ import annotations
@@ -10,13 +12,15 @@ from __future__ import annotations
 import builtins
 import difflib
 import hashlib
+import logging
 import os
 import threading
 import tomllib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from pydantic import ValidationError
 
@@ -24,9 +28,37 @@ from orchestrator.errors import InvalidRequest, NotFound
 from orchestrator.workers import open_regular_file
 from policies.schema import PRIVACY_TAG, Policy, Rule, is_private
 
+log = logging.getLogger(__name__)
+
 BUILTIN = "builtin"
-# (policy name, loader) pairs, in the order they are loaded.
-_Files = list[tuple[str, Callable[[], Policy]]]
+
+
+@dataclass(frozen=True)
+class Seen:
+    """What a look found of the policy file of the extra directory named `name`: its bytes, or None
+    when it is gone; and when that last changed, in ns of the clock that stamps the files (a file's
+    status change time; for a file gone, its directory's, which its removal set)."""
+
+    name: str
+    source: str
+    content: bytes | None
+    changed_ns: int
+
+
+class SharedVersions(Protocol):
+    """Where the processes of one service keep each policy file's newest good version (`Seen`)."""
+
+    def remember(self, seen: Sequence[Seen]) -> None:
+        """Keep each of `seen` unless a version changed later is kept already."""
+
+    def recall(self, names: Sequence[str]) -> dict[str, Seen]:
+        """The versions kept of `names` (a name never kept is left out)."""
+
+
+# A policy, and what was read of the file of the extra directory it came from (None: a built-in).
+_Loaded = tuple[Policy, Seen | None]
+# (policy name, loader, whether its file is the extra directory's), in the order they are loaded.
+_Files = list[tuple[str, Callable[[], _Loaded], bool]]
 
 
 class PolicyError(InvalidRequest):
@@ -71,29 +103,41 @@ def parse_policy(data: bytes, *, label: str, source: str, expect_name: str | Non
 
 def load_policy_file(path: str | os.PathLike[str]) -> Policy:
     """Load one policy file; raises `PolicyError` when it cannot be used."""
-    file = Path(path)
+    return _read_policy_file(Path(path))[0]
+
+
+def _read_policy_file(file: Path) -> tuple[Policy, Seen]:
     try:
         # Not a FIFO (a read would wait for a writer, holding every reload) nor a file of any size
         # (a 50 MB one took 9 s a reload, and `GET /v1/policies` sent it whole).
         with open_regular_file(file, os.O_RDONLY, "rb", follow=True) as opened:
+            # Before the read: a write after it makes a later time, which a newer read carries.
+            changed_ns = os.fstat(opened.fileno()).st_ctime_ns
             data = opened.read(MAX_POLICY_BYTES + 1)
     except OSError as exc:
         raise PolicyError(f"{file}: cannot read: {exc.strerror or exc}", file=str(file)) from None
     if len(data) > MAX_POLICY_BYTES:
         raise PolicyError(f"{file}: larger than {MAX_POLICY_BYTES // 1024 // 1024} MiB, which no policy needs "
                           "(is it the file meant?)", file=str(file))
-    return parse_policy(data, label=str(file), source=str(file), expect_name=file.stem)
+    policy = parse_policy(data, label=str(file), source=str(file), expect_name=file.stem)
+    return policy, Seen(file.stem, str(file), data, changed_ns)
 
 
 class PolicyStore:
     """The policies a service can route with: the built-ins shipped in this package, overridden or
     extended by the `*.toml` files of `extra_dir`. Loads on construction; `errors` holds what the
-    last load refused."""
+    last load refused. With `shared`, a refused file of `extra_dir` is served as the newest good
+    version any process sharing it read (this process's own when it cannot be asked)."""
 
-    def __init__(self, extra_dir: str | os.PathLike[str] | None = None, *, include_builtins: bool = True) -> None:
+    def __init__(self, extra_dir: str | os.PathLike[str] | None = None, *, include_builtins: bool = True,
+                 shared: SharedVersions | None = None) -> None:
         self.extra_dir = None if extra_dir is None else Path(extra_dir)
         self.include_builtins = include_builtins
+        self.shared = shared
         self._policies: dict[str, Policy] = {}
+        # This process's last look at each file of `extra_dir` it loaded: the version it serves, or
+        # the file's removal. Told to `shared` at each load, and weighed against what it recalls.
+        self._seen: dict[str, Seen] = {}
         self._errors: builtins.list[PolicyError] = []
         self._reloading = threading.Lock()
         self.loaded_fingerprint: object = None  # the files' `fingerprint` at the last load
@@ -112,26 +156,85 @@ class PolicyStore:
             fingerprint = self.fingerprint()
             previous = self._policies
             fresh: dict[str, Policy] = {}
+            shipped: dict[str, Policy] = {}
+            refused: builtins.list[str] = []
             errors: builtins.list[PolicyError] = []
             files, listed = self._files(errors)
-            for name, load in files:
+            for name, load, in_dir in files:
                 try:
-                    fresh[name] = load()
+                    fresh[name], seen = load()
                 except PolicyError as exc:
                     errors.append(exc)
+                    if in_dir:
+                        refused.append(name)
                     if name in previous:
                         fresh[name] = previous[name]
+                    continue
+                if seen is not None:
+                    self._seen[name] = seen
+                if not in_dir:
+                    shipped[name] = fresh[name]
             if not listed:
                 # A directory that vanished for a moment (remount, deploy), or that this process may
                 # not read (a permission lost), should not drop policies: its files are not gone.
                 for name, policy in previous.items():
                     if policy.source != BUILTIN:
                         fresh[name] = policy
+            else:
+                self._note_removals({name for name, _, in_dir in files if in_dir})
+            if self.shared is not None:
+                self._share(refused, fresh, shipped)
             # One assignment: readers on other threads see the old set or the new one, never a mix.
             self._policies = fresh
             self._errors = errors
             self.loaded_fingerprint = fingerprint
             return builtins.list(errors)
+
+    def _note_removals(self, listed: set[str]) -> None:
+        """Files of the extra directory loaded before and no longer listed: their removal is a
+        version too, so that a refused file of that name later does not bring an older one back."""
+        gone = [name for name, seen in self._seen.items() if seen.content is not None and name not in listed]
+        if not gone or self.extra_dir is None:
+            return
+        try:
+            # After the listing: the removal it missed the file by is in this time.
+            removed_ns = os.stat(self.extra_dir).st_ctime_ns
+        except OSError:
+            return
+        for name in gone:
+            self._seen[name] = Seen(name, self._seen[name].source, None, removed_ns)
+
+    def _share(self, refused: builtins.list[str], fresh: dict[str, Policy], shipped: dict[str, Policy]) -> None:
+        """Tell `shared` what this load read; serve each refused file as the newest good version of
+        the service. Without it, an edit followed by a refused one before every process had read
+        the first left processes on different versions until the file was mended: a process that
+        missed an edit making a policy private went on routing its projects to the cloud."""
+        assert self.shared is not None
+        try:
+            if self._seen:
+                self.shared.remember(builtins.list(self._seen.values()))
+            recalled = self.shared.recall(refused) if refused else {}
+        except Exception as exc:  # the database away: this process's own last good versions serve
+            log.warning("policies: the service's last good versions could not be shared (%s); this process's "
+                        "own serve", exc)
+            return
+        for name in refused:
+            theirs, mine = recalled.get(name), self._seen.get(name)
+            if theirs is None or (mine is not None and mine.changed_ns >= theirs.changed_ns):
+                continue
+            if theirs.content is None:  # removed after the version this process read
+                fresh.pop(name, None)
+                if name in shipped:
+                    fresh[name] = shipped[name]
+            else:
+                try:
+                    fresh[name] = parse_policy(theirs.content, label=theirs.source, source=theirs.source,
+                                               expect_name=name)
+                except PolicyError as exc:  # read by another release of the service, whose schema differs
+                    log.warning("policies: the service's last good version of '%s' does not load here (%s); this "
+                                "process's own serves", name, exc.message)
+                    continue
+            self._seen[name] = theirs
 
     def fingerprint(self) -> object:
         """The policy files (the shipped ones and the extra directory's) as their names and what
@@ -164,7 +267,7 @@ class PolicyStore:
             for entry in sorted(resources.files("policies").iterdir(), key=lambda e: e.name):
                 if entry.name.endswith(".toml") and entry.is_file():
                     stem = entry.name.removesuffix(".toml")
-                    files.append((stem, _builtin_loader(entry.read_bytes, entry.name, stem)))
+                    files.append((stem, _builtin_loader(entry.read_bytes, entry.name, stem), False))
         if self.extra_dir is None:
             return files, True
         try:
@@ -177,7 +280,7 @@ class PolicyStore:
             by_name.setdefault(path.stem, []).append(path)
         for name, same in by_name.items():
             # `studio.toml` beside `studio.TOML`: one silently won. Neither does; the last good stays.
-            files.append((name, _file_loader(same[0]) if len(same) == 1 else _two_files(name, same)))
+            files.append((name, _file_loader(same[0]) if len(same) == 1 else _two_files(name, same), True))
         return files, True
 
     def as_it_reads_now(self, name: str) -> Policy | None:
@@ -185,11 +288,11 @@ class PolicyStore:
         None when the file is refused, gone, or cannot be listed."""
         errors: builtins.list[PolicyError] = []
         files, listed = self._files(errors)
-        found = [load for stem, load in files if stem == name]  # in precedence order: the last wins
+        found = [load for stem, load, _ in files if stem == name]  # in precedence order: the last wins
         if not found or not listed:
             return None
         try:
-            return found[-1]()
+            return found[-1]()[0]
         except PolicyError:
             return None
 
@@ -330,16 +433,16 @@ def _always_private(rule: Rule) -> bool:
     return rule.private or (allowed is not None and all(is_private({PRIVACY_TAG: value}) for value in allowed))
 
 
-def _builtin_loader(read: Callable[[], bytes], filename: str, stem: str) -> Callable[[], Policy]:
-    return lambda: parse_policy(read(), label=f"policies/{filename}", source=BUILTIN, expect_name=stem)
+def _builtin_loader(read: Callable[[], bytes], filename: str, stem: str) -> Callable[[], _Loaded]:
+    return lambda: (parse_policy(read(), label=f"policies/{filename}", source=BUILTIN, expect_name=stem), None)
 
 
-def _file_loader(path: Path) -> Callable[[], Policy]:
-    return lambda: load_policy_file(path)
+def _file_loader(path: Path) -> Callable[[], _Loaded]:
+    return lambda: _read_policy_file(path)
 
 
-def _two_files(name: str, paths: builtins.list[Path]) -> Callable[[], Policy]:
-    def refuse() -> Policy:
+def _two_files(name: str, paths: builtins.list[Path]) -> Callable[[], _Loaded]:
+    def refuse() -> _Loaded:
         label = str(paths[0].parent)
         # Its file is the first of them: a reload says what serves in their place (`Services._what_stays`).
         raise PolicyError(f"{label}: policy '{name}' is in {len(paths)} files "

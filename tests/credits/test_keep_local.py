@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import pytest
 
 from orchestrator.server import serve_in_thread
 from orchestrator.settings import Settings
+from policies.loader import content_hash
 from tests import fakes
 from tests.credits import DRAFT, ledger, poll, project_with_draft, promote_ok, wait_for_job
 from tests.credits.conftest import POLICY, POLICY_TOML
@@ -478,7 +480,7 @@ def test_a_job_routed_after_a_policy_was_loosened_is_not_refused_by_a_worker_sti
 
 def test_a_job_routed_by_another_version_is_judged_by_the_file_as_it_reads_now(tmp_path: Path) -> None:
     from orchestrator.services import _keeps_all_local
-    from policies.loader import PolicyStore, content_hash
+    from policies.loader import PolicyStore
 
     file = tmp_path / "studio.toml"
     file.write_text(STUDIO_LOCAL)
@@ -493,3 +495,30 @@ def test_a_job_routed_by_another_version_is_judged_by_the_file_as_it_reads_now(t
     file.write_text(STUDIO_CLOUD.replace("[[rules]]", "[[rules", 1))  # a typo: nothing to judge by
     assert _keeps_all_local(store, "studio", cloud)
     assert _keeps_all_local(store, "nowhere", cloud) is False
+
+
+def test_a_worker_that_missed_an_edit_making_a_policy_private_sends_nothing_off_the_machine(
+        paid_settings_for: Callable[..., Settings], tmp_path: Path) -> None:
+    # The API server read the private edit; the worker had not looked yet (poll_interval 60) when
+    # the file was saved again with a typo. The worker kept the cloud version and routed to it.
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    file = policies / "studio.toml"
+    file.write_text(STUDIO_CLOUD)
+    data = tmp_path / "data"
+    runs = paid_settings_for(data, policy="studio", policy_dir=policies, poll_interval=60)
+    routes = paid_settings_for(data, policy="studio", policy_dir=policies, run_jobs=False, poll_interval=60)
+    with serve_in_thread(runs) as run_base, httpx.Client(base_url=run_base, timeout=30) as runner, \
+            serve_in_thread(routes) as api_base, httpx.Client(base_url=api_base, timeout=30) as api:
+        _, asset_id = project_with_draft(runner)
+        time.sleep(0.05)  # past the file clock's tick: the edits are told apart by their change time
+        file.write_text(STUDIO_LOCAL)
+        assert api.post("/v1/policies/reload").json()["errors"] == []  # this process only
+        time.sleep(0.05)
+        file.write_text(STUDIO_CLOUD.replace("[[rules]]", "[[rules", 1))  # saved with a typo
+        assert runner.post("/v1/policies/reload").json()["errors"] != []
+        assert runner.get("/v1/policies/studio").json()["content_hash"] == content_hash(STUDIO_LOCAL.encode())
+        response = runner.post(f"/v1/assets/{asset_id}/promote", json={"cache": False})
+        assert response.status_code == 202, response.text
+        job = wait_for_job(runner, response.json()["id"])
+        assert job["engine"] == "local-hifi" and job["status"] == "succeeded", job

@@ -49,6 +49,7 @@ from tests.credits.conftest import ENGINES, POLICY, Service
 from tests.credits.test_budget import check_budget_race
 from tests.credits.test_check import check_ledger_findings
 from tests.credits.test_random_outcomes import KILL_SEEDS, SEEDS, kill_in_the_mix, run_the_mix
+from tests.policies.test_shared_versions import check_a_process_that_missed_an_edit_serves_it_while_the_file_is_refused
 from tests.test_db import check_json_columns_take_what_engines_report
 from tests.test_migrations import check_holds_marked_settled_by_0010
 
@@ -971,3 +972,13 @@ def test_withdrawn_work_the_provider_never_ran_is_reconciled_at_nothing_on_postg
 
     check_withdrawn_work_reconciled(paid_settings_for(tmp_path / "data", database_url=postgres_url, run_jobs=False),
                                     True)
+
+
+def test_a_process_that_missed_a_policy_edit_serves_it_while_the_file_is_refused_on_postgres(
+        postgres_url: str, tmp_path: Path) -> None:
+    db = Database(postgres_url)
+    db.migrate()
+    try:
+        check_a_process_that_missed_an_edit_serves_it_while_the_file_is_refused(tmp_path, db)
+    finally:
+        db.dispose()
