@@ -148,11 +148,15 @@ def paid_calls(made: Sized, asked: Asked | None = None,
             raise
         if len(made):
             exc.at_least_charged("unknown")
-        if asked is not None and billed < asked.n and exc.charged != "no" and exc.cost_millicredits is None:
-            share = asked.share(billed)
+        if asked is not None and exc.charged != "no" and exc.cost_millicredits is None:
             # Never below what the provider already said it charged (an estimate is not a bound:
             # a stale price table, a longer prompt than guessed).
-            exc.cost_millicredits = None if share is None else max(share, asked.reported)
+            if billed < asked.n:
+                share = asked.share(billed)
+                exc.cost_millicredits = None if share is None else max(share, asked.reported)
+            elif asked.reported and (whole := asked.share(asked.n)) is not None and asked.reported > whole:
+                # Every image asked for: the whole hold, unless the calls that finished said more.
+                exc.cost_millicredits = asked.reported
         raise
 
 

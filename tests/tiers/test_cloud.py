@@ -414,6 +414,24 @@ def test_a_ceiling_is_never_below_what_the_provider_reported_for_the_calls_made(
     assert (info.value.charged, info.value.cost_millicredits) == ("unknown", 5000)
 
 
+def test_a_last_call_whose_outcome_is_unknown_charges_at_least_what_the_earlier_calls_reported() -> None:
+    # Every image asked for: the hold was captured, below the first call's reported cost.
+    asked = Asked(2, lambda: 3000)
+    with pytest.raises(EngineError) as info, paid_calls(images := [object()], asked):
+        asked.asking(1)
+        asked.charged(5000)
+        asked.asking(1)
+        raise EngineError("no answer", charged="unknown")
+    assert len(images) == 1 and (info.value.charged, info.value.cost_millicredits) == ("unknown", 5000)
+    asked = Asked(2, lambda: 3000)  # reported within the estimate: the whole hold, as before
+    with pytest.raises(EngineError) as info, paid_calls([object()], asked):
+        asked.asking(1)
+        asked.charged(1400)
+        asked.asking(1)
+        raise EngineError("no answer", charged="unknown")
+    assert info.value.cost_millicredits is None
+
+
 @pytest.mark.parametrize(("error", "sent", "expected"), [
     # Refused, or withdrawn with the provider's word that it never ran: the calls made are the bill.
     (EngineError("refused"), True, ("yes", 2500)),
