@@ -305,6 +305,6 @@ class PolicyVersion(SQLModel, table=True):
     source: str = Field(sa_type=sa.Text)  # the file's path, as `Policy.source` reports it
     content: bytes | None = Field(default=None, sa_type=sa.LargeBinary, nullable=True)
     content_hash: str | None = Field(default=None, max_length=16)
-    # The file's status change time (ns) when it was read; for a removal, its directory's.
-    changed_ns: int = Field(sa_type=sa.BigInteger)
+    # When a process first read this version (or missed the file), ns of the service's clock.
+    read_ns: int = Field(sa_type=sa.BigInteger)
     recorded_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime, nullable=False)

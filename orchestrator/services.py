@@ -347,6 +347,8 @@ class Services:
                 log.warning("policy: %s", warning)
         for name, source in sorted(sources.items()):
             now = self.policies.get(name).source if name in self.policies else None
+            if self.policies.from_service(name) is False:
+                continue  # its file is there, refused: told above, with what its removal left
             if now is None:
                 log.warning("policy '%s' is no longer loaded (%s is gone): its projects' new jobs are refused "
                             "(no_route) until a policy of that name is back or they move to another", name, source)
@@ -362,9 +364,16 @@ class Services:
         if file.suffix.lower() != ".toml":  # the folder itself, unreadable: nothing read from it is dropped
             return "the policies read from it before stay"
         kept = self.policies.get(file.stem).source if file.stem in self.policies else None
+        shared = self.policies.from_service(file.stem)
+        if shared is False:
+            left = "not loaded" if kept is None else "the built-in policy of that name serves"
+            return f"{left}: another process found the file removed after the version this one read"
         if kept is None:
             return "not loaded"
-        return "the built-in policy of that name stays" if kept == BUILTIN else "the last good version stays"
+        if kept == BUILTIN:
+            return "the built-in policy of that name stays"
+        return ("the service's last good version, read by another process, serves" if shared
+                else "the last good version stays")
 
     def _apply_local_policies(self, when: str, policies: set[str] | None = None) -> None:
         """`keep_local` for the projects with unfinished work under `policies` (default: every loaded
@@ -387,6 +396,20 @@ class Services:
         for job_id in canceled:
             self.scheduler.forget_abandoned(self.jobs.get(job_id))
         return canceled
+
+    def resync_policies(self) -> None:
+        """`PolicyStore.resync`: while a file is refused, the version the service keeps of it may
+        change after this process's reload (another process told its read late); served here too,
+        and a policy it makes keep everything on this machine applied as a reload's is."""
+        local_before = self._local_policies()
+        for name in self.policies.resync():
+            served = self.policies.get(name).content_hash if name in self.policies else None
+            log.warning("policy '%s': its file is still refused; %s", name,
+                        f"the service's last good version (hash {served}), read by another process, now serves"
+                        if self.policies.from_service(name) else
+                        "another process found the file removed after the version this one read: "
+                        + ("not loaded" if served is None else "the built-in policy of that name serves"))
+        self._apply_local_policies("as the service's last good version", self._local_policies() - local_before)
 
     def reload_policies_soon(self, why: str) -> None:
         """For a signal handler, on the event loop: the reload reads files (and may write the
@@ -426,6 +449,8 @@ class Services:
                 now = await asyncio.to_thread(self.policies.fingerprint)
                 if now == self.policies.loaded_fingerprint:
                     moving = None
+                    if self.policies.needs_resync:
+                        await asyncio.to_thread(self.resync_policies)
                 elif now != moving:
                     moving = now  # changed since the last look: reloaded if it holds still until the next
                 else:

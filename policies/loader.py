@@ -15,6 +15,7 @@ import hashlib
 import logging
 import os
 import threading
+import time
 import tomllib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -35,28 +36,32 @@ BUILTIN = "builtin"
 
 @dataclass(frozen=True)
 class Seen:
-    """What a look found of the policy file of the extra directory named `name`: its bytes, or None
-    when it is gone; and when that last changed, in ns of the clock that stamps the files (a file's
-    status change time; for a file gone, its directory's, which its removal set)."""
+    """What a process read of the policy file of the extra directory named `name`: its bytes, or
+    None when the file was gone; and when, in ns of the service's clock, taken before the read.
+    The newest version is the one read last, not the file changed last: a rollback (a link, a
+    directory or a snapshot swapped back) brings back older files."""
 
     name: str
     source: str
     content: bytes | None
-    changed_ns: int
+    read_ns: int
 
 
 class SharedVersions(Protocol):
     """Where the processes of one service keep each policy file's newest good version (`Seen`)."""
 
+    def now_ns(self) -> int:
+        """The service's clock (`Seen.read_ns`)."""
+
     def remember(self, seen: Sequence[Seen]) -> None:
-        """Keep each of `seen` unless a version changed later is kept already."""
+        """Keep each of `seen` unless a version read later is kept already."""
 
     def recall(self, names: Sequence[str]) -> dict[str, Seen]:
         """The versions kept of `names` (a name never kept is left out)."""
 
 
-# A policy, and what was read of the file of the extra directory it came from (None: a built-in).
-_Loaded = tuple[Policy, Seen | None]
+# A policy, and the bytes of the file of the extra directory it came from (None: a built-in).
+_Loaded = tuple[Policy, bytes | None]
 # (policy name, loader, whether its file is the extra directory's), in the order they are loaded.
 _Files = list[tuple[str, Callable[[], _Loaded], bool]]
 
@@ -106,21 +111,18 @@ def load_policy_file(path: str | os.PathLike[str]) -> Policy:
     return _read_policy_file(Path(path))[0]
 
 
-def _read_policy_file(file: Path) -> tuple[Policy, Seen]:
+def _read_policy_file(file: Path) -> tuple[Policy, bytes]:
     try:
         # Not a FIFO (a read would wait for a writer, holding every reload) nor a file of any size
         # (a 50 MB one took 9 s a reload, and `GET /v1/policies` sent it whole).
         with open_regular_file(file, os.O_RDONLY, "rb", follow=True) as opened:
-            # Before the read: a write after it makes a later time, which a newer read carries.
-            changed_ns = os.fstat(opened.fileno()).st_ctime_ns
             data = opened.read(MAX_POLICY_BYTES + 1)
     except OSError as exc:
         raise PolicyError(f"{file}: cannot read: {exc.strerror or exc}", file=str(file)) from None
     if len(data) > MAX_POLICY_BYTES:
         raise PolicyError(f"{file}: larger than {MAX_POLICY_BYTES // 1024 // 1024} MiB, which no policy needs "
                           "(is it the file meant?)", file=str(file))
-    policy = parse_policy(data, label=str(file), source=str(file), expect_name=file.stem)
-    return policy, Seen(file.stem, str(file), data, changed_ns)
+    return parse_policy(data, label=str(file), source=str(file), expect_name=file.stem), data
 
 
 class PolicyStore:
@@ -138,6 +140,13 @@ class PolicyStore:
         # This process's last look at each file of `extra_dir` it loaded: the version it serves, or
         # the file's removal. Told to `shared` at each load, and weighed against what it recalls.
         self._seen: dict[str, Seen] = {}
+        # Since the last load: the files of `extra_dir` refused, the built-ins loaded, whether
+        # `shared` failed (both looked at again by `resync`), and the refused files served from
+        # `shared` (True: its version; False: the file's removal, which another process saw).
+        self._refused: builtins.list[str] = []
+        self._shipped: dict[str, Policy] = {}
+        self._unshared = False
+        self._from_service: dict[str, bool] = {}
         self._errors: builtins.list[PolicyError] = []
         self._reloading = threading.Lock()
         self.loaded_fingerprint: object = None  # the files' `fingerprint` at the last load
@@ -154,6 +163,7 @@ class PolicyStore:
             # Taken before reading: a file written while this load reads it is seen as changed again.
             # Kept only once the load is done: one that fails is tried again at the next look.
             fingerprint = self.fingerprint()
+            read_ns = self._now_ns()
             previous = self._policies
             fresh: dict[str, Policy] = {}
             shipped: dict[str, Policy] = {}
@@ -162,7 +172,7 @@ class PolicyStore:
             files, listed = self._files(errors)
             for name, load, in_dir in files:
                 try:
-                    fresh[name], seen = load()
+                    fresh[name], data = load()
                 except PolicyError as exc:
                     errors.append(exc)
                     if in_dir:
@@ -170,8 +180,8 @@ class PolicyStore:
                     if name in previous:
                         fresh[name] = previous[name]
                     continue
-                if seen is not None:
-                    self._seen[name] = seen
+                if data is not None:
+                    self._read(name, fresh[name].source, data, read_ns)
                 if not in_dir:
                     shipped[name] = fresh[name]
             if not listed:
@@ -181,51 +191,86 @@ class PolicyStore:
                     if policy.source != BUILTIN:
                         fresh[name] = policy
             else:
-                self._note_removals({name for name, _, in_dir in files if in_dir})
+                self._note_removals({name for name, _, in_dir in files if in_dir}, read_ns)
+            self._refused, self._shipped, self._from_service = refused, shipped, {}
             if self.shared is not None:
-                self._share(refused, fresh, shipped)
+                self._share(fresh)
             # One assignment: readers on other threads see the old set or the new one, never a mix.
             self._policies = fresh
             self._errors = errors
             self.loaded_fingerprint = fingerprint
             return builtins.list(errors)
 
-    def _note_removals(self, listed: set[str]) -> None:
+    def resync(self) -> builtins.list[str]:
+        """While a file is refused, or `shared` failed at the last load: tell `shared` again what
+        this process read, and serve the refused files as it keeps them now (the names whose served
+        version changed). A process asked once, as it found the refusal: a read another process
+        told after that (its database write waiting on a lock, or away), or one this process could
+        not tell, left them on different versions until the next edit. Called at each look."""
+        with self._reloading:
+            if not self.needs_resync:
+                return []
+            fresh = dict(self._policies)
+            self._share(fresh)
+            changed = [name for name in self._refused if fresh.get(name) is not self._policies.get(name)]
+            self._policies = fresh
+            return changed
+
+    @property
+    def needs_resync(self) -> bool:
+        return self.shared is not None and bool(self._refused or self._unshared)
+
+    def from_service(self, name: str) -> bool | None:
+        """For a refused file: whether what serves in its place is the service's version that
+        another process read (True), or what the file's removal left, which another process saw
+        (False); None when it is this process's own."""
+        return self._from_service.get(name)
+
+    def _now_ns(self) -> int:
+        if self.shared is not None:
+            try:
+                return self.shared.now_ns()
+            except Exception:  # the database away: this host's clock, which `_share` will not get to tell
+                pass
+        return time.time_ns()
+
+    def _read(self, name: str, source: str, data: bytes, read_ns: int) -> None:
+        self._seen[name] = Seen(name, source, data, read_ns)
+
+    def _note_removals(self, listed: set[str], read_ns: int) -> None:
         """Files of the extra directory loaded before and no longer listed: their removal is a
         version too, so that a refused file of that name later does not bring an older one back."""
-        gone = [name for name, seen in self._seen.items() if seen.content is not None and name not in listed]
-        if not gone or self.extra_dir is None:
-            return
-        try:
-            # After the listing: the removal it missed the file by is in this time.
-            removed_ns = os.stat(self.extra_dir).st_ctime_ns
-        except OSError:
-            return
-        for name in gone:
-            self._seen[name] = Seen(name, self._seen[name].source, None, removed_ns)
+        for name, seen in builtins.list(self._seen.items()):
+            if name not in listed:
+                self._seen[name] = Seen(name, seen.source, None, read_ns)
 
-    def _share(self, refused: builtins.list[str], fresh: dict[str, Policy], shipped: dict[str, Policy]) -> None:
-        """Tell `shared` what this load read; serve each refused file as the newest good version of
-        the service. Without it, an edit followed by a refused one before every process had read
+    def _share(self, fresh: dict[str, Policy]) -> None:
+        """Tell `shared` what this process read; serve each refused file as the newest good version
+        of the service. Without it, an edit followed by a refused one before every process had read
         the first left processes on different versions until the file was mended: a process that
         missed an edit making a policy private went on routing its projects to the cloud."""
         assert self.shared is not None
         try:
             if self._seen:
+                # First: what this process read is kept unless another read a version later, which
+                # is then the one to serve.
                 self.shared.remember(builtins.list(self._seen.values()))
-            recalled = self.shared.recall(refused) if refused else {}
+            recalled = self.shared.recall(self._refused) if self._refused else {}
         except Exception as exc:  # the database away: this process's own last good versions serve
-            log.warning("policies: the service's last good versions could not be shared (%s); this process's "
-                        "own serve", exc)
+            if not self._unshared:
+                log.warning("policies: the service's last good versions could not be shared (%s); this process's "
+                            "own serve until it can (tried again at each look)", exc)
+            self._unshared = True
             return
-        for name in refused:
+        self._unshared = False
+        for name in self._refused:
             theirs, mine = recalled.get(name), self._seen.get(name)
-            if theirs is None or (mine is not None and mine.changed_ns >= theirs.changed_ns):
+            if theirs is None or (mine is not None and mine.content == theirs.content):
                 continue
             if theirs.content is None:  # removed after the version this process read
                 fresh.pop(name, None)
-                if name in shipped:
-                    fresh[name] = shipped[name]
+                if name in self._shipped:
+                    fresh[name] = self._shipped[name]
             else:
                 try:
                     fresh[name] = parse_policy(theirs.content, label=theirs.source, source=theirs.source,
@@ -235,6 +280,7 @@ class PolicyStore:
                                 "process's own serves", name, exc.message)
                     continue
             self._seen[name] = theirs
+            self._from_service[name] = theirs.content is not None
 
     def fingerprint(self) -> object:
         """The policy files (the shipped ones and the extra directory's) as their names and what

@@ -31,7 +31,7 @@ def upgrade() -> None:
         sa.Column('source', sa.Text(), nullable=False),
         sa.Column('content', sa.LargeBinary(), nullable=True),
         sa.Column('content_hash', sa.String(length=16), nullable=True),
-        sa.Column('changed_ns', sa.BigInteger(), nullable=False),
+        sa.Column('read_ns', sa.BigInteger(), nullable=False),
         sa.Column('recorded_at', sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint('name'),
     )

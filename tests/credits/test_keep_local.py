@@ -4,17 +4,21 @@ under its earlier policy, which kept the routing they were given."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy.exc import OperationalError
 
+from orchestrator.policy_versions import PolicyVersions
 from orchestrator.server import serve_in_thread
 from orchestrator.settings import Settings
+from policies import Seen
 from policies.loader import content_hash
 from tests import fakes
 from tests.credits import DRAFT, ledger, poll, project_with_draft, promote_ok, wait_for_job
@@ -518,6 +522,47 @@ def test_a_worker_that_missed_an_edit_making_a_policy_private_sends_nothing_off_
         file.write_text(STUDIO_CLOUD.replace("[[rules]]", "[[rules", 1))  # saved with a typo
         assert runner.post("/v1/policies/reload").json()["errors"] != []
         assert runner.get("/v1/policies/studio").json()["content_hash"] == content_hash(STUDIO_LOCAL.encode())
+        response = runner.post(f"/v1/assets/{asset_id}/promote", json={"cache": False})
+        assert response.status_code == 202, response.text
+        job = wait_for_job(runner, response.json()["id"])
+        assert job["engine"] == "local-hifi" and job["status"] == "succeeded", job
+
+
+def test_a_worker_that_found_a_policy_file_refused_while_the_database_was_away_serves_the_edit_once_it_is_back(
+        paid_settings_for: Callable[..., Settings], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    # Neither process could tell the database what it read: each served its own version, the
+    # worker the cloud one, and nothing looked again until the next edit of the file.
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    file = policies / "studio.toml"
+    file.write_text(STUDIO_CLOUD)
+    data = tmp_path / "data"
+    away = threading.Event()
+    remember = PolicyVersions.remember
+
+    def blinking(self: PolicyVersions, seen: Sequence[Seen]) -> None:
+        if away.is_set():
+            raise OperationalError("INSERT", {}, ConnectionRefusedError("connection refused"))
+        remember(self, seen)
+
+    monkeypatch.setattr(PolicyVersions, "remember", blinking)
+    runs = paid_settings_for(data, policy="studio", policy_dir=policies, poll_interval=0.1)
+    routes = paid_settings_for(data, policy="studio", policy_dir=policies, run_jobs=False, poll_interval=0.1)
+    with serve_in_thread(runs) as run_base, httpx.Client(base_url=run_base, timeout=30) as runner, \
+            serve_in_thread(routes) as api_base, httpx.Client(base_url=api_base, timeout=30) as api:
+        _, asset_id = project_with_draft(runner)
+        away.set()
+        file.write_text(STUDIO_LOCAL)
+        assert api.post("/v1/policies/reload").json()["errors"] == []
+        file.write_text(STUDIO_CLOUD.replace("[[rules]]", "[[rules", 1))
+        assert runner.post("/v1/policies/reload").json()["errors"] != []
+        assert runner.get("/v1/policies/studio").json()["content_hash"] == content_hash(STUDIO_CLOUD.encode())
+        with caplog.at_level(logging.WARNING, logger="orchestrator.services"):
+            away.clear()
+            poll(lambda: runner.get("/v1/policies/studio").json()["content_hash"],
+                 lambda served: served == content_hash(STUDIO_LOCAL.encode()), timeout=10, what="the policy served")
+        assert "read by another process, now serves" in caplog.text
         response = runner.post(f"/v1/assets/{asset_id}/promote", json={"cache": False})
         assert response.status_code == 202, response.text
         job = wait_for_job(runner, response.json()["id"])

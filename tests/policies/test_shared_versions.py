@@ -3,9 +3,10 @@ missed an edit, and then finds the file refused, serves the edit (`orchestrator.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,8 @@ from sqlalchemy.exc import OperationalError
 
 from orchestrator.db import Database
 from orchestrator.policy_versions import PolicyVersions
+from orchestrator.services import Services
+from orchestrator.settings import Settings
 from policies import PolicyStore, Seen
 from policies.loader import content_hash
 from tests.credits.test_keep_local import STUDIO_CLOUD, STUDIO_LOCAL
@@ -21,8 +24,6 @@ BROKEN = STUDIO_CLOUD.replace("[[rules]]", "[[rules", 1)
 
 
 def edit(file: Path, text: str) -> None:
-    # Past the file system clock's tick (a few ms): the edits are told apart by their change time.
-    time.sleep(0.05)
     file.write_text(text)
 
 
@@ -69,7 +70,6 @@ def test_a_file_removed_and_then_refused_does_not_bring_back_the_version_before_
     file = tmp_path / "studio.toml"
     file.write_text(STUDIO_LOCAL)
     first, second = stores(tmp_path, db)
-    time.sleep(0.05)
     file.unlink()
     assert first.reload() == [] and "studio" not in first
     edit(file, BROKEN)
@@ -84,7 +84,6 @@ def test_a_removed_override_of_a_built_in_leaves_the_built_in_while_its_new_file
     first = PolicyStore(tmp_path, shared=PolicyVersions(db))
     second = PolicyStore(tmp_path, shared=PolicyVersions(db))
     assert second.get("balanced").source == str(file)
-    time.sleep(0.05)
     file.unlink()
     assert first.reload() == [] and first.get("balanced").source == "builtin"
     edit(file, BROKEN.replace('name = "studio"', 'name = "balanced"'))
@@ -94,11 +93,30 @@ def test_a_removed_override_of_a_built_in_leaves_the_built_in_while_its_new_file
 class Away:
     """The database, down."""
 
+    def now_ns(self) -> int:
+        raise OperationalError("SELECT", {}, ConnectionRefusedError("connection refused"))
+
     def remember(self, seen: Sequence[Seen]) -> None:
         raise OperationalError("INSERT", {}, ConnectionRefusedError("connection refused"))
 
     def recall(self, names: Sequence[str]) -> dict[str, Seen]:
         raise AssertionError("not asked once the database failed")
+
+
+class Blinking(PolicyVersions):
+    """The database, away while `away` is set."""
+
+    away = False
+
+    def remember(self, seen: Sequence[Seen]) -> None:
+        if self.away:
+            raise OperationalError("INSERT", {}, ConnectionRefusedError("connection refused"))
+        super().remember(seen)
+
+    def recall(self, names: Sequence[str]) -> dict[str, Seen]:
+        if self.away:
+            raise OperationalError("SELECT", {}, ConnectionRefusedError("connection refused"))
+        return super().recall(names)
 
 
 def test_with_the_database_away_a_process_serves_its_own_last_good_version(
@@ -120,9 +138,117 @@ def test_a_kept_version_this_release_cannot_load_leaves_the_process_its_own(
     store = PolicyStore(tmp_path, include_builtins=False, shared=PolicyVersions(db))
     # Read by another release, whose schema took a key this one refuses, after this process's read.
     PolicyVersions(db).remember([Seen("studio", str(file), STUDIO_LOCAL.encode() + b"\nfuture = 1\n",
-                                      time.time_ns() + 10**9)])
+                                      time.time_ns())])
     edit(file, BROKEN)
     with caplog.at_level(logging.WARNING, logger="policies.loader"):
         assert len(store.reload()) == 1
     assert store.get("studio").content_hash == content_hash(STUDIO_CLOUD.encode())
     assert "does not load here" in caplog.text
+
+
+@pytest.mark.parametrize("how", ["link", "directory"])
+def test_a_rollback_to_an_older_file_is_the_newest_version(tmp_path: Path, db: Database, how: str) -> None:
+    # Rolled back by swapping a link, or the whole directory, to what was there before: the file
+    # read is older than the one it replaces, and a later typo brought the replaced cloud version back.
+    private, cloud = tmp_path / "private", tmp_path / "cloud"
+    for folder, text in ((private, STUDIO_LOCAL), (cloud, STUDIO_CLOUD)):
+        folder.mkdir()
+        (folder / "studio.toml").write_text(text)
+    policies = tmp_path / "policies"
+    if how == "link":
+        policies.mkdir()
+        (policies / "studio.toml").symlink_to(cloud / "studio.toml")
+    else:
+        cloud.rename(policies)
+    time.sleep(0.05)  # the cloud file changed after the private one was written
+    first, second = stores(policies, db)
+    # The deploy rolled back to the private version, and restarted the processes.
+    if how == "link":
+        (policies / "studio.toml").unlink()
+        (policies / "studio.toml").symlink_to(private / "studio.toml")
+    else:
+        policies.rename(tmp_path / "rolled-back")
+        private.rename(policies)
+    first, second = stores(policies, db)
+    assert first.get("studio").keeps_all_local
+    file = policies / "studio.toml"
+    file.unlink()
+    file.write_text(BROKEN)  # a typo saved over it
+    for store in (first, second):
+        assert len(store.reload()) == 1 and store.get("studio").keeps_all_local
+
+
+def test_a_read_told_after_another_process_found_the_file_refused_reaches_it_at_its_next_look(
+        tmp_path: Path, db: Database) -> None:
+    # The first process read the private edit but could not tell it (its database write waited,
+    # or failed); the second found the file refused and served its cloud version, for good.
+    file = tmp_path / "studio.toml"
+    file.write_text(STUDIO_CLOUD)
+    shared = Blinking(db)
+    first = PolicyStore(tmp_path, include_builtins=False, shared=shared)
+    second = PolicyStore(tmp_path, include_builtins=False, shared=PolicyVersions(db))
+    edit(file, STUDIO_LOCAL)
+    shared.away = True
+    assert first.reload() == [] and first.needs_resync
+    edit(file, BROKEN)
+    assert len(second.reload()) == 1 and not second.get("studio").keeps_all_local  # nothing better told yet
+    assert second.needs_resync and second.resync() == []  # a look with nothing new
+    shared.away = False
+    assert first.resync() == [] and not first.needs_resync  # told: its own version is served already
+    assert second.resync() == ["studio"]
+    assert second.get("studio").keeps_all_local and second.from_service("studio") is True
+    assert second.resync() == []  # looked at again while the file stays refused: nothing more to change
+    edit(file, STUDIO_CLOUD)
+    assert second.reload() == [] and not second.needs_resync and second.from_service("studio") is None
+
+
+def test_a_refusal_found_while_the_database_was_away_is_served_as_the_service_keeps_it_once_it_is_back(
+        tmp_path: Path, db: Database) -> None:
+    file = tmp_path / "studio.toml"
+    file.write_text(STUDIO_CLOUD)
+    shared = Blinking(db)
+    first, second = PolicyStore(tmp_path, include_builtins=False, shared=PolicyVersions(db)), \
+        PolicyStore(tmp_path, include_builtins=False, shared=shared)
+    edit(file, STUDIO_LOCAL)
+    assert first.reload() == []
+    edit(file, BROKEN)
+    shared.away = True
+    assert len(second.reload()) == 1 and not second.get("studio").keeps_all_local  # its own, for now
+    shared.away = False
+    assert second.resync() == ["studio"] and second.get("studio").keeps_all_local
+
+
+def test_a_reload_says_what_the_service_s_version_left_in_place_of_a_refused_file(
+        make_settings: Callable[..., Settings], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    folder = tmp_path / "policies"
+    folder.mkdir()
+    file = folder / "studio.toml"
+    file.write_text(STUDIO_LOCAL)
+    settings = make_settings(run_jobs=False, policy_dir=folder)
+
+    async def scenario() -> None:
+        first, second = Services.build(settings), Services.build(settings)
+        try:
+            file.unlink()
+            first.reload_policies("a test")
+            file.write_text(BROKEN)
+            caplog.clear()
+            with caplog.at_level(logging.INFO, logger="orchestrator.services"):
+                second.reload_policies("a test")
+            # Not "the last good version stays", nor "is gone": the file is there, refused.
+            assert "policy refused on reload (not loaded: another process found the file removed after the " \
+                "version this one read)" in caplog.text
+            assert "is gone" not in caplog.text and "studio" not in second.policies
+            file.write_text(STUDIO_CLOUD)
+            first.reload_policies("a test")
+            file.write_text(BROKEN)
+            caplog.clear()
+            with caplog.at_level(logging.INFO, logger="orchestrator.services"):
+                second.reload_policies("a test")
+            assert "(the service's last good version, read by another process, serves)" in caplog.text
+            assert second.policies.get("studio").content_hash == content_hash(STUDIO_CLOUD.encode())
+        finally:
+            await first.aclose()
+            await second.aclose()
+
+    asyncio.run(scenario())
