@@ -4,7 +4,8 @@ Every process reads the policy files by itself (`Services._watch_policies`), and
 the last good version it had read. Processes look at different moments, so an edit followed by a
 refused one could leave them on different versions until the file was mended. What the latest
 read of each file found is kept here (a read told late never replaces one made after it), and each
-process serves it while the file is refused.
+process serves it while the file is refused. A read finding what is kept already writes nothing:
+a file's rows change with its versions, not with every process's look at it.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ from policies import Seen
 from policies.loader import content_hash
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# How far ahead of the service's clock a read kept may be before it is taken for a clock set back
+# since (the hosts' PostgreSQL clocks agree within milliseconds: `Database.now`).
+CLOCK_SLACK_NS = 5 * 10**9
 
 
 class PolicyVersions:
@@ -35,12 +39,13 @@ class PolicyVersions:
         by_name = {one.name: one for one in seen}
         if not by_name:
             return
-        # Read first: a look that tells no newer read takes no write lock.
+        now = self.now_ns()
+        # Read first: a look that tells nothing new takes no write lock.
         with self.db.session() as s:
-            if not self._newer(s, by_name):
+            if not self._newer(s, by_name, now):
                 return
         with self.db.transaction() as s:  # the write lock: a slower process's older read is not kept over a newer one
-            for one in self._newer(s, by_name):
+            for one in self._newer(s, by_name, now):
                 row = s.get(PolicyVersion, one.name) or PolicyVersion(name=one.name, read_ns=one.read_ns,
                                                                       source=one.source)
                 row.source, row.content, row.read_ns = one.source, one.content, one.read_ns
@@ -56,13 +61,17 @@ class PolicyVersions:
         return {row.name: Seen(row.name, row.source, row.content, row.read_ns) for row in rows}
 
     @staticmethod
-    def _newer(s: Session, by_name: dict[str, Seen]) -> list[Seen]:
-        """Those of `by_name` read after the read kept. (A process tells what it read again at each
-        load and look: an older read told again, or late, is never kept over a newer one.)"""
+    def _newer(s: Session, by_name: dict[str, Seen], now: int) -> list[Seen]:
+        """Those of `by_name` that found other than the version kept, read after the read that
+        made it kept (a process tells what it read again at each load and look: an older read
+        told again, or late, is never kept over a newer one). A read kept that the service's clock
+        has not reached yet was stamped by a clock since set back (a host's that ran ahead, a
+        PostgreSQL failover): it would outrank every read until then, so any read replaces it."""
         kept = {row.name: row for row in s.exec(select(PolicyVersion).where(col(PolicyVersion.name).in_(by_name)))}
         newer: list[Seen] = []
         for name, one in by_name.items():
             row = kept.get(name)
-            if row is None or row.read_ns < one.read_ns:
+            if row is None or (row.content != one.content
+                               and (row.read_ns < one.read_ns or row.read_ns > now + CLOCK_SLACK_NS)):
                 newer.append(one)
         return newer

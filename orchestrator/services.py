@@ -402,8 +402,10 @@ class Services:
         change after this process's reload (another process told its read late); served here too,
         and a policy it makes keep everything on this machine applied as a reload's is."""
         local_before = self._local_policies()
-        for name in self.policies.resync():
-            served = self.policies.get(name).content_hash if name in self.policies else None
+        changed = self.policies.resync()
+        loaded = {policy.name: policy for policy in self.policies.list()}  # one look: a reload may drop a name
+        for name in changed:
+            served = loaded[name].content_hash if name in loaded else None
             log.warning("policy '%s': its file is still refused; %s", name,
                         f"the service's last good version (hash {served}), read by another process, now serves"
                         if self.policies.from_service(name) else

@@ -163,7 +163,7 @@ class PolicyStore:
             # Taken before reading: a file written while this load reads it is seen as changed again.
             # Kept only once the load is done: one that fails is tried again at the next look.
             fingerprint = self.fingerprint()
-            read_ns = self._now_ns()
+            listed_ns = self._now_ns()  # before the listing: a removal it misses happened before
             previous = self._policies
             fresh: dict[str, Policy] = {}
             shipped: dict[str, Policy] = {}
@@ -171,6 +171,9 @@ class PolicyStore:
             errors: builtins.list[PolicyError] = []
             files, listed = self._files(errors)
             for name, load, in_dir in files:
+                # Each file's own, just before its read: a read stamped before an edit and made
+                # after it (the listing, other files read between) lost to an older one.
+                read_ns = self._now_ns() if in_dir else 0
                 try:
                     fresh[name], data = load()
                 except PolicyError as exc:
@@ -190,9 +193,14 @@ class PolicyStore:
                 for name, policy in previous.items():
                     if policy.source != BUILTIN:
                         fresh[name] = policy
+                # Each file of it this process knew is as good as refused: served as the service
+                # keeps it, which the other processes, that can read the files, tell.
+                refused = builtins.list(self._seen)
             else:
-                self._note_removals({name for name, _, in_dir in files if in_dir}, read_ns)
-            self._refused, self._shipped, self._from_service = refused, shipped, {}
+                self._note_removals({name for name, _, in_dir in files if in_dir}, listed_ns)
+            # A refused file still served as the service's version is still told so.
+            told = {name: was for name, was in self._from_service.items() if name in refused}
+            self._refused, self._shipped, self._from_service = refused, shipped, told
             if self.shared is not None:
                 self._share(fresh)
             # One assignment: readers on other threads see the old set or the new one, never a mix.
@@ -230,7 +238,7 @@ class PolicyStore:
         if self.shared is not None:
             try:
                 return self.shared.now_ns()
-            except Exception:  # the database away: this host's clock, which `_share` will not get to tell
+            except Exception:  # never reached the database: its clock not read yet (PostgreSQL), this host's
                 pass
         return time.time_ns()
 

@@ -8,10 +8,12 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy.exc import OperationalError
 
+from orchestrator import clock
 from orchestrator.db import Database
 from orchestrator.policy_versions import PolicyVersions
 from orchestrator.services import Services
@@ -247,8 +249,97 @@ def test_a_reload_says_what_the_service_s_version_left_in_place_of_a_refused_fil
                 second.reload_policies("a test")
             assert "(the service's last good version, read by another process, serves)" in caplog.text
             assert second.policies.get("studio").content_hash == content_hash(STUDIO_CLOUD.encode())
+            caplog.clear()
+            with caplog.at_level(logging.INFO, logger="orchestrator.services"):
+                second.reload_policies("a test")  # refused still: still told so
+            assert "(the service's last good version, read by another process, serves)" in caplog.text
         finally:
             await first.aclose()
             await second.aclose()
 
     asyncio.run(scenario())
+
+
+def test_a_read_kept_from_a_clock_since_set_back_is_replaced_by_the_next_read(
+        tmp_path: Path, db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The clock ran an hour ahead (a host's at boot, a restored VM, a PostgreSQL failover) as the
+    # cloud version was read: the private edit read after the correction was never kept, and a
+    # typo had even the process that read it serve the cloud version.
+    real = clock._host_us
+    file = tmp_path / "studio.toml"
+    file.write_text(STUDIO_CLOUD)
+    monkeypatch.setattr(clock, "_host_us", lambda: real() + 3600 * 10**6)
+    store = PolicyStore(tmp_path, include_builtins=False, shared=PolicyVersions(db))
+    monkeypatch.setattr(clock, "_host_us", real)
+    file.write_text(STUDIO_LOCAL)
+    assert store.reload() == []
+    file.write_text(BROKEN)
+    assert len(store.reload()) == 1 and store.get("studio").keeps_all_local
+
+
+def test_each_file_s_read_is_stamped_just_before_it_is_read(tmp_path: Path, db: Database) -> None:
+    # The second process's load took its time before reading the file (listing, other files):
+    # meanwhile the first read the cloud version, and the private edit landed. Stamped at the start
+    # of its load, the second's read of the edit lost to the first's older read.
+    file = tmp_path / "studio.toml"
+    file.write_text(STUDIO_CLOUD)
+    first = PolicyStore(tmp_path, include_builtins=False, shared=PolicyVersions(db))
+
+    class Slow(PolicyVersions):
+        meanwhile = False
+
+        def now_ns(self) -> int:
+            stamp = super().now_ns()
+            if self.meanwhile:  # its first look at the clock in the load
+                self.meanwhile = False
+                first.reload()
+                file.write_text(STUDIO_LOCAL)
+            return stamp
+
+    slow = Slow(db)
+    second = PolicyStore(tmp_path, include_builtins=False, shared=slow)
+    slow.meanwhile = True
+    assert second.reload() == [] and second.get("studio").keeps_all_local
+    file.write_text(BROKEN)
+    for store in (second, first):
+        assert len(store.reload()) == 1 and store.get("studio").keeps_all_local
+
+
+def test_a_process_that_cannot_list_the_directory_serves_the_service_s_versions(tmp_path: Path, db: Database) -> None:
+    # Its mount lost: it kept the versions it had read, and never asked the service, whose other
+    # processes read a private edit.
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    view = tmp_path / "mounted"
+    view.symlink_to(policies)
+    (policies / "studio.toml").write_text(STUDIO_CLOUD)
+    first = PolicyStore(policies, include_builtins=False, shared=PolicyVersions(db))
+    second = PolicyStore(view, include_builtins=False, shared=PolicyVersions(db))
+    view.unlink()
+    (policies / "studio.toml").write_text(STUDIO_LOCAL)
+    assert first.reload() == []
+    assert len(second.reload()) == 1 and second.get("studio").keeps_all_local and second.needs_resync
+
+
+def test_a_load_that_read_nothing_new_writes_nothing(tmp_path: Path, db: Database,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("one", "two", "gone"):
+        (tmp_path / f"{name}.toml").write_text(STUDIO_CLOUD.replace('"studio"', f'"{name}"'))
+    store = PolicyStore(tmp_path, include_builtins=False, shared=PolicyVersions(db))
+    (tmp_path / "gone.toml").unlink()
+    assert store.reload() == []
+    writes: list[object] = []
+    transaction = db.transaction
+
+    def counted() -> Any:
+        writes.append(None)
+        return transaction()
+
+    monkeypatch.setattr(db, "transaction", counted)
+    kept = PolicyVersions(db).recall(["one", "two", "gone"])
+    assert kept["gone"].content is None
+    for _ in range(3):
+        assert store.reload() == []
+    assert writes == [] and PolicyVersions(db).recall(["one", "two", "gone"]) == kept
+    (tmp_path / "two.toml").write_text(STUDIO_LOCAL.replace('"studio"', '"two"'))
+    assert store.reload() == [] and len(writes) == 1
