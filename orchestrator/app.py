@@ -40,6 +40,7 @@ from orchestrator.settings import Settings
 
 log = logging.getLogger(__name__)
 READY_SECONDS = 2.0  # how long /readyz waits for the database's answer
+PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"  # the text exposition format, versioned
 
 
 class Readiness:
@@ -223,7 +224,8 @@ def create_app(settings: Settings | None = None, *, loopback_only: bool = False)
 
     @app.get("/metrics", response_class=Response, tags=["operations"], summary="Get Prometheus metrics",
              openapi_extra={"security": []}, responses={
-                 200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus text."},
+                 200: {"content": {PROMETHEUS_TEXT: {"schema": {"type": "string"}}},
+                       "description": "Prometheus text."},
                  **documented(400, 503, said={503: "The database is unavailable for now (`database_unavailable`), "
                                                    "or the server stopped before it answered (`server_stopping`): "
                                                    "scrape again after `Retry-After`."}),
@@ -231,6 +233,8 @@ def create_app(settings: Settings | None = None, *, loopback_only: bool = False)
     def metrics(services: ServicesDep) -> Response:
         """Prometheus text: jobs by stage, engine and status, assets by stage, and credits charged,
         held and waiting for reconciliation, by engine."""
-        return PlainTextResponse(services.metrics())
+        # The exposition format's version: a scraper that checks the type (Prometheus 3 can be
+        # made to) otherwise guesses the format.
+        return PlainTextResponse(services.metrics(), media_type=PROMETHEUS_TEXT)
 
     return app

@@ -262,7 +262,7 @@ def test_healthz_metrics_openapi(make_settings: Callable[..., Settings],
         run_draft(authed, project["id"], n=2)
     metrics = client.get("/metrics")
     assert metrics.status_code == 200
-    assert metrics.headers["content-type"].startswith("text/plain")
+    assert metrics.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
     assert "# TYPE orchestrator_jobs gauge" in metrics.text
     assert 'orchestrator_jobs{stage="ideation",engine="lite",status="succeeded"} 1' in metrics.text
     assert 'orchestrator_assets{stage="ideation"} 2' in metrics.text
