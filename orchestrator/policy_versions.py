@@ -4,8 +4,8 @@ Every process reads the policy files by itself (`Services._watch_policies`), and
 the last good version it had read. Processes look at different moments, so an edit followed by a
 refused one could leave them on different versions until the file was mended. What the latest
 read of each file found is kept here (a read told late never replaces one made after it), and each
-process serves it while the file is refused. A read finding what is kept already writes nothing:
-a file's rows change with its versions, not with every process's look at it.
+process serves it while the file is refused. Only a read made after a change writes: a file's
+row changes with the file, not with every process's look at it.
 """
 
 from __future__ import annotations
@@ -62,16 +62,17 @@ class PolicyVersions:
 
     @staticmethod
     def _newer(s: Session, by_name: dict[str, Seen], now: int) -> list[Seen]:
-        """Those of `by_name` that found other than the version kept, read after the read that
-        made it kept (a process tells what it read again at each load and look: an older read
-        told again, or late, is never kept over a newer one). A read kept that the service's clock
-        has not reached yet was stamped by a clock since set back (a host's that ran ahead, a
-        PostgreSQL failover): it would outrank every read until then, so any read replaces it."""
+        """Those of `by_name` to keep: news (`Seen.new`) read after the read kept. The same bytes
+        read again after a change (an undo saves them) move its time on, so that the change undone,
+        told late, is not kept over it. A process tells what it read again at each look: that is
+        never news, and only fills a table that has nothing of the file. A read kept that the
+        service's clock has not reached yet was stamped by a clock since set back (a host's that
+        ran ahead, a PostgreSQL failover): news of another version replaces it."""
         kept = {row.name: row for row in s.exec(select(PolicyVersion).where(col(PolicyVersion.name).in_(by_name)))}
         newer: list[Seen] = []
         for name, one in by_name.items():
             row = kept.get(name)
-            if row is None or (row.content != one.content
-                               and (row.read_ns < one.read_ns or row.read_ns > now + CLOCK_SLACK_NS)):
+            if row is None or (one.new and (row.read_ns < one.read_ns or (
+                    row.read_ns > now + CLOCK_SLACK_NS and row.content != one.content))):
                 newer.append(one)
         return newer

@@ -345,9 +345,12 @@ class Services:
         for warning in policy_warnings(self.policies, self.registry):
             if warning not in warned:
                 log.warning("policy: %s", warning)
+        told = {Path(error.file).stem for error in errors if Path(error.file).suffix.lower() == ".toml"}
         for name, source in sorted(sources.items()):
             now = self.policies.get(name).source if name in self.policies else None
             if self.policies.from_service(name) is False:
+                if name not in told:  # the directory could not be listed: its own error named no file
+                    log.warning("policy '%s': %s", name, _removal_seen(now))
                 continue  # its file is there, refused: told above, with what its removal left
             if now is None:
                 log.warning("policy '%s' is no longer loaded (%s is gone): its projects' new jobs are refused "
@@ -362,12 +365,12 @@ class Services:
         """What serves in place of a refused file: its last good version, a built-in, or nothing."""
         file = Path(refused.file)
         if file.suffix.lower() != ".toml":  # the folder itself, unreadable: nothing read from it is dropped
-            return "the policies read from it before stay"
+            return ("the policies read from it before stay, as the service's other processes last read them"
+                    if self.policies.shared is not None else "the policies read from it before stay")
         kept = self.policies.get(file.stem).source if file.stem in self.policies else None
         shared = self.policies.from_service(file.stem)
         if shared is False:
-            left = "not loaded" if kept is None else "the built-in policy of that name serves"
-            return f"{left}: another process found the file removed after the version this one read"
+            return _removal_seen(kept)
         if kept is None:
             return "not loaded"
         if kept == BUILTIN:
@@ -406,11 +409,10 @@ class Services:
         loaded = {policy.name: policy for policy in self.policies.list()}  # one look: a reload may drop a name
         for name in changed:
             served = loaded[name].content_hash if name in loaded else None
-            log.warning("policy '%s': its file is still refused; %s", name,
+            log.warning("policy '%s': its file is still refused (or its directory cannot be listed); %s", name,
                         f"the service's last good version (hash {served}), read by another process, now serves"
                         if self.policies.from_service(name) else
-                        "another process found the file removed after the version this one read: "
-                        + ("not loaded" if served is None else "the built-in policy of that name serves"))
+                        _removal_seen(loaded[name].source if name in loaded else None))
         self._apply_local_policies("as the service's last good version", self._local_policies() - local_before)
 
     def reload_policies_soon(self, why: str) -> None:
@@ -655,6 +657,13 @@ def _device(runtime: LocalRuntime) -> str:
         return runtime.device_identity()
     except OrchestratorError:  # ORCH_LITE_DEVICE=cuda without CUDA: the job fails with that when it runs
         return runtime.settings.lite_device
+
+
+def _removal_seen(served: str | None) -> str:
+    """What serves a policy whose file another process found removed (`PolicyStore.from_service`),
+    given the source of what serves now."""
+    left = "not loaded" if served is None else "the built-in policy of that name serves"
+    return f"{left}: another process found the file removed after the version this one read"
 
 
 def _keeps_all_local(policies: PolicyStore, name: str, routed: str | None = None) -> bool:

@@ -18,7 +18,7 @@ import threading
 import time
 import tomllib
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any, Protocol
@@ -45,6 +45,11 @@ class Seen:
     source: str
     content: bytes | None
     read_ns: int
+    # Made by this process since it last told `SharedVersions`: a change it saw (the file's bytes
+    # or status since its last read, its removal). Only such a read moves a kept version's time
+    # on, or replaces one kept from a clock since set back: what it read before and tells again
+    # at each look (its refused files', a directory it cannot list) is old news.
+    new: bool = False
 
 
 class SharedVersions(Protocol):
@@ -60,8 +65,10 @@ class SharedVersions(Protocol):
         """The versions kept of `names` (a name never kept is left out)."""
 
 
-# A policy, and the bytes of the file of the extra directory it came from (None: a built-in).
-_Loaded = tuple[Policy, bytes | None]
+# A file's identity and state as its open descriptor tells them: device, inode, size, times.
+_Status = tuple[int, int, int, int, int]
+# A policy, and the bytes and status of the file of the extra directory it came from (None: a built-in).
+_Loaded = tuple[Policy, tuple[bytes, _Status] | None]
 # (policy name, loader, whether its file is the extra directory's), in the order they are loaded.
 _Files = list[tuple[str, Callable[[], _Loaded], bool]]
 
@@ -111,18 +118,20 @@ def load_policy_file(path: str | os.PathLike[str]) -> Policy:
     return _read_policy_file(Path(path))[0]
 
 
-def _read_policy_file(file: Path) -> tuple[Policy, bytes]:
+def _read_policy_file(file: Path) -> _Loaded:
     try:
         # Not a FIFO (a read would wait for a writer, holding every reload) nor a file of any size
         # (a 50 MB one took 9 s a reload, and `GET /v1/policies` sent it whole).
         with open_regular_file(file, os.O_RDONLY, "rb", follow=True) as opened:
+            stat = os.fstat(opened.fileno())
+            status = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
             data = opened.read(MAX_POLICY_BYTES + 1)
     except OSError as exc:
         raise PolicyError(f"{file}: cannot read: {exc.strerror or exc}", file=str(file)) from None
     if len(data) > MAX_POLICY_BYTES:
         raise PolicyError(f"{file}: larger than {MAX_POLICY_BYTES // 1024 // 1024} MiB, which no policy needs "
                           "(is it the file meant?)", file=str(file))
-    return parse_policy(data, label=str(file), source=str(file), expect_name=file.stem), data
+    return parse_policy(data, label=str(file), source=str(file), expect_name=file.stem), (data, status)
 
 
 class PolicyStore:
@@ -140,6 +149,7 @@ class PolicyStore:
         # This process's last look at each file of `extra_dir` it loaded: the version it serves, or
         # the file's removal. Told to `shared` at each load, and weighed against what it recalls.
         self._seen: dict[str, Seen] = {}
+        self._statuses: dict[str, _Status] = {}  # of each file at this process's last read of it
         # Since the last load: the files of `extra_dir` refused, the built-ins loaded, whether
         # `shared` failed (both looked at again by `resync`), and the refused files served from
         # `shared` (True: its version; False: the file's removal, which another process saw).
@@ -175,7 +185,7 @@ class PolicyStore:
                 # after it (the listing, other files read between) lost to an older one.
                 read_ns = self._now_ns() if in_dir else 0
                 try:
-                    fresh[name], data = load()
+                    fresh[name], read = load()
                 except PolicyError as exc:
                     errors.append(exc)
                     if in_dir:
@@ -183,8 +193,8 @@ class PolicyStore:
                     if name in previous:
                         fresh[name] = previous[name]
                     continue
-                if data is not None:
-                    self._read(name, fresh[name].source, data, read_ns)
+                if read is not None:
+                    self._read(name, fresh[name].source, *read, read_ns)
                 if not in_dir:
                     shipped[name] = fresh[name]
             if not listed:
@@ -242,15 +252,22 @@ class PolicyStore:
                 pass
         return time.time_ns()
 
-    def _read(self, name: str, source: str, data: bytes, read_ns: int) -> None:
-        self._seen[name] = Seen(name, source, data, read_ns)
+    def _read(self, name: str, source: str, data: bytes, status: _Status, read_ns: int) -> None:
+        """A file of the extra directory read: news when its bytes or its status changed since this
+        process's last read (an undo saves the bytes read before: the version is newer all the
+        same). A load for another file's change reads it unchanged, and tells nothing new."""
+        seen = self._seen.get(name)
+        if seen is None or seen.content != data or self._statuses.get(name) != status:
+            self._seen[name] = Seen(name, source, data, read_ns, new=True)
+        self._statuses[name] = status
 
     def _note_removals(self, listed: set[str], read_ns: int) -> None:
         """Files of the extra directory loaded before and no longer listed: their removal is a
         version too, so that a refused file of that name later does not bring an older one back."""
         for name, seen in builtins.list(self._seen.items()):
-            if name not in listed:
-                self._seen[name] = Seen(name, seen.source, None, read_ns)
+            if name not in listed and seen.content is not None:
+                self._seen[name] = Seen(name, seen.source, None, read_ns, new=True)
+                self._statuses.pop(name, None)
 
     def _share(self, fresh: dict[str, Policy]) -> None:
         """Tell `shared` what this process read; serve each refused file as the newest good version
@@ -263,6 +280,7 @@ class PolicyStore:
                 # First: what this process read is kept unless another read a version later, which
                 # is then the one to serve.
                 self.shared.remember(builtins.list(self._seen.values()))
+                self._seen = {name: replace(seen, new=False) for name, seen in self._seen.items()}
             recalled = self.shared.recall(self._refused) if self._refused else {}
         except Exception as exc:  # the database away: this process's own last good versions serve
             if not self._unshared:

@@ -34,6 +34,10 @@ def stores(folder: Path, db: Database) -> tuple[PolicyStore, PolicyStore]:
             PolicyStore(folder, include_builtins=False, shared=PolicyVersions(db)))
 
 
+def stores_one(folder: Path, shared: Any) -> PolicyStore:
+    return PolicyStore(folder, include_builtins=False, shared=shared)
+
+
 def check_a_process_that_missed_an_edit_serves_it_while_the_file_is_refused(folder: Path, db: Database) -> None:
     file = folder / "studio.toml"
     file.write_text(STUDIO_CLOUD)
@@ -58,12 +62,13 @@ def test_a_process_that_missed_an_edit_serves_it_while_the_file_is_refused(tmp_p
 
 def test_an_older_read_told_later_does_not_replace_a_newer_one(tmp_path: Path, db: Database) -> None:
     versions = PolicyVersions(db)
-    versions.remember([Seen("studio", "/p/studio.toml", b"new", 2_000)])
-    versions.remember([Seen("studio", "/p/studio.toml", b"old", 1_000), Seen("other", "/p/other.toml", b"o", 5)])
-    versions.remember([Seen("studio", "/p/studio.toml", b"same time", 2_000)])
+    versions.remember([Seen("studio", "/p/studio.toml", b"new", 2_000, new=True)])
+    versions.remember([Seen("studio", "/p/studio.toml", b"old", 1_000, new=True),
+                       Seen("other", "/p/other.toml", b"o", 5, new=True)])
+    versions.remember([Seen("studio", "/p/studio.toml", b"same time", 2_000, new=True)])
     assert versions.recall(["studio", "other", "never"]) == {
         "studio": Seen("studio", "/p/studio.toml", b"new", 2_000), "other": Seen("other", "/p/other.toml", b"o", 5)}
-    versions.remember([Seen("studio", "/p/studio.toml", None, 3_000)])  # removed
+    versions.remember([Seen("studio", "/p/studio.toml", None, 3_000, new=True)])  # removed
     assert versions.recall(["studio"])["studio"].content is None
 
 
@@ -140,7 +145,7 @@ def test_a_kept_version_this_release_cannot_load_leaves_the_process_its_own(
     store = PolicyStore(tmp_path, include_builtins=False, shared=PolicyVersions(db))
     # Read by another release, whose schema took a key this one refuses, after this process's read.
     PolicyVersions(db).remember([Seen("studio", str(file), STUDIO_LOCAL.encode() + b"\nfuture = 1\n",
-                                      time.time_ns())])
+                                      time.time_ns(), new=True)])
     edit(file, BROKEN)
     with caplog.at_level(logging.WARNING, logger="policies.loader"):
         assert len(store.reload()) == 1
@@ -343,3 +348,127 @@ def test_a_load_that_read_nothing_new_writes_nothing(tmp_path: Path, db: Databas
     assert writes == [] and PolicyVersions(db).recall(["one", "two", "gone"]) == kept
     (tmp_path / "two.toml").write_text(STUDIO_LOCAL.replace('"studio"', '"two"'))
     assert store.reload() == [] and len(writes) == 1
+
+
+def test_an_undo_read_while_a_slower_process_tells_the_undone_edit_stays_the_service_s(
+        tmp_path: Path, db: Database) -> None:
+    # private -> cloud -> private (an undo). C read the cloud edit; its write waited on the lock
+    # (or the database blinked) while B read the undo. B's read of the undo, later than C's, found
+    # the content kept already and wrote nothing, so the row still carried the stamp of the first
+    # private read, older than C's: C's late tell replaced it. A typo then served the
+    # cloud version everywhere, though the latest read made was the private one.
+    file = tmp_path / "studio.toml"
+    file.write_text(STUDIO_LOCAL)
+    a = stores_one(tmp_path, PolicyVersions(db))
+    b = stores_one(tmp_path, PolicyVersions(db))
+
+    class Slow(PolicyVersions):
+        meanwhile = False
+
+        def remember(self, seen: Sequence[Seen]) -> None:
+            if self.meanwhile:
+                self.meanwhile = False
+                file.write_text(STUDIO_LOCAL)  # the undo
+                assert b.reload() == [] and b.get("studio").keeps_all_local  # read after C's read
+            super().remember(seen)
+
+    slow = Slow(db)
+    c = stores_one(tmp_path, slow)
+    file.write_text(STUDIO_CLOUD)
+    slow.meanwhile = True
+    assert c.reload() == []
+    # B restarts (a rolling deploy): its read of the undo was never written.
+    file.write_text(BROKEN)
+    d = stores_one(tmp_path, PolicyVersions(db))  # B, started again
+    for each in (a, c, d, a, c, d):  # every process looks twice
+        assert len(each.reload()) == 1
+        each.resync()
+    assert [each.get("studio").keeps_all_local for each in (a, c, d)] == [True, True, True]
+
+
+def test_a_stale_read_told_again_does_not_replace_a_read_kept_from_a_clock_since_set_back(
+        tmp_path: Path, db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    # S read the cloud version; the host clock then ran an hour ahead while A read the private
+    # edit; corrected. A typo: S re-tells its OLD cloud read, and a kept read the clock has not
+    # reached yet was replaced by any read, and S and A overwrote each other at each look.
+    real = clock._host_us
+    file = tmp_path / "studio.toml"
+    file.write_text(STUDIO_CLOUD)
+    s = stores_one(tmp_path, PolicyVersions(db))
+    monkeypatch.setattr(clock, "_host_us", lambda: real() + 3600 * 10**6)
+    file.write_text(STUDIO_LOCAL)
+    a = stores_one(tmp_path, PolicyVersions(db))
+    monkeypatch.setattr(clock, "_host_us", real)
+    file.write_text(BROKEN)
+    writes: list[object] = []
+    transaction = db.transaction
+
+    def counted() -> Any:
+        writes.append(None)
+        return transaction()
+
+    monkeypatch.setattr(db, "transaction", counted)
+    for each in (s, a, s, a):
+        assert len(each.reload()) == 1
+    for _ in range(3):
+        s.resync()
+        a.resync()
+    served = [each.get("studio").keeps_all_local for each in (s, a)]
+    assert (served, len(writes)) == ([True, True], 0)
+
+
+def test_a_process_that_cannot_list_the_directory_does_not_overwrite_the_service_s_version_with_its_stale_read(
+        tmp_path: Path, db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    # U lost its mount and tells its old cloud read again at every look; the readers (nothing
+    # refused) never tell theirs again: the old read must not replace theirs.
+    real = clock._host_us
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    view = tmp_path / "mounted"
+    view.symlink_to(policies)
+    (policies / "studio.toml").write_text(STUDIO_CLOUD)
+    u = stores_one(view, PolicyVersions(db))
+    monkeypatch.setattr(clock, "_host_us", lambda: real() + 3600 * 10**6)
+    (policies / "studio.toml").write_text(STUDIO_LOCAL)
+    reader = stores_one(policies, PolicyVersions(db))
+    monkeypatch.setattr(clock, "_host_us", real)
+    view.unlink()
+    assert len(u.reload()) == 1
+    u.resync()
+    assert u.get("studio").keeps_all_local
+    assert PolicyVersions(db).recall(["studio"])["studio"].content == STUDIO_LOCAL.encode()
+    assert reader.get("studio").keeps_all_local
+
+
+def test_an_unlisted_directory_that_drops_a_policy_says_so(
+        make_settings: Callable[..., Settings], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # A process that cannot list the directory takes each removal another process saw: the policy
+    # is dropped, but the reload says "the policies read from it before stay" and nothing else.
+    folder = tmp_path / "policies"
+    folder.mkdir()
+    file = folder / "studio.toml"
+    file.write_text(STUDIO_LOCAL)
+    view = tmp_path / "mounted"
+    view.symlink_to(folder)
+    first = make_settings(run_jobs=False, policy_dir=folder)
+    second = make_settings(run_jobs=False, policy_dir=view)
+
+    async def scenario() -> None:
+        one, two = Services.build(first), Services.build(second)
+        try:
+            file.unlink()
+            one.reload_policies("a test")
+            view.unlink()
+            caplog.clear()
+            with caplog.at_level(logging.INFO, logger="orchestrator.services"):
+                two.reload_policies("a test")
+            assert "studio" not in two.policies
+            assert "policy 'studio': not loaded: another process found the file removed after the version this " \
+                "one read" in caplog.text
+            assert "(the policies read from it before stay, as the service's other processes last read them)" \
+                in caplog.text
+        finally:
+            await one.aclose()
+            await two.aclose()
+
+    asyncio.run(scenario())
