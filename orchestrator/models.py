@@ -305,7 +305,7 @@ class PolicyVersion(SQLModel, table=True):
     source: str = Field(sa_type=sa.Text)  # the file's path, as `Policy.source` reports it
     content: bytes | None = Field(default=None, sa_type=sa.LargeBinary, nullable=True)
     content_hash: str | None = Field(default=None, max_length=16)
-    # When the latest read made after a change of the file was made (ns of the service's clock;
+    # When the latest read of the file a process's load made was made (ns of the service's clock;
     # for a removal, the listing that missed the file): see `policy_versions.PolicyVersions._newer`.
     read_ns: int = Field(sa_type=sa.BigInteger)
     recorded_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime, nullable=False)

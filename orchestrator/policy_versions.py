@@ -4,8 +4,9 @@ Every process reads the policy files by itself (`Services._watch_policies`), and
 the last good version it had read. Processes look at different moments, so an edit followed by a
 refused one could leave them on different versions until the file was mended. What the latest
 read of each file found is kept here (a read told late never replaces one made after it), and each
-process serves it while the file is refused. Only a read made after a change writes: a file's
-row changes with the file, not with every process's look at it.
+process serves it while the file is refused. A process's load (a file changed, SIGHUP, `POST
+/v1/policies/reload`) writes what it read, in one transaction; its looks while a file is refused
+write nothing.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ class PolicyVersions:
         if not by_name:
             return
         now = self.now_ns()
-        # Read first: a look that tells nothing new takes no write lock.
+        # Read first: a look, which tells nothing new, takes no write lock.
         with self.db.session() as s:
             if not self._newer(s, by_name, now):
                 return
@@ -62,17 +63,15 @@ class PolicyVersions:
 
     @staticmethod
     def _newer(s: Session, by_name: dict[str, Seen], now: int) -> list[Seen]:
-        """Those of `by_name` to keep: news (`Seen.new`) read after the read kept. The same bytes
-        read again after a change (an undo saves them) move its time on, so that the change undone,
-        told late, is not kept over it. A process tells what it read again at each look: that is
-        never news, and only fills a table that has nothing of the file. A read kept that the
-        service's clock has not reached yet was stamped by a clock since set back (a host's that
-        ran ahead, a PostgreSQL failover): news of another version replaces it."""
+        """Those of `by_name` to keep: news (`Seen.new`, a read a load made) made after the read
+        kept. A process tells what it read again at each look: that is never news, and only fills
+        a table that has nothing of the file, so an older read told again, or late, is never kept
+        over a newer one. A read kept that the service's clock has not reached yet was stamped by a
+        clock since set back (a host's that ran ahead, a PostgreSQL failover): news replaces it."""
         kept = {row.name: row for row in s.exec(select(PolicyVersion).where(col(PolicyVersion.name).in_(by_name)))}
         newer: list[Seen] = []
         for name, one in by_name.items():
             row = kept.get(name)
-            if row is None or (one.new and (row.read_ns < one.read_ns or (
-                    row.read_ns > now + CLOCK_SLACK_NS and row.content != one.content))):
+            if row is None or (one.new and (row.read_ns < one.read_ns or row.read_ns > now + CLOCK_SLACK_NS)):
                 newer.append(one)
         return newer

@@ -45,10 +45,9 @@ class Seen:
     source: str
     content: bytes | None
     read_ns: int
-    # Made by this process since it last told `SharedVersions`: a change it saw (the file's bytes
-    # or status since its last read, its removal). Only such a read moves a kept version's time
-    # on, or replaces one kept from a clock since set back: what it read before and tells again
-    # at each look (its refused files', a directory it cannot list) is old news.
+    # Made by a load of this process and not told yet. Only such a read is kept over another (its
+    # time later, or the kept one's from a clock since set back): what a process read before and
+    # tells again at each look (its refused files', a directory it cannot list) is old news.
     new: bool = False
 
 
@@ -65,10 +64,8 @@ class SharedVersions(Protocol):
         """The versions kept of `names` (a name never kept is left out)."""
 
 
-# A file's identity and state as its open descriptor tells them: device, inode, size, times.
-_Status = tuple[int, int, int, int, int]
-# A policy, and the bytes and status of the file of the extra directory it came from (None: a built-in).
-_Loaded = tuple[Policy, tuple[bytes, _Status] | None]
+# A policy, and the bytes of the file of the extra directory it came from (None: a built-in).
+_Loaded = tuple[Policy, bytes | None]
 # (policy name, loader, whether its file is the extra directory's), in the order they are loaded.
 _Files = list[tuple[str, Callable[[], _Loaded], bool]]
 
@@ -123,15 +120,13 @@ def _read_policy_file(file: Path) -> _Loaded:
         # Not a FIFO (a read would wait for a writer, holding every reload) nor a file of any size
         # (a 50 MB one took 9 s a reload, and `GET /v1/policies` sent it whole).
         with open_regular_file(file, os.O_RDONLY, "rb", follow=True) as opened:
-            stat = os.fstat(opened.fileno())
-            status = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
             data = opened.read(MAX_POLICY_BYTES + 1)
     except OSError as exc:
         raise PolicyError(f"{file}: cannot read: {exc.strerror or exc}", file=str(file)) from None
     if len(data) > MAX_POLICY_BYTES:
         raise PolicyError(f"{file}: larger than {MAX_POLICY_BYTES // 1024 // 1024} MiB, which no policy needs "
                           "(is it the file meant?)", file=str(file))
-    return parse_policy(data, label=str(file), source=str(file), expect_name=file.stem), (data, status)
+    return parse_policy(data, label=str(file), source=str(file), expect_name=file.stem), data
 
 
 class PolicyStore:
@@ -149,7 +144,8 @@ class PolicyStore:
         # This process's last look at each file of `extra_dir` it loaded: the version it serves, or
         # the file's removal. Told to `shared` at each load, and weighed against what it recalls.
         self._seen: dict[str, Seen] = {}
-        self._statuses: dict[str, _Status] = {}  # of each file at this process's last read of it
+        # The kept versions this release could not load, by name: their `read_ns`, not parsed again.
+        self._unloadable: dict[str, int] = {}
         # Since the last load: the files of `extra_dir` refused, the built-ins loaded, whether
         # `shared` failed (both looked at again by `resync`), and the refused files served from
         # `shared` (True: its version; False: the file's removal, which another process saw).
@@ -194,7 +190,7 @@ class PolicyStore:
                         fresh[name] = previous[name]
                     continue
                 if read is not None:
-                    self._read(name, fresh[name].source, *read, read_ns)
+                    self._seen[name] = Seen(name, fresh[name].source, read, read_ns, new=True)
                 if not in_dir:
                     shipped[name] = fresh[name]
             if not listed:
@@ -252,22 +248,12 @@ class PolicyStore:
                 pass
         return time.time_ns()
 
-    def _read(self, name: str, source: str, data: bytes, status: _Status, read_ns: int) -> None:
-        """A file of the extra directory read: news when its bytes or its status changed since this
-        process's last read (an undo saves the bytes read before: the version is newer all the
-        same). A load for another file's change reads it unchanged, and tells nothing new."""
-        seen = self._seen.get(name)
-        if seen is None or seen.content != data or self._statuses.get(name) != status:
-            self._seen[name] = Seen(name, source, data, read_ns, new=True)
-        self._statuses[name] = status
-
     def _note_removals(self, listed: set[str], read_ns: int) -> None:
         """Files of the extra directory loaded before and no longer listed: their removal is a
         version too, so that a refused file of that name later does not bring an older one back."""
         for name, seen in builtins.list(self._seen.items()):
-            if name not in listed and seen.content is not None:
+            if name not in listed:
                 self._seen[name] = Seen(name, seen.source, None, read_ns, new=True)
-                self._statuses.pop(name, None)
 
     def _share(self, fresh: dict[str, Policy]) -> None:
         """Tell `shared` what this process read; serve each refused file as the newest good version
@@ -291,7 +277,8 @@ class PolicyStore:
         self._unshared = False
         for name in self._refused:
             theirs, mine = recalled.get(name), self._seen.get(name)
-            if theirs is None or (mine is not None and mine.content == theirs.content):
+            if theirs is None or (mine is not None and mine.content == theirs.content) \
+                    or self._unloadable.get(name) == theirs.read_ns:
                 continue
             if theirs.content is None:  # removed after the version this process read
                 fresh.pop(name, None)
@@ -304,6 +291,7 @@ class PolicyStore:
                 except PolicyError as exc:  # read by another release of the service, whose schema differs
                     log.warning("policies: the service's last good version of '%s' does not load here (%s); this "
                                 "process's own serves", name, exc.message)
+                    self._unloadable[name] = theirs.read_ns  # not parsed, nor warned of, again at each look
                     continue
             self._seen[name] = theirs
             self._from_service[name] = theirs.content is not None

@@ -326,8 +326,8 @@ def test_a_process_that_cannot_list_the_directory_serves_the_service_s_versions(
     assert len(second.reload()) == 1 and second.get("studio").keeps_all_local and second.needs_resync
 
 
-def test_a_load_that_read_nothing_new_writes_nothing(tmp_path: Path, db: Database,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_load_writes_what_it_read_in_one_transaction_and_a_look_writes_nothing(
+        tmp_path: Path, db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("one", "two", "gone"):
         (tmp_path / f"{name}.toml").write_text(STUDIO_CLOUD.replace('"studio"', f'"{name}"'))
     store = PolicyStore(tmp_path, include_builtins=False, shared=PolicyVersions(db))
@@ -341,13 +341,15 @@ def test_a_load_that_read_nothing_new_writes_nothing(tmp_path: Path, db: Databas
         return transaction()
 
     monkeypatch.setattr(db, "transaction", counted)
-    kept = PolicyVersions(db).recall(["one", "two", "gone"])
-    assert kept["gone"].content is None
+    assert PolicyVersions(db).recall(["gone"])["gone"].content is None
     for _ in range(3):
         assert store.reload() == []
-    assert writes == [] and PolicyVersions(db).recall(["one", "two", "gone"]) == kept
-    (tmp_path / "two.toml").write_text(STUDIO_LOCAL.replace('"studio"', '"two"'))
-    assert store.reload() == [] and len(writes) == 1
+    assert len(writes) == 3  # every file, the removed one's absence included, in one each
+    (tmp_path / "two.toml").write_text(BROKEN.replace('"studio"', '"two"'))
+    assert len(store.reload()) == 1 and len(writes) == 4
+    for _ in range(3):
+        assert store.resync() == []
+    assert len(writes) == 4
 
 
 def test_an_undo_read_while_a_slower_process_tells_the_undone_edit_stays_the_service_s(
@@ -472,3 +474,111 @@ def test_an_unlisted_directory_that_drops_a_policy_says_so(
             await two.aclose()
 
     asyncio.run(scenario())
+
+
+def test_a_rollback_to_the_very_file_a_process_read_before_is_kept_when_it_reads_it_again(
+        tmp_path: Path, db: Database) -> None:
+    # A link to the private file, swapped to the cloud one (B reads it), then back (A reads it: the
+    # very file A read before, same bytes and status), then a typo before B looks again. A's read
+    # was the latest; taken for no change since A's last, it was never kept.
+    private, cloud = tmp_path / "private", tmp_path / "cloud"
+    for folder, text in ((private, STUDIO_LOCAL), (cloud, STUDIO_CLOUD)):
+        folder.mkdir()
+        (folder / "studio.toml").write_text(text)
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    link = policies / "studio.toml"
+    link.symlink_to(private / "studio.toml")
+    a = stores_one(policies, PolicyVersions(db))
+    b = stores_one(policies, PolicyVersions(db))
+    link.unlink()
+    link.symlink_to(cloud / "studio.toml")
+    assert b.reload() == [] and not b.get("studio").keeps_all_local
+    link.unlink()
+    link.symlink_to(private / "studio.toml")  # the rollback
+    assert a.reload() == [] and a.get("studio").keeps_all_local  # the latest good read: private
+    link.unlink()
+    link.write_text(BROKEN)  # a typo saved over it
+    for each in (a, b, a, b):
+        assert len(each.reload()) == 1
+        each.resync()
+    assert [each.get("studio").keeps_all_local for each in (a, b)] == [True, True]
+
+
+def test_an_override_put_back_after_a_removal_another_process_saw_is_kept(tmp_path: Path, db: Database) -> None:
+    # A private override of the built-in `balanced`, a link: B saw it removed; put back, A read it
+    # (the very file it read before), then a typo: both served the built-in.
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    target = kept / "balanced.toml"
+    target.write_text(STUDIO_LOCAL.replace('name = "studio"', 'name = "balanced"'))
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    link = policies / "balanced.toml"
+    link.symlink_to(target)
+    a = PolicyStore(policies, shared=PolicyVersions(db))
+    b = PolicyStore(policies, shared=PolicyVersions(db))
+    link.unlink()
+    assert b.reload() == [] and b.get("balanced").source == "builtin"
+    link.symlink_to(target)
+    assert a.reload() == [] and a.get("balanced").keeps_all_local  # the latest good read
+    link.unlink()
+    link.write_text(BROKEN.replace('name = "studio"', 'name = "balanced"'))
+    for each in (a, b, a, b):
+        assert len(each.reload()) == 1
+        each.resync()
+    assert [each.get("balanced").source for each in (a, b)] == [str(link), str(link)]
+
+
+def test_a_late_tell_does_not_replace_a_later_read_of_what_was_kept_from_a_clock_set_back(
+        tmp_path: Path, db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    # P0 read the private version while the clock ran an hour ahead; corrected. C read a cloud
+    # edit, its write waiting while the edit was undone and B read the undo: B's read, the same
+    # bytes as the row from the future, did not replace it, and C's earlier read, told late, did.
+    real = clock._host_us
+    file = tmp_path / "studio.toml"
+    file.write_text(STUDIO_LOCAL)
+    b = stores_one(tmp_path, PolicyVersions(db))
+    monkeypatch.setattr(clock, "_host_us", lambda: real() + 3600 * 10**6)
+    file.write_text(STUDIO_LOCAL)  # rewritten (a deploy): read as news by P0 with the clock ahead
+    p0 = stores_one(tmp_path, PolicyVersions(db))
+    monkeypatch.setattr(clock, "_host_us", real)
+
+    class Slow(PolicyVersions):
+        meanwhile = False
+
+        def remember(self, seen: Sequence[Seen]) -> None:
+            if self.meanwhile:
+                self.meanwhile = False
+                time.sleep(0.01)
+                file.write_text(STUDIO_LOCAL)  # the undo
+                assert b.reload() == [] and b.get("studio").keeps_all_local  # read after C's read
+            super().remember(seen)
+
+    slow = Slow(db)
+    c = stores_one(tmp_path, PolicyVersions(db))
+    c.shared = slow  # from its next load
+    file.write_text(STUDIO_CLOUD)
+    slow.meanwhile = True
+    assert c.reload() == []
+    file.write_text(BROKEN)
+    for each in (p0, b, c, p0, b, c):
+        assert len(each.reload()) == 1
+        each.resync()
+    assert [each.get("studio").keeps_all_local for each in (p0, b, c)] == [True, True, True]
+
+
+def test_a_kept_version_that_does_not_load_here_is_warned_of_once(
+        tmp_path: Path, db: Database, caplog: pytest.LogCaptureFixture) -> None:
+    file = tmp_path / "studio.toml"
+    file.write_text(STUDIO_CLOUD)
+    store = PolicyStore(tmp_path, include_builtins=False, shared=PolicyVersions(db))
+    PolicyVersions(db).remember([Seen("studio", str(file), STUDIO_LOCAL.encode() + b"\nfuture = 1\n",
+                                      time.time_ns(), new=True)])
+    file.write_text(BROKEN)
+    store.reload()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="policies.loader"):
+        for _ in range(5):
+            store.resync()
+    assert caplog.text.count("does not load here") <= 1
