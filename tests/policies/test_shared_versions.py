@@ -34,6 +34,34 @@ def stores(folder: Path, db: Database) -> tuple[PolicyStore, PolicyStore]:
             PolicyStore(folder, include_builtins=False, shared=PolicyVersions(db)))
 
 
+def count_writes(db: Database, monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """One item per write transaction `db` opens from now on."""
+    writes: list[object] = []
+    transaction = db.transaction
+
+    def counted() -> Any:
+        writes.append(None)
+        return transaction()
+
+    monkeypatch.setattr(db, "transaction", counted)
+    return writes
+
+
+def clock_ahead(monkeypatch: pytest.MonkeyPatch) -> Callable[[], None]:
+    """The host's clock an hour ahead, until the function returned sets it right."""
+    real = clock._host_us
+    monkeypatch.setattr(clock, "_host_us", lambda: real() + 3600 * 10**6)
+    return lambda: monkeypatch.setattr(clock, "_host_us", real)
+
+
+def look_twice(*processes: PolicyStore) -> None:
+    """Each process loads the refused file, then looks again, twice over."""
+    for _ in range(2):
+        for each in processes:
+            assert len(each.reload()) == 1
+            each.resync()
+
+
 def stores_one(folder: Path, shared: Any) -> PolicyStore:
     return PolicyStore(folder, include_builtins=False, shared=shared)
 
@@ -270,12 +298,11 @@ def test_a_read_kept_from_a_clock_since_set_back_is_replaced_by_the_next_read(
     # The clock ran an hour ahead (a host's at boot, a restored VM, a PostgreSQL failover) as the
     # cloud version was read: the private edit read after the correction was never kept, and a
     # typo had even the process that read it serve the cloud version.
-    real = clock._host_us
     file = tmp_path / "studio.toml"
     file.write_text(STUDIO_CLOUD)
-    monkeypatch.setattr(clock, "_host_us", lambda: real() + 3600 * 10**6)
+    set_right = clock_ahead(monkeypatch)
     store = PolicyStore(tmp_path, include_builtins=False, shared=PolicyVersions(db))
-    monkeypatch.setattr(clock, "_host_us", real)
+    set_right()
     file.write_text(STUDIO_LOCAL)
     assert store.reload() == []
     file.write_text(BROKEN)
@@ -333,14 +360,7 @@ def test_a_load_writes_what_it_read_in_one_transaction_and_a_look_writes_nothing
     store = PolicyStore(tmp_path, include_builtins=False, shared=PolicyVersions(db))
     (tmp_path / "gone.toml").unlink()
     assert store.reload() == []
-    writes: list[object] = []
-    transaction = db.transaction
-
-    def counted() -> Any:
-        writes.append(None)
-        return transaction()
-
-    monkeypatch.setattr(db, "transaction", counted)
+    writes = count_writes(db, monkeypatch)
     assert PolicyVersions(db).recall(["gone"])["gone"].content is None
     for _ in range(3):
         assert store.reload() == []
@@ -382,9 +402,7 @@ def test_an_undo_read_while_a_slower_process_tells_the_undone_edit_stays_the_ser
     # B restarts (a rolling deploy): its read of the undo was never written.
     file.write_text(BROKEN)
     d = stores_one(tmp_path, PolicyVersions(db))  # B, started again
-    for each in (a, c, d, a, c, d):  # every process looks twice
-        assert len(each.reload()) == 1
-        each.resync()
+    look_twice(a, c, d)
     assert [each.get("studio").keeps_all_local for each in (a, c, d)] == [True, True, True]
 
 
@@ -393,23 +411,15 @@ def test_a_stale_read_told_again_does_not_replace_a_read_kept_from_a_clock_since
     # S read the cloud version; the host clock then ran an hour ahead while A read the private
     # edit; corrected. A typo: S re-tells its OLD cloud read, and a kept read the clock has not
     # reached yet was replaced by any read, and S and A overwrote each other at each look.
-    real = clock._host_us
     file = tmp_path / "studio.toml"
     file.write_text(STUDIO_CLOUD)
     s = stores_one(tmp_path, PolicyVersions(db))
-    monkeypatch.setattr(clock, "_host_us", lambda: real() + 3600 * 10**6)
+    set_right = clock_ahead(monkeypatch)
     file.write_text(STUDIO_LOCAL)
     a = stores_one(tmp_path, PolicyVersions(db))
-    monkeypatch.setattr(clock, "_host_us", real)
+    set_right()
     file.write_text(BROKEN)
-    writes: list[object] = []
-    transaction = db.transaction
-
-    def counted() -> Any:
-        writes.append(None)
-        return transaction()
-
-    monkeypatch.setattr(db, "transaction", counted)
+    writes = count_writes(db, monkeypatch)
     for each in (s, a, s, a):
         assert len(each.reload()) == 1
     for _ in range(3):
@@ -423,17 +433,16 @@ def test_a_process_that_cannot_list_the_directory_does_not_overwrite_the_service
         tmp_path: Path, db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
     # U lost its mount and tells its old cloud read again at every look; the readers (nothing
     # refused) never tell theirs again: the old read must not replace theirs.
-    real = clock._host_us
     policies = tmp_path / "policies"
     policies.mkdir()
     view = tmp_path / "mounted"
     view.symlink_to(policies)
     (policies / "studio.toml").write_text(STUDIO_CLOUD)
     u = stores_one(view, PolicyVersions(db))
-    monkeypatch.setattr(clock, "_host_us", lambda: real() + 3600 * 10**6)
+    set_right = clock_ahead(monkeypatch)
     (policies / "studio.toml").write_text(STUDIO_LOCAL)
     reader = stores_one(policies, PolicyVersions(db))
-    monkeypatch.setattr(clock, "_host_us", real)
+    set_right()
     view.unlink()
     assert len(u.reload()) == 1
     u.resync()
@@ -499,9 +508,7 @@ def test_a_rollback_to_the_very_file_a_process_read_before_is_kept_when_it_reads
     assert a.reload() == [] and a.get("studio").keeps_all_local  # the latest good read: private
     link.unlink()
     link.write_text(BROKEN)  # a typo saved over it
-    for each in (a, b, a, b):
-        assert len(each.reload()) == 1
-        each.resync()
+    look_twice(a, b)
     assert [each.get("studio").keeps_all_local for each in (a, b)] == [True, True]
 
 
@@ -524,9 +531,7 @@ def test_an_override_put_back_after_a_removal_another_process_saw_is_kept(tmp_pa
     assert a.reload() == [] and a.get("balanced").keeps_all_local  # the latest good read
     link.unlink()
     link.write_text(BROKEN.replace('name = "studio"', 'name = "balanced"'))
-    for each in (a, b, a, b):
-        assert len(each.reload()) == 1
-        each.resync()
+    look_twice(a, b)
     assert [each.get("balanced").source for each in (a, b)] == [str(link), str(link)]
 
 
@@ -535,14 +540,13 @@ def test_a_late_tell_does_not_replace_a_later_read_of_what_was_kept_from_a_clock
     # P0 read the private version while the clock ran an hour ahead; corrected. C read a cloud
     # edit, its write waiting while the edit was undone and B read the undo: B's read, the same
     # bytes as the row from the future, did not replace it, and C's earlier read, told late, did.
-    real = clock._host_us
     file = tmp_path / "studio.toml"
     file.write_text(STUDIO_LOCAL)
     b = stores_one(tmp_path, PolicyVersions(db))
-    monkeypatch.setattr(clock, "_host_us", lambda: real() + 3600 * 10**6)
+    set_right = clock_ahead(monkeypatch)
     file.write_text(STUDIO_LOCAL)  # rewritten (a deploy): read as news by P0 with the clock ahead
     p0 = stores_one(tmp_path, PolicyVersions(db))
-    monkeypatch.setattr(clock, "_host_us", real)
+    set_right()
 
     class Slow(PolicyVersions):
         meanwhile = False
@@ -562,9 +566,7 @@ def test_a_late_tell_does_not_replace_a_later_read_of_what_was_kept_from_a_clock
     slow.meanwhile = True
     assert c.reload() == []
     file.write_text(BROKEN)
-    for each in (p0, b, c, p0, b, c):
-        assert len(each.reload()) == 1
-        each.resync()
+    look_twice(p0, b, c)
     assert [each.get("studio").keeps_all_local for each in (p0, b, c)] == [True, True, True]
 
 
