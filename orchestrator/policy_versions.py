@@ -54,11 +54,12 @@ class PolicyVersions:
                 row.recorded_at = utcnow()
                 s.add(row)
 
-    def recall(self, names: Sequence[str]) -> dict[str, Seen]:
-        if not names:
+    def recall(self, names: Sequence[str] | None) -> dict[str, Seen]:
+        if names is not None and not names:
             return {}
         with self.db.session() as s:
-            rows = s.exec(select(PolicyVersion).where(col(PolicyVersion.name).in_(names))).all()
+            query = select(PolicyVersion)
+            rows = s.exec(query if names is None else query.where(col(PolicyVersion.name).in_(names))).all()
         return {row.name: Seen(row.name, row.source, row.content, row.read_ns) for row in rows}
 
     @staticmethod
@@ -67,11 +68,14 @@ class PolicyVersions:
         kept. A process tells what it read again at each look: that is never news, and only fills
         a table that has nothing of the file, so an older read told again, or late, is never kept
         over a newer one. A read kept that the service's clock has not reached yet was stamped by a
-        clock since set back (a host's that ran ahead, a PostgreSQL failover): news replaces it."""
+        clock since set back (a host's that ran ahead, a PostgreSQL failover): news replaces it;
+        and news stamped so is kept only where nothing is (told late, after its clock was set
+        back, it would outrank the reads made since)."""
         kept = {row.name: row for row in s.exec(select(PolicyVersion).where(col(PolicyVersion.name).in_(by_name)))}
         newer: list[Seen] = []
         for name, one in by_name.items():
             row = kept.get(name)
-            if row is None or (one.new and (row.read_ns < one.read_ns or row.read_ns > now + CLOCK_SLACK_NS)):
+            ahead = now + CLOCK_SLACK_NS
+            if row is None or (one.new and one.read_ns <= ahead and (row.read_ns < one.read_ns or row.read_ns > ahead)):
                 newer.append(one)
         return newer

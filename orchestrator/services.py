@@ -39,7 +39,7 @@ from orchestrator.settings import CONFIG_FILE_VARIABLE, Settings, source_of
 from orchestrator.store import ORPHAN_GRACE_SECONDS, ArtifactStore, PreviewFiles, SweepRefused
 from orchestrator.stream_slots import StreamSlots
 from orchestrator.workers import DeviceLock, Presence
-from policies import BUILTIN, PolicyError, PolicyStore
+from policies import BUILTIN, Policy, PolicyError, PolicyStore
 from tiers._local import LocalRuntime
 from tiers.base import EngineContext
 from tiers.lite import LiteEngine
@@ -337,8 +337,10 @@ class Services:
         sources = {policy.name: policy.source for policy in self.policies.list()}
         warned = set(policy_warnings(self.policies, self.registry))
         errors = self.policies.reload()
+        # One look at the loaded set: a look of the watcher's thread (`resync_policies`) may drop a name.
+        loaded = {policy.name: policy for policy in self.policies.list()}
         for error in errors:
-            log.error("policy refused on reload (%s): %s", self._what_stays(error), error.message)
+            log.error("policy refused on reload (%s): %s", self._what_stays(error, loaded), error.message)
         log.info("policies reloaded (%s): %s", why, ", ".join(self.policies.names()))
         # Said as at start-up: a typo ("Gemini") told only to the API's reader failed every request
         # its rule routed; and what a removed file changes, which the list of names did not say.
@@ -347,7 +349,7 @@ class Services:
                 log.warning("policy: %s", warning)
         told = {Path(error.file).stem for error in errors if Path(error.file).suffix.lower() == ".toml"}
         for name, source in sorted(sources.items()):
-            now = self.policies.get(name).source if name in self.policies else None
+            now = loaded[name].source if name in loaded else None
             if self.policies.from_service(name) is False:
                 if name not in told:  # the directory could not be listed: its own error named no file
                     log.warning("policy '%s': %s", name, _removal_seen(now))
@@ -361,13 +363,13 @@ class Services:
         self._apply_local_policies("on reload", self._local_policies() - local_before)
         return errors
 
-    def _what_stays(self, refused: PolicyError) -> str:
+    def _what_stays(self, refused: PolicyError, loaded: dict[str, Policy]) -> str:
         """What serves in place of a refused file: its last good version, a built-in, or nothing."""
         file = Path(refused.file)
         if file.suffix.lower() != ".toml":  # the folder itself, unreadable: nothing read from it is dropped
             return ("the policies read from it before stay, as the service's other processes last read them"
                     if self.policies.shared is not None else "the policies read from it before stay")
-        kept = self.policies.get(file.stem).source if file.stem in self.policies else None
+        kept = loaded[file.stem].source if file.stem in loaded else None
         shared = self.policies.from_service(file.stem)
         if shared is False:
             return _removal_seen(kept)

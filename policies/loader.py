@@ -60,8 +60,8 @@ class SharedVersions(Protocol):
     def remember(self, seen: Sequence[Seen]) -> None:
         """Keep each of `seen` unless a version read later is kept already."""
 
-    def recall(self, names: Sequence[str]) -> dict[str, Seen]:
-        """The versions kept of `names` (a name never kept is left out)."""
+    def recall(self, names: Sequence[str] | None) -> dict[str, Seen]:
+        """The versions kept of `names` (a name never kept is left out), or of every file (None)."""
 
 
 # A policy, and the bytes of the file of the extra directory it came from (None: a built-in).
@@ -152,6 +152,7 @@ class PolicyStore:
         self._refused: builtins.list[str] = []
         self._shipped: dict[str, Policy] = {}
         self._unshared = False
+        self._unlisted = False  # the directory could not be listed at the last load
         self._from_service: dict[str, bool] = {}
         self._errors: builtins.list[PolicyError] = []
         self._reloading = threading.Lock()
@@ -199,14 +200,16 @@ class PolicyStore:
                 for name, policy in previous.items():
                     if policy.source != BUILTIN:
                         fresh[name] = policy
-                # Each file of it this process knew is as good as refused: served as the service
-                # keeps it, which the other processes, that can read the files, tell.
+                # Each file of it is as good as refused, those this process never read too (one
+                # overriding a built-in served the built-in): served as the service keeps them,
+                # which the other processes, that can read the files, tell.
                 refused = builtins.list(self._seen)
             else:
                 self._note_removals({name for name, _, in_dir in files if in_dir}, listed_ns)
             # A refused file still served as the service's version is still told so.
             told = {name: was for name, was in self._from_service.items() if name in refused}
             self._refused, self._shipped, self._from_service = refused, shipped, told
+            self._unlisted = not listed
             if self.shared is not None:
                 self._share(fresh)
             # One assignment: readers on other threads see the old set or the new one, never a mix.
@@ -232,7 +235,7 @@ class PolicyStore:
 
     @property
     def needs_resync(self) -> bool:
-        return self.shared is not None and bool(self._refused or self._unshared)
+        return self.shared is not None and bool(self._refused or self._unshared or self._unlisted)
 
     def from_service(self, name: str) -> bool | None:
         """For a refused file: whether what serves in its place is the service's version that
@@ -267,7 +270,8 @@ class PolicyStore:
                 # is then the one to serve.
                 self.shared.remember(builtins.list(self._seen.values()))
                 self._seen = {name: replace(seen, new=False) for name, seen in self._seen.items()}
-            recalled = self.shared.recall(self._refused) if self._refused else {}
+            recalled = self.shared.recall(None if self._unlisted else self._refused) \
+                if self._refused or self._unlisted else {}
         except Exception as exc:  # the database away: this process's own last good versions serve
             if not self._unshared:
                 log.warning("policies: the service's last good versions could not be shared (%s); this process's "
@@ -275,6 +279,8 @@ class PolicyStore:
             self._unshared = True
             return
         self._unshared = False
+        if self._unlisted:
+            self._refused += [name for name in recalled if name not in self._refused]
         for name in self._refused:
             theirs, mine = recalled.get(name), self._seen.get(name)
             if theirs is None or (mine is not None and mine.content == theirs.content) \

@@ -23,6 +23,7 @@ from policies.loader import content_hash
 from tests.credits.test_keep_local import STUDIO_CLOUD, STUDIO_LOCAL
 
 BROKEN = STUDIO_CLOUD.replace("[[rules]]", "[[rules", 1)
+PRIVATE_BALANCED = STUDIO_LOCAL.replace('name = "studio"', 'name = "balanced"')
 
 
 def edit(file: Path, text: str) -> None:
@@ -134,7 +135,7 @@ class Away:
     def remember(self, seen: Sequence[Seen]) -> None:
         raise OperationalError("INSERT", {}, ConnectionRefusedError("connection refused"))
 
-    def recall(self, names: Sequence[str]) -> dict[str, Seen]:
+    def recall(self, names: Sequence[str] | None) -> dict[str, Seen]:
         raise AssertionError("not asked once the database failed")
 
 
@@ -148,7 +149,7 @@ class Blinking(PolicyVersions):
             raise OperationalError("INSERT", {}, ConnectionRefusedError("connection refused"))
         super().remember(seen)
 
-    def recall(self, names: Sequence[str]) -> dict[str, Seen]:
+    def recall(self, names: Sequence[str] | None) -> dict[str, Seen]:
         if self.away:
             raise OperationalError("SELECT", {}, ConnectionRefusedError("connection refused"))
         return super().recall(names)
@@ -584,3 +585,102 @@ def test_a_kept_version_that_does_not_load_here_is_warned_of_once(
         for _ in range(5):
             store.resync()
     assert caplog.text.count("does not load here") <= 1
+
+
+@pytest.mark.parametrize("when", ["at start", "override added after the mount was lost"])
+def test_a_process_that_cannot_list_the_directory_serves_the_service_s_private_override(
+        tmp_path: Path, db: Database, when: str) -> None:
+    # The service keeps a private override of the built-in `balanced`; a process that could not list
+    # ORCH_POLICY_DIR, and never read that file, served the shipped (cloud) `balanced` for good.
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    view = tmp_path / "mounted"
+    if when == "at start":
+        (policies / "balanced.toml").write_text(PRIVATE_BALANCED)
+        reader = PolicyStore(policies, shared=PolicyVersions(db))
+        late = PolicyStore(view, shared=PolicyVersions(db))  # its mount is not there
+    else:
+        view.symlink_to(policies)
+        reader = PolicyStore(policies, shared=PolicyVersions(db))
+        late = PolicyStore(view, shared=PolicyVersions(db))
+        view.unlink()  # mount lost
+        assert len(late.reload()) == 1
+        (policies / "balanced.toml").write_text(PRIVATE_BALANCED)
+    for each in (reader, late, reader, late):  # every process loads and looks twice
+        each.reload()
+        each.resync()
+    assert reader.get("balanced").keeps_all_local
+    assert PolicyVersions(db).recall(["balanced"])["balanced"].content == PRIVATE_BALANCED.encode()
+    assert late.get("balanced").keeps_all_local, late.get("balanced").source
+
+
+def test_a_late_tell_of_a_read_stamped_by_a_clock_since_set_back_does_not_replace_a_later_read(
+        tmp_path: Path, db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    # B read a cloud edit while the host clock ran an hour ahead; its write waited on the lock.
+    # Meanwhile the clock was corrected, the edit undone, and A read the undo (the latest read).
+    # B's late tell carried the stamp from the future: later than A's, it was kept, and a typo
+    # then served the cloud version everywhere, A included.
+    real = clock._host_us
+    file = tmp_path / "studio.toml"
+    file.write_text(STUDIO_LOCAL)
+    a = PolicyStore(tmp_path, include_builtins=False, shared=PolicyVersions(db))
+
+    class Slow(PolicyVersions):
+        meanwhile = False
+
+        def remember(self, seen: Sequence[Seen]) -> None:
+            if self.meanwhile:
+                self.meanwhile = False
+                monkeypatch.setattr(clock, "_host_us", real)  # corrected while B's write waited
+                file.write_text(STUDIO_LOCAL)  # the undo
+                assert a.reload() == [] and a.get("studio").keeps_all_local  # the latest good read
+            super().remember(seen)
+
+    slow = Slow(db)
+    b = PolicyStore(tmp_path, include_builtins=False, shared=slow)
+    clock_ahead(monkeypatch)
+    file.write_text(STUDIO_CLOUD)
+    slow.meanwhile = True
+    assert b.reload() == []
+    file.write_text(BROKEN)
+    look_twice(a, b)
+    assert [each.get("studio").keeps_all_local for each in (a, b)] == [True, True]
+
+
+def test_a_reload_racing_a_look_that_drops_a_policy_does_not_raise(
+        make_settings: Callable[..., Settings], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # POST /v1/policies/reload (a thread) and the watcher's look (another thread): the look
+    # dropped 'studio' (another process saw its file removed) between the reload's `name in
+    # policies` and its `policies.get(name)`: NotFound out of reload_policies (a 404 to the
+    # caller, and the policies it made local not applied to queued work).
+    folder = tmp_path / "policies"
+    folder.mkdir()
+    file = folder / "studio.toml"
+    file.write_text(STUDIO_LOCAL)
+    settings = make_settings(run_jobs=False, policy_dir=folder)
+
+    async def scenario() -> None:
+        first, second = Services.build(settings), Services.build(settings)
+        try:
+            file.write_text(BROKEN)
+            contains = PolicyStore.__contains__
+            armed = [False]
+
+            def racing(self: PolicyStore, name: object) -> bool:
+                found = contains(self, name)
+                if armed[0] and self is second.policies and name == "studio":
+                    armed[0] = False
+                    file.unlink()
+                    first.reload_policies("another process")  # tells the removal
+                    file.write_text(BROKEN)
+                    second.policies.resync()  # the watcher's thread, in between
+                return found
+
+            monkeypatch.setattr(PolicyStore, "__contains__", racing)
+            armed[0] = True
+            second.reload_policies("POST /v1/policies/reload")
+        finally:
+            await first.aclose()
+            await second.aclose()
+
+    asyncio.run(scenario())
