@@ -64,9 +64,8 @@ class PolicyVersions:
 
     @staticmethod
     def _newer(s: Session, by_name: dict[str, Seen], now: int) -> list[Seen]:
-        """Those of `by_name` to keep: news (`Seen.new`, a read a load made) made after the read
-        kept. A process tells what it read again at each look: that is never news, and only fills
-        a table that has nothing of the file, so an older read told again, or late, is never kept
+        """Those of `by_name` to keep: news (`Seen.new`, what a load read, not told before) made
+        after the read kept, or where nothing is kept; so an older read told late is never kept
         over a newer one. A read kept that the service's clock has not reached yet was stamped by a
         clock since set back (a host's that ran ahead, a PostgreSQL failover): news replaces it;
         and news stamped so is kept only where nothing is (told late, after its clock was set
@@ -76,6 +75,7 @@ class PolicyVersions:
         for name, one in by_name.items():
             row = kept.get(name)
             ahead = now + CLOCK_SLACK_NS
-            if row is None or (one.new and one.read_ns <= ahead and (row.read_ns < one.read_ns or row.read_ns > ahead)):
+            if one.new and (row is None or (
+                    one.read_ns <= ahead and (row.read_ns < one.read_ns or row.read_ns > ahead))):
                 newer.append(one)
         return newer

@@ -45,9 +45,9 @@ class Seen:
     source: str
     content: bytes | None
     read_ns: int
-    # Made by a load of this process and not told yet. Only such a read is kept over another (its
-    # time later, or the kept one's from a clock since set back): what a process read before and
-    # tells again at each look (its refused files', a directory it cannot list) is old news.
+    # Made by a load of this process and not told yet: only such a read is told, and kept (its time
+    # later than the kept one's, or the kept one's from a clock since set back). What a process
+    # read before (its refused files' versions, a directory's it cannot list) is old news.
     new: bool = False
 
 
@@ -58,7 +58,7 @@ class SharedVersions(Protocol):
         """The service's clock (`Seen.read_ns`)."""
 
     def remember(self, seen: Sequence[Seen]) -> None:
-        """Keep each of `seen` unless a version read later is kept already."""
+        """Keep each of `seen` (news) unless a version read later is kept already."""
 
     def recall(self, names: Sequence[str] | None) -> dict[str, Seen]:
         """The versions kept of `names` (a name never kept is left out), or of every file (None)."""
@@ -265,10 +265,10 @@ class PolicyStore:
         missed an edit making a policy private went on routing its projects to the cloud."""
         assert self.shared is not None
         try:
-            if self._seen:
-                # First: what this process read is kept unless another read a version later, which
-                # is then the one to serve.
-                self.shared.remember(builtins.list(self._seen.values()))
+            if news := [seen for seen in self._seen.values() if seen.new]:
+                # First: what this process's loads read is kept unless another read a version later,
+                # which is then the one to serve. What it read before is no news: never told again.
+                self.shared.remember(news)
                 self._seen = {name: replace(seen, new=False) for name, seen in self._seen.items()}
             recalled = self.shared.recall(None if self._unlisted else self._refused) \
                 if self._refused or self._unlisted else {}

@@ -11,10 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import delete
 from sqlalchemy.exc import OperationalError
 
 from orchestrator import clock
 from orchestrator.db import Database
+from orchestrator.models import PolicyVersion
 from orchestrator.policy_versions import PolicyVersions
 from orchestrator.services import Services
 from orchestrator.settings import Settings
@@ -684,3 +686,25 @@ def test_a_reload_racing_a_look_that_drops_a_policy_does_not_raise(
             await second.aclose()
 
     asyncio.run(scenario())
+
+
+def test_a_version_read_before_and_told_again_never_fills_an_emptied_table(tmp_path: Path, db: Database) -> None:
+    # The table emptied (a restore, a downgrade and upgrade): a process that could no longer list
+    # the directory told its old cloud read again and filled it, and a typo then had the process
+    # that read the private edit serve the cloud version.
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    view = tmp_path / "mounted"
+    view.symlink_to(policies)
+    file = policies / "studio.toml"
+    file.write_text(STUDIO_CLOUD)
+    unlisted = stores_one(view, PolicyVersions(db))
+    file.write_text(STUDIO_LOCAL)
+    reader = stores_one(policies, PolicyVersions(db))
+    view.unlink()
+    with db.transaction() as s:
+        s.execute(delete(PolicyVersion))
+    assert len(unlisted.reload()) == 1
+    unlisted.resync()
+    file.write_text(BROKEN)
+    assert len(reader.reload()) == 1 and reader.get("studio").keeps_all_local
