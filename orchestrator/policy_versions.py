@@ -72,9 +72,9 @@ class PolicyVersions:
         back, it would outrank the reads made since)."""
         kept = {row.name: row for row in s.exec(select(PolicyVersion).where(col(PolicyVersion.name).in_(by_name)))}
         newer: list[Seen] = []
+        ahead = now + CLOCK_SLACK_NS
         for name, one in by_name.items():
             row = kept.get(name)
-            ahead = now + CLOCK_SLACK_NS
             if one.new and (row is None or (
                     one.read_ns <= ahead and (row.read_ns < one.read_ns or row.read_ns > ahead))):
                 newer.append(one)

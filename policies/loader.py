@@ -219,11 +219,12 @@ class PolicyStore:
             return builtins.list(errors)
 
     def resync(self) -> builtins.list[str]:
-        """While a file is refused, or `shared` failed at the last load: tell `shared` again what
-        this process read, and serve the refused files as it keeps them now (the names whose served
-        version changed). A process asked once, as it found the refusal: a read another process
-        told after that (its database write waiting on a lock, or away), or one this process could
-        not tell, left them on different versions until the next edit. Called at each look."""
+        """While a file is refused, the directory cannot be listed, or `shared` failed: tell `shared`
+        what this process read and could not tell yet, and serve the refused files as it keeps them
+        now (the names whose served version changed). A process asked once, as it found the
+        refusal: a read another process told after that (its database write waiting on a lock, or
+        away), or one this process could not tell, left them on different versions until the next
+        edit. Called at each look."""
         with self._reloading:
             if not self.needs_resync:
                 return []
