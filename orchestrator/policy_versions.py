@@ -40,13 +40,14 @@ class PolicyVersions:
         by_name = {one.name: one for one in seen}
         if not by_name:
             return
-        now = self.now_ns()
         # Read first: a look, which tells nothing new, takes no write lock.
         with self.db.session() as s:
-            if not self._newer(s, by_name, now):
+            if not self._newer(s, by_name, self.now_ns()):
                 return
         with self.db.transaction() as s:  # the write lock: a slower process's older read is not kept over a newer one
-            for one in self._newer(s, by_name, now):
+            # The clock read again once the lock is ours (up to 30 s later): a row written while
+            # this waited is no row from the future.
+            for one in self._newer(s, by_name, self.now_ns()):
                 row = s.get(PolicyVersion, one.name) or PolicyVersion(name=one.name, read_ns=one.read_ns,
                                                                       source=one.source)
                 row.source, row.content, row.read_ns = one.source, one.content, one.read_ns

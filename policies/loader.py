@@ -180,7 +180,7 @@ class PolicyStore:
             for name, load, in_dir in files:
                 # Each file's own, just before its read: a read stamped before an edit and made
                 # after it (the listing, other files read between) lost to an older one.
-                read_ns = self._now_ns() if in_dir else 0
+                read_ns = self._now_ns() if in_dir else None
                 try:
                     fresh[name], read = load()
                 except PolicyError as exc:
@@ -191,7 +191,7 @@ class PolicyStore:
                         fresh[name] = previous[name]
                     continue
                 if read is not None:
-                    self._seen[name] = Seen(name, fresh[name].source, read, read_ns, new=True)
+                    self._seen[name] = _seen_at(name, fresh[name].source, read, read_ns)
                 if not in_dir:
                     shipped[name] = fresh[name]
             if not listed:
@@ -244,20 +244,23 @@ class PolicyStore:
         (False); None when it is this process's own."""
         return self._from_service.get(name)
 
-    def _now_ns(self) -> int:
-        if self.shared is not None:
-            try:
-                return self.shared.now_ns()
-            except Exception:  # never reached the database: its clock not read yet (PostgreSQL), this host's
-                pass
-        return time.time_ns()
+    def _now_ns(self) -> int | None:
+        """The service's clock; None when it cannot be read (on PostgreSQL, a process that never
+        reached the database): what is read then is never told, as its time is no time of the
+        service's (hosts' clocks differ), and the next load tells what it reads."""
+        if self.shared is None:
+            return None
+        try:
+            return self.shared.now_ns()
+        except Exception:
+            return None
 
-    def _note_removals(self, listed: set[str], read_ns: int) -> None:
+    def _note_removals(self, listed: set[str], read_ns: int | None) -> None:
         """Files of the extra directory loaded before and no longer listed: their removal is a
         version too, so that a refused file of that name later does not bring an older one back."""
         for name, seen in builtins.list(self._seen.items()):
             if name not in listed:
-                self._seen[name] = Seen(name, seen.source, None, read_ns, new=True)
+                self._seen[name] = _seen_at(name, seen.source, None, read_ns)
 
     def _share(self, fresh: dict[str, Policy]) -> None:
         """Tell `shared` what this process read; serve each refused file as the newest good version
@@ -443,6 +446,11 @@ class PolicyStore:
                 warnings.append(f"{label}: unknown engine '{name}'{_did_you_mean(name, known)} in "
                                 f"{', '.join(places)}: no request is routed to it (known: {', '.join(sorted(known))})")
         return warnings
+
+
+def _seen_at(name: str, source: str, content: bytes | None, read_ns: int | None) -> Seen:
+    """What a load found, news to tell when the service's clock stamped it."""
+    return Seen(name, source, content, time.time_ns() if read_ns is None else read_ns, new=read_ns is not None)
 
 
 def _rule_name(i: int, rule: Rule) -> str:

@@ -138,7 +138,7 @@ class Away:
         raise OperationalError("INSERT", {}, ConnectionRefusedError("connection refused"))
 
     def recall(self, names: Sequence[str] | None) -> dict[str, Seen]:
-        raise AssertionError("not asked once the database failed")
+        raise OperationalError("SELECT", {}, ConnectionRefusedError("connection refused"))
 
 
 class Blinking(PolicyVersions):
@@ -708,3 +708,57 @@ def test_a_version_read_before_and_told_again_never_fills_an_emptied_table(tmp_p
     unlisted.resync()
     file.write_text(BROKEN)
     assert len(reader.reload()) == 1 and reader.get("studio").keeps_all_local
+
+
+def test_a_late_tell_whose_write_waited_past_the_slack_does_not_replace_the_later_read(
+        tmp_path: Path, db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    # No clock is wrong. C read a cloud edit; its write then waited 6 s for the write lock.
+    # Meanwhile the edit was undone, and B read the undo and wrote it. C's write judged the kept
+    # row by the time it took before the wait: B's read, 6 s after it, looked like a read from a
+    # clock since set back, and C's older cloud read replaced it.
+    file = tmp_path / "studio.toml"
+    file.write_text(STUDIO_LOCAL)
+    b = stores_one(tmp_path, PolicyVersions(db))
+    c = stores_one(tmp_path, PolicyVersions(db))
+    real = clock._host_us
+    transaction = db.transaction
+    armed = [False]
+
+    def waiting() -> Any:
+        if armed[0]:
+            armed[0] = False
+            monkeypatch.setattr(clock, "_host_us", lambda: real() + 6 * 10**6)  # 6 s pass, for everyone
+            file.write_text(STUDIO_LOCAL)  # the undo
+            assert b.reload() == [] and b.get("studio").keeps_all_local  # the latest read, told first
+        return transaction()
+
+    monkeypatch.setattr(db, "transaction", waiting)
+    file.write_text(STUDIO_CLOUD)
+    armed[0] = True
+    assert c.reload() == []
+    file.write_text(BROKEN)
+    look_twice(b, c)
+    kept = PolicyVersions(db).recall(["studio"])["studio"].content
+    assert (kept, [each.get("studio").keeps_all_local for each in (b, c)]) == (STUDIO_LOCAL.encode(), [True, True])
+
+
+def test_what_a_load_read_without_the_service_s_clock_is_never_told(tmp_path: Path, db: Database) -> None:
+    # Its time would be this host's, which is no time of the service's on PostgreSQL.
+    class Clockless:
+        def __init__(self, db: Database) -> None:
+            self.versions = PolicyVersions(db)
+
+        def now_ns(self) -> int:
+            raise OperationalError("SELECT", {}, ConnectionRefusedError("connection refused"))
+
+        def remember(self, seen: Sequence[Seen]) -> None:
+            self.versions.remember(seen)
+
+        def recall(self, names: Sequence[str] | None) -> dict[str, Seen]:
+            return self.versions.recall(names)
+
+    (tmp_path / "studio.toml").write_text(STUDIO_LOCAL)
+    store = stores_one(tmp_path, Clockless(db))
+    assert store.get("studio").keeps_all_local and PolicyVersions(db).recall(["studio"]) == {}
+    stores_one(tmp_path, PolicyVersions(db))  # a process that can read the clock tells it
+    assert PolicyVersions(db).recall(["studio"])["studio"].content == STUDIO_LOCAL.encode()
