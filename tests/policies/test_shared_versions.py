@@ -65,6 +65,15 @@ def look_twice(*processes: PolicyStore) -> None:
             each.resync()
 
 
+def private_studio(make_settings: Callable[..., Settings], tmp_path: Path) -> tuple[Path, Settings]:
+    """A service's settings whose ORCH_POLICY_DIR holds the private `studio.toml` (returned too)."""
+    folder = tmp_path / "policies"
+    folder.mkdir()
+    file = folder / "studio.toml"
+    file.write_text(STUDIO_LOCAL)
+    return file, make_settings(run_jobs=False, policy_dir=folder)
+
+
 def stores_one(folder: Path, shared: Any) -> PolicyStore:
     return PolicyStore(folder, include_builtins=False, shared=shared)
 
@@ -258,11 +267,7 @@ def test_a_refusal_found_while_the_database_was_away_is_served_as_the_service_ke
 
 def test_a_reload_says_what_the_service_s_version_left_in_place_of_a_refused_file(
         make_settings: Callable[..., Settings], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    folder = tmp_path / "policies"
-    folder.mkdir()
-    file = folder / "studio.toml"
-    file.write_text(STUDIO_LOCAL)
-    settings = make_settings(run_jobs=False, policy_dir=folder)
+    file, settings = private_studio(make_settings, tmp_path)
 
     async def scenario() -> None:
         first, second = Services.build(settings), Services.build(settings)
@@ -655,11 +660,7 @@ def test_a_reload_racing_a_look_that_drops_a_policy_does_not_raise(
     # dropped 'studio' (another process saw its file removed) between the reload's `name in
     # policies` and its `policies.get(name)`: NotFound out of reload_policies (a 404 to the
     # caller, and the policies it made local not applied to queued work).
-    folder = tmp_path / "policies"
-    folder.mkdir()
-    file = folder / "studio.toml"
-    file.write_text(STUDIO_LOCAL)
-    settings = make_settings(run_jobs=False, policy_dir=folder)
+    file, settings = private_studio(make_settings, tmp_path)
 
     async def scenario() -> None:
         first, second = Services.build(settings), Services.build(settings)
