@@ -672,15 +672,8 @@ class JobService:
         return job
 
     def asset_ids(self, job_ids: list[str]) -> dict[str, list[str]]:
-        out: dict[str, list[str]] = {j: [] for j in job_ids}
-        if not job_ids:
-            return out
         with self.db.session() as s:
-            rows = s.exec(select(Asset.job_id, Asset.id).where(col(Asset.job_id).in_(job_ids))
-                          .order_by(col(Asset.job_id), col(Asset.index))).all()
-        for job_id, asset_id in rows:
-            out[job_id].append(asset_id)
-        return out
+            return asset_ids_in(s, job_ids)
 
     def _reloaded_since(self, decision: Decision) -> bool:
         """Whether the policy `decision` was routed by has been reloaded with other rules since."""
@@ -828,10 +821,17 @@ class JobService:
             return False
         raise JobFinished(f"job '{job_id}' already {job.status}", details={"status": job.status})
 
-    def money(self, job_ids: list[str]) -> dict[str, tuple[int, int]]:
-        """(held, charged) millicredits per job, as of one moment (two sums: see `Database.snapshot`)."""
-        with self.db.snapshot() as s:
-            return self.ledger.job_totals(s, job_ids)
+
+def asset_ids_in(s: Session, job_ids: list[str]) -> dict[str, list[str]]:
+    """Each job's assets' ids, in their order."""
+    out: dict[str, list[str]] = {j: [] for j in job_ids}
+    if not job_ids:
+        return out
+    rows = s.exec(select(Asset.job_id, Asset.id).where(col(Asset.job_id).in_(job_ids))
+                  .order_by(col(Asset.job_id), col(Asset.index))).all()
+    for job_id, asset_id in rows:
+        out[job_id].append(asset_id)
+    return out
 
 
 def _stored_tags(tags: dict[str, str]) -> dict[str, str]:

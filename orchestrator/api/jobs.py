@@ -8,11 +8,11 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Response
 from fastapi.responses import StreamingResponse
-from sqlmodel import col, select
+from sqlmodel import Session, col, select
 from starlette.types import Receive, Scope, Send
 
 from orchestrator import keys
-from orchestrator.api.deps import CallerDep, ServicesDep, check_job
+from orchestrator.api.deps import Caller, CallerDep, ServicesDep, check_job
 from orchestrator.api.docs import documented, with_query
 from orchestrator.api.json_body import StrictJSONRoute
 from orchestrator.api.paths import JobId
@@ -23,6 +23,7 @@ from orchestrator.errors import Conflict, InvalidRequest, NotFound, ServerStoppi
 from orchestrator.events import TERMINAL, Event
 from orchestrator.follow import catch_up
 from orchestrator.ids import id_cursor
+from orchestrator.jobs import asset_ids_in
 from orchestrator.models import Job, Project
 from orchestrator.schemas import JobPublic, JobStatus, Page
 from orchestrator.services import Services
@@ -35,13 +36,24 @@ KEY_RECHECK_SECONDS = 5.0  # how long a revoked project key may still follow an 
 CANCEL_TRIES = 3
 
 
-def public(services: Services, job: Job) -> JobPublic:
-    return publics(services, [job])[0]
+def public(services: Services, job_id: str, caller: Caller | None = None) -> JobPublic:
+    """The job as of one moment. Its row, its assets and its money were three reads: a job that
+    ended between them showed `running`, charged, with nothing held (a dashboard adding `held`
+    and `charged` lost the hold for that moment). `caller`: 404 for a job it cannot see."""
+    with services.db.snapshot() as s:
+        job = s.get(Job, job_id)
+        if job is None:
+            raise not_found("job", "job_id", job_id)
+        if caller is not None:
+            caller.job(job)
+        return publics_in(services, s, [job])[0]
 
 
-def publics(services: Services, jobs: list[Job]) -> list[JobPublic]:
-    assets = services.jobs.asset_ids([j.id for j in jobs])
-    money = services.jobs.money([j.id for j in jobs])
+def publics_in(services: Services, s: Session, jobs: list[Job]) -> list[JobPublic]:
+    """`jobs` as shown, their assets and money read in `s` (the snapshot the rows were read in)."""
+    ids = [j.id for j in jobs]
+    assets = asset_ids_in(s, ids)
+    money = services.ledger.job_totals(s, ids)
     return [job_public(j, assets[j.id], *money.get(j.id, (0, 0))) for j in jobs]
 
 
@@ -50,7 +62,7 @@ def publics(services: Services, jobs: list[Job]) -> list[JobPublic]:
 def get_job(job_id: JobId, services: ServicesDep, caller: CallerDep) -> JobPublic:
     """A job: its status and progress, its assets, its cost (estimated, held, charged), the
     routing decision that placed it and every attempt (fallbacks included)."""
-    return public(services, caller.job(services.jobs.get(job_id)))
+    return public(services, job_id, caller)
 
 
 @router.get("/jobs", response_model=Page[JobPublic], summary="List jobs",
@@ -69,7 +81,7 @@ def list_jobs(services: ServicesDep, caller: CallerDep,
               limit: Limit = 50, cursor: Cursor = None, order: Order = "asc") -> Page[JobPublic]:
     """Every project's jobs, or one project's (404 for a project that does not exist, as its
     assets list answers); a project key sees its own project's only."""
-    with services.db.session() as s:
+    with services.db.snapshot() as s:
         stmt = select(Job).limit(limit + 1)
         if caller.project_id is not None:
             stmt = stmt.where(col(Job.project_id) == caller.project_id)
@@ -95,9 +107,9 @@ def list_jobs(services: ServicesDep, caller: CallerDep,
                                          details={"engine": engine[:100], "known": known}, loc=("query", "engine"))
         stmt = paged(stmt, col(Job.id), id_cursor(cursor, "job") or None, order)
         rows = list(s.exec(stmt).all())
-    more = len(rows) > limit
-    rows = rows[:limit]
-    return Page(items=publics(services, rows), next_cursor=rows[-1].id if more else None)
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return Page(items=publics_in(services, s, rows), next_cursor=rows[-1].id if more else None)
 
 
 @router.post("/jobs/{job_id}/cancel", status_code=202, response_model=JobPublic, summary="Cancel a job",
@@ -118,23 +130,23 @@ def cancel_job(job_id: JobId, services: ServicesDep, caller: CallerDep) -> JobPu
     # two of these looks (claimed, recovered, moved by a fallback): look again.
     for _ in range(CANCEL_TRIES):
         if services.jobs.cancel_queued(job_id):
-            job = services.jobs.get(job_id)
-            services.scheduler.forget_abandoned(job)  # queued to be reattached: its provider's work too
-            return public(services, job)
+            # Queued to be reattached: its provider's work is forgotten too.
+            services.scheduler.forget_abandoned(services.jobs.get(job_id))
+            return public(services, job_id)
         if services.scheduler.holds(job_id):
             # Recorded while it runs, the cancel wins: the job's end yields to it, should the job end
             # before its token is reached. Not running any more (a fallback or a stop put it back
             # in the queue): look again.
             if services.jobs.record_cancel(job_id):
                 services.scheduler.cancel(job_id)
-                return public(services, services.jobs.get(job_id))
+                return public(services, job_id)
             continue
         if services.jobs.ask_holder_to_cancel(job_id):
-            return public(services, services.jobs.get(job_id))
+            return public(services, job_id)
         if services.jobs.cancel_orphan(job_id):
-            job = services.jobs.get(job_id)
-            services.scheduler.forget_abandoned(job)  # its dead worker may have left work on a server
-            return public(services, job)
+            # Its dead worker may have left work on a server.
+            services.scheduler.forget_abandoned(services.jobs.get(job_id))
+            return public(services, job_id)
     raise Conflict("the job changed hands while it was being canceled; ask again", details={"job_id": job_id})
 
 
@@ -305,7 +317,12 @@ def _retrieved(task: asyncio.Future[Any]) -> None:
 
 
 def _stored_state(services: Services, job_id: str) -> tuple[Job, list[str], bool]:
-    """The job's row, its assets, and whether its running process has a preview file of it."""
-    job = services.jobs.get(job_id)
+    """The job's row and its assets as of one moment, and whether its running process has a
+    preview file of it."""
+    with services.db.snapshot() as s:
+        job = s.get(Job, job_id)
+        if job is None:
+            raise not_found("job", "job_id", job_id)
+        asset_ids = asset_ids_in(s, [job_id])[job_id]
     preview = job.status == "running" and services.runner.preview_files.exists(job.id, since=job.started_at)
-    return job, services.jobs.asset_ids([job.id])[job.id], preview
+    return job, asset_ids, preview

@@ -113,4 +113,4 @@ def _answer(services: ServicesDep, job: Job, created: bool, response: Response, 
         # release kept no answer, and gets the job as it is now.
         if key and (first := idempotency.first_answer(services.db, key, scope)) is not None:
             return JobPublic.model_validate(first)
-    return public(services, services.jobs.get(job.id))
+    return public(services, job.id)

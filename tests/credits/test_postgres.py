@@ -43,6 +43,7 @@ from tests.api import (
     wait_for_job,
     worker_process,
 )
+from tests.api.test_job_reads import check_a_job_is_read_as_of_one_moment, held_job
 from tests.conftest import isolate, random_runs
 from tests.credits import PRICE, assert_settled_once, ledger, project_with_draft, promote_ok
 from tests.credits.conftest import ENGINES, POLICY, Service
@@ -833,21 +834,6 @@ def test_spend_is_summed_by_postgres_as_by_sqlite(pg_api: httpx.Client) -> None:
         assert report["total"] == 2 * PRICE
 
 
-def _a_held_job(db: Database, ledger: Ledger) -> tuple[str, str]:
-    """A project with a budget and a running job holding 10 credits of it."""
-    project_id, job_id = new_id("prj"), new_id("job")
-    with db.transaction() as s:
-        s.add(Project(id=project_id, name="dashboard", policy=POLICY, budget_limit=100_000, budget_period="none"))
-        s.flush()
-        s.add(Job(id=job_id, project_id=project_id, stage="bridge", engine="fake-paid", model="m",
-                  status="running", params={}, estimated=10_000))
-        s.flush()
-        job = s.get(Job, job_id)
-        assert job is not None
-        ledger.hold(s, s.get(Project, project_id), job, 10_000)  # type: ignore[arg-type]
-    return project_id, job_id
-
-
 @contextlib.contextmanager
 def _captured_between_two_sums(db: Database, ledger: Ledger, job_id: str) -> Iterator[list[bool]]:
     """The job ends, on another connection, right after the first sum the block reads."""
@@ -878,7 +864,7 @@ def test_a_balance_is_read_as_of_one_moment_on_postgres(postgres_url: str) -> No
     db.migrate()
     ledger = Ledger()
     try:
-        project_id, job_id = _a_held_job(db, ledger)
+        project_id, job_id = held_job(db, ledger, POLICY)
         with _captured_between_two_sums(db, ledger, job_id), db.snapshot() as s:
             project = s.get(Project, project_id)
             assert project is not None
@@ -891,21 +877,10 @@ def test_a_balance_is_read_as_of_one_moment_on_postgres(postgres_url: str) -> No
         db.dispose()
 
 
-def test_a_job_s_cost_is_read_as_of_one_moment_on_postgres(postgres_url: str) -> None:
-    """A job's `held` and `charged` are two sums: a capture committed between them showed the
-    estimate as both, and a dashboard adding them counted 10 credits twice."""
-    db = Database(postgres_url)
-    db.migrate()
-    ledger = Ledger()
-    try:
-        _, job_id = _a_held_job(db, ledger)
-        jobs = SimpleNamespace(db=db, ledger=ledger)  # what JobService.money uses
-        with _captured_between_two_sums(db, ledger, job_id):
-            held, charged = JobService.money(jobs, [job_id])[job_id]  # type: ignore[arg-type]
-        assert (held, charged) == (10_000, 0)
-        assert JobService.money(jobs, [job_id])[job_id] == (0, 10_000)  # type: ignore[arg-type]
-    finally:
-        db.dispose()
+def test_a_job_is_read_as_of_one_moment_on_postgres(postgres_url: str, tmp_path: Path,
+                                                    paid_settings_for: Callable[..., Settings]) -> None:
+    """Its row, assets and money: READ COMMITTED gave each of them a moment of its own."""
+    check_a_job_is_read_as_of_one_moment(paid_settings_for(tmp_path / "data", database_url=postgres_url))
 
 
 def test_0019_rewrites_misread_keys_on_postgres_whatever_its_time_zone(postgres_url: str) -> None:
@@ -926,7 +901,6 @@ def test_0019_from_a_database_at_0012_rewrites_misread_keys_of_any_date_on_postg
 def test_savings_leave_copies_out_by_an_anti_join_on_postgres(postgres_url: str) -> None:
     """`NOT IN (copies)` is hashed by PostgreSQL only while the copies' ids fit `work_mem`: past
     about 200k of them it reread the list for every draft, and a spend report ran for minutes."""
-    from types import SimpleNamespace
 
     from sqlalchemy import event
 
