@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -129,7 +130,8 @@ def _guidance_embedded(folder: Path) -> bool | None:
 
 def _by_name(name: str) -> ModelDefaults | None:
     """A folder such as /home/alexl/... must not read as "xl": only the model's own name counts."""
-    xl = "xl" in name
+    # "xl" as a word's end or start (sdxl, juggernautXL_v9, xl-base), not inside one (foxlight).
+    xl = re.search(r"xl(?![a-z])|(?<![a-z])xl", name) is not None
     if "flux" in name:
         return TRANSFORMER_FAST if "schnell" in name else TRANSFORMER
     if "stable-diffusion-3" in name or name.startswith("sd3"):
@@ -220,12 +222,38 @@ def _folder(folder: Path) -> ModelDefaults | None:
     return replace(SDXL if xl else SD15, native_size=native, told_by=told)
 
 
+# The families the loader builds from a single file (as Stable Diffusion 1.x/2.x or SDXL base);
+# others (FLUX, SD3, an SDXL refiner) are loaded from a diffusers folder or a Hub id only.
+SINGLE_FILE_FAMILIES = ("SDXL", "SD 2.x", "SD 1.x")
+
+
+def single_file_family(keys: Iterable[str]) -> str:
+    """A single checkpoint's family by its tensors' names, as diffusers' own check tells them:
+    one of `SINGLE_FILE_FAMILIES`, or "FLUX", "SD3" or "an SDXL refiner"."""
+    names = list(keys)
+
+    def has(*prefixes: str) -> bool:
+        return any(key.startswith(prefixes) for key in names)
+
+    if has("double_blocks.", "model.diffusion_model.double_blocks."):
+        return "FLUX"
+    if has("joint_blocks.", "model.diffusion_model.joint_blocks."):
+        return "SD3"
+    if has("conditioner.embedders.1"):
+        return "SDXL"
+    # SDXL base has CLIP as its first embedder and OpenCLIP as its second; the refiner OpenCLIP alone.
+    if has("conditioner.embedders.0.model."):
+        return "an SDXL refiner"
+    return "SD 2.x" if has("cond_stage_model.model.") else "SD 1.x"
+
+
 def _single_file(path: Path) -> ModelDefaults | None:
     """SDXL (its second text encoder), SD 2.x (OpenCLIP as its text encoder) or else SD 1.x, by
     their tensors' names, as the loader tells them apart; None for a header that cannot be read
-    (a damaged file, or one still being copied)."""
+    (a damaged file, or one still being copied), for a file the loader refuses (not safetensors,
+    a family it cannot load from one file): their names' guess."""
     if path.suffix.lower() != ".safetensors":
-        return replace(SD15, told_by="files")  # a .ckpt: refused by the engine, never loaded
+        return None
     with path.open("rb") as f:
         (length,) = struct.unpack("<Q", f.read(8))
         if length > MAX_HEADER_BYTES:
@@ -236,12 +264,9 @@ def _single_file(path: Path) -> ModelDefaults | None:
     header = json.loads(raw.decode("utf-8"))
     if not isinstance(header, dict):
         return None
-    if any(key.startswith("conditioner.embedders.1") for key in header):
-        return replace(SDXL, told_by="files")
-    if any(key.startswith("cond_stage_model.model.") for key in header):
-        # The loader reads every 2.x file as 2.1's 768 px v-prediction model.
-        return replace(SD2, told_by="files")
-    return replace(SD15, told_by="files")
+    # The loader reads every 2.x file as 2.1's 768 px v-prediction model.
+    family = {"SDXL": SDXL, "SD 2.x": SD2, "SD 1.x": SD15}.get(single_file_family(header))
+    return replace(family, told_by="files") if family is not None else None
 
 
 def few_step_scheduler(scheduler: Any, model: str) -> Any:

@@ -21,18 +21,27 @@ import logging
 import math
 import os
 import re
+import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from orchestrator.errors import BadEngineInput, Canceled, EngineError, EngineUnavailable, first_line
 from orchestrator.store import hide_paths, model_name
 from tiers import tiny
-from tiers._family import ModelDefaults, few_step_scheduler, model_defaults, snapshot_folder
+from tiers._family import (
+    SINGLE_FILE_FAMILIES,
+    ModelDefaults,
+    few_step_scheduler,
+    model_defaults,
+    single_file_family,
+    snapshot_folder,
+)
 from tiers.base import (
     CancelToken,
     Capabilities,
@@ -338,7 +347,20 @@ def _hub_answers_if_needed(model: str, source: Path) -> None:
 
 def _is_path(spec: str) -> bool:
     """A local file or folder, as opposed to a Hub id (`org/name`) or a builtin."""
-    return spec.startswith(("/", "./", "../", "~")) or spec.endswith((".safetensors", ".ckpt"))
+    return spec.startswith(("/", "./", "../", "~")) or spec.lower().endswith((".safetensors", ".ckpt"))
+
+
+@contextmanager
+def _named_safetensors(path: Path) -> Iterator[Path]:
+    """`path`, or a link to it named `*.safetensors` while the block runs: diffusers picks its
+    reader by the exact suffix, and read `SD15.SAFETENSORS` (copied from Windows) as a pickle."""
+    if path.suffix == ".safetensors":
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="orchestrator-model-") as folder:
+        link = Path(folder) / f"{path.stem}.safetensors"
+        link.symlink_to(path.resolve())
+        yield link
 
 
 def _model_cached_whole(repo_id: str) -> bool:
@@ -1052,13 +1074,18 @@ class LocalRuntime:
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as f:
-            is_xl = any(k.startswith("conditioner.embedders.1") for k in f.keys())  # noqa: SIM118
-        cls = StableDiffusionXLPipeline if is_xl else StableDiffusionPipeline
+            family = single_file_family(f.keys())
+        if family not in SINGLE_FILE_FAMILIES:
+            # Read as Stable Diffusion, it failed offline with "load it once online", which fails too.
+            raise ValueError(f"it is a single file of {family}, which is loaded from a diffusers folder or a Hub "
+                             "id only: give one of those")
+        cls = StableDiffusionXLPipeline if family == "SDXL" else StableDiffusionPipeline
         # Its family's configuration is read from the cache, where diffusers otherwise asks the Hub
         # first: a Hub that takes the connection and never answers (a proxy, a mirror) held the
         # inference thread for good, its client waiting without a timeout. (Not in the cache, the
         # configuration is fetched all the same: diffusers does so itself.)
-        pipe = cls.from_single_file(str(path), torch_dtype=self.dtype(), local_files_only=True)
+        with _named_safetensors(path) as named:
+            pipe = cls.from_single_file(str(named), torch_dtype=self.dtype(), local_files_only=True)
         if model_defaults(str(path)).few_step:
             pipe.scheduler = few_step_scheduler(pipe.scheduler, str(path))
         return _on_lcm_scheduler(pipe, str(path))
@@ -1305,9 +1332,13 @@ class LocalEngine:
         failed = self.runtime.load_failure(self._model, self.pipeline_kind)
         if failed is not None:  # told with the model's name, never the server's paths
             return False, f"{failed.message} (a job tries again {LOAD_RETRY_SECONDS:.0f} s after the failure)"
+        # A pickle can run code when loaded; the loader reads safetensors only. (A `.bin` or `.pt`
+        # read available, and each draft failed with "SafetensorError: header too large".)
         if self._model.lower().endswith(".ckpt"):
-            # A pickle can run code when loaded; the loader reads safetensors only.
             return False, f"model '{self._model}' is a .ckpt file: convert it to .safetensors"
+        if not self._model.lower().endswith(".safetensors") and home_expanded(self._model).is_file():
+            return False, (f"model '{self._model}' is not a .safetensors file, the only kind of single file loaded (a "
+                           "pickle can run code): convert it to .safetensors, or give a diffusers folder")
         if _is_path(self._model) and not home_expanded(self._model).exists():
             # Else the loader takes it for a Hub id, and the first draft fails with a Hub error.
             return False, f"model '{self._model}' is a path to nothing: no such file or folder"

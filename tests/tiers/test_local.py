@@ -509,12 +509,74 @@ async def test_loading_a_model_that_is_no_hub_id_fails_as_an_unavailable_model(
     assert "could not load model 'sd-turbo'" in refused.message
 
 
-def test_a_ckpt_file_is_unavailable_with_what_to_do(make_settings: SettingsFactory, tmp_path: Any) -> None:
-    checkpoint = tmp_path / "model.ckpt"
-    checkpoint.write_bytes(b"a pickle")
+@pytest.mark.parametrize("name", ["model.ckpt", "MODEL.CKPT", "model.pt", "model.pth", "model.bin", "model"])
+def test_a_file_not_in_safetensors_is_unavailable_with_what_to_do(make_settings: SettingsFactory, tmp_path: Any,
+                                                                  name: str) -> None:
+    """Only safetensors are loaded (a pickle can run code). A `.pt`, `.pth` or `.bin` read available,
+    and every draft then failed with "SafetensorError: header too large", never saying what to do."""
+    checkpoint = tmp_path / name
+    torch.save({"state_dict": {"model.diffusion_model.out.0.weight": torch.zeros(4)}}, str(checkpoint))
     lite = LiteEngine(EngineContext(settings=make_settings(lite_model=str(checkpoint))))
     available, reason = lite.availability()
     assert not available and reason and "convert it to .safetensors" in reason
+    assert f"model '{checkpoint}' is " in reason  # the operator's view (a project key's names the file only)
+
+
+async def test_a_safetensors_file_named_in_capitals_loads_as_safetensors(
+        make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch, tmp_path: Any, tiny_cache_dir: Any) -> None:
+    """diffusers picks its reader by the exact suffix: `SD15.SAFETENSORS` (copied from Windows) was
+    read as a pickle, and failed with "Unable to load weights from checkpoint file"."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import save_file
+
+    given: list[Path] = []
+
+    def from_single_file(cls: Any, path: str, **kwargs: Any) -> Any:  # what diffusers builds, offline
+        given.append(Path(path))
+        return StableDiffusionPipeline.from_pretrained(tiny_cache_dir / "tiny-sd", **kwargs)
+
+    monkeypatch.setattr(StableDiffusionPipeline, "from_single_file", classmethod(from_single_file))
+    checkpoint = tmp_path / "SD15.SAFETENSORS"
+    save_file({"model.diffusion_model.out.0.weight": torch.zeros(4)}, str(checkpoint))
+    lite = LiteEngine(EngineContext(settings=make_settings(lite_model=str(checkpoint))))
+    try:
+        result = await lite.run(draft(n=1, steps=1), RecordingProgress(), CancelToken())
+    finally:
+        lite.runtime.shutdown(timeout=30)
+    assert len(result.images) == 1
+    assert [path.suffix for path in given] == [".safetensors"]
+    assert given[0].name == "SD15.safetensors"  # diffusers reads the model's name from it
+    assert not given[0].exists()  # a link made for the load, gone once it is loaded
+    # A relative path to no such file is a path, not a Hub id.
+    missing = LiteEngine(EngineContext(settings=make_settings(lite_model="Missing.SAFETENSORS")))
+    assert missing.availability() == (False, "model 'Missing.SAFETENSORS' is a path to nothing: no such file or folder")
+
+
+@pytest.mark.parametrize(("key", "family"), [
+    ("double_blocks.0.img_attn.norm.key_norm.scale", "FLUX"),
+    ("model.diffusion_model.double_blocks.0.img_attn.norm.key_norm.scale", "FLUX"),
+    ("model.diffusion_model.joint_blocks.0.context_block.attn.qkv.weight", "SD3"),
+    ("conditioner.embedders.0.model.transformer.resblocks.9.mlp.c_proj.bias", "an SDXL refiner"),
+])
+async def test_a_single_file_of_a_family_it_cannot_load_says_to_give_a_folder(
+        make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch, tmp_path: Any, key: str,
+        family: str) -> None:
+    """Loaded as Stable Diffusion 1.x, a FLUX or SD3 file failed offline with "load it once online":
+    online it fails all the same. README says to give a diffusers folder or a Hub id: so does the error."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import save_file
+
+    def from_single_file(cls: Any, path: str, **kwargs: Any) -> Any:
+        raise AssertionError("not a file this loader can take")
+
+    monkeypatch.setattr(StableDiffusionPipeline, "from_single_file", classmethod(from_single_file))
+    checkpoint = tmp_path / "my_model.safetensors"
+    save_file({key: torch.zeros(4)}, str(checkpoint))
+    lite = LiteEngine(EngineContext(settings=make_settings(lite_model=str(checkpoint))))
+    refused = await draft_refused(lite)
+    assert refused.message == (f"could not load model 'my_model.safetensors': it is a single file of {family}, "
+                               "which is loaded from a diffusers folder or a Hub id only: give one of those")
+    assert lite.defaults.told_by == "nothing"  # SD 1.5's defaults, read from its files, they were not
 
 
 @pytest.mark.parametrize("device", ["cuda", "mps"])

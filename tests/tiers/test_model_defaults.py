@@ -45,6 +45,9 @@ TURBO = ModelDefaults(steps=2, guidance_scale=0.0, native_size=512, few_step=Tru
     ("black-forest-labs/FLUX.1-dev", TRANSFORMER),
     # Names that only look like a family: an SD 1.5 model called hyperRealism, an SDXL turbo fine-tune.
     ("/models/hyperRealism_30.safetensors", ModelDefaults(steps=25, guidance_scale=7.5, native_size=512)),
+    # "xl" inside a word is not SDXL.
+    ("studio/foxlight-v2", ModelDefaults(steps=25, guidance_scale=7.5, native_size=512)),
+    ("/models/juggernautXL_v9.safetensors", ModelDefaults(steps=30, guidance_scale=5.0, native_size=1024)),
     ("ByteDance/Hyper-SD", ModelDefaults(steps=4, guidance_scale=0.0, native_size=512, few_step=True)),
     ("/models/dreamshaperXL_turbo.safetensors", ModelDefaults(steps=2, guidance_scale=0.0, native_size=1024,
                                                                 few_step=True)),
