@@ -147,9 +147,12 @@ def lineage(asset_id: AssetId, services: ServicesDep, caller: CallerDep) -> Line
         asset = _get(s, caller, asset_id)
         ancestors: list[Asset] = []
         parent_id = asset.parent_id
+        # Only the asset's project: its writes never cross projects, but a chain written by hand
+        # across two (a restore, a merge of databases) must not show another project's prompts.
         while parent_id and len(ancestors) < MAX_ANCESTORS:
             parent = s.get(Asset, parent_id)
-            if parent is None:
+            if parent is None or parent.project_id != asset.project_id:
+                parent_id = None
                 break
             ancestors.append(parent)
             parent_id = parent.parent_id
@@ -158,7 +161,8 @@ def lineage(asset_id: AssetId, services: ServicesDep, caller: CallerDep) -> Line
         frontier = [asset.id]
         while frontier and len(descendants) <= MAX_DESCENDANTS:
             # One past the bound says it is cut; a draft promoted 100,000 times is not read whole.
-            children = list(s.exec(select(Asset).where(col(Asset.parent_id).in_(frontier))
+            children = list(s.exec(select(Asset).where(col(Asset.parent_id).in_(frontier),
+                                                       col(Asset.project_id) == asset.project_id)
                                    .order_by(col(Asset.id)).limit(MAX_DESCENDANTS + 1 - len(descendants))).all())
             descendants.extend(children)
             frontier = [c.id for c in children]

@@ -12,17 +12,18 @@ from orchestrator.models import Asset, Job, Project
 from orchestrator.settings import Settings
 
 
-def add_assets(settings: Settings, parents: list[str | None], ids: list[str]) -> None:
+def add_assets(settings: Settings, parents: list[str | None], ids: list[str], project: str = "prj_tree") -> None:
     db = Database(settings.resolved_database_url)
+    job_id = project.replace("prj_", "job_")
     try:
         with db.transaction() as s:
-            if s.get(Project, "prj_tree") is None:
-                s.add(Project(id="prj_tree", name="tree", policy="balanced"))
+            if s.get(Project, project) is None:
+                s.add(Project(id=project, name="tree", policy="balanced"))
                 s.flush()
-                s.add(Job(id="job_tree", project_id="prj_tree", stage="ideation", engine="lite", status="succeeded"))
+                s.add(Job(id=job_id, project_id=project, stage="ideation", engine="lite", status="succeeded"))
                 s.flush()
             for asset_id, parent in zip(ids, parents, strict=True):
-                s.add(Asset(id=asset_id, project_id="prj_tree", job_id="job_tree", index=0, stage="bridge",
+                s.add(Asset(id=asset_id, project_id=project, job_id=job_id, index=0, stage="bridge",
                             parent_id=parent, engine="lite", model="m", prompt="p", seed=1, width=64, height=64,
                             sha256="0" * 64))
                 s.flush()  # a child's row after its parent's (foreign key)
@@ -71,3 +72,22 @@ def test_a_wide_tree_is_not_read_past_the_bound(
     assert len(root["descendants"]) == 1000 and root["truncated"] is True
     assert root["descendants"][-1]["id"] == children[999]
     assert len(loaded) <= 1002  # the asset, its children up to the bound, and one to know it is cut
+
+
+def test_a_lineage_stays_in_its_asset_s_project(
+        make_settings: Callable[..., Settings], start_server: Callable[[Settings], httpx.Client]) -> None:
+    """Promotions and polishes stay in their source's project, so a chain never crosses projects;
+    one written by hand across two (a restore, a merge of databases) does not show the other
+    project's prompts and images to whoever reads this one's."""
+    settings = make_settings()
+    client = start_server(settings)
+    mine, theirs = "ast_" + "1" * 26, "ast_" + "2" * 26
+    add_assets(settings, [None], [mine])
+    add_assets(settings, [mine], [theirs], project="prj_other")  # another project's asset, said to come from mine
+    add_assets(settings, [theirs], ["ast_" + "3" * 26], project="prj_tree")  # and one of mine from theirs
+    seen = client.get(f"/v1/assets/{mine}/lineage").json()
+    assert seen["descendants"] == [] and seen["ancestors"] == []
+    leaf = client.get(f"/v1/assets/{'ast_' + '3' * 26}/lineage").json()
+    assert leaf["ancestors"] == [] and leaf["truncated"] is False
+    between = client.get(f"/v1/assets/{theirs}/lineage").json()
+    assert between["ancestors"] == [] and between["descendants"] == []
