@@ -522,36 +522,6 @@ def test_a_file_not_in_safetensors_is_unavailable_with_what_to_do(make_settings:
     assert f"model '{checkpoint}' is " in reason  # the operator's view (a project key's names the file only)
 
 
-async def test_a_safetensors_file_named_in_capitals_loads_as_safetensors(
-        make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch, tmp_path: Any, tiny_cache_dir: Any) -> None:
-    """diffusers picks its reader by the exact suffix: `SD15.SAFETENSORS` (copied from Windows) was
-    read as a pickle, and failed with "Unable to load weights from checkpoint file"."""
-    from diffusers import StableDiffusionPipeline
-    from safetensors.torch import save_file
-
-    given: list[Path] = []
-
-    def from_single_file(cls: Any, path: str, **kwargs: Any) -> Any:  # what diffusers builds, offline
-        given.append(Path(path))
-        return StableDiffusionPipeline.from_pretrained(tiny_cache_dir / "tiny-sd", **kwargs)
-
-    monkeypatch.setattr(StableDiffusionPipeline, "from_single_file", classmethod(from_single_file))
-    checkpoint = tmp_path / "SD15.SAFETENSORS"
-    save_file({"model.diffusion_model.out.0.weight": torch.zeros(4)}, str(checkpoint))
-    lite = LiteEngine(EngineContext(settings=make_settings(lite_model=str(checkpoint))))
-    try:
-        result = await lite.run(draft(n=1, steps=1), RecordingProgress(), CancelToken())
-    finally:
-        lite.runtime.shutdown(timeout=30)
-    assert len(result.images) == 1
-    assert [path.suffix for path in given] == [".safetensors"]
-    assert given[0].name == "SD15.safetensors"  # diffusers reads the model's name from it
-    assert not given[0].exists()  # a link made for the load, gone once it is loaded
-    # A relative path to no such file is a path, not a Hub id.
-    missing = LiteEngine(EngineContext(settings=make_settings(lite_model="Missing.SAFETENSORS")))
-    assert missing.availability() == (False, "model 'Missing.SAFETENSORS' is a path to nothing: no such file or folder")
-
-
 @pytest.mark.parametrize(("key", "family"), [
     ("double_blocks.0.img_attn.norm.key_norm.scale", "FLUX"),
     ("model.diffusion_model.double_blocks.0.img_attn.norm.key_norm.scale", "FLUX"),
@@ -650,28 +620,40 @@ async def test_an_lcm_single_file_runs_on_lcm_s_scheduler_without_classifier_fre
     assert any("negative prompt was not used" in note for note in result.metadata["notes"])
 
 
+@pytest.mark.parametrize("name", ["mymodel.safetensors", "SD15.SAFETENSORS"])
 async def test_a_single_file_reads_its_family_s_configuration_from_the_cache_first(
-        make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch, tmp_path: Any, tiny_cache_dir: Any) -> None:
+        make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch, tmp_path: Any, tiny_cache_dir: Any,
+        name: str) -> None:
     """Asked first, a Hub that took the connection and never answered held the inference thread for
-    good. (diffusers fetches a configuration that is not in the cache itself.)"""
+    good. (diffusers fetches a configuration that is not in the cache itself.) And diffusers picks
+    its reader by the exact suffix: `SD15.SAFETENSORS` (copied from Windows) was read as a pickle,
+    failing with "Unable to load weights from checkpoint file"."""
     from diffusers import StableDiffusionPipeline
     from safetensors.torch import save_file
 
-    calls: list[bool] = []
+    calls: list[tuple[Path, bool]] = []
 
     def from_single_file(cls: Any, path: str, local_files_only: bool = False, **kwargs: Any) -> Any:
-        calls.append(local_files_only)
+        calls.append((Path(path), local_files_only))
         return StableDiffusionPipeline.from_pretrained(tiny_cache_dir / "tiny-sd", **kwargs)
 
     monkeypatch.setattr(StableDiffusionPipeline, "from_single_file", classmethod(from_single_file))
-    checkpoint = tmp_path / "mymodel.safetensors"
+    checkpoint = tmp_path / name
     save_file({"model.diffusion_model.out.0.weight": torch.zeros(4)}, str(checkpoint))
     lite = LiteEngine(EngineContext(settings=make_settings(lite_model=str(checkpoint))))
     try:
-        await lite.run(draft(n=1, steps=1), RecordingProgress(), CancelToken())
+        result = await lite.run(draft(n=1, steps=1), RecordingProgress(), CancelToken())
     finally:
         lite.runtime.shutdown(timeout=30)
-    assert calls == [True]
+    assert len(result.images) == 1
+    assert [(path.name, cached_only) for path, cached_only in calls] == [(f"{checkpoint.stem}.safetensors", True)]
+    if name != name.lower():
+        assert not calls[0][0].exists()  # a link made for the load, gone once it is loaded
+
+
+def test_a_relative_path_to_no_safetensors_file_in_capitals_is_a_path(make_settings: SettingsFactory) -> None:
+    missing = LiteEngine(EngineContext(settings=make_settings(lite_model="Missing.SAFETENSORS")))
+    assert missing.availability() == (False, "model 'Missing.SAFETENSORS' is a path to nothing: no such file or folder")
 
 
 @pytest.mark.filterwarnings("ignore:The `local_dir_use_symlinks` argument is deprecated")
