@@ -1,7 +1,8 @@
 """The `orchestrator` command's entry point: the signals a supervisor may send in the command's
 first half second are set before the command's imports (httpx, pydantic, SQLAlchemy), which
 take that long. A `systemctl reload` (SIGHUP) then ended a `serve` or `worker` starting (129),
-and a stop (SIGTERM) a starting worker (143), before `orchestrator.cli.main` could take them."""
+and a stop (SIGTERM) a starting worker (143), before `orchestrator.cli.main` could take them; a
+Ctrl-C there is told as the command's own is."""
 
 from __future__ import annotations
 
@@ -20,6 +21,12 @@ def main() -> int:
         signal.signal(signal.SIGHUP, signal.SIG_IGN)  # `cli.main` says why
     if command == "worker":
         signal.signal(signal.SIGTERM, _stopped_while_importing)  # `cli.main` takes it over
-    from orchestrator.cli import main as run
-
+    try:
+        from orchestrator.cli import main as run
+    except KeyboardInterrupt:
+        # Ctrl-C in those imports: README's one line and 130, as `cli.main` says it (an import's
+        # traceback, and a process killed by SIGINT, before).
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        print("orchestrator: interrupted", file=sys.stderr)
+        return 130
     return run(given)

@@ -1703,11 +1703,14 @@ def test_an_unknown_option_in_a_postgres_url_is_the_setup_s_to_fix(
 
 @pytest.mark.parametrize(("argv", "sent", "code"), [(["serve", "--port", "x"], "SIGHUP", 2),
                                                    (["worker", "--no-such-option"], "SIGHUP", 2),
-                                                   (["worker"], "SIGTERM", 0)])
+                                                   (["worker"], "SIGTERM", 0),
+                                                   (["serve", "--port", "x"], "SIGINT", 130),
+                                                   (["check"], "SIGINT", 130)])
 def test_the_command_takes_a_supervisor_s_signals_before_its_imports(tmp_path: Path, argv: list[str], sent: str,
                                                                     code: int) -> None:
     """The command's imports take half a second: a reload (SIGHUP) in it ended a starting `serve`
-    or `worker` (129), a stop (SIGTERM) a starting worker (143)."""
+    or `worker` (129), a stop (SIGTERM) a starting worker (143), and a Ctrl-C any command with an
+    import's traceback, killed by SIGINT, where README promises one line and 130."""
     script = ("import builtins, os, signal, sys\n"
               "real = builtins.__import__\n"
               "def importing(name, *args, **kwargs):\n"
@@ -1724,6 +1727,8 @@ def test_the_command_takes_a_supervisor_s_signals_before_its_imports(tmp_path: P
                           timeout=60)
     assert done.returncode == code, done.stderr
     assert "Traceback" not in done.stderr
+    if sent == "SIGINT":
+        assert done.stderr == "orchestrator: interrupted\n"
 
 
 @pytest.mark.parametrize(("body", "content_type"), [(b"<html>\n<body>It works!</body>\n</html>", "text/html"),
