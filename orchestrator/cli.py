@@ -683,6 +683,10 @@ def _demo(args: argparse.Namespace, out: Path) -> int:
         status = _interrupted(str(exc))  # it says which of its jobs it canceled
         if terminated:  # as a process the signal ended: 128 + its number
             status = 128 + terminated[0]
+    except SystemExit as exc:  # why it cannot go on, in a line as every command's errors
+        if not isinstance(exc.code, str):
+            raise
+        status = _fail(exc.code)
     finally:
         for stopping, handler in handlers.items():
             signal.signal(stopping, handler)

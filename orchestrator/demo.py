@@ -31,8 +31,9 @@ from tiers import tiny
 if TYPE_CHECKING:
     from orchestrator.services import Stopped
 
-# A job queued this long is told once: against a service whose API servers run no jobs
-# (ORCH_RUN_JOBS=false) with no `orchestrator worker` up, the demo otherwise waited in silence.
+# A job queued this long is told once, with why as far as the service says: against a service
+# whose API servers run no jobs (ORCH_RUN_JOBS=false) with no `orchestrator worker` up, the demo
+# otherwise waited in silence.
 QUEUED_HINT_SECONDS = 20.0
 # A job's event stream that ended before the job is asked again after these waits (seconds; the
 # last repeats), until it has told nothing for STREAM_GIVE_UP_SECONDS: a service restarting takes
@@ -44,6 +45,9 @@ STREAM_RETRY_STATUSES = frozenset({502, 503, 504})
 # A stream tells a comment line every 15 s when nothing happens: one silent for a minute is a
 # connection lost without a word (a host gone), asked again like one refused.
 STREAM_TIMEOUT = httpx.Timeout(10.0, read=60.0)
+# Every other request: a busy service answers in seconds; a write may wait for the database's lock
+# (30 s at most).
+REQUEST_TIMEOUT = httpx.Timeout(10.0, read=60.0)
 
 
 def _bar(fraction: float, width: int = 30) -> str:
@@ -57,8 +61,8 @@ def watch(client: httpx.Client, job_id: str, label: str) -> dict[str, Any]:
     the finished job."""
     live = sys.stdout.isatty()
     hint = _Hint(QUEUED_HINT_SECONDS, lambda: print(
-        f"{chr(13) if live else ''}  {label:<8} still queued after {QUEUED_HINT_SECONDS:g} s: the service runs it "
-        "when a worker for its engine is free (is `orchestrator worker` running?)", flush=True))
+        f"{chr(13) if live else ''}  {label:<8} still queued after {QUEUED_HINT_SECONDS:g} s: {why_queued(client)}",
+        flush=True))
     hint.daemon = True
     hint.start()
     try:
@@ -82,6 +86,23 @@ def watch(client: httpx.Client, job_id: str, label: str) -> dict[str, Any]:
     return job
 
 
+def why_queued(client: httpx.Client) -> str:
+    """Why a job may still be queued, as far as `GET /v1/workers` says (a project key may not ask):
+    "is `orchestrator worker` running?" was told of a service that runs its jobs, busy with others."""
+    try:
+        answer = client.get("/v1/workers", timeout=STREAM_TIMEOUT)
+        said = answer.json() if answer.status_code == 200 else None
+    except (httpx.HTTPError, ValueError):
+        said = None
+    if not isinstance(said, dict):
+        return ("the service runs it once the jobs ahead of it on its engine are done (where its API servers "
+                "run no jobs, an `orchestrator worker` must be running)")
+    if said.get("runs_jobs_here") is False and not said.get("items"):
+        return ("no process runs jobs: the service's API server runs none (ORCH_RUN_JOBS=false) and no "
+                "`orchestrator worker` is running")
+    return "the service runs it once the jobs ahead of it on its engine are done"
+
+
 class _Hint(threading.Timer):
     """The queued hint's timer, whose thread leaves a Ctrl-C to the main thread."""
 
@@ -100,6 +121,7 @@ def _follow(client: httpx.Client, job_id: str, label: str, live: bool, hint: thr
     (not even a keep-alive) for STREAM_GIVE_UP_SECONDS."""
     last_id: str | None = None
     failures, told = 0, time.monotonic()  # since the stream last told anything
+    lost = False  # told that the service is out of reach, since it last told anything
     while True:
         try:
             with client.stream("GET", f"/v1/jobs/{job_id}/events", timeout=STREAM_TIMEOUT,
@@ -111,7 +133,8 @@ def _follow(client: httpx.Client, job_id: str, label: str, live: bool, hint: thr
                 response.raise_for_status()  # not read as a stream that told nothing
                 event = ""
                 for line in response.iter_lines():
-                    failures, told = 0, time.monotonic()  # an event or a keep-alive: the service is there
+                    # An event or a keep-alive: the service is there.
+                    failures, told, lost = 0, time.monotonic(), False
                     if line.startswith("id: "):
                         last_id = line[4:]
                     elif line.startswith("event: "):
@@ -129,8 +152,12 @@ def _follow(client: httpx.Client, job_id: str, label: str, live: bool, hint: thr
                             print(("\r" if live else "")
                                   + f"  {label:<8} {_bar(1.0 if event == 'succeeded' else 0.0)} {event}" + " " * 12)
                             return True
-        except httpx.TransportError:  # refused, reset or silent while the service restarts
-            pass
+        except httpx.TransportError as exc:  # refused, reset or silent while the service restarts
+            if not lost:  # else minutes of a terminal that looked frozen
+                lost = True
+                print(f"{chr(10) if live else ''}  {label:<8} the service is out of reach "
+                      f"({first_line(exc, type(exc).__name__)}); asking again for up to "
+                      f"{STREAM_GIVE_UP_SECONDS / 60:g} min (Ctrl-C cancels the job)", flush=True)
         if time.monotonic() - told >= STREAM_GIVE_UP_SECONDS:
             return False
         time.sleep(STREAM_RETRY_WAITS[min(failures, len(STREAM_RETRY_WAITS) - 1)])
@@ -248,7 +275,9 @@ def run_demo(*, url: str | None, prompt: str, out: str, size: int, policy: str =
     key = _admin_key()
     # As UTF-8 bytes: httpx sends a str header as ASCII only, and the service reads a key's UTF-8.
     headers = {b"Authorization": f"Bearer {key}".encode()} if key else {}
-    with server as base, httpx.Client(base_url=base, headers=headers, timeout=600) as client:
+    # Not 10 minutes a read: a server that takes the connection and never answers (stopped, a
+    # firewall dropping packets) held the demo as long with nothing on screen.
+    with server as base, httpx.Client(base_url=base, headers=headers, timeout=REQUEST_TIMEOUT) as client:
         started: list[tuple[str, str]] = []
         try:
             _stages(client, base, prompt, out_dir, size, started, lite_setting, policy=policy)
@@ -263,6 +292,14 @@ def run_demo(*, url: str | None, prompt: str, out: str, size: int, policy: str =
             raise KeyboardInterrupt("; ".join(told)) from None  # `orchestrator: interrupted; <told>`
     sys.stdout.flush()
     return 0
+
+
+def _in_the_error_shape(response: httpx.Response) -> bool:
+    """Whether an answer is an error as the service's API tells one (`{"error": {"code": ...}}`)."""
+    try:
+        return isinstance(response.json()["error"]["code"], str)
+    except (ValueError, TypeError, KeyError):
+        return False
 
 
 def _cancel(client: httpx.Client, label: str, job_id: str) -> str:
@@ -285,7 +322,12 @@ def _stages(client: httpx.Client, base: str, prompt: str, out_dir: Path, size: i
     from tiers._local import AUTO_MODEL
 
     print(f"orchestrator at {without_password(base)}")
-    listed = client.get("/v1/engines").raise_for_status()
+    listed = client.get("/v1/engines")
+    if listed.status_code < 500 and not listed.is_success and not _in_the_error_shape(listed):
+        # Another web server on that port: "answered 404: <!DOCTYPE HTML>" said nothing of it.
+        raise SystemExit(f"{without_password(base)} does not answer as an orchestrator: GET /v1/engines answered "
+                         f"{listed.status_code}")
+    listed.raise_for_status()
     try:
         engines = {e["name"]: e for e in listed.json()}
         lite = engines["lite"]

@@ -10,6 +10,7 @@ import io
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import sqlite3
@@ -38,6 +39,14 @@ from orchestrator.settings import Settings
 from orchestrator.store import ArtifactStore
 from tests.api import create_project, run_draft
 from tests.conftest import SettingsFactory, settings_for
+
+
+def demo_refused(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """Why a demo could not go on: its one line (exit 1), as every command's errors, its prefix left off."""
+    assert main(argv) == 1
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("orchestrator: ")]
+    assert len(said) == 1, said
+    return said[0].removeprefix("orchestrator: ")
 
 
 def test_invalid_setting_names_the_variable(make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch,
@@ -145,6 +154,20 @@ def test_demo_against_an_unreachable_service(tmp_path: Path, capsys: pytest.Capt
     (tmp_path / "renders" / "notes.txt").write_text("mine")
     assert main(["demo", "--url", "http://127.0.0.1:9", "--out", str(tmp_path / "renders" / "today")]) == 1
     assert [p.name for p in tmp_path.rglob("*")] == ["renders", "notes.txt"]
+
+
+def test_a_demo_against_a_service_that_never_answers_gives_up_in_a_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    # The connection taken, no answer (a stopped server, a firewall): 10 minutes with nothing on screen.
+    monkeypatch.setattr(demo_module, "REQUEST_TIMEOUT", httpx.Timeout(0.3))
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        started = time.monotonic()
+        assert main(["demo", "--url", url, "--out", str(tmp_path)]) == 1
+    assert time.monotonic() - started < 30
+    assert capsys.readouterr().err.startswith(f"orchestrator: cannot reach {url}/")
 
 
 def test_the_demo_does_not_print_a_proxy_s_password_in_its_url(tmp_path: Path,
@@ -258,9 +281,11 @@ def test_a_demo_stopped_by_a_signal_cancels_its_job_as_ctrl_c_does(
     assert capsys.readouterr().err == f"orchestrator: interrupted; its drafts job {job['id']} was canceled\n"
 
 
-def test_the_demo_follows_a_job_s_stream_again_after_the_last_event_it_told(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_demo_follows_a_job_s_stream_again_after_the_last_event_it_told(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """A stream that ended before its job (a service restarting) was read as the job's end: the
-    demo said 'drafts job ... running: no reason given' and exited, its job left to run for nobody."""
+    demo said 'drafts job ... running: no reason given' and exited, its job left to run for nobody.
+    While it asks again, it says so once (four minutes of a terminal that looked frozen before)."""
     asked: list[str | None] = []
 
     def answer(request: httpx.Request) -> httpx.Response:
@@ -281,6 +306,9 @@ def test_the_demo_follows_a_job_s_stream_again_after_the_last_event_it_told(monk
     with httpx.Client(base_url="http://studio.test", transport=httpx.MockTransport(answer)) as client:
         assert demo_module.watch(client, "job_1", "drafts")["status"] == "succeeded"
     assert asked == [None, "1", "1", "1", "2"]
+    told = capsys.readouterr().out.splitlines()
+    assert [line for line in told if "out of reach" in line] == [
+        "  drafts   the service is out of reach (answered 503); asking again for up to 4 min (Ctrl-C cancels the job)"]
 
 
 def test_the_demo_gives_up_on_a_stream_that_tells_nothing_for_long(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -313,13 +341,13 @@ def test_a_demo_whose_service_is_stopping_when_its_stream_ended_says_so(
 
 def test_a_demo_whose_job_s_stream_ends_for_good_says_so_and_cancels_it(
         make_settings: SettingsFactory, start_server: Callable[[Settings], httpx.Client], tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     client = start_server(make_settings())
     monkeypatch.setattr(demo_module, "_follow", lambda *_args: False)  # as a service that stopped
-    with pytest.raises(SystemExit) as info:
-        main(["demo", "--url", str(client.base_url), "--out", str(tmp_path / "out"), "--size", "512"])
+    said = demo_refused(["demo", "--url", str(client.base_url), "--out", str(tmp_path / "out"), "--size", "512"],
+                        capsys)
     [job] = client.get("/v1/jobs").json()["items"]
-    assert str(info.value) == (f"the service's event stream of its drafts job {job['id']} ended before the job did "
+    assert said == (f"the service's event stream of its drafts job {job['id']} ended before the job did "
                                f"(is the service stopping?); its drafts job {job['id']} was canceled")
 
 
@@ -400,13 +428,10 @@ def test_a_demo_draft_left_queued_is_told_once(
     # API servers that run no jobs and no worker up: the demo waited in silence, for ever.
     client = start_server(make_settings(run_jobs=False))
     monkeypatch.setattr(demo_module, "QUEUED_HINT_SECONDS", 0.2)
-    outcome: list[BaseException] = []
+    outcome: list[int] = []
 
     def run() -> None:
-        try:
-            main(["demo", "--url", str(client.base_url), "--out", str(tmp_path / "out"), "--size", "64"])
-        except SystemExit as exc:
-            outcome.append(exc)
+        outcome.append(main(["demo", "--url", str(client.base_url), "--out", str(tmp_path / "out"), "--size", "64"]))
 
     thread = threading.Thread(target=run)
     thread.start()
@@ -419,47 +444,73 @@ def test_a_demo_draft_left_queued_is_told_once(
     [job] = client.get("/v1/jobs").json()["items"]
     assert client.post(f"/v1/jobs/{job['id']}/cancel").status_code == 202
     thread.join(30)
-    told += capsys.readouterr().out
+    said = capsys.readouterr()
+    told += said.out
     assert told.count("still queued after 0.2 s") == 1
-    assert "is `orchestrator worker` running?" in told
-    assert [str(exc) for exc in outcome] == [
-        f"drafts job {job['id']} canceled: canceled before it started (canceled)"]
+    assert "no process runs jobs: the service's API server runs none (ORCH_RUN_JOBS=false) and no " \
+           "`orchestrator worker` is running" in told
+    assert outcome == [1]
+    assert said.err == f"orchestrator: drafts job {job['id']} canceled: canceled before it started (canceled)\n"
+
+
+@pytest.mark.parametrize(("answer", "told"), [
+    (httpx.Response(200, json={"items": [], "runs_jobs_here": False, "queued": 1}), "no process runs jobs"),
+    (httpx.Response(200, json={"items": [], "runs_jobs_here": True, "queued": 9}), "the jobs ahead of it"),
+    (httpx.Response(200, json={"items": [{"worker_id": "w"}], "runs_jobs_here": False, "queued": 9}),
+     "the jobs ahead of it"),
+    # A project key may not ask: both causes, the likelier first.
+    (httpx.Response(403, json={"error": {"code": "forbidden", "message": "admin key", "details": {}}}),
+     "ahead of it on its engine are done (where its API servers run no jobs, an `orchestrator worker` must"),
+])
+def test_a_demo_s_queued_hint_says_why_as_far_as_the_service_says(answer: httpx.Response, told: str) -> None:
+    # "is `orchestrator worker` running?" was told of a service running its own jobs, busy with others.
+    with httpx.Client(base_url="http://studio.test", transport=httpx.MockTransport(lambda _: answer)) as client:
+        said = demo_module.why_queued(client)
+    assert told in said
+    assert ("worker" in said) == (answer.json().get("runs_jobs_here") is not True
+                                  and not answer.json().get("items"))
 
 
 def test_the_demo_does_not_start_on_a_lite_engine_that_cannot_run(
         make_settings: SettingsFactory, start_server: Callable[[Settings], httpx.Client], tmp_path: Path,
         capsys: pytest.CaptureFixture[str]) -> None:
     client = start_server(make_settings(lite_model=str(tmp_path / "models" / "sd-turbo")))
-    with pytest.raises(SystemExit, match=r"the lite engine is unavailable: model '.*sd-turbo' is a path to nothing"):
-        main(["demo", "--url", str(client.base_url), "--out", str(tmp_path / "out")])
+    said = demo_refused(["demo", "--url", str(client.base_url), "--out", str(tmp_path / "out")], capsys)
+    assert re.match(r"the lite engine is unavailable: model '.*sd-turbo' is a path to nothing", said), said
     assert client.get("/v1/projects").json()["items"] == []  # nothing made for a run that cannot be
 
 
 def test_the_demo_does_not_start_drafts_larger_than_the_server_makes(
-        make_settings: SettingsFactory, start_server: Callable[[Settings], httpx.Client], tmp_path: Path) -> None:
+        make_settings: SettingsFactory, start_server: Callable[[Settings], httpx.Client], tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
     # Its drafts were answered 422, and an empty "demo" project was left behind.
     client = start_server(make_settings(local_max_size=128))
-    with pytest.raises(SystemExit, match=r"--size 256 is larger than the lite engine at .* makes \(128 px, its "
-                                         r"ORCH_LOCAL_MAX_SIZE\): pass --size 128 or less"):
-        main(["demo", "--url", str(client.base_url), "--size", "256", "--out", str(tmp_path / "out")])
+    said = demo_refused(["demo", "--url", str(client.base_url), "--size", "256", "--out", str(tmp_path / "out")],
+                        capsys)
+    assert re.match(r"--size 256 is larger than the lite engine at .* makes \(128 px, its "
+                    r"ORCH_LOCAL_MAX_SIZE\): pass --size 128 or less", said), said
     assert client.get("/v1/projects").json()["items"] == []
     # Drafts it makes, but polished to twice their size, which no engine here makes: the polish
     # failed after the drafts and the bridge were made.
-    with pytest.raises(SystemExit, match=r"--size 128 is polished to 256 px, larger than any engine at .* polishes "
-                                         r"to \(128 px at most\): pass --size 64 or less"):
-        main(["demo", "--url", str(client.base_url), "--size", "128", "--out", str(tmp_path / "out")])
+    said = demo_refused(["demo", "--url", str(client.base_url), "--size", "128", "--out", str(tmp_path / "out")],
+                        capsys)
+    assert re.match(POLISHED_TOO_LARGE + "pass --size 64 or less", said), said
     assert client.get("/v1/projects").json()["items"] == []
 
 
+POLISHED_TOO_LARGE = r"--size 128 is polished to 256 px, larger than any engine at .* polishes to \(128 px at most\): "
+
+
 def test_the_demo_sizes_its_polish_by_the_engines_its_policy_polishes_on(
-        make_settings: SettingsFactory, start_server: Callable[[Settings], httpx.Client], tmp_path: Path) -> None:
+        make_settings: SettingsFactory, start_server: Callable[[Settings], httpx.Client], tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
     # A vendor's key in the shell made Gemini available (4096 px) though `local-only` never sends to
     # it: the demo made its drafts and bridge, then local-hifi refused the polish.
     client = start_server(make_settings(local_max_size=128, gemini_api_key="never-sent",
                                         gemini_base_url="http://127.0.0.1:9"))
-    with pytest.raises(SystemExit, match=r"--size 128 is polished to 256 px, larger than any engine at .* polishes "
-                                         r"to \(128 px at most\): pass --size 64 or less"):
-        main(["demo", "--url", str(client.base_url), "--size", "128", "--out", str(tmp_path / "out")])
+    said = demo_refused(["demo", "--url", str(client.base_url), "--size", "128", "--out", str(tmp_path / "out")],
+                        capsys)
+    assert re.match(POLISHED_TOO_LARGE + "pass --size 64 or less", said), said
     assert client.get("/v1/projects").json()["items"] == []
 
 
@@ -1731,17 +1782,23 @@ def test_the_command_takes_a_supervisor_s_signals_before_its_imports(tmp_path: P
         assert done.stderr == "orchestrator: interrupted\n"
 
 
-@pytest.mark.parametrize(("body", "content_type"), [(b"<html>\n<body>It works!</body>\n</html>", "text/html"),
-                                                   (b'{"ok": true}', "application/json"),
-                                                   (b'[{"name": "x"}]', "application/json")])
+@pytest.mark.parametrize(("status", "body", "content_type", "told"), [
+    (200, b"<html>\n<body>It works!</body>\n</html>", "text/html", "lists no lite engine (JSONDecodeError)"),
+    (200, b'{"ok": true}', "application/json", "lists no lite engine (TypeError)"),
+    (200, b'[{"name": "x"}]', "application/json", "lists no lite engine (KeyError)"),
+    # The likeliest wrong port: "answered 404: <!DOCTYPE HTML>".
+    (404, b"<!DOCTYPE HTML>\n<html><title>Error response</title></html>", "text/html", "answered 404"),
+    (401, b'{"detail": "Not authenticated"}', "application/json", "answered 401"),
+])
 def test_a_demo_pointed_at_another_web_server_says_so_in_one_line(
-        tmp_path: Path, body: bytes, content_type: str) -> None:
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], status: int, body: bytes, content_type: str,
+        told: str) -> None:
     # Each gave a JSONDecodeError's or a TypeError's traceback.
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     class Anything(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            self.send_response(200)
+            self.send_response(status)
             self.send_header("content-type", content_type)
             self.send_header("content-length", str(len(body)))
             self.end_headers()
@@ -1755,13 +1812,11 @@ def test_a_demo_pointed_at_another_web_server_says_so_in_one_line(
     thread.start()
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}"
-        with pytest.raises(SystemExit) as ended:  # its message is the line Python prints, exit 1
-            main(["demo", "--url", url, "--out", str(tmp_path / "out")])
+        said = demo_refused(["demo", "--url", url, "--out", str(tmp_path / "out")], capsys)
     finally:
         server.shutdown()
         server.server_close()
-    assert str(ended.value).startswith(f"{url} does not answer as an orchestrator: GET /v1/engines lists no lite "
-                                       "engine ("), ended.value
+    assert said == f"{url} does not answer as an orchestrator: GET /v1/engines {told}"
 
 
 def test_an_answer_naming_the_known_names_says_them() -> None:
