@@ -331,7 +331,8 @@ class BadEngineInput(EngineError):
 
 class ImagesNotStored(EngineError):
     """The engine made the images and the data dir's disk had no room for them (full, over its
-    quota, or mounted read-only): the operator's to mend, not the engine's failure."""
+    quota, or mounted read-only), or the service may not write there (its owner or mode): the
+    operator's to mend, not the engine's failure."""
 
     code, status = "storage_full", 503
     retryable = False

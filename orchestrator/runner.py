@@ -93,8 +93,9 @@ PROGRESS_WRITE_INTERVAL = 1.0
 # Repeating it is safe: every attempt rolls back whole, and its update applies only while the
 # attempt still holds the job.
 FINAL_WRITE_SECONDS = 120.0
-# A store's disk that takes nothing more: full, over its user's quota, mounted read-only.
-NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+# A store's disk that takes nothing more: full, over its user's quota, mounted read-only, or a
+# folder the service may not write (another owner or mode left by a restore).
+NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
 # How long a job's first paid request waits for the database to record it before it goes.
 RECORD_SENDING_SECONDS = 15.0
 # How long a stop's own writes (a job queued again) wait out a database that is away: shorter than
@@ -568,6 +569,8 @@ class JobRunner:
             if isinstance(exc, OSError) and exc.errno in NO_ROOM:
                 # Told as what it is (it read as the engine's `engine_error`): the operator's to mend.
                 mend = ("the data dir is read-only: its operator must make it writable" if exc.errno == errno.EROFS
+                        else "the data dir cannot be written by the service, its owner or mode: its operator "
+                             "must fix it" if isinstance(exc, PermissionError)
                         else "the data dir has no room for them: its operator must make some")
                 raise ImagesNotStored(f"{said} ({mend})"[:500],
                                       charged="yes", cost_millicredits=result.cost_millicredits) from exc

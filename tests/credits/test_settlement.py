@@ -241,9 +241,15 @@ def test_cancel_a_running_paid_job_settles_its_hold(api: httpx.Client) -> None:
 
 
 @pytest.mark.parametrize(("errno", "said"), [
-    (28, "No space left on device (the data dir has no room for them: its operator must make some)"),
+    (28, "OSError: No space left on device (the data dir has no room for them: its operator must make some)"),
     # Once told as a full disk too.
-    (30, "Read-only file system (the data dir is read-only: its operator must make it writable)"),
+    (30, "OSError: Read-only file system (the data dir is read-only: its operator must make it writable)"),
+    # A restore or a copy that left another owner or mode on the assets folder, or on one of its
+    # shards (the start looks at the top folder only): told as the engine's `engine_error`.
+    (13, "PermissionError: Permission denied (the data dir cannot be written by the service, its owner or "
+         "mode: its operator must fix it)"),
+    (1, "PermissionError: Operation not permitted (the data dir cannot be written by the service, its owner or "
+        "mode: its operator must fix it)"),
 ])
 def test_images_made_but_not_stored_are_charged(api: httpx.Client, monkeypatch: pytest.MonkeyPatch,
                                                 errno: int, said: str) -> None:
@@ -251,14 +257,14 @@ def test_images_made_but_not_stored_are_charged(api: httpx.Client, monkeypatch: 
     project_id, asset_id = project_with_draft(api)
 
     def disk_full(self: object, data: bytes) -> Put:
-        raise OSError(errno, said.split(" (")[0], "/srv/orchestrator/assets/ab/tmp-1")
+        raise OSError(errno, said.split(": ", 1)[1].split(" (")[0], "/srv/orchestrator/assets/ab/tmp-1")
 
     monkeypatch.setattr("orchestrator.store.ArtifactStore.put_file", disk_full)
     job = promote_ok(api, asset_id, engine="fake-paid")
     done = wait_for_job(api, job["id"])
     assert done["status"] == "failed"
     # The server's paths stay in its log.
-    assert done["error"]["message"] == f"the images were made but could not be stored: OSError: {said}"
+    assert done["error"]["message"] == f"the images were made but could not be stored: {said}"
     assert done["error"]["code"] == "storage_full"  # the operator's, not the engine's ("engine_error")
     entries = [e for e in ledger(api, project_id) if e["job_id"] == job["id"]]
     assert [(e["kind"], e["amount"], e["unreconciled"]) for e in entries] == [
