@@ -35,6 +35,7 @@ it to `{"error": {"code", "message", "details"}}` with `status` in exactly one p
         ├── EngineTimeout       timeout           (sent, no answer: outcome unknown)
         ├── BadEngineInput      invalid_request   (the provider refused our input: never retried)
         ├── ImagesNotStored     storage_full      (made, and the data dir's disk had no room for them)
+        ├── SourceUnavailable   content_unavailable (a bridge or polish's source file, gone since the submit)
         └── Canceled            canceled
 
 The middlewares (`api/request_limits.py`, `api/cross_site.py`, `server.AnswerWhenStopped`) answer
@@ -335,6 +336,16 @@ class ImagesNotStored(EngineError):
     operator's to mend, not the engine's failure."""
 
     code, status = "storage_full", 503
+    retryable = False
+    engine_fault = False
+
+
+class SourceUnavailable(EngineError):
+    """A bridge or polish's source image, accepted at the submit, cannot be read from the store when
+    the job runs (gone, unreadable, damaged): the operator's to restore, as `ContentUnavailable`
+    says of a request; nothing was sent, and no engine would do better with it."""
+
+    code, status = "content_unavailable", 500
     retryable = False
     engine_fault = False
 

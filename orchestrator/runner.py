@@ -49,6 +49,7 @@ from orchestrator.errors import (
     Interrupted,
     NoRoute,
     OrchestratorError,
+    SourceUnavailable,
     StoppedPartWay,
     first_line,
 )
@@ -1056,8 +1057,9 @@ class JobRunner:
                 why = "it is not an image Pillow knows"
             else:
                 why = f"{type(exc).__name__}: {exc}"
-            raise EngineError(f"the source image {sha256[:12]} could not be read: {why}"[:500],
-                              details={"source_sha256": sha256}, retryable=False, charged="no") from exc
+            # Told as what it is: the store's, not the engine's `engine_error`.
+            raise SourceUnavailable(f"the source image {sha256[:12]} could not be read: {why}"[:500],
+                                    details={"source_sha256": sha256}, charged="no") from exc
         return image
 
     async def _render(self, claim: Claim) -> RenderResult:

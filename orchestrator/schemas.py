@@ -510,7 +510,7 @@ class ErrorBody(BaseModel):
         "`job_finished`, `project_archived` (409), `gone` (410: a deleted asset), `payload_too_large` (413), "
         "`budget_exceeded` (402), `no_route` (422, 503), "
         "`rate_limited` (429), `engine_unavailable`, `database_unavailable`, `storage_full`, `server_stopping` "
-        "(503: send again), `content_unavailable` (500: an asset's file is missing or damaged), "
+        "(503: send again), `content_unavailable` (500: an asset's file is missing or damaged; a job's: its source's), "
         "`internal_error` (500). A job's `error` also uses `content_filtered`, `no_image`, `engine_error`, `timeout`, "
         "`canceled`, `interrupted`. More may come: read one you do not know by the answer's HTTP status."))
     message: str = Field(description="What went wrong and what to do, for people; its wording may change: act on "

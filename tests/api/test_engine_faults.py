@@ -213,6 +213,8 @@ def test_a_source_image_gone_or_not_an_image_fails_saying_which_and_charges_noth
         services.runner._source_image(gone)
     assert info.value.charged == "no" and not info.value.retryable
     assert info.value.message == "the source image abababababab could not be read: its file is gone from the store"
+    # The store's to mend, as a request for that file says it: not the engine's `engine_error`.
+    assert (info.value.code, info.value.engine_fault) == ("content_unavailable", False)
     not_png = Job(id="job_text", project_id="prj_x", stage="bridge", engine="local-hifi", model="m",
                   params={"source_sha256": services.store.put(b"plain text, not an image")})
     with pytest.raises(EngineError) as info:

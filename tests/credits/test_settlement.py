@@ -160,7 +160,7 @@ def test_a_source_image_that_cannot_be_read_releases_the_hold(api: httpx.Client,
 
     monkeypatch.setattr(ArtifactStore, "get", read_then_damage)
     job = wait_for_job(api, promote_ok(api, asset_id)["id"])
-    assert job["status"] == "failed" and job["error"]["code"] == "engine_error", job
+    assert job["status"] == "failed" and job["error"]["code"] == "content_unavailable", job
     assert "the source image" in job["error"]["message"] and "could not be read" in job["error"]["message"]
     assert job["cost"] == {"estimated": PRICE, "held": 0, "charged": 0, "cache_hit": False}
     entries = ledger(api, project_id)
