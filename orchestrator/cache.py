@@ -11,7 +11,7 @@ from typing import Any
 
 from sqlmodel import Session, col, select
 
-from orchestrator.clock import utcnow
+from orchestrator.clock import shared_now
 from orchestrator.ids import new_id
 from orchestrator.models import Asset, Job
 from orchestrator.store import ArtifactStore
@@ -38,9 +38,12 @@ def cache_key(engine: str, model: str, params: dict[str, Any]) -> str | None:
 
 
 def cached_copies(assets: list[Asset], job: Job) -> list[Asset]:
-    """New asset rows for a cache hit: same content (same file), new ids, owned by the new job."""
+    """New asset rows for a cache hit: same content (same file), new ids, owned by the new job;
+    stamped as a render's are, by the clock the ids take (see `runner._add_assets`), for clients
+    that sync on `created_at`."""
+    stamp = shared_now()
     return [Asset(**{**a.model_dump(), "id": new_id("ast"), "job_id": job.id, "project_id": job.project_id,
-                     "parent_id": job.source_asset_id, "created_at": utcnow()}) for a in assets]
+                     "parent_id": job.source_asset_id, "created_at": stamp}) for a in assets]
 
 
 def find(s: Session, store: ArtifactStore, key: str, project_id: str, source_asset_id: str | None) -> list[Asset]:

@@ -862,3 +862,23 @@ def test_discard_removes_only_the_file_its_put_made_and_no_row_names(tmp_path: P
     put = store.put_file(b"not known")  # nothing is removed on a guess
     assert not store.discard(put, away) and store.path_for(put.sha256).exists()
     assert not list(store.root.glob("*/.gc-*"))
+
+
+def test_a_cache_hit_s_copies_are_stamped_by_the_clock_ids_take() -> None:
+    """A render's assets are stamped by the clock every host agrees on (the database server's on
+    PostgreSQL), its copies were stamped by this host's: a host behind the database made a copy,
+    listed after a render, say it came first, and a client syncing on `created_at` skipped it."""
+    from orchestrator import clock
+    from orchestrator.cache import cached_copies
+    from orchestrator.models import Job
+
+    source = Asset(id=new_id("ast"), project_id="prj_x", job_id="job_x", index=0, stage="bridge", parent_id="ast_p",
+                   engine="e", model="m", prompt="p", negative_prompt="", seed=1, width=64, height=64,
+                   sha256="0" * 64, record={})
+    job = Job(id="job_y", project_id="prj_x", stage="bridge", engine="e", model="m", params={}, status="succeeded",
+              source_asset_id="ast_p")
+    database = clock.now_us() + 3_600_000_000  # the database server's clock, an hour ahead of this host's
+    with clock.using(lambda: database):
+        [copy] = cached_copies([source], job)
+    assert copy.created_at == clock.at(database)
+    assert (copy.job_id, copy.parent_id, copy.sha256) == ("job_y", "ast_p", source.sha256)
