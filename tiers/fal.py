@@ -48,6 +48,9 @@ DEFAULT_PRICES: dict[str, dict[str, float]] = {
     "fal-ai/nano-banana-2": dict(_NANO_BANANA_2),
     "fal-ai/nano-banana-2/edit": dict(_NANO_BANANA_2),
 }
+# Priced (providers.md lists it) but text-to-image only: its input takes no image, so a bridge or
+# polish sent there was paid for a picture that never saw the draft, and "succeeded".
+TEXT_ONLY_MODELS = frozenset({"fal-ai/nano-banana-2"})
 PENDING = frozenset({"IN_QUEUE", "IN_PROGRESS"})
 # fal's error types are not all documented (*unverified*): match the policy-ish words.
 FILTER_WORDS = ("content_policy", "nsfw", "safety", "moderation")
@@ -115,6 +118,12 @@ class FalEngine(CloudEngine):
         self._auth = {"Authorization": f"Key {self._key or ''}"}
         self.http = self.remote_client(ctx, client, base_url=s.fal_base_url)
         self._base = httpx.URL(s.fal_base_url)
+
+    def availability(self) -> tuple[bool, str | None]:
+        if self._model in TEXT_ONLY_MODELS:
+            return False, (f"ORCH_FAL_MODEL={self._model} is text-to-image only: it would not see the draft "
+                           f"(use {self._model}/edit)")
+        return super().availability()
 
     def _keyed(self, url: object) -> bool:
         """Whether a queue URL from an answer may be sent the key: https on fal's own domains, or

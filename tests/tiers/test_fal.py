@@ -565,11 +565,19 @@ def test_estimate_by_resolution_and_unknown_model(make_ctx: Any) -> None:
     assert eng.estimate(bridge(width=1024, height=1024)) == 8000
     assert eng.estimate(bridge(width=2048, height=1536)) == 12000
     assert eng.estimate(bridge(width=4096, height=2048, n=2)) == 32000
-    assert FalEngine(make_ctx(fal_api_key="k", fal_model="fal-ai/nano-banana-2")).estimate(bridge()) == 12000
     assert eng.prices()["credits_per_image"]["fal-ai/nano-banana-2/edit"]["0.5K"] == 6.0
     unknown = FalEngine(make_ctx(fal_api_key="k", fal_model="fal-ai/other"))
     with pytest.raises(NoPrice):
         unknown.estimate(bridge())
+
+
+def test_a_text_to_image_app_is_unavailable_saying_which_app_edits(make_ctx: Any) -> None:
+    """Priced as its edit app is, it took the bridge, ignored the draft it was sent, and was paid
+    for a picture that never saw it."""
+    text_only = FalEngine(make_ctx(fal_api_key="k", fal_model="fal-ai/nano-banana-2/"))
+    assert text_only.availability() == (False, "ORCH_FAL_MODEL=fal-ai/nano-banana-2 is text-to-image only: it "
+                                               "would not see the draft (use fal-ai/nano-banana-2/edit)")
+    assert FalEngine(make_ctx(fal_api_key="k")).availability() == (True, None)
 
 
 @respx.mock
