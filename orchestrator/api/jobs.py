@@ -197,9 +197,14 @@ async def job_events(job_id: JobId, services: ServicesDep, caller: CallerDep,
                      last_event_id: Annotated[str | None, Header(
                          alias="Last-Event-ID", description="The `id:` of the last event the client has: the "
                          "stream resumes after it (a browser's EventSource sends it when it reconnects).")] = None,
+                     last_event_id_query: Annotated[str | None, Query(
+                         alias="lastEventId", description="`Last-Event-ID` from a client that cannot send headers "
+                         "(EventSource polyfills send it here); the header wins when both are given.")] = None,
                      ) -> Response:
     """Reconnecting with `Last-Event-ID` resumes after that event; once the client has the terminal
     event the answer is 204, which tells a browser's EventSource to stop reconnecting."""
+    if last_event_id is None:
+        last_event_id = last_event_id_query
     if services.bus.closed:
         # The service is stopping and has ended its streams: an empty 200 read as the job's end.
         # (A stop between here and the subscription still ends the stream empty: the client's

@@ -180,6 +180,14 @@ def test_reconnect_resumes_after_last_event_id(server: httpx.Client) -> None:
     # job keeps no progress events).
     resumed = read_events_after(server, job["id"], rest[0].id)
     assert [(e.id, e.event) for e in resumed] == [(e.id, e.event) for e in rest[1:] if e.event != "progress"]
+    # EventSource polyfills that cannot send the header send it as `lastEventId`: told the whole
+    # story again at each reconnect, they never stopped.
+    assert server.get(url, params={"lastEventId": rest[-1].id or ""}).status_code == 204
+    with server.stream("GET", url, params={"lastEventId": rest[0].id or ""}, timeout=60) as response:
+        assert [(e.id, e.event) for e in iter_sse(response)] == [(e.id, e.event) for e in resumed]
+    # The header, when both are given (a browser's own reconnect keeps the URL it was given).
+    assert server.get(url, params={"lastEventId": rest[0].id or ""},
+                      headers={"Last-Event-ID": rest[-1].id or ""}).status_code == 204
 
 
 def read_events_after(client: httpx.Client, job_id: str, last_event_id: str | None) -> list[SSE]:
