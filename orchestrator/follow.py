@@ -145,6 +145,9 @@ class JobFollower:
 
     def follow(self, job_id: str) -> None:
         """Keep the job's stream up to date while clients watch it. Call it on the loop."""
+        # Caught up (to its end, or to now): its stream is no longer old news, and its row is not
+        # read again for each later client.
+        self._lapsed.pop(job_id, None)
         view = self.bus.view(job_id)
         if view is not None and view.finished:
             return
@@ -152,7 +155,6 @@ class JobFollower:
             # Its state was read before this call: a ring in between was heard by nobody.
             self._wake.set()
         self._followed[job_id] = time.monotonic()
-        self._lapsed.pop(job_id, None)
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._loop(), name="job follower")
 

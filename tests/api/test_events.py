@@ -448,6 +448,8 @@ def test_a_late_client_of_a_job_run_elsewhere_gets_its_state_now_not_when_last_w
                        "error = '{\"code\": \"engine_error\", \"message\": \"x\", \"details\": {}}' WHERE id = ?",
                        (job["id"],))
         late = read_events(client, job["id"])
+        # Caught up to its end: not read again from its row by each later stream.
+        assert not followers[-1].lapsed(job["id"])
     assert [e.event for e in late] == ["queued", "started", "failed"], late
 
 
