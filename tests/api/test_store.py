@@ -864,7 +864,7 @@ def test_discard_removes_only_the_file_its_put_made_and_no_row_names(tmp_path: P
     assert not list(store.root.glob("*/.gc-*"))
 
 
-def test_a_cache_hit_s_copies_are_stamped_by_the_clock_ids_take() -> None:
+def test_a_cache_hit_s_copies_are_stamped_by_the_clock_ids_take(monkeypatch: pytest.MonkeyPatch) -> None:
     """A render's assets are stamped by the clock every host agrees on (the database server's on
     PostgreSQL), its copies were stamped by this host's: a host behind the database made a copy,
     listed after a render, say it came first, and a client syncing on `created_at` skipped it."""
@@ -878,6 +878,8 @@ def test_a_cache_hit_s_copies_are_stamped_by_the_clock_ids_take() -> None:
     job = Job(id="job_y", project_id="prj_x", stage="bridge", engine="e", model="m", params={}, status="succeeded",
               source_asset_id="ast_p")
     database = clock.now_us() + 3_600_000_000  # the database server's clock, an hour ahead of this host's
+    # The ids made by its clock are this test's: kept, the process's later ids stayed an hour ahead.
+    monkeypatch.setattr("orchestrator.ids._last", {})
     with clock.using(lambda: database):
         [copy] = cached_copies([source], job)
     assert copy.created_at == clock.at(database)
