@@ -201,7 +201,7 @@ def retry_after(response: httpx.Response) -> float | None:
         if when is not None:
             return max(0.0, when.timestamp() - time.time())
     try:
-        body = response.json()
+        body = answer_json(response)
     except (ValueError, json.JSONDecodeError, UnicodeDecodeError):
         return None
     if isinstance(body, list) and body:
@@ -905,12 +905,27 @@ def _read(response: httpx.Response, history: list[httpx.Response], *, body: byte
     return read
 
 
+def answer_json(response: httpx.Response) -> Any:
+    """`response.json()`, where an answer nested past Python's recursion limit (200 KB of `[[[`)
+    raises ValueError as any body that is not JSON does: its RecursionError, which no engine
+    expected, failed the job as an engine bug, its images made, and left a ComfyUI prompt rendering."""
+    return text_json(response.content)
+
+
+def text_json(text: str | bytes) -> Any:
+    """`json.loads(text)`, as `answer_json` reads an answer."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply to read") from None
+
+
 def json_object(response: httpx.Response, engine: str, what: str = "the provider", *,
                 charged: Charged = "no") -> dict[str, Any]:
     """The JSON object `what` answered, or the engine's error saying it answered something else
     (`charged`: whether the request that got this answer may have been billed)."""
     try:
-        body = response.json()
+        body = answer_json(response)
     except ValueError:
         raise EngineError(f"{engine}: {what} answered {response.status_code} with a body that is not JSON",
                           details={"engine": engine}, charged=charged) from None
@@ -929,7 +944,7 @@ def error_text(response: httpx.Response, limit: int = 300) -> str:
 
 def _described(response: httpx.Response, limit: int) -> str:
     try:
-        body: Any = response.json()
+        body: Any = answer_json(response)
     except (ValueError, UnicodeDecodeError):
         return response.text[:limit]
     if isinstance(body, list) and body:

@@ -23,7 +23,7 @@ import httpx
 
 from orchestrator.errors import BadEngineInput, Canceled, ContentFiltered, EngineError, EngineTimeout, NoImage, NoPrice
 from tiers._cloud import CloudEngine, paid_calls
-from tiers._http import RemoteClient, error_text, json_object, without_credentials
+from tiers._http import RemoteClient, answer_json, error_text, json_object, without_credentials
 from tiers._images import CLASS_PIXELS_SLACK, CLASS_SIDE_SLACK, b64encode, encode_image, shaped_as, size_class
 from tiers.base import (
     PROMPT_AND_IMAGE_ONLY,
@@ -426,7 +426,7 @@ class FalEngine(CloudEngine):
             log.warning("fal: canceling %s failed (%s); the request may run on, and bill", cancel_url[:200], exc)
             return None
         try:
-            answer = response.json()
+            answer = answer_json(response)
         except ValueError:
             answer = None
         status = answer.get("status") if isinstance(answer, dict) else None
@@ -444,7 +444,7 @@ class FalEngine(CloudEngine):
         if response.status_code < 400:  # no refusal, whatever its body says: it may have billed
             return self.http.fail(response)
         try:
-            detail = response.json().get("detail")
+            detail = answer_json(response).get("detail")
         except (ValueError, AttributeError):
             detail = None
         if not isinstance(detail, list) or not detail:

@@ -31,7 +31,7 @@ from tiers._cloud import (
     token_counts,
     unreadable_usage,
 )
-from tiers._http import RemoteClient, error_text
+from tiers._http import RemoteClient, answer_json, error_text
 from tiers._images import b64decode_tolerant, b64encode, decode_image, encode_image, nearest_aspect, size_class
 from tiers.base import (
     PROMPT_AND_IMAGE_ONLY,
@@ -226,7 +226,7 @@ class GeminiEngine(CloudEngine):
 
     def _json(self, response: httpx.Response) -> dict[str, Any]:
         try:
-            body = response.json()
+            body = answer_json(response)
         except ValueError:
             raise EngineError(f"gemini: the provider answered {response.status_code} with a body that is not JSON",
                               details={"engine": self.name, "status": response.status_code}) from None
@@ -329,7 +329,7 @@ def factory(ctx: EngineContext) -> GeminiEngine:
 def _google_error(response: Any) -> dict[str, Any] | None:
     """The `error` object of a Google error body (sometimes wrapped in a one-element list)."""
     try:
-        body = response.json()
+        body = answer_json(response)
     except ValueError:
         return None
     if isinstance(body, list) and body:

@@ -30,7 +30,7 @@ from tiers._cloud import (
     token_counts,
     unreadable_usage,
 )
-from tiers._http import RemoteClient, error_text, header_request_id, json_object
+from tiers._http import RemoteClient, answer_json, error_text, header_request_id, json_object
 from tiers._images import b64decode_tolerant, decode_image, encode_image, nearest_aspect
 from tiers.base import (
     PROMPT_AND_IMAGE_ONLY,
@@ -91,7 +91,7 @@ def image_size(width: int, height: int) -> str:
 
 def _error(response: httpx.Response) -> dict[str, Any]:
     try:
-        err = response.json().get("error")
+        err = answer_json(response).get("error")
     except (ValueError, AttributeError):
         return {}
     return err if isinstance(err, dict) else {}

@@ -32,7 +32,7 @@ from orchestrator.errors import (
     EngineUnavailable,
 )
 from tiers._cloud import Asked, CloudEngine, paid_calls
-from tiers._http import RemoteClient, error_text, json_object
+from tiers._http import RemoteClient, answer_json, error_text, json_object
 from tiers._images import b64encode, encode_image, nearest_aspect, shaped_as, size_class
 from tiers.base import (
     PROMPT_AND_IMAGE_ONLY,
@@ -421,7 +421,7 @@ class ReplicateEngine(CloudEngine):
                         "until its Cancel-After", prediction_id, response.status_code, error_text(response)[:200])
             return None
         try:
-            answer = response.json()
+            answer = answer_json(response)
         except ValueError:
             return None
         return answer if isinstance(answer, dict) else None

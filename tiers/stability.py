@@ -42,7 +42,7 @@ from orchestrator.errors import (
     NoImage,
 )
 from tiers._cloud import UNREADABLE_POLLS, Asked, CloudEngine, paid_calls, reading_an_answer
-from tiers._http import RemoteClient, error_text, header_request_id, json_object
+from tiers._http import RemoteClient, answer_json, error_text, header_request_id, json_object
 from tiers._images import b64decode_tolerant, decode_image, encode_image, shaped_as
 from tiers.base import (
     CancelToken,
@@ -129,7 +129,7 @@ def operation(req: RenderRequest) -> Operation:
 
 def _readable(response: httpx.Response) -> bool:
     try:
-        return isinstance(response.json(), dict)
+        return isinstance(answer_json(response), dict)
     except ValueError:
         return False
 
@@ -427,7 +427,7 @@ class StabilityEngine(CloudEngine):
         if response.status_code < 400:  # no refusal, whatever its body says: it may have billed
             return self.http.fail(response)
         try:
-            body = response.json()
+            body = answer_json(response)
         except ValueError:
             body = None
         status = response.status_code
