@@ -60,7 +60,9 @@ MAX_OUTPUT_PIXELS = 8192 * 8192
 OUTPUT_FORMATS = ("PNG", "JPEG", "WEBP")
 
 
-def decode_image(data: bytes, engine: str) -> Image.Image:
+def decode_image(data: bytes, engine: str, asked: tuple[int, int] | None = None) -> Image.Image:
+    """The image an engine returned, decoded once its header says it is not too large: beyond
+    MAX_OUTPUT_PIXELS, or (`asked`: the size an engine renders exactly) beyond twice those pixels."""
     try:
         with warnings.catch_warnings():  # PIL's warning for what is refused just below
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -76,6 +78,10 @@ def decode_image(data: bytes, engine: str) -> Image.Image:
         raise EngineError(f"{engine}: the provider returned a {width}x{height} image, more than "
                           f"{MAX_OUTPUT_PIXELS} pixels; it is not decoded",
                           details={"engine": engine, "width": width, "height": height})
+    if asked is not None and width * height > 2 * asked[0] * asked[1]:
+        # A server's answer, not what was asked: 16 of them at 8192x8192 held 4 GB before any was stored.
+        raise EngineError(f"{engine}: the provider returned a {width}x{height} image for the {asked[0]}x{asked[1]} "
+                          "asked; it is not decoded", details={"engine": engine, "width": width, "height": height})
     try:
         img.load()
         # A camera-style JPEG says which way is up in its EXIF: stored as its pixels lie, it was sideways.

@@ -47,7 +47,9 @@ from tiers._http import (
     SELF_HOSTED_UNREACHABLE_ATTEMPTS,
     RemoteClient,
     SendsCredentials,
+    answer_json,
     error_text,
+    text_json,
     without_credentials,
 )
 from tiers._images import b64decode_tolerant, b64encode, decode_image, encode_image
@@ -89,7 +91,7 @@ MAX_SAMPLER_CHARS = 100
 def _json_body(response: httpx.Response) -> Any:
     """The answer's JSON, or None when it is none."""
     try:
-        return response.json()
+        return answer_json(response)
     except ValueError:
         return None
 
@@ -483,7 +485,7 @@ class A1111Engine(SendsCredentials):
         if response.status_code != 200:
             raise self.http.fail(response, self._error_detail(response))
         try:
-            body = response.json()
+            body = answer_json(response)
         except ValueError:
             raise EngineError("a1111: the server answered 200 with a body that is not JSON",
                               details={"engine": self.name}) from None
@@ -503,7 +505,8 @@ class A1111Engine(SendsCredentials):
             # Some forks answer with a data URI rather than bare base64.
             raw = b64decode_tolerant(data.partition(",")[2] if data.startswith("data:") else data, self.name)
             seed = provider_seed(seeds[i]) if i < len(seeds) else None
-            images.append(RenderedImage(decode_image(raw, self.name), seed=seed))
+            # It renders the size asked: one far larger is not its result (and decoded, a memory bomb).
+            images.append(RenderedImage(decode_image(raw, self.name, asked=(req.width, req.height)), seed=seed))
         # What the server says it ran, else what was asked of it: the image's record and its PNG's
         # `parameters` name them, so a value of another kind (text steps, a NaN scale) is not taken.
         steps = info.get("steps")
@@ -550,7 +553,7 @@ class A1111Engine(SendsCredentials):
         if isinstance(raw, dict):
             return raw
         try:
-            info = json.loads(raw) if isinstance(raw, str) else None
+            info = text_json(raw) if isinstance(raw, str) else None
         except ValueError:
             return {}
         return info if isinstance(info, dict) else {}
@@ -560,7 +563,7 @@ class A1111Engine(SendsCredentials):
         """`{"error","detail","body","errors"}`: never quote `body`, which echoes our request and
         with it the base64 draft."""
         try:
-            body = response.json()
+            body = answer_json(response)
         except ValueError:
             return error_text(response)
         if not isinstance(body, dict):

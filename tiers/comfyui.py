@@ -49,6 +49,7 @@ from tiers._http import (
     KeptOut,
     RemoteClient,
     SendsCredentials,
+    answer_json,
     error_text,
     json_object,
     without_credentials,
@@ -93,6 +94,9 @@ WORKFLOW_SETTING = "ORCH_COMFYUI_WORKFLOW"
 SETUP_ERRORS = frozenset({"missing_node_type", "invalid_prompt", "value_not_in_list", "prompt_no_outputs"})
 # Cleanup after a cancel must not hold the job up for a full read timeout.
 CLEANUP_TIMEOUT = 5.0
+
+# The prompt ids requests are built from (see `_prompt_id`).
+PROMPT_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 # Empty history answers between looks at the queue for a prompt a restarted server has forgotten.
 QUEUE_CHECK_POLLS = 5
 # A node given this title in ComfyUI (its `_meta.title` in the API export) makes the results: a
@@ -442,8 +446,8 @@ class ComfyUIEngine(SendsCredentials):
         without a seed by an older version) are taken off the server and rendered again."""
         kept: dict[int, tuple[str, list[dict[str, str]]]] = {}
         for i, handle in enumerate(handles):
-            prompt_id, seed = handle.get("id"), _seed(handle)
-            if not isinstance(prompt_id, str) or not prompt_id:
+            prompt_id, seed = _prompt_id(handle.get("id")), _seed(handle)
+            if prompt_id is None:
                 continue
             if seed is None or seed in kept:
                 await self._drop(prompt_id)
@@ -544,7 +548,7 @@ class ComfyUIEngine(SendsCredentials):
                     # rendered for nobody; followed, it is collected, or found lost.
                     log.warning("%s; following prompt %s by its id", exc.message, prompt_id)
                     queued = {}
-                answered = queued.get("prompt_id")
+                answered = _prompt_id(queued.get("prompt_id"))
                 if _results_refused(queued.get("node_errors"), graph):
                     # Some outputs failed validation and the server queued the rest: what those
                     # render is not the workflow's result (an intermediate save, or no image).
@@ -661,8 +665,8 @@ class ComfyUIEngine(SendsCredentials):
             return
         done = set(skip)
         for handle in handles:
-            prompt_id = handle.get("id")
-            if isinstance(prompt_id, str) and prompt_id and prompt_id not in done:
+            prompt_id = _prompt_id(handle.get("id"))
+            if prompt_id is not None and prompt_id not in done:
                 done.add(prompt_id)
                 await self._drop(prompt_id)
 
@@ -698,7 +702,7 @@ class ComfyUIEngine(SendsCredentials):
         does not wait for the answer (`CLEANUP_TIMEOUT` of a server slow to give it)."""
         try:
             response = await cancel.race(self._cleanup("GET", "/queue"), charged="no")
-            body = response.json() if response.status_code == 200 else None
+            body = answer_json(response) if response.status_code == 200 else None
         except Canceled:
             raise
         except (EngineError, httpx.HTTPError, ValueError):
@@ -787,8 +791,8 @@ class ComfyUIEngine(SendsCredentials):
         """After a crash, before the job runs again: the prompts the dead attempt queued leave
         the server's queue (or its GPU), so it does not render the job twice."""
         for handle in handles:
-            if isinstance(handle.get("id"), str):
-                await self._drop(handle["id"])
+            if (prompt_id := _prompt_id(handle.get("id"))) is not None:
+                await self._drop(prompt_id)
 
     async def _drop(self, prompt_id: str) -> None:
         """Best effort: remove the prompt if pending, interrupt it if running.
@@ -797,11 +801,14 @@ class ComfyUIEngine(SendsCredentials):
         The interrupt is sent only when the queue shows our prompt running: servers that predate
         targeted interrupts ignore `prompt_id` and stop whatever is running.
         """
+        # Each step whatever the one before did: a delete a proxy refused (a 502 for the whole
+        # cleanup, a 403 for that route) sent no interrupt, and the prompt rendered on for nobody.
         with contextlib.suppress(EngineError, httpx.HTTPError):
             await self._cleanup("POST", "/queue", json={"delete": [prompt_id]})
+        with contextlib.suppress(EngineError, httpx.HTTPError):
             queue = await self._cleanup("GET", "/queue")
             try:
-                body = queue.json() if queue.status_code == 200 else None
+                body = answer_json(queue) if queue.status_code == 200 else None
             except ValueError:  # a proxy's page: not knowing what runs, interrupt nothing
                 body = None
             running = body.get("queue_running") if isinstance(body, dict) else None
@@ -817,7 +824,7 @@ class ComfyUIEngine(SendsCredentials):
         if response.status_code == 404:
             return self._refused(response, "/prompt")
         try:
-            body = response.json()
+            body = answer_json(response)
         except ValueError:
             return self.http.fail(response)
         if not isinstance(body, dict):
@@ -896,17 +903,23 @@ def _results_refused(node_errors: Any, graph: Mapping[str, Any]) -> bool:
     return False
 
 
+def _prompt_id(value: object) -> str | None:
+    """`value` as a prompt id requests may be built from (`/history/{id}`), or None. ComfyUI makes
+    uuid4s, as we do: an answer naming `../../admin/reset` had each poll sent to that path of the
+    host (a studio's gateway, with the URL's credentials), and saved it for the next attempt."""
+    return value if isinstance(value, str) and PROMPT_ID.fullmatch(value) else None
+
+
 def _queued_as(sending: asyncio.Task[httpx.Response]) -> str | None:
     """The prompt id a finished `POST /prompt` was queued under, if it was."""
     if not sending.done() or sending.cancelled() or sending.exception() is not None:
         return None
     response = sending.result()
     try:
-        body = response.json() if response.status_code == 200 else None
+        body = answer_json(response) if response.status_code == 200 else None
     except ValueError:
         return None
-    answered = body.get("prompt_id") if isinstance(body, dict) else None
-    return answered if isinstance(answered, str) and answered else None
+    return _prompt_id(body.get("prompt_id")) if isinstance(body, dict) else None
 
 
 def websocket_url(base: str, client_id: str) -> str:

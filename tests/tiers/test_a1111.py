@@ -833,3 +833,31 @@ def test_a_fork_s_odd_step_count_is_not_reported_and_does_not_end_the_job(odd: A
     A1111Engine._report(progress, {"sampling_step": 4, "sampling_steps": odd, "job_no": 0, "job_count": 1})
     A1111Engine._report(progress, {"sampling_step": 4, "sampling_steps": 10, "job_no": 0, "job_count": 1})
     assert progress.steps == [(4, 10)]
+
+
+@respx.mock
+async def test_an_info_nested_past_the_recursion_limit_is_the_engine_s_error_not_a_crash(
+        engine: A1111Engine) -> None:
+    # Its RecursionError, which nothing expected, failed the job as a bug, its images made.
+    task_is("unknown")
+    body = ok_body()
+    body["info"] = "[" * 100_000 + "]" * 100_000
+    respx.post(URL).mock(return_value=httpx.Response(200, json=body))
+    result = await engine.run(bridge(), NullProgress(), CancelToken())  # an info it cannot read is none
+    assert len(result.images) == 1
+    respx.post(URL).mock(return_value=httpx.Response(200, content=body["info"].encode()))
+    with pytest.raises(EngineError, match="not JSON"):
+        await engine.run(bridge(), NullProgress(), CancelToken())
+
+
+@respx.mock
+async def test_an_image_far_larger_than_asked_is_not_decoded(engine: A1111Engine) -> None:
+    """It renders the size asked. An answer of sixteen 8192x8192 PNGs (300 KB each) decoded to 4 GB
+    before any was stored; one was kept as the 768x512 job's image."""
+    task_is("unknown")
+    buf = io.BytesIO()
+    Image.new("RGB", (4096, 4096), (1, 2, 3)).save(buf, format="PNG")
+    body = {"images": [base64.b64encode(buf.getvalue()).decode()], "info": json.dumps({"all_seeds": [1]})}
+    respx.post(URL).mock(return_value=httpx.Response(200, json=body))
+    with pytest.raises(EngineError, match="returned a 4096x4096 image for the 768x512 asked"):
+        await engine.run(bridge(width=768, height=512), NullProgress(), CancelToken())

@@ -1203,3 +1203,52 @@ async def test_a_workflow_with_size_placeholders_makes_what_it_makes_of_them(eng
     with respx.mock:
         mock_server()  # its image is smaller than the 1024x768 asked: the workflow's own business
         assert len((await engine.run(bridge(), NullProgress(), CancelToken())).images) == 1
+
+
+DEEP = "[" * 100_000 + "]" * 100_000  # JSON nested past Python's recursion limit
+
+
+@respx.mock
+async def test_an_answer_nested_past_the_recursion_limit_fails_the_job_and_drops_the_prompt(
+        engine: ComfyUIEngine) -> None:
+    """Its RecursionError, which nothing expected, failed the job as an engine bug and skipped the
+    cleanup: the prompt rendered on the shared GPU for nobody."""
+    routes = mock_server()
+    routes["history"].side_effect = lambda request: httpx.Response(
+        200, content=DEEP.encode(), headers={"content-type": "application/json"})
+    with pytest.raises(EngineError, match="not JSON"):
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    assert routes["queue"].called
+
+
+@respx.mock
+async def test_a_prompt_id_an_answer_chose_cannot_steer_requests_to_other_paths(engine: ComfyUIEngine) -> None:
+    """`/history/{id}` with an older server's own id: `../../admin/reset` had each poll sent to that
+    path of the host (a studio's gateway, with the URL's credentials)."""
+    routes = mock_server()
+    routes["prompt"].side_effect = lambda request: httpx.Response(
+        200, json={"prompt_id": "../../admin/reset", "number": 1, "node_errors": {}})
+    stray = respx.get(url__regex=r".*/admin/.*").mock(return_value=httpx.Response(200, json={}))
+    with pytest.raises(EngineError, match="no longer knows prompt"):  # followed by our own id
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    assert not stray.called
+    asked = {call.request.url.path for call in routes["history"].calls}
+    assert all(re.fullmatch(r"/history/[0-9a-f-]{36}", path) for path in asked), asked
+
+
+@respx.mock
+async def test_a_cancel_still_interrupts_when_the_queue_delete_fails(engine: ComfyUIEngine) -> None:
+    """One step failing (a proxy's 502 for the delete) sent no look at the queue and no interrupt:
+    the running prompt rendered on for nobody."""
+    routes = mock_server()  # GET /queue shows our prompt running
+    routes["queue"].mock(return_value=httpx.Response(502))
+    token = CancelToken()
+
+    def pending(request: httpx.Request) -> httpx.Response:
+        token.cancel()
+        return httpx.Response(200, json={})
+
+    routes["history"].side_effect = pending
+    with pytest.raises(Canceled):
+        await engine.run(bridge(), NullProgress(), token)
+    assert routes["interrupt"].called
