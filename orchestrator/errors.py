@@ -51,6 +51,7 @@ what the provider reported charging, when it answered before the job failed, or 
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Any, Literal
 
 from orchestrator.clock import iso
@@ -136,10 +137,24 @@ class PayloadTooLarge(OrchestratorError):
 # An id (or a cursor) is echoed in its error up to this length: ours are far shorter, and a
 # 5000-character one sent back whole twice (message and details) only fills a client's log.
 MAX_SHOWN_ID = 100
+# A project key's secret (see `orchestrator.keys`): recognisable in a leaked log or a secret
+# scanner, and tells the admin key apart without a lookup.
+SECRET_PREFIX = "orch_pk_"
+# Anything that starts like a secret, whole or cut short, where text is shown or logged; in a URL
+# (an access log's) its underscores may come percent-encoded.
+_SECRET_LIKE = re.compile(r"orch(?:_|%5[fF])pk(?:_|%5[fF])[A-Za-z0-9_%-]+")
+
+
+def mask_secrets(text: str) -> str:
+    """`text` with every key's secret in it cut to its prefix (an access log's URL, a message)."""
+    return _SECRET_LIKE.sub(SECRET_PREFIX + "…", text)
 
 
 def shown(text: str) -> str:
-    """An id or cursor a client sent, as an error echoes it: cut to `MAX_SHOWN_ID` characters."""
+    """An id or cursor a client sent, as an error echoes it: a key's secret sent in its place
+    masked (a pipeline given `PROJECT=$KEY` had it in every error body, and so in its logs), and
+    cut to `MAX_SHOWN_ID` characters."""
+    text = mask_secrets(text)
     return text if len(text) <= MAX_SHOWN_ID else text[:MAX_SHOWN_ID] + "…"
 
 

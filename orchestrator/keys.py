@@ -18,29 +18,19 @@ from sqlmodel import col, select
 from orchestrator import idempotency
 from orchestrator.clock import utcnow
 from orchestrator.db import Database
-from orchestrator.errors import Conflict, NotFound, not_found
+from orchestrator.errors import SECRET_PREFIX, Conflict, NotFound, mask_secrets, not_found
 from orchestrator.ids import new_id
 from orchestrator.models import ApiKey
 
-# Recognisable in a leaked log or a secret scanner, and tells the admin key apart without a lookup.
-SECRET_PREFIX = "orch_pk_"
 # What every secret `create` makes looks like: a token of another shape is refused without the
 # database read a lookup costs (a flood of made-up ones would queue behind the real ones).
 SECRET_RE = re.compile(re.escape(SECRET_PREFIX) + r"[A-Za-z0-9_-]{43}")
 SHOWN_PREFIX = len(SECRET_PREFIX) + 6
-# Anything that starts like a secret, whole or cut short, where text is shown or logged.
-_SECRET_LIKE = re.compile(re.escape(SECRET_PREFIX) + r"[A-Za-z0-9_-]+")
-
-
-def mask_secrets(text: str) -> str:
-    """`text` with every key's secret in it cut to its prefix (an access log's URL, a message)."""
-    return _SECRET_LIKE.sub(SECRET_PREFIX + "…", text)
 
 
 def _no_key(key_id: str) -> NotFound:
     if key_id.startswith(SECRET_PREFIX):
-        # The secret sent for the id (`.../keys/{key_id}`): echoed, it landed in the client's
-        # logs and tickets as well as the server's.
+        # The secret sent for the id (`.../keys/{key_id}`): said what the path takes.
         return NotFound("no key has that id: the path takes the key's id (`key_...`, from its creation "
                         "or the project's key list), not its secret, which is not repeated here",
                         details={"key_id": mask_secrets(key_id)})

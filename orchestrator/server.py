@@ -18,12 +18,11 @@ import uvicorn
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from orchestrator import keys
 from orchestrator.api.cross_site import is_loopback
 from orchestrator.api.errors import StartTracker, answer
 from orchestrator.app import create_app
 from orchestrator.db import REQUEST_GATE, RequestGate
-from orchestrator.errors import ServerStopping
+from orchestrator.errors import ServerStopping, mask_secrets
 from orchestrator.http_protocol import BoundedHttpToolsProtocol
 from orchestrator.services import Stopped
 from orchestrator.settings import Settings
@@ -185,7 +184,7 @@ class _MaskSecrets(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.args, tuple):
-            record.args = tuple(keys.mask_secrets(a) if isinstance(a, str) else a for a in record.args)
+            record.args = tuple(mask_secrets(a) if isinstance(a, str) else a for a in record.args)
         return True
 
 

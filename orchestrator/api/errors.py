@@ -18,7 +18,6 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from orchestrator import keys
 from orchestrator.api.deps import caller_of
 from orchestrator.api.json_body import UnreadableJSON
 from orchestrator.db import commit_in_doubt, disk_full, tables_missing, transient
@@ -37,6 +36,7 @@ from orchestrator.errors import (
     TooManyJobs,
     Unauthorized,
     first_line,
+    mask_secrets,
     shown,
 )
 from orchestrator.outage import REMIND_SECONDS, Outage
@@ -342,7 +342,7 @@ def install(app: FastAPI) -> None:
             details = {"errors": [{"loc": ["body"], "msg": detail, "type": "json_invalid"}]}
         if exc.status_code == 404 and detail == "Not Found":  # the router's: no route has this path
             path = request.url.path
-            detail = f"no such path: {keys.mask_secrets(path[:200])}" + (" (the API's paths have no trailing slash)"
+            detail = f"no such path: {mask_secrets(path[:200])}" + (" (the API's paths have no trailing slash)"
                                                  if len(path) > 1 and path.endswith("/") else
                                                  " (the API's paths are listed at /docs)"
                                                  if path in ("/", "/v1") else "")
@@ -350,7 +350,7 @@ def install(app: FastAPI) -> None:
             # Pages outside the document (/openapi.json, /docs) keep Starlette's list: theirs was empty.
             allowed = _allowed_methods(request, (headers or {}).get("Allow", ""))
             headers = {**(headers or {}), "Allow": allowed}
-            detail = (f"{request.method[:20]} is not allowed on {keys.mask_secrets(request.url.path[:200])}; "
+            detail = (f"{request.method[:20]} is not allowed on {mask_secrets(request.url.path[:200])}; "
                       f"it answers {allowed}")
             details = {"allowed": allowed.split(", ")}
         error = _STARLETTE.get(exc.status_code, OrchestratorError)(detail, details=details)

@@ -16,7 +16,7 @@ from orchestrator.api.errors import BodyValidationError
 from orchestrator.api.json_body import StrictJSONRoute
 from orchestrator.api.paths import PolicyName
 from orchestrator.api.query import Limit
-from orchestrator.errors import InvalidRequest, not_found
+from orchestrator.errors import InvalidRequest, not_found, shown
 from orchestrator.models import Project
 from orchestrator.routing import policy_warnings
 from orchestrator.schemas import (
@@ -52,7 +52,7 @@ def list_policies(services: ServicesDep, caller: CallerDep, limit: Limit = 50,
     admin = caller.project_id is None
     if cursor and not POLICY_NAME.fullmatch(cursor):  # as other lists: it would start the list somewhere
         raise InvalidRequest("malformed cursor: pass back the 'next_cursor' of the previous page",
-                             details={"cursor": cursor}, loc=("query", "cursor"))
+                             details={"cursor": shown(cursor)}, loc=("query", "cursor"))
     own = None if caller.project_id is None else _own_policy(services, caller.project_id)
     rows = [p for p in services.policies.list()
             if (not cursor or p.name > cursor) and (admin or p.name == own)][:limit + 1]

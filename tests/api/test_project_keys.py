@@ -16,6 +16,7 @@ import pytest
 from sqlalchemy.exc import OperationalError
 
 from orchestrator import keys
+from orchestrator.errors import SECRET_PREFIX
 from orchestrator.settings import Settings
 from tests.api import SLOW, SMALL, assert_error, create_project, iter_sse, read_events, run_draft
 
@@ -279,7 +280,7 @@ def test_a_key_s_secret_sent_for_its_id_is_never_repeated(world: World, caplog: 
         for method in ("GET", "DELETE"):
             response = world.admin.request(method, f"/v1/projects/{world.a}/keys/{secret}")
             error = assert_error(response, 404, "not_found")
-            assert secret not in response.text and secret[len(keys.SECRET_PREFIX):] not in response.text
+            assert secret not in response.text and secret[len(SECRET_PREFIX):] not in response.text
             assert "not its secret" in error["message"] and error["details"] == {"key_id": "orch_pk_…"}
         # Nor in the router's own answers: a path with a trailing slash, a method the route lacks.
         for method, path, status, code in (("DELETE", f"/v1/projects/{world.a}/keys/{secret}/", 404, "not_found"),
@@ -288,11 +289,24 @@ def test_a_key_s_secret_sent_for_its_id_is_never_repeated(world: World, caplog: 
                                             "method_not_allowed")):
             response = world.admin.request(method, path)
             assert_error(response, status, code)
-            assert secret[len(keys.SECRET_PREFIX):] not in response.text and "orch_pk_…" in response.text
+            assert secret[len(SECRET_PREFIX):] not in response.text and "orch_pk_…" in response.text
+        # Nor sent where any other id or a cursor goes (a pipeline given `PROJECT=$KEY`): every
+        # such error quoted it, twice, into the client's logs.
+        for client in (world.mine, world.admin):
+            for response in (client.post(f"/v1/projects/{secret}/drafts", json={"prompt": "x"}),
+                             client.get("/v1/jobs", params={"project_id": secret}),
+                             client.get(f"/v1/jobs/{secret}"), client.get(f"/v1/assets/{secret}"),
+                             client.get("/v1/projects", params={"cursor": secret}),
+                             client.get("/v1/policies", params={"cursor": secret}),
+                             client.get(f"/v1/projects/{secret}/keys")):
+                assert response.status_code in (403, 404, 422), response.text
+                assert secret[len(SECRET_PREFIX):] not in response.text, response.text
+        # Nor in the access log with its underscores percent-encoded.
+        world.mine.get(f"/v1/jobs/x/events?token={secret.replace('_', '%5F')}")
     assert world.mine.get(f"/v1/projects/{world.a}").status_code == 200  # nothing was revoked
     lines = [r.getMessage() for r in caplog.records if r.name == "uvicorn.access"]
     assert any(f"/v1/projects/{world.a}/keys/orch_pk_…" in line for line in lines), lines
-    assert not any(secret[len(keys.SECRET_PREFIX):] in line for line in lines), lines
+    assert not any(secret[len(SECRET_PREFIX):] in line for line in lines), lines
     # Another id is echoed as any missing id is.
     assert "key_nope" in assert_error(world.admin.get(f"/v1/projects/{world.a}/keys/key_nope"), 404,
                                       "not_found")["message"]
