@@ -332,8 +332,9 @@ class Ledger:
         if capture is None or capture.project_id != project_id:
             raise not_found("ledger entry", "entry_id", str(entry_id))
         if capture.kind != "capture" or not capture.unreconciled:
+            article = "an" if capture.kind[:1] in "aeiou" else "a"  # an adjustment
             raise Conflict("only an unreconciled capture can be reconciled; this entry is "
-                           + (f"a {capture.kind}" if capture.kind != "capture"
+                           + (f"{article} {capture.kind}" if capture.kind != "capture"
                               else "a settled capture (its cost was known, or it is reconciled already)"),
                            details={"entry_id": str(entry_id), "kind": capture.kind})
         capture.unreconciled = False

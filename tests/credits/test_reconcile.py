@@ -110,7 +110,7 @@ def test_only_unreconciled_captures_of_the_project(api: httpx.Client) -> None:
     project_id, _, capture = timed_out(api)
     hold = next(e for e in ledger(api, project_id) if e["kind"] == "hold")
     error = assert_error(reconcile(api, project_id, hold["id"], charged=1), 409, "conflict")
-    assert "a hold" in error["message"]
+    assert "this entry is a hold" in error["message"]
     other_id, _ = project_with_draft(api)
     for project, entry in ((other_id, capture["id"]), (project_id, "999999999"), (project_id, "0x1"),
                            (project_id, "01"), (project_id, "9" * 30)):
@@ -119,3 +119,8 @@ def test_only_unreconciled_captures_of_the_project(api: httpx.Client) -> None:
         assert_error(api.post(f"/v1/projects/{project_id}/ledger/{capture['id']}/reconcile", json=body),
                      422, "invalid_request")
     assert budget(api, project_id)["charged"] == PRICE  # nothing of that moved money
+    # The adjustment a reconcile writes: "this entry is a adjustment" before.
+    assert reconcile(api, project_id, capture["id"], charged=2).status_code == 201
+    adjustment = next(e for e in ledger(api, project_id) if e["kind"] == "adjustment")
+    error = assert_error(reconcile(api, project_id, adjustment["id"], charged=1), 409, "conflict")
+    assert "this entry is an adjustment" in error["message"]
