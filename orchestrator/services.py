@@ -62,31 +62,27 @@ def config_file_problem() -> str | None:
     if named and not named.strip():  # told as "no such file: " and a name that could not be seen
         return f"{CONFIG_FILE_VARIABLE}: is blank ({named!r}): name a TOML file, or unset it for ./orchestrator.toml"
     path = Path(os.path.expanduser(named)) if named else None
-    if path is None or path.is_file():
-        return None
-    return f"{CONFIG_FILE_VARIABLE}: {'is a directory, not a TOML file' if path.is_dir() else 'no such file'}: {named}"
+    try:
+        if path is None or path.is_file():
+            return None
+        kind = "is a directory, not a TOML file" if path.is_dir() else "no such file"
+    except OSError as exc:  # a folder this user may not open, a name too long: `check` raised it
+        return f"{CONFIG_FILE_VARIABLE}: cannot be read ({exc.strerror or exc}): {str(named)[:200]}"
+    return f"{CONFIG_FILE_VARIABLE}: {kind}: {named}"
 
 
 def startup_problems(settings: Settings, *, service: bool = True) -> list[str]:
     """What would stop the service from starting, each naming the setting to fix: the CLI prints
     these instead of a traceback from inside the server's start-up. `service=False` (migrate)
-    leaves out what only a running service reads: prices and policies."""
+    leaves out what only a running service reads: prices and policies. The folders are made and
+    probed last, once nothing else is refused: a refused start (a policy's typo) left a data dir,
+    its `assets/` and `locks/`, wherever a mistyped ORCH_DATA_DIR pointed."""
     problems = [problem] if (problem := config_file_problem()) else []
     problems.extend(database_url_problems(settings.resolved_database_url))
     if "*" in settings.cors_origin_list and settings.admin_key is None:
         problems.append(f"{source_of('cors_origins')}: * without ORCH_ADMIN_KEY would let every web page its users "
                         "open drive the service (and spend the budgets): set ORCH_ADMIN_KEY, or list the "
                         "dashboards' origins")
-    # `migrate` on a database of its own (PostgreSQL, a SQLite file elsewhere) writes nothing there.
-    if service or not settings.database_url:
-        problems.extend(_data_dir_problems(settings, assets=service))
-    if service and TINY_MODEL in {settings.lite_model, settings.effective_hifi_model}:
-        problems.extend(_cache_dir_problems(settings))
-    elif service and "auto" in {settings.lite_model, settings.effective_hifi_model}:
-        # `auto` builds it only when no real model is at hand: the start goes on, told.
-        for problem in _cache_dir_problems(settings):
-            log.warning("%s: with ORCH_LITE_MODEL=auto and no real model at hand, the offline tiny model it falls "
-                        "back to cannot be built there", problem)
     if service:
         problems.extend(f"{source_of('engines')}: {problem}" for problem in extra_engine_problems(settings.engines))
         try:
@@ -101,6 +97,22 @@ def startup_problems(settings: Settings, *, service: bool = True) -> list[str]:
         if settings.policy not in policies:
             problems.append(f"{source_of('policy')}: '{settings.policy}' is not a loaded policy "
                             f"(known: {', '.join(policies.names())})")
+    # `migrate` on a database of its own (PostgreSQL, a SQLite file elsewhere) writes nothing there.
+    data_dir = service or not settings.database_url
+    if problems:
+        # Said with the others all the same, where it takes no folder made to tell.
+        if data_dir and (file := file_in_the_way(settings.data_dir)) is not None:
+            problems.append(f"{source_of('data_dir')}: {not_a_directory(settings.data_dir, file)}")
+        return problems
+    if data_dir:
+        problems.extend(_data_dir_problems(settings, assets=service))
+    if service and TINY_MODEL in {settings.lite_model, settings.effective_hifi_model}:
+        problems.extend(_cache_dir_problems(settings))
+    elif service and "auto" in {settings.lite_model, settings.effective_hifi_model}:
+        # `auto` builds it only when no real model is at hand: the start goes on, told.
+        for problem in _cache_dir_problems(settings):
+            log.warning("%s: with ORCH_LITE_MODEL=auto and no real model at hand, the offline tiny model it falls "
+                        "back to cannot be built there", problem)
     return problems
 
 
@@ -225,6 +237,11 @@ def database_url_problems(text: str) -> list[str]:
         # `check` read it as the relative path `x.db` under another folder.
         return [f"{told}: {shown} names a host, which a SQLite URL does not: a file is "
                 "sqlite:////absolute/path.db (four slashes) or sqlite:///relative/path.db (three)"]
+    if url.get_backend_name() == "sqlite" and (url.database or "").startswith("~"):
+        # SQLite takes it as a folder named `~` under the working directory: processes started
+        # from two folders used two databases, and `migrate` made the one nobody meant.
+        return [f"{told}: {shown}: a SQLite URL's path is not expanded; write the home folder out "
+                "(sqlite:////home/studio/orchestrator.db), or leave it unset for ORCH_DATA_DIR's"]
     if url.get_backend_name() == "sqlite" and _in_memory(url):
         # Each connection would open its own empty database: the tables made at start vanish.
         return [f"{told}: an in-memory SQLite database cannot be shared between the service's "

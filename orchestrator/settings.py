@@ -139,7 +139,9 @@ class Settings(BaseSettings):
     max_streams_per_key: int = Field(64, ge=0)
 
     # Seconds a running job's lease lasts without a heartbeat before the sweeper recovers it.
-    lease_seconds: float = Field(60.0, gt=0, le=DAY, allow_inf_nan=False)
+    # Floored: renewed every third of it, 0.001 kept an idle service's core busy, and each other
+    # process read as dead (its presence is stale after three leases).
+    lease_seconds: float = Field(60.0, ge=0.5, le=DAY, allow_inf_nan=False)
     # Floored: 1e-9 kept an idle service's core busy (for the poll below too).
     sweep_interval: float = Field(15.0, ge=0.05, le=DAY, allow_inf_nan=False)
     # Seconds a stop waits for paid requests already sent to a provider that nothing could follow
@@ -389,10 +391,19 @@ def _origin(origin: str) -> str:
     except ValueError:
         raise ValueError(f"{origin!r} is not an origin: its port is not a number from 1 to 65535") from None
     host = parts.hostname or ""
-    if parts.username is not None or parts.password is not None or not host or port == 0:
+    if parts.username is not None or parts.password is not None:
+        # Not quoted: its password went to the terminal and the journal.
+        raise ValueError(f"an origin has no user or password: {problem}")
+    if not host or port == 0:
         raise ValueError(f"{origin!r} is not an origin: {problem}")
     if "*" in host:
         raise ValueError(f"{origin!r}: wildcards are not supported; list each origin")
+    try:
+        # As a browser sends it: `https://bücher.example` comes as `https://xn--bcher-kva.example`,
+        # and its dashboard was refused with nothing in the log.
+        host = host.encode("idna").decode("ascii") if not host.isascii() else host
+    except UnicodeError:
+        raise ValueError(f"{origin!r} is not an origin: its host is not a name a browser can send") from None
     scheme = parts.scheme.lower()
     if ":" in host:  # IPv6
         host = f"[{host}]"
@@ -419,8 +430,9 @@ def source_of(field: str) -> str:
     """Where a setting's value came from, as a problem with it is told: its ORCH_ variable, or
     else the config file's key (`orchestrator.toml: data_dir`)."""
     variable = f"{PREFIX}{field.upper()}"
-    # An empty one is not set (`_EnvSource`): the file's value was read.
-    if any(name.upper() == variable and (value or field == "admin_key") for name, value in os.environ.items()):
+    # An empty or blank one is not set (`_EnvSource`): the file's value was read, and the blank
+    # variable (a CRLF env file's `ORCH_POLICY=\r`) was named for it.
+    if any(name.upper() == variable and (value.strip() or field == "admin_key") for name, value in os.environ.items()):
         return variable
     path = Path(str(Settings.model_config.get("toml_file") or ""))
     try:

@@ -338,6 +338,9 @@ def test_a_torch_thread_count_past_any_machine_is_refused(toml_file: Path, monke
     ("ORCH_STOP_GRACE", "inf", "finite number"),         # a stop that waited forever
     ("ORCH_REMOTE_DEADLINE", "1e300", "less than or equal to 86400"),
     ("ORCH_POLL_INTERVAL", "nan", "finite number"),
+    # Renewed every third of it: an idle service's core busy, every other process read as dead.
+    ("ORCH_LEASE_SECONDS", "0.001", "greater than or equal to 0.5"),
+    ("ORCH_LEASE_SECONDS", "1e-300", "greater than or equal to 0.5"),
 ])
 def test_a_duration_past_a_day_or_not_finite_is_refused(toml_file: Path, monkeypatch: pytest.MonkeyPatch,
                                                          variable: str, value: str, told: str) -> None:
@@ -467,3 +470,58 @@ def test_a_data_dir_set_in_the_file_is_named_as_the_file_s_key(toml_file: Path, 
     toml_file.write_text(f'database_url = "sqlite:///{toml_file.parent / "empty.db"}"\n')
     assert main(["check"]) == 2
     assert f"or is {toml_file}: database_url right?)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("refused", [{"ORCH_POLICY": "nope"}, {"ORCH_CORS_ORIGINS": "*"},
+                                     {"ORCH_PRICES_FILE": "/nonexistent/prices.toml"},
+                                     {"ORCH_DATABASE_URL": "sqlite:///:memory:"}])
+def test_a_refused_start_makes_no_data_dir(toml_file: Path, monkeypatch: pytest.MonkeyPatch,
+                                           capsys: pytest.CaptureFixture[str], refused: dict[str, str]) -> None:
+    # A mistyped ORCH_DATA_DIR left a data dir, its assets/ and locks/ for each start refused.
+    data = toml_file.parent / "mistyped-data"
+    monkeypatch.setenv("ORCH_DATA_DIR", str(data))
+    for name, value in refused.items():
+        monkeypatch.setenv(name, value)
+    assert main(["serve", "--port", "1"]) == 2
+    assert capsys.readouterr().err.startswith("orchestrator: ")
+    assert not data.exists()
+
+
+def test_config_file_path_that_cannot_be_looked_at_is_one_line(toml_file: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    # `check` raised the OSError of a name too long (or a folder this user may not open) as a traceback.
+    monkeypatch.setenv("ORCH_CONFIG_FILE", "x" * 300 + ".toml")
+    for command in ("check", "migrate"):
+        assert main([command]) == 2
+        assert "ORCH_CONFIG_FILE: cannot be read (File name too long)" in capsys.readouterr().err
+
+
+def test_a_blank_variable_is_not_named_for_the_file_s_value(toml_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A CRLF env file's `ORCH_POLICY=\r` is not set (the file's value is read): it was named for it.
+    from orchestrator.services import startup_problems
+
+    toml_file.write_text('policy = "nope"\n')
+    monkeypatch.setenv("ORCH_POLICY", "\r")
+    settings = Settings()
+    assert settings.policy == "nope"
+    assert f"{toml_file}: policy: 'nope' is not a loaded policy" in "\n".join(startup_problems(settings))
+
+
+def test_a_sqlite_url_under_home_is_refused_not_made_in_a_folder_named_tilde(
+        toml_file: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(toml_file.parent)
+    monkeypatch.setenv("ORCH_DATABASE_URL", "sqlite:///~/orch.db")
+    assert main(["migrate"]) == 2
+    assert "a SQLite URL's path is not expanded" in capsys.readouterr().err
+    assert not (toml_file.parent / "~").exists()
+
+
+def test_cors_origins_are_kept_as_browsers_send_them_and_a_password_is_not_printed(
+        toml_file: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    # A browser sends `https://xn--bcher-kva.example`: the dashboard was refused with nothing in the log.
+    monkeypatch.setenv("ORCH_CORS_ORIGINS", "https://Bücher.example,https://plain.example")
+    assert Settings().cors_origin_list == ["https://xn--bcher-kva.example", "https://plain.example"]
+    monkeypatch.setenv("ORCH_CORS_ORIGINS", "https://dash:s3cret@dash.example")
+    assert main(["migrate"]) == 2
+    said = capsys.readouterr().err
+    assert "an origin has no user or password" in said and "s3cret" not in said
