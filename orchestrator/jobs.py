@@ -79,16 +79,18 @@ def _fitting(source: Asset, field: str, least: int, max_width: int, max_height: 
     within `least`..`max_width` x `least`..`max_height`, as the request may give them (a side a
     multiple of SIDE_MULTIPLE, a scale to 3 decimals); None when no value does."""
     w, h = source.width, source.height
+    widest, highest = (max_width // SIDE_MULTIPLE * SIDE_MULTIPLE, max_height // SIDE_MULTIPLE * SIDE_MULTIPLE)
     if field == "scale":
         low = math.ceil(max(least / w, least / h) * 1000) / 1000
         # Within PolishCreate.scale's own bounds: the fitting scales a refusal tells may be sent.
         # Against the largest side a multiple of 8 reaches: a side is rounded to one (a 1022 px
         # limit named 7.984 as fitting a 128 px source, which made it 1024 and was refused).
-        widest, highest = (max_width // SIDE_MULTIPLE * SIDE_MULTIPLE, max_height // SIDE_MULTIPLE * SIDE_MULTIPLE)
         high = math.floor(min(widest / w, highest / h, MAX_SCALE) * 1000) / 1000
     else:
         ratio = h / w if field == "width" else w / h  # the other side, per pixel of this one
-        mine, other = (max_width, max_height) if field == "width" else (max_height, max_width)
+        # As for a scale: the other side is rounded to a multiple of 8 too (a 300 px limit named
+        # 200 as fitting a 64x96 source, which made it 304).
+        mine, other = (widest, highest) if field == "width" else (highest, widest)
         low = math.ceil(max(least, least / ratio, MIN_SIDE) / SIDE_MULTIPLE) * SIDE_MULTIPLE
         high = math.floor(min(mine, other / ratio, MAX_SIDE) / SIDE_MULTIPLE) * SIDE_MULTIPLE
     return (low, high) if 0 < low <= high else None

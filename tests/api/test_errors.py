@@ -1217,6 +1217,13 @@ def test_the_scales_a_refusal_names_as_fitting_all_fit_a_limit_off_the_multiple_
     fits = _fitting(source, "scale", 64, 1022, 1022)  # type: ignore[arg-type]
     assert fits is not None
     assert _round_to(128 * fits[1], 8) <= 1022 and fits[1] == 7.937
+    # A width or height given: ORCH_LOCAL_MAX_SIZE=300 named a width of 200 as fitting a 64x96
+    # source, whose height that makes 300 exactly, rounded to 304 and refused in turn.
+    tall = SimpleNamespace(width=64, height=96)
+    for field, ratio in (("width", 1.5), ("height", 1 / 1.5)):
+        fits = _fitting(tall, field, 64, 300, 300)  # type: ignore[arg-type]
+        assert fits is not None
+        assert fits[1] <= 296 and _round_to(fits[1] * ratio, 8) <= 300, (field, fits)
 
 
 def test_a_database_emptied_under_the_service_says_so_not_internal_error(
