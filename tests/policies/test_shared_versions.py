@@ -65,6 +65,34 @@ def look_twice(*processes: PolicyStore) -> None:
             each.resync()
 
 
+def all_keep_local(*processes: PolicyStore) -> None:
+    """After `look_twice`, every process serves the private version."""
+    look_twice(*processes)
+    assert [each.get("studio").keeps_all_local for each in processes] == [True] * len(processes)
+
+
+class ToldLate(PolicyVersions):
+    """A process's versions whose next write first waits while `meanwhile` runs, once: another
+    process's doings while its read waited on the lock (or the database blinked)."""
+
+    meanwhile: Callable[[], None] | None = None
+
+    def remember(self, seen: Sequence[Seen]) -> None:
+        if (then := self.meanwhile) is not None:
+            self.meanwhile = None
+            then()
+        super().remember(seen)
+
+
+def undone_while_told_late(file: Path, late: ToldLate, editor: PolicyStore, undo: Callable[[], None]) -> None:
+    """`editor` reads a cloud edit of the private `file`; before its read is told, `undo` runs
+    (the edit undone, and read by another process); then a typo refuses the file."""
+    file.write_text(STUDIO_CLOUD)
+    late.meanwhile = undo
+    assert editor.reload() == []
+    file.write_text(BROKEN)
+
+
 def private_studio(make_settings: Callable[..., Settings], tmp_path: Path) -> tuple[Path, Settings]:
     """A service's settings whose ORCH_POLICY_DIR holds the private `studio.toml` (returned too)."""
     folder = tmp_path / "policies"
@@ -392,26 +420,16 @@ def test_an_undo_read_while_a_slower_process_tells_the_undone_edit_stays_the_ser
     a = stores_one(tmp_path, PolicyVersions(db))
     b = stores_one(tmp_path, PolicyVersions(db))
 
-    class Slow(PolicyVersions):
-        meanwhile = False
+    def undo() -> None:
+        file.write_text(STUDIO_LOCAL)
+        assert b.reload() == [] and b.get("studio").keeps_all_local  # read after C's read
 
-        def remember(self, seen: Sequence[Seen]) -> None:
-            if self.meanwhile:
-                self.meanwhile = False
-                file.write_text(STUDIO_LOCAL)  # the undo
-                assert b.reload() == [] and b.get("studio").keeps_all_local  # read after C's read
-            super().remember(seen)
-
-    slow = Slow(db)
-    c = stores_one(tmp_path, slow)
-    file.write_text(STUDIO_CLOUD)
-    slow.meanwhile = True
-    assert c.reload() == []
+    late = ToldLate(db)
+    c = stores_one(tmp_path, late)
+    undone_while_told_late(file, late, c, undo)
     # B restarts (a rolling deploy): its read of the undo was never written.
-    file.write_text(BROKEN)
     d = stores_one(tmp_path, PolicyVersions(db))  # B, started again
-    look_twice(a, c, d)
-    assert [each.get("studio").keeps_all_local for each in (a, c, d)] == [True, True, True]
+    all_keep_local(a, c, d)
 
 
 def test_a_stale_read_told_again_does_not_replace_a_read_kept_from_a_clock_since_set_back(
@@ -556,26 +574,16 @@ def test_a_late_tell_does_not_replace_a_later_read_of_what_was_kept_from_a_clock
     p0 = stores_one(tmp_path, PolicyVersions(db))
     set_right()
 
-    class Slow(PolicyVersions):
-        meanwhile = False
+    def undo() -> None:
+        time.sleep(0.01)
+        file.write_text(STUDIO_LOCAL)
+        assert b.reload() == [] and b.get("studio").keeps_all_local  # read after C's read
 
-        def remember(self, seen: Sequence[Seen]) -> None:
-            if self.meanwhile:
-                self.meanwhile = False
-                time.sleep(0.01)
-                file.write_text(STUDIO_LOCAL)  # the undo
-                assert b.reload() == [] and b.get("studio").keeps_all_local  # read after C's read
-            super().remember(seen)
-
-    slow = Slow(db)
+    late = ToldLate(db)
     c = stores_one(tmp_path, PolicyVersions(db))
-    c.shared = slow  # from its next load
-    file.write_text(STUDIO_CLOUD)
-    slow.meanwhile = True
-    assert c.reload() == []
-    file.write_text(BROKEN)
-    look_twice(p0, b, c)
-    assert [each.get("studio").keeps_all_local for each in (p0, b, c)] == [True, True, True]
+    c.shared = late  # from its next load
+    undone_while_told_late(file, late, c, undo)
+    all_keep_local(p0, b, c)
 
 
 def test_a_kept_version_that_does_not_load_here_is_warned_of_once(
@@ -632,26 +640,16 @@ def test_a_late_tell_of_a_read_stamped_by_a_clock_since_set_back_does_not_replac
     file.write_text(STUDIO_LOCAL)
     a = PolicyStore(tmp_path, include_builtins=False, shared=PolicyVersions(db))
 
-    class Slow(PolicyVersions):
-        meanwhile = False
+    def undo() -> None:
+        monkeypatch.setattr(clock, "_host_us", real)  # corrected while B's write waited
+        file.write_text(STUDIO_LOCAL)
+        assert a.reload() == [] and a.get("studio").keeps_all_local  # the latest good read
 
-        def remember(self, seen: Sequence[Seen]) -> None:
-            if self.meanwhile:
-                self.meanwhile = False
-                monkeypatch.setattr(clock, "_host_us", real)  # corrected while B's write waited
-                file.write_text(STUDIO_LOCAL)  # the undo
-                assert a.reload() == [] and a.get("studio").keeps_all_local  # the latest good read
-            super().remember(seen)
-
-    slow = Slow(db)
-    b = PolicyStore(tmp_path, include_builtins=False, shared=slow)
+    late = ToldLate(db)
+    b = PolicyStore(tmp_path, include_builtins=False, shared=late)
     clock_ahead(monkeypatch)
-    file.write_text(STUDIO_CLOUD)
-    slow.meanwhile = True
-    assert b.reload() == []
-    file.write_text(BROKEN)
-    look_twice(a, b)
-    assert [each.get("studio").keeps_all_local for each in (a, b)] == [True, True]
+    undone_while_told_late(file, late, b, undo)
+    all_keep_local(a, b)
 
 
 def test_a_reload_racing_a_look_that_drops_a_policy_does_not_raise(
