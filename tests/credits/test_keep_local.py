@@ -18,7 +18,7 @@ from sqlalchemy.exc import OperationalError
 from orchestrator.policy_versions import PolicyVersions
 from orchestrator.server import serve_in_thread
 from orchestrator.settings import Settings
-from policies import Seen
+from policies import PolicyStore, Seen
 from policies.loader import content_hash
 from tests import fakes
 from tests.credits import DRAFT, ledger, poll, project_with_draft, promote_ok, wait_for_job
@@ -547,15 +547,33 @@ def test_a_worker_that_found_a_policy_file_refused_while_the_database_was_away_s
         remember(self, seen)
 
     monkeypatch.setattr(PolicyVersions, "remember", blinking)
+    # The worker must never read the good edit itself: its watcher, looking every 0.1 s, could
+    # load it while the API process reloads (a slow machine), and serve it before the database is back.
+    stores: list[PolicyStore] = []
+    made, fingerprint = PolicyStore.__init__, PolicyStore.fingerprint
+    blind = threading.Event()
+
+    def making(self: PolicyStore, *args: Any, **kwargs: Any) -> None:
+        stores.append(self)
+        made(self, *args, **kwargs)
+
+    def looking(self: PolicyStore) -> object:
+        return self.loaded_fingerprint if blind.is_set() and self is stores[0] else fingerprint(self)
+
+    monkeypatch.setattr(PolicyStore, "__init__", making)
+    monkeypatch.setattr(PolicyStore, "fingerprint", looking)
     runs = paid_settings_for(data, policy="studio", policy_dir=policies, poll_interval=0.1)
     routes = paid_settings_for(data, policy="studio", policy_dir=policies, run_jobs=False, poll_interval=0.1)
     with serve_in_thread(runs) as run_base, httpx.Client(base_url=run_base, timeout=30) as runner, \
             serve_in_thread(routes) as api_base, httpx.Client(base_url=api_base, timeout=30) as api:
+        assert len(stores) == 2  # the worker's first
         _, asset_id = project_with_draft(runner)
         away.set()
+        blind.set()
         file.write_text(STUDIO_LOCAL)
         assert api.post("/v1/policies/reload").json()["errors"] == []
         file.write_text(STUDIO_CLOUD.replace("[[rules]]", "[[rules", 1))
+        blind.clear()
         assert runner.post("/v1/policies/reload").json()["errors"] != []
         assert runner.get("/v1/policies/studio").json()["content_hash"] == content_hash(STUDIO_CLOUD.encode())
         with caplog.at_level(logging.WARNING, logger="orchestrator.services"):
