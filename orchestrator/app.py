@@ -31,7 +31,7 @@ from orchestrator.api.errors import install as install_errors
 from orchestrator.api.head import HeadAsGet
 from orchestrator.api.query import DropEmptyQueryValues, single_valued_query
 from orchestrator.api.request_limits import RequestLimits
-from orchestrator.db import Database, WriteLockHeld, tables_missing, transient
+from orchestrator.db import Database, WriteLockHeld, WritesRefused, refuses_writes, tables_missing, transient
 from orchestrator.errors import DatabaseUnavailable
 from orchestrator.outage import Outage
 from orchestrator.schemas import Health
@@ -53,7 +53,7 @@ class Readiness:
         self._pending: asyncio.Future[None] | None = None
         # A held write lock is told as a line, as a database away is: not a bug's traceback.
         self._outage = Outage(log, "the readiness check", "/readyz answers 503", level=logging.WARNING,
-                              away=lambda exc: transient(exc) or isinstance(exc, WriteLockHeld))
+                              away=lambda exc: transient(exc) or isinstance(exc, WriteLockHeld | WritesRefused))
 
     async def check(self, db: Database) -> None:
         if self._pending is None or self._pending.done():
@@ -67,6 +67,9 @@ class Readiness:
             elif isinstance(exc, WriteLockHeld):
                 said = (f"lets no write start: its write lock has been held for over {exc.waited:g} s (a process "
                         "stopped mid-transaction, or another program's long write), and every write waits for it")
+            elif isinstance(exc, WritesRefused) or refuses_writes(exc):
+                said = ("takes no writes: a read-only standby or session (a failover under way, a maintenance "
+                        "window, or the URL names a replica)")
             elif tables_missing(exc):
                 said = "lacks some or all of this service's tables (made anew, or a restore under way)"
             else:

@@ -41,7 +41,7 @@ from typing import Any, cast
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Connection, CursorResult, Engine, Result, TextClause, create_engine, event, inspect, text
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import ExceptionContext, make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlmodel import Session
@@ -68,6 +68,9 @@ CONNECT_TIMEOUT_SECONDS = 10
 # lock_not_available (lock_timeout), query_canceled, and the two a retry resolves.
 LOCK_WAIT_SQLSTATES = frozenset({"55P03", "57014", "40001", "40P01"})
 DISK_FULL_SQLSTATE = "53100"
+# read_only_sql_transaction: a standby (a failover's demoted primary, a name still pointing at a
+# replica), or a session made read-only (`default_transaction_read_only`, a maintenance window).
+READ_ONLY_SQLSTATE = "25006"
 LOCK_NOT_AVAILABLE_SQLSTATE = "55P03"
 # How long /readyz's probe waits for the write lock (`Database.ping`): far longer than any write
 # here holds it (milliseconds), so a busy service stays ready; far shorter than a write's own wait
@@ -119,6 +122,17 @@ def _sqlite_setup(engine: Engine) -> None:
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get(_IMMEDIATE) else "BEGIN")
+
+
+def _postgres_setup(engine: Engine) -> None:
+    @event.listens_for(engine, "handle_error")
+    def _on_error(context: ExceptionContext) -> None:
+        # A connection to a server that takes no writes is dropped, with the pool's others: kept,
+        # every write on them failed after a failover (to a standby, or a DNS name now on the
+        # replica) and after a read-only window ended, until the service was restarted. New
+        # connections find the primary that `target_session_attrs` or the name lead to now.
+        if getattr(context.original_exception, "sqlstate", None) == READ_ONLY_SQLSTATE:
+            context.is_disconnect = True
 
 
 def sqlite_file(url: str) -> Path | None:
@@ -185,6 +199,8 @@ class Database:
         self.engine = create_engine(url, json_serializer=stored_json, **kwargs)
         if self.is_sqlite:
             _sqlite_setup(self.engine)
+        else:
+            _postgres_setup(self.engine)
         self._writer = self.engine.execution_options(**{_IMMEDIATE: True})
         # Reads that add up several queries (a balance, spend, /metrics) must see one moment;
         # SQLite's read transaction is one snapshot already, PostgreSQL's READ COMMITTED one per statement.
@@ -270,9 +286,10 @@ class Database:
     def ping(self) -> None:
         """Whether the database answers and holds this service's tables (a connection from the pool,
         one statement that reads none of their rows), and whether a write could start (raises
-        `WriteLockHeld`). A `SELECT 1` alone was answered by a database made anew or emptied for a
-        restore, while every request of the service failed on it; and by one whose write lock a
-        stalled process held, while every write waited out `LOCK_TIMEOUT_SECONDS` and failed."""
+        `WriteLockHeld`, or `WritesRefused` on a standby). A `SELECT 1` alone was answered by a
+        database made anew or emptied for a restore, while every request of the service failed on
+        it; and by one whose write lock a stalled process held, while every write waited out
+        `LOCK_TIMEOUT_SECONDS` and failed."""
         with self.engine.connect() as connection:
             connection.execute(_tables_read())
             connection.rollback()
@@ -297,6 +314,10 @@ class Database:
             return
         connection.execute(text("SELECT set_config('lock_timeout', :ms, true)"),
                            {"ms": str(round(WRITE_PROBE_SECONDS * 1000))})
+        if connection.execute(text("SHOW transaction_read_only")).scalar() == "on":
+            connection.rollback()
+            # The advisory lock is taken on a standby too: the service read as ready while every write failed.
+            raise WritesRefused
         try:
             connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": WRITE_LOCK})
         except OperationalError as exc:
@@ -341,8 +362,21 @@ def _tell_retry(state: RetryCallState, *, what: str, within: float) -> None:
               else f"still trying ({state.attempt_number} tries in {state.seconds_since_start:.0f} s)")
     if exc is not None and disk_full(exc):
         log.warning("the database's disk is full (%s) writing %s; %s", first, what, trying)
+    elif exc is not None and refuses_writes(exc):
+        log.warning("the database takes no writes for now (%s) writing %s; %s", first, what, trying)
     else:
         log.warning("the database did not answer (%s) writing %s; %s", first, what, trying)
+
+
+def refuses_writes(exc: BaseException) -> bool:
+    """The database takes no writes for now: PostgreSQL's standby or read-only session (a failover
+    under way, a maintenance window), SQLite's file, folder or mount made read-only under the
+    running service. Nothing was written, and asking again works once it takes writes again."""
+    if not isinstance(exc, DBAPIError):
+        return False
+    orig = exc.orig
+    return getattr(orig, "sqlstate", None) == READ_ONLY_SQLSTATE or \
+        str(getattr(orig, "sqlite_errorname", "")).startswith("SQLITE_READONLY")
 
 
 def disk_full(exc: BaseException) -> bool:
@@ -406,10 +440,13 @@ def commit_in_doubt(exc: BaseException) -> bool:
 def transient(exc: BaseException) -> bool:
     """A database that may answer if asked again: a connection lost mid-transaction, none to be
     had from the server or the pool (no statement ran), a lock wait that timed out (a stalled
-    writer), or a full disk. Not a statement the database refused (no such table, a read-only
-    file), which would fail the same way again."""
+    writer), a full disk, or a database that takes no writes for now (`refuses_writes`: a failover
+    to a standby, a mount made read-only). Not a statement the database refused (no such table),
+    which would fail the same way again."""
     if isinstance(exc, PoolTimeout):
         return True  # every connection of the pool busy (a burst of requests): no statement ran
+    if refuses_writes(exc):
+        return True  # a job's end is waited out through it: its images, a paid render's, were made
     if isinstance(exc, DBAPIError) and (exc.connection_invalidated or _reset_of_a_lost_connection(exc)):
         return True
     if not isinstance(exc, OperationalError):
@@ -463,6 +500,14 @@ class WriteLockHeld(Exception):
     def __init__(self, waited: float) -> None:
         super().__init__(f"the database's write lock has been held for over {waited:g} s")
         self.waited = waited
+
+
+class WritesRefused(Exception):
+    """The database takes no writes (`Database.ping`): a PostgreSQL standby, or a session made
+    read-only (`default_transaction_read_only`)."""
+
+    def __init__(self) -> None:
+        super().__init__("the database takes no writes (a read-only standby or session)")
 
 
 class MigrationRefused(Exception):

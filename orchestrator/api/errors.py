@@ -20,7 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from orchestrator.api.deps import caller_of
 from orchestrator.api.json_body import UnreadableJSON
-from orchestrator.db import commit_in_doubt, disk_full, tables_missing, transient
+from orchestrator.db import commit_in_doubt, disk_full, refuses_writes, tables_missing, transient
 from orchestrator.errors import (
     BadRequest,
     Conflict,
@@ -363,7 +363,7 @@ def install(app: FastAPI) -> None:
     async def _database(_: Request, exc: Exception) -> JSONResponse:
         # A database that is restarting, unreachable, or held by a stalled writer past the lock
         # timeout: nothing was written (the transaction rolled back), and the request may be sent
-        # again. A statement it refused (no such table, a read-only file) is the server's fault.
+        # again. A statement it refused (a query's mistake) is the server's fault.
         # (Any driver error: a lost connection may come as psycopg's ProgrammingError, see `transient`.)
         if tables_missing(exc):
             outage.failed(exc)
@@ -377,6 +377,12 @@ def install(app: FastAPI) -> None:
             log.error("the database's disk is full: %s", first_line(exc)[:300])
             return answer(StorageFull("the server's disk is full; nothing was written, send the request again once "
                                       "its operator has made room (with the same Idempotency-Key for a POST)"))
+        if refuses_writes(exc):
+            outage.failed(exc)
+            return answer(DatabaseUnavailable(
+                "the database takes no writes for now (a read-only standby or session, as during a failover or "
+                "a maintenance window, or a database file or mount made read-only): nothing was written, send "
+                "the request again (with the same Idempotency-Key for a POST)"))
         if commit_in_doubt(exc):
             log.warning("database connection lost as a write committed; it may have been written: %s",
                         first_line(exc, type(exc).__name__)[:300])

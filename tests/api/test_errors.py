@@ -1076,6 +1076,38 @@ def test_a_database_held_by_another_writer_is_a_503_to_retry_not_a_500(
     assert [p["name"] for p in client.get("/v1/projects").json()["items"]] == ["while stalled"]
 
 
+def test_a_database_that_takes_no_writes_is_a_503_to_retry_not_a_500(tmp_path: Any) -> None:
+    from fastapi import FastAPI
+    from sqlalchemy import create_engine
+    from sqlalchemy.exc import OperationalError
+
+    from orchestrator.api.errors import install
+    from orchestrator.db import refuses_writes, transient
+
+    # SQLite's own SQLITE_READONLY, as a file or mount made read-only under the service gives it.
+    path = tmp_path / "read-only.db"
+    with create_engine(f"sqlite:///{path}").begin() as c:
+        c.exec_driver_sql("CREATE TABLE t (n INTEGER)")
+    engine = create_engine(f"sqlite:///file:{path}?mode=ro&uri=true")
+    with pytest.raises(OperationalError) as raised, engine.begin() as c:
+        c.exec_driver_sql("INSERT INTO t VALUES (1)")
+    engine.dispose()
+    refused = raised.value
+    # Waited out (a job's end must not be lost to it), and told as what it is.
+    assert refuses_writes(refused) and transient(refused)
+    app = FastAPI()
+    install(app)
+
+    @app.post("/write")
+    def write() -> None:
+        raise refused
+
+    response = TestClient(app).post("/write")
+    error = assert_error(response, 503, "database_unavailable")
+    assert "takes no writes" in error["message"] and "nothing was written" in error["message"], error
+    assert response.headers["retry-after"] == "5"
+
+
 def test_a_full_disk_is_a_503_that_says_so(tmp_path: Any) -> None:
     from fastapi import FastAPI
     from sqlalchemy import create_engine

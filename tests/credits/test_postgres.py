@@ -19,12 +19,13 @@ from typing import Any
 import httpx
 import pytest
 from sqlalchemy import URL, event, make_url, text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import ORMExecuteState
 from sqlmodel import Session, col, select
 
 from orchestrator import idempotency
 from orchestrator.bells import CHANNEL, PostgresBell
-from orchestrator.db import WRITE_LOCK, Database, WriteLockHeld
+from orchestrator.db import POOL_SIZE, WRITE_LOCK, Database, WriteLockHeld, refuses_writes, transient
 from orchestrator.ids import new_id
 from orchestrator.jobs import JobService
 from orchestrator.ledger import Ledger
@@ -35,6 +36,7 @@ from orchestrator.services import Services
 from orchestrator.settings import Settings
 from tests.api import (
     TERMINAL,
+    assert_error,
     check_nul_refused,
     create_project,
     iter_sse,
@@ -956,3 +958,70 @@ def test_a_process_that_missed_a_policy_edit_serves_it_while_the_file_is_refused
         check_a_process_that_missed_an_edit_serves_it_while_the_file_is_refused(tmp_path, db)
     finally:
         db.dispose()
+
+
+def _read_only(postgres_url: str, on: bool, *, cut: bool) -> None:
+    """The database made to take no writes, or to take them again, as a failover to a standby and
+    its end look to the service; `cut` ends its connections (a failover's do end)."""
+    conn, _ = admin_connection()
+    name = make_url(postgres_url).database
+    with conn:  # type: ignore[attr-defined]
+        conn.execute(f'ALTER DATABASE "{name}" SET default_transaction_read_only = {"on" if on else "off"}')  # type: ignore[attr-defined]
+        if cut:
+            conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "  # type: ignore[attr-defined]
+                         "WHERE datname = %s AND pid <> pg_backend_pid()", (name,))
+
+
+def test_connections_opened_while_the_database_took_no_writes_are_dropped_once_it_takes_them_on_postgres(
+        postgres_url: str) -> None:
+    # A session keeps the read-only default it began with: pooled, each failed every write until a restart.
+    db = Database(postgres_url)
+    try:
+        with db.transaction() as s:
+            s.execute(text("CREATE TABLE notes (n integer)"))
+        _read_only(postgres_url, True, cut=True)
+        try:
+            for _ in range(3):
+                with pytest.raises(DBAPIError) as refused, db.transaction() as s:
+                    s.execute(text("INSERT INTO notes VALUES (1)"))
+                assert refuses_writes(refused.value) and transient(refused.value)
+        finally:
+            _read_only(postgres_url, False, cut=False)
+        for _ in range(3):
+            with db.transaction() as s:
+                s.execute(text("INSERT INTO notes VALUES (2)"))
+        with db.session() as s:
+            assert s.execute(text("SELECT count(*) FROM notes")).scalar() == 3
+    finally:
+        db.dispose()
+
+
+def test_a_failover_to_a_standby_is_waited_out_and_a_paid_render_made_meanwhile_kept_on_postgres(
+        postgres_url: str, tmp_path: Path, paid_settings_for: Callable[..., Settings]) -> None:
+    """While the database took no writes (25006), each request was a 500 with a traceback, /readyz
+    said ready, a paid job's images were made and lost (its end not waited out, as a database away
+    is), and once writes were taken again the pooled connections opened meanwhile kept failing."""
+    settings = paid_settings_for(tmp_path / "data", database_url=postgres_url)
+    with serve_in_thread(settings) as base, httpx.Client(base_url=base, timeout=30.0) as client:
+        project_id, asset_id = project_with_draft(client)
+        job = promote_ok(client, asset_id, engine="fake-paid", tags={"fake": "slow", "seconds": "1.5"})
+        wait_for_job(client, job["id"], statuses=("running",))
+        _read_only(postgres_url, True, cut=True)
+        try:
+            refused = client.post("/v1/projects", json={"name": "during the failover"})
+            error = assert_error(refused, 503, "database_unavailable")
+            assert "takes no writes" in error["message"] and "nothing was written" in error["message"], error
+            ready = client.get("/readyz")
+            assert ready.status_code == 503 and "takes no writes" in ready.text, ready.text
+            time.sleep(2.5)  # the render is over: its end waits for the database
+            assert client.get(f"/v1/jobs/{job['id']}").json()["status"] == "running"
+        finally:
+            _read_only(postgres_url, False, cut=False)  # the connections opened meanwhile stay read-only
+        done = wait_for_job(client, job["id"])
+        assert done["status"] == "succeeded" and len(done["assets"]) == 1, done
+        assert client.get(f"/v1/assets/{done['assets'][0]}/content").status_code == 200
+        assert_settled_once([e for e in ledger(client, project_id) if e["job_id"] == job["id"]])
+        # The pool hands its connections out in turn: each opened during the failover is met.
+        for i in range(2 * POOL_SIZE):
+            assert client.post("/v1/projects", json={"name": f"after the failover {i}"}).status_code == 201
+        assert client.get("/readyz").status_code == 200
