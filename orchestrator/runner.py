@@ -784,6 +784,9 @@ class JobRunner:
             # Its half-open probe taken before the move, in one step (see `EngineHealth.reserve`);
             # another worker's engine has its circuit there, asked when that worker claims the job.
             if here and not self.health.reserve(name, token):
+                # Said, as a skip for money or privacy is: the job's failure named no reason its
+                # fallback was not tried.
+                skipped.append({"engine": name, "reason": "circuit_open"})
                 continue
             # The job is the probe (as a submitted one would be) before the move commits: a cancel
             # of it queued there gives the probe back by the job's id. Adopted after the commit, a
@@ -871,8 +874,10 @@ class JobRunner:
         try:
             if await self._fall_back(claim, error):
                 return
-            if claim.unserved and error.details.get("fallbacks_skipped"):
-                # Its candidates were passed over for money or privacy: it can run nowhere.
+            skips = error.details.get("fallbacks_skipped") or []
+            if claim.unserved and skips and all(skip["reason"] != "circuit_open" for skip in skips):
+                # Its candidates were passed over for money or privacy: it can run nowhere. (One
+                # whose circuit is open may take it later.)
                 await self._end(claim, "failed", error)
                 return
             await asyncio.to_thread(self._requeue_waiting, claim)

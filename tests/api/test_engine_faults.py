@@ -872,3 +872,46 @@ def test_what_a_plugin_says_it_used_is_stored_as_it_can_be_however_deep() -> Non
     said = {"lora": [{"name": "ink\x00wash", "weight": 0.8}], "sampler": ("euler\ud800", 2), "\x00key": None}
     assert _storable_values(said) == {"lora": [{"name": "ink\ufffdwash", "weight": 0.8}],
                                       "sampler": ["euler\ufffd", 2], "\ufffdkey": None}
+
+
+def test_a_fallback_passed_over_for_its_open_circuit_is_named_in_the_failure(build: Build) -> None:
+    # The job failed on its engine with no word of the candidate never tried: a client read that
+    # no fallback was routed, and an operator looked for a routing mistake.
+    services = build("fake-paid=tests.fakes:factory,fake-free=tests.fakes:free_factory")
+    health = services.runner.health
+    while health.opened_at("fake-free") is None:
+        health.failed("fake-free")
+    job_id = queue_job(services, "fake-paid", estimated=HOLD, params={**BRIDGE, "tags": {"fake": "fail"}},
+                       routing={"candidates": [{"engine": "fake-paid"}, {"engine": "fake-free"}]})
+    job = claim_and_run(services, job_id)
+    assert (job.status, job.engine) == ("failed", "fake-paid") and job.error is not None
+    assert job.error["details"]["fallbacks_skipped"] == [{"engine": "fake-free", "reason": "circuit_open"}]
+
+
+def test_a_job_of_an_unserved_engine_waits_while_one_candidate_is_priced_out_and_another_cools(
+        build: Build, make_settings: SettingsFactory) -> None:
+    # One candidate over the job's cap failed it, though the other's circuit would close.
+    before = Services.build(make_settings(engines="fake-b=tests.routing:fake_b_factory"))
+    try:
+        job_id = queue_job(before, "fake-b", estimated=0, params=BRIDGE, routing={
+            "candidates": [{"engine": "fake-b"}, {"engine": "fake-paid"}, {"engine": "fake-free"}],
+            "max_credits": 0.001})
+    finally:
+        asyncio.run(before.aclose())
+    services = build("fake-paid=tests.fakes:factory,fake-free=tests.fakes:free_factory")
+    health = services.runner.health
+    while health.opened_at("fake-free") is None:
+        health.failed("fake-free")
+    services.scheduler.unserved_grace = 0
+    services.scheduler._fail_unserved()
+    [claim] = services.scheduler._moves
+    services.scheduler._moves.clear()  # the dispatcher's to take
+    asyncio.run(services.runner.run(claim))
+    assert (read_job(services, job_id).status, read_job(services, job_id).engine) == ("queued", "fake-b")
+    health.succeeded("fake-free", "bridge", 1.0)  # its circuit closes: the job moves there
+    services.scheduler._fail_unserved()
+    [claim] = services.scheduler._moves
+    services.scheduler._moves.clear()  # the dispatcher's to take
+    asyncio.run(services.runner.run(claim))
+    job = claim_and_run(services, job_id)
+    assert (job.status, job.engine) == ("succeeded", "fake-free"), job.error
