@@ -534,6 +534,22 @@ def _missing_components(folder: Path) -> list[str]:
     return missing
 
 
+def _refuse_conditioned_unet(pipe: Any) -> None:
+    """Raise ValueError for a pipeline whose UNet takes more channels than its VAE's latents: an
+    inpainting model (9: the mask and the masked image's latents too), InstructPix2Pix (8) or
+    depth-to-image (5). diffusers loads such a folder or SD 1.x/SDXL file as its family's text-to-image
+    pipeline all the same (and from_pipe makes an image-to-image one of it), which feeds the UNet the
+    latents alone: every draft and bridge failed with "The size of tensor a (9) must match the size
+    of tensor b (4)", both engines reading available."""
+    unet, vae = getattr(pipe, "unet", None), getattr(pipe, "vae", None)
+    takes = getattr(getattr(unet, "config", None), "in_channels", None)
+    latents = getattr(getattr(vae, "config", None), "latent_channels", None)
+    if isinstance(takes, int) and isinstance(latents, int) and takes > latents:
+        raise ValueError(f"its UNet takes {takes} input channels, not the VAE's {latents} latent channels (an "
+                         "inpainting, InstructPix2Pix or depth-to-image model): it makes neither drafts nor bridges "
+                         "and polishes; give a text-to-image model")
+
+
 def is_sdxl(pipe: Any) -> bool:
     """Whether the pipeline is SDXL's (base, refiner, Turbo, Lightning): its UNet takes the
     image's size as added "text_time" conditioning."""
@@ -982,6 +998,7 @@ class LocalRuntime:
                 else:
                     _hub_answers_if_needed(model, source)
                     pipe = _on_lcm_scheduler(self._from_pretrained(auto, model, source), model)
+            _refuse_conditioned_unet(pipe)
             if getattr(pipe, "safety_checker", None) is not None:
                 pipe.safety_checker = None  # drafts are private sketches; the checker would black them out
             # In the try: a model that does not fit on the device is a failure to load it, remembered

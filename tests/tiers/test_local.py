@@ -784,6 +784,53 @@ async def test_an_image_to_image_only_model_makes_no_drafts_and_says_so(engines:
     assert len((await hifi.run(bridge, RecordingProgress(), CancelToken())).images) == 1
 
 
+def save_tiny_inpainting_model(folder: Any, tokenizer: Any) -> None:
+    """An SD 1.x inpainting model's shape (its UNet takes 9 channels: the latents, the mask and the
+    masked image's latents), random and tiny."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionInpaintPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=64, in_channels=9, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8)
+    vae = AutoencoderKL(block_out_channels=(8, 16, 32, 32), in_channels=3, out_channels=3,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        latent_channels=4, norm_num_groups=8, sample_size=64)
+    text = CLIPTextModel(CLIPTextConfig(
+        bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=32, intermediate_size=37, layer_norm_eps=1e-5,
+        num_attention_heads=4, num_hidden_layers=2, vocab_size=600, max_position_embeddings=77))
+    StableDiffusionInpaintPipeline(  # type: ignore[attr-defined]
+        vae=vae, text_encoder=text, tokenizer=CLIPTokenizer.from_pretrained(tokenizer), unet=unet,
+        scheduler=EulerDiscreteScheduler(steps_offset=1), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False).save_pretrained(folder)
+
+
+async def test_an_inpainting_model_is_refused_at_its_load_saying_why(engines: EngineFactory, tiny_cache_dir: Any,
+                                                                     tmp_path: Any) -> None:
+    """diffusers loads an inpainting model (a folder, or an SD 1.x file: `sd-v1-5-inpainting`) as
+    its family's text-to-image and image-to-image pipelines, whose UNet then gets 4 channels where it
+    takes 9: both engines read available, and every draft and bridge failed with torch's "The size
+    of tensor a (9) must match the size of tensor b (4)" (the warm-up too, logged only)."""
+    save_tiny_inpainting_model(tmp_path / "sd-inpainting", tiny_cache_dir / "tiny-sd" / "tokenizer")
+    lite, hifi = engines(lite_model=str(tmp_path / "sd-inpainting"), local_max_size=256)
+    with pytest.raises(EngineUnavailable) as refused:
+        await lite.run(draft(n=1, steps=1), RecordingProgress(), CancelToken())
+    assert refused.value.message == (
+        "could not load model 'sd-inpainting': its UNet takes 9 input channels, not the VAE's 4 latent channels "
+        "(an inpainting, InstructPix2Pix or depth-to-image model): it makes neither drafts nor bridges and "
+        "polishes; give a text-to-image model")
+    for engine in (lite, hifi):
+        available, why = engine.availability()
+        assert not available and why is not None and why.startswith(refused.value.message)
+    bridge = RenderRequest(stage="bridge", prompt="a lighthouse", width=64, height=64, steps=2, seed=1, n=1,
+                           init_image=draft_image(), strength=0.5)
+    with pytest.raises(EngineUnavailable) as also:
+        await hifi.run(bridge, RecordingProgress(), CancelToken())
+    assert also.value.message == refused.value.message
+
+
 async def test_an_lcm_lora_merge_saved_as_a_folder_runs_on_lcm_s_scheduler(
         engines: EngineFactory, tiny_cache_dir: Path, tmp_path: Path) -> None:
     """Merged with LCM-LoRA and saved with its base's scheduler (Euler here), 4 steps at guidance 1
