@@ -843,6 +843,27 @@ async def test_an_lcm_lora_merge_saved_as_a_folder_runs_on_lcm_s_scheduler(
     assert (result.metadata["steps"], result.metadata["guidance_scale"]) == (4, 1.0)
 
 
+@pytest.mark.parametrize(("scheduler", "settings"), [
+    ("LMSDiscreteScheduler", {}),
+    ("DPMSolverMultistepScheduler", {"use_beta_sigmas": True}),
+])
+async def test_a_model_shipped_with_a_scheduler_that_needs_scipy_makes_drafts(
+        engines: EngineFactory, tiny_cache_dir: Path, tmp_path: Path, scheduler: str, settings: dict[str, Any]) -> None:
+    """Older SD 1.x fine-tunes ship LMS; some, beta sigmas: diffusers needs scipy for both, and
+    such a model failed to load with "LMSDiscreteScheduler requires the scipy library"."""
+    folder = tmp_path / "fine-tune"
+    shutil.copytree(tiny_cache_dir / "tiny-sd", folder)
+    config_file = folder / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_file.read_text())
+    config.update({"_class_name": scheduler, **settings})
+    config_file.write_text(json.dumps(config))
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "scheduler": ["diffusers", scheduler]}))
+    lite, _ = engines(lite_model=str(folder))
+    result = await lite.run(draft(n=2, steps=2), RecordingProgress(), CancelToken())
+    assert len(result.images) == 2 and result.metadata["sampler"].startswith(scheduler), result.metadata
+
+
 async def test_a_model_s_scheduler_settings_are_recorded_with_its_sampler(
         engines: EngineFactory, tiny_cache_dir: Path, tmp_path: Path) -> None:
     """A fine-tune shipping DPM++ with SDE and Karras sigmas was recorded as its class alone, plain
