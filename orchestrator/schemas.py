@@ -707,8 +707,10 @@ class EnginePublic(BaseModel):
     capabilities: dict[str, Any] = Field(description=(
         "What it can make: `min_side`, `max_width`, `max_height`, `size_multiple`, ..."))
     model_defaults: dict[str, Any] | None = Field(None, description=(
-        "a local engine's: the `steps`, `guidance_scale` and `native_size` a job that names none gets "
-        "(local-hifi's bridge takes twice the steps), whether the model is a `few_step` distilled one, and "
+        "a local engine's: the `steps` and `guidance_scale` a job that names none gets (local-hifi's bridge takes "
+        "twice the steps), the `native_size` the model was made for (local-hifi's polish tiles are cut at it; a "
+        "draft that names no size is 512 x 512 whatever the model, so ask an SDXL model's at 1024), whether the "
+        "model is a `few_step` distilled one, and "
         "what told them (`read_from`): the model's `name`, its `files`, or a `guess` (SD 1.5's) until they do"))
 
 
