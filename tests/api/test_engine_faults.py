@@ -85,6 +85,12 @@ def claim_and_run(services: Services, job_id: str) -> Job:
     return read_job(services, job_id)
 
 
+def open_circuit(services: Services, engine: str) -> None:
+    """The engine's circuit breaker opened by failures, as its jobs' would."""
+    while services.runner.health.opened_at(engine) is None:
+        services.runner.health.failed(engine)
+
+
 def read_job(services: Services, job_id: str) -> Job:
     with services.db.session() as s:
         job = s.get(Job, job_id)
@@ -320,8 +326,7 @@ def test_a_job_of_an_unserved_engine_waits_while_a_candidate_may_take_it_later(
         asyncio.run(before.aclose())
     services = build("fake-free=tests.fakes:free_factory")
     health = services.runner.health
-    while health.opened_at("fake-free") is None:
-        health.failed("fake-free")
+    open_circuit(services, "fake-free")
     monkeypatch.setattr(services.scheduler.presence, "serves", lambda engine: engine == "fake-b")
     with services.db.transaction() as s:  # another worker moved it after the backlog was listed
         s.execute(update(Job).where(col(Job.id) == moved).values(engine="fake-free"))
@@ -434,8 +439,7 @@ def test_a_queued_job_moves_off_an_open_circuit_to_an_engine_only_another_live_w
     routing: dict[str, Any] = {"candidates": [{"engine": "fake-paid", "estimate": fakes.FAKE_PRICE},
                                               {"engine": "fake-b", "estimate": FAKE_B_PRICE}]}
     job_id = queue_job(here, "fake-paid", estimated=HOLD, params=BRIDGE, routing=routing)
-    while here.runner.health.opened_at("fake-paid") is None:
-        here.runner.health.failed("fake-paid")
+    open_circuit(here, "fake-paid")
     assert here.scheduler._circuit(read_job(here, job_id), {}) == "wait"  # nobody else has fake-b
     there.scheduler.presence.enter(there.scheduler.owner, there.scheduler.engines())
     assert here.scheduler._circuit(read_job(here, job_id), {}) == "move"
@@ -461,8 +465,7 @@ def test_a_fallback_to_an_engine_left_off_here_is_priced_here_and_left_to_its_wo
     engine.reachable = False
     engine.availability = lambda: (False, "no key")
     assert "fake-b" not in here.scheduler.engines()
-    while here.runner.health.opened_at("fake-b") is None:  # it failed here before its key was taken away
-        here.runner.health.failed("fake-b")
+    open_circuit(here, "fake-b")  # it failed here before its key was taken away
     there.scheduler.presence.enter(there.scheduler.owner, there.scheduler.engines())
     routing = {"candidates": [{"engine": "fake-paid", "estimate": fakes.FAKE_PRICE},
                               {"engine": "fake-b", "estimate": 99.0}]}
@@ -563,8 +566,7 @@ def test_a_claim_to_move_a_job_that_ran_before_reads_as_no_start_and_gives_its_s
     assert told == [("queued", None), ("started", 1), ("queued", 1)], told
 
     # Moved for good: the job queued on the next engine keeps the start it had.
-    while here.runner.health.opened_at("fake-paid") is None:
-        here.runner.health.failed("fake-paid")
+    open_circuit(here, "fake-paid")
     move = here.scheduler._claim(read_job(here, job_id), move=True)
     assert move is not None
     asyncio.run(here.runner.run(move))
@@ -639,8 +641,7 @@ def test_a_dispatch_asks_once_per_engine_whether_another_worker_runs_it(build: B
                               {"engine": "fake-b", "estimate": 20.0}]}
     for _ in range(20):
         queue_job(here, "fake-paid", estimated=HOLD, params=BRIDGE, routing=routing)
-    while here.runner.health.opened_at("fake-paid") is None:
-        here.runner.health.failed("fake-paid")
+    open_circuit(here, "fake-paid")
     asked: list[str] = []
 
     def nobody_runs(name: str) -> bool:
@@ -878,9 +879,7 @@ def test_a_fallback_passed_over_for_its_open_circuit_is_named_in_the_failure(bui
     # The job failed on its engine with no word of the candidate never tried: a client read that
     # no fallback was routed, and an operator looked for a routing mistake.
     services = build("fake-paid=tests.fakes:factory,fake-free=tests.fakes:free_factory")
-    health = services.runner.health
-    while health.opened_at("fake-free") is None:
-        health.failed("fake-free")
+    open_circuit(services, "fake-free")
     job_id = queue_job(services, "fake-paid", estimated=HOLD, params={**BRIDGE, "tags": {"fake": "fail"}},
                        routing={"candidates": [{"engine": "fake-paid"}, {"engine": "fake-free"}]})
     job = claim_and_run(services, job_id)
@@ -900,8 +899,7 @@ def test_a_job_of_an_unserved_engine_waits_while_one_candidate_is_priced_out_and
         asyncio.run(before.aclose())
     services = build("fake-paid=tests.fakes:factory,fake-free=tests.fakes:free_factory")
     health = services.runner.health
-    while health.opened_at("fake-free") is None:
-        health.failed("fake-free")
+    open_circuit(services, "fake-free")
     services.scheduler.unserved_grace = 0
     services.scheduler._fail_unserved()
     [claim] = services.scheduler._moves

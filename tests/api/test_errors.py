@@ -1076,12 +1076,26 @@ def test_a_database_held_by_another_writer_is_a_503_to_retry_not_a_500(
     assert [p["name"] for p in client.get("/v1/projects").json()["items"]] == ["while stalled"]
 
 
-def test_a_database_that_takes_no_writes_is_a_503_to_retry_not_a_500(tmp_path: Any) -> None:
+def answer_to(exc: Exception) -> Any:
+    """The service's answer to a request whose route raised `exc`."""
     from fastapi import FastAPI
+
+    from orchestrator.api.errors import install
+
+    app = FastAPI()
+    install(app)
+
+    @app.post("/write")
+    def write() -> None:
+        raise exc
+
+    return TestClient(app, raise_server_exceptions=False).post("/write")
+
+
+def test_a_database_that_takes_no_writes_is_a_503_to_retry_not_a_500(tmp_path: Any) -> None:
     from sqlalchemy import create_engine
     from sqlalchemy.exc import OperationalError
 
-    from orchestrator.api.errors import install
     from orchestrator.db import refuses_writes, transient
 
     # SQLite's own SQLITE_READONLY, as a file or mount made read-only under the service gives it.
@@ -1095,25 +1109,16 @@ def test_a_database_that_takes_no_writes_is_a_503_to_retry_not_a_500(tmp_path: A
     refused = raised.value
     # Waited out (a job's end must not be lost to it), and told as what it is.
     assert refuses_writes(refused) and transient(refused)
-    app = FastAPI()
-    install(app)
-
-    @app.post("/write")
-    def write() -> None:
-        raise refused
-
-    response = TestClient(app).post("/write")
+    response = answer_to(refused)
     error = assert_error(response, 503, "database_unavailable")
     assert "takes no writes" in error["message"] and "nothing was written" in error["message"], error
     assert response.headers["retry-after"] == "5"
 
 
 def test_a_full_disk_is_a_503_that_says_so(tmp_path: Any) -> None:
-    from fastapi import FastAPI
     from sqlalchemy import create_engine
     from sqlalchemy.exc import OperationalError
 
-    from orchestrator.api.errors import install
     from orchestrator.db import disk_full, transient
 
     # SQLite's own SQLITE_FULL: a database held to the pages it has, then asked for more.
@@ -1127,15 +1132,8 @@ def test_a_full_disk_is_a_503_that_says_so(tmp_path: Any) -> None:
     full = raised.value
     # Waited out like a database that does not answer (a job's end must not be lost to it)...
     assert disk_full(full) and transient(full)
-    app = FastAPI()
-    install(app)
-
-    @app.post("/write")
-    def write() -> None:
-        raise full
-
     # ... but told as what it is, not as a database that did not answer in time.
-    response = TestClient(app).post("/write")
+    response = answer_to(full)
     assert_error(response, 503, "storage_full")
     assert "disk is full" in response.json()["error"]["message"] and response.headers["retry-after"] == "60"
 
