@@ -1004,7 +1004,7 @@ def test_a_failover_to_a_standby_is_waited_out_and_a_paid_render_made_meanwhile_
     settings = paid_settings_for(tmp_path / "data", database_url=postgres_url)
     with serve_in_thread(settings) as base, httpx.Client(base_url=base, timeout=30.0) as client:
         project_id, asset_id = project_with_draft(client)
-        job = promote_ok(client, asset_id, engine="fake-paid", tags={"fake": "slow", "seconds": "1.5"})
+        job = promote_ok(client, asset_id, engine="fake-paid", tags={"fake": "slow", "seconds": "3"})
         wait_for_job(client, job["id"], statuses=("running",))
         _read_only(postgres_url, True, cut=True)
         try:
@@ -1013,7 +1013,7 @@ def test_a_failover_to_a_standby_is_waited_out_and_a_paid_render_made_meanwhile_
             assert "takes no writes" in error["message"] and "nothing was written" in error["message"], error
             ready = client.get("/readyz")
             assert ready.status_code == 503 and "takes no writes" in ready.text, ready.text
-            time.sleep(2.5)  # the render is over: its end waits for the database
+            time.sleep(4)  # the render is over: its end waits for the database
             assert client.get(f"/v1/jobs/{job['id']}").json()["status"] == "running"
         finally:
             _read_only(postgres_url, False, cut=False)  # the connections opened meanwhile stay read-only
