@@ -27,6 +27,7 @@ may still be billed. Stability does not report what it charged, so `cost_millicr
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Any, Literal
 
 import httpx
@@ -86,6 +87,10 @@ def stability_seed(seed: int) -> int:
     return (seed - 1) % MAX_SEED + 1
 POLL_INTERVAL = 5.0
 FILTERED = "CONTENT_FILTERED"
+# What a creative upscale's id may be (Stability's are 64 hex characters): it goes into the path of
+# each poll, which carries the key, and into the job's row and events. A faulty answer's `../..`
+# sent the key to another endpoint, whose answer was read as the result.
+JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 # Credits per output image (1 credit = $0.01; providers.md, Nov 2026). The upscalers are priced as
 # models of their own so the prices file can override them like any other model.
 PRICES_AS_OF = "2026-11"
@@ -313,13 +318,19 @@ class StabilityEngine(CloudEngine):
             # Accepted but unnamed: the job may run and bill, and cannot be found again.
             raise EngineError("stability: the creative upscale answered without an id",
                               details={"engine": self.name}, charged="unknown")
+        if not JOB_ID.fullmatch(job_id):
+            # Accepted, but under a name that is not an id: not followed, as one without any.
+            raise EngineError(f"stability: the creative upscale answered with {self.said(job_id, 40)!r}, which is "
+                              "not an id (letters, digits, '-' and '_'); it is not polled",
+                              details={"engine": self.name}, charged="unknown")
         progress.provider_request(job_id, {"creative": True})
         return await self._poll_creative(job_id, deadline, progress, cancel), job_id
 
     def can_reattach(self, handles: list[dict[str, Any]], req: RenderRequest) -> bool:
         """Only creative upscales run as jobs Stability keeps by id (the other calls answer with
         the image), one per image: all `n` must have been accepted."""
-        return len(handles) == req.n and all(h.get("creative") for h in handles)
+        return len(handles) == req.n and all(h.get("creative") and isinstance(h.get("id"), str)
+                                             and JOB_ID.fullmatch(h["id"]) for h in handles)
 
     async def reattach(self, req: RenderRequest, handles: list[dict[str, Any]], progress: Progress,
                        cancel: CancelToken) -> RenderResult:
@@ -421,7 +432,9 @@ class StabilityEngine(CloudEngine):
             seed = int(seed) if isinstance(seed, str) else seed  # a header's text
         except ValueError:
             seed = None
-        return _sized_as_asked(image, req), provider_seed(seed), reason
+        # Kept in each image's record (its PNG, the API's `record`): the provider's words, so short
+        # and without our key, as an error quotes them.
+        return _sized_as_asked(image, req), provider_seed(seed), self.said(reason)
 
     def _error(self, response: httpx.Response) -> EngineError:
         if response.status_code < 400:  # no refusal, whatever its body says: it may have billed

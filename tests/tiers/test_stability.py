@@ -491,6 +491,29 @@ async def test_a_creative_result_that_cannot_be_read_is_asked_again_twice(engine
 
 
 @respx.mock
+@pytest.mark.parametrize("job_id", ["../../../v1/user/balance", "job-42?x=1", "a" * 1_000_000, "job 42"])
+async def test_a_creative_upscale_id_that_is_no_id_is_not_followed(engine: StabilityEngine, job_id: str) -> None:
+    # The id goes into the path the key is sent to and into the job's row and events: a faulty
+    # answer's `../..` sent the key to another endpoint, and a megabyte one was saved with the job.
+    respx.post(CREATIVE).mock(return_value=httpx.Response(200, json={"id": job_id}))
+    anything = respx.get(url__startswith=BASE).mock(return_value=done())
+    progress = RecordingProgress()
+    with pytest.raises(EngineError, match="not an id") as info:
+        await engine.run(polish(creativity=0.45), progress, CancelToken())
+    assert info.value.charged == "unknown" and anything.call_count == 0
+    assert progress.request_ids == [] and len(str(info.value)) < 1000
+
+
+@respx.mock
+async def test_a_finish_reason_is_recorded_short_and_without_the_key(engine: StabilityEngine) -> None:
+    # Each image's record (its PNG and the API's `record`) keeps the finish reasons.
+    respx.post(SD3).mock(return_value=ok(reason="SUCCESS echo Bearer sk-stab-secret " + "x" * 100_000))
+    result = await engine.run(bridge(), NullProgress(), CancelToken())
+    (reason,) = result.metadata["finish_reasons"]
+    assert "sk-stab-secret" not in reason and len(reason) <= 100
+
+
+@respx.mock
 async def test_creative_create_timeout_is_not_resent(engine: StabilityEngine) -> None:
     create = respx.post(CREATIVE).mock(side_effect=httpx.ReadTimeout("slow"))
     with pytest.raises(EngineTimeout) as info:
