@@ -438,6 +438,13 @@ class ReplicateEngine(CloudEngine):
         if not body.get("id") or not isinstance(body.get("status"), str):
             raise EngineError("replicate: the answer is not a prediction (no id or status)",
                               details={"engine": self.name}, charged="unknown")
+        if not (isinstance(body["id"], str) and PREDICTION_ID.fullmatch(body["id"])):
+            # The id goes into the path each poll and cancel sends the key to, and into the job's
+            # row: a faulty answer's `../../../v1/account` sent the key to another endpoint, whose
+            # answer was then read as the prediction.
+            raise EngineError(f"replicate: the answer is not a prediction (its id {self.said(body['id'], 40)!r} is "
+                              "not an id: letters, digits, '-' and '_')", details={"engine": self.name},
+                              charged="unknown")
         return body
 
 

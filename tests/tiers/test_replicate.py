@@ -183,6 +183,19 @@ async def test_read_timeout_on_poll_is_retried(
 
 
 @respx.mock
+@pytest.mark.parametrize("prediction_id", ["../../../v1/account", "p-1?x=1", "p 1", "p" * 1_000_000, 42])
+async def test_a_prediction_id_that_is_no_id_is_not_polled(engine: ReplicateEngine, prediction_id: Any) -> None:
+    # The id goes into the path each poll sends the key to, and into the job's row: a faulty answer's
+    # `../..` sent the key to another endpoint of the API, whose answer was read as the prediction.
+    respx.post(CREATE).mock(return_value=httpx.Response(201, json={**prediction("starting"), "id": prediction_id}))
+    anything = respx.get(url__startswith=BASE).mock(return_value=httpx.Response(200, json=prediction()))
+    progress = RecordingProgress()
+    with pytest.raises(EngineError, match="not a prediction") as info:
+        await engine.run(bridge(), progress, CancelToken())
+    assert info.value.charged == "unknown" and anything.call_count == 0 and progress.request_ids == []
+
+
+@respx.mock
 async def test_polls_through_several_states(engine: ReplicateEngine, output: respx.Route) -> None:
     # Any 2xx is the prediction: read as a refusal, it ran, and billed, for nobody.
     respx.post(CREATE).mock(return_value=httpx.Response(203, json=prediction("starting")))
