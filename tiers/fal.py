@@ -101,6 +101,18 @@ def _taken_off_the_queue(seen: dict[str, Any], cancel_answer: str | None) -> boo
     return seen.get("status") == "IN_QUEUE" and cancel_answer == "OK"
 
 
+# The largest queue position told: a count, not whatever the answer held there.
+MAX_QUEUE_POSITION = 1_000_000
+
+
+def _queue_position(value: object) -> int | None:
+    """A status's `queue_position` as the job's `state` event tells it: a count, or None. Any other
+    value (a megabyte string, an object) went into every event its stream's clients were sent."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_QUEUE_POSITION:
+        return value
+    return None
+
+
 class FalEngine(CloudEngine):
     name = "fal"
     key_settings = ("ORCH_FAL_API_KEY", "FAL_KEY")
@@ -287,7 +299,7 @@ class FalEngine(CloudEngine):
                 raise EngineError(f"fal: unexpected queue status {self.said(state)!r}",
                                   details={"engine": self.name, "request": request_id})
             if state == "IN_QUEUE":
-                progress.state("queued", position=status.get("queue_position"))
+                progress.state("queued", position=_queue_position(status.get("queue_position")))
             else:
                 progress.state("running")
             remaining = deadline - self.http.clock()

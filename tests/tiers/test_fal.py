@@ -223,6 +223,33 @@ async def test_polls_through_several_states(engine: FalEngine, output: respx.Rou
     assert progress.states == ["submitted", "queued", "queued", "running"]
 
 
+class DetailedProgress(RecordingProgress):
+    """Also records each state's details, as the job's `state` events carry them to its clients."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.details: list[dict[str, Any]] = []
+
+    def state(self, state: str, **details: Any) -> None:
+        super().state(state, **details)
+        self.details.append(details)
+
+
+@respx.mock
+@pytest.mark.parametrize("position", ["x" * 1_000_000, {"a": [1, 2, 3]}, -1, 1.5, True, 10**30])
+async def test_a_queue_position_that_is_no_count_is_not_told(engine: FalEngine, output: respx.Route,
+                                                             position: Any) -> None:
+    # The status poll's `queue_position` goes into a `state` event every client of the job's stream
+    # is sent (and the bus keeps): a faulty answer's megabyte string went out at each poll.
+    _, poll, _ = happy_queue()
+    poll.mock(side_effect=[status("IN_QUEUE", queue_position=position), status("IN_QUEUE", queue_position=3),
+                           status("COMPLETED")])
+    progress = DetailedProgress()
+    await engine.run(bridge(), progress, CancelToken())
+    assert progress.states == ["submitted", "queued", "queued"]
+    assert progress.details[1:] == [{"position": None}, {"position": 3}]
+
+
 @respx.mock
 @pytest.mark.parametrize("body", [{"request_id": "r-1"}, ["nope"]])
 async def test_malformed_submit_answer(engine: FalEngine, body: Any) -> None:
