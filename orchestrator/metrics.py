@@ -3,8 +3,10 @@ restarted one) reports the same figures."""
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future
 from typing import Any, get_args
 
 from sqlalchemy import func
@@ -15,6 +17,36 @@ from orchestrator.ledger import charges, open_holds
 from orchestrator.models import Asset, Job, LedgerEntry
 from orchestrator.schemas import JobStatus
 from tiers.base import STAGES, to_credits
+
+
+class SharedRead:
+    """One database read for every scrape that comes while it runs. `/metrics` needs no key and each
+    read groups the whole jobs and ledger tables (tens of ms on a long history): a burst of scrapes
+    (a misconfigured scraper, anyone who can reach the port) ran as many reads side by side, and
+    held the database and the request threads. A scrape that comes while none runs reads afresh."""
+
+    def __init__(self, read: Callable[[], str]) -> None:
+        self._read = read
+        self._lock = threading.Lock()
+        self._running: Future[str] | None = None
+
+    def __call__(self) -> str:
+        with self._lock:
+            running = self._running
+            if running is None:
+                running = self._running = Future()
+                owner = True
+            else:
+                owner = False
+        if owner:
+            try:
+                running.set_result(self._read())
+            except BaseException as exc:  # each scrape waiting on it is told, as its own read would be
+                running.set_exception(exc)
+            finally:
+                with self._lock:
+                    self._running = None
+        return running.result()
 
 
 def render(db: Database, engines: Mapping[str, Iterable[str]]) -> str:

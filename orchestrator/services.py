@@ -27,6 +27,7 @@ from orchestrator.follow import JobFollower
 from orchestrator.health import EngineHealth
 from orchestrator.jobs import JobService
 from orchestrator.ledger import Ledger
+from orchestrator.metrics import SharedRead
 from orchestrator.metrics import render as metrics_text
 from orchestrator.models import Asset, Job, Project
 from orchestrator.outage import Outage
@@ -579,15 +580,20 @@ class Services:
         return self.engine_health.state(engine)
 
     def metrics(self) -> str:
-        return metrics_text(self.db, {engine.name: engine.stages for engine in self.registry})
+        """`/metrics`' text; scrapes that come while one reads share its read (`SharedRead`)."""
+        return self._scrape()
 
     # Set by `aclose`: the inference thread had not ended within DEVICE_IDLE_TIMEOUT.
     device_busy = False
     # The ring that told other processes the device is free (see `_hand_over_device`).
     _ringing: asyncio.Future[None] | None = field(default=None, init=False, repr=False)
 
+    _scrape: SharedRead = field(init=False, repr=False)
+
     def __post_init__(self) -> None:
         self.scheduler.hand_over_device = self._hand_over_device
+        self._scrape = SharedRead(
+            lambda: metrics_text(self.db, {engine.name: engine.stages for engine in self.registry}))
 
     async def _hand_over_device(self) -> None:
         """Let the device go once this process's model is off it (the inference thread ended): the
