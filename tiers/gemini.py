@@ -197,7 +197,8 @@ class GeminiEngine(CloudEngine):
                                                 details={"engine": self.name, "status": 400})
                     raise self.http.fail(response)
                 with reading_an_answer():
-                    body = self._json(response)
+                    # Off the event loop: the answer holds the image in base64 (megabytes to parse).
+                    body = await asyncio.to_thread(self._json, response)
                     if body.get("responseId"):
                         request_ids.append(str(body["responseId"]))
                         progress.provider_request(str(body["responseId"]))

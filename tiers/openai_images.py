@@ -272,7 +272,8 @@ class OpenAIImagesEngine(CloudEngine):
                     request_ids.append(request_id)
                     progress.provider_request(request_id)
                 with reading_an_answer():
-                    body = json_object(response, self.name)
+                    # Off the event loop: the answer holds n images in base64 (tens of MB to parse).
+                    body = await asyncio.to_thread(json_object, response, self.name)
                     await asyncio.to_thread(self._images, body, count, images)
                 cost = self._actual_cost(body.get("usage"))
                 if cost is None:  # only then: a readable block was read once already

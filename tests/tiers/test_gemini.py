@@ -475,8 +475,9 @@ async def test_images_are_encoded_and_decoded_off_the_event_loop(engine: GeminiE
     # renewals stood still meanwhile (an audit measured a 6.8 s stall for one polish).
     import tiers.gemini
 
-    spy = LoopSpy(monkeypatch, tiers.gemini, "encode_image", "decode_image")
+    # The answer too: its image in base64 is megabytes of JSON to parse.
+    spy = LoopSpy(monkeypatch, tiers.gemini, "encode_image", "decode_image", "answer_json")
     respx.post(URL).mock(return_value=httpx.Response(200, json=ok_body()))
     result = await engine.run(bridge(n=2), NullProgress(), CancelToken())
     assert len(result.images) == 2 and spy.on_loop == []
-    assert spy.called == {"encode_image", "decode_image"}  # the spies saw the work
+    assert spy.called == {"encode_image", "decode_image", "answer_json"}  # the spies saw the work

@@ -19,7 +19,7 @@ from orchestrator.errors import (
     EngineUnavailable,
     NoPrice,
 )
-from tests.tiers.conftest import RecordingProgress, bridge, multipart, png_bytes
+from tests.tiers.conftest import LoopSpy, RecordingProgress, bridge, multipart, png_bytes
 from tiers import openai_images
 from tiers.base import CancelToken, NullProgress
 from tiers.openai_images import OpenAIImagesEngine, factory
@@ -100,6 +100,19 @@ async def test_success_sends_draft_as_multipart_and_costs_from_usage(engine: Ope
     # What the record says it used: the quality sent, and none of what the edits call has no field for.
     assert result.metadata == {"size": "1536x1024", "quality": "medium", "negative_prompt": None, "steps": None,
                                "guidance_scale": None, "sampler": None, "strength": None, "creativity": None}
+
+
+@respx.mock
+async def test_an_answer_is_read_off_the_event_loop(engine: OpenAIImagesEngine,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    # n images in base64 are tens of MB of JSON: parsed on the loop, the API, the event streams and
+    # the lease renewals stood still meanwhile.
+    import tiers.openai_images
+
+    spy = LoopSpy(monkeypatch, tiers.openai_images, "json_object")
+    respx.post(URL).mock(return_value=ok(count=2))
+    result = await engine.run(bridge(n=2), NullProgress(), CancelToken())
+    assert len(result.images) == 2 and spy.called == {"json_object"} and spy.on_loop == []
 
 
 @respx.mock
