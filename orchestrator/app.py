@@ -31,7 +31,15 @@ from orchestrator.api.errors import install as install_errors
 from orchestrator.api.head import HeadAsGet
 from orchestrator.api.query import DropEmptyQueryValues, single_valued_query
 from orchestrator.api.request_limits import RequestLimits
-from orchestrator.db import Database, WriteLockHeld, WritesRefused, refuses_writes, tables_missing, transient
+from orchestrator.db import (
+    Database,
+    WriteLockHeld,
+    WritesRefused,
+    refuses_writes,
+    replaced,
+    tables_missing,
+    transient,
+)
 from orchestrator.errors import DatabaseUnavailable
 from orchestrator.outage import Outage
 from orchestrator.schemas import Health
@@ -67,6 +75,8 @@ class Readiness:
             elif isinstance(exc, WriteLockHeld):
                 said = (f"lets no write start: its write lock has been held for over {exc.waited:g} s (a process "
                         "stopped mid-transaction, or another program's long write), and every write waits for it")
+            elif replaced(exc):
+                said = "file was replaced or removed under the running service (a restore?): restart the service"
             elif isinstance(exc, WritesRefused) or refuses_writes(exc):
                 said = ("takes no writes: a read-only standby or session (a failover under way, a maintenance "
                         "window, or the URL names a replica)")

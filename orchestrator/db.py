@@ -105,9 +105,50 @@ def postgres_connect_args(url: str) -> dict[str, Any]:
 WAL_SIZE_LIMIT = 16 * 1024 * 1024
 
 
-def _sqlite_setup(engine: Engine) -> None:
+def _file_id(path: Path) -> tuple[int, int] | None:
+    """The file at `path` (its device and inode); None when there is none. OSError when it cannot
+    be looked at now (a permission, an I/O error: not to be taken for a replaced file)."""
+    try:
+        status = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return status.st_dev, status.st_ino
+
+
+class FileReplaced(sqlite3.OperationalError):
+    """The SQLite file is no longer the one the service opened at its path: replaced (a backup
+    moved into place) or removed under the running service."""
+
+
+def replaced(exc: BaseException) -> bool:
+    """Whether `exc` says the SQLite file was replaced or removed under the service (`FileReplaced`)."""
+    return isinstance(exc, DBAPIError) and isinstance(exc.orig, FileReplaced)
+
+
+def _sqlite_setup(engine: Engine, path: Path | None) -> None:
+    # The file the service opened first: in WAL mode SQLite goes on reading and writing the file a
+    # connection opened, so each write after a backup was moved into place went to the unlinked old
+    # file and was lost, while connections opened since read the new file through the old one's
+    # WAL. Once the file at the path is another, every connection refuses until a restart.
+    opened: list[tuple[int, int] | None] = []
+
+    def refuse_if_replaced(statement: str) -> None:
+        if path is None:
+            return
+        try:
+            now = _file_id(path)
+        except OSError:
+            return  # SQLite's own open or read says what is wrong
+        if not opened:
+            opened.append(now)
+        elif now != opened[0]:
+            raise OperationalError(statement, None, FileReplaced(
+                f"the database file {path} was replaced or removed under the running service"),
+                connection_invalidated=True)
+
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        refuse_if_replaced("connect")
         dbapi_conn.isolation_level = None  # we emit BEGIN ourselves (see module docstring)
         cur = dbapi_conn.cursor()
         cur.execute("PRAGMA journal_mode=WAL")
@@ -121,6 +162,7 @@ def _sqlite_setup(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
+        refuse_if_replaced("BEGIN")
         conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get(_IMMEDIATE) else "BEGIN")
 
 
@@ -198,7 +240,7 @@ class Database:
                           max_overflow=POOL_OVERFLOW, connect_args=postgres_connect_args(url))
         self.engine = create_engine(url, json_serializer=stored_json, **kwargs)
         if self.is_sqlite:
-            _sqlite_setup(self.engine)
+            _sqlite_setup(self.engine, sqlite_file(url))
         else:
             _postgres_setup(self.engine)
         self._writer = self.engine.execution_options(**{_IMMEDIATE: True})

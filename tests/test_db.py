@@ -292,3 +292,36 @@ def test_session_settings_the_operator_gives_win_over_the_service_s(monkeypatch:
     assert "-c lock_timeout=30000" in ours and "-c idle_in_transaction_session_timeout=300000" in ours
     given = str(postgres_connect_args(url + "?options=-c%20lock_timeout%3D90000")["options"])
     assert given.startswith(ours) and given.endswith("-c lock_timeout=90000")
+
+
+@pytest.mark.parametrize("how", ["replaced", "removed"])
+def test_a_file_replaced_or_removed_under_the_service_is_refused_not_written_unseen(tmp_path: Path, how: str) -> None:
+    # In WAL mode the service wrote on into the unlinked old file: every write after a restore moved
+    # a backup into place was lost, and a connection opened since read the new file through the old WAL.
+    from sqlalchemy import text
+
+    from orchestrator.db import replaced, transient
+
+    path = tmp_path / "orchestrator.db"
+    db = Database(f"sqlite:///{path}")
+    try:
+        with db.transaction() as s:
+            s.execute(text("CREATE TABLE notes (n INTEGER)"))
+        backup = tmp_path / "backup.db"
+        with sqlite3.connect(backup) as made:
+            made.execute("CREATE TABLE notes (n INTEGER)")
+        made.close()
+        if how == "replaced":
+            backup.replace(path)
+        else:
+            path.unlink()
+        there = path.read_bytes() if path.exists() else None
+        for _ in range(2):  # every connection, the pooled one and any opened since
+            with pytest.raises(OperationalError) as refused, db.transaction() as s:
+                s.execute(text("INSERT INTO notes VALUES (1)"))
+            assert replaced(refused.value) and transient(refused.value)
+            with pytest.raises(OperationalError), db.session() as s:
+                s.execute(text("SELECT count(*) FROM notes")).scalar()
+        assert (path.read_bytes() if path.exists() else None) == there  # the restored file is left alone
+    finally:
+        db.dispose()

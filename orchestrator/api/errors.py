@@ -20,7 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from orchestrator.api.deps import caller_of
 from orchestrator.api.json_body import UnreadableJSON
-from orchestrator.db import commit_in_doubt, disk_full, refuses_writes, tables_missing, transient
+from orchestrator.db import commit_in_doubt, disk_full, refuses_writes, replaced, tables_missing, transient
 from orchestrator.errors import (
     BadRequest,
     Conflict,
@@ -377,6 +377,11 @@ def install(app: FastAPI) -> None:
             log.error("the database's disk is full: %s", first_line(exc)[:300])
             return answer(StorageFull("the server's disk is full; nothing was written, send the request again once "
                                       "its operator has made room (with the same Idempotency-Key for a POST)"))
+        if replaced(exc):
+            outage.failed(exc)
+            return answer(DatabaseUnavailable(
+                "the database file was replaced or removed under the running service (a restore?): nothing was "
+                "written, and nothing is until its operator restarts the service (restore with it stopped)"))
         if refuses_writes(exc):
             outage.failed(exc)
             return answer(DatabaseUnavailable(

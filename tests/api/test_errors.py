@@ -1076,6 +1076,25 @@ def test_a_database_held_by_another_writer_is_a_503_to_retry_not_a_500(
     assert [p["name"] for p in client.get("/v1/projects").json()["items"]] == ["while stalled"]
 
 
+def test_a_database_file_replaced_under_the_service_is_a_503_until_a_restart(
+        make_settings: SettingsFactory, start_server: Any) -> None:
+    settings = make_settings()
+    client = start_server(settings)
+    assert client.post("/v1/projects", json={"name": "before"}).status_code == 201
+    path = settings.data_dir / "orchestrator.db"
+    backup = settings.data_dir / "backup.db"
+    with sqlite3.connect(path) as live, sqlite3.connect(backup) as copy:
+        live.backup(copy)
+    copy.close()
+    live.close()
+    backup.replace(path)  # a restore, the service still running
+    for _ in range(2):
+        error = assert_error(client.post("/v1/projects", json={"name": "after"}), 503, "database_unavailable")
+        assert "replaced or removed under the running service" in error["message"], error
+    ready = client.get("/readyz")
+    assert ready.status_code == 503 and "restart the service" in ready.text, ready.text
+
+
 def answer_to(exc: Exception) -> Any:
     """The service's answer to a request whose route raised `exc`."""
     from fastapi import FastAPI
