@@ -542,8 +542,25 @@ def _refuse_conditioned_unet(pipe: Any) -> None:
     latents alone: every draft and bridge failed with "The size of tensor a (9) must match the size
     of tensor b (4)", both engines reading available."""
     unet, vae = getattr(pipe, "unet", None), getattr(pipe, "vae", None)
-    takes = getattr(getattr(unet, "config", None), "in_channels", None)
-    latents = getattr(getattr(vae, "config", None), "latent_channels", None)
+    _refuse_channels(getattr(getattr(unet, "config", None), "in_channels", None),
+                     getattr(getattr(vae, "config", None), "latent_channels", None))
+
+
+def _refuse_conditioned_folder(folder: Path) -> None:
+    """`_refuse_conditioned_unet` from a diffusers folder's configs, before its weights are read:
+    refused after a whole load, an SDXL inpainting folder was read again (gigabytes) at each try."""
+    def config(part: str) -> dict[str, Any]:
+        try:
+            read = json.loads((folder / part / "config.json").read_text())
+        except (OSError, ValueError):
+            return {}  # the load says what is wrong with it
+        return read if isinstance(read, dict) else {}
+
+    unet = config("unet")
+    _refuse_channels(unet.get("in_channels"), config("vae").get("latent_channels", 4) if unet else None)
+
+
+def _refuse_channels(takes: object, latents: object) -> None:
     if isinstance(takes, int) and isinstance(latents, int) and takes > latents:
         raise ValueError(f"its UNet takes {takes} input channels, not the VAE's {latents} latent channels (an "
                          "inpainting, InstructPix2Pix or depth-to-image model): it makes neither drafts nor bridges "
@@ -996,6 +1013,8 @@ class LocalRuntime:
                 if source.is_file():
                     pipe = self._load_single_file(source)
                 else:
+                    if source.is_dir():
+                        _refuse_conditioned_folder(source)
                     _hub_answers_if_needed(model, source)
                     pipe = _on_lcm_scheduler(self._from_pretrained(auto, model, source), model)
             _refuse_conditioned_unet(pipe)

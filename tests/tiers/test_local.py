@@ -26,7 +26,14 @@ from orchestrator.errors import BadEngineInput, Canceled, EngineError, EngineUna
 from tests.conftest import SettingsFactory
 from tests.tiers.conftest import EngineFactory, RecordingProgress, draft_image
 from tiers import tiny
-from tiers._local import _usable_cpus, hf_hub_reachable, latents_to_preview, prompt_overflow, runtime_for
+from tiers._local import (
+    LocalRuntime,
+    _usable_cpus,
+    hf_hub_reachable,
+    latents_to_preview,
+    prompt_overflow,
+    runtime_for,
+)
 from tiers.base import NOTES, CancelToken, EngineContext, RenderRequest, Stage
 from tiers.lite import LiteEngine
 from tiers.local_hifi import tile_boxes
@@ -808,15 +815,25 @@ def save_tiny_inpainting_model(folder: Any, tokenizer: Any) -> None:
 
 
 async def test_an_inpainting_model_is_refused_at_its_load_saying_why(engines: EngineFactory, tiny_cache_dir: Any,
-                                                                     tmp_path: Any) -> None:
+                                                                     tmp_path: Any,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """diffusers loads an inpainting model (a folder, or an SD 1.x file: `sd-v1-5-inpainting`) as
     its family's text-to-image and image-to-image pipelines, whose UNet then gets 4 channels where it
     takes 9: both engines read available, and every draft and bridge failed with torch's "The size
     of tensor a (9) must match the size of tensor b (4)" (the warm-up too, logged only)."""
     save_tiny_inpainting_model(tmp_path / "sd-inpainting", tiny_cache_dir / "tiny-sd" / "tokenizer")
     lite, hifi = engines(lite_model=str(tmp_path / "sd-inpainting"), local_max_size=256)
+    loads: list[object] = []
+    load = LocalRuntime._from_pretrained
+
+    def loading(self: LocalRuntime, *args: Any) -> Any:
+        loads.append(args)
+        return load(self, *args)
+
+    monkeypatch.setattr(LocalRuntime, "_from_pretrained", loading)
     with pytest.raises(EngineUnavailable) as refused:
         await lite.run(draft(n=1, steps=1), RecordingProgress(), CancelToken())
+    assert loads == []  # told from its configs: its weights (gigabytes for SDXL's) were read at each try
     assert refused.value.message == (
         "could not load model 'sd-inpainting': its UNet takes 9 input channels, not the VAE's 4 latent channels "
         "(an inpainting, InstructPix2Pix or depth-to-image model): it makes neither drafts nor bridges and "
