@@ -90,7 +90,7 @@ def why_queued(client: httpx.Client) -> str:
     """Why a job may still be queued, as far as `GET /v1/workers` says (a project key may not ask):
     "is `orchestrator worker` running?" was told of a service that runs its jobs, busy with others."""
     try:
-        answer = client.get("/v1/workers", timeout=STREAM_TIMEOUT)
+        answer = client.get("/v1/workers", timeout=REQUEST_TIMEOUT)
         said = answer.json() if answer.status_code == 200 else None
     except (httpx.HTTPError, ValueError):
         said = None

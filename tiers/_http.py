@@ -905,6 +905,17 @@ def _read(response: httpx.Response, history: list[httpx.Response], *, body: byte
     return read
 
 
+# An id a provider names for later requests (a prediction's, a queued prompt's, a job's): it goes
+# into the path of requests that carry the key, so only ids of this shape are followed.
+_PATH_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
+
+
+def path_id(value: object) -> str | None:
+    """`value` as an id requests may be built from (`/predictions/{id}`), or None: an answer's
+    `../../v1/account` had each poll send the key to that endpoint, and read its answer as ours."""
+    return value if isinstance(value, str) and _PATH_ID.fullmatch(value) else None
+
+
 def answer_json(response: httpx.Response) -> Any:
     """`response.json()`, where an answer nested past Python's recursion limit (200 KB of `[[[`)
     raises ValueError as any body that is not JSON does: its RecursionError, which no engine

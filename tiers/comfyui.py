@@ -52,6 +52,7 @@ from tiers._http import (
     answer_json,
     error_text,
     json_object,
+    path_id,
     without_credentials,
 )
 from tiers._images import decode_image, encode_image
@@ -94,9 +95,6 @@ WORKFLOW_SETTING = "ORCH_COMFYUI_WORKFLOW"
 SETUP_ERRORS = frozenset({"missing_node_type", "invalid_prompt", "value_not_in_list", "prompt_no_outputs"})
 # Cleanup after a cancel must not hold the job up for a full read timeout.
 CLEANUP_TIMEOUT = 5.0
-
-# The prompt ids requests are built from (see `_prompt_id`).
-PROMPT_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 # Empty history answers between looks at the queue for a prompt a restarted server has forgotten.
 QUEUE_CHECK_POLLS = 5
 # A node given this title in ComfyUI (its `_meta.title` in the API export) makes the results: a
@@ -907,7 +905,7 @@ def _prompt_id(value: object) -> str | None:
     """`value` as a prompt id requests may be built from (`/history/{id}`), or None. ComfyUI makes
     uuid4s, as we do: an answer naming `../../admin/reset` had each poll sent to that path of the
     host (a studio's gateway, with the URL's credentials), and saved it for the next attempt."""
-    return value if isinstance(value, str) and PROMPT_ID.fullmatch(value) else None
+    return path_id(value)
 
 
 def _queued_as(sending: asyncio.Task[httpx.Response]) -> str | None:

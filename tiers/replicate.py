@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import re
 from typing import Any
 
 import httpx
@@ -32,7 +31,7 @@ from orchestrator.errors import (
     EngineUnavailable,
 )
 from tiers._cloud import Asked, CloudEngine, paid_calls
-from tiers._http import RemoteClient, answer_json, error_text, json_object
+from tiers._http import RemoteClient, answer_json, error_text, json_object, path_id
 from tiers._images import b64encode, encode_image, nearest_aspect, shaped_as, size_class
 from tiers.base import (
     PROMPT_AND_IMAGE_ONLY,
@@ -59,7 +58,6 @@ DEFAULT_PRICES: dict[str, dict[str, float]] = {
 }
 PENDING = frozenset({"starting", "processing"})
 SETTLED = frozenset({"succeeded", "failed", "aborted", "canceled"})
-PREDICTION_ID = re.compile(r"[A-Za-z0-9_-]{1,100}")
 FILTER_WORDS = ("nsfw", "safety", "sensitive")
 FLUX_ASPECTS = ("1:1", "16:9", "3:2", "2:3", "4:5", "5:4", "9:16", "3:4", "4:3")
 PREFER_WAIT = 60
@@ -364,9 +362,9 @@ class ReplicateEngine(CloudEngine):
         """True when every prediction's cancel answered that it never started (`_never_ran`)."""
         unbilled = bool(handles)
         for handle in handles:
-            prediction_id = handle.get("id")
+            prediction_id = path_id(handle.get("id"))
             # Saved ids only, as Replicate writes them: a request carrying the token goes nowhere else.
-            if not (isinstance(prediction_id, str) and PREDICTION_ID.fullmatch(prediction_id)):
+            if prediction_id is None:
                 unbilled = False
                 continue
             unbilled = _never_ran(await self._cancel_remote(prediction_id)) and unbilled
@@ -397,7 +395,7 @@ class ReplicateEngine(CloudEngine):
             log.info("replicate: prediction %s, created after its job was canceled, had already ended (%s)",
                      prediction_id[:100], status)
             return [{"id": prediction_id}] if _never_ran(prediction) else None
-        if PREDICTION_ID.fullmatch(prediction_id):  # the key goes with it, only to such a path
+        if path_id(prediction_id):  # the key goes with it, only to such a path
             log.info("replicate: prediction %s, created after its job was canceled, is canceled", prediction_id)
             handles = [{"id": prediction_id}]
             return handles if await self.withdraw(handles) else None
@@ -438,7 +436,7 @@ class ReplicateEngine(CloudEngine):
         if not body.get("id") or not isinstance(body.get("status"), str):
             raise EngineError("replicate: the answer is not a prediction (no id or status)",
                               details={"engine": self.name}, charged="unknown")
-        if not (isinstance(body["id"], str) and PREDICTION_ID.fullmatch(body["id"])):
+        if path_id(body["id"]) is None:
             # The id goes into the path each poll and cancel sends the key to, and into the job's
             # row: a faulty answer's `../../../v1/account` sent the key to another endpoint, whose
             # answer was then read as the prediction.

@@ -27,7 +27,6 @@ may still be billed. Stability does not report what it charged, so `cost_millicr
 from __future__ import annotations
 
 import asyncio
-import re
 from typing import Any, Literal
 
 import httpx
@@ -43,7 +42,7 @@ from orchestrator.errors import (
     NoImage,
 )
 from tiers._cloud import UNREADABLE_POLLS, Asked, CloudEngine, paid_calls, reading_an_answer
-from tiers._http import RemoteClient, answer_json, error_text, header_request_id, json_object
+from tiers._http import RemoteClient, answer_json, error_text, header_request_id, json_object, path_id
 from tiers._images import b64decode_tolerant, decode_image, encode_image, shaped_as
 from tiers.base import (
     CancelToken,
@@ -87,10 +86,6 @@ def stability_seed(seed: int) -> int:
     return (seed - 1) % MAX_SEED + 1
 POLL_INTERVAL = 5.0
 FILTERED = "CONTENT_FILTERED"
-# What a creative upscale's id may be (Stability's are 64 hex characters): it goes into the path of
-# each poll, which carries the key, and into the job's row and events. A faulty answer's `../..`
-# sent the key to another endpoint, whose answer was read as the result.
-JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 # Credits per output image (1 credit = $0.01; providers.md, Nov 2026). The upscalers are priced as
 # models of their own so the prices file can override them like any other model.
 PRICES_AS_OF = "2026-11"
@@ -318,7 +313,7 @@ class StabilityEngine(CloudEngine):
             # Accepted but unnamed: the job may run and bill, and cannot be found again.
             raise EngineError("stability: the creative upscale answered without an id",
                               details={"engine": self.name}, charged="unknown")
-        if not JOB_ID.fullmatch(job_id):
+        if path_id(job_id) is None:  # Stability's are 64 hex characters
             # Accepted, but under a name that is not an id: not followed, as one without any.
             raise EngineError(f"stability: the creative upscale answered with {self.said(job_id, 40)!r}, which is "
                               "not an id (letters, digits, '-' and '_'); it is not polled",
@@ -329,8 +324,7 @@ class StabilityEngine(CloudEngine):
     def can_reattach(self, handles: list[dict[str, Any]], req: RenderRequest) -> bool:
         """Only creative upscales run as jobs Stability keeps by id (the other calls answer with
         the image), one per image: all `n` must have been accepted."""
-        return len(handles) == req.n and all(h.get("creative") and isinstance(h.get("id"), str)
-                                             and JOB_ID.fullmatch(h["id"]) for h in handles)
+        return len(handles) == req.n and all(h.get("creative") and path_id(h.get("id")) for h in handles)
 
     async def reattach(self, req: RenderRequest, handles: list[dict[str, Any]], progress: Progress,
                        cancel: CancelToken) -> RenderResult:
