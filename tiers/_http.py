@@ -615,6 +615,14 @@ class RemoteClient:
                     f"{self.engine}: the provider answered but its answer could not be read ({exc})",
                     details={"engine": self.engine},
                 ) from None
+            if not isinstance(exc.cause, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)):
+                # An idempotent request (a poll, a download) the provider took and never answered
+                # in full: it was reached, and the work the request follows may be billed.
+                raise EngineTimeout(
+                    f"{self.engine}: the request was sent but no answer came ({exc}), however often it was "
+                    "asked before the deadline (ORCH_REMOTE_DEADLINE)",
+                    details={"engine": self.engine}, charged="no",
+                ) from None
             raise EngineError(
                 f"{self.engine}: could not reach the provider ({exc}); nothing was sent",
                 details={"engine": self.engine},

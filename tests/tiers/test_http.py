@@ -974,3 +974,44 @@ async def test_a_connection_refused_now_and_then_is_ridden_out(client: RemoteCli
         side_effect=[httpx.ConnectError("refused")] * 6 + [httpx.Response(200, json={"ok": 2})])
     assert (await client.request("GET", "/results/1", idempotent=True)).json() == {"ok": 2}
     assert poll.call_count == 7
+
+
+@contextlib.asynccontextmanager
+async def answers_that_never_come(then: str) -> AsyncIterator[tuple[str, list[int]]]:
+    """A server on 127.0.0.1 that takes each request and then stays silent (`then="silent"`), or
+    sends the head and part of the body and drops the connection (`"drop"`)."""
+    calls: list[int] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        calls.append(1)
+        if then == "silent":
+            await asyncio.sleep(30)
+        else:
+            writer.write(b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 500\r\n\r\n{"id": ')
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", calls
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("then", ["silent", "drop"])
+async def test_a_poll_the_provider_never_answers_is_a_timeout_not_a_request_that_never_left(
+        then: str, sleep: Any) -> None:
+    # A status poll of paid work whose every try was taken and not answered (a stalled gateway)
+    # failed the job as "could not reach the provider ...; nothing was sent", an `engine_error`,
+    # where the same poll trickling its answer was a `timeout`: the provider was reached, and the
+    # work the poll follows may be billed.
+    async with answers_that_never_come(then) as (url, calls):
+        client = RemoteClient("prov", base_url=url, key_setting="ORCH_PROV_API_KEY", deadline=60.0,
+                              read_timeout=0.1, sleep=sleep, clock=sleep.clock)
+        with pytest.raises(EngineTimeout) as info:
+            await asyncio.wait_for(client.request("GET", "/predictions/p-1", idempotent=True), 10)
+        await client.aclose()
+    assert len(calls) > 1  # a poll is asked again until the deadline
+    assert "could not reach" not in info.value.message and "nothing was sent" not in info.value.message
+    assert info.value.code == "timeout" and info.value.charged == "no"  # the poll itself costs nothing
