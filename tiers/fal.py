@@ -94,6 +94,10 @@ def _is_address(host: str) -> bool:
     return True
 
 
+def _port(url: httpx.URL) -> int | None:
+    return url.port or {"http": 80, "https": 443}.get(url.scheme)
+
+
 def _taken_off_the_queue(seen: dict[str, Any], cancel_answer: str | None) -> bool:
     """Whether a canceled request surely never ran: it was last seen waiting in the queue, and the
     cancel answered that fal took it off (fal bills no time spent in its queue, and only outputs
@@ -139,7 +143,7 @@ class FalEngine(CloudEngine):
 
     def _keyed(self, url: object) -> bool:
         """Whether a queue URL from an answer may be sent the key: https on fal's own domains, or
-        on the base URL's host or its subdomains (a proxy, or a local stand-in over its own
+        on the base URL's host or its subdomains, at its port (a proxy, or a local stand-in over its own
         scheme). An answer naming another host would otherwise collect the key."""
         if not isinstance(url, str):
             return False
@@ -152,6 +156,8 @@ class FalEngine(CloudEngine):
             return False
         if parsed.scheme == "https" and any(host == site or host.endswith(f".{site}") for site in FAL_SITES):
             return True
+        if _port(parsed) != _port(base):
+            return False  # another port of the base's host is another service, maybe another user's
         if host == base.host:
             return True
         # Not its siblings: the base's parent may be a host shared by many (`studio-fal.herokuapp.com`'s

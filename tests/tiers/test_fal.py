@@ -737,6 +737,11 @@ async def test_queue_urls_off_fal_s_https_site_never_get_the_key(engine: FalEngi
     ("http://127.0.0.1:9000", "http://127.0.0.1:9000/requests/1", True),  # a local stand-in
     ("http://127.0.0.1:9000", "http://127.0.0.2:9000/requests/1", False),
     ("http://127.0.0.1:9000", "http://5.0.0.1:9000/requests/1", False),
+    # Another port of the base's host is another service (another user's, on a shared machine).
+    ("http://127.0.0.1:9000", "http://127.0.0.1:9001/requests/1", False),
+    ("https://fal-proxy.studio.co.uk", "https://fal-proxy.studio.co.uk:8443/x", False),
+    ("https://fal-proxy.studio.co.uk", "https://fal-proxy.studio.co.uk:443/x", True),  # its port, spelt out
+    ("https://fal-proxy.studio.co.uk:8443", "https://queue.fal-proxy.studio.co.uk:8443/x", True),
 ])
 def test_which_queue_urls_may_carry_the_key(make_ctx: Any, base: str, url: str, keyed: bool) -> None:
     engine = FalEngine(make_ctx(fal_api_key="k", fal_base_url=base))
