@@ -189,7 +189,9 @@ def _finished(services: Services, job_id: str) -> bool:
                 "the stream closes. A late client gets the "
                 "current state first; comment lines keep an idle stream open.")},
                        204: {"description": "Last-Event-ID is the terminal event: nothing more will come."},
-                       **documented(404, 429, said={
+                       **with_query(404, 429, said={
+                           422: "The query parameter `lastEventId` is given more than once (`invalid_request`); "
+                                "`details.errors` gives its `loc` (`[\"query\", \"lastEventId\"]`).",
                            404: "No such job (`not_found`).",
                            429: "This project key already has ORCH_MAX_STREAMS_PER_KEY event streams open on this "
                                 "server (`rate_limited`); `Retry-After` says when to try again."})})

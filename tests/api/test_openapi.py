@@ -101,6 +101,8 @@ CASES: list[tuple[str, str, str, dict[str, Any], int]] = [
     ("get", "/v1/jobs/{job_id}/preview", f"/v1/jobs/{MISSING_JOB}/preview", {"params": {"step": -1}}, 422),
     ("get", "/v1/policies", "/v1/policies", {"params": {"cursor": "../x"}}, 422),
     ("get", "/v1/projects/{project_id}/keys", "/v1/projects/{project}/keys", {"params": {"lmit": 5}}, 422),
+    # The event stream reads `lastEventId` too: given twice, it is refused as any route's parameter is.
+    ("get", "/v1/jobs/{job_id}/events", f"/v1/jobs/{MISSING_JOB}/events?lastEventId=a&lastEventId=b", {}, 422),
     # Project keys need an admin key, which this service lacks.
     ("post", "/v1/projects/{project_id}/keys", "/v1/projects/{project}/keys", {"json": {"name": "k"}}, 409),
 ]
@@ -504,7 +506,7 @@ ERRORS: dict[tuple[str, str], set[int]] = {
     ("get", "/v1/jobs/{job_id}"): ANY | {404},
     ("post", "/v1/jobs/{job_id}/cancel"): ANY | {403, 404, 409},
     ("get", "/v1/jobs/{job_id}/preview"): ANY | {404, 422},
-    ("get", "/v1/jobs/{job_id}/events"): ANY | {404, 429},
+    ("get", "/v1/jobs/{job_id}/events"): ANY | {404, 422, 429},
     ("get", "/v1/assets/{asset_id}"): ANY | {404, 410},
     ("delete", "/v1/assets/{asset_id}"): ANY | {403, 404, 409},
     ("get", "/v1/assets/{asset_id}/content"): ANY | {404, 410, 500},
