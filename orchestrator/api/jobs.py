@@ -190,7 +190,8 @@ def _finished(services: Services, job_id: str) -> bool:
                 "current state first; comment lines keep an idle stream open.")},
                        204: {"description": "Last-Event-ID is the terminal event: nothing more will come."},
                        **with_query(404, 429, said={
-                           422: "The query parameter `lastEventId` is given more than once (`invalid_request`); "
+                           422: "The query parameter `lastEventId` is given more than once, or one reads as its "
+                                "misspelling (`?lastEventID=`: refused rather than ignored) (`invalid_request`); "
                                 "`details.errors` gives its `loc` (`[\"query\", \"lastEventId\"]`).",
                            404: "No such job (`not_found`).",
                            429: "This project key already has ORCH_MAX_STREAMS_PER_KEY event streams open on this "

@@ -64,8 +64,9 @@ def single_valued_query(request: Request) -> None:
         if given not in names and (meant := _near_misses(given, names)):
             # What it may have meant, told more widely than what makes it a misspelling: `state` is
             # one typo from `stage` and as likely `status`.
-            meant += [name for name in difflib.get_close_matches(given.lower(), sorted(names), n=2, cutoff=0.7)
-                      if name not in meant]
+            folded = {name.lower(): name for name in names}
+            meant += [folded[name] for name in difflib.get_close_matches(given.lower(), sorted(folded), n=2, cutoff=0.7)
+                      if folded[name] not in meant]
             raise InvalidRequest(f"unknown query parameter '{given[:100]}'; did you mean "
                                  f"{' or '.join(repr(name) for name in meant)}?",
                                  details={"parameter": given[:100], "known": sorted(names)}, loc=("query", given[:100]))
@@ -74,12 +75,13 @@ def single_valued_query(request: Request) -> None:
 def _near_misses(given: str, names: set[str]) -> list[str]:
     """The route's parameters `given` misspells: the same but for case, dashes or underscores
     (`Status`, `projectid`), or one typo away (`state`, `lmit`, `ordre`) from a name of 4 letters
-    or more. Further than that is another word (`tag`, `parent_id`, `start`), let through."""
+    or more. Further than that is another word (`tag`, `parent_id`, `start`), let through. Both sides
+    are folded: a camel-case name (`lastEventId`) has case variants and typos too."""
     folded = given.lower().replace("-", "_")
-    same = [name for name in names if folded in (name, name.replace("_", ""))]
+    same = [name for name in names if folded.replace("_", "") == name.lower().replace("_", "")]
     if same:
         return same
-    return sorted(name for name in names if len(name) >= 4 and _one_typo(folded, name))
+    return sorted(name for name in names if len(name) >= 4 and _one_typo(folded, name.lower()))
 
 
 def _one_typo(a: str, b: str) -> bool:

@@ -479,6 +479,17 @@ def test_a_misspelled_parameter_is_refused(shared_server: httpx.Client, query: s
         assert shared_server.get(f"/v1/jobs?{other}").status_code == 200, other
 
 
+@pytest.mark.parametrize("query", ["lastEventID=x", "lasteventid=x", "LastEventId=x", "last_event_id=x",
+                                   "lastEventI=x"])
+def test_a_misspelled_camel_case_parameter_is_refused(shared_server: httpx.Client, query: str) -> None:
+    # The route's name was compared as written, the client's folded to lower case: no spelling of
+    # the stream's `lastEventId` but itself was ever a near miss, and a reconnect sending
+    # `?lastEventID=` got the whole stream again, its terminal event too, instead of the 204.
+    error = assert_error(shared_server.get(f"/v1/jobs/{MISSING['job']}/events?{query}"), 422, "invalid_request")
+    assert error["message"].endswith("did you mean 'lastEventId'?"), error["message"]
+    assert shared_server.get(f"/v1/jobs/{MISSING['job']}/events?lastEventId=x").status_code == 404
+
+
 def stable(body: dict[str, Any]) -> Any:
     """A listing without what a job other tests left running changes between two reads."""
     if "items" in body and "next_cursor" in body:
