@@ -14,6 +14,7 @@ from typing import Any
 from fastapi import Depends, FastAPI
 from fastapi.responses import PlainTextResponse, Response
 from fastapi_offline import FastAPIOffline
+from sqlalchemy.exc import DatabaseError
 
 from orchestrator import __version__
 from orchestrator.api import assets, credits, engines, jobs, keys, policies, projects, stages, workers
@@ -122,16 +123,22 @@ def create_app(settings: Settings | None = None, *, loopback_only: bool = False)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        services = await asyncio.to_thread(Services.build, settings)
-        services.bus.bind(asyncio.get_running_loop())
-        app.state.services = services
-        if settings.run_jobs:
-            await services.start()
-        else:
-            services.listen()
-            services.scheduler.sweep_only()  # the jobs of a worker that died are recovered here too
-            log.info("ORCH_RUN_JOBS is off: this server queues jobs for `orchestrator worker` processes "
-                     "and runs none itself")
+        try:
+            services = await asyncio.to_thread(Services.build, settings)
+            services.bus.bind(asyncio.get_running_loop())
+            app.state.services = services
+            if settings.run_jobs:
+                await services.start()
+            else:
+                services.listen()
+                services.scheduler.sweep_only()  # the jobs of a worker that died are recovered here too
+                log.info("ORCH_RUN_JOBS is off: this server queues jobs for `orchestrator worker` processes "
+                         "and runs none itself")
+        except DatabaseError as exc:
+            # The command's look at the database passed, and it went away as the app started:
+            # `serve` says so in a line, as it does when it finds it away first (see `server.serve`).
+            app.state.startup_failure = exc
+            raise
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             # SIGHUP reloads the policy files (only possible when serving from the main thread).
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, services.reload_policies_soon, "SIGHUP")

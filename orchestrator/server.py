@@ -16,7 +16,8 @@ from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
-from starlette.types import ASGIApp, Receive, Scope, Send
+from sqlalchemy.exc import DatabaseError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from orchestrator.api.cross_site import is_loopback
 from orchestrator.api.errors import StartTracker, answer
@@ -49,6 +50,9 @@ class AnswerWhenStopped:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self.app(scope, receive, self._quiet_startup_failure(send))
+            return
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -75,6 +79,23 @@ class AnswerWhenStopped:
         finally:
             REQUEST_GATE.reset(token)
             # The answer is out and the task ends here: re-raising would only log a traceback.
+
+
+    def _quiet_startup_failure(self, send: Send) -> Send:
+        """A start-up failure `serve` tells in a line (`startup_failure`, a database gone) is not
+        also logged as Starlette's traceback, which uvicorn prints from the message."""
+
+        async def sending(message: Message) -> None:
+            if message["type"] == "lifespan.startup.failed" and startup_failure(self.app) is not None:
+                message = {**message, "message": ""}
+            await send(message)
+
+        return sending
+
+
+def startup_failure(app: ASGIApp) -> DatabaseError | None:
+    failure = getattr(getattr(app, "state", None), "startup_failure", None)
+    return failure if isinstance(failure, DatabaseError) else None
 
 
 class Server(uvicorn.Server):
@@ -172,6 +193,10 @@ def serve(settings: Settings, *, host: str, port: int, log_level: str) -> Stoppe
         server.run()
     except KeyboardInterrupt:  # uvicorn's Ctrl-C raised again once it has stopped
         interrupted = True
+    except SystemExit:  # uvicorn's exit 3 after a failed start
+        if (failure := startup_failure(server.app)) is not None:
+            raise failure from None  # told in a line by the command, with its exit status
+        raise
     # Not only the KeyboardInterrupt: the raised signal reaches asyncio.run's own SIGINT handler,
     # which cancels a task that may be ending anyway; once, on a loaded machine, the process
     # exited 0 after a Ctrl-C.

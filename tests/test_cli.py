@@ -26,6 +26,7 @@ from typing import Any
 
 import httpx
 import pytest
+import sqlalchemy.exc
 from alembic.script import ScriptDirectory
 from PIL import Image
 
@@ -1518,6 +1519,28 @@ def test_a_database_that_takes_no_writes_is_one_line_before_the_service_starts(
     assert "readonly" in capsys.readouterr().err
     # `check` reads it too (it looked for a file named `file:/...` and found no database).
     assert main(["check"]) == 0, capsys.readouterr().err
+
+
+def test_a_database_lost_while_the_service_starts_is_one_line_and_exit_1(
+        make_settings: SettingsFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The command's own look at the database passed, and the connection was cut as the app
+    started (its migration, its first reads): uvicorn printed the traceback and exited 3, where a
+    database that does not answer for now is a line and 1 (a supervisor's restart may find it)."""
+    make_settings()  # keeps the developer's environment out
+    monkeypatch.setenv("ORCH_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("ORCH_LITE_MODEL", "builtin:tiny-sd")
+
+    def cut(settings: Settings) -> Services:
+        raise sqlalchemy.exc.OperationalError("SELECT 1", {}, Exception("server closed the connection unexpectedly"))
+
+    monkeypatch.setattr(Services, "build", cut)
+    assert main(["serve", "--port", str(free_port())]) == 1
+    err = capsys.readouterr().err
+    assert err.endswith("): server closed the connection unexpectedly\n"), err
+    assert "orchestrator: cannot use the database (" in err.splitlines()[-1]
+    logged = (tmp_path / "data" / "logs" / "orchestrator.log").read_text()
+    assert "Traceback" not in err and "Traceback" not in logged, err
 
 
 def test_migrate_on_a_database_of_its_own_leaves_the_data_dir_alone(
