@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import ipaddress
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any, cast
 
 import httpx
@@ -134,6 +134,18 @@ async def test_a_request_that_cannot_be_built_is_still_engine_unavailable(client
     assert "k-secret" not in info.value.message and route.call_count == 1
 
 
+@contextlib.asynccontextmanager
+async def loopback(handle: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+                   ) -> AsyncIterator[str]:
+    """A raw HTTP server on 127.0.0.1 answering with `handle`: real sockets, for what respx
+    cannot play (a body cut short, silence after the head)."""
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        server.close()
+
+
 @pytest.fixture
 async def trickling() -> AsyncIterator[str]:
     """A server on 127.0.0.1 that sends its headers, then one byte of the body every 50 ms, for
@@ -147,9 +159,8 @@ async def trickling() -> AsyncIterator[str]:
                 await asyncio.sleep(0.05)
                 writer.write(b" ")
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-    server.close()
+    async with loopback(handle) as url:
+        yield url
 
 
 @pytest.mark.parametrize(("method", "idempotent", "charged"), [("POST", False, "unknown"), ("GET", True, "no")])
@@ -409,9 +420,8 @@ async def slow_renderer() -> AsyncIterator[str]:
             await writer.drain()
         writer.close()
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-    server.close()
+    async with loopback(handle) as url:
+        yield url
 
 
 async def test_a_render_slower_than_the_read_timeout_is_waited_for_until_the_deadline(slow_renderer: str) -> None:
@@ -857,11 +867,8 @@ async def first_answer_cut(head: str, then: str = "drop",
             await writer.drain()
         writer.close()
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    try:
-        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", calls
-    finally:
-        server.close()
+    async with loopback(handle) as url:
+        yield url, calls
 
 
 @pytest.mark.parametrize("head", ["503 Service Unavailable", "429 Too Many Requests"])
@@ -992,11 +999,8 @@ async def answers_that_never_come(then: str) -> AsyncIterator[tuple[str, list[in
             await writer.drain()
         writer.close()
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    try:
-        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", calls
-    finally:
-        server.close()
+    async with loopback(handle) as url:
+        yield url, calls
 
 
 @pytest.mark.parametrize("then", ["silent", "drop"])
