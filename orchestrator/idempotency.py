@@ -54,7 +54,9 @@ def request_hash(body: BaseModel, *forms: BaseModel) -> Digest:
     on a setting, written out), whose hashes match too."""
     fields = body.model_dump(mode="json", exclude_defaults=True)
     digest = Digest(_sha256(_private_as_one(fields)))
-    digest.legacy = _sha256(body.model_dump(mode="json"))
+    # Without the fields added since at their default, as those releases' bodies were.
+    later: frozenset[str] = getattr(body, "added_since_whole_hashes", frozenset())
+    digest.legacy = _sha256({k: v for k, v in body.model_dump(mode="json").items() if k in fields or k not in later})
     # As sent, as keys stored before the privacy tag's value was read as one were hashed.
     sent = (_sha256(fields),) if _private_as_one(fields) != fields else ()
     digest.also = sent + tuple(h for other in map(request_hash, forms) for h in (other, other.legacy, *other.also))

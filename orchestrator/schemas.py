@@ -6,7 +6,7 @@ import math
 import re
 import unicodedata
 from datetime import datetime
-from typing import Annotated, Any, Generic, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Generic, Literal, TypeVar
 
 from pydantic import (
     AfterValidator,
@@ -237,6 +237,10 @@ class Strict(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
+    # Fields added since releases hashed a body with every default (`idempotency.Digest.legacy`):
+    # the bodies those releases hashed did not have them.
+    added_since_whole_hashes: ClassVar[frozenset[str]] = frozenset()
+
     @classmethod
     def __get_pydantic_json_schema__(cls, core_schema: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
         # A limit behind a validator (`NoBool` before `Field(ge=1)`) is not part of the number's own
@@ -431,6 +435,8 @@ class DraftCreate(Strict):
 class PromoteCreate(Strict):
     """A promotion of an asset (stage `bridge`); every field has a default, and the body may be left out."""
 
+    added_since_whole_hashes = frozenset({"guidance_scale"})
+
     prompt: Prompt | None = Field(None, description="What to draw; null: the source asset's prompt.")
     negative_prompt: Annotated[str, StringConstraints(max_length=10000)] | None = Field(None, description=(
         "What to keep out of the image; null: the one the source was asked with."))
@@ -451,6 +457,8 @@ class PromoteCreate(Strict):
 
 class PolishCreate(Strict):
     """The final render of an asset (stage `polish`); every field has a default, and the body may be left out."""
+
+    added_since_whole_hashes = frozenset({"steps", "guidance_scale"})
 
     # 2.0, not 2: a default is not validated, and the int would make the result cache (which keys on
     # the request as JSON) tell a request without `scale` from one with `"scale": 2`, charging both.

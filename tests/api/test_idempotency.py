@@ -15,12 +15,12 @@ import httpx
 import pytest
 from sqlmodel import select
 
-from orchestrator.errors import NoRoute
+from orchestrator.errors import IdempotencyConflict, NoRoute
 from orchestrator.ids import new_id
 from orchestrator.jobs import JobService, Prepared
 from orchestrator.models import Job, Project
 from orchestrator.routing import Decision
-from orchestrator.schemas import DraftCreate, PromoteCreate
+from orchestrator.schemas import DraftCreate, PolishCreate, PromoteCreate
 from orchestrator.services import Services
 from orchestrator.settings import Settings
 from orchestrator.store import ArtifactStore
@@ -162,6 +162,35 @@ def test_a_field_added_with_a_default_keeps_the_hash_of_earlier_bodies() -> None
     assert before == after
     assert idempotency.request_hash(DraftCreate(**body, negative_prompt="")) == before  # a default written out
     assert before.legacy != before
+
+
+# What releases before bodies were hashed without their defaults stored for these bodies (computed
+# by 94ccff5's parent): a promote or polish retried across the upgrade that added guidance_scale
+# and polish's steps (f5d02f1) was a 409, the fields being in the whole body hashed now.
+EARLIER_RELEASES_HASHES = [
+    (PromoteCreate(prompt="a lighthouse at dusk", seed=3),
+     "47f3e05d6c2a25d432339312c360660af4e38463b9f817ab0a6dd26e78553182"),
+    (PolishCreate(scale=1.5), "842ef69de1f184dc880b1f5bc705f4e737ac300c0b467b7385aae8198e458990"),
+]
+
+
+@pytest.mark.parametrize(("body", "stored"), EARLIER_RELEASES_HASHES, ids=["promote", "polish"])
+def test_a_key_hashed_before_a_later_field_still_matches(body: PromoteCreate | PolishCreate, stored: str) -> None:
+    from orchestrator import idempotency
+    from orchestrator.models import IdempotencyKey
+
+    class Stored:  # a session holding the key as that release wrote it
+        @staticmethod
+        def get(_model: type, key: tuple[str, str]) -> IdempotencyKey:
+            return IdempotencyKey(key=key[0], scope=key[1], request_hash=stored, job_id="j")
+
+    for same in (body, type(body)(**body.model_dump(exclude_unset=True), guidance_scale=None)):
+        row = idempotency.recall(Stored(), "k", "/v1/assets/a/promote", idempotency.request_hash(same))  # type: ignore[arg-type]
+        assert row is not None and row.request_hash == stored
+    # The field written out at its default (above) is still that body; set otherwise, another request.
+    changed = body.model_copy(update={"guidance_scale": 4.0})
+    with pytest.raises(IdempotencyConflict):
+        idempotency.recall(Stored(), "k", "/v1/assets/a/promote", idempotency.request_hash(changed))  # type: ignore[arg-type]
 
 
 def test_negative_zero_is_zero() -> None:
