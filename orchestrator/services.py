@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import importlib.util
 import logging
@@ -20,7 +21,7 @@ from sqlmodel import col, select
 
 from orchestrator import idempotency, identity
 from orchestrator.bells import bell_for
-from orchestrator.db import Database, shown_url
+from orchestrator.db import Database, shown_url, sqlite_file
 from orchestrator.errors import InvalidRequest, NotFound, OrchestratorError
 from orchestrator.events import EventBus
 from orchestrator.follow import JobFollower
@@ -79,7 +80,7 @@ def startup_problems(settings: Settings, *, service: bool = True) -> list[str]:
     probed last, once nothing else is refused: a refused start (a policy's typo) left a data dir,
     its `assets/` and `locks/`, wherever a mistyped ORCH_DATA_DIR pointed."""
     problems = [problem] if (problem := config_file_problem()) else []
-    problems.extend(database_url_problems(settings.resolved_database_url))
+    problems.extend(database_url_problems(settings.resolved_database_url) or _database_file_problems(settings))
     if "*" in settings.cors_origin_list and settings.admin_key is None:
         problems.append(f"{source_of('cors_origins')}: * without ORCH_ADMIN_KEY would let every web page its users "
                         "open drive the service (and spend the budgets): set ORCH_ADMIN_KEY, or list the "
@@ -115,6 +116,27 @@ def startup_problems(settings: Settings, *, service: bool = True) -> list[str]:
             log.warning("%s: with ORCH_LITE_MODEL=auto and no real model at hand, the offline tiny model it falls "
                         "back to cannot be built there", problem)
     return problems
+
+
+def _database_file_problems(settings: Settings) -> list[str]:
+    """A SQLite database, its journal or its migration lock that is there and that this process
+    may not write (another user's, a read-only mount). SQLite opens such a file read-only, and the
+    refusal came at the first write, after `-wal`, `-shm`, `assets/` and `locks/` were made as
+    this user: the owner's own service could then not write them."""
+    path = sqlite_file(settings.resolved_database_url)
+    if path is None:
+        return []
+    where = source_of("database_url") if settings.database_url else f"{source_of('data_dir')} (its {path.name})"
+    for file in (path, *(path.with_name(path.name + suffix) for suffix in ("-wal", "-shm", ".migrate-lock"))):
+        try:
+            if not file.is_file():  # absent, or what the start's other checks tell
+                continue
+            # Opened for writing and closed, nothing written: the refusal's own reason.
+            os.close(os.open(file, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError as exc:
+            fix = ": run as the user that owns it, or give it to this one" if exc.errno == errno.EACCES else ""
+            return [f"{where}: cannot write {file} ({exc.strerror or exc}){fix}"]
+    return []
 
 
 def file_in_the_way(folder: Path) -> Path | None:

@@ -1521,6 +1521,40 @@ def test_a_database_that_takes_no_writes_is_one_line_before_the_service_starts(
     assert main(["check"]) == 0, capsys.readouterr().err
 
 
+@pytest.mark.parametrize("suffix", ["", "-wal", "-shm"])
+def test_a_database_file_this_user_cannot_write_is_named_before_anything_is_made(
+        suffix: str, make_settings: SettingsFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Another user's database (or journal) is opened read-only by SQLite: the refusal came at the
+    first write, after `-wal`, `-shm`, `assets/` and `locks/` were made as this user, which the
+    owner's own service could then not write."""
+    make_settings()  # keeps the developer's environment out
+    data = tmp_path / "data"
+    monkeypatch.setenv("ORCH_DATA_DIR", str(data))
+    monkeypatch.setenv("ORCH_LITE_MODEL", "builtin:tiny-sd")
+    assert main(["migrate"]) == 0
+    theirs = data / f"orchestrator.db{suffix}"
+    theirs.touch()  # a journal another user's process left
+    before = sorted(p.name for p in data.iterdir())
+    real_open = os.open
+
+    def as_another_user(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        # Root writes any file: the refusal another user's file gets, faked.
+        if Path(path) == theirs and flags & (os.O_WRONLY | os.O_RDWR):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", as_another_user)
+    capsys.readouterr()
+    for command in (["migrate"], ["serve", "--port", str(free_port())]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert f"ORCH_DATA_DIR (its orchestrator.db): cannot write {theirs} (Permission denied): run as the user " \
+               "that owns it" in err, err
+        assert err.count("\n") == 2, err  # "invalid configuration:" and the line
+        assert sorted(p.name for p in data.iterdir()) == before
+
+
 def test_a_database_lost_while_the_service_starts_is_one_line_and_exit_1(
         make_settings: SettingsFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
