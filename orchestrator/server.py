@@ -80,7 +80,6 @@ class AnswerWhenStopped:
             REQUEST_GATE.reset(token)
             # The answer is out and the task ends here: re-raising would only log a traceback.
 
-
     def _quiet_startup_failure(self, send: Send) -> Send:
         """A start-up failure `serve` tells in a line (`startup_failure`, a database gone) is not
         also logged as Starlette's traceback, which uvicorn prints from the message."""
