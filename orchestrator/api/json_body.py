@@ -77,7 +77,9 @@ def loads(body: bytes) -> Any:
 def _within_bounds(value: Any) -> None:
     """Refuse a value nested past MAX_DEPTH or holding more than MAX_VALUES values (walked without
     recursion, stopping at the first excess)."""
-    stack: list[tuple[Any, int]] = [(value, 0)]
+    # Levels are the containers', the body's own being 1: a 33rd that was an empty array or object
+    # holds no value that would be refused as too deep.
+    stack: list[tuple[Any, int]] = [(value, 1)]
     seen = 0
     while stack:
         item, depth = stack.pop()
@@ -85,7 +87,7 @@ def _within_bounds(value: Any) -> None:
         if seen > MAX_VALUES:
             raise UnreadableJSON(f"the request body holds more than {MAX_VALUES} values; no request of this API "
                                  "needs as many")
-        if depth > MAX_DEPTH:
+        if depth > MAX_DEPTH and isinstance(item, (dict, list)):
             raise UnreadableJSON("the request body is JSON nested too deeply to read "
                                  f"(more than {MAX_DEPTH} levels)")
         if isinstance(item, dict):

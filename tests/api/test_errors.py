@@ -169,6 +169,10 @@ def test_a_json_syntax_error_says_what_and_where(shared_server: httpx.Client, pr
     # Parsed, then too deep for the text check after it: a 500 (the band moves with the stack).
     *[(b'{"prompt": "x", "zz": ' + b"[" * depth + b"1" + b"]" * depth + b"}", "nested too deeply")
       for depth in range(940, 970, 3)],
+    # 33 levels, the object and 32 arrays: the innermost empty one passed, as only the values
+    # inside a container were checked.
+    (b'{"prompt": "x", "zz": ' + b"[" * 32 + b"]" * 32 + b"}", "nested too deeply"),
+    (b"[" * 33 + b"]" * 33, "nested too deeply"),
     # Read and checked on the event loop: 60,000 unknown keys held every request for seconds.
     (b'{"prompt": "x", ' + b", ".join(b'"k%d": 1' % i for i in range(60_000)) + b"}",
      "an object of 60001 members"),
@@ -181,6 +185,15 @@ def test_json_too_large_to_read_says_why(shared_server: httpx.Client, project: s
     assert_error(response, 400, "invalid_request")
     assert told in response.json()["error"]["message"]
     assert job_count(shared_server) == before
+
+
+@pytest.mark.parametrize("zz", [b"[" * 31 + b"]" * 31, b"[" * 31 + b"1" + b"]" * 31, b"[" * 30 + b"{}" + b"]" * 30])
+def test_json_nested_32_levels_is_read(shared_server: httpx.Client, project: str, zz: bytes) -> None:
+    # 32 levels, the body's object included: read, then refused for the unknown field, not its depth.
+    response = shared_server.post(f"/v1/projects/{project}/drafts", content=b'{"prompt": "x", "zz": ' + zz + b"}",
+                                  headers={"Content-Type": "application/json"})
+    error = assert_error(response, 422, "invalid_request")
+    assert error["message"].startswith("unknown field 'zz'"), error
 
 
 @pytest.mark.parametrize(("raw", "told"), [
