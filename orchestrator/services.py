@@ -260,6 +260,12 @@ def database_url_problems(text: str) -> list[str]:
         # `check` read it as the relative path `x.db` under another folder.
         return [f"{told}: {shown} names a host, which a SQLite URL does not: a file is "
                 "sqlite:////absolute/path.db (four slashes) or sqlite:///relative/path.db (three)"]
+    try:
+        url.get_dialect()().create_connect_args(url)
+    except (ValueError, TypeError) as exc:
+        # SQLite's options (`?timeout=soon`, `?uri=maybe`) are converted as the engine is made:
+        # a traceback and exit 1 from migrate, serve and worker, after the database's folder was.
+        return [f"{told}: {shown}: an option in its query cannot be read ({exc})"]
     if url.get_backend_name() == "sqlite" and (url.database or "").startswith("~"):
         # SQLite takes it as a folder named `~` under the working directory: processes started
         # from two folders used two databases, and `migrate` made the one nobody meant.

@@ -902,6 +902,13 @@ def test_migrate_tells_what_its_own_upgrade_found(make_settings: SettingsFactory
     ("migrate", "ORCH_DATABASE_URL", "sqlite://srv/x.db", "sqlite://srv/x.db names a host, which a SQLite URL"),
     ("serve", "ORCH_DATABASE_URL", "sqlite://u:secret@/x.db", "sqlite://u:***@/x.db names a host"),
     ("worker", "ORCH_DATABASE_URL", "sqlite://srv/x.db", "four slashes"),
+    # An option SQLite's driver converts as the engine is made: a traceback and exit 1, its folder made.
+    ("migrate", "ORCH_DATABASE_URL", "sqlite:///{tmp}/db/x.db?timeout=soon",
+     "ORCH_DATABASE_URL: sqlite:///{tmp}/db/x.db?timeout=soon: an option in its query cannot be read (could not "
+     "convert string to float: 'soon')"),
+    ("serve", "ORCH_DATABASE_URL", "sqlite:///{tmp}/db/x.db?uri=maybe", "an option in its query cannot be read"),
+    ("worker", "ORCH_DATABASE_URL", "sqlite:///{tmp}/db/x.db?check_same_thread=maybe",
+     "an option in its query cannot be read"),
     # The demo starts the service itself: the same checks, before it starts (once a uvicorn traceback).
     ("demo", "ORCH_PRICES_FILE", "{tmp}/prices.toml", "ORCH_PRICES_FILE: prices file {tmp}/prices.toml"),
 ])
@@ -917,6 +924,7 @@ def test_a_setting_the_service_cannot_start_with_is_named_before_it_starts(
     assert err.startswith("orchestrator: invalid configuration:")
     assert told.format(tmp=tmp_path) in err
     assert "Traceback" not in err and "secret" not in err
+    assert not (tmp_path / "db").exists()
 
 
 @pytest.mark.parametrize("model", ["builtin:tiny-sd", "auto"])
