@@ -88,7 +88,7 @@ def _service_url(text: str) -> str:
     try:
         http_address(text, example="http://127.0.0.1:8000")
     except ValueError as exc:
-        told = str(exc) if str(exc).startswith("has port") else "is not an http:// or https:// address"
+        told = str(exc) if str(exc).startswith("has ") else "is not an http:// or https:// address"
         raise argparse.ArgumentTypeError(f"{said} {told}") from None
     return text
 

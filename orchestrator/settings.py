@@ -59,6 +59,11 @@ def http_address(value: str, *, example: str) -> httpx.URL:
     if url.port is not None and not 0 < url.port < 65536:
         # The socket layer takes it modulo 65536: 99999 connected to port 34463 without a word.
         raise ValueError(f"has port {url.port}, which is not a TCP port (1-65535)")
+    if b"?" in url.raw_path:
+        # Each request's path is put after the address's own: `http://h:7860/?token=x` asked
+        # `/?token=x/sdapi/v1/txt2img`, the server's root, for every render.
+        raise ValueError("has a query (?...), which would end up before every request's path: give the address "
+                         "without it")
     return url
 
 

@@ -421,6 +421,10 @@ def test_a_service_url_that_is_no_url_is_a_usage_error(capsys: pytest.CaptureFix
     with pytest.raises(SystemExit) as exited:
         main(["demo", "--url", "http://[::1"])
     assert exited.value.code == 2 and "is not an http:// or https:// address" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:
+        main(["demo", "--url", "http://127.0.0.1:8000/?project=p1"])
+    assert exited.value.code == 2
+    assert "'http://127.0.0.1:8000/?project=p1' has a query (?...)" in capsys.readouterr().err
 
 
 def test_a_demo_draft_left_queued_is_told_once(

@@ -444,6 +444,22 @@ def test_a_server_address_with_no_tcp_port_is_refused(
     assert f"{variable}: has port {port}, which is not a TCP port (1-65535)" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("variable", "value"), [
+    ("ORCH_A1111_URL", "http://127.0.0.1:7860/?token=s3cret"), ("ORCH_COMFYUI_URL", "http://127.0.0.1:8188?"),
+    ("ORCH_OPENAI_BASE_URL", "https://gateway.studio.example/openai?api-version=2025-04-01"),
+])
+def test_a_server_address_with_a_query_is_refused(
+        toml_file: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        variable: str, value: str) -> None:
+    """The engines' paths go after the address, query and all: every request asked the server's
+    root (`/?token=s3cret/sdapi/v1/txt2img`), the engine listed available all the same."""
+    monkeypatch.setenv(variable, value)
+    assert main(["migrate"]) == 2
+    err = capsys.readouterr().err
+    assert f"{variable}: has a query (?...), which would end up before every request's path" in err
+    assert "s3cret" not in err
+
+
 def test_server_addresses_with_credentials_or_a_path_are_taken(toml_file: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ORCH_A1111_URL", "http://artist:pw@10.0.0.7:7860/")
