@@ -127,6 +127,9 @@ def _database_file_problems(settings: Settings) -> list[str]:
     if path is None:
         return []
     where = source_of("database_url") if settings.database_url else f"{source_of('data_dir')} (its {path.name})"
+    if settings.database_url and (file := file_in_the_way(path.parent)) is not None:  # the data dir's: told as such
+        # Told at the migration, after serve and worker had made the data dir: "(File exists)".
+        return [f"{where}: cannot make {path}: {file} is not a directory"]
     for file in (path, *(path.with_name(path.name + suffix) for suffix in ("-wal", "-shm", ".migrate-lock"))):
         try:
             if not file.is_file():  # absent, or what the start's other checks tell

@@ -913,6 +913,10 @@ def test_migrate_tells_what_its_own_upgrade_found(make_settings: SettingsFactory
     ("serve", "ORCH_DATABASE_URL", "sqlite:///{tmp}/db/x.db?uri=maybe", "an option in its query cannot be read"),
     ("worker", "ORCH_DATABASE_URL", "sqlite:///{tmp}/db/x.db?check_same_thread=maybe",
      "an option in its query cannot be read"),
+    # Once told by the migration, "(File exists)", after the data dir was made.
+    ("serve", "ORCH_DATABASE_URL", "sqlite:///{tmp}/a-file/x.db",
+     "ORCH_DATABASE_URL: cannot make {tmp}/a-file/x.db: {tmp}/a-file is not a directory"),
+    ("worker", "ORCH_DATABASE_URL", "sqlite:///{tmp}/a-file/db/x.db", "{tmp}/a-file is not a directory"),
     # The demo starts the service itself: the same checks, before it starts (once a uvicorn traceback).
     ("demo", "ORCH_PRICES_FILE", "{tmp}/prices.toml", "ORCH_PRICES_FILE: prices file {tmp}/prices.toml"),
 ])
@@ -928,7 +932,7 @@ def test_a_setting_the_service_cannot_start_with_is_named_before_it_starts(
     assert err.startswith("orchestrator: invalid configuration:")
     assert told.format(tmp=tmp_path) in err
     assert "Traceback" not in err and "secret" not in err
-    assert not (tmp_path / "db").exists()
+    assert not (tmp_path / "db").exists() and not (tmp_path / "data").exists()
 
 
 @pytest.mark.parametrize("model", ["builtin:tiny-sd", "auto"])
