@@ -101,6 +101,8 @@ def startup_problems(settings: Settings, *, service: bool = True) -> list[str]:
                             f"(known: {', '.join(policies.names())})")
     # `migrate` on a database of its own (PostgreSQL, a SQLite file elsewhere) writes nothing there.
     data_dir = service or not settings.database_url
+    if data_dir and (unexpanded := _no_home(settings.data_dir)) is not None:
+        problems.append(f"{source_of('data_dir')}: {unexpanded}")
     if problems:
         # Said with the others all the same, where it takes no folder made to tell.
         if data_dir and (file := file_in_the_way(settings.data_dir)) is not None:
@@ -208,8 +210,21 @@ def _data_dir_problems(settings: Settings, *, assets: bool) -> list[str]:
     return []
 
 
+def _no_home(folder: Path) -> str | None:
+    """Why `folder` cannot be made where it was meant: its `~user` (or `~` without a home) named no
+    home folder, and was kept as given; None when it starts with none."""
+    first = folder.parts[0] if folder.parts else ""
+    if not first.startswith("~"):
+        return None
+    # Made under the working directory, a folder named `~stuido` held a new, empty database.
+    return (f"{folder}: {first} names no home folder here (no such user, or no HOME): write the folder out "
+            "(/home/studio/orchestrator)")
+
+
 def _cache_dir_problems(settings: Settings) -> list[str]:
     """The offline tiny model is built there (with `auto`, when no real model is at hand)."""
+    if (unexpanded := _no_home(settings.cache_dir)) is not None:
+        return [f"{source_of('cache_dir')}: {unexpanded}"]
     try:
         settings.cache_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=settings.cache_dir):

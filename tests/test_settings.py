@@ -523,6 +523,27 @@ def test_a_blank_variable_is_not_named_for_the_file_s_value(toml_file: Path, mon
     assert f"{toml_file}: policy: 'nope' is not a loaded policy" in "\n".join(startup_problems(settings))
 
 
+@pytest.mark.parametrize(("service", "variable"), [(False, "ORCH_DATA_DIR"), (True, "ORCH_DATA_DIR"),
+                                                 (True, "ORCH_CACHE_DIR")])
+def test_a_folder_under_a_home_there_is_not_is_refused_not_made_in_a_folder_named_tilde(
+        toml_file: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], service: bool,
+        variable: str) -> None:
+    # `~stuido/orch` (a typo of the user): a new, empty data dir `./~stuido/orch`, the studio's own looking lost.
+    from orchestrator.services import startup_problems
+
+    monkeypatch.chdir(toml_file.parent)
+    monkeypatch.setenv("ORCH_LITE_MODEL", "builtin:tiny-sd")  # the cache is where it is built
+    monkeypatch.setenv("ORCH_CACHE_DIR", str(toml_file.parent / "cache"))
+    monkeypatch.setenv(variable, "~nosuchuser-orch/orch")
+    told = (f"{variable}: ~nosuchuser-orch/orch: ~nosuchuser-orch names no home folder here (no such user, or no "
+            "HOME): write the folder out")
+    if service:  # what serve, worker and the demo refuse to start with (run, serve would serve)
+        assert told in "\n".join(startup_problems(Settings()))
+    else:
+        assert main(["migrate"]) == 2 and told in capsys.readouterr().err
+    assert not (toml_file.parent / "~nosuchuser-orch").exists()
+
+
 def test_a_sqlite_url_under_home_is_refused_not_made_in_a_folder_named_tilde(
         toml_file: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.chdir(toml_file.parent)
