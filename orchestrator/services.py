@@ -108,8 +108,7 @@ def startup_problems(settings: Settings, *, service: bool = True) -> list[str]:
         if data_dir and (file := file_in_the_way(settings.data_dir)) is not None:
             problems.append(f"{source_of('data_dir')}: {not_a_directory(settings.data_dir, file)}")
         return problems
-    if data_dir:
-        problems.extend(_data_dir_problems(settings, assets=service))
+    # The cache before the data dir: a cache refused at start left a data dir made for nothing.
     if service and TINY_MODEL in {settings.lite_model, settings.effective_hifi_model}:
         problems.extend(_cache_dir_problems(settings))
     elif service and "auto" in {settings.lite_model, settings.effective_hifi_model}:
@@ -117,6 +116,8 @@ def startup_problems(settings: Settings, *, service: bool = True) -> list[str]:
         for problem in _cache_dir_problems(settings):
             log.warning("%s: with ORCH_LITE_MODEL=auto and no real model at hand, the offline tiny model it falls "
                         "back to cannot be built there", problem)
+    if data_dir and not problems:
+        problems.extend(_data_dir_problems(settings, assets=service))
     return problems
 
 

@@ -945,6 +945,7 @@ def test_a_cache_dir_the_tiny_model_cannot_be_built_in_is_named_before_the_servi
     (tmp_path / "a-file").write_text("not a folder")
     settings = make_settings(lite_model=model, cache_dir=tmp_path / "a-file")
     problems = startup_problems(settings)
+    assert settings.data_dir.exists() == (model == "auto")  # not made for a start refused
     told = f"ORCH_CACHE_DIR: {tmp_path}/a-file is not a directory"  # also in auto's warning, not "File exists"
     if model == "auto":
         assert problems == [] and f"{told}: with ORCH_LITE_MODEL=auto and no real model at hand, the offline tiny " \
