@@ -33,6 +33,7 @@ from pydantic_settings import (
 )
 from sqlalchemy.engine import URL
 
+from orchestrator.schemas import MAX_SIDE
 from tiers.base import MAX_MODEL_CHARS, MAX_UPSCALER_CHARS, in_kept_quotes
 
 log = logging.getLogger(__name__)
@@ -119,8 +120,9 @@ class Settings(BaseSettings):
     # At most 1024: torch's thread pool at 100000 crashed the process, and past 2**31 broke the
     # inference thread for good.
     torch_threads: int = Field(0, ge=0, le=1024)
-    # Largest width/height a local engine accepts; guards memory on small machines.
-    local_max_size: int = Field(2048, ge=64)
+    # Largest width/height a local engine accepts; guards memory on small machines. At most what
+    # any request may ask (schemas.MAX_SIDE): above it, /v1/engines told a max_width no request could reach.
+    local_max_size: int = Field(2048, ge=64, le=MAX_SIDE)
 
     # Extra engines without packaging: "name=module:factory,other=module:factory".
     engines: str = ""

@@ -189,6 +189,16 @@ def test_a_setting_s_own_check_is_told_in_its_words_alone(
     assert "Value error" not in err and "(got " not in err
 
 
+def test_a_local_max_size_beyond_what_any_request_may_ask_is_refused(toml_file: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    # 10000 was taken: GET /v1/engines told a max_width of 10000, and a draft 9000 wide got a 422 (8192 at most).
+    monkeypatch.setenv("ORCH_LOCAL_MAX_SIZE", "10000")
+    assert main(["migrate"]) == 2
+    assert "ORCH_LOCAL_MAX_SIZE: Input should be less than or equal to 8192 (got '10000')" in capsys.readouterr().err
+    monkeypatch.setenv("ORCH_LOCAL_MAX_SIZE", "8192")
+    assert Settings().local_max_size == 8192
+
+
 @pytest.mark.parametrize("variable", ["ORCH_LITE_MODEL", "ORCH_HIFI_MODEL", "ORCH_FAL_MODEL", "ORCH_A1111_CHECKPOINT"])
 def test_a_model_longer_than_jobs_can_store_is_refused_at_start(variable: str, toml_file: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
