@@ -135,6 +135,8 @@ def test_a_policy_file_refused_at_start_stops_the_service(make_settings: Setting
                                             "privte = true\n")
     monkeypatch.setenv("ORCH_POLICY_DIR", str(tmp_path))
     monkeypatch.setenv("ORCH_POLICY", "balnced")
+    # Its migrate below otherwise migrated ./.orchestrator, the default data dir, wherever the tests ran.
+    monkeypatch.setenv("ORCH_DATA_DIR", str(tmp_path / "data"))
     for command in (["serve", "--port", "9"], ["worker"]):
         assert main(command) == 2
         err = capsys.readouterr().err
