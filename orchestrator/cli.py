@@ -354,9 +354,11 @@ MIN_KEY_LENGTH = 16
 
 def _checked(settings: Settings, *, service: bool = True) -> int | None:
     """Exit status 2 with what to fix, before anything starts; None when nothing is wrong."""
-    from orchestrator.services import startup_problems
+    from orchestrator.services import ForNow, startup_problems
 
     problems = startup_problems(settings, service=service)
+    if problems and all(isinstance(p, ForNow) for p in problems):
+        return _fail("cannot start for now:\n" + "\n".join(f"  {p}" for p in problems), status=1)
     if problems:
         return _fail("invalid configuration:\n" + "\n".join(f"  {p}" for p in problems), status=2)
     return None
@@ -396,6 +398,7 @@ def _migrated(settings: Settings, *, writable: bool = False, found: list[str | N
     from sqlalchemy import text
 
     from orchestrator.db import Database, ForeignDatabase, MigrationRefused, shown_url, upgrade
+    from orchestrator.services import NO_SPACE
 
     url = settings.resolved_database_url
     shown, (where, elsewhere) = shown_url(url), _database_setting(settings)
@@ -419,7 +422,8 @@ def _migrated(settings: Settings, *, writable: bool = False, found: list[str | N
     except MigrationRefused as exc:  # the data is the operator's to mend first; nothing was changed
         return _fail(f"cannot migrate the database: {exc}", status=2)
     except OSError as exc:  # its folder, or the lock file beside it, cannot be made
-        return _fail(f"{where}: cannot write beside the database at {shown} ({exc.strerror or exc})", status=2)
+        return _fail(f"{where}: cannot write beside the database at {shown} ({exc.strerror or exc})",
+                     status=1 if exc.errno in NO_SPACE else 2)  # a full disk may be freed: see `ForNow`
     return None
 
 

@@ -168,6 +168,21 @@ def cannot_write(folder: Path, exc: OSError) -> str:
     return not_a_directory(folder, file) if file is not None else f"cannot write in {folder} ({exc.strerror or exc})"
 
 
+# A disk (or a quota) with no room left.
+NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+class ForNow(str):
+    """A start-up problem that passes without a change to the setup (a full disk: freed, the same
+    start succeeds). The command exits 1 for it, not 2, so that a supervisor told to give up on
+    2 (`RestartPreventExitStatus=2`) keeps restarting it, as it does on a disk that fills later."""
+
+
+def _unwritable(setting: str, folder: Path, exc: OSError) -> str:
+    problem = f"{source_of(setting)}: {cannot_write(folder, exc)}"
+    return ForNow(problem) if exc.errno in NO_SPACE else problem
+
+
 def _data_dir_problems(settings: Settings, *, assets: bool) -> list[str]:
     try:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -177,7 +192,7 @@ def _data_dir_problems(settings: Settings, *, assets: bool) -> list[str]:
             probe.write(bytes(64 * 1024))
             probe.flush()
     except OSError as exc:
-        return [f"{source_of('data_dir')}: {cannot_write(settings.data_dir, exc)}"]
+        return [_unwritable('data_dir', settings.data_dir, exc)]
     if not assets:  # migrate stores no images
         return []
     # The images' folder too, the way they are stored (a file renamed into place): one restored
@@ -194,7 +209,7 @@ def _data_dir_problems(settings: Settings, *, assets: bool) -> list[str]:
         os.replace(left, left.with_name(left.name + "-renamed"))
         left = left.with_name(left.name + "-renamed")
     except OSError as exc:
-        return [f"{source_of('data_dir')}: {cannot_write(folder, exc)}"]
+        return [_unwritable('data_dir', folder, exc)]
     finally:
         if left is not None:
             with contextlib.suppress(OSError):
@@ -207,7 +222,7 @@ def _data_dir_problems(settings: Settings, *, assets: bool) -> list[str]:
         with tempfile.TemporaryFile(dir=locks):
             pass
     except OSError as exc:
-        return [f"{source_of('data_dir')}: {cannot_write(locks, exc)}"]
+        return [_unwritable('data_dir', locks, exc)]
     return []
 
 
@@ -231,7 +246,7 @@ def _cache_dir_problems(settings: Settings) -> list[str]:
         with tempfile.TemporaryFile(dir=settings.cache_dir):
             pass
     except OSError as exc:
-        return [f"{source_of('cache_dir')}: {cannot_write(settings.cache_dir, exc)}"]
+        return [_unwritable('cache_dir', settings.cache_dir, exc)]
     return []
 
 

@@ -956,18 +956,37 @@ def test_a_cache_dir_the_tiny_model_cannot_be_built_in_is_named_before_the_servi
         assert len(problems) == 1 and problems[0].startswith(told)
 
 
-def test_a_full_data_dir_is_named_before_the_service_starts(make_settings: SettingsFactory,
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_full_data_dir_is_named_before_the_service_starts_and_is_no_setup_to_fix(
+        make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     # A full disk still makes an empty file: the probe writes, or the migrations met it with a traceback.
     settings = make_settings()
+    monkeypatch.setenv("ORCH_DATA_DIR", str(settings.data_dir))
 
     class FullDisk(io.BytesIO):
         def write(self, data: Any) -> int:
             raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr("orchestrator.services.tempfile.TemporaryFile", lambda **_: FullDisk())
-    assert startup_problems(settings) == [
-        f"ORCH_DATA_DIR: cannot write in {settings.data_dir} (No space left on device)"]
+    told = f"ORCH_DATA_DIR: cannot write in {settings.data_dir} (No space left on device)"
+    assert startup_problems(settings) == [told]
+    # Exit 1, not the 2 of a setup to fix: a supervisor that gives up on 2 gave up on a disk that
+    # filled before a restart, and restarted one that filled later (the database's SQLITE_FULL: 1).
+    capsys.readouterr()
+    assert main(["migrate"]) == 1
+    assert capsys.readouterr().err == f"orchestrator: cannot start for now:\n  {told}\n"
+
+
+def test_a_full_disk_under_the_migration_lock_is_no_setup_to_fix(
+        make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("ORCH_DATA_DIR", str(make_settings().data_dir))
+
+    def full(*_: Any) -> Any:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("orchestrator.db.open_regular_file", full)
+    capsys.readouterr()
+    assert main(["migrate"]) == 1
+    assert "cannot write beside the database at sqlite:///" in capsys.readouterr().err
 
 
 def test_a_bad_value_in_the_config_file_names_the_file_and_key(make_settings: SettingsFactory, tmp_path: Path,
