@@ -15,7 +15,7 @@ from orchestrator.api.docs import EXPLAIN_EXAMPLES, body_examples, documented, w
 from orchestrator.api.errors import BodyValidationError
 from orchestrator.api.json_body import StrictJSONRoute
 from orchestrator.api.paths import PolicyName
-from orchestrator.api.query import Limit
+from orchestrator.api.query import Limit, SortOrder
 from orchestrator.errors import InvalidRequest, not_found, shown
 from orchestrator.models import Project
 from orchestrator.routing import policy_warnings
@@ -44,6 +44,9 @@ def list_policies(services: ServicesDep, caller: CallerDep, limit: Limit = 50,
                       "Where the page starts: the previous page's `next_cursor`, the last policy name on it (empty "
                       "or left out: the first page). A value that cannot be a policy name is a 422; a name no loaded "
                       "policy has still places the page (a policy removed by a reload between two pages)."))] = None,
+                  order: Annotated[SortOrder, Query(description=(
+                      "`asc`: by name, A to Z (the default); `desc`: Z to A. A page's `next_cursor` goes on in the "
+                      "same order."))] = "asc",
                   ) -> dict[str, Any]:
     """The loaded policies by name, paged like every list (`cursor` is the last name of the page
     before). `errors` are the files the last load refused, `warnings` what loaded but cannot route
@@ -54,8 +57,12 @@ def list_policies(services: ServicesDep, caller: CallerDep, limit: Limit = 50,
         raise InvalidRequest("malformed cursor: pass back the 'next_cursor' of the previous page",
                              details={"cursor": shown(cursor)}, loc=("query", "cursor"))
     own = None if caller.project_id is None else _own_policy(services, caller.project_id)
-    rows = [p for p in services.policies.list()
-            if (not cursor or p.name > cursor) and (admin or p.name == own)][:limit + 1]
+    listed = services.policies.list()
+    if order == "desc":  # as the other lists take it (a client asking for it got A to Z, unsaid)
+        listed = listed[::-1]
+    rows = [p for p in listed
+            if (not cursor or (p.name > cursor if order == "asc" else p.name < cursor))
+            and (admin or p.name == own)][:limit + 1]
     more = len(rows) > limit
     rows = rows[:limit]
     return {"items": [{"name": p.name, "description": p.description,

@@ -100,6 +100,17 @@ def test_policies_page_like_every_list(api: httpx.Client) -> None:
         if cursor is None:
             break
     assert seen == everything
+    # Z to A with ?order=desc, as other lists take it (it was let through, and listed A to Z).
+    backwards: list[str] = []
+    cursor = None
+    while True:
+        page = api.get("/v1/policies", params={"limit": 2, "order": "desc",
+                                               **({"cursor": cursor} if cursor else {})}).json()
+        backwards += [p["name"] for p in page["items"]]
+        if (cursor := page["next_cursor"]) is None:
+            break
+    assert backwards == everything[::-1]
+    assert_error(api.get("/v1/policies", params={"order": "newest"}), 422, "invalid_request")
     assert_error(api.get("/v1/policies", params={"limit": 0}), 422, "invalid_request")
     # As every list: a cursor that is no policy name is refused, not a page starting somewhere.
     for cursor in ("Balanced", "garbage!", "../balanced", "a" * 65):
