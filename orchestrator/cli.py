@@ -353,7 +353,8 @@ MIN_KEY_LENGTH = 16
 
 
 def _checked(settings: Settings, *, service: bool = True) -> int | None:
-    """Exit status 2 with what to fix, before anything starts; None when nothing is wrong."""
+    """Exit status 2 with what to fix, before anything starts (1 when all of it may pass without a
+    fix: a full disk, `services.ForNow`); None when nothing is wrong."""
     from orchestrator.services import ForNow, startup_problems
 
     problems = startup_problems(settings, service=service)

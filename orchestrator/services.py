@@ -130,7 +130,8 @@ def _database_file_problems(settings: Settings) -> list[str]:
     if path is None:
         return []
     where = source_of("database_url") if settings.database_url else f"{source_of('data_dir')} (its {path.name})"
-    if settings.database_url and (file := file_in_the_way(path.parent)) is not None:  # the data dir's: told as such
+    # The default database is in the data dir: a file in its way is told as the data dir's (`startup_problems`).
+    if settings.database_url and (file := file_in_the_way(path.parent)) is not None:
         # Told at the migration, after serve and worker had made the data dir: "(File exists)".
         return [f"{where}: cannot make {path}: {file} is not a directory"]
     for file in (path, *(path.with_name(path.name + suffix) for suffix in ("-wal", "-shm", ".migrate-lock"))):
@@ -192,7 +193,7 @@ def _data_dir_problems(settings: Settings, *, assets: bool) -> list[str]:
             probe.write(bytes(64 * 1024))
             probe.flush()
     except OSError as exc:
-        return [_unwritable('data_dir', settings.data_dir, exc)]
+        return [_unwritable("data_dir", settings.data_dir, exc)]
     if not assets:  # migrate stores no images
         return []
     # The images' folder too, the way they are stored (a file renamed into place): one restored
@@ -209,7 +210,7 @@ def _data_dir_problems(settings: Settings, *, assets: bool) -> list[str]:
         os.replace(left, left.with_name(left.name + "-renamed"))
         left = left.with_name(left.name + "-renamed")
     except OSError as exc:
-        return [_unwritable('data_dir', folder, exc)]
+        return [_unwritable("data_dir", folder, exc)]
     finally:
         if left is not None:
             with contextlib.suppress(OSError):
@@ -222,7 +223,7 @@ def _data_dir_problems(settings: Settings, *, assets: bool) -> list[str]:
         with tempfile.TemporaryFile(dir=locks):
             pass
     except OSError as exc:
-        return [_unwritable('data_dir', locks, exc)]
+        return [_unwritable("data_dir", locks, exc)]
     return []
 
 
@@ -246,7 +247,7 @@ def _cache_dir_problems(settings: Settings) -> list[str]:
         with tempfile.TemporaryFile(dir=settings.cache_dir):
             pass
     except OSError as exc:
-        return [_unwritable('cache_dir', settings.cache_dir, exc)]
+        return [_unwritable("cache_dir", settings.cache_dir, exc)]
     return []
 
 
