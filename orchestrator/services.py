@@ -297,6 +297,8 @@ def database_url_problems(text: str) -> list[str]:
                 "sqlite:////absolute/path.db (four slashes) or sqlite:///relative/path.db (three)"]
     try:
         url.get_dialect()().create_connect_args(url)
+    except (ImportError, NoSuchModuleError):
+        pass  # a driver that is not there: told below
     except (ValueError, TypeError) as exc:
         # SQLite's options (`?timeout=soon`, `?uri=maybe`) are converted as the engine is made:
         # a traceback and exit 1 from migrate, serve and worker, after the database's folder was.

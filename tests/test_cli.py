@@ -1448,6 +1448,9 @@ def test_a_secret_setting_s_bad_value_is_not_echoed(make_settings: SettingsFacto
     ("postgresql+psycopg2://u:pw@db/orch", "the driver of postgresql+psycopg2://u:***@db/orch is not installed "
                                             "(No module named 'psycopg2'); psycopg 3 is: write the URL as "
                                             "postgresql+psycopg://..."),
+    # A driver SQLAlchemy has no dialect for: told, not NoSuchModuleError's traceback.
+    ("postgresql+foo://u:pw@db/orch", "the driver of postgresql+foo://u:***@db/orch is not installed (Can't load "
+                                      "plugin: sqlalchemy.dialects:postgresql.foo)"),
 ])
 def test_check_on_a_database_url_it_cannot_open_is_one_line(make_settings: SettingsFactory, tmp_path: Path,
                                                             monkeypatch: pytest.MonkeyPatch,
