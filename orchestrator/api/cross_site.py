@@ -8,7 +8,8 @@ touching programs, which send no `Origin` and name the service as they reach it:
 
 - a request that changes something (POST, PUT, PATCH, DELETE) sent by a page of another origin
   than the service's own (the `/docs` page) or one of `ORCH_CORS_ORIGINS` is refused 403;
-- on loopback without a key, a `Host` that is not a loopback name (a rebound domain) is refused 400.
+- on loopback without a key, a `Host` that names no loopback address or `localhost` name (a rebound
+  domain) is refused 400.
 
 A pure ASGI middleware: every request pays one header lookup, a program's nothing more.
 """
@@ -40,6 +41,15 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def names_this_machine(host: str) -> bool:
+    """Whether a request's `Host` names this machine: a loopback address, or a name of RFC 6761's
+    `localhost.` zone (`localhost.`, `app.localhost`), which browsers answer with loopback without
+    asking DNS, so no page can be served under it from elsewhere. Not for the address to listen
+    on: a resolver that forwards `app.localhost` to DNS may give any address."""
+    name = host.lower().removesuffix(".")
+    return name == "localhost" or name.endswith(".localhost") or is_loopback(host)
+
+
 # A host (a name, an IPv4 address or a bracketed IPv6 one) and an optional port, and nothing else.
 HOST_HEADER = re.compile(r"(\[[0-9a-f:.]+\]|[^\s:\[\],/@]+)(:[0-9]{1,5})?")
 
@@ -64,7 +74,7 @@ class CrossSiteGuard:
         headers = dict(scope["headers"])
         host = headers.get(b"host", b"").decode("latin-1").lower()
         # No Host at all is a program's (an HTTP/1.0 probe): browsers always send one.
-        if self.loopback_only and host and not is_loopback(_host_name(host)):
+        if self.loopback_only and host and not names_this_machine(_host_name(host)):
             refused = answer(BadRequest(f"this service answers on this machine only, not as "
                                         f"{host or 'a nameless host'!r} (set ORCH_ADMIN_KEY to serve other names)"))
             await refused(scope, receive, send)

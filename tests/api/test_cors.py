@@ -141,6 +141,11 @@ def test_a_service_open_to_this_machine_answers_to_its_own_names_only(
         assert client.get("/healthz").status_code == 200
         for host in ("localhost:8000", "[::1]:8000", "127.0.0.1", "LOCALHOST:8000", ""):  # "": an HTTP/1.0 probe
             assert client.get("/healthz", headers={"Host": host}).status_code == 200, host
+        # RFC 6761's names, which browsers keep on loopback: a fully qualified name, a dev subdomain.
+        for host in ("localhost.:8000", "localhost.", "studio.localhost:8000", "a.b.localhost."):
+            assert client.get("/v1/projects", headers={"Host": host}).status_code == 200, host
+        for host in ("localhost.attacker.example", "notlocalhost", "localhost..", "evil-localhost"):
+            assert_error(client.get("/v1/projects", headers={"Host": host}), 400, "invalid_request")
         rebound = client.post("/v1/projects", json={"name": "x"}, headers={"Host": "rebind.attacker.example"})
         assert_error(rebound, 400, "invalid_request")
         assert "ORCH_ADMIN_KEY" in rebound.json()["error"]["message"]
