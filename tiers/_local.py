@@ -560,6 +560,27 @@ def _refuse_conditioned_folder(folder: Path) -> None:
     _refuse_channels(unet.get("in_channels"), config("vae").get("latent_channels", 4) if unet else None)
 
 
+# An original (LDM) checkpoint's UNet `conv_in` ([320, in_channels, 3, 3]) and its VAE's
+# `post_quant_conv` ([latent_channels, latent_channels, 1, 1]), as diffusers' single-file loader names them.
+_CHECKPOINT_CONV_IN = "model.diffusion_model.input_blocks.0.0.weight"
+_CHECKPOINT_POST_QUANT_CONV = "first_stage_model.post_quant_conv.weight"
+
+
+def _refuse_conditioned_file(checkpoint: Any) -> None:
+    """`_refuse_conditioned_unet` from an open safetensors checkpoint's shapes (its header), before
+    its weights are read: refused only after a whole load, an inpainting file was read into memory
+    (gigabytes) at each try. Where the file holds no VAE, 4 latent channels: every family loaded from
+    one file has 4."""
+    keys = set(checkpoint.keys())
+
+    def shape(key: str) -> list[int]:
+        return list(checkpoint.get_slice(key).get_shape()) if key in keys else []
+
+    conv_in, post_quant = shape(_CHECKPOINT_CONV_IN), shape(_CHECKPOINT_POST_QUANT_CONV)
+    if len(conv_in) == 4:
+        _refuse_channels(conv_in[1], post_quant[0] if len(post_quant) == 4 else 4)
+
+
 def _refuse_channels(takes: object, latents: object) -> None:
     if isinstance(takes, int) and isinstance(latents, int) and takes > latents:
         raise ValueError(f"its UNet takes {takes} input channels, not the VAE's {latents} latent channels (an "
@@ -1111,6 +1132,8 @@ class LocalRuntime:
 
         with safe_open(str(path), framework="pt") as f:
             family = single_file_family(f.keys())
+            if family in SINGLE_FILE_FAMILIES:
+                _refuse_conditioned_file(f)
         if family not in SINGLE_FILE_FAMILIES:
             # Read as Stable Diffusion, it failed offline with "load it once online", which fails too.
             raise ValueError(f"it is a single file of {family}, which is loaded from a diffusers folder or a Hub "

@@ -848,6 +848,57 @@ async def test_an_inpainting_model_is_refused_at_its_load_saying_why(engines: En
     assert also.value.message == refused.value.message
 
 
+def save_checkpoint_header(path: Path, unet_in_channels: int, *, sdxl: bool = False) -> None:
+    """A single file with an original checkpoint's names and shapes for the UNet's `conv_in` and
+    the VAE's `post_quant_conv` (and SDXL's second text encoder), nothing else: what is read of it
+    before a load."""
+    from safetensors.torch import save_file
+
+    tensors = {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(320, unet_in_channels, 3, 3,
+                                                                            dtype=torch.float16),
+               "first_stage_model.post_quant_conv.weight": torch.zeros(4, 4, 1, 1, dtype=torch.float16)}
+    if sdxl:
+        tensors["conditioner.embedders.1.model.ln_final.weight"] = torch.zeros(4, dtype=torch.float16)
+    save_file(tensors, str(path))
+
+
+@pytest.mark.parametrize("setting", ["lite_model", "hifi_model"])
+async def test_an_inpainting_single_file_is_refused_from_its_header_before_its_load(
+        engines: EngineFactory, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, setting: str) -> None:
+    """`sd-v1-5-inpainting.safetensors` (or SDXL's) was refused only once diffusers had read the whole
+    file (gigabytes) into memory, at each try: its UNet's `conv_in` in the header says 9 channels."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    loads: list[str] = []
+
+    def from_single_file(cls: Any, path: str, **kwargs: Any) -> Any:
+        loads.append(path)
+        raise AssertionError("the whole file was loaded")
+
+    for cls in (StableDiffusionPipeline, StableDiffusionXLPipeline):
+        monkeypatch.setattr(cls, "from_single_file", classmethod(from_single_file))
+    checkpoint = tmp_path / "sd-inpainting.safetensors"
+    save_checkpoint_header(checkpoint, 9, sdxl=setting == "hifi_model")
+    lite, hifi = engines(**{setting: str(checkpoint)}, local_max_size=256)
+    engine, job = ((lite, draft(n=1, steps=1)) if setting == "lite_model" else
+                   (hifi, RenderRequest(stage="bridge", prompt="a lighthouse", width=64, height=64, steps=2, seed=1,
+                                        n=1, init_image=draft_image(), strength=0.5)))
+    with pytest.raises(EngineUnavailable) as refused:
+        await engine.run(job, RecordingProgress(), CancelToken())
+    assert loads == []
+    assert refused.value.message == (
+        "could not load model 'sd-inpainting.safetensors': its UNet takes 9 input channels, not the VAE's 4 latent "
+        "channels (an inpainting, InstructPix2Pix or depth-to-image model): it makes neither drafts nor bridges and "
+        "polishes; give a text-to-image model")
+    text_to_image = tmp_path / "sd.safetensors"  # 4 channels: a text-to-image model's, loaded
+    save_checkpoint_header(text_to_image, 4, sdxl=setting == "hifi_model")
+    engine = engines(**{setting: str(text_to_image)}, local_max_size=256)[0 if setting == "lite_model" else 1]
+    with pytest.raises(EngineUnavailable) as failed:
+        await engine.run(job, RecordingProgress(), CancelToken())
+    assert [Path(path).name for path in loads] == ["sd.safetensors"]
+    assert failed.value.message.endswith("AssertionError: the whole file was loaded")
+
+
 async def test_an_lcm_lora_merge_saved_as_a_folder_runs_on_lcm_s_scheduler(
         engines: EngineFactory, tiny_cache_dir: Path, tmp_path: Path) -> None:
     """Merged with LCM-LoRA and saved with its base's scheduler (Euler here), 4 steps at guidance 1
