@@ -86,6 +86,9 @@ _LATENT_RGB = ((0.298, 0.207, 0.208), (0.187, 0.286, 0.173), (-0.158, 0.189, 0.2
 _LATENT_RGB_XL = ((0.3651, 0.4232, 0.4341), (-0.2533, -0.0042, 0.1068), (0.1076, 0.1111, -0.0362),
                   (-0.3165, -0.2492, -0.2188))
 _LATENT_RGB_XL_BIAS = (0.1084, -0.0175, -0.0011)
+# SDXL's VAE's `scaling_factor`: its pipelines denoise the VAE's latents times this, the scale
+# SDXL's map above and TAESDXL read.
+_SDXL_SCALING_FACTOR = 0.13025
 
 # How often defaults a model's name and files do not tell yet are read again (see `LocalEngine.defaults`).
 DEFAULTS_RECHECK_SECONDS = 10.0
@@ -615,6 +618,35 @@ def latents_to_preview(latents: Any, *, xl: bool = False) -> Image | None:
             rgb = rgb + torch.tensor(_LATENT_RGB_XL_BIAS, dtype=lat.dtype, device=lat.device)[:, None, None]
     rgb = ((rgb + 1.0) * 127.5).clamp(0, 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
     return PILImage.fromarray(rgb, mode="RGB")
+
+
+def _in_sdxl_scale(latents: Any, pipe: Any) -> Any:
+    """An SDXL pipeline's latents as SDXL's own are scaled, for its previews: Playground v2.5's
+    VAE config normalizes them per channel (`latents_mean`, `latents_std`, `scaling_factor` 0.5),
+    which the pipeline undoes before its decode; read as SDXL's, its previews came out tinted red
+    (a VAE latent of zeros: (162, 139, 136) where SDXL's map gives (141, 125, 127)) and at little
+    more than half the contrast. Other latents are returned as they are."""
+    config = getattr(getattr(pipe, "vae", None), "config", None)
+
+    def setting(name: str) -> Any:
+        return config.get(name) if isinstance(config, dict) else getattr(config, name, None)
+
+    mean, std, scale = setting("latents_mean"), setting("latents_std"), setting("scaling_factor")
+
+    def four_numbers(value: Any) -> bool:
+        return isinstance(value, (list, tuple)) and len(value) == 4 and all(
+            isinstance(number, (int, float)) for number in value)
+
+    if (not four_numbers(mean) or not four_numbers(std) or not isinstance(scale, (int, float)) or scale <= 0
+            or latents.dim() != 4 or latents.shape[1] != 4 or not is_sdxl(pipe)):
+        return latents
+    import torch
+
+    def per_channel(values: Any) -> Any:
+        return torch.tensor(values, dtype=torch.float32, device=latents.device).view(1, 4, 1, 1)
+
+    # As diffusers' SDXL pipeline denormalizes them for its decode, then scaled as SDXL's.
+    return (latents.float() * per_channel(std) / scale + per_channel(mean)) * _SDXL_SCALING_FACTOR
 
 
 def _no_preview(_latents: Any, *, xl: bool = False) -> None:
@@ -1200,6 +1232,7 @@ class LocalRuntime:
         is the Lite model's (`ORCH_LITE_PREVIEW_VAE`), loaded with it: another model's pipelines
         (`local-hifi`'s, maybe of another latent family) get the approximation, and their failures
         end nothing."""
+        latents = _in_sdxl_scale(latents, pipe)
         if not self._lite_pipe(pipe):
             try:
                 return latents_to_preview(latents, xl=is_sdxl(pipe))

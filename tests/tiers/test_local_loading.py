@@ -358,6 +358,40 @@ def test_previews_use_the_model_family_s_latent_colours(make_settings: SettingsF
     assert latents_to_preview(latents) is not None and pixel(latents_to_preview(latents)) == pixel(sd_preview)
 
 
+def test_playground_v2_5_s_previews_read_its_latents_as_its_pipeline_decodes_them(
+        make_settings: SettingsFactory) -> None:
+    """Playground v2.5 is an SDXL pipeline whose VAE config normalizes the latents per channel
+    (`latents_mean`, `latents_std`, scaling 0.5), undone by the pipeline before its decode. Its
+    previews read them as SDXL's (scaled by 0.13025): tinted red, at little more than half the
+    contrast. The same VAE latents get SDXL's preview, from the approximation and a preview VAE."""
+    mean, std = [-1.6574, 1.886, -1.383, 2.5155], [8.4927, 5.9022, 6.5498, 5.2299]  # its vae/config.json
+    unet = SimpleNamespace(config={"addition_embed_type": "text_time"})
+    sdxl = SimpleNamespace(unet=unet, vae=SimpleNamespace(config={"scaling_factor": 0.13025, "latents_mean": None,
+                                                                  "latents_std": None}))
+    playground = SimpleNamespace(unet=unet, vae=SimpleNamespace(config={"scaling_factor": 0.5, "latents_mean": mean,
+                                                                        "latents_std": std}))
+    as_sdxl = torch.zeros(1, 4, 8, 8)
+    as_sdxl[0, 0] = 0.5
+    as_playground = ((as_sdxl / 0.13025 - torch.tensor(mean).view(1, 4, 1, 1)) * 0.5
+                     / torch.tensor(std).view(1, 4, 1, 1))
+    runtime = runtime_for(EngineContext(settings=make_settings()))
+    decoded: list[Any] = []
+
+    def preview_vae(latents: Any, *, xl: bool = False) -> Any:
+        decoded.append(latents)
+        raise RuntimeError("a decode that fails: the step gets the approximation")
+
+    try:
+        sdxl_preview, playground_preview = runtime.preview(as_sdxl, sdxl), runtime.preview(as_playground, playground)
+        runtime._previewer = preview_vae
+        runtime.preview(as_playground, playground)
+    finally:
+        runtime.shutdown(timeout=30)
+    assert sdxl_preview is not None and playground_preview is not None
+    assert pixel(playground_preview) == pixel(sdxl_preview)
+    assert len(decoded) == 1 and torch.allclose(decoded[0], as_sdxl, atol=1e-5)
+
+
 async def test_a_draft_s_previews_are_made_for_its_pipeline(load: Engines, tiny_copy: Callable[[str], Path],
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     lite, _ = load(str(tiny_copy("sd15")))
