@@ -599,6 +599,26 @@ def is_sdxl(pipe: Any) -> bool:
     return added == "text_time" or "StableDiffusionXL" in type(pipe).__name__
 
 
+def _vae_setting(pipe: Any, name: str) -> Any:
+    """`name` in the config of `pipe`'s VAE (a dict, or attributes), None where it has none."""
+    config = getattr(getattr(pipe, "vae", None), "config", None)
+    return config.get(name) if isinstance(config, dict) else getattr(config, name, None)
+
+
+def in_sdxl_latent_space(pipe: Any) -> bool:
+    """Whether `pipe`'s latents, as the previews read them (`_in_sdxl_scale`), are those of SDXL's
+    VAE: said by its VAE config's `scaling_factor` where that is SDXL's, else by the pipeline
+    (`is_sdxl`). PixArt-Alpha and -Sigma use SDXL's VAE but have a transformer, no UNet: by the
+    pipeline alone their previews got SD 1.x's map, the wrong colours. Another `scaling_factor`
+    decides nothing: 0.18215, SD 1.x's and 2.x's, is also what diffusers fills in for a config
+    without one, and Playground v2.5's VAE (SDXL's, normalized) says 0.5."""
+    scale = _vae_setting(pipe, "scaling_factor")
+    if isinstance(scale, (int, float)) and not isinstance(scale, bool) and math.isclose(
+            scale, _SDXL_SCALING_FACTOR, rel_tol=1e-3):
+        return True
+    return is_sdxl(pipe)
+
+
 def latents_to_preview(latents: Any, *, xl: bool = False) -> Image | None:
     """An RGB preview of the first latent in the batch: a 4x3 matrix product, no VAE (SDXL's map
     with `xl`). None for latents that are not images of channels (FLUX packs its latents into a
@@ -626,19 +646,15 @@ def _in_sdxl_scale(latents: Any, pipe: Any) -> Any:
     which the pipeline undoes before its decode; read as SDXL's, its previews came out tinted red
     (a VAE latent of zeros: (162, 139, 136) where SDXL's map gives (141, 125, 127)) and at little
     more than half the contrast. Other latents are returned as they are."""
-    config = getattr(getattr(pipe, "vae", None), "config", None)
-
-    def setting(name: str) -> Any:
-        return config.get(name) if isinstance(config, dict) else getattr(config, name, None)
-
-    mean, std, scale = setting("latents_mean"), setting("latents_std"), setting("scaling_factor")
+    mean, std = _vae_setting(pipe, "latents_mean"), _vae_setting(pipe, "latents_std")
+    scale = _vae_setting(pipe, "scaling_factor")
 
     def four_numbers(value: Any) -> bool:
         return isinstance(value, (list, tuple)) and len(value) == 4 and all(
             isinstance(number, (int, float)) for number in value)
 
     if (not four_numbers(mean) or not four_numbers(std) or not isinstance(scale, (int, float)) or scale <= 0
-            or latents.dim() != 4 or latents.shape[1] != 4 or not is_sdxl(pipe)):
+            or latents.dim() != 4 or latents.shape[1] != 4 or not in_sdxl_latent_space(pipe)):
         return latents
     import torch
 
@@ -1232,10 +1248,10 @@ class LocalRuntime:
         is the Lite model's (`ORCH_LITE_PREVIEW_VAE`), loaded with it: another model's pipelines
         (`local-hifi`'s, maybe of another latent family) get the approximation, and their failures
         end nothing."""
-        latents = _in_sdxl_scale(latents, pipe)
+        latents, xl = _in_sdxl_scale(latents, pipe), in_sdxl_latent_space(pipe)
         if not self._lite_pipe(pipe):
             try:
-                return latents_to_preview(latents, xl=is_sdxl(pipe))
+                return latents_to_preview(latents, xl=xl)
             except Exception as exc:
                 log.debug("no step preview for this model: %s: %s", type(exc).__name__, first_line(exc)[:200])
                 return None
@@ -1244,14 +1260,14 @@ class LocalRuntime:
             return None
         if previewer is not None and previewer is not latents_to_preview:
             try:
-                image = previewer(latents, xl=is_sdxl(pipe))
+                image = previewer(latents, xl=xl)
             except Exception as exc:
                 self._preview_vae_failed(exc)
             else:
                 self._preview_failures = 0
                 return image
         try:
-            return latents_to_preview(latents, xl=is_sdxl(pipe))
+            return latents_to_preview(latents, xl=xl)
         except Exception as exc:
             log.warning("step previews are off: %s: %s", type(exc).__name__, first_line(exc)[:200])
             self._previewer = _no_preview

@@ -392,6 +392,39 @@ def test_playground_v2_5_s_previews_read_its_latents_as_its_pipeline_decodes_the
     assert len(decoded) == 1 and torch.allclose(decoded[0], as_sdxl, atol=1e-5)
 
 
+def test_previews_of_a_pipeline_on_sdxl_s_vae_use_sdxl_s_latent_colours(make_settings: SettingsFactory) -> None:
+    """PixArt-Alpha and -Sigma have a transformer, no UNet, and SDXL's VAE (`scaling_factor`
+    0.13025): their previews got SD 1.x's map, the wrong colours. Its VAE says the latent space:
+    the same latents get SDXL's preview, from the approximation and a preview VAE told `xl`."""
+    latents = torch.zeros(1, 4, 8, 8)
+    latents[0, 0] = 1.0
+    sdxl = SimpleNamespace(unet=SimpleNamespace(config={"addition_embed_type": "text_time"}),
+                           vae=SimpleNamespace(config={"scaling_factor": 0.13025}))
+    pixart = SimpleNamespace(transformer=SimpleNamespace(config={"sample_size": 128}),
+                             vae=SimpleNamespace(config={"scaling_factor": 0.13025, "latents_mean": None,
+                                                         "latents_std": None}))
+    sd15 = SimpleNamespace(unet=SimpleNamespace(config={"addition_embed_type": None}),
+                           vae=SimpleNamespace(config={"scaling_factor": 0.18215}))
+    runtime = runtime_for(EngineContext(settings=make_settings()))
+    told: list[bool] = []
+
+    def preview_vae(latents: Any, *, xl: bool = False) -> Any:
+        told.append(xl)
+        raise RuntimeError("a decode that fails: the step gets the approximation")
+
+    try:
+        sdxl_preview, pixart_preview = runtime.preview(latents, sdxl), runtime.preview(latents, pixart)
+        sd_preview = runtime.preview(latents, sd15)
+        runtime._previewer = preview_vae
+        runtime.preview(latents, pixart)
+    finally:
+        runtime.shutdown(timeout=30)
+    assert sdxl_preview is not None and pixart_preview is not None and sd_preview is not None
+    assert pixel(pixart_preview) == pixel(sdxl_preview) != pixel(sd_preview)
+    assert pixel(sd_preview) == pixel(latents_to_preview(latents))  # SD 1.x's VAE: SD 1.x's map, as ever
+    assert told == [True]
+
+
 async def test_a_draft_s_previews_are_made_for_its_pipeline(load: Engines, tiny_copy: Callable[[str], Path],
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     lite, _ = load(str(tiny_copy("sd15")))
