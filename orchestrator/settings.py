@@ -81,6 +81,35 @@ PROVIDER_KEYS = frozenset({"gemini_api_key", "openai_api_key", "stability_api_ke
                            "fal_api_key"})
 
 
+# C0 controls and DEL: no path, name, address or key holds one. Whitespace at a value's ends (a CRLF
+# env file's \r) is each setting's own to drop, and is not looked at here.
+_CONTROL_CHARACTER = re.compile("[\x00-\x1f\x7f]")
+_CONTROL_NAMES = {"\n": "a line break", "\r": "a carriage return", "\t": "a tab"}
+# Settings refusing such characters with their own words (the admin key, the upscaler), or, for a
+# provider's key, leaving its engine unavailable (see `tiers._cloud`): its vendor's variable may be
+# a shell's, which is no reason to stop every command.
+_OWN_CONTROL_CHECK = PROVIDER_KEYS | {"admin_key", "a1111_upscaler"}
+# Lists whose items are stripped, so that one item a line (a TOML multi-line string) stays readable.
+_COMMA_LISTS = frozenset({"engines", "cors_origins"})
+
+
+def _refuse_control_characters(value: Any, field: str) -> None:
+    if isinstance(value, SecretStr):
+        value = value.get_secret_value()
+    elif isinstance(value, Path):
+        value = str(value)
+    if not isinstance(value, str):
+        return
+    for item in value.split(",") if field in _COMMA_LISTS else (value,):
+        if (found := _CONTROL_CHARACTER.search(item.strip())) is not None:
+            char = found.group()
+            # A newline inside a value made a data dir `da\nta`, a checkpoint no webui lists, a line
+            # break in the log lines and headers quoting it.
+            raise ValueError(f"holds a control character (U+{ord(char):04X}"
+                             f"{', ' + _CONTROL_NAMES[char] if char in _CONTROL_NAMES else ''}) inside it: "
+                             "remove it")
+
+
 def _refuse_quoted(value: Any) -> None:
     """A value written in quotes that were kept (an env file read without a shell) is refused."""
     if isinstance(value, str) and in_kept_quotes(value):
@@ -300,6 +329,13 @@ class Settings(BaseSettings):
         # unavailable, saying why, rather than stopping every command: see `tiers._cloud`.)
         if info.field_name not in PROVIDER_KEYS:
             _refuse_quoted(value.strip() if isinstance(value, str) else value)
+        return value
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_control_characters(cls, value: Any, info: ValidationInfo) -> Any:
+        if info.field_name is not None and info.field_name not in _OWN_CONTROL_CHECK:
+            _refuse_control_characters(value, info.field_name)
         return value
 
     @field_validator("admin_key")

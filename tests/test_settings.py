@@ -305,6 +305,48 @@ def test_paths_urls_and_model_names_are_read_without_spaces_at_their_ends(
     assert (settings.lite_preview_vae, settings.a1111_checkpoint) == ("madebyollin/taesd", "sdxl.safetensors")
 
 
+@pytest.mark.parametrize(("variable", "value", "told"), [
+    ("ORCH_DATA_DIR", "da\nta", "U+000A, a line break"), ("ORCH_A1111_CHECKPOINT", "sdxl\n.safetensors",
+                                                              "U+000A, a line break"),
+    ("ORCH_DATABASE_URL", "sqlite:///o\t.db", "U+0009, a tab"), ("ORCH_LITE_MODEL", "/models/sd\x1b[0m", "U+001B"),
+    ("ORCH_POLICY", "bal\x7fanced", "U+007F"), ("ORCH_A1111_AUTH", "user:pass\rword", "U+000D, a carriage return"),
+    ("ORCH_COMFYUI_URL", "http://gpu-box:8188/\x08", "U+0008"), ("ORCH_CORS_ORIGINS", "https://a.example\x07",
+                                                                "U+0007"),
+])
+def test_a_control_character_inside_a_setting_is_refused_before_anything_is_made(
+        toml_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        variable: str, value: str, told: str) -> None:
+    # `ORCH_DATA_DIR` with a newline inside made a data dir `da\nta` and migrated a new database
+    # there; a checkpoint with one was sent to the webui, which lists none such.
+    monkeypatch.chdir(tmp_path)  # the paths given are relative: made here, had they been
+    monkeypatch.setenv(variable, value)
+    before = sorted(tmp_path.rglob("*"))
+    assert main(["migrate"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"orchestrator: invalid configuration:\n  {variable}: holds a control character ({told}) inside "
+                   "it: remove it\n")
+    assert "pass" not in err  # a secret's value is not shown
+    assert sorted(tmp_path.rglob("*")) == before  # no data dir, database or folder made
+
+
+def test_a_control_character_in_the_config_file_is_refused_but_not_a_list_s_line_breaks(
+        toml_file: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    toml_file.write_text('a1111_checkpoint = "sdxl\\u0000.safetensors"\n')
+    assert main(["migrate"]) == 2
+    assert capsys.readouterr().err == (f"orchestrator: invalid configuration:\n  {toml_file}: a1111_checkpoint: "
+                                       "holds a control character (U+0000) inside it: remove it\n")
+    # One engine or origin a line is whitespace between items, as a space after a comma is.
+    toml_file.write_text('engines = """\none=studio.one:create,\ntwo=studio.two:create\n"""\n'
+                         'cors_origins = "https://a.example,\\r\\nhttps://b.example"\n')
+    settings = Settings()
+    assert list(settings.extra_engines) == ["one", "two"]
+    assert settings.cors_origin_list == ["https://a.example", "https://b.example"]
+    # A provider's key leaves its engine unavailable instead (`tiers._cloud`): its vendor's variable
+    # may be a shell's, which is no reason to stop every command.
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-\nsplit")
+    assert Settings().openai_api_key is not None
+
+
 @pytest.mark.parametrize(("variable", "value"), [
     ("ORCH_DATA_DIR", '"/srv/orch"'), ("ORCH_DATA_DIR", "'/srv/orch'"), ("ORCH_POLICY_DIR", '"/srv/policies" '),
     ("ORCH_OPENAI_MODEL", "'gpt-image-2.6-sunburst'"), ("ORCH_ADMIN_KEY", '"a-key-of-twenty-chars"'),
