@@ -10,12 +10,13 @@ import importlib.util
 import logging
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SAWarning, SQLAlchemyError
 from sqlalchemy.util import asbool
 from sqlmodel import col, select
 
@@ -80,7 +81,8 @@ def startup_problems(settings: Settings, *, service: bool = True) -> list[str]:
     probed last, once nothing else is refused: a refused start (a policy's typo) left a data dir,
     its `assets/` and `locks/`, wherever a mistyped ORCH_DATA_DIR pointed."""
     problems = [problem] if (problem := config_file_problem()) else []
-    problems.extend(database_url_problems(settings.resolved_database_url) or _database_file_problems(settings))
+    problems.extend(_read_only_database(settings) or database_url_problems(settings.resolved_database_url)
+                    or _database_file_problems(settings))
     if "*" in settings.cors_origin_list and settings.admin_key is None:
         problems.append(f"{source_of('cors_origins')}: * without ORCH_ADMIN_KEY would let every web page its users "
                         "open drive the service (and spend the budgets): set ORCH_ADMIN_KEY, or list the "
@@ -119,6 +121,28 @@ def startup_problems(settings: Settings, *, service: bool = True) -> list[str]:
     if data_dir and not problems:
         problems.extend(_data_dir_problems(settings, assets=service))
     return problems
+
+
+def _read_only_database(settings: Settings) -> list[str]:
+    """A SQLite URL asking for the database read-only (`mode=ro`, `immutable`), which the service
+    and `migrate` write to. Told so whether or not SQLite would read the option as written: told
+    only to add uri=true, as `database_url_problems` tells, a user would meet this refusal next."""
+    try:
+        url = make_url(settings.resolved_database_url)
+    except (ArgumentError, ValueError):  # told by `database_url_problems`
+        return []
+    if url.get_backend_name() != "sqlite":
+        return []
+    if url.query.get("mode") == "ro":
+        option = "mode=ro"
+    elif str(url.query.get("immutable")).lower() in ("1", "true", "yes", "on"):  # SQLite's words for true
+        option = f"immutable={url.query['immutable']}"
+    else:
+        return []
+    # With uri=true it was refused by the first write, after the data dir and its folders were made.
+    return [f"{source_of('database_url')}: {shown_url(settings.resolved_database_url)}: {option} asks for the "
+            "database read-only, and the service writes to it: remove it (`orchestrator check` reads it "
+            "read-only by itself)"]
 
 
 def _database_file_problems(settings: Settings) -> list[str]:
@@ -262,6 +286,32 @@ def _in_memory(url: URL) -> bool:
             or url.query.get("vfs") == "memdb")
 
 
+# The options SQLAlchemy's SQLite driver takes from a URL's query; any other is SQLite's own
+# (`mode`, `cache`, `immutable`, ...), which SQLite reads only from a `file:` URI.
+SQLITE_DRIVER_OPTIONS = frozenset({"uri", "timeout", "isolation_level", "detect_types", "check_same_thread",
+                                   "cached_statements"})
+
+
+def _unread_sqlite_options(url: URL) -> str | None:
+    """Why SQLite would not read a SQLite URL's own options (`?mode=ro`) as such; None when it
+    would, or there are none."""
+    options = sorted(set(url.query) - SQLITE_DRIVER_OPTIONS)
+    as_uri = asbool(url.query.get("uri", False))
+    if not options or (as_uri and str(url.database).startswith("file:")):
+        return None
+    # Without uri=true SQLAlchemy drops them with a warning nobody reads: `?mode=ro` opened the
+    # file read-write. With it, after a plain path, SQLite took `x.db?mode=ro` for the file's name
+    # and made a new, empty database so named.
+    one = len(options) == 1
+    fate = (f"SQLite would take {'it' if one else 'them'} for part of the file's name (a new, empty database)"
+            if as_uri else f"{'it' if one else 'they'} would be ignored")
+    given = "&".join(f"{key}={value}" for key, values in url.query.items() if key != "uri"
+                     for value in (values if isinstance(values, tuple) else (values,)))
+    path = str(url.database).removeprefix("file:")
+    return (f"{' and '.join(options)} {'is an option' if one else 'are options'} of SQLite's own, which it takes only "
+            f"from a file: URI with uri=true (sqlite:///file:{path}?{given}&uri=true); as written, {fate}")
+
+
 def _names_a_database(url: URL) -> bool:
     """Whether a PostgreSQL URL names its database: in its path, its query (`dbname`, a
     `service` of pg_service.conf), or libpq's environment (PGDATABASE, PGSERVICE)."""
@@ -296,7 +346,9 @@ def database_url_problems(text: str) -> list[str]:
         return [f"{told}: {shown} names a host, which a SQLite URL does not: a file is "
                 "sqlite:////absolute/path.db (four slashes) or sqlite:///relative/path.db (three)"]
     try:
-        url.get_dialect()().create_connect_args(url)
+        with warnings.catch_warnings():  # of the options SQLite's driver drops: told below
+            warnings.simplefilter("ignore", SAWarning)
+            url.get_dialect()().create_connect_args(url)
     except (ImportError, NoSuchModuleError):
         pass  # a driver that is not there: told below
     except (ValueError, TypeError) as exc:
@@ -312,6 +364,8 @@ def database_url_problems(text: str) -> list[str]:
         # Each connection would open its own empty database: the tables made at start vanish.
         return [f"{told}: an in-memory SQLite database cannot be shared between the service's "
                 "connections; give a file (sqlite:////srv/orchestrator/orchestrator.db), or leave it unset"]
+    if url.get_backend_name() == "sqlite" and (unread := _unread_sqlite_options(url)) is not None:
+        return [f"{told}: {shown}: {unread}"]
     try:
         url.get_dialect().import_dbapi()
     except (ImportError, NoSuchModuleError) as exc:

@@ -904,6 +904,23 @@ def test_migrate_tells_what_its_own_upgrade_found(make_settings: SettingsFactory
     ("migrate", "ORCH_DATABASE_URL", "sqlite:///file:x?mode=memory&uri=true", "an in-memory SQLite database cannot"),
     ("migrate", "ORCH_DATABASE_URL", "sqlite:///file::memory:?uri=1", "an in-memory SQLite database cannot"),
     ("migrate", "ORCH_DATABASE_URL", "sqlite:///file:x?vfs=memdb&uri=True", "an in-memory SQLite database cannot"),
+    # SQLite's own options outside a file: URI with uri=true: SQLAlchemy dropped them with a warning
+    # (a database opened read-write for `?mode=ro`), or SQLite made a file named `x.db?cache=shared`.
+    ("migrate", "ORCH_DATABASE_URL", "sqlite:///{tmp}/db/x.db?cache=shared&timeout=5",
+     "ORCH_DATABASE_URL: sqlite:///{tmp}/db/x.db?cache=shared&timeout=5: cache is an option of SQLite's own, which "
+     "it takes only from a file: URI with uri=true (sqlite:///file:{tmp}/db/x.db?cache=shared&timeout=5&uri=true); "
+     "as written, it would be ignored\n"),
+    ("serve", "ORCH_DATABASE_URL", "sqlite:///{tmp}/db/x.db?nolock=1&cache=shared&uri=true",
+     "cache and nolock are options of SQLite's own, which it takes only from a file: URI with uri=true "
+     "(sqlite:///file:{tmp}/db/x.db?nolock=1&cache=shared&uri=true); as written, SQLite would take them for part of "
+     "the file's name (a new, empty database)\n"),
+    # Read-only, which the service (and migrate) cannot use, as a file: URI or not: refused at the
+    # first write, once the data dir was made; or told only to add uri=true, which then was.
+    ("migrate", "ORCH_DATABASE_URL", "sqlite:///{tmp}/db/x.db?mode=ro",
+     "ORCH_DATABASE_URL: sqlite:///{tmp}/db/x.db?mode=ro: mode=ro asks for the database read-only, and the service "
+     "writes to it: remove it (`orchestrator check` reads it read-only by itself)\n"),
+    ("serve", "ORCH_DATABASE_URL", "sqlite:///file:{tmp}/db/x.db?mode=ro&uri=true", "mode=ro asks for the database"),
+    ("worker", "ORCH_DATABASE_URL", "sqlite:///file:{tmp}/db/x.db?immutable=1&uri=true", "immutable=1 asks for"),
     # Two slashes where four were meant: a traceback (exit 1, "restart") from migrate, serve and worker.
     ("migrate", "ORCH_DATABASE_URL", "sqlite://srv/x.db", "sqlite://srv/x.db names a host, which a SQLite URL"),
     ("serve", "ORCH_DATABASE_URL", "sqlite://u:secret@/x.db", "sqlite://u:***@/x.db names a host"),
@@ -1548,6 +1565,11 @@ def test_a_database_that_takes_no_writes_is_one_line_before_the_service_starts(
     # Opened read-only, as a file the service's user may not write would be (root writes any file).
     monkeypatch.setenv("ORCH_DATABASE_URL", f"sqlite:///file:{path}?mode=ro&uri=true")
     capsys.readouterr()
+    # The URL's own mode=ro is refused as such before the start, as a setting to fix ...
+    assert main(["serve", "--port", str(free_port())]) == 2
+    assert "mode=ro asks for the database read-only, and the service writes to it" in capsys.readouterr().err
+    # ... and a file read-only otherwise (a read-only mount) is refused by the first write, as this is.
+    monkeypatch.setattr("orchestrator.services._read_only_database", lambda settings: [])
     # The setup's to fix (2, as `check` says it), not a database away a restart may find back (1).
     assert main(["serve", "--port", str(free_port())]) == 2
     err = capsys.readouterr().err
