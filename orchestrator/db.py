@@ -44,6 +44,7 @@ from sqlalchemy import Connection, CursorResult, Engine, Result, TextClause, cre
 from sqlalchemy.engine import ExceptionContext, make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
+from sqlalchemy.pool import NullPool
 from sqlmodel import Session
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_delay, wait_exponential
 
@@ -587,6 +588,17 @@ def foreign_tables(engine: Engine) -> str:
     if not names or "alembic_version" in names:
         return ""
     return ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+
+
+def reach(url: str) -> None:
+    """Connect to a server's database once, and let go: raises `DatabaseError` when it does not
+    answer or refuses the connection (credentials, no such database). Nothing is written."""
+    engine = create_engine(url, poolclass=NullPool, connect_args=postgres_connect_args(url))
+    try:
+        with engine.connect():
+            pass
+    finally:
+        engine.dispose()
 
 
 def stored_revision(url: str) -> str | None:

@@ -22,7 +22,7 @@ from sqlmodel import col, select
 
 from orchestrator import idempotency, identity
 from orchestrator.bells import bell_for
-from orchestrator.db import Database, shown_url, sqlite_file
+from orchestrator.db import Database, reach, shown_url, sqlite_file
 from orchestrator.errors import InvalidRequest, NotFound, OrchestratorError
 from orchestrator.events import EventBus
 from orchestrator.follow import JobFollower
@@ -79,7 +79,8 @@ def startup_problems(settings: Settings, *, service: bool = True) -> list[str]:
     these instead of a traceback from inside the server's start-up. `service=False` (migrate)
     leaves out what only a running service reads: prices and policies. The folders are made and
     probed last, once nothing else is refused: a refused start (a policy's typo) left a data dir,
-    its `assets/` and `locks/`, wherever a mistyped ORCH_DATA_DIR pointed."""
+    its `assets/` and `locks/`, wherever a mistyped ORCH_DATA_DIR pointed. A server's database
+    (PostgreSQL) is connected to before they are made: `DatabaseError` when it cannot be."""
     problems = [problem] if (problem := config_file_problem()) else []
     problems.extend(_read_only_database(settings) or database_url_problems(settings.resolved_database_url)
                     or _database_file_problems(settings))
@@ -110,6 +111,12 @@ def startup_problems(settings: Settings, *, service: bool = True) -> list[str]:
         if data_dir and (file := file_in_the_way(settings.data_dir)) is not None:
             problems.append(f"{source_of('data_dir')}: {not_a_directory(settings.data_dir, file)}")
         return problems
+    if data_dir and sqlite_file(settings.resolved_database_url) is None:
+        # A server's database is reached before anything is made: one that refused the connection
+        # (away, a wrong port or password) was told by the migration, after the data dir, its
+        # assets/ and locks/ were made for a start that was none. (A SQLite file is made in its
+        # folder by the start itself; the data dir is made first as it holds the default one.)
+        reach(settings.resolved_database_url)
     # The cache before the data dir: a cache refused at start left a data dir made for nothing.
     if service and TINY_MODEL in {settings.lite_model, settings.effective_hifi_model}:
         problems.extend(_cache_dir_problems(settings))
