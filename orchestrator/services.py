@@ -56,6 +56,8 @@ DEVICE_IDLE_TIMEOUT = 30.0
 RING_WAIT_SECONDS = 5.0
 # The asset sweep lists the whole store: not at every scheduler sweep.
 ORPHAN_SWEEP_SECONDS = 3600.0
+# The first bytes of every SQLite database file (https://sqlite.org/fileformat.html).
+SQLITE_HEADER = b"SQLite format 3\x00"
 
 
 def config_file_problem() -> str | None:
@@ -174,6 +176,19 @@ def _database_file_problems(settings: Settings) -> list[str]:
         except OSError as exc:
             fix = ": run as the user that owns it, or give it to this one" if exc.errno == errno.EACCES else ""
             return [f"{where}: cannot write {file} ({exc.strerror or exc}){fix}"]
+    # SQLite tells it only at the first read, after `assets/`, `locks/` and a `.migrate-lock`
+    # beside the file were made. Read here as bytes: opened by SQLite, a probe could leave -wal and
+    # -shm files. An empty file is a new database (SQLite writes its header at the first write).
+    try:
+        if not path.is_file():
+            return []
+        with path.open("rb") as database:
+            header = database.read(len(SQLITE_HEADER))
+    except OSError as exc:
+        return [f"{where}: cannot read {path} ({exc.strerror or exc})"]
+    if header and header != SQLITE_HEADER:
+        return [f"{where}: cannot use the database at {shown_url(settings.resolved_database_url)}: file is not a "
+                "database (it does not begin with SQLite's header)"]
     return []
 
 

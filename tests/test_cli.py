@@ -1838,6 +1838,54 @@ def test_a_database_file_that_is_not_one_is_the_setup_s_to_fix(make_settings: Se
         assert "file is not a database" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", ["serve", "worker", "migrate"])
+def test_a_database_file_that_is_not_one_is_refused_before_anything_is_made(
+        make_settings: SettingsFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str], command: str) -> None:
+    # SQLite said so at the migration, once the data dir, its assets/ and locks/, and a .migrate-lock
+    # beside the file had been made.
+    make_settings()  # keeps the developer's environment out
+    notes = tmp_path / "notes.txt"
+    notes.write_text("these are notes, not a database\n")
+    monkeypatch.setenv("ORCH_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("ORCH_DATABASE_URL", f"sqlite:///{notes}")
+    assert main([command]) == 2
+    err = capsys.readouterr().err
+    assert err == ("orchestrator: invalid configuration:\n  ORCH_DATABASE_URL: cannot use the database at "
+                   f"sqlite:///{notes}: file is not a database (it does not begin with SQLite's header)\n")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["notes.txt"]  # no data dir, no -wal, no lock
+    assert notes.read_text() == "these are notes, not a database\n"
+
+
+def test_a_data_dir_s_own_database_file_that_is_not_one_is_refused_before_its_folders_are_made(
+        make_settings: SettingsFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    make_settings()
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "orchestrator.db").write_text("not a database\n")
+    monkeypatch.setenv("ORCH_DATA_DIR", str(data))
+    assert main(["serve"]) == 2
+    assert ("ORCH_DATA_DIR (its orchestrator.db): cannot use the database at sqlite:///"
+            f"{data / 'orchestrator.db'}: file is not a database") in capsys.readouterr().err
+    assert [path.name for path in data.iterdir()] == ["orchestrator.db"]  # no assets/, locks/, lock or -wal
+
+
+def test_an_empty_or_a_real_database_file_passes_the_header_s_look(make_settings: SettingsFactory,
+                                                                   tmp_path: Path) -> None:
+    # SQLite writes the header at the first write: an empty file is a new database.
+    empty = tmp_path / "empty.db"
+    empty.touch()
+    assert startup_problems(make_settings(database_url=f"sqlite:///{empty}"), service=False) == []
+    real = tmp_path / "real.db"
+    sqlite3.connect(real).execute("CREATE TABLE t (x)").connection.close()
+    assert startup_problems(make_settings(database_url=f"sqlite:///{real}"), service=False) == []
+    short = tmp_path / "short.db"
+    short.write_bytes(b"SQLite")  # the header's start, cut short: SQLite refuses it too
+    assert any("file is not a database" in problem
+               for problem in startup_problems(make_settings(database_url=f"sqlite:///{short}"), service=False))
+
+
 @pytest.mark.parametrize(("said", "sqlstate", "setup"), [
     # libpq's own, with no "FATAL:" from a server: a restart loop under systemd fixed none of them.
     ("connection failed: fe_sendauth: no password supplied", None, True),
