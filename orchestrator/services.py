@@ -38,7 +38,7 @@ from orchestrator.prices import load_price_overrides, unread_prices
 from orchestrator.queue import Scheduler
 from orchestrator.routing import Router, policy_warnings
 from orchestrator.runner import JobRunner
-from orchestrator.settings import CONFIG_FILE_VARIABLE, Settings, source_of
+from orchestrator.settings import CONFIG_FILE_VARIABLE, Settings, control_character_problem, source_of
 from orchestrator.store import ORPHAN_GRACE_SECONDS, ArtifactStore, PreviewFiles, SweepRefused
 from orchestrator.stream_slots import StreamSlots
 from orchestrator.workers import DeviceLock, Presence
@@ -66,6 +66,10 @@ def config_file_problem() -> str | None:
     named = os.environ.get(CONFIG_FILE_VARIABLE)
     if named and not named.strip():  # told as "no such file: " and a name that could not be seen
         return f"{CONFIG_FILE_VARIABLE}: is blank ({named!r}): name a TOML file, or unset it for ./orchestrator.toml"
+    if named and (problem := control_character_problem(named)) is not None:
+        # Printed as given, a line break split the one-line refusal in two; refused as every
+        # setting refuses one (`Settings`), whether or not a file of that name is there.
+        return f"{CONFIG_FILE_VARIABLE}: {problem}"
     path = Path(os.path.expanduser(named)) if named else None
     try:
         if path is None or path.is_file():

@@ -93,6 +93,16 @@ _OWN_CONTROL_CHECK = PROVIDER_KEYS | {"admin_key", "a1111_upscaler"}
 _COMMA_LISTS = frozenset({"engines", "cors_origins"})
 
 
+def control_character_problem(text: str) -> str | None:
+    """The refusal of a value holding a control character, naming the first without repeating the
+    value (it may be a password); None when it holds none."""
+    if (found := _CONTROL_CHARACTER.search(text)) is None:
+        return None
+    char = found.group()
+    return (f"holds a control character (U+{ord(char):04X}"
+            f"{', ' + _CONTROL_NAMES[char] if char in _CONTROL_NAMES else ''}) inside it: remove it")
+
+
 def _refuse_control_characters(value: Any, field: str) -> None:
     if isinstance(value, SecretStr):
         value = value.get_secret_value()
@@ -101,13 +111,10 @@ def _refuse_control_characters(value: Any, field: str) -> None:
     if not isinstance(value, str):
         return
     for item in value.split(",") if field in _COMMA_LISTS else (value,):
-        if (found := _CONTROL_CHARACTER.search(item.strip())) is not None:
-            char = found.group()
+        if (problem := control_character_problem(item.strip())) is not None:
             # A newline inside a value made a data dir `da\nta`, a checkpoint no webui lists, a line
             # break in the log lines and headers quoting it.
-            raise ValueError(f"holds a control character (U+{ord(char):04X}"
-                             f"{', ' + _CONTROL_NAMES[char] if char in _CONTROL_NAMES else ''}) inside it: "
-                             "remove it")
+            raise ValueError(problem)
 
 
 def _refuse_quoted(value: Any) -> None:
@@ -242,6 +249,14 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         _warn_unknown_variables(settings_cls, os.environ)
+        named = str(settings_cls.model_config.get("toml_file") or "")
+        if (problem := control_character_problem(named)) is not None:
+            # The file's name is in every error about its keys (and in `source_of`): a line break in
+            # it split the one-line refusal in two. Refused whether or not such a file is there.
+            details = PydanticCustomError("config_file", "{variable}: {problem}",
+                                          {"variable": CONFIG_FILE_VARIABLE, "problem": problem})
+            raise ValidationError.from_exception_data(
+                "Settings", [InitErrorDetails(type=details, loc=(), input=ascii(named))])
         try:
             toml = _StrictTomlSource(settings_cls)
         except (OSError, RuntimeError) as exc:  # a folder on its path this user may not open (is_file() raised)

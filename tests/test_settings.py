@@ -347,6 +347,41 @@ def test_a_control_character_in_the_config_file_is_refused_but_not_a_list_s_line
     assert Settings().openai_api_key is not None
 
 
+CONFIG_FILE_REFUSED = "ORCH_CONFIG_FILE: holds a control character (U+000A, a line break) inside it: remove it"
+
+
+@pytest.mark.parametrize("command", ["serve", "worker", "migrate", "check"])
+def test_a_control_character_in_orch_config_file_is_refused_in_one_line(
+        toml_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        command: str) -> None:
+    # Read from the environment, not as a setting: printed as given, in "no such file: x", its line
+    # break split the refusal over two lines.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ORCH_CONFIG_FILE", "studio\n.toml")
+    before = sorted(tmp_path.rglob("*"))
+    assert main([command]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"orchestrator: {CONFIG_FILE_REFUSED}\n" if command == "check" else
+                   f"orchestrator: invalid configuration:\n  {CONFIG_FILE_REFUSED}\n")
+    assert sorted(tmp_path.rglob("*")) == before  # no data dir, database or folder made
+
+
+def test_a_config_file_there_under_a_name_with_a_control_character_is_refused_as_well(
+        toml_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    # Read, its name went into each refusal of its keys (`{file}: policy: ...`), line break and all.
+    named = tmp_path / "studio\n.toml"
+    named.write_text('policy = "nope"\nunknown_key = 1\n')
+    monkeypatch.setitem(Settings.model_config, "toml_file", named)
+    with pytest.raises(ValidationError) as refused:
+        Settings()
+    assert [error["msg"] for error in refused.value.errors()] == [CONFIG_FILE_REFUSED]
+    monkeypatch.chdir(tmp_path)
+    before = sorted(tmp_path.rglob("*"))
+    assert main(["serve"]) == 2
+    assert capsys.readouterr().err == f"orchestrator: invalid configuration:\n  {CONFIG_FILE_REFUSED}\n"
+    assert sorted(tmp_path.rglob("*")) == before
+
+
 @pytest.mark.parametrize(("variable", "value"), [
     ("ORCH_DATA_DIR", '"/srv/orch"'), ("ORCH_DATA_DIR", "'/srv/orch'"), ("ORCH_POLICY_DIR", '"/srv/policies" '),
     ("ORCH_OPENAI_MODEL", "'gpt-image-2.6-sunburst'"), ("ORCH_ADMIN_KEY", '"a-key-of-twenty-chars"'),
