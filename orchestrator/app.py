@@ -12,9 +12,11 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import Depends, FastAPI
-from fastapi.responses import PlainTextResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi_offline import FastAPIOffline
 from sqlalchemy.exc import DatabaseError
+from starlette.requests import Request
+from starlette.routing import Route
 
 from orchestrator import __version__
 from orchestrator.api import assets, credits, engines, jobs, keys, policies, projects, stages, workers
@@ -217,6 +219,36 @@ def create_app(settings: Settings | None = None, *, loopback_only: bool = False)
         return document
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+    # /openapi.json needs no key, even on a service with one, and FastAPI's route turned the whole
+    # document (about 190 KB) into JSON on the event loop at each request: a few keyless clients
+    # asking for it in a loop held every other request. Its text is made once per document and
+    # root path (FastAPI's route adds the root path to `servers`), then served as it is.
+    served: dict[str, bytes] = {}
+    served_from: list[dict[str, Any]] = []
+
+    async def openapi_json(request: Request) -> Response:
+        document = app.openapi()
+        if not served_from or served_from[0] is not document:
+            served.clear()
+            served_from[:] = [document]
+        root_path = request.scope.get("root_path", "").rstrip("/")
+        body = served.get(root_path)
+        if body is None:
+            schema = document
+            if root_path and app.root_path_in_servers:
+                server_urls = {server.get("url") for server in schema.get("servers", [])}
+                if root_path not in server_urls:
+                    schema = {**schema, "servers": [{"url": root_path}, *schema.get("servers", [])]}
+            if len(served) >= 8:  # the server's setting, not the client's: a few at most
+                served.clear()
+            body = served[root_path] = bytes(JSONResponse(schema).body)
+        return Response(body, media_type="application/json")
+
+    for index, route in enumerate(app.router.routes):
+        if isinstance(route, Route) and route.path == app.openapi_url:
+            app.router.routes[index] = Route(route.path, openapi_json, methods=route.methods, name=route.name,
+                                            include_in_schema=False)
 
     # `security: []`: no key, even on a service with one (the document says so of every operation).
     @app.get("/healthz", response_model=Health, tags=["operations"], summary="Check liveness",
