@@ -58,6 +58,7 @@ RECORD_CHUNK = "orchestrator"
 # where the default level 6 takes 124 ms, for a file of about the same size (295 vs 303 KiB).
 PNG_COMPRESS_LEVEL = 4
 RECENT_BYTES = 32 * 2**20
+READ_CHUNK = 256 * 2**10  # bytes read at a time of a file too large to hold whole (`get_or_open`)
 # How long a just-made asset's bytes are served from memory without asking the database: an asset
 # deleted through another process is served from here no longer than this.
 RECENT_SECONDS = 30.0
@@ -467,6 +468,15 @@ class ArtifactStore:
     def get(self, sha256: str) -> bytes:
         """The file's bytes, checked against their name: a damaged file is never served (nor kept
         in memory, nor sent to an engine) as the image it was."""
+        found = self.get_or_open(sha256, up_to=None)
+        assert isinstance(found, bytes)  # nothing is too large to read with no bound
+        return found
+
+    def get_or_open(self, sha256: str, *, up_to: int | None) -> bytes | BinaryIO:
+        """`get`'s bytes when the file holds at most `up_to` (None: any size), else the file itself,
+        open to read at its start: checked against its name all the same, read through once in
+        `READ_CHUNK`s, so that a large image is never held whole in memory (each slow reader of an
+        image held its whole copy for as long as it took to read it). The caller closes the file."""
         if not SHA_RE.fullmatch(sha256):  # a row mended by hand: the asset is there, its file is not named
             raise ContentUnavailable(
                 "the asset's row holds a malformed sha256, which names no file: the operator must mend the row "
@@ -476,8 +486,21 @@ class ArtifactStore:
         try:
             # Its bytes are checked against its name below, so a link may lead to them (a store
             # moved by links); a FIFO put in its place would hold the request for ever.
-            with open_regular(path) as f:
+            f = open_regular(path)
+            try:
+                if up_to is not None and os.fstat(f.fileno()).st_size > up_to:
+                    digest = hashlib.sha256()
+                    while chunk := f.read(READ_CHUNK):
+                        digest.update(chunk)
+                    if digest.hexdigest() != sha256:
+                        raise self._damaged(path, sha256)
+                    f.seek(0)
+                    return f
                 data = f.read()
+            except BaseException:
+                f.close()
+                raise
+            f.close()
         except FileNotFoundError:
             # Renamed aside by a sweep that stopped mid-way (or is judging it now): served from
             # there, as the next sweep puts it back. It was told to be restored from a backup.
@@ -497,12 +520,16 @@ class ArtifactStore:
                 details={"sha256": sha256, "reason": "unreadable"},
             ) from None
         if hashlib.sha256(data).hexdigest() != sha256:
-            log.error("asset file %s is damaged: its bytes do not hash to its name", path)
-            raise ContentUnavailable(
-                f"the image file {sha256[:12]} is damaged in the store (its bytes do not match its sha256): "
-                "restore it from a backup (`orchestrator check` lists every damaged file)",
-                details={"sha256": sha256, "reason": "damaged"})
+            raise self._damaged(path, sha256)
         return data
+
+    @staticmethod
+    def _damaged(path: Path, sha256: str) -> ContentUnavailable:
+        log.error("asset file %s is damaged: its bytes do not hash to its name", path)
+        return ContentUnavailable(
+            f"the image file {sha256[:12]} is damaged in the store (its bytes do not match its sha256): "
+            "restore it from a backup (`orchestrator check` lists every damaged file)",
+            details={"sha256": sha256, "reason": "damaged"})
 
     def intact(self, sha256: str) -> bool:
         """Whether the file is there whole, as `get` finds it. One found so in the last

@@ -2,9 +2,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Annotated
+import os
+from collections.abc import AsyncIterator, Iterator
+from typing import Annotated, BinaryIO
 
 from fastapi import APIRouter, Header, Request, Response
+from fastapi.responses import StreamingResponse
 from sqlalchemy import update
 from sqlmodel import Session, col, select
 
@@ -25,6 +28,9 @@ router = APIRouter(tags=["assets"], route_class=StrictJSONRoute)
 MAX_LISTED_JOBS = 20  # named in a refused delete's details
 MAX_ANCESTORS = 100
 MAX_DESCENDANTS = 1000
+# An image larger than this is sent `SEND_CHUNK` at a time (see `_streamed`); a smaller one whole.
+SENT_WHOLE = 2**20
+SEND_CHUNK = 256 * 2**10
 
 
 def _get(s: Session, caller: Caller, asset_id: str) -> Asset:
@@ -115,8 +121,33 @@ async def get_content(
     tags = {tag.strip().removeprefix("W/") for tag in listed.split(",")}
     if etag in tags or "*" in tags:
         return Response(status_code=304, headers=headers)
-    data = found[1] if found is not None else await asyncio.to_thread(_read_content, services, asset_id, sha256)
-    return Response(data, media_type="image/png", headers=headers)
+    content = found[1] if found is not None else await asyncio.to_thread(_read_content, services, asset_id, sha256)
+    if isinstance(content, bytes) and len(content) <= SENT_WHOLE:
+        return Response(content, media_type="image/png", headers=headers)
+    return _streamed(content, headers)
+
+
+def _streamed(content: bytes | BinaryIO, headers: dict[str, str]) -> StreamingResponse:
+    """A large image sent `SEND_CHUNK` at a time, each once the client has taken the ones before:
+    sent whole, the server's socket buffer took a copy of it for as long as the client took to read
+    it, and 100 clients that never read held 836 MB. A file (`ArtifactStore.get_or_open`) is read
+    a chunk at a time too, and closed when the answer ends or its client goes."""
+    if isinstance(content, bytes):
+        size = len(content)
+
+        async def chunks() -> AsyncIterator[bytes]:
+            for start in range(0, size, SEND_CHUNK):
+                yield content[start:start + SEND_CHUNK]
+
+        return StreamingResponse(chunks(), media_type="image/png", headers={**headers, "Content-Length": str(size)})
+    size = os.fstat(content.fileno()).st_size
+
+    def read() -> Iterator[bytes]:
+        with content:
+            while chunk := content.read(SEND_CHUNK):
+                yield chunk
+
+    return StreamingResponse(read(), media_type="image/png", headers={**headers, "Content-Length": str(size)})
 
 
 def _sha256(services: Services, caller: Caller, asset_id: str) -> str:
@@ -124,14 +155,17 @@ def _sha256(services: Services, caller: Caller, asset_id: str) -> str:
         return _get(s, caller, asset_id).sha256
 
 
-def _read_content(services: Services, asset_id: str, sha256: str) -> bytes:
+def _read_content(services: Services, asset_id: str, sha256: str) -> bytes | BinaryIO:
     try:
-        data = services.store.get(sha256)  # checked against its sha256: a damaged file is refused
+        # Checked against its sha256: a damaged file is refused. A large one is left open, to be sent
+        # as it is read.
+        content = services.store.get_or_open(sha256, up_to=SENT_WHOLE)
     except ContentUnavailable:
         raise_if_deleted_since(services.db, asset_id)
         raise
-    services.store.recent.add(asset_id, sha256, data)
-    return data
+    if isinstance(content, bytes):
+        services.store.recent.add(asset_id, sha256, content)
+    return content
 
 
 @router.get("/assets/{asset_id}/lineage", response_model=Lineage, summary="Get an asset's lineage",

@@ -6,15 +6,22 @@ from __future__ import annotations
 import hashlib
 import sqlite3
 from collections.abc import Callable
+from typing import Any, BinaryIO
 
+import anyio
 import httpx
 import pytest
+from starlette.testclient import TestClient
+from starlette.types import Message
 
+from orchestrator.app import create_app
+from orchestrator.services import Services
 from orchestrator.settings import Settings
-from orchestrator.store import ArtifactStore
+from orchestrator.store import ArtifactStore, RecentContent
 from tests.api import SMALL, create_project, run_draft
 
 SettingsFactory = Callable[..., Settings]
+MIB = 2**20
 
 
 def test_fresh_content_is_served_from_memory_and_the_rest_from_disk(
@@ -139,18 +146,18 @@ def test_an_asset_deleted_and_swept_between_its_row_and_its_file_is_gone_not_los
     asset_ids = run_draft(client, project, n=2, seed=5, **SMALL)["assets"]
     restarted = start_server(settings)  # nothing in memory: the row is read, then the file
     store = ArtifactStore(settings.assets_dir)
-    read = ArtifactStore.get
+    read = ArtifactStore.get_or_open  # what `get` reads through too
     swept: list[str] = []
 
-    def deleted_meanwhile(self: ArtifactStore, sha256: str) -> bytes:
+    def deleted_meanwhile(self: ArtifactStore, sha256: str, *, up_to: int | None) -> bytes | BinaryIO:
         asset = next(a for a in asset_ids if a not in swept)
         swept.append(asset)
         with httpx.Client(base_url=str(restarted.base_url)) as other:  # another client's delete
             assert other.delete(f"/v1/assets/{asset}").status_code == 204
         store.path_for(sha256).unlink()  # and the sweep, as the file was no other asset's
-        return read(self, sha256)
+        return read(self, sha256, up_to=up_to)
 
-    monkeypatch.setattr(ArtifactStore, "get", deleted_meanwhile)
+    monkeypatch.setattr(ArtifactStore, "get_or_open", deleted_meanwhile)
     content = restarted.get(f"/v1/assets/{asset_ids[0]}/content")
     promoted = restarted.post(f"/v1/assets/{asset_ids[1]}/promote", json={"engine": "local-hifi"})
     assert swept == asset_ids
@@ -158,3 +165,73 @@ def test_an_asset_deleted_and_swept_between_its_row_and_its_file_is_gone_not_los
         assert answer.status_code == 410, answer.text
         error = answer.json()["error"]
         assert error["code"] == "gone" and error["details"]["asset_id"] == asset_id
+
+
+def _content_messages(client: TestClient, asset_id: str) -> list[Message]:
+    """What the app sends for a GET of the asset's content, message by message (an HTTP client sees
+    only the bytes)."""
+    path = f"/v1/assets/{asset_id}/content"
+    scope: dict[str, Any] = {
+        "type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1", "method": "GET",
+        "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+        "headers": [(b"host", b"127.0.0.1")], "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+    sent: list[Message] = []
+    requests = iter([{"type": "http.request", "body": b"", "more_body": False}])
+
+    async def receive() -> Message:
+        for request in requests:
+            return request
+        await anyio.sleep_forever()  # the client stays connected
+        raise AssertionError("unreachable")
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    async def get() -> None:
+        with anyio.fail_after(30):
+            await client.app(scope, receive, send)
+
+    assert client.portal is not None
+    client.portal.call(get)
+    return sent
+
+
+def test_a_large_image_is_sent_a_chunk_at_a_time_whether_in_memory_or_on_disk(make_settings: SettingsFactory) -> None:
+    """A large image went out in one piece, which the server's socket buffer kept whole for as long as
+    its client took to read it: 100 connections asking for 10 MB images and reading nothing held
+    836 MB of the service's memory. Sent a chunk at a time, a client holds at most a few of them; the
+    bytes, their Content-Length and the check of a damaged file are as they were."""
+    settings = make_settings()
+    with TestClient(create_app(settings)) as client:
+        services: Services = client.app.state.services  # type: ignore[attr-defined]
+        project = create_project(client)["id"]
+        # Noise from the tiny model: a 1024 px PNG of about 2.5 MB. (TestClient is an httpx2.Client,
+        # whose calls are httpx's.)
+        job = run_draft(client, project, n=1, seed=3, width=1024, height=1024, steps=1)  # type: ignore[arg-type]
+        asset_id = job["assets"][0]
+        sha256 = client.get(f"/v1/assets/{asset_id}").json()["sha256"]
+        path = services.store.path_for(sha256)
+        image = path.read_bytes()
+        assert len(image) > 2 * MIB
+        for where in ("memory", "disk"):
+            if where == "disk":
+                services.store.recent = RecentContent()  # as a restarted service: read from the store
+            sent = _content_messages(client, asset_id)
+            start, *bodies = sent
+            assert start["status"] == 200, where
+            headers = {name.decode(): value.decode() for name, value in start["headers"]}
+            assert headers["content-length"] == str(len(image)) and headers["etag"] == f'"{sha256}"', where
+            assert headers["content-type"] == "image/png", where
+            assert b"".join(body["body"] for body in bodies) == image, where
+            assert max(len(body["body"]) for body in bodies) <= MIB / 4, where
+            assert services.store.recent.get(asset_id) is None or where == "memory"  # not kept whole
+        head = client.head(f"/v1/assets/{asset_id}/content")
+        assert head.status_code == 200 and head.headers["content-length"] == str(len(image)) and head.content == b""
+        assert hashlib.sha256(client.get(f"/v1/assets/{asset_id}/content").content).hexdigest() == sha256
+        # A large file damaged in the store is still never served.
+        path.write_bytes(image[:-1] + bytes([image[-1] ^ 1]))
+        services.store.recent = RecentContent()
+        damaged = client.get(f"/v1/assets/{asset_id}/content")
+        assert damaged.status_code == 500, damaged.text
+        assert damaged.json()["error"]["code"] == "content_unavailable"
+        assert damaged.json()["error"]["details"] == {"sha256": sha256, "reason": "damaged"}
