@@ -17,7 +17,7 @@ from orchestrator.api.docs import documented, with_query
 from orchestrator.api.json_body import StrictJSONRoute
 from orchestrator.api.paths import JobId
 from orchestrator.api.query import Cursor, Limit, Order, StageFilter, WholeNumber, paged
-from orchestrator.api.serialize import job_public
+from orchestrator.api.serialize import PAGE_BATCH, job_public, job_text_bytes, page_rows
 from orchestrator.db import transient
 from orchestrator.errors import Conflict, InvalidRequest, NotFound, ServerStopping, first_line, not_found
 from orchestrator.events import TERMINAL, Event
@@ -106,9 +106,8 @@ def list_jobs(services: ServicesDep, caller: CallerDep,
                     raise InvalidRequest(f"unknown engine '{engine[:100]}' (known: {', '.join(known)})",
                                          details={"engine": engine[:100], "known": known}, loc=("query", "engine"))
         stmt = paged(stmt, col(Job.id), id_cursor(cursor, "job") or None, order)
-        rows = list(s.exec(stmt).all())
-        more = len(rows) > limit
-        rows = rows[:limit]
+        with s.exec(stmt.execution_options(yield_per=PAGE_BATCH)) as result:
+            rows, more = page_rows(result, limit, job_text_bytes)
         return Page(items=publics_in(services, s, rows), next_cursor=rows[-1].id if more else None)
 
 

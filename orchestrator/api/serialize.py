@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+from typing import TypeVar
+
 from orchestrator.models import Asset, Job, Project
 from orchestrator.schemas import AssetPublic, Cost, ErrorBody, JobPublic, ProjectBudget, ProjectPublic
 from orchestrator.schemas import Progress as ProgressBody
 from orchestrator.store import model_name
 from tiers.base import to_credits
+
+R = TypeVar("R")
+# The text one page of jobs or assets may carry before it ends, its `next_cursor` naming the rest.
+# A job's prompts (10,000 characters each) and tags (64 of up to 600) made it about 60 KB as listed,
+# and a 500-item page 30 MB, built and held whole for each request (and for as long as its client
+# took to read it). Ordinary items, a few KB each, fill 500 well within it.
+PAGE_TEXT_BYTES = 4 * 2**20
+PAGE_BATCH = 50  # rows of a page read from the database at a time (`yield_per`)
 
 _PUBLIC_PARAMS = ("prompt", "negative_prompt", "n", "seed", "width", "height", "steps", "guidance_scale",
                   "strength", "quality", "scale", "creativity", "tags")
@@ -46,3 +57,39 @@ def asset_public(a: Asset) -> AssetPublic:
         record={**a.record, "model": model_name(a.record.get("model"), a.engine)} if a.record else {},
         deleted_at=a.deleted_at,
     )
+
+
+def text_bytes(value: object) -> int:
+    """The UTF-8 bytes of the strings in `value`, through dicts (keys too) and lists: the part of a
+    row its clients write, and so the part of its size that they can make large."""
+    if isinstance(value, str):
+        return len(value.encode("utf-8", "surrogatepass"))
+    if isinstance(value, dict):
+        return sum(text_bytes(key) + text_bytes(item) for key, item in value.items())
+    if isinstance(value, list | tuple):
+        return sum(text_bytes(item) for item in value)
+    return 0
+
+
+def job_text_bytes(job: Job) -> int:
+    return text_bytes(job.params) + text_bytes(job.error) + text_bytes(job.routing) + text_bytes(job.attempts)
+
+
+def asset_text_bytes(asset: Asset) -> int:
+    return text_bytes(asset.prompt) + text_bytes(asset.negative_prompt) + text_bytes(asset.record)
+
+
+def page_rows(rows: Iterable[R], limit: int, size: Callable[[R], int]) -> tuple[list[R], bool]:
+    """A page's rows, taken from `rows` as they come (a query's result read `PAGE_BATCH` at a time:
+    rows past the page's end are never loaded): the first `limit`, or fewer once their `size`s add
+    up to more than `PAGE_TEXT_BYTES` (never none); and whether rows follow them."""
+    kept: list[R] = []
+    total = 0
+    for row in rows:
+        if len(kept) == limit:
+            return kept, True
+        total += size(row)
+        if kept and total > PAGE_TEXT_BYTES:
+            return kept, True
+        kept.append(row)
+    return kept, False
