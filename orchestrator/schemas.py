@@ -636,7 +636,8 @@ class Lineage(BaseModel):
     ancestors: list[AssetPublic] = Field(description="What it was made from, root first (draft, bridge, ...).")
     descendants: list[AssetPublic] = Field(description="What was made from it, breadth first.")
     truncated: bool = Field(False, description="true when the walk stopped at its bounds (100 ancestors, "
-                                               "1000 descendants): the lists are not the whole lineage")
+                                               "1000 descendants, or descendants whose prompts and records pass "
+                                               "4 MiB): the lists are not the whole lineage")
 
 
 def _page_title(model: type[BaseModel]) -> str:

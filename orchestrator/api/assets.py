@@ -15,7 +15,7 @@ from orchestrator.api.deps import Caller, CallerDep, ServicesDep
 from orchestrator.api.docs import documented
 from orchestrator.api.json_body import StrictJSONRoute
 from orchestrator.api.paths import AssetId
-from orchestrator.api.serialize import asset_public
+from orchestrator.api.serialize import PAGE_BATCH, PAGE_TEXT_BYTES, asset_public, asset_text_bytes
 from orchestrator.clock import utcnow
 from orchestrator.errors import Conflict, ContentUnavailable, gone, not_found
 from orchestrator.jobs import raise_if_deleted_since
@@ -193,14 +193,24 @@ def lineage(asset_id: AssetId, services: ServicesDep, caller: CallerDep) -> Line
         truncated = parent_id is not None and len(ancestors) == MAX_ANCESTORS
         descendants: list[Asset] = []
         frontier = [asset.id]
-        while frontier and len(descendants) <= MAX_DESCENDANTS:
-            # One past the bound says it is cut; a draft promoted 100,000 times is not read whole.
-            children = list(s.exec(select(Asset).where(col(Asset.parent_id).in_(frontier),
-                                                       col(Asset.project_id) == asset.project_id)
-                                   .order_by(col(Asset.id)).limit(MAX_DESCENDANTS + 1 - len(descendants))).all())
+        text = 0  # the descendants' prompts and records, bounded as a page of assets is (`PAGE_TEXT_BYTES`)
+        cut = False
+        while frontier and not cut:
+            # One past the bound says it is cut; a draft promoted 100,000 times is not read whole,
+            # nor are 1000 descendants with 10,000-character prompts (an answer of 79 MB): the rows
+            # are read `PAGE_BATCH` at a time, and none past the cut is loaded.
+            children: list[Asset] = []
+            query = (select(Asset).where(col(Asset.parent_id).in_(frontier), col(Asset.project_id) == asset.project_id)
+                     .order_by(col(Asset.id)).limit(MAX_DESCENDANTS + 1 - len(descendants)))
+            with s.exec(query.execution_options(yield_per=PAGE_BATCH)) as result:
+                for child in result:
+                    text += asset_text_bytes(child)
+                    if len(descendants) + len(children) == MAX_DESCENDANTS or text > PAGE_TEXT_BYTES:
+                        cut = True
+                        break
+                    children.append(child)
             descendants.extend(children)
             frontier = [c.id for c in children]
-        if len(descendants) > MAX_DESCENDANTS:
-            descendants, truncated = descendants[:MAX_DESCENDANTS], True
+        truncated = truncated or cut
     return Lineage(asset=asset_public(asset), ancestors=[asset_public(a) for a in reversed(ancestors)],
                    descendants=[asset_public(a) for a in descendants], truncated=truncated)

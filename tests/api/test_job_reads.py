@@ -133,3 +133,40 @@ def test_a_page_of_jobs_or_assets_stops_short_of_megabytes_of_prompts_and_tags(
         # A page of ordinary items is as long as asked.
         small = client.get(f"/v1/jobs?project_id={project_id}", params={"limit": 3}).json()
         assert len(small["items"]) == 3 and small["next_cursor"] == job_ids[2]
+
+
+def test_a_lineage_stops_short_of_megabytes_of_descendants_prompts(make_settings: Callable[..., Settings]) -> None:
+    """1000 descendants with 10,000-character prompts and 64 tags of 600 made a lineage answer of
+    79 MB, its rows loaded whole for each request: 20 connections asking for it and reading nothing
+    took the service from 282 MB to 4 GB. The descendants stop once their text passes 4 MiB, and
+    `truncated` says the list is not the whole lineage; those listed are its first, breadth first."""
+    tags = {f"k{i:02d}" + "x" * 97: "v" * 500 for i in range(64)}
+    text = {"prompt": "p" * 10_000, "negative_prompt": "n" * 10_000}
+    with TestClient(create_app(make_settings(run_jobs=False))) as client:
+        services = client.app.state.services  # type: ignore[attr-defined]
+        project_id = new_id("prj")
+        asset_ids: list[str] = []
+        with services.db.transaction() as s:
+            s.add(Project(id=project_id, name="fat lineage", policy="local-only", budget_period="none"))
+            s.flush()
+            for i in range(150):  # a draft, promoted 149 times
+                job = Job(id=new_id("job"), project_id=project_id, stage="bridge" if i else "ideation", engine="lite",
+                          status="succeeded", params={**text, "tags": tags})
+                s.add(job)
+                s.flush()
+                asset = Asset(id=new_id("ast"), project_id=project_id, job_id=job.id, stage=job.stage, engine="lite",
+                              model="m", seed=i, width=64, height=64, sha256=f"{i:064x}",
+                              record={**text, "tags": tags}, parent_id=asset_ids[0] if asset_ids else None,
+                              prompt=text["prompt"], negative_prompt=text["negative_prompt"])
+                s.add(asset)
+                s.flush()
+                asset_ids.append(asset.id)
+        answer = client.get(f"/v1/assets/{asset_ids[0]}/lineage")
+        assert answer.status_code == 200, answer.text
+        assert len(answer.content) < 5 * 2**20
+        lineage = answer.json()
+        listed = [a["id"] for a in lineage["descendants"]]
+        assert lineage["truncated"] is True and 0 < len(listed) < 149 and listed == asset_ids[1:len(listed) + 1]
+        # A lineage within the bounds is whole, and says so.
+        whole = client.get(f"/v1/assets/{asset_ids[5]}/lineage").json()
+        assert whole["truncated"] is False and [a["id"] for a in whole["ancestors"]] == asset_ids[:1]
