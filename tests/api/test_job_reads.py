@@ -87,6 +87,10 @@ def test_a_job_is_read_as_of_one_moment(make_settings: Callable[..., Settings]) 
 
 def test_a_page_of_jobs_or_assets_stops_short_of_megabytes_of_prompts_and_tags(
         make_settings: Callable[..., Settings]) -> None:
+    check_pages_stop_short_of_megabytes(make_settings(run_jobs=False))
+
+
+def check_pages_stop_short_of_megabytes(settings: Settings) -> None:
     """Prompts of 10,000 characters and 64 tags of 600 made each job about 60 KB as listed, and a
     500-job page 30 MB, its rows loaded and its body built whole for each request: 40 connections
     asking for it and reading nothing took the service from 127 MB to 3.2 GB. A page ends sooner,
@@ -94,7 +98,7 @@ def test_a_page_of_jobs_or_assets_stops_short_of_megabytes_of_prompts_and_tags(
     every item once, in order."""
     tags = {f"k{i:02d}" + "x" * 97: "v" * 500 for i in range(64)}
     text = {"prompt": "p" * 10_000, "negative_prompt": "n" * 10_000}
-    with TestClient(create_app(make_settings(run_jobs=False))) as client:
+    with TestClient(create_app(settings)) as client:
         services = client.app.state.services  # type: ignore[attr-defined]
         project_id = new_id("prj")
         job_ids: list[str] = []
@@ -136,13 +140,17 @@ def test_a_page_of_jobs_or_assets_stops_short_of_megabytes_of_prompts_and_tags(
 
 
 def test_a_lineage_stops_short_of_megabytes_of_descendants_prompts(make_settings: Callable[..., Settings]) -> None:
+    check_a_lineage_stops_short_of_megabytes(make_settings(run_jobs=False))
+
+
+def check_a_lineage_stops_short_of_megabytes(settings: Settings) -> None:
     """1000 descendants with 10,000-character prompts and 64 tags of 600 made a lineage answer of
     79 MB, its rows loaded whole for each request: 20 connections asking for it and reading nothing
     took the service from 282 MB to 4 GB. The descendants stop once their text passes 4 MiB, and
     `truncated` says the list is not the whole lineage; those listed are its first, breadth first."""
     tags = {f"k{i:02d}" + "x" * 97: "v" * 500 for i in range(64)}
     text = {"prompt": "p" * 10_000, "negative_prompt": "n" * 10_000}
-    with TestClient(create_app(make_settings(run_jobs=False))) as client:
+    with TestClient(create_app(settings)) as client:
         services = client.app.state.services  # type: ignore[attr-defined]
         project_id = new_id("prj")
         asset_ids: list[str] = []

@@ -45,7 +45,12 @@ from tests.api import (
     wait_for_job,
     worker_process,
 )
-from tests.api.test_job_reads import check_a_job_is_read_as_of_one_moment, held_job
+from tests.api.test_job_reads import (
+    check_a_job_is_read_as_of_one_moment,
+    check_a_lineage_stops_short_of_megabytes,
+    check_pages_stop_short_of_megabytes,
+    held_job,
+)
 from tests.conftest import isolate, random_runs
 from tests.credits import PRICE, assert_settled_once, ledger, project_with_draft, promote_ok
 from tests.credits.conftest import ENGINES, POLICY, Service
@@ -115,6 +120,14 @@ def test_json_columns_take_what_engines_report_on_postgres(postgres_url: str) ->
         check_json_columns_take_what_engines_report(db)
     finally:
         db.dispose()
+
+
+def test_pages_and_lineages_stop_short_of_megabytes_on_postgres(
+        postgres_url: str, make_settings: Callable[..., Settings]) -> None:
+    # Their rows are read `PAGE_BATCH` at a time there through a server-side cursor (yield_per).
+    settings = make_settings(run_jobs=False, database_url=postgres_url)
+    check_pages_stop_short_of_megabytes(settings)
+    check_a_lineage_stops_short_of_megabytes(settings)
 
 
 def test_concurrent_promotions_never_overspend_on_postgres(pg_api: httpx.Client) -> None:
