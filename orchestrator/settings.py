@@ -81,10 +81,11 @@ PROVIDER_KEYS = frozenset({"gemini_api_key", "openai_api_key", "stability_api_ke
                            "fal_api_key"})
 
 
-# C0 controls and DEL: no path, name, address or key holds one. Whitespace at a value's ends (a CRLF
-# env file's \r) is each setting's own to drop, and is not looked at here.
-_CONTROL_CHARACTER = re.compile("[\x00-\x1f\x7f]")
-_CONTROL_NAMES = {"\n": "a line break", "\r": "a carriage return", "\t": "a tab"}
+# C0 and C1 controls and DEL: no path, name, address or key holds one (C1's U+0085 is a line break
+# to Unicode). Whitespace at a value's ends (a CRLF env file's \r) is each setting's own to drop, and
+# is not looked at here.
+_CONTROL_CHARACTER = re.compile("[\x00-\x1f\x7f-\x9f]")
+_CONTROL_NAMES = {"\n": "a line break", "\r": "a carriage return", "\t": "a tab", "\x85": "a next line"}
 # Settings refusing such characters with their own words (the admin key, the upscaler), or, for a
 # provider's key, leaving its engine unavailable (see `tiers._cloud`): its vendor's variable may be
 # a shell's, which is no reason to stop every command.

@@ -312,6 +312,7 @@ def test_paths_urls_and_model_names_are_read_without_spaces_at_their_ends(
     ("ORCH_POLICY", "bal\x7fanced", "U+007F"), ("ORCH_A1111_AUTH", "user:pass\rword", "U+000D, a carriage return"),
     ("ORCH_COMFYUI_URL", "http://gpu-box:8188/\x08", "U+0008"), ("ORCH_CORS_ORIGINS", "https://a.example\x07",
                                                                 "U+0007"),
+    ("ORCH_DATA_DIR", "da\x85ta", "U+0085, a next line"), ("ORCH_LITE_MODEL", "/models/sd\x9b0m", "U+009B"),
 ])
 def test_a_control_character_inside_a_setting_is_refused_before_anything_is_made(
         toml_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
