@@ -3,7 +3,10 @@ both answer conditional requests by their sha256 ETag."""
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
+import os
 import sqlite3
 from collections.abc import Callable
 from typing import Any, BinaryIO
@@ -235,3 +238,74 @@ def test_a_large_image_is_sent_a_chunk_at_a_time_whether_in_memory_or_on_disk(ma
         assert damaged.status_code == 500, damaged.text
         assert damaged.json()["error"]["code"] == "content_unavailable"
         assert damaged.json()["error"]["details"] == {"sha256": sha256, "reason": "damaged"}
+
+
+def _descriptors_on(path: str) -> int:
+    """How many of this process's file descriptors are open on `path`."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # the listing's own descriptor, closed since
+            count += os.readlink(f"/proc/self/fd/{fd}") == path
+    return count
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts descriptors through /proc")
+def test_a_large_image_file_is_closed_when_its_answer_ends_early(make_settings: SettingsFactory) -> None:
+    """A HEAD (answered by its headers alone) and a client gone mid-way ended the stream of a large
+    image's file with the file still open: it was closed only once the garbage collector came to the
+    cycle the cancelled stream left, a descriptor held per such request meanwhile (and a swept
+    file's disk space with it). With the collector off, none may stay open."""
+    settings = make_settings()
+    with TestClient(create_app(settings)) as client:
+        services: Services = client.app.state.services  # type: ignore[attr-defined]
+        project = create_project(client)["id"]
+        job = run_draft(client, project, n=1, seed=3, width=1024, height=1024, steps=1)  # type: ignore[arg-type]
+        asset_id = job["assets"][0]
+        path = str(services.store.path_for(client.get(f"/v1/assets/{asset_id}").json()["sha256"]))
+        assert os.path.getsize(path) > 2 * MIB
+        url = f"/v1/assets/{asset_id}/content"
+
+        def gone_after_a_chunk(spec_version: str) -> None:
+            scope: dict[str, Any] = {
+                "type": "http", "asgi": {"version": "3.0", "spec_version": spec_version}, "http_version": "1.1",
+                "method": "GET", "scheme": "http", "path": url, "raw_path": url.encode(), "query_string": b"",
+                "root_path": "", "headers": [(b"host", b"127.0.0.1")], "client": ("127.0.0.1", 1),
+                "server": ("127.0.0.1", 80)}
+            requests = iter([{"type": "http.request", "body": b"", "more_body": False}])
+            left = anyio.Event()
+
+            async def receive() -> Message:
+                for request in requests:
+                    return request
+                await left.wait()
+                return {"type": "http.disconnect"}
+
+            async def send(message: Message) -> None:
+                if message["type"] == "http.response.body":
+                    left.set()  # spec 2.3: told by `receive`; 2.4: by a failing send
+                    if spec_version == "2.4":
+                        raise OSError("the client is gone")
+                    await anyio.sleep(1)
+
+            async def get() -> None:
+                with anyio.fail_after(30):
+                    try:
+                        await client.app(scope, receive, send)
+                    except Exception as exc:  # Starlette's ClientDisconnect, for 2.4
+                        assert "ClientDisconnect" in type(exc).__name__, exc
+
+            assert client.portal is not None
+            client.portal.call(get)
+
+        gc.collect()
+        gc.disable()
+        try:
+            for _ in range(3):
+                services.store.recent = RecentContent()  # read from the store
+                assert client.head(url).status_code == 200
+                gone_after_a_chunk("2.3")
+                gone_after_a_chunk("2.4")
+            assert _descriptors_on(path) == 0
+        finally:
+            gc.enable()
+        assert hashlib.sha256(client.get(url).content).hexdigest() == os.path.basename(path).removesuffix(".png")
