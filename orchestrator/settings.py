@@ -111,7 +111,12 @@ def _refuse_control_characters(value: Any, field: str) -> None:
         value = str(value)
     if not isinstance(value, str):
         return
-    for item in value.split(",") if field in _COMMA_LISTS else (value,):
+    items = value.split(",") if field in _COMMA_LISTS else [value]
+    if field == "engines":
+        # `name=module:factory`: the name and its target are each read stripped (`extra_engines`),
+        # so a tab around "=" (a file's entries aligned with tabs) is whitespace, as a space is.
+        items = [part for item in items for part in item.partition("=")[::2]]
+    for item in items:
         if (problem := control_character_problem(item.strip())) is not None:
             # A newline inside a value made a data dir `da\nta`, a checkpoint no webui lists, a line
             # break in the log lines and headers quoting it.

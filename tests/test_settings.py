@@ -348,6 +348,17 @@ def test_a_control_character_in_the_config_file_is_refused_but_not_a_list_s_line
     assert Settings().openai_api_key is not None
 
 
+def test_a_tab_around_an_engine_s_equals_sign_is_whitespace_but_not_one_inside_its_parts(
+        toml_file: Path) -> None:
+    # `extra_engines` reads each entry's name and target stripped: entries aligned with tabs
+    # (`flux\t= studio.flux:create`) were taken before the control-character check refused them.
+    toml_file.write_text('engines = """\nflux\t= studio.flux:create,\nsd =\tstudio.sd:create\n"""\n')
+    assert Settings().extra_engines == {"flux": "studio.flux:create", "sd": "studio.sd:create"}
+    for inside in ("fl\tux=studio.flux:create", "flux=studio.flux:cre\tate", "flux=studio.flux\n:create"):
+        with pytest.raises(ValidationError, match="control character"):
+            Settings(engines=inside)
+
+
 CONFIG_FILE_REFUSED = "ORCH_CONFIG_FILE: holds a control character (U+000A, a line break) inside it: remove it"
 
 
