@@ -45,6 +45,7 @@ from sqlalchemy.engine import ExceptionContext, make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.pool import NullPool
+from sqlalchemy.util import asbool
 from sqlmodel import Session
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_delay, wait_exponential
 
@@ -186,7 +187,11 @@ def sqlite_file(url: str) -> Path | None:
     if parsed.get_backend_name() != "sqlite":
         return None
     database = parsed.database or ""
-    if str(parsed.query.get("uri", "")).lower() in ("true", "1") and database.startswith("file:"):
+    try:  # SQLAlchemy's words for true (`uri=on`, `uri=yes`): with only true and 1, `file:` was a folder
+        as_uri = asbool(parsed.query.get("uri", False))
+    except ValueError:  # not a boolean: refused by the options check (`database_url_problems`)
+        as_uri = False
+    if as_uri and database.startswith("file:"):
         if "mode=memory" in database or parsed.query.get("mode") == "memory":
             return None
         database = urllib.parse.unquote(database.removeprefix("file:").partition("?")[0])

@@ -215,6 +215,8 @@ def test_connect_timeouts_the_operator_gives_are_kept(monkeypatch: pytest.Monkey
     ("sqlite:////srv/orch/orchestrator.db", "/srv/orch/orchestrator.db"),
     ("sqlite:///file:/srv/orch/orchestrator.db?mode=ro&uri=true", "/srv/orch/orchestrator.db"),
     ("sqlite:///file:/srv/my%20orch/o.db?uri=true", "/srv/my orch/o.db"),
+    ("sqlite:///file:/srv/orch/u.db?uri=on&nolock=1", "/srv/orch/u.db"),  # SQLAlchemy reads on and yes as true
+    ("sqlite:///file:/srv/orch/u.db?uri=Yes", "/srv/orch/u.db"),
     ("sqlite:///file:mem?mode=memory&uri=true", None),
     ("sqlite:///:memory:", None),
     ("postgresql+psycopg://u@db/orch", None),
