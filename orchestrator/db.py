@@ -534,9 +534,13 @@ def alembic_config(url: str) -> Config:
 
 
 def shown_url(url: str) -> str:
-    """The URL for a log or a message: without its password, in its user part or its query."""
+    """The URL for a log or a message: without its password, in its user part or its query. A
+    SQLite URL that holds none, as it was written: rendered again, `sqlite:///file:/srv/o.db`
+    read `sqlite:///file%3A/srv/o.db`, a URL nobody had written."""
     parsed = make_url(url)
     secret = {key: "***" for key in parsed.query if key.lower() in ("password", "passfile", "sslpassword")}
+    if parsed.get_backend_name() == "sqlite" and parsed.password is None and not secret:
+        return url
     return (parsed.update_query_dict(secret) if secret else parsed).render_as_string(hide_password=True)
 
 

@@ -231,6 +231,9 @@ def test_a_url_is_shown_without_its_password_wherever_it_is() -> None:
     from orchestrator.db import shown_url
 
     assert shown_url("postgresql+psycopg://orch:s3cret@db/orch") == "postgresql+psycopg://orch:***@db/orch"
+    # A SQLite file: URI as written (it was `sqlite:///file%3A/srv/o.db`), a cipher's passphrase not.
+    assert shown_url("sqlite:///file:/srv/o.db?cache=shared&uri=true") == "sqlite:///file:/srv/o.db?cache=shared&uri=true"
+    assert "s3cret" not in shown_url("sqlite+pysqlcipher://:s3cret@/o.db")
     shown = shown_url("postgresql+psycopg://orch@db/orch?password=s3cret&sslmode=require")
     assert "s3cret" not in shown and "sslmode=require" in shown
 
