@@ -631,12 +631,16 @@ def _run(args: argparse.Namespace) -> int:
 
     with signals_held_back():  # the threads these imports start (numpy's) leave a Ctrl-C to this one
         from orchestrator.demo import quiet_terminal_log
-        from orchestrator.services import file_in_the_way
+        from orchestrator.services import config_file_problem, file_in_the_way
 
     out = Path(args.out)
     if (file := file_in_the_way(out)) is not None:  # said before anything is made
         return _fail(f"cannot use {out} for the images: "
                      + ("not a directory" if file == out else f"{file} is not a directory"), status=2)
+    if args.url is not None and (problem := config_file_problem()) is not None:
+        # Its admin key may come from that file: one named and not there was passed over, and a
+        # service that needs the key answered 401 to a demo that had never read it.
+        return _fail(f"invalid configuration:\n  {problem}", status=2)
     if args.url is None:  # the demo starts the service itself: the same checks as `serve`
         from orchestrator.settings import Settings
 

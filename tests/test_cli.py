@@ -146,6 +146,16 @@ def test_a_policy_file_refused_at_start_stops_the_service(make_settings: Setting
     assert main(["migrate"]) == 0  # which reads no policy
 
 
+def test_demo_against_a_service_refuses_a_config_file_named_but_absent(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    # It sends ORCH_ADMIN_KEY, which that file may set: a typo in its name went unsaid.
+    monkeypatch.setenv("ORCH_CONFIG_FILE", str(tmp_path / "studio.tml"))
+    assert main(["demo", "--url", "http://127.0.0.1:9", "--out", str(tmp_path / "renders")]) == 2
+    assert capsys.readouterr().err == (f"orchestrator: invalid configuration:\n  ORCH_CONFIG_FILE: no such file: "
+                                       f"{tmp_path / 'studio.tml'}\n")
+    assert list(tmp_path.iterdir()) == []  # nothing made
+
+
 def test_demo_against_an_unreachable_service(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["demo", "--url", "http://127.0.0.1:9", "--out", str(tmp_path / "renders" / "today")]) == 1
     err = capsys.readouterr().err
