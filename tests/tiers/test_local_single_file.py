@@ -1,0 +1,208 @@
+"""Real single-file checkpoints (SDXL, SD 1.x) in the original (LDM/A1111) format, loaded through
+the project's path by diffusers' own `from_single_file`, offline: every other single-file test
+mocks that call.
+
+A checkpoint is a tiny random pipeline written out under the original format's tensor names (the
+reverse of diffusers' LDM-to-diffusers conversion). The configuration diffusers reads for the
+family (stabilityai/stable-diffusion-xl-base-1.0, stable-diffusion-v1-5/stable-diffusion-v1-5) is
+that tiny pipeline's, in a Hugging Face cache under tmp_path: what a first load online leaves."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tests.tiers.conftest import EngineFactory, RecordingProgress
+from tests.tiers.test_local_loading import draft, hub_cache
+from tiers import tiny
+from tiers.base import CancelToken, RenderRequest
+
+
+def _tiny_sdxl(folder: Path) -> Any:
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    torch.manual_seed(0)
+    # Two levels of two layers, as SDXL has three of two: the original format numbers them in threes.
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=2, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, transformer_layers_per_block=(1, 2),
+        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=96,
+        cross_attention_dim=80, norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16, 32, 32), in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=8, sample_size=64,
+    )
+
+    # Of two widths, as SDXL's are (768 and 1280): diffusers tells its encoders apart by their width.
+    def clip(width: int, layers: int) -> CLIPTextConfig:
+        return CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=width, intermediate_size=37,
+                              layer_norm_eps=1e-5, num_attention_heads=4, num_hidden_layers=layers, vocab_size=600,
+                              max_position_embeddings=77, projection_dim=width, hidden_act="gelu")
+
+    vocab, merges = tiny._vocab()
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("\n".join(merges) + "\n")
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
+    return StableDiffusionXLPipeline(
+        unet=unet, vae=vae, text_encoder=CLIPTextModel(clip(32, 2)),
+        # diffusers tells an SDXL file by its second text encoder's tenth layer.
+        text_encoder_2=CLIPTextModelWithProjection(clip(48, 10)), tokenizer=tokenizer, tokenizer_2=tokenizer,
+        scheduler=EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                         steps_offset=1, timestep_spacing="leading"),
+    )
+
+
+_RESNET = (("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_layers.0"),
+           ("conv2", "out_layers.3"), ("time_emb_proj", "emb_layers.1"), ("conv_shortcut", "skip_connection"))
+
+
+def _unet_key(key: str, per_block: int, up_with_attention: set[int]) -> str:
+    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
+
+    mapping: Any = DIFFUSERS_TO_LDM_MAPPING["unet"]  # conv_in, conv_out, the time and size embeddings
+    named: dict[str, str] = {**mapping["layers"], **mapping["addition_embed_type"]}
+    if key in named:
+        return named[key]
+    match = re.fullmatch(r"(down_blocks|up_blocks|mid_block)\.(\d*)\.?(\w+)\.(\d+)\.(.*)", key)
+    assert match is not None, key
+    side, level, part, index, rest = match.groups()
+    b, j, n = int(level or 0), int(index), per_block + 1
+    if part == "resnets":
+        for new, old in _RESNET:
+            rest = rest.replace(new, old)
+    if side == "mid_block":
+        return f"middle_block.{2 * j if part == 'resnets' else 1}.{rest}"
+    if part == "downsamplers":
+        return f"input_blocks.{(b + 1) * n}.0.op.{rest.removeprefix('conv.')}"
+    if part == "upsamplers":
+        return f"output_blocks.{b * n + per_block}.{2 if b in up_with_attention else 1}.{rest}"
+    slot = 0 if part == "resnets" else 1
+    if side == "down_blocks":
+        return f"input_blocks.{b * n + j + 1}.{slot}.{rest}"
+    return f"output_blocks.{b * n + j}.{slot}.{rest}"
+
+
+def _vae_key(key: str, levels: int) -> str:
+    key = re.sub(r"mid_block\.resnets\.(\d)", lambda m: f"mid.block_{int(m[1]) + 1}", key)
+    key = re.sub(r"down_blocks\.(\d)\.(resnets|downsamplers\.0)",
+                 lambda m: f"down.{m[1]}.{'block' if m[2] == 'resnets' else 'downsample'}", key)
+    key = re.sub(r"up_blocks\.(\d)\.(resnets|upsamplers\.0)",
+                 lambda m: f"up.{levels - 1 - int(m[1])}.{'block' if m[2] == 'resnets' else 'upsample'}", key)
+    if "mid_block.attentions.0." in key:
+        key = key.replace("mid_block.attentions.0.", "mid.attn_1.").replace("group_norm", "norm")
+        key = re.sub(r"to_([qkv])\.", r"\1.", key).replace("to_out.0.", "proj_out.")
+    return key.replace("conv_norm_out", "norm_out").replace("conv_shortcut", "nin_shortcut")
+
+
+def _open_clip(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    renamed: dict[str, torch.Tensor] = {"text_projection": weights["text_projection.weight"].T.contiguous()}
+    for key, value in weights.items():
+        if key == "text_projection.weight" or re.search(r"\.[kv]_proj\.", key):
+            continue
+        if ".q_proj." in key:  # one in_proj of q, k and v
+            value = torch.cat([weights[key.replace("q_proj", p)] for p in ("q_proj", "k_proj", "v_proj")])
+            key = key.replace("self_attn.q_proj.", "self_attn.in_proj_")
+        for new, old in (("text_model.embeddings.position_embedding.weight", "positional_embedding"),
+                         ("text_model.embeddings.", ""), ("text_model.final_layer_norm", "ln_final"),
+                         ("text_model.encoder.layers.", "transformer.resblocks."), ("self_attn", "attn"),
+                         ("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"), ("fc1", "c_fc"), ("fc2", "c_proj")):
+            key = key.replace(new, old)
+        renamed[key] = value
+    return renamed
+
+
+def ldm_checkpoint(pipe: Any) -> dict[str, torch.Tensor]:
+    """An SD 1.x or SDXL pipeline's weights under the original format's names, as an A1111 or Civitai file has them."""
+    unet, vae = pipe.unet.config, pipe.vae.config
+    up_with_attention = {i for i, kind in enumerate(unet.up_block_types) if "CrossAttn" in kind}
+    levels = len(vae.down_block_types)
+    out = {f"model.diffusion_model.{_unet_key(k, unet.layers_per_block, up_with_attention)}": v
+           for k, v in pipe.unet.state_dict().items()}
+    for key, value in pipe.vae.state_dict().items():
+        if re.search(r"attentions\.0\.(to_[qkv]|to_out\.0)\.weight", key):
+            value = value[:, :, None, None]  # 1x1 convolutions in the original
+        out[f"first_stage_model.{_vae_key(key, levels)}"] = value
+    xl = getattr(pipe, "text_encoder_2", None) is not None
+    clip = "conditioner.embedders.0.transformer" if xl else "cond_stage_model.transformer"
+    for key, value in pipe.text_encoder.state_dict().items():
+        out[f"{clip}.text_model.{key.removeprefix('text_model.')}"] = value
+    if xl:
+        for key, value in _open_clip(pipe.text_encoder_2.state_dict()).items():
+            out[f"conditioner.embedders.1.model.{key}"] = value
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+# Where diffusers reads each family's configuration for a single file.
+CONFIG_REPOS = {"SDXL": "stabilityai/stable-diffusion-xl-base-1.0",
+                "SD 1.x": "stable-diffusion-v1-5/stable-diffusion-v1-5"}
+
+
+@pytest.fixture(params=list(CONFIG_REPOS))
+def single_file(request: pytest.FixtureRequest, tmp_path: Path, tiny_cache_dir: Path,
+                monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Any]:
+    """A tiny single file of the family and the pipeline it was made of; the family's configuration
+    in the Hugging Face cache. Its name does not tell its family: its tensors do."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import save_file
+
+    source = tmp_path / "source"
+    source.mkdir()
+    if request.param == "SDXL":
+        pipe = _tiny_sdxl(source)
+        pipe.save_pretrained(source / "diffusers")
+    else:
+        shutil.copytree(tiny_cache_dir / "tiny-sd", source / "diffusers", ignore=shutil.ignore_patterns(".tiny-sd-*"))
+        pipe = StableDiffusionPipeline.from_pretrained(source / "diffusers")
+    configs = tmp_path / "configs"
+    shutil.copytree(source / "diffusers", configs, ignore=shutil.ignore_patterns("*.safetensors"))
+    if request.param == "SD 1.x":  # as the real repository's: a safety checker, and its image processor
+        from transformers import CLIPImageProcessor
+
+        index = json.loads((configs / "model_index.json").read_text())
+        index.update(safety_checker=["stable_diffusion", "StableDiffusionSafetyChecker"],
+                     feature_extractor=["transformers", "CLIPImageProcessor"], requires_safety_checker=True)
+        (configs / "model_index.json").write_text(json.dumps(index))
+        CLIPImageProcessor().save_pretrained(configs / "feature_extractor")
+    hub_cache(tmp_path, CONFIG_REPOS[request.param], configs, monkeypatch)
+    checkpoint = tmp_path / "dreamy_v10.safetensors"
+    save_file(ldm_checkpoint(pipe), str(checkpoint))
+    return checkpoint, pipe
+
+
+async def test_a_real_single_file_drafts_and_bridges_offline(engines: EngineFactory,
+                                                             single_file: tuple[Path, Any]) -> None:
+    from diffusers import StableDiffusionXLPipeline
+
+    checkpoint, made = single_file
+    lite, hifi = engines(lite_model=str(checkpoint), hifi_model=str(checkpoint), lite_device="cpu")
+    drafted = await lite.run(draft(n=1, steps=2), RecordingProgress(), CancelToken())
+    bridged = await hifi.run(RenderRequest(stage="bridge", prompt="a lighthouse", width=64, height=64, seed=1, n=1,
+                                           steps=2, init_image=drafted.images[0].image, strength=0.5),
+                             RecordingProgress(), CancelToken())
+    loaded = lite.runtime._pipes[(str(checkpoint), "text2img")]
+    assert type(loaded) is type(made)
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):  # every tensor read back under its own name
+        if getattr(made, name, None) is None:
+            continue
+        expected, got = getattr(made, name).state_dict(), getattr(loaded, name).state_dict()
+        assert got.keys() == expected.keys(), name
+        assert all(torch.equal(got[k], expected[k]) for k in expected), name
+    assert lite.runtime._pipes[(str(checkpoint), "img2img")].unet is loaded.unet  # the bridge shares its weights
+    # Its family told by its tensors (its name says none): SDXL's guidance, or SD 1.x's.
+    guidance = 5.0 if isinstance(made, StableDiffusionXLPipeline) else 7.5
+    for result in (drafted, bridged):
+        assert [image.image.size for image in result.images] == [(64, 64)]
+        assert (result.metadata["steps"], result.metadata["guidance_scale"]) == (2, guidance)
+        # The scheduler of the family's configuration in the cache.
+        assert result.metadata["sampler"] == "EulerDiscreteScheduler"
+        assert result.metadata["sampler_settings"]["timestep_spacing"] == made.scheduler.config.timestep_spacing
+    assert bridged.metadata["strength"] == 0.5
