@@ -1,11 +1,12 @@
-"""Real single-file checkpoints (SDXL, SD 1.x) in the original (LDM/A1111) format, loaded through
-the project's path by diffusers' own `from_single_file`, offline: every other single-file test
-mocks that call.
+"""Real single-file checkpoints (SDXL, SD 2.x, SD 1.x) in the original (LDM/A1111) format, loaded
+through the project's path by diffusers' own `from_single_file`, offline: every other single-file
+test mocks that call.
 
 A checkpoint is a tiny random pipeline written out under the original format's tensor names (the
 reverse of diffusers' LDM-to-diffusers conversion). The configuration diffusers reads for the
-family (stabilityai/stable-diffusion-xl-base-1.0, stable-diffusion-v1-5/stable-diffusion-v1-5) is
-that tiny pipeline's, in a Hugging Face cache under tmp_path: what a first load online leaves."""
+family (stabilityai/stable-diffusion-xl-base-1.0, stabilityai/stable-diffusion-2-1,
+stable-diffusion-v1-5/stable-diffusion-v1-5) is that tiny pipeline's, in a Hugging Face cache
+under tmp_path: what a first load online leaves."""
 
 from __future__ import annotations
 
@@ -24,9 +25,55 @@ from tiers import tiny
 from tiers.base import CancelToken, RenderRequest
 
 
+def _clip(width: int, layers: int) -> Any:
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=width, intermediate_size=37,
+                          layer_norm_eps=1e-5, num_attention_heads=4, num_hidden_layers=layers, vocab_size=600,
+                          max_position_embeddings=77, projection_dim=width, hidden_act="gelu")
+
+
+def _vae() -> Any:
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=(8, 16, 32, 32), in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=8, sample_size=64,
+    )
+
+
+def _tokenizer(folder: Path) -> Any:
+    from transformers import CLIPTokenizer
+
+    vocab, merges = tiny._vocab()
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("\n".join(merges) + "\n")
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
+
+
+def _tiny_sd2(folder: Path) -> Any:
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(0)
+    # diffusers tells an SD 2.x file by the second attention of its first level (`input_blocks.2.1`)
+    # reading a context 1024 wide, OpenCLIP-H's: so that level has attention, and two layers.
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=2, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, cross_attention_dim=1024, norm_num_groups=8,
+    )
+    # SD 2.1's own scheduler, v-prediction.
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1, prediction_type="v_prediction")
+    return StableDiffusionPipeline(unet=unet, vae=_vae(), text_encoder=CLIPTextModel(_clip(1024, 1)),
+                                   tokenizer=_tokenizer(folder), scheduler=scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+
+
 def _tiny_sdxl(folder: Path) -> Any:
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(0)
     # Two levels of two layers, as SDXL has three of two: the original format numbers them in threes.
@@ -37,25 +84,13 @@ def _tiny_sdxl(folder: Path) -> Any:
         addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=96,
         cross_attention_dim=80, norm_num_groups=8,
     )
-    vae = AutoencoderKL(
-        block_out_channels=(8, 16, 32, 32), in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=8, sample_size=64,
-    )
 
-    # Of two widths, as SDXL's are (768 and 1280): diffusers tells its encoders apart by their width.
-    def clip(width: int, layers: int) -> CLIPTextConfig:
-        return CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=width, intermediate_size=37,
-                              layer_norm_eps=1e-5, num_attention_heads=4, num_hidden_layers=layers, vocab_size=600,
-                              max_position_embeddings=77, projection_dim=width, hidden_act="gelu")
-
-    vocab, merges = tiny._vocab()
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("\n".join(merges) + "\n")
-    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
+    tokenizer = _tokenizer(folder)
     return StableDiffusionXLPipeline(
-        unet=unet, vae=vae, text_encoder=CLIPTextModel(clip(32, 2)),
+        # Of two widths, as SDXL's are (768 and 1280): diffusers tells its encoders apart by their width.
+        unet=unet, vae=_vae(), text_encoder=CLIPTextModel(_clip(32, 2)),
         # diffusers tells an SDXL file by its second text encoder's tenth layer.
-        text_encoder_2=CLIPTextModelWithProjection(clip(48, 10)), tokenizer=tokenizer, tokenizer_2=tokenizer,
+        text_encoder_2=CLIPTextModelWithProjection(_clip(48, 10)), tokenizer=tokenizer, tokenizer_2=tokenizer,
         scheduler=EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                          steps_offset=1, timestep_spacing="leading"),
     )
@@ -104,9 +139,13 @@ def _vae_key(key: str, levels: int) -> str:
 
 
 def _open_clip(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    renamed: dict[str, torch.Tensor] = {"text_projection": weights["text_projection.weight"].T.contiguous()}
+    renamed: dict[str, torch.Tensor] = {}
+    if "text_projection.weight" in weights:  # SDXL's; SD 2.x's encoder has none
+        renamed["text_projection"] = weights.pop("text_projection.weight").T.contiguous()
+    # transformers' CLIPTextModel names its tensors without the `text_model.` that the mapping has.
+    weights = {f"text_model.{k.removeprefix('text_model.')}": v for k, v in weights.items()}
     for key, value in weights.items():
-        if key == "text_projection.weight" or re.search(r"\.[kv]_proj\.", key):
+        if re.search(r"\.[kv]_proj\.", key):
             continue
         if ".q_proj." in key:  # one in_proj of q, k and v
             value = torch.cat([weights[key.replace("q_proj", p)] for p in ("q_proj", "k_proj", "v_proj")])
@@ -121,7 +160,8 @@ def _open_clip(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def ldm_checkpoint(pipe: Any) -> dict[str, torch.Tensor]:
-    """An SD 1.x or SDXL pipeline's weights under the original format's names, as an A1111 or Civitai file has them."""
+    """An SD 1.x, SD 2.x or SDXL pipeline's weights under the original format's names, as an A1111
+    or Civitai file has them."""
     unet, vae = pipe.unet.config, pipe.vae.config
     up_with_attention = {i for i, kind in enumerate(unet.up_block_types) if "CrossAttn" in kind}
     levels = len(vae.down_block_types)
@@ -132,6 +172,10 @@ def ldm_checkpoint(pipe: Any) -> dict[str, torch.Tensor]:
             value = value[:, :, None, None]  # 1x1 convolutions in the original
         out[f"first_stage_model.{_vae_key(key, levels)}"] = value
     xl = getattr(pipe, "text_encoder_2", None) is not None
+    if unet.cross_attention_dim == 1024 and not xl:  # SD 2.x: OpenCLIP, its only text encoder
+        for key, value in _open_clip(pipe.text_encoder.state_dict()).items():
+            out[f"cond_stage_model.model.{key}"] = value
+        return {k: v.contiguous() for k, v in out.items()}
     clip = "conditioner.embedders.0.transformer" if xl else "cond_stage_model.transformer"
     for key, value in pipe.text_encoder.state_dict().items():
         out[f"{clip}.text_model.{key.removeprefix('text_model.')}"] = value
@@ -141,27 +185,31 @@ def ldm_checkpoint(pipe: Any) -> dict[str, torch.Tensor]:
     return {k: v.contiguous() for k, v in out.items()}
 
 
-# Where diffusers reads each family's configuration for a single file.
-CONFIG_REPOS = {"SDXL": "stabilityai/stable-diffusion-xl-base-1.0",
-                "SD 1.x": "stable-diffusion-v1-5/stable-diffusion-v1-5"}
+# Where diffusers reads each family's configuration for a single file; the file's name; the guidance
+# its drafts get. SD-Turbo (the default Lite model's family) is an SD 2.1 file: its name says Turbo.
+CASES = {"SDXL": ("stabilityai/stable-diffusion-xl-base-1.0", "dreamy_v10", 5.0),
+         "SD 2.x": ("stabilityai/stable-diffusion-2-1", "sd_turbo", 0.0),
+         "SD 1.x": ("stable-diffusion-v1-5/stable-diffusion-v1-5", "dreamy_v10", 7.5)}
 
 
-@pytest.fixture(params=list(CONFIG_REPOS))
+@pytest.fixture(params=list(CASES))
 def single_file(request: pytest.FixtureRequest, tmp_path: Path, tiny_cache_dir: Path,
-                monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Any]:
-    """A tiny single file of the family and the pipeline it was made of; the family's configuration
-    in the Hugging Face cache. Its name does not tell its family: its tensors do."""
-    from diffusers import StableDiffusionPipeline
+                monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Any, float]:
+    """A tiny single file of the family, the pipeline it was made of with the scheduler it must run
+    on, and its guidance; the family's configuration in the Hugging Face cache. Its name does not
+    tell its family (SDXL, SD 2.x or SD 1.x): its tensors do."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
     from safetensors.torch import save_file
 
+    repo, name, guidance = CASES[request.param]
     source = tmp_path / "source"
     source.mkdir()
-    if request.param == "SDXL":
-        pipe = _tiny_sdxl(source)
-        pipe.save_pretrained(source / "diffusers")
-    else:
+    if request.param == "SD 1.x":
         shutil.copytree(tiny_cache_dir / "tiny-sd", source / "diffusers", ignore=shutil.ignore_patterns(".tiny-sd-*"))
         pipe = StableDiffusionPipeline.from_pretrained(source / "diffusers")
+    else:
+        pipe = _tiny_sdxl(source) if request.param == "SDXL" else _tiny_sd2(source)
+        pipe.save_pretrained(source / "diffusers")
     configs = tmp_path / "configs"
     shutil.copytree(source / "diffusers", configs, ignore=shutil.ignore_patterns("*.safetensors"))
     if request.param == "SD 1.x":  # as the real repository's: a safety checker, and its image processor
@@ -172,17 +220,20 @@ def single_file(request: pytest.FixtureRequest, tmp_path: Path, tiny_cache_dir: 
                      feature_extractor=["transformers", "CLIPImageProcessor"], requires_safety_checker=True)
         (configs / "model_index.json").write_text(json.dumps(index))
         CLIPImageProcessor().save_pretrained(configs / "feature_extractor")
-    hub_cache(tmp_path, CONFIG_REPOS[request.param], configs, monkeypatch)
-    checkpoint = tmp_path / "dreamy_v10.safetensors"
+    if request.param == "SD 2.x":
+        # Not SD 2.1's DDIM with v-prediction, which the cache gives the file: Turbo is an epsilon
+        # model distilled to start from pure noise, as SD-Turbo's own folder configures its Euler.
+        pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing",
+                                                            prediction_type="epsilon")
+    hub_cache(tmp_path, repo, configs, monkeypatch)
+    checkpoint = tmp_path / f"{name}.safetensors"
     save_file(ldm_checkpoint(pipe), str(checkpoint))
-    return checkpoint, pipe
+    return checkpoint, pipe, guidance
 
 
 async def test_a_real_single_file_drafts_and_bridges_offline(engines: EngineFactory,
-                                                             single_file: tuple[Path, Any]) -> None:
-    from diffusers import StableDiffusionXLPipeline
-
-    checkpoint, made = single_file
+                                                             single_file: tuple[Path, Any, float]) -> None:
+    checkpoint, made, guidance = single_file
     lite, hifi = engines(lite_model=str(checkpoint), hifi_model=str(checkpoint), lite_device="cpu")
     drafted = await lite.run(draft(n=1, steps=2), RecordingProgress(), CancelToken())
     bridged = await hifi.run(RenderRequest(stage="bridge", prompt="a lighthouse", width=64, height=64, seed=1, n=1,
@@ -197,12 +248,11 @@ async def test_a_real_single_file_drafts_and_bridges_offline(engines: EngineFact
         assert got.keys() == expected.keys(), name
         assert all(torch.equal(got[k], expected[k]) for k in expected), name
     assert lite.runtime._pipes[(str(checkpoint), "img2img")].unet is loaded.unet  # the bridge shares its weights
-    # Its family told by its tensors (its name says none): SDXL's guidance, or SD 1.x's.
-    guidance = 5.0 if isinstance(made, StableDiffusionXLPipeline) else 7.5
+    assert loaded.scheduler.config.prediction_type == made.scheduler.config.prediction_type
     for result in (drafted, bridged):
         assert [image.image.size for image in result.images] == [(64, 64)]
         assert (result.metadata["steps"], result.metadata["guidance_scale"]) == (2, guidance)
-        # The scheduler of the family's configuration in the cache.
+        # The scheduler of the family's configuration in the cache; a Turbo's, for a Turbo.
         assert result.metadata["sampler"] == "EulerDiscreteScheduler"
         assert result.metadata["sampler_settings"]["timestep_spacing"] == made.scheduler.config.timestep_spacing
     assert bridged.metadata["strength"] == 0.5
