@@ -35,6 +35,7 @@ from orchestrator.errors import BadEngineInput, Canceled, EngineError, EngineUna
 from orchestrator.store import hide_paths, model_name
 from tiers import tiny
 from tiers._family import (
+    MAX_CONFIG_BYTES,
     SINGLE_FILE_FAMILIES,
     ModelDefaults,
     few_step_scheduler,
@@ -364,6 +365,45 @@ def _named_safetensors(path: Path) -> Iterator[Path]:
         link = Path(folder) / f"{path.stem}.safetensors"
         link.symlink_to(path.resolve())
         yield link
+
+
+# An LDM config's `model.params.parameterization` as diffusers' `prediction_type`; LDM's default is "eps".
+_PARAMETERIZATIONS = {"eps": "epsilon", "v": "v_prediction"}
+
+
+def _sidecar_prediction(path: Path) -> str | None:
+    """The prediction type that the LDM config beside an SD 2.x file (`name.yaml` or `name.yml`, as
+    AUTOMATIC1111 keeps one) gives it; None without one, or one that cannot be read (warned).
+
+    diffusers reads every SD 2.x file through SD 2.1's configuration, v-prediction, so a 2.x-base
+    file (512 px, epsilon) was sampled as the other kind of model: the two have the same tensors,
+    and only the config beside the file tells them apart."""
+    sidecar = next((p for p in (path.with_suffix(".yaml"), path.with_suffix(".yml")) if p.is_file()), None)
+    if sidecar is None:
+        return None
+    import yaml
+
+    try:
+        if sidecar.stat().st_size > MAX_CONFIG_BYTES:
+            raise ValueError(f"larger than {MAX_CONFIG_BYTES} bytes")
+        config = yaml.safe_load(sidecar.read_text(encoding="utf-8"))
+        model = config.get("model") if isinstance(config, dict) else None
+        if not isinstance(model, dict):
+            raise ValueError("no `model` section: not an LDM config")
+        params = model.get("params") or {}
+        if not isinstance(params, dict):
+            raise ValueError("`model.params` is not a mapping")
+        parameterization = params.get("parameterization", "eps")
+        if not isinstance(parameterization, str) or parameterization not in _PARAMETERIZATIONS:
+            raise ValueError(f"`model.params.parameterization` is {parameterization!r}, not one of "
+                             f"{', '.join(map(repr, _PARAMETERIZATIONS))}")
+    # UnicodeDecodeError is a ValueError; RecursionError, from nesting deeper than the parser goes.
+    except (OSError, ValueError, RecursionError, yaml.YAMLError) as exc:
+        # Only the scheduler's prediction type hangs on it: the model loads all the same.
+        log.warning("ignoring %s beside the model: %s; its prediction type is diffusers' for SD 2.x",
+                    sidecar, first_line(exc) or type(exc).__name__)
+        return None
+    return _PARAMETERIZATIONS[parameterization]
 
 
 def _model_cached_whole(repo_id: str) -> bool:
@@ -1195,6 +1235,10 @@ class LocalRuntime:
             pipe = cls.from_single_file(str(named), torch_dtype=self.dtype(), local_files_only=True)
         if model_defaults(str(path)).few_step:
             pipe.scheduler = few_step_scheduler(pipe.scheduler, str(path))
+        elif family == "SD 2.x":
+            predicts = _sidecar_prediction(path)
+            if predicts is not None and predicts != pipe.scheduler.config.get("prediction_type"):
+                pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type=predicts)
         return _on_lcm_scheduler(pipe, str(path))
 
     def _warm_up(self, pipe: Any, model: str, *, image_to_image: bool = False) -> None:

@@ -11,6 +11,7 @@ under tmp_path: what a first load online leaves."""
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 from pathlib import Path
@@ -256,3 +257,69 @@ async def test_a_real_single_file_drafts_and_bridges_offline(engines: EngineFact
         assert result.metadata["sampler"] == "EulerDiscreteScheduler"
         assert result.metadata["sampler_settings"]["timestep_spacing"] == made.scheduler.config.timestep_spacing
     assert bridged.metadata["strength"] == 0.5
+
+
+# AUTOMATIC1111's LDM configs for SD 2.x, cut to the lines that matter: 2.x-base's has no
+# `parameterization` (LDM's default, epsilon); 2.1's (768 px) says "v".
+_LDM_CONFIG = """model:
+  target: ldm.models.diffusion.ddpm.LatentDiffusion
+  params:{v}
+    linear_start: 0.00085
+    linear_end: 0.0120
+    timesteps: 1000
+    image_size: 64
+    conditioning_key: crossattn
+    scale_factor: 0.18215
+"""
+EPSILON_CONFIG = _LDM_CONFIG.format(v="")
+V_CONFIG = _LDM_CONFIG.format(v='\n    parameterization: "v"')
+
+
+def test_an_sd2_file_predicts_as_the_ldm_config_beside_it_says(
+        engines: EngineFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    from safetensors.torch import save_file
+
+    source = tmp_path / "source"
+    source.mkdir()
+    made = _tiny_sd2(source)  # SD 2.1's DDIM with v-prediction, as the cache gives every SD 2.x file
+    made.save_pretrained(source / "diffusers")
+    configs = tmp_path / "configs"
+    shutil.copytree(source / "diffusers", configs, ignore=shutil.ignore_patterns("*.safetensors"))
+    hub_cache(tmp_path, CASES["SD 2.x"][0], configs, monkeypatch)
+    models = tmp_path / "models"
+    models.mkdir()
+    checkpoint = models / "v2-1_512-ema-pruned.safetensors"  # its name says nothing of a few-step model
+    save_file(ldm_checkpoint(made), str(checkpoint))
+    turbo = models / "sd_turbo.safetensors"
+    shutil.copyfile(checkpoint, turbo)
+    lite, _ = engines(lite_model=str(checkpoint), lite_device="cpu")
+    caplog.set_level(logging.WARNING, logger="tiers._local")
+
+    def loaded(model: Path, sidecar: str | None, text: str = "") -> str:
+        for stale in (*models.glob("*.yaml"), *models.glob("*.yml")):
+            stale.unlink()
+        if sidecar is not None:
+            (models / sidecar).write_text(text)
+        caplog.clear()
+        scheduler = lite.runtime._load_pipeline(str(model)).scheduler
+        if model == checkpoint:  # the sampler otherwise as diffusers gave it
+            assert type(scheduler) is type(made.scheduler)
+            assert scheduler.config.timestep_spacing == made.scheduler.config.timestep_spacing
+        return str(scheduler.config.prediction_type)
+
+    def warned() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == "tiers._local" and r.levelno >= logging.WARNING]
+
+    assert loaded(checkpoint, None) == "v_prediction"  # diffusers' choice, as before
+    assert not warned()
+    assert loaded(checkpoint, "v2-1_512-ema-pruned.yaml", EPSILON_CONFIG) == "epsilon"
+    assert loaded(checkpoint, "v2-1_512-ema-pruned.yml", EPSILON_CONFIG) == "epsilon"
+    assert loaded(checkpoint, "v2-1_512-ema-pruned.yaml", V_CONFIG) == "v_prediction"
+    assert not warned()
+    # One that cannot be parsed leaves diffusers' choice, and says so; the model loads all the same.
+    assert loaded(checkpoint, "v2-1_512-ema-pruned.yaml", "model:\n  params: [unclosed\n") == "v_prediction"
+    assert len(warned()) == 1
+    assert "v2-1_512-ema-pruned.yaml" in warned()[0]
+    # A few-step file's rule comes first: Turbo is an epsilon model, whatever a config beside it says.
+    assert loaded(turbo, "sd_turbo.yaml", V_CONFIG) == "epsilon"
