@@ -199,6 +199,16 @@ def _content_messages(client: TestClient, asset_id: str) -> list[Message]:
     return sent
 
 
+def _large_image(client: TestClient) -> tuple[Services, str, str]:
+    """The client's service, and the id and sha256 of a draft of its own: noise from the tiny model,
+    a 1024 px PNG of about 2.5 MB. (TestClient is an httpx2.Client, whose calls are httpx's.)"""
+    services: Services = client.app.state.services  # type: ignore[attr-defined]
+    project = create_project(client)["id"]
+    job = run_draft(client, project, n=1, seed=3, width=1024, height=1024, steps=1)  # type: ignore[arg-type]
+    asset_id = job["assets"][0]
+    return services, asset_id, client.get(f"/v1/assets/{asset_id}").json()["sha256"]
+
+
 def test_a_large_image_is_sent_a_chunk_at_a_time_whether_in_memory_or_on_disk(make_settings: SettingsFactory) -> None:
     """A large image went out in one piece, which the server's socket buffer kept whole for as long as
     its client took to read it: 100 connections asking for 10 MB images and reading nothing held
@@ -206,13 +216,7 @@ def test_a_large_image_is_sent_a_chunk_at_a_time_whether_in_memory_or_on_disk(ma
     bytes, their Content-Length and the check of a damaged file are as they were."""
     settings = make_settings()
     with TestClient(create_app(settings)) as client:
-        services: Services = client.app.state.services  # type: ignore[attr-defined]
-        project = create_project(client)["id"]
-        # Noise from the tiny model: a 1024 px PNG of about 2.5 MB. (TestClient is an httpx2.Client,
-        # whose calls are httpx's.)
-        job = run_draft(client, project, n=1, seed=3, width=1024, height=1024, steps=1)  # type: ignore[arg-type]
-        asset_id = job["assets"][0]
-        sha256 = client.get(f"/v1/assets/{asset_id}").json()["sha256"]
+        services, asset_id, sha256 = _large_image(client)
         path = services.store.path_for(sha256)
         image = path.read_bytes()
         assert len(image) > 2 * MIB
@@ -257,11 +261,8 @@ def test_a_large_image_file_is_closed_when_its_answer_ends_early(make_settings: 
     file's disk space with it). With the collector off, none may stay open."""
     settings = make_settings()
     with TestClient(create_app(settings)) as client:
-        services: Services = client.app.state.services  # type: ignore[attr-defined]
-        project = create_project(client)["id"]
-        job = run_draft(client, project, n=1, seed=3, width=1024, height=1024, steps=1)  # type: ignore[arg-type]
-        asset_id = job["assets"][0]
-        path = str(services.store.path_for(client.get(f"/v1/assets/{asset_id}").json()["sha256"]))
+        services, asset_id, sha256 = _large_image(client)
+        path = str(services.store.path_for(sha256))
         assert os.path.getsize(path) > 2 * MIB
         url = f"/v1/assets/{asset_id}/content"
 
