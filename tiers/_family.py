@@ -57,7 +57,9 @@ class ModelDefaults:
 
 SD15 = ModelDefaults(steps=25, guidance_scale=7.5, native_size=512)
 SDXL = ModelDefaults(steps=30, guidance_scale=5.0, native_size=1024)
-SD2 = ModelDefaults(steps=25, guidance_scale=7.5, native_size=768)  # 2.x-base models are 512
+# SD 2.x: 2.0 and 2.1 are 768 px v-prediction models; their "base" models predict the noise at 512 px.
+SD2 = ModelDefaults(steps=25, guidance_scale=7.5, native_size=768)
+SD2_BASE = replace(SD2, native_size=512)
 TRANSFORMER = ModelDefaults(steps=28, guidance_scale=3.5, native_size=1024, size_multiple=16)
 TRANSFORMER_FAST = ModelDefaults(steps=4, guidance_scale=0.0, native_size=1024, size_multiple=16)
 # Latent consistency pipelines, and a UNet distilled with LCM's guidance embedding, embed the
@@ -95,6 +97,8 @@ def model_defaults(model: str) -> ModelDefaults:
             return replace(named, told_by="nothing")
         if read.size_multiple == TRANSFORMER.size_multiple:
             return read
+    if named == SD2:
+        named = _sd2_by_sidecar(model, named)
     return named or _by_files(model) or replace(SD15, told_by="nothing")
 
 
@@ -264,9 +268,64 @@ def _single_file(path: Path) -> ModelDefaults | None:
     header = json.loads(raw.decode("utf-8"))
     if not isinstance(header, dict):
         return None
-    # The loader reads every 2.x file as 2.1's 768 px v-prediction model.
     family = {"SDXL": SDXL, "SD 2.x": SD2, "SD 1.x": SD15}.get(single_file_family(header))
-    return replace(family, told_by="files") if family is not None else None
+    if family is None:
+        return None
+    read = replace(family, told_by="files")
+    return _sd2_by_sidecar(str(path), read) if family == SD2 else read
+
+
+# What an LDM config's `model.params.parameterization` may say; left out, it is LDM's default, "eps".
+LDM_PARAMETERIZATIONS = ("eps", "v")
+
+
+def ldm_sidecar(path: Path) -> Path | None:
+    """The LDM config kept beside a single file under its name, as AUTOMATIC1111 keeps one
+    (`name.yaml`, else `name.yml`); None without one."""
+    return next((p for p in (path.with_suffix(".yaml"), path.with_suffix(".yml")) if p.is_file()), None)
+
+
+def ldm_parameterization(sidecar: Path) -> str:
+    """What the model of an LDM config predicts: "eps" (the noise) or "v", one of
+    `LDM_PARAMETERIZATIONS`. Raises OSError, ValueError, RecursionError (nesting deeper than the
+    parser goes) or yaml.YAMLError for a config that cannot be read, parsed or understood."""
+    import yaml
+
+    if sidecar.stat().st_size > MAX_CONFIG_BYTES:
+        raise ValueError(f"larger than {MAX_CONFIG_BYTES} bytes")
+    config = yaml.safe_load(sidecar.read_text(encoding="utf-8"))  # UnicodeDecodeError is a ValueError
+    model = config.get("model") if isinstance(config, dict) else None
+    if not isinstance(model, dict):
+        raise ValueError("no `model` section: not an LDM config")
+    params = model.get("params") or {}
+    if not isinstance(params, dict):
+        raise ValueError("`model.params` is not a mapping")
+    parameterization = params.get("parameterization", "eps")
+    if not isinstance(parameterization, str) or parameterization not in LDM_PARAMETERIZATIONS:
+        raise ValueError(f"`model.params.parameterization` is {parameterization!r}, not one of "
+                         f"{', '.join(map(repr, LDM_PARAMETERIZATIONS))}")
+    return parameterization
+
+
+def _sd2_by_sidecar(model: str, sd2: ModelDefaults) -> ModelDefaults:
+    """An SD 2.x single file's size, by the LDM config beside it, as the loader samples it
+    (`tiers._local`): 2.x-base's 512 px where it predicts the noise, 2.1's 768 where it says "v".
+    The two have the same tensors. Without a config, or with one the load warns of and ignores, the
+    loader reads the file as 2.1's v-prediction model, and so do these defaults."""
+    try:
+        path = home_expanded(model)
+        sidecar = ldm_sidecar(path) if path.is_file() else None
+    except (OSError, ValueError):  # a name too long for a file, a NUL
+        return sd2
+    if sidecar is None:
+        return sd2
+    import yaml
+
+    try:
+        base = ldm_parameterization(sidecar) == "eps"
+    except (OSError, ValueError, RecursionError, yaml.YAMLError):
+        return sd2
+    return replace(SD2_BASE if base else SD2, told_by="files")
 
 
 def few_step_scheduler(scheduler: Any, model: str) -> Any:

@@ -35,10 +35,11 @@ from orchestrator.errors import BadEngineInput, Canceled, EngineError, EngineUna
 from orchestrator.store import hide_paths, model_name
 from tiers import tiny
 from tiers._family import (
-    MAX_CONFIG_BYTES,
     SINGLE_FILE_FAMILIES,
     ModelDefaults,
     few_step_scheduler,
+    ldm_parameterization,
+    ldm_sidecar,
     model_defaults,
     single_file_family,
     snapshot_folder,
@@ -367,7 +368,7 @@ def _named_safetensors(path: Path) -> Iterator[Path]:
         yield link
 
 
-# An LDM config's `model.params.parameterization` as diffusers' `prediction_type`; LDM's default is "eps".
+# An LDM config's `model.params.parameterization` as diffusers' `prediction_type`.
 _PARAMETERIZATIONS = {"eps": "epsilon", "v": "v_prediction"}
 
 
@@ -377,27 +378,14 @@ def _sidecar_prediction(path: Path) -> str | None:
 
     diffusers reads every SD 2.x file through SD 2.1's configuration, v-prediction, so a 2.x-base
     file (512 px, epsilon) was sampled as the other kind of model: the two have the same tensors,
-    and only the config beside the file tells them apart."""
-    sidecar = next((p for p in (path.with_suffix(".yaml"), path.with_suffix(".yml")) if p.is_file()), None)
+    and only the config beside the file tells them apart (its native size too, see `tiers._family`)."""
+    sidecar = ldm_sidecar(path)
     if sidecar is None:
         return None
     import yaml
 
     try:
-        if sidecar.stat().st_size > MAX_CONFIG_BYTES:
-            raise ValueError(f"larger than {MAX_CONFIG_BYTES} bytes")
-        config = yaml.safe_load(sidecar.read_text(encoding="utf-8"))
-        model = config.get("model") if isinstance(config, dict) else None
-        if not isinstance(model, dict):
-            raise ValueError("no `model` section: not an LDM config")
-        params = model.get("params") or {}
-        if not isinstance(params, dict):
-            raise ValueError("`model.params` is not a mapping")
-        parameterization = params.get("parameterization", "eps")
-        if not isinstance(parameterization, str) or parameterization not in _PARAMETERIZATIONS:
-            raise ValueError(f"`model.params.parameterization` is {parameterization!r}, not one of "
-                             f"{', '.join(map(repr, _PARAMETERIZATIONS))}")
-    # UnicodeDecodeError is a ValueError; RecursionError, from nesting deeper than the parser goes.
+        parameterization = ldm_parameterization(sidecar)
     except (OSError, ValueError, RecursionError, yaml.YAMLError) as exc:
         # Only the scheduler's prediction type hangs on it: the model loads all the same.
         log.warning("ignoring %s beside the model: %s; its prediction type is diffusers' for SD 2.x",

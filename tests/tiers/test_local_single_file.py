@@ -20,10 +20,12 @@ from typing import Any
 import pytest
 import torch
 
-from tests.tiers.conftest import EngineFactory, RecordingProgress
+from tests.tiers.conftest import EngineFactory, RecordingProgress, draft_image
 from tests.tiers.test_local_loading import draft, hub_cache
 from tiers import tiny
+from tiers._family import model_defaults
 from tiers.base import CancelToken, RenderRequest
+from tiers.local_hifi import tile_boxes
 
 
 def _clip(width: int, layers: int) -> Any:
@@ -275,22 +277,31 @@ EPSILON_CONFIG = _LDM_CONFIG.format(v="")
 V_CONFIG = _LDM_CONFIG.format(v='\n    parameterization: "v"')
 
 
-def test_an_sd2_file_predicts_as_the_ldm_config_beside_it_says(
-        engines: EngineFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-        caplog: pytest.LogCaptureFixture) -> None:
+def _sd2_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Any]:
+    """A tiny SD 2.x file, models/v2-1_512-ema-pruned.safetensors (its name says nothing of a
+    few-step model), and the pipeline it was made of; SD 2.1's configuration in the cache, DDIM
+    with v-prediction, as diffusers gives every SD 2.x file."""
     from safetensors.torch import save_file
 
     source = tmp_path / "source"
     source.mkdir()
-    made = _tiny_sd2(source)  # SD 2.1's DDIM with v-prediction, as the cache gives every SD 2.x file
+    made = _tiny_sd2(source)
     made.save_pretrained(source / "diffusers")
     configs = tmp_path / "configs"
     shutil.copytree(source / "diffusers", configs, ignore=shutil.ignore_patterns("*.safetensors"))
     hub_cache(tmp_path, CASES["SD 2.x"][0], configs, monkeypatch)
     models = tmp_path / "models"
     models.mkdir()
-    checkpoint = models / "v2-1_512-ema-pruned.safetensors"  # its name says nothing of a few-step model
+    checkpoint = models / "v2-1_512-ema-pruned.safetensors"
     save_file(ldm_checkpoint(made), str(checkpoint))
+    return checkpoint, made
+
+
+def test_an_sd2_file_predicts_as_the_ldm_config_beside_it_says(
+        engines: EngineFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    checkpoint, made = _sd2_file(tmp_path, monkeypatch)
+    models = checkpoint.parent
     turbo = models / "sd_turbo.safetensors"
     shutil.copyfile(checkpoint, turbo)
     lite, _ = engines(lite_model=str(checkpoint), lite_device="cpu")
@@ -306,7 +317,10 @@ def test_an_sd2_file_predicts_as_the_ldm_config_beside_it_says(
         if model == checkpoint:  # the sampler otherwise as diffusers gave it
             assert type(scheduler) is type(made.scheduler)
             assert scheduler.config.timestep_spacing == made.scheduler.config.timestep_spacing
-        return str(scheduler.config.prediction_type)
+        predicts = str(scheduler.config.prediction_type)
+        # Its defaults' size is the one of the model it is sampled as: 2.x-base's 512 px, 2.1's 768.
+        assert model_defaults(str(model)).native_size == {"epsilon": 512, "v_prediction": 768}[predicts]
+        return predicts
 
     def warned() -> list[str]:
         return [r.getMessage() for r in caplog.records if r.name == "tiers._local" and r.levelno >= logging.WARNING]
@@ -323,3 +337,18 @@ def test_an_sd2_file_predicts_as_the_ldm_config_beside_it_says(
     assert "v2-1_512-ema-pruned.yaml" in warned()[0]
     # A few-step file's rule comes first: Turbo is an epsilon model, whatever a config beside it says.
     assert loaded(turbo, "sd_turbo.yaml", V_CONFIG) == "epsilon"
+
+
+async def test_a_2x_base_file_is_polished_in_tiles_of_its_own_512_px(
+        engines: EngineFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With an epsilon config beside it, a 2.x-base file was sampled as the 512 px model it is but
+    polished in tiles of 2.1's 768 px: a 704 px polish was one pass, nearly twice its native size."""
+    checkpoint, _ = _sd2_file(tmp_path, monkeypatch)
+    checkpoint.with_suffix(".yaml").write_text(EPSILON_CONFIG)
+    _, hifi = engines(lite_model=str(checkpoint), lite_device="cpu")
+    assert hifi.defaults.public()["native_size"] == 512
+    polished = await hifi.run(RenderRequest(stage="polish", prompt="a lighthouse", width=704, height=704, seed=1,
+                                            n=1, steps=2, creativity=0.5, init_image=draft_image((352, 352))),
+                              RecordingProgress(), CancelToken())
+    assert [image.image.size for image in polished.images] == [(704, 704)]
+    assert polished.metadata["tiles"] == len(tile_boxes(704, 704, 512)) > 1

@@ -13,6 +13,7 @@ import pytest
 from orchestrator.errors import BadEngineInput
 from tests.tiers.conftest import EngineFactory
 from tests.tiers.test_local_loading import draft, hub_cache
+from tests.tiers.test_local_single_file import EPSILON_CONFIG, V_CONFIG
 from tiers._family import ModelDefaults, few_step_scheduler, model_defaults
 
 # SD3 and FLUX patch their latents: sizes in multiples of 16.
@@ -243,6 +244,49 @@ def test_a_single_file_is_told_by_its_tensors_names(tmp_path: Path, keys: list[s
     defaults = model_defaults(str(safetensors_file(tmp_path / "juggernaut.safetensors", keys)))
     assert defaults == expected
     assert defaults.told_by == told_by
+
+
+SD2_KEYS = ["cond_stage_model.model.ln_final.weight", "model.diffusion_model.out.0.weight"]
+
+
+@pytest.mark.parametrize(("name", "keys", "sidecar", "native", "told_by"), [
+    # The loader samples a 2.x file with an LDM config that leaves out `parameterization` as a
+    # 2.x-base (epsilon) model, made at 512 px; with "v" as 2.1's 768 px model.
+    ("v2-1_512-ema-pruned", SD2_KEYS, ("yaml", EPSILON_CONFIG), 512, "files"),
+    ("v2-1_512-ema-pruned", SD2_KEYS, ("yml", EPSILON_CONFIG), 512, "files"),
+    ("v2-1_768-ema-pruned", SD2_KEYS, ("yaml", V_CONFIG), 768, "files"),
+    # Without one, or with one the load ignores (with a warning), it is read as 2.1's v-prediction model.
+    ("v2-1_512-ema-pruned", SD2_KEYS, None, 768, "files"),
+    ("v2-1_512-ema-pruned", SD2_KEYS, ("yaml", "model:\n  params: [unclosed\n"), 768, "files"),
+    ("v2-1_512-ema-pruned", SD2_KEYS, ("yaml", "model:\n  params:\n    parameterization: x0\n"), 768, "files"),
+    # A name that says 2.x is 2.1's size unless the config beside the file says otherwise.
+    ("stable-diffusion-2-1", SD2_KEYS, ("yaml", EPSILON_CONFIG), 512, "files"),
+    ("stable-diffusion-2-1", SD2_KEYS, None, 768, "name"),
+    # A few-step file's name comes first, as at its load; other families have no such config to read.
+    ("sd_turbo", SD2_KEYS, ("yaml", V_CONFIG), 512, "name"),
+    ("house", ["conditioner.embedders.1.model.ln_final.weight"], ("yaml", V_CONFIG), 1024, "files"),
+    ("house", ["cond_stage_model.transformer.text_model.final_layer_norm.weight"], ("yaml", V_CONFIG), 512, "files"),
+])
+def test_an_sd2_file_is_the_size_the_ldm_config_beside_it_says(
+        tmp_path: Path, name: str, keys: list[str], sidecar: tuple[str, str] | None, native: int,
+        told_by: str) -> None:
+    """A 2.x-base file with its config got SD 2.1's 768 px while its load sampled it as the
+    512 px epsilon model: the two have the same tensors."""
+    checkpoint = safetensors_file(tmp_path / f"{name}.safetensors", keys)
+    if sidecar is not None:
+        suffix, text = sidecar
+        (tmp_path / f"{name}.{suffix}").write_text(text)
+    defaults = model_defaults(str(checkpoint))
+    assert defaults.native_size == native
+    assert defaults.told_by == told_by
+
+
+def test_a_folder_named_as_sd2_reads_no_config_beside_it(tmp_path: Path) -> None:
+    """Only a single file has its LDM config beside it: a diffusers folder says its size itself."""
+    folder = tmp_path / "stable-diffusion-2-1"
+    folder.mkdir()
+    (tmp_path / "stable-diffusion-2-1.yaml").write_text(EPSILON_CONFIG)
+    assert model_defaults(str(folder)).native_size == 768
 
 
 @pytest.mark.parametrize("content", [b"", b"\x01\x02", struct.pack("<Q", 10_000) + b"{}", struct.pack("<Q", 1 << 62),
