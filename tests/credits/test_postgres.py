@@ -57,6 +57,7 @@ from tests.credits.conftest import ENGINES, POLICY, Service
 from tests.credits.test_budget import check_budget_race
 from tests.credits.test_check import check_ledger_findings
 from tests.credits.test_random_outcomes import KILL_SEEDS, SEEDS, kill_in_the_mix, run_the_mix
+from tests.credits.test_spend import check_windows_add_up
 from tests.policies.test_shared_versions import check_a_process_that_missed_an_edit_serves_it_while_the_file_is_refused
 from tests.test_db import check_json_columns_take_what_engines_report
 from tests.test_migrations import check_holds_marked_settled_by_0010
@@ -847,6 +848,18 @@ def test_spend_is_summed_by_postgres_as_by_sqlite(pg_api: httpx.Client) -> None:
         named = {"name": name} if group_by == "project" else {}
         assert report["groups"] == [{"key": key, **expected, **named}], (group_by, report)
         assert report["total"] == 2 * PRICE
+
+
+def test_every_window_adds_up_at_its_edges_on_postgres_whatever_its_time_zone(postgres_url: str) -> None:
+    """The day keys and the window bounds are the server's SQL: a session 14 hours ahead of UTC
+    (Kiritimati) still files each charge under its UTC day, and in its UTC budget window."""
+    db = Database(make_url(postgres_url).update_query_dict({"options": "-c TimeZone=Pacific/Kiritimati"})
+                  .render_as_string(hide_password=False))
+    db.migrate()
+    try:
+        check_windows_add_up(db)
+    finally:
+        db.dispose()
 
 
 @contextlib.contextmanager

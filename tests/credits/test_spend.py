@@ -17,7 +17,7 @@ from sqlmodel import Session
 
 from orchestrator.db import Database
 from orchestrator.models import Job, Project
-from orchestrator.schemas import Stage
+from orchestrator.schemas import GroupBy, Stage
 from orchestrator.server import serve_in_thread
 from orchestrator.settings import Settings
 from tests.api import assert_error
@@ -436,3 +436,94 @@ def test_savings_compare_the_drafts_with_engines_that_take_them_on(tmp_path: Pat
     with db.snapshot() as s:
         result = savings(s, engines, None, None, None)  # type: ignore[arg-type]
     assert result == {"drafts": 1, "credits": 4.0, "compared_with": "bridger"}
+
+
+# A microsecond either side of the UTC midnights that end a day and an ISO week (2026-11-30 is a
+# Monday), a month, and a year: where a window read in another zone, or a bound taken the wrong
+# side, moves a charge into the next report.
+_EDGES = (datetime(2026, 11, 29, 23, 59, 59, 999999, tzinfo=UTC), datetime(2026, 11, 30, tzinfo=UTC),
+          datetime(2026, 11, 30, 23, 59, 59, 999999, tzinfo=UTC), datetime(2026, 12, 1, tzinfo=UTC),
+          datetime(2026, 12, 31, 23, 59, 59, 999999, tzinfo=UTC), datetime(2027, 1, 1, tzinfo=UTC))
+
+
+def check_windows_add_up(db: Database) -> None:
+    """Paid jobs captured at `_EDGES`, each reconciled (a signed adjustment) a microsecond later:
+    each budget window's `charged` is the spend of that window, by every grouping, and both are
+    the ledger's captures net of its adjustments in it; a job and its images count on its capture's day."""
+    from orchestrator.ledger import Ledger
+    from orchestrator.models import Asset, LedgerEntry, LedgerKind
+    from orchestrator.spend import spend
+
+    charges: list[tuple[datetime, int, str | None, int]] = []  # (time, amount, job captured, its images)
+    with db.transaction() as s:
+        project = Project(id="prj_edges", name="edges", policy=POLICY, budget_limit=10**6)
+        s.add(project)
+        s.flush()
+        for n, at in enumerate(_EDGES, start=1):
+            job_id, engine = f"job_edge{n}", f"engine-{n % 2}"
+            s.add(Job(id=job_id, project_id=project.id, stage="bridge", engine=engine, status="succeeded"))
+            s.flush()
+            hold = LedgerEntry(project_id=project.id, job_id=job_id, kind="hold", amount=10_000 * n, engine=engine,
+                               stage="bridge", settled=True, created_at=at - timedelta(minutes=1))
+            s.add(hold)
+            s.flush()
+            settled: tuple[tuple[LedgerKind, int, datetime], ...] = (
+                ("capture", 1000 * n, at), ("release", 10_000 * n - 1000 * n, at),
+                ("adjustment", 300 - 100 * n, at + timedelta(microseconds=1)))
+            for kind, amount, when in settled:
+                s.add(LedgerEntry(project_id=project.id, job_id=job_id, kind=kind, amount=amount, engine=engine,
+                                  stage="bridge", hold_id=hold.id, unreconciled=False, created_at=when))
+            for index in range(n):
+                s.add(Asset(id=f"ast_edge{n}_{index}", project_id=project.id, job_id=job_id, index=index,
+                            stage="bridge", engine=engine, model="m", prompt="x", width=64, height=64,
+                            sha256=f"{n}{index}".ljust(64, "0")))
+            charges += [(at, 1000 * n, job_id, n), (at + timedelta(microseconds=1), 300 - 100 * n, None, 0)]
+        s.add(LedgerEntry(project_id=project.id, kind="grant", amount=5000, created_at=_EDGES[3]))  # not spend
+
+    def expected(start: datetime | None, end: datetime | None) -> tuple[int, int, int]:
+        inside = [c for c in charges if (start is None or c[0] >= start) and (end is None or c[0] < end)]
+        return sum(c[1] for c in inside), sum(1 for c in inside if c[2]), sum(c[3] for c in inside)
+
+    def read(group_by: GroupBy, start: datetime | None, end: datetime | None) -> tuple[int, int, int]:
+        with db.snapshot() as s:
+            report = spend(s, group_by, start, end, "prj_edges")
+        groups = report["groups"]
+        assert round(sum(g["charged"] for g in groups) * 1000) == round(report["total"] * 1000), report
+        return round(report["total"] * 1000), sum(g["jobs"] for g in groups), sum(g["images"] for g in groups)
+
+    groupings: tuple[GroupBy, ...] = ("day", "engine", "stage", "project")
+    for group_by in groupings:
+        assert read(group_by, None, None) == expected(None, None), group_by
+    with db.snapshot() as s:
+        days = {g["key"]: (g["jobs"], g["images"]) for g in spend(s, "day", None, None, "prj_edges")["groups"]}
+    assert days == {at.date().isoformat(): (sum(1 for e in _EDGES if e.date() == at.date()),
+                                            sum(n for n, e in enumerate(_EDGES, start=1) if e.date() == at.date()))
+                    for at in _EDGES}
+    for now in _EDGES:
+        for period in ("day", "week", "month", "none"):
+            with db.transaction() as s:
+                edited = s.get(Project, "prj_edges")
+                assert edited is not None
+                edited.budget_period = period
+            with db.snapshot() as s:
+                current = s.get(Project, "prj_edges")
+                assert current is not None
+                balance = Ledger(clock=_stopped_at(now)).balance(s, current)
+            start, end = balance.window_start, balance.window_end
+            assert (balance.charged, balance.granted) == (expected(start, end)[0], 5000 if period == "none" or (
+                start is not None and end is not None and start <= _EDGES[3] < end) else 0), (period, now)
+            for group_by in groupings:
+                assert read(group_by, start, end) == expected(start, end), (period, now, group_by)
+
+
+def _stopped_at(moment: datetime) -> Callable[[], datetime]:
+    return lambda: moment
+
+
+def test_every_window_adds_up_at_its_edges(tmp_path: Path) -> None:
+    db = Database(f"sqlite:///{tmp_path}/o.db")
+    db.migrate()
+    try:
+        check_windows_add_up(db)
+    finally:
+        db.dispose()
