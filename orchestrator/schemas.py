@@ -24,6 +24,7 @@ from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema, PydanticUseDefault
 from typing_extensions import TypeAliasType
 
+from orchestrator.control_characters import CONTROL_CHARACTER
 from tiers.base import MAX_AMOUNT, MAX_SEED, MILLI, to_credits, to_millicredits, whole_thousandths
 
 # Named aliases: the OpenAPI document gets one schema for each (a generated client one type), not
@@ -264,11 +265,8 @@ class Strict(BaseModel):
 # A name is a label shown in lists, dashboards and CSV exports: control characters (a bell, an
 # escape sequence for a terminal) and the bidirectional overrides that make text read otherwise
 # than it is stored have no place in one. Prompts are free text and are not held to this.
-_NOT_IN_A_NAME = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
-
-
 def _printable(name: str) -> str:
-    found = _NOT_IN_A_NAME.search(name)
+    found = CONTROL_CHARACTER.search(name)
     if found is not None:
         raise ValueError(f"contains U+{ord(found.group()):04X}, a control character, line break or direction mark, "
                          "which a name cannot hold")

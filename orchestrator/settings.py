@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import tomllib
+import unicodedata
 import urllib.parse
 from collections.abc import Iterable, Mapping
 from functools import cached_property
@@ -33,6 +34,7 @@ from pydantic_settings import (
 )
 from sqlalchemy.engine import URL
 
+from orchestrator.control_characters import CONTROL_CHARACTER
 from orchestrator.schemas import MAX_SIDE
 from tiers.base import MAX_MODEL_CHARS, MAX_UPSCALER_CHARS, in_kept_quotes
 
@@ -81,10 +83,9 @@ PROVIDER_KEYS = frozenset({"gemini_api_key", "openai_api_key", "stability_api_ke
                            "fal_api_key"})
 
 
-# C0 and C1 controls and DEL: no path, name, address or key holds one (C1's U+0085 is a line break
-# to Unicode). Whitespace at a value's ends (a CRLF env file's \r) is each setting's own to drop, and
-# is not looked at here.
-_CONTROL_CHARACTER = re.compile("[\x00-\x1f\x7f-\x9f]")
+# No path, name, address or key holds a control character (`CONTROL_CHARACTER`). Whitespace at a
+# value's ends (a CRLF env file's \r, a trailing U+2028) is each setting's own to drop, and is not
+# looked at here.
 _CONTROL_NAMES = {"\n": "a line break", "\r": "a carriage return", "\t": "a tab", "\x85": "a next line"}
 # Settings refusing such characters with their own words (the admin key, the upscaler), or, for a
 # provider's key, leaving its engine unavailable (see `tiers._cloud`): its vendor's variable may be
@@ -97,11 +98,19 @@ _COMMA_LISTS = frozenset({"engines", "cors_origins"})
 def control_character_problem(text: str) -> str | None:
     """The refusal of a value holding a control character, naming the first without repeating the
     value (it may be a password); None when it holds none."""
-    if (found := _CONTROL_CHARACTER.search(text)) is None:
+    if (found := CONTROL_CHARACTER.search(text)) is None:
         return None
     char = found.group()
-    return (f"holds a control character (U+{ord(char):04X}"
-            f"{', ' + _CONTROL_NAMES[char] if char in _CONTROL_NAMES else ''}) inside it: remove it")
+    return f"holds a control character (U+{ord(char):04X}{_called(char)}) inside it: remove it"
+
+
+def _called(char: str) -> str:
+    if char in _CONTROL_NAMES:
+        return f", {_CONTROL_NAMES[char]}"
+    # Unicode names the separators and the direction controls (U+202E is "RIGHT-TO-LEFT OVERRIDE"),
+    # which are invisible where the value is shown; C0 and C1 controls have no name but the number.
+    name = unicodedata.name(char, "").lower()
+    return f", {'an' if name[0] in 'aeiou' else 'a'} {name}" if name else ""
 
 
 def _refuse_control_characters(value: Any, field: str) -> None:

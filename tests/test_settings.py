@@ -210,7 +210,8 @@ def test_a_model_longer_than_jobs_can_store_is_refused_at_start(variable: str, t
     assert len(getattr(Settings(), variable.removeprefix("ORCH_").lower())) == 300
 
 
-@pytest.mark.parametrize("key", ["two words-and-more", "tab\there", "bell\x07key", "del\x7fkey"])
+@pytest.mark.parametrize("key", ["two words-and-more", "tab\there", "bell\x07key", "del\x7fkey", "line\u2028key",
+                                 "rlo\u202ekey"])
 def test_an_admin_key_no_client_can_send_is_refused(key: str, toml_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # It started a service closed to every client: a bearer token carries no space or control character.
     monkeypatch.setenv("ORCH_ADMIN_KEY", key)
@@ -313,6 +314,18 @@ def test_paths_urls_and_model_names_are_read_without_spaces_at_their_ends(
     ("ORCH_COMFYUI_URL", "http://gpu-box:8188/\x08", "U+0008"), ("ORCH_CORS_ORIGINS", "https://a.example\x07",
                                                                 "U+0007"),
     ("ORCH_DATA_DIR", "da\x85ta", "U+0085, a next line"), ("ORCH_LITE_MODEL", "/models/sd\x9b0m", "U+009B"),
+    # Unicode's line breaks, and the direction controls that show a value otherwise than it is:
+    # `ORCH_DATA_DIR=data\u202egpj.exe` made a data dir that `ls` shows as `dataexe.jpg`.
+    ("ORCH_DATA_DIR", "da\u2028ta", "U+2028, a line separator"),
+    ("ORCH_A1111_CHECKPOINT", "sdxl\u2029.safetensors", "U+2029, a paragraph separator"),
+    ("ORCH_DATA_DIR", "data\u202egpj.exe", "U+202E, a right-to-left override"),
+    ("ORCH_LITE_MODEL", "/models/\u061csd", "U+061C, an arabic letter mark"),
+    ("ORCH_A1111_AUTH", "user:pass\u200eword", "U+200E, a left-to-right mark"),
+    ("ORCH_POLICY", "bal\u200fanced", "U+200F, a right-to-left mark"),
+    ("ORCH_COMFYUI_URL", "http://gpu-box:8188/\u202a", "U+202A, a left-to-right embedding"),
+    ("ORCH_CORS_ORIGINS", "https://a.example\u202c", "U+202C, a pop directional formatting"),
+    ("ORCH_DATABASE_URL", "sqlite:///\u2066o.db", "U+2066, a left-to-right isolate"),
+    ("ORCH_DATA_DIR", "da\u2069ta", "U+2069, a pop directional isolate"),
 ])
 def test_a_control_character_inside_a_setting_is_refused_before_anything_is_made(
         toml_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
@@ -332,10 +345,12 @@ def test_a_control_character_inside_a_setting_is_refused_before_anything_is_made
 
 def test_a_control_character_in_the_config_file_is_refused_but_not_a_list_s_line_breaks(
         toml_file: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    toml_file.write_text('a1111_checkpoint = "sdxl\\u0000.safetensors"\n')
-    assert main(["migrate"]) == 2
-    assert capsys.readouterr().err == (f"orchestrator: invalid configuration:\n  {toml_file}: a1111_checkpoint: "
-                                       "holds a control character (U+0000) inside it: remove it\n")
+    for escaped, told in [("\\u0000", "U+0000"), ("\\u2028", "U+2028, a line separator"),
+                          ("\\u2067", "U+2067, a right-to-left isolate")]:
+        toml_file.write_text(f'a1111_checkpoint = "sdxl{escaped}.safetensors"\n')
+        assert main(["migrate"]) == 2
+        assert capsys.readouterr().err == (f"orchestrator: invalid configuration:\n  {toml_file}: a1111_checkpoint: "
+                                           f"holds a control character ({told}) inside it: remove it\n")
     # One engine or origin a line is whitespace between items, as a space after a comma is.
     toml_file.write_text('engines = """\none=studio.one:create,\ntwo=studio.two:create\n"""\n'
                          'cors_origins = "https://a.example,\\r\\nhttps://b.example"\n')
@@ -344,8 +359,9 @@ def test_a_control_character_in_the_config_file_is_refused_but_not_a_list_s_line
     assert settings.cors_origin_list == ["https://a.example", "https://b.example"]
     # A provider's key leaves its engine unavailable instead (`tiers._cloud`): its vendor's variable
     # may be a shell's, which is no reason to stop every command.
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-\nsplit")
-    assert Settings().openai_api_key is not None
+    for key in ("sk-\nsplit", "sk-\u2028split", "sk-\u202esplit"):
+        monkeypatch.setenv("OPENAI_API_KEY", key)
+        assert Settings().openai_api_key is not None
 
 
 def test_a_tab_around_an_engine_s_equals_sign_is_whitespace_but_not_one_inside_its_parts(
@@ -376,6 +392,17 @@ def test_a_control_character_in_orch_config_file_is_refused_in_one_line(
     assert err == (f"orchestrator: {CONFIG_FILE_REFUSED}\n" if command == "check" else
                    f"orchestrator: invalid configuration:\n  {CONFIG_FILE_REFUSED}\n")
     assert sorted(tmp_path.rglob("*")) == before  # no data dir, database or folder made
+
+
+@pytest.mark.parametrize("command", ["check", "migrate"])
+def test_a_direction_control_in_orch_config_file_is_refused_as_a_line_break_is(
+        toml_file: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], command: str) -> None:
+    # Shown, `studio\u202elmot.exe` reads `studioexe.toml`: the file named is not the one seen.
+    monkeypatch.setenv("ORCH_CONFIG_FILE", "studio\u202elmot.exe")
+    refused = "ORCH_CONFIG_FILE: holds a control character (U+202E, a right-to-left override) inside it: remove it"
+    assert main([command]) == 2
+    assert capsys.readouterr().err == (f"orchestrator: {refused}\n" if command == "check" else
+                                       f"orchestrator: invalid configuration:\n  {refused}\n")
 
 
 def test_a_config_file_there_under_a_name_with_a_control_character_is_refused_as_well(

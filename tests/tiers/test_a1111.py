@@ -400,7 +400,7 @@ def test_the_upscaler_setting_is_taken_without_stray_spaces(make_ctx: Any, given
     assert make_ctx(a1111_url=BASE, a1111_upscaler=given).settings.a1111_upscaler == taken
 
 
-@pytest.mark.parametrize("given", ["x" * 101, "R-ESRGAN\n4x+", "nul\x00"])
+@pytest.mark.parametrize("given", ["x" * 101, "R-ESRGAN\n4x+", "nul\x00", "R-ESRGAN\u20284x+", "R-ESRGAN\u202e4x+"])
 def test_an_upscaler_setting_that_names_none_is_refused_at_start(make_ctx: Any, given: str) -> None:
     with pytest.raises(ValueError, match="upscaler's name as the webui lists it"):
         make_ctx(a1111_url=BASE, a1111_upscaler=given)

@@ -46,7 +46,8 @@ async def test_a_key_makes_the_engine_available(make_ctx: Any, cls: CloudClass, 
 
 
 @pytest.mark.parametrize(("cls", "prefix"), [(c[0], c[1]) for c in CASES], ids=[c[1] for c in CASES])
-@pytest.mark.parametrize("key", ["k\u2019secret", "k-se\ncret", "k-secret\u200b", "k secret"])
+@pytest.mark.parametrize("key", ["k\u2019secret", "k-se\ncret", "k-secret\u200b", "k secret", "k-se\u2028cret",
+                                 "k-se\u202ecret"])
 async def test_a_key_no_header_can_carry_makes_the_engine_unavailable(
         make_ctx: Any, cls: CloudClass, prefix: str, key: str) -> None:
     # Every request would fail before it left; routing must not pick the engine and hold credits.
