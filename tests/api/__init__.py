@@ -14,7 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+import anyio
 import httpx
+from starlette.types import Message
 
 from orchestrator.server import free_port
 from orchestrator.settings import Settings
@@ -23,6 +25,7 @@ from tiers import tiny
 if TYPE_CHECKING:
     # Starlette's TestClient is an httpx2 client: the helpers below take its answers too.
     import httpx2
+    from starlette.testclient import TestClient
 
 TERMINAL = ("succeeded", "failed", "canceled")
 SMALL: dict[str, Any] = {"width": 64, "height": 64, "steps": 2}
@@ -120,6 +123,40 @@ def assert_error(response: httpx.Response | httpx2.Response, status: int, code: 
     assert isinstance(error["message"], str) and error["message"]
     assert isinstance(error["details"], dict)
     return error
+
+
+def asgi_scope(method: str, path: str, *, spec_version: str = "2.4") -> dict[str, Any]:
+    """The ASGI scope of a request without a query, as a server gives it to the app: for a test that
+    calls the app itself, to see what it sends message by message (an HTTP client sees the bytes)."""
+    return {"type": "http", "asgi": {"version": "3.0", "spec_version": spec_version}, "http_version": "1.1",
+            "method": method, "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
+            "root_path": "", "headers": [(b"host", b"127.0.0.1")], "client": ("127.0.0.1", 1),
+            "server": ("127.0.0.1", 80)}
+
+
+def asgi_messages(client: TestClient, method: str, path: str, *, timeout: float) -> list[Message]:
+    """What the app sends for a request without a body, message by message, called as a server that
+    never reports a disconnect (ASGI 2.4: a gone client shows only as a failing send): the client
+    stays connected, and the app must return within `timeout` seconds."""
+    sent: list[Message] = []
+    requests = iter([{"type": "http.request", "body": b"", "more_body": False}])
+
+    async def receive() -> Message:
+        for request in requests:
+            return request
+        await anyio.sleep_forever()  # the client stays connected
+        raise AssertionError("unreachable")
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    async def call() -> None:
+        with anyio.fail_after(timeout):
+            await client.app(asgi_scope(method, path), receive, send)
+
+    assert client.portal is not None
+    client.portal.call(call)
+    return sent
 
 
 def launch_server(env: dict[str, str], cwd: Path, log: IO[bytes]) -> tuple[subprocess.Popen[bytes], str]:

@@ -9,7 +9,7 @@ import hashlib
 import os
 import sqlite3
 from collections.abc import Callable
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 import anyio
 import httpx
@@ -21,7 +21,7 @@ from orchestrator.app import create_app
 from orchestrator.services import Services
 from orchestrator.settings import Settings
 from orchestrator.store import ArtifactStore, RecentContent
-from tests.api import SMALL, create_project, run_draft
+from tests.api import SMALL, asgi_messages, asgi_scope, create_project, run_draft
 
 SettingsFactory = Callable[..., Settings]
 MIB = 2**20
@@ -170,35 +170,6 @@ def test_an_asset_deleted_and_swept_between_its_row_and_its_file_is_gone_not_los
         assert error["code"] == "gone" and error["details"]["asset_id"] == asset_id
 
 
-def _content_messages(client: TestClient, asset_id: str) -> list[Message]:
-    """What the app sends for a GET of the asset's content, message by message (an HTTP client sees
-    only the bytes)."""
-    path = f"/v1/assets/{asset_id}/content"
-    scope: dict[str, Any] = {
-        "type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1", "method": "GET",
-        "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
-        "headers": [(b"host", b"127.0.0.1")], "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
-    sent: list[Message] = []
-    requests = iter([{"type": "http.request", "body": b"", "more_body": False}])
-
-    async def receive() -> Message:
-        for request in requests:
-            return request
-        await anyio.sleep_forever()  # the client stays connected
-        raise AssertionError("unreachable")
-
-    async def send(message: Message) -> None:
-        sent.append(message)
-
-    async def get() -> None:
-        with anyio.fail_after(30):
-            await client.app(scope, receive, send)
-
-    assert client.portal is not None
-    client.portal.call(get)
-    return sent
-
-
 def _large_image(client: TestClient) -> tuple[Services, str, str]:
     """The client's service, and the id and sha256 of a draft of its own: noise from the tiny model,
     a 1024 px PNG of about 2.5 MB. (TestClient is an httpx2.Client, whose calls are httpx's.)"""
@@ -223,7 +194,7 @@ def test_a_large_image_is_sent_a_chunk_at_a_time_whether_in_memory_or_on_disk(ma
         for where in ("memory", "disk"):
             if where == "disk":
                 services.store.recent = RecentContent()  # as a restarted service: read from the store
-            sent = _content_messages(client, asset_id)
+            sent = asgi_messages(client, "GET", f"/v1/assets/{asset_id}/content", timeout=30)
             start, *bodies = sent
             assert start["status"] == 200, where
             headers = {name.decode(): value.decode() for name, value in start["headers"]}
@@ -267,11 +238,6 @@ def test_a_large_image_file_is_closed_when_its_answer_ends_early(make_settings: 
         url = f"/v1/assets/{asset_id}/content"
 
         def gone_after_a_chunk(spec_version: str) -> None:
-            scope: dict[str, Any] = {
-                "type": "http", "asgi": {"version": "3.0", "spec_version": spec_version}, "http_version": "1.1",
-                "method": "GET", "scheme": "http", "path": url, "raw_path": url.encode(), "query_string": b"",
-                "root_path": "", "headers": [(b"host", b"127.0.0.1")], "client": ("127.0.0.1", 1),
-                "server": ("127.0.0.1", 80)}
             requests = iter([{"type": "http.request", "body": b"", "more_body": False}])
             left = anyio.Event()
 
@@ -291,7 +257,7 @@ def test_a_large_image_file_is_closed_when_its_answer_ends_early(make_settings: 
             async def get() -> None:
                 with anyio.fail_after(30):
                     try:
-                        await client.app(scope, receive, send)
+                        await client.app(asgi_scope("GET", url, spec_version=spec_version), receive, send)
                     except Exception as exc:  # Starlette's ClientDisconnect, for 2.4
                         assert "ClientDisconnect" in type(exc).__name__, exc
 

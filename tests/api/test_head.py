@@ -6,16 +6,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import anyio
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from starlette.types import Message
 
 from orchestrator.app import create_app
 from orchestrator.services import Services
 from orchestrator.settings import Settings
-from tests.api import SLOW, assert_error, create_project, run_draft, submit_draft, wait_for_job
+from tests.api import SLOW, asgi_messages, assert_error, create_project, run_draft, submit_draft, wait_for_job
 from tests.conftest import SettingsFactory
 
 KEY = "head-key"
@@ -105,35 +103,12 @@ def test_head_on_the_events_of_finished_and_running_jobs_answers_at_once(
 def test_head_on_an_endless_stream_ends_the_stream(make_settings: SettingsFactory) -> None:
     """Called as a server that never reports a disconnect (ASGI 2.4: a gone client shows only as a
     failing send): the app must still return, and the job's subscription must be gone."""
-    scope: dict[str, Any] = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
-             "method": "HEAD", "scheme": "http", "query_string": b"",
-             "root_path": "", "headers": [(b"host", b"test")], "client": ("127.0.0.1", 1), "server": ("test", 80)}
-    sent: list[Message] = []
-    requests = iter([{"type": "http.request", "body": b"", "more_body": False}])
-
-    async def receive() -> Message:
-        for request in requests:
-            return request
-        await anyio.sleep_forever()  # the client stays connected
-        raise AssertionError("unreachable")
-
-    async def send(message: Message) -> None:
-        sent.append(message)
-
     # A job that never ends: queued on a server that runs no jobs.
     with TestClient(create_app(make_settings(run_jobs=False))) as client:
         services: Services = client.app.state.services  # type: ignore[attr-defined]
         project = client.post("/v1/projects", json={"name": "head"}).json()["id"]
         job_id = client.post(f"/v1/projects/{project}/drafts", json={"prompt": "x", "n": 1}).json()["id"]
-        path = f"/v1/jobs/{job_id}/events"
-        scope |= {"path": path, "raw_path": path.encode()}
-
-        async def head() -> None:
-            with anyio.fail_after(5):
-                await client.app(scope, receive, send)
-
-        assert client.portal is not None
-        client.portal.call(head)
+        sent = asgi_messages(client, "HEAD", f"/v1/jobs/{job_id}/events", timeout=5)
         assert services.bus._jobs[job_id].subscribers == set()
     assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
     assert sent[0]["status"] == 200 and sent[1] == {"type": "http.response.body", "body": b"", "more_body": False}
