@@ -22,6 +22,7 @@ from pydantic import ValidationError
 from sqlalchemy.exc import DatabaseError
 
 from orchestrator import __version__
+from orchestrator.control_characters import CONTROL_CHARACTER
 from orchestrator.errors import first_line
 
 if TYPE_CHECKING:
@@ -453,8 +454,10 @@ def _bound(settings: Settings) -> int | None:
     return None
 
 
-# Line breaks and other control characters (C0, DEL, C1, and Unicode's line and paragraph separators).
-_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
+# Line breaks and the other control characters, direction controls included (after a right-to-left
+# override, an editor or a browser showing the log reads the rest of the line backwards); a tab,
+# which ends no line, is written as it is.
+_CONTROL = re.compile(f"(?!\t){CONTROL_CHARACTER.pattern}")
 
 
 class OneLineFormatter(logging.Formatter):

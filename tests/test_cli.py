@@ -1194,8 +1194,9 @@ def test_a_message_quoting_a_line_break_stays_one_line_in_the_log_file(make_sett
     try:
         _log_to_data_dir(settings)
         failing = logging.getLogger("orchestrator.runner")
+        # U+202E: what follows reads backwards, `exe.log` where `gol.exe` is written.
         failing.warning("job %s failed: %s", "job_1", "bad request\n2026-12-02 09:00:00,000 1 ERROR orchestrator.api: "
-                        "FORGED\r\x1b[2J\u2028tail\tend \u00e9")
+                        "FORGED\r\x1b[2J\u2028tail\tend \u00e9 \u202egol.exe")
         try:
             raise ValueError("two\nlines")
         except ValueError:
@@ -1207,7 +1208,7 @@ def test_a_message_quoting_a_line_break_stays_one_line_in_the_log_file(make_sett
     lines = (settings.data_dir / "logs" / "orchestrator.log").read_text().splitlines()
     [told] = [line for line in lines if "job_1" in line]
     assert told.endswith("WARNING orchestrator.runner: job job_1 failed: bad request\\n2026-12-02 09:00:00,000 1 "
-                         "ERROR orchestrator.api: FORGED\\r\\x1b[2J\\u2028tail\tend \u00e9")
+                         "ERROR orchestrator.api: FORGED\\r\\x1b[2J\\u2028tail\tend \u00e9 \\u202egol.exe")
     assert not any(line.startswith("2026-12-02 09:00:00,000") for line in lines)
     assert "Traceback (most recent call last):" in lines  # a traceback is still Python's own lines
     assert "ValueError: two" in lines
