@@ -753,7 +753,8 @@ class SpendGroup(BaseModel):
     unreconciled_entries: int = Field(description="the captures waiting for it: an engine priced 0 has some to "
                                       "check while its `unreconciled` credits read 0")
     jobs: int = Field(description="jobs charged in the row")
-    images: int = Field(description="images those jobs made")
+    images: int = Field(description="images those jobs made, each counted once: in the row of the engine that made "
+                        "it, or, where that engine charged nothing (a free fallback), of the job's latest charge")
     name: str | None = Field(None, description="with `group_by=project`: the project's name")
 
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import csv
 import io
+from collections import Counter
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import case, distinct, func, or_
+from sqlalchemy import case, distinct, exists, func, or_
+from sqlalchemy.orm import aliased
 from sqlmodel import Session, col, select
 
 from orchestrator.errors import OrchestratorError
@@ -44,12 +46,27 @@ def spend(s: Session, group_by: GroupBy, start: datetime | None, end: datetime |
     # The images of those jobs, each job once per group. A job moved to another engine after the
     # first had (maybe) billed it is captured by both, maybe on two days: its images are counted
     # with the capture of the engine that made them only.
+    captured = (*where, col(LedgerEntry.kind) == "capture", col(LedgerEntry.job_id).is_not(None))
     jobs = (select(key, col(LedgerEntry.job_id).label("job_id"), col(LedgerEntry.engine).label("engine"))
-            .where(*where, col(LedgerEntry.kind) == "capture", col(LedgerEntry.job_id).is_not(None))
-            .distinct().subquery())
+            .where(*captured).distinct().subquery())
     made = (col(Asset.job_id) == jobs.c.job_id) & or_(jobs.c.engine.is_(None), col(Asset.engine) == jobs.c.engine)
-    images = dict(s.exec(select(jobs.c.key, func.count(col(Asset.id)))
-                         .join(Asset, made).group_by(jobs.c.key)).all())
+    images: Counter[Any] = Counter(dict(s.exec(select(jobs.c.key, func.count(col(Asset.id)))
+                                               .join(Asset, made).group_by(jobs.c.key)).all()))
+    # Where the engine that made them captured nothing (a free engine the job fell back to after a
+    # paid one's unknown outcome was charged), with the job's latest capture, in the window of that
+    # capture: they were counted in no group.
+    other = aliased(LedgerEntry)
+    captures_of_the_job = (col(other.kind) == "capture", col(other.job_id) == col(Asset.job_id))
+    by_their_maker = exists().where(*captures_of_the_job, or_(col(other.engine).is_(None),
+                                                              col(other.engine) == col(Asset.engine)))
+    jobs_here = select(col(LedgerEntry.job_id)).where(*captured)
+    latest = (select(func.max(col(other.id)).label("id"))
+              .where(col(other.kind) == "capture", col(other.job_id).in_(jobs_here))
+              .group_by(col(other.job_id)).subquery())
+    images.update(dict(s.exec(select(key, func.count(col(Asset.id))).select_from(LedgerEntry)
+                              .join(latest, latest.c.id == col(LedgerEntry.id))
+                              .join(Asset, col(Asset.job_id) == col(LedgerEntry.job_id))
+                              .where(*captured, ~by_their_maker).group_by(key)).all()))
     out: list[dict[str, Any]] = [
         {"key": str(k), "charged": to_credits(int(charged)), "unreconciled": to_credits(int(unreconciled)),
          "unreconciled_entries": int(waiting.get(k, 0)), "jobs": int(job_count), "images": int(images.get(k, 0))}

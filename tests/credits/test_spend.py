@@ -247,6 +247,40 @@ def test_a_job_moved_to_another_engine_counts_its_images_for_the_engine_that_mad
     assert [(g["key"], g["jobs"], g["images"]) for g in by_day] == [("2026-11-01", 1, 0), ("2026-11-02", 1, 2)]
 
 
+def test_a_job_that_fell_back_to_a_free_engine_counts_its_images_with_its_latest_capture(tmp_path: Path) -> None:
+    """Charged by a paid engine (an unknown outcome), then made by a free engine that captured
+    nothing: its images were counted in no group, whichever the grouping. Counted once, on the day
+    of its latest capture: in a window holding only an earlier capture they are not counted again."""
+    from orchestrator.models import Asset, LedgerEntry
+    from orchestrator.spend import spend
+
+    db = _database_with_a_job(tmp_path, "prj_free", "job_free", stage="bridge", engine="engine-free")
+    with db.transaction() as s:
+        for amount, day in ((1000, 1), (2000, 2)):  # twice on the paid engine, the second one latest
+            hold = LedgerEntry(project_id="prj_free", job_id="job_free", kind="hold", amount=amount,
+                               engine="engine-paid", stage="bridge", settled=True)
+            s.add(hold)
+            s.flush()
+            s.add(LedgerEntry(project_id="prj_free", job_id="job_free", kind="capture", amount=amount,
+                              engine="engine-paid", stage="bridge", hold_id=hold.id, unreconciled=True,
+                              created_at=datetime(2026, 11, day, 12, tzinfo=UTC)))
+        for index in range(3):
+            s.add(Asset(id=f"ast_free{index}", project_id="prj_free", job_id="job_free", index=index,
+                        stage="bridge", engine="engine-free", model="m", prompt="x", width=64, height=64,
+                        sha256=f"{index}" * 64))
+    with db.snapshot() as s:
+        reports = {group_by: spend(s, group_by, None, None, None)["groups"]
+                   for group_by in ("engine", "stage", "project", "day")}
+        first_day = spend(s, "engine", datetime(2026, 11, 1, tzinfo=UTC), datetime(2026, 11, 2, tzinfo=UTC), None)
+    db.dispose()
+    assert [(g["key"], g["jobs"], g["images"]) for g in reports["engine"]] == [("engine-paid", 1, 3)]
+    assert [(g["key"], g["jobs"], g["images"]) for g in reports["stage"]] == [("bridge", 1, 3)]
+    assert [(g["key"], g["jobs"], g["images"]) for g in reports["project"]] == [("prj_free", 1, 3)]
+    assert [(g["key"], g["jobs"], g["images"]) for g in reports["day"]] == [("2026-11-01", 1, 0),
+                                                                             ("2026-11-02", 1, 3)]
+    assert [(g["key"], g["jobs"], g["images"]) for g in first_day["groups"]] == [("engine-paid", 1, 0)]
+
+
 def test_savings_compare_only_with_an_engine_whose_estimate_is_a_price(tmp_path: Path) -> None:
     """A plugin's estimate of a fraction of a millicredit (or a negative one) is no price to
     routing, which never sends there for it; the savings figure compared the drafts with it."""
@@ -386,7 +420,8 @@ def test_a_window_of_every_project_is_read_by_its_time(tmp_path: Path) -> None:
     report, seen = _read_with_statements(db, lambda s: spend(s, "engine", *month, None))
     assert report["total"] == 1.0
     ledger_reads = [(q, p) for q, p in seen if "FROM ledger_entries" in q]
-    assert len(ledger_reads) == 3  # the sums, the unreconciled entries, the images' jobs
+    # the sums, the unreconciled entries, the images' jobs, the jobs whose images' engine captured nothing
+    assert len(ledger_reads) == 4
     for statement, parameters in ledger_reads:
         plan = _plan(tmp_path, statement, parameters)
         assert "COVERING INDEX ix_ledger_charges_window (kind=? AND created_at>? AND created_at<?)" in plan, plan
