@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 from pydantic import ValidationError
 
-from orchestrator.errors import InvalidRequest, NotFound
+from orchestrator.errors import InvalidRequest, NotFound, shown
 from orchestrator.workers import open_regular_file
 from policies.schema import PRIVACY_TAG, Policy, Rule, is_private
 
@@ -370,7 +370,10 @@ class PolicyStore:
         try:
             return self._policies[name]
         except KeyError:
-            raise NotFound(f"unknown policy '{name}'", details={"policy": name, "known": self.names()}) from None
+            # Echoed as any id a client sent: a key's secret given for the name is masked, and a
+            # long name cut (`GET /v1/policies/{name}` repeated both whole).
+            told = shown(name)
+            raise NotFound(f"unknown policy '{told}'", details={"policy": told, "known": self.names()}) from None
 
     def __contains__(self, name: object) -> bool:
         return name in self._policies

@@ -19,7 +19,7 @@ from orchestrator.api.paths import JobId
 from orchestrator.api.query import Cursor, Limit, Order, StageFilter, WholeNumber, paged
 from orchestrator.api.serialize import PAGE_BATCH, job_public, job_text_bytes, page_rows
 from orchestrator.db import transient
-from orchestrator.errors import Conflict, InvalidRequest, NotFound, ServerStopping, first_line, not_found
+from orchestrator.errors import Conflict, InvalidRequest, NotFound, ServerStopping, first_line, not_found, shown
 from orchestrator.events import TERMINAL, Event
 from orchestrator.follow import catch_up
 from orchestrator.ids import id_cursor
@@ -103,8 +103,9 @@ def list_jobs(services: ServicesDep, caller: CallerDep,
                 if s.exec(ever).first() is None:
                     # A typo read as "no jobs" (a misspelt status or stage is refused).
                     known = sorted(services.registry.names())
-                    raise InvalidRequest(f"unknown engine '{engine[:100]}' (known: {', '.join(known)})",
-                                         details={"engine": engine[:100], "known": known}, loc=("query", "engine"))
+                    told = shown(engine)  # a key's secret sent for it is not repeated into the client's logs
+                    raise InvalidRequest(f"unknown engine '{told}' (known: {', '.join(known)})",
+                                         details={"engine": told, "known": known}, loc=("query", "engine"))
         stmt = paged(stmt, col(Job.id), id_cursor(cursor, "job") or None, order)
         with s.exec(stmt.execution_options(yield_per=PAGE_BATCH)) as result:
             rows, more = page_rows(result, limit, job_text_bytes)

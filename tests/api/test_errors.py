@@ -1364,6 +1364,10 @@ def test_an_error_echoes_a_made_up_name_cut_short(shared_server: httpx.Client, p
         assert "p" * 100 + "…" in error["message"] + str(error["details"].get("errors"))
         if echoed is not None:
             assert error["details"][echoed] == "p" * 100 + "…"
+    # And one named in the path (a request's head holds 32 KiB): `GET /v1/policies/{name}` sent it back whole, twice.
+    response = shared_server.get(f"/v1/policies/{long[:8000]}")
+    assert response.status_code == 404 and len(response.content) < 3_000, response.content[:300]
+    assert response.json()["error"]["details"]["policy"] == "p" * 100 + "…"
     assert job_count(shared_server) == jobs
 
 

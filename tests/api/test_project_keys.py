@@ -298,6 +298,8 @@ def test_a_key_s_secret_sent_for_its_id_is_never_repeated(world: World, caplog: 
                              client.get(f"/v1/jobs/{secret}"), client.get(f"/v1/assets/{secret}"),
                              client.get("/v1/projects", params={"cursor": secret}),
                              client.get("/v1/policies", params={"cursor": secret}),
+                             client.get(f"/v1/policies/{secret}"),
+                             client.get("/v1/jobs", params={"engine": secret}),
                              client.get(f"/v1/projects/{secret}/keys")):
                 assert response.status_code in (403, 404, 422), response.text
                 assert secret[len(SECRET_PREFIX):] not in response.text, response.text
