@@ -92,9 +92,13 @@ class CrossSiteGuard:
             if not own and page not in self.allowed and "*" not in self.allowed:
                 # With ORCH_ADMIN_KEY set, such a request has no key: the 401 every /v1 request
                 # without one gets (only a service without a key tells it the 403's why).
+                # `null` is what a browser sends for a page it will not name (a local file, a
+                # sandboxed frame): "list it" sent the operator to a setting that refuses it at start.
+                fix = ("a page without an origin of its own, which ORCH_CORS_ORIGINS cannot list: serve the "
+                       "page from an origin listed there" if page == "null" else
+                       "list it in ORCH_CORS_ORIGINS to allow it")
                 refused = await denied(Request(scope)) or answer(Forbidden(
-                    f"requests that change something are refused from web pages of {page}: "
-                    "list it in ORCH_CORS_ORIGINS to allow it"))
+                    f"requests that change something are refused from web pages of {page}: {fix}"))
                 await refused(scope, receive, send)
                 return
         await self.app(scope, receive, send)
