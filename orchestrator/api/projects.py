@@ -195,14 +195,18 @@ def get_project(project_id: ProjectId, services: ServicesDep, caller: CallerDep)
                   403: "Only the admin key may change a project (a project key must not lift its own budget): "
                        "`forbidden`.",
                   404: "No such project (`not_found`).",
-                  422: BODY_422 + " Or `policy` names no loaded policy, or `name`, `policy` or `archived` is null "
+                  422: BODY_422 + " Or `policy` names no loaded policy (other than the project's own, which is "
+                                  "taken back unchanged), or `name`, `policy` or `archived` is null "
                                   "(they cannot be removed)."}))
 def update_project(project_id: ProjectId, body: ProjectUpdate, services: ServicesDep) -> ProjectPublic:
     """Change the name, policy or budget, or archive the project (`"archived": true`: it takes no new
     job; `false` takes it back). Admin key only: a project key must not lift its own budget."""
     with services.db.transaction() as s:
         project = services.ledger.lock_project(s, project_id)  # 404 when there is none
-        chosen = _check_policy(services, body.policy)
+        # The policy it has, sent back as it was read, changes nothing: with that policy's file gone,
+        # a client writing the whole project back could not rename it until it changed the policy.
+        kept = body.policy == project.policy and body.policy not in services.policies
+        chosen = None if kept else _check_policy(services, body.policy)
         if body.name is not None:
             project.name = body.name
         if body.policy is not None:

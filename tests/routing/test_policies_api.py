@@ -635,6 +635,13 @@ def test_a_policy_that_is_not_loaded_is_a_setup_error_not_a_missing_project(
         # The policies loaded are not listed: a project key is answered so too.
         assert error["details"] == {"policy": "custom", "file_refused": False}
         assert "retry-after" not in refused.headers  # the operator's to fix: waiting changes nothing
+        # The project written back as it was read (its policy unchanged) is taken: renamed, kept on it.
+        read = client.get(f"/v1/projects/{project['id']}").json()
+        renamed = client.patch(f"/v1/projects/{project['id']}", json={"name": "renamed", "policy": read["policy"]})
+        assert renamed.status_code == 200, renamed.text
+        assert (renamed.json()["name"], renamed.json()["policy"]) == ("renamed", "custom")
+        # Another policy that is not loaded is still refused.
+        assert_error(client.patch(f"/v1/projects/{project['id']}", json={"policy": "gone-too"}), 422, "invalid_request")
         # Put back with a mistake: not "restore the policy file", which is there.
         (folder / "custom.toml").write_text("rules = [\n")
         client.post("/v1/policies/reload")
