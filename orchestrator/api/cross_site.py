@@ -26,7 +26,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from orchestrator.api.errors import answer, denied
-from orchestrator.errors import BadRequest, Forbidden
+from orchestrator.errors import BadRequest, Forbidden, shown
 
 UNSAFE = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
@@ -75,8 +75,9 @@ class CrossSiteGuard:
         host = headers.get(b"host", b"").decode("latin-1").lower()
         # No Host at all is a program's (an HTTP/1.0 probe): browsers always send one.
         if self.loopback_only and host and not names_this_machine(_host_name(host)):
+            # Shown cut, as any name a client sent: a 30 KB Host was repeated whole.
             refused = answer(BadRequest(f"this service answers on this machine only, not as "
-                                        f"{host or 'a nameless host'!r} (set ORCH_ADMIN_KEY to serve other names)"))
+                                        f"{shown(host)!r} (set ORCH_ADMIN_KEY to serve other names)"))
             await refused(scope, receive, send)
             return
         origin = headers.get(b"origin")
@@ -98,7 +99,7 @@ class CrossSiteGuard:
                        "page from an origin listed there" if page == "null" else
                        "list it in ORCH_CORS_ORIGINS to allow it")
                 refused = await denied(Request(scope)) or answer(Forbidden(
-                    f"requests that change something are refused from web pages of {page}: {fix}"))
+                    f"requests that change something are refused from web pages of {shown(page)}: {fix}"))
                 await refused(scope, receive, send)
                 return
         await self.app(scope, receive, send)

@@ -109,6 +109,8 @@ def test_a_page_of_another_origin_cannot_change_anything(
     evil = client.post("/v1/projects", json={"name": "x"}, headers={"Origin": "https://evil.example"})
     assert_error(evil, 403, "forbidden")
     assert "ORCH_CORS_ORIGINS" in evil.json()["error"]["message"]
+    long_origin = client.post("/v1/projects", json={"name": "x"}, headers={"Origin": "https://" + "e" * 20_000})
+    assert len(assert_error(long_origin, 403, "forbidden")["message"]) < 300  # cut, not repeated whole
     opaque = client.post("/v1/jobs/job_0000000000zzzzzzzzzzzzzz/cancel", headers={"Origin": "null"})
     # A sandboxed frame, a file: told to list `null` in ORCH_CORS_ORIGINS, which refuses it at start.
     message = assert_error(opaque, 403, "forbidden")["message"]
@@ -154,6 +156,8 @@ def test_a_service_open_to_this_machine_answers_to_its_own_names_only(
         assert_error(rebound, 400, "invalid_request")
         assert "ORCH_ADMIN_KEY" in rebound.json()["error"]["message"]
         assert client.get("/v1/projects").json()["items"] == []
+        long_host = assert_error(client.get("/healthz", headers={"Host": "a" * 20_000}), 400, "invalid_request")
+        assert "a" * 100 in long_host["message"] and len(long_host["message"]) < 300  # cut, not repeated whole
         # A header that is not one host was read by its last colon: this one as 127.0.0.1.
         for odd in ("127.0.0.1:8000, rebind.attacker.example", "127.0.0.1:8000:80", "127.0.0.1 evil",
                     "127.0.0.1:80x", "user@127.0.0.1"):
