@@ -35,6 +35,14 @@ def test_models_and_migrations_agree(tmp_path: Path) -> None:
     assert {"projects", "jobs", "assets", "idempotency_keys", "alembic_version"} <= tables
 
 
+def test_each_revision_is_told_in_one_line_of_the_log() -> None:
+    """Alembic logs a revision's first paragraph as it runs it ("Running upgrade 0008 -> 0009, ..."):
+    one wrapped over two lines came out in the log file as `in\\nturns`."""
+    wrapped = [script.revision for script in ScriptDirectory(str(files("migrations"))).walk_revisions()
+               if "\n" in (script.doc or "") or not script.doc]
+    assert wrapped == []
+
+
 def upgrade_concurrently(url: str, processes: int = 3) -> None:
     """Several processes migrating one empty database at once, as services starting together do:
     every one must succeed (once, one failed with 'table projects already exists')."""

@@ -1,5 +1,4 @@
-"""jobs: indexes for counting a project's unfinished jobs at submit, and for taking queued jobs in
-turns by project
+"""jobs: indexes for counting a project's unfinished jobs at submit, and for taking its queued jobs in turns
 
 Revision ID: 0009
 Revises: 0008

@@ -1,5 +1,6 @@
-"""ledger_entries: holds marked settled; indexes so that the budget check, /metrics and the spend
-report do not read the whole history
+"""ledger_entries: holds marked settled; indexes for the budget check, /metrics and the spend report
+
+So that they do not read the whole history.
 
 Revision ID: 0010
 Revises: 0009

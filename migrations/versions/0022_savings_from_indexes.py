@@ -1,5 +1,7 @@
-"""/v1/spend's savings from indexes alone: the drafts' engine and job in `ix_assets_stage_size`,
-and a partial index of the jobs that copied an earlier result
+"""/v1/spend's savings from indexes alone
+
+The drafts' engine and job in `ix_assets_stage_size`, and a partial index of the jobs that copied an
+earlier result.
 
 Each spend report counted the period's drafts by size reading every draft's row (for its engine
 and job) and every job's (to leave out copies): about 100 ms at 100k drafts, growing with the history.
