@@ -98,7 +98,7 @@ def model_defaults(model: str) -> ModelDefaults:
         if read.size_multiple == TRANSFORMER.size_multiple:
             return read
     if named == SD2:
-        named = _sd2_by_sidecar(model, named)
+        named = _sd2_by_config_or_name(model, named)
     return named or _by_files(model) or replace(SD15, told_by="nothing")
 
 
@@ -272,7 +272,7 @@ def _single_file(path: Path) -> ModelDefaults | None:
     if family is None:
         return None
     read = replace(family, told_by="files")
-    return _sd2_by_sidecar(str(path), read) if family == SD2 else read
+    return _sd2_by_config_or_name(str(path), read) if family == SD2 else read
 
 
 # What an LDM config's `model.params.parameterization` may say; left out, it is LDM's default, "eps".
@@ -307,25 +307,37 @@ def ldm_parameterization(sidecar: Path) -> str:
     return parameterization
 
 
-def _sd2_by_sidecar(model: str, sd2: ModelDefaults) -> ModelDefaults:
-    """An SD 2.x single file's size, by the LDM config beside it, as the loader samples it
-    (`tiers._local`): 2.x-base's 512 px where it predicts the noise, 2.1's 768 where it says "v".
-    The two have the same tensors. Without a config, or with one the load warns of and ignores, the
-    loader reads the file as 2.1's v-prediction model, and so do these defaults."""
+def sd2_name_parameterization(path: Path) -> str | None:
+    """What an SD 2.x file predicts by its name, where it keeps one of Stability's: `512` or `base`
+    in it ("v2-1_512-ema-pruned", "512-base-ema") is the noise at 512 px, `768` or `v` ("768-v-ema",
+    "v2-1_768-ema-pruned") is "v" at 768. None for a name that says neither, or both."""
+    words = set(re.split(r"[^a-z0-9]+", path.stem.lower()))
+    says_v, says_eps = bool(words & {"768", "v"}), bool(words & {"512", "base"})
+    return None if says_v == says_eps else ("v" if says_v else "eps")
+
+
+def _sd2_by_config_or_name(model: str, sd2: ModelDefaults) -> ModelDefaults:
+    """An SD 2.x single file's size, as the loader samples it (`tiers._local`): by the LDM config
+    beside it, else by its name, 2.x-base's 512 px where it predicts the noise, 2.1's 768 where it
+    says "v". The two have the same tensors. Where neither says (or the config is one the load
+    warns of and ignores, and the name says nothing), the loader reads the file as 2.1's
+    v-prediction model, and so do these defaults."""
     try:
         path = home_expanded(model)
-        sidecar = ldm_sidecar(path) if path.is_file() else None
+        if not path.is_file():  # a folder says its size itself
+            return sd2
+        sidecar = ldm_sidecar(path)
     except (OSError, ValueError):  # a name too long for a file, a NUL
         return sd2
-    if sidecar is None:
-        return sd2
-    import yaml
+    if sidecar is not None:
+        import yaml
 
-    try:
-        base = ldm_parameterization(sidecar) == "eps"
-    except (OSError, ValueError, RecursionError, yaml.YAMLError):
-        return sd2
-    return replace(SD2_BASE if base else SD2, told_by="files")
+        try:
+            return replace(SD2_BASE if ldm_parameterization(sidecar) == "eps" else SD2, told_by="files")
+        except (OSError, ValueError, RecursionError, yaml.YAMLError):
+            pass
+    said = sd2_name_parameterization(path)
+    return sd2 if said is None else replace(SD2_BASE if said == "eps" else SD2, told_by="name")
 
 
 def few_step_scheduler(scheduler: Any, model: str) -> Any:

@@ -41,6 +41,7 @@ from tiers._family import (
     ldm_parameterization,
     ldm_sidecar,
     model_defaults,
+    sd2_name_parameterization,
     single_file_family,
     snapshot_folder,
 )
@@ -372,26 +373,28 @@ def _named_safetensors(path: Path) -> Iterator[Path]:
 _PARAMETERIZATIONS = {"eps": "epsilon", "v": "v_prediction"}
 
 
-def _sidecar_prediction(path: Path) -> str | None:
-    """The prediction type that the LDM config beside an SD 2.x file (`name.yaml` or `name.yml`, as
-    AUTOMATIC1111 keeps one) gives it; None without one, or one that cannot be read (warned).
+def _sd2_prediction(path: Path) -> str | None:
+    """The prediction type of an SD 2.x file: the one the LDM config beside it (`name.yaml` or
+    `name.yml`, as AUTOMATIC1111 keeps one) gives it, else the one its name says where it keeps one
+    of Stability's (`v2-1_512-ema-pruned`: epsilon); None where neither says. A config that cannot
+    be read is warned of and passed over.
 
     diffusers reads every SD 2.x file through SD 2.1's configuration, v-prediction, so a 2.x-base
     file (512 px, epsilon) was sampled as the other kind of model: the two have the same tensors,
-    and only the config beside the file tells them apart (its native size too, see `tiers._family`)."""
+    and only the config beside the file, or its name, tells them apart (its native size too, see
+    `tiers._family`)."""
     sidecar = ldm_sidecar(path)
-    if sidecar is None:
-        return None
-    import yaml
+    if sidecar is not None:
+        import yaml
 
-    try:
-        parameterization = ldm_parameterization(sidecar)
-    except (OSError, ValueError, RecursionError, yaml.YAMLError) as exc:
-        # Only the scheduler's prediction type hangs on it: the model loads all the same.
-        log.warning("ignoring %s beside the model: %s; its prediction type is diffusers' for SD 2.x",
-                    sidecar, first_line(exc) or type(exc).__name__)
-        return None
-    return _PARAMETERIZATIONS[parameterization]
+        try:
+            return _PARAMETERIZATIONS[ldm_parameterization(sidecar)]
+        except (OSError, ValueError, RecursionError, yaml.YAMLError) as exc:
+            # Only the scheduler's prediction type hangs on it: the model loads all the same.
+            log.warning("ignoring %s beside the model: %s; its prediction type is its name's, else diffusers' "
+                        "for SD 2.x", sidecar, first_line(exc) or type(exc).__name__)
+    said = sd2_name_parameterization(path)
+    return None if said is None else _PARAMETERIZATIONS[said]
 
 
 def _model_cached_whole(repo_id: str) -> bool:
@@ -1224,7 +1227,7 @@ class LocalRuntime:
         if model_defaults(str(path)).few_step:
             pipe.scheduler = few_step_scheduler(pipe.scheduler, str(path))
         elif family == "SD 2.x":
-            predicts = _sidecar_prediction(path)
+            predicts = _sd2_prediction(path)
             if predicts is not None and predicts != pipe.scheduler.config.get("prediction_type"):
                 pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type=predicts)
         return _on_lcm_scheduler(pipe, str(path))

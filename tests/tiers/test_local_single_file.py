@@ -278,8 +278,8 @@ V_CONFIG = _LDM_CONFIG.format(v='\n    parameterization: "v"')
 
 
 def _sd2_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Any]:
-    """A tiny SD 2.x file, models/v2-1_512-ema-pruned.safetensors (its name says nothing of a
-    few-step model), and the pipeline it was made of; SD 2.1's configuration in the cache, DDIM
+    """A tiny SD 2.x file, models/dreamy_v20.safetensors (its name says nothing of a few-step
+    model, nor of a 512 or 768 px one), and the pipeline it was made of; SD 2.1's configuration in the cache, DDIM
     with v-prediction, as diffusers gives every SD 2.x file."""
     from safetensors.torch import save_file
 
@@ -292,7 +292,7 @@ def _sd2_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, An
     hub_cache(tmp_path, CASES["SD 2.x"][0], configs, monkeypatch)
     models = tmp_path / "models"
     models.mkdir()
-    checkpoint = models / "v2-1_512-ema-pruned.safetensors"
+    checkpoint = models / "dreamy_v20.safetensors"
     save_file(ldm_checkpoint(made), str(checkpoint))
     return checkpoint, made
 
@@ -327,14 +327,23 @@ def test_an_sd2_file_predicts_as_the_ldm_config_beside_it_says(
 
     assert loaded(checkpoint, None) == "v_prediction"  # diffusers' choice, as before
     assert not warned()
-    assert loaded(checkpoint, "v2-1_512-ema-pruned.yaml", EPSILON_CONFIG) == "epsilon"
-    assert loaded(checkpoint, "v2-1_512-ema-pruned.yml", EPSILON_CONFIG) == "epsilon"
-    assert loaded(checkpoint, "v2-1_512-ema-pruned.yaml", V_CONFIG) == "v_prediction"
+    assert loaded(checkpoint, "dreamy_v20.yaml", EPSILON_CONFIG) == "epsilon"
+    assert loaded(checkpoint, "dreamy_v20.yml", EPSILON_CONFIG) == "epsilon"
+    assert loaded(checkpoint, "dreamy_v20.yaml", V_CONFIG) == "v_prediction"
     assert not warned()
     # One that cannot be parsed leaves diffusers' choice, and says so; the model loads all the same.
-    assert loaded(checkpoint, "v2-1_512-ema-pruned.yaml", "model:\n  params: [unclosed\n") == "v_prediction"
+    assert loaded(checkpoint, "dreamy_v20.yaml", "model:\n  params: [unclosed\n") == "v_prediction"
     assert len(warned()) == 1
-    assert "v2-1_512-ema-pruned.yaml" in warned()[0]
+    assert "dreamy_v20.yaml" in warned()[0]
+    # Without a config, Stability's own names say it: 2.1-base's file was sampled as 2.1's v model.
+    base, v_model = models / "v2-1_512-ema-pruned.safetensors", models / "768-v-ema.safetensors"
+    for copy in (base, v_model):
+        shutil.copyfile(checkpoint, copy)
+    assert loaded(base, None) == "epsilon"
+    assert loaded(v_model, None) == "v_prediction"
+    # The config comes first, and one passed over leaves the name to say it.
+    assert loaded(base, "v2-1_512-ema-pruned.yaml", V_CONFIG) == "v_prediction"
+    assert loaded(base, "v2-1_512-ema-pruned.yaml", "model:\n  params: [unclosed\n") == "epsilon"
     # A few-step file's rule comes first: Turbo is an epsilon model, whatever a config beside it says.
     assert loaded(turbo, "sd_turbo.yaml", V_CONFIG) == "epsilon"
 

@@ -255,10 +255,19 @@ SD2_KEYS = ["cond_stage_model.model.ln_final.weight", "model.diffusion_model.out
     ("v2-1_512-ema-pruned", SD2_KEYS, ("yaml", EPSILON_CONFIG), 512, "files"),
     ("v2-1_512-ema-pruned", SD2_KEYS, ("yml", EPSILON_CONFIG), 512, "files"),
     ("v2-1_768-ema-pruned", SD2_KEYS, ("yaml", V_CONFIG), 768, "files"),
-    # Without one, or with one the load ignores (with a warning), it is read as 2.1's v-prediction model.
-    ("v2-1_512-ema-pruned", SD2_KEYS, None, 768, "files"),
-    ("v2-1_512-ema-pruned", SD2_KEYS, ("yaml", "model:\n  params: [unclosed\n"), 768, "files"),
-    ("v2-1_512-ema-pruned", SD2_KEYS, ("yaml", "model:\n  params:\n    parameterization: x0\n"), 768, "files"),
+    # Without one, or with one the load ignores (with a warning), it is read as 2.1's v-prediction model...
+    ("dreamy_v20", SD2_KEYS, None, 768, "files"),
+    ("dreamy_v20", SD2_KEYS, ("yaml", "model:\n  params: [unclosed\n"), 768, "files"),
+    ("dreamy_v20", SD2_KEYS, ("yaml", "model:\n  params:\n    parameterization: x0\n"), 768, "files"),
+    # ... unless its name says which, as Stability's do: 512 or base is 2.x-base, 768 or v is 2.1's.
+    ("v2-1_512-ema-pruned", SD2_KEYS, None, 512, "name"),
+    ("512-base-ema", SD2_KEYS, None, 512, "name"),
+    ("sd2-base", SD2_KEYS, None, 512, "name"),
+    ("v2-1_512-ema-pruned", SD2_KEYS, ("yaml", "model:\n  params: [unclosed\n"), 512, "name"),
+    ("768-v-ema", SD2_KEYS, None, 768, "name"),
+    ("v2-1_768-ema-pruned", SD2_KEYS, None, 768, "name"),
+    ("base_768", SD2_KEYS, None, 768, "files"),  # says both: as if it said neither
+    ("v2-1_768-ema-pruned", SD2_KEYS, ("yaml", EPSILON_CONFIG), 512, "files"),  # the config comes first
     # A name that says 2.x is 2.1's size unless the config beside the file says otherwise.
     ("stable-diffusion-2-1", SD2_KEYS, ("yaml", EPSILON_CONFIG), 512, "files"),
     ("stable-diffusion-2-1", SD2_KEYS, None, 768, "name"),
