@@ -16,7 +16,7 @@ from orchestrator.api.deps import Caller, CallerDep, ServicesDep
 from orchestrator.api.docs import documented
 from orchestrator.api.json_body import StrictJSONRoute
 from orchestrator.api.paths import AssetId
-from orchestrator.api.serialize import PAGE_BATCH, PAGE_TEXT_BYTES, asset_public, asset_text_bytes
+from orchestrator.api.serialize import ASSET_TEXT, PAGE_BATCH, PAGE_TEXT_BYTES, asset_public
 from orchestrator.clock import utcnow
 from orchestrator.errors import Conflict, ContentUnavailable, gone, not_found
 from orchestrator.jobs import raise_if_deleted_since
@@ -218,11 +218,12 @@ def lineage(asset_id: AssetId, services: ServicesDep, caller: CallerDep) -> Line
             # nor are 1000 descendants with 10,000-character prompts (an answer of 79 MB): the rows
             # are read `PAGE_BATCH` at a time, and none past the cut is loaded.
             children: list[Asset] = []
-            query = (select(Asset).where(col(Asset.parent_id).in_(frontier), col(Asset.project_id) == asset.project_id)
+            query = (select(Asset, ASSET_TEXT)
+                     .where(col(Asset.parent_id).in_(frontier), col(Asset.project_id) == asset.project_id)
                      .order_by(col(Asset.id)).limit(MAX_DESCENDANTS + 1 - len(descendants)))
             with s.exec(query.execution_options(yield_per=PAGE_BATCH)) as result:
-                for child in result:
-                    text += asset_text_bytes(child)
+                for child, size in result:
+                    text += size
                     if len(descendants) + len(children) == MAX_DESCENDANTS or text > PAGE_TEXT_BYTES:
                         cut = True
                         break

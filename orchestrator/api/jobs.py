@@ -17,7 +17,7 @@ from orchestrator.api.docs import documented, with_query
 from orchestrator.api.json_body import StrictJSONRoute
 from orchestrator.api.paths import JobId
 from orchestrator.api.query import Cursor, Limit, Order, StageFilter, WholeNumber, paged
-from orchestrator.api.serialize import PAGE_BATCH, job_public, job_text_bytes, page_rows
+from orchestrator.api.serialize import JOB_TEXT, PAGE_BATCH, job_public, page_rows
 from orchestrator.db import transient
 from orchestrator.errors import Conflict, InvalidRequest, NotFound, ServerStopping, first_line, not_found, shown
 from orchestrator.events import TERMINAL, Event
@@ -82,7 +82,7 @@ def list_jobs(services: ServicesDep, caller: CallerDep,
     """Every project's jobs, or one project's (404 for a project that does not exist, as its
     assets list answers); a project key sees its own project's only."""
     with services.db.snapshot() as s:
-        stmt = select(Job).limit(limit + 1)
+        stmt = select(Job, JOB_TEXT).limit(limit + 1)
         if caller.project_id is not None:
             stmt = stmt.where(col(Job.project_id) == caller.project_id)
         if project_id:
@@ -108,7 +108,7 @@ def list_jobs(services: ServicesDep, caller: CallerDep,
                                          details={"engine": told, "known": known}, loc=("query", "engine"))
         stmt = paged(stmt, col(Job.id), id_cursor(cursor, "job") or None, order)
         with s.exec(stmt.execution_options(yield_per=PAGE_BATCH)) as result:
-            rows, more = page_rows(result, limit, job_text_bytes)
+            rows, more = page_rows(result, limit)
         return Page(items=publics_in(services, s, rows), next_cursor=rows[-1].id if more else None)
 
 

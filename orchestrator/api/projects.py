@@ -20,7 +20,7 @@ from orchestrator.api.docs import (
 from orchestrator.api.json_body import StrictJSONRoute
 from orchestrator.api.paths import ProjectId
 from orchestrator.api.query import Archived, Cursor, Limit, Order, StageFilter, paged
-from orchestrator.api.serialize import PAGE_BATCH, asset_public, asset_text_bytes, page_rows, project_public
+from orchestrator.api.serialize import ASSET_TEXT, PAGE_BATCH, asset_public, page_rows, project_public
 from orchestrator.clock import shared_now
 from orchestrator.errors import InvalidRequest, NotFound, NoUsableEngine, not_found, shown
 from orchestrator.ids import id_cursor, new_id
@@ -238,11 +238,11 @@ def list_project_assets(project_id: ProjectId, services: ServicesDep, caller: Ca
     caller.project(project_id)
     _get(services, project_id)
     with services.db.session() as s:
-        stmt = (select(Asset).where(col(Asset.project_id) == project_id, col(Asset.deleted_at).is_(None))
+        stmt = (select(Asset, ASSET_TEXT).where(col(Asset.project_id) == project_id, col(Asset.deleted_at).is_(None))
                 .limit(limit + 1))
         if stage:
             stmt = stmt.where(col(Asset.stage) == stage)
         stmt = paged(stmt, col(Asset.id), id_cursor(cursor, "ast") or None, order)
         with s.exec(stmt.execution_options(yield_per=PAGE_BATCH)) as result:
-            rows, more = page_rows(result, limit, asset_text_bytes)
+            rows, more = page_rows(result, limit)
     return Page(items=[asset_public(a) for a in rows], next_cursor=rows[-1].id if more else None)

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from typing import TypeVar
+from collections.abc import Iterable
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.functions import FunctionElement
 
 from orchestrator.models import Asset, Job, Project
 from orchestrator.schemas import AssetPublic, Cost, ErrorBody, JobPublic, ProjectBudget, ProjectPublic
@@ -59,36 +64,48 @@ def asset_public(a: Asset) -> AssetPublic:
     )
 
 
-def text_bytes(value: object) -> int:
-    """The UTF-8 bytes of the strings in `value`, through dicts (keys too) and lists: the part of a
-    row its clients write, and so the part of its size that they can make large."""
-    if isinstance(value, str):
-        return len(value.encode("utf-8", "surrogatepass"))
-    if isinstance(value, dict):
-        return sum(text_bytes(key) + text_bytes(item) for key, item in value.items())
-    if isinstance(value, list | tuple):
-        return sum(text_bytes(item) for item in value)
-    return 0
+class _StoredBytes(FunctionElement[int]):
+    """Columns' values as the database holds them (a JSON column's text), in UTF-8 bytes, added up;
+    0 for NULL. Each string of a JSON value is in its text whole, quoted, and written as itself or
+    escaped (longer): the text is never shorter than the strings it holds, keys included."""
+
+    type = sa.Integer()
+    inherit_cache = True
 
 
-def job_text_bytes(job: Job) -> int:
-    return text_bytes(job.params) + text_bytes(job.error) + text_bytes(job.routing) + text_bytes(job.attempts)
+@compiles(_StoredBytes, "sqlite")
+def _stored_bytes_sqlite(element: _StoredBytes, compiler: SQLCompiler, **kw: Any) -> str:
+    # As a BLOB, the text's bytes: length() of TEXT counts characters, and stops at a NUL.
+    return "(" + " + ".join(f"coalesce(length(CAST({compiler.process(column, **kw)} AS BLOB)), 0)"
+                            for column in element.clauses) + ")"
 
 
-def asset_text_bytes(asset: Asset) -> int:
-    return text_bytes(asset.prompt) + text_bytes(asset.negative_prompt) + text_bytes(asset.record)
+@compiles(_StoredBytes)
+def _stored_bytes(element: _StoredBytes, compiler: SQLCompiler, **kw: Any) -> str:
+    return "(" + " + ".join(f"coalesce(octet_length(CAST({compiler.process(column, **kw)} AS TEXT)), 0)"
+                            for column in element.clauses) + ")"
 
 
-def page_rows(rows: Iterable[R], limit: int, size: Callable[[R], int]) -> tuple[list[R], bool]:
-    """A page's rows, taken from `rows` as they come (a query's result read `PAGE_BATCH` at a time:
-    rows past the page's end are never loaded): the first `limit`, or fewer once their `size`s add
-    up to more than `PAGE_TEXT_BYTES` (never none); and whether rows follow them."""
+# An upper bound on the text of the part of a row that its clients write (a job's params, error,
+# routing and attempts; an asset's prompts and record), worked out by the database as it reads the
+# row: walking each row's JSON in Python added 7 to 9 ms of CPU to the 13 ms of reading a page of
+# 500 ordinary jobs. Such a job's bound is about 900 bytes (600 of them text): 500 fill a page well
+# within `PAGE_TEXT_BYTES`.
+JOB_TEXT = _StoredBytes(Job.params, Job.error, Job.routing, Job.attempts)
+ASSET_TEXT = _StoredBytes(Asset.prompt, Asset.negative_prompt, Asset.record)
+
+
+def page_rows(rows: Iterable[tuple[R, int]], limit: int) -> tuple[list[R], bool]:
+    """A page's rows, taken from `rows` (each with its text's size, `JOB_TEXT` or `ASSET_TEXT`) as
+    they come (a query's result read `PAGE_BATCH` at a time: rows past the page's end are never
+    loaded): the first `limit`, or fewer once their sizes add up to more than `PAGE_TEXT_BYTES`
+    (never none); and whether rows follow them."""
     kept: list[R] = []
     total = 0
-    for row in rows:
+    for row, size in rows:
         if len(kept) == limit:
             return kept, True
-        total += size(row)
+        total += size
         if kept and total > PAGE_TEXT_BYTES:
             return kept, True
         kept.append(row)

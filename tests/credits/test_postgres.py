@@ -49,6 +49,7 @@ from tests.api.test_job_reads import (
     check_a_job_is_read_as_of_one_moment,
     check_a_lineage_stops_short_of_megabytes,
     check_pages_stop_short_of_megabytes,
+    check_the_stored_bound_is_never_below_the_text,
     held_job,
 )
 from tests.conftest import isolate, random_runs
@@ -129,6 +130,7 @@ def test_pages_and_lineages_stop_short_of_megabytes_on_postgres(
     settings = make_settings(run_jobs=False, database_url=postgres_url)
     check_pages_stop_short_of_megabytes(settings)
     check_a_lineage_stops_short_of_megabytes(settings)
+    check_the_stored_bound_is_never_below_the_text(settings)
 
 
 def test_concurrent_promotions_never_overspend_on_postgres(pg_api: httpx.Client) -> None:
