@@ -107,7 +107,11 @@ def check_pages_stop_short_of_megabytes(settings: Settings) -> None:
         asset_ids: list[str] = []
         with services.db.transaction() as s:
             s.add(Project(id=project_id, name="fat pages", policy="local-only", budget_period="none"))
+            # Another project's job, listed first were the project filter lost.
+            elsewhere = new_id("prj")
+            s.add(Project(id=elsewhere, name="elsewhere", policy="local-only", budget_period="none"))
             s.flush()
+            s.add(Job(id=new_id("job"), project_id=elsewhere, stage="ideation", engine="lite", status="canceled"))
             for i in range(100):
                 job = Job(id=new_id("job"), project_id=project_id, stage="ideation", engine="lite", status="canceled",
                           params={**text, "n": 1, "seed": i, "width": 64, "height": 64, "tags": tags})
@@ -120,13 +124,14 @@ def check_pages_stop_short_of_megabytes(settings: Settings) -> None:
                 s.add(asset)
                 job_ids.append(job.id)
                 asset_ids.append(asset.id)
-        for path, expected in ((f"/v1/jobs?project_id={project_id}", job_ids),
-                               (f"/v1/projects/{project_id}/assets", asset_ids)):
+        # The query in `params` alone: httpx puts them in place of one in the path.
+        for path, query, expected in (("/v1/jobs", {"project_id": project_id}, job_ids),
+                                      (f"/v1/projects/{project_id}/assets", {}, asset_ids)):
             listed: list[str] = []
             cursor: str | None = None
             pages = 0
             while True:
-                page = client.get(path, params={"limit": 500, **({"cursor": cursor} if cursor else {})})
+                page = client.get(path, params={**query, "limit": 500, **({"cursor": cursor} if cursor else {})})
                 assert page.status_code == 200, page.text
                 assert len(page.content) < 5 * 2**20, path  # 4 MiB of text, and the rest of each item
                 body = page.json()
@@ -137,7 +142,7 @@ def check_pages_stop_short_of_megabytes(settings: Settings) -> None:
                     break
             assert listed == expected and pages > 1, path
         # A page of ordinary items is as long as asked.
-        small = client.get(f"/v1/jobs?project_id={project_id}", params={"limit": 3}).json()
+        small = client.get("/v1/jobs", params={"project_id": project_id, "limit": 3}).json()
         assert len(small["items"]) == 3 and small["next_cursor"] == job_ids[2]
 
 
