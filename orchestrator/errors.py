@@ -19,7 +19,7 @@ it to `{"error": {"code", "message", "details"}}` with `status` in exactly one p
     ├── Gone                    410 gone          (a deleted asset)
     ├── BudgetExceeded          402 budget_exceeded
     ├── DatabaseUnavailable     503 database_unavailable (/readyz; SQLAlchemy's own errors map to it too)
-    ├── StorageFull             503 storage_full  (the database's disk)
+    ├── StorageFull             503 storage_full  (the database's disk, or the data dir's below ORCH_MIN_FREE_DISK_MB)
     ├── ServerStopping          503 server_stopping (a request still open when a stop's wait ran out)
     ├── TooManyJobs             429 rate_limited  (ORCH_MAX_PENDING_JOBS unfinished jobs already)
     ├── TooManyStreams          429 rate_limited  (ORCH_MAX_STREAMS_PER_KEY event streams open already)
@@ -35,6 +35,7 @@ it to `{"error": {"code", "message", "details"}}` with `status` in exactly one p
         ├── EngineTimeout       timeout           (sent, no answer: outcome unknown)
         ├── BadEngineInput      invalid_request   (the provider refused our input: never retried)
         ├── ImagesNotStored     storage_full      (made, and the data dir's disk had no room for them)
+        ├── NoRoomForImages     storage_full      (a paid job not sent: the data dir's disk below its reserve)
         ├── SourceUnavailable   content_unavailable (a bridge or polish's source file, gone since the submit)
         └── Canceled            canceled
 
@@ -211,8 +212,9 @@ class DatabaseUnavailable(OrchestratorError):
 
 
 class StorageFull(OrchestratorError):
-    """The database's disk is full: nothing was written, and nothing will be until its operator
-    makes room."""
+    """The database's disk is full, or a new job was asked while the data dir's disk is below the
+    reserve `ORCH_MIN_FREE_DISK_MB` keeps free: nothing was written, and nothing will be until its
+    operator makes room."""
 
     code, status = "storage_full", 503
     retry_after = 60
@@ -349,6 +351,16 @@ class ImagesNotStored(EngineError):
     """The engine made the images and the data dir's disk had no room for them (full, over its
     quota, or mounted read-only), or the service may not write there (its owner or mode): the
     operator's to mend, not the engine's failure."""
+
+    code, status = "storage_full", 503
+    retryable = False
+    engine_fault = False
+
+
+class NoRoomForImages(EngineError):
+    """A paid job claimed while the data dir's disk is below `ORCH_MIN_FREE_DISK_MB`: failed before
+    its first request, nothing sent and nothing charged, rather than paying for images that could
+    not be stored (`ImagesNotStored`). The operator's to mend; no other engine would store them."""
 
     code, status = "storage_full", 503
     retryable = False

@@ -27,6 +27,7 @@ from orchestrator import cache, idempotency
 from orchestrator.cache import cache_key, cached_copies
 from orchestrator.clock import iso, shared_now, utcnow
 from orchestrator.db import Database, changed
+from orchestrator.disk import SETTING, DiskReserve
 from orchestrator.errors import (
     BudgetExceeded,
     Canceled,
@@ -37,6 +38,7 @@ from orchestrator.errors import (
     NoUsableEngine,
     OrchestratorError,
     ProjectArchived,
+    StorageFull,
     TooManyJobs,
     gone,
     not_found,
@@ -170,9 +172,11 @@ def raise_if_deleted_since(db: Database, asset_id: str) -> None:
 
 class JobService:
     def __init__(self, db: Database, router: Router, ledger: Ledger, bus: EventBus, notify: Callable[[], None],
-                 default_policy: str, presence: Presence, store: ArtifactStore, max_pending: int = 0) -> None:
+                 default_policy: str, presence: Presence, store: ArtifactStore, max_pending: int = 0,
+                 reserve: DiskReserve | None = None) -> None:
         self.db = db
         self.max_pending = max_pending  # unfinished jobs a project may have (0: no limit)
+        self.reserve = reserve  # the data dir's free space a new job needs (None: not checked)
         self.store = store
         self.router = router
         self.ledger = ledger
@@ -396,6 +400,14 @@ class JobService:
                 f"project '{project.id}' has {pending} unfinished jobs, the most ORCH_MAX_PENDING_JOBS allows; "
                 "wait for some to finish, or cancel some", details={"pending": pending, "limit": limit})
 
+    def refuse_if_no_room(self) -> None:
+        """`StorageFull` while the data dir's disk is below its reserve: asked before anything is
+        routed, held or written, so that no job is taken whose images could not be stored."""
+        if self.reserve is None or (free := self.reserve.shortfall()) is None:
+            return
+        raise StorageFull(f"{self.reserve.said(free)}: nothing was made or held; its operator must make room "
+                          f"(or lower {SETTING})", details=self.reserve.details(free))
+
     @staticmethod
     def project(s: Session, project_id: str) -> Project:
         """The project, or `NotFound`."""
@@ -427,6 +439,7 @@ class JobService:
         keyed = hashlib.sha256(f"{scope} {idempotency_key}".encode()).hexdigest()[:32] if idempotency_key else None
         token = f"submit-{keyed or secrets.token_hex(8)}"
         try:
+            self.refuse_if_no_room()
             prepared = prepare()
             decision = self.decide(prepared, engine, max_credits, cache=cache, holder=token)
             if not decision.copy:  # a copy sends nothing: no probe of a half-open circuit is its to take

@@ -38,6 +38,7 @@ from orchestrator import cache, events
 from orchestrator.cache import cache_key, cached_copies
 from orchestrator.clock import shared_now, utcnow
 from orchestrator.db import Database, changed, commit_in_doubt, disk_full, transient
+from orchestrator.disk import DiskReserve
 from orchestrator.errors import (
     BudgetExceeded,
     Canceled,
@@ -47,6 +48,7 @@ from orchestrator.errors import (
     EngineUnavailable,
     ImagesNotStored,
     Interrupted,
+    NoRoomForImages,
     NoRoute,
     OrchestratorError,
     SourceUnavailable,
@@ -419,8 +421,10 @@ def followable(engine: object, job: Job, handles: list[dict[str, Any]]) -> TypeG
 class JobRunner:
     def __init__(self, db: Database, registry: EngineRegistry, store: ArtifactStore, bus: EventBus,
                  ledger: Ledger, health: EngineHealth, local_rate: float = 0.0, *,
-                 preview_files: PreviewFiles) -> None:
+                 preview_files: PreviewFiles, reserve: DiskReserve | None = None) -> None:
         self.db = db
+        # The data dir's free space a paid job needs before its first request (None: not checked).
+        self.reserve = reserve
         # Credits per device-second for local engines; 0 keeps local work free.
         self.local_rate = local_rate
         self._encoder = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="png")
@@ -1128,6 +1132,8 @@ class JobRunner:
             else:
                 await self._kept_local_check(job)
                 await self._still_available(job, engine)
+                if not getattr(engine, "announces_sends", False):
+                    await self._refuse_if_no_room(claim)  # else asked at its first send, as it records it
                 result = await engine.run(request, progress, claim.cancel)
         if len(result.images) < request.n:
             # A remote engine answered, so what it made may be billed: no release, no fallback. What
@@ -1183,6 +1189,8 @@ class JobRunner:
 
         async def record() -> None:
             nonlocal recorded, recorded_at
+            # Before the checks below, which the await would otherwise split from the send they allow.
+            await self._refuse_if_no_room(claim)
             # Both on the event loop, before any await: the runner's end of the attempt and this
             # ask to send are ordered, and whichever comes first decides what the other sees.
             # An earlier request of this attempt is out, or a provider accepted one (and may bill
@@ -1229,6 +1237,22 @@ class JobRunner:
             await asyncio.shield(recorded)
 
         return record
+
+    async def _refuse_if_no_room(self, claim: Claim) -> None:
+        """Before a paid job's first request: `NoRoomForImages` while the data dir's disk is below
+        its reserve. Failed, not waited out, as a send that cannot be recorded is: nothing was sent,
+        so its hold is released and nothing charged, and the worker is free for the jobs that can
+        run, where a wait held it and the hold for as long as the operator takes. Not asked once a
+        request is out or accepted (failed then, the job would still be charged for what it sent),
+        nor of a free engine's job, which bills nobody."""
+        if (self.reserve is None or claim.out or claim.accepted or claim.inherited
+                or not billed_by_provider(self.registry.get(claim.job.engine))):
+            return
+        free = await asyncio.to_thread(self.reserve.shortfall)
+        if free is not None:
+            raise NoRoomForImages(f"not sent: {self.reserve.said(free)}; nothing was charged, and its operator "
+                                  "must make room before it is sent again", details=self.reserve.details(free),
+                                  charged="no")
 
     async def still_held(self, claim: Claim, *, read: bool = False) -> bool:
         """Whether this attempt still holds its job. Known without a read (unless `read`) while

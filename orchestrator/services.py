@@ -23,6 +23,7 @@ from sqlmodel import col, select
 from orchestrator import idempotency, identity
 from orchestrator.bells import bell_for
 from orchestrator.db import Database, reach, shown_url, sqlite_file
+from orchestrator.disk import DiskReserve
 from orchestrator.errors import InvalidRequest, NotFound, OrchestratorError
 from orchestrator.events import EventBus
 from orchestrator.follow import JobFollower
@@ -456,8 +457,10 @@ class Services:
         # whose clock is behind was the month before the one its entries were stamped in.
         ledger = Ledger(clock=db.now)
         previews = PreviewFiles(settings.data_dir / "previews")
+        # The assets folder's filesystem, where the images go: the data dir's, or a disk mounted there.
+        reserve = DiskReserve(store.root, settings.min_free_disk_mb)
         runner = JobRunner(db, registry, store, bus, ledger, health, settings.local_gpu_second_credits,
-                           preview_files=previews)
+                           preview_files=previews, reserve=reserve)
         runner.keeps_all_local = functools.partial(_keeps_all_local, policies)
         runtime = _local_runtime(registry)
         device = None if runtime is None else DeviceLock(settings.data_dir / "locks",
@@ -468,7 +471,7 @@ class Services:
                               sweep_interval=settings.sweep_interval, poll_interval=settings.poll_interval,
                               device=device, stop_grace=settings.stop_grace)
         jobs = JobService(db, router, ledger, bus, scheduler.notify, settings.policy, presence, store,
-                          max_pending=settings.max_pending_jobs)
+                          max_pending=settings.max_pending_jobs, reserve=reserve)
         scheduler.sweepers.append(("forgetting expired idempotency keys",
                                    functools.partial(idempotency.forget_expired, db)))
         follower = JobFollower(db, bus, scheduler.holds, settings.poll_interval, previews)

@@ -195,6 +195,12 @@ class Settings(BaseSettings):
     # Event streams one project key may hold open on a server at once; more are refused with 429
     # (0: no limit). The admin key's, and a service's without keys, are not counted.
     max_streams_per_key: int = Field(64, ge=0)
+    # MiB the data dir's filesystem keeps free: below it, new jobs are refused and a claimed paid
+    # job is failed before its first request, unsent and uncharged (a cloud engine's images made on
+    # a full disk were charged and lost). 256: room for the images of jobs already past the check
+    # (a 4096-pixel square's RGB pixels are 48 MiB before PNG's compression), SQLite's journal and
+    # the log; 0 turns the check off. At most 1 TiB: past it, a typo.
+    min_free_disk_mb: int = Field(256, ge=0, le=1 << 20)
 
     # Seconds a running job's lease lasts without a heartbeat before the sweeper recovers it.
     # Floored: renewed every third of it, 0.001 kept an idle service's core busy, and each other

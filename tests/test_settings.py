@@ -459,6 +459,17 @@ def test_a_torch_thread_count_past_any_machine_is_refused(toml_file: Path, monke
         Settings()
 
 
+@pytest.mark.parametrize(("value", "told"), [("-1", "greater than or equal to 0"),
+                                             ("1048577", "less than or equal to 1048576")])
+def test_a_free_disk_reserve_below_0_or_past_a_tebibyte_is_refused(toml_file: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                   value: str, told: str) -> None:
+    monkeypatch.setenv("ORCH_MIN_FREE_DISK_MB", value)
+    with pytest.raises(ValidationError, match=f"min_free_disk_mb\n  Input should be {told}"):
+        Settings()
+    monkeypatch.setenv("ORCH_MIN_FREE_DISK_MB", "0")  # the check off
+    assert Settings().min_free_disk_mb == 0
+
+
 @pytest.mark.parametrize(("variable", "value", "told"), [
     ("ORCH_LEASE_SECONDS", "inf", "finite number"),      # an OverflowError traceback at start
     ("ORCH_STOP_GRACE", "inf", "finite number"),         # a stop that waited forever

@@ -60,6 +60,11 @@ ROUTING_503 = ("No engine can take the request now (`no_route`: its engines' cir
                "(`database_unavailable`) or its disk is full (`storage_full`), or the server stopped before it "
                "finished the request (`server_stopping`): nothing was made or held; send it again (with the same "
                "Idempotency-Key) after `Retry-After`, when given.")
+# The 503 of a route that makes a job: ROUTING_503, and the data dir's free-space reserve.
+JOB_503 = ROUTING_503.replace(
+    "or its disk is full (`storage_full`)",
+    "or its disk is full, or the data dir's disk has less free space than ORCH_MIN_FREE_DISK_MB keeps for the "
+    "images of new jobs (`storage_full`, with `details.free_mb` and `details.min_free_mb`)")
 # The sentence of a route that reads query parameters.
 QUERY_422 = ("A query parameter is not valid (`invalid_request`): not one of its values or out of its range, a "
              "`cursor` that is no page's `next_cursor`, a parameter given twice, or one misspelt (`?state=`, "

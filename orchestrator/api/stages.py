@@ -8,7 +8,14 @@ from fastapi import APIRouter, Body, Request, Response
 
 from orchestrator import idempotency
 from orchestrator.api.deps import CallerDep, IdempotencyKey, ServicesDep, check_asset
-from orchestrator.api.docs import DRAFT_EXAMPLES, POLISH_EXAMPLES, PROMOTE_EXAMPLES, body_examples, with_body
+from orchestrator.api.docs import (
+    DRAFT_EXAMPLES,
+    JOB_503,
+    POLISH_EXAMPLES,
+    PROMOTE_EXAMPLES,
+    body_examples,
+    with_body,
+)
 from orchestrator.api.jobs import public
 from orchestrator.api.json_body import StrictJSONRoute
 from orchestrator.api.paths import AssetId, ProjectId
@@ -37,7 +44,8 @@ PAID_ERRORS = {**ACCEPTED, **with_body(
           410: "The source asset was deleted (`gone`).",
           500: "The source asset's image file is missing or damaged in the store (`content_unavailable`): sending "
                "the request again changes nothing until the operator restores it (`orchestrator check` lists such "
-               "files)."})}
+               "files).",
+          503: JOB_503})}
 # Every field of promote and polish has a default, so their body may be left out (the same as `{}`).
 PromoteBody = Annotated[PromoteCreate, Body(default_factory=PromoteCreate)]
 PolishBody = Annotated[PolishCreate, Body(default_factory=PolishCreate)]
@@ -51,7 +59,8 @@ PolishBody = Annotated[PolishCreate, Body(default_factory=PolishCreate)]
                             "hold its estimate, or it is over the policy rule's cap (`budget_exceeded`); drafts on "
                             "the local Lite model hold nothing and are never refused for the budget.",
                        404: "No such project (`not_found`).",
-                       409: _IDEMPOTENCY_CONFLICT})})
+                       409: _IDEMPOTENCY_CONFLICT,
+                       503: JOB_503})})
 def create_drafts(project_id: ProjectId, body: DraftCreate, services: ServicesDep, caller: CallerDep, request: Request,
                   response: Response, idempotency_key: IdempotencyKey = None) -> JobPublic:
     """Ask for `n` drafts of a prompt (stage `ideation`), made on the local Lite model unless the

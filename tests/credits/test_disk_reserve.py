@@ -1,0 +1,162 @@
+"""The data dir's free-space reserve (`ORCH_MIN_FREE_DISK_MB`): below it, no job is taken and no
+paid request is sent, so that no credits are spent on images that could not be stored. The free
+space is patched (`orchestrator.disk.free_bytes`), never a real disk filled."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, cast
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from orchestrator import disk
+from orchestrator.app import create_app
+from orchestrator.settings import Settings
+from tests import fakes
+from tests.api import assert_error
+from tests.credits import DRAFT, ledger, project_with_draft, wait_for_job
+
+MIB = 2**20
+RESERVE_MB = 256  # the default
+
+
+def free_space(monkeypatch: pytest.MonkeyPatch, mib: int) -> None:
+    """The assets folder's disk as having `mib` MiB free for the service's user, wherever it is read."""
+
+    def reading(folder: Path) -> int:
+        assert folder.is_dir()  # the assets folder itself, as the store writes there
+        return mib * MIB
+
+    monkeypatch.setattr(disk, "free_bytes", reading)
+
+
+@pytest.fixture
+def client(paid_settings_for: Callable[..., Settings], tmp_path: Path) -> Iterator[httpx.Client]:
+    """An in-process service with the default reserve (no port: TestClient calls the app)."""
+    settings = paid_settings_for(tmp_path / "data")
+    assert settings.min_free_disk_mb == RESERVE_MB
+    with TestClient(create_app(settings)) as test_client:
+        yield cast(httpx.Client, test_client)  # an httpx2.Client, whose calls are httpx's
+
+
+def jobs_and_entries(client: httpx.Client, project_id: str) -> tuple[list[str], list[dict[str, Any]]]:
+    response = client.get("/v1/jobs", params={"project_id": project_id, "limit": 500})
+    assert response.status_code == 200, response.text
+    return [job["id"] for job in response.json()["items"]], ledger(client, project_id)
+
+
+def test_every_submit_below_the_reserve_is_refused_with_nothing_written(
+        client: httpx.Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    project_id, asset_id = project_with_draft(client)
+    taken = client.post(f"/v1/projects/{project_id}/drafts", json=DRAFT, headers={"Idempotency-Key": "taken"})
+    assert taken.status_code == 202, taken.text
+    wait_for_job(client, taken.json()["id"])
+    before = jobs_and_entries(client, project_id)
+    free_space(monkeypatch, RESERVE_MB - 1)
+    # A retry of a request taken before writes nothing: it is answered as it was.
+    again = client.post(f"/v1/projects/{project_id}/drafts", json=DRAFT, headers={"Idempotency-Key": "taken"})
+    assert again.status_code == 202 and again.headers["Idempotent-Replayed"] == "true", again.text
+    assert again.json()["id"] == taken.json()["id"]
+    for path, body in ((f"/v1/projects/{project_id}/drafts", DRAFT),
+                       (f"/v1/assets/{asset_id}/promote", {"engine": "fake-paid", "cache": False}),
+                       (f"/v1/assets/{asset_id}/polish", {"engine": "fake-paid", "cache": False})):
+        response = client.post(path, json=body, headers={"Idempotency-Key": f"full {path}"})
+        error = assert_error(response, 503, "storage_full")
+        assert response.headers["Retry-After"] == "60", path  # as the database's full disk says
+        assert "ORCH_MIN_FREE_DISK_MB" in error["message"] and f"{RESERVE_MB - 1} MiB free" in error["message"]
+        assert error["details"] == {"free_mb": RESERVE_MB - 1, "min_free_mb": RESERVE_MB}
+    assert jobs_and_entries(client, project_id) == before  # no job, no hold, no key kept
+
+    free_space(monkeypatch, RESERVE_MB)  # room made: taken again at once, with the same key
+    response = client.post(f"/v1/assets/{asset_id}/promote", json={"engine": "fake-paid", "cache": False},
+                           headers={"Idempotency-Key": f"full /v1/assets/{asset_id}/promote"})
+    assert response.status_code == 202, response.text
+    assert wait_for_job(client, response.json()["id"])["status"] == "succeeded"
+
+
+def test_a_paid_job_claimed_below_the_reserve_is_failed_unsent_and_uncharged(
+        client: httpx.Client, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    project_id, asset_id = project_with_draft(client, {"limit": 100, "period": "none"})
+    until = tmp_path / "go"
+    prompt = f"not sent below the reserve {tmp_path.name}"
+    response = client.post(f"/v1/assets/{asset_id}/promote", json={
+        "engine": "fake-paid", "cache": False, "prompt": prompt,
+        "tags": {"fake": "wait-before-send", "until": str(until)}})
+    assert response.status_code == 202, response.text  # taken with room to spare
+    job_id = response.json()["id"]
+    free_space(monkeypatch, 10)  # the disk fills while the job prepares its request
+    until.touch()
+    job = wait_for_job(client, job_id)
+
+    assert job["status"] == "failed" and job["error"]["code"] == "storage_full", job
+    assert "nothing was charged" in job["error"]["message"] and "ORCH_MIN_FREE_DISK_MB" in job["error"]["message"]
+    assert prompt not in fakes.SENT  # the provider got no request
+    entries = [e for e in ledger(client, project_id) if e["job_id"] == job_id]
+    assert sorted(e["kind"] for e in entries) == ["hold", "release"], entries
+    assert job["cost"]["charged"] == 0 and job["cost"]["held"] == 0, job["cost"]
+    budget = client.get(f"/v1/projects/{project_id}/budget").json()
+    assert budget["held"] == 0 and budget["charged"] == 0 and budget["available"] == 100, budget
+
+
+def test_a_reserve_of_0_takes_and_sends_jobs_on_a_full_disk(
+        paid_settings_for: Callable[..., Settings], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = paid_settings_for(tmp_path / "data", min_free_disk_mb=0)
+    assert settings.min_free_disk_mb == 0
+    with TestClient(create_app(settings)) as test_client:
+        client = cast(httpx.Client, test_client)
+        project_id, asset_id = project_with_draft(client)
+        free_space(monkeypatch, 0)
+        prompt = f"sent with the reserve off {tmp_path.name}"
+        response = client.post(f"/v1/assets/{asset_id}/promote",
+                               json={"engine": "fake-paid", "cache": False, "prompt": prompt})
+        assert response.status_code == 202, response.text
+        assert wait_for_job(client, response.json()["id"])["status"] == "succeeded"
+        assert prompt in fakes.SENT
+        draft = client.post(f"/v1/projects/{project_id}/drafts", json=DRAFT)
+        assert draft.status_code == 202, draft.text
+
+
+def test_a_paid_engine_that_does_not_announce_its_sends_is_not_started_below_the_reserve(
+        client: httpx.Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    # No `billable_send()` to ask at (a plugin's engine): asked before its run instead.
+    monkeypatch.setattr(fakes.FakePaidEngine, "announces_sends", False)
+    project_id, asset_id = project_with_draft(client, {"limit": 100, "period": "none"})
+    engine = cast(fakes.FakePaidEngine, client.app.state.services.registry.get("fake-paid"))  # type: ignore[attr-defined]
+    runs = engine.calls
+    readings: list[Path] = []
+
+    def room_at_the_submit_only(folder: Path) -> int:
+        readings.append(folder)
+        return (RESERVE_MB if len(readings) == 1 else 10) * MIB  # the disk fills as the job is claimed
+
+    monkeypatch.setattr(disk, "free_bytes", room_at_the_submit_only)
+    response = client.post(f"/v1/assets/{asset_id}/promote", json={"engine": "fake-paid", "cache": False})
+    assert response.status_code == 202, response.text
+    job = wait_for_job(client, response.json()["id"])
+    assert job["status"] == "failed" and job["error"]["code"] == "storage_full", job
+    assert engine.calls == runs  # never started, so it sent nothing
+    assert job["cost"]["charged"] == 0 and job["cost"]["held"] == 0, job["cost"]
+    assert sorted(e["kind"] for e in ledger(client, project_id) if e["job_id"] == job["id"]) == ["hold", "release"]
+
+
+def test_the_api_document_says_when_a_submit_is_refused_for_the_reserve(client: httpx.Client) -> None:
+    paths = client.get("/openapi.json").json()["paths"]
+    for path in ("/v1/projects/{project_id}/drafts", "/v1/assets/{asset_id}/promote", "/v1/assets/{asset_id}/polish"):
+        said = paths[path]["post"]["responses"]["503"]["description"]
+        assert "ORCH_MIN_FREE_DISK_MB" in said and "`storage_full`" in said, path
+    # Explaining a route writes nothing, so the reserve does not refuse it.
+    assert "ORCH_MIN_FREE_DISK_MB" not in paths["/v1/route/explain"]["post"]["responses"]["503"]["description"]
+
+
+def test_a_free_space_that_cannot_be_read_refuses_nothing_and_says_so(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # The store's own write then tells what is wrong, where every job refused would hide it.
+    gone = tmp_path / "gone"
+    with caplog.at_level("WARNING", logger="orchestrator.disk"):
+        assert disk.DiskReserve(gone, RESERVE_MB).shortfall() is None
+    assert f"the free space of {gone} cannot be read" in caplog.text and "ORCH_MIN_FREE_DISK_MB" in caplog.text
+    with pytest.raises(FileNotFoundError):
+        disk.free_bytes(gone)  # as said: the reading failed, and was not taken as room
