@@ -11,7 +11,7 @@ from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema
 
 from orchestrator.api.deps import CallerDep, ServicesDep, check_asset
-from orchestrator.api.docs import EXPLAIN_EXAMPLES, body_examples, documented, with_body, with_query
+from orchestrator.api.docs import EXPLAIN_EXAMPLES, JOB_503, body_examples, documented, with_body, with_query
 from orchestrator.api.errors import BodyValidationError
 from orchestrator.api.json_body import StrictJSONRoute
 from orchestrator.api.paths import PolicyName
@@ -172,7 +172,8 @@ class ExplainRequest(Strict):
                  410: "The source asset was deleted (`gone`).",
                  429: "A job would be refused now: the project already has ORCH_MAX_PENDING_JOBS unfinished jobs "
                       "(`rate_limited`); `Retry-After` says when to try again.",
-                 500: "The source asset's image file is missing or damaged in the store (`content_unavailable`)."}))
+                 500: "The source asset's image file is missing or damaged in the store (`content_unavailable`).",
+                 503: JOB_503}))
 def explain(body: ExplainRequest, services: ServicesDep, caller: CallerDep) -> dict[str, Any]:
     """The routing decision and estimate for a request, without running or charging anything.
     With a project key, `project_id` may be left out: the key names the project."""
@@ -219,6 +220,7 @@ def explain(body: ExplainRequest, services: ServicesDep, caller: CallerDep) -> d
     cache_hit = cache and jobs.has_cached(prepared, decision)
     if not cache_hit:  # a copy of an earlier result is no job to wait for
         jobs.check_room(prepared.project_id)
+    jobs.refuse_if_no_room()  # as its submit would be: a 200 said the job would be taken
     return {"project_id": prepared.project_id, "stage": body.stage, "engine": decision.chosen,
             "estimate": 0.0 if cache_hit else to_credits(decision.estimate), "cache_hit": cache_hit,
             "routing": decision.as_dict(),

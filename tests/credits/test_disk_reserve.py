@@ -69,6 +69,11 @@ def test_every_submit_below_the_reserve_is_refused_with_nothing_written(
         assert "ORCH_MIN_FREE_DISK_MB" in error["message"] and f"{RESERVE_MB - 1} MiB free" in error["message"]
         assert error["details"] == {"free_mb": RESERVE_MB - 1, "min_free_mb": RESERVE_MB}
     assert jobs_and_entries(client, project_id) == before  # no job, no hold, no key kept
+    # Explaining the route tells the same: a 200 said such a job would be taken.
+    for stage, source in (("ideation", None), ("bridge", asset_id)):
+        explained = client.post("/v1/route/explain", json={"stage": stage, "project_id": project_id,
+                                                           "source_asset_id": source, "prompt": "x"})
+        assert assert_error(explained, 503, "storage_full")["details"]["free_mb"] == RESERVE_MB - 1, stage
 
     free_space(monkeypatch, RESERVE_MB)  # room made: taken again at once, with the same key
     response = client.post(f"/v1/assets/{asset_id}/promote", json={"engine": "fake-paid", "cache": False},
@@ -147,8 +152,8 @@ def test_the_api_document_says_when_a_submit_is_refused_for_the_reserve(client: 
     for path in ("/v1/projects/{project_id}/drafts", "/v1/assets/{asset_id}/promote", "/v1/assets/{asset_id}/polish"):
         said = paths[path]["post"]["responses"]["503"]["description"]
         assert "ORCH_MIN_FREE_DISK_MB" in said and "`storage_full`" in said, path
-    # Explaining a route writes nothing, so the reserve does not refuse it.
-    assert "ORCH_MIN_FREE_DISK_MB" not in paths["/v1/route/explain"]["post"]["responses"]["503"]["description"]
+    # Explaining a route says what its submit would answer, the reserve's refusal included.
+    assert "ORCH_MIN_FREE_DISK_MB" in paths["/v1/route/explain"]["post"]["responses"]["503"]["description"]
 
 
 def test_a_free_space_that_cannot_be_read_refuses_nothing_and_says_so(
