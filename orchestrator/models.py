@@ -161,7 +161,11 @@ class Asset(SQLModel, table=True):
     __table_args__ = (sa.Index("ix_assets_stage_size", "stage", "width", "height", "project_id", "created_at",
                                "engine", "job_id"),
                       # A project's assets a page at a time, in id order.
-                      sa.Index("ix_assets_project_id", "project_id", "id"))
+                      sa.Index("ix_assets_project_id", "project_id", "id"),
+                      # Draft retention's (`orchestrator.retention`): a stage's live assets oldest first,
+                      # past those deleted already. Not a partial index: SQLite's planner, without
+                      # statistics, took the stage's index above over it and sorted every old draft.
+                      sa.Index("ix_assets_stage_live", "stage", "deleted_at", "created_at", "id"))
 
     id: str = Field(primary_key=True, max_length=40)
     project_id: str = Field(foreign_key="projects.id", max_length=40)

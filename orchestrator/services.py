@@ -10,6 +10,7 @@ import importlib.util
 import logging
 import os
 import tempfile
+import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,7 @@ from orchestrator.outage import Outage
 from orchestrator.policy_versions import PolicyVersions
 from orchestrator.prices import load_price_overrides, unread_prices
 from orchestrator.queue import Scheduler
+from orchestrator.retention import expire_drafts
 from orchestrator.routing import Router, policy_warnings
 from orchestrator.runner import JobRunner
 from orchestrator.settings import CONFIG_FILE_VARIABLE, Settings, control_character_problem, source_of
@@ -426,6 +428,9 @@ class Services:
     health_sharing: asyncio.Task[None] | None = None
     asset_sweeping: asyncio.Task[None] | None = None
     policy_watching: asyncio.Task[None] | None = None
+    # Set by `aclose`: the asset sweep's thread, which a cancel does not reach, stops between two
+    # batches of drafts (a first sweep of 100,000 took 30 s, which a stop waited out).
+    sweeps_stop: threading.Event = field(default_factory=threading.Event)
 
     @classmethod
     def build(cls, settings: Settings) -> Services:
@@ -658,10 +663,29 @@ class Services:
         return self.store.sweep_orphans(lambda shas: named(shas, False), older_than,
                                         deleted=lambda shas: named(shas, True), emptied=emptied)
 
+    def expire_drafts(self) -> int:
+        """With ORCH_DRAFT_RETENTION_DAYS, delete the drafts older than that which nothing descends
+        from (`orchestrator.retention`); how many."""
+        days = self.settings.draft_retention_days
+        if days is None:
+            return 0
+        # Not taken out of `store.recent` as a DELETE's is: a draft a day old was served from it
+        # for `RECENT_SECONDS` at most, and 100,000 of them would push out the deletes it must remember.
+        deleted = expire_drafts(self.db, days, stop=self.sweeps_stop)
+        if deleted:
+            log.info("deleted %d drafts older than %d days that nothing descends from (ORCH_DRAFT_RETENTION_DAYS)",
+                     deleted, days)
+        return deleted
+
     async def _sweep_assets(self) -> None:
-        """Asset files no row names (`ArtifactStore.sweep_orphans`) and old temp files: at start,
-        then every `ORPHAN_SWEEP_SECONDS`."""
+        """Drafts past ORCH_DRAFT_RETENTION_DAYS, then asset files no row names
+        (`ArtifactStore.sweep_orphans`: the drafts' among them) and old temp files: at start, then
+        every `ORPHAN_SWEEP_SECONDS`."""
         while True:
+            try:
+                await asyncio.to_thread(self.expire_drafts)
+            except Exception:  # the files are swept all the same
+                log.exception("draft retention failed; trying again at the next asset sweep")
             try:
                 # A temp file left by a crash, once it is old enough to be no one's write in progress:
                 # a service restarted right after the crash would otherwise keep it until its next start.
@@ -764,6 +788,7 @@ class Services:
 
     async def aclose(self) -> None:
         self.scheduler.stop_claiming()  # before the waits below: nothing starts that `stop` abandons
+        self.sweeps_stop.set()
         tasks = [*self.background,
                  *(task for task in (self.health_sharing, self.asset_sweeping, self.policy_watching) if task)]
         for task in tasks:

@@ -212,6 +212,9 @@ class Settings(BaseSettings):
     # after a restart (a synchronous call): they answer and their images are kept and charged,
     # instead of being failed `interrupted` with their estimate captured unreconciled.
     stop_grace: float = Field(120.0, ge=0, le=DAY, allow_inf_nan=False)
+    # Days a draft is kept unless something descends from it (`orchestrator.retention`); unset:
+    # kept forever. At least a day (a draft just made is still being looked at); past a century, a typo.
+    draft_retention_days: int | None = Field(None, ge=1, le=36_500)
     # Whether `serve` also runs jobs; false for API servers in front of `orchestrator worker`s.
     run_jobs: bool = True
     # Seconds between looks at what other processes changed: jobs they queued (for a worker),

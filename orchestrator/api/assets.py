@@ -8,7 +8,6 @@ from typing import Annotated, Any, BinaryIO
 
 from fastapi import APIRouter, Header, Request, Response
 from fastapi.responses import StreamingResponse
-from sqlalchemy import update
 from sqlmodel import Session, col, select
 from starlette.types import Receive, Scope, Send
 
@@ -17,10 +16,10 @@ from orchestrator.api.docs import documented
 from orchestrator.api.json_body import StrictJSONRoute
 from orchestrator.api.paths import AssetId
 from orchestrator.api.serialize import ASSET_TEXT, PAGE_BATCH, PAGE_TEXT_BYTES, asset_public
-from orchestrator.clock import utcnow
 from orchestrator.errors import Conflict, ContentUnavailable, gone, not_found
 from orchestrator.jobs import raise_if_deleted_since
 from orchestrator.models import Asset, Job
+from orchestrator.retention import delete_assets, unfinished_jobs_from
 from orchestrator.schemas import AssetPublic, Lineage
 from orchestrator.services import Services
 
@@ -71,15 +70,11 @@ def delete_asset(asset_id: AssetId, services: ServicesDep, caller: CallerDep) ->
             raise not_found("asset", "asset_id", asset_id)
         caller.asset(asset)
         if asset.deleted_at is None:
-            # Under the write lock: a promote committing its job takes it too and checks the
-            # source again (`JobService.submit`), so no job can start from a deleted asset.
-            using = list(s.exec(select(Job.id).where(col(Job.source_asset_id) == asset_id,
-                                                     col(Job.status).in_(("queued", "running")))
-                                .order_by(col(Job.id)).limit(MAX_LISTED_JOBS)).all())
+            using = list(s.exec(unfinished_jobs_from(asset_id).order_by(col(Job.id)).limit(MAX_LISTED_JOBS)).all())
             if using:
                 raise Conflict(f"asset '{asset_id}' is the source of unfinished jobs: cancel them or let them "
                                "finish first", details={"asset_id": asset_id, "jobs": using})
-            s.execute(update(Asset).where(col(Asset.id) == asset_id).values(deleted_at=utcnow()))
+            delete_assets(s, [asset_id])
     services.store.recent.remove(asset_id)
     log.info("asset %s deleted", asset_id)
     return Response(status_code=204)

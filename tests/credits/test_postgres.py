@@ -52,6 +52,7 @@ from tests.api.test_job_reads import (
     check_the_stored_bound_is_never_below_the_text,
     held_job,
 )
+from tests.api.test_retention import check_batches, check_draft_retention, check_two_sweeps_at_once
 from tests.conftest import isolate, random_runs
 from tests.credits import PRICE, assert_settled_once, ledger, project_with_draft, promote_ok
 from tests.credits.conftest import ENGINES, POLICY, Service
@@ -186,6 +187,17 @@ def test_nul_characters_are_refused_on_postgres(pg_api: httpx.Client) -> None:
     check_nul_refused(pg_api, project)
     # What the checks did not refuse still works on this database.
     assert pg_api.get(f"/v1/projects/{project}").status_code == 200
+
+
+def test_draft_retention_on_postgres(postgres_url: str, make_settings: Callable[..., Settings],
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    check_draft_retention(make_settings, database_url=postgres_url)
+    db = Database(postgres_url)
+    try:  # on the database the check above left (none of its live drafts is retention's)
+        check_batches(db, monkeypatch)
+        check_two_sweeps_at_once(db)
+    finally:
+        db.dispose()
 
 
 def test_one_idempotency_key_from_two_racing_requests_on_postgres(
