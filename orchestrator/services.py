@@ -429,7 +429,8 @@ class Services:
     asset_sweeping: asyncio.Task[None] | None = None
     policy_watching: asyncio.Task[None] | None = None
     # Set by `aclose`: the asset sweep's thread, which a cancel does not reach, stops between two
-    # batches of drafts (a first sweep of 100,000 took 30 s, which a stop waited out).
+    # batches of drafts (a first sweep of 100,000 took 30 s, which a stop waited out), and between
+    # two files of the store (`ArtifactStore.sweep_orphans`).
     sweeps_stop: threading.Event = field(default_factory=threading.Event)
 
     @classmethod
@@ -661,7 +662,8 @@ class Services:
             emptied = s.exec(select(Asset.id).limit(1)).first() is not None and \
                 s.exec(select(Asset.id).where(col(Asset.deleted_at).is_(None)).limit(1)).first() is None
         return self.store.sweep_orphans(lambda shas: named(shas, False), older_than,
-                                        deleted=lambda shas: named(shas, True), emptied=emptied)
+                                        deleted=lambda shas: named(shas, True), emptied=emptied,
+                                        stop=self.sweeps_stop)
 
     def expire_drafts(self) -> int:
         """With ORCH_DRAFT_RETENTION_DAYS, delete the drafts older than that which nothing descends

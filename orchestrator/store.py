@@ -609,7 +609,7 @@ class ArtifactStore:
     def sweep_orphans(self, referenced: Callable[[list[str]], Collection[str]],
                       older_than: float = ORPHAN_GRACE_SECONDS, *,
                       deleted: Callable[[list[str]], Collection[str]] | None = None,
-                      emptied: bool = False) -> int:
+                      emptied: bool = False, stop: threading.Event | None = None) -> int:
         """Remove asset files that no asset row names and that were last written (or `put`) more
         than `older_than` seconds ago; returns how many. `referenced` gets a batch of sha256s and
         answers those some live row names; `deleted`, those only deleted assets' rows name (files
@@ -624,12 +624,20 @@ class ArtifactStore:
         of the old ones are orphans: a database that is not this store's (a new one, another
         install's) would otherwise make every file an orphan. `emptied`: the database has asset
         rows and every one is deleted, so it names no file, and a few orphans (a crash's) are no
-        sign of another database (its swept files were the ones it named)."""
+        sign of another database (its swept files were the ones it named).
+
+        Once `stop` is set (the service stopping), it ends before the next file or batch, each
+        file it set aside settled: the rest are the next sweep's. Set before the listing is done,
+        it removes nothing, as the alarm above needs the whole store's count."""
+        stop = stop or threading.Event()
         cutoff = time.time() - older_than
         candidates: dict[str, list[Path]] = {}
         young: list[str] = []  # a few of the files too new to sweep, to tell a young install
         total = 0
         for path in self.root.glob("*/*.png"):
+            # A stop waited out the whole walk: 5 to 6 s for 200,000 files, against 0.5 to 0.9 s once checked here.
+            if stop.is_set():
+                return 0
             sha = stored_sha(path)
             try:
                 if sha is None or not stat.S_ISREG(path.lstat().st_mode):
@@ -647,6 +655,8 @@ class ArtifactStore:
         named_any = False
         shas = list(candidates)
         for start in range(0, len(shas), ORPHAN_BATCH):
+            if stop.is_set():
+                return 0
             batch = shas[start:start + ORPHAN_BATCH]
             named = set(referenced(batch))
             gone = set(deleted(batch)) - named if deleted is not None else set()
@@ -668,9 +678,15 @@ class ArtifactStore:
                                "database: is it the database this data dir belongs to? Nothing was removed. If "
                                "it is, they are images of jobs killed as they stored them: `orchestrator check` "
                                "lists them, to move out of the store once you are sure")
+        # Put back even once stopped: a few files, which are otherwise served from aside until the next sweep.
         for path in leftovers:
             self._set_aside(path, keep=True, cutoff=cutoff)
-        return sum(self._set_aside(path, keep=False, cutoff=cutoff) for path in [*let_go, *orphans])
+        removed = 0
+        for path in [*let_go, *orphans]:
+            if stop.is_set():
+                break
+            removed += self._set_aside(path, keep=False, cutoff=cutoff)
+        return removed
 
     def _set_aside(self, path: Path, *, keep: bool, cutoff: float) -> int:
         """Settle one candidate; returns 1 when it was removed."""

@@ -5,11 +5,13 @@ write transaction per batch; unset, every draft is kept."""
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -230,6 +232,53 @@ def test_the_retention_is_a_whole_number_of_days_from_one_to_a_century(
         make_settings: SettingsFactory, days: str) -> None:
     with pytest.raises(ValidationError, match="draft_retention_days"):
         make_settings(draft_retention_days=days)
+
+
+def test_a_stopping_service_s_file_sweep_ends_with_each_file_settled(make_settings: SettingsFactory,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The file sweep after the drafts': `aclose` sets the same event, and the sweep's thread ends
+    after the file under way, where it went on through the whole store (a stop waited for it)."""
+    settings = make_settings()
+    db = Database(settings.resolved_database_url)
+    db.migrate()
+    try:
+        _, ids = fill(db, 6)
+        with db.transaction() as s:  # the first kept: the others' files are the sweep's
+            s.execute(update(Asset).where(col(Asset.id).in_(ids[1:])).values(deleted_at=utcnow()))
+    finally:
+        db.dispose()
+    store = ArtifactStore(settings.assets_dir)
+    paths = [store.path_for(f"{n:064x}") for n in range(6)]  # as `fill` names them
+    old = time.time() - 7200
+    for path in paths:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+        os.utime(path, (old, old))
+    reached, services = threading.Event(), Services.build(settings)
+    real = ArtifactStore._set_aside
+
+    def then_the_stop(self: ArtifactStore, path: Path, *, keep: bool, cutoff: float) -> int:
+        settled = real(self, path, keep=keep, cutoff=cutoff)
+        reached.set()
+        services.sweeps_stop.wait(10)
+        return settled
+
+    monkeypatch.setattr(ArtifactStore, "_set_aside", then_the_stop)
+    removed: list[int] = []
+    sweeping = threading.Thread(target=lambda: removed.append(services.sweep_asset_files()))
+    sweeping.start()
+    try:
+        assert reached.wait(10), "the sweep removed nothing"
+    finally:
+        asyncio.run(services.aclose())
+        sweeping.join(10)
+    assert removed == [1]
+    assert paths[0].exists() and sum(path.exists() for path in paths[1:]) == 4
+    assert not list(store.root.rglob(".gc-*"))
+    monkeypatch.setattr(ArtifactStore, "_set_aside", real)
+    with built(settings) as services:
+        assert services.sweep_asset_files() == 4  # the rest: the next sweep's
+    assert [path.exists() for path in paths] == [True, *[False] * 5]
 
 
 def test_a_batch_reads_the_old_live_drafts_from_their_index(tmp_path: Any) -> None:

@@ -484,6 +484,70 @@ def test_a_dead_sweeps_leftover_is_settled(tmp_path: Path) -> None:
     assert [p.name for p in store.root.rglob("*") if p.is_file()] == [f"{named}.png"]
 
 
+def test_a_stopped_sweep_ends_early_and_leaves_nothing_set_aside(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stop of the service sets `stop`: the sweep, in a thread no cancel reaches, ends before the
+    next file or batch (a stop waited out a whole store's walk), and what it set aside is settled."""
+    monkeypatch.setattr("orchestrator.store.ORPHAN_BATCH", 2)
+    store = ArtifactStore(tmp_path / "assets")
+    rows = with_a_named_file(store)
+    # Named by deleted assets only: however many, no sign of another database.
+    let_go = [store.put(f"deleted {n}".encode()) for n in range(6)]
+    for sha in let_go:
+        age(store.path_for(sha))
+    # A dead sweep's leftover of a named file: served from aside until some sweep puts it back.
+    leftover = store.put(b"named, set aside")
+    rows.named.add(leftover)
+    aside = store.path_for(leftover).with_name(f".gc-{leftover}-0a1b2c3d.png")
+    os.rename(store.path_for(leftover), aside)
+    age(aside)
+    every = [*rows.named, *let_go]
+
+    def deleted(shas: list[str]) -> set[str]:
+        return set(let_go) & set(shas)
+
+    def files() -> list[str]:
+        return sorted(p.name for p in store.root.rglob("*") if p.is_file())
+
+    stop = threading.Event()
+    stop.set()
+    assert store.sweep_orphans(rows, deleted=deleted, stop=stop) == 0
+    assert rows.asked == []  # ended in the listing
+    assert files() == sorted([aside.name, *(f"{sha}.png" for sha in every if sha != leftover)])
+
+    stop.clear()
+
+    def stop_after_one_batch(shas: list[str]) -> set[str]:
+        stop.set()
+        return rows(shas)
+
+    assert store.sweep_orphans(stop_after_one_batch, deleted=deleted, stop=stop) == 0
+    assert len(rows.asked) == 1
+    assert aside.exists() and all(store.path_for(sha).exists() for sha in let_go)
+
+    stop.clear()
+    real_rename = os.rename
+    renamed: list[str] = []
+
+    def stop_during_one(src: str | Path, dst: str | Path) -> None:
+        real_rename(src, dst)
+        if Path(dst).name.startswith(".gc-"):  # one file set aside, then the stop
+            renamed.append(Path(src).name)
+            stop.set()
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("orchestrator.store.os.rename", stop_during_one)
+        assert store.sweep_orphans(rows, deleted=deleted, stop=stop) == 1
+    # The file it had set aside is removed, as its rules say; the leftover is back; the rest stays.
+    assert len(renamed) == 1 and renamed[0].removesuffix(".png") in let_go
+    kept = [sha for sha in let_go if f"{sha}.png" not in renamed]
+    assert files() == sorted(f"{sha}.png" for sha in [*rows.named, *kept])
+    assert store.get(leftover) == b"named, set aside"
+    # The next sweep, not stopped, takes the rest.
+    assert store.sweep_orphans(rows, deleted=deleted) == len(kept)
+    assert files() == sorted(f"{sha}.png" for sha in rows.named)
+
+
 def test_a_service_sweeps_the_files_a_crash_left_of_a_job_canceled_while_storing(make_settings: SettingsFactory,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     settings = make_settings(sweep_interval=0.1)
