@@ -402,7 +402,7 @@ class JobService:
 
     def refuse_if_no_room(self) -> None:
         """`StorageFull` while the data dir's disk is below its reserve: asked before anything is
-        routed, held or written, so that no job is taken whose images could not be stored."""
+        held or written, so that no job is taken whose images could not be stored."""
         if self.reserve is None or (free := self.reserve.shortfall()) is None:
             return
         raise StorageFull(f"{self.reserve.said(free)}: nothing was made or held; its operator must make room "
@@ -439,9 +439,12 @@ class JobService:
         keyed = hashlib.sha256(f"{scope} {idempotency_key}".encode()).hexdigest()[:32] if idempotency_key else None
         token = f"submit-{keyed or secrets.token_hex(8)}"
         try:
-            self.refuse_if_no_room()
             prepared = prepare()
             decision = self.decide(prepared, engine, max_credits, cache=cache, holder=token)
+            # After the reads that answer for good (no such project or asset, archived, no route, over
+            # the budget): a 503 says "send it again", and room made would still refuse those. Before
+            # the probe is reserved and anything written.
+            self.refuse_if_no_room()
             if not decision.copy:  # a copy sends nothing: no probe of a half-open circuit is its to take
                 decision = self._reserve(decision, token, prepared, engine, max_credits, cache=cache)
         except OrchestratorError:

@@ -17,7 +17,7 @@ from orchestrator.app import create_app
 from orchestrator.settings import Settings
 from tests import fakes
 from tests.api import assert_error
-from tests.credits import DRAFT, ledger, project_with_draft, wait_for_job
+from tests.credits import DRAFT, create_project, ledger, make_draft, project_with_draft, wait_for_job
 
 MIB = 2**20
 RESERVE_MB = 256  # the default
@@ -80,6 +80,26 @@ def test_every_submit_below_the_reserve_is_refused_with_nothing_written(
                            headers={"Idempotency-Key": f"full /v1/assets/{asset_id}/promote"})
     assert response.status_code == 202, response.text
     assert wait_for_job(client, response.json()["id"])["status"] == "succeeded"
+
+
+def test_a_request_no_room_would_make_taken_is_answered_as_it_is_without_the_reserve(
+        client: httpx.Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A 503 says "send it again": said of a request refused for good, clients retried it forever.
+    project_id, asset_id = project_with_draft(client)
+    archived = create_project(client)
+    assert client.patch(f"/v1/projects/{archived}", json={"archived": True}).status_code == 200
+    deleted = make_draft(client, project_id)
+    assert client.delete(f"/v1/assets/{deleted}").status_code == 204
+    refused = {f"/v1/projects/prj_{'0' * 24}/drafts": (DRAFT, 404, "not_found"),
+               f"/v1/projects/{archived}/drafts": (DRAFT, 409, "project_archived"),
+               f"/v1/assets/{deleted}/promote": ({"engine": "fake-paid", "cache": False}, 410, "gone"),
+               f"/v1/projects/{project_id}/drafts": ({**DRAFT, "engine": "no-such-engine"}, 422, "no_route")}
+    free_space(monkeypatch, RESERVE_MB - 1)
+    for path, (body, status, code) in refused.items():
+        assert_error(client.post(path, json=body), status, code)
+    # And one that would be taken is still refused for the room.
+    assert_error(client.post(f"/v1/assets/{asset_id}/promote", json={"engine": "fake-paid", "cache": False}),
+                 503, "storage_full")
 
 
 def test_a_paid_job_claimed_below_the_reserve_is_failed_unsent_and_uncharged(
