@@ -5,6 +5,7 @@ write transaction per batch; unset, every draft is kept."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import threading
 import time
@@ -198,6 +199,26 @@ def test_a_stopping_service_s_sweep_ends_after_the_batch_under_way(tmp_path: Any
         assert live(db, project_id) == ids[2:]
     finally:
         db.dispose()
+
+
+def test_a_service_s_stop_ends_its_retention_between_two_batches(
+        make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Batches of 2 with 30 s between them: a stop that did not reach the sweep's thread waited them out.
+    monkeypatch.setattr("orchestrator.services.expire_drafts",
+                        functools.partial(retention.expire_drafts, batch=2, pause=30))
+    with built(make_settings(draft_retention_days=DAYS)) as services:
+        services.db.migrate()
+        project_id, ids = fill(services.db, 5)
+        sweep = threading.Thread(target=services.expire_drafts)
+        sweep.start()
+        deadline = time.monotonic() + 30
+        while len(live(services.db, project_id)) == len(ids):  # the first batch committed
+            assert time.monotonic() < deadline, "the first batch was not deleted"
+            time.sleep(0.01)
+    # Stopped (`aclose`) while the sweep waits between its batches.
+    sweep.join(timeout=10)
+    assert not sweep.is_alive(), "the stop did not end the sweep before its next batch"
+    assert live(services.db, project_id) == ids[2:]
 
 
 def check_two_sweeps_at_once(db: Database) -> None:
