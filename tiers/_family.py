@@ -309,10 +309,11 @@ def ldm_parameterization(sidecar: Path) -> str:
 
 def sd2_name_parameterization(path: Path) -> str | None:
     """What an SD 2.x file predicts by its name, where it keeps one of Stability's: `512` or `base`
-    in it ("v2-1_512-ema-pruned", "512-base-ema") is the noise at 512 px, `768` or `v` ("768-v-ema",
-    "v2-1_768-ema-pruned") is "v" at 768. None for a name that says neither, or both."""
+    as a word of it ("v2-1_512-ema-pruned", "512-base-ema", "stable-diffusion-2-1-base") is the
+    noise at 512 px, `768` ("768-v-ema", "v2-1_768-ema-pruned") is "v" at 768. None for a name that
+    says neither, or both. A lone `v` is not taken for "v": too many names hold one ("x_v_2")."""
     words = set(re.split(r"[^a-z0-9]+", path.stem.lower()))
-    says_v, says_eps = bool(words & {"768", "v"}), bool(words & {"512", "base"})
+    says_v, says_eps = "768" in words, bool(words & {"512", "base"})
     return None if says_v == says_eps else ("v" if says_v else "eps")
 
 

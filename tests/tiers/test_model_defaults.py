@@ -267,6 +267,8 @@ SD2_KEYS = ["cond_stage_model.model.ln_final.weight", "model.diffusion_model.out
     ("768-v-ema", SD2_KEYS, None, 768, "name"),
     ("v2-1_768-ema-pruned", SD2_KEYS, None, 768, "name"),
     ("base_768", SD2_KEYS, None, 768, "files"),  # says both: as if it said neither
+    ("realvision_v_2", SD2_KEYS, None, 768, "files"),  # a lone v is no word of Stability's
+    ("stable-diffusion-2-1-base", SD2_KEYS, None, 512, "name"),
     ("v2-1_768-ema-pruned", SD2_KEYS, ("yaml", EPSILON_CONFIG), 512, "files"),  # the config comes first
     # A name that says 2.x is 2.1's size unless the config beside the file says otherwise.
     ("stable-diffusion-2-1", SD2_KEYS, ("yaml", EPSILON_CONFIG), 512, "files"),
