@@ -126,6 +126,29 @@ def test_a_paid_job_claimed_below_the_reserve_is_failed_unsent_and_uncharged(
     assert budget["held"] == 0 and budget["charged"] == 0 and budget["available"] == 100, budget
 
 
+def test_explain_answers_the_reserve_before_the_pending_limit_as_the_submit_does(
+        paid_settings_for: Callable[..., Settings], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """At ORCH_MAX_PENDING_JOBS and below the reserve at once, the submit answers 503 (it asks the
+    reserve before it counts the project's jobs) and its explanation answered 429."""
+    with TestClient(create_app(paid_settings_for(tmp_path / "data", max_pending_jobs=1))) as test_client:
+        client = cast(httpx.Client, test_client)
+        _, asset_id = project_with_draft(client)
+        until = tmp_path / "go"
+        held = client.post(f"/v1/assets/{asset_id}/promote", json={
+            "engine": "fake-paid", "cache": False, "tags": {"fake": "wait-before-send", "until": str(until)}})
+        assert held.status_code == 202, held.text  # the project's one unfinished job
+        body = {"engine": "fake-paid", "cache": False}
+        assert_error(client.post(f"/v1/assets/{asset_id}/promote", json=body), 429, "rate_limited")
+        free_space(monkeypatch, RESERVE_MB - 1)
+        submitted = client.post(f"/v1/assets/{asset_id}/promote", json=body)
+        explained = client.post("/v1/route/explain", json={"stage": "bridge", "source_asset_id": asset_id, **body})
+        assert_error(submitted, 503, "storage_full")
+        assert_error(explained, 503, "storage_full")
+        free_space(monkeypatch, RESERVE_MB)
+        until.touch()
+        wait_for_job(client, held.json()["id"])
+
+
 def test_a_reserve_of_0_takes_and_sends_jobs_on_a_full_disk(
         paid_settings_for: Callable[..., Settings], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     settings = paid_settings_for(tmp_path / "data", min_free_disk_mb=0)
