@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import dataclasses
+import enum
 import functools
 import gc
 import inspect
@@ -83,6 +84,17 @@ PREVIEW_VAE_SPACING = 3.0
 # ran out of memory once (a large batch's step) may well work at the next step.
 PREVIEW_VAE_FAILURES = 3
 
+
+class LatentSpace(enum.Enum):
+    """The latent space of a pipeline's VAE, which the free preview's colours depend on (`latent_space`)."""
+
+    SD = "SD 1.x/2.x"
+    SDXL = "SDXL"
+    SD3 = "SD3"
+    FLUX = "FLUX"
+
+
+RGB = tuple[float, float, float]
 # Linear map from SD 1.x/2.x latents to RGB: a free preview without running the VAE.
 _LATENT_RGB = ((0.298, 0.207, 0.208), (0.187, 0.286, 0.173), (-0.158, 0.189, 0.264), (-0.184, -0.271, -0.473))
 # SDXL's VAE has a latent space of its own: SD 1.x's map gave its previews the wrong colours.
@@ -92,6 +104,37 @@ _LATENT_RGB_XL_BIAS = (0.1084, -0.0175, -0.0011)
 # SDXL's VAE's `scaling_factor`: its pipelines denoise the VAE's latents times this, the scale
 # SDXL's map above and TAESDXL read.
 _SDXL_SCALING_FACTOR = 0.13025
+# SD3's and FLUX's VAEs have 16 latent channels each, in spaces of their own. These maps are the
+# fits ComfyUI's previews use, the `latent_rgb_factors` (a row per channel) and
+# `latent_rgb_factors_bias` of its classes `SD3` and `Flux` in comfyanonymous/ComfyUI,
+# comfy/latent_formats.py. Its sampler hands its previews the latents it denoises, the VAE's after
+# `process_in`, (latent - shift_factor) * scale_factor with SD3's (0.0609, 1.5305) and FLUX's
+# (0.1159, 0.3611): what SD3's and FLUX's diffusers pipelines denoise too, with the same numbers
+# in their VAE configs (`shift_factor`, `scaling_factor`), so the maps read the step's latents as
+# they are. (Stability's own reference code, Stability-AI/sd3.5 sd3_impls.py, has an older SD3 fit
+# with no bias.)
+_LATENT_RGB_SD3 = (
+    (-0.0922, -0.0175, 0.0749), (0.0311, 0.0633, 0.0954), (0.1994, 0.0927, 0.0458), (0.0856, 0.0339, 0.0902),
+    (0.0587, 0.0272, -0.0496), (-0.0006, 0.1104, 0.0309), (0.0978, 0.0306, 0.0427), (-0.0042, 0.1038, 0.1358),
+    (-0.0194, 0.0020, 0.0669), (-0.0488, 0.0130, -0.0268), (0.0922, 0.0988, 0.0951), (-0.0278, 0.0524, -0.0542),
+    (0.0332, 0.0456, 0.0895), (-0.0069, -0.0030, -0.0810), (-0.0596, -0.0465, -0.0293), (-0.1448, -0.1463, -0.1189))
+_LATENT_RGB_SD3_BIAS = (0.2394, 0.2135, 0.1925)
+_LATENT_RGB_FLUX = (
+    (-0.0346, 0.0244, 0.0681), (0.0034, 0.0210, 0.0687), (0.0275, -0.0668, -0.0433), (-0.0174, 0.0160, 0.0617),
+    (0.0859, 0.0721, 0.0329), (0.0004, 0.0383, 0.0115), (0.0405, 0.0861, 0.0915), (-0.0236, -0.0185, -0.0259),
+    (-0.0245, 0.0250, 0.1180), (0.1008, 0.0755, -0.0421), (-0.0515, 0.0201, 0.0011), (0.0428, -0.0012, -0.0036),
+    (0.0817, 0.0765, 0.0749), (-0.1264, -0.0522, -0.1103), (-0.0280, -0.0881, -0.0499), (-0.1262, -0.0982, -0.0778))
+_LATENT_RGB_FLUX_BIAS = (-0.0329, -0.0718, -0.0851)
+# Each space's map: a row per latent channel, and a bias (None: none to add).
+LATENT_RGB: dict[LatentSpace, tuple[tuple[RGB, ...], RGB | None]] = {
+    LatentSpace.SD: (_LATENT_RGB, None),
+    LatentSpace.SDXL: (_LATENT_RGB_XL, _LATENT_RGB_XL_BIAS),
+    LatentSpace.SD3: (_LATENT_RGB_SD3, _LATENT_RGB_SD3_BIAS),
+    LatentSpace.FLUX: (_LATENT_RGB_FLUX, _LATENT_RGB_FLUX_BIAS),
+}
+# The (`scaling_factor`, `shift_factor`) of the VAE configs of SD3 (3 and 3.5) and FLUX.1, which
+# say their latent spaces (SDXL's says its own `scaling_factor` alone).
+_VAE_SCALES = {LatentSpace.SD3: (1.5305, 0.0609), LatentSpace.FLUX: (0.3611, 0.1159)}
 
 # How often defaults a model's name and files do not tell yet are read again (see `LocalEngine.defaults`).
 DEFAULTS_RECHECK_SECONDS = 10.0
@@ -636,47 +679,86 @@ def _vae_setting(pipe: Any, name: str) -> Any:
     return config.get(name) if isinstance(config, dict) else getattr(config, name, None)
 
 
-def in_sdxl_latent_space(pipe: Any) -> bool:
-    """Whether `pipe`'s latents, as the previews read them (`_in_sdxl_scale`), are those of SDXL's
-    VAE: said by its VAE config's `scaling_factor` where that is SDXL's, else by the pipeline
-    (`is_sdxl`). PixArt-Alpha and -Sigma use SDXL's VAE but have a transformer, no UNet: by the
-    pipeline alone their previews got SD 1.x's map, the wrong colours. Another `scaling_factor`
-    decides nothing: 0.18215, SD 1.x's and 2.x's, is also what diffusers fills in for a config
-    without one, and Playground v2.5's VAE (SDXL's, normalized) says 0.5."""
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def latent_space(pipe: Any) -> LatentSpace:
+    """The latent space of `pipe`'s latents, as the previews read them: said by its VAE config's
+    `scaling_factor` (and `shift_factor`) where those are SD3's, FLUX's or SDXL's, else by the
+    pipeline (its class, `is_sdxl`). PixArt-Alpha and -Sigma use SDXL's VAE but have a transformer,
+    no UNet: by the pipeline alone their previews got SD 1.x's map, the wrong colours. Another
+    `scaling_factor` decides nothing: 0.18215, SD 1.x's and 2.x's, is also what diffusers fills in
+    for a config without one, and Playground v2.5's VAE (SDXL's, normalized) says 0.5. FLUX.2's
+    pipeline (32 latent channels, packed otherwise) is not FLUX.1's."""
     scale = _vae_setting(pipe, "scaling_factor")
-    if isinstance(scale, (int, float)) and not isinstance(scale, bool) and math.isclose(
-            scale, _SDXL_SCALING_FACTOR, rel_tol=1e-3):
-        return True
-    return is_sdxl(pipe)
+    if _is_number(scale):
+        if math.isclose(scale, _SDXL_SCALING_FACTOR, rel_tol=1e-3):
+            return LatentSpace.SDXL
+        shift = _vae_setting(pipe, "shift_factor")
+        if _is_number(shift):
+            for space, (space_scale, space_shift) in _VAE_SCALES.items():
+                if math.isclose(scale, space_scale, rel_tol=1e-3) and math.isclose(shift, space_shift, abs_tol=1e-4):
+                    return space
+    name = type(pipe).__name__
+    if name.startswith("StableDiffusion3"):
+        return LatentSpace.SD3
+    if name.startswith("Flux") and not name[4:5].isdigit():
+        return LatentSpace.FLUX
+    return LatentSpace.SDXL if is_sdxl(pipe) else LatentSpace.SD
 
 
-def latents_to_preview(latents: Any, *, xl: bool = False) -> Image | None:
-    """An RGB preview of the first latent in the batch: a 4x3 matrix product, no VAE (SDXL's map
-    with `xl`). None for latents that are not images of channels (FLUX packs its latents into a
-    sequence of tokens)."""
+def latents_to_preview(latents: Any, *, space: LatentSpace = LatentSpace.SD) -> Image | None:
+    """An RGB preview of the first latent in the batch: a matrix product with the map of its
+    latent `space` (`LATENT_RGB`), no VAE. Latents of other channels than the map's (a family it
+    does not know) show their first three channels; None for latents that are not images of
+    channels (FLUX's packed ones, see `unpacked_flux_latents`)."""
     import torch
     from PIL import Image as PILImage
 
     if latents.dim() != 4:
         return None
     lat = latents[0].float()
-    if lat.shape[0] != 4:  # not an SD-style latent space: show the first three channels
+    weights, bias = LATENT_RGB[space]
+    if lat.shape[0] != len(weights):
         rgb = lat[:3]
     else:
-        weights = torch.tensor(_LATENT_RGB_XL if xl else _LATENT_RGB, dtype=lat.dtype, device=lat.device)
-        rgb = torch.einsum("chw,cr->rhw", lat, weights)
-        if xl:
-            rgb = rgb + torch.tensor(_LATENT_RGB_XL_BIAS, dtype=lat.dtype, device=lat.device)[:, None, None]
+        rgb = torch.einsum("chw,cr->rhw", lat, torch.tensor(weights, dtype=lat.dtype, device=lat.device))
+        if bias is not None:
+            rgb = rgb + torch.tensor(bias, dtype=lat.dtype, device=lat.device)[:, None, None]
     rgb = ((rgb + 1.0) * 127.5).clamp(0, 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
     return PILImage.fromarray(rgb, mode="RGB")
 
 
+def unpacked_flux_latents(latents: Any, size: tuple[int, int] | None, pipe: Any = None) -> Any:
+    """The first of FLUX's packed latents, as an image of channels (1, 16, height / 8, width / 8)
+    its previews can read, or None where that cannot be told. FLUX's pipelines pack the VAE's
+    latents into a sequence of tokens (batch, (height / 16) x (width / 16), 64): the tokens go row
+    by row from the top left, and each holds a 2x2 patch of the 16 channels, channel first, then the
+    patch's row, then its column (`FluxPipeline._unpack_latents`). The image's (width, height),
+    `size`, tells the rows from the columns: the tokens alone do not (64 of them may be 8x8 or 4x16)."""
+    if size is None or latents.dim() != 3:
+        return None
+    factor = getattr(pipe, "vae_scale_factor", None)
+    scale = factor if isinstance(factor, int) and factor > 0 else TAESD_SCALE
+    width, height = size
+    # The pipeline's own rounding: each side to a whole number of 2x2 patches of latents.
+    rows, columns = height // (scale * 2), width // (scale * 2)
+    _batch, tokens, features = latents.shape
+    if rows * columns != tokens or features % 4:
+        return None
+    patches = latents[:1].reshape(1, rows, columns, features // 4, 2, 2)
+    # (1, row, column, channel, patch row, patch column) -> (1, channel, row, patch row, column, patch column)
+    return patches.permute(0, 3, 1, 4, 2, 5).reshape(1, features // 4, rows * 2, columns * 2)
+
+
 def _in_sdxl_scale(latents: Any, pipe: Any) -> Any:
-    """An SDXL pipeline's latents as SDXL's own are scaled, for its previews: Playground v2.5's
-    VAE config normalizes them per channel (`latents_mean`, `latents_std`, `scaling_factor` 0.5),
-    which the pipeline undoes before its decode; read as SDXL's, its previews came out tinted red
-    (a VAE latent of zeros: (162, 139, 136) where SDXL's map gives (141, 125, 127)) and at little
-    more than half the contrast. Other latents are returned as they are."""
+    """The latents of a pipeline in SDXL's latent space (`latent_space`) as SDXL's own are scaled,
+    for its previews: Playground v2.5's VAE config normalizes them per channel (`latents_mean`,
+    `latents_std`, `scaling_factor` 0.5), which the pipeline undoes before its decode; read as
+    SDXL's, its previews came out tinted red (a VAE latent of zeros: (162, 139, 136) where SDXL's
+    map gives (141, 125, 127)) and at little more than half the contrast. Others, SDXL's own, are
+    returned as they are."""
     mean, std = _vae_setting(pipe, "latents_mean"), _vae_setting(pipe, "latents_std")
     scale = _vae_setting(pipe, "scaling_factor")
 
@@ -685,7 +767,7 @@ def _in_sdxl_scale(latents: Any, pipe: Any) -> Any:
             isinstance(number, (int, float)) for number in value)
 
     if (not four_numbers(mean) or not four_numbers(std) or not isinstance(scale, (int, float)) or scale <= 0
-            or latents.dim() != 4 or latents.shape[1] != 4 or not in_sdxl_latent_space(pipe)):
+            or latents.dim() != 4 or latents.shape[1] != 4):
         return latents
     import torch
 
@@ -696,7 +778,7 @@ def _in_sdxl_scale(latents: Any, pipe: Any) -> Any:
     return (latents.float() * per_channel(std) / scale + per_channel(mean)) * _SDXL_SCALING_FACTOR
 
 
-def _no_preview(_latents: Any, *, xl: bool = False) -> None:
+def _no_preview(_latents: Any, *, space: LatentSpace = LatentSpace.SD) -> None:
     return None
 
 
@@ -1245,48 +1327,59 @@ class LocalRuntime:
                  output_type="latent")
 
     def step_callback(self, progress: Progress, cancel: CancelToken, *, done: int, passes: int,
-                      planned: int) -> Callable[[Any, int, Any, dict[str, Any]], dict[str, Any]]:
+                      planned: int, size: tuple[int, int] | None = None,
+                      ) -> Callable[[Any, int, Any, dict[str, Any]], dict[str, Any]]:
         """A pipeline's `callback_on_step_end` for its pass `done` (0-based) of `passes` (a batch's
         chunks, a polish's tiles): a cancel stops it within the step (`_interrupt`), and each step
         is reported with a preview. The steps of a pass are the pipeline's own count, `planned`
         until it knows: some schedulers take one more than asked (PNDM), and strength decides an
-        img2img pass's, so a count made beforehand took the bar past 100% and then back."""
+        img2img pass's, so a count made beforehand took the bar past 100% and then back. `size`,
+        the (width, height) the pass renders, is what unpacks FLUX's latents for its previews."""
         def on_step(pipeline: Any, i: int, _timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
             if cancel.cancelled:
                 pipeline._interrupt = True
                 raise Canceled("the job was canceled")
             per_pass = max(getattr(pipeline, "num_timesteps", 0) or planned, i + 1)
-            progress.step(done * per_pass + i + 1, passes * per_pass, self._step_preview(kwargs["latents"], pipeline))
+            progress.step(done * per_pass + i + 1, passes * per_pass,
+                          self._step_preview(kwargs["latents"], pipeline, size))
             return kwargs
 
         return on_step
 
-    def _step_preview(self, latents: Any, pipe: Any) -> Image | None:
+    def _step_preview(self, latents: Any, pipe: Any, size: tuple[int, int] | None = None) -> Image | None:
         """A step's preview: every step's with the latent approximation; with a preview VAE, none
         until the time its last decode took has been given back `PREVIEW_VAE_SPACING` times over
         to the denoising (`preview_url` is optional in progress events)."""
         if self._previewer in (None, latents_to_preview, _no_preview) or not self._lite_pipe(pipe):
-            return self.preview(latents, pipe)
+            return self.preview(latents, pipe, size=size)
         if time.monotonic() < self._vae_preview_after:
             return None
         began = time.monotonic()
-        preview = self.preview(latents, pipe)
+        preview = self.preview(latents, pipe, size=size)
         ended = time.monotonic()
         self._vae_preview_after = ended + (ended - began) * PREVIEW_VAE_SPACING
         return preview
 
-    def preview(self, latents: Any, pipe: Any = None) -> Image | None:
+    def preview(self, latents: Any, pipe: Any = None, *, size: tuple[int, int] | None = None) -> Image | None:
         """A step's preview of `pipe`'s latents, or None. A preview is a nicety: a TAESD that cannot
         be loaded, or fails `PREVIEW_VAE_FAILURES` decodes in a row (it does not fit the model's
         latents), gives way to the approximation (a single failed decode gets it for that step),
         and an approximation that fails ends previews; neither ever fails the job. The preview VAE
         is the Lite model's (`ORCH_LITE_PREVIEW_VAE`), loaded with it: another model's pipelines
         (`local-hifi`'s, maybe of another latent family) get the approximation, and their failures
-        end nothing."""
-        latents, xl = _in_sdxl_scale(latents, pipe), in_sdxl_latent_space(pipe)
+        end nothing. FLUX's packed latents are unpacked first, for both, with the image's
+        (width, height), `size`; without it they get no preview, and the preview VAE is not asked
+        to decode them (TAEF1 takes the unpacked ones)."""
+        space = latent_space(pipe)
+        if space is LatentSpace.SDXL:
+            latents = _in_sdxl_scale(latents, pipe)
+        elif space is LatentSpace.FLUX and latents.dim() == 3:
+            latents = unpacked_flux_latents(latents, size, pipe)
+            if latents is None:
+                return None
         if not self._lite_pipe(pipe):
             try:
-                return latents_to_preview(latents, xl=xl)
+                return latents_to_preview(latents, space=space)
             except Exception as exc:
                 log.debug("no step preview for this model: %s: %s", type(exc).__name__, first_line(exc)[:200])
                 return None
@@ -1295,14 +1388,14 @@ class LocalRuntime:
             return None
         if previewer is not None and previewer is not latents_to_preview:
             try:
-                image = previewer(latents, xl=xl)
+                image = previewer(latents, space=space)
             except Exception as exc:
                 self._preview_vae_failed(exc)
             else:
                 self._preview_failures = 0
                 return image
         try:
-            return latents_to_preview(latents, xl=xl)
+            return latents_to_preview(latents, space=space)
         except Exception as exc:
             log.warning("step previews are off: %s: %s", type(exc).__name__, first_line(exc)[:200])
             self._previewer = _no_preview
@@ -1354,7 +1447,7 @@ class LocalRuntime:
             vae = AutoencoderTiny.from_pretrained(str(source) if source.exists() else taesd, torch_dtype=self.dtype(),
                                                   **options).to(self.device)
 
-        def decode(latents: Any, *, xl: bool = False) -> Image:  # the TAESD named is for the model's family
+        def decode(latents: Any, *, space: LatentSpace = LatentSpace.SD) -> Image:  # the TAESD named is the family's
             import torch
             from PIL import Image as PILImage
 

@@ -76,7 +76,7 @@ class LiteEngine(LocalEngine):
         for chunk_index, chunk in enumerate(chunks):
             cancel.raise_if_cancelled()  # between chunks: not after the next chunk's first step
             on_step = self.runtime.step_callback(progress, cancel, done=chunk_index, passes=len(chunks),
-                                                 planned=steps)
+                                                 planned=steps, size=(req.width, req.height))
             # CPU generators: the same seed gives the same noise on every device.
             generators = [torch.Generator("cpu").manual_seed(seed + i) for i in chunk]
             with torch.inference_mode():

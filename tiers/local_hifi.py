@@ -180,7 +180,7 @@ class LocalHifiEngine(LocalEngine):
             tile_img = source.crop(box)
             size = {"width": tile_img.width, "height": tile_img.height} if sized else {}
             on_step = self.runtime.step_callback(progress, cancel, done=first_pass + tile_index, passes=passes,
-                                                 planned=1)
+                                                 planned=1, size=tile_img.size)
             with torch.inference_mode():
                 out = pipe(
                     prompt=req.prompt,

@@ -20,7 +20,7 @@ from orchestrator.store import model_name
 from tests.conftest import SettingsFactory
 from tests.tiers.conftest import EngineFactory, RecordingProgress, draft_image
 from tiers import _local, tiny
-from tiers._local import latents_to_preview, runtime_for
+from tiers._local import LatentSpace, latents_to_preview, runtime_for
 from tiers.base import CancelToken, EngineContext, RenderRequest
 from tiers.lite import LiteEngine
 from tiers.local_hifi import LocalHifiEngine
@@ -377,7 +377,7 @@ def test_playground_v2_5_s_previews_read_its_latents_as_its_pipeline_decodes_the
     runtime = runtime_for(EngineContext(settings=make_settings()))
     decoded: list[Any] = []
 
-    def preview_vae(latents: Any, *, xl: bool = False) -> Any:
+    def preview_vae(latents: Any, *, space: LatentSpace = LatentSpace.SD) -> Any:
         decoded.append(latents)
         raise RuntimeError("a decode that fails: the step gets the approximation")
 
@@ -395,7 +395,7 @@ def test_playground_v2_5_s_previews_read_its_latents_as_its_pipeline_decodes_the
 def test_previews_of_a_pipeline_on_sdxl_s_vae_use_sdxl_s_latent_colours(make_settings: SettingsFactory) -> None:
     """PixArt-Alpha and -Sigma have a transformer, no UNet, and SDXL's VAE (`scaling_factor`
     0.13025): their previews got SD 1.x's map, the wrong colours. Its VAE says the latent space:
-    the same latents get SDXL's preview, from the approximation and a preview VAE told `xl`."""
+    the same latents get SDXL's preview, from the approximation and a preview VAE told SDXL's space."""
     latents = torch.zeros(1, 4, 8, 8)
     latents[0, 0] = 1.0
     sdxl = SimpleNamespace(unet=SimpleNamespace(config={"addition_embed_type": "text_time"}),
@@ -406,10 +406,10 @@ def test_previews_of_a_pipeline_on_sdxl_s_vae_use_sdxl_s_latent_colours(make_set
     sd15 = SimpleNamespace(unet=SimpleNamespace(config={"addition_embed_type": None}),
                            vae=SimpleNamespace(config={"scaling_factor": 0.18215}))
     runtime = runtime_for(EngineContext(settings=make_settings()))
-    told: list[bool] = []
+    told: list[LatentSpace] = []
 
-    def preview_vae(latents: Any, *, xl: bool = False) -> Any:
-        told.append(xl)
+    def preview_vae(latents: Any, *, space: LatentSpace = LatentSpace.SD) -> Any:
+        told.append(space)
         raise RuntimeError("a decode that fails: the step gets the approximation")
 
     try:
@@ -422,16 +422,175 @@ def test_previews_of_a_pipeline_on_sdxl_s_vae_use_sdxl_s_latent_colours(make_set
     assert sdxl_preview is not None and pixart_preview is not None and sd_preview is not None
     assert pixel(pixart_preview) == pixel(sdxl_preview) != pixel(sd_preview)
     assert pixel(sd_preview) == pixel(latents_to_preview(latents))  # SD 1.x's VAE: SD 1.x's map, as ever
-    assert told == [True]
+    assert told == [LatentSpace.SDXL]
+
+
+# The first row and the bias of each map, as comfyanonymous/ComfyUI's comfy/latent_formats.py has
+# them (its classes SD3 and Flux).
+SD3_FIRST, SD3_BIAS = (-0.0922, -0.0175, 0.0749), (0.2394, 0.2135, 0.1925)
+FLUX_FIRST, FLUX_BIAS = (-0.0346, 0.0244, 0.0681), (-0.0329, -0.0718, -0.0851)
+
+
+def sd3_pipe(**vae: Any) -> Any:
+    """A stand-in for an SD3 pipeline: its VAE config (SD3's unless `vae` says otherwise)."""
+    return SimpleNamespace(transformer=object(),
+                           vae=SimpleNamespace(config={"scaling_factor": 1.5305, "shift_factor": 0.0609, **vae}))
+
+
+def flux_pipe(**vae: Any) -> Any:
+    return SimpleNamespace(transformer=object(), vae_scale_factor=8,
+                           vae=SimpleNamespace(config={"scaling_factor": 0.3611, "shift_factor": 0.1159, **vae}))
+
+
+def expected(rgb: tuple[float, ...]) -> tuple[int, int, int]:
+    r, g, b = (int((value + 1.0) * 127.5) for value in rgb)
+    return (r, g, b)
+
+
+def latent_of(space: LatentSpace, rgb: tuple[float, float, float]) -> torch.Tensor:
+    """A latent pixel its space's map shows as `rgb` (in -1..1): by the map's pseudo-inverse."""
+    weights, bias = _local.LATENT_RGB[space]
+    shift = torch.tensor(bias or (0.0, 0.0, 0.0))
+    return torch.linalg.pinv(torch.tensor(weights).T) @ (torch.tensor(rgb) - shift)
+
+
+def close(image: Any, xy: tuple[int, int], rgb: tuple[float, float, float]) -> bool:
+    """Whether `image` shows `rgb` at `xy`, but for the rounding of the maps' products."""
+    return all(abs(got - want) <= 1 for got, want in zip(image.getpixel(xy)[:3], expected(rgb), strict=True))
+
+
+@pytest.mark.parametrize(("pipe", "first", "bias"), [(sd3_pipe(), SD3_FIRST, SD3_BIAS),
+                                                     (flux_pipe(), FLUX_FIRST, FLUX_BIAS)], ids=["sd3", "flux"])
+def test_sd3_and_flux_previews_use_their_latent_colours(make_settings: SettingsFactory, pipe: Any,
+                                                        first: tuple[float, ...], bias: tuple[float, ...]) -> None:
+    """SD3's previews showed the first 3 of its 16 latent channels as colours (a shape, not the
+    image's colours); FLUX's got none. Each VAE's config (its `scaling_factor` and `shift_factor`)
+    says its latent space, whose map the approximation uses; the latents are read as the pipeline
+    denoises them, as the maps' fits read them."""
+    latents = torch.zeros(1, 16, 8, 8)
+    latents[0, 0] = 1.0  # the first latent channel alone
+    runtime = runtime_for(EngineContext(settings=make_settings()))
+    try:
+        preview = runtime.preview(latents, pipe)
+    finally:
+        runtime.shutdown(timeout=30)
+    assert preview is not None and preview.size == (8, 8)
+    assert pixel(preview) == expected(tuple(w + b for w, b in zip(first, bias, strict=True)))
+
+
+def test_a_known_colour_s_sd3_and_flux_latents_preview_in_that_colour(make_settings: SettingsFactory) -> None:
+    """Known by the pipeline's class too where its VAE config does not say (no `shift_factor`)."""
+    orange = (0.8, 0.1, -0.6)
+    sd3_class = type("StableDiffusion3Pipeline", (), {})
+    flux_class = type("FluxPipeline", (), {"vae_scale_factor": 8})
+    runtime = runtime_for(EngineContext(settings=make_settings()))
+    try:
+        for space, pipe in ((LatentSpace.SD3, sd3_pipe()), (LatentSpace.SD3, sd3_class()),
+                            (LatentSpace.FLUX, flux_pipe()), (LatentSpace.FLUX, flux_class())):
+            assert _local.latent_space(pipe) is space
+            latents = latent_of(space, orange)[None, :, None, None].repeat(1, 1, 4, 6)
+            if space is LatentSpace.FLUX:
+                from diffusers import FluxPipeline
+
+                latents = FluxPipeline._pack_latents(latents, 1, 16, 4, 6)
+            preview = runtime.preview(latents, pipe, size=(48, 32))
+            assert preview is not None and preview.size == (6, 4) and close(preview, (0, 0), orange), (space, pipe)
+    finally:
+        runtime.shutdown(timeout=30)
+    assert _local.latent_space(type("Flux2Pipeline", (), {})()) is LatentSpace.SD  # 32 channels: not FLUX.1's
+
+
+def packed_flux_latents(width: int, height: int, rgb: dict[str, tuple[float, float, float]]) -> torch.Tensor:
+    """FLUX latents of a `width` x `height` image, its top-left quarter `rgb["corner"]` and the rest
+    `rgb["rest"]`, packed by FLUX's own pipeline, as its steps hand them to the callback."""
+    from diffusers import FluxPipeline
+
+    rows, columns = height // 8, width // 8
+    latents = latent_of(LatentSpace.FLUX, rgb["rest"])[None, :, None, None].repeat(2, 1, rows, columns)
+    latents[:, :, : rows // 2, : columns // 2] = latent_of(LatentSpace.FLUX, rgb["corner"])[None, :, None, None]
+    return FluxPipeline._pack_latents(latents, 2, 16, rows, columns)
+
+
+def test_flux_s_packed_latents_are_previewed_the_right_way_up(make_settings: SettingsFactory) -> None:
+    """Unpacked as its pipeline unpacks them for its decode, by the image's size: a wide image's
+    preview is wide, its top left is top left. Without the size, no preview (64 tokens may be 8x8
+    or 4x16)."""
+    colours = {"corner": (0.9, -0.5, -0.5), "rest": (-0.5, -0.3, 0.9)}
+    packed = packed_flux_latents(256, 64, colours)
+    assert packed.shape == (2, 64, 64)
+    runtime = runtime_for(EngineContext(settings=make_settings()))
+    previews: list[Any] = []
+
+    class Progress:
+        def step(self, step: int, total: int, preview: Any = None) -> None:
+            previews.append(preview)
+
+    try:
+        on_step = runtime.step_callback(Progress(), CancelToken(), done=0, passes=1, planned=1,  # type: ignore[arg-type]
+                                        size=(256, 64))
+        on_step(flux_pipe(), 0, None, {"latents": packed})
+        tall = runtime.preview(packed_flux_latents(64, 256, colours), flux_pipe(), size=(64, 256))
+        unsized = runtime.preview(packed, flux_pipe())
+        misfit = runtime.preview(packed, flux_pipe(), size=(256, 256))
+    finally:
+        runtime.shutdown(timeout=30)
+    [wide] = previews
+    assert wide is not None and wide.size == (32, 8)
+    assert close(wide, (0, 0), colours["corner"]) and close(wide, (15, 3), colours["corner"])
+    assert close(wide, (16, 0), colours["rest"]) and close(wide, (0, 4), colours["rest"])
+    assert close(wide, (31, 7), colours["rest"])
+    assert tall is not None and tall.size == (8, 32)
+    assert close(tall, (0, 0), colours["corner"]) and close(tall, (3, 15), colours["corner"])
+    assert close(tall, (4, 0), colours["rest"]) and close(tall, (0, 16), colours["rest"])
+    assert unsized is None and misfit is None
+
+
+def test_a_16_channel_preview_vae_decodes_sd3_s_and_flux_s_latents(make_settings: SettingsFactory,
+                                                                   tmp_path: Path) -> None:
+    """A TAESD of SD3 or FLUX (taesd3, taef1: 16 latent channels) as ORCH_LITE_PREVIEW_VAE: SD3's
+    latents as they are, FLUX's unpacked first. Packed, a decode failed at each step, and after 3
+    the approximation took over, which had no preview for them either; unpacked, they decode at the
+    image's size. Packed latents it cannot unpack (no size) are not given it: no failure counted."""
+    from diffusers import AutoencoderTiny
+
+    folder = tmp_path / "taef1"
+    channels = (8, 8, 8, 8)
+    AutoencoderTiny(latent_channels=16, encoder_block_out_channels=channels,  # type: ignore[attr-defined]
+                    decoder_block_out_channels=channels, num_encoder_blocks=(1, 1, 1, 1),
+                    num_decoder_blocks=(1, 1, 1, 1)).save_pretrained(folder)
+    runtime = runtime_for(EngineContext(settings=make_settings(lite_preview_vae=str(folder))))
+    runtime._load_previewer()  # as a load of the Lite model does
+    colours = {"corner": (0.9, -0.5, -0.5), "rest": (-0.5, -0.3, 0.9)}
+    try:
+        flux = [runtime.preview(packed_flux_latents(256, 64, colours), flux_pipe(), size=(256, 64))
+                for _ in range(_local.PREVIEW_VAE_FAILURES)]
+        sd3 = runtime.preview(torch.randn(1, 16, 8, 32), sd3_pipe())
+        unsized = runtime.preview(packed_flux_latents(256, 64, colours), flux_pipe())
+        failures = runtime._preview_failures
+    finally:
+        runtime.shutdown(timeout=30)
+    assert all(preview is not None and preview.size == (256, 64) for preview in flux)  # the decode's: 8x the latents
+    assert sd3 is not None and sd3.size == (256, 64)
+    assert unsized is None and failures == 0
 
 
 async def test_a_draft_s_previews_are_made_for_its_pipeline(load: Engines, tiny_copy: Callable[[str], Path],
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    lite, _ = load(str(tiny_copy("sd15")))
+    """And told the size rendered, (width, height), which FLUX's packed latents are unpacked by:
+    a draft's, a bridge's (each tile's, for a polish)."""
+    lite, hifi = load(str(tiny_copy("sd15")))
     seen: list[Any] = []
-    monkeypatch.setattr(lite.runtime, "preview", lambda latents, pipe=None: seen.append(pipe))
-    await lite.run(draft(steps=2), RecordingProgress(), CancelToken())
-    assert len(seen) == 2 and all(type(pipe).__name__ == "StableDiffusionPipeline" for pipe in seen)
+
+    def preview(latents: Any, pipe: Any = None, *, size: tuple[int, int] | None = None) -> None:
+        seen.append((type(pipe).__name__, size))
+
+    monkeypatch.setattr(lite.runtime, "preview", preview)
+    await lite.run(draft(steps=2, width=128, height=64), RecordingProgress(), CancelToken())
+    assert seen == [("StableDiffusionPipeline", (128, 64))] * 2
+    seen.clear()
+    await hifi.run(RenderRequest(stage="bridge", prompt="a lighthouse", width=64, height=128, seed=1, n=1, steps=2,
+                                 init_image=draft_image((64, 128)), strength=1.0), RecordingProgress(), CancelToken())
+    assert seen and all(told == ("StableDiffusionImg2ImgPipeline", (64, 128)) for told in seen)
 
 
 def test_two_runtimes_of_one_process_load_at_once(make_settings: SettingsFactory) -> None:

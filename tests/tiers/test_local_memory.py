@@ -16,7 +16,7 @@ import torch
 from orchestrator.errors import EngineError, EngineUnavailable
 from tests.conftest import SettingsFactory
 from tiers import _local, tiny
-from tiers._local import LocalRuntime, runtime_for
+from tiers._local import LatentSpace, LocalRuntime, runtime_for
 from tiers.base import CancelToken, EngineContext
 
 
@@ -152,7 +152,7 @@ def test_a_slow_preview_vae_previews_only_some_steps(
     runtime = runtime_for(EngineContext(settings=make_settings(lite_preview_vae=taesd)))
     runtime._load_previewer()
 
-    def slow_decode(latents: Any, *, xl: bool = False) -> Any:
+    def slow_decode(latents: Any, *, space: LatentSpace = LatentSpace.SD) -> Any:
         from PIL import Image
 
         now[0] += 1.0  # a decode of one second

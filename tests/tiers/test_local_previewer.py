@@ -20,7 +20,7 @@ from PIL import Image
 from tests.conftest import SettingsFactory
 from tests.tiers.conftest import EngineFactory, RecordingProgress
 from tiers import _local, lite
-from tiers._local import PREVIEW_VAE_FAILURES, latents_to_preview, runtime_for
+from tiers._local import PREVIEW_VAE_FAILURES, LatentSpace, latents_to_preview, runtime_for
 from tiers.base import DEVICE_SECONDS, CancelToken, EngineContext, RenderRequest
 
 TAESD_ID = "acme/taesd"
@@ -179,7 +179,7 @@ def test_one_failed_decode_does_not_end_the_preview_vae(
     fails = [True, False, True, True, False] + [True] * PREVIEW_VAE_FAILURES + [False]
     calls: list[bool] = []
 
-    def flaky(latents: Any, *, xl: bool = False) -> Image.Image:
+    def flaky(latents: Any, *, space: LatentSpace = LatentSpace.SD) -> Image.Image:
         calls.append(fails[len(calls)])
         if calls[-1]:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
