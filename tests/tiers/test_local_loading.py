@@ -764,3 +764,93 @@ async def test_a_relative_model_path_gone_is_said_gone_and_its_model_kept(
     link.symlink_to(folder, target_is_directory=True)
     await lite.run(draft(), RecordingProgress(), CancelToken())
     assert lite.runtime._pipes[(str(folder.resolve()), "text2img")] is loaded
+
+
+def tiny_transformer_pipeline(family: str, folder: Path) -> Any:
+    """A random FLUX.1 or SD3 pipeline of diffusers' own classes, built offline as small as they
+    go, with a VAE of 16 latent channels and its family's scaling and shift. The T5 encoder is
+    given a CLIP tokenizer (the tiny model's vocabulary): it only needs token ids."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        FluxPipeline,
+        FluxTransformer2DModel,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        CLIPTokenizer,
+        T5Config,
+        T5EncoderModel,
+    )
+
+    torch.manual_seed(0)
+    vocab, merges = tiny._vocab()
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("\n".join(merges) + "\n")
+
+    def tokenizer() -> Any:
+        return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
+
+    clip = CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=32, intermediate_size=37,
+                          num_attention_heads=4, num_hidden_layers=1, vocab_size=600, max_position_embeddings=77,
+                          projection_dim=32)
+    t5 = T5EncoderModel(T5Config(vocab_size=600, d_model=32, d_kv=8, d_ff=37, num_layers=1, num_heads=4))
+    scale, shift = (0.3611, 0.1159) if family == "flux" else (1.5305, 0.0609)
+    vae = AutoencoderKL(block_out_channels=(8, 16, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=16, norm_num_groups=8,
+                        scaling_factor=scale, shift_factor=shift, use_quant_conv=False, use_post_quant_conv=False)
+    transformer: Any
+    if family == "flux":
+        transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+                                             attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                             pooled_projection_dim=32, axes_dims_rope=[4, 4, 8])
+        return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=CLIPTextModel(clip),
+                            tokenizer=tokenizer(), text_encoder_2=t5, tokenizer_2=tokenizer(), transformer=transformer)
+    transformer = SD3Transformer2DModel(sample_size=32, patch_size=2, in_channels=16, out_channels=16, num_layers=1,
+                                        attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32,
+                                        joint_attention_dim=32, pooled_projection_dim=64)
+    return StableDiffusion3Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
+                                    text_encoder=CLIPTextModelWithProjection(clip), tokenizer=tokenizer(),
+                                    text_encoder_2=CLIPTextModelWithProjection(clip), tokenizer_2=tokenizer(),
+                                    text_encoder_3=t5, tokenizer_3=tokenizer(), transformer=transformer)
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_a_flux_or_sd3_pipeline_s_steps_are_previewed_in_its_colours_the_right_way_up(
+        make_settings: SettingsFactory, tmp_path: Path, family: str) -> None:
+    """diffusers' own FLUX and SD3 pipelines, through the step callback: each step's preview is
+    the image's shape (wide, tall), an eighth of its size, and the last one is the map of the
+    latents the pipeline returns, as it unpacks them for its decode (`FluxPipeline._unpack_latents`)."""
+    from diffusers import FluxPipeline
+
+    pipe = tiny_transformer_pipeline(family, tmp_path)
+    space = LatentSpace.FLUX if family == "flux" else LatentSpace.SD3
+    runtime = runtime_for(EngineContext(settings=make_settings()))
+    previews: list[Any] = []
+
+    class Progress:
+        def step(self, step: int, total: int, preview: Any = None) -> None:
+            previews.append(preview)
+
+    try:
+        for width, height in ((256, 128), (128, 256)):
+            previews.clear()
+            on_step = runtime.step_callback(Progress(), CancelToken(), done=0, passes=1,  # type: ignore[arg-type]
+                                            planned=2, size=(width, height))
+            with torch.inference_mode():
+                out = pipe(prompt="a lighthouse", num_inference_steps=2, width=width, height=height,
+                           guidance_scale=1.0, max_sequence_length=16, output_type="latent",
+                           generator=torch.Generator("cpu").manual_seed(1), **_local.step_arguments(pipe, on_step))
+            latents = out.images
+            assert latents.dim() == (3 if family == "flux" else 4)  # FLUX's are packed
+            if family == "flux":
+                latents = FluxPipeline._unpack_latents(latents, height, width, pipe.vae_scale_factor)
+            assert len(previews) == 2 and all(p is not None and p.size == (width // 8, height // 8) for p in previews)
+            decoded = latents_to_preview(latents, space=space)
+            assert decoded is not None and previews[-1].tobytes() == decoded.tobytes()
+    finally:
+        runtime.shutdown(timeout=30)
