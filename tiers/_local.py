@@ -1173,7 +1173,7 @@ class LocalRuntime:
             # With the model, not at its first step: the draft waited there with the device held
             # (for the Hub's retries too), had the wait counted in its device-seconds, and a
             # preload did not cover it.
-            self._load_previewer()
+            self._load_previewer(pipe)
         return pipe
 
     def _load_pipeline(self, model: str, *, image_to_image: bool = False) -> Any:
@@ -1423,18 +1423,21 @@ class LocalRuntime:
     def _is_lite(self, model: str) -> bool:
         return _identity(model) == _identity(resolve_model(self.settings.lite_model))
 
-    def _load_previewer(self) -> None:
-        """Load the preview VAE (inference thread only); one that cannot be loaded leaves the
-        approximation, until a restart."""
+    def _load_previewer(self, pipe: Any = None) -> None:
+        """Load the preview VAE (inference thread only); one that cannot be loaded, or whose latents
+        are not `pipe`'s (the Lite model's), leaves the approximation, until a restart."""
         try:
-            self._previewer = self._make_previewer()
+            self._previewer = self._make_previewer(_vae_setting(pipe, "latent_channels"))
         except Exception as exc:
             log.warning("ORCH_LITE_PREVIEW_VAE=%s cannot be loaded (%s: %s); using the latent approximation",
                         self.settings.lite_preview_vae, type(exc).__name__, first_line(exc)[:200])
             self._previewer = latents_to_preview
         self._preview_failures = 0
 
-    def _make_previewer(self) -> Callable[..., Image | None]:
+    def _make_previewer(self, latent_channels: Any = None) -> Callable[..., Image | None]:
+        """The preview VAE's decode. `latent_channels`, the Lite model's VAE's: a TAESD of another
+        family (TAESD's 4 channels for an SD3 or FLUX model's 16) is refused here, saying so,
+        rather than failing its first decodes while the device waits on them."""
         taesd = self.settings.lite_preview_vae
         if not taesd:
             return latents_to_preview
@@ -1446,6 +1449,10 @@ class LocalRuntime:
             warnings.simplefilter("ignore", FutureWarning)  # diffusers' torch_dtype -> dtype rename
             vae = AutoencoderTiny.from_pretrained(str(source) if source.exists() else taesd, torch_dtype=self.dtype(),
                                                   **options).to(self.device)
+        takes = getattr(vae.config, "latent_channels", None)
+        if _is_number(latent_channels) and _is_number(takes) and takes != latent_channels:
+            raise ValueError(f"it decodes latents of {takes} channels, the Lite model's have {latent_channels} "
+                             "(the TAESD of another family)")
 
         def decode(latents: Any, *, space: LatentSpace = LatentSpace.SD) -> Image:  # the TAESD named is the family's
             import torch

@@ -854,3 +854,28 @@ def test_a_flux_or_sd3_pipeline_s_steps_are_previewed_in_its_colours_the_right_w
             assert decoded is not None and previews[-1].tobytes() == decoded.tobytes()
     finally:
         runtime.shutdown(timeout=30)
+
+
+def test_a_preview_vae_of_another_family_is_refused_at_its_load(make_settings: SettingsFactory, tmp_path: Path,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """SD 1.x's TAESD (4 latent channels) named for a FLUX model (16): loaded, it failed a decode
+    at each of the first 3 steps (the device waiting on each) before the approximation took over.
+    It is refused at its load now, saying why, and the approximation previews every step."""
+    from diffusers import AutoencoderTiny
+
+    folder = tmp_path / "taesd"
+    channels = (8, 8, 8, 8)
+    AutoencoderTiny(encoder_block_out_channels=channels, decoder_block_out_channels=channels,  # type: ignore[attr-defined]
+                    num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1)).save_pretrained(folder)
+    runtime = runtime_for(EngineContext(settings=make_settings(lite_preview_vae=str(folder))))
+    colours = {"corner": (0.9, -0.5, -0.5), "rest": (-0.5, -0.3, 0.9)}
+    try:
+        with caplog.at_level(logging.WARNING, logger="tiers._local"):
+            runtime._load_previewer(flux_pipe(latent_channels=16))  # as a load of the Lite model does
+        refused = runtime._previewer is _local.latents_to_preview
+        preview = runtime.preview(packed_flux_latents(64, 64, colours), flux_pipe(latent_channels=16), size=(64, 64))
+    finally:
+        runtime.shutdown(timeout=30)
+    assert refused and preview is not None and preview.size == (8, 8)
+    [said] = [r.getMessage() for r in caplog.records if "ORCH_LITE_PREVIEW_VAE" in r.getMessage()]
+    assert "latents of 4 channels, the Lite model's have 16" in said
