@@ -35,11 +35,16 @@ class DiskReserve:
     folder: Path
     min_free_mb: int
 
+    @property
+    def off(self) -> bool:
+        """`ORCH_MIN_FREE_DISK_MB=0`: nothing is read, and a job's path takes no thread's hop for it."""
+        return self.min_free_mb <= 0
+
     def shortfall(self) -> int | None:
         """The free bytes when they are below the reserve; None when there is room, the reserve is
         off (0), or the free space cannot be read: the store's own write then says what is wrong,
         where refusing every job would hide it behind a figure nobody read."""
-        if self.min_free_mb <= 0:
+        if self.off:
             return None
         try:
             free = free_bytes(self.folder)

@@ -403,7 +403,7 @@ class JobService:
     def refuse_if_no_room(self) -> None:
         """`StorageFull` while the data dir's disk is below its reserve: asked before anything is
         held or written, so that no job is taken whose images could not be stored."""
-        if self.reserve is None or (free := self.reserve.shortfall()) is None:
+        if self.reserve is None or self.reserve.off or (free := self.reserve.shortfall()) is None:
             return
         raise StorageFull(f"{self.reserve.said(free)}: nothing was made or held; its operator must make room "
                           f"(or lower {SETTING})", details=self.reserve.details(free))

@@ -1245,7 +1245,7 @@ class JobRunner:
         run, where a wait held it and the hold for as long as the operator takes. Not asked once a
         request is out or accepted (failed then, the job would still be charged for what it sent),
         nor of a free engine's job, which bills nobody."""
-        if (self.reserve is None or claim.out or claim.accepted or claim.inherited
+        if (self.reserve is None or self.reserve.off or claim.out or claim.accepted or claim.inherited
                 or not billed_by_provider(self.registry.get(claim.job.engine))):
             return
         free = await asyncio.to_thread(self.reserve.shortfall)

@@ -4,6 +4,7 @@ space is patched (`orchestrator.disk.free_bytes`), never a real disk filled."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
@@ -157,6 +158,15 @@ def test_a_reserve_of_0_takes_and_sends_jobs_on_a_full_disk(
         client = cast(httpx.Client, test_client)
         project_id, asset_id = project_with_draft(client)
         free_space(monkeypatch, 0)
+        asked: list[str] = []
+        shortfall = disk.DiskReserve.shortfall
+
+        def asking(reserve: disk.DiskReserve) -> int | None:
+            asked.append(threading.current_thread().name)
+            return shortfall(reserve)
+
+        # Off, it is asked nowhere: a paid job's first send took a thread's hop to hear "no".
+        monkeypatch.setattr(disk.DiskReserve, "shortfall", asking)
         prompt = f"sent with the reserve off {tmp_path.name}"
         response = client.post(f"/v1/assets/{asset_id}/promote",
                                json={"engine": "fake-paid", "cache": False, "prompt": prompt})
@@ -165,6 +175,8 @@ def test_a_reserve_of_0_takes_and_sends_jobs_on_a_full_disk(
         assert prompt in fakes.SENT
         draft = client.post(f"/v1/projects/{project_id}/drafts", json=DRAFT)
         assert draft.status_code == 202, draft.text
+        assert wait_for_job(client, draft.json()["id"])["status"] == "succeeded"
+        assert asked == []
 
 
 def test_a_paid_engine_that_does_not_announce_its_sends_is_not_started_below_the_reserve(
