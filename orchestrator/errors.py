@@ -35,7 +35,7 @@ it to `{"error": {"code", "message", "details"}}` with `status` in exactly one p
         ├── EngineTimeout       timeout           (sent, no answer: outcome unknown)
         ├── BadEngineInput      invalid_request   (the provider refused our input: never retried)
         ├── ImagesNotStored     storage_full      (made, and the data dir's disk had no room for them)
-        ├── NoRoomForImages     storage_full      (a paid job not sent: the data dir's disk below its reserve)
+        ├── NoRoomForImages     storage_full      (not sent, or not rendered: the data dir's disk below its reserve)
         ├── SourceUnavailable   content_unavailable (a bridge or polish's source file, gone since the submit)
         └── Canceled            canceled
 
@@ -360,7 +360,8 @@ class ImagesNotStored(EngineError):
 class NoRoomForImages(EngineError):
     """A paid job claimed while the data dir's disk is below `ORCH_MIN_FREE_DISK_MB`: failed before
     its first request, nothing sent and nothing charged, rather than paying for images that could
-    not be stored (`ImagesNotStored`). The operator's to mend; no other engine would store them."""
+    not be stored (`ImagesNotStored`); a local one before it renders, rather than holding the
+    device for them. The operator's to mend; no other engine would store them."""
 
     code, status = "storage_full", 503
     retryable = False

@@ -1074,6 +1074,10 @@ class JobRunner:
     async def _render(self, claim: Claim) -> RenderResult:
         job = claim.job
         engine = self.registry.get(job.engine)
+        if engine.kind == "local":
+            # Before its source image is read and its model loaded: minutes of the device spent on
+            # images that could not be stored, then failed `storage_full` all the same.
+            self._refuse_local_if_no_room(claim)
         # Asked once: a plug-in's answer could change between two asks (sending the job afresh).
         follow: Reattachable | None = engine if reattachable(engine, job) else None
         init_image = None
@@ -1244,7 +1248,8 @@ class JobRunner:
         so its hold is released and nothing charged, and the worker is free for the jobs that can
         run, where a wait held it and the hold for as long as the operator takes. Not asked once a
         request is out or accepted (failed then, the job would still be charged for what it sent),
-        nor of a free engine's job, which bills nobody."""
+        nor of a free remote engine's job, which bills nobody (a local one is asked before it renders,
+        `_refuse_local_if_no_room`)."""
         if (self.reserve is None or self.reserve.off or claim.out or claim.accepted or claim.inherited
                 or not billed_by_provider(self.registry.get(claim.job.engine))):
             return
@@ -1253,6 +1258,17 @@ class JobRunner:
             raise NoRoomForImages(f"not sent: {self.reserve.said(free)}; nothing was charged, and its operator "
                                   "must make room before it is sent again", details=self.reserve.details(free),
                                   charged="no")
+
+    def _refuse_local_if_no_room(self, claim: Claim) -> None:
+        """Before a local job renders: `NoRoomForImages` while the data dir's disk is below its
+        reserve, as a paid job's first request is refused. Read on the event loop: a `statvfs` of
+        the data dir's disk takes a couple of microseconds, a thread's hop some 50 on a draft's
+        path; with the reserve off, nothing is read."""
+        reserve = self.reserve
+        if reserve is None or reserve.off or (free := reserve.shortfall()) is None:
+            return
+        raise NoRoomForImages(f"not rendered: {reserve.said(free)}; nothing was charged, and its operator "
+                              "must make room before it is sent again", details=reserve.details(free), charged="no")
 
     async def still_held(self, claim: Claim, *, read: bool = False) -> bool:
         """Whether this attempt still holds its job. Known without a read (unless `read`) while

@@ -19,6 +19,8 @@ from orchestrator.settings import Settings
 from tests import fakes
 from tests.api import assert_error
 from tests.credits import DRAFT, create_project, ledger, make_draft, project_with_draft, wait_for_job
+from tiers import tiny
+from tiers.base import RenderRequest, RenderResult
 
 MIB = 2**20
 RESERVE_MB = 256  # the default
@@ -200,6 +202,50 @@ def test_a_paid_engine_that_does_not_announce_its_sends_is_not_started_below_the
     assert engine.calls == runs  # never started, so it sent nothing
     assert job["cost"]["charged"] == 0 and job["cost"]["held"] == 0, job["cost"]
     assert sorted(e["kind"] for e in ledger(client, project_id) if e["job_id"] == job["id"]) == ["hold", "release"]
+
+
+@pytest.mark.parametrize("engine", ["lite", "local-hifi"])
+def test_a_local_job_claimed_below_the_reserve_fails_before_it_renders(
+        paid_settings_for: Callable[..., Settings], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        engine: str) -> None:
+    # It rendered (minutes of the device for a large local-hifi job), then failed as its images
+    # could not be stored.
+    with TestClient(create_app(paid_settings_for(tmp_path / "data", hifi_model=tiny.NAME))) as test_client:
+        client = cast(httpx.Client, test_client)
+        response = client.post("/v1/projects", json={"name": "local", "policy": "local-only"})
+        assert response.status_code == 201, response.text
+        project_id = response.json()["id"]
+        asset_id = make_draft(client, project_id)
+        local = client.app.state.services.registry.get(engine)  # type: ignore[attr-defined]
+        assert local.kind == "local"
+        renders: list[str] = []
+        run = local.run
+
+        async def rendering(req: RenderRequest, *args: Any) -> RenderResult:
+            renders.append(req.prompt)
+            return cast(RenderResult, await run(req, *args))
+
+        monkeypatch.setattr(local, "run", rendering)
+        readings: list[Path] = []
+
+        def room_at_the_submit_only(folder: Path) -> int:
+            readings.append(folder)
+            return (RESERVE_MB if len(readings) == 1 else 10) * MIB  # the disk fills as the job is claimed
+
+        monkeypatch.setattr(disk, "free_bytes", room_at_the_submit_only)
+        if engine == "lite":
+            response = client.post(f"/v1/projects/{project_id}/drafts", json=DRAFT)
+        else:
+            response = client.post(f"/v1/assets/{asset_id}/promote", json={"engine": engine, "cache": False})
+        assert response.status_code == 202, response.text
+        job = wait_for_job(client, response.json()["id"])
+
+        assert (job["status"], job["engine"], job["error"]["code"]) == ("failed", engine, "storage_full"), job
+        said = job["error"]["message"]
+        assert said.startswith("not rendered: ") and "ORCH_MIN_FREE_DISK_MB" in said and "nothing was charged" in said
+        assert job["error"]["details"] == {"free_mb": 10, "min_free_mb": RESERVE_MB}
+        assert renders == [] and job["assets"] == [] and len(readings) == 2
+        assert job["cost"]["charged"] == 0 and job["cost"]["held"] == 0, job["cost"]
 
 
 def test_the_api_document_says_when_a_submit_is_refused_for_the_reserve(client: httpx.Client) -> None:
