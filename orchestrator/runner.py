@@ -1077,7 +1077,7 @@ class JobRunner:
         if engine.kind == "local":
             # Before its source image is read and its model loaded: minutes of the device spent on
             # images that could not be stored, then failed `storage_full` all the same.
-            self._refuse_local_if_no_room(claim)
+            await self._refuse_local_if_no_room(claim)
         # Asked once: a plug-in's answer could change between two asks (sending the job afresh).
         follow: Reattachable | None = engine if reattachable(engine, job) else None
         init_image = None
@@ -1255,11 +1255,9 @@ class JobRunner:
             return
         free = await asyncio.to_thread(self.reserve.shortfall)
         if free is not None:
-            raise NoRoomForImages(f"not sent: {self.reserve.said(free)}; nothing was charged, and its operator "
-                                  "must make room before it is sent again", details=self.reserve.details(free),
-                                  charged="no")
+            raise await self._no_room(claim, self.reserve, free, "not sent")
 
-    def _refuse_local_if_no_room(self, claim: Claim) -> None:
+    async def _refuse_local_if_no_room(self, claim: Claim) -> None:
         """Before a local job renders: `NoRoomForImages` while the data dir's disk is below its
         reserve, as a paid job's first request is refused. Read on the event loop: a `statvfs` of
         the data dir's disk takes a couple of microseconds, a thread's hop some 50 on a draft's
@@ -1267,8 +1265,31 @@ class JobRunner:
         reserve = self.reserve
         if reserve is None or reserve.off or (free := reserve.shortfall()) is None:
             return
-        raise NoRoomForImages(f"not rendered: {reserve.said(free)}; nothing was charged, and its operator "
-                              "must make room before it is sent again", details=reserve.details(free), charged="no")
+        raise await self._no_room(claim, reserve, free, "not rendered")
+
+    async def _no_room(self, claim: Claim, reserve: DiskReserve, free: int, done: str) -> NoRoomForImages:
+        """The job's `NoRoomForImages`: nothing of this attempt is charged, its hold released. What
+        an earlier attempt was charged stays (a move off an engine whose provider had accepted
+        the work captured its estimate, outcome unknown), and the message says so: "nothing was
+        charged" read as the job's whole cost. Only a job with earlier attempts can have a charge,
+        and only then is the ledger read (a disk below its reserve is the rare path)."""
+        charged = "nothing was charged"
+        if claim.job.attempts:
+            try:
+                earlier = await asyncio.to_thread(self._charged_so_far, claim.job.id)
+            except SQLAlchemyError:
+                log.warning("job %s: reading what it was charged before failed", claim.job.id, exc_info=True)
+                charged = "nothing was charged for this attempt"
+            else:
+                if earlier:
+                    charged = (f"nothing more was charged (the {to_credits(earlier)} credits its earlier attempts "
+                               "were charged stay charged)")
+        return NoRoomForImages(f"{done}: {reserve.said(free)}; {charged}, and its operator must make room before it "
+                               "is sent again", details=reserve.details(free), charged="no")
+
+    def _charged_so_far(self, job_id: str) -> int:
+        with self.db.session() as s:
+            return self.ledger.job_totals(s, [job_id]).get(job_id, (0, 0))[1]
 
     async def still_held(self, claim: Claim, *, read: bool = False) -> bool:
         """Whether this attempt still holds its job. Known without a read (unless `read`) while

@@ -4,6 +4,7 @@ space is patched (`orchestrator.disk.free_bytes`), never a real disk filled."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -12,13 +13,19 @@ from typing import Any, cast
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from sqlmodel import col, select
 
 from orchestrator import disk
 from orchestrator.app import create_app
+from orchestrator.errors import EngineError
+from orchestrator.ids import new_id
+from orchestrator.models import Job, LedgerEntry, Project
+from orchestrator.services import Services
 from orchestrator.settings import Settings
 from tests import fakes
 from tests.api import assert_error
 from tests.credits import DRAFT, create_project, ledger, make_draft, project_with_draft, wait_for_job
+from tests.credits.conftest import ENGINES
 from tiers import tiny
 from tiers.base import RenderRequest, RenderResult
 
@@ -127,6 +134,49 @@ def test_a_paid_job_claimed_below_the_reserve_is_failed_unsent_and_uncharged(
     assert job["cost"]["charged"] == 0 and job["cost"]["held"] == 0, job["cost"]
     budget = client.get(f"/v1/projects/{project_id}/budget").json()
     assert budget["held"] == 0 and budget["charged"] == 0 and budget["available"] == 100, budget
+
+
+def test_a_job_failed_below_the_reserve_after_a_move_says_its_earlier_charge_stays(
+        make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Moved to fake-paid off an engine whose provider had accepted its work (captured as a move
+    settles it, outcome unknown): "nothing was charged" was said of a job charged 10 credits."""
+    services = Services.build(make_settings(engines=ENGINES))
+    try:
+        job_id = new_id("job")
+        params = {"stage": "bridge", "prompt": "moved", "negative_prompt": "", "n": 1, "seed": 5,
+                  "width": 64, "height": 64, "tags": {}}
+        hold = int(fakes.FAKE_PRICE * 1000)
+        with services.db.transaction() as s:
+            project = Project(id=new_id("prj"), name="moved", policy="balanced")
+            s.add(project)
+            s.flush()
+            job = Job(id=job_id, project_id=project.id, stage="bridge", engine="fake-queue", model="fake-1",
+                      params=params, estimated=hold, status="queued",
+                      provider_work={"engine": "fake-queue", "handles": [{"id": "accepted"}]})
+            s.add(job)
+            s.flush()
+            services.ledger.hold(s, project, job, hold, billable=True)
+            failure = EngineError("fake queue: the provider is unreachable", retryable=True)
+            services.ledger.settle_failure(s, job, failure)  # as `JobRunner._requeue_on` does
+            job.attempts = job.with_attempt("failed", failure.to_dict())
+            job.engine, job.provider_work = "fake-paid", None
+            services.ledger.hold(s, project, job, hold, billable=True)
+        free_space(monkeypatch, 10)
+        [(claim, _lane)] = services.scheduler._claim_ready({})
+        asyncio.run(services.runner.run(claim))
+        with services.db.session() as s:
+            ended = s.get(Job, job_id)
+            assert ended is not None and ended.error is not None
+            entries = [(e.kind, e.engine, e.amount) for e in s.exec(
+                select(LedgerEntry).where(col(LedgerEntry.job_id) == job_id).order_by(col(LedgerEntry.id)))]
+        assert (ended.status, ended.error["code"]) == ("failed", "storage_full"), ended.error
+        said = ended.error["message"]
+        assert said.startswith("not sent: ") and "nothing was charged" not in said, said
+        assert f"the {fakes.FAKE_PRICE} credits its earlier attempts were charged stay charged" in said, said
+        assert entries == [("hold", "fake-queue", hold), ("capture", "fake-queue", hold),
+                           ("hold", "fake-paid", hold), ("release", "fake-paid", hold)]
+    finally:
+        asyncio.run(services.aclose())
 
 
 def test_explain_answers_the_reserve_before_the_pending_limit_as_the_submit_does(
