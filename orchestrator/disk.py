@@ -8,15 +8,22 @@ paid job claimed since is failed before its first request to the provider, unsen
 for minutes on images that could not be stored (`JobRunner._refuse_local_if_no_room`).
 
 The free space is read at each of those (a `statvfs`, a few microseconds), never cached: a disk
-freed by its operator takes jobs again at once.
+freed by its operator takes jobs again at once. One that cannot be read refuses nothing (see
+`DiskReserve.shortfall`), and is warned of once, then once a minute while it lasts: every submit
+under load warned anew.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from orchestrator.outage import REMIND_SECONDS
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +38,16 @@ def free_bytes(folder: Path) -> int:
     return st.f_bavail * st.f_frsize
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class DiskReserve:
     folder: Path
     min_free_mb: int
+    clock: Callable[[], float] = field(default=time.monotonic, repr=False)
+    # When a failed reading was last warned of; None once one succeeded (or none failed yet).
+    _warned_at: float | None = field(default=None, init=False, repr=False)
+    _unwarned: int = field(default=0, init=False, repr=False)  # failed readings since that warning
+    # Submits read it from the request threads at once: one warning, not one each.
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     @property
     def off(self) -> bool:
@@ -43,17 +56,44 @@ class DiskReserve:
 
     def shortfall(self) -> int | None:
         """The free bytes when they are below the reserve; None when there is room, the reserve is
-        off (0), or the free space cannot be read: the store's own write then says what is wrong,
-        where refusing every job would hide it behind a figure nobody read."""
+        off (0), or the free space cannot be read: the job is then taken as though there were room,
+        and the store's own write says what is wrong, where refusing every job would hide it behind
+        a figure nobody read. A reading that fails is warned of once, then once a minute while
+        none succeeds (each failed submit warned, hundreds a second under load), and a success
+        after it is told once."""
         if self.off:
             return None
         try:
             free = free_bytes(self.folder)
         except OSError as exc:
+            self._unreadable(exc)
+            return None
+        if self._warned_at is not None:  # one attribute's read on the path with room
+            self._readable()
+        return free if free < self.min_free_mb * MIB else None
+
+    def _unreadable(self, exc: OSError) -> None:
+        with self._lock:
+            now = self.clock()
+            if self._warned_at is not None and now - self._warned_at < REMIND_SECONDS:
+                self._unwarned += 1
+                return
+            again, unwarned = self._warned_at is not None, self._unwarned
+            self._warned_at, self._unwarned = now, 0
+        if again:
+            log.warning("the free space of %s still cannot be read (%s; %d more failed readings since the last "
+                        "warning): jobs are taken without the %s check", self.folder, exc.strerror or exc, unwarned,
+                        SETTING)
+        else:
             log.warning("the free space of %s cannot be read (%s): jobs are taken without the %s check",
                         self.folder, exc.strerror or exc, SETTING)
-            return None
-        return free if free < self.min_free_mb * MIB else None
+
+    def _readable(self) -> None:
+        with self._lock:
+            if self._warned_at is None:
+                return
+            self._warned_at, self._unwarned = None, 0
+        log.info("the free space of %s can be read again: jobs are checked against %s again", self.folder, SETTING)
 
     def said(self, free: int) -> str:
         """The shortfall in words, naming the setting (the folder's path is the server's, not said)."""

@@ -5,6 +5,8 @@ space is patched (`orchestrator.disk.free_bytes`), never a real disk filled."""
 from __future__ import annotations
 
 import asyncio
+import errno
+import logging
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -316,3 +318,40 @@ def test_a_free_space_that_cannot_be_read_refuses_nothing_and_says_so(
     assert f"the free space of {gone} cannot be read" in caplog.text and "ORCH_MIN_FREE_DISK_MB" in caplog.text
     with pytest.raises(FileNotFoundError):
         disk.free_bytes(gone)  # as said: the reading failed, and was not taken as room
+
+
+def test_a_free_space_that_stays_unreadable_is_warned_of_once_a_minute(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    # Every submit warned: hundreds of lines a second under load, on a disk that may be full.
+    now = [0.0]
+    readable = [False]
+
+    def reading(folder: Path) -> int:
+        if not readable[0]:
+            raise OSError(errno.EIO, "Input/output error")
+        return RESERVE_MB * MIB
+
+    monkeypatch.setattr(disk, "free_bytes", reading)
+    reserve = disk.DiskReserve(tmp_path, RESERVE_MB, clock=lambda: now[0])
+
+    def warnings() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+    with caplog.at_level("INFO", logger="orchestrator.disk"):
+        for _ in range(3):
+            assert reserve.shortfall() is None  # taken as room, as before
+        assert len(warnings()) == 1 and "cannot be read (Input/output error)" in warnings()[0]
+        now[0] = 59.0
+        assert reserve.shortfall() is None
+        assert len(warnings()) == 1
+        now[0] = 60.0
+        assert reserve.shortfall() is None
+        assert len(warnings()) == 2
+        assert "still cannot be read (Input/output error; 3 more failed readings since" in warnings()[1]
+        readable[0] = True
+        assert reserve.shortfall() is None and reserve.shortfall() is None
+        assert [r.getMessage() for r in caplog.records if r.levelno == logging.INFO] == [
+            f"the free space of {tmp_path} can be read again: jobs are checked against ORCH_MIN_FREE_DISK_MB again"]
+        readable[0] = False  # a new failure after a success is told at once
+        assert reserve.shortfall() is None
+        assert len(warnings()) == 3 and "still" not in warnings()[2]
