@@ -1243,15 +1243,16 @@ class JobRunner:
         return record
 
     async def _refuse_if_no_room(self, claim: Claim) -> None:
-        """Before a paid job's first request: `NoRoomForImages` while the data dir's disk is below
+        """Before a remote job's first request: `NoRoomForImages` while the data dir's disk is below
         its reserve. Failed, not waited out, as a send that cannot be recorded is: nothing was sent,
         so its hold is released and nothing charged, and the worker is free for the jobs that can
-        run, where a wait held it and the hold for as long as the operator takes. Not asked once a
-        request is out or accepted (failed then, the job would still be charged for what it sent),
-        nor of a free remote engine's job, which bills nobody (a local one is asked before it renders,
-        `_refuse_local_if_no_room`)."""
+        run, where a wait held it and the hold for as long as the operator takes. A self-hosted
+        server's job (ComfyUI, AUTOMATIC1111) bills nobody but would hold the studio's GPU for
+        images that could not be stored, as a local one would (asked before it renders,
+        `_refuse_local_if_no_room`). Not asked once a request is out or accepted (failed then, the
+        job would still be charged for what it sent)."""
         if (self.reserve is None or self.reserve.off or claim.out or claim.accepted or claim.inherited
-                or not billed_by_provider(self.registry.get(claim.job.engine))):
+                or self.registry.get(claim.job.engine).kind != "remote"):
             return
         free = await asyncio.to_thread(self.reserve.shortfall)
         if free is not None:

@@ -138,6 +138,28 @@ def test_a_paid_job_claimed_below_the_reserve_is_failed_unsent_and_uncharged(
     assert budget["held"] == 0 and budget["charged"] == 0 and budget["available"] == 100, budget
 
 
+def test_a_self_hosted_server_s_job_claimed_below_the_reserve_is_not_sent(
+        client: httpx.Client, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # It bills nobody, so it was sent: the studio's own GPU server rendered images that could not
+    # be stored, and the job failed `storage_full` after them.
+    _project_id, asset_id = project_with_draft(client, {"limit": 100, "period": "none"})
+    until = tmp_path / "go"
+    prompt = f"not sent to the studio's server below the reserve {tmp_path.name}"
+    response = client.post(f"/v1/assets/{asset_id}/promote", json={
+        "engine": "fake-free", "cache": False, "prompt": prompt,
+        "tags": {"fake": "wait-before-send", "until": str(until)}})
+    assert response.status_code == 202, response.text
+    job_id = response.json()["id"]
+    free_space(monkeypatch, 10)
+    until.touch()
+    job = wait_for_job(client, job_id)
+
+    assert (job["status"], job["engine"], job["error"]["code"]) == ("failed", "fake-free", "storage_full"), job
+    assert job["error"]["message"].startswith("not sent: ") and job["error"]["details"]["free_mb"] == 10
+    assert prompt not in fakes.SENT and job["assets"] == []
+    assert job["cost"]["charged"] == 0 and job["cost"]["held"] == 0, job["cost"]
+
+
 def test_a_job_failed_below_the_reserve_after_a_move_says_its_earlier_charge_stays(
         make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch) -> None:
     """Moved to fake-paid off an engine whose provider had accepted its work (captured as a move
