@@ -904,12 +904,15 @@ def test_fallback_result_is_not_a_cache_entry_for_the_first_engine(paid_server: 
     assert all(a["engine"] == second["engine"] for a in assets), (second["engine"], second["cost"])
 
 
-def test_timeout_captures_the_unknown_charge_before_falling_back(paid_server: httpx.Client) -> None:
-    """A request sent without an answer may have been billed: its hold is captured, unreconciled."""
+def test_a_timeout_captures_the_unknown_charge_and_the_job_does_not_fall_back(paid_server: httpx.Client) -> None:
+    """A request sent without an answer may have been billed: its hold is captured, unreconciled,
+    and the job ends there."""
     project_id, asset_id = draft_asset(paid_server)
     done = wait_for_job(paid_server, promote(paid_server, asset_id, tags={"fake": "timeout"})["id"])
     assert done["attempts"][0]["engine"] == "fake-paid"
     assert done["attempts"][0]["error"]["code"] == "timeout"
+    # Not moved on: another engine's render would be paid for a second time.
+    assert (done["status"], done["engine"], len(done["attempts"])) == ("failed", "fake-paid", 1), done
     first_hold, settled = ledger(paid_server, project_id, done["id"])[:2]
     assert (first_hold["kind"], first_hold["engine"]) == ("hold", "fake-paid")
     assert (settled["kind"], settled["amount"], settled["unreconciled"]) == ("capture", 10.0, True)
