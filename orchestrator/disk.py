@@ -43,9 +43,12 @@ class DiskReserve:
     folder: Path
     min_free_mb: int
     clock: Callable[[], float] = field(default=time.monotonic, repr=False)
-    # When a failed reading was last warned of; None once one succeeded (or none failed yet).
+    # When a failed reading was last warned of (None: none yet), kept after a success: a reading
+    # that fails every other time warned, and told its recovery, at each pair of submits.
     _warned_at: float | None = field(default=None, init=False, repr=False)
     _unwarned: int = field(default=0, init=False, repr=False)  # failed readings since that warning
+    _failing: bool = field(default=False, init=False, repr=False)  # whether the last reading failed
+    _recovery_told: bool = field(default=True, init=False, repr=False)  # since that warning
     # Submits read it from the request threads at once: one warning, not one each.
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
@@ -60,7 +63,7 @@ class DiskReserve:
         and the store's own write says what is wrong, where refusing every job would hide it behind
         a figure nobody read. A reading that fails is warned of once, then once a minute while
         none succeeds (each failed submit warned, hundreds a second under load), and a success
-        after it is told once."""
+        after it is told once; one that fails at times only is told of once a minute too."""
         if self.off:
             return None
         try:
@@ -68,32 +71,39 @@ class DiskReserve:
         except OSError as exc:
             self._unreadable(exc)
             return None
-        if self._warned_at is not None:  # one attribute's read on the path with room
+        if self._failing:  # one attribute's read on the path with room
             self._readable()
         return free if free < self.min_free_mb * MIB else None
 
     def _unreadable(self, exc: OSError) -> None:
         with self._lock:
             now = self.clock()
+            failing, self._failing = self._failing, True
             if self._warned_at is not None and now - self._warned_at < REMIND_SECONDS:
                 self._unwarned += 1
                 return
-            again, unwarned = self._warned_at is not None, self._unwarned
-            self._warned_at, self._unwarned = now, 0
-        if again:
+            unwarned = self._unwarned
+            self._warned_at, self._unwarned, self._recovery_told = now, 0, False
+        if failing:
             log.warning("the free space of %s still cannot be read (%s; %d more failed readings since the last "
                         "warning): jobs are taken without the %s check", self.folder, exc.strerror or exc, unwarned,
                         SETTING)
+        elif unwarned:  # some readings between failed, some not
+            log.warning("the free space of %s cannot be read at times (%s; %d more failed readings since the last "
+                        "warning): jobs are taken without the %s check then", self.folder, exc.strerror or exc,
+                        unwarned, SETTING)
         else:
             log.warning("the free space of %s cannot be read (%s): jobs are taken without the %s check",
                         self.folder, exc.strerror or exc, SETTING)
 
     def _readable(self) -> None:
         with self._lock:
-            if self._warned_at is None:
+            if not self._failing:
                 return
-            self._warned_at, self._unwarned = None, 0
-        log.info("the free space of %s can be read again: jobs are checked against %s again", self.folder, SETTING)
+            told, self._failing, self._recovery_told = self._recovery_told, False, True
+        if not told:  # once a warning: a reading failing at times is told of once a minute, as its warnings
+            log.info("the free space of %s can be read again: jobs are checked against %s again", self.folder,
+                     SETTING)
 
     def said(self, free: int) -> str:
         """The shortfall in words, naming the setting (the folder's path is the server's, not said)."""

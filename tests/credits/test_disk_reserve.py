@@ -374,6 +374,40 @@ def test_a_free_space_that_stays_unreadable_is_warned_of_once_a_minute(
         assert reserve.shortfall() is None and reserve.shortfall() is None
         assert [r.getMessage() for r in caplog.records if r.levelno == logging.INFO] == [
             f"the free space of {tmp_path} can be read again: jobs are checked against ORCH_MIN_FREE_DISK_MB again"]
-        readable[0] = False  # a new failure after a success is told at once
+        readable[0] = False  # a new failure within the minute is counted, and told at the next
         assert reserve.shortfall() is None
-        assert len(warnings()) == 3 and "still" not in warnings()[2]
+        assert len(warnings()) == 2
+        now[0] = 120.0
+        assert reserve.shortfall() is None
+        assert len(warnings()) == 3 and "still cannot be read (Input/output error; 1 more failed" in warnings()[2]
+
+
+def test_a_free_space_read_at_times_only_is_told_at_most_twice_a_minute(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    # A reading that fails every other time (a soft NFS mount timing out) logged a warning and a
+    # "can be read again" for each pair of submits: hundreds of lines a second under load.
+    now = [0.0]
+    readings = [0]
+
+    def every_other(folder: Path) -> int:
+        readings[0] += 1
+        if readings[0] % 2:
+            raise OSError(errno.ETIMEDOUT, "Connection timed out")
+        return RESERVE_MB * MIB
+
+    monkeypatch.setattr(disk, "free_bytes", every_other)
+    reserve = disk.DiskReserve(tmp_path, RESERVE_MB, clock=lambda: now[0])
+    with caplog.at_level("INFO", logger="orchestrator.disk"):
+        for _ in range(100):
+            assert reserve.shortfall() is None
+            now[0] += 0.5  # 50 s in all
+        told = [r.getMessage() for r in caplog.records]
+        assert len(told) == 2, told
+        assert "cannot be read (Connection timed out)" in told[0] and "can be read again" in told[1]
+        now[0] = 60.0
+        caplog.clear()
+        assert reserve.shortfall() is None and reserve.shortfall() is None
+        told = [r.getMessage() for r in caplog.records]
+        # The failures meanwhile are counted, and the next minute's told once more.
+        assert len(told) == 2 and "cannot be read at times (Connection timed out; 49 more failed readings" in told[0]
+        assert "can be read again" in told[1]
