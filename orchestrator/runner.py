@@ -1260,11 +1260,12 @@ class JobRunner:
 
     async def _refuse_local_if_no_room(self, claim: Claim) -> None:
         """Before a local job renders: `NoRoomForImages` while the data dir's disk is below its
-        reserve, as a paid job's first request is refused. Read on the event loop: a `statvfs` of
-        the data dir's disk takes a couple of microseconds, a thread's hop some 50 on a draft's
-        path; with the reserve off, nothing is read."""
+        reserve, as a paid job's first request is refused. Read on a thread, as the others are: a
+        `statvfs` of a data dir on NFS waits for its server (on a hard mount, for as long as it is
+        away), and on the event loop the API and every job waited with it; with the reserve off,
+        nothing is read."""
         reserve = self.reserve
-        if reserve is None or reserve.off or (free := reserve.shortfall()) is None:
+        if reserve is None or reserve.off or (free := await asyncio.to_thread(reserve.shortfall)) is None:
             return
         raise await self._no_room(claim, reserve, free, "not rendered")
 

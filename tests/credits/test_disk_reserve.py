@@ -8,6 +8,7 @@ import asyncio
 import errno
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
@@ -411,3 +412,32 @@ def test_a_free_space_read_at_times_only_is_told_at_most_twice_a_minute(
         # The failures meanwhile are counted, and the next minute's told once more.
         assert len(told) == 2 and "cannot be read at times (Connection timed out; 49 more failed readings" in told[0]
         assert "can be read again" in told[1]
+
+
+def test_a_local_job_s_reading_of_a_slow_disk_does_not_stop_the_service(
+        paid_settings_for: Callable[..., Settings], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Its claim's `statvfs` was made on the event loop: on a data dir on NFS whose server is slow
+    # or away (a hard mount waits for it), the API, every job's events and leases waited with it.
+    with TestClient(create_app(paid_settings_for(tmp_path / "data"))) as test_client:
+        client = cast(httpx.Client, test_client)
+        response = client.post("/v1/projects", json={"name": "local", "policy": "local-only"})
+        assert response.status_code == 201, response.text
+        project_id = response.json()["id"]
+        reading, readings = threading.Event(), [0]
+
+        def slow_at_the_claim(folder: Path) -> int:
+            readings[0] += 1
+            if readings[0] == 2:  # the claim's, after the submit's
+                reading.set()
+                time.sleep(2.0)
+            return RESERVE_MB * 2 * MIB
+
+        monkeypatch.setattr(disk, "free_bytes", slow_at_the_claim)
+        response = client.post(f"/v1/projects/{project_id}/drafts", json=DRAFT)
+        assert response.status_code == 202, response.text
+        assert reading.wait(30)
+        began = time.monotonic()
+        assert client.get("/healthz").status_code == 200
+        answered_in = time.monotonic() - began
+        assert wait_for_job(client, response.json()["id"])["status"] == "succeeded"
+    assert readings[0] == 2 and answered_in < 1.0, answered_in
