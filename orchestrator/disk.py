@@ -3,9 +3,10 @@
 A cloud engine's images made while the disk holding the assets folder is full cannot be stored,
 and their job fails `storage_full`, charged as made: the studio paid for images it never got. So
 a job is refused at its submit while the disk is below the reserve (`JobService.submit`), a
-paid job claimed since is failed before its first request to the provider, unsent and uncharged
-(`JobRunner._refuse_if_no_room`), and a local one before it renders, which would hold the device
-for minutes on images that could not be stored (`JobRunner._refuse_local_if_no_room`).
+remote job claimed since (a paid one, or a self-hosted server's) is failed before its first
+request, unsent and uncharged (`JobRunner._refuse_if_no_room`), and a local one before it renders,
+which would hold the device for minutes on images that could not be stored
+(`JobRunner._refuse_local_if_no_room`).
 
 The free space is read at each of those (a `statvfs`, a few microseconds), never cached: a disk
 freed by its operator takes jobs again at once. One that cannot be read refuses nothing (see

@@ -358,10 +358,10 @@ class ImagesNotStored(EngineError):
 
 
 class NoRoomForImages(EngineError):
-    """A paid job claimed while the data dir's disk is below `ORCH_MIN_FREE_DISK_MB`: failed before
-    its first request, nothing sent and nothing charged, rather than paying for images that could
-    not be stored (`ImagesNotStored`); a local one before it renders, rather than holding the
-    device for them. The operator's to mend; no other engine would store them."""
+    """A remote job (paid, or a self-hosted server's) claimed while the data dir's disk is below
+    `ORCH_MIN_FREE_DISK_MB`: failed before its first request, nothing sent and nothing charged,
+    rather than paying for images that could not be stored (`ImagesNotStored`); a local one before
+    it renders, rather than holding the device for them. The operator's to mend; no other engine would store them."""
 
     code, status = "storage_full", 503
     retryable = False

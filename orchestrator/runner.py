@@ -423,7 +423,7 @@ class JobRunner:
                  ledger: Ledger, health: EngineHealth, local_rate: float = 0.0, *,
                  preview_files: PreviewFiles, reserve: DiskReserve | None = None) -> None:
         self.db = db
-        # The data dir's free space a paid job needs before its first request (None: not checked).
+        # The data dir's free space a job needs before it renders or sends its first request (None: not checked).
         self.reserve = reserve
         # Credits per device-second for local engines; 0 keeps local work free.
         self.local_rate = local_rate
@@ -1260,7 +1260,7 @@ class JobRunner:
 
     async def _refuse_local_if_no_room(self, claim: Claim) -> None:
         """Before a local job renders: `NoRoomForImages` while the data dir's disk is below its
-        reserve, as a paid job's first request is refused. Read on a thread, as the others are: a
+        reserve, as a remote job's first request is refused. Read on a thread, as the others are: a
         `statvfs` of a data dir on NFS waits for its server (on a hard mount, for as long as it is
         away), and on the event loop the API and every job waited with it; with the reserve off,
         nothing is read."""
@@ -1287,7 +1287,7 @@ class JobRunner:
                     charged = (f"nothing more was charged (the {to_credits(earlier)} credits its earlier attempts "
                                "were charged stay charged)")
         return NoRoomForImages(f"{done}: {reserve.said(free)}; {charged}, and its operator must make room before it "
-                               "is sent again", details=reserve.details(free), charged="no")
+                               "is submitted again", details=reserve.details(free), charged="no")
 
     def _charged_so_far(self, job_id: str) -> int:
         with self.db.session() as s:
