@@ -228,6 +228,127 @@ def step_arguments(pipe: Any, on_step: Callable[[Any, int, Any, dict[str, Any]],
     return {}  # no step is shown, and a cancel ends the job while its render runs on (as a load does)
 
 
+# Schedulers that keep each step's model output converted to the clean latents (x0) as the last of
+# their `model_outputs`, where their config (`algorithm_type`, `predict_x0`) says they solve in x0.
+_X0_SOLVERS = frozenset({"DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler", "UniPCMultistepScheduler"})
+
+
+class _DenoisedRecorder:
+    """Stands in for a scheduler's `step` (an attribute of the instance, `denoised_previews`) and
+    keeps a reference to the step's estimate of the clean latents, x0, for its preview: the
+    `pred_original_sample` (Euler, Euler Ancestral, Heun, KDPM2, LMS, DDIM, DDPM) or `denoised` (LCM) its
+    output carries and the pipelines drop; the x0 a DPM-Solver++ or UniPC keeps in `model_outputs`;
+    and for flow matching (SD3, FLUX), whose step returns only the next sample, the step's sample
+    and velocity, from which `latest` makes x0 = sample - sigma x velocity when a preview is made.
+    Nothing is copied: the step's images are the same. Others (PNDM, DEIS, TCD) record nothing."""
+
+    __slots__ = ("__wrapped__", "_flow", "_original", "_scheduler", "_x0")
+
+    def __init__(self, scheduler: Any, original: Callable[..., Any]) -> None:
+        self._scheduler, self._original = scheduler, original
+        # The pipelines pass `generator` and `eta` only to a step whose signature (`inspect.signature`,
+        # which follows this) names them: behind (*args, **kwargs), Euler Ancestral's, DDPM's and
+        # LCM's noise came from torch's global generator, other images for the same seed.
+        self.__wrapped__ = original
+        self._x0: Any = None
+        self._flow: tuple[Any, Any, int] | None = None  # (sample, velocity, the step's index in `sigmas`)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        # The pipelines ask for a tuple (`return_dict=False`), whose second item is x0 for some
+        # schedulers and not for others (TCD's); the output's fields say which it is. Its tuple is
+        # the same (`BaseOutput.to_tuple`, the fields that are set, in order): they read item 0.
+        wants_tuple = kwargs.get("return_dict", True) is False
+        if wants_tuple:
+            kwargs["return_dict"] = True
+        self._x0 = self._flow = None
+        output = self._original(*args, **kwargs)
+        try:
+            self._record(output, args, kwargs)
+        except Exception as exc:  # a preview is a nicety: this step's shows its noisy latents
+            self._x0 = self._flow = None
+            log.debug("no denoised preview for this step: %s: %s", type(exc).__name__, first_line(exc)[:200])
+        to_tuple = getattr(output, "to_tuple", None)
+        return to_tuple() if wants_tuple and callable(to_tuple) else output
+
+    def _record(self, output: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        scheduler = self._scheduler
+        for field in ("pred_original_sample", "denoised"):
+            estimate = getattr(output, field, None)
+            if estimate is not None:
+                self._x0 = estimate
+                return
+        name, config = type(scheduler).__name__, scheduler.config
+        if name in _X0_SOLVERS:
+            if config.get("algorithm_type", "") in ("dpmsolver++", "sde-dpmsolver++") or config.get("predict_x0"):
+                self._x0 = scheduler.model_outputs[-1]
+        elif (name == "FlowMatchEulerDiscreteScheduler" and not config.get("invert_sigmas")
+              and kwargs.get("per_token_timesteps") is None):
+            # step(model_output, timestep, sample, ...), positional or by name; its index moved on by one.
+            velocity = args[0] if args else kwargs["model_output"]
+            sample = args[2] if len(args) > 2 else kwargs["sample"]
+            self._flow = (sample, velocity, scheduler.step_index - 1)
+
+    def latest(self) -> Any:
+        """The last step's x0, or None where its scheduler gives none."""
+        if self._flow is not None:
+            import torch
+
+            sample, velocity, index = self._flow
+            # As the scheduler's stochastic sampling makes it, in float32 as it steps: at the last
+            # step (the next sigma 0) it is that step's result.
+            return sample.to(torch.float32) - self._scheduler.sigmas[index] * velocity
+        return self._x0
+
+    def forget(self) -> None:
+        self._x0 = self._flow = None
+
+
+@contextmanager
+def denoised_previews(pipe: Any) -> Iterator[None]:
+    """For one call of `pipe`, its step previews show the denoised estimate (x0) of the schedulers
+    that have one (`_DenoisedRecorder`) instead of the noisy latents (x_t), which told nothing in a
+    few-step draft's first steps. The scheduler's `step` is wrapped on the instance (never its
+    class), and put back as it was however the call ends: an image-to-image pipeline `from_pipe`
+    made shares its scheduler with the text-to-image one, and the inference thread runs one call
+    at a time. Nothing the recorder referenced outlives the call."""
+    scheduler = getattr(pipe, "scheduler", None)
+    original = getattr(scheduler, "step", None)
+    if scheduler is None or not callable(original) or isinstance(original, _DenoisedRecorder):
+        yield
+        return
+    missing = object()
+    own = getattr(scheduler, "__dict__", {}).get("step", missing)  # the instance's own `step`, if it had one
+    recorder: _DenoisedRecorder | None = _DenoisedRecorder(scheduler, original)
+    try:
+        scheduler.step = recorder
+    except Exception as exc:  # a scheduler that takes no attribute of its own: previews of x_t
+        log.debug("no denoised previews: %s: %s", type(exc).__name__, first_line(exc)[:200])
+        recorder = None
+    try:
+        yield
+    finally:
+        if recorder is not None:
+            if own is missing:
+                del scheduler.step
+            else:
+                scheduler.step = own
+            recorder.forget()
+
+
+def step_estimate(pipe: Any, latents: Any) -> Any:
+    """What the step's preview shows: the x0 `denoised_previews` recorded for `pipe`'s last step
+    where it has one of the latents' shape, else the latents (x_t)."""
+    recorder = getattr(getattr(pipe, "scheduler", None), "__dict__", {}).get("step")
+    if not isinstance(recorder, _DenoisedRecorder):
+        return latents
+    try:
+        estimate = recorder.latest()
+    except Exception as exc:
+        log.debug("no denoised preview for this step: %s: %s", type(exc).__name__, first_line(exc)[:200])
+        return latents
+    return estimate if estimate is not None and getattr(estimate, "shape", None) == latents.shape else latents
+
+
 def negative_prompt_arguments(pipe: Any, negative_prompt: str, guidance: float, progress: Progress,
                               notes: list[str]) -> dict[str, Any]:
     """The pipeline call's `negative_prompt`, if it has an effect there. A negative prompt works
@@ -1347,15 +1468,17 @@ class LocalRuntime:
         return on_step
 
     def _step_preview(self, latents: Any, pipe: Any, size: tuple[int, int] | None = None) -> Image | None:
-        """A step's preview: every step's with the latent approximation; with a preview VAE, none
-        until the time its last decode took has been given back `PREVIEW_VAE_SPACING` times over
-        to the denoising (`preview_url` is optional in progress events)."""
+        """A step's preview, of its denoised estimate where the call runs in `denoised_previews` and
+        its scheduler has one (`step_estimate`), else of its latents: every step's with the latent
+        approximation; with a preview VAE, none until the time its last decode took has been given
+        back `PREVIEW_VAE_SPACING` times over to the denoising (`preview_url` is optional in
+        progress events)."""
         if self._previewer in (None, latents_to_preview, _no_preview) or not self._lite_pipe(pipe):
-            return self.preview(latents, pipe, size=size)
+            return self.preview(step_estimate(pipe, latents), pipe, size=size)
         if time.monotonic() < self._vae_preview_after:
             return None
         began = time.monotonic()
-        preview = self.preview(latents, pipe, size=size)
+        preview = self.preview(step_estimate(pipe, latents), pipe, size=size)
         ended = time.monotonic()
         self._vae_preview_after = ended + (ended - began) * PREVIEW_VAE_SPACING
         return preview

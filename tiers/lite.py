@@ -5,8 +5,8 @@
 draft is reproduced by asking for n=1 with that seed: the same noise and parameters, and the same
 pixels up to float rounding (batched kernels sum in another order; a colour value may differ by
 one level). The same request with the same seed is byte-identical on the same machine.
-Each denoising step reports progress with a preview; a cancelled token stops the pipeline at the
-next step boundary.
+Each denoising step reports progress with a preview (of the sampler's denoised estimate where it
+has one); a cancelled token stops the pipeline at the next step boundary.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from orchestrator.errors import BadEngineInput
 from tiers._local import (
     LocalEngine,
     check_steps,
+    denoised_previews,
     finite_images,
     lcm_schedule,
     negative_prompt_arguments,
@@ -79,7 +80,7 @@ class LiteEngine(LocalEngine):
                                                  planned=steps, size=(req.width, req.height))
             # CPU generators: the same seed gives the same noise on every device.
             generators = [torch.Generator("cpu").manual_seed(seed + i) for i in chunk]
-            with torch.inference_mode():
+            with torch.inference_mode(), denoised_previews(pipe):
                 out = pipe(
                     prompt=req.prompt,
                     **negative,

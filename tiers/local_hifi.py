@@ -20,6 +20,7 @@ from tiers._local import (
     LCM_SCHEDULE,
     LocalEngine,
     check_steps,
+    denoised_previews,
     finite_images,
     lcm_schedule,
     negative_prompt_arguments,
@@ -181,7 +182,7 @@ class LocalHifiEngine(LocalEngine):
             size = {"width": tile_img.width, "height": tile_img.height} if sized else {}
             on_step = self.runtime.step_callback(progress, cancel, done=first_pass + tile_index, passes=passes,
                                                  planned=1, size=tile_img.size)
-            with torch.inference_mode():
+            with torch.inference_mode(), denoised_previews(pipe):
                 out = pipe(
                     prompt=req.prompt,
                     **negative,
