@@ -9,14 +9,22 @@ from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future
 from typing import Any, get_args
 
-from sqlalchemy import func
-from sqlmodel import col, select
+from sqlalchemy import BigInteger, ColumnElement, Integer, case, cast, func
+from sqlmodel import Session, col, select
+from sqlmodel.sql.expression import Select
 
 from orchestrator.db import Database
+from orchestrator.events import TERMINAL
 from orchestrator.ledger import charges, open_holds
 from orchestrator.models import Asset, Job, LedgerEntry
 from orchestrator.schemas import JobStatus
 from tiers.base import STAGES, to_credits
+
+# The histograms' upper bounds in seconds: a draft on a GPU takes well under a second, a paid
+# polish minutes, and a job may wait in the queue for an hour behind others.
+BUCKETS: tuple[float, ...] = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+_BUCKETS_MS = tuple(round(1000 * le) for le in BUCKETS)
+ENDED = tuple(sorted(TERMINAL))
 
 
 class SharedRead:
@@ -51,7 +59,8 @@ class SharedRead:
 
 def render(db: Database, engines: Mapping[str, Iterable[str]]) -> str:
     """Jobs by stage, engine and status; assets by stage; credits charged (by engine and stage),
-    held and waiting for reconciliation (by engine). `engines` (name -> its stages) each get a 0
+    held and waiting for reconciliation (by engine); histograms of how long ended jobs ran (by
+    stage, engine and status) and waited (by stage and engine). `engines` (name -> its stages) each get a 0
     where they have nothing: a series that goes away when its last job moves on reads as "no
     data" to Prometheus, not 0 (an alert on `status="running"} == 0` never fired)."""
     amount = func.coalesce(func.sum(LedgerEntry.amount), 0)
@@ -73,6 +82,7 @@ def render(db: Database, engines: Mapping[str, Iterable[str]]) -> str:
         unreconciled = s.exec(select(LedgerEntry.engine, amount, func.count())
                               .where(col(LedgerEntry.kind) == "capture", col(LedgerEntry.unreconciled))
                               .group_by(LedgerEntry.engine)).all()
+        timings = _timings(s)
     names = list(engines)
     pairs = {(stage, name) for name, stages in engines.items() for stage in stages}
     pairs.update((stage, engine) for stage, engine, _, _ in jobs)  # an engine no longer configured
@@ -107,7 +117,91 @@ def render(db: Database, engines: Mapping[str, Iterable[str]]) -> str:
               "# TYPE orchestrator_ledger_unreconciled_entries gauge"]
     lines += [f'orchestrator_ledger_unreconciled_entries{{engine="{_label(en)}"}} {n}'
               for en, n in _every_engine(names, ((en, count) for en, _, count in unreconciled))]
+    # Every pair's series, with zeros: from a job's first end, a series that was not there has no
+    # earlier figure for `rate()` to start from.
+    ran = {(stage, engine, status): _Histogram() for stage, engine in pairs for status in ENDED}
+    waited = {pair: _Histogram() for pair in pairs}
+    for stage, engine, status, run_bucket, wait_bucket, run_ms, wait_ms, n in timings:
+        ran[stage, engine, status].add(run_bucket, run_ms, n)
+        waited[stage, engine].add(wait_bucket, wait_ms, n)
+    lines += _histogram_lines(
+        "orchestrator_job_duration_seconds", ("stage", "engine", "status"), ran,
+        "Seconds from its start to its end, of each job that an engine started and that has ended (a "
+        "job canceled while queued is not in it), by stage, engine and status; a job that ran more than "
+        "once (a fallback, a recovery) from its last attempt's start; a copy of an earlier result takes 0.")
+    lines += _histogram_lines(
+        "orchestrator_job_queue_seconds", ("stage", "engine"), waited,
+        "Seconds from its submission to its start, of each job that an engine started and that has "
+        "ended, by stage and engine; a job that ran more than once to its last attempt's start "
+        "(the earlier attempts included).")
     return "\n".join(lines) + "\n"
+
+
+class _Histogram:
+    """One histogram series' observations: how many in each bucket (the last is above every bound),
+    their sum in milliseconds, and their count."""
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(BUCKETS) + 1)
+        self.sum_ms = 0
+        self.count = 0
+
+    def add(self, bucket: int, total_ms: int, n: int) -> None:
+        self.counts[int(bucket)] += int(n)
+        self.sum_ms += int(total_ms)
+        self.count += int(n)
+
+
+def _timings(s: Session) -> list[Any]:
+    """The ended jobs that an engine started, grouped by stage, engine, status and the buckets their
+    run and their wait fall in: `(stage, engine, status, run bucket, wait bucket, run ms, wait ms,
+    jobs)`, a bucket being the index of the first bound it is within (`len(BUCKETS)`: none).
+
+    Ended jobs only: a running one's start is written again if it runs again, and a histogram's
+    figures must only grow. The times are read to the millisecond, a negative one (two hosts'
+    clocks) as 0, once per job in a subquery run as it is (`OFFSET 0`): merged into the outer query,
+    each bound's comparison worked them out again (0.63 s of CPU against 0.37 s on SQLite, for
+    200,000 jobs). No index holds the times: the rows are read, but the reading was the least of
+    it (an index of them saved SQLite next to nothing, and PostgreSQL 0.08 s of 0.18)."""
+    if s.get_bind().dialect.name == "postgresql":
+        def millis(end: Any, start: Any) -> ColumnElement[int]:
+            seconds = func.date_part("epoch", end - start)
+            return func.greatest(cast(func.round(seconds * 1000), BigInteger), 0)
+    else:  # SQLite keeps the times as text, which `julianday` reads to the millisecond
+        def millis(end: Any, start: Any) -> ColumnElement[int]:
+            days = func.julianday(end) - func.julianday(start)
+            return func.max(cast(func.round(days * 86_400_000), Integer), 0)
+
+    # `Select`: sqlmodel's `select` is typed for four columns at most.
+    times = (Select(col(Job.stage).label("stage"), col(Job.engine).label("engine"), col(Job.status).label("status"),
+                    millis(col(Job.finished_at), col(Job.started_at)).label("run"),
+                    millis(col(Job.started_at), col(Job.created_at)).label("wait"))
+             .where(col(Job.status).in_(ENDED), col(Job.started_at).is_not(None),
+                    col(Job.finished_at).is_not(None))
+             .offset(0).subquery())
+
+    def bucket(ms: Any) -> Any:
+        return case(*((ms <= bound, i) for i, bound in enumerate(_BUCKETS_MS)), else_=len(_BUCKETS_MS))
+
+    # The same `CASE`s selected and grouped by, bound to the same parameters: PostgreSQL sees one expression.
+    keys = (times.c.stage, times.c.engine, times.c.status, bucket(times.c.run), bucket(times.c.wait))
+    return list(s.exec(Select(*keys, func.sum(times.c.run), func.sum(times.c.wait), func.count())
+                       .group_by(*keys)).all())
+
+
+def _histogram_lines(name: str, label_names: tuple[str, ...], series: Mapping[Any, _Histogram],
+                     help_text: str) -> list[str]:
+    """A histogram's exposition: each series' cumulative buckets, then its sum and count."""
+    lines = [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"]
+    for labels, histogram in sorted(series.items()):
+        shown = ",".join(f'{key}="{_label(value)}"' for key, value in zip(label_names, labels, strict=True))
+        seen = 0
+        for le, n in zip((*map(float, BUCKETS), "+Inf"), histogram.counts, strict=True):
+            seen += n
+            lines.append(f'{name}_bucket{{{shown},le="{le}"}} {seen}')
+        lines.append(f"{name}_sum{{{shown}}} {histogram.sum_ms / 1000}")
+        lines.append(f"{name}_count{{{shown}}} {histogram.count}")
+    return lines
 
 
 def _every_engine(names: Iterable[str], rows: Iterable[Any]) -> list[tuple[str, int]]:

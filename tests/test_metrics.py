@@ -1,17 +1,25 @@
-"""`/metrics`' reads: scrapes that come while one reads share it."""
+"""`/metrics`' reads: scrapes that come while one reads share it; its histograms of how long jobs
+ran and waited."""
 
 from __future__ import annotations
 
 import asyncio
+import math
+import re
 import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from orchestrator.metrics import SharedRead
+from orchestrator.db import Database
+from orchestrator.metrics import SharedRead, render
+from orchestrator.models import Job, Project
+from orchestrator.schemas import JobStatus, Stage
 from orchestrator.services import Services
 from tests.conftest import SettingsFactory
 
@@ -85,3 +93,131 @@ def test_a_burst_of_scrapes_reads_the_database_once(services: Services, monkeypa
     monkeypatch.setattr("orchestrator.services.metrics_text", read)
     answers = scrapes_during_one_read(services.metrics, read)
     assert read.calls < SCRAPES // 2 and answers.count("text 1") > SCRAPES // 2, answers
+
+
+# The histograms' bounds, as README gives them.
+BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+# A sample line: name, labels (values escaped as Prometheus writes them) and value.
+SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{((?:[a-zA-Z_]\w*="(?:[^"\\\n]|\\[\\"n])*",?)*)\})? (\S+)$')
+LABEL = re.compile(r'([a-zA-Z_]\w*)="((?:[^"\\]|\\.)*)"')
+Labels = frozenset[tuple[str, str]]
+
+
+def parse(text: str) -> tuple[dict[str, str], dict[str, dict[Labels, float]]]:
+    """Prometheus text: each family's TYPE, and each series' value by name and labels (unescaped).
+    Fails on a line the format does not allow, a family typed twice or a series given twice."""
+    types: dict[str, str] = {}
+    samples: dict[str, dict[Labels, float]] = {}
+    assert text.endswith("\n")
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ")
+            assert name not in types and kind in ("gauge", "counter", "histogram"), line
+            types[name] = kind
+            continue
+        if line.startswith("# HELP "):
+            continue
+        match = SAMPLE.match(line)
+        assert match, line
+        name, shown, value = match.groups()
+        pairs = frozenset((key, re.sub(r"\\(.)", lambda m: "\n" if m[1] == "n" else m[1], raw))
+                          for key, raw in LABEL.findall(shown or ""))
+        series = samples.setdefault(name, {})
+        assert pairs not in series, line
+        series[pairs] = float(value)
+    return types, samples
+
+
+def histograms(text: str, name: str) -> dict[Labels, tuple[list[float], float, float]]:
+    """A histogram's series, each checked as Prometheus reads one: its buckets at `BUCKETS` and
+    `+Inf`, cumulative (never fewer at a higher bound), `+Inf` its count. By labels (no `le`):
+    (bucket counts in order, sum, count)."""
+    types, samples = parse(text)
+    assert types[name] == "histogram"
+    found: dict[Labels, dict[float, float]] = {}
+    for with_le, value in samples[f"{name}_bucket"].items():
+        le = dict(with_le)["le"]
+        found.setdefault(frozenset(kv for kv in with_le if kv[0] != "le"), {})[float(le)] = value
+    assert set(found) == set(samples[f"{name}_sum"]) == set(samples[f"{name}_count"])
+    result = {}
+    for series, buckets in found.items():
+        assert sorted(buckets) == [*map(float, BUCKETS), math.inf], series
+        counts = [buckets[le] for le in sorted(buckets)]
+        assert counts == sorted(counts), (series, counts)
+        assert counts[-1] == samples[f"{name}_count"][series], series
+        result[series] = (counts, samples[f"{name}_sum"][series], samples[f"{name}_count"][series])
+    return result
+
+
+def expected(seconds: list[float]) -> tuple[list[float], float, float]:
+    """What a histogram holds of these observations."""
+    return [sum(1 for x in seconds if x <= le) for le in [*BUCKETS, math.inf]], round(sum(seconds), 3), len(seconds)
+
+
+def labels(**values: str) -> Labels:
+    return frozenset(values.items())
+
+
+T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+# (stage, engine, status, seconds from its creation to its start, from its start to its end); None: not
+# started, or not ended. On the millisecond, a bound's own (0.25, 10) included in its bucket.
+HISTORY: list[tuple[Stage, str, JobStatus, float | None, float | None]] = [
+    ("ideation", "lite", "succeeded", 0.05, 0.25),
+    ("ideation", "lite", "succeeded", 2.0, 0.731),
+    ("ideation", "lite", "succeeded", -1.5, 0.08),  # started before it was made, by another host's clock: 0
+    ("ideation", "lite", "failed", 0.0, 3.0),
+    ("polish", "paid", "succeeded", 40.0, 95.5),
+    ("polish", "paid", "succeeded", 10.0, 5000.0),  # above every bound: +Inf alone
+    ("polish", "paid", "canceled", 700.0, 12.0),  # canceled while it ran
+    ("polish", "paid", "canceled", None, None),  # canceled while queued: never started
+    ("polish", "paid", "failed", None, None),  # failed before any engine started it
+    ("polish", "paid", "queued", None, None),
+    ("polish", "paid", "running", 1.0, None),  # not ended: its start may be written again
+]
+
+
+def check_job_histograms(db: Database) -> None:
+    """Jobs with known times land in their buckets, with their sum and count; a job not started or
+    not ended is in neither histogram; an engine without jobs has every series at 0."""
+    with db.transaction() as s:
+        s.add(Project(id="prj_times", name="times", policy="balanced"))
+        s.flush()
+        for n, (stage, engine, status, wait, run) in enumerate(HISTORY):
+            created = T0 + timedelta(minutes=n)
+            started = None if wait is None else created + timedelta(seconds=wait)
+            finished = created if status in ("canceled", "failed") and started is None else (
+                None if run is None or started is None else started + timedelta(seconds=run))
+            s.add(Job(id=f"job_times{n}", project_id="prj_times", stage=stage, engine=engine, status=status,
+                      created_at=created, started_at=started, finished_at=finished))
+    engines = {"lite": ["ideation"], "paid": ["polish", "bridge"], 'odd "one"\\': ["polish"]}
+    text = render(db, engines)
+
+    ran = histograms(text, "orchestrator_job_duration_seconds")
+    ended = ("succeeded", "failed", "canceled")
+    pairs = [("ideation", "lite"), ("polish", "paid"), ("bridge", "paid"), ("polish", 'odd "one"\\')]
+    assert set(ran) == {labels(stage=st, engine=en, status=stat) for st, en in pairs for stat in ended}
+    assert ran[labels(stage="ideation", engine="lite", status="succeeded")] == expected([0.25, 0.731, 0.08])
+    assert ran[labels(stage="ideation", engine="lite", status="failed")] == expected([3.0])
+    assert ran[labels(stage="polish", engine="paid", status="succeeded")] == expected([95.5, 5000.0])
+    assert ran[labels(stage="polish", engine="paid", status="canceled")] == expected([12.0])
+    assert ran[labels(stage="polish", engine="paid", status="failed")] == expected([])
+    for ending in ended:
+        assert ran[labels(stage="polish", engine='odd "one"\\', status=ending)] == ([0] * (len(BUCKETS) + 1), 0, 0)
+    counts, _, _ = ran[labels(stage="ideation", engine="lite", status="succeeded")]
+    assert counts[:3] == [1, 2, 2]  # 0.08 by 0.1; 0.25 by its own bound, 0.25; 0.731 by 1
+
+    waited = histograms(text, "orchestrator_job_queue_seconds")
+    assert set(waited) == {labels(stage=st, engine=en) for st, en in pairs}
+    assert waited[labels(stage="ideation", engine="lite")] == expected([0.05, 2.0, 0.0, 0.0])
+    assert waited[labels(stage="polish", engine="paid")] == expected([40.0, 10.0, 700.0])
+    assert waited[labels(stage="bridge", engine="paid")] == expected([])
+    assert 'engine="odd \\"one\\"\\\\"' in text  # escaped as a label value is
+
+
+def test_job_histograms_hold_each_ended_jobs_run_and_wait(tmp_path: Path) -> None:
+    db = Database(f"sqlite:///{tmp_path}/o.db")
+    db.migrate()
+    try:
+        check_job_histograms(db)
+    finally:
+        db.dispose()

@@ -62,6 +62,7 @@ from tests.credits.test_random_outcomes import KILL_SEEDS, SEEDS, kill_in_the_mi
 from tests.credits.test_spend import check_windows_add_up
 from tests.policies.test_shared_versions import check_a_process_that_missed_an_edit_serves_it_while_the_file_is_refused
 from tests.test_db import check_json_columns_take_what_engines_report
+from tests.test_metrics import check_job_histograms
 from tests.test_migrations import check_holds_marked_settled_by_0010
 
 psycopg = pytest.importorskip("psycopg")
@@ -872,6 +873,16 @@ def test_every_window_adds_up_at_its_edges_on_postgres_whatever_its_time_zone(po
     db.migrate()
     try:
         check_windows_add_up(db)
+    finally:
+        db.dispose()
+
+
+def test_job_histograms_hold_each_ended_jobs_run_and_wait_on_postgres(postgres_url: str) -> None:
+    # The times are subtracted in PostgreSQL's SQL there (SQLite's `julianday` here).
+    db = Database(postgres_url)
+    db.migrate()
+    try:
+        check_job_histograms(db)
     finally:
         db.dispose()
 
