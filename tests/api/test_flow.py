@@ -266,6 +266,10 @@ def test_healthz_metrics_openapi(make_settings: Callable[..., Settings],
     assert "# TYPE orchestrator_jobs gauge" in metrics.text
     assert 'orchestrator_jobs{stage="ideation",engine="lite",status="succeeded"} 1' in metrics.text
     assert 'orchestrator_assets{stage="ideation"} 2' in metrics.text
+    # The draft's times, as the runner wrote them, in the histograms.
+    ran = 'orchestrator_job_duration_seconds_count{stage="ideation",engine="lite",status="succeeded"} 1'
+    assert ran in metrics.text
+    assert 'orchestrator_job_queue_seconds_count{stage="ideation",engine="lite"} 1' in metrics.text
 
     spec = client.get("/openapi.json")
     assert spec.status_code == 200
