@@ -88,12 +88,15 @@ def fill_drafts(db: Any, jobs: int) -> None:
                "candidates": [{"engine": "lite", "estimate": 0.0, "skipped": None}]}
     record = {**params, "engine": "lite", "model": "stabilityai/sd-turbo", "sampler": "EulerAncestral",
               "seconds": 0.4, "job_id": "", "asset_index": 0}
+    # Started and finished as the runner writes them: `/metrics` times every job that ended.
+    started, finished = now + timedelta(milliseconds=50), now + timedelta(milliseconds=450)
     for first in range(0, jobs, 5_000):
         batch = range(first, min(first + 5_000, jobs))
         with db.transaction() as s:
             s.execute(insert(Job), [{"id": f"job_d{i}", "project_id": "prj_big", "stage": "ideation",
                                      "engine": "lite", "model": "stabilityai/sd-turbo", "status": "succeeded",
-                                     "params": params, "routing": routing, "attempts": [], "created_at": now}
+                                     "params": params, "routing": routing, "attempts": [], "created_at": now,
+                                     "started_at": started, "finished_at": finished}
                                     for i in batch])
             s.execute(insert(Asset), [{"id": f"ast_d{i}", "project_id": "prj_big", "job_id": f"job_d{i}",
                                        "stage": "ideation", "engine": "lite", "model": "stabilityai/sd-turbo",
@@ -112,7 +115,8 @@ def fill_copies(db: Any, copies: int) -> None:
         with db.transaction() as s:
             s.execute(insert(Job), [{"id": f"job_c{i}", "project_id": "prj_big", "stage": "bridge", "engine": "openai",
                                      "model": "gpt-image-1", "status": "succeeded", "params": {}, "cache_hit": True,
-                                     "created_at": now} for i in range(first, min(first + 10_000, copies))])
+                                     "created_at": now, "started_at": now, "finished_at": now}
+                                    for i in range(first, min(first + 10_000, copies))])
 
 
 def main() -> None:
