@@ -84,7 +84,10 @@ class Job(SQLModel, table=True):
                       sa.Index("ix_jobs_totals", "stage", "engine", "status"),
                       # The few copies of earlier results, which /v1/spend's savings leaves out:
                       # asked of every job instead, each report read the whole table.
-                      sa.Index("ix_jobs_cache_hits", "id", sqlite_where=CACHE_HIT[0], postgresql_where=CACHE_HIT[1]))
+                      sa.Index("ix_jobs_cache_hits", "id", sqlite_where=CACHE_HIT[0], postgresql_where=CACHE_HIT[1]),
+                      # The jobs that ended since a /metrics scrape's watermark (orchestrator.metrics):
+                      # read through every ended job, each scrape's cost grew with the history.
+                      sa.Index("ix_jobs_finished_at", "finished_at"))
 
     id: str = Field(primary_key=True, max_length=40)
     project_id: str = Field(foreign_key="projects.id", max_length=40)

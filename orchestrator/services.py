@@ -31,7 +31,7 @@ from orchestrator.follow import JobFollower
 from orchestrator.health import EngineHealth
 from orchestrator.jobs import JobService
 from orchestrator.ledger import Ledger
-from orchestrator.metrics import SharedRead
+from orchestrator.metrics import SettledTimes, SharedRead
 from orchestrator.metrics import render as metrics_text
 from orchestrator.models import Asset, Job, Project
 from orchestrator.outage import Outage
@@ -754,7 +754,8 @@ class Services:
         return self.engine_health.state(engine)
 
     def metrics(self) -> str:
-        """`/metrics`' text; scrapes that come while one reads share its read (`SharedRead`)."""
+        """`/metrics`' text; scrapes that come while one reads share its read (`SharedRead`), and
+        read only the jobs that ended since the earlier ones (`SettledTimes`)."""
         return self._scrape()
 
     # Set by `aclose`: the inference thread had not ended within DEVICE_IDLE_TIMEOUT.
@@ -763,11 +764,13 @@ class Services:
     _ringing: asyncio.Future[None] | None = field(default=None, init=False, repr=False)
 
     _scrape: SharedRead = field(init=False, repr=False)
+    _settled_times: SettledTimes = field(default_factory=SettledTimes, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.scheduler.hand_over_device = self._hand_over_device
         self._scrape = SharedRead(
-            lambda: metrics_text(self.db, {engine.name: engine.stages for engine in self.registry}))
+            lambda: metrics_text(self.db, {engine.name: engine.stages for engine in self.registry},
+                                 self._settled_times))
 
     async def _hand_over_device(self) -> None:
         """Let the device go once this process's model is off it (the inference thread ended): the

@@ -1,5 +1,5 @@
 """`/metrics`' reads: scrapes that come while one reads share it; its histograms of how long jobs
-ran and waited."""
+ran and waited, each process reading only the jobs that ended since its earlier scrapes."""
 
 from __future__ import annotations
 
@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import delete
+from sqlmodel import col
 
 from orchestrator.db import Database
-from orchestrator.metrics import SharedRead, render
+from orchestrator.metrics import SETTLED_MARGIN, SettledTimes, SharedRead, render
 from orchestrator.models import Job, Project
 from orchestrator.schemas import JobStatus, Stage
 from orchestrator.services import Services
@@ -219,5 +221,73 @@ def test_job_histograms_hold_each_ended_jobs_run_and_wait(tmp_path: Path) -> Non
     db.migrate()
     try:
         check_job_histograms(db)
+    finally:
+        db.dispose()
+
+
+NOW = datetime(2026, 3, 2, 12, 0, tzinfo=UTC)
+
+
+def check_later_scrapes_read_the_recent_jobs_and_agree_with_a_full_read(
+        db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two processes' scrapes, each keeping what it read of the ended jobs, give a full read's figures
+    at every scrape: a job whose end commits after a scrape that its stamp precedes (inside the
+    margin) is counted once, as is one stamped on a watermark; the jobs that settled are not read again."""
+    clock = [NOW]
+    monkeypatch.setattr("orchestrator.metrics.utcnow", lambda: clock[0])
+    engines = {"lite": ["ideation"], "paid": ["polish"]}
+    made: list[str] = []
+
+    def end(finished: datetime, run: float, wait: float, stage: Stage = "ideation", engine: str = "lite",
+            status: JobStatus = "succeeded") -> None:
+        started = finished - timedelta(seconds=run)
+        with db.transaction() as s:
+            job_id = f"job_late{len(made)}"
+            s.add(Job(id=job_id, project_id="prj_late", stage=stage, engine=engine, status=status,
+                      created_at=started - timedelta(seconds=wait), started_at=started, finished_at=finished))
+            made.append(job_id)
+
+    def scrape(settled: SettledTimes, at: datetime) -> str:
+        clock[0] = at
+        text = render(db, engines, settled)
+        assert text == render(db, engines), f"at {at}"  # a full read's, to the millisecond
+        return text
+
+    with db.transaction() as s:
+        s.add(Project(id="prj_late", name="late", policy="balanced"))
+    end(NOW - timedelta(hours=2), 0.4, 0.05)
+    end(NOW - timedelta(minutes=20), 95.5, 40.0, "polish", "paid")
+    end(NOW - timedelta(minutes=1), 3.0, 0.0, status="failed")
+    one, two = SettledTimes(), SettledTimes()  # two processes
+    scrape(one, NOW)
+    end(NOW + timedelta(minutes=10) - SETTLED_MARGIN, 0.731, 2.0)  # on the watermark of the next scrape
+    scrape(one, NOW + timedelta(minutes=10))
+    scrape(two, NOW + timedelta(minutes=12))
+    # Stamped 6 minutes before `one`'s last scrape, committed after it (its end waited out the database).
+    end(NOW + timedelta(minutes=4), 12.0, 700.0, "polish", "paid", "canceled")
+    scrape(one, NOW + timedelta(minutes=15))
+    scrape(one, NOW + timedelta(minutes=40))  # it settles
+    end(NOW + timedelta(minutes=59), 5000.0, 1.0)
+    text = scrape(one, NOW + timedelta(hours=1))
+    assert scrape(two, NOW + timedelta(hours=1, minutes=1)) == text
+    ran = histograms(text, "orchestrator_job_duration_seconds")
+    assert sum(count for _, _, count in ran.values()) == len(made)
+    assert ran[labels(stage="polish", engine="paid", status="canceled")] == expected([12.0])
+    assert ran[labels(stage="ideation", engine="lite", status="succeeded")] == expected([0.4, 0.731, 5000.0])
+
+    # Read from what each kept, not again: a settled job taken out (the jobs gauge drops) is still counted by both.
+    with db.transaction() as s:
+        s.execute(delete(Job).where(col(Job.id) == made[0]))
+    for name in ("orchestrator_job_duration_seconds", "orchestrator_job_queue_seconds"):
+        assert histograms(render(db, engines, one), name) == histograms(text, name) == histograms(
+            render(db, engines, two), name) != histograms(render(db, engines), name)
+
+
+def test_later_scrapes_read_the_recent_jobs_and_agree_with_a_full_read(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    db = Database(f"sqlite:///{tmp_path}/o.db")
+    db.migrate()
+    try:
+        check_later_scrapes_read_the_recent_jobs_and_agree_with_a_full_read(db, monkeypatch)
     finally:
         db.dispose()

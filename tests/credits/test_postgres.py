@@ -62,7 +62,7 @@ from tests.credits.test_random_outcomes import KILL_SEEDS, SEEDS, kill_in_the_mi
 from tests.credits.test_spend import check_windows_add_up
 from tests.policies.test_shared_versions import check_a_process_that_missed_an_edit_serves_it_while_the_file_is_refused
 from tests.test_db import check_json_columns_take_what_engines_report
-from tests.test_metrics import check_job_histograms
+from tests.test_metrics import check_job_histograms, check_later_scrapes_read_the_recent_jobs_and_agree_with_a_full_read
 from tests.test_migrations import check_holds_marked_settled_by_0010
 
 psycopg = pytest.importorskip("psycopg")
@@ -883,6 +883,17 @@ def test_job_histograms_hold_each_ended_jobs_run_and_wait_on_postgres(postgres_u
     db.migrate()
     try:
         check_job_histograms(db)
+    finally:
+        db.dispose()
+
+
+def test_later_scrapes_read_the_recent_jobs_and_agree_with_a_full_read_on_postgres(
+        postgres_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # PostgreSQL's timestamps compared with the watermark, its sums of milliseconds numeric.
+    db = Database(postgres_url)
+    db.migrate()
+    try:
+        check_later_scrapes_read_the_recent_jobs_and_agree_with_a_full_read(db, monkeypatch)
     finally:
         db.dispose()
 
