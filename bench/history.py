@@ -12,8 +12,8 @@ database (a fresh SQLite file by default, or `--database-url`, migrated to head)
 project with `--entries`
 ledger entries (settled holds, each with its capture, one every `--spacing-minutes` back from
 now, so most lie before the current monthly window), `--open` open holds, `--jobs` finished
-draft jobs with one asset each, and `--copies` jobs that copied an earlier result; a second, empty
-project shows the floor.
+draft jobs with one asset each (`--recent` of them ended now, the rest an hour ago, as the copies),
+and `--copies` jobs that copied an earlier result; a second, empty project shows the floor.
 
 Run: `.venv/bin/python bench/history.py [--entries 200000] [--jobs 100000] [--copies 50000] [--open 10] [--repeats 20]`
 """
@@ -77,8 +77,9 @@ def fill(db: Any, entries: int, open_holds: int, spacing: timedelta) -> None:
                               amount=10_000, engine="openai", stage="polish", created_at=now))
 
 
-def fill_drafts(db: Any, jobs: int) -> None:
-    """Finished draft jobs with one asset each, their JSON about the size the service writes."""
+def fill_drafts(db: Any, jobs: int, recent: int) -> None:
+    """Finished draft jobs with one asset each, their JSON about the size the service writes; the
+    last `recent` ended now, the others an hour ago."""
     from orchestrator.models import Asset, Job
 
     now = datetime.now(UTC)
@@ -88,15 +89,19 @@ def fill_drafts(db: Any, jobs: int) -> None:
                "candidates": [{"engine": "lite", "estimate": 0.0, "skipped": None}]}
     record = {**params, "engine": "lite", "model": "stabilityai/sd-turbo", "sampler": "EulerAncestral",
               "seconds": 0.4, "job_id": "", "asset_index": 0}
-    # Started and finished as the runner writes them: `/metrics` times every job that ended.
-    started, finished = now + timedelta(milliseconds=50), now + timedelta(milliseconds=450)
+    # Started and finished as the runner writes them: `/metrics` times every job that ended, and a
+    # scrape after its first reads again those that ended within its margin (15 minutes) only.
+    def made(i: int) -> datetime:
+        return now if i >= jobs - recent else now - timedelta(hours=1)
+
     for first in range(0, jobs, 5_000):
         batch = range(first, min(first + 5_000, jobs))
         with db.transaction() as s:
             s.execute(insert(Job), [{"id": f"job_d{i}", "project_id": "prj_big", "stage": "ideation",
                                      "engine": "lite", "model": "stabilityai/sd-turbo", "status": "succeeded",
-                                     "params": params, "routing": routing, "attempts": [], "created_at": now,
-                                     "started_at": started, "finished_at": finished}
+                                     "params": params, "routing": routing, "attempts": [], "created_at": made(i),
+                                     "started_at": made(i) + timedelta(milliseconds=50),
+                                     "finished_at": made(i) + timedelta(milliseconds=450)}
                                     for i in batch])
             s.execute(insert(Asset), [{"id": f"ast_d{i}", "project_id": "prj_big", "job_id": f"job_d{i}",
                                        "stage": "ideation", "engine": "lite", "model": "stabilityai/sd-turbo",
@@ -110,12 +115,12 @@ def fill_copies(db: Any, copies: int) -> None:
     copy out, whatever its stage, so their number is what that look-up grows with."""
     from orchestrator.models import Job
 
-    now = datetime.now(UTC)
+    ended = datetime.now(UTC) - timedelta(hours=1)
     for first in range(0, copies, 10_000):
         with db.transaction() as s:
             s.execute(insert(Job), [{"id": f"job_c{i}", "project_id": "prj_big", "stage": "bridge", "engine": "openai",
                                      "model": "gpt-image-1", "status": "succeeded", "params": {}, "cache_hit": True,
-                                     "created_at": now, "started_at": now, "finished_at": now}
+                                     "created_at": ended, "started_at": ended, "finished_at": ended}
                                     for i in range(first, min(first + 10_000, copies))])
 
 
@@ -126,6 +131,8 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=100_000, help="finished draft jobs, one asset each")
     parser.add_argument("--copies", type=int, default=50_000,
                         help="finished jobs that copied an earlier result (left out of the savings)")
+    parser.add_argument("--recent", type=int, default=1_000,
+                        help="of the draft jobs, those that ended now (the others an hour ago)")
     parser.add_argument("--spacing-minutes", type=float, default=2.0, help="time between settled holds")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--database-url", help="an empty database (default: a fresh SQLite file)")
@@ -148,7 +155,7 @@ def main() -> None:
                          "database")
     start = time.perf_counter()
     fill(db, args.entries, args.open, timedelta(minutes=args.spacing_minutes))
-    fill_drafts(db, args.jobs)
+    fill_drafts(db, args.jobs, min(args.recent, args.jobs))
     fill_copies(db, args.copies)
     filled = time.perf_counter() - start
     if db.engine.dialect.name == "postgresql":
@@ -185,7 +192,11 @@ def main() -> None:
             results[f"a page of the big project's {name}, newest first"] = timed(
                 functools.partial(lambda stmt: s.exec(stmt).all(), page), args.repeats)
 
-    results["metrics"] = timed(lambda: metrics.render(db, {"openai": ["polish"], "lite": ["ideation"]}), args.repeats)
+    configured = {"openai": ["polish"], "lite": ["ideation"]}
+    # A process's first scrape reads every ended job; its later ones, those that ended within the margin.
+    results["metrics: a process's first scrape"] = timed(lambda: metrics.render(db, configured), args.repeats)
+    settled = metrics.SettledTimes()
+    results["metrics: a later scrape"] = timed(lambda: metrics.render(db, configured, settled), args.repeats)
     month = window("month", datetime.now(UTC))
     with db.session() as s:
         results["spend: the big project's month by engine"] = timed(
@@ -204,8 +215,9 @@ def main() -> None:
     import sqlalchemy
 
     print(json.dumps({
-        "config": {"entries": args.entries, "open_holds": args.open, "draft_jobs": args.jobs, "copies": args.copies,
-                   "spacing_minutes": args.spacing_minutes, "repeats": args.repeats,
+        "config": {"entries": args.entries, "open_holds": args.open, "draft_jobs": args.jobs,
+                   "recent": args.recent, "copies": args.copies, "spacing_minutes": args.spacing_minutes,
+                   "repeats": args.repeats,
                    "database": db.engine.dialect.name, "python": platform.python_version(),
                    "sqlalchemy": sqlalchemy.__version__, "fill_s": round(filled, 1)},
         "results": results,
