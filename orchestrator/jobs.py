@@ -23,7 +23,7 @@ from pydantic import BaseModel
 from sqlalchemy import func, update
 from sqlmodel import Session, col, select
 
-from orchestrator import cache, idempotency
+from orchestrator import cache, idempotency, webhooks
 from orchestrator.cache import cache_key, cached_copies
 from orchestrator.clock import iso, shared_now, utcnow
 from orchestrator.db import Database, changed
@@ -520,6 +520,7 @@ class JobService:
                 copies = cached_copies(cached, job) if cached else []
                 if copies:
                     s.add_all(copies)
+                    webhooks.job_ended_at(s, job.id, job.status, project.webhook_url)
                 else:
                     self.ledger.hold(s, project, job, decision.estimate,
                                      billable=billed_by_provider(self.router.registry.get(job.engine)))
@@ -762,6 +763,7 @@ class JobService:
                 # the job runs, so its hold stays and the caller cancels it as a running job.
                 return False
             self.ledger.settle_unstarted(s, job, note=why)
+            webhooks.job_ended(s, job_id, job.project_id, "canceled")
         # Its end in the service's log as a running job's is: only the access log had it.
         log.info("job %s canceled while queued for %s: %s", job_id, job.engine, why)
         # A half-open circuit's probe, canceled before it ran: no verdict, so the next may go (it
@@ -829,6 +831,8 @@ class JobService:
                 if done:
                     # The worker may have reached the provider before it vanished.
                     self.ledger.capture(s, job, None, unreconciled=True, note="canceled while a worker held it")
+            if done:
+                webhooks.job_ended(s, job_id, job.project_id, "canceled")
         if done:
             log.info("job %s canceled; its worker %s was gone", job_id, job.lease_owner)
             self.bus.publish(job_id, "canceled", {"job_id": job_id, "status": "canceled", "error": error},

@@ -14,6 +14,7 @@ from sqlalchemy import BigInteger, ColumnElement, Integer, case, cast, func
 from sqlmodel import Session, col, select
 from sqlmodel.sql.expression import Select
 
+from orchestrator import webhooks
 from orchestrator.clock import utcnow
 from orchestrator.db import Database
 from orchestrator.events import TERMINAL
@@ -124,6 +125,7 @@ def render(db: Database, engines: Mapping[str, Iterable[str]], settled: SettledT
         unreconciled = s.exec(select(LedgerEntry.engine, amount, func.count())
                               .where(col(LedgerEntry.kind) == "capture", col(LedgerEntry.unreconciled))
                               .group_by(LedgerEntry.engine)).all()
+        hooks_pending, hooks_failed = webhooks.counts(s)
         with settled.lock:
             timings = _timings(s, settled, now)
     names = list(engines)
@@ -160,6 +162,11 @@ def render(db: Database, engines: Mapping[str, Iterable[str]], settled: SettledT
               "# TYPE orchestrator_ledger_unreconciled_entries gauge"]
     lines += [f'orchestrator_ledger_unreconciled_entries{{engine="{_label(en)}"}} {n}'
               for en, n in _every_engine(names, ((en, count) for en, _, count in unreconciled))]
+    lines += ["# HELP orchestrator_webhooks_pending Job webhook deliveries not made yet (due, or waiting to be "
+              "tried again).", "# TYPE orchestrator_webhooks_pending gauge",
+              f"orchestrator_webhooks_pending {hooks_pending}",
+              "# HELP orchestrator_webhooks_failed Job webhook deliveries given up after their last attempt.",
+              "# TYPE orchestrator_webhooks_failed gauge", f"orchestrator_webhooks_failed {hooks_failed}"]
     # Every pair's series, with zeros: from a job's first end, a series that was not there has no
     # earlier figure for `rate()` to start from.
     ran = {(stage, engine, status): _Histogram() for stage, engine in pairs for status in ENDED}

@@ -67,6 +67,8 @@ class Project(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime, nullable=False)
     # Archived through the API: it takes no new job; its jobs, assets and ledger stay as they are.
     archived_at: datetime | None = _ts()
+    # Where each job's end is POSTed (`orchestrator.webhooks`); null: nowhere.
+    webhook_url: str | None = Field(default=None, max_length=2000)
 
 
 class Job(SQLModel, table=True):
@@ -316,3 +318,26 @@ class PolicyVersion(SQLModel, table=True):
     # for a removal, the listing that missed the file): see `policy_versions.PolicyVersions._newer`.
     read_ns: int = Field(sa_type=sa.BigInteger)
     recorded_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime, nullable=False)
+
+
+class WebhookDelivery(SQLModel, table=True):
+    """A job's end to POST to its project's webhook (`orchestrator.webhooks`): written in the
+    transaction that ends the job (an outbox), so no end is lost to a crash between the two.
+
+    `next_attempt_at` is both the schedule and the lease: a sender claims a due row by moving it
+    past the send's timeout (only one update of the value it read succeeds), so a sender that dies
+    mid-send leaves the row due again. Delivered: `delivered_at` set; given up: neither set."""
+
+    __tablename__ = "webhook_deliveries"
+    # The due rows, soonest first, read from the index (delivered and given-up rows have none).
+    __table_args__ = (sa.Index("ix_webhook_deliveries_due", "next_attempt_at"),)
+
+    id: str = Field(primary_key=True, max_length=40)
+    job_id: str = Field(foreign_key="jobs.id", index=True, max_length=40)
+    url: str = Field(max_length=2000)
+    event: str = Field(max_length=20)
+    attempts: int = 0
+    next_attempt_at: datetime | None = _ts()
+    delivered_at: datetime | None = _ts()
+    last_error: str | None = Field(default=None, max_length=500)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime, nullable=False)

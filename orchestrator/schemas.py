@@ -7,6 +7,7 @@ import re
 import unicodedata
 from datetime import datetime
 from typing import Annotated, Any, ClassVar, Generic, Literal, TypeVar
+from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
@@ -278,6 +279,36 @@ Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max
                  AfterValidator(_printable), AfterValidator(_visible), BeforeValidator(_not_blank)]
 
 
+MAX_WEBHOOK_URL_CHARS = 2000
+
+
+def _webhook_url(url: str) -> str:
+    """An absolute http(s) URL with a host and no credentials: a user and password in it would be
+    sent in the clear to every log that prints the project (a secret belongs in the receiver's check
+    of the signature)."""
+    found = CONTROL_CHARACTER.search(url)
+    if found is not None:
+        raise ValueError(f"contains U+{ord(found.group()):04X}, a control character, line break or direction mark")
+    if len(url) > MAX_WEBHOOK_URL_CHARS:
+        raise ValueError(f"is longer than {MAX_WEBHOOK_URL_CHARS} characters")
+    parts = urlsplit(url)
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an absolute http:// or https:// URL")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("must not hold a user or password")
+    try:
+        parts.port  # noqa: B018 -- read for its check: a port that is not a number raises
+    except ValueError:
+        raise ValueError("has a port that is not a number from 0 to 65535") from None
+    return url
+
+
+WebhookUrl = Annotated[str, AfterValidator(_webhook_url)]
+_WEBHOOK_DESCRIPTION = ("Where each of the project's jobs' ends is POSTed (`job.succeeded`, `job.failed`, "
+                        "`job.canceled`, signed when ORCH_WEBHOOK_SECRET is set): an absolute `https://` or `http://` "
+                        "URL without a user or password, at most 2,000 characters; null: none.")
+
+
 class Budget(Strict):
     """A budget: at most `limit` credits charged per `period`."""
 
@@ -305,6 +336,9 @@ class ProjectCreate(Strict):
     policy: str | None = Field(None, description=(
         "The routing policy its jobs are placed by (`GET /v1/policies`); null: the service's default (ORCH_POLICY)."))
     budget: Budget | None = Field(None, description="Its budget; null: no limit.")
+    webhook_url: WebhookUrl | None = Field(None, description=_WEBHOOK_DESCRIPTION)
+
+    added_since_whole_hashes = frozenset({"webhook_url"})
 
 
 def _value_only(schema: dict[str, Any]) -> None:
@@ -347,6 +381,7 @@ class ProjectUpdate(Strict):
         "`true` archives the project: it takes no new job (409 `project_archived`) and `GET /v1/projects` leaves "
         "it out unless asked; its queued and running jobs finish, and its jobs, assets, ledger and spend stay. "
         "`false` takes it back."))
+    webhook_url: WebhookUrl | None = Field(None, description=_WEBHOOK_DESCRIPTION + " Null removes it.")
 
     @model_validator(mode="after")
     def _required_stay(self) -> ProjectUpdate:
@@ -373,6 +408,7 @@ class ProjectPublic(BaseModel):
     created_at: datetime = Field(description="When it was made (RFC 3339, UTC).")
     archived_at: datetime | None = Field(None, description="When it was archived (it takes no new job); null: "
                                                            "it is not.")
+    webhook_url: str | None = Field(None, description="Where its jobs' ends are POSTed; null: nowhere.")
 
 
 _SEED_DESCRIPTION = "The first image's seed; null: a random one, recorded in the job's `params`."

@@ -22,6 +22,7 @@ from sqlalchemy.util import asbool
 from sqlmodel import col, select
 
 from orchestrator import idempotency, identity
+from orchestrator.api.serialize import job_public
 from orchestrator.bells import bell_for
 from orchestrator.db import Database, reach, shown_url, sqlite_file
 from orchestrator.disk import DiskReserve
@@ -29,7 +30,7 @@ from orchestrator.errors import InvalidRequest, NotFound, OrchestratorError
 from orchestrator.events import EventBus
 from orchestrator.follow import JobFollower
 from orchestrator.health import EngineHealth
-from orchestrator.jobs import JobService
+from orchestrator.jobs import JobService, asset_ids_in
 from orchestrator.ledger import Ledger
 from orchestrator.metrics import SettledTimes, SharedRead
 from orchestrator.metrics import render as metrics_text
@@ -44,6 +45,7 @@ from orchestrator.runner import JobRunner
 from orchestrator.settings import CONFIG_FILE_VARIABLE, Settings, control_character_problem, source_of
 from orchestrator.store import ORPHAN_GRACE_SECONDS, ArtifactStore, PreviewFiles, SweepRefused
 from orchestrator.stream_slots import StreamSlots
+from orchestrator.webhooks import Deliverer
 from orchestrator.workers import DeviceLock, Presence
 from policies import BUILTIN, Policy, PolicyError, PolicyStore
 from tiers._local import LocalRuntime
@@ -428,6 +430,7 @@ class Services:
     health_sharing: asyncio.Task[None] | None = None
     asset_sweeping: asyncio.Task[None] | None = None
     policy_watching: asyncio.Task[None] | None = None
+    webhook_delivering: asyncio.Task[None] | None = None
     # Set by `aclose`: the asset sweep's thread, which a cancel does not reach, stops between two
     # batches of drafts (a first sweep of 100,000 took 30 s, which a stop waited out), and between
     # two files of the store (`ArtifactStore.sweep_orphans`).
@@ -713,6 +716,10 @@ class Services:
         await self.scheduler.start()
         # Apart from the scheduler's sweep: listing a large store must not hold up job recovery.
         self.asset_sweeping = asyncio.create_task(self._sweep_assets(), name="asset sweep")
+        secret = self.settings.webhook_secret
+        deliverer = Deliverer(self.db, self.job_as_shown, None if secret is None else secret.get_secret_value(),
+                              interval=self.settings.poll_interval)
+        self.webhook_delivering = asyncio.create_task(deliverer.run(), name="webhook deliveries")
         if self.settings.lite_preload:
             self.background.append(asyncio.create_task(self._preload_lite(), name="lite preload"))
 
@@ -732,6 +739,16 @@ class Services:
             log.exception("ORCH_LITE_PRELOAD: loading %s failed", lite.model)
         else:
             log.info("ORCH_LITE_PRELOAD: %s loaded and warm", lite.model)
+
+    def job_as_shown(self, job_id: str) -> dict[str, Any] | None:
+        """The job as GET /v1/jobs/{id} shows it (JSON), read in one snapshot as that does; None when
+        there is none."""
+        with self.db.snapshot() as s:
+            job = s.get(Job, job_id)
+            if job is None:
+                return None
+            held, charged = self.ledger.job_totals(s, [job_id]).get(job_id, (0, 0))
+            return job_public(job, asset_ids_in(s, [job_id])[job_id], held, charged).model_dump(mode="json")
 
     def log_engine_notes(self) -> None:
         """What an operator must know at start-up (the smoke model's images are noise, ...)."""
@@ -794,8 +811,9 @@ class Services:
     async def aclose(self) -> None:
         self.scheduler.stop_claiming()  # before the waits below: nothing starts that `stop` abandons
         self.sweeps_stop.set()
-        tasks = [*self.background,
-                 *(task for task in (self.health_sharing, self.asset_sweeping, self.policy_watching) if task)]
+        # The webhook deliveries' too: what is not delivered yet waits in the database for the next start.
+        tasks = [*self.background, *(task for task in (self.health_sharing, self.asset_sweeping, self.policy_watching,
+                                                       self.webhook_delivering) if task)]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -10,6 +10,8 @@ with the closest known name. Left unnoticed, `ORCH_ADMIN_KYE` serves /v1 without
 
 from __future__ import annotations
 
+import base64
+import binascii
 import difflib
 import logging
 import os
@@ -155,6 +157,8 @@ class Settings(BaseSettings):
     # Out of the settings' repr (a crash reporter, a debug print): these URLs may hold a password.
     database_url: str | None = Field(None, repr=False)
     admin_key: SecretStr | None = None
+    # The key of projects' webhook signatures (`orchestrator.webhooks`); unset: sent unsigned.
+    webhook_secret: SecretStr | None = None
 
     lite_model: str = "auto"
     lite_device: Device = "auto"
@@ -392,6 +396,22 @@ class Settings(BaseSettings):
             # the service would start closed to everyone. (Non-ASCII letters are sent as UTF-8.)
             raise ValueError("must not hold spaces or control characters: it is sent in an HTTP header")
         return None if key is None else SecretStr(key)
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _webhook_secret_long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        # A short key is guessed from one signed body; whitespace at its ends is an env file's, not the key's.
+        if value is None:
+            return None
+        secret = value.get_secret_value().strip()
+        if len(secret) < 16:
+            raise ValueError("must be at least 16 characters: the receivers' check of each delivery rests on it")
+        if secret.startswith("whsec_"):  # Standard Webhooks' form, decoded as `orchestrator.webhooks.signing_key` does
+            try:
+                base64.b64decode(secret.removeprefix("whsec_"), validate=True)
+            except binascii.Error:
+                raise ValueError("starts with whsec_ but what follows is not base64") from None
+        return SecretStr(secret)
 
     @field_validator("comfyui_url", "a1111_url", "gemini_base_url", "openai_base_url", "stability_base_url",
                      "replicate_base_url", "fal_base_url")

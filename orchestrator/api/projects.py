@@ -65,7 +65,7 @@ def create_project(body: ProjectCreate, services: ServicesDep, request: Request,
     project = Project(
         id="", name=body.name, policy=body.policy or services.settings.policy,
         budget_limit=None if budget is None or budget.limit is None else to_millicredits(budget.limit),
-        budget_period=budget.period if budget else "none",
+        budget_period=budget.period if budget else "none", webhook_url=body.webhook_url,
     )
     try:
         with services.db.transaction() as s:
@@ -215,6 +215,8 @@ def update_project(project_id: ProjectId, body: ProjectUpdate, services: Service
             # Under the write lock (SQLite) or the project's row lock, which a submit takes before it
             # looks: no job is queued for a project once its archive has committed.
             project.archived_at = shared_now() if body.archived else None
+        if "webhook_url" in body.model_fields_set:
+            project.webhook_url = body.webhook_url  # null: removed (the jobs ended before it keep theirs)
         if "budget" in body.model_fields_set:
             given = body.budget.model_fields_set if body.budget is not None else {"limit", "period"}
             budget = body.budget or Budget()  # null: no budget at all

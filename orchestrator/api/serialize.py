@@ -32,7 +32,7 @@ def project_public(p: Project) -> ProjectPublic:
     limit = None if p.budget_limit is None else to_credits(p.budget_limit)
     return ProjectPublic(id=p.id, name=p.name, policy=p.policy,
                          budget=ProjectBudget.model_validate({"limit": limit, "period": p.budget_period}),
-                         created_at=p.created_at, archived_at=p.archived_at)
+                         created_at=p.created_at, archived_at=p.archived_at, webhook_url=p.webhook_url)
 
 
 def job_public(job: Job, asset_ids: list[str], held: int = 0, charged: int = 0) -> JobPublic:
