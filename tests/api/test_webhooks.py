@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
+from pydantic import ValidationError
 from sqlmodel import select
 
 from orchestrator import webhooks
@@ -257,3 +258,18 @@ def test_two_deliverers_send_a_row_once(db: Database) -> None:
     [seen] = second._due()
     assert first._claim(due) is True
     assert second._claim(seen) is False
+
+
+@pytest.mark.parametrize("secret", ["short", " fifteen-chars! ", "whsec_not*base64*at*all"])
+def test_a_weak_or_malformed_secret_is_refused(make_settings: Callable[..., Settings], secret: str) -> None:
+    with pytest.raises(ValidationError) as refused:
+        make_settings(webhook_secret=secret)
+    [error] = refused.value.errors()
+    # The message the command prints (`orchestrator.cli` shows no secret's value beside it).
+    assert error["loc"] == ("webhook_secret",) and secret.strip() not in error["msg"]
+
+
+def test_a_whsec_secret_signs_with_its_decoded_bytes() -> None:
+    key = base64.b64encode(b"sixteen-byte-key").decode()
+    assert webhooks.signing_key(f"whsec_{key}") == b"sixteen-byte-key"
+    assert webhooks.signing_key(SECRET) == SECRET.encode()
