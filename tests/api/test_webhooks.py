@@ -107,25 +107,32 @@ def _rows(settings: Settings) -> list[WebhookDelivery]:
 
 
 def test_a_succeeded_draft_is_posted_once_signed_as_get_shows_it(
-        make_settings: Callable[..., Settings], start_server: Callable[[Settings], httpx.Client],
-        receiver: Receiver) -> None:
-    client = start_server(make_settings(webhook_secret=SECRET))
-    project = create_project(client, webhook_url=receiver.url)
-    assert project["webhook_url"] == receiver.url
-    job = run_draft(client, project["id"])
-    [(headers, body)] = receiver.wait_for(1)
-    _verified(headers, body)
-    assert headers["content-type"] == "application/json" and headers["webhook-id"].startswith("whd_")
-    sent = json.loads(body)
-    assert sent["type"] == "job.succeeded"
-    assert sent["job"] == client.get(f"/v1/jobs/{job['id']}").json()
-    deadline = time.monotonic() + 10
-    while "orchestrator_webhooks_pending 0" not in (metrics := client.get("/metrics").text):
-        assert time.monotonic() < deadline, metrics
-        time.sleep(0.05)
-    assert "orchestrator_webhooks_failed 0" in metrics
-    time.sleep(1.5)  # three of the deliverer's looks: nothing is sent again
-    assert len(receiver.posts) == 1
+        make_settings: Callable[..., Settings], start_server: Callable[[Settings], httpx.Client]) -> None:
+    check_a_succeeded_draft_is_posted_once_signed(start_server(make_settings(webhook_secret=SECRET)))
+
+
+def check_a_succeeded_draft_is_posted_once_signed(client: httpx.Client) -> None:
+    """On a service whose ORCH_WEBHOOK_SECRET is `SECRET`."""
+    receiver = Receiver()
+    try:
+        project = create_project(client, webhook_url=receiver.url)
+        assert project["webhook_url"] == receiver.url
+        job = run_draft(client, project["id"])
+        [(headers, body)] = receiver.wait_for(1)
+        _verified(headers, body)
+        assert headers["content-type"] == "application/json" and headers["webhook-id"].startswith("whd_")
+        sent = json.loads(body)
+        assert sent["type"] == "job.succeeded"
+        assert sent["job"] == client.get(f"/v1/jobs/{job['id']}").json()
+        deadline = time.monotonic() + 10
+        while "orchestrator_webhooks_pending 0" not in (metrics := client.get("/metrics").text):
+            assert time.monotonic() < deadline, metrics
+            time.sleep(0.05)
+        assert "orchestrator_webhooks_failed 0" in metrics
+        time.sleep(1.5)  # three of the deliverer's looks: nothing is sent again
+        assert len(receiver.posts) == 1
+    finally:
+        receiver.close()
 
 
 def test_canceled_and_failed_jobs_are_posted_with_their_types(
@@ -247,6 +254,11 @@ def test_the_delivery_is_committed_with_the_end_and_sent_after_a_restart(
 
 
 def test_two_deliverers_send_a_row_once(db: Database) -> None:
+    check_two_deliverers_send_a_row_once(db)
+
+
+def check_two_deliverers_send_a_row_once(db: Database) -> None:
+    """Of two processes that read a due row, one claims it (the other's update finds it changed)."""
     _job(db)
     now = webhooks.shared_now()
     with db.transaction() as s:

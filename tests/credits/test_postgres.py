@@ -53,6 +53,8 @@ from tests.api.test_job_reads import (
     held_job,
 )
 from tests.api.test_retention import check_batches, check_draft_retention, check_two_sweeps_at_once
+from tests.api.test_webhooks import SECRET as WEBHOOK_SECRET
+from tests.api.test_webhooks import check_a_succeeded_draft_is_posted_once_signed, check_two_deliverers_send_a_row_once
 from tests.conftest import isolate, random_runs
 from tests.credits import PRICE, assert_settled_once, ledger, project_with_draft, promote_ok
 from tests.credits.conftest import ENGINES, POLICY, Service
@@ -1087,3 +1089,20 @@ def test_a_failover_to_a_standby_is_waited_out_and_a_paid_render_made_meanwhile_
         for i in range(2 * POOL_SIZE):
             assert client.post("/v1/projects", json={"name": f"after the failover {i}"}).status_code == 201
         assert client.get("/readyz").status_code == 200
+
+
+def test_a_job_s_end_is_delivered_once_to_its_webhook_on_postgres(
+        postgres_url: str, make_settings: Callable[..., Settings],
+        start_server: Callable[[Settings], httpx.Client]) -> None:
+    # The claim reads the project's URL in its UPDATE ... RETURNING; the end writes the row from a SELECT.
+    check_a_succeeded_draft_is_posted_once_signed(
+        start_server(make_settings(database_url=postgres_url, webhook_secret=WEBHOOK_SECRET)))
+
+
+def test_two_deliverers_send_a_row_once_on_postgres(postgres_url: str) -> None:
+    db = Database(postgres_url)
+    try:
+        db.migrate()
+        check_two_deliverers_send_a_row_once(db)
+    finally:
+        db.dispose()
