@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from sqlmodel import select
 
 from orchestrator import webhooks
+from orchestrator.clock import shared_now
 from orchestrator.db import Database
 from orchestrator.errors import EngineError
 from orchestrator.models import Job, Project, WebhookDelivery
@@ -181,7 +182,7 @@ def test_a_failed_delivery_is_tried_again_with_the_same_id(
 def test_a_delivery_given_up_is_counted_failed(db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(webhooks, "BACKOFF_SECONDS", ())
     deliverer = webhooks.Deliverer(db, lambda job_id: {}, None, interval=0.1)
-    row = webhooks.Due("whd_1", "job_1", "http://127.0.0.1:9/", "job.failed", 0, webhooks.shared_now())
+    row = webhooks.Due("whd_1", "job_1", "http://127.0.0.1:9/", "job.failed", 0, shared_now())
     _job(db)
     with db.transaction() as s:
         s.add(WebhookDelivery(id=row.id, job_id=row.job_id, url=row.url, event=row.event,
@@ -260,7 +261,7 @@ def test_two_deliverers_send_a_row_once(db: Database) -> None:
 def check_two_deliverers_send_a_row_once(db: Database) -> None:
     """Of two processes that read a due row, one claims it (the other's update finds it changed)."""
     _job(db)
-    now = webhooks.shared_now()
+    now = shared_now()
     with db.transaction() as s:
         s.add(WebhookDelivery(id="whd_1", job_id="job_1", url="http://127.0.0.1:9/", event="job.failed",
                               next_attempt_at=now))
