@@ -163,8 +163,11 @@ class Deliverer:
         if self.key is not None:
             headers["webhook-signature"] = signature(self.key, row.id, timestamp, body)
         try:
-            answer = await client.post(row.url, content=body, headers=headers)
-        except httpx.HTTPError as exc:
+            # The whole exchange, not each read: a receiver answering a byte at a time would
+            # otherwise outlast the claim's lease, and another process send the row beside it.
+            async with asyncio.timeout(SEND_TIMEOUT_SECONDS):
+                answer = await client.post(row.url, content=body, headers=headers)
+        except (httpx.HTTPError, httpx.InvalidURL, TimeoutError) as exc:
             error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         else:
             if answer.is_success:

@@ -35,7 +35,7 @@ class Receiver:
     """An HTTP server on 127.0.0.1 that records each POST and answers with the next of `answers`
     (200 once they run out)."""
 
-    def __init__(self, answers: list[int] | None = None) -> None:
+    def __init__(self, answers: list[int] | None = None, *, delay: float = 0.0) -> None:
         self.answers = list(answers or [])
         self.posts: list[tuple[dict[str, str], bytes]] = []
         self.lock = threading.Lock()
@@ -47,6 +47,7 @@ class Receiver:
                 with receiver.lock:
                     receiver.posts.append(({k.lower(): v for k, v in self.headers.items()}, body))
                     status = receiver.answers.pop(0) if receiver.answers else 200
+                time.sleep(delay)
                 self.send_response(status)
                 self.send_header("content-length", "0")
                 self.end_headers()
@@ -286,3 +287,28 @@ def test_a_whsec_secret_signs_with_its_decoded_bytes() -> None:
     key = base64.b64encode(b"sixteen-byte-key").decode()
     assert webhooks.signing_key(f"whsec_{key}") == b"sixteen-byte-key"
     assert webhooks.signing_key(SECRET) == SECRET.encode()
+
+
+def test_a_receiver_that_does_not_answer_in_time_is_tried_again(db: Database, monkeypatch: pytest.MonkeyPatch,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(webhooks, "SEND_TIMEOUT_SECONDS", 0.3)
+    receiver = Receiver(delay=2.0)
+    _job(db)
+    with db.transaction() as s:
+        s.add(WebhookDelivery(id="whd_1", job_id="job_1", url=receiver.url, event="job.failed",
+                              next_attempt_at=shared_now()))
+    deliverer = webhooks.Deliverer(db, lambda job_id: {"id": job_id}, None, interval=0.1)
+
+    async def look() -> int:
+        async with httpx.AsyncClient() as client:
+            return await deliverer.deliver_due(client)
+
+    try:
+        assert asyncio.run(look()) == 1
+    finally:
+        receiver.close()
+    with db.session() as s:
+        row = s.get(WebhookDelivery, "whd_1")
+        assert row is not None and row.delivered_at is None and row.attempts == 1
+        assert row.last_error == "TimeoutError" and row.next_attempt_at is not None
+    assert "attempt 1 failed: TimeoutError; next attempt in 10 s" in caplog.text
