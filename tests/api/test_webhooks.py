@@ -7,25 +7,32 @@ import base64
 import hashlib
 import hmac
 import json
+import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
 import pytest
 from pydantic import ValidationError
-from sqlmodel import select
+from sqlalchemy import update
+from sqlmodel import col, select
 
 from orchestrator import webhooks
-from orchestrator.clock import shared_now
+from orchestrator.clock import shared_now, utcnow
 from orchestrator.db import Database
 from orchestrator.errors import EngineError
 from orchestrator.models import Job, Project, WebhookDelivery
 from orchestrator.server import serve_in_thread
+from orchestrator.services import Services
 from orchestrator.settings import Settings
 from tests.api import SLOW, assert_error, create_project, run_draft, submit_draft, wait_for_job
+from tests.api.test_workers import add_job, row
 
 SECRET = "a-webhook-secret-of-the-studio"
 ADMIN_KEY = "admin-key-for-webhook-tests"
@@ -312,3 +319,30 @@ def test_a_receiver_that_does_not_answer_in_time_is_tried_again(db: Database, mo
         assert row is not None and row.delivered_at is None and row.attempts == 1
         assert row.last_error == "TimeoutError" and row.next_attempt_at is not None
     assert "attempt 1 failed: TimeoutError; next attempt in 10 s" in caplog.text
+
+
+def test_ends_outside_the_runner_write_their_deliveries(make_settings: Callable[..., Settings]) -> None:
+    services = Services.build(make_settings())
+    try:
+        dead = subprocess.Popen([sys.executable, "-c", "pass"])
+        dead.wait()
+        orphan = add_job(services, status="running", attempt=1, lease_owner=f"{socket.gethostname()}:{dead.pid}:0",
+                         lease_expires_at=utcnow() + timedelta(minutes=5))
+        recovered = add_job(services, status="running", attempt=1, lease_owner="dead-host:1:0",
+                            lease_expires_at=utcnow() - timedelta(seconds=1), cancel_requested_at=utcnow())
+        queued, unserved, unhooked = add_job(services), add_job(services, engine="gone"), add_job(services)
+        with services.db.transaction() as s:
+            hooked = [row(services, job_id).project_id for job_id in (orphan, recovered, queued, unserved)]
+            s.execute(update(Project).where(col(Project.id).in_(hooked)).values(webhook_url="https://example.com/h"))
+        assert services.jobs.cancel_orphan(orphan)
+        assert services.jobs.cancel_queued(queued) and services.jobs.cancel_queued(unhooked)
+        services.scheduler._fail_unknown_engine(unserved, "gone")
+        assert asyncio.run(services.scheduler.recover(all_foreign=False)) == [recovered]
+        with services.db.session() as s:
+            written = {(d.job_id, d.event, d.url) for d in s.exec(select(WebhookDelivery)).all()}
+    finally:
+        asyncio.run(services.aclose())
+    assert written == {(orphan, "job.canceled", "https://example.com/h"),
+                       (recovered, "job.canceled", "https://example.com/h"),
+                       (queued, "job.canceled", "https://example.com/h"),
+                       (unserved, "job.failed", "https://example.com/h")}
