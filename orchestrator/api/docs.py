@@ -148,6 +148,8 @@ PROJECT_UPDATE_EXAMPLES: Examples = {
     "rename": {"summary": "Rename the project", "value": {"name": "Lighthouse campaign, final"}},
     "no_budget": {"summary": "Remove the budget", "value": {"budget": None}},
     "archive": {"summary": "Archive the project: it takes no new job", "value": {"archived": True}},
+    "webhook": {"summary": "POST each job's end to a URL (see the README's Webhooks)",
+                "value": {"webhook_url": "https://ci.studio.example/hooks/orchestrator"}},
 }
 DRAFT_EXAMPLES: Examples = {
     "drafts": {"summary": "Four 512x512 drafts of a prompt, seeds 42 to 45",
