@@ -329,8 +329,9 @@ class WebhookDelivery(SQLModel, table=True):
     mid-send leaves the row due again. Delivered: `delivered_at` set; given up: neither set."""
 
     __tablename__ = "webhook_deliveries"
-    # The due rows, soonest first, read from the index (delivered and given-up rows have none).
-    __table_args__ = (sa.Index("ix_webhook_deliveries_due", "next_attempt_at"),)
+    # The due rows, soonest first, and /metrics' counts of pending and given-up ones, read from the
+    # index alone (delivered and given-up rows have no next attempt): the table only grows.
+    __table_args__ = (sa.Index("ix_webhook_deliveries_due", "next_attempt_at", "delivered_at"),)
 
     id: str = Field(primary_key=True, max_length=40)
     job_id: str = Field(foreign_key="jobs.id", index=True, max_length=40)

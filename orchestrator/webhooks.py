@@ -98,6 +98,8 @@ def counts(s: Session) -> tuple[int, int]:
 
 @dataclass
 class Due:
+    """A due delivery as read, before its claim: the claim updates it only if it is still so."""
+
     id: str
     job_id: str
     url: str

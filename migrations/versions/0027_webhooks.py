@@ -34,7 +34,7 @@ def upgrade() -> None:
                     sa.ForeignKeyConstraint(['job_id'], ['jobs.id']),
                     sa.PrimaryKeyConstraint('id'))
     op.create_index('ix_webhook_deliveries_job_id', 'webhook_deliveries', ['job_id'])
-    op.create_index('ix_webhook_deliveries_due', 'webhook_deliveries', ['next_attempt_at'])
+    op.create_index('ix_webhook_deliveries_due', 'webhook_deliveries', ['next_attempt_at', 'delivered_at'])
 
 
 def downgrade() -> None:
