@@ -34,7 +34,7 @@ from sqlalchemy import func, update
 from sqlmodel import Session, col, select
 
 from orchestrator.clock import shared_now
-from orchestrator.db import Database
+from orchestrator.db import Database, changed
 from orchestrator.ids import new_id
 from orchestrator.models import Project, UTCDateTime, WebhookDelivery
 
@@ -114,16 +114,14 @@ class Deliverer:
     shows it."""
 
     def __init__(self, db: Database, describe: Callable[[str], dict[str, Any] | None], secret: str | None, *,
-                 interval: float, transport: httpx.AsyncBaseTransport | None = None) -> None:
+                 interval: float) -> None:
         self.db = db
         self.describe = describe
         self.key = None if secret is None else signing_key(secret)
         self.interval = interval
-        self.transport = transport
 
     async def run(self) -> None:
-        async with httpx.AsyncClient(timeout=SEND_TIMEOUT_SECONDS, follow_redirects=False,
-                                     transport=self.transport) as client:
+        async with httpx.AsyncClient(timeout=SEND_TIMEOUT_SECONDS, follow_redirects=False) as client:
             while True:
                 try:
                     sent = await self.deliver_due(client)
@@ -155,7 +153,7 @@ class Deliverer:
                 col(WebhookDelivery.id) == row.id, col(WebhookDelivery.next_attempt_at) == row.next_attempt_at,
                 col(WebhookDelivery.delivered_at).is_(None))
                 .values(next_attempt_at=shared_now() + timedelta(seconds=LEASE_SECONDS)))
-            return bool(getattr(result, "rowcount", 0) == 1)
+            return changed(result) == 1
 
     async def _send(self, client: httpx.AsyncClient, row: Due) -> None:
         job = await asyncio.to_thread(self.describe, row.job_id)
