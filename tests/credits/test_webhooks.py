@@ -1,0 +1,29 @@
+"""Job webhooks of paid work: a copy of an earlier result, which ends as it is submitted."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+
+from tests.api import wait_for_job
+from tests.api.test_webhooks import Receiver
+from tests.credits import create_project, make_draft, promote_ok
+
+
+def test_a_cached_copy_is_posted_as_it_is_submitted(api: httpx.Client) -> None:
+    receiver = Receiver()
+    try:
+        project_id = create_project(api)
+        patched = api.patch(f"/v1/projects/{project_id}", json={"webhook_url": receiver.url})
+        assert patched.status_code == 200, patched.text
+        draft = make_draft(api, project_id)
+        first = wait_for_job(api, promote_ok(api, draft, cache=True)["id"])
+        copy = promote_ok(api, draft, cache=True)
+        assert copy["status"] == "succeeded" and copy["cost"]["cache_hit"], copy
+        sent = [json.loads(body) for _, body in receiver.wait_for(3)]
+    finally:
+        receiver.close()
+    assert sorted((s["job"]["id"], s["type"]) for s in sent if s["job"]["stage"] == "bridge") == sorted(
+        [(first["id"], "job.succeeded"), (copy["id"], "job.succeeded")])
+    assert next(s for s in sent if s["job"]["id"] == copy["id"])["job"] == api.get(f"/v1/jobs/{copy['id']}").json()
