@@ -167,7 +167,10 @@ class Deliverer:
             # otherwise outlast the claim's lease, and another process send the row beside it.
             async with asyncio.timeout(SEND_TIMEOUT_SECONDS):
                 answer = await client.post(row.url, content=body, headers=headers)
-        except (httpx.HTTPError, httpx.InvalidURL, TimeoutError) as exc:
+        except Exception as exc:
+            # Any, not only httpx's: a host that is no IDNA label (`xn--a`) raises idna's
+            # `UnicodeError` before any connection, and escaping it left the row claimed and its
+            # attempt uncounted, sent again at every lease's end and never given up.
             error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         else:
             if answer.is_success:

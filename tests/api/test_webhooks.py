@@ -346,3 +346,26 @@ def test_ends_outside_the_runner_write_their_deliveries(make_settings: Callable[
                        (recovered, "job.canceled", "https://example.com/h"),
                        (queued, "job.canceled", "https://example.com/h"),
                        (unserved, "job.failed", "https://example.com/h")}
+
+
+def test_a_url_the_sender_cannot_parse_is_a_failed_attempt_not_a_row_stuck_for_good(
+        db: Database, caplog: pytest.LogCaptureFixture) -> None:
+    # `xn--a` is no IDNA label: httpx raises idna's `IDNAError` (a `UnicodeError`, not an `httpx.HTTPError`)
+    # before it connects. Escaping the send, it left the row claimed and counted no attempt: sent
+    # again at each lease's end, logged as a failed look every minute, never given up.
+    _job(db)
+    with db.transaction() as s:
+        s.add(WebhookDelivery(id="whd_1", job_id="job_1", url="http://xn--a.example/hooks", event="job.failed",
+                              next_attempt_at=shared_now()))
+    deliverer = webhooks.Deliverer(db, lambda job_id: {"id": job_id}, None, interval=0.1)
+
+    async def look() -> int:
+        async with httpx.AsyncClient() as client:
+            return await deliverer.deliver_due(client)
+
+    assert asyncio.run(look()) == 1
+    with db.session() as s:
+        row = s.get(WebhookDelivery, "whd_1")
+        assert row is not None and row.delivered_at is None and row.attempts == 1
+        assert row.last_error is not None and "U+0080" in row.last_error, row.last_error
+    assert "attempt 1 failed" in caplog.text
