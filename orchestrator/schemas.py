@@ -9,6 +9,7 @@ from datetime import datetime
 from typing import Annotated, Any, ClassVar, Generic, Literal, TypeVar
 from urllib.parse import urlsplit
 
+import httpx
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -300,6 +301,14 @@ def _webhook_url(url: str) -> str:
         parts.port  # noqa: B018 -- read for its check: a port that is not a number raises
     except ValueError:
         raise ValueError("has a port that is not a number from 0 to 65535") from None
+    # Read again as the deliverer's httpx reads it: `urlsplit` takes " https://..." (it strips the
+    # space) and a host that is no IDNA label (`xn--a`), which httpx never sends to.
+    try:
+        sent = httpx.URL(url)
+    except (httpx.InvalidURL, UnicodeError) as exc:
+        raise ValueError(f"cannot be sent to: {exc}") from None
+    if sent.scheme not in ("http", "https") or not sent.host:
+        raise ValueError("must be an absolute http:// or https:// URL")
     return url
 
 
