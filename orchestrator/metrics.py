@@ -223,8 +223,12 @@ def _timings(s: Session, settled: SettledTimes, now: datetime) -> list[Any]:
             days = func.julianday(end) - func.julianday(start)
             return func.max(cast(func.round(days * 86_400_000), Integer), 0)
 
-    # Never back: a clock stepped back would read again, and count again, a window folded already.
-    before = max(now - SETTLED_MARGIN, settled.before) if settled.before else now - SETTLED_MARGIN
+    before = now - SETTLED_MARGIN
+    if settled.before is not None and before < settled.before:
+        # The clock stepped back: the watermark is not moved back (a window folded already would
+        # be read, and counted, again), nor kept (the jobs stamped by the clock set right fall
+        # under it, and were left out until a restart). What was kept is dropped and read again.
+        settled.before, settled.groups = None, {}
     status: Any = col(Job.status)
     ended: list[ColumnElement[bool]] = [col(Job.started_at).is_not(None), col(Job.finished_at).is_not(None)]
     if settled.before is not None:

@@ -291,3 +291,34 @@ def test_later_scrapes_read_the_recent_jobs_and_agree_with_a_full_read(
         check_later_scrapes_read_the_recent_jobs_and_agree_with_a_full_read(db, monkeypatch)
     finally:
         db.dispose()
+
+
+def test_a_clock_stepped_back_misses_no_job_and_counts_none_twice(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A clock an hour ahead, then set right: the jobs that end after the correction are stamped
+    under the watermark the fast clock left, and were left out until the process restarted."""
+    db = Database(f"sqlite:///{tmp_path}/o.db")
+    db.migrate()
+    clock = [NOW + timedelta(hours=1)]
+    monkeypatch.setattr("orchestrator.metrics.utcnow", lambda: clock[0])
+    engines = {"lite": ["ideation"]}
+    try:
+        with db.transaction() as s:
+            s.add(Project(id="prj_step", name="step", policy="balanced"))
+            s.flush()
+            s.add(Job(id="job_step0", project_id="prj_step", stage="ideation", engine="lite", status="succeeded",
+                      created_at=NOW - timedelta(hours=2), started_at=NOW - timedelta(hours=2),
+                      finished_at=NOW - timedelta(hours=2) + timedelta(seconds=0.4)))
+        settled = SettledTimes()
+        render(db, engines, settled)  # the fast clock's watermark: NOW + 45 min
+        clock[0] = NOW  # set right
+        with db.transaction() as s:
+            s.add(Job(id="job_step1", project_id="prj_step", stage="ideation", engine="lite", status="succeeded",
+                      created_at=NOW - timedelta(seconds=3), started_at=NOW - timedelta(seconds=2), finished_at=NOW))
+        clock[0] = NOW + timedelta(minutes=1)
+        text = render(db, engines, settled)
+        assert text == render(db, engines)
+        ran = histograms(text, "orchestrator_job_duration_seconds")
+        assert ran[labels(stage="ideation", engine="lite", status="succeeded")] == expected([0.4, 2.0])
+    finally:
+        db.dispose()
