@@ -37,6 +37,7 @@ from orchestrator.clock import shared_now
 from orchestrator.db import Database, changed
 from orchestrator.ids import new_id
 from orchestrator.models import Project, UTCDateTime, WebhookDelivery
+from orchestrator.outage import Outage
 
 log = logging.getLogger(__name__)
 
@@ -121,13 +122,17 @@ class Deliverer:
         self.interval = interval
 
     async def run(self) -> None:
+        # A line a minute while the database is away, not a traceback at each look (every `interval`).
+        outage = Outage(log, "webhook deliveries", f"trying again every {self.interval:g} s")
         async with httpx.AsyncClient(timeout=SEND_TIMEOUT_SECONDS, follow_redirects=False) as client:
             while True:
                 try:
                     sent = await self.deliver_due(client)
-                except Exception:  # a database outage: the rows wait for the next look
-                    log.exception("webhook deliveries: looking for due ones failed")
+                except Exception as exc:  # a database outage: the rows wait for the next look
+                    outage.failed(exc)
                     sent = 0
+                else:
+                    outage.recovered()
                 if sent < BATCH:
                     await asyncio.sleep(self.interval)
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import json
+import logging
 import socket
 import subprocess
 import sys
@@ -374,3 +376,29 @@ def test_a_url_the_sender_cannot_parse_is_a_failed_attempt_not_a_row_stuck_for_g
         assert row is not None and row.delivered_at is None and row.attempts == 1
         assert row.last_error is not None and "U+0080" in row.last_error, row.last_error
     assert "attempt 1 failed" in caplog.text
+
+
+def test_a_database_outage_is_told_once_not_a_traceback_at_each_look(
+        db: Database, caplog: pytest.LogCaptureFixture) -> None:
+    # Every ORCH_POLL_INTERVAL (0.5 s by default), in every process that runs jobs, as
+    # `orchestrator.outage` says the loops once filled the log.
+    deliverer = webhooks.Deliverer(db, lambda job_id: {}, None, interval=0.01)
+    looks = [0]
+
+    def away() -> list[webhooks.Due]:
+        looks[0] += 1
+        raise RuntimeError("the database is away")
+
+    deliverer._due = away  # type: ignore[method-assign]
+
+    async def for_a_while() -> None:
+        task = asyncio.create_task(deliverer.run())
+        await asyncio.sleep(0.5)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    asyncio.run(for_a_while())
+    told = [r for r in caplog.records if r.name == "orchestrator.webhooks" and r.levelno >= logging.WARNING]
+    assert looks[0] >= 5 and len(told) == 1, (looks[0], len(told))
+    assert told[0].exc_info is not None  # the first, whole
