@@ -57,6 +57,17 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     gc.freeze()
 
 
+@pytest.fixture
+def sqlite_db(tmp_path: Path) -> Iterator[Database]:
+    """A migrated SQLite database of its own, closed after the test."""
+    db = Database(f"sqlite:///{tmp_path / 'o.db'}")
+    db.migrate()
+    try:
+        yield db
+    finally:
+        db.dispose()
+
+
 @pytest.fixture(autouse=True)
 def no_dns(monkeypatch: pytest.MonkeyPatch) -> None:
     """Hosts a provider's answer names (output URLs) resolve to a public address, as a CDN's do:

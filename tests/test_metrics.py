@@ -216,13 +216,8 @@ def check_job_histograms(db: Database) -> None:
     assert 'engine="odd \\"one\\"\\\\"' in text  # escaped as a label value is
 
 
-def test_job_histograms_hold_each_ended_jobs_run_and_wait(tmp_path: Path) -> None:
-    db = Database(f"sqlite:///{tmp_path}/o.db")
-    db.migrate()
-    try:
-        check_job_histograms(db)
-    finally:
-        db.dispose()
+def test_job_histograms_hold_each_ended_jobs_run_and_wait(sqlite_db: Database) -> None:
+    check_job_histograms(sqlite_db)
 
 
 NOW = datetime(2026, 3, 2, 12, 0, tzinfo=UTC)
@@ -284,13 +279,8 @@ def check_later_scrapes_read_the_recent_jobs_and_agree_with_a_full_read(
 
 
 def test_later_scrapes_read_the_recent_jobs_and_agree_with_a_full_read(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    db = Database(f"sqlite:///{tmp_path}/o.db")
-    db.migrate()
-    try:
-        check_later_scrapes_read_the_recent_jobs_and_agree_with_a_full_read(db, monkeypatch)
-    finally:
-        db.dispose()
+        sqlite_db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    check_later_scrapes_read_the_recent_jobs_and_agree_with_a_full_read(sqlite_db, monkeypatch)
 
 
 def test_a_clock_stepped_back_misses_no_job_and_counts_none_twice(

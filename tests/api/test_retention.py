@@ -179,13 +179,8 @@ def check_batches(db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
     assert live(db, project_id) == [ids[0]]
 
 
-def test_drafts_are_deleted_a_batch_per_transaction(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    db = Database(f"sqlite:///{tmp_path / 'r.db'}")
-    db.migrate()
-    try:
-        check_batches(db, monkeypatch)
-    finally:
-        db.dispose()
+def test_drafts_are_deleted_a_batch_per_transaction(sqlite_db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    check_batches(sqlite_db, monkeypatch)
 
 
 def test_a_stopping_service_s_sweep_ends_after_the_batch_under_way(tmp_path: Any) -> None:
@@ -239,13 +234,8 @@ def check_two_sweeps_at_once(db: Database) -> None:
     assert live(db, project_id) == []
 
 
-def test_two_sweeps_at_once_delete_each_draft_once(tmp_path: Any) -> None:
-    db = Database(f"sqlite:///{tmp_path / 'r.db'}")
-    db.migrate()
-    try:
-        check_two_sweeps_at_once(db)
-    finally:
-        db.dispose()
+def test_two_sweeps_at_once_delete_each_draft_once(sqlite_db: Database) -> None:
+    check_two_sweeps_at_once(sqlite_db)
 
 
 @pytest.mark.parametrize("days", ["0", "-1", "36501", "1.5", "forever"])

@@ -555,10 +555,5 @@ def _stopped_at(moment: datetime) -> Callable[[], datetime]:
     return lambda: moment
 
 
-def test_every_window_adds_up_at_its_edges(tmp_path: Path) -> None:
-    db = Database(f"sqlite:///{tmp_path}/o.db")
-    db.migrate()
-    try:
-        check_windows_add_up(db)
-    finally:
-        db.dispose()
+def test_every_window_adds_up_at_its_edges(sqlite_db: Database) -> None:
+    check_windows_add_up(sqlite_db)
