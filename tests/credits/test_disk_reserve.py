@@ -115,24 +115,30 @@ def test_a_request_no_room_would_make_taken_is_answered_as_it_is_without_the_res
                  503, "storage_full")
 
 
+def promoted_as_the_disk_fills(client: httpx.Client, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                               asset_id: str, engine: str, prompt: str) -> dict[str, Any]:
+    """A promotion taken with room to spare, whose disk fills to 10 MB while it prepares its
+    request (the fake engine waits for a file before it sends); the job as it ends."""
+    until = tmp_path / "go"
+    response = client.post(f"/v1/assets/{asset_id}/promote", json={
+        "engine": engine, "cache": False, "prompt": prompt,
+        "tags": {"fake": "wait-before-send", "until": str(until)}})
+    assert response.status_code == 202, response.text
+    free_space(monkeypatch, 10)
+    until.touch()
+    return wait_for_job(client, response.json()["id"])
+
+
 def test_a_paid_job_claimed_below_the_reserve_is_failed_unsent_and_uncharged(
         client: httpx.Client, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     project_id, asset_id = project_with_draft(client, {"limit": 100, "period": "none"})
-    until = tmp_path / "go"
     prompt = f"not sent below the reserve {tmp_path.name}"
-    response = client.post(f"/v1/assets/{asset_id}/promote", json={
-        "engine": "fake-paid", "cache": False, "prompt": prompt,
-        "tags": {"fake": "wait-before-send", "until": str(until)}})
-    assert response.status_code == 202, response.text  # taken with room to spare
-    job_id = response.json()["id"]
-    free_space(monkeypatch, 10)  # the disk fills while the job prepares its request
-    until.touch()
-    job = wait_for_job(client, job_id)
+    job = promoted_as_the_disk_fills(client, monkeypatch, tmp_path, asset_id, "fake-paid", prompt)
 
     assert job["status"] == "failed" and job["error"]["code"] == "storage_full", job
     assert "nothing was charged" in job["error"]["message"] and "ORCH_MIN_FREE_DISK_MB" in job["error"]["message"]
     assert prompt not in fakes.SENT  # the provider got no request
-    entries = [e for e in ledger(client, project_id) if e["job_id"] == job_id]
+    entries = [e for e in ledger(client, project_id) if e["job_id"] == job["id"]]
     assert sorted(e["kind"] for e in entries) == ["hold", "release"], entries
     assert job["cost"]["charged"] == 0 and job["cost"]["held"] == 0, job["cost"]
     budget = client.get(f"/v1/projects/{project_id}/budget").json()
@@ -144,16 +150,8 @@ def test_a_self_hosted_server_s_job_claimed_below_the_reserve_is_not_sent(
     # It bills nobody, so it was sent: the studio's own GPU server rendered images that could not
     # be stored, and the job failed `storage_full` after them.
     _project_id, asset_id = project_with_draft(client, {"limit": 100, "period": "none"})
-    until = tmp_path / "go"
     prompt = f"not sent to the studio's server below the reserve {tmp_path.name}"
-    response = client.post(f"/v1/assets/{asset_id}/promote", json={
-        "engine": "fake-free", "cache": False, "prompt": prompt,
-        "tags": {"fake": "wait-before-send", "until": str(until)}})
-    assert response.status_code == 202, response.text
-    job_id = response.json()["id"]
-    free_space(monkeypatch, 10)
-    until.touch()
-    job = wait_for_job(client, job_id)
+    job = promoted_as_the_disk_fills(client, monkeypatch, tmp_path, asset_id, "fake-free", prompt)
 
     assert (job["status"], job["engine"], job["error"]["code"]) == ("failed", "fake-free", "storage_full"), job
     assert job["error"]["message"].startswith("not sent: ") and job["error"]["details"]["free_mb"] == 10
