@@ -112,6 +112,17 @@ def postgres_url() -> Iterator[str]:
 
 
 @pytest.fixture
+def pg_db(postgres_url: str) -> Iterator[Database]:
+    """A migrated PostgreSQL database of its own, closed after the test."""
+    db = Database(postgres_url)
+    db.migrate()
+    try:
+        yield db
+    finally:
+        db.dispose()
+
+
+@pytest.fixture
 def pg_api(postgres_url: str, tmp_path: Path, paid_settings_for: Callable[..., Settings]) -> Iterator[httpx.Client]:
     """A service on the fresh Postgres database (its migrations run at start-up)."""
     settings = paid_settings_for(tmp_path / "data", database_url=postgres_url)
@@ -879,25 +890,15 @@ def test_every_window_adds_up_at_its_edges_on_postgres_whatever_its_time_zone(po
         db.dispose()
 
 
-def test_job_histograms_hold_each_ended_jobs_run_and_wait_on_postgres(postgres_url: str) -> None:
+def test_job_histograms_hold_each_ended_jobs_run_and_wait_on_postgres(pg_db: Database) -> None:
     # The times are subtracted in PostgreSQL's SQL there (SQLite's `julianday` here).
-    db = Database(postgres_url)
-    db.migrate()
-    try:
-        check_job_histograms(db)
-    finally:
-        db.dispose()
+    check_job_histograms(pg_db)
 
 
 def test_later_scrapes_read_the_recent_jobs_and_agree_with_a_full_read_on_postgres(
-        postgres_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        pg_db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
     # PostgreSQL's timestamps compared with the watermark, its sums of milliseconds numeric.
-    db = Database(postgres_url)
-    db.migrate()
-    try:
-        check_later_scrapes_read_the_recent_jobs_and_agree_with_a_full_read(db, monkeypatch)
-    finally:
-        db.dispose()
+    check_later_scrapes_read_the_recent_jobs_and_agree_with_a_full_read(pg_db, monkeypatch)
 
 
 @contextlib.contextmanager
@@ -1015,13 +1016,8 @@ def test_withdrawn_work_the_provider_never_ran_is_reconciled_at_nothing_on_postg
 
 
 def test_a_process_that_missed_a_policy_edit_serves_it_while_the_file_is_refused_on_postgres(
-        postgres_url: str, tmp_path: Path) -> None:
-    db = Database(postgres_url)
-    db.migrate()
-    try:
-        check_a_process_that_missed_an_edit_serves_it_while_the_file_is_refused(tmp_path, db)
-    finally:
-        db.dispose()
+        pg_db: Database, tmp_path: Path) -> None:
+    check_a_process_that_missed_an_edit_serves_it_while_the_file_is_refused(tmp_path, pg_db)
 
 
 def _read_only(postgres_url: str, on: bool, *, cut: bool) -> None:
