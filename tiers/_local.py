@@ -228,21 +228,100 @@ def step_arguments(pipe: Any, on_step: Callable[[Any, int, Any, dict[str, Any]],
     return {}  # no step is shown, and a cancel ends the job while its render runs on (as a load does)
 
 
-# Schedulers that keep each step's model output converted to the clean latents (x0) as the last of
-# their `model_outputs`, where their config (`algorithm_type`, `predict_x0`) says they solve in x0.
-_X0_SOLVERS = frozenset({"DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler", "UniPCMultistepScheduler"})
+# The form of the model output that multistep solvers keep, converted, as the last of their
+# `model_outputs`: the clean latents (x0) where their config says they solve in x0 (DPM-Solver++,
+# UniPC's default), the noise where they solve in it (DPM-Solver, UniPC with `predict_x0` off, DEIS).
+def _solver_form(name: str, config: Any) -> Literal["x0", "noise"] | None:
+    if name in ("DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler"):
+        algorithm = config.get("algorithm_type", "")
+        return "x0" if algorithm in ("dpmsolver++", "sde-dpmsolver++") else (
+            "noise" if algorithm in ("dpmsolver", "sde-dpmsolver") else None)
+    if name == "UniPCMultistepScheduler":
+        return "x0" if config.get("predict_x0") else "noise"
+    if name == "DEISMultistepScheduler":
+        return "noise" if config.get("algorithm_type") == "deis" else None
+    return None
+
+
+# Schedulers whose step gives no x0 and keeps none, over a sample of the training's noise schedule,
+# x_t = sqrt(a_t) x0 + sqrt(1 - a_t) noise with a_t = `alphas_cumprod[timestep]`: the `timestep` and
+# `sample` each step is given are what the UNet saw (PNDM's Runge-Kutta and first PLMS steps, which
+# move on from a sample they kept, `cur_sample`, are each given the intermediate sample the UNet
+# saw, at its half or repeated timestep), so x0 is made from the step's own inputs (TCD makes the
+# same one inside its step, and gives back only `pred_noised_sample`).
+_TRAIN_SCHEDULE_STEPS = frozenset({"PNDMScheduler", "TCDScheduler"})
+
+
+def _x0_at_timestep(scheduler: Any, model_output: Any, timestep: Any, sample: Any) -> Any:
+    """x0 of `sample` at the train `timestep` (a tensor or a number), from the model's output of the
+    scheduler's `prediction_type`, or None where it cannot be made: no `alphas_cumprod`, a timestep
+    that is not one of its indices, a model output of another shape (a learned variance's), another
+    prediction type. In float32, as a float16 sample's would lose the small values, in the sample's
+    dtype again; not clamped."""
+    alphas = getattr(scheduler, "alphas_cumprod", None)
+    if alphas is None or getattr(model_output, "shape", None) != sample.shape:
+        return None
+    at = float(timestep)  # a one-element tensor (on CUDA, a sync, as the step makes one itself) or a number
+    if not at.is_integer() or not 0 <= at < len(alphas):
+        return None
+    alpha = float(alphas[int(at)])
+    if not 0 < alpha <= 1:
+        return None
+    prediction = scheduler.config.get("prediction_type", "epsilon")
+    if prediction == "sample":
+        return model_output.to(sample.dtype)
+    if prediction == "epsilon":
+        return _x0_of_noise(sample, model_output, math.sqrt(alpha), math.sqrt(1 - alpha))
+    if prediction == "v_prediction":
+        import torch
+
+        x0 = torch.mul(sample.to(torch.float32), math.sqrt(alpha))
+        return x0.sub_(model_output.to(torch.float32), alpha=math.sqrt(1 - alpha)).to(sample.dtype)
+    return None
+
+
+def _x0_of_noise(sample: Any, noise: Any, alpha_t: float, sigma_t: float) -> Any:
+    """x0 = (x_t - sigma_t x noise) / alpha_t, of a sample x_t = alpha_t x0 + sigma_t x noise."""
+    import torch
+
+    if alpha_t <= 0 or getattr(noise, "shape", None) != sample.shape:
+        return None
+    # One new tensor, divided in place: a few microseconds of the step's time on a draft's latents.
+    x0 = torch.add(sample.to(torch.float32), noise.to(torch.float32), alpha=-sigma_t)
+    return x0.div_(alpha_t).to(sample.dtype)
+
+
+def _x0_of_solver_noise(scheduler: Any, noise: Any, index: int, sample: Any) -> Any:
+    """x0 of a noise-form solver's step: its converted noise (after its own thresholding, where set)
+    with the sample's sigma, `sigmas[index]`, as the solver's parameterization (`_sigma_to_alpha_sigma_t`,
+    flow sigmas included) makes alpha_t and sigma_t of it: the x0 its x0 form would have kept."""
+    # Of a Python float: the parameterizations are arithmetic alone, and a tensor's each took microseconds.
+    alpha_t, sigma_t = scheduler._sigma_to_alpha_sigma_t(float(scheduler.sigmas[index]))
+    return _x0_of_noise(sample, noise, float(alpha_t), float(sigma_t))
+
+
+def _x0_of_velocity(scheduler: Any, velocity: Any, index: int, sample: Any) -> Any:
+    """Flow matching's x0 = sample - sigma x velocity, as the scheduler's stochastic sampling makes
+    it, in float32 as it steps: at the last step (the next sigma 0) it is that step's result."""
+    import torch
+
+    return sample.to(torch.float32) - scheduler.sigmas[index] * velocity
 
 
 class _DenoisedRecorder:
     """Stands in for a scheduler's `step` (an attribute of the instance, `denoised_previews`) and
-    keeps a reference to the step's estimate of the clean latents, x0, for its preview: the
-    `pred_original_sample` (Euler, Euler Ancestral, Heun, KDPM2, LMS, DDIM, DDPM) or `denoised` (LCM) its
-    output carries and the pipelines drop; the x0 a DPM-Solver++ or UniPC keeps in `model_outputs`;
-    and for flow matching (SD3, FLUX), whose step returns only the next sample, the step's sample
-    and velocity, from which `latest` makes x0 = sample - sigma x velocity when a preview is made.
-    Nothing is copied: the step's images are the same. Others (PNDM, DEIS, TCD) record nothing."""
+    keeps, for its preview, the step's estimate of the clean latents, x0: the
+    `pred_original_sample` (Euler, Euler Ancestral, Heun, KDPM2, LMS, DDIM, DDPM) or `denoised` (LCM)
+    its output carries and the pipelines drop; the x0 a DPM-Solver++ or UniPC keeps in
+    `model_outputs`. Where the step gives none, what makes it, for `latest` to make when a preview
+    is made: from the noise DPM-Solver (`algorithm_type` "dpmsolver", "sde-dpmsolver"), UniPC with
+    `predict_x0` off and DEIS keep, with the step's sigma; from the step's own model output,
+    timestep and sample with `alphas_cumprod` and `prediction_type` (PNDM, TCD); from flow
+    matching's (SD3, FLUX) sample and velocity, x0 = sample - sigma x velocity. Nothing is copied
+    and nothing the step computes is changed: the step's images are the same. Other schedulers
+    record nothing (their previews show x_t)."""
 
-    __slots__ = ("__wrapped__", "_flow", "_original", "_scheduler", "_x0")
+    __slots__ = ("__wrapped__", "_make", "_original", "_scheduler", "_x0")
 
     def __init__(self, scheduler: Any, original: Callable[..., Any]) -> None:
         self._scheduler, self._original = scheduler, original
@@ -251,7 +330,7 @@ class _DenoisedRecorder:
         # LCM's noise came from torch's global generator, other images for the same seed.
         self.__wrapped__ = original
         self._x0: Any = None
-        self._flow: tuple[Any, Any, int] | None = None  # (sample, velocity, the step's index in `sigmas`)
+        self._make: Callable[[], Any] | None = None  # makes the step's x0 from what it references
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         # The pipelines ask for a tuple (`return_dict=False`), whose second item is x0 for some
@@ -260,12 +339,12 @@ class _DenoisedRecorder:
         wants_tuple = kwargs.get("return_dict", True) is False
         if wants_tuple:
             kwargs["return_dict"] = True
-        self._x0 = self._flow = None
+        self._x0 = self._make = None
         output = self._original(*args, **kwargs)
         try:
             self._record(output, args, kwargs)
         except Exception as exc:  # a preview is a nicety: this step's shows its noisy latents
-            self._x0 = self._flow = None
+            self._x0 = self._make = None
             log.debug("no denoised preview for this step: %s: %s", type(exc).__name__, first_line(exc)[:200])
         to_tuple = getattr(output, "to_tuple", None)
         return to_tuple() if wants_tuple and callable(to_tuple) else output
@@ -278,39 +357,41 @@ class _DenoisedRecorder:
                 self._x0 = estimate
                 return
         name, config = type(scheduler).__name__, scheduler.config
-        if name in _X0_SOLVERS:
-            if config.get("algorithm_type", "") in ("dpmsolver++", "sde-dpmsolver++") or config.get("predict_x0"):
-                self._x0 = scheduler.model_outputs[-1]
+
+        def argument(position: int, keyword: str) -> Any:  # step(model_output, timestep, sample, ...)
+            return args[position] if len(args) > position else kwargs[keyword]
+
+        form = _solver_form(name, config)
+        if form == "x0":
+            self._x0 = scheduler.model_outputs[-1]
+        elif form == "noise":
+            # The sample the UNet saw, not the one UniPC's corrector makes of it; its index moved on by one.
+            self._make = functools.partial(_x0_of_solver_noise, scheduler, scheduler.model_outputs[-1],
+                                           scheduler.step_index - 1, argument(2, "sample"))
+        elif name in _TRAIN_SCHEDULE_STEPS:
+            self._make = functools.partial(_x0_at_timestep, scheduler, argument(0, "model_output"),
+                                           argument(1, "timestep"), argument(2, "sample"))
         elif (name == "FlowMatchEulerDiscreteScheduler" and not config.get("invert_sigmas")
               and kwargs.get("per_token_timesteps") is None):
-            # step(model_output, timestep, sample, ...), positional or by name; its index moved on by one.
-            velocity = args[0] if args else kwargs["model_output"]
-            sample = args[2] if len(args) > 2 else kwargs["sample"]
-            self._flow = (sample, velocity, scheduler.step_index - 1)
+            self._make = functools.partial(_x0_of_velocity, scheduler, argument(0, "model_output"),
+                                           scheduler.step_index - 1, argument(2, "sample"))
 
     def latest(self) -> Any:
-        """The last step's x0, or None where its scheduler gives none."""
-        if self._flow is not None:
-            import torch
-
-            sample, velocity, index = self._flow
-            # As the scheduler's stochastic sampling makes it, in float32 as it steps: at the last
-            # step (the next sigma 0) it is that step's result.
-            return sample.to(torch.float32) - self._scheduler.sigmas[index] * velocity
-        return self._x0
+        """The last step's x0, or None where its scheduler gives none or it cannot be made."""
+        return self._make() if self._make is not None else self._x0
 
     def forget(self) -> None:
-        self._x0 = self._flow = None
+        self._x0 = self._make = None
 
 
 @contextmanager
 def denoised_previews(pipe: Any) -> Iterator[None]:
     """For one call of `pipe`, its step previews show the denoised estimate (x0) of the schedulers
-    that have one (`_DenoisedRecorder`) instead of the noisy latents (x_t), which told nothing in a
-    few-step draft's first steps. The scheduler's `step` is wrapped on the instance (never its
-    class), and put back as it was however the call ends: an image-to-image pipeline `from_pipe`
-    made shares its scheduler with the text-to-image one, and the inference thread runs one call
-    at a time. Nothing the recorder referenced outlives the call."""
+    that give one or whose step's inputs make one (`_DenoisedRecorder`) instead of the noisy latents
+    (x_t), which told nothing in a few-step draft's first steps. The scheduler's `step` is wrapped
+    on the instance (never its class), and put back as it was however the call ends: an
+    image-to-image pipeline `from_pipe` made shares its scheduler with the text-to-image one, and
+    the inference thread runs one call at a time. Nothing the recorder referenced outlives the call."""
     scheduler = getattr(pipe, "scheduler", None)
     original = getattr(scheduler, "step", None)
     if scheduler is None or not callable(original) or isinstance(original, _DenoisedRecorder):
