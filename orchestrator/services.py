@@ -718,7 +718,8 @@ class Services:
         self.asset_sweeping = asyncio.create_task(self._sweep_assets(), name="asset sweep")
         secret = self.settings.webhook_secret
         deliverer = Deliverer(self.db, self.job_as_shown, None if secret is None else secret.get_secret_value(),
-                              interval=self.settings.poll_interval)
+                              interval=self.settings.poll_interval,
+                              concurrency=self.settings.webhook_concurrency)
         self.webhook_delivering = asyncio.create_task(deliverer.run(), name="webhook deliveries")
         if self.settings.lite_preload:
             self.background.append(asyncio.create_task(self._preload_lite(), name="lite preload"))

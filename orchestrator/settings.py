@@ -159,6 +159,9 @@ class Settings(BaseSettings):
     admin_key: SecretStr | None = None
     # The key of projects' webhook signatures (`orchestrator.webhooks`); unset: sent unsigned.
     webhook_secret: SecretStr | None = None
+    # Webhook sends at once per process (`orchestrator.webhooks.Deliverer`): at most 2 to one
+    # destination, so one that does not answer holds those, not every project's deliveries.
+    webhook_concurrency: int = Field(8, ge=1, le=256)
 
     lite_model: str = "auto"
     lite_device: Device = "auto"

@@ -5,7 +5,9 @@ crash between the end and its POST loses nothing, and `Deliverer` (in every proc
 sends the due rows. A row is claimed by moving its `next_attempt_at` past the send's timeout with
 an update conditional on the value read: of two processes, one update changes the row, on SQLite
 and PostgreSQL alike. Delivery is at least once (a sender that dies after the receiver answered
-sends it again): receivers dedupe by the `webhook-id` header.
+sends it again): receivers dedupe by the `webhook-id` header. Each process sends up to
+ORCH_WEBHOOK_CONCURRENCY at once, at most 2 of them to one destination, so that a receiver that does
+not answer (10 s each) holds its own deliveries back, not every project's.
 
 Signed as Standard Webhooks (https://www.standardwebhooks.com) say: `webhook-signature` is
 `v1,` and the base64 HMAC-SHA256 of `{webhook-id}.{webhook-timestamp}.{body}`, keyed by
@@ -17,12 +19,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -35,6 +39,7 @@ from sqlmodel import Session, col, select
 
 from orchestrator.clock import shared_now
 from orchestrator.db import Database, changed
+from orchestrator.errors import first_line
 from orchestrator.ids import new_id
 from orchestrator.models import Project, UTCDateTime, WebhookDelivery
 from orchestrator.outage import Outage
@@ -48,7 +53,9 @@ LEASE_SECONDS = 60.0
 # The waits after each failed attempt; after the last, the delivery is given up (9 attempts, the
 # last about 20.6 hours after the first).
 BACKOFF_SECONDS = (10, 60, 300, 1800, 7200, 21600, 21600, 21600)
-BATCH = 20  # due rows read at a time
+BATCH = 20  # due rows read at a time (at least; as many as the sends at once when more)
+# Sends at once to one destination: one that does not answer holds these, not every slot.
+PER_DESTINATION = 2
 
 
 def signing_key(secret: str) -> bytes:
@@ -97,6 +104,14 @@ def counts(s: Session) -> tuple[int, int]:
     return int(pending), int(failed)
 
 
+def destination(url: str) -> str:
+    """The receiver of `url` whose slots its deliveries share: its scheme, host and port as the URL
+    writes them (`https://hooks.example:8443`)."""
+    start = url.find("://") + 3
+    ends = [at for at in (url.find(mark, start) for mark in "/?#") if at >= 0]
+    return url[:min(ends, default=len(url))]
+
+
 @dataclass
 class Due:
     """A due delivery as read, before its claim: the claim updates it only if it is still so."""
@@ -107,60 +122,212 @@ class Due:
     event: str
     attempts: int
     next_attempt_at: datetime
+    # The claim's lease, once claimed: giving the row back is conditional on it still being so.
+    leased_until: datetime | None = None
 
 
 class Deliverer:
     """Sends the due deliveries, every `interval` seconds, until `run`'s task is canceled (a stop
-    leaves the undelivered ones to the next start). `describe` gives a job as GET /v1/jobs/{id}
-    shows it."""
+    gives the rows it was sending back, due, to the next start or another process). `describe`
+    gives a job as GET /v1/jobs/{id} shows it.
+
+    At most `concurrency` sends at once, and at most `per_destination` of them (2, or 1 when
+    `concurrency` is 2) to one destination (`destination`): a receiver that does not answer holds
+    its own slots, never every one, and its other rows are read past, unclaimed, until one frees."""
 
     def __init__(self, db: Database, describe: Callable[[str], dict[str, Any] | None], secret: str | None, *,
-                 interval: float) -> None:
+                 interval: float, concurrency: int = 8) -> None:
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1, not {concurrency}")
         self.db = db
         self.describe = describe
         self.key = None if secret is None else signing_key(secret)
         self.interval = interval
+        self.concurrency = concurrency
+        self.per_destination = max(1, min(PER_DESTINATION, concurrency - 1))
+        # A line a minute while the database is away, not a traceback at each look (every `interval`).
+        self.outage = Outage(log, "webhook deliveries", f"trying again every {interval:g} s")
+        self._sending: dict[asyncio.Task[None], Due] = {}
+        self._freed: asyncio.Event | None = None
 
     async def run(self) -> None:
-        # A line a minute while the database is away, not a traceback at each look (every `interval`).
-        outage = Outage(log, "webhook deliveries", f"trying again every {self.interval:g} s")
-        async with httpx.AsyncClient(timeout=SEND_TIMEOUT_SECONDS, follow_redirects=False) as client:
-            while True:
-                try:
-                    sent = await self.deliver_due(client)
-                except Exception as exc:  # a database outage: the rows wait for the next look
-                    outage.failed(exc)
-                    sent = 0
-                else:
-                    outage.recovered()
-                if sent < BATCH:
-                    await asyncio.sleep(self.interval)
+        self._freed = asyncio.Event()
+        async with self._client() as client:
+            try:
+                while True:
+                    started, behind = await self._look(client)
+                    if behind and started and len(self._sending) < self.concurrency:
+                        # Rows left for a destination this look filled: the next look reads past them.
+                        await asyncio.sleep(0)
+                        continue
+                    if behind:  # rows wait for a slot: the next look when one frees
+                        with contextlib.suppress(TimeoutError):
+                            async with asyncio.timeout(self.interval):
+                                await self._freed.wait()
+                    else:
+                        await asyncio.sleep(self.interval)
+            finally:
+                await self._stop_sending()
+
+    def _client(self) -> httpx.AsyncClient:
+        # A connection per slot: a send never waits in httpx's pool, inside its own timeout.
+        limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=min(self.concurrency, 20))
+        return httpx.AsyncClient(timeout=SEND_TIMEOUT_SECONDS, follow_redirects=False, limits=limits)
+
+    async def _look(self, client: httpx.AsyncClient) -> tuple[bool, bool]:
+        """Start the sends of the due rows there are slots for; (whether it started any, whether
+        rows were left for a limit or the read was full: worth a look once a slot frees)."""
+        if self._freed is not None:
+            self._freed.clear()  # before the read: a send ending meanwhile wakes the next wait
+        try:
+            _, started, behind = await self._start_due(client)
+        except Exception as exc:  # a database outage: the rows wait for the next look
+            self.outage.failed(exc)
+            return False, False
+        self.outage.recovered()
+        return started > 0, behind
 
     async def deliver_due(self, client: httpx.AsyncClient) -> int:
-        """Send the due deliveries this process claims; returns how many it read."""
-        due = await asyncio.to_thread(self._due)
-        for row in due:
-            if await asyncio.to_thread(self._claim, row):
-                await self._send(client, row)
-        return len(due)
+        """One look: send the due deliveries this process claims, within its limits, and wait for
+        the end of those sends; returns how many it read."""
+        try:
+            read, _, _ = await self._start_due(client)
+            if self._sending:
+                await asyncio.wait(list(self._sending))
+        finally:
+            await self._stop_sending()
+        return read
 
-    def _due(self) -> list[Due]:
+    async def _start_due(self, client: httpx.AsyncClient) -> tuple[int, int, bool]:
+        """Claim the due rows there are slots for and start their sends; (rows read, sends
+        started, whether any row was left for a limit or the read was full)."""
+        free = self.concurrency - len(self._sending)
+        if free <= 0:
+            return 0, 0, True
+        per_destination = Counter(destination(row.url) for row in self._sending.values())
+        full = sorted(where for where, sending in per_destination.items() if sending >= self.per_destination)
+        limit = max(BATCH, self.concurrency)
+        due = await asyncio.to_thread(self._due, [row.id for row in self._sending.values()], full, limit)
+        behind = len(due) >= limit
+        chosen: list[Due] = []
+        for row in due:
+            where = destination(row.url)
+            if len(chosen) >= free or per_destination[where] >= self.per_destination:
+                behind = True  # left unclaimed: due as it was, for a later look or another process
+                continue
+            per_destination[where] += 1
+            chosen.append(row)
+        if not chosen:
+            return len(due), 0, behind
+        claiming = asyncio.ensure_future(asyncio.to_thread(self._claim_all, chosen))
+        try:
+            claimed = await asyncio.shield(claiming)
+        except asyncio.CancelledError:
+            # A stop while the claims commit: the ones made are given back, not left claimed to
+            # their lease's end.
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(self._release, await claiming)
+            raise
+        for row in claimed:
+            task = asyncio.create_task(self._send(client, row), name=f"webhook {row.id}")
+            self._sending[task] = row
+            task.add_done_callback(self._sent)
+        return len(due), len(claimed), behind
+
+    def _sent(self, task: asyncio.Task[None]) -> None:
+        self._sending.pop(task, None)
+        if self._freed is not None:
+            self._freed.set()
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            # Its result not written (the database away): the row is due again at its lease's end.
+            self.outage.failed(exc)
+
+    async def _stop_sending(self) -> None:
+        """Cancel the sends in flight, wait for them, and give their rows back in one transaction."""
+        sending = dict(self._sending)
+        if not sending:
+            return
+        for task in sending:
+            task.cancel()
+        await asyncio.wait(sending)
+        # Due again at once for the next start (or another process), as they were, not claimed for
+        # the rest of their lease; here, not in each send: a send canceled before its first step
+        # runs none of its code. (A row whose result was written is no longer as claimed: untouched.)
+        stopped = [row for task, row in sending.items() if task.cancelled()]
+        if not stopped:
+            return
+        try:
+            await self._written(self._release, stopped)
+        except Exception as exc:
+            log.warning("%d webhook deliveries stopped mid-send could not be given back (%s); they are due again "
+                        "at their claim's end, within %g s", len(stopped), first_line(exc, type(exc).__name__),
+                        LEASE_SECONDS)
+        else:
+            log.info("stopped %d webhook sends in flight; their deliveries are due again for the next start",
+                     len(stopped))
+
+    def _due(self, sending: Collection[str] = (), full: Collection[str] = (), limit: int = BATCH) -> list[Due]:
+        """The due rows, soonest first, but for `sending` (ids) and those to a `full` destination."""
+        url = col(WebhookDelivery.url)
         with self.db.session() as s:
-            rows = s.exec(select(WebhookDelivery).where(
+            query = select(WebhookDelivery).where(
                 col(WebhookDelivery.delivered_at).is_(None), col(WebhookDelivery.next_attempt_at) <= shared_now())
-                .order_by(col(WebhookDelivery.next_attempt_at)).limit(BATCH)).all()
+            if sending:
+                query = query.where(col(WebhookDelivery.id).not_in(sending))
+            for where in full:
+                # In SQL, not after the read: a receiver's thousand rows would fill every read.
+                query = query.where(sa.not_(sa.or_(
+                    url == where, func.substr(url, 1, len(where) + 1).in_([where + mark for mark in "/?#"]))))
+            rows = s.exec(query.order_by(col(WebhookDelivery.next_attempt_at)).limit(limit)).all()
             return [Due(r.id, r.job_id, r.url, r.event, r.attempts, r.next_attempt_at) for r in rows
                     if r.next_attempt_at is not None]
 
     def _claim(self, row: Due) -> bool:
+        return bool(self._claim_all([row]))
+
+    def _claim_all(self, rows: list[Due]) -> list[Due]:
+        """The rows this process claims of `rows`, in one transaction (SQLite's write lock once)."""
+        claimed = []
         with self.db.transaction() as s:
-            result = s.execute(update(WebhookDelivery).where(
-                col(WebhookDelivery.id) == row.id, col(WebhookDelivery.next_attempt_at) == row.next_attempt_at,
-                col(WebhookDelivery.delivered_at).is_(None))
-                .values(next_attempt_at=shared_now() + timedelta(seconds=LEASE_SECONDS)))
-            return changed(result) == 1
+            until = shared_now() + timedelta(seconds=LEASE_SECONDS)  # the database's clock, on PostgreSQL
+            for row in rows:
+                result = s.execute(update(WebhookDelivery).where(
+                    col(WebhookDelivery.id) == row.id, col(WebhookDelivery.next_attempt_at) == row.next_attempt_at,
+                    col(WebhookDelivery.delivered_at).is_(None)).values(next_attempt_at=until))
+                if changed(result) == 1:
+                    claimed.append(row)
+        for row in claimed:
+            row.leased_until = until
+        return claimed
+
+    def _release(self, rows: list[Due]) -> None:
+        """Give claimed rows back as they were read (due, no attempt counted), unless their lease
+        ended and another process claimed them since."""
+        with self.db.transaction() as s:
+            for row in rows:
+                s.execute(update(WebhookDelivery).where(
+                    col(WebhookDelivery.id) == row.id, col(WebhookDelivery.next_attempt_at) == row.leased_until,
+                    col(WebhookDelivery.delivered_at).is_(None)).values(next_attempt_at=row.next_attempt_at))
+
+    async def _written(self, write: Callable[..., None], *args: Any) -> None:
+        """`write` in a thread, to its end even when a stop comes meanwhile (which is raised after
+        it): the stop waits for a short transaction rather than leaving it behind."""
+        writing = asyncio.ensure_future(asyncio.to_thread(write, *args))
+        try:
+            await asyncio.shield(writing)
+        except asyncio.CancelledError:
+            await writing
+            raise
 
     async def _send(self, client: httpx.AsyncClient, row: Due) -> None:
+        error = await self._post(client, row)
+        if error is None:
+            await self._written(self._delivered, row)
+        else:
+            await self._written(self._failed, row, error)
+
+    async def _post(self, client: httpx.AsyncClient, row: Due) -> str | None:
+        """POST the row's delivery: None when the receiver took it, else why not."""
         job = await asyncio.to_thread(self.describe, row.job_id)
         body = json.dumps({"type": row.event, "job": job}, separators=(",", ":")).encode()
         timestamp = int(time.time())
@@ -176,13 +343,8 @@ class Deliverer:
             # Any, not only httpx's: a host that is no IDNA label (`xn--a`) raises idna's
             # `UnicodeError` before any connection, and escaping it left the row claimed and its
             # attempt uncounted, sent again at every lease's end and never given up.
-            error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-        else:
-            if answer.is_success:
-                await asyncio.to_thread(self._delivered, row)
-                return
-            error = f"answered {answer.status_code}"
-        await asyncio.to_thread(self._failed, row, error)
+            return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        return None if answer.is_success else f"answered {answer.status_code}"
 
     def _delivered(self, row: Due) -> None:
         with self.db.transaction() as s:

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -385,7 +385,7 @@ def test_a_database_outage_is_told_once_not_a_traceback_at_each_look(
     deliverer = webhooks.Deliverer(db, lambda job_id: {}, None, interval=0.01)
     looks = [0]
 
-    def away() -> list[webhooks.Due]:
+    def away(sending: Collection[str] = (), full: Collection[str] = (), limit: int = 0) -> list[webhooks.Due]:
         looks[0] += 1
         raise RuntimeError("the database is away")
 

@@ -53,6 +53,10 @@ from tests.api.test_job_reads import (
     held_job,
 )
 from tests.api.test_retention import check_batches, check_draft_retention, check_two_sweeps_at_once
+from tests.api.test_webhook_sending import (
+    check_a_claim_given_back_is_due_as_it_was,
+    check_a_full_destination_is_read_past,
+)
 from tests.api.test_webhooks import SECRET as WEBHOOK_SECRET
 from tests.api.test_webhooks import check_a_succeeded_draft_is_posted_once_signed, check_two_deliverers_send_a_row_once
 from tests.conftest import isolate, random_runs
@@ -1100,5 +1104,16 @@ def test_two_deliverers_send_a_row_once_on_postgres(postgres_url: str) -> None:
     try:
         db.migrate()
         check_two_deliverers_send_a_row_once(db)
+    finally:
+        db.dispose()
+
+
+@pytest.mark.parametrize("check", [check_a_full_destination_is_read_past, check_a_claim_given_back_is_due_as_it_was])
+def test_webhook_sends_at_once_read_and_give_back_rows_on_postgres(postgres_url: str,
+                                                                   check: Callable[[Database], None]) -> None:
+    db = Database(postgres_url)
+    try:
+        db.migrate()
+        check(db)
     finally:
         db.dispose()
