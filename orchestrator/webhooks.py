@@ -208,7 +208,9 @@ class Deliverer:
         full = sorted(where for where, sending in per_destination.items() if sending >= self.per_destination)
         limit = max(BATCH, self.concurrency)
         due = await asyncio.to_thread(self._due, [row.id for row in self._sending.values()], full, limit)
-        behind = len(due) >= limit
+        # Rows of a full destination may wait, unread: the next look once a send ends, not an
+        # interval later (a receiver's backlog went 2 rows a look, 0.5 s apart).
+        behind = len(due) >= limit or bool(full)
         chosen: list[Due] = []
         for row in due:
             where = destination(row.url)

@@ -209,6 +209,21 @@ def test_a_receiver_that_does_not_answer_holds_back_only_its_own_deliveries(
     assert dead.own.most == 2
 
 
+def test_a_destination_s_backlog_goes_out_as_its_sends_end_not_a_look_interval_apart(
+        db: Database, receivers: Callable[..., Held]) -> None:
+    # 2 at a time to one host, and the next 2 when one ends: with the next look an interval later
+    # instead, 40 rows took 20 intervals (here 20 minutes).
+    healthy = receivers(held=False)
+    ids = _deliveries(db, [(healthy.url, 40)])
+    deliverer = webhooks.Deliverer(db, lambda job_id: {"id": job_id}, None, interval=60.0, concurrency=8)
+
+    async def body() -> None:
+        await _until("every delivery", _delivered(db, ids))
+
+    asyncio.run(_running(deliverer, body))
+    assert sorted(healthy.arrived) == ids and healthy.own.most <= 2
+
+
 def test_the_sends_at_once_are_bounded_by_the_setting(db: Database, receivers: Callable[..., Held]) -> None:
     held = [receivers() for _ in range(3)]
     ids = _deliveries(db, [(receiver.url, 2) for receiver in held])
