@@ -1109,11 +1109,6 @@ def test_two_deliverers_send_a_row_once_on_postgres(postgres_url: str) -> None:
 
 
 @pytest.mark.parametrize("check", [check_a_full_destination_is_read_past, check_a_claim_given_back_is_due_as_it_was])
-def test_webhook_sends_at_once_read_and_give_back_rows_on_postgres(postgres_url: str,
+def test_webhook_sends_at_once_read_and_give_back_rows_on_postgres(pg_db: Database,
                                                                    check: Callable[[Database], None]) -> None:
-    db = Database(postgres_url)
-    try:
-        db.migrate()
-        check(db)
-    finally:
-        db.dispose()
+    check(pg_db)
