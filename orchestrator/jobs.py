@@ -520,7 +520,7 @@ class JobService:
                 copies = cached_copies(cached, job) if cached else []
                 if copies:
                     s.add_all(copies)
-                    webhooks.job_ended_at(s, job.id, job.status, project.webhook_url)
+                    webhooks.job_ended_at(s, job.id, job.project_id, job.status, project.webhook_url)
                 else:
                     self.ledger.hold(s, project, job, decision.estimate,
                                      billable=billed_by_provider(self.router.registry.get(job.engine)))

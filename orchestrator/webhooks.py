@@ -77,21 +77,21 @@ def job_ended(s: Session, job_id: str, project_id: str, status: str) -> None:
     if status not in EVENTS:
         return
     now = shared_now()
-    chosen = sa.select(sa.literal(new_id("whd")), sa.literal(job_id), col(Project.webhook_url),
+    chosen = sa.select(sa.literal(new_id("whd")), sa.literal(job_id), col(Project.id), col(Project.webhook_url),
                        sa.literal(EVENTS[status]), sa.literal(0), sa.literal(now, UTCDateTime()),
                        sa.literal(now, UTCDateTime())).where(col(Project.id) == project_id,
                                                              col(Project.webhook_url).is_not(None))
     s.execute(sa.insert(WebhookDelivery).from_select(
-        ["id", "job_id", "url", "event", "attempts", "next_attempt_at", "created_at"], chosen))
+        ["id", "job_id", "project_id", "url", "event", "attempts", "next_attempt_at", "created_at"], chosen))
 
 
-def job_ended_at(s: Session, job_id: str, status: str, url: str | None) -> None:
+def job_ended_at(s: Session, job_id: str, project_id: str, status: str, url: str | None) -> None:
     """`job_ended` for a caller that read the project's URL in `s` already (`None`: nothing)."""
     if url is None or status not in EVENTS:
         return
     now = shared_now()
-    s.add(WebhookDelivery(id=new_id("whd"), job_id=job_id, url=url, event=EVENTS[status], next_attempt_at=now,
-                          created_at=now))
+    s.add(WebhookDelivery(id=new_id("whd"), job_id=job_id, project_id=project_id, url=url, event=EVENTS[status],
+                          next_attempt_at=now, created_at=now))
 
 
 def counts(s: Session) -> tuple[int, int]:
