@@ -19,7 +19,18 @@ from starlette.requests import Request
 from starlette.routing import Route
 
 from orchestrator import __version__
-from orchestrator.api import assets, credits, engines, jobs, keys, policies, projects, stages, workers
+from orchestrator.api import (
+    assets,
+    credits,
+    engines,
+    jobs,
+    keys,
+    policies,
+    projects,
+    stages,
+    webhook_deliveries,
+    workers,
+)
 from orchestrator.api.cross_site import UNSAFE, Cors, CrossSiteGuard
 from orchestrator.api.deps import ServicesDep, require_auth
 from orchestrator.api.docs import (
@@ -190,7 +201,8 @@ def create_app(settings: Settings | None = None, *, loopback_only: bool = False)
     # What every /v1 route can answer, whatever it reads: a URL with a NUL (or a rebound Host), no
     # valid key, a database that does not answer (a project key is looked up in it). A route lists
     # the rest itself, and its own sentence for one of these replaces this one (a body's 400).
-    routers = [module.router for module in (projects, stages, jobs, assets, engines, credits, policies, keys, workers)]
+    routers = [module.router for module in (projects, stages, jobs, assets, engines, credits, policies, keys, workers,
+                                              webhook_deliveries)]
     for router in routers:
         app.include_router(router, prefix="/v1", dependencies=v1,
                            responses={**documented(400, 401, 503), **ANY_OTHER_ERROR})

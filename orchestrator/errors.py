@@ -203,6 +203,16 @@ class ProjectArchived(Conflict):
     code = "project_archived"
 
 
+class DeliveryPending(Conflict):
+    """A redelivery asked of a webhook delivery that is still to be sent (or being sent)."""
+    code = "delivery_pending"
+
+
+class NoWebhookUrl(Conflict):
+    """A redelivery asked of a delivery whose project has no `webhook_url` now: nowhere to send it."""
+    code = "no_webhook_url"
+
+
 class DatabaseUnavailable(OrchestratorError):
     """The database is unavailable for now (busy, restarting, unreachable): nothing was written,
     and asking again may work."""

@@ -34,6 +34,7 @@ from tiers.base import MAX_AMOUNT, MAX_SEED, MILLI, to_credits, to_millicredits,
 Stage = TypeAliasType("Stage", Literal["ideation", "bridge", "polish"])
 Period = TypeAliasType("Period", Literal["day", "week", "month", "none"])
 JobStatus = TypeAliasType("JobStatus", Literal["queued", "running", "succeeded", "failed", "canceled"])
+DeliveryStatus = TypeAliasType("DeliveryStatus", Literal["pending", "delivered", "failed"])
 Quality = TypeAliasType("Quality", Literal["low", "medium", "high"])
 GroupBy = TypeAliasType("GroupBy", Literal["day", "engine", "stage", "project"])
 T = TypeVar("T")
@@ -558,7 +559,8 @@ class ErrorBody(BaseModel):
     code: str = Field(description=(
         "What went wrong, for code to act on: `invalid_request` (422, 400, 415), `unauthorized` (401), "
         "`forbidden` (403), `not_found` (404), `method_not_allowed` (405), `conflict`, `idempotency_conflict`, "
-        "`job_finished`, `project_archived` (409), `gone` (410: a deleted asset), `payload_too_large` (413), "
+        "`job_finished`, `project_archived`, `delivery_pending`, `no_webhook_url` (409), "
+        "`gone` (410: a deleted asset), `payload_too_large` (413), "
         "`budget_exceeded` (402), `no_route` (422, 503), "
         "`rate_limited` (429), `engine_unavailable`, `database_unavailable`, `storage_full`, `server_stopping` "
         "(503: send again), `content_unavailable` (500: an asset's file is missing or damaged; a job's: its source's), "
@@ -681,6 +683,32 @@ class Lineage(BaseModel):
     truncated: bool = Field(False, description="true when the walk stopped at its bounds (100 ancestors, "
                                                "1000 descendants, or descendants whose prompts and records pass "
                                                "4 MiB): the lists are not the whole lineage")
+
+
+class WebhookDeliveryPublic(BaseModel):
+    """A job's end as its project's webhook gets it (see the README's Webhooks): where it goes, and
+    how its attempts went."""
+
+    id: str = Field(description="The delivery's id (`whd_...`): the `webhook-id` header its receiver got, the same "
+                                "at every attempt and redelivery (receivers dedupe by it).")
+    project_id: str = Field(description="The project of its job.")
+    job_id: str = Field(description="The job whose end it tells.")
+    type: str = Field(description="The body's `type`: `job.succeeded`, `job.failed` or `job.canceled`.")
+    url: str = Field(description="Where it is POSTed: the project's `webhook_url` as the job ended, or as it was "
+                                 "redelivered.")
+    status: DeliveryStatus = Field(description=(
+        "`pending`: to be sent, or tried again at `next_attempt_at`; `delivered`: a 2xx answer came; `failed`: given "
+        "up after its last attempt (`POST /v1/webhook-deliveries/{id}/redeliver` sends it again)."))
+    attempts: int = Field(description="Attempts made since it was made or last redelivered.")
+    last_error: str | None = Field(description=(
+        "Why the latest failed attempt failed: `answered 503` (the receiver's status), or the exception "
+        "(`ConnectError: ...`, `TimeoutError`); null when none failed."))
+    next_attempt_at: datetime | None = Field(description=(
+        "When it is sent next (pending only; while a process is sending it, when that send's claim ends); null "
+        "once delivered or given up."))
+    created_at: datetime = Field(description="When it was made: as the job ended (RFC 3339, UTC).")
+    delivered_at: datetime | None = Field(description="When a 2xx answer came; null until then.")
+    redelivered_at: datetime | None = Field(description="When it was last redelivered; null: never.")
 
 
 def _page_title(model: type[BaseModel]) -> str:

@@ -45,6 +45,7 @@ from orchestrator.runner import JobRunner
 from orchestrator.settings import CONFIG_FILE_VARIABLE, Settings, control_character_problem, source_of
 from orchestrator.store import ORPHAN_GRACE_SECONDS, ArtifactStore, PreviewFiles, SweepRefused
 from orchestrator.stream_slots import StreamSlots
+from orchestrator.webhook_deliveries import expire_deliveries
 from orchestrator.webhooks import Deliverer
 from orchestrator.workers import DeviceLock, Presence
 from policies import BUILTIN, Policy, PolicyError, PolicyStore
@@ -682,15 +683,31 @@ class Services:
                      deleted, days)
         return deleted
 
+    def expire_webhook_deliveries(self) -> int:
+        """With ORCH_WEBHOOK_RETENTION_DAYS (not 0), delete the delivered and given-up webhook
+        deliveries older than that (`orchestrator.webhook_deliveries`); how many."""
+        days = self.settings.webhook_retention_days
+        if not days:
+            return 0
+        deleted = expire_deliveries(self.db, days, stop=self.sweeps_stop)
+        if deleted:
+            log.info("deleted %d delivered or given-up webhook deliveries older than %d days "
+                     "(ORCH_WEBHOOK_RETENTION_DAYS)", deleted, days)
+        return deleted
+
     async def _sweep_assets(self) -> None:
-        """Drafts past ORCH_DRAFT_RETENTION_DAYS, then asset files no row names
-        (`ArtifactStore.sweep_orphans`: the drafts' among them) and old temp files: at start, then
-        every `ORPHAN_SWEEP_SECONDS`."""
+        """Drafts past ORCH_DRAFT_RETENTION_DAYS and webhook deliveries past
+        ORCH_WEBHOOK_RETENTION_DAYS, then asset files no row names (`ArtifactStore.sweep_orphans`:
+        the drafts' among them) and old temp files: at start, then every `ORPHAN_SWEEP_SECONDS`."""
         while True:
             try:
                 await asyncio.to_thread(self.expire_drafts)
             except Exception:  # the files are swept all the same
                 log.exception("draft retention failed; trying again at the next asset sweep")
+            try:
+                await asyncio.to_thread(self.expire_webhook_deliveries)
+            except Exception:
+                log.exception("webhook delivery retention failed; trying again at the next asset sweep")
             try:
                 # A temp file left by a crash, once it is old enough to be no one's write in progress:
                 # a service restarted right after the crash would otherwise keep it until its next start.

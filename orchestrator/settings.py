@@ -222,6 +222,9 @@ class Settings(BaseSettings):
     # Days a draft is kept unless something descends from it (`orchestrator.retention`); unset:
     # kept forever. At least a day (a draft just made is still being looked at); past a century, a typo.
     draft_retention_days: int | None = Field(None, ge=1, le=36_500)
+    # Days a delivered or given-up webhook delivery is kept (`orchestrator.webhook_deliveries`); 0:
+    # kept forever. A pending one is kept whatever its age.
+    webhook_retention_days: int = Field(30, ge=0, le=36_500)
     # Whether `serve` also runs jobs; false for API servers in front of `orchestrator worker`s.
     run_jobs: bool = True
     # Seconds between looks at what other processes changed: jobs they queued (for a worker),

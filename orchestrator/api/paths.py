@@ -21,3 +21,6 @@ EntryId = Annotated[str, Path(description=(
     "The ledger entry's id (digits, as the ledger lists it): the `unreconciled` capture to settle."))]
 KeyId = Annotated[str, Path(description="The key's id (`key_...`), in the project of the path.")]
 PolicyName = Annotated[str, Path(description="A loaded policy's name, as `GET /v1/policies` lists it.")]
+DeliveryId = Annotated[str, Path(description=(
+    "The webhook delivery's id (`whd_...`): the `webhook-id` header its receiver got; another project's is a 404 "
+    "for a project key."))]

@@ -530,6 +530,8 @@ ERRORS: dict[tuple[str, str], set[int]] = {
     ("get", "/v1/projects/{project_id}/keys/{key_id}"): ANY | {403, 404},
     ("delete", "/v1/projects/{project_id}/keys/{key_id}"): ANY | {403, 404},
     ("get", "/v1/workers"): ANY | {403},
+    ("get", "/v1/projects/{project_id}/webhook-deliveries"): ANY | {404, 422},
+    ("post", "/v1/webhook-deliveries/{delivery_id}/redeliver"): ANY | {403, 404, 409},
 }
 # The routes that route a request to an engine: the only ones whose 422 or 503 may be `no_route`
 # (creating a project: when the default policy is not loaded).
@@ -537,7 +539,8 @@ ROUTED = {("post", "/v1/projects/{project_id}/drafts"), ("post", "/v1/assets/{as
           ("post", "/v1/assets/{asset_id}/polish"), ("post", "/v1/route/explain")}
 # The codes each status may be sent with.
 STATUS_CODES = {400: {"invalid_request"}, 401: {"unauthorized"}, 402: {"budget_exceeded"}, 403: {"forbidden"},
-                404: {"not_found"}, 409: {"conflict", "idempotency_conflict", "job_finished", "project_archived"},
+                404: {"not_found"}, 409: {"conflict", "idempotency_conflict", "job_finished", "project_archived",
+                                         "delivery_pending", "no_webhook_url"},
                 410: {"gone"},
                 413: {"payload_too_large"}, 415: {"invalid_request"}, 422: {"invalid_request", "no_route"},
                 429: {"rate_limited"}, 500: {"content_unavailable", "internal_error"},

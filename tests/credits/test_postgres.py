@@ -53,6 +53,11 @@ from tests.api.test_job_reads import (
     held_job,
 )
 from tests.api.test_retention import check_batches, check_draft_retention, check_two_sweeps_at_once
+from tests.api.test_webhook_deliveries import (
+    check_a_claimed_delivery_is_left_to_its_sender,
+    check_deliveries_made_before_given_their_project,
+    check_old_deliveries_pruned,
+)
 from tests.api.test_webhook_sending import (
     check_a_claim_given_back_is_due_as_it_was,
     check_a_full_destination_is_read_past,
@@ -1112,3 +1117,16 @@ def test_two_deliverers_send_a_row_once_on_postgres(postgres_url: str) -> None:
 def test_webhook_sends_at_once_read_and_give_back_rows_on_postgres(pg_db: Database,
                                                                    check: Callable[[Database], None]) -> None:
     check(pg_db)
+
+
+def test_webhook_deliveries_made_before_0028_are_given_their_project_on_postgres(postgres_url: str) -> None:
+    check_deliveries_made_before_given_their_project(postgres_url)
+
+
+def test_old_webhook_deliveries_are_pruned_pending_ones_never_on_postgres(pg_db: Database) -> None:
+    check_old_deliveries_pruned(pg_db)
+
+
+def test_a_redelivery_leaves_a_claimed_delivery_to_its_sender_on_postgres(
+        pg_db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    check_a_claimed_delivery_is_left_to_its_sender(pg_db, monkeypatch)

@@ -1,0 +1,71 @@
+"""A project's webhook deliveries: listed, and one sent again (`orchestrator.webhook_deliveries`)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+
+from orchestrator import webhook_deliveries
+from orchestrator.api.deps import CallerDep, ServicesDep
+from orchestrator.api.docs import documented, with_query
+from orchestrator.api.json_body import StrictJSONRoute
+from orchestrator.api.paths import DeliveryId, ProjectId
+from orchestrator.api.query import Cursor, Limit, Order
+from orchestrator.errors import not_found
+from orchestrator.ids import id_cursor
+from orchestrator.models import Job, Project
+from orchestrator.schemas import DeliveryStatus, Page, WebhookDeliveryPublic
+
+router = APIRouter(tags=["webhooks"], route_class=StrictJSONRoute)
+
+
+@router.get("/projects/{project_id}/webhook-deliveries", response_model=Page[WebhookDeliveryPublic],
+            summary="List a project's webhook deliveries",
+            responses=with_query(404, said={404: "No such project, or `job_id` names no job of it (`not_found`)."}))
+def list_webhook_deliveries(
+    project_id: ProjectId, services: ServicesDep, caller: CallerDep,
+    status: Annotated[DeliveryStatus | None, Query(description=(
+        "Only deliveries in this status: `pending`, `delivered` or `failed` (given up); left out: any."))] = None,
+    job_id: Annotated[str | None, Query(description=(
+        "Only this job's delivery; a job that is not the project's is a 404."))] = None,
+    limit: Limit = 50, cursor: Cursor = None,
+    order: Annotated[Order, Query(description=(
+        "`desc`: newest first (the default here); `asc`: oldest first. A page's `next_cursor` goes on in the same "
+        "order."))] = "desc",
+) -> Page[WebhookDeliveryPublic]:
+    """The project's webhook deliveries (each job's end POSTed to its `webhook_url`), newest first:
+    where each went, its status, attempts and last error, a page at a time. A project key reads its
+    own project's."""
+    caller.project(project_id)
+    after = id_cursor(cursor, "whd")
+    with services.db.snapshot() as s:
+        if s.get(Project, project_id) is None:
+            raise not_found("project", "project_id", project_id)
+        if job_id is not None:
+            job = s.get(Job, job_id)
+            if job is None or job.project_id != project_id:  # a mistyped id is not a job without deliveries
+                raise not_found("job", "job_id", job_id)
+        rows = webhook_deliveries.listed(s, project_id, status=status, job_id=job_id, after=after, order=order,
+                                         limit=limit + 1)
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return Page(items=[webhook_deliveries.delivery_public(row, project_id) for row in rows],
+                next_cursor=rows[-1].id if more else None)
+
+
+@router.post("/webhook-deliveries/{delivery_id}/redeliver", status_code=202, response_model=WebhookDeliveryPublic,
+             summary="Send a webhook delivery again",
+             responses={202: {"description": "It is due now (`pending`, 0 attempts): the delivery as it is."},
+                        **documented(404, 409, said={
+                            404: "No such delivery (`not_found`).",
+                            409: "It is still pending: to be sent, or tried again at its `next_attempt_at` "
+                                 "(`delivery_pending`); or its project has no `webhook_url` now "
+                                 "(`no_webhook_url`)."})})
+def redeliver_webhook(delivery_id: DeliveryId, services: ServicesDep, caller: CallerDep) -> WebhookDeliveryPublic:
+    """Send a delivered or given-up (`failed`) delivery again: it is due at once, with a fresh
+    budget of attempts, under the same id (the `webhook-id` its receiver dedupes by), to the
+    project's **current** `webhook_url`, the job as it is now in its body. Sent by any process that
+    runs jobs, within ORCH_POLL_INTERVAL. The admin key, or the project's own key: it sends nothing
+    but the job's end, to the URL only the admin sets."""
+    return webhook_deliveries.redeliver(services.db, delivery_id, caller.project_id)

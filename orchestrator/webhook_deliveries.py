@@ -1,0 +1,155 @@
+"""What a studio does with its projects' webhook deliveries (`orchestrator.webhooks` sends them):
+list them, send one again, and prune the old ones (ORCH_WEBHOOK_RETENTION_DAYS).
+
+A delivery is `pending` (a next attempt is set: due, waiting out a backoff, or claimed by a sender
+whose lease that is), `delivered` (`delivered_at` set) or `failed` (neither: given up). Only the
+last two have no next attempt, which is what a redelivery and the pruning both test, in the
+statement that writes: a pending row, which a sender may claim at any moment, is never changed
+or deleted here.
+
+A redelivery keeps the row, and so its id (the `webhook-id` receivers dedupe by), and makes it due
+now with a fresh attempt budget, to the project's current URL; any process that runs jobs sends it
+at its next look, body and signature made anew (the job as it is then).
+"""
+
+from __future__ import annotations
+
+import threading
+from datetime import datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import delete, func, update
+from sqlalchemy.sql.elements import ColumnElement
+from sqlmodel import Session, col, select
+
+from orchestrator.clock import iso, shared_now, utcnow
+from orchestrator.db import Database, changed
+from orchestrator.errors import DeliveryPending, NoWebhookUrl, not_found
+from orchestrator.models import Job, Project, WebhookDelivery
+from orchestrator.schemas import DeliveryStatus, WebhookDeliveryPublic
+
+# Rows deleted per write transaction, and the pause between two, as draft retention's
+# (`orchestrator.retention`): a long history does not hold the write lock for the whole prune.
+RETENTION_BATCH = 500
+BATCH_PAUSE = 0.1
+
+_NO_NEXT_ATTEMPT = col(WebhookDelivery.next_attempt_at).is_(None)
+
+
+def with_status(status: DeliveryStatus) -> ColumnElement[bool]:
+    """The rows of a status, as `status_of` tells it."""
+    if status == "delivered":
+        return col(WebhookDelivery.delivered_at).is_not(None)
+    undelivered = col(WebhookDelivery.delivered_at).is_(None)
+    if status == "pending":
+        return sa.and_(undelivered, col(WebhookDelivery.next_attempt_at).is_not(None))
+    return sa.and_(undelivered, _NO_NEXT_ATTEMPT)
+
+
+def status_of(row: WebhookDelivery) -> DeliveryStatus:
+    if row.delivered_at is not None:
+        return "delivered"
+    return "pending" if row.next_attempt_at is not None else "failed"
+
+
+def delivery_public(row: WebhookDelivery, project_id: str) -> WebhookDeliveryPublic:
+    return WebhookDeliveryPublic(
+        id=row.id, project_id=project_id, job_id=row.job_id, type=row.event, url=row.url, status=status_of(row),
+        attempts=row.attempts, last_error=row.last_error, next_attempt_at=row.next_attempt_at,
+        created_at=row.created_at, delivered_at=row.delivered_at, redelivered_at=row.redelivered_at)
+
+
+def listed(s: Session, project_id: str, *, status: DeliveryStatus | None, job_id: str | None, after: str | None,
+           order: str, limit: int) -> list[WebhookDelivery]:
+    """Up to `limit` of the project's deliveries past the cursor `after`, by id in `order` (ids
+    grow with time: a delivery's is made in the transaction that ends its job, under the write
+    lock), read from `ix_webhook_deliveries_project`."""
+    stmt = select(WebhookDelivery).where(col(WebhookDelivery.project_id) == project_id).limit(limit)
+    if status is not None:
+        stmt = stmt.where(with_status(status))
+    if job_id is not None:
+        stmt = stmt.where(col(WebhookDelivery.job_id) == job_id)
+    column = col(WebhookDelivery.id)
+    if order == "desc":
+        stmt = stmt.order_by(column.desc())
+        if after is not None:
+            stmt = stmt.where(column < after)
+    else:
+        stmt = stmt.order_by(column)
+        if after is not None:
+            stmt = stmt.where(column > after)
+    return list(s.exec(stmt).all())
+
+
+def _found(s: Session, delivery_id: str) -> tuple[WebhookDelivery, str, str | None] | None:
+    """The delivery, its project and that project's webhook URL now."""
+    row = s.exec(select(WebhookDelivery, Job.project_id, Project.webhook_url)
+                 .join(Job, col(Job.id) == col(WebhookDelivery.job_id))
+                 .join(Project, col(Project.id) == col(Job.project_id))
+                 .where(col(WebhookDelivery.id) == delivery_id)).first()
+    return None if row is None else (row[0], row[1], row[2])
+
+
+def redeliver(db: Database, delivery_id: str, only_project: str | None = None) -> WebhookDeliveryPublic:
+    """Make a delivered or given-up delivery due now, to its project's current URL, with its
+    attempts counted from 0 again; the delivery as it is then. 404 for none (or, with
+    `only_project`, one of another project: a project key's), 409 `delivery_pending` for one still
+    to be sent, `no_webhook_url` when the project has none now."""
+    with db.transaction() as s:
+        found = _found(s, delivery_id)
+        if found is None or only_project not in (None, found[1]):
+            raise not_found("webhook delivery", "delivery_id", delivery_id)
+        row, project_id, url = found
+        pending = DeliveryPending(
+            f"webhook delivery '{delivery_id}' is pending: it is sent at its next attempt (`next_attempt_at`); "
+            "only a delivered or failed one is redelivered",
+            details={"delivery_id": delivery_id, "attempts": row.attempts,
+                     "next_attempt_at": row.next_attempt_at and iso(row.next_attempt_at)})
+        if status_of(row) == "pending":
+            raise pending
+        if url is None:
+            raise NoWebhookUrl(f"project '{project_id}' has no webhook_url now: set one (PATCH /v1/projects/"
+                               f"{project_id}, admin key) to redeliver to it",
+                               details={"delivery_id": delivery_id, "project_id": project_id})
+        now = shared_now()
+        # Only a row that has no next attempt still: a pending one may be a sender's claim.
+        result = s.execute(update(WebhookDelivery).where(col(WebhookDelivery.id) == delivery_id, _NO_NEXT_ATTEMPT)
+                           .values(url=url, attempts=0, last_error=None, delivered_at=None, next_attempt_at=now,
+                                   redelivered_at=now))
+        if changed(result) != 1:
+            raise pending
+        s.refresh(row)
+        return delivery_public(row, project_id)
+
+
+def _expired(cutoff: datetime) -> list[ColumnElement[bool]]:
+    """Delivered before `cutoff`, and given up after a last start (made, or redelivered) before it:
+    each read from `ix_webhook_deliveries_due` (no next attempt, then `delivered_at`)."""
+    return [sa.and_(_NO_NEXT_ATTEMPT, col(WebhookDelivery.delivered_at) < cutoff),
+            sa.and_(_NO_NEXT_ATTEMPT, col(WebhookDelivery.delivered_at).is_(None),
+                    func.coalesce(col(WebhookDelivery.redelivered_at), col(WebhookDelivery.created_at)) < cutoff)]
+
+
+def expire_deliveries(db: Database, days: int, *, batch: int = RETENTION_BATCH, pause: float = BATCH_PAUSE,
+                      stop: threading.Event | None = None) -> int:
+    """Delete the deliveries delivered more than `days` ago, and those given up whose last start
+    was (given up at most about 20.6 hours after it), `batch` at a time, one write transaction each;
+    how many. Never a pending one. Once `stop` is set, it ends after the batch under way."""
+    stop = stop or threading.Event()
+    deleted = 0
+    # This host's clock, as draft retention's: days dwarf the hosts' drift.
+    cutoff = utcnow() - timedelta(days=days)
+    for expired in _expired(cutoff):
+        while True:
+            with db.transaction() as s:
+                ids = list(s.exec(select(WebhookDelivery.id).where(expired).limit(batch)))
+                if ids:
+                    # The condition again, in the statement that deletes: what is deleted is what it says.
+                    result: Any = s.execute(delete(WebhookDelivery).where(col(WebhookDelivery.id).in_(ids), expired))
+                    deleted += changed(result)
+            if len(ids) < batch or stop.wait(pause):
+                break
+        if stop.is_set():
+            break
+    return deleted

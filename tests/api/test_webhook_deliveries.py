@@ -1,0 +1,443 @@
+"""A project's webhook deliveries: listed (`GET /v1/projects/{id}/webhook-deliveries`), one sent
+again (`POST /v1/webhook-deliveries/{id}/redeliver`), and the old ones pruned
+(ORCH_WEBHOOK_RETENTION_DAYS)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from pydantic import ValidationError
+from sqlalchemy import create_engine, text
+from sqlmodel import select
+from starlette.testclient import TestClient
+
+from orchestrator import webhook_deliveries, webhooks
+from orchestrator.app import create_app
+from orchestrator.clock import utcnow
+from orchestrator.db import Database
+from orchestrator.errors import DeliveryPending
+from orchestrator.ids import new_id
+from orchestrator.models import Job, Project, WebhookDelivery
+from orchestrator.settings import Settings
+from tests.api import assert_error, create_project, run_draft
+from tests.api.test_webhooks import SECRET, Receiver, _verified
+from tests.test_migrations import _project_and_job
+
+SettingsFactory = Callable[..., Settings]
+ADMIN_KEY = "admin-key-for-delivery-tests"
+URL = "https://ci.studio.example/hooks"
+
+
+@contextmanager
+def database(settings: Settings) -> Iterator[Database]:
+    db = Database(settings.resolved_database_url)
+    try:
+        yield db
+    finally:
+        db.dispose()
+
+
+def add_job(db: Database, project_id: str) -> str:
+    job_id = new_id("job")
+    with db.transaction() as s:
+        s.add(Job(id=job_id, project_id=project_id, stage="ideation", engine="lite", status="succeeded"))
+    return job_id
+
+
+def add_delivery(db: Database, job_id: str, status: str, *, age_days: float = 0.0, url: str = URL,
+                 redelivered_days: float | None = None) -> str:
+    """A delivery in `status`: `pending`, `claimed` (pending, a sender's lease on it), `delivered`
+    or `failed`, made `age_days` ago (and delivered then)."""
+    made = utcnow() - timedelta(days=age_days)
+    with db.session() as s:
+        job = s.get(Job, job_id)
+    assert job is not None
+    row = WebhookDelivery(id=new_id("whd"), job_id=job_id, project_id=job.project_id, url=url, event="job.succeeded",
+                          created_at=made)
+    if status == "pending":
+        row.next_attempt_at = made
+    elif status == "claimed":
+        row.attempts, row.last_error = 1, "answered 500"
+        row.next_attempt_at = utcnow() + timedelta(seconds=60)
+    elif status == "delivered":
+        row.attempts, row.delivered_at = 2, made + timedelta(seconds=5)
+        row.last_error = "ConnectError: [Errno 111] Connection refused"
+    else:
+        row.attempts, row.last_error = 9, "answered 503"
+    if redelivered_days is not None:
+        row.redelivered_at = utcnow() - timedelta(days=redelivered_days)
+    with db.transaction() as s:
+        s.add(row)
+    return row.id
+
+
+def row_of(db: Database, delivery_id: str) -> WebhookDelivery | None:
+    with db.session() as s:
+        return s.get(WebhookDelivery, delivery_id)
+
+
+def dumped(db: Database, delivery_id: str) -> dict[str, Any]:
+    row = row_of(db, delivery_id)
+    assert row is not None
+    return row.model_dump()
+
+
+def z(when: datetime) -> str:
+    return when.isoformat().replace("+00:00", "Z")
+
+
+@pytest.fixture
+def admin_settings(make_settings: SettingsFactory) -> Settings:
+    """An API server that runs no jobs: no deliverer sends the rows a test writes."""
+    return make_settings(admin_key=ADMIN_KEY, run_jobs=False)
+
+
+@pytest.fixture
+def admin(admin_settings: Settings) -> Iterator[TestClient]:
+    with TestClient(create_app(admin_settings), headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as client:
+        yield client
+
+
+def key_of(admin: TestClient, project_id: str) -> dict[str, str]:
+    """The headers of a request with a new key of the project."""
+    key = admin.post(f"/v1/projects/{project_id}/keys", json={"name": "pipeline"}).json()["key"]
+    return {"Authorization": f"Bearer {key}"}
+
+
+NO_KEY = {"Authorization": ""}
+
+
+def ids(response: Any) -> list[str]:
+    assert response.status_code == 200, response.text
+    return [item["id"] for item in response.json()["items"]]
+
+
+# -- the list ------------------------------------------------------------------------------------
+
+def test_a_project_s_deliveries_are_listed_newest_first_paged_and_filtered(
+        admin: TestClient, admin_settings: Settings) -> None:
+    mine, other = create_project(admin, "mine")["id"], create_project(admin, "other")["id"]
+    with database(admin_settings) as db:
+        first_job, second_job, others_job = add_job(db, mine), add_job(db, mine), add_job(db, other)
+        delivered = add_delivery(db, first_job, "delivered")
+        failed = add_delivery(db, first_job, "failed")
+        pending = add_delivery(db, second_job, "pending")
+        add_delivery(db, others_job, "delivered")
+        claimed = add_delivery(db, second_job, "claimed")
+        row = row_of(db, delivered)
+    assert row is not None and row.delivered_at is not None
+    path = f"/v1/projects/{mine}/webhook-deliveries"
+
+    newest_first = [claimed, pending, failed, delivered]
+    assert ids(admin.get(path)) == newest_first
+    assert ids(admin.get(path, params={"order": "asc"})) == newest_first[::-1]
+    # Pages of 3 then 1, with the cursor passed back, in either order.
+    for order, expected in (("desc", newest_first), ("asc", newest_first[::-1])):
+        page = admin.get(path, params={"limit": 3, "order": order}).json()
+        assert [i["id"] for i in page["items"]] == expected[:3] and page["next_cursor"] == expected[2]
+        rest = admin.get(path, params={"limit": 3, "order": order, "cursor": page["next_cursor"]}).json()
+        assert [i["id"] for i in rest["items"]] == expected[3:] and rest["next_cursor"] is None
+
+    assert ids(admin.get(path, params={"status": "pending"})) == [claimed, pending]
+    assert ids(admin.get(path, params={"status": "delivered"})) == [delivered]
+    assert ids(admin.get(path, params={"status": "failed"})) == [failed]
+    assert ids(admin.get(path, params={"job_id": first_job})) == [failed, delivered]
+    assert ids(admin.get(path, params={"job_id": second_job, "status": "pending", "limit": 1})) == [claimed]
+    assert ids(admin.get(path, params={"job_id": second_job, "status": "delivered"})) == []
+
+    item = next(i for i in admin.get(path).json()["items"] if i["id"] == delivered)
+    assert item == {"id": delivered, "project_id": mine, "job_id": first_job, "type": "job.succeeded", "url": URL,
+                    "status": "delivered", "attempts": 2,
+                    "last_error": "ConnectError: [Errno 111] Connection refused", "next_attempt_at": None,
+                    "created_at": z(row.created_at), "delivered_at": z(row.delivered_at), "redelivered_at": None}
+    waiting = next(i for i in admin.get(path).json()["items"] if i["id"] == claimed)
+    assert (waiting["status"], waiting["attempts"], waiting["last_error"]) == ("pending", 1, "answered 500")
+    assert waiting["next_attempt_at"] is not None
+
+
+def test_the_list_refuses_what_it_cannot_read_in_the_error_shape(admin: TestClient, admin_settings: Settings) -> None:
+    mine, other = create_project(admin, "mine")["id"], create_project(admin, "other")["id"]
+    with database(admin_settings) as db:
+        others_job = add_job(db, other)
+    path = f"/v1/projects/{mine}/webhook-deliveries"
+    missing = "prj_0000000000zzzzzzzzzzzzzz"
+    error = assert_error(admin.get(f"/v1/projects/{missing}/webhook-deliveries"), 404, "not_found")
+    assert error["details"] == {"project_id": missing}
+    # A job of another project, or none: not a job without deliveries.
+    assert assert_error(admin.get(path, params={"job_id": others_job}), 404, "not_found")["details"] == {
+        "job_id": others_job}
+    assert_error(admin.get(path, params={"job_id": "job_0000000000zzzzzzzzzzzzzz"}), 404, "not_found")
+    for params in ({"status": "given_up"}, {"limit": 0}, {"limit": 501}, {"limit": "5.0"}, {"cursor": "x"},
+                   {"cursor": others_job}, {"order": "newest"}, {"stauts": "failed"}):
+        assert_error(admin.get(path, params=params), 422, "invalid_request")
+    assert_error(admin.get(path + "?status=failed&status=pending"), 422, "invalid_request")
+
+
+def test_a_project_key_reads_its_own_project_s_deliveries_only(admin: TestClient, admin_settings: Settings) -> None:
+    mine, other = create_project(admin, "mine")["id"], create_project(admin, "other")["id"]
+    with database(admin_settings) as db:
+        delivery = add_delivery(db, add_job(db, mine), "failed")
+        add_delivery(db, add_job(db, other), "failed")
+    key = key_of(admin, mine)
+    assert ids(admin.get(f"/v1/projects/{mine}/webhook-deliveries", headers=key)) == [delivery]
+    # Another project's list is answered as a project that does not exist.
+    foreign = assert_error(admin.get(f"/v1/projects/{other}/webhook-deliveries", headers=key), 404, "not_found")
+    assert foreign["details"] == {"project_id": other}
+    assert foreign["message"] == f"project '{other}' not found"
+    assert_error(admin.get(f"/v1/projects/{mine}/webhook-deliveries", headers=NO_KEY), 401, "unauthorized")
+
+
+def test_the_deliveries_made_before_are_given_their_job_s_project(tmp_path: Path) -> None:
+    check_deliveries_made_before_given_their_project(f"sqlite:///{tmp_path / 'm.db'}")
+
+
+def check_deliveries_made_before_given_their_project(url: str) -> None:
+    """Migration 0028 fills in the column the list reads, which the rows made before lack."""
+    from alembic import command
+
+    from orchestrator.db import alembic_config
+
+    command.upgrade(alembic_config(url), "0027")
+    engine = create_engine(url)
+    try:
+        _project_and_job(engine)
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO webhook_deliveries (id, job_id, url, event, attempts, delivered_at, "
+                              "created_at) VALUES ('whd_1', 'job_1', 'https://x.example/', 'job.succeeded', 1, "
+                              "'2026-12-01 12:00:01', '2026-12-01 12:00:00')"))
+        command.upgrade(alembic_config(url), "head")
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT project_id, redelivered_at FROM webhook_deliveries")).all() == [
+                ("prj_1", None)]
+    finally:
+        engine.dispose()
+
+
+def test_a_job_s_end_writes_its_delivery_s_project(make_settings: SettingsFactory,
+                                                   start_server: Callable[[Settings], httpx.Client]) -> None:
+    """Ended by the runner (`job_ended`); a cache hit's (`job_ended_at`) is tests/credits'."""
+    settings = make_settings()
+    client = start_server(settings)
+    receiver = Receiver()
+    try:
+        project = create_project(client, webhook_url=receiver.url)["id"]
+        job = run_draft(client, project)
+    finally:
+        receiver.close()
+    with database(settings) as db, db.session() as s:
+        [row] = s.exec(select(WebhookDelivery)).all()
+    assert (row.job_id, row.project_id) == (job["id"], project)
+    assert ids(client.get(f"/v1/projects/{project}/webhook-deliveries")) == [row.id]
+
+
+# -- redelivery ------------------------------------------------------------------------------------
+
+def test_a_redelivery_is_sent_again_with_the_same_webhook_id_to_the_current_url(
+        make_settings: SettingsFactory, start_server: Callable[[Settings], httpx.Client]) -> None:
+    first, moved = Receiver(), Receiver()
+    try:
+        base = start_server(make_settings(admin_key=ADMIN_KEY, webhook_secret=SECRET)).base_url
+        with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=30) as client:
+            project = create_project(client, webhook_url=first.url)["id"]
+            job = run_draft(client, project)
+            [(headers, body)] = first.wait_for(1)
+            path = f"/v1/projects/{project}/webhook-deliveries"
+            deadline = time.monotonic() + 10
+            while (listed := client.get(path).json()["items"])[0]["status"] != "delivered":
+                assert time.monotonic() < deadline, listed
+                time.sleep(0.05)
+            [delivered] = listed
+            assert (delivered["id"], delivered["job_id"], delivered["url"], delivered["attempts"]) == (
+                headers["webhook-id"], job["id"], first.url, 1)
+            client.patch(f"/v1/projects/{project}", json={"webhook_url": moved.url}).raise_for_status()
+            key = client.post(f"/v1/projects/{project}/keys", json={"name": "pipeline"}).json()["key"]
+
+            # The project's own key may ask it.
+            answer = client.post(f"/v1/webhook-deliveries/{delivered['id']}/redeliver",
+                                 headers={"Authorization": f"Bearer {key}"})
+            assert answer.status_code == 202, answer.text
+            again = answer.json()
+            assert (again["id"], again["status"], again["attempts"], again["url"], again["delivered_at"]) == (
+                delivered["id"], "pending", 0, moved.url, None)
+            assert again["redelivered_at"] is not None and again["created_at"] == delivered["created_at"]
+
+            [(moved_headers, moved_body)] = moved.wait_for(1)
+            assert moved_headers["webhook-id"] == headers["webhook-id"]
+            _verified(moved_headers, moved_body)  # signed anew, with its own timestamp
+            assert json.loads(moved_body) == json.loads(body)
+            deadline = time.monotonic() + 10
+            while (now := client.get(path).json()["items"][0])["status"] != "delivered":
+                assert time.monotonic() < deadline, now
+                time.sleep(0.05)
+            assert (now["attempts"], now["url"], now["redelivered_at"]) == (1, moved.url, again["redelivered_at"])
+        assert len(first.posts) == 1
+    finally:
+        first.close()
+        moved.close()
+
+
+def test_a_given_up_delivery_is_redelivered_with_a_fresh_budget(admin: TestClient, admin_settings: Settings) -> None:
+    project = create_project(admin, webhook_url=URL)["id"]
+    with database(admin_settings) as db:
+        failed = add_delivery(db, add_job(db, project), "failed", url="https://old.example/hooks")
+        answer = admin.post(f"/v1/webhook-deliveries/{failed}/redeliver")
+        assert answer.status_code == 202, answer.text
+        body = answer.json()
+        assert (body["status"], body["attempts"], body["last_error"], body["url"]) == ("pending", 0, None, URL)
+        assert body == next(i for i in admin.get(f"/v1/projects/{project}/webhook-deliveries").json()["items"])
+        # Due now: a sender's next look takes it.
+        [due] = webhooks.Deliverer(db, lambda job_id: {}, None, interval=1)._due()
+        assert (due.id, due.url, due.attempts) == (failed, URL, 0)
+
+
+def test_a_pending_delivery_is_not_redelivered(admin: TestClient, admin_settings: Settings) -> None:
+    project = create_project(admin, webhook_url=URL)["id"]
+    with database(admin_settings) as db:
+        job = add_job(db, project)
+        pending, claimed = add_delivery(db, job, "pending"), add_delivery(db, job, "claimed")
+        before = dumped(db, claimed)
+        for delivery in (pending, claimed):
+            error = assert_error(admin.post(f"/v1/webhook-deliveries/{delivery}/redeliver"), 409, "delivery_pending")
+            assert error["details"]["delivery_id"] == delivery and "next_attempt_at" in error["details"]
+        assert dumped(db, claimed) == before
+        # Twice: the second finds it pending.
+        failed = add_delivery(db, job, "failed")
+        assert admin.post(f"/v1/webhook-deliveries/{failed}/redeliver").status_code == 202
+        assert_error(admin.post(f"/v1/webhook-deliveries/{failed}/redeliver"), 409, "delivery_pending")
+
+
+def test_a_redelivery_needs_the_project_s_url_now(admin: TestClient, admin_settings: Settings) -> None:
+    project = create_project(admin)["id"]
+    with database(admin_settings) as db:
+        delivered = add_delivery(db, add_job(db, project), "delivered")
+        before = dumped(db, delivered)
+        error = assert_error(admin.post(f"/v1/webhook-deliveries/{delivered}/redeliver"), 409, "no_webhook_url")
+        assert error["details"] == {"delivery_id": delivered, "project_id": project}
+        assert dumped(db, delivered) == before
+
+
+def test_another_project_s_key_cannot_redeliver(admin: TestClient, admin_settings: Settings) -> None:
+    mine, other = create_project(admin, "mine", webhook_url=URL)["id"], create_project(admin, "other")["id"]
+    missing = "whd_0000000000zzzzzzzzzzzzzz"
+    with database(admin_settings) as db:
+        delivery = add_delivery(db, add_job(db, mine), "failed")
+        before = dumped(db, delivery)
+        foreign = key_of(admin, other)
+        refused = assert_error(admin.post(f"/v1/webhook-deliveries/{delivery}/redeliver", headers=foreign),
+                               404, "not_found")
+        unknown = assert_error(admin.post(f"/v1/webhook-deliveries/{missing}/redeliver", headers=foreign),
+                               404, "not_found")
+        assert refused["details"] == {"delivery_id": delivery}
+        assert refused["message"] == unknown["message"].replace(missing, delivery)
+        assert dumped(db, delivery) == before
+        assert_error(admin.post(f"/v1/webhook-deliveries/{missing}/redeliver"), 404, "not_found")
+        assert_error(admin.post(f"/v1/webhook-deliveries/{delivery}/redeliver", headers=NO_KEY), 401, "unauthorized")
+        own = key_of(admin, mine)
+        assert admin.post(f"/v1/webhook-deliveries/{delivery}/redeliver", headers=own).status_code == 202
+
+
+def test_a_delivery_a_sender_claimed_after_it_was_read_is_left_to_that_sender(
+        db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    check_a_claimed_delivery_is_left_to_its_sender(db, monkeypatch)
+
+
+def check_a_claimed_delivery_is_left_to_its_sender(db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The update is conditional on what the read saw: a row read as given up, that a sender has
+    claimed since (another process redelivered it in between), is left to that sender."""
+    with db.transaction() as s:
+        s.add(Project(id="prj_1", name="p", policy="balanced", webhook_url=URL))
+    claimed = add_delivery(db, add_job(db, "prj_1"), "claimed")
+    before = dumped(db, claimed)
+    read = webhook_deliveries._found
+
+    def as_it_was(s: Any, delivery_id: str) -> Any:
+        found = read(s, delivery_id)
+        assert found is not None
+        row, project_id, url = found
+        return WebhookDelivery(**{**row.model_dump(), "next_attempt_at": None}), project_id, url
+
+    monkeypatch.setattr(webhook_deliveries, "_found", as_it_was)
+    with pytest.raises(DeliveryPending):
+        webhook_deliveries.redeliver(db, claimed)
+    assert dumped(db, claimed) == before
+
+
+# -- retention -----------------------------------------------------------------------------------
+
+def test_old_delivered_and_given_up_deliveries_are_pruned_in_batches_pending_ones_never(db: Database) -> None:
+    check_old_deliveries_pruned(db)
+
+
+def check_old_deliveries_pruned(db: Database) -> None:
+    with db.transaction() as s:
+        s.add(Project(id="prj_1", name="p", policy="balanced"))
+    job = add_job(db, "prj_1")
+    pruned = [add_delivery(db, job, "delivered", age_days=31) for _ in range(3)]
+    pruned += [add_delivery(db, job, "failed", age_days=31) for _ in range(3)]
+    # Redelivered long ago, and given up again since.
+    pruned.append(add_delivery(db, job, "failed", age_days=90, redelivered_days=40))
+    kept = [add_delivery(db, job, "delivered", age_days=29), add_delivery(db, job, "failed", age_days=29),
+            add_delivery(db, job, "pending", age_days=400), add_delivery(db, job, "claimed", age_days=400),
+            # Made long ago, redelivered lately and given up again: its age is the redelivery's.
+            add_delivery(db, job, "failed", age_days=90, redelivered_days=1)]
+    assert webhook_deliveries.expire_deliveries(db, 30, batch=2, pause=0) == len(pruned)
+    with db.session() as s:
+        left = set(s.exec(select(WebhookDelivery.id)).all())
+    assert left == set(kept)
+    assert webhook_deliveries.expire_deliveries(db, 30, batch=2, pause=0) == 0
+
+
+def test_the_prune_reads_the_due_index(db: Database) -> None:
+    """Both of its reads find their rows through `ix_webhook_deliveries_due`, not the whole table."""
+    cutoff = utcnow()
+    with db.session() as s:
+        for expired in webhook_deliveries._expired(cutoff):
+            query = select(WebhookDelivery.id).where(expired).limit(500)
+            compiled = query.compile(db.engine)
+            plan = s.connection().exec_driver_sql("EXPLAIN QUERY PLAN " + str(compiled),
+                                                  tuple(None for _ in compiled.positiontup or ())).all()
+            told = " ".join(str(step[-1]) for step in plan)
+            assert "ix_webhook_deliveries_due" in told, told
+
+
+def test_the_retention_setting(make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert make_settings().webhook_retention_days == 30
+    monkeypatch.setenv("ORCH_WEBHOOK_RETENTION_DAYS", "7")
+    assert make_settings().webhook_retention_days == 7
+    assert make_settings(webhook_retention_days=0).webhook_retention_days == 0
+    for bad in (-1, 36_501, 1.5):
+        with pytest.raises(ValidationError):
+            make_settings(webhook_retention_days=bad)
+
+
+def test_the_asset_sweep_prunes_them_at_start_and_0_keeps_them(make_settings: SettingsFactory) -> None:
+    kept_settings = make_settings(webhook_retention_days=0)
+    with database(kept_settings) as db:
+        db.migrate()
+        with db.transaction() as s:
+            s.add(Project(id="prj_1", name="p", policy="balanced"))
+        job = add_job(db, "prj_1")
+        old = add_delivery(db, job, "delivered", age_days=3650)
+        recent = add_delivery(db, job, "delivered", age_days=1)
+
+    def left(settings: Settings) -> set[str]:
+        with database(settings) as db, db.session() as s:
+            return set(s.exec(select(WebhookDelivery.id)).all())
+
+    with TestClient(create_app(kept_settings)) as client:
+        assert client.app.state.services.expire_webhook_deliveries() == 0  # type: ignore[attr-defined]
+        assert left(kept_settings) == {old, recent}
+    settings = make_settings(webhook_retention_days=30)
+    with TestClient(create_app(settings)):
+        deadline = time.monotonic() + 30
+        while left(settings) != {recent}:  # the sweep a start runs, in the background
+            assert time.monotonic() < deadline, left(settings)
+            time.sleep(0.05)
