@@ -175,10 +175,16 @@ def test_a_key_deletes_its_own_project_s_assets_only(world: World) -> None:
 def test_every_route_with_an_id_keeps_another_project_out(world: World) -> None:
     """A guard for routes added later: every operation of the document that takes a project, job
     or asset id answers another project's as it answers an id that does not exist, never 2xx."""
+    # A webhook delivery of B's (to a port nothing listens on: pending, tried again).
+    hooked = world.admin.patch(f"/v1/projects/{world.b}", json={"webhook_url": "http://127.0.0.1:9/hooks"})
+    assert hooked.status_code == 200, hooked.text
+    run_draft(world.admin, world.b)
+    [delivery_b] = world.admin.get(f"/v1/projects/{world.b}/webhook-deliveries").json()["items"]
     real = {"project_id": world.b, "job_id": world.job_b, "asset_id": world.asset_b, "key_id": "key_x",
-            "entry_id": "1"}
+            "entry_id": "1", "delivery_id": delivery_b["id"]}
     fake = {"project_id": "prj_0000000000aaaaaaaaaaaaaaaa", "job_id": "job_0000000000aaaaaaaaaaaaaaaa",
-            "asset_id": "ast_0000000000aaaaaaaaaaaaaaaa", "key_id": "key_x", "entry_id": "1"}
+            "asset_id": "ast_0000000000aaaaaaaaaaaaaaaa", "key_id": "key_x", "entry_id": "1",
+            "delivery_id": "whd_0000000000aaaaaaaaaaaaaaaa"}
     spec = world.admin.get("/openapi.json").json()
     checked = 0
     for path, operations in spec["paths"].items():
