@@ -23,7 +23,7 @@ from pydantic import BaseModel
 from sqlalchemy import func, update
 from sqlmodel import Session, col, select
 
-from orchestrator import cache, idempotency, webhooks
+from orchestrator import cache, idempotency, quota, webhooks
 from orchestrator.cache import cache_key, cached_copies
 from orchestrator.clock import iso, shared_now, utcnow
 from orchestrator.db import Database, changed
@@ -173,8 +173,10 @@ def raise_if_deleted_since(db: Database, asset_id: str) -> None:
 class JobService:
     def __init__(self, db: Database, router: Router, ledger: Ledger, bus: EventBus, notify: Callable[[], None],
                  default_policy: str, presence: Presence, store: ArtifactStore, max_pending: int = 0,
-                 reserve: DiskReserve | None = None) -> None:
+                 reserve: DiskReserve | None = None, default_quota_mb: int = 0) -> None:
         self.db = db
+        # The storage quota of a project that sets none of its own (ORCH_PROJECT_STORAGE_QUOTA_MB; 0: none).
+        self.default_quota_mb = default_quota_mb
         self.max_pending = max_pending  # unfinished jobs a project may have (0: no limit)
         self.reserve = reserve  # the data dir's free space a new job needs (None: not checked)
         self.store = store
@@ -467,6 +469,8 @@ class JobService:
                     if existing is not None:
                         return existing, False
                 refuse_if_archived(project)  # archived since it was routed
+                # Assets another job stored since, or a quota lowered since.
+                quota.refuse_if_over(project, self.default_quota_mb)
                 # Deleted since it was read? (A delete looks for the jobs of its asset under this lock.)
                 if job.source_asset_id is not None:
                     source = s.get(Asset, job.source_asset_id)
@@ -520,6 +524,7 @@ class JobService:
                 copies = cached_copies(cached, job) if cached else []
                 if copies:
                     s.add_all(copies)
+                    quota.added(s, copies)
                     webhooks.job_ended_at(s, job.id, job.project_id, job.status, project.webhook_url)
                 else:
                     self.ledger.hold(s, project, job, decision.estimate,
@@ -576,6 +581,9 @@ class JobService:
         with self.db.snapshot() as s:
             project = self.project(s, prepared.project_id)
             refuse_if_archived(project)
+            # Before the routing, which a full project's request (a copy of an earlier result too:
+            # it adds assets) never needs; checked again under the project's lock in `submit`.
+            quota.refuse_if_over(project, self.default_quota_mb)
             # Without a budget there is no share of it to route on: skip the ledger's sums.
             balance = None if project.budget_limit is None else self.ledger.balance(s, project)
         return self._route(project.policy, prepared, engine, max_credits, balance, cache=cache, holder=holder)

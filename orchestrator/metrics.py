@@ -19,7 +19,8 @@ from orchestrator.clock import utcnow
 from orchestrator.db import Database
 from orchestrator.events import TERMINAL
 from orchestrator.ledger import charges, open_holds
-from orchestrator.models import Asset, Job, LedgerEntry
+from orchestrator.models import Asset, Job, LedgerEntry, Project
+from orchestrator.quota import MIB
 from orchestrator.schemas import JobStatus
 from tiers.base import STAGES, to_credits
 
@@ -96,13 +97,15 @@ class SettledTimes:
             kept[2] += int(n)
 
 
-def render(db: Database, engines: Mapping[str, Iterable[str]], settled: SettledTimes | None = None) -> str:
+def render(db: Database, engines: Mapping[str, Iterable[str]], settled: SettledTimes | None = None, *,
+           default_quota_mb: int = 0) -> str:
     """Jobs by stage, engine and status; assets by stage; credits charged (by engine and stage),
     held and waiting for reconciliation (by engine); histograms of how long ended jobs ran (by
     stage, engine and status) and waited (by stage and engine). `engines` (name -> its stages) each get a 0
     where they have nothing: a series that goes away when its last job moves on reads as "no
     data" to Prometheus, not 0 (an alert on `status="running"} == 0` never fired). `settled`: what
-    this process's earlier scrapes read of the ended jobs (none: every ended job is read)."""
+    this process's earlier scrapes read of the ended jobs (none: every ended job is read).
+    `default_quota_mb`: ORCH_PROJECT_STORAGE_QUOTA_MB, the storage quota of projects without their own."""
     settled = SettledTimes() if settled is None else settled
     # Before the snapshot's first query: every job stamped SETTLED_MARGIN before it has committed by then.
     now = utcnow()
@@ -126,6 +129,9 @@ def render(db: Database, engines: Mapping[str, Iterable[str]], settled: SettledT
                               .where(col(LedgerEntry.kind) == "capture", col(LedgerEntry.unreconciled))
                               .group_by(LedgerEntry.engine)).all()
         hooks_pending, hooks_failed = webhooks.counts(s)
+        # The projects' own counters (`orchestrator.quota`): one row each, no asset read.
+        stored = s.exec(select(Project.id, Project.storage_bytes, Project.storage_quota_mb)
+                        .order_by(col(Project.id))).all()
         with settled.lock:
             timings = _timings(s, settled, now)
     names = list(engines)
@@ -167,6 +173,15 @@ def render(db: Database, engines: Mapping[str, Iterable[str]], settled: SettledT
               f"orchestrator_webhooks_pending {hooks_pending}",
               "# HELP orchestrator_webhooks_failed Job webhook deliveries given up after their last attempt.",
               "# TYPE orchestrator_webhooks_failed gauge", f"orchestrator_webhooks_failed {hooks_failed}"]
+    lines += ["# HELP orchestrator_project_storage_bytes Bytes of each project's live assets' files (each asset "
+              "counted whole), as its storage quota counts them.", "# TYPE orchestrator_project_storage_bytes gauge"]
+    lines += [f'orchestrator_project_storage_bytes{{project="{_label(pid)}"}} {used}' for pid, used, _ in stored]
+    lines += ["# HELP orchestrator_project_storage_quota_bytes Each project's storage quota in force in bytes (its "
+              "own, else ORCH_PROJECT_STORAGE_QUOTA_MB; projects without one have no series).",
+              "# TYPE orchestrator_project_storage_quota_bytes gauge"]
+    quotas = ((pid, mb if mb is not None else default_quota_mb or None) for pid, _, mb in stored)
+    lines += [f'orchestrator_project_storage_quota_bytes{{project="{_label(pid)}"}} {mb * MIB}'
+              for pid, mb in quotas if mb is not None]
     # Every pair's series, with zeros: from a job's first end, a series that was not there has no
     # earlier figure for `rate()` to start from.
     ran = {(stage, engine, status): _Histogram() for stage, engine in pairs for status in ENDED}

@@ -27,6 +27,8 @@ HOLDLESS_CAPTURE = sa.text("kind = 'capture' AND hold_id IS NULL")
 # A job that copied an earlier result, as each database writes `WHERE jobs.cache_hit` (SQLite, then
 # PostgreSQL): SQLite uses a partial index only for a query that says its condition as it is written.
 CACHE_HIT = (sa.text("cache_hit = 1"), sa.text("cache_hit"))
+# Assets whose file's size is not known yet (see `Asset.bytes`).
+UNMEASURED = sa.text("bytes IS NULL")
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -69,6 +71,12 @@ class Project(SQLModel, table=True):
     archived_at: datetime | None = _ts()
     # Where each job's end is POSTed (`orchestrator.webhooks`); null: nowhere.
     webhook_url: str | None = Field(default=None, max_length=2000)
+    # The most its live assets' files may hold, in MiB: a new job is refused at or over it
+    # (`orchestrator.quota`); null: no quota.
+    storage_quota_mb: int | None = None
+    # The bytes of its live assets' files (each asset's `bytes`), changed in the transaction that adds
+    # or deletes assets: a submit reads one row, not a sum over a project's 200,000 assets.
+    storage_bytes: int = Field(default=0, sa_type=sa.BigInteger, sa_column_kwargs={"server_default": "0"})
 
 
 class Job(SQLModel, table=True):
@@ -170,7 +178,10 @@ class Asset(SQLModel, table=True):
                       # Draft retention's (`orchestrator.retention`): a stage's live assets oldest first,
                       # past those deleted already. Not a partial index: SQLite's planner, without
                       # statistics, took the stage's index above over it and sorted every old draft.
-                      sa.Index("ix_assets_stage_live", "stage", "deleted_at", "created_at", "id"))
+                      sa.Index("ix_assets_stage_live", "stage", "deleted_at", "created_at", "id"),
+                      # The assets stored before their size was kept (migration 0028), which the asset
+                      # sweep measures (`orchestrator.quota.measure`): empty once it has, so its look is free.
+                      sa.Index("ix_assets_unmeasured", "id", sqlite_where=UNMEASURED, postgresql_where=UNMEASURED))
 
     id: str = Field(primary_key=True, max_length=40)
     project_id: str = Field(foreign_key="projects.id", max_length=40)
@@ -191,6 +202,10 @@ class Asset(SQLModel, table=True):
     # Deleted through the API: the row stays (its job, its ledger entries and its lineage name it),
     # its image is no longer served, and the asset sweep removes the file once no live row names it.
     deleted_at: datetime | None = _ts()
+    # The size of its file (the PNG as stored), counted in its project's `storage_bytes` while it is
+    # live. Null: stored before sizes were kept, not measured yet (counted as 0 until it is). Last:
+    # the name hides the builtin for what the class body says after it.
+    bytes: int | None = Field(default=None, sa_type=sa.BigInteger)
 
 
 class IdempotencyKey(SQLModel, table=True):

@@ -23,6 +23,7 @@ from sqlalchemy.orm import aliased
 from sqlmodel import Session, col, select
 from sqlmodel.sql.expression import Select, SelectOfScalar
 
+from orchestrator import quota
 from orchestrator.clock import utcnow
 from orchestrator.db import Database
 from orchestrator.events import TERMINAL
@@ -61,6 +62,7 @@ def delete_assets(s: Session, asset_ids: Collection[str]) -> list[str]:
         col(Asset.id).in_(asset_ids), col(Asset.deleted_at).is_(None), col(Asset.id).not_in(sources))))
     if deleting:
         s.execute(update(Asset).where(col(Asset.id).in_(deleting)).values(deleted_at=utcnow()))
+        quota.deleted(s, deleting)  # their projects' usage, in the same transaction
     return deleting
 
 

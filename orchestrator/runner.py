@@ -34,7 +34,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, col, select
 from typing_extensions import TypeIs
 
-from orchestrator import cache, events, webhooks
+from orchestrator import cache, events, quota, webhooks
 from orchestrator.cache import cache_key, cached_copies
 from orchestrator.clock import shared_now, utcnow
 from orchestrator.db import Database, changed, commit_in_doubt, disk_full, transient
@@ -1037,7 +1037,9 @@ class JobRunner:
                                  attempt=claim.attempt + 1, started_at=now, finished_at=now,
                                  provider_work=None, lease_owner=None, lease_expires_at=None,
                                  progress_step=1, progress_total=1, attempts=attempts)
-            s.add_all(cached_copies(found, job))
+            copies = cached_copies(found, job)
+            s.add_all(copies)
+            quota.added(s, copies)
             self._job_ended(s, claim, "succeeded")
 
         # The failed attempt, and the copy's, as a render's success adds its own.
@@ -1793,8 +1795,8 @@ def _asset_rows(job: Job, result: RenderResult, records: list[dict[str, Any]],
               parent_id=job.source_asset_id, engine=job.engine, model=result.model,
               prompt=str(record["prompt"]), negative_prompt=str(record["negative_prompt"]),
               seed=rendered.seed, width=rendered.image.width, height=rendered.image.height, sha256=put.sha256,
-              record=record)
-        for index, (rendered, record, (put, _)) in enumerate(zip(result.images, records, pngs, strict=True))
+              record=record, bytes=len(data))
+        for index, (rendered, record, (put, data)) in enumerate(zip(result.images, records, pngs, strict=True))
     ]
 
 
@@ -1808,6 +1810,7 @@ def _add_assets(s: Session, rows: list[Asset]) -> None:
     for row in rows:
         row.id, row.created_at = new_id("ast"), stamp
     s.add_all(rows)
+    quota.added(s, rows)  # its project's usage, in the same transaction
 
 
 def _finished_by_its_worker(job: Job) -> bool:

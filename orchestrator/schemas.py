@@ -319,6 +319,14 @@ _WEBHOOK_DESCRIPTION = ("Where each of the project's jobs' ends is POSTed (`job.
                         "URL without a user or password, at most 2,000 characters; null: none.")
 
 
+# 2**30 MiB is a PiB: past any disk, and within the column's 32-bit integer.
+MAX_STORAGE_QUOTA_MB = 2**30
+StorageQuotaMb = Annotated[int, Whole, Field(ge=1, le=MAX_STORAGE_QUOTA_MB)]
+_QUOTA_DESCRIPTION = ("The most its live (not deleted) assets' files may hold, in MiB (1,048,576 bytes), 1 to "
+                      f"{MAX_STORAGE_QUOTA_MB}: a new job asked while they hold it or more is refused (507 "
+                      "`storage_quota_exceeded`); a job already taken may finish over it. Null: no quota.")
+
+
 class Budget(Strict):
     """A budget: at most `limit` credits charged per `period`."""
 
@@ -347,8 +355,9 @@ class ProjectCreate(Strict):
         "The routing policy its jobs are placed by (`GET /v1/policies`); null: the service's default (ORCH_POLICY)."))
     budget: Budget | None = Field(None, description="Its budget; null: no limit.")
     webhook_url: WebhookUrl | None = Field(None, description=_WEBHOOK_DESCRIPTION)
+    storage_quota_mb: StorageQuotaMb | None = Field(None, description=_QUOTA_DESCRIPTION)
 
-    added_since_whole_hashes = frozenset({"webhook_url"})
+    added_since_whole_hashes = frozenset({"webhook_url", "storage_quota_mb"})
 
 
 def _value_only(schema: dict[str, Any]) -> None:
@@ -392,6 +401,7 @@ class ProjectUpdate(Strict):
         "it out unless asked; its queued and running jobs finish, and its jobs, assets, ledger and spend stay. "
         "`false` takes it back."))
     webhook_url: WebhookUrl | None = Field(None, description=_WEBHOOK_DESCRIPTION + " Null removes it.")
+    storage_quota_mb: StorageQuotaMb | None = Field(None, description=_QUOTA_DESCRIPTION + " Null removes it.")
 
     @model_validator(mode="after")
     def _required_stay(self) -> ProjectUpdate:
@@ -419,6 +429,15 @@ class ProjectPublic(BaseModel):
     archived_at: datetime | None = Field(None, description="When it was archived (it takes no new job); null: "
                                                            "it is not.")
     webhook_url: str | None = Field(None, description="Where its jobs' ends are POSTed; null: nowhere.")
+    storage_quota_mb: int | None = Field(None, description=(
+        "Its own storage quota in MiB (1,048,576 bytes); null: the server's default (ORCH_PROJECT_STORAGE_QUOTA_MB), "
+        "if any, applies."))
+    storage_quota_bytes: int | None = Field(None, description=(
+        "The quota in force, in bytes (its own, else the server's default): new jobs are refused (507 "
+        "`storage_quota_exceeded`) while `storage_bytes` is at or over it; null: no quota."))
+    storage_bytes: int = Field(0, description=(
+        "The bytes its live (not deleted) assets' files hold, each asset counted whole (identical images too); "
+        "assets stored before release 0028 of the schema count once the service's asset sweep has measured them."))
 
 
 _SEED_DESCRIPTION = "The first image's seed; null: a random one, recorded in the job's `params`."
@@ -563,7 +582,8 @@ class ErrorBody(BaseModel):
         "`gone` (410: a deleted asset), `payload_too_large` (413), "
         "`budget_exceeded` (402), `no_route` (422, 503), "
         "`rate_limited` (429), `engine_unavailable`, `database_unavailable`, `storage_full`, `server_stopping` "
-        "(503: send again), `content_unavailable` (500: an asset's file is missing or damaged; a job's: its source's), "
+        "(503: send again), `storage_quota_exceeded` (507: the project's assets hold its storage quota), "
+        "`content_unavailable` (500: an asset's file is missing or damaged; a job's: its source's), "
         "`internal_error` (500). A job's `error` also uses `content_filtered`, `no_image`, `engine_error`, `timeout`, "
         "`canceled`, `interrupted`. More may come: read one you do not know by the answer's HTTP status."))
     message: str = Field(description="What went wrong and what to do, for people; its wording may change: act on "

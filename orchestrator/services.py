@@ -21,7 +21,7 @@ from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SAWarning, SQLAlche
 from sqlalchemy.util import asbool
 from sqlmodel import col, select
 
-from orchestrator import idempotency, identity
+from orchestrator import idempotency, identity, quota
 from orchestrator.api.serialize import job_public
 from orchestrator.bells import bell_for
 from orchestrator.db import Database, reach, shown_url, sqlite_file
@@ -481,7 +481,8 @@ class Services:
                               sweep_interval=settings.sweep_interval, poll_interval=settings.poll_interval,
                               device=device, stop_grace=settings.stop_grace)
         jobs = JobService(db, router, ledger, bus, scheduler.notify, settings.policy, presence, store,
-                          max_pending=settings.max_pending_jobs, reserve=reserve)
+                          max_pending=settings.max_pending_jobs, reserve=reserve,
+                          default_quota_mb=settings.project_storage_quota_mb)
         scheduler.sweepers.append(("forgetting expired idempotency keys",
                                    functools.partial(idempotency.forget_expired, db)))
         follower = JobFollower(db, bus, scheduler.holds, settings.poll_interval, previews)
@@ -695,11 +696,22 @@ class Services:
                      "(ORCH_WEBHOOK_RETENTION_DAYS)", deleted, days)
         return deleted
 
+    def measure_assets(self) -> int:
+        """The sizes of the files of assets stored before sizes were kept, added to their projects'
+        storage usage (`orchestrator.quota.measure`); how many."""
+        return quota.measure(self.db, self.store, stop=self.sweeps_stop)
+
     async def _sweep_assets(self) -> None:
-        """Drafts past ORCH_DRAFT_RETENTION_DAYS and webhook deliveries past
-        ORCH_WEBHOOK_RETENTION_DAYS, then asset files no row names (`ArtifactStore.sweep_orphans`:
-        the drafts' among them) and old temp files: at start, then every `ORPHAN_SWEEP_SECONDS`."""
+        """Assets stored before sizes were kept measured (`quota.measure`: none once done), drafts
+        past ORCH_DRAFT_RETENTION_DAYS and webhook deliveries past ORCH_WEBHOOK_RETENTION_DAYS, then
+        asset files no row names (`ArtifactStore.sweep_orphans`: the drafts' among them) and old temp
+        files: at start, then every `ORPHAN_SWEEP_SECONDS`."""
         while True:
+            try:
+                await asyncio.to_thread(self.measure_assets)
+            except Exception:  # retention and the files' sweep go on
+                log.exception("measuring the files of assets stored before sizes were kept failed; trying again "
+                              "at the next asset sweep")
             try:
                 await asyncio.to_thread(self.expire_drafts)
             except Exception:  # the files are swept all the same
@@ -805,7 +817,7 @@ class Services:
         self.scheduler.hand_over_device = self._hand_over_device
         self._scrape = SharedRead(
             lambda: metrics_text(self.db, {engine.name: engine.stages for engine in self.registry},
-                                 self._settled_times))
+                                 self._settled_times, default_quota_mb=self.settings.project_storage_quota_mb))
 
     async def _hand_over_device(self) -> None:
         """Let the device go once this process's model is off it (the inference thread ended): the

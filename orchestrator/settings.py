@@ -208,6 +208,10 @@ class Settings(BaseSettings):
     # (a 4096-pixel square's RGB pixels are 48 MiB before PNG's compression), SQLite's journal and
     # the log; 0 turns the check off. At most 1 TiB: past it, a typo.
     min_free_disk_mb: int = Field(256, ge=0, le=1 << 20)
+    # MiB a project's live assets may hold where the project sets no `storage_quota_mb` of its own
+    # (`orchestrator.quota`); 0: no quota for those. Read at each submit: a change applies to every
+    # such project at the next start. At most 2**30 MiB (a PiB), as a project's own.
+    project_storage_quota_mb: int = Field(0, ge=0, le=1 << 30)
 
     # Seconds a running job's lease lasts without a heartbeat before the sweeper recovers it.
     # Floored: renewed every third of it, 0.001 kept an idle service's core busy, and each other

@@ -39,6 +39,9 @@ _DOCUMENTED = {
     503: "The database is unavailable for now (`database_unavailable`) or its disk is full (`storage_full`), "
          "or the server stopped before it finished the request (`server_stopping`): send it again after "
          "`Retry-After`.",
+    507: "The project's live assets hold its storage quota (`storage_quota_exceeded`, with `details.used_bytes` and "
+         "`details.quota_bytes`): nothing was made or held. Sending it again changes nothing until some of its "
+         "assets are deleted or the admin raises `storage_quota_mb`.",
 }
 
 # The sentences of a route that reads a JSON body.
@@ -142,6 +145,8 @@ PROJECT_EXAMPLES: Examples = {
                  "value": {"name": "Lighthouse campaign", "policy": "balanced",
                            "budget": {"limit": 5000, "period": "month"}}},
     "unlimited": {"summary": "The default policy, no budget", "value": {"name": "Sketches"}},
+    "quota": {"summary": "A storage quota of 5 GiB of assets", "value": {"name": "Client previews",
+                                                                        "storage_quota_mb": 5120}},
 }
 PROJECT_UPDATE_EXAMPLES: Examples = {
     "limit": {"summary": "Raise the budget's limit (its period stays)", "value": {"budget": {"limit": 8000}}},
@@ -150,6 +155,7 @@ PROJECT_UPDATE_EXAMPLES: Examples = {
     "archive": {"summary": "Archive the project: it takes no new job", "value": {"archived": True}},
     "webhook": {"summary": "POST each job's end to a URL (see the README's Webhooks)",
                 "value": {"webhook_url": "https://ci.studio.example/hooks/orchestrator"}},
+    "quota": {"summary": "Refuse new jobs once its live assets hold 20 GiB", "value": {"storage_quota_mb": 20480}},
 }
 DRAFT_EXAMPLES: Examples = {
     "drafts": {"summary": "Four 512x512 drafts of a prompt, seeds 42 to 45",

@@ -164,7 +164,7 @@ class ExplainRequest(Strict):
 
 @router.post("/route/explain", response_model=RouteExplanation, summary="Explain a request's routing and cost",
              operation_id="explain_route", openapi_extra=body_examples(EXPLAIN_EXAMPLES),
-             responses=with_body(402, 404, 409, 410, 429, 500, routed=True, said={
+             responses=with_body(402, 404, 409, 410, 429, 500, 507, routed=True, said={
                  402: "A job would be refused for the budget: the project's budget cannot hold the estimate, or "
                       "it is over `max_credits` or the policy rule's cap (`budget_exceeded`).",
                  404: "No such project or source asset (`not_found`).",
@@ -173,7 +173,9 @@ class ExplainRequest(Strict):
                  429: "A job would be refused now: the project already has ORCH_MAX_PENDING_JOBS unfinished jobs "
                       "(`rate_limited`); `Retry-After` says when to try again.",
                  500: "The source asset's image file is missing or damaged in the store (`content_unavailable`).",
-                 503: JOB_503}))
+                 503: JOB_503,
+                 507: "A job would be refused: the project's live assets hold its storage quota "
+                      "(`storage_quota_exceeded`, with `details.used_bytes` and `details.quota_bytes`)."}))
 def explain(body: ExplainRequest, services: ServicesDep, caller: CallerDep) -> dict[str, Any]:
     """The routing decision and estimate for a request, without running or charging anything.
     With a project key, `project_id` may be left out: the key names the project."""

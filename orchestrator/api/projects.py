@@ -66,6 +66,7 @@ def create_project(body: ProjectCreate, services: ServicesDep, request: Request,
         id="", name=body.name, policy=body.policy or services.settings.policy,
         budget_limit=None if budget is None or budget.limit is None else to_millicredits(budget.limit),
         budget_period=budget.period if budget else "none", webhook_url=body.webhook_url,
+        storage_quota_mb=body.storage_quota_mb,
     )
     try:
         with services.db.transaction() as s:
@@ -77,14 +78,14 @@ def create_project(body: ProjectCreate, services: ServicesDep, request: Request,
             if key:
                 s.flush()  # the key's row points at the project's
                 idempotency.remember(s, key, scope, _digest(services, body, None), project_id=project.id,
-                                     response=project_public(project))
+                                     response=project_public(project, services.settings.project_storage_quota_mb))
     except IntegrityError:
         # PostgreSQL: a request with the same key committed first (the key is the primary key).
         if key and (earlier := _created_earlier(services, key, scope, body)):
             return _replayed(earlier, response)
         raise
     response.headers["Location"] = f"/v1/projects/{project.id}"
-    return project_public(project)
+    return project_public(project, services.settings.project_storage_quota_mb)
 
 
 def _replayed(first: ProjectPublic, response: Response) -> ProjectPublic:
@@ -123,7 +124,8 @@ def _digest(services: ServicesDep, body: ProjectCreate, earlier: IdempotencyKeyR
 
 def _recalled(s: Session, services: ServicesDep, key: str, scope: str, body: ProjectCreate) -> ProjectPublic | None:
     earlier = s.get(IdempotencyKeyRow, (key, scope))
-    return _answered(s, idempotency.recall(s, key, scope, _digest(services, body, earlier)))
+    return _answered(s, idempotency.recall(s, key, scope, _digest(services, body, earlier)),
+                     services.settings.project_storage_quota_mb)
 
 
 def _created_earlier(services: ServicesDep, key: str, scope: str, body: ProjectCreate) -> ProjectPublic | None:
@@ -131,7 +133,7 @@ def _created_earlier(services: ServicesDep, key: str, scope: str, body: ProjectC
         return _recalled(s, services, key, scope, body)
 
 
-def _answered(s: Session, row: IdempotencyKeyRow | None) -> ProjectPublic | None:
+def _answered(s: Session, row: IdempotencyKeyRow | None, default_quota_mb: int) -> ProjectPublic | None:
     """The first answer to the key's request (the original response, however the project has
     changed since); for a key stored by an earlier release, which kept none, the project now."""
     if row is None:
@@ -140,7 +142,7 @@ def _answered(s: Session, row: IdempotencyKeyRow | None) -> ProjectPublic | None
         return ProjectPublic.model_validate(row.response)
     assert row.project_id is not None  # the scope is this path: only projects
     project = s.get(Project, row.project_id)
-    return None if project is None else project_public(project)
+    return None if project is None else project_public(project, default_quota_mb)
 
 
 @router.get("/projects", response_model=Page[ProjectPublic], summary="List projects", responses=with_query())
@@ -156,7 +158,8 @@ def list_projects(services: ServicesDep, caller: CallerDep, limit: Limit = 50,
         rows = list(s.exec(stmt).all())
     more = len(rows) > limit
     rows = rows[:limit]
-    return Page(items=[project_public(p) for p in rows], next_cursor=rows[-1].id if more else None)
+    default_quota_mb = services.settings.project_storage_quota_mb
+    return Page(items=[project_public(p, default_quota_mb) for p in rows], next_cursor=rows[-1].id if more else None)
 
 
 def _check_policy(services: ServicesDep, policy: str | None) -> Policy | None:
@@ -183,24 +186,27 @@ def _get(services: ServicesDep, project_id: str) -> Project:
 @router.get("/projects/{project_id}", response_model=ProjectPublic, summary="Get a project",
             responses=documented(404, said={404: "No such project (`not_found`)."}))
 def get_project(project_id: ProjectId, services: ServicesDep, caller: CallerDep) -> ProjectPublic:
-    """A project: its name, routing policy and budget (limit and period)."""
+    """A project: its name, routing policy, budget (limit and period), storage quota and the bytes its
+    live assets hold."""
     caller.project(project_id)
-    return project_public(_get(services, project_id))
+    return project_public(_get(services, project_id), services.settings.project_storage_quota_mb)
 
 
 @router.patch("/projects/{project_id}", response_model=ProjectPublic, summary="Update a project",
               dependencies=[admin_only("changing a project")],
               openapi_extra=body_examples(PROJECT_UPDATE_EXAMPLES),
               responses=with_body(404, 403, said={
-                  403: "Only the admin key may change a project (a project key must not lift its own budget): "
-                       "`forbidden`.",
+                  403: "Only the admin key may change a project (a project key must not lift its own budget or "
+                       "storage quota): `forbidden`.",
                   404: "No such project (`not_found`).",
                   422: BODY_422 + " Or `policy` names no loaded policy (other than the project's own, which is "
                                   "taken back unchanged), or `name`, `policy` or `archived` is null "
-                                  "(they cannot be removed)."}))
+                                  "(they cannot be removed), or `storage_quota_mb` is not a whole number from 1 to "
+                                  "1073741824."}))
 def update_project(project_id: ProjectId, body: ProjectUpdate, services: ServicesDep) -> ProjectPublic:
-    """Change the name, policy or budget, or archive the project (`"archived": true`: it takes no new
-    job; `false` takes it back). Admin key only: a project key must not lift its own budget."""
+    """Change the name, policy, budget, webhook or storage quota, or archive the project (`"archived":
+    true`: it takes no new job; `false` takes it back). Admin key only: a project key must not lift
+    its own budget or quota."""
     with services.db.transaction() as s:
         project = services.ledger.lock_project(s, project_id)  # 404 when there is none
         # The policy it has, sent back as it was read, changes nothing: with that policy's file gone,
@@ -217,6 +223,9 @@ def update_project(project_id: ProjectId, body: ProjectUpdate, services: Service
             project.archived_at = shared_now() if body.archived else None
         if "webhook_url" in body.model_fields_set:
             project.webhook_url = body.webhook_url  # null: removed (the jobs ended before it keep theirs)
+        if "storage_quota_mb" in body.model_fields_set:
+            # Under the lock a submit takes to read it: no job is taken past a lowered quota once it commits.
+            project.storage_quota_mb = body.storage_quota_mb  # null: removed
         if "budget" in body.model_fields_set:
             given = body.budget.model_fields_set if body.budget is not None else {"limit", "period"}
             budget = body.budget or Budget()  # null: no budget at all
@@ -228,7 +237,7 @@ def update_project(project_id: ProjectId, body: ProjectUpdate, services: Service
     if chosen is not None and chosen.keeps_all_local:
         # Nothing is sent off the machine from now on: the jobs queued under the earlier policy neither.
         services.keep_local(project_id, chosen.name)
-    return project_public(project)
+    return project_public(project, services.settings.project_storage_quota_mb)
 
 
 @router.get("/projects/{project_id}/assets", response_model=Page[AssetPublic], summary="List a project's assets",

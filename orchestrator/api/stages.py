@@ -36,7 +36,7 @@ ACCEPTED: dict[int | str, dict[str, Any]] = {
 _IDEMPOTENCY_CONFLICT = ("The Idempotency-Key was used with another body (`idempotency_conflict`), or the project is "
                          "archived (`project_archived`): nothing was made or held.")
 PAID_ERRORS = {**ACCEPTED, **with_body(
-    402, 404, 409, 410, 429, 500, idempotency_key=True, routed=True,
+    402, 404, 409, 410, 429, 500, 507, idempotency_key=True, routed=True,
     said={402: "The project's budget cannot hold the estimate, or the estimate is over `max_credits` or the policy "
                "rule's cap (`budget_exceeded`): nothing was made or held.",
           404: "No such asset (`not_found`).",
@@ -54,7 +54,7 @@ PolishBody = Annotated[PolishCreate, Body(default_factory=PolishCreate)]
 @router.post("/projects/{project_id}/drafts", status_code=202, response_model=JobPublic, summary="Make drafts",
              openapi_extra=body_examples(DRAFT_EXAMPLES),
              responses={**ACCEPTED, **with_body(
-                 402, 404, 409, 429, idempotency_key=True, routed=True,
+                 402, 404, 409, 429, 507, idempotency_key=True, routed=True,
                  said={402: "A policy routes drafts to a paid engine (a plugin's) and the project's budget cannot "
                             "hold its estimate, or it is over the policy rule's cap (`budget_exceeded`); drafts on "
                             "the local Lite model hold nothing and are never refused for the budget.",

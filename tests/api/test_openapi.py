@@ -503,9 +503,9 @@ ERRORS: dict[tuple[str, str], set[int]] = {
     ("get", "/v1/projects/{project_id}"): ANY | {404},
     ("patch", "/v1/projects/{project_id}"): BODY | {403, 404},
     ("get", "/v1/projects/{project_id}/assets"): ANY | {404, 422},
-    ("post", "/v1/projects/{project_id}/drafts"): BODY | {402, 403, 404, 409, 429},
-    ("post", "/v1/assets/{asset_id}/promote"): BODY | {402, 403, 404, 409, 410, 429, 500},
-    ("post", "/v1/assets/{asset_id}/polish"): BODY | {402, 403, 404, 409, 410, 429, 500},
+    ("post", "/v1/projects/{project_id}/drafts"): BODY | {402, 403, 404, 409, 429, 507},
+    ("post", "/v1/assets/{asset_id}/promote"): BODY | {402, 403, 404, 409, 410, 429, 500, 507},
+    ("post", "/v1/assets/{asset_id}/polish"): BODY | {402, 403, 404, 409, 410, 429, 500, 507},
     ("get", "/v1/jobs"): ANY | {404, 422},
     ("get", "/v1/jobs/{job_id}"): ANY | {404},
     ("post", "/v1/jobs/{job_id}/cancel"): ANY | {403, 404, 409},
@@ -524,7 +524,7 @@ ERRORS: dict[tuple[str, str], set[int]] = {
     ("get", "/v1/policies"): ANY | {422},
     ("get", "/v1/policies/{name}"): ANY | {404},
     ("post", "/v1/policies/reload"): ANY | {403},
-    ("post", "/v1/route/explain"): BODY | {402, 403, 404, 409, 410, 429, 500},
+    ("post", "/v1/route/explain"): BODY | {402, 403, 404, 409, 410, 429, 500, 507},
     ("post", "/v1/projects/{project_id}/keys"): BODY | {403, 404, 409},
     ("get", "/v1/projects/{project_id}/keys"): ANY | {403, 404, 422},
     ("get", "/v1/projects/{project_id}/keys/{key_id}"): ANY | {403, 404},
@@ -544,7 +544,8 @@ STATUS_CODES = {400: {"invalid_request"}, 401: {"unauthorized"}, 402: {"budget_e
                 410: {"gone"},
                 413: {"payload_too_large"}, 415: {"invalid_request"}, 422: {"invalid_request", "no_route"},
                 429: {"rate_limited"}, 500: {"content_unavailable", "internal_error"},
-                503: {"no_route", "database_unavailable", "storage_full", "server_stopping"}}
+                503: {"no_route", "database_unavailable", "storage_full", "server_stopping"},
+                507: {"storage_quota_exceeded"}}
 ALL_CODES = set().union(*STATUS_CODES.values()) | {"method_not_allowed", "engine_unavailable", "engine_error",
                                                    "content_filtered", "no_image", "timeout", "canceled", "interrupted",
                                                    "error"}

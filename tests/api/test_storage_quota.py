@@ -1,0 +1,281 @@
+"""Per-project storage quotas (`storage_quota_mb`): a project's usage is the bytes of its live
+assets' files, kept on its row as assets are written and deleted; a submit at or over its quota is
+refused 507 `storage_quota_exceeded` with nothing written; only the admin key sets the quota."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, cast
+
+import httpx
+import pytest
+from alembic import command
+from sqlalchemy import create_engine, inspect, text, update
+from sqlmodel import col, select
+from starlette.testclient import TestClient
+
+from orchestrator.app import create_app
+from orchestrator.clock import utcnow
+from orchestrator.db import Database, alembic_config, upgrade
+from orchestrator.models import Asset, IdempotencyKey, Job, LedgerEntry, Project
+from orchestrator.services import Services
+from orchestrator.settings import Settings
+from orchestrator.store import ArtifactStore
+from tests.api import assert_error, create_project, run_draft, wait_for_job
+
+SettingsFactory = Callable[..., Settings]
+MIB = 2**20
+ADMIN_KEY = "admin-secret-for-quota-tests"
+
+
+@contextmanager
+def client_for(settings: Settings) -> Iterator[httpx.Client]:
+    with TestClient(create_app(settings)) as client:
+        yield cast(httpx.Client, client)
+
+
+def services_of(client: httpx.Client) -> Services:
+    return cast(Services, client.app.state.services)  # type: ignore[attr-defined]
+
+
+def used(client: httpx.Client, project_id: str) -> int:
+    response = client.get(f"/v1/projects/{project_id}")
+    assert response.status_code == 200, response.text
+    return int(response.json()["storage_bytes"])
+
+
+def size_of(client: httpx.Client, asset_id: str) -> int:
+    content = client.get(f"/v1/assets/{asset_id}/content")
+    assert content.status_code == 200
+    return len(content.content)
+
+
+def set_usage(services: Services, project_id: str, amount: int) -> None:
+    """The project's row as though its assets held `amount` bytes (a quota's worth, without making them)."""
+    with services.db.transaction() as s:
+        s.execute(update(Project).where(col(Project.id) == project_id).values(storage_bytes=amount))
+
+
+def test_usage_counts_each_asset_written_and_lowers_on_delete(make_settings: SettingsFactory) -> None:
+    with client_for(make_settings()) as client:
+        project = create_project(client)
+        assert (project["storage_bytes"], project["storage_quota_mb"]) == (0, None)
+        first, second = run_draft(client, project["id"], n=2, seed=7)["assets"]
+        sizes = {asset_id: size_of(client, asset_id) for asset_id in (first, second)}
+        assert used(client, project["id"]) == sum(sizes.values()) > 0
+        # A promotion's image is the project's too.
+        promoted = client.post(f"/v1/assets/{first}/promote", json={"engine": "local-hifi"})
+        assert promoted.status_code == 202, promoted.text
+        [bridge] = wait_for_job(client, promoted.json()["id"], ("succeeded",))["assets"]
+        sizes[bridge] = size_of(client, bridge)
+        assert used(client, project["id"]) == sum(sizes.values())
+        # The same image made again counts again: each asset is the project's to keep or delete.
+        [again] = run_draft(client, project["id"], n=1, seed=8)["assets"]
+        [same] = run_draft(client, project["id"], n=1, seed=8)["assets"]
+        assert size_of(client, again) == size_of(client, same)
+        sizes[again], sizes[same] = size_of(client, again), size_of(client, same)
+        assert used(client, project["id"]) == sum(sizes.values())
+
+        assert client.delete(f"/v1/assets/{second}").status_code == 204
+        assert used(client, project["id"]) == sum(sizes.values()) - sizes[second]
+        assert client.delete(f"/v1/assets/{second}").status_code == 204  # deleted already: nothing taken twice
+        assert used(client, project["id"]) == sum(sizes.values()) - sizes[second]
+        with services_of(client).db.session() as s:
+            stored = dict(s.exec(select(Asset.id, Asset.bytes)).all())
+        assert stored == sizes
+        other = create_project(client, "other")
+        assert used(client, other["id"]) == 0  # one project's assets are not another's
+        metrics = client.get("/metrics").text.splitlines()
+        left = sum(sizes.values()) - sizes[second]
+        assert f'orchestrator_project_storage_bytes{{project="{project["id"]}"}} {left}' in metrics
+
+
+def test_draft_retention_lowers_the_usage(make_settings: SettingsFactory) -> None:
+    with client_for(make_settings()) as client:
+        project = create_project(client)["id"]
+        old, kept = (run_draft(client, project, seed=seed)["assets"][0] for seed in (11, 12))
+        sizes = {asset_id: size_of(client, asset_id) for asset_id in (old, kept)}
+        services = services_of(client)
+        with services.db.transaction() as s:
+            s.execute(update(Asset).where(col(Asset.id) == old).values(created_at=utcnow() - timedelta(days=31)))
+    with built(make_settings(draft_retention_days=30)) as services:
+        assert services.expire_drafts() == 1
+        with services.db.session() as s:
+            row = s.get(Project, project)
+            assert row is not None and row.storage_bytes == sizes[kept]
+
+
+@contextmanager
+def built(settings: Settings) -> Iterator[Services]:
+    services = Services.build(settings)
+    try:
+        yield services
+    finally:
+        asyncio.run(services.aclose())
+
+
+def test_a_submit_at_the_quota_is_refused_with_nothing_written(make_settings: SettingsFactory) -> None:
+    with client_for(make_settings()) as client:
+        project = create_project(client, storage_quota_mb=1)
+        assert (project["storage_quota_mb"], project["storage_quota_bytes"]) == (1, MIB)
+        project_id = project["id"]
+        [draft] = run_draft(client, project_id, seed=21)["assets"]
+        services = services_of(client)
+        set_usage(services, project_id, MIB)  # at the quota, not over it
+
+        def rows() -> tuple[int, int, int]:
+            with services.db.session() as s:
+                return (len(s.exec(select(Job.id)).all()), len(s.exec(select(LedgerEntry.id)).all()),
+                        len(s.exec(select(IdempotencyKey.key)).all()))
+
+        before = rows()
+        for path, body in ((f"/v1/projects/{project_id}/drafts", {"prompt": "more", "width": 64, "height": 64}),
+                           (f"/v1/assets/{draft}/promote", {"engine": "local-hifi"}),
+                           (f"/v1/assets/{draft}/polish", {"engine": "local-hifi"})):
+            response = client.post(path, json=body, headers={"Idempotency-Key": f"full {path}"})
+            error = assert_error(response, 507, "storage_quota_exceeded")
+            assert error["details"] == {"project_id": project_id, "used_bytes": MIB, "quota_bytes": MIB}, path
+            assert "storage quota of 1 MiB" in error["message"] and "Retry-After" not in response.headers
+        # Explaining the route says the same: a 200 said such a job would be taken.
+        explained = client.post("/v1/route/explain", json={"stage": "ideation", "project_id": project_id,
+                                                           "prompt": "x"})
+        assert assert_error(explained, 507, "storage_quota_exceeded")["details"]["used_bytes"] == MIB
+        assert rows() == before  # no job, no hold, no key kept
+
+        # One byte under: taken, and the job finishes over the quota (its images are made by then).
+        set_usage(services, project_id, MIB - 1)
+        finished = run_draft(client, project_id, n=2, seed=22)
+        assert used(client, project_id) == MIB - 1 + sum(size_of(client, a) for a in finished["assets"]) > MIB
+        assert_error(client.post(f"/v1/projects/{project_id}/drafts", json={"prompt": "x"}), 507,
+                     "storage_quota_exceeded")
+        # Deleting assets makes room again at once.
+        for asset_id in finished["assets"]:
+            assert client.delete(f"/v1/assets/{asset_id}").status_code == 204
+        assert used(client, project_id) == MIB - 1
+        run_draft(client, project_id, seed=23)
+        # And the admin lifting the quota, whatever the project holds.
+        set_usage(services, project_id, 50 * MIB)
+        assert client.patch(f"/v1/projects/{project_id}", json={"storage_quota_mb": None}).json()[
+            "storage_quota_mb"] is None
+        run_draft(client, project_id, seed=24)
+
+
+def test_a_project_without_a_quota_is_never_refused_for_its_storage(make_settings: SettingsFactory) -> None:
+    with client_for(make_settings()) as client:
+        project = create_project(client)
+        assert (project["storage_quota_mb"], project["storage_quota_bytes"]) == (None, None)
+        set_usage(services_of(client), project["id"], 10**15)  # a petabyte
+        run_draft(client, project["id"])
+
+
+def test_the_server_s_default_quota_holds_the_projects_without_their_own(make_settings: SettingsFactory) -> None:
+    with client_for(make_settings(project_storage_quota_mb=1)) as client:
+        default, own = create_project(client, "default"), create_project(client, "own", storage_quota_mb=2)
+        assert (default["storage_quota_mb"], default["storage_quota_bytes"]) == (None, MIB)
+        assert (own["storage_quota_mb"], own["storage_quota_bytes"]) == (2, 2 * MIB)
+        services = services_of(client)
+        for project in (default, own):
+            set_usage(services, project["id"], MIB)
+        error = assert_error(client.post(f"/v1/projects/{default['id']}/drafts", json={"prompt": "x"}), 507,
+                             "storage_quota_exceeded")
+        assert "ORCH_PROJECT_STORAGE_QUOTA_MB" in error["message"] and error["details"]["quota_bytes"] == MIB
+        run_draft(client, own["id"])  # its own quota, larger than the default, leaves it room
+        listed = {p["id"]: p for p in client.get("/v1/projects").json()["items"]}
+        assert listed[default["id"]]["storage_quota_bytes"] == MIB and listed[default["id"]]["storage_bytes"] == MIB
+        metrics = client.get("/metrics").text.splitlines()
+        assert f'orchestrator_project_storage_quota_bytes{{project="{default["id"]}"}} {MIB}' in metrics
+        assert f'orchestrator_project_storage_quota_bytes{{project="{own["id"]}"}} {2 * MIB}' in metrics
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5, "10", True, 2**30 + 1])
+def test_a_quota_that_is_not_a_whole_number_of_mib_from_one_is_refused(make_settings: SettingsFactory,
+                                                                       value: Any) -> None:
+    with client_for(make_settings()) as client:
+        project_id = create_project(client, storage_quota_mb=5)["id"]
+        error = assert_error(client.patch(f"/v1/projects/{project_id}", json={"storage_quota_mb": value}),
+                             422, "invalid_request")
+        assert error["details"]["errors"][0]["loc"] == ["body", "storage_quota_mb"], error
+        assert client.get(f"/v1/projects/{project_id}").json()["storage_quota_mb"] == 5
+        assert_error(client.post("/v1/projects", json={"name": "q", "storage_quota_mb": value}), 422,
+                     "invalid_request")
+        # Left out, nothing changes; the largest is taken; null removes it.
+        assert client.patch(f"/v1/projects/{project_id}", json={"name": "renamed"}).json()["storage_quota_mb"] == 5
+        assert client.patch(f"/v1/projects/{project_id}", json={"storage_quota_mb": 2**30}).json()[
+            "storage_quota_mb"] == 2**30
+        assert client.patch(f"/v1/projects/{project_id}", json={"storage_quota_mb": None}).json()[
+            "storage_quota_mb"] is None
+
+
+def test_a_project_key_cannot_set_its_own_quota(make_settings: SettingsFactory) -> None:
+    with client_for(make_settings(admin_key=ADMIN_KEY)) as client:
+        admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+        project_id = create_project_as(client, admin, storage_quota_mb=10)
+        created = client.post(f"/v1/projects/{project_id}/keys", json={"name": "pipeline"}, headers=admin)
+        assert created.status_code == 201, created.text
+        mine = {"Authorization": f"Bearer {created.json()['key']}"}
+        for value in (None, 10_000):
+            assert_error(client.patch(f"/v1/projects/{project_id}", json={"storage_quota_mb": value}, headers=mine),
+                         403, "forbidden")
+        assert_error(client.post("/v1/projects", json={"name": "mine", "storage_quota_mb": 10_000}, headers=mine),
+                     403, "forbidden")
+        seen = client.get(f"/v1/projects/{project_id}", headers=mine).json()  # it may read its quota and usage
+        assert (seen["storage_quota_mb"], seen["storage_bytes"]) == (10, 0)
+
+
+def create_project_as(client: httpx.Client, headers: dict[str, str], **extra: Any) -> str:
+    response = client.post("/v1/projects", json={"name": "keyed", **extra}, headers=headers)
+    assert response.status_code == 201, response.text
+    return str(response.json()["id"])
+
+
+def test_0028_leaves_earlier_assets_to_be_measured_and_downgrades(tmp_path: Path) -> None:
+    """An upgrade reads no file (the database may live apart from the data dir); the sweep's
+    `quota.measure` then counts each live asset whose file is there, and a deleted one not at all."""
+    from orchestrator import quota  # here: the other tests are told apart without the module
+
+    url = f"sqlite:///{tmp_path / 'm.db'}"
+    upgrade(url, "0027")
+    store = ArtifactStore(tmp_path / "assets")
+    here, deleted = store.put(b"an image's bytes"), store.put(b"a deleted image's bytes, longer")
+    missing = "f" * 64  # its file lost: it takes no room
+    engine = create_engine(url)
+    try:
+        with engine.begin() as conn:
+            now = datetime.now(UTC).replace(tzinfo=None)
+            conn.execute(text("INSERT INTO projects (id, name, policy, budget_period, created_at) "
+                              "VALUES ('prj_1', 'p', 'balanced', 'none', :now)"), {"now": now})
+            conn.execute(text("INSERT INTO jobs (id, project_id, stage, engine, status, params, progress_step, "
+                              "progress_total, estimated, cache_hit, attempt, created_at) VALUES ('job_1', 'prj_1', "
+                              "'ideation', 'lite', 'succeeded', '{}', 0, 0, 0, 0, 0, :now)"), {"now": now})
+            for asset_id, sha, gone in (("ast_1", here, None), ("ast_2", deleted, now), ("ast_3", missing, None)):
+                conn.execute(text("INSERT INTO assets (id, project_id, job_id, \"index\", stage, engine, model, "
+                                  "prompt, negative_prompt, width, height, sha256, record, created_at, deleted_at) "
+                                  "VALUES (:id, 'prj_1', 'job_1', 0, 'ideation', 'lite', 'm', 'p', '', 64, 64, :sha, "
+                                  "'{}', :now, :gone)"), {"id": asset_id, "sha": sha, "now": now, "gone": gone})
+        upgrade(url)
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT storage_bytes, storage_quota_mb FROM projects")).one() == (0, None)
+            assert conn.execute(text("SELECT count(*) FROM assets WHERE bytes IS NULL")).scalar() == 3
+        db = Database(url)
+        try:
+            assert quota.measure(db, store, batch=2) == 3
+            assert quota.measure(db, store) == 0  # measured once
+        finally:
+            db.dispose()
+        with engine.connect() as conn:
+            assert dict(conn.execute(text("SELECT id, bytes FROM assets")).all()) == {
+                "ast_1": len(b"an image's bytes"), "ast_2": len(b"a deleted image's bytes, longer"), "ast_3": 0}
+            assert conn.execute(text("SELECT storage_bytes FROM projects")).scalar() == len(b"an image's bytes")
+        command.downgrade(alembic_config(url), "0027")
+        with engine.connect() as conn:
+            assert "bytes" not in {c["name"] for c in inspect(conn).get_columns("assets")}
+            columns = {c["name"] for c in inspect(conn).get_columns("projects")}
+            assert not {"storage_bytes", "storage_quota_mb"} & columns
+            assert conn.execute(text("SELECT count(*) FROM assets")).scalar() == 3
+        upgrade(url)
+    finally:
+        engine.dispose()
