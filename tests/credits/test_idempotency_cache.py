@@ -145,8 +145,12 @@ def test_identical_paid_request_is_served_from_the_cache(api: httpx.Client) -> N
     after = api.post("/v1/route/explain", json=explain).json()
     assert (after["estimate"], after["cache_hit"]) == (0.0, True)
 
+    stored = get_json(api, f"/v1/projects/{project_id}")["storage_bytes"]
     second = promote_ok(api, asset_id, cache=True, seed=5)
     assert second["id"] != first["id"]
+    # An asset of the project as a render's is: its storage counts the copy too (`orchestrator.quota`).
+    copied = len(api.get(f"/v1/assets/{first['assets'][0]}/content").content)
+    assert get_json(api, f"/v1/projects/{project_id}")["storage_bytes"] == stored + copied
     assert second["status"] == "succeeded"  # at once, in the 202
     assert second["cost"] == {"estimated": PRICE, "held": 0, "charged": 0, "cache_hit": True}
     assert len(second["assets"]) == len(first["assets"]) == 1
