@@ -61,7 +61,12 @@ def set_usage(services: Services, project_id: str, amount: int) -> None:
 
 
 def test_usage_counts_each_asset_written_and_lowers_on_delete(make_settings: SettingsFactory) -> None:
-    with client_for(make_settings()) as client:
+    check_usage_counts_each_asset_written_and_lowers_on_delete(make_settings)
+
+
+def check_usage_counts_each_asset_written_and_lowers_on_delete(make_settings: SettingsFactory,
+                                                               **database: Any) -> None:
+    with client_for(make_settings(**database)) as client:
         project = create_project(client)
         assert (project["storage_bytes"], project["storage_quota_mb"]) == (0, None)
         first, second = run_draft(client, project["id"], n=2, seed=7)["assets"]
@@ -119,7 +124,12 @@ def built(settings: Settings) -> Iterator[Services]:
 
 
 def test_a_submit_at_the_quota_is_refused_with_nothing_written(make_settings: SettingsFactory) -> None:
-    with client_for(make_settings()) as client:
+    check_a_submit_at_the_quota_is_refused_with_nothing_written(make_settings)
+
+
+def check_a_submit_at_the_quota_is_refused_with_nothing_written(make_settings: SettingsFactory,
+                                                                **database: Any) -> None:
+    with client_for(make_settings(**database)) as client:
         project = create_project(client, storage_quota_mb=1)
         assert (project["storage_quota_mb"], project["storage_quota_bytes"]) == (1, MIB)
         project_id = project["id"]
@@ -279,3 +289,37 @@ def test_0028_leaves_earlier_assets_to_be_measured_and_downgrades(tmp_path: Path
         upgrade(url)
     finally:
         engine.dispose()
+
+
+def test_assets_stored_without_a_size_are_measured_once_the_live_ones_counted(tmp_path: Path) -> None:
+    db = Database(f"sqlite:///{tmp_path / 'm.db'}")
+    try:
+        db.migrate()
+        check_assets_measured(db, ArtifactStore(tmp_path / "assets"))
+    finally:
+        db.dispose()
+
+
+def check_assets_measured(db: Database, store: ArtifactStore) -> None:
+    """As 0028 leaves the assets stored before it: null sizes, counted nothing until `quota.measure`
+    reads their files, in batches, each live one added to its project and a deleted one to none."""
+    from orchestrator import quota
+
+    files = [store.put(f"image {i}".encode() * (i + 1)) for i in range(5)]
+    with db.transaction() as s:
+        s.add(Project(id="prj_m", name="m", policy="balanced", storage_bytes=7))  # 7: counted before, kept
+        s.flush()
+        s.add(Job(id="job_m", project_id="prj_m", stage="ideation", engine="lite", status="succeeded"))
+        s.flush()
+        for i, sha in enumerate([*files, "e" * 64]):  # the last one's file is lost: it takes no room
+            s.add(Asset(id=f"ast_m{i}", project_id="prj_m", job_id="job_m", stage="ideation", engine="lite",
+                        model="m", prompt="p", width=64, height=64, sha256=sha,
+                        deleted_at=utcnow() if i == 1 else None))
+    assert quota.measure(db, store, batch=2) == 6
+    assert quota.measure(db, store) == 0  # measured once
+    live = sum(len(f"image {i}".encode() * (i + 1)) for i in (0, 2, 3, 4))
+    with db.session() as s:
+        project = s.get(Project, "prj_m")
+        assert project is not None and project.storage_bytes == 7 + live
+        sizes = dict(s.exec(select(Asset.id, Asset.bytes).where(col(Asset.project_id) == "prj_m")).all())
+    assert sizes == {f"ast_m{i}": len(f"image {i}".encode() * (i + 1)) for i in range(5)} | {"ast_m5": 0}

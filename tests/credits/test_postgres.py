@@ -34,6 +34,7 @@ from orchestrator.schemas import DraftCreate
 from orchestrator.server import serve_in_thread
 from orchestrator.services import Services
 from orchestrator.settings import Settings
+from orchestrator.store import ArtifactStore
 from tests.api import (
     TERMINAL,
     assert_error,
@@ -53,6 +54,11 @@ from tests.api.test_job_reads import (
     held_job,
 )
 from tests.api.test_retention import check_batches, check_draft_retention, check_two_sweeps_at_once
+from tests.api.test_storage_quota import (
+    check_a_submit_at_the_quota_is_refused_with_nothing_written,
+    check_assets_measured,
+    check_usage_counts_each_asset_written_and_lowers_on_delete,
+)
 from tests.api.test_webhook_deliveries import (
     check_a_claimed_delivery_is_left_to_its_sender,
     check_deliveries_made_before_given_their_project,
@@ -219,6 +225,17 @@ def test_draft_retention_on_postgres(postgres_url: str, make_settings: Callable[
     try:  # on the database the check above left (none of its live drafts is retention's)
         check_batches(db, monkeypatch)
         check_two_sweeps_at_once(db)
+    finally:
+        db.dispose()
+
+
+def test_storage_usage_and_quota_on_postgres(postgres_url: str, make_settings: Callable[..., Settings],
+                                             tmp_path: Path) -> None:
+    check_usage_counts_each_asset_written_and_lowers_on_delete(make_settings, database_url=postgres_url)
+    check_a_submit_at_the_quota_is_refused_with_nothing_written(make_settings, database_url=postgres_url)
+    db = Database(postgres_url)
+    try:  # its partial index's condition, as PostgreSQL writes it
+        check_assets_measured(db, ArtifactStore(tmp_path / "measured"))
     finally:
         db.dispose()
 
