@@ -37,7 +37,7 @@ class HeldRead:
         self.release = threading.Event()
         self.answer = answer
 
-    def __call__(self, *_: Any) -> str:
+    def __call__(self, *_: Any, **__: Any) -> str:
         self.calls += 1
         self.started.set()
         assert self.release.wait(10)
