@@ -179,7 +179,7 @@ class Asset(SQLModel, table=True):
                       # past those deleted already. Not a partial index: SQLite's planner, without
                       # statistics, took the stage's index above over it and sorted every old draft.
                       sa.Index("ix_assets_stage_live", "stage", "deleted_at", "created_at", "id"),
-                      # The assets stored before their size was kept (migration 0028), which the asset
+                      # The assets stored before their size was kept (migration 0029), which the asset
                       # sweep measures (`orchestrator.quota.measure`): empty once it has, so its look is free.
                       sa.Index("ix_assets_unmeasured", "id", sqlite_where=UNMEASURED, postgresql_where=UNMEASURED))
 

@@ -11,7 +11,7 @@ database's write lock (`Database.transaction`), so two of them never change it f
 A submit at or over the quota is refused (`JobService.submit`: 507 `storage_quota_exceeded`),
 before anything is held or written, as one below `ORCH_MIN_FREE_DISK_MB` is. A job already taken
 may finish over it: its images are made (and paid for) by then, and losing them would waste the
-spend. Assets stored before sizes were kept (migration 0028) count nothing until `measure` has
+spend. Assets stored before sizes were kept (migration 0029) count nothing until `measure` has
 read their files' sizes, which the service's asset sweep does at start and then hourly.
 """
 

@@ -437,7 +437,7 @@ class ProjectPublic(BaseModel):
         "`storage_quota_exceeded`) while `storage_bytes` is at or over it; null: no quota."))
     storage_bytes: int = Field(0, description=(
         "The bytes its live (not deleted) assets' files hold, each asset counted whole (identical images too); "
-        "assets stored before release 0028 of the schema count once the service's asset sweep has measured them."))
+        "assets stored before migration 0029 count once the service's asset sweep has measured them."))
 
 
 _SEED_DESCRIPTION = "The first image's seed; null: a random one, recorded in the job's `params`."

@@ -242,13 +242,13 @@ def create_project_as(client: httpx.Client, headers: dict[str, str], **extra: An
     return str(response.json()["id"])
 
 
-def test_0028_leaves_earlier_assets_to_be_measured_and_downgrades(tmp_path: Path) -> None:
+def test_0029_leaves_earlier_assets_to_be_measured_and_downgrades(tmp_path: Path) -> None:
     """An upgrade reads no file (the database may live apart from the data dir); the sweep's
     `quota.measure` then counts each live asset whose file is there, and a deleted one not at all."""
     from orchestrator import quota  # here: the other tests are told apart without the module
 
     url = f"sqlite:///{tmp_path / 'm.db'}"
-    upgrade(url, "0027")
+    upgrade(url, "0028")
     store = ArtifactStore(tmp_path / "assets")
     here, deleted = store.put(b"an image's bytes"), store.put(b"a deleted image's bytes, longer")
     missing = "f" * 64  # its file lost: it takes no room
@@ -280,7 +280,7 @@ def test_0028_leaves_earlier_assets_to_be_measured_and_downgrades(tmp_path: Path
             assert dict(conn.execute(text("SELECT id, bytes FROM assets")).all()) == {
                 "ast_1": len(b"an image's bytes"), "ast_2": len(b"a deleted image's bytes, longer"), "ast_3": 0}
             assert conn.execute(text("SELECT storage_bytes FROM projects")).scalar() == len(b"an image's bytes")
-        command.downgrade(alembic_config(url), "0027")
+        command.downgrade(alembic_config(url), "0028")
         with engine.connect() as conn:
             assert "bytes" not in {c["name"] for c in inspect(conn).get_columns("assets")}
             columns = {c["name"] for c in inspect(conn).get_columns("projects")}
@@ -301,7 +301,7 @@ def test_assets_stored_without_a_size_are_measured_once_the_live_ones_counted(tm
 
 
 def check_assets_measured(db: Database, store: ArtifactStore) -> None:
-    """As 0028 leaves the assets stored before it: null sizes, counted nothing until `quota.measure`
+    """As 0029 leaves the assets stored before it: null sizes, counted nothing until `quota.measure`
     reads their files, in batches, each live one added to its project and a deleted one to none."""
     from orchestrator import quota
 

@@ -5,8 +5,8 @@ Existing assets get no size here: the database may live apart from the data dir 
 lock for as long. They stay null, counted as 0, until the service's asset sweep measures them
 (`orchestrator.quota.measure`, at start and then hourly), which adds each live one to its project.
 
-Revision ID: 0028
-Revises: 0027
+Revision ID: 0029
+Revises: 0028
 Create Date: 2026-12-07 00:30:00.000000
 """
 
@@ -17,8 +17,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = '0028'
-down_revision: str | None = '0027'
+revision: str = '0029'
+down_revision: str | None = '0028'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
