@@ -348,18 +348,32 @@ class Deliverer:
             return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         return None if answer.is_success else f"answered {answer.status_code}"
 
+    @staticmethod
+    def _still_claimed(row: Due) -> list[sa.ColumnElement[bool]]:
+        """The row, while it is as this process's claim left it. A sender that outlived its lease (a
+        process paused past it) found it claimed by another since, or sent and redelivered: its
+        result written over that marked a redelivery never sent delivered, or counted its attempt."""
+        same = [col(WebhookDelivery.id) == row.id]
+        if row.leased_until is not None:
+            same.append(col(WebhookDelivery.next_attempt_at) == row.leased_until)
+        return same
+
     def _delivered(self, row: Due) -> None:
         with self.db.transaction() as s:
-            s.execute(update(WebhookDelivery).where(col(WebhookDelivery.id) == row.id)
+            s.execute(update(WebhookDelivery).where(*self._still_claimed(row))
                       .values(delivered_at=shared_now(), attempts=row.attempts + 1, next_attempt_at=None))
 
     def _failed(self, row: Due, error: str) -> None:
         attempts = row.attempts + 1
         wait = BACKOFF_SECONDS[attempts - 1] if attempts <= len(BACKOFF_SECONDS) else None
         with self.db.transaction() as s:
-            s.execute(update(WebhookDelivery).where(col(WebhookDelivery.id) == row.id).values(
+            written = changed(s.execute(update(WebhookDelivery).where(*self._still_claimed(row)).values(
                 attempts=attempts, last_error=error[:500],
-                next_attempt_at=None if wait is None else shared_now() + timedelta(seconds=wait)))
+                next_attempt_at=None if wait is None else shared_now() + timedelta(seconds=wait))))
+        if not written:  # its claim ended and the row moved on: another send or a redelivery has it
+            log.info("webhook %s: attempt %d failed (%s) after its claim ended; left as another process or a "
+                     "redelivery put it", row.id, attempts, error)
+            return
         # The URL without its query, which may carry the receiver's token.
         parts = urlsplit(row.url)
         where = f"{parts.scheme}://{parts.netloc}{parts.path}"

@@ -370,6 +370,40 @@ def check_a_claimed_delivery_is_left_to_its_sender(db: Database, monkeypatch: py
     assert dumped(db, claimed) == before
 
 
+
+def test_a_sender_whose_claim_ended_does_not_write_over_a_redelivery(db: Database) -> None:
+    check_a_late_sender_leaves_a_redelivery_alone(db)
+
+
+def check_a_late_sender_leaves_a_redelivery_alone(db: Database) -> None:
+    """A sender that outlived its claim (a process paused past the lease) ends its send after the
+    row was sent by another and redelivered: its result is not written over the redelivery, which
+    was never sent (marked delivered, it would be lost; given up, not sent)."""
+    with db.transaction() as s:
+        s.add(Project(id="prj_1", name="p", policy="balanced", webhook_url=URL))
+    job_id = add_job(db, "prj_1")
+    for outcome in ("delivered", "failed"):
+        delivery = add_delivery(db, job_id, "pending")
+        late, other = (webhooks.Deliverer(db, lambda job_id: {}, None, interval=0.1) for _ in range(2))
+        [row] = [r for r in late._due() if r.id == delivery]
+        assert late._claim_all([row]) == [row]
+        # Its lease ends; another process claims the row and delivers it; the studio redelivers it.
+        with db.transaction() as s:
+            s.get_one(WebhookDelivery, delivery).next_attempt_at = utcnow() - timedelta(seconds=1)
+        [again] = [r for r in other._due() if r.id == delivery]
+        assert other._claim_all([again]) == [again]
+        other._delivered(again)
+        webhook_deliveries.redeliver(db, delivery)
+        redelivered = dumped(db, delivery)
+        # The late sender's end lands now.
+        if outcome == "delivered":
+            late._delivered(row)
+        else:
+            late._failed(row, "answered 500")
+        assert dumped(db, delivery) == redelivered, outcome
+        assert webhook_deliveries.status_of(row_of(db, delivery)) == "pending"  # type: ignore[arg-type]
+
+
 # -- retention -----------------------------------------------------------------------------------
 
 def test_old_delivered_and_given_up_deliveries_are_pruned_in_batches_pending_ones_never(db: Database) -> None:

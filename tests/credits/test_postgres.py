@@ -61,6 +61,7 @@ from tests.api.test_storage_quota import (
 )
 from tests.api.test_webhook_deliveries import (
     check_a_claimed_delivery_is_left_to_its_sender,
+    check_a_late_sender_leaves_a_redelivery_alone,
     check_deliveries_made_before_given_their_project,
     check_old_deliveries_pruned,
 )
@@ -1147,3 +1148,7 @@ def test_old_webhook_deliveries_are_pruned_pending_ones_never_on_postgres(pg_db:
 def test_a_redelivery_leaves_a_claimed_delivery_to_its_sender_on_postgres(
         pg_db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
     check_a_claimed_delivery_is_left_to_its_sender(pg_db, monkeypatch)
+
+
+def test_a_sender_whose_claim_ended_leaves_a_redelivery_alone_on_postgres(pg_db: Database) -> None:
+    check_a_late_sender_leaves_a_redelivery_alone(pg_db)
