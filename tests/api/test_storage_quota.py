@@ -4,7 +4,6 @@ refused 507 `storage_quota_exceeded` with nothing written; only the admin key se
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -26,6 +25,7 @@ from orchestrator.services import Services
 from orchestrator.settings import Settings
 from orchestrator.store import ArtifactStore
 from tests.api import assert_error, create_project, run_draft, wait_for_job
+from tests.api.test_retention import built
 
 SettingsFactory = Callable[..., Settings]
 MIB = 2**20
@@ -112,15 +112,6 @@ def test_draft_retention_lowers_the_usage(make_settings: SettingsFactory) -> Non
         with services.db.session() as s:
             row = s.get(Project, project)
             assert row is not None and row.storage_bytes == sizes[kept]
-
-
-@contextmanager
-def built(settings: Settings) -> Iterator[Services]:
-    services = Services.build(settings)
-    try:
-        yield services
-    finally:
-        asyncio.run(services.aclose())
 
 
 def test_a_submit_at_the_quota_is_refused_with_nothing_written(make_settings: SettingsFactory) -> None:

@@ -88,6 +88,17 @@ def dpm_x0(scheduler: Any, model_output: torch.Tensor, timestep: Any, sample: to
     return (sample - sigma_t * model_output) / alpha_t
 
 
+async def with_scheduler(lite_engine: Any, cls: Any, **config: Any) -> Any:
+    """The Lite model's pipeline, its scheduler made `cls` of its config (and `config`), on the
+    inference thread: before local-hifi's pipeline is made from it, sharing it."""
+    def use() -> Any:
+        pipe = lite_engine.runtime.text2img(lite_engine.model)
+        pipe.scheduler = cls.from_config(pipe.scheduler.config, **config)
+        return pipe
+
+    return await lite_engine.runtime.call(use)
+
+
 def own_step(pipe: Any, cls: type) -> bool:
     """The scheduler's `step` is its class's again, with nothing of the call left on the instance."""
     return "step" not in vars(pipe.scheduler) and pipe.scheduler.step.__func__ is cls.step  # type: ignore[attr-defined]
@@ -134,11 +145,7 @@ async def test_denoised_previews_leave_the_images_byte_identical(
 
     lite_engine, hifi = engines()
 
-    def use() -> None:  # before local-hifi's pipeline is made from it, sharing it
-        pipe = lite_engine.runtime.text2img(lite_engine.model)
-        pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config, **config)
-
-    await lite_engine.runtime.call(use)
+    await with_scheduler(lite_engine, getattr(diffusers, scheduler), **config)
     bridge = RenderRequest(stage="bridge", prompt="a lighthouse", width=64, height=64, steps=4, seed=3, n=1,
                            init_image=draft_image(), strength=0.75)
     made: list[list[bytes]] = []
@@ -238,12 +245,7 @@ async def test_dpm_solver_plus_plus_previews_show_its_denoised_estimate(
 
     lite_engine, _ = engines()
 
-    def use_dpm() -> Any:
-        pipe = lite_engine.runtime.text2img(lite_engine.model)
-        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
-        return pipe
-
-    pipe = await lite_engine.runtime.call(use_dpm)
+    pipe = await with_scheduler(lite_engine, DPMSolverMultistepScheduler)
     assert pipe.scheduler.config.algorithm_type == "dpmsolver++"
     steps = Steps(monkeypatch, DPMSolverMultistepScheduler, dpm_x0)
     progress = PreviewProgress()
@@ -385,12 +387,7 @@ async def test_a_draft_s_previews_show_x0_with_pndm_deis_tcd_and_dpm_solver_s_no
     cls = getattr(diffusers, name)
     lite_engine, _ = engines()
 
-    def use() -> Any:
-        pipe = lite_engine.runtime.text2img(lite_engine.model)
-        pipe.scheduler = cls.from_config(pipe.scheduler.config, **config)
-        return pipe
-
-    pipe = await lite_engine.runtime.call(use)
+    pipe = await with_scheduler(lite_engine, cls, **config)
     steps = Steps(monkeypatch, cls, train_x0_of_pipeline)
     progress = PreviewProgress()
     await lite_engine.run(draft(), progress, CancelToken())
@@ -407,12 +404,7 @@ async def test_a_scheduler_without_a_denoised_estimate_keeps_previews_of_the_lat
 
     lite_engine, _ = engines()
 
-    def use() -> Any:
-        pipe = lite_engine.runtime.text2img(lite_engine.model)
-        pipe.scheduler = IPNDMScheduler.from_config(pipe.scheduler.config)
-        return pipe
-
-    pipe = await lite_engine.runtime.call(use)
+    pipe = await with_scheduler(lite_engine, IPNDMScheduler)
     steps = Steps(monkeypatch, IPNDMScheduler)
     progress = PreviewProgress()
     await lite_engine.run(draft(), progress, CancelToken())
