@@ -511,6 +511,18 @@ def packed_flux_latents(width: int, height: int, rgb: dict[str, tuple[float, flo
     return FluxPipeline._pack_latents(latents, 2, 16, rows, columns)
 
 
+class ImageProgress(RecordingProgress):
+    """Keeps each step's preview image (None where the step has none) in `previews`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.previews: list[Any] = []
+
+    def step(self, step: int, total: int, preview: Any = None) -> None:
+        super().step(step, total, preview)
+        self.previews.append(preview)
+
+
 def test_flux_s_packed_latents_are_previewed_the_right_way_up(make_settings: SettingsFactory) -> None:
     """Unpacked as its pipeline unpacks them for its decode, by the image's size: a wide image's
     preview is wide, its top left is top left. Without the size, no preview (64 tokens may be 8x8
@@ -519,14 +531,11 @@ def test_flux_s_packed_latents_are_previewed_the_right_way_up(make_settings: Set
     packed = packed_flux_latents(256, 64, colours)
     assert packed.shape == (2, 64, 64)
     runtime = runtime_for(EngineContext(settings=make_settings()))
-    previews: list[Any] = []
-
-    class Progress:
-        def step(self, step: int, total: int, preview: Any = None) -> None:
-            previews.append(preview)
+    progress = ImageProgress()
+    previews = progress.previews
 
     try:
-        on_step = runtime.step_callback(Progress(), CancelToken(), done=0, passes=1, planned=1,  # type: ignore[arg-type]
+        on_step = runtime.step_callback(progress, CancelToken(), done=0, passes=1, planned=1,
                                         size=(256, 64))
         on_step(flux_pipe(), 0, None, {"latents": packed})
         tall = runtime.preview(packed_flux_latents(64, 256, colours), flux_pipe(), size=(64, 256))
@@ -830,16 +839,13 @@ def test_a_flux_or_sd3_pipeline_s_steps_are_previewed_in_its_colours_the_right_w
     pipe = tiny_transformer_pipeline(family, tmp_path)
     space = LatentSpace.FLUX if family == "flux" else LatentSpace.SD3
     runtime = runtime_for(EngineContext(settings=make_settings()))
-    previews: list[Any] = []
-
-    class Progress:
-        def step(self, step: int, total: int, preview: Any = None) -> None:
-            previews.append(preview)
+    progress = ImageProgress()
+    previews = progress.previews
 
     try:
         for width, height in ((256, 128), (128, 256)):
             previews.clear()
-            on_step = runtime.step_callback(Progress(), CancelToken(), done=0, passes=1,  # type: ignore[arg-type]
+            on_step = runtime.step_callback(progress, CancelToken(), done=0, passes=1,
                                             planned=2, size=(width, height))
             with torch.inference_mode():
                 out = pipe(prompt="a lighthouse", num_inference_steps=2, width=width, height=height,
