@@ -9,7 +9,9 @@ release (their amounts making up the hold, unless the provider charged more), it
 says which, a job has at most one open hold, and an adjustment follows a reconciled capture of
 the same hold: an entry breaking one of these is money counted twice or not at all. (A hold
 settled by a process of a version before its `settled` flag is only counted: the service's sweep
-marks it.)
+marks it.) Each project's storage usage (`Project.storage_bytes`, which its quota is judged on)
+is the sum of its live assets' sizes, and an asset's size (`Asset.bytes`) is its file's: usage
+off is a quota refusing too early or too late.
 
 Read-only, on a read-only mount too: the database is opened read-only (SQLite with `mode=ro`, as
 immutable while no process has it open; PostgreSQL in read-only transactions) and nothing is
@@ -36,7 +38,7 @@ from sqlmodel import Session, col, select
 from orchestrator.db import foreign_tables, postgres_connect_args, sqlite_file
 from orchestrator.errors import NotFound
 from orchestrator.events import TERMINAL
-from orchestrator.models import Asset, Job, LedgerEntry, StoreIdentity
+from orchestrator.models import Asset, Job, LedgerEntry, Project, StoreIdentity
 from orchestrator.settings import source_of
 from orchestrator.store import ORPHAN_ALARM_FILES, ORPHAN_ALARM_SHARE, ORPHAN_BATCH, ArtifactStore, stored_sha
 
@@ -62,6 +64,9 @@ class StoreReport:
     # Renamed aside by a sweep that stopped mid-way (`.gc-<sha>-*.png`): the next sweep, at a
     # service's start or while it runs, puts the file back. Not lost, and no backup needed.
     set_aside: list[str] = field(default_factory=list)
+    # Sound files (or, with --no-hash, files there) whose size is not the `bytes` their row records:
+    # the row or the file changed by hand, and the project's storage usage counts the row's.
+    resized: list[str] = field(default_factory=list)
     unnamed: int = 0  # files in the store no asset names
     # Where the first of them lie (UNNAMED_LISTED at most): an operator's to look at when the sweep
     # refuses, and to move out of the store once sure they are a crash's leftovers.
@@ -87,7 +92,7 @@ class StoreReport:
 
     @property
     def ok(self) -> bool:
-        return not (self.lost or self.foreign)
+        return not (self.lost or self.foreign or self.resized)
 
 
 @dataclass
@@ -106,6 +111,30 @@ class LedgerReport:
 
     def flag(self, problem: str, entry_id: int | None) -> None:
         self.problems.setdefault(problem, []).append(str(entry_id))
+
+
+@dataclass(frozen=True)
+class UsageOff:
+    project_id: str
+    recorded: int  # `Project.storage_bytes`
+    summed: int  # its live assets' `bytes`, unmeasured ones as 0
+
+    @property
+    def difference(self) -> int:
+        return self.recorded - self.summed
+
+
+@dataclass
+class StorageReport:
+    projects: int = 0
+    off: list[UsageOff] = field(default_factory=list)  # by project id
+    # Live assets stored before sizes were kept (null `bytes`, counted as 0): the service's asset
+    # sweep measures them at its next start, adding them to their projects' usage. No finding.
+    unmeasured: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.off
 
 
 # The problems `check_ledger` finds, as the report words them.
@@ -250,13 +279,17 @@ def check_identity(engine: Engine, store: ArtifactStore) -> str | None:
 def check_store(engine: Engine, store: ArtifactStore, *, hashes: bool = True) -> StoreReport:
     report = StoreReport(hashed=hashes)
     verdicts: dict[str, str | None] = {}  # sha -> None (sound) or the report's list it goes in
+    sizes: dict[str, int | None] = {}  # sha -> a sound file's size (None: it could not be read)
     for page in _asset_pages(engine):
-        for asset_id, sha in page:
+        for asset_id, sha, size in page:
             report.assets += 1
             if sha not in verdicts:
                 if len(verdicts) >= REMEMBERED:
                     verdicts.clear()
+                    sizes.clear()
                 verdicts[sha] = _verdict(store, sha, hashes)
+                if verdicts[sha] is None:
+                    sizes[sha] = _size(store, sha)
                 # Files found and read: a missing one was looked for, not read ("41 files read",
                 # then "41 assets missing", on a data dir that is not the database's); an
                 # unreadable one, or a malformed row's that names no file, was not read either.
@@ -264,11 +297,33 @@ def check_store(engine: Engine, store: ArtifactStore, *, hashes: bool = True) ->
             verdict = verdicts[sha]
             if verdict is not None:
                 getattr(report, verdict).append(asset_id)
+            elif size is not None and sizes.get(sha) not in (None, size):  # a null size: not measured yet
+                report.resized.append(asset_id)
     _leave_out_deleted_since(engine, report)
     report.unnamed, report.files, report.unnamed_paths = _unnamed(engine, store)
     with Session(engine) as s:
         report.deleted = s.exec(select(func.count()).select_from(Asset)
                                 .where(col(Asset.deleted_at).is_not(None))).one()
+    return report
+
+
+def check_storage(engine: Engine) -> StorageReport:
+    """Each project's recorded storage usage against the sum of its live assets' sizes: one GROUP
+    BY over the assets (0.6 s for 200,000 of them in SQLite, on 2 cores), not a sum per project."""
+    report = StorageReport()
+    live = col(Asset.deleted_at).is_(None)
+    sums = (select(col(Asset.project_id).label("project_id"), func.sum(col(Asset.bytes)).label("summed"))
+            .where(live).group_by(col(Asset.project_id)).subquery())
+    with Session(engine) as s, s.begin():  # one snapshot: a measuring sweep's rows and usage together
+        for project_id, recorded, summed in s.exec(
+                select(col(Project.id), col(Project.storage_bytes), sums.c.summed)
+                .outerjoin(sums, sums.c.project_id == col(Project.id)).order_by(col(Project.id))):
+            report.projects += 1
+            # int(): PostgreSQL's sum of a bigint is a numeric; SUM of only nulls is null (0, as the service counts it).
+            if int(recorded) != int(summed or 0):
+                report.off.append(UsageOff(project_id, int(recorded), int(summed or 0)))
+        report.unmeasured = int(s.exec(select(func.count()).select_from(Asset)
+                                       .where(live, col(Asset.bytes).is_(None))).one())
     return report
 
 
@@ -383,7 +438,7 @@ def _early_adjustments(s: Session) -> list[int | None]:
 def _leave_out_deleted_since(engine: Engine, report: StoreReport) -> None:
     """Assets found wanting that were deleted after their page was read: beside a running service,
     the sweep had taken the file of one deleted meanwhile, and `check` called it lost (exit 1)."""
-    wanting = [*report.missing, *report.damaged, *report.unreadable, *report.set_aside]
+    wanting = [*report.missing, *report.damaged, *report.unreadable, *report.set_aside, *report.resized]
     deleted: set[str] = set()
     for first in range(0, len(wanting), PAGE):
         with Session(engine) as s:
@@ -391,21 +446,22 @@ def _leave_out_deleted_since(engine: Engine, report: StoreReport) -> None:
                                                          col(Asset.deleted_at).is_not(None))).all())
     if deleted:
         report.assets -= len(deleted)
-        for name in ("missing", "damaged", "unreadable", "set_aside"):
+        for name in ("missing", "damaged", "unreadable", "set_aside", "resized"):
             setattr(report, name, [asset_id for asset_id in getattr(report, name) if asset_id not in deleted])
 
 
-def _asset_pages(engine: Engine) -> Iterator[list[tuple[str, str]]]:
+def _asset_pages(engine: Engine) -> Iterator[list[tuple[str, str, int | None]]]:
+    """Live assets' (id, sha256, bytes), a page at a time."""
     after = ""
     while True:
         with Session(engine) as s:
             # A deleted asset's file is the sweep's to remove: its absence is no finding.
-            rows = list(s.exec(select(Asset.id, Asset.sha256).where(col(Asset.id) > after,
-                                                                    col(Asset.deleted_at).is_(None))
+            rows = list(s.exec(select(Asset.id, Asset.sha256, Asset.bytes)
+                               .where(col(Asset.id) > after, col(Asset.deleted_at).is_(None))
                                .order_by(col(Asset.id)).limit(PAGE)).all())
         if not rows:
             return
-        yield [(asset_id, sha) for asset_id, sha in rows]
+        yield [(asset_id, sha, size) for asset_id, sha, size in rows]
         after = rows[-1][0]
 
 
@@ -425,6 +481,14 @@ def _verdict(store: ArtifactStore, sha: str, hashes: bool) -> str | None:
     except OSError:  # a disk error, a permission: this file, not the whole check
         return "unreadable"
     return None
+
+
+def _size(store: ArtifactStore, sha: str) -> int | None:
+    """A sound file's size; None if it went meanwhile (a sweep's), or the disk failed now."""
+    try:
+        return store.path_for(sha).stat().st_size
+    except OSError:
+        return None
 
 
 def _aside_verdict(asides: list[Path], sha: str) -> str:

@@ -155,11 +155,11 @@ def _main(given: list[str]) -> int:
                    description="Bring the database of ORCH_DATABASE_URL (or ORCH_DATA_DIR's SQLite file) to this "
                    "version's schema, and exit. serve, worker and demo (without --url) also do this when they start.")
     check = sub.add_parser("check", help=("verify that every asset's PNG is in the store, byte for byte, "
-                                          "and that the ledger adds up (read-only)"),
+                                          "and that the ledger and the projects' storage usage add up (read-only)"),
                            description="Verify, writing nothing, that every asset's PNG is in the store byte for "
-                           "byte and that the ledger adds up. Exit 0: all good; 1: problems, listed; 2: nothing to "
-                           "check where the settings point; 3: the database did not answer for now (down, or a "
-                           "table locked by a migration): try again.")
+                           "byte and that the ledger and the projects' storage usage add up. Exit 0: all good; 1: "
+                           "problems, listed; 2: nothing to check where the settings point; 3: the database did not "
+                           "answer for now (down, or a table locked by a migration): try again.")
     check.add_argument("--no-hash", action="store_true",
                        help="only look that each file is there, without reading it (fast on a large store)")
 
@@ -709,8 +709,9 @@ CHECK_SHOWN = 20
 
 
 def _check(*, no_hash: bool) -> int:
-    """Exit 0 when every asset's file is sound and the ledger adds up, 1 when not, 2 when there is
-    nothing to check where the settings point, 3 when the database did not answer for now."""
+    """Exit 0 when every asset's file is sound and the ledger and the projects' storage usage add
+    up, 1 when not, 2 when there is nothing to check where the settings point, 3 when the database
+    did not answer for now."""
     from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
     from orchestrator.check import (
@@ -721,6 +722,7 @@ def _check(*, no_hash: bool) -> int:
         check_identity,
         check_ledger,
         check_revision,
+        check_storage,
         check_store,
         open_store,
         read_only_engine,
@@ -751,6 +753,7 @@ def _check(*, no_hash: bool) -> int:
                 report = StoreReport(hashed=not no_hash) if store is None else check_store(engine, store,
                                                                                             hashes=not no_hash)
                 ledger = check_ledger(engine)
+                storage = check_storage(engine)
             except DatabaseError:
                 # Read again if a write may have torn it; a file that fails twice unchanged is
                 # damaged (read live, SQLite would leave its -wal and -shm files beside it).
@@ -791,6 +794,9 @@ def _check(*, no_hash: bool) -> int:
                             "assets with a malformed sha256 in their row")):
         if ids:
             print(f"{_counted(len(ids), one, many)}: {_shown(ids)}")
+    if report.resized:
+        print(f"{_counted(len(report.resized), 'asset whose recorded size', 'assets whose recorded size')} "
+              f"(bytes in the row) is not its file's: {_shown(report.resized)}")
     if report.set_aside:
         files = "asset's file was" if len(report.set_aside) == 1 else "assets' files were"
         print(f"{len(report.set_aside)} {files} set aside by a sweep that stopped mid-way (the service's next sweep, "
@@ -819,7 +825,17 @@ def _check(*, no_hash: bool) -> int:
     if ledger.unreconciled:
         print(f"{_counted(ledger.unreconciled, 'capture waits', 'captures wait')} to be reconciled against an invoice "
               "(GET /v1/projects/{id}/ledger?unreconciled=true)")
-    if report.ok and ledger.ok and wrong_store is None:
+    print(f"storage usage: {_counted(storage.projects, 'project')}")
+    for off in storage.off[:CHECK_SHOWN]:
+        print(f"project {off.project_id}: {off.recorded} bytes recorded, its live assets hold {off.summed} "
+              f"(difference {off.difference:+d})")
+    if len(storage.off) > CHECK_SHOWN:
+        print(f"... and {len(storage.off) - CHECK_SHOWN} more projects")
+    if storage.unmeasured:
+        print(f"{_counted(storage.unmeasured, 'live asset')} not measured yet (stored before sizes were kept, "
+              f"counted as 0): the service's asset sweep measures {'it' if storage.unmeasured == 1 else 'them'} at "
+              "its next start")
+    if report.ok and ledger.ok and storage.ok and wrong_store is None:
         print("ok")
         return 0
     if report.foreign:
@@ -836,6 +852,14 @@ def _check(*, no_hash: bool) -> int:
     if not ledger.ok:
         print("PROBLEMS: the ledger entries above do not add up; budgets and spend are off by them "
               "until they are corrected (restore the database, or correct them by hand)")
+    if report.resized:
+        print("PROBLEMS: the assets above count a size in their projects' storage usage that is not their "
+              "file's: correct `bytes` in their rows, and their projects' `storage_bytes` by the difference "
+              "(or restore the files, if they were replaced)")
+    if not storage.ok:
+        print("PROBLEMS: the projects above record a storage usage that is not what their live assets hold; "
+              "their quotas are judged on it until `storage_bytes` is set to the sum by hand (or the database "
+              "restored)")
     return 1
 
 

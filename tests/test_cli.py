@@ -576,6 +576,40 @@ def test_check_names_the_assets_whose_files_are_missing_or_damaged(
     assert "2 files no asset names, some maybe the files of the malformed rows above: mend those rows first" in out
 
 
+def test_check_names_the_assets_whose_recorded_size_is_not_their_file_s(
+        make_settings: SettingsFactory, start_server: Callable[[Settings], httpx.Client],
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    settings, client, assets = drafted(make_settings, start_server, monkeypatch, n=2)
+    edited, replaced = assets
+    database = settings.data_dir / "orchestrator.db"
+    # A row's size raised by hand, its project's usage with it (which adds up, then): the project's
+    # quota counts 7 bytes its file does not hold.
+    with sqlite3.connect(database) as db:
+        db.execute("UPDATE assets SET bytes = bytes + 7 WHERE id = ?", (edited,))
+        db.execute("UPDATE projects SET storage_bytes = storage_bytes + 7 "
+                   "WHERE id = (SELECT project_id FROM assets WHERE id = ?)", (edited,))
+    assert main(["check"]) == 1
+    out = capsys.readouterr().out
+    assert f"1 asset whose recorded size (bytes in the row) is not its file's: {edited}\n" in out
+    assert "PROBLEMS: the assets above count a size in their projects' storage usage" in out
+    assert "damaged" not in out and "bytes recorded" not in out, out
+    with sqlite3.connect(database) as db:
+        db.execute("UPDATE assets SET bytes = bytes - 7 WHERE id = ?", (edited,))
+        db.execute("UPDATE projects SET storage_bytes = storage_bytes - 7 "
+                   "WHERE id = (SELECT project_id FROM assets WHERE id = ?)", (edited,))
+    assert main(["check"]) == 0, capsys.readouterr().out
+    capsys.readouterr()
+    # A file replaced by hand: damaged when hashed; by its size alone with --no-hash.
+    ArtifactStore(settings.assets_dir).path_for(client.get(f"/v1/assets/{replaced}").json()["sha256"]) \
+        .write_bytes(b"another image")
+    assert main(["check"]) == 1
+    out = capsys.readouterr().out
+    assert f"1 asset damaged (the bytes do not match its sha256): {replaced}\n" in out and "recorded size" not in out
+    assert main(["check", "--no-hash"]) == 1
+    out = capsys.readouterr().out
+    assert f"1 asset whose recorded size (bytes in the row) is not its file's: {replaced}\n" in out, out
+
+
 def test_check_beside_a_service_does_not_call_an_asset_deleted_meanwhile_lost(
         make_settings: SettingsFactory, start_server: Callable[[Settings], httpx.Client],
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,5 +1,6 @@
 """`orchestrator check` on the ledger: real settlements (partial, over the hold, reconciled) add up;
-an entry edited, lost or added by hand is named."""
+an entry edited, lost or added by hand is named. And on the projects' storage usage: a counter
+changed by hand is named with its figures."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from orchestrator.ledger import Ledger
 from orchestrator.models import LedgerEntry
 from orchestrator.server import serve_in_thread
 from orchestrator.settings import Settings
-from tests.credits import ledger, project_with_draft, promote_ok, wait_for_job
+from tests.credits import ledger, make_draft, project_with_draft, promote_ok, wait_for_job
 
 
 @pytest.fixture
@@ -126,6 +127,50 @@ def check_ledger_findings(api: httpx.Client, url: str, capsys: pytest.CaptureFix
     assert (f"2 open holds of finished jobs (a running service's sweep settles them): "
             f"entries {added[3]}, {added[4]}") in lines
     assert "PROBLEMS: the ledger entries above do not add up" in out
+
+
+def test_storage_usage_changed_by_hand_is_named(served: tuple[httpx.Client, Path],
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    api, db = served
+    check_storage_findings(api, f"sqlite:///{db}", capsys)
+
+
+def check_storage_findings(api: httpx.Client, url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Projects whose usage the service kept add up, a deleted asset left out; then one counter is
+    raised by hand, one zeroed, and one project's asset is made one stored before sizes were kept
+    (its size taken out of the counter, as it was never added): the first two are named with their
+    figures, the third's asset only counted. `check` runs on the database at `url`."""
+    projects = [project_with_draft(api)[0] for _ in range(3)]
+    gone = make_draft(api, projects[0])
+    assert api.delete(f"/v1/assets/{gone}").status_code == 204
+    status, out = run_check(capsys)
+    assert status == 0, out
+    assert "storage usage: 3 projects\n" in out and "not measured" not in out and out.endswith("ok\n"), out
+
+    raised, unmeasured, zeroed = projects
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        summed = {project_id: int(amount) for project_id, amount in conn.execute(text(
+            "SELECT project_id, SUM(bytes) FROM assets WHERE deleted_at IS NULL GROUP BY project_id"))}
+        assert all(summed[project_id] > 0 for project_id in projects), summed
+        conn.execute(text("UPDATE projects SET storage_bytes = storage_bytes + 1000 WHERE id = :id"), {"id": raised})
+        conn.execute(text("UPDATE projects SET storage_bytes = 0 WHERE id = :id"), {"id": zeroed})
+        conn.execute(text("UPDATE assets SET bytes = NULL WHERE project_id = :id"), {"id": unmeasured})
+        conn.execute(text("UPDATE projects SET storage_bytes = 0 WHERE id = :id"), {"id": unmeasured})
+    engine.dispose()
+
+    status, out = run_check(capsys)
+    assert status == 1, out
+    lines = out.splitlines()
+    assert (f"project {raised}: {summed[raised] + 1000} bytes recorded, its live assets hold {summed[raised]} "
+            "(difference +1000)") in lines
+    assert (f"project {zeroed}: 0 bytes recorded, its live assets hold {summed[zeroed]} "
+            f"(difference -{summed[zeroed]})") in lines
+    assert unmeasured not in out  # counted as 0, as the service counts it: its usage adds up
+    assert ("1 live asset not measured yet (stored before sizes were kept, counted as 0): the service's asset "
+            "sweep measures it at its next start") in lines
+    assert "recorded size" not in out  # a row not measured has no size to differ from its file's
+    assert "PROBLEMS: the projects above record a storage usage that is not what their live assets hold" in out
 
 
 def test_a_capture_and_a_release_whose_hold_is_gone_are_named(served: tuple[httpx.Client, Path],

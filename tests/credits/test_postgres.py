@@ -75,7 +75,7 @@ from tests.conftest import isolate, random_runs
 from tests.credits import PRICE, assert_settled_once, ledger, project_with_draft, promote_ok
 from tests.credits.conftest import ENGINES, POLICY, Service
 from tests.credits.test_budget import check_budget_race
-from tests.credits.test_check import check_ledger_findings
+from tests.credits.test_check import check_ledger_findings, check_storage_findings
 from tests.credits.test_random_outcomes import KILL_SEEDS, SEEDS, kill_in_the_mix, run_the_mix
 from tests.credits.test_spend import check_windows_add_up
 from tests.policies.test_shared_versions import check_a_process_that_missed_an_edit_serves_it_while_the_file_is_refused
@@ -788,6 +788,14 @@ def test_check_finds_a_ledger_that_does_not_add_up_on_postgres(
     monkeypatch.setenv("ORCH_DATA_DIR", str(tmp_path / "data"))  # pg_api's: its assets
     monkeypatch.setenv("ORCH_DATABASE_URL", postgres_url)
     check_ledger_findings(pg_api, postgres_url, capsys)
+
+
+def test_check_finds_storage_usage_that_does_not_add_up_on_postgres(
+        pg_api: httpx.Client, postgres_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("ORCH_DATA_DIR", str(tmp_path / "data"))  # pg_api's: its assets
+    monkeypatch.setenv("ORCH_DATABASE_URL", postgres_url)
+    check_storage_findings(pg_api, postgres_url, capsys)
 
 
 def test_ids_made_in_write_transactions_follow_the_database_s_clock_on_postgres(
