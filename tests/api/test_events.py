@@ -91,6 +91,10 @@ def test_live_stream_order(server: httpx.Client) -> None:
 def test_late_client_gets_the_state_and_the_stream_closes(server: httpx.Client) -> None:
     project = create_project(server)["id"]
     job = run_draft(server, project, n=2, steps=2)
+    # The row says succeeded a moment before the runner has told its stream so (it tells it once
+    # the commit is back on the loop): a client in between gets the last step and then the end
+    # live. Once one stream has read to the end, the end is told, and a client after it is late.
+    assert read_events(server, job["id"], timeout=10)[-1].event == "succeeded"
 
     events = read_events(server, job["id"], timeout=10)
     assert_ids_increase(events)
