@@ -782,20 +782,14 @@ def test_0010_marks_settled_holds_on_postgres(postgres_url: str) -> None:
     check_holds_marked_settled_by_0010(postgres_url)
 
 
-def test_check_finds_a_ledger_that_does_not_add_up_on_postgres(
+@pytest.mark.parametrize("findings", [check_ledger_findings, check_storage_findings], ids=["ledger", "storage"])
+def test_check_finds_what_does_not_add_up_on_postgres(
         pg_api: httpx.Client, postgres_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-        capsys: pytest.CaptureFixture[str]) -> None:
+        capsys: pytest.CaptureFixture[str],
+        findings: Callable[[httpx.Client, str, pytest.CaptureFixture[str]], None]) -> None:
     monkeypatch.setenv("ORCH_DATA_DIR", str(tmp_path / "data"))  # pg_api's: its assets
     monkeypatch.setenv("ORCH_DATABASE_URL", postgres_url)
-    check_ledger_findings(pg_api, postgres_url, capsys)
-
-
-def test_check_finds_storage_usage_that_does_not_add_up_on_postgres(
-        pg_api: httpx.Client, postgres_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-        capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setenv("ORCH_DATA_DIR", str(tmp_path / "data"))  # pg_api's: its assets
-    monkeypatch.setenv("ORCH_DATABASE_URL", postgres_url)
-    check_storage_findings(pg_api, postgres_url, capsys)
+    findings(pg_api, postgres_url, capsys)
 
 
 def test_ids_made_in_write_transactions_follow_the_database_s_clock_on_postgres(
@@ -1130,13 +1124,8 @@ def test_a_job_s_end_is_delivered_once_to_its_webhook_on_postgres(
         start_server(make_settings(database_url=postgres_url, webhook_secret=WEBHOOK_SECRET)))
 
 
-def test_two_deliverers_send_a_row_once_on_postgres(postgres_url: str) -> None:
-    db = Database(postgres_url)
-    try:
-        db.migrate()
-        check_two_deliverers_send_a_row_once(db)
-    finally:
-        db.dispose()
+def test_two_deliverers_send_a_row_once_on_postgres(pg_db: Database) -> None:
+    check_two_deliverers_send_a_row_once(pg_db)
 
 
 @pytest.mark.parametrize("check", [check_a_full_destination_is_read_past, check_a_claim_given_back_is_due_as_it_was])
