@@ -284,9 +284,6 @@ class Deliverer:
             return [Due(r.id, r.job_id, r.url, r.event, r.attempts, r.next_attempt_at) for r in rows
                     if r.next_attempt_at is not None]
 
-    def _claim(self, row: Due) -> bool:
-        return bool(self._claim_all([row]))
-
     def _claim_all(self, rows: list[Due]) -> list[Due]:
         """The rows this process claims of `rows`, in one transaction (SQLite's write lock once)."""
         claimed = []

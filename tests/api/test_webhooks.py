@@ -284,8 +284,8 @@ def check_two_deliverers_send_a_row_once(db: Database) -> None:
     second = webhooks.Deliverer(db, lambda job_id: {}, None, interval=0.1)
     [due] = first._due()
     [seen] = second._due()
-    assert first._claim(due) is True
-    assert second._claim(seen) is False
+    assert first._claim_all([due]) == [due]
+    assert second._claim_all([seen]) == []
 
 
 @pytest.mark.parametrize("secret", ["short", " fifteen-chars! ", "whsec_not*base64*at*all"])
