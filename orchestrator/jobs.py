@@ -523,8 +523,7 @@ class JobService:
                 s.flush()
                 copies = cached_copies(cached, job) if cached else []
                 if copies:
-                    s.add_all(copies)
-                    quota.added(s, copies)
+                    quota.add_assets(s, copies)
                     webhooks.job_ended_at(s, job.id, job.project_id, job.status, project.webhook_url)
                 else:
                     self.ledger.hold(s, project, job, decision.estimate,

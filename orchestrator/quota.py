@@ -21,7 +21,6 @@ import logging
 import os
 import threading
 from collections import defaultdict
-from collections.abc import Iterable
 
 from sqlalchemy import bindparam, func, update
 from sqlmodel import Session, SQLModel, col, select
@@ -78,8 +77,11 @@ def change_usage(s: Session, by_project: dict[str, int], sign: int) -> None:
                       .values(storage_bytes=col(Project.storage_bytes) + sign * amount))
 
 
-def added(s: Session, rows: Iterable[Asset]) -> None:
-    """New live asset rows, added to `s` in this transaction: counted in their projects' usage."""
+def add_assets(s: Session, rows: list[Asset]) -> None:
+    """Add new live asset rows to `s`, counted in their projects' usage in the same transaction:
+    every path that stores assets (a job's end, a cache hit's copies) adds them here, so none
+    stores one its project's usage misses."""
+    s.add_all(rows)
     by_project: dict[str, int] = defaultdict(int)
     for row in rows:
         by_project[row.project_id] += row.bytes or 0

@@ -1037,9 +1037,7 @@ class JobRunner:
                                  attempt=claim.attempt + 1, started_at=now, finished_at=now,
                                  provider_work=None, lease_owner=None, lease_expires_at=None,
                                  progress_step=1, progress_total=1, attempts=attempts)
-            copies = cached_copies(found, job)
-            s.add_all(copies)
-            quota.added(s, copies)
+            quota.add_assets(s, cached_copies(found, job))
             self._job_ended(s, claim, "succeeded")
 
         # The failed attempt, and the copy's, as a render's success adds its own.
@@ -1809,8 +1807,7 @@ def _add_assets(s: Session, rows: list[Asset]) -> None:
     stamp = shared_now()
     for row in rows:
         row.id, row.created_at = new_id("ast"), stamp
-    s.add_all(rows)
-    quota.added(s, rows)  # its project's usage, in the same transaction
+    quota.add_assets(s, rows)  # counted in its project's usage, in the same transaction
 
 
 def _finished_by_its_worker(job: Job) -> bool:
