@@ -47,7 +47,7 @@ from orchestrator.errors import Canceled, Interrupted, OrchestratorError, first_
 from orchestrator.events import EventBus, on_loop, woken
 from orchestrator.jobs import render_request
 from orchestrator.ledger import Ledger
-from orchestrator.models import Job, Project
+from orchestrator.models import Job
 from orchestrator.outage import Outage
 from orchestrator.routing import fallbacks
 from orchestrator.runner import FINAL_WRITE_SECONDS, Claim, JobRunner, followable, reattachable, restartable
@@ -609,25 +609,19 @@ class Scheduler:
                 # Once the write lock is ours: waiting for it must not shorten the lease.
                 # On the engine it was read on: moved meanwhile by another process, it is no longer
                 # this lane's (an engine this process may not have, or whose circuit is closed).
-                # Whether the project has a webhook URL, in the claim's own statement: its end then
-                # looks for the URL only where there is one (see `JobRunner._job_ended`).
-                hooked = (select(col(Project.webhook_url).is_not(None)).where(col(Project.id) == Job.project_id)
-                          .correlate(Job).scalar_subquery())
-                row = s.execute(update(Job).where(col(Job.id) == job.id, col(Job.status) == "queued",
-                                                  col(Job.engine) == job.engine).values(
+                claimed = s.scalars(update(Job).where(col(Job.id) == job.id, col(Job.status) == "queued",
+                                                      col(Job.engine) == job.engine).values(
                     status="running", attempt=Job.attempt + 1, lease_owner=self.owner,
                     lease_expires_at=shared_now() + self.lease, error=None,
                     # A move starts no engine: told as a start from the row (the new one, or one an
                     # earlier attempt left), a job never sent to the engine it left read on other
                     # processes as having run there. Its end gives the row's back (`_guarded_update`).
                     started_at=None if move else utcnow(),
-                    unsent_attempt=Job.attempt + 1 if announces else None).returning(Job, hooked)).one_or_none()
-                if row is None:  # another worker, or a cancel, got there first
+                    unsent_attempt=Job.attempt + 1 if announces else None).returning(Job)).one_or_none()
+                if claimed is None:  # another worker, or a cancel, got there first
                     return None
-                claimed, webhook = row
                 claim = Claim(claimed, claimed.attempt, CancelToken(), lease=self.lease.total_seconds(), renewed=taken,
-                              renewed_wall=taken_wall, circuit_open=move, started_before=before, unserved=unserved,
-                              webhook=bool(webhook))
+                              renewed_wall=taken_wall, circuit_open=move, started_before=before, unserved=unserved)
                 # Known before the commit makes the job 'running' for everyone else.
                 self._claimed[job.id] = claim
         except SQLAlchemyError as exc:

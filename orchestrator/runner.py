@@ -160,9 +160,6 @@ class Claim:
     circuit_open: bool = False
     # The job's `started_at` before this claim wrote its own: a claim undone puts it back.
     started_before: datetime | None = None
-    # Whether the job's project had a webhook URL when the claim read the row (None: not read).
-    # A URL set while the job runs misses its end; one removed meanwhile is looked for and not found.
-    webhook: bool | None = None
     # Set when such a move found no candidate to take it after all: the job is queued again, to wait.
     waiting: bool = False
     # Claimed (with `circuit_open`) to be moved off an engine no process has (`Scheduler._fail_unserved`).
@@ -1038,7 +1035,7 @@ class JobRunner:
                                  provider_work=None, lease_owner=None, lease_expires_at=None,
                                  progress_step=1, progress_total=1, attempts=attempts)
             quota.add_assets(s, cached_copies(found, job))
-            self._job_ended(s, claim, "succeeded")
+            webhooks.job_ended(s, claim.job.id, claim.job.project_id, "succeeded")
 
         # The failed attempt, and the copy's, as a render's success adds its own.
         attempts = [*job.with_attempt("failed", error.to_dict()),
@@ -1600,7 +1597,7 @@ class JobRunner:
                              provider_request_id=(request_id or "")[:500] or None,
                              attempts=job.with_attempt("succeeded"))
         _add_assets(s, rows)
-        self._job_ended(s, claim, "succeeded")
+        webhooks.job_ended(s, claim.job.id, claim.job.project_id, "succeeded")
         # Free local work holds nothing: the ledger's lookup is skipped on the hot path.
         if job.estimated > 0 or result.cost_millicredits or billed_by_provider(engine):
             self.ledger.charge_made(s, job, result.cost_millicredits,
@@ -1659,7 +1656,7 @@ class JobRunner:
                                  **unstarted_values, attempts=job.with_attempt(status, error.to_dict()))
             _add_assets(s, rows)
             self.ledger.settle_failure(s, job, bill)
-            self._job_ended(s, claim, status)
+            webhooks.job_ended(s, claim.job.id, claim.job.project_id, status)
 
         try:
             self._end_write(claim, f"job {job.id}'s end", end,
@@ -1719,13 +1716,6 @@ class JobRunner:
         with self.db.session() as s:
             row = s.get(Job, claim.job.id)
             return row is not None and row.attempt == attempt and row.lease_owner is None and landed(row)
-
-    @staticmethod
-    def _job_ended(s: Session, claim: Claim, status: str) -> None:
-        """The job's end for its project's webhook: not looked for when its claim read that the
-        project has none (a draft's end gains no statement)."""
-        if claim.webhook is not False:
-            webhooks.job_ended(s, claim.job.id, claim.job.project_id, status)
 
     @staticmethod
     def _guarded_update(s: Session, claim: Claim, *, unless_canceled: bool = False, **values: Any) -> None:

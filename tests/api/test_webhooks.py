@@ -212,6 +212,19 @@ def test_a_project_without_a_url_writes_no_delivery(make_settings: Callable[...,
     assert _rows(settings) == []
 
 
+def test_a_url_set_while_a_job_runs_gets_that_job_s_end(
+        make_settings: Callable[..., Settings], start_server: Callable[[Settings], httpx.Client],
+        receiver: Receiver) -> None:
+    # The claim read that the project had no URL, and the end looked for none: this end was lost.
+    client = start_server(make_settings())
+    project = create_project(client)["id"]
+    job = wait_for_job(client, submit_draft(client, project, **SLOW)["id"], ("running",))
+    assert client.patch(f"/v1/projects/{project}", json={"webhook_url": receiver.url}).status_code == 200
+    assert client.post(f"/v1/jobs/{job['id']}/cancel").status_code == 202
+    [(_, body)] = receiver.wait_for(1)
+    assert json.loads(body)["type"] == "job.canceled" and json.loads(body)["job"]["id"] == job["id"]
+
+
 @pytest.mark.parametrize("url", ["ftp://example.com/hook", "example.com/hook", "/hooks", "https://user:pw@example.com/",
                                  "https://example.com/" + "a" * 2000, "https://example.com/\nx", "https:///path",
                                  "https://example.com:99999/", "https://exa\u202emple.com/", 5,
