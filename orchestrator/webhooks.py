@@ -111,12 +111,41 @@ def counts(s: Session) -> tuple[int, int]:
     return int(pending), int(failed)
 
 
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
 def destination(url: str) -> str:
-    """The receiver of `url` whose slots its deliveries share: its scheme, host and port as the URL
-    writes them (`https://hooks.example:8443`)."""
-    start = url.find("://") + 3
-    ends = [at for at in (url.find(mark, start) for mark in "/?#") if at >= 0]
-    return url[:min(ends, default=len(url))]
+    """The receiver of `url` whose slots its deliveries share: its scheme, host and port, the scheme
+    and host lowercase and the default port written (`https://hooks.example:443`), so that two
+    spellings of one receiver (`HTTPS://Hooks.example/a`, `https://hooks.example:443/b`) are one."""
+    parts = urlsplit(url)
+    scheme, host = parts.scheme.lower(), parts.hostname or ""
+    try:
+        port = parts.port
+    except ValueError:  # refused when the URL is set; a row that still had one must not stop the sender
+        port = None
+    if port is None:
+        port = DEFAULT_PORTS.get(scheme)
+    if ":" in host:  # an IPv6 address, bracketed as in a URL
+        host = f"[{host}]"
+    return f"{scheme}://{host}" if port is None else f"{scheme}://{host}:{port}"
+
+
+def _written_as(where: str) -> list[str]:
+    """The ways a URL may start with destination `where`, lowercase: with its port, and without it
+    when it is its scheme's default."""
+    scheme = where.partition("://")[0]
+    default = f":{DEFAULT_PORTS.get(scheme)}"
+    return [where, where.removesuffix(default)] if where.endswith(default) else [where]
+
+
+def _not_to(where: str) -> sa.ColumnElement[bool]:
+    """SQL: the row's URL is not to destination `where`. (SQLite's `lower` folds ASCII letters only:
+    a host with other capitals is read, and left unclaimed once `destination` tells it.)"""
+    url = func.lower(col(WebhookDelivery.url))
+    return sa.not_(sa.or_(*(
+        sa.or_(url == start, func.substr(url, 1, len(start) + 1).in_([start + end for end in "/?#"]))
+        for start in _written_as(where))))
 
 
 @dataclass
@@ -277,16 +306,13 @@ class Deliverer:
 
     def _due(self, sending: Collection[str] = (), full: Collection[str] = (), limit: int = BATCH) -> list[Due]:
         """The due rows, soonest first, but for `sending` (ids) and those to a `full` destination."""
-        url = col(WebhookDelivery.url)
         with self.db.session() as s:
             query = select(WebhookDelivery).where(
                 col(WebhookDelivery.delivered_at).is_(None), col(WebhookDelivery.next_attempt_at) <= shared_now())
             if sending:
                 query = query.where(col(WebhookDelivery.id).not_in(sending))
-            for where in full:
-                # In SQL, not after the read: a receiver's thousand rows would fill every read.
-                query = query.where(sa.not_(sa.or_(
-                    url == where, func.substr(url, 1, len(where) + 1).in_([where + mark for mark in "/?#"]))))
+            # In SQL, not after the read: a receiver's thousand rows would fill every read.
+            query = query.where(*(_not_to(where) for where in full))
             rows = s.exec(query.order_by(col(WebhookDelivery.next_attempt_at)).limit(limit)).all()
             return [Due(r.id, r.job_id, r.url, r.event, r.attempts, r.next_attempt_at) for r in rows
                     if r.next_attempt_at is not None]

@@ -328,11 +328,16 @@ def test_a_concurrency_out_of_range_is_refused(make_settings: Callable[..., Sett
     assert refused.value.errors()[0]["loc"] == ("webhook_concurrency",)
 
 
-def test_a_destination_is_the_scheme_host_and_port_as_written() -> None:
+def test_a_destination_is_the_scheme_host_and_port_lowercase_with_the_default_port_written() -> None:
     assert webhooks.destination("https://hooks.example:8443/a/b?c#d") == "https://hooks.example:8443"
-    assert webhooks.destination("http://hooks.example?token=t") == "http://hooks.example"
-    assert webhooks.destination("http://hooks.example#x") == "http://hooks.example"
-    assert webhooks.destination("http://hooks.example") == "http://hooks.example"
+    assert webhooks.destination("http://hooks.example?token=t") == "http://hooks.example:80"
+    assert webhooks.destination("http://hooks.example#x") == "http://hooks.example:80"
+    assert webhooks.destination("http://hooks.example") == "http://hooks.example:80"
+    # One receiver however its URLs spell it: they share its 2 slots (and its breaker).
+    assert webhooks.destination("HTTPS://A.example:443/x") == webhooks.destination("https://a.example/y") == (
+        "https://a.example:443")
+    assert webhooks.destination("http://[::1]/h") == "http://[::1]:80"
+    assert webhooks.destination("http://a.example:0/h") == "http://a.example:0"
 
 
 def test_a_full_destination_is_read_past_not_one_that_merely_shares_its_start(db: Database) -> None:
@@ -340,13 +345,19 @@ def test_a_full_destination_is_read_past_not_one_that_merely_shares_its_start(db
 
 
 def check_a_full_destination_is_read_past(db: Database) -> None:
-    # `http://a.example` full: `http://a.example.org/...` is another host, read as ever.
+    # `http://a.example` full: `http://a.example.org/...` is another host, read as ever; its other
+    # spellings (capitals, the default port written) are the same one, read past.
     _deliveries(db, [("http://a.example/h", 1), ("http://a.example?t=1", 1), ("http://a.example", 1),
-                     ("http://a.example.org/h", 1), ("http://a.example:81/h", 1)])
+                     ("http://a.example.org/h", 1), ("http://a.example:81/h", 1), ("HTTP://A.Example:80/H", 1),
+                     ("http://a.EXAMPLE:80", 1), ("Http://a.example:8/h", 1), ("https://a.example/h", 1)])
     deliverer = webhooks.Deliverer(db, lambda job_id: {}, None, interval=0.1)
-    assert [row.url for row in deliverer._due((), ["http://a.example"])] == [
-        "http://a.example.org/h", "http://a.example:81/h"]
-    assert [row.id for row in deliverer._due(["whd_000", "whd_003"])] == ["whd_001", "whd_002", "whd_004"]
+    full = webhooks.destination("http://a.example/")
+    assert [row.url for row in deliverer._due((), [full])] == [
+        "http://a.example.org/h", "http://a.example:81/h", "Http://a.example:8/h", "https://a.example/h"]
+    # And the other way: a destination written with its port is the one its URLs leave it out of.
+    assert [row.url for row in deliverer._due((), [webhooks.destination("HTTPS://A.EXAMPLE:443/")])][-2:] == [
+        "http://a.EXAMPLE:80", "Http://a.example:8/h"]
+    assert [row.id for row in deliverer._due(["whd_000", "whd_003"])][:3] == ["whd_001", "whd_002", "whd_004"]
 
 
 def test_a_claim_given_back_is_due_as_it_was_unless_claimed_since(db: Database) -> None:
