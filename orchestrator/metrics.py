@@ -98,14 +98,15 @@ class SettledTimes:
 
 
 def render(db: Database, engines: Mapping[str, Iterable[str]], settled: SettledTimes | None = None, *,
-           default_quota_mb: int = 0) -> str:
+           default_quota_mb: int = 0, webhook_destinations_set_aside: int = 0) -> str:
     """Jobs by stage, engine and status; assets by stage; credits charged (by engine and stage),
     held and waiting for reconciliation (by engine); histograms of how long ended jobs ran (by
     stage, engine and status) and waited (by stage and engine). `engines` (name -> its stages) each get a 0
     where they have nothing: a series that goes away when its last job moves on reads as "no
     data" to Prometheus, not 0 (an alert on `status="running"} == 0` never fired). `settled`: what
     this process's earlier scrapes read of the ended jobs (none: every ended job is read).
-    `default_quota_mb`: ORCH_PROJECT_STORAGE_QUOTA_MB, the storage quota of projects without their own."""
+    `default_quota_mb`: ORCH_PROJECT_STORAGE_QUOTA_MB, the storage quota of projects without their own.
+    `webhook_destinations_set_aside`: this process's webhook sender's (`webhooks.Breakers`)."""
     settled = SettledTimes() if settled is None else settled
     # Before the snapshot's first query: every job stamped SETTLED_MARGIN before it has committed by then.
     now = utcnow()
@@ -172,7 +173,11 @@ def render(db: Database, engines: Mapping[str, Iterable[str]], settled: SettledT
               "tried again).", "# TYPE orchestrator_webhooks_pending gauge",
               f"orchestrator_webhooks_pending {hooks_pending}",
               "# HELP orchestrator_webhooks_failed Job webhook deliveries given up after their last attempt.",
-              "# TYPE orchestrator_webhooks_failed gauge", f"orchestrator_webhooks_failed {hooks_failed}"]
+              "# TYPE orchestrator_webhooks_failed gauge", f"orchestrator_webhooks_failed {hooks_failed}",
+              "# HELP orchestrator_webhook_destinations_set_aside Webhook destinations this process sets aside "
+              "after failed attempts in a row: their deliveries wait, unclaimed, for a probe (per process).",
+              "# TYPE orchestrator_webhook_destinations_set_aside gauge",
+              f"orchestrator_webhook_destinations_set_aside {webhook_destinations_set_aside}"]
     lines += ["# HELP orchestrator_project_storage_bytes Bytes of each project's live assets' files (each asset "
               "counted whole), as its storage quota counts them.", "# TYPE orchestrator_project_storage_bytes gauge"]
     lines += [f'orchestrator_project_storage_bytes{{project="{_label(pid)}"}} {used}' for pid, used, _ in stored]

@@ -432,6 +432,8 @@ class Services:
     asset_sweeping: asyncio.Task[None] | None = None
     policy_watching: asyncio.Task[None] | None = None
     webhook_delivering: asyncio.Task[None] | None = None
+    # Its sender, whose destinations set aside `/metrics` counts (None: not started, none).
+    webhook_deliverer: Deliverer | None = None
     # Set by `aclose`: the asset sweep's thread, which a cancel does not reach, stops between two
     # batches of drafts (a first sweep of 100,000 took 30 s, which a stop waited out), and between
     # two files of the store (`ArtifactStore.sweep_orphans`).
@@ -746,9 +748,9 @@ class Services:
         # Apart from the scheduler's sweep: listing a large store must not hold up job recovery.
         self.asset_sweeping = asyncio.create_task(self._sweep_assets(), name="asset sweep")
         secret = self.settings.webhook_secret
-        deliverer = Deliverer(self.db, self.job_as_shown, None if secret is None else secret.get_secret_value(),
-                              interval=self.settings.poll_interval,
-                              concurrency=self.settings.webhook_concurrency)
+        self.webhook_deliverer = deliverer = Deliverer(
+            self.db, self.job_as_shown, None if secret is None else secret.get_secret_value(),
+            interval=self.settings.poll_interval, concurrency=self.settings.webhook_concurrency)
         self.webhook_delivering = asyncio.create_task(deliverer.run(), name="webhook deliveries")
         if self.settings.lite_preload:
             self.background.append(asyncio.create_task(self._preload_lite(), name="lite preload"))
@@ -817,7 +819,11 @@ class Services:
         self.scheduler.hand_over_device = self._hand_over_device
         self._scrape = SharedRead(
             lambda: metrics_text(self.db, {engine.name: engine.stages for engine in self.registry},
-                                 self._settled_times, default_quota_mb=self.settings.project_storage_quota_mb))
+                                 self._settled_times, default_quota_mb=self.settings.project_storage_quota_mb,
+                                 webhook_destinations_set_aside=self._webhook_destinations_set_aside()))
+
+    def _webhook_destinations_set_aside(self) -> int:
+        return 0 if self.webhook_deliverer is None else self.webhook_deliverer.breakers.count()
 
     async def _hand_over_device(self) -> None:
         """Let the device go once this process's model is off it (the inference thread ended): the

@@ -7,7 +7,8 @@ an update conditional on the value read: of two processes, one update changes th
 and PostgreSQL alike. Delivery is at least once (a sender that dies after the receiver answered
 sends it again): receivers dedupe by the `webhook-id` header. Each process sends up to
 ORCH_WEBHOOK_CONCURRENCY at once, at most 2 of them to one destination, so that a receiver that does
-not answer (10 s each) holds its own deliveries back, not every project's.
+not answer (10 s each) holds its own deliveries back, not every project's; and after 3 failed
+attempts in a row to one, it sets that destination aside for a while (`Breakers`), its rows unclaimed.
 
 Signed as Standard Webhooks (https://www.standardwebhooks.com) say: `webhook-signature` is
 `v1,` and the base64 HMAC-SHA256 of `{webhook-id}.{webhook-timestamp}.{body}`, keyed by
@@ -29,7 +30,7 @@ from collections import Counter
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import httpx
@@ -56,6 +57,17 @@ BACKOFF_SECONDS = (10, 60, 300, 1800, 7200, 21600, 21600, 21600)
 BATCH = 20  # due rows read at a time (at least; as many as the sends at once when more)
 # Sends at once to one destination: one that does not answer holds these, not every slot.
 PER_DESTINATION = 2
+
+
+# A destination is set aside after this many failed attempts in a row, for a cool-down that doubles
+# from the first to the last at each failed probe.
+FAILURES_TO_SET_ASIDE = 3
+COOL_DOWN_SECONDS = 30.0
+MAX_COOL_DOWN_SECONDS = 600.0
+
+# What an attempt tells of its destination: it took the delivery; it is down (no answer in time, no
+# connection, a 5xx or 429 answer); it answered otherwise (a 4xx, a redirect: it is up, and refused it).
+Verdict = Literal["delivered", "down", "refused"]
 
 
 def signing_key(secret: str) -> bytes:
@@ -149,6 +161,85 @@ def _not_to(where: str) -> sa.ColumnElement[bool]:
 
 
 @dataclass
+class _Breaker:
+    failures: int = 0  # failed attempts in a row, while it is not set aside
+    cool_down: float = 0.0  # the set-aside's length in seconds (0: not set aside)
+    until: float = 0.0  # when it ends (`Breakers.clock`)
+    probe: str | None = None  # the row sent as its probe, while that send lasts
+
+
+class Breakers:
+    """A circuit breaker per destination, in this process's memory: after FAILURES_TO_SET_ASIDE
+    failed attempts in a row to one (a success starts the count again; a refusal counts neither way),
+    it is set aside for COOL_DOWN_SECONDS, and once those end one of its rows is sent as a probe, the
+    others waiting for its result: delivered, the destination is back; down, set aside for twice as
+    long (up to MAX_COOL_DOWN_SECONDS); refused (or stopped), the next row is the probe.
+
+    Its rows are only left unclaimed meanwhile, their schedules untouched: no attempt spent, no write
+    per row of a dead host's thousands each cool-down, and another process (whose own breaker may
+    find the receiver up: another network) sends them as ever."""
+
+    def __init__(self) -> None:
+        self.clock: Callable[[], float] = time.monotonic
+        self._breakers: dict[str, _Breaker] = {}
+
+    def set_aside(self) -> list[str]:
+        """The destinations none of whose rows is to be claimed now: cooling down, or probed. (One
+        whose probe's turn came with no row to send is not: no row of it waits.)"""
+        now = self.clock()
+        # Off a copy: /metrics' thread reads it too (`count`), while the loop may change it.
+        return sorted(where for where, b in list(self._breakers.items())
+                      if b.cool_down and (now < b.until or b.probe is not None))
+
+    def count(self) -> int:
+        return len(self.set_aside())
+
+    def slots(self, where: str, most: int) -> int:
+        """How many sends at once `where` may have of `most`: none while set aside, 1 for its probe."""
+        b = self._breakers.get(where)
+        if b is None or not b.cool_down:
+            return most
+        return 1 if self.clock() >= b.until and b.probe is None else 0
+
+    def sending(self, where: str, row_id: str) -> None:
+        """A row to `where` was claimed: its probe, when that is what its one slot was for."""
+        b = self._breakers.get(where)
+        if b is not None and b.cool_down and b.probe is None and self.clock() >= b.until:
+            b.probe = row_id
+
+    def ended(self, where: str, row_id: str, verdict: Verdict | None, error: str = "") -> None:
+        """An attempt of `row_id` to `where` ended so (None: stopped before it told)."""
+        b = self._breakers.get(where)
+        probe = b is not None and b.probe == row_id
+        if probe and b is not None:
+            b.probe = None
+        if verdict == "delivered":
+            if b is not None and b.cool_down:
+                log.warning("webhook destination %s is back (it took a delivery): its deliveries are sent again",
+                            where)
+            self._breakers.pop(where, None)
+            return
+        if verdict != "down":
+            return
+        if b is None:
+            b = self._breakers[where] = _Breaker()
+        elif b.cool_down and not probe:
+            return  # a send from before it was set aside: the same outage, counted already
+        b.failures += 1
+        if probe:
+            b.cool_down = min(b.cool_down * 2, MAX_COOL_DOWN_SECONDS)
+        elif b.failures >= FAILURES_TO_SET_ASIDE:
+            b.cool_down = COOL_DOWN_SECONDS
+            log.warning("webhook destination %s set aside after %d failed attempts in a row (the last: %s): its "
+                        "deliveries wait, unclaimed, no attempt spent, for a probe in %g s (then at doubling "
+                        "intervals, up to %g s, until one is delivered)", where, b.failures, error,
+                        COOL_DOWN_SECONDS, MAX_COOL_DOWN_SECONDS)
+        else:
+            return
+        b.until = self.clock() + b.cool_down
+
+
+@dataclass
 class Due:
     """A due delivery as read, before its claim: the claim updates it only if it is still so."""
 
@@ -169,7 +260,8 @@ class Deliverer:
 
     At most `concurrency` sends at once, and at most `per_destination` of them (2, or 1 when
     `concurrency` is 2) to one destination (`destination`): a receiver that does not answer holds
-    its own slots, never every one, and its other rows are read past, unclaimed, until one frees."""
+    its own slots, never every one, and its other rows are read past, unclaimed, until one frees;
+    after repeated failures it is set aside (`breakers`), its rows read past until a probe's turn."""
 
     def __init__(self, db: Database, describe: Callable[[str], dict[str, Any] | None], secret: str | None, *,
                  interval: float, concurrency: int = 8) -> None:
@@ -183,6 +275,7 @@ class Deliverer:
         self.per_destination = max(1, min(PER_DESTINATION, concurrency - 1))
         # A line a minute while the database is away, not a traceback at each look (every `interval`).
         self.outage = Outage(log, "webhook deliveries", f"trying again every {interval:g} s")
+        self.breakers = Breakers()
         self._sending: dict[asyncio.Task[None], Due] = {}
         self._freed: asyncio.Event | None = None
 
@@ -241,16 +334,18 @@ class Deliverer:
         if free <= 0:
             return 0, 0, True
         per_destination = Counter(destination(row.url) for row in self._sending.values())
-        full = sorted(where for where, sending in per_destination.items() if sending >= self.per_destination)
+        full = sorted(where for where, sending in per_destination.items()
+                      if sending >= self.breakers.slots(where, self.per_destination))
         limit = max(BATCH, self.concurrency)
-        due = await asyncio.to_thread(self._due, [row.id for row in self._sending.values()], full, limit)
+        due = await asyncio.to_thread(self._due, [row.id for row in self._sending.values()],
+                                      sorted({*full, *self.breakers.set_aside()}), limit)
         # Rows of a full destination may wait, unread: the next look once a send ends, not an
         # interval later (a receiver's backlog went 2 rows a look, 0.5 s apart).
         behind = len(due) >= limit or bool(full)
         chosen: list[Due] = []
         for row in due:
             where = destination(row.url)
-            if len(chosen) >= free or per_destination[where] >= self.per_destination:
+            if len(chosen) >= free or per_destination[where] >= self.breakers.slots(where, self.per_destination):
                 behind = True  # left unclaimed: due as it was, for a later look or another process
                 continue
             per_destination[where] += 1
@@ -267,13 +362,18 @@ class Deliverer:
                 await asyncio.to_thread(self._release, await claiming)
             raise
         for row in claimed:
+            self.breakers.sending(destination(row.url), row.id)
             task = asyncio.create_task(self._send(client, row), name=f"webhook {row.id}")
             self._sending[task] = row
             task.add_done_callback(self._sent)
         return len(due), len(claimed), behind
 
     def _sent(self, task: asyncio.Task[None]) -> None:
-        self._sending.pop(task, None)
+        row = self._sending.pop(task, None)
+        if row is not None:
+            # A send that ended without telling (stopped, perhaps before its first step; its job not
+            # read) does not hold the probe's turn for good; after a verdict, nothing is left to free.
+            self.breakers.ended(destination(row.url), row.id, None)
         if self._freed is not None:
             self._freed.set()
         if not task.cancelled() and (exc := task.exception()) is not None:
@@ -352,14 +452,16 @@ class Deliverer:
             raise
 
     async def _send(self, client: httpx.AsyncClient, row: Due) -> None:
-        error = await self._post(client, row)
+        error, verdict = await self._post(client, row)
+        self.breakers.ended(destination(row.url), row.id, verdict, error or "")
         if error is None:
             await self._written(self._delivered, row)
         else:
             await self._written(self._failed, row, error)
 
-    async def _post(self, client: httpx.AsyncClient, row: Due) -> str | None:
-        """POST the row's delivery: None when the receiver took it, else why not."""
+    async def _post(self, client: httpx.AsyncClient, row: Due) -> tuple[str | None, Verdict]:
+        """POST the row's delivery: (None when the receiver took it, else why not; what that tells
+        of its destination)."""
         job = await asyncio.to_thread(self.describe, row.job_id)
         body = json.dumps({"type": row.event, "job": job}, separators=(",", ":")).encode()
         timestamp = int(time.time())
@@ -375,8 +477,11 @@ class Deliverer:
             # Any, not only httpx's: a host that is no IDNA label (`xn--a`) raises idna's
             # `UnicodeError` before any connection, and escaping it left the row claimed and its
             # attempt uncounted, sent again at every lease's end and never given up.
-            return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-        return None if answer.is_success else f"answered {answer.status_code}"
+            return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__, "down"
+        if answer.is_success:
+            return None, "delivered"
+        down = answer.status_code >= 500 or answer.status_code == 429  # else it answered: it is up
+        return f"answered {answer.status_code}", "down" if down else "refused"
 
     @staticmethod
     def _still_claimed(row: Due) -> list[sa.ColumnElement[bool]]:

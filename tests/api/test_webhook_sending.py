@@ -1,10 +1,12 @@
 """Webhook sends at once: bounded by ORCH_WEBHOOK_CONCURRENCY, at most 2 to one destination, so a
-receiver that does not answer holds back its own deliveries, not every project's."""
+receiver that does not answer holds back its own deliveries, not every project's; and a destination
+whose attempts keep failing set aside, its rows unclaimed, until a probe is delivered."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -21,6 +23,7 @@ from orchestrator import webhooks
 from orchestrator.clock import shared_now
 from orchestrator.db import Database
 from orchestrator.models import Job, Project, WebhookDelivery
+from orchestrator.services import Services
 from orchestrator.settings import Settings
 
 WAIT_SECONDS = 15.0  # for what must happen; the tests never wait this long when it does
@@ -45,11 +48,12 @@ class Meter:
 
 
 class Held:
-    """A receiver on 127.0.0.1 that records each POST's `webhook-id` as it arrives and answers 200
-    only once `release()`d (at once with `held=False`)."""
+    """A receiver on 127.0.0.1 that records each POST's `webhook-id` as it arrives and answers
+    `status` (200) only once `release()`d (at once with `held=False`)."""
 
     def __init__(self, meter: Meter, *, held: bool = True) -> None:
         self.arrived: list[str] = []
+        self.status = 200  # the answer, once released
         self.lock = threading.Lock()
         self.gate = threading.Event()
         self.own = Meter()
@@ -66,7 +70,7 @@ class Held:
                     receiver.arrived.append(self.headers["webhook-id"])
                 try:
                     receiver.gate.wait()
-                    self.send_response(200)
+                    self.send_response(receiver.status)
                     self.send_header("content-length", "0")
                     self.end_headers()
                 finally:
@@ -93,6 +97,9 @@ class Held:
 
     def release(self) -> None:
         self.gate.set()
+
+    def hold(self) -> None:
+        self.gate.clear()
 
     def close(self) -> None:
         self.gate.set()
@@ -382,3 +389,166 @@ def check_a_claim_given_back_is_due_as_it_was(db: Database) -> None:
     assert rows["whd_000"].next_attempt_at == read["whd_000"] and rows["whd_000"].attempts == 0
     assert rows["whd_001"].next_attempt_at == expired.leased_until
     assert [row.id for row in first._due()] == ["whd_000"]
+
+
+def _attempts(db: Database, ids: list[str]) -> list[int]:
+    rows = _rows(db)
+    return [rows[i].attempts for i in ids]
+
+
+def _set_aside_by(receivers: Callable[..., Held], db: Database) -> tuple[
+        Held, Held, list[str], webhooks.Deliverer, list[float], list[int]]:
+    """A receiver that answers 503 with 10 rows due, then one that answers 200 with 3; a deliverer
+    (1 send at a time to each) whose breakers' clock is the list's one figure, and its looks."""
+    dead, healthy = receivers(held=False), receivers(held=False)
+    dead.status = 503
+    ids = _deliveries(db, [(dead.url, 10), (healthy.url, 3)])
+    deliverer = webhooks.Deliverer(db, lambda job_id: {"id": job_id}, None, interval=0.02, concurrency=2)
+    clock = [1000.0]
+    deliverer.breakers.clock = lambda: clock[0]
+    return dead, healthy, ids, deliverer, clock, _counting_looks(deliverer)
+
+
+def test_a_dead_destination_is_set_aside_its_rows_unspent_until_a_probe_is_delivered(
+        db: Database, receivers: Callable[..., Held], caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="orchestrator.webhooks")
+    dead, healthy, ids, deliverer, clock, looks = _set_aside_by(receivers, db)
+    where = webhooks.destination(dead.url)
+    due = {i: row.next_attempt_at for i, row in _rows(db).items()}
+
+    async def body() -> None:
+        # Its first 3 failed; the other 7 are neither sent nor claimed nor spent, as the healthy
+        # receiver's go out (before, each look sent one more of them, tried again 10 s later).
+        await _until("the healthy receiver's 3 deliveries", _delivered(db, ids[10:]))
+        await _more_looks(looks, 10)
+        assert dead.count() == 3 and deliverer.breakers.set_aside() == [where] and deliverer.breakers.count() == 1
+        assert _attempts(db, ids[:10]) == [1, 1, 1] + [0] * 7
+        rows = _rows(db)
+        assert all(rows[i].next_attempt_at == due[i] for i in ids[3:10])  # their schedule untouched
+        clock[0] += webhooks.COOL_DOWN_SECONDS - 1
+        await _more_looks(looks, 5)
+        assert dead.count() == 3
+        # The cool-down over: one row is the probe, the others wait for its answer.
+        dead.status = 200
+        dead.hold()
+        clock[0] += 1
+        await _until("the probe", lambda: dead.count() == 4)
+        await _more_looks(looks, 5)
+        assert dead.count() == 4 and deliverer.breakers.set_aside() == [where]
+        dead.release()
+        await _until("the others, once the probe is delivered", _delivered(db, ids[3:10]))
+
+    asyncio.run(_running(deliverer, body))
+    assert deliverer.breakers.count() == 0 and deliverer.breakers.set_aside() == []
+    assert _attempts(db, ids[3:10]) == [1] * 7 and sorted(healthy.arrived) == ids[10:]
+    told = [r.getMessage() for r in caplog.records if where in r.getMessage()]
+    assert len([m for m in told if "set aside" in m]) == 1 and len([m for m in told if "is back" in m]) == 1, told
+
+
+def test_a_failed_probe_sets_the_destination_aside_twice_as_long(
+        db: Database, receivers: Callable[..., Held]) -> None:
+    dead, _, ids, deliverer, clock, looks = _set_aside_by(receivers, db)
+
+    async def body() -> None:
+        await _until("the healthy receiver's 3 deliveries", _delivered(db, ids[10:]))
+        await _until("3 attempts", lambda: dead.count() == 3)
+        clock[0] += webhooks.COOL_DOWN_SECONDS
+        await _until("the first probe, failed", lambda: _attempts(db, ids[:4]) == [1] * 4)
+        clock[0] += webhooks.COOL_DOWN_SECONDS
+        await _more_looks(looks, 5)
+        assert dead.count() == 4  # 60 s now, not 30
+        clock[0] += webhooks.COOL_DOWN_SECONDS
+        await _until("the second probe", lambda: _attempts(db, ids[:5]) == [1] * 5)
+        dead.status = 200
+        clock[0] += 4 * webhooks.COOL_DOWN_SECONDS
+        await _until("the rest, once a probe is delivered", _delivered(db, ids[5:10]))
+
+    asyncio.run(_running(deliverer, body))
+    assert _attempts(db, ids[:10]) == [1] * 10
+
+
+def test_what_counts_against_a_destination() -> None:
+    breakers = webhooks.Breakers()
+    clock = [0.0]
+    breakers.clock = lambda: clock[0]
+    # A refusal (a 4xx but 429: the receiver answered) counts neither way; a success starts again.
+    for verdict in ("down", "down", "refused", "delivered", "down", "down", "refused"):
+        breakers.ended("http://a:80", "whd_1", verdict)
+    assert breakers.count() == 0
+    breakers.ended("http://a:80", "whd_1", "down")
+    assert breakers.set_aside() == ["http://a:80"] and breakers.slots("http://a:80", 2) == 0
+    # Its cool-downs double up to 10 minutes; a probe refused or stopped leaves the turn to the next row.
+    for cool_down in (30, 60, 120, 240, 480, 600, 600):
+        clock[0] += cool_down - 0.5
+        assert breakers.slots("http://a:80", 2) == 0
+        clock[0] += 0.5
+        assert breakers.slots("http://a:80", 2) == 1 and breakers.set_aside() == []
+        breakers.sending("http://a:80", "whd_2")
+        assert breakers.set_aside() == ["http://a:80"]  # the others wait for the probe's answer
+        breakers.ended("http://a:80", "whd_2", "refused")
+        breakers.sending("http://a:80", "whd_3")
+        breakers.ended("http://a:80", "whd_3", None)
+        breakers.sending("http://a:80", "whd_4")
+        breakers.ended("http://a:80", "whd_1", "down")  # a send from before: not the probe's answer
+        assert breakers.set_aside() == ["http://a:80"]
+        breakers.ended("http://a:80", "whd_4", "down")
+    breakers.ended("http://a:80", "whd_1", "delivered")  # any success: it is back
+    assert breakers.count() == 0 and breakers.slots("http://a:80", 2) == 2
+
+
+def test_metrics_count_the_destinations_set_aside(make_settings: Callable[..., Settings]) -> None:
+    services = Services.build(make_settings())
+    try:
+        assert "orchestrator_webhook_destinations_set_aside 0\n" in services.metrics()
+        services.webhook_deliverer = webhooks.Deliverer(services.db, lambda job_id: {}, None, interval=0.1)
+        for _ in range(webhooks.FAILURES_TO_SET_ASIDE):
+            services.webhook_deliverer.breakers.ended("http://a:80", "whd_1", "down")
+        assert "orchestrator_webhook_destinations_set_aside 1\n" in services.metrics()
+    finally:
+        asyncio.run(services.aclose())
+
+
+@pytest.mark.parametrize(("answer", "verdict"), [(200, "delivered"), (404, "refused"), (301, "refused"),
+                                                (429, "down"), (503, "down"), (None, "down"), (0, "down")])
+def test_what_an_attempt_tells_of_its_destination(db: Database, receivers: Callable[..., Held],
+                                                  monkeypatch: pytest.MonkeyPatch, answer: int | None,
+                                                  verdict: str) -> None:
+    receiver = receivers(held=answer == 0)  # 0: no answer in time
+    monkeypatch.setattr(webhooks, "SEND_TIMEOUT_SECONDS", 0.2)
+    receiver.status = answer or 200
+    url = receiver.url if answer is not None else "http://127.0.0.1:9/h"  # None: nothing listens, no connection
+    deliverer = webhooks.Deliverer(db, lambda job_id: {}, None, interval=0.1)
+    row = webhooks.Due("whd_1", "job_1", url, "job.failed", 0, shared_now())
+
+    async def post() -> tuple[str | None, webhooks.Verdict]:
+        async with httpx.AsyncClient() as client:
+            return await deliverer._post(client, row)
+
+    assert asyncio.run(post())[1] == verdict
+
+
+@pytest.mark.parametrize("how", ["stopped", "job not read"])
+def test_a_probe_that_ends_without_telling_leaves_the_turn_to_the_next_row(db: Database, how: str) -> None:
+    # Else its destination stayed set aside for good: no probe's answer was ever to come.
+    _deliveries(db, [("http://127.0.0.1:9/h", 2)])
+
+    def describe(job_id: str) -> dict[str, Any]:
+        raise RuntimeError("the database is away")
+
+    deliverer = webhooks.Deliverer(db, describe, None, interval=0.1, concurrency=3)
+    where = webhooks.destination("http://127.0.0.1:9/h")
+    for _ in range(webhooks.FAILURES_TO_SET_ASIDE):
+        deliverer.breakers.ended(where, "whd_x", "down")
+    deliverer.breakers.clock = lambda: time.monotonic() + webhooks.COOL_DOWN_SECONDS
+
+    async def probed() -> None:
+        async with httpx.AsyncClient() as client:
+            assert (await deliverer._start_due(client))[1] == 1  # the probe, alone
+            assert deliverer.breakers.set_aside() == [where]
+            if how == "stopped":
+                await deliverer._stop_sending()
+            else:
+                await asyncio.wait(list(deliverer._sending))
+
+    asyncio.run(probed())
+    assert deliverer.breakers.set_aside() == [] and deliverer.breakers.slots(where, 2) == 1
