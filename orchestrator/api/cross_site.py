@@ -21,11 +21,10 @@ import re
 
 from starlette.datastructures import Headers
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from orchestrator.api.errors import answer, denied
+from orchestrator.api.errors import answer
 from orchestrator.errors import BadRequest, Forbidden, shown
 
 UNSAFE = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -91,14 +90,14 @@ class CrossSiteGuard:
             # https:// and the request reaches the service as http://.
             own = page.partition("://")[2].lower() == host
             if not own and page not in self.allowed and "*" not in self.allowed:
-                # With ORCH_ADMIN_KEY set, such a request has no key: the 401 every /v1 request
-                # without one gets (only a service without a key tells it the 403's why).
+                # With ORCH_ADMIN_KEY set, such a request to /v1 has no key, and was answered 401
+                # before it came here (`orchestrator.api.auth`).
                 # `null` is what a browser sends for a page it will not name (a local file, a
                 # sandboxed frame): "list it" sent the operator to a setting that refuses it at start.
                 fix = ("a page without an origin of its own, which ORCH_CORS_ORIGINS cannot list: serve the "
                        "page from an origin listed there" if page == "null" else
                        "list it in ORCH_CORS_ORIGINS to allow it")
-                refused = await denied(Request(scope)) or answer(Forbidden(
+                refused = answer(Forbidden(
                     f"requests that change something are refused from web pages of {shown(page)}: {fix}"))
                 await refused(scope, receive, send)
                 return

@@ -113,8 +113,8 @@ async def authenticate(services: Services, authorization: Sequence[str]) -> Call
 
 
 async def caller_of(request: Request) -> Caller:
-    """The request's caller, authenticated once however many ask (`require_auth`, and the route
-    class before the body is read: see `orchestrator.api.json_body`)."""
+    """The request's caller, authenticated once however many ask (`orchestrator.api.auth`, before
+    the body is read, then `require_auth`)."""
     caller: Caller | None = getattr(request.state, "caller", None)
     if caller is None:
         caller = request.state.caller = await authenticate(request.app.state.services,

@@ -205,14 +205,14 @@ def _allowed_methods(request: Request, told: str) -> str:
 
 
 async def denied(request: Request) -> JSONResponse | None:
-    """The 401 for a /v1 request without a valid key, for answers made before any route's auth
-    ran (no route matched, the body was not even JSON or too large, a URL with a NUL, a foreign
-    page's POST): without the key, /v1 tells nothing else."""
+    """The 401 for a /v1 request without a valid key, answered before anything else about it is
+    judged or read (`orchestrator.api.auth`): without the key, /v1 tells nothing else, not even
+    which paths exist."""
     services = getattr(request.app.state, "services", None)
     if services is None or not request.url.path.startswith("/v1/"):
         return None
     try:
-        await caller_of(request)  # once per request: the route class may have asked already
+        await caller_of(request)  # kept on the request for the routes' own auth
     except OrchestratorError as refusal:
         return answer(refusal)
     except (DBAPIError, PoolTimeout) as exc:
@@ -292,9 +292,6 @@ def install(app: FastAPI) -> None:
         details = _listed(exc.errors())
         errors = details["errors"]
         if any(e["type"] == "json_invalid" for e in errors):
-            # FastAPI parses the body before it runs the route's dependencies, auth included.
-            if (refused := await denied(request)) is not None:
-                return refused
             syntax = next(e["msg"] for e in errors if e["type"] == "json_invalid")
             return answer(BadRequest(f"the request body is not valid JSON: {syntax}", details={"errors": errors}))
         whole_body = next((e for e in errors if e["loc"] == ["body"]), None)
@@ -326,18 +323,11 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        # No route matched, so no route's auth ran: not even which paths or methods exist is told.
-        if exc.status_code in (404, 405, 413) and (refused := await denied(request)) is not None:
-            if exc.status_code == 413:  # what is left of the body beyond the drain is not read
-                refused.headers["Connection"] = "close"
-            return refused
         detail = str(exc.detail)
         headers = getattr(exc, "headers", None)
         details = getattr(exc, "details", None)
         if exc.status_code == 400 and detail == "There was an error parsing the body":
-            # FastAPI's answer to a body it could not decode (not UTF-8), before any route's auth.
-            if (refused := await denied(request)) is not None:
-                return refused
+            # FastAPI's answer to a body it could not decode (not UTF-8).
             detail = _unreadable_body(exc.__cause__)
             details = {"errors": [{"loc": ["body"], "msg": detail, "type": "json_invalid"}]}
         if exc.status_code == 404 and detail == "Not Found":  # the router's: no route has this path

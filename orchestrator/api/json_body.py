@@ -19,9 +19,6 @@ from typing import Any
 from fastapi import Request, Response
 from fastapi.routing import APIRoute
 
-from orchestrator.api.deps import caller_of
-from orchestrator.errors import Unauthorized
-
 
 class UnreadableJSON(ValueError):
     """A body `json.loads` reads and this API does not; the message is the client's answer."""
@@ -123,16 +120,6 @@ class StrictJSONRoute(APIRoute):
         handler = super().get_route_handler()
 
         async def strict(request: Request) -> Response:
-            # Who asks, before FastAPI reads the body (it reads and parses one before any
-            # dependency runs): a client without a key had up to ORCH_MAX_BODY_BYTES of JSON parsed
-            # on the event loop before its 401.
-            try:
-                await caller_of(request)
-            except Unauthorized:
-                # Read, not parsed, as every refusal's body is (a client still sending saw a
-                # reset); past the size limit this raises the 413 that is answered as the 401.
-                await request.body()
-                raise
             return await handler(StrictJSONRequest(request))
 
         return strict

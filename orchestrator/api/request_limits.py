@@ -12,10 +12,9 @@ import asyncio
 
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from orchestrator.api.errors import answer, denied
+from orchestrator.api.errors import answer
 from orchestrator.errors import BadRequest, NotJSON, PayloadTooLarge
 
 # What is read and thrown away of a body over the limit before the 413 is sent, and for how long.
@@ -102,14 +101,12 @@ class RequestLimits:
             small = declared is None or (declared.isascii() and declared.isdigit() and int(declared) <= DRAIN_BYTES)
             if small and not _waits_to_send(headers):
                 await drain(receive)
-            response = await denied(Request(scope)) or answer(refusal)
-            await response(scope, receive, send)
+            await answer(refusal)(scope, receive, send)
             return
         if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > self.max_bytes:
             if int(declared) <= DRAIN_BYTES and not _waits_to_send(headers):
                 await drain(receive)
-            response = await denied(Request(scope)) or answer(
-                PayloadTooLarge(self._message(), details={"max_bytes": self.max_bytes}))
+            response = answer(PayloadTooLarge(self._message(), details={"max_bytes": self.max_bytes}))
             response.headers["Connection"] = "close"
             await response(scope, receive, send)
             return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -115,6 +116,55 @@ def test_a_body_is_not_parsed_before_its_sender_is_known(anon: httpx.Client,
     assert parsed != []  # the spy sees a body once its sender is known
 
 
+def _head(client: httpx.Client, path: str, authorization: str | None, length: int) -> socket.socket:
+    """A socket that has sent the head of a JSON POST declaring `length` bytes of body, and none of it."""
+    url = client.base_url
+    sock = socket.create_connection((url.host, url.port), timeout=30)
+    sent = "" if authorization is None else f"Authorization: {authorization}\r\n"
+    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {url.host}\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {length}\r\n{sent}\r\n".encode())
+    return sock
+
+
+def test_a_request_without_a_valid_key_is_answered_before_its_body(
+        make_settings: Callable[..., Settings], start_server: Callable[[Settings], httpx.Client]) -> None:
+    # FastAPI reads a route's whole body before its dependencies (auth) run: a client without a
+    # key had the server wait for, read and hold up to ORCH_MAX_BODY_BYTES before its 401.
+    size = 50_000_000
+    anon = start_server(make_settings(admin_key=KEY, max_body_bytes=64 << 20))
+    with authed(anon) as client:
+        project = client.post("/v1/projects", json={"name": "a"}).json()["id"]
+        other = client.post("/v1/projects", json={"name": "b"}).json()["id"]
+        key = client.post(f"/v1/projects/{project}/keys", json={"name": "k"}).json()["key"]
+    unknown_key = key[:-4] + ("aaaa" if not key.endswith("aaaa") else "bbbb")  # well-formed: looked up
+    for authorization in (None, "", "Bearer", "Bearer wrong", f"Basic {KEY}", f"Bearer {unknown_key}"):
+        for path in ("/v1/projects", f"/v1/projects/{project}/drafts", "/v1/nowhere"):
+            with _head(anon, path, authorization, size) as sock:
+                sock.settimeout(1)
+                answer = sock.recv(65536)
+            assert answer.startswith(b"HTTP/1.1 401 "), (authorization, path, answer[:200])
+            assert b"\r\nwww-authenticate: Bearer\r\n" in answer
+            assert answer.endswith(b'{"error":{"code":"unauthorized","message":"a valid \'Authorization: Bearer '
+                                   b'<key>\' header is required","details":{}}}')
+    # With a valid key the body is waited for and read, as before.
+    name = b'{"name": "big"}'
+    with _head(anon, "/v1/projects", f"Bearer {KEY}", size) as sock:
+        sock.settimeout(1)
+        with pytest.raises(TimeoutError):
+            sock.recv(65536)
+        sock.settimeout(30)
+        sock.sendall(name + b" " * (size - len(name)))
+        assert sock.recv(65536).startswith(b"HTTP/1.1 201 ")
+    with _head(anon, f"/v1/projects/{project}/drafts", f"Bearer {key}", size) as sock:
+        sock.settimeout(1)
+        with pytest.raises(TimeoutError):
+            sock.recv(65536)
+    # Another project's key is refused as it was, once its body is read: that project is not found.
+    foreign = anon.post(f"/v1/projects/{other}/drafts", json={"prompt": "x"},
+                        headers={"Authorization": f"Bearer {key}"})
+    assert_error(foreign, 404, "not_found")
+
+
 def test_what_is_refused_before_routing_needs_the_key_too(anon: httpx.Client) -> None:
     # A body over the limit, a URL with a NUL, a foreign page's POST: answered before any route,
     # they once told a caller without the key the body limit and the rest (413, 400, 403).
@@ -134,10 +184,12 @@ def test_what_is_refused_before_routing_needs_the_key_too(anon: httpx.Client) ->
             assert [r.status_code for r in (declared, streamed, nul, page)] == list(statuses)
             for response in (declared, streamed, nul, page)[:4 if caller is anon else 3]:
                 assert set(response.json()) == {"error"}
-            assert declared.headers["connection"] == streamed.headers["connection"] == "close"  # body left unread
             if caller is anon:
                 assert all(r.headers["www-authenticate"] == "Bearer" for r in (declared, streamed, nul, page))
+                # Answered before the body, which the server throws away as it comes: kept open.
+                assert "connection" not in declared.headers and "connection" not in streamed.headers
             else:
+                assert declared.headers["connection"] == streamed.headers["connection"] == "close"  # body left unread
                 assert declared.json()["error"]["details"] == {"max_bytes": 1 << 20}
         assert [p["name"] for p in client.get("/v1/projects").json()["items"]] == ["from a page"]
 
