@@ -33,6 +33,11 @@ log = logging.getLogger(__name__)
 router = APIRouter(tags=["jobs"], route_class=StrictJSONRoute)
 KEEPALIVE_SECONDS = 15.0
 KEY_RECHECK_SECONDS = 5.0  # how long a revoked project key may still follow an open stream
+# The first thing on every event stream (`retry:`): how long a browser's EventSource waits before it
+# reconnects, with Last-Event-ID, once the stream drops. Without it each browser waits its own
+# default (they differ); 2 s resumes a stream cut by a restart or a proxy soon after the server is
+# back, without every open tab reconnecting in a tight loop while it is away.
+RETRY_MS = 2000
 CANCEL_TRIES = 3
 
 
@@ -187,7 +192,8 @@ def _finished(services: Services, job_id: str) -> bool:
                 "submitted, polling, accepted, fallback, prompt_truncated, ...), `asset` (`asset_id`, `index`), "
                 "then exactly one of `succeeded` (`assets`), `failed` (`error`) or `canceled` (`error`: why), and "
                 "the stream closes. A late client gets the "
-                "current state first; comment lines keep an idle stream open.")},
+                "current state first; comment lines keep an idle stream open. The stream opens with "
+                f"`retry: {RETRY_MS}` (no event): a browser's EventSource reconnects {RETRY_MS} ms after a drop.")},
                        204: {"description": "Last-Event-ID is the terminal event: nothing more will come."},
                        **with_query(404, 429, said={
                            422: "The query parameter `lastEventId` is given more than once, or one reads as its "
@@ -250,6 +256,7 @@ async def job_events(job_id: JobId, services: ServicesDep, caller: CallerDep,
         pending: asyncio.Future[Event] | None = None
         checked = time.monotonic()
         try:
+            yield f"retry: {RETRY_MS}\n\n"  # no data: not an event, a client dispatches nothing for it
             while True:
                 if caller.key_id is not None and time.monotonic() - checked > KEY_RECHECK_SECONDS:
                     # A stream outlives its request: a key revoked meanwhile ends it.

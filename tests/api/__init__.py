@@ -42,11 +42,12 @@ class SSE:
 
 
 def iter_sse(response: httpx.Response) -> Iterator[SSE]:
-    """Parse a text/event-stream body into events (`id:`, `event:`, `data:` fields)."""
+    """Parse a text/event-stream body into events (`id:`, `event:`, `data:` fields). A block
+    without `data:` (the stream's opening `retry:`) is no event, as an EventSource reads it."""
     fields: dict[str, str] = {}
     for line in response.iter_lines():
         if line == "":
-            if fields:
+            if "data" in fields:
                 yield SSE(fields.get("id"), fields.get("event", "message"), json.loads(fields.get("data", "null")))
             fields = {}
             continue
@@ -55,7 +56,7 @@ def iter_sse(response: httpx.Response) -> Iterator[SSE]:
         name, _, value = line.partition(":")
         value = value[1:] if value.startswith(" ") else value
         fields[name] = fields[name] + "\n" + value if name == "data" and name in fields else value
-    if fields:
+    if "data" in fields:
         yield SSE(fields.get("id"), fields.get("event", "message"), json.loads(fields.get("data", "null")))
 
 

@@ -107,6 +107,16 @@ def test_late_client_gets_the_state_and_the_stream_closes(server: httpx.Client) 
     assert [(e.id, e.event) for e in again] == [(e.id, e.event) for e in events]
 
 
+def test_a_stream_opens_with_the_reconnect_delay(server: httpx.Client) -> None:
+    # Browsers' EventSource reconnects after its own default delay unless the stream names one.
+    job = run_draft(server, create_project(server)["id"])
+    with server.stream("GET", f"/v1/jobs/{job['id']}/events", timeout=10) as response:
+        lines = list(response.iter_lines())
+    assert lines[:2] == ["retry: 2000", ""]
+    assert lines[2].startswith("id: ")
+    assert lines.count("retry: 2000") == 1
+
+
 def test_events_of_unknown_job(server: httpx.Client) -> None:
     response = server.get("/v1/jobs/job_00000000000000000000000000/events")
     assert response.status_code == 404
