@@ -65,7 +65,7 @@ from orchestrator.models import Asset, Job, Project
 from orchestrator.outage import Outage
 from orchestrator.routing import fallbacks, leaves_machine, priced
 from orchestrator.schemas import storable
-from orchestrator.store import ArtifactStore, PreviewFiles, Put, encode_png, hide_paths
+from orchestrator.store import ArtifactStore, Preview, PreviewFiles, Put, encode_png, hide_paths
 from policies.schema import is_private
 from tiers._http import SendsCredentials
 from tiers.base import (
@@ -287,7 +287,7 @@ class JobProgress:
             # A mode PNG cannot hold (CMYK) failed the preview's every read.
             preview = preview.convert("RGB") if isinstance(preview, Image.Image) else None
         if preview is not None:
-            self.runner.previews[job_id] = preview
+            self.runner.previews[job_id] = Preview(preview)
             if self.claim.cancel.cancelled:  # since the look above: the job's end may have cleared it
                 self.runner.previews.pop(job_id, None)
                 return
@@ -445,7 +445,7 @@ class JobRunner:
         self.registry = registry
         self.store = store
         self.bus = bus
-        self.previews: dict[str, Image.Image] = {}
+        self.previews: dict[str, Preview] = {}
         # The latest previews again, as files other processes serve (see `write_preview`).
         self.preview_files = preview_files
         self._preview_written: set[str] = set()  # jobs with a file to remove when they end
@@ -1734,7 +1734,7 @@ class JobRunner:
             raise Canceled("the job was canceled", charged="no")  # what it had cost is the caller's to say
         raise StaleAttempt(claim.job.id)
 
-    def write_preview(self, job_id: str, preview: Image.Image) -> None:
+    def write_preview(self, job_id: str, preview: Preview) -> None:
         # Known before the file exists: the job's end removes whatever this write leaves.
         self._preview_written.add(job_id)
         try:

@@ -737,6 +737,24 @@ def encode_preview(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
+class Preview:
+    """A running job's latest step preview, encoded to PNG once, when first asked for: clients
+    polling `GET /v1/jobs/{id}/preview` (and the write of its file) share one encode per step, where
+    each GET encoded it again (a 512 px preview costs tens of ms of a worker thread). Asked from
+    the API's threads and the write behind the engine at once: the second waits for the first's."""
+
+    def __init__(self, image: Image.Image) -> None:
+        self.image = image
+        self._png: bytes | None = None
+        self._lock = threading.Lock()
+
+    def png(self) -> bytes:
+        with self._lock:
+            if self._png is None:
+                self._png = encode_preview(self.image)
+            return self._png
+
+
 def open_regular(path: Path, *, follow: bool = True) -> BinaryIO:
     """`path` opened to read if it is a regular file (`OSError` otherwise, without blocking on a
     FIFO); with `follow=False`, not through a symbolic link either."""
@@ -761,11 +779,11 @@ class PreviewFiles:
         path = self.root / f"{job_id}.png"
         return path if path.parent == self.root else None
 
-    def write(self, job_id: str, image: Image.Image) -> None:
+    def write(self, job_id: str, preview: Preview) -> None:
         path = self.path_for(job_id)
         if path is None:
             return
-        data = encode_preview(image)
+        data = preview.png()
         self.root.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".tmp-", suffix=".png")
         try:

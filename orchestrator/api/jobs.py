@@ -27,7 +27,6 @@ from orchestrator.jobs import asset_ids_in
 from orchestrator.models import Job, Project
 from orchestrator.schemas import JobPublic, JobStatus, Page
 from orchestrator.services import Services
-from orchestrator.store import encode_preview
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["jobs"], route_class=StrictJSONRoute)
@@ -170,7 +169,7 @@ def job_preview(
     most a second old) in the data dir."""
     job = caller.job(services.jobs.get(job_id))
     preview = services.runner.previews.get(job_id)
-    data = encode_preview(preview) if preview is not None else None
+    data = preview.png() if preview is not None else None
     if data is None and job.status == "running":
         # Only while the row says running: a file a crashed process left is no preview of anything.
         data = services.runner.preview_files.read(job_id, since=job.started_at)

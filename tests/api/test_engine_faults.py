@@ -823,12 +823,12 @@ def test_progress_of_odd_types_is_told_as_json_and_plain_integers(build: Build,
     previews: list[str] = []
 
     class Kept(dict[str, Any]):  # the previews a job keeps for its stream and writes (behind it)
-        def __setitem__(self, job_id: str, image: Any) -> None:
-            previews.append(image.mode)
-            super().__setitem__(job_id, image)
+        def __setitem__(self, job_id: str, preview: Any) -> None:
+            previews.append(preview.image.mode)
+            super().__setitem__(job_id, preview)
 
     monkeypatch.setattr(JobRunner, "write_progress", lambda self, claim, step, total: written.append((step, total)))
-    monkeypatch.setattr(JobRunner, "write_preview", lambda self, job_id, image: None)
+    monkeypatch.setattr(JobRunner, "write_preview", lambda self, job_id, preview: None)
     monkeypatch.setattr("orchestrator.runner.PROGRESS_WRITE_INTERVAL", 0.0)
     services = build("fake-paid=tests.fakes:factory")
     services.runner.previews = Kept()

@@ -6,22 +6,27 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import queue
 import socket
 import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
 import httpx
 import pytest
+from fastapi.testclient import TestClient
 from PIL import Image
 from sqlalchemy import update
 from sqlmodel import col
 
 from orchestrator import runner as runner_module
+from orchestrator import store as store_module
+from orchestrator.app import create_app
 from orchestrator.clock import utcnow
 from orchestrator.errors import Canceled
 from orchestrator.follow import catch_up
@@ -29,7 +34,7 @@ from orchestrator.ids import new_id
 from orchestrator.models import Job
 from orchestrator.services import Services
 from orchestrator.settings import Settings
-from orchestrator.store import PREVIEW_TEMP_SECONDS, PreviewFiles
+from orchestrator.store import PREVIEW_TEMP_SECONDS, Preview, PreviewFiles
 from tests.api import assert_error, iter_sse
 from tests.api.test_workers import add_job, other_process, row  # noqa: F401 (a fixture)
 from tiers.base import CancelToken, Capabilities, EngineContext, Progress, RenderedImage, RenderRequest, RenderResult
@@ -38,6 +43,7 @@ from tiers.guard import ThirdParty
 SettingsFactory = Callable[..., Settings]
 ENGINE = "fake-preview"
 ENGINES = f"{ENGINE}=tests.api.test_previews_shared:factory"
+STEPPED_ENGINES = "fake-stepped=tests.api.test_previews_shared:stepped_factory"
 STEPS = 4
 
 
@@ -89,8 +95,39 @@ def factory(ctx: EngineContext) -> PreviewEngine:
     return PreviewEngine()
 
 
+class SteppedEngine(PreviewEngine):
+    """Reports steps 1 and 2 with previews, puts each step in `at` once told, and goes on from
+    each once `go` is released."""
+
+    name = "fake-stepped"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.at: queue.Queue[int] = queue.Queue()
+        self.go = threading.Semaphore(0)
+
+    def _denoise(self, req: RenderRequest, progress: Progress, cancel: CancelToken) -> RenderResult:
+        for step in (1, 2):
+            progress.step(step, STEPS, preview_of(step))
+            self.at.put(step)
+            while not self.go.acquire(timeout=0.01):
+                if cancel.cancelled:
+                    raise Canceled("the job was canceled")
+        return RenderResult(images=[RenderedImage(Image.new("RGB", (req.width, req.height)), req.seed)],
+                            model=self.model)
+
+
+def stepped_factory(ctx: EngineContext) -> SteppedEngine:
+    return SteppedEngine()
+
+
 def preview_of(step: int) -> Image.Image:
     return Image.new("RGB", (8, 8), (step * 50, 0, 0))
+
+
+def kept(step: int) -> Preview:
+    """The preview of `step` as the runner keeps it."""
+    return Preview(preview_of(step))
 
 
 def red(png: bytes) -> int:
@@ -156,7 +193,7 @@ def test_a_worker_s_preview_is_served_by_another_process_while_the_job_runs(
     assert not files.exists(job_id)
     assert_error(api.get(f"/v1/jobs/{job_id}/preview"), 404, "not_found")
     # A file a crashed process left is no preview of a job that is not running.
-    files.write(job_id, preview_of(1))
+    files.write(job_id, kept(1))
     assert_error(api.get(f"/v1/jobs/{job_id}/preview"), 404, "not_found")
 
 
@@ -229,16 +266,71 @@ def test_progress_reported_on_the_inference_thread_is_written_behind_it(worker: 
     assert len(writers) == 2 and all(name.startswith("progress") for name in writers)  # step 2 was overtaken
 
 
+def test_a_step_s_preview_is_encoded_once_however_often_it_is_asked_for(
+        make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each GET encoded the latest preview to PNG again (tens of ms for a 512 px one): clients
+    # polling it cost the server an encode each.
+    encoded: list[int] = []  # the step of each preview encoded (its red is 50 a step)
+    save = Image.Image.save
+
+    def counted(image: Image.Image, fp: Any, format: str | None = None, **params: Any) -> None:
+        if format == "PNG" and image.size == (8, 8):
+            pixel = image.getpixel((0, 0))
+            assert isinstance(pixel, tuple)
+            encoded.append(int(pixel[0]) // 50)
+        save(image, fp, format, **params)
+
+    monkeypatch.setattr(Image.Image, "save", counted)
+    app = create_app(make_settings(run_jobs=False, engines=STEPPED_ENGINES))
+    with TestClient(app) as client:
+        services: Services = app.state.services
+        job_id = add_job(services, engine="fake-stepped")
+        [(claim, _lane)] = services.scheduler._claim_ready({})
+        engine = services.registry.get("fake-stepped")
+        assert isinstance(engine, ThirdParty) and isinstance(engine.wrapped, SteppedEngine)
+        stepped = engine.wrapped
+        running = threading.Thread(target=asyncio.run, args=(services.runner.run(claim),))
+        running.start()
+        try:
+            for step in (1, 2):
+                assert stepped.at.get(timeout=30) == step
+                for _ in range(3):
+                    preview = client.get(f"/v1/jobs/{job_id}/preview")
+                    assert preview.status_code == 200 and red(preview.content) == step * 50
+                # Once, by the first GET or the preview file's write, whichever came first.
+                assert encoded.count(step) == 1, encoded
+                stepped.go.release()
+        finally:
+            stepped.go.release(2)  # whatever is left, should an assertion have stopped the loop
+            running.join(30)
+        assert row(services, job_id).status == "succeeded"
+
+
+def test_a_preview_is_encoded_once_when_asked_for_from_threads_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+
+    def slow(image: Image.Image) -> bytes:
+        calls.append(1)
+        time.sleep(0.05)  # long enough for every thread to ask meanwhile
+        return b"png"
+
+    monkeypatch.setattr(store_module, "encode_preview", slow)
+    preview = kept(1)
+    with ThreadPoolExecutor(8) as pool:
+        assert set(pool.map(lambda _: preview.png(), range(8))) == {b"png"}
+    assert calls == [1]
+
+
 def test_a_preview_written_behind_a_job_that_ended_meanwhile_is_not_left(worker: Services) -> None:
     """The write behind the engine read the latest preview, the job ended (finding no file to
     remove), then the file was written: it stayed until the sweep, its entry for good."""
     job_id = add_job(worker)
     runner = worker.runner
-    runner.write_preview(job_id, preview_of(1))  # the job's end popped its preview already
+    runner.write_preview(job_id, kept(1))  # the job's end popped its preview already
     assert not runner.preview_files.exists(job_id)
     assert job_id not in runner._preview_written
-    runner.previews[job_id] = preview_of(2)  # running: kept
-    runner.write_preview(job_id, preview_of(2))
+    runner.previews[job_id] = kept(2)  # running: kept
+    runner.write_preview(job_id, kept(2))
     assert runner.preview_files.exists(job_id)
 
 
@@ -272,7 +364,7 @@ def test_the_follower_names_the_preview_when_the_running_process_wrote_one(
         with worker.db.transaction() as s:
             s.execute(update(Job).where(col(Job.id) == job_id).values(status="running", attempt=1, started_at=utcnow(),
                                                                       progress_step=2, progress_total=4))
-        files.write(job_id, preview_of(2))
+        files.write(job_id, kept(2))
         await follower.tick()
         files.remove(job_id)
         with worker.db.transaction() as s:
@@ -300,7 +392,7 @@ def test_preview_files_of_jobs_not_running_are_swept_at_start(
     elsewhere = add_job(services, **lease, lease_owner=f"{socket.gethostname()}:{other_process.pid}:0")
     finished = add_job(services, status="succeeded")
     for job_id in (crashed, elsewhere, finished):
-        files.write(job_id, preview_of(1))
+        files.write(job_id, kept(1))
     old_temp, new_temp, other = files.root / ".tmp-old.png", files.root / ".tmp-new.png", files.root / "notes.txt"
     for path in (old_temp, new_temp, other):
         path.write_bytes(b"x")
@@ -338,7 +430,7 @@ def test_a_preview_file_is_named_only_by_a_job_id(tmp_path: Path) -> None:
     files = PreviewFiles(tmp_path / "previews")
     for name in ("../escape", "job_../../x", "ast_01j00000000000000000000000", ""):
         assert files.path_for(name) is None
-        files.write(name, preview_of(1))
+        files.write(name, kept(1))
         assert files.read(name) is None and not files.exists(name)
     assert not files.root.exists() and list(tmp_path.iterdir()) == []
 
@@ -360,7 +452,7 @@ def test_a_preview_is_never_read_through_a_link_nor_from_a_fifo(tmp_path: Path) 
     assert fifo_path is not None
     os.mkfifo(fifo_path)
     assert files.read(fifo) is None and not files.exists(fifo)  # at once: no writer is waited for
-    files.write(linked, preview_of(2))  # the job's own preview replaces the link
+    files.write(linked, kept(2))  # the job's own preview replaces the link
     assert files.read(linked) == path.read_bytes() and not path.is_symlink()
 
 
@@ -371,7 +463,7 @@ def test_a_crashed_attempt_s_preview_is_not_shown_for_the_next_one(
     api = start_server(make_settings(run_jobs=False))
     job_id = add_job(worker)
     files = worker.runner.preview_files
-    files.write(job_id, preview_of(3))
+    files.write(job_id, kept(3))
     path = files.path_for(job_id)
     assert path is not None
     written = path.stat().st_mtime
@@ -383,7 +475,7 @@ def test_a_crashed_attempt_s_preview_is_not_shown_for_the_next_one(
     with api.stream("GET", f"/v1/jobs/{job_id}/events", timeout=30) as response:
         progress = next(e for e in iter_sse(response) if e.event == "progress")
     assert "preview_url" not in progress.data
-    files.write(job_id, preview_of(1))  # attempt 2's own
+    files.write(job_id, kept(1))  # attempt 2's own
     assert red(api.get(f"/v1/jobs/{job_id}/preview").content) == 50
 
 
@@ -393,7 +485,7 @@ def test_a_preview_stamped_by_a_clock_a_little_behind_is_the_running_attempt_s(w
     fast job looked older than its attempt and was never served."""
     job_id = add_job(worker)
     files = worker.runner.preview_files
-    files.write(job_id, preview_of(2))
+    files.write(job_id, kept(2))
     path = files.path_for(job_id)
     assert path is not None
     started = utcnow()
@@ -410,6 +502,6 @@ def test_recovery_removes_a_dead_attempt_s_preview(worker: Services) -> None:
     job_id = add_job(worker, status="running", attempt=1, lease_owner="dead-host:1:0", started_at=utcnow(),
                      lease_expires_at=utcnow() - timedelta(seconds=1))
     files = worker.runner.preview_files
-    files.write(job_id, preview_of(3))
+    files.write(job_id, kept(3))
     assert asyncio.run(worker.scheduler.recover(all_foreign=False)) == [job_id]
     assert row(worker, job_id).status == "queued" and not files.exists(job_id)
