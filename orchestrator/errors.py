@@ -20,7 +20,7 @@ it to `{"error": {"code", "message", "details"}}` with `status` in exactly one p
     ├── BudgetExceeded          402 budget_exceeded
     ├── DatabaseUnavailable     503 database_unavailable (/readyz; SQLAlchemy's own errors map to it too)
     ├── StorageFull             503 storage_full  (the database's disk, or the data dir's below ORCH_MIN_FREE_DISK_MB)
-    ├── StorageQuotaExceeded    507 storage_quota_exceeded (the project's live assets at or over its storage_quota_mb)
+    ├── StorageQuotaExceeded    507 storage_quota_exceeded (assets and unfinished jobs' bounds over storage_quota_mb)
     ├── ServerStopping          503 server_stopping (a request still open when a stop's wait ran out)
     ├── TooManyJobs             429 rate_limited  (ORCH_MAX_PENDING_JOBS unfinished jobs already)
     ├── TooManyStreams          429 rate_limited  (ORCH_MAX_STREAMS_PER_KEY event streams open already)
@@ -232,9 +232,10 @@ class StorageFull(OrchestratorError):
 
 
 class StorageQuotaExceeded(OrchestratorError):
-    """A new job asked of a project whose live assets hold its `storage_quota_mb` or more: nothing
-    was written or held. Not a 503: sending it again changes nothing until some of the project's
-    assets are deleted or the admin raises its quota, so no `Retry-After` is told."""
+    """A new job asked of a project whose live assets hold its `storage_quota_mb` or more, or would
+    with what its unfinished jobs and the new one may store: nothing was written or held. Not a
+    503: sending it again changes nothing until some of the project's assets are deleted, its jobs
+    end or the admin raises its quota, so no `Retry-After` is told."""
 
     code, status = "storage_quota_exceeded", 507
 

@@ -469,8 +469,6 @@ class JobService:
                     if existing is not None:
                         return existing, False
                 refuse_if_archived(project)  # archived since it was routed
-                # Assets another job stored since, or a quota lowered since.
-                quota.refuse_if_over(project, self.default_quota_mb)
                 # Deleted since it was read? (A delete looks for the jobs of its asset under this lock.)
                 if job.source_asset_id is not None:
                     source = s.get(Asset, job.source_asset_id)
@@ -509,6 +507,13 @@ class JobService:
                     job = self._new_job(prepared, decision, cache=cache)
                     if not same:
                         cached = self._cached(s, job) if job.cache_key else None
+                # Assets or jobs another request stored or took since, or a quota lowered since: judged
+                # on the job as routed now (the largest images its engine returns, or a copy's own
+                # bytes). Its bound is held back from the quota while it is unfinished.
+                bound = sum(a.bytes or 0 for a in cached) if cached else self._bound(job.engine, job.params)
+                quota.refuse_if_over(project, self.default_quota_mb,
+                                     quota.held(s, project, self.default_quota_mb), bound)
+                job.reserved_bytes = bound
                 # Ids are the list cursors: made under the write lock, they commit in id order, so a
                 # client paging with `id > cursor` cannot step over a job committed just after.
                 job.id = new_id("job")
@@ -582,10 +587,20 @@ class JobService:
             refuse_if_archived(project)
             # Before the routing, which a full project's request (a copy of an earlier result too:
             # it adds assets) never needs; checked again under the project's lock in `submit`.
-            quota.refuse_if_over(project, self.default_quota_mb)
+            reserved = quota.held(s, project, self.default_quota_mb)
+            quota.refuse_if_over(project, self.default_quota_mb, reserved)
             # Without a budget there is no share of it to route on: skip the ledger's sums.
             balance = None if project.budget_limit is None else self.ledger.balance(s, project)
-        return self._route(project.policy, prepared, engine, max_credits, balance, cache=cache, holder=holder)
+        decision = self._route(project.policy, prepared, engine, max_credits, balance, cache=cache, holder=holder)
+        if not decision.copy:  # a copy's bytes are its source's, known under the lock (`submit`)
+            quota.refuse_if_over(project, self.default_quota_mb, reserved,
+                                 self._bound(decision.chosen, prepared.params))
+        return decision
+
+    def _bound(self, engine: str, params: dict[str, Any]) -> int:
+        """The most the images of a job with `params` on `engine` can take (`quota.job_bound`)."""
+        registry = self.router.registry
+        return quota.job_bound(registry.get(engine) if engine in registry else None, render_request(params), params)
 
     def _route(self, policy: str, prepared: Prepared, engine: str | None, max_credits: float | None,
                balance: Balance | None, *, cache: bool, holder: str | None = None) -> Decision:

@@ -114,6 +114,9 @@ class Job(SQLModel, table=True):
     routing: dict[str, Any] | None = _json()
     attempts: list[dict[str, Any]] | None = _json()
     estimated: int = Field(default=0, sa_type=sa.BigInteger)  # millicredits
+    # The most its images can take in the store, held back from its project's storage quota while
+    # it is unfinished (`orchestrator.quota.job_bound`); null: taken before migration 0030, holds none.
+    reserved_bytes: int | None = Field(default=None, sa_type=sa.BigInteger)
     cache_hit: bool = False
     # Identifies an identical paid request (engine, model, parameters, source, seed) for the result cache.
     cache_key: str | None = Field(default=None, index=True, max_length=64)

@@ -8,27 +8,36 @@ and delete them (`DELETE /v1/assets/{id}`, draft retention): a submit reads one 
 over a large project's assets read every one of them. Every write transaction holds the
 database's write lock (`Database.transaction`), so two of them never change it from the same reading.
 
-A submit at or over the quota is refused (`JobService.submit`: 507 `storage_quota_exceeded`),
-before anything is held or written, as one below `ORCH_MIN_FREE_DISK_MB` is. A job already taken
-may finish over it: its images are made (and paid for) by then, and losing them would waste the
-spend. Assets stored before sizes were kept (migration 0029) count nothing until `measure` has
-read their files' sizes, which the service's asset sweep does at start and then hourly.
+A submit is refused (`JobService.submit`: 507 `storage_quota_exceeded`), before anything is held
+or written, as one below `ORCH_MIN_FREE_DISK_MB` is, when the project's stored bytes, the most its
+unfinished jobs can still store and the most this job can store together pass the quota: a
+project cannot pass it by what its queued jobs make. The most a job can store (`job_bound`) is
+kept on its row at submit (`Job.reserved_bytes`), so what the unfinished ones hold back is one
+sum over the few rows of `ix_jobs_project_status` (`reserved`). An upper bound, not an estimate:
+what an image's PNG takes depends on its pixels, unknown until it is made. Assets stored before
+sizes were kept (migration 0029) count nothing until `measure` has read their files' sizes, which
+the service's asset sweep does at start and then hourly; jobs taken before migration 0030 hold
+nothing back.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 import threading
 from collections import defaultdict
+from typing import Any
 
 from sqlalchemy import bindparam, func, update
 from sqlmodel import Session, SQLModel, col, select
 
 from orchestrator.db import Database
 from orchestrator.errors import StorageQuotaExceeded
-from orchestrator.models import Asset, Project
+from orchestrator.models import Asset, Job, Project
 from orchestrator.store import SHA_RE, ArtifactStore
+from tiers.base import Engine, RenderRequest
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +45,22 @@ MIB = 2**20
 SETTING = "ORCH_PROJECT_STORAGE_QUOTA_MB"
 # Assets measured per write transaction: each holds the write lock for a few milliseconds.
 MEASURE_BATCH = 500
+
+# What one stored PNG can take (`image_bound`), from what `store.encode_png` writes through Pillow:
+# the signature, IHDR and IEND; the pixels 4 bytes each (an engine's alpha is kept: RGBA) behind
+# one filter byte a row; zlib's stream over them; one IDAT chunk per `PIL_BUFSIZE` of it; and the
+# two text chunks, `parameters` (tEXt, or iTXt where it is not latin-1) and the JSON record (iTXt).
+PNG_FIXED = 8 + 25 + 12
+CHUNK_OVERHEAD = 12  # length, type, CRC
+PIL_BUFSIZE = 2**16  # `PIL.ImageFile.MAXBLOCK`: each encoder call's output is written as one IDAT
+BYTES_PER_PIXEL = 4
+# Each text chunk's header, its keyword and the iTXt fields after it (flags, language, translated keyword).
+TEXT_CHUNK_HEADER = CHUNK_OVERHEAD + len("orchestrator") + 5
+# The record's fields other than the prompts, in both chunks: the engine, model, sampler and
+# upscaler names (100, 300, 100, 100 characters at most, up to 12 bytes each as JSON escapes them),
+# the numbers and keys, and the service's notes (a sentence each). An engine's own notes or sampler
+# settings have no cap: a plugin writing more than this passes the bound by the difference.
+RECORD_ALLOWANCE = 32 * 2**10
 
 
 def quota_mb(project: Project, default_mb: int) -> int | None:
@@ -51,18 +76,83 @@ def quota_bytes(project: Project, default_mb: int) -> int | None:
     return None if mb is None else mb * MIB
 
 
-def refuse_if_over(project: Project, default_mb: int) -> None:
-    """`StorageQuotaExceeded` when the project's live assets hold its quota or more. Read from the
-    row as locked by the submit's transaction, so concurrent submits see each other's assets."""
+def deflate_bound(size: int) -> int:
+    """The most zlib's stream of `size` bytes takes: zlib's own `deflateBound` for the parameters
+    Pillow sets (memLevel 9, not the default 8, so the conservative bound: fixed Huffman codes of
+    9-bit literals, 1/8 over, which is also above zlib-ng's, Pillow's zlib since 11.0) and its
+    2-byte header and 4-byte checksum. Python's zlib does not export it."""
+    return size + (size >> 3) + (size >> 8) + (size >> 9) + 4 + 6
+
+
+def image_bound(width: int, height: int, text_bytes: int) -> int:
+    """The most a stored PNG of `width` x `height` pixels takes, with `text_bytes` of metadata text."""
+    stream = deflate_bound(height * (1 + BYTES_PER_PIXEL * width))
+    # An encoder call may return less than its buffer: one more chunk than the whole ones.
+    idats = math.ceil(stream / max(PIL_BUFSIZE, BYTES_PER_PIXEL * width)) + 1
+    return PNG_FIXED + stream + idats * CHUNK_OVERHEAD + 2 * TEXT_CHUNK_HEADER + text_bytes
+
+
+def text_bound(params: dict[str, Any]) -> int:
+    """The most both text chunks of an image of a job with these params take: the prompts twice,
+    each as JSON escapes it (at least what its UTF-8 takes in the infotext), and `RECORD_ALLOWANCE`."""
+    prompts = sum(len(json.dumps(str(params.get(key) or ""))) for key in ("prompt", "negative_prompt"))
+    return 2 * prompts + RECORD_ALLOWANCE
+
+
+def output_size(engine: Engine | None, request: RenderRequest) -> tuple[int, int]:
+    """The largest image the engine returns for the request: what its `largest_size` says, where it
+    has one (an engine whose provider picks the size), else the size asked (the service's own
+    engines make that; an engine that knows no bound of its provider's is taken at its word)."""
+    largest = getattr(engine, "largest_size", None)
+    if callable(largest):
+        width, height = largest(request)
+        return int(width), int(height)
+    return request.width, request.height
+
+
+def job_bound(engine: Engine | None, request: RenderRequest, params: dict[str, Any]) -> int:
+    """The most a job's images can take in the store: its `n` images (1 for a bridge or a polish,
+    whose size is the one it asked, its scale applied) at the largest size its engine returns."""
+    width, height = output_size(engine, request)
+    return request.n * image_bound(width, height, text_bound(params))
+
+
+def held(s: Session, project: Project, default_mb: int) -> int:
+    """The bytes the project's unfinished jobs may still store (see `held_by`)."""
+    return held_by(s, [project], default_mb).get(project.id, 0)
+
+
+def held_by(s: Session, projects: list[Project], default_mb: int) -> dict[str, int]:
+    """The bytes each project's unfinished jobs may still store, where a quota is in force (none
+    where none is: nothing to judge, so nothing read): one sum over the queued and running rows of
+    `ix_jobs_project_status` (a project has `ORCH_MAX_PENDING_JOBS` of them at most)."""
+    judged = [p.id for p in projects if quota_bytes(p, default_mb) is not None]
+    if not judged:
+        return {}
+    sums = s.exec(select(col(Job.project_id), func.coalesce(func.sum(col(Job.reserved_bytes)), 0))
+                  .where(col(Job.project_id).in_(judged), col(Job.status).in_(("queued", "running")))
+                  .group_by(col(Job.project_id)))
+    return {project_id: int(amount or 0) for project_id, amount in sums}
+
+
+def refuse_if_over(project: Project, default_mb: int, reserved: int = 0, bound: int = 0) -> None:
+    """`StorageQuotaExceeded` when the project's live assets hold its quota or more, or when they,
+    what its unfinished jobs may still store (`reserved`, see `held`) and a new job's `bound` pass
+    it. Read from the row as locked by the submit's transaction, so concurrent submits see each
+    other's assets and jobs."""
     quota = quota_bytes(project, default_mb)
-    if quota is None or project.storage_bytes < quota:
+    used = project.storage_bytes
+    if quota is None or (used < quota and used + reserved + bound <= quota):
         return
     whose = "its storage quota" if project.storage_quota_mb is not None else f"the storage quota {SETTING} sets"
+    said = f"stores {_mib(used)} MiB of assets, at or over {whose} of {quota // MIB} MiB" if used >= quota else (
+        f"stores {_mib(used)} MiB of assets and its unfinished jobs may store {_mib(reserved)} MiB more: with "
+        f"the {_mib(bound)} MiB this job's images may take, that is over {whose} of {quota // MIB} MiB")
     raise StorageQuotaExceeded(
-        f"project '{project.id}' stores {_mib(project.storage_bytes)} MiB of assets, at or over {whose} of "
-        f"{quota // MIB} MiB: nothing was made or held; delete some of its assets, or ask the admin for a larger "
-        "quota (`storage_quota_mb`)",
-        details={"project_id": project.id, "used_bytes": project.storage_bytes, "quota_bytes": quota})
+        f"project '{project.id}' {said}: nothing was made or held; delete some of its assets, wait for or "
+        "cancel its unfinished jobs, or ask the admin for a larger quota (`storage_quota_mb`)",
+        details={"project_id": project.id, "used_bytes": used, "quota_bytes": quota, "reserved_bytes": reserved,
+                 "job_bound_bytes": bound})
 
 
 def _mib(amount: int) -> str:

@@ -323,8 +323,9 @@ _WEBHOOK_DESCRIPTION = ("Where each of the project's jobs' ends is POSTed (`job.
 MAX_STORAGE_QUOTA_MB = 2**30
 StorageQuotaMb = Annotated[int, Whole, Field(ge=1, le=MAX_STORAGE_QUOTA_MB)]
 _QUOTA_DESCRIPTION = ("The most its live (not deleted) assets' files may hold, in MiB (1,048,576 bytes), 1 to "
-                      f"{MAX_STORAGE_QUOTA_MB}: a new job asked while they hold it or more is refused (507 "
-                      "`storage_quota_exceeded`); a job already taken may finish over it. Null: no quota.")
+                      f"{MAX_STORAGE_QUOTA_MB}: a new job is refused (507 `storage_quota_exceeded`) where they, "
+                      "the most the project's unfinished jobs' images may take and the most its own may take "
+                      "would pass it. Null: no quota.")
 
 
 class Budget(Strict):
@@ -434,10 +435,15 @@ class ProjectPublic(BaseModel):
         "if any, applies."))
     storage_quota_bytes: int | None = Field(None, description=(
         "The quota in force, in bytes (its own, else the server's default): new jobs are refused (507 "
-        "`storage_quota_exceeded`) while `storage_bytes` is at or over it; null: no quota."))
+        "`storage_quota_exceeded`) while `storage_bytes` is at or over it, or would be with what its unfinished jobs "
+        "and the new one may store (`storage_reserved_bytes`); null: no quota."))
     storage_bytes: int = Field(0, description=(
         "The bytes its live (not deleted) assets' files hold, each asset counted whole (identical images too); "
         "assets stored before migration 0029 count once the service's asset sweep has measured them."))
+    storage_reserved_bytes: int = Field(0, description=(
+        "The most its unfinished (queued, running) jobs' images may still take: held back from its quota, a new "
+        "job is refused (507 `storage_quota_exceeded`) when `storage_bytes`, this and the most its own images may "
+        "take pass the quota. 0 where no quota is in force."))
 
 
 _SEED_DESCRIPTION = "The first image's seed; null: a random one, recorded in the job's `params`."
@@ -582,7 +588,8 @@ class ErrorBody(BaseModel):
         "`gone` (410: a deleted asset), `payload_too_large` (413), "
         "`budget_exceeded` (402), `no_route` (422, 503), "
         "`rate_limited` (429), `engine_unavailable`, `database_unavailable`, `storage_full`, `server_stopping` "
-        "(503: send again), `storage_quota_exceeded` (507: the project's assets hold its storage quota), "
+        "(503: send again), `storage_quota_exceeded` (507: the project's assets, with what its unfinished jobs "
+        "and this one may store, pass its storage quota), "
         "`content_unavailable` (500: an asset's file is missing or damaged; a job's: its source's), "
         "`internal_error` (500). A job's `error` also uses `content_filtered`, `no_image`, `engine_error`, `timeout`, "
         "`canceled`, `interrupted`. More may come: read one you do not know by the answer's HTTP status."))

@@ -392,18 +392,16 @@ def test_0013_mends_the_indexes_of_the_first_0009_and_0010(tmp_path: Path) -> No
 
 
 def _project_and_job(engine: Any) -> None:
-    """A project and a job in a schema of before the head (the project as a row of its own: the
-    model's columns of later revisions are not there yet)."""
+    """A project and a job in a schema of before the head (rows of their own: the model's columns
+    of later revisions are not there yet)."""
     from sqlalchemy import text
-    from sqlmodel import Session
 
-    from orchestrator.models import Job
-
-    with Session(engine) as s:
-        s.execute(text("INSERT INTO projects (id, name, policy, budget_period, created_at) "
-                       "VALUES ('prj_1', 'p', 'balanced', 'none', '2026-11-28 00:00:00')"))
-        s.add(Job(id="job_1", project_id="prj_1", stage="ideation", engine="lite", status="succeeded"))
-        s.commit()
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO projects (id, name, policy, budget_period, created_at) "
+                          "VALUES ('prj_1', 'p', 'balanced', 'none', '2026-11-28 00:00:00')"))
+        conn.execute(text("INSERT INTO jobs (id, project_id, stage, engine, status, params, progress_step, "
+                          "progress_total, estimated, cache_hit, attempt, created_at) VALUES ('job_1', 'prj_1', "
+                          "'ideation', 'lite', 'succeeded', '{}', 0, 0, 0, false, 0, '2026-11-28 00:00:00')"))
 
 
 def _capture(conn: Any, hold_id: int | None = None) -> None:

@@ -138,14 +138,25 @@ def size_class(width: int, height: int) -> str:
     in pixels at every aspect ratio (1K at 16:9 is 1376x768, at 21:9 1584x672): by the long side
     alone, a 16:9 image of 1K's own size was asked for, and paid, at 2K."""
     pixels, side = width * height, max(width, height)
-    for name, edge in (("1K", 1024), ("2K", 2048)):
+    for name in ("1K", "2K"):
+        edge = CLASS_EDGES[name]
         if pixels <= CLASS_PIXELS_SLACK * edge * edge and side <= CLASS_SIDE_SLACK * edge:
             return name
     return "4K"
+
+
+def class_bound(name: str) -> tuple[int, int]:
+    """A width x height at least as large as any image of the class in its pixels and its rows
+    (its long side, standing): what a PNG of any of its aspect ratios takes stays within that of
+    this size (`orchestrator.quota.image_bound`), though no image has it."""
+    edge = CLASS_EDGES[name]
+    long = math.ceil(CLASS_SIDE_SLACK * edge)
+    return math.ceil(CLASS_PIXELS_SLACK * edge * edge / long), long
 
 
 # A class's pixels, as Google's sizes have them at every aspect (at most 1.025x its side squared:
 # 4:3's 1200x896); and its long side at the widest (21:9: 1584 for 1K), past which a thin image
 # needs the next one.
 CLASS_PIXELS_SLACK = 1.03
+CLASS_EDGES = {"1K": 1024, "2K": 2048, "4K": 4096}
 CLASS_SIDE_SLACK = 1.56

@@ -349,7 +349,11 @@ class Engine(Protocol):
     they were paid for, and the job keeps them as its assets.
 
     A remote engine may set `concurrency`, how many of its jobs one process runs at once
-    (`REMOTE_CONCURRENCY` when it does not; a local engine's device runs one)."""
+    (`REMOTE_CONCURRENCY` when it does not; a local engine's device runs one).
+
+    An engine whose provider picks the size of the images it returns may have `largest_size(req)`,
+    the largest (width, height) it returns for the request: storage quotas hold that back for the
+    job (`orchestrator.quota`), and the size asked where it has none."""
 
     name: str
     kind: Kind

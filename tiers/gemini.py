@@ -32,7 +32,15 @@ from tiers._cloud import (
     unreadable_usage,
 )
 from tiers._http import RemoteClient, answer_json, error_text
-from tiers._images import b64decode_tolerant, b64encode, decode_image, encode_image, nearest_aspect, size_class
+from tiers._images import (
+    b64decode_tolerant,
+    b64encode,
+    class_bound,
+    decode_image,
+    encode_image,
+    nearest_aspect,
+    size_class,
+)
 from tiers.base import (
     PROMPT_AND_IMAGE_ONLY,
     CancelToken,
@@ -96,6 +104,11 @@ class GeminiEngine(CloudEngine):
         input_tokens = INPUT_IMAGE_TOKENS + prompt_tokens(req.prompt)
         per_input = math.ceil(input_tokens * self._token_rate("input_tokens_per_million") / 1e6)
         return req.n * (per_image + per_input)
+
+    def largest_size(self, req: RenderRequest) -> tuple[int, int]:
+        """Google picks the size within the class asked (the 2.5 model's is 1K): the largest of
+        any of its aspect ratios, for the storage quota (`orchestrator.quota`)."""
+        return class_bound(size_class(req.width, req.height) if self._sized() else "1K")
 
     def _sized(self) -> bool:
         """Whether the model takes `imageSize` (1K/2K/4K): the Gemini 3 image models; the earlier

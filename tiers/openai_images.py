@@ -176,6 +176,11 @@ class OpenAIImagesEngine(CloudEngine):
                         "as input tokens): routing skips it until ORCH_PRICES_FILE gives them")
         return said
 
+    def largest_size(self, req: RenderRequest) -> tuple[int, int]:
+        """The one of its three sizes it answers the request in, for the storage quota (`orchestrator.quota`)."""
+        width, height = image_size(req.width, req.height).split("x")
+        return int(width), int(height)
+
     def estimate(self, req: RenderRequest) -> int:
         size = image_size(req.width, req.height)
         made = tuple(int(side) for side in size.split("x"))

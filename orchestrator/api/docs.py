@@ -39,9 +39,10 @@ _DOCUMENTED = {
     503: "The database is unavailable for now (`database_unavailable`) or its disk is full (`storage_full`), "
          "or the server stopped before it finished the request (`server_stopping`): send it again after "
          "`Retry-After`.",
-    507: "The project's live assets hold its storage quota (`storage_quota_exceeded`, with `details.used_bytes` and "
-         "`details.quota_bytes`): nothing was made or held. Sending it again changes nothing until some of its "
-         "assets are deleted or the admin raises `storage_quota_mb`.",
+    507: "The project's live assets hold its storage quota, or would pass it with the most its unfinished jobs and "
+         "this one may store (`storage_quota_exceeded`, with `details.used_bytes`, `details.reserved_bytes`, "
+         "`details.job_bound_bytes` and `details.quota_bytes`): nothing was made or held. Sending it again changes "
+         "nothing until some of its assets are deleted, its jobs end, or the admin raises `storage_quota_mb`.",
 }
 
 # The sentences of a route that reads a JSON body.

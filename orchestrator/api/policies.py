@@ -174,8 +174,10 @@ class ExplainRequest(Strict):
                       "(`rate_limited`); `Retry-After` says when to try again.",
                  500: "The source asset's image file is missing or damaged in the store (`content_unavailable`).",
                  503: JOB_503,
-                 507: "A job would be refused: the project's live assets hold its storage quota "
-                      "(`storage_quota_exceeded`, with `details.used_bytes` and `details.quota_bytes`)."}))
+                 507: "A job would be refused: the project's live assets hold its storage quota, or would pass "
+                      "it with what its unfinished jobs and this one may store (`storage_quota_exceeded`, with "
+                      "`details.used_bytes`, `details.reserved_bytes`, `details.job_bound_bytes` and "
+                      "`details.quota_bytes`)."}))
 def explain(body: ExplainRequest, services: ServicesDep, caller: CallerDep) -> dict[str, Any]:
     """The routing decision and estimate for a request, without running or charging anything.
     With a project key, `project_id` may be left out: the key names the project."""

@@ -4,7 +4,7 @@ from fastapi import APIRouter, Request, Response
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from orchestrator import idempotency
+from orchestrator import idempotency, quota
 from orchestrator.api.deps import CallerDep, IdempotencyKey, ServicesDep, admin_only
 from orchestrator.api.docs import (
     BODY_422,
@@ -156,10 +156,12 @@ def list_projects(services: ServicesDep, caller: CallerDep, limit: Limit = 50,
         if caller.project_id is not None:
             stmt = stmt.where(col(Project.id) == caller.project_id)
         rows = list(s.exec(stmt).all())
-    more = len(rows) > limit
-    rows = rows[:limit]
-    default_quota_mb = services.settings.project_storage_quota_mb
-    return Page(items=[project_public(p, default_quota_mb) for p in rows], next_cursor=rows[-1].id if more else None)
+        more = len(rows) > limit
+        rows = rows[:limit]
+        default_quota_mb = services.settings.project_storage_quota_mb
+        held = quota.held_by(s, rows, default_quota_mb)
+    return Page(items=[project_public(p, default_quota_mb, held.get(p.id, 0)) for p in rows],
+                next_cursor=rows[-1].id if more else None)
 
 
 def _check_policy(services: ServicesDep, policy: str | None) -> Policy | None:
@@ -189,7 +191,12 @@ def get_project(project_id: ProjectId, services: ServicesDep, caller: CallerDep)
     """A project: its name, routing policy, budget (limit and period), storage quota and the bytes its
     live assets hold."""
     caller.project(project_id)
-    return project_public(_get(services, project_id), services.settings.project_storage_quota_mb)
+    default_quota_mb = services.settings.project_storage_quota_mb
+    with services.db.session() as s:
+        project = s.get(Project, project_id)
+        if project is None:
+            raise not_found("project", "project_id", project_id)
+        return project_public(project, default_quota_mb, quota.held(s, project, default_quota_mb))
 
 
 @router.patch("/projects/{project_id}", response_model=ProjectPublic, summary="Update a project",
@@ -234,10 +241,11 @@ def update_project(project_id: ProjectId, body: ProjectUpdate, services: Service
             if "period" in given:
                 project.budget_period = budget.period
         s.add(project)
+        reserved = quota.held(s, project, services.settings.project_storage_quota_mb)
     if chosen is not None and chosen.keeps_all_local:
         # Nothing is sent off the machine from now on: the jobs queued under the earlier policy neither.
         services.keep_local(project_id, chosen.name)
-    return project_public(project, services.settings.project_storage_quota_mb)
+    return project_public(project, services.settings.project_storage_quota_mb, reserved)
 
 
 @router.get("/projects/{project_id}/assets", response_model=Page[AssetPublic], summary="List a project's assets",

@@ -29,14 +29,15 @@ _PUBLIC_PARAMS = ("prompt", "negative_prompt", "n", "seed", "width", "height", "
                   "strength", "quality", "scale", "creativity", "tags")
 
 
-def project_public(p: Project, default_quota_mb: int) -> ProjectPublic:
-    """`default_quota_mb`: ORCH_PROJECT_STORAGE_QUOTA_MB, the quota in force where the project sets none."""
+def project_public(p: Project, default_quota_mb: int, reserved: int = 0) -> ProjectPublic:
+    """`default_quota_mb`: ORCH_PROJECT_STORAGE_QUOTA_MB, the quota in force where the project sets none;
+    `reserved`: what its unfinished jobs may still store (`quota.held`)."""
     limit = None if p.budget_limit is None else to_credits(p.budget_limit)
     return ProjectPublic(id=p.id, name=p.name, policy=p.policy,
                          budget=ProjectBudget.model_validate({"limit": limit, "period": p.budget_period}),
                          created_at=p.created_at, archived_at=p.archived_at, webhook_url=p.webhook_url,
                          storage_quota_mb=p.storage_quota_mb, storage_bytes=p.storage_bytes,
-                         storage_quota_bytes=quota_bytes(p, default_quota_mb))
+                         storage_quota_bytes=quota_bytes(p, default_quota_mb), storage_reserved_bytes=reserved)
 
 
 def job_public(job: Job, asset_ids: list[str], held: int = 0, charged: int = 0) -> JobPublic:

@@ -24,7 +24,7 @@ from orchestrator.models import Asset, IdempotencyKey, Job, LedgerEntry, Project
 from orchestrator.services import Services
 from orchestrator.settings import Settings
 from orchestrator.store import ArtifactStore
-from tests.api import assert_error, create_project, run_draft, wait_for_job
+from tests.api import SMALL, assert_error, create_project, run_draft, submit_draft, wait_for_job
 from tests.api.test_retention import built
 
 SettingsFactory = Callable[..., Settings]
@@ -139,7 +139,9 @@ def check_a_submit_at_the_quota_is_refused_with_nothing_written(make_settings: S
                            (f"/v1/assets/{draft}/polish", {"engine": "local-hifi"})):
             response = client.post(path, json=body, headers={"Idempotency-Key": f"full {path}"})
             error = assert_error(response, 507, "storage_quota_exceeded")
-            assert error["details"] == {"project_id": project_id, "used_bytes": MIB, "quota_bytes": MIB}, path
+            # Refused before it is routed: no engine, so no bound of its images, is asked.
+            assert error["details"] == {"project_id": project_id, "used_bytes": MIB, "quota_bytes": MIB,
+                                        "reserved_bytes": 0, "job_bound_bytes": 0}, path
             assert "storage quota of 1 MiB" in error["message"] and "Retry-After" not in response.headers
         # Explaining the route says the same: a 200 said such a job would be taken.
         explained = client.post("/v1/route/explain", json={"stage": "ideation", "project_id": project_id,
@@ -147,17 +149,25 @@ def check_a_submit_at_the_quota_is_refused_with_nothing_written(make_settings: S
         assert assert_error(explained, 507, "storage_quota_exceeded")["details"]["used_bytes"] == MIB
         assert rows() == before  # no job, no hold, no key kept
 
-        # One byte under: taken, and the job finishes over the quota (its images are made by then).
+        # One byte under, but the job's images may take more than that byte: refused, saying how much.
         set_usage(services, project_id, MIB - 1)
-        finished = run_draft(client, project_id, n=2, seed=22)
-        assert used(client, project_id) == MIB - 1 + sum(size_of(client, a) for a in finished["assets"]) > MIB
-        assert_error(client.post(f"/v1/projects/{project_id}/drafts", json={"prompt": "x"}), 507,
+        two = {"prompt": "a lighthouse at dusk", "n": 2, **SMALL}
+        error = assert_error(client.post(f"/v1/projects/{project_id}/drafts", json={**two, "seed": 22}), 507,
+                             "storage_quota_exceeded")
+        bound = error["details"]["job_bound_bytes"]
+        assert bound > 2 * 64 * 64 * 4 and error["details"]["reserved_bytes"] == 0, error
+        assert rows() == before
+        # Room for its bound: taken, and its images take no more than it held back.
+        set_usage(services, project_id, MIB - bound)
+        finished = run_draft(client, project_id, **two, seed=22)
+        assert MIB - bound < used(client, project_id) <= MIB
+        assert_error(client.post(f"/v1/projects/{project_id}/drafts", json={**two, "seed": 23}), 507,
                      "storage_quota_exceeded")
         # Deleting assets makes room again at once.
         for asset_id in finished["assets"]:
             assert client.delete(f"/v1/assets/{asset_id}").status_code == 204
-        assert used(client, project_id) == MIB - 1
-        run_draft(client, project_id, seed=23)
+        assert used(client, project_id) == MIB - bound
+        run_draft(client, project_id, **two, seed=23)
         # And the admin lifting the quota, whatever the project holds.
         set_usage(services, project_id, 50 * MIB)
         assert client.patch(f"/v1/projects/{project_id}", json={"storage_quota_mb": None}).json()[
@@ -314,3 +324,149 @@ def check_assets_measured(db: Database, store: ArtifactStore) -> None:
         assert project is not None and project.storage_bytes == 7 + live
         sizes = dict(s.exec(select(Asset.id, Asset.bytes).where(col(Asset.project_id) == "prj_m")).all())
     assert sizes == {f"ast_m{i}": len(f"image {i}".encode() * (i + 1)) for i in range(5)} | {"ast_m5": 0}
+
+
+def reserved_of(client: httpx.Client, project_id: str) -> int:
+    response = client.get(f"/v1/projects/{project_id}")
+    assert response.status_code == 200, response.text
+    return int(response.json()["storage_reserved_bytes"])
+
+
+def test_unfinished_jobs_hold_their_images_bound_back_from_the_quota(make_settings: SettingsFactory) -> None:
+    check_unfinished_jobs_hold_their_images_bound_back_from_the_quota(make_settings)
+
+
+def check_unfinished_jobs_hold_their_images_bound_back_from_the_quota(make_settings: SettingsFactory,
+                                                                     **database: Any) -> None:
+    """A project cannot pass its quota by what its queued jobs will make: each holds back the most its
+    images can take until it ends; then what they stored counts instead, and a canceled or failed
+    one frees what it held."""
+    body = {"prompt": "a lighthouse at dusk", "n": 4, **SMALL}
+    with client_for(make_settings(run_jobs=False, **database)) as client:
+        project_id = create_project(client, storage_quota_mb=1)["id"]
+        services = services_of(client)
+        first = submit_draft(client, project_id, **body, seed=1)
+        bound = reserved_of(client, project_id)
+        assert bound > 4 * 64 * 64 * 4  # the 4 images' pixels at least, as RGBA
+        with services.db.session() as s:
+            assert s.get(Job, first["id"]).reserved_bytes == bound  # type: ignore[union-attr]
+        fits = MIB // bound
+        queued = [first["id"], *(submit_draft(client, project_id, **body, seed=seed)["id"]
+                                 for seed in range(2, fits + 1))]
+        assert reserved_of(client, project_id) == fits * bound
+
+        def rows() -> tuple[int, int, int]:
+            with services.db.session() as s:
+                return (len(s.exec(select(Job.id)).all()), len(s.exec(select(LedgerEntry.id)).all()),
+                        len(s.exec(select(IdempotencyKey.key)).all()))
+
+        before = rows()
+        refused = client.post(f"/v1/projects/{project_id}/drafts", json={**body, "seed": 99},
+                              headers={"Idempotency-Key": "one too many"})
+        error = assert_error(refused, 507, "storage_quota_exceeded")
+        assert error["details"] == {"project_id": project_id, "used_bytes": 0, "quota_bytes": MIB,
+                                    "reserved_bytes": fits * bound, "job_bound_bytes": bound}
+        assert "unfinished jobs may store" in error["message"], error
+        explained = client.post("/v1/route/explain", json={"stage": "ideation", "project_id": project_id, **body})
+        assert assert_error(explained, 507, "storage_quota_exceeded")["details"]["job_bound_bytes"] == bound
+        assert rows() == before  # no job, no hold, no key kept
+
+        # A canceled job holds nothing back: room for one more.
+        assert client.post(f"/v1/jobs/{queued.pop()}/cancel").status_code in (200, 202)
+        assert reserved_of(client, project_id) == (fits - 1) * bound
+        queued.append(submit_draft(client, project_id, **body, seed=99)["id"])
+        # Nor does a failed one.
+        with services.db.transaction() as s:
+            s.execute(update(Job).where(col(Job.id) == queued.pop()).values(status="failed"))
+        assert reserved_of(client, project_id) == (fits - 1) * bound
+        # Another project's jobs are not its own, and a project without a quota holds nothing back.
+        free = create_project(client, "free")["id"]
+        submit_draft(client, free, **body)
+        listed = {p["id"]: p["storage_reserved_bytes"] for p in client.get("/v1/projects").json()["items"]}
+        assert (listed[project_id], listed[free]) == ((fits - 1) * bound, 0)
+    with client_for(make_settings(**database)) as client:
+        ended = [wait_for_job(client, job_id, ("succeeded",)) for job_id in queued]
+        sizes = [size_of(client, asset_id) for job in ended for asset_id in job["assets"]]
+        assert reserved_of(client, project_id) == 0
+        assert used(client, project_id) == sum(sizes) <= (fits - 1) * bound
+        # The room they held and did not use is the project's again.
+        submit_draft(client, project_id, **body, seed=100)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA"])
+@pytest.mark.parametrize(("width", "height"), [(1, 1), (8, 8), (64, 48), (300, 7), (512, 512)])
+def test_an_image_s_bound_is_above_its_png_as_the_store_writes_it(mode: str, width: int, height: int) -> None:
+    """Noise (which zlib cannot shrink) and the longest prompts, in characters JSON escapes six bytes
+    each: the bound holds what `store.encode_png` writes."""
+    import random
+
+    from PIL import Image
+
+    from orchestrator import quota
+    from orchestrator.store import encode_png
+
+    noise = random.Random(width * height).randbytes(width * height * len(mode))
+    params = {"prompt": "\u00e9\u4e00" * 5000, "negative_prompt": "\n\"" * 5000}
+    record = {"stage": "ideation", "engine": "lite", "model": "m" * 300, "seed": 2**32 - 1, "width": width,
+              "height": height, "sampler": "EulerDiscreteScheduler", "steps": 150, "guidance_scale": 30.0, **params}
+    made = len(encode_png(Image.frombytes(mode, (width, height), noise), record))
+    bound = quota.image_bound(width, height, quota.text_bound(params))
+    assert made <= bound
+
+
+def test_an_engine_that_picks_its_size_is_held_at_the_largest_it_returns() -> None:
+    from orchestrator import quota
+    from tiers._images import CLASS_EDGES, class_bound
+    from tiers.base import RenderRequest
+
+    class Picks:
+        def largest_size(self, req: RenderRequest) -> tuple[int, int]:
+            return 1536, 1024
+
+    asked = RenderRequest(stage="ideation", prompt="p", n=2, width=1200, height=800)
+    params = {"prompt": "p"}
+    assert quota.output_size(Picks(), asked) == (1536, 1024)  # type: ignore[arg-type]
+    assert quota.output_size(None, asked) == (1200, 800)  # unknown: the size asked
+    assert quota.job_bound(Picks(), asked, params) == 2 * quota.image_bound(1536, 1024, quota.text_bound(params))  # type: ignore[arg-type]
+    # Gemini's sizes of each class, of any aspect ratio, within the class's bound: 1K at 1:1, 4:3
+    # (the most pixels) and 21:9 (the longest side), standing and lying; 2K and 4K as 1K doubled.
+    for name in CLASS_EDGES:
+        times = CLASS_EDGES[name] // 1024
+        width, height = class_bound(name)
+        for made in ((1024, 1024), (1200, 896), (896, 1200), (1584, 672), (672, 1584)):
+            w, h = made[0] * times, made[1] * times
+            assert h * (1 + 4 * w) <= height * (1 + 4 * width), (name, made)
+
+
+def test_0030_leaves_jobs_taken_before_it_holding_nothing_and_downgrades(tmp_path: Path) -> None:
+    """A job queued across the upgrade has no bound (its engine's sizes were not asked at its submit):
+    it holds nothing back, and the downgrade drops the column alone."""
+    from orchestrator import quota
+
+    url = f"sqlite:///{tmp_path / 'm.db'}"
+    upgrade(url, "0029")
+    engine = create_engine(url)
+    try:
+        with engine.begin() as conn:
+            now = datetime.now(UTC).replace(tzinfo=None)
+            conn.execute(text("INSERT INTO projects (id, name, policy, budget_period, created_at, storage_quota_mb) "
+                              "VALUES ('prj_1', 'p', 'balanced', 'none', :now, 1)"), {"now": now})
+            conn.execute(text("INSERT INTO jobs (id, project_id, stage, engine, status, params, progress_step, "
+                              "progress_total, estimated, cache_hit, attempt, created_at) VALUES ('job_1', 'prj_1', "
+                              "'ideation', 'lite', 'queued', '{}', 0, 0, 0, 0, 0, :now)"), {"now": now})
+        upgrade(url)
+        db = Database(url)
+        try:
+            with db.session() as s:
+                job, project = s.get(Job, "job_1"), s.get(Project, "prj_1")
+                assert job is not None and job.reserved_bytes is None and project is not None
+                assert quota.held(s, project, 0) == 0
+        finally:
+            db.dispose()
+        command.downgrade(alembic_config(url), "0029")
+        with engine.connect() as conn:
+            assert "reserved_bytes" not in {c["name"] for c in inspect(conn).get_columns("jobs")}
+            assert conn.execute(text("SELECT status FROM jobs")).scalar() == "queued"
+        upgrade(url)
+    finally:
+        engine.dispose()

@@ -57,6 +57,7 @@ from tests.api.test_retention import check_batches, check_draft_retention, check
 from tests.api.test_storage_quota import (
     check_a_submit_at_the_quota_is_refused_with_nothing_written,
     check_assets_measured,
+    check_unfinished_jobs_hold_their_images_bound_back_from_the_quota,
     check_usage_counts_each_asset_written_and_lowers_on_delete,
 )
 from tests.api.test_webhook_deliveries import (
@@ -234,6 +235,8 @@ def test_storage_usage_and_quota_on_postgres(postgres_url: str, make_settings: C
                                              tmp_path: Path) -> None:
     check_usage_counts_each_asset_written_and_lowers_on_delete(make_settings, database_url=postgres_url)
     check_a_submit_at_the_quota_is_refused_with_nothing_written(make_settings, database_url=postgres_url)
+    # The sum of the unfinished jobs' bounds under the project's row lock, as PostgreSQL runs it.
+    check_unfinished_jobs_hold_their_images_bound_back_from_the_quota(make_settings, database_url=postgres_url)
     db = Database(postgres_url)
     try:  # its partial index's condition, as PostgreSQL writes it
         check_assets_measured(db, ArtifactStore(tmp_path / "measured"))
