@@ -85,7 +85,9 @@ class Job(SQLModel, table=True):
                       # A project's jobs a page at a time, in id order (/v1/jobs): with the project
                       # alone in the index, each page sorted all of a big project's jobs.
                       sa.Index("ix_jobs_project_id", "project_id", "id"),
-                      sa.Index("ix_jobs_project_status", "project_id", "status", "id"),
+                      # With the bound each unfinished job holds of its project's storage quota: a
+                      # submit counts them and sums it from the index alone (`quota.unfinished`).
+                      sa.Index("ix_jobs_project_status", "project_id", "status", "id", "reserved_bytes"),
                       # Queued jobs numbered in turns by project, in index order (orchestrator.queue).
                       sa.Index("ix_jobs_status_project_created", "status", "project_id", "created_at", "id"),
                       # Each lane's oldest queued jobs, and which engines have any (orchestrator.queue).

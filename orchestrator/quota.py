@@ -13,11 +13,11 @@ or written, as one below `ORCH_MIN_FREE_DISK_MB` is, when the project's stored b
 unfinished jobs can still store and the most this job can store together pass the quota: a
 project cannot pass it by what its queued jobs make. The most a job can store (`job_bound`) is
 kept on its row at submit (`Job.reserved_bytes`), so what the unfinished ones hold back is one
-sum over the few rows of `ix_jobs_project_status` (`reserved`). An upper bound, not an estimate:
-what an image's PNG takes depends on its pixels, unknown until it is made. Assets stored before
-sizes were kept (migration 0029) count nothing until `measure` has read their files' sizes, which
-the service's asset sweep does at start and then hourly; jobs taken before migration 0030 hold
-nothing back.
+sum over the few entries of `ix_jobs_project_status`, which holds the column (`unfinished`). An
+upper bound, not an estimate: what an image's PNG takes depends on its pixels, unknown until it is
+made. Assets stored before sizes were kept (migration 0029) count nothing until `measure` has
+read their files' sizes, which the service's asset sweep does at start and then hourly; jobs taken
+before migration 0030 hold nothing back.
 """
 
 from __future__ import annotations
@@ -124,15 +124,20 @@ def held(s: Session, project: Project, default_mb: int) -> int:
 
 def held_by(s: Session, projects: list[Project], default_mb: int) -> dict[str, int]:
     """The bytes each project's unfinished jobs may still store, where a quota is in force (none
-    where none is: nothing to judge, so nothing read): one sum over the queued and running rows of
-    `ix_jobs_project_status` (a project has `ORCH_MAX_PENDING_JOBS` of them at most)."""
+    where none is: nothing to judge, so nothing read)."""
     judged = [p.id for p in projects if quota_bytes(p, default_mb) is not None]
-    if not judged:
-        return {}
-    sums = s.exec(select(col(Job.project_id), func.coalesce(func.sum(col(Job.reserved_bytes)), 0))
-                  .where(col(Job.project_id).in_(judged), col(Job.status).in_(("queued", "running")))
+    return {project_id: amount for project_id, (_, amount) in unfinished(s, judged).items()} if judged else {}
+
+
+def unfinished(s: Session, project_ids: list[str]) -> dict[str, tuple[int, int]]:
+    """Each project's unfinished (queued, running) jobs: how many, and the bytes they may still
+    store; none for a project without any. Read from `ix_jobs_project_status` alone (a project has
+    `ORCH_MAX_PENDING_JOBS` of them at most), once for both a submit's pending limit and its quota:
+    each statement cost it about 0.35 ms on SQLite."""
+    rows = s.exec(select(col(Job.project_id), func.count(), func.coalesce(func.sum(col(Job.reserved_bytes)), 0))
+                  .where(col(Job.project_id).in_(project_ids), col(Job.status).in_(("queued", "running")))
                   .group_by(col(Job.project_id)))
-    return {project_id: int(amount or 0) for project_id, amount in sums}
+    return {project_id: (int(count), int(amount or 0)) for project_id, count, amount in rows}
 
 
 def refuse_if_over(project: Project, default_mb: int, reserved: int = 0, bound: int = 0) -> None:

@@ -225,7 +225,7 @@ def explain(body: ExplainRequest, services: ServicesDep, caller: CallerDep) -> d
     # In the submit's order: the disk's reserve, then the project's unfinished jobs.
     jobs.refuse_if_no_room()  # as its submit would be: a 200 said the job would be taken
     if not cache_hit:  # a copy of an earlier result is no job to wait for
-        jobs.check_room(prepared.project_id)
+        jobs.check_room(prepared, decision)
     return {"project_id": prepared.project_id, "stage": body.stage, "engine": decision.chosen,
             "estimate": 0.0 if cache_hit else to_credits(decision.estimate), "cache_hit": cache_hit,
             "routing": decision.as_dict(),

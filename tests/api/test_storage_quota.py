@@ -463,9 +463,14 @@ def test_0030_leaves_jobs_taken_before_it_holding_nothing_and_downgrades(tmp_pat
                 assert quota.held(s, project, 0) == 0
         finally:
             db.dispose()
+        with engine.connect() as conn:  # summed from the index alone
+            [index] = [i for i in inspect(conn).get_indexes("jobs") if i["name"] == "ix_jobs_project_status"]
+            assert index["column_names"] == ["project_id", "status", "id", "reserved_bytes"]
         command.downgrade(alembic_config(url), "0029")
         with engine.connect() as conn:
             assert "reserved_bytes" not in {c["name"] for c in inspect(conn).get_columns("jobs")}
+            [index] = [i for i in inspect(conn).get_indexes("jobs") if i["name"] == "ix_jobs_project_status"]
+            assert index["column_names"] == ["project_id", "status", "id"]
             assert conn.execute(text("SELECT status FROM jobs")).scalar() == "queued"
         upgrade(url)
     finally:
