@@ -969,6 +969,11 @@ class JobRunner:
         # it local; otherwise it may leave the machine, for all this process knows.
         leaves = (leaves_machine(self.registry.get(engine)) if engine in self.registry
                   else not (job.routing or {}).get("private"))
+        # What its images may take on the engine it moves to (a provider that picks a larger size):
+        # held back from its project's storage quota from now on. A job taken before migration 0030
+        # still holds nothing: its project's quota was never judged with it.
+        bound = None if job.reserved_bytes is None else quota.job_bound(
+            self.registry.get(engine) if engine in self.registry else None, render_request(job.params), job.params)
 
         def move(s: Session) -> None:
             # Read in the move's own transaction: made private while it ran, it goes nowhere off the machine.
@@ -976,7 +981,7 @@ class JobRunner:
                 raise MadePrivate(job.id)
             self.ledger.settle_failure(s, job, error)
             self._guarded_update(s, claim, unless_canceled=True, status="queued", engine=engine, model=model,
-                                 estimated=estimate,
+                                 estimated=estimate, reserved_bytes=bound,
                                  # Keyed again by the model that renders it when it succeeds (unknown here
                                  # for another worker's engine): only a success is looked up.
                                  cache_key=cache_key(engine, model or "", job.params) if job.cache_key else None,

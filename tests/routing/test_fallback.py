@@ -1222,3 +1222,30 @@ def test_a_request_only_engines_not_set_up_could_take_is_not_told_to_wait(
         error = assert_error(waited, 503, "no_route")
         assert error["message"].startswith("no engine can take this request now"), error["message"]
         assert "retry-after" in waited.headers
+
+
+def test_a_job_that_falls_back_holds_what_its_new_engine_s_images_may_take(
+        new_settings: SettingsFactory, fallback_policies: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job's storage bound is its engine's: moved to one whose provider returns larger images, it
+    holds their bound back from its project's quota from then on (`orchestrator.quota`)."""
+    from orchestrator import quota
+    from orchestrator.db import Database
+    from tests.routing import NamedFakeEngine
+
+    monkeypatch.setattr(NamedFakeEngine, "largest_size", lambda self, req: (2048, 2048) if self.name == "fake-b"
+                        else (req.width, req.height), raising=False)
+    settings = new_settings(engines=FAKE_ENGINES, policy="fallback-test", policy_dir=fallback_policies)
+    with running(settings) as client:
+        _, asset_id = draft_asset(client, budget={"limit": 100, "period": "month"})
+        job = promote(client, asset_id, tags={"fake": "fail"})
+        done = wait_for_job(client, job["id"])
+        assert (done["status"], done["engine"]) == ("succeeded", "fake-b"), done
+    db = Database(settings.resolved_database_url)
+    try:
+        with db.session() as s:
+            row = s.get(Job, job["id"])
+            assert row is not None
+            taken = quota.image_bound(row.params["width"], row.params["height"], quota.text_bound(row.params))
+            assert row.reserved_bytes == quota.image_bound(2048, 2048, quota.text_bound(row.params)) > taken
+    finally:
+        db.dispose()
