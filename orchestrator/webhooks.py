@@ -152,8 +152,8 @@ def _written_as(where: str) -> list[str]:
 
 
 def _not_to(where: str) -> sa.ColumnElement[bool]:
-    """SQL: the row's URL is not to destination `where`. (SQLite's `lower` folds ASCII letters only:
-    a host with other capitals is read, and left unclaimed once `destination` tells it.)"""
+    """SQL: the row's URL is not to destination `where`, as most URLs write it (those it misses:
+    `Deliverer._due`)."""
     url = func.lower(col(WebhookDelivery.url))
     return sa.not_(sa.or_(*(
         sa.or_(url == start, func.substr(url, 1, len(start) + 1).in_([start + end for end in "/?#"]))
@@ -412,10 +412,19 @@ class Deliverer:
             if sending:
                 query = query.where(col(WebhookDelivery.id).not_in(sending))
             # In SQL, not after the read: a receiver's thousand rows would fill every read.
-            query = query.where(*(_not_to(where) for where in full))
-            rows = s.exec(query.order_by(col(WebhookDelivery.next_attempt_at)).limit(limit)).all()
-            return [Due(r.id, r.job_id, r.url, r.event, r.attempts, r.next_attempt_at) for r in rows
-                    if r.next_attempt_at is not None]
+            query = query.where(*(_not_to(where) for where in full)).order_by(col(WebhookDelivery.next_attempt_at))
+            full, missed = set(full), set[str]()
+            while True:
+                read = query.where(col(WebhookDelivery.url).not_in(missed)) if missed else query
+                rows = s.exec(read.limit(limit)).all()
+                # Spellings of a full destination its prefixes do not write (`host:/`, a port `0443`, a
+                # non-ASCII capital SQLite's `lower` keeps): read past by their exact URLs, read again,
+                # or its oldest rows filled each read and no other destination's row was ever read.
+                escaped = {r.url for r in rows if destination(r.url) in full} - missed
+                if not escaped:
+                    return [Due(r.id, r.job_id, r.url, r.event, r.attempts, r.next_attempt_at) for r in rows
+                            if r.next_attempt_at is not None]
+                missed |= escaped
 
     def _claim_all(self, rows: list[Due]) -> list[Due]:
         """The rows this process claims of `rows`, in one transaction (SQLite's write lock once)."""

@@ -23,6 +23,7 @@ from orchestrator import webhooks
 from orchestrator.clock import shared_now
 from orchestrator.db import Database
 from orchestrator.models import Job, Project, WebhookDelivery
+from orchestrator.schemas import ProjectCreate
 from orchestrator.services import Services
 from orchestrator.settings import Settings
 
@@ -365,6 +366,24 @@ def check_a_full_destination_is_read_past(db: Database) -> None:
     assert [row.url for row in deliverer._due((), [webhooks.destination("HTTPS://A.EXAMPLE:443/")])][-2:] == [
         "http://a.EXAMPLE:80", "Http://a.example:8/h"]
     assert [row.id for row in deliverer._due(["whd_000", "whd_003"])][:3] == ["whd_001", "whd_002", "whd_004"]
+
+
+def test_spellings_the_sql_filter_misses_do_not_fill_every_read(db: Database) -> None:
+    check_spellings_the_sql_filter_misses_do_not_fill_every_read(db)
+
+
+def check_spellings_the_sql_filter_misses_do_not_fill_every_read(db: Database) -> None:
+    # URLs the settings take whose destination the SQL's prefixes do not spell (an empty port, a port
+    # with a leading zero, a non-ASCII capital SQLite's `lower` keeps): a full or set-aside receiver's
+    # oldest rows so written filled each read of 20, and no other destination's row was ever read.
+    for url in ("https://hooks.example:/h", "https://hooks.example:0443/h", "https://HOOKS.ÉXAMPLE/h"):
+        assert ProjectCreate(name="p", webhook_url=url).webhook_url == url  # taken as written
+    ids = _deliveries(db, [("https://hooks.example:/h", 10), ("https://hooks.example:0443/h", 10),
+                           ("https://HOOKS.ÉXAMPLE/h", 10), ("https://hooks.éxample/h", 10),
+                           ("https://other.example/h", 1)])
+    deliverer = webhooks.Deliverer(db, lambda job_id: {}, None, interval=0.1)
+    full = [webhooks.destination("https://hooks.example/"), webhooks.destination("https://hooks.éxample/")]
+    assert [row.id for row in deliverer._due((), full)] == [ids[-1]]
 
 
 def test_a_claim_given_back_is_due_as_it_was_unless_claimed_since(db: Database) -> None:

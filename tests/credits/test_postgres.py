@@ -69,6 +69,7 @@ from tests.api.test_webhook_deliveries import (
 from tests.api.test_webhook_sending import (
     check_a_claim_given_back_is_due_as_it_was,
     check_a_full_destination_is_read_past,
+    check_spellings_the_sql_filter_misses_do_not_fill_every_read,
 )
 from tests.api.test_webhooks import SECRET as WEBHOOK_SECRET
 from tests.api.test_webhooks import check_a_succeeded_draft_is_posted_once_signed, check_two_deliverers_send_a_row_once
@@ -1131,7 +1132,8 @@ def test_two_deliverers_send_a_row_once_on_postgres(pg_db: Database) -> None:
     check_two_deliverers_send_a_row_once(pg_db)
 
 
-@pytest.mark.parametrize("check", [check_a_full_destination_is_read_past, check_a_claim_given_back_is_due_as_it_was])
+@pytest.mark.parametrize("check", [check_a_full_destination_is_read_past, check_a_claim_given_back_is_due_as_it_was,
+                                   check_spellings_the_sql_filter_misses_do_not_fill_every_read])
 def test_webhook_sends_at_once_read_and_give_back_rows_on_postgres(pg_db: Database,
                                                                    check: Callable[[Database], None]) -> None:
     check(pg_db)
