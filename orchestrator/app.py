@@ -187,7 +187,7 @@ def create_app(settings: Settings | None = None, *, loopback_only: bool = False)
     app.add_middleware(HeadAsGet)  # added after those, so it wraps them: they and the routes see a GET
     app.add_middleware(CrossSiteGuard, allowed_origins=settings.cors_origin_list, loopback_only=loopback_only)
     # Outside the layers above, which may read a body (to refuse it): the key is asked for first.
-    app.add_middleware(KeyBeforeBody)
+    app.add_middleware(KeyBeforeBody, max_bytes=settings.max_body_bytes)
     if settings.cors_origin_list:
         app.add_middleware(UnexpectedErrors)
         # Outermost: a browser's preflight carries no key, so it is answered before auth; and the
