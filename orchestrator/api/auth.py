@@ -19,6 +19,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from orchestrator.api.errors import denied
+from orchestrator.api.request_limits import waits_to_send
 
 
 class KeyBeforeBody:
@@ -30,8 +31,10 @@ class KeyBeforeBody:
         if scope["type"] == "http" and (refused := await denied(Request(scope))) is not None:
             headers = Headers(scope=scope)
             declared = headers.get("content-length", "")
-            if "transfer-encoding" in headers or (declared.isascii() and declared.isdigit()
-                                                  and int(declared) > self.max_bytes):
+            # Nor is one waiting for `100 Continue` waited for: its client sends none of it, and may
+            # send its next request instead, which the server would read as this one's body.
+            if "transfer-encoding" in headers or waits_to_send(headers) or (
+                    declared.isascii() and declared.isdigit() and int(declared) > self.max_bytes):
                 refused.headers["Connection"] = "close"
             await refused(scope, receive, send)
             return

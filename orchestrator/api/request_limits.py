@@ -40,7 +40,7 @@ async def drain(receive: Receive, budget: int = DRAIN_BYTES) -> None:
         return
 
 
-def _waits_to_send(headers: Headers) -> bool:
+def waits_to_send(headers: Headers) -> bool:
     """`Expect: 100-continue`: the client sends its body only once told to, which reading it would do."""
     return "100-continue" in headers.get("expect", "").lower()
 
@@ -99,12 +99,12 @@ class RequestLimits:
         if refusal is not None:
             # What is sent of the body is read first (as a 413's is): a client still sending saw a reset.
             small = declared is None or (declared.isascii() and declared.isdigit() and int(declared) <= DRAIN_BYTES)
-            if small and not _waits_to_send(headers):
+            if small and not waits_to_send(headers):
                 await drain(receive)
             await answer(refusal)(scope, receive, send)
             return
         if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > self.max_bytes:
-            if int(declared) <= DRAIN_BYTES and not _waits_to_send(headers):
+            if int(declared) <= DRAIN_BYTES and not waits_to_send(headers):
                 await drain(receive)
             response = answer(PayloadTooLarge(self._message(), details={"max_bytes": self.max_bytes}))
             response.headers["Connection"] = "close"

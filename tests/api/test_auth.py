@@ -117,11 +117,14 @@ def test_a_body_is_not_parsed_before_its_sender_is_known(anon: httpx.Client,
     assert parsed != []  # the spy sees a body once its sender is known
 
 
-def _head(client: httpx.Client, path: str, authorization: str | None, length: int) -> socket.socket:
-    """A socket that has sent the head of a JSON POST declaring `length` bytes of body, and none of it."""
+def _head(client: httpx.Client, path: str, authorization: str | None, length: int, *,
+          expect: bool = False) -> socket.socket:
+    """A socket that has sent the head of a JSON POST declaring `length` bytes of body (with
+    `Expect: 100-continue` if `expect`), and none of it."""
     url = client.base_url
     sock = socket.create_connection((url.host, url.port), timeout=30)
     sent = "" if authorization is None else f"Authorization: {authorization}\r\n"
+    sent += "Expect: 100-continue\r\n" if expect else ""
     sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {url.host}\r\nContent-Type: application/json\r\n"
                  f"Content-Length: {length}\r\n{sent}\r\n".encode())
     return sock
@@ -187,6 +190,16 @@ def test_a_keyless_body_over_the_limit_is_cut_off_after_its_401(
                 sent += len(piece)
     assert answer.startswith(b"HTTP/1.1 401 ") and b"\r\nconnection: close\r\n" in answer
     assert sent < 100 << 20
+
+
+def test_a_keyless_body_that_waits_for_100_continue_is_not_waited_for(
+        make_settings: Callable[..., Settings], start_server: Callable[[Settings], httpx.Client]) -> None:
+    # Told no 100 Continue, a client sends no body, and may send its next request instead: on a
+    # connection kept open, the server read that request as the 401's body.
+    anon = start_server(make_settings(admin_key=KEY))
+    with _head(anon, "/v1/projects", None, 100, expect=True) as sock:
+        answer = sock.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 401 ") and b"\r\nconnection: close\r\n" in answer
 
 
 def test_what_is_refused_before_routing_needs_the_key_too(anon: httpx.Client) -> None:
