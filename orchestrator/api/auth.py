@@ -31,8 +31,9 @@ class KeyBeforeBody:
         if scope["type"] == "http" and (refused := await denied(Request(scope))) is not None:
             headers = Headers(scope=scope)
             declared = headers.get("content-length", "")
-            # Nor is one waiting for `100 Continue` waited for: its client sends none of it, and may
-            # send its next request instead, which the server would read as this one's body.
+            # Closed after the 401: a body over the limit or of a length not told (see above), or
+            # one whose client waits for `100 Continue`, sends none of it and may send its next
+            # request instead, which the server would read as this one's body.
             if "transfer-encoding" in headers or waits_to_send(headers) or (
                     declared.isascii() and declared.isdigit() and int(declared) > self.max_bytes):
                 refused.headers["Connection"] = "close"
