@@ -725,11 +725,13 @@ class WebhookDeliveryPublic(BaseModel):
                                  "redelivered.")
     status: DeliveryStatus = Field(description=(
         "`pending`: to be sent, or tried again at `next_attempt_at`; `delivered`: a 2xx answer came; `failed`: given "
-        "up after its last attempt (`POST /v1/webhook-deliveries/{id}/redeliver` sends it again)."))
+        "up after its last attempt, or unsent once past its retry schedule while its destination was set aside "
+        "(`POST /v1/webhook-deliveries/{id}/redeliver` sends it again)."))
     attempts: int = Field(description="Attempts made since it was made or last redelivered.")
     last_error: str | None = Field(description=(
         "Why the latest failed attempt failed: `answered 503` (the receiver's status), or the exception "
-        "(`ConnectError: ...`, `TimeoutError`); null when none failed."))
+        "(`ConnectError: ...`, `TimeoutError`); for one given up unsent, `not sent: ...` with its destination's "
+        "last failed attempt; null when none failed."))
     next_attempt_at: datetime | None = Field(description=(
         "When it is sent next (pending only; while a process is sending it, when that send's claim ends); null "
         "once delivered or given up."))

@@ -8,7 +8,8 @@ and PostgreSQL alike. Delivery is at least once (a sender that dies after the re
 sends it again): receivers dedupe by the `webhook-id` header. Each process sends up to
 ORCH_WEBHOOK_CONCURRENCY at once, at most 2 of them to one destination, so that a receiver that does
 not answer (10 s each) holds its own deliveries back, not every project's; and after 3 failed
-attempts in a row to one, it sets that destination aside for a while (`Breakers`), its rows unclaimed.
+attempts in a row to one, it sets that destination aside for a while (`Breakers`), its rows unclaimed;
+those older than their whole retry schedule it gives up without sending (`Deliverer._give_up`).
 
 Signed as Standard Webhooks (https://www.standardwebhooks.com) say: `webhook-signature` is
 `v1,` and the base64 HMAC-SHA256 of `{webhook-id}.{webhook-timestamp}.{body}`, keyed by
@@ -54,6 +55,9 @@ LEASE_SECONDS = 60.0
 # The waits after each failed attempt; after the last, the delivery is given up (9 attempts, the
 # last about 20.6 hours after the first).
 BACKOFF_SECONDS = (10, 60, 300, 1800, 7200, 21600, 21600, 21600)
+# The schedule's whole span: a row made (or redelivered) longer ago than this would have been given up
+# by now had each of its attempts been made, whatever a breaker kept from being sent.
+SCHEDULE_SECONDS = sum(BACKOFF_SECONDS)
 BATCH = 20  # due rows read at a time (at least; as many as the sends at once when more)
 # Sends at once to one destination: one that does not answer holds these, not every slot.
 PER_DESTINATION = 2
@@ -64,6 +68,9 @@ PER_DESTINATION = 2
 FAILURES_TO_SET_ASIDE = 3
 COOL_DOWN_SECONDS = 30.0
 MAX_COOL_DOWN_SECONDS = 600.0
+# How often a process gives up the rows of its set-aside destinations that outlived their schedule: a
+# write (the database's write lock), so not at every look; a minute late of 20.6 hours is nothing.
+GIVE_UP_EVERY_SECONDS = 60.0
 
 # What an attempt tells of its destination: it took the delivery; it is down (no answer in time, no
 # connection, a 5xx or 429 answer); it answered otherwise (a 4xx, a redirect: it is up, and refused it).
@@ -151,13 +158,13 @@ def _written_as(where: str) -> list[str]:
     return [where, where.removesuffix(default)] if where.endswith(default) else [where]
 
 
-def _not_to(where: str) -> sa.ColumnElement[bool]:
-    """SQL: the row's URL is not to destination `where`, as most URLs write it (those it misses:
+def _to(where: str) -> sa.ColumnElement[bool]:
+    """SQL: the row's URL is to destination `where`, as most URLs write it (those it misses:
     `Deliverer._due`)."""
     url = func.lower(col(WebhookDelivery.url))
-    return sa.not_(sa.or_(*(
+    return sa.or_(*(
         sa.or_(url == start, func.substr(url, 1, len(start) + 1).in_([start + end for end in "/?#"]))
-        for start in _written_as(where))))
+        for start in _written_as(where)))
 
 
 @dataclass
@@ -166,6 +173,7 @@ class _Breaker:
     cool_down: float = 0.0  # the set-aside's length in seconds (0: not set aside)
     until: float = 0.0  # when it ends (`Breakers.clock`)
     probe: str | None = None  # the row sent as its probe, while that send lasts
+    error: str = ""  # why its last failed attempt failed: what its rows given up say
 
 
 class Breakers:
@@ -177,7 +185,8 @@ class Breakers:
 
     Its rows are only left unclaimed meanwhile, their schedules untouched: no attempt spent, no write
     per row of a dead host's thousands each cool-down, and another process (whose own breaker may
-    find the receiver up: another network) sends them as ever."""
+    find the receiver up: another network) sends them as ever; those past their whole schedule are
+    given up (`Deliverer._give_up`)."""
 
     def __init__(self) -> None:
         self.clock: Callable[[], float] = time.monotonic
@@ -193,6 +202,11 @@ class Breakers:
 
     def count(self) -> int:
         return len(self.set_aside())
+
+    def last_error(self, where: str) -> str:
+        """Why the last failed attempt to `where` failed ("" when none is known)."""
+        b = self._breakers.get(where)
+        return "" if b is None else b.error
 
     def slots(self, where: str, most: int) -> int:
         """How many sends at once `where` may have of `most`: none while set aside, 1 for its probe."""
@@ -226,6 +240,7 @@ class Breakers:
         elif b.cool_down and not probe:
             return  # a send from before it was set aside: the same outage, counted already
         b.failures += 1
+        b.error = error
         if probe:
             b.cool_down = min(b.cool_down * 2, MAX_COOL_DOWN_SECONDS)
         elif b.failures >= FAILURES_TO_SET_ASIDE:
@@ -276,6 +291,7 @@ class Deliverer:
         # A line a minute while the database is away, not a traceback at each look (every `interval`).
         self.outage = Outage(log, "webhook deliveries", f"trying again every {interval:g} s")
         self.breakers = Breakers()
+        self._gave_up_at: float | None = None  # the last `_give_up`, by the breakers' clock
         self._sending: dict[asyncio.Task[None], Due] = {}
         self._freed: asyncio.Event | None = None
 
@@ -337,8 +353,13 @@ class Deliverer:
         full = sorted(where for where, sending in per_destination.items()
                       if sending >= self.breakers.slots(where, self.per_destination))
         limit = max(BATCH, self.concurrency)
+        set_aside = self.breakers.set_aside()
+        now = self.breakers.clock()
+        if set_aside and (self._gave_up_at is None or now - self._gave_up_at >= GIVE_UP_EVERY_SECONDS):
+            self._gave_up_at = now
+            await self._written(self._give_up, {where: self.breakers.last_error(where) for where in set_aside})
         due = await asyncio.to_thread(self._due, [row.id for row in self._sending.values()],
-                                      sorted({*full, *self.breakers.set_aside()}), limit)
+                                      sorted({*full, *set_aside}), limit)
         # Rows of a full destination may wait, unread: the next look once a send ends, not an
         # interval later (a receiver's backlog went 2 rows a look, 0.5 s apart).
         behind = len(due) >= limit or bool(full)
@@ -412,7 +433,7 @@ class Deliverer:
             if sending:
                 query = query.where(col(WebhookDelivery.id).not_in(sending))
             # In SQL, not after the read: a receiver's thousand rows would fill every read.
-            query = query.where(*(_not_to(where) for where in full)).order_by(col(WebhookDelivery.next_attempt_at))
+            query = query.where(*(sa.not_(_to(where)) for where in full)).order_by(col(WebhookDelivery.next_attempt_at))
             full, missed = set(full), set[str]()
             while True:
                 read = query.where(col(WebhookDelivery.url).not_in(missed)) if missed else query
@@ -425,6 +446,30 @@ class Deliverer:
                     return [Due(r.id, r.job_id, r.url, r.event, r.attempts, r.next_attempt_at) for r in rows
                             if r.next_attempt_at is not None]
                 missed |= escaped
+
+    def _give_up(self, set_aside: dict[str, str]) -> None:
+        """Give up, unsent, the due rows of each set-aside destination (to its last error) made or
+        redelivered longer ago than SCHEDULE_SECONDS: only its probes spend attempts, so its rows
+        would otherwise wait for one probe each (6 an hour), pending, for weeks. One update per
+        destination, of the rows still due (not claimed by another process: its lease is ahead),
+        unsent, as a failed last attempt leaves them; their attempts stay as counted."""
+        with self.db.transaction() as s:
+            now = shared_now()
+            made = func.coalesce(col(WebhookDelivery.redelivered_at), col(WebhookDelivery.created_at))
+            for where, error in set_aside.items():
+                given_up = changed(s.execute(
+                    update(WebhookDelivery).where(
+                        _to(where), col(WebhookDelivery.delivered_at).is_(None),
+                        col(WebhookDelivery.next_attempt_at) <= now,
+                        made < now - timedelta(seconds=SCHEDULE_SECONDS))
+                    .values(next_attempt_at=None,
+                            last_error=f"not sent: {where} set aside, unreachable, past this delivery's "
+                                       f"{SCHEDULE_SECONDS / 3600:.1f} h retry schedule (its last failed attempt: "
+                                       f"{error or 'unknown'})"[:500])
+                    .execution_options(synchronize_session=False)))
+                if given_up:
+                    log.warning("webhook destination %s is still set aside: %d of its deliveries older than their "
+                                "retry schedule (%g s) given up unsent", where, given_up, SCHEDULE_SECONDS)
 
     def _claim_all(self, rows: list[Due]) -> list[Due]:
         """The rows this process claims of `rows`, in one transaction (SQLite's write lock once)."""

@@ -1,6 +1,7 @@
 """Webhook sends at once: bounded by ORCH_WEBHOOK_CONCURRENCY, at most 2 to one destination, so a
 receiver that does not answer holds back its own deliveries, not every project's; and a destination
-whose attempts keep failing set aside, its rows unclaimed, until a probe is delivered."""
+whose attempts keep failing set aside, its rows unclaimed, until a probe is delivered (those past
+their retry schedule given up unsent)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from orchestrator.models import Job, Project, WebhookDelivery
 from orchestrator.schemas import ProjectCreate
 from orchestrator.services import Services
 from orchestrator.settings import Settings
+from orchestrator.webhook_deliveries import listed, redeliver
 
 WAIT_SECONDS = 15.0  # for what must happen; the tests never wait this long when it does
 
@@ -571,3 +573,81 @@ def test_a_probe_that_ends_without_telling_leaves_the_turn_to_the_next_row(db: D
 
     asyncio.run(probed())
     assert deliverer.breakers.set_aside() == [] and deliverer.breakers.slots(where, 2) == 1
+
+
+def check_a_set_aside_destination_s_rows_past_their_schedule_are_given_up_unsent(db: Database) -> None:
+    # Only a set-aside destination's probes spend attempts: its N rows waited about 1.5 x N hours,
+    # pending, for one probe each, however far past their 20.6-hour schedule.
+    dead, alive = "http://dead.example/hooks", "http://alive.example/hooks"
+    ids = _deliveries(db, [(dead, 4), (alive, 1)])
+    now = shared_now()
+    old = now - timedelta(seconds=webhooks.SCHEDULE_SECONDS + 60)
+    with db.transaction() as s:
+        s.get_one(Project, "prj_1").webhook_url = dead
+        rows = {row.id: row for row in s.exec(select(WebhookDelivery)).all()}
+        for i in ids:
+            rows[i].project_id = "prj_1"
+            rows[i].created_at = old
+        rows[ids[1]].created_at = now - timedelta(seconds=webhooks.SCHEDULE_SECONDS - 60)  # within its schedule
+        rows[ids[2]].next_attempt_at = now + timedelta(seconds=webhooks.LEASE_SECONDS)  # another sender's claim
+        rows[ids[3]].redelivered_at = now - timedelta(seconds=60)  # a fresh schedule
+    sent: list[str] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        sent.append(request.headers["webhook-id"])
+        return httpx.Response(200)
+
+    deliverer = webhooks.Deliverer(db, lambda job_id: {"id": job_id}, None, interval=0.02, concurrency=2)
+    clock = [1000.0]
+    deliverer.breakers.clock = lambda: clock[0]
+    where = webhooks.destination(dead)
+    for attempt in range(webhooks.FAILURES_TO_SET_ASIDE):
+        deliverer.breakers.ended(where, f"whd_x{attempt}", "down", "answered 503")
+
+    async def look() -> None:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as client:
+            await deliverer.deliver_due(client)
+
+    asyncio.run(look())
+    rows = _rows(db)
+    assert sent == [ids[4]]  # the other destination's, however old; none of the set-aside one's
+    given_up = rows[ids[0]]
+    assert given_up.next_attempt_at is None and given_up.delivered_at is None and given_up.attempts == 0
+    assert given_up.last_error is not None and where in given_up.last_error and "answered 503" in given_up.last_error
+    assert [rows[i].next_attempt_at is None for i in ids[1:4]] == [False] * 3 and rows[ids[2]].last_error is None
+    with db.session() as s:
+        assert webhooks.counts(s) == (3, 1)
+        assert [row.id for row in listed(s, "prj_1", status="failed", job_id=None, after=None, order="desc",
+                                         limit=10)] == [ids[0]]
+    # Within a minute of that look, rows past their schedule since wait for the next; then given up.
+    with db.transaction() as s:
+        s.get_one(WebhookDelivery, ids[1]).created_at = old
+    clock[0] += webhooks.COOL_DOWN_SECONDS - 1
+    asyncio.run(look())
+    assert _rows(db)[ids[1]].next_attempt_at is not None
+
+    def failed_probe(cool_down: float) -> None:
+        """The cool-down of `cool_down` s ends, its probe fails: set aside twice as long."""
+        clock[0] = ended[0] = ended[0] + cool_down
+        deliverer.breakers.sending(where, "whd_probe")
+        deliverer.breakers.ended(where, "whd_probe", "down", "answered 502")
+
+    ended = [1000.0]
+    failed_probe(webhooks.COOL_DOWN_SECONDS)
+    clock[0] = 1000.0 + webhooks.GIVE_UP_EVERY_SECONDS
+    asyncio.run(look())
+    assert _rows(db)[ids[1]].next_attempt_at is None and sent == [ids[4]]
+    assert "answered 502" in (_rows(db)[ids[1]].last_error or "")
+    # A redelivery is due again, with a fresh schedule: not given up at once, as one past it is.
+    assert redeliver(db, ids[0]).status == "pending"
+    with db.transaction() as s:
+        s.get_one(WebhookDelivery, ids[3]).redelivered_at = old
+    failed_probe(2 * webhooks.COOL_DOWN_SECONDS)
+    clock[0] += webhooks.GIVE_UP_EVERY_SECONDS - webhooks.COOL_DOWN_SECONDS
+    asyncio.run(look())
+    rows = _rows(db)
+    assert rows[ids[0]].next_attempt_at is not None and rows[ids[3]].next_attempt_at is None and sent == [ids[4]]
+
+
+def test_a_set_aside_destination_s_rows_past_their_schedule_are_given_up_unsent(db: Database) -> None:
+    check_a_set_aside_destination_s_rows_past_their_schedule_are_given_up_unsent(db)

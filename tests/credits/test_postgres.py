@@ -69,6 +69,7 @@ from tests.api.test_webhook_deliveries import (
 from tests.api.test_webhook_sending import (
     check_a_claim_given_back_is_due_as_it_was,
     check_a_full_destination_is_read_past,
+    check_a_set_aside_destination_s_rows_past_their_schedule_are_given_up_unsent,
     check_spellings_the_sql_filter_misses_do_not_fill_every_read,
 )
 from tests.api.test_webhooks import SECRET as WEBHOOK_SECRET
@@ -1137,6 +1138,12 @@ def test_two_deliverers_send_a_row_once_on_postgres(pg_db: Database) -> None:
 def test_webhook_sends_at_once_read_and_give_back_rows_on_postgres(pg_db: Database,
                                                                    check: Callable[[Database], None]) -> None:
     check(pg_db)
+
+
+def test_a_set_aside_webhook_destination_s_rows_past_their_schedule_are_given_up_unsent_on_postgres(
+        pg_db: Database) -> None:
+    # The conditional bulk update on PostgreSQL's timestamps (`coalesce` of two) and its `substr`.
+    check_a_set_aside_destination_s_rows_past_their_schedule_are_given_up_unsent(pg_db)
 
 
 def test_webhook_deliveries_made_before_0028_are_given_their_project_on_postgres(postgres_url: str) -> None:
