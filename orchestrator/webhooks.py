@@ -45,6 +45,7 @@ from orchestrator.errors import first_line
 from orchestrator.ids import new_id
 from orchestrator.models import Project, UTCDateTime, WebhookDelivery
 from orchestrator.outage import Outage
+from tiers._http import verifying_context
 
 log = logging.getLogger(__name__)
 
@@ -317,7 +318,8 @@ class Deliverer:
     def _client(self) -> httpx.AsyncClient:
         # A connection per slot: a send never waits in httpx's pool, inside its own timeout.
         limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=min(self.concurrency, 20))
-        return httpx.AsyncClient(timeout=SEND_TIMEOUT_SECONDS, follow_redirects=False, limits=limits)
+        return httpx.AsyncClient(timeout=SEND_TIMEOUT_SECONDS, follow_redirects=False, limits=limits,
+                                 verify=verifying_context())
 
     async def _look(self, client: httpx.AsyncClient) -> tuple[bool, bool]:
         """Start the sends of the due rows there are slots for; (whether it started any, whether

@@ -375,11 +375,12 @@ class _Unreadable(Exception):
 
 
 @functools.cache
-def _verifying_context() -> ssl.SSLContext:
+def verifying_context() -> ssl.SSLContext:
     """One TLS context (httpx's default: certifi's CAs, or SSL_CERT_FILE / SSL_CERT_DIR as the
-    process first read them) for every engine's client: each client making its own read the CA
-    bundle again, 20 ms per engine at every start. httpcore sets the context's ALPN at each
-    connect, to HTTP/1.1 for every client here: one client given HTTP/2 would change it for all."""
+    process first read them) for every engine's client and the webhook sender: each client making
+    its own read the CA bundle again, 20-50 ms each at every start (the sender's on the event loop).
+    httpcore sets the context's ALPN at each connect, to HTTP/1.1 for every client here: one client
+    given HTTP/2 would change it for all."""
     return httpx.create_ssl_context()
 
 
@@ -428,7 +429,7 @@ class RemoteClient:
             auth=auth,
             timeout=httpx.Timeout(read_timeout, connect=connect_timeout),
             transport=transport,
-            verify=_verifying_context(),
+            verify=verifying_context(),
             follow_redirects=True,
             event_hooks={"request": [self._remember_credentials, self._leaving_home]},
         )
