@@ -179,10 +179,10 @@ class _Breaker:
 
 class Breakers:
     """A circuit breaker per destination, in this process's memory: after FAILURES_TO_SET_ASIDE
-    failed attempts in a row to one (a success starts the count again; a refusal counts neither way),
+    failed attempts in a row to one (any other answer, a success or a refusal, starts the count again),
     it is set aside for COOL_DOWN_SECONDS, and once those end one of its rows is sent as a probe, the
     others waiting for its result: delivered, the destination is back; down, set aside for twice as
-    long (up to MAX_COOL_DOWN_SECONDS); refused (or stopped), the next row is the probe.
+    long (up to MAX_COOL_DOWN_SECONDS); refused, back too (it answered); stopped, the next row is the probe.
 
     Its rows are only left unclaimed meanwhile, their schedules untouched: no attempt spent, no write
     per row of a dead host's thousands each cool-down, and another process (whose own breaker may
@@ -228,13 +228,15 @@ class Breakers:
         probe = b is not None and b.probe == row_id
         if probe and b is not None:
             b.probe = None
-        if verdict == "delivered":
+        if verdict in ("delivered", "refused"):
+            # An answer, whatever it says of the delivery: the receiver is up. A receiver that refuses
+            # each delivery (a 401 after a key change) was otherwise sent to one probe at a time for good.
             if b is not None and b.cool_down:
-                log.warning("webhook destination %s is back (it took a delivery): its deliveries are sent again",
-                            where)
+                log.warning("webhook destination %s is back (it %s): its deliveries are sent again", where,
+                            "took a delivery" if verdict == "delivered" else f"answered: {error}")
             self._breakers.pop(where, None)
             return
-        if verdict != "down":
+        if verdict is None:
             return
         if b is None:
             b = self._breakers[where] = _Breaker()
@@ -248,7 +250,7 @@ class Breakers:
             b.cool_down = COOL_DOWN_SECONDS
             log.warning("webhook destination %s set aside after %d failed attempts in a row (the last: %s): its "
                         "deliveries wait, unclaimed, no attempt spent, for a probe in %g s (then at doubling "
-                        "intervals, up to %g s, until one is delivered)", where, b.failures, error,
+                        "intervals, up to %g s, until it answers)", where, b.failures, error,
                         COOL_DOWN_SECONDS, MAX_COOL_DOWN_SECONDS)
         else:
             return

@@ -488,17 +488,17 @@ def test_a_failed_probe_sets_the_destination_aside_twice_as_long(
     assert _attempts(db, ids[:10]) == [1] * 10
 
 
-def test_what_counts_against_a_destination() -> None:
+def test_what_counts_against_a_destination(caplog: pytest.LogCaptureFixture) -> None:
     breakers = webhooks.Breakers()
     clock = [0.0]
     breakers.clock = lambda: clock[0]
-    # A refusal (a 4xx but 429: the receiver answered) counts neither way; a success starts again.
-    for verdict in ("down", "down", "refused", "delivered", "down", "down", "refused"):
+    # Any answer but a 5xx or 429 (a success, a refusal: the receiver is up) starts the count again.
+    for verdict in ("down", "down", "refused", "down", "down", "delivered", "down", "down"):
         breakers.ended("http://a:80", "whd_1", verdict)
     assert breakers.count() == 0
     breakers.ended("http://a:80", "whd_1", "down")
     assert breakers.set_aside() == ["http://a:80"] and breakers.slots("http://a:80", 2) == 0
-    # Its cool-downs double up to 10 minutes; a probe refused or stopped leaves the turn to the next row.
+    # Its cool-downs double up to 10 minutes; a probe stopped leaves the turn to the next row.
     for cool_down in (30, 60, 120, 240, 480, 600, 600):
         clock[0] += cool_down - 0.5
         assert breakers.slots("http://a:80", 2) == 0
@@ -506,15 +506,25 @@ def test_what_counts_against_a_destination() -> None:
         assert breakers.slots("http://a:80", 2) == 1 and breakers.set_aside() == []
         breakers.sending("http://a:80", "whd_2")
         assert breakers.set_aside() == ["http://a:80"]  # the others wait for the probe's answer
-        breakers.ended("http://a:80", "whd_2", "refused")
-        breakers.sending("http://a:80", "whd_3")
-        breakers.ended("http://a:80", "whd_3", None)
+        breakers.ended("http://a:80", "whd_2", None)
         breakers.sending("http://a:80", "whd_4")
         breakers.ended("http://a:80", "whd_1", "down")  # a send from before: not the probe's answer
         assert breakers.set_aside() == ["http://a:80"]
         breakers.ended("http://a:80", "whd_4", "down")
     breakers.ended("http://a:80", "whd_1", "delivered")  # any success: it is back
     assert breakers.count() == 0 and breakers.slots("http://a:80", 2) == 2
+    # A probe refused is an answer too: a receiver refusing each delivery (a key changed) is up,
+    # sent to as any other, not one probe at a time for good.
+    for _ in range(webhooks.FAILURES_TO_SET_ASIDE):
+        breakers.ended("http://a:80", "whd_1", "down")
+    clock[0] += 30
+    breakers.sending("http://a:80", "whd_5")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="orchestrator.webhooks"):
+        breakers.ended("http://a:80", "whd_5", "refused", "answered 401")
+    assert breakers.count() == 0 and breakers.slots("http://a:80", 2) == 2
+    assert [r.getMessage() for r in caplog.records] == [
+        "webhook destination http://a:80 is back (it answered: answered 401): its deliveries are sent again"]
 
 
 def test_metrics_count_the_destinations_set_aside(make_settings: Callable[..., Settings]) -> None:
