@@ -158,5 +158,6 @@ def class_bound(name: str) -> tuple[int, int]:
 # 4:3's 1200x896); and its long side at the widest (21:9: 1584 for 1K), past which a thin image
 # needs the next one.
 CLASS_PIXELS_SLACK = 1.03
-CLASS_EDGES = {"1K": 1024, "2K": 2048, "4K": 4096}
+# Each class's edge: its square size (fal's Nano Banana 2 also makes 0.5K, which `size_class` never says).
+CLASS_EDGES = {"0.5K": 512, "1K": 1024, "2K": 2048, "4K": 4096}
 CLASS_SIDE_SLACK = 1.56

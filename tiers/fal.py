@@ -24,7 +24,16 @@ import httpx
 from orchestrator.errors import BadEngineInput, Canceled, ContentFiltered, EngineError, EngineTimeout, NoImage, NoPrice
 from tiers._cloud import CloudEngine, paid_calls
 from tiers._http import RemoteClient, answer_json, error_text, json_object, without_credentials
-from tiers._images import CLASS_PIXELS_SLACK, CLASS_SIDE_SLACK, b64encode, encode_image, shaped_as, size_class
+from tiers._images import (
+    CLASS_EDGES,
+    CLASS_PIXELS_SLACK,
+    CLASS_SIDE_SLACK,
+    b64encode,
+    class_bound,
+    encode_image,
+    shaped_as,
+    size_class,
+)
 from tiers.base import (
     PROMPT_AND_IMAGE_ONLY,
     CancelToken,
@@ -42,7 +51,8 @@ log = logging.getLogger(__name__)
 
 # Credits (1 credit = $0.01) per output image by resolution. Config defaults (providers.md, Nov 2026).
 PRICES_AS_OF = "2026-11"
-HALF_K, HALF_K_SIDE = "0.5K", 512
+HALF_K = "0.5K"
+HALF_K_SIDE = CLASS_EDGES[HALF_K]
 _NANO_BANANA_2 = {HALF_K: 6.0, "1K": 8.0, "2K": 12.0, "4K": 16.0}
 DEFAULT_PRICES: dict[str, dict[str, float]] = {
     "fal-ai/nano-banana-2": dict(_NANO_BANANA_2),
@@ -177,6 +187,11 @@ class FalEngine(CloudEngine):
 
     def estimate(self, req: RenderRequest) -> int:
         return req.n * self._prices.millicredits(self._model, self._resolution(req))
+
+    def largest_size(self, req: RenderRequest) -> tuple[int, int]:
+        """The provider picks the size within the resolution asked (a 256 px draft comes back at
+        0.5K or 1K): the largest of any of its aspect ratios, for the storage quota (`orchestrator.quota`)."""
+        return class_bound(self._resolution(req))
 
     def _body(self, req: RenderRequest) -> dict[str, Any]:
         body: dict[str, Any] = {"prompt": instruction_prompt(req), "num_images": req.n, "output_format": "png",

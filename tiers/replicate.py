@@ -32,7 +32,7 @@ from orchestrator.errors import (
 )
 from tiers._cloud import Asked, CloudEngine, paid_calls
 from tiers._http import RemoteClient, answer_json, error_text, json_object, path_id
-from tiers._images import b64encode, encode_image, nearest_aspect, shaped_as, size_class
+from tiers._images import b64encode, class_bound, encode_image, nearest_aspect, shaped_as, size_class
 from tiers.base import (
     PROMPT_AND_IMAGE_ONLY,
     CancelToken,
@@ -152,6 +152,12 @@ class ReplicateEngine(CloudEngine):
                                  f"smaller than the {req.width}x{req.height} asked", retryable=True,
                                  details={"engine": self.name, "width": req.width, "height": req.height})
         return req.n * self._prices.millicredits(self._model, price_variant(self._model, req))
+
+    def largest_size(self, req: RenderRequest) -> tuple[int, int]:
+        """The model picks the size: in the resolution asked (`takes_resolution`), else about a
+        megapixel at its aspect ratio, whatever was asked. The largest of the class at any aspect
+        ratio, for the storage quota (`orchestrator.quota`)."""
+        return class_bound(size_class(req.width, req.height) if takes_resolution(self._model) else "1K")
 
     def _input(self, req: RenderRequest) -> dict[str, Any]:
         image_uri = None

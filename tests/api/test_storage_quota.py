@@ -429,12 +429,12 @@ def test_an_engine_that_picks_its_size_is_held_at_the_largest_it_returns() -> No
     assert quota.output_size(None, asked) == (1200, 800)  # unknown: the size asked
     assert quota.job_bound(Picks(), asked, params) == 2 * quota.image_bound(1536, 1024, quota.text_bound(params))  # type: ignore[arg-type]
     # Gemini's sizes of each class, of any aspect ratio, within the class's bound: 1K at 1:1, 4:3
-    # (the most pixels) and 21:9 (the longest side), standing and lying; 2K and 4K as 1K doubled.
+    # (the most pixels) and 21:9 (the longest side), standing and lying; 0.5K as 1K halved, 2K and 4K doubled.
     for name in CLASS_EDGES:
-        times = CLASS_EDGES[name] // 1024
+        times = CLASS_EDGES[name] / 1024
         width, height = class_bound(name)
         for made in ((1024, 1024), (1200, 896), (896, 1200), (1584, 672), (672, 1584)):
-            w, h = made[0] * times, made[1] * times
+            w, h = round(made[0] * times), round(made[1] * times)
             assert h * (1 + 4 * w) <= height * (1 + 4 * width), (name, made)
 
 
