@@ -16,6 +16,7 @@ from typing import Any, Generic, TypeVar, cast, get_args
 
 from orchestrator.errors import Canceled, NoPrice, OrchestratorError
 from orchestrator.schemas import storable
+from tiers._images import MAX_OUTPUT_PIXELS
 from tiers.base import (
     MAX_MODEL_CHARS,
     UNKNOWN_MODEL,
@@ -263,6 +264,31 @@ class ThirdParty:
             log.error("engine %s: prices() answered %s, not a dict", self.name, type(prices).__name__)
             return {}
         return prices
+
+    def largest_size(self, req: RenderRequest) -> tuple[int, int]:
+        """The plugin's own `largest_size` (see `tiers.base.Engine`), where it has one that answers two
+        positive sides of at most `MAX_OUTPUT_PIXELS` in time; else the size asked, as for an engine
+        without one. A submit asks it under its project's write lock: one that raised failed every
+        submit routed to the plugin, one that hung held every writer, and too large a size made the
+        job's bound (`orchestrator.quota.job_bound`) too large for its column."""
+        asked = (req.width, req.height)
+        largest = getattr(self._engine, "largest_size", None)
+        if not callable(largest):
+            return asked
+        try:
+            size = self._limited("largest_size", lambda: largest(req))
+        except Overdue:
+            return asked  # said in the log
+        except FAULTS:
+            log.exception("engine %s: largest_size() failed", self.name)
+            return asked
+        if (not isinstance(size, tuple | list) or len(size) != 2
+                or not all(isinstance(side, int) and not isinstance(side, bool) and side >= 1 for side in size)
+                or size[0] * size[1] > MAX_OUTPUT_PIXELS):
+            log.error("engine %s: largest_size() answered %.100r, not (width, height) of at most %d pixels",
+                      self.name, size, MAX_OUTPUT_PIXELS)
+            return asked
+        return size[0], size[1]
 
     def estimate(self, req: RenderRequest) -> int:
         try:

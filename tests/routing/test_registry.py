@@ -850,3 +850,41 @@ def test_the_readme_s_plugin_policy_routes_to_it_and_a_blocking_run_is_told(
     assert listed["available"] is True and "Its run() held the service's event loop for " in listed["note"]
     assert any(r.levelname == "WARNING" and "engine chaos held the service's event loop" in r.getMessage()
                for r in caplog.records)
+
+
+@pytest.mark.parametrize("answer", ["raises", "hangs", "text", (0, 512), (True, 512), (2**40, 2**40), None])
+def test_a_plugin_s_largest_size_that_fails_is_taken_as_the_size_asked(answer: object) -> None:
+    """Asked at a submit under its project's write lock: one that raised failed every submit routed to
+    the plugin (a 500), one that hung held every writer of the service, and a size past what can be
+    stored made the job's bound too large for its BIGINT column."""
+    from orchestrator import quota
+
+    class Sized(FakePaidEngine):
+        def largest_size(self, req: RenderRequest) -> Any:
+            if answer == "raises":
+                raise ZeroDivisionError
+            if answer == "hangs":
+                time.sleep(2)
+            return answer
+
+    plugin = registry_module.checked(Sized(EngineContext(settings=None)), "tests:sized")  # type: ignore[arg-type, attr-defined]
+    assert isinstance(plugin, ThirdParty)
+    plugin.call_limit = 0.05
+    asked = RenderRequest(stage="ideation", prompt="p", n=16, width=320, height=256)
+    started = time.monotonic()
+    assert quota.output_size(plugin, asked) == (320, 256)
+    assert time.monotonic() - started < 1
+    assert quota.job_bound(plugin, asked, {"prompt": "p"}) < 2**63
+
+
+def test_a_plugin_s_largest_size_is_its_own_and_one_without_is_held_at_the_size_asked() -> None:
+    from orchestrator import quota
+
+    class Sized(FakePaidEngine):
+        def largest_size(self, req: RenderRequest) -> tuple[int, int]:
+            return 1024, 768
+
+    asked = RenderRequest(stage="ideation", prompt="p", n=1, width=320, height=256)
+    sized = registry_module.checked(Sized(EngineContext(settings=None)), "tests:sized")  # type: ignore[arg-type, attr-defined]
+    plain = registry_module.checked(FakePaidEngine(EngineContext(settings=None)), "tests:plain")  # type: ignore[arg-type, attr-defined]
+    assert (quota.output_size(sized, asked), quota.output_size(plain, asked)) == ((1024, 768), (320, 256))
