@@ -36,7 +36,7 @@ from sqlmodel import Session, SQLModel, col, select
 from orchestrator.db import Database
 from orchestrator.errors import StorageQuotaExceeded
 from orchestrator.models import Asset, Job, Project
-from orchestrator.store import SHA_RE, ArtifactStore
+from orchestrator.store import MAX_ICC_BYTES, SHA_RE, ArtifactStore
 from tiers.base import Engine, RenderRequest
 
 log = logging.getLogger(__name__)
@@ -48,8 +48,9 @@ MEASURE_BATCH = 500
 
 # What one stored PNG can take (`image_bound`), from what `store.encode_png` writes through Pillow:
 # the signature, IHDR and IEND; the pixels 4 bytes each (an engine's alpha is kept: RGBA) behind
-# one filter byte a row; zlib's stream over them; one IDAT chunk per `PIL_BUFSIZE` of it; and the
-# two text chunks, `parameters` (tEXt, or iTXt where it is not latin-1) and the JSON record (iTXt).
+# one filter byte a row; zlib's stream over them; one IDAT chunk per `PIL_BUFSIZE` of it; the
+# two text chunks, `parameters` (tEXt, or iTXt where it is not latin-1) and the JSON record (iTXt);
+# and the colour profile an engine's image may carry (iCCP: its name, 2 bytes, the profile deflated).
 PNG_FIXED = 8 + 25 + 12
 CHUNK_OVERHEAD = 12  # length, type, CRC
 PIL_BUFSIZE = 2**16  # `PIL.ImageFile.MAXBLOCK`: each encoder call's output is written as one IDAT
@@ -84,12 +85,15 @@ def deflate_bound(size: int) -> int:
     return size + (size >> 3) + (size >> 8) + (size >> 9) + 4 + 6
 
 
+ICC_CHUNK = CHUNK_OVERHEAD + len("ICC Profile") + 2 + deflate_bound(MAX_ICC_BYTES)
+
+
 def image_bound(width: int, height: int, text_bytes: int) -> int:
     """The most a stored PNG of `width` x `height` pixels takes, with `text_bytes` of metadata text."""
     stream = deflate_bound(height * (1 + BYTES_PER_PIXEL * width))
     # An encoder call may return less than its buffer: one more chunk than the whole ones.
     idats = math.ceil(stream / max(PIL_BUFSIZE, BYTES_PER_PIXEL * width)) + 1
-    return PNG_FIXED + stream + idats * CHUNK_OVERHEAD + 2 * TEXT_CHUNK_HEADER + text_bytes
+    return PNG_FIXED + stream + idats * CHUNK_OVERHEAD + 2 * TEXT_CHUNK_HEADER + text_bytes + ICC_CHUNK
 
 
 def text_bound(params: dict[str, Any]) -> int:

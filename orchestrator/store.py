@@ -40,7 +40,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, BinaryIO, cast
 
-from PIL import Image, PngImagePlugin
+from PIL import Image, ImageCms, PngImagePlugin
 
 from orchestrator.db import stored_json
 from orchestrator.errors import ContentUnavailable, NotFound, first_line
@@ -57,6 +57,12 @@ RECORD_CHUNK = "orchestrator"
 # zlib level 4, as ComfyUI saves: on a 512x512 image with natural structure it encodes in 36 ms
 # where the default level 6 takes 124 ms, for a file of about the same size (295 vs 303 KiB).
 PNG_COMPRESS_LEVEL = 4
+# The largest colour profile an image is stored with (display profiles take 0.5 to 4 KB; a
+# printer's or a camera's with lookup tables up to megabytes), so that a job's storage bound
+# (`orchestrator.quota.image_bound`) holds: Pillow writes an image's own profile into its PNG, and a
+# provider's 60 KB one passed the bound of a 64x64 image. A larger one is applied to the pixels
+# (to sRGB, so the image looks as it did) and not kept.
+MAX_ICC_BYTES = 16 * 2**10
 RECENT_BYTES = 32 * 2**20
 READ_CHUNK = 256 * 2**10  # bytes read at a time of a file too large to hold whole (`get_or_open`)
 # How long a just-made asset's bytes are served from memory without asking the database: an asset
@@ -233,6 +239,24 @@ def infotext(record: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _profile_within_cap(image: Image.Image) -> Image.Image:
+    """`image` (RGB or RGBA) with a colour profile of `MAX_ICC_BYTES` at most, or none: a larger
+    one applied to its pixels, converting them to sRGB, and dropped (one lcms cannot read is
+    dropped as it is: no reader could apply it either)."""
+    icc = image.info.get("icc_profile")
+    if not icc or len(icc) <= MAX_ICC_BYTES:
+        return image
+    try:
+        converted = ImageCms.profileToProfile(image, ImageCms.ImageCmsProfile(io.BytesIO(icc)),
+                                              ImageCms.createProfile("sRGB"), outputMode=image.mode)
+    except (ImageCms.PyCMSError, OSError, ValueError):
+        log.warning("an image's colour profile of %d bytes is unreadable: stored without it", len(icc))
+        converted = None
+    kept = image.copy() if converted is None else converted
+    kept.info.pop("icc_profile", None)
+    return kept
+
+
 def encode_png(image: Image.Image, record: dict[str, Any]) -> bytes:
     # The file travels (a client, a pipeline, a website): it names the model, not where it lives.
     # Its values as the database keeps them (`stored_json`): a plugin's numpy guidance failed the
@@ -244,7 +268,7 @@ def encode_png(image: Image.Image, record: dict[str, Any]) -> bytes:
     info.add_itxt(RECORD_CHUNK, json.dumps(record, sort_keys=True, separators=(",", ":"), allow_nan=False))
     buf = io.BytesIO()
     image = eight_bit(image)
-    rgb = image if image.mode in ("RGB", "RGBA") else image.convert("RGB")
+    rgb = _profile_within_cap(image if image.mode in ("RGB", "RGBA") else image.convert("RGB"))
     rgb.save(buf, format="PNG", pnginfo=info, optimize=False, compress_level=PNG_COMPRESS_LEVEL)
     return buf.getvalue()
 

@@ -414,6 +414,34 @@ def test_an_image_s_bound_is_above_its_png_as_the_store_writes_it(mode: str, wid
     assert made <= bound
 
 
+@pytest.mark.parametrize("profile", ["display", "padded", "garbage"])
+def test_an_image_s_colour_profile_is_kept_within_its_bound(profile: str) -> None:
+    """Pillow writes the profile a provider's image carries into its PNG: a 60 KB one passed the
+    bound of a 64x64 image. One within the cap is kept whole; a larger one is applied and dropped."""
+    import io
+    import os
+    import struct
+
+    from PIL import Image, ImageCms
+
+    from orchestrator import quota
+    from orchestrator.store import MAX_ICC_BYTES, encode_png
+
+    display = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    # A valid profile past the cap: the sRGB one with room after its tags, its header's size told.
+    padded = display + bytes(4 * MAX_ICC_BYTES)
+    icc = {"display": display, "padded": struct.pack(">I", len(padded)) + padded[4:],
+           "garbage": os.urandom(4 * MAX_ICC_BYTES)}[profile]
+    image = Image.frombytes("RGBA", (64, 64), os.urandom(64 * 64 * 4))
+    image.info["icc_profile"] = icc
+    params = {"prompt": "p", "negative_prompt": ""}
+    made = encode_png(image, {"stage": "ideation", "engine": "lite", "width": 64, "height": 64, **params})
+    assert len(made) <= quota.image_bound(64, 64, quota.text_bound(params))
+    stored = Image.open(io.BytesIO(made))
+    assert stored.info.get("icc_profile") == (icc if profile == "display" else None)
+    assert stored.convert("RGBA").tobytes() == image.tobytes()  # sRGB to sRGB: the same pixels
+
+
 def test_an_engine_that_picks_its_size_is_held_at_the_largest_it_returns() -> None:
     from orchestrator import quota
     from tiers._images import CLASS_EDGES, class_bound
