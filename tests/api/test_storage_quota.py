@@ -467,11 +467,14 @@ def test_an_engine_that_picks_its_size_is_held_at_the_largest_it_returns() -> No
 
 
 def test_0030_leaves_jobs_taken_before_it_holding_nothing_and_downgrades(tmp_path: Path) -> None:
+    check_0030_leaves_jobs_taken_before_it_holding_nothing_and_downgrades(f"sqlite:///{tmp_path / 'm.db'}")
+
+
+def check_0030_leaves_jobs_taken_before_it_holding_nothing_and_downgrades(url: str) -> None:
     """A job queued across the upgrade has no bound (its engine's sizes were not asked at its submit):
     it holds nothing back, and the downgrade drops the column alone."""
     from orchestrator import quota
 
-    url = f"sqlite:///{tmp_path / 'm.db'}"
     upgrade(url, "0029")
     engine = create_engine(url)
     try:
@@ -481,7 +484,7 @@ def test_0030_leaves_jobs_taken_before_it_holding_nothing_and_downgrades(tmp_pat
                               "VALUES ('prj_1', 'p', 'balanced', 'none', :now, 1)"), {"now": now})
             conn.execute(text("INSERT INTO jobs (id, project_id, stage, engine, status, params, progress_step, "
                               "progress_total, estimated, cache_hit, attempt, created_at) VALUES ('job_1', 'prj_1', "
-                              "'ideation', 'lite', 'queued', '{}', 0, 0, 0, 0, 0, :now)"), {"now": now})
+                              "'ideation', 'lite', 'queued', '{}', 0, 0, 0, false, 0, :now)"), {"now": now})
         upgrade(url)
         db = Database(url)
         try:

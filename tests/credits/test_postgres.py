@@ -55,6 +55,7 @@ from tests.api.test_job_reads import (
 )
 from tests.api.test_retention import check_batches, check_draft_retention, check_two_sweeps_at_once
 from tests.api.test_storage_quota import (
+    check_0030_leaves_jobs_taken_before_it_holding_nothing_and_downgrades,
     check_a_submit_at_the_quota_is_refused_with_nothing_written,
     check_assets_measured,
     check_unfinished_jobs_hold_their_images_bound_back_from_the_quota,
@@ -1161,3 +1162,8 @@ def test_a_redelivery_leaves_a_claimed_delivery_to_its_sender_on_postgres(
 
 def test_a_sender_whose_claim_ended_leaves_a_redelivery_alone_on_postgres(pg_db: Database) -> None:
     check_a_late_sender_leaves_a_redelivery_alone(pg_db)
+
+
+def test_0030_leaves_jobs_taken_before_it_holding_nothing_and_downgrades_on_postgres(postgres_url: str) -> None:
+    # The index dropped and made again with a row in the table, as PostgreSQL's DDL runs it.
+    check_0030_leaves_jobs_taken_before_it_holding_nothing_and_downgrades(postgres_url)
