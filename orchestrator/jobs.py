@@ -383,15 +383,18 @@ class JobService:
                                      details={"asset_id": asset_id, **exc.details}) from None
         return asset, negative
 
-    def check_room(self, prepared: Prepared, decision: Decision) -> None:
+    def check_room(self, prepared: Prepared, decision: Decision, copies: list[Asset]) -> None:
         """Raise what a submit of the request as routed would be refused for by its project's
         unfinished jobs now (route/explain says what a submit would do): `TooManyJobs` for their
-        number, `StorageQuotaExceeded` for what they and this job may store."""
+        number (unless it would copy `copies`, an earlier result: no job to wait for),
+        `StorageQuotaExceeded` for what they and this job may store."""
         with self.db.snapshot() as s:
             project = self.project(s, prepared.project_id)
             pending, reserved = self._unfinished(s, project)
-        self._check_pending(project, pending)
-        quota.refuse_if_over(project, self.default_quota_mb, reserved, self._bound(decision.chosen, prepared.params))
+        if not copies:
+            self._check_pending(project, pending)
+        quota.refuse_if_over(project, self.default_quota_mb, reserved,
+                             self._bound(decision.chosen, prepared.params, copies))
 
     def _unfinished(self, s: Session, project: Project) -> tuple[int, int]:
         """The project's unfinished jobs and the bytes they may still store (`quota.unfinished`),
@@ -518,7 +521,7 @@ class JobService:
                 # Assets or jobs another request stored or took since, or a quota lowered since: judged
                 # on the job as routed now (the largest images its engine returns, or a copy's own
                 # bytes). Its bound is held back from the quota while it is unfinished.
-                bound = sum(a.bytes or 0 for a in cached) if cached else self._bound(job.engine, job.params)
+                bound = self._bound(job.engine, job.params, cached or [])
                 quota.refuse_if_over(project, self.default_quota_mb, reserved_bytes, bound)
                 job.reserved_bytes = bound
                 # Ids are the list cursors: made under the write lock, they commit in id order, so a
@@ -601,8 +604,11 @@ class JobService:
             balance = None if project.budget_limit is None else self.ledger.balance(s, project)
         return self._route(project.policy, prepared, engine, max_credits, balance, cache=cache, holder=holder)
 
-    def _bound(self, engine: str, params: dict[str, Any]) -> int:
-        """The most the images of a job with `params` on `engine` can take (`quota.job_bound`)."""
+    def _bound(self, engine: str, params: dict[str, Any], copies: list[Asset]) -> int:
+        """The most the images of a job with `params` on `engine` can take (`quota.job_bound`), or,
+        where it copies an earlier result's images (`copies`), their own bytes."""
+        if copies:
+            return sum(a.bytes or 0 for a in copies)
         registry = self.router.registry
         return quota.job_bound(registry.get(engine) if engine in registry else None, render_request(params), params)
 
@@ -664,11 +670,16 @@ class JobService:
 
     def has_cached(self, prepared: Prepared, decision: Decision) -> bool:
         """Whether an identical earlier job's result would be copied (for nothing) instead."""
+        return bool(self.cached(prepared, decision))
+
+    def cached(self, prepared: Prepared, decision: Decision) -> list[Asset]:
+        """The images of an identical earlier job that would be copied (for nothing) instead; none
+        where no such job's are."""
         job = self._new_job(prepared, decision, cache=True)
         if not job.cache_key:  # free: nothing to copy, and nothing the budget could refuse
-            return False
+            return []
         with self.db.session() as s:
-            return bool(self._cached(s, job))
+            return self._cached(s, job)
 
     @staticmethod
     def job_params(prepared: Prepared, decision: Decision) -> dict[str, Any]:

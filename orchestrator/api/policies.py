@@ -221,11 +221,11 @@ def explain(body: ExplainRequest, services: ServicesDep, caller: CallerDep) -> d
                                  f"'{body.project_id}'; leave project_id out or name the asset's own",
                                  details={"project_id": body.project_id}, loc=("body", "project_id"))
     decision = jobs.decide(prepared, engine, max_credits, cache=cache)
-    cache_hit = cache and jobs.has_cached(prepared, decision)
-    # In the submit's order: the disk's reserve, then the project's unfinished jobs.
+    copies = jobs.cached(prepared, decision) if cache else []
+    cache_hit = bool(copies)
+    # In the submit's order: the disk's reserve, then the project's unfinished jobs and its quota.
     jobs.refuse_if_no_room()  # as its submit would be: a 200 said the job would be taken
-    if not cache_hit:  # a copy of an earlier result is no job to wait for
-        jobs.check_room(prepared, decision)
+    jobs.check_room(prepared, decision, copies)
     return {"project_id": prepared.project_id, "stage": body.stage, "engine": decision.chosen,
             "estimate": 0.0 if cache_hit else to_credits(decision.estimate), "cache_hit": cache_hit,
             "routing": decision.as_dict(),

@@ -649,3 +649,35 @@ def test_a_policy_that_is_not_loaded_is_a_setup_error_not_a_missing_project(
         assert error["message"] == ("the project's policy 'custom' is not loaded; its file was refused "
                                     "(GET /v1/policies says why): mend it, or set the project's policy (PATCH)")
         assert error["details"]["file_refused"] is True and str(folder) not in str(error)
+
+
+def test_explain_judges_a_copy_s_bytes_against_the_quota_as_its_submit_does(new_settings: SettingsFactory,
+                                                                            tmp_path: Path) -> None:
+    """A copy of an earlier result adds its images' bytes: explained on the stored bytes alone, it
+    was said taken (200, a cache hit) where its submit was refused 507 for them."""
+    from sqlalchemy import update
+    from sqlmodel import col
+
+    from orchestrator.db import Database
+    from orchestrator.models import Project
+
+    settings = paid_drafts_settings(new_settings, tmp_path, PAID_DRAFTS)
+    with running(settings) as client:
+        project_id = create_project(client, "paid drafts", budget={"limit": 100, "period": "month"},
+                                    storage_quota_mb=1)["id"]
+        body = {"prompt": "a lighthouse", "n": 1, "width": 64, "height": 64, "steps": 1, "seed": 11}
+        first = wait_for_job(client, submit(client, f"/v1/projects/{project_id}/drafts", body)["id"])
+        copy_bytes = client.get(f"/v1/projects/{project_id}").json()["storage_bytes"]
+        assert first["status"] == "succeeded" and copy_bytes > 0
+        db = Database(settings.resolved_database_url)
+        try:
+            with db.transaction() as s:  # room for less than the copy: under the quota still
+                s.execute(update(Project).where(col(Project.id) == project_id).values(
+                    storage_bytes=2**20 - copy_bytes + 1))
+        finally:
+            db.dispose()
+        explained = client.post("/v1/route/explain", json={"project_id": project_id, "stage": "ideation", **body})
+        submitted = client.post(f"/v1/projects/{project_id}/drafts", json=body)
+        for response in (explained, submitted):
+            assert response.status_code == 507, response.text
+            assert response.json()["error"]["details"]["job_bound_bytes"] == copy_bytes
