@@ -142,7 +142,8 @@ def _answered(s: Session, row: IdempotencyKeyRow | None, default_quota_mb: int) 
         return ProjectPublic.model_validate(row.response)
     assert row.project_id is not None  # the scope is this path: only projects
     project = s.get(Project, row.project_id)
-    return None if project is None else project_public(project, default_quota_mb)
+    return None if project is None else project_public(project, default_quota_mb,
+                                                       quota.held(s, project, default_quota_mb))
 
 
 @router.get("/projects", response_model=Page[ProjectPublic], summary="List projects", responses=with_query())
