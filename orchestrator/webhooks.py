@@ -72,6 +72,14 @@ MAX_COOL_DOWN_SECONDS = 600.0
 # How often a process gives up the rows of its set-aside destinations that outlived their schedule: a
 # write (the database's write lock), so not at every look; a minute late of 20.6 hours is nothing.
 GIVE_UP_EVERY_SECONDS = 60.0
+# A breaker is kept per destination that failed; one with no attempt for this long (and no cool-down
+# under way, no probe in flight) tells nothing worth keeping, and is forgotten: a process that has
+# failed to reach many distinct hosts (URLs changed, receivers retired) does not keep each for good.
+BREAKER_IDLE_SECONDS = 3600.0
+# The most breakers kept; beyond it the least recently used go first, those cooling down or probed last.
+MAX_BREAKERS = 10_000
+# How often a new breaker's making looks for idle ones (a pass over every one): not at each failure.
+PRUNE_EVERY_SECONDS = 60.0
 
 # What an attempt tells of its destination: it took the delivery; it is down (no answer in time, no
 # connection, a 5xx or 429 answer); it answered otherwise (a 4xx, a redirect: it is up, and refused it).
@@ -175,6 +183,16 @@ class _Breaker:
     until: float = 0.0  # when it ends (`Breakers.clock`)
     probe: str | None = None  # the row sent as its probe, while that send lasts
     error: str = ""  # why its last failed attempt failed: what its rows given up say
+    used: float = 0.0  # when an attempt to it last started or ended (`Breakers.clock`)
+
+    def holding(self, now: float) -> bool:
+        """Whether it keeps its destination's rows back now: cooling down, or its probe in flight."""
+        return bool(self.cool_down) and (now < self.until or self.probe is not None)
+
+    def idle(self, now: float) -> bool:
+        """Nothing under way and nothing tried for BREAKER_IDLE_SECONDS: safe to forget (a later
+        failure starts a new count)."""
+        return self.probe is None and now >= self.until and now - max(self.used, self.until) >= BREAKER_IDLE_SECONDS
 
 
 class Breakers:
@@ -187,19 +205,39 @@ class Breakers:
     Its rows are only left unclaimed meanwhile, their schedules untouched: no attempt spent, no write
     per row of a dead host's thousands each cool-down, and another process (whose own breaker may
     find the receiver up: another network) sends them as ever; those past their whole schedule are
-    given up (`Deliverer._give_up`)."""
+    given up (`Deliverer._give_up`).
+
+    Only destinations that failed have one (an answer drops it); one idle for BREAKER_IDLE_SECONDS
+    is forgotten, and at most MAX_BREAKERS are kept (`_prune`, as one is made)."""
 
     def __init__(self) -> None:
         self.clock: Callable[[], float] = time.monotonic
         self._breakers: dict[str, _Breaker] = {}
+        self._pruned_at: float | None = None
+
+    def __len__(self) -> int:
+        return len(self._breakers)
+
+    def _prune(self, now: float, room: int = 0) -> None:
+        """Forget the idle breakers, then the least recently used beyond MAX_BREAKERS less `room`
+        (those holding their rows back last): a destination forgotten is sent to as a new one."""
+        self._pruned_at = now
+        for where in [where for where, b in self._breakers.items() if b.idle(now)]:
+            del self._breakers[where]
+        excess = len(self._breakers) + room - MAX_BREAKERS
+        if excess > 0:
+            oldest = sorted(self._breakers.items(), key=lambda item: (item[1].holding(now), item[1].used))
+            for where, _ in oldest[:excess]:
+                del self._breakers[where]
+            log.info("%d webhook destinations' breakers forgotten, least recently used first: at most %d are "
+                     "kept", excess, MAX_BREAKERS)
 
     def set_aside(self) -> list[str]:
         """The destinations none of whose rows is to be claimed now: cooling down, or probed. (One
         whose probe's turn came with no row to send is not: no row of it waits.)"""
         now = self.clock()
         # Off a copy: /metrics' thread reads it too (`count`), while the loop may change it.
-        return sorted(where for where, b in list(self._breakers.items())
-                      if b.cool_down and (now < b.until or b.probe is not None))
+        return sorted(where for where, b in list(self._breakers.items()) if b.holding(now))
 
     def count(self) -> int:
         return len(self.set_aside())
@@ -219,7 +257,10 @@ class Breakers:
     def sending(self, where: str, row_id: str) -> None:
         """A row to `where` was claimed: its probe, when that is what its one slot was for."""
         b = self._breakers.get(where)
-        if b is not None and b.cool_down and b.probe is None and self.clock() >= b.until:
+        if b is None:
+            return
+        now = b.used = self.clock()
+        if b.cool_down and b.probe is None and now >= b.until:
             b.probe = row_id
 
     def ended(self, where: str, row_id: str, verdict: Verdict | None, error: str = "") -> None:
@@ -236,10 +277,16 @@ class Breakers:
                             "took a delivery" if verdict == "delivered" else f"answered: {error}")
             self._breakers.pop(where, None)
             return
+        now = self.clock()
+        if b is not None:
+            b.used = now
         if verdict is None:
             return
         if b is None:
-            b = self._breakers[where] = _Breaker()
+            if (len(self._breakers) >= MAX_BREAKERS or self._pruned_at is None
+                    or now - self._pruned_at >= PRUNE_EVERY_SECONDS):
+                self._prune(now, room=1)
+            b = self._breakers[where] = _Breaker(used=now)
         elif b.cool_down and not probe:
             return  # a send from before it was set aside: the same outage, counted already
         b.failures += 1
@@ -254,7 +301,7 @@ class Breakers:
                         COOL_DOWN_SECONDS, MAX_COOL_DOWN_SECONDS)
         else:
             return
-        b.until = self.clock() + b.cool_down
+        b.until = now + b.cool_down
 
 
 @dataclass

@@ -527,6 +527,55 @@ def test_what_counts_against_a_destination(caplog: pytest.LogCaptureFixture) -> 
         "webhook destination http://a:80 is back (it answered: answered 401): its deliveries are sent again"]
 
 
+def test_idle_breakers_are_forgotten_and_their_number_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process that failed to reach many distinct hosts does not keep a breaker for each for good:
+    one with nothing tried for BREAKER_IDLE_SECONDS is forgotten, and at most MAX_BREAKERS are kept,
+    the least recently used going first and those holding their rows back last."""
+    breakers = webhooks.Breakers()
+    clock = [0.0]
+    breakers.clock = lambda: clock[0]
+    # 1,000 hosts, each failed once (a streak of 1, not set aside), then never tried again.
+    for n in range(1000):
+        breakers.ended(f"http://gone{n}:80", "whd_1", "down", f"gone {n}")
+    assert len(breakers) == 1000
+    clock[0] = 100.0
+    for _ in range(webhooks.FAILURES_TO_SET_ASIDE):  # set aside until 130
+        breakers.ended("http://dead:80", "whd_2", "down", "dead")
+    clock[0] = webhooks.BREAKER_IDLE_SECONDS - 10
+    breakers.ended("http://flaky:80", "whd_3", "down", "flaky")
+    breakers.ended("http://flaky:80", "whd_3", "down", "flaky")
+    assert len(breakers) == 1002  # not idle yet: 10 s to go
+    clock[0] += webhooks.PRUNE_EVERY_SECONDS
+    breakers.ended("http://new:80", "whd_4", "down", "new")  # a new one: the idle ones are looked for
+    assert len(breakers) == 3 and breakers.last_error("http://gone0:80") == ""
+    assert breakers.slots("http://dead:80", 2) == 1  # still known: its probe's turn
+    breakers.ended("http://flaky:80", "whd_3", "down", "flaky")
+    assert breakers.set_aside() == ["http://flaky:80"]  # its streak was kept: the third set it aside
+    # Nothing tried to `dead` for an hour past its cool-down's end: forgotten, sent to as a new host.
+    clock[0] += 90
+    breakers.ended("http://other:80", "whd_5", "down", "other")
+    assert breakers.slots("http://dead:80", 2) == 2 and breakers.last_error("http://dead:80") == ""
+    assert breakers.slots("http://flaky:80", 2) == 1
+    # A probe in flight is never idle, however long it lasts.
+    breakers.sending("http://flaky:80", "whd_6")
+    clock[0] += 2 * webhooks.BREAKER_IDLE_SECONDS
+    breakers.ended("http://another:80", "whd_7", "down", "another")
+    assert breakers.set_aside() == ["http://flaky:80"] and len(breakers) == 2
+
+    # The bound: the least recently used go first, one holding its rows back last.
+    monkeypatch.setattr(webhooks, "MAX_BREAKERS", 5)
+    for n in range(20):
+        clock[0] += 1
+        breakers.ended(f"http://host{n}:80", "whd_8", "down", f"host {n}")
+        assert len(breakers) <= 5
+    assert breakers.set_aside() == ["http://flaky:80"]
+    assert [breakers.last_error(f"http://host{n}:80") for n in (15, 16, 19)] == ["", "host 16", "host 19"]
+    for n in (16, 17, 18, 19):  # their streaks were kept: two more set them aside
+        breakers.ended(f"http://host{n}:80", "whd_8", "down", f"host {n}")
+        breakers.ended(f"http://host{n}:80", "whd_8", "down", f"host {n}")
+    assert breakers.set_aside() == ["http://flaky:80"] + [f"http://host{n}:80" for n in (16, 17, 18, 19)]
+
+
 def test_metrics_count_the_destinations_set_aside(make_settings: Callable[..., Settings]) -> None:
     services = Services.build(make_settings())
     try:
