@@ -373,3 +373,7 @@ class WebhookDelivery(SQLModel, table=True):
     # When it was last put back to be sent (a redeliver): retention counts a given-up row's age
     # from then, not from the job's end, so a redelivery given up again is not pruned at once.
     redelivered_at: datetime | None = _ts()
+    # A sender's claim, while it lasts (its end, as `next_attempt_at` then is): a row waiting out
+    # a backoff and one being sent both have a next attempt ahead, and only the first may be made
+    # due at once by a redeliver (the second would be sent twice at a time).
+    leased_until: datetime | None = _ts()

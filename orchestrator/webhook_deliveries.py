@@ -4,12 +4,14 @@ list them, send one again, and prune the old ones (ORCH_WEBHOOK_RETENTION_DAYS).
 A delivery is `pending` (a next attempt is set: due, waiting out a backoff, or claimed by a sender
 whose lease that is), `delivered` (`delivered_at` set) or `failed` (neither: given up). Only the
 last two have no next attempt, which is what a redelivery and the pruning both test, in the
-statement that writes: a pending row, which a sender may claim at any moment, is never changed
-or deleted here.
+statement that writes: a pending row, which a sender may claim at any moment, is never deleted
+here, nor changed but for its next attempt, brought forward while no sender has it.
 
 A redelivery keeps the row, and so its id (the `webhook-id` receivers dedupe by), and makes it due
 now with a fresh attempt budget, to the project's current URL; any process that runs jobs sends it
-at its next look, body and signature made anew (the job as it is then).
+at its next look, body and signature made anew (the job as it is then). A pending one is only
+hurried: made due now if it waits out a backoff, its attempts and URL kept; one a sender has
+claimed (`leased_until` ahead) is left to that send.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from sqlalchemy import delete, func, update
 from sqlalchemy.sql.elements import ColumnElement
 from sqlmodel import Session, col, select
 
-from orchestrator.clock import iso, shared_now, utcnow
+from orchestrator.clock import shared_now, utcnow
 from orchestrator.db import Database, changed
 from orchestrator.errors import DeliveryPending, NoWebhookUrl, not_found
 from orchestrator.models import Job, Project, WebhookDelivery
@@ -92,22 +94,20 @@ def _found(s: Session, delivery_id: str) -> tuple[WebhookDelivery, str, str | No
 
 
 def redeliver(db: Database, delivery_id: str, only_project: str | None = None) -> WebhookDeliveryPublic:
-    """Make a delivered or given-up delivery due now, to its project's current URL, with its
-    attempts counted from 0 again; the delivery as it is then. 404 for none (or, with
-    `only_project`, one of another project: a project key's), 409 `delivery_pending` for one still
-    to be sent, `no_webhook_url` when the project has none now."""
+    """Send a delivery now: a delivered or given-up one due again, to its project's current URL,
+    with its attempts counted from 0 again; a pending one waiting out its backoff due now, its URL,
+    attempts and last error as they are (one a sender has claimed is left to that send). The
+    delivery as it is then. 404 for none (or, with `only_project`, one of another project: a
+    project key's), `no_webhook_url` when a delivered or given-up one's project has none now."""
     with db.transaction() as s:
         found = _found(s, delivery_id)
         if found is None or only_project not in (None, found[1]):
             raise not_found("webhook delivery", "delivery_id", delivery_id)
         row, project_id, url = found
-        pending = DeliveryPending(
-            f"webhook delivery '{delivery_id}' is pending: it is sent at its next attempt (`next_attempt_at`); "
-            "only a delivered or failed one is redelivered",
-            details={"delivery_id": delivery_id, "attempts": row.attempts,
-                     "next_attempt_at": row.next_attempt_at and iso(row.next_attempt_at)})
         if status_of(row) == "pending":
-            raise pending
+            _hurry(s, row)
+            # Read again, not refreshed: what the read found may be no longer (a claim since).
+            return delivery_public(s.get_one(WebhookDelivery, delivery_id, populate_existing=True), project_id)
         if url is None:
             raise NoWebhookUrl(f"project '{project_id}' has no webhook_url now: set one (PATCH /v1/projects/"
                                f"{project_id}, admin key) to redeliver to it",
@@ -116,11 +116,30 @@ def redeliver(db: Database, delivery_id: str, only_project: str | None = None) -
         # Only a row that has no next attempt still: a pending one may be a sender's claim.
         result = s.execute(update(WebhookDelivery).where(col(WebhookDelivery.id) == delivery_id, _NO_NEXT_ATTEMPT)
                            .values(url=url, attempts=0, last_error=None, delivered_at=None, next_attempt_at=now,
-                                   redelivered_at=now))
+                                   redelivered_at=now, leased_until=None))
         if changed(result) != 1:
-            raise pending
+            raise DeliveryPending(
+                f"webhook delivery '{delivery_id}' became pending as it was redelivered: it is sent at its next "
+                "attempt (`next_attempt_at`)", details={"delivery_id": delivery_id})
         s.refresh(row)
         return delivery_public(row, project_id)
+
+
+def _hurry(s: Session, row: WebhookDelivery) -> None:
+    """Make a pending row that waits out its backoff due now, in `s` (under the write lock, which
+    every claim takes too), nothing else changed: not one due already, nor one a sender claimed
+    (its lease ahead), which is being sent; its result decides what comes next. The update is
+    conditional on the row as read: a claim made since leaves it to its sender."""
+    now = shared_now()
+    if row.next_attempt_at is None or row.next_attempt_at <= now:
+        return
+    if row.leased_until is not None and row.leased_until > now:
+        return
+    s.execute(update(WebhookDelivery).where(
+        col(WebhookDelivery.id) == row.id, col(WebhookDelivery.delivered_at).is_(None),
+        col(WebhookDelivery.next_attempt_at) == row.next_attempt_at,
+        sa.or_(col(WebhookDelivery.leased_until).is_(None), col(WebhookDelivery.leased_until) <= now))
+        .values(next_attempt_at=now, leased_until=None))
 
 
 def _expired(cutoff: datetime) -> list[ColumnElement[bool]]:

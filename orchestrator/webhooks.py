@@ -513,7 +513,7 @@ class Deliverer:
                         _to(where), col(WebhookDelivery.delivered_at).is_(None),
                         col(WebhookDelivery.next_attempt_at) <= now,
                         made < now - timedelta(seconds=SCHEDULE_SECONDS))
-                    .values(next_attempt_at=None,
+                    .values(next_attempt_at=None, leased_until=None,
                             last_error=f"not sent: {where} set aside, unreachable, past this delivery's "
                                        f"{SCHEDULE_SECONDS / 3600:.1f} h retry schedule (its last failed attempt: "
                                        f"{error or 'unknown'})"[:500])
@@ -530,7 +530,7 @@ class Deliverer:
             for row in rows:
                 result = s.execute(update(WebhookDelivery).where(
                     col(WebhookDelivery.id) == row.id, col(WebhookDelivery.next_attempt_at) == row.next_attempt_at,
-                    col(WebhookDelivery.delivered_at).is_(None)).values(next_attempt_at=until))
+                    col(WebhookDelivery.delivered_at).is_(None)).values(next_attempt_at=until, leased_until=until))
                 if changed(result) == 1:
                     claimed.append(row)
         for row in claimed:
@@ -544,7 +544,8 @@ class Deliverer:
             for row in rows:
                 s.execute(update(WebhookDelivery).where(
                     col(WebhookDelivery.id) == row.id, col(WebhookDelivery.next_attempt_at) == row.leased_until,
-                    col(WebhookDelivery.delivered_at).is_(None)).values(next_attempt_at=row.next_attempt_at))
+                    col(WebhookDelivery.delivered_at).is_(None)).values(next_attempt_at=row.next_attempt_at,
+                                                                        leased_until=None))
 
     async def _written(self, write: Callable[..., None], *args: Any) -> None:
         """`write` in a thread, to its end even when a stop comes meanwhile (which is raised after
@@ -601,14 +602,15 @@ class Deliverer:
     def _delivered(self, row: Due) -> None:
         with self.db.transaction() as s:
             s.execute(update(WebhookDelivery).where(*self._still_claimed(row))
-                      .values(delivered_at=shared_now(), attempts=row.attempts + 1, next_attempt_at=None))
+                      .values(delivered_at=shared_now(), attempts=row.attempts + 1, next_attempt_at=None,
+                              leased_until=None))
 
     def _failed(self, row: Due, error: str) -> None:
         attempts = row.attempts + 1
         wait = BACKOFF_SECONDS[attempts - 1] if attempts <= len(BACKOFF_SECONDS) else None
         with self.db.transaction() as s:
             written = changed(s.execute(update(WebhookDelivery).where(*self._still_claimed(row)).values(
-                attempts=attempts, last_error=error[:500],
+                attempts=attempts, last_error=error[:500], leased_until=None,
                 next_attempt_at=None if wait is None else shared_now() + timedelta(seconds=wait))))
         if not written:  # its claim ended and the row moved on: another send or a redelivery has it
             log.info("webhook %s: attempt %d failed (%s) after its claim ended; left as another process or a "

@@ -54,8 +54,9 @@ def add_job(db: Database, project_id: str) -> str:
 
 def add_delivery(db: Database, job_id: str, status: str, *, age_days: float = 0.0, url: str = URL,
                  redelivered_days: float | None = None) -> str:
-    """A delivery in `status`: `pending`, `claimed` (pending, a sender's lease on it), `delivered`
-    or `failed`, made `age_days` ago (and delivered then)."""
+    """A delivery in `status`: `pending` (due), `waiting` (pending, 3 attempts failed, its next in
+    30 min), `claimed` (pending, a sender's lease on it), `delivered` or `failed`, made `age_days`
+    ago (and delivered then)."""
     made = utcnow() - timedelta(days=age_days)
     with db.session() as s:
         job = s.get(Job, job_id)
@@ -64,9 +65,12 @@ def add_delivery(db: Database, job_id: str, status: str, *, age_days: float = 0.
                           created_at=made)
     if status == "pending":
         row.next_attempt_at = made
+    elif status == "waiting":
+        row.attempts, row.last_error = 3, "answered 502"
+        row.next_attempt_at = utcnow() + timedelta(minutes=30)
     elif status == "claimed":
         row.attempts, row.last_error = 1, "answered 500"
-        row.next_attempt_at = utcnow() + timedelta(seconds=60)
+        row.next_attempt_at = row.leased_until = utcnow() + timedelta(seconds=60)
     elif status == "delivered":
         row.attempts, row.delivered_at = 2, made + timedelta(seconds=5)
         row.last_error = "ConnectError: [Errno 111] Connection refused"
@@ -298,20 +302,109 @@ def test_a_given_up_delivery_is_redelivered_with_a_fresh_budget(admin: TestClien
         assert (due.id, due.url, due.attempts) == (failed, URL, 0)
 
 
-def test_a_pending_delivery_is_not_redelivered(admin: TestClient, admin_settings: Settings) -> None:
+def test_a_pending_delivery_waiting_out_its_backoff_is_sent_now_its_attempts_kept(
+        admin: TestClient, admin_settings: Settings) -> None:
     project = create_project(admin, webhook_url=URL)["id"]
     with database(admin_settings) as db:
         job = add_job(db, project)
-        pending, claimed = add_delivery(db, job, "pending"), add_delivery(db, job, "claimed")
-        before = dumped(db, claimed)
-        for delivery in (pending, claimed):
-            error = assert_error(admin.post(f"/v1/webhook-deliveries/{delivery}/redeliver"), 409, "delivery_pending")
-            assert error["details"]["delivery_id"] == delivery and "next_attempt_at" in error["details"]
-        assert dumped(db, claimed) == before
-        # Twice: the second finds it pending.
-        failed = add_delivery(db, job, "failed")
-        assert admin.post(f"/v1/webhook-deliveries/{failed}/redeliver").status_code == 202
-        assert_error(admin.post(f"/v1/webhook-deliveries/{failed}/redeliver"), 409, "delivery_pending")
+        waiting = add_delivery(db, job, "waiting", url="https://old.example/hooks")
+        before = dumped(db, waiting)
+        sender = webhooks.Deliverer(db, lambda job_id: {}, None, interval=1)
+        assert sender._due() == []
+        answer = admin.post(f"/v1/webhook-deliveries/{waiting}/redeliver")
+        assert answer.status_code == 202, answer.text
+        body = answer.json()
+        # Due now; nothing else changed: its attempts, last error and URL as they were (a retry
+        # brought forward, not a redelivery), its schedule going on from its 4th attempt.
+        assert (body["status"], body["attempts"], body["last_error"], body["url"], body["redelivered_at"]) == (
+            "pending", 3, "answered 502", "https://old.example/hooks", None)
+        after = dumped(db, waiting)
+        assert after["next_attempt_at"] <= utcnow() < before["next_attempt_at"]
+        assert {k: v for k, v in after.items() if k != "next_attempt_at"} == {
+            k: v for k, v in before.items() if k != "next_attempt_at"}
+        [due] = sender._due()
+        assert (due.id, due.attempts) == (waiting, 3)
+        # Asked again before it is sent: due already, left as it is.
+        assert admin.post(f"/v1/webhook-deliveries/{waiting}/redeliver").status_code == 202
+        assert dumped(db, waiting) == after
+        # Its attempt fails: counted as its 4th, waiting 30 min as ever.
+        [claimed] = sender._claim_all([due])
+        sender._failed(claimed, "answered 503")
+        row = row_of(db, waiting)
+        assert row is not None and (row.attempts, row.last_error) == (4, "answered 503")
+        assert row.next_attempt_at is not None and row.next_attempt_at > utcnow() + timedelta(minutes=29)
+
+
+def test_a_pending_delivery_a_sender_has_is_left_to_that_send(admin: TestClient, admin_settings: Settings) -> None:
+    """Asked while a process sends it, a pending delivery is not made due under that send (another
+    process would send it beside it): it is answered as it is; the send's result stands."""
+    project = create_project(admin, webhook_url=URL)["id"]
+    with database(admin_settings) as db:
+        job = add_job(db, project)
+        waiting = add_delivery(db, job, "waiting")
+        with db.transaction() as s:
+            s.get_one(WebhookDelivery, waiting).next_attempt_at = utcnow() - timedelta(seconds=1)
+        sender, other = (webhooks.Deliverer(db, lambda job_id: {}, None, interval=1) for _ in range(2))
+        [row] = sender._due()
+        [claimed] = sender._claim_all([row])
+        before = dumped(db, waiting)
+        answer = admin.post(f"/v1/webhook-deliveries/{waiting}/redeliver")
+        assert answer.status_code == 202, answer.text
+        assert (answer.json()["status"], answer.json()["attempts"]) == ("pending", 3)
+        assert dumped(db, waiting) == before
+        assert other._due() == []  # no second send beside the first
+        sender._delivered(claimed)
+        done = row_of(db, waiting)
+        assert done is not None and done.delivered_at is not None and done.attempts == 4
+        # A claim whose lease ended (its sender died): due again already, taken by the next look.
+        lapsed = add_delivery(db, job, "claimed")
+        with db.transaction() as s:
+            s.get_one(WebhookDelivery, lapsed).next_attempt_at = s.get_one(
+                WebhookDelivery, lapsed).leased_until = utcnow() - timedelta(seconds=1)
+        before = dumped(db, lapsed)
+        assert admin.post(f"/v1/webhook-deliveries/{lapsed}/redeliver").status_code == 202
+        assert dumped(db, lapsed) == before
+        assert [r.id for r in other._due()] == [lapsed]
+
+
+def test_a_pending_delivery_claimed_after_it_was_read_is_left_to_its_sender(
+        db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    check_a_claim_after_the_read_is_left_to_its_sender(db, monkeypatch)
+
+
+def check_a_claim_after_the_read_is_left_to_its_sender(db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The update that brings a waiting delivery forward is conditional on the row as read: a
+    sender that claimed it since (its backoff ended) keeps it, sent once."""
+    with db.transaction() as s:
+        s.add(Project(id="prj_1", name="p", policy="balanced", webhook_url=URL))
+    waiting = add_delivery(db, add_job(db, "prj_1"), "waiting")
+    read = webhook_deliveries._found
+    as_read = read_row(db, waiting)
+    with db.transaction() as s:  # its backoff ends; a sender claims it
+        s.get_one(WebhookDelivery, waiting).next_attempt_at = utcnow() - timedelta(seconds=1)
+    sender = webhooks.Deliverer(db, lambda job_id: {}, None, interval=1)
+    [row] = sender._due()
+    [claimed] = sender._claim_all([row])
+    before = dumped(db, waiting)
+
+    def stale(s: Any, delivery_id: str) -> Any:
+        found = read(s, delivery_id)
+        assert found is not None
+        return as_read, found[1], found[2]
+
+    monkeypatch.setattr(webhook_deliveries, "_found", stale)
+    assert webhook_deliveries.redeliver(db, waiting).status == "pending"
+    assert dumped(db, waiting) == before
+    assert webhooks.Deliverer(db, lambda job_id: {}, None, interval=1)._due() == []
+    sender._failed(claimed, "answered 500")  # its result is written: the claim was its own still
+    after = row_of(db, waiting)
+    assert after is not None and (after.attempts, after.last_error, after.leased_until) == (4, "answered 500", None)
+
+
+def read_row(db: Database, delivery_id: str) -> WebhookDelivery:
+    row = row_of(db, delivery_id)
+    assert row is not None
+    return WebhookDelivery(**row.model_dump())
 
 
 def test_a_redelivery_needs_the_project_s_url_now(admin: TestClient, admin_settings: Settings) -> None:

@@ -1,0 +1,35 @@
+"""webhook_deliveries.leased_until: a sender's claim told apart from a backoff
+
+`POST /v1/webhook-deliveries/{id}/redeliver` makes a pending delivery waiting out its backoff due
+at once; both that row and one a sender has claimed have a `next_attempt_at` ahead (the claim's
+lease end), and only the first may be moved (the second would be sent twice at a time). A claim
+now writes its lease end here too, and the send's result, a stop's giving back and a give-up clear
+it. A row claimed by a process from before the upgrade has none: a redeliver within that claim's
+minute reads it as waiting and makes it due, and it may be sent twice (at least once, as ever).
+
+Revision ID: 0031
+Revises: 0030
+Create Date: 2026-12-07 06:00:00.000000
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+revision: str = '0031'
+down_revision: str | None = '0030'
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table('webhook_deliveries', schema=None) as batch_op:
+        batch_op.add_column(sa.Column('leased_until', sa.DateTime(timezone=True), nullable=True))
+
+
+def downgrade() -> None:
+    with op.batch_alter_table('webhook_deliveries', schema=None) as batch_op:
+        batch_op.drop_column('leased_until')
