@@ -340,6 +340,9 @@ class PolicyVersion(SQLModel, table=True):
     recorded_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime, nullable=False)
 
 
+UNDELIVERED = sa.text("delivered_at IS NULL")
+
+
 class WebhookDelivery(SQLModel, table=True):
     """A job's end to POST to its project's webhook (`orchestrator.webhooks`): written in the
     transaction that ends the job (an outbox), so no end is lost to a crash between the two.
@@ -354,8 +357,13 @@ class WebhookDelivery(SQLModel, table=True):
     # The due rows, soonest first, and /metrics' counts of pending and given-up ones, read from the
     # index alone (delivered and given-up rows have no next attempt): the table only grows.
     # A project's deliveries newest first, a page at a time (`GET /v1/projects/{id}/webhook-deliveries`).
+    # Every project's pending or given-up deliveries newest first (`GET /v1/webhooks/deliveries`),
+    # read past the delivered ones, which are nearly all: a page of pending ones in 100,000 rows was
+    # a scan of the whole table (41 ms on SQLite), 0.6 ms from this.
     __table_args__ = (sa.Index("ix_webhook_deliveries_due", "next_attempt_at", "delivered_at"),
-                      sa.Index("ix_webhook_deliveries_project", "project_id", "id"))
+                      sa.Index("ix_webhook_deliveries_project", "project_id", "id"),
+                      sa.Index("ix_webhook_deliveries_undelivered", "id", sqlite_where=UNDELIVERED,
+                               postgresql_where=UNDELIVERED))
 
     id: str = Field(primary_key=True, max_length=40)
     job_id: str = Field(foreign_key="jobs.id", index=True, max_length=40)

@@ -1,4 +1,4 @@
-"""webhook_deliveries.leased_until: a sender's claim told apart from a backoff
+"""webhook_deliveries.leased_until, and ix_webhook_deliveries_undelivered for the list across projects
 
 `POST /v1/webhook-deliveries/{id}/redeliver` makes a pending delivery waiting out its backoff due
 at once; both that row and one a sender has claimed have a `next_attempt_at` ahead (the claim's
@@ -6,6 +6,11 @@ lease end), and only the first may be moved (the second would be sent twice at a
 now writes its lease end here too, and the send's result, a stop's giving back and a give-up clear
 it. A row claimed by a process from before the upgrade has none: a redeliver within that claim's
 minute reads it as waiting and makes it due, and it may be sent twice (at least once, as ever).
+
+`GET /v1/webhooks/deliveries` lists every project's deliveries newest first, by id; with
+`?status=pending` (or `failed`) it read the table's key past every delivered row, nearly all of
+them (41 ms for a page in 100,000 on SQLite). The partial index of the undelivered rows by id
+reads only those (0.6 ms).
 
 Revision ID: 0031
 Revises: 0030
@@ -24,12 +29,17 @@ down_revision: str | None = '0030'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
+UNDELIVERED = sa.text('delivered_at IS NULL')
+
 
 def upgrade() -> None:
     with op.batch_alter_table('webhook_deliveries', schema=None) as batch_op:
         batch_op.add_column(sa.Column('leased_until', sa.DateTime(timezone=True), nullable=True))
+    op.create_index('ix_webhook_deliveries_undelivered', 'webhook_deliveries', ['id'], sqlite_where=UNDELIVERED,
+                    postgresql_where=UNDELIVERED)
 
 
 def downgrade() -> None:
+    op.drop_index('ix_webhook_deliveries_undelivered', table_name='webhook_deliveries')
     with op.batch_alter_table('webhook_deliveries', schema=None) as batch_op:
         batch_op.drop_column('leased_until')

@@ -1,4 +1,5 @@
-"""A project's webhook deliveries: listed, and one sent again (`orchestrator.webhook_deliveries`)."""
+"""Webhook deliveries: a project's listed, every project's listed (admin key), and one sent again
+(`orchestrator.webhook_deliveries`)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 from orchestrator import webhook_deliveries
-from orchestrator.api.deps import CallerDep, ServicesDep
+from orchestrator.api.deps import CallerDep, ServicesDep, admin_only
 from orchestrator.api.docs import documented, with_query
 from orchestrator.api.json_body import StrictJSONRoute
 from orchestrator.api.paths import DeliveryId, ProjectId
@@ -51,6 +52,39 @@ def list_webhook_deliveries(
     more = len(rows) > limit
     rows = rows[:limit]
     return Page(items=[webhook_deliveries.delivery_public(row, project_id) for row in rows],
+                next_cursor=rows[-1].id if more else None)
+
+
+@router.get("/webhooks/deliveries", response_model=Page[WebhookDeliveryPublic],
+            summary="List every project's webhook deliveries (admin key)",
+            dependencies=[admin_only("listing every project's webhook deliveries")],
+            responses=with_query(403, 404, said={
+                403: "A project key (`forbidden`): it lists its own project's at "
+                     "`GET /v1/projects/{project_id}/webhook-deliveries`.",
+                404: "`project_id` names no project (`not_found`)."}))
+def list_all_webhook_deliveries(
+    services: ServicesDep,
+    status: Annotated[DeliveryStatus | None, Query(description=(
+        "Only deliveries in this status: `pending`, `delivered` or `failed` (given up); left out: any."))] = None,
+    project_id: Annotated[str | None, Query(description="Only this project's deliveries; left out: every project's.")]
+    = None,
+    limit: Limit = 50, cursor: Cursor = None,
+    order: Annotated[Order, Query(description=(
+        "`desc`: newest first (the default here); `asc`: oldest first. A page's `next_cursor` goes on in the same "
+        "order."))] = "desc",
+) -> Page[WebhookDeliveryPublic]:
+    """Every project's webhook deliveries, newest first, a page at a time: the studio's view of
+    what its receivers got, are still to get (`?status=pending`) or never got (`?status=failed`),
+    each naming its `project_id`. The admin key only."""
+    after = id_cursor(cursor, "whd")
+    with services.db.snapshot() as s:
+        if project_id is not None and s.get(Project, project_id) is None:
+            raise not_found("project", "project_id", project_id)
+        rows = webhook_deliveries.listed(s, project_id, status=status, job_id=None, after=after, order=order,
+                                         limit=limit + 1)
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return Page(items=[webhook_deliveries.delivery_public(row, row.project_id or "") for row in rows],
                 next_cursor=rows[-1].id if more else None)
 
 

@@ -532,6 +532,7 @@ ERRORS: dict[tuple[str, str], set[int]] = {
     ("get", "/v1/workers"): ANY | {403},
     ("get", "/v1/projects/{project_id}/webhook-deliveries"): ANY | {404, 422},
     ("post", "/v1/webhook-deliveries/{delivery_id}/redeliver"): ANY | {403, 404, 409},
+    ("get", "/v1/webhooks/deliveries"): ANY | {403, 404, 422},
 }
 # The routes that route a request to an engine: the only ones whose 422 or 503 may be `no_route`
 # (creating a project: when the default policy is not loaded).

@@ -16,7 +16,7 @@ import httpx
 import pytest
 from pydantic import ValidationError
 from sqlalchemy import create_engine, text
-from sqlmodel import select
+from sqlmodel import col, select
 from starlette.testclient import TestClient
 
 from orchestrator import webhook_deliveries, webhooks
@@ -197,6 +197,111 @@ def test_a_project_key_reads_its_own_project_s_deliveries_only(admin: TestClient
     assert foreign["details"] == {"project_id": other}
     assert foreign["message"] == f"project '{other}' not found"
     assert_error(admin.get(f"/v1/projects/{mine}/webhook-deliveries", headers=NO_KEY), 401, "unauthorized")
+
+
+def test_every_project_s_deliveries_are_listed_newest_first_for_the_admin(
+        admin: TestClient, admin_settings: Settings) -> None:
+    mine, other = create_project(admin, "mine")["id"], create_project(admin, "other")["id"]
+    with database(admin_settings) as db:
+        mine_job, other_job = add_job(db, mine), add_job(db, other)
+        made = [(add_delivery(db, job, status), project, status)
+                for job, project, status in ((mine_job, mine, "delivered"), (other_job, other, "failed"),
+                                             (mine_job, mine, "waiting"), (other_job, other, "delivered"),
+                                             (other_job, other, "claimed"), (mine_job, mine, "failed"))]
+        path = "/v1/webhooks/deliveries"
+        newest_first = [delivery for delivery, _, _ in reversed(made)]
+        listed = admin.get(path).json()
+        assert [i["id"] for i in listed["items"]] == newest_first and listed["next_cursor"] is None
+        assert {i["id"]: i["project_id"] for i in listed["items"]} == {d: p for d, p, _ in made}
+        # Each as the project's own list shows it.
+        assert next(i for i in listed["items"] if i["id"] == made[0][0]) == next(
+            i for i in admin.get(f"/v1/projects/{mine}/webhook-deliveries").json()["items"] if i["id"] == made[0][0])
+        assert ids(admin.get(path, params={"order": "asc"})) == newest_first[::-1]
+
+        # Pages of 4 then 2; a delivery made meanwhile is newer than the cursor: the next page goes on
+        # where the first ended, nothing listed twice or skipped.
+        page = admin.get(path, params={"limit": 4}).json()
+        assert [i["id"] for i in page["items"]] == newest_first[:4] and page["next_cursor"] == newest_first[3]
+        newer = add_delivery(db, mine_job, "pending")
+        rest = admin.get(path, params={"limit": 4, "cursor": page["next_cursor"]}).json()
+        assert [i["id"] for i in rest["items"]] == newest_first[4:] and rest["next_cursor"] is None
+        assert ids(admin.get(path, params={"limit": 1})) == [newer]
+
+        def of(status: str) -> list[str]:
+            return [d for d, _, st in reversed(made) if st == status]
+
+        assert ids(admin.get(path, params={"status": "failed"})) == of("failed")
+        assert ids(admin.get(path, params={"status": "delivered"})) == of("delivered")
+        assert ids(admin.get(path, params={"status": "pending"})) == [newer, *of("claimed"), *of("waiting")]
+        assert ids(admin.get(path, params={"status": "pending", "limit": 1, "cursor": newer})) == of("claimed")
+        assert ids(admin.get(path, params={"project_id": other})) == [d for d, p, _ in reversed(made) if p == other]
+        assert ids(admin.get(path, params={"project_id": mine, "status": "failed"})) == [made[5][0]]
+
+
+def test_the_list_across_projects_is_the_admin_s_only(admin: TestClient, admin_settings: Settings) -> None:
+    mine, other = create_project(admin, "mine")["id"], create_project(admin, "other")["id"]
+    with database(admin_settings) as db:
+        add_delivery(db, add_job(db, mine), "failed")
+        others = add_delivery(db, add_job(db, other), "failed")
+    path = "/v1/webhooks/deliveries"
+    key = key_of(admin, mine)
+    for params in ({}, {"project_id": mine}, {"project_id": other}, {"status": "failed"}):
+        refused = assert_error(admin.get(path, params=params, headers=key), 403, "forbidden")
+        assert others not in json.dumps(refused)
+    assert_error(admin.get(path, headers=NO_KEY), 401, "unauthorized")
+    missing = "prj_0000000000zzzzzzzzzzzzzz"
+    assert assert_error(admin.get(path, params={"project_id": missing}), 404, "not_found")["details"] == {
+        "project_id": missing}
+    for params in ({"status": "given_up"}, {"limit": 0}, {"limit": 501}, {"cursor": "x"}, {"cursor": mine},
+                   {"order": "newest"}, {"projectid": mine}):
+        assert_error(admin.get(path, params=params), 422, "invalid_request")
+    assert_error(admin.get(path + "?status=failed&status=pending"), 422, "invalid_request")
+
+
+def test_the_list_across_projects_reads_pending_and_failed_ones_past_the_delivered(db: Database) -> None:
+    """A page of pending (or failed) deliveries of every project reads the undelivered ones, not
+    the whole table, nearly all delivered."""
+    with db.session() as s:
+        for status in ("pending", "failed"):
+            query = select(WebhookDelivery).where(col(WebhookDelivery.project_id).is_not(None),
+                                                  webhook_deliveries.with_status(status))
+            query = query.order_by(col(WebhookDelivery.id).desc()).limit(51)
+            compiled = query.compile(db.engine)
+            plan = s.connection().exec_driver_sql("EXPLAIN QUERY PLAN " + str(compiled),
+                                                  tuple(compiled.params[k] for k in compiled.positiontup or ())).all()
+            told = " ".join(str(step[-1]) for step in plan)
+            assert "ix_webhook_deliveries_undelivered" in told or "ix_webhook_deliveries_due" in told, told
+            assert "SCAN webhook_deliveries USING INDEX sqlite_autoindex" not in told, told
+
+
+def test_every_project_s_deliveries_are_read_a_page_at_a_time(db: Database) -> None:
+    check_every_project_s_deliveries_read(db)
+
+
+def check_every_project_s_deliveries_read(db: Database) -> None:
+    with db.transaction() as s:
+        s.add_all([Project(id="prj_1", name="a", policy="balanced"), Project(id="prj_2", name="b", policy="balanced")])
+    jobs = [add_job(db, "prj_1"), add_job(db, "prj_2")]
+    made = [(add_delivery(db, jobs[n % 2], status), status)
+            for n, status in enumerate(["delivered", "failed", "waiting", "claimed", "delivered", "failed", "pending"])]
+    newest_first = [d for d, _ in reversed(made)]
+
+    def read(status: Any = None, after: str | None = None, order: str = "desc", limit: int = 3) -> list[str]:
+        with db.session() as s:
+            return [r.id for r in webhook_deliveries.listed(s, None, status=status, job_id=None, after=after,
+                                                            order=order, limit=limit)]
+
+    pages, after = [], None
+    while page := read(after=after):
+        pages += page
+        after = page[-1]
+    assert pages == newest_first
+    assert read(order="asc", limit=10) == newest_first[::-1]
+    for status, statuses in (("pending", {"waiting", "claimed", "pending"}), ("failed", {"failed"}),
+                             ("delivered", {"delivered"})):
+        expected = [d for d, st in reversed(made) if st in statuses]
+        assert read(status, limit=10) == expected
+        assert read(status, after=expected[0], limit=10) == expected[1:]
 
 
 def test_the_deliveries_made_before_are_given_their_job_s_project(tmp_path: Path) -> None:

@@ -66,6 +66,7 @@ from tests.api.test_webhook_deliveries import (
     check_a_claimed_delivery_is_left_to_its_sender,
     check_a_late_sender_leaves_a_redelivery_alone,
     check_deliveries_made_before_given_their_project,
+    check_every_project_s_deliveries_read,
     check_old_deliveries_pruned,
 )
 from tests.api.test_webhook_sending import (
@@ -1163,6 +1164,10 @@ def test_a_redelivery_leaves_a_claimed_delivery_to_its_sender_on_postgres(
 
 def test_a_sender_whose_claim_ended_leaves_a_redelivery_alone_on_postgres(pg_db: Database) -> None:
     check_a_late_sender_leaves_a_redelivery_alone(pg_db)
+
+
+def test_every_project_s_webhook_deliveries_are_read_a_page_at_a_time_on_postgres(pg_db: Database) -> None:
+    check_every_project_s_deliveries_read(pg_db)
 
 
 def test_a_pending_delivery_claimed_after_it_was_read_is_left_to_its_sender_on_postgres(
