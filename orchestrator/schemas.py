@@ -724,9 +724,10 @@ class WebhookDeliveryPublic(BaseModel):
     url: str = Field(description="Where it is POSTed: the project's `webhook_url` as the job ended, or as it was "
                                  "redelivered.")
     status: DeliveryStatus = Field(description=(
-        "`pending`: to be sent, or tried again at `next_attempt_at`; `delivered`: a 2xx answer came; `failed`: given "
-        "up after its last attempt, or unsent once past its retry schedule while its destination was set aside "
-        "(`POST /v1/webhook-deliveries/{id}/redeliver` sends it again)."))
+        "`pending`: to be sent, or tried again at `next_attempt_at` (`POST /v1/webhook-deliveries/{id}/redeliver` "
+        "brings that forward to now); `delivered`: a 2xx answer came; `failed`: given up after its last attempt, or "
+        "unsent once past its retry schedule while its destination was set aside (`POST /v1/webhook-deliveries/{id}/"
+        "redeliver` sends it again)."))
     attempts: int = Field(description="Attempts made since it was made or last redelivered.")
     last_error: str | None = Field(description=(
         "Why the latest failed attempt failed: `answered 503` (the receiver's status), or the exception "
