@@ -440,6 +440,37 @@ def test_a_pending_delivery_waiting_out_its_backoff_is_sent_now_its_attempts_kep
         assert row.next_attempt_at is not None and row.next_attempt_at > utcnow() + timedelta(minutes=29)
 
 
+def test_a_delivery_waiting_after_a_failed_attempt_is_sent_at_once_when_asked(
+        make_settings: SettingsFactory, start_server: Callable[[Settings], httpx.Client]) -> None:
+    receiver = Receiver([503])
+    try:
+        base = start_server(make_settings(admin_key=ADMIN_KEY)).base_url
+        with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=30) as client:
+            project = create_project(client, webhook_url=receiver.url)["id"]
+            run_draft(client, project)
+            [(headers, _)] = receiver.wait_for(1)
+            path = f"/v1/projects/{project}/webhook-deliveries"
+            deadline = time.monotonic() + 10
+            while (waiting := client.get(path).json()["items"][0])["attempts"] != 1:
+                assert time.monotonic() < deadline, waiting
+                time.sleep(0.05)
+            assert (waiting["status"], waiting["last_error"]) == ("pending", "answered 503")
+            asked = time.monotonic()
+            answer = client.post(f"/v1/webhook-deliveries/{waiting['id']}/redeliver")
+            assert answer.status_code == 202, answer.text
+            # Its backoff was 10 s: sent at the next look instead, as its second attempt.
+            [_, (again, _)] = receiver.wait_for(2, timeout=5)
+            assert again["webhook-id"] == headers["webhook-id"] and time.monotonic() - asked < 5
+            deadline = time.monotonic() + 10
+            while (now := client.get(path).json()["items"][0])["status"] != "delivered":
+                assert time.monotonic() < deadline, now
+                time.sleep(0.05)
+            assert (now["attempts"], now["redelivered_at"]) == (2, None)
+        assert len(receiver.posts) == 2
+    finally:
+        receiver.close()
+
+
 def test_a_pending_delivery_a_sender_has_is_left_to_that_send(admin: TestClient, admin_settings: Settings) -> None:
     """Asked while a process sends it, a pending delivery is not made due under that send (another
     process would send it beside it): it is answered as it is; the send's result stands."""
