@@ -69,7 +69,7 @@ def listed(s: Session, project_id: str | None, *, status: DeliveryStatus | None,
     job, under the write lock), read from `ix_webhook_deliveries_project`; every project's, from
     the table's key, or `ix_webhook_deliveries_undelivered` for the pending or failed ones."""
     stmt = select(WebhookDelivery).limit(limit)
-    # A row without a project (written so before migration 0028 filled them in) is listed nowhere.
+    # A row written without its project (the column is nullable only so that it is not refused) is listed nowhere.
     stmt = stmt.where(col(WebhookDelivery.project_id) == project_id if project_id is not None
                       else col(WebhookDelivery.project_id).is_not(None))
     if status is not None:
