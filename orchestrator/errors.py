@@ -288,6 +288,10 @@ class EngineError(OrchestratorError):
     # then not stored), or with charged "unknown" the most it can have billed: the ledger
     # captures it instead of the estimate.
     cost_millicredits: int | None = None
+    # With charged "yes" and no `cost_millicredits`: why the provider's report of the cost could
+    # not be read (`RenderResult.cost_unread`). The estimate captured then waits for reconciliation,
+    # as it does for a success with that report.
+    cost_unread: str | None = None
     # Whether the failure says the engine is unwell (its circuit breaker counts it); a request too
     # large for the device's memory says nothing of the engine's health.
     engine_fault: bool = True

@@ -314,8 +314,11 @@ class Ledger:
         if charged == "no":
             self.release(s, job, note=f"{error.code}")
         elif charged == "yes":
-            # The provider finished and said what it charged: that is the bill, as on a success.
-            self.charge_made(s, job, getattr(error, "cost_millicredits", None), note=error.code)
+            # The provider finished and said what it charged: that is the bill, as on a success,
+            # and a report it could not read is the estimate flagged for the invoice, as there.
+            cost = getattr(error, "cost_millicredits", None)
+            unread = getattr(error, "cost_unread", None) if cost is None else None
+            self.charge_made(s, job, cost, note=error.code, unread=f"{error.code}: {unread}" if unread else None)
         else:
             ceiling = getattr(error, "cost_millicredits", None)
             hold = self.open_hold(s, job.id)

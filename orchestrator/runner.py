@@ -553,7 +553,7 @@ class JobRunner:
             # and the canceled job keeps them (`_kept_images`).
             if self.registry.get(job.engine).kind == "remote":
                 exc.at_least_charged("yes")
-                exc.cost_millicredits = result.cost_millicredits
+                exc.cost_millicredits, exc.cost_unread = result.cost_millicredits, result.cost_unread
                 exc.made = result
             raise
         except (StaleAttempt, OrchestratorError):
@@ -577,10 +577,13 @@ class JobRunner:
                         else "the data dir cannot be written by the service, its owner or mode: its operator "
                              "must fix it" if isinstance(exc, PermissionError)
                         else "the data dir has no room for them: its operator must make some")
-                raise ImagesNotStored(f"{said} ({mend})"[:500],
-                                      charged="yes", cost_millicredits=result.cost_millicredits) from exc
-            raise EngineError(said[:500], retryable=False, charged="yes",
-                              cost_millicredits=result.cost_millicredits) from exc
+                unstored: EngineError = ImagesNotStored(f"{said} ({mend})"[:500], charged="yes",
+                                                        cost_millicredits=result.cost_millicredits)
+            else:
+                unstored = EngineError(said[:500], retryable=False, charged="yes",
+                                       cost_millicredits=result.cost_millicredits)
+            unstored.cost_unread = result.cost_unread
+            raise unstored from exc
 
     async def _canceled(self, claim: Claim, exc: Canceled, engine_returned: bool) -> None:
         """A user's cancel ends the job now, with what it cost; a stop leaves it to the next start."""

@@ -381,6 +381,35 @@ def test_a_cancel_after_the_engine_finished_charges_what_the_provider_reported(
     assert [(e["kind"], e["amount"], e["unreconciled"]) for e in entries] == settled
 
 
+@pytest.mark.parametrize(("end", "status", "code"), [("disk full", "failed", "storage_full"),
+                                                 ("cancel", "canceled", "canceled")])
+def test_a_cost_reported_unreadably_is_flagged_however_the_made_job_ends(
+        api: httpx.Client, monkeypatch: pytest.MonkeyPatch, end: str, status: str, code: str) -> None:
+    """Made and billed, with a usage block that could not be read: the estimate captured waits for
+    the invoice, as on a success. Ended by a full disk or by a cancel while its images were stored,
+    it was captured as a known bill, and nobody was asked to check it."""
+    project_id, asset_id = project_with_draft(api)
+    real_put = ArtifactStore.put_file
+
+    def put(self: ArtifactStore, data: bytes) -> Put:
+        if end == "disk full":
+            raise OSError(28, "No space left on device", "/srv/orchestrator/assets/ab/tmp-1")
+        running = get_json(api, "/v1/jobs", project_id=project_id, status="running")["items"]
+        if running:
+            assert api.post(f"/v1/jobs/{running[0]['id']}/cancel").status_code == 202
+        return real_put(self, data)
+
+    monkeypatch.setattr(ArtifactStore, "put_file", put)
+    done = wait_for_job(api, promote_ok(api, asset_id, engine="fake-paid", tags={"fake": "unreadable-usage"})["id"])
+    assert (done["status"], done["error"]["code"]) == (status, code)
+    entries = [e for e in ledger(api, project_id) if e["job_id"] == done["id"]]
+    assert [(e["kind"], e["amount"], e["unreconciled"]) for e in entries] == [
+        ("hold", PRICE, False), ("capture", PRICE, True)]
+    assert entries[1]["note"] == f"{code}: usage unreadable"
+    flagged = get_json(api, f"/v1/projects/{project_id}/ledger", unreconciled="true")["items"]
+    assert [e["id"] for e in flagged] == [entries[1]["id"]]
+
+
 def stop_while_storing(monkeypatch: pytest.MonkeyPatch, then: Callable[[Claim], None] = lambda _claim: None) -> None:
     """Make the runner's `_succeed` meet a graceful stop as `Scheduler.stop` makes it (the engine
     has returned; the images are not stored yet), for jobs tagged `stop`; `then` runs after it."""
