@@ -409,11 +409,15 @@ def _stray(s: Session) -> list[int | None]:
 
 
 def _second_charges(s: Session) -> list[int | None]:
-    """Captures without a hold (metered local work, estimated free) of jobs a capture of a hold
-    charged too: the service writes one or the other, so both is the job charged twice."""
+    """Captures without a hold (metered local work, estimated free) of jobs a capture of a hold on
+    the same engine charged too: for one engine the service writes one or the other, so both is the
+    job charged twice. A job moved off a paid engine no process has any more, whose earlier attempt
+    a provider had accepted, is charged there on its hold, and by a free engine it moved to without
+    one: each engine's bill."""
     held = aliased(LedgerEntry)
     charged_on_hold = select(held.id).where(col(held.kind) == "capture", col(held.hold_id).is_not(None),
-                                            col(held.job_id) == col(LedgerEntry.job_id)).exists()
+                                            col(held.job_id) == col(LedgerEntry.job_id),
+                                            col(held.engine).is_not_distinct_from(col(LedgerEntry.engine))).exists()
     return list(s.exec(select(LedgerEntry.id).where(col(LedgerEntry.kind) == "capture",
                                                     col(LedgerEntry.hold_id).is_(None), charged_on_hold)
                        .order_by(col(LedgerEntry.id))).all())

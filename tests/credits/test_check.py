@@ -13,7 +13,7 @@ import httpx
 import pytest
 from sqlalchemy import create_engine, func, text
 from sqlalchemy.exc import DatabaseError
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from orchestrator import check
 from orchestrator.cli import main
@@ -100,13 +100,13 @@ def check_ledger_findings(api: httpx.Client, url: str, capsys: pytest.CaptureFix
                                       ("release", None, job("unknown")),
                                       ("adjustment", entry("partial", "capture"), job("partial")),
                                       ("hold", None, job("over")), ("hold", None, job("over")),
-                                      # charged twice: on its hold, and as metered work; a hold of no job
+                                      # charged twice by its engine: on its hold, and as metered work; a hold of no job
                                       ("capture", None, job("partial")), ("hold", None, None)):
             added.append(conn.execute(text(
-                "INSERT INTO ledger_entries (project_id, job_id, kind, amount, hold_id, unreconciled, settled, "
-                "over_hold, created_at) VALUES (:project, :job, :kind, 1000, :hold, :no, :no, :no, CURRENT_TIMESTAMP) "
-                "RETURNING id"), {"project": project_id, "job": job_id, "kind": kind, "hold": hold_id,
-                                  "no": False}).scalar_one())
+                "INSERT INTO ledger_entries (project_id, job_id, kind, amount, hold_id, engine, unreconciled, "
+                "settled, over_hold, created_at) VALUES (:project, :job, :kind, 1000, :hold, 'fake-paid', :no, :no, "
+                ":no, CURRENT_TIMESTAMP) RETURNING id"), {"project": project_id, "job": job_id, "kind": kind,
+                                                          "hold": hold_id, "no": False}).scalar_one())
     engine.dispose()
 
     status, out = run_check(capsys)
@@ -304,3 +304,39 @@ def test_the_check_of_a_damaged_database_says_so_and_leaves_no_file_beside_it(
     assert main(["check"]) == 2
     assert "malformed" in capsys.readouterr().err
     assert not any(db.with_name(db.name + suffix).exists() for suffix in ("-wal", "-shm"))
+
+
+def test_a_job_charged_by_each_engine_it_moved_between_is_not_charged_twice(sqlite_db: Database) -> None:
+    """A queued job whose earlier attempt a provider accepted, moved off that engine because no
+    process has it any more (`Scheduler._move_unserved`): its hold there is captured, the work
+    being billed whatever became of it, and a free engine it moved to that reported a cost (or
+    metered local work) captures that without a hold. Each engine's bill once; the check called it
+    the job charged twice."""
+    from orchestrator.errors import EngineUnavailable
+    from orchestrator.models import Job, Project
+
+    ledger = Ledger()
+    with sqlite_db.transaction() as s:
+        project = Project(id="prj_moved", name="moved", policy="balanced")
+        s.add(project)
+        s.flush()
+        job = Job(id="job_moved", project_id=project.id, stage="bridge", engine="engine-paid", status="running",
+                  estimated=10_000, attempt=2, provider_work={"engine": "engine-paid", "handles": [{"id": "p-1"}]})
+        s.add(job)
+        s.flush()
+        ledger.hold(s, project, job, 10_000)
+    with sqlite_db.transaction() as s:  # as `JobRunner._requeue_on` moves it
+        ledger.settle_failure(s, job, EngineUnavailable("engine 'engine-paid' is not installed", charged="no"))
+        moved = s.get(Job, job.id)
+        assert moved is not None
+        moved.engine, moved.estimated, moved.provider_work = "engine-free", 0, None
+        s.add(moved)
+        assert ledger.hold(s, project, moved, 0) is None  # free, not billed by a provider
+    with sqlite_db.transaction() as s:  # as `JobRunner._succeed_in` charges what the free engine reported
+        ledger.charge_made(s, moved, 3_000)
+    with Session(sqlite_db.engine) as s:
+        charged = [(e.engine, e.amount, e.hold_id is None) for e in s.exec(
+            select(LedgerEntry).where(LedgerEntry.kind == "capture").order_by(col(LedgerEntry.id))).all()]
+    assert charged == [("engine-paid", 10_000, False), ("engine-free", 3_000, True)]
+    report = check.check_ledger(sqlite_db.engine)
+    assert report.ok, report.problems
