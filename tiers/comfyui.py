@@ -731,7 +731,9 @@ class ComfyUIEngine(SendsCredentials):
         order = marked or [*(node_id for node_id in graph if node_id in outputs),
                            *(node_id for node_id in outputs if node_id not in graph)]
         for node in (outputs.get(node_id) for node_id in order):
-            for image in (node.get("images") or []) if isinstance(node, dict) else []:
+            # Another shape than a list (a number) says no image: iterated, it failed the job as an engine bug.
+            images = node.get("images") if isinstance(node, dict) else None
+            for image in images if isinstance(images, list) else []:
                 # "temp" images come from PreviewImage nodes: intermediate, not results.
                 if isinstance(image, dict) and image.get("type") == "output" and image.get("filename"):
                     refs.append({"filename": str(image["filename"]),

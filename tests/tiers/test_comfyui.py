@@ -476,6 +476,18 @@ async def test_no_output_images_is_a_failure(engine: ComfyUIEngine) -> None:
     assert routes["view"].call_count == 0
 
 
+@respx.mock
+@pytest.mark.parametrize("images", [5, True, 1.5, "orch_00001_.png"])
+async def test_an_output_whose_images_are_no_list_is_the_servers_failure(engine: ComfyUIEngine, images: Any) -> None:
+    # A number there raised TypeError: the job failed as an engine bug, not retried on the next engine.
+    routes = mock_server()
+    routes["history"].side_effect = lambda request: httpx.Response(200, json={request.url.path.rsplit("/", 1)[1]: {
+        "outputs": {"9": {"images": images}}, "status": {"status_str": "success", "messages": []}}})
+    with pytest.raises(EngineError, match="without output images") as info:
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    assert info.value.retryable and routes["view"].call_count == 0
+
+
 def saved(filename: str) -> dict[str, Any]:
     return {"images": [{"filename": filename, "subfolder": "", "type": "output"}]}
 
