@@ -403,9 +403,20 @@ class FalEngine(CloudEngine):
         # Flags are per image, in the images' order. A model with a safety checker answers a flagged
         # image blacked out: not a result, and not fetched.
         flagged = [isinstance(flags, list) and i < len(flags) and flags[i] is True for i in range(len(urls))]
+        failed: EngineError | None = None
         for url, bad in zip(urls[:wanted], flagged, strict=False):
-            if not bad:
+            if bad:
+                continue
+            try:
                 images.extend(await self.fetch_outputs([url], cancel, wanted=1, empty="", details={}))
+            except Canceled:
+                raise
+            except EngineError as exc:
+                # Made and billed as the others were: one that cannot be fetched (an expired URL, bytes
+                # that are no image) is raised once the rest are in, not in place of them.
+                failed = failed or exc
+        if failed is not None:
+            raise failed
         if any(flagged[:wanted]):
             told = sum(flagged[:wanted])
             raise ContentFiltered(f"fal: the model's safety checker flagged {told} of the {min(wanted, len(urls))} "

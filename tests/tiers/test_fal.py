@@ -26,6 +26,7 @@ from orchestrator.ledger import Ledger
 from orchestrator.models import Job, LedgerEntry, Project
 from tests.tiers.conftest import (
     HeldRequest,
+    NoAnswer,
     RecordingProgress,
     cancel_at_poll,
     canceled_while_out,
@@ -321,6 +322,36 @@ async def test_a_failed_download_leaves_the_images_already_fetched_to_the_job(en
     assert info.value.charged == "yes"
     made = info.value.made
     assert made is not None and len(made.images) == 1
+
+
+@respx.mock
+async def test_a_failed_download_leaves_the_images_listed_after_it_to_the_job(engine: FalEngine) -> None:
+    """fal made and billed every image it lists: a first download that failed threw away the rest, unfetched."""
+    _, _, result = happy_queue()
+    result.mock(return_value=done(OUTPUTS))
+    fetched = [respx.get(OUTPUTS[0]).mock(return_value=httpx.Response(404)),
+               respx.get(OUTPUTS[1]).mock(return_value=httpx.Response(200, content=b"not an image")),
+               respx.get(OUTPUTS[2]).mock(return_value=httpx.Response(200, content=png_bytes((1, 2, 3))))]
+    with pytest.raises(EngineError, match="HTTP 404") as info:
+        await engine.run(bridge(n=3), NullProgress(), CancelToken())
+    assert info.value.charged == "yes" and [route.call_count for route in fetched] == [1, 1, 1]
+    made = info.value.made
+    assert made is not None and [image.image.getpixel((0, 0)) for image in made.images] == [(1, 2, 3)]
+
+
+@respx.mock
+async def test_a_cancel_while_downloading_past_a_failed_one_ends_the_job_as_canceled(engine: FalEngine) -> None:
+    _, _, result = happy_queue()
+    result.mock(return_value=done(OUTPUTS[:2]))
+    respx.get(OUTPUTS[0]).mock(return_value=httpx.Response(404))
+    held = NoAnswer()
+    respx.get(OUTPUTS[1]).mock(side_effect=held)
+    token = CancelToken()
+    running = asyncio.create_task(engine.run(bridge(n=2), NullProgress(), token))
+    await asyncio.wait_for(held.sent.wait(), 5)
+    token.cancel()
+    with pytest.raises(Canceled):
+        await running
 
 
 @respx.mock
