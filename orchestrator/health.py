@@ -46,6 +46,9 @@ MAX_UNSYNCED = 1000
 class _Circuit:
     failures: int = 0
     opened_at: float | None = None
+    # When the latest success counted was observed: what happened before it, told after it by a
+    # process whose sync waited, does not undo it (see `_apply`).
+    succeeded_at: float | None = None
     # The job this process let through as the half-open probe, and when that lapses; never shared.
     probe: str | None = None
     probe_until: float = 0.0
@@ -201,11 +204,20 @@ class EngineHealth:
         self._unsynced.append(seen)
 
     def _apply(self, c: _Circuit, seen: _Observation) -> None:
+        # Observations come in the order they are told, which is not the order they happened in
+        # across processes: one whose sync waited (a poll interval, the database away) tells what
+        # it saw after others told what they saw since. Failures made before a success counted are
+        # not "in a row" after it (counted, they opened the circuit of an engine that worked since),
+        # and a success made before the circuit opened does not close it (routing sent the next
+        # jobs to an engine failing them).
         if seen.seconds is not None:
             assert seen.stage is not None
-            c.failures, c.opened_at = 0, None
             c.latencies.setdefault(seen.stage, deque(maxlen=LATENCY_WINDOW)).append(seen.seconds)
-        else:
+            if c.opened_at is not None and seen.at < c.opened_at:
+                return
+            c.failures, c.opened_at = 0, None
+            c.succeeded_at = seen.at if c.succeeded_at is None else max(c.succeeded_at, seen.at)
+        elif c.succeeded_at is None or seen.at >= c.succeeded_at:
             # Only a success resets the count, so a failed probe (past the cooldown) is over the
             # threshold too and opens the circuit again at once.
             c.failures += 1
@@ -250,6 +262,7 @@ class EngineHealth:
             for engine, circuit in shared:
                 c = self._get(engine)
                 c.failures, c.opened_at, c.latencies = circuit.failures, circuit.opened_at, circuit.latencies
+                c.succeeded_at = circuit.succeeded_at
                 # Observed while the database was read: not in the table's view yet. An engine the
                 # table does not know kept its own circuit, which already counts them.
                 for seen in self._unsynced:
@@ -259,6 +272,7 @@ class EngineHealth:
 
 def _from_row(row: EngineHealthRow) -> _Circuit:
     return _Circuit(failures=row.failures, opened_at=row.opened_at.timestamp() if row.opened_at else None,
+                    succeeded_at=row.succeeded_at.timestamp() if row.succeeded_at else None,
                     latencies={stage: deque(_floats(samples), maxlen=LATENCY_WINDOW)
                                for stage, samples in (row.latencies or {}).items()})
 
@@ -266,6 +280,7 @@ def _from_row(row: EngineHealthRow) -> _Circuit:
 def _to_row(c: _Circuit, row: EngineHealthRow) -> None:
     row.failures = c.failures
     row.opened_at = None if c.opened_at is None else datetime.fromtimestamp(c.opened_at, UTC)
+    row.succeeded_at = None if c.succeeded_at is None else datetime.fromtimestamp(c.succeeded_at, UTC)
     # A new dict: the JSON column does not see changes made in place.
     row.latencies = {stage: list(samples) for stage, samples in c.latencies.items()}
     row.updated_at = utcnow()

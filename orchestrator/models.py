@@ -300,8 +300,8 @@ class ApiKey(SQLModel, table=True):
 
 class EngineHealthRow(SQLModel, table=True):
     """What every process sharing the database observed of an engine (see `orchestrator.health`):
-    consecutive failures, when its circuit opened, and recent latencies by stage (seconds, newest
-    last)."""
+    consecutive failures, when its circuit opened, when it last succeeded, and recent latencies by
+    stage (seconds, newest last)."""
 
     __tablename__ = "engine_health"
 
@@ -310,6 +310,9 @@ class EngineHealthRow(SQLModel, table=True):
     opened_at: datetime | None = _ts()
     latencies: dict[str, list[float]] = Field(default_factory=dict, sa_type=sa.JSON, nullable=False)
     updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime, nullable=False)
+    # When the latest success counted happened (not when it was written): failures a process tells
+    # after it that happened before it are not counted.
+    succeeded_at: datetime | None = _ts()
 
 
 class StoreIdentity(SQLModel, table=True):

@@ -300,3 +300,42 @@ def test_a_circuit_that_is_closed_has_no_probe(clock: Clock) -> None:
     health.failed("openai")  # degraded, not open
     health.assign("openai", "job-1")
     assert health.allow("openai") and not health.probe_out("openai")
+
+
+def test_failures_told_late_do_not_outweigh_a_success_seen_after_them(db: Database, clock: Clock) -> None:
+    """Consecutive failures are counted in the order they happened, across processes: a process
+    whose sync waited (the database away, or a poll interval) tells failures made before another
+    process's success, and they were counted after it, opening the circuit of an engine that had
+    worked since."""
+    one, two = process(clock), process(clock)
+    for _ in range(3):
+        one.failed("gemini")
+    clock.now += 1
+    two.succeeded("gemini", "bridge", 2.0)
+    two.sync(db)
+    clock.now += 1
+    one.sync(db)
+    two.sync(db)
+    assert one.state("gemini") == two.state("gemini") == "ok"
+    # A failure after the success still counts: one more, and the shared count is 1.
+    one.failed("gemini")
+    one.sync(db)
+    with db.session() as s:
+        assert s.get(EngineHealthRow, "gemini").failures == 1  # type: ignore[union-attr]
+
+
+def test_a_success_told_late_does_not_close_a_circuit_opened_after_it(db: Database, clock: Clock) -> None:
+    """The other way round: a success a process could not tell at once (its sync waited) closed
+    the circuit that failures seen after it had opened, and routing sent the next jobs to an engine
+    failing them."""
+    one, two = process(clock), process(clock)
+    two.succeeded("fal", "polish", 3.0)
+    clock.now += 1
+    for _ in range(3):
+        one.failed("fal")
+    one.sync(db)
+    clock.now += 1
+    two.sync(db)
+    one.sync(db)
+    assert one.state("fal") == two.state("fal") == "open"
+    assert two.median_latency("fal", "polish") == 3.0  # its latency counts all the same
