@@ -27,7 +27,7 @@ from pydantic import ValidationError
 
 from orchestrator.errors import InvalidRequest, NotFound, shown
 from orchestrator.workers import open_regular_file
-from policies.schema import PRIVACY_TAG, Policy, Rule, is_private
+from policies.schema import PRIVACY_TAG, Policy, Rule, is_private, rule_label
 
 log = logging.getLogger(__name__)
 
@@ -401,30 +401,30 @@ class PolicyStore:
         warnings: builtins.list[str] = []
         for policy in self.list():
             label = f"policies/{policy.name}.toml" if policy.source == BUILTIN else policy.source
-            labels = [_rule_name(i, rule) for i, rule in enumerate(policy.rules, start=1)]
+            labels = [rule_label(i, rule) for i, rule in enumerate(policy.rules, start=1)]
             shadowed = dict(policy.shadowed())
             where: dict[str, builtins.list[str]] = {}
             for i, rule in enumerate(policy.rules, start=1):
-                rule_label = labels[i - 1]
+                named = labels[i - 1]
                 if i in shadowed:
                     earlier = policy.rules[shadowed[i] - 1]
-                    warnings.append(f"{label}: {rule_label} never applies: {labels[shadowed[i] - 1]}, before it, "
+                    warnings.append(f"{label}: {named} never applies: {labels[shadowed[i] - 1]}, before it, "
                                     f"matches every request it matches{_what_goes_instead(rule, earlier)}")
                 for key, names in (("engines", rule.engines), ("match.engine", rule.match.engine)):
                     for name in names or ():
                         if name not in known:
-                            where.setdefault(name, []).append(f"{rule_label} {key}")
+                            where.setdefault(name, []).append(f"{named} {key}")
                 if rule.engines is None:
                     continue
                 listed = [name for name in rule.engines if name in known]
                 if listed and all(name in leaving for name in listed) and _always_private(rule):
-                    warnings.append(f"{label}: {rule_label} keeps what it routes on this machine, and every engine "
+                    warnings.append(f"{label}: {named} keeps what it routes on this machine, and every engine "
                                     f"it lists ({', '.join(listed)}) sends data off it: each request it matches is "
                                     "refused")
                 # An unknown name is refused before any rule is matched ("unknown engine"), and told above.
                 not_listed = [name for name in rule.match.engine or () if name in known and name not in rule.engines]
                 if not_listed:
-                    warnings.append(f"{label}: {rule_label} matches requests for {', '.join(not_listed)}, which "
+                    warnings.append(f"{label}: {named} matches requests for {', '.join(not_listed)}, which "
                                     f"its engines ({', '.join(rule.engines)}) do not list: each such request is "
                                     "refused (engine not allowed here)")
                 # The engines a request it matches may go to: the one it asked for when the rule matches on it.
@@ -434,14 +434,14 @@ class PolicyStore:
                     continue
                 unserved = sorted(stage for stage in wanted if not any(stage in served[name] for name in tried))
                 if len(unserved) == len(wanted):
-                    warnings.append(f"{label}: {rule_label} matches {', '.join(unserved)} requests, and none "
+                    warnings.append(f"{label}: {named} matches {', '.join(unserved)} requests, and none "
                                     f"of its engines ({', '.join(tried)}) serves "
                                     f"{'that stage' if len(wanted) == 1 else 'any of these stages'}: each request "
                                     "it matches is refused")
                 elif unserved and rule.match.stage is not None:
                     # Only where its stages are listed: a rule matching any stage (a catch-all) is
                     # often reached by the stages its engines serve alone, earlier rules taking the rest.
-                    warnings.append(f"{label}: {rule_label} matches {', '.join(unserved)} requests too, and none "
+                    warnings.append(f"{label}: {named} matches {', '.join(unserved)} requests too, and none "
                                     f"of its engines ({', '.join(tried)}) serves "
                                     f"{'that stage' if len(unserved) == 1 else 'these stages'}: each such request "
                                     "that reaches it is refused")
@@ -454,10 +454,6 @@ class PolicyStore:
 def _seen_at(name: str, source: str, content: bytes | None, read_ns: int | None) -> Seen:
     """What a load found, news to tell when the service's clock stamped it."""
     return Seen(name, source, content, time.time_ns() if read_ns is None else read_ns, new=read_ns is not None)
-
-
-def _rule_name(i: int, rule: Rule) -> str:
-    return f"rule {i}" if rule.name == f"rule {i}" else f"rule {i} ('{rule.name}')"
 
 
 def _what_goes_instead(rule: Rule, earlier: Rule) -> str:

@@ -299,7 +299,7 @@ class Policy(_Model):
         # A rule after a catch-all can never fire; that is a mistake in the file, not a no-op.
         for i, rule in enumerate(named[:-1], start=1):
             if rule.match.is_empty:
-                raise ValueError(f"rule {i} ('{rule.name}') matches every request, so the rules after it never apply")
+                raise ValueError(f"{rule_label(i, rule)} matches every request, so the rules after it never apply")
         return named
 
     @model_validator(mode="after")
@@ -309,7 +309,7 @@ class Policy(_Model):
         if self.name == LOCAL_ONLY:
             for i, rule in enumerate(self.rules, start=1):
                 if rule.engines is not None and not rule.private:
-                    raise ValueError(f"rule {i} ('{rule.name}'): the {LOCAL_ONLY} policy keeps every request on "
+                    raise ValueError(f"{rule_label(i, rule)}: the {LOCAL_ONLY} policy keeps every request on "
                                      "this machine, so each rule with `engines` must say `private = true`")
         return self
 
@@ -374,6 +374,12 @@ class Policy(_Model):
     def as_dict(self) -> dict[str, Any]:
         """For `GET /v1/policies/{name}`."""
         return {**self.model_dump(exclude_none=True), "source": self.source, "content_hash": self.content_hash}
+
+
+def rule_label(i: int, rule: Rule) -> str:
+    """Rule `i` (1-based) as messages name it: with its name where the file gives one ("rule 1
+    ('rule 1')" named a rule the file left unnamed twice over)."""
+    return f"rule {i}" if rule.name == f"rule {i}" else f"rule {i} ('{rule.name}')"
 
 
 def order_candidates(rule: Rule, estimates: Mapping[str, int | None],

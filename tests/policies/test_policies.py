@@ -129,6 +129,19 @@ def test_local_only_keeps_its_promise_when_overridden(tmp_path: Path) -> None:
     assert all(rule.private for rule in store.get("local-only").rules if rule.engines)
 
 
+def test_a_rule_the_file_leaves_unnamed_is_named_by_its_position_once(tmp_path: Path) -> None:
+    # Named "rule 2" by the loader, it was told as "rule 2 ('rule 2')", as if the file had named it so.
+    write(tmp_path, "local-only", 'name = "local-only"\n[[rules]]\nmatch = { stage = "ideation" }\n'
+          'engines = ["lite"]\nprivate = true\n[[rules]]\nmatch = {}\nengines = ["gemini"]\n')
+    write(tmp_path, "early", 'name = "early"\n[[rules]]\nmatch = {}\nengines = ["lite"]\n'
+          '[[rules]]\nmatch = { stage = "bridge" }\nengines = ["lite"]\n')
+    store = PolicyStore(tmp_path)
+    assert sorted(e.message for e in store.errors) == [
+        f"{tmp_path / 'early.toml'}: rules: rule 1 matches every request, so the rules after it never apply",
+        f"{tmp_path / 'local-only.toml'}: rule 2: the local-only policy keeps every request on this machine, so "
+        "each rule with `engines` must say `private = true`"]
+
+
 def test_privacy_helpers() -> None:
     assert is_private({"privacy": "local"})
     assert not is_private({"privacy": "cloud"})
