@@ -44,6 +44,7 @@ from orchestrator.errors import (
     not_found,
 )
 from orchestrator.events import EventBus
+from orchestrator.follow import tell_end
 from orchestrator.ids import new_id
 from orchestrator.ledger import Balance, Ledger
 from orchestrator.models import Asset, Job, Project
@@ -872,8 +873,7 @@ class JobService:
                 webhooks.job_ended(s, job_id, job.project_id, "canceled")
         if done:
             log.info("job %s canceled; its worker %s was gone", job_id, job.lease_owner)
-            self.bus.publish(job_id, "canceled", {"job_id": job_id, "status": "canceled", "error": error},
-                             known_only=True)
+            tell_end(self.bus, job, "canceled", error)
             return True
         job = self.get(job_id)
         if job.status in ("queued", "running"):

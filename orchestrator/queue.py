@@ -45,6 +45,7 @@ from orchestrator.clock import shared_now, utcnow
 from orchestrator.db import Database, changed, commit_in_doubt, transient
 from orchestrator.errors import Canceled, Interrupted, OrchestratorError, first_line
 from orchestrator.events import EventBus, on_loop, woken
+from orchestrator.follow import tell_end
 from orchestrator.jobs import render_request
 from orchestrator.ledger import Ledger
 from orchestrator.models import Job
@@ -914,15 +915,7 @@ class Scheduler:
                 # What the runner's own end publishes: a stream this process already knows is
                 # not rebuilt from the row, so the event must carry the error. One it does not
                 # know is told whole (queued, started, the end) from the row when a client asks.
-                status = "canceled" if outcome == "canceled" else "failed"
-                view = self.bus.view(job.id)
-                if view is not None and not view.finished and not view.started and job.started_at is not None:
-                    # Known here only as submitted (a worker elsewhere ran it, unwatched): its start
-                    # comes first, as a stream built from the row tells it, or servers differ.
-                    self.bus.publish(job.id, "started", {"job_id": job.id, "status": "running", "engine": job.engine,
-                                                         "attempt": job.attempt})
-                self.bus.publish(job.id, status, {"job_id": job.id, "status": status, "error": error},
-                                 known_only=True)
+                tell_end(self.bus, job, "canceled" if outcome == "canceled" else "failed", error)
         if recovered:
             self.notify()
         return recovered

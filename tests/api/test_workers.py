@@ -310,6 +310,20 @@ def test_a_cancel_of_a_job_whose_holder_is_dead_is_not_left_waiting(services: Se
     assert job.attempts and job.attempts[-1] == {"engine": job.engine, "status": "canceled", "error": job.error}
 
 
+def test_a_cancel_of_a_dead_worker_s_job_tells_its_start_before_its_end(services: Services) -> None:
+    """An API server that runs no jobs knows a draft only as submitted (its worker ran it, unwatched):
+    the cancel that finds the worker dead told `queued`, `canceled`, where a stream built from the row
+    (another server's), and the same end reached by recovery, tell its `started` first."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    job_id = add_job(services, status="running", attempt=1, lease_owner=f"{socket.gethostname()}:{dead.pid}:0",
+                     lease_expires_at=utcnow() + timedelta(minutes=5), started_at=utcnow())
+    services.bus.publish(job_id, "queued", {"job_id": job_id, "status": "queued"})  # as its submit did
+    assert services.jobs.cancel_orphan(job_id)
+    told = [(e.type, e.data.get("attempt")) for e in services.bus._jobs[job_id].snapshot()]
+    assert told == [("queued", None), ("started", 1), ("canceled", None)]
+
+
 def test_recovery_ends_a_job_whose_worker_died_before_it_saw_the_cancel(services: Services) -> None:
     job_id = add_job(services, status="running", attempt=1, lease_owner="dead-host:1:0",
                      lease_expires_at=utcnow() - timedelta(seconds=1), cancel_requested_at=utcnow())
