@@ -807,8 +807,7 @@ class JobService:
         # A half-open circuit's probe, canceled before it ran: no verdict, so the next may go (it
         # held the engine for the whole cooldown).
         self.router.health.finished(job.engine, job_id)
-        self.bus.publish(job_id, "canceled", {"job_id": job_id, "status": "canceled", "error": error},
-                         known_only=True)
+        tell_end(self.bus, job, "canceled", error)
         return True
 
     def record_cancel(self, job_id: str) -> bool:

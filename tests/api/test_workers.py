@@ -324,6 +324,21 @@ def test_a_cancel_of_a_dead_worker_s_job_tells_its_start_before_its_end(services
     assert told == [("queued", None), ("started", 1), ("canceled", None)]
 
 
+def test_a_cancel_of_a_job_queued_again_tells_its_earlier_start(services: Services) -> None:
+    """Its worker died and recovery queued it again: canceled there, an API server that knew it only
+    as submitted told `queued`, `canceled`, where a stream built from the row tells its start too.
+    A job that never started is told no start."""
+    ran = add_job(services, status="queued", attempt=1, started_at=utcnow(),
+                  attempts=[{"engine": "lite", "status": "interrupted", "error": None}])
+    never = add_job(services, status="queued")
+    for job_id in (ran, never):
+        services.bus.publish(job_id, "queued", {"job_id": job_id, "status": "queued"})  # as its submit did
+        assert services.jobs.cancel_queued(job_id)
+    told = [(e.type, e.data.get("attempt")) for e in services.bus._jobs[ran].snapshot()]
+    assert told == [("queued", None), ("started", 1), ("canceled", None)]
+    assert [e.type for e in services.bus._jobs[never].snapshot()] == ["queued", "canceled"]
+
+
 def test_recovery_ends_a_job_whose_worker_died_before_it_saw_the_cancel(services: Services) -> None:
     job_id = add_job(services, status="running", attempt=1, lease_owner="dead-host:1:0",
                      lease_expires_at=utcnow() - timedelta(seconds=1), cancel_requested_at=utcnow())
