@@ -343,7 +343,12 @@ class PolicyVersion(SQLModel, table=True):
     recorded_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime, nullable=False)
 
 
-UNDELIVERED = sa.text("delivered_at IS NULL")
+# The rows of `GET /v1/webhooks/deliveries?status=pending` and `?status=failed`, as
+# `orchestrator.webhook_deliveries.with_status` writes them: a given-up row as one term with neither
+# column bare, so that SQLite without statistics does not read every given-up row from
+# `ix_webhook_deliveries_due` (both columns equal to NULL) and sort them for a page.
+PENDING_DELIVERY = sa.text("delivered_at IS NULL AND next_attempt_at IS NOT NULL")
+FAILED_DELIVERY = sa.text("coalesce(next_attempt_at, delivered_at) IS NULL")
 
 
 class WebhookDelivery(SQLModel, table=True):
@@ -360,13 +365,16 @@ class WebhookDelivery(SQLModel, table=True):
     # The due rows, soonest first, and /metrics' counts of pending and given-up ones, read from the
     # index alone (delivered and given-up rows have no next attempt): the table only grows.
     # A project's deliveries newest first, a page at a time (`GET /v1/projects/{id}/webhook-deliveries`).
-    # Every project's pending or given-up deliveries newest first (`GET /v1/webhooks/deliveries`),
-    # read past the delivered ones, which are nearly all: a page of pending ones in 100,000 rows was
-    # a scan of the whole table (41 ms on SQLite), 0.6 ms from this.
+    # Every project's pending, or given-up, deliveries newest first (`GET /v1/webhooks/deliveries`),
+    # an index of each status's rows alone: a page of pending ones in 100,000 rows was a scan of the
+    # whole table (41 ms on SQLite); read from one index of every undelivered row, a page read past
+    # each row of the other status (220 to 245 ms for an empty pending page beside 300,000 given up).
     __table_args__ = (sa.Index("ix_webhook_deliveries_due", "next_attempt_at", "delivered_at"),
                       sa.Index("ix_webhook_deliveries_project", "project_id", "id"),
-                      sa.Index("ix_webhook_deliveries_undelivered", "id", sqlite_where=UNDELIVERED,
-                               postgresql_where=UNDELIVERED))
+                      sa.Index("ix_webhook_deliveries_pending", "id", sqlite_where=PENDING_DELIVERY,
+                               postgresql_where=PENDING_DELIVERY),
+                      sa.Index("ix_webhook_deliveries_failed", "id", sqlite_where=FAILED_DELIVERY,
+                               postgresql_where=FAILED_DELIVERY))
 
     id: str = Field(primary_key=True, max_length=40)
     job_id: str = Field(foreign_key="jobs.id", index=True, max_length=40)

@@ -40,13 +40,17 @@ _NO_NEXT_ATTEMPT = col(WebhookDelivery.next_attempt_at).is_(None)
 
 
 def with_status(status: DeliveryStatus) -> ColumnElement[bool]:
-    """The rows of a status, as `status_of` tells it."""
+    """The rows of a status, as `status_of` tells it; the pending and failed ones as the partial
+    indexes of each say them (`models.PENDING_DELIVERY`, `models.FAILED_DELIVERY`), so that a page
+    of every project's is read from that index alone."""
     if status == "delivered":
         return col(WebhookDelivery.delivered_at).is_not(None)
-    undelivered = col(WebhookDelivery.delivered_at).is_(None)
     if status == "pending":
-        return sa.and_(undelivered, col(WebhookDelivery.next_attempt_at).is_not(None))
-    return sa.and_(undelivered, _NO_NEXT_ATTEMPT)
+        return sa.and_(col(WebhookDelivery.delivered_at).is_(None), col(WebhookDelivery.next_attempt_at).is_not(None))
+    # Neither column bare: `next_attempt_at IS NULL AND delivered_at IS NULL` had SQLite (which the
+    # service never ANALYZEs) read every given-up row from `ix_webhook_deliveries_due` and sort them
+    # for each page (260 to 685 ms for a page beside 300,000 given up).
+    return func.coalesce(col(WebhookDelivery.next_attempt_at), col(WebhookDelivery.delivered_at)).is_(None)
 
 
 def status_of(row: WebhookDelivery) -> DeliveryStatus:
@@ -67,7 +71,8 @@ def listed(s: Session, project_id: str | None, *, status: DeliveryStatus | None,
     """Up to `limit` of the project's deliveries (every project's: None) past the cursor `after`,
     by id in `order` (ids grow with time: a delivery's is made in the transaction that ends its
     job, under the write lock), read from `ix_webhook_deliveries_project`; every project's, from
-    the table's key, or `ix_webhook_deliveries_undelivered` for the pending or failed ones."""
+    the table's key, or for the pending or failed ones `ix_webhook_deliveries_pending` or
+    `ix_webhook_deliveries_failed`."""
     stmt = select(WebhookDelivery).limit(limit)
     # A row written without its project (the column is nullable only so that it is not refused) is listed nowhere.
     stmt = stmt.where(col(WebhookDelivery.project_id) == project_id if project_id is not None

@@ -15,8 +15,8 @@ from typing import Any
 import httpx
 import pytest
 from pydantic import ValidationError
-from sqlalchemy import create_engine, text
-from sqlmodel import col, select
+from sqlalchemy import create_engine, event, text
+from sqlmodel import select
 from starlette.testclient import TestClient
 
 from orchestrator import webhook_deliveries, webhooks
@@ -258,20 +258,33 @@ def test_the_list_across_projects_is_the_admin_s_only(admin: TestClient, admin_s
     assert_error(admin.get(path + "?status=failed&status=pending"), 422, "invalid_request")
 
 
-def test_the_list_across_projects_reads_pending_and_failed_ones_past_the_delivered(db: Database) -> None:
-    """A page of pending (or failed) deliveries of every project reads the undelivered ones, not
-    the whole table, nearly all delivered."""
-    with db.session() as s:
-        for status in ("pending", "failed"):
-            query = select(WebhookDelivery).where(col(WebhookDelivery.project_id).is_not(None),
-                                                  webhook_deliveries.with_status(status))
-            query = query.order_by(col(WebhookDelivery.id).desc()).limit(51)
-            compiled = query.compile(db.engine)
-            plan = s.connection().exec_driver_sql("EXPLAIN QUERY PLAN " + str(compiled),
-                                                  tuple(compiled.params[k] for k in compiled.positiontup or ())).all()
-            told = " ".join(str(step[-1]) for step in plan)
-            assert "ix_webhook_deliveries_undelivered" in told or "ix_webhook_deliveries_due" in told, told
-            assert "SCAN webhook_deliveries USING INDEX sqlite_autoindex" not in told, told
+def test_the_list_across_projects_reads_a_page_of_pending_or_failed_ones_from_their_own_index(db: Database) -> None:
+    """A page of pending (or failed) deliveries of every project reads that status's rows alone, in
+    id order, on a database never analyzed (the service runs no ANALYZE): not the table (nearly all
+    delivered), nor every undelivered row (a pending page read past each given-up one: 220 ms beside
+    300,000), nor every given-up row from `ix_webhook_deliveries_due`, sorted (260 to 685 ms)."""
+    statements: list[tuple[str, Any]] = []
+
+    def seen(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, many: bool) -> None:
+        if statement.lstrip().startswith("SELECT") and "webhook_deliveries" in statement:
+            statements.append((statement, parameters))
+
+    event.listen(db.engine, "before_cursor_execute", seen)
+    try:
+        with db.session() as s:
+            for status in ("pending", "failed"):
+                for order in ("desc", "asc"):
+                    for after in (None, "whd_01m97h378edcs1j7cypy77dzq3"):
+                        statements.clear()
+                        webhook_deliveries.listed(s, None, status=status, job_id=None, after=after, order=order,
+                                                  limit=51)
+                        [(statement, parameters)] = statements
+                        plan = s.connection().exec_driver_sql("EXPLAIN QUERY PLAN " + statement, parameters).all()
+                        told = " | ".join(str(step[-1]) for step in plan)
+                        assert f"USING INDEX ix_webhook_deliveries_{status}" in told, (status, order, told)
+                        assert "TEMP B-TREE" not in told, (status, order, told)
+    finally:
+        event.remove(db.engine, "before_cursor_execute", seen)
 
 
 def test_every_project_s_deliveries_are_read_a_page_at_a_time(db: Database) -> None:
