@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 from pydantic import ValidationError
-from sqlalchemy import create_engine, event, text
+from sqlalchemy import create_engine, event, inspect, text
 from sqlmodel import select
 from starlette.testclient import TestClient
 
@@ -339,6 +339,55 @@ def check_deliveries_made_before_given_their_project(url: str) -> None:
         with engine.connect() as conn:
             assert conn.execute(text("SELECT project_id, redelivered_at FROM webhook_deliveries")).all() == [
                 ("prj_1", None)]
+    finally:
+        engine.dispose()
+
+
+def test_0031_indexes_the_rows_there_and_downgrades(tmp_path: Path) -> None:
+    check_0031_indexes_the_rows_there_and_downgrades(f"sqlite:///{tmp_path / 'm.db'}")
+
+
+def check_0031_indexes_the_rows_there_and_downgrades(url: str) -> None:
+    """The rows there before 0031 (one claimed by a sender of before it: no lease written) are in
+    the index of their status and listed from it; the downgrade drops the indexes and the column
+    alone (SQLite rebuilds the table), every row kept."""
+    from alembic import command
+
+    from orchestrator.db import alembic_config
+
+    command.upgrade(alembic_config(url), "0030")
+    engine = create_engine(url)
+    try:
+        _project_and_job(engine)
+        rows = {"whd_1": ("'2026-12-01 12:00:00'", "NULL"), "whd_2": ("NULL", "'2026-12-01 12:00:01'"),
+                "whd_3": ("NULL", "NULL"), "whd_4": ("'2099-01-01 00:00:00'", "NULL")}
+        with engine.begin() as conn:
+            for delivery, (next_attempt, delivered) in rows.items():
+                conn.execute(text("INSERT INTO webhook_deliveries (id, job_id, project_id, url, event, attempts, "
+                                  f"next_attempt_at, delivered_at, created_at) VALUES ('{delivery}', 'job_1', 'prj_1', "
+                                  f"'https://x.example/', 'job.succeeded', 1, {next_attempt}, {delivered}, "
+                                  "'2026-12-01 12:00:00')"))
+        command.upgrade(alembic_config(url), "head")
+        db = Database(url)
+        try:
+            with db.session() as s:
+                def listed(status: Any) -> list[str]:
+                    return [r.id for r in webhook_deliveries.listed(s, None, status=status, job_id=None, after=None,
+                                                                     order="asc", limit=10)]
+
+                assert (listed("pending"), listed("failed"), listed("delivered")) == (
+                    ["whd_1", "whd_4"], ["whd_3"], ["whd_2"])
+                assert [r.leased_until for r in s.exec(select(WebhookDelivery))] == [None] * 4
+        finally:
+            db.dispose()
+        command.downgrade(alembic_config(url), "0030")
+        with engine.connect() as conn:
+            assert "leased_until" not in {c["name"] for c in inspect(conn).get_columns("webhook_deliveries")}
+            assert {i["name"] for i in inspect(conn).get_indexes("webhook_deliveries")} == {
+                "ix_webhook_deliveries_due", "ix_webhook_deliveries_project", "ix_webhook_deliveries_job_id"}
+            assert conn.execute(text("SELECT id, attempts FROM webhook_deliveries ORDER BY id")).all() == [
+                (delivery, 1) for delivery in rows]
+        command.upgrade(alembic_config(url), "head")
     finally:
         engine.dispose()
 

@@ -62,6 +62,7 @@ from tests.api.test_storage_quota import (
     check_usage_counts_each_asset_written_and_lowers_on_delete,
 )
 from tests.api.test_webhook_deliveries import (
+    check_0031_indexes_the_rows_there_and_downgrades,
     check_a_claim_after_the_read_is_left_to_its_sender,
     check_a_claimed_delivery_is_left_to_its_sender,
     check_a_late_sender_leaves_a_redelivery_alone,
@@ -1173,6 +1174,10 @@ def test_every_project_s_webhook_deliveries_are_read_a_page_at_a_time_on_postgre
 def test_a_pending_delivery_claimed_after_it_was_read_is_left_to_its_sender_on_postgres(
         pg_db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
     check_a_claim_after_the_read_is_left_to_its_sender(pg_db, monkeypatch)
+
+
+def test_0031_indexes_the_rows_there_and_downgrades_on_postgres(postgres_url: str) -> None:
+    check_0031_indexes_the_rows_there_and_downgrades(postgres_url)
 
 
 def test_0030_leaves_jobs_taken_before_it_holding_nothing_and_downgrades_on_postgres(postgres_url: str) -> None:
