@@ -208,7 +208,8 @@ class Breakers:
     given up (`Deliverer._give_up`).
 
     Only destinations that failed have one (an answer drops it); one idle for BREAKER_IDLE_SECONDS
-    is forgotten, and at most MAX_BREAKERS are kept (`_prune`, as one is made)."""
+    is forgotten (by its destination's next attempt, `_get`, or by `_prune` as another is made), and
+    at most MAX_BREAKERS are kept (`_prune`)."""
 
     def __init__(self) -> None:
         self.clock: Callable[[], float] = time.monotonic
@@ -232,6 +233,16 @@ class Breakers:
             log.info("%d webhook destinations' breakers forgotten, least recently used first: at most %d are "
                      "kept", excess, MAX_BREAKERS)
 
+    def _get(self, where: str, now: float) -> _Breaker | None:
+        """`where`'s breaker, unless it is idle: forgotten then, whether or not a pass of `_prune`
+        came since (it runs only as a new breaker is made), so that an idle one's stale streak or
+        cool-down is not what its next attempt finds."""
+        b = self._breakers.get(where)
+        if b is not None and b.idle(now):
+            del self._breakers[where]
+            return None
+        return b
+
     def set_aside(self) -> list[str]:
         """The destinations none of whose rows is to be claimed now: cooling down, or probed. (One
         whose probe's turn came with no row to send is not: no row of it waits.)"""
@@ -249,23 +260,26 @@ class Breakers:
 
     def slots(self, where: str, most: int) -> int:
         """How many sends at once `where` may have of `most`: none while set aside, 1 for its probe."""
-        b = self._breakers.get(where)
+        now = self.clock()
+        b = self._get(where, now)
         if b is None or not b.cool_down:
             return most
-        return 1 if self.clock() >= b.until and b.probe is None else 0
+        return 1 if now >= b.until and b.probe is None else 0
 
     def sending(self, where: str, row_id: str) -> None:
         """A row to `where` was claimed: its probe, when that is what its one slot was for."""
-        b = self._breakers.get(where)
+        now = self.clock()
+        b = self._get(where, now)
         if b is None:
             return
-        now = b.used = self.clock()
+        b.used = now
         if b.cool_down and b.probe is None and now >= b.until:
             b.probe = row_id
 
     def ended(self, where: str, row_id: str, verdict: Verdict | None, error: str = "") -> None:
         """An attempt of `row_id` to `where` ended so (None: stopped before it told)."""
-        b = self._breakers.get(where)
+        now = self.clock()
+        b = self._get(where, now)
         probe = b is not None and b.probe == row_id
         if probe and b is not None:
             b.probe = None
@@ -277,7 +291,6 @@ class Breakers:
                             "took a delivery" if verdict == "delivered" else f"answered: {error}")
             self._breakers.pop(where, None)
             return
-        now = self.clock()
         if b is not None:
             b.used = now
         if verdict is None:

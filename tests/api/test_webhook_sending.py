@@ -576,6 +576,27 @@ def test_idle_breakers_are_forgotten_and_their_number_is_bounded(monkeypatch: py
     assert breakers.set_aside() == ["http://flaky:80"] + [f"http://host{n}:80" for n in (16, 17, 18, 19)]
 
 
+def test_an_idle_breaker_is_forgotten_by_its_own_next_attempt_too() -> None:
+    """Idle breakers are swept only as a new one is made; until then the next attempt to an idle
+    destination finds it forgotten all the same: a streak of two failures an hour and more old does
+    not set it aside at its next failure, nor does a cool-down long over keep it to one probe."""
+    breakers = webhooks.Breakers()
+    clock = [0.0]
+    breakers.clock = lambda: clock[0]
+    breakers.ended("http://stale:80", "whd_1", "down", "stale")
+    breakers.ended("http://stale:80", "whd_1", "down", "stale")
+    for _ in range(webhooks.FAILURES_TO_SET_ASIDE):  # set aside until 30
+        breakers.ended("http://dead:80", "whd_2", "down", "dead")
+    assert breakers.set_aside() == ["http://dead:80"]
+    clock[0] = 30 + webhooks.BREAKER_IDLE_SECONDS
+    assert breakers.slots("http://dead:80", 2) == 2  # a new destination's slots, not one probe
+    breakers.ended("http://stale:80", "whd_3", "down", "stale")  # the first of a new streak
+    assert breakers.set_aside() == [] and breakers.last_error("http://dead:80") == ""
+    breakers.ended("http://stale:80", "whd_3", "down", "stale")
+    breakers.ended("http://stale:80", "whd_3", "down", "stale")
+    assert breakers.set_aside() == ["http://stale:80"]
+
+
 def test_metrics_count_the_destinations_set_aside(make_settings: Callable[..., Settings]) -> None:
     services = Services.build(make_settings())
     try:
