@@ -413,11 +413,13 @@ def _second_charges(s: Session) -> list[int | None]:
     the same engine charged too: for one engine the service writes one or the other, so both is the
     job charged twice. A job moved off a paid engine no process has any more, whose earlier attempt
     a provider had accepted, is charged there on its hold, and by a free engine it moved to without
-    one: each engine's bill."""
+    one: each engine's bill. A capture naming no engine (the service always names one: typed in by
+    hand) is no other engine's bill, so it counts as the same engine's."""
     held = aliased(LedgerEntry)
+    same_engine = or_(col(held.engine).is_(None), col(LedgerEntry.engine).is_(None),
+                      col(held.engine) == col(LedgerEntry.engine))
     charged_on_hold = select(held.id).where(col(held.kind) == "capture", col(held.hold_id).is_not(None),
-                                            col(held.job_id) == col(LedgerEntry.job_id),
-                                            col(held.engine).is_not_distinct_from(col(LedgerEntry.engine))).exists()
+                                            col(held.job_id) == col(LedgerEntry.job_id), same_engine).exists()
     return list(s.exec(select(LedgerEntry.id).where(col(LedgerEntry.kind) == "capture",
                                                     col(LedgerEntry.hold_id).is_(None), charged_on_hold)
                        .order_by(col(LedgerEntry.id))).all())

@@ -340,3 +340,31 @@ def test_a_job_charged_by_each_engine_it_moved_between_is_not_charged_twice(sqli
     assert charged == [("engine-paid", 10_000, False), ("engine-free", 3_000, True)]
     report = check.check_ledger(sqlite_db.engine)
     assert report.ok, report.problems
+
+
+@pytest.mark.parametrize("hand_made", ["engine-paid", None], ids=["same engine", "no engine"])
+def test_a_capture_made_by_hand_without_a_hold_of_a_job_charged_on_its_hold_is_a_second_charge(
+        sqlite_db: Database, hand_made: str | None) -> None:
+    """Only a capture on another engine than the hold's may be that engine's own bill (a job moved
+    off it): one naming no engine (typed in by hand, as the service never writes one) says no such
+    thing, and was no longer listed, where before the check of moved jobs it was."""
+    from orchestrator.models import Job, Project
+
+    ledger = Ledger()
+    with sqlite_db.transaction() as s:
+        project = Project(id="prj_twice", name="twice", policy="balanced")
+        s.add(project)
+        s.flush()
+        job = Job(id="job_twice", project_id=project.id, stage="bridge", engine="engine-paid", status="running",
+                  estimated=10_000)
+        s.add(job)
+        s.flush()
+        ledger.hold(s, project, job, 10_000)
+    with sqlite_db.transaction() as s:
+        ledger.charge_made(s, job, None)
+        s.add(LedgerEntry(project_id=project.id, job_id=job.id, kind="capture", amount=10_000, engine=hand_made,
+                          stage="bridge", note="charged by hand"))
+    with Session(sqlite_db.engine) as s:
+        second = s.exec(select(LedgerEntry.id).where(LedgerEntry.kind == "capture",
+                                                     col(LedgerEntry.hold_id).is_(None))).one()
+    assert check.check_ledger(sqlite_db.engine).problems == {check.SECOND_CHARGE: [str(second)]}
