@@ -293,10 +293,18 @@ class FalEngine(CloudEngine):
 
         # The request made (and fal billed) every image it lists: one flagged, or one whose download
         # fails, leaves the others to the job, as a later call's failure does on the other engines.
+        listed, flagged = self._listed(output)
         with paid_calls(images, kept=result):
-            listed = await self._images(output, req.n, images, cancel)
+            try:
+                await self._images(listed, flagged, req.n, images, cancel)
+            except EngineError as exc:
+                # Billed for each listed image, as a success is: a failed download (or a cancel
+                # while one is out) is charged the surplus too.
+                if exc.charged == "yes" and exc.cost_millicredits is None:
+                    exc.cost_millicredits = self._cost_of_surplus(req, len(listed))
+                raise
         progress.step(len(images), req.n)
-        return result(self._cost_of_surplus(req, listed))
+        return result(self._cost_of_surplus(req, len(listed)))
 
     async def _wait(self, request_id: str, status_url: str, deadline: float, progress: Progress,
                     cancel: CancelToken, seen: dict[str, Any]) -> dict[str, Any]:
@@ -385,10 +393,8 @@ class FalEngine(CloudEngine):
         except NoPrice:  # unpriced here now: the images were made, so the hold is what is charged
             return None
 
-    async def _images(self, output: dict[str, Any], wanted: int, images: list[RenderedImage],
-                      cancel: CancelToken) -> int:
-        """Fetch the first `wanted` images of the answer into `images`, one by one; returns how
-        many it listed."""
+    def _listed(self, output: dict[str, Any]) -> tuple[list[str], list[bool]]:
+        """The answer's image URLs, and whether the safety checker flagged each."""
         entries = output.get("images")
         if not isinstance(entries, list) and isinstance(output.get("image"), dict):
             entries = [output["image"]]  # a single-image app (an upscaler) answers `image`
@@ -402,7 +408,11 @@ class FalEngine(CloudEngine):
         flags = output.get("has_nsfw_concepts")
         # Flags are per image, in the images' order. A model with a safety checker answers a flagged
         # image blacked out: not a result, and not fetched.
-        flagged = [isinstance(flags, list) and i < len(flags) and flags[i] is True for i in range(len(urls))]
+        return urls, [isinstance(flags, list) and i < len(flags) and flags[i] is True for i in range(len(urls))]
+
+    async def _images(self, urls: list[str], flagged: list[bool], wanted: int, images: list[RenderedImage],
+                      cancel: CancelToken) -> None:
+        """Fetch the first `wanted` listed images that are not flagged into `images`, one by one."""
         failed: EngineError | None = None
         for url, bad in zip(urls[:wanted], flagged, strict=False):
             if bad:
@@ -422,7 +432,6 @@ class FalEngine(CloudEngine):
             raise ContentFiltered(f"fal: the model's safety checker flagged {told} of the {min(wanted, len(urls))} "
                                   "image(s) (has_nsfw_concepts)", details={"engine": self.name, "flagged": told},
                                   charged="unknown")
-        return len(urls)
 
     async def withdraw(self, handles: list[dict[str, Any]]) -> bool:
         """True when fal took every request off its queue: fal answers a cancel `OK` only for a

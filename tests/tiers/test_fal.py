@@ -340,6 +340,24 @@ async def test_a_failed_download_leaves_the_images_listed_after_it_to_the_job(en
 
 
 @respx.mock
+async def test_a_failed_download_of_an_answer_listing_more_images_than_asked_charges_each_listed(
+        engine: FalEngine) -> None:
+    """fal bills each image it made: the surplus a success is charged for was left out when a
+    download failed, and the estimate of the 2 asked captured as the bill for 3."""
+    _, _, result = happy_queue()
+    result.mock(return_value=done(OUTPUTS))
+    respx.get(OUTPUTS[0]).mock(return_value=httpx.Response(404))
+    respx.get(OUTPUTS[1]).mock(return_value=httpx.Response(200, content=png_bytes((1, 2, 3))))
+    unasked = respx.get(OUTPUTS[2]).mock(return_value=httpx.Response(200, content=png_bytes()))
+    with pytest.raises(EngineError, match="HTTP 404") as info:
+        await engine.run(bridge(n=2), NullProgress(), CancelToken())
+    assert info.value.charged == "yes" and unasked.call_count == 0
+    assert info.value.cost_millicredits == 3 * engine.estimate(bridge(n=1))
+    made = info.value.made
+    assert made is not None and [image.image.getpixel((0, 0)) for image in made.images] == [(1, 2, 3)]
+
+
+@respx.mock
 async def test_a_cancel_while_downloading_past_a_failed_one_ends_the_job_as_canceled(engine: FalEngine) -> None:
     _, _, result = happy_queue()
     result.mock(return_value=done(OUTPUTS[:2]))
@@ -352,6 +370,22 @@ async def test_a_cancel_while_downloading_past_a_failed_one_ends_the_job_as_canc
     token.cancel()
     with pytest.raises(Canceled):
         await running
+
+
+@respx.mock
+async def test_a_cancel_while_downloading_from_an_answer_listing_more_images_than_asked_charges_each_listed(
+        engine: FalEngine) -> None:
+    _, _, result = happy_queue()
+    result.mock(return_value=done(OUTPUTS[:2]))
+    held = NoAnswer()
+    respx.get(OUTPUTS[0]).mock(side_effect=held)
+    token = CancelToken()
+    running = asyncio.create_task(engine.run(bridge(n=1), NullProgress(), token))
+    await asyncio.wait_for(held.sent.wait(), 5)
+    token.cancel()
+    with pytest.raises(Canceled) as info:
+        await running
+    assert info.value.charged == "yes" and info.value.cost_millicredits == 2 * engine.estimate(bridge(n=1))
 
 
 @respx.mock
