@@ -46,8 +46,8 @@ MAX_UNSYNCED = 1000
 class _Circuit:
     failures: int = 0
     opened_at: float | None = None
-    # When the latest success counted was observed: what happened before it, told after it by a
-    # process whose sync waited, does not undo it (see `_apply`).
+    # Where the latest success counted stands in the engine's history (its `_Observation.order`):
+    # what happened before it, told after it by a process whose sync waited, does not undo it.
     succeeded_at: float | None = None
     # The job this process let through as the half-open probe, and when that lapses; never shared.
     probe: str | None = None
@@ -61,6 +61,11 @@ class _Circuit:
 class _Observation:
     engine: str
     at: float
+    # Where it stands among the engine's observations: its wall time, but never before what this
+    # process already knew of (the latest success counted, the circuit's opening), as it happened
+    # after that whatever the clocks say. A host whose clock runs behind another's, or stepped back
+    # (NTP), otherwise saw its failures ignored until its clock passed a success it had been told of.
+    order: float
     stage: str | None = None
     seconds: float | None = None  # set for a success
 
@@ -191,11 +196,17 @@ class EngineHealth:
 
     def succeeded(self, engine: str, stage: str, seconds: float) -> None:
         with self._lock:
-            self._record(_Observation(engine, self.clock(), stage=stage, seconds=seconds))
+            now = self.clock()
+            self._record(_Observation(engine, now, self._order(engine, now), stage=stage, seconds=seconds))
 
     def failed(self, engine: str) -> None:
         with self._lock:
-            self._record(_Observation(engine, self.clock()))
+            now = self.clock()
+            self._record(_Observation(engine, now, self._order(engine, now)))
+
+    def _order(self, engine: str, now: float) -> float:
+        c = self._get(engine)
+        return max(now, _since(c))
 
     def _record(self, seen: _Observation) -> None:
         c = self._get(seen.engine)
@@ -213,15 +224,17 @@ class EngineHealth:
         if seen.seconds is not None:
             assert seen.stage is not None
             c.latencies.setdefault(seen.stage, deque(maxlen=LATENCY_WINDOW)).append(seen.seconds)
-            if c.opened_at is not None and seen.at < c.opened_at:
+            # Before a later success counted, it closes nothing either: failures counted since
+            # that one came after it too.
+            if seen.order < _since(c):
                 return
-            c.failures, c.opened_at = 0, None
-            c.succeeded_at = seen.at if c.succeeded_at is None else max(c.succeeded_at, seen.at)
-        elif c.succeeded_at is None or seen.at >= c.succeeded_at:
+            c.failures, c.opened_at, c.succeeded_at = 0, None, seen.order
+        elif c.succeeded_at is None or seen.order >= c.succeeded_at:
             # Only a success resets the count, so a failed probe (past the cooldown) is over the
             # threshold too and opens the circuit again at once.
             c.failures += 1
             if c.failures >= self.threshold:
+                # The cooldown runs on wall time: the ordering stamp may be ahead of this clock.
                 c.opened_at = seen.at
 
     def median_latency(self, engine: str, stage: str) -> float | None:
@@ -268,6 +281,12 @@ class EngineHealth:
                 for seen in self._unsynced:
                     if seen.engine == engine:
                         self._apply(c, seen)
+
+
+def _since(c: _Circuit) -> float:
+    """The latest point in `c`'s history a success or opening counted at (-inf: none)."""
+    return max(c.succeeded_at if c.succeeded_at is not None else float("-inf"),
+               c.opened_at if c.opened_at is not None else float("-inf"))
 
 
 def _from_row(row: EngineHealthRow) -> _Circuit:

@@ -310,7 +310,8 @@ class EngineHealthRow(SQLModel, table=True):
     opened_at: datetime | None = _ts()
     latencies: dict[str, list[float]] = Field(default_factory=dict, sa_type=sa.JSON, nullable=False)
     updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime, nullable=False)
-    # When the latest success counted happened (not when it was written): failures a process tells
+    # When the latest success counted happened (not when it was written), never before what its
+    # process knew of then (`orchestrator.health._Observation.order`): failures a process tells
     # after it that happened before it are not counted.
     succeeded_at: datetime | None = _ts()
 

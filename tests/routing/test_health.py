@@ -339,3 +339,71 @@ def test_a_success_told_late_does_not_close_a_circuit_opened_after_it(db: Databa
     one.sync(db)
     assert one.state("fal") == two.state("fal") == "open"
     assert two.median_latency("fal", "polish") == 3.0  # its latency counts all the same
+
+
+def test_a_clock_stepped_back_after_a_success_does_not_keep_the_circuit_closed(clock: Clock) -> None:
+    """One process, its clock stepped back an hour (NTP) after a success: the failures it sees
+    next happened after that success whatever the clock says, and open the circuit as before; were
+    they compared with the success's wall time, none counted for the hour."""
+    health = process(clock)
+    health.succeeded("gemini", "bridge", 2.0)
+    clock.now -= 3600
+    for _ in range(3):
+        health.failed("gemini")
+    assert health.state("gemini") == "open"
+    clock.now += 31  # the cooldown runs on the clock as it is now, not an hour and a half
+    assert health.state("gemini") == "degraded" and health.allow("gemini")
+
+
+def test_a_clock_stepped_back_while_open_does_not_ignore_the_next_success(clock: Clock) -> None:
+    health = process(clock)
+    for _ in range(3):
+        health.failed("fal")
+    clock.now -= 3600
+    health.succeeded("fal", "polish", 3.0)  # a job that followed work the provider already had
+    assert health.state("fal") == "ok" and health.opened_at("fal") is None
+
+
+def test_a_success_from_a_host_whose_clock_runs_ahead_does_not_stop_failures_seen_after_it(
+        db: Database, clock: Clock) -> None:
+    """A host a day ahead tells a success; a process that read it then sees failures: they
+    happened after it, and open the circuit for every process, not a day later."""
+    ahead = EngineHealth(threshold=3, cooldown=30.0, clock=lambda: clock.now + 86400)
+    worker, api = process(clock), process(clock)
+    ahead.succeeded("gemini", "bridge", 2.0)
+    ahead.sync(db)
+    worker.sync(db)
+    clock.now += 1
+    for _ in range(3):
+        worker.failed("gemini")
+    assert worker.state("gemini") == "open"
+    worker.sync(db)
+    api.sync(db)
+    ahead.sync(db)
+    assert worker.state("gemini") == api.state("gemini") == "open"
+    # The host ahead shares the opening (its own clock says the cooldown is over: a skew of its own).
+    assert ahead.opened_at("gemini") == worker.opened_at("gemini") is not None
+
+
+def test_a_success_told_late_does_not_undo_failures_seen_after_a_later_success(
+        db: Database, clock: Clock) -> None:
+    """Three processes: one's success, then two failures of another's; a success the third made
+    before all of them, told last, is not the latest success and leaves those two failures counted
+    (it reset them to 0, so the next failure left the engine degraded, not open)."""
+    one, two, late = process(clock), process(clock), process(clock)
+    late.succeeded("fal", "polish", 3.0)
+    clock.now += 1
+    one.succeeded("fal", "polish", 3.0)
+    one.sync(db)
+    clock.now += 1
+    two.sync(db)
+    two.failed("fal")
+    two.failed("fal")
+    two.sync(db)
+    clock.now += 1
+    late.sync(db)
+    two.failed("fal")
+    two.sync(db)
+    late.sync(db)
+    assert two.state("fal") == late.state("fal") == "open"
+    assert late.median_latency("fal", "polish") == 3.0
