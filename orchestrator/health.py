@@ -234,8 +234,10 @@ class EngineHealth:
             # threshold too and opens the circuit again at once.
             c.failures += 1
             if c.failures >= self.threshold:
-                # The cooldown runs on wall time: the ordering stamp may be ahead of this clock.
-                c.opened_at = seen.at
+                # The cooldown runs on wall time: the ordering stamp may be ahead of this clock. A
+                # failure told late, made before the circuit (re)opened, does not move the opening
+                # back and cut short the cooldown of a failed probe.
+                c.opened_at = seen.at if c.opened_at is None else max(c.opened_at, seen.at)
 
     def median_latency(self, engine: str, stage: str) -> float | None:
         with self._lock:

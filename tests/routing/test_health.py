@@ -407,3 +407,29 @@ def test_a_success_told_late_does_not_undo_failures_seen_after_a_later_success(
     late.sync(db)
     assert two.state("fal") == late.state("fal") == "open"
     assert late.median_latency("fal", "polish") == 3.0
+
+
+def test_failures_told_late_do_not_shorten_the_cooldown_of_a_circuit_opened_after_them(
+        db: Database, clock: Clock) -> None:
+    """A failure a process could not tell at once (its sync waited), made before a failed probe
+    opened the circuit again, moved the opening back to its own time: the next probe went out at
+    once instead of a cooldown after the failed one."""
+    one, two = process(clock), process(clock)
+    for _ in range(3):
+        one.failed("gemini")
+    one.sync(db)
+    clock.now += 20
+    two.failed("gemini")  # not told until later
+    clock.now += 11  # cooled down: one's probe fails, the circuit opens again
+    assert one.allow("gemini")
+    one.assign("gemini", "probe-1")
+    one.failed("gemini")
+    one.sync(db)
+    reopened = one.opened_at("gemini")
+    clock.now += 5
+    two.sync(db)
+    one.sync(db)
+    assert one.opened_at("gemini") == two.opened_at("gemini") == reopened
+    assert one.state("gemini") == two.state("gemini") == "open" and not two.allow("gemini")
+    clock.now += 15  # 31 s after the failure told late, 20 s after the failed probe
+    assert two.state("gemini") == "open" and not two.allow("gemini")
