@@ -408,6 +408,10 @@ class RemoteClient:
         # An engine may mark some 408/429/5xx answers as final (Gemini's per-day quota): they are
         # returned at once instead of being retried until the deadline.
         self.final_answer: Callable[[httpx.Response], bool] = lambda _response: False
+        # An engine may mark some 5xx answers as its provider's own timeout (Google's 504
+        # DEADLINE_EXCEEDED): still retried, but the job's error, once they outlast the deadline,
+        # is `timeout`, as a 408's is, not an engine error.
+        self.timed_out: Callable[[httpx.Response], bool] = lambda _response: False
         # Attempts in a row that cannot connect after which a request that makes an image gives
         # up (see `_StopWhenUnreachable`): a cloud provider that refuses connections is down; a
         # self-hosted server (ComfyUI, AUTOMATIC1111) may be restarting, and is given longer.
@@ -856,6 +860,10 @@ class RemoteClient:
                                details=details)
         if response.status_code == 408:
             return EngineTimeout(f"{self.engine}: the provider timed out (HTTP 408)", details=details, charged="no")
+        if self.timed_out(response):
+            # The provider answered that it gave up on the request: nothing was made, as its other 5xx say.
+            return EngineTimeout(f"{self.engine}: the provider timed out (HTTP {response.status_code}): "
+                                 f"{error_text(response)}", details=details, charged="no")
         told = "(its body was cut off)" if response.extensions.get(CUT_SHORT) else error_text(response)
         return EngineError(f"{self.engine}: provider error HTTP {response.status_code}: {told}", details=details)
 

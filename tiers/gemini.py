@@ -91,6 +91,7 @@ class GeminiEngine(CloudEngine):
         self.http = self.remote_client(ctx, client, base_url=s.gemini_base_url,
                                        headers={"x-goog-api-key": self._key or ""})
         self.http.final_answer = lambda response: daily_quota_exhausted(response) or credits_depleted(response)
+        self.http.timed_out = google_deadline_exceeded
 
     def estimate(self, req: RenderRequest) -> int:
         size = size_class(req.width, req.height)
@@ -334,6 +335,13 @@ def credits_depleted(response: Any) -> bool:
     error = _google_error(response)
     message = str(error.get("message", "")).lower() if error is not None else ""
     return "credits are depleted" in message or "prepayment credits" in message
+
+
+def google_deadline_exceeded(response: httpx.Response) -> bool:
+    """Google's own 504 `DEADLINE_EXCEEDED`: its model did not finish in its time. Retried (Google
+    bills no error answer), and once that outlasts the deadline the job's error is `timeout`.
+    A 504 in another shape (a proxy's page) stays an engine error."""
+    return response.status_code == 504 and _google_status(response) == "DEADLINE_EXCEEDED"
 
 
 def factory(ctx: EngineContext) -> GeminiEngine:

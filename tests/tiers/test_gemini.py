@@ -83,6 +83,40 @@ async def test_5xx_then_success(engine: GeminiEngine) -> None:
     assert route.call_count == 2
 
 
+DEADLINE_EXCEEDED = {"error": {"code": 504, "message": "Deadline expired before operation could complete.",
+                              "status": "DEADLINE_EXCEEDED"}}
+
+
+@respx.mock
+async def test_google_deadline_exceeded_until_the_deadline_is_a_timeout(engine: GeminiEngine, sleep: Any) -> None:
+    # Google's own 504 says its model gave up: retried (nothing was made or billed), and once the
+    # retries run out the job failed `engine_error`, where a 408 fails it `timeout`.
+    engine.http.clock = sleep.clock
+    route = respx.post(URL).mock(return_value=httpx.Response(504, json=DEADLINE_EXCEEDED))
+    with pytest.raises(EngineTimeout) as info:
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    assert route.call_count > 1 and info.value.code == "timeout"
+    assert info.value.charged == "no" and info.value.retryable  # another engine may take it
+    assert "Deadline expired" in info.value.message and info.value.details["status"] == 504
+
+
+@respx.mock
+async def test_a_504_not_in_googles_shape_stays_an_engine_error(engine: GeminiEngine, sleep: Any) -> None:
+    engine.http.clock = sleep.clock
+    respx.post(URL).mock(return_value=httpx.Response(504, text="<html>Gateway Timeout</html>"))
+    with pytest.raises(EngineError) as info:
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    assert info.value.code == "engine_error" and info.value.charged == "no"
+
+
+@respx.mock
+async def test_deadline_exceeded_then_success(engine: GeminiEngine) -> None:
+    route = respx.post(URL).mock(side_effect=[httpx.Response(504, json=DEADLINE_EXCEEDED),
+                                              httpx.Response(200, json=ok_body())])
+    result = await engine.run(bridge(), NullProgress(), CancelToken())
+    assert route.call_count == 2 and len(result.images) == 1
+
+
 @respx.mock
 async def test_read_timeout_is_not_resent(engine: GeminiEngine) -> None:
     route = respx.post(URL).mock(side_effect=httpx.ReadTimeout("slow"))
