@@ -362,12 +362,15 @@ class StabilityEngine(CloudEngine):
         unreadable = 0
         try:
             while True:
-                if self.http.clock() >= deadline:
+                remaining = deadline - self.http.clock()
+                if remaining <= 0:
                     raise EngineTimeout(
                         f"{self.name}: creative upscale {job_id} did not finish before the deadline",
                         details={"engine": self.name, "provider_id": job_id},
                     )
-                await cancel.sleep(self.poll_interval)
+                # The last wait ends at the deadline, its poll the last one: a whole interval ran
+                # the job up to 5 s past it.
+                await cancel.sleep(min(self.poll_interval, remaining))
                 response = await cancel.race(self._send(
                     "GET", f"/v2beta/results/{job_id}", idempotent=True, deadline=deadline
                 ))

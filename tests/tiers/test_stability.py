@@ -535,6 +535,47 @@ async def test_creative_polling_that_gives_up_is_charged(engine: StabilityEngine
     assert info.value.charged == "unknown"
 
 
+class ClockedToken(CancelToken):
+    """A token whose poll waits take no time but move `now` on: the engine's clock, read by the poll
+    loop. Its own wait for a cancel (`race`, an hour at a time) still waits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = 1000.0
+        self.slept: list[float] = []
+
+    async def sleep(self, seconds: float) -> None:
+        if seconds >= 3600:
+            await super().sleep(seconds)
+            return
+        self.slept.append(seconds)
+        self.now += seconds
+        await asyncio.sleep(0)
+
+
+@respx.mock
+async def test_creative_polling_s_last_wait_ends_at_the_deadline(make_engine: Any) -> None:
+    # A 5 s poll interval slept whole before the last poll: a job with 1 s left polled 4 s past
+    # its deadline (and its poll's own floor of 1 s after that), where Replicate and fal stop there.
+    engine = make_engine(remote_deadline=58.0)
+    engine.poll_interval = 5.0
+    token = ClockedToken()
+    engine.http.clock = lambda: token.now
+    polled_at: list[float] = []
+    respx.post(CREATIVE).mock(return_value=httpx.Response(200, json={"id": "job-42"}))
+
+    def working(request: httpx.Request) -> httpx.Response:
+        polled_at.append(token.now)
+        return httpx.Response(202, json={"id": "job-42", "status": "in-progress"})
+
+    respx.get(RESULT).mock(side_effect=working)
+    with pytest.raises(EngineTimeout) as info:
+        await engine.run(polish(creativity=0.45), NullProgress(), token)
+    assert info.value.charged == "unknown" and info.value.details["provider_id"] == "job-42"
+    assert token.slept[:-1] == [5.0] * 11 and token.slept[-1] == pytest.approx(3.0)
+    assert polled_at[-1] == pytest.approx(1058.0) and max(polled_at) <= 1058.0 + 1e-9
+
+
 @respx.mock
 async def test_creative_create_answer_not_json_is_charged(engine: StabilityEngine) -> None:
     respx.post(CREATIVE).mock(return_value=httpx.Response(200, text="<html>"))
