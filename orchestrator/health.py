@@ -86,9 +86,13 @@ class EngineHealth:
         return self._circuits.setdefault(engine, _Circuit())
 
     def state(self, engine: str) -> Health:
+        """`open` while this process's routing sends the engine no job but a probe: its cooldown,
+        and its half-open probe's time until the verdict (told `degraded`, a dashboard showed the
+        engine taking jobs while every request but one went elsewhere)."""
         with self._lock:
             c = self._get(engine)
-            if c.opened_at is not None and self.clock() - c.opened_at < self.cooldown:
+            now = self.clock()
+            if c.opened_at is not None and (now - c.opened_at < self.cooldown or self._probe_out(c, now)):
                 return "open"
             return "degraded" if c.failures or c.opened_at is not None else "ok"
 

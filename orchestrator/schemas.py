@@ -809,7 +809,8 @@ class EnginePublic(BaseModel):
     stages: list[Stage] = Field(description="The stages it serves.")
     available: bool = Field(description="Whether it can take jobs: set up (a key, a URL, a model) and loaded.")
     health: Literal["ok", "degraded", "open"] = Field(description=(
-        "`ok`; `degraded`: it failed lately; `open`: its circuit breaker sends it no jobs for now."))
+        "`ok`; `degraded`: it failed lately; `open`: its circuit breaker sends it no jobs for now (its "
+        "cooldown, or, past it, none but the one probe this server let through, until its verdict)."))
     model: str | None = Field(description="Its model, by name; null where it names none.")
     note: str | None = Field(description="Why it is unavailable, or a word on its setup.")
     prices: dict[str, Any] = Field(description="Its price table, in credits (`credits_per_image`, `as_of`); empty "

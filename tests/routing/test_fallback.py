@@ -614,9 +614,12 @@ def test_a_half_open_circuit_lets_one_job_through_until_its_verdict(
         assert meanwhile["engine"] == "fake-b"
         reasons = {c["engine"]: c["skipped"] for c in meanwhile["routing"]["candidates"]}
         assert reasons["fake-paid"] == "circuit half-open: its probe request is out"
+        # Told as routing treats it: no job but the probe goes there until its verdict.
+        assert health(client)["fake-paid"] == "open"
         assert wait_for_job(client, meanwhile["id"])["status"] == "succeeded"
         assert client.post(f"/v1/jobs/{probe['id']}/cancel").status_code == 202
         assert wait_for_job(client, probe["id"])["status"] == "canceled"
+        assert health(client)["fake-paid"] == "degraded"  # no verdict: the next job may be the probe
         # Canceled: no verdict, so the next job is the probe, and its success closes the circuit.
         after = promote(client, asset_id)
         assert after["engine"] == "fake-paid"

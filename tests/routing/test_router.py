@@ -580,6 +580,26 @@ def test_open_circuit_is_skipped_then_probed_after_cooldown(decide: Decide, heal
     assert decision.chosen == "cloud-a" and skipped(decision) == {}
 
 
+def test_a_half_open_circuit_is_told_open_while_its_probe_is_out(decide: Decide, health: EngineHealth,
+                                                                  clock: Clock) -> None:
+    """`GET /v1/engines` said `degraded` (it takes jobs) while routing sent every request but the
+    probe elsewhere: the health tells what routing does."""
+    for take in (lambda: health.reserve("cloud-a", "token"), lambda: health.admit("cloud-a", "job-queued"),
+                 lambda: health.assign("cloud-a", "job-started")):
+        health.failed("cloud-a")
+        health.failed("cloud-a")
+        clock.now += 31.0
+        assert health.state("cloud-a") == "degraded" and decide("routes", "bridge").chosen == "cloud-a"
+        take()
+        assert skipped(decide("routes", "bridge")) == {"cloud-a": "circuit half-open: its probe request is out"}
+        assert health.state("cloud-a") == "open"
+        clock.now += 31.0  # a probe that never reported lapses: the next may go
+        assert health.state("cloud-a") == "degraded" and decide("routes", "bridge").chosen == "cloud-a"
+    health.admit("cloud-a", "job-canceled")
+    health.finished("cloud-a", "job-canceled")  # no verdict: the next may go
+    assert health.state("cloud-a") == "degraded" and decide("routes", "bridge").chosen == "cloud-a"
+
+
 def test_failed_probe_opens_the_circuit_again(decide: Decide, health: EngineHealth, clock: Clock) -> None:
     health.failed("cloud-a")
     health.failed("cloud-a")
