@@ -417,6 +417,64 @@ def test_a_budget_too_small_for_the_first_candidate_routes_to_one_it_can_hold(pa
     assert ledger(paid_server, project_id, job["id"]) == []
 
 
+BUDGET_ORDER_POLICY = """
+name = "budget-order-test"
+
+[[rules]]
+name = "drafts"
+match = { stage = "ideation" }
+engines = ["lite"]
+
+[[rules]]
+name = "paid"
+match = { stage = ["bridge", "polish"] }
+engines = ["fake-b", "fake-paid", "paid-drafts", "local-hifi"]
+"""
+
+
+def test_a_candidate_after_the_budget_s_choice_is_left_to_the_fallback_s_own_look_at_the_budget(
+        new_settings: SettingsFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With 15 credits left, fake-b (20) is passed over for fake-paid (10) and said not to fit;
+    paid-drafts (20), after the choice, stays unskipped: a fallback, priced and held to the budget
+    when the job moves. The budget unchanged, the move skips it for money and says so; with room
+    made meanwhile (a grant), the job moves there. Skipped at routing, it would not be tried."""
+    folder = write_policies(tmp_path / "policies", {"budget-order-test": BUDGET_ORDER_POLICY})
+    with running(new_settings(engines=f"{FAKE_ENGINES},paid-drafts=tests.routing:paid_drafts_factory",
+                              policy="budget-order-test", policy_dir=folder)) as client:
+        project_id, asset_id = draft_asset(client, budget={"limit": 15, "period": "month"})
+        explained = client.post("/v1/route/explain", json={"stage": "bridge", "source_asset_id": asset_id})
+        job = promote(client, asset_id, tags={"fake": "fail"})
+        for routing in (explained.json()["routing"], job["routing"]):
+            assert (routing["chosen"], routing["estimate"]) == ("fake-paid", 10.0)
+            assert [(c["engine"], c["estimate"], c["skipped"]) for c in routing["candidates"]] == [
+                ("fake-paid", 10.0, None), ("paid-drafts", 20.0, None), ("local-hifi", 0.0, None),
+                ("fake-b", 20.0, "does not fit the budget (15.0 credits available)")]
+        moved = [e.data for e in read_events(client, job["id"]) if e.data.get("state") == "fallback"]
+        done = wait_for_job(client, job["id"])
+        assert [(a["engine"], a["status"]) for a in done["attempts"]] == [
+            ("fake-paid", "failed"), ("local-hifi", "succeeded")]
+        assert [(m["to"], m["skipped"]) for m in moved] == [
+            ("local-hifi", [{"engine": "paid-drafts", "reason": "budget", "estimate": 20.0}])]
+        assert kinds(ledger(client, project_id, job["id"])) == [("hold", 10.0, "fake-paid"),
+                                                                ("release", 10.0, "fake-paid")]
+
+        fall_back = JobRunner._fall_back
+
+        async def grant_first(self: JobRunner, claim: Any, error: Any) -> bool:
+            with self.db.transaction() as s:
+                s.add(LedgerEntry(project_id=claim.job.project_id, kind="grant", amount=10_000, created_at=utcnow()))
+            return await fall_back(self, claim, error)
+
+        monkeypatch.setattr(JobRunner, "_fall_back", grant_first)
+        job = promote(client, asset_id, tags={"fake": "fail"})
+        assert [c["engine"] for c in job["routing"]["candidates"] if c["skipped"] is None] == [
+            "fake-paid", "paid-drafts", "local-hifi"]
+        done = wait_for_job(client, job["id"])
+        assert [(a["engine"], a["status"]) for a in done["attempts"]] == [
+            ("fake-paid", "failed"), ("paid-drafts", "succeeded")]
+        assert done["cost"]["charged"] == 20.0
+
+
 def test_a_window_over_its_limit_is_said_so_where_the_choice_moved_for_the_budget(paid_server: httpx.Client) -> None:
     # It read "(0.0 credits available)", while the 402 for the same window said how far over it was.
     project_id, asset_id = draft_asset(paid_server, budget={"limit": 15, "period": "month"})
