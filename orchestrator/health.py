@@ -200,13 +200,19 @@ class EngineHealth:
 
     def succeeded(self, engine: str, stage: str, seconds: float) -> None:
         with self._lock:
-            now = self.clock()
+            now = self._now()
             self._record(_Observation(engine, now, self._order(engine, now), stage=stage, seconds=seconds))
 
     def failed(self, engine: str) -> None:
         with self._lock:
-            now = self.clock()
+            now = self._now()
             self._record(_Observation(engine, now, self._order(engine, now)))
+
+    def _now(self) -> float:
+        # To the microsecond, as the table keeps times: an opening read back from it is the same
+        # number (`opened_at`, which the queue keys a waiting job on, changed on its first sync in
+        # most cases), and an order is never below one it was made equal to.
+        return round(self.clock(), 6)
 
     def _order(self, engine: str, now: float) -> float:
         c = self._get(engine)

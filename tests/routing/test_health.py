@@ -433,3 +433,20 @@ def test_failures_told_late_do_not_shorten_the_cooldown_of_a_circuit_opened_afte
     assert one.state("gemini") == two.state("gemini") == "open" and not two.allow("gemini")
     clock.now += 15  # 31 s after the failure told late, 20 s after the failed probe
     assert two.state("gemini") == "open" and not two.allow("gemini")
+
+
+def test_an_opening_reads_back_from_the_table_as_the_same_time(db: Database, clock: Clock) -> None:
+    """The table keeps times to the microsecond: an opening seen at a time finer than that read
+    back as another number on its first sync, and the queue, which keys a job waiting for the
+    verdict on the engine's `opened_at`, took the circuit for one opened again since."""
+    one, two = process(clock), process(clock)
+    clock.now = 1_790_000_000.1234567
+    for _ in range(3):
+        one.failed("gemini")
+    opened = one.opened_at("gemini")
+    one.sync(db)
+    two.sync(db)
+    assert one.opened_at("gemini") == two.opened_at("gemini") == opened is not None
+    one.failed("gemini")  # a late one: the opening stands
+    one.sync(db)
+    assert one.opened_at("gemini") == opened
