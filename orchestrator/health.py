@@ -14,7 +14,8 @@ counts at once in its own routing, and `sync` (every `ORCH_POLL_INTERVAL`, from 
 writes it to the `engine_health` table and takes what the others wrote, so an API server in front
 of separate workers routes around an engine its workers found failing, and `fastest` knows their
 latencies. The half-open probe is per process: each process may let one through. Opening times
-are wall clock, as processes share them.
+are wall clock, as processes share them; but no process waits more than a cooldown after it
+learned of an opening (by its monotonic clock), whatever the wall clocks say.
 """
 
 from __future__ import annotations
@@ -49,7 +50,11 @@ class _Circuit:
     # Where the latest success counted stands in the engine's history (its `_Observation.order`):
     # what happened before it, told after it by a process whose sync waited, does not undo it.
     succeeded_at: float | None = None
-    # The job this process let through as the half-open probe, and when that lapses; never shared.
+    # When this process learned of `opened_at` (its monotonic clock): the circuit has been open at
+    # least that long, whatever the wall clocks say.
+    opened_seen: float = 0.0
+    # The job this process let through as the half-open probe, and when that lapses (monotonic
+    # clock); never shared.
     probe: str | None = None
     probe_until: float = 0.0
     # Requests holding a reservation `probe` names (retries of one request share it: see `reserve`).
@@ -72,10 +77,14 @@ class _Observation:
 
 class EngineHealth:
     def __init__(self, threshold: int = 5, cooldown: float = 60.0,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 monotonic: Callable[[], float] | None = None) -> None:
         self.threshold = threshold
         self.cooldown = cooldown
         self.clock = clock
+        # Times only this process keeps (how long it has known of an opening, its probe's lapse).
+        # A fake wall clock given (a test's) stands for both unless one is given too.
+        self.monotonic = monotonic or (time.monotonic if clock is time.time else clock)
         self._circuits: dict[str, _Circuit] = {}
         self._lock = threading.Lock()
         self._unsynced: list[_Observation] = []
@@ -91,8 +100,7 @@ class EngineHealth:
         engine taking jobs while every request but one went elsewhere)."""
         with self._lock:
             c = self._get(engine)
-            now = self.clock()
-            if c.opened_at is not None and (now - c.opened_at < self.cooldown or self._probe_out(c, now)):
+            if c.opened_at is not None and (self._cooling(c) > 0 or self._probe_out(c, self.monotonic())):
                 return "open"
             return "degraded" if c.failures or c.opened_at is not None else "ok"
 
@@ -103,16 +111,16 @@ class EngineHealth:
             c = self._get(engine)
             if c.opened_at is None:
                 return True
-            now = self.clock()
+            now = self.monotonic()
             if holder is not None and c.probe == holder and self._probe_out(c, now):
                 return True
-            return now - c.opened_at >= self.cooldown and not self._probe_out(c, now)
+            return self._cooling(c) <= 0 and not self._probe_out(c, now)
 
     def probe_out(self, engine: str) -> bool:
         """Whether the circuit is half-open with its probe out (for routing's reason)."""
         with self._lock:
             c = self._get(engine)
-            return c.opened_at is not None and self._probe_out(c, self.clock())
+            return c.opened_at is not None and self._probe_out(c, self.monotonic())
 
     def opened_at(self, engine: str) -> float | None:
         """When `engine`'s circuit last opened (wall clock); None while it is closed."""
@@ -126,11 +134,19 @@ class EngineHealth:
             c = self._get(engine)
             if c.opened_at is None:
                 return 0.0
-            now = self.clock()
-            wait = c.opened_at + self.cooldown - now
+            now = self.monotonic()
+            wait = self._cooling(c)
             if self._probe_out(c, now):
                 wait = max(wait, c.probe_until - now)
             return max(wait, 0.0)
+
+    def _cooling(self, c: _Circuit) -> float:
+        """Seconds of the open circuit's cooldown left (<= 0: over). By the wall clock, as openings
+        are shared; but never more than a cooldown after this process learned of the opening: one
+        whose time is ahead of this clock (a host ahead opened it, or this clock stepped back) kept
+        the circuit open, no probe let through, for the skew or the step as well."""
+        assert c.opened_at is not None
+        return self.cooldown - max(self.clock() - c.opened_at, self.monotonic() - c.opened_seen)
 
     @staticmethod
     def _probe_out(c: _Circuit, now: float) -> bool:
@@ -145,11 +161,11 @@ class EngineHealth:
             c = self._get(engine)
             if c.opened_at is None:
                 return True
-            now = self.clock()
+            now = self.monotonic()
             if c.probe == token and self._probe_out(c, now):
                 c.holders += 1  # a retry of the request holding it (one Idempotency-Key, one token)
                 return True
-            if now - c.opened_at < self.cooldown or self._probe_out(c, now):
+            if self._cooling(c) > 0 or self._probe_out(c, now):
                 return False
             c.probe, c.probe_until, c.holders = token, now + self.cooldown, 1
             return True
@@ -170,10 +186,10 @@ class EngineHealth:
             c = self._get(engine)
             if c.opened_at is None:
                 return True
-            now = self.clock()
+            now = self.monotonic()
             if self._probe_out(c, now):
                 return c.probe == job_id
-            if now - c.opened_at < self.cooldown:
+            if self._cooling(c) > 0:
                 return False
             c.probe, c.probe_until, c.holders = job_id, now + self.cooldown, 1
             return True
@@ -184,7 +200,7 @@ class EngineHealth:
         that follows work a provider already has starts whatever the circuit says.)"""
         with self._lock:
             c = self._get(engine)
-            now = self.clock()
+            now = self.monotonic()
             if c.opened_at is not None and not self._probe_out(c, now):
                 c.probe, c.probe_until, c.holders = job_id, now + self.cooldown, 1
 
@@ -247,7 +263,9 @@ class EngineHealth:
                 # The cooldown runs on wall time: the ordering stamp may be ahead of this clock. A
                 # failure told late, made before the circuit (re)opened, does not move the opening
                 # back and cut short the cooldown of a failed probe.
-                c.opened_at = seen.at if c.opened_at is None else max(c.opened_at, seen.at)
+                opened = seen.at if c.opened_at is None else max(c.opened_at, seen.at)
+                if opened != c.opened_at:
+                    c.opened_at, c.opened_seen = opened, self.monotonic()
 
     def median_latency(self, engine: str, stage: str) -> float | None:
         with self._lock:
@@ -286,6 +304,8 @@ class EngineHealth:
         with self._lock:
             for engine, circuit in shared:
                 c = self._get(engine)
+                if circuit.opened_at != c.opened_at:
+                    c.opened_seen = self.monotonic()
                 c.failures, c.opened_at, c.latencies = circuit.failures, circuit.opened_at, circuit.latencies
                 c.succeeded_at = circuit.succeeded_at
                 # Observed while the database was read: not in the table's view yet. An engine the

@@ -450,3 +450,55 @@ def test_an_opening_reads_back_from_the_table_as_the_same_time(db: Database, clo
     one.failed("gemini")  # a late one: the opening stands
     one.sync(db)
     assert one.opened_at("gemini") == opened
+
+
+class Monotonic:
+    """A process's monotonic clock: it moves on when the test moves it, never back."""
+
+    def __init__(self) -> None:
+        self.now = 5_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_clock_stepped_back_while_open_does_not_keep_the_circuit_open_for_the_step(clock: Clock) -> None:
+    """The cooldown ran on the wall clock alone: stepped back an hour (NTP) just after the circuit
+    opened, it kept it open, no probe let through, for an hour and the cooldown."""
+    mono = Monotonic()
+    health = EngineHealth(threshold=3, cooldown=30.0, clock=clock, monotonic=mono)
+    for _ in range(3):
+        health.failed("gemini")
+    clock.now -= 3600
+    clock.now += 20
+    mono.now += 20
+    assert health.state("gemini") == "open" and not health.allow("gemini")
+    assert health.opens_in("gemini") == pytest.approx(10.0)
+    clock.now += 11
+    mono.now += 11
+    assert health.allow("gemini") and health.opens_in("gemini") == 0.0
+    assert health.admit("gemini", "job-probe") and not health.admit("gemini", "job-next")
+    clock.now -= 3600  # the probe lapses after its cooldown whatever the wall clock does
+    mono.now += 31
+    assert health.admit("gemini", "job-next")
+
+
+def test_a_circuit_a_host_ahead_opened_cools_down_a_cooldown_after_it_is_learned(
+        db: Database, clock: Clock) -> None:
+    """A host a day ahead opens the circuit: every other process kept it open for a day, its
+    opening a day ahead of their clocks. It has been open at least since they learned of it."""
+    ahead = EngineHealth(threshold=3, cooldown=30.0, clock=lambda: clock.now + 86400)
+    mono = Monotonic()
+    api = EngineHealth(threshold=3, cooldown=30.0, clock=clock, monotonic=mono)
+    for _ in range(3):
+        ahead.failed("fal")
+    ahead.sync(db)
+    api.sync(db)
+    clock.now += 20
+    mono.now += 20
+    assert api.state("fal") == "open" and api.opens_in("fal") == pytest.approx(10.0)
+    clock.now += 11
+    mono.now += 11
+    assert api.allow("fal") and api.state("fal") == "degraded"
+    api.sync(db)  # the same opening read again does not restart its cooldown
+    assert api.allow("fal")
