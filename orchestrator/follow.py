@@ -101,16 +101,20 @@ def catch_up(bus: EventBus, job: Job, asset_ids: list[str], *, preview: bool = F
 def tell_end(bus: EventBus, job: Job, status: str, error: dict[str, Any]) -> None:
     """Publish the end of a job that this process does not run (recovered, or canceled with its
     worker gone), to a stream only where this bus already has one: a stream it knows only as
-    submitted (a worker elsewhere ran the job, unwatched) is told its start first, as a stream built
-    from the row tells it, or servers differ. Safe from any thread."""
+    submitted (a worker elsewhere ran the job, unwatched) is told its moves to other engines and its
+    start first, as a stream built from the row tells them, or servers differ. Safe from any thread."""
     loop = bus.loop
     if loop is not None and not events.on_loop(loop):
         loop.call_soon_threadsafe(tell_end, bus, job, status, error)
         return
     view = bus.view(job.id)
-    if view is not None and not view.finished and not view.started and job.started_at is not None:
-        bus.publish(job.id, "started", {"job_id": job.id, "status": "running", "engine": job.engine,
-                                        "attempt": job.attempt})
+    if view is not None and not view.finished:
+        # Its moves to other engines first, as a stream built from the row (`catch_up`) and the
+        # worker tell them: a start on the engine moved to, told without them, said it began there.
+        tell_moves(bus, job)
+        if not view.started and job.started_at is not None:
+            bus.publish(job.id, "started", {"job_id": job.id, "status": "running", "engine": job.engine,
+                                            "attempt": job.attempt})
     bus.publish(job.id, status, {"job_id": job.id, "status": status, "error": error}, known_only=True)
 
 

@@ -339,6 +339,28 @@ def test_a_cancel_of_a_job_queued_again_tells_its_earlier_start(services: Servic
     assert [e.type for e in services.bus._jobs[never].snapshot()] == ["queued", "canceled"]
 
 
+@pytest.mark.parametrize("status", ["running", "queued"])
+def test_a_cancel_of_a_moved_job_tells_its_fallback_before_its_start(services: Services, status: str) -> None:
+    """A job moved to another engine (its worker there dead, or queued again there), canceled: an API
+    server that knew it only as submitted told its start on the engine moved to without the move,
+    where a stream built from the row, and the worker's own, tell the `fallback` first."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    moved = {"engine": "fake-paid", "status": "failed", "error": {"code": "engine_error", "message": "down",
+                                                                  "details": {}}}
+    held: dict[str, Any] = ({"lease_owner": f"{socket.gethostname()}:{dead.pid}:0",
+                             "lease_expires_at": utcnow() + timedelta(minutes=5)} if status == "running" else {})
+    job_id = add_job(services, status=status, attempt=2, started_at=utcnow(), attempts=[moved], **held)
+    services.bus.publish(job_id, "queued", {"job_id": job_id, "status": "queued"})  # as its submit did
+    assert (services.jobs.cancel_orphan if status == "running" else services.jobs.cancel_queued)(job_id)
+    told = [(e.type, e.data.get("state"), e.data.get("from")) for e in services.bus._jobs[job_id].snapshot()]
+    assert told == [("queued", None, None), ("state", "fallback", "fake-paid"), ("started", None, None),
+                    ("canceled", None, None)]
+    from_row = EventBus()
+    catch_up(from_row, row(services, job_id), [])
+    assert [e.type for e in from_row._jobs[job_id].snapshot()] == [t for t, _, _ in told]
+
+
 def test_recovery_ends_a_job_whose_worker_died_before_it_saw_the_cancel(services: Services) -> None:
     job_id = add_job(services, status="running", attempt=1, lease_owner="dead-host:1:0",
                      lease_expires_at=utcnow() - timedelta(seconds=1), cancel_requested_at=utcnow())
