@@ -25,7 +25,7 @@ from sqlmodel import col, select
 
 from orchestrator import events
 from orchestrator.db import Database
-from orchestrator.events import TERMINAL, EventBus, woken
+from orchestrator.events import TERMINAL, EventBus, StreamView, woken
 from orchestrator.models import Asset, Job
 from orchestrator.outage import Outage
 from orchestrator.store import PreviewFiles
@@ -63,16 +63,7 @@ def catch_up(bus: EventBus, job: Job, asset_ids: list[str], *, preview: bool = F
     earlier = bool(view.attempt) and (job.attempt < view.attempt or (view.queued and job.attempt == view.attempt))
     # A job canceled or failed in the queue never started; one run again (recovered after its
     # worker died) starts again, and its progress counts from its new start.
-    if job.started_at is not None and (not view.started or job.attempt > view.attempt):
-        if view.started and not view.queued:
-            # Queued again and claimed again between two reads (another worker took it within
-            # the poll): told as a stream that read the queued row tells it, or servers differ.
-            bus.publish(job.id, "queued", {"job_id": job.id, "status": "queued", "attempt": view.attempt,
-                                           "requeued": True})
-        # A copy's events say so as its own process told them (`JobService._publish_cached`).
-        copy: dict[str, Any] = {"cache_hit": True} if job.cache_hit else {}
-        bus.publish(job.id, "started", {"job_id": job.id, "status": "running", "engine": job.engine,
-                                        "attempt": job.attempt, **copy})
+    if tell_start(bus, job, view):
         view = bus.view(job.id)
         assert view is not None
     if job.status == "running":
@@ -98,6 +89,23 @@ def catch_up(bus: EventBus, job: Job, asset_ids: list[str], *, preview: bool = F
         bus.publish(job.id, job.status, data)
 
 
+def tell_start(bus: EventBus, job: Job, view: StreamView) -> bool:
+    """Publish the start of the row's attempt where the stream has not told it (and its `queued`
+    again first, to a stream that told an earlier start); whether it did. Call it on the loop."""
+    if job.started_at is None or (view.started and job.attempt <= view.attempt):
+        return False
+    if view.started and not view.queued:
+        # Queued again and claimed again between two reads (another worker took it within
+        # the poll): told as a stream that read the queued row tells it, or servers differ.
+        bus.publish(job.id, "queued", {"job_id": job.id, "status": "queued", "attempt": view.attempt,
+                                       "requeued": True})
+    # A copy's events say so as its own process told them (`JobService._publish_cached`).
+    copy: dict[str, Any] = {"cache_hit": True} if job.cache_hit else {}
+    bus.publish(job.id, "started", {"job_id": job.id, "status": "running", "engine": job.engine,
+                                    "attempt": job.attempt, **copy})
+    return True
+
+
 def tell_end(bus: EventBus, job: Job, status: str, error: dict[str, Any]) -> None:
     """Publish the end of a job that this process does not run (recovered, or canceled with its
     worker gone), to a stream only where this bus already has one: a stream it knows only as
@@ -112,9 +120,7 @@ def tell_end(bus: EventBus, job: Job, status: str, error: dict[str, Any]) -> Non
         # Its moves to other engines first, as a stream built from the row (`catch_up`) and the
         # worker tell them: a start on the engine moved to, told without them, said it began there.
         tell_moves(bus, job)
-        if not view.started and job.started_at is not None:
-            bus.publish(job.id, "started", {"job_id": job.id, "status": "running", "engine": job.engine,
-                                            "attempt": job.attempt})
+        tell_start(bus, job, view)
     bus.publish(job.id, status, {"job_id": job.id, "status": status, "error": error}, known_only=True)
 
 

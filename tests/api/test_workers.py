@@ -361,6 +361,23 @@ def test_a_cancel_of_a_moved_job_tells_its_fallback_before_its_start(services: S
     assert [e.type for e in from_row._jobs[job_id].snapshot()] == [t for t, _, _ in told]
 
 
+def test_a_cancel_of_a_job_run_again_elsewhere_tells_its_new_start(services: Services) -> None:
+    """A stream here told the job's first start, then went unwatched while another worker ran it again
+    (attempt 2) and died: the cancel told the end after the first start alone, where a stream that
+    followed the row tells it queued again and started again (`catch_up`) before its end."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    job_id = add_job(services, status="running", attempt=2, lease_owner=f"{socket.gethostname()}:{dead.pid}:0",
+                     lease_expires_at=utcnow() + timedelta(minutes=5), started_at=utcnow(),
+                     attempts=[{"engine": "lite", "status": "interrupted", "error": None}])
+    services.bus.publish(job_id, "queued", {"job_id": job_id, "status": "queued"})
+    services.bus.publish(job_id, "started", {"job_id": job_id, "status": "running", "engine": "lite", "attempt": 1})
+    assert services.jobs.cancel_orphan(job_id)
+    told = [(e.type, e.data.get("attempt"), e.data.get("requeued")) for e in services.bus._jobs[job_id].snapshot()]
+    assert told == [("queued", None, None), ("started", 1, None), ("queued", 1, True), ("started", 2, None),
+                    ("canceled", None, None)]
+
+
 def test_recovery_ends_a_job_whose_worker_died_before_it_saw_the_cancel(services: Services) -> None:
     job_id = add_job(services, status="running", attempt=1, lease_owner="dead-host:1:0",
                      lease_expires_at=utcnow() - timedelta(seconds=1), cancel_requested_at=utcnow())
