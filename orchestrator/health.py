@@ -263,9 +263,15 @@ class EngineHealth:
                 # The cooldown runs on wall time: the ordering stamp may be ahead of this clock. A
                 # failure told late, made before the circuit (re)opened, does not move the opening
                 # back and cut short the cooldown of a failed probe.
-                opened = seen.at if c.opened_at is None else max(c.opened_at, seen.at)
-                if opened != c.opened_at:
-                    c.opened_at, c.opened_seen = opened, self.monotonic()
+                if c.opened_at is None or seen.at > c.opened_at:
+                    c.opened_at, c.opened_seen = seen.at, self.monotonic()
+                elif seen.at < c.opened_at <= seen.order:
+                    # Made after the opening, as this process knew of it, on a clock behind it (a
+                    # host ahead opened it, or this clock stepped back): a failed probe opens the
+                    # circuit again all the same. Kept as it was, the next job went out as the
+                    # probe at once, and every one after it. A microsecond on, as the table keeps
+                    # times, tells every process it opened again.
+                    c.opened_at, c.opened_seen = round(c.opened_at + 1e-6, 6), self.monotonic()
 
     def median_latency(self, engine: str, stage: str) -> float | None:
         with self._lock:

@@ -502,3 +502,139 @@ def test_a_circuit_a_host_ahead_opened_cools_down_a_cooldown_after_it_is_learned
     assert api.allow("fal") and api.state("fal") == "degraded"
     api.sync(db)  # the same opening read again does not restart its cooldown
     assert api.allow("fal")
+
+
+def test_a_failed_probe_on_a_clock_stepped_back_opens_the_circuit_again(clock: Clock) -> None:
+    """Past the cooldown by the monotonic clock (the wall clock stepped back an hour), the probe
+    failed at a wall time before the opening: the opening stood, so the circuit stayed half-open
+    and the next job went out as the probe at once, and every one after it."""
+    mono = Monotonic()
+    health = EngineHealth(threshold=3, cooldown=30.0, clock=clock, monotonic=mono)
+    for _ in range(3):
+        health.failed("gemini")
+    opened = health.opened_at("gemini")
+    assert opened is not None
+    clock.now -= 3600
+    clock.now += 31
+    mono.now += 31
+    assert health.admit("gemini", "job-probe")
+    health.failed("gemini")
+    health.finished("gemini", "job-probe")
+    assert health.state("gemini") == "open" and not health.admit("gemini", "job-next")
+    assert health.opens_in("gemini") == pytest.approx(30.0)
+    reopened = health.opened_at("gemini")
+    assert reopened is not None and reopened > opened
+    clock.now += 20
+    mono.now += 20
+    assert not health.allow("gemini")
+    clock.now += 11
+    mono.now += 11
+    assert health.admit("gemini", "job-next")
+
+
+def test_a_probe_failed_behind_a_host_ahead_opens_the_circuit_again_everywhere(
+        db: Database, clock: Clock) -> None:
+    """A host a day ahead opened the circuit; a process behind it let its probe through a
+    cooldown after it learned of it, and the probe failed at its own time, a day before the
+    opening: no process saw the circuit open again, and that one sent every next job as a probe."""
+    ahead = EngineHealth(threshold=3, cooldown=30.0, clock=lambda: clock.now + 86400)
+    mono, mono2 = Monotonic(), Monotonic()
+    api = EngineHealth(threshold=3, cooldown=30.0, clock=clock, monotonic=mono)
+    worker = EngineHealth(threshold=3, cooldown=30.0, clock=clock, monotonic=mono2)
+    for _ in range(3):
+        ahead.failed("fal")
+    ahead.sync(db)
+    api.sync(db)
+    worker.sync(db)
+    clock.now += 31
+    mono.now += 31
+    mono2.now += 31
+    assert api.reserve("fal", "probe-token")
+    api.failed("fal")
+    api.finished("fal", "probe-token")
+    assert api.state("fal") == "open" and not api.allow("fal")
+    api.sync(db)
+    worker.sync(db)
+    ahead.sync(db)
+    assert api.opened_at("fal") == worker.opened_at("fal") == ahead.opened_at("fal")
+    assert worker.state("fal") == "open" and worker.opens_in("fal") == pytest.approx(30.0)
+    clock.now += 20
+    mono.now += 20
+    mono2.now += 20
+    assert not api.allow("fal") and not worker.allow("fal")
+    clock.now += 11
+    mono.now += 11
+    mono2.now += 11
+    assert api.allow("fal") and worker.allow("fal")
+
+
+def test_the_real_clocks_are_not_mixed(db: Database) -> None:
+    """Openings are wall clock (time.time), probes and how long a process has known of an opening
+    its monotonic clock (time.monotonic): different epochs, so a comparison of one with the other
+    is off by decades and shows as a circuit never open, or open for good. Fake clocks stand one
+    for both and cannot tell."""
+    cooldown = 1.5  # syncs on a loaded machine took most of half a second
+    one = EngineHealth(threshold=2, cooldown=cooldown)
+    two = EngineHealth(threshold=2, cooldown=cooldown)
+    assert one.monotonic is time.monotonic and one.clock is time.time
+    for _ in range(2):
+        one.failed("fal")
+    opened = one.opened_at("fal")
+    assert opened is not None and abs(opened - time.time()) < 5
+    one.sync(db)
+    two.sync(db)
+    for h in (one, two):
+        assert h.state("fal") == "open" and not h.allow("fal") and not h.admit("fal", "early")
+        assert not h.reserve("fal", "early") and not h.probe_out("fal")
+        assert 0 < h.opens_in("fal") <= cooldown
+    time.sleep(cooldown + 0.1)
+    for h in (one, two):
+        assert h.allow("fal") and h.opens_in("fal") == 0.0 and h.state("fal") == "degraded"
+    assert one.reserve("fal", "token") and two.admit("fal", "job-2")
+    for h, mine, other in ((one, "token", "job-x"), (two, "job-2", "job-y")):
+        assert h.probe_out("fal") and h.state("fal") == "open" and 0 < h.opens_in("fal") <= cooldown
+        assert not h.allow("fal") and h.allow("fal", mine) and not h.admit("fal", other)
+    time.sleep(cooldown + 0.1)  # neither reported: the probes lapse
+    for h in (one, two):
+        assert not h.probe_out("fal") and h.allow("fal") and h.state("fal") == "degraded"
+    two.assign("fal", "job-3")
+    assert two.probe_out("fal") and 0 < two.opens_in("fal") <= cooldown
+    two.failed("fal")  # the probe failed: open again for a cooldown
+    two.finished("fal", "job-3")
+    reopened = two.opened_at("fal")
+    assert reopened is not None and reopened > opened
+    assert two.state("fal") == "open" and 0 < two.opens_in("fal") <= cooldown
+    two.sync(db)
+    one.sync(db)
+    assert one.opened_at("fal") == reopened and one.state("fal") == "open" and not one.allow("fal")
+    assert 0 < one.opens_in("fal") <= cooldown
+    one.succeeded("fal", "draft", 1.0)
+    assert one.state("fal") == "ok" and one.allow("fal") and one.opens_in("fal") == 0.0
+
+
+def test_the_real_monotonic_clock_bounds_a_cooldown_the_wall_clock_stepped_back(db: Database) -> None:
+    """The same with the real monotonic clock under a wall clock that steps back: how long a
+    process has known of an opening is kept on the monotonic clock, or it bounds nothing."""
+    cooldown = 1.5  # syncs on a loaded machine took most of half a second
+    step = [0.0]
+    one = EngineHealth(threshold=2, cooldown=cooldown, clock=lambda: time.time() - step[0],
+                       monotonic=time.monotonic)
+    two = EngineHealth(threshold=2, cooldown=cooldown, clock=lambda: time.time() - step[0],
+                       monotonic=time.monotonic)
+    for _ in range(2):
+        one.failed("fal")
+    one.sync(db)
+    two.sync(db)
+    step[0] = 3600.0
+    for h in (one, two):
+        assert h.state("fal") == "open" and 0 < h.opens_in("fal") <= cooldown
+    time.sleep(cooldown + 0.1)
+    assert one.allow("fal") and two.allow("fal") and one.admit("fal", "probe")
+    one.failed("fal")
+    one.finished("fal", "probe")
+    assert one.state("fal") == "open" and 0 < one.opens_in("fal") <= cooldown
+    one.sync(db)
+    two.sync(db)
+    assert two.state("fal") == "open" and 0 < two.opens_in("fal") <= cooldown
+    time.sleep(cooldown + 0.1)
+    assert one.allow("fal") and two.allow("fal")
