@@ -361,7 +361,8 @@ def test_a_killed_paid_job_runs_again_only_if_its_request_had_not_gone(
 
     services.append(Service(service_env, tmp_path, tmp_path / "first.log"))
     with httpx.Client(base_url=services[0].url, timeout=30.0) as client:
-        tags = {"fake": behaviour, "seconds": "3600", "answer_after": "1", "retry_after": "3600"}
+        # A request out for 3 s: the polls below must see it out, and a loaded machine let a 1 s window pass.
+        tags = {"fake": behaviour, "seconds": "3600", "answer_after": "3", "retry_after": "3600"}
         job_id = promote_ok(client, asset_id, tags=tags)["id"]
         if behaviour == "hang-unsaved":
             wait_for_state(client, job_id, "submitted")
