@@ -13,9 +13,12 @@ Every process sharing the database sees the same breakers and latencies: what a 
 counts at once in its own routing, and `sync` (every `ORCH_POLL_INTERVAL`, from the service)
 writes it to the `engine_health` table and takes what the others wrote, so an API server in front
 of separate workers routes around an engine its workers found failing, and `fastest` knows their
-latencies. The half-open probe is per process: each process may let one through. Opening times
-are wall clock, as processes share them; but no process waits more than a cooldown after it
-learned of an opening (by its monotonic clock), whatever the wall clocks say.
+latencies. The half-open probe is per process: each process may let one through.
+
+Openings and successes are stamped and judged by one clock all processes share (`_wall`): on
+PostgreSQL the database server's, as hosts' own clocks differ; on SQLite (one host) this host's.
+And no process waits more than a cooldown after it learned of an opening (by its monotonic clock),
+whatever the wall clocks say (this host's may step back, NTP).
 """
 
 from __future__ import annotations
@@ -85,6 +88,9 @@ class EngineHealth:
         # Times only this process keeps (how long it has known of an opening, its probe's lapse).
         # A fake wall clock given (a test's) stands for both unless one is given too.
         self.monotonic = monotonic or (time.monotonic if clock is time.time else clock)
+        # On PostgreSQL, the database's clock less `monotonic`, as the latest sync read it (see
+        # `_wall`); None on SQLite, and until the first sync.
+        self._database_offset: float | None = None
         self._circuits: dict[str, _Circuit] = {}
         self._lock = threading.Lock()
         self._unsynced: list[_Observation] = []
@@ -123,7 +129,7 @@ class EngineHealth:
             return c.opened_at is not None and self._probe_out(c, self.monotonic())
 
     def opened_at(self, engine: str) -> float | None:
-        """When `engine`'s circuit last opened (wall clock); None while it is closed."""
+        """When `engine`'s circuit last opened (by `_wall`); None while it is closed."""
         with self._lock:
             return self._get(engine).opened_at
 
@@ -140,13 +146,27 @@ class EngineHealth:
                 wait = max(wait, c.probe_until - now)
             return max(wait, 0.0)
 
+    def _wall(self) -> float:
+        """The time openings and successes are stamped and judged by, which processes share through
+        the table. Hosts sharing a PostgreSQL database each have their own clock: an opening stamped
+        by a host a day behind the others was past its cooldown on them as soon as they learned of
+        it, and each let its probe through at once. There it is the database server's clock, as
+        this process's latest write transaction read it (`Database.now`, looked at every sync),
+        carried on by this process's monotonic clock, which never steps. On SQLite the processes
+        share one host, and its clock (`clock`) is theirs. Until a process's first sync
+        (`Services.build` makes one before the first route) it is this host's clock too."""
+        if self._database_offset is None:
+            return self.clock()
+        return self.monotonic() + self._database_offset
+
     def _cooling(self, c: _Circuit) -> float:
-        """Seconds of the open circuit's cooldown left (<= 0: over). By the wall clock, as openings
-        are shared; but never more than a cooldown after this process learned of the opening: one
-        whose time is ahead of this clock (a host ahead opened it, or this clock stepped back) kept
-        the circuit open, no probe let through, for the skew or the step as well."""
+        """Seconds of the open circuit's cooldown left (<= 0: over). By the shared clock (`_wall`),
+        as openings are shared; but never more than a cooldown after this process learned of the
+        opening: one whose time is ahead of that clock (opened by a host ahead before the first
+        sync, or on SQLite by this clock before it stepped back) kept the circuit open, no probe let
+        through, for the skew or the step as well."""
         assert c.opened_at is not None
-        return self.cooldown - max(self.clock() - c.opened_at, self.monotonic() - c.opened_seen)
+        return self.cooldown - max(self._wall() - c.opened_at, self.monotonic() - c.opened_seen)
 
     @staticmethod
     def _probe_out(c: _Circuit, now: float) -> bool:
@@ -228,7 +248,7 @@ class EngineHealth:
         # To the microsecond, as the table keeps times: an opening read back from it is the same
         # number (`opened_at`, which the queue keys a waiting job on, changed on its first sync in
         # most cases), and an order is never below one it was made equal to.
-        return round(self.clock(), 6)
+        return round(self._wall(), 6)
 
     def _order(self, engine: str, now: float) -> float:
         c = self._get(engine)
@@ -260,7 +280,7 @@ class EngineHealth:
             # threshold too and opens the circuit again at once.
             c.failures += 1
             if c.failures >= self.threshold:
-                # The cooldown runs on wall time: the ordering stamp may be ahead of this clock. A
+                # The cooldown runs on `_wall`: the ordering stamp may be ahead of that clock. A
                 # failure told late, made before the circuit (re)opened, does not move the opening
                 # back and cut short the cooldown of a failed probe.
                 if c.opened_at is None or seen.at > c.opened_at:
@@ -287,7 +307,14 @@ class EngineHealth:
     def _sync(self, db: Database) -> None:
         with self._lock:
             unsynced, self._unsynced = self._unsynced, []
+        offset: float | None = None
         try:
+            if not db.is_sqlite:
+                # The server's clock as this process's last write transaction read it (no round
+                # trip when one was made), carried on by the host's monotonic clock: see `_wall`.
+                # Read before the write: should it fail, nothing was written, and the observations
+                # kept for the next sync are not counted twice.
+                offset = db.now().timestamp() - self.monotonic()
             if unsynced:
                 with db.transaction() as s:  # the write lock: two processes' observations add up
                     rows = {row.engine: row for row in s.exec(select(EngineHealthRow)).all()}
@@ -308,6 +335,8 @@ class EngineHealth:
                 self._unsynced = (unsynced + self._unsynced)[-MAX_UNSYNCED:]
             raise
         with self._lock:
+            if offset is not None:
+                self._database_offset = offset
             for engine, circuit in shared:
                 c = self._get(engine)
                 if circuit.opened_at != c.opened_at:

@@ -86,6 +86,7 @@ from tests.credits.test_check import check_ledger_findings, check_storage_findin
 from tests.credits.test_random_outcomes import KILL_SEEDS, SEEDS, kill_in_the_mix, run_the_mix
 from tests.credits.test_spend import check_windows_add_up
 from tests.policies.test_shared_versions import check_a_process_that_missed_an_edit_serves_it_while_the_file_is_refused
+from tests.routing.test_health import check_a_circuit_a_host_behind_opened_cools_down_on_every_host
 from tests.test_db import check_json_columns_take_what_engines_report
 from tests.test_metrics import check_job_histograms, check_later_scrapes_read_the_recent_jobs_and_agree_with_a_full_read
 from tests.test_migrations import check_holds_marked_settled_by_0010
@@ -1183,3 +1184,7 @@ def test_0031_indexes_the_rows_there_and_downgrades_on_postgres(postgres_url: st
 def test_0030_leaves_jobs_taken_before_it_holding_nothing_and_downgrades_on_postgres(postgres_url: str) -> None:
     # The index dropped and made again with a row in the table, as PostgreSQL's DDL runs it.
     check_0030_leaves_jobs_taken_before_it_holding_nothing_and_downgrades(postgres_url)
+
+
+def test_a_circuit_a_host_behind_opened_cools_down_on_every_host_on_postgres(pg_db: Database) -> None:
+    check_a_circuit_a_host_behind_opened_cools_down_on_every_host(pg_db)

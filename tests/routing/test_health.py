@@ -641,3 +641,39 @@ def test_the_real_monotonic_clock_bounds_a_cooldown_the_wall_clock_stepped_back(
     one.sync(db)
     two.sync(db)
     assert two.state("fal") == "open" and 0 < two.opens_in("fal") <= 60 and not two.allow("fal")
+
+
+def check_a_circuit_a_host_behind_opened_cools_down_on_every_host(db: Database) -> None:
+    """Hosts sharing a PostgreSQL database, one a day behind the others: the circuit it opened was
+    stamped with its own clock, a day before the others' now, so it was past its cooldown on them
+    as soon as they learned of it and each let its half-open probe through at once. Stamped by the
+    database's clock, it cools down a cooldown on every host. (Each process reads the database's
+    clock at its first sync, as `Services.build` makes one before the first route.)"""
+    behind_mono, api_mono = Monotonic(), Monotonic()
+    behind = EngineHealth(threshold=3, cooldown=30.0, clock=lambda: time.time() - 86400, monotonic=behind_mono)
+    api = EngineHealth(threshold=3, cooldown=30.0, clock=time.time, monotonic=api_mono)
+    behind.sync(db)
+    api.sync(db)
+    for _ in range(3):
+        behind.failed("fal")
+    behind.sync(db)
+    api.sync(db)
+    # Real time runs between the two processes' reads of the database's clock: a loaded machine's
+    # seconds at most, not a cooldown.
+    assert api.state("fal") == "open" and not api.allow("fal") and not api.admit("fal", "early")
+    assert 20 < api.opens_in("fal") <= 30 and 20 < behind.opens_in("fal") <= 30
+    behind_mono.now += 31
+    api_mono.now += 31
+    assert api.admit("fal", "probe") and behind.allow("fal")
+    # The probe fails: open again for a cooldown on both, whichever host's clock is behind.
+    api.failed("fal")
+    api.finished("fal", "probe")
+    api.sync(db)
+    behind.sync(db)
+    assert api.opened_at("fal") == behind.opened_at("fal")
+    for h in (api, behind):
+        assert h.state("fal") == "open" and not h.allow("fal") and 20 < h.opens_in("fal") <= 30
+    behind.succeeded("fal", "draft", 1.0)  # a host behind closes it: its success came after the opening
+    behind.sync(db)
+    api.sync(db)
+    assert api.state("fal") == behind.state("fal") == "ok"
