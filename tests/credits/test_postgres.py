@@ -1188,3 +1188,24 @@ def test_0030_leaves_jobs_taken_before_it_holding_nothing_and_downgrades_on_post
 
 def test_a_circuit_a_host_behind_opened_cools_down_on_every_host_on_postgres(pg_db: Database) -> None:
     check_a_circuit_a_host_behind_opened_cools_down_on_every_host(pg_db)
+
+
+def test_services_on_hosts_whose_clocks_differ_share_a_circuit_s_cooldown_on_postgres(
+        postgres_url: str, tmp_path: Path, paid_settings_for: Callable[..., Settings]) -> None:
+    """As the services are built: each reads the database's clock before its first route, so the
+    worker's own clock, a day behind, stamps nothing (its opening was past the cooldown on the API
+    server at once)."""
+    settings = paid_settings_for(tmp_path / "data", database_url=postgres_url, run_jobs=False)
+    worker, api = Services.build(settings), Services.build(settings)
+    try:
+        worker.engine_health.clock = lambda: time.time() - 86400
+        for _ in range(worker.engine_health.threshold):
+            worker.engine_health.failed("fake-paid")
+        worker.engine_health.sync(worker.db)
+        api.engine_health.sync(api.db)
+        cooldown = api.engine_health.cooldown
+        assert api.health("fake-paid") == "open" and not api.engine_health.allow("fake-paid")
+        assert cooldown - 20 < api.engine_health.opens_in("fake-paid") <= cooldown
+    finally:
+        asyncio.run(worker.aclose())
+        asyncio.run(api.aclose())
