@@ -24,6 +24,7 @@ it to `{"error": {"code", "message", "details"}}` with `status` in exactly one p
     ├── ServerStopping          503 server_stopping (a request still open when a stop's wait ran out)
     ├── TooManyJobs             429 rate_limited  (ORCH_MAX_PENDING_JOBS unfinished jobs already)
     ├── TooManyStreams          429 rate_limited  (ORCH_MAX_STREAMS_PER_KEY event streams open already)
+    ├── DeviceTimeExhausted     429 device_time_exhausted (local engines' device-seconds over local_seconds_per_day)
     ├── NoRoute                 422 no_route
     │   ├── NoUsableEngine      503 no_route (a rule matched, none of its engines can take it now)
     │   └── NoPrice             422 no_route (a priced engine without a price entry is not routable)
@@ -257,6 +258,14 @@ class TooManyJobs(OrchestratorError):
 
     code, status = "rate_limited", 429
     retry_after = 5  # a guess at how soon some of the project's jobs finish
+
+
+class DeviceTimeExhausted(OrchestratorError):
+    """A new job that only a local engine could take, asked of a project whose local jobs held the
+    device for its `local_seconds_per_day` or more over the last 24 hours (`orchestrator.device_time`):
+    nothing was written. `Retry-After` says when enough of those seconds are 24 hours old."""
+
+    code, status = "device_time_exhausted", 429
 
 
 class TooManyStreams(OrchestratorError):

@@ -23,15 +23,17 @@ from pydantic import BaseModel
 from sqlalchemy import update
 from sqlmodel import Session, col, select
 
-from orchestrator import cache, idempotency, quota, webhooks
+from orchestrator import cache, device_time, idempotency, quota, webhooks
 from orchestrator.cache import cache_key, cached_copies
 from orchestrator.clock import iso, shared_now, utcnow
 from orchestrator.db import Database, changed
+from orchestrator.device_time import DeviceTime
 from orchestrator.disk import SETTING, DiskReserve
 from orchestrator.errors import (
     BudgetExceeded,
     Canceled,
     ContentUnavailable,
+    DeviceTimeExhausted,
     InvalidRequest,
     JobFinished,
     NotFound,
@@ -174,8 +176,11 @@ def raise_if_deleted_since(db: Database, asset_id: str) -> None:
 class JobService:
     def __init__(self, db: Database, router: Router, ledger: Ledger, bus: EventBus, notify: Callable[[], None],
                  default_policy: str, presence: Presence, store: ArtifactStore, max_pending: int = 0,
-                 reserve: DiskReserve | None = None, default_quota_mb: int = 0) -> None:
+                 reserve: DiskReserve | None = None, default_quota_mb: int = 0,
+                 default_local_seconds: int | None = None) -> None:
         self.db = db
+        # The device-time quota of a project that sets none of its own (ORCH_PROJECT_LOCAL_SECONDS_PER_DAY; None: none).
+        self.default_local_seconds = default_local_seconds
         # The storage quota of a project that sets none of its own (ORCH_PROJECT_STORAGE_QUOTA_MB; 0: none).
         self.default_quota_mb = default_quota_mb
         self.max_pending = max_pending  # unfinished jobs a project may have (0: no limit)
@@ -505,7 +510,7 @@ class JobService:
                                        project.budget_limit is not None or max_credits is not None))):
                     balance = None if project.budget_limit is None else self.ledger.balance(s, project)
                     fresh = self._route(project.policy, prepared, engine, max_credits, balance, cache=False,
-                                        holder=token)
+                                        holder=token, device=decision.device)
                     if fresh.chosen != reserved:  # its probe too, taken as the first choice's was (a copy took none)
                         if not self.router.health.reserve(fresh.chosen, token):
                             raise NoUsableEngine(f"engine '{fresh.chosen}' cannot take a job now; send "
@@ -603,7 +608,11 @@ class JobService:
             quota.refuse_if_over(project, self.default_quota_mb)
             # Without a budget there is no share of it to route on: skip the ledger's sums.
             balance = None if project.budget_limit is None else self.ledger.balance(s, project)
-        return self._route(project.policy, prepared, engine, max_credits, balance, cache=cache, holder=holder)
+            # Judged here only, not again under the project's lock: submits add no device-seconds,
+            # only jobs' ends do, and a job that ends meanwhile could as well have ended just after.
+            device = device_time.state(s, project, self.default_local_seconds)
+        return self._route(project.policy, prepared, engine, max_credits, balance, cache=cache, holder=holder,
+                           device=device)
 
     def _bound(self, engine: str, params: dict[str, Any], copies: list[Asset]) -> int:
         """The most the images of a job with `params` on `engine` can take (`quota.job_bound`), or,
@@ -614,20 +623,23 @@ class JobService:
         return quota.job_bound(registry.get(engine) if engine in registry else None, render_request(params), params)
 
     def _route(self, policy: str, prepared: Prepared, engine: str | None, max_credits: float | None,
-               balance: Balance | None, *, cache: bool, holder: str | None = None) -> Decision:
+               balance: Balance | None, *, cache: bool, holder: str | None = None,
+               device: DeviceTime | None = None) -> Decision:
+        """`device`: the project's device time (`device_time.state`; None: no quota in force)."""
         used = None if balance is None else balance.used_fraction
         try:
-            decision = self.router.decide(policy, prepared.request, engine, used, holder=holder)
-        except NoUsableEngine:
-            # Every engine's circuit open (or the one asked for): an earlier result is still copied.
-            copy = self._copy_past_circuits(policy, prepared, engine, used) if cache else None
+            decision = self.router.decide(policy, prepared.request, engine, used, holder=holder, device=device)
+        except (NoUsableEngine, DeviceTimeExhausted):
+            # Every engine's circuit open (or the one asked for), or the project's device time used:
+            # an earlier result is still copied, which holds no engine or device.
+            copy = self._copy_past_circuits(policy, prepared, engine, used, device) if cache else None
             if copy is None:
                 raise
             return copy
         if cache and any(c.for_now for c in decision.candidates):
             # The policy's choice passed over for its circuit: a paid render elsewhere of what a
             # copy from it gives for nothing (during a provider's outage, the studio paid twice).
-            copy = self._copy_past_circuits(policy, prepared, engine, used)
+            copy = self._copy_past_circuits(policy, prepared, engine, used, device)
             if copy is not None and copy.chosen != decision.chosen:
                 return copy
         if max_credits is not None:
@@ -657,11 +669,12 @@ class JobService:
         return decision
 
     def _copy_past_circuits(self, policy: str, prepared: Prepared, engine: str | None,
-                            used: float | None) -> Decision | None:
-        """The decision the policy makes with no engine skipped for its circuit breaker, when an
-        earlier identical job of its choice has a result to copy; else None."""
+                            used: float | None, device: DeviceTime | None = None) -> Decision | None:
+        """The decision the policy makes with no engine skipped for its circuit breaker (or the
+        project's device time), when an earlier identical job of its choice has a result to copy;
+        else None. It carries `device`: routed again without the copy, it is judged on it."""
         try:
-            copy = self.router.decide(policy, prepared.request, engine, used, circuits=False)
+            copy = self.router.decide(policy, prepared.request, engine, used, circuits=False, device=device)
         except OrchestratorError:
             return None
         if not self.has_cached(prepared, copy):

@@ -27,6 +27,9 @@ HOLDLESS_CAPTURE = sa.text("kind = 'capture' AND hold_id IS NULL")
 # A job that copied an earlier result, as each database writes `WHERE jobs.cache_hit` (SQLite, then
 # PostgreSQL): SQLite uses a partial index only for a query that says its condition as it is written.
 CACHE_HIT = (sa.text("cache_hit = 1"), sa.text("cache_hit"))
+# The jobs that held a local engine's device (their `device_seconds` kept): a project's use of the
+# last 24 hours is summed from the few of them in its window, not from all of its jobs.
+ON_DEVICE = sa.text("device_seconds IS NOT NULL")
 # Assets whose file's size is not known yet (see `Asset.bytes`).
 UNMEASURED = sa.text("bytes IS NULL")
 
@@ -77,6 +80,10 @@ class Project(SQLModel, table=True):
     # The bytes of its live assets' files (each asset's `bytes`), changed in the transaction that adds
     # or deletes assets: a submit reads one row, not a sum over a project's 200,000 assets.
     storage_bytes: int = Field(default=0, sa_type=sa.BigInteger, sa_column_kwargs={"server_default": "0"})
+    # The most device-seconds its local jobs may have held over the last 24 hours before a new one
+    # that only a local engine could take is refused (`orchestrator.device_time`); null: the
+    # server's ORCH_PROJECT_LOCAL_SECONDS_PER_DAY.
+    local_seconds_per_day: int | None = None
 
 
 class Job(SQLModel, table=True):
@@ -99,7 +106,11 @@ class Job(SQLModel, table=True):
                       sa.Index("ix_jobs_cache_hits", "id", sqlite_where=CACHE_HIT[0], postgresql_where=CACHE_HIT[1]),
                       # The jobs that ended since a /metrics scrape's watermark (orchestrator.metrics):
                       # read through every ended job, each scrape's cost grew with the history.
-                      sa.Index("ix_jobs_finished_at", "finished_at"))
+                      sa.Index("ix_jobs_finished_at", "finished_at"),
+                      # A project's device-seconds of the last 24 hours (`device_time.used`), from
+                      # the index alone: the few jobs that ran on a local engine, by their end.
+                      sa.Index("ix_jobs_device_seconds", "project_id", "finished_at", "device_seconds",
+                               sqlite_where=ON_DEVICE, postgresql_where=ON_DEVICE))
 
     id: str = Field(primary_key=True, max_length=40)
     project_id: str = Field(foreign_key="projects.id", max_length=40)
@@ -119,6 +130,10 @@ class Job(SQLModel, table=True):
     # The most its images can take in the store, held back from its project's storage quota while
     # it is unfinished (`orchestrator.quota.job_bound`); null: taken before migration 0030, holds none.
     reserved_bytes: int | None = Field(default=None, sa_type=sa.BigInteger)
+    # The seconds a local engine's work on it held the device, as metered local work is charged
+    # (`runner.device_seconds`), kept at its success: what its project's `local_seconds_per_day`
+    # counts. Null: not run on a local engine, not (yet) succeeded, or ended before migration 0034.
+    device_seconds: float | None = None
     cache_hit: bool = False
     # Identifies an identical paid request (engine, model, parameters, source, seed) for the result cache.
     cache_key: str | None = Field(default=None, index=True, max_length=64)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import PurePath
 from typing import Any
 
+from orchestrator.device_time import DeviceTime
 from orchestrator.errors import BadEngineInput, BudgetExceeded, NoPrice, NoRoute, NotFound, NoUsableEngine, shown
 from orchestrator.health import EngineHealth
 from orchestrator.store import hide_paths
@@ -63,6 +64,8 @@ class Candidate:
     # Not an engine of this stage (a rule naming `lite` for drafts and polish alike): its refusal
     # is told only when no engine of the stage said why it cannot take the request.
     off_stage: bool = False
+    # A local engine skipped for its project's device-time quota (`orchestrator.device_time`).
+    over_device_time: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return {"engine": self.engine,
@@ -87,6 +90,9 @@ class Decision:
     # Taken to copy an earlier identical job's result, its engine's circuit breaker not asked: a
     # copy sends nothing (see `JobService._route`). Not recorded.
     copy: bool = False
+    # The project's device time it was routed on (None: no quota in force); routing again under
+    # the submit's lock judges on the same. Not recorded.
+    device: DeviceTime | None = field(default=None, repr=False)
 
     def as_dict(self) -> dict[str, Any]:
         return {"policy": self.policy, "policy_hash": self.policy_hash, "rule": self.rule,
@@ -110,10 +116,14 @@ class Router:
         self.health = health
 
     def decide(self, policy_name: str, req: RenderRequest, requested: str | None,
-               budget_used: float | None, *, holder: str | None = None, circuits: bool = True) -> Decision:
+               budget_used: float | None, *, holder: str | None = None, circuits: bool = True,
+               device: DeviceTime | None = None) -> Decision:
         """`holder`: the reservation of a half-open circuit's probe this request already holds
         (see `EngineHealth.reserve`); that engine is not skipped as "its probe is out".
-        `circuits=False`: no engine is skipped for its circuit breaker (for a copy, which sends nothing)."""
+        `circuits=False`: no engine is skipped for its circuit breaker or the project's device
+        time (for a copy, which sends nothing). `device`: the project's device time; exhausted,
+        its local engines are skipped as unavailable to it, and a request no other engine may take
+        is refused `DeviceTimeExhausted`."""
         try:
             # Read once: a reload between a look and a read could take the policy away in between.
             policy = self.policies.get(policy_name)
@@ -156,7 +166,9 @@ class Router:
                 details={**base, "engine": requested, "allowed": rule.engines},
             )
         names = [requested] if requested is not None else list(rule.engines)
-        assessed = {name: self.assess(name, req, rule, holder=holder, circuits=circuits) for name in names}
+        exhausted = device if device is not None and device.exhausted and circuits else None
+        assessed = {name: self.assess(name, req, rule, holder=holder, circuits=circuits, device=exhausted)
+                    for name in names}
         ordered = self._order(rule, req.stage, assessed)
         usable = [c for c in ordered if c.skipped is None]
         if not usable:
@@ -177,7 +189,17 @@ class Router:
             # the request was too large for the only engine that is set up.
             why = "; ".join(f"{c.engine}: {c.skipped}" for c in ordered)
             # Open circuits tell when to ask again; an engine that is not set up does not come back by waiting.
-            waits = [self.health.opens_in(c.engine) for c in ordered if c.for_now]
+            waits = [self.health.opens_in(c.engine) for c in ordered if c.for_now and not c.over_device_time]
+            if exhausted is not None and any(c.over_device_time for c in ordered):
+                # A 429 of the project's own use, not the 503 of an outage: waiting for its seconds
+                # to age out (or an engine's circuit, whichever comes first) is what helps.
+                skipped_others = "; ".join(f"{c.engine}: {c.skipped}" for c in ordered if not c.over_device_time)
+                told = [*waits, *([exhausted.retry_after] if exhausted.retry_after is not None else [])]
+                error = exhausted.error(f" (policy '{policy.name}', rule '{rule.name}'"
+                                        + (f"; {skipped_others})" if skipped_others else ")"),
+                                        retry_after=math.ceil(min(told)) if told else None)
+                error.details = {**error.details, **base, "candidates": [c.as_dict() for c in ordered]}
+                raise error
             raise NoUsableEngine(
                 # "now" only where waiting helps (an open circuit): an engine not set up stays so.
                 f"no engine can take this request{' now' if waits else ''} (policy '{policy.name}', "
@@ -190,7 +212,7 @@ class Router:
         cap = rule.max_millicredits
         reason = rule.reason or f"first usable engine by the '{rule.strategy}' strategy"
         return Decision(req.stage, first.engine, first.estimate, ordered, policy=policy.name,
-                        policy_hash=policy.content_hash, rule=rule.name,
+                        policy_hash=policy.content_hash, rule=rule.name, device=device,
                         reason="requested by the client" if requested else reason,
                         private=rule.keeps_local(req.tags),
                         # Fallbacks are held to the rule's cap as the first choice was (see `JobRunner._fall_back`).
@@ -210,8 +232,9 @@ class Router:
         return [c for c in candidates if c.skipped is None] + [c for c in candidates if c.skipped is not None]
 
     def assess(self, name: str, req: RenderRequest, rule: Rule | None = None, *,
-               holder: str | None = None, circuits: bool = True) -> Candidate:
-        """Whether engine `name` can take `req` under `rule`, with its estimate or why not."""
+               holder: str | None = None, circuits: bool = True, device: DeviceTime | None = None) -> Candidate:
+        """Whether engine `name` can take `req` under `rule`, with its estimate or why not. `device`:
+        the project's device time, exhausted: a local engine is skipped for it."""
         candidate = Candidate(name)
         if name not in self.registry:
             reason = self.registry.broken[name].reason if name in self.registry.broken else "no such engine"
@@ -258,9 +281,13 @@ class Router:
                 f"engine '{name}': the estimate ({to_credits(candidate.estimate)} credits) is over the rule's "
                 f"max_credits ({to_credits(limit)})",
                 details={"engine": name, "estimate": to_credits(candidate.estimate), "max_credits": to_credits(limit)})
-        # The circuit last: a request the engine refuses (size, price, the rule's cap) is refused
-        # whatever its health, and "try later" would only defer that answer by the cooldown.
-        if candidate.skipped is None and circuits and not self.health.allow(name, holder):
+        # The quota and the circuit last: a request the engine refuses (size, price, the rule's cap)
+        # is refused whatever its health or the project's use, and "try later" would only defer
+        # that answer.
+        if candidate.skipped is None and device is not None and device.exhausted and engine.kind == "local":
+            candidate.skipped = device.skipped()
+            candidate.for_now = candidate.over_device_time = True
+        elif candidate.skipped is None and circuits and not self.health.allow(name, holder):
             candidate.skipped = ("circuit half-open: its probe request is out" if self.health.probe_out(name)
                                  else "circuit open after repeated failures")
             candidate.for_now = True

@@ -1598,7 +1598,12 @@ class JobRunner:
             # engine's model was keyed by the old one, and served the new one's image as its hit.
             # Work an earlier process sent (reattached, resumed) was made by the model it was keyed by.
             accepted["cache_key"] = cache_key(job.engine, engine.model, job.params)
+        # What its project's device-time quota counts (`orchestrator.device_time`): the seconds
+        # metered local work is charged for, kept whether or not ORCH_LOCAL_GPU_SECOND_CREDITS meters it.
+        used = (device_seconds(result.metadata.get(DEVICE_SECONDS), seconds, engine=job.engine)
+                if engine.kind == "local" else None)
         self._guarded_update(s, claim, unless_canceled=True, status="succeeded", finished_at=now, lease_owner=None,
+                             device_seconds=used,
                              lease_expires_at=None, progress_step=job.progress_total or 1,
                              progress_total=job.progress_total or 1, model=result.model, **accepted,
                              # The column's size: n ids of a many-call job may be longer.
@@ -1610,8 +1615,7 @@ class JobRunner:
         if job.estimated > 0 or result.cost_millicredits or billed_by_provider(engine):
             self.ledger.charge_made(s, job, result.cost_millicredits,
                                     unread=result.cost_unread if result.cost_millicredits is None else None)
-        elif self.local_rate and engine.kind == "local":
-            used = device_seconds(result.metadata.get(DEVICE_SECONDS), seconds, engine=job.engine)
+        elif self.local_rate and used is not None:
             self.ledger.charge_usage(s, job, round(used * self.local_rate * 1000),
                                      note=f"{used:.2f} device-seconds")
 

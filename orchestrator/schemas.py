@@ -327,6 +327,17 @@ _QUOTA_DESCRIPTION = ("The most its live (not deleted) assets' files may hold, i
                       "the most the project's unfinished jobs' images may take and the most its own may take "
                       "would pass it. Null: no quota.")
 
+# A day of 1024 devices: past it, a typo (`device_time.MAX_LOCAL_SECONDS_PER_DAY`).
+MAX_LOCAL_SECONDS_PER_DAY = 86_400 * 1024
+LocalSecondsPerDay = Annotated[int, Whole, Field(ge=0, le=MAX_LOCAL_SECONDS_PER_DAY)]
+_LOCAL_SECONDS_DESCRIPTION = (
+    "The most device-seconds its jobs on local engines (`lite`, `local-hifi`) may have held over the last 24 hours, "
+    f"0 to {MAX_LOCAL_SECONDS_PER_DAY}: at or over it, local engines are unavailable to its new jobs (a rule that "
+    "lists a cloud engine too routes there), and a job only a local engine may take is refused (429 "
+    "`device_time_exhausted`, `Retry-After` when enough of the seconds are 24 hours old). 0: no local work. Jobs "
+    "already queued or running are never stopped by it. Null: the server's default "
+    "(ORCH_PROJECT_LOCAL_SECONDS_PER_DAY; unset: no limit).")
+
 
 class Budget(Strict):
     """A budget: at most `limit` credits charged per `period`."""
@@ -357,8 +368,9 @@ class ProjectCreate(Strict):
     budget: Budget | None = Field(None, description="Its budget; null: no limit.")
     webhook_url: WebhookUrl | None = Field(None, description=_WEBHOOK_DESCRIPTION)
     storage_quota_mb: StorageQuotaMb | None = Field(None, description=_QUOTA_DESCRIPTION)
+    local_seconds_per_day: LocalSecondsPerDay | None = Field(None, description=_LOCAL_SECONDS_DESCRIPTION)
 
-    added_since_whole_hashes = frozenset({"webhook_url", "storage_quota_mb"})
+    added_since_whole_hashes = frozenset({"webhook_url", "storage_quota_mb", "local_seconds_per_day"})
 
 
 def _value_only(schema: dict[str, Any]) -> None:
@@ -403,6 +415,8 @@ class ProjectUpdate(Strict):
         "`false` takes it back."))
     webhook_url: WebhookUrl | None = Field(None, description=_WEBHOOK_DESCRIPTION + " Null removes it.")
     storage_quota_mb: StorageQuotaMb | None = Field(None, description=_QUOTA_DESCRIPTION + " Null removes it.")
+    local_seconds_per_day: LocalSecondsPerDay | None = Field(None, description=(
+        _LOCAL_SECONDS_DESCRIPTION + " Null removes its own."))
 
     @model_validator(mode="after")
     def _required_stay(self) -> ProjectUpdate:
@@ -444,6 +458,16 @@ class ProjectPublic(BaseModel):
         "The most its unfinished (queued, running) jobs' images may still take: held back from its quota, a new "
         "job is refused (507 `storage_quota_exceeded`) when `storage_bytes`, this and the most its own images may "
         "take pass the quota. 0 where no quota is in force."))
+    local_seconds_per_day: int | None = Field(None, description=(
+        "Its own device-time quota: device-seconds its local jobs may have held over the last 24 hours; null: the "
+        "server's default (ORCH_PROJECT_LOCAL_SECONDS_PER_DAY), if any, applies."))
+    local_seconds_quota: int | None = Field(None, description=(
+        "The device-time quota in force (its own, else the server's default): while `local_seconds_used` is at or "
+        "over it, local engines are unavailable to its new jobs, and one only a local engine may take is refused "
+        "(429 `device_time_exhausted`); null: no limit."))
+    local_seconds_used: float = Field(0.0, description=(
+        "The device-seconds its jobs on local engines held over the last 24 hours (as ORCH_LOCAL_GPU_SECOND_CREDITS "
+        "meters them), counted at each job's success, from its end."))
 
 
 _SEED_DESCRIPTION = "The first image's seed; null: a random one, recorded in the job's `params`."
@@ -587,7 +611,9 @@ class ErrorBody(BaseModel):
         "`job_finished`, `project_archived`, `delivery_pending`, `no_webhook_url` (409), "
         "`gone` (410: a deleted asset), `payload_too_large` (413), "
         "`budget_exceeded` (402), `no_route` (422, 503), "
-        "`rate_limited` (429), `engine_unavailable`, `database_unavailable`, `storage_full`, `server_stopping` "
+        "`rate_limited` (429), `device_time_exhausted` (429: the project's local jobs held the device for its "
+        "`local_seconds_per_day` over the last 24 hours), `engine_unavailable`, `database_unavailable`, "
+        "`storage_full`, `server_stopping` "
         "(503: send again), `storage_quota_exceeded` (507: the project's assets, with what its unfinished jobs "
         "and this one may store, pass its storage quota), "
         "`content_unavailable` (500: an asset's file is missing or damaged; a job's: its source's), "

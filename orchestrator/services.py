@@ -484,7 +484,8 @@ class Services:
                               device=device, stop_grace=settings.stop_grace)
         jobs = JobService(db, router, ledger, bus, scheduler.notify, settings.policy, presence, store,
                           max_pending=settings.max_pending_jobs, reserve=reserve,
-                          default_quota_mb=settings.project_storage_quota_mb)
+                          default_quota_mb=settings.project_storage_quota_mb,
+                          default_local_seconds=settings.project_local_seconds_per_day)
         scheduler.sweepers.append(("forgetting expired idempotency keys",
                                    functools.partial(idempotency.forget_expired, db)))
         follower = JobFollower(db, bus, scheduler.holds, settings.poll_interval, previews)

@@ -212,6 +212,11 @@ class Settings(BaseSettings):
     # (`orchestrator.quota`); 0: no quota for those. Read at each submit: a change applies to every
     # such project at the next start. At most 2**30 MiB (a PiB), as a project's own.
     project_storage_quota_mb: int = Field(0, ge=0, le=1 << 30)
+    # Device-seconds a project's local jobs may have held over the last 24 hours, where the project
+    # sets no `local_seconds_per_day` of its own, before a new job only a local engine could take is
+    # refused (`orchestrator.device_time`); unset: no limit for those. 0: no local work for them. At
+    # most a day of 1024 devices: past it, a typo.
+    project_local_seconds_per_day: int | None = Field(None, ge=0, le=86_400 * 1024)
 
     # Seconds a running job's lease lasts without a heartbeat before the sweeper recovers it.
     # Floored: renewed every third of it, 0.001 kept an idle service's core busy, and each other

@@ -64,6 +64,11 @@ ROUTING_503 = ("No engine can take the request now (`no_route`: its engines' cir
                "(`database_unavailable`) or its disk is full (`storage_full`), or the server stopped before it "
                "finished the request (`server_stopping`): nothing was made or held; send it again (with the same "
                "Idempotency-Key) after `Retry-After`, when given.")
+ROUTING_429 = ("The project already has ORCH_MAX_PENDING_JOBS unfinished jobs (`rate_limited`), or its jobs on local "
+               "engines held the device for its `local_seconds_per_day` or more over the last 24 hours and no other "
+               "engine may take this request (`device_time_exhausted`, with `details.used_seconds` and "
+               "`details.quota_seconds`): nothing was made or held; `Retry-After` says when to try again (for "
+               "`device_time_exhausted`, when enough of those seconds are 24 hours old).")
 # The 503 of a route that makes a job: ROUTING_503, and the data dir's free-space reserve.
 JOB_503 = ROUTING_503.replace(
     "or its disk is full (`storage_full`)",
@@ -105,6 +110,7 @@ def with_body(*statuses: int, said: dict[int, str] | None = None, idempotency_ke
             422: BODY_422 + (IDEMPOTENCY_KEY_422 if idempotency_key else "") + (ROUTING_422 if routed else "")}
     if routed:
         told[503] = ROUTING_503
+        told[429] = ROUTING_429
     return documented(400, 413, 415, 422, *statuses, *([503] if routed else []), said={**told, **(said or {})})
 
 

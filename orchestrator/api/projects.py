@@ -4,7 +4,7 @@ from fastapi import APIRouter, Request, Response
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from orchestrator import idempotency, quota
+from orchestrator import device_time, idempotency, quota
 from orchestrator.api.deps import CallerDep, IdempotencyKey, ServicesDep, admin_only
 from orchestrator.api.docs import (
     BODY_422,
@@ -66,7 +66,7 @@ def create_project(body: ProjectCreate, services: ServicesDep, request: Request,
         id="", name=body.name, policy=body.policy or services.settings.policy,
         budget_limit=None if budget is None or budget.limit is None else to_millicredits(budget.limit),
         budget_period=budget.period if budget else "none", webhook_url=body.webhook_url,
-        storage_quota_mb=body.storage_quota_mb,
+        storage_quota_mb=body.storage_quota_mb, local_seconds_per_day=body.local_seconds_per_day,
     )
     try:
         with services.db.transaction() as s:
@@ -78,14 +78,28 @@ def create_project(body: ProjectCreate, services: ServicesDep, request: Request,
             if key:
                 s.flush()  # the key's row points at the project's
                 idempotency.remember(s, key, scope, _digest(services, body, None), project_id=project.id,
-                                     response=project_public(project, services.settings.project_storage_quota_mb))
+                                     response=_new(services, project))
     except IntegrityError:
         # PostgreSQL: a request with the same key committed first (the key is the primary key).
         if key and (earlier := _created_earlier(services, key, scope, body)):
             return _replayed(earlier, response)
         raise
     response.headers["Location"] = f"/v1/projects/{project.id}"
-    return project_public(project, services.settings.project_storage_quota_mb)
+    return _new(services, project)
+
+
+def _new(services: ServicesDep, project: Project) -> ProjectPublic:
+    """A project just made: nothing held or used yet."""
+    return project_public(project, services.settings.project_storage_quota_mb,
+                          default_local_seconds=services.settings.project_local_seconds_per_day)
+
+
+def _public(s: Session, services: ServicesDep, project: Project) -> ProjectPublic:
+    """The project as answered, with what its unfinished jobs hold and its device time of the last 24 hours."""
+    default_quota_mb = services.settings.project_storage_quota_mb
+    return project_public(project, default_quota_mb, quota.held(s, project, default_quota_mb),
+                          default_local_seconds=services.settings.project_local_seconds_per_day,
+                          local_used=device_time.used_by(s, [project.id]).get(project.id, 0.0))
 
 
 def _replayed(first: ProjectPublic, response: Response) -> ProjectPublic:
@@ -124,8 +138,7 @@ def _digest(services: ServicesDep, body: ProjectCreate, earlier: IdempotencyKeyR
 
 def _recalled(s: Session, services: ServicesDep, key: str, scope: str, body: ProjectCreate) -> ProjectPublic | None:
     earlier = s.get(IdempotencyKeyRow, (key, scope))
-    return _answered(s, idempotency.recall(s, key, scope, _digest(services, body, earlier)),
-                     services.settings.project_storage_quota_mb)
+    return _answered(s, idempotency.recall(s, key, scope, _digest(services, body, earlier)), services)
 
 
 def _created_earlier(services: ServicesDep, key: str, scope: str, body: ProjectCreate) -> ProjectPublic | None:
@@ -133,7 +146,7 @@ def _created_earlier(services: ServicesDep, key: str, scope: str, body: ProjectC
         return _recalled(s, services, key, scope, body)
 
 
-def _answered(s: Session, row: IdempotencyKeyRow | None, default_quota_mb: int) -> ProjectPublic | None:
+def _answered(s: Session, row: IdempotencyKeyRow | None, services: ServicesDep) -> ProjectPublic | None:
     """The first answer to the key's request (the original response, however the project has
     changed since); for a key stored by an earlier release, which kept none, the project now."""
     if row is None:
@@ -142,8 +155,7 @@ def _answered(s: Session, row: IdempotencyKeyRow | None, default_quota_mb: int) 
         return ProjectPublic.model_validate(row.response)
     assert row.project_id is not None  # the scope is this path: only projects
     project = s.get(Project, row.project_id)
-    return None if project is None else project_public(project, default_quota_mb,
-                                                       quota.held(s, project, default_quota_mb))
+    return None if project is None else _public(s, services, project)
 
 
 @router.get("/projects", response_model=Page[ProjectPublic], summary="List projects", responses=with_query())
@@ -161,7 +173,10 @@ def list_projects(services: ServicesDep, caller: CallerDep, limit: Limit = 50,
         rows = rows[:limit]
         default_quota_mb = services.settings.project_storage_quota_mb
         held = quota.held_by(s, rows, default_quota_mb)
-    return Page(items=[project_public(p, default_quota_mb, held.get(p.id, 0)) for p in rows],
+        used = device_time.used_by(s, [p.id for p in rows])
+    return Page(items=[project_public(p, default_quota_mb, held.get(p.id, 0),
+                                      default_local_seconds=services.settings.project_local_seconds_per_day,
+                                      local_used=used.get(p.id, 0.0)) for p in rows],
                 next_cursor=rows[-1].id if more else None)
 
 
@@ -192,12 +207,11 @@ def get_project(project_id: ProjectId, services: ServicesDep, caller: CallerDep)
     """A project: its name, routing policy, budget (limit and period), storage quota and the bytes its
     live assets hold."""
     caller.project(project_id)
-    default_quota_mb = services.settings.project_storage_quota_mb
     with services.db.session() as s:
         project = s.get(Project, project_id)
         if project is None:
             raise not_found("project", "project_id", project_id)
-        return project_public(project, default_quota_mb, quota.held(s, project, default_quota_mb))
+        return _public(s, services, project)
 
 
 @router.patch("/projects/{project_id}", response_model=ProjectPublic, summary="Update a project",
@@ -210,7 +224,7 @@ def get_project(project_id: ProjectId, services: ServicesDep, caller: CallerDep)
                   422: BODY_422 + " Or `policy` names no loaded policy (other than the project's own, which is "
                                   "taken back unchanged), or `name`, `policy` or `archived` is null "
                                   "(they cannot be removed), or `storage_quota_mb` is not a whole number from 1 to "
-                                  "1073741824."}))
+                                  "1073741824, or `local_seconds_per_day` one from 0 to 88473600."}))
 def update_project(project_id: ProjectId, body: ProjectUpdate, services: ServicesDep) -> ProjectPublic:
     """Change the name, policy, budget, webhook or storage quota, or archive the project (`"archived":
     true`: it takes no new job; `false` takes it back). Admin key only: a project key must not lift
@@ -234,6 +248,8 @@ def update_project(project_id: ProjectId, body: ProjectUpdate, services: Service
         if "storage_quota_mb" in body.model_fields_set:
             # Under the lock a submit takes to read it: no job is taken past a lowered quota once it commits.
             project.storage_quota_mb = body.storage_quota_mb  # null: removed
+        if "local_seconds_per_day" in body.model_fields_set:
+            project.local_seconds_per_day = body.local_seconds_per_day  # null: the server's default
         if "budget" in body.model_fields_set:
             given = body.budget.model_fields_set if body.budget is not None else {"limit", "period"}
             budget = body.budget or Budget()  # null: no budget at all
@@ -242,11 +258,11 @@ def update_project(project_id: ProjectId, body: ProjectUpdate, services: Service
             if "period" in given:
                 project.budget_period = budget.period
         s.add(project)
-        reserved = quota.held(s, project, services.settings.project_storage_quota_mb)
+        answer = _public(s, services, project)
     if chosen is not None and chosen.keeps_all_local:
         # Nothing is sent off the machine from now on: the jobs queued under the earlier policy neither.
         services.keep_local(project_id, chosen.name)
-    return project_public(project, services.settings.project_storage_quota_mb, reserved)
+    return answer
 
 
 @router.get("/projects/{project_id}/assets", response_model=Page[AssetPublic], summary="List a project's assets",

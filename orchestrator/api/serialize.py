@@ -10,6 +10,7 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.functions import FunctionElement
 
+from orchestrator.device_time import quota_seconds
 from orchestrator.models import Asset, Job, Project
 from orchestrator.quota import quota_bytes
 from orchestrator.schemas import AssetPublic, Cost, ErrorBody, JobPublic, ProjectBudget, ProjectPublic
@@ -29,15 +30,21 @@ _PUBLIC_PARAMS = ("prompt", "negative_prompt", "n", "seed", "width", "height", "
                   "strength", "quality", "scale", "creativity", "tags")
 
 
-def project_public(p: Project, default_quota_mb: int, reserved: int = 0) -> ProjectPublic:
+def project_public(p: Project, default_quota_mb: int, reserved: int = 0, *, default_local_seconds: int | None = None,
+                   local_used: float = 0.0) -> ProjectPublic:
     """`default_quota_mb`: ORCH_PROJECT_STORAGE_QUOTA_MB, the quota in force where the project sets none;
-    `reserved`: what its unfinished jobs may still store (`quota.held`)."""
+    `reserved`: what its unfinished jobs may still store (`quota.held`); `default_local_seconds`:
+    ORCH_PROJECT_LOCAL_SECONDS_PER_DAY; `local_used`: its device-seconds of the last 24 hours
+    (`device_time.used_by`)."""
     limit = None if p.budget_limit is None else to_credits(p.budget_limit)
     return ProjectPublic(id=p.id, name=p.name, policy=p.policy,
                          budget=ProjectBudget.model_validate({"limit": limit, "period": p.budget_period}),
                          created_at=p.created_at, archived_at=p.archived_at, webhook_url=p.webhook_url,
                          storage_quota_mb=p.storage_quota_mb, storage_bytes=p.storage_bytes,
-                         storage_quota_bytes=quota_bytes(p, default_quota_mb), storage_reserved_bytes=reserved)
+                         storage_quota_bytes=quota_bytes(p, default_quota_mb), storage_reserved_bytes=reserved,
+                         local_seconds_per_day=p.local_seconds_per_day,
+                         local_seconds_quota=quota_seconds(p, default_local_seconds),
+                         local_seconds_used=round(local_used, 3))
 
 
 def job_public(job: Job, asset_ids: list[str], held: int = 0, charged: int = 0) -> JobPublic:

@@ -544,7 +544,7 @@ STATUS_CODES = {400: {"invalid_request"}, 401: {"unauthorized"}, 402: {"budget_e
                                          "delivery_pending", "no_webhook_url"},
                 410: {"gone"},
                 413: {"payload_too_large"}, 415: {"invalid_request"}, 422: {"invalid_request", "no_route"},
-                429: {"rate_limited"}, 500: {"content_unavailable", "internal_error"},
+                429: {"rate_limited", "device_time_exhausted"}, 500: {"content_unavailable", "internal_error"},
                 503: {"no_route", "database_unavailable", "storage_full", "server_stopping"},
                 507: {"storage_quota_exceeded"}}
 ALL_CODES = set().union(*STATUS_CODES.values()) | {"method_not_allowed", "engine_unavailable", "engine_error",

@@ -46,6 +46,10 @@ from tests.api import (
     wait_for_job,
     worker_process,
 )
+from tests.api.test_device_time import (
+    check_a_local_job_s_success_keeps_its_device_seconds,
+    check_a_project_at_its_quota_is_refused_429_until_its_seconds_age_out,
+)
 from tests.api.test_job_reads import (
     check_a_job_is_read_as_of_one_moment,
     check_a_lineage_stops_short_of_megabytes,
@@ -236,6 +240,14 @@ def test_draft_retention_on_postgres(postgres_url: str, make_settings: Callable[
         check_two_sweeps_at_once(db)
     finally:
         db.dispose()
+
+
+def test_device_time_used_and_its_quota_on_postgres(postgres_url: str,
+                                                    make_settings: Callable[..., Settings]) -> None:
+    # The float column summed by the partial index, and the window's times, as PostgreSQL keeps them.
+    check_a_local_job_s_success_keeps_its_device_seconds(make_settings, database_url=postgres_url)
+    check_a_project_at_its_quota_is_refused_429_until_its_seconds_age_out(make_settings, True,
+                                                                          database_url=postgres_url)
 
 
 def test_storage_usage_and_quota_on_postgres(postgres_url: str, make_settings: Callable[..., Settings],

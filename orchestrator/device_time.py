@@ -1,0 +1,120 @@
+"""Per-project quotas of local device time (`local_seconds_per_day`, set by the admin key on a project).
+
+Local work costs no credits unless ORCH_LOCAL_GPU_SECOND_CREDITS meters it, so a budget does not
+stop one project from holding the device: n=16 at ORCH_LOCAL_MAX_SIZE with many steps, queued
+ORCH_MAX_PENDING_JOBS times. A quota bounds the device-seconds its local jobs held over the last
+24 hours (a rolling window, not a calendar day: no midnight lets a day's worth through twice in an
+hour). The seconds counted are the ones metered local work is charged for (`runner.device_seconds`:
+the engine's own count, which leaves out loading the model), kept on a job's row at its success
+(`Job.device_seconds`) and counted from its end (`finished_at`, the clock of the host that ran it).
+
+A new job is judged when it is routed (`JobService.decide`, for `POST /v1/route/explain` too): with
+the project at or over its quota, local engines count as unavailable to it, so a rule that lists a
+cloud engine as well routes there, and one that lists only local engines (or a private request) is
+refused 429 `device_time_exhausted`, its `Retry-After` when enough of the seconds are 24 hours old
+to take the project under its quota again. Nothing is written on a refusal. A copy of an earlier
+result holds no device and is never refused for it. Judged at admission only: a job already queued
+or running is never stopped by it, so the quota can be passed by what the project's jobs admitted
+under it go on to use (ORCH_MAX_PENDING_JOBS of them at most).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlmodel import Session, col, func, select
+
+from orchestrator.clock import utcnow
+from orchestrator.errors import DeviceTimeExhausted
+from orchestrator.models import Job, Project
+
+SETTING = "ORCH_PROJECT_LOCAL_SECONDS_PER_DAY"
+WINDOW = timedelta(days=1)
+
+
+def quota_seconds(project: Project, default: int | None) -> int | None:
+    """The quota in force: the project's own, else the server's ORCH_PROJECT_LOCAL_SECONDS_PER_DAY
+    (`default`); None: no quota."""
+    return project.local_seconds_per_day if project.local_seconds_per_day is not None else default
+
+
+def used_by(s: Session, project_ids: list[str], now: datetime | None = None) -> dict[str, float]:
+    """The device-seconds each project's local jobs held over the 24 hours before `now`; none for
+    a project without any. Read from `ix_jobs_device_seconds` alone."""
+    if not project_ids:
+        return {}
+    since = (now or utcnow()) - WINDOW
+    rows = s.exec(select(col(Job.project_id), func.coalesce(func.sum(col(Job.device_seconds)), 0.0)).where(
+        col(Job.project_id).in_(project_ids), col(Job.device_seconds).is_not(None),
+        col(Job.finished_at) > since).group_by(col(Job.project_id)))
+    return {project_id: float(total or 0.0) for project_id, total in rows}
+
+
+@dataclass(frozen=True)
+class DeviceTime:
+    """A project's device time as a submit judges it."""
+
+    project_id: str
+    quota: int | None  # seconds per 24 hours; None: no quota
+    used: float  # over the last 24 hours
+    own: bool  # the project's own quota, not the server's default
+    retry_after: int | None = None  # when exhausted: seconds until it is under its quota again; None: never
+
+    @property
+    def exhausted(self) -> bool:
+        return self.quota is not None and self.used >= self.quota
+
+    @property
+    def said(self) -> str:
+        whose = "its quota" if self.own else f"the quota {SETTING} sets"
+        return (f"project '{self.project_id}' has used {_seconds(self.used)} device-seconds on local engines over "
+                f"the last 24 hours, at or over {whose} of {self.quota}")
+
+    def skipped(self) -> str:
+        """Why a local engine is skipped for the project (a routing candidate's `skipped`)."""
+        return f"device-time quota used: {_seconds(self.used)} of {self.quota} device-seconds in the last 24 hours"
+
+    def error(self, others: str = "", retry_after: int | None = None) -> DeviceTimeExhausted:
+        """The refusal of a job no engine but a local one could take; `others`: why the rest could not."""
+        wait = (f"; it is under it again in {self.retry_after} s" if self.retry_after is not None
+                else "; waiting does not bring it under it")
+        return DeviceTimeExhausted(
+            f"{self.said}{wait}: nothing was made or held; wait, or ask the admin for a larger quota "
+            f"(`local_seconds_per_day`){others}"[:1000],
+            details={"project_id": self.project_id, "used_seconds": round(self.used, 3), "quota_seconds": self.quota},
+            retry_after=retry_after if retry_after is not None else self.retry_after)
+
+
+def state(s: Session, project: Project, default: int | None, now: datetime | None = None) -> DeviceTime | None:
+    """The project's device time, or None where no quota is in force (nothing to judge, so nothing read)."""
+    quota = quota_seconds(project, default)
+    if quota is None:
+        return None
+    now = now or utcnow()
+    used = used_by(s, [project.id], now).get(project.id, 0.0)
+    if used < quota:
+        return DeviceTime(project.id, quota, used, project.local_seconds_per_day is not None)
+    return DeviceTime(project.id, quota, used, project.local_seconds_per_day is not None,
+                      _under_again_in(s, project.id, quota, used, now))
+
+
+def _under_again_in(s: Session, project_id: str, quota: int, used: float, now: datetime) -> int | None:
+    """Seconds until the oldest of the window's jobs have aged out of it enough to leave the project
+    under `quota`; None for a quota of 0, which nothing ages under."""
+    if quota <= 0:
+        return None
+    left = used
+    rows = s.exec(select(col(Job.finished_at), col(Job.device_seconds)).where(
+        col(Job.project_id) == project_id, col(Job.device_seconds).is_not(None),
+        col(Job.finished_at) > now - WINDOW).order_by(col(Job.finished_at)))
+    for finished_at, seconds in rows:
+        left -= seconds or 0.0
+        if left < quota and finished_at is not None:
+            return max(1, math.ceil((finished_at + WINDOW - now).total_seconds()))
+    return 1  # read apart from the sum: jobs aged out between the two reads
+
+
+def _seconds(value: float) -> str:
+    return f"{value:.1f}".removesuffix(".0")

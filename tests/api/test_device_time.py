@@ -1,0 +1,214 @@
+"""Per-project quotas of local device time (`local_seconds_per_day`): a local job's success keeps the
+device-seconds it is metered by; a project at or over its quota over the last 24 hours finds local
+engines unavailable (a fallback routes on), and a job only they could take is refused 429
+`device_time_exhausted` with a `Retry-After`, nothing written; only the admin key sets the quota."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+from sqlmodel import col, select
+
+from orchestrator.clock import utcnow
+from orchestrator.ids import new_id
+from orchestrator.models import IdempotencyKey, Job, LedgerEntry
+from orchestrator.services import Services
+from orchestrator.settings import Settings
+from tests.api import SMALL, assert_error, create_project, run_draft, submit_draft, wait_for_job
+from tests.api.test_storage_quota import client_for, services_of
+
+SettingsFactory = Callable[..., Settings]
+ADMIN_KEY = "admin-secret-for-device-time-tests"
+POLICY = "device-time-test"
+# Drafts on Lite alone; bridges on local-hifi first, then a self-hosted (remote) fake engine.
+POLICY_TOML = f"""
+name = "{POLICY}"
+description = "Drafts on Lite; bridges on local-hifi, falling back to the free fake server."
+
+[[rules]]
+name = "drafts"
+match = {{ stage = "ideation" }}
+engines = ["lite"]
+
+[[rules]]
+name = "bridges"
+match = {{ stage = ["bridge", "polish"] }}
+engines = ["local-hifi", "fake-free"]
+"""
+
+
+def with_fallback(make_settings: SettingsFactory, tmp_path: Path, **overrides: Any) -> Settings:
+    folder = tmp_path / "policies"
+    folder.mkdir(exist_ok=True)
+    (folder / f"{POLICY}.toml").write_text(POLICY_TOML)
+    return make_settings(engines="fake-free=tests.fakes:free_factory", policy=POLICY, policy_dir=folder, **overrides)
+
+
+def add_used(services: Services, project_id: str, *ended: tuple[timedelta, float]) -> None:
+    """Rows of local jobs of the project that ended each `ago` holding the device `seconds`."""
+    now = utcnow()
+    with services.db.transaction() as s:
+        for ago, seconds in ended:
+            s.add(Job(id=new_id("job"), project_id=project_id, stage="ideation", engine="lite",
+                      status="succeeded", params={"prompt": "x"}, finished_at=now - ago, device_seconds=seconds))
+
+
+def test_a_local_job_s_success_keeps_its_device_seconds_and_the_project_shows_them(
+        make_settings: SettingsFactory) -> None:
+    check_a_local_job_s_success_keeps_its_device_seconds(make_settings)
+
+
+def check_a_local_job_s_success_keeps_its_device_seconds(make_settings: SettingsFactory, **database: Any) -> None:
+    with client_for(make_settings(**database)) as client:
+        project = create_project(client)
+        assert (project["local_seconds_per_day"], project["local_seconds_quota"],
+                project["local_seconds_used"]) == (None, None, 0.0)
+        done = run_draft(client, project["id"], seed=3)
+        with services_of(client).db.session() as s:
+            job = s.get(Job, done["id"])
+        assert job is not None and job.device_seconds is not None and job.started_at and job.finished_at
+        # The engine's own count: within the attempt, and more than nothing for two denoising steps.
+        assert 0 < job.device_seconds <= (job.finished_at - job.started_at).total_seconds()
+        shown = client.get(f"/v1/projects/{project['id']}").json()
+        assert shown["local_seconds_used"] == round(job.device_seconds, 3)
+        listed = {p["id"]: p for p in client.get("/v1/projects").json()["items"]}
+        assert listed[project["id"]]["local_seconds_used"] == shown["local_seconds_used"]
+
+
+@pytest.mark.parametrize("own", [True, False], ids=["own-quota", "server-default"])
+def test_a_project_at_its_quota_is_refused_429_until_its_seconds_age_out(make_settings: SettingsFactory,
+                                                                         own: bool) -> None:
+    check_a_project_at_its_quota_is_refused_429_until_its_seconds_age_out(make_settings, own)
+
+
+def check_a_project_at_its_quota_is_refused_429_until_its_seconds_age_out(make_settings: SettingsFactory, own: bool,
+                                                                          **database: Any) -> None:
+    settings = make_settings(run_jobs=False, **({} if own else {"project_local_seconds_per_day": 120}), **database)
+    with client_for(settings) as client:
+        own_quota: dict[str, Any] = {"local_seconds_per_day": 120} if own else {}
+        project = create_project(client, **own_quota)
+        project_id = project["id"]
+        assert (project["local_seconds_per_day"], project["local_seconds_quota"]) == (120 if own else None, 120)
+        services = services_of(client)
+        # 150 s in the window (a day-old job's 500 s no longer count): the one of 23 hours ago
+        # must age out to take it under 120, in an hour.
+        add_used(services, project_id, (timedelta(hours=25), 500.0), (timedelta(hours=23), 100.0),
+                 (timedelta(hours=1), 50.0))
+        assert client.get(f"/v1/projects/{project_id}").json()["local_seconds_used"] == 150.0
+
+        def rows() -> tuple[int, int, int]:
+            with services.db.session() as s:
+                return (len(s.exec(select(Job.id)).all()), len(s.exec(select(LedgerEntry.id)).all()),
+                        len(s.exec(select(IdempotencyKey.key)).all()))
+
+        before = rows()
+        refused = client.post(f"/v1/projects/{project_id}/drafts", json={"prompt": "more", **SMALL},
+                              headers={"Idempotency-Key": "over the quota"})
+        error = assert_error(refused, 429, "device_time_exhausted")
+        assert 3590 <= int(refused.headers["Retry-After"]) <= 3600, refused.headers
+        assert (error["details"]["used_seconds"], error["details"]["quota_seconds"]) == (150.0, 120)
+        assert error["details"]["candidates"] == [{"engine": "lite", "estimate": 0.0, "skipped": (
+            "device-time quota used: 150 of 120 device-seconds in the last 24 hours")}]
+        assert ("its quota of 120" if own else "ORCH_PROJECT_LOCAL_SECONDS_PER_DAY") in error["message"]
+        # Explaining the route says the same: a 200 said such a job would be taken.
+        explained = client.post("/v1/route/explain", json={"stage": "ideation", "project_id": project_id,
+                                                           "prompt": "more"})
+        assert assert_error(explained, 429, "device_time_exhausted")["details"]["used_seconds"] == 150.0
+        assert rows() == before  # no job, no hold, no key kept
+
+        # Under it once the oldest counted job is older than a day.
+        with services.db.transaction() as s:
+            aged = s.exec(select(Job).where(col(Job.device_seconds) == 100.0)).one()
+            aged.finished_at = (aged.finished_at or utcnow()) - timedelta(hours=2)
+            s.add(aged)
+        submit_draft(client, project_id)
+        # A larger quota of its own lets it in at once too.
+        add_used(services, project_id, (timedelta(minutes=5), 100.0))
+        assert_error(client.post(f"/v1/projects/{project_id}/drafts", json={"prompt": "x", **SMALL}), 429,
+                     "device_time_exhausted")
+        patched = client.patch(f"/v1/projects/{project_id}", json={"local_seconds_per_day": 151})
+        assert patched.status_code == 200, patched.text
+        assert (patched.json()["local_seconds_quota"], patched.json()["local_seconds_used"]) == (151, 150.0)
+        submit_draft(client, project_id, seed=43)
+
+
+def test_a_project_over_its_quota_routes_past_local_engines_and_a_quota_of_0_allows_no_local_work(
+        make_settings: SettingsFactory, tmp_path: Path) -> None:
+    with client_for(with_fallback(make_settings, tmp_path)) as client:
+        project_id = create_project(client)["id"]
+        [draft] = run_draft(client, project_id, seed=5)["assets"]
+        explained = client.post("/v1/route/explain", json={"stage": "bridge", "source_asset_id": draft})
+        assert explained.status_code == 200 and explained.json()["engine"] == "local-hifi", explained.text
+        patched = client.patch(f"/v1/projects/{project_id}", json={"local_seconds_per_day": 0})
+        assert patched.json()["local_seconds_per_day"] == 0
+        skipped = "device-time quota used: "
+        explained = client.post("/v1/route/explain", json={"stage": "bridge", "source_asset_id": draft})
+        assert explained.status_code == 200, explained.text
+        routing = explained.json()["routing"]
+        assert explained.json()["engine"] == "fake-free"
+        assert [(c["engine"], (c["skipped"] or "")[:len(skipped)]) for c in routing["candidates"]] == [
+            ("fake-free", ""), ("local-hifi", skipped)]
+        promoted = client.post(f"/v1/assets/{draft}/promote", json={})
+        assert promoted.status_code == 202, promoted.text
+        job = promoted.json()
+        assert job["engine"] == "fake-free" and job["routing"]["candidates"] == routing["candidates"]
+        wait_for_job(client, job["id"])
+        # Lite alone serves drafts: refused, and waiting brings a quota of 0 nowhere (no Retry-After).
+        refused = client.post(f"/v1/projects/{project_id}/drafts", json={"prompt": "x", **SMALL})
+        error = assert_error(refused, 429, "device_time_exhausted")
+        assert "Retry-After" not in refused.headers and error["details"]["quota_seconds"] == 0
+        # A client asking for the local engine by name is refused too, not sent elsewhere.
+        assert_error(client.post(f"/v1/assets/{draft}/promote", json={"engine": "local-hifi"}), 429,
+                     "device_time_exhausted")
+        # Null: the server's default again (none here).
+        patched = client.patch(f"/v1/projects/{project_id}", json={"local_seconds_per_day": None})
+        assert (patched.json()["local_seconds_per_day"], patched.json()["local_seconds_quota"]) == (None, None)
+        submit_draft(client, project_id, seed=6)
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, "10", True, 86_400 * 1024 + 1])
+def test_a_quota_that_is_no_whole_number_of_seconds_in_range_is_refused(make_settings: SettingsFactory,
+                                                                        value: Any) -> None:
+    with client_for(make_settings(run_jobs=False)) as client:
+        project_id = create_project(client)["id"]
+        error = assert_error(client.patch(f"/v1/projects/{project_id}", json={"local_seconds_per_day": value}), 422,
+                             "invalid_request")
+        assert error["details"]["errors"][0]["loc"] == ["body", "local_seconds_per_day"]
+        assert_error(client.post("/v1/projects", json={"name": "x", "local_seconds_per_day": value}), 422,
+                     "invalid_request")
+        assert client.get(f"/v1/projects/{project_id}").json()["local_seconds_per_day"] is None
+
+
+def test_only_the_admin_key_sets_a_project_s_quota(make_settings: SettingsFactory) -> None:
+    with client_for(make_settings(admin_key=ADMIN_KEY, run_jobs=False)) as client:
+        admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+        made = client.post("/v1/projects", json={"name": "p", "local_seconds_per_day": 60}, headers=admin)
+        assert made.status_code == 201 and made.json()["local_seconds_per_day"] == 60
+        project_id = made.json()["id"]
+        key = client.post(f"/v1/projects/{project_id}/keys", json={"name": "k"}, headers=admin).json()["key"]
+        mine = {"Authorization": f"Bearer {key}"}
+        assert_error(client.patch(f"/v1/projects/{project_id}", json={"local_seconds_per_day": None}, headers=mine),
+                     403, "forbidden")
+        shown = client.get(f"/v1/projects/{project_id}", headers=mine).json()
+        assert (shown["local_seconds_per_day"], shown["local_seconds_quota"]) == (60, 60)
+
+
+@pytest.mark.parametrize(("value", "told"), [("-1", "greater than or equal to 0"),
+                                             ("88473601", "less than or equal to 88473600"),
+                                             ("1.5", "valid integer")])
+def test_a_server_default_quota_out_of_range_is_refused_at_start(make_settings: SettingsFactory,
+                                                                  monkeypatch: pytest.MonkeyPatch,
+                                                                  value: str, told: str) -> None:
+    make_settings()  # keeps the developer's environment out
+    monkeypatch.setenv("ORCH_PROJECT_LOCAL_SECONDS_PER_DAY", value)
+    with pytest.raises(ValidationError, match=f"project_local_seconds_per_day\n  Input should be (a )?{told}"):
+        Settings()
+    monkeypatch.setenv("ORCH_PROJECT_LOCAL_SECONDS_PER_DAY", "0")  # no local work for projects without their own
+    assert Settings().project_local_seconds_per_day == 0
+    monkeypatch.delenv("ORCH_PROJECT_LOCAL_SECONDS_PER_DAY")
+    assert Settings().project_local_seconds_per_day is None
