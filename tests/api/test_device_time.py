@@ -95,6 +95,9 @@ def check_a_project_at_its_quota_is_refused_429_until_its_seconds_age_out(make_s
         project_id = project["id"]
         assert (project["local_seconds_per_day"], project["local_seconds_quota"]) == (120 if own else None, 120)
         services = services_of(client)
+        taken = {"prompt": "taken before", **SMALL}
+        first = client.post(f"/v1/projects/{project_id}/drafts", json=taken, headers={"Idempotency-Key": "taken"})
+        assert first.status_code == 202, first.text
         # 150 s in the window (a day-old job's 500 s no longer count): the one of 23 hours ago
         # must age out to take it under 120, in an hour.
         add_used(services, project_id, (timedelta(hours=25), 500.0), (timedelta(hours=23), 100.0),
@@ -120,6 +123,10 @@ def check_a_project_at_its_quota_is_refused_429_until_its_seconds_age_out(make_s
                                                            "prompt": "more"})
         assert assert_error(explained, 429, "device_time_exhausted")["details"]["used_seconds"] == 150.0
         assert rows() == before  # no job, no hold, no key kept
+        # A retry of a request taken before is answered as it was.
+        again = client.post(f"/v1/projects/{project_id}/drafts", json=taken, headers={"Idempotency-Key": "taken"})
+        assert (again.status_code, again.json()["id"], again.headers["Idempotent-Replayed"]) == (
+            202, first.json()["id"], "true")
 
         # Under it once the oldest counted job is older than a day.
         with services.db.transaction() as s:
