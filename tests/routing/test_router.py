@@ -9,7 +9,8 @@ from typing import Any, Literal
 
 import pytest
 
-from orchestrator.errors import BadEngineInput, BudgetExceeded, NoPrice, NoRoute, NoUsableEngine
+from orchestrator.device_time import DeviceTime
+from orchestrator.errors import BadEngineInput, BudgetExceeded, DeviceTimeExhausted, NoPrice, NoRoute, NoUsableEngine
 from orchestrator.health import EngineHealth
 from orchestrator.routing import Decision, Router, fallbacks, priced
 from policies import PolicyStore
@@ -645,3 +646,41 @@ def test_a_numpy_integer_estimate_is_a_price() -> None:
     engine = SimpleNamespace(name="np", estimate=lambda req: np.int64(2500))
     estimate = priced(engine, RenderRequest(stage="bridge", prompt="x"))
     assert estimate == 2500 and type(estimate) is int
+
+
+# -- device-time quotas ---------------------------------------------------------------------------
+
+OVER = DeviceTime("prj_x", quota=60, used=75.0, own=True, retry_after=3000)
+
+
+def test_a_project_over_its_device_time_skips_local_engines_only_and_routes_on(router: Router) -> None:
+    request = RenderRequest(stage="bridge", prompt="a lighthouse", width=64, height=64)
+    decision = router.decide("ordered", request, None, None, device=OVER)
+    assert decision.chosen == "cloud-c" and usable(decision) == ["cloud-c", "cloud-a", "cloud-b"]
+    told = "device-time quota used: 75 of 60 device-seconds in the last 24 hours"
+    assert skipped(decision) == {"local2": told, "local": told}
+    # Under its quota, or for a copy (which sends nothing), nothing is skipped for it.
+    under = DeviceTime("prj_x", quota=60, used=59.9, own=True)
+    assert router.decide("ordered", request, None, None, device=under).chosen == "local2"
+    assert router.decide("ordered", request, None, None, device=OVER, circuits=False).chosen == "local2"
+
+
+def test_a_request_only_local_engines_may_take_is_refused_429_with_the_sooner_wait(
+        router: Router, health: EngineHealth) -> None:
+    draft = RenderRequest(stage="ideation", prompt="a lighthouse", width=64, height=64)
+    with pytest.raises(DeviceTimeExhausted) as refused:
+        router.decide("routes", draft, None, None, device=OVER)
+    assert (refused.value.status, refused.value.retry_after) == (429, 3000)
+    assert refused.value.details["candidates"] == [{"engine": "lite", "estimate": 0.0, "skipped": (
+        "device-time quota used: 75 of 60 device-seconds in the last 24 hours")}]
+    # A request the local engine could never take is refused for that, not told to wait.
+    with pytest.raises(BadEngineInput):
+        router.decide("routes", RenderRequest(stage="ideation", prompt="x", width=4096, height=64), None, None,
+                      device=OVER)
+    # With the other engine's circuit open, the sooner of the two waits is told.
+    for _ in range(2):
+        health.failed("cloud-c")
+    polish = RenderRequest(stage="polish", prompt="a lighthouse", width=64, height=64)
+    with pytest.raises(DeviceTimeExhausted) as refused:
+        router.decide("routes", polish, None, None, device=OVER)
+    assert refused.value.retry_after == 30 and "cloud-c: circuit open" in refused.value.message
