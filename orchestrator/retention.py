@@ -15,7 +15,7 @@ already deleted, so neither fails or counts it again.
 from __future__ import annotations
 
 import threading
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from datetime import datetime, timedelta
 
 from sqlalchemy import tuple_, update
@@ -83,10 +83,12 @@ def _expired_drafts(cutoff: datetime, after: tuple[datetime, str] | None, limit:
 
 
 def expire_drafts(db: Database, days: int, *, batch: int = RETENTION_BATCH, pause: float = BATCH_PAUSE,
-                  stop: threading.Event | None = None) -> int:
+                  stop: threading.Event | None = None,
+                  committed: Callable[[list[str]], None] | None = None) -> int:
     """Delete the drafts older than `days` that nothing descends from, of finished jobs, `batch` at
-    a time (one write transaction each); how many it deleted. Once `stop` is set, it ends after the
-    batch under way: the rest are the next sweep's."""
+    a time (one write transaction each); how many it deleted. `committed` gets each batch's deleted
+    ids once it has committed (the process's `RecentContent.forget`). Once `stop` is set, it ends
+    after the batch under way: the rest are the next sweep's."""
     stop = stop or threading.Event()
     deleted = 0
     after: tuple[datetime, str] | None = None
@@ -94,8 +96,10 @@ def expire_drafts(db: Database, days: int, *, batch: int = RETENTION_BATCH, paus
         with db.transaction() as s:
             # This host's clock, as the drafts were stamped (by their hosts': days dwarf their drift).
             found = list(s.exec(_expired_drafts(utcnow() - timedelta(days=days), after, batch)))
-            if found:
-                deleted += len(delete_assets(s, [asset_id for _, asset_id in found]))
+            gone = delete_assets(s, [asset_id for _, asset_id in found]) if found else []
+        deleted += len(gone)
+        if gone and committed is not None:
+            committed(gone)
         if len(found) < batch:
             return deleted
         after = found[-1][0], found[-1][1]

@@ -679,9 +679,9 @@ class Services:
         days = self.settings.draft_retention_days
         if days is None:
             return 0
-        # Not taken out of `store.recent` as a DELETE's is: a draft a day old was served from it
-        # for `RECENT_SECONDS` at most, and 100,000 of them would push out the deletes it must remember.
-        deleted = expire_drafts(self.db, days, stop=self.sweeps_stop)
+        # Out of `store.recent` as a DELETE's is: a draft read in the last 30 s was served from
+        # there for the rest of them while its metadata answered 410.
+        deleted = expire_drafts(self.db, days, stop=self.sweeps_stop, committed=self.store.recent.forget)
         if deleted:
             log.info("deleted %d drafts older than %d days that nothing descends from (ORCH_DRAFT_RETENTION_DAYS)",
                      deleted, days)

@@ -317,3 +317,19 @@ def test_a_batch_reads_the_old_live_drafts_from_their_index(tmp_path: Any) -> No
     finally:
         db.dispose()
     assert "USING INDEX ix_assets_stage_live" in plan and "TEMP B-TREE" not in plan, plan
+
+
+def test_a_draft_deleted_by_retention_is_not_served_from_memory_afterwards(make_settings: SettingsFactory) -> None:
+    """A draft read (or made) in the last 30 s sits in the process's memory (`RecentContent`): the
+    sweep of that same process deleting it must take it out as a DELETE does, or its content is
+    served for the rest of those 30 s while its metadata answers 410."""
+    with TestClient(create_app(make_settings(draft_retention_days=DAYS))) as client:
+        project = create_project(client)["id"]
+        draft = run_draft(client, project, seed=7)["assets"][0]  # type: ignore[arg-type]
+        assert client.get(f"/v1/assets/{draft}/content").status_code == 200
+        services: Services = client.app.state.services  # type: ignore[attr-defined]
+        assert services.store.recent.get(draft) is not None
+        age(services.db, [draft], DAYS + 1)
+        assert services.expire_drafts() == 1
+        assert status_of(client, draft) == 410
+        assert client.get(f"/v1/assets/{draft}/content").status_code == 410
