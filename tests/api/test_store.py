@@ -24,6 +24,7 @@ from orchestrator.models import Asset
 from orchestrator.server import serve_in_thread
 from orchestrator.store import (
     FILE_MODE,
+    RECENT_REMOVED,
     VERIFIED_SECONDS,
     ArtifactStore,
     Put,
@@ -787,6 +788,22 @@ def test_recent_content_skips_what_could_never_fit() -> None:
     recent.add("ast_big", "b" * 64, b"x" * 11)
     assert recent.get("ast_big") is None
     assert recent.get("ast_a") == ("a" * 64, b"aaaa")  # not evicted for nothing
+
+
+def test_recent_content_forgets_the_held_ones_of_a_bulk_delete_for_good() -> None:
+    # Draft retention's batches: those held are out and never added back (a read that found their
+    # rows before the delete); only those are marked, so 100,000 drafts keep a DELETE's mark.
+    recent = RecentContent(max_bytes=100)
+    recent.add("ast_a", "a" * 64, b"aaaa")
+    recent.add("ast_b", "b" * 64, b"bb")
+    recent.remove("ast_deleted")
+    recent.forget(["ast_a", *(f"ast_n{i}" for i in range(RECENT_REMOVED + 1))])
+    assert recent.get("ast_a") is None and recent.size == 2 and recent.get("ast_b") == ("b" * 64, b"bb")
+    recent.add("ast_a", "a" * 64, b"aaaa")
+    recent.add("ast_deleted", "d" * 64, b"d")
+    assert recent.get("ast_a") is None and recent.get("ast_deleted") is None
+    recent.add("ast_n1", "e" * 64, b"e")  # never held: not marked
+    assert recent.get("ast_n1") == ("e" * 64, b"e")
 
 
 @pytest.mark.parametrize(("model", "named"), [
