@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import sqlite3
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +41,14 @@ from orchestrator.errors import NotFound
 from orchestrator.events import TERMINAL
 from orchestrator.models import Asset, Job, LedgerEntry, Project, StoreIdentity
 from orchestrator.settings import source_of
-from orchestrator.store import ORPHAN_ALARM_FILES, ORPHAN_ALARM_SHARE, ORPHAN_BATCH, ArtifactStore, stored_sha
+from orchestrator.store import (
+    ORPHAN_ALARM_FILES,
+    ORPHAN_ALARM_SHARE,
+    ORPHAN_BATCH,
+    ORPHAN_GRACE_SECONDS,
+    ArtifactStore,
+    stored_sha,
+)
 
 PAGE = 1000
 CHUNK = 1 << 20
@@ -67,7 +75,11 @@ class StoreReport:
     # Sound files (or, with --no-hash, files there) whose size is not the `bytes` their row records:
     # the row or the file changed by hand, and the project's storage usage counts the row's.
     resized: list[str] = field(default_factory=list)
-    unnamed: int = 0  # files in the store no asset names
+    unnamed: int = 0  # files in the store no asset names (but those `in_flight`)
+    # Files no asset names written within the sweep's grace while jobs run: a running job's images,
+    # stored a moment before the transaction that names them commits. Neither orphans nor a sign
+    # of another database, and not listed to move out of the store.
+    in_flight: int = 0
     # Where the first of them lie (UNNAMED_LISTED at most): an operator's to look at when the sweep
     # refuses, and to move out of the store once sure they are a crash's leftovers.
     unnamed_paths: list[str] = field(default_factory=list)
@@ -82,8 +94,9 @@ class StoreReport:
         of the recent rows, and was once said to be ok). Not a database whose assets were all
         deleted: it names no file, and the few a crash left are no sign of another database."""
         emptied = not self.assets and bool(self.deleted)
-        return bool(self.unnamed) and ((self.unnamed == self.files and not emptied) or (
-            self.unnamed > ORPHAN_ALARM_FILES and self.unnamed > self.files * ORPHAN_ALARM_SHARE))
+        files = self.files - self.in_flight
+        return bool(self.unnamed) and ((self.unnamed == files and not emptied) or (
+            self.unnamed > ORPHAN_ALARM_FILES and self.unnamed > files * ORPHAN_ALARM_SHARE))
 
     @property
     def lost(self) -> bool:
@@ -300,7 +313,7 @@ def check_store(engine: Engine, store: ArtifactStore, *, hashes: bool = True) ->
             elif size is not None and sizes.get(sha) not in (None, size):  # a null size: not measured yet
                 report.resized.append(asset_id)
     _leave_out_deleted_since(engine, report)
-    report.unnamed, report.files, report.unnamed_paths = _unnamed(engine, store)
+    report.unnamed, report.files, report.unnamed_paths, report.in_flight = _unnamed(engine, store)
     with Session(engine) as s:
         report.deleted = s.exec(select(func.count()).select_from(Asset)
                                 .where(col(Asset.deleted_at).is_not(None))).one()
@@ -520,19 +533,39 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _unnamed(engine: Engine, store: ArtifactStore) -> tuple[int, int, list[str]]:
-    """(files no asset names, files, the paths of the first UNNAMED_LISTED of the former) in the store."""
-    unnamed = files = 0
+def _unnamed(engine: Engine, store: ArtifactStore) -> tuple[int, int, list[str], int]:
+    """(files no asset names, files, the paths of the first UNNAMED_LISTED of the former, files no
+    asset names that may be running jobs') in the store. While a job runs, an unnamed file younger
+    than the sweep's grace may be its image before its end commits: counted apart. With no job
+    running, none can be, and a young one counts as any other (a copy of a running service's
+    SQLite file without its -wal names none of the recent files)."""
+    with Session(engine) as s:
+        running = s.exec(select(Job.id).where(col(Job.status) == "running").limit(1)).first() is not None
+    cutoff = time.time() - ORPHAN_GRACE_SECONDS
+    unnamed = files = in_flight = 0
     paths: list[str] = []
     for batch in _batches(sha for path in store.root.glob("*/*.png")
                           if not path.name.startswith(".") and (sha := stored_sha(path)) is not None):
         with Session(engine) as s:
             named = set(s.exec(select(Asset.sha256).where(col(Asset.sha256).in_(batch))))
         unnamed_here = [sha for sha in batch if sha not in named]
+        if running:
+            old = [sha for sha in unnamed_here if not _written_since(store, sha, cutoff)]
+            in_flight += len(unnamed_here) - len(old)
+            unnamed_here = old
         unnamed += len(unnamed_here)
         paths += [str(store.path_for(sha)) for sha in unnamed_here[:UNNAMED_LISTED - len(paths)]]
         files += len(batch)
-    return unnamed, files, paths
+    return unnamed, files, paths, in_flight
+
+
+def _written_since(store: ArtifactStore, sha: str, cutoff: float) -> bool:
+    """Whether the file was written (or `put` again) after `cutoff`; one gone meanwhile (named and
+    swept, or set aside) is no running job's."""
+    try:
+        return store.path_for(sha).stat().st_mtime >= cutoff
+    except OSError:
+        return False
 
 
 def _batches(items: Iterable[Any]) -> Iterator[list[Any]]:

@@ -813,6 +813,9 @@ def _check(*, no_hash: bool) -> int:
     elif report.unnamed:
         print(f"{_counted(report.unnamed, 'file')} no asset names (jobs' images left by a crash; the service "
               "removes them after an hour)")
+    if report.in_flight:
+        print(f"{_counted(report.in_flight, 'file')} no asset names, written in the last hour while jobs run "
+              "(a running job's images before its end commits; the service removes any a crash left, after an hour)")
     print(f"ledger: {_counted(ledger.entries, 'entry', 'entries')}, {_counted(ledger.holds, 'hold')}")
     for what, ids in ledger.problems.items():
         print(f"{_counted(len(ids), ONE.get(what, what), what)}: {_entries(ids)}")

@@ -2063,3 +2063,45 @@ def test_an_answer_naming_the_known_names_says_them() -> None:
     assert _error_message(httpx.Response(502, text="bad gateway")) == "bad gateway"
     # A web server's page: its first line, not the page.
     assert _error_message(httpx.Response(404, text="<html>\n  <title>404 Not Found</title>\n</html>")) == "<html>"
+
+
+def test_check_beside_a_job_storing_its_first_images_does_not_call_the_database_another_s(
+        make_settings: SettingsFactory, start_server: Callable[[Settings], httpx.Client],
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A running job's images are in the store, fsynced, a moment before the transaction naming
+    them commits. On an install's first job, check said the database named none of the store's files
+    ("is it the database this data dir belongs to?", exit 1) and listed them to move out of the
+    store: moved, the job's rows then named files that were gone."""
+    from orchestrator.runner import JobRunner
+
+    stored, release = threading.Event(), threading.Event()
+    finish = JobRunner._finish_success
+
+    def held(self: JobRunner, *args: Any, **kwargs: Any) -> list[str]:
+        stored.set()
+        release.wait(60)
+        return finish(self, *args, **kwargs)
+
+    monkeypatch.setattr(JobRunner, "_finish_success", held)
+    settings = make_settings()
+    client = start_server(settings)
+    monkeypatch.setenv("ORCH_DATA_DIR", str(settings.data_dir))
+    job = client.post(f"/v1/projects/{create_project(client)['id']}/drafts",
+                      json={"prompt": "a lighthouse", "n": 2, "width": 64, "height": 64, "seed": 5}).json()
+    try:
+        assert stored.wait(60)
+        capsys.readouterr()
+        assert main(["check"]) == 0
+        out = capsys.readouterr().out
+        assert "is it the database" not in out and "move them out" not in out and "  /" not in out, out
+        assert "2 files no asset names, written in the last hour while jobs run" in out, out
+    finally:
+        release.set()
+    done = client.get(f"/v1/jobs/{job['id']}").json()
+    for _ in range(600):
+        if done["status"] != "running" and done["status"] != "queued":
+            break
+        time.sleep(0.05)
+        done = client.get(f"/v1/jobs/{job['id']}").json()
+    assert done["status"] == "succeeded"
+    assert main(["check"]) == 0
