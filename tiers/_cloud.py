@@ -160,6 +160,21 @@ def paid_calls(made: Sized, asked: Asked | None = None,
         raise
 
 
+
+def failed_follows(failures: list[EngineError], asked: Asked, made: int, noun: str) -> EngineError:
+    """The error a follow of accepted work (a reattach after a crash) ends with when some of its
+    images' work failed, each followed on its own (one gone at the provider left the others, made
+    and billed, neither fetched nor charged as made). Raised through `paid_calls`, it is charged for
+    the images made and the failed work the provider did not say was free; work it said never ran
+    (`EngineError.unbilled`) is not counted."""
+    billable = [failure for failure in failures if not failure.work_unbilled]
+    error = (billable or failures)[0]
+    asked.count = made + len(billable)
+    if len(failures) > 1 or made:
+        error.message = f"{len(failures)} of {asked.n} {noun} failed, {made} made; the first: {error.message}"[:500]
+    error.details.setdefault("failed", len(failures))
+    return error
+
 # Status answers in a row that cannot be read (a proxy's error page with a 200, a body cut short)
 # before the work they report on is given up, and so withdrawn: a poll costs nothing, the work may.
 UNREADABLE_POLLS = 3

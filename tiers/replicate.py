@@ -30,7 +30,7 @@ from orchestrator.errors import (
     EngineTimeout,
     EngineUnavailable,
 )
-from tiers._cloud import Asked, CloudEngine, paid_calls
+from tiers._cloud import Asked, CloudEngine, failed_follows, paid_calls
 from tiers._http import RemoteClient, answer_json, error_text, json_object, path_id
 from tiers._images import b64encode, class_bound, encode_image, nearest_aspect, shaped_as, size_class
 from tiers.base import (
@@ -250,6 +250,7 @@ class ReplicateEngine(CloudEngine):
                                 provider_request_id=",".join(str(h["id"]) for h in handles),
                                 metadata=dict(PROMPT_AND_IMAGE_ONLY))
 
+        failures: list[EngineError] = []
         with paid_calls(images, asked, result):
             for i, handle in enumerate(handles):
                 deadline = self.http.new_deadline()
@@ -258,13 +259,22 @@ class ReplicateEngine(CloudEngine):
                     prediction = await self._settle({"id": handle["id"]}, deadline, progress, cancel,
                                                     read_first=True)
                     outputs = await self._outputs(prediction, cancel)
-                except EngineError:
+                except Canceled as exc:
                     if not cancel.abandoned:  # the job ends: the predictions not read yet would run on for nobody
                         await self.withdraw(handles[i + 1:])
+                    if any(not failure.work_unbilled for failure in failures):
+                        exc.at_least_charged("unknown")  # an earlier one failed, and may have billed
                     raise
+                except EngineError as exc:
+                    # Each prediction was accepted and runs on its own: one that failed (gone at
+                    # Replicate, its output unreadable) says nothing of the others, made and billed.
+                    failures.append(exc)
+                    continue
                 seed = base["seed"] + i if "seed" in base else None
                 images.extend(RenderedImage(out.image, seed=seed) for out in outputs)
                 progress.step(len(images), req.n)
+            if failures:
+                raise failed_follows(failures, asked, len(images), "predictions")
         return result()
 
     async def _read(self, prediction_id: str, deadline: float, cancel: CancelToken) -> dict[str, Any]:

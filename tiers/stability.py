@@ -41,7 +41,7 @@ from orchestrator.errors import (
     EngineUnavailable,
     NoImage,
 )
-from tiers._cloud import UNREADABLE_POLLS, Asked, CloudEngine, paid_calls, reading_an_answer
+from tiers._cloud import UNREADABLE_POLLS, Asked, CloudEngine, failed_follows, paid_calls, reading_an_answer
 from tiers._http import RemoteClient, answer_json, error_text, header_request_id, json_object, path_id
 from tiers._images import b64decode_tolerant, decode_image, encode_image, shaped_as
 from tiers.base import (
@@ -342,17 +342,31 @@ class StabilityEngine(CloudEngine):
                                           "finish_reasons": list(finish_reasons),
                                           **self._used(req, "upscale-creative")})
 
-        with paid_calls(images, kept=result):
+        # Every upscale was accepted: a failure of one bills the images made and the failures only.
+        asked = Asked(req.n, lambda: self.estimate(req))
+        asked.asking(len(handles))
+        failures: list[EngineError] = []
+        with paid_calls(images, asked, result):
             for handle in handles:
                 job_id = str(handle["id"])
-                response = await self._poll_creative(job_id, self.http.new_deadline(), progress, cancel)
-                if not response.is_success:
-                    raise self._error(response).at_least_charged("unknown")
-                with reading_an_answer():
-                    image, seed, reason = await asyncio.to_thread(self._result, response, req)
+                try:
+                    response = await self._poll_creative(job_id, self.http.new_deadline(), progress, cancel)
+                    if not response.is_success:
+                        raise self._error(response).at_least_charged("unknown")
+                    with reading_an_answer():
+                        image, seed, reason = await asyncio.to_thread(self._result, response, req)
+                except Canceled:
+                    raise  # Stability has no cancel: the rest run on, charged as asked
+                except EngineError as exc:
+                    # Each upscale is a job of its own at Stability: one expired or failed says
+                    # nothing of the others, made and billed.
+                    failures.append(exc)
+                    continue
                 images.append(RenderedImage(image, seed=seed))
                 finish_reasons.append(reason)
                 progress.step(len(images), req.n)
+            if failures:
+                raise failed_follows(failures, asked, len(images), "creative upscales")
         return result()
 
     async def _poll_creative(self, job_id: str, deadline: float, progress: Progress,

@@ -707,15 +707,47 @@ async def test_withdraw_says_unbilled_only_when_every_prediction_never_started(
     assert await engine.withdraw([{"id": "p-1"}, {"id": "../account"}]) is False  # one not withdrawn
 
 
+def never_ran(i: int) -> dict[str, Any]:
+    return {**prediction("failed", error="no capacity"), "id": f"p-{i}", "started_at": None, "metrics": {}}
+
+
 @respx.mock
-async def test_a_reattach_that_fails_on_one_prediction_stops_the_ones_not_read_yet(engine: ReplicateEngine) -> None:
-    # n=2: the first one gone at Replicate ended the job, and the second ran on, billing, for nobody.
+async def test_a_reattach_follows_every_prediction_when_one_fails(engine: ReplicateEngine) -> None:
+    # n=3 after a restart: p-1 gone at Replicate (404) ended the follow, p-2 and p-3 (made and
+    # billed) were canceled instead of fetched, and the job kept none of their images.
     respx.get(POLL).mock(return_value=httpx.Response(404, json={"detail": "Not found."}))
     stop_first = respx.post(CANCEL).mock(return_value=httpx.Response(200, json={}))
-    stop_second = respx.post(f"{BASE}/v1/predictions/p-2/cancel").mock(return_value=httpx.Response(200, json={}))
-    with pytest.raises(EngineError):
-        await engine.reattach(bridge(n=2), [{"id": "p-1"}, {"id": "p-2"}], NullProgress(), CancelToken())
-    assert stop_first.call_count == 1 and stop_second.call_count == 1
+    stop_others = respx.post(url__regex=rf"{BASE}/v1/predictions/p-[23]/cancel").mock(
+        return_value=httpx.Response(200, json={}))
+    respx.get(f"{BASE}/v1/predictions/p-2").mock(return_value=httpx.Response(200, json=numbered(2)))
+    respx.get(f"{BASE}/v1/predictions/p-3").mock(return_value=httpx.Response(200, json=never_ran(3)))
+    fetched = respx.get("https://cdn.replicate.test/p-2/out.png").mock(
+        return_value=httpx.Response(200, content=png_bytes()))
+    req = bridge(n=3)
+    with pytest.raises(EngineError) as info:
+        await engine.reattach(req, [{"id": f"p-{i}"} for i in (1, 2, 3)], NullProgress(), CancelToken())
+    error = info.value
+    assert stop_first.call_count == 1 and stop_others.call_count == 0 and fetched.call_count == 1
+    assert error.made is not None and len(error.made.images) == 1
+    # Billed at most for p-1 (unknown) and p-2 (made); p-3 never ran.
+    assert error.charged == "unknown" and error.cost_millicredits == -(-engine.estimate(req) * 2 // 3)
+    assert error.details["failed"] == 2 and "2 of 3 predictions failed, 1 made" in error.message
+
+
+@respx.mock
+async def test_a_reattach_whose_first_prediction_never_ran_keeps_the_later_images(
+        engine: ReplicateEngine) -> None:
+    respx.get(POLL).mock(return_value=httpx.Response(200, json=never_ran(1)))
+    respx.get(f"{BASE}/v1/predictions/p-2").mock(return_value=httpx.Response(200, json=numbered(2)))
+    respx.get("https://cdn.replicate.test/p-2/out.png").mock(return_value=httpx.Response(200, content=png_bytes()))
+    stops = respx.post(url__regex=rf"{BASE}/v1/predictions/p-\d/cancel").mock(
+        return_value=httpx.Response(200, json={}))
+    req = bridge(n=2)
+    with pytest.raises(EngineError) as info:
+        await engine.reattach(req, [{"id": "p-1"}, {"id": "p-2"}], NullProgress(), CancelToken())
+    assert info.value.made is not None and len(info.value.made.images) == 1
+    assert info.value.charged == "unknown" and info.value.cost_millicredits == engine.estimate(req) // 2
+    assert stops.call_count == 0
 
 
 @respx.mock

@@ -728,3 +728,21 @@ async def test_images_are_encoded_resized_and_decoded_off_the_event_loop(
     result = await engine.run(bridge(width=96, height=64), NullProgress(), CancelToken())
     assert len(result.images) == 1 and spy.on_loop == []
     assert spy.called == {"encode_image", "decode_image", "shaped_as", "_sized_as_asked"}  # the spies saw the work
+
+
+@respx.mock
+async def test_a_reattach_follows_every_creative_upscale_when_one_fails(engine: StabilityEngine) -> None:
+    # n=3 after a restart: job-1 expired at Stability (404) ended the follow at once, and job-2
+    # and job-3, made and billed, were neither fetched nor kept.
+    respx.get(f"{BASE}/v2beta/results/job-1").mock(return_value=httpx.Response(404, json={"errors": ["gone"]}))
+    second = respx.get(f"{BASE}/v2beta/results/job-2").mock(return_value=done(seed=2))
+    third = respx.get(f"{BASE}/v2beta/results/job-3").mock(return_value=done(seed=3))
+    req = polish(creativity=0.45, n=3)
+    handles = [{"id": f"job-{i}", "creative": True} for i in (1, 2, 3)]
+    with pytest.raises(EngineError) as info:
+        await engine.reattach(req, handles, NullProgress(), CancelToken())
+    error = info.value
+    assert second.call_count == 1 and third.call_count == 1
+    assert error.made is not None and [image.seed for image in error.made.images] == [2, 3]
+    assert error.charged == "unknown" and "1 of 3 creative upscales failed, 2 made" in error.message
+    assert error.cost_millicredits is None  # all three may have billed: the whole estimate
