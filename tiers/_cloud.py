@@ -306,26 +306,28 @@ class CloudEngine(SendsCredentials):
                 "it would render until ORCH_PRICES_FILE names its prices, or the model is one priced here")
 
     async def fetch_outputs(self, urls: list[str], cancel: CancelToken, *, wanted: int, empty: str,
-                            details: dict[str, Any]) -> list[RenderedImage]:
+                            details: dict[str, Any], deadline: float | None = None) -> list[RenderedImage]:
         """The first `wanted` output images at `urls` (the provider's CDN, or data URIs): an
         answer listing hundreds of large images is not downloaded and decoded whole to keep a few.
         The provider has billed the job by now, so every failure from here on is a charged one.
         Only for engines whose client carries no key (fal and replicate put it on each API call):
-        CDN hosts never see it."""
+        CDN hosts never see it. `deadline`: when the downloads must end (else one of their own)."""
         try:
             if not urls:
                 raise NoImage(f"{self.name}: {empty}", details={"engine": self.name, **details})
-            return [RenderedImage(await asyncio.to_thread(decode_image, await self._download(url, cancel), self.name))
+            return [RenderedImage(await asyncio.to_thread(decode_image, await self._download(url, cancel, deadline),
+                                                          self.name))
                     for url in urls[:wanted]]
         except EngineError as exc:
             exc.at_least_charged("yes")
             raise
 
-    async def _download(self, url: str, cancel: CancelToken) -> bytes:
+    async def _download(self, url: str, cancel: CancelToken, deadline: float | None = None) -> bytes:
         if url.startswith("data:"):
             return b64decode_tolerant(url.partition(",")[2], self.name)
         try:
-            response = await cancel.race(self.http.request("GET", url, idempotent=True), charged="yes")
+            response = await cancel.race(self.http.request("GET", url, idempotent=True, deadline=deadline),
+                                         charged="yes")
         except EngineUnavailable as exc:
             if exc.details.get("status") not in (401, 403):
                 raise

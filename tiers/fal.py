@@ -412,21 +412,25 @@ class FalEngine(CloudEngine):
 
     async def _images(self, urls: list[str], flagged: list[bool], wanted: int, images: list[RenderedImage],
                       cancel: CancelToken) -> None:
-        """Fetch the first `wanted` listed images that are not flagged into `images`, one by one."""
-        failed: EngineError | None = None
-        for url, bad in zip(urls[:wanted], flagged, strict=False):
-            if bad:
-                continue
-            try:
-                images.extend(await self.fetch_outputs([url], cancel, wanted=1, empty="", details={}))
-            except Canceled:
-                raise
-            except EngineError as exc:
-                # Made and billed as the others were: one that cannot be fetched (an expired URL, bytes
-                # that are no image) is raised once the rest are in, not in place of them.
-                failed = failed or exc
-        if failed is not None:
-            raise failed
+        """Fetch the first `wanted` listed images that are not flagged into `images`, in their order:
+        all at once, under one deadline (a CDN down held each download for a deadline of its own,
+        one after another: n times ORCH_REMOTE_DEADLINE)."""
+        deadline = self.http.new_deadline()
+        listed = [url for url, bad in zip(urls[:wanted], flagged, strict=False) if not bad]
+        outcomes = await asyncio.gather(
+            *(self.fetch_outputs([url], cancel, wanted=1, empty="", details={}, deadline=deadline) for url in listed),
+            return_exceptions=True)
+        failures: list[BaseException] = []
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                failures.append(outcome)
+            else:
+                images.extend(outcome)
+        if failures:
+            # Made and billed as the others were: one that cannot be fetched (an expired URL, bytes
+            # that are no image) is raised once the rest are in, not in place of them; a cancel
+            # (or a fault not the provider's) before it.
+            raise min(failures, key=lambda e: 2 - isinstance(e, Canceled) - 2 * (not isinstance(e, EngineError)))
         if any(flagged[:wanted]):
             told = sum(flagged[:wanted])
             raise ContentFiltered(f"fal: the model's safety checker flagged {told} of the {min(wanted, len(urls))} "

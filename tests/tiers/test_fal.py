@@ -987,3 +987,35 @@ def test_the_key_is_taken_out_of_what_a_provider_says_before_any_request_carried
     # URL, whose requests taught the scrub the key: a status echoing it was kept in the job as sent.
     engine = FalEngine(make_ctx(fal_api_key="falkeyid-1234:falsecret-abcdef", fal_base_url="https://fal-proxy.test"))
     assert engine.said("proxy_error: Key falkeyid-1234:falsecret-abcdef") == "proxy_error: Key ***"
+
+
+@respx.mock
+async def test_downloads_from_a_cdn_that_is_down_share_one_deadline(engine: FalEngine, sleep: Any) -> None:
+    # Each of n downloads retried to a deadline of its own, one after another: 3 x 60 s of a job
+    # whose images fal had made, before it failed.
+    engine.http.clock = sleep.clock
+    _, _, result = happy_queue()
+    result.mock(return_value=done(OUTPUTS))
+    cdn = respx.get(url__startswith="https://v3.fal.media/").mock(side_effect=httpx.ConnectError("down"))
+    with pytest.raises(EngineError) as info:
+        await engine.run(bridge(n=3), NullProgress(), CancelToken())
+    assert info.value.charged == "yes" and cdn.call_count >= 3
+    assert sum(sleep.waits) <= 60 + 1  # the tests' ORCH_REMOTE_DEADLINE, not three of them
+
+
+@respx.mock
+async def test_a_cancel_ends_every_download_out(engine: FalEngine) -> None:
+    # All are out at once; the cancel ends the job without waiting on any of them.
+    _, _, result = happy_queue()
+    result.mock(return_value=done(OUTPUTS))
+    holds = [NoAnswer() for _ in OUTPUTS]
+    for url, held in zip(OUTPUTS, holds, strict=True):
+        respx.get(url).mock(side_effect=held)
+    token = CancelToken()
+    running = asyncio.create_task(engine.run(bridge(n=3), NullProgress(), token))
+    for held in holds:
+        await asyncio.wait_for(held.sent.wait(), 5)
+    token.cancel()
+    with pytest.raises(Canceled) as info:
+        await asyncio.wait_for(running, 5)
+    assert info.value.charged == "yes"
