@@ -5,9 +5,11 @@ the right state and the right ledger, never leave it running and never send a pa
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -19,7 +21,7 @@ from orchestrator import idempotency
 from orchestrator.clock import utcnow
 from orchestrator.errors import EngineError
 from orchestrator.ids import new_id
-from orchestrator.models import IdempotencyKey, Job, JobStatus, LedgerEntry, Project
+from orchestrator.models import Asset, IdempotencyKey, Job, JobStatus, LedgerEntry, Project
 from orchestrator.runner import JobRunner
 from orchestrator.services import Services
 from orchestrator.settings import Settings
@@ -913,3 +915,40 @@ def test_a_job_of_an_unserved_engine_waits_while_one_candidate_is_priced_out_and
     asyncio.run(services.runner.run(claim))
     job = claim_and_run(services, job_id)
     assert (job.status, job.engine) == ("succeeded", "fake-free"), job.error
+
+
+def test_a_job_of_two_images_that_falls_back_to_comfyui_renders_both_and_holds_nothing_after(
+        make_settings: SettingsFactory, tmp_path: Path) -> None:
+    """A paid engine's retryable failure moves a job of n=2 to ComfyUI: one prompt per image, both
+    stored, the paid hold released and nothing captured for a server that bills nobody."""
+    import respx
+
+    from tests.tiers.conftest import png_bytes
+    from tests.tiers.test_comfyui import BASE as COMFY
+    from tests.tiers.test_comfyui import mock_server, write_workflow
+
+    services = Services.build(make_settings(engines="fake-paid=tests.fakes:factory", comfyui_url=COMFY,
+                                            comfyui_workflow=str(write_workflow(tmp_path))))
+    try:
+        engine = services.registry.get("comfyui")
+        engine.follow_progress = False  # type: ignore[attr-defined]  # respx's host has no websocket
+        engine.poll_interval = 0  # type: ignore[attr-defined]
+        source = services.store.put(png_bytes())
+        job_id = queue_job(services, "fake-paid", estimated=2 * HOLD,
+                           params={**BRIDGE, "n": 2, "source_sha256": source, "tags": {"fake": "fail"}},
+                           routing={"candidates": [{"engine": "fake-paid"}, {"engine": "comfyui"}]})
+        moved = claim_and_run(services, job_id)
+        assert (moved.status, moved.engine) == ("queued", "comfyui"), moved.error
+        with respx.mock:
+            routes = mock_server()
+            job = claim_and_run(services, job_id)
+        assert job.status == "succeeded", job.error
+        assert routes["prompt"].call_count == 2 and routes["view"].call_count == 2
+        seeds = [json.loads(call.request.content)["prompt"]["3"]["inputs"]["seed"] for call in routes["prompt"].calls]
+        assert len(set(seeds)) == 2  # two images, not one twice
+        with services.db.session() as s:
+            assets = s.exec(select(Asset).where(col(Asset.job_id) == job_id)).all()
+        assert len(assets) == 2 and {a.engine for a in assets} == {"comfyui"}
+        assert ledger_of(services, job_id) == [("hold", 2 * HOLD, False), ("release", 2 * HOLD, False)]
+    finally:
+        asyncio.run(services.aclose())
