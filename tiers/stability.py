@@ -251,7 +251,7 @@ class StabilityEngine(CloudEngine):
                     if request_id:  # for the provider's support
                         error.details.setdefault("request_id", request_id)
                     # A creative upscale's final poll failing comes after the provider took the job.
-                    raise error.at_least_charged("unknown") if op == "upscale-creative" else error
+                    raise self._creative_failed(response, error) if op == "upscale-creative" else error
                 with reading_an_answer():
                     image, seed, reason = await asyncio.to_thread(self._result, response, req)
                 images.append(RenderedImage(image, seed=seed))
@@ -352,7 +352,7 @@ class StabilityEngine(CloudEngine):
                 try:
                     response = await self._poll_creative(job_id, self.http.new_deadline(), progress, cancel)
                     if not response.is_success:
-                        raise self._error(response).at_least_charged("unknown")
+                        raise self._creative_failed(response, self._error(response))
                     with reading_an_answer():
                         image, seed, reason = await asyncio.to_thread(self._result, response, req)
                 except Canceled:
@@ -446,6 +446,22 @@ class StabilityEngine(CloudEngine):
         # Kept in each image's record (its PNG, the API's `record`): the provider's words, so short
         # and without our key, as an error quotes them.
         return _sized_as_asked(image, req), provider_seed(seed), self.said(reason)
+
+    def _creative_failed(self, response: httpx.Response, error: EngineError) -> EngineError:
+        """`error`, for a creative upscale's result answered `response`, a failure: unbilled when
+        Stability's own error body says the upscale failed (a 400 or 422 naming its errors, or its
+        content moderation's 403), as Stability charges nothing for a failed generation
+        (providers.md); else (a proxy's page, a 403 of the key) charged `unknown`, as the provider
+        took the job and may have made it. It was captured for reconciliation every time."""
+        try:
+            body = answer_json(response)
+        except ValueError:
+            body = None
+        said = isinstance(body, dict) and isinstance(body.get("errors"), list)
+        if said and (response.status_code in (400, 422) or (response.status_code == 403 and isinstance(body, dict)
+                                                                and body.get("name") == "content_moderation")):
+            return error.unbilled()
+        return error.at_least_charged("unknown")
 
     def _error(self, response: httpx.Response) -> EngineError:
         if response.status_code < 400:  # no refusal, whatever its body says: it may have billed

@@ -746,3 +746,26 @@ async def test_a_reattach_follows_every_creative_upscale_when_one_fails(engine: 
     assert error.made is not None and [image.seed for image in error.made.images] == [2, 3]
     assert error.charged == "unknown" and "1 of 3 creative upscales failed, 2 made" in error.message
     assert error.cost_millicredits is None  # all three may have billed: the whole estimate
+
+
+@respx.mock
+@pytest.mark.parametrize(("status", "body", "charged"), [
+    (400, {"id": "e", "name": "bad_request", "errors": ["image too small"]}, "no"),
+    (403, {"id": "e", "name": "content_moderation", "errors": ["flagged"]}, "no"),
+    (400, "<html>a proxy's page</html>", "unknown"),  # not Stability's word
+    (403, {"id": "e", "name": "forbidden", "errors": ["no access"]}, "unknown"),  # of the key, not the upscale
+], ids=["failed", "moderated", "proxy", "key"])
+async def test_a_creative_upscale_stability_says_failed_is_not_charged(
+        engine: StabilityEngine, status: int, body: Any, charged: str) -> None:
+    # Stability bills no failed generation (providers.md): its own answer that the upscale failed
+    # was captured for reconciliation all the same, 60 credits a time.
+    respx.post(CREATIVE).mock(return_value=httpx.Response(200, json={"id": "job-42"}))
+    answer = {"json": body} if isinstance(body, dict) else {"text": body}
+    respx.get(RESULT).mock(return_value=httpx.Response(status, **answer))
+    with pytest.raises(EngineError) as info:
+        await engine.run(polish(creativity=0.45), NullProgress(), CancelToken())
+    assert info.value.charged == charged and info.value.work_unbilled == (charged == "no")
+    with pytest.raises(EngineError) as followed:
+        await engine.reattach(polish(creativity=0.45), [{"id": "job-42", "creative": True}], NullProgress(),
+                              CancelToken())
+    assert followed.value.charged == charged and followed.value.work_unbilled == (charged == "no")
