@@ -21,6 +21,7 @@ from orchestrator import idempotency
 from orchestrator.clock import utcnow
 from orchestrator.errors import EngineError
 from orchestrator.ids import new_id
+from orchestrator.jobs import render_request
 from orchestrator.models import Asset, IdempotencyKey, Job, JobStatus, LedgerEntry, Project
 from orchestrator.runner import JobRunner
 from orchestrator.services import Services
@@ -950,5 +951,43 @@ def test_a_job_of_two_images_that_falls_back_to_comfyui_renders_both_and_holds_n
             assets = s.exec(select(Asset).where(col(Asset.job_id) == job_id)).all()
         assert len(assets) == 2 and {a.engine for a in assets} == {"comfyui"}
         assert ledger_of(services, job_id) == [("hold", 2 * HOLD, False), ("release", 2 * HOLD, False)]
+    finally:
+        asyncio.run(services.aclose())
+
+
+def test_a_replicate_job_followed_after_a_crash_keeps_and_charges_each_prediction_on_its_own(
+        make_settings: SettingsFactory) -> None:
+    """n=3 reattached: p-1 gone at Replicate, p-2 made its image, p-3 never ran. The job fails with
+    p-2's image as its asset, charged for two images' share (p-1 unknown, p-2 made), unreconciled."""
+    import respx
+
+    from tests.tiers.conftest import png_bytes
+
+    base = "https://replicate.test"
+    services = Services.build(make_settings(replicate_api_key="r-secret", replicate_base_url=base))
+    try:
+        engine = services.registry.get("replicate")
+        params = {**BRIDGE, "n": 3, "width": 1024, "height": 1024}
+        estimate = engine.estimate(render_request(params))
+        job_id = queue_job(services, "replicate", estimated=estimate, params=params,
+                           model="google/nano-banana-2",
+                           provider_work={"engine": "replicate", "handles": [{"id": f"p-{i}"} for i in (1, 2, 3)]})
+        with respx.mock:
+            respx.get(f"{base}/v1/predictions/p-1").mock(return_value=httpx.Response(404, json={"detail": "gone"}))
+            respx.post(f"{base}/v1/predictions/p-1/cancel").mock(return_value=httpx.Response(404))
+            respx.get(f"{base}/v1/predictions/p-2").mock(return_value=httpx.Response(200, json={
+                "id": "p-2", "status": "succeeded", "output": "https://cdn.replicate.test/p-2.png", "metrics": {}}))
+            respx.get("https://cdn.replicate.test/p-2.png").mock(return_value=httpx.Response(200, content=png_bytes()))
+            respx.get(f"{base}/v1/predictions/p-3").mock(return_value=httpx.Response(200, json={
+                "id": "p-3", "status": "failed", "error": "no capacity", "started_at": None, "metrics": {}}))
+            job = claim_and_run(services, job_id)
+        assert job.status == "failed" and job.error is not None, job.error
+        assert "2 of 3 predictions failed, 1 made" in job.error["message"]
+        with services.db.session() as s:
+            assets = s.exec(select(Asset).where(col(Asset.job_id) == job_id)).all()
+        assert len(assets) == 1
+        share = -(-estimate * 2 // 3)
+        assert ledger_of(services, job_id) == [("hold", estimate, False), ("capture", share, True),
+                                               ("release", estimate - share, False)]
     finally:
         asyncio.run(services.aclose())
