@@ -251,9 +251,11 @@ class ReplicateEngine(CloudEngine):
                                 metadata=dict(PROMPT_AND_IMAGE_ONLY))
 
         failures: list[EngineError] = []
+        # One for all: they run side by side at Replicate, and one that never ends held each next one
+        # to a deadline of its own (n times ORCH_REMOTE_DEADLINE); each is still read once past it.
+        deadline = self.http.new_deadline()
         with paid_calls(images, asked, result):
             for i, handle in enumerate(handles):
-                deadline = self.http.new_deadline()
                 try:
                     # Read inside `_settle`: a cancel or a failure of that first read stops the prediction too.
                     prediction = await self._settle({"id": handle["id"]}, deadline, progress, cancel,

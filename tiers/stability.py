@@ -346,11 +346,14 @@ class StabilityEngine(CloudEngine):
         asked = Asked(req.n, lambda: self.estimate(req))
         asked.asking(len(handles))
         failures: list[EngineError] = []
+        # One for all: they run side by side at Stability, and one that never ends held each next one
+        # to a deadline of its own (n times ORCH_REMOTE_DEADLINE); each is still read once past it.
+        deadline = self.http.new_deadline()
         with paid_calls(images, asked, result):
             for handle in handles:
                 job_id = str(handle["id"])
                 try:
-                    response = await self._poll_creative(job_id, self.http.new_deadline(), progress, cancel)
+                    response = await self._poll_creative(job_id, deadline, progress, cancel, read_first=True)
                     if not response.is_success:
                         raise self._creative_failed(response, self._error(response))
                     with reading_an_answer():
@@ -370,21 +373,25 @@ class StabilityEngine(CloudEngine):
         return result()
 
     async def _poll_creative(self, job_id: str, deadline: float, progress: Progress,
-                             cancel: CancelToken) -> httpx.Response:
-        """Poll a creative upscale the provider accepted until it answers with its result."""
+                             cancel: CancelToken, *, read_first: bool = False) -> httpx.Response:
+        """Poll a creative upscale the provider accepted until it answers with its result. With
+        `read_first` (work accepted long ago), its first poll goes at once, even past `deadline`."""
         progress.state("polling", provider_id=job_id)
         unreadable = 0
         try:
             while True:
                 remaining = deadline - self.http.clock()
-                if remaining <= 0:
+                if read_first:
+                    read_first = False
+                elif remaining <= 0:
                     raise EngineTimeout(
                         f"{self.name}: creative upscale {job_id} did not finish before the deadline",
                         details={"engine": self.name, "provider_id": job_id},
                     )
-                # The last wait ends at the deadline, its poll the last one: a whole interval ran
-                # the job up to 5 s past it.
-                await cancel.sleep(min(self.poll_interval, remaining))
+                else:
+                    # The last wait ends at the deadline, its poll the last one: a whole interval ran
+                    # the job up to 5 s past it.
+                    await cancel.sleep(min(self.poll_interval, remaining))
                 response = await cancel.race(self._send(
                     "GET", f"/v2beta/results/{job_id}", idempotent=True, deadline=deadline
                 ))

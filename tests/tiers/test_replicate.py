@@ -856,3 +856,24 @@ async def test_a_reattach_whose_prediction_reads_an_unknown_status_stops_it(engi
         await engine.reattach(bridge(), [{"id": "p-1"}], NullProgress(), CancelToken())
     assert "unexpected prediction status 'booting'" in info.value.message
     assert info.value.charged == "unknown" and cancel.call_count == 1
+
+
+@respx.mock
+async def test_a_reattach_follows_its_predictions_under_one_deadline(engine: ReplicateEngine) -> None:
+    # They run side by side at Replicate: each followed to a deadline of its own, one after another,
+    # kept a job whose predictions never finish for n times ORCH_REMOTE_DEADLINE (60 s here).
+    now = [0.0]
+    engine.http.clock = lambda: now[0]
+
+    def processing(request: httpx.Request) -> httpx.Response:
+        now[0] += 25.0
+        return httpx.Response(200, json=numbered(int(request.url.path.rsplit("-", 1)[1]), "processing"))
+
+    polls = respx.get(url__regex=rf"{BASE}/v1/predictions/p-\d$").mock(side_effect=processing)
+    stops = respx.post(url__regex=rf"{BASE}/v1/predictions/p-\d/cancel").mock(
+        return_value=httpx.Response(200, json={}))
+    with pytest.raises(EngineTimeout):
+        await engine.reattach(bridge(n=3), [{"id": f"p-{i}"} for i in (1, 2, 3)], NullProgress(), CancelToken())
+    assert stops.call_count == 3
+    # p-1 read past the deadline (t=75), then p-2 and p-3 once each: how they stand is all there is time for.
+    assert polls.call_count == 5 and now[0] == 125.0

@@ -769,3 +769,23 @@ async def test_a_creative_upscale_stability_says_failed_is_not_charged(
         await engine.reattach(polish(creativity=0.45), [{"id": "job-42", "creative": True}], NullProgress(),
                               CancelToken())
     assert followed.value.charged == charged and followed.value.work_unbilled == (charged == "no")
+
+
+@respx.mock
+async def test_a_reattach_follows_its_creative_upscales_under_one_deadline(engine: StabilityEngine) -> None:
+    # They run side by side at Stability: each followed to a deadline of its own, one after another,
+    # kept a job whose upscales never finish for n times ORCH_REMOTE_DEADLINE (60 s here).
+    now = [0.0]
+    engine.http.clock = lambda: now[0]
+
+    def working(request: httpx.Request) -> httpx.Response:
+        now[0] += 25.0
+        return httpx.Response(202, json={"status": "in-progress"})
+
+    polls = respx.get(url__regex=rf"{BASE}/v2beta/results/job-\d$").mock(side_effect=working)
+    with pytest.raises(EngineTimeout) as info:
+        await engine.reattach(polish(creativity=0.45, n=3), [{"id": f"job-{i}", "creative": True} for i in (1, 2, 3)],
+                              NullProgress(), CancelToken())
+    # job-1 polled past the deadline (t=75), then job-2 and job-3 read once each.
+    assert polls.call_count == 5 and now[0] == 125.0
+    assert info.value.charged == "unknown" and info.value.details["failed"] == 3
