@@ -262,8 +262,11 @@ class ReplicateEngine(CloudEngine):
                                                     read_first=True)
                     outputs = await self._outputs(prediction, cancel)
                 except Canceled as exc:
-                    if not cancel.abandoned:  # the job ends: the predictions not read yet would run on for nobody
-                        await self.withdraw(handles[i + 1:])
+                    rest = handles[i + 1:]
+                    # The job ends: the predictions not read yet would run on for nobody. One that
+                    # had run was billed, whatever this one's cancel said of its own.
+                    if not cancel.abandoned and rest and not await self.withdraw(rest):
+                        exc.at_least_charged("unknown")
                     if any(not failure.work_unbilled for failure in failures):
                         exc.at_least_charged("unknown")  # an earlier one failed, and may have billed
                     raise

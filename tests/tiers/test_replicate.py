@@ -877,3 +877,23 @@ async def test_a_reattach_follows_its_predictions_under_one_deadline(engine: Rep
     assert stops.call_count == 3
     # p-1 read past the deadline (t=75), then p-2 and p-3 once each: how they stand is all there is time for.
     assert polls.call_count == 5 and now[0] == 125.0
+
+
+@respx.mock
+async def test_a_reattach_canceled_on_a_prediction_that_never_ran_is_charged_when_a_later_one_ran(
+        engine: ReplicateEngine) -> None:
+    # p-1 canceled before it started (free), p-2 canceled after it ran (billed): the job's cancel
+    # said it cost nothing, and the ledger released the hold.
+    hang = NoAnswer()
+    respx.get(POLL).mock(side_effect=hang)
+    respx.post(CANCEL).mock(return_value=httpx.Response(200, json={**prediction("canceled"), "started_at": None,
+                                                                   "metrics": {}}))
+    respx.post(f"{BASE}/v1/predictions/p-2/cancel").mock(return_value=httpx.Response(200, json={
+        **numbered(2, "canceled"), "started_at": "2026-12-07T08:00:00Z"}))
+    token = CancelToken()
+    task = asyncio.ensure_future(engine.reattach(bridge(n=2), [{"id": "p-1"}, {"id": "p-2"}], NullProgress(), token))
+    await hang.sent.wait()
+    token.cancel()
+    with pytest.raises(Canceled) as info:
+        await task
+    assert info.value.charged == "unknown" and not info.value.work_unbilled
