@@ -254,13 +254,17 @@ class ReplicateEngine(CloudEngine):
         # One for all: they run side by side at Replicate, and one that never ends held each next one
         # to a deadline of its own (n times ORCH_REMOTE_DEADLINE); each is still read once past it.
         deadline = self.http.new_deadline()
+        fetch_by: float | None = None
         with paid_calls(images, asked, result):
             for i, handle in enumerate(handles):
                 try:
                     # Read inside `_settle`: a cancel or a failure of that first read stops the prediction too.
                     prediction = await self._settle({"id": handle["id"]}, deadline, progress, cancel,
                                                     read_first=True)
-                    outputs = await self._outputs(prediction, cancel)
+                    # The downloads share a deadline of their own, as the polls do: with the CDN down,
+                    # each waited out one of its own in turn.
+                    fetch_by = self.http.new_deadline() if fetch_by is None else fetch_by
+                    outputs = await self._outputs(prediction, cancel, fetch_by)
                 except Canceled as exc:
                     rest = handles[i + 1:]
                     # The job ends: the predictions not read yet would run on for nobody. One that
@@ -371,13 +375,14 @@ class ReplicateEngine(CloudEngine):
         raise EngineError(f"replicate: unexpected prediction status {self.said(status)!r}", details=details,
                           charged="unknown")
 
-    async def _outputs(self, prediction: dict[str, Any], cancel: CancelToken) -> list[RenderedImage]:
+    async def _outputs(self, prediction: dict[str, Any], cancel: CancelToken,
+                       deadline: float | None = None) -> list[RenderedImage]:
         output = prediction.get("output")
         urls = [output] if isinstance(output, str) else output if isinstance(output, list) else []
         urls = [u for u in urls if isinstance(u, str) and u]
         # One prediction per image (each with its seed): a model that makes several keeps its first.
         return await self.fetch_outputs(urls, cancel, wanted=1, empty="the prediction succeeded without an image",
-                                        details={"prediction": prediction.get("id")})
+                                        details={"prediction": prediction.get("id")}, deadline=deadline)
 
     async def withdraw(self, handles: list[dict[str, Any]]) -> bool:
         """True when every prediction's cancel answered that it never started (`_never_ran`)."""

@@ -897,3 +897,17 @@ async def test_a_reattach_canceled_on_a_prediction_that_never_ran_is_charged_whe
     with pytest.raises(Canceled) as info:
         await task
     assert info.value.charged == "unknown" and not info.value.work_unbilled
+
+
+@respx.mock
+async def test_a_reattach_s_downloads_from_a_cdn_that_is_down_share_one_deadline(engine: ReplicateEngine,
+                                                                                  sleep: Any) -> None:
+    # Each prediction followed on its own: each download then waited out a deadline of its own, in turn.
+    engine.http.clock = sleep.clock
+    for i in (1, 2, 3):
+        respx.get(f"{BASE}/v1/predictions/p-{i}").mock(return_value=httpx.Response(200, json=numbered(i)))
+    cdn = respx.get(url__startswith="https://cdn.replicate.test/").mock(side_effect=httpx.ConnectError("down"))
+    with pytest.raises(EngineError) as info:
+        await engine.reattach(bridge(n=3), [{"id": f"p-{i}"} for i in (1, 2, 3)], NullProgress(), CancelToken())
+    assert info.value.charged == "yes" and cdn.call_count >= 3
+    assert sum(sleep.waits) <= 60 + 1  # the tests' ORCH_REMOTE_DEADLINE, not three of them
