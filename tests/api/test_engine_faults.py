@@ -952,7 +952,8 @@ def test_a_job_of_two_images_that_falls_back_to_comfyui_renders_both_and_holds_n
         assert len(assets) == 2 and {a.engine for a in assets} == {"comfyui"}
         # Recorded as ComfyUI's: the job's model and each image's, with the seeds it sent (5, then 6).
         assert job.model == "comfyui:img2img" and (job.progress_step, job.progress_total) == (2, 2)
-        assert sorted((a.index, a.seed, a.model) for a in assets) == [(0, 5, "comfyui:img2img"), (1, 6, "comfyui:img2img")]
+        assert sorted((a.index, a.seed, a.model) for a in assets) == [(0, 5, "comfyui:img2img"),
+                                                                      (1, 6, "comfyui:img2img")]
         assert ledger_of(services, job_id) == [("hold", 2 * HOLD, False), ("release", 2 * HOLD, False)]
     finally:
         asyncio.run(services.aclose())
