@@ -127,7 +127,15 @@ def operation(req: RenderRequest) -> Operation:
     return "upscale-creative" if req.creativity > CREATIVE_THRESHOLD else "upscale-conservative"
 
 
+def _image_bytes(response: httpx.Response) -> bool:
+    """Whether an answer is the image itself (`image/*`), as Stability sends one asked `Accept: image/*`
+    and may send a finished job's result (providers.md: "200 bytes/JSON done")."""
+    return str(response.headers.get("content-type", "")).strip().lower().startswith("image/")
+
+
 def _readable(response: httpx.Response) -> bool:
+    if _image_bytes(response):
+        return True
     try:
         return isinstance(answer_json(response), dict)
     except ValueError:
@@ -428,8 +436,9 @@ class StabilityEngine(CloudEngine):
         return encode_image(source, fmt="PNG", max_bytes=MAX_UPLOAD_BYTES, max_side=max_side)
 
     def _result(self, response: httpx.Response, req: RenderRequest) -> tuple[Any, int | None, str]:
-        """The image (at the size asked), its seed and the finish reason of an answer."""
-        body = json_object(response, self.name)
+        """The image (at the size asked), its seed and the finish reason of an answer: JSON, or the
+        image's bytes with its seed and finish reason in headers."""
+        body = {} if _image_bytes(response) else json_object(response, self.name)
         reason = str(body.get("finish_reason") or response.headers.get("finish-reason") or "SUCCESS")
         if FILTERED in (reason, response.headers.get("finish-reason")):
             # The provider made (and may bill) a blurred image.
@@ -438,13 +447,16 @@ class StabilityEngine(CloudEngine):
         # The generate and sync upscale calls answer `image`; the results of an async job
         # (`GET /v2beta/results/{id}`) answer `result`.
         encoded = body.get("image") or body.get("result")
-        if not isinstance(encoded, str) or not encoded:
+        if _image_bytes(response) and response.content:
+            encoded = None
+        elif not isinstance(encoded, str) or not encoded:
             error = NoImage(f"{self.name} returned no image (finish_reason {self.said(reason)})",
                             details={"engine": self.name, "reason": self.said(reason)})
             # Its filter says CONTENT_FILTERED: an empty 200 for no reason is the endpoint unwell.
             error.engine_fault = True
             raise error
-        image = decode_image(b64decode_tolerant(encoded, self.name), self.name)
+        raw = response.content if encoded is None else b64decode_tolerant(encoded, self.name)
+        image = decode_image(raw, self.name)
         seed = body.get("seed", response.headers.get("seed"))
         try:
             seed = int(seed) if isinstance(seed, str) else seed  # a header's text

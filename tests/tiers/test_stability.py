@@ -789,3 +789,21 @@ async def test_a_reattach_follows_its_creative_upscales_under_one_deadline(engin
     # job-1 polled past the deadline (t=75), then job-2 and job-3 read once each.
     assert polls.call_count == 5 and now[0] == 125.0
     assert info.value.charged == "unknown" and info.value.details["failed"] == 3
+
+
+@respx.mock
+async def test_a_creative_result_answered_as_the_image_s_bytes_is_read(engine: StabilityEngine) -> None:
+    # providers.md: the result poll answers "200 bytes/JSON done". Bytes were taken for an
+    # unreadable answer, asked twice more, then failed the job charged 'unknown', the upscale lost.
+    respx.post(CREATIVE).mock(return_value=httpx.Response(200, json={"id": "job-42"}))
+    poll = respx.get(RESULT).mock(return_value=httpx.Response(
+        200, content=png_bytes(), headers={"content-type": "image/png", "finish-reason": "SUCCESS", "seed": "7"}))
+    req = polish(creativity=0.45)
+    result = await engine.run(req, NullProgress(), CancelToken())
+    assert poll.call_count == 1 and result.images[0].seed == 7
+    assert result.images[0].image.size == (req.width, req.height)
+    filtered = httpx.Response(200, content=png_bytes(), headers={"content-type": "image/png",
+                                                                 "finish-reason": "CONTENT_FILTERED"})
+    poll.mock(return_value=filtered)
+    with pytest.raises(ContentFiltered):
+        await engine.run(req, NullProgress(), CancelToken())
