@@ -18,7 +18,8 @@ Which endpoint a request goes to:
   - otherwise: conservative upscale (synchronous), `creativity` clamped to its 0.2-0.5 range.
 
 Every call asks for `Accept: application/json` and decodes `{"image", "finish_reason", "seed"}`
-(`{"result", ...}` from the results of an async job).
+(`{"result", ...}` from the results of an async job), or an answer that is the image's bytes
+(`image/*`, its seed and finish reason in headers), which a result poll may give.
 A create is never re-sent when it got no answer (it may have been billed); result polls are, since
 a GET makes nothing. Stability has no cancel endpoint: a job canceled after the provider took it
 may still be billed. Stability does not report what it charged, so `cost_millicredits` is `None`.
