@@ -145,6 +145,8 @@ class Prepared:
     params: dict[str, Any]
     request: RenderRequest
     source: Asset | None
+    # Where the job's end is POSTed instead of its project's URL (None: the project's).
+    webhook_url: str | None = None
 
 
 def render_request(params: dict[str, Any], init_image: Any = None) -> RenderRequest:
@@ -204,7 +206,7 @@ class JobService:
             "width": body.width, "height": body.height, "steps": body.steps,
             "guidance_scale": body.guidance_scale, "tags": dict(body.tags),
         }
-        return Prepared(project_id, "ideation", params, render_request(params), None)
+        return Prepared(project_id, "ideation", params, render_request(params), None, body.webhook_url)
 
     def prepare_promote(self, asset_id: str, body: PromoteCreate) -> Prepared:
         source, asked_negative = self._source(asset_id)
@@ -218,7 +220,7 @@ class JobService:
             "steps": body.steps, **_set(guidance_scale=body.guidance_scale), "tags": self._tags(source, body.tags),
             "source_sha256": source.sha256, "source_size": [source.width, source.height],
         }
-        return Prepared(source.project_id, "bridge", params, render_request(params), source)
+        return Prepared(source.project_id, "bridge", params, render_request(params), source, body.webhook_url)
 
     def prepare_polish(self, asset_id: str, body: PolishCreate) -> Prepared:
         source, asked_negative = self._source(asset_id)
@@ -237,7 +239,7 @@ class JobService:
             "tags": self._tags(source, body.tags), "source_sha256": source.sha256,
             "source_size": [source.width, source.height],
         }
-        return Prepared(source.project_id, "polish", params, render_request(params), source)
+        return Prepared(source.project_id, "polish", params, render_request(params), source, body.webhook_url)
 
     def _tags(self, source: Asset, tags: dict[str, str]) -> dict[str, str]:
         """The source job's tags under the request's own: a draft tagged `client=acme` makes acme's
@@ -545,7 +547,7 @@ class JobService:
                 copies = cached_copies(cached, job) if cached else []
                 if copies:
                     quota.add_assets(s, copies)
-                    webhooks.job_ended_at(s, job.id, job.project_id, job.status, project.webhook_url)
+                    webhooks.job_ended_at(s, job.id, job.project_id, job.status, job.webhook_url or project.webhook_url)
                 else:
                     self.ledger.hold(s, project, job, decision.estimate,
                                      billable=billed_by_provider(self.router.registry.get(job.engine)))
@@ -717,7 +719,7 @@ class JobService:
             id=new_id("job"), project_id=prepared.project_id, stage=prepared.stage, engine=decision.chosen,
             model=engine.model, status="queued", params=params,
             source_asset_id=prepared.source.id if prepared.source else None,
-            estimated=decision.estimate, routing=decision.as_dict(), attempts=[],
+            estimated=decision.estimate, routing=decision.as_dict(), attempts=[], webhook_url=prepared.webhook_url,
         )
 
     def _replay(self, key: str, scope: str, digest: str) -> Job | None:

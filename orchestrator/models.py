@@ -155,6 +155,10 @@ class Job(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime, nullable=False)
     started_at: datetime | None = _ts()
     finished_at: datetime | None = _ts()
+    # Where its end is POSTed, as its request asked, instead of its project's `webhook_url`
+    # (`orchestrator.webhooks`); null: the project's. Kept on the row: a fallback, a retry of the
+    # delivery and a restart all read it here.
+    webhook_url: str | None = Field(default=None, max_length=2000)
 
     def has_provider_work(self) -> bool:
         """Whether a provider accepted work for this job (an attempt saved its handles): that

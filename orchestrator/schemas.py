@@ -317,6 +317,10 @@ WebhookUrl = Annotated[str, AfterValidator(_webhook_url)]
 _WEBHOOK_DESCRIPTION = ("Where each of the project's jobs' ends is POSTed (`job.succeeded`, `job.failed`, "
                         "`job.canceled`, signed when ORCH_WEBHOOK_SECRET is set): an absolute `https://` or `http://` "
                         "URL without a user or password, at most 2,000 characters; null: none.")
+_JOB_WEBHOOK_DESCRIPTION = (
+    "Where this job's end is POSTed (`job.succeeded`, `job.failed`, `job.canceled`), instead of its project's "
+    "`webhook_url`: checked as that one is (an absolute `https://` or `http://` URL without a user or password, at "
+    "most 2,000 characters), signed alike (when ORCH_WEBHOOK_SECRET is set); null: the project's, if any.")
 
 
 # 2**30 MiB is a PiB: past any disk, and within the column's 32-bit integer.
@@ -499,6 +503,8 @@ def _side_description(template: str, side: str, other: str) -> str:
 class DraftCreate(Strict):
     """Drafts of a prompt (stage `ideation`); every field but `prompt` has a default."""
 
+    added_since_whole_hashes = frozenset({"webhook_url"})
+
     prompt: Prompt = Field(description="What to draw: 1 to 10,000 characters.", examples=["a lighthouse at dusk"])
     negative_prompt: Annotated[str, StringConstraints(max_length=10000), NullIsDefault] = Field(
         "", description="What to keep out of the image; empty: nothing.")
@@ -512,6 +518,7 @@ class DraftCreate(Strict):
     engine: str | None = Field(None, description=_ENGINE_DESCRIPTION)
     tags: Annotated[Tags, NullIsDefault] = Field(default_factory=dict, description=_TAGS_DESCRIPTION)
     cache: Annotated[bool, NullIsDefault] = Field(True, description=_CACHE_DESCRIPTION)
+    webhook_url: WebhookUrl | None = Field(None, description=_JOB_WEBHOOK_DESCRIPTION)
 
     @field_validator("seed")
     @classmethod
@@ -528,7 +535,7 @@ class DraftCreate(Strict):
 class PromoteCreate(Strict):
     """A promotion of an asset (stage `bridge`); every field has a default, and the body may be left out."""
 
-    added_since_whole_hashes = frozenset({"guidance_scale"})
+    added_since_whole_hashes = frozenset({"guidance_scale", "webhook_url"})
 
     prompt: Prompt | None = Field(None, description="What to draw; null: the source asset's prompt.")
     negative_prompt: Annotated[str, StringConstraints(max_length=10000)] | None = Field(None, description=(
@@ -546,12 +553,13 @@ class PromoteCreate(Strict):
     max_credits: Credits | None = Field(None, description=_MAX_CREDITS_DESCRIPTION)
     tags: Annotated[Tags, NullIsDefault] = Field(default_factory=dict, description=_INHERITED_TAGS_DESCRIPTION)
     cache: Annotated[bool, NullIsDefault] = Field(True, description=_CACHE_DESCRIPTION)
+    webhook_url: WebhookUrl | None = Field(None, description=_JOB_WEBHOOK_DESCRIPTION)
 
 
 class PolishCreate(Strict):
     """The final render of an asset (stage `polish`); every field has a default, and the body may be left out."""
 
-    added_since_whole_hashes = frozenset({"steps", "guidance_scale"})
+    added_since_whole_hashes = frozenset({"steps", "guidance_scale", "webhook_url"})
 
     # 2.0, not 2: a default is not validated, and the int would make the result cache (which keys on
     # the request as JSON) tell a request without `scale` from one with `"scale": 2`, charging both.
@@ -571,6 +579,7 @@ class PolishCreate(Strict):
     max_credits: Credits | None = Field(None, description=_MAX_CREDITS_DESCRIPTION)
     tags: Annotated[Tags, NullIsDefault] = Field(default_factory=dict, description=_INHERITED_TAGS_DESCRIPTION)
     cache: Annotated[bool, NullIsDefault] = Field(True, description=_CACHE_DESCRIPTION)
+    webhook_url: WebhookUrl | None = Field(None, description=_JOB_WEBHOOK_DESCRIPTION)
 
     @model_validator(mode="after")
     def _scale_or_size(self) -> PolishCreate:
@@ -699,6 +708,8 @@ class JobPublic(BaseModel):
     created_at: datetime = Field(description="When it was made (RFC 3339, UTC).")
     started_at: datetime | None = Field(description="When an engine started it; null until then.")
     finished_at: datetime | None = Field(description="When it ended; null until then.")
+    webhook_url: str | None = Field(None, description=(
+        "Where its end is POSTed, as its request gave it; null: its project's `webhook_url` as it ends, if any."))
 
 
 class AssetPublic(BaseModel):
@@ -747,8 +758,8 @@ class WebhookDeliveryPublic(BaseModel):
     project_id: str = Field(description="The project of its job.")
     job_id: str = Field(description="The job whose end it tells.")
     type: str = Field(description="The body's `type`: `job.succeeded`, `job.failed` or `job.canceled`.")
-    url: str = Field(description="Where it is POSTed: the project's `webhook_url` as the job ended, or as it was "
-                                 "redelivered.")
+    url: str = Field(description="Where it is POSTed: the job's own `webhook_url`, else the project's as the job "
+                                 "ended, or as it was redelivered.")
     status: DeliveryStatus = Field(description=(
         "`pending`: to be sent, or tried again at `next_attempt_at` (`POST /v1/webhook-deliveries/{id}/redeliver` "
         "brings that forward to now); `delivered`: a 2xx answer came; `failed`: given up after its last attempt, or "

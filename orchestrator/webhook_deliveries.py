@@ -8,7 +8,8 @@ statement that writes: a pending row, which a sender may claim at any moment, is
 here, nor changed but for its next attempt, brought forward while no sender has it.
 
 A redelivery keeps the row, and so its id (the `webhook-id` receivers dedupe by), and makes it due
-now with a fresh attempt budget, to the project's current URL; any process that runs jobs sends it
+now with a fresh attempt budget, to its job's own URL (the request's `webhook_url`), else the
+project's current one; any process that runs jobs sends it
 at its next look, body and signature made anew (the job as it is then). A pending one is only
 hurried: made due now if it waits out a backoff, its attempts and URL kept; one a sender has
 claimed (`leased_until` ahead) is left to that send.
@@ -94,8 +95,9 @@ def listed(s: Session, project_id: str | None, *, status: DeliveryStatus | None,
 
 
 def _found(s: Session, delivery_id: str) -> tuple[WebhookDelivery, str, str | None] | None:
-    """The delivery, its project and that project's webhook URL now."""
-    row = s.exec(select(WebhookDelivery, Job.project_id, Project.webhook_url)
+    """The delivery, its project and where it goes now: its job's own webhook URL, else its
+    project's now."""
+    row = s.exec(select(WebhookDelivery, Job.project_id, func.coalesce(col(Job.webhook_url), col(Project.webhook_url)))
                  .join(Job, col(Job.id) == col(WebhookDelivery.job_id))
                  .join(Project, col(Project.id) == col(Job.project_id))
                  .where(col(WebhookDelivery.id) == delivery_id)).first()
@@ -103,7 +105,8 @@ def _found(s: Session, delivery_id: str) -> tuple[WebhookDelivery, str, str | No
 
 
 def redeliver(db: Database, delivery_id: str, only_project: str | None = None) -> WebhookDeliveryPublic:
-    """Send a delivery now: a delivered or given-up one due again, to its project's current URL,
+    """Send a delivery now: a delivered or given-up one due again, to its job's own URL, else its
+    project's current one,
     with its attempts counted from 0 again; a pending one waiting out its backoff due now, its URL,
     attempts and last error as they are (one a sender has claimed is left to that send). The
     delivery as it is then. 404 for none (or, with `only_project`, one of another project: a

@@ -1,4 +1,5 @@
-"""Job webhooks: the end of each job of a project with a `webhook_url`, POSTed there.
+"""Job webhooks: the end of each job with a `webhook_url` of its own, or of a project with one,
+POSTed there (the job's before the project's).
 
 An outbox: `job_ended` writes a `WebhookDelivery` row in the transaction that ends the job, so a
 crash between the end and its POST loses nothing, and `Deliverer` (in every process that runs jobs)
@@ -43,7 +44,7 @@ from orchestrator.clock import shared_now
 from orchestrator.db import Database, changed
 from orchestrator.errors import first_line
 from orchestrator.ids import new_id
-from orchestrator.models import Project, UTCDateTime, WebhookDelivery
+from orchestrator.models import Job, Project, UTCDateTime, WebhookDelivery
 from orchestrator.outage import Outage
 from tiers._http import verifying_context
 
@@ -102,18 +103,23 @@ def signature(key: bytes, delivery_id: str, timestamp: int, body: bytes) -> str:
 # `job_ended`'s statement, built once: built at each end, with literals, it took about 420 µs of
 # SQLAlchemy's Python on SQLite for a project without a URL (every draft's end); run with parameters on
 # the session's connection, about 105 µs.
+# The job's own URL (its request's `webhook_url`) before its project's: read from the job's row in
+# the statement, so that whichever process ends it (after a fallback, a restart) sends it there.
+_URL = func.coalesce(col(Job.webhook_url), col(Project.webhook_url))
 _ENDED = sa.insert(WebhookDelivery).from_select(
     ["id", "job_id", "project_id", "url", "event", "attempts", "next_attempt_at", "created_at"],
-    sa.select(sa.bindparam("id", type_=sa.String()), sa.bindparam("job_id", type_=sa.String()), col(Project.id),
-              col(Project.webhook_url), sa.bindparam("event", type_=sa.String()), sa.literal(0),
+    sa.select(sa.bindparam("id", type_=sa.String()), col(Job.id), col(Project.id),
+              _URL, sa.bindparam("event", type_=sa.String()), sa.literal(0),
               sa.bindparam("now", type_=UTCDateTime()), sa.bindparam("now", type_=UTCDateTime()))
-    .where(col(Project.id) == sa.bindparam("project_id", type_=sa.String()), col(Project.webhook_url).is_not(None)))
+    .select_from(Job).join(Project, col(Project.id) == col(Job.project_id))
+    .where(col(Job.id) == sa.bindparam("job_id", type_=sa.String()),
+           col(Project.id) == sa.bindparam("project_id", type_=sa.String()), _URL.is_not(None)))
 
 
 def job_ended(s: Session, job_id: str, project_id: str, status: str) -> None:
-    """Queue the job's end for its project's webhook, in `s` (the transaction that ends it), with
-    the URL the project has now, however long ago the job was claimed (a URL set while it ran gets
-    its end); nothing when it has none. One statement, no read back."""
+    """Queue the job's end for its webhook, in `s` (the transaction that ends it): the job's own URL,
+    else the one its project has now, however long ago the job was claimed (a URL set while it ran
+    gets its end); nothing when neither has one. One statement, no read back."""
     if status not in EVENTS:
         return
     s.connection().execute(_ENDED, {"id": new_id("whd"), "job_id": job_id, "project_id": project_id,
@@ -121,7 +127,8 @@ def job_ended(s: Session, job_id: str, project_id: str, status: str) -> None:
 
 
 def job_ended_at(s: Session, job_id: str, project_id: str, status: str, url: str | None) -> None:
-    """`job_ended` for a caller that read the project's URL in `s` already (`None`: nothing)."""
+    """`job_ended` for a caller that read the URL in `s` already, the job's or else its project's
+    (`None`: nothing)."""
     if url is None or status not in EVENTS:
         return
     now = shared_now()

@@ -61,6 +61,7 @@ def job_public(job: Job, asset_ids: list[str], held: int = 0, charged: int = 0) 
                   cache_hit=job.cache_hit),
         routing=job.routing, attempts=job.attempts or [], provider_request_id=job.provider_request_id,
         created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
+        webhook_url=job.webhook_url,
     )
 
 

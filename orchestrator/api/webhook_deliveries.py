@@ -95,14 +95,16 @@ def list_all_webhook_deliveries(
                  "being sent at that moment, left to that send). The delivery as it is.")},
                         **documented(404, 409, said={
                             404: "No such delivery (`not_found`).",
-                            409: "Its project has no `webhook_url` now (`no_webhook_url`), to redeliver a delivered "
+                            409: "Neither its job nor its project has a `webhook_url` now (`no_webhook_url`), to "
+                                 "redeliver a delivered "
                                  "or failed one; or it became pending as it was redelivered (`delivery_pending`)."})})
 def redeliver_webhook(delivery_id: DeliveryId, services: ServicesDep, caller: CallerDep) -> WebhookDeliveryPublic:
     """Send a delivered or given-up (`failed`) delivery again: it is due at once, with a fresh
-    budget of attempts, under the same id (the `webhook-id` its receiver dedupes by), to the
-    project's **current** `webhook_url`, the job as it is now in its body. A `pending` one waiting
-    for its next retry is made due at once instead, nothing else changed (its attempts, last error
-    and URL kept); one a process is sending at that moment is left to that send (sent once). Sent by
-    any process that runs jobs, within ORCH_POLL_INTERVAL. The admin key, or the project's own key:
-    it sends nothing but the job's end, to the URL only the admin sets."""
+    budget of attempts, under the same id (the `webhook-id` its receiver dedupes by), to the job's
+    own `webhook_url`, else the project's **current** one, the job as it is now in its body. A
+    `pending` one waiting for its next retry is made due at once instead, nothing else changed (its
+    attempts, last error and URL kept); one a process is sending at that moment is left to that
+    send (sent once). Sent by any process that runs jobs, within ORCH_POLL_INTERVAL. The admin key,
+    or the project's own key: it sends nothing but the job's end, to the URL the job was made with
+    or the one only the admin sets."""
     return webhook_deliveries.redeliver(services.db, delivery_id, caller.project_id)
