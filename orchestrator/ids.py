@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import threading
+from datetime import UTC, datetime, timedelta
 
 from orchestrator import clock
 from orchestrator.errors import InvalidRequest, shown
@@ -18,6 +19,7 @@ ID_RE = re.compile(r"^[a-z]{3}_[0-9a-hjkmnp-tv-z]{26}$")
 _INT_CURSOR = re.compile(r"[0-9]{1,18}")  # ASCII digits only, and always within SQL's BIGINT
 # The ledger's ids are SQL INTEGERs: PostgreSQL refuses a larger number outright (a 500, not a miss).
 MAX_INT_ID = 2**31 - 1
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def _b32(value: int, length: int) -> str:
@@ -43,6 +45,13 @@ def new_id(prefix: str) -> str:
             ms, tail = last[0], last[1] + 1
         _last[which] = (ms, tail)
     return f"{prefix}_{_b32(ms, 10)}{_b32(tail & ((1 << 80) - 1), 16)}"
+
+
+def lowest_id(prefix: str, when: datetime) -> str:
+    """The least id `new_id(prefix)` makes at `when`'s millisecond: every id made then or later
+    sorts at or after it, every one made before it sorts before it (by the clock ids are made from)."""
+    us = (when - _EPOCH) // timedelta(microseconds=1)
+    return f"{prefix}_{_b32(max(0, us // 1000), 10)}{'0' * 16}"
 
 
 def _malformed(cursor: str) -> InvalidRequest:

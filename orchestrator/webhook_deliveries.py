@@ -18,7 +18,7 @@ claimed (`leased_until` ahead) is left to that send.
 from __future__ import annotations
 
 import threading
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -29,12 +29,17 @@ from sqlmodel import Session, col, select
 from orchestrator.clock import shared_now, utcnow
 from orchestrator.db import Database, changed
 from orchestrator.errors import DeliveryPending, NoWebhookUrl, not_found
+from orchestrator.ids import lowest_id
 from orchestrator.models import Job, Project, WebhookDelivery
 from orchestrator.schemas import DeliveryStatus, WebhookDeliveryPublic
 
 # Rows deleted per write transaction, and the pause between two, as draft retention's
 # (`orchestrator.retention`): a long history does not hold the write lock for the whole prune.
 RETENTION_BATCH = 500
+# How far a delivery's id's time may be from its `created_at` for `listed`'s range of ids: both are
+# read from one clock, microseconds apart, but an id is never older than the last one its process made
+# (`ids.new_id`), so after this host's clock stepped back its ids run ahead of the clock for a while.
+ID_SLACK = timedelta(minutes=1)
 BATCH_PAUSE = 0.1
 
 _NO_NEXT_ATTEMPT = col(WebhookDelivery.next_attempt_at).is_(None)
@@ -68,12 +73,14 @@ def delivery_public(row: WebhookDelivery, project_id: str) -> WebhookDeliveryPub
 
 
 def listed(s: Session, project_id: str | None, *, status: DeliveryStatus | None, job_id: str | None,
-           after: str | None, order: str, limit: int) -> list[WebhookDelivery]:
+           after: str | None, order: str, limit: int, since: datetime | None = None,
+           until: datetime | None = None) -> list[WebhookDelivery]:
     """Up to `limit` of the project's deliveries (every project's: None) past the cursor `after`,
     by id in `order` (ids grow with time: a delivery's is made in the transaction that ends its
     job, under the write lock), read from `ix_webhook_deliveries_project`; every project's, from
     the table's key, or for the pending or failed ones `ix_webhook_deliveries_pending` or
-    `ix_webhook_deliveries_failed`."""
+    `ix_webhook_deliveries_failed`. `since` and `until`: made (`created_at`) at or after the one,
+    before the other, read as a range of those ids (`_made_within`)."""
     stmt = select(WebhookDelivery).limit(limit)
     # A row written without its project (the column is nullable only so that it is not refused) is listed nowhere.
     stmt = stmt.where(col(WebhookDelivery.project_id) == project_id if project_id is not None
@@ -82,6 +89,7 @@ def listed(s: Session, project_id: str | None, *, status: DeliveryStatus | None,
         stmt = stmt.where(with_status(status))
     if job_id is not None:
         stmt = stmt.where(col(WebhookDelivery.job_id) == job_id)
+    stmt = stmt.where(*_made_within(since, until))
     column = col(WebhookDelivery.id)
     if order == "desc":
         stmt = stmt.order_by(column.desc())
@@ -92,6 +100,25 @@ def listed(s: Session, project_id: str | None, *, status: DeliveryStatus | None,
         if after is not None:
             stmt = stmt.where(column > after)
     return list(s.exec(stmt).all())
+
+
+def _made_within(since: datetime | None, until: datetime | None) -> list[ColumnElement[bool]]:
+    """Made at or after `since`, before `until`, by `created_at`; and, so that a page is read from
+    a range of the index it is read by (by id) rather than from every row after or before the
+    window, by ids made within ID_SLACK of those bounds: a delivery's id is made from the clock its
+    `created_at` is read from, a moment before it (`webhooks.job_ended`) or after it
+    (`webhooks.job_ended_at`)."""
+    column, made = col(WebhookDelivery.id), col(WebhookDelivery.created_at)
+    terms: list[ColumnElement[bool]] = []
+    if since is not None:
+        terms.append(made >= since)
+        if since - datetime.min.replace(tzinfo=UTC) > ID_SLACK:  # else no id is before it: nothing to narrow
+            terms.append(column >= lowest_id("whd", since - ID_SLACK))
+    if until is not None:
+        terms.append(made < until)
+        if datetime.max.replace(tzinfo=UTC) - until > ID_SLACK:  # `until + ID_SLACK` past year 9999 raised: a 500
+            terms.append(column < lowest_id("whd", until + ID_SLACK))
+    return terms
 
 
 def _found(s: Session, delivery_id: str) -> tuple[WebhookDelivery, str, str | None] | None:

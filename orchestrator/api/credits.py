@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from pydantic import BaseModel, BeforeValidator, Field
+from pydantic import BaseModel, Field
 from sqlmodel import col, select
 
 from orchestrator import idempotency
@@ -27,6 +27,7 @@ from orchestrator.api.docs import (
 from orchestrator.api.json_body import StrictJSONRoute
 from orchestrator.api.paths import EntryId, ProjectId
 from orchestrator.api.query import Cursor, Limit, Order, paged
+from orchestrator.api.times import Rfc3339, utc_bound
 from orchestrator.clock import iso
 from orchestrator.errors import InvalidRequest, not_found
 from orchestrator.ids import MAX_INT_ID, int_cursor
@@ -221,52 +222,6 @@ def reconcile(project_id: ProjectId, entry_id: EntryId, body: Reconcile, service
 _ENTRY_ID = re.compile(r"[1-9][0-9]{0,9}")  # digits without leading zeros, at most MAX_INT_ID
 
 
-def _rfc3339(value: Any) -> Any:
-    # Pydantic reads a bare number as Unix seconds ("to=0.5" was 1970); the contract's times are RFC 3339.
-    if isinstance(value, str) and (not _DATE.match(value) or not value.isascii()):
-        raise ValueError("expected an RFC 3339 time, e.g. 2026-11-01T00:00:00Z")
-    if isinstance(value, str) and "," in value:
-        # A decimal comma (ISO 8601 allows one, RFC 3339 does not) passed pydantic, and its digits
-        # past the microsecond were cut where a point's are rounded up: the bound moved back.
-        raise ValueError("expected an RFC 3339 time, e.g. 2026-11-01T00:00:00.5Z (a fraction after a '.', not a ',')")
-    if isinstance(value, str) and _UNENCODED_PLUS.search(value):
-        # A query string reads `+` as a space: `...T01:00:00+01:00` arrives as `...T01:00:00 01:00`.
-        raise ValueError("a '+' in a query string reads as a space: URL-encode the zone's '+' as %2B")
-    if isinstance(value, str):
-        _in_range(value)
-    fraction = _BEYOND_MICROSECONDS.search(value) if isinstance(value, str) else None
-    if fraction is not None:
-        # RFC 3339 allows any number of digits (Go and .NET send 7 to 9); pydantic drops those past
-        # the microsecond. Times are stored in whole microseconds, so rounding a bound up to the
-        # next one keeps it exact, for `from` (inclusive) as for `to` (exclusive).
-        cut = value[:fraction.start(2)] + value[fraction.end(2):]
-        try:
-            parsed = datetime.fromisoformat(cut.upper())  # RFC 3339 allows a lower-case t and z; Python does not
-        except ValueError:
-            return value  # pydantic says what is wrong with it
-        if not fraction.group(2).strip("0"):
-            return parsed
-        try:
-            return parsed + timedelta(microseconds=1)
-        except OverflowError:  # past 9999-12-31T23:59:59.999999: not a ValueError, it was a 500
-            raise ValueError("is out of range (after 9999-12-31T23:59:59.999999)") from None
-    return value
-
-
-def _in_range(value: str) -> None:
-    """Raise ValueError naming the part of a time that is out of range (hour 24, second 60, a
-    zone 25 hours off, 30 February): pydantic said "unexpected extra characters" of them. A
-    value Python cannot read for another reason is left to pydantic to describe."""
-    try:
-        datetime.fromisoformat(value.upper())  # RFC 3339 allows a lower-case t and z; Python does not
-    except ValueError as exc:
-        said = str(exc)
-        if said.startswith("offset must be"):
-            raise ValueError("is out of range: a zone's offset is less than 24 hours (-23:59 to +23:59)") from None
-        if " must be in " in said or "out of range" in said:
-            raise ValueError(f"is out of range: {said}") from None
-
-
 def _csv_name(report: dict[str, Any], project_id: str | None) -> str:
     """`spend-by-day-from-20261101T000000Z-to-20261201T000000Z.csv`, with the project's id after
     `spend-` for one project's: files saved from several windows or projects do not overwrite one
@@ -278,26 +233,6 @@ def _csv_name(report: dict[str, Any], project_id: str | None) -> str:
             fraction = f".{when.microsecond:06d}".rstrip("0") if when.microsecond else ""
             parts.append(f"{bound}-{when.year:04d}{when.strftime('%m%dT%H%M%S')}{fraction}Z")
     return "-".join(parts) + ".csv"
-
-
-# ASCII digits only, as RFC 3339 has them (a time of other characters is refused before these):
-# `\d` alone took an Arabic zero past the microsecond and moved the bound a microsecond up.
-_DATE = re.compile(r"\d{4}-\d{2}-\d{2}", re.ASCII)
-_UNENCODED_PLUS = re.compile(r"[Tt ]\d{2}:\d{2}(:\d{2}(\.\d+)?)? \d{2}:?\d{2}$", re.ASCII)
-_BEYOND_MICROSECONDS = re.compile(r"[Tt ]\d{2}:\d{2}:\d{2}\.(\d{6})(\d+)", re.ASCII)
-Rfc3339 = Annotated[datetime, BeforeValidator(_rfc3339)]
-
-
-def _utc(name: str, value: datetime | None) -> datetime | None:
-    if value is None:
-        return None
-    if value.tzinfo is None:
-        raise InvalidRequest(f"'{name}' needs a timezone (RFC 3339, e.g. 2026-11-01T00:00:00Z)", loc=("query", name))
-    try:
-        return value.astimezone(UTC)
-    except OverflowError:  # 0001-01-01T00:00:00+01:00 is a year before the first one
-        raise InvalidRequest(f"'{name}' is out of range once in UTC", details={name: value.isoformat()},
-                             loc=("query", name)) from None
 
 
 @router.get("/spend", summary="Report spend", responses={
@@ -325,7 +260,7 @@ def get_spend(services: ServicesDep, caller: CallerDep,
     if caller.project_id is not None:
         caller.project(project_id or caller.project_id)
         project_id = caller.project_id
-    from_, to = _utc("from", from_), _utc("to", to)
+    from_, to = utc_bound("from", from_), utc_bound("to", to)
     if from_ and to and from_ > to:  # equal bounds are an empty window, as a dashboard may compute one
         raise InvalidRequest("'from' must not be after 'to'", loc=("query", "from"))
     with services.db.snapshot() as s:

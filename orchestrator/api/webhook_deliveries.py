@@ -3,27 +3,44 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Query
 
 from orchestrator import webhook_deliveries
 from orchestrator.api.deps import CallerDep, ServicesDep, admin_only
-from orchestrator.api.docs import documented, with_query
+from orchestrator.api.docs import QUERY_422, documented, with_query
 from orchestrator.api.json_body import StrictJSONRoute
 from orchestrator.api.paths import DeliveryId, ProjectId
 from orchestrator.api.query import Cursor, Limit, Order
-from orchestrator.errors import not_found
+from orchestrator.api.times import Rfc3339, utc_bound
+from orchestrator.errors import InvalidRequest, not_found
 from orchestrator.ids import id_cursor
 from orchestrator.models import Job, Project
 from orchestrator.schemas import DeliveryStatus, Page, WebhookDeliveryPublic
 
 router = APIRouter(tags=["webhooks"], route_class=StrictJSONRoute)
+Since = Annotated[Rfc3339 | None, Query(description=(
+    "Only deliveries made (`created_at`) at or after this time: RFC 3339 with a zone, e.g. 2026-11-01T00:00:00Z "
+    "(URL-encode a +01:00 as %2B01:00)."))]
+Until = Annotated[Rfc3339 | None, Query(description=(
+    "Only deliveries made (`created_at`) before this time (RFC 3339, a zone)."))]
+_WINDOW_422 = QUERY_422 + " Or `since` or `until` is no RFC 3339 time with a zone, or `since` is after `until`."
+
+
+def _window(since: datetime | None, until: datetime | None) -> tuple[datetime | None, datetime | None]:
+    """The `?since=` and `?until=` bounds in UTC; 422 for a window that ends before it starts."""
+    since, until = utc_bound("since", since), utc_bound("until", until)
+    if since and until and since > until:  # equal bounds are an empty window, as a dashboard may compute one
+        raise InvalidRequest("'since' must not be after 'until'", loc=("query", "since"))
+    return since, until
 
 
 @router.get("/projects/{project_id}/webhook-deliveries", response_model=Page[WebhookDeliveryPublic],
             summary="List a project's webhook deliveries",
-            responses=with_query(404, said={404: "No such project, or `job_id` names no job of it (`not_found`)."}))
+            responses=with_query(404, said={404: "No such project, or `job_id` names no job of it (`not_found`).",
+                                             422: _WINDOW_422}))
 def list_webhook_deliveries(
     project_id: ProjectId, services: ServicesDep, caller: CallerDep,
     status: Annotated[DeliveryStatus | None, Query(description=(
@@ -34,12 +51,14 @@ def list_webhook_deliveries(
     order: Annotated[Order, Query(description=(
         "`desc`: newest first (the default here); `asc`: oldest first. A page's `next_cursor` goes on in the same "
         "order."))] = "desc",
+    since: Since = None, until: Until = None,
 ) -> Page[WebhookDeliveryPublic]:
     """The project's webhook deliveries (each job's end POSTed to its `webhook_url`), newest first:
     where each went, its status, attempts and last error, a page at a time. A project key reads its
     own project's."""
     caller.project(project_id)
     after = id_cursor(cursor, "whd")
+    since, until = _window(since, until)
     with services.db.snapshot() as s:
         if s.get(Project, project_id) is None:
             raise not_found("project", "project_id", project_id)
@@ -48,7 +67,7 @@ def list_webhook_deliveries(
             if job is None or job.project_id != project_id:  # a mistyped id is not a job without deliveries
                 raise not_found("job", "job_id", job_id)
         rows = webhook_deliveries.listed(s, project_id, status=status, job_id=job_id, after=after, order=order,
-                                         limit=limit + 1)
+                                         limit=limit + 1, since=since, until=until)
     more = len(rows) > limit
     rows = rows[:limit]
     return Page(items=[webhook_deliveries.delivery_public(row, project_id) for row in rows],
@@ -61,7 +80,7 @@ def list_webhook_deliveries(
             responses=with_query(403, 404, said={
                 403: "A project key (`forbidden`): it lists its own project's at "
                      "`GET /v1/projects/{project_id}/webhook-deliveries`.",
-                404: "`project_id` names no project (`not_found`)."}))
+                404: "`project_id` names no project (`not_found`).", 422: _WINDOW_422}))
 def list_all_webhook_deliveries(
     services: ServicesDep,
     status: Annotated[DeliveryStatus | None, Query(description=(
@@ -72,16 +91,18 @@ def list_all_webhook_deliveries(
     order: Annotated[Order, Query(description=(
         "`desc`: newest first (the default here); `asc`: oldest first. A page's `next_cursor` goes on in the same "
         "order."))] = "desc",
+    since: Since = None, until: Until = None,
 ) -> Page[WebhookDeliveryPublic]:
     """Every project's webhook deliveries, newest first, a page at a time: the studio's view of
     what its receivers got, are still to get (`?status=pending`) or never got (`?status=failed`),
     each naming its `project_id`. The admin key only."""
     after = id_cursor(cursor, "whd")
+    since, until = _window(since, until)
     with services.db.snapshot() as s:
         if project_id is not None and s.get(Project, project_id) is None:
             raise not_found("project", "project_id", project_id)
         rows = webhook_deliveries.listed(s, project_id, status=status, job_id=None, after=after, order=order,
-                                         limit=limit + 1)
+                                         limit=limit + 1, since=since, until=until)
     more = len(rows) > limit
     rows = rows[:limit]
     return Page(items=[webhook_deliveries.delivery_public(row, row.project_id or "") for row in rows],

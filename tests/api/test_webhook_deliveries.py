@@ -8,15 +8,15 @@ import json
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from pydantic import ValidationError
-from sqlalchemy import create_engine, event, inspect, text
-from sqlmodel import select
+from sqlalchemy import create_engine, event, inspect, text, update
+from sqlmodel import col, select
 from starlette.testclient import TestClient
 
 from orchestrator import webhook_deliveries, webhooks
@@ -24,7 +24,7 @@ from orchestrator.app import create_app
 from orchestrator.clock import utcnow
 from orchestrator.db import Database
 from orchestrator.errors import DeliveryPending
-from orchestrator.ids import new_id
+from orchestrator.ids import lowest_id, new_id
 from orchestrator.models import Job, Project, WebhookDelivery
 from orchestrator.settings import Settings
 from tests.api import assert_error, create_project, run_draft
@@ -766,3 +766,131 @@ def test_the_asset_sweep_prunes_them_at_start_and_0_keeps_them(make_settings: Se
         while left(settings) != {recent}:  # the sweep a start runs, in the background
             assert time.monotonic() < deadline, left(settings)
             time.sleep(0.05)
+
+
+# -- a time range --------------------------------------------------------------------------------
+
+WINDOW_START = datetime(2026, 11, 1, tzinfo=UTC)
+
+
+def add_delivery_at(db: Database, job_id: str, status: str, hours: int) -> str:
+    """A delivery in `status` (as `add_delivery`) made `hours` after WINDOW_START, with an id made
+    then as the service makes it (`ids.new_id` at its `created_at`), whatever ids were made before."""
+    made = WINDOW_START + timedelta(hours=hours, microseconds=250)
+    delivery = add_delivery(db, job_id, status)
+    at_made = lowest_id("whd", made)[:-16] + delivery[-16:]
+    with db.transaction() as s:
+        s.execute(update(WebhookDelivery).where(col(WebhookDelivery.id) == delivery).values(id=at_made,
+                                                                                           created_at=made))
+    return at_made
+
+
+def test_the_lists_take_a_time_range_with_their_cursors_and_filters(
+        admin: TestClient, admin_settings: Settings) -> None:
+    mine, other = create_project(admin, "mine")["id"], create_project(admin, "other")["id"]
+    with database(admin_settings) as db:
+        jobs = {mine: add_job(db, mine), other: add_job(db, other)}
+        made = [(add_delivery_at(db, jobs[project], status, hours), project, status, hours)
+                for hours, (project, status) in enumerate([(mine, "delivered"), (other, "failed"), (mine, "failed"),
+                                                           (other, "delivered"), (mine, "waiting"), (mine, "failed")])]
+
+    def within(since: int | None, until: int | None, **only: str) -> list[str]:
+        return [d for d, project, status, hours in reversed(made)
+                if (since is None or hours >= since) and (until is None or hours < until)
+                and only.get("project", project) == project and only.get("status", status) == status]
+
+    def at(hours: int, zone: str = "Z") -> str:
+        when = WINDOW_START + timedelta(hours=hours, microseconds=250)
+        return z(when) if zone == "Z" else (when + timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%S.%f") + zone
+
+    everyone, own = "/v1/webhooks/deliveries", f"/v1/projects/{mine}/webhook-deliveries"
+    # At or after `since` (a delivery made at that very microsecond included), before `until`.
+    assert ids(admin.get(everyone, params={"since": at(2)})) == within(2, None)
+    assert ids(admin.get(everyone, params={"until": at(4)})) == within(None, 4)
+    assert ids(admin.get(everyone, params={"since": at(1), "until": at(4)})) == within(1, 4)
+    assert ids(admin.get(everyone, params={"since": at(1), "until": at(1)})) == []
+    # The first and last times there are: every delivery (narrowing the ids by a minute past them was a 500).
+    assert ids(admin.get(own, params={"since": "0001-01-01T00:00:00Z", "until": "9999-12-31T23:59:59.999999Z"})) == (
+        within(None, None, project=mine))
+    assert ids(admin.get(everyone, params={"since": at(1, "+01:00"), "until": at(4, "+01:00")})) == within(1, 4)
+    assert ids(admin.get(everyone, params={"since": at(1), "order": "asc"})) == within(1, None)[::-1]
+    assert ids(admin.get(everyone, params={"since": at(1), "status": "failed"})) == within(1, None, status="failed")
+    assert ids(admin.get(everyone, params={"until": at(5), "status": "pending"})) == within(None, 5, status="waiting")
+    assert ids(admin.get(everyone, params={"since": at(1), "project_id": mine})) == within(1, None, project=mine)
+    assert ids(admin.get(own, params={"since": at(1), "until": at(5)})) == within(1, 5, project=mine)
+    assert ids(admin.get(own, params={"since": at(3), "status": "failed"})) == within(3, None, project=mine,
+                                                                                  status="failed")
+    # A page at a time: the cursor goes on inside the range, both ways.
+    for order in ("desc", "asc"):
+        pages, cursor = [], None
+        while True:
+            page = admin.get(everyone, params={"since": at(1), "until": at(5), "limit": 1, "order": order,
+                                               **({"cursor": cursor} if cursor else {})}).json()
+            pages += [i["id"] for i in page["items"]]
+            if (cursor := page["next_cursor"]) is None:
+                break
+        assert pages == (within(1, 5) if order == "desc" else within(1, 5)[::-1])
+
+
+@pytest.mark.parametrize("params", [
+    {"since": "yesterday"}, {"since": "1700000000"}, {"until": "2026-11-01"}, {"since": "2026-11-01T00:00:00"},
+    {"until": "2026-13-01T00:00:00Z"}, {"since": "2026-11-01T01:00:00 01:00"},
+    {"since": "2026-11-02T00:00:00Z", "until": "2026-11-01T00:00:00Z"}])
+def test_a_time_range_the_lists_cannot_read_is_refused_in_the_error_shape(
+        admin: TestClient, params: dict[str, str]) -> None:
+    mine = create_project(admin, "mine")["id"]
+    for path in ("/v1/webhooks/deliveries", f"/v1/projects/{mine}/webhook-deliveries"):
+        error = assert_error(admin.get(path, params=params), 422, "invalid_request")
+        assert ("since" in json.dumps(error)) or ("until" in json.dumps(error)), error
+
+
+def test_a_time_range_reads_a_range_of_the_index_a_page_is_read_from(db: Database) -> None:
+    """With `since` and `until`, a page is still read from the index of its list (and of its
+    status) alone, as a range of ids: not from every row after (or before) the window."""
+    statements: list[tuple[str, Any]] = []
+
+    def seen(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, many: bool) -> None:
+        if statement.lstrip().startswith("SELECT") and "webhook_deliveries" in statement:
+            statements.append((statement, parameters))
+
+    event.listen(db.engine, "before_cursor_execute", seen)
+    try:
+        with db.session() as s:
+            for project, status, index in ((None, "pending", "ix_webhook_deliveries_pending"),
+                                           (None, "failed", "ix_webhook_deliveries_failed"),
+                                           ("prj_1", None, "ix_webhook_deliveries_project")):
+                for order in ("desc", "asc"):
+                    statements.clear()
+                    webhook_deliveries.listed(s, project, status=status, job_id=None, after=None,  # type: ignore[arg-type]
+                                              order=order, limit=51, since=WINDOW_START,
+                                              until=WINDOW_START + timedelta(days=1))
+                    [(statement, parameters)] = statements
+                    plan = s.connection().exec_driver_sql("EXPLAIN QUERY PLAN " + statement, parameters).all()
+                    told = " | ".join(str(step[-1]) for step in plan)
+                    assert f"USING INDEX {index} (" in told and "id>? AND id<?" in told, (status, order, told)
+                    assert "TEMP B-TREE" not in told, (status, order, told)
+    finally:
+        event.remove(db.engine, "before_cursor_execute", seen)
+
+
+def test_a_time_range_is_read_by_created_at(db: Database) -> None:
+    check_a_time_range_read(db)
+
+
+def check_a_time_range_read(db: Database) -> None:
+    with db.transaction() as s:
+        s.add(Project(id="prj_1", name="a", policy="balanced"))
+    job = add_job(db, "prj_1")
+    made = [add_delivery_at(db, job, status, hours) for hours, status in enumerate(["delivered", "failed", "failed"])]
+
+    def read(status: Any, since: int, until: int, order: str = "desc") -> list[str]:
+        with db.session() as s:
+            return [r.id for r in webhook_deliveries.listed(
+                s, None, status=status, job_id=None, after=None, order=order, limit=10,
+                since=WINDOW_START + timedelta(hours=since, microseconds=250),
+                until=WINDOW_START + timedelta(hours=until, microseconds=250))]
+
+    assert read(None, 0, 2) == made[1::-1]
+    assert read(None, 1, 3, "asc") == made[1:]
+    assert read("failed", 2, 3) == made[2:]
+    assert read("delivered", 1, 3) == []

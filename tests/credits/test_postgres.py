@@ -1158,6 +1158,12 @@ def test_a_job_s_own_webhook_url_is_read_by_the_end_s_statement_on_postgres(pg_d
     check_the_end_reads_the_job_s_url(pg_db)
 
 
+def test_webhook_deliveries_are_listed_within_a_time_range_on_postgres(pg_db: Database) -> None:
+    from tests.api.test_webhook_deliveries import check_a_time_range_read
+
+    check_a_time_range_read(pg_db)
+
+
 def test_webhook_sends_at_once_read_and_give_back_rows_on_postgres(pg_db: Database,
                                                                    check: Callable[[Database], None]) -> None:
     check(pg_db)
