@@ -25,6 +25,7 @@ import base64
 import contextlib
 import hashlib
 import hmac
+import ipaddress
 import json
 import logging
 import time
@@ -33,7 +34,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import httpx
 import sqlalchemy as sa
@@ -150,11 +151,12 @@ DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 def destination(url: str) -> str:
-    """The receiver of `url` whose slots its deliveries share: its scheme, host and port, the scheme
-    and host lowercase and the default port written (`https://hooks.example:443`), so that two
-    spellings of one receiver (`HTTPS://Hooks.example/a`, `https://hooks.example:443/b`) are one."""
+    """The receiver of `url` whose slots and breaker its deliveries share: its scheme, host and
+    port, canonical, so that every spelling of one receiver is one (`HTTPS://Hooks.example./a`,
+    `https://%68ooks.example:443/b`): the scheme lowercase, the default port written, and the host as
+    `_host` writes it."""
     parts = urlsplit(url)
-    scheme, host = parts.scheme.lower(), parts.hostname or ""
+    scheme, host = parts.scheme.lower(), _host(parts.hostname or "")
     try:
         port = parts.port
     except ValueError:  # refused when the URL is set; a row that still had one must not stop the sender
@@ -166,12 +168,34 @@ def destination(url: str) -> str:
     return f"{scheme}://{host}" if port is None else f"{scheme}://{host}:{port}"
 
 
+def _host(host: str) -> str:
+    """A URL's host (as `urlsplit` gives it: lowercase, unbracketed) as one receiver's spellings
+    share it: an IPv6 address in its compressed form (`2001:db8::1` for `2001:DB8:0:0::1`), else
+    percent-decoded (`%41` is `a`), lowercase, without the trailing dot of a fully qualified name
+    (`hooks.example.` is `hooks.example`)."""
+    if ":" in host:
+        with contextlib.suppress(ValueError):  # not an address (refused when the URL is set): as written
+            return ipaddress.IPv6Address(unquote(host)).compressed
+        return host
+    decoded = unquote(host).lower()
+    return decoded.rstrip(".") or decoded
+
+
 def _written_as(where: str) -> list[str]:
     """The ways a URL may start with destination `where`, lowercase: with its port, and without it
-    when it is its scheme's default."""
-    scheme = where.partition("://")[0]
-    default = f":{DEFAULT_PORTS.get(scheme)}"
-    return [where, where.removesuffix(default)] if where.endswith(default) else [where]
+    when it is its scheme's default; each with the host's trailing dot and without (an IPv6 host
+    not otherwise than as `destination` writes it, nor a percent-encoded one: `Deliverer._due`)."""
+    scheme, _, rest = where.partition("://")
+    host, colon, port = rest.rpartition(":")
+    if not colon or not port.isdigit():  # no port written (a scheme without a default), or an IPv6 host's colon
+        host, port = rest, ""
+    hosts = [host] if host.endswith("]") else [host, host + "."]
+    starts = []
+    for spelled in hosts:
+        starts.append(f"{scheme}://{spelled}:{port}" if port else f"{scheme}://{spelled}")
+        if port and int(port) == DEFAULT_PORTS.get(scheme):
+            starts.append(f"{scheme}://{spelled}")
+    return starts
 
 
 def _to(where: str) -> sa.ColumnElement[bool]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -348,6 +349,53 @@ def test_a_destination_is_the_scheme_host_and_port_lowercase_with_the_default_po
         "https://a.example:443")
     assert webhooks.destination("http://[::1]/h") == "http://[::1]:80"
     assert webhooks.destination("http://a.example:0/h") == "http://a.example:0"
+
+
+@pytest.mark.parametrize(("spellings", "canonical"), [
+    (["https://hooks.example/a", "https://HOOKS.Example./b", "https://hooks.example.:443/c", "https://%68ooks.%45xample/",
+      "https://%68ooks.example%2E/", "HTTPS://hooks.example:0443/"], "https://hooks.example:443"),
+    (["http://[2001:db8::1]/", "http://[2001:DB8:0:0:0:0:0:1]:80/x", "http://[2001:db8:0::1]/?t=1"],
+     "http://[2001:db8::1]:80"),
+    (["http://[::ffff:127.0.0.1]:8080/", "http://[::FFFF:7f00:1]:8080/"], "http://[::ffff:7f00:1]:8080"),
+])
+def test_every_spelling_of_one_receiver_is_one_destination(spellings: list[str], canonical: str) -> None:
+    # Each spelling was a destination of its own: its own 2 slots, its own breaker (a dead host spelt
+    # two ways took 3 failed attempts per spelling to be set aside, and twice the slots).
+    assert {webhooks.destination(url) for url in spellings} == {canonical}
+
+
+def test_two_spellings_of_a_dead_host_share_its_breaker(db: Database) -> None:
+    # Nothing listens there: each attempt is refused at once, a failure against the destination.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    spellings = [f"http://[::1]:{port}/h", f"http://[0:0:0:0:0:0:0:1]:{port}/h"]
+    ids = _deliveries(db, [(spellings[n % 2], 1) for n in range(12)])
+    # Sends at once: 2, 1 to a destination (so one's failures come one after the other, exactly 3).
+    deliverer = webhooks.Deliverer(db, lambda job_id: {"id": job_id}, None, interval=0.02, concurrency=2)
+    deliverer.breakers.clock = lambda: 1000.0  # no cool-down ends
+    looks = _counting_looks(deliverer)
+
+    async def body() -> None:
+        await _until("3 failed attempts", lambda: sum(_attempts(db, ids)) >= 3)
+        await _more_looks(looks, 10)
+
+    asyncio.run(_running(deliverer, body))
+    # One breaker set aside after 3 failures in a row, whichever spelling each was sent to: the rows
+    # of both then wait (apart, each spelling had 3 of its own, 6 in all, and a slot of its own).
+    assert deliverer.breakers.set_aside() == [f"http://[::1]:{port}"] and len(deliverer.breakers) == 1
+    assert sum(_attempts(db, ids)) == 3
+
+
+def test_the_sql_filter_of_a_destination_spells_its_host_with_its_trailing_dot_too(db: Database) -> None:
+    # What a set-aside destination's rows past their schedule are given up by, one update: those
+    # spelt `host.` waited for probes, one each, pending for weeks.
+    urls = ["http://Dead.Example./h", "http://dead.example.:80?t=1", "http://dead.example", "http://dead.example.org/h",
+            "http://dead.example.:81/h"]
+    ids = _deliveries(db, [(url, 1) for url in urls])
+    with db.session() as s:
+        found = s.exec(select(WebhookDelivery.id).where(webhooks._to(webhooks.destination("http://dead.example/"))))
+        assert sorted(found) == ids[:3]
 
 
 def test_a_full_destination_is_read_past_not_one_that_merely_shares_its_start(db: Database) -> None:
