@@ -223,7 +223,7 @@ def test_json_is_read_strictly(shared_server: httpx.Client, project: str, raw: b
 
 
 DRAFT_FIELDS = ("(fields here: prompt, negative_prompt, n, seed, width, height, steps, guidance_scale, engine, "
-                "tags, cache)")
+                "tags, cache, webhook_url)")
 
 
 @pytest.mark.parametrize(("path", "body", "told"), [
