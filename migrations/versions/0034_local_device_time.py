@@ -7,7 +7,7 @@ revision keep none (null): their seconds were never stored apart from a metered 
 note, so a project starts the upgrade having used nothing.
 
 Revision ID: 0034
-Revises: 0032
+Revises: 0033
 Create Date: 2026-12-07 08:00:00.000000
 """
 
@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = '0034'
-down_revision: str | None = '0032'
+down_revision: str | None = '0033'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

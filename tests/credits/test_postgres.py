@@ -1150,8 +1150,6 @@ def test_two_deliverers_send_a_row_once_on_postgres(pg_db: Database) -> None:
     check_two_deliverers_send_a_row_once(pg_db)
 
 
-@pytest.mark.parametrize("check", [check_a_full_destination_is_read_past, check_a_claim_given_back_is_due_as_it_was,
-                                   check_spellings_the_sql_filter_misses_do_not_fill_every_read])
 def test_a_job_s_own_webhook_url_is_read_by_the_end_s_statement_on_postgres(pg_db: Database) -> None:
     from tests.api.test_job_webhooks import check_the_end_reads_the_job_s_url
 
@@ -1164,6 +1162,8 @@ def test_webhook_deliveries_are_listed_within_a_time_range_on_postgres(pg_db: Da
     check_a_time_range_read(pg_db)
 
 
+@pytest.mark.parametrize("check", [check_a_full_destination_is_read_past, check_a_claim_given_back_is_due_as_it_was,
+                                   check_spellings_the_sql_filter_misses_do_not_fill_every_read])
 def test_webhook_sends_at_once_read_and_give_back_rows_on_postgres(pg_db: Database,
                                                                    check: Callable[[Database], None]) -> None:
     check(pg_db)
