@@ -28,7 +28,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Literal
 
@@ -76,6 +76,19 @@ class _Observation:
     order: float
     stage: str | None = None
     seconds: float | None = None  # set for a success
+    # Stamped by this host's clock, before this process first read the database's (see `_wall`):
+    # when, by its monotonic clock, so that its first sync on PostgreSQL stamps it by the database's.
+    host_seen: float | None = None
+
+    def restamped(self, offset: float) -> _Observation:
+        """Stamped by the database's clock, `offset` from the monotonic one, if it was by this
+        host's: a circuit opened before the first sync by a host a day behind, shared as stamped, was
+        past its cooldown on every process (this one too, its time a day on after the sync). Its
+        order keeps what it was raised by, what it knew of then being stamped again alike."""
+        if self.host_seen is None:
+            return self
+        at = round(self.host_seen + offset, 6)
+        return replace(self, at=at, order=round(self.order - self.at + at, 6), host_seen=None)
 
 
 class EngineHealth:
@@ -154,7 +167,8 @@ class EngineHealth:
         this process's latest write transaction read it (`Database.now`, looked at every sync),
         carried on by this process's monotonic clock, which never steps. On SQLite the processes
         share one host, and its clock (`clock`) is theirs. Until a process's first sync
-        (`Services.build` makes one before the first route) it is this host's clock too."""
+        (`Services.build` makes one before the first route) it is this host's clock too, and what
+        it stamps then is stamped again by the database's at that sync (`_Observation.restamped`)."""
         if self._database_offset is None:
             return self.clock()
         return self.monotonic() + self._database_offset
@@ -162,9 +176,9 @@ class EngineHealth:
     def _cooling(self, c: _Circuit) -> float:
         """Seconds of the open circuit's cooldown left (<= 0: over). By the shared clock (`_wall`),
         as openings are shared; but never more than a cooldown after this process learned of the
-        opening: one whose time is ahead of that clock (opened by a host ahead before the first
-        sync, or on SQLite by this clock before it stepped back) kept the circuit open, no probe let
-        through, for the skew or the step as well."""
+        opening: one whose time is ahead of that clock (on SQLite, opened by this clock before it
+        stepped back; on PostgreSQL, by the database's before it stepped back) kept the circuit
+        open, no probe let through, for the step as well."""
         assert c.opened_at is not None
         return self.cooldown - max(self._wall() - c.opened_at, self.monotonic() - c.opened_seen)
 
@@ -237,12 +251,16 @@ class EngineHealth:
     def succeeded(self, engine: str, stage: str, seconds: float) -> None:
         with self._lock:
             now = self._now()
-            self._record(_Observation(engine, now, self._order(engine, now), stage=stage, seconds=seconds))
+            self._record(_Observation(engine, now, self._order(engine, now), stage=stage, seconds=seconds,
+                                      host_seen=self._host_seen()))
 
     def failed(self, engine: str) -> None:
         with self._lock:
             now = self._now()
-            self._record(_Observation(engine, now, self._order(engine, now)))
+            self._record(_Observation(engine, now, self._order(engine, now), host_seen=self._host_seen()))
+
+    def _host_seen(self) -> float | None:
+        return self.monotonic() if self._database_offset is None else None
 
     def _now(self) -> float:
         # To the microsecond, as the table keeps times: an opening read back from it is the same
@@ -316,12 +334,13 @@ class EngineHealth:
                 # kept for the next sync are not counted twice.
                 offset = db.now().timestamp() - self.monotonic()
             if unsynced:
+                told = unsynced if offset is None else [seen.restamped(offset) for seen in unsynced]
                 with db.transaction() as s:  # the write lock: two processes' observations add up
                     rows = {row.engine: row for row in s.exec(select(EngineHealthRow)).all()}
                     for engine in {seen.engine for seen in unsynced}:
                         row = rows.setdefault(engine, EngineHealthRow(engine=engine))
                         circuit = _from_row(row)
-                        for seen in unsynced:
+                        for seen in told:
                             if seen.engine == engine:
                                 self._apply(circuit, seen)
                         _to_row(circuit, row)
@@ -336,6 +355,12 @@ class EngineHealth:
             raise
         with self._lock:
             if offset is not None:
+                if self._database_offset is None:
+                    # Its own circuits were stamped by this host's clock: the table's view, now
+                    # stamped by the database's, replaces them, with what was seen meanwhile.
+                    self._unsynced = [seen.restamped(offset) for seen in self._unsynced]
+                    known = {engine for engine, _ in shared}
+                    shared += [(engine, _Circuit()) for engine in self._circuits if engine not in known]
                 self._database_offset = offset
             for engine, circuit in shared:
                 c = self._get(engine)

@@ -90,7 +90,10 @@ from tests.credits.test_check import check_ledger_findings, check_storage_findin
 from tests.credits.test_random_outcomes import KILL_SEEDS, SEEDS, kill_in_the_mix, run_the_mix
 from tests.credits.test_spend import check_windows_add_up
 from tests.policies.test_shared_versions import check_a_process_that_missed_an_edit_serves_it_while_the_file_is_refused
-from tests.routing.test_health import check_a_circuit_a_host_behind_opened_cools_down_on_every_host
+from tests.routing.test_health import (
+    check_a_circuit_a_host_behind_opened_cools_down_on_every_host,
+    check_what_a_process_saw_before_it_first_synced_is_stamped_by_the_database_s_clock,
+)
 from tests.test_db import check_json_columns_take_what_engines_report
 from tests.test_metrics import check_job_histograms, check_later_scrapes_read_the_recent_jobs_and_agree_with_a_full_read
 from tests.test_migrations import check_holds_marked_settled_by_0010
@@ -1233,3 +1236,8 @@ def test_services_on_hosts_whose_clocks_differ_share_a_circuit_s_cooldown_on_pos
     finally:
         asyncio.run(worker.aclose())
         asyncio.run(api.aclose())
+
+
+def test_what_a_process_saw_before_it_first_synced_is_stamped_by_the_database_s_clock_on_postgres(
+        pg_db: Database) -> None:
+    check_what_a_process_saw_before_it_first_synced_is_stamped_by_the_database_s_clock(pg_db)

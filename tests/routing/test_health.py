@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 from sqlmodel import Session, select
 
@@ -677,3 +678,35 @@ def check_a_circuit_a_host_behind_opened_cools_down_on_every_host(db: Database) 
     behind.sync(db)
     api.sync(db)
     assert api.state("fal") == behind.state("fal") == "ok"
+
+
+def check_what_a_process_saw_before_it_first_synced_is_stamped_by_the_database_s_clock(db: Database) -> None:
+    """Until its first sync a process tells the time by its host's clock: the circuit a host a day
+    behind opened then, its first sync failing (the database away), was written stamped a day
+    before the database's clock, and was past its cooldown on every process as soon as it was
+    shared (on its own too, whose time moved a day on with the sync). Its observations are stamped
+    again by the database's clock, in the order they were made, when the first sync reads it."""
+    behind_mono, api_mono = Monotonic(), Monotonic()
+    behind = EngineHealth(threshold=3, cooldown=30.0, clock=lambda: time.time() - 86400, monotonic=behind_mono)
+    api = EngineHealth(threshold=3, cooldown=30.0, clock=time.time, monotonic=api_mono)
+    api.sync(db)
+    behind.succeeded("fal", "draft", 1.0)
+    behind_mono.now += 1
+    for _ in range(3):
+        behind.failed("fal")
+    assert behind.state("fal") == "open"
+    url = make_url(db.url)
+    away = Database(url.set(database=f"{url.database}_away").render_as_string(hide_password=False))  # none such
+    with pytest.raises(OperationalError):
+        behind.sync(away)
+    away.dispose()
+    behind.failed("gemini")  # seen between the failed sync and the next
+    behind.sync(db)
+    api.sync(db)
+    for h in (api, behind):
+        assert h.state("fal") == "open" and not h.allow("fal") and 20 < h.opens_in("fal") <= 30
+        assert h.state("gemini") == "degraded"
+    assert behind.opened_at("fal") == api.opened_at("fal")
+    behind_mono.now += 31
+    api_mono.now += 31
+    assert api.admit("fal", "probe") and behind.allow("fal")
