@@ -84,11 +84,14 @@ class _Observation:
         """Stamped by the database's clock, `offset` from the monotonic one, if it was by this
         host's: a circuit opened before the first sync by a host a day behind, shared as stamped, was
         past its cooldown on every process (this one too, its time a day on after the sync). Its
-        order keeps what it was raised by, what it knew of then being stamped again alike."""
+        order is that time too: what this process knew of then was only what it saw itself, all of
+        it stamped again by the monotonic clock, in the order it was seen. (Kept as far above its
+        time as it was, a success seen after this host's clock stepped back an hour, counted at an
+        earlier one's time, stood an hour ahead of the database's clock.)"""
         if self.host_seen is None:
             return self
         at = round(self.host_seen + offset, 6)
-        return replace(self, at=at, order=round(self.order - self.at + at, 6), host_seen=None)
+        return replace(self, at=at, order=at, host_seen=None)
 
 
 class EngineHealth:

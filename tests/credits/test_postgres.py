@@ -92,6 +92,7 @@ from tests.credits.test_spend import check_windows_add_up
 from tests.policies.test_shared_versions import check_a_process_that_missed_an_edit_serves_it_while_the_file_is_refused
 from tests.routing.test_health import (
     check_a_circuit_a_host_behind_opened_cools_down_on_every_host,
+    check_a_clock_stepped_back_before_the_first_sync_leaves_no_success_ahead,
     check_what_a_process_saw_before_it_first_synced_is_stamped_by_the_database_s_clock,
 )
 from tests.test_db import check_json_columns_take_what_engines_report
@@ -1241,3 +1242,7 @@ def test_services_on_hosts_whose_clocks_differ_share_a_circuit_s_cooldown_on_pos
 def test_what_a_process_saw_before_it_first_synced_is_stamped_by_the_database_s_clock_on_postgres(
         pg_db: Database) -> None:
     check_what_a_process_saw_before_it_first_synced_is_stamped_by_the_database_s_clock(pg_db)
+
+
+def test_a_clock_stepped_back_before_the_first_sync_leaves_no_success_ahead_on_postgres(pg_db: Database) -> None:
+    check_a_clock_stepped_back_before_the_first_sync_leaves_no_success_ahead(pg_db)

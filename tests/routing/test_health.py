@@ -710,3 +710,31 @@ def check_what_a_process_saw_before_it_first_synced_is_stamped_by_the_database_s
     behind_mono.now += 31
     api_mono.now += 31
     assert api.admit("fal", "probe") and behind.allow("fal")
+
+
+def check_a_clock_stepped_back_before_the_first_sync_leaves_no_success_ahead(db: Database) -> None:
+    """A host's clock stepped back an hour (NTP) between two successes seen before the process's
+    first sync: the second counted at the first's time, an hour on, and stamped again by the
+    database's clock kept that hour, so the success it wrote stood an hour ahead of the database's
+    clock, and for that hour a success another process told late closed a circuit failures after
+    it had opened. Stamped again, they are where the monotonic clock saw them, in the same order."""
+    host_mono, api_mono = Monotonic(), Monotonic()
+    host_wall = [time.time()]
+    host = EngineHealth(threshold=3, cooldown=30.0, clock=lambda: host_wall[0], monotonic=host_mono)
+    api = EngineHealth(threshold=3, cooldown=30.0, clock=time.time, monotonic=api_mono)
+    api.sync(db)
+    host.succeeded("fal", "draft", 1.0)
+    host_wall[0] -= 3600
+    host_mono.now += 1
+    host.succeeded("fal", "draft", 1.0)
+    host.sync(db)
+    api.sync(db)
+    api_mono.now += 1
+    api.succeeded("fal", "draft", 1.0)  # its sync waits
+    host_mono.now += 2
+    for _ in range(3):
+        host.failed("fal")
+    host.sync(db)
+    api.sync(db)  # the success told late, made before the failures that opened the circuit
+    host.sync(db)
+    assert api.state("fal") == host.state("fal") == "open"
