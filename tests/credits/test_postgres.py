@@ -92,6 +92,7 @@ from tests.credits.test_spend import check_windows_add_up
 from tests.policies.test_shared_versions import check_a_process_that_missed_an_edit_serves_it_while_the_file_is_refused
 from tests.routing.test_health import (
     check_a_circuit_a_host_behind_opened_cools_down_on_every_host,
+    check_a_circuit_opened_while_the_first_sync_runs_is_judged_by_the_database_s_clock,
     check_a_clock_stepped_back_before_the_first_sync_leaves_no_success_ahead,
     check_what_a_process_saw_before_it_first_synced_is_stamped_by_the_database_s_clock,
 )
@@ -1246,3 +1247,8 @@ def test_what_a_process_saw_before_it_first_synced_is_stamped_by_the_database_s_
 
 def test_a_clock_stepped_back_before_the_first_sync_leaves_no_success_ahead_on_postgres(pg_db: Database) -> None:
     check_a_clock_stepped_back_before_the_first_sync_leaves_no_success_ahead(pg_db)
+
+
+def test_a_circuit_opened_while_the_first_sync_runs_is_judged_by_the_database_s_clock_on_postgres(
+        pg_db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    check_a_circuit_opened_while_the_first_sync_runs_is_judged_by_the_database_s_clock(pg_db, monkeypatch)

@@ -738,3 +738,29 @@ def check_a_clock_stepped_back_before_the_first_sync_leaves_no_success_ahead(db:
     api.sync(db)  # the success told late, made before the failures that opened the circuit
     host.sync(db)
     assert api.state("fal") == host.state("fal") == "open"
+
+
+def check_a_circuit_opened_while_the_first_sync_runs_is_judged_by_the_database_s_clock(
+        db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A circuit a process opened by its host's clock, a day behind, while its first sync ran (the
+    runner, on the event loop, meanwhile): kept as stamped once the sync had read the database's
+    clock, it was past its cooldown here at once, until the next sync wrote it."""
+    mono = Monotonic()
+    behind = EngineHealth(threshold=3, cooldown=30.0, clock=lambda: time.time() - 86400, monotonic=mono)
+    behind.failed("fal")  # something to write: the first sync takes the write lock
+    real_transaction = db.transaction
+
+    @contextlib.contextmanager
+    def transaction_with_failures_meanwhile() -> Iterator[Session]:
+        with real_transaction() as s:
+            yield s
+        for _ in range(3):
+            behind.failed("gemini")
+
+    monkeypatch.setattr(db, "transaction", transaction_with_failures_meanwhile)
+    behind.sync(db)
+    monkeypatch.setattr(db, "transaction", real_transaction)
+    assert behind.state("gemini") == "open" and 20 < behind.opens_in("gemini") <= 30
+    assert behind.state("fal") == "degraded"
+    behind.sync(db)
+    assert behind.state("gemini") == "open" and 20 < behind.opens_in("gemini") <= 30
