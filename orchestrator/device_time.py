@@ -83,7 +83,7 @@ class DeviceTime:
         return DeviceTimeExhausted(
             f"{self.said}{wait}: nothing was made or held; wait, or ask the admin for a larger quota "
             f"(`local_seconds_per_day`){others}"[:1000],
-            details={"project_id": self.project_id, "used_seconds": round(self.used, 3), "quota_seconds": self.quota},
+            details={"project_id": self.project_id, "used_seconds": shown(self.used), "quota_seconds": self.quota},
             retry_after=retry_after if retry_after is not None else self.retry_after)
 
 
@@ -114,6 +114,13 @@ def _under_again_in(s: Session, project_id: str, quota: int, used: float, now: d
         if left < quota and finished_at is not None:
             return max(1, math.ceil((finished_at + WINDOW - now).total_seconds()))
     return 1  # read apart from the sum: jobs aged out between the two reads
+
+
+def shown(seconds: float) -> float:
+    """`seconds` as the API tells them, to the millisecond: cut, never rounded up, so that what is
+    shown is at or over a quota (a whole number) exactly when the project is (4.9996 s told as
+    5.0 against a quota of 5 said local engines were unavailable while a job was still taken)."""
+    return math.floor(seconds * 1000) / 1000
 
 
 def _seconds(value: float) -> str:

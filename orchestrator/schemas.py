@@ -471,7 +471,8 @@ class ProjectPublic(BaseModel):
         "(429 `device_time_exhausted`); null: no limit."))
     local_seconds_used: float = Field(0.0, description=(
         "The device-seconds its jobs on local engines held over the last 24 hours (as ORCH_LOCAL_GPU_SECOND_CREDITS "
-        "meters them), counted at each job's success, from its end."))
+        "meters them), counted at each job's success, from its end; to the millisecond, cut (never rounded up to "
+        "the quota)."))
 
 
 _SEED_DESCRIPTION = "The first image's seed; null: a random one, recorded in the job's `params`."

@@ -10,7 +10,7 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.functions import FunctionElement
 
-from orchestrator.device_time import quota_seconds
+from orchestrator.device_time import quota_seconds, shown
 from orchestrator.models import Asset, Job, Project
 from orchestrator.quota import quota_bytes
 from orchestrator.schemas import AssetPublic, Cost, ErrorBody, JobPublic, ProjectBudget, ProjectPublic
@@ -44,7 +44,7 @@ def project_public(p: Project, default_quota_mb: int, reserved: int = 0, *, defa
                          storage_quota_bytes=quota_bytes(p, default_quota_mb), storage_reserved_bytes=reserved,
                          local_seconds_per_day=p.local_seconds_per_day,
                          local_seconds_quota=quota_seconds(p, default_local_seconds),
-                         local_seconds_used=round(local_used, 3))
+                         local_seconds_used=shown(local_used))
 
 
 def job_public(job: Job, asset_ids: list[str], held: int = 0, charged: int = 0) -> JobPublic:

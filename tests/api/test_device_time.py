@@ -5,6 +5,7 @@ engines unavailable (a fallback routes on), and a job only they could take is re
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -75,7 +76,7 @@ def check_a_local_job_s_success_keeps_its_device_seconds(make_settings: Settings
         # The engine's own count: within the attempt, and more than nothing for two denoising steps.
         assert 0 < job.device_seconds <= (job.finished_at - job.started_at).total_seconds()
         shown = client.get(f"/v1/projects/{project['id']}").json()
-        assert shown["local_seconds_used"] == round(job.device_seconds, 3)
+        assert shown["local_seconds_used"] == math.floor(job.device_seconds * 1000) / 1000
         listed = {p["id"]: p for p in client.get("/v1/projects").json()["items"]}
         assert listed[project["id"]]["local_seconds_used"] == shown["local_seconds_used"]
 
@@ -219,3 +220,22 @@ def test_a_server_default_quota_out_of_range_is_refused_at_start(make_settings: 
     assert Settings().project_local_seconds_per_day == 0
     monkeypatch.delenv("ORCH_PROJECT_LOCAL_SECONDS_PER_DAY")
     assert Settings().project_local_seconds_per_day is None
+
+
+def test_the_seconds_shown_are_at_the_quota_only_when_the_project_is(make_settings: SettingsFactory) -> None:
+    """`local_seconds_used` is cut to the millisecond, never rounded up: 4.9996 s shown as 5.0
+    against a quota of 5 said local engines were unavailable while a draft was still taken."""
+    with client_for(make_settings(run_jobs=False)) as client:
+        project_id = create_project(client, local_seconds_per_day=5)["id"]
+        add_used(services_of(client), project_id, (timedelta(hours=1), 4.9996))
+        shown = client.get(f"/v1/projects/{project_id}").json()
+        listed = {p["id"]: p for p in client.get("/v1/projects").json()["items"]}[project_id]
+        assert shown["local_seconds_used"] == listed["local_seconds_used"] == 4.999
+        assert shown["local_seconds_used"] < shown["local_seconds_quota"]
+        submit_draft(client, project_id)  # under the quota, as shown
+        # Over it, it is shown at or over it: 1 ms more.
+        add_used(services_of(client), project_id, (timedelta(minutes=30), 0.001))
+        shown = client.get(f"/v1/projects/{project_id}").json()
+        assert shown["local_seconds_used"] >= shown["local_seconds_quota"] == 5
+        refused = client.post(f"/v1/projects/{project_id}/drafts", json={"prompt": "x", **SMALL})
+        assert assert_error(refused, 429, "device_time_exhausted")["details"]["used_seconds"] >= 5
