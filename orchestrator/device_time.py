@@ -8,7 +8,8 @@ hour). The seconds counted are the ones metered local work is charged for (`runn
 the engine's own count, which leaves out loading the model), kept on a job's row at its success
 (`Job.device_seconds`) and counted from its end (`finished_at`, the clock of the host that ran it).
 
-A new job is judged when it is routed (`JobService.decide`, for `POST /v1/route/explain` too): with
+A new job is judged when it is routed (`JobService.decide`, for `POST /v1/route/explain` too), and
+again under the project's lock as it is taken (a quota PATCHed meanwhile routes it again): with
 the project at or over its quota, local engines count as unavailable to it, so a rule that lists a
 cloud engine as well routes there, and one that lists only local engines (or a private request) is
 refused 429 `device_time_exhausted`, its `Retry-After` when enough of the seconds are 24 hours old
@@ -85,6 +86,11 @@ class DeviceTime:
             f"(`local_seconds_per_day`){others}"[:1000],
             details={"project_id": self.project_id, "used_seconds": shown(self.used), "quota_seconds": self.quota},
             retry_after=retry_after if retry_after is not None else self.retry_after)
+
+
+def exhausted(device: DeviceTime | None) -> bool:
+    """Whether `device` (`state`'s answer; None: no quota) leaves local engines unavailable."""
+    return device is not None and device.exhausted
 
 
 def state(s: Session, project: Project, default: int | None, now: datetime | None = None) -> DeviceTime | None:

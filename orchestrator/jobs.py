@@ -507,12 +507,17 @@ class JobService:
                 # that made the project's policy keep everything local, must not let this request be
                 # queued for the cloud: the reload's `keep_local` may have looked before this commit).
                 # And a copy's decision, which no engine's circuit breaker was asked about.
+                # And a device-time quota lowered (or raised) since past the project's use: a PATCH
+                # to 0 that committed meanwhile (this lock waited for it) let a local job be queued
+                # after its 200. Read only where a quota is in force, as routing reads it.
+                device = device_time.state(s, project, self.default_local_seconds)
                 if not cached and (decision.copy or decision.policy != project.policy
                                    or self._reloaded_since(decision) or (decision.estimate > 0 and (
-                                       project.budget_limit is not None or max_credits is not None))):
+                                       project.budget_limit is not None or max_credits is not None))
+                                   or device_time.exhausted(device) != device_time.exhausted(decision.device)):
                     balance = None if project.budget_limit is None else self.ledger.balance(s, project)
                     fresh = self._route(project.policy, prepared, engine, max_credits, balance, cache=False,
-                                        holder=token, device=decision.device)
+                                        holder=token, device=device)
                     if fresh.chosen != reserved:  # its probe too, taken as the first choice's was (a copy took none)
                         if not self.router.health.reserve(fresh.chosen, token):
                             raise NoUsableEngine(f"engine '{fresh.chosen}' cannot take a job now; send "
@@ -610,8 +615,8 @@ class JobService:
             quota.refuse_if_over(project, self.default_quota_mb)
             # Without a budget there is no share of it to route on: skip the ledger's sums.
             balance = None if project.budget_limit is None else self.ledger.balance(s, project)
-            # Judged here only, not again under the project's lock: submits add no device-seconds,
-            # only jobs' ends do, and a job that ends meanwhile could as well have ended just after.
+            # Judged again under the project's lock in `submit`, for a quota changed meanwhile (a
+            # job that ends meanwhile could as well have ended just after).
             device = device_time.state(s, project, self.default_local_seconds)
         return self._route(project.policy, prepared, engine, max_credits, balance, cache=cache, holder=holder,
                            device=device)

@@ -239,3 +239,38 @@ def test_the_seconds_shown_are_at_the_quota_only_when_the_project_is(make_settin
         assert shown["local_seconds_used"] >= shown["local_seconds_quota"] == 5
         refused = client.post(f"/v1/projects/{project_id}/drafts", json={"prompt": "x", **SMALL})
         assert assert_error(refused, 429, "device_time_exhausted")["details"]["used_seconds"] >= 5
+
+
+def test_a_quota_lowered_while_a_request_is_routed_refuses_it(make_settings: SettingsFactory,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A PATCH that cuts a project off (0) and commits between a draft's routing and its commit
+    refuses the draft, as a lowered storage quota does: judged on the quota before the PATCH, it
+    was queued after the PATCH's 200 (the submit waits for the lock the PATCH holds)."""
+    check_a_quota_lowered_while_a_request_is_routed_refuses_it(make_settings, monkeypatch)
+
+
+def check_a_quota_lowered_while_a_request_is_routed_refuses_it(make_settings: SettingsFactory,
+                                                               monkeypatch: pytest.MonkeyPatch,
+                                                               **database: Any) -> None:
+    with client_for(make_settings(run_jobs=False, **database)) as client:
+        project_id = create_project(client)["id"]
+        services = services_of(client)
+        jobs = services.jobs
+        decide = jobs.decide
+
+        def routed_then_patched(*args: Any, **kwargs: Any) -> Any:
+            decision = decide(*args, **kwargs)
+            patched = client.patch(f"/v1/projects/{project_id}", json={"local_seconds_per_day": 0})
+            assert patched.status_code == 200, patched.text
+            return decision
+
+        monkeypatch.setattr(jobs, "decide", routed_then_patched)
+        refused = client.post(f"/v1/projects/{project_id}/drafts", json={"prompt": "x", **SMALL},
+                              headers={"Idempotency-Key": "cut off"})
+        monkeypatch.undo()
+        assert assert_error(refused, 429, "device_time_exhausted")["details"]["quota_seconds"] == 0
+        with services.db.session() as s:
+            assert s.exec(select(Job.id)).all() == [] and s.exec(select(IdempotencyKey.key)).all() == []
+        # Raised again: taken.
+        assert client.patch(f"/v1/projects/{project_id}", json={"local_seconds_per_day": None}).status_code == 200
+        submit_draft(client, project_id)

@@ -49,6 +49,7 @@ from tests.api import (
 from tests.api.test_device_time import (
     check_a_local_job_s_success_keeps_its_device_seconds,
     check_a_project_at_its_quota_is_refused_429_until_its_seconds_age_out,
+    check_a_quota_lowered_while_a_request_is_routed_refuses_it,
 )
 from tests.api.test_job_reads import (
     check_a_job_is_read_as_of_one_moment,
@@ -253,6 +254,12 @@ def test_device_time_used_and_its_quota_on_postgres(postgres_url: str,
     check_a_local_job_s_success_keeps_its_device_seconds(make_settings, database_url=postgres_url)
     check_a_project_at_its_quota_is_refused_429_until_its_seconds_age_out(make_settings, True,
                                                                           database_url=postgres_url)
+
+
+def test_a_quota_lowered_while_a_request_is_routed_refuses_it_on_postgres(
+        postgres_url: str, make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch) -> None:
+    # The PATCH takes the project's row lock, which the submit then waits for, not SQLite's write lock.
+    check_a_quota_lowered_while_a_request_is_routed_refuses_it(make_settings, monkeypatch, database_url=postgres_url)
 
 
 def test_storage_usage_and_quota_on_postgres(postgres_url: str, make_settings: Callable[..., Settings],
