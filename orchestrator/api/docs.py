@@ -68,7 +68,8 @@ ROUTING_429 = ("The project already has ORCH_MAX_PENDING_JOBS unfinished jobs (`
                "engines held the device for its `local_seconds_per_day` or more over the last 24 hours and no other "
                "engine may take this request (`device_time_exhausted`, with `details.used_seconds` and "
                "`details.quota_seconds`): nothing was made or held; `Retry-After` says when to try again (for "
-               "`device_time_exhausted`, when enough of those seconds are 24 hours old).")
+               "`device_time_exhausted`, when enough of those seconds are 24 hours old, or an engine's circuit closes; "
+               "none for a quota of 0 with no circuit to wait for).")
 # The 503 of a route that makes a job: ROUTING_503, and the data dir's free-space reserve.
 JOB_503 = ROUTING_503.replace(
     "or its disk is full (`storage_full`)",

@@ -173,7 +173,8 @@ class ExplainRequest(Strict):
                  429: "A job would be refused now: the project already has ORCH_MAX_PENDING_JOBS unfinished jobs "
                       "(`rate_limited`), or its jobs on local engines held the device for its "
                       "`local_seconds_per_day` or more over the last 24 hours and no other engine may take the "
-                      "request (`device_time_exhausted`); `Retry-After` says when to try again.",
+                      "request (`device_time_exhausted`); `Retry-After` says when to try again (none for a "
+                      "quota of 0 with no circuit to wait for).",
                  500: "The source asset's image file is missing or damaged in the store (`content_unavailable`).",
                  503: JOB_503,
                  507: "A job would be refused: the project's live assets hold its storage quota, or would pass "

@@ -274,3 +274,14 @@ def check_a_quota_lowered_while_a_request_is_routed_refuses_it(make_settings: Se
         # Raised again: taken.
         assert client.patch(f"/v1/projects/{project_id}", json={"local_seconds_per_day": None}).status_code == 200
         submit_draft(client, project_id)
+
+
+def test_the_api_schema_says_a_quota_of_0_gives_no_retry_after(make_settings: SettingsFactory) -> None:
+    """A refusal for a quota of 0 has no `Retry-After` (waiting never brings the project under it):
+    the schema said `Retry-After` says when to try again, for every `device_time_exhausted`."""
+    with client_for(make_settings(run_jobs=False)) as client:
+        paths = client.get("/openapi.json").json()["paths"]
+        for path, method in [("/v1/projects/{project_id}/drafts", "post"), ("/v1/assets/{asset_id}/promote", "post"),
+                             ("/v1/assets/{asset_id}/polish", "post"), ("/v1/route/explain", "post")]:
+            told = paths[path][method]["responses"]["429"]["description"]
+            assert "device_time_exhausted" in told and "none for a quota of 0" in told, (path, told)
