@@ -84,12 +84,13 @@ from tests.api.test_webhook_sending import (
 from tests.api.test_webhooks import SECRET as WEBHOOK_SECRET
 from tests.api.test_webhooks import check_a_succeeded_draft_is_posted_once_signed, check_two_deliverers_send_a_row_once
 from tests.conftest import isolate, random_runs
-from tests.credits import PRICE, assert_settled_once, ledger, project_with_draft, promote_ok
+from tests.credits import PRICE, assert_settled_once, get_json, ledger, project_with_draft, promote_ok
 from tests.credits.conftest import ENGINES, POLICY, Service
 from tests.credits.test_budget import check_budget_race
 from tests.credits.test_check import check_ledger_findings, check_storage_findings
 from tests.credits.test_random_outcomes import KILL_SEEDS, SEEDS, kill_in_the_mix, run_the_mix
 from tests.credits.test_spend import check_windows_add_up
+from tests.credits.test_views_agree import all_agree
 from tests.policies.test_shared_versions import check_a_process_that_missed_an_edit_serves_it_while_the_file_is_refused
 from tests.routing.test_health import (
     check_a_circuit_a_host_behind_opened_cools_down_on_every_host,
@@ -939,6 +940,12 @@ def test_spend_is_summed_by_postgres_as_by_sqlite(pg_api: httpx.Client) -> None:
         named = {"name": name} if group_by == "project" else {}
         assert report["groups"] == [{"key": key, **expected, **named}], (group_by, report)
         assert report["total"] == 2 * PRICE
+    # Every other view of the same money, read by PostgreSQL's SQL too, after a grant and a reconcile.
+    assert pg_api.post(f"/v1/projects/{project_id}/grants", json={"amount": 0.125}).status_code == 201
+    waiting = get_json(pg_api, f"/v1/projects/{project_id}/ledger", unreconciled="true")["items"]
+    assert pg_api.post(f"/v1/projects/{project_id}/ledger/{waiting[0]['id']}/reconcile",
+                       json={"charged": 4.321}).status_code == 201
+    all_agree(pg_api, [project_id])
 
 
 def test_every_window_adds_up_at_its_edges_on_postgres_whatever_its_time_zone(postgres_url: str) -> None:

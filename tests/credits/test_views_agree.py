@@ -99,7 +99,7 @@ def _budgets_and_jobs_agree(api: httpx.Client, project_id: str, entries: list[di
             sum(_ms(e["amount"]) for e in its if e["kind"] in CHARGES)), (job, its)
 
 
-def _all_agree(api: httpx.Client, project_ids: list[str]) -> list[dict[str, Any]]:
+def all_agree(api: httpx.Client, project_ids: list[str]) -> list[dict[str, Any]]:
     entries = [e for project_id in project_ids for e in ledger(api, project_id)]
     _spend_agrees(api, entries)
     _metrics_agree(api, entries)
@@ -123,7 +123,7 @@ def test_every_view_agrees_with_the_ledger_across_new_year(paid_settings_for: Ca
         # Held before midnight, charged after it (at a reported 12.345, over the 10 held).
         waiting = {"fake": "wait-before-send", "until": str(go), "cost": "12.345"}
         straddling = [promote_ok(api, draft, tags=waiting)["id"] for draft in drafts]
-        before = _all_agree(api, projects)
+        before = all_agree(api, projects)
         assert sum(1 for e in before if e["kind"] == "hold" and not e["settled"]) == 4  # the straddling jobs'
 
         shift[0] = NEW_YEAR - time.time_ns() // 1000
@@ -131,7 +131,7 @@ def test_every_view_agrees_with_the_ledger_across_new_year(paid_settings_for: Ca
         assert {wait_for_job(api, job_id)["status"] for job_id in straddling} == {"succeeded"}
         for project_id in projects:
             assert api.post(f"/v1/projects/{project_id}/grants", json={"amount": 1.25}).status_code == 201
-        after = _all_agree(api, projects)
+        after = all_agree(api, projects)
         days = {e["created_at"][:10] for e in after if e["kind"] in CHARGES}
         assert days == {"2026-12-31", "2027-01-01"}, days
 
@@ -141,7 +141,7 @@ def test_every_view_agrees_with_the_ledger_across_new_year(paid_settings_for: Ca
                 reconciled = api.post(f"/v1/projects/{project_id}/ledger/{entry['id']}/reconcile",
                                       json={"charged": 2.5})
                 assert reconciled.status_code == 201, reconciled.text
-        _all_agree(api, projects)
+        all_agree(api, projects)
         month = get_json(api, f"/v1/projects/{projects[2]}/budget")
         assert (month["charged"], month["granted"]) == (12.345, 1.25)  # the straddling job alone, and the grant
         day = get_json(api, f"/v1/projects/{projects[0]}/budget")
