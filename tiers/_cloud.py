@@ -161,6 +161,15 @@ def paid_calls(made: Sized, asked: Asked | None = None,
 
 
 
+def follows_billed(asked: Asked, made: int, failures: list[EngineError], unsettled: int = 0) -> None:
+    """Bound what a follow of accepted work (a reattach) that ends early is charged: the images
+    made, the failed work the provider did not say was free, and `unsettled` pieces of work still
+    out that may have billed. Every piece was counted as asked (`Asked.count`): a cancel then
+    captured the whole estimate though the provider had said some of the work never ran or failed
+    unbilled."""
+    asked.count = made + sum(not failure.work_unbilled for failure in failures) + unsettled
+
+
 def failed_follows(failures: list[EngineError], asked: Asked, made: int, noun: str) -> EngineError:
     """The error a follow of accepted work (a reattach after a crash) ends with when some of its
     images' work failed, each followed on its own (one gone at the provider left the others, made
@@ -169,7 +178,7 @@ def failed_follows(failures: list[EngineError], asked: Asked, made: int, noun: s
     (`EngineError.unbilled`) is not counted."""
     billable = [failure for failure in failures if not failure.work_unbilled]
     error = (billable or failures)[0]
-    asked.count = made + len(billable)
+    follows_billed(asked, made, failures)
     if len(failures) > 1 or made:
         error.message = f"{len(failures)} of {asked.n} {noun} failed, {made} made; the first: {error.message}"[:500]
     error.details.setdefault("failed", len(failures))

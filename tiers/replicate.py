@@ -30,7 +30,7 @@ from orchestrator.errors import (
     EngineTimeout,
     EngineUnavailable,
 )
-from tiers._cloud import Asked, CloudEngine, failed_follows, paid_calls
+from tiers._cloud import Asked, CloudEngine, failed_follows, follows_billed, paid_calls
 from tiers._http import RemoteClient, answer_json, error_text, json_object, path_id
 from tiers._images import b64encode, class_bound, encode_image, nearest_aspect, shaped_as, size_class
 from tiers.base import (
@@ -267,12 +267,18 @@ class ReplicateEngine(CloudEngine):
                     outputs = await self._outputs(prediction, cancel, fetch_by)
                 except Canceled as exc:
                     rest = handles[i + 1:]
+                    unsettled = len(rest) + (not exc.work_unbilled)  # this one too, unless it never ran
                     # The job ends: the predictions not read yet would run on for nobody. One that
-                    # had run was billed, whatever this one's cancel said of its own.
-                    if not cancel.abandoned and rest and not await self.withdraw(rest):
-                        exc.at_least_charged("unknown")
+                    # had run was billed, whatever this one's cancel said of its own; one Replicate
+                    # said never ran was not, and is not charged (the whole estimate was).
+                    if not cancel.abandoned and rest:
+                        unrun = sum([await self.withdraw([later]) for later in rest])
+                        unsettled -= unrun
+                        if unrun < len(rest):
+                            exc.at_least_charged("unknown")
                     if any(not failure.work_unbilled for failure in failures):
                         exc.at_least_charged("unknown")  # an earlier one failed, and may have billed
+                    follows_billed(asked, len(images), failures, unsettled)
                     raise
                 except EngineError as exc:
                     # Each prediction was accepted and runs on its own: one that failed (gone at

@@ -42,7 +42,15 @@ from orchestrator.errors import (
     EngineUnavailable,
     NoImage,
 )
-from tiers._cloud import UNREADABLE_POLLS, Asked, CloudEngine, failed_follows, paid_calls, reading_an_answer
+from tiers._cloud import (
+    UNREADABLE_POLLS,
+    Asked,
+    CloudEngine,
+    failed_follows,
+    follows_billed,
+    paid_calls,
+    reading_an_answer,
+)
 from tiers._http import RemoteClient, answer_json, error_text, header_request_id, json_object, path_id
 from tiers._images import b64decode_tolerant, decode_image, encode_image, shaped_as
 from tiers.base import (
@@ -359,7 +367,7 @@ class StabilityEngine(CloudEngine):
         # to a deadline of its own (n times ORCH_REMOTE_DEADLINE); each is still read once past it.
         deadline = self.http.new_deadline()
         with paid_calls(images, asked, result):
-            for handle in handles:
+            for i, handle in enumerate(handles):
                 job_id = str(handle["id"])
                 try:
                     response = await self._poll_creative(job_id, deadline, progress, cancel, read_first=True)
@@ -368,7 +376,10 @@ class StabilityEngine(CloudEngine):
                     with reading_an_answer():
                         image, seed, reason = await asyncio.to_thread(self._result, response, req)
                 except Canceled:
-                    raise  # Stability has no cancel: the rest run on, charged as asked
+                    # Stability has no cancel: this one and the rest run on, charged as asked; the
+                    # failures it said were free are not (the whole estimate was captured).
+                    follows_billed(asked, len(images), failures, len(handles) - i)
+                    raise
                 except EngineError as exc:
                     # Each upscale is a job of its own at Stability: one expired or failed says
                     # nothing of the others, made and billed.

@@ -911,3 +911,33 @@ async def test_a_reattach_s_downloads_from_a_cdn_that_is_down_share_one_deadline
         await engine.reattach(bridge(n=3), [{"id": f"p-{i}"} for i in (1, 2, 3)], NullProgress(), CancelToken())
     assert info.value.charged == "yes" and cdn.call_count >= 3
     assert sum(sleep.waits) <= 60 + 1  # the tests' ORCH_REMOTE_DEADLINE, not three of them
+
+
+@respx.mock
+@pytest.mark.parametrize("first", ["canceled", "never ran"])
+async def test_a_reattach_canceled_charges_none_of_the_predictions_replicate_said_never_ran(
+        engine: ReplicateEngine, first: str) -> None:
+    # n=2: one prediction ran, the other Replicate said never ran (its cancel's answer, or its
+    # failure before it started). The cancel captured the whole estimate all the same.
+    unrun: dict[str, Any] = {"started_at": None, "metrics": {}}
+    ran = {"started_at": "2026-12-07T08:00:00Z"}
+    hang = NoAnswer()
+    if first == "canceled":  # p-1 ran and is canceled while polled; p-2's cancel says it never started
+        respx.get(POLL).mock(side_effect=hang)
+        respx.post(CANCEL).mock(return_value=httpx.Response(200, json={**prediction("canceled"), **ran}))
+        later = respx.post(f"{BASE}/v1/predictions/p-2/cancel").mock(
+            return_value=httpx.Response(200, json={**numbered(2, "canceled"), **unrun}))
+    else:  # p-1 failed before it started; p-2 ran and is canceled while polled
+        respx.get(POLL).mock(return_value=httpx.Response(200, json=never_ran(1)))
+        respx.get(f"{BASE}/v1/predictions/p-2").mock(side_effect=hang)
+        later = respx.post(f"{BASE}/v1/predictions/p-2/cancel").mock(
+            return_value=httpx.Response(200, json={**numbered(2, "canceled"), **ran}))
+    token = CancelToken()
+    req = bridge(n=2)
+    task = asyncio.ensure_future(engine.reattach(req, [{"id": "p-1"}, {"id": "p-2"}], NullProgress(), token))
+    await hang.sent.wait()
+    token.cancel()
+    with pytest.raises(Canceled) as info:
+        await task
+    assert later.call_count == 1
+    assert info.value.charged == "unknown" and info.value.cost_millicredits == engine.estimate(req) // 2

@@ -20,7 +20,7 @@ from orchestrator.errors import (
     NoPrice,
     RateLimited,
 )
-from tests.tiers.conftest import LoopSpy, RecordingProgress, draft_image, multipart, png_bytes
+from tests.tiers.conftest import LoopSpy, NoAnswer, RecordingProgress, draft_image, multipart, png_bytes
 from tests.tiers.conftest import bridge as base_bridge
 from tiers.base import CancelToken, NullProgress, RenderRequest
 from tiers.stability import StabilityEngine, operation
@@ -807,3 +807,23 @@ async def test_a_creative_result_answered_as_the_image_s_bytes_is_read(engine: S
     poll.mock(return_value=filtered)
     with pytest.raises(ContentFiltered):
         await engine.run(req, NullProgress(), CancelToken())
+
+
+@respx.mock
+async def test_a_reattach_canceled_charges_no_creative_upscale_stability_said_failed(
+        engine: StabilityEngine) -> None:
+    # n=2: job-1's result is Stability's own error body (not billed), job-2 is canceled while polled
+    # (it runs on: billed). The cancel captured the whole estimate, job-1's 60 credits included.
+    respx.get(f"{BASE}/v2beta/results/job-1").mock(return_value=httpx.Response(
+        400, json={"id": "e", "name": "bad_request", "errors": ["image too small"]}))
+    hang = NoAnswer()
+    respx.get(f"{BASE}/v2beta/results/job-2").mock(side_effect=hang)
+    token = CancelToken()
+    req = polish(creativity=0.45, n=2)
+    task = asyncio.ensure_future(engine.reattach(req, [{"id": f"job-{i}", "creative": True} for i in (1, 2)],
+                                                 NullProgress(), token))
+    await hang.sent.wait()
+    token.cancel()
+    with pytest.raises(Canceled) as info:
+        await task
+    assert info.value.charged == "unknown" and info.value.cost_millicredits == engine.estimate(req) // 2
