@@ -254,17 +254,22 @@ class ReplicateEngine(CloudEngine):
         # One for all: they run side by side at Replicate, and one that never ends held each next one
         # to a deadline of its own (n times ORCH_REMOTE_DEADLINE); each is still read once past it.
         deadline = self.http.new_deadline()
-        fetch_by: float | None = None
+        # Seconds the downloads have left, all together: with the CDN down, each waited out a
+        # deadline of its own in turn. Counted while they run only: a deadline started at the first
+        # download ran out while later predictions were polled, and a prediction finishing late
+        # had its download given one attempt of a second, its image (paid for) lost to one 503.
+        fetching = self.http.deadline_seconds
         with paid_calls(images, asked, result):
             for i, handle in enumerate(handles):
                 try:
                     # Read inside `_settle`: a cancel or a failure of that first read stops the prediction too.
                     prediction = await self._settle({"id": handle["id"]}, deadline, progress, cancel,
                                                     read_first=True)
-                    # The downloads share a deadline of their own, as the polls do: with the CDN down,
-                    # each waited out one of its own in turn.
-                    fetch_by = self.http.new_deadline() if fetch_by is None else fetch_by
-                    outputs = await self._outputs(prediction, cancel, fetch_by)
+                    started = self.http.clock()
+                    try:
+                        outputs = await self._outputs(prediction, cancel, started + fetching)
+                    finally:
+                        fetching -= self.http.clock() - started
                 except Canceled as exc:
                     rest = handles[i + 1:]
                     unsettled = len(rest) + (not exc.work_unbilled)  # this one too, unless it never ran

@@ -941,3 +941,24 @@ async def test_a_reattach_canceled_charges_none_of_the_predictions_replicate_sai
         await task
     assert later.call_count == 1
     assert info.value.charged == "unknown" and info.value.cost_millicredits == engine.estimate(req) // 2
+
+
+@respx.mock
+async def test_a_reattach_s_prediction_finishing_late_has_its_download_retried(engine: ReplicateEngine) -> None:
+    # p-1 made, fetched at t=0; p-2 polled until t=75. The downloads' shared deadline (t=60) had run
+    # out meanwhile: p-2's download got one attempt, and one 503 from the CDN lost its image, paid for.
+    now = [0.0]
+    engine.http.clock = lambda: now[0]
+    respx.get(POLL).mock(return_value=httpx.Response(200, json=numbered(1)))
+    answers = iter([numbered(2, "processing"), numbered(2, "processing"), numbered(2)])
+
+    def p2(request: httpx.Request) -> httpx.Response:
+        now[0] += 25.0
+        return httpx.Response(200, json=next(answers))
+
+    respx.get(f"{BASE}/v1/predictions/p-2").mock(side_effect=p2)
+    respx.get("https://cdn.replicate.test/p-1/out.png").mock(return_value=httpx.Response(200, content=png_bytes()))
+    cdn = respx.get("https://cdn.replicate.test/p-2/out.png").mock(
+        side_effect=[httpx.Response(503), httpx.Response(200, content=png_bytes())])
+    result = await engine.reattach(bridge(n=2), [{"id": "p-1"}, {"id": "p-2"}], NullProgress(), CancelToken())
+    assert now[0] == 75.0 and cdn.call_count == 2 and len(result.images) == 2
