@@ -300,8 +300,19 @@ class ReplicateEngine(CloudEngine):
     async def _read(self, prediction_id: str, deadline: float, cancel: CancelToken) -> dict[str, Any]:
         """The prediction as a poll reads it, asked again when its answer cannot be read (a one-off
         gateway page ended a prediction about to succeed, and cancelled it, paid)."""
-        return await self.read_again_if_unreadable(lambda: self._get(prediction_id, deadline, cancel), self._json,
-                                                   deadline, cancel)
+        return await self.read_again_if_unreadable(lambda: self._get(prediction_id, deadline, cancel),
+                                                   lambda poll: self._polled(poll, prediction_id), deadline, cancel)
+
+    def _polled(self, poll: httpx.Response, prediction_id: str) -> dict[str, Any]:
+        """A poll's answer, which must be the prediction asked for: another's (a cache or a proxy
+        answering for the wrong path) was taken for it, its image fetched and kept in its place, a
+        job of n=2 ending with one image twice and the other prediction neither fetched nor stopped."""
+        prediction = self._json(poll)
+        if str(prediction["id"]) != prediction_id:
+            raise EngineError(f"replicate: polling {prediction_id} answered another prediction "
+                              f"({self.said(prediction['id'], 40)!r})",
+                              details={"engine": self.name, "prediction": prediction_id}, charged="unknown")
+        return prediction
 
     async def _get(self, prediction_id: str, deadline: float, cancel: CancelToken) -> httpx.Response:
         poll = await cancel.race(self.http.request(

@@ -962,3 +962,33 @@ async def test_a_reattach_s_prediction_finishing_late_has_its_download_retried(e
         side_effect=[httpx.Response(503), httpx.Response(200, content=png_bytes())])
     result = await engine.reattach(bridge(n=2), [{"id": "p-1"}, {"id": "p-2"}], NullProgress(), CancelToken())
     assert now[0] == 75.0 and cdn.call_count == 2 and len(result.images) == 2
+
+
+@respx.mock
+async def test_a_poll_answering_another_prediction_is_not_taken_for_the_one_asked(engine: ReplicateEngine) -> None:
+    # p-1's poll answered p-2's prediction (a cache, a proxy): its image was fetched and kept as
+    # p-1's, the job ending with p-2's image twice and p-1 neither fetched nor stopped.
+    polls = respx.get(POLL).mock(return_value=httpx.Response(200, json=numbered(2)))
+    respx.get(f"{BASE}/v1/predictions/p-2").mock(return_value=httpx.Response(200, json=numbered(2)))
+    cdn = respx.get(url__startswith="https://cdn.replicate.test/").mock(
+        return_value=httpx.Response(200, content=png_bytes()))
+    stop = respx.post(CANCEL).mock(return_value=httpx.Response(200, json={}))
+    req = bridge(n=2)
+    with pytest.raises(EngineError) as info:
+        await engine.reattach(req, [{"id": "p-1"}, {"id": "p-2"}], NullProgress(), CancelToken())
+    assert "polling p-1 answered another prediction ('p-2')" in info.value.message
+    assert polls.call_count == 3 and stop.call_count == 1  # asked again, as an unreadable answer is; then stopped
+    assert [str(call.request.url) for call in cdn.calls] == ["https://cdn.replicate.test/p-2/out.png"]
+    assert info.value.made is not None and len(info.value.made.images) == 1
+    assert info.value.charged == "unknown" and info.value.cost_millicredits is None  # p-1 may have run: both
+
+
+@respx.mock
+async def test_a_run_s_poll_answering_another_prediction_fails_it(engine: ReplicateEngine) -> None:
+    respx.post(CREATE).mock(return_value=httpx.Response(201, json=prediction("processing")))
+    respx.get(POLL).mock(return_value=httpx.Response(200, json=numbered(2)))
+    cdn = respx.get(url__startswith="https://cdn.replicate.test/")
+    respx.post(CANCEL).mock(return_value=httpx.Response(200, json={}))
+    with pytest.raises(EngineError) as info:
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    assert info.value.charged == "unknown" and cdn.call_count == 0
