@@ -995,3 +995,41 @@ def test_a_replicate_job_followed_after_a_crash_keeps_and_charges_each_predictio
                                                ("release", estimate - share, False)]
     finally:
         asyncio.run(services.aclose())
+
+
+def test_a_replicate_job_canceled_while_followed_after_a_crash_is_not_charged_for_a_prediction_never_run(
+        make_settings: SettingsFactory) -> None:
+    """n=2 reattached and canceled while p-1 (which ran) is polled: p-2's withdrawing cancel answers
+    that it never started. The job's whole estimate was captured; now p-1's share is, unreconciled."""
+    import respx
+
+    base = "https://replicate.test"
+    services = Services.build(make_settings(replicate_api_key="r-secret", replicate_base_url=base))
+    try:
+        engine = services.registry.get("replicate")
+        params = {**BRIDGE, "n": 2, "width": 1024, "height": 1024}
+        estimate = engine.estimate(render_request(params))
+        job_id = queue_job(services, "replicate", estimated=estimate, params=params,
+                           model="google/nano-banana-2",
+                           provider_work={"engine": "replicate", "handles": [{"id": f"p-{i}"} for i in (1, 2)]})
+        claims = services.scheduler._claim_ready({})
+        claim = claims[0][0]
+
+        def processing(_request: httpx.Request) -> httpx.Response:
+            claim.cancel.cancel()  # the user's cancel, as the poll is answered
+            return httpx.Response(200, json={"id": "p-1", "status": "processing", "metrics": {}})
+
+        with respx.mock:
+            respx.get(f"{base}/v1/predictions/p-1").mock(side_effect=processing)
+            respx.post(f"{base}/v1/predictions/p-1/cancel").mock(return_value=httpx.Response(200, json={
+                "id": "p-1", "status": "canceled", "started_at": "2026-12-07T08:00:00Z", "metrics": {}}))
+            later = respx.post(f"{base}/v1/predictions/p-2/cancel").mock(return_value=httpx.Response(200, json={
+                "id": "p-2", "status": "canceled", "started_at": None, "metrics": {}}))
+            asyncio.run(services.runner.run(claim))
+        job = read_job(services, job_id)
+        assert job.status == "canceled" and later.call_count == 1
+        share = -(-estimate // 2)
+        assert ledger_of(services, job_id) == [("hold", estimate, False), ("capture", share, True),
+                                               ("release", estimate - share, False)]
+    finally:
+        asyncio.run(services.aclose())
