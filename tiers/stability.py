@@ -19,7 +19,8 @@ Which endpoint a request goes to:
 
 Every call asks for `Accept: application/json` and decodes `{"image", "finish_reason", "seed"}`
 (`{"result", ...}` from the results of an async job), or an answer that is the image's bytes
-(`image/*`, its seed and finish reason in headers), which a result poll may give.
+(`image/*`, or untyped and starting as a PNG, JPEG or WebP does; its seed and finish reason in
+headers), which a result poll may give.
 A create is never re-sent when it got no answer (it may have been billed); result polls are, since
 a GET makes nothing. Stability has no cancel endpoint: a job canceled after the provider took it
 may still be billed. Stability does not report what it charged, so `cost_millicredits` is `None`.
@@ -136,10 +137,22 @@ def operation(req: RenderRequest) -> Operation:
     return "upscale-creative" if req.creativity > CREATIVE_THRESHOLD else "upscale-conservative"
 
 
+# Content types that say nothing of what a body is: an image's bytes under one (a proxy's or a
+# CDN's default) are known by their first bytes.
+UNTYPED = frozenset({"", "application/octet-stream", "binary/octet-stream"})
+
+
 def _image_bytes(response: httpx.Response) -> bool:
     """Whether an answer is the image itself (`image/*`), as Stability sends one asked `Accept: image/*`
-    and may send a finished job's result (providers.md: "200 bytes/JSON done")."""
-    return str(response.headers.get("content-type", "")).strip().lower().startswith("image/")
+    and may send a finished job's result (providers.md: "200 bytes/JSON done"). Untyped, a PNG,
+    JPEG or WebP is one too: its bytes were taken for an unreadable answer, asked twice more, and
+    the upscale, paid for, lost."""
+    kind = str(response.headers.get("content-type", "")).partition(";")[0].strip().lower()
+    if kind.startswith("image/"):
+        return True
+    content = response.content
+    return kind in UNTYPED and (content.startswith((b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff"))
+                                or (content[:4] == b"RIFF" and content[8:12] == b"WEBP"))
 
 
 def _readable(response: httpx.Response) -> bool:

@@ -827,3 +827,29 @@ async def test_a_reattach_canceled_charges_no_creative_upscale_stability_said_fa
     with pytest.raises(Canceled) as info:
         await task
     assert info.value.charged == "unknown" and info.value.cost_millicredits == engine.estimate(req) // 2
+
+
+def jpeg_bytes() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (10, 200, 10)).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+@respx.mock
+@pytest.mark.parametrize("content_type", [None, "application/octet-stream; charset=binary"])
+@pytest.mark.parametrize("image", ["png", "jpeg"])
+async def test_a_creative_result_of_image_bytes_untyped_is_read(engine: StabilityEngine, content_type: str | None,
+                                                                image: str) -> None:
+    # The image's bytes under no content type, or a generic one (a proxy's or a CDN's default):
+    # taken for an unreadable answer, asked twice more, and the job failed charged 'unknown'.
+    respx.post(CREATIVE).mock(return_value=httpx.Response(200, json={"id": "job-42"}))
+    headers = {"seed": "7"} if content_type is None else {"content-type": content_type, "seed": "7"}
+    poll = respx.get(RESULT).mock(return_value=httpx.Response(
+        200, content=png_bytes() if image == "png" else jpeg_bytes(), headers=headers))
+    result = await engine.run(polish(creativity=0.45), NullProgress(), CancelToken())
+    assert poll.call_count == 1 and result.images[0].seed == 7
+    poll.mock(return_value=httpx.Response(200, content=b"<html>bad gateway</html>",
+                                          headers={"content-type": "application/octet-stream"}))
+    with pytest.raises(EngineError) as info:
+        await engine.run(polish(creativity=0.45), NullProgress(), CancelToken())
+    assert poll.call_count == 1 + 3 and info.value.charged == "unknown"  # not an image: asked again, as ever
