@@ -379,11 +379,17 @@ class StabilityEngine(CloudEngine):
         # One for all: they run side by side at Stability, and one that never ends held each next one
         # to a deadline of its own (n times ORCH_REMOTE_DEADLINE); each is still read once past it.
         deadline = self.http.new_deadline()
+        # Seconds the reads have past that deadline, all together: each upscale's first read is its
+        # image too, and one read with the deadline gone (or nearly) had a single attempt of a
+        # second, so one 503 (or a large answer) lost an upscale made and paid for.
+        late_reads = self.http.deadline_seconds
         with paid_calls(images, asked, result):
             for i, handle in enumerate(handles):
                 job_id = str(handle["id"])
+                started = self.http.clock()
                 try:
-                    response = await self._poll_creative(job_id, deadline, progress, cancel, read_first=True)
+                    response = await self._poll_creative(job_id, deadline, progress, cancel, read_first=True,
+                                                         read_by=max(deadline, started + late_reads))
                     if not response.is_success:
                         raise self._creative_failed(response, self._error(response))
                     with reading_an_answer():
@@ -398,6 +404,8 @@ class StabilityEngine(CloudEngine):
                     # nothing of the others, made and billed.
                     failures.append(exc)
                     continue
+                finally:
+                    late_reads -= max(self.http.clock() - max(started, deadline), 0.0)
                 images.append(RenderedImage(image, seed=seed))
                 finish_reasons.append(reason)
                 progress.step(len(images), req.n)
@@ -406,16 +414,20 @@ class StabilityEngine(CloudEngine):
         return result()
 
     async def _poll_creative(self, job_id: str, deadline: float, progress: Progress,
-                             cancel: CancelToken, *, read_first: bool = False) -> httpx.Response:
+                             cancel: CancelToken, *, read_first: bool = False,
+                             read_by: float | None = None) -> httpx.Response:
         """Poll a creative upscale the provider accepted until it answers with its result. With
-        `read_first` (work accepted long ago), its first poll goes at once, even past `deadline`."""
+        `read_first` (work accepted long ago), its first poll goes at once, even past `deadline`,
+        retried until `read_by` when given."""
         progress.state("polling", provider_id=job_id)
         unreadable = 0
         try:
             while True:
                 remaining = deadline - self.http.clock()
+                asked_by = deadline
                 if read_first:
                     read_first = False
+                    asked_by = deadline if read_by is None else read_by
                 elif remaining <= 0:
                     raise EngineTimeout(
                         f"{self.name}: creative upscale {job_id} did not finish before the deadline",
@@ -426,7 +438,7 @@ class StabilityEngine(CloudEngine):
                     # the job up to 5 s past it.
                     await cancel.sleep(min(self.poll_interval, remaining))
                 response = await cancel.race(self._send(
-                    "GET", f"/v2beta/results/{job_id}", idempotent=True, deadline=deadline
+                    "GET", f"/v2beta/results/{job_id}", idempotent=True, deadline=asked_by
                 ))
                 if response.status_code == 202:
                     continue

@@ -853,3 +853,38 @@ async def test_a_creative_result_of_image_bytes_untyped_is_read(engine: Stabilit
     with pytest.raises(EngineError) as info:
         await engine.run(polish(creativity=0.45), NullProgress(), CancelToken())
     assert poll.call_count == 1 + 3 and info.value.charged == "unknown"  # not an image: asked again, as ever
+
+
+@respx.mock
+async def test_a_reattach_s_upscale_read_past_the_deadline_is_asked_again_after_a_503(
+        engine: StabilityEngine) -> None:
+    # job-1 polled until t=75, past the shared deadline (60 s); job-2, done long since, was then read
+    # with a single attempt: one 503 lost its upscale, made and paid for.
+    now = [0.0]
+    engine.http.clock = lambda: now[0]
+
+    def working(request: httpx.Request) -> httpx.Response:
+        now[0] += 25.0
+        return httpx.Response(202, json={"status": "in-progress"})
+
+    respx.get(f"{BASE}/v2beta/results/job-1").mock(side_effect=working)
+    second = respx.get(f"{BASE}/v2beta/results/job-2").mock(side_effect=[httpx.Response(503), done(seed=2)])
+    req = polish(creativity=0.45, n=2)
+    with pytest.raises(EngineTimeout) as info:
+        await engine.reattach(req, [{"id": f"job-{i}", "creative": True} for i in (1, 2)], NullProgress(),
+                              CancelToken())
+    assert now[0] == 75.0 and second.call_count == 2
+    assert info.value.made is not None and [image.seed for image in info.value.made.images] == [2]
+    assert "1 of 2 creative upscales failed, 1 made" in info.value.message
+
+
+@respx.mock
+async def test_a_reattach_s_reads_past_the_deadline_share_one_more(engine: StabilityEngine, sleep: Any) -> None:
+    # Stability down (every result a 503): job-1 is asked until the deadline, job-2 until one more,
+    # job-3 once; not a deadline each (the 133 s of one at a time).
+    engine.http.clock = sleep.clock
+    polls = respx.get(url__startswith=f"{BASE}/v2beta/results/").mock(return_value=httpx.Response(503))
+    with pytest.raises(EngineError):
+        await engine.reattach(polish(creativity=0.45, n=3), [{"id": f"job-{i}", "creative": True} for i in (1, 2, 3)],
+                              NullProgress(), CancelToken())
+    assert 60 < sum(sleep.waits) <= 2 * 60 and polls.call_count > 3
