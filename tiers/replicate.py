@@ -259,12 +259,20 @@ class ReplicateEngine(CloudEngine):
         # download ran out while later predictions were polled, and a prediction finishing late
         # had its download given one attempt of a second, its image (paid for) lost to one 503.
         fetching = self.http.deadline_seconds
+        # Seconds the first reads have past the polls' deadline, all together, for the same reason:
+        # one read with the deadline gone (or nearly) had a single attempt, and one 503 stopped a
+        # prediction that had succeeded long since, its image lost.
+        late_reads = self.http.deadline_seconds
         with paid_calls(images, asked, result):
             for i, handle in enumerate(handles):
                 try:
                     # Read inside `_settle`: a cancel or a failure of that first read stops the prediction too.
-                    prediction = await self._settle({"id": handle["id"]}, deadline, progress, cancel,
-                                                    read_first=True)
+                    reading = self.http.clock()
+                    try:
+                        prediction = await self._settle({"id": handle["id"]}, deadline, progress, cancel,
+                                                        read_first=True, read_by=max(deadline, reading + late_reads))
+                    finally:
+                        late_reads -= max(self.http.clock() - max(reading, deadline), 0.0)
                     started = self.http.clock()
                     try:
                         outputs = await self._outputs(prediction, cancel, started + fetching)
@@ -324,13 +332,15 @@ class ReplicateEngine(CloudEngine):
         return poll
 
     async def _settle(self, prediction: dict[str, Any], deadline: float, progress: Progress,
-                      cancel: CancelToken, *, read_first: bool = False) -> dict[str, Any]:
+                      cancel: CancelToken, *, read_first: bool = False,
+                      read_by: float | None = None) -> dict[str, Any]:
         """Poll an accepted prediction until it is no longer pending; return it if it succeeded.
-        With `read_first`, `prediction` holds only its id, and it is read before anything else."""
+        With `read_first`, `prediction` holds only its id, and it is read before anything else,
+        asked again until `read_by` when given (else `deadline`)."""
         prediction_id = str(prediction["id"])
         try:
             if read_first:
-                prediction = await self._read(prediction_id, deadline, cancel)
+                prediction = await self._read(prediction_id, deadline if read_by is None else read_by, cancel)
             while prediction.get("status") in PENDING:
                 progress.state(str(prediction["status"]))
                 remaining = deadline - self.http.clock()

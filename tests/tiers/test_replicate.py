@@ -992,3 +992,25 @@ async def test_a_run_s_poll_answering_another_prediction_fails_it(engine: Replic
     with pytest.raises(EngineError) as info:
         await engine.run(bridge(), NullProgress(), CancelToken())
     assert info.value.charged == "unknown" and cdn.call_count == 0
+
+
+@respx.mock
+async def test_a_reattach_s_prediction_read_past_the_deadline_is_asked_again_after_a_503(
+        engine: ReplicateEngine, output: respx.Route) -> None:
+    # p-1 polled until t=75, past the shared deadline (60 s); p-2, succeeded long since, was then read
+    # with a single attempt: one 503 stopped it and lost its image, made and paid for.
+    now = [0.0]
+    engine.http.clock = lambda: now[0]
+
+    def processing(request: httpx.Request) -> httpx.Response:
+        now[0] += 25.0
+        return httpx.Response(200, json=prediction("processing"))
+
+    respx.get(POLL).mock(side_effect=processing)
+    respx.post(CANCEL).mock(return_value=httpx.Response(200, json={}))
+    second = respx.get(f"{BASE}/v1/predictions/p-2").mock(
+        side_effect=[httpx.Response(503), httpx.Response(200, json={**numbered(2), "output": OUTPUT})])
+    with pytest.raises(EngineTimeout) as info:
+        await engine.reattach(bridge(n=2), [{"id": "p-1"}, {"id": "p-2"}], NullProgress(), CancelToken())
+    assert now[0] == 75.0 and second.call_count == 2
+    assert info.value.made is not None and len(info.value.made.images) == 1
