@@ -229,11 +229,14 @@ def _folder(folder: Path) -> ModelDefaults | None:
 # The families the loader builds from a single file (as Stable Diffusion 1.x/2.x or SDXL base);
 # others (FLUX, SD3, an SDXL refiner) are loaded from a diffusers folder or a Hub id only.
 SINGLE_FILE_FAMILIES = ("SDXL", "SD 2.x", "SD 1.x")
+# What `single_file_family` calls a file without a UNet in the original layout diffusers converts
+# from (`model.diffusion_model.*`): a LoRA, a VAE, an embedding, a diffusers-layout component.
+NO_UNET = "no UNet"
 
 
 def single_file_family(keys: Iterable[str]) -> str:
     """A single checkpoint's family by its tensors' names, as diffusers' own check tells them:
-    one of `SINGLE_FILE_FAMILIES`, or "FLUX", "SD3" or "an SDXL refiner"."""
+    one of `SINGLE_FILE_FAMILIES`, or "FLUX", "SD3", "an SDXL refiner" or `NO_UNET`."""
     names = list(keys)
 
     def has(*prefixes: str) -> bool:
@@ -248,6 +251,10 @@ def single_file_family(keys: Iterable[str]) -> str:
     # SDXL base has CLIP as its first embedder and OpenCLIP as its second; the refiner OpenCLIP alone.
     if has("conditioner.embedders.0.model."):
         return "an SDXL refiner"
+    if not has("model.diffusion_model."):
+        # diffusers takes such a file for SD 1.x and converts none of it: offline the load said the
+        # Hub did not answer (as if that were all that was wrong); its defaults read as SD 1.5's "files".
+        return NO_UNET
     return "SD 2.x" if has("cond_stage_model.model.") else "SD 1.x"
 
 

@@ -36,6 +36,7 @@ from orchestrator.errors import BadEngineInput, Canceled, EngineError, EngineUna
 from orchestrator.store import hide_paths, model_name
 from tiers import tiny
 from tiers._family import (
+    NO_UNET,
     SINGLE_FILE_FAMILIES,
     ModelDefaults,
     few_step_scheduler,
@@ -1497,6 +1498,9 @@ class LocalRuntime:
             family = single_file_family(f.keys())
             if family in SINGLE_FILE_FAMILIES:
                 _refuse_conditioned_file(f)
+        if family == NO_UNET:
+            raise ValueError("it holds no Stable Diffusion UNet (no model.diffusion_model.* tensors: a LoRA, a VAE or "
+                             "an embedding?): give a whole checkpoint, a diffusers folder or a Hub id")
         if family not in SINGLE_FILE_FAMILIES:
             # Read as Stable Diffusion, it failed offline with "load it once online", which fails too.
             raise ValueError(f"it is a single file of {family}, which is loaded from a diffusers folder or a Hub "

@@ -556,6 +556,34 @@ async def test_a_single_file_of_a_family_it_cannot_load_says_to_give_a_folder(
     assert lite.defaults.told_by == "nothing"  # SD 1.5's defaults, read from its files, they were not
 
 
+@pytest.mark.parametrize("key", [
+    "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight",  # a kohya LoRA
+    "unet.down_blocks.0.attentions.0.proj_in.lora.down.weight",  # a diffusers LoRA
+    "first_stage_model.decoder.conv_in.weight",  # a VAE
+    "encoder.conv_in.weight",  # a VAE in diffusers' layout
+])
+async def test_a_single_file_without_a_unet_says_so_not_that_the_hub_did_not_answer(
+        make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch, tmp_path: Any, key: str) -> None:
+    """A LoRA or VAE given as ORCH_LITE_MODEL was read as an SD 1.x checkpoint: offline its drafts failed
+    saying the Hub did not answer (reproduced with a server on a one-tensor file), and its defaults
+    read as SD 1.5's, `read_from` "files"."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import save_file
+
+    def from_single_file(cls: Any, path: str, **kwargs: Any) -> Any:
+        raise AssertionError("not a file this loader can take")
+
+    monkeypatch.setattr(StableDiffusionPipeline, "from_single_file", classmethod(from_single_file))
+    checkpoint = tmp_path / "detail_tweaker.safetensors"
+    save_file({key: torch.zeros(4)}, str(checkpoint))
+    lite = LiteEngine(EngineContext(settings=make_settings(lite_model=str(checkpoint))))
+    refused = await draft_refused(lite)
+    assert refused.message == ("could not load model 'detail_tweaker.safetensors': it holds no Stable Diffusion UNet "
+                               "(no model.diffusion_model.* tensors: a LoRA, a VAE or an embedding?): give a whole "
+                               "checkpoint, a diffusers folder or a Hub id")
+    assert lite.defaults.told_by == "nothing"
+
+
 @pytest.mark.parametrize("device", ["cuda", "mps"])
 async def test_a_device_torch_does_not_have_is_unavailable_before_any_load(
         make_settings: SettingsFactory, device: str) -> None:
@@ -667,7 +695,7 @@ def test_a_relative_path_to_no_safetensors_file_in_capitals_is_a_path(make_setti
 async def test_a_single_file_that_is_not_a_checkpoint_is_unavailable_saying_why(
         make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
     # A LoRA given as the model: loaded as a Stable Diffusion checkpoint, diffusers' own error
-    # escaped as an engine crash (no fallback), and offline its config cannot even be fetched.
+    # escaped as an engine crash (no fallback).
     import huggingface_hub.constants
     from safetensors.torch import save_file
 
@@ -679,7 +707,8 @@ async def test_a_single_file_that_is_not_a_checkpoint_is_unavailable_saying_why(
     refused = await draft_refused(lite)
     assert refused.message.startswith("could not load model 'lora.safetensors': ")  # its name, not its path
     assert str(tmp_path) not in refused.message and refused.details == {"model": "lora.safetensors"}
-    assert "needs its model family's configuration from the Hugging Face Hub" in refused.message
+    # Not that the Hub did not answer: no configuration makes a model of it.
+    assert "it holds no Stable Diffusion UNet" in refused.message
 
 
 async def test_a_single_file_s_own_fault_offline_is_not_blamed_on_the_hub(

@@ -236,8 +236,10 @@ def test_a_download_that_has_only_the_index_yet_is_read_again(diffusers_folder: 
 
 @pytest.mark.parametrize(("keys", "expected", "told_by"), [
     (["conditioner.embedders.1.model.ln_final.weight", "model.diffusion_model.out.0.weight"], SDXL, "files"),
-    (["cond_stage_model.model.ln_final.weight"], ModelDefaults(25, 7.5, 768), "files"),
-    (["cond_stage_model.transformer.text_model.final_layer_norm.weight"], SD15, "files"),  # SD 1.x: settled
+    (["cond_stage_model.model.ln_final.weight", "model.diffusion_model.out.0.weight"], ModelDefaults(25, 7.5, 768),
+     "files"),
+    (["cond_stage_model.transformer.text_model.final_layer_norm.weight", "model.diffusion_model.out.0.weight"], SD15,
+     "files"),  # SD 1.x: settled
 ])
 def test_a_single_file_is_told_by_its_tensors_names(tmp_path: Path, keys: list[str], expected: ModelDefaults,
                                                     told_by: str) -> None:
@@ -276,7 +278,8 @@ SD2_KEYS = ["cond_stage_model.model.ln_final.weight", "model.diffusion_model.out
     # A few-step file's name comes first, as at its load; other families have no such config to read.
     ("sd_turbo", SD2_KEYS, ("yaml", V_CONFIG), 512, "name"),
     ("house", ["conditioner.embedders.1.model.ln_final.weight"], ("yaml", V_CONFIG), 1024, "files"),
-    ("house", ["cond_stage_model.transformer.text_model.final_layer_norm.weight"], ("yaml", V_CONFIG), 512, "files"),
+    ("house", ["cond_stage_model.transformer.text_model.final_layer_norm.weight", "model.diffusion_model.out.0.weight"],
+     ("yaml", V_CONFIG), 512, "files"),
 ])
 def test_an_sd2_file_is_the_size_the_ldm_config_beside_it_says(
         tmp_path: Path, name: str, keys: list[str], sidecar: tuple[str, str] | None, native: int,
