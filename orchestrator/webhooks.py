@@ -43,7 +43,7 @@ from sqlmodel import Session, col, select
 
 from orchestrator.clock import shared_now
 from orchestrator.db import Database, changed
-from orchestrator.errors import first_line
+from orchestrator.errors import Forbidden, first_line
 from orchestrator.ids import new_id
 from orchestrator.models import Job, Project, UTCDateTime, WebhookDelivery
 from orchestrator.outage import Outage
@@ -166,6 +166,27 @@ def destination(url: str) -> str:
     if ":" in host:  # an IPv6 address, bracketed as in a URL
         host = f"[{host}]"
     return f"{scheme}://{host}" if port is None else f"{scheme}://{host}:{port}"
+
+
+def refuse_foreign_receiver(url: str, project_url: str | None, project_id: str) -> None:
+    """403 `forbidden` unless `url` (a job's own `webhook_url`, asked by a project key) is to the
+    receiver of its project's `webhook_url` (`destination`: scheme, host and port): the admin alone
+    chooses where a project's ends go, and a project key could otherwise have the service POST to
+    any host it reaches, its own network's included."""
+    where = destination(url)
+    if project_url is None:
+        raise Forbidden(
+            f"project '{project_id}' has no webhook_url: with a project key a job's webhook_url must be on the "
+            "scheme, host and port of its project's; the admin key can set the project's (PATCH /v1/projects/"
+            f"{project_id}) or make the job with any webhook_url",
+            details={"project_id": project_id, "webhook_url": url, "receiver": where, "allowed_receiver": None})
+    allowed = destination(project_url)
+    if where != allowed:
+        raise Forbidden(
+            f"with a project key a job's webhook_url must be on its project's receiver {allowed} (scheme, host and "
+            f"port of the project's webhook_url), not {where}; the admin key can change the project's "
+            f"(PATCH /v1/projects/{project_id}) or make the job with any webhook_url",
+            details={"project_id": project_id, "webhook_url": url, "receiver": where, "allowed_receiver": allowed})
 
 
 def _host(host: str) -> str:

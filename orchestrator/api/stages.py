@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Request, Response
 
-from orchestrator import idempotency
-from orchestrator.api.deps import CallerDep, IdempotencyKey, ServicesDep, check_asset
+from orchestrator import idempotency, webhooks
+from orchestrator.api.deps import Caller, CallerDep, IdempotencyKey, ServicesDep, check_asset
 from orchestrator.api.docs import (
     DRAFT_EXAMPLES,
     JOB_503,
@@ -20,7 +21,8 @@ from orchestrator.api.jobs import public
 from orchestrator.api.json_body import StrictJSONRoute
 from orchestrator.api.paths import AssetId, ProjectId
 from orchestrator.api.serialize import job_public
-from orchestrator.models import Asset, Job
+from orchestrator.jobs import Prepared
+from orchestrator.models import Asset, Job, Project
 from orchestrator.schemas import DraftCreate, JobPublic, PolishCreate, PromoteCreate
 
 router = APIRouter(tags=["stages"], route_class=StrictJSONRoute)
@@ -35,9 +37,14 @@ ACCEPTED: dict[int | str, dict[str, Any]] = {
     202: {"description": "The job, committed (its estimate held) before this answer.", "headers": _HEADERS}}
 _IDEMPOTENCY_CONFLICT = ("The Idempotency-Key was used with another body (`idempotency_conflict`), or the project is "
                          "archived (`project_archived`): nothing was made or held.")
+# A project key's job `webhook_url` off its project's receiver: `webhooks.refuse_foreign_receiver`.
+_RECEIVER_403 = ("A project key named a `webhook_url` that is not on its project's receiver (the scheme, host and "
+                 "port of the project's `webhook_url`), or the project has none (`forbidden`): nothing was made or "
+                 "held.")
 PAID_ERRORS = {**ACCEPTED, **with_body(
-    402, 404, 409, 410, 429, 500, 507, idempotency_key=True, routed=True,
-    said={402: "The project's budget cannot hold the estimate, or the estimate is over `max_credits` or the policy "
+    402, 403, 404, 409, 410, 429, 500, 507, idempotency_key=True, routed=True,
+    said={403: _RECEIVER_403,
+          402: "The project's budget cannot hold the estimate, or the estimate is over `max_credits` or the policy "
                "rule's cap (`budget_exceeded`): nothing was made or held.",
           404: "No such asset (`not_found`).",
           409: _IDEMPOTENCY_CONFLICT,
@@ -54,8 +61,9 @@ PolishBody = Annotated[PolishCreate, Body(default_factory=PolishCreate)]
 @router.post("/projects/{project_id}/drafts", status_code=202, response_model=JobPublic, summary="Make drafts",
              openapi_extra=body_examples(DRAFT_EXAMPLES),
              responses={**ACCEPTED, **with_body(
-                 402, 404, 409, 429, 507, idempotency_key=True, routed=True,
-                 said={402: "A policy routes drafts to a paid engine (a plugin's) and the project's budget cannot "
+                 402, 403, 404, 409, 429, 507, idempotency_key=True, routed=True,
+                 said={403: _RECEIVER_403,
+                       402: "A policy routes drafts to a paid engine (a plugin's) and the project's budget cannot "
                             "hold its estimate, or it is over the policy rule's cap (`budget_exceeded`); drafts on "
                             "the local Lite model hold nothing and are never refused for the budget.",
                        404: "No such project (`not_found`).",
@@ -67,9 +75,10 @@ def create_drafts(project_id: ProjectId, body: DraftCreate, services: ServicesDe
     project's policy says otherwise: nothing leaves the machine. Variation i is seeded `seed + i`.
     Follow the job with `GET /v1/jobs/{id}/events`; send an `Idempotency-Key` to retry safely."""
     caller.project(project_id)
-    job, created = services.jobs.submit(lambda: services.jobs.prepare_draft(project_id, body), body, engine=body.engine,
-                                        max_credits=None, idempotency_key=idempotency_key,
-                                        scope=request.url.path, answer=first_answer)
+    prepare = _receiver_checked(services, caller, lambda: services.jobs.prepare_draft(project_id, body))
+    job, created = services.jobs.submit(prepare, body, engine=body.engine, max_credits=None,
+                                        idempotency_key=idempotency_key, scope=request.url.path,
+                                        answer=first_answer)
     return _answer(services, job, created, response, idempotency_key, request.url.path)
 
 
@@ -83,9 +92,10 @@ def promote(asset_id: AssetId, body: PromoteBody, services: ServicesDep, caller:
     makes the job (402 `budget_exceeded` when it does not fit or is above `max_credits`) and the
     actual cost captured once; `prompt` null keeps the source's. The job carries the source's tags."""
     check_asset(services, caller, asset_id)
-    job, created = services.jobs.submit(lambda: services.jobs.prepare_promote(asset_id, body), body, engine=body.engine,
-                                        max_credits=body.max_credits, idempotency_key=idempotency_key,
-                                        scope=request.url.path, answer=first_answer)
+    prepare = _receiver_checked(services, caller, lambda: services.jobs.prepare_promote(asset_id, body))
+    job, created = services.jobs.submit(prepare, body, engine=body.engine, max_credits=body.max_credits,
+                                        idempotency_key=idempotency_key, scope=request.url.path,
+                                        answer=first_answer)
     return _answer(services, job, created, response, idempotency_key, request.url.path)
 
 
@@ -97,10 +107,28 @@ def polish(asset_id: AssetId, body: PolishBody, services: ServicesDep, caller: C
     """The final render of an asset (stage `polish`): `scale`, or `width`/`height`, sets the size,
     `creativity` how far the engine may stray from the source. Held and charged as a promotion."""
     check_asset(services, caller, asset_id)
-    job, created = services.jobs.submit(lambda: services.jobs.prepare_polish(asset_id, body), body, engine=body.engine,
-                                        max_credits=body.max_credits, idempotency_key=idempotency_key,
-                                        scope=request.url.path, answer=first_answer)
+    prepare = _receiver_checked(services, caller, lambda: services.jobs.prepare_polish(asset_id, body))
+    job, created = services.jobs.submit(prepare, body, engine=body.engine, max_credits=body.max_credits,
+                                        idempotency_key=idempotency_key, scope=request.url.path,
+                                        answer=first_answer)
     return _answer(services, job, created, response, idempotency_key, request.url.path)
+
+
+def _receiver_checked(services: ServicesDep, caller: Caller,
+                      prepare: Callable[[], Prepared]) -> Callable[[], Prepared]:
+    """`prepare`, then, for a project key's request naming a `webhook_url`, 403 unless that is on
+    its project's receiver (`webhooks.refuse_foreign_receiver`). Run by `submit` after the
+    Idempotency-Key's look-up (a retry of a job made before the project's URL changed replays it)
+    and before anything is written."""
+    def checked() -> Prepared:
+        prepared = prepare()
+        if caller.project_id is not None and prepared.webhook_url is not None:
+            with services.db.session() as s:
+                project = s.get(Project, prepared.project_id)
+                project_url = project.webhook_url if project is not None else None
+            webhooks.refuse_foreign_receiver(prepared.webhook_url, project_url, prepared.project_id)
+        return prepared
+    return checked
 
 
 def first_answer(job: Job, copies: list[Asset]) -> JobPublic:

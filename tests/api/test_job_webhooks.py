@@ -13,10 +13,10 @@ from sqlmodel import select
 
 from orchestrator import webhooks
 from orchestrator.db import Database
-from orchestrator.models import IdempotencyKey, Job, Project, WebhookDelivery
+from orchestrator.models import IdempotencyKey, Job, LedgerEntry, Project, WebhookDelivery
 from orchestrator.settings import Settings
 from tests.api import SMALL, assert_error, create_project, job_count, run_draft, submit_draft, wait_for_job
-from tests.api.test_webhooks import SECRET, Receiver, _verified
+from tests.api.test_webhooks import ADMIN_KEY, SECRET, Receiver, _verified
 
 BAD_URLS = ["ftp://example.com/hook", "https://user:pw@example.com/", "https://example.com/" + "a" * 2000,
             "https://xn--a.example/hooks", " https://example.com/hooks", 5]
@@ -139,3 +139,98 @@ def test_an_idempotent_replay_tells_job_urls_apart(server: httpx.Client) -> None
                   {k: v for k, v in body.items() if k != "webhook_url"}):
         assert_error(post(other), 409, "idempotency_conflict")
     assert job_count(server) == 1
+
+
+def _written(settings: Settings) -> tuple[int, int, int]:
+    """(jobs, idempotency keys, ledger entries) in the service's database."""
+    db = Database(settings.resolved_database_url)
+    try:
+        with db.session() as s:
+            return (len(s.exec(select(Job)).all()), len(s.exec(select(IdempotencyKey)).all()),
+                    len(s.exec(select(LedgerEntry)).all()))
+    finally:
+        db.dispose()
+
+
+def test_a_project_key_names_a_job_url_only_on_its_project_s_receiver(
+        make_settings: Callable[..., Settings], start_server: Callable[[Settings], httpx.Client]) -> None:
+    # Before, any project key could have the service POST a job's end to any host it reaches (a
+    # metadata address, a service on its own network), though only the admin sets a project's URL.
+    receiver = Receiver()
+    settings = make_settings(admin_key=ADMIN_KEY, hifi_model="builtin:tiny-sd")
+    base = start_server(settings).base_url
+    port = receiver.url.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)[1]
+    try:
+        with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=60) as admin:
+            project = create_project(admin, webhook_url=receiver.url)["id"]
+            key = admin.post(f"/v1/projects/{project}/keys", json={"name": "pipeline"}).json()["key"]
+            asset = run_draft(admin, project, n=1, seed=5, **SMALL)["assets"][0]
+            with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=60) as mine:
+                # Another path, query and spelling of the project's receiver (scheme, host, port) is its own.
+                same = f"HTTP://127.0.0.1:{port}/hooks/branch-1?ci=1"
+                made = submit_draft(mine, project, webhook_url=same)
+                assert made["webhook_url"] == same
+                wait_for_job(admin, made["id"], ("succeeded",))
+                receiver.wait_for(2)  # the admin's draft's end, then this one's
+                before = _written(settings)
+                posts: list[tuple[str, dict[str, Any]]] = [
+                    (f"/v1/projects/{project}/drafts", {"prompt": "a lighthouse", "n": 1, **SMALL}),
+                    (f"/v1/assets/{asset}/promote", {"engine": "local-hifi"}),
+                    (f"/v1/assets/{asset}/polish", {"scale": 1, "engine": "local-hifi"})]
+                for other in (f"http://127.0.0.1:{int(port) + 1}/hooks", f"https://127.0.0.1:{port}/hooks",
+                              f"http://localhost:{port}/hooks", "http://169.254.169.254/latest/meta-data",
+                              f"http://[::ffff:127.0.0.1]:{port}/hooks"):
+                    for path, body in posts:
+                        error = assert_error(mine.post(path, json={**body, "webhook_url": other},
+                                                       headers={"Idempotency-Key": "k"}), 403, "forbidden")
+                        assert "admin key" in error["message"] and error["details"]["allowed_receiver"] == (
+                            f"http://127.0.0.1:{port}")
+                assert _written(settings) == before
+                # The admin key may name any URL the checks accept.
+                elsewhere = f"http://127.0.0.1:{int(port) + 1}/hooks"
+                assert submit_draft(admin, project, webhook_url=elsewhere)["webhook_url"] == elsewhere
+            bare = create_project(admin, name="no url")["id"]
+            bare_key = admin.post(f"/v1/projects/{bare}/keys", json={"name": "pipeline"}).json()["key"]
+            with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {bare_key}"}, timeout=60) as theirs:
+                before = _written(settings)
+                error = assert_error(theirs.post(f"/v1/projects/{bare}/drafts", json={
+                    "prompt": "a lighthouse", "n": 1, **SMALL, "webhook_url": receiver.url},
+                    headers={"Idempotency-Key": "k"}), 403, "forbidden")
+                assert "has no webhook_url" in error["message"] and "admin key" in error["message"]
+                assert _written(settings) == before
+                # Without a URL of its own, as before: nothing to check.
+                assert submit_draft(theirs, bare)["webhook_url"] is None
+            assert submit_draft(admin, bare, webhook_url=receiver.url)["webhook_url"] == receiver.url
+    finally:
+        receiver.close()
+
+
+def test_a_job_keeps_the_url_it_was_allowed_after_its_project_s_changes(
+        make_settings: Callable[..., Settings], start_server: Callable[[Settings], httpx.Client]) -> None:
+    # Checked as the job is made: the admin moving the project's URL later does not move that job's
+    # end, and a retry of its request (the same Idempotency-Key) replays it rather than refusing it.
+    first, second = Receiver(), Receiver()
+    base = start_server(make_settings(admin_key=ADMIN_KEY)).base_url
+    try:
+        with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=60) as admin:
+            project = create_project(admin, webhook_url=first.url)["id"]
+            key = admin.post(f"/v1/projects/{project}/keys", json={"name": "pipeline"}).json()["key"]
+            with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=60) as mine:
+                body = {"prompt": "a lighthouse", "n": 1, "seed": 3, **SMALL, "webhook_url": first.url + "/job"}
+                made = mine.post(f"/v1/projects/{project}/drafts", json=body, headers={"Idempotency-Key": "once"})
+                assert made.status_code == 202, made.text
+                assert admin.patch(f"/v1/projects/{project}", json={"webhook_url": second.url}).status_code == 200
+                again = mine.post(f"/v1/projects/{project}/drafts", json=body, headers={"Idempotency-Key": "once"})
+                assert again.status_code == 202 and again.headers["idempotent-replayed"] == "true", again.text
+                assert again.json()["id"] == made.json()["id"]
+                assert_error(mine.post(f"/v1/projects/{project}/drafts", json=body), 403, "forbidden")
+                wait_for_job(mine, made.json()["id"], ("succeeded",))
+                first.wait_for(1)
+                [delivery] = mine.get(f"/v1/projects/{project}/webhook-deliveries").json()["items"]
+                redelivered = mine.post(f"/v1/webhook-deliveries/{delivery['id']}/redeliver").json()
+                assert redelivered["url"] == first.url + "/job"
+                first.wait_for(2)
+                assert second.posts == []
+    finally:
+        first.close()
+        second.close()
