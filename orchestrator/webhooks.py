@@ -153,10 +153,10 @@ DEFAULT_PORTS = {"http": 80, "https": 443}
 def destination(url: str) -> str:
     """The receiver of `url` whose slots and breaker its deliveries share: its scheme, host and
     port, canonical, so that every spelling of one receiver is one (`HTTPS://Hooks.example./a`,
-    `https://%68ooks.example:443/b`): the scheme lowercase, the default port written, and the host as
-    `_host` writes it."""
+    `https://hooks.example:443/b`, `https://xn--bcher-kva.example/` and `https://BÜCHER.example/`):
+    the scheme lowercase, the default port written, and the host as `_host` writes it."""
     parts = urlsplit(url)
-    scheme, host = parts.scheme.lower(), _host(parts.hostname or "")
+    scheme, host = parts.scheme.lower(), _host(url, parts.hostname or "")
     try:
         port = parts.port
     except ValueError:  # refused when the URL is set; a row that still had one must not stop the sender
@@ -189,23 +189,30 @@ def refuse_foreign_receiver(url: str, project_url: str | None, project_id: str) 
             details={"project_id": project_id, "webhook_url": url, "receiver": where, "allowed_receiver": allowed})
 
 
-def _host(host: str) -> str:
-    """A URL's host (as `urlsplit` gives it: lowercase, unbracketed) as one receiver's spellings
-    share it: an IPv6 address in its compressed form (`2001:db8::1` for `2001:DB8:0:0::1`), else
-    percent-decoded (`%41` is `a`), lowercase, without the trailing dot of a fully qualified name
-    (`hooks.example.` is `hooks.example`)."""
+def _host(url: str, split: str) -> str:
+    """`url`'s host as the sender's httpx connects to it, one form for its spellings: an IPv6
+    address compressed (`2001:db8::1` for `2001:DB8:0:0::1`), else lowercase, an IDN in Unicode
+    (`bücher.example` for `xn--bcher-kva.example`; a dot `。` is `.`), without the trailing dot of a
+    fully qualified name (`hooks.example.` is `hooks.example`). Not percent-decoded: httpx sends
+    `%68ooks.example` as written, a name no resolver knows, so it is no spelling of `hooks.example`
+    (merged, its failed attempts set aside the real host's breaker). `split`: `urlsplit`'s host,
+    for a URL httpx refuses (refused when set; a row that still has one must not stop the sender)."""
+    try:
+        host = httpx.URL(url).host
+    except (httpx.InvalidURL, UnicodeError):
+        host = split
     if ":" in host:
         with contextlib.suppress(ValueError):  # not an address (refused when the URL is set): as written
-            return ipaddress.IPv6Address(unquote(host)).compressed
+            return ipaddress.IPv6Address(unquote(host)).compressed  # a zone's `%25` is `%`
         return host
-    decoded = unquote(host).lower()
-    return decoded.rstrip(".") or decoded
+    host = host.lower()
+    return host.rstrip(".") or host
 
 
 def _written_as(where: str) -> list[str]:
     """The ways a URL may start with destination `where`, lowercase: with its port, and without it
     when it is its scheme's default; each with the host's trailing dot and without (an IPv6 host
-    not otherwise than as `destination` writes it, nor a percent-encoded one: `Deliverer._due`)."""
+    not otherwise than as `destination` writes it, nor an IDN spelt as `xn--`: `Deliverer._due`)."""
     scheme, _, rest = where.partition("://")
     host, colon, port = rest.rpartition(":")
     if not colon or not port.isdigit():  # no port written (a scheme without a default), or an IPv6 host's colon

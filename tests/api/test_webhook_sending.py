@@ -352,8 +352,10 @@ def test_a_destination_is_the_scheme_host_and_port_lowercase_with_the_default_po
 
 
 @pytest.mark.parametrize(("spellings", "canonical"), [
-    (["https://hooks.example/a", "https://HOOKS.Example./b", "https://hooks.example.:443/c", "https://%68ooks.%45xample/",
-      "https://%68ooks.example%2E/", "HTTPS://hooks.example:0443/"], "https://hooks.example:443"),
+    (["https://hooks.example/a", "https://HOOKS.Example./b", "https://hooks.example.:443/c",
+      "HTTPS://hooks.example:0443/", "https://hooks\u3002example/"], "https://hooks.example:443"),
+    (["https://bücher.example/", "https://BÜCHER.example:443/a", "https://xn--bcher-kva.example/b",
+      "https://XN--BCHER-KVA.example./"], "https://bücher.example:443"),
     (["http://[2001:db8::1]/", "http://[2001:DB8:0:0:0:0:0:1]:80/x", "http://[2001:db8:0::1]/?t=1"],
      "http://[2001:db8::1]:80"),
     (["http://[::ffff:127.0.0.1]:8080/", "http://[::FFFF:7f00:1]:8080/"], "http://[::ffff:7f00:1]:8080"),
@@ -362,6 +364,23 @@ def test_every_spelling_of_one_receiver_is_one_destination(spellings: list[str],
     # Each spelling was a destination of its own: its own 2 slots, its own breaker (a dead host spelt
     # two ways took 3 failed attempts per spelling to be set aside, and twice the slots).
     assert {webhooks.destination(url) for url in spellings} == {canonical}
+
+
+def test_an_idn_spelt_in_unicode_or_as_xn_is_one_destination() -> None:
+    # httpx sends both to `xn--bcher-kva.example` (and `hooks。example` to `hooks.example`): they were
+    # two destinations, two breakers and twice the slots for one receiver.
+    assert httpx.URL("https://bücher.example/").raw_host == httpx.URL("https://xn--bcher-kva.example/").raw_host
+    assert webhooks.destination("https://bücher.example/") == webhooks.destination("https://xn--bcher-kva.example/")
+    assert webhooks.destination("https://hooks\u3002example/") == webhooks.destination("https://hooks.example/")
+
+
+@pytest.mark.parametrize("url", ["https://%68ooks.example/", "https://hooks.example%2E/", "https://hooks%2Eexample/"])
+def test_a_percent_encoded_host_is_not_the_host_it_decodes_to(url: str) -> None:
+    # httpx sends the host as written (no resolver knows `%68ooks.example`: every attempt fails), so it
+    # is not that receiver: merged, its failed attempts set the real host's breaker aside for every
+    # project sending there, and a project key's job URL so spelt passed for its project's receiver.
+    assert httpx.URL(url).raw_host.decode() != "hooks.example"
+    assert webhooks.destination(url) != webhooks.destination("https://hooks.example/")
 
 
 def test_two_spellings_of_a_dead_host_share_its_breaker(db: Database) -> None:
