@@ -156,8 +156,14 @@ def test_a_project_key_names_a_job_url_only_on_its_project_s_receiver(
         make_settings: Callable[..., Settings], start_server: Callable[[Settings], httpx.Client]) -> None:
     # Before, any project key could have the service POST a job's end to any host it reaches (a
     # metadata address, a service on its own network), though only the admin sets a project's URL.
+    check_a_project_key_names_a_job_url_only_on_its_project_s_receiver(
+        make_settings(admin_key=ADMIN_KEY, hifi_model="builtin:tiny-sd"), start_server)
+
+
+def check_a_project_key_names_a_job_url_only_on_its_project_s_receiver(
+        settings: Settings, start_server: Callable[[Settings], httpx.Client]) -> None:
+    """`settings`: with ADMIN_KEY and a local-hifi model."""
     receiver = Receiver()
-    settings = make_settings(admin_key=ADMIN_KEY, hifi_model="builtin:tiny-sd")
     base = start_server(settings).base_url
     port = receiver.url.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)[1]
     try:

@@ -1175,6 +1175,18 @@ def test_a_job_s_own_webhook_url_is_read_by_the_end_s_statement_on_postgres(pg_d
     check_the_end_reads_the_job_s_url(pg_db)
 
 
+def test_a_project_key_names_a_job_url_only_on_its_project_s_receiver_on_postgres(
+        postgres_url: str, make_settings: Callable[..., Settings],
+        start_server: Callable[[Settings], httpx.Client]) -> None:
+    from tests.api.test_job_webhooks import (
+        ADMIN_KEY,
+        check_a_project_key_names_a_job_url_only_on_its_project_s_receiver,
+    )
+
+    check_a_project_key_names_a_job_url_only_on_its_project_s_receiver(
+        make_settings(database_url=postgres_url, admin_key=ADMIN_KEY, hifi_model="builtin:tiny-sd"), start_server)
+
+
 def test_webhook_deliveries_are_listed_within_a_time_range_on_postgres(pg_db: Database) -> None:
     from tests.api.test_webhook_deliveries import check_a_time_range_read
 
