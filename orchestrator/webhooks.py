@@ -221,19 +221,29 @@ def _idn(host: str) -> str:
 
 def _written_as(where: str) -> list[str]:
     """The ways a URL may start with destination `where`, lowercase: with its port, and without it
-    when it is its scheme's default; each with the host's trailing dot and without (an IPv6 host
-    not otherwise than as `destination` writes it, nor an IDN spelt as `xn--`: `Deliverer._due`)."""
+    when it is its scheme's default; each with the host's trailing dot and without, an IDN in Unicode
+    and as `xn--` (an IPv6 host not otherwise than as `destination` writes it, nor an IDN's labels
+    half in one and half in the other: `Deliverer._due`)."""
     scheme, _, rest = where.partition("://")
     host, colon, port = rest.rpartition(":")
     if not colon or not port.isdigit():  # no port written (a scheme without a default), or an IPv6 host's colon
         host, port = rest, ""
-    hosts = [host] if host.endswith("]") else [host, host + "."]
+    names = [host] if host.isascii() else [host, _ascii(host)]
+    hosts = [host] if host.endswith("]") else [spelled for name in names for spelled in (name, name + ".")]
     starts = []
     for spelled in hosts:
         starts.append(f"{scheme}://{spelled}:{port}" if port else f"{scheme}://{spelled}")
         if port and int(port) == DEFAULT_PORTS.get(scheme):
             starts.append(f"{scheme}://{spelled}")
     return starts
+
+
+def _ascii(host: str) -> str:
+    """An IDN host as httpx sends it (`xn--bcher-kva.example`); as it is where httpx refuses it."""
+    try:
+        return httpx.URL(f"http://{host}/").raw_host.decode("ascii")
+    except (httpx.InvalidURL, UnicodeError):
+        return host
 
 
 def _to(where: str) -> sa.ColumnElement[bool]:
