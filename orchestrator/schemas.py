@@ -320,7 +320,9 @@ _WEBHOOK_DESCRIPTION = ("Where each of the project's jobs' ends is POSTed (`job.
 _JOB_WEBHOOK_DESCRIPTION = (
     "Where this job's end is POSTed (`job.succeeded`, `job.failed`, `job.canceled`), instead of its project's "
     "`webhook_url`: checked as that one is (an absolute `https://` or `http://` URL without a user or password, at "
-    "most 2,000 characters), signed alike (when ORCH_WEBHOOK_SECRET is set); null: the project's, if any.")
+    "most 2,000 characters), signed alike (when ORCH_WEBHOOK_SECRET is set); null: the project's, if any. With a "
+    "project key, only on its project's receiver (the scheme, host and port of the project's `webhook_url`, which the "
+    "admin key sets): another, or any when the project has none, is 403 `forbidden`; the admin key may name any.")
 
 
 # 2**30 MiB is a PiB: past any disk, and within the column's 32-bit integer.
