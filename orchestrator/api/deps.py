@@ -12,9 +12,9 @@ from typing import Annotated, Any
 from fastapi import Depends, Header, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from orchestrator import keys
+from orchestrator import keys, webhooks
 from orchestrator.errors import Forbidden, InvalidRequest, Unauthorized, not_found
-from orchestrator.models import Asset, Job
+from orchestrator.models import Asset, Job, Project
 from orchestrator.services import Services
 
 
@@ -79,6 +79,18 @@ def check_asset(services: Services, caller: Caller, asset_id: str) -> None:
     if asset is None:
         raise not_found("asset", "asset_id", asset_id)
     caller.asset(asset)
+
+
+def check_receiver(services: Services, caller: Caller, project_id: str, webhook_url: str | None) -> None:
+    """For a project key's request naming a job `webhook_url`: 403 unless that is on its project's
+    receiver (`webhooks.refuse_foreign_receiver`), whose URL only the admin key sets. The admin key
+    may name any URL the validator takes."""
+    if caller.project_id is None or webhook_url is None:
+        return
+    with services.db.session() as s:
+        project = s.get(Project, project_id)
+        project_url = project.webhook_url if project is not None else None
+    webhooks.refuse_foreign_receiver(webhook_url, project_url, project_id)
 
 
 def check_job(services: Services, caller: Caller, job_id: str) -> None:

@@ -10,7 +10,7 @@ from pydantic import ConfigDict, Field, GetJsonSchemaHandler, TypeAdapter, Valid
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema
 
-from orchestrator.api.deps import CallerDep, ServicesDep, check_asset
+from orchestrator.api.deps import CallerDep, ServicesDep, check_asset, check_receiver
 from orchestrator.api.docs import EXPLAIN_EXAMPLES, JOB_503, body_examples, documented, with_body, with_query
 from orchestrator.api.errors import BodyValidationError
 from orchestrator.api.json_body import StrictJSONRoute
@@ -164,7 +164,9 @@ class ExplainRequest(Strict):
 
 @router.post("/route/explain", response_model=RouteExplanation, summary="Explain a request's routing and cost",
              operation_id="explain_route", openapi_extra=body_examples(EXPLAIN_EXAMPLES),
-             responses=with_body(402, 404, 409, 410, 429, 500, 507, routed=True, said={
+             responses=with_body(402, 403, 404, 409, 410, 429, 500, 507, routed=True, said={
+                 403: "A job would be refused: a project key named a `webhook_url` that is not on its project's "
+                      "receiver, or the project has none (`forbidden`).",
                  402: "A job would be refused for the budget: the project's budget cannot hold the estimate, or "
                       "it is over `max_credits` or the policy rule's cap (`budget_exceeded`).",
                  404: "No such project or source asset (`not_found`).",
@@ -223,6 +225,7 @@ def explain(body: ExplainRequest, services: ServicesDep, caller: CallerDep) -> d
             raise InvalidRequest(f"asset '{body.source_asset_id}' belongs to project '{prepared.project_id}', not "
                                  f"'{body.project_id}'; leave project_id out or name the asset's own",
                                  details={"project_id": body.project_id}, loc=("body", "project_id"))
+    check_receiver(services, caller, prepared.project_id, prepared.webhook_url)  # as its submit would be
     decision = jobs.decide(prepared, engine, max_credits, cache=cache)
     copies = jobs.cached(prepared, decision) if cache else []
     cache_hit = bool(copies)

@@ -7,8 +7,8 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Request, Response
 
-from orchestrator import idempotency, webhooks
-from orchestrator.api.deps import Caller, CallerDep, IdempotencyKey, ServicesDep, check_asset
+from orchestrator import idempotency
+from orchestrator.api.deps import Caller, CallerDep, IdempotencyKey, ServicesDep, check_asset, check_receiver
 from orchestrator.api.docs import (
     DRAFT_EXAMPLES,
     JOB_503,
@@ -22,7 +22,7 @@ from orchestrator.api.json_body import StrictJSONRoute
 from orchestrator.api.paths import AssetId, ProjectId
 from orchestrator.api.serialize import job_public
 from orchestrator.jobs import Prepared
-from orchestrator.models import Asset, Job, Project
+from orchestrator.models import Asset, Job
 from orchestrator.schemas import DraftCreate, JobPublic, PolishCreate, PromoteCreate
 
 router = APIRouter(tags=["stages"], route_class=StrictJSONRoute)
@@ -116,17 +116,11 @@ def polish(asset_id: AssetId, body: PolishBody, services: ServicesDep, caller: C
 
 def _receiver_checked(services: ServicesDep, caller: Caller,
                       prepare: Callable[[], Prepared]) -> Callable[[], Prepared]:
-    """`prepare`, then, for a project key's request naming a `webhook_url`, 403 unless that is on
-    its project's receiver (`webhooks.refuse_foreign_receiver`). Run by `submit` after the
-    Idempotency-Key's look-up (a retry of a job made before the project's URL changed replays it)
-    and before anything is written."""
+    """`prepare`, then `check_receiver`. Run by `submit` after the Idempotency-Key's look-up (a
+    retry of a job made before the project's URL changed replays it) and before anything is written."""
     def checked() -> Prepared:
         prepared = prepare()
-        if caller.project_id is not None and prepared.webhook_url is not None:
-            with services.db.session() as s:
-                project = s.get(Project, prepared.project_id)
-                project_url = project.webhook_url if project is not None else None
-            webhooks.refuse_foreign_receiver(prepared.webhook_url, project_url, prepared.project_id)
+        check_receiver(services, caller, prepared.project_id, prepared.webhook_url)
         return prepared
     return checked
 

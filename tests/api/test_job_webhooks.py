@@ -191,7 +191,15 @@ def check_a_project_key_names_a_job_url_only_on_its_project_s_receiver(
                                                        headers={"Idempotency-Key": "k"}), 403, "forbidden")
                         assert "admin key" in error["message"] and error["details"]["allowed_receiver"] == (
                             f"http://127.0.0.1:{port}")
+                    # Explain answers as the submit would: its 200 said such a job would be taken.
+                    for explained in ({"stage": "ideation", **posts[0][1]},
+                                      {"stage": "bridge", "source_asset_id": asset, **posts[1][1]},
+                                      {"stage": "polish", "source_asset_id": asset, **posts[2][1]}):
+                        assert_error(mine.post("/v1/route/explain", json={**explained, "webhook_url": other}),
+                                     403, "forbidden")
                 assert _written(settings) == before
+                assert mine.post("/v1/route/explain", json={"stage": "ideation", **posts[0][1],
+                                                            "webhook_url": same}).status_code == 200
                 # The admin key may name any URL the checks accept.
                 elsewhere = f"http://127.0.0.1:{int(port) + 1}/hooks"
                 assert submit_draft(admin, project, webhook_url=elsewhere)["webhook_url"] == elsewhere
