@@ -480,7 +480,15 @@ class ReplicateEngine(CloudEngine):
             answer = answer_json(response)
         except ValueError:
             return None
-        return answer if isinstance(answer, dict) else None
+        if not isinstance(answer, dict):
+            return None
+        if "id" in answer and str(answer["id"]) != prediction_id:
+            # Another's answer (a cache or a proxy on the wrong path), read as this one's: its
+            # "never started" released the hold of a prediction that may have run and billed.
+            log.warning("replicate: canceling prediction %s answered another prediction (%r); it may run on, "
+                        "and bill, until its Cancel-After", prediction_id, self.said(answer["id"], 40))
+            return None
+        return answer
 
     def _refused(self, response: httpx.Response) -> EngineError:
         if response.status_code == 402:

@@ -1014,3 +1014,19 @@ async def test_a_reattach_s_prediction_read_past_the_deadline_is_asked_again_aft
         await engine.reattach(bridge(n=2), [{"id": "p-1"}, {"id": "p-2"}], NullProgress(), CancelToken())
     assert now[0] == 75.0 and second.call_count == 2
     assert info.value.made is not None and len(info.value.made.images) == 1
+
+
+@respx.mock
+async def test_a_cancel_answering_another_prediction_says_nothing_of_the_one_canceled(
+        engine: ReplicateEngine) -> None:
+    # p-1's cancel answered p-2's prediction, canceled before it started (a cache, a proxy on the
+    # wrong path): p-1, which may have run, was taken for free, and the job's hold released.
+    token = CancelToken()
+    respx.post(CREATE).mock(return_value=httpx.Response(201, json=prediction("processing")))
+    respx.get(POLL).mock(side_effect=cancel_at_poll(token, lambda: httpx.Response(200, json=prediction("processing"))))
+    other = {**never_started(), "id": "p-2"}
+    respx.post(CANCEL).mock(return_value=httpx.Response(200, json=other))
+    with pytest.raises(Canceled) as info:
+        await engine.run(bridge(), NullProgress(), token)
+    assert info.value.charged == "unknown" and not info.value.work_unbilled
+    assert await engine.withdraw([{"id": "p-1"}]) is False  # a queued job's cancel judges it the same way
