@@ -142,17 +142,34 @@ def operation(req: RenderRequest) -> Operation:
 UNTYPED = frozenset({"", "application/octet-stream", "binary/octet-stream"})
 
 
+def _whole_image(content: bytes) -> bool | None:
+    """Whether `content`, starting as a PNG, JPEG or WebP does, ends as one does too (None: not one of
+    those): a body cut short (a proxy ending it early) was taken for the image, failed to decode,
+    and the upscale, paid for, was lost where a second look would have found it."""
+    if content.startswith(b"\x89PNG\r\n\x1a\n"):
+        return content.endswith(b"IEND\xaeB`\x82")
+    if content.startswith(b"\xff\xd8\xff"):
+        return content.rstrip(b"\x00\r\n ").endswith(b"\xff\xd9")
+    if content[:4] == b"RIFF" and content[8:12] == b"WEBP":
+        return len(content) >= int.from_bytes(content[4:8], "little") + 8
+    signatures = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"RIFF")
+    if len(content) < 12 and (content[:4] == b"RIFF" or any(start.startswith(content) for start in signatures)):
+        return False  # cut before its signature ended (or, for a WebP, before it said it was one)
+    return None
+
+
 def _image_bytes(response: httpx.Response) -> bool:
     """Whether an answer is the image itself (`image/*`), as Stability sends one asked `Accept: image/*`
     and may send a finished job's result (providers.md: "200 bytes/JSON done"). Untyped, a PNG,
     JPEG or WebP is one too: its bytes were taken for an unreadable answer, asked twice more, and
-    the upscale, paid for, lost."""
+    the upscale, paid for, lost. Neither is a body cut short, nor JSON under an image type (a
+    proxy's rewrite): read as bytes, both failed to decode, the upscale lost without a second look."""
     kind = str(response.headers.get("content-type", "")).partition(";")[0].strip().lower()
-    if kind.startswith("image/"):
-        return True
     content = response.content
-    return kind in UNTYPED and (content.startswith((b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff"))
-                                or (content[:4] == b"RIFF" and content[8:12] == b"WEBP"))
+    whole = _whole_image(content)
+    if whole is not None:
+        return whole and (kind.startswith("image/") or kind in UNTYPED)
+    return kind.startswith("image/") and bool(content) and content.lstrip()[:1] not in (b"{", b"[")
 
 
 def _readable(response: httpx.Response) -> bool:

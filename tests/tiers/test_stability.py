@@ -3,6 +3,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 from typing import Any
 
 import httpx
@@ -888,3 +889,39 @@ async def test_a_reattach_s_reads_past_the_deadline_share_one_more(engine: Stabi
         await engine.reattach(polish(creativity=0.45, n=3), [{"id": f"job-{i}", "creative": True} for i in (1, 2, 3)],
                               NullProgress(), CancelToken())
     assert 60 < sum(sleep.waits) <= 2 * 60 and polls.call_count > 3
+
+
+def webp_bytes() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (10, 10, 200)).save(buffer, format="WEBP")
+    return buffer.getvalue()
+
+
+@respx.mock
+@pytest.mark.parametrize("content_type", [None, "image/png"])
+@pytest.mark.parametrize("image", ["png", "jpeg", "webp"])
+async def test_a_creative_result_of_image_bytes_cut_short_is_asked_again(
+        engine: StabilityEngine, content_type: str | None, image: str) -> None:
+    # The image's bytes cut short (a proxy ending the body early): since 57dabc8 they were taken for
+    # the image, failed to decode, and the upscale, paid for, was lost with no second look.
+    whole = {"png": png_bytes, "jpeg": jpeg_bytes, "webp": webp_bytes}[image]()
+    headers = {"seed": "7"} if content_type is None else {"content-type": content_type, "seed": "7"}
+    respx.post(CREATIVE).mock(return_value=httpx.Response(200, json={"id": "job-42"}))
+    tiny = whole[:3 if image != "webp" else 10]  # cut inside its signature
+    poll = respx.get(RESULT).mock(side_effect=[httpx.Response(200, content=whole[:len(whole) // 2], headers=headers),
+                                               httpx.Response(200, content=tiny, headers=headers),
+                                               httpx.Response(200, content=whole, headers=headers)])
+    result = await engine.run(polish(creativity=0.45), NullProgress(), CancelToken())
+    assert poll.call_count == 3 and result.images[0].seed == 7
+
+
+@respx.mock
+async def test_a_creative_result_of_json_typed_as_an_image_is_read_as_json(engine: StabilityEngine) -> None:
+    # JSON under an image/* type (a proxy's rewrite): read as the image's bytes since 57dabc8, it
+    # failed to decode and the upscale, paid for, was lost.
+    respx.post(CREATIVE).mock(return_value=httpx.Response(200, json={"id": "job-42"}))
+    body = {"result": base64.b64encode(png_bytes()).decode(), "finish_reason": "SUCCESS", "seed": 7}
+    poll = respx.get(RESULT).mock(return_value=httpx.Response(200, content=json.dumps(body).encode(),
+                                                              headers={"content-type": "image/png"}))
+    result = await engine.run(polish(creativity=0.45), NullProgress(), CancelToken())
+    assert poll.call_count == 1 and result.images[0].seed == 7
