@@ -1030,3 +1030,35 @@ async def test_a_cancel_answering_another_prediction_says_nothing_of_the_one_can
         await engine.run(bridge(), NullProgress(), token)
     assert info.value.charged == "unknown" and not info.value.work_unbilled
     assert await engine.withdraw([{"id": "p-1"}]) is False  # a queued job's cancel judges it the same way
+
+
+@respx.mock
+async def test_a_reattach_canceled_stops_the_predictions_not_read_yet_side_by_side(engine: ReplicateEngine) -> None:
+    # n=16 canceled on its first prediction: the other 15 were stopped one after another, each
+    # cancel given up to 10 s, so with Replicate down the job's cancel took 104 s (fake clock).
+    hang = NoAnswer()
+    respx.get(POLL).mock(side_effect=hang)
+    respx.post(CANCEL).mock(return_value=httpx.Response(200, json={}))
+    out, most = [0], [0]
+
+    async def stop(request: httpx.Request) -> httpx.Response:
+        out[0] += 1
+        most[0] = max(most[0], out[0])
+        for _ in range(20):  # answered once the others have had their turn to be sent
+            await asyncio.sleep(0)
+        out[0] -= 1
+        return httpx.Response(200, json={**numbered(int(request.url.path.split("/")[-2][2:]), "canceled"),
+                                         "started_at": None, "metrics": {}})
+
+    stops = respx.post(url__regex=rf"{BASE}/v1/predictions/p-\d+/cancel").mock(side_effect=stop)
+    token = CancelToken()
+    req = bridge(n=16)
+    task = asyncio.ensure_future(engine.reattach(req, [{"id": f"p-{i}"} for i in range(1, 17)], NullProgress(), token))
+    await hang.sent.wait()
+    token.cancel()
+    with pytest.raises(Canceled) as info:
+        await task
+    assert stops.call_count == 15 and most[0] == 15
+    # p-1 may have run; the 15 said they never started: one sixteenth of the hold.
+    assert info.value.charged == "unknown" and info.value.cost_millicredits == -(-engine.estimate(req) // 16)
+    assert await engine.withdraw([{"id": f"p-{i}"} for i in range(2, 17)]) is True and most[0] == 15
