@@ -194,9 +194,9 @@ def _host(host: str) -> str:
     """A URL's host (as `urlsplit` gives it: lowercase, unbracketed) as the sender's httpx connects
     to it, one form for its spellings: an IPv6 address compressed (`2001:db8::1` for
     `2001:DB8:0:0::1`), else an IDN in Unicode (`bücher.example` for `xn--bcher-kva.example`; a dot
-    `。` is `.`), without the trailing dot of a fully qualified name (`hooks.example.` is
-    `hooks.example`). Not percent-decoded: httpx sends `%68ooks.example` as written, a name no
-    resolver knows, so it is no spelling of `hooks.example` (merged, its failed attempts set the
+    `。` is `.`), without the one trailing dot of a fully qualified name (`hooks.example.` is
+    `hooks.example`; `hooks.example..` is not). Not percent-decoded: httpx sends `%68ooks.example`
+    as written, a name no resolver knows, so it is no spelling of `hooks.example` (merged, its failed attempts set the
     real host's breaker aside)."""
     if ":" in host:
         with contextlib.suppress(ValueError):  # not an address (refused when the URL is set): as written
@@ -204,7 +204,9 @@ def _host(host: str) -> str:
         return host
     if not host.isascii() or "xn--" in host:
         host = _idn(host)
-    return host.rstrip(".") or host
+    # One dot only: `hooks.example..` has an empty label no resolver takes (every attempt fails), so
+    # it is no spelling of `hooks.example` (merged, it set the real host's breaker aside).
+    return host.removesuffix(".") or host
 
 
 @functools.lru_cache(maxsize=1024)

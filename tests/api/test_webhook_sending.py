@@ -24,6 +24,7 @@ from sqlmodel import select
 from orchestrator import webhooks
 from orchestrator.clock import shared_now
 from orchestrator.db import Database
+from orchestrator.errors import Forbidden
 from orchestrator.models import Job, Project, WebhookDelivery
 from orchestrator.schemas import ProjectCreate
 from orchestrator.services import Services
@@ -381,6 +382,20 @@ def test_a_percent_encoded_host_is_not_the_host_it_decodes_to(url: str) -> None:
     # project sending there, and a project key's job URL so spelt passed for its project's receiver.
     assert httpx.URL(url).raw_host.decode() != "hooks.example"
     assert webhooks.destination(url) != webhooks.destination("https://hooks.example/")
+
+
+@pytest.mark.parametrize("url", ["https://hooks.example../", "https://HOOKS.example...:443/x"])
+def test_a_host_with_more_than_one_trailing_dot_is_not_the_host_without(url: str) -> None:
+    # One trailing dot is the fully qualified name; two leave an empty label no resolver takes (the
+    # idna codec refuses it: every attempt fails). All were stripped, so such a URL's failed attempts
+    # set the real host's breaker aside for every project sending there, and a project key's job URL
+    # so spelt passed for its project's receiver.
+    with pytest.raises(UnicodeError):
+        socket.getaddrinfo(httpx.URL(url).host, 443)
+    assert webhooks.destination(url) != webhooks.destination("https://hooks.example/")
+    assert webhooks.destination(url).split("://")[1].split(":")[0].endswith(".")
+    with pytest.raises(Forbidden):
+        webhooks.refuse_foreign_receiver(url, "https://hooks.example/", "p-1")
 
 
 def test_two_spellings_of_a_dead_host_share_its_breaker(db: Database) -> None:
