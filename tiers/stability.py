@@ -147,7 +147,9 @@ def _whole_image(content: bytes) -> bool | None:
     those): a body cut short (a proxy ending it early) was taken for the image, failed to decode,
     and the upscale, paid for, was lost where a second look would have found it."""
     if content.startswith(b"\x89PNG\r\n\x1a\n"):
-        return content.endswith(b"IEND\xaeB`\x82")
+        # Its IEND chunk (length 0, type, CRC), wherever it is: decoders stop there and ignore bytes
+        # after it (padding, an appended trailer), a PNG so sent was asked for until the poll gave up.
+        return b"\x00\x00\x00\x00IEND\xaeB`\x82" in content
     if content.startswith(b"\xff\xd8\xff"):
         return content.rstrip(b"\x00\r\n ").endswith(b"\xff\xd9")
     if content[:4] == b"RIFF" and content[8:12] == b"WEBP":

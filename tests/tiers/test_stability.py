@@ -925,3 +925,19 @@ async def test_a_creative_result_of_json_typed_as_an_image_is_read_as_json(engin
                                                               headers={"content-type": "image/png"}))
     result = await engine.run(polish(creativity=0.45), NullProgress(), CancelToken())
     assert poll.call_count == 1 and result.images[0].seed == 7
+
+
+@respx.mock
+@pytest.mark.parametrize("content_type", [None, "image/png"])
+async def test_a_creative_result_of_a_png_with_bytes_after_its_end_is_the_image(
+        engine: StabilityEngine, content_type: str | None) -> None:
+    # Decoders read a PNG to its IEND chunk and ignore what follows (a padded or appended body); since
+    # 3d3cb41 a body not ending at IEND was taken for one cut short, asked for until the poll gave up,
+    # and the upscale, paid for and whole, lost.
+    padded = png_bytes() + b"\x00" * 16 + b"trailer"
+    Image.open(io.BytesIO(padded)).load()
+    headers = {"seed": "7"} if content_type is None else {"content-type": content_type, "seed": "7"}
+    respx.post(CREATIVE).mock(return_value=httpx.Response(200, json={"id": "job-42"}))
+    poll = respx.get(RESULT).mock(return_value=httpx.Response(200, content=padded, headers=headers))
+    result = await engine.run(polish(creativity=0.45), NullProgress(), CancelToken())
+    assert poll.call_count == 1 and result.images[0].seed == 7
