@@ -35,7 +35,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 import httpx
 import sqlalchemy as sa
@@ -200,7 +200,9 @@ def _host(host: str) -> str:
     real host's breaker aside)."""
     if ":" in host:
         with contextlib.suppress(ValueError):  # not an address (refused when the URL is set): as written
-            return ipaddress.IPv6Address(unquote(host)).compressed  # a zone's `%25` is `%`
+            # Its zone as written: httpx sends `%25lo` so, a zone `25lo` no interface has (every
+            # attempt fails), so it is no spelling of `%lo`.
+            return ipaddress.IPv6Address(host).compressed
         return host
     if not host.isascii() or "xn--" in host:
         host = _idn(host)

@@ -398,6 +398,17 @@ def test_a_host_with_more_than_one_trailing_dot_is_not_the_host_without(url: str
         webhooks.refuse_foreign_receiver(url, "https://hooks.example/", "p-1")
 
 
+def test_an_ipv6_zone_spelt_percent_encoded_is_not_the_zone_it_decodes_to() -> None:
+    # httpx sends `[fe80::1%25lo]` as written: the resolver reads zone `25lo`, no interface, and every
+    # attempt fails, where `[fe80::1%lo]` resolves. Decoded, the two were one destination: the dead
+    # spelling's failures set the live one's breaker aside.
+    with pytest.raises(socket.gaierror):
+        socket.getaddrinfo(httpx.URL("http://[fe80::1%25lo]/").host, 80, proto=socket.IPPROTO_TCP)
+    assert socket.getaddrinfo(httpx.URL("http://[fe80::1%lo]/").host, 80, proto=socket.IPPROTO_TCP)
+    assert webhooks.destination("http://[fe80::1%25lo]/") != webhooks.destination("http://[fe80::1%lo]/")
+    assert webhooks.destination("http://[FE80:0::1%lo]/") == "http://[fe80::1%lo]:80"
+
+
 def test_two_spellings_of_a_dead_host_share_its_breaker(db: Database) -> None:
     # Nothing listens there: each attempt is refused at once, a failure against the destination.
     with socket.socket() as probe:
