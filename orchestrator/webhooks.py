@@ -208,7 +208,20 @@ def _host(host: str) -> str:
         host = _idn(host)
     # One dot only: `hooks.example..` has an empty label no resolver takes (every attempt fails), so
     # it is no spelling of `hooks.example` (merged, it set the real host's breaker aside).
-    return host.removesuffix(".") or host
+    name = host.removesuffix(".")
+    if _ipv4(name):
+        # `127.0.0.1.` is no address but a name the resolver looks up (and fails on): merged, its
+        # failed attempts set the address's breaker aside.
+        return host
+    return name or host
+
+
+def _ipv4(host: str) -> bool:
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        return False
+    return True
 
 
 @functools.lru_cache(maxsize=1024)
@@ -233,7 +246,8 @@ def _written_as(where: str) -> list[str]:
     if not colon or not port.isdigit():  # no port written (a scheme without a default), or an IPv6 host's colon
         host, port = rest, ""
     names = [host] if host.isascii() else [host, _ascii(host)]
-    hosts = [host] if host.endswith("]") else [spelled for name in names for spelled in (name, name + ".")]
+    hosts = [host] if host.endswith("]") or _ipv4(host) else [
+        spelled for name in names for spelled in (name, name + ".")]
     starts = []
     for spelled in hosts:
         starts.append(f"{scheme}://{spelled}:{port}" if port else f"{scheme}://{spelled}")

@@ -409,6 +409,19 @@ def test_an_ipv6_zone_spelt_percent_encoded_is_not_the_zone_it_decodes_to() -> N
     assert webhooks.destination("http://[FE80:0::1%lo]/") == "http://[fe80::1%lo]:80"
 
 
+def test_an_ipv4_address_with_a_trailing_dot_is_not_the_address() -> None:
+    # `127.0.0.1.` is no address to the resolver but a name it looks up (Name or service not known),
+    # where `127.0.0.1` is the address: merged, the dotted URL's failures set the address's breaker
+    # aside for every project, and a project key's job URL so spelt passed as its project's receiver.
+    with pytest.raises(socket.gaierror):
+        socket.getaddrinfo(httpx.URL("http://127.0.0.1.:8080/").host, 8080, proto=socket.IPPROTO_TCP)
+    assert webhooks.destination("http://127.0.0.1.:8080/") == "http://127.0.0.1.:8080"
+    assert webhooks.destination("http://127.0.0.1:8080/") == "http://127.0.0.1:8080"
+    with pytest.raises(Forbidden):
+        webhooks.refuse_foreign_receiver("http://127.0.0.1.:8080/h", "http://127.0.0.1:8080/", "p-1")
+    assert webhooks.destination("http://hooks.example.:8080/") == "http://hooks.example:8080"
+
+
 def test_two_spellings_of_a_dead_host_share_its_breaker(db: Database) -> None:
     # Nothing listens there: each attempt is refused at once, a failure against the destination.
     with socket.socket() as probe:
