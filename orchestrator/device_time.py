@@ -79,10 +79,11 @@ class DeviceTime:
 
     def error(self, others: str = "", retry_after: int | None = None) -> DeviceTimeExhausted:
         """The refusal of a job no engine but a local one could take; `others`: why the rest could not."""
-        wait = (f"; it is under it again in {self.retry_after} s" if self.retry_after is not None
-                else "; waiting does not bring it under it")
+        # A quota of 0 is never under again: telling such a project to wait would mislead it.
+        wait, advice = ((f"; it is under it again in {self.retry_after} s", "wait, or ask")
+                        if self.retry_after is not None else ("; waiting does not bring it under it", "ask"))
         return DeviceTimeExhausted(
-            f"{self.said}{wait}: nothing was made or held; wait, or ask the admin for a larger quota "
+            f"{self.said}{wait}: nothing was made or held; {advice} the admin for a larger quota "
             f"(`local_seconds_per_day`){others}"[:1000],
             details={"project_id": self.project_id, "used_seconds": shown(self.used), "quota_seconds": self.quota},
             retry_after=retry_after if retry_after is not None else self.retry_after)

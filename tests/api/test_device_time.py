@@ -119,6 +119,7 @@ def check_a_project_at_its_quota_is_refused_429_until_its_seconds_age_out(make_s
         assert error["details"]["candidates"] == [{"engine": "lite", "estimate": 0.0, "skipped": (
             "device-time quota used: 150 of 120 device-seconds in the last 24 hours")}]
         assert ("its quota of 120" if own else "ORCH_PROJECT_LOCAL_SECONDS_PER_DAY") in error["message"]
+        assert "wait, or ask the admin" in error["message"], error["message"]
         # Explaining the route says the same: a 200 said such a job would be taken.
         explained = client.post("/v1/route/explain", json={"stage": "ideation", "project_id": project_id,
                                                            "prompt": "more"})
@@ -170,6 +171,7 @@ def test_a_project_over_its_quota_routes_past_local_engines_and_a_quota_of_0_all
         refused = client.post(f"/v1/projects/{project_id}/drafts", json={"prompt": "x", **SMALL})
         error = assert_error(refused, 429, "device_time_exhausted")
         assert "Retry-After" not in refused.headers and error["details"]["quota_seconds"] == 0
+        assert "ask the admin" in error["message"] and "wait," not in error["message"], error["message"]
         # A client asking for the local engine by name is refused too, not sent elsewhere.
         assert_error(client.post(f"/v1/assets/{draft}/promote", json={"engine": "local-hifi"}), 429,
                      "device_time_exhausted")
