@@ -18,11 +18,12 @@ demo: $(BIN)/.installed
 	$(BIN)/orchestrator demo
 
 # Test processes (pytest-xdist). Most tests wait on servers, subprocesses and sleeps: two halve the
-# suite on a 2-core machine; four were slower there than two.
+# suite on a 2-core machine; four were slower there than two. The slowest tests are listed at the
+# end, so a CI log shows where the suite's minutes went.
 TEST_WORKERS ?= 2
 
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --durations=25
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check orchestrator tiers policies migrations tests bench
