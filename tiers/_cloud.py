@@ -232,7 +232,7 @@ class CloudEngine(SendsCredentials):
         self._prices = PriceTable(self.name, prices, prices_as_of, ctx.price_overrides.get(self.name),
                                   optional=self.optional_prices)
         # Requests a cancel left out, each followed until answered to withdraw what it made.
-        self._withdrawing: set[asyncio.Task[None]] = set()
+        self._withdrawing: set[asyncio.Task[Any]] = set()
 
     def remote_client(self, ctx: EngineContext, client: RemoteClient | None, *, base_url: str,
                       headers: dict[str, str] | None = None) -> RemoteClient:
@@ -377,9 +377,7 @@ class CloudEngine(SendsCredentials):
             # The job is canceled: the request sends nothing more, but one out is not cut (see `KeptOut`).
             kept.cancel(abandon=cancel.abandoned)
             if kept.out and not cancel.abandoned:
-                follower = asyncio.create_task(self._withdraw_when_answered(sending, withdraw, progress))
-                self._withdrawing.add(follower)
-                follower.add_done_callback(self._withdrawing.discard)
+                self._keep_until_done(asyncio.create_task(self._withdraw_when_answered(sending, withdraw, progress)))
                 followed = True
                 raise Canceled("the job was canceled while the provider was working", charged="unknown")
             if kept.out:  # abandoned: dropped, as ever; another process follows the job on
@@ -392,6 +390,13 @@ class CloudEngine(SendsCredentials):
         finally:
             if not followed and not sending.done():
                 sending.cancel()  # this call was itself cancelled (a timeout around it): so is the request
+
+    def _keep_until_done(self, task: asyncio.Task[Any]) -> None:
+        """Hold `task`, withdrawing work its call left behind, until it is done (the event loop
+        keeps only a weak reference to a task); `aclose` ends those still out."""
+        if not task.done():
+            self._withdrawing.add(task)
+            task.add_done_callback(self._withdrawing.discard)
 
     async def _withdraw_when_answered(self, sending: asyncio.Task[httpx.Response],
                                       withdraw: Callable[[httpx.Response], Awaitable[list[dict[str, Any]] | None]],
@@ -426,8 +431,8 @@ class CloudEngine(SendsCredentials):
         pending = list(self._withdrawing)
         if pending:
             # Their answers would never be read: the work they started runs on until the provider ends it.
-            log.warning("%s: %d request(s) left out by a cancel still unanswered at close; their work is not "
-                        "withdrawn", self.name, len(pending))
+            log.warning("%s: %d request(s) left out by a cancel, or withdrawing work given up on, still unanswered "
+                        "at close; their work is not withdrawn", self.name, len(pending))
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)

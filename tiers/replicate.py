@@ -18,6 +18,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import httpx
@@ -263,14 +265,19 @@ class ReplicateEngine(CloudEngine):
         # one read with the deadline gone (or nearly) had a single attempt, and one 503 stopped a
         # prediction that had succeeded long since, its image lost.
         late_reads = self.http.deadline_seconds
-        with paid_calls(images, asked, result):
+        # The stops of the predictions given up on go side by side, and the next one is read
+        # meanwhile: each waited for, up to its 10 s, before the next read, n=16 with Replicate
+        # down took some 200 s to fail (fake clock) where the reads have 120 s at most.
+        stops = _Stops(self, progress)
+        with paid_calls(images, asked, result), stops.kept():
             for i, handle in enumerate(handles):
                 try:
                     # Read inside `_settle`: a cancel or a failure of that first read stops the prediction too.
                     reading = self.http.clock()
                     try:
                         prediction = await self._settle({"id": handle["id"]}, deadline, progress, cancel,
-                                                        read_first=True, read_by=max(deadline, reading + late_reads))
+                                                        read_first=True, read_by=max(deadline, reading + late_reads),
+                                                        stops=stops)
                     finally:
                         late_reads -= max(self.http.clock() - max(reading, deadline), 0.0)
                     started = self.http.clock()
@@ -284,10 +291,14 @@ class ReplicateEngine(CloudEngine):
                     # The job ends: the predictions not read yet would run on for nobody. One that
                     # had run was billed, whatever this one's cancel said of its own; one Replicate
                     # said never ran was not, and is not charged (the whole estimate was).
-                    if not cancel.abandoned and rest:
-                        # Side by side: one after another, each given its cancel's 10 s, a job of
-                        # n=16 with Replicate down took some 100 s to end on its user's cancel.
-                        unrun = sum(await asyncio.gather(*(self.withdraw([later]) for later in rest)))
+                    # Side by side, with the stops still out: one after another, each given its
+                    # cancel's 10 s, a job of n=16 with Replicate down took some 100 s to end on its
+                    # user's cancel.
+                    withdrawing = rest if not cancel.abandoned else []
+                    _, unrun_each = await asyncio.gather(
+                        stops.settled(), asyncio.gather(*(self.withdraw([later]) for later in withdrawing)))
+                    if withdrawing:
+                        unrun = sum(unrun_each)
                         unsettled -= unrun
                         if unrun < len(rest):
                             exc.at_least_charged("unknown")
@@ -303,6 +314,7 @@ class ReplicateEngine(CloudEngine):
                 seed = base["seed"] + i if "seed" in base else None
                 images.extend(RenderedImage(out.image, seed=seed) for out in outputs)
                 progress.step(len(images), req.n)
+            await stops.settled()  # the failures are judged by their stops' answers
             if failures:
                 raise failed_follows(failures, asked, len(images), "predictions")
         return result()
@@ -335,10 +347,11 @@ class ReplicateEngine(CloudEngine):
 
     async def _settle(self, prediction: dict[str, Any], deadline: float, progress: Progress,
                       cancel: CancelToken, *, read_first: bool = False,
-                      read_by: float | None = None) -> dict[str, Any]:
+                      read_by: float | None = None, stops: _Stops | None = None) -> dict[str, Any]:
         """Poll an accepted prediction until it is no longer pending; return it if it succeeded.
         With `read_first`, `prediction` holds only its id, and it is read before anything else,
-        asked again until `read_by` when given (else `deadline`)."""
+        asked again until `read_by` when given (else `deadline`). With `stops`, a failure leaves
+        the prediction's stop to them, sent without waiting for its answer (a reattach's)."""
         prediction_id = str(prediction["id"])
         try:
             if read_first:
@@ -370,15 +383,28 @@ class ReplicateEngine(CloudEngine):
             # We stop following a prediction that may still run and bill: stop it too, unless
             # another process follows it now (this one was stopped past its lease). One stopped
             # before it ran cost nothing, and another engine may take the job.
-            stopped = await self._cancel_remote(prediction_id) if await still_holds_the_job() else None
-            if _never_ran(stopped):
-                await progress.withdrawn([{"id": prediction_id}])
-                exc.unbilled()
-            else:
-                exc.charged = "unknown"
+            if stops is not None:
+                exc.charged = "unknown"  # until its stop's answer says otherwise (`_Stops.settled`)
+                stops.start(prediction_id, exc)
+                raise
+            await self._stopped(prediction_id, exc, await self._stop(prediction_id), progress)
             raise
         self._check_status(prediction)
         return prediction
+
+    async def _stop(self, prediction_id: str) -> dict[str, Any] | None:
+        """The cancel of a prediction given up on, as `_cancel_remote` answers it; None, sending
+        nothing, when another process follows the job now."""
+        return await self._cancel_remote(prediction_id) if await still_holds_the_job() else None
+
+    async def _stopped(self, prediction_id: str, exc: EngineError, answer: dict[str, Any] | None,
+                       progress: Progress) -> None:
+        """Judge `exc`, the failure a prediction was given up on for, by its stop's `answer`."""
+        if _never_ran(answer):
+            await progress.withdrawn([{"id": prediction_id}])
+            exc.unbilled()
+        else:
+            exc.charged = "unknown"
 
     def _check_status(self, prediction: dict[str, Any]) -> None:
         status = prediction.get("status")
@@ -509,6 +535,38 @@ class ReplicateEngine(CloudEngine):
                               "not an id: letters, digits, '-' and '_')", details={"engine": self.name},
                               charged="unknown")
         return body
+
+
+class _Stops:
+    """The stops (`ReplicateEngine._stop`) of the predictions a reattach gives up on, each sent as
+    it is given up on and answered while the next ones are read; `settled` judges each failure by
+    its stop's answer, as `_settle` does one stopped on its own."""
+
+    def __init__(self, engine: ReplicateEngine, progress: Progress) -> None:
+        self._engine, self._progress = engine, progress
+        self._out: list[tuple[str, EngineError, asyncio.Task[dict[str, Any] | None]]] = []
+
+    def start(self, prediction_id: str, exc: EngineError) -> None:
+        self._out.append((prediction_id, exc, asyncio.create_task(self._engine._stop(prediction_id))))
+
+    async def settled(self) -> None:
+        """Until every stop sent so far is answered, each failure then judged by its answer."""
+        out, self._out = self._out, []
+        answers = await asyncio.gather(*(task for _, _, task in out))
+        for (prediction_id, exc, _), answer in zip(out, answers, strict=True):
+            await self._engine._stopped(prediction_id, exc, answer, self._progress)
+
+    @contextmanager
+    def kept(self) -> Iterator[None]:
+        """Around the reattach: stops still out when it ends otherwise than through `settled` (its
+        task cancelled) are left to finish, each bounded by its cancel's 10 s, as the engine's
+        other requests left out are (`CloudEngine.aclose` ends them)."""
+        try:
+            yield
+        finally:
+            for _, _, task in self._out:
+                self._engine._keep_until_done(task)
+            self._out = []
 
 
 # Answers to a create held open by `Prefer: wait` that say nothing of whether the prediction was

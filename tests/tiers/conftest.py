@@ -7,10 +7,12 @@ import asyncio
 import contextlib
 import email
 import email.policy
+import heapq
 import io
-from collections.abc import Callable, Iterator, Mapping
+import itertools
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import pytest
@@ -43,6 +45,61 @@ class RecordingSleep:
 @pytest.fixture
 def sleep() -> RecordingSleep:
     return RecordingSleep()
+
+
+T = TypeVar("T")
+
+
+class FakeTime:
+    """A clock for work done side by side. `RecordingSleep`'s clock adds every wait to the last, as
+    if all were made one after another; here `sleep` waits until the clock reaches its end, and
+    `run` moves the clock on, to the earliest waiter's end, only once every task waits: two waits
+    of 10 s made together take 10 s, not 20."""
+
+    # Turns of the event loop with nothing run by the test's own task before the clock is moved
+    # on: the other tasks (an in-memory respx exchange takes a few) have run as far as they can.
+    IDLE_TURNS = 50
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self._waiting: list[tuple[float, int, asyncio.Future[None]]] = []
+        self._order = itertools.count()
+
+    def clock(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        woken = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiting, (self.now + max(seconds, 0.0), next(self._order), woken))
+        await woken
+
+    async def run(self, awaitable: Awaitable[T], within: float = 30.0) -> T:
+        """`await awaitable`, the clock moved on whenever every task waits; `within` real seconds
+        at most (a bound for a loaded machine)."""
+        task = asyncio.ensure_future(awaitable)
+        try:
+            await self._drive(task, within)
+        finally:
+            task.cancel()  # a no-op once it is done
+        return task.result()
+
+    async def _drive(self, task: asyncio.Future[Any], within: float) -> None:
+        async with asyncio.timeout(within):
+            while not task.done():
+                for _ in range(self.IDLE_TURNS):
+                    await asyncio.sleep(0)
+                    if task.done():
+                        break
+                while self._waiting and self._waiting[0][2].done():  # a waiter cancelled
+                    heapq.heappop(self._waiting)
+                if task.done() or not self._waiting:
+                    await asyncio.sleep(0.001)  # a thread's work (decoding an image) under way
+                    continue
+                self.now = max(self.now, self._waiting[0][0])
+                while self._waiting and self._waiting[0][0] <= self.now:
+                    woken = heapq.heappop(self._waiting)[2]
+                    if not woken.done():
+                        woken.set_result(None)
 
 
 class BlockingSleep:

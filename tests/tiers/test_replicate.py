@@ -21,6 +21,7 @@ from orchestrator.errors import (
     NoPrice,
 )
 from tests.tiers.conftest import (
+    FakeTime,
     HeldRequest,
     NoAnswer,
     RecordingProgress,
@@ -1062,3 +1063,54 @@ async def test_a_reattach_canceled_stops_the_predictions_not_read_yet_side_by_si
     # p-1 may have run; the 15 said they never started: one sixteenth of the hold.
     assert info.value.charged == "unknown" and info.value.cost_millicredits == -(-engine.estimate(req) // 16)
     assert await engine.withdraw([{"id": f"p-{i}"} for i in range(2, 17)]) is True and most[0] == 15
+
+
+@respx.mock
+@pytest.mark.parametrize("down", [httpx.Response(503), httpx.ConnectError("down")], ids=["503", "unreachable"])
+async def test_a_reattach_stops_the_predictions_it_gives_up_on_side_by_side(
+        engine: ReplicateEngine, down: httpx.Response | Exception) -> None:
+    # n=16 after a restart with Replicate down: each prediction given up on was stopped before the
+    # next one was read, each stop given up to 10 s, so the recovery took some 200 s (fake clock)
+    # where the reads' budget is two ORCH_REMOTE_DEADLINEs (60 s here: the deadline, then the
+    # late reads' share) and the stops' one more 10 s.
+    fake = FakeTime()
+    engine.http.clock, engine.http.sleep = fake.clock, fake.sleep
+    answer = {"side_effect": down} if isinstance(down, Exception) else {"return_value": down}
+    reads = respx.get(url__regex=rf"{BASE}/v1/predictions/p-\d+$").mock(**answer)
+    stops = respx.post(url__regex=rf"{BASE}/v1/predictions/p-\d+/cancel").mock(**answer)
+    req = bridge(n=16)
+    with pytest.raises(EngineError) as info:
+        await fake.run(engine.reattach(req, [{"id": f"p-{i}"} for i in range(1, 17)], NullProgress(), CancelToken()))
+    assert fake.now <= 2 * 60 + 10 + 1
+    # Each one read, and each stopped: none of them is left to run on unasked.
+    assert {call.request.url.path for call in reads.calls} == {f"/v1/predictions/p-{i}" for i in range(1, 17)}
+    assert {call.request.url.path for call in stops.calls} == {f"/v1/predictions/p-{i}/cancel" for i in range(1, 17)}
+    assert info.value.charged == "unknown" and info.value.cost_millicredits is None  # all may have run
+    assert info.value.details["failed"] == 16
+
+
+@respx.mock
+async def test_a_reattach_s_stop_sent_side_by_side_still_settles_a_prediction_that_never_ran(
+        engine: ReplicateEngine) -> None:
+    # p-1 gone at Replicate, its stop answered once p-2 was read: its "never started" still counts.
+    respx.get(POLL).mock(return_value=httpx.Response(404, json={"detail": "Not found."}))
+    respx.post(CANCEL).mock(return_value=httpx.Response(200, json={**prediction("canceled"), "started_at": None,
+                                                                   "metrics": {}}))
+    respx.get(f"{BASE}/v1/predictions/p-2").mock(return_value=httpx.Response(200, json=numbered(2)))
+    respx.get("https://cdn.replicate.test/p-2/out.png").mock(return_value=httpx.Response(200, content=png_bytes()))
+    progress = RecordingWithdrawals()
+    req = bridge(n=2)
+    with pytest.raises(EngineError) as info:
+        await engine.reattach(req, [{"id": "p-1"}, {"id": "p-2"}], progress, CancelToken())
+    assert progress.withdrawn_ids == ["p-1"]
+    assert info.value.made is not None and len(info.value.made.images) == 1
+    assert info.value.charged == "unknown" and info.value.cost_millicredits == engine.estimate(req) // 2
+
+
+class RecordingWithdrawals(RecordingProgress):
+    def __init__(self) -> None:
+        super().__init__()
+        self.withdrawn_ids: list[str] = []
+
+    async def withdrawn(self, handles: list[dict[str, Any]]) -> None:
+        self.withdrawn_ids.extend(str(handle["id"]) for handle in handles)
