@@ -16,6 +16,7 @@ amount, so the actual cost is always `None`.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import math
 from collections.abc import Iterator
@@ -269,52 +270,72 @@ class ReplicateEngine(CloudEngine):
         # meanwhile: each waited for, up to its 10 s, before the next read, n=16 with Replicate
         # down took some 200 s to fail (fake clock) where the reads have 120 s at most.
         stops = _Stops(self, progress)
-        with paid_calls(images, asked, result), stops.kept():
-            for i, handle in enumerate(handles):
+        made_at: list[int] = []  # the prediction each of `images` came from: they stay in its order
+        place = {str(handle["id"]): i for i, handle in enumerate(handles)}
+
+        async def follow(i: int, finished: dict[str, Any] | None) -> None:
+            """Read prediction `i` until it settles (unless it is `finished`), and keep its image."""
+            nonlocal fetching, late_reads
+            if finished is None:
+                # Read inside `_settle`: a cancel or a failure of that first read stops the prediction too.
+                reading = self.http.clock()
                 try:
-                    # Read inside `_settle`: a cancel or a failure of that first read stops the prediction too.
-                    reading = self.http.clock()
-                    try:
-                        prediction = await self._settle({"id": handle["id"]}, deadline, progress, cancel,
-                                                        read_first=True, read_by=max(deadline, reading + late_reads),
-                                                        stops=stops)
-                    finally:
-                        late_reads -= max(self.http.clock() - max(reading, deadline), 0.0)
-                    started = self.http.clock()
-                    try:
-                        outputs = await self._outputs(prediction, cancel, started + fetching)
-                    finally:
-                        fetching -= self.http.clock() - started
-                except Canceled as exc:
-                    rest = handles[i + 1:]
-                    unsettled = len(rest) + (not exc.work_unbilled)  # this one too, unless it never ran
-                    # The job ends: the predictions not read yet would run on for nobody. One that
-                    # had run was billed, whatever this one's cancel said of its own; one Replicate
-                    # said never ran was not, and is not charged (the whole estimate was).
-                    # Side by side, with the stops still out: one after another, each given its
-                    # cancel's 10 s, a job of n=16 with Replicate down took some 100 s to end on its
-                    # user's cancel.
-                    withdrawing = rest if not cancel.abandoned else []
-                    _, unrun_each = await asyncio.gather(
-                        stops.settled(), asyncio.gather(*(self.withdraw([later]) for later in withdrawing)))
-                    if withdrawing:
-                        unrun = sum(unrun_each)
-                        unsettled -= unrun
-                        if unrun < len(rest):
-                            exc.at_least_charged("unknown")
-                    if any(not failure.work_unbilled for failure in failures):
-                        exc.at_least_charged("unknown")  # an earlier one failed, and may have billed
-                    follows_billed(asked, len(images), failures, unsettled)
-                    raise
-                except EngineError as exc:
-                    # Each prediction was accepted and runs on its own: one that failed (gone at
-                    # Replicate, its output unreadable) says nothing of the others, made and billed.
-                    failures.append(exc)
-                    continue
-                seed = base["seed"] + i if "seed" in base else None
-                images.extend(RenderedImage(out.image, seed=seed) for out in outputs)
-                progress.step(len(images), req.n)
-            await stops.settled()  # the failures are judged by their stops' answers
+                    prediction = await self._settle({"id": handles[i]["id"]}, deadline, progress, cancel,
+                                                    read_first=True, read_by=max(deadline, reading + late_reads),
+                                                    stops=stops)
+                finally:
+                    late_reads -= max(self.http.clock() - max(reading, deadline), 0.0)
+            else:
+                prediction = finished
+            started = self.http.clock()
+            try:
+                outputs = await self._outputs(prediction, cancel, started + fetching)
+            finally:
+                fetching -= self.http.clock() - started
+            seed = base["seed"] + i if "seed" in base else None
+            at = bisect.bisect_right(made_at, i)
+            images[at:at] = [RenderedImage(out.image, seed=seed) for out in outputs]
+            made_at[at:at] = [i] * len(outputs)
+            progress.step(len(images), req.n)
+
+        async def followed(i: int, finished: dict[str, Any] | None = None) -> None:
+            try:
+                await follow(i, finished)
+            except Canceled as exc:
+                rest = handles[i + 1:] if finished is None else []
+                unsettled = len(rest) + (not exc.work_unbilled)  # this one too, unless it never ran
+                # The job ends: the predictions not read yet would run on for nobody. One that
+                # had run was billed, whatever this one's cancel said of its own; one Replicate
+                # said never ran was not, and is not charged (the whole estimate was).
+                # Side by side, with the stops still out: one after another, each given its
+                # cancel's 10 s, a job of n=16 with Replicate down took some 100 s to end on its
+                # user's cancel.
+                withdrawing = rest if not cancel.abandoned else []
+                _, unrun_each = await asyncio.gather(
+                    stops.settled(), asyncio.gather(*(self.withdraw([later]) for later in withdrawing)))
+                if withdrawing:
+                    unrun = sum(unrun_each)
+                    unsettled -= unrun
+                    if unrun < len(rest):
+                        exc.at_least_charged("unknown")
+                if any(not failure.work_unbilled for failure in failures):
+                    exc.at_least_charged("unknown")  # an earlier one failed, and may have billed
+                follows_billed(asked, len(images), failures, unsettled)
+                raise
+            except EngineError as exc:
+                # Each prediction was accepted and runs on its own: one that failed (gone at
+                # Replicate, its output unreadable) says nothing of the others, made and billed.
+                failures.append(exc)
+
+        with paid_calls(images, asked, result), stops.kept():
+            for i in range(len(handles)):
+                await followed(i)
+            # The failures are judged by their stops' answers. One may say its prediction
+            # succeeded: read once at the deadline, still running, it finished before its stop
+            # came, and its image, made and paid for, was lost with the job failed as if it had.
+            for prediction_id, exc, finished in await stops.settled():
+                failures.remove(exc)
+                await followed(place[prediction_id], finished)
             if failures:
                 raise failed_follows(failures, asked, len(images), "predictions")
         return result()
@@ -387,8 +408,10 @@ class ReplicateEngine(CloudEngine):
                 exc.charged = "unknown"  # until its stop's answer says otherwise (`_Stops.settled`)
                 stops.start(prediction_id, exc)
                 raise
-            await self._stopped(prediction_id, exc, await self._stop(prediction_id), progress)
-            raise
+            finished = await self._stopped(prediction_id, exc, await self._stop(prediction_id), progress)
+            if finished is None:
+                raise
+            prediction = finished
         self._check_status(prediction)
         return prediction
 
@@ -398,13 +421,19 @@ class ReplicateEngine(CloudEngine):
         return await self._cancel_remote(prediction_id) if await still_holds_the_job() else None
 
     async def _stopped(self, prediction_id: str, exc: EngineError, answer: dict[str, Any] | None,
-                       progress: Progress) -> None:
-        """Judge `exc`, the failure a prediction was given up on for, by its stop's `answer`."""
+                       progress: Progress) -> dict[str, Any] | None:
+        """Judge `exc`, the failure a prediction was given up on for, by its stop's `answer`.
+        Returns the prediction when that answer is it succeeded: it finished after its last read
+        (a cancel of a prediction that has ended answers it as it stands), its output there to fetch."""
+        if answer is not None and answer.get("status") == "succeeded" and str(answer.get("id")) == prediction_id:
+            exc.charged = "unknown"  # kept as the failure only should its job end first (a cancel)
+            return answer
         if _never_ran(answer):
             await progress.withdrawn([{"id": prediction_id}])
             exc.unbilled()
         else:
             exc.charged = "unknown"
+        return None
 
     def _check_status(self, prediction: dict[str, Any]) -> None:
         status = prediction.get("status")
@@ -549,12 +578,16 @@ class _Stops:
     def start(self, prediction_id: str, exc: EngineError) -> None:
         self._out.append((prediction_id, exc, asyncio.create_task(self._engine._stop(prediction_id))))
 
-    async def settled(self) -> None:
-        """Until every stop sent so far is answered, each failure then judged by its answer."""
+    async def settled(self) -> list[tuple[str, EngineError, dict[str, Any]]]:
+        """Until every stop sent so far is answered, each failure then judged by its answer; returns
+        those whose stop answered that the prediction succeeded, with it (`ReplicateEngine._stopped`)."""
         out, self._out = self._out, []
         answers = await asyncio.gather(*(task for _, _, task in out))
+        finished = []
         for (prediction_id, exc, _), answer in zip(out, answers, strict=True):
-            await self._engine._stopped(prediction_id, exc, answer, self._progress)
+            if (prediction := await self._engine._stopped(prediction_id, exc, answer, self._progress)) is not None:
+                finished.append((prediction_id, exc, prediction))
+        return finished
 
     @contextmanager
     def kept(self) -> Iterator[None]:

@@ -1114,3 +1114,60 @@ class RecordingWithdrawals(RecordingProgress):
 
     async def withdrawn(self, handles: list[dict[str, Any]]) -> None:
         self.withdrawn_ids.extend(str(handle["id"]) for handle in handles)
+
+
+@respx.mock
+@pytest.mark.parametrize("stopped", ["canceled", "succeeded"])
+async def test_a_reattach_s_prediction_still_running_at_the_deadline_is_read_once_then_stopped(
+        engine: ReplicateEngine, stopped: str) -> None:
+    # n=3: p-1 polled past the shared deadline (t=75) and stopped before it started; p-2 read once
+    # then, still processing, and stopped; p-3, finished long since but not read yet, is read and
+    # kept. p-2's stop may answer that it finished in between ("succeeded", its output there):
+    # its image, made and paid for, was lost with the job failing as if p-2 had.
+    now = [0.0]
+    engine.http.clock = lambda: now[0]
+
+    def processing(request: httpx.Request) -> httpx.Response:
+        now[0] += 25.0
+        return httpx.Response(200, json=prediction("processing"))
+
+    respx.get(POLL).mock(side_effect=processing)
+    respx.post(CANCEL).mock(return_value=httpx.Response(200, json={**prediction("canceled"), "started_at": None,
+                                                                   "metrics": {}}))
+    second = respx.get(f"{BASE}/v1/predictions/p-2").mock(
+        return_value=httpx.Response(200, json=numbered(2, "processing")))
+    ran = {"started_at": "2026-12-07T08:00:00Z"}
+    second_stop = respx.post(f"{BASE}/v1/predictions/p-2/cancel").mock(
+        return_value=httpx.Response(200, json={**numbered(2, stopped), **ran}))
+    third = respx.get(f"{BASE}/v1/predictions/p-3").mock(return_value=httpx.Response(200, json=numbered(3)))
+    third_stop = respx.post(f"{BASE}/v1/predictions/p-3/cancel")
+    cdn = respx.get(url__regex=r"https://cdn\.replicate\.test/p-[23]/out\.png").mock(
+        side_effect=lambda request: httpx.Response(200, content=png_bytes(
+            (10, 200, 10) if "p-2" in request.url.path else (10, 10, 200))))
+    req = bridge(n=3)
+    with pytest.raises(EngineError) as info:
+        await engine.reattach(req, [{"id": f"p-{i}"} for i in (1, 2, 3)], NullProgress(), CancelToken())
+    assert now[0] == 75.0 and second.call_count == 1 and second_stop.call_count == 1
+    assert third.call_count == 1 and third_stop.call_count == 0
+    made = info.value.made
+    assert made is not None
+    # In the order of the predictions: p-2's image (when its stop found it made) before p-3's.
+    assert [image.image.getpixel((0, 0)) for image in made.images] == (
+        [(10, 200, 10), (10, 10, 200)] if stopped == "succeeded" else [(10, 10, 200)])
+    assert cdn.call_count == len(made.images)
+    # p-1 never started (free); p-2 ran (made, or may have billed), p-3 made: two of the three.
+    assert info.value.charged == "unknown" and info.value.cost_millicredits == -(-engine.estimate(req) * 2 // 3)
+    assert info.value.details["failed"] == (1 if stopped == "succeeded" else 2)
+
+
+@respx.mock
+async def test_a_prediction_that_succeeds_as_it_is_stopped_at_the_deadline_keeps_its_image(
+        engine: ReplicateEngine, output: respx.Route) -> None:
+    # Polled "processing" to the deadline, then stopped: the cancel answered that it had succeeded
+    # meanwhile (its output there), and the job failed `timeout`, its image made and paid for lost.
+    respx.post(CREATE).mock(return_value=httpx.Response(201, json=prediction("starting")))
+    respx.get(POLL).mock(side_effect=deadline_at_poll(engine, lambda: httpx.Response(200, json=prediction("processing"))))
+    cancel = respx.post(CANCEL).mock(return_value=httpx.Response(200, json=prediction("succeeded")))
+    result = await engine.run(bridge(), NullProgress(), CancelToken())
+    assert cancel.call_count == 1 and output.call_count == 1
+    assert len(result.images) == 1 and result.provider_request_id == "p-1"
