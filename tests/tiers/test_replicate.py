@@ -1166,7 +1166,8 @@ async def test_a_prediction_that_succeeds_as_it_is_stopped_at_the_deadline_keeps
     # Polled "processing" to the deadline, then stopped: the cancel answered that it had succeeded
     # meanwhile (its output there), and the job failed `timeout`, its image made and paid for lost.
     respx.post(CREATE).mock(return_value=httpx.Response(201, json=prediction("starting")))
-    respx.get(POLL).mock(side_effect=deadline_at_poll(engine, lambda: httpx.Response(200, json=prediction("processing"))))
+    processing = deadline_at_poll(engine, lambda: httpx.Response(200, json=prediction("processing")))
+    respx.get(POLL).mock(side_effect=processing)
     cancel = respx.post(CANCEL).mock(return_value=httpx.Response(200, json=prediction("succeeded")))
     result = await engine.run(bridge(), NullProgress(), CancelToken())
     assert cancel.call_count == 1 and output.call_count == 1
