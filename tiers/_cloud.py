@@ -69,13 +69,15 @@ def reading_an_answer() -> Iterator[None]:
     """Around reading a generation call the provider answered with 2xx: it may have billed the call,
     so a broken answer (no image, bad base64, odd JSON) keeps its hold captured for a person to
     reconcile, and routing never repeats it on another engine. A content filter's error keeps the
-    charge its raiser decided (providers differ on billing filtered output)."""
+    charge its raiser decided (providers differ on billing filtered output), and so does one the
+    answer itself says was not billed (`EngineError.unbilled`: Stability's finish reason ERROR)."""
     try:
         yield
     except ContentFiltered:
         raise
     except EngineError as exc:
-        exc.at_least_charged("unknown")
+        if not exc.work_unbilled:
+            exc.at_least_charged("unknown")
         raise
 
 

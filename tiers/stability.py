@@ -96,6 +96,8 @@ def stability_seed(seed: int) -> int:
     return (seed - 1) % MAX_SEED + 1
 POLL_INTERVAL = 5.0
 FILTERED = "CONTENT_FILTERED"
+# The finish reason of a generation that failed (its API reference: SUCCESS | CONTENT_FILTERED | ERROR).
+FAILED = "ERROR"
 # Credits per output image (1 credit = $0.01; providers.md, Nov 2026). The upscalers are priced as
 # models of their own so the prices file can override them like any other model.
 PRICES_AS_OF = "2026-11"
@@ -500,6 +502,12 @@ class StabilityEngine(CloudEngine):
             # The provider made (and may bill) a blurred image.
             raise ContentFiltered(f"{self.name}: the output was content filtered",
                                   details={"engine": self.name, "reason": FILTERED}, charged="unknown")
+        if FAILED in (reason, response.headers.get("finish-reason")):
+            # Whatever came with it (an image, or none), the generation failed, and Stability bills
+            # no failed generation (providers.md): an image so answered was stored and its hold
+            # captured. Nothing is kept, and the hold is released; another engine may take the job.
+            raise EngineError(f"{self.name}: the generation failed (finish_reason {FAILED}); Stability does not "
+                              "bill a failed generation", details={"engine": self.name, "reason": FAILED}).unbilled()
         # The generate and sync upscale calls answer `image`; the results of an async job
         # (`GET /v2beta/results/{id}`) answer `result`.
         encoded = body.get("image") or body.get("result")

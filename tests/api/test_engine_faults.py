@@ -5,6 +5,7 @@ the right state and the right ledger, never leave it running and never send a pa
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -1031,5 +1032,35 @@ def test_a_replicate_job_canceled_while_followed_after_a_crash_is_not_charged_fo
         share = -(-estimate // 2)
         assert ledger_of(services, job_id) == [("hold", estimate, False), ("capture", share, True),
                                                ("release", estimate - share, False)]
+    finally:
+        asyncio.run(services.aclose())
+
+
+def test_a_stability_answer_whose_finish_reason_is_error_fails_the_job_storing_and_charging_nothing(
+        make_settings: SettingsFactory) -> None:
+    """providers.md: Stability charges nothing for a failed generation. An answer saying
+    `finish_reason: ERROR` with an image was stored as the job's image, its estimate captured."""
+    import respx
+
+    from tests.tiers.conftest import png_bytes
+
+    base = "https://stability.test"
+    services = Services.build(make_settings(stability_api_key="sk-stab", stability_base_url=base))
+    try:
+        engine = services.registry.get("stability")
+        source = services.store.put(png_bytes())
+        params = {**BRIDGE, "width": 1024, "height": 1024, "source_sha256": source}
+        estimate = engine.estimate(render_request(params))
+        job_id = queue_job(services, "stability", estimated=estimate, params=params, model="sd3.5-large")
+        with respx.mock:
+            sd3 = respx.post(f"{base}/v2beta/stable-image/generate/sd3").mock(return_value=httpx.Response(
+                200, json={"image": base64.b64encode(png_bytes()).decode(), "finish_reason": "ERROR", "seed": 5}))
+            job = claim_and_run(services, job_id)
+        assert sd3.call_count == 1
+        assert job.status == "failed" and job.error is not None and job.error["code"] == "engine_error", job.error
+        assert "finish_reason ERROR" in job.error["message"]
+        with services.db.session() as s:
+            assert s.exec(select(Asset).where(col(Asset.job_id) == job_id)).all() == []
+        assert ledger_of(services, job_id) == [("hold", estimate, False), ("release", estimate, False)]
     finally:
         asyncio.run(services.aclose())

@@ -941,3 +941,60 @@ async def test_a_creative_result_of_a_png_with_bytes_after_its_end_is_the_image(
     poll = respx.get(RESULT).mock(return_value=httpx.Response(200, content=padded, headers=headers))
     result = await engine.run(polish(creativity=0.45), NullProgress(), CancelToken())
     assert poll.call_count == 1 and result.images[0].seed == 7
+
+
+@respx.mock
+@pytest.mark.parametrize("image", [True, False], ids=["with-image", "without"])
+async def test_an_answer_whose_finish_reason_is_error_fails_unbilled(engine: StabilityEngine, image: bool) -> None:
+    # providers.md: Stability charges nothing for a failed generation. An answer saying ERROR with
+    # an image was taken for the image (stored, its hold captured); without one it failed `no_image`
+    # charged 'unknown', its hold captured for reconciliation.
+    answer = ok(reason="ERROR")
+    if not image:
+        answer = httpx.Response(200, json={"finish_reason": "ERROR", "seed": 1})
+    route = respx.post(SD3).mock(return_value=answer)
+    with pytest.raises(EngineError) as info:
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    error = info.value
+    assert type(error) is EngineError and error.code == "engine_error" and "finish_reason ERROR" in error.message
+    assert error.charged == "no" and error.work_unbilled and error.made is None
+    assert error.details["reason"] == "ERROR" and route.call_count == 1
+
+
+@respx.mock
+async def test_a_creative_result_whose_finish_reason_is_error_fails_unbilled(engine: StabilityEngine) -> None:
+    # The result of a finished creative upscale, as JSON or as the image's bytes (its reason in a header).
+    respx.post(CREATIVE).mock(return_value=httpx.Response(200, json={"id": "job-42"}))
+    poll = respx.get(RESULT).mock(return_value=done(reason="ERROR"))
+    with pytest.raises(EngineError) as info:
+        await engine.run(polish(creativity=0.45), NullProgress(), CancelToken())
+    assert info.value.charged == "no" and info.value.work_unbilled
+    poll.mock(return_value=httpx.Response(200, content=png_bytes(), headers={"content-type": "image/png",
+                                                                             "finish-reason": "ERROR"}))
+    with pytest.raises(EngineError) as info:
+        await engine.run(polish(creativity=0.45), NullProgress(), CancelToken())
+    assert info.value.charged == "no" and info.value.work_unbilled
+
+
+@respx.mock
+async def test_an_error_finish_after_an_image_made_charges_that_image_only(engine: StabilityEngine) -> None:
+    respx.post(SD3).mock(side_effect=[ok(seed=1), ok(seed=2, reason="ERROR")])
+    req = bridge(n=2)
+    with pytest.raises(EngineError) as info:
+        await engine.run(req, NullProgress(), CancelToken())
+    made = info.value.made
+    assert made is not None and [image.seed for image in made.images] == [1]
+    assert info.value.charged == "unknown" and info.value.cost_millicredits == engine.estimate(req) // 2
+
+
+@respx.mock
+async def test_a_reattach_s_creative_result_whose_finish_reason_is_error_is_not_charged(
+        engine: StabilityEngine) -> None:
+    respx.get(f"{BASE}/v2beta/results/job-1").mock(return_value=done(seed=1, reason="ERROR"))
+    respx.get(f"{BASE}/v2beta/results/job-2").mock(return_value=done(seed=2))
+    req = polish(creativity=0.45, n=2)
+    with pytest.raises(EngineError) as info:
+        await engine.reattach(req, [{"id": f"job-{i}", "creative": True} for i in (1, 2)], NullProgress(),
+                              CancelToken())
+    assert info.value.made is not None and [image.seed for image in info.value.made.images] == [2]
+    assert info.value.charged == "unknown" and info.value.cost_millicredits == engine.estimate(req) // 2
