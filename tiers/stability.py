@@ -153,13 +153,61 @@ def _whole_image(content: bytes) -> bool | None:
         # after it (padding, an appended trailer), a PNG so sent was asked for until the poll gave up.
         return b"\x00\x00\x00\x00IEND\xaeB`\x82" in content
     if content.startswith(b"\xff\xd8\xff"):
-        return content.rstrip(b"\x00\r\n ").endswith(b"\xff\xd9")
+        ended = _jpeg_ended(content)
+        # A layout this reading does not know: whole when it ends as a JPEG does, as before.
+        return content.rstrip(b"\x00\r\n ").endswith(b"\xff\xd9") if ended is None else ended
     if content[:4] == b"RIFF" and content[8:12] == b"WEBP":
         return len(content) >= int.from_bytes(content[4:8], "little") + 8
     signatures = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"RIFF")
     if len(content) < 12 and (content[:4] == b"RIFF" or any(start.startswith(content) for start in signatures)):
         return False  # cut before its signature ended (or, for a WebP, before it said it was one)
     return None
+
+
+# JPEG markers that stand alone, without a length: TEM and RST0-7 (SOI and EOI are read apart).
+JPEG_STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})
+JPEG_SOS, JPEG_EOI = 0xDA, 0xD9
+
+
+def _jpeg_ended(content: bytes) -> bool | None:
+    """Whether a JPEG's end marker (EOI, FFD9) comes before `content` ends, found as decoders find
+    it, so that bytes after it (padding, an appended trailer) are the image's, as they are after a
+    PNG's IEND: a body not ending with FFD9 was taken for one cut short. Its marker segments are
+    stepped over by their lengths (they hold any bytes, an EXIF thumbnail's own FFD9 among them,
+    which would take a JPEG cut after it for a whole one), and a scan's coded data is read to the
+    next marker (an FF there is followed by 00, or is a restart marker). False: cut before its EOI;
+    None: not laid out as this reads a JPEG."""
+    at = 2  # after SOI
+    while True:
+        while at < len(content) and content[at] == 0xFF and at + 1 < len(content) and content[at + 1] == 0xFF:
+            at += 1  # fill bytes before a marker
+        if at + 2 > len(content):
+            return False
+        if content[at] != 0xFF:
+            return None
+        marker = content[at + 1]
+        if marker == JPEG_EOI:
+            return True
+        if marker in JPEG_STANDALONE:
+            at += 2
+            continue
+        if at + 4 > len(content):
+            return False
+        length = int.from_bytes(content[at + 2:at + 4], "big")
+        if length < 2:
+            return None
+        at += 2 + length
+        if marker != JPEG_SOS:
+            continue
+        while True:  # the scan's coded data, to the next marker
+            at = content.find(b"\xff", at)
+            if at < 0 or at + 1 >= len(content):
+                return False
+            following = content[at + 1]
+            if following == 0x00 or following in JPEG_STANDALONE or following == 0xFF:
+                at += 1 if following == 0xFF else 2  # a stuffed FF, a restart marker, or a fill byte
+                continue
+            break
 
 
 def _image_bytes(response: httpx.Response) -> bool:

@@ -998,3 +998,43 @@ async def test_a_reattach_s_creative_result_whose_finish_reason_is_error_is_not_
                               CancelToken())
     assert info.value.made is not None and [image.seed for image in info.value.made.images] == [2]
     assert info.value.charged == "unknown" and info.value.cost_millicredits == engine.estimate(req) // 2
+
+
+def jpeg_with_a_comment(comment: bytes) -> bytes:
+    """`jpeg_bytes()` with a COM segment after its SOI: marker segments hold any bytes, an end
+    marker's (FFD9) among them (an EXIF thumbnail is a JPEG of its own, with its own)."""
+    whole = jpeg_bytes()
+    return whole[:2] + b"\xff\xfe" + (len(comment) + 2).to_bytes(2, "big") + comment + whole[2:]
+
+
+@respx.mock
+@pytest.mark.parametrize("content_type", [None, "image/jpeg"])
+async def test_a_creative_result_of_a_jpeg_with_bytes_after_its_end_is_the_image(
+        engine: StabilityEngine, content_type: str | None) -> None:
+    # As a PNG's after IEND (832eb65): decoders stop at a JPEG's end marker (FFD9) and ignore what
+    # follows, but a body not ending with it was taken for one cut short, asked for until the poll
+    # gave up, and the upscale, paid for and whole, lost.
+    padded = jpeg_with_a_comment(b"thumb\xff\xd9") + b"\x00" * 16 + b"trailer"
+    Image.open(io.BytesIO(padded)).load()
+    headers = {"seed": "7"} if content_type is None else {"content-type": content_type, "seed": "7"}
+    respx.post(CREATIVE).mock(return_value=httpx.Response(200, json={"id": "job-42"}))
+    poll = respx.get(RESULT).mock(return_value=httpx.Response(200, content=padded, headers=headers))
+    result = await engine.run(polish(creativity=0.45), NullProgress(), CancelToken())
+    assert poll.call_count == 1 and result.images[0].seed == 7
+
+
+@respx.mock
+@pytest.mark.parametrize("content_type", [None, "image/jpeg"])
+async def test_a_creative_result_of_a_jpeg_cut_short_then_padded_is_asked_again(
+        engine: StabilityEngine, content_type: str | None) -> None:
+    # Cut before its end marker, whatever follows (padding, an FFD9 of a segment read before the cut):
+    # still one cut short, asked again until the whole image comes.
+    whole = jpeg_with_a_comment(b"thumb\xff\xd9")
+    headers = {"seed": "7"} if content_type is None else {"content-type": content_type, "seed": "7"}
+    respx.post(CREATIVE).mock(return_value=httpx.Response(200, json={"id": "job-42"}))
+    poll = respx.get(RESULT).mock(side_effect=[
+        httpx.Response(200, content=whole[:len(whole) // 2] + b"\x00" * 16 + b"trailer", headers=headers),
+        httpx.Response(200, content=whole[:len(whole) // 2], headers=headers),
+        httpx.Response(200, content=whole, headers=headers)])
+    result = await engine.run(polish(creativity=0.45), NullProgress(), CancelToken())
+    assert poll.call_count == 3 and result.images[0].seed == 7
