@@ -191,29 +191,38 @@ def refuse_foreign_receiver(url: str, project_url: str | None, project_id: str) 
 
 
 def _host(host: str) -> str:
-    """A URL's host (as `urlsplit` gives it: lowercase, unbracketed) as the sender's httpx connects
-    to it, one form for its spellings: an IPv6 address compressed (`2001:db8::1` for
-    `2001:DB8:0:0::1`), else an IDN in Unicode (`bücher.example` for `xn--bcher-kva.example`; a dot
-    `。` is `.`), without the one trailing dot of a fully qualified name (`hooks.example.` is
-    `hooks.example`; `hooks.example..` is not). Not percent-decoded: httpx sends `%68ooks.example`
-    as written, a name no resolver knows, so it is no spelling of `hooks.example` (merged, its failed attempts set the
-    real host's breaker aside)."""
+    """A URL's host (as `urlsplit` gives it: lowercase but for an IPv6 zone, unbracketed) as the
+    sender's httpx connects to it, one form for its spellings: an IPv4-mapped IPv6 address as its
+    IPv4 address (`127.0.0.1` for `::ffff:127.0.0.1`), another IPv6 address compressed
+    (`2001:db8::1` for `2001:DB8:0:0::1`), its zone as written (`lo` is not `LO`), else an IDN in
+    Unicode (`bücher.example` for `xn--bcher-kva.example`; a dot `。` is `.`), without the one
+    trailing dot of a fully qualified name of two labels or more (`hooks.example.` is
+    `hooks.example`; `hooks.example..` is not, nor `hooks.` `hooks`). Not percent-decoded: httpx
+    sends `%68ooks.example` as written, a name no resolver knows, so it is no spelling of
+    `hooks.example` (merged, its failed attempts set the real host's breaker aside)."""
     if ":" in host:
         with contextlib.suppress(ValueError):  # not an address (refused when the URL is set): as written
-            # Its zone as written: httpx sends `%25lo` so, a zone `25lo` no interface has (every
-            # attempt fails), so it is no spelling of `%lo`.
-            return ipaddress.IPv6Address(host).compressed
+            address = ipaddress.IPv6Address(host)
+            # httpx's IPv6 socket connects a mapped address to the IPv4 one (a receiver listening on
+            # 127.0.0.1 alone answers `[::ffff:127.0.0.1]`): one receiver. Not with a zone, which
+            # the resolver takes on a link-local address only (every attempt fails).
+            if address.ipv4_mapped is not None and address.scope_id is None:
+                return str(address.ipv4_mapped)
+            # Its zone as written: interface names are case-sensitive (the resolver refuses
+            # `fe80::1%LO`), and httpx sends `%25lo` so, a zone `25lo` no interface has (every
+            # attempt fails), so neither is a spelling of `%lo`.
+            return address.compressed
         return host
     if not host.isascii() or "xn--" in host:
         host = _idn(host)
-    # One dot only: `hooks.example..` has an empty label no resolver takes (every attempt fails), so
-    # it is no spelling of `hooks.example` (merged, it set the real host's breaker aside).
     name = host.removesuffix(".")
-    if _ipv4(name):
-        # `127.0.0.1.` is no address but a name the resolver looks up (and fails on): merged, its
-        # failed attempts set the address's breaker aside.
+    if _ipv4(name) or "." not in name or name.endswith("."):
+        # `127.0.0.1.` is no address but a name the resolver looks up (and fails on); `hooks.` a
+        # top-level name, found neither in /etc/hosts (`localhost.` is not `localhost`) nor through
+        # a search domain, where `hooks` may be; `hooks.example..` has an empty label no resolver
+        # takes. Each a receiver of its own: merged, its failed attempts set the other's breaker aside.
         return host
-    return name or host
+    return name
 
 
 def _ipv4(host: str) -> bool:
@@ -237,17 +246,24 @@ def _idn(host: str) -> str:
 
 
 def _written_as(where: str) -> list[str]:
-    """The ways a URL may start with destination `where`, lowercase: with its port, and without it
-    when it is its scheme's default; each with the host's trailing dot and without, an IDN in Unicode
-    and as `xn--` (an IPv6 host not otherwise than as `destination` writes it, nor an IDN's labels
-    half in one and half in the other: `Deliverer._due`)."""
+    """The ways a URL may start with destination `where`, lowercase (but for an IPv6 zone: `_to`):
+    with its port, and without it when it is its scheme's default; a name of two labels or more
+    with its trailing dot and without, an IDN in Unicode and as `xn--`, an IPv4 address also as the
+    IPv6 address mapping it, written so and compressed (an IPv6 host not otherwise than as
+    `destination` writes it, nor an IDN's labels half in one and half in the other: `Deliverer._due`)."""
     scheme, _, rest = where.partition("://")
     host, colon, port = rest.rpartition(":")
     if not colon or not port.isdigit():  # no port written (a scheme without a default), or an IPv6 host's colon
         host, port = rest, ""
     names = [host] if host.isascii() else [host, _ascii(host)]
-    hosts = [host] if host.endswith("]") or _ipv4(host) else [
-        spelled for name in names for spelled in (name, name + ".")]
+    if host.endswith("]"):
+        hosts = [host]
+    elif _ipv4(host):
+        hosts = [host, f"[::ffff:{host}]", f"[{ipaddress.IPv6Address(f'::ffff:{host}').compressed}]"]
+    elif "." not in host or host.endswith("."):  # a single label, or dots kept (`_host`): no other spelling
+        hosts = names
+    else:
+        hosts = [spelled for name in names for spelled in (name, name + ".")]
     starts = []
     for spelled in hosts:
         starts.append(f"{scheme}://{spelled}:{port}" if port else f"{scheme}://{spelled}")
@@ -268,9 +284,17 @@ def _to(where: str) -> sa.ColumnElement[bool]:
     """SQL: the row's URL is to destination `where`, as most URLs write it (those it misses:
     `Deliverer._due`)."""
     url = func.lower(col(WebhookDelivery.url))
-    return sa.or_(*(
-        sa.or_(url == start, func.substr(url, 1, len(start) + 1).in_([start + end for end in "/?#"]))
-        for start in _written_as(where)))
+    _, _, rest = where.partition("://")
+    zone = rest.partition("]")[0].partition("%")[2] if rest.startswith("[") else ""
+    matches = []
+    for start in _written_as(where):
+        prefix = start.lower()
+        written = sa.or_(url == prefix, func.substr(url, 1, len(prefix) + 1).in_([prefix + end for end in "/?#"]))
+        if zone:
+            # An interface's name is case-sensitive (`lo` is not `LO`): compared as written.
+            written = sa.and_(written, func.substr(col(WebhookDelivery.url), start.index("%") + 2, len(zone)) == zone)
+        matches.append(written)
+    return sa.or_(*matches)
 
 
 @dataclass

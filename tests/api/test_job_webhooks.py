@@ -185,7 +185,7 @@ def check_a_project_key_names_a_job_url_only_on_its_project_s_receiver(
                     (f"/v1/assets/{asset}/polish", {"scale": 1, "engine": "local-hifi"})]
                 for other in (f"http://127.0.0.1:{int(port) + 1}/hooks", f"https://127.0.0.1:{port}/hooks",
                               f"http://localhost:{port}/hooks", "http://169.254.169.254/latest/meta-data",
-                              f"http://[::ffff:127.0.0.1]:{port}/hooks"):
+                              f"http://[::ffff:127.0.0.2]:{port}/hooks", f"http://[::ffff:127.0.0.1%lo]:{port}/hooks"):
                     for path, body in posts:
                         error = assert_error(mine.post(path, json={**body, "webhook_url": other},
                                                        headers={"Idempotency-Key": "k"}), 403, "forbidden")
@@ -198,8 +198,10 @@ def check_a_project_key_names_a_job_url_only_on_its_project_s_receiver(
                         assert_error(mine.post("/v1/route/explain", json={**explained, "webhook_url": other}),
                                      403, "forbidden")
                 assert _written(settings) == before
-                assert mine.post("/v1/route/explain", json={"stage": "ideation", **posts[0][1],
-                                                            "webhook_url": same}).status_code == 200
+                # The IPv6 address mapping 127.0.0.1 is that receiver too: httpx connects it there.
+                for spelled in (same, f"http://[::ffff:127.0.0.1]:{port}/hooks", f"http://[::FFFF:7f00:1]:{port}/"):
+                    assert mine.post("/v1/route/explain", json={"stage": "ideation", **posts[0][1],
+                                                                "webhook_url": spelled}).status_code == 200
                 # The admin key may name any URL the checks accept.
                 elsewhere = f"http://127.0.0.1:{int(port) + 1}/hooks"
                 assert submit_draft(admin, project, webhook_url=elsewhere)["webhook_url"] == elsewhere

@@ -359,7 +359,8 @@ def test_a_destination_is_the_scheme_host_and_port_lowercase_with_the_default_po
       "https://XN--BCHER-KVA.example./"], "https://bücher.example:443"),
     (["http://[2001:db8::1]/", "http://[2001:DB8:0:0:0:0:0:1]:80/x", "http://[2001:db8:0::1]/?t=1"],
      "http://[2001:db8::1]:80"),
-    (["http://[::ffff:127.0.0.1]:8080/", "http://[::FFFF:7f00:1]:8080/"], "http://[::ffff:7f00:1]:8080"),
+    (["http://[::ffff:127.0.0.1]:8080/", "http://[::FFFF:7f00:1]:8080/", "http://127.0.0.1:8080/"],
+     "http://127.0.0.1:8080"),
 ])
 def test_every_spelling_of_one_receiver_is_one_destination(spellings: list[str], canonical: str) -> None:
     # Each spelling was a destination of its own: its own 2 slots, its own breaker (a dead host spelt
@@ -470,6 +471,80 @@ def check_the_sql_filter_of_an_idn_destination(db: Database) -> None:
         with db.session() as s:
             found = s.exec(select(WebhookDelivery.id).where(webhooks._to(webhooks.destination(spelled))))
             assert sorted(found) == ids[:3], spelled
+
+
+def _matched(db: Database, url: str) -> list[str]:
+    """The ids of the rows `_to` finds for `url`'s destination: what a set-aside one gives up."""
+    with db.session() as s:
+        return sorted(s.exec(select(WebhookDelivery.id).where(webhooks._to(webhooks.destination(url)))))
+
+
+def test_an_ipv4_mapped_ipv6_address_is_the_ipv4_address_it_maps(receivers: Callable[..., Held], db: Database) -> None:
+    # httpx connects `[::ffff:127.0.0.1]` to 127.0.0.1 (the kernel maps it; a receiver listening on
+    # 127.0.0.1 alone gets both), so they are one receiver: apart, each spelling had 2 slots and a
+    # breaker of its own, and a project key was refused a job URL on its project's own receiver.
+    receiver = receivers(held=False)
+    port = receiver.server.server_address[1]
+    spellings = [f"http://127.0.0.1:{port}/h", f"http://[::ffff:127.0.0.1]:{port}/h", f"http://[::FFFF:7f00:1]:{port}/h",
+                 f"http://[0:0:0:0:0:ffff:127.0.0.1]:{port}/h"]
+    with httpx.Client() as client:
+        for n, url in enumerate(spellings):
+            assert client.post(url, content=b"{}", headers={"webhook-id": f"whd_{n}"}).status_code == 200
+    assert receiver.arrived == ["whd_0", "whd_1", "whd_2", "whd_3"]
+    assert {webhooks.destination(url) for url in spellings} == {f"http://127.0.0.1:{port}"}
+    for url in spellings:
+        webhooks.refuse_foreign_receiver(url, spellings[0], "p-1")
+        webhooks.refuse_foreign_receiver(spellings[0], url, "p-1")
+    # Not the IPv4-compatible form (`::127.0.0.1`, an IPv6 address httpx cannot reach here), nor a
+    # mapped address with a zone (the resolver takes a zone only on a link-local address).
+    for other in (f"http://[::127.0.0.1]:{port}/h", f"http://[::ffff:127.0.0.1%lo]:{port}/h"):
+        assert webhooks.destination(other) != webhooks.destination(spellings[0])
+    with pytest.raises(httpx.ConnectError), httpx.Client() as client:
+        client.post(f"http://[::127.0.0.1]:{port}/h")
+    # The SQL filter a set-aside destination's rows are given up by spells it the three ways written compressed.
+    ids = _deliveries(db, [(url, 1) for url in [*spellings[:3], f"http://[::ffff:127.0.0.2]:{port}/h",
+                                                f"http://[::ffff:7f00:1]:{port + 1}/h"]])
+    assert _matched(db, spellings[0]) == _matched(db, spellings[1]) == ids[:3]
+
+
+def test_a_single_label_host_with_a_trailing_dot_is_not_the_host_without(db: Database) -> None:
+    # One trailing dot makes a name fully qualified, and a single label so is looked up as a
+    # top-level name: no `/etc/hosts` entry matches it (`localhost` is there, `localhost.` is not)
+    # and no resolv.conf search domain is tried (`hooks` may be `hooks.corp.example`, `hooks.` never
+    # is). On the machine this was found on, getaddrinfo and httpx reached `localhost` and not
+    # `localhost.` (Name or service not known): merged, the dead spelling's failures set the live
+    # one's breaker aside, and a project key's job URL so spelt passed for its project's receiver.
+    port = 8080
+    assert webhooks.destination(f"http://LOCALHOST.:{port}/h") == f"http://localhost.:{port}"
+    assert webhooks.destination(f"http://Localhost:{port}/h") == f"http://localhost:{port}"
+    with pytest.raises(Forbidden):
+        webhooks.refuse_foreign_receiver(f"http://localhost.:{port}/h", f"http://localhost:{port}/", "p-1")
+    with pytest.raises(Forbidden):
+        webhooks.refuse_foreign_receiver("http://hooks/h", "http://hooks./", "p-1")
+    assert webhooks.destination("https://bücher./") == "https://bücher.:443" != webhooks.destination("https://bücher/")
+    # A name of more labels keeps its one trailing dot's merge; two dots stay apart (an empty label).
+    assert webhooks.destination("http://hooks.example./") == webhooks.destination("http://hooks.example/")
+    assert webhooks.destination("http://hooks../") not in {"http://hooks.:80", "http://hooks:80"}
+    # And the SQL filter of each spells it alone.
+    ids = _deliveries(db, [(url, 1) for url in ("http://hooks/h", "http://HOOKS:80?t=1", "http://hooks./h",
+                                                "http://hooks.:80/h", "http://hooks../h")])
+    assert _matched(db, "http://hooks/") == ids[:2]
+    assert _matched(db, "http://hooks./") == ids[2:4]
+
+
+def test_an_ipv6_zone_is_matched_by_the_sql_filter_as_written(db: Database) -> None:
+    # Interface names are case-sensitive: the resolver takes `fe80::1%lo` and refuses `fe80::1%LO`,
+    # two destinations. The SQL filter folded the zone too: `%lo` set aside gave up `%LO`'s rows
+    # (another receiver's), and `%LO`'s own rows were never matched (lowercase URL to a mixed-case prefix).
+    assert socket.getaddrinfo("fe80::1%lo", 80, proto=socket.IPPROTO_TCP)
+    with pytest.raises(socket.gaierror):
+        socket.getaddrinfo("fe80::1%LO", 80, proto=socket.IPPROTO_TCP)
+    assert webhooks.destination("http://[FE80::1%LO]/") == "http://[fe80::1%LO]:80" != webhooks.destination(
+        "http://[fe80::1%lo]/")
+    ids = _deliveries(db, [(url, 1) for url in ("http://[fe80::1%lo]/h", "HTTP://[FE80::1%lo]:80?t=1",
+                                                "http://[fe80::1%LO]/h", "http://[fe80::1%Lo]/h")])
+    assert _matched(db, "http://[fe80::1%lo]/") == ids[:2]
+    assert _matched(db, "http://[fe80::1%LO]/") == [ids[2]]
 
 
 def test_a_full_destination_is_read_past_not_one_that_merely_shares_its_start(db: Database) -> None:
