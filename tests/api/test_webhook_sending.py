@@ -547,6 +547,29 @@ def test_an_ipv6_zone_is_matched_by_the_sql_filter_as_written(db: Database) -> N
     assert _matched(db, "http://[fe80::1%LO]/") == [ids[2]]
 
 
+def test_the_sql_filter_of_an_idn_destination_folds_its_non_ascii_capitals(db: Database) -> None:
+    check_the_sql_filter_of_an_idn_destination_folds_its_non_ascii_capitals(db)
+
+
+def check_the_sql_filter_of_an_idn_destination_folds_its_non_ascii_capitals(db: Database) -> None:
+    # `BÜCHER.example` is `bücher.example` (httpx sends both as `xn--bcher-kva.example`), but SQLite's
+    # `lower()` folds ASCII alone: a set-aside destination's rows so spelt were never given up, and
+    # waited for probes, one each, pending for weeks.
+    urls = ["https://BÜCHER.example/h", "https://Bücher.EXAMPLE.:443?t=1", "https://bÜcher.example/h",
+            "https://BÜCHER.example.org/h", "https://BÜCHER.example:8443/h", "https://xn--bcher-kva.example/h"]
+    ids = _deliveries(db, [(url, 1) for url in urls])
+    assert _matched(db, "https://bücher.example/") == [*ids[:3], ids[5]]
+    assert _matched(db, "https://BÜCHER.example:8443/") == [ids[4]]
+    # As the sender gives them up.
+    old = shared_now() - timedelta(seconds=webhooks.SCHEDULE_SECONDS + 60)
+    with db.transaction() as s:
+        for row in s.exec(select(WebhookDelivery)).all():
+            row.created_at = old
+    webhooks.Deliverer(db, lambda job_id: {}, None, interval=0.1)._give_up(
+        {webhooks.destination("https://bücher.example/"): "answered 503"})
+    assert [i for i, row in sorted(_rows(db).items()) if row.next_attempt_at is None] == [*ids[:3], ids[5]]
+
+
 def test_a_full_destination_is_read_past_not_one_that_merely_shares_its_start(db: Database) -> None:
     check_a_full_destination_is_read_past(db)
 

@@ -81,6 +81,7 @@ from tests.api.test_webhook_sending import (
     check_a_set_aside_destination_s_rows_past_their_schedule_are_given_up_unsent,
     check_spellings_the_sql_filter_misses_do_not_fill_every_read,
     check_the_sql_filter_of_an_idn_destination,
+    check_the_sql_filter_of_an_idn_destination_folds_its_non_ascii_capitals,
 )
 from tests.api.test_webhooks import SECRET as WEBHOOK_SECRET
 from tests.api.test_webhooks import check_a_succeeded_draft_is_posted_once_signed, check_two_deliverers_send_a_row_once
@@ -1196,7 +1197,8 @@ def test_webhook_deliveries_are_listed_within_a_time_range_on_postgres(pg_db: Da
 
 @pytest.mark.parametrize("check", [check_a_full_destination_is_read_past, check_a_claim_given_back_is_due_as_it_was,
                                    check_spellings_the_sql_filter_misses_do_not_fill_every_read,
-                                   check_the_sql_filter_of_an_idn_destination])
+                                   check_the_sql_filter_of_an_idn_destination,
+                                   check_the_sql_filter_of_an_idn_destination_folds_its_non_ascii_capitals])
 def test_webhook_sends_at_once_read_and_give_back_rows_on_postgres(pg_db: Database,
                                                                    check: Callable[[Database], None]) -> None:
     check(pg_db)
