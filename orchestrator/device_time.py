@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlmodel import Session, col, func, select
 
@@ -33,6 +34,24 @@ from orchestrator.models import Job, Project
 
 SETTING = "ORCH_PROJECT_LOCAL_SECONDS_PER_DAY"
 WINDOW = timedelta(days=1)
+
+
+def added(seconds: float) -> Any:
+    """`jobs.device_seconds` with an attempt's `seconds` added, for an UPDATE's values: a job keeps
+    the sum of its attempts on local engines (one ended by a crash, or one a fallback moved off),
+    whatever engine it ends on."""
+    return func.coalesce(col(Job.device_seconds), 0.0) + seconds
+
+
+def held_until_lease(job: Job, lease: timedelta, now: datetime | None = None) -> float | None:
+    """The seconds a local attempt whose process stopped without ending it surely held the device:
+    from its start (`started_at`, its host's clock) to its lease's last renewal (`lease_expires_at`
+    less `lease`, by the clock leases are stamped with), never past `now`; None when the row lacks
+    either. A lower bound: the process may have held it up to its death (or, hung, beyond)."""
+    if job.started_at is None or job.lease_expires_at is None:
+        return None
+    renewed = min(job.lease_expires_at - lease, now or utcnow())
+    return max(0.0, (renewed - job.started_at).total_seconds())
 
 
 def quota_seconds(project: Project, default: int | None) -> int | None:

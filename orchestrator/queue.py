@@ -40,7 +40,7 @@ from sqlalchemy import func, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import col, select
 
-from orchestrator import webhooks
+from orchestrator import device_time, webhooks
 from orchestrator.clock import shared_now, utcnow
 from orchestrator.db import Database, changed, commit_in_doubt, transient
 from orchestrator.errors import Canceled, Interrupted, OrchestratorError, first_line
@@ -1101,6 +1101,12 @@ class Scheduler:
                       "lease_owner": None, "lease_expires_at": None,
                       "attempts": job.with_attempt("failed", error.to_dict())}
             outcome = "failed"
+        # What the dead attempt surely held of a local device counts toward its project's quota
+        # (`orchestrator.device_time`), whatever the job's outcome: from its start to its lease's
+        # last renewal. Never charged: metering charges a success alone.
+        held = device_time.held_until_lease(job, self.lease) if local else None
+        if held is not None:
+            values["device_seconds"] = device_time.added(held)
         with self.db.transaction() as s:
             # The lease it was judged orphaned on, too: read before the write lock was ours, and
             # its holder, alive, may have renewed it since (taken from a live worker, a paid job was

@@ -34,7 +34,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, col, select
 from typing_extensions import TypeIs
 
-from orchestrator import cache, events, quota, webhooks
+from orchestrator import cache, device_time, events, quota, webhooks
 from orchestrator.cache import cache_key, cached_copies
 from orchestrator.clock import shared_now, utcnow
 from orchestrator.db import Database, changed, commit_in_doubt, disk_full, transient
@@ -166,6 +166,9 @@ class Claim:
     unserved: bool = False
     # Set once the attempt's first request that can bill was recorded (`JobRunner._record_sending`).
     recorded_send: bool = False
+    # `time.monotonic()` as the runner started the engine on it; None: no engine was (a claim to
+    # move it, or given back unstarted). What an end without a result counts of the device's time.
+    began: float | None = None
     # The write that marks the attempt unsent again once every request of it was answered that
     # nothing was made (see `JobRunner._send_refused`), and how many such writes landed: the next
     # request waits for it, then records its send anew.
@@ -471,7 +474,7 @@ class JobRunner:
                                                 "requeued": True})
         self.bus.publish(job.id, "started", {"job_id": job.id, "status": "running", "engine": job.engine,
                                              "attempt": claim.attempt})
-        started = time.monotonic()
+        started = claim.began = time.monotonic()
         engine_returned = False  # from then on what it made exists, and a remote one may have billed it
         ran_on = job.engine  # a fallback moves the job (and its probe) to another engine
         try:
@@ -943,13 +946,14 @@ class JobRunner:
                                                               "started": started})
         # A free server's task this attempt started (see the stop above) goes with the job.
         kept = _accepted_values(claim.accepted) if claim.accepted else {"provider_work": job.provider_work}
+        held = self._device_held(claim) if started else {}
         # A database restart or failover is waited out for a while: a stop left to recovery would
         # be counted as a crash.
         for attempt in self.db.retrying(STOP_WRITE_SECONDS, f"job {job.id} queued again"):
             with attempt, self.db.transaction() as s:
                 # Unstarted, no engine started it: `started_at` says so again (an earlier attempt's stays).
                 self._guarded_update(s, claim, status="queued", lease_owner=None, lease_expires_at=None,
-                                     progress_step=0, progress_total=0, **kept,
+                                     progress_step=0, progress_total=0, **kept, **held,
                                      attempts=job.with_attempt("interrupted", stopped.to_dict()),
                                      **({} if started else {"started_at": claim.started_before}),
                                      unless_canceled=True)
@@ -977,6 +981,7 @@ class JobRunner:
         # still holds nothing: its project's quota was never judged with it.
         bound = None if job.reserved_bytes is None else quota.job_bound(
             self.registry.get(engine) if engine in self.registry else None, render_request(job.params), job.params)
+        held = self._device_held(claim)  # what a local attempt held, counted once the job ends wherever it runs
 
         def move(s: Session) -> None:
             # Read in the move's own transaction: made private while it ran, it goes nowhere off the machine.
@@ -988,7 +993,7 @@ class JobRunner:
                                  # Keyed again by the model that renders it when it succeeds (unknown here
                                  # for another worker's engine): only a success is looked up.
                                  cache_key=cache_key(engine, model or "", job.params) if job.cache_key else None,
-                                 provider_work=None,
+                                 provider_work=None, **held,
                                  lease_owner=None, lease_expires_at=None, progress_step=0, progress_total=0,
                                  attempts=job.with_attempt("failed", error.to_dict()))
             project = self.ledger.lock_project(s, job.project_id)
@@ -1015,6 +1020,7 @@ class JobRunner:
             return None
         copying = False
         leaves = leaves_machine(self.registry.get(engine))
+        held = self._device_held(claim)
 
         def copy(s: Session) -> None:
             nonlocal copying
@@ -1039,7 +1045,7 @@ class JobRunner:
             now = utcnow()
             self._guarded_update(s, claim, unless_canceled=True, status="succeeded", engine=engine, model=model,
                                  estimated=estimate, cache_key=key, cache_hit=True, **params,
-                                 attempt=claim.attempt + 1, started_at=now, finished_at=now,
+                                 attempt=claim.attempt + 1, started_at=now, finished_at=now, **held,
                                  provider_work=None, lease_owner=None, lease_expires_at=None,
                                  progress_step=1, progress_total=1, attempts=attempts)
             quota.add_assets(s, cached_copies(found, job))
@@ -1602,8 +1608,11 @@ class JobRunner:
         # metered local work is charged for, kept whether or not ORCH_LOCAL_GPU_SECOND_CREDITS meters it.
         used = (device_seconds(result.metadata.get(DEVICE_SECONDS), seconds, engine=job.engine)
                 if engine.kind == "local" else None)
+        # Added to what earlier attempts held (a local one a fallback moved off, one a crash ended):
+        # a remote engine's success leaves those seconds counted.
+        held = {"device_seconds": device_time.added(used)} if used is not None else {}
         self._guarded_update(s, claim, unless_canceled=True, status="succeeded", finished_at=now, lease_owner=None,
-                             device_seconds=used,
+                             **held,
                              lease_expires_at=None, progress_step=job.progress_total or 1,
                              progress_total=job.progress_total or 1, model=result.model, **accepted,
                              # The column's size: n ids of a many-call job may be longer.
@@ -1618,6 +1627,18 @@ class JobRunner:
         elif self.local_rate and used is not None:
             self.ledger.charge_usage(s, job, round(used * self.local_rate * 1000),
                                      note=f"{used:.2f} device-seconds")
+
+    def _device_held(self, claim: Claim) -> dict[str, Any]:
+        """The values that add an attempt on a local engine that ended without a result (failed,
+        canceled, moved by a fallback, queued again by a stop) to its job's `device_seconds`: a
+        project's quota counts the device-seconds of every attempt, not only a success's (metering
+        still charges a success alone). Measured here, from the engine's start to now: the engine's
+        own count, which leaves a model's loading out, comes only with a result. {} for another
+        engine's attempt, or a claim no engine was started on."""
+        job = claim.job
+        if claim.began is None or job.engine not in self.registry or self.registry.get(job.engine).kind != "local":
+            return {}
+        return {"device_seconds": device_time.added(time.monotonic() - claim.began)}
 
     def _doubt_a_free_cancel(self, claim: Claim, exc: Canceled) -> None:
         """A remote engine's cancel that says nothing of its cost (a token's own `Canceled`, as a
@@ -1652,6 +1673,7 @@ class JobRunner:
         job = claim.job
         bill = error
         rows, pngs = self._kept_images(job, error)
+        held = {} if unstarted else self._device_held(claim)
 
         def end(s: Session) -> None:
             nonlocal status, error
@@ -1664,7 +1686,7 @@ class JobRunner:
             unstarted_values: dict[str, Any] = {"started_at": claim.started_before} if unstarted else {}
             self._guarded_update(s, claim, status=status, finished_at=utcnow(), error=error.to_dict(),
                                  lease_owner=None, lease_expires_at=None, progress_step=job.progress_step,
-                                 progress_total=job.progress_total, **accepted,
+                                 progress_total=job.progress_total, **accepted, **held,
                                  **unstarted_values, attempts=job.with_attempt(status, error.to_dict()))
             _add_assets(s, rows)
             self.ledger.settle_failure(s, job, bill)

@@ -5,7 +5,9 @@ engines unavailable (a fallback routes on), and a job only they could take is re
 
 from __future__ import annotations
 
+import asyncio
 import math
+import time
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -16,12 +18,16 @@ from pydantic import ValidationError
 from sqlmodel import col, select
 
 from orchestrator.clock import utcnow
+from orchestrator.db import Database
+from orchestrator.errors import EngineError
 from orchestrator.ids import new_id
-from orchestrator.models import IdempotencyKey, Job, LedgerEntry
+from orchestrator.models import IdempotencyKey, Job, LedgerEntry, Project
 from orchestrator.services import Services
 from orchestrator.settings import Settings
-from tests.api import SMALL, assert_error, create_project, run_draft, submit_draft, wait_for_job
+from tests.api import SLOW, SMALL, assert_error, create_project, run_draft, submit_draft, wait_for_job
 from tests.api.test_storage_quota import client_for, services_of
+from tiers import tiny
+from tiers.base import DEVICE_SECONDS
 
 SettingsFactory = Callable[..., Settings]
 ADMIN_KEY = "admin-secret-for-device-time-tests"
@@ -287,3 +293,165 @@ def test_the_api_schema_says_a_quota_of_0_gives_no_retry_after(make_settings: Se
                              ("/v1/assets/{asset_id}/polish", "post"), ("/v1/route/explain", "post")]:
             told = paths[path][method]["responses"]["429"]["description"]
             assert "device_time_exhausted" in told and "none for a quota of 0" in told, (path, told)
+
+
+def running_past(client: Any, job_id: str, step: int, timeout: float = 60.0) -> None:
+    """Poll the job until its denoising has reached `step` (a deadline, not a timing)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        assert job["status"] in ("queued", "running"), job
+        if (job["progress"] or {}).get("step", 0) >= step:
+            return
+        assert time.monotonic() < deadline, f"job {job_id} never reached step {step}: {job}"
+        time.sleep(0.02)  # poll interval, not a wait for a state
+
+
+def kept_seconds(services: Services, job_id: str) -> float | None:
+    with services.db.session() as s:
+        job = s.get(Job, job_id)
+        assert job is not None
+        return job.device_seconds
+
+
+def test_local_jobs_canceled_part_way_count_toward_the_quota(make_settings: SettingsFactory,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A project that cancels its drafts after several steps was admitted again and again under a
+    quota of 1 s: only a success kept its device-seconds, so each canceled job held the device for
+    seconds nobody counted. Now each counts, and the project is refused once they reach its quota.
+    Each draft first holds the engine 0.4 s (a slow device's worth, whatever this machine's speed),
+    so three of them take it there."""
+    with client_for(make_settings()) as client:
+        project_id = create_project(client, local_seconds_per_day=1)["id"]
+        services = services_of(client)
+        engine = services.registry.get("lite")
+        run = engine.run
+
+        async def slow_device(*args: Any) -> Any:
+            await asyncio.sleep(0.4)
+            return await run(*args)
+
+        monkeypatch.setattr(engine, "run", slow_device)
+        counted, kept = 0.0, []
+        for seed in range(6):
+            response = client.post(f"/v1/projects/{project_id}/drafts",
+                                   json={"prompt": "canceled late", "seed": seed, **SLOW, "width": 128,
+                                         "height": 128})
+            if response.status_code == 429:
+                break
+            # Admitted only while what the earlier cancels held is under the quota.
+            assert response.status_code == 202 and counted < 1, (counted, response.text)
+            job_id = response.json()["id"]
+            running_past(client, job_id, 3)
+            assert client.post(f"/v1/jobs/{job_id}/cancel").status_code == 202
+            done = wait_for_job(client, job_id, ("canceled",))
+            assert done["assets"] == [] and 3 <= done["progress"]["step"] < SLOW["steps"]
+            kept.append(kept_seconds(services, job_id))
+            counted += kept[-1] or 0.0
+            shown = client.get(f"/v1/projects/{project_id}").json()["local_seconds_used"]
+            assert shown == math.floor(counted * 1000) / 1000
+        else:
+            raise AssertionError(f"6 drafts canceled after 3 steps were all admitted under a quota of 1 s "
+                                 f"(counted {counted:.3f} s: {kept})")
+        assert all(seconds is not None and seconds >= 0.4 for seconds in kept), kept
+        assert len(kept) <= 3, kept  # 1.2 s and more after three: the fourth is refused
+        error = assert_error(response, 429, "device_time_exhausted")
+        assert error["details"]["used_seconds"] == math.floor(counted * 1000) / 1000 >= 1
+        # Canceling costs nothing, metered or not: no ledger entry charges the canceled jobs.
+        with services.db.session() as s:
+            assert [e.amount for e in s.exec(select(LedgerEntry)).all() if e.amount] == []
+
+
+def wrapped_run(engine: Any, monkeypatch: pytest.MonkeyPatch, error: Exception, made: list[float]) -> None:
+    """`engine`'s jobs do their work on the device, then fail with `error` (`made`: each one's own count)."""
+    run = engine.run
+
+    async def work_then_fail(*args: Any) -> Any:
+        result = await run(*args)
+        made.append(float(result.metadata[DEVICE_SECONDS]))
+        raise error
+
+    monkeypatch.setattr(engine, "run", work_then_fail)
+
+
+def test_a_local_job_that_fails_after_its_work_counts_it(make_settings: SettingsFactory,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A draft that failed on Lite once its steps had run kept no device-seconds: only a success did."""
+    with client_for(make_settings()) as client:
+        project_id = create_project(client, local_seconds_per_day=3600)["id"]
+        services = services_of(client)
+        made: list[float] = []
+        wrapped_run(services.registry.get("lite"), monkeypatch, EngineError(
+            "the device broke after its work", retryable=False, charged="no"), made)
+        job = submit_draft(client, project_id, steps=4)
+        done = wait_for_job(client, job["id"], ("failed",))
+        assert done["error"]["code"] == "engine_error" and len(made) == 1
+        seconds = kept_seconds(services, job["id"])
+        # Measured by the runner, around the engine's own count of the work it did.
+        assert seconds is not None and seconds >= made[0] > 0
+        assert client.get(f"/v1/projects/{project_id}").json()["local_seconds_used"] == math.floor(
+            seconds * 1000) / 1000
+        with services.db.session() as s:  # a failure is not charged, metered or not
+            assert [e.amount for e in s.exec(select(LedgerEntry)).all() if e.amount] == []
+
+
+def test_a_job_that_falls_back_from_a_local_engine_to_a_remote_one_keeps_the_local_seconds(
+        make_settings: SettingsFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bridge whose local-hifi attempt failed (retryable, nothing charged) after its work and
+    moved to a remote engine kept none of that attempt's device-seconds: the remote success wrote
+    its own null over the column."""
+    with client_for(with_fallback(make_settings, tmp_path)) as client:
+        project_id = create_project(client, local_seconds_per_day=3600)["id"]
+        services = services_of(client)
+        [draft] = run_draft(client, project_id, seed=5)["assets"]
+        before = client.get(f"/v1/projects/{project_id}").json()["local_seconds_used"]
+        made: list[float] = []
+        wrapped_run(services.registry.get("local-hifi"), monkeypatch, EngineError(
+            "out of memory, say", retryable=True, charged="no"), made)
+        promoted = client.post(f"/v1/assets/{draft}/promote", json={})
+        assert promoted.status_code == 202 and promoted.json()["engine"] == "local-hifi", promoted.text
+        done = wait_for_job(client, promoted.json()["id"], ("succeeded",))
+        assert done["engine"] == "fake-free" and [a["engine"] for a in done["attempts"]] == [
+            "local-hifi", "fake-free"] and len(made) == 1
+        seconds = kept_seconds(services, done["id"])
+        assert seconds is not None and seconds >= made[0] > 0
+        after = client.get(f"/v1/projects/{project_id}").json()["local_seconds_used"]
+        assert after == pytest.approx(before + seconds, abs=0.002)
+
+
+def test_a_local_job_a_dead_process_left_counts_what_it_held_until_its_last_renewal(
+        make_settings: SettingsFactory) -> None:
+    """Rows as a dead process left them on Lite: started 100 s before, its lease last renewed 30 s
+    before. Recovery counts the 70 s between, whether it cancels the job (a cancel was asked) or
+    queues it again (its rerun's own seconds are added at its success)."""
+    settings = make_settings(lease_seconds=60)
+    settings.data_dir.mkdir(parents=True)
+    db = Database(settings.resolved_database_url)
+    db.migrate()
+    now = utcnow()
+    project_id, canceled_id, requeued_id = new_id("prj"), new_id("job"), new_id("job")
+    left: dict[str, Any] = {"status": "running", "attempt": 1, "lease_owner": "dead-host:1:0",
+                            "started_at": now - timedelta(seconds=100),
+                            "lease_expires_at": now - timedelta(seconds=30) + timedelta(seconds=60)}
+    params = {"stage": "ideation", "prompt": "a lighthouse", "negative_prompt": "", "n": 1, "seed": 5,
+              "width": 64, "height": 64, "steps": 2, "tags": {}}
+    with db.transaction() as s:
+        s.add(Project(id=project_id, name="before the crash", policy="balanced", local_seconds_per_day=3600))
+        s.flush()
+        s.add(Job(id=canceled_id, project_id=project_id, stage="ideation", engine="lite", model=tiny.NAME,
+                  params=params, cancel_requested_at=now, **left))
+        s.add(Job(id=requeued_id, project_id=project_id, stage="ideation", engine="lite", model=tiny.NAME,
+                  params=params, **left))
+    db.dispose()
+
+    with client_for(settings) as client:
+        services = services_of(client)
+        assert wait_for_job(client, canceled_id)["status"] == "canceled"
+        assert kept_seconds(services, canceled_id) == pytest.approx(70.0, abs=0.001)
+        done = wait_for_job(client, requeued_id)
+        assert done["status"] == "succeeded"
+        assert [a["status"] for a in done["attempts"]] == ["interrupted", "succeeded"]
+        requeued = kept_seconds(services, requeued_id)
+        assert requeued is not None and 70.0 < requeued < 70.0 + 60
+        used = client.get(f"/v1/projects/{project_id}").json()["local_seconds_used"]
+        assert used == pytest.approx(70.0 + requeued, abs=0.002)
