@@ -4,9 +4,15 @@ Local work costs no credits unless ORCH_LOCAL_GPU_SECOND_CREDITS meters it, so a
 stop one project from holding the device: n=16 at ORCH_LOCAL_MAX_SIZE with many steps, queued
 ORCH_MAX_PENDING_JOBS times. A quota bounds the device-seconds its local jobs held over the last
 24 hours (a rolling window, not a calendar day: no midnight lets a day's worth through twice in an
-hour). The seconds counted are the ones metered local work is charged for (`runner.device_seconds`:
-the engine's own count, which leaves out loading the model), kept on a job's row at its success
-(`Job.device_seconds`) and counted from its end (`finished_at`, the clock of the host that ran it).
+hour). Every attempt on a local engine counts, whatever its outcome, summed on the job's row
+(`Job.device_seconds`, `added`) and counted from the job's end (`finished_at`, the clock of the host
+that ended it): a success's seconds are the ones metered local work is charged for
+(`runner.device_seconds`: the engine's own count, which leaves out loading the model); a failed or
+canceled attempt's, one a fallback moved to another engine (a cloud one included) and one a stop
+queued again are the runner's measure from the engine's start to that end (which a model's load
+within it is part of: the engine's count comes only with a result); one whose process died is
+counted by recovery from its start to its lease's last renewal (`held_until_lease`). Metering
+charges a success alone: a failure is never charged for its seconds.
 
 A new job is judged when it is routed (`JobService.decide`, for `POST /v1/route/explain` too), and
 again under the project's lock as it is taken (a quota PATCHed meanwhile routes it again): with

@@ -16,7 +16,7 @@ import math
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
 from pydantic import BaseModel
@@ -179,8 +179,11 @@ class JobService:
     def __init__(self, db: Database, router: Router, ledger: Ledger, bus: EventBus, notify: Callable[[], None],
                  default_policy: str, presence: Presence, store: ArtifactStore, max_pending: int = 0,
                  reserve: DiskReserve | None = None, default_quota_mb: int = 0,
-                 default_local_seconds: int | None = None) -> None:
+                 default_local_seconds: int | None = None, lease_seconds: float = 60.0) -> None:
         self.db = db
+        # How long a running job's lease lasts (ORCH_LEASE_SECONDS): an orphan's last renewal is
+        # its `lease_expires_at` less this (`cancel_orphan` counts its device time up to there).
+        self.lease = timedelta(seconds=lease_seconds)
         # The device-time quota of a project that sets none of its own (ORCH_PROJECT_LOCAL_SECONDS_PER_DAY; None: none).
         self.default_local_seconds = default_local_seconds
         # The storage quota of a project that sets none of its own (ORCH_PROJECT_STORAGE_QUOTA_MB; 0: none).
@@ -876,6 +879,13 @@ class JobService:
                                         col(Job.attempt) == job.attempt)
             values = {"status": "canceled", "finished_at": utcnow(), "lease_owner": None, "lease_expires_at": None,
                       "error": error, "attempts": job.with_attempt("canceled", error)}
+            # What the gone worker's attempt surely held of a local device counts toward its
+            # project's quota, as recovery counts it (`device_time.held_until_lease`); never charged.
+            registry = self.router.registry
+            if job.engine in registry and registry.get(job.engine).kind == "local":
+                held = device_time.held_until_lease(job, self.lease)
+                if held is not None:
+                    values["device_seconds"] = device_time.added(held)
             done = False
             if job.sent_nothing():
                 # Its worker vanished before its first paid request: nothing to charge, unless it

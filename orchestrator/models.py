@@ -130,9 +130,11 @@ class Job(SQLModel, table=True):
     # The most its images can take in the store, held back from its project's storage quota while
     # it is unfinished (`orchestrator.quota.job_bound`); null: taken before migration 0030, holds none.
     reserved_bytes: int | None = Field(default=None, sa_type=sa.BigInteger)
-    # The seconds a local engine's work on it held the device, as metered local work is charged
-    # (`runner.device_seconds`), kept at its success: what its project's `local_seconds_per_day`
-    # counts. Null: not run on a local engine, not (yet) succeeded, or ended before migration 0034.
+    # The seconds local engines' work on it held the device, summed over its attempts: a success's
+    # as metered local work is charged (`runner.device_seconds`), a failed, canceled, moved or
+    # stopped one's as the runner measured it, a crashed one's up to its lease's last renewal. What
+    # its project's `local_seconds_per_day` counts, from its end. Null: no attempt on a local
+    # engine has ended yet, or it ended before migration 0034.
     device_seconds: float | None = None
     cache_hit: bool = False
     # Identifies an identical paid request (engine, model, parameters, source, seed) for the result cache.

@@ -472,9 +472,10 @@ class ProjectPublic(BaseModel):
         "over it, local engines are unavailable to its new jobs, and one only a local engine may take is refused "
         "(429 `device_time_exhausted`); null: no limit."))
     local_seconds_used: float = Field(0.0, description=(
-        "The device-seconds its jobs on local engines held over the last 24 hours (as ORCH_LOCAL_GPU_SECOND_CREDITS "
-        "meters them), counted at each job's success, from its end; to the millisecond, cut (never rounded up to "
-        "the quota)."))
+        "The device-seconds its jobs on local engines held over the last 24 hours, counted from each job's end: "
+        "every attempt on a local engine, whatever its outcome (a success's as ORCH_LOCAL_GPU_SECOND_CREDITS "
+        "meters it; a failed, canceled or interrupted one's as the service measured it, though only a success is "
+        "charged); to the millisecond, cut (never rounded up to the quota)."))
 
 
 _SEED_DESCRIPTION = "The first image's seed; null: a random one, recorded in the job's `params`."

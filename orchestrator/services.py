@@ -485,7 +485,8 @@ class Services:
         jobs = JobService(db, router, ledger, bus, scheduler.notify, settings.policy, presence, store,
                           max_pending=settings.max_pending_jobs, reserve=reserve,
                           default_quota_mb=settings.project_storage_quota_mb,
-                          default_local_seconds=settings.project_local_seconds_per_day)
+                          default_local_seconds=settings.project_local_seconds_per_day,
+                          lease_seconds=settings.lease_seconds)
         scheduler.sweepers.append(("forgetting expired idempotency keys",
                                    functools.partial(idempotency.forget_expired, db)))
         follower = JobFollower(db, bus, scheduler.holds, settings.poll_interval, previews)

@@ -217,6 +217,18 @@ def test_a_cancel_asks_a_live_holder_of_this_machine_though_its_lease_ran_out(
     assert row(services, job_id).status == "canceled"
 
 
+def test_a_cancel_of_a_local_orphan_counts_what_it_held_until_its_last_renewal(
+        built: Callable[..., Services]) -> None:
+    # Canceled with its worker gone, a Lite job's last attempt counted nothing toward its project's
+    # device-time quota: started 100 s ago, its 60 s lease last renewed 61 s ago, it held 39 s.
+    services = built(lease_seconds=60)
+    job_id = left_running(services, engine="lite", owner=dead_owner(), lease_left=-1,
+                          started_at=utcnow() - timedelta(seconds=100))
+    assert services.jobs.cancel_orphan(job_id) is True
+    job = row(services, job_id)
+    assert job.status == "canceled" and job.device_seconds == pytest.approx(39.0, abs=0.5)
+
+
 def test_the_heartbeat_renews_claims_not_yet_started(built: Callable[..., Services],
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     # A dispatch that claims several jobs (each claim may wait for the write lock) starts them
