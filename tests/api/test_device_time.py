@@ -13,6 +13,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from pydantic import ValidationError
 from sqlmodel import col, select
@@ -455,3 +456,31 @@ def test_a_local_job_a_dead_process_left_counts_what_it_held_until_its_last_rene
         assert requeued is not None and 70.0 < requeued < 70.0 + 60
         used = client.get(f"/v1/projects/{project_id}").json()["local_seconds_used"]
         assert used == pytest.approx(70.0 + requeued, abs=0.002)
+
+
+def test_a_local_job_a_stop_queued_again_counts_its_attempt_once_it_ends(make_settings: SettingsFactory) -> None:
+    """A draft a stop interrupted part-way is queued again: its attempt's seconds are kept on the
+    row (not counted while the job goes on) and counted once it ends, here canceled while queued."""
+    from orchestrator.server import serve_in_thread
+
+    settings = make_settings()
+    with serve_in_thread(settings) as base, httpx.Client(base_url=base, timeout=30) as client:
+        project_id = create_project(client, local_seconds_per_day=3600)["id"]
+        job = submit_draft(client, project_id, **{**SLOW, "width": 128, "height": 128})
+        running_past(client, job["id"], 3)
+    db = Database(settings.resolved_database_url)
+    try:
+        with db.session() as s:
+            row = s.get(Job, job["id"])
+            assert row is not None and row.status == "queued" and row.finished_at is None
+            held = row.device_seconds
+        assert held is not None and held > 0, held
+    finally:
+        db.dispose()
+    with client_for(make_settings(run_jobs=False)) as client:
+        assert client.get(f"/v1/projects/{project_id}").json()["local_seconds_used"] == 0.0
+        assert client.post(f"/v1/jobs/{job['id']}/cancel").status_code == 202
+        assert wait_for_job(client, job["id"])["status"] == "canceled"
+        assert kept_seconds(services_of(client), job["id"]) == held
+        assert client.get(f"/v1/projects/{project_id}").json()["local_seconds_used"] == math.floor(
+            held * 1000) / 1000
