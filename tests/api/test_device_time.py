@@ -378,7 +378,12 @@ def wrapped_run(engine: Any, monkeypatch: pytest.MonkeyPatch, error: Exception, 
 def test_a_local_job_that_fails_after_its_work_counts_it(make_settings: SettingsFactory,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """A draft that failed on Lite once its steps had run kept no device-seconds: only a success did."""
-    with client_for(make_settings()) as client:
+    check_a_local_job_that_fails_after_its_work_counts_it(make_settings, monkeypatch)
+
+
+def check_a_local_job_that_fails_after_its_work_counts_it(make_settings: SettingsFactory,
+                                                          monkeypatch: pytest.MonkeyPatch, **database: Any) -> None:
+    with client_for(make_settings(**database)) as client:
         project_id = create_project(client, local_seconds_per_day=3600)["id"]
         services = services_of(client)
         made: list[float] = []

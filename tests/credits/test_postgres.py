@@ -48,6 +48,7 @@ from tests.api import (
 )
 from tests.api.test_device_time import (
     check_a_local_job_s_success_keeps_its_device_seconds,
+    check_a_local_job_that_fails_after_its_work_counts_it,
     check_a_project_at_its_quota_is_refused_429_until_its_seconds_age_out,
     check_a_quota_lowered_while_a_request_is_routed_refuses_it,
 )
@@ -257,6 +258,12 @@ def test_device_time_used_and_its_quota_on_postgres(postgres_url: str,
     check_a_local_job_s_success_keeps_its_device_seconds(make_settings, database_url=postgres_url)
     check_a_project_at_its_quota_is_refused_429_until_its_seconds_age_out(make_settings, True,
                                                                           database_url=postgres_url)
+
+
+def test_a_local_failure_s_device_seconds_on_postgres(postgres_url: str, make_settings: Callable[..., Settings],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # The column's sum with the attempt's seconds (coalesce + a float parameter), as PostgreSQL adds them.
+    check_a_local_job_that_fails_after_its_work_counts_it(make_settings, monkeypatch, database_url=postgres_url)
 
 
 def test_a_quota_lowered_while_a_request_is_routed_refuses_it_on_postgres(
