@@ -1672,8 +1672,8 @@ class JobRunner:
         are stored, and the job ends with them as its assets."""
         job = claim.job
         bill = error
+        held = {} if unstarted else self._device_held(claim)  # before its images are stored: that is no device time
         rows, pngs = self._kept_images(job, error)
-        held = {} if unstarted else self._device_held(claim)
 
         def end(s: Session) -> None:
             nonlocal status, error
