@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field
 from sqlmodel import col, select
 
 from orchestrator import idempotency
-from orchestrator.api.deps import CallerDep, IdempotencyKey, ServicesDep, admin_only
+from orchestrator.api.deps import CallerDep, IdempotencyKey, ServicesDep, admin_only, existing_project
 from orchestrator.api.docs import (
     GRANT_EXAMPLES,
     QUERY_422,
@@ -99,21 +99,13 @@ def _entry(e: LedgerEntry) -> LedgerEntryPublic:
                              note=e.note)
 
 
-def _project(services: ServicesDep, project_id: str) -> Project:
-    with services.db.session() as s:
-        project = s.get(Project, project_id)
-    if project is None:
-        raise not_found("project", "project_id", project_id)
-    return project
-
-
 @router.get("/projects/{project_id}/budget", response_model=BudgetPublic, summary="Get a project's budget",
             responses=documented(404, said={404: _NO_PROJECT}))
 def get_budget(project_id: ProjectId, services: ServicesDep, caller: CallerDep) -> dict[str, Any]:
     """The project's budget in its current window (UTC calendar day, ISO week or month): what was
     charged and granted in it, what open holds reserve, and what is available for new paid jobs."""
     caller.project(project_id)
-    project = _project(services, project_id)
+    project = existing_project(services, project_id)
     with services.db.snapshot() as s:
         return services.ledger.balance(s, project).public()
 
@@ -130,7 +122,7 @@ def get_ledger(project_id: ProjectId, services: ServicesDep, caller: CallerDep,
     """The project's entries, oldest first (`order=desc`: newest first); `unreconciled=true` lists
     the captures still waiting for a person to check them against the provider's invoice."""
     caller.project(project_id)
-    _project(services, project_id)
+    existing_project(services, project_id)
     after = int_cursor(cursor)
     with services.db.session() as s:
         stmt = select(LedgerEntry).where(col(LedgerEntry.project_id) == project_id).limit(limit + 1)

@@ -69,6 +69,16 @@ class Caller:
 ADMIN = Caller()
 
 
+def existing_project(services: Services, project_id: str) -> Project:
+    """The project `project_id` names, or 404 `not_found`. One look-up for the routes of one
+    project (its budget, ledger, assets, keys), so that each says a missing project the same way."""
+    with services.db.session() as s:
+        project = s.get(Project, project_id)
+    if project is None:
+        raise not_found("project", "project_id", project_id)
+    return project
+
+
 def check_asset(services: Services, caller: Caller, asset_id: str) -> None:
     """Refuse another project's asset before anything about the request is judged (a validation
     error would tell a key the asset exists). The admin key skips the read."""

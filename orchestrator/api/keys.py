@@ -8,14 +8,14 @@ from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, Field
 
 from orchestrator import idempotency, keys
-from orchestrator.api.deps import IdempotencyKey, ServicesDep, admin_only
+from orchestrator.api.deps import IdempotencyKey, ServicesDep, admin_only, existing_project
 from orchestrator.api.docs import KEY_EXAMPLES, body_examples, created, documented, with_body, with_query
 from orchestrator.api.json_body import StrictJSONRoute
 from orchestrator.api.paths import KeyId, ProjectId
 from orchestrator.api.query import Cursor, Limit, Order
-from orchestrator.errors import Conflict, not_found
+from orchestrator.errors import Conflict
 from orchestrator.ids import id_cursor
-from orchestrator.models import ApiKey, Project
+from orchestrator.models import ApiKey
 from orchestrator.schemas import Name, Page, Strict
 
 # Every route here is the admin's; checked before the body and the parameters are validated (`admin_only`).
@@ -53,12 +53,6 @@ def _public(key: ApiKey) -> KeyPublic:
                      created_at=key.created_at, revoked_at=key.revoked_at)
 
 
-def _existing_project(services: ServicesDep, project_id: str) -> None:
-    with services.db.session() as s:
-        if s.get(Project, project_id) is None:
-            raise not_found("project", "project_id", project_id)
-
-
 @router.post("/projects/{project_id}/keys", status_code=201, response_model=KeyCreated,
              summary="Make a project key", openapi_extra=body_examples(KEY_EXAMPLES),
              responses={**created("The key: `/v1/projects/{id}/keys/{key_id}`.", replayable=False),
@@ -74,7 +68,7 @@ def create_key(project_id: ProjectId, body: KeyCreate, services: ServicesDep, re
     store it now. Sent again with its `Idempotency-Key`, the request makes no second key; as the
     secret cannot be shown again, the answer is a 409 naming the key made (revoke it if the secret
     was lost)."""
-    _existing_project(services, project_id)
+    existing_project(services, project_id)
     if services.settings.admin_key is None:
         raise Conflict("project keys need ORCH_ADMIN_KEY: without it the API is open to everyone, and a "
                        "project key would restrict nothing")
@@ -90,7 +84,7 @@ def create_key(project_id: ProjectId, body: KeyCreate, services: ServicesDep, re
 def list_keys(project_id: ProjectId, services: ServicesDep,
               limit: Limit = 50, cursor: Cursor = None, order: Order = "asc") -> Page[KeyPublic]:
     """The project's keys, revoked ones included (without their secrets)."""
-    _existing_project(services, project_id)
+    existing_project(services, project_id)
     rows = keys.listed(services.db, project_id, after=id_cursor(cursor, "key"), limit=limit + 1,
                        newest_first=order == "desc")
     more = len(rows) > limit
@@ -102,7 +96,7 @@ def list_keys(project_id: ProjectId, services: ServicesDep,
             responses=documented(403, 404, said={403: _ADMIN_ONLY, 404: _NO_KEY}))
 def get_key(project_id: ProjectId, key_id: KeyId, services: ServicesDep) -> KeyPublic:
     """One key (without its secret): whether it is revoked, and since when."""
-    _existing_project(services, project_id)
+    existing_project(services, project_id)
     return _public(keys.get(services.db, project_id, key_id))
 
 
@@ -110,5 +104,5 @@ def get_key(project_id: ProjectId, key_id: KeyId, services: ServicesDep) -> KeyP
                responses=documented(403, 404, said={403: _ADMIN_ONLY, 404: _NO_KEY}))
 def revoke_key(project_id: ProjectId, key_id: KeyId, services: ServicesDep) -> KeyPublic:
     """Revoke a key: from now on it gets 401. Revoking a revoked key answers it unchanged."""
-    _existing_project(services, project_id)
+    existing_project(services, project_id)
     return _public(keys.revoke(services.db, project_id, key_id))

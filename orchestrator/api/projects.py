@@ -5,7 +5,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from orchestrator import device_time, idempotency, quota
-from orchestrator.api.deps import CallerDep, IdempotencyKey, ServicesDep, admin_only
+from orchestrator.api.deps import CallerDep, IdempotencyKey, ServicesDep, admin_only, existing_project
 from orchestrator.api.docs import (
     BODY_422,
     IDEMPOTENCY_KEY_422,
@@ -193,14 +193,6 @@ def _check_policy(services: ServicesDep, policy: str | None) -> Policy | None:
                              loc=("body", "policy")) from None
 
 
-def _get(services: ServicesDep, project_id: str) -> Project:
-    with services.db.session() as s:
-        project = s.get(Project, project_id)
-    if project is None:
-        raise not_found("project", "project_id", project_id)
-    return project
-
-
 @router.get("/projects/{project_id}", response_model=ProjectPublic, summary="Get a project",
             responses=documented(404, said={404: "No such project (`not_found`)."}))
 def get_project(project_id: ProjectId, services: ServicesDep, caller: CallerDep) -> ProjectPublic:
@@ -272,7 +264,7 @@ def list_project_assets(project_id: ProjectId, services: ServicesDep, caller: Ca
     """The project's assets, oldest first (`order=desc`: newest first; `stage` filters), a page at
     a time: pass `next_cursor` back as `cursor` until it is null."""
     caller.project(project_id)
-    _get(services, project_id)
+    existing_project(services, project_id)
     with services.db.session() as s:
         stmt = (select(Asset, ASSET_TEXT).where(col(Asset.project_id) == project_id, col(Asset.deleted_at).is_(None))
                 .limit(limit + 1))
