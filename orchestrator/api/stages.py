@@ -75,11 +75,8 @@ def create_drafts(project_id: ProjectId, body: DraftCreate, services: ServicesDe
     project's policy says otherwise: nothing leaves the machine. Variation i is seeded `seed + i`.
     Follow the job with `GET /v1/jobs/{id}/events`; send an `Idempotency-Key` to retry safely."""
     caller.project(project_id)
-    prepare = _receiver_checked(services, caller, lambda: services.jobs.prepare_draft(project_id, body))
-    job, created = services.jobs.submit(prepare, body, engine=body.engine, max_credits=None,
-                                        idempotency_key=idempotency_key, scope=request.url.path,
-                                        answer=first_answer)
-    return _answer(services, job, created, response, idempotency_key, request.url.path)
+    return _submitted(services, caller, lambda: services.jobs.prepare_draft(project_id, body), body,
+                      max_credits=None, idempotency_key=idempotency_key, request=request, response=response)
 
 
 @router.post("/assets/{asset_id}/promote", status_code=202, response_model=JobPublic,
@@ -92,11 +89,9 @@ def promote(asset_id: AssetId, body: PromoteBody, services: ServicesDep, caller:
     makes the job (402 `budget_exceeded` when it does not fit or is above `max_credits`) and the
     actual cost captured once; `prompt` null keeps the source's. The job carries the source's tags."""
     check_asset(services, caller, asset_id)
-    prepare = _receiver_checked(services, caller, lambda: services.jobs.prepare_promote(asset_id, body))
-    job, created = services.jobs.submit(prepare, body, engine=body.engine, max_credits=body.max_credits,
-                                        idempotency_key=idempotency_key, scope=request.url.path,
-                                        answer=first_answer)
-    return _answer(services, job, created, response, idempotency_key, request.url.path)
+    return _submitted(services, caller, lambda: services.jobs.prepare_promote(asset_id, body), body,
+                      max_credits=body.max_credits, idempotency_key=idempotency_key, request=request,
+                      response=response)
 
 
 @router.post("/assets/{asset_id}/polish", status_code=202, response_model=JobPublic,
@@ -107,11 +102,9 @@ def polish(asset_id: AssetId, body: PolishBody, services: ServicesDep, caller: C
     """The final render of an asset (stage `polish`): `scale`, or `width`/`height`, sets the size,
     `creativity` how far the engine may stray from the source. Held and charged as a promotion."""
     check_asset(services, caller, asset_id)
-    prepare = _receiver_checked(services, caller, lambda: services.jobs.prepare_polish(asset_id, body))
-    job, created = services.jobs.submit(prepare, body, engine=body.engine, max_credits=body.max_credits,
-                                        idempotency_key=idempotency_key, scope=request.url.path,
-                                        answer=first_answer)
-    return _answer(services, job, created, response, idempotency_key, request.url.path)
+    return _submitted(services, caller, lambda: services.jobs.prepare_polish(asset_id, body), body,
+                      max_credits=body.max_credits, idempotency_key=idempotency_key, request=request,
+                      response=response)
 
 
 def _receiver_checked(services: ServicesDep, caller: Caller,
@@ -123,6 +116,18 @@ def _receiver_checked(services: ServicesDep, caller: Caller,
         check_receiver(services, caller, prepared.project_id, prepared.webhook_url)
         return prepared
     return checked
+
+
+def _submitted(services: ServicesDep, caller: Caller, prepare: Callable[[], Prepared],
+               body: DraftCreate | PromoteCreate | PolishCreate, *, max_credits: float | None,
+               idempotency_key: str | None, request: Request, response: Response) -> JobPublic:
+    """A stage's request made its job and answered 202: `prepare` (then `check_receiver`) runs in
+    `submit`, after the Idempotency-Key's look-up, and a replay is answered as the first request
+    was. One path for the three stages, so that they hold, replay and answer alike."""
+    job, created = services.jobs.submit(_receiver_checked(services, caller, prepare), body, engine=body.engine,
+                                        max_credits=max_credits, idempotency_key=idempotency_key,
+                                        scope=request.url.path, answer=first_answer)
+    return _answer(services, job, created, response, idempotency_key, request.url.path)
 
 
 def first_answer(job: Job, copies: list[Asset]) -> JobPublic:
