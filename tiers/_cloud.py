@@ -56,6 +56,40 @@ def unreadable_usage(usage: Any, counted: Callable[[dict[str, Any]], tuple[Any, 
     return f"the provider's usage holds token counts that are not counts ({odd}); the estimate is captured"
 
 
+class TokenBill:
+    """What a job's calls billed by their tokens (gemini, openai) cost as their answers said: the
+    sum of the calls' costs, None once one call's is not known (the ledger then captures the
+    estimate), why the first usage block that could not be read as counts was not, and the
+    provider's ids of the calls. One tally for the engines that bill this way, so their results
+    say a cost, an unread usage and their requests alike."""
+
+    def __init__(self, counted: Callable[[dict[str, Any]], tuple[Any, ...]]) -> None:
+        self.total: int | None = 0
+        self.unread: str | None = None
+        self.request_ids: list[str] = []
+        self._counted = counted  # the engine's token counts of a usage block (`unreadable_usage`)
+
+    def read(self, usage: Any, cost: int | None) -> None:
+        """A call's `usage` as priced (`cost`; None: not priced): the first reason a block given
+        cannot be read is kept."""
+        if cost is None:  # only then: a priced block was read once already
+            self.unread = self.unread or unreadable_usage(usage, self._counted)
+
+    def add(self, cost: int | None) -> None:
+        """A finished call's cost (None: not known, and so, from now on, neither is the total)."""
+        self.total = None if cost is None or self.total is None else self.total + cost
+
+    def result(self, images: list[RenderedImage], model: str, metadata: dict[str, Any]) -> RenderResult:
+        return RenderResult(
+            images=list(images),
+            model=model,
+            cost_millicredits=self.total,
+            cost_unread=self.unread if self.total is None else None,
+            provider_request_id=",".join(self.request_ids) or None,
+            metadata=metadata,
+        )
+
+
 def prompt_tokens(prompt: str) -> int:
     """A prompt's tokens as a hold counts them: about four ASCII characters a token, but one a
     character for other scripts (CJK takes about that), plus the request's framing. An estimate,

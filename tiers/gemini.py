@@ -25,11 +25,11 @@ from orchestrator.errors import (
 from tiers._cloud import (
     Asked,
     CloudEngine,
+    TokenBill,
     paid_calls,
     prompt_tokens,
     reading_an_answer,
     token_counts,
-    unreadable_usage,
 )
 from tiers._http import RemoteClient, answer_json, error_text
 from tiers._images import (
@@ -163,20 +163,12 @@ class GeminiEngine(CloudEngine):
 
     async def run(self, req: RenderRequest, progress: Progress, cancel: CancelToken) -> RenderResult:
         images: list[RenderedImage] = []
-        total_cost: int | None = 0
-        unread: str | None = None
-        request_ids: list[str] = []
+        bill = TokenBill(_counted)
         asked = Asked(req.n, lambda: self.estimate(req))
 
         def result() -> RenderResult:
-            return RenderResult(
-                images=list(images),
-                model=self._model,
-                cost_millicredits=total_cost,
-                cost_unread=unread if total_cost is None else None,
-                provider_request_id=",".join(request_ids) or None,
-                metadata={"image_size": size_class(req.width, req.height), **PROMPT_AND_IMAGE_ONLY},
-            )
+            return bill.result(images, self._model,
+                               {"image_size": size_class(req.width, req.height), **PROMPT_AND_IMAGE_ONLY})
 
         with paid_calls(images, asked, result):
             # Encoded once, off the event loop: a 2048 draft's PNG took seconds, and the API, every
@@ -214,12 +206,11 @@ class GeminiEngine(CloudEngine):
                     # Off the event loop: the answer holds the image in base64 (megabytes to parse).
                     body = await asyncio.to_thread(self._json, response)
                     if body.get("responseId"):
-                        request_ids.append(str(body["responseId"]))
+                        bill.request_ids.append(str(body["responseId"]))
                         progress.provider_request(str(body["responseId"]))
                     usage = body.get("usageMetadata") or {}
                     cost = self._actual_cost(usage)
-                    if cost is None:  # only then: a readable block was read once already
-                        unread = unread or unreadable_usage(usage, _counted)
+                    bill.read(usage, cost)
                     try:
                         images.append(RenderedImage(await asyncio.to_thread(self._image, body)))
                     except EngineError as exc:
@@ -229,12 +220,12 @@ class GeminiEngine(CloudEngine):
                         # (else `paid_calls` captures a share). A prompt blocked before anything was
                         # generated reports no output tokens and is not billed.
                         made = not isinstance(exc, ContentFiltered) or _generated(usage)
-                        if made and cost is not None and total_cost is not None:
-                            exc.charged, exc.cost_millicredits = "yes", total_cost + cost
+                        if made and cost is not None and bill.total is not None:
+                            exc.charged, exc.cost_millicredits = "yes", bill.total + cost
                         elif made:  # billed, by how much unknown (thinking tokens unpriced, a count malformed)
                             exc.at_least_charged("unknown")
                         raise
-                total_cost = None if cost is None or total_cost is None else total_cost + cost
+                bill.add(cost)
                 asked.charged(cost)
                 progress.step(len(images), req.n)
         return result()

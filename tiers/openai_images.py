@@ -24,11 +24,11 @@ from orchestrator.errors import BadEngineInput, ContentFiltered, EngineError, En
 from tiers._cloud import (
     Asked,
     CloudEngine,
+    TokenBill,
     paid_calls,
     prompt_tokens,
     reading_an_answer,
     token_counts,
-    unreadable_usage,
 )
 from tiers._http import RemoteClient, answer_json, error_text, header_request_id, json_object
 from tiers._images import b64decode_tolerant, decode_image, encode_image, nearest_aspect
@@ -233,20 +233,11 @@ class OpenAIImagesEngine(CloudEngine):
         # Bytes, not a file object: a retried send must upload the whole image again.
         draft = await asyncio.to_thread(encode_image, req.init_image, fmt="PNG", max_bytes=MAX_UPLOAD_BYTES)
         images: list[RenderedImage] = []
-        total_cost: int | None = 0
-        unread: str | None = None
-        request_ids: list[str] = []
+        bill = TokenBill(_counted)
         asked = Asked(req.n, lambda: self.estimate(req))
 
         def result() -> RenderResult:
-            return RenderResult(
-                images=list(images),
-                model=self._model,
-                cost_millicredits=total_cost,
-                cost_unread=unread if total_cost is None else None,
-                provider_request_id=",".join(request_ids) or None,
-                metadata={"size": size, **PROMPT_AND_IMAGE_ONLY, "quality": quality(req)},
-            )
+            return bill.result(images, self._model, {"size": size, **PROMPT_AND_IMAGE_ONLY, "quality": quality(req)})
 
         with paid_calls(images, asked, result):
             while len(images) < req.n:
@@ -274,16 +265,15 @@ class OpenAIImagesEngine(CloudEngine):
                     # accepted work (a job with such work is never taken as surely unbilled).
                     raise self._error(response, request_id)
                 if request_id:
-                    request_ids.append(request_id)
+                    bill.request_ids.append(request_id)
                     progress.provider_request(request_id)
                 with reading_an_answer():
                     # Off the event loop: the answer holds n images in base64 (tens of MB to parse).
                     body = await asyncio.to_thread(json_object, response, self.name)
                     await asyncio.to_thread(self._images, body, count, images)
                 cost = self._actual_cost(body.get("usage"))
-                if cost is None:  # only then: a readable block was read once already
-                    unread = unread or unreadable_usage(body.get("usage"), _counted)
-                total_cost = None if cost is None or total_cost is None else total_cost + cost
+                bill.read(body.get("usage"), cost)
+                bill.add(cost)
                 asked.charged(cost)
                 progress.step(len(images), req.n)
         return result()
