@@ -552,16 +552,9 @@ class ComfyUIEngine(SendsCredentials):
                     # render is not the workflow's result (an intermediate save, or no image).
                     await self._drop(answered if isinstance(answered, str) and answered else prompt_id)
                     raise self._prompt_refused(response)
-        except EngineTimeout as exc:
+        except (EngineTimeout, Canceled) as exc:
             # The prompt may be queued or running with nobody left to collect it.
-            told = ("asked the server to drop" if await self._let_go(prompt_id, cancel)
-                    else "left to the job's next attempt")
-            raise EngineTimeout(f"{exc.message} ({told} prompt {prompt_id})",
-                                details={**exc.details, "prompt_id": prompt_id}, charged="no") from None
-        except Canceled:
-            await self._let_go(prompt_id, cancel)
-            raise Canceled("comfyui: the job was canceled",
-                           details={"engine": self.name, "prompt_id": prompt_id}, charged="no") from None
+            raise await self._let_go_and_say(exc, prompt_id, cancel) from None
         if isinstance(answered, str) and answered and answered != prompt_id:
             # Servers before client-chosen ids (2025) queue the prompt under one of their own.
             prompt_id = answered
@@ -630,20 +623,27 @@ class ComfyUIEngine(SendsCredentials):
         cancel or timeout, the prompt is taken off the server's queue (or its GPU)."""
         try:
             return await self._wait(prompt_id, deadline, cancel)
-        except Canceled:
-            await self._let_go(prompt_id, cancel)
-            raise Canceled("comfyui: the job was canceled",
-                           details={"engine": self.name, "prompt_id": prompt_id}, charged="no") from None
-        except EngineTimeout as exc:
-            told = ("asked the server to drop" if await self._let_go(prompt_id, cancel)
-                    else "left to the job's next attempt")
-            raise EngineTimeout(f"{exc.message} ({told} prompt {prompt_id})",
-                                details={**exc.details, "prompt_id": prompt_id}, charged="no") from None
+        except (Canceled, EngineTimeout) as exc:
+            raise await self._let_go_and_say(exc, prompt_id, cancel) from None
         except EngineError:
             # Its history could not be read (a 5xx until the deadline, a proxy's page): the job ends
             # or moves on, and the prompt would go on rendering on the shared GPU for nobody.
             await self._let_go(prompt_id, cancel)
             raise
+
+    async def _let_go_and_say(self, exc: Canceled | EngineTimeout, prompt_id: str,
+                              cancel: CancelToken) -> EngineError:
+        """The error a cancel or a timeout while a prompt is out ends its job with, the prompt let go
+        of first (`_let_go`): it names the prompt, and a timeout says whether the server was asked
+        to drop it or it was left to the job's next attempt. Charged nothing (the server is the
+        studio's own). One place for sending the prompt and following it, which end alike."""
+        dropped = await self._let_go(prompt_id, cancel)
+        if isinstance(exc, Canceled):
+            return Canceled("comfyui: the job was canceled",
+                            details={"engine": self.name, "prompt_id": prompt_id}, charged="no")
+        told = "asked the server to drop" if dropped else "left to the job's next attempt"
+        return EngineTimeout(f"{exc.message} ({told} prompt {prompt_id})",
+                             details={**exc.details, "prompt_id": prompt_id}, charged="no")
 
     async def _let_go(self, prompt_id: str, cancel: CancelToken) -> bool:
         """A canceled (or timed out, or failed) job's prompt is taken off the server; an abandoned
