@@ -31,7 +31,7 @@ import ssl
 import time
 import zlib
 from collections.abc import Awaitable, Callable, Collection
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import httpx
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
@@ -47,7 +47,7 @@ from orchestrator.errors import (
     OrchestratorError,
     RateLimited,
 )
-from tiers.base import CancelToken, billable_send, billable_send_refused, billable_sends_out
+from tiers.base import CancelToken, RenderRequest, Stage, billable_send, billable_send_refused, billable_sends_out
 
 if TYPE_CHECKING:
     from orchestrator.settings import Settings
@@ -906,6 +906,41 @@ class SendsCredentials:
             else:
                 current.args = tuple(self.http.scrub(a) if isinstance(a, str) else a for a in current.args)
             current = current.__cause__ or current.__context__
+
+
+class SelfHostedEngine(SendsCredentials):
+    """An engine on a server the studio runs itself (A1111, ComfyUI): bridge and polish at no price
+    (nothing is held or charged), reached at its URL setting, a restart of the server waited out.
+    What the two self-hosted engines share, in one place so that they stay alike."""
+
+    name: str  # each engine's own
+    kind: Literal["remote"] = "remote"
+    stages: frozenset[Stage] = frozenset({"bridge", "polish"})
+    _url: str | None
+
+    def self_hosted_client(self, settings: Settings, client: RemoteClient | None, **kwargs: Any) -> RemoteClient:
+        """`client` (tests pass one), else one for the server's URL with the `ORCH_REMOTE_*`
+        timeouts (`kwargs`: `RemoteClient.for_settings`'s own, the auth and the setting a 401/403
+        names)."""
+        http = client or RemoteClient.for_settings(self.name, settings, base_url=self._url or f"http://{self.name}.invalid",
+                                                   **kwargs)
+        http.unreachable_attempts = SELF_HOSTED_UNREACHABLE_ATTEMPTS  # a restart is waited out
+        http.bills = False  # its errors say what a request may have made, never what it billed
+        return http
+
+    @property
+    def reachable(self) -> bool:
+        """Whether this process has the server's URL (see `tiers.registry.left_off`)."""
+        return bool(self._url)
+
+    def prices(self) -> dict[str, Any]:
+        return {"credits_per_image": 0}
+
+    def estimate(self, req: RenderRequest) -> int:
+        return 0
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
 
 
 def _read(response: httpx.Response, history: list[httpx.Response], *, body: bytes | bytearray,

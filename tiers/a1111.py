@@ -37,16 +37,15 @@ import json
 import math
 import uuid
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import httpx
 
 from orchestrator.errors import BadEngineInput, Canceled, EngineError, EngineTimeout, EngineUnavailable, NoImage
 from tiers._http import (
     GATEWAY_STATUSES,
-    SELF_HOSTED_UNREACHABLE_ATTEMPTS,
     RemoteClient,
-    SendsCredentials,
+    SelfHostedEngine,
     answer_json,
     error_text,
     text_json,
@@ -63,7 +62,6 @@ from tiers.base import (
     RenderedImage,
     RenderRequest,
     RenderResult,
-    Stage,
     provider_seed,
     says_out_of_memory,
 )
@@ -165,10 +163,8 @@ def parse_auth(value: str | None) -> tuple[str, str] | None:
     return user, password
 
 
-class A1111Engine(SendsCredentials):
+class A1111Engine(SelfHostedEngine):
     name = "a1111"
-    kind: Literal["remote"] = "remote"
-    stages: frozenset[Stage] = frozenset({"bridge", "polish"})
     # img2img resizes the draft to width x height, so polish can ask for a larger size.
     capabilities = Capabilities(img2img=True, upscale=True, seeds=True, negative_prompt=True,
                                 leaves_machine=True, max_width=2048, max_height=2048, size_multiple=8)
@@ -192,16 +188,10 @@ class A1111Engine(SendsCredentials):
             self._auth_error = str(exc)
         # Seconds between progress polls while the POST runs; tests set it to 0.
         self.poll_interval = 1.0
-        self.http = client or RemoteClient.for_settings(
-            self.name,
-            s,
-            base_url=self._url or "http://a1111.invalid",
-            auth=auth,
-            key_setting=f"{AUTH_SETTING} ('user:password' of the server's --api-auth)",
+        self.http = self.self_hosted_client(
+            s, client, auth=auth, key_setting=f"{AUTH_SETTING} ('user:password' of the server's --api-auth)"
         )
         self.http.final_answer = not_sent_again
-        self.http.unreachable_attempts = SELF_HOSTED_UNREACHABLE_ATTEMPTS  # a restart is waited out
-        self.http.bills = False  # its errors say what a request may have made, never what it billed
 
     @property
     def model(self) -> str:
@@ -217,23 +207,12 @@ class A1111Engine(SendsCredentials):
         without any is off by choice; `ORCH_A1111_AUTH` set without the URL is a mistake told at start."""
         return bool(self._url or self._auth_given or self._checkpoint or self._upscaler)
 
-    @property
-    def reachable(self) -> bool:
-        """Whether this process has the server's URL (see `tiers.registry.left_off`)."""
-        return bool(self._url)
-
     def availability(self) -> tuple[bool, str | None]:
         if not self._url:
             return False, f"no server: set {URL_SETTING}"
         if self._auth_error:
             return False, self._auth_error
         return True, None
-
-    def prices(self) -> dict[str, Any]:
-        return {"credits_per_image": 0}
-
-    def estimate(self, req: RenderRequest) -> int:
-        return 0
 
     def _body(self, req: RenderRequest, task_id: str) -> dict[str, Any]:
         assert req.init_image is not None
@@ -574,9 +553,6 @@ class A1111Engine(SendsCredentials):
         error = body.get("error")
         text = ": ".join(str(x) for x in (error if isinstance(error, str) else None, detail) if x)
         return without_credentials(text, response)[:500] or f"HTTP {response.status_code}"
-
-    async def aclose(self) -> None:
-        await self.http.aclose()
 
 
 def factory(ctx: EngineContext) -> A1111Engine:

@@ -35,7 +35,7 @@ import uuid
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, TypeGuard
+from typing import Any, TypeGuard
 
 import httpx
 from PIL import Image
@@ -45,10 +45,9 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from orchestrator.errors import BadEngineInput, Canceled, EngineError, EngineTimeout, EngineUnavailable
 from tiers._http import (
     GATEWAY_STATUSES,
-    SELF_HOSTED_UNREACHABLE_ATTEMPTS,
     KeptOut,
     RemoteClient,
-    SendsCredentials,
+    SelfHostedEngine,
     answer_json,
     error_text,
     json_object,
@@ -64,7 +63,6 @@ from tiers.base import (
     RenderedImage,
     RenderRequest,
     RenderResult,
-    Stage,
     says_out_of_memory,
     still_holds_the_job,
 )
@@ -243,10 +241,8 @@ def substitute(node: Any, values: Mapping[str, Any]) -> Any:
     return node
 
 
-class ComfyUIEngine(SendsCredentials):
+class ComfyUIEngine(SelfHostedEngine):
     name = "comfyui"
-    kind: Literal["remote"] = "remote"
-    stages: frozenset[Stage] = frozenset({"bridge", "polish"})
     # The output size is whatever the workflow makes of {{width}}/{{height}}: upscaling workflows are common.
     capabilities = Capabilities(img2img=True, upscale=True, seeds=True, negative_prompt=True,
                                 leaves_machine=True, max_width=4096, max_height=4096, size_multiple=8)
@@ -265,16 +261,11 @@ class ComfyUIEngine(SendsCredentials):
         # A server without a usable websocket is told of once at INFO, then at DEBUG: every job
         # would say the same.
         self._told_no_websocket = False
-        self.http = client or RemoteClient.for_settings(
-            self.name,
-            s,
-            base_url=self._url or "http://comfyui.invalid",
+        self.http = self.self_hosted_client(
             # No auth of its own: a 401/403 comes from a proxy in front of it.
-            key_setting=f"{URL_SETTING} (the proxy in front of ComfyUI refused the request)",
+            s, client, key_setting=f"{URL_SETTING} (the proxy in front of ComfyUI refused the request)",
         )
         self.http.final_answer = _queued_behind_a_gateway
-        self.http.unreachable_attempts = SELF_HOSTED_UNREACHABLE_ATTEMPTS  # a restart is waited out
-        self.http.bills = False  # its errors say what a request may have made, never what it billed
 
     @property
     def model(self) -> str:
@@ -286,11 +277,6 @@ class ComfyUIEngine(SendsCredentials):
         either is off by choice; a workflow without the URL is a mistake told at start."""
         return bool(self._url or self._workflow)
 
-    @property
-    def reachable(self) -> bool:
-        """Whether this process has the server's URL (see `tiers.registry.left_off`)."""
-        return bool(self._url)
-
     def availability(self) -> tuple[bool, str | None]:
         if not self._url:
             return False, f"no server: set {URL_SETTING}"
@@ -301,12 +287,6 @@ class ComfyUIEngine(SendsCredentials):
         except WorkflowError as exc:
             return False, f"{exc} ({WORKFLOW_SETTING})"
         return True, None
-
-    def prices(self) -> dict[str, Any]:
-        return {"credits_per_image": 0}
-
-    def estimate(self, req: RenderRequest) -> int:
-        return 0
 
     def _check_size(self, req: RenderRequest, template: dict[str, Any], image: Any) -> None:
         """A workflow without {{width}} and {{height}} makes a size of its own (the source's, or a
@@ -871,9 +851,6 @@ class ComfyUIEngine(SendsCredentials):
             return EngineUnavailable(f"comfyui: the server has no {path} (HTTP 404): check {URL_SETTING}",
                                      details={"engine": self.name, "status": 404})
         return self.http.fail(response, error_text(response))
-
-    async def aclose(self) -> None:
-        await self.http.aclose()
 
 
 async def _abandoned(cancel: CancelToken) -> bool:
