@@ -353,12 +353,12 @@ def _error_message(response: httpx.Response) -> str:
 MIN_KEY_LENGTH = 16
 
 
-def _checked(settings: Settings, *, service: bool = True) -> int | None:
+def _checked(settings: Settings, *, service: bool = True, demo_policy: str | None = None) -> int | None:
     """Exit status 2 with what to fix, before anything starts (1 when all of it may pass without a
     fix: a full disk, `services.ForNow`); None when nothing is wrong."""
     from orchestrator.services import ForNow, startup_problems
 
-    problems = startup_problems(settings, service=service)
+    problems = startup_problems(settings, service=service, demo_policy=demo_policy)
     if problems and all(isinstance(p, ForNow) for p in problems):
         return _fail("cannot start for now:\n" + "\n".join(f"  {p}" for p in problems), status=1)
     if problems:
@@ -604,7 +604,7 @@ def _run(args: argparse.Namespace) -> int:
         from orchestrator.worker import run_worker
 
         settings = Settings()
-        if (failed := _checked(settings) or _bound(settings)) is not None:
+        if (failed := _checked(settings, demo_policy=args.policy) or _bound(settings)) is not None:
             return failed
         _log_to_data_dir(settings)
         stopped = asyncio.run(run_worker(settings))
@@ -650,7 +650,7 @@ def _run(args: argparse.Namespace) -> int:
         settings = Settings()
         # Its service's start and jobs log into the progress bars otherwise: on the terminal, only warnings.
         quiet_terminal_log()
-        if (failed := _checked(settings) or _bound(settings)) is not None:
+        if (failed := _checked(settings, demo_policy=args.policy) or _bound(settings)) is not None:
             return failed
         _log_to_data_dir(settings)  # the rest, as `serve` keeps it
     # Made before anything runs, so that a folder that cannot be is refused first; removed again, with

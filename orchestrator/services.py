@@ -86,13 +86,14 @@ def config_file_problem() -> str | None:
     return f"{CONFIG_FILE_VARIABLE}: {kind}: {named}"
 
 
-def startup_problems(settings: Settings, *, service: bool = True) -> list[str]:
+def startup_problems(settings: Settings, *, service: bool = True, demo_policy: str | None = None) -> list[str]:
     """What would stop the service from starting, each naming the setting to fix: the CLI prints
     these instead of a traceback from inside the server's start-up. `service=False` (migrate)
     leaves out what only a running service reads: prices and policies. The folders are made and
     probed last, once nothing else is refused: a refused start (a policy's typo) left a data dir,
     its `assets/` and `locks/`, wherever a mistyped ORCH_DATA_DIR pointed. A server's database
-    (PostgreSQL) is connected to before they are made: `DatabaseError` when it cannot be."""
+    (PostgreSQL) is connected to before they are made: `DatabaseError` when it cannot be.
+    `demo_policy`: the policy `demo --policy` names for its project, judged with the service's."""
     problems = [problem] if (problem := config_file_problem()) else []
     problems.extend(_read_only_database(settings) or database_url_problems(settings.resolved_database_url)
                     or _database_file_problems(settings))
@@ -114,6 +115,10 @@ def startup_problems(settings: Settings, *, service: bool = True) -> list[str]:
         if settings.policy not in policies:
             problems.append(f"{source_of('policy')}: '{settings.policy}' is not a loaded policy "
                             f"(known: {', '.join(policies.names())})")
+        if demo_policy is not None and demo_policy not in policies and not policies.errors:
+            # Told by the service's 422 once it had started (migrated, loaded its model) otherwise.
+            # Not while a file is refused: that may be the policy's own, and its error says why.
+            problems.append(f"--policy: '{demo_policy}' is not a loaded policy (known: {', '.join(policies.names())})")
     # `migrate` on a database of its own (PostgreSQL, a SQLite file elsewhere) writes nothing there.
     data_dir = service or not settings.database_url
     if data_dir and (unexpanded := _no_home(settings.data_dir)) is not None:

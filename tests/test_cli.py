@@ -146,6 +146,20 @@ def test_a_policy_file_refused_at_start_stops_the_service(make_settings: Setting
     assert main(["migrate"]) == 0  # which reads no policy
 
 
+def test_a_demo_with_an_unknown_policy_is_refused_before_anything_starts(
+        make_settings: SettingsFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """`demo --policy nosuch` migrated a database, started the service and loaded the model, and
+    only then exited 1 on the service's 422 to the project it asked for."""
+    make_settings()
+    monkeypatch.setenv("ORCH_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setattr(demo_module, "run_demo", lambda **_kwargs: pytest.fail("the demo was run"))
+    assert main(["demo", "--policy", "nosuch", "--out", str(tmp_path / "renders")]) == 2
+    assert capsys.readouterr().err == ("orchestrator: invalid configuration:\n  --policy: 'nosuch' is not a loaded "
+                                       "policy (known: balanced, budget-saver, cloud-first, local-only)\n")
+    assert not (tmp_path / "data").exists() and not (tmp_path / "renders").exists()  # nothing made
+
+
 def test_demo_against_a_service_refuses_a_config_file_named_but_absent(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     # It sends ORCH_ADMIN_KEY, which that file may set: a typo in its name went unsaid.

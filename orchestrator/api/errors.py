@@ -90,7 +90,13 @@ def answer(exc: OrchestratorError, *, details: dict[str, Any] | None = None,
 MAX_LISTED_ERRORS = 50
 
 
-def _clean(errors: Sequence[Any]) -> list[dict[str, Any]]:
+# Errors of our own validators, which may refuse a null for a reason of their own: told as written.
+_OWN_ERRORS = frozenset({"value_error", "assertion_error"})
+
+
+def _clean(errors: Sequence[Any], model: type[BaseModel] | None = None) -> list[dict[str, Any]]:
+    """`errors` made JSON-safe and told in the API's words; `model`, the body's, says which fields
+    are required."""
     # Pydantic errors may carry the offending input and a context object; keep them JSON-safe.
     out = []
     for err in errors[:MAX_LISTED_ERRORS]:
@@ -99,6 +105,10 @@ def _clean(errors: Sequence[Any]) -> list[dict[str, Any]]:
         cause = (err.get("ctx") or {}).get("error")
         if isinstance(cause, FieldError) and cause.loc:  # found by the body's check, before or after its fields'
             loc, msg = loc + cause.loc, cause.why  # the message names the place as any field error does
+        elif "input" in err and err["input"] is None and len(loc) > 1 and err.get("type") not in _OWN_ERRORS:
+            # A null where the field takes none: pydantic's "Input should be a valid string" read as a
+            # wrong type, when the client left a value unset (`"prompt": null`).
+            msg = "is required and may not be null" if _required_at(model, loc[1:]) else "may not be null"
         elif err.get("type") == "json_invalid" and len(loc) == 2 and isinstance(offset := loc[1], int):
             # FastAPI places a JSON syntax error at its character offset, which is no field; told
             # counted from 1, as an editor's column on a one-line body.
@@ -110,9 +120,9 @@ def _clean(errors: Sequence[Any]) -> list[dict[str, Any]]:
     return out
 
 
-def _listed(errors: Sequence[Any]) -> dict[str, Any]:
+def _listed(errors: Sequence[Any], model: type[BaseModel] | None = None) -> dict[str, Any]:
     """`details` of a validation error: the first `MAX_LISTED_ERRORS` errors, and how many more."""
-    details: dict[str, Any] = {"errors": _clean(errors)}
+    details: dict[str, Any] = {"errors": _clean(errors, model)}
     if len(errors) > MAX_LISTED_ERRORS:
         details["errors_not_listed"] = len(errors) - MAX_LISTED_ERRORS
     return details
@@ -166,6 +176,25 @@ def _fields_at(model: type[BaseModel] | None, path: Sequence[Any]) -> list[str]:
         elif not str(part).isdigit():  # an item of a list is the model it holds, already taken out
             return []
     return [] if model is None else [field.alias or name for name, field in model.model_fields.items()]
+
+
+def _required_at(model: type[BaseModel] | None, path: Sequence[Any]) -> bool:
+    """Whether the field at `path` (field names, list indexes) of `model` must be given; False when
+    that is not known."""
+    if model is None or not path or str(path[-1]).isdigit():
+        return False
+    *parents, name = path
+    for part in parents:
+        by_name = {field.alias or key: field for key, field in model.model_fields.items()}
+        if str(part) in by_name:
+            found = _model_in(by_name[str(part)].annotation)
+            if found is None:
+                return False
+            model = found
+        elif not str(part).isdigit():
+            return False
+    field = next((f for key, f in model.model_fields.items() if (f.alias or key) == str(name)), None)
+    return field is not None and field.is_required()
 
 
 def _model_in(annotation: Any) -> type[BaseModel] | None:
@@ -289,7 +318,8 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        details = _listed(exc.errors())
+        model = _body_model(request, exc)
+        details = _listed(exc.errors(), model)
         errors = details["errors"]
         if any(e["type"] == "json_invalid" for e in errors):
             syntax = next(e["msg"] for e in errors if e["type"] == "json_invalid")
@@ -304,7 +334,6 @@ def install(app: FastAPI) -> None:
                 return answer(NotJSON("send the body as JSON, with 'Content-Type: application/json'",
                                       details={"content_type": content_type}))
         # A misspelt field explains the field it leaves missing: it leads, with the name meant.
-        model = _body_model(request, exc)
         unknown = [e for e in errors if e["type"] == "extra_forbidden" and e["loc"][:1] == ["body"]]
         for error in unknown:
             if (meant := _meant(error, model, exc.body)) is not None:

@@ -1020,6 +1020,22 @@ def test_null_for_a_field_whose_null_means_nothing_else_is_its_default(
     assert patched.json()["budget"] == {"limit": 7.0, "period": "month"}
 
 
+@pytest.mark.parametrize(("path", "body", "field"), [
+    ("/v1/projects/{project}/drafts", {**VALID, "prompt": None}, "prompt"),
+    ("/v1/projects", {"name": None}, "name"),
+])
+def test_null_for_a_required_field_is_told_as_required(shared_server: httpx.Client, project: str, path: str,
+                                                       body: dict[str, Any], field: str) -> None:
+    """A required field sent as null was "Input should be a valid string": true, but it read as a
+    wrong type when the client's mistake is a value left unset."""
+    before = job_count(shared_server)
+    error = assert_error(shared_server.post(path.format(project=project), json=body), 422, "invalid_request")
+    assert error["message"] == f"{field}: is required and may not be null"
+    assert error["details"]["errors"][0]["loc"] == ["body", *field.split(".")]
+    assert error["details"]["errors"][0]["msg"] == "is required and may not be null"
+    assert job_count(shared_server) == before
+
+
 @pytest.mark.parametrize("text", ["   ", "\t\n"])
 def test_a_prompt_of_only_whitespace_is_told_so(shared_server: httpx.Client, project: str, text: str) -> None:
     before = job_count(shared_server)
