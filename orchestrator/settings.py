@@ -412,6 +412,17 @@ class Settings(BaseSettings):
             raise ValueError("must not hold spaces or control characters: it is sent in an HTTP header")
         return None if key is None else SecretStr(key)
 
+    @field_validator("a1111_auth")
+    @classmethod
+    def _one_a1111_auth(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        # Both given, httpx sent ORCH_A1111_AUTH's and dropped the URL's without a word: an operator
+        # who changed one of them saw the other still used. (The URL is validated first: declared first.)
+        url = info.data.get("a1111_url")
+        if value is not None and url and httpx.URL(url).userinfo:
+            raise ValueError("is set, and ORCH_A1111_URL holds a user:password too: give the server's --api-auth "
+                             "in one of them")
+        return value
+
     @field_validator("webhook_secret")
     @classmethod
     def _webhook_secret_long_enough(cls, value: SecretStr | None) -> SecretStr | None:

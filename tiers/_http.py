@@ -384,6 +384,16 @@ def verifying_context() -> ssl.SSLContext:
     return httpx.create_ssl_context()
 
 
+def basic_auth_in(url: str) -> tuple[str, tuple[str, str] | None]:
+    """`url` without its `user:password@`, and those as HTTP Basic credentials (None without any).
+    httpx would send them from the base URL too, but its request log line (INFO) prints each URL
+    whole: the password went with it, and an error naming a request's URL would carry it."""
+    parsed = httpx.URL(url)
+    if not parsed.userinfo:
+        return url, None
+    return str(parsed.copy_with(username=None, password=None)), (parsed.username, parsed.password)
+
+
 class RemoteClient:
     """An engine's HTTP client. `key_setting` names the setting to fix when the provider refuses
     the credentials; it appears in error messages, never the key itself."""
@@ -918,12 +928,13 @@ class SelfHostedEngine(SendsCredentials):
     stages: frozenset[Stage] = frozenset({"bridge", "polish"})
     _url: str | None
 
-    def self_hosted_client(self, settings: Settings, client: RemoteClient | None, **kwargs: Any) -> RemoteClient:
-        """`client` (tests pass one), else one for the server's URL with the `ORCH_REMOTE_*`
-        timeouts (`kwargs`: `RemoteClient.for_settings`'s own, the auth and the setting a 401/403
-        names)."""
-        http = client or RemoteClient.for_settings(self.name, settings, base_url=self._url or f"http://{self.name}.invalid",
-                                                   **kwargs)
+    def self_hosted_client(self, settings: Settings, client: RemoteClient | None, base_url: str | None = None,
+                           **kwargs: Any) -> RemoteClient:
+        """`client` (tests pass one), else one for `base_url` (the server's URL without its
+        credentials; default: the URL as set) with the `ORCH_REMOTE_*` timeouts (`kwargs`:
+        `RemoteClient.for_settings`'s own, the auth and the setting a 401/403 names)."""
+        http = client or RemoteClient.for_settings(
+            self.name, settings, base_url=base_url or self._url or f"http://{self.name}.invalid", **kwargs)
         http.unreachable_attempts = SELF_HOSTED_UNREACHABLE_ATTEMPTS  # a restart is waited out
         http.bills = False  # its errors say what a request may have made, never what it billed
         return http

@@ -47,6 +47,7 @@ from tiers._http import (
     RemoteClient,
     SelfHostedEngine,
     answer_json,
+    basic_auth_in,
     error_text,
     text_json,
     without_credentials,
@@ -186,10 +187,15 @@ class A1111Engine(SelfHostedEngine):
             auth = parse_auth(s.a1111_auth.get_secret_value() if s.a1111_auth else None)
         except ValueError as exc:
             self._auth_error = str(exc)
+        # `http://user:password@host:7860` is the server's --api-auth as well (settings refuse it
+        # beside ORCH_A1111_AUTH): sent as Basic auth, the address kept without it.
+        base_url, in_url = basic_auth_in(self._url) if self._url else (None, None)
         # Seconds between progress polls while the POST runs; tests set it to 0.
         self.poll_interval = 1.0
         self.http = self.self_hosted_client(
-            s, client, auth=auth, key_setting=f"{AUTH_SETTING} ('user:password' of the server's --api-auth)"
+            s, client, base_url=base_url, auth=auth or in_url,
+            key_setting=(f"the user:password in {URL_SETTING} (the server's --api-auth)" if in_url else
+                         f"{AUTH_SETTING} ('user:password' of the server's --api-auth)"),
         )
         self.http.final_answer = not_sent_again
 

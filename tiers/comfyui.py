@@ -49,6 +49,7 @@ from tiers._http import (
     RemoteClient,
     SelfHostedEngine,
     answer_json,
+    basic_auth_in,
     error_text,
     json_object,
     path_id,
@@ -261,9 +262,13 @@ class ComfyUIEngine(SelfHostedEngine):
         # A server without a usable websocket is told of once at INFO, then at DEBUG: every job
         # would say the same.
         self._told_no_websocket = False
+        # No auth of its own: a proxy in front of it may take `http://user:password@host`, sent as
+        # Basic auth (and on the websocket, `websocket_url`), the address kept without it.
+        base_url, in_url = basic_auth_in(self._url) if self._url else (None, None)
         self.http = self.self_hosted_client(
-            # No auth of its own: a 401/403 comes from a proxy in front of it.
-            s, client, key_setting=f"{URL_SETTING} (the proxy in front of ComfyUI refused the request)",
+            s, client, base_url=base_url, auth=in_url,
+            # A 401/403 comes from a proxy in front of it.
+            key_setting=f"{URL_SETTING} (the proxy in front of ComfyUI refused the request)",
         )
         self.http.final_answer = _queued_behind_a_gateway
 

@@ -4,6 +4,7 @@ import asyncio
 import base64
 import io
 import json
+import logging
 import uuid
 from types import SimpleNamespace
 from typing import Any
@@ -12,6 +13,7 @@ import httpx
 import pytest
 import respx
 from PIL import Image
+from pydantic import ValidationError
 
 from orchestrator.errors import BadEngineInput, Canceled, EngineError, EngineTimeout, EngineUnavailable, NoImage
 from orchestrator.runner import JobRunner
@@ -546,6 +548,31 @@ async def test_401_with_basic_auth_names_the_setting(make_ctx: Any) -> None:
     assert route.calls.last.request.headers["authorization"] == expected
     assert route.call_count == 1
     assert "ORCH_A1111_AUTH" in info.value.message and "hunter2" not in info.value.message
+
+
+@respx.mock
+async def test_a_user_and_password_in_the_url_are_the_api_auth_and_never_shown(
+        make_ctx: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """`http://user:pass@host:7860` was sent as Basic auth by httpx on its own: its request log
+    line printed the password in the URL, and a 401 told to check ORCH_A1111_AUTH, which was unset."""
+    eng = A1111Engine(make_ctx(a1111_url="http://artist:hunter2-long@a1111.test:7860"))
+    available, reason = eng.availability()
+    assert available, reason
+    route = respx.post(URL).mock(return_value=httpx.Response(401, json={"detail": "Incorrect username or password"}))
+    with caplog.at_level(logging.DEBUG), pytest.raises(EngineUnavailable) as info:
+        await eng.run(bridge(), NullProgress(), CancelToken())
+    sent = route.calls.last.request
+    assert sent.headers["authorization"] == "Basic " + base64.b64encode(b"artist:hunter2-long").decode()
+    assert sent.url.userinfo == b""  # the address a log line or an error may name carries no password
+    assert "ORCH_A1111_URL" in info.value.message and "ORCH_A1111_AUTH" not in info.value.message
+    assert "hunter2" not in info.value.message and "hunter2" not in str(info.value.details)
+    assert caplog.records and not any("hunter2" in record.getMessage() for record in caplog.records)
+
+
+def test_a_password_in_the_url_and_in_orch_a1111_auth_is_refused(make_ctx: Any) -> None:
+    # httpx sent ORCH_A1111_AUTH's and dropped the URL's: changing the URL's changed nothing.
+    with pytest.raises(ValidationError, match="ORCH_A1111_URL holds a user:password too"):
+        make_ctx(a1111_url="http://artist:hunter2@a1111.test:7860", a1111_auth="artist:other")
 
 
 @respx.mock

@@ -4,6 +4,7 @@ import asyncio
 import base64
 import io
 import json
+import logging
 import re
 import uuid
 from collections.abc import Callable
@@ -429,6 +430,24 @@ async def test_an_execution_error_echoing_the_server_s_credentials_does_not_carr
         await eng.run(bridge(), NullProgress(), CancelToken())
     assert routes["history"].calls.last.request.headers["authorization"] == f"Basic {basic}"
     assert basic not in info.value.message and "pw-secret-2" not in info.value.message, info.value.message
+
+
+@respx.mock
+async def test_a_proxy_s_user_and_password_in_the_url_are_sent_but_never_logged(
+        make_ctx: Any, sleep: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # httpx sent them from the base URL on its own, and its request log line printed each URL whole.
+    eng = ComfyUIEngine(make_ctx(comfyui_url="http://render:pw-secret-2@comfy.test:8188",
+                                 comfyui_workflow=write_workflow(tmp_path)))
+    eng.http.sleep = sleep
+    eng.poll_interval = 0
+    eng.follow_progress = False
+    routes = mock_server()
+    with caplog.at_level(logging.DEBUG):
+        await eng.run(bridge(), NullProgress(), CancelToken())
+    sent = routes["prompt"].calls.last.request
+    assert sent.headers["authorization"] == "Basic " + base64.b64encode(b"render:pw-secret-2").decode()
+    assert sent.url.userinfo == b""
+    assert caplog.records and not any("pw-secret-2" in record.getMessage() for record in caplog.records)
 
 
 @respx.mock
