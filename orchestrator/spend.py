@@ -143,6 +143,17 @@ def _text_cell(text: str) -> str:
     return f"'{text}" if text.startswith(_FORMULA_STARTS) and text != "-" else text
 
 
+# The key of the CSV's last row, the totals. No engine may be named so (`tiers.registry`), but the
+# ledger may name one a plugin registered, or one charged before that was refused.
+TOTAL_KEY = "total"
+
+
+def _key_cell(key: str) -> str:
+    """A group's key as a CSV cell: one reading `total` (in any case) is written `'total`, as a
+    formula-like name is, so that only the totals row is keyed `total`."""
+    return f"'{key}" if key.lower() == TOTAL_KEY else _text_cell(key)
+
+
 def to_csv(report: dict[str, Any]) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf)
@@ -150,7 +161,7 @@ def to_csv(report: dict[str, Any]) -> str:
     named = report["group_by"] == "project"
     writer.writerow(["key", "charged", "unreconciled", "jobs", "images"] + (["name"] if named else []))
     for g in report["groups"]:
-        writer.writerow([_text_cell(str(g["key"])), f"{g['charged']:.3f}", f"{g['unreconciled']:.3f}", g["jobs"],
+        writer.writerow([_key_cell(str(g["key"])), f"{g['charged']:.3f}", f"{g['unreconciled']:.3f}", g["jobs"],
                          g["images"]] + ([_text_cell(g.get("name") or "")] if named else []))
-    writer.writerow(["total", f"{report['total']:.3f}", "", "", ""] + ([""] if named else []))
+    writer.writerow([TOTAL_KEY, f"{report['total']:.3f}", "", "", ""] + ([""] if named else []))
     return buf.getvalue()

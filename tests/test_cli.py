@@ -955,6 +955,9 @@ def test_migrate_tells_what_its_own_upgrade_found(make_settings: SettingsFactory
     ("serve", "ORCH_ENGINES", "flux=tests.fakes:factory,flux=tests.fakes:factory",
      "ORCH_ENGINES: 'flux' is given twice"),
     ("serve", "ORCH_ENGINES", "gemini=tests.fakes:factory", "ORCH_ENGINES: 'gemini' is a built-in engine's name"),
+    # The spend export's totals row is keyed `total`: an engine of that name was a second such row.
+    ("serve", "ORCH_ENGINES", "Total=tests.fakes:factory", "ORCH_ENGINES: 'Total' is the key of the spend "
+     "export's totals row"),
     # Each connection would open its own empty database: once 'no such table' after the migrations.
     ("migrate", "ORCH_DATABASE_URL", "sqlite:///:memory:", "an in-memory SQLite database cannot be shared"),
     # The same, as a URI: `migrate` said "up to date" of a database gone once it exited.

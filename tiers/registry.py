@@ -21,6 +21,10 @@ from tiers.guard import FAULTS, checked, conforms
 log = logging.getLogger(__name__)
 GROUP = "orchestrator.engines"
 
+# Named by no engine: the key of the spend CSV's totals row (`orchestrator.spend.TOTAL_KEY`), which
+# a group keyed so would be read as.
+RESERVED_NAME = "total"
+
 BUILTIN: dict[str, str] = {
     "lite": "tiers.lite:factory",
     "local-hifi": "tiers.local_hifi:factory",
@@ -76,6 +80,9 @@ def extra_engine_problems(entries: str) -> list[str]:
             problems.append(f"'{name[:40]}...' is longer than {MAX_ENGINE_CHARS} characters, which jobs store")
         elif name in BUILTIN:
             problems.append(f"'{name}' is a built-in engine's name: give the engine another")
+        elif name.lower() == RESERVED_NAME:
+            problems.append(f"'{name}' is the key of the spend export's totals row (GET /v1/spend as CSV): give the "
+                            "engine another name")
         elif name in installed:
             problems.append(f"'{name}' is the name of an installed plugin's engine ({_source(installed[name])}): "
                             "give the engine another, or uninstall the plugin")

@@ -189,6 +189,19 @@ def test_a_charge_without_an_engine_reads_as_in_the_json() -> None:
     assert [row[0] for row in csv.reader(io.StringIO(exported))] == ["key", "-", "'-x", "total"]
 
 
+def test_an_engine_named_total_is_not_read_as_the_totals_row() -> None:
+    from orchestrator.spend import to_csv
+
+    # A plugin's engine named `total` (or one charged before such names were refused) wrote a row
+    # keyed `total` above the totals row: a reader taking the first such row took one engine's sum.
+    exported = to_csv({"group_by": "engine", "total": 3.0, "groups": [
+        {"key": "total", "charged": 1.0, "unreconciled": 0.0, "jobs": 1, "images": 1},
+        {"key": "Total", "charged": 2.0, "unreconciled": 0.0, "jobs": 1, "images": 1}]})
+    rows = list(csv.reader(io.StringIO(exported)))
+    assert [row[0] for row in rows] == ["key", "'total", "'Total", "total"]
+    assert [row for row in rows if row[0].lower() == "total"] == [["total", "3.000", "", "", ""]]
+
+
 def test_savings(api: httpx.Client, spent: dict[str, Any]) -> None:
     savings = report(api, spent["project_id"])["savings"]
     # Two 64x64 drafts, priced on the only priced remote engine (fake-unpriced cannot be priced).
