@@ -604,7 +604,7 @@ def _run(args: argparse.Namespace) -> int:
         from orchestrator.worker import run_worker
 
         settings = Settings()
-        if (failed := _checked(settings, demo_policy=args.policy) or _bound(settings)) is not None:
+        if (failed := _checked(settings) or _bound(settings)) is not None:
             return failed
         _log_to_data_dir(settings)
         stopped = asyncio.run(run_worker(settings))
